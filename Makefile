@@ -1,0 +1,44 @@
+# callback-dispatcher. `make run` and `make test` work on a fresh machine with Python 3.11+.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: run test lint fmt typecheck pytest bench bench-quick deploy-check clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+run: $(STAMP)  ## API + worker on an embedded Redis (set DISPATCHER_REDIS_URL to use yours)
+	$(BIN)/dispatcher run
+
+test: lint typecheck pytest  ## everything CI runs
+
+lint: $(STAMP)
+	$(BIN)/ruff check dispatcher tests bench
+	$(BIN)/ruff format --check dispatcher tests bench
+
+typecheck: $(STAMP)
+	$(BIN)/mypy
+
+pytest: $(STAMP)
+	$(BIN)/pytest
+
+fmt: $(STAMP)
+	$(BIN)/ruff format dispatcher tests bench
+	$(BIN)/ruff check --fix dispatcher tests bench
+
+bench: $(STAMP)  ## full benchmark table (< 10 min), written to bench/results/
+	$(BIN)/python -m bench
+
+bench-quick: $(STAMP)  ## a smaller run (< 2 min)
+	$(BIN)/python -m bench --quick
+
+deploy-check: $(STAMP)  ## parse and check the deploy/ files
+	$(BIN)/pytest tests/test_deploy.py -q
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .dispatcher bench/results/*.json

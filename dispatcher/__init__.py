@@ -1,0 +1,62 @@
+"""callback-dispatcher: deliver CI/CD events to registered callback URLs, with retries and
+a queryable history.
+
+    >>> from dispatcher import Producer, Settings
+    >>> async def notify() -> None:
+    ...     async with Producer(Settings(redis_url="redis://127.0.0.1:6379/0")) as producer:
+    ...         await producer.emit("my-project", "BUILD_END", {"buildId": "b-1"})
+"""
+
+from dispatcher.errors import (
+    DispatcherError,
+    Forbidden,
+    InvalidEvent,
+    InvalidInput,
+    InvalidTime,
+    InvalidUrl,
+    NotFound,
+    PayloadTooLarge,
+    Unauthenticated,
+    Unavailable,
+)
+from dispatcher.models import (
+    Callback,
+    CallBackHeader,
+    CreateCallBackResult,
+    DeliveryStatus,
+    Event,
+    HistoryPage,
+    HistoryRecord,
+    Region,
+    Result,
+)
+from dispatcher.producer import Producer, emit
+from dispatcher.settings import Settings
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CallBackHeader",
+    "Callback",
+    "CreateCallBackResult",
+    "DeliveryStatus",
+    "DispatcherError",
+    "Event",
+    "Forbidden",
+    "HistoryPage",
+    "HistoryRecord",
+    "InvalidEvent",
+    "InvalidInput",
+    "InvalidTime",
+    "InvalidUrl",
+    "NotFound",
+    "PayloadTooLarge",
+    "Producer",
+    "Region",
+    "Result",
+    "Settings",
+    "Unauthenticated",
+    "Unavailable",
+    "__version__",
+    "emit",
+]

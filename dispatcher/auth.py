@@ -1,0 +1,75 @@
+"""Who may do what: a per-project role store (admin, member) in Redis.
+
+Creating, deleting, enabling, redelivering and emitting need `admin`; listing and history
+need `member` (admins are members). A grant on project `*` holds for every project, for
+the platform's own service accounts. With `open_access` every caller is an admin.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import TYPE_CHECKING
+
+from dispatcher import keys
+from dispatcher.errors import Forbidden, InvalidInput
+
+if TYPE_CHECKING:
+    from redis.asyncio import Redis
+
+    from dispatcher.settings import Settings
+
+__all__ = ["ALL_PROJECTS", "Role", "Roles"]
+
+ALL_PROJECTS = "*"
+
+
+class Role(enum.StrEnum):
+    """Project roles, weakest first."""
+
+    MEMBER = "member"
+    ADMIN = "admin"
+
+    def covers(self, needed: Role) -> bool:
+        return self is Role.ADMIN or needed is Role.MEMBER
+
+
+class Roles:
+    """The role store."""
+
+    def __init__(self, redis: Redis, settings: Settings) -> None:
+        self.redis = redis
+        self.open_access = settings.open_access
+
+    async def role(self, project_id: str, user: str) -> Role | None:
+        """The strongest role `user` has in `project_id` (direct or through `*`)."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.hget(keys.roles(project_id), user)
+            pipe.hget(keys.roles(ALL_PROJECTS), user)
+            found = [Role(v.decode()) for v in await pipe.execute() if v]
+        if Role.ADMIN in found:
+            return Role.ADMIN
+        return found[0] if found else None
+
+    async def require(self, project_id: str, user: str, needed: Role) -> None:
+        if self.open_access:
+            return
+        role = await self.role(project_id, user)
+        if role is None or not role.covers(needed):
+            raise Forbidden(
+                f"user {user!r} needs the {needed.value} role in project {project_id!r}"
+                + (f" (has {role.value})" if role else " (has none)")
+            )
+
+    async def grant(self, project_id: str, user: str, role: Role) -> None:
+        if not project_id or not user:
+            raise InvalidInput("project and user are required")
+        await self.redis.hset(keys.roles(project_id), user, role.value)  # type: ignore[misc]
+
+    async def revoke(self, project_id: str, user: str) -> bool:
+        return bool(await self.redis.hdel(keys.roles(project_id), user))  # type: ignore[misc]
+
+    async def list(self, project_id: str) -> dict[str, Role]:
+        raw: dict[bytes, bytes] = await self.redis.hgetall(  # type: ignore[misc]  # sync|async
+            keys.roles(project_id)
+        )
+        return {k.decode(): Role(v.decode()) for k, v in sorted(raw.items())}

@@ -1,0 +1,404 @@
+"""The `dispatcher` command: run | api | worker | emit | callbacks | history | redeliver | ..."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+from collections.abc import Awaitable, Callable, Coroutine
+from datetime import datetime
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import orjson
+import typer
+from pydantic import ValidationError
+from rich.console import Console
+from rich.table import Table
+
+from dispatcher.auth import Role, Roles
+from dispatcher.errors import DispatcherError
+from dispatcher.history import History, parse_window
+from dispatcher.models import Region
+from dispatcher.producer import Producer
+from dispatcher.redis import EmbeddedRedis, connect
+from dispatcher.registry import Registry
+from dispatcher.settings import Settings
+
+__all__ = ["app", "main"]
+
+T = TypeVar("T")
+
+app = typer.Typer(
+    help="callback-dispatcher: webhook delivery for CI/CD events.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+callbacks_app = typer.Typer(help="Register, list and switch callbacks.", no_args_is_help=True)
+roles_app = typer.Typer(help="Who is admin or member of which project.", no_args_is_help=True)
+app.add_typer(callbacks_app, name="callbacks")
+app.add_typer(roles_app, name="roles")
+
+console = Console()
+err = Console(stderr=True)
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Settings from the environment; a bad value stops the command with a clear message."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        for error in exc.errors():
+            name = "DISPATCHER_" + "_".join(str(p) for p in error["loc"]).upper()
+            err.print(f"[red]configuration error[/red] {name}: {error['msg']}")
+        raise typer.Exit(2) from None
+
+
+def _require_url(settings: Settings) -> str:
+    if settings.redis_url is None:
+        err.print(
+            "[red]DISPATCHER_REDIS_URL is not set[/red]: this command talks to a running "
+            "service's Redis (use `dispatcher run` for an all-in-one local service)"
+        )
+        raise typer.Exit(2)
+    return settings.redis_url
+
+
+def _run(factory: Callable[[], Coroutine[Any, Any, T]]) -> T:
+    try:
+        return asyncio.run(factory())
+    except DispatcherError as exc:
+        err.print(f"[red]error[/red]: {exc.message}")
+        raise typer.Exit(1) from None
+
+
+async def _with_redis(settings: Settings, body: Callable[[Any], Awaitable[T]]) -> T:
+    redis = await connect(settings, _require_url(settings))
+    try:
+        return await body(redis)
+    finally:
+        await redis.aclose()
+
+
+# ---- services -------------------------------------------------------------------------
+
+
+def _install_uvloop() -> None:
+    with contextlib.suppress(ImportError):
+        import uvloop
+
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+
+
+async def _serve(settings: Settings, url: str, *, with_worker: bool) -> None:
+    import uvicorn
+
+    from dispatcher.api import create_app
+    from dispatcher.worker import create_worker
+
+    settings = settings.model_copy(update={"redis_url": url})
+    server = uvicorn.Server(
+        uvicorn.Config(
+            create_app(settings), host=settings.api_host, port=settings.api_port,
+            log_config=None, lifespan="on",
+        )
+    )  # fmt: skip
+    worker = create_worker(settings, handle_signals=False) if with_worker else None
+    worker_task = asyncio.create_task(worker.async_run()) if worker else None
+    try:
+        await server.serve()
+    finally:
+        if worker is not None and worker_task is not None:
+            await worker.close()
+            with contextlib.suppress(asyncio.CancelledError):
+                await worker_task
+
+
+@app.command()
+def run(
+    host: Annotated[str | None, typer.Option(help="API host")] = None,
+    port: Annotated[int | None, typer.Option(help="API port")] = None,
+) -> None:
+    """API and worker in one process, on an embedded Redis unless DISPATCHER_REDIS_URL is
+    set. Development defaults: loopback receivers allowed, role checks off."""
+    from dispatcher.logs import configure_logging
+
+    overrides: dict[str, Any] = {
+        key: True
+        for key in ("dev_mode", "open_access")
+        if f"DISPATCHER_{key.upper()}" not in os.environ
+    }
+    if host:
+        overrides["api_host"] = host
+    if port is not None:
+        overrides["api_port"] = port
+    settings = load_settings(**overrides)
+    configure_logging(settings)
+    embedded = None if settings.redis_url else EmbeddedRedis(settings.data_dir)
+    url = settings.redis_url or embedded.start()  # type: ignore[union-attr]
+    base = f"http://{settings.api_host}:{settings.api_port}"
+    console.print(f"[bold]callback-dispatcher[/bold] API on {base}  (docs: {base}/docs)")
+    console.print(
+        f"Redis: {url}" + (f"  (embedded, data in {settings.data_dir})" if embedded else "")
+    )
+    _install_uvloop()
+    try:
+        asyncio.run(_serve(settings, url, with_worker=True))
+    finally:
+        if embedded is not None:
+            embedded.stop()
+
+
+@app.command()
+def api(
+    host: Annotated[str | None, typer.Option(help="API host")] = None,
+    port: Annotated[int | None, typer.Option(help="API port")] = None,
+) -> None:
+    """The HTTP API alone (stateless; run as many as you like)."""
+    from dispatcher.logs import configure_logging
+
+    overrides: dict[str, Any] = {}
+    if host:
+        overrides["api_host"] = host
+    if port is not None:
+        overrides["api_port"] = port
+    settings = load_settings(**overrides)
+    configure_logging(settings)
+    url = _require_url(settings)
+    _install_uvloop()
+    asyncio.run(_serve(settings, url, with_worker=False))
+
+
+@app.command()
+def worker(
+    check: Annotated[bool, typer.Option("--check", help="Exit 0 if a worker is alive")] = False,
+) -> None:
+    """A delivery worker. Run any number, on any hosts, against one Redis."""
+    from dispatcher.logs import configure_logging
+
+    settings = load_settings()
+    configure_logging(settings)
+    url = _require_url(settings)
+    if check:
+        from arq.worker import async_check_health
+
+        from dispatcher.redis import redis_settings
+
+        raise typer.Exit(
+            asyncio.run(async_check_health(redis_settings(url), None, settings.queue_name))
+        )
+    from dispatcher.worker import create_worker
+
+    _install_uvloop()
+    create_worker(settings).run()
+
+
+# ---- producers ------------------------------------------------------------------------
+
+
+def _parse_data(data: str) -> dict[str, Any]:
+    try:
+        raw = Path(data[1:]).read_bytes() if data.startswith("@") else data.encode()
+        value = orjson.loads(raw)
+    except (OSError, orjson.JSONDecodeError) as exc:
+        err.print(f"[red]--data[/red] is not valid JSON (or @file): {exc}")
+        raise typer.Exit(2) from None
+    if not isinstance(value, dict):
+        err.print("[red]--data[/red] must be a JSON object")
+        raise typer.Exit(2)
+    return value
+
+
+@app.command()
+def emit(
+    project: Annotated[str, typer.Option(help="Project id")],
+    event: Annotated[str, typer.Option(help="Event name, e.g. BUILD_END")],
+    data: Annotated[str, typer.Option(help="JSON object, or @file.json")] = "{}",
+    event_id: Annotated[str | None, typer.Option(help="Idempotency key")] = None,
+) -> None:
+    """Queue one event for delivery; prints its event id."""
+    settings = load_settings()
+    _require_url(settings)
+    payload = _parse_data(data)
+
+    async def go() -> str:
+        async with Producer(settings) as producer:
+            return await producer.emit(project, event, payload, event_id=event_id)
+
+    console.print(_run(go))
+
+
+# ---- callbacks ------------------------------------------------------------------------
+
+
+@callbacks_app.command("list")
+def callbacks_list(
+    project: Annotated[str, typer.Option(help="Project id")],
+    page: int = 1,
+    page_size: int = 50,
+) -> None:
+    """A project's callbacks (tokens never shown)."""
+    settings = load_settings()
+    result = _run(
+        lambda: _with_redis(settings, lambda r: Registry(r).list(project, page, page_size))
+    )
+    table = Table("id", "event", "url", "region", "enabled", "disabled reason", "token")
+    for cb in result.records:
+        table.add_row(
+            str(cb.id), cb.event.value, cb.url, cb.region.value, "yes" if cb.enabled else "no",
+            cb.disabled_reason or "", "set" if cb.has_secret_token else "",
+        )  # fmt: skip
+    console.print(table)
+    console.print(f"page {result.page}/{max(result.total_pages, 1)}, {result.count} callbacks")
+
+
+@callbacks_app.command("add")
+def callbacks_add(
+    project: Annotated[str, typer.Option(help="Project id")],
+    url: Annotated[str, typer.Option(help="Callback URL")],
+    event: Annotated[str, typer.Option(help="Event name(s), comma-separated")],
+    region: Annotated[Region, typer.Option(help="Region")] = Region.DEVNET,
+    token: Annotated[str | None, typer.Option(help="Secret token")] = None,
+) -> None:
+    """Register a URL for one or more events (an upsert)."""
+    settings = load_settings()
+    result = _run(
+        lambda: _with_redis(
+            settings,
+            lambda r: Registry(r).create_batch(project, url, event, region, token, creator="cli"),
+        )
+    )
+    for name in result.success_events:
+        console.print(f"[green]registered[/green] {name}")
+    for name, reason in result.failure_events.items():
+        err.print(f"[red]refused[/red] {name}: {reason}")
+    if result.failure_events:
+        raise typer.Exit(1)
+
+
+@callbacks_app.command("rm")
+def callbacks_rm(
+    callback_id: int, project: Annotated[str, typer.Option(help="Project id")]
+) -> None:
+    """Delete a callback."""
+    settings = load_settings()
+    _run(lambda: _with_redis(settings, lambda r: Registry(r).delete(project, callback_id)))
+    console.print(f"deleted callback {callback_id}")
+
+
+@callbacks_app.command("enable")
+def callbacks_enable(callback_id: int) -> None:
+    """Enable a callback (also one disabled by endpoint health)."""
+    settings = load_settings()
+    _run(lambda: _with_redis(settings, lambda r: Registry(r).set_enabled(callback_id, True)))
+    console.print(f"enabled callback {callback_id}")
+
+
+@callbacks_app.command("disable")
+def callbacks_disable(
+    callback_id: int, reason: Annotated[str, typer.Option(help="Why")] = "disabled by operator"
+) -> None:
+    """Disable a callback with a reason."""
+    settings = load_settings()
+    _run(
+        lambda: _with_redis(settings, lambda r: Registry(r).set_enabled(callback_id, False, reason))
+    )
+    console.print(f"disabled callback {callback_id}")
+
+
+# ---- history --------------------------------------------------------------------------
+
+
+def _fmt_ms(ms: int, settings: Settings) -> str:
+    return datetime.fromtimestamp(ms / 1000, settings.tz).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
+
+
+@app.command()
+def history(
+    project: Annotated[str, typer.Option(help="Project id")],
+    url: Annotated[str, typer.Option(help="Callback URL")],
+    event: Annotated[str, typer.Option(help="Event name")],
+    since: Annotated[str | None, typer.Option(help="'yyyy-MM-dd HH:mm:ss'")] = None,
+    until: Annotated[str | None, typer.Option(help="'yyyy-MM-dd HH:mm:ss'")] = None,
+    page: int = 1,
+    page_size: int = 20,
+) -> None:
+    """Delivery attempts of one (url, event), newest first."""
+    settings = load_settings()
+    start_ms, end_ms = parse_window(since, until, settings.tz)
+
+    async def go(redis: Any) -> Any:
+        return await History(redis, settings).query(
+            project, url, event, start_ms=start_ms, end_ms=end_ms, page=page, page_size=page_size
+        )
+
+    result = _run(lambda: _with_redis(settings, go))
+    table = Table("id", "time", "status", "code", "attempt", "ms", "delivery", "error")
+    for rec in result.records:
+        table.add_row(
+            str(rec.id), _fmt_ms(rec.created_time, settings), rec.status.value,
+            str(rec.response_code or ""), str(rec.attempt), str(rec.duration_ms or ""),
+            rec.delivery_id or "", (rec.error_msg or "")[:60],
+        )  # fmt: skip
+    console.print(table)
+    console.print(
+        f"page {result.page}/{max(result.total_pages, 1)}, {result.count} records "
+        f"({settings.timezone})"
+    )
+
+
+@app.command()
+def redeliver(record_id: int) -> None:
+    """Send a recorded request again (same body and delivery id, current token)."""
+    settings = load_settings()
+
+    async def go(redis: Any) -> str:
+        record = await History(redis, settings).get(record_id)
+        return await Producer(settings, redis).redeliver(record)
+
+    console.print(f"queued {_run(lambda: _with_redis(settings, go))}")
+
+
+# ---- roles ----------------------------------------------------------------------------
+
+
+@roles_app.command("grant")
+def roles_grant(
+    project: Annotated[str, typer.Option(help="Project id, or * for all")],
+    user: Annotated[str, typer.Option(help="User name (X-DEVOPS-UID)")],
+    role: Annotated[Role, typer.Option(help="admin or member")] = Role.MEMBER,
+) -> None:
+    """Give a user a role in a project."""
+    settings = load_settings()
+    _run(lambda: _with_redis(settings, lambda r: Roles(r, settings).grant(project, user, role)))
+    console.print(f"{user} is {role.value} of {project}")
+
+
+@roles_app.command("revoke")
+def roles_revoke(
+    project: Annotated[str, typer.Option(help="Project id, or *")],
+    user: Annotated[str, typer.Option(help="User name")],
+) -> None:
+    """Take a user's role in a project away."""
+    settings = load_settings()
+    _run(lambda: _with_redis(settings, lambda r: Roles(r, settings).revoke(project, user)))
+    console.print(f"{user} has no role in {project}")
+
+
+@roles_app.command("list")
+def roles_list(project: Annotated[str, typer.Option(help="Project id, or *")]) -> None:
+    """Who has which role in a project."""
+    settings = load_settings()
+    found = _run(lambda: _with_redis(settings, lambda r: Roles(r, settings).list(project)))
+    table = Table("user", "role")
+    for user, role in found.items():
+        table.add_row(user, role.value)
+    console.print(table)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

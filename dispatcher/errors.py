@@ -1,0 +1,92 @@
+"""The exception tree. The API maps each class to the envelope and an HTTP code in one place.
+
+::
+
+    DispatcherError                 status / HTTP code
+    ├── InvalidInput                400  bad parameter, body or setting value
+    │   ├── InvalidEvent
+    │   ├── InvalidUrl
+    │   └── InvalidTime
+    ├── Unauthenticated             401  no X-DEVOPS-UID, or a wrong gateway/operator token
+    ├── Forbidden                   403  authenticated but not allowed
+    ├── NotFound                    404  unknown callback or history record
+    ├── PayloadTooLarge             413  request body beyond the limit
+    └── Unavailable                 503  Redis unreachable; try again
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "DispatcherError",
+    "Forbidden",
+    "InvalidEvent",
+    "InvalidInput",
+    "InvalidTime",
+    "InvalidUrl",
+    "NotFound",
+    "PayloadTooLarge",
+    "Unauthenticated",
+    "Unavailable",
+]
+
+
+class DispatcherError(Exception):
+    """Base of every error the service raises on purpose; `message` is meant for a person."""
+
+    http_status = 500
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class InvalidInput(DispatcherError):
+    """A parameter, body or value is malformed; the message names it."""
+
+    http_status = 400
+
+    def __init__(self, message: str, *, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+class InvalidEvent(InvalidInput):
+    """An event name that is not one of the 18 known events."""
+
+
+class InvalidUrl(InvalidInput):
+    """A callback URL that is malformed, not http(s), or points somewhere refused."""
+
+
+class InvalidTime(InvalidInput):
+    """A startTime / endTime not in `yyyy-MM-dd HH:mm:ss`, or an inverted window."""
+
+
+class Unauthenticated(DispatcherError):
+    """No caller identity, or a missing/wrong gateway token."""
+
+    http_status = 401
+
+
+class Forbidden(DispatcherError):
+    """The caller is known but lacks the role the action needs."""
+
+    http_status = 403
+
+
+class NotFound(DispatcherError):
+    """The callback or history record does not exist (in this project)."""
+
+    http_status = 404
+
+
+class PayloadTooLarge(DispatcherError):
+    """A request body beyond the configured limit."""
+
+    http_status = 413
+
+
+class Unavailable(DispatcherError):
+    """A dependency (Redis) cannot be reached; the request may be retried."""
+
+    http_status = 503

@@ -1,0 +1,111 @@
+"""Endpoint health: consecutive final failures per callback (past the threshold the
+callback is disabled, with its reason), and a short circuit breaker per host."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import structlog
+
+from dispatcher import keys
+
+if TYPE_CHECKING:
+    from redis.asyncio import Redis
+    from redis.asyncio.client import Pipeline
+
+    from dispatcher.registry import Registry
+    from dispatcher.settings import Settings
+
+__all__ = ["CircuitBreaker", "Health"]
+
+log = structlog.get_logger("dispatcher.health")
+
+# KEYS: health hash. ARGV: now ms, last error. Returns {failures, since ms}.
+_FAILED = """
+local n = redis.call('HINCRBY', KEYS[1], 'failures', 1)
+redis.call('HSETNX', KEYS[1], 'since', ARGV[1])
+redis.call('HSET', KEYS[1], 'lastError', ARGV[2])
+return {n, tonumber(redis.call('HGET', KEYS[1], 'since'))}
+"""
+
+
+class Health:
+    """Counts each callback's consecutive final failures; any success resets the count."""
+
+    def __init__(self, redis: Redis, registry: Registry, settings: Settings) -> None:
+        self.redis = redis
+        self.registry = registry
+        self.settings = settings
+        self._failed = redis.register_script(_FAILED)
+
+    @staticmethod
+    def succeeded(pipe: Pipeline, callback_id: int) -> None:
+        """Queue the reset on the caller's pipeline (no extra round trip)."""
+        pipe.delete(keys.health(callback_id))
+
+    async def failed(self, callback_id: int, error: str, *, now_ms: int | None = None) -> bool:
+        """Count one final failure; disable the callback past the threshold (count *and*
+        time). Returns True when this call disabled it."""
+        now = time.time_ns() // 1_000_000 if now_ms is None else now_ms
+        failures, since = await self._failed(keys=[keys.health(callback_id)], args=[now, error])
+        threshold_ms = self.settings.disable_after_seconds * 1000
+        if failures < self.settings.disable_after_failures or now - int(since) < threshold_ms:
+            return False
+        hours = (now - int(since)) / 3_600_000
+        reason = (
+            f"disabled after {failures} consecutive failed deliveries over {hours:.1f} h; "
+            f"last error: {error}"
+        )
+        await self.disable(callback_id, reason)
+        return True
+
+    async def disable(self, callback_id: int, reason: str) -> None:
+        from dispatcher.errors import NotFound
+
+        try:
+            await self.registry.set_enabled(callback_id, False, reason)
+        except NotFound:
+            return
+        log.warning("callback.disabled", callback_id=callback_id, reason=reason)
+
+
+@dataclass(slots=True)
+class _HostState:
+    failures: int = 0
+    open_until: float = 0.0
+
+
+@dataclass
+class CircuitBreaker:
+    """Per-host breaker, per worker process: after `threshold` retryable failures in a row
+    a host is left alone for `cooldown` seconds; then one attempt probes it."""
+
+    threshold: int = 10
+    cooldown: float = 30.0
+    _hosts: dict[str, _HostState] = field(default_factory=dict)
+
+    def wait(self, host: str, now: float | None = None) -> float:
+        """Seconds until `host` may be tried again (0 when it may be tried now)."""
+        state = self._hosts.get(host)
+        if state is None or state.open_until == 0.0:
+            return 0.0
+        remaining = state.open_until - (time.monotonic() if now is None else now)
+        if remaining <= 0:
+            state.open_until = 0.0  # half-open: let one attempt through
+            state.failures = self.threshold - 1
+            return 0.0
+        return remaining
+
+    def record(self, host: str, ok: bool, now: float | None = None) -> bool:
+        """Note an attempt's result; True when this failure opened the breaker."""
+        if ok:
+            self._hosts.pop(host, None)
+            return False
+        state = self._hosts.setdefault(host, _HostState())
+        state.failures += 1
+        if state.failures >= self.threshold and state.open_until == 0.0:
+            state.open_until = (time.monotonic() if now is None else now) + self.cooldown
+            return True
+        return False

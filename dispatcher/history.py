@@ -1,0 +1,242 @@
+"""The history store: one record per delivery attempt, queried by (project, url, event) and
+time window, newest first, page by page; old records swept in small batches.
+
+Layout (see keys.py): each record is a JSON string with a TTL backstop; one sorted set per
+(project, event, url) indexes record ids by createdTime, so the seed's query is a range
+read (ZCOUNT + ZREVRANGEBYSCORE + MGET in one script), never a scan.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import time
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING, Any
+from zoneinfo import ZoneInfo
+
+import orjson
+
+from dispatcher import keys
+from dispatcher.errors import InvalidInput, InvalidTime, NotFound
+from dispatcher.models import HistoryPage, HistoryRecord
+
+if TYPE_CHECKING:
+    from redis.asyncio import Redis
+    from redis.asyncio.client import Pipeline
+
+    from dispatcher.settings import Settings
+
+__all__ = ["TIME_FORMAT", "History", "parse_window"]
+
+TIME_FORMAT = "%Y-%m-%d %H:%M:%S"
+_TIME_PATTERN = re.compile(r"^\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2}$")
+# Records outlive the retention by this much, so the sweep (not the TTL) decides, and a
+# stopped sweep still cannot let Redis grow without bound.
+_TTL_MARGIN_S = 86_400
+
+# KEYS: seq, index, indexes set, dead zset. ARGV: record json, createdTime ms, ttl s,
+# record key prefix, '1' when this attempt ended the delivery in failure.
+_RECORD = """
+local id = redis.call('INCR', KEYS[1])
+redis.call('SET', ARGV[4] .. string.format('%d', id), ARGV[1], 'EX', ARGV[3])
+redis.call('ZADD', KEYS[2], ARGV[2], string.format('%015d', id))
+redis.call('SADD', KEYS[3], KEYS[2])
+if ARGV[5] == '1' then redis.call('ZADD', KEYS[4], ARGV[2], id) end
+return id
+"""
+
+# KEYS: index. ARGV: min ms, max ms, offset, count, record key prefix.
+_QUERY = """
+local total = redis.call('ZCOUNT', KEYS[1], ARGV[1], ARGV[2])
+local ids = redis.call('ZREVRANGEBYSCORE', KEYS[1], ARGV[2], ARGV[1], 'LIMIT', ARGV[3], ARGV[4])
+local recs = {}
+if #ids > 0 then
+  local ks = {}
+  for i, m in ipairs(ids) do
+    ids[i] = string.match(m, '^0*(%d+)$')
+    ks[i] = ARGV[5] .. ids[i]
+  end
+  recs = redis.call('MGET', unpack(ks))
+end
+return {total, ids, recs}
+"""
+
+# KEYS: index, indexes set. ARGV: cutoff ms, batch, record key prefix.
+_SWEEP = """
+local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, ARGV[2])
+for _, m in ipairs(ids) do
+  redis.call('DEL', ARGV[3] .. string.match(m, '^0*(%d+)$'))
+end
+if #ids > 0 then redis.call('ZREM', KEYS[1], unpack(ids)) end
+if redis.call('ZCARD', KEYS[1]) == 0 then
+  redis.call('DEL', KEYS[1])
+  redis.call('SREM', KEYS[2], KEYS[1])
+end
+return #ids
+"""
+
+
+def _to_ms(moment: datetime) -> int:
+    return int(moment.timestamp() * 1000)
+
+
+def _parse_time(value: str, name: str, tz: ZoneInfo) -> datetime:
+    if not _TIME_PATTERN.match(value):
+        raise InvalidTime(
+            f"{name} must look like 'yyyy-MM-dd HH:mm:ss' (e.g. 2024-05-01 08:30:00), "
+            f"got {value!r}",
+            param=name,
+        )
+    try:
+        return datetime.strptime(value, TIME_FORMAT).replace(tzinfo=tz)
+    except ValueError as exc:
+        raise InvalidTime(f"{name} {value!r} is not a real date/time: {exc}", param=name) from None
+
+
+def parse_window(
+    start: str | None, end: str | None, tz: ZoneInfo, *, now: datetime | None = None
+) -> tuple[int, int]:
+    """The query window in epoch ms, both ends inclusive (`endTime` to its last millisecond).
+
+    Missing both: today in `tz`. Only `startTime`: from it to the end of today. Only
+    `endTime`: from the start of its day to it.
+    """
+    today = (
+        (now or datetime.now(tz)).astimezone(tz).replace(hour=0, minute=0, second=0, microsecond=0)
+    )
+    start_at = _parse_time(start, "startTime", tz) if start else None
+    end_at = _parse_time(end, "endTime", tz) if end else None
+    if start_at is None:
+        start_at = (end_at or today).replace(hour=0, minute=0, second=0)
+    end_ms = _to_ms(end_at) + 999 if end_at else _to_ms(today + timedelta(days=1)) - 1
+    start_ms = _to_ms(start_at)
+    if end_ms < start_ms:
+        raise InvalidTime(f"endTime ({end}) is before startTime ({start})", param="endTime")
+    return start_ms, end_ms
+
+
+def truncate(text: str, limit: int) -> tuple[str, bool]:
+    """`text` cut to `limit` UTF-8 bytes (never inside a character), and whether it was cut."""
+    raw = text.encode()
+    if len(raw) <= limit:
+        return text, False
+    return raw[:limit].decode("utf-8", errors="ignore"), True
+
+
+class History:
+    """Attempt records in Redis."""
+
+    def __init__(self, redis: Redis, settings: Settings) -> None:
+        self.redis = redis
+        self.settings = settings
+        self._record = redis.register_script(_RECORD)
+        self._query = redis.register_script(_QUERY)
+        self._sweep = redis.register_script(_SWEEP)
+
+    async def record(self, pipe: Pipeline, record: dict[str, Any], *, dead: bool = False) -> None:
+        """Queue the write of one record on `pipe` (the caller executes it with its other
+        writes, one round trip). `record` carries the seed's fields, camelCase, without id."""
+        ttl = self.settings.retention_ms // 1000 + _TTL_MARGIN_S
+        await self._record(
+            keys=[
+                keys.HISTORY_SEQ,
+                keys.history_index(record["projectId"], record["events"], record["callBackUrl"]),
+                keys.HISTORY_INDEXES,
+                keys.HISTORY_DEAD,
+            ],
+            args=[orjson.dumps(record), record["createdTime"], ttl, keys.HISTORY_RECORD_PREFIX,
+                  "1" if dead else "0"],
+            client=pipe,
+        )  # fmt: skip
+
+    async def add(self, record: dict[str, Any], *, dead: bool = False) -> int:
+        """Write one record now; returns its id."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            await self.record(pipe, record, dead=dead)
+            (record_id,) = await pipe.execute()
+        return int(record_id)
+
+    async def query(
+        self,
+        project_id: str,
+        url: str,
+        event: str,
+        *,
+        start_ms: int,
+        end_ms: int,
+        page: int = 1,
+        page_size: int = 20,
+        now_ms: int | None = None,
+    ) -> HistoryPage:
+        """One page of the window, newest first. Records past the retention are not shown,
+        even before the sweep has removed them, so `count` stays exact."""
+        if page < 1:
+            raise InvalidInput(f"page must be >= 1, got {page}", param="page")
+        if page_size < 1:
+            raise InvalidInput(f"pageSize must be >= 1, got {page_size}", param="pageSize")
+        page_size = min(page_size, self.settings.history_max_page_size)
+        now = time.time_ns() // 1_000_000 if now_ms is None else now_ms
+        start_ms = max(start_ms, now - self.settings.retention_ms)
+        if start_ms > end_ms:
+            return HistoryPage(records=[], count=0, total_pages=0, page_size=page_size, page=page)
+        total, ids, raws = await self._query(
+            keys=[keys.history_index(project_id, event, url)],
+            args=[start_ms, end_ms, (page - 1) * page_size, page_size, keys.HISTORY_RECORD_PREFIX],
+        )
+        records = [
+            HistoryRecord.model_validate({**orjson.loads(raw), "id": int(rid)})
+            for rid, raw in zip(ids, raws, strict=True)
+            if raw
+        ]
+        return HistoryPage(
+            records=records,
+            count=int(total),
+            total_pages=math.ceil(int(total) / page_size),
+            page_size=page_size,
+            page=page,
+        )
+
+    async def get(self, record_id: int, project_id: str | None = None) -> HistoryRecord:
+        raw = await self.redis.get(keys.history_record(record_id))
+        if raw is None:
+            raise NotFound(f"history record {record_id} not found")
+        record = HistoryRecord.model_validate({**orjson.loads(raw), "id": record_id})
+        if project_id is not None and record.project_id != project_id:
+            raise NotFound(f"history record {record_id} not found in project {project_id}")
+        return record
+
+    async def dead(self, limit: int = 50) -> list[HistoryRecord]:
+        """The latest attempts after which a delivery gave up (the dead-letter view)."""
+        ids = await self.redis.zrevrange(keys.HISTORY_DEAD, 0, limit - 1)
+        out: list[HistoryRecord] = []
+        for rid in ids:
+            try:
+                out.append(await self.get(int(rid)))
+            except NotFound:
+                continue
+        return out
+
+    async def sweep(self, *, now_ms: int | None = None, max_batches: int | None = None) -> int:
+        """Remove records older than the retention, their index entries and emptied
+        indexes, `sweep_batch` records per Redis call. Returns how many were removed."""
+        now = time.time_ns() // 1_000_000 if now_ms is None else now_ms
+        cutoff = now - self.settings.retention_ms
+        batch = self.settings.sweep_batch
+        removed = batches = 0
+        async for index in self.redis.sscan_iter(keys.HISTORY_INDEXES, count=100):
+            while True:
+                n = int(
+                    await self._sweep(
+                        keys=[index, keys.HISTORY_INDEXES],
+                        args=[cutoff, batch, keys.HISTORY_RECORD_PREFIX],
+                    )
+                )
+                removed += n
+                batches += 1
+                if n < batch or (max_batches is not None and batches >= max_batches):
+                    break
+            if max_batches is not None and batches >= max_batches:
+                break
+        await self.redis.zremrangebyscore(keys.HISTORY_DEAD, "-inf", cutoff)
+        return removed

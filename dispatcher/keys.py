@@ -1,0 +1,94 @@
+"""Every Redis key the service writes, built in one place.
+
+Registry
+    dispatcher:cb:seq                         INCR counter of callback ids
+    dispatcher:cb:{id}                        HASH one callback (token included)
+    dispatcher:cb:uniq:{project}              HASH "{event} {url}" -> id (the upsert key)
+    dispatcher:cb:project:{project}           ZSET ids of a project, scored by id (paging)
+    dispatcher:cb:match:{project}:{event}     SET ids of the *enabled* callbacks (fan-out)
+    dispatcher:cb:disabled                    ZSET ids of disabled callbacks, scored by time
+Roles
+    dispatcher:roles:{project}                HASH user -> admin | member ("*" = every project)
+Health
+    dispatcher:health:{id}                    HASH consecutive final failures of one callback
+Deliveries
+    dispatcher:delivery:{delivery_id}         STRING state once an attempt was handled (dedupe)
+History
+    dispatcher:history:seq                    INCR counter of record ids
+    dispatcher:history:rec:{id}               STRING one record (JSON, id not included)
+    dispatcher:history:idx:{project}:{event}:{url hash}
+                                              ZSET record ids (zero-padded) by createdTime ms
+    dispatcher:history:indexes                SET every index key (what the retention sweep walks)
+    dispatcher:history:dead                   ZSET ids of records whose delivery gave up
+arq (its own names, re-exported so nothing else spells them)
+    {queue_name}, arq:job:{id}, arq:result:{id}, {queue_name}:health-check
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+from arq.constants import health_check_key_suffix, job_key_prefix, result_key_prefix
+
+PREFIX = "dispatcher"
+
+CALLBACK_SEQ = f"{PREFIX}:cb:seq"
+# Prefixes for the Lua scripts, which build keys from ids they read inside Redis.
+CALLBACK_PREFIX = f"{PREFIX}:cb:"
+CALLBACK_UNIQUE_PREFIX = f"{PREFIX}:cb:uniq:"
+PROJECT_CALLBACKS_PREFIX = f"{PREFIX}:cb:project:"
+MATCH_PREFIX = f"{PREFIX}:cb:match:"
+HEALTH_PREFIX = f"{PREFIX}:health:"
+CALLBACKS_DISABLED = f"{PREFIX}:cb:disabled"
+HISTORY_SEQ = f"{PREFIX}:history:seq"
+HISTORY_RECORD_PREFIX = f"{PREFIX}:history:rec:"
+HISTORY_INDEXES = f"{PREFIX}:history:indexes"
+HISTORY_DEAD = f"{PREFIX}:history:dead"
+
+ARQ_JOB_PREFIX: str = job_key_prefix
+ARQ_RESULT_PREFIX: str = result_key_prefix
+
+
+def callback(callback_id: int | str) -> str:
+    return f"{CALLBACK_PREFIX}{callback_id}"
+
+
+def callback_unique(project_id: str) -> str:
+    return f"{CALLBACK_UNIQUE_PREFIX}{project_id}"
+
+
+def callback_unique_field(event: str, url: str) -> str:
+    return f"{event} {url}"
+
+
+def project_callbacks(project_id: str) -> str:
+    return f"{PROJECT_CALLBACKS_PREFIX}{project_id}"
+
+
+def match(project_id: str, event: str) -> str:
+    return f"{MATCH_PREFIX}{project_id}:{event}"
+
+
+def roles(project_id: str) -> str:
+    return f"{PREFIX}:roles:{project_id}"
+
+
+def health(callback_id: int | str) -> str:
+    return f"{HEALTH_PREFIX}{callback_id}"
+
+
+def delivery(delivery_id: str) -> str:
+    return f"{PREFIX}:delivery:{delivery_id}"
+
+
+def history_record(record_id: int | str) -> str:
+    return f"{HISTORY_RECORD_PREFIX}{record_id}"
+
+
+def history_index(project_id: str, event: str, url: str) -> str:
+    url_hash = hashlib.blake2b(url.encode(), digest_size=16).hexdigest()
+    return f"{PREFIX}:history:idx:{project_id}:{event}:{url_hash}"
+
+
+def worker_health(queue_name: str) -> str:
+    return f"{queue_name}{health_check_key_suffix}"

@@ -1,0 +1,39 @@
+"""Prometheus metrics (prometheus-client's default registry, one per process)."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+__all__ = [
+    "ATTEMPT_SECONDS",
+    "CALLBACKS_DISABLED",
+    "DELIVERIES",
+    "EVENTS_EMITTED",
+    "HISTORY_RECORDS",
+    "QUEUE_DEPTH",
+    "QUEUE_OLDEST_SECONDS",
+    "RETRIES",
+]
+
+DELIVERIES = Counter(
+    "dispatcher_deliveries_total",
+    "Delivery attempts by outcome (success, retry, failed, gone) and event.",
+    ["outcome", "event"],
+)
+ATTEMPT_SECONDS = Histogram(
+    "dispatcher_delivery_attempt_seconds",
+    "Duration of one HTTP delivery attempt.",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)
+RETRIES = Counter("dispatcher_retries_total", "Attempts scheduled again after a failure.")
+HISTORY_RECORDS = Counter("dispatcher_history_records_total", "History records written.")
+CALLBACKS_DISABLED = Counter(
+    "dispatcher_callbacks_disabled_total",
+    "Callbacks disabled by the service (endpoint health or 410 Gone).",
+    ["reason"],
+)
+EVENTS_EMITTED = Counter("dispatcher_events_emitted_total", "Events accepted for fan-out.")
+QUEUE_DEPTH = Gauge("dispatcher_queue_depth", "Jobs due now in the queue (read at scrape).")
+QUEUE_OLDEST_SECONDS = Gauge(
+    "dispatcher_queue_oldest_job_age_seconds", "Age of the oldest job due (read at scrape)."
+)

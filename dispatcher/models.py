@@ -1,0 +1,184 @@
+"""The HTTP contract: the seeds' models with their exact camelCase JSON names, and enums."""
+
+from __future__ import annotations
+
+import enum
+from typing import Any, Generic, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic.alias_generators import to_camel
+
+__all__ = [
+    "ApigwType",
+    "CallBackHeader",
+    "Callback",
+    "CallbackPage",
+    "CreateCallBackResult",
+    "DeliveryStatus",
+    "EmitRequest",
+    "EmitResult",
+    "Event",
+    "HistoryPage",
+    "HistoryRecord",
+    "Region",
+    "Result",
+]
+
+T = TypeVar("T")
+
+
+class Event(enum.StrEnum):
+    """The 18 events of the seed, in its order."""
+
+    DELETE_PIPELINE = "DELETE_PIPELINE"
+    CREATE_PIPELINE = "CREATE_PIPELINE"
+    UPDATE_PIPELINE = "UPDATE_PIPELINE"
+    STREAM_ENABLED = "STREAM_ENABLED"
+    RESTORE_PIPELINE = "RESTORE_PIPELINE"
+    BUILD_START = "BUILD_START"
+    BUILD_END = "BUILD_END"
+    BUILD_STAGE_START = "BUILD_STAGE_START"
+    BUILD_STAGE_END = "BUILD_STAGE_END"
+    BUILD_JOB_START = "BUILD_JOB_START"
+    BUILD_JOB_END = "BUILD_JOB_END"
+    BUILD_TASK_START = "BUILD_TASK_START"
+    BUILD_TASK_END = "BUILD_TASK_END"
+    BUILD_TASK_PAUSE = "BUILD_TASK_PAUSE"
+    PROJECT_CREATE = "PROJECT_CREATE"
+    PROJECT_UPDATE = "PROJECT_UPDATE"
+    PROJECT_ENABLE = "PROJECT_ENABLE"
+    PROJECT_DISABLE = "PROJECT_DISABLE"
+
+
+class Region(enum.StrEnum):
+    """The network a callback URL lives in; each has its own egress and address policy."""
+
+    DEVNET = "DEVNET"
+    OSS = "OSS"
+    IDC = "IDC"
+
+
+class ApigwType(enum.StrEnum):
+    """The gateway prefix of every v4 route."""
+
+    APIGW_USER = "apigw-user"
+    APIGW_APP = "apigw-app"
+    APIGW = "apigw"
+
+
+class DeliveryStatus(enum.StrEnum):
+    """`status` of a history record."""
+
+    SUCCESS = "SUCCESS"
+    FAILED = "FAILED"
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(
+        alias_generator=to_camel, populate_by_name=True, serialize_by_alias=True
+    )
+
+
+class Result(_Model, Generic[T]):
+    """The seeds' envelope: `status` 0 on success, a non-zero code and a message otherwise."""
+
+    data: T | None = None
+    message: str | None = None
+    status: int = 0
+
+
+class CreateCallBackResult(_Model):
+    """Batch creation outcome: which events were saved, which were refused and why."""
+
+    failure_events: dict[str, str] = Field(default_factory=dict)
+    success_events: list[str] = Field(default_factory=list)
+
+
+class CallBackHeader(_Model):
+    """One request header as stored in history (secret values masked)."""
+
+    name: str
+    value: str
+
+
+class HistoryRecord(_Model):
+    """One delivery attempt. The seed's fields first, then our extras."""
+
+    id: int
+    project_id: str
+    call_back_url: str
+    events: str
+    status: DeliveryStatus
+    error_msg: str | None = None
+    request_headers: list[CallBackHeader] = Field(default_factory=list)
+    request_body: str = ""
+    response_code: int | None = None
+    response_body: str | None = None
+    start_time: int
+    end_time: int
+    created_time: int
+    # Extras (the seed allows more fields to follow).
+    attempt: int = 1
+    delivery_id: str | None = None
+    event_id: str | None = None
+    callback_id: int | None = None
+    duration_ms: int | None = None
+    final: bool = False
+    request_body_truncated: bool = False
+    redelivery_of: int | None = None
+
+
+class HistoryPage(_Model):
+    """A page of history, newest first; `count` and `totalPages` are exact."""
+
+    records: list[HistoryRecord]
+    count: int
+    total_pages: int
+    page_size: int
+    page: int
+
+
+class Callback(_Model):
+    """A registered callback as the API shows it. The secret token is never included."""
+
+    id: int
+    project_id: str
+    url: str
+    event: Event
+    region: Region
+    enabled: bool = True
+    disabled_reason: str | None = None
+    has_secret_token: bool = False
+    created_time: int
+    updated_time: int
+    creator: str | None = None
+
+
+class CallbackPage(_Model):
+    """A page of callbacks, oldest first."""
+
+    records: list[Callback]
+    count: int
+    total_pages: int
+    page_size: int
+    page: int
+
+
+class EmitRequest(_Model):
+    """Body of the emit route: the event name and the producer's data, passed on untouched."""
+
+    event: Event
+    data: dict[str, Any] = Field(default_factory=dict)
+    event_id: str | None = Field(
+        default=None,
+        max_length=128,
+        pattern=r"^[A-Za-z0-9_.:-]+$",
+        description="Optional idempotency key; generated when absent.",
+    )
+
+
+class EmitResult(_Model):
+    """What emitting returns at once: the event id (delivery happens later)."""
+
+    event_id: str
+    queued: bool

@@ -1,0 +1,139 @@
+"""Configuration, read once per entry point from `DISPATCHER_*` environment variables."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from dispatcher.models import Region
+
+__all__ = ["Settings"]
+
+
+class Settings(BaseSettings):
+    """Every knob of the service. Build one per process and pass it down.
+
+    >>> Settings(redis_url="redis://127.0.0.1:6379/0").redis_url
+    'redis://127.0.0.1:6379/0'
+    """
+
+    model_config = SettingsConfigDict(env_prefix="DISPATCHER_", frozen=True, extra="forbid")
+
+    # Redis
+    redis_url: str | None = Field(
+        default=None,
+        description="redis:// or rediss:// URL; unset starts an embedded redis-server.",
+    )
+    data_dir: Path = Field(
+        default=Path(".dispatcher"), description="Where the embedded Redis keeps its data."
+    )
+    queue_name: str = Field(default="dispatcher:queue", min_length=1)
+
+    # HTTP API
+    api_host: str = "127.0.0.1"
+    api_port: int = Field(default=8080, ge=0, le=65535)
+    timezone: str = Field(
+        default="UTC", description="Time zone of the history API's startTime / endTime."
+    )
+    dev_mode: bool = Field(
+        default=False,
+        description="Local development: loopback/private receivers allowed. Never in production.",
+    )
+    open_access: bool = Field(
+        default=False,
+        description="Skip role checks (any X-DEVOPS-UID may do anything). Development only.",
+    )
+    operator_token: SecretStr | None = Field(
+        default=None, description="Token of the role-management route (X-DEVOPS-OPERATOR-TOKEN)."
+    )
+    gateway_token: SecretStr | None = Field(
+        default=None, description="When set, every API request must carry X-DEVOPS-GATEWAY-TOKEN."
+    )
+
+    # Worker
+    worker_max_jobs: int = Field(default=200, ge=1, description="Jobs run at once per worker.")
+    poll_delay: float = Field(default=0.02, gt=0, le=5, description="Queue poll interval (s).")
+    worker_metrics_port: int | None = Field(default=None, ge=0, le=65535)
+    shutdown_grace: float = Field(
+        default=20.0, ge=0, description="Seconds a worker lets jobs finish after SIGTERM."
+    )
+
+    # Delivery
+    connect_timeout: float = Field(default=5.0, gt=0)
+    total_timeout: float = Field(default=15.0, gt=0)
+    verify_tls: bool = True
+    retry_schedule: tuple[float, ...] = Field(
+        default=(5, 30, 120, 600, 1800, 3600),
+        description="Delay (s) before each retry; its length is the number of retries.",
+    )
+    retry_jitter: float = Field(default=0.2, ge=0, lt=1, description="±fraction of each delay.")
+    retry_after_cap: float = Field(default=3600, ge=0, description="Largest Retry-After honoured.")
+    region_proxies: dict[Region, str] = Field(
+        default_factory=dict, description='Egress proxy per region, e.g. {"IDC": "http://p:3128"}.'
+    )
+    allow_internal_regions: frozenset[Region] = Field(
+        default=frozenset(),
+        description='Regions whose callbacks may target loopback/private addresses, e.g. ["IDC"].',
+    )
+    max_connections: int = Field(default=200, ge=1, description="Connections per region client.")
+    user_agent: str = "callback-dispatcher/0.1"
+
+    # History
+    max_request_body: int = Field(default=64 * 1024, ge=0, description="Bytes stored per request.")
+    max_response_body: int = Field(default=20_000, ge=0, description="Bytes kept of a response.")
+    history_retention_days: float = Field(default=7, gt=0)
+    history_max_page_size: int = Field(default=100, ge=1)
+    sweep_batch: int = Field(default=500, ge=1, description="Records removed per retention step.")
+
+    # Endpoint health
+    disable_after_failures: int = Field(default=50, ge=1)
+    disable_after_seconds: float = Field(default=12 * 3600, ge=0)
+
+    # Logs
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_format: Literal["auto", "json", "console"] = "auto"
+
+    @field_validator("timezone")
+    @classmethod
+    def _known_timezone(cls, value: str) -> str:
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError) as exc:
+            raise ValueError(f"unknown time zone {value!r} (use an IANA name such as UTC)") from exc
+        return value
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_scheme(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("must start with redis://, rediss:// or unix://")
+        return value or None
+
+    @field_validator("retry_schedule")
+    @classmethod
+    def _non_negative(cls, value: tuple[float, ...]) -> tuple[float, ...]:
+        if any(delay < 0 for delay in value):
+            raise ValueError("delays must be >= 0")
+        return value
+
+    @model_validator(mode="after")
+    def _timeouts(self) -> Settings:
+        if self.connect_timeout > self.total_timeout:
+            raise ValueError("connect_timeout must not exceed total_timeout")
+        return self
+
+    @property
+    def tz(self) -> ZoneInfo:
+        return ZoneInfo(self.timezone)
+
+    @property
+    def retention_ms(self) -> int:
+        return int(self.history_retention_days * 86_400_000)
+
+    @property
+    def max_attempts(self) -> int:
+        return len(self.retry_schedule) + 1

@@ -1,0 +1,424 @@
+"""The arq worker: `fan_out` an event to its callbacks, `deliver` retries, sweep history.
+
+A fan-out makes the first attempt of every delivery itself, concurrently, so an event
+costs one queue job however many callbacks it has; only retries become `deliver` jobs
+(job id = delivery id). Each attempt costs one Redis round trip: its history record, the
+delivery's progress, the endpoint-health reset and the next attempt's job are written in
+one pipeline, so a worker killed at any point loses nothing (the job runs again, with the
+same delivery id for the receiver to de-duplicate).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
+
+import structlog
+from arq import Retry, cron
+from arq.worker import Function, Worker, func
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from dispatcher import keys, metrics
+from dispatcher.backoff import next_delay
+from dispatcher.delivery import (
+    AttemptResult,
+    Outcome,
+    encode_body,
+    mask_headers,
+    request_headers,
+    send,
+)
+from dispatcher.egress import make_client, policy_for
+from dispatcher.errors import InvalidUrl
+from dispatcher.health import CircuitBreaker, Health
+from dispatcher.history import History, truncate
+from dispatcher.models import DeliveryStatus, Region
+from dispatcher.queue import DELIVER, FAN_OUT, Queue
+from dispatcher.redis import job_deserializer, job_serializer, redis_settings
+from dispatcher.registry import CallbackTarget, Registry
+
+if TYPE_CHECKING:
+    import httpx
+    from arq.connections import ArqRedis
+
+    from dispatcher.settings import Settings
+
+__all__ = ["Engine", "create_worker", "worker_settings"]
+
+log = structlog.get_logger("dispatcher.worker")
+
+DONE = b"done"
+_REDIS_ERRORS = (RedisConnectionError, RedisTimeoutError, ConnectionError)
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """One event going to one callback, across all its attempts."""
+
+    delivery_id: str
+    progress_id: str  # whose attempt count this is: the delivery, or one redelivery of it
+    event_id: str
+    project_id: str
+    event: str
+    body: bytes
+    callback_id: int
+    redelivery_of: int | None = None
+
+    def job_payload(self) -> dict[str, Any]:
+        return {
+            "deliveryId": self.delivery_id,
+            "progressId": self.progress_id,
+            "eventId": self.event_id,
+            "projectId": self.project_id,
+            "event": self.event,
+            "body": self.body.decode(),
+            "callbackId": self.callback_id,
+            "redeliveryOf": self.redelivery_of,
+        }
+
+    @classmethod
+    def from_job(cls, payload: dict[str, Any], job_id: str) -> Delivery:
+        return cls(
+            delivery_id=payload["deliveryId"],
+            progress_id=payload.get("progressId") or job_id,
+            event_id=payload.get("eventId") or "",
+            project_id=payload["projectId"],
+            event=payload["event"],
+            body=payload["body"].encode(),
+            callback_id=int(payload["callbackId"]),
+            redelivery_of=payload.get("redeliveryOf"),
+        )
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+class Engine:
+    """Everything a worker process holds: one HTTP client per region, the stores, the
+    circuit breaker. Built in `on_startup`, closed in `on_shutdown`."""
+
+    def __init__(self, settings: Settings, redis: ArqRedis) -> None:
+        self.settings = settings
+        self.redis = redis
+        self.registry = Registry(redis)
+        self.history = History(redis, settings)
+        self.health = Health(redis, self.registry, settings)
+        self.queue = Queue(redis, settings.queue_name)
+        self.breaker = CircuitBreaker()
+        self.clients: dict[Region, httpx.AsyncClient] = {
+            region: make_client(settings, region) for region in Region
+        }
+        schedule_s = sum(settings.retry_schedule)
+        self.progress_ttl = int(max(86_400, 2 * schedule_s))
+
+    async def close(self) -> None:
+        await asyncio.gather(*(client.aclose() for client in self.clients.values()))
+
+    async def fan_out(self, event: dict[str, Any], *, job_try: int = 1) -> int:
+        """First attempt of every delivery of `event`; returns how many callbacks matched."""
+        targets = await self.registry.match(event["projectId"], event["event"])
+        if not targets:
+            return 0
+        deliveries = [
+            Delivery(
+                delivery_id=(did := f"{event['id']}.{target.id}"),
+                progress_id=did,
+                event_id=event["id"],
+                project_id=event["projectId"],
+                event=event["event"],
+                body=b"",
+                callback_id=target.id,
+            )
+            for target in targets
+        ]
+        if job_try > 1:  # a re-run after a crash: skip what was already handled
+            done = await self.redis.mget([keys.delivery(d.progress_id) for d in deliveries])
+            pending = [(d, t) for d, t, m in zip(deliveries, targets, done, strict=True) if not m]
+        else:
+            pending = list(zip(deliveries, targets, strict=True))
+        body = encode_body(event["event"], event.get("data") or {})
+        jobs = [self.attempt(_with_body(d, body), t, 1, first=True) for d, t in pending]
+        if len(jobs) == 1:
+            await jobs[0]
+        else:
+            await asyncio.gather(*jobs)
+        return len(targets)
+
+    async def deliver(self, payload: dict[str, Any], job_id: str) -> None:
+        """A retry (or a redelivery): one more attempt, then arq `Retry` if need be."""
+        delivery = Delivery.from_job(payload, job_id)
+        progress, target = await asyncio.gather(
+            self.redis.get(keys.delivery(delivery.progress_id)),
+            self.registry.target(delivery.callback_id),
+        )
+        if progress == DONE:
+            return
+        if target is None:
+            log.info(
+                "delivery.dropped",
+                delivery_id=delivery.delivery_id,
+                callback_id=delivery.callback_id,
+                reason="callback deleted or disabled",
+            )
+            return
+        attempt = int(progress or 0) + 1
+        delay = await self.attempt(delivery, target, attempt, first=False)
+        if delay is not None:
+            raise Retry(defer=delay)
+
+    async def attempt(
+        self, delivery: Delivery, target: CallbackTarget, attempt: int, *, first: bool
+    ) -> float | None:
+        """One attempt, recorded. Returns the delay before the next one, or None when the
+        delivery is over (or, from a fan-out, when its `deliver` job has been queued)."""
+        host = urlsplit(target.url).netloc
+        if wait := self.breaker.wait(host):
+            if first:  # not an attempt: hand it to a deliver job that starts after the wait
+                await self.queue.enqueue(
+                    DELIVER, delivery.job_payload(), job_id=delivery.progress_id, defer_s=wait
+                )
+                return None
+            return wait
+
+        headers = request_headers(
+            event=delivery.event,
+            delivery_id=delivery.delivery_id,
+            body=delivery.body,
+            token=target.secret_token,
+            user_agent=self.settings.user_agent,
+        )
+        result = await self._send(target, delivery.body, headers)
+        self.breaker.record(host, result.outcome is not Outcome.RETRY)
+        delay = None
+        if result.outcome is Outcome.RETRY:
+            delay = next_delay(
+                self.settings.retry_schedule,
+                attempt,
+                jitter=self.settings.retry_jitter,
+                retry_after=result.retry_after,
+                retry_after_cap=self.settings.retry_after_cap,
+            )
+        final = delay is None
+        await self._record(delivery, target, attempt, headers, result, final, first, delay)
+        self._observe(delivery, target, attempt, result, delay)
+        if result.outcome is Outcome.GONE:
+            metrics.CALLBACKS_DISABLED.labels(reason="gone").inc()
+            await self.health.disable(target.id, "the receiver answered 410 Gone")
+        elif final and result.outcome is not Outcome.SUCCESS:
+            if await self.health.failed(target.id, result.error or "failed"):
+                metrics.CALLBACKS_DISABLED.labels(reason="failing").inc()
+        return None if first else delay
+
+    async def _send(
+        self, target: CallbackTarget, body: bytes, headers: dict[str, str]
+    ) -> AttemptResult:
+        if target.region in self.settings.region_proxies:
+            # Through a proxy the proxy resolves the host: check the address ourselves.
+            started = _now_ms()
+            try:
+                await policy_for(self.settings, target.region).check_resolved(target.url)
+            except InvalidUrl as exc:
+                return AttemptResult(Outcome.FAILED, None, None, exc.message, None, started,
+                                     _now_ms())  # fmt: skip
+        return await send(
+            self.clients[target.region],
+            target.url,
+            body,
+            headers,
+            total_timeout=self.settings.total_timeout,
+            max_response_body=self.settings.max_response_body,
+        )
+
+    async def _record(
+        self,
+        delivery: Delivery,
+        target: CallbackTarget,
+        attempt: int,
+        headers: dict[str, str],
+        result: AttemptResult,
+        final: bool,
+        first: bool,
+        delay: float | None,
+    ) -> None:
+        body_text, body_truncated = truncate(
+            delivery.body.decode(errors="replace"), self.settings.max_request_body
+        )
+        ok = result.outcome is Outcome.SUCCESS
+        record = {
+            "projectId": delivery.project_id,
+            "callBackUrl": target.url,
+            "events": delivery.event,
+            "status": (DeliveryStatus.SUCCESS if ok else DeliveryStatus.FAILED).value,
+            "errorMsg": result.error,
+            "requestHeaders": mask_headers(headers),
+            "requestBody": body_text,
+            "responseCode": result.status_code,
+            "responseBody": result.response_body,
+            "startTime": result.started_ms,
+            "endTime": result.ended_ms,
+            "createdTime": _now_ms(),
+            "attempt": attempt,
+            "deliveryId": delivery.delivery_id,
+            "eventId": delivery.event_id,
+            "callbackId": target.id,
+            "durationMs": result.duration_ms,
+            "final": final,
+            "requestBodyTruncated": body_truncated,
+            "redeliveryOf": delivery.redelivery_of,
+        }
+        async with self.redis.pipeline(transaction=False) as pipe:
+            await self.history.record(
+                pipe, record, dead=final and result.outcome is not Outcome.SUCCESS
+            )
+            pipe.set(
+                keys.delivery(delivery.progress_id),
+                DONE if final else str(attempt),
+                ex=self.progress_ttl,
+            )
+            if ok:
+                self.health.succeeded(pipe, target.id)
+            if first and delay is not None:
+                await self.queue.push(
+                    pipe, DELIVER, delivery.job_payload(), job_id=delivery.progress_id,
+                    defer_s=delay,
+                )  # fmt: skip
+            await pipe.execute()
+
+    @staticmethod
+    def _observe(
+        delivery: Delivery,
+        target: CallbackTarget,
+        attempt: int,
+        result: AttemptResult,
+        delay: float | None,
+    ) -> None:
+        metrics.DELIVERIES.labels(outcome=result.outcome.value, event=delivery.event).inc()
+        metrics.ATTEMPT_SECONDS.observe(result.duration_ms / 1000)
+        metrics.HISTORY_RECORDS.inc()
+        if delay is not None:
+            metrics.RETRIES.inc()
+        log.info(
+            "delivery.attempt",
+            event_id=delivery.event_id,
+            delivery_id=delivery.delivery_id,
+            callback_id=target.id,
+            callback_url=target.url,
+            project_id=delivery.project_id,
+            event=delivery.event,
+            attempt=attempt,
+            outcome=result.outcome.value,
+            status_code=result.status_code,
+            duration_ms=result.duration_ms,
+            error=result.error,
+            retry_in_s=None if delay is None else round(delay, 3),
+        )
+
+
+def _with_body(delivery: Delivery, body: bytes) -> Delivery:
+    return Delivery(
+        delivery.delivery_id, delivery.progress_id, delivery.event_id, delivery.project_id,
+        delivery.event, body, delivery.callback_id, delivery.redelivery_of,
+    )  # fmt: skip
+
+
+def _redis_retry(ctx: dict[str, Any], exc: Exception) -> Retry:
+    delay = min(60.0, 0.5 * 2 ** min(ctx.get("job_try", 1), 7))
+    log.warning("job.redis_unavailable", job_id=ctx.get("job_id"), retry_in_s=delay, error=str(exc))
+    return Retry(defer=delay)
+
+
+async def fan_out_job(ctx: dict[str, Any], event: dict[str, Any]) -> int:
+    engine: Engine = ctx["engine"]
+    structlog.contextvars.bind_contextvars(event_id=event.get("id"))
+    try:
+        return await engine.fan_out(event, job_try=ctx.get("job_try", 1))
+    except _REDIS_ERRORS as exc:
+        raise _redis_retry(ctx, exc) from exc
+    except (KeyError, TypeError, ValueError) as exc:
+        log.error("job.poison", job_id=ctx.get("job_id"), function=FAN_OUT, error=repr(exc))
+        return 0
+    finally:
+        structlog.contextvars.clear_contextvars()
+
+
+async def deliver_job(ctx: dict[str, Any], payload: dict[str, Any]) -> None:
+    engine: Engine = ctx["engine"]
+    try:
+        await engine.deliver(payload, ctx.get("job_id", ""))
+    except _REDIS_ERRORS as exc:
+        raise _redis_retry(ctx, exc) from exc
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        log.error("job.poison", job_id=ctx.get("job_id"), function=DELIVER, error=repr(exc))
+
+
+async def sweep_history_job(ctx: dict[str, Any]) -> int:
+    engine: Engine = ctx["engine"]
+    removed = await engine.history.sweep()
+    log.info("history.swept", removed=removed)
+    return removed
+
+
+async def _startup(ctx: dict[str, Any]) -> None:
+    settings: Settings = ctx["settings"]
+    ctx["engine"] = Engine(settings, ctx["redis"])
+    if settings.worker_metrics_port is not None:
+        from prometheus_client import start_http_server
+
+        start_http_server(settings.worker_metrics_port, addr=settings.api_host)
+    log.info("worker.started", queue=settings.queue_name, max_jobs=settings.worker_max_jobs)
+
+
+async def _shutdown(ctx: dict[str, Any]) -> None:
+    engine: Engine | None = ctx.get("engine")
+    if engine is not None:
+        await engine.close()
+    log.info("worker.stopped")
+
+
+def worker_settings(settings: Settings, redis_url: str | None = None) -> dict[str, Any]:
+    """arq Worker keyword arguments for `settings`."""
+    url = redis_url or settings.redis_url
+    if url is None:
+        raise RuntimeError("no Redis URL: start EmbeddedRedis first or set DISPATCHER_REDIS_URL")
+    job_timeout = settings.total_timeout + 30
+    functions: list[Function] = [
+        # We count attempts ourselves; arq's tries only bound Redis outages and crashes.
+        func(fan_out_job, name=FAN_OUT, timeout=job_timeout, keep_result=0, max_tries=1000),
+        func(deliver_job, name=DELIVER, timeout=job_timeout, keep_result=0, max_tries=1000),
+    ]
+    return {
+        "functions": functions,
+        "cron_jobs": [
+            cron(
+                sweep_history_job,
+                name="sweep_history",
+                minute=set(range(0, 60, 5)),
+                unique=True,
+                timeout=600,
+                keep_result=0,
+            ),
+        ],
+        "redis_settings": redis_settings(url),
+        "queue_name": settings.queue_name,
+        "max_jobs": settings.worker_max_jobs,
+        "poll_delay": settings.poll_delay,
+        "job_serializer": job_serializer,
+        "job_deserializer": job_deserializer,
+        "on_startup": _startup,
+        "on_shutdown": _shutdown,
+        "ctx": {"settings": settings},
+        "keep_result": 0,
+        "job_completion_wait": int(settings.shutdown_grace),
+        "health_check_interval": 10,
+        "log_results": False,
+    }
+
+
+def create_worker(settings: Settings, redis_url: str | None = None, **overrides: Any) -> Worker:
+    """An arq Worker for `settings`; `overrides` (e.g. `burst=True`) win."""
+    return Worker(**{**worker_settings(settings, redis_url), **overrides})
