@@ -149,9 +149,8 @@ class Engine:
             await asyncio.gather(*jobs)
         return len(targets)
 
-    async def deliver(self, payload: dict[str, Any], job_id: str) -> None:
+    async def deliver(self, delivery: Delivery) -> None:
         """A retry (or a redelivery): one more attempt, then arq `Retry` if need be."""
-        delivery = Delivery.from_job(payload, job_id)
         progress, target = await asyncio.gather(
             self.redis.get(keys.delivery(delivery.progress_id)),
             self.registry.target(delivery.callback_id),
@@ -309,7 +308,7 @@ class Engine:
             callback_id=target.id,
             callback_url=target.url,
             project_id=delivery.project_id,
-            event=delivery.event,
+            event_type=delivery.event,
             attempt=attempt,
             outcome=result.outcome.value,
             status_code=result.status_code,
@@ -332,28 +331,48 @@ def _redis_retry(ctx: dict[str, Any], exc: Exception) -> Retry:
     return Retry(defer=delay)
 
 
-async def fan_out_job(ctx: dict[str, Any], event: dict[str, Any]) -> int:
+def _check_event(event: Any) -> dict[str, Any]:
+    """A fan-out payload as the producer writes it; ValueError for anything else."""
+    if not isinstance(event, dict) or not isinstance(event.get("data", {}), dict):
+        raise ValueError("event payload is not an object with an object `data`")
+    for name in ("id", "projectId", "event"):
+        if not isinstance(event.get(name), str) or not event[name]:
+            raise ValueError(f"event payload has no string {name!r}")
+    return event
+
+
+def _poison(ctx: dict[str, Any], function: str, exc: Exception) -> None:
+    """An undecodable job is logged with its id and dropped, never retried forever."""
+    log.error("job.poison", job_id=ctx.get("job_id"), function=function, error=repr(exc))
+
+
+async def fan_out_job(ctx: dict[str, Any], event: Any) -> int:
     engine: Engine = ctx["engine"]
-    structlog.contextvars.bind_contextvars(event_id=event.get("id"))
+    try:
+        event = _check_event(event)
+    except ValueError as exc:
+        _poison(ctx, FAN_OUT, exc)
+        return 0
+    structlog.contextvars.bind_contextvars(event_id=event["id"])
     try:
         return await engine.fan_out(event, job_try=ctx.get("job_try", 1))
     except _REDIS_ERRORS as exc:
         raise _redis_retry(ctx, exc) from exc
-    except (KeyError, TypeError, ValueError) as exc:
-        log.error("job.poison", job_id=ctx.get("job_id"), function=FAN_OUT, error=repr(exc))
-        return 0
     finally:
         structlog.contextvars.clear_contextvars()
 
 
-async def deliver_job(ctx: dict[str, Any], payload: dict[str, Any]) -> None:
+async def deliver_job(ctx: dict[str, Any], payload: Any) -> None:
     engine: Engine = ctx["engine"]
     try:
-        await engine.deliver(payload, ctx.get("job_id", ""))
+        delivery = Delivery.from_job(payload, ctx.get("job_id", ""))
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        _poison(ctx, DELIVER, exc)
+        return
+    try:
+        await engine.deliver(delivery)
     except _REDIS_ERRORS as exc:
         raise _redis_retry(ctx, exc) from exc
-    except (KeyError, TypeError, ValueError, AttributeError) as exc:
-        log.error("job.poison", job_id=ctx.get("job_id"), function=DELIVER, error=repr(exc))
 
 
 async def sweep_history_job(ctx: dict[str, Any]) -> int:

@@ -14,6 +14,7 @@ import httpx
 import pytest
 from aiohttp import web
 from arq.connections import ArqRedis
+from multidict import CIMultiDict
 
 from dispatcher.api import create_app
 from dispatcher.redis import EmbeddedRedis, connect
@@ -100,7 +101,7 @@ class Seen:
     """One request a receiver got."""
 
     path: str
-    headers: dict[str, str]
+    headers: CIMultiDict[str]  # HTTP header names are case-insensitive
     body: bytes
     at: float
 
@@ -124,8 +125,8 @@ class Receiver:
     def requests(self, path: str = "/hook") -> list[Seen]:
         return [s for s in self.seen if s.path == path]
 
-    async def wait_for(self, count: int, path: str = "/hook", timeout: float = 5.0) -> None:
-        deadline = time.monotonic() + timeout
+    async def wait_for(self, count: int, path: str = "/hook", within: float = 5.0) -> None:
+        deadline = time.monotonic() + within
         while len(self.requests(path)) < count:
             if time.monotonic() > deadline:
                 raise AssertionError(f"{path}: {len(self.requests(path))} of {count} requests")
@@ -133,7 +134,7 @@ class Receiver:
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         body = await request.read()
-        self.seen.append(Seen(request.path, dict(request.headers), body, time.monotonic()))
+        self.seen.append(Seen(request.path, CIMultiDict(request.headers), body, time.monotonic()))
         handlers = self.scripts.get(request.path)
         if not handlers:
             return web.Response(text="ok")

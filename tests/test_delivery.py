@@ -1,0 +1,298 @@
+"""Delivery end to end: real Redis, real burst workers, real HTTP receivers on 127.0.0.1."""
+
+from __future__ import annotations
+
+import base64
+import time
+
+import orjson
+import pytest
+from aiohttp import web
+from arq.connections import ArqRedis
+from standardwebhooks import Webhook
+from structlog.testing import capture_logs
+
+from dispatcher import keys
+from dispatcher.history import History
+from dispatcher.models import Event, Region
+from dispatcher.producer import Producer
+from dispatcher.queue import FAN_OUT, Queue
+from dispatcher.registry import Registry
+from dispatcher.settings import Settings
+from tests.conftest import Receiver, RunWorker, answer, hang, make_settings
+
+
+async def register(
+    redis: ArqRedis,
+    url: str,
+    event: Event = Event.BUILD_END,
+    token: str | None = "s3cret",
+    project: str = "demo",
+) -> int:
+    callback_id, _ = await Registry(redis).create(project, url, event, Region.DEVNET, token)
+    return callback_id
+
+
+async def emit(
+    settings: Settings, redis: ArqRedis, event: str = "BUILD_END", **data: object
+) -> str:
+    return await Producer(settings, redis).emit("demo", event, data or {"buildId": "b-1"})
+
+
+async def records(redis: ArqRedis, settings: Settings, url: str, event: str = "BUILD_END") -> list:
+    now = int(time.time() * 1000)
+    page = await History(redis, settings).query(
+        "demo", url, event, start_ms=now - 60_000, end_ms=now + 60_000, page_size=100
+    )
+    return list(reversed(page.records))  # oldest first
+
+
+async def test_event_reaches_every_matching_callback_and_no_other(
+    settings: Settings, redis: ArqRedis, receiver: Receiver, run_worker: RunWorker
+) -> None:
+    await register(redis, receiver.url("/a"))
+    await register(redis, receiver.url("/b"))
+    await register(redis, receiver.url("/other-event"), event=Event.BUILD_START)
+    await register(redis, receiver.url("/other-project"), project="elsewhere")
+    await emit(settings, redis)
+    await run_worker()
+    assert sorted(s.path for s in receiver.seen) == ["/a", "/b"]
+    body = orjson.loads(receiver.requests("/a")[0].body)
+    assert body == {"event": "BUILD_END", "data": {"buildId": "b-1"}}
+
+
+async def test_token_and_signature_verify_with_standardwebhooks(
+    settings: Settings, redis: ArqRedis, receiver: Receiver, run_worker: RunWorker
+) -> None:
+    await register(redis, receiver.url(), token="s3cret")
+    event_id = await emit(settings, redis)
+    await run_worker()
+    [seen] = receiver.requests()
+    assert seen.headers["X-DEVOPS-WEBHOOK-TOKEN"] == "s3cret"
+    assert seen.headers["X-DEVOPS-EVENT"] == "BUILD_END"
+    assert seen.headers["Content-Type"] == "application/json"
+    assert seen.headers["User-Agent"].startswith("callback-dispatcher/")
+    assert seen.headers["webhook-id"] == seen.headers["X-DEVOPS-DELIVERY-ID"]
+    assert seen.headers["webhook-id"].startswith(event_id)
+    verifier = Webhook("whsec_" + base64.b64encode(b"s3cret").decode())
+    verified = verifier.verify(seen.body, seen.headers)
+    assert verified == {"event": "BUILD_END", "data": {"buildId": "b-1"}}
+    forged = Webhook("whsec_" + base64.b64encode(b"other").decode())
+    with pytest.raises(Exception, match="signature"):
+        forged.verify(seen.body, seen.headers)
+
+
+async def test_no_token_no_token_header_and_no_signature(
+    settings: Settings, redis: ArqRedis, receiver: Receiver, run_worker: RunWorker
+) -> None:
+    await register(redis, receiver.url(), token=None)
+    await emit(settings, redis)
+    await run_worker()
+    [seen] = receiver.requests()
+    assert "X-DEVOPS-WEBHOOK-TOKEN" not in seen.headers
+    assert "webhook-signature" not in seen.headers
+
+
+async def test_500_twice_then_200_gives_three_attempts_and_records(
+    settings: Settings, redis: ArqRedis, receiver: Receiver, run_worker: RunWorker
+) -> None:
+    url = receiver.script("/hook", answer(500, "boom"), answer(503), answer(200, "fine"))
+    await register(redis, url)
+    await emit(settings, redis)
+    await run_worker()
+    seen = receiver.requests()
+    assert len(seen) == 3
+    assert len({s.headers["webhook-id"] for s in seen}) == 1  # stable across retries
+    assert len({s.body for s in seen}) == 1
+    recs = await records(redis, settings, url)
+    assert [(r.attempt, r.status.value, r.response_code) for r in recs] == [
+        (1, "FAILED", 500),
+        (2, "FAILED", 503),
+        (3, "SUCCESS", 200),
+    ]
+    assert recs[0].response_body == "boom" and recs[2].response_body == "fine"
+    assert [r.final for r in recs] == [False, False, True]
+    assert recs[0].request_body == seen[0].body.decode()
+    token_header = {h.name: h.value for h in recs[0].request_headers}["X-DEVOPS-WEBHOOK-TOKEN"]
+    assert token_header == "******"
+
+
+async def test_404_is_not_retried(
+    settings: Settings, redis: ArqRedis, receiver: Receiver, run_worker: RunWorker
+) -> None:
+    url = receiver.script("/hook", answer(404, "no such hook"))
+    await register(redis, url)
+    await emit(settings, redis)
+    await run_worker()
+    assert len(receiver.requests()) == 1
+    [rec] = await records(redis, settings, url)
+    assert (rec.status.value, rec.response_code, rec.final) == ("FAILED", 404, True)
+    assert rec.error_msg == "HTTP 404"
+    dead = await History(redis, settings).dead()
+    assert [d.id for d in dead] == [rec.id]
+
+
+async def test_redirect_is_a_failure_not_followed(
+    settings: Settings, redis: ArqRedis, receiver: Receiver, run_worker: RunWorker
+) -> None:
+    url = receiver.script("/hook", answer(302, headers={"Location": receiver.url("/elsewhere")}))
+    await register(redis, url)
+    await emit(settings, redis)
+    await run_worker()
+    assert receiver.requests("/elsewhere") == []
+    [rec] = await records(redis, settings, url)
+    assert rec.response_code == 302 and "redirects are not followed" in (rec.error_msg or "")
+
+
+async def test_hanging_receiver_is_cut_at_the_timeout_and_retried(
+    redis_server: object, redis: ArqRedis, receiver: Receiver, run_worker: RunWorker
+) -> None:
+    settings = make_settings(redis_server.url, total_timeout=0.3, connect_timeout=0.3)  # type: ignore[attr-defined]
+    url = receiver.script("/hook", hang(5), answer(200))
+    await register(redis, url)
+    await emit(settings, redis)
+    started = time.monotonic()
+    await run_worker(settings)
+    assert time.monotonic() - started < 4
+    recs = await records(redis, settings, url)
+    assert [r.status.value for r in recs] == ["FAILED", "SUCCESS"]
+    assert "timed out" in (recs[0].error_msg or "")
+    assert recs[0].response_code is None
+    assert 250 <= (recs[0].duration_ms or 0) < 2000
+
+
+async def test_retry_after_is_honoured(
+    settings: Settings, redis: ArqRedis, receiver: Receiver, run_worker: RunWorker
+) -> None:
+    url = receiver.script("/hook", answer(429, headers={"Retry-After": "1"}), answer(200))
+    await register(redis, url)
+    await emit(settings, redis)
+    await run_worker()
+    first, second = receiver.requests()
+    assert second.at - first.at >= 0.95  # the schedule alone would wait 0.05 s
+
+
+async def test_connection_refused_is_retried_until_the_schedule_ends(
+    settings: Settings, redis: ArqRedis, run_worker: RunWorker
+) -> None:
+    url = "http://127.0.0.1:9/closed"  # discard port: nothing listens
+    await register(redis, url)
+    await emit(settings, redis)
+    await run_worker()
+    recs = await records(redis, settings, url)
+    assert len(recs) == settings.max_attempts == 4
+    assert all(r.response_code is None and r.error_msg for r in recs)
+    assert [r.final for r in recs] == [False, False, False, True]
+
+
+async def test_disabled_callback_receives_nothing(
+    settings: Settings, redis: ArqRedis, receiver: Receiver, run_worker: RunWorker
+) -> None:
+    callback_id = await register(redis, receiver.url())
+    await Registry(redis).set_enabled(callback_id, False, "paused")
+    await emit(settings, redis)
+    await run_worker()
+    assert receiver.seen == []
+
+
+async def test_callback_disabled_between_retries_gets_no_more_attempts(
+    settings: Settings, redis: ArqRedis, receiver: Receiver, run_worker: RunWorker
+) -> None:
+    url = receiver.script("/hook", answer(500))
+    callback_id = await register(redis, url)
+    slow = make_settings(settings.redis_url or "", retry_schedule=(0.5, 0.5))
+    await emit(slow, redis)
+    await run_worker(slow, max_burst_jobs=1)  # the fan-out only: attempt 1
+    await Registry(redis).set_enabled(callback_id, False, "paused")
+    await run_worker(slow)
+    assert len(receiver.requests()) == 1
+
+
+async def test_duplicate_fan_out_delivers_once(
+    settings: Settings, redis: ArqRedis, receiver: Receiver, run_worker: RunWorker
+) -> None:
+    await register(redis, receiver.url())
+    event = {"id": "evt_dup", "projectId": "demo", "event": "BUILD_END", "data": {}}
+    queue = Queue(redis, settings.queue_name)
+    assert await queue.enqueue(FAN_OUT, event, job_id="evt_dup")
+    assert not await queue.enqueue(FAN_OUT, event, job_id="evt_dup")  # still queued: refused
+    await run_worker()
+    # a re-run of the same fan-out (as after a worker crash) skips what was delivered
+    await redis.set(keys.ARQ_JOB_PREFIX + "x", b"")  # unrelated key: the queue stays empty
+    from dispatcher.worker import Engine
+
+    engine = Engine(settings, redis)
+    try:
+        assert await engine.fan_out(event, job_try=2) == 1
+    finally:
+        await engine.close()
+    assert len(receiver.requests()) == 1
+
+
+async def test_huge_response_body_is_truncated_in_history(
+    settings: Settings, redis: ArqRedis, receiver: Receiver, run_worker: RunWorker
+) -> None:
+    async def huge(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse()
+        await response.prepare(request)
+        chunk = b"x" * 65536
+        try:
+            for _ in range(2000):  # 128 MiB unless the client hangs up first
+                await response.write(chunk)
+        except (ConnectionResetError, ConnectionError):
+            pass
+        return response
+
+    url = receiver.script("/hook", huge)
+    await register(redis, url)
+    await emit(settings, redis)
+    await run_worker()
+    [rec] = await records(redis, settings, url)
+    assert rec.status.value == "SUCCESS"
+    assert rec.response_body is not None
+    assert rec.response_body.startswith("x" * 1000)
+    assert len(rec.response_body) < settings.max_response_body + 100
+    assert "truncated" in rec.response_body
+
+
+async def test_410_gone_disables_the_callback(
+    settings: Settings, redis: ArqRedis, receiver: Receiver, run_worker: RunWorker
+) -> None:
+    callback_id = await register(redis, receiver.script("/hook", answer(410)))
+    await emit(settings, redis)
+    await run_worker()
+    callback = await Registry(redis).get(callback_id)
+    assert not callback.enabled and "410" in (callback.disabled_reason or "")
+
+
+async def test_one_canonical_log_line_per_attempt(
+    settings: Settings, redis: ArqRedis, receiver: Receiver, run_worker: RunWorker
+) -> None:
+    url = receiver.script("/hook", answer(500), answer(200))
+    await register(redis, url)
+    event_id = await emit(settings, redis)
+    with capture_logs() as logs:
+        await run_worker()
+    attempts = [entry for entry in logs if entry["event"] == "delivery.attempt"]
+    assert [(a["attempt"], a["outcome"], a["status_code"]) for a in attempts] == [
+        (1, "retry", 500),
+        (2, "success", 200),
+    ]
+    for entry in attempts:
+        assert entry["event_id"] == event_id
+        assert entry["callback_url"] == url
+        assert entry["delivery_id"].startswith(event_id)
+        assert isinstance(entry["duration_ms"], int)
+        assert "s3cret" not in repr(entry)
+
+
+async def test_emit_many_queues_in_one_go(
+    settings: Settings, redis: ArqRedis, receiver: Receiver, run_worker: RunWorker
+) -> None:
+    await register(redis, receiver.url())
+    ids = await Producer(settings, redis).emit_many(
+        [("demo", "BUILD_END", {"n": i}) for i in range(20)]
+    )
+    assert len(set(ids)) == 20
+    await run_worker()
+    assert sorted(orjson.loads(s.body)["data"]["n"] for s in receiver.requests()) == list(range(20))

@@ -1,0 +1,269 @@
+"""The history store and its seed route: paging, windows, defaults, bad input, retention,
+redelivery."""
+
+from __future__ import annotations
+
+import time
+from datetime import datetime
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import httpx
+import pytest
+from arq.connections import ArqRedis
+
+from dispatcher import keys
+from dispatcher.history import History, parse_window
+from dispatcher.models import Event, Region
+from dispatcher.producer import Producer
+from dispatcher.registry import Registry
+from dispatcher.settings import Settings
+from tests.conftest import UID, Receiver, RunWorker, answer, make_settings
+
+V3 = "/ms/openapi/api/apigw/v3/projects/demo/callbacks/history"
+V4 = "/apigw-app/v4/projects/demo/callbacks/history"
+URL = "http://127.0.0.1:9000/hook"
+SHANGHAI = ZoneInfo("Asia/Shanghai")
+
+
+def ms(text: str, tz: ZoneInfo = SHANGHAI) -> int:
+    return int(datetime.strptime(text, "%Y-%m-%d %H:%M:%S").replace(tzinfo=tz).timestamp() * 1000)
+
+
+def record(created: int, *, url: str = URL, event: str = "BUILD_END", n: int = 0) -> dict[str, Any]:
+    return {
+        "projectId": "demo",
+        "callBackUrl": url,
+        "events": event,
+        "status": "SUCCESS",
+        "errorMsg": None,
+        "requestHeaders": [{"name": "X-DEVOPS-WEBHOOK-TOKEN", "value": "******"}],
+        "requestBody": f'{{"n": {n}}}',
+        "responseCode": 200,
+        "responseBody": "ok",
+        "startTime": created - 5,
+        "endTime": created,
+        "createdTime": created,
+        "attempt": 1,
+        "deliveryId": f"evt_{n}.1",
+    }
+
+
+@pytest.fixture
+def tz_settings(redis_server: Any) -> Settings:
+    return make_settings(redis_server.url, timezone="Asia/Shanghai")
+
+
+@pytest.fixture
+async def tz_api(tz_settings: Settings, redis: ArqRedis) -> Any:
+    from dispatcher.api import create_app
+
+    app = create_app(tz_settings, redis)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://d") as client:
+            yield client
+
+
+async def fill(redis: ArqRedis, settings: Settings, times: list[int], **kw: Any) -> list[int]:
+    history = History(redis, settings)
+    return [await history.add(record(t, n=i, **kw)) for i, t in enumerate(times)]
+
+
+async def test_seed_shape_and_newest_first(tz_api: httpx.AsyncClient, redis: ArqRedis,
+                                           tz_settings: Settings) -> None:  # fmt: skip
+    now = int(time.time() * 1000)
+    ids = await fill(redis, tz_settings, [now - 3000, now - 2000, now - 1000])
+    response = await tz_api.get(V3, params={"url": URL, "event": "BUILD_END"}, headers=UID)
+    assert response.status_code == 200
+    body = response.json()
+    assert set(body) == {"data", "message", "status"} and body["status"] == 0
+    data = body["data"]
+    assert (data["count"], data["totalPages"], data["page"], data["pageSize"]) == (3, 1, 1, 20)
+    assert [r["id"] for r in data["records"]] == list(reversed(ids))
+    seed_fields = {"callBackUrl", "responseBody", "responseCode", "errorMsg", "requestHeaders",
+                   "requestBody", "createdTime", "startTime", "id", "endTime", "projectId",
+                   "events", "status"}  # fmt: skip
+    assert seed_fields <= set(data["records"][0])
+    assert data["records"][0]["requestHeaders"] == [
+        {"name": "X-DEVOPS-WEBHOOK-TOKEN", "value": "******"}
+    ]
+    same = await tz_api.get(V4, params={"url": URL, "event": "BUILD_END"}, headers=UID)
+    assert same.json() == body
+
+
+async def test_paging_arithmetic(redis: ArqRedis, settings: Settings) -> None:
+    now = int(time.time() * 1000)
+    await fill(redis, settings, [now - 10_000 + i for i in range(45)])
+    history = History(redis, settings)
+
+    async def page(n: int, size: int = 20) -> Any:
+        return await history.query(
+            "demo", URL, "BUILD_END", start_ms=now - 60_000, end_ms=now, page=n, page_size=size
+        )
+
+    first, third, past = await page(1), await page(3), await page(4)
+    assert (first.count, first.total_pages, len(first.records)) == (45, 3, 20)
+    assert (third.count, third.total_pages, len(third.records)) == (45, 3, 5)  # partial
+    assert (past.count, past.records) == (45, [])
+    created = [r.created_time for p in (first, await page(2), third) for r in p.records]
+    assert created == sorted(created, reverse=True) and len(set(created)) == 45
+    capped = await page(1, 1000)
+    assert capped.page_size == 100 and len(capped.records) == 45
+
+
+async def test_window_is_inclusive_in_the_configured_time_zone(
+    tz_api: httpx.AsyncClient, redis: ArqRedis, tz_settings: Settings
+) -> None:
+    today = datetime.now(SHANGHAI).strftime("%Y-%m-%d")
+    inside = [ms(f"{today} 00:00:00"), ms(f"{today} 00:00:10") + 999]
+    outside = [ms(f"{today} 00:00:00") - 1, ms(f"{today} 00:00:11")]
+    if max(inside + outside) > time.time() * 1000:
+        pytest.skip("the test's window lies in the future just after midnight in Shanghai")
+    await fill(redis, tz_settings, inside + outside)
+    response = await tz_api.get(
+        V3,
+        params={"url": URL, "event": "BUILD_END",
+                "startTime": f"{today} 00:00:00", "endTime": f"{today} 00:00:10"},
+        headers=UID,
+    )  # fmt: skip
+    data = response.json()["data"]
+    assert data["count"] == 2
+    assert sorted(r["createdTime"] for r in data["records"]) == inside
+
+
+def test_window_defaults() -> None:
+    now = datetime(2024, 5, 1, 15, 30, tzinfo=SHANGHAI)
+    assert parse_window(None, None, SHANGHAI, now=now) == (
+        ms("2024-05-01 00:00:00"),
+        ms("2024-05-02 00:00:00") - 1,
+    )
+    assert parse_window("2024-04-30 12:00:00", None, SHANGHAI, now=now) == (
+        ms("2024-04-30 12:00:00"),
+        ms("2024-05-02 00:00:00") - 1,
+    )
+    assert parse_window(None, "2024-04-20 08:00:00", SHANGHAI, now=now) == (
+        ms("2024-04-20 00:00:00"),
+        ms("2024-04-20 08:00:00") + 999,
+    )
+    utc = ZoneInfo("UTC")
+    assert parse_window("2024-05-01 00:00:00", None, utc, now=now)[0] == ms(
+        "2024-05-01 00:00:00", utc
+    )
+
+
+async def test_only_the_asked_url_and_event_are_returned(
+    redis: ArqRedis, settings: Settings
+) -> None:
+    now = int(time.time() * 1000)
+    await fill(redis, settings, [now - 1000])
+    await fill(redis, settings, [now - 900], url="http://127.0.0.1:9000/other")
+    await fill(redis, settings, [now - 800], event="BUILD_START")
+    page = await History(redis, settings).query(
+        "demo", URL, "BUILD_END", start_ms=now - 5000, end_ms=now
+    )
+    assert [(r.call_back_url, r.events) for r in page.records] == [(URL, "BUILD_END")]
+
+
+@pytest.mark.parametrize(
+    ("params", "fragment"),
+    [
+        ({"startTime": "2024-05-01"}, "startTime"),
+        ({"startTime": "2024/05/01 10:00:00"}, "startTime"),
+        ({"endTime": "2024-13-01 10:00:00"}, "endTime"),
+        ({"endTime": "yesterday"}, "endTime"),
+        ({"startTime": "2024-05-02 00:00:00", "endTime": "2024-05-01 00:00:00"}, "endTime"),
+        ({"page": "0"}, "page"),
+        ({"page": "two"}, "page"),
+        ({"pageSize": "0"}, "pageSize"),
+        ({"pageSize": "1.5"}, "pageSize"),
+        ({"event": "BUILD_FINISHED"}, "event"),
+        ({"url": None}, "'url' is required"),
+        ({"event": None}, "'event' is required"),
+    ],
+)
+async def test_bad_input_is_a_400_naming_the_parameter(
+    api: httpx.AsyncClient, params: dict[str, str | None], fragment: str
+) -> None:
+    query = {"url": URL, "event": "BUILD_END", **params}
+    response = await api.get(V3, params={k: v for k, v in query.items() if v is not None},
+                             headers=UID)  # fmt: skip
+    assert response.status_code == 400
+    body = response.json()
+    assert body["status"] == 400 and body["data"] is None
+    assert fragment in body["message"]
+
+
+async def test_history_needs_an_identity(api: httpx.AsyncClient) -> None:
+    response = await api.get(V3, params={"url": URL, "event": "BUILD_END"})
+    assert response.status_code == 401
+
+
+async def test_retention_removes_old_records_and_their_index_entries_only(
+    redis: ArqRedis, settings: Settings
+) -> None:
+    now = int(time.time() * 1000)
+    day = 86_400_000
+    old = await fill(redis, settings, [now - 8 * day, now - 7 * day - 1])
+    old_other = await fill(redis, settings, [now - 9 * day], event="BUILD_START")
+    fresh = await fill(redis, settings, [now - 6 * day, now - 1000])
+    history = History(redis, settings)
+    # before the sweep, the query already hides what is past the retention
+    page = await history.query("demo", URL, "BUILD_END", start_ms=now - 30 * day, end_ms=now)
+    assert sorted(r.id for r in page.records) == fresh
+
+    assert await history.sweep(now_ms=now) == 3
+    for rid in old + old_other:
+        assert not await redis.exists(keys.history_record(rid))
+    assert await redis.exists(*(keys.history_record(rid) for rid in fresh)) == 2
+    index = keys.history_index("demo", "BUILD_END", URL)
+    assert await redis.zcard(index) == 2
+    emptied = keys.history_index("demo", "BUILD_START", URL)
+    assert not await redis.exists(emptied)
+    assert not await redis.sismember(keys.HISTORY_INDEXES, emptied)
+    assert await history.sweep(now_ms=now) == 0
+
+
+async def test_sweep_works_in_bounded_batches(redis: ArqRedis, redis_server: Any) -> None:
+    settings = make_settings(redis_server.url, sweep_batch=10)
+    now = int(time.time() * 1000)
+    await fill(redis, settings, [now - 8 * 86_400_000 + i for i in range(35)])
+    history = History(redis, settings)
+    assert await history.sweep(now_ms=now, max_batches=2) == 20
+    assert await history.sweep(now_ms=now) == 15
+
+
+async def test_redelivery_sends_the_same_body_again_with_a_new_record(
+    settings: Settings,
+    redis: ArqRedis,
+    api: httpx.AsyncClient,
+    receiver: Receiver,
+    run_worker: RunWorker,
+) -> None:
+    url = receiver.script("/hook", answer(404), answer(200))
+    await Registry(redis).create("demo", url, Event.BUILD_END, Region.DEVNET, "old-token")
+    await Producer(settings, redis).emit("demo", "BUILD_END", {"buildId": "b-9"})
+    await run_worker()
+    [first] = (await api.get(V3, params={"url": url, "event": "BUILD_END"}, headers=UID)).json()[
+        "data"
+    ]["records"]
+    assert first["responseCode"] == 404
+    await Registry(redis).create("demo", url, Event.BUILD_END, Region.DEVNET, "new-token")
+
+    response = await api.post(f"{V3}/{first['id']}/retry", headers=UID)
+    assert response.json()["status"] == 0
+    await run_worker()
+    one, two = receiver.requests()
+    assert two.body == one.body
+    assert two.headers["webhook-id"] == one.headers["webhook-id"]
+    assert two.headers["X-DEVOPS-WEBHOOK-TOKEN"] == "new-token"
+    records = (await api.get(V3, params={"url": url, "event": "BUILD_END"}, headers=UID)).json()[
+        "data"
+    ]["records"]
+    assert [r["responseCode"] for r in records] == [200, 404]
+    assert records[0]["redeliveryOf"] == first["id"]
+
+
+async def test_redelivery_of_unknown_record_is_404(api: httpx.AsyncClient) -> None:
+    response = await api.post(f"{V3}/999999/retry", headers=UID)
+    assert response.status_code == 404 and response.json()["status"] == 404
