@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -13,6 +13,7 @@ from typing import Annotated, Any, TypeVar
 import orjson
 import typer
 from pydantic import ValidationError
+from redis.exceptions import ConnectionError as RedisConnectionError
 from rich.console import Console
 from rich.table import Table
 
@@ -55,13 +56,17 @@ def load_settings(**overrides: Any) -> Settings:
 
 
 def _require_url(settings: Settings) -> str:
-    if settings.redis_url is None:
+    """DISPATCHER_REDIS_URL, else the embedded Redis of a `dispatcher run` on this folder."""
+    if settings.redis_url is not None:
+        return settings.redis_url
+    running = EmbeddedRedis(settings.data_dir).running_url()
+    if running is None:
         err.print(
-            "[red]DISPATCHER_REDIS_URL is not set[/red]: this command talks to a running "
-            "service's Redis (use `dispatcher run` for an all-in-one local service)"
+            "[red]no Redis[/red]: set DISPATCHER_REDIS_URL, or start `dispatcher run` (its "
+            f"embedded Redis in {settings.data_dir} is found automatically)"
         )
         raise typer.Exit(2)
-    return settings.redis_url
+    return running
 
 
 def _run(factory: Callable[[], Coroutine[Any, Any, T]]) -> T:
@@ -91,27 +96,49 @@ def _install_uvloop() -> None:
 
 
 async def _serve(settings: Settings, url: str, *, with_worker: bool) -> None:
+    """The API (and a worker) until SIGINT/SIGTERM; then the API stops taking requests and
+    the worker finishes its jobs (up to DISPATCHER_SHUTDOWN_GRACE) before we return."""
+    import signal
+
     import uvicorn
 
     from dispatcher.api import create_app
     from dispatcher.worker import create_worker
 
+    class Server(uvicorn.Server):
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            yield  # we own the signals: uvicorn would re-raise them and skip our clean-up
+
     settings = settings.model_copy(update={"redis_url": url})
-    server = uvicorn.Server(
+    server = Server(
         uvicorn.Config(
             create_app(settings), host=settings.api_host, port=settings.api_port,
             log_config=None, lifespan="on",
         )
     )  # fmt: skip
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
     worker = create_worker(settings, handle_signals=False) if with_worker else None
-    worker_task = asyncio.create_task(worker.async_run()) if worker else None
-    try:
-        await server.serve()
-    finally:
-        if worker is not None and worker_task is not None:
+    tasks = [asyncio.create_task(server.serve())]
+    if worker is not None:
+        tasks.append(asyncio.create_task(worker.async_run()))
+    waiter = asyncio.create_task(stop.wait())
+    await asyncio.wait([*tasks, waiter], return_when=asyncio.FIRST_COMPLETED)
+    waiter.cancel()
+    server.should_exit = True
+    if worker is not None:
+        worker.handle_sig_wait_for_completion(signal.SIGTERM)
+    for task in tasks:
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    if worker is not None:
+        try:
             await worker.close()
-            with contextlib.suppress(asyncio.CancelledError):
-                await worker_task
+        except (RedisConnectionError, OSError) as exc:
+            err.print(f"worker closed without Redis: {exc}")
 
 
 @app.command()
@@ -218,7 +245,7 @@ def emit(
 ) -> None:
     """Queue one event for delivery; prints its event id."""
     settings = load_settings()
-    _require_url(settings)
+    settings = settings.model_copy(update={"redis_url": _require_url(settings)})
     payload = _parse_data(data)
 
     async def go() -> str:
@@ -325,9 +352,9 @@ def history(
 ) -> None:
     """Delivery attempts of one (url, event), newest first."""
     settings = load_settings()
-    start_ms, end_ms = parse_window(since, until, settings.tz)
 
     async def go(redis: Any) -> Any:
+        start_ms, end_ms = parse_window(since, until, settings.tz)
         return await History(redis, settings).query(
             project, url, event, start_ms=start_ms, end_ms=end_ms, page=page, page_size=page_size
         )

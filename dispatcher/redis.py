@@ -135,6 +135,11 @@ class EmbeddedRedis:
             return None
         return port if _ping(port) else None
 
+    def running_url(self) -> str | None:
+        """The URL of a server already running on this data folder, if any."""
+        port = self._running_port()
+        return None if port is None else f"redis://127.0.0.1:{port}/0"
+
     def start(self, timeout: float = 10.0) -> str:
         """Start (or reuse) the server; returns its URL."""
         self.data_dir.mkdir(parents=True, exist_ok=True)
@@ -145,7 +150,12 @@ class EmbeddedRedis:
         for _ in range(3):  # a free port can be taken between the check and the bind
             port = _free_port()
             process = subprocess.Popen(
-                self._command(port), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+                self._command(port),
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                # Its own session: a Ctrl+C meant for us must not kill Redis before our
+                # worker has finished with it; we stop it ourselves.
+                start_new_session=True,
             )
             deadline = time.monotonic() + timeout
             while time.monotonic() < deadline and process.poll() is None:

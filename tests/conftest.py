@@ -4,6 +4,7 @@ test), the app over ASGI, real HTTP receivers on 127.0.0.1, and burst workers.""
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
@@ -12,6 +13,7 @@ from typing import Any
 
 import httpx
 import pytest
+import structlog
 from aiohttp import web
 from arq.connections import ArqRedis
 from multidict import CIMultiDict
@@ -22,6 +24,16 @@ from dispatcher.settings import Settings
 from dispatcher.worker import create_worker
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@pytest.fixture(autouse=True)
+def _fresh_logging() -> Iterator[None]:
+    """CLI commands configure logging for their process; undo it after each test."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    structlog.reset_defaults()
+    root.handlers[:], root.level = handlers, level
 
 
 @pytest.fixture(scope="session")

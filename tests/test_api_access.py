@@ -1,0 +1,180 @@
+"""Who may do what; the gateway token; the emit route; health, readiness and metrics."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import pytest
+from arq.connections import ArqRedis
+
+from dispatcher.api import create_app
+from dispatcher.auth import ALL_PROJECTS, Role, Roles
+from dispatcher.settings import Settings
+from tests.conftest import UID, Receiver, RunWorker, make_settings
+
+CALLBACKS = "/apigw/v4/projects/demo/callbacks"
+HISTORY = "/ms/openapi/api/apigw/v3/projects/demo/callbacks/history"
+CREATE = {"event": "BUILD_END", "region": "DEVNET", "url": "http://127.0.0.1:9000/hook"}
+
+
+@pytest.fixture
+def strict_settings(redis_server: Any) -> Settings:
+    return make_settings(redis_server.url, open_access=False, gateway_token="gw-secret")
+
+
+@pytest.fixture
+async def strict_api(
+    strict_settings: Settings, redis: ArqRedis
+) -> AsyncIterator[httpx.AsyncClient]:
+    app = create_app(strict_settings, redis)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(
+            transport=transport,
+            base_url="http://d",
+            headers={"X-DEVOPS-GATEWAY-TOKEN": "gw-secret"},
+        ) as client:
+            yield client
+
+
+def as_user(uid: str) -> dict[str, str]:
+    return {"X-DEVOPS-UID": uid}
+
+
+async def test_gateway_token_is_required_when_configured(strict_api: httpx.AsyncClient) -> None:
+    for token in ("", "wrong", "gw-secre"):
+        response = await strict_api.get(
+            CALLBACKS, headers={**as_user("alice"), "X-DEVOPS-GATEWAY-TOKEN": token}
+        )
+        assert response.status_code == 401
+        assert "GATEWAY-TOKEN" in response.json()["message"]
+    probe = await strict_api.get("/healthz", headers={"X-DEVOPS-GATEWAY-TOKEN": ""})
+    assert probe.status_code == 200  # probes come from inside, not through the gateway
+
+
+async def test_roles_decide_who_may_do_what(
+    strict_api: httpx.AsyncClient, redis: ArqRedis, strict_settings: Settings
+) -> None:
+    roles = Roles(redis, strict_settings)
+    await roles.grant("demo", "admin-user", Role.ADMIN)
+    await roles.grant("demo", "member-user", Role.MEMBER)
+    await roles.grant(ALL_PROJECTS, "platform", Role.ADMIN)
+
+    nobody = await strict_api.post(CALLBACKS, params=CREATE, headers=as_user("stranger"))
+    assert nobody.status_code == 403
+    assert "admin role in project 'demo'" in nobody.json()["message"]
+    member = await strict_api.post(CALLBACKS, params=CREATE, headers=as_user("member-user"))
+    assert member.status_code == 403 and "(has member)" in member.json()["message"]
+    admin = await strict_api.post(CALLBACKS, params=CREATE, headers=as_user("admin-user"))
+    assert admin.json()["data"] is True
+    everywhere = await strict_api.post(
+        "/apigw/v4/projects/other/callbacks", params=CREATE, headers=as_user("platform")
+    )
+    assert everywhere.json()["data"] is True
+
+    listed = await strict_api.get(CALLBACKS, headers=as_user("member-user"))
+    assert listed.json()["data"]["count"] == 1
+    assert (await strict_api.get(CALLBACKS, headers=as_user("stranger"))).status_code == 403
+    hist = await strict_api.get(
+        HISTORY, params={"url": CREATE["url"], "event": "BUILD_END"}, headers=as_user("member-user")
+    )
+    assert hist.status_code == 200
+    cb_id = listed.json()["data"]["records"][0]["id"]
+    denied = await strict_api.delete(f"{CALLBACKS}/{cb_id}", headers=as_user("member-user"))
+    assert denied.status_code == 403
+
+    assert await roles.revoke("demo", "admin-user")
+    revoked = await strict_api.post(CALLBACKS, params=CREATE, headers=as_user("admin-user"))
+    assert revoked.status_code == 403
+
+
+async def test_emit_route_queues_and_delivers(
+    api: httpx.AsyncClient, receiver: Receiver, run_worker: RunWorker
+) -> None:
+    await api.post(CALLBACKS, params={**CREATE, "url": receiver.url()}, headers=UID)
+    response = await api.post(
+        "/apigw/v4/projects/demo/events",
+        json={"event": "BUILD_END", "data": {"buildId": "b-7", "nested": {"ok": [1, 2]}}},
+        headers=UID,
+    )
+    body = response.json()
+    assert body["status"] == 0 and body["data"]["queued"] is True
+    assert body["data"]["eventId"].startswith("evt_")
+    await run_worker()
+    [seen] = receiver.requests()
+    assert seen.body == b'{"event":"BUILD_END","data":{"buildId":"b-7","nested":{"ok":[1,2]}}}'
+
+
+@pytest.mark.parametrize(
+    ("payload", "fragment"),
+    [
+        ({"event": "NOPE", "data": {}}, "event"),
+        ({"event": "BUILD_END", "data": [1, 2]}, "data"),
+        ({"data": {}}, "'event' is required"),
+    ],
+)
+async def test_emit_route_refuses_bad_bodies(
+    api: httpx.AsyncClient, payload: dict[str, Any], fragment: str
+) -> None:
+    response = await api.post("/apigw/v4/projects/demo/events", json=payload, headers=UID)
+    assert response.status_code == 400 and fragment in response.json()["message"]
+
+
+async def test_emit_route_refuses_non_json_and_oversized_bodies(api: httpx.AsyncClient) -> None:
+    bad = await api.post(
+        "/apigw/v4/projects/demo/events",
+        content=b"not json",
+        headers={**UID, "Content-Type": "application/json"},
+    )
+    assert bad.status_code == 400 and bad.json()["status"] == 400
+    huge = await api.post(
+        "/apigw/v4/projects/demo/events",
+        content=b'{"event":"BUILD_END","data":{"x":"' + b"a" * (2 * 1024 * 1024) + b'"}}',
+        headers={**UID, "Content-Type": "application/json"},
+    )
+    assert huge.status_code == 413 and huge.json()["status"] == 413
+
+
+async def test_health_readiness_and_metrics(
+    api: httpx.AsyncClient, receiver: Receiver, run_worker: RunWorker
+) -> None:
+    assert (await api.get("/healthz")).json() == {"status": "ok"}
+    assert (await api.get("/readyz")).json()["data"] == "ready"
+    await api.post(CALLBACKS, params={**CREATE, "url": receiver.url()}, headers=UID)
+    await api.post("/apigw/v4/projects/demo/events", json={"event": "BUILD_END"}, headers=UID)
+    queued = (await api.get("/metrics")).text
+    assert "dispatcher_queue_depth 1.0" in queued
+
+    def delivered(text: str) -> float:
+        for line in text.splitlines():
+            if line.startswith('dispatcher_deliveries_total{event="BUILD_END",outcome="success"}'):
+                return float(line.split()[-1])
+        return 0.0
+
+    before = delivered(queued)
+    await run_worker()
+    after = (await api.get("/metrics")).text
+    assert delivered(after) == before + 1
+    assert "dispatcher_queue_depth 0.0" in after
+
+
+async def test_readiness_fails_when_redis_is_unreachable(settings: Settings) -> None:
+    from redis.asyncio import Redis
+
+    nowhere = Redis.from_url("redis://127.0.0.1:1/0", socket_connect_timeout=0.2)
+    app = create_app(settings, nowhere)  # type: ignore[arg-type]
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://d") as client:
+            ready = await client.get("/readyz")
+            assert ready.status_code == 503 and ready.json()["status"] == 503
+            listed = await client.get(CALLBACKS, headers=UID)
+            assert listed.status_code == 503
+            assert listed.json() == {
+                "data": None,
+                "message": "storage (Redis) is unreachable; retry in a few seconds",
+                "status": 503,
+            }
+    await nowhere.aclose()

@@ -1,0 +1,113 @@
+"""The operator's CLI against a real Redis (sync tests: the CLI runs its own event loop)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis as redis_py
+from typer.testing import CliRunner
+
+from dispatcher import keys
+from dispatcher.cli import app
+from dispatcher.redis import EmbeddedRedis
+
+
+@pytest.fixture
+def cli(redis_server: EmbeddedRedis, monkeypatch: pytest.MonkeyPatch) -> Iterator[CliRunner]:
+    client = redis_py.Redis.from_url(redis_server.url)
+    client.flushdb()
+    client.close()
+    monkeypatch.setenv("DISPATCHER_REDIS_URL", redis_server.url)
+    yield CliRunner()
+
+
+def test_callbacks_add_list_disable_enable_rm(cli: CliRunner) -> None:
+    added = cli.invoke(
+        app,
+        ["callbacks", "add", "--project", "p", "--url", "https://example.com/h",
+         "--event", "BUILD_START,BUILD_END", "--token", "tok"],
+    )  # fmt: skip
+    assert added.exit_code == 0, added.output
+    assert "registered BUILD_START" in added.output and "registered BUILD_END" in added.output
+    listed = cli.invoke(app, ["callbacks", "list", "--project", "p"])
+    assert listed.exit_code == 0 and "2 callbacks" in listed.output
+    assert "tok" not in listed.output.replace("token", "")
+    assert cli.invoke(app, ["callbacks", "disable", "1", "--reason", "maint"]).exit_code == 0
+    assert "maint" in cli.invoke(app, ["callbacks", "list", "--project", "p"]).output
+    assert cli.invoke(app, ["callbacks", "enable", "1"]).exit_code == 0
+    assert cli.invoke(app, ["callbacks", "rm", "1", "--project", "p"]).exit_code == 0
+    assert "1 callbacks" in cli.invoke(app, ["callbacks", "list", "--project", "p"]).output
+    missing = cli.invoke(app, ["callbacks", "rm", "1", "--project", "p"])
+    assert missing.exit_code == 1 and "not found" in missing.output
+
+
+def test_callbacks_add_refuses_unknown_events(cli: CliRunner) -> None:
+    result = cli.invoke(
+        app, ["callbacks", "add", "--project", "p", "--url", "https://e.com/h", "--event", "NOPE"]
+    )
+    assert result.exit_code == 1 and "unknown event 'NOPE'" in result.output
+
+
+def test_emit_queues_an_event(cli: CliRunner, redis_server: EmbeddedRedis, tmp_path: Path) -> None:
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps({"buildId": "b-1"}))
+    result = cli.invoke(
+        app, ["emit", "--project", "p", "--event", "BUILD_END", "--data", f"@{data}"]
+    )
+    assert result.exit_code == 0, result.output
+    event_id = result.output.strip()
+    client = redis_py.Redis.from_url(redis_server.url)
+    assert client.exists(keys.ARQ_JOB_PREFIX + event_id)
+    client.close()
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (["--data", "{broken"], "not valid JSON"),
+        (["--data", "[1]"], "JSON object"),
+        (["--event", "NOPE"], "unknown event"),
+    ],
+)
+def test_emit_refuses_bad_input(cli: CliRunner, args: list[str], fragment: str) -> None:
+    base = {"--project": "p", "--event": "BUILD_END", "--data": "{}"}
+    for flag, value in zip(args[::2], args[1::2], strict=True):
+        base[flag] = value
+    result = cli.invoke(app, ["emit", *[x for kv in base.items() for x in kv]])
+    assert result.exit_code in (1, 2) and fragment in result.output
+
+
+def test_roles_grant_list_revoke(cli: CliRunner) -> None:
+    assert cli.invoke(app, ["roles", "grant", "--project", "p", "--user", "u",
+                            "--role", "admin"]).exit_code == 0  # fmt: skip
+    assert "admin" in cli.invoke(app, ["roles", "list", "--project", "p"]).output
+    assert cli.invoke(app, ["roles", "revoke", "--project", "p", "--user", "u"]).exit_code == 0
+    assert " u " not in cli.invoke(app, ["roles", "list", "--project", "p"]).output
+
+
+def test_history_prints_a_table(cli: CliRunner, redis_server: EmbeddedRedis) -> None:
+    result = cli.invoke(
+        app, ["history", "--project", "p", "--url", "https://e.com/h", "--event", "BUILD_END"]
+    )
+    assert result.exit_code == 0 and "0 records" in result.output
+    bad = cli.invoke(
+        app,
+        ["history", "--project", "p", "--url", "u", "--event", "BUILD_END", "--since", "today"],
+    )
+    assert bad.exit_code == 1 and "startTime" in bad.output
+
+
+def test_without_redis_the_cli_says_what_to_do(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.delenv("DISPATCHER_REDIS_URL", raising=False)
+    monkeypatch.setenv("DISPATCHER_DATA_DIR", str(tmp_path))
+    result = CliRunner().invoke(app, ["callbacks", "list", "--project", "p"])
+    assert result.exit_code == 2 and "DISPATCHER_REDIS_URL" in result.output
+
+
+def test_worker_check_fails_when_no_worker_is_alive(cli: CliRunner) -> None:
+    assert cli.invoke(app, ["worker", "--check"]).exit_code == 1

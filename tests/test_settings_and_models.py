@@ -1,0 +1,79 @@
+"""Settings fail early and clearly; the models speak the seeds' JSON names."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+from typer.testing import CliRunner
+
+from dispatcher.cli import app
+from dispatcher.models import (
+    CreateCallBackResult,
+    Event,
+    HistoryPage,
+    HistoryRecord,
+    Region,
+    Result,
+)
+from dispatcher.settings import Settings
+
+
+def test_settings_come_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DISPATCHER_REDIS_URL", "redis://127.0.0.1:1/2")
+    monkeypatch.setenv("DISPATCHER_RETRY_SCHEDULE", "[1, 2, 3]")
+    monkeypatch.setenv("DISPATCHER_ALLOW_INTERNAL_REGIONS", '["IDC"]')
+    settings = Settings()
+    assert settings.redis_url == "redis://127.0.0.1:1/2"
+    assert settings.retry_schedule == (1, 2, 3) and settings.max_attempts == 4
+    assert settings.allow_internal_regions == frozenset({Region.IDC})
+
+
+@pytest.mark.parametrize(
+    ("values", "fragment"),
+    [
+        ({"timezone": "Mars/Olympus"}, "unknown time zone"),
+        ({"redis_url": "http://nope"}, "redis://"),
+        ({"retry_schedule": (1, -1)}, ">= 0"),
+        ({"connect_timeout": 30, "total_timeout": 10}, "connect_timeout"),
+        ({"api_port": 70000}, "65535"),
+        ({"no_such_setting": 1}, "Extra inputs"),
+    ],
+)
+def test_bad_settings_fail_with_a_clear_message(values: dict[str, object], fragment: str) -> None:
+    with pytest.raises(ValidationError, match=fragment):
+        Settings(**values)  # type: ignore[arg-type]
+
+
+def test_cli_reports_a_bad_setting_and_exits_2(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DISPATCHER_TIMEZONE", "Nowhere/Land")
+    result = CliRunner().invoke(app, ["callbacks", "list", "--project", "p"])
+    assert result.exit_code == 2
+    assert "DISPATCHER_TIMEZONE" in result.output and "unknown time zone" in result.output
+
+
+def test_the_eighteen_events_and_three_regions() -> None:
+    assert len(Event) == 18 and Event("BUILD_TASK_PAUSE") is Event.BUILD_TASK_PAUSE
+    assert [r.value for r in Region] == ["DEVNET", "OSS", "IDC"]
+
+
+def test_json_names_are_the_seeds() -> None:
+    batch = Result[CreateCallBackResult](
+        data=CreateCallBackResult(success_events=["BUILD_END"], failure_events={"X": "bad"})
+    )
+    assert batch.model_dump(mode="json") == {
+        "data": {"failureEvents": {"X": "bad"}, "successEvents": ["BUILD_END"]},
+        "message": None,
+        "status": 0,
+    }
+    record = HistoryRecord.model_validate(
+        {"id": 1, "projectId": "p", "callBackUrl": "u", "events": "BUILD_END",
+         "status": "SUCCESS", "startTime": 1, "endTime": 2, "createdTime": 3,
+         "requestHeaders": [{"name": "a", "value": "b"}]}
+    )  # fmt: skip
+    page = HistoryPage(records=[record], count=1, total_pages=1, page_size=20, page=1)
+    dumped = page.model_dump(mode="json")
+    assert set(dumped) == {"records", "count", "totalPages", "pageSize", "page"}
+    assert {"callBackUrl", "responseBody", "responseCode", "errorMsg", "requestHeaders",
+            "requestBody", "createdTime", "startTime", "id", "endTime", "projectId", "events",
+            "status"} <= set(dumped["records"][0])  # fmt: skip
+    assert dumped["records"][0]["requestHeaders"] == [{"name": "a", "value": "b"}]
