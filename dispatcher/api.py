@@ -23,7 +23,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from dispatcher import metrics
 from dispatcher.auth import Role, Roles
 from dispatcher.egress import policy_for
-from dispatcher.errors import DispatcherError, Unauthenticated
+from dispatcher.errors import DispatcherError, Forbidden, NotFound, Unauthenticated
 from dispatcher.history import History, parse_window
 from dispatcher.models import (
     ApigwType,
@@ -41,6 +41,7 @@ from dispatcher.producer import Producer
 from dispatcher.queue import Queue
 from dispatcher.redis import connect
 from dispatcher.registry import Registry, parse_event, validate_url
+from dispatcher.tokens import cipher_for
 
 if TYPE_CHECKING:
     from arq.connections import ArqRedis
@@ -333,6 +334,58 @@ async def emit_event(
     return Result[EmitResult](data=EmitResult(event_id=event_id, queued=True))
 
 
+async def operator(
+    request: Request,
+    token: Annotated[
+        str | None, Header(alias="X-DEVOPS-OPERATOR-TOKEN", description="Operator token")
+    ] = None,
+) -> None:
+    """Role management is for operators: DISPATCHER_OPERATOR_TOKEN, compared in constant time."""
+    expected = _state(request).settings.operator_token
+    if expected is None:
+        raise Forbidden("role management over HTTP is off: set DISPATCHER_OPERATOR_TOKEN")
+    if not token or not hmac.compare_digest(token.encode(), expected.get_secret_value().encode()):
+        raise Unauthenticated("missing or wrong X-DEVOPS-OPERATOR-TOKEN")
+
+
+Operator = Annotated[None, Depends(operator)]
+ROLES = "/operator/roles/{projectId}"
+
+
+@router.get(ROLES, response_model=Result[dict[str, Role]], tags=["operations"])
+async def list_roles(
+    request: Request, project_id: ProjectPath, _: Operator
+) -> Result[dict[str, Role]]:
+    """Who has which role in a project (`*`: every project)."""
+    return Result[dict[str, Role]](data=await _state(request).roles.list(project_id))
+
+
+@router.put(ROLES + "/{user}", response_model=Result[bool], tags=["operations"])
+async def grant_role(
+    request: Request,
+    project_id: ProjectPath,
+    _: Operator,
+    user: Annotated[str, Path(min_length=1, max_length=128)],
+    role: Annotated[Role, Query(alias="role")],
+) -> Result[bool]:
+    """Make `user` admin or member of a project."""
+    await _state(request).roles.grant(project_id, user, role)
+    return Result[bool](data=True)
+
+
+@router.delete(ROLES + "/{user}", response_model=Result[bool], tags=["operations"])
+async def revoke_role(
+    request: Request,
+    project_id: ProjectPath,
+    _: Operator,
+    user: Annotated[str, Path(min_length=1, max_length=128)],
+) -> Result[bool]:
+    """Take `user`'s role in a project away."""
+    if not await _state(request).roles.revoke(project_id, user):
+        raise NotFound(f"user {user!r} has no role in project {project_id!r}")
+    return Result[bool](data=True)
+
+
 # ---- operations ------------------------------------------------------------------
 
 
@@ -368,7 +421,7 @@ def create_app(settings: Settings, redis: ArqRedis | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         pool = redis or await connect(settings)
         app.state.redis = pool
-        app.state.registry = Registry(pool)
+        app.state.registry = Registry(pool, cipher_for(settings))
         app.state.history = History(pool, settings)
         app.state.producer = Producer(settings, pool)
         app.state.queue = Queue(pool, settings.queue_name)

@@ -25,6 +25,7 @@ from dispatcher.producer import Producer
 from dispatcher.redis import EmbeddedRedis, connect
 from dispatcher.registry import Registry
 from dispatcher.settings import Settings
+from dispatcher.tokens import TokenCipher, cipher_for
 
 __all__ = ["app", "main"]
 
@@ -37,8 +38,10 @@ app = typer.Typer(
 )
 callbacks_app = typer.Typer(help="Register, list and switch callbacks.", no_args_is_help=True)
 roles_app = typer.Typer(help="Who is admin or member of which project.", no_args_is_help=True)
+tokens_app = typer.Typer(help="Encryption of secret tokens at rest.", no_args_is_help=True)
 app.add_typer(callbacks_app, name="callbacks")
 app.add_typer(roles_app, name="roles")
+app.add_typer(tokens_app, name="tokens")
 
 console = Console()
 err = Console(stderr=True)
@@ -83,6 +86,10 @@ async def _with_redis(settings: Settings, body: Callable[[Any], Awaitable[T]]) -
         return await body(redis)
     finally:
         await redis.aclose()
+
+
+def _registry(redis: Any, settings: Settings) -> Registry:
+    return Registry(redis, cipher_for(settings))
 
 
 # ---- services -------------------------------------------------------------------------
@@ -198,26 +205,35 @@ def api(
 
 @app.command()
 def worker(
-    check: Annotated[bool, typer.Option("--check", help="Exit 0 if a worker is alive")] = False,
+    check: Annotated[
+        bool, typer.Option("--check", help="Exit 0 if a worker on this host is alive (probes)")
+    ] = False,
 ) -> None:
     """A delivery worker. Run any number, on any hosts, against one Redis."""
+    import socket
+    import time
+
     from dispatcher.logs import configure_logging
+    from dispatcher.status import live_workers
 
     settings = load_settings()
-    configure_logging(settings)
     url = _require_url(settings)
     if check:
-        from arq.worker import async_check_health
-
-        from dispatcher.redis import redis_settings
-
-        raise typer.Exit(
-            asyncio.run(async_check_health(redis_settings(url), None, settings.queue_name))
-        )
+        host = socket.gethostname()
+        alive = _run(lambda: _with_redis(settings, lambda r: live_workers(r, host)))
+        console.print(f"{len(alive)} live worker(s) on {host}")
+        raise typer.Exit(0 if alive else 1)
     from dispatcher.worker import create_worker
 
+    configure_logging(settings)
     _install_uvloop()
-    create_worker(settings).run()
+    while True:  # a Redis outage longer than the client's retries must not end the fleet
+        try:
+            create_worker(settings, url).run()
+            return
+        except (RedisConnectionError, OSError) as exc:
+            err.print(f"worker lost Redis ({exc}); starting again in 5 s")
+            time.sleep(5)
 
 
 # ---- producers ------------------------------------------------------------------------
@@ -267,7 +283,9 @@ def callbacks_list(
     """A project's callbacks (tokens never shown)."""
     settings = load_settings()
     result = _run(
-        lambda: _with_redis(settings, lambda r: Registry(r).list(project, page, page_size))
+        lambda: _with_redis(
+            settings, lambda r: _registry(r, settings).list(project, page, page_size)
+        )
     )
     table = Table("id", "event", "url", "region", "enabled", "disabled reason", "token")
     for cb in result.records:
@@ -277,6 +295,21 @@ def callbacks_list(
         )  # fmt: skip
     console.print(table)
     console.print(f"page {result.page}/{max(result.total_pages, 1)}, {result.count} callbacks")
+
+
+@callbacks_app.command("failing")
+def callbacks_failing() -> None:
+    """Callbacks whose latest deliveries failed (consecutive final failures)."""
+    from dispatcher.status import failing_callbacks
+
+    settings = load_settings()
+    found = _run(lambda: _with_redis(settings, failing_callbacks))
+    table = Table("id", "failures", "since", "last error")
+    for f in found:
+        table.add_row(str(f.callback_id), str(f.failures), _fmt_ms(f.since_ms, settings),
+                      f.last_error[:80])  # fmt: skip
+    console.print(table)
+    console.print(f"{len(found)} failing callbacks")
 
 
 @callbacks_app.command("add")
@@ -292,7 +325,9 @@ def callbacks_add(
     result = _run(
         lambda: _with_redis(
             settings,
-            lambda r: Registry(r).create_batch(project, url, event, region, token, creator="cli"),
+            lambda r: _registry(r, settings).create_batch(
+                project, url, event, region, token, creator="cli"
+            ),
         )
     )
     for name in result.success_events:
@@ -309,7 +344,9 @@ def callbacks_rm(
 ) -> None:
     """Delete a callback."""
     settings = load_settings()
-    _run(lambda: _with_redis(settings, lambda r: Registry(r).delete(project, callback_id)))
+    _run(
+        lambda: _with_redis(settings, lambda r: _registry(r, settings).delete(project, callback_id))
+    )
     console.print(f"deleted callback {callback_id}")
 
 
@@ -317,7 +354,11 @@ def callbacks_rm(
 def callbacks_enable(callback_id: int) -> None:
     """Enable a callback (also one disabled by endpoint health)."""
     settings = load_settings()
-    _run(lambda: _with_redis(settings, lambda r: Registry(r).set_enabled(callback_id, True)))
+    _run(
+        lambda: _with_redis(
+            settings, lambda r: _registry(r, settings).set_enabled(callback_id, True)
+        )
+    )
     console.print(f"enabled callback {callback_id}")
 
 
@@ -328,7 +369,9 @@ def callbacks_disable(
     """Disable a callback with a reason."""
     settings = load_settings()
     _run(
-        lambda: _with_redis(settings, lambda r: Registry(r).set_enabled(callback_id, False, reason))
+        lambda: _with_redis(
+            settings, lambda r: _registry(r, settings).set_enabled(callback_id, False, reason)
+        )
     )
     console.print(f"disabled callback {callback_id}")
 
@@ -375,15 +418,94 @@ def history(
 
 
 @app.command()
-def redeliver(record_id: int) -> None:
-    """Send a recorded request again (same body and delivery id, current token)."""
+def redeliver(
+    record_id: Annotated[int | None, typer.Argument(help="One history record id")] = None,
+    project: Annotated[str | None, typer.Option(help="Bulk: project id")] = None,
+    url: Annotated[str | None, typer.Option(help="Bulk: callback URL")] = None,
+    event: Annotated[str | None, typer.Option(help="Bulk: event name")] = None,
+    since: Annotated[str | None, typer.Option(help="Bulk: 'yyyy-MM-dd HH:mm:ss'")] = None,
+    until: Annotated[str | None, typer.Option(help="Bulk: 'yyyy-MM-dd HH:mm:ss'")] = None,
+) -> None:
+    """Send recorded requests again (same body and delivery id, current token): one record
+    by id, or every delivery of a window that finally failed (with a progress bar)."""
+    settings = load_settings()
+    if record_id is not None:
+
+        async def one(redis: Any) -> str:
+            record = await History(redis, settings).get(record_id)
+            return await Producer(settings, redis).redeliver(record)
+
+        console.print(f"queued {_run(lambda: _with_redis(settings, one))}")
+        return
+    if not (project and url and event):
+        err.print("give a record id, or --project, --url and --event (and a window)")
+        raise typer.Exit(2)
+
+    async def bulk(redis: Any) -> int:
+        from rich.progress import Progress
+
+        history, producer = History(redis, settings), Producer(settings, redis)
+        start_ms, end_ms = parse_window(since, until, settings.tz)
+        first = await history.query(project, url, event, start_ms=start_ms, end_ms=end_ms,
+                                    page_size=100)  # fmt: skip
+        queued = 0
+        with Progress(console=console) as progress:
+            task = progress.add_task("redelivering", total=first.count)
+            for page in range(1, first.total_pages + 1):
+                batch = first if page == 1 else await history.query(
+                    project, url, event, start_ms=start_ms, end_ms=end_ms, page=page,
+                    page_size=100,
+                )  # fmt: skip
+                for record in batch.records:
+                    if record.final and record.status.value == "FAILED":
+                        await producer.redeliver(record)
+                        queued += 1
+                    progress.advance(task)
+        return queued
+
+    console.print(f"queued {_run(lambda: _with_redis(settings, bulk))} redeliveries")
+
+
+@app.command()
+def sweep() -> None:
+    """Remove history past the retention now (the workers also do it every 5 minutes)."""
+    from rich.progress import Progress, SpinnerColumn, TextColumn
+
     settings = load_settings()
 
-    async def go(redis: Any) -> str:
-        record = await History(redis, settings).get(record_id)
-        return await Producer(settings, redis).redeliver(record)
+    async def go(redis: Any) -> int:
+        with Progress(SpinnerColumn(), TextColumn("{task.description}"), console=console) as bar:
+            task = bar.add_task("sweeping: 0 removed")
+            removed = 0
 
-    console.print(f"queued {_run(lambda: _with_redis(settings, go))}")
+            def advance(n: int) -> None:
+                nonlocal removed
+                removed += n
+                bar.update(task, description=f"sweeping: {removed} removed")
+
+            return await History(redis, settings).sweep(on_batch=advance)
+
+    console.print(f"removed {_run(lambda: _with_redis(settings, go))} records")
+
+
+@app.command()
+def status() -> None:
+    """Queue depth, live workers, failing and disabled callbacks, the last hour."""
+    from dispatcher.status import read_status
+
+    settings = load_settings()
+    st = _run(lambda: _with_redis(settings, lambda r: read_status(r, settings.queue_name)))
+    table = Table("what", "value", show_header=False)
+    table.add_row("queue: jobs due", str(st.queue_due))
+    table.add_row("queue: oldest due (s)", f"{st.oldest_due_s:.1f}")
+    table.add_row("workers alive", str(len(st.workers)))
+    for w in st.workers:
+        table.add_row("  worker", f"{w['host']} pid {w['pid']}")
+    table.add_row("callbacks failing", str(len(st.failing)))
+    table.add_row("callbacks disabled", str(st.disabled))
+    for outcome in ("success", "retry", "failed", "gone"):
+        table.add_row(f"last hour: {outcome}", str(st.last_hour.get(outcome, 0)))
+    console.print(table)
 
 
 # ---- roles ----------------------------------------------------------------------------
@@ -421,6 +543,23 @@ def roles_list(project: Annotated[str, typer.Option(help="Project id, or *")]) -
     for user, role in found.items():
         table.add_row(user, role.value)
     console.print(table)
+
+
+# ---- tokens ---------------------------------------------------------------------------
+
+
+@tokens_app.command("new-key")
+def tokens_new_key() -> None:
+    """Print a new Fernet key for DISPATCHER_TOKEN_KEYS."""
+    console.print(TokenCipher.new_key())
+
+
+@tokens_app.command("rotate")
+def tokens_rotate() -> None:
+    """Re-encrypt every stored token with the first key of DISPATCHER_TOKEN_KEYS."""
+    settings = load_settings()
+    count = _run(lambda: _with_redis(settings, lambda r: _registry(r, settings).rotate_tokens()))
+    console.print(f"re-encrypted {count} tokens")
 
 
 def main() -> None:

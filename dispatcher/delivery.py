@@ -18,6 +18,7 @@ import httpx
 import orjson
 
 from dispatcher.backoff import parse_retry_after
+from dispatcher.errors import AddressRefused
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
@@ -132,6 +133,17 @@ def classify(status_code: int) -> Outcome:
     return Outcome.FAILED
 
 
+def _refused(exc: BaseException | None) -> AddressRefused | None:
+    """The policy refusal behind a client error, however deeply the client wrapped it."""
+    seen = 0
+    while exc is not None and seen < 10:
+        if isinstance(exc, AddressRefused):
+            return exc
+        exc = exc.__cause__ or exc.__context__
+        seen += 1
+    return None
+
+
 def _error_text(exc: BaseException, total_timeout: float) -> str:
     if isinstance(exc, TimeoutError | httpx.TimeoutException):
         return f"timed out after {total_timeout:g}s" + (f" ({exc})" if str(exc) else "")
@@ -184,6 +196,10 @@ async def send(
                 classify(status), status, text, _error_text(exc, total_timeout), retry_after,
                 started, ended,
             )  # fmt: skip
+        if (refusal := _refused(exc)) is not None:  # retrying cannot help
+            return AttemptResult(
+                Outcome.FAILED, None, None, f"refused: {refusal}", None, started, ended
+            )
         return AttemptResult(
             Outcome.RETRY, None, None, _error_text(exc, total_timeout), None, started, ended
         )

@@ -24,7 +24,7 @@ from aiohttp.abc import AbstractResolver, ResolveResult
 from aiohttp.resolver import DefaultResolver
 from httpx_aiohttp import AiohttpTransport
 
-from dispatcher.errors import InvalidUrl
+from dispatcher.errors import AddressRefused, InvalidUrl
 from dispatcher.models import Region
 
 if TYPE_CHECKING:
@@ -129,8 +129,11 @@ class GuardedResolver(AbstractResolver):
     async def resolve(
         self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
     ) -> list[ResolveResult]:
-        self.policy.check_host(host)
-        self.policy.check_port(port)
+        try:
+            self.policy.check_host(host)
+            self.policy.check_port(port)
+        except InvalidUrl as exc:
+            raise AddressRefused(exc.message) from exc
         results = await self._inner.resolve(host, port, family)
         allowed: list[ResolveResult] = []
         refusal: InvalidUrl | None = None
@@ -141,8 +144,10 @@ class GuardedResolver(AbstractResolver):
                 refusal = exc
                 continue
             allowed.append(result)
+        if refusal is not None and not allowed:
+            raise AddressRefused(refusal.message)
         if not allowed:
-            raise OSError(refusal.message if refusal else f"{host} did not resolve")
+            raise OSError(f"{host} did not resolve")
         return allowed
 
     async def close(self) -> None:

@@ -12,11 +12,15 @@
     ├── NotFound                    404  unknown callback or history record
     ├── PayloadTooLarge             413  request body beyond the limit
     └── Unavailable                 503  Redis unreachable; try again
+
+    OSError
+    └── AddressRefused              a delivery's resolved address is against the policy
 """
 
 from __future__ import annotations
 
 __all__ = [
+    "AddressRefused",
     "DispatcherError",
     "Forbidden",
     "InvalidEvent",
@@ -90,3 +94,9 @@ class Unavailable(DispatcherError):
     """A dependency (Redis) cannot be reached; the request may be retried."""
 
     http_status = 503
+
+
+class AddressRefused(OSError):
+    """Raised inside the HTTP client's resolver: the address is against the region's policy.
+    An OSError so that the client treats it as a connection failure; the delivery treats it
+    as final (retrying cannot help)."""

@@ -22,6 +22,8 @@ from dispatcher.errors import InvalidInput, InvalidTime, NotFound
 from dispatcher.models import HistoryPage, HistoryRecord
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from redis.asyncio import Redis
     from redis.asyncio.client import Pipeline
 
@@ -217,7 +219,13 @@ class History:
                 continue
         return out
 
-    async def sweep(self, *, now_ms: int | None = None, max_batches: int | None = None) -> int:
+    async def sweep(
+        self,
+        *,
+        now_ms: int | None = None,
+        max_batches: int | None = None,
+        on_batch: Callable[[int], None] | None = None,
+    ) -> int:
         """Remove records older than the retention, their index entries and emptied
         indexes, `sweep_batch` records per Redis call. Returns how many were removed."""
         now = time.time_ns() // 1_000_000 if now_ms is None else now_ms
@@ -234,6 +242,8 @@ class History:
                 )
                 removed += n
                 batches += 1
+                if on_batch is not None:
+                    on_batch(n)
                 if n < batch or (max_batches is not None and batches >= max_batches):
                     break
             if max_batches is not None and batches >= max_batches:

@@ -13,6 +13,10 @@ Health
     dispatcher:health:{id}                    HASH consecutive final failures of one callback
 Deliveries
     dispatcher:delivery:{delivery_id}         STRING state once an attempt was handled (dedupe)
+Workers and statistics
+    dispatcher:workers:{host}:{pid}           STRING heartbeat of a live worker (TTL 30 s)
+    dispatcher:stats:{epoch minute}           HASH attempts by outcome in that minute (TTL 2 h)
+    dispatcher:jobs:poison                    LIST undecodable jobs, newest first (last 1000)
 History
     dispatcher:history:seq                    INCR counter of record ids
     dispatcher:history:rec:{id}               STRING one record (JSON, id not included)
@@ -44,6 +48,9 @@ HISTORY_SEQ = f"{PREFIX}:history:seq"
 HISTORY_RECORD_PREFIX = f"{PREFIX}:history:rec:"
 HISTORY_INDEXES = f"{PREFIX}:history:indexes"
 HISTORY_DEAD = f"{PREFIX}:history:dead"
+
+WORKERS_PREFIX = f"{PREFIX}:workers:"
+POISON_JOBS = f"{PREFIX}:jobs:poison"
 
 ARQ_JOB_PREFIX: str = job_key_prefix
 ARQ_RESULT_PREFIX: str = result_key_prefix
@@ -88,6 +95,15 @@ def history_record(record_id: int | str) -> str:
 def history_index(project_id: str, event: str, url: str) -> str:
     url_hash = hashlib.blake2b(url.encode(), digest_size=16).hexdigest()
     return f"{PREFIX}:history:idx:{project_id}:{event}:{url_hash}"
+
+
+def worker(host: str, pid: int) -> str:
+    return f"{WORKERS_PREFIX}{host}:{pid}"
+
+
+def stats(minute: int) -> str:
+    """`minute` is epoch seconds // 60."""
+    return f"{PREFIX}:stats:{minute}"
 
 
 def worker_health(queue_name: str) -> str:

@@ -10,6 +10,7 @@ __all__ = [
     "DELIVERIES",
     "EVENTS_EMITTED",
     "HISTORY_RECORDS",
+    "POISON_JOBS",
     "QUEUE_DEPTH",
     "QUEUE_OLDEST_SECONDS",
     "RETRIES",
@@ -32,6 +33,7 @@ CALLBACKS_DISABLED = Counter(
     "Callbacks disabled by the service (endpoint health or 410 Gone).",
     ["reason"],
 )
+POISON_JOBS = Counter("dispatcher_poison_jobs_total", "Undecodable jobs recorded and dropped.")
 EVENTS_EMITTED = Counter("dispatcher_events_emitted_total", "Events accepted for fan-out.")
 QUEUE_DEPTH = Gauge("dispatcher_queue_depth", "Jobs due now in the queue (read at scrape).")
 QUEUE_OLDEST_SECONDS = Gauge(

@@ -40,9 +40,22 @@ def job_serializer(value: dict[str, Any]) -> bytes:
     return orjson.dumps(value)
 
 
+POISON = "poison"
+_JOB_FIELDS = ("f", "a", "k", "et")
+
+
 def job_deserializer(value: bytes) -> dict[str, Any]:
-    decoded: dict[str, Any] = orjson.loads(value)
-    return decoded
+    """JSON jobs; anything undecodable becomes a call of the `poison` job, which records
+    and drops it (arq would otherwise only log it)."""
+    try:
+        decoded = orjson.loads(value)
+        if isinstance(decoded, dict) and all(name in decoded for name in _JOB_FIELDS):
+            return decoded
+        problem = "not an arq job object"
+    except orjson.JSONDecodeError as exc:
+        problem = f"not JSON: {exc}"
+    raw = value[:500].decode("utf-8", errors="replace")
+    return {"t": 1, "f": POISON, "a": [problem, raw], "k": {}, "et": 0}
 
 
 def redis_settings(url: str) -> RedisSettings:
@@ -112,9 +125,10 @@ class EmbeddedRedis:
     earlier run on the same folder is reused rather than started twice.
     """
 
-    def __init__(self, data_dir: Path, *, persist: bool = True) -> None:
+    def __init__(self, data_dir: Path, *, persist: bool = True, port: int | None = None) -> None:
         self.data_dir = Path(data_dir).resolve()
         self.persist = persist
+        self.wanted_port = port
         self.port: int | None = None
         self._process: subprocess.Popen[bytes] | None = None
 
@@ -148,7 +162,7 @@ class EmbeddedRedis:
             return self.url
         last_error = ""
         for _ in range(3):  # a free port can be taken between the check and the bind
-            port = _free_port()
+            port = self.wanted_port or _free_port()
             process = subprocess.Popen(
                 self._command(port),
                 stdout=subprocess.DEVNULL,

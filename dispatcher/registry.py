@@ -20,6 +20,8 @@ from dispatcher.models import Callback, CallbackPage, CreateCallBackResult, Even
 if TYPE_CHECKING:
     from redis.asyncio import Redis
 
+    from dispatcher.tokens import TokenCipher
+
 __all__ = ["MAX_URL_LENGTH", "CallbackTarget", "Registry", "parse_events", "validate_url"]
 
 MAX_URL_LENGTH = 2048
@@ -58,7 +60,8 @@ return out
 """
 
 # KEYS: callback hash. ARGV: enabled ('1'/'0'), reason, now, match prefix, disabled zset,
-# expected project ('' = any). Returns 0 when missing or in another project.
+# expected project ('' = any), health prefix (enabling starts the failure count again).
+# Returns 0 when missing or in another project.
 _SET_ENABLED = """
 local row = redis.call('HMGET', KEYS[1], 'projectId', 'event', 'id')
 if not row[1] or (ARGV[6] ~= '' and row[1] ~= ARGV[6]) then return 0 end
@@ -67,6 +70,7 @@ if ARGV[1] == '1' then
   redis.call('HSET', KEYS[1], 'enabled', '1', 'disabledReason', '', 'updatedTime', ARGV[3])
   redis.call('SADD', match, row[3])
   redis.call('ZREM', ARGV[5], row[3])
+  redis.call('DEL', ARGV[7] .. row[3])
 else
   redis.call('HSET', KEYS[1], 'enabled', '0', 'disabledReason', ARGV[2], 'updatedTime', ARGV[3])
   redis.call('SREM', match, row[3])
@@ -172,8 +176,9 @@ def _to_callback(row: dict[str, str]) -> Callback:
 class Registry:
     """Callbacks in Redis. All methods are one or two round trips."""
 
-    def __init__(self, redis: Redis) -> None:
+    def __init__(self, redis: Redis, cipher: TokenCipher | None = None) -> None:
         self.redis = redis
+        self.cipher = cipher
         self._upsert = redis.register_script(_UPSERT)
         self._match = redis.register_script(_MATCH)
         self._set_enabled = redis.register_script(_SET_ENABLED)
@@ -230,6 +235,8 @@ class Registry:
             raise InvalidInput(
                 f"secretToken is longer than {MAX_TOKEN_LENGTH} characters", param="secretToken"
             )
+        if self.cipher is not None:
+            token = self.cipher.encrypt(token)
         now = str(_now_ms())
         async with self.redis.pipeline(transaction=False) as pipe:
             for event in events:
@@ -257,9 +264,13 @@ class Registry:
             keys=[keys.match(project_id, event)], args=[keys.CALLBACK_PREFIX]
         )
         return [
-            CallbackTarget(int(cid), url.decode(), Region(region.decode()), token.decode())
+            CallbackTarget(int(cid), url.decode(), Region(region.decode()), self._token(token))
             for cid, url, region, token, _ in rows
         ]
+
+    def _token(self, stored: bytes) -> str:
+        text = stored.decode()
+        return self.cipher.decrypt(text) if self.cipher is not None and text else text
 
     async def target(self, callback_id: int) -> CallbackTarget | None:
         """The current URL/region/token of one callback, or None when gone or disabled."""
@@ -269,7 +280,9 @@ class Registry:
         url, region, token, enabled = row
         if url is None or enabled != b"1":
             return None
-        return CallbackTarget(callback_id, url.decode(), Region(region.decode()), token.decode())
+        return CallbackTarget(
+            callback_id, url.decode(), Region(region.decode()), self._token(token)
+        )
 
     async def get(self, callback_id: int, project_id: str | None = None) -> Callback:
         raw: dict[bytes, bytes] = await self.redis.hgetall(  # type: ignore[misc]  # sync|async
@@ -330,11 +343,27 @@ class Registry:
             keys=[keys.callback(callback_id)],
             args=[
                 "1" if enabled else "0", reason, _now_ms(), keys.MATCH_PREFIX,
-                keys.CALLBACKS_DISABLED, project_id or "",
+                keys.CALLBACKS_DISABLED, project_id or "", keys.HEALTH_PREFIX,
             ],
         )  # fmt: skip
         if not done:
             raise NotFound(f"callback {callback_id} not found in project {project_id or '*'}")
+
+    async def rotate_tokens(self) -> int:
+        """Re-encrypt every stored token with the cipher's first key; returns how many."""
+        if self.cipher is None:
+            raise InvalidInput("no DISPATCHER_TOKEN_KEYS configured: nothing to rotate with")
+        rotated = 0
+        async for key in self.redis.scan_iter(match=f"{keys.CALLBACK_PREFIX}*", count=500):
+            if not key.rsplit(b":", 1)[-1].isdigit():
+                continue
+            stored = await self.redis.hget(key, "secretToken")  # type: ignore[misc]  # sync|async
+            if stored:
+                await self.redis.hset(  # type: ignore[misc]
+                    key, "secretToken", self.cipher.rotate(stored.decode())
+                )
+                rotated += 1
+        return rotated
 
     async def disabled(self, limit: int = 100) -> builtins.list[Callback]:
         """The most recently disabled callbacks, with their reasons."""

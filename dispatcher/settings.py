@@ -50,6 +50,11 @@ class Settings(BaseSettings):
     operator_token: SecretStr | None = Field(
         default=None, description="Token of the role-management route (X-DEVOPS-OPERATOR-TOKEN)."
     )
+    token_keys: SecretStr | None = Field(
+        default=None,
+        description="Comma-separated Fernet keys encrypting secret tokens at rest (first one "
+        "encrypts). Unset: tokens are stored as given.",
+    )
     gateway_token: SecretStr | None = Field(
         default=None, description="When set, every API request must carry X-DEVOPS-GATEWAY-TOKEN."
     )
@@ -58,6 +63,12 @@ class Settings(BaseSettings):
     worker_max_jobs: int = Field(default=200, ge=1, description="Jobs run at once per worker.")
     poll_delay: float = Field(default=0.02, gt=0, le=5, description="Queue poll interval (s).")
     worker_metrics_port: int | None = Field(default=None, ge=0, le=65535)
+    job_timeout: float | None = Field(
+        default=None,
+        gt=0,
+        description="Seconds one job may run (default: total_timeout + 15). A crashed worker's "
+        "jobs run again about 10 s after this.",
+    )
     shutdown_grace: float = Field(
         default=20.0, ge=0, description="Seconds a worker lets jobs finish after SIGTERM."
     )
@@ -90,6 +101,12 @@ class Settings(BaseSettings):
     sweep_batch: int = Field(default=500, ge=1, description="Records removed per retention step.")
 
     # Endpoint health
+    circuit_threshold: int = Field(
+        default=10, ge=1, description="Retryable failures in a row that open a host's breaker."
+    )
+    circuit_cooldown: float = Field(
+        default=30.0, ge=0, description="Seconds a host is left alone once its breaker opens."
+    )
     disable_after_failures: int = Field(default=50, ge=1)
     disable_after_seconds: float = Field(default=12 * 3600, ge=0)
 
@@ -121,9 +138,13 @@ class Settings(BaseSettings):
         return value
 
     @model_validator(mode="after")
-    def _timeouts(self) -> Settings:
+    def _consistent(self) -> Settings:
         if self.connect_timeout > self.total_timeout:
             raise ValueError("connect_timeout must not exceed total_timeout")
+        if self.token_keys is not None:
+            from dispatcher.tokens import cipher_for
+
+            cipher_for(self)  # a malformed key fails at start, not at the first delivery
         return self
 
     @property
@@ -133,6 +154,10 @@ class Settings(BaseSettings):
     @property
     def retention_ms(self) -> int:
         return int(self.history_retention_days * 86_400_000)
+
+    @property
+    def effective_job_timeout(self) -> float:
+        return self.job_timeout or self.total_timeout + 15
 
     @property
     def max_attempts(self) -> int:

@@ -11,11 +11,15 @@ same delivery id for the receiver to de-duplicate).
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
+import socket
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
+import orjson
 import structlog
 from arq import Retry, cron
 from arq.worker import Function, Worker, func
@@ -38,8 +42,9 @@ from dispatcher.health import CircuitBreaker, Health
 from dispatcher.history import History, truncate
 from dispatcher.models import DeliveryStatus, Region
 from dispatcher.queue import DELIVER, FAN_OUT, Queue
-from dispatcher.redis import job_deserializer, job_serializer, redis_settings
+from dispatcher.redis import POISON, job_deserializer, job_serializer, redis_settings
 from dispatcher.registry import CallbackTarget, Registry
+from dispatcher.tokens import cipher_for
 
 if TYPE_CHECKING:
     import httpx
@@ -52,6 +57,8 @@ __all__ = ["Engine", "create_worker", "worker_settings"]
 log = structlog.get_logger("dispatcher.worker")
 
 DONE = b"done"
+STATS_TTL_S = 7200
+HEARTBEAT_S = 5.0
 _REDIS_ERRORS = (RedisConnectionError, RedisTimeoutError, ConnectionError)
 
 
@@ -105,11 +112,12 @@ class Engine:
     def __init__(self, settings: Settings, redis: ArqRedis) -> None:
         self.settings = settings
         self.redis = redis
-        self.registry = Registry(redis)
+        self.registry = Registry(redis, cipher_for(settings))
         self.history = History(redis, settings)
         self.health = Health(redis, self.registry, settings)
         self.queue = Queue(redis, settings.queue_name)
-        self.breaker = CircuitBreaker()
+        self.breaker = CircuitBreaker(settings.circuit_threshold, settings.circuit_cooldown)
+        self.policies = {region: policy_for(settings, region) for region in Region}
         self.clients: dict[Region, httpx.AsyncClient] = {
             region: make_client(settings, region) for region in Region
         }
@@ -216,14 +224,17 @@ class Engine:
     async def _send(
         self, target: CallbackTarget, body: bytes, headers: dict[str, str]
     ) -> AttemptResult:
-        if target.region in self.settings.region_proxies:
-            # Through a proxy the proxy resolves the host: check the address ourselves.
-            started = _now_ms()
-            try:
-                await policy_for(self.settings, target.region).check_resolved(target.url)
-            except InvalidUrl as exc:
-                return AttemptResult(Outcome.FAILED, None, None, exc.message, None, started,
-                                     _now_ms())  # fmt: skip
+        policy = self.policies[target.region]
+        try:
+            # Literal addresses, ports and metadata names: the resolver never sees them.
+            policy.check_url(target.url)
+            if target.region in self.settings.region_proxies:
+                # Through a proxy the proxy resolves the host: check the address ourselves.
+                await policy.check_resolved(target.url)
+        except InvalidUrl as exc:
+            now = _now_ms()
+            return AttemptResult(Outcome.FAILED, None, None, f"refused: {exc.message}", None,
+                                 now, now)  # fmt: skip
         return await send(
             self.clients[target.region],
             target.url,
@@ -248,6 +259,7 @@ class Engine:
             delivery.body.decode(errors="replace"), self.settings.max_request_body
         )
         ok = result.outcome is Outcome.SUCCESS
+        created = _now_ms()
         record = {
             "projectId": delivery.project_id,
             "callBackUrl": target.url,
@@ -260,7 +272,7 @@ class Engine:
             "responseBody": result.response_body,
             "startTime": result.started_ms,
             "endTime": result.ended_ms,
-            "createdTime": _now_ms(),
+            "createdTime": created,
             "attempt": attempt,
             "deliveryId": delivery.delivery_id,
             "eventId": delivery.event_id,
@@ -279,6 +291,9 @@ class Engine:
                 DONE if final else str(attempt),
                 ex=self.progress_ttl,
             )
+            minute = keys.stats(created // 60_000)
+            pipe.hincrby(minute, result.outcome.value, 1)
+            pipe.expire(minute, STATS_TTL_S)
             if ok:
                 self.health.succeeded(pipe, target.id)
             if first and delay is not None:
@@ -375,6 +390,31 @@ async def deliver_job(ctx: dict[str, Any], payload: Any) -> None:
         raise _redis_retry(ctx, exc) from exc
 
 
+async def poison_job(ctx: dict[str, Any], problem: str, raw: str) -> None:
+    """Jobs the deserializer could not read land here: recorded for operators, dropped."""
+    redis: ArqRedis = ctx["redis"]
+    entry = orjson.dumps({"jobId": ctx.get("job_id"), "problem": problem, "raw": raw,
+                          "at": _now_ms()})  # fmt: skip
+    async with redis.pipeline(transaction=False) as pipe:
+        pipe.lpush(keys.POISON_JOBS, entry)
+        pipe.ltrim(keys.POISON_JOBS, 0, 999)
+        await pipe.execute()
+    metrics.POISON_JOBS.inc()
+    log.error("job.poison", job_id=ctx.get("job_id"), problem=problem)
+
+
+async def _heartbeat(redis: ArqRedis, key: str, started: int) -> None:
+    """Tell `dispatcher status` and `dispatcher worker --check` this process is alive."""
+    while True:
+        value = orjson.dumps({"host": socket.gethostname(), "pid": os.getpid(),
+                              "started": started, "seen": _now_ms()})  # fmt: skip
+        try:
+            await redis.set(key, value, ex=int(HEARTBEAT_S * 6))
+        except _REDIS_ERRORS as exc:
+            log.warning("worker.heartbeat_failed", error=str(exc))
+        await asyncio.sleep(HEARTBEAT_S)
+
+
 async def sweep_history_job(ctx: dict[str, Any]) -> int:
     engine: Engine = ctx["engine"]
     removed = await engine.history.sweep()
@@ -385,6 +425,8 @@ async def sweep_history_job(ctx: dict[str, Any]) -> int:
 async def _startup(ctx: dict[str, Any]) -> None:
     settings: Settings = ctx["settings"]
     ctx["engine"] = Engine(settings, ctx["redis"])
+    ctx["heartbeat_key"] = key = keys.worker(socket.gethostname(), os.getpid())
+    ctx["heartbeat"] = asyncio.create_task(_heartbeat(ctx["redis"], key, _now_ms()))
     if settings.worker_metrics_port is not None:
         from prometheus_client import start_http_server
 
@@ -396,6 +438,12 @@ async def _shutdown(ctx: dict[str, Any]) -> None:
     engine: Engine | None = ctx.get("engine")
     if engine is not None:
         await engine.close()
+    heartbeat: asyncio.Task[None] | None = ctx.get("heartbeat")
+    if heartbeat is not None:
+        heartbeat.cancel()
+        with contextlib.suppress(asyncio.CancelledError, *_REDIS_ERRORS):
+            await heartbeat
+            await ctx["redis"].delete(ctx["heartbeat_key"])
     log.info("worker.stopped")
 
 
@@ -404,11 +452,12 @@ def worker_settings(settings: Settings, redis_url: str | None = None) -> dict[st
     url = redis_url or settings.redis_url
     if url is None:
         raise RuntimeError("no Redis URL: start EmbeddedRedis first or set DISPATCHER_REDIS_URL")
-    job_timeout = settings.total_timeout + 30
+    job_timeout = settings.effective_job_timeout
     functions: list[Function] = [
         # We count attempts ourselves; arq's tries only bound Redis outages and crashes.
         func(fan_out_job, name=FAN_OUT, timeout=job_timeout, keep_result=0, max_tries=1000),
         func(deliver_job, name=DELIVER, timeout=job_timeout, keep_result=0, max_tries=1000),
+        func(poison_job, name=POISON, timeout=30, keep_result=0, max_tries=3),
     ]
     return {
         "functions": functions,

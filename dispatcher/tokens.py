@@ -1,0 +1,70 @@
+"""Secret tokens at rest: Fernet-encrypted when keys are configured, with key rotation.
+
+`DISPATCHER_TOKEN_KEYS` is a comma-separated list of Fernet keys: the first encrypts, all
+decrypt. To rotate, put a new key first, run `dispatcher tokens rotate` (re-encrypts every
+stored token with it), then drop the old key. Without keys tokens are stored as given.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import TYPE_CHECKING
+
+from cryptography.fernet import Fernet, InvalidToken, MultiFernet
+
+if TYPE_CHECKING:
+    from dispatcher.settings import Settings
+
+__all__ = ["PREFIX", "TokenCipher", "cipher_for"]
+
+PREFIX = "fernet:"
+
+
+class TokenCipher:
+    """Encrypts tokens for storage and decrypts them for delivery."""
+
+    def __init__(self, keys: list[str]) -> None:
+        if not keys:
+            raise ValueError("TokenCipher needs at least one Fernet key")
+        try:
+            self._fernet = MultiFernet([Fernet(key.strip().encode()) for key in keys])
+        except (ValueError, TypeError) as exc:
+            raise ValueError(
+                "DISPATCHER_TOKEN_KEYS must be Fernet keys (32 url-safe base64 bytes each; "
+                "make one with `dispatcher tokens new-key`)"
+            ) from exc
+        self.decrypt = lru_cache(maxsize=4096)(self._decrypt)  # one decryption per token
+
+    @staticmethod
+    def new_key() -> str:
+        return Fernet.generate_key().decode()
+
+    def encrypt(self, token: str) -> str:
+        if not token:
+            return ""
+        return PREFIX + self._fernet.encrypt(token.encode()).decode()
+
+    def _decrypt(self, stored: str) -> str:
+        if not stored.startswith(PREFIX):
+            return stored  # stored before encryption was configured
+        try:
+            return self._fernet.decrypt(stored[len(PREFIX) :].encode()).decode()
+        except InvalidToken as exc:
+            raise ValueError(
+                "a stored token cannot be decrypted with DISPATCHER_TOKEN_KEYS"
+            ) from exc
+
+    def rotate(self, stored: str) -> str:
+        """`stored` re-encrypted with the first key (plain tokens get encrypted)."""
+        if not stored:
+            return ""
+        if not stored.startswith(PREFIX):
+            return self.encrypt(stored)
+        return PREFIX + self._fernet.rotate(stored[len(PREFIX) :].encode()).decode()
+
+
+def cipher_for(settings: Settings) -> TokenCipher | None:
+    """The cipher of `settings`, or None when no keys are configured."""
+    if settings.token_keys is None:
+        return None
+    return TokenCipher(settings.token_keys.get_secret_value().split(","))

@@ -1,0 +1,314 @@
+"""Secrets at rest, SSRF and regions, endpoint health, circuit breaker, poison jobs."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import pytest
+from arq.connections import ArqRedis
+from structlog.testing import capture_logs
+
+from dispatcher import keys
+from dispatcher.api import create_app
+from dispatcher.health import CircuitBreaker
+from dispatcher.history import History
+from dispatcher.models import Event, Region
+from dispatcher.producer import Producer
+from dispatcher.registry import Registry
+from dispatcher.settings import Settings
+from dispatcher.tokens import TokenCipher, cipher_for
+from tests.conftest import UID, Receiver, RunWorker, answer, make_settings
+
+CALLBACKS = "/apigw/v4/projects/demo/callbacks"
+
+
+async def all_records(redis: ArqRedis, settings: Settings, url: str) -> list[Any]:
+    now = int(time.time() * 1000)
+    page = await History(redis, settings).query(
+        "demo", url, "BUILD_END", start_ms=now - 60_000, end_ms=now + 1000, page_size=100
+    )
+    return list(reversed(page.records))
+
+
+# ---- secret tokens ------------------------------------------------------------------------
+
+
+async def test_tokens_are_encrypted_at_rest_and_rotate(
+    redis_server: Any, redis: ArqRedis, receiver: Receiver, run_worker: RunWorker
+) -> None:
+    old_key, new_key = TokenCipher.new_key(), TokenCipher.new_key()
+    settings = make_settings(redis_server.url, token_keys=old_key)
+    registry = Registry(redis, cipher_for(settings))
+    callback_id, _ = await registry.create(
+        "demo", receiver.url(), Event.BUILD_END, Region.DEVNET, "plain-secret"
+    )
+    stored = await redis.hget(keys.callback(callback_id), "secretToken")
+    assert stored is not None and stored.startswith(b"fernet:")
+    assert b"plain-secret" not in stored
+
+    rotated = make_settings(redis_server.url, token_keys=f"{new_key},{old_key}")
+    assert await Registry(redis, cipher_for(rotated)).rotate_tokens() == 1
+    only_new = make_settings(redis_server.url, token_keys=new_key)
+    await Producer(only_new, redis).emit("demo", "BUILD_END", {})
+    await run_worker(only_new)
+    [seen] = receiver.requests()
+    assert seen.headers["X-DEVOPS-WEBHOOK-TOKEN"] == "plain-secret"
+
+
+def test_a_malformed_token_key_fails_at_start() -> None:
+    with pytest.raises(ValueError, match="Fernet keys"):
+        Settings(token_keys="not-a-key")
+
+
+async def test_secret_tokens_never_appear_in_responses_logs_or_history(
+    settings: Settings,
+    api: httpx.AsyncClient,
+    redis: ArqRedis,
+    receiver: Receiver,
+    run_worker: RunWorker,
+) -> None:
+    url = receiver.script("/hook", answer(500), answer(200))
+    params = {"event": "BUILD_END", "region": "DEVNET", "url": url, "secretToken": "TOPSECRET"}
+    created = await api.post(CALLBACKS, params=params, headers=UID)
+    await api.post("/apigw/v4/projects/demo/events", json={"event": "BUILD_END"}, headers=UID)
+    with capture_logs() as logs:
+        await run_worker()
+    listed = await api.get(CALLBACKS, headers=UID)
+    history = await api.get(
+        "/ms/openapi/api/apigw/v3/projects/demo/callbacks/history",
+        params={"url": url, "event": "BUILD_END"},
+        headers=UID,
+    )
+    assert len(history.json()["data"]["records"]) == 2
+    for text in (created.text, listed.text, history.text, repr(logs)):
+        assert "TOPSECRET" not in text
+
+
+# ---- SSRF and regions ---------------------------------------------------------------------
+
+
+@pytest.fixture
+async def closed_api(redis_server: Any, redis: ArqRedis) -> AsyncIterator[httpx.AsyncClient]:
+    """Production address policy: no internal targets in any region."""
+    settings = make_settings(redis_server.url, allow_internal_regions=[])
+    app = create_app(settings, redis)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://d") as client:
+            yield client
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://127.0.0.1:8080/hook",
+        "http://[::1]:8080/hook",
+        "http://10.1.2.3/hook",
+        "http://192.168.0.10/hook",
+        "http://172.16.5.4/hook",
+        "http://169.254.169.254/latest/meta-data",
+        "http://metadata.google.internal/computeMetadata/v1/",
+        "http://localhost:8080/hook",
+        "http://224.0.0.1/hook",
+        "http://[::ffff:127.0.0.1]/hook",
+        "http://0.0.0.0/hook",
+    ],
+)
+async def test_registration_refuses_internal_and_metadata_targets(
+    closed_api: httpx.AsyncClient, url: str
+) -> None:
+    response = await closed_api.post(
+        CALLBACKS, params={"event": "BUILD_END", "region": "DEVNET", "url": url}, headers=UID
+    )
+    assert response.status_code == 400, response.text
+    assert response.json()["status"] == 400
+    assert any(word in response.json()["message"] for word in ("internal", "metadata", "valid"))
+
+
+async def test_an_operator_may_allow_internal_targets_per_region(
+    redis_server: Any, redis: ArqRedis
+) -> None:
+    settings = make_settings(redis_server.url, allow_internal_regions=["IDC"])
+    app = create_app(settings, redis)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://d") as client:
+            params = {"event": "BUILD_END", "url": "http://10.0.0.5/hook"}
+            idc = await client.post(CALLBACKS, params={**params, "region": "IDC"}, headers=UID)
+            oss = await client.post(CALLBACKS, params={**params, "region": "OSS"}, headers=UID)
+    assert idc.json()["data"] is True
+    assert oss.status_code == 400
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "localhost"])
+async def test_delivery_time_check_refuses_internal_addresses(
+    redis_server: Any, redis: ArqRedis, receiver: Receiver, run_worker: RunWorker, host: str
+) -> None:
+    """A callback stored before the policy changed (or a name that now resolves inside) is
+    refused at connect time, on the address actually resolved, and not retried."""
+    settings = make_settings(redis_server.url, allow_internal_regions=[])
+    url = receiver.url().replace("127.0.0.1", host)
+    await Registry(redis).create("demo", url, Event.BUILD_END, Region.DEVNET, "t")
+    await Producer(settings, redis).emit("demo", "BUILD_END", {})
+    await run_worker(settings)
+    assert receiver.seen == []
+    [record] = await all_records(redis, settings, url)
+    assert record.final and record.status.value == "FAILED"
+    assert "refused" in (record.error_msg or "") and "internal" in (record.error_msg or "")
+
+
+# ---- endpoint health ----------------------------------------------------------------------
+
+
+async def test_consecutive_failures_disable_the_callback_and_enable_clears_it(
+    redis_server: Any, redis: ArqRedis, api: httpx.AsyncClient, receiver: Receiver,
+    run_worker: RunWorker,
+) -> None:  # fmt: skip
+    settings = make_settings(redis_server.url, disable_after_failures=3, disable_after_seconds=0)
+    url = receiver.script("/hook", answer(400, "bad"))
+    callback_id, _ = await Registry(redis).create("demo", url, Event.BUILD_END, Region.DEVNET)
+    producer = Producer(settings, redis)
+    for _ in range(2):
+        await producer.emit("demo", "BUILD_END", {})
+    await run_worker(settings)
+    assert (await Registry(redis).get(callback_id)).enabled
+    with capture_logs() as logs:
+        await producer.emit("demo", "BUILD_END", {})
+        await run_worker(settings)
+    callback = await Registry(redis).get(callback_id)
+    assert not callback.enabled
+    assert "3 consecutive failed deliveries" in (callback.disabled_reason or "")
+    assert "HTTP 400" in (callback.disabled_reason or "")
+    assert any(e["event"] == "callback.disabled" for e in logs)
+    shown = (await api.get(f"{CALLBACKS}/{callback_id}", headers=UID)).json()["data"]
+    assert shown["enabled"] is False and "consecutive" in shown["disabledReason"]
+
+    await producer.emit("demo", "BUILD_END", {})
+    await run_worker(settings)
+    assert len(receiver.requests()) == 3  # disabled: the fourth event was not sent
+
+    assert (await api.put(f"{CALLBACKS}/{callback_id}/enable", headers=UID)).json()["data"]
+    assert not await redis.exists(keys.health(callback_id))  # the count starts again
+
+
+async def test_a_success_resets_the_failure_count(
+    redis_server: Any, redis: ArqRedis, receiver: Receiver, run_worker: RunWorker
+) -> None:
+    settings = make_settings(redis_server.url, disable_after_failures=2, disable_after_seconds=0)
+    url = receiver.script("/hook", answer(400), answer(200), answer(400))
+    callback_id, _ = await Registry(redis).create("demo", url, Event.BUILD_END, Region.DEVNET)
+    producer = Producer(settings, redis)
+    for _ in range(3):
+        await producer.emit("demo", "BUILD_END", {})
+        await run_worker(settings)
+    assert (await Registry(redis).get(callback_id)).enabled
+    assert await redis.hget(keys.health(callback_id), "failures") == b"1"
+
+
+async def test_the_time_threshold_holds_back_disabling(
+    redis_server: Any, redis: ArqRedis, receiver: Receiver, run_worker: RunWorker
+) -> None:
+    settings = make_settings(redis_server.url, disable_after_failures=1)  # and 12 h
+    url = receiver.script("/hook", answer(400))
+    callback_id, _ = await Registry(redis).create("demo", url, Event.BUILD_END, Region.DEVNET)
+    for _ in range(3):
+        await Producer(settings, redis).emit("demo", "BUILD_END", {})
+    await run_worker(settings)
+    assert (await Registry(redis).get(callback_id)).enabled
+
+
+def test_circuit_breaker_opens_cools_down_and_half_opens() -> None:
+    breaker = CircuitBreaker(threshold=3, cooldown=10)
+    assert [breaker.record("h", ok=False, now=0) for _ in range(3)] == [False, False, True]
+    assert breaker.wait("h", now=1) == pytest.approx(9)
+    assert breaker.wait("other", now=1) == 0
+    assert breaker.wait("h", now=11) == 0  # half-open: one probe
+    assert breaker.record("h", ok=False, now=11) is True  # the probe failed: open again
+    assert breaker.wait("h", now=12) == pytest.approx(9)
+    breaker.wait("h", now=30)
+    breaker.record("h", ok=True)
+    assert breaker.wait("h", now=30) == 0
+
+
+async def test_open_breaker_defers_instead_of_burning_attempts(
+    redis_server: Any, redis: ArqRedis, run_worker: RunWorker
+) -> None:
+    settings = make_settings(
+        redis_server.url, circuit_threshold=2, circuit_cooldown=0.2,
+        retry_schedule=(0.05,) * 6,
+    )  # fmt: skip
+    url = "http://127.0.0.1:9/down"
+    await Registry(redis).create("demo", url, Event.BUILD_END, Region.DEVNET)
+    await Registry(redis).create("demo", url + "2", Event.BUILD_END, Region.DEVNET)
+    with capture_logs() as logs:
+        await Producer(settings, redis).emit("demo", "BUILD_END", {})
+        await run_worker(settings)
+    attempts = [e for e in logs if e["event"] == "delivery.attempt"]
+    assert len(attempts) == 14  # both deliveries still get their 7 attempts, none burnt
+    records = await all_records(redis, settings, url) + await all_records(
+        redis, settings, url + "2"
+    )
+    span = max(r.start_time for r in records) - min(r.start_time for r in records)
+    # without the breaker the 14 attempts run back to back within ~0.4 s; with it, every
+    # failure after the first two opens it for 0.2 s (at least 10 cool-downs)
+    assert span >= 2000
+
+
+# ---- poison jobs --------------------------------------------------------------------------
+
+
+async def test_poison_jobs_are_recorded_and_dropped(
+    settings: Settings, redis: ArqRedis, run_worker: RunWorker
+) -> None:
+    await redis.set(keys.ARQ_JOB_PREFIX + "garbage", b"\x80not json at all")
+    await redis.zadd(settings.queue_name, {"garbage": 1})
+    from dispatcher.queue import DELIVER, FAN_OUT, Queue
+
+    queue = Queue(redis, settings.queue_name)
+    await queue.enqueue(FAN_OUT, {"id": "e1", "event": "BUILD_END"}, job_id="bad-shape")
+    await queue.enqueue(DELIVER, {"deliveryId": "x"}, job_id="bad-deliver")
+    with capture_logs() as logs:
+        await run_worker()
+    assert await redis.zcard(settings.queue_name) == 0
+    poisoned = await redis.lrange(keys.POISON_JOBS, 0, -1)
+    assert len(poisoned) == 1 and b"not JSON" in poisoned[0]
+    problems = [e for e in logs if e["event"] == "job.poison"]
+    assert {e["job_id"] for e in problems} == {"garbage", "bad-shape", "bad-deliver"}
+
+
+# ---- operator route -----------------------------------------------------------------------
+
+
+async def test_operator_route_manages_roles(redis_server: Any, redis: ArqRedis) -> None:
+    settings = make_settings(redis_server.url, operator_token="op-token", open_access=False)
+    app = create_app(settings, redis)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://d") as client:
+            op = {"X-DEVOPS-OPERATOR-TOKEN": "op-token"}
+            wrong = await client.put("/operator/roles/demo/bob", params={"role": "admin"},
+                                     headers={"X-DEVOPS-OPERATOR-TOKEN": "nope"})  # fmt: skip
+            assert wrong.status_code == 401
+            granted = await client.put(
+                "/operator/roles/demo/bob", params={"role": "admin"}, headers=op
+            )
+            assert granted.json()["data"] is True
+            assert (await client.get("/operator/roles/demo", headers=op)).json()["data"] == {
+                "bob": "admin"
+            }
+            created = await client.post(
+                CALLBACKS,
+                params={"event": "BUILD_END", "region": "DEVNET", "url": "http://127.0.0.1:1/h"},
+                headers={"X-DEVOPS-UID": "bob"},
+            )
+            assert created.json()["data"] is True
+            assert (await client.delete("/operator/roles/demo/bob", headers=op)).status_code == 200
+            assert (await client.delete("/operator/roles/demo/bob", headers=op)).status_code == 404
+
+
+async def test_operator_route_is_off_without_a_token(api: httpx.AsyncClient) -> None:
+    response = await api.get("/operator/roles/demo", headers={"X-DEVOPS-OPERATOR-TOKEN": "x"})
+    assert response.status_code == 403 and "DISPATCHER_OPERATOR_TOKEN" in response.json()["message"]
