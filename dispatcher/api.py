@@ -56,6 +56,7 @@ V4 = "/{apigwType}/v4/projects/{projectId}"
 V3_HISTORY = "/ms/openapi/api/apigw/v3/projects/{projectId}/callbacks/history"
 MAX_BODY_BYTES = 1024 * 1024
 MAX_QUERY_BYTES = 8 * 1024
+UNGATED = frozenset({"/healthz", "/readyz", "/metrics"})
 
 ApigwPath = Annotated[
     ApigwType, Path(alias="apigwType", description="apigw-user, apigw-app or apigw")
@@ -467,7 +468,8 @@ def create_app(settings: Settings, redis: ArqRedis | None = None) -> FastAPI:
         length = request.headers.get("content-length")
         if length is not None and (not length.isdigit() or int(length) > MAX_BODY_BYTES):
             return _envelope(413, f"request body larger than {MAX_BODY_BYTES} bytes")
-        if settings.gateway_token is not None and request.url.path not in ("/healthz", "/readyz"):
+        # Probes and the Prometheus scrape come from inside the cluster, not the gateway.
+        if settings.gateway_token is not None and request.url.path not in UNGATED:
             given = request.headers.get("x-devops-gateway-token", "")
             expected = settings.gateway_token.get_secret_value()
             if not hmac.compare_digest(given.encode(), expected.encode()):

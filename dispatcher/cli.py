@@ -214,15 +214,11 @@ def worker(
     import time
 
     from dispatcher.logs import configure_logging
-    from dispatcher.status import live_workers
 
     settings = load_settings()
     url = _require_url(settings)
     if check:
-        host = socket.gethostname()
-        alive = _run(lambda: _with_redis(settings, lambda r: live_workers(r, host)))
-        console.print(f"{len(alive)} live worker(s) on {host}")
-        raise typer.Exit(0 if alive else 1)
+        raise typer.Exit(_check_worker(url, socket.gethostname()))
     from dispatcher.worker import create_worker
 
     configure_logging(settings)
@@ -234,6 +230,27 @@ def worker(
         except (RedisConnectionError, OSError) as exc:
             err.print(f"worker lost Redis ({exc}); starting again in 5 s")
             time.sleep(5)
+
+
+def _check_worker(url: str, host: str) -> int:
+    """0 when a worker on `host` has a fresh heartbeat; fails fast when Redis is away."""
+    from redis.asyncio import Redis
+
+    from dispatcher.status import live_workers
+
+    async def go() -> int:
+        redis = Redis.from_url(url, socket_connect_timeout=2, socket_timeout=2)
+        try:
+            alive = await live_workers(redis, host)
+        except (RedisConnectionError, OSError) as exc:
+            err.print(f"Redis unreachable: {exc}")
+            return 1
+        finally:
+            await redis.aclose()
+        console.print(f"{len(alive)} live worker(s) on {host}")
+        return 0 if alive else 1
+
+    return asyncio.run(go())
 
 
 # ---- producers ------------------------------------------------------------------------

@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import aiohttp
 import httpx
 import orjson
 
@@ -189,7 +190,9 @@ async def send(
                 text = raw.decode("utf-8", errors="replace")
                 if truncated:
                     text += f"... [truncated at {max_response_body} bytes]"
-    except (httpx.HTTPError, TimeoutError, OSError) as exc:
+    except (httpx.HTTPError, httpx.InvalidURL, aiohttp.ClientError, TimeoutError, OSError) as exc:
+        # aiohttp.ClientError: what the transport does not translate (e.g. a reply that is
+        # not HTTP). Whatever the receiver does, the attempt ends as a result, never a crash.
         ended = _now_ms()
         if status is not None:  # the answer came, reading its body failed: judge the answer
             return AttemptResult(

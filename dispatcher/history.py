@@ -224,11 +224,20 @@ class History:
         *,
         now_ms: int | None = None,
         max_batches: int | None = None,
+        max_seconds: float | None = None,
         on_batch: Callable[[int], None] | None = None,
     ) -> int:
         """Remove records older than the retention, their index entries and emptied
-        indexes, `sweep_batch` records per Redis call. Returns how many were removed."""
+        indexes, `sweep_batch` records per Redis call, until done or a bound is reached
+        (the next sweep goes on). Returns how many were removed."""
         now = time.time_ns() // 1_000_000 if now_ms is None else now_ms
+        deadline = None if max_seconds is None else time.monotonic() + max_seconds
+
+        def bounded() -> bool:
+            return (max_batches is not None and batches >= max_batches) or (
+                deadline is not None and time.monotonic() >= deadline
+            )
+
         cutoff = now - self.settings.retention_ms
         batch = self.settings.sweep_batch
         removed = batches = 0
@@ -244,9 +253,9 @@ class History:
                 batches += 1
                 if on_batch is not None:
                     on_batch(n)
-                if n < batch or (max_batches is not None and batches >= max_batches):
+                if n < batch or bounded():
                     break
-            if max_batches is not None and batches >= max_batches:
+            if bounded():
                 break
         await self.redis.zremrangebyscore(keys.HISTORY_DEAD, "-inf", cutoff)
         return removed

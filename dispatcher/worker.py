@@ -417,7 +417,8 @@ async def _heartbeat(redis: ArqRedis, key: str, started: int) -> None:
 
 async def sweep_history_job(ctx: dict[str, Any]) -> int:
     engine: Engine = ctx["engine"]
-    removed = await engine.history.sweep()
+    # Bounded so that the job ends well within its timeout; the next run goes on.
+    removed = await engine.history.sweep(max_seconds=engine.settings.effective_job_timeout / 2)
     log.info("history.swept", removed=removed)
     return removed
 
@@ -441,8 +442,9 @@ async def _shutdown(ctx: dict[str, Any]) -> None:
     heartbeat: asyncio.Task[None] | None = ctx.get("heartbeat")
     if heartbeat is not None:
         heartbeat.cancel()
-        with contextlib.suppress(asyncio.CancelledError, *_REDIS_ERRORS):
+        with contextlib.suppress(asyncio.CancelledError):
             await heartbeat
+        with contextlib.suppress(*_REDIS_ERRORS):
             await ctx["redis"].delete(ctx["heartbeat_key"])
     log.info("worker.stopped")
 
@@ -457,7 +459,7 @@ def worker_settings(settings: Settings, redis_url: str | None = None) -> dict[st
         # We count attempts ourselves; arq's tries only bound Redis outages and crashes.
         func(fan_out_job, name=FAN_OUT, timeout=job_timeout, keep_result=0, max_tries=1000),
         func(deliver_job, name=DELIVER, timeout=job_timeout, keep_result=0, max_tries=1000),
-        func(poison_job, name=POISON, timeout=30, keep_result=0, max_tries=3),
+        func(poison_job, name=POISON, timeout=job_timeout, keep_result=0, max_tries=3),
     ]
     return {
         "functions": functions,
@@ -467,7 +469,7 @@ def worker_settings(settings: Settings, redis_url: str | None = None) -> dict[st
                 name="sweep_history",
                 minute=set(range(0, 60, 5)),
                 unique=True,
-                timeout=600,
+                timeout=job_timeout,  # every timeout bounds how soon a crashed job runs again
                 keep_result=0,
             ),
         ],

@@ -1,0 +1,279 @@
+"""Failure modes, each with real processes: a worker killed mid-delivery, Redis restarted
+under a running worker and API, receivers that misbehave at the socket level."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import time
+import tracemalloc
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from aiohttp import web
+from arq.connections import ArqRedis
+
+from dispatcher.api import create_app
+from dispatcher.history import History
+from dispatcher.models import Event, Region
+from dispatcher.producer import Producer
+from dispatcher.redis import EmbeddedRedis, connect
+from dispatcher.registry import Registry
+from dispatcher.settings import Settings
+from tests.conftest import UID, Receiver, RunWorker, make_settings
+
+WORKER_ENV = {
+    "DISPATCHER_ALLOW_INTERNAL_REGIONS": '["DEVNET","OSS","IDC"]',
+    "DISPATCHER_TOTAL_TIMEOUT": "2",
+    "DISPATCHER_CONNECT_TIMEOUT": "1",
+    "DISPATCHER_JOB_TIMEOUT": "3",
+    "DISPATCHER_RETRY_SCHEDULE": "[0.1, 0.1, 0.1]",
+    "DISPATCHER_RETRY_JITTER": "0",
+    "DISPATCHER_POLL_DELAY": "0.01",
+    "DISPATCHER_SHUTDOWN_GRACE": "2",
+    "DISPATCHER_LOG_LEVEL": "WARNING",
+}
+
+
+def start_worker(redis_url: str, log: Path) -> subprocess.Popen[bytes]:
+    env = {**os.environ, **WORKER_ENV, "DISPATCHER_REDIS_URL": redis_url}
+    with log.open("ab") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "dispatcher", "worker"], env=env, stdout=out, stderr=out
+        )
+
+
+def stop(process: subprocess.Popen[bytes]) -> None:
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+async def until(check: Callable[[], Awaitable[bool]], within: float, what: str) -> None:
+    deadline = time.monotonic() + within
+    while not await check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {within} s: {what}")
+        await asyncio.sleep(0.05)
+
+
+@pytest.fixture
+def workers(tmp_path: Path) -> Iterator[list[subprocess.Popen[bytes]]]:
+    started: list[subprocess.Popen[bytes]] = []
+    yield started
+    for process in started:
+        stop(process)
+
+
+async def test_worker_killed_mid_delivery_loses_nothing(
+    settings: Settings,
+    redis: ArqRedis,
+    receiver: Receiver,
+    workers: list[subprocess.Popen[bytes]],
+    tmp_path: Path,
+) -> None:
+    async def slow(request: web.Request) -> web.StreamResponse:
+        await asyncio.sleep(0.3)
+        return web.Response(text="ok")
+
+    url = receiver.script("/hook", slow)
+    await Registry(redis).create("demo", url, Event.BUILD_END, Region.DEVNET, "t")
+    ids = await Producer(settings, redis).emit_many(
+        [("demo", "BUILD_END", {"n": i}) for i in range(40)]
+    )
+    log = tmp_path / "workers.log"
+    workers.append(start_worker(settings.redis_url or "", log))
+    await receiver.wait_for(5, within=20)
+    workers[0].send_signal(signal.SIGKILL)
+    workers[0].wait(timeout=5)
+    killed_at = len(receiver.requests())
+    assert killed_at < 40, "the worker finished before it could be killed"
+
+    workers.append(start_worker(settings.redis_url or "", log))
+
+    def seen_ids() -> set[str]:
+        return {s.headers["webhook-id"].split(".")[0] for s in receiver.requests()}
+
+    async def all_seen() -> bool:
+        return seen_ids() == set(ids)
+
+    # the killed worker's jobs run again once their in-progress marks expire (job timeout + 10 s)
+    await until(all_seen, 40, "every event delivered after the restart")
+    history = History(redis, settings)
+    now = int(time.time() * 1000)
+
+    async def all_recorded() -> bool:
+        page = await history.query("demo", url, "BUILD_END", start_ms=now - 120_000,
+                                   end_ms=now + 60_000, page_size=100)  # fmt: skip
+        return {r.event_id for r in page.records if r.status.value == "SUCCESS"} == set(ids)
+
+    await until(all_recorded, 10, "a SUCCESS record for every event")
+    # at least once, never under another id: repeats share the delivery id
+    by_id: dict[str, set[bytes]] = {}
+    for s in receiver.requests():
+        by_id.setdefault(s.headers["webhook-id"], set()).add(s.body)
+    assert len(by_id) == 40 and all(len(bodies) == 1 for bodies in by_id.values())
+
+
+async def test_redis_restart_under_running_worker_and_api(
+    tmp_path: Path, receiver: Receiver, workers: list[subprocess.Popen[bytes]]
+) -> None:
+    server = EmbeddedRedis(tmp_path / "redis", persist=True)
+    url = server.start()
+    port = server.port
+    settings = make_settings(url)
+    pool = await connect(settings)
+    try:
+        await Registry(pool).create("demo", receiver.url(), Event.BUILD_END, Region.DEVNET)
+        workers.append(start_worker(url, tmp_path / "worker.log"))
+        app = create_app(settings, pool)
+        async with app.router.lifespan_context(app):
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://d") as api:
+                emit = "/apigw/v4/projects/demo/events"
+                first = await api.post(emit, json={"event": "BUILD_END"}, headers=UID)
+                assert first.json()["status"] == 0
+                await receiver.wait_for(1, within=10)
+
+                server.stop()
+                down = await api.post(emit, json={"event": "BUILD_END"}, headers=UID)
+                assert down.status_code == 503
+                assert down.json() == {
+                    "data": None,
+                    "message": "storage (Redis) is unreachable; retry in a few seconds",
+                    "status": 503,
+                }
+                await asyncio.sleep(1)  # the worker polls a dead Redis meanwhile
+
+                restarted = EmbeddedRedis(tmp_path / "redis", persist=True, port=port)
+                restarted.start()
+                try:
+                    again = await api.post(emit, json={"event": "BUILD_END"}, headers=UID)
+                    assert again.json()["status"] == 0, again.text
+                    await receiver.wait_for(2, within=20)
+                    assert workers[0].poll() is None, "the worker died instead of reconnecting"
+                    stop(workers[0])
+                finally:
+                    restarted.stop()
+    finally:
+        await pool.aclose()
+
+
+# ---- receivers misbehaving at the socket level ---------------------------------------------
+
+
+@pytest.fixture
+async def raw_server() -> AsyncIterator[Callable[[Callable[..., Awaitable[None]]], str]]:
+    servers: list[asyncio.Server] = []
+
+    async def start(handler: Callable[..., Awaitable[None]]) -> str:
+        server = await asyncio.start_server(handler, "127.0.0.1", 0)
+        servers.append(server)
+        port = server.sockets[0].getsockname()[1]
+        return f"http://127.0.0.1:{port}/hook"
+
+    yield start  # type: ignore[misc]
+    for server in servers:
+        server.close()
+        await server.wait_closed()
+
+
+async def reset(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    await reader.readuntil(b"\r\n\r\n")
+    sock = writer.get_extra_info("socket")
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    writer.close()  # SO_LINGER 0: the close sends RST
+
+
+async def garbage(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    await reader.readuntil(b"\r\n\r\n")
+    writer.write(b"this is not HTTP at all\r\n\r\n")
+    await writer.drain()
+    writer.close()
+
+
+@pytest.mark.parametrize(("handler", "fragment"), [(reset, "reset"), (garbage, "not HTTP")])
+async def test_receivers_that_reset_or_speak_garbage_are_recorded_and_retried(
+    settings: Settings,
+    redis: ArqRedis,
+    run_worker: RunWorker,
+    raw_server: Any,
+    handler: Callable[..., Awaitable[None]],
+    fragment: str,
+) -> None:
+    url = await raw_server(handler)
+    await Registry(redis).create("demo", url, Event.BUILD_END, Region.DEVNET)
+    await Producer(settings, redis).emit("demo", "BUILD_END", {})
+    await run_worker()
+    now = int(time.time() * 1000)
+    page = await History(redis, settings).query(
+        "demo", url, "BUILD_END", start_ms=now - 60_000, end_ms=now + 1000
+    )
+    assert page.count == settings.max_attempts  # retried like any connection failure
+    for record in page.records:
+        assert record.status.value == "FAILED" and record.response_code is None
+        assert record.error_msg and fragment.lower() in record.error_msg.lower()
+
+
+async def test_a_gigabyte_answer_does_not_grow_the_worker(
+    settings: Settings, redis: ArqRedis, receiver: Receiver, run_worker: RunWorker
+) -> None:
+    async def gigabyte(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Length": str(1 << 30)})
+        await response.prepare(request)
+        chunk = b"y" * (1 << 20)
+        try:
+            for _ in range(1024):
+                await response.write(chunk)
+        except (ConnectionResetError, ConnectionError):
+            pass
+        return response
+
+    url = receiver.script("/hook", gigabyte)
+    await Registry(redis).create("demo", url, Event.BUILD_END, Region.DEVNET)
+    await Producer(settings, redis).emit("demo", "BUILD_END", {})
+    tracemalloc.start()
+    try:
+        await run_worker()
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 32 * 1024 * 1024, f"peak {peak / 1e6:.0f} MB while reading a 1 GiB answer"
+    now = int(time.time() * 1000)
+    [record] = (
+        await History(redis, settings).query(
+            "demo", url, "BUILD_END", start_ms=now - 60_000, end_ms=now + 1000
+        )
+    ).records
+    assert record.status.value == "SUCCESS" and "truncated" in (record.response_body or "")
+
+
+def test_worker_check_sees_a_live_worker(
+    settings: Settings, workers: list[subprocess.Popen[bytes]], tmp_path: Path
+) -> None:
+    env = {**os.environ, "DISPATCHER_REDIS_URL": settings.redis_url or ""}
+    check = [sys.executable, "-m", "dispatcher", "worker", "--check"]
+    client = __import__("redis").Redis.from_url(settings.redis_url)
+    client.flushdb()
+    client.close()
+    assert subprocess.run(check, env=env, capture_output=True, timeout=30).returncode == 1
+    workers.append(start_worker(settings.redis_url or "", tmp_path / "w.log"))
+    deadline = time.monotonic() + 15
+    while subprocess.run(check, env=env, capture_output=True, timeout=30).returncode != 0:
+        assert time.monotonic() < deadline, "worker --check never saw the worker"
+        time.sleep(0.2)
+    stop(workers[0])
+    result = subprocess.run(check, env=env, capture_output=True, timeout=30)
+    assert result.returncode == 1  # a cleanly stopped worker removes its heartbeat
