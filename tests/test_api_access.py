@@ -178,3 +178,8 @@ async def test_readiness_fails_when_redis_is_unreachable(settings: Settings) -> 
                 "status": 503,
             }
     await nowhere.aclose()
+
+
+async def test_oversized_query_string_is_refused(api: httpx.AsyncClient) -> None:
+    response = await api.get(CALLBACKS, params={"pad": "x" * 9000}, headers=UID)
+    assert response.status_code == 400 and "query string longer" in response.json()["message"]

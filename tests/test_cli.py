@@ -111,3 +111,94 @@ def test_without_redis_the_cli_says_what_to_do(
 
 def test_worker_check_fails_when_no_worker_is_alive(cli: CliRunner) -> None:
     assert cli.invoke(app, ["worker", "--check"]).exit_code == 1
+
+
+def _seed_status(url: str) -> None:
+    """Known content: 3 queued events, 2 disabled and 1 failing callback, attempt stats."""
+    import asyncio
+    import time
+
+    from dispatcher.models import Event, Region
+    from dispatcher.producer import Producer
+    from dispatcher.redis import connect
+    from dispatcher.registry import Registry
+    from tests.conftest import make_settings
+
+    async def go() -> None:
+        settings = make_settings(url)
+        redis = await connect(settings)
+        registry = Registry(redis)
+        for i in range(3):
+            cid, _ = await registry.create("p", f"https://e.com/{i}", Event.BUILD_END, Region.OSS)
+            if i < 2:
+                await registry.set_enabled(cid, False, "test")
+        await redis.hset(keys.health(3), mapping={"failures": 4, "since": 0, "lastError": "x"})
+        await Producer(settings, redis).emit_many([("p", "BUILD_END", {})] * 3)
+        minute = keys.stats(int(time.time()) // 60)
+        await redis.hset(minute, mapping={"success": 7, "retry": 2, "failed": 1})
+        await redis.aclose()
+
+    asyncio.run(go())
+
+
+def test_status_prints_the_figures(cli: CliRunner, redis_server: EmbeddedRedis) -> None:
+    _seed_status(redis_server.url)
+    result = cli.invoke(app, ["status"])
+    assert result.exit_code == 0, result.output
+    rows = {
+        line.split("│")[1].strip(): line.split("│")[2].strip()
+        for line in result.output.splitlines()
+        if line.count("│") >= 3
+    }
+    assert rows["queue: jobs due"] == "3"
+    assert rows["workers alive"] == "0"
+    assert rows["callbacks failing"] == "1"
+    assert rows["callbacks disabled"] == "2"
+    assert (rows["last hour: success"], rows["last hour: retry"]) == ("7", "2")
+    assert (rows["last hour: failed"], rows["last hour: gone"]) == ("1", "0")
+    failing = cli.invoke(app, ["callbacks", "failing"])
+    assert "1 failing callbacks" in failing.output and "│ 3 " in failing.output
+
+
+def test_bulk_redeliver_and_sweep(cli: CliRunner, redis_server: EmbeddedRedis) -> None:
+    import asyncio
+    import time
+
+    from dispatcher.history import History
+    from dispatcher.redis import connect
+    from tests.conftest import make_settings
+
+    settings = make_settings(redis_server.url)
+    now = int(time.time() * 1000)
+
+    async def seed() -> None:
+        redis = await connect(settings)
+        history = History(redis, settings)
+        for i, (status, final) in enumerate(
+            [("FAILED", True), ("FAILED", False), ("SUCCESS", True), ("FAILED", True)]
+        ):
+            await history.add({
+                "projectId": "p", "callBackUrl": "https://e.com/h", "events": "BUILD_END",
+                "status": status, "final": final, "startTime": now, "endTime": now,
+                "createdTime": now - i, "callbackId": 1, "deliveryId": f"evt_{i}.1",
+                "eventId": f"evt_{i}", "requestBody": "{}",
+            })  # fmt: skip
+        await history.add({
+            "projectId": "p", "callBackUrl": "https://e.com/h", "events": "BUILD_END",
+            "status": "SUCCESS", "startTime": 0, "endTime": 0, "createdTime": 1000,
+        })  # fmt: skip
+        await redis.aclose()
+
+    asyncio.run(seed())
+    result = cli.invoke(
+        app,
+        ["redeliver", "--project", "p", "--url", "https://e.com/h", "--event", "BUILD_END"],
+    )
+    assert result.exit_code == 0, result.output
+    assert "queued 2 redeliveries" in result.output
+    client = redis_py.Redis.from_url(redis_server.url)
+    queued = [k for k in client.keys(keys.ARQ_JOB_PREFIX + "*") if b"redeliver" in k]
+    client.close()
+    assert len(queued) == 2
+    swept = cli.invoke(app, ["sweep"])
+    assert swept.exit_code == 0 and "removed 1 records" in swept.output
