@@ -132,6 +132,7 @@ class Engine:
         targets = await self.registry.match(event["projectId"], event["event"])
         if not targets:
             return 0
+        body = encode_body(event["event"], event.get("data") or {})  # once for all callbacks
         deliveries = [
             Delivery(
                 delivery_id=(did := f"{event['id']}.{target.id}"),
@@ -139,7 +140,7 @@ class Engine:
                 event_id=event["id"],
                 project_id=event["projectId"],
                 event=event["event"],
-                body=b"",
+                body=body,
                 callback_id=target.id,
             )
             for target in targets
@@ -149,8 +150,7 @@ class Engine:
             pending = [(d, t) for d, t, m in zip(deliveries, targets, done, strict=True) if not m]
         else:
             pending = list(zip(deliveries, targets, strict=True))
-        body = encode_body(event["event"], event.get("data") or {})
-        jobs = [self.attempt(_with_body(d, body), t, 1, first=True) for d, t in pending]
+        jobs = [self.attempt(d, t, 1, first=True) for d, t in pending]
         if len(jobs) == 1:
             await jobs[0]
         else:
@@ -331,13 +331,6 @@ class Engine:
             error=result.error,
             retry_in_s=None if delay is None else round(delay, 3),
         )
-
-
-def _with_body(delivery: Delivery, body: bytes) -> Delivery:
-    return Delivery(
-        delivery.delivery_id, delivery.progress_id, delivery.event_id, delivery.project_id,
-        delivery.event, body, delivery.callback_id, delivery.redelivery_of,
-    )  # fmt: skip
 
 
 def _redis_retry(ctx: dict[str, Any], exc: Exception) -> Retry:
