@@ -148,6 +148,16 @@ async def _serve(settings: Settings, url: str, *, with_worker: bool) -> None:
             err.print(f"worker closed without Redis: {exc}")
 
 
+def _listen(host: str | None, port: int | None) -> dict[str, Any]:
+    """Settings overrides from the --host / --port options."""
+    overrides: dict[str, Any] = {}
+    if host:
+        overrides["api_host"] = host
+    if port is not None:
+        overrides["api_port"] = port
+    return overrides
+
+
 @app.command()
 def run(
     host: Annotated[str | None, typer.Option(help="API host")] = None,
@@ -157,24 +167,19 @@ def run(
     set. Development defaults: loopback receivers allowed, role checks off."""
     from dispatcher.logs import configure_logging
 
-    overrides: dict[str, Any] = {
+    dev_defaults = {
         key: True
         for key in ("dev_mode", "open_access")
         if f"DISPATCHER_{key.upper()}" not in os.environ
     }
-    if host:
-        overrides["api_host"] = host
-    if port is not None:
-        overrides["api_port"] = port
-    settings = load_settings(**overrides)
+    settings = load_settings(**dev_defaults, **_listen(host, port))
     configure_logging(settings)
     embedded = None if settings.redis_url else EmbeddedRedis(settings.data_dir)
     url = settings.redis_url or embedded.start()  # type: ignore[union-attr]
     base = f"http://{settings.api_host}:{settings.api_port}"
-    console.print(f"[bold]callback-dispatcher[/bold] API on {base}  (docs: {base}/docs)")
-    console.print(
-        f"Redis: {url}" + (f"  (embedded, data in {settings.data_dir})" if embedded else "")
-    )
+    where = f"  (embedded, data in {settings.data_dir})" if embedded else ""
+    print(f"callback-dispatcher API on {base}  (docs: {base}/docs)", flush=True)
+    print(f"Redis: {url}{where}", flush=True)
     _install_uvloop()
     try:
         asyncio.run(_serve(settings, url, with_worker=True))
@@ -191,12 +196,7 @@ def api(
     """The HTTP API alone (stateless; run as many as you like)."""
     from dispatcher.logs import configure_logging
 
-    overrides: dict[str, Any] = {}
-    if host:
-        overrides["api_host"] = host
-    if port is not None:
-        overrides["api_port"] = port
-    settings = load_settings(**overrides)
+    settings = load_settings(**_listen(host, port))
     configure_logging(settings)
     url = _require_url(settings)
     _install_uvloop()

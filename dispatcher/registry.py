@@ -10,7 +10,7 @@ import builtins
 import math
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from dispatcher import keys
@@ -49,12 +49,17 @@ redis.call('DEL', ARGV[10] .. id)
 return {tonumber(id), created}
 """
 
+# KEYS: match set. ARGV: callback key prefix, health key prefix. Each row ends with 1 when
+# the callback has failures on record (so a success only then has to reset them).
 _MATCH = """
 local ids = redis.call('SMEMBERS', KEYS[1])
 local out = {}
 for i, id in ipairs(ids) do
   local row = redis.call('HMGET', ARGV[1] .. id, 'id', 'url', 'region', 'secretToken', 'enabled')
-  if row[1] and row[5] == '1' then out[#out + 1] = row end
+  if row[1] and row[5] == '1' then
+    row[5] = redis.call('EXISTS', ARGV[2] .. id)
+    out[#out + 1] = row
+  end
 end
 return out
 """
@@ -99,6 +104,7 @@ class CallbackTarget:
     url: str
     region: Region
     secret_token: str
+    failing: bool = True  # failures on record (True when unknown: the reset is then written)
 
 
 def _now_ms() -> int:
@@ -260,12 +266,14 @@ class Registry:
 
     async def match(self, project_id: str, event: str) -> list[CallbackTarget]:
         """The enabled callbacks of (project, event), in one round trip."""
-        rows: list[list[bytes]] = await self._match(
-            keys=[keys.match(project_id, event)], args=[keys.CALLBACK_PREFIX]
+        rows: list[list[Any]] = await self._match(
+            keys=[keys.match(project_id, event)], args=[keys.CALLBACK_PREFIX, keys.HEALTH_PREFIX]
         )
         return [
-            CallbackTarget(int(cid), url.decode(), Region(region.decode()), self._token(token))
-            for cid, url, region, token, _ in rows
+            CallbackTarget(
+                int(cid), url.decode(), Region(region.decode()), self._token(token), bool(failing)
+            )
+            for cid, url, region, token, failing in rows
         ]
 
     def _token(self, stored: bytes) -> str:

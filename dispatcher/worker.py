@@ -11,6 +11,7 @@ same delivery id for the receiver to de-duplicate).
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import os
 import socket
@@ -123,9 +124,28 @@ class Engine:
         }
         schedule_s = sum(settings.retry_schedule)
         self.progress_ttl = int(max(86_400, 2 * schedule_s))
+        # attempts by (epoch minute, outcome), flushed to Redis every few seconds
+        self.stats: collections.Counter[tuple[int, str]] = collections.Counter()
+
+    async def flush_stats(self) -> None:
+        """Add the counted attempts to the per-minute hashes `dispatcher status` reads."""
+        counts, self.stats = self.stats, collections.Counter()
+        if not counts:
+            return
+        try:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for (minute, outcome), n in counts.items():
+                    pipe.hincrby(keys.stats(minute), outcome, n)
+                    pipe.expire(keys.stats(minute), STATS_TTL_S)
+                await pipe.execute()
+        except _REDIS_ERRORS:
+            self.stats.update(counts)  # keep them for the next flush
+            raise
 
     async def close(self) -> None:
         await asyncio.gather(*(client.aclose() for client in self.clients.values()))
+        with contextlib.suppress(*_REDIS_ERRORS):
+            await self.flush_stats()
 
     async def fan_out(self, event: dict[str, Any], *, job_try: int = 1) -> int:
         """First attempt of every delivery of `event`; returns how many callbacks matched."""
@@ -213,6 +233,7 @@ class Engine:
         final = delay is None
         await self._record(delivery, target, attempt, headers, result, final, first, delay)
         self._observe(delivery, target, attempt, result, delay)
+        self.stats[(_now_ms() // 60_000, result.outcome.value)] += 1
         if result.outcome is Outcome.GONE:
             metrics.CALLBACKS_DISABLED.labels(reason="gone").inc()
             await self.health.disable(target.id, "the receiver answered 410 Gone")
@@ -291,10 +312,7 @@ class Engine:
                 DONE if final else str(attempt),
                 ex=self.progress_ttl,
             )
-            minute = keys.stats(created // 60_000)
-            pipe.hincrby(minute, result.outcome.value, 1)
-            pipe.expire(minute, STATS_TTL_S)
-            if ok:
+            if ok and target.failing:
                 self.health.succeeded(pipe, target.id)
             if first and delay is not None:
                 await self.queue.push(
@@ -396,13 +414,15 @@ async def poison_job(ctx: dict[str, Any], problem: str, raw: str) -> None:
     log.error("job.poison", job_id=ctx.get("job_id"), problem=problem)
 
 
-async def _heartbeat(redis: ArqRedis, key: str, started: int) -> None:
-    """Tell `dispatcher status` and `dispatcher worker --check` this process is alive."""
+async def _heartbeat(engine: Engine, key: str, started: int) -> None:
+    """Tell `dispatcher status` and `dispatcher worker --check` this process is alive, and
+    flush the attempt statistics."""
     while True:
         value = orjson.dumps({"host": socket.gethostname(), "pid": os.getpid(),
                               "started": started, "seen": _now_ms()})  # fmt: skip
         try:
-            await redis.set(key, value, ex=int(HEARTBEAT_S * 6))
+            await engine.redis.set(key, value, ex=int(HEARTBEAT_S * 6))
+            await engine.flush_stats()
         except _REDIS_ERRORS as exc:
             log.warning("worker.heartbeat_failed", error=str(exc))
         await asyncio.sleep(HEARTBEAT_S)
@@ -420,7 +440,7 @@ async def _startup(ctx: dict[str, Any]) -> None:
     settings: Settings = ctx["settings"]
     ctx["engine"] = Engine(settings, ctx["redis"])
     ctx["heartbeat_key"] = key = keys.worker(socket.gethostname(), os.getpid())
-    ctx["heartbeat"] = asyncio.create_task(_heartbeat(ctx["redis"], key, _now_ms()))
+    ctx["heartbeat"] = asyncio.create_task(_heartbeat(ctx["engine"], key, _now_ms()))
     if settings.worker_metrics_port is not None:
         from prometheus_client import start_http_server
 

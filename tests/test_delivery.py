@@ -296,3 +296,17 @@ async def test_emit_many_queues_in_one_go(
     assert len(set(ids)) == 20
     await run_worker()
     assert sorted(orjson.loads(s.body)["data"]["n"] for s in receiver.requests()) == list(range(20))
+
+
+async def test_attempts_are_counted_for_status(
+    settings: Settings, redis: ArqRedis, receiver: Receiver, run_worker: RunWorker
+) -> None:
+    from dispatcher.status import read_status
+
+    url = receiver.script("/hook", answer(500), answer(200))
+    await register(redis, url)
+    await emit(settings, redis)
+    await run_worker()  # a stopping worker flushes what it counted
+    status = await read_status(redis, settings.queue_name)
+    assert status.last_hour == {"retry": 1, "success": 1}
+    assert status.queue_due == 0 and status.workers == []

@@ -148,6 +148,7 @@ async def test_redis_restart_under_running_worker_and_api(
                 await receiver.wait_for(1, within=10)
 
                 server.stop()
+                assert (await api.get("/readyz")).status_code == 503
                 down = await api.post(emit, json={"event": "BUILD_END"}, headers=UID)
                 assert down.status_code == 503
                 assert down.json() == {
@@ -160,6 +161,7 @@ async def test_redis_restart_under_running_worker_and_api(
                 restarted = EmbeddedRedis(tmp_path / "redis", persist=True, port=port)
                 restarted.start()
                 try:
+                    assert (await api.get("/readyz")).status_code == 200  # recovered
                     again = await api.post(emit, json={"event": "BUILD_END"}, headers=UID)
                     assert again.json()["status"] == 0, again.text
                     await receiver.wait_for(2, within=20)
