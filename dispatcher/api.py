@@ -8,22 +8,31 @@ code as `status`: 400 bad input, 401 no identity, 403 not allowed, 404 unknown i
 from __future__ import annotations
 
 import hmac
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, cast
 
+import orjson
 import structlog
 from fastapi import APIRouter, Depends, FastAPI, Header, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from dispatcher import metrics
 from dispatcher.auth import Role, Roles
 from dispatcher.egress import policy_for
-from dispatcher.errors import DispatcherError, Forbidden, NotFound, Unauthenticated
+from dispatcher.errors import (
+    DispatcherError,
+    Forbidden,
+    InvalidInput,
+    NotFound,
+    Unauthenticated,
+)
 from dispatcher.history import History, parse_window
 from dispatcher.models import (
     ApigwType,
@@ -68,12 +77,33 @@ TokenQuery = Annotated[
     str | None,
     Query(alias="secretToken", description="Sent back in X-DEVOPS-WEBHOOK-TOKEN; never shown"),
 ]
-PageQuery = Annotated[int, Query(alias="page", description="Page number, from 1")]
-PageSizeQuery = Annotated[int, Query(alias="pageSize", description="Page size, capped at 100")]
+# Bounded so that the offset, (page - 1) * pageSize, fits Redis' 64-bit integers.
+MAX_PAGE = 1_000_000_000
+PageQuery = Annotated[
+    int, Query(alias="page", ge=1, le=MAX_PAGE, description="Page number, from 1")
+]
+PageSizeQuery = Annotated[
+    int, Query(alias="pageSize", ge=1, description="Page size, capped at 100")
+]
 
 
 def _envelope(status: int, message: str) -> JSONResponse:
     return JSONResponse({"data": None, "message": message, "status": status}, status_code=status)
+
+
+async def _http_error(request: Request, error: Exception) -> JSONResponse:
+    """Starlette's own answers (no such route, method not allowed, unreadable body), in the
+    envelope too; their headers (Allow) kept."""
+    exc = cast(StarletteHTTPException, error)
+    if exc.status_code == 404:
+        message = f"no route {request.method} {request.url.path}"
+    elif exc.status_code == 405:
+        message = f"method {request.method} is not allowed on {request.url.path}"
+    else:
+        message = str(exc.detail)
+    response = _envelope(exc.status_code, message)
+    response.headers.update(exc.headers or {})
+    return response
 
 
 def _validation_message(exc: RequestValidationError) -> str:
@@ -113,6 +143,11 @@ async def require(request: Request, project_id: str, uid: str, role: Role) -> No
     await _state(request).roles.require(project_id, uid, role)
 
 
+async def check_target(request: Request, url: str, region: Region) -> None:
+    """The region's address policy for a URL to register, DNS included."""
+    await policy_for(_state(request).settings, region).check_resolved(validate_url(url))
+
+
 # ---- the seed routes -------------------------------------------------------------
 
 
@@ -130,7 +165,7 @@ async def create_callback(
     """Register a callback (project admins). An upsert on (project, url, event):
     registering again updates region and token and re-enables it."""
     await require(request, project_id, uid, Role.ADMIN)
-    await policy_for(_state(request).settings, region).check_resolved(validate_url(url))
+    await check_target(request, url, region)
     await _state(request).registry.create(project_id, url, event, region, secret_token, creator=uid)
     return Result[bool](data=True)
 
@@ -150,7 +185,7 @@ async def create_callbacks_batch(
 ) -> Result[CreateCallBackResult]:
     """Register one URL for several events; unknown names land in `failureEvents`."""
     await require(request, project_id, uid, Role.ADMIN)
-    await policy_for(_state(request).settings, region).check_resolved(validate_url(url))
+    await check_target(request, url, region)
     result = await _state(request).registry.create_batch(
         project_id, url, event, region, secret_token, creator=uid
     )
@@ -328,6 +363,10 @@ async def emit_event(
 ) -> Result[EmitResult]:  # fmt: skip
     """Emit an event for producers that are not Python; returns at once with its id."""
     await require(request, project_id, uid, Role.ADMIN)
+    try:  # what the queue's JSON cannot hold (integers beyond 64 bits, deep nesting)
+        orjson.dumps(body.data)
+    except orjson.JSONEncodeError as exc:
+        raise InvalidInput(f"body field 'data' cannot be queued: {exc}", param="data") from None
     event_id = await _state(request).producer.emit(
         project_id, body.event.value, body.data, event_id=body.event_id
     )
@@ -406,13 +445,65 @@ async def readyz(request: Request) -> JSONResponse:
     return JSONResponse({"data": "ready", "message": None, "status": 0})
 
 
-@router.get("/metrics", tags=["operations"])
+@router.get("/metrics", tags=["operations"], response_class=PlainTextResponse)
 async def metrics_route(request: Request) -> Response:
     """Prometheus metrics of this process, plus the queue's depth."""
     depth, age = await _state(request).queue.depth()
     metrics.QUEUE_DEPTH.set(depth)
     metrics.QUEUE_OLDEST_SECONDS.set(age)
     return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+
+# Starlette passes each handler the exception class it was registered for.
+async def _domain_error(request: Request, error: Exception) -> JSONResponse:
+    exc = cast(DispatcherError, error)
+    return _envelope(exc.http_status, exc.message)
+
+
+async def _bad_request(request: Request, error: Exception) -> JSONResponse:
+    return _envelope(400, _validation_message(cast(RequestValidationError, error)))
+
+
+async def _redis_down(request: Request, exc: Exception) -> JSONResponse:
+    log.warning("api.redis_unavailable", path=request.url.path, error=str(exc))
+    return _envelope(503, "storage (Redis) is unreachable; retry in a few seconds")
+
+
+async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+    log.exception("api.error", path=request.url.path)
+    return _envelope(500, f"internal error ({type(exc).__name__}); see the service log")
+
+
+async def _request_id(
+    request: Request, call_next: Callable[[Request], Awaitable[Response]]
+) -> Response:
+    """Every log line of a request carries its id; the answer names it too."""
+    request_id = (request.headers.get("x-request-id") or uuid.uuid4().hex)[:64]
+    structlog.contextvars.bind_contextvars(request_id=request_id)
+    try:
+        response = await call_next(request)
+    finally:
+        structlog.contextvars.unbind_contextvars("request_id")
+    response.headers["X-Request-ID"] = request_id
+    return response
+
+
+async def _limits(
+    request: Request, call_next: Callable[[Request], Awaitable[Response]]
+) -> Response:
+    """Size limits, and the gateway token when one is configured."""
+    if len(request.url.query) > MAX_QUERY_BYTES:
+        return _envelope(400, f"query string longer than {MAX_QUERY_BYTES} bytes")
+    length = request.headers.get("content-length")
+    if length is not None and (not length.isdigit() or int(length) > MAX_BODY_BYTES):
+        return _envelope(413, f"request body larger than {MAX_BODY_BYTES} bytes")
+    token = _state(request).settings.gateway_token
+    # Probes and the Prometheus scrape come from inside the cluster, not the gateway.
+    if token is not None and request.url.path not in UNGATED:
+        given = request.headers.get("x-devops-gateway-token", "")
+        if not hmac.compare_digest(given.encode(), token.get_secret_value().encode()):
+            return _envelope(401, "missing or wrong X-DEVOPS-GATEWAY-TOKEN")
+    return await call_next(request)
 
 
 def create_app(settings: Settings, redis: ArqRedis | None = None) -> FastAPI:
@@ -439,43 +530,14 @@ def create_app(settings: Settings, redis: ArqRedis | None = None) -> FastAPI:
         description="Register callbacks per project and event; query their delivery history.",
         lifespan=lifespan,
     )
-
-    @app.exception_handler(DispatcherError)
-    async def _domain_error(request: Request, exc: DispatcherError) -> JSONResponse:
-        return _envelope(exc.http_status, exc.message)
-
-    @app.exception_handler(RequestValidationError)
-    async def _bad_request(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return _envelope(400, _validation_message(exc))
-
-    @app.exception_handler(RedisConnectionError)
-    @app.exception_handler(RedisTimeoutError)
-    async def _redis_down(request: Request, exc: Exception) -> JSONResponse:
-        log.warning("api.redis_unavailable", path=request.url.path, error=str(exc))
-        return _envelope(503, "storage (Redis) is unreachable; retry in a few seconds")
-
-    @app.exception_handler(Exception)
-    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("api.error", path=request.url.path)
-        return _envelope(500, f"internal error ({type(exc).__name__}); see the service log")
-
-    @app.middleware("http")
-    async def _limits(
-        request: Request, call_next: Callable[[Request], Awaitable[Response]]
-    ) -> Response:
-        if len(request.url.query) > MAX_QUERY_BYTES:
-            return _envelope(400, f"query string longer than {MAX_QUERY_BYTES} bytes")
-        length = request.headers.get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > MAX_BODY_BYTES):
-            return _envelope(413, f"request body larger than {MAX_BODY_BYTES} bytes")
-        # Probes and the Prometheus scrape come from inside the cluster, not the gateway.
-        if settings.gateway_token is not None and request.url.path not in UNGATED:
-            given = request.headers.get("x-devops-gateway-token", "")
-            expected = settings.gateway_token.get_secret_value()
-            if not hmac.compare_digest(given.encode(), expected.encode()):
-                return _envelope(401, "missing or wrong X-DEVOPS-GATEWAY-TOKEN")
-        return await call_next(request)
-
     app.state.settings = settings
+    app.add_exception_handler(DispatcherError, _domain_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(RequestValidationError, _bad_request)
+    app.add_exception_handler(RedisConnectionError, _redis_down)
+    app.add_exception_handler(RedisTimeoutError, _redis_down)
+    app.add_exception_handler(Exception, _unexpected)
+    app.middleware("http")(_request_id)
+    app.middleware("http")(_limits)
     app.include_router(router)
     return app

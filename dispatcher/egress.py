@@ -113,6 +113,8 @@ class AddressPolicy:
         host = urlsplit(url).hostname or ""
         try:
             infos = await asyncio.get_running_loop().getaddrinfo(host, None)
+        except UnicodeError:  # IDNA encoding: an empty, too long or invalid label
+            raise InvalidUrl(f"url {url!r} has an invalid host name", param="url") from None
         except OSError:
             return
         for info in infos:

@@ -25,7 +25,11 @@ def configure_logging(settings: Settings) -> None:
         structlog.processors.TimeStamper(fmt="iso", utc=True),
     ]
     renderer: structlog.types.Processor = (
-        structlog.processors.JSONRenderer() if json_output else structlog.dev.ConsoleRenderer()
+        structlog.processors.JSONRenderer()
+        if json_output
+        # plain tracebacks: the rich ones print every local of every frame, which can take
+        # minutes for a deep async stack
+        else structlog.dev.ConsoleRenderer(exception_formatter=structlog.dev.plain_traceback)
     )
     level = logging.getLevelNamesMapping()[settings.log_level]
     structlog.configure(

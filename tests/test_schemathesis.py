@@ -1,0 +1,260 @@
+"""Bad input on every route: schemathesis over the app's own OpenAPI document.
+
+The document is the real app's (`create_app(...).openapi()`, the one `/openapi.json` serves).
+The app runs under uvicorn in a thread on 127.0.0.1, with its own event loop and its own
+Redis connection; schemathesis sends every operation a bounded, reproducible set of valid
+and invalid requests. No answer may be a server error; answers must match the documented
+schema where one is documented; every error must be the envelope
+`{data: null, message: <text>, status: <the HTTP code>}`.
+
+Not checked, on purpose: `status_code_conformance` (the document lists only 200 and
+FastAPI's 422, while the app answers 400/401/403/404/413/503 by design, see dispatcher.api)
+and `positive_data_acceptance` (a schema-valid request may still name an unknown callback or
+a malformed URL, and must then be refused).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+import time
+from collections import Counter, defaultdict
+from collections.abc import Iterator
+from typing import Any
+from urllib.parse import quote
+
+import httpx
+import orjson
+import pytest
+import schemathesis
+import structlog
+import uvicorn
+from hypothesis import HealthCheck, Phase, settings
+from schemathesis import Case, CheckContext, GenerationMode
+from schemathesis.checks import not_a_server_error
+
+from dispatcher.api import create_app
+from dispatcher.history import History
+from dispatcher.models import Event, Region
+from dispatcher.redis import EmbeddedRedis, connect
+from dispatcher.registry import Registry
+from dispatcher.settings import Settings
+from tests.conftest import make_settings
+
+OPERATOR_TOKEN = "op-secret"
+SEEDED_PROJECT = "fuzz"
+SEEDED = 6  # history records 1..6 and callbacks 1..12 of SEEDED_PROJECT (7..12 to delete)
+
+
+def _settings(redis_url: str) -> Settings:
+    return make_settings(redis_url, operator_token=OPERATOR_TOKEN)
+
+
+def _document() -> dict[str, Any]:
+    """The app's OpenAPI document; building it needs no Redis."""
+    return create_app(_settings("redis://127.0.0.1:1/0")).openapi()
+
+
+SCHEMA = schemathesis.openapi.from_dict(_document(), config=schemathesis.Config())
+SCHEMA.config.generation.update(
+    modes=[GenerationMode.POSITIVE, GenerationMode.NEGATIVE], deterministic=True
+)
+SCHEMA.config.phases.update(phases=["examples", "fuzzing"])
+SCHEMA.config.checks.update(
+    included_check_names=[
+        "not_a_server_error",
+        "response_schema_conformance",
+        "content_type_conformance",
+        "response_headers_conformance",
+        "negative_data_rejection",
+    ]
+)
+
+# (method path) -> status -> count, for the reach check at the end.
+SEEN: defaultdict[str, Counter[int]] = defaultdict(Counter)
+
+
+class LiveServer:
+    """The app under uvicorn in a thread, on its own loop, on a free port of 127.0.0.1.
+
+    Only literal addresses resolve in that loop: registration's DNS check of generated host
+    names fails at once (a failed lookup is allowed), and no query leaves the machine."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        config = uvicorn.Config(
+            create_app(settings), lifespan="on", log_config=None, access_log=False, ws="none"
+        )
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self._run, name="fuzzed-app", daemon=True)
+
+    def _run(self) -> None:
+        loop = asyncio.new_event_loop()
+        resolve = loop.getaddrinfo
+
+        async def numeric_only(host: Any, port: Any, **kwargs: Any) -> Any:
+            kwargs["flags"] = kwargs.get("flags", 0) | socket.AI_NUMERICHOST
+            return await resolve(host, port, **kwargs)
+
+        loop.getaddrinfo = numeric_only  # type: ignore[method-assign]
+        try:
+            loop.run_until_complete(self.server.serve(sockets=[self.sock]))
+        finally:
+            loop.close()
+
+    def __enter__(self) -> LiveServer:
+        self.thread.start()
+        deadline = time.monotonic() + 10
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the app did not start (is Redis up?)")
+            time.sleep(0.01)
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(10)
+        self.sock.close()
+
+
+async def _seed(settings: Settings) -> None:
+    """A clean database with a few callbacks and redeliverable history records, so that
+    generated ids also reach the routes' found-paths."""
+    redis = await connect(settings)
+    try:
+        await redis.flushdb()
+        registry, history = Registry(redis), History(redis, settings)
+        now = time.time_ns() // 1_000_000
+        for n in range(2 * SEEDED):
+            url, event = f"http://127.0.0.1:9/hook{n}", list(Event)[n]
+            cid, _ = await registry.create(SEEDED_PROJECT, url, event, Region.DEVNET, "tok")
+            if n >= SEEDED:
+                continue
+            await history.add({
+                "projectId": SEEDED_PROJECT, "callBackUrl": url, "events": event.value,
+                "status": "FAILED", "errorMsg": "refused", "requestHeaders": [],
+                "requestBody": orjson.dumps({"n": n}).decode(), "responseCode": None,
+                "responseBody": None, "startTime": now - 5, "endTime": now, "createdTime": now,
+                "attempt": 1, "deliveryId": f"evt_{n}.{cid}", "eventId": f"evt_{n}",
+                "callbackId": cid,
+            })  # fmt: skip
+    finally:
+        await redis.aclose()
+
+
+async def _flush(settings: Settings) -> None:
+    """Leave no queued jobs for the next test's workers."""
+    redis = await connect(settings)
+    try:
+        await redis.flushdb()
+    finally:
+        await redis.aclose()
+
+
+@pytest.fixture(autouse=True)
+def _plain_logs() -> None:
+    """Render the app's error logs as production does (JSON, plain traceback): structlog's
+    default console renderer prints every local of every frame, which can take minutes for
+    one 500 and stalls the server meanwhile."""
+    structlog.configure(
+        processors=[
+            structlog.processors.add_log_level,
+            structlog.processors.format_exc_info,
+            structlog.processors.JSONRenderer(),
+        ]
+    )
+
+
+@pytest.fixture(scope="module")
+def live_url(redis_server: EmbeddedRedis) -> Iterator[str]:
+    settings = _settings(redis_server.url)
+    asyncio.run(_seed(settings))
+    with LiveServer(settings) as server:
+        yield server.url
+    asyncio.run(_flush(settings))
+
+
+def envelope_on_error(ctx: CheckContext, response: schemathesis.Response, case: Case) -> bool:
+    """Every error is `{data: null, message: <text>, status: <the HTTP code>}`."""
+    if response.status_code < 400:
+        return True
+    body = response.json()
+    assert isinstance(body, dict) and set(body) == {"data", "message", "status"}, (
+        f"error {response.status_code} is not the envelope: {response.text[:300]}"
+    )
+    assert body["data"] is None, f"error envelope with data: {body}"
+    assert isinstance(body["message"], str) and body["message"].strip(), f"no message: {body}"
+    assert body["status"] == response.status_code, (
+        f"envelope status {body['status']} is not the HTTP code {response.status_code}"
+    )
+    return True
+
+
+def steer(case: Case) -> None:
+    """Nudge generated cases past the first refusal: random text is rarely a caller, a
+    token, a URL, an event name or an existing id. Only what the schema leaves open changes,
+    and only in valid (positive) cases beyond the headers, so invalid cases stay invalid."""
+    headers = case.headers if case.headers is not None else {}
+    if "X-DEVOPS-UID" in case.operation.headers:
+        headers.setdefault("X-DEVOPS-UID", "fuzzer")  # a blank generated one gets the 401
+    if "X-DEVOPS-OPERATOR-TOKEN" in case.operation.headers:
+        headers.setdefault("X-DEVOPS-OPERATOR-TOKEN", OPERATOR_TOKEN)
+    case.headers = headers
+    if case.meta is None or case.meta.generation.mode is not GenerationMode.POSITIVE:
+        return
+    query, path = case.query or {}, case.path_parameters or {}
+    url = query.get("url")
+    if isinstance(url, str) and "://" not in url:
+        if len(url) % 2 or not url:  # a plausible host, the generated text in the path
+            host = "".join(c for c in url.lower() if c.isascii() and c.isalnum())[:20]
+            query["url"] = f"http://{host or 'h'}.test/{quote(url)}"
+        else:  # the generated text as the host
+            query["url"] = f"http://{url}"
+    event = query.get("event")
+    if isinstance(event, str) and event not in Event.__members__ and len(event) % 2 == 0:
+        query["event"] = list(Event)[len(event) % len(Event)].value
+    first = SEEDED + 1 if case.method == "DELETE" else 1  # deletions spare the others' ids
+    for name in ("callbackId", "id"):
+        value = path.get(name)
+        if isinstance(value, int) and value % 2 == 0:
+            path[name], path["projectId"] = first + value // 2 % SEEDED, SEEDED_PROJECT
+
+
+@SCHEMA.parametrize()
+@settings(
+    max_examples=25,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    phases=[Phase.explicit, Phase.generate],  # no shrinking: a failure is reported at once
+    suppress_health_check=list(HealthCheck),
+)
+def test_every_route_survives_bad_input(case: Case, live_url: str) -> None:
+    steer(case)
+    if case.operation.path == "/metrics":
+        # Prometheus' text format; FastAPI documents every route as JSON unless told.
+        response = case.call_and_validate(base_url=live_url, timeout=5, checks=[not_a_server_error])
+        assert response.headers["content-type"][0].startswith("text/plain")
+    else:
+        response = case.call_and_validate(
+            base_url=live_url, timeout=5, additional_checks=[envelope_on_error]
+        )
+    SEEN[f"{case.method} {case.operation.path}"][response.status_code] += 1
+
+
+def test_the_fuzzed_document_is_the_served_one(live_url: str) -> None:
+    assert httpx.get(f"{live_url}/openapi.json").json() == _document()
+
+
+def test_the_fuzzing_got_past_the_first_refusal() -> None:
+    """Guards `steer`: every route must have accepted some requests, and the 401 for a
+    missing caller must not be most of what the fuzzing saw."""
+    if len(SEEN) < len(list(SCHEMA.get_all_operations())):
+        pytest.skip("needs the whole fuzzing run")
+    never = sorted(operation for operation, statuses in SEEN.items() if not statuses[200])
+    assert not never, f"no request succeeded on {never}; see steer()"
+    total = sum(sum(statuses.values()) for statuses in SEEN.values())
+    assert sum(statuses[401] for statuses in SEEN.values()) < total / 4
