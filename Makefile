@@ -18,8 +18,8 @@ run: $(STAMP)  ## API + worker on an embedded Redis (set DISPATCHER_REDIS_URL to
 test: lint typecheck pytest  ## everything CI runs
 
 lint: $(STAMP)
-	$(BIN)/ruff check dispatcher tests bench
-	$(BIN)/ruff format --check dispatcher tests bench
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 typecheck: $(STAMP)
 	$(BIN)/mypy
@@ -28,8 +28,8 @@ pytest: $(STAMP)
 	$(BIN)/pytest
 
 fmt: $(STAMP)
-	$(BIN)/ruff format dispatcher tests bench
-	$(BIN)/ruff check --fix dispatcher tests bench
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
 
 bench: $(STAMP)  ## full benchmark table (< 10 min), written to bench/results/
 	$(BIN)/python -m bench
