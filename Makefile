@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+PY_DIRS := dispatcher tests $(wildcard bench)
 
 .PHONY: run test lint fmt typecheck pytest bench bench-quick deploy-check clean
 
@@ -18,8 +19,8 @@ run: $(STAMP)  ## API + worker on an embedded Redis (set DISPATCHER_REDIS_URL to
 test: lint typecheck pytest  ## everything CI runs
 
 lint: $(STAMP)
-	$(BIN)/ruff check .
-	$(BIN)/ruff format --check .
+	$(BIN)/ruff check $(PY_DIRS)
+	$(BIN)/ruff format --check $(PY_DIRS)
 
 typecheck: $(STAMP)
 	$(BIN)/mypy
@@ -28,8 +29,8 @@ pytest: $(STAMP)
 	$(BIN)/pytest
 
 fmt: $(STAMP)
-	$(BIN)/ruff format .
-	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format $(PY_DIRS)
+	$(BIN)/ruff check --fix $(PY_DIRS)
 
 bench: $(STAMP)  ## full benchmark table (< 10 min), written to bench/results/
 	$(BIN)/python -m bench

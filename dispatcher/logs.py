@@ -6,6 +6,7 @@ import logging
 import sys
 from typing import TYPE_CHECKING
 
+import orjson
 import structlog
 
 if TYPE_CHECKING:
@@ -24,18 +25,26 @@ def configure_logging(settings: Settings) -> None:
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
     ]
+    # plain tracebacks: the rich ones print every local of every frame, which can take
+    # minutes for a deep async stack
+    console = structlog.dev.ConsoleRenderer(exception_formatter=structlog.dev.plain_traceback)
     renderer: structlog.types.Processor = (
-        structlog.processors.JSONRenderer()
-        if json_output
-        # plain tracebacks: the rich ones print every local of every frame, which can take
-        # minutes for a deep async stack
-        else structlog.dev.ConsoleRenderer(exception_formatter=structlog.dev.plain_traceback)
+        structlog.processors.JSONRenderer() if json_output else console
     )
     level = logging.getLevelNamesMapping()[settings.log_level]
     structlog.configure(
-        processors=[*shared, structlog.processors.format_exc_info, renderer],
+        # a line per delivery attempt is the hot path: orjson straight to bytes
+        processors=[
+            *shared,
+            structlog.processors.format_exc_info,
+            structlog.processors.JSONRenderer(serializer=orjson.dumps) if json_output else console,
+        ],
         wrapper_class=structlog.make_filtering_bound_logger(level),
-        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+        logger_factory=(
+            structlog.BytesLoggerFactory(sys.stderr.buffer)
+            if json_output
+            else structlog.PrintLoggerFactory(sys.stderr)
+        ),
         cache_logger_on_first_use=True,
     )
     handler = logging.StreamHandler(sys.stderr)
