@@ -43,8 +43,8 @@ WORKER_ENV = {
 }
 
 
-def start_worker(redis_url: str, log: Path) -> subprocess.Popen[bytes]:
-    env = {**os.environ, **WORKER_ENV, "DISPATCHER_REDIS_URL": redis_url}
+def start_worker(redis_url: str, log: Path, **extra: str) -> subprocess.Popen[bytes]:
+    env = {**os.environ, **WORKER_ENV, "DISPATCHER_REDIS_URL": redis_url, **extra}
     with log.open("ab") as out:
         return subprocess.Popen(
             [sys.executable, "-m", "dispatcher", "worker"], env=env, stdout=out, stderr=out
@@ -279,3 +279,37 @@ def test_worker_check_sees_a_live_worker(
     stop(workers[0])
     result = subprocess.run(check, env=env, capture_output=True, timeout=30)
     assert result.returncode == 1  # a cleanly stopped worker removes its heartbeat
+
+
+async def test_sigterm_lets_running_deliveries_finish_and_loses_nothing(
+    settings: Settings,
+    redis: ArqRedis,
+    receiver: Receiver,
+    run_worker: RunWorker,
+    workers: list[subprocess.Popen[bytes]],
+    tmp_path: Path,
+) -> None:
+    async def slow(request: web.Request) -> web.StreamResponse:
+        await asyncio.sleep(1.0)
+        return web.Response(text="done")
+
+    url = receiver.script("/hook", slow)
+    await Registry(redis).create("demo", url, Event.BUILD_END, Region.DEVNET)
+    ids = await Producer(settings, redis).emit_many([("demo", "BUILD_END", {})] * 3)
+    one_at_a_time = {"DISPATCHER_WORKER_MAX_JOBS": "1"}
+    workers.append(start_worker(settings.redis_url or "", tmp_path / "w.log", **one_at_a_time))
+    await receiver.wait_for(1, within=15)
+    workers[0].send_signal(signal.SIGTERM)
+    await asyncio.to_thread(workers[0].wait, 15)
+    assert workers[0].returncode == 0
+    history = History(redis, settings)
+    now = int(time.time() * 1000)
+    page = await history.query("demo", url, "BUILD_END", start_ms=now - 60_000, end_ms=now + 1000)
+    started = {s.headers["X-DEVOPS-DELIVERY-ID"] for s in receiver.requests()}
+    # what was running when the signal came finished and was recorded as a success
+    assert {r.delivery_id for r in page.records if r.status.value == "SUCCESS"} == started
+    assert len(started) < 3
+    await run_worker()  # the rest was still queued
+    assert {s.headers["X-DEVOPS-DELIVERY-ID"].split(".")[0] for s in receiver.requests()} == set(
+        ids
+    )
