@@ -30,7 +30,7 @@ from dispatcher.models import Region
 if TYPE_CHECKING:
     from dispatcher.settings import Settings
 
-__all__ = ["DANGEROUS_PORTS", "AddressPolicy", "GuardedResolver", "make_client", "policy_for"]
+__all__ = ["DANGEROUS_PORTS", "AddressPolicy", "GuardedResolver", "make_transport", "policy_for"]
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -162,9 +162,9 @@ def policy_for(settings: Settings, region: Region) -> AddressPolicy:
     return AddressPolicy(allow_internal=allowed)
 
 
-def make_client(settings: Settings, region: Region) -> httpx.AsyncClient:
-    """One long-lived client per region: its proxy, its address policy, aiohttp underneath
-    (httpx's own pool slows down under concurrency). Redirects are never followed."""
+def make_transport(settings: Settings, region: Region) -> AiohttpTransport:
+    """One long-lived httpx transport per region: its proxy, its address policy, aiohttp
+    underneath (httpx's own pool slows down under concurrency). It never follows redirects."""
     policy = policy_for(settings, region)
     proxy_url = settings.region_proxies.get(region)
 
@@ -177,12 +177,7 @@ def make_client(settings: Settings, region: Region) -> httpx.AsyncClient:
         )
         return aiohttp.ClientSession(connector=connector, auto_decompress=False)
 
-    transport_options: dict[str, Any] = {"client": session, "verify": settings.verify_tls}
+    options: dict[str, Any] = {"client": session, "verify": settings.verify_tls}
     if proxy_url:
-        transport_options["proxy"] = httpx.Proxy(proxy_url)
-    return httpx.AsyncClient(
-        transport=AiohttpTransport(**transport_options),
-        timeout=httpx.Timeout(settings.total_timeout, connect=settings.connect_timeout),
-        follow_redirects=False,
-        trust_env=False,
-    )
+        options["proxy"] = httpx.Proxy(proxy_url)
+    return AiohttpTransport(**options)

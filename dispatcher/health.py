@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 import structlog
 
 from dispatcher import keys
+from dispatcher.lua import Lua
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
@@ -23,12 +24,12 @@ __all__ = ["CircuitBreaker", "Health"]
 log = structlog.get_logger("dispatcher.health")
 
 # KEYS: health hash. ARGV: now ms, last error. Returns {failures, since ms}.
-_FAILED = """
+_FAILED = Lua("""
 local n = redis.call('HINCRBY', KEYS[1], 'failures', 1)
 redis.call('HSETNX', KEYS[1], 'since', ARGV[1])
 redis.call('HSET', KEYS[1], 'lastError', ARGV[2])
 return {n, tonumber(redis.call('HGET', KEYS[1], 'since'))}
-"""
+""")
 
 
 class Health:
@@ -38,7 +39,6 @@ class Health:
         self.redis = redis
         self.registry = registry
         self.settings = settings
-        self._failed = redis.register_script(_FAILED)
 
     @staticmethod
     def succeeded(pipe: Pipeline, callback_id: int) -> None:
@@ -49,7 +49,7 @@ class Health:
         """Count one final failure; disable the callback past the threshold (count *and*
         time). Returns True when this call disabled it."""
         now = time.time_ns() // 1_000_000 if now_ms is None else now_ms
-        failures, since = await self._failed(keys=[keys.health(callback_id)], args=[now, error])
+        failures, since = await _FAILED(self.redis, [keys.health(callback_id)], [now, error])
         threshold_ms = self.settings.disable_after_seconds * 1000
         if failures < self.settings.disable_after_failures or now - int(since) < threshold_ms:
             return False

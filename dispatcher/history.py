@@ -19,6 +19,7 @@ import orjson
 
 from dispatcher import keys
 from dispatcher.errors import InvalidInput, InvalidTime, NotFound
+from dispatcher.lua import Lua, run_pipeline
 from dispatcher.models import HistoryPage, HistoryRecord
 
 if TYPE_CHECKING:
@@ -39,17 +40,17 @@ _TTL_MARGIN_S = 86_400
 
 # KEYS: seq, index, indexes set, dead zset. ARGV: record json, createdTime ms, ttl s,
 # record key prefix, '1' when this attempt ended the delivery in failure.
-_RECORD = """
+_RECORD = Lua("""
 local id = redis.call('INCR', KEYS[1])
 redis.call('SET', ARGV[4] .. string.format('%d', id), ARGV[1], 'EX', ARGV[3])
 redis.call('ZADD', KEYS[2], ARGV[2], string.format('%015d', id))
 redis.call('SADD', KEYS[3], KEYS[2])
 if ARGV[5] == '1' then redis.call('ZADD', KEYS[4], ARGV[2], id) end
 return id
-"""
+""")
 
 # KEYS: index. ARGV: min ms, max ms, offset, count, record key prefix.
-_QUERY = """
+_QUERY = Lua("""
 local total = redis.call('ZCOUNT', KEYS[1], ARGV[1], ARGV[2])
 local ids = redis.call('ZREVRANGEBYSCORE', KEYS[1], ARGV[2], ARGV[1], 'LIMIT', ARGV[3], ARGV[4])
 local recs = {}
@@ -62,10 +63,10 @@ if #ids > 0 then
   recs = redis.call('MGET', unpack(ks))
 end
 return {total, ids, recs}
-"""
+""")
 
 # KEYS: index, indexes set. ARGV: cutoff ms, batch, record key prefix.
-_SWEEP = """
+_SWEEP = Lua("""
 local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, ARGV[2])
 for _, m in ipairs(ids) do
   redis.call('DEL', ARGV[3] .. string.match(m, '^0*(%d+)$'))
@@ -76,7 +77,7 @@ if redis.call('ZCARD', KEYS[1]) == 0 then
   redis.call('SREM', KEYS[2], KEYS[1])
 end
 return #ids
-"""
+""")
 
 
 def _to_ms(moment: datetime) -> int:
@@ -132,31 +133,28 @@ class History:
     def __init__(self, redis: Redis, settings: Settings) -> None:
         self.redis = redis
         self.settings = settings
-        self._record = redis.register_script(_RECORD)
-        self._query = redis.register_script(_QUERY)
-        self._sweep = redis.register_script(_SWEEP)
 
-    async def record(self, pipe: Pipeline, record: dict[str, Any], *, dead: bool = False) -> None:
+    def record(self, pipe: Pipeline, record: dict[str, Any], *, dead: bool = False) -> None:
         """Queue the write of one record on `pipe` (the caller executes it with its other
         writes, one round trip). `record` carries the seed's fields, camelCase, without id."""
         ttl = self.settings.retention_ms // 1000 + _TTL_MARGIN_S
-        await self._record(
-            keys=[
+        _RECORD.queue(
+            pipe,
+            [
                 keys.HISTORY_SEQ,
                 keys.history_index(record["projectId"], record["events"], record["callBackUrl"]),
                 keys.HISTORY_INDEXES,
                 keys.HISTORY_DEAD,
             ],
-            args=[orjson.dumps(record), record["createdTime"], ttl, keys.HISTORY_RECORD_PREFIX,
-                  "1" if dead else "0"],
-            client=pipe,
+            [orjson.dumps(record), record["createdTime"], ttl, keys.HISTORY_RECORD_PREFIX,
+             "1" if dead else "0"],
         )  # fmt: skip
 
     async def add(self, record: dict[str, Any], *, dead: bool = False) -> int:
         """Write one record now; returns its id."""
-        async with self.redis.pipeline(transaction=False) as pipe:
-            await self.record(pipe, record, dead=dead)
-            (record_id,) = await pipe.execute()
+        (record_id,) = await run_pipeline(
+            self.redis, lambda pipe: self.record(pipe, record, dead=dead)
+        )
         return int(record_id)
 
     async def query(
@@ -182,9 +180,10 @@ class History:
         start_ms = max(start_ms, now - self.settings.retention_ms)
         if start_ms > end_ms:
             return HistoryPage(records=[], count=0, total_pages=0, page_size=page_size, page=page)
-        total, ids, raws = await self._query(
-            keys=[keys.history_index(project_id, event, url)],
-            args=[start_ms, end_ms, (page - 1) * page_size, page_size, keys.HISTORY_RECORD_PREFIX],
+        total, ids, raws = await _QUERY(
+            self.redis,
+            [keys.history_index(project_id, event, url)],
+            [start_ms, end_ms, (page - 1) * page_size, page_size, keys.HISTORY_RECORD_PREFIX],
         )
         records = [
             HistoryRecord.model_validate({**orjson.loads(raw), "id": int(rid)})
@@ -244,9 +243,10 @@ class History:
         async for index in self.redis.sscan_iter(keys.HISTORY_INDEXES, count=100):
             while True:
                 n = int(
-                    await self._sweep(
-                        keys=[index, keys.HISTORY_INDEXES],
-                        args=[cutoff, batch, keys.HISTORY_RECORD_PREFIX],
+                    await _SWEEP(
+                        self.redis,
+                        [index.decode(), keys.HISTORY_INDEXES],
+                        [cutoff, batch, keys.HISTORY_RECORD_PREFIX],
                     )
                 )
                 removed += n

@@ -9,6 +9,7 @@ from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from dispatcher.errors import InvalidInput
+from dispatcher.lua import run_pipeline
 from dispatcher.queue import DELIVER, FAN_OUT, Queue
 from dispatcher.redis import connect
 from dispatcher.registry import parse_event
@@ -17,6 +18,7 @@ if TYPE_CHECKING:
     from types import TracebackType
 
     from arq.connections import ArqRedis
+    from redis.asyncio.client import Pipeline
 
     from dispatcher.models import HistoryRecord
     from dispatcher.settings import Settings
@@ -100,10 +102,13 @@ class Producer:
         """Queue many `(project_id, event, data)` in one round trip; returns their ids.
         Every event is checked before any is queued."""
         payloads = [_event_payload(p, e, d, None) for p, e, d in events]
-        async with self.queue.redis.pipeline(transaction=False) as pipe:
+        queue = self.queue
+
+        def push_all(pipe: Pipeline) -> None:
             for payload in payloads:
-                await self.queue.push(pipe, FAN_OUT, payload, job_id=payload["id"])
-            await pipe.execute()
+                queue.push(pipe, FAN_OUT, payload, job_id=payload["id"])
+
+        await run_pipeline(queue.redis, push_all)
         return [str(p["id"]) for p in payloads]
 
     async def redeliver(self, record: HistoryRecord) -> str:

@@ -15,6 +15,7 @@ from arq.constants import expires_extra_ms
 from arq.jobs import serialize_job
 
 from dispatcher import keys
+from dispatcher.lua import Lua, run_pipeline
 from dispatcher.redis import job_serializer
 
 if TYPE_CHECKING:
@@ -28,13 +29,13 @@ DELIVER = "deliver"
 
 # KEYS: job key, queue. ARGV: job bytes, score ms, job id, expiry ms.
 # A job id already queued (or running) is left alone: enqueueing is idempotent.
-_PUSH = """
+_PUSH = Lua("""
 if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[4]) then
   redis.call('ZADD', KEYS[2], ARGV[2], ARGV[3])
   return 1
 end
 return 0
-"""
+""")
 
 
 class Queue:
@@ -43,9 +44,8 @@ class Queue:
     def __init__(self, redis: Redis, queue_name: str) -> None:
         self.redis = redis
         self.queue_name = queue_name
-        self._push = redis.register_script(_PUSH)
 
-    async def push(
+    def push(
         self,
         pipe: Pipeline,
         function: str,
@@ -59,19 +59,20 @@ class Queue:
         now = time.time_ns() // 1_000_000
         score = now + int(defer_s * 1000)
         data = serialize_job(function, (payload,), {}, None, now, serializer=job_serializer)
-        await self._push(
-            keys=[keys.ARQ_JOB_PREFIX + job_id, self.queue_name],
-            args=[data, score, job_id, score - now + expires_extra_ms],
-            client=pipe,
+        _PUSH.queue(
+            pipe,
+            [keys.ARQ_JOB_PREFIX + job_id, self.queue_name],
+            [data, score, job_id, score - now + expires_extra_ms],
         )
 
     async def enqueue(
         self, function: str, payload: dict[str, Any], *, job_id: str, defer_s: float = 0.0
     ) -> bool:
         """Enqueue one job now; False when that job id is already queued or running."""
-        async with self.redis.pipeline(transaction=False) as pipe:
-            await self.push(pipe, function, payload, job_id=job_id, defer_s=defer_s)
-            (queued,) = await pipe.execute()
+        (queued,) = await run_pipeline(
+            self.redis,
+            lambda pipe: self.push(pipe, function, payload, job_id=job_id, defer_s=defer_s),
+        )
         return bool(queued)
 
     async def depth(self) -> tuple[int, float]:

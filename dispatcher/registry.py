@@ -15,10 +15,12 @@ from urllib.parse import urlsplit
 
 from dispatcher import keys
 from dispatcher.errors import InvalidEvent, InvalidInput, InvalidUrl, NotFound
+from dispatcher.lua import Lua, run_pipeline
 from dispatcher.models import Callback, CallbackPage, CreateCallBackResult, Event, Region
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
+    from redis.asyncio.client import Pipeline
 
     from dispatcher.tokens import TokenCipher
 
@@ -27,7 +29,7 @@ __all__ = ["MAX_URL_LENGTH", "CallbackTarget", "Registry", "parse_events", "vali
 MAX_URL_LENGTH = 2048
 MAX_TOKEN_LENGTH = 1024
 
-_UPSERT = """
+_UPSERT = Lua("""
 local id = redis.call('HGET', KEYS[1], ARGV[1])
 local created = 0
 if not id then
@@ -47,11 +49,11 @@ redis.call('SADD', KEYS[4], id)
 redis.call('ZREM', KEYS[5], id)
 redis.call('DEL', ARGV[10] .. id)
 return {tonumber(id), created}
-"""
+""")
 
 # KEYS: match set. ARGV: callback key prefix, health key prefix. Each row ends with 1 when
 # the callback has failures on record (so a success only then has to reset them).
-_MATCH = """
+_MATCH = Lua("""
 local ids = redis.call('SMEMBERS', KEYS[1])
 local out = {}
 for i, id in ipairs(ids) do
@@ -62,12 +64,12 @@ for i, id in ipairs(ids) do
   end
 end
 return out
-"""
+""")
 
 # KEYS: callback hash. ARGV: enabled ('1'/'0'), reason, now, match prefix, disabled zset,
 # expected project ('' = any), health prefix (enabling starts the failure count again).
 # Returns 0 when missing or in another project.
-_SET_ENABLED = """
+_SET_ENABLED = Lua("""
 local row = redis.call('HMGET', KEYS[1], 'projectId', 'event', 'id')
 if not row[1] or (ARGV[6] ~= '' and row[1] ~= ARGV[6]) then return 0 end
 local match = ARGV[4] .. row[1] .. ':' .. row[2]
@@ -82,9 +84,9 @@ else
   redis.call('ZADD', ARGV[5], ARGV[3], row[3])
 end
 return 1
-"""
+""")
 
-_DELETE = """
+_DELETE = Lua("""
 local row = redis.call('HMGET', KEYS[1], 'projectId', 'event', 'url', 'id')
 if not row[1] or row[1] ~= ARGV[1] then return 0 end
 redis.call('DEL', KEYS[1], ARGV[5] .. row[4])
@@ -93,7 +95,7 @@ redis.call('ZREM', ARGV[3] .. row[1], row[4])
 redis.call('SREM', ARGV[4] .. row[1] .. ':' .. row[2], row[4])
 redis.call('ZREM', KEYS[2], row[4])
 return 1
-"""
+""")
 
 
 @dataclass(frozen=True, slots=True)
@@ -185,10 +187,6 @@ class Registry:
     def __init__(self, redis: Redis, cipher: TokenCipher | None = None) -> None:
         self.redis = redis
         self.cipher = cipher
-        self._upsert = redis.register_script(_UPSERT)
-        self._match = redis.register_script(_MATCH)
-        self._set_enabled = redis.register_script(_SET_ENABLED)
-        self._delete = redis.register_script(_DELETE)
 
     async def create(
         self,
@@ -244,31 +242,38 @@ class Registry:
         if self.cipher is not None:
             token = self.cipher.encrypt(token)
         now = str(_now_ms())
-        async with self.redis.pipeline(transaction=False) as pipe:
+
+        def upsert_all(pipe: Pipeline) -> None:
             for event in events:
-                await self._upsert(
-                    keys=[
+                _UPSERT.queue(
+                    pipe,
+                    [
                         keys.callback_unique(project_id),
                         keys.CALLBACK_SEQ,
                         keys.project_callbacks(project_id),
                         keys.match(project_id, event.value),
                         keys.CALLBACKS_DISABLED,
                     ],
-                    args=[
+                    [
                         keys.callback_unique_field(event.value, url), project_id, url,
                         event.value, region.value, token, now, creator or "",
                         keys.CALLBACK_PREFIX, keys.HEALTH_PREFIX,
                     ],
-                    client=pipe,
                 )  # fmt: skip
-            results: list[list[int]] = await pipe.execute()
+
+        results: list[list[int]] = await run_pipeline(self.redis, upsert_all)
         return [(int(cid), bool(created)) for cid, created in results]
 
     async def match(self, project_id: str, event: str) -> list[CallbackTarget]:
         """The enabled callbacks of (project, event), in one round trip."""
-        rows: list[list[Any]] = await self._match(
-            keys=[keys.match(project_id, event)], args=[keys.CALLBACK_PREFIX, keys.HEALTH_PREFIX]
-        )
+        return self.targets(await _MATCH(self.redis, *_match_call(project_id, event)))
+
+    @staticmethod
+    def queue_match(pipe: Pipeline, project_id: str, event: str) -> None:
+        """`match` queued on a pipeline (a Batcher's); read its result with `targets`."""
+        _MATCH.queue(pipe, *_match_call(project_id, event))
+
+    def targets(self, rows: list[list[Any]]) -> list[CallbackTarget]:
         return [
             CallbackTarget(
                 int(cid), url.decode(), Region(region.decode()), self._token(token), bool(failing)
@@ -326,9 +331,10 @@ class Registry:
         )
 
     async def delete(self, project_id: str, callback_id: int) -> None:
-        done = await self._delete(
-            keys=[keys.callback(callback_id), keys.CALLBACKS_DISABLED],
-            args=[
+        done = await _DELETE(
+            self.redis,
+            [keys.callback(callback_id), keys.CALLBACKS_DISABLED],
+            [
                 project_id, keys.CALLBACK_UNIQUE_PREFIX, keys.PROJECT_CALLBACKS_PREFIX,
                 keys.MATCH_PREFIX, keys.HEALTH_PREFIX,
             ],
@@ -347,9 +353,10 @@ class Registry:
         """Enable, or disable with a reason. `project_id` restricts it to that project."""
         if not enabled and not reason:
             reason = "disabled by its owner"
-        done = await self._set_enabled(
-            keys=[keys.callback(callback_id)],
-            args=[
+        done = await _SET_ENABLED(
+            self.redis,
+            [keys.callback(callback_id)],
+            [
                 "1" if enabled else "0", reason, _now_ms(), keys.MATCH_PREFIX,
                 keys.CALLBACKS_DISABLED, project_id or "", keys.HEALTH_PREFIX,
             ],
@@ -383,6 +390,10 @@ class Registry:
             except NotFound:
                 continue
         return out
+
+
+def _match_call(project_id: str, event: str) -> tuple[list[str], list[str]]:
+    return [keys.match(project_id, event)], [keys.CALLBACK_PREFIX, keys.HEALTH_PREFIX]
 
 
 def _check_project(project_id: str) -> None:

@@ -29,6 +29,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from dispatcher import keys, metrics
 from dispatcher.backoff import next_delay
+from dispatcher.batch import Batcher
 from dispatcher.delivery import (
     AttemptResult,
     Outcome,
@@ -37,7 +38,7 @@ from dispatcher.delivery import (
     request_headers,
     send,
 )
-from dispatcher.egress import make_client, policy_for
+from dispatcher.egress import make_transport, policy_for
 from dispatcher.errors import InvalidUrl
 from dispatcher.health import CircuitBreaker, Health
 from dispatcher.history import History, truncate
@@ -50,6 +51,7 @@ from dispatcher.tokens import cipher_for
 if TYPE_CHECKING:
     import httpx
     from arq.connections import ArqRedis
+    from redis.asyncio.client import Pipeline
 
     from dispatcher.settings import Settings
 
@@ -107,7 +109,7 @@ def _now_ms() -> int:
 
 
 class Engine:
-    """Everything a worker process holds: one HTTP client per region, the stores, the
+    """Everything a worker process holds: one HTTP transport per region, the stores, the
     circuit breaker. Built in `on_startup`, closed in `on_shutdown`."""
 
     def __init__(self, settings: Settings, redis: ArqRedis) -> None:
@@ -117,10 +119,11 @@ class Engine:
         self.history = History(redis, settings)
         self.health = Health(redis, self.registry, settings)
         self.queue = Queue(redis, settings.queue_name)
+        self.batcher = Batcher(redis)
         self.breaker = CircuitBreaker(settings.circuit_threshold, settings.circuit_cooldown)
         self.policies = {region: policy_for(settings, region) for region in Region}
-        self.clients: dict[Region, httpx.AsyncClient] = {
-            region: make_client(settings, region) for region in Region
+        self.transports: dict[Region, httpx.AsyncBaseTransport] = {
+            region: make_transport(settings, region) for region in Region
         }
         schedule_s = sum(settings.retry_schedule)
         self.progress_ttl = int(max(86_400, 2 * schedule_s))
@@ -143,13 +146,17 @@ class Engine:
             raise
 
     async def close(self) -> None:
-        await asyncio.gather(*(client.aclose() for client in self.clients.values()))
+        await asyncio.gather(*(t.aclose() for t in self.transports.values()))
         with contextlib.suppress(*_REDIS_ERRORS):
             await self.flush_stats()
 
     async def fan_out(self, event: dict[str, Any], *, job_try: int = 1) -> int:
         """First attempt of every delivery of `event`; returns how many callbacks matched."""
-        targets = await self.registry.match(event["projectId"], event["event"])
+        project_id, name = event["projectId"], event["event"]
+        (rows,) = await self.batcher.execute(
+            lambda pipe: self.registry.queue_match(pipe, project_id, name)
+        )
+        targets = self.registry.targets(rows)
         if not targets:
             return 0
         body = encode_body(event["event"], event.get("data") or {})  # once for all callbacks
@@ -257,10 +264,11 @@ class Engine:
             return AttemptResult(Outcome.FAILED, None, None, f"refused: {exc.message}", None,
                                  now, now)  # fmt: skip
         return await send(
-            self.clients[target.region],
+            self.transports[target.region],
             target.url,
             body,
             headers,
+            connect_timeout=self.settings.connect_timeout,
             total_timeout=self.settings.total_timeout,
             max_response_body=self.settings.max_response_body,
         )
@@ -303,10 +311,10 @@ class Engine:
             "requestBodyTruncated": body_truncated,
             "redeliveryOf": delivery.redelivery_of,
         }
-        async with self.redis.pipeline(transaction=False) as pipe:
-            await self.history.record(
-                pipe, record, dead=final and result.outcome is not Outcome.SUCCESS
-            )
+
+        def write(pipe: Pipeline) -> None:
+            # all idempotent but the record, which runs once (see Batcher.execute)
+            self.history.record(pipe, record, dead=final and not ok)
             pipe.set(
                 keys.delivery(delivery.progress_id),
                 DONE if final else str(attempt),
@@ -315,11 +323,12 @@ class Engine:
             if ok and target.failing:
                 self.health.succeeded(pipe, target.id)
             if first and delay is not None:
-                await self.queue.push(
+                self.queue.push(
                     pipe, DELIVER, delivery.job_payload(), job_id=delivery.progress_id,
                     defer_s=delay,
                 )  # fmt: skip
-            await pipe.execute()
+
+        await self.batcher.execute(write)
 
     @staticmethod
     def _observe(

@@ -1,0 +1,61 @@
+"""Group commit: concurrent callers share a pipeline, get their own results and errors, and
+survive Redis forgetting its scripts."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from arq.connections import ArqRedis
+from redis.exceptions import ResponseError
+
+from dispatcher.batch import Batcher
+from dispatcher.lua import Lua, run_pipeline
+
+ECHO = Lua("return ARGV[1] .. ':' .. KEYS[1]")
+
+
+async def test_callers_share_a_round_trip_and_get_their_own_results(redis: ArqRedis) -> None:
+    batcher = Batcher(redis, window=0.01)
+    await batcher.execute(lambda pipe: ECHO.queue(pipe, ["warm"], ["up"]))  # script loaded
+    before = int((await redis.info("stats"))["total_commands_processed"])
+    results = await asyncio.gather(
+        *(batcher.execute(lambda pipe, i=i: ECHO.queue(pipe, [f"k{i}"], [i])) for i in range(50))
+    )
+    assert [r for (r,) in results] == [f"{i}:k{i}".encode() for i in range(50)]
+    after = int((await redis.info("stats"))["total_commands_processed"])
+    assert after - before == 50 + 1  # the 50 scripts and the INFO itself: no SCRIPT EXISTS
+
+
+async def test_one_callers_error_stays_its_own(redis: ArqRedis) -> None:
+    await redis.set("text", "not a number")
+    batcher = Batcher(redis, window=0.01)
+    good = batcher.execute(lambda pipe: pipe.incr("counter"))
+    bad = batcher.execute(lambda pipe: pipe.incr("text"))
+    results = await asyncio.gather(good, bad, return_exceptions=True)
+    assert results[0] == [1]
+    assert isinstance(results[1], ResponseError)
+
+
+async def test_scripts_come_back_after_redis_forgets_them(redis: ArqRedis) -> None:
+    await redis.script_flush()
+    assert await ECHO(redis, ["k"], ["direct"]) == b"direct:k"
+    await redis.script_flush()
+    assert await run_pipeline(redis, lambda pipe: ECHO.queue(pipe, ["k"], ["pipe"])) == [b"pipe:k"]
+    await redis.script_flush()
+    batcher = Batcher(redis)
+    assert await batcher.execute(lambda pipe: ECHO.queue(pipe, ["k"], ["batch"])) == [b"batch:k"]
+
+
+async def test_a_dead_connection_fails_every_waiting_caller() -> None:
+    from redis.asyncio import Redis
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    nowhere = Redis.from_url("redis://127.0.0.1:1/0", socket_connect_timeout=0.2)
+    batcher = Batcher(nowhere)
+    calls = [batcher.execute(lambda pipe: pipe.get("x")) for _ in range(3)]
+    for outcome in await asyncio.gather(*calls, return_exceptions=True):
+        assert isinstance(outcome, RedisConnectionError | OSError)
+    with pytest.raises((RedisConnectionError, OSError)):
+        await batcher.execute(lambda pipe: pipe.get("x"))
+    await nowhere.aclose()
