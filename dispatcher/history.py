@@ -56,7 +56,12 @@ return id
 # KEYS: index. ARGV: min ms, max ms, offset, count, record key prefix.
 _QUERY = Lua("""
 local total = redis.call('ZCOUNT', KEYS[1], ARGV[1], ARGV[2])
-local ids = redis.call('ZREVRANGEBYSCORE', KEYS[1], ARGV[2], ARGV[1], 'LIMIT', ARGV[3], ARGV[4])
+-- page by rank (O(log N)) rather than LIMIT offset (walks `offset` entries)
+local above = redis.call('ZCOUNT', KEYS[1], '(' .. ARGV[2], '+inf')
+local first = above + tonumber(ARGV[3])
+local last = math.min(above + total, first + tonumber(ARGV[4])) - 1
+local ids = {}
+if first <= last then ids = redis.call('ZREVRANGE', KEYS[1], first, last) end
 local recs = {}
 if #ids > 0 then
   local ks = {}
