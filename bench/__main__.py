@@ -1,0 +1,182 @@
+"""python -m bench [--quick] [--only a,b] [--profile]
+
+Starts a private redis-server and the receiver, runs the scenarios, prints one table and
+writes bench/results/<timestamp>.json and bench/results/latest.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import shutil
+import tempfile
+import time
+import traceback
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from bench import profile, report
+from bench.common import RESULTS_DIR, install_uvloop, machine_busy_seconds
+from bench.procs import BenchError, Receiver
+from bench.report import Row
+from bench.scenarios import MAX_JOBS, POLL_DELAY, Bench, Sizes
+from dispatcher.redis import EmbeddedRedis
+
+# In order: the worker-rate baselines first (fan-out, scale-out and ceiling reuse them),
+# the history fill last (it leaves Redis large until flushed).
+SCENARIOS: dict[str, Callable[[Bench], Awaitable[list[Row]]]] = {
+    "throughput": Bench.throughput,
+    "ceiling": Bench.ceiling,
+    "fan-out": Bench.fan_out,
+    "scale-out": Bench.scale_out,
+    "emit": Bench.emit,
+    "latency": Bench.latency,
+    "memory": Bench.memory,
+    "history": Bench.history,
+}
+# The worker-rate runs each scenario needs (they run interleaved in one block).
+WORKER_RUNS = {
+    "throughput": {"noop", "throughput", "throughput_info"},
+    "ceiling": {"throughput"},
+    "fan-out": {"throughput", "fan_out"},
+    "scale-out": {"throughput", "scale_out"},
+}
+
+
+def _parse() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="smaller run (< 2 min)")
+    parser.add_argument(
+        "--only", default="", help=f"comma-separated subset of: {', '.join(SCENARIOS)}"
+    )
+    parser.add_argument(
+        "--profile", action="store_true", help="profile the worker on the throughput scenario"
+    )
+    parser.add_argument("--profile-deliveries", type=int, default=5_000)
+    return parser.parse_args()
+
+
+def _selected(only: str) -> list[str]:
+    if not only:
+        return list(SCENARIOS)
+    names = [name.strip() for name in only.split(",") if name.strip()]
+    unknown = [name for name in names if name not in SCENARIOS]
+    if unknown:
+        raise SystemExit(f"unknown scenario(s): {', '.join(unknown)}")
+    return [name for name in SCENARIOS if name in names]
+
+
+async def _scenarios(
+    bench: Bench, names: list[str]
+) -> tuple[list[Row], dict[str, float], dict[str, float]]:
+    """Run `names` in order; returns the rows, seconds per scenario, and the cores other
+    processes on the machine used meanwhile (this machine is shared: a busy neighbour
+    shows up here, and in every figure)."""
+    rows: list[Row] = []
+    timings: dict[str, float] = {}
+    others: dict[str, float] = {}
+    for name in names:
+        started = time.monotonic()
+        machine0, own0 = machine_busy_seconds(), await bench.own_cpu()
+        print(f"- {name} ...", flush=True)
+        try:
+            rows += await SCENARIOS[name](bench)
+        except Exception as exc:  # one broken scenario must not hide the others
+            if isinstance(exc, BenchError):
+                print(f"  {name} failed: {exc}", flush=True)
+            else:
+                traceback.print_exc()
+            rows.append(
+                Row(name, "failed", None, "", target="-", ok=False, details={"error": repr(exc)})
+            )
+        elapsed = time.monotonic() - started
+        busy = machine_busy_seconds() - machine0 - (await bench.own_cpu() - own0)
+        timings[name] = round(elapsed, 1)
+        others[name] = round(max(0.0, busy) / elapsed, 2)
+        print(f"  {name}: {elapsed:.1f}s (other processes: {others[name]:.2f} cores)", flush=True)
+    return rows, timings, others
+
+
+async def _main(args: argparse.Namespace, url: str, logs: Path) -> int:
+    started = time.monotonic()
+    sizes = Sizes.pick(args.quick)
+    receiver = Receiver()
+    await receiver.start()
+    bench = Bench(url, receiver, sizes, logs)
+    names = _selected(args.only)
+    bench.wanted = set().union(*(WORKER_RUNS.get(name, set()) for name in names))
+    await bench.open()
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    try:
+        if args.profile:
+            RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+            result = await profile.run(bench, args.profile_deliveries, RESULTS_DIR, stamp)
+            text = profile.render(result)
+            print(text)
+            (RESULTS_DIR / f"profile-{stamp}.json").write_text(json.dumps(result, indent=2))
+            (RESULTS_DIR / f"profile-{stamp}.txt").write_text(text + "\n")
+            print(f"\nwritten: {RESULTS_DIR}/profile-{stamp}.{{json,txt,pyspy.txt,cprofile.txt}}")
+            return 0
+        rows, timings, others = await _scenarios(bench, names)
+    finally:
+        await bench.close()
+        await receiver.stop()
+    wall = time.monotonic() - started
+    meta: dict[str, Any] = {
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "quick": args.quick,
+        "machine": report.machine(),
+        "wall_seconds": round(wall, 1),
+        "scenario_seconds": timings,
+        "sizes": sizes.__dict__,
+        "worker_settings": {"max_jobs": MAX_JOBS, "poll_delay": POLL_DELAY},
+        # Cores other processes on this (shared) machine used: per scenario, and per
+        # worker-rate run.
+        "other_processes_cores": others,
+        "other_processes_cores_per_worker_run": {
+            label: [round(run.others_cores, 2) for run in runs]
+            for label, runs in bench.worker_runs.items()
+        },
+    }
+    mode = "quick" if args.quick else "full"
+    title = f"callback-dispatcher bench ({mode}, {meta['date']}, {meta['machine']['cores']} cores)"
+    report.render(rows, title)
+    print(
+        f"other processes on this {meta['machine']['cores']}-core machine meanwhile (cores): "
+        + ", ".join(f"{name} {cores:.2f}" for name, cores in others.items())
+    )
+    path = report.write(rows, meta)
+    print(f"wall time {wall:.0f}s; written {path} and {RESULTS_DIR / 'latest.json'}")
+    missed = [f"{row.scenario}: {row.figure}" for row in rows if row.ok is False]
+    if missed:
+        print("targets missed: " + "; ".join(missed))
+    # Exit 1 only when a scenario could not be measured; a missed target is a finding.
+    return 1 if any(row.value is None for row in rows) else 0
+
+
+def main() -> int:
+    args = _parse()
+    install_uvloop()
+    tmp = Path(tempfile.mkdtemp(prefix="dispatcher-bench-"))
+    logs = tmp / "logs"
+    logs.mkdir()
+    redis = EmbeddedRedis(tmp / "redis", persist=False)
+    code = 1
+    try:
+        url = redis.start()
+        code = asyncio.run(_main(args, url, logs))
+        return code
+    finally:
+        redis.stop()
+        if code != 0 and any(logs.iterdir()):  # keep the workers' logs for a post-mortem
+            kept = RESULTS_DIR / f"logs-{datetime.now(UTC).strftime('%Y%m%dT%H%M%SZ')}"
+            shutil.copytree(logs, kept)
+            print(f"worker logs kept in {kept}")
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

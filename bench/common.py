@@ -1,0 +1,82 @@
+"""Bits every bench process shares: settings, the event payload, uvloop, /proc readings."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+from pathlib import Path
+from typing import Any
+
+from dispatcher.settings import Settings
+
+PROJECT = "bench"
+EVENT = "BUILD_END"
+TOKEN = "bench-secret-token"
+INTERNAL_REGIONS = ["DEVNET", "OSS", "IDC"]
+BENCH_DIR = Path(__file__).resolve().parent
+RESULTS_DIR = BENCH_DIR / "results"
+
+
+def install_uvloop() -> None:
+    """What `dispatcher worker` does (dispatcher/cli.py `_install_uvloop`)."""
+    with contextlib.suppress(ImportError):
+        import uvloop
+
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+
+
+def bench_settings(redis_url: str, **overrides: Any) -> Settings:
+    """Default settings, except that receivers on 127.0.0.1 are allowed; `overrides` win."""
+    values: dict[str, Any] = {
+        "redis_url": redis_url,
+        "allow_internal_regions": INTERNAL_REGIONS,
+        "log_level": "WARNING",
+    }
+    values.update(overrides)
+    return Settings(**values)
+
+
+def event_data(n: int, emit_t: float | None = None) -> dict[str, Any]:
+    """A CI event's data, about 400 bytes of JSON, like a real BUILD_END."""
+    data: dict[str, Any] = {
+        "projectId": PROJECT,
+        "pipelineId": f"p-{n % 97:05d}",
+        "pipelineName": "bench-pipeline",
+        "buildId": f"b-{n:09d}",
+        "buildNum": n,
+        "status": "SUCCEED",
+        "trigger": "MANUAL",
+        "userId": "bench-user",
+        "startTime": 1_700_000_000_000 + n,
+        "endTime": 1_700_000_060_000 + n,
+        "stages": [
+            {"stageId": f"s-{i}", "name": f"stage {i}", "status": "SUCCEED"} for i in range(3)
+        ],
+        "variables": {"BK_CI_GIT_REPO_BRANCH": "main", "BK_CI_START_TYPE": "MANUAL"},
+    }
+    if emit_t is not None:
+        data["emit_t"] = emit_t
+    return data
+
+
+def rss_kb(pid: int) -> int:
+    """VmRSS of a process, from /proc/<pid>/status (kB)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far, from /proc/<pid>/stat."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    ticks = os.sysconf("SC_CLK_TCK")
+    return (int(fields[11]) + int(fields[12])) / ticks
+
+
+def machine_busy_seconds() -> float:
+    """CPU time all processes on this machine have used so far (all cores), /proc/stat."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")

@@ -1,0 +1,235 @@
+"""Load generators, each run in its own process: python -m bench.loadgen MODE [options].
+
+emit      Producer.emit() of N events, `--inflight` at once          -> events/s
+enqueue   bare arq `enqueue_job` of the same payloads, same inflight  -> events/s
+batch     emit_many() of `--n` events vs as many single emit() calls -> events/s, each repeat
+latency   emit() at `--rate` events/s for `--duration` s, open loop   -> how many were sent
+ceiling   raw aiohttp POST loop to `--url`, `--concurrency` at once   -> requests/s
+http      the worker's HTTP path vs raw aiohttp to `--url`            -> CPU µs per request
+
+Every mode prints one JSON line. Connections are opened before the clock starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import sys
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any
+
+import orjson
+
+from bench.common import EVENT, PROJECT, TOKEN, bench_settings, event_data, install_uvloop
+from dispatcher.producer import Producer
+from dispatcher.queue import FAN_OUT
+from dispatcher.redis import connect
+
+
+async def _drive(n: int, inflight: int, one: Callable[[int], Awaitable[Any]]) -> float:
+    """Run one(i) for i in range(n), `inflight` at a time; returns the seconds taken."""
+    next_i = 0
+
+    async def lane() -> None:
+        nonlocal next_i
+        while next_i < n:
+            i = next_i
+            next_i += 1
+            await one(i)
+
+    started = time.perf_counter()
+    await asyncio.gather(*(lane() for _ in range(min(inflight, n))))
+    return time.perf_counter() - started
+
+
+async def _warm(redis: Any, inflight: int) -> None:
+    """Open `inflight` pooled connections before timing."""
+    await asyncio.gather(*(redis.ping() for _ in range(inflight)))
+
+
+async def mode_emit(args: argparse.Namespace) -> dict[str, Any]:
+    settings = bench_settings(args.redis_url)
+    async with Producer(settings) as producer:
+        await _warm(producer.queue.redis, args.inflight)
+        seconds = await _drive(
+            args.n, args.inflight, lambda i: producer.emit(PROJECT, EVENT, event_data(i))
+        )
+    return {"n": args.n, "seconds": seconds, "rate": args.n / seconds}
+
+
+async def mode_enqueue(args: argparse.Namespace) -> dict[str, Any]:
+    settings = bench_settings(args.redis_url)
+    redis = await connect(settings)
+    try:
+        await _warm(redis, args.inflight)
+
+        async def one(i: int) -> None:
+            # The payload Producer.emit builds (dispatcher/producer.py _event_payload).
+            payload: dict[str, Any] = {
+                "id": "evt_" + uuid.uuid4().hex,
+                "projectId": PROJECT,
+                "event": EVENT,
+                "data": event_data(i),
+                "emittedAt": time.time_ns() // 1_000_000,
+            }
+            job = await redis.enqueue_job(FAN_OUT, payload, _job_id=str(payload["id"]))
+            assert job is not None
+
+        seconds = await _drive(args.n, args.inflight, one)
+    finally:
+        await redis.aclose()
+    return {"n": args.n, "seconds": seconds, "rate": args.n / seconds}
+
+
+async def mode_batch(args: argparse.Namespace) -> dict[str, Any]:
+    settings = bench_settings(args.redis_url)
+    batch_rates: list[float] = []
+    single_rates: list[float] = []
+    async with Producer(settings) as producer:
+        await producer.queue.redis.ping()
+        for _ in range(args.repeats):
+            events = [(PROJECT, EVENT, event_data(i)) for i in range(args.n)]
+            started = time.perf_counter()
+            await producer.emit_many(events)
+            batch_rates.append(args.n / (time.perf_counter() - started))
+            started = time.perf_counter()
+            for project, event, data in events:
+                await producer.emit(project, event, data)
+            single_rates.append(args.n / (time.perf_counter() - started))
+    return {
+        "n": args.n,
+        "batch_rates": batch_rates,
+        "single_rates": single_rates,
+        "batch_rate": statistics.median(batch_rates),
+        "single_rate": statistics.median(single_rates),
+    }
+
+
+async def mode_latency(args: argparse.Namespace) -> dict[str, Any]:
+    settings = bench_settings(args.redis_url)
+    n = int(args.rate * args.duration)
+    interval = 1.0 / args.rate
+    lag_max = 0.0
+    pending: set[asyncio.Task[str]] = set()
+    async with Producer(settings) as producer:
+        await _warm(producer.queue.redis, 20)
+        loop = asyncio.get_running_loop()
+        start = loop.time() + 0.05
+        for i in range(n):
+            due = start + i * interval
+            if (delay := due - loop.time()) > 0:
+                await asyncio.sleep(delay)
+            lag_max = max(lag_max, loop.time() - due)
+            task = asyncio.create_task(
+                producer.emit(PROJECT, EVENT, event_data(i, emit_t=time.time()))
+            )
+            pending.add(task)
+            task.add_done_callback(pending.discard)
+        await asyncio.gather(*pending)
+        elapsed = loop.time() - start
+    return {"sent": n, "seconds": elapsed, "rate": n / elapsed, "schedule_lag_max_s": lag_max}
+
+
+async def mode_ceiling(args: argparse.Namespace) -> dict[str, Any]:
+    import aiohttp
+
+    from dispatcher.delivery import encode_body, request_headers
+
+    body = encode_body(EVENT, event_data(0))
+    headers = request_headers(
+        event=EVENT, delivery_id="evt_x.1", body=body, token=TOKEN, user_agent="bench"
+    )
+    connector = aiohttp.TCPConnector(limit=args.concurrency, keepalive_timeout=30)
+    async with aiohttp.ClientSession(connector=connector, auto_decompress=False) as session:
+
+        async def one(i: int) -> None:
+            async with session.post(args.url, data=body, headers=headers) as response:
+                await response.read()
+                assert response.status == 200
+
+        seconds = await _drive(args.n, args.concurrency, one)
+    return {"n": args.n, "seconds": seconds, "rate": args.n / seconds}
+
+
+async def mode_http(args: argparse.Namespace) -> dict[str, Any]:
+    """CPU per request of the worker's HTTP path (`dispatcher.delivery.send` through the
+    region transport `dispatcher.egress.make_transport` builds) against a raw aiohttp
+    session, both `--concurrency` at once against the same receiver, interleaved."""
+    import aiohttp
+
+    from dispatcher.delivery import encode_body, request_headers, send
+    from dispatcher.egress import make_transport
+    from dispatcher.models import Region
+
+    settings = bench_settings("redis://127.0.0.1:1/0")  # never connected
+    body = encode_body(EVENT, event_data(0))
+    headers = request_headers(
+        event=EVENT, delivery_id="evt_x.1", body=body, token=TOKEN, user_agent="bench"
+    )
+    transport = make_transport(settings, Region.DEVNET)
+    connector = aiohttp.TCPConnector(limit=args.concurrency, keepalive_timeout=30)
+    session = aiohttp.ClientSession(connector=connector, auto_decompress=False)
+
+    async def dispatcher_send(i: int) -> None:
+        result = await send(
+            transport, args.url, body, headers, connect_timeout=settings.connect_timeout,
+            total_timeout=settings.total_timeout, max_response_body=settings.max_response_body,
+        )  # fmt: skip
+        assert result.status_code == 200, result
+
+    async def raw(i: int) -> None:
+        async with session.post(args.url, data=body, headers=headers) as response:
+            await response.read()
+            assert response.status == 200
+
+    paths = {"dispatcher.delivery.send": dispatcher_send, "raw aiohttp": raw}
+    cpu: dict[str, list[float]] = {name: [] for name in paths}
+    try:
+        for _ in range(args.repeats):
+            for name, one in paths.items():
+                started = time.process_time()
+                await _drive(args.n, args.concurrency, one)
+                cpu[name].append(1e6 * (time.process_time() - started) / args.n)
+    finally:
+        await transport.aclose()
+        await session.close()
+    return {
+        "n": args.n,
+        "cpu_us_per_request": {name: statistics.median(v) for name, v in cpu.items()},
+        "runs": cpu,
+    }
+
+
+MODES: dict[str, Callable[[argparse.Namespace], Coroutine[Any, Any, dict[str, Any]]]] = {
+    "emit": mode_emit,
+    "enqueue": mode_enqueue,
+    "batch": mode_batch,
+    "latency": mode_latency,
+    "ceiling": mode_ceiling,
+    "http": mode_http,
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("mode", choices=sorted(MODES))
+    parser.add_argument("--redis-url", default="")
+    parser.add_argument("--url", default="")
+    parser.add_argument("--n", type=int, default=1000)
+    parser.add_argument("--inflight", type=int, default=500)
+    parser.add_argument("--concurrency", type=int, default=200)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--rate", type=float, default=200.0)
+    parser.add_argument("--duration", type=float, default=10.0)
+    args = parser.parse_args()
+    install_uvloop()
+    result = asyncio.run(MODES[args.mode](args))
+    sys.stdout.write(orjson.dumps(result).decode() + "\n")
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()

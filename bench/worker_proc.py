@@ -1,0 +1,176 @@
+"""One worker process for the bench: the dispatcher's own arq worker, or a no-op baseline.
+
+Protocol on stdin/stdout, so process start-up (imports) stays out of every measurement:
+    -> `READY`           once imported and built
+    <- `GO`              start `worker.main()`
+    <- `STOP`            (non-burst runs only) stop now
+    -> one JSON line     start/end wall times, jobs, CPU, RSS, and optional counters
+
+Run: python -m bench.worker_proc --redis-url URL [--kind noop] [--burst] ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import cProfile
+import os
+import resource
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from arq.worker import Worker, func
+
+from bench.common import bench_settings, install_uvloop, rss_kb
+from dispatcher.logs import configure_logging
+from dispatcher.queue import FAN_OUT
+from dispatcher.settings import Settings
+from dispatcher.worker import create_worker, worker_settings
+
+
+@dataclass(slots=True)
+class NoopStats:
+    count: int = 0
+    first: float = 0.0
+    last: float = 0.0
+
+
+NOOP = NoopStats()
+
+
+async def noop_job(ctx: dict[str, Any], event: Any) -> int:
+    """The arq baseline: takes the same job, does nothing."""
+    now = time.time()
+    if NOOP.count == 0:
+        NOOP.first = now
+    NOOP.count += 1
+    NOOP.last = now
+    return 0
+
+
+def build_worker(kind: str, settings: Settings, burst: bool) -> Worker:
+    if kind == "dispatcher":
+        return create_worker(settings, burst=burst, handle_signals=False)
+    # Same settings (serializer, max_jobs, poll_delay, keep_result, cron...), no-op function.
+    options = worker_settings(settings)
+    fan_out = next(f for f in options["functions"] if f.name == FAN_OUT)
+    options["functions"] = [
+        func(noop_job, name=FAN_OUT, timeout=fan_out.timeout_s, keep_result=0, max_tries=1000)
+    ]
+    options["on_startup"] = options["on_shutdown"] = None
+    return Worker(**options, burst=burst, handle_signals=False)
+
+
+class RoundTrips:
+    """Counts redis-py command writes (one per round trip: a pipeline is one write)."""
+
+    def __init__(self) -> None:
+        self.writes = 0
+        self.commands: Counter[str] = Counter()
+
+    def install(self) -> None:
+        from redis.asyncio.connection import AbstractConnection
+
+        original = AbstractConnection.send_packed_command
+        pack_command = AbstractConnection.pack_command
+        counter = self
+
+        async def send_packed_command(
+            self: AbstractConnection, command: Any, check_health: bool = True
+        ) -> None:
+            counter.writes += 1
+            await original(self, command, check_health)
+
+        def counted_pack_command(self: AbstractConnection, *args: Any) -> Any:
+            # pack_commands (pipelines) calls this once per command too.
+            counter.commands[_name(args[0])] += 1
+            return pack_command(self, *args)
+
+        AbstractConnection.send_packed_command = send_packed_command  # type: ignore[method-assign]
+        AbstractConnection.pack_command = counted_pack_command  # type: ignore[method-assign]
+
+
+def _name(command: Any) -> str:
+    text = command.decode() if isinstance(command, bytes) else str(command)
+    return text.split()[0].upper()
+
+
+def _cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+async def _read_line() -> str:
+    return await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
+
+
+async def run(args: argparse.Namespace) -> dict[str, Any]:
+    settings = bench_settings(
+        args.redis_url,
+        log_level=args.log_level,
+        poll_delay=args.poll_delay,
+        worker_max_jobs=args.max_jobs,
+    )
+    configure_logging(settings)
+    worker = build_worker(args.kind, settings, args.burst)
+    trips = RoundTrips()
+    if args.count_round_trips:
+        trips.install()
+    profiler = cProfile.Profile() if args.cprofile else None
+    print("READY", flush=True)
+    if sys.stdin.readline().strip() != "GO":  # blocking on purpose: nothing runs yet
+        return {"error": "no GO"}
+    cpu0, start = _cpu_s(), time.time()
+    if profiler:
+        profiler.enable()
+    if args.burst:
+        await worker.main()
+    else:
+        main = asyncio.create_task(worker.async_run())
+        await _read_line()  # STOP (or EOF)
+        main.cancel()
+    end = time.time()
+    if profiler:
+        profiler.disable()
+        profiler.dump_stats(args.cprofile)
+    cpu = _cpu_s() - cpu0
+    jobs = worker.jobs_complete
+    await worker.close()
+    return {
+        "kind": args.kind,
+        "start": start,
+        "end": end,
+        "jobs_complete": jobs,
+        "jobs_failed": worker.jobs_failed,
+        "cpu_s": cpu,
+        "rss_kb": rss_kb(os.getpid()),
+        "noop": {"count": NOOP.count, "first": NOOP.first, "last": NOOP.last},
+        "round_trips": trips.writes,
+        "commands": dict(trips.commands),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--redis-url", required=True)
+    parser.add_argument("--kind", choices=["dispatcher", "noop"], default="dispatcher")
+    parser.add_argument("--burst", action="store_true")
+    parser.add_argument("--log-level", default="WARNING")
+    defaults = Settings.model_fields
+    parser.add_argument("--poll-delay", type=float, default=defaults["poll_delay"].default)
+    parser.add_argument("--max-jobs", type=int, default=defaults["worker_max_jobs"].default)
+    parser.add_argument("--cprofile", help="write cProfile stats of the run to this file")
+    parser.add_argument("--count-round-trips", action="store_true")
+    args = parser.parse_args()
+    install_uvloop()
+    result = asyncio.run(run(args))
+    sys.stdout.write(orjson.dumps(result).decode() + "\n")
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()
