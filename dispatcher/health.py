@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 import structlog
 
 from dispatcher import keys
+from dispatcher.errors import NotFound
 from dispatcher.lua import Lua
 
 if TYPE_CHECKING:
@@ -62,8 +63,6 @@ class Health:
         return True
 
     async def disable(self, callback_id: int, reason: str) -> None:
-        from dispatcher.errors import NotFound
-
         try:
             await self.registry.set_enabled(callback_id, False, reason)
         except NotFound:

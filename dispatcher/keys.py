@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import hashlib
 
-from arq.constants import health_check_key_suffix, job_key_prefix, result_key_prefix
+from arq.constants import job_key_prefix, result_key_prefix
 
 PREFIX = "dispatcher"
 
@@ -104,7 +104,3 @@ def worker(host: str, pid: int) -> str:
 def stats(minute: int) -> str:
     """`minute` is epoch seconds // 60."""
     return f"{PREFIX}:stats:{minute}"
-
-
-def worker_health(queue_name: str) -> str:
-    return f"{queue_name}{health_check_key_suffix}"

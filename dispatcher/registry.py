@@ -6,7 +6,6 @@ and token and re-enables the callback. `match()` is the fan-out's one round trip
 
 from __future__ import annotations
 
-import builtins
 import math
 import time
 from dataclasses import dataclass
@@ -379,17 +378,6 @@ class Registry:
                 )
                 rotated += 1
         return rotated
-
-    async def disabled(self, limit: int = 100) -> builtins.list[Callback]:
-        """The most recently disabled callbacks, with their reasons."""
-        ids = await self.redis.zrevrange(keys.CALLBACKS_DISABLED, 0, limit - 1)
-        out: builtins.list[Callback] = []
-        for cid in ids:
-            try:
-                out.append(await self.get(int(cid)))
-            except NotFound:
-                continue
-        return out
 
 
 def _match_call(project_id: str, event: str) -> tuple[list[str], list[str]]:
