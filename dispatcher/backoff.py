@@ -59,5 +59,5 @@ def next_delay(
     if jitter:
         delay *= (rng or random).uniform(1 - jitter, 1 + jitter)
     if retry_after is not None:
-        delay = max(delay, min(retry_after, retry_after_cap))
+        delay = max(delay, float(min(retry_after, retry_after_cap)))
     return delay
