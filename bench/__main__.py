@@ -23,7 +23,7 @@ from bench.common import RESULTS_DIR, install_uvloop, machine_busy_seconds
 from bench.procs import BenchError, Receiver
 from bench.report import Row
 from bench.scenarios import MAX_JOBS, POLL_DELAY, Bench, Sizes
-from dispatcher.redis import EmbeddedRedis
+from dispatcher.embedded import EmbeddedRedis
 
 # In order: the worker-rate baselines first (fan-out, scale-out and ceiling reuse them),
 # the history fill last (it leaves Redis large until flushed).

@@ -22,7 +22,7 @@ from dispatcher.delivery import encode_body, mask_headers, request_headers
 from dispatcher.history import History
 
 if TYPE_CHECKING:
-    from arq.connections import ArqRedis
+    from redis.asyncio import Redis
     from redis.asyncio.client import Pipeline
 
     from dispatcher.settings import Settings
@@ -68,7 +68,7 @@ def _template() -> dict[str, Any]:
     }
 
 
-async def write_records(redis: ArqRedis, history: Any, records: list[dict[str, Any]]) -> None:
+async def write_records(redis: Redis, history: Any, records: list[dict[str, Any]]) -> None:
     """`History.record` of every record queued on one pipeline, run in one round trip.
     (Older stores queued a redis-py Script with an awaitable `record`; both work.)"""
     if inspect.iscoroutinefunction(history.record):
@@ -86,7 +86,7 @@ async def write_records(redis: ArqRedis, history: Any, records: list[dict[str, A
     await run_pipeline(redis, queue)
 
 
-def bare_query(redis: ArqRedis, history: Any) -> Callable[[list[str], list[Any]], Awaitable[Any]]:
+def bare_query(redis: Redis, history: Any) -> Callable[[list[str], list[Any]], Awaitable[Any]]:
     """The store's own query script, called without History.query's decoding. Private
     names of dispatcher/history.py: a module-level `Lua` script, or (older) a redis-py
     Script registered on the History object."""
@@ -99,7 +99,7 @@ def bare_query(redis: ArqRedis, history: Any) -> Callable[[list[str], list[Any]]
 class Filler:
     """Writes records through History.record, PIPELINE_RECORDS per pipeline execute."""
 
-    def __init__(self, redis: ArqRedis, settings: Settings) -> None:
+    def __init__(self, redis: Redis, settings: Settings) -> None:
         self.redis = redis
         self.history = History(redis, settings)
         self.template = _template()
@@ -145,7 +145,7 @@ async def _timed(op: Callable[[], Awaitable[Any]]) -> int:
 
 
 def _ops(
-    redis: ArqRedis, settings: Settings, now_ms: int, prefix: str
+    redis: Redis, settings: Settings, now_ms: int, prefix: str
 ) -> dict[str, Callable[[], Awaitable[Any]]]:
     """The timed operations on one store: History.query of page 1 and of the page at
     offset 10,000 (records decoded), and the store's bare Lua script for each."""
@@ -171,7 +171,7 @@ def _ops(
     }
 
 
-async def _check(redis: ArqRedis, settings: Settings, now_ms: int) -> int:
+async def _check(redis: Redis, settings: Settings, now_ms: int) -> int:
     url, event = QUERIED
     page = await History(redis, settings).query(
         PROJECT, url, event, start_ms=now_ms - 86_400_000, end_ms=now_ms + 60_000,
@@ -182,9 +182,7 @@ async def _check(redis: ArqRedis, settings: Settings, now_ms: int) -> int:
     return page.count
 
 
-async def measure(
-    large: ArqRedis, small: ArqRedis, settings: Settings, rounds: int
-) -> dict[str, Any]:
+async def measure(large: Redis, small: Redis, settings: Settings, rounds: int) -> dict[str, Any]:
     """Median latency (µs) of a GET of a 2 KB value and of every query operation on both
     stores, interleaved round by round so that all of them share the machine's noise."""
     blob_key = "bench:blob"
@@ -221,7 +219,7 @@ class HistoryResult:
 
 
 async def run(
-    large: ArqRedis, small: ArqRedis, settings: Settings, total: int, rounds: int
+    large: Redis, small: Redis, settings: Settings, total: int, rounds: int
 ) -> HistoryResult:
     """Two stores in two Redis databases of one server: `small` with ~10k records (the
     queried pair's 10,020 and 10 for each other pair), `large` with the same plus more for

@@ -22,11 +22,12 @@ from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 import orjson
+from arq.connections import create_pool
 
 from bench.common import EVENT, PROJECT, TOKEN, bench_settings, event_data, install_uvloop
+from dispatcher.connections import redis_settings
+from dispatcher.jobs import FAN_OUT, job_deserializer, job_serializer
 from dispatcher.producer import Producer
-from dispatcher.queue import FAN_OUT
-from dispatcher.redis import connect
 
 
 async def _drive(n: int, inflight: int, one: Callable[[int], Awaitable[Any]]) -> float:
@@ -62,12 +63,17 @@ async def mode_emit(args: argparse.Namespace) -> dict[str, Any]:
 
 async def mode_enqueue(args: argparse.Namespace) -> dict[str, Any]:
     settings = bench_settings(args.redis_url)
-    redis = await connect(settings)
+    redis = await create_pool(
+        redis_settings(settings),
+        job_serializer=job_serializer,
+        job_deserializer=job_deserializer,
+        default_queue_name=settings.queue_name,
+    )
     try:
         await _warm(redis, args.inflight)
 
         async def one(i: int) -> None:
-            # The payload Producer.emit builds (dispatcher/producer.py _event_payload).
+            # The payload Producer.emit builds (dispatcher/jobs.py EventJob.to_wire).
             payload: dict[str, Any] = {
                 "id": "evt_" + uuid.uuid4().hex,
                 "projectId": PROJECT,

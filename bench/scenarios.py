@@ -22,14 +22,14 @@ from bench.common import (
 )
 from bench.procs import BenchError, Receiver, WorkerProcess, run_loadgen
 from bench.report import Row, ratio_row
+from dispatcher.connections import connect
 from dispatcher.models import Event, Region
 from dispatcher.producer import Producer
-from dispatcher.redis import connect
 from dispatcher.registry import Registry
 from dispatcher.settings import Settings
 
 if TYPE_CHECKING:
-    from arq.connections import ArqRedis
+    from redis.asyncio import Redis
 
 DEFAULTS = Settings.model_fields
 MAX_JOBS: int = DEFAULTS["worker_max_jobs"].default
@@ -122,19 +122,19 @@ class Bench:
         self.sizes = sizes
         self.logs = logs
         self.settings = bench_settings(redis_url)
-        self.redis: ArqRedis | None = None
+        self.redis: Redis | None = None
         self.worker_runs: dict[str, list[WorkerRun]] = {}
         # Which worker-rate runs the selected scenarios need (see worker_block).
         self.wanted: set[str] = {"noop", "throughput", "throughput_info", "scale_out", "fan_out"}
         self.block_error = ""
 
     @property
-    def r(self) -> ArqRedis:
+    def r(self) -> Redis:
         assert self.redis is not None
         return self.redis
 
     async def open(self) -> None:
-        self.redis = await connect(self.settings)
+        self.redis = connect(self.settings)
 
     async def close(self) -> None:
         if self.redis is not None:
@@ -449,7 +449,7 @@ class Bench:
 
     async def history(self) -> list[Row]:
         """History.query at `history_total` records vs one GET; and vs ~10k records."""
-        small = await connect(self.settings, self.url.rsplit("/", 1)[0] + "/1")
+        small = connect(self.settings, self.url.rsplit("/", 1)[0] + "/1")
         try:
             result = await history_bench.run(
                 self.r, small, self.settings, self.sizes.history_total, self.sizes.history_rounds

@@ -26,8 +26,8 @@ import orjson
 from arq.worker import Worker, func
 
 from bench.common import bench_settings, install_uvloop, rss_kb
+from dispatcher.jobs import FAN_OUT
 from dispatcher.logs import configure_logging
-from dispatcher.queue import FAN_OUT
 from dispatcher.settings import Settings
 from dispatcher.worker import create_worker, worker_settings
 

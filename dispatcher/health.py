@@ -20,17 +20,42 @@ if TYPE_CHECKING:
     from dispatcher.registry import Registry
     from dispatcher.settings import Settings
 
-__all__ = ["CircuitBreaker", "Health"]
+__all__ = ["CircuitBreaker", "Failing", "Health"]
 
 log = structlog.get_logger("dispatcher.health")
 
-# KEYS: health hash. ARGV: now ms, last error. Returns {failures, since ms}.
+# KEYS: health hash, failing zset. ARGV: now ms, last error, callback id.
+# Returns {failures, since ms}.
 _FAILED = Lua("""
 local n = redis.call('HINCRBY', KEYS[1], 'failures', 1)
 redis.call('HSETNX', KEYS[1], 'since', ARGV[1])
 redis.call('HSET', KEYS[1], 'lastError', ARGV[2])
-return {n, tonumber(redis.call('HGET', KEYS[1], 'since'))}
+local since = redis.call('HGET', KEYS[1], 'since')
+redis.call('ZADD', KEYS[2], since, ARGV[3])
+return {n, tonumber(since)}
 """)
+
+# KEYS: failing zset. ARGV: health prefix, limit. Returns {id, failures, since, last error}
+# rows, oldest failure first.
+_FAILING = Lua("""
+local ids = redis.call('ZRANGE', KEYS[1], 0, tonumber(ARGV[2]) - 1)
+local out = {}
+for _, id in ipairs(ids) do
+  local row = redis.call('HMGET', ARGV[1] .. id, 'failures', 'since', 'lastError')
+  if row[1] then out[#out + 1] = {id, row[1], row[2], row[3]} end
+end
+return out
+""")
+
+
+@dataclass(frozen=True, slots=True)
+class Failing:
+    """A callback with consecutive final failures (not yet disabled, or disabled)."""
+
+    callback_id: int
+    failures: int
+    since_ms: int
+    last_error: str
 
 
 class Health:
@@ -45,12 +70,24 @@ class Health:
     def succeeded(pipe: Pipeline, callback_id: int) -> None:
         """Queue the reset on the caller's pipeline (no extra round trip)."""
         pipe.delete(keys.health(callback_id))
+        pipe.zrem(keys.HEALTH_FAILING, callback_id)
+
+    async def failing(self, limit: int = 1000) -> list[Failing]:
+        """Callbacks whose last deliveries failed, most failures first (one round trip)."""
+        rows = await _FAILING(self.redis, [keys.HEALTH_FAILING], [keys.HEALTH_PREFIX, limit])
+        found = [
+            Failing(int(cid), int(n), int(since or 0), (error or b"").decode())
+            for cid, n, since, error in rows
+        ]
+        return sorted(found, key=lambda f: (-f.failures, f.callback_id))
 
     async def failed(self, callback_id: int, error: str, *, now_ms: int | None = None) -> bool:
         """Count one final failure; disable the callback past the threshold (count *and*
         time). Returns True when this call disabled it."""
         now = time.time_ns() // 1_000_000 if now_ms is None else now_ms
-        failures, since = await _FAILED(self.redis, [keys.health(callback_id)], [now, error])
+        failures, since = await _FAILED(
+            self.redis, [keys.health(callback_id), keys.HEALTH_FAILING], [now, error, callback_id]
+        )
         threshold_ms = self.settings.disable_after_seconds * 1000
         if failures < self.settings.disable_after_failures or now - int(since) < threshold_ms:
             return False

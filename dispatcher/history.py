@@ -21,10 +21,10 @@ from pydantic import TypeAdapter
 from dispatcher import keys
 from dispatcher.errors import InvalidInput, InvalidTime, NotFound
 from dispatcher.lua import Lua, run_pipeline
-from dispatcher.models import HistoryPage, HistoryRecord
+from dispatcher.models import DeliveryStatus, HistoryPage, HistoryRecord
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import AsyncIterator, Callable
 
     from redis.asyncio import Redis
     from redis.asyncio.client import Pipeline
@@ -40,16 +40,22 @@ _RECORDS = TypeAdapter(list[HistoryRecord])
 # stopped sweep still cannot let Redis grow without bound.
 _TTL_MARGIN_S = 86_400
 
-# KEYS: seq, index, indexes set, dead zset. ARGV: record json (an object, without id),
-# createdTime ms, ttl s, record key prefix, '1' when this attempt ended the delivery in
-# failure. The id goes into the stored JSON, so a page is validated in one pass.
+# KEYS: seq, index, indexes set, dead zset, the project's dead zset, dead-keys set.
+# ARGV: record json (an object, without id), createdTime ms, ttl s, record key prefix,
+# '1' when this attempt ended the delivery in failure, index id width. The id goes into
+# the stored JSON, so a page is validated in one pass.
 _RECORD = Lua("""
 local id = redis.call('INCR', KEYS[1])
-local json = '{"id":' .. string.format('%d', id) .. ',' .. string.sub(ARGV[1], 2)
-redis.call('SET', ARGV[4] .. string.format('%d', id), json, 'EX', ARGV[3])
-redis.call('ZADD', KEYS[2], ARGV[2], string.format('%015d', id))
+local sid = string.format('%d', id)
+local json = '{"id":' .. sid .. ',' .. string.sub(ARGV[1], 2)
+redis.call('SET', ARGV[4] .. sid, json, 'EX', ARGV[3])
+redis.call('ZADD', KEYS[2], ARGV[2], string.format('%0' .. ARGV[6] .. 'd', id))
 redis.call('SADD', KEYS[3], KEYS[2])
-if ARGV[5] == '1' then redis.call('ZADD', KEYS[4], ARGV[2], id) end
+if ARGV[5] == '1' then
+  redis.call('ZADD', KEYS[4], ARGV[2], id)
+  redis.call('ZADD', KEYS[5], ARGV[2], id)
+  redis.call('SADD', KEYS[6], KEYS[5])
+end
 return id
 """)
 
@@ -83,6 +89,16 @@ if redis.call('ZCARD', KEYS[1]) == 0 then
   redis.call('SREM', KEYS[2], KEYS[1])
 end
 return #ids
+""")
+
+
+# KEYS: a dead-letter zset. ARGV: limit, record key prefix. The latest records, newest first.
+_DEAD = Lua("""
+local ids = redis.call('ZREVRANGE', KEYS[1], 0, tonumber(ARGV[1]) - 1)
+if #ids == 0 then return {} end
+local ks = {}
+for i, id in ipairs(ids) do ks[i] = ARGV[2] .. id end
+return redis.call('MGET', unpack(ks))
 """)
 
 
@@ -151,9 +167,11 @@ class History:
                 keys.history_index(record["projectId"], record["events"], record["callBackUrl"]),
                 keys.HISTORY_INDEXES,
                 keys.HISTORY_DEAD,
+                keys.history_dead(record["projectId"]),
+                keys.HISTORY_DEAD_KEYS,
             ],
             [orjson.dumps(record), record["createdTime"], ttl, keys.HISTORY_RECORD_PREFIX,
-             "1" if dead else "0"],
+             "1" if dead else "0", keys.HISTORY_ID_WIDTH],
         )  # fmt: skip
 
     async def add(self, record: dict[str, Any], *, dead: bool = False) -> int:
@@ -209,16 +227,29 @@ class History:
             raise NotFound(f"history record {record_id} not found in project {project_id}")
         return record
 
-    async def dead(self, limit: int = 50) -> list[HistoryRecord]:
-        """The latest attempts after which a delivery gave up (the dead-letter view)."""
-        ids = await self.redis.zrevrange(keys.HISTORY_DEAD, 0, limit - 1)
-        out: list[HistoryRecord] = []
-        for rid in ids:
-            try:
-                out.append(await self.get(int(rid)))
-            except NotFound:
-                continue
-        return out
+    async def dead(self, project_id: str | None = None, limit: int = 50) -> list[HistoryRecord]:
+        """The latest attempts after which a delivery gave up (the dead-letter view), of one
+        project or of all, newest first, in one round trip."""
+        key = keys.HISTORY_DEAD if project_id is None else keys.history_dead(project_id)
+        raws = await _DEAD(self.redis, [key], [limit, keys.HISTORY_RECORD_PREFIX])
+        return _RECORDS.validate_json(b"[" + b",".join(raw for raw in raws if raw) + b"]")
+
+    async def final_failures(
+        self, project_id: str, url: str, event: str, *, start_ms: int, end_ms: int
+    ) -> AsyncIterator[HistoryRecord]:
+        """Every attempt of the window after which its delivery gave up, newest first."""
+        page = 1
+        while True:
+            found = await self.query(
+                project_id, url, event, start_ms=start_ms, end_ms=end_ms, page=page,
+                page_size=self.settings.history_max_page_size,
+            )  # fmt: skip
+            for record in found.records:
+                if record.final and record.status is DeliveryStatus.FAILED:
+                    yield record
+            if page >= found.total_pages:
+                return
+            page += 1
 
     async def sweep(
         self,
@@ -259,5 +290,9 @@ class History:
                     break
             if bounded():
                 break
-        await self.redis.zremrangebyscore(keys.HISTORY_DEAD, "-inf", cutoff)
+        dead_keys = [key async for key in self.redis.sscan_iter(keys.HISTORY_DEAD_KEYS, count=100)]
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for key in [keys.HISTORY_DEAD.encode(), *dead_keys]:
+                pipe.zremrangebyscore(key, "-inf", cutoff)
+            await pipe.execute()
         return removed

@@ -11,30 +11,43 @@ Roles
     dispatcher:roles:{project}                HASH user -> admin | member ("*" = every project)
 Health
     dispatcher:health:{id}                    HASH consecutive final failures of one callback
+    dispatcher:health:failing                 ZSET ids of callbacks with failures, by first failure
 Deliveries
-    dispatcher:delivery:{delivery_id}         STRING state once an attempt was handled (dedupe)
+    dispatcher:delivery:{progress id}         STRING attempts made, or "done" (dedupe, progress)
 Workers and statistics
     dispatcher:workers:{host}:{pid}           STRING heartbeat of a live worker (TTL 30 s)
     dispatcher:stats:{epoch minute}           HASH attempts by outcome in that minute (TTL 2 h)
     dispatcher:jobs:poison                    LIST undecodable jobs, newest first (last 1000)
 History
     dispatcher:history:seq                    INCR counter of record ids
-    dispatcher:history:rec:{id}               STRING one record (JSON, id not included)
+    dispatcher:history:rec:{id}               STRING one record (JSON, id included)
     dispatcher:history:idx:{project}:{event}:{url hash}
                                               ZSET record ids (zero-padded) by createdTime ms
     dispatcher:history:indexes                SET every index key (what the retention sweep walks)
-    dispatcher:history:dead                   ZSET ids of records whose delivery gave up
+    dispatcher:history:dead                   ZSET ids of records whose delivery gave up, by time
+    dispatcher:history:dead:{project}         ZSET the same, one project's
+    dispatcher:history:dead-keys              SET every per-project dead-letter key (for the sweep)
 arq (its own names, re-exported so nothing else spells them)
-    {queue_name}, arq:job:{id}, arq:result:{id}, {queue_name}:health-check
+    {queue_name}, arq:job:{id}, arq:in-progress:{id}, arq:retry:{id}, {queue_name}:health-check
+
+Lua scripts never spell a key or a separator: they get every key in KEYS, and every prefix
+and separator they need to build one from a value read inside Redis in ARGV, from here
+(`tests/test_keys.py` checks that both build the same names).
 """
 
 from __future__ import annotations
 
 import hashlib
 
-from arq.constants import job_key_prefix, result_key_prefix
+from arq.constants import health_check_key_suffix, in_progress_key_prefix, job_key_prefix
+from arq.constants import retry_key_prefix as arq_retry_key_prefix
 
 PREFIX = "dispatcher"
+SEP = ":"
+# between event and url in the upsert hash's field (a URL never holds white space)
+UNIQUE_SEP = " "
+# history ids are zero-padded in the index so that equal times order by id
+HISTORY_ID_WIDTH = 15
 
 CALLBACK_SEQ = f"{PREFIX}:cb:seq"
 # Prefixes for the Lua scripts, which build keys from ids they read inside Redis.
@@ -43,17 +56,21 @@ CALLBACK_UNIQUE_PREFIX = f"{PREFIX}:cb:uniq:"
 PROJECT_CALLBACKS_PREFIX = f"{PREFIX}:cb:project:"
 MATCH_PREFIX = f"{PREFIX}:cb:match:"
 HEALTH_PREFIX = f"{PREFIX}:health:"
+HEALTH_FAILING = f"{PREFIX}:health:failing"
 CALLBACKS_DISABLED = f"{PREFIX}:cb:disabled"
 HISTORY_SEQ = f"{PREFIX}:history:seq"
 HISTORY_RECORD_PREFIX = f"{PREFIX}:history:rec:"
 HISTORY_INDEXES = f"{PREFIX}:history:indexes"
 HISTORY_DEAD = f"{PREFIX}:history:dead"
+HISTORY_DEAD_KEYS = f"{PREFIX}:history:dead-keys"
+DELIVERY_PREFIX = f"{PREFIX}:delivery:"
 
 WORKERS_PREFIX = f"{PREFIX}:workers:"
 POISON_JOBS = f"{PREFIX}:jobs:poison"
 
 ARQ_JOB_PREFIX: str = job_key_prefix
-ARQ_RESULT_PREFIX: str = result_key_prefix
+ARQ_IN_PROGRESS_PREFIX: str = in_progress_key_prefix
+ARQ_RETRY_PREFIX: str = arq_retry_key_prefix
 
 
 def callback(callback_id: int | str) -> str:
@@ -65,7 +82,7 @@ def callback_unique(project_id: str) -> str:
 
 
 def callback_unique_field(event: str, url: str) -> str:
-    return f"{event} {url}"
+    return f"{event}{UNIQUE_SEP}{url}"
 
 
 def project_callbacks(project_id: str) -> str:
@@ -73,7 +90,7 @@ def project_callbacks(project_id: str) -> str:
 
 
 def match(project_id: str, event: str) -> str:
-    return f"{MATCH_PREFIX}{project_id}:{event}"
+    return f"{MATCH_PREFIX}{project_id}{SEP}{event}"
 
 
 def roles(project_id: str) -> str:
@@ -84,23 +101,40 @@ def health(callback_id: int | str) -> str:
     return f"{HEALTH_PREFIX}{callback_id}"
 
 
-def delivery(delivery_id: str) -> str:
-    return f"{PREFIX}:delivery:{delivery_id}"
+def delivery(progress_id: str) -> str:
+    return f"{DELIVERY_PREFIX}{progress_id}"
 
 
 def history_record(record_id: int | str) -> str:
     return f"{HISTORY_RECORD_PREFIX}{record_id}"
 
 
+def history_member(record_id: int) -> str:
+    """A record id as its index stores it."""
+    return f"{record_id:0{HISTORY_ID_WIDTH}d}"
+
+
 def history_index(project_id: str, event: str, url: str) -> str:
     url_hash = hashlib.blake2b(url.encode(), digest_size=16).hexdigest()
-    return f"{PREFIX}:history:idx:{project_id}:{event}:{url_hash}"
+    return f"{PREFIX}:history:idx:{project_id}{SEP}{event}{SEP}{url_hash}"
+
+
+def history_dead(project_id: str) -> str:
+    return f"{HISTORY_DEAD}{SEP}{project_id}"
 
 
 def worker(host: str, pid: int) -> str:
-    return f"{WORKERS_PREFIX}{host}:{pid}"
+    return f"{WORKERS_PREFIX}{host}{SEP}{pid}"
 
 
 def stats(minute: int) -> str:
     """`minute` is epoch seconds // 60."""
     return f"{PREFIX}:stats:{minute}"
+
+
+def arq_job(job_id: str) -> str:
+    return f"{ARQ_JOB_PREFIX}{job_id}"
+
+
+def arq_health_check(queue_name: str) -> str:
+    return f"{queue_name}{health_check_key_suffix}"

@@ -8,6 +8,8 @@ from typing import Any, Generic, TypeVar
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
+from dispatcher.errors import InvalidEvent
+
 __all__ = [
     "ApigwType",
     "CallBackHeader",
@@ -20,8 +22,11 @@ __all__ = [
     "Event",
     "HistoryPage",
     "HistoryRecord",
+    "RedeliveryResult",
     "Region",
     "Result",
+    "parse_event",
+    "parse_events",
 ]
 
 T = TypeVar("T")
@@ -48,6 +53,35 @@ class Event(enum.StrEnum):
     PROJECT_UPDATE = "PROJECT_UPDATE"
     PROJECT_ENABLE = "PROJECT_ENABLE"
     PROJECT_DISABLE = "PROJECT_DISABLE"
+
+
+def parse_event(name: str) -> Event:
+    try:
+        return Event(name.strip())
+    except ValueError:
+        raise InvalidEvent(
+            f"unknown event {name.strip()!r}; expected one of: {', '.join(e.value for e in Event)}",
+            param="event",
+        ) from None
+
+
+def parse_events(spec: str) -> tuple[list[Event], dict[str, str]]:
+    """Split a batch's comma-separated `event`: the valid ones (deduplicated, in order) and
+    the refused ones with their reason."""
+    valid: list[Event] = []
+    failed: dict[str, str] = {}
+    for raw in spec.split(","):
+        name = raw.strip()
+        if not name:
+            continue
+        try:
+            event = parse_event(name)
+        except InvalidEvent as exc:
+            failed[name] = exc.message
+            continue
+        if event not in valid:
+            valid.append(event)
+    return valid, failed
 
 
 class Region(enum.StrEnum):
@@ -175,6 +209,12 @@ class EmitRequest(_Model):
         pattern=r"^[A-Za-z0-9_.:-]+$",
         description="Optional idempotency key; generated when absent.",
     )
+
+
+class RedeliveryResult(_Model):
+    """What redelivering a window queued."""
+
+    queued: int
 
 
 class EmitResult(_Model):

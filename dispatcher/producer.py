@@ -1,23 +1,24 @@
 """Producers: `emit()` an event, and it is queued for fan-out at once (never waits for
-delivery). Python API here; the CLI and the HTTP route call the same functions."""
+delivery). The Python API; the CLI and the HTTP routes reach it through the services."""
 
 from __future__ import annotations
 
-import time
-import uuid
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
+import orjson
+
+from dispatcher import metrics
+from dispatcher.connections import connect
 from dispatcher.errors import InvalidInput
+from dispatcher.jobs import DeliveryJob, EventJob, Queue, new_event_id, now_ms
 from dispatcher.lua import run_pipeline
-from dispatcher.queue import DELIVER, FAN_OUT, Queue
-from dispatcher.redis import connect
-from dispatcher.registry import parse_event
+from dispatcher.models import parse_event
 
 if TYPE_CHECKING:
     from types import TracebackType
 
-    from arq.connections import ArqRedis
+    from redis.asyncio import Redis
     from redis.asyncio.client import Pipeline
 
     from dispatcher.models import HistoryRecord
@@ -26,31 +27,35 @@ if TYPE_CHECKING:
 __all__ = ["Producer", "emit"]
 
 
-def new_event_id() -> str:
-    return "evt_" + uuid.uuid4().hex
-
-
-def _event_payload(
-    project_id: str, event: str, data: Mapping[str, Any], event_id: str | None
-) -> dict[str, Any]:
+def event_job(
+    project_id: str, event: str, data: Mapping[str, Any] | None, event_id: str | None = None
+) -> EventJob:
+    """A checked event: a known name, a project, a JSON object the queue can hold."""
     if not project_id:
         raise InvalidInput("projectId is required", param="projectId")
+    if data is None:
+        data = {}
     if not isinstance(data, Mapping):
         raise InvalidInput("data must be a JSON object", param="data")
-    return {
-        "id": event_id or new_event_id(),
-        "projectId": project_id,
-        "event": parse_event(event).value,
-        "data": dict(data),
-        "emittedAt": time.time_ns() // 1_000_000,
-    }
+    job = EventJob(
+        id=event_id or new_event_id(),
+        project_id=project_id,
+        event=parse_event(event).value,
+        data=dict(data),
+        emitted_at=now_ms(),
+    )
+    try:  # what the queue's JSON cannot hold (integers beyond 64 bits, deep nesting)
+        orjson.dumps(job.data)
+    except orjson.JSONEncodeError as exc:
+        raise InvalidInput(f"data cannot be queued: {exc}", param="data") from None
+    return job
 
 
 class Producer:
     """Emits events through one Redis pool. Use as an async context manager, or pass an
-    existing connection (the API does)."""
+    existing connection (the services do)."""
 
-    def __init__(self, settings: Settings, redis: ArqRedis | None = None) -> None:
+    def __init__(self, settings: Settings, redis: Redis | None = None) -> None:
         self.settings = settings
         self._redis = redis
         self._owns_redis = redis is None
@@ -58,7 +63,7 @@ class Producer:
 
     async def __aenter__(self) -> Producer:
         if self._redis is None:
-            self._redis = await connect(self.settings)
+            self._redis = connect(self.settings)
         return self
 
     async def __aexit__(
@@ -94,26 +99,29 @@ class Producer:
 
         An `event_id` of your own makes the call idempotent while that event is queued.
         """
-        payload = _event_payload(project_id, event, data or {}, event_id)
-        await self.queue.enqueue(FAN_OUT, payload, job_id=payload["id"])
-        return str(payload["id"])
+        job = event_job(project_id, event, data, event_id)
+        await self.queue.enqueue(job)
+        metrics.EVENTS_EMITTED.inc()
+        return job.id
 
     async def emit_many(self, events: Iterable[tuple[str, str, Mapping[str, Any]]]) -> list[str]:
         """Queue many `(project_id, event, data)` in one round trip; returns their ids.
         Every event is checked before any is queued."""
-        payloads = [_event_payload(p, e, d, None) for p, e, d in events]
+        jobs = [event_job(p, e, d) for p, e, d in events]
         queue = self.queue
 
         def push_all(pipe: Pipeline) -> None:
-            for payload in payloads:
-                queue.push(pipe, FAN_OUT, payload, job_id=payload["id"])
+            for job in jobs:
+                queue.push(pipe, job)
 
         await run_pipeline(queue.redis, push_all)
-        return [str(p["id"]) for p in payloads]
+        metrics.EVENTS_EMITTED.inc(len(jobs))
+        return [job.id for job in jobs]
 
-    async def redeliver(self, record: HistoryRecord) -> str:
-        """Send a recorded request again as a new delivery (same delivery id for the
-        receiver's de-duplication, current token, new history records)."""
+    @staticmethod
+    def redelivery_job(record: HistoryRecord) -> DeliveryJob:
+        """The job that sends a recorded request again: same body and delivery id (for the
+        receiver's de-duplication), a fresh progress id, the callback's current token."""
         if record.callback_id is None or record.delivery_id is None:
             raise InvalidInput(f"history record {record.id} cannot be redelivered: no callback")
         if record.request_body_truncated:
@@ -121,21 +129,22 @@ class Producer:
                 f"history record {record.id} cannot be redelivered: its stored body was "
                 "truncated (raise DISPATCHER_MAX_REQUEST_BODY)"
             )
-        job_id = f"{record.delivery_id}:redeliver:{uuid.uuid4().hex[:12]}"
-        await self.queue.enqueue(
-            DELIVER,
-            {
-                "deliveryId": record.delivery_id,
-                "callbackId": record.callback_id,
-                "eventId": record.event_id,
-                "projectId": record.project_id,
-                "event": record.events,
-                "body": record.request_body,
-                "redeliveryOf": record.id,
-            },
-            job_id=job_id,
+        original = DeliveryJob(
+            delivery_id=record.delivery_id,
+            progress_id=record.delivery_id,
+            event_id=record.event_id or "",
+            project_id=record.project_id,
+            event=record.events,
+            body=record.request_body.encode(),
+            callback_id=record.callback_id,
         )
-        return job_id
+        return original.redelivery(record.id)
+
+    async def redeliver(self, record: HistoryRecord) -> str:
+        """Queue `redelivery_job(record)`; returns its job id."""
+        job = self.redelivery_job(record)
+        await self.queue.enqueue(job)
+        return job.job_id
 
 
 async def emit(

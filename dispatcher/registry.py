@@ -15,7 +15,15 @@ from urllib.parse import urlsplit
 from dispatcher import keys
 from dispatcher.errors import InvalidEvent, InvalidInput, InvalidUrl, NotFound
 from dispatcher.lua import Lua, run_pipeline
-from dispatcher.models import Callback, CallbackPage, CreateCallBackResult, Event, Region
+from dispatcher.models import (
+    Callback,
+    CallbackPage,
+    CreateCallBackResult,
+    Event,
+    Region,
+    parse_event,
+    parse_events,
+)
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
@@ -23,11 +31,14 @@ if TYPE_CHECKING:
 
     from dispatcher.tokens import TokenCipher
 
-__all__ = ["MAX_URL_LENGTH", "CallbackTarget", "Registry", "parse_events", "validate_url"]
+__all__ = ["MAX_URL_LENGTH", "CallbackTarget", "Registry", "validate_url"]
 
 MAX_URL_LENGTH = 2048
 MAX_TOKEN_LENGTH = 1024
 
+# KEYS: upsert hash, id counter, project ids, match set, disabled zset, failing zset.
+# ARGV: upsert field, project, url, event, region, token, now, creator, callback prefix,
+# health prefix. Returns {id, 1 when created}.
 _UPSERT = Lua("""
 local id = redis.call('HGET', KEYS[1], ARGV[1])
 local created = 0
@@ -47,6 +58,7 @@ redis.call('HSET', key, 'region', ARGV[5], 'secretToken', ARGV[6], 'enabled', '1
 redis.call('SADD', KEYS[4], id)
 redis.call('ZREM', KEYS[5], id)
 redis.call('DEL', ARGV[10] .. id)
+redis.call('ZREM', KEYS[6], id)
 return {tonumber(id), created}
 """)
 
@@ -65,34 +77,38 @@ end
 return out
 """)
 
-# KEYS: callback hash. ARGV: enabled ('1'/'0'), reason, now, match prefix, disabled zset,
-# expected project ('' = any), health prefix (enabling starts the failure count again).
-# Returns 0 when missing or in another project.
+# KEYS: callback hash, disabled zset, failing zset. ARGV: enabled ('1'/'0'), reason, now,
+# match prefix, key separator, expected project ('' = any), health prefix (enabling starts
+# the failure count again). Returns 0 when missing or in another project.
 _SET_ENABLED = Lua("""
 local row = redis.call('HMGET', KEYS[1], 'projectId', 'event', 'id')
 if not row[1] or (ARGV[6] ~= '' and row[1] ~= ARGV[6]) then return 0 end
-local match = ARGV[4] .. row[1] .. ':' .. row[2]
+local match = ARGV[4] .. row[1] .. ARGV[5] .. row[2]
 if ARGV[1] == '1' then
   redis.call('HSET', KEYS[1], 'enabled', '1', 'disabledReason', '', 'updatedTime', ARGV[3])
   redis.call('SADD', match, row[3])
-  redis.call('ZREM', ARGV[5], row[3])
+  redis.call('ZREM', KEYS[2], row[3])
   redis.call('DEL', ARGV[7] .. row[3])
+  redis.call('ZREM', KEYS[3], row[3])
 else
   redis.call('HSET', KEYS[1], 'enabled', '0', 'disabledReason', ARGV[2], 'updatedTime', ARGV[3])
   redis.call('SREM', match, row[3])
-  redis.call('ZADD', ARGV[5], ARGV[3], row[3])
+  redis.call('ZADD', KEYS[2], ARGV[3], row[3])
 end
 return 1
 """)
 
+# KEYS: callback hash, disabled zset, failing zset. ARGV: project, upsert prefix, project
+# prefix, match prefix, health prefix, key separator, upsert field separator.
 _DELETE = Lua("""
 local row = redis.call('HMGET', KEYS[1], 'projectId', 'event', 'url', 'id')
 if not row[1] or row[1] ~= ARGV[1] then return 0 end
 redis.call('DEL', KEYS[1], ARGV[5] .. row[4])
-redis.call('HDEL', ARGV[2] .. row[1], row[2] .. ' ' .. row[3])
+redis.call('HDEL', ARGV[2] .. row[1], row[2] .. ARGV[7] .. row[3])
 redis.call('ZREM', ARGV[3] .. row[1], row[4])
-redis.call('SREM', ARGV[4] .. row[1] .. ':' .. row[2], row[4])
+redis.call('SREM', ARGV[4] .. row[1] .. ARGV[6] .. row[2], row[4])
 redis.call('ZREM', KEYS[2], row[4])
+redis.call('ZREM', KEYS[3], row[4])
 return 1
 """)
 
@@ -133,35 +149,6 @@ def validate_url(url: str) -> str:
     if any(ch.isspace() for ch in url):
         raise InvalidUrl("url must not contain white space", param="url")
     return url
-
-
-def parse_event(name: str) -> Event:
-    try:
-        return Event(name.strip())
-    except ValueError:
-        raise InvalidEvent(
-            f"unknown event {name.strip()!r}; expected one of: {', '.join(e.value for e in Event)}",
-            param="event",
-        ) from None
-
-
-def parse_events(spec: str) -> tuple[list[Event], dict[str, str]]:
-    """Split a batch's comma-separated `event`: the valid ones (deduplicated, in order) and
-    the refused ones with their reason."""
-    valid: list[Event] = []
-    failed: dict[str, str] = {}
-    for raw in spec.split(","):
-        name = raw.strip()
-        if not name:
-            continue
-        try:
-            event = parse_event(name)
-        except InvalidEvent as exc:
-            failed[name] = exc.message
-            continue
-        if event not in valid:
-            valid.append(event)
-    return valid, failed
 
 
 def _to_callback(row: dict[str, str]) -> Callback:
@@ -252,6 +239,7 @@ class Registry:
                         keys.project_callbacks(project_id),
                         keys.match(project_id, event.value),
                         keys.CALLBACKS_DISABLED,
+                        keys.HEALTH_FAILING,
                     ],
                     [
                         keys.callback_unique_field(event.value, url), project_id, url,
@@ -332,10 +320,10 @@ class Registry:
     async def delete(self, project_id: str, callback_id: int) -> None:
         done = await _DELETE(
             self.redis,
-            [keys.callback(callback_id), keys.CALLBACKS_DISABLED],
+            [keys.callback(callback_id), keys.CALLBACKS_DISABLED, keys.HEALTH_FAILING],
             [
                 project_id, keys.CALLBACK_UNIQUE_PREFIX, keys.PROJECT_CALLBACKS_PREFIX,
-                keys.MATCH_PREFIX, keys.HEALTH_PREFIX,
+                keys.MATCH_PREFIX, keys.HEALTH_PREFIX, keys.SEP, keys.UNIQUE_SEP,
             ],
         )  # fmt: skip
         if not done:
@@ -350,14 +338,12 @@ class Registry:
         project_id: str | None = None,
     ) -> None:
         """Enable, or disable with a reason. `project_id` restricts it to that project."""
-        if not enabled and not reason:
-            reason = "disabled by its owner"
         done = await _SET_ENABLED(
             self.redis,
-            [keys.callback(callback_id)],
+            [keys.callback(callback_id), keys.CALLBACKS_DISABLED, keys.HEALTH_FAILING],
             [
-                "1" if enabled else "0", reason, _now_ms(), keys.MATCH_PREFIX,
-                keys.CALLBACKS_DISABLED, project_id or "", keys.HEALTH_PREFIX,
+                "1" if enabled else "0", reason, _now_ms(), keys.MATCH_PREFIX, keys.SEP,
+                project_id or "", keys.HEALTH_PREFIX,
             ],
         )  # fmt: skip
         if not done:

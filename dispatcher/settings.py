@@ -10,6 +10,7 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from dispatcher.models import Region
+from dispatcher.tokens import TokenCipher
 
 __all__ = ["Settings"]
 
@@ -32,6 +33,11 @@ class Settings(BaseSettings):
         default=Path(".dispatcher"), description="Where the embedded Redis keeps its data."
     )
     queue_name: str = Field(default="dispatcher:queue", min_length=1)
+    redis_timeout: float = Field(
+        default=5.0,
+        gt=0,
+        description="Seconds to connect to Redis and to wait for an answer (every connection).",
+    )
 
     # HTTP API
     api_host: str = "127.0.0.1"
@@ -141,11 +147,13 @@ class Settings(BaseSettings):
     def _consistent(self) -> Settings:
         if self.connect_timeout > self.total_timeout:
             raise ValueError("connect_timeout must not exceed total_timeout")
-        if self.token_keys is not None:
-            from dispatcher.tokens import cipher_for
-
-            cipher_for(self)  # a malformed key fails at start, not at the first delivery
+        self.token_cipher()  # a malformed key fails at start, not at the first delivery
         return self
+
+    def token_cipher(self) -> TokenCipher | None:
+        """The cipher of DISPATCHER_TOKEN_KEYS, or None when tokens are stored as given."""
+        keys = None if self.token_keys is None else self.token_keys.get_secret_value()
+        return TokenCipher.from_keys(keys)
 
     @property
     def tz(self) -> ZoneInfo:

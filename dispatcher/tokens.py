@@ -8,14 +8,10 @@ stored token with it), then drop the old key. Without keys tokens are stored as 
 from __future__ import annotations
 
 from functools import lru_cache
-from typing import TYPE_CHECKING
 
 from cryptography.fernet import Fernet, InvalidToken, MultiFernet
 
-if TYPE_CHECKING:
-    from dispatcher.settings import Settings
-
-__all__ = ["PREFIX", "TokenCipher", "cipher_for"]
+__all__ = ["PREFIX", "TokenCipher"]
 
 PREFIX = "fernet:"
 
@@ -34,6 +30,13 @@ class TokenCipher:
                 "make one with `dispatcher tokens new-key`)"
             ) from exc
         self.decrypt = lru_cache(maxsize=4096)(self._decrypt)  # one decryption per token
+
+    @classmethod
+    def from_keys(cls, keys: str | None) -> TokenCipher | None:
+        """The cipher of a comma-separated key list, or None when there is none."""
+        if not keys:
+            return None
+        return cls(keys.split(","))
 
     @staticmethod
     def new_key() -> str:
@@ -61,10 +64,3 @@ class TokenCipher:
         if not stored.startswith(PREFIX):
             return self.encrypt(stored)
         return PREFIX + self._fernet.rotate(stored[len(PREFIX) :].encode()).decode()
-
-
-def cipher_for(settings: Settings) -> TokenCipher | None:
-    """The cipher of `settings`, or None when no keys are configured."""
-    if settings.token_keys is None:
-        return None
-    return TokenCipher(settings.token_keys.get_secret_value().split(","))

@@ -7,12 +7,14 @@ from typing import Any
 
 import httpx
 import pytest
-from arq.connections import ArqRedis
+from prometheus_client import REGISTRY
+from redis.asyncio import Redis
 
 from dispatcher.api import create_app
 from dispatcher.auth import ALL_PROJECTS, Role, Roles
+from dispatcher.producer import Producer
 from dispatcher.settings import Settings
-from tests.conftest import UID, Receiver, RunWorker, make_settings
+from tests.helpers import UID, Receiver, RunWorker, make_settings
 
 CALLBACKS = "/apigw/v4/projects/demo/callbacks"
 HISTORY = "/ms/openapi/api/apigw/v3/projects/demo/callbacks/history"
@@ -25,9 +27,7 @@ def strict_settings(redis_server: Any) -> Settings:
 
 
 @pytest.fixture
-async def strict_api(
-    strict_settings: Settings, redis: ArqRedis
-) -> AsyncIterator[httpx.AsyncClient]:
+async def strict_api(strict_settings: Settings, redis: Redis) -> AsyncIterator[httpx.AsyncClient]:
     app = create_app(strict_settings, redis)
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)
@@ -55,7 +55,7 @@ async def test_gateway_token_is_required_when_configured(strict_api: httpx.Async
 
 
 async def test_roles_decide_who_may_do_what(
-    strict_api: httpx.AsyncClient, redis: ArqRedis, strict_settings: Settings
+    strict_api: httpx.AsyncClient, redis: Redis, strict_settings: Settings
 ) -> None:
     roles = Roles(redis, strict_settings)
     await roles.grant("demo", "admin-user", Role.ADMIN)
@@ -183,3 +183,54 @@ async def test_readiness_fails_when_redis_is_unreachable(settings: Settings) -> 
 async def test_oversized_query_string_is_refused(api: httpx.AsyncClient) -> None:
     response = await api.get(CALLBACKS, params={"pad": "x" * 9000}, headers=UID)
     assert response.status_code == 400 and "query string longer" in response.json()["message"]
+
+
+async def test_every_answer_names_its_request_id(strict_api: httpx.AsyncClient) -> None:
+    """The limits' own refusals included (they once ran outside the request-id middleware)."""
+    refusals = [
+        await strict_api.get(CALLBACKS, headers={**as_user("a"), "X-DEVOPS-GATEWAY-TOKEN": "no"}),
+        await strict_api.get(CALLBACKS, params={"pad": "x" * 9000}, headers=as_user("a")),
+        await strict_api.post(
+            "/apigw/v4/projects/demo/events", content=b"x" * (2 * 1024 * 1024),
+            headers={**as_user("a"), "Content-Type": "application/json"},
+        ),
+    ]  # fmt: skip
+    assert [r.status_code for r in refusals] == [401, 400, 413]
+    for response in refusals:
+        assert len(response.headers["X-Request-ID"]) == 32
+    mine = await strict_api.get("/healthz", headers={"X-Request-ID": "trace-42"})
+    assert mine.headers["X-Request-ID"] == "trace-42"
+
+
+async def test_a_body_sent_without_its_length_is_held_to_the_limit(
+    api: httpx.AsyncClient,
+) -> None:
+    async def chunks() -> AsyncIterator[bytes]:
+        for _ in range(3):
+            yield b"x" * (512 * 1024)
+
+    response = await api.post(
+        "/apigw/v4/projects/demo/events", content=chunks(),
+        headers={**UID, "Content-Type": "application/json"},
+    )  # fmt: skip
+    assert response.status_code == 413
+    assert response.json() == {
+        "data": None, "message": "request body larger than 1048576 bytes", "status": 413,
+    }  # fmt: skip
+
+
+def _emitted() -> float:
+    return REGISTRY.get_sample_value("dispatcher_events_emitted_total") or 0.0
+
+
+async def test_every_producer_counts_emitted_events(
+    api: httpx.AsyncClient, settings: Settings, redis: Redis
+) -> None:
+    """The route, `Producer.emit` and `emit_many` move the same counter (it once counted
+    the route only)."""
+    before = _emitted()
+    await api.post("/apigw/v4/projects/demo/events", json={"event": "BUILD_END"}, headers=UID)
+    producer = Producer(settings, redis)
+    await producer.emit("demo", "BUILD_END", {})
+    await producer.emit_many([("demo", "BUILD_END", {})] * 3)
+    assert _emitted() == before + 5

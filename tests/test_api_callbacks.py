@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import httpx
 import pytest
-from arq.connections import ArqRedis
+from redis.asyncio import Redis
 
 from dispatcher.models import Event, Region
 from dispatcher.registry import Registry
-from tests.conftest import UID
+from tests.helpers import UID
 
 BASE = "/apigw-user/v4/projects/demo/callbacks"
 
@@ -19,7 +19,7 @@ async def create(api: httpx.AsyncClient, **params: str) -> httpx.Response:
     return await api.post(BASE, params=query, headers={**UID, "Content-Type": "application/json"})
 
 
-async def test_seed_create_example(api: httpx.AsyncClient, redis: ArqRedis) -> None:
+async def test_seed_create_example(api: httpx.AsyncClient, redis: Redis) -> None:
     response = await create(api, secretToken="s3cret")
     assert response.status_code == 200
     assert response.json() == {"data": True, "message": None, "status": 0}
@@ -53,7 +53,7 @@ async def test_unknown_apigw_type_is_a_clear_400(api: httpx.AsyncClient) -> None
     assert "apigwType" in body["message"]
 
 
-async def test_upsert_updates_token_and_reenables(api: httpx.AsyncClient, redis: ArqRedis) -> None:
+async def test_upsert_updates_token_and_reenables(api: httpx.AsyncClient, redis: Redis) -> None:
     registry = Registry(redis)
     await create(api, secretToken="one")
     [first] = await registry.match("demo", "BUILD_END")
@@ -70,7 +70,7 @@ async def test_upsert_updates_token_and_reenables(api: httpx.AsyncClient, redis:
     assert listed["records"][0]["disabledReason"] is None
 
 
-async def test_seed_batch_example(api: httpx.AsyncClient, redis: ArqRedis) -> None:
+async def test_seed_batch_example(api: httpx.AsyncClient, redis: Redis) -> None:
     response = await api.post(
         f"{BASE}/batch",
         params={
@@ -94,7 +94,7 @@ async def test_seed_batch_example(api: httpx.AsyncClient, redis: ArqRedis) -> No
 
 
 async def test_batch_with_no_valid_event_saves_nothing(
-    api: httpx.AsyncClient, redis: ArqRedis
+    api: httpx.AsyncClient, redis: Redis
 ) -> None:
     response = await api.post(
         f"{BASE}/batch",
@@ -120,7 +120,7 @@ async def test_batch_with_no_valid_event_saves_nothing(
     ],
 )
 async def test_bad_input_is_a_clear_400(
-    api: httpx.AsyncClient, redis: ArqRedis, params: dict[str, str], fragment: str
+    api: httpx.AsyncClient, redis: Redis, params: dict[str, str], fragment: str
 ) -> None:
     response = await create(api, **params)
     assert response.status_code == 400
@@ -166,7 +166,7 @@ async def test_list_pages_and_never_shows_tokens(api: httpx.AsyncClient) -> None
     assert "secret-" not in first.text + last.text
 
 
-async def test_delete_and_enable_disable(api: httpx.AsyncClient, redis: ArqRedis) -> None:
+async def test_delete_and_enable_disable(api: httpx.AsyncClient, redis: Redis) -> None:
     await create(api)
     [cb] = (await api.get(BASE, headers=UID)).json()["data"]["records"]
     disabled = await api.put(f"{BASE}/{cb['id']}/disable", params={"reason": "maint"}, headers=UID)
@@ -197,7 +197,7 @@ async def test_other_projects_callbacks_are_not_found(api: httpx.AsyncClient) ->
     assert (await api.get(f"{other}/{cb['id']}", headers=UID)).status_code == 404
 
 
-async def test_match_returns_only_enabled_callbacks_of_that_event(redis: ArqRedis) -> None:
+async def test_match_returns_only_enabled_callbacks_of_that_event(redis: Redis) -> None:
     registry = Registry(redis)
     a, _ = await registry.create("p", "http://127.0.0.1:1/a", Event.BUILD_END, Region.OSS)
     b, _ = await registry.create("p", "http://127.0.0.1:1/b", Event.BUILD_END, Region.OSS)

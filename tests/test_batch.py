@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from arq.connections import ArqRedis
+from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
 from dispatcher.batch import Batcher
@@ -15,7 +15,7 @@ from dispatcher.lua import Lua, run_pipeline
 ECHO = Lua("return ARGV[1] .. ':' .. KEYS[1]")
 
 
-async def test_callers_share_a_round_trip_and_get_their_own_results(redis: ArqRedis) -> None:
+async def test_callers_share_a_round_trip_and_get_their_own_results(redis: Redis) -> None:
     batcher = Batcher(redis, window=0.01)
     await batcher.execute(lambda pipe: ECHO.queue(pipe, ["warm"], ["up"]))  # script loaded
     before = int((await redis.info("stats"))["total_commands_processed"])
@@ -27,7 +27,7 @@ async def test_callers_share_a_round_trip_and_get_their_own_results(redis: ArqRe
     assert after - before == 50 + 1  # the 50 scripts and the INFO itself: no SCRIPT EXISTS
 
 
-async def test_one_callers_error_stays_its_own(redis: ArqRedis) -> None:
+async def test_one_callers_error_stays_its_own(redis: Redis) -> None:
     await redis.set("text", "not a number")
     batcher = Batcher(redis, window=0.01)
     good = batcher.execute(lambda pipe: pipe.incr("counter"))
@@ -37,7 +37,7 @@ async def test_one_callers_error_stays_its_own(redis: ArqRedis) -> None:
     assert isinstance(results[1], ResponseError)
 
 
-async def test_scripts_come_back_after_redis_forgets_them(redis: ArqRedis) -> None:
+async def test_scripts_come_back_after_redis_forgets_them(redis: Redis) -> None:
     await redis.script_flush()
     assert await ECHO(redis, ["k"], ["direct"]) == b"direct:k"
     await redis.script_flush()

@@ -12,7 +12,8 @@ from typer.testing import CliRunner
 
 from dispatcher import keys
 from dispatcher.cli import app
-from dispatcher.redis import EmbeddedRedis
+from dispatcher.connections import connect
+from dispatcher.embedded import EmbeddedRedis
 
 
 @pytest.fixture
@@ -120,19 +121,21 @@ def _seed_status(url: str) -> None:
 
     from dispatcher.models import Event, Region
     from dispatcher.producer import Producer
-    from dispatcher.redis import connect
     from dispatcher.registry import Registry
-    from tests.conftest import make_settings
+    from dispatcher.services import Services
+    from tests.helpers import make_settings
 
     async def go() -> None:
         settings = make_settings(url)
-        redis = await connect(settings)
+        redis = connect(settings)
         registry = Registry(redis)
         for i in range(3):
             cid, _ = await registry.create("p", f"https://e.com/{i}", Event.BUILD_END, Region.OSS)
             if i < 2:
                 await registry.set_enabled(cid, False, "test")
-        await redis.hset(keys.health(3), mapping={"failures": 4, "since": 0, "lastError": "x"})
+        health = Services(settings, redis).health
+        for _ in range(4):
+            await health.failed(3, "x")
         await Producer(settings, redis).emit_many([("p", "BUILD_END", {})] * 3)
         minute = keys.stats(int(time.time()) // 60)
         await redis.hset(minute, mapping={"success": 7, "retry": 2, "failed": 1})
@@ -165,14 +168,13 @@ def test_bulk_redeliver_and_sweep(cli: CliRunner, redis_server: EmbeddedRedis) -
     import time
 
     from dispatcher.history import History
-    from dispatcher.redis import connect
-    from tests.conftest import make_settings
+    from tests.helpers import make_settings
 
     settings = make_settings(redis_server.url)
     now = int(time.time() * 1000)
 
     async def seed() -> None:
-        redis = await connect(settings)
+        redis = connect(settings)
         history = History(redis, settings)
         for i, (status, final) in enumerate(
             [("FAILED", True), ("FAILED", False), ("SUCCESS", True), ("FAILED", True)]
@@ -202,3 +204,55 @@ def test_bulk_redeliver_and_sweep(cli: CliRunner, redis_server: EmbeddedRedis) -
     assert len(queued) == 2
     swept = cli.invoke(app, ["sweep"])
     assert swept.exit_code == 0 and "removed 1 records" in swept.output
+
+
+def test_callbacks_add_applies_the_region_address_policy(cli: CliRunner) -> None:
+    """The CLI registers through the same rule as the route: no metadata or loopback
+    target in a public region (before the service layer, it stored them)."""
+    for url in ("http://169.254.169.254/latest/meta-data", "http://127.0.0.1:8080/hook"):
+        result = cli.invoke(
+            app,
+            ["callbacks", "add", "--project", "p", "--url", url, "--event", "BUILD_END",
+             "--region", "OSS"],
+        )  # fmt: skip
+        assert result.exit_code == 1, result.output
+        assert "metadata" in result.output or "internal" in result.output
+    assert "0 callbacks" in cli.invoke(app, ["callbacks", "list", "--project", "p"]).output
+
+
+def test_history_refuses_an_unknown_event(cli: CliRunner) -> None:
+    """A typo is an error that names the event, as on the route (it was an empty page)."""
+    result = cli.invoke(
+        app, ["history", "--project", "p", "--url", "https://e.com/h", "--event", "BUILD_ENDED"]
+    )
+    assert result.exit_code == 1 and "unknown event 'BUILD_ENDED'" in result.output
+
+
+def test_dead_lists_the_deliveries_that_gave_up(
+    cli: CliRunner, redis_server: EmbeddedRedis
+) -> None:
+    import asyncio
+    import time
+
+    from dispatcher.history import History
+    from tests.helpers import make_settings
+
+    settings = make_settings(redis_server.url)
+    now = int(time.time() * 1000)
+
+    async def seed() -> None:
+        redis = connect(settings)
+        history = History(redis, settings)
+        for project, final in (("p", True), ("p", False), ("q", True)):
+            await history.add({
+                "projectId": project, "callBackUrl": "https://e.com/h", "events": "BUILD_END",
+                "status": "FAILED", "final": final, "startTime": now, "endTime": now,
+                "createdTime": now, "deliveryId": f"evt_{project}{final}.1",
+            }, dead=final)  # fmt: skip
+        await redis.aclose()
+
+    asyncio.run(seed())
+    everywhere = cli.invoke(app, ["dead"])
+    assert everywhere.exit_code == 0 and "2 dead letters" in everywhere.output
+    one = cli.invoke(app, ["dead", "--project", "q"])
+    assert "1 dead letters" in one.output and "evt_qTrue.1" in one.output

@@ -8,22 +8,23 @@ import time
 import orjson
 import pytest
 from aiohttp import web
-from arq.connections import ArqRedis
+from redis.asyncio import Redis
 from standardwebhooks import Webhook
 from structlog.testing import capture_logs
 
-from dispatcher import keys
 from dispatcher.history import History
+from dispatcher.jobs import EventJob, Queue
 from dispatcher.models import Event, Region
 from dispatcher.producer import Producer
-from dispatcher.queue import FAN_OUT, Queue
 from dispatcher.registry import Registry
+from dispatcher.services import Services
 from dispatcher.settings import Settings
-from tests.conftest import Receiver, RunWorker, answer, hang, make_settings
+from dispatcher.worker import Engine
+from tests.helpers import Receiver, RunWorker, answer, hang, make_settings
 
 
 async def register(
-    redis: ArqRedis,
+    redis: Redis,
     url: str,
     event: Event = Event.BUILD_END,
     token: str | None = "s3cret",
@@ -33,13 +34,11 @@ async def register(
     return callback_id
 
 
-async def emit(
-    settings: Settings, redis: ArqRedis, event: str = "BUILD_END", **data: object
-) -> str:
+async def emit(settings: Settings, redis: Redis, event: str = "BUILD_END", **data: object) -> str:
     return await Producer(settings, redis).emit("demo", event, data or {"buildId": "b-1"})
 
 
-async def records(redis: ArqRedis, settings: Settings, url: str, event: str = "BUILD_END") -> list:
+async def records(redis: Redis, settings: Settings, url: str, event: str = "BUILD_END") -> list:
     now = int(time.time() * 1000)
     page = await History(redis, settings).query(
         "demo", url, event, start_ms=now - 60_000, end_ms=now + 60_000, page_size=100
@@ -48,7 +47,7 @@ async def records(redis: ArqRedis, settings: Settings, url: str, event: str = "B
 
 
 async def test_event_reaches_every_matching_callback_and_no_other(
-    settings: Settings, redis: ArqRedis, receiver: Receiver, run_worker: RunWorker
+    settings: Settings, redis: Redis, receiver: Receiver, run_worker: RunWorker
 ) -> None:
     await register(redis, receiver.url("/a"))
     await register(redis, receiver.url("/b"))
@@ -62,7 +61,7 @@ async def test_event_reaches_every_matching_callback_and_no_other(
 
 
 async def test_token_and_signature_verify_with_standardwebhooks(
-    settings: Settings, redis: ArqRedis, receiver: Receiver, run_worker: RunWorker
+    settings: Settings, redis: Redis, receiver: Receiver, run_worker: RunWorker
 ) -> None:
     await register(redis, receiver.url(), token="s3cret")
     event_id = await emit(settings, redis)
@@ -83,7 +82,7 @@ async def test_token_and_signature_verify_with_standardwebhooks(
 
 
 async def test_no_token_no_token_header_and_no_signature(
-    settings: Settings, redis: ArqRedis, receiver: Receiver, run_worker: RunWorker
+    settings: Settings, redis: Redis, receiver: Receiver, run_worker: RunWorker
 ) -> None:
     await register(redis, receiver.url(), token=None)
     await emit(settings, redis)
@@ -94,7 +93,7 @@ async def test_no_token_no_token_header_and_no_signature(
 
 
 async def test_500_twice_then_200_gives_three_attempts_and_records(
-    settings: Settings, redis: ArqRedis, receiver: Receiver, run_worker: RunWorker
+    settings: Settings, redis: Redis, receiver: Receiver, run_worker: RunWorker
 ) -> None:
     url = receiver.script("/hook", answer(500, "boom"), answer(503), answer(200, "fine"))
     await register(redis, url)
@@ -118,7 +117,7 @@ async def test_500_twice_then_200_gives_three_attempts_and_records(
 
 
 async def test_404_is_not_retried(
-    settings: Settings, redis: ArqRedis, receiver: Receiver, run_worker: RunWorker
+    settings: Settings, redis: Redis, receiver: Receiver, run_worker: RunWorker
 ) -> None:
     url = receiver.script("/hook", answer(404, "no such hook"))
     await register(redis, url)
@@ -133,7 +132,7 @@ async def test_404_is_not_retried(
 
 
 async def test_redirect_is_a_failure_not_followed(
-    settings: Settings, redis: ArqRedis, receiver: Receiver, run_worker: RunWorker
+    settings: Settings, redis: Redis, receiver: Receiver, run_worker: RunWorker
 ) -> None:
     url = receiver.script("/hook", answer(302, headers={"Location": receiver.url("/elsewhere")}))
     await register(redis, url)
@@ -145,7 +144,7 @@ async def test_redirect_is_a_failure_not_followed(
 
 
 async def test_hanging_receiver_is_cut_at_the_timeout_and_retried(
-    redis_server: object, redis: ArqRedis, receiver: Receiver, run_worker: RunWorker
+    redis_server: object, redis: Redis, receiver: Receiver, run_worker: RunWorker
 ) -> None:
     settings = make_settings(redis_server.url, total_timeout=0.3, connect_timeout=0.3)  # type: ignore[attr-defined]
     url = receiver.script("/hook", hang(5), answer(200))
@@ -162,7 +161,7 @@ async def test_hanging_receiver_is_cut_at_the_timeout_and_retried(
 
 
 async def test_retry_after_is_honoured(
-    settings: Settings, redis: ArqRedis, receiver: Receiver, run_worker: RunWorker
+    settings: Settings, redis: Redis, receiver: Receiver, run_worker: RunWorker
 ) -> None:
     url = receiver.script("/hook", answer(429, headers={"Retry-After": "1"}), answer(200))
     await register(redis, url)
@@ -173,7 +172,7 @@ async def test_retry_after_is_honoured(
 
 
 async def test_connection_refused_is_retried_until_the_schedule_ends(
-    settings: Settings, redis: ArqRedis, run_worker: RunWorker
+    settings: Settings, redis: Redis, run_worker: RunWorker
 ) -> None:
     url = "http://127.0.0.1:9/closed"  # discard port: nothing listens
     await register(redis, url)
@@ -186,7 +185,7 @@ async def test_connection_refused_is_retried_until_the_schedule_ends(
 
 
 async def test_disabled_callback_receives_nothing(
-    settings: Settings, redis: ArqRedis, receiver: Receiver, run_worker: RunWorker
+    settings: Settings, redis: Redis, receiver: Receiver, run_worker: RunWorker
 ) -> None:
     callback_id = await register(redis, receiver.url())
     await Registry(redis).set_enabled(callback_id, False, "paused")
@@ -196,7 +195,7 @@ async def test_disabled_callback_receives_nothing(
 
 
 async def test_callback_disabled_between_retries_gets_no_more_attempts(
-    settings: Settings, redis: ArqRedis, receiver: Receiver, run_worker: RunWorker
+    settings: Settings, redis: Redis, receiver: Receiver, run_worker: RunWorker
 ) -> None:
     url = receiver.script("/hook", answer(500))
     callback_id = await register(redis, url)
@@ -209,28 +208,25 @@ async def test_callback_disabled_between_retries_gets_no_more_attempts(
 
 
 async def test_duplicate_fan_out_delivers_once(
-    settings: Settings, redis: ArqRedis, receiver: Receiver, run_worker: RunWorker
+    settings: Settings, redis: Redis, receiver: Receiver, run_worker: RunWorker
 ) -> None:
     await register(redis, receiver.url())
-    event = {"id": "evt_dup", "projectId": "demo", "event": "BUILD_END", "data": {}}
+    event = EventJob(id="evt_dup", project_id="demo", event="BUILD_END")
     queue = Queue(redis, settings.queue_name)
-    assert await queue.enqueue(FAN_OUT, event, job_id="evt_dup")
-    assert not await queue.enqueue(FAN_OUT, event, job_id="evt_dup")  # still queued: refused
+    assert await queue.enqueue(event)
+    assert not await queue.enqueue(event)  # still queued: refused
     await run_worker()
     # a re-run of the same fan-out (as after a worker crash) skips what was delivered
-    await redis.set(keys.ARQ_JOB_PREFIX + "x", b"")  # unrelated key: the queue stays empty
-    from dispatcher.worker import Engine
-
-    engine = Engine(settings, redis)
+    engine = Engine(Services(settings, redis))
     try:
-        assert await engine.fan_out(event, job_try=2) == 1
+        assert await engine.fan_out(event, rerun=True) == 1
     finally:
         await engine.close()
     assert len(receiver.requests()) == 1
 
 
 async def test_huge_response_body_is_truncated_in_history(
-    settings: Settings, redis: ArqRedis, receiver: Receiver, run_worker: RunWorker
+    settings: Settings, redis: Redis, receiver: Receiver, run_worker: RunWorker
 ) -> None:
     async def huge(request: web.Request) -> web.StreamResponse:
         response = web.StreamResponse()
@@ -256,7 +252,7 @@ async def test_huge_response_body_is_truncated_in_history(
 
 
 async def test_410_gone_disables_the_callback(
-    settings: Settings, redis: ArqRedis, receiver: Receiver, run_worker: RunWorker
+    settings: Settings, redis: Redis, receiver: Receiver, run_worker: RunWorker
 ) -> None:
     callback_id = await register(redis, receiver.script("/hook", answer(410)))
     await emit(settings, redis)
@@ -266,7 +262,7 @@ async def test_410_gone_disables_the_callback(
 
 
 async def test_one_canonical_log_line_per_attempt(
-    settings: Settings, redis: ArqRedis, receiver: Receiver, run_worker: RunWorker
+    settings: Settings, redis: Redis, receiver: Receiver, run_worker: RunWorker
 ) -> None:
     url = receiver.script("/hook", answer(500), answer(200))
     await register(redis, url)
@@ -287,7 +283,7 @@ async def test_one_canonical_log_line_per_attempt(
 
 
 async def test_emit_many_queues_in_one_go(
-    settings: Settings, redis: ArqRedis, receiver: Receiver, run_worker: RunWorker
+    settings: Settings, redis: Redis, receiver: Receiver, run_worker: RunWorker
 ) -> None:
     await register(redis, receiver.url())
     ids = await Producer(settings, redis).emit_many(
@@ -299,14 +295,12 @@ async def test_emit_many_queues_in_one_go(
 
 
 async def test_attempts_are_counted_for_status(
-    settings: Settings, redis: ArqRedis, receiver: Receiver, run_worker: RunWorker
+    settings: Settings, redis: Redis, receiver: Receiver, run_worker: RunWorker
 ) -> None:
-    from dispatcher.status import read_status
-
     url = receiver.script("/hook", answer(500), answer(200))
     await register(redis, url)
     await emit(settings, redis)
     await run_worker()  # a stopping worker flushes what it counted
-    status = await read_status(redis, settings.queue_name)
+    status = await Services(settings, redis).status()
     assert status.last_hour == {"retry": 1, "success": 1}
     assert status.queue_due == 0 and status.workers == []

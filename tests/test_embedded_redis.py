@@ -6,7 +6,7 @@ from pathlib import Path
 
 import redis as redis_py
 
-from dispatcher.redis import EmbeddedRedis, find_redis_server
+from dispatcher.embedded import EmbeddedRedis, find_redis_server
 
 
 def test_binary_is_found() -> None:

@@ -12,74 +12,29 @@ import subprocess
 import sys
 import time
 import tracemalloc
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 from aiohttp import web
-from arq.connections import ArqRedis
+from redis.asyncio import Redis
 
 from dispatcher.api import create_app
+from dispatcher.connections import connect
+from dispatcher.embedded import EmbeddedRedis
 from dispatcher.history import History
 from dispatcher.models import Event, Region
 from dispatcher.producer import Producer
-from dispatcher.redis import EmbeddedRedis, connect
 from dispatcher.registry import Registry
 from dispatcher.settings import Settings
-from tests.conftest import UID, Receiver, RunWorker, make_settings
-
-WORKER_ENV = {
-    "DISPATCHER_ALLOW_INTERNAL_REGIONS": '["DEVNET","OSS","IDC"]',
-    "DISPATCHER_TOTAL_TIMEOUT": "2",
-    "DISPATCHER_CONNECT_TIMEOUT": "1",
-    "DISPATCHER_JOB_TIMEOUT": "3",
-    "DISPATCHER_RETRY_SCHEDULE": "[0.1, 0.1, 0.1]",
-    "DISPATCHER_RETRY_JITTER": "0",
-    "DISPATCHER_POLL_DELAY": "0.01",
-    "DISPATCHER_SHUTDOWN_GRACE": "2",
-    "DISPATCHER_LOG_LEVEL": "WARNING",
-}
-
-
-def start_worker(redis_url: str, log: Path, **extra: str) -> subprocess.Popen[bytes]:
-    env = {**os.environ, **WORKER_ENV, "DISPATCHER_REDIS_URL": redis_url, **extra}
-    with log.open("ab") as out:
-        return subprocess.Popen(
-            [sys.executable, "-m", "dispatcher", "worker"], env=env, stdout=out, stderr=out
-        )
-
-
-def stop(process: subprocess.Popen[bytes]) -> None:
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-
-
-async def until(check: Callable[[], Awaitable[bool]], within: float, what: str) -> None:
-    deadline = time.monotonic() + within
-    while not await check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {within} s: {what}")
-        await asyncio.sleep(0.05)
-
-
-@pytest.fixture
-def workers(tmp_path: Path) -> Iterator[list[subprocess.Popen[bytes]]]:
-    started: list[subprocess.Popen[bytes]] = []
-    yield started
-    for process in started:
-        stop(process)
+from tests.helpers import UID, Receiver, RunWorker, make_settings, start_worker, stop, until
 
 
 async def test_worker_killed_mid_delivery_loses_nothing(
     settings: Settings,
-    redis: ArqRedis,
+    redis: Redis,
     receiver: Receiver,
     workers: list[subprocess.Popen[bytes]],
     tmp_path: Path,
@@ -134,7 +89,7 @@ async def test_redis_restart_under_running_worker_and_api(
     url = server.start()
     port = server.port
     settings = make_settings(url)
-    pool = await connect(settings)
+    pool = connect(settings)
     try:
         await Registry(pool).create("demo", receiver.url(), Event.BUILD_END, Region.DEVNET)
         workers.append(start_worker(url, tmp_path / "worker.log"))
@@ -209,7 +164,7 @@ async def garbage(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) ->
 @pytest.mark.parametrize(("handler", "fragment"), [(reset, "reset"), (garbage, "not HTTP")])
 async def test_receivers_that_reset_or_speak_garbage_are_recorded_and_retried(
     settings: Settings,
-    redis: ArqRedis,
+    redis: Redis,
     run_worker: RunWorker,
     raw_server: Any,
     handler: Callable[..., Awaitable[None]],
@@ -230,7 +185,7 @@ async def test_receivers_that_reset_or_speak_garbage_are_recorded_and_retried(
 
 
 async def test_a_gigabyte_answer_does_not_grow_the_worker(
-    settings: Settings, redis: ArqRedis, receiver: Receiver, run_worker: RunWorker
+    settings: Settings, redis: Redis, receiver: Receiver, run_worker: RunWorker
 ) -> None:
     async def gigabyte(request: web.Request) -> web.StreamResponse:
         response = web.StreamResponse(headers={"Content-Length": str(1 << 30)})
@@ -283,7 +238,7 @@ def test_worker_check_sees_a_live_worker(
 
 async def test_sigterm_lets_running_deliveries_finish_and_loses_nothing(
     settings: Settings,
-    redis: ArqRedis,
+    redis: Redis,
     receiver: Receiver,
     run_worker: RunWorker,
     workers: list[subprocess.Popen[bytes]],

@@ -10,18 +10,21 @@ from zoneinfo import ZoneInfo
 
 import httpx
 import pytest
-from arq.connections import ArqRedis
+from redis.asyncio import Redis
 
 from dispatcher import keys
+from dispatcher.api import create_app
+from dispatcher.auth import Role, Roles
 from dispatcher.history import History, parse_window
 from dispatcher.models import Event, Region
 from dispatcher.producer import Producer
 from dispatcher.registry import Registry
 from dispatcher.settings import Settings
-from tests.conftest import UID, Receiver, RunWorker, answer, make_settings
+from tests.helpers import UID, Receiver, RunWorker, answer, make_settings
 
 V3 = "/ms/openapi/api/apigw/v3/projects/demo/callbacks/history"
 V4 = "/apigw-app/v4/projects/demo/callbacks/history"
+V4_BASE = "/apigw-app/v4/projects/demo"
 URL = "http://127.0.0.1:9000/hook"
 SHANGHAI = ZoneInfo("Asia/Shanghai")
 
@@ -55,9 +58,7 @@ def tz_settings(redis_server: Any) -> Settings:
 
 
 @pytest.fixture
-async def tz_api(tz_settings: Settings, redis: ArqRedis) -> Any:
-    from dispatcher.api import create_app
-
+async def tz_api(tz_settings: Settings, redis: Redis) -> Any:
     app = create_app(tz_settings, redis)
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)
@@ -65,12 +66,12 @@ async def tz_api(tz_settings: Settings, redis: ArqRedis) -> Any:
             yield client
 
 
-async def fill(redis: ArqRedis, settings: Settings, times: list[int], **kw: Any) -> list[int]:
+async def fill(redis: Redis, settings: Settings, times: list[int], **kw: Any) -> list[int]:
     history = History(redis, settings)
     return [await history.add(record(t, n=i, **kw)) for i, t in enumerate(times)]
 
 
-async def test_seed_shape_and_newest_first(tz_api: httpx.AsyncClient, redis: ArqRedis,
+async def test_seed_shape_and_newest_first(tz_api: httpx.AsyncClient, redis: Redis,
                                            tz_settings: Settings) -> None:  # fmt: skip
     now = int(time.time() * 1000)
     ids = await fill(redis, tz_settings, [now - 3000, now - 2000, now - 1000])
@@ -92,7 +93,7 @@ async def test_seed_shape_and_newest_first(tz_api: httpx.AsyncClient, redis: Arq
     assert same.json() == body
 
 
-async def test_paging_arithmetic(redis: ArqRedis, settings: Settings) -> None:
+async def test_paging_arithmetic(redis: Redis, settings: Settings) -> None:
     now = int(time.time() * 1000)
     await fill(redis, settings, [now - 10_000 + i for i in range(45)])
     history = History(redis, settings)
@@ -113,7 +114,7 @@ async def test_paging_arithmetic(redis: ArqRedis, settings: Settings) -> None:
 
 
 async def test_window_is_inclusive_in_the_configured_time_zone(
-    tz_api: httpx.AsyncClient, redis: ArqRedis, tz_settings: Settings
+    tz_api: httpx.AsyncClient, redis: Redis, tz_settings: Settings
 ) -> None:
     today = datetime.now(SHANGHAI).strftime("%Y-%m-%d")
     inside = [ms(f"{today} 00:00:00"), ms(f"{today} 00:00:10") + 999]
@@ -152,9 +153,7 @@ def test_window_defaults() -> None:
     )
 
 
-async def test_only_the_asked_url_and_event_are_returned(
-    redis: ArqRedis, settings: Settings
-) -> None:
+async def test_only_the_asked_url_and_event_are_returned(redis: Redis, settings: Settings) -> None:
     now = int(time.time() * 1000)
     await fill(redis, settings, [now - 1000])
     await fill(redis, settings, [now - 900], url="http://127.0.0.1:9000/other")
@@ -200,7 +199,7 @@ async def test_history_needs_an_identity(api: httpx.AsyncClient) -> None:
 
 
 async def test_retention_removes_old_records_and_their_index_entries_only(
-    redis: ArqRedis, settings: Settings
+    redis: Redis, settings: Settings
 ) -> None:
     now = int(time.time() * 1000)
     day = 86_400_000
@@ -224,7 +223,7 @@ async def test_retention_removes_old_records_and_their_index_entries_only(
     assert await history.sweep(now_ms=now) == 0
 
 
-async def test_sweep_works_in_bounded_batches(redis: ArqRedis, redis_server: Any) -> None:
+async def test_sweep_works_in_bounded_batches(redis: Redis, redis_server: Any) -> None:
     settings = make_settings(redis_server.url, sweep_batch=10)
     now = int(time.time() * 1000)
     await fill(redis, settings, [now - 8 * 86_400_000 + i for i in range(35)])
@@ -235,7 +234,7 @@ async def test_sweep_works_in_bounded_batches(redis: ArqRedis, redis_server: Any
 
 async def test_redelivery_sends_the_same_body_again_with_a_new_record(
     settings: Settings,
-    redis: ArqRedis,
+    redis: Redis,
     api: httpx.AsyncClient,
     receiver: Receiver,
     run_worker: RunWorker,
@@ -267,3 +266,52 @@ async def test_redelivery_sends_the_same_body_again_with_a_new_record(
 async def test_redelivery_of_unknown_record_is_404(api: httpx.AsyncClient) -> None:
     response = await api.post(f"{V3}/999999/retry", headers=UID)
     assert response.status_code == 404 and response.json()["status"] == 404
+
+
+async def test_dead_letters_and_redelivery_of_a_windows_failures(
+    settings: Settings,
+    redis: Redis,
+    api: httpx.AsyncClient,
+    receiver: Receiver,
+    run_worker: RunWorker,
+) -> None:
+    url = receiver.script("/hook", answer(404))
+    await Registry(redis).create("demo", url, Event.BUILD_END, Region.DEVNET, "t")
+    await Registry(redis).create("other", url, Event.BUILD_END, Region.DEVNET, "t")
+    producer = Producer(settings, redis)
+    ids = await producer.emit_many([("demo", "BUILD_END", {"n": i}) for i in range(3)])
+    await producer.emit("other", "BUILD_END", {})
+    await run_worker()
+
+    dead = await api.get(f"{V4_BASE}/callbacks/history/dead-letters", headers=UID)
+    records = dead.json()["data"]
+    assert {r["eventId"] for r in records} == set(ids)  # this project's only
+    assert all(r["final"] and r["status"] == "FAILED" for r in records)
+
+    receiver.script("/hook", answer(200))
+    retried = await api.post(f"{V3}/retry", params={"url": url, "event": "BUILD_END"}, headers=UID)
+    assert retried.json() == {"data": {"queued": 3}, "message": None, "status": 0}
+    await run_worker()
+    again = receiver.requests()[4:]  # after the 4 first attempts
+    assert sorted(s.headers["webhook-id"].split(".")[0] for s in again) == sorted(ids)
+    page = await api.get(V3, params={"url": url, "event": "BUILD_END"}, headers=UID)
+    assert [r["status"] for r in page.json()["data"]["records"]].count("SUCCESS") == 3
+
+
+async def test_window_redelivery_is_for_admins_dead_letters_for_members(
+    redis_server: Any, redis: Redis
+) -> None:
+    settings = make_settings(redis_server.url, open_access=False)
+    await Roles(redis, settings).grant("demo", "member-user", Role.MEMBER)
+    app = create_app(settings, redis)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://d") as client:
+            member = {"X-DEVOPS-UID": "member-user"}
+            params = {"url": URL, "event": "BUILD_END"}
+            denied = await client.post(f"{V4}/retry", params=params, headers=member)
+            assert denied.status_code == 403 and "admin role" in denied.json()["message"]
+            seen = await client.get(f"{V4}/dead-letters", headers=member)
+            assert seen.status_code == 200 and seen.json()["data"] == []
+            stranger = await client.get(f"{V4}/dead-letters", headers={"X-DEVOPS-UID": "x"})
+            assert stranger.status_code == 403

@@ -33,3 +33,11 @@ def test_every_test_the_readme_names_exists(repo_root: Path) -> None:
         files = re.findall(r"(tests/test_\w+\.py)::", cell)
         for short in re.findall(r"…::(test_\w+)", cell):
             assert any(f"def {short}(" in (repo_root / f).read_text() for f in files), short
+
+
+def test_the_code_map_matches_the_tree(repo_root: Path) -> None:
+    readme = (repo_root / "README.md").read_text()
+    section = readme[readme.index("## Code map") :]
+    mapped = set(re.findall(r"^\| `(dispatcher/[\w/]+\.py)` \|", section, re.MULTILINE))
+    tree = {str(path.relative_to(repo_root)) for path in (repo_root / "dispatcher").rglob("*.py")}
+    assert mapped == tree, f"only in the map: {mapped - tree}; only in the tree: {tree - mapped}"

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import httpx
 
-from dispatcher.redis import EmbeddedRedis
-from tests.conftest import Receiver
+from dispatcher.embedded import EmbeddedRedis
+from tests.helpers import Receiver
 
 
 def free_port() -> int:

@@ -7,8 +7,9 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
+import orjson
 import pytest
-from arq.connections import ArqRedis
+from redis.asyncio import Redis
 from structlog.testing import capture_logs
 
 from dispatcher import keys
@@ -19,13 +20,13 @@ from dispatcher.models import Event, Region
 from dispatcher.producer import Producer
 from dispatcher.registry import Registry
 from dispatcher.settings import Settings
-from dispatcher.tokens import TokenCipher, cipher_for
-from tests.conftest import UID, Receiver, RunWorker, answer, make_settings
+from dispatcher.tokens import TokenCipher
+from tests.helpers import UID, Receiver, RunWorker, answer, make_settings
 
 CALLBACKS = "/apigw/v4/projects/demo/callbacks"
 
 
-async def all_records(redis: ArqRedis, settings: Settings, url: str) -> list[Any]:
+async def all_records(redis: Redis, settings: Settings, url: str) -> list[Any]:
     now = int(time.time() * 1000)
     page = await History(redis, settings).query(
         "demo", url, "BUILD_END", start_ms=now - 60_000, end_ms=now + 1000, page_size=100
@@ -37,11 +38,11 @@ async def all_records(redis: ArqRedis, settings: Settings, url: str) -> list[Any
 
 
 async def test_tokens_are_encrypted_at_rest_and_rotate(
-    redis_server: Any, redis: ArqRedis, receiver: Receiver, run_worker: RunWorker
+    redis_server: Any, redis: Redis, receiver: Receiver, run_worker: RunWorker
 ) -> None:
     old_key, new_key = TokenCipher.new_key(), TokenCipher.new_key()
     settings = make_settings(redis_server.url, token_keys=old_key)
-    registry = Registry(redis, cipher_for(settings))
+    registry = Registry(redis, settings.token_cipher())
     callback_id, _ = await registry.create(
         "demo", receiver.url(), Event.BUILD_END, Region.DEVNET, "plain-secret"
     )
@@ -50,7 +51,7 @@ async def test_tokens_are_encrypted_at_rest_and_rotate(
     assert b"plain-secret" not in stored
 
     rotated = make_settings(redis_server.url, token_keys=f"{new_key},{old_key}")
-    assert await Registry(redis, cipher_for(rotated)).rotate_tokens() == 1
+    assert await Registry(redis, rotated.token_cipher()).rotate_tokens() == 1
     only_new = make_settings(redis_server.url, token_keys=new_key)
     await Producer(only_new, redis).emit("demo", "BUILD_END", {})
     await run_worker(only_new)
@@ -66,7 +67,7 @@ def test_a_malformed_token_key_fails_at_start() -> None:
 async def test_secret_tokens_never_appear_in_responses_logs_or_history(
     settings: Settings,
     api: httpx.AsyncClient,
-    redis: ArqRedis,
+    redis: Redis,
     receiver: Receiver,
     run_worker: RunWorker,
 ) -> None:
@@ -91,7 +92,7 @@ async def test_secret_tokens_never_appear_in_responses_logs_or_history(
 
 
 @pytest.fixture
-async def closed_api(redis_server: Any, redis: ArqRedis) -> AsyncIterator[httpx.AsyncClient]:
+async def closed_api(redis_server: Any, redis: Redis) -> AsyncIterator[httpx.AsyncClient]:
     """Production address policy: no internal targets in any region."""
     settings = make_settings(redis_server.url, allow_internal_regions=[])
     app = create_app(settings, redis)
@@ -129,7 +130,7 @@ async def test_registration_refuses_internal_and_metadata_targets(
 
 
 async def test_an_operator_may_allow_internal_targets_per_region(
-    redis_server: Any, redis: ArqRedis
+    redis_server: Any, redis: Redis
 ) -> None:
     settings = make_settings(redis_server.url, allow_internal_regions=["IDC"])
     app = create_app(settings, redis)
@@ -145,7 +146,7 @@ async def test_an_operator_may_allow_internal_targets_per_region(
 
 @pytest.mark.parametrize("host", ["127.0.0.1", "localhost"])
 async def test_delivery_time_check_refuses_internal_addresses(
-    redis_server: Any, redis: ArqRedis, receiver: Receiver, run_worker: RunWorker, host: str
+    redis_server: Any, redis: Redis, receiver: Receiver, run_worker: RunWorker, host: str
 ) -> None:
     """A callback stored before the policy changed (or a name that now resolves inside) is
     refused at connect time, on the address actually resolved, and not retried."""
@@ -164,7 +165,7 @@ async def test_delivery_time_check_refuses_internal_addresses(
 
 
 async def test_consecutive_failures_disable_the_callback_and_enable_clears_it(
-    redis_server: Any, redis: ArqRedis, api: httpx.AsyncClient, receiver: Receiver,
+    redis_server: Any, redis: Redis, api: httpx.AsyncClient, receiver: Receiver,
     run_worker: RunWorker,
 ) -> None:  # fmt: skip
     settings = make_settings(redis_server.url, disable_after_failures=3, disable_after_seconds=0)
@@ -195,7 +196,7 @@ async def test_consecutive_failures_disable_the_callback_and_enable_clears_it(
 
 
 async def test_a_success_resets_the_failure_count(
-    redis_server: Any, redis: ArqRedis, receiver: Receiver, run_worker: RunWorker
+    redis_server: Any, redis: Redis, receiver: Receiver, run_worker: RunWorker
 ) -> None:
     settings = make_settings(redis_server.url, disable_after_failures=2, disable_after_seconds=0)
     url = receiver.script("/hook", answer(400), answer(200), answer(400))
@@ -209,7 +210,7 @@ async def test_a_success_resets_the_failure_count(
 
 
 async def test_the_time_threshold_holds_back_disabling(
-    redis_server: Any, redis: ArqRedis, receiver: Receiver, run_worker: RunWorker
+    redis_server: Any, redis: Redis, receiver: Receiver, run_worker: RunWorker
 ) -> None:
     settings = make_settings(redis_server.url, disable_after_failures=1)  # and 12 h
     url = receiver.script("/hook", answer(400))
@@ -234,7 +235,7 @@ def test_circuit_breaker_opens_cools_down_and_half_opens() -> None:
 
 
 async def test_open_breaker_defers_instead_of_burning_attempts(
-    redis_server: Any, redis: ArqRedis, run_worker: RunWorker
+    redis_server: Any, redis: Redis, run_worker: RunWorker
 ) -> None:
     settings = make_settings(
         redis_server.url, circuit_threshold=2, circuit_cooldown=0.2,
@@ -261,15 +262,17 @@ async def test_open_breaker_defers_instead_of_burning_attempts(
 
 
 async def test_poison_jobs_are_recorded_and_dropped(
-    settings: Settings, redis: ArqRedis, run_worker: RunWorker
+    settings: Settings, redis: Redis, run_worker: RunWorker
 ) -> None:
     await redis.set(keys.ARQ_JOB_PREFIX + "garbage", b"\x80not json at all")
     await redis.zadd(settings.queue_name, {"garbage": 1})
-    from dispatcher.queue import DELIVER, FAN_OUT, Queue
-
-    queue = Queue(redis, settings.queue_name)
-    await queue.enqueue(FAN_OUT, {"id": "e1", "event": "BUILD_END"}, job_id="bad-shape")
-    await queue.enqueue(DELIVER, {"deliveryId": "x"}, job_id="bad-deliver")
+    for job_id, function, payload in [
+        ("bad-shape", "fan_out", {"id": "e1", "event": "BUILD_END"}),
+        ("bad-deliver", "deliver", {"deliveryId": "x"}),
+    ]:
+        wire = {"t": None, "f": function, "a": [payload], "k": {}, "et": 0}
+        await redis.set(keys.arq_job(job_id), orjson.dumps(wire))
+        await redis.zadd(settings.queue_name, {job_id: 1})
     with capture_logs() as logs:
         await run_worker()
     assert await redis.zcard(settings.queue_name) == 0
@@ -282,7 +285,7 @@ async def test_poison_jobs_are_recorded_and_dropped(
 # ---- operator route -----------------------------------------------------------------------
 
 
-async def test_operator_route_manages_roles(redis_server: Any, redis: ArqRedis) -> None:
+async def test_operator_route_manages_roles(redis_server: Any, redis: Redis) -> None:
     settings = make_settings(redis_server.url, operator_token="op-token", open_access=False)
     app = create_app(settings, redis)
     async with app.router.lifespan_context(app):

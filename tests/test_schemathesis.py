@@ -35,12 +35,13 @@ from schemathesis import Case, CheckContext, GenerationMode
 from schemathesis.checks import not_a_server_error
 
 from dispatcher.api import create_app
+from dispatcher.connections import connect
+from dispatcher.embedded import EmbeddedRedis
 from dispatcher.history import History
 from dispatcher.models import Event, Region
-from dispatcher.redis import EmbeddedRedis, connect
 from dispatcher.registry import Registry
 from dispatcher.settings import Settings
-from tests.conftest import make_settings
+from tests.helpers import make_settings
 
 OPERATOR_TOKEN = "op-secret"
 SEEDED_PROJECT = "fuzz"
@@ -123,7 +124,7 @@ class LiveServer:
 async def _seed(settings: Settings) -> None:
     """A clean database with a few callbacks and redeliverable history records, so that
     generated ids also reach the routes' found-paths."""
-    redis = await connect(settings)
+    redis = connect(settings)
     try:
         await redis.flushdb()
         registry, history = Registry(redis), History(redis, settings)
@@ -147,7 +148,7 @@ async def _seed(settings: Settings) -> None:
 
 async def _flush(settings: Settings) -> None:
     """Leave no queued jobs for the next test's workers."""
-    redis = await connect(settings)
+    redis = connect(settings)
     try:
         await redis.flushdb()
     finally:

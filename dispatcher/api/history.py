@@ -1,0 +1,103 @@
+"""Delivery history: the seed's query, redelivery and dead letters, defined once and
+served under the seed's v3 prefix and under v4."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Path, Query, params
+
+from dispatcher.api.callbacks import V4
+from dispatcher.api.deps import (
+    Admin,
+    Member,
+    PageQuery,
+    PageSizeQuery,
+    ProjectPath,
+    ServicesDep,
+    UrlQuery,
+    apigw,
+)
+from dispatcher.models import HistoryPage, HistoryRecord, RedeliveryResult, Result
+
+__all__ = ["V3", "routers"]
+
+V3 = "/ms/openapi/api/apigw/v3/projects/{projectId}"
+EventQuery = Annotated[str, Query(alias="event")]
+StartQuery = Annotated[
+    str | None, Query(alias="startTime", description="yyyy-MM-dd HH:mm:ss, inclusive")
+]
+EndQuery = Annotated[
+    str | None, Query(alias="endTime", description="yyyy-MM-dd HH:mm:ss, inclusive")
+]
+
+routes = APIRouter(tags=["history"])
+
+
+@routes.get("/callbacks/history", response_model=Result[HistoryPage])
+async def callback_history(
+    services: ServicesDep,
+    project_id: ProjectPath,
+    uid: Member,
+    url: UrlQuery,
+    event: EventQuery,
+    start_time: StartQuery = None,
+    end_time: EndQuery = None,
+    page: PageQuery = 1,
+    page_size: PageSizeQuery = 20,
+) -> Result[HistoryPage]:
+    """Delivery attempts of one (url, event), newest first. Times are
+    `yyyy-MM-dd HH:mm:ss` in the configured time zone, inclusive; default: today."""
+    found = await services.history_page(
+        project_id, url, event, start_time, end_time, page, page_size
+    )
+    return Result[HistoryPage](data=found)
+
+
+@routes.post("/callbacks/history/{id:int}/retry", response_model=Result[str])
+async def redeliver(
+    services: ServicesDep,
+    project_id: ProjectPath,
+    uid: Admin,
+    record_id: Annotated[int, Path(alias="id")],
+) -> Result[str]:
+    """Send a recorded request again (project admins): same body and delivery id,
+    the callback's current token, new history records. Returns the job id."""
+    return Result[str](data=await services.redeliver(record_id, project_id))
+
+
+@routes.post("/callbacks/history/retry", response_model=Result[RedeliveryResult])
+async def redeliver_failed(
+    services: ServicesDep,
+    project_id: ProjectPath,
+    uid: Admin,
+    url: UrlQuery,
+    event: EventQuery,
+    start_time: StartQuery = None,
+    end_time: EndQuery = None,
+) -> Result[RedeliveryResult]:
+    """Send again every delivery of the window that finally failed (project admins);
+    the window has the history query's rules. Returns how many were queued."""
+    queued = await services.redeliver_failed(project_id, url, event, start_time, end_time)
+    return Result[RedeliveryResult](data=RedeliveryResult(queued=queued))
+
+
+@routes.get("/callbacks/history/dead-letters", response_model=Result[list[HistoryRecord]])
+async def dead_letters(
+    services: ServicesDep,
+    project_id: ProjectPath,
+    uid: Member,
+    limit: Annotated[int, Query(alias="limit", ge=1, le=100)] = 50,
+) -> Result[list[HistoryRecord]]:
+    """The project's latest deliveries that gave up (their final attempt), newest first."""
+    return Result[list[HistoryRecord]](data=await services.dead_letters(project_id, limit))
+
+
+def _served_at(prefix: str, dependencies: Sequence[params.Depends] = ()) -> APIRouter:
+    router = APIRouter(prefix=prefix, dependencies=dependencies)
+    router.include_router(routes)
+    return router
+
+
+routers = [_served_at(V3), _served_at(V4, [Depends(apigw)])]

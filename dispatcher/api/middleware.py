@@ -1,0 +1,99 @@
+"""Plain ASGI middleware. `RequestId` is the outermost, so every answer carries
+`X-Request-ID`, the refusals of `Limits` included."""
+
+from __future__ import annotations
+
+import hmac
+import uuid
+from typing import TYPE_CHECKING
+
+import structlog
+from starlette.datastructures import Headers, MutableHeaders
+from starlette.exceptions import HTTPException
+
+from dispatcher.api.errors import REQUEST_ID_KEY, envelope
+
+if TYPE_CHECKING:
+    from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+    from dispatcher.settings import Settings
+
+__all__ = ["UNGATED", "Limits", "RequestId"]
+
+MAX_QUERY_BYTES = 8 * 1024
+# Probes and the Prometheus scrape come from inside the cluster, not through the gateway.
+UNGATED = frozenset({"/healthz", "/readyz", "/metrics"})
+
+
+class RequestId:
+    """Binds the request's id (the caller's `X-Request-ID`, else a new one) to every log
+    line of the request and names it in the answer."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        request_id = (Headers(scope=scope).get("x-request-id") or uuid.uuid4().hex)[:64]
+        scope[REQUEST_ID_KEY] = request_id
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                MutableHeaders(scope=message)["X-Request-ID"] = request_id
+            await send(message)
+
+        with structlog.contextvars.bound_contextvars(request_id=request_id):
+            await self.app(scope, receive, send_with_id)
+
+
+class Limits:
+    """Refuses what must not reach a route: an oversized query string (400), a declared
+    body beyond the largest any route takes (413; each route enforces its own limit while
+    reading), and, when a gateway token is configured, a request without it (401)."""
+
+    def __init__(self, app: ASGIApp, settings: Settings, max_body_bytes: int) -> None:
+        self.app = app
+        self.max_body_bytes = max_body_bytes
+        self.gateway_token = (
+            None if settings.gateway_token is None
+            else settings.gateway_token.get_secret_value().encode()
+        )  # fmt: skip
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        refusal = self.refusal(scope)
+        if refusal is not None:
+            await refusal(scope, receive, send)
+            return
+        received = 0
+
+        async def receive_within_limit() -> Message:
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.max_body_bytes:  # a body sent without its length
+                raise HTTPException(413, self.too_large)
+            return message
+
+        await self.app(scope, receive_within_limit, send)
+
+    @property
+    def too_large(self) -> str:
+        return f"request body larger than {self.max_body_bytes} bytes"
+
+    def refusal(self, scope: Scope) -> ASGIApp | None:
+        if len(scope.get("query_string", b"")) > MAX_QUERY_BYTES:
+            return envelope(400, f"query string longer than {MAX_QUERY_BYTES} bytes")
+        headers = Headers(scope=scope)
+        length = headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.max_body_bytes):
+            return envelope(413, self.too_large)
+        if self.gateway_token is not None and scope["path"] not in UNGATED:
+            given = headers.get("x-devops-gateway-token", "").encode()
+            if not hmac.compare_digest(given, self.gateway_token):
+                return envelope(401, "missing or wrong X-DEVOPS-GATEWAY-TOKEN")
+        return None

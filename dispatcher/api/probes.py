@@ -1,0 +1,41 @@
+"""Liveness, readiness and the Prometheus scrape (outside the gateway token)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from dispatcher import metrics
+from dispatcher.api.deps import ServicesDep
+from dispatcher.api.errors import envelope
+from dispatcher.connections import REDIS_ERRORS
+
+__all__ = ["router"]
+
+router = APIRouter(tags=["operations"])
+
+
+@router.get("/healthz")
+async def healthz() -> dict[str, str]:
+    """The process is up."""
+    return {"status": "ok"}
+
+
+@router.get("/readyz")
+async def readyz(services: ServicesDep) -> JSONResponse:
+    """Redis answers; 503 otherwise."""
+    try:
+        await services.redis.ping()
+    except REDIS_ERRORS as exc:
+        return envelope(503, f"Redis unreachable: {exc}")
+    return JSONResponse({"data": "ready", "message": None, "status": 0})
+
+
+@router.get("/metrics", response_class=PlainTextResponse)
+async def metrics_route(services: ServicesDep) -> Response:
+    """Prometheus metrics of this process, plus the queue's depth."""
+    depth, age = await services.queue.depth()
+    metrics.QUEUE_DEPTH.set(depth)
+    metrics.QUEUE_OLDEST_SECONDS.set(age)
+    return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,19 @@
+"""The `dispatcher` command: a thin typer layer over the services (`services.py`) and the
+long-running processes (`serve.py`). Each module adds its commands to `app`."""
+
+from __future__ import annotations
+
+# importing these modules registers their commands on `app`
+from dispatcher.cli import deliveries, processes  # noqa: F401
+from dispatcher.cli.callbacks import callbacks_app, roles_app, tokens_app
+from dispatcher.cli.common import app
+
+__all__ = ["app", "main"]
+
+app.add_typer(callbacks_app, name="callbacks")
+app.add_typer(roles_app, name="roles")
+app.add_typer(tokens_app, name="tokens")
+
+
+def main() -> None:
+    app()

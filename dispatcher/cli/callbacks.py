@@ -1,0 +1,140 @@
+"""`callbacks`, `roles` and `tokens`: who gets which event, who may manage them, and the
+encryption of their secrets."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from dispatcher.auth import Role
+from dispatcher.cli.common import CLI_USER, console, err, fmt_ms, load_settings, on_services
+from dispatcher.models import Region
+from dispatcher.tokens import TokenCipher
+
+__all__ = ["callbacks_app", "roles_app", "tokens_app"]
+
+callbacks_app = typer.Typer(help="Register, list and switch callbacks.", no_args_is_help=True)
+roles_app = typer.Typer(help="Who is admin or member of which project.", no_args_is_help=True)
+tokens_app = typer.Typer(help="Encryption of secret tokens at rest.", no_args_is_help=True)
+
+
+@callbacks_app.command("list")
+def callbacks_list(
+    project: Annotated[str, typer.Option(help="Project id")],
+    page: int = 1,
+    page_size: int = 50,
+) -> None:
+    """A project's callbacks (tokens never shown)."""
+    result = on_services(lambda s: s.registry.list(project, page, page_size))
+    table = Table("id", "event", "url", "region", "enabled", "disabled reason", "token")
+    for cb in result.records:
+        table.add_row(
+            str(cb.id), cb.event.value, cb.url, cb.region.value, "yes" if cb.enabled else "no",
+            cb.disabled_reason or "", "set" if cb.has_secret_token else "",
+        )  # fmt: skip
+    console.print(table)
+    console.print(f"page {result.page}/{max(result.total_pages, 1)}, {result.count} callbacks")
+
+
+@callbacks_app.command("failing")
+def callbacks_failing() -> None:
+    """Callbacks whose latest deliveries failed (consecutive final failures)."""
+    settings = load_settings()
+    found = on_services(lambda s: s.health.failing())
+    table = Table("id", "failures", "since", "last error")
+    for f in found:
+        table.add_row(str(f.callback_id), str(f.failures), fmt_ms(f.since_ms, settings),
+                      f.last_error[:80])  # fmt: skip
+    console.print(table)
+    console.print(f"{len(found)} failing callbacks")
+
+
+@callbacks_app.command("add")
+def callbacks_add(
+    project: Annotated[str, typer.Option(help="Project id")],
+    url: Annotated[str, typer.Option(help="Callback URL")],
+    event: Annotated[str, typer.Option(help="Event name(s), comma-separated")],
+    region: Annotated[Region, typer.Option(help="Region")] = Region.DEVNET,
+    token: Annotated[str | None, typer.Option(help="Secret token")] = None,
+) -> None:
+    """Register a URL for one or more events (an upsert), under the region's address policy."""
+    result = on_services(
+        lambda s: s.register_batch(project, url, event, region, token, creator=CLI_USER)
+    )
+    for name in result.success_events:
+        console.print(f"[green]registered[/green] {name}")
+    for name, reason in result.failure_events.items():
+        err.print(f"[red]refused[/red] {name}: {reason}")
+    if result.failure_events:
+        raise typer.Exit(1)
+
+
+@callbacks_app.command("rm")
+def callbacks_rm(
+    callback_id: int, project: Annotated[str, typer.Option(help="Project id")]
+) -> None:
+    """Delete a callback."""
+    on_services(lambda s: s.registry.delete(project, callback_id))
+    console.print(f"deleted callback {callback_id}")
+
+
+@callbacks_app.command("enable")
+def callbacks_enable(callback_id: int) -> None:
+    """Enable a callback (also one disabled by endpoint health)."""
+    on_services(lambda s: s.enable(callback_id))
+    console.print(f"enabled callback {callback_id}")
+
+
+@callbacks_app.command("disable")
+def callbacks_disable(
+    callback_id: int, reason: Annotated[str | None, typer.Option(help="Why")] = None
+) -> None:
+    """Disable a callback with a reason."""
+    on_services(lambda s: s.disable(callback_id, by=CLI_USER, reason=reason))
+    console.print(f"disabled callback {callback_id}")
+
+
+@roles_app.command("grant")
+def roles_grant(
+    project: Annotated[str, typer.Option(help="Project id, or * for all")],
+    user: Annotated[str, typer.Option(help="User name (X-DEVOPS-UID)")],
+    role: Annotated[Role, typer.Option(help="admin or member")] = Role.MEMBER,
+) -> None:
+    """Give a user a role in a project."""
+    on_services(lambda s: s.roles.grant(project, user, role))
+    console.print(f"{user} is {role.value} of {project}")
+
+
+@roles_app.command("revoke")
+def roles_revoke(
+    project: Annotated[str, typer.Option(help="Project id, or *")],
+    user: Annotated[str, typer.Option(help="User name")],
+) -> None:
+    """Take a user's role in a project away."""
+    on_services(lambda s: s.roles.revoke(project, user))
+    console.print(f"{user} has no role in {project}")
+
+
+@roles_app.command("list")
+def roles_list(project: Annotated[str, typer.Option(help="Project id, or *")]) -> None:
+    """Who has which role in a project."""
+    found = on_services(lambda s: s.roles.list(project))
+    table = Table("user", "role")
+    for user, role in found.items():
+        table.add_row(user, role.value)
+    console.print(table)
+
+
+@tokens_app.command("new-key")
+def tokens_new_key() -> None:
+    """Print a new Fernet key for DISPATCHER_TOKEN_KEYS."""
+    console.print(TokenCipher.new_key())
+
+
+@tokens_app.command("rotate")
+def tokens_rotate() -> None:
+    """Re-encrypt every stored token with the first key of DISPATCHER_TOKEN_KEYS."""
+    count = on_services(lambda s: s.registry.rotate_tokens())
+    console.print(f"re-encrypted {count} tokens")

@@ -1,0 +1,122 @@
+"""What every command shares: settings, the services of the configured Redis, output."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
+from datetime import datetime
+from typing import Any, TypeVar
+
+import typer
+from pydantic import ValidationError
+from rich.console import Console
+from rich.table import Table
+
+from dispatcher.connections import REDIS_ERRORS
+from dispatcher.embedded import EmbeddedRedis
+from dispatcher.errors import DispatcherError
+from dispatcher.models import HistoryRecord
+from dispatcher.services import Services
+from dispatcher.settings import Settings
+
+__all__ = [
+    "CLI_USER",
+    "app",
+    "console",
+    "counting",
+    "err",
+    "fmt_ms",
+    "load_settings",
+    "on_services",
+    "records_table",
+    "with_redis_url",
+]
+
+T = TypeVar("T")
+CLI_USER = "cli"
+
+app = typer.Typer(
+    help="callback-dispatcher: webhook delivery for CI/CD events.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+
+console = Console()
+err = Console(stderr=True)
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Settings from the environment; a bad value stops the command with a clear message."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        for error in exc.errors():
+            name = "DISPATCHER_" + "_".join(str(p) for p in error["loc"]).upper()
+            err.print(f"[red]configuration error[/red] {name}: {error['msg']}")
+        raise typer.Exit(2) from None
+
+
+def with_redis_url(settings: Settings) -> Settings:
+    """DISPATCHER_REDIS_URL, else the embedded Redis of a `dispatcher run` on this folder."""
+    if settings.redis_url is not None:
+        return settings
+    running = EmbeddedRedis(settings.data_dir).running_url()
+    if running is None:
+        err.print(
+            "[red]no Redis[/red]: set DISPATCHER_REDIS_URL, or start `dispatcher run` (its "
+            f"embedded Redis in {settings.data_dir} is found automatically)"
+        )
+        raise typer.Exit(2)
+    return settings.model_copy(update={"redis_url": running})
+
+
+def run_async(factory: Callable[[], Coroutine[Any, Any, T]]) -> T:
+    try:
+        return asyncio.run(factory())
+    except DispatcherError as exc:
+        err.print(f"[red]error[/red]: {exc.message}")
+        raise typer.Exit(1) from None
+    except REDIS_ERRORS as exc:
+        err.print(f"[red]Redis unreachable[/red]: {exc}")
+        raise typer.Exit(1) from None
+
+
+def on_services(body: Callable[[Services], Awaitable[T]]) -> T:
+    """Run `body` with the services of the configured (or embedded) Redis."""
+    settings = with_redis_url(load_settings())
+
+    async def go() -> T:
+        async with Services.open(settings) as services:
+            return await body(services)
+
+    return run_async(go)
+
+
+@contextlib.contextmanager
+def counting(doing: str, done: str) -> Iterator[Callable[[int], None]]:
+    """A live line "doing: N done" while it runs; call what it yields with each step's count."""
+    with console.status(doing) as line:
+        total = 0
+
+        def advance(n: int) -> None:
+            nonlocal total
+            total += n
+            line.update(f"{doing}: {total} {done}")
+
+        yield advance
+
+
+def fmt_ms(ms: int, settings: Settings) -> str:
+    return datetime.fromtimestamp(ms / 1000, settings.tz).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
+
+
+def records_table(records: list[HistoryRecord], settings: Settings) -> Table:
+    table = Table("id", "time", "status", "code", "attempt", "ms", "delivery", "error")
+    for rec in records:
+        table.add_row(
+            str(rec.id), fmt_ms(rec.created_time, settings), rec.status.value,
+            str(rec.response_code or ""), str(rec.attempt), str(rec.duration_ms or ""),
+            rec.delivery_id or "", (rec.error_msg or "")[:60],
+        )  # fmt: skip
+    return table

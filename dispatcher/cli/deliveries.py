@@ -1,0 +1,138 @@
+"""Events and what became of them: `emit`, `history`, `dead`, `redeliver`, `sweep`,
+`status`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import orjson
+import typer
+from rich.table import Table
+
+from dispatcher.cli.common import (
+    app,
+    console,
+    counting,
+    err,
+    load_settings,
+    on_services,
+    records_table,
+)
+from dispatcher.services import Services
+
+
+def _parse_data(data: str) -> dict[str, Any]:
+    try:
+        raw = Path(data[1:]).read_bytes() if data.startswith("@") else data.encode()
+        value = orjson.loads(raw)
+    except (OSError, orjson.JSONDecodeError) as exc:
+        err.print(f"[red]--data[/red] is not valid JSON (or @file): {exc}")
+        raise typer.Exit(2) from None
+    if not isinstance(value, dict):
+        err.print("[red]--data[/red] must be a JSON object")
+        raise typer.Exit(2)
+    return value
+
+
+@app.command()
+def emit(
+    project: Annotated[str, typer.Option(help="Project id")],
+    event: Annotated[str, typer.Option(help="Event name, e.g. BUILD_END")],
+    data: Annotated[str, typer.Option(help="JSON object, or @file.json")] = "{}",
+    event_id: Annotated[str | None, typer.Option(help="Idempotency key")] = None,
+) -> None:
+    """Queue one event for delivery; prints its event id."""
+    payload = _parse_data(data)
+    console.print(
+        on_services(lambda s: s.producer.emit(project, event, payload, event_id=event_id))
+    )
+
+
+@app.command()
+def history(
+    project: Annotated[str, typer.Option(help="Project id")],
+    url: Annotated[str, typer.Option(help="Callback URL")],
+    event: Annotated[str, typer.Option(help="Event name")],
+    since: Annotated[str | None, typer.Option(help="'yyyy-MM-dd HH:mm:ss'")] = None,
+    until: Annotated[str | None, typer.Option(help="'yyyy-MM-dd HH:mm:ss'")] = None,
+    page: int = 1,
+    page_size: int = 20,
+) -> None:
+    """Delivery attempts of one (url, event), newest first (the history route's rules)."""
+    settings = load_settings()
+    result = on_services(
+        lambda s: s.history_page(project, url, event, since, until, page, page_size)
+    )
+    console.print(records_table(result.records, settings))
+    console.print(
+        f"page {result.page}/{max(result.total_pages, 1)}, {result.count} records "
+        f"({settings.timezone})"
+    )
+
+
+@app.command()
+def dead(
+    project: Annotated[str | None, typer.Option(help="One project (default: all)")] = None,
+    limit: Annotated[int, typer.Option(help="How many, newest first")] = 50,
+) -> None:
+    """Dead letters: the latest deliveries that gave up (their final attempt)."""
+    settings = load_settings()
+    found = on_services(lambda s: s.dead_letters(project, limit))
+    console.print(records_table(found, settings))
+    console.print(f"{len(found)} dead letters")
+
+
+@app.command()
+def redeliver(
+    record_id: Annotated[int | None, typer.Argument(help="One history record id")] = None,
+    project: Annotated[str | None, typer.Option(help="Window: project id")] = None,
+    url: Annotated[str | None, typer.Option(help="Window: callback URL")] = None,
+    event: Annotated[str | None, typer.Option(help="Window: event name")] = None,
+    since: Annotated[str | None, typer.Option(help="Window: 'yyyy-MM-dd HH:mm:ss'")] = None,
+    until: Annotated[str | None, typer.Option(help="Window: 'yyyy-MM-dd HH:mm:ss'")] = None,
+) -> None:
+    """Send recorded requests again (same body and delivery id, current token): one record
+    by id, or every delivery of a window that finally failed."""
+    if record_id is not None:
+        console.print(f"queued {on_services(lambda s: s.redeliver(record_id))}")
+        return
+    if not (project and url and event):
+        err.print("give a record id, or --project, --url and --event (and a window)")
+        raise typer.Exit(2)
+
+    async def window(services: Services) -> int:
+        with counting("redelivering", "queued") as advance:
+            return await services.redeliver_failed(
+                project, url, event, since, until, on_queued=advance
+            )
+
+    console.print(f"queued {on_services(window)} redeliveries")
+
+
+@app.command()
+def sweep() -> None:
+    """Remove history past the retention now (the workers also do it every 5 minutes)."""
+
+    async def go(services: Services) -> int:
+        with counting("sweeping", "removed") as advance:
+            return await services.history.sweep(on_batch=advance)
+
+    console.print(f"removed {on_services(go)} records")
+
+
+@app.command()
+def status() -> None:
+    """Queue depth, live workers, failing and disabled callbacks, the last hour."""
+    st = on_services(lambda s: s.status())
+    table = Table("what", "value", show_header=False)
+    table.add_row("queue: jobs due", str(st.queue_due))
+    table.add_row("queue: oldest due (s)", f"{st.oldest_due_s:.1f}")
+    table.add_row("workers alive", str(len(st.workers)))
+    for w in st.workers:
+        table.add_row("  worker", f"{w['host']} pid {w['pid']}")
+    table.add_row("callbacks failing", str(len(st.failing)))
+    table.add_row("callbacks disabled", str(st.disabled))
+    for outcome in ("success", "retry", "failed", "gone"):
+        table.add_row(f"last hour: {outcome}", str(st.last_hour.get(outcome, 0)))
+    console.print(table)

@@ -1,0 +1,110 @@
+"""The long-running processes: `run`, `api`, `worker` (see `dispatcher.serve`)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+from typing import Annotated, Any
+
+import typer
+
+from dispatcher.cli.common import app, console, err, load_settings, with_redis_url
+from dispatcher.connections import REDIS_ERRORS
+from dispatcher.embedded import EmbeddedRedis
+from dispatcher.settings import Settings
+
+
+def _listen(host: str | None, port: int | None) -> dict[str, Any]:
+    """Settings overrides from the --host / --port options."""
+    overrides: dict[str, Any] = {}
+    if host:
+        overrides["api_host"] = host
+    if port is not None:
+        overrides["api_port"] = port
+    return overrides
+
+
+@app.command()
+def run(
+    host: Annotated[str | None, typer.Option(help="API host")] = None,
+    port: Annotated[int | None, typer.Option(help="API port")] = None,
+) -> None:
+    """API and worker in one process, on an embedded Redis unless DISPATCHER_REDIS_URL is
+    set. Development defaults: loopback receivers allowed, role checks off."""
+    from dispatcher.logs import configure_logging
+    from dispatcher.serve import install_uvloop, serve
+
+    dev_defaults = {
+        key: True
+        for key in ("dev_mode", "open_access")
+        if f"DISPATCHER_{key.upper()}" not in os.environ
+    }
+    settings = load_settings(**dev_defaults, **_listen(host, port))
+    configure_logging(settings)
+    embedded = None if settings.redis_url else EmbeddedRedis(settings.data_dir)
+    if embedded is not None:
+        settings = settings.model_copy(update={"redis_url": embedded.start()})
+    base = f"http://{settings.api_host}:{settings.api_port}"
+    where = f"  (embedded, data in {settings.data_dir})" if embedded else ""
+    print(f"callback-dispatcher API on {base}  (docs: {base}/docs)", flush=True)
+    print(f"Redis: {settings.redis_url}{where}", flush=True)
+    install_uvloop()
+    try:
+        asyncio.run(serve(settings, with_worker=True))
+    finally:
+        if embedded is not None:
+            embedded.stop()
+
+
+@app.command()
+def api(
+    host: Annotated[str | None, typer.Option(help="API host")] = None,
+    port: Annotated[int | None, typer.Option(help="API port")] = None,
+) -> None:
+    """The HTTP API alone (stateless; run as many as you like)."""
+    from dispatcher.logs import configure_logging
+    from dispatcher.serve import install_uvloop, serve
+
+    settings = with_redis_url(load_settings(**_listen(host, port)))
+    configure_logging(settings)
+    install_uvloop()
+    asyncio.run(serve(settings, with_worker=False))
+
+
+@app.command()
+def worker(
+    check: Annotated[
+        bool, typer.Option("--check", help="Exit 0 if a worker on this host is alive (probes)")
+    ] = False,
+) -> None:
+    """A delivery worker. Run any number, on any hosts, against one Redis."""
+    from dispatcher.logs import configure_logging
+    from dispatcher.serve import install_uvloop, work
+
+    settings = with_redis_url(load_settings())
+    if check:
+        raise typer.Exit(_check_worker(settings, socket.gethostname()))
+    configure_logging(settings)
+    install_uvloop()
+    work(settings)
+
+
+def _check_worker(settings: Settings, host: str) -> int:
+    """0 when a worker on `host` has a fresh heartbeat; fails fast when Redis is away."""
+    from dispatcher.connections import connect
+    from dispatcher.status import live_workers
+
+    async def go() -> int:
+        redis = connect(settings.model_copy(update={"redis_timeout": 2.0}))
+        try:
+            alive = await live_workers(redis, host)
+        except REDIS_ERRORS as exc:
+            err.print(f"Redis unreachable: {exc}")
+            return 1
+        finally:
+            await redis.aclose()
+        console.print(f"{len(alive)} live worker(s) on {host}")
+        return 0 if alive else 1
+
+    return asyncio.run(go())

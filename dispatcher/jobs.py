@@ -1,0 +1,273 @@
+"""Jobs on the queue: their names, typed payloads to and from the wire, and the Queue.
+
+The wire format is arq's, so any arq client can enqueue and arq's tools can read the
+queue: `arq:job:{id}` holds `{"t", "f", "a", "k", "et"}` (encoded as JSON, never pickle)
+and the queue's sorted set scores each job id by when it is due (epoch ms). Two jobs exist:
+
+- `fan_out(EventJob)`: one per emitted event, job id = event id.
+- `deliver(DeliveryJob)`: a retry or a redelivery of one delivery, job id = its progress id
+  (the delivery id for retries, a fresh id per redelivery).
+
+A job whose bytes are not such an object is *poison*: recorded and dropped, never retried.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import orjson
+from arq.constants import expires_extra_ms
+
+from dispatcher import keys
+from dispatcher.lua import Lua, run_pipeline
+
+if TYPE_CHECKING:
+    from redis.asyncio import Redis
+    from redis.asyncio.client import Pipeline
+
+__all__ = [
+    "DELIVER",
+    "FAN_OUT",
+    "POISON",
+    "BadJob",
+    "DeliveryJob",
+    "EventJob",
+    "Queue",
+    "WireJob",
+    "decode",
+    "encode",
+    "job_deserializer",
+    "job_serializer",
+    "new_event_id",
+]
+
+FAN_OUT = "fan_out"
+DELIVER = "deliver"
+POISON = "poison"
+_WIRE_FIELDS = ("f", "a", "k", "et")
+
+
+class BadJob(ValueError):
+    """A job that cannot be read: not JSON, not an arq job, or a payload of the wrong shape."""
+
+
+def new_event_id() -> str:
+    return "evt_" + uuid.uuid4().hex
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def _text(payload: dict[str, Any], name: str) -> str:
+    value = payload.get(name)
+    if not isinstance(value, str) or not value:
+        raise BadJob(f"payload has no string {name!r}")
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class EventJob:
+    """An emitted event, waiting to be fanned out to its callbacks."""
+
+    id: str
+    project_id: str
+    event: str
+    data: dict[str, Any] = field(default_factory=dict)
+    emitted_at: int = 0
+
+    function = FAN_OUT
+
+    @property
+    def job_id(self) -> str:
+        return self.id
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"id": self.id, "projectId": self.project_id, "event": self.event,
+                "data": self.data, "emittedAt": self.emitted_at}  # fmt: skip
+
+    @classmethod
+    def from_wire(cls, payload: Any) -> EventJob:
+        if not isinstance(payload, dict):
+            raise BadJob("event payload is not an object")
+        data = payload.get("data", {})
+        if not isinstance(data, dict):
+            raise BadJob("event payload's `data` is not an object")
+        return cls(
+            id=_text(payload, "id"),
+            project_id=_text(payload, "projectId"),
+            event=_text(payload, "event"),
+            data=data,
+            emitted_at=int(payload.get("emittedAt") or 0),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class DeliveryJob:
+    """One event going to one callback: a retry, or a redelivery of a recorded request."""
+
+    delivery_id: str
+    progress_id: str  # whose attempt count this is: the delivery, or one redelivery of it
+    event_id: str
+    project_id: str
+    event: str
+    body: bytes
+    callback_id: int
+    redelivery_of: int | None = None
+
+    function = DELIVER
+
+    @property
+    def job_id(self) -> str:
+        return self.progress_id
+
+    @classmethod
+    def first(cls, event: EventJob, callback_id: int, body: bytes) -> DeliveryJob:
+        """The delivery of `event` to one callback (delivery id `<event id>.<callback id>`)."""
+        delivery_id = f"{event.id}.{callback_id}"
+        return cls(delivery_id, delivery_id, event.id, event.project_id, event.event, body,
+                   callback_id)  # fmt: skip
+
+    def redelivery(self, record_id: int) -> DeliveryJob:
+        """The same request again under a fresh progress id (same delivery id)."""
+        progress_id = f"{self.delivery_id}:redeliver:{uuid.uuid4().hex[:12]}"
+        return DeliveryJob(self.delivery_id, progress_id, self.event_id, self.project_id,
+                           self.event, self.body, self.callback_id, record_id)  # fmt: skip
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "deliveryId": self.delivery_id,
+            "progressId": self.progress_id,
+            "eventId": self.event_id,
+            "projectId": self.project_id,
+            "event": self.event,
+            "body": self.body.decode(),
+            "callbackId": self.callback_id,
+            "redeliveryOf": self.redelivery_of,
+        }
+
+    @classmethod
+    def from_wire(cls, payload: Any, job_id: str = "") -> DeliveryJob:
+        if not isinstance(payload, dict):
+            raise BadJob("delivery payload is not an object")
+        try:
+            callback_id = int(payload["callbackId"])
+            body = payload["body"]
+            if not isinstance(body, str):
+                raise TypeError("body is not a string")
+            redelivery_of = payload.get("redeliveryOf")
+            return cls(
+                delivery_id=_text(payload, "deliveryId"),
+                progress_id=payload.get("progressId") or job_id or payload["deliveryId"],
+                event_id=payload.get("eventId") or "",
+                project_id=_text(payload, "projectId"),
+                event=_text(payload, "event"),
+                body=body.encode(),
+                callback_id=callback_id,
+                redelivery_of=None if redelivery_of is None else int(redelivery_of),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise BadJob(f"delivery payload is malformed: {exc!r}") from None
+
+
+Job = EventJob | DeliveryJob
+
+
+@dataclass(frozen=True, slots=True)
+class WireJob:
+    """A job as stored: its function, its one argument, when it was enqueued."""
+
+    function: str
+    payload: Any
+    enqueued_ms: int
+
+
+def encode(job: Job, enqueued_ms: int | None = None) -> bytes:
+    """arq's job format, JSON-encoded."""
+    et = now_ms() if enqueued_ms is None else enqueued_ms
+    return orjson.dumps({"t": None, "f": job.function, "a": [job.to_wire()], "k": {}, "et": et})
+
+
+def decode(raw: bytes) -> WireJob:
+    """The stored bytes of a job; BadJob for anything that is not an arq job of ours."""
+    try:
+        wire = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise BadJob(f"not JSON: {exc}") from None
+    if not isinstance(wire, dict) or not all(name in wire for name in _WIRE_FIELDS):
+        raise BadJob("not an arq job object")
+    args = wire["a"]
+    if not isinstance(args, list) or len(args) != 1 or wire["k"]:
+        raise BadJob("a job takes exactly one positional argument")
+    if wire["f"] not in (FAN_OUT, DELIVER):
+        raise BadJob(f"unknown job function {wire['f']!r}")
+    return WireJob(wire["f"], args[0], int(wire["et"] or 0))
+
+
+def job_serializer(value: dict[str, Any]) -> bytes:
+    """arq's serializer hook: JSON, never pickle."""
+    return orjson.dumps(value)
+
+
+def job_deserializer(value: bytes) -> dict[str, Any]:
+    """arq's deserializer hook: anything undecodable becomes a call of the `poison` job,
+    which records and drops it (arq would otherwise only log it)."""
+    try:
+        decoded = orjson.loads(value)
+        if isinstance(decoded, dict) and all(name in decoded for name in _WIRE_FIELDS):
+            return decoded
+        problem = "not an arq job object"
+    except orjson.JSONDecodeError as exc:
+        problem = f"not JSON: {exc}"
+    raw = value[:500].decode("utf-8", errors="replace")
+    return {"t": 1, "f": POISON, "a": [problem, raw], "k": {}, "et": 0}
+
+
+# KEYS: job key, queue. ARGV: job bytes, score ms, job id, expiry ms.
+# A job id already queued (or running) is left alone: enqueueing is idempotent.
+_PUSH = Lua("""
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[4]) then
+  redis.call('ZADD', KEYS[2], ARGV[2], ARGV[3])
+  return 1
+end
+return 0
+""")
+
+
+class Queue:
+    """Enqueue jobs for the workers of one queue, in one round trip or inside pipelines."""
+
+    def __init__(self, redis: Redis, queue_name: str) -> None:
+        self.redis = redis
+        self.queue_name = queue_name
+
+    def push(self, pipe: Pipeline, job: Job, *, defer_s: float = 0.0) -> None:
+        """Queue the enqueue of `job` on `pipe`; the caller executes it. Its result in the
+        pipeline is 1 when queued, 0 when that job id was there already."""
+        now = now_ms()
+        score = now + int(defer_s * 1000)
+        _PUSH.queue(
+            pipe,
+            [keys.arq_job(job.job_id), self.queue_name],
+            [encode(job, now), score, job.job_id, score - now + expires_extra_ms],
+        )
+
+    async def enqueue(self, job: Job, *, defer_s: float = 0.0) -> bool:
+        """Enqueue one job now; False when that job id is already queued or running."""
+        (queued,) = await run_pipeline(
+            self.redis, lambda pipe: self.push(pipe, job, defer_s=defer_s)
+        )
+        return bool(queued)
+
+    async def depth(self) -> tuple[int, float]:
+        """Jobs due now, and the age in seconds of the oldest of them."""
+        now = now_ms()
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.zcount(self.queue_name, "-inf", now)
+            pipe.zrange(self.queue_name, 0, 0, withscores=True)
+            due, oldest = await pipe.execute()
+        age = max(0.0, (now - oldest[0][1]) / 1000) if due and oldest else 0.0
+        return int(due), age

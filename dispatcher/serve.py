@@ -1,0 +1,82 @@
+"""Long-running processes: the API and a worker in one event loop (`dispatcher run`,
+`dispatcher api`), a worker alone (`dispatcher worker`), with their signal handling."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import time
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+import structlog
+import uvicorn
+from redis.exceptions import ConnectionError as RedisConnectionError
+
+from dispatcher.api import create_app
+from dispatcher.worker import create_worker
+
+if TYPE_CHECKING:
+    from dispatcher.settings import Settings
+
+__all__ = ["install_uvloop", "serve", "work"]
+
+log = structlog.get_logger("dispatcher.serve")
+
+
+def install_uvloop() -> None:
+    with contextlib.suppress(ImportError):
+        import uvloop
+
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+
+
+class _Server(uvicorn.Server):
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield  # we own the signals: uvicorn would re-raise them and skip our clean-up
+
+
+async def serve(settings: Settings, *, with_worker: bool) -> None:
+    """The API (and a worker) until SIGINT/SIGTERM; then the API stops taking requests and
+    the worker finishes its jobs (up to DISPATCHER_SHUTDOWN_GRACE) before we return."""
+    server = _Server(
+        uvicorn.Config(
+            create_app(settings), host=settings.api_host, port=settings.api_port,
+            log_config=None, lifespan="on",
+        )
+    )  # fmt: skip
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    worker = create_worker(settings, handle_signals=False) if with_worker else None
+    tasks = [asyncio.create_task(server.serve())]
+    if worker is not None:
+        tasks.append(asyncio.create_task(worker.async_run()))
+    waiter = asyncio.create_task(stop.wait())
+    await asyncio.wait([*tasks, waiter], return_when=asyncio.FIRST_COMPLETED)
+    waiter.cancel()
+    server.should_exit = True
+    if worker is not None:
+        worker.handle_sig_wait_for_completion(signal.SIGTERM)
+    for task in tasks:
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    if worker is not None:
+        try:
+            await worker.close()
+        except (RedisConnectionError, OSError) as exc:
+            log.warning("worker.closed_without_redis", error=str(exc))
+
+
+def work(settings: Settings) -> None:
+    """A worker process until SIGINT/SIGTERM."""
+    while True:  # a Redis outage longer than the client's retries must not end the fleet
+        try:
+            create_worker(settings).run()
+            return
+        except (RedisConnectionError, OSError) as exc:
+            log.warning("worker.lost_redis", error=str(exc), restart_in_s=5)
+            time.sleep(5)

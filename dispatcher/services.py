@@ -1,0 +1,204 @@
+"""One object per process that holds every store, built once from `Settings`.
+
+The API, the CLI and the worker are front ends over it: each rule that is more than a
+store call (the address policy at registration, a checked event name and time window for
+history, who disabled a callback and why, what redelivery may send) is written here once,
+so every front end gets it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import TYPE_CHECKING
+
+from dispatcher.auth import Roles
+from dispatcher.connections import connect
+from dispatcher.egress import policy_for
+from dispatcher.health import Health
+from dispatcher.history import History, parse_window
+from dispatcher.jobs import Queue
+from dispatcher.lua import run_pipeline
+from dispatcher.models import Region, parse_event
+from dispatcher.producer import Producer
+from dispatcher.registry import Registry, validate_url
+from dispatcher.status import read_status
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator, Callable
+
+    from redis.asyncio import Redis
+    from redis.asyncio.client import Pipeline
+
+    from dispatcher.jobs import DeliveryJob
+    from dispatcher.models import CreateCallBackResult, Event, HistoryPage, HistoryRecord
+    from dispatcher.settings import Settings
+    from dispatcher.status import Status
+
+__all__ = ["Services"]
+
+REDELIVER_BATCH = 100
+
+
+class Services:
+    """The registry, history, endpoint health, queue, roles and producer of one process,
+    on one Redis pool, and the operations the front ends share."""
+
+    def __init__(self, settings: Settings, redis: Redis) -> None:
+        self.settings = settings
+        self.redis = redis
+        self.registry = Registry(redis, settings.token_cipher())
+        self.history = History(redis, settings)
+        self.health = Health(redis, self.registry, settings)
+        self.queue = Queue(redis, settings.queue_name)
+        self.roles = Roles(redis, settings)
+        self.producer = Producer(settings, redis)
+        self.policies = {region: policy_for(settings, region) for region in Region}
+
+    @classmethod
+    @contextlib.asynccontextmanager
+    async def open(cls, settings: Settings, redis: Redis | None = None) -> AsyncIterator[Services]:
+        """Services on `redis` (left open), or on a pool of their own (closed at the end)."""
+        pool = connect(settings) if redis is None else redis
+        try:
+            yield cls(settings, pool)
+        finally:
+            if redis is None:
+                await pool.aclose()
+
+    # ---- callbacks ---------------------------------------------------------------------
+
+    async def check_target(self, url: str, region: Region) -> str:
+        """The URL, trimmed, once the region's address policy allows it (DNS included)."""
+        url = validate_url(url)
+        await self.policies[region].check_resolved(url)
+        return url
+
+    async def register(
+        self,
+        project_id: str,
+        url: str,
+        event: Event | str,
+        region: Region,
+        secret_token: str | None = None,
+        *,
+        creator: str,
+    ) -> int:
+        """Register (or update and re-enable) one callback; returns its id."""
+        url = await self.check_target(url, region)
+        callback_id, _ = await self.registry.create(
+            project_id, url, event, region, secret_token, creator=creator
+        )
+        return callback_id
+
+    async def register_batch(
+        self,
+        project_id: str,
+        url: str,
+        events: str,
+        region: Region,
+        secret_token: str | None = None,
+        *,
+        creator: str,
+    ) -> CreateCallBackResult:
+        """One URL for a comma-separated list of events; unknown names are reported."""
+        url = await self.check_target(url, region)
+        return await self.registry.create_batch(
+            project_id, url, events, region, secret_token, creator=creator
+        )
+
+    async def disable(
+        self, callback_id: int, *, by: str, reason: str | None = None, project_id: str | None = None
+    ) -> None:
+        """Disable a callback; the reason shown in the list says who did it when none is given."""
+        await self.registry.set_enabled(
+            callback_id, False, reason or f"disabled by {by}", project_id=project_id
+        )
+
+    async def enable(self, callback_id: int, *, project_id: str | None = None) -> None:
+        """Enable a callback (also one the service disabled); its failure count starts again."""
+        await self.registry.set_enabled(callback_id, True, project_id=project_id)
+
+    # ---- history -----------------------------------------------------------------------
+
+    async def history_page(
+        self,
+        project_id: str,
+        url: str,
+        event: str,
+        start_time: str | None = None,
+        end_time: str | None = None,
+        page: int = 1,
+        page_size: int = 20,
+    ) -> HistoryPage:
+        """The seed's query: a known event, a window in the configured time zone."""
+        name, start_ms, end_ms = self._window(event, start_time, end_time)
+        return await self.history.query(
+            project_id, url, name, start_ms=start_ms, end_ms=end_ms, page=page,
+            page_size=page_size,
+        )  # fmt: skip
+
+    def _window(
+        self, event: str, start_time: str | None, end_time: str | None
+    ) -> tuple[str, int, int]:
+        """A checked event name and the window in epoch ms (the history route's rules)."""
+        start_ms, end_ms = parse_window(start_time, end_time, self.settings.tz)
+        return parse_event(event).value, start_ms, end_ms
+
+    async def redeliver(self, record_id: int, project_id: str | None = None) -> str:
+        """Send one recorded request again; returns the job id."""
+        record = await self.history.get(record_id, project_id)
+        return await self.producer.redeliver(record)
+
+    async def redeliver_failed(
+        self,
+        project_id: str,
+        url: str,
+        event: str,
+        start_time: str | None = None,
+        end_time: str | None = None,
+        *,
+        on_queued: Callable[[int], None] | None = None,
+    ) -> int:
+        """Send again every delivery of a window that finally failed (its last record, the
+        dead letter); returns how many were queued. A record whose body was truncated is
+        skipped (it cannot be sent as it was)."""
+        name, start_ms, end_ms = self._window(event, start_time, end_time)
+        batch: list[DeliveryJob] = []
+        queued = 0
+
+        async def flush() -> None:
+            nonlocal queued
+
+            def push_all(pipe: Pipeline) -> None:
+                for job in batch:
+                    self.queue.push(pipe, job)
+
+            await run_pipeline(self.redis, push_all)
+            queued += len(batch)
+            if on_queued is not None:
+                on_queued(len(batch))
+            batch.clear()
+
+        failures = self.history.final_failures(
+            project_id, url, name, start_ms=start_ms, end_ms=end_ms
+        )
+        async for record in failures:
+            if record.request_body_truncated or record.callback_id is None:
+                continue
+            batch.append(self.producer.redelivery_job(record))
+            if len(batch) >= REDELIVER_BATCH:
+                await flush()
+        if batch:
+            await flush()
+        return queued
+
+    async def dead_letters(
+        self, project_id: str | None = None, limit: int = 50
+    ) -> list[HistoryRecord]:
+        """The latest deliveries that gave up, newest first (of one project, or all)."""
+        return await self.history.dead(project_id, limit)
+
+    # ---- operations --------------------------------------------------------------------
+
+    async def status(self) -> Status:
+        return await read_status(self.redis, self.queue, self.health)

@@ -1,0 +1,158 @@
+"""What tests share besides fixtures: settings, a real HTTP receiver, scripted answers,
+worker processes, and bounded waits."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+from multidict import CIMultiDict
+
+from dispatcher.settings import Settings
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+RunWorker = Callable[..., Awaitable[Any]]
+UID = {"X-DEVOPS-UID": "alice"}
+
+
+def make_settings(url: str, **overrides: Any) -> Settings:
+    """Test settings: fast retries, short timeouts, loopback receivers allowed."""
+    values: dict[str, Any] = {
+        "redis_url": url,
+        "allow_internal_regions": ["DEVNET", "OSS", "IDC"],
+        "open_access": True,
+        "retry_schedule": (0.05, 0.05, 0.05),
+        "retry_jitter": 0,
+        "connect_timeout": 1,
+        "total_timeout": 2,
+        "poll_delay": 0.01,
+        "shutdown_grace": 1,
+    }
+    values.update(overrides)
+    return Settings(**values)
+
+
+@dataclass
+class Seen:
+    """One request a receiver got."""
+
+    path: str
+    headers: CIMultiDict[str]  # HTTP header names are case-insensitive
+    body: bytes
+    at: float
+
+
+@dataclass
+class Receiver:
+    """A real aiohttp server on 127.0.0.1. Each path answers from its script (one handler
+    per request, the last repeating); unscripted paths answer 200."""
+
+    base: str = ""
+    seen: list[Seen] = field(default_factory=list)
+    scripts: dict[str, list[Handler]] = field(default_factory=dict)
+
+    def url(self, path: str = "/hook") -> str:
+        return self.base + path
+
+    def script(self, path: str, *handlers: Handler) -> str:
+        self.scripts[path] = list(handlers)
+        return self.url(path)
+
+    def requests(self, path: str = "/hook") -> list[Seen]:
+        return [s for s in self.seen if s.path == path]
+
+    async def wait_for(self, count: int, path: str = "/hook", within: float = 5.0) -> None:
+        deadline = time.monotonic() + within
+        while len(self.requests(path)) < count:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{path}: {len(self.requests(path))} of {count} requests")
+            await asyncio.sleep(0.01)
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        body = await request.read()
+        self.seen.append(Seen(request.path, CIMultiDict(request.headers), body, time.monotonic()))
+        handlers = self.scripts.get(request.path)
+        if not handlers:
+            return web.Response(text="ok")
+        handler = handlers.pop(0) if len(handlers) > 1 else handlers[0]
+        return await handler(request)
+
+
+def answer(status: int, body: str = "", headers: dict[str, str] | None = None) -> Handler:
+    async def handler(request: web.Request) -> web.StreamResponse:
+        return web.Response(status=status, text=body, headers=headers)
+
+    return handler
+
+
+def hang(seconds: float) -> Handler:
+    async def handler(request: web.Request) -> web.StreamResponse:
+        await asyncio.sleep(seconds)
+        return web.Response(text="late")
+
+    return handler
+
+
+async def until(check: Callable[[], Awaitable[bool]], within: float, what: str) -> None:
+    """Wait for `check` to hold, at most `within` seconds."""
+    deadline = time.monotonic() + within
+    while not await check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {within} s: {what}")
+        await asyncio.sleep(0.05)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+WORKER_ENV = {
+    "DISPATCHER_ALLOW_INTERNAL_REGIONS": '["DEVNET","OSS","IDC"]',
+    "DISPATCHER_TOTAL_TIMEOUT": "2",
+    "DISPATCHER_CONNECT_TIMEOUT": "1",
+    "DISPATCHER_JOB_TIMEOUT": "3",
+    "DISPATCHER_RETRY_SCHEDULE": "[0.1, 0.1, 0.1]",
+    "DISPATCHER_RETRY_JITTER": "0",
+    "DISPATCHER_POLL_DELAY": "0.01",
+    "DISPATCHER_SHUTDOWN_GRACE": "2",
+    "DISPATCHER_LOG_LEVEL": "WARNING",
+}
+
+
+def start_process(
+    args: list[str], redis_url: str, log: Path, **extra: str
+) -> subprocess.Popen[bytes]:
+    """`python -m dispatcher ARGS` with the test environment, output appended to `log`."""
+    env = {**os.environ, **WORKER_ENV, "DISPATCHER_REDIS_URL": redis_url, **extra}
+    with log.open("ab") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "dispatcher", *args], env=env, stdout=out, stderr=out
+        )
+
+
+def start_worker(redis_url: str, log: Path, **extra: str) -> subprocess.Popen[bytes]:
+    return start_process(["worker"], redis_url, log, **extra)
+
+
+def stop(process: subprocess.Popen[bytes]) -> None:
+    """SIGTERM, then SIGKILL after 10 s."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()

@@ -1,0 +1,78 @@
+"""The Lua scripts build some keys from values they read inside Redis, from prefixes and
+separators `keys.py` hands them. Here both sides meet: after each scripted operation, the
+keys in Redis are exactly the ones `keys.py` names."""
+
+from __future__ import annotations
+
+import time
+
+from redis.asyncio import Redis
+
+from dispatcher import keys
+from dispatcher.jobs import EventJob, Queue
+from dispatcher.models import Event, Region
+from dispatcher.services import Services
+from dispatcher.settings import Settings
+
+URL = "https://example.com/hook"
+
+
+async def present(redis: Redis) -> set[str]:
+    return {key.decode() for key in await redis.keys("*")}
+
+
+async def test_scripts_and_keys_py_build_the_same_names(settings: Settings, redis: Redis) -> None:
+    services = Services(settings, redis)
+    registry = services.registry
+    callback_id, created = await registry.create("demo", URL, Event.BUILD_END, Region.OSS, "t")
+    assert created
+    registered = {
+        keys.CALLBACK_SEQ,
+        keys.callback(callback_id),
+        keys.callback_unique("demo"),
+        keys.project_callbacks("demo"),
+        keys.match("demo", "BUILD_END"),
+    }
+    assert await present(redis) == registered
+    field = keys.callback_unique_field("BUILD_END", URL)
+    assert await redis.hget(keys.callback_unique("demo"), field) == str(callback_id).encode()
+
+    await services.health.failed(callback_id, "HTTP 500")
+    failing = {keys.health(callback_id), keys.HEALTH_FAILING}
+    assert await present(redis) == registered | failing
+
+    await services.disable(callback_id, by="test")
+    # the match set emptied (Redis drops it); the disabled set names the callback
+    assert await present(redis) == (registered - {keys.match("demo", "BUILD_END")}) | failing | {
+        keys.CALLBACKS_DISABLED
+    }
+    await services.enable(callback_id)  # back in the match set, failure count cleared
+    assert await present(redis) == registered
+
+    now = int(time.time() * 1000)
+    record = {"projectId": "demo", "callBackUrl": URL, "events": "BUILD_END",
+              "status": "FAILED", "startTime": now, "endTime": now, "createdTime": now}  # fmt: skip
+    record_id = await services.history.add(record, dead=True)
+    index = keys.history_index("demo", "BUILD_END", URL)
+    history = {
+        keys.HISTORY_SEQ,
+        keys.history_record(record_id),
+        index,
+        keys.HISTORY_INDEXES,
+        keys.HISTORY_DEAD,
+        keys.history_dead("demo"),
+        keys.HISTORY_DEAD_KEYS,
+    }
+    assert await present(redis) == registered | history
+    assert await redis.zrange(index, 0, -1) == [keys.history_member(record_id).encode()]
+    assert await redis.smembers(keys.HISTORY_DEAD_KEYS) == {keys.history_dead("demo").encode()}
+    assert [r.id for r in await services.history.dead("demo")] == [record_id]
+
+    await registry.delete("demo", callback_id)
+    assert await present(redis) == {keys.CALLBACK_SEQ} | history
+
+    await Queue(redis, settings.queue_name).enqueue(EventJob("evt_1", "demo", "BUILD_END"))
+    assert await present(redis) - history - {keys.CALLBACK_SEQ} == {
+        keys.arq_job("evt_1"),
+        settings.queue_name,
+    }
