@@ -26,10 +26,11 @@ import orjson
 from arq.worker import Worker, func
 
 from bench.common import bench_settings, install_uvloop, rss_kb
-from dispatcher.jobs import FAN_OUT
+from dispatcher.connections import redis_settings
+from dispatcher.jobs import FAN_OUT, job_deserializer, job_serializer
 from dispatcher.logs import configure_logging
 from dispatcher.settings import Settings
-from dispatcher.worker import create_worker, worker_settings
+from dispatcher.worker import create_worker
 
 
 @dataclass(slots=True)
@@ -52,17 +53,33 @@ async def noop_job(ctx: dict[str, Any], event: Any) -> int:
     return 0
 
 
-def build_worker(kind: str, settings: Settings, burst: bool) -> Worker:
+def build_worker(kind: str, settings: Settings, burst: bool) -> Any:
     if kind == "dispatcher":
         return create_worker(settings, burst=burst, handle_signals=False)
-    # Same settings (serializer, max_jobs, poll_delay, keep_result, cron...), no-op function.
-    options = worker_settings(settings)
-    fan_out = next(f for f in options["functions"] if f.name == FAN_OUT)
-    options["functions"] = [
-        func(noop_job, name=FAN_OUT, timeout=fan_out.timeout_s, keep_result=0, max_tries=1000)
-    ]
-    options["on_startup"] = options["on_shutdown"] = None
-    return Worker(**options, burst=burst, handle_signals=False)
+    # arq's own Worker with the settings the dispatcher used when it ran on arq (JSON
+    # serializer, max_jobs, poll_delay, keep_result 0, no per-job log lines), no-op job.
+    return Worker(
+        functions=[
+            func(
+                noop_job,
+                name=FAN_OUT,
+                timeout=settings.effective_job_timeout,
+                keep_result=0,
+                max_tries=1000,
+            )
+        ],
+        redis_settings=redis_settings(settings),
+        queue_name=settings.queue_name,
+        max_jobs=settings.worker_max_jobs,
+        poll_delay=settings.poll_delay,
+        job_serializer=job_serializer,
+        job_deserializer=job_deserializer,
+        keep_result=0,
+        health_check_interval=10,
+        log_results=False,
+        burst=burst,
+        handle_signals=False,
+    )
 
 
 class RoundTrips:
@@ -130,7 +147,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.burst:
         await worker.main()
     else:
-        main = asyncio.create_task(worker.async_run())
+        main = asyncio.create_task(
+            worker.main() if args.kind == "dispatcher" else worker.async_run()
+        )
         await _read_line()  # STOP (or EOF)
         main.cancel()
     end = time.time()

@@ -22,9 +22,9 @@ if TYPE_CHECKING:
     from redis.asyncio import Redis
     from redis.asyncio.client import Pipeline
 
-__all__ = ["Batcher"]
+__all__ = ["Batcher", "QueueCommands", "run_shared"]
 
-Queue = Callable[["Pipeline"], None]
+QueueCommands = Callable[["Pipeline"], None]
 
 
 class Batcher:
@@ -34,10 +34,10 @@ class Batcher:
         self.redis = redis
         self.window = window
         self.max_batch = max_batch
-        self._pending: list[tuple[Queue, asyncio.Future[list[Any]]]] = []
+        self._pending: list[tuple[QueueCommands, asyncio.Future[list[Any]]]] = []
         self._flusher: asyncio.Task[None] | None = None
 
-    async def execute(self, queue: Queue) -> list[Any]:
+    async def execute(self, queue: QueueCommands) -> list[Any]:
         """Run the commands `queue` puts on a pipeline, batched with others; returns their
         results in order. Raises what the pipeline raised. The commands must be safe to send
         again next to a script that answered NOSCRIPT (which did not run)."""
@@ -57,11 +57,11 @@ class Batcher:
     async def _flush(self) -> None:
         batch, self._pending = self._pending, []
         try:
-            answers = await self._run([queue for queue, _ in batch])
+            answers = await run_shared(self.redis, [queue for queue, _ in batch])
             retry = [i for i, mine in enumerate(answers) if _noscript(mine)]
             if retry:  # Redis lost its scripts (a restart): load them, run those again
                 await load_all(self.redis)
-                again = await self._run([batch[i][0] for i in retry])
+                again = await run_shared(self.redis, [batch[i][0] for i in retry])
                 for i, mine in zip(retry, again, strict=True):
                     answers[i] = mine
         except Exception as exc:  # the connection failed: every caller gets the error
@@ -77,22 +77,24 @@ class Batcher:
             else:
                 future.set_result(mine)
 
-    async def _run(self, queues: list[Queue]) -> list[list[Any]]:
-        """One pipeline for all `queues`; the results cut back into one list per queue."""
-        if not queues:
-            return []
-        async with self.redis.pipeline(transaction=False) as pipe:
-            sizes = []
-            for queue in queues:
-                before = len(pipe.command_stack)
-                queue(pipe)
-                sizes.append(len(pipe.command_stack) - before)
-            results: list[Any] = await pipe.execute(raise_on_error=False)
-        out, start = [], 0
-        for size in sizes:
-            out.append(results[start : start + size])
-            start += size
-        return out
+
+async def run_shared(redis: Redis, queues: list[QueueCommands]) -> list[list[Any]]:
+    """One pipeline for all `queues`, errors left in place; the results cut back into one
+    list per queue."""
+    if not queues:
+        return []
+    async with redis.pipeline(transaction=False) as pipe:
+        sizes = []
+        for queue in queues:
+            before = len(pipe.command_stack)
+            queue(pipe)
+            sizes.append(len(pipe.command_stack) - before)
+        results: list[Any] = await pipe.execute(raise_on_error=False)
+    out, start = [], 0
+    for size in sizes:
+        out.append(results[start : start + size])
+        start += size
+    return out
 
 
 def _noscript(results: list[Any]) -> bool:

@@ -70,9 +70,17 @@ class EmbeddedRedis:
     earlier run on the same folder is reused rather than started twice.
     """
 
-    def __init__(self, data_dir: Path, *, persist: bool = True, port: int | None = None) -> None:
+    def __init__(
+        self,
+        data_dir: Path,
+        *,
+        persist: bool = True,
+        port: int | None = None,
+        appendfsync: str = "everysec",
+    ) -> None:
         self.data_dir = Path(data_dir).resolve()
         self.persist = persist
+        self.appendfsync = appendfsync
         self.wanted_port = port
         self.port: int | None = None
         self._process: subprocess.Popen[bytes] | None = None
@@ -82,6 +90,13 @@ class EmbeddedRedis:
         if self.port is None:
             raise RuntimeError("embedded Redis is not running")
         return f"redis://127.0.0.1:{self.port}/0"
+
+    @property
+    def pid(self) -> int:
+        """The process id of the server this object started (for signals)."""
+        if self._process is None:
+            raise RuntimeError("this object did not start a redis-server")
+        return self._process.pid
 
     @property
     def _port_file(self) -> Path:
@@ -137,6 +152,8 @@ class EmbeddedRedis:
             "--daemonize", "no",
         ]  # fmt: skip
         command += ["--appendonly", "yes" if self.persist else "no"]
+        if self.persist:
+            command += ["--appendfsync", self.appendfsync]
         return command
 
     @staticmethod

@@ -11,7 +11,7 @@ import structlog
 
 from dispatcher import keys
 from dispatcher.errors import NotFound
-from dispatcher.lua import Lua
+from dispatcher.lua import Lua, run_pipeline
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
@@ -24,12 +24,17 @@ __all__ = ["CircuitBreaker", "Failing", "Health"]
 
 log = structlog.get_logger("dispatcher.health")
 
-# KEYS: health hash, failing zset. ARGV: now ms, last error, callback id.
+# KEYS: health hash, failing zset. ARGV: now ms, last error, callback id, the failed
+# attempt's record id ('' when none). Counting the same record twice counts it once.
 # Returns {failures, since ms}.
 _FAILED = Lua("""
+if ARGV[4] ~= '' and redis.call('HGET', KEYS[1], 'lastRecord') == ARGV[4] then
+  local row = redis.call('HMGET', KEYS[1], 'failures', 'since')
+  return {tonumber(row[1]), tonumber(row[2])}
+end
 local n = redis.call('HINCRBY', KEYS[1], 'failures', 1)
 redis.call('HSETNX', KEYS[1], 'since', ARGV[1])
-redis.call('HSET', KEYS[1], 'lastError', ARGV[2])
+redis.call('HSET', KEYS[1], 'lastError', ARGV[2], 'lastRecord', ARGV[4])
 local since = redis.call('HGET', KEYS[1], 'since')
 redis.call('ZADD', KEYS[2], since, ARGV[3])
 return {n, tonumber(since)}
@@ -81,21 +86,40 @@ class Health:
         ]
         return sorted(found, key=lambda f: (-f.failures, f.callback_id))
 
-    async def failed(self, callback_id: int, error: str, *, now_ms: int | None = None) -> bool:
-        """Count one final failure; disable the callback past the threshold (count *and*
-        time). Returns True when this call disabled it."""
-        now = time.time_ns() // 1_000_000 if now_ms is None else now_ms
-        failures, since = await _FAILED(
-            self.redis, [keys.health(callback_id), keys.HEALTH_FAILING], [now, error, callback_id]
+    @staticmethod
+    def queue_failed(
+        pipe: Pipeline, callback_id: int, error: str, now_ms: int, record_id: int | None = None
+    ) -> None:
+        """Queue the count of one final failure; its answer goes to `verdict`."""
+        _FAILED.queue(
+            pipe,
+            [keys.health(callback_id), keys.HEALTH_FAILING],
+            [now_ms, error, callback_id, "" if record_id is None else record_id],
         )
+
+    def verdict(self, answer: list[int], error: str, now_ms: int) -> str | None:
+        """The reason to disable the callback, when the failures counted in `answer`
+        (`_FAILED`'s reply) pass the threshold: a count *and* a time span."""
+        failures, since = int(answer[0]), int(answer[1])
         threshold_ms = self.settings.disable_after_seconds * 1000
-        if failures < self.settings.disable_after_failures or now - int(since) < threshold_ms:
-            return False
-        hours = (now - int(since)) / 3_600_000
-        reason = (
+        if failures < self.settings.disable_after_failures or now_ms - since < threshold_ms:
+            return None
+        hours = (now_ms - since) / 3_600_000
+        return (
             f"disabled after {failures} consecutive failed deliveries over {hours:.1f} h; "
             f"last error: {error}"
         )
+
+    async def failed(self, callback_id: int, error: str, *, now_ms: int | None = None) -> bool:
+        """Count one final failure now; disable the callback past the threshold. Returns
+        True when this call disabled it."""
+        now = time.time_ns() // 1_000_000 if now_ms is None else now_ms
+        (answer,) = await run_pipeline(
+            self.redis, lambda pipe: self.queue_failed(pipe, callback_id, error, now)
+        )
+        reason = self.verdict(answer, error, now)
+        if reason is None:
+            return False
         await self.disable(callback_id, reason)
         return True
 

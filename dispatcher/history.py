@@ -8,6 +8,8 @@ read (ZCOUNT + ZREVRANGEBYSCORE + MGET in one script), never a scan.
 
 from __future__ import annotations
 
+import asyncio
+import collections
 import math
 import re
 import time
@@ -24,7 +26,7 @@ from dispatcher.lua import Lua, run_pipeline
 from dispatcher.models import DeliveryStatus, HistoryPage, HistoryRecord
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Callable
+    from collections.abc import AsyncIterator, Callable, Iterable
 
     from redis.asyncio import Redis
     from redis.asyncio.client import Pipeline
@@ -39,24 +41,23 @@ _RECORDS = TypeAdapter(list[HistoryRecord])
 # Records outlive the retention by this much, so the sweep (not the TTL) decides, and a
 # stopped sweep still cannot let Redis grow without bound.
 _TTL_MARGIN_S = 86_400
+# record ids reserved per round trip
+ID_BLOCK = 1000
 
-# KEYS: seq, index, indexes set, dead zset, the project's dead zset, dead-keys set.
-# ARGV: record json (an object, without id), createdTime ms, ttl s, record key prefix,
-# '1' when this attempt ended the delivery in failure, index id width. The id goes into
-# the stored JSON, so a page is validated in one pass.
+# KEYS: record, index, indexes set, dead zset, the project's dead zset, dead-keys set.
+# ARGV: record json (id included), createdTime ms, ttl s, index member, '1' when this
+# attempt ended the delivery in failure, record id. Every write is idempotent, so a
+# pipeline whose answer was lost can be sent again.
 _RECORD = Lua("""
-local id = redis.call('INCR', KEYS[1])
-local sid = string.format('%d', id)
-local json = '{"id":' .. sid .. ',' .. string.sub(ARGV[1], 2)
-redis.call('SET', ARGV[4] .. sid, json, 'EX', ARGV[3])
-redis.call('ZADD', KEYS[2], ARGV[2], string.format('%0' .. ARGV[6] .. 'd', id))
+redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[3])
+redis.call('ZADD', KEYS[2], ARGV[2], ARGV[4])
 redis.call('SADD', KEYS[3], KEYS[2])
 if ARGV[5] == '1' then
-  redis.call('ZADD', KEYS[4], ARGV[2], id)
-  redis.call('ZADD', KEYS[5], ARGV[2], id)
+  redis.call('ZADD', KEYS[4], ARGV[2], ARGV[6])
+  redis.call('ZADD', KEYS[5], ARGV[2], ARGV[6])
   redis.call('SADD', KEYS[6], KEYS[5])
 end
-return id
+return 1
 """)
 
 # KEYS: index. ARGV: min ms, max ms, offset, count, record key prefix.
@@ -155,31 +156,47 @@ class History:
     def __init__(self, redis: Redis, settings: Settings) -> None:
         self.redis = redis
         self.settings = settings
+        self._ids: collections.deque[int] = collections.deque()
+        self._ids_lock = asyncio.Lock()
+
+    async def assign_ids(self, records: Iterable[dict[str, Any]]) -> None:
+        """Give each record without an `id` a new one. Ids come from Redis in blocks of
+        `ID_BLOCK`, so most calls cost no round trip; an id is never handed out twice."""
+        missing = [record for record in records if "id" not in record]
+        async with self._ids_lock:
+            while len(self._ids) < len(missing):
+                block = max(ID_BLOCK, len(missing) - len(self._ids))
+                last = int(await self.redis.incrby(keys.HISTORY_SEQ, block))
+                self._ids.extend(range(last - block + 1, last + 1))
+            for record in missing:
+                record["id"] = self._ids.popleft()
 
     def record(self, pipe: Pipeline, record: dict[str, Any], *, dead: bool = False) -> None:
         """Queue the write of one record on `pipe` (the caller executes it with its other
-        writes, one round trip). `record` carries the seed's fields, camelCase, without id."""
+        writes, one round trip). `record` carries the seed's fields, camelCase, and its id
+        (see `assign_ids`); writing it twice stores it once."""
         ttl = self.settings.retention_ms // 1000 + _TTL_MARGIN_S
+        record_id = record["id"]
+        project_id = record["projectId"]
         _RECORD.queue(
             pipe,
             [
-                keys.HISTORY_SEQ,
-                keys.history_index(record["projectId"], record["events"], record["callBackUrl"]),
+                keys.history_record(record_id),
+                keys.history_index(project_id, record["events"], record["callBackUrl"]),
                 keys.HISTORY_INDEXES,
                 keys.HISTORY_DEAD,
-                keys.history_dead(record["projectId"]),
+                keys.history_dead(project_id),
                 keys.HISTORY_DEAD_KEYS,
             ],
-            [orjson.dumps(record), record["createdTime"], ttl, keys.HISTORY_RECORD_PREFIX,
-             "1" if dead else "0", keys.HISTORY_ID_WIDTH],
+            [orjson.dumps(record), record["createdTime"], ttl, keys.history_member(record_id),
+             "1" if dead else "0", record_id],
         )  # fmt: skip
 
     async def add(self, record: dict[str, Any], *, dead: bool = False) -> int:
         """Write one record now; returns its id."""
-        (record_id,) = await run_pipeline(
-            self.redis, lambda pipe: self.record(pipe, record, dead=dead)
-        )
-        return int(record_id)
+        await self.assign_ids([record])
+        await run_pipeline(self.redis, lambda pipe: self.record(pipe, record, dead=dead))
+        return int(record["id"])
 
     async def query(
         self,

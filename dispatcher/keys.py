@@ -14,10 +14,12 @@ Health
     dispatcher:health:failing                 ZSET ids of callbacks with failures, by first failure
 Deliveries
     dispatcher:delivery:{progress id}         STRING attempts made, or "done" (dedupe, progress)
+    dispatcher:deliveries:dropped             LIST deliveries ended without an attempt (last 1000)
 Workers and statistics
     dispatcher:workers:{host}:{pid}           STRING heartbeat of a live worker (TTL 30 s)
     dispatcher:stats:{epoch minute}           HASH attempts by outcome in that minute (TTL 2 h)
     dispatcher:jobs:poison                    LIST undecodable jobs, newest first (last 1000)
+    dispatcher:cron:{name}:{slot}             STRING who runs a periodic task this slot (TTL)
 History
     dispatcher:history:seq                    INCR counter of record ids
     dispatcher:history:rec:{id}               STRING one record (JSON, id included)
@@ -67,6 +69,7 @@ DELIVERY_PREFIX = f"{PREFIX}:delivery:"
 
 WORKERS_PREFIX = f"{PREFIX}:workers:"
 POISON_JOBS = f"{PREFIX}:jobs:poison"
+DROPPED = f"{PREFIX}:deliveries:dropped"
 
 ARQ_JOB_PREFIX: str = job_key_prefix
 ARQ_IN_PROGRESS_PREFIX: str = in_progress_key_prefix
@@ -130,6 +133,10 @@ def worker(host: str, pid: int) -> str:
 def stats(minute: int) -> str:
     """`minute` is epoch seconds // 60."""
     return f"{PREFIX}:stats:{minute}"
+
+
+def cron(name: str, slot: int) -> str:
+    return f"{PREFIX}:cron:{name}{SEP}{slot}"
 
 
 def arq_job(job_id: str) -> str:

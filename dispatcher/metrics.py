@@ -8,12 +8,15 @@ __all__ = [
     "ATTEMPT_SECONDS",
     "CALLBACKS_DISABLED",
     "DELIVERIES",
+    "DROPPED",
     "EVENTS_EMITTED",
     "HISTORY_RECORDS",
+    "PENDING_WRITES",
     "POISON_JOBS",
     "QUEUE_DEPTH",
     "QUEUE_OLDEST_SECONDS",
     "RETRIES",
+    "WRITE_RETRIES",
 ]
 
 DELIVERIES = Counter(
@@ -38,4 +41,17 @@ EVENTS_EMITTED = Counter("dispatcher_events_emitted_total", "Events accepted for
 QUEUE_DEPTH = Gauge("dispatcher_queue_depth", "Jobs due now in the queue (read at scrape).")
 QUEUE_OLDEST_SECONDS = Gauge(
     "dispatcher_queue_oldest_job_age_seconds", "Age of the oldest job due (read at scrape)."
+)
+DROPPED = Counter(
+    "dispatcher_deliveries_dropped_total",
+    "Deliveries ended without an attempt, recorded in dispatcher:deliveries:dropped "
+    "(callback deleted or disabled, job data expired, a job that kept failing).",
+    ["reason"],
+)
+PENDING_WRITES = Gauge(
+    "dispatcher_pending_writes",
+    "Worker writes (history records, progress, job steps) waiting for Redis to take them.",
+)
+WRITE_RETRIES = Counter(
+    "dispatcher_write_retries_total", "Batches of worker writes sent again because Redis failed."
 )

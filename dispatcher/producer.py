@@ -3,14 +3,16 @@ delivery). The Python API; the CLI and the HTTP routes reach it through the serv
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
-from typing import TYPE_CHECKING, Any
+import asyncio
+import time
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import orjson
 
 from dispatcher import metrics
-from dispatcher.connections import connect
-from dispatcher.errors import InvalidInput
+from dispatcher.connections import REDIS_ERRORS, connect
+from dispatcher.errors import InvalidInput, Unavailable
 from dispatcher.jobs import DeliveryJob, EventJob, Queue, new_event_id, now_ms
 from dispatcher.lua import run_pipeline
 from dispatcher.models import parse_event
@@ -25,6 +27,10 @@ if TYPE_CHECKING:
     from dispatcher.settings import Settings
 
 __all__ = ["Producer", "emit"]
+
+T = TypeVar("T")
+# what waiting for Redis looks like: its errors, or no answer within the wait
+_UNANSWERED: tuple[type[Exception], ...] = (*REDIS_ERRORS, TimeoutError)
 
 
 def event_job(
@@ -100,23 +106,50 @@ class Producer:
         An `event_id` of your own makes the call idempotent while that event is queued.
         """
         job = event_job(project_id, event, data, event_id)
-        await self.queue.enqueue(job)
+        await self._patiently(lambda: self.queue.enqueue(job))
         metrics.EVENTS_EMITTED.inc()
         return job.id
 
-    async def emit_many(self, events: Iterable[tuple[str, str, Mapping[str, Any]]]) -> list[str]:
-        """Queue many `(project_id, event, data)` in one round trip; returns their ids.
-        Every event is checked before any is queued."""
-        jobs = [event_job(p, e, d) for p, e, d in events]
+    async def emit_many(
+        self,
+        events: Iterable[
+            tuple[str, str, Mapping[str, Any]] | tuple[str, str, Mapping[str, Any], str | None]
+        ],
+    ) -> list[str]:
+        """Queue many `(project_id, event, data[, event_id])` in one round trip; returns
+        their ids. Every event is checked before any is queued. With event ids of your own,
+        emitting the same list again is safe (what is still queued is not queued twice)."""
+        jobs = [event_job(*event) for event in events]
         queue = self.queue
 
         def push_all(pipe: Pipeline) -> None:
             for job in jobs:
                 queue.push(pipe, job)
 
-        await run_pipeline(queue.redis, push_all)
+        await self._patiently(lambda: run_pipeline(queue.redis, push_all))
         metrics.EVENTS_EMITTED.inc(len(jobs))
         return [job.id for job in jobs]
+
+    async def _patiently(self, enqueue: Callable[[], Awaitable[T]]) -> T:
+        """Run `enqueue`, waiting out a Redis that does not answer for up to
+        `DISPATCHER_EMIT_WAIT` seconds. Enqueueing is idempotent (a job id already queued
+        is left alone), so a try whose answer was lost can be made again."""
+        deadline = time.monotonic() + self.settings.emit_wait
+        delay = 0.05
+        while True:
+            left = deadline - time.monotonic()
+            try:
+                async with asyncio.timeout(max(left, 0.001)):
+                    return await enqueue()
+            except _UNANSWERED as exc:
+                if time.monotonic() + delay >= deadline:
+                    raise Unavailable(
+                        f"Redis is unreachable ({exc or type(exc).__name__}) after "
+                        f"{self.settings.emit_wait:g} s; the events may not be queued. "
+                        "Emitting again with the same event ids is safe."
+                    ) from exc
+            await asyncio.sleep(delay)
+            delay = min(1.0, delay * 2)
 
     @staticmethod
     def redelivery_job(record: HistoryRecord) -> DeliveryJob:

@@ -338,16 +338,27 @@ class Registry:
         project_id: str | None = None,
     ) -> None:
         """Enable, or disable with a reason. `project_id` restricts it to that project."""
-        done = await _SET_ENABLED(
+        (done,) = await run_pipeline(
             self.redis,
+            lambda pipe: self.queue_set_enabled(pipe, callback_id, enabled, reason, project_id),
+        )
+        if not done:
+            raise NotFound(f"callback {callback_id} not found in project {project_id or '*'}")
+
+    @staticmethod
+    def queue_set_enabled(
+        pipe: Pipeline, callback_id: int, enabled: bool, reason: str = "",
+        project_id: str | None = None,
+    ) -> None:  # fmt: skip
+        """`set_enabled` queued on a pipeline; its answer is 0 when the callback is missing."""
+        _SET_ENABLED.queue(
+            pipe,
             [keys.callback(callback_id), keys.CALLBACKS_DISABLED, keys.HEALTH_FAILING],
             [
                 "1" if enabled else "0", reason, _now_ms(), keys.MATCH_PREFIX, keys.SEP,
                 project_id or "", keys.HEALTH_PREFIX,
             ],
         )  # fmt: skip
-        if not done:
-            raise NotFound(f"callback {callback_id} not found in project {project_id or '*'}")
 
     async def rotate_tokens(self) -> int:
         """Re-encrypt every stored token with the cipher's first key; returns how many."""

@@ -6,13 +6,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
-import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
-import structlog
 import uvicorn
-from redis.exceptions import ConnectionError as RedisConnectionError
 
 from dispatcher.api import create_app
 from dispatcher.worker import create_worker
@@ -21,8 +18,6 @@ if TYPE_CHECKING:
     from dispatcher.settings import Settings
 
 __all__ = ["install_uvloop", "serve", "work"]
-
-log = structlog.get_logger("dispatcher.serve")
 
 
 def install_uvloop() -> None:
@@ -54,29 +49,31 @@ async def serve(settings: Settings, *, with_worker: bool) -> None:
     worker = create_worker(settings, handle_signals=False) if with_worker else None
     tasks = [asyncio.create_task(server.serve())]
     if worker is not None:
-        tasks.append(asyncio.create_task(worker.async_run()))
+        tasks.append(asyncio.create_task(worker.main()))
     waiter = asyncio.create_task(stop.wait())
-    await asyncio.wait([*tasks, waiter], return_when=asyncio.FIRST_COMPLETED)
-    waiter.cancel()
-    server.should_exit = True
-    if worker is not None:
-        worker.handle_sig_wait_for_completion(signal.SIGTERM)
-    for task in tasks:
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-    if worker is not None:
-        try:
+    try:
+        await asyncio.wait([*tasks, waiter], return_when=asyncio.FIRST_COMPLETED)
+        waiter.cancel()
+        server.should_exit = True
+        if worker is not None:
+            worker.stop()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+    finally:
+        if worker is not None:
             await worker.close()
-        except (RedisConnectionError, OSError) as exc:
-            log.warning("worker.closed_without_redis", error=str(exc))
 
 
 def work(settings: Settings) -> None:
-    """A worker process until SIGINT/SIGTERM."""
-    while True:  # a Redis outage longer than the client's retries must not end the fleet
+    """A worker process until SIGINT/SIGTERM. A Redis outage of any length is waited out
+    inside the loop; the process never restarts it."""
+
+    async def main() -> None:
+        worker = create_worker(settings)
         try:
-            create_worker(settings).run()
-            return
-        except (RedisConnectionError, OSError) as exc:
-            log.warning("worker.lost_redis", error=str(exc), restart_in_s=5)
-            time.sleep(5)
+            await worker.main()
+        finally:
+            await worker.close()
+
+    asyncio.run(main())

@@ -39,6 +39,13 @@ class Settings(BaseSettings):
         description="Seconds to connect to Redis and to wait for an answer (every connection).",
     )
 
+    emit_wait: float = Field(
+        default=10.0,
+        ge=0,
+        description="Seconds a producer (Python, CLI, the emit routes) waits out a Redis that "
+        "does not answer (restarting, failing over) before it reports it unreachable.",
+    )
+
     # HTTP API
     api_host: str = "127.0.0.1"
     api_port: int = Field(default=8080, ge=0, le=65535)
@@ -72,8 +79,14 @@ class Settings(BaseSettings):
     job_timeout: float | None = Field(
         default=None,
         gt=0,
-        description="Seconds one job may run (default: total_timeout + 15). A crashed worker's "
-        "jobs run again about 10 s after this.",
+        description="Seconds one job may run (default: total_timeout + 15); a job that runs "
+        "longer is stopped and run again later, never dropped.",
+    )
+    lease_seconds: float = Field(
+        default=10.0,
+        gt=0,
+        description="A running job's lease, renewed while it runs: a dead worker's jobs are "
+        "claimed again within this.",
     )
     shutdown_grace: float = Field(
         default=20.0, ge=0, description="Seconds a worker lets jobs finish after SIGTERM."

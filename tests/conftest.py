@@ -14,7 +14,6 @@ from typing import Any
 import httpx
 import pytest
 import structlog
-from aiohttp import web
 from redis.asyncio import Redis
 
 from dispatcher.api import create_app
@@ -22,7 +21,7 @@ from dispatcher.connections import connect
 from dispatcher.embedded import EmbeddedRedis
 from dispatcher.settings import Settings
 from dispatcher.worker import create_worker
-from tests.helpers import Receiver, RunWorker, make_settings, stop
+from tests.helpers import Receiver, RunWorker, make_settings, serving, stop
 
 
 @pytest.fixture(autouse=True)
@@ -90,16 +89,9 @@ def run_worker(settings: Settings, redis: Redis) -> RunWorker:
 @pytest.fixture
 async def receiver() -> AsyncIterator[Receiver]:
     recv = Receiver()
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", recv.handle)
-    runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=0.1)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    recv.base = f"http://127.0.0.1:{port}"
-    yield recv
-    await runner.cleanup()
+    async with serving(recv.handle) as base:
+        recv.base = base
+        yield recv
 
 
 @pytest.fixture

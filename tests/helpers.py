@@ -10,7 +10,8 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,7 @@ def make_settings(url: str, **overrides: Any) -> Settings:
         "total_timeout": 2,
         "poll_delay": 0.01,
         "shutdown_grace": 1,
+        "emit_wait": 1,
     }
     values.update(overrides)
     return Settings(**values)
@@ -101,6 +103,22 @@ def hang(seconds: float) -> Handler:
         return web.Response(text="late")
 
     return handler
+
+
+@asynccontextmanager
+async def serving(handle: Handler) -> AsyncIterator[str]:
+    """An aiohttp server on 127.0.0.1 answering every path with `handle`; yields its base URL."""
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", handle)
+    runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=0.1)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        await runner.cleanup()
 
 
 async def until(check: Callable[[], Awaitable[bool]], within: float, what: str) -> None:

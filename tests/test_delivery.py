@@ -20,6 +20,7 @@ from dispatcher.registry import Registry
 from dispatcher.services import Services
 from dispatcher.settings import Settings
 from dispatcher.worker import Engine
+from dispatcher.worker.writer import Writer
 from tests.helpers import Receiver, RunWorker, answer, hang, make_settings
 
 
@@ -217,7 +218,8 @@ async def test_duplicate_fan_out_delivers_once(
     assert not await queue.enqueue(event)  # still queued: refused
     await run_worker()
     # a re-run of the same fan-out (as after a worker crash) skips what was delivered
-    engine = Engine(Services(settings, redis))
+    services = Services(settings, redis)
+    engine = Engine(services, Writer(redis, services.history.assign_ids))
     try:
         assert await engine.fan_out(event, rerun=True) == 1
     finally:

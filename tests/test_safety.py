@@ -276,8 +276,9 @@ async def test_poison_jobs_are_recorded_and_dropped(
     with capture_logs() as logs:
         await run_worker()
     assert await redis.zcard(settings.queue_name) == 0
-    poisoned = await redis.lrange(keys.POISON_JOBS, 0, -1)
-    assert len(poisoned) == 1 and b"not JSON" in poisoned[0]
+    poisoned = [orjson.loads(p) for p in await redis.lrange(keys.POISON_JOBS, 0, -1)]
+    assert {p["jobId"] for p in poisoned} == {"garbage", "bad-shape", "bad-deliver"}
+    assert any("not JSON" in p["problem"] for p in poisoned)
     problems = [e for e in logs if e["event"] == "job.poison"]
     assert {e["job_id"] for e in problems} == {"garbage", "bad-shape", "bad-deliver"}
 

@@ -1,6 +1,7 @@
-"""The delivery worker: the job loop (`loop.py`) over the delivery machinery (`engine.py`)."""
+"""The delivery worker: the job loop (`loop.py`) with its claims (`claims.py`) and its
+writes (`writer.py`), over the delivery machinery (`engine.py`)."""
 
 from dispatcher.worker.engine import Engine
-from dispatcher.worker.loop import create_worker, worker_settings
+from dispatcher.worker.loop import Worker, create_worker
 
-__all__ = ["Engine", "create_worker", "worker_settings"]
+__all__ = ["Engine", "Worker", "create_worker"]

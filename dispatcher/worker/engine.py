@@ -2,10 +2,11 @@
 
 A fan-out makes the first attempt of every delivery itself, concurrently, so an event
 costs one queue job however many callbacks it has; only retries become `deliver` jobs
-(job id = delivery id). Each attempt costs one Redis round trip, shared with other jobs'
-(group commit): its history record, the delivery's progress, the endpoint-health reset and
-the next attempt's job are written in one pipeline, so a worker killed at any point loses
-nothing (the job runs again, with the same delivery id for the receiver to de-duplicate).
+(job id = delivery id). An attempt ends in one write (see `writer.py`), sent in a pipeline
+shared with other attempts: its history record, the delivery's progress, endpoint health,
+and what comes next for the delivery (a `deliver` job, or the `deliver` job's own return
+to the queue or end). A worker killed at any point loses nothing: an unwritten attempt is
+made again, with the same delivery id for the receiver to de-duplicate.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
+import orjson
 import structlog
 
 from dispatcher import keys, metrics
@@ -35,48 +37,50 @@ if TYPE_CHECKING:
 
     from dispatcher.registry import CallbackTarget
     from dispatcher.services import Services
+    from dispatcher.worker.writer import Writer
 
-__all__ = ["Engine", "Schedule"]
+__all__ = ["Engine", "Then", "keep_entry"]
 
 log = structlog.get_logger("dispatcher.worker")
 
 DONE = b"done"
+KEPT_ENTRIES = 1000  # newest entries kept in the poison and dropped lists
 
-# Queues the next attempt of a delivery, `delay` seconds from now, on the pipeline that
-# records this one (so both are written, or neither).
-Schedule = Callable[["Pipeline", DeliveryJob, float], None]
+# What follows an attempt, queued on the pipeline that records it (so both are written,
+# or neither): `delay` seconds to the next attempt, or None when the delivery is over.
+Then = Callable[["Pipeline", "float | None"], None]
+
+
+def keep_entry(pipe: Pipeline, key: str, entry: dict[str, Any]) -> None:
+    """Queue `entry` at the head of a bounded operator list (poison jobs, drops)."""
+    pipe.lpush(key, orjson.dumps({**entry, "at": now_ms()}))
+    pipe.ltrim(key, 0, KEPT_ENTRIES - 1)
 
 
 class Engine:
     """A worker process's delivery machinery: one HTTP transport per region, the circuit
-    breaker, the attempt statistics, over the process's services. Closed on shutdown."""
+    breaker, the attempt statistics, over the process's services and its writer."""
 
-    def __init__(self, services: Services) -> None:
+    def __init__(self, services: Services, writer: Writer) -> None:
         self.services = services
-        self.settings = services.settings
-        self.batcher = Batcher(services.redis)
-        self.breaker = CircuitBreaker(
-            self.settings.circuit_threshold, self.settings.circuit_cooldown
-        )
+        self.settings = settings = services.settings
+        self.writer = writer
+        self.reads = Batcher(services.redis)
+        self.breaker = CircuitBreaker(settings.circuit_threshold, settings.circuit_cooldown)
         self.transports: dict[Region, httpx.AsyncBaseTransport] = {
-            region: make_transport(self.settings, region) for region in Region
+            region: make_transport(settings, region) for region in Region
         }
         self.stats = AttemptStats()
-        schedule_s = sum(self.settings.retry_schedule)
-        self.progress_ttl = int(max(86_400, 2 * schedule_s))
+        self.progress_ttl = int(max(86_400, 2 * sum(settings.retry_schedule)))
 
     async def close(self) -> None:
         await asyncio.gather(*(t.aclose() for t in self.transports.values()))
-
-    def push_retry(self, pipe: Pipeline, job: DeliveryJob, delay: float) -> None:
-        """The next attempt as a `deliver` job of its own (job id = progress id)."""
-        self.services.queue.push(pipe, job, defer_s=delay)
 
     async def fan_out(self, event: EventJob, *, rerun: bool = False) -> int:
         """First attempt of every delivery of `event`; returns how many callbacks matched.
         A `rerun` (the job ran before and did not finish) skips what was already handled."""
         registry = self.services.registry
-        (rows,) = await self.batcher.execute(
+        (rows,) = await self.reads.execute(
             lambda pipe: registry.queue_match(pipe, event.project_id, event.event)
         )
         targets = registry.targets(rows)
@@ -85,44 +89,64 @@ class Engine:
         body = encode_body(event.event, event.data)  # once for all callbacks
         pending = [(DeliveryJob.first(event, target.id, body), target) for target in targets]
         if rerun:
-            done = await self.services.redis.mget(
-                [keys.delivery(j.progress_id) for j, _ in pending]
+            marks = await self.services.redis.mget(
+                [keys.delivery(job.progress_id) for job, _ in pending]
             )
-            pending = [pair for pair, mark in zip(pending, done, strict=True) if not mark]
-        attempts = [self.attempt(job, target, 1, self.push_retry) for job, target in pending]
+            pending = [pair for pair, mark in zip(pending, marks, strict=True) if not mark]
+        attempts = [self.attempt(job, target, 1, self._retry_job(job)) for job, target in pending]
         if len(attempts) == 1:
             await attempts[0]
         else:
             await asyncio.gather(*attempts)
         return len(targets)
 
-    async def deliver(self, job: DeliveryJob, schedule: Schedule | None = None) -> float | None:
-        """One more attempt of a delivery. Returns the delay before the next one when it is
-        to be tried again and `schedule` is None, else None."""
+    def _retry_job(self, job: DeliveryJob) -> Then:
+        """After a fan-out's attempt: a retry becomes a `deliver` job of its own."""
+        queue = self.services.queue
+
+        def then(pipe: Pipeline, delay: float | None) -> None:
+            if delay is not None:
+                queue.push(pipe, job, defer_s=delay)
+
+        return then
+
+    async def deliver(self, job: DeliveryJob, then: Then) -> None:
+        """One more attempt of a delivery; `then` queues the job's next step (its return
+        to the queue for the next attempt, or its end)."""
         progress, target = await asyncio.gather(
             self.services.redis.get(keys.delivery(job.progress_id)),
             self.services.registry.target(job.callback_id),
         )
-        if progress == DONE:
-            return None
-        if target is None:
-            log.info("delivery.dropped", delivery_id=job.delivery_id, callback_id=job.callback_id,
-                     reason="callback deleted or disabled")  # fmt: skip
-            return None
-        return await self.attempt(job, target, int(progress or 0) + 1, schedule)
+        if progress == DONE:  # a run that ended the delivery, then lost its job's end
+            await self.writer.commit(lambda pipe: then(pipe, None))
+        elif target is None:
+            await self.drop(job, "callback deleted or disabled", then)
+        else:
+            await self.attempt(job, target, int(progress or 0) + 1, then)
+
+    async def drop(self, job: DeliveryJob, reason: str, then: Then) -> None:
+        """End a delivery without an attempt, on record (`dispatcher:deliveries:dropped`)."""
+
+        def write(pipe: Pipeline) -> None:
+            keep_entry(pipe, keys.DROPPED, {"deliveryId": job.delivery_id, "reason": reason,
+                                            "callbackId": job.callback_id,
+                                            "projectId": job.project_id})  # fmt: skip
+            pipe.set(keys.delivery(job.progress_id), DONE, ex=self.progress_ttl)
+            then(pipe, None)
+
+        await self.writer.commit(write)
+        metrics.DROPPED.labels(reason="callback").inc()
+        log.info("delivery.dropped", delivery_id=job.delivery_id, callback_id=job.callback_id,
+                 reason=reason)  # fmt: skip
 
     async def attempt(
-        self, job: DeliveryJob, target: CallbackTarget, number: int, schedule: Schedule | None
-    ) -> float | None:
-        """Attempt `number` of `job`, recorded. A retry is queued through `schedule` in the
-        record's own pipeline; without one, its delay is returned instead (None: no retry)."""
+        self, job: DeliveryJob, target: CallbackTarget, number: int, then: Then
+    ) -> None:
+        """Attempt `number` of `job`, recorded, and what follows it, in one write."""
         host = urlsplit(target.url).netloc
         if wait := self.breaker.wait(host):  # not an attempt: try again once it may
-            if schedule is None:
-                return wait
-            await self.batcher.execute(lambda pipe: schedule(pipe, job, wait))
-            return None
-
+            await self.writer.commit(lambda pipe: then(pipe, wait))
+            return
         headers = request_headers(
             event=job.event,
             delivery_id=job.delivery_id,
@@ -142,11 +166,9 @@ class Engine:
                 retry_after_cap=self.settings.retry_after_cap,
             )
         record = attempt_record(job, target, number, headers, result, delay is None, self.settings)
-        await self._write(job, target, number, record, result, delay, schedule)
         _observe(job, target, number, result, delay)
         self.stats.count(result.outcome.value)
-        await self._judge(target, result, final=delay is None)
-        return delay if schedule is None else None
+        await self._write(job, target, number, record, result, delay, then)
 
     async def _write(
         self,
@@ -156,31 +178,40 @@ class Engine:
         record: dict[str, Any],
         result: AttemptResult,
         delay: float | None,
-        schedule: Schedule | None,
+        then: Then,
     ) -> None:
-        ok = result.outcome is Outcome.SUCCESS
+        """The attempt's write; then, if its failures say so, the callback's disabling."""
+        outcome = result.outcome
+        failed_for_good = delay is None and outcome is not Outcome.SUCCESS
+        error = result.error or "failed"
+        counted_at: int | None = None  # where the failure count's answer is
+        registry, health = self.services.registry, self.services.health
 
         def write(pipe: Pipeline) -> None:
-            # all idempotent but the record, which runs once (see Batcher.execute)
-            self.services.history.record(pipe, record, dead=delay is None and not ok)
+            nonlocal counted_at
+            start = len(pipe.command_stack)
+            self.services.history.record(pipe, record, dead=failed_for_good)
             progress = DONE if delay is None else str(number)
             pipe.set(keys.delivery(job.progress_id), progress, ex=self.progress_ttl)
-            if ok and target.failing:
-                self.services.health.succeeded(pipe, target.id)
-            if delay is not None and schedule is not None:
-                schedule(pipe, job, delay)
+            if outcome is Outcome.SUCCESS and target.failing:
+                health.succeeded(pipe, target.id)
+            elif outcome is Outcome.GONE:
+                registry.queue_set_enabled(pipe, target.id, False, GONE_REASON)
+            elif failed_for_good:
+                counted_at = len(pipe.command_stack) - start
+                health.queue_failed(pipe, target.id, error, record["createdTime"], record["id"])
+            then(pipe, delay)
 
-        await self.batcher.execute(write)
-
-    async def _judge(self, target: CallbackTarget, result: AttemptResult, *, final: bool) -> None:
-        """Endpoint health: a 410 disables at once; a final failure counts towards it."""
-        health = self.services.health
-        if result.outcome is Outcome.GONE:
-            metrics.CALLBACKS_DISABLED.labels(reason="gone").inc()
-            await health.disable(target.id, "the receiver answered 410 Gone")
-        elif final and result.outcome is not Outcome.SUCCESS:
-            if await health.failed(target.id, result.error or "failed"):
-                metrics.CALLBACKS_DISABLED.labels(reason="failing").inc()
+        answer = await self.writer.commit(write, (record,))
+        if outcome is Outcome.GONE:
+            _disabled(target.id, "gone", GONE_REASON)
+        elif counted_at is not None:
+            reason = health.verdict(answer[counted_at], error, record["createdTime"])
+            if reason is not None:
+                await self.writer.commit(
+                    lambda pipe: registry.queue_set_enabled(pipe, target.id, False, reason)
+                )
+                _disabled(target.id, "failing", reason)
 
     async def _send(
         self, target: CallbackTarget, body: bytes, headers: dict[str, str]
@@ -205,6 +236,14 @@ class Engine:
             total_timeout=self.settings.total_timeout,
             max_response_body=self.settings.max_response_body,
         )
+
+
+GONE_REASON = "the receiver answered 410 Gone"
+
+
+def _disabled(callback_id: int, why: str, reason: str) -> None:
+    metrics.CALLBACKS_DISABLED.labels(reason=why).inc()
+    log.warning("callback.disabled", callback_id=callback_id, reason=reason)
 
 
 def _observe(

@@ -1,188 +1,364 @@
-"""The job loop: arq's Worker runs `fan_out`, `deliver` and the history sweep."""
+"""The job loop: claim due jobs in batches, run them under a lease, write their ends.
+
+Why not arq's `Worker`: it claims one job per ~6 round trips (WATCH, EXISTS, ZSCORE,
+MULTI/EXEC, then GET+INCR), treats a job that outlives its timeout as finished and deletes
+it, and needs a restart of its loop (and of the process, on `WatchError` while Redis is
+`LOADING`) after a Redis outage. This loop keeps arq's job format and keys (what
+`Producer`, any arq client and arq's health check read and write) and owns the lifecycle
+instead:
+
+- one Lua round trip claims a batch of due jobs (`claims.py`); a job's in-progress key is
+  a lease renewed while it runs, so a dead worker's jobs come back within a lease;
+- a job ends only by its own writes (a record and what follows it), which wait in memory
+  until Redis takes them (`writer.py`); a failed, timed-out or cancelled run puts the job
+  back in the queue, never drops it;
+- a Redis error anywhere is waited out with backoff inside the loop; nothing blocks the
+  event loop, so HTTP attempts in flight finish on time.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import os
+import signal
 import socket
+import uuid
+from collections.abc import Awaitable, Callable
+from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 import orjson
 import structlog
-from arq import Retry, cron
-from arq.worker import Function, Worker, func
 
 from dispatcher import keys, metrics
-from dispatcher.connections import REDIS_ERRORS, redis_settings
-from dispatcher.jobs import (
-    DELIVER,
-    FAN_OUT,
-    POISON,
-    BadJob,
-    DeliveryJob,
-    EventJob,
-    job_deserializer,
-    job_serializer,
-    now_ms,
-)
+from dispatcher.connections import REDIS_ERRORS, connect
+from dispatcher.jobs import FAN_OUT, BadJob, DeliveryJob, EventJob, decode, now_ms
 from dispatcher.services import Services
-from dispatcher.worker.engine import Engine
+from dispatcher.worker.claims import Claimed, Claims
+from dispatcher.worker.engine import Engine, Then, keep_entry
+from dispatcher.worker.writer import Writer
 
 if TYPE_CHECKING:
+    from redis.asyncio import Redis
+    from redis.asyncio.client import Pipeline
+
     from dispatcher.settings import Settings
 
-__all__ = ["create_worker", "worker_settings"]
+__all__ = ["Worker", "create_worker"]
 
 log = structlog.get_logger("dispatcher.worker")
 
 HEARTBEAT_S = 5.0
+HEALTH_CHECK_S = 10.0  # arq's health-check key, for `arq --check`
+SWEEP_EVERY_S = 300
+MAX_CLAIMS = 25  # a job claimed this often without ending is dropped, on record
 
 
-def _redis_retry(ctx: dict[str, Any], exc: BaseException) -> Retry:
-    delay = min(60.0, 0.5 * 2 ** min(ctx.get("job_try", 1), 7))
-    log.warning("job.redis_unavailable", job_id=ctx.get("job_id"), retry_in_s=delay, error=str(exc))
-    return Retry(defer=delay)
+def _retry_in(claims: int) -> float:
+    """Backoff before a failed run's job is due again."""
+    return min(60.0, 0.5 * 2.0 ** min(claims, 7))
 
 
-def _poison(ctx: dict[str, Any], function: str, exc: Exception) -> None:
-    """An undecodable job is logged with its id and dropped, never retried forever."""
-    log.error("job.poison", job_id=ctx.get("job_id"), function=function, error=repr(exc))
+class Worker:
+    """One worker process's loop. `main()` runs it (until `stop()`, a signal, or, in
+    burst mode, an empty queue); `close()` releases what it opened."""
 
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        redis: Redis | None = None,
+        burst: bool = False,
+        max_burst_jobs: int = -1,
+        poll_delay: float | None = None,
+        handle_signals: bool = True,
+    ) -> None:
+        self.settings = settings
+        self.burst = burst
+        self.max_burst_jobs = max_burst_jobs
+        self.poll_delay = settings.poll_delay if poll_delay is None else poll_delay
+        self.handle_signals = handle_signals
+        self.max_jobs = settings.worker_max_jobs
+        self.claim_batch = max(1, min(100, self.max_jobs // 4))
+        self.max_pending_writes = 4 * self.max_jobs
+        self.token = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.redis = redis or connect(settings)
+        self._owns_redis = redis is None
+        self.services = Services(settings, self.redis)
+        self.writer = Writer(self.redis, self.services.history.assign_ids)
+        self.claims = Claims(self.redis, settings.queue_name, self.token, settings.lease_seconds)
+        self.engine = Engine(self.services, self.writer)
+        self.running: dict[str, asyncio.Task[None]] = {}
+        self.jobs_started = self.jobs_complete = self.jobs_failed = 0
+        self._stop: asyncio.Event | None = None
+        self._room: asyncio.Event | None = None
+        self._started_ms = now_ms()
+        self._closed = False
 
-async def fan_out_job(ctx: dict[str, Any], payload: Any) -> int:
-    engine: Engine = ctx["engine"]
-    try:
-        event = EventJob.from_wire(payload)
-    except BadJob as exc:
-        _poison(ctx, FAN_OUT, exc)
-        return 0
-    structlog.contextvars.bind_contextvars(event_id=event.id)
-    try:
-        return await engine.fan_out(event, rerun=ctx.get("job_try", 1) > 1)
-    except REDIS_ERRORS as exc:
-        raise _redis_retry(ctx, exc) from exc
-    finally:
-        structlog.contextvars.clear_contextvars()
+    # ---- running ------------------------------------------------------------------------
 
+    def stop(self) -> None:
+        """Stop claiming; running jobs get `DISPATCHER_SHUTDOWN_GRACE` to finish."""
+        if self._stop is not None:
+            self._stop.set()
 
-async def deliver_job(ctx: dict[str, Any], payload: Any) -> None:
-    engine: Engine = ctx["engine"]
-    try:
-        job = DeliveryJob.from_wire(payload, ctx.get("job_id", ""))
-    except BadJob as exc:
-        _poison(ctx, DELIVER, exc)
-        return
-    try:
-        delay = await engine.deliver(job)
-    except REDIS_ERRORS as exc:
-        raise _redis_retry(ctx, exc) from exc
-    if delay is not None:
-        raise Retry(defer=delay)
+    def run(self) -> None:
+        """`main()` in a new event loop, until SIGINT or SIGTERM."""
+        asyncio.run(self.main())
 
+    async def main(self) -> None:
+        self._stop, self._room = asyncio.Event(), asyncio.Event()
+        self._started_ms = now_ms()
+        if self.handle_signals:
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(sig, self.stop)
+        background = [
+            asyncio.create_task(self._every(HEARTBEAT_S, self._heartbeat)),
+            asyncio.create_task(self._every(self.settings.lease_seconds / 3, self._renew)),
+            asyncio.create_task(self._every(HEALTH_CHECK_S, self._health_check)),
+            asyncio.create_task(self._sweeps()),
+        ]
+        if self.settings.worker_metrics_port is not None:
+            from prometheus_client import start_http_server
 
-async def poison_job(ctx: dict[str, Any], problem: str, raw: str) -> None:
-    """Jobs the deserializer could not read land here: recorded for operators, dropped."""
-    services: Services = ctx["services"]
-    entry = orjson.dumps({"jobId": ctx.get("job_id"), "problem": problem, "raw": raw,
-                          "at": now_ms()})  # fmt: skip
-    async with services.redis.pipeline(transaction=False) as pipe:
-        pipe.lpush(keys.POISON_JOBS, entry)
-        pipe.ltrim(keys.POISON_JOBS, 0, 999)
-        await pipe.execute()
-    metrics.POISON_JOBS.inc()
-    log.error("job.poison", job_id=ctx.get("job_id"), problem=problem)
-
-
-async def _heartbeat(engine: Engine, key: str, started: int) -> None:
-    """Tell `dispatcher status` and `dispatcher worker --check` this process is alive, and
-    flush the attempt statistics."""
-    redis = engine.services.redis
-    while True:
-        value = orjson.dumps({"host": socket.gethostname(), "pid": os.getpid(),
-                              "started": started, "seen": now_ms()})  # fmt: skip
+            start_http_server(self.settings.worker_metrics_port, addr=self.settings.api_host)
+        log.info("worker.started", queue=self.settings.queue_name, max_jobs=self.max_jobs,
+                 token=self.token)  # fmt: skip
         try:
-            await redis.set(key, value, ex=int(HEARTBEAT_S * 6))
-            await engine.stats.flush(redis)
-        except REDIS_ERRORS as exc:
-            log.warning("worker.heartbeat_failed", error=str(exc))
-        await asyncio.sleep(HEARTBEAT_S)
+            await self._claim_loop()
+        finally:
+            await self._wind_down(background)
 
+    async def _claim_loop(self) -> None:
+        assert self._stop is not None
+        backoff = self.poll_delay
+        while not self._stop.is_set():
+            if self.burst and await self._burst_done():
+                return
+            room = self.max_jobs - len(self.running)
+            if room < min(self.claim_batch, self.max_jobs) and self.running:
+                await self._wait_for_room()
+                continue
+            if self.writer.pending > self.max_pending_writes or self._burst_spent():
+                await self._pause(self.poll_delay)
+                continue
+            try:
+                claimed = await self.claims.claim(room)
+            except REDIS_ERRORS as exc:
+                log.warning("worker.claim_failed", error=str(exc), retry_in_s=round(backoff, 2))
+                await self._pause(backoff)
+                backoff = min(2.0, backoff * 2)
+                continue
+            backoff = self.poll_delay
+            for job in claimed:
+                self._start(job)
+            if len(claimed) < room:  # nothing more is due now
+                await self._pause(self.poll_delay)
 
-async def sweep_history_job(ctx: dict[str, Any]) -> int:
-    services: Services = ctx["services"]
-    # Bounded so that the job ends well within its timeout; the next run goes on.
-    removed = await services.history.sweep(max_seconds=services.settings.effective_job_timeout / 2)
-    log.info("history.swept", removed=removed)
-    return removed
+    async def _pause(self, seconds: float) -> None:
+        assert self._stop is not None
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stop.wait(), seconds)
 
+    async def _wait_for_room(self) -> None:
+        """Until a batch's worth of slots is free (or a poll interval passed)."""
+        assert self._room is not None
+        self._room.clear()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._room.wait(), self.poll_delay)
 
-async def _startup(ctx: dict[str, Any]) -> None:
-    settings: Settings = ctx["settings"]
-    ctx["services"] = services = Services(settings, ctx["redis"])
-    ctx["engine"] = engine = Engine(services)
-    ctx["heartbeat_key"] = key = keys.worker(socket.gethostname(), os.getpid())
-    ctx["heartbeat"] = asyncio.create_task(_heartbeat(engine, key, now_ms()))
-    if settings.worker_metrics_port is not None:
-        from prometheus_client import start_http_server
+    def _burst_spent(self) -> bool:
+        return 0 <= self.max_burst_jobs <= self.jobs_started
 
-        start_http_server(settings.worker_metrics_port, addr=settings.api_host)
-    log.info("worker.started", queue=settings.queue_name, max_jobs=settings.worker_max_jobs)
+    async def _burst_done(self) -> bool:
+        """Burst mode ends when nothing runs, nothing waits to be written and the queue is
+        empty (deferred retries included), or `max_burst_jobs` ran."""
+        if self.running or self.writer.pending:
+            return False
+        if self._burst_spent():
+            return True
+        try:
+            return int(await self.redis.zcard(self.settings.queue_name)) == 0
+        except REDIS_ERRORS:
+            return False
 
+    # ---- one job ------------------------------------------------------------------------
 
-async def _shutdown(ctx: dict[str, Any]) -> None:
-    engine: Engine | None = ctx.get("engine")
-    if engine is not None:
-        await engine.close()
+    def _start(self, claimed: Claimed) -> None:
+        self.jobs_started += 1
+        task = asyncio.create_task(self._run(claimed))
+        self.running[claimed.job_id] = task
+        task.add_done_callback(lambda _: self._ended(claimed.job_id))
+
+    def _ended(self, job_id: str) -> None:
+        self.running.pop(job_id, None)
+        if self._room is not None and self.max_jobs - len(self.running) >= self.claim_batch:
+            self._room.set()
+
+    async def _run(self, claimed: Claimed) -> None:
+        if claimed.data is None:  # its data expired before anyone ran it (arq's rule)
+            await self._drop(claimed, "job data expired before it ran", finish=False)
+            return
+        if claimed.claims > MAX_CLAIMS:
+            await self._drop(claimed, f"claimed {claimed.claims} times without ending")
+            return
+        try:
+            async with asyncio.timeout(self.settings.effective_job_timeout):
+                await self._execute(claimed.job_id, decode(claimed.data), claimed.claims)
+            self.jobs_complete += 1
+        except BadJob as exc:
+            await self._poison(claimed, str(exc))
+        except Exception as exc:  # a timeout, Redis, a bug: the same work again later
+            self.jobs_failed += 1
+            delay = _retry_in(claimed.claims)
+            log.warning("job.failed", job_id=claimed.job_id, error=repr(exc),
+                        claims=claimed.claims, retry_in_s=delay)  # fmt: skip
+            self._put_back(claimed.job_id, delay)
+
+    async def _execute(self, job_id: str, wire: Any, claims: int) -> None:
+        if wire.function == FAN_OUT:
+            event = EventJob.from_wire(wire.payload)
+            structlog.contextvars.bind_contextvars(event_id=event.id)
+            await self.engine.fan_out(event, rerun=claims > 1)
+            await self.writer.commit(lambda pipe: self.claims.finish(pipe, job_id))
+        else:
+            job = DeliveryJob.from_wire(wire.payload, job_id)
+            await self.engine.deliver(job, self._next_step(job_id))
+
+    def _put_back(self, job_id: str, delay: float) -> None:
+        """The job's run failed or was stopped: due again in `delay` seconds (unless its
+        own writes already ended it or set it later)."""
+        self.writer.submit(lambda pipe: self.claims.again(pipe, job_id, delay, next_attempt=False))
+
+    def _next_step(self, job_id: str) -> Then:
+        """After a `deliver` job's attempt: back in the queue for the next one, or done."""
+        claims = self.claims
+
+        def then(pipe: Pipeline, delay: float | None) -> None:
+            if delay is None:
+                claims.finish(pipe, job_id)
+            else:
+                claims.again(pipe, job_id, delay, next_attempt=True)
+
+        return then
+
+    async def _poison(self, claimed: Claimed, problem: str) -> None:
+        """A job that cannot be read: recorded for operators, then removed, never retried."""
+        raw = (claimed.data or b"")[:500].decode("utf-8", errors="replace")
+
+        def write(pipe: Pipeline) -> None:
+            keep_entry(pipe, keys.POISON_JOBS, {"jobId": claimed.job_id, "problem": problem,
+                                                "raw": raw})  # fmt: skip
+            self.claims.finish(pipe, claimed.job_id)
+
+        await self.writer.commit(write)
+        metrics.POISON_JOBS.inc()
+        log.error("job.poison", job_id=claimed.job_id, problem=problem)
+
+    async def _drop(self, claimed: Claimed, reason: str, *, finish: bool = True) -> None:
+        def write(pipe: Pipeline) -> None:
+            keep_entry(pipe, keys.DROPPED, {"jobId": claimed.job_id, "reason": reason})
+            if finish:
+                self.claims.finish(pipe, claimed.job_id)
+
+        await self.writer.commit(write)
+        metrics.DROPPED.labels(reason="job").inc()
+        log.error("job.dropped", job_id=claimed.job_id, reason=reason)
+
+    # ---- background ---------------------------------------------------------------------
+
+    async def _every(self, seconds: float, step: Callable[[], Awaitable[Any]]) -> None:
+        while True:
+            try:
+                await step()
+            except REDIS_ERRORS as exc:
+                log.debug("worker.background_failed", step=repr(step), error=str(exc))
+            await asyncio.sleep(seconds)
+
+    async def _renew(self) -> None:
+        await self.claims.renew(list(self.running))
+
+    async def _heartbeat(self) -> None:
+        """Tell `dispatcher status` and `dispatcher worker --check` this process is alive,
+        and add the attempt statistics."""
+        value = orjson.dumps({"host": socket.gethostname(), "pid": os.getpid(),
+                              "started": self._started_ms, "seen": now_ms()})  # fmt: skip
+        await self.redis.set(self._heartbeat_key, value, ex=int(HEARTBEAT_S * 6))
+        await self.engine.stats.flush(self.redis)
+
+    @property
+    def _heartbeat_key(self) -> str:
+        return keys.worker(socket.gethostname(), os.getpid())
+
+    async def _health_check(self) -> None:
+        """arq's health-check key, in arq's format."""
+        queued = await self.redis.zcard(self.settings.queue_name)
+        info = (
+            f"{datetime.now():%b-%d %H:%M:%S} j_complete={self.jobs_complete} "
+            f"j_failed={self.jobs_failed} j_retried=0 j_ongoing={len(self.running)} "
+            f"queued={queued}"
+        )
+        await self.redis.psetex(
+            keys.arq_health_check(self.settings.queue_name),
+            int((HEALTH_CHECK_S + 1) * 1000),
+            info.encode(),
+        )
+
+    async def _sweeps(self) -> None:
+        """The history retention sweep, once per 5 minutes by one worker of the fleet."""
+        while True:
+            slot = now_ms() // 1000 // SWEEP_EVERY_S
+            try:
+                if await self.redis.set(keys.cron("sweep", slot), self.token, nx=True,
+                                        ex=2 * SWEEP_EVERY_S):  # fmt: skip
+                    budget = self.settings.effective_job_timeout / 2
+                    removed = await self.services.history.sweep(max_seconds=budget)
+                    log.info("history.swept", removed=removed)
+            except REDIS_ERRORS as exc:
+                log.warning("history.sweep_failed", error=str(exc))
+            next_slot_s = (slot + 1) * SWEEP_EVERY_S
+            await asyncio.sleep(max(1.0, next_slot_s - now_ms() / 1000))
+
+    # ---- stopping -----------------------------------------------------------------------
+
+    async def _wind_down(self, background: list[asyncio.Task[None]]) -> None:
+        """Let running jobs finish (up to the grace), put the others back at once, write
+        what waits, then stop the background tasks."""
+        grace = self.settings.shutdown_grace
+        if self.running:
+            _, late = await asyncio.wait(list(self.running.values()), timeout=grace)
+            late_ids = [job_id for job_id, task in self.running.items() if task in late]
+            for task in late:
+                task.cancel()
+            await asyncio.gather(*late, return_exceptions=True)
+            for job_id in late_ids:
+                self._put_back(job_id, 0)
+        try:
+            async with asyncio.timeout(max(grace, 1.0)):
+                await self.writer.drain()
+        except TimeoutError:  # Redis is away: their jobs are still queued, and run again
+            log.error("worker.writes_unsaved", pending=self.writer.pending)
+        for task in background:
+            task.cancel()
+        await asyncio.gather(*background, return_exceptions=True)
         with contextlib.suppress(*REDIS_ERRORS):
-            await engine.stats.flush(engine.services.redis)
-    heartbeat: asyncio.Task[None] | None = ctx.get("heartbeat")
-    if heartbeat is not None:
-        heartbeat.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await heartbeat
-        with contextlib.suppress(*REDIS_ERRORS):
-            await ctx["redis"].delete(ctx["heartbeat_key"])
-    log.info("worker.stopped")
+            await self.engine.stats.flush(self.redis)
+            await self.redis.delete(self._heartbeat_key)
+        log.info("worker.stopped", complete=self.jobs_complete, failed=self.jobs_failed)
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        await self.writer.close()
+        await self.engine.close()
+        if self._owns_redis:
+            await self.redis.aclose()
 
 
-def worker_settings(settings: Settings, redis_url: str | None = None) -> dict[str, Any]:
-    """arq Worker keyword arguments for `settings`."""
-    job_timeout = settings.effective_job_timeout
-    functions: list[Function] = [
-        # We count attempts ourselves; arq's tries only bound Redis outages and crashes.
-        func(fan_out_job, name=FAN_OUT, timeout=job_timeout, keep_result=0, max_tries=1000),
-        func(deliver_job, name=DELIVER, timeout=job_timeout, keep_result=0, max_tries=1000),
-        func(poison_job, name=POISON, timeout=job_timeout, keep_result=0, max_tries=3),
-    ]
-    return {
-        "functions": functions,
-        "cron_jobs": [
-            cron(
-                sweep_history_job,
-                name="sweep_history",
-                minute=set(range(0, 60, 5)),
-                unique=True,
-                timeout=job_timeout,  # every timeout bounds how soon a crashed job runs again
-                keep_result=0,
-            ),
-        ],
-        "redis_settings": redis_settings(settings, redis_url),
-        "queue_name": settings.queue_name,
-        "max_jobs": settings.worker_max_jobs,
-        "poll_delay": settings.poll_delay,
-        "job_serializer": job_serializer,
-        "job_deserializer": job_deserializer,
-        "on_startup": _startup,
-        "on_shutdown": _shutdown,
-        "ctx": {"settings": settings},
-        "keep_result": 0,
-        "job_completion_wait": int(settings.shutdown_grace),
-        "health_check_interval": 10,
-        "log_results": False,
-    }
-
-
-def create_worker(settings: Settings, redis_url: str | None = None, **overrides: Any) -> Worker:
-    """An arq Worker for `settings`; `overrides` (e.g. `burst=True`) win."""
-    return Worker(**{**worker_settings(settings, redis_url), **overrides})
+def create_worker(settings: Settings, **options: Any) -> Worker:
+    """A `Worker` for `settings` (options: `redis`, `burst`, `max_burst_jobs`,
+    `poll_delay`, `handle_signals`)."""
+    return Worker(settings, **options)

@@ -1,0 +1,182 @@
+"""Claims on queued jobs, on arq's own keys: claim a batch, renew leases, finish, retry.
+
+A job stays in the queue's sorted set until it is finished; while a worker runs it, its
+`arq:in-progress:{id}` key is a *lease* holding the worker's token, set for
+`DISPATCHER_LEASE_SECONDS` and renewed while the job runs. A worker that dies stops
+renewing, so its jobs are claimed again within a lease. Every step that ends a claim checks
+the lease first: a worker that lost its lease (it was paused, or Redis was) leaves the job
+to whoever holds it now. `arq:retry:{id}` counts the claims of a job, as arq does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from dispatcher import keys
+from dispatcher.jobs import now_ms
+from dispatcher.lua import Lua, run_pipeline
+
+if TYPE_CHECKING:
+    from redis.asyncio import Redis
+    from redis.asyncio.client import Pipeline
+
+__all__ = ["Claimed", "Claims"]
+
+RETRY_KEY_TTL_S = 88_400  # arq's
+JOB_KEY_EXTRA_MS = 86_400_000  # a job's data outlives its due time by a day (arq's rule)
+
+# KEYS: queue. ARGV: now ms, how many, lease ms, token, lease prefix, job prefix, claims
+# prefix, claims ttl s, how many queue entries to look at in all.
+# Due jobs without a live lease are claimed, oldest first: lease set, claim counted, data
+# read, all in one round trip. A due id whose data is gone comes back with `false` data
+# (and leaves the queue), so the worker can record it.
+_CLAIM = Lua("""
+local want = tonumber(ARGV[2])
+local budget = tonumber(ARGV[9])
+local out = {}
+local offset = 0
+while #out < want and offset < budget do
+  local page = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'WITHSCORES',
+                          'LIMIT', offset, want)
+  if #page == 0 then break end
+  local gone = 0
+  for i = 1, #page, 2 do
+    local id = page[i]
+    if redis.call('EXISTS', ARGV[5] .. id) == 0 then
+      local data = redis.call('GET', ARGV[6] .. id)
+      local claims = 0
+      if data then
+        redis.call('SET', ARGV[5] .. id, ARGV[4], 'PX', ARGV[3])
+        claims = redis.call('INCR', ARGV[7] .. id)
+        redis.call('EXPIRE', ARGV[7] .. id, ARGV[8])
+      else
+        redis.call('ZREM', KEYS[1], id)
+        gone = gone + 1
+      end
+      out[#out + 1] = {id, data, claims, page[i + 1]}
+      if #out >= want then break end
+    end
+  end
+  offset = offset + #page / 2 - gone
+end
+return out
+""")
+
+# KEYS: the leases to renew. ARGV: lease ms, token. Returns how many were still ours.
+_RENEW = Lua("""
+local n = 0
+for _, key in ipairs(KEYS) do
+  if redis.call('GET', key) == ARGV[2] then
+    redis.call('PEXPIRE', key, ARGV[1])
+    n = n + 1
+  end
+end
+return n
+""")
+
+# KEYS: queue, lease, job, claims. ARGV: token, job id. Removes the job unless another
+# worker holds its lease now. Returns 1 when done, 0 when left to that worker.
+_FINISH = Lua("""
+local owner = redis.call('GET', KEYS[2])
+if owner and owner ~= ARGV[1] then return 0 end
+redis.call('DEL', KEYS[2], KEYS[3], KEYS[4])
+redis.call('ZREM', KEYS[1], ARGV[2])
+return 1
+""")
+
+# KEYS: queue, lease, job, claims. ARGV: token, job id, due ms, job data ttl ms, '1' for
+# the next attempt (due then, the claim count starts again) or '0' after a failed run (due
+# then unless already due later). Puts the job back in the queue unless another worker
+# holds its lease or it has ended.
+_AGAIN = Lua("""
+local owner = redis.call('GET', KEYS[2])
+if owner and owner ~= ARGV[1] then return 0 end
+local due = redis.call('ZSCORE', KEYS[1], ARGV[2])
+if not due then return 0 end
+if ARGV[5] == '1' or tonumber(due) < tonumber(ARGV[3]) then
+  redis.call('ZADD', KEYS[1], ARGV[3], ARGV[2])
+end
+redis.call('PEXPIRE', KEYS[3], ARGV[4])
+redis.call('DEL', KEYS[2])
+if ARGV[5] == '1' then redis.call('DEL', KEYS[4]) end
+return 1
+""")
+
+
+@dataclass(frozen=True, slots=True)
+class Claimed:
+    """A job this worker now holds: its id, stored bytes (None: its data was gone), how
+    many times it was claimed (1 on the first run), and when it was due (epoch ms)."""
+
+    job_id: str
+    data: bytes | None
+    claims: int
+    due_ms: int
+
+
+class Claims:
+    """The claim operations of one worker (its lease token) on one queue."""
+
+    def __init__(self, redis: Redis, queue_name: str, token: str, lease_s: float) -> None:
+        self.redis = redis
+        self.queue_name = queue_name
+        self.token = token
+        self.lease_ms = int(lease_s * 1000)
+
+    async def claim(self, count: int, *, budget: int = 2000) -> list[Claimed]:
+        """Up to `count` due jobs, in one round trip, looking at `budget` queue entries at
+        most (leased ones are skipped)."""
+        rows = await _CLAIM(
+            self.redis,
+            [self.queue_name],
+            [now_ms(), count, self.lease_ms, self.token, keys.ARQ_IN_PROGRESS_PREFIX,
+             keys.ARQ_JOB_PREFIX, keys.ARQ_RETRY_PREFIX, RETRY_KEY_TTL_S, budget],
+        )  # fmt: skip
+        return [
+            Claimed(job_id.decode(), data or None, int(claims), int(float(due)))
+            for job_id, data, claims, due in rows
+        ]
+
+    async def renew(self, job_ids: list[str]) -> int:
+        """Extend the leases of `job_ids` that are still ours; returns how many were."""
+        if not job_ids:
+            return 0
+        leases = [keys.ARQ_IN_PROGRESS_PREFIX + job_id for job_id in job_ids]
+        return int(await _RENEW(self.redis, leases, [self.lease_ms, self.token]))
+
+    def _keys(self, job_id: str) -> list[str]:
+        return [
+            self.queue_name,
+            keys.ARQ_IN_PROGRESS_PREFIX + job_id,
+            keys.ARQ_JOB_PREFIX + job_id,
+            keys.ARQ_RETRY_PREFIX + job_id,
+        ]
+
+    def finish(self, pipe: Pipeline, job_id: str) -> None:
+        """Queue the end of a job on `pipe`: it leaves the queue with its keys."""
+        _FINISH.queue(pipe, self._keys(job_id), [self.token, job_id])
+
+    def again(self, pipe: Pipeline, job_id: str, delay_s: float, *, next_attempt: bool) -> None:
+        """Queue the job's return to the queue, due in `delay_s`. `next_attempt`: it ran as
+        it should and its next attempt is due then (the claim count starts again); else the
+        run failed (Redis, a timeout) and the same work is tried again."""
+        delay_ms = int(delay_s * 1000)
+        _AGAIN.queue(
+            pipe,
+            self._keys(job_id),
+            [self.token, job_id, now_ms() + delay_ms, delay_ms + JOB_KEY_EXTRA_MS,
+             "1" if next_attempt else "0"],
+        )  # fmt: skip
+
+    async def release(self, job_ids: list[str]) -> None:
+        """Give up the leases of `job_ids` now (shutdown), so another worker claims them at
+        once instead of after the lease."""
+        if not job_ids:
+            return
+
+        def release_all(pipe: Pipeline) -> None:
+            for job_id in job_ids:
+                self.again(pipe, job_id, 0, next_attempt=False)
+
+        await run_pipeline(self.redis, release_all)

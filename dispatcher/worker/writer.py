@@ -1,0 +1,176 @@
+"""Durable group commit: a worker's writes wait in memory until Redis has them.
+
+Every attempt ends in writes (its history record, the delivery's progress, the next step
+of its job). They are queued here and sent in pipelines shared by whatever else is
+waiting (one round trip for many attempts). When Redis does not answer (refused, reset,
+timed out, `LOADING` after a restart, paused), the same batch is sent again with backoff
+until it does: nothing is dropped, and the HTTP attempts that produced the writes never
+wait for them. This works because every write is idempotent (records carry their ids,
+jobs are keyed by id, leases are checked), so a batch whose answer was lost can be sent
+twice. What waits is bounded by the worker's slots and counted in
+`dispatcher_pending_writes`; the worker claims no new job while too much waits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import structlog
+from redis.exceptions import NoScriptError, ResponseError
+
+from dispatcher import metrics
+from dispatcher.batch import QueueCommands, run_shared
+from dispatcher.connections import REDIS_ERRORS
+from dispatcher.lua import load_all
+
+if TYPE_CHECKING:
+    from redis.asyncio import Redis
+
+__all__ = ["Writer"]
+
+log = structlog.get_logger("dispatcher.worker")
+
+Prepare = Callable[[Iterable[dict[str, Any]]], Awaitable[None]]
+# Replies that mean "not now" rather than "never": the batch is sent again.
+TRANSIENT_REPLIES = ("LOADING", "READONLY", "OOM", "MASTERDOWN", "BUSY", "TRYAGAIN", "NOREPLICAS")
+
+
+class _Transient(Exception):
+    """A reply inside a pipeline that asks to try again later."""
+
+
+RETRYABLE: tuple[type[Exception], ...] = (*REDIS_ERRORS, _Transient)
+
+
+@dataclass(slots=True)
+class _Write:
+    queue: QueueCommands
+    records: Sequence[dict[str, Any]]
+    done: asyncio.Future[list[Any]]
+
+
+def _transient(result: Any) -> bool:
+    if isinstance(result, REDIS_ERRORS):
+        return True
+    return isinstance(result, ResponseError) and str(result).startswith(TRANSIENT_REPLIES)
+
+
+class Writer:
+    """Queues writes, sends them in shared pipelines, and sends a batch again until Redis
+    takes it. `prepare` runs on each batch's records first (it gives them their ids)."""
+
+    def __init__(
+        self,
+        redis: Redis,
+        prepare: Prepare,
+        *,
+        window: float = 0.0005,
+        max_batch: int = 500,
+        backoff_cap: float = 1.0,
+    ) -> None:
+        self.redis = redis
+        self.prepare = prepare
+        self.window = window
+        self.max_batch = max_batch
+        self.backoff_cap = backoff_cap
+        self._pending: list[_Write] = []
+        self._wake = asyncio.Event()
+        self._flusher: asyncio.Task[None] | None = None
+        self.retries = 0  # batches sent again since start
+        self.failing_since: float | None = None  # loop time of the first failure of an outage
+
+    @property
+    def pending(self) -> int:
+        """Writes not yet acknowledged by Redis."""
+        return len(self._pending)
+
+    def submit(
+        self, queue: QueueCommands, records: Sequence[dict[str, Any]] = ()
+    ) -> asyncio.Future[list[Any]]:
+        """Queue the commands `queue` puts on a pipeline; the future gets their results once
+        Redis has them (cancelling it does not withdraw the write)."""
+        done: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
+        self._pending.append(_Write(queue, records, done))
+        metrics.PENDING_WRITES.set(len(self._pending))
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.create_task(self._flush_forever())
+        self._wake.set()
+        return done
+
+    async def commit(
+        self, queue: QueueCommands, records: Sequence[dict[str, Any]] = ()
+    ) -> list[Any]:
+        """`submit`, then wait until Redis has it."""
+        return await asyncio.shield(self.submit(queue, records))
+
+    async def drain(self) -> None:
+        """Wait until every write queued so far is acknowledged (bound it with a timeout)."""
+        if self._pending:
+            await asyncio.shield(self._pending[-1].done)
+
+    async def close(self) -> None:
+        if self._flusher is not None:
+            self._flusher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._flusher
+
+    async def _flush_forever(self) -> None:
+        backoff = 0.05
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            if self.window:
+                await asyncio.sleep(self.window)  # let concurrent writers join the batch
+            while self._pending:
+                batch = self._pending[: self.max_batch]
+                try:
+                    answers = await self._send(batch)
+                except RETRYABLE as exc:
+                    self._failed(exc)
+                    await asyncio.sleep(backoff)
+                    backoff = min(self.backoff_cap, backoff * 2)
+                    continue
+                backoff = 0.05
+                self._recovered()
+                del self._pending[: len(batch)]
+                metrics.PENDING_WRITES.set(len(self._pending))
+                for write, answer in zip(batch, answers, strict=True):
+                    _settle(write.done, answer)
+
+    async def _send(self, batch: list[_Write]) -> list[list[Any]]:
+        await self.prepare(record for write in batch for record in write.records)
+        answers = await run_shared(self.redis, [write.queue for write in batch])
+        if any(isinstance(r, NoScriptError) for answer in answers for r in answer):
+            await load_all(self.redis)  # Redis restarted without its scripts
+            answers = await run_shared(self.redis, [write.queue for write in batch])
+        if any(_transient(r) for answer in answers for r in answer):
+            raise _Transient(next(r for a in answers for r in a if _transient(r)))
+        return answers
+
+    def _failed(self, exc: BaseException) -> None:
+        self.retries += 1
+        metrics.WRITE_RETRIES.inc()
+        if self.failing_since is None:
+            self.failing_since = asyncio.get_running_loop().time()
+            log.warning("worker.writes_waiting", pending=len(self._pending), error=str(exc))
+
+    def _recovered(self) -> None:
+        if self.failing_since is not None:
+            waited = asyncio.get_running_loop().time() - self.failing_since
+            self.failing_since = None
+            log.info("worker.writes_resumed", pending=len(self._pending), waited_s=round(waited, 1))
+
+
+def _settle(done: asyncio.Future[list[Any]], answer: list[Any]) -> None:
+    if done.done():
+        return
+    error = next((r for r in answer if isinstance(r, Exception)), None)
+    if error is None:
+        done.set_result(answer)
+    else:  # a command Redis refuses for good (a bug): say so, do not send it forever
+        log.error("worker.write_refused", error=str(error))
+        done.set_exception(error)

@@ -1,0 +1,162 @@
+"""What the fault tests share: a receiver that misbehaves on purpose and remembers what it
+answered, and the verdict on a run (was any delivery lost, abandoned, or recorded as a
+failure while the receiver had answered 2xx?)."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import socket
+import struct
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+
+import orjson
+from aiohttp import web
+from redis.asyncio import Redis
+
+from dispatcher import keys
+from dispatcher.history import History
+from dispatcher.models import DeliveryStatus, HistoryRecord
+from dispatcher.settings import Settings
+from tests.helpers import serving as serving_handler
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """One request the receiver got and what it did: a status code, or "reset"."""
+
+    delivery_id: str
+    arrived_ms: int
+    answered_ms: int
+    answer: int | str
+
+
+@dataclass
+class FlakyReceiver:
+    """Answers 500 to `fail` of the requests, resets the connection on `reset` of them, and
+    sleeps 0 to `max_delay` seconds before answering; 200 otherwise. Seeded: reproducible."""
+
+    fail: float = 0.0
+    reset: float = 0.0
+    max_delay: float = 0.0
+    seed: int = 7
+    answers: list[Answer] = field(default_factory=list)
+    base: str = ""
+
+    def __post_init__(self) -> None:
+        self.rng = random.Random(self.seed)
+
+    def url(self, path: str) -> str:
+        return self.base + path
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        arrived = _ms()
+        await request.read()
+        roll, delay = self.rng.random(), self.rng.uniform(0, self.max_delay)
+        if delay:
+            await asyncio.sleep(delay)
+        delivery_id = request.headers.get("webhook-id") or request.headers["X-DEVOPS-DELIVERY-ID"]
+        if roll < self.reset:
+            self.answers.append(Answer(delivery_id, arrived, _ms(), "reset"))
+            transport = request.transport
+            if transport is not None:  # SO_LINGER 0: the close sends RST
+                sock = transport.get_extra_info("socket")
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                transport.close()
+            raise asyncio.CancelledError  # aiohttp drops the request without an answer
+        status = 500 if roll < self.reset + self.fail else 200
+        self.answers.append(Answer(delivery_id, arrived, _ms(), status))
+        return web.Response(status=status, text="flaky" if status == 500 else "ok")
+
+    def answered_2xx(self) -> set[str]:
+        return {a.delivery_id for a in self.answers if a.answer == 200}
+
+
+@asynccontextmanager
+async def serving(receiver: FlakyReceiver) -> AsyncIterator[FlakyReceiver]:
+    async with serving_handler(receiver.handle) as base:
+        receiver.base = base
+        yield receiver
+
+
+def _ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+async def all_records(
+    redis: Redis, settings: Settings, project: str, url: str, event: str
+) -> list[HistoryRecord]:
+    """Every record of (project, url, event) of the last hour, oldest first."""
+    history, now = History(redis, settings), _ms()
+    found: list[HistoryRecord] = []
+    page = 1
+    while True:
+        result = await history.query(project, url, event, start_ms=now - 3_600_000,
+                                     end_ms=now + 60_000, page=page, page_size=100)  # fmt: skip
+        found += result.records
+        if page >= result.total_pages:
+            return sorted(found, key=lambda r: (r.created_time, r.id))
+        page += 1
+
+
+@dataclass
+class Verdict:
+    """How each expected delivery ended, from history, the dropped list and the receiver."""
+
+    expected: set[str]
+    ended: set[str] = field(default_factory=set)
+    lost: set[str] = field(default_factory=set)
+    abandoned: set[str] = field(default_factory=set)
+    false_failed: list[HistoryRecord] = field(default_factory=list)
+    unrecorded: set[str] = field(default_factory=set)
+
+    def assert_nothing_lost(self) -> None:
+        assert not (self.lost or self.abandoned or self.false_failed or self.unrecorded), (
+            self.summary()
+        )
+
+    def summary(self) -> str:
+        return (
+            f"{len(self.expected)} deliveries: lost {len(self.lost)}, abandoned "
+            f"{len(self.abandoned)}, 2xx recorded as failed {len(self.false_failed)}, "
+            f"delivered without a record {len(self.unrecorded)}"
+        )
+
+
+async def judge(
+    redis: Redis, records: list[HistoryRecord], expected: set[str], receiver: FlakyReceiver,
+    settings: Settings,
+) -> Verdict:  # fmt: skip
+    """Every expected delivery must have ended: a SUCCESS record, a final FAILED record, or
+    a recorded drop. A FAILED record is false when, during its attempt, the receiver
+    answered that delivery with a 2xx."""
+    verdict = Verdict(expected)
+    dropped = {orjson.loads(e).get("deliveryId") for e in await redis.lrange(keys.DROPPED, 0, -1)}
+    by_delivery: dict[str, list[HistoryRecord]] = {}
+    for record in records:
+        by_delivery.setdefault(record.delivery_id or "", []).append(record)
+    queued = {m.decode() for m in await redis.zrange(settings.queue_name, 0, -1)}
+    for delivery_id in expected:
+        mine = by_delivery.get(delivery_id, [])
+        if any(r.status is DeliveryStatus.SUCCESS or r.final for r in mine) or (
+            delivery_id in dropped
+        ):
+            verdict.ended.add(delivery_id)
+        elif mine and delivery_id not in queued:
+            verdict.abandoned.add(delivery_id)
+        else:
+            verdict.lost.add(delivery_id)
+    ok = [a for a in receiver.answers if a.answer == 200]
+    for record in records:
+        if record.status is DeliveryStatus.FAILED and any(
+            a.delivery_id == record.delivery_id
+            and record.start_time <= a.arrived_ms
+            and a.answered_ms <= record.end_time
+            for a in ok
+        ):
+            verdict.false_failed.append(record)
+    verdict.unrecorded = receiver.answered_2xx() - set(by_delivery)
+    return verdict

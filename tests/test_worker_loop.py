@@ -1,0 +1,216 @@
+"""The job lifecycle piece by piece, on a real Redis: batch claims and leases, the writer
+that waits Redis out, timed-out runs, producers that ride out a restart."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+from aiohttp import web
+from redis.asyncio import Redis
+from redis.asyncio.client import Pipeline
+
+from dispatcher import keys
+from dispatcher.connections import connect
+from dispatcher.embedded import EmbeddedRedis
+from dispatcher.errors import Unavailable
+from dispatcher.history import History
+from dispatcher.jobs import EventJob, Queue
+from dispatcher.lua import run_pipeline
+from dispatcher.models import Event, Region
+from dispatcher.producer import Producer
+from dispatcher.registry import Registry
+from dispatcher.settings import Settings
+from dispatcher.worker.claims import Claims
+from dispatcher.worker.writer import Writer
+from tests.helpers import Receiver, RunWorker, answer, make_settings
+
+
+async def scripts_run(redis: Redis) -> int:
+    """EVALSHA calls so far (the commands a script runs count under their own names)."""
+    stats = await redis.info("commandstats")
+    return int(stats.get("cmdstat_evalsha", {}).get("calls", 0))
+
+
+async def enqueue(redis: Redis, settings: Settings, count: int, defer_s: float = 0) -> None:
+    queue = Queue(redis, settings.queue_name)
+    for i in range(count):
+        await queue.enqueue(EventJob(f"evt_{defer_s}_{i}", "demo", "BUILD_END"), defer_s=defer_s)
+
+
+async def test_a_batch_of_due_jobs_is_claimed_in_one_round_trip(
+    settings: Settings, redis: Redis
+) -> None:
+    await enqueue(redis, settings, 30)
+    await enqueue(redis, settings, 5, defer_s=60)  # not due
+    claims = Claims(redis, settings.queue_name, "worker-a", lease_s=10)
+    await claims.claim(1)  # the script is loaded; one job claimed
+    before = await scripts_run(redis)
+    claimed = await claims.claim(100)
+    assert await scripts_run(redis) - before == 1  # one script, one round trip
+    assert len(claimed) == 29 and all(c.claims == 1 and c.data for c in claimed)
+    assert all(orjson.loads(c.data or b"")["f"] == "fan_out" for c in claimed)
+    lease = await redis.get(keys.ARQ_IN_PROGRESS_PREFIX + claimed[0].job_id)
+    assert lease == b"worker-a"
+    assert 9000 < await redis.pttl(keys.ARQ_IN_PROGRESS_PREFIX + claimed[0].job_id) <= 10_000
+    other = Claims(redis, settings.queue_name, "worker-b", lease_s=10)
+    assert await other.claim(100) == []  # leased or not due
+    assert await redis.zcard(settings.queue_name) == 35  # a claimed job stays queued
+
+
+async def test_a_lapsed_lease_passes_the_job_on_and_only_its_holder_ends_it(
+    settings: Settings, redis: Redis
+) -> None:
+    await enqueue(redis, settings, 1)
+    first = Claims(redis, settings.queue_name, "worker-a", lease_s=0.2)
+    second = Claims(redis, settings.queue_name, "worker-b", lease_s=10)
+    [job] = await first.claim(10)
+    assert await first.renew([job.job_id]) == 1
+    await asyncio.sleep(0.3)  # worker-a stopped renewing (killed, paused)
+    [again] = await second.claim(10)
+    assert (again.job_id, again.claims) == (job.job_id, 2)
+    assert await first.renew([job.job_id]) == 0
+    assert await run(redis, lambda pipe: first.finish(pipe, job.job_id)) == [0]
+    assert await redis.zcard(settings.queue_name) == 1  # left to worker-b
+    assert await run(redis, lambda pipe: second.finish(pipe, job.job_id)) == [1]
+    assert await redis.zcard(settings.queue_name) == 0
+    assert not await redis.exists(keys.arq_job(job.job_id))
+
+
+async def test_a_failed_run_goes_back_but_never_earlier_than_its_next_attempt(
+    settings: Settings, redis: Redis
+) -> None:
+    await enqueue(redis, settings, 1)
+    claims = Claims(redis, settings.queue_name, "worker-a", lease_s=10)
+    [job] = await claims.claim(10)
+    # the attempt's own write set the next attempt in 30 s ...
+    await run(redis, lambda pipe: claims.again(pipe, job.job_id, 30, next_attempt=True))
+    # ... then the run failed late (a timeout): back in 1 s, unless due later already
+    await run(redis, lambda pipe: claims.again(pipe, job.job_id, 1, next_attempt=False))
+    due = await redis.zscore(settings.queue_name, job.job_id)
+    assert due is not None and due > time.time() * 1000 + 25_000
+    assert not await redis.exists(keys.ARQ_IN_PROGRESS_PREFIX + job.job_id)
+    assert not await redis.exists(keys.ARQ_RETRY_PREFIX + job.job_id)  # a new attempt
+
+
+async def run(redis: Redis, queue: Callable[[Pipeline], None]) -> list[Any]:
+    return await run_pipeline(redis, queue)
+
+
+@pytest.fixture
+async def own_redis(tmp_path: Path) -> AsyncIterator[EmbeddedRedis]:
+    """A private server this test may stop and start on its port."""
+    server = EmbeddedRedis(tmp_path / "redis", appendfsync="always")
+    server.start()
+    yield server
+    server.stop()
+
+
+def record(n: int) -> dict[str, object]:
+    now = int(time.time() * 1000)
+    return {"projectId": "demo", "callBackUrl": "http://127.0.0.1:1/h", "events": "BUILD_END",
+            "status": "SUCCESS", "startTime": now, "endTime": now,
+            "createdTime": now + n}  # fmt: skip
+
+
+async def test_writes_wait_out_a_redis_restart_and_land_once(
+    own_redis: EmbeddedRedis, tmp_path: Path
+) -> None:
+    settings = make_settings(own_redis.url, redis_timeout=0.5)
+    redis = connect(settings)
+    history = History(redis, settings)
+    writer = Writer(redis, history.assign_ids)
+    try:
+        records = [record(n) for n in range(20)]
+        await writer.commit(lambda pipe: history.record(pipe, records[0]), records[:1])
+        port = own_redis.port
+        own_redis.stop()
+        waiting = [
+            writer.submit(lambda pipe, r=r: history.record(pipe, r), [r])  # type: ignore[misc]
+            for r in records[1:]
+        ]
+        await asyncio.sleep(1.5)
+        assert writer.pending == 19 and not any(w.done() for w in waiting)
+        restarted = EmbeddedRedis(tmp_path / "redis", port=port, appendfsync="always")
+        restarted.start()
+        try:
+            await asyncio.wait_for(asyncio.gather(*waiting), 20)
+            assert writer.retries > 0 and writer.pending == 0
+            ids = [r["id"] for r in records]
+            assert len(set(ids)) == 20
+            index = keys.history_index("demo", "BUILD_END", "http://127.0.0.1:1/h")
+            assert await redis.zcard(index) == 20
+            for record_id in ids:  # every record is readable by its id
+                assert (await history.get(int(str(record_id)))).id == record_id
+        finally:
+            restarted.stop()
+    finally:
+        await writer.close()
+        await redis.aclose()
+
+
+async def test_a_record_written_twice_is_stored_once(settings: Settings, redis: Redis) -> None:
+    history = History(redis, settings)
+    one = record(1)
+    await history.assign_ids([one])
+    for _ in range(2):  # as when a pipeline's answer was lost and it was sent again
+        await run(redis, lambda pipe: history.record(pipe, one, dead=True))
+    index = keys.history_index("demo", "BUILD_END", "http://127.0.0.1:1/h")
+    assert await redis.zcard(index) == 1 and await redis.zcard(keys.HISTORY_DEAD) == 1
+
+
+async def test_a_timed_out_run_is_run_again_never_dropped(
+    redis_server: EmbeddedRedis, redis: Redis, receiver: Receiver, run_worker: RunWorker
+) -> None:
+    """The job timeout cuts a run (here a hanging receiver, slower than the job may take):
+    the job goes back to the queue and the same delivery is tried again."""
+    settings = make_settings(redis_server.url, job_timeout=0.3, total_timeout=2)
+
+    async def hang_once(request: web.Request) -> web.StreamResponse:
+        await asyncio.sleep(1.0)
+        return web.Response(text="late")
+
+    url = receiver.script("/hook", hang_once, answer(200))
+    await Registry(redis).create("demo", url, Event.BUILD_END, Region.DEVNET, "t")
+    event_id = await Producer(settings, redis).emit("demo", "BUILD_END", {})
+    await run_worker(settings)
+    seen = receiver.requests()
+    assert len(seen) == 2 and len({s.headers["webhook-id"] for s in seen}) == 1
+    now = int(time.time() * 1000)
+    page = await History(redis, settings).query(
+        "demo", url, "BUILD_END", start_ms=now - 60_000, end_ms=now + 1000
+    )
+    assert [(r.event_id, r.status.value) for r in page.records] == [(event_id, "SUCCESS")]
+
+
+async def test_a_producer_rides_out_a_redis_restart(
+    own_redis: EmbeddedRedis, tmp_path: Path
+) -> None:
+    settings = make_settings(own_redis.url, emit_wait=10, redis_timeout=0.5)
+    async with Producer(settings) as producer:
+        port = own_redis.port
+        own_redis.stop()
+        emitting = asyncio.create_task(
+            producer.emit("demo", "BUILD_END", {}, event_id="evt_patient")
+        )
+        await asyncio.sleep(1.0)
+        assert not emitting.done()
+        restarted = EmbeddedRedis(tmp_path / "redis", port=port, appendfsync="always")
+        restarted.start()
+        try:
+            assert await asyncio.wait_for(emitting, 15) == "evt_patient"
+            assert await producer.queue.redis.exists(keys.arq_job("evt_patient"))
+        finally:
+            restarted.stop()
+
+
+async def test_a_producer_says_redis_is_unreachable_after_its_wait() -> None:
+    settings = make_settings("redis://127.0.0.1:1/0", emit_wait=0.5)
+    async with Producer(settings) as producer:
+        with pytest.raises(Unavailable, match=r"Redis is unreachable .* same event ids is safe"):
+            await producer.emit("demo", "BUILD_END", {}, event_id="evt_x")
