@@ -31,19 +31,22 @@ if TYPE_CHECKING:
 
     from dispatcher.settings import Settings
 
-__all__ = ["TIME_FORMAT", "History", "parse_window"]
+__all__ = ["MAX_ATTEMPTS_SHOWN", "TIME_FORMAT", "History", "format_ms", "parse_window"]
 
 TIME_FORMAT = "%Y-%m-%d %H:%M:%S"
 _TIME_PATTERN = re.compile(r"^\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2}$")
 _RECORDS = TypeAdapter(list[HistoryRecord])
+# a delivery makes at most len(retry_schedule) + 1 attempts, plus one per redelivery
+MAX_ATTEMPTS_SHOWN = 100
 # Records outlive the retention by this much, so the sweep (not the TTL) decides, and a
 # stopped sweep still cannot let Redis grow without bound.
 _TTL_MARGIN_S = 86_400
 
-# KEYS: seq, index, indexes set, dead zset, the project's dead zset, dead-keys set.
-# ARGV: record json (an object, without id), createdTime ms, ttl s, record key prefix,
-# '1' when this attempt ended the delivery in failure, index id width. The id goes into
-# the stored JSON, so a page is validated in one pass.
+# KEYS: seq, index, indexes set, dead zset, the project's dead zset, dead-keys set, the
+# delivery's attempts zset. ARGV: record json (an object, without id), createdTime ms,
+# ttl s, record key prefix, '1' when this attempt ended the delivery in failure, index id
+# width, '1' when the record names its delivery. The id goes into the stored JSON, so a
+# page is validated in one pass.
 _RECORD = Lua("""
 local id = redis.call('INCR', KEYS[1])
 local sid = string.format('%d', id)
@@ -55,6 +58,10 @@ if ARGV[5] == '1' then
   redis.call('ZADD', KEYS[4], ARGV[2], id)
   redis.call('ZADD', KEYS[5], ARGV[2], id)
   redis.call('SADD', KEYS[6], KEYS[5])
+end
+if ARGV[7] == '1' then
+  redis.call('ZADD', KEYS[7], ARGV[2], id)
+  redis.call('EXPIRE', KEYS[7], ARGV[3])
 end
 return id
 """)
@@ -92,8 +99,9 @@ return #ids
 """)
 
 
-# KEYS: a dead-letter zset. ARGV: limit, record key prefix. The latest records, newest first.
-_DEAD = Lua("""
+# KEYS: a zset of record ids by time (dead letters, a delivery's attempts). ARGV: limit,
+# record key prefix. The latest records, newest first.
+_LATEST = Lua("""
 local ids = redis.call('ZREVRANGE', KEYS[1], 0, tonumber(ARGV[1]) - 1)
 if #ids == 0 then return {} end
 local ks = {}
@@ -104,6 +112,11 @@ return redis.call('MGET', unpack(ks))
 
 def _to_ms(moment: datetime) -> int:
     return int(moment.timestamp() * 1000)
+
+
+def format_ms(ms: int, tz: ZoneInfo) -> str:
+    """Epoch ms as `yyyy-MM-dd HH:mm:ss.SSS` in `tz` (the query's format, plus milliseconds)."""
+    return datetime.fromtimestamp(ms / 1000, tz).strftime(TIME_FORMAT + ".%f")[:-3]
 
 
 def _parse_time(value: str, name: str, tz: ZoneInfo) -> datetime:
@@ -160,6 +173,7 @@ class History:
         """Queue the write of one record on `pipe` (the caller executes it with its other
         writes, one round trip). `record` carries the seed's fields, camelCase, without id."""
         ttl = self.settings.retention_ms // 1000 + _TTL_MARGIN_S
+        delivery_id = record.get("deliveryId") or ""
         _RECORD.queue(
             pipe,
             [
@@ -169,9 +183,10 @@ class History:
                 keys.HISTORY_DEAD,
                 keys.history_dead(record["projectId"]),
                 keys.HISTORY_DEAD_KEYS,
+                keys.history_attempts(delivery_id),
             ],
             [orjson.dumps(record), record["createdTime"], ttl, keys.HISTORY_RECORD_PREFIX,
-             "1" if dead else "0", keys.HISTORY_ID_WIDTH],
+             "1" if dead else "0", keys.HISTORY_ID_WIDTH, "1" if delivery_id else "0"],
         )  # fmt: skip
 
     async def add(self, record: dict[str, Any], *, dead: bool = False) -> int:
@@ -231,7 +246,20 @@ class History:
         """The latest attempts after which a delivery gave up (the dead-letter view), of one
         project or of all, newest first, in one round trip."""
         key = keys.HISTORY_DEAD if project_id is None else keys.history_dead(project_id)
-        raws = await _DEAD(self.redis, [key], [limit, keys.HISTORY_RECORD_PREFIX])
+        return await self._latest(key, limit)
+
+    async def attempts(
+        self, delivery_id: str, project_id: str, *, now_ms: int | None = None
+    ) -> list[HistoryRecord]:
+        """Every attempt of one delivery still within the retention (its retries and
+        redeliveries), newest first, in one round trip."""
+        now = time.time_ns() // 1_000_000 if now_ms is None else now_ms
+        found = await self._latest(keys.history_attempts(delivery_id), MAX_ATTEMPTS_SHOWN)
+        cutoff = now - self.settings.retention_ms
+        return [r for r in found if r.project_id == project_id and r.created_time >= cutoff]
+
+    async def _latest(self, key: str, limit: int) -> list[HistoryRecord]:
+        raws = await _LATEST(self.redis, [key], [limit, keys.HISTORY_RECORD_PREFIX])
         return _RECORDS.validate_json(b"[" + b",".join(raw for raw in raws if raw) + b"]")
 
     async def final_failures(

@@ -27,6 +27,8 @@ History
     dispatcher:history:dead                   ZSET ids of records whose delivery gave up, by time
     dispatcher:history:dead:{project}         ZSET the same, one project's
     dispatcher:history:dead-keys              SET every per-project dead-letter key (for the sweep)
+    dispatcher:history:attempts:{delivery id} ZSET record ids of one delivery by createdTime
+                                              (TTL of its latest record)
 arq (its own names, re-exported so nothing else spells them)
     {queue_name}, arq:job:{id}, arq:in-progress:{id}, arq:retry:{id}, {queue_name}:health-check
 
@@ -63,6 +65,7 @@ HISTORY_RECORD_PREFIX = f"{PREFIX}:history:rec:"
 HISTORY_INDEXES = f"{PREFIX}:history:indexes"
 HISTORY_DEAD = f"{PREFIX}:history:dead"
 HISTORY_DEAD_KEYS = f"{PREFIX}:history:dead-keys"
+HISTORY_ATTEMPTS_PREFIX = f"{PREFIX}:history:attempts:"
 DELIVERY_PREFIX = f"{PREFIX}:delivery:"
 
 WORKERS_PREFIX = f"{PREFIX}:workers:"
@@ -121,6 +124,10 @@ def history_index(project_id: str, event: str, url: str) -> str:
 
 def history_dead(project_id: str) -> str:
     return f"{HISTORY_DEAD}{SEP}{project_id}"
+
+
+def history_attempts(delivery_id: str) -> str:
+    return f"{HISTORY_ATTEMPTS_PREFIX}{delivery_id}"
 
 
 def worker(host: str, pid: int) -> str:
