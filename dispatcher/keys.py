@@ -29,6 +29,9 @@ History
     dispatcher:history:dead-keys              SET every per-project dead-letter key (for the sweep)
     dispatcher:history:attempts:{delivery id} ZSET record ids of one delivery by createdTime
                                               (TTL of its latest record)
+Console
+    dispatcher:console:csrf-key               STRING the key signing the console's CSRF tokens,
+                                              made by the first API process that needs it
 arq (its own names, re-exported so nothing else spells them)
     {queue_name}, arq:job:{id}, arq:in-progress:{id}, arq:retry:{id}, {queue_name}:health-check
 
@@ -67,6 +70,7 @@ HISTORY_DEAD = f"{PREFIX}:history:dead"
 HISTORY_DEAD_KEYS = f"{PREFIX}:history:dead-keys"
 HISTORY_ATTEMPTS_PREFIX = f"{PREFIX}:history:attempts:"
 DELIVERY_PREFIX = f"{PREFIX}:delivery:"
+CONSOLE_CSRF_KEY = f"{PREFIX}:console:csrf-key"
 
 WORKERS_PREFIX = f"{PREFIX}:workers:"
 POISON_JOBS = f"{PREFIX}:jobs:poison"

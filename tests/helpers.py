@@ -10,14 +10,18 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import httpx
 from aiohttp import web
 from multidict import CIMultiDict
+from redis.asyncio import Redis
 
+from dispatcher.api import create_app
 from dispatcher.settings import Settings
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -40,6 +44,16 @@ def make_settings(url: str, **overrides: Any) -> Settings:
     }
     values.update(overrides)
     return Settings(**values)
+
+
+@asynccontextmanager
+async def app_client(settings: Settings, redis: Redis) -> AsyncIterator[httpx.AsyncClient]:
+    """A client of the real app over ASGI, lifespan included, on `redis`."""
+    app = create_app(settings, redis)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://dispatcher") as client:
+            yield client
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""The app factory: the API's routers, and `/docs` and `/redoc` with their
+"""The app factory: the API's routers, the console, and `/docs` and `/redoc` with their
 Swagger UI and ReDoc files served by the app (from the `fastapi-offline` package), so the
 docs work on an intranet."""
 
@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 from fastapi import FastAPI
 from fastapi_offline import FastAPIOffline
 
-from dispatcher import __version__
+from dispatcher import __version__, console
 from dispatcher.api import callbacks, events, history, operator, probes
 from dispatcher.api.errors import install_error_handlers
 from dispatcher.api.middleware import Limits, RequestId
@@ -51,4 +51,5 @@ def create_app(settings: Settings, redis: Redis | None = None) -> FastAPI:
     for router in (callbacks.router, *history.routers, events.router, operator.router,
                    probes.router):  # fmt: skip
         app.include_router(router)
+    console.install(app, settings)
     return app
