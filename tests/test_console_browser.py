@@ -174,6 +174,9 @@ async def test_a_person_finds_a_failed_delivery_and_redelivers_it(
         await expect(page).to_have_title("Status · callback-dispatcher console")
         live = page.get_by_role("region", name="Live workers")
         await expect(live.get_by_role("cell", name=str(workers[0].pid))).to_be_visible()
+        # the worker's attempt counts reach the chart with its next heartbeat (every 5 s)
+        await reload_until(page, page.locator('svg .bar.success:not([width="0.0"])'), 1)
+        await expect(page.get_by_role("img", name="Attempts in the last hour")).to_be_visible()
         await page.screenshot(path=shots / "status.png", full_page=True)
 
         phone = await (await browser.new_context(viewport=PHONE)).new_page()
