@@ -273,3 +273,12 @@ async def test_status_page_charts_the_last_hour(api: httpx.AsyncClient, redis: R
     bars = re.findall(r'class="bar (\w+)"', page.text)
     assert bars == ["success", "retry", "failed", "gone"]
     assert "No live worker" in page.text
+
+
+async def test_an_unreachable_redis_is_a_503_page(settings: Settings) -> None:
+    nowhere = Redis.from_url("redis://127.0.0.1:1/0", socket_connect_timeout=0.2)
+    async with app_client(settings, nowhere) as client:
+        page = await client.get(PROJECT)
+        assert page.status_code == 503 and "Redis" in page.text
+        assert page.headers["content-type"].startswith("text/html")
+    await nowhere.aclose()
