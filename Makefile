@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PY_DIRS := dispatcher tests $(wildcard bench)
 
-.PHONY: run test lint fmt typecheck pytest bench bench-quick deploy-check clean
+.PHONY: run test lint fmt typecheck pytest screenshots bench bench-quick deploy-check clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,9 @@ typecheck: $(STAMP)
 
 pytest: $(STAMP)
 	$(BIN)/pytest
+
+screenshots: $(STAMP)  ## refresh the README's console screenshots (docs/console/*.png)
+	DISPATCHER_SCREENSHOTS=1 $(BIN)/pytest tests/test_console_browser.py -q
 
 fmt: $(STAMP)
 	$(BIN)/ruff format $(PY_DIRS)

@@ -50,15 +50,19 @@ class Roles:
             return Role.ADMIN
         return found[0] if found else None
 
-    async def require(self, project_id: str, user: str, needed: Role) -> None:
-        if self.open_access:
-            return
-        role = await self.role(project_id, user)
+    async def effective(self, project_id: str, user: str) -> Role | None:
+        """The role that counts: `role`, or admin for everyone under `open_access`."""
+        return Role.ADMIN if self.open_access else await self.role(project_id, user)
+
+    async def require(self, project_id: str, user: str, needed: Role) -> Role:
+        """The caller's effective role, once it covers `needed` (else Forbidden)."""
+        role = await self.effective(project_id, user)
         if role is None or not role.covers(needed):
             raise Forbidden(
                 f"user {user!r} needs the {needed.value} role in project {project_id!r}"
                 + (f" (has {role.value})" if role else " (has none)")
             )
+        return role
 
     async def grant(self, project_id: str, user: str, role: Role) -> None:
         if not project_id or not user:

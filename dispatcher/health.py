@@ -14,6 +14,8 @@ from dispatcher.errors import NotFound
 from dispatcher.lua import Lua, run_pipeline
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     from redis.asyncio import Redis
     from redis.asyncio.client import Pipeline
 
@@ -85,6 +87,14 @@ class Health:
             for cid, n, since, error in rows
         ]
         return sorted(found, key=lambda f: (-f.failures, f.callback_id))
+
+    async def failures(self, callback_ids: Sequence[int]) -> dict[int, int]:
+        """Consecutive final failures of those callbacks that have some (one round trip)."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for callback_id in callback_ids:
+                pipe.hget(keys.health(callback_id), "failures")
+            counts = await pipe.execute()
+        return {cid: int(n) for cid, n in zip(callback_ids, counts, strict=True) if n}
 
     @staticmethod
     def queue_failed(

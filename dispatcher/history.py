@@ -33,21 +33,24 @@ if TYPE_CHECKING:
 
     from dispatcher.settings import Settings
 
-__all__ = ["TIME_FORMAT", "History", "parse_window"]
+__all__ = ["MAX_ATTEMPTS_SHOWN", "TIME_FORMAT", "History", "format_ms", "parse_window"]
 
 TIME_FORMAT = "%Y-%m-%d %H:%M:%S"
 _TIME_PATTERN = re.compile(r"^\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2}$")
 _RECORDS = TypeAdapter(list[HistoryRecord])
+# a delivery makes at most len(retry_schedule) + 1 attempts, plus one per redelivery
+MAX_ATTEMPTS_SHOWN = 100
 # Records outlive the retention by this much, so the sweep (not the TTL) decides, and a
 # stopped sweep still cannot let Redis grow without bound.
 _TTL_MARGIN_S = 86_400
 # record ids reserved per round trip
 ID_BLOCK = 1000
 
-# KEYS: record, index, indexes set, dead zset, the project's dead zset, dead-keys set.
-# ARGV: record json (id included), createdTime ms, ttl s, index member, '1' when this
-# attempt ended the delivery in failure, record id. Every write is idempotent, so a
-# pipeline whose answer was lost can be sent again.
+# KEYS: record, index, indexes set, dead zset, the project's dead zset, dead-keys set, the
+# delivery's attempts zset. ARGV: record json (id included), createdTime ms, ttl s, index
+# member, '1' when this attempt ended the delivery in failure, record id, '1' when the
+# record names its delivery. Every write is idempotent, so a pipeline whose answer was
+# lost can be sent again.
 _RECORD = Lua("""
 redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[3])
 redis.call('ZADD', KEYS[2], ARGV[2], ARGV[4])
@@ -56,6 +59,10 @@ if ARGV[5] == '1' then
   redis.call('ZADD', KEYS[4], ARGV[2], ARGV[6])
   redis.call('ZADD', KEYS[5], ARGV[2], ARGV[6])
   redis.call('SADD', KEYS[6], KEYS[5])
+end
+if ARGV[7] == '1' then
+  redis.call('ZADD', KEYS[7], ARGV[2], ARGV[6])
+  redis.call('EXPIRE', KEYS[7], ARGV[3])
 end
 return 1
 """)
@@ -93,8 +100,9 @@ return #ids
 """)
 
 
-# KEYS: a dead-letter zset. ARGV: limit, record key prefix. The latest records, newest first.
-_DEAD = Lua("""
+# KEYS: a zset of record ids by time (dead letters, a delivery's attempts). ARGV: limit,
+# record key prefix. The latest records, newest first.
+_LATEST = Lua("""
 local ids = redis.call('ZREVRANGE', KEYS[1], 0, tonumber(ARGV[1]) - 1)
 if #ids == 0 then return {} end
 local ks = {}
@@ -105,6 +113,11 @@ return redis.call('MGET', unpack(ks))
 
 def _to_ms(moment: datetime) -> int:
     return int(moment.timestamp() * 1000)
+
+
+def format_ms(ms: int, tz: ZoneInfo) -> str:
+    """Epoch ms as `yyyy-MM-dd HH:mm:ss.SSS` in `tz` (the query's format, plus milliseconds)."""
+    return datetime.fromtimestamp(ms / 1000, tz).strftime(TIME_FORMAT + ".%f")[:-3]
 
 
 def _parse_time(value: str, name: str, tz: ZoneInfo) -> datetime:
@@ -178,6 +191,7 @@ class History:
         ttl = self.settings.retention_ms // 1000 + _TTL_MARGIN_S
         record_id = record["id"]
         project_id = record["projectId"]
+        delivery_id = record.get("deliveryId") or ""
         _RECORD.queue(
             pipe,
             [
@@ -187,9 +201,10 @@ class History:
                 keys.HISTORY_DEAD,
                 keys.history_dead(project_id),
                 keys.HISTORY_DEAD_KEYS,
+                keys.history_attempts(delivery_id),
             ],
             [orjson.dumps(record), record["createdTime"], ttl, keys.history_member(record_id),
-             "1" if dead else "0", record_id],
+             "1" if dead else "0", record_id, "1" if delivery_id else "0"],
         )  # fmt: skip
 
     async def add(self, record: dict[str, Any], *, dead: bool = False) -> int:
@@ -248,7 +263,20 @@ class History:
         """The latest attempts after which a delivery gave up (the dead-letter view), of one
         project or of all, newest first, in one round trip."""
         key = keys.HISTORY_DEAD if project_id is None else keys.history_dead(project_id)
-        raws = await _DEAD(self.redis, [key], [limit, keys.HISTORY_RECORD_PREFIX])
+        return await self._latest(key, limit)
+
+    async def attempts(
+        self, delivery_id: str, project_id: str, *, now_ms: int | None = None
+    ) -> list[HistoryRecord]:
+        """Every attempt of one delivery still within the retention (its retries and
+        redeliveries), newest first, in one round trip."""
+        now = time.time_ns() // 1_000_000 if now_ms is None else now_ms
+        found = await self._latest(keys.history_attempts(delivery_id), MAX_ATTEMPTS_SHOWN)
+        cutoff = now - self.settings.retention_ms
+        return [r for r in found if r.project_id == project_id and r.created_time >= cutoff]
+
+    async def _latest(self, key: str, limit: int) -> list[HistoryRecord]:
+        raws = await _LATEST(self.redis, [key], [limit, keys.HISTORY_RECORD_PREFIX])
         return _RECORDS.validate_json(b"[" + b",".join(raw for raw in raws if raw) + b"]")
 
     async def final_failures(

@@ -29,6 +29,11 @@ History
     dispatcher:history:dead                   ZSET ids of records whose delivery gave up, by time
     dispatcher:history:dead:{project}         ZSET the same, one project's
     dispatcher:history:dead-keys              SET every per-project dead-letter key (for the sweep)
+    dispatcher:history:attempts:{delivery id} ZSET record ids of one delivery by createdTime
+                                              (TTL of its latest record)
+Console
+    dispatcher:console:csrf-key               STRING the key signing the console's CSRF tokens,
+                                              made by the first API process that needs it
 arq (its own names, re-exported so nothing else spells them)
     {queue_name}, arq:job:{id}, arq:in-progress:{id}, arq:retry:{id}, {queue_name}:health-check
 
@@ -65,7 +70,9 @@ HISTORY_RECORD_PREFIX = f"{PREFIX}:history:rec:"
 HISTORY_INDEXES = f"{PREFIX}:history:indexes"
 HISTORY_DEAD = f"{PREFIX}:history:dead"
 HISTORY_DEAD_KEYS = f"{PREFIX}:history:dead-keys"
+HISTORY_ATTEMPTS_PREFIX = f"{PREFIX}:history:attempts:"
 DELIVERY_PREFIX = f"{PREFIX}:delivery:"
+CONSOLE_CSRF_KEY = f"{PREFIX}:console:csrf-key"
 
 WORKERS_PREFIX = f"{PREFIX}:workers:"
 POISON_JOBS = f"{PREFIX}:jobs:poison"
@@ -124,6 +131,10 @@ def history_index(project_id: str, event: str, url: str) -> str:
 
 def history_dead(project_id: str) -> str:
     return f"{HISTORY_DEAD}{SEP}{project_id}"
+
+
+def history_attempts(delivery_id: str) -> str:
+    return f"{HISTORY_ATTEMPTS_PREFIX}{delivery_id}"
 
 
 def worker(host: str, pid: int) -> str:

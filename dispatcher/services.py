@@ -24,13 +24,19 @@ from dispatcher.registry import Registry, validate_url
 from dispatcher.status import read_status
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Callable
+    from collections.abc import AsyncIterator, Callable, Sequence
 
     from redis.asyncio import Redis
     from redis.asyncio.client import Pipeline
 
     from dispatcher.jobs import DeliveryJob
-    from dispatcher.models import CreateCallBackResult, Event, HistoryPage, HistoryRecord
+    from dispatcher.models import (
+        CallbackPage,
+        CreateCallBackResult,
+        Event,
+        HistoryPage,
+        HistoryRecord,
+    )
     from dispatcher.settings import Settings
     from dispatcher.status import Status
 
@@ -106,6 +112,15 @@ class Services:
             project_id, url, events, region, secret_token, creator=creator
         )
 
+    async def callbacks(self, project_id: str, page: int = 1, page_size: int = 20) -> CallbackPage:
+        """A project's callbacks, oldest first; `page_size` capped like history's."""
+        size = min(page_size, self.settings.history_max_page_size)
+        return await self.registry.list(project_id, page, size)
+
+    async def failures(self, callback_ids: Sequence[int]) -> dict[int, int]:
+        """Consecutive final failures of those of the callbacks that have some."""
+        return await self.health.failures(callback_ids)
+
     async def disable(
         self, callback_id: int, *, by: str, reason: str | None = None, project_id: str | None = None
     ) -> None:
@@ -143,6 +158,17 @@ class Services:
         """A checked event name and the window in epoch ms (the history route's rules)."""
         start_ms, end_ms = parse_window(start_time, end_time, self.settings.tz)
         return parse_event(event).value, start_ms, end_ms
+
+    async def record(self, record_id: int, project_id: str) -> HistoryRecord:
+        """One history record of the project."""
+        return await self.history.get(record_id, project_id)
+
+    async def attempts(self, record: HistoryRecord) -> list[HistoryRecord]:
+        """Every attempt of the record's delivery (retries, redeliveries), newest first;
+        just the record when it names no delivery."""
+        if record.delivery_id is None:
+            return [record]
+        return await self.history.attempts(record.delivery_id, record.project_id)
 
     async def redeliver(self, record_id: int, project_id: str | None = None) -> str:
         """Send one recorded request again; returns the job id."""
@@ -201,4 +227,5 @@ class Services:
     # ---- operations --------------------------------------------------------------------
 
     async def status(self) -> Status:
+        """Queue depth and age, live workers, failing and disabled callbacks, the last hour."""
         return await read_status(self.redis, self.queue, self.health)

@@ -16,9 +16,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import httpx
 from aiohttp import web
 from multidict import CIMultiDict
+from redis.asyncio import Redis
 
+from dispatcher.api import create_app
 from dispatcher.settings import Settings
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -42,6 +45,16 @@ def make_settings(url: str, **overrides: Any) -> Settings:
     }
     values.update(overrides)
     return Settings(**values)
+
+
+@asynccontextmanager
+async def app_client(settings: Settings, redis: Redis) -> AsyncIterator[httpx.AsyncClient]:
+    """A client of the real app over ASGI, lifespan included, on `redis`."""
+    app = create_app(settings, redis)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://dispatcher") as client:
+            yield client
 
 
 @dataclass

@@ -15,10 +15,12 @@ from redis.asyncio import Redis
 from dispatcher import keys
 from dispatcher.api import create_app
 from dispatcher.auth import Role, Roles
+from dispatcher.errors import NotFound
 from dispatcher.history import History, parse_window
 from dispatcher.models import Event, Region
 from dispatcher.producer import Producer
 from dispatcher.registry import Registry
+from dispatcher.services import Services
 from dispatcher.settings import Settings
 from tests.helpers import UID, Receiver, RunWorker, answer, make_settings
 
@@ -315,3 +317,28 @@ async def test_window_redelivery_is_for_admins_dead_letters_for_members(
             assert seen.status_code == 200 and seen.json()["data"] == []
             stranger = await client.get(f"{V4}/dead-letters", headers={"X-DEVOPS-UID": "x"})
             assert stranger.status_code == 403
+
+
+async def test_a_deliverys_attempts_include_its_retries_and_redeliveries(
+    settings: Settings, redis: Redis, receiver: Receiver, run_worker: RunWorker
+) -> None:
+    services = Services(settings, redis)
+    url = receiver.script("/hook", answer(500), answer(200))
+    await Registry(redis).create("demo", url, Event.BUILD_END, Region.DEVNET)
+    await services.producer.emit("demo", "BUILD_END", {"n": 1})
+    await services.producer.emit("demo", "BUILD_END", {"n": 2})  # another delivery
+    await run_worker()
+    page = await services.history_page("demo", url, "BUILD_END")
+    first = min(page.records, key=lambda r: r.id)
+    retried = await services.attempts(first)
+    assert [(r.attempt, r.response_code) for r in retried] == [(2, 200), (1, 500)]
+    assert {r.delivery_id for r in retried} == {first.delivery_id}
+
+    await services.redeliver(first.id, "demo")
+    await run_worker()
+    again = await services.attempts(await services.record(first.id, "demo"))
+    assert len(again) == 3 and again[0].redelivery_of == first.id
+    assert [r.id for r in again] == sorted((r.id for r in again), reverse=True)  # newest first
+    assert await services.history.attempts(first.delivery_id or "", "other") == []
+    with pytest.raises(NotFound):
+        await services.record(first.id, "other")

@@ -68,6 +68,12 @@ async def test_scripts_and_keys_py_build_the_same_names(settings: Settings, redi
     assert await redis.smembers(keys.HISTORY_DEAD_KEYS) == {keys.history_dead("demo").encode()}
     assert [r.id for r in await services.history.dead("demo")] == [record_id]
 
+    attempt = {**record, "deliveryId": "evt_1.1"}
+    attempt_id = await services.history.add(attempt)
+    history |= {keys.history_record(attempt_id), keys.history_attempts("evt_1.1")}
+    assert await present(redis) == registered | history
+    assert [r.id for r in await services.history.attempts("evt_1.1", "demo")] == [attempt_id]
+
     await registry.delete("demo", callback_id)
     assert await present(redis) == {keys.CALLBACK_SEQ} | history
 

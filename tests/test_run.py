@@ -55,6 +55,8 @@ async def test_run_serves_the_seed_request_and_delivers(tmp_path: Path, receiver
                 "/apigw-user/v4/projects/demo/callbacks", headers={"X-DEVOPS-UID": "alice"}
             )
             assert listed.json()["data"]["records"][0]["url"] == receiver.url()
+            console = await client.get("/console/projects/demo")  # a browser sends no uid
+            assert console.status_code == 200 and receiver.url() in console.text
         emitted = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "dispatcher", "emit", "--project", "demo",
             "--event", "BUILD_END", "--data", '{"buildId": "b-42"}',

@@ -1,4 +1,6 @@
-"""The app factory."""
+"""The app factory: the API's routers, the console, and `/docs` and `/redoc` with their
+Swagger UI and ReDoc files served by the app (from the `fastapi-offline` package), so the
+docs work on an intranet."""
 
 from __future__ import annotations
 
@@ -7,8 +9,9 @@ from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING
 
 from fastapi import FastAPI
+from fastapi_offline import FastAPIOffline
 
-from dispatcher import __version__
+from dispatcher import __version__, console
 from dispatcher.api import callbacks, events, history, operator, probes
 from dispatcher.api.errors import install_error_handlers
 from dispatcher.api.middleware import Limits, RequestId
@@ -22,6 +25,7 @@ if TYPE_CHECKING:
 __all__ = ["MAX_BODY_BYTES", "create_app"]
 
 MAX_BODY_BYTES = 1024 * 1024
+DOCS_STATIC = "/docs-static"
 
 
 def create_app(settings: Settings, redis: Redis | None = None) -> FastAPI:
@@ -33,7 +37,8 @@ def create_app(settings: Settings, redis: Redis | None = None) -> FastAPI:
             app.state.services = services
             yield
 
-    app = FastAPI(
+    app = FastAPIOffline(
+        static_url=DOCS_STATIC,
         title="callback-dispatcher",
         version=__version__,
         description="Register callbacks per project and event; query their delivery history.",
@@ -46,4 +51,5 @@ def create_app(settings: Settings, redis: Redis | None = None) -> FastAPI:
     for router in (callbacks.router, *history.routers, events.router, operator.router,
                    probes.router):  # fmt: skip
         app.include_router(router)
+    console.install(app, settings)
     return app

@@ -70,8 +70,7 @@ async def list_callbacks(
     page_size: PageSizeQuery = 20,
 ) -> Result[CallbackPage]:
     """The project's callbacks, oldest first (secret tokens never included)."""
-    size = min(page_size, services.settings.history_max_page_size)
-    return Result[CallbackPage](data=await services.registry.list(project_id, page, size))
+    return Result[CallbackPage](data=await services.callbacks(project_id, page, page_size))
 
 
 @router.get("/{callbackId:int}", response_model=Result[Callback])

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Awaitable, Callable, Coroutine, Iterator
-from datetime import datetime
 from typing import Any, TypeVar
 
 import typer
@@ -16,6 +15,7 @@ from rich.table import Table
 from dispatcher.connections import REDIS_ERRORS
 from dispatcher.embedded import EmbeddedRedis
 from dispatcher.errors import DispatcherError
+from dispatcher.history import format_ms
 from dispatcher.models import HistoryRecord
 from dispatcher.services import Services
 from dispatcher.settings import Settings
@@ -108,7 +108,7 @@ def counting(doing: str, done: str) -> Iterator[Callable[[int], None]]:
 
 
 def fmt_ms(ms: int, settings: Settings) -> str:
-    return datetime.fromtimestamp(ms / 1000, settings.tz).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
+    return format_ms(ms, settings.tz)
 
 
 def records_table(records: list[HistoryRecord], settings: Settings) -> Table:

@@ -48,6 +48,7 @@ def run(
     base = f"http://{settings.api_host}:{settings.api_port}"
     where = f"  (embedded, data in {settings.data_dir})" if embedded else ""
     print(f"callback-dispatcher API on {base}  (docs: {base}/docs)", flush=True)
+    print(f"console: {base}/console", flush=True)
     print(f"Redis: {settings.redis_url}{where}", flush=True)
     install_uvloop()
     try:

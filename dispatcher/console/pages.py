@@ -1,0 +1,143 @@
+"""The console's pages (GET): home, a project's callbacks, its history and one attempt in
+detail, its dead letters, and the service's status. Each reads through `Services` and
+renders a template; none changes anything."""
+
+from __future__ import annotations
+
+from typing import Annotated
+from urllib.parse import quote
+
+from fastapi import APIRouter, Path, Query
+from starlette.responses import HTMLResponse, RedirectResponse
+
+from dispatcher.console.page import (
+    PREFIX,
+    AnyPage,
+    ConsoleRoute,
+    MemberPage,
+    ProjectPath,
+    redirect,
+)
+from dispatcher.delivery import Outcome
+from dispatcher.errors import InvalidInput
+from dispatcher.models import Event
+
+__all__ = ["router"]
+
+# bounded like the API's, so that the offset fits Redis' integers
+PageQuery = Annotated[int, Query(alias="page", ge=1, le=1_000_000_000)]
+CALLBACKS_PER_PAGE = 50
+PAGE_SIZES = (10, 20, 50, 100)
+
+router = APIRouter(prefix=PREFIX, route_class=ConsoleRoute, include_in_schema=False)
+
+
+@router.get("")
+async def home(page: AnyPage) -> HTMLResponse:
+    return await page.render("home.html", "Console")
+
+
+@router.get("/projects")
+async def open_project(
+    page: AnyPage,
+    project_id: Annotated[str, Query(alias="projectId", min_length=1, max_length=128)],
+) -> RedirectResponse:
+    """The home page's project form lands here."""
+    return redirect(page, f"/projects/{quote(project_id.strip(), safe='')}")
+
+
+@router.get("/projects/{projectId}")
+async def callbacks(
+    page: MemberPage, project_id: ProjectPath, number: PageQuery = 1
+) -> HTMLResponse:
+    found = await page.services.callbacks(project_id, number, CALLBACKS_PER_PAGE)
+    failures = await page.services.failures([cb.id for cb in found.records])
+    return await page.render(
+        "callbacks.html",
+        f"Callbacks · {project_id}",
+        "callbacks",
+        callbacks=found,
+        failures=failures,
+    )
+
+
+@router.get("/projects/{projectId}/history")
+async def history(
+    page: MemberPage,
+    project_id: ProjectPath,
+    url: Annotated[str, Query(alias="url", max_length=2048)] = "",
+    event: Annotated[str, Query(alias="event", max_length=64)] = "",
+    start_time: Annotated[str, Query(alias="startTime", max_length=32)] = "",
+    end_time: Annotated[str, Query(alias="endTime", max_length=32)] = "",
+    number: PageQuery = 1,
+    page_size: Annotated[int, Query(alias="pageSize", ge=1, le=1000)] = 20,
+) -> HTMLResponse:
+    """The seed's query as a form; the page of records when url and event are given."""
+    query = {"url": url, "event": event, "startTime": start_time, "endTime": end_time,
+             "pageSize": page_size}  # fmt: skip
+    found, problem = None, None
+    if url and event:
+        try:
+            found = await page.services.history_page(
+                project_id, url, event, start_time or None, end_time or None, number, page_size
+            )
+        except InvalidInput as exc:
+            problem = exc.message
+    known = await page.services.callbacks(project_id, 1, 100)
+    response = await page.render(
+        "history.html",
+        f"History · {project_id}",
+        "history",
+        query=query,
+        found=found,
+        problem=problem,
+        events=[e.value for e in Event],
+        urls=sorted({cb.url for cb in known.records}),
+        page_sizes=PAGE_SIZES,
+    )
+    if problem is not None:
+        response.status_code = 400
+    return response
+
+
+@router.get("/projects/{projectId}/history/{id:int}")
+async def record(
+    page: MemberPage, project_id: ProjectPath, record_id: Annotated[int, Path(alias="id")]
+) -> HTMLResponse:
+    """One attempt: request and response, timing, and its delivery's other attempts."""
+    found = await page.services.record(record_id, project_id)
+    attempts = await page.services.attempts(found)
+    return await page.render(
+        "record.html",
+        f"Attempt #{record_id} · {project_id}",
+        "history",
+        record=found,
+        attempts=attempts,
+    )
+
+
+@router.get("/projects/{projectId}/dead-letters")
+async def dead_letters(
+    page: MemberPage,
+    project_id: ProjectPath,
+    limit: Annotated[int, Query(alias="limit", ge=1, le=100)] = 50,
+) -> HTMLResponse:
+    records = await page.services.dead_letters(project_id, limit)
+    return await page.render("dead.html", f"Dead letters · {project_id}", "dead", records=records)
+
+
+@router.get("/status")
+async def status(page: AnyPage) -> HTMLResponse:
+    """Queue, workers and the last hour: the service's, not one project's."""
+    found = await page.services.status()
+    names = [o.value for o in Outcome]
+    outcomes = [(name, found.last_hour.get(name, 0)) for name in names]
+    outcomes += sorted((k, v) for k, v in found.last_hour.items() if k not in names)
+    return await page.render(
+        "status.html",
+        "Status",
+        "status",
+        status=found,
+        outcomes=outcomes,
+        top=max([n for _, n in outcomes] + [1]),
+    )

@@ -1,0 +1,284 @@
+"""The console over ASGI: what it shows is escaped, its forms need a valid CSRF token and
+the admin role, it answers with pages (not JSON), and /docs works without a CDN."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import AsyncIterator
+from html import unescape
+from html.parser import HTMLParser
+from typing import Any
+
+import httpx
+import pytest
+from itsdangerous import URLSafeTimedSerializer
+from redis.asyncio import Redis
+
+from dispatcher import keys
+from dispatcher.auth import Role, Roles
+from dispatcher.console.csrf import COOKIE
+from dispatcher.jobs import Queue
+from dispatcher.models import Event, Region
+from dispatcher.producer import Producer
+from dispatcher.registry import Registry
+from dispatcher.settings import Settings
+from dispatcher.status import AttemptStats
+from tests.helpers import Receiver, RunWorker, answer, app_client, make_settings
+
+PROJECT = "/console/projects/demo"
+XSS = "<script>alert(1)</script>"
+IMG = '<img src=x onerror="alert(2)">'
+SALT = "dispatcher-console-csrf"
+
+
+class Markup(HTMLParser):
+    """The elements and attributes a browser would build from a page."""
+
+    def __init__(self, html: str) -> None:
+        super().__init__()
+        self.tags: list[str] = []
+        self.attributes: list[str] = []
+        self.text: list[str] = []
+        self.feed(html)
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        self.tags.append(tag)
+        self.attributes += [name for name, _ in attrs]
+
+    def handle_data(self, data: str) -> None:
+        self.text.append(data)
+
+
+def token_of(html: str) -> str:
+    found = re.search(r'name="csrf_token" value="([^"]+)"', html)
+    assert found, "the page has no form with a CSRF token"
+    return found.group(1)
+
+
+@pytest.fixture
+def strict_settings(redis_server: Any) -> Settings:
+    return make_settings(redis_server.url, open_access=False)
+
+
+@pytest.fixture
+async def strict(strict_settings: Settings, redis: Redis) -> AsyncIterator[httpx.AsyncClient]:
+    async with app_client(strict_settings, redis) as client:
+        yield client
+
+
+async def failed_delivery(
+    settings: Settings, redis: Redis, receiver: Receiver, run_worker: RunWorker, **data: Any
+) -> str:
+    """One delivery whose only attempt failed for good (a 418 with an HTML body)."""
+    url = receiver.script("/hook", answer(418, f"teapot {XSS}"))
+    await Registry(redis).create("demo", url, Event.BUILD_END, Region.DEVNET, "s3cret")
+    await Producer(settings, redis).emit("demo", "BUILD_END", data)
+    await run_worker()
+    return url
+
+
+async def dead_record_id(redis: Redis) -> int:
+    [dead] = await redis.zrange(keys.HISTORY_DEAD, 0, -1)
+    return int(dead)
+
+
+async def test_everything_shown_is_escaped(
+    api: httpx.AsyncClient, settings: Settings, redis: Redis, receiver: Receiver,
+    run_worker: RunWorker,
+) -> None:  # fmt: skip
+    url = await failed_delivery(settings, redis, receiver, run_worker, note=XSS, html=IMG)
+    other, _ = await Registry(redis).create(
+        "demo", url + '?q="><i>x</i>', Event.BUILD_START, Region.DEVNET
+    )
+    await api.post(f"{PROJECT}/callbacks/{other}/disable")  # refused (no token): nothing changes
+    page = await api.get(PROJECT)
+    await api.post(
+        f"{PROJECT}/callbacks/{other}/disable",
+        data={"csrf_token": token_of(page.text), "reason": IMG},
+    )
+    rid = await dead_record_id(redis)
+    pages = [
+        PROJECT,
+        f"{PROJECT}/history?url={url}&event=BUILD_END",
+        f"{PROJECT}/history/{rid}",
+        f"{PROJECT}/dead-letters",
+    ]
+    for path in pages:
+        response = await api.get(path)
+        assert response.status_code == 200, path
+        markup = Markup(response.text)
+        assert "script" not in markup.tags and "img" not in markup.tags and "i" not in markup.tags
+        assert not [name for name in markup.attributes if name.startswith("on")], path
+        assert "default-src 'none'" in response.headers["content-security-policy"]
+    detail = Markup((await api.get(f"{PROJECT}/history/{rid}")).text)
+    text = "".join(detail.text)
+    assert XSS in text and f"teapot {XSS}" in text  # shown as text, request and response
+    assert "s3cret" not in text and "******" in text  # the token header stays masked
+    callbacks = "".join(Markup((await api.get(PROJECT)).text).text)
+    assert IMG in callbacks and '"><i>x</i>' in callbacks
+
+
+async def test_a_form_without_a_valid_csrf_token_is_refused(
+    api: httpx.AsyncClient, settings: Settings, redis: Redis
+) -> None:
+    callback_id, _ = await Registry(redis).create(
+        "demo", "http://127.0.0.1:9000/hook", Event.BUILD_END, Region.DEVNET
+    )
+    disable = f"{PROJECT}/callbacks/{callback_id}/disable"
+    token = token_of((await api.get(PROJECT)).text)
+    nonce = api.cookies[COOKIE]
+    forged = URLSafeTimedSerializer("another key", salt=SALT)
+
+    refused = {
+        "no token": await api.post(disable, data={"reason": "x"}),
+        "a wrong token": await api.post(disable, data={"csrf_token": token[:-2] + "xx"}),
+        "a token signed with another key": await api.post(
+            disable, data={"csrf_token": forged.dumps(["anonymous", nonce])}
+        ),
+        "another user's token": await api.post(
+            disable, data={"csrf_token": token}, headers={"X-DEVOPS-UID": "mallory"}
+        ),
+    }
+    api.cookies.clear()
+    refused["no cookie"] = await api.post(disable, data={"csrf_token": token})
+    token = token_of((await api.get(PROJECT)).text)  # a new cookie, and its token
+    assert api.cookies[COOKIE] != nonce
+    refused["another browser's token"] = await api.post(
+        disable, data={"csrf_token": forged.dumps(["anonymous", nonce])}
+    )
+    for why, response in refused.items():
+        assert response.status_code == 403, why
+        assert "CSRF" in response.text and response.headers["content-type"].startswith("text/html")
+    assert (await Registry(redis).get(callback_id)).enabled
+
+    done = await api.post(disable, data={"csrf_token": token, "reason": "maintenance"})
+    assert done.status_code == 303
+    assert done.headers["location"] == f"{PROJECT}?notice=disabled"
+    callback = await Registry(redis).get(callback_id)
+    assert (callback.enabled, callback.disabled_reason) == (False, "maintenance")
+    assert "Callback disabled." in (await api.get(done.headers["location"])).text
+
+
+async def test_members_look_and_admins_act(
+    strict: httpx.AsyncClient, strict_settings: Settings, redis: Redis, receiver: Receiver,
+    run_worker: RunWorker,
+) -> None:  # fmt: skip
+    roles = Roles(redis, strict_settings)
+    await roles.grant("demo", "ada", Role.ADMIN)
+    await roles.grant("demo", "mia", Role.MEMBER)
+    await failed_delivery(strict_settings, redis, receiver, run_worker)
+    rid = await dead_record_id(redis)
+    detail, redeliver = f"{PROJECT}/history/{rid}", f"{PROJECT}/history/{rid}/redeliver"
+    queue = Queue(redis, strict_settings.queue_name)
+
+    mia = {"X-DEVOPS-UID": "mia"}
+    seen = await strict.get(detail, headers=mia)
+    assert seen.status_code == 200 and "teapot" in seen.text
+    assert "/redeliver" not in seen.text and "member of demo" in seen.text
+    assert "/disable" not in (await strict.get(PROJECT, headers=mia)).text
+    # no form for her; a token she makes by hand with the key is valid, her role is not
+    key = await redis.get(keys.CONSOLE_CSRF_KEY)
+    mine = URLSafeTimedSerializer(key, salt=SALT).dumps(["mia", strict.cookies[COOKIE]])
+    refused = await strict.post(redeliver, data={"csrf_token": mine}, headers=mia)
+    assert refused.status_code == 403 and "needs the admin role" in refused.text
+    assert await queue.depth() == (0, 0.0)
+
+    ada = {"X-DEVOPS-UID": "ada"}
+    page = await strict.get(detail, headers=ada)
+    assert f'action="{redeliver}"' in page.text
+    done = await strict.post(redeliver, data={"csrf_token": token_of(page.text)}, headers=ada)
+    assert done.status_code == 303 and done.headers["location"] == f"{detail}?notice=redelivered"
+    assert (await queue.depth())[0] == 1
+
+    stranger = await strict.get(PROJECT, headers={"X-DEVOPS-UID": "eve"})
+    assert stranger.status_code == 403 and "Not allowed" in stranger.text
+    nobody = await strict.get(PROJECT)
+    assert nobody.status_code == 401 and "through the gateway" in nobody.text
+    assert (await strict.get("/console/status")).status_code == 401
+
+
+async def test_open_access_lets_a_browser_without_identity_act(
+    api: httpx.AsyncClient, redis: Redis
+) -> None:
+    callback_id, _ = await Registry(redis).create(
+        "demo", "http://127.0.0.1:9000/hook", Event.BUILD_END, Region.DEVNET
+    )
+    await Registry(redis).set_enabled(callback_id, False, "by hand")
+    page = await api.get(PROJECT)
+    assert page.status_code == 200 and "anonymous" in page.text and "open access" in page.text
+    enable = f"{PROJECT}/callbacks/{callback_id}/enable"
+    assert (await api.post(enable, data={"csrf_token": token_of(page.text)})).status_code == 303
+    assert (await Registry(redis).get(callback_id)).enabled
+
+
+async def test_the_gateway_token_guards_the_console_and_the_docs(
+    redis_server: Any, redis: Redis
+) -> None:
+    settings = make_settings(redis_server.url, gateway_token="gw")
+    async with app_client(settings, redis) as client:
+        for path in (
+            "/console",
+            "/console/static/console.css",
+            "/docs",
+            "/docs-static/swagger-ui.css",
+        ):
+            assert (await client.get(path)).status_code == 401, path
+            through = await client.get(path, headers={"X-DEVOPS-GATEWAY-TOKEN": "gw"})
+            assert through.status_code == 200, path
+
+
+async def test_history_form_bad_input_and_unknown_records_are_pages(
+    api: httpx.AsyncClient,
+) -> None:
+    bad = await api.get(
+        f"{PROJECT}/history",
+        params={"url": "http://x/h", "event": "BUILD_END", "startTime": "soon"},
+    )
+    assert bad.status_code == 400 and "startTime must look like" in bad.text
+    assert 'value="soon"' in bad.text  # the form keeps what was typed
+    unknown = await api.get(f"{PROJECT}/history/424242")
+    assert unknown.status_code == 404 and "history record 424242 not found" in unknown.text
+    assert unknown.headers["content-type"].startswith("text/html")
+    paging = await api.get(f"{PROJECT}?page=zero")
+    assert paging.status_code == 400 and "bad parameter 'page'" in unescape(paging.text)
+
+
+async def test_redeliver_all_failed_of_a_window(
+    api: httpx.AsyncClient, settings: Settings, redis: Redis, receiver: Receiver,
+    run_worker: RunWorker,
+) -> None:  # fmt: skip
+    url = await failed_delivery(settings, redis, receiver, run_worker)
+    history = await api.get(f"{PROJECT}/history", params={"url": url, "event": "BUILD_END"})
+    assert "1 attempt of" in history.text
+    done = await api.post(
+        f"{PROJECT}/history/redeliver-failed",
+        data={"csrf_token": token_of(history.text), "url": url, "event": "BUILD_END"},
+    )
+    assert done.status_code == 303
+    shown = await api.get(done.headers["location"])
+    assert "1 failed deliveries of this window were queued again." in shown.text
+    receiver.script("/hook", answer(200))
+    await run_worker()
+    assert len(receiver.requests()) == 2
+
+
+async def test_status_page_charts_the_last_hour(api: httpx.AsyncClient, redis: Redis) -> None:
+    stats = AttemptStats()
+    for outcome in ["success"] * 3 + ["retry", "failed"]:
+        stats.count(outcome)
+    await stats.flush(redis)
+    page = await api.get("/console/status")
+    assert page.status_code == 200 and "<title>Status · callback-dispatcher console" in page.text
+    assert "success 3, retry 1, failed 1, gone 0" in page.text
+    bars = re.findall(r'class="bar (\w+)"', page.text)
+    assert bars == ["success", "retry", "failed", "gone"]
+    assert "No live worker" in page.text
+
+
+async def test_an_unreachable_redis_is_a_503_page(settings: Settings) -> None:
+    nowhere = Redis.from_url("redis://127.0.0.1:1/0", socket_connect_timeout=0.2)
+    async with app_client(settings, nowhere) as client:
+        page = await client.get(PROJECT)
+        assert page.status_code == 503 and "Redis" in page.text
+        assert page.headers["content-type"].startswith("text/html")
+    await nowhere.aclose()
