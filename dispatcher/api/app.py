@@ -38,6 +38,9 @@ def create_app(settings: Settings, redis: Redis | None = None) -> FastAPI:
         version=__version__,
         description="Register callbacks per project and event; query their delivery history.",
         lifespan=lifespan,
+        # Metrics are Prometheus' (/metrics); FastAPI's OpenTelemetry hooks would only look
+        # for providers on every request.
+        telemetry={"tracing": False, "metrics": False, "logs": False},
     )
     install_error_handlers(app)
     # The last added is the outermost: the request id wraps the limits' refusals too.
