@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from dispatcher import metrics
+from dispatcher.batch import Batcher
 from dispatcher.connections import connect
 from dispatcher.errors import InvalidInput
 from dispatcher.jobs import DeliveryJob, EventJob, Queue, new_event_id, now_ms
@@ -53,13 +54,17 @@ def event_job(
 
 class Producer:
     """Emits events through one Redis pool. Use as an async context manager, or pass an
-    existing connection (the services do)."""
+    existing connection (the services do). Concurrent `emit` calls share round trips
+    (group commit through `batcher`, the services' one when given)."""
 
-    def __init__(self, settings: Settings, redis: Redis | None = None) -> None:
+    def __init__(
+        self, settings: Settings, redis: Redis | None = None, *, batcher: Batcher | None = None
+    ) -> None:
         self.settings = settings
         self._redis = redis
         self._owns_redis = redis is None
         self._queue: Queue | None = None
+        self._batcher = batcher
 
     async def __aenter__(self) -> Producer:
         if self._redis is None:
@@ -77,7 +82,7 @@ class Producer:
     async def close(self) -> None:
         if self._owns_redis and self._redis is not None:
             await self._redis.aclose()
-            self._redis = None
+            self._redis = self._queue = self._batcher = None
 
     @property
     def queue(self) -> Queue:
@@ -86,6 +91,12 @@ class Producer:
         if self._queue is None:
             self._queue = Queue(self._redis, self.settings.queue_name)
         return self._queue
+
+    @property
+    def batcher(self) -> Batcher:
+        if self._batcher is None:
+            self._batcher = Batcher(self.queue.redis, window=0)
+        return self._batcher
 
     async def emit(
         self,
@@ -100,7 +111,7 @@ class Producer:
         An `event_id` of your own makes the call idempotent while that event is queued.
         """
         job = event_job(project_id, event, data, event_id)
-        await self.queue.enqueue(job)
+        await self.batcher.execute(lambda pipe: self.queue.push(pipe, job))
         metrics.EVENTS_EMITTED.inc()
         return job.id
 
