@@ -3,7 +3,8 @@ delivery). The Python API; the CLI and the HTTP routes reach it through the serv
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import re
+from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -14,7 +15,7 @@ from dispatcher.connections import connect
 from dispatcher.errors import InvalidInput
 from dispatcher.jobs import DeliveryJob, EventJob, Queue, new_event_id, now_ms
 from dispatcher.lua import run_pipeline
-from dispatcher.models import parse_event
+from dispatcher.models import EVENT_ID_PATTERN, parse_event
 
 if TYPE_CHECKING:
     from types import TracebackType
@@ -25,19 +26,26 @@ if TYPE_CHECKING:
     from dispatcher.models import HistoryRecord
     from dispatcher.settings import Settings
 
-__all__ = ["Producer", "emit"]
+__all__ = ["Producer", "emit", "event_job", "wire_event_job"]
+
+_EVENT_ID = re.compile(EVENT_ID_PATTERN)
 
 
 def event_job(
     project_id: str, event: str, data: Mapping[str, Any] | None, event_id: str | None = None
 ) -> EventJob:
-    """A checked event: a known name, a project, a JSON object the queue can hold."""
+    """A checked event: a known name, a project, a JSON object the queue can hold, an
+    event id (when given) of 1-128 letters, digits and `_.:-`."""
     if not project_id:
         raise InvalidInput("projectId is required", param="projectId")
     if data is None:
         data = {}
     if not isinstance(data, Mapping):
         raise InvalidInput("data must be a JSON object", param="data")
+    if event_id is not None and not _EVENT_ID.match(event_id):
+        raise InvalidInput(
+            "eventId must be 1-128 letters, digits, '_', '.', ':' or '-'", param="eventId"
+        )
     job = EventJob(
         id=event_id or new_event_id(),
         project_id=project_id,
@@ -50,6 +58,19 @@ def event_job(
     except orjson.JSONEncodeError as exc:
         raise InvalidInput(f"data cannot be queued: {exc}", param="data") from None
     return job
+
+
+def wire_event_job(project_id: str, entry: Any) -> EventJob:
+    """`event_job` of an event as HTTP producers send it: `{"event", "data", "eventId"?}`
+    decoded from JSON, so anything may be in it."""
+    if not isinstance(entry, dict):
+        raise InvalidInput('an event must be an object {"event", "data", "eventId"}')
+    event, event_id = entry.get("event"), entry.get("eventId")
+    if not isinstance(event, str):
+        raise InvalidInput("'event' is required: an event name", param="event")
+    if event_id is not None and not isinstance(event_id, str):
+        raise InvalidInput("eventId must be a string", param="eventId")
+    return event_job(project_id, event, entry.get("data"), event_id)
 
 
 class Producer:
@@ -119,6 +140,36 @@ class Producer:
         """Queue many `(project_id, event, data)` in one round trip; returns their ids.
         Every event is checked before any is queued."""
         jobs = [event_job(p, e, d) for p, e, d in events]
+        await self.enqueue(jobs)
+        return [job.id for job in jobs]
+
+    async def emit_each(
+        self, project_id: str, entries: Sequence[Any | InvalidInput]
+    ) -> list[str | InvalidInput]:
+        """Queue every well-formed `{"event", "data", "eventId"?}` of `entries` in one round
+        trip, whatever the others hold; returns, in order, each one's event id or why it was
+        refused (an `InvalidInput` among `entries`, say a line that could not be read,
+        stands for itself). An `eventId` already queued is not queued again."""
+        outcomes: list[str | InvalidInput] = []
+        jobs: list[EventJob] = []
+        for entry in entries:
+            if isinstance(entry, InvalidInput):
+                outcomes.append(entry)
+                continue
+            try:
+                job = wire_event_job(project_id, entry)
+            except InvalidInput as exc:
+                outcomes.append(exc)
+                continue
+            jobs.append(job)
+            outcomes.append(job.id)
+        await self.enqueue(jobs)
+        return outcomes
+
+    async def enqueue(self, jobs: Sequence[EventJob]) -> None:
+        """Queue checked events in one round trip (an id already queued stays as it is)."""
+        if not jobs:
+            return
         queue = self.queue
 
         def push_all(pipe: Pipeline) -> None:
@@ -127,7 +178,6 @@ class Producer:
 
         await run_pipeline(queue.redis, push_all)
         metrics.EVENTS_EMITTED.inc(len(jobs))
-        return [job.id for job in jobs]
 
     @staticmethod
     def redelivery_job(record: HistoryRecord) -> DeliveryJob:
