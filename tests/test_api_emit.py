@@ -31,11 +31,14 @@ async def register(api: httpx.AsyncClient, url: str) -> None:
 
 
 async def test_a_batch_of_1000_reaches_the_workers_once_each(
-    api: httpx.AsyncClient, receiver: Receiver, run_worker: RunWorker
+    api: httpx.AsyncClient, redis: Redis, receiver: Receiver, run_worker: RunWorker
 ) -> None:
     await register(api, receiver.url())
     events = [{"event": "BUILD_END", "data": {"n": n}} for n in range(1000)]
+    await redis.config_resetstat()
     response = await api.post(BATCH, json=events, headers=UID)
+    commands = await redis.info("commandstats")
+    assert commands["cmdstat_evalsha"]["calls"] == 1  # the whole batch: one command
     body = response.json()
     assert response.status_code == 200 and body["status"] == 0 and body["message"] is None
     assert (body["data"]["accepted"], body["data"]["failed"]) == (1000, 0)
