@@ -114,7 +114,8 @@ async def test_ndjson_a_broken_line_fails_that_line_only(
         for start in range(0, len(body), 7):
             yield body[start : start + 7]
 
-    response = await api.post(BATCH, content=streamed(), headers=NDJSON)
+    headers = {**UID, "Content-Type": "Application/X-NDJSON; charset=utf-8"}
+    response = await api.post(BATCH, content=streamed(), headers=headers)
     data = response.json()["data"]
     assert (data["accepted"], data["failed"]) == (2, 1)
     first, broken, last = data["results"]

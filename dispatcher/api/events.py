@@ -56,7 +56,8 @@ async def emit_batch(
     application/x-ndjson`. An entry that cannot be queued (an unknown event, a `data` that
     is not an object, a line that is not JSON) is refused alone, with its reason; the
     others are queued all the same. `data.results` has one outcome per event, in order."""
-    ndjson = request.headers.get("content-type", "").partition(";")[0].strip() == NDJSON
+    media_type = request.headers.get("content-type", "").partition(";")[0].strip().lower()
+    ndjson = media_type == NDJSON
     entries = read_events(
         await request.body(), ndjson=ndjson, limit=services.settings.emit_batch_max_events
     )
@@ -77,31 +78,30 @@ def read_events(body: bytes, *, ndjson: bool, limit: int) -> list[tuple[str, Any
     """The events of a batch body, each with where it stands (`events[3]`, `line 4`) for
     messages. A line that is not JSON becomes an `InvalidInput` in its place. A body that
     holds no event is a 400; one with more than `limit` a 413."""
-    entries: list[tuple[str, Any]]
-    if ndjson:
-        entries = [
-            (f"line {n}", _json_line(line))
-            for n, line in enumerate(body.split(b"\n"), start=1)
-            if line.strip()
-        ]
-    else:
-        try:
-            events = from_json(body, allow_inf_nan=False)
-        except ValueError as exc:
-            raise InvalidInput(f"body is not JSON: {exc}", param="body") from None
-        if not isinstance(events, list):
-            raise InvalidInput(
-                f"body must be a JSON array of events (or NDJSON, with Content-Type: {NDJSON})",
-                param="body",
-            )
-        entries = [(f"events[{i}]", event) for i, event in enumerate(events)]
-    if not entries:
-        raise InvalidInput("body holds no event", param="body")
-    if len(entries) > limit:
-        raise PayloadTooLarge(
-            f"batch of {len(entries)} events; at most {limit} per request (send several)"
+    if ndjson:  # counted before any line is parsed
+        lines = [(n, line) for n, line in enumerate(body.split(b"\n"), start=1) if line.strip()]
+        _check_count(len(lines), limit)
+        return [(f"line {n}", _json_line(line)) for n, line in lines]
+    try:
+        events = from_json(body, allow_inf_nan=False)
+    except ValueError as exc:
+        raise InvalidInput(f"body is not JSON: {exc}", param="body") from None
+    if not isinstance(events, list):
+        raise InvalidInput(
+            f"body must be a JSON array of events (or NDJSON, with Content-Type: {NDJSON})",
+            param="body",
         )
-    return entries
+    _check_count(len(events), limit)
+    return [(f"events[{i}]", event) for i, event in enumerate(events)]
+
+
+def _check_count(count: int, limit: int) -> None:
+    if not count:
+        raise InvalidInput("body holds no event", param="body")
+    if count > limit:
+        raise PayloadTooLarge(
+            f"batch of {count} events; at most {limit} per request (send several)"
+        )
 
 
 def _json_line(line: bytes) -> Any:
