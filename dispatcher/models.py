@@ -11,6 +11,7 @@ from pydantic.alias_generators import to_camel
 from dispatcher.errors import InvalidEvent
 
 __all__ = [
+    "EVENT_ID_PATTERN",
     "ApigwType",
     "CallBackHeader",
     "Callback",

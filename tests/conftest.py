@@ -17,12 +17,11 @@ import structlog
 from aiohttp import web
 from redis.asyncio import Redis
 
-from dispatcher.api import create_app
 from dispatcher.connections import connect
 from dispatcher.embedded import EmbeddedRedis
 from dispatcher.settings import Settings
 from dispatcher.worker import create_worker
-from tests.helpers import Receiver, RunWorker, make_settings, stop
+from tests.helpers import Receiver, RunWorker, app_client, make_settings, stop
 
 
 @pytest.fixture(autouse=True)
@@ -59,11 +58,8 @@ async def redis(settings: Settings) -> AsyncIterator[Redis]:
 @pytest.fixture
 async def api(settings: Settings, redis: Redis) -> AsyncIterator[httpx.AsyncClient]:
     """The real app over ASGI, lifespan included."""
-    app = create_app(settings, redis)
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://dispatcher") as client:
-            yield client
+    async with app_client(settings, redis) as client:
+        yield client
 
 
 @pytest.fixture

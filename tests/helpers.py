@@ -4,20 +4,24 @@ worker processes, and bounded waits."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import httpx
 from aiohttp import web
 from multidict import CIMultiDict
+from redis.asyncio import Redis
 
+from dispatcher.api import create_app
 from dispatcher.settings import Settings
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -40,6 +44,18 @@ def make_settings(url: str, **overrides: Any) -> Settings:
     }
     values.update(overrides)
     return Settings(**values)
+
+
+@contextlib.asynccontextmanager
+async def app_client(
+    settings: Settings, redis: Redis, **client: Any
+) -> AsyncIterator[httpx.AsyncClient]:
+    """The real app for `settings` over ASGI, lifespan included, and a client of it."""
+    app = create_app(settings, redis)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://d", **client) as api:
+            yield api
 
 
 @dataclass

@@ -11,9 +11,8 @@ import orjson
 import pytest
 from redis.asyncio import Redis
 
-from dispatcher.api import create_app
 from dispatcher.settings import Settings
-from tests.helpers import UID, Receiver, RunWorker
+from tests.helpers import UID, Receiver, RunWorker, app_client
 
 EVENTS = "/apigw/v4/projects/demo/events"
 BATCH = f"{EVENTS}/batch"
@@ -173,23 +172,20 @@ async def test_the_batch_route_has_a_body_limit_of_its_own(
             "emit_batch_max_events": 3,
         }
     )
-    app = create_app(small, redis)
     padded = [{"event": "BUILD_END", "data": {"pad": "x" * 1000}}] * 3  # about 3.2 kB
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://d") as api:
-            accepted = await api.post(BATCH, json=padded, headers=UID)
-            assert accepted.json()["data"]["accepted"] == 3
-            single = await api.post(EVENTS, json=padded[0] | {"more": "y" * 2048}, headers=UID)
-            assert single.status_code == 413
-            assert single.json()["message"] == "request body larger than 2048 bytes"
-            huge = await api.post(BATCH, json=[padded[0] | {"more": "y" * 8192}], headers=UID)
-            assert huge.status_code == 413
-            assert huge.json()["message"] == "request body larger than 8192 bytes"
-            documented = app.openapi()["paths"][BATCH.replace("apigw", "{apigwType}", 1)
-                                                 .replace("demo", "{projectId}")]  # fmt: skip
-            schema = documented["post"]["requestBody"]["content"]["application/json"]["schema"]
-            assert schema["maxItems"] == 3
+    async with app_client(small, redis) as api:
+        accepted = await api.post(BATCH, json=padded, headers=UID)
+        single = await api.post(EVENTS, json=padded[0] | {"more": "y" * 2048}, headers=UID)
+        huge = await api.post(BATCH, json=[padded[0] | {"more": "y" * 8192}], headers=UID)
+        document = (await api.get("/openapi.json")).json()
+    assert accepted.json()["data"]["accepted"] == 3
+    assert single.status_code == 413
+    assert single.json()["message"] == "request body larger than 2048 bytes"
+    assert huge.status_code == 413
+    assert huge.json()["message"] == "request body larger than 8192 bytes"
+    documented = document["paths"]["/{apigwType}/v4/projects/{projectId}/events/batch"]
+    schema = documented["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert schema["maxItems"] == 3
 
 
 async def test_event_ids_are_idempotent_across_batches_and_routes(
@@ -205,3 +201,18 @@ async def test_event_ids_are_idempotent_across_batches_and_routes(
     assert single.json()["data"] == {"eventId": "build-1", "queued": True}
     await run_worker()
     assert len(receiver.requests()) == 1
+
+
+async def test_a_batch_above_1000_goes_as_one_command_per_1000(
+    settings: Settings, redis: Redis
+) -> None:
+    """Still one round trip, but Redis may serve others between the commands."""
+    events = [{"event": "BUILD_END", "data": {"n": n}} for n in range(2500)]
+    async with app_client(
+        settings.model_copy(update={"emit_batch_max_events": 2500}), redis
+    ) as api:
+        await redis.config_resetstat()
+        response = await api.post(BATCH, json=events, headers=UID)
+    assert response.json()["data"]["accepted"] == 2500
+    assert (await redis.info("commandstats"))["cmdstat_evalsha"]["calls"] == 3
+    assert await redis.zcard(settings.queue_name) == 2500
