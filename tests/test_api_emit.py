@@ -3,16 +3,19 @@ fail alone, the limits answer in the envelope, event ids are idempotent."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
 import orjson
 import pytest
+import uvicorn
 from redis.asyncio import Redis
 
+from dispatcher.serve import api_config
 from dispatcher.settings import Settings
-from tests.helpers import UID, Receiver, RunWorker, app_client
+from tests.helpers import UID, Receiver, RunWorker, app_client, free_port, until
 
 EVENTS = "/apigw/v4/projects/demo/events"
 BATCH = f"{EVENTS}/batch"
@@ -216,3 +219,56 @@ async def test_a_batch_above_1000_goes_as_one_command_per_1000(
     assert response.json()["data"]["accepted"] == 2500
     assert (await redis.info("commandstats"))["cmdstat_evalsha"]["calls"] == 3
     assert await redis.zcard(settings.queue_name) == 2500
+
+
+async def raw_post(port: int, path: str, head: list[str], body: bytes) -> tuple[int, Any]:
+    """One HTTP/1.1 POST written by hand (the headers as a JDK client sends them)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        request = [f"POST {path} HTTP/1.1", "Host: 127.0.0.1", *head, "", ""]
+        writer.write("\r\n".join(request).encode() + body)
+        await writer.drain()
+        status_line = await reader.readline()
+        length = 0
+        while (line := await reader.readline()) not in (b"\r\n", b""):
+            name, _, value = line.decode().partition(":")
+            if name.lower() == "content-length":
+                length = int(value)
+        return int(status_line.split()[1]), orjson.loads(await reader.readexactly(length))
+    finally:
+        writer.close()
+
+
+async def test_an_h2c_upgrade_offer_is_ignored_as_the_jdk_client_sends_it(
+    settings: Settings, redis: Redis
+) -> None:
+    """Every stock JDK HttpClient offers `h2c` on a plain-http request; `dispatcher api`
+    must answer it over HTTP/1.1 with the body read (uvicorn on httptools dropped it)."""
+    server = uvicorn.Server(api_config(settings.model_copy(update={"api_port": free_port()})))
+    serving = asyncio.create_task(server.serve())
+    offer = [
+        "Connection: Upgrade, HTTP2-Settings", "Upgrade: h2c",
+        "HTTP2-Settings: AAEAAEAAAAIAAAAAAAMAAAAAAAQBAAAAAAUAAEAAAAYABgAA", "X-DEVOPS-UID: ci",
+    ]  # fmt: skip
+    array = orjson.dumps([{"event": "BUILD_END", "data": {"n": 1}}])
+    lines = b'{"event": "BUILD_START"}\n'
+    chunked = b"%x\r\n%s\r\n0\r\n\r\n" % (len(lines), lines)
+
+    async def started() -> bool:
+        return server.started
+
+    try:
+        await until(started, 10, "the API started")
+        port = server.config.port
+        answers = [
+            await raw_post(port, BATCH, [*offer, "Content-Type: application/json",
+                                         f"Content-Length: {len(array)}"], array),
+            await raw_post(port, BATCH, [*offer, "Content-Type: application/x-ndjson",
+                                         "Transfer-Encoding: chunked"], chunked),
+        ]  # fmt: skip
+    finally:
+        server.should_exit = True
+        await serving
+    assert [status for status, _ in answers] == [200, 200], answers
+    assert [body["data"]["accepted"] for _, body in answers] == [1, 1]
+    assert await redis.zcard(settings.queue_name) == 2
