@@ -114,6 +114,7 @@ class Producer:
 
     @property
     def batcher(self) -> Batcher:
+        """The group commit of `emit` (no timer: a lone call waits for nothing)."""
         if self._batcher is None:
             self._batcher = Batcher(self.queue.redis, window=0)
         return self._batcher

@@ -72,6 +72,7 @@ class Limits:
         )  # fmt: skip
 
     def body_limit(self, path: str) -> int:
+        """The largest body the route at `path` takes."""
         for pattern, limit in self.route_limits:
             if pattern.match(path):
                 return limit
@@ -113,4 +114,5 @@ class Limits:
 
 
 def too_large(limit: int) -> str:
+    """The 413's message, the same whether the length was declared or counted."""
     return f"request body larger than {limit} bytes"
