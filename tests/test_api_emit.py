@@ -101,6 +101,12 @@ async def test_every_kind_of_bad_entry_is_refused_alone(
     assert await queued_ids(redis, settings) == [first["eventId"]]
 
 
+async def chunks(chunk: bytes, count: int) -> AsyncIterator[bytes]:
+    """A body sent without its length, `count` times `chunk`."""
+    for _ in range(count):
+        yield chunk
+
+
 async def test_ndjson_a_broken_line_fails_that_line_only(
     api: httpx.AsyncClient, redis: Redis, settings: Settings
 ) -> None:
@@ -180,11 +186,13 @@ async def test_the_batch_route_has_a_body_limit_of_its_own(
         accepted = await api.post(BATCH, json=padded, headers=UID)
         single = await api.post(EVENTS, json=padded[0] | {"more": "y" * 2048}, headers=UID)
         huge = await api.post(BATCH, json=[padded[0] | {"more": "y" * 8192}], headers=UID)
+        streamed = await api.post(BATCH, content=chunks(b"x" * 3000, 3), headers=NDJSON)
         document = (await api.get("/openapi.json")).json()
     assert accepted.json()["data"]["accepted"] == 3
     assert single.status_code == 413
     assert single.json()["message"] == "request body larger than 2048 bytes"
-    assert huge.status_code == 413
+    assert huge.status_code == streamed.status_code == 413
+    assert huge.json()["message"] == streamed.json()["message"]
     assert huge.json()["message"] == "request body larger than 8192 bytes"
     documented = document["paths"]["/{apigwType}/v4/projects/{projectId}/events/batch"]
     schema = documented["post"]["requestBody"]["content"]["application/json"]["schema"]
