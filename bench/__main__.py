@@ -33,6 +33,7 @@ SCENARIOS: dict[str, Callable[[Bench], Awaitable[list[Row]]]] = {
     "fan-out": Bench.fan_out,
     "scale-out": Bench.scale_out,
     "emit": Bench.emit,
+    "http": Bench.http,
     "latency": Bench.latency,
     "memory": Bench.memory,
     "history": Bench.history,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,7 @@ from dispatcher.settings import Settings
 PROJECT = "bench"
 EVENT = "BUILD_END"
 TOKEN = "bench-secret-token"
+USER = "bench-producer"  # X-DEVOPS-UID of the HTTP producers, an admin of PROJECT
 INTERNAL_REGIONS = ["DEVNET", "OSS", "IDC"]
 BENCH_DIR = Path(__file__).resolve().parent
 RESULTS_DIR = BENCH_DIR / "results"
@@ -58,6 +60,13 @@ def event_data(n: int, emit_t: float | None = None) -> dict[str, Any]:
     if emit_t is not None:
         data["emit_t"] = emit_t
     return data
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
 
 
 def rss_kb(pid: int) -> int:

@@ -3,6 +3,10 @@
 emit      Producer.emit() of N events, `--inflight` at once          -> events/s
 enqueue   bare arq `enqueue_job` of the same payloads, same inflight  -> events/s
 batch     emit_many() of `--n` events vs as many single emit() calls -> events/s, each repeat
+emit-many emit_many() of `--n` events, `--repeats` times              -> events/s, each repeat
+http-emit the HTTP emit route at `--url`, one event a request, `--inflight` at once -> events/s
+http-batch the HTTP batch route at `--url`, `--n` events a request, `--repeats` requests
+          one after the other                                        -> events/s, each request
 latency   emit() at `--rate` events/s for `--duration` s, open loop   -> how many were sent
 ceiling   raw aiohttp POST loop to `--url`, `--concurrency` at once   -> requests/s
 http      the worker's HTTP path vs raw aiohttp to `--url`            -> CPU µs per request
@@ -24,7 +28,15 @@ from typing import Any
 import orjson
 from arq.connections import create_pool
 
-from bench.common import EVENT, PROJECT, TOKEN, bench_settings, event_data, install_uvloop
+from bench.common import (
+    EVENT,
+    PROJECT,
+    TOKEN,
+    USER,
+    bench_settings,
+    event_data,
+    install_uvloop,
+)
 from dispatcher.connections import redis_settings
 from dispatcher.jobs import FAN_OUT, job_deserializer, job_serializer
 from dispatcher.producer import Producer
@@ -90,6 +102,14 @@ async def mode_enqueue(args: argparse.Namespace) -> dict[str, Any]:
     return {"n": args.n, "seconds": seconds, "rate": args.n / seconds}
 
 
+async def _emit_many_rate(producer: Producer, n: int) -> float:
+    """events/s of one `emit_many` of `n` events (the list is built before the clock)."""
+    events = [(PROJECT, EVENT, event_data(i)) for i in range(n)]
+    started = time.perf_counter()
+    await producer.emit_many(events)
+    return n / (time.perf_counter() - started)
+
+
 async def mode_batch(args: argparse.Namespace) -> dict[str, Any]:
     settings = bench_settings(args.redis_url)
     batch_rates: list[float] = []
@@ -97,10 +117,8 @@ async def mode_batch(args: argparse.Namespace) -> dict[str, Any]:
     async with Producer(settings) as producer:
         await producer.queue.redis.ping()
         for _ in range(args.repeats):
+            batch_rates.append(await _emit_many_rate(producer, args.n))
             events = [(PROJECT, EVENT, event_data(i)) for i in range(args.n)]
-            started = time.perf_counter()
-            await producer.emit_many(events)
-            batch_rates.append(args.n / (time.perf_counter() - started))
             started = time.perf_counter()
             for project, event, data in events:
                 await producer.emit(project, event, data)
@@ -112,6 +130,61 @@ async def mode_batch(args: argparse.Namespace) -> dict[str, Any]:
         "batch_rate": statistics.median(batch_rates),
         "single_rate": statistics.median(single_rates),
     }
+
+
+async def mode_emit_many(args: argparse.Namespace) -> dict[str, Any]:
+    settings = bench_settings(args.redis_url)
+    async with Producer(settings) as producer:
+        await producer.queue.redis.ping()
+        rates = [await _emit_many_rate(producer, args.n) for _ in range(args.repeats)]
+    return {"n": args.n, "rates": rates, "rate": statistics.median(rates)}
+
+
+EVENTS_ROUTE = f"/apigw/v4/projects/{PROJECT}/events"
+JSON = {"X-DEVOPS-UID": USER, "Content-Type": "application/json"}
+
+
+async def mode_http_emit(args: argparse.Namespace) -> dict[str, Any]:
+    """What a JVM producer does: POST each event, `--inflight` keep-alive connections."""
+    import aiohttp
+
+    url = args.url + EVENTS_ROUTE
+    connector = aiohttp.TCPConnector(limit=args.inflight, keepalive_timeout=30)
+    async with aiohttp.ClientSession(connector=connector) as session:
+
+        async def one(i: int) -> None:
+            body = orjson.dumps({"event": EVENT, "data": event_data(i)})
+            async with session.post(url, data=body, headers=JSON) as response:
+                await response.read()
+                assert response.status == 200, response.status
+
+        async def warm(i: int) -> None:
+            async with session.get(args.url + "/healthz") as response:
+                await response.read()
+
+        await asyncio.gather(*(warm(i) for i in range(args.inflight)))
+        seconds = await _drive(args.n, args.inflight, one)
+    return {"n": args.n, "seconds": seconds, "rate": args.n / seconds}
+
+
+async def mode_http_batch(args: argparse.Namespace) -> dict[str, Any]:
+    """One client POSTs `--repeats` JSON arrays of `--n` events, one after the other; the
+    body is encoded inside the clock (a producer has to)."""
+    import aiohttp
+
+    url = args.url + EVENTS_ROUTE + "/batch"
+    rates: list[float] = []
+    async with aiohttp.ClientSession() as session:
+        async with session.get(args.url + "/healthz") as response:
+            await response.read()
+        for _ in range(args.repeats):
+            events = [{"event": EVENT, "data": event_data(i)} for i in range(args.n)]
+            started = time.perf_counter()
+            async with session.post(url, data=orjson.dumps(events), headers=JSON) as response:
+                answer = orjson.loads(await response.read())
+            rates.append(args.n / (time.perf_counter() - started))
+            assert response.status == 200 and answer["data"]["failed"] == 0, answer["message"]
+    return {"n": args.n, "rates": rates, "rate": statistics.median(rates)}
 
 
 async def mode_latency(args: argparse.Namespace) -> dict[str, Any]:
@@ -213,6 +286,9 @@ MODES: dict[str, Callable[[argparse.Namespace], Coroutine[Any, Any, dict[str, An
     "emit": mode_emit,
     "enqueue": mode_enqueue,
     "batch": mode_batch,
+    "emit-many": mode_emit_many,
+    "http-emit": mode_http_emit,
+    "http-batch": mode_http_batch,
     "latency": mode_latency,
     "ceiling": mode_ceiling,
     "http": mode_http,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,7 +13,7 @@ from typing import IO, Any
 
 import orjson
 
-from bench.common import BENCH_DIR, cpu_seconds, rss_kb
+from bench.common import BENCH_DIR, cpu_seconds, free_port, rss_kb
 
 PYTHON = sys.executable
 ROOT = BENCH_DIR.parent
@@ -23,7 +24,9 @@ class BenchError(RuntimeError):
 
 
 async def _spawn(
-    args: list[str], stderr: IO[bytes] | int | None = asyncio.subprocess.DEVNULL
+    args: list[str],
+    stderr: IO[bytes] | int | None = asyncio.subprocess.DEVNULL,
+    env: dict[str, str] | None = None,
 ) -> asyncio.subprocess.Process:
     return await asyncio.create_subprocess_exec(
         PYTHON,
@@ -32,6 +35,7 @@ async def _spawn(
         stdin=asyncio.subprocess.PIPE,
         stdout=asyncio.subprocess.PIPE,
         stderr=stderr,
+        env=env,
     )
 
 
@@ -59,6 +63,21 @@ async def _read_json(process: asyncio.subprocess.Process, within: float) -> dict
         await process.wait()
         raise BenchError(f"child {process.pid} exited ({process.returncode}) without a result")
     value: dict[str, Any] = orjson.loads(line)
+    return value
+
+
+async def get_json(port: int, path: str) -> dict[str, Any]:
+    """GET http://127.0.0.1:PORT/PATH on a connection of its own; the JSON body."""
+    reader, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), 5)
+    try:
+        writer.write(
+            f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n".encode()
+        )
+        await writer.drain()
+        raw = await asyncio.wait_for(reader.read(), 30)
+    finally:
+        writer.close()
+    value: dict[str, Any] = orjson.loads(raw.split(b"\r\n\r\n", 1)[1])
     return value
 
 
@@ -92,17 +111,7 @@ class Receiver:
             self.process = None
 
     async def control(self, path: str) -> dict[str, Any]:
-        reader, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", self.port), 5)
-        try:
-            writer.write(
-                f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n".encode()
-            )
-            await writer.drain()
-            raw = await asyncio.wait_for(reader.read(), 30)
-        finally:
-            writer.close()
-        value: dict[str, Any] = orjson.loads(raw.split(b"\r\n\r\n", 1)[1])
-        return value
+        return await get_json(self.port, path)
 
     async def reset(self, *, latency: bool = False) -> None:
         await self.control("/_reset?latency=1" if latency else "/_reset")
@@ -190,6 +199,52 @@ class WorkerProcess:
         if self.log is not None:
             self.log.close()
             self.log = None
+
+
+@dataclass
+class ApiProcess:
+    """`python -m dispatcher api` (uvicorn under uvloop, as a user runs it) on a free port
+    of 127.0.0.1, with default settings but the log level."""
+
+    process: asyncio.subprocess.Process
+    port: int
+    log: IO[bytes]
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    @classmethod
+    async def start(cls, redis_url: str, log_path: Path, **env: str) -> ApiProcess:
+        port = free_port()
+        environ = {
+            **os.environ, "DISPATCHER_REDIS_URL": redis_url, "DISPATCHER_API_HOST": "127.0.0.1",
+            "DISPATCHER_API_PORT": str(port), "DISPATCHER_LOG_LEVEL": "WARNING", **env,
+        }  # fmt: skip
+        log = log_path.open("wb")
+        process = await _spawn(["-m", "dispatcher", "api"], stderr=log, env=environ)
+        api = cls(process, port, log)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 30
+        while True:
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                if (await get_json(port, "/readyz")).get("data") == "ready":
+                    return api
+            if process.returncode is not None or loop.time() > deadline:
+                await api.stop()
+                raise BenchError(f"the API did not start; see {log_path}")
+            await asyncio.sleep(0.1)
+
+    def cpu_s(self) -> float:
+        return cpu_seconds(self.pid)
+
+    async def stop(self) -> None:
+        await _stop(self.process)
+        self.log.close()
 
 
 async def run_loadgen(mode: str, args: list[str], within: float) -> dict[str, Any]:

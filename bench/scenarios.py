@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from bench import history_bench
+from bench import history_bench, http_bench
 from bench.common import (
     EVENT,
     PROJECT,
@@ -46,6 +46,8 @@ class Sizes:
     emit: int
     emit_repeats: int
     batch_repeats: int
+    http_emit: int  # events per run of the HTTP emit route (and of its baseline)
+    http_batches: int  # batches of 1,000 per run of the HTTP batch route (and its baseline)
     latency_s: float
     memory_early: int
     memory_late: int
@@ -55,8 +57,10 @@ class Sizes:
     @classmethod
     def pick(cls, quick: bool) -> Sizes:
         if quick:
-            return cls(2_000, 3, 5_000, 5_000, 3, 5, 5.0, 2_000, 20_000, 100_000, 150)
-        return cls(6_000, 3, 20_000, 20_000, 3, 7, 20.0, 10_000, 100_000, 1_000_000, 300)
+            return cls(2_000, 3, 5_000, 5_000, 3, 5, 3_000, 10, 5.0, 2_000, 20_000, 100_000, 150)
+        return cls(
+            6_000, 3, 20_000, 20_000, 3, 7, 10_000, 20, 20.0, 10_000, 100_000, 1_000_000, 300
+        )
 
 
 @dataclass
@@ -378,6 +382,10 @@ class Bench:
                 "1,000 single emits", batch["single_rate"], minimum=3.0, details=batch,
             ),
         ]  # fmt: skip
+
+    async def http(self) -> list[Row]:
+        """The HTTP emit routes against the Python producer (see bench/http_bench.py)."""
+        return await http_bench.run(self)
 
     async def latency(self) -> list[Row]:
         """emit -> receiver at 200 events/s, one worker with default settings."""

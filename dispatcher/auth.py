@@ -11,10 +11,12 @@ import enum
 from typing import TYPE_CHECKING
 
 from dispatcher import keys
+from dispatcher.batch import Batcher
 from dispatcher.errors import Forbidden, InvalidInput
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
+    from redis.asyncio.client import Pipeline
 
     from dispatcher.settings import Settings
 
@@ -34,18 +36,22 @@ class Role(enum.StrEnum):
 
 
 class Roles:
-    """The role store."""
+    """The role store. Lookups go through a group commit (`batcher`, the services' one when
+    given): the checks of concurrent requests share a round trip."""
 
-    def __init__(self, redis: Redis, settings: Settings) -> None:
+    def __init__(self, redis: Redis, settings: Settings, batcher: Batcher | None = None) -> None:
         self.redis = redis
         self.open_access = settings.open_access
+        self.batcher = batcher or Batcher(redis, window=0)
 
     async def role(self, project_id: str, user: str) -> Role | None:
         """The strongest role `user` has in `project_id` (direct or through `*`)."""
-        async with self.redis.pipeline(transaction=False) as pipe:
+
+        def lookup(pipe: Pipeline) -> None:
             pipe.hget(keys.roles(project_id), user)
             pipe.hget(keys.roles(ALL_PROJECTS), user)
-            found = [Role(v.decode()) for v in await pipe.execute() if v]
+
+        found = [Role(v.decode()) for v in await self.batcher.execute(lookup) if v]
         if Role.ADMIN in found:
             return Role.ADMIN
         return found[0] if found else None

@@ -28,7 +28,9 @@ QueueCommands = Callable[["Pipeline"], None]
 
 
 class Batcher:
-    """Coalesces `execute()` calls made within `window` seconds into one pipeline."""
+    """Coalesces `execute()` calls made within `window` seconds into one pipeline. With
+    `window=0` a lone caller waits for nothing: the calls made in the same turn of the
+    event loop (the requests it read together, say) share a pipeline."""
 
     def __init__(self, redis: Redis, *, window: float = 0.0005, max_batch: int = 500) -> None:
         self.redis = redis

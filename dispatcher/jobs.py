@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -45,6 +46,7 @@ __all__ = [
 ]
 
 FAN_OUT = "fan_out"
+PUSH_CHUNK = 1000  # jobs per enqueue command of Queue.push_many (about 5 ms of Redis time)
 DELIVER = "deliver"
 POISON = "poison"
 _WIRE_FIELDS = ("f", "a", "k", "et")
@@ -237,6 +239,23 @@ return 0
 """)
 
 
+# KEYS: the queue, then each job's key. ARGV: score ms, expiry ms, then each job's bytes
+# and id. One call for many jobs: per job, the command packing and the script call were
+# most of what enqueueing a batch cost. Returns 1 (queued) or 0 (there already) per job.
+_PUSH_MANY = Lua("""
+local queued = {}
+for i = 2, #KEYS do
+  if redis.call('SET', KEYS[i], ARGV[2 * i - 1], 'NX', 'PX', ARGV[2]) then
+    redis.call('ZADD', KEYS[1], ARGV[1], ARGV[2 * i])
+    queued[i - 1] = 1
+  else
+    queued[i - 1] = 0
+  end
+end
+return queued
+""")
+
+
 class Queue:
     """Enqueue jobs for the workers of one queue, in one round trip or inside pipelines."""
 
@@ -254,6 +273,19 @@ class Queue:
             [keys.arq_job(job.job_id), self.queue_name],
             [encode(job, now), score, job.job_id, score - now + expires_extra_ms],
         )
+
+    def push_many(self, pipe: Pipeline, jobs: Sequence[Job]) -> None:
+        """Queue the enqueue of `jobs`, due now, on `pipe`: one command per `PUSH_CHUNK` jobs
+        (so that Redis serves others between them), each answering with a list of 1 for a
+        job queued, 0 for one whose id was there already."""
+        now = now_ms()
+        for start in range(0, len(jobs), PUSH_CHUNK):
+            job_keys = [self.queue_name]
+            args: list[str | bytes | int] = [now, expires_extra_ms]
+            for job in jobs[start : start + PUSH_CHUNK]:
+                job_keys.append(keys.arq_job(job.job_id))
+                args += (encode(job, now), job.job_id)
+            _PUSH_MANY.queue(pipe, job_keys, args)
 
     async def enqueue(self, job: Job, *, defer_s: float = 0.0) -> bool:
         """Enqueue one job now; False when that job id is already queued or running."""

@@ -11,12 +11,15 @@ from pydantic.alias_generators import to_camel
 from dispatcher.errors import InvalidEvent
 
 __all__ = [
+    "EVENT_ID_PATTERN",
     "ApigwType",
     "CallBackHeader",
     "Callback",
     "CallbackPage",
     "CreateCallBackResult",
     "DeliveryStatus",
+    "EmitBatchResult",
+    "EmitOutcome",
     "EmitRequest",
     "EmitResult",
     "Event",
@@ -30,6 +33,8 @@ __all__ = [
 ]
 
 T = TypeVar("T")
+# An event id of the producer's own (its idempotency key): what it may hold.
+EVENT_ID_PATTERN = r"^[A-Za-z0-9_.:-]{1,128}$"
 
 
 class Event(enum.StrEnum):
@@ -206,7 +211,7 @@ class EmitRequest(_Model):
     event_id: str | None = Field(
         default=None,
         max_length=128,
-        pattern=r"^[A-Za-z0-9_.:-]+$",
+        pattern=EVENT_ID_PATTERN,
         description="Optional idempotency key; generated when absent.",
     )
 
@@ -222,3 +227,20 @@ class EmitResult(_Model):
 
     event_id: str
     queued: bool
+
+
+class EmitOutcome(_Model):
+    """One event of a batch: its id once queued, or why it was refused (the others were
+    queued all the same)."""
+
+    event_id: str | None = None
+    error: str | None = None
+
+
+class EmitBatchResult(_Model):
+    """What a batch emit queued: how many events were accepted and refused, and one outcome
+    per event, in the order sent."""
+
+    accepted: int
+    failed: int
+    results: list[EmitOutcome]

@@ -4,29 +4,32 @@ delivery). The Python API; the CLI and the HTTP routes reach it through the serv
 from __future__ import annotations
 
 import asyncio
+import re
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import orjson
 
 from dispatcher import metrics
+from dispatcher.batch import Batcher
 from dispatcher.connections import REDIS_ERRORS, connect
 from dispatcher.errors import InvalidInput, Unavailable
 from dispatcher.jobs import DeliveryJob, EventJob, Queue, new_event_id, now_ms
 from dispatcher.lua import run_pipeline
-from dispatcher.models import parse_event
+from dispatcher.models import EVENT_ID_PATTERN, parse_event
 
 if TYPE_CHECKING:
     from types import TracebackType
 
     from redis.asyncio import Redis
-    from redis.asyncio.client import Pipeline
 
     from dispatcher.models import HistoryRecord
     from dispatcher.settings import Settings
 
-__all__ = ["Producer", "emit"]
+__all__ = ["Producer", "emit", "event_job", "wire_event_job"]
+
+_EVENT_ID = re.compile(EVENT_ID_PATTERN)
 
 T = TypeVar("T")
 # what waiting for Redis looks like: its errors, or no answer within the wait
@@ -36,13 +39,18 @@ _UNANSWERED: tuple[type[Exception], ...] = (*REDIS_ERRORS, TimeoutError)
 def event_job(
     project_id: str, event: str, data: Mapping[str, Any] | None, event_id: str | None = None
 ) -> EventJob:
-    """A checked event: a known name, a project, a JSON object the queue can hold."""
+    """A checked event: a known name, a project, a JSON object the queue can hold, an
+    event id (when given) of 1-128 letters, digits and `_.:-`."""
     if not project_id:
         raise InvalidInput("projectId is required", param="projectId")
     if data is None:
         data = {}
     if not isinstance(data, Mapping):
         raise InvalidInput("data must be a JSON object", param="data")
+    if event_id is not None and not _EVENT_ID.match(event_id):
+        raise InvalidInput(
+            "eventId must be 1-128 letters, digits, '_', '.', ':' or '-'", param="eventId"
+        )
     job = EventJob(
         id=event_id or new_event_id(),
         project_id=project_id,
@@ -57,15 +65,32 @@ def event_job(
     return job
 
 
+def wire_event_job(project_id: str, entry: Any) -> EventJob:
+    """`event_job` of an event as HTTP producers send it: `{"event", "data", "eventId"?}`
+    decoded from JSON, so anything may be in it."""
+    if not isinstance(entry, dict):
+        raise InvalidInput('an event must be an object {"event", "data", "eventId"}')
+    event, event_id = entry.get("event"), entry.get("eventId")
+    if not isinstance(event, str):
+        raise InvalidInput("'event' is required: an event name", param="event")
+    if event_id is not None and not isinstance(event_id, str):
+        raise InvalidInput("eventId must be a string", param="eventId")
+    return event_job(project_id, event, entry.get("data"), event_id)
+
+
 class Producer:
     """Emits events through one Redis pool. Use as an async context manager, or pass an
-    existing connection (the services do)."""
+    existing connection (the services do). Concurrent `emit` calls share round trips
+    (group commit through `batcher`, the services' one when given)."""
 
-    def __init__(self, settings: Settings, redis: Redis | None = None) -> None:
+    def __init__(
+        self, settings: Settings, redis: Redis | None = None, *, batcher: Batcher | None = None
+    ) -> None:
         self.settings = settings
         self._redis = redis
         self._owns_redis = redis is None
         self._queue: Queue | None = None
+        self._batcher = batcher
 
     async def __aenter__(self) -> Producer:
         if self._redis is None:
@@ -83,7 +108,7 @@ class Producer:
     async def close(self) -> None:
         if self._owns_redis and self._redis is not None:
             await self._redis.aclose()
-            self._redis = None
+            self._redis = self._queue = self._batcher = None
 
     @property
     def queue(self) -> Queue:
@@ -92,6 +117,13 @@ class Producer:
         if self._queue is None:
             self._queue = Queue(self._redis, self.settings.queue_name)
         return self._queue
+
+    @property
+    def batcher(self) -> Batcher:
+        """The group commit of `emit` (no timer: a lone call waits for nothing)."""
+        if self._batcher is None:
+            self._batcher = Batcher(self.queue.redis, window=0)
+        return self._batcher
 
     async def emit(
         self,
@@ -106,7 +138,7 @@ class Producer:
         An `event_id` of your own makes the call idempotent while that event is queued.
         """
         job = event_job(project_id, event, data, event_id)
-        await self._patiently(lambda: self.queue.enqueue(job))
+        await self._patiently(lambda: self.batcher.execute(lambda pipe: self.queue.push(pipe, job)))
         metrics.EVENTS_EMITTED.inc()
         return job.id
 
@@ -120,15 +152,42 @@ class Producer:
         their ids. Every event is checked before any is queued. With event ids of your own,
         emitting the same list again is safe (what is still queued is not queued twice)."""
         jobs = [event_job(*event) for event in events]
-        queue = self.queue
-
-        def push_all(pipe: Pipeline) -> None:
-            for job in jobs:
-                queue.push(pipe, job)
-
-        await self._patiently(lambda: run_pipeline(queue.redis, push_all))
-        metrics.EVENTS_EMITTED.inc(len(jobs))
+        await self.enqueue(jobs)
         return [job.id for job in jobs]
+
+    async def emit_each(
+        self, project_id: str, entries: Sequence[Any | InvalidInput]
+    ) -> list[str | InvalidInput]:
+        """Queue every well-formed `{"event", "data", "eventId"?}` of `entries` in one round
+        trip, whatever the others hold; returns, in order, each one's event id or why it was
+        refused (an `InvalidInput` among `entries`, say a line that could not be read,
+        stands for itself). An `eventId` already queued is not queued again."""
+        outcomes: list[str | InvalidInput] = []
+        jobs: list[EventJob] = []
+        for entry in entries:
+            if isinstance(entry, InvalidInput):
+                outcomes.append(entry)
+                continue
+            try:
+                job = wire_event_job(project_id, entry)
+            except InvalidInput as exc:
+                outcomes.append(exc)
+                continue
+            jobs.append(job)
+            outcomes.append(job.id)
+        await self.enqueue(jobs)
+        return outcomes
+
+    async def enqueue(self, jobs: Sequence[EventJob]) -> None:
+        """Queue checked events in one round trip, one command (an id already queued stays
+        as it is)."""
+        if not jobs:
+            return
+        queue = self.queue
+        await self._patiently(
+            lambda: run_pipeline(queue.redis, lambda pipe: queue.push_many(pipe, jobs))
+        )
+        metrics.EVENTS_EMITTED.inc(len(jobs))
 
     async def _patiently(self, enqueue: Callable[[], Awaitable[T]]) -> T:
         """Run `enqueue`, waiting out a Redis that does not answer for up to

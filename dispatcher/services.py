@@ -12,6 +12,7 @@ import contextlib
 from typing import TYPE_CHECKING
 
 from dispatcher.auth import Roles
+from dispatcher.batch import Batcher
 from dispatcher.connections import connect
 from dispatcher.egress import policy_for
 from dispatcher.health import Health
@@ -56,8 +57,10 @@ class Services:
         self.history = History(redis, settings)
         self.health = Health(redis, self.registry, settings)
         self.queue = Queue(redis, settings.queue_name)
-        self.roles = Roles(redis, settings)
-        self.producer = Producer(settings, redis)
+        # group commit of the API's small round trips (role checks, single emits)
+        self.batcher = Batcher(redis, window=0)
+        self.roles = Roles(redis, settings, self.batcher)
+        self.producer = Producer(settings, redis, batcher=self.batcher)
         self.policies = {region: policy_for(settings, region) for region in Region}
 
     @classmethod

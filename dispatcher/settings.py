@@ -71,6 +71,19 @@ class Settings(BaseSettings):
     gateway_token: SecretStr | None = Field(
         default=None, description="When set, every API request must carry X-DEVOPS-GATEWAY-TOKEN."
     )
+    api_max_body_bytes: int = Field(
+        default=1024 * 1024,
+        ge=1024,
+        description="Largest request body of every route but the batch emit route (bytes).",
+    )
+    emit_batch_max_events: int = Field(
+        default=1000, ge=1, le=100_000, description="Most events in one batch emit request."
+    )
+    emit_batch_max_bytes: int = Field(
+        default=8 * 1024 * 1024,
+        ge=1024,
+        description="Largest body of the batch emit route (bytes).",
+    )
 
     # Worker
     worker_max_jobs: int = Field(default=200, ge=1, description="Jobs run at once per worker.")

@@ -48,13 +48,17 @@ def make_settings(url: str, **overrides: Any) -> Settings:
 
 
 @asynccontextmanager
-async def app_client(settings: Settings, redis: Redis) -> AsyncIterator[httpx.AsyncClient]:
-    """A client of the real app over ASGI, lifespan included, on `redis`."""
+async def app_client(
+    settings: Settings, redis: Redis, **client: Any
+) -> AsyncIterator[httpx.AsyncClient]:
+    """The real app for `settings` over ASGI, lifespan included, and a client of it."""
     app = create_app(settings, redis)
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://dispatcher") as client:
-            yield client
+        async with httpx.AsyncClient(
+            transport=transport, base_url="http://dispatcher", **client
+        ) as api:
+            yield api
 
 
 @dataclass
@@ -125,7 +129,7 @@ async def serving(handle: Handler) -> AsyncIterator[str]:
     app.router.add_route("*", "/{tail:.*}", handle)
     runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=0.1)
     await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
+    site = web.TCPSite(runner, "127.0.0.1", 0, backlog=1024)  # a worker opens 200 at once
     await site.start()
     port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
     try:

@@ -54,12 +54,16 @@ async def test_gateway_token_is_required_when_configured(strict_api: httpx.Async
     assert probe.status_code == 200  # probes come from inside, not through the gateway
 
 
-async def test_roles_decide_who_may_do_what(
-    strict_api: httpx.AsyncClient, redis: Redis, strict_settings: Settings
-) -> None:
+@pytest.fixture
+async def roles(redis: Redis, strict_settings: Settings) -> Roles:
+    """`admin-user` and `member-user` of project demo."""
     roles = Roles(redis, strict_settings)
     await roles.grant("demo", "admin-user", Role.ADMIN)
     await roles.grant("demo", "member-user", Role.MEMBER)
+    return roles
+
+
+async def test_roles_decide_who_may_do_what(strict_api: httpx.AsyncClient, roles: Roles) -> None:
     await roles.grant(ALL_PROJECTS, "platform", Role.ADMIN)
 
     nobody = await strict_api.post(CALLBACKS, params=CREATE, headers=as_user("stranger"))
@@ -234,3 +238,14 @@ async def test_every_producer_counts_emitted_events(
     await producer.emit("demo", "BUILD_END", {})
     await producer.emit_many([("demo", "BUILD_END", {})] * 3)
     assert _emitted() == before + 5
+
+
+async def test_the_batch_emit_route_needs_the_admin_role(
+    strict_api: httpx.AsyncClient, roles: Roles, redis: Redis, strict_settings: Settings
+) -> None:
+    batch, events = "/apigw/v4/projects/demo/events/batch", [{"event": "BUILD_END"}]
+    member = await strict_api.post(batch, json=events, headers=as_user("member-user"))
+    assert member.status_code == 403 and "(has member)" in member.json()["message"]
+    assert await redis.zcard(strict_settings.queue_name) == 0
+    admin = await strict_api.post(batch, json=events, headers=as_user("admin-user"))
+    assert admin.json()["data"]["accepted"] == 1

@@ -1,5 +1,5 @@
 """Group commit: concurrent callers share a pipeline, get their own results and errors, and
-survive Redis forgetting its scripts."""
+survive Redis forgetting its scripts; the API's role checks and emits use it."""
 
 from __future__ import annotations
 
@@ -9,8 +9,12 @@ import pytest
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
+from dispatcher.auth import Role
 from dispatcher.batch import Batcher
+from dispatcher.errors import Forbidden
 from dispatcher.lua import Lua, run_pipeline
+from dispatcher.services import Services
+from dispatcher.settings import Settings
 
 ECHO = Lua("return ARGV[1] .. ':' .. KEYS[1]")
 
@@ -59,3 +63,31 @@ async def test_a_dead_connection_fails_every_waiting_caller() -> None:
     with pytest.raises((RedisConnectionError, OSError)):
         await batcher.execute(lambda pipe: pipe.get("x"))
     await nowhere.aclose()
+
+
+async def test_role_checks_and_emits_of_concurrent_requests_share_round_trips(
+    redis: Redis, settings: Settings
+) -> None:
+    """What the API does per emit request (a role check, an enqueue), 40 at once: a few
+    connections between them, not one each, and every caller gets its own answer."""
+    strict = settings.model_copy(update={"open_access": False})
+    services = Services(strict, redis)
+    await services.roles.grant("demo", "admin-user", Role.ADMIN)
+    await redis.ping()  # the pool's first connection
+
+    async def request(user: str, n: int) -> str:
+        await services.roles.require("demo", user, Role.ADMIN)
+        return await services.producer.emit("demo", "BUILD_END", {"n": n})
+
+    opened = int((await redis.info("stats"))["total_connections_received"])
+    users = ["admin-user", "stranger"] * 20
+    answers = await asyncio.gather(
+        *(request(user, n) for n, user in enumerate(users)), return_exceptions=True
+    )
+    opened = int((await redis.info("stats"))["total_connections_received"]) - opened
+    assert opened <= 2  # one each: 40
+    assert all(isinstance(a, Forbidden) for a in answers[1::2])
+    ids = answers[::2]
+    assert all(isinstance(i, str) for i in ids) and len(set(ids)) == 20
+    queued = await redis.zrange(settings.queue_name, 0, -1)
+    assert sorted(i.decode() for i in queued) == sorted(ids)  # type: ignore[union-attr]

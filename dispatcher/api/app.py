@@ -22,9 +22,8 @@ if TYPE_CHECKING:
 
     from dispatcher.settings import Settings
 
-__all__ = ["MAX_BODY_BYTES", "create_app"]
+__all__ = ["create_app"]
 
-MAX_BODY_BYTES = 1024 * 1024
 DOCS_STATIC = "/docs-static"
 
 
@@ -43,13 +42,18 @@ def create_app(settings: Settings, redis: Redis | None = None) -> FastAPI:
         version=__version__,
         description="Register callbacks per project and event; query their delivery history.",
         lifespan=lifespan,
+        # Metrics are Prometheus' (/metrics); FastAPI's OpenTelemetry hooks would only look
+        # for providers on every request.
+        telemetry={"tracing": False, "metrics": False, "logs": False},
     )
     install_error_handlers(app)
     # The last added is the outermost: the request id wraps the limits' refusals too.
-    app.add_middleware(Limits, settings=settings, max_body_bytes=MAX_BODY_BYTES)
+    batch_limit = {events.BATCH_PATH: settings.emit_batch_max_bytes}
+    app.add_middleware(Limits, settings=settings, body_limits=batch_limit)
     app.add_middleware(RequestId)
-    for router in (callbacks.router, *history.routers, events.router, operator.router,
-                   probes.router):  # fmt: skip
+    # Routes are matched in order: the producers', which take the volume, come first.
+    for router in (events.router(settings), callbacks.router, *history.routers,
+                   operator.router, probes.router):  # fmt: skip
         app.include_router(router)
     console.install(app, settings)
     return app

@@ -46,7 +46,9 @@ PageSizeQuery = Annotated[
 ]
 
 
-def get_services(request: Request) -> Services:
+async def get_services(request: Request) -> Services:
+    """The process's services (async: FastAPI runs a plain `def` dependency in a thread
+    pool, which cost a thread hop on every request)."""
     services: Services = request.app.state.services
     return services
 

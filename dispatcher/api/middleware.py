@@ -10,10 +10,13 @@ from typing import TYPE_CHECKING
 import structlog
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.exceptions import HTTPException
+from starlette.routing import compile_path
 
 from dispatcher.api.errors import REQUEST_ID_KEY, envelope
 
 if TYPE_CHECKING:
+    from collections.abc import Mapping
+
     from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
     from dispatcher.settings import Settings
@@ -49,23 +52,38 @@ class RequestId:
 
 
 class Limits:
-    """Refuses what must not reach a route: an oversized query string (400), a declared
-    body beyond the largest any route takes (413; each route enforces its own limit while
-    reading), and, when a gateway token is configured, a request without it (401)."""
+    """Refuses what must not reach a route: an oversized query string (400), a body beyond
+    the route's limit (413: a declared length at once, a body sent without one as soon as
+    it grows past the limit), and, when a gateway token is configured, a request without
+    it (401). Every route takes `DISPATCHER_API_MAX_BODY_BYTES`, but those named in
+    `body_limits` (route path -> bytes)."""
 
-    def __init__(self, app: ASGIApp, settings: Settings, max_body_bytes: int) -> None:
+    def __init__(
+        self, app: ASGIApp, settings: Settings, body_limits: Mapping[str, int] | None = None
+    ) -> None:
         self.app = app
-        self.max_body_bytes = max_body_bytes
+        self.max_body_bytes = settings.api_max_body_bytes
+        self.route_limits = [
+            (compile_path(path)[0], limit) for path, limit in (body_limits or {}).items()
+        ]
         self.gateway_token = (
             None if settings.gateway_token is None
             else settings.gateway_token.get_secret_value().encode()
         )  # fmt: skip
 
+    def body_limit(self, path: str) -> int:
+        """The largest body the route at `path` takes."""
+        for pattern, limit in self.route_limits:
+            if pattern.match(path):
+                return limit
+        return self.max_body_bytes
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        refusal = self.refusal(scope)
+        limit = self.body_limit(scope["path"])
+        refusal = self.refusal(scope, limit)
         if refusal is not None:
             await refusal(scope, receive, send)
             return
@@ -75,25 +93,26 @@ class Limits:
             nonlocal received
             message = await receive()
             received += len(message.get("body", b""))
-            if received > self.max_body_bytes:  # a body sent without its length
-                raise HTTPException(413, self.too_large)
+            if received > limit:  # a body sent without its length
+                raise HTTPException(413, too_large(limit))
             return message
 
         await self.app(scope, receive_within_limit, send)
 
-    @property
-    def too_large(self) -> str:
-        return f"request body larger than {self.max_body_bytes} bytes"
-
-    def refusal(self, scope: Scope) -> ASGIApp | None:
+    def refusal(self, scope: Scope, limit: int) -> ASGIApp | None:
         if len(scope.get("query_string", b"")) > MAX_QUERY_BYTES:
             return envelope(400, f"query string longer than {MAX_QUERY_BYTES} bytes")
         headers = Headers(scope=scope)
         length = headers.get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > self.max_body_bytes):
-            return envelope(413, self.too_large)
+        if length is not None and (not length.isdigit() or int(length) > limit):
+            return envelope(413, too_large(limit))
         if self.gateway_token is not None and scope["path"] not in UNGATED:
             given = headers.get("x-devops-gateway-token", "").encode()
             if not hmac.compare_digest(given, self.gateway_token):
                 return envelope(401, "missing or wrong X-DEVOPS-GATEWAY-TOKEN")
         return None
+
+
+def too_large(limit: int) -> str:
+    """The 413's message, the same whether the length was declared or counted."""
+    return f"request body larger than {limit} bytes"

@@ -1,0 +1,282 @@
+"""The HTTP emit routes: a batch (JSON array or NDJSON) reaches the workers, bad entries
+fail alone, the limits answer in the envelope, event ids are idempotent."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+import uvicorn
+from redis.asyncio import Redis
+
+from dispatcher.serve import api_config
+from dispatcher.settings import Settings
+from tests.helpers import UID, Receiver, RunWorker, app_client, free_port, until
+
+EVENTS = "/apigw/v4/projects/demo/events"
+BATCH = f"{EVENTS}/batch"
+NDJSON = {**UID, "Content-Type": "application/x-ndjson"}
+
+
+async def queued_ids(redis: Redis, settings: Settings) -> list[str]:
+    return sorted(i.decode() for i in await redis.zrange(settings.queue_name, 0, -1))
+
+
+async def register(api: httpx.AsyncClient, url: str) -> None:
+    params = {"event": "BUILD_END,BUILD_START", "region": "DEVNET", "url": url}
+    response = await api.post("/apigw/v4/projects/demo/callbacks/batch", params=params, headers=UID)
+    assert response.json()["data"]["successEvents"] == ["BUILD_END", "BUILD_START"]
+
+
+async def test_a_batch_of_1000_reaches_the_workers_once_each(
+    api: httpx.AsyncClient, redis: Redis, receiver: Receiver, run_worker: RunWorker
+) -> None:
+    await register(api, receiver.url())
+    events = [{"event": "BUILD_END", "data": {"n": n}} for n in range(1000)]
+    await redis.config_resetstat()
+    response = await api.post(BATCH, json=events, headers=UID)
+    commands = await redis.info("commandstats")
+    assert commands["cmdstat_evalsha"]["calls"] == 1  # the whole batch: one command
+    body = response.json()
+    assert response.status_code == 200 and body["status"] == 0 and body["message"] is None
+    assert (body["data"]["accepted"], body["data"]["failed"]) == (1000, 0)
+    ids = [result["eventId"] for result in body["data"]["results"]]
+    assert len(set(ids)) == 1000 and all(r["error"] is None for r in body["data"]["results"])
+    await run_worker()
+    seen = receiver.requests()
+    assert len(seen) == 1000
+    sent = {orjson.loads(s.body)["data"]["n"]: s.headers["X-DEVOPS-DELIVERY-ID"] for s in seen}
+    assert sorted(sent) == list(range(1000))  # every event once, none twice
+    assert [sent[n].partition(".")[0] for n in range(1000)] == ids  # results are in order
+
+
+async def test_bad_entries_fail_alone_and_are_named(
+    api: httpx.AsyncClient, redis: Redis, settings: Settings
+) -> None:
+    events: list[Any] = [
+        {"event": "BUILD_END", "data": {"n": 0}},
+        {"event": "NOPE", "data": {}},
+        {"event": "BUILD_START"},
+        {"event": "BUILD_END", "data": [1, 2]},
+        {"event": "BUILD_END", "data": {"n": 4}, "eventId": "build-4"},
+    ]
+    response = await api.post(BATCH, json=events, headers=UID)
+    body = response.json()
+    assert (
+        response.status_code == 200 and body["message"] == "2 of 5 events refused; see data.results"
+    )
+    data = body["data"]
+    assert (data["accepted"], data["failed"]) == (3, 2)
+    errors = [result["error"] for result in data["results"]]
+    assert errors[1].startswith("events[1]: unknown event 'NOPE'")
+    assert errors[3] == "events[3]: data must be a JSON object"
+    assert [errors[0], errors[2], errors[4]] == [None, None, None]
+    assert data["results"][4]["eventId"] == "build-4"
+    good = [data["results"][i]["eventId"] for i in (0, 2, 4)]
+    assert await queued_ids(redis, settings) == sorted(good)
+
+
+@pytest.mark.parametrize(
+    ("entry", "error"),
+    [
+        ([1, 2], 'an event must be an object {"event", "data", "eventId"}'),
+        ({"data": {}}, "'event' is required: an event name"),
+        ({"event": 7}, "'event' is required: an event name"),
+        ({"event": "BUILD_END", "eventId": 7}, "eventId must be a string"),
+        ({"event": "BUILD_END", "eventId": "no spaces"}, "eventId must be 1-128 letters"),
+        ({"event": "BUILD_END", "eventId": "x" * 129}, "eventId must be 1-128 letters"),
+        ({"event": "BUILD_END", "data": {"big": 2**70}}, "data cannot be queued"),
+    ],
+)
+async def test_every_kind_of_bad_entry_is_refused_alone(
+    api: httpx.AsyncClient, redis: Redis, settings: Settings, entry: Any, error: str
+) -> None:
+    response = await api.post(BATCH, json=[{"event": "BUILD_END"}, entry], headers=UID)
+    first, second = response.json()["data"]["results"]
+    assert second["eventId"] is None and second["error"].startswith(f"events[1]: {error}")
+    assert await queued_ids(redis, settings) == [first["eventId"]]
+
+
+async def chunks(chunk: bytes, count: int) -> AsyncIterator[bytes]:
+    """A body sent without its length, `count` times `chunk`."""
+    for _ in range(count):
+        yield chunk
+
+
+async def test_ndjson_a_broken_line_fails_that_line_only(
+    api: httpx.AsyncClient, redis: Redis, settings: Settings
+) -> None:
+    lines = [
+        b'{"event": "BUILD_START", "data": {"n": 1}}',
+        b'{"event": "BUILD_END", "data": {"n": 2}',  # cut short
+        b"",  # blank lines are skipped
+        b'{"event": "BUILD_END", "data": {"n": 4}}\r',
+    ]
+
+    async def streamed() -> AsyncIterator[bytes]:  # no Content-Length, cut mid-line
+        body = b"\n".join(lines) + b"\n"
+        for start in range(0, len(body), 7):
+            yield body[start : start + 7]
+
+    headers = {**UID, "Content-Type": "Application/X-NDJSON; charset=utf-8"}
+    response = await api.post(BATCH, content=streamed(), headers=headers)
+    data = response.json()["data"]
+    assert (data["accepted"], data["failed"]) == (2, 1)
+    first, broken, last = data["results"]
+    assert broken == {
+        "eventId": None,
+        "error": "line 2: not JSON: EOF while parsing an object at column 39",
+    }
+    assert await queued_ids(redis, settings) == sorted([first["eventId"], last["eventId"]])
+
+
+@pytest.mark.parametrize(
+    ("content", "headers", "message"),
+    [
+        (b"not json", UID, "body is not JSON"),
+        (b'{"event": "BUILD_END"}', UID, "body must be a JSON array of events"),
+        (b"[]", UID, "body holds no event"),
+        (b"\n \n", NDJSON, "body holds no event"),
+    ],
+)
+async def test_unreadable_batches_are_400s(
+    api: httpx.AsyncClient, content: bytes, headers: dict[str, str], message: str
+) -> None:
+    response = await api.post(
+        BATCH, content=content, headers={"Content-Type": "application/json", **headers}
+    )
+    assert response.status_code == 400
+    body = response.json()
+    assert body["status"] == 400 and body["data"] is None and message in body["message"]
+
+
+async def test_oversized_batches_are_413s_and_queue_nothing(
+    api: httpx.AsyncClient, redis: Redis, settings: Settings
+) -> None:
+    too_many = [{"event": "BUILD_END"}] * 1001
+    response = await api.post(BATCH, json=too_many, headers=UID)
+    assert response.status_code == 413
+    assert response.json() == {
+        "data": None,
+        "message": "batch of 1001 events; at most 1000 per request (send several)",
+        "status": 413,
+    }
+    lines = b"\n".join([b'{"event": "BUILD_END"}'] * 1001)
+    assert (await api.post(BATCH, content=lines, headers=NDJSON)).status_code == 413
+    assert await queued_ids(redis, settings) == []
+
+
+async def test_the_batch_route_has_a_body_limit_of_its_own(
+    settings: Settings, redis: Redis
+) -> None:
+    """Its bodies may exceed the other routes' limit, up to its own."""
+    small = settings.model_copy(
+        update={
+            "api_max_body_bytes": 2048,
+            "emit_batch_max_bytes": 8192,
+            "emit_batch_max_events": 3,
+        }
+    )
+    padded = [{"event": "BUILD_END", "data": {"pad": "x" * 1000}}] * 3  # about 3.2 kB
+    async with app_client(small, redis) as api:
+        accepted = await api.post(BATCH, json=padded, headers=UID)
+        single = await api.post(EVENTS, json=padded[0] | {"more": "y" * 2048}, headers=UID)
+        huge = await api.post(BATCH, json=[padded[0] | {"more": "y" * 8192}], headers=UID)
+        streamed = await api.post(BATCH, content=chunks(b"x" * 3000, 3), headers=NDJSON)
+        document = (await api.get("/openapi.json")).json()
+    assert accepted.json()["data"]["accepted"] == 3
+    assert single.status_code == 413
+    assert single.json()["message"] == "request body larger than 2048 bytes"
+    assert huge.status_code == streamed.status_code == 413
+    assert huge.json()["message"] == streamed.json()["message"]
+    assert huge.json()["message"] == "request body larger than 8192 bytes"
+    documented = document["paths"]["/{apigwType}/v4/projects/{projectId}/events/batch"]
+    schema = documented["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert schema["maxItems"] == 3
+
+
+async def test_event_ids_are_idempotent_across_batches_and_routes(
+    api: httpx.AsyncClient, receiver: Receiver, run_worker: RunWorker
+) -> None:
+    await register(api, receiver.url())
+    once = {"event": "BUILD_END", "data": {"n": 1}, "eventId": "build-1"}
+    first = await api.post(BATCH, json=[once, once], headers=UID)
+    assert [r["eventId"] for r in first.json()["data"]["results"]] == ["build-1", "build-1"]
+    again = await api.post(BATCH, content=orjson.dumps(once), headers=NDJSON)
+    assert again.json()["data"]["results"] == [{"eventId": "build-1", "error": None}]
+    single = await api.post(EVENTS, json=once, headers=UID)
+    assert single.json()["data"] == {"eventId": "build-1", "queued": True}
+    await run_worker()
+    assert len(receiver.requests()) == 1
+
+
+async def test_a_batch_above_1000_goes_as_one_command_per_1000(
+    settings: Settings, redis: Redis
+) -> None:
+    """Still one round trip, but Redis may serve others between the commands."""
+    events = [{"event": "BUILD_END", "data": {"n": n}} for n in range(2500)]
+    async with app_client(
+        settings.model_copy(update={"emit_batch_max_events": 2500}), redis
+    ) as api:
+        await redis.config_resetstat()
+        response = await api.post(BATCH, json=events, headers=UID)
+    assert response.json()["data"]["accepted"] == 2500
+    assert (await redis.info("commandstats"))["cmdstat_evalsha"]["calls"] == 3
+    assert await redis.zcard(settings.queue_name) == 2500
+
+
+async def raw_post(port: int, path: str, head: list[str], body: bytes) -> tuple[int, Any]:
+    """One HTTP/1.1 POST written by hand (the headers as a JDK client sends them)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        request = [f"POST {path} HTTP/1.1", "Host: 127.0.0.1", *head, "", ""]
+        writer.write("\r\n".join(request).encode() + body)
+        await writer.drain()
+        status_line = await reader.readline()
+        length = 0
+        while (line := await reader.readline()) not in (b"\r\n", b""):
+            name, _, value = line.decode().partition(":")
+            if name.lower() == "content-length":
+                length = int(value)
+        return int(status_line.split()[1]), orjson.loads(await reader.readexactly(length))
+    finally:
+        writer.close()
+
+
+async def test_an_h2c_upgrade_offer_is_ignored_as_the_jdk_client_sends_it(
+    settings: Settings, redis: Redis
+) -> None:
+    """Every stock JDK HttpClient offers `h2c` on a plain-http request; `dispatcher api`
+    must answer it over HTTP/1.1 with the body read (uvicorn on httptools dropped it)."""
+    server = uvicorn.Server(api_config(settings.model_copy(update={"api_port": free_port()})))
+    serving = asyncio.create_task(server.serve())
+    offer = [
+        "Connection: Upgrade, HTTP2-Settings", "Upgrade: h2c",
+        "HTTP2-Settings: AAEAAEAAAAIAAAAAAAMAAAAAAAQBAAAAAAUAAEAAAAYABgAA", "X-DEVOPS-UID: ci",
+    ]  # fmt: skip
+    array = orjson.dumps([{"event": "BUILD_END", "data": {"n": 1}}])
+    lines = b'{"event": "BUILD_START"}\n'
+    chunked = b"%x\r\n%s\r\n0\r\n\r\n" % (len(lines), lines)
+
+    async def started() -> bool:
+        return server.started
+
+    try:
+        await until(started, 10, "the API started")
+        port = server.config.port
+        answers = [
+            await raw_post(port, BATCH, [*offer, "Content-Type: application/json",
+                                         f"Content-Length: {len(array)}"], array),
+            await raw_post(port, BATCH, [*offer, "Content-Type: application/x-ndjson",
+                                         "Transfer-Encoding: chunked"], chunked),
+        ]  # fmt: skip
+    finally:
+        server.should_exit = True
+        await serving
+    assert [status for status, _ in answers] == [200, 200], answers
+    assert [body["data"]["accepted"] for _, body in answers] == [1, 1]
+    assert await redis.zcard(settings.queue_name) == 2
