@@ -34,6 +34,7 @@ SCENARIOS: dict[str, Callable[[Bench], Awaitable[list[Row]]]] = {
     "scale-out": Bench.scale_out,
     "emit": Bench.emit,
     "http": Bench.http,
+    "fault": Bench.fault,
     "latency": Bench.latency,
     "memory": Bench.memory,
     "history": Bench.history,
@@ -43,7 +44,7 @@ WORKER_RUNS = {
     "throughput": {"noop", "throughput", "throughput_info"},
     "ceiling": {"throughput"},
     "fan-out": {"throughput", "fan_out"},
-    "scale-out": {"throughput", "scale_out"},
+    "scale-out": {"throughput", "scale_out", "noop", "noop_scale_out"},
 }
 
 

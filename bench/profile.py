@@ -28,25 +28,24 @@ if TYPE_CHECKING:
     from bench.scenarios import Bench
 
 # Innermost matching frame wins: a sample inside Engine._send is "HTTP", even though
-# fan_out_job and arq's run_job are on the stack too.
+# Worker._run and Engine.fan_out are on the stack too.
 BUCKETS: tuple[tuple[str, str], ...] = (
-    ("Batcher._flush", "group-commit pipelines (match + record writes of many jobs)"),
-    ("Batcher._flush_soon", "group-commit pipelines (match + record writes of many jobs)"),
+    ("Writer._flush_forever", "durable group commit (records, progress, job ends of many jobs)"),
+    ("Batcher._flush", "read pipelines (callback match of many jobs)"),
+    ("Batcher._flush_soon", "read pipelines (callback match of many jobs)"),
     ("Engine._send", "HTTP POST (httpx transport over aiohttp) incl. response read"),
-    ("Engine._record", "history record + progress write (queue and wait)"),
-    ("Registry.match", "callback match (Lua, 1 round trip)"),
-    ("Batcher.execute", "waiting on / queueing into the group commit"),
+    ("Engine._write", "attempt write (queue, wait for the commit)"),
+    ("attempt_record", "history record of the attempt"),
+    ("Batcher.execute", "waiting on / queueing into the read pipelines"),
     ("request_headers", "headers + HMAC signature"),
-    ("Engine._observe", "metrics + per-attempt log call"),
+    ("_observe", "metrics + per-attempt log call"),
     ("encode_body", "body encoding (orjson)"),
     ("Engine.attempt", "dispatcher: attempt bookkeeping"),
     ("Engine.fan_out", "dispatcher: fan-out bookkeeping"),
-    ("fan_out_job", "dispatcher: job wrapper (checks, structlog contextvars)"),
-    ("Worker.start_jobs", "arq: claim job (WATCH, EXISTS, ZSCORE, MULTI/EXEC)"),
-    ("Worker.finish_job", "arq: finish job (MULTI/EXEC)"),
-    ("Worker.run_job", "arq: load job (MULTI/EXEC), deserialize, dispatch"),
-    ("Worker._poll_iteration", "arq: poll loop (ZRANGEBYSCORE, heartbeat, cron)"),
-    ("Worker.main", "arq: poll loop (ZRANGEBYSCORE, heartbeat, cron)"),
+    ("Worker._run", "job loop: decode, timeout, end"),
+    ("Claims.claim", "job loop: batch claim (one Lua round trip)"),
+    ("Worker._claim_loop", "job loop: claiming, waiting for room"),
+    ("Worker._every", "job loop: heartbeat, lease renewal, health check"),
 )
 OTHER = "event loop, GC, other"
 _FRAME = re.compile(r"^(?P<name>.+?) \((?P<file>[^:()]+)(?::\d+)?\)$")

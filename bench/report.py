@@ -83,6 +83,8 @@ def _num(value: float | None, unit: str) -> str:
         )
     if unit == "MiB":
         return f"{value:,.1f} {unit}"
+    if unit == "x":
+        return f"{value:.2f}x"
     return f"{value:,.0f}{unit}" if unit.startswith("/") else f"{value:,.0f} {unit}"
 
 

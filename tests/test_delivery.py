@@ -12,6 +12,7 @@ from redis.asyncio import Redis
 from standardwebhooks import Webhook
 from structlog.testing import capture_logs
 
+from dispatcher import keys
 from dispatcher.history import History
 from dispatcher.jobs import EventJob, Queue
 from dispatcher.models import Event, Region
@@ -198,14 +199,19 @@ async def test_disabled_callback_receives_nothing(
 async def test_callback_disabled_between_retries_gets_no_more_attempts(
     settings: Settings, redis: Redis, receiver: Receiver, run_worker: RunWorker
 ) -> None:
+    """The delivery ends as a recorded drop, not in silence."""
     url = receiver.script("/hook", answer(500))
     callback_id = await register(redis, url)
     slow = make_settings(settings.redis_url or "", retry_schedule=(0.5, 0.5))
-    await emit(slow, redis)
+    event_id = await emit(slow, redis)
     await run_worker(slow, max_burst_jobs=1)  # the fan-out only: attempt 1
     await Registry(redis).set_enabled(callback_id, False, "paused")
     await run_worker(slow)
     assert len(receiver.requests()) == 1
+    [drop] = [orjson.loads(e) for e in await redis.lrange(keys.DROPPED, 0, -1)]
+    assert drop["deliveryId"] == f"{event_id}.{callback_id}"
+    assert drop["reason"] == "callback deleted or disabled"
+    assert await redis.zcard(settings.queue_name) == 0
 
 
 async def test_duplicate_fan_out_delivers_once(

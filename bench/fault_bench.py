@@ -1,0 +1,103 @@
+"""The `fault` scenario: deliveries/s of one worker through a 2 s Redis restart (SIGTERM,
+AOF `always`, the same port) against the same run without one, interleaved rep by rep, on a
+Redis of its own. Every run counts what was lost: a delivery is done when its progress key
+says so and the queue is empty, so lost = events whose delivery never ended."""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from bench.common import EVENT, PROJECT, TOKEN, bench_settings, event_data
+from bench.procs import BenchError, WorkerProcess
+from bench.report import Row, ratio_row
+from dispatcher import keys
+from dispatcher.connections import connect
+from dispatcher.embedded import EmbeddedRedis
+from dispatcher.models import Event, Region
+from dispatcher.producer import Producer
+from dispatcher.registry import Registry
+
+if TYPE_CHECKING:
+    from bench.scenarios import Bench
+
+OUTAGE_S = 2.0
+RESTART_AT_S = 0.5  # into the run
+
+
+async def _run(bench: Bench, folder: Path, events: int, restart: bool) -> dict[str, Any]:
+    server = EmbeddedRedis(folder, appendfsync="always")
+    url = server.start()
+    settings = bench_settings(url, emit_wait=30)
+    redis = connect(settings)
+    try:
+        await redis.flushdb()
+        cid, _ = await Registry(redis).create(
+            PROJECT, f"{bench.receiver.base}/hook/0", Event(EVENT), Region.DEVNET, TOKEN
+        )
+        producer = Producer(settings, redis)
+        ids: list[str] = []
+        for start in range(0, events, 1000):
+            batch = range(start, min(events, start + 1000))
+            ids += await producer.emit_many([(PROJECT, EVENT, event_data(i)) for i in batch])
+        worker = await WorkerProcess.start(url, log_path=bench.logs / "fault.log")
+        await bench.receiver.reset()
+        worker.go()
+        if restart:
+            await asyncio.sleep(RESTART_AT_S)
+            port = server.port
+            await asyncio.to_thread(server.stop)
+            await asyncio.sleep(OUTAGE_S)
+            server = EmbeddedRedis(folder, port=port, appendfsync="always")
+            await asyncio.to_thread(server.start)
+        result = await worker.finish(within=120 + events / 100)
+        lost = await _lost(redis, [f"{event_id}.{cid}" for event_id in ids])
+        return {
+            "rate": events / (result["end"] - result["start"]),
+            "lost": lost,
+            "queued": int(await redis.zcard(settings.queue_name)),
+            "received": (await bench.receiver.stats())["count"],
+        }
+    finally:
+        await redis.aclose()
+        server.stop()
+
+
+async def _lost(redis: Any, delivery_ids: list[str]) -> int:
+    """Deliveries whose progress does not say done (their end never written)."""
+    done = 0
+    for start in range(0, len(delivery_ids), 1000):
+        chunk = delivery_ids[start : start + 1000]
+        marks = await redis.mget([keys.delivery(d) for d in chunk])
+        done += sum(1 for mark in marks if mark == b"done")
+    return len(delivery_ids) - done
+
+
+async def run(bench: Bench) -> list[Row]:
+    events = bench.sizes.fault_deliveries
+    runs: dict[bool, list[dict[str, Any]]] = {False: [], True: []}
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="dispatcher-bench-fault-") as tmp:
+        for rep in range(bench.sizes.repeats):
+            for restart in (False, True):
+                folder = Path(tmp) / f"redis-{rep}-{int(restart)}"
+                runs[restart].append(await _run(bench, folder, events, restart))
+    lost = sum(r["lost"] for rs in runs.values() for r in rs)
+    if any(r["queued"] for rs in runs.values() for r in rs):
+        raise BenchError("fault: the queue was not empty after a run")
+    steady = statistics.median(r["rate"] for r in runs[False])
+    through = statistics.median(r["rate"] for r in runs[True])
+    details = {"runs": {"steady": runs[False], "restart": runs[True]}, "events": events,
+               "outage_s": OUTAGE_S, "seconds": round(time.monotonic() - started, 1)}  # fmt: skip
+    return [
+        ratio_row(
+            "fault", f"deliveries/s through a {OUTAGE_S:g} s Redis restart", through, "/s",
+            "the same, no restart", steady, details=details,
+        ),
+        Row("fault", "deliveries lost in those runs", lost, "", target="= 0", ok=lost == 0,
+            shown=f"{lost} of {events * 2 * bench.sizes.repeats:,}", details={"lost": lost}),
+    ]  # fmt: skip
