@@ -12,6 +12,7 @@ changes between check and connect (rebinding) cannot slip through.
 from __future__ import annotations
 
 import asyncio
+import functools
 import ipaddress
 import socket
 from dataclasses import dataclass
@@ -50,6 +51,9 @@ DANGEROUS_PORTS = frozenset(
 )  # fmt: skip
 
 
+SHARED_ADDRESS_SPACE = ipaddress.ip_network("100.64.0.0/10")  # carrier-grade NAT
+
+
 def _is_internal(ip: IPAddress) -> bool:
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
         return _is_internal(ip.ipv4_mapped)
@@ -59,7 +63,7 @@ def _is_internal(ip: IPAddress) -> bool:
         or ip.is_link_local
         or ip.is_multicast
         or ip.is_reserved
-        or ip in ipaddress.ip_network("100.64.0.0/10")
+        or ip in SHARED_ADDRESS_SPACE
     )
 
 
@@ -106,6 +110,11 @@ class AddressPolicy:
             return
         self.check_address(ip, host)
 
+    def refusal(self, url: str) -> str | None:
+        """Why `check_url` refuses `url`, or None; remembered per URL (the checks cost
+        tens of µs, and a callback's URL is checked on every attempt)."""
+        return _refusal(self, url)
+
     async def check_resolved(self, url: str) -> None:
         """`check_url`, then every address the host resolves to (a failed lookup passes:
         the delivery-time check will refuse it if it still fails or resolves badly)."""
@@ -119,6 +128,15 @@ class AddressPolicy:
             return
         for info in infos:
             self.check_address(ipaddress.ip_address(info[4][0]), host)
+
+
+@functools.lru_cache(maxsize=4096)
+def _refusal(policy: AddressPolicy, url: str) -> str | None:
+    try:
+        policy.check_url(url)
+    except InvalidUrl as exc:
+        return exc.message
+    return None
 
 
 class GuardedResolver(AbstractResolver):

@@ -217,15 +217,16 @@ class Engine:
         self, target: CallbackTarget, body: bytes, headers: dict[str, str]
     ) -> AttemptResult:
         policy = self.services.policies[target.region]
-        try:
-            # Literal addresses, ports and metadata names: the resolver never sees them.
-            policy.check_url(target.url)
-            if target.region in self.settings.region_proxies:
-                # Through a proxy the proxy resolves the host: check the address ourselves.
+        # Literal addresses, ports and metadata names: the resolver never sees them.
+        refusal = policy.refusal(target.url)
+        if refusal is None and target.region in self.settings.region_proxies:
+            try:  # through a proxy the proxy resolves the host: check the address ourselves
                 await policy.check_resolved(target.url)
-        except InvalidUrl as exc:
+            except InvalidUrl as exc:
+                refusal = exc.message
+        if refusal is not None:
             now = now_ms()
-            return AttemptResult(Outcome.FAILED, None, None, f"refused: {exc.message}", None,
+            return AttemptResult(Outcome.FAILED, None, None, f"refused: {refusal}", None,
                                  now, now)  # fmt: skip
         return await send(
             self.transports[target.region],
