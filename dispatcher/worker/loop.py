@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 import structlog
+from redis.exceptions import RedisError
 
 from dispatcher import keys, metrics
 from dispatcher.connections import REDIS_ERRORS, connect
@@ -53,6 +54,8 @@ HEARTBEAT_S = 5.0
 HEALTH_CHECK_S = 10.0  # arq's health-check key, for `arq --check`
 SWEEP_EVERY_S = 300
 MAX_CLAIMS = 25  # a job claimed this often without ending is dropped, on record
+# waited out while claiming: an outage, and any reply error (READONLY after a failover)
+CLAIM_ERRORS: tuple[type[Exception], ...] = (*REDIS_ERRORS, RedisError)
 
 
 def _retry_in(claims: int) -> float:
@@ -146,7 +149,7 @@ class Worker:
                 continue
             try:
                 claimed = await self.claims.claim(room)
-            except REDIS_ERRORS as exc:
+            except CLAIM_ERRORS as exc:
                 log.warning("worker.claim_failed", error=str(exc), retry_in_s=round(backoff, 2))
                 await self._pause(backoff)
                 backoff = min(2.0, backoff * 2)
@@ -274,7 +277,9 @@ class Worker:
             try:
                 await step()
             except REDIS_ERRORS as exc:
-                log.debug("worker.background_failed", step=repr(step), error=str(exc))
+                log.debug("worker.background_failed", step=step.__name__, error=str(exc))
+            except Exception:  # a bug must not stop the heartbeat or the lease renewals
+                log.exception("worker.background_failed", step=step.__name__)
             await asyncio.sleep(seconds)
 
     async def _renew(self) -> None:
@@ -316,8 +321,8 @@ class Worker:
                     budget = self.settings.effective_job_timeout / 2
                     removed = await self.services.history.sweep(max_seconds=budget)
                     log.info("history.swept", removed=removed)
-            except REDIS_ERRORS as exc:
-                log.warning("history.sweep_failed", error=str(exc))
+            except Exception as exc:  # Redis, or a bug: the next slot tries again
+                log.warning("history.sweep_failed", error=repr(exc))
             next_slot_s = (slot + 1) * SWEEP_EVERY_S
             await asyncio.sleep(max(1.0, next_slot_s - now_ms() / 1000))
 
