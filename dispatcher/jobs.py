@@ -8,7 +8,8 @@ and the queue's sorted set scores each job id by when it is due (epoch ms). Two 
 - `deliver(DeliveryJob)`: a retry or a redelivery of one delivery, job id = its progress id
   (the delivery id for retries, a fresh id per redelivery).
 
-A job whose bytes are not such an object is *poison*: recorded and dropped, never retried.
+A job whose bytes are not such an object is *poison*: the worker records it and removes it,
+never retries it.
 """
 
 from __future__ import annotations
@@ -32,7 +33,6 @@ if TYPE_CHECKING:
 __all__ = [
     "DELIVER",
     "FAN_OUT",
-    "POISON",
     "BadJob",
     "DeliveryJob",
     "EventJob",
@@ -48,7 +48,6 @@ __all__ = [
 FAN_OUT = "fan_out"
 PUSH_CHUNK = 1000  # jobs per enqueue command of Queue.push_many (about 5 ms of Redis time)
 DELIVER = "deliver"
-POISON = "poison"
 _WIRE_FIELDS = ("f", "a", "k", "et")
 
 
@@ -210,22 +209,15 @@ def decode(raw: bytes) -> WireJob:
 
 
 def job_serializer(value: dict[str, Any]) -> bytes:
-    """arq's serializer hook: JSON, never pickle."""
+    """For arq clients and tools on this queue (`create_pool(..., job_serializer=...)`):
+    jobs are JSON, never pickle."""
     return orjson.dumps(value)
 
 
 def job_deserializer(value: bytes) -> dict[str, Any]:
-    """arq's deserializer hook: anything undecodable becomes a call of the `poison` job,
-    which records and drops it (arq would otherwise only log it)."""
-    try:
-        decoded = orjson.loads(value)
-        if isinstance(decoded, dict) and all(name in decoded for name in _WIRE_FIELDS):
-            return decoded
-        problem = "not an arq job object"
-    except orjson.JSONDecodeError as exc:
-        problem = f"not JSON: {exc}"
-    raw = value[:500].decode("utf-8", errors="replace")
-    return {"t": 1, "f": POISON, "a": [problem, raw], "k": {}, "et": 0}
+    """The other half of `job_serializer`, for arq's tools (`Job.info()`, the CLI)."""
+    decoded: dict[str, Any] = orjson.loads(value)
+    return decoded
 
 
 # KEYS: job key, queue. ARGV: job bytes, score ms, job id, expiry ms.
