@@ -106,10 +106,6 @@ class Worker:
         if self._stop is not None:
             self._stop.set()
 
-    def run(self) -> None:
-        """`main()` in a new event loop, until SIGINT or SIGTERM."""
-        asyncio.run(self.main())
-
     async def main(self) -> None:
         self._stop, self._room = asyncio.Event(), asyncio.Event()
         self._started_ms = now_ms()
