@@ -18,7 +18,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from bench import profile, report
+from bench import fault_bench, http_bench, profile, report
 from bench.common import RESULTS_DIR, install_uvloop, machine_busy_seconds
 from bench.procs import BenchError, Receiver
 from bench.report import Row
@@ -33,8 +33,8 @@ SCENARIOS: dict[str, Callable[[Bench], Awaitable[list[Row]]]] = {
     "fan-out": Bench.fan_out,
     "scale-out": Bench.scale_out,
     "emit": Bench.emit,
-    "http": Bench.http,
-    "fault": Bench.fault,
+    "http": http_bench.run,
+    "fault": fault_bench.run,
     "latency": Bench.latency,
     "memory": Bench.memory,
     "history": Bench.history,

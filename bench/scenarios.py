@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from bench import fault_bench, history_bench, http_bench
+from bench import history_bench
 from bench.common import (
     EVENT,
     PROJECT,
@@ -389,14 +389,6 @@ class Bench:
                 "1,000 single emits", batch["single_rate"], minimum=3.0, details=batch,
             ),
         ]  # fmt: skip
-
-    async def http(self) -> list[Row]:
-        """The HTTP emit routes against the Python producer (see bench/http_bench.py)."""
-        return await http_bench.run(self)
-
-    async def fault(self) -> list[Row]:
-        """Through a Redis restart (see bench/fault_bench.py)."""
-        return await fault_bench.run(self)
 
     async def latency(self) -> list[Row]:
         """emit -> receiver at 200 events/s, one worker with default settings."""
