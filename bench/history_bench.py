@@ -16,10 +16,10 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from bench.common import PROJECT, TOKEN, event_data
-from dispatcher import history as history_module
 from dispatcher import keys
 from dispatcher.delivery import encode_body, mask_headers, request_headers
-from dispatcher.history import History
+from dispatcher.history import redis as history_module
+from dispatcher.history.redis import RedisHistory
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
@@ -101,7 +101,7 @@ class Filler:
 
     def __init__(self, redis: Redis, settings: Settings) -> None:
         self.redis = redis
-        self.history = History(redis, settings)
+        self.history = RedisHistory(redis, settings)
         self.template = _template()
         self.base_ms = time.time_ns() // 1_000_000 - 3_600_000  # an hour ago: in the window
         self.written = 0
@@ -149,7 +149,7 @@ def _ops(
 ) -> dict[str, Callable[[], Awaitable[Any]]]:
     """The timed operations on one store: History.query of page 1 and of the page at
     offset 10,000 (records decoded), and the store's bare Lua script for each."""
-    history = History(redis, settings)
+    history = RedisHistory(redis, settings)
     url, event = QUERIED
     window = {"start_ms": now_ms - 86_400_000, "end_ms": now_ms + 60_000}
     index = keys.history_index(PROJECT, event, url)
@@ -173,7 +173,7 @@ def _ops(
 
 async def _check(redis: Redis, settings: Settings, now_ms: int) -> int:
     url, event = QUERIED
-    page = await History(redis, settings).query(
+    page = await RedisHistory(redis, settings).query(
         PROJECT, url, event, start_ms=now_ms - 86_400_000, end_ms=now_ms + 60_000,
         page=DEEP_PAGE, page_size=PAGE_SIZE,
     )  # fmt: skip

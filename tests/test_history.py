@@ -16,7 +16,8 @@ from dispatcher import keys
 from dispatcher.api import create_app
 from dispatcher.auth import Role, Roles
 from dispatcher.errors import NotFound
-from dispatcher.history import History, parse_window
+from dispatcher.history import parse_window
+from dispatcher.history.redis import RedisHistory
 from dispatcher.models import Event, Region
 from dispatcher.producer import Producer
 from dispatcher.registry import Registry
@@ -69,7 +70,7 @@ async def tz_api(tz_settings: Settings, redis: Redis) -> Any:
 
 
 async def fill(redis: Redis, settings: Settings, times: list[int], **kw: Any) -> list[int]:
-    history = History(redis, settings)
+    history = RedisHistory(redis, settings)
     return [await history.add(record(t, n=i, **kw)) for i, t in enumerate(times)]
 
 
@@ -98,7 +99,7 @@ async def test_seed_shape_and_newest_first(tz_api: httpx.AsyncClient, redis: Red
 async def test_paging_arithmetic(redis: Redis, settings: Settings) -> None:
     now = int(time.time() * 1000)
     await fill(redis, settings, [now - 10_000 + i for i in range(45)])
-    history = History(redis, settings)
+    history = RedisHistory(redis, settings)
 
     async def page(n: int, size: int = 20) -> Any:
         return await history.query(
@@ -160,7 +161,7 @@ async def test_only_the_asked_url_and_event_are_returned(redis: Redis, settings:
     await fill(redis, settings, [now - 1000])
     await fill(redis, settings, [now - 900], url="http://127.0.0.1:9000/other")
     await fill(redis, settings, [now - 800], event="BUILD_START")
-    page = await History(redis, settings).query(
+    page = await RedisHistory(redis, settings).query(
         "demo", URL, "BUILD_END", start_ms=now - 5000, end_ms=now
     )
     assert [(r.call_back_url, r.events) for r in page.records] == [(URL, "BUILD_END")]
@@ -208,7 +209,7 @@ async def test_retention_removes_old_records_and_their_index_entries_only(
     old = await fill(redis, settings, [now - 8 * day, now - 7 * day - 1])
     old_other = await fill(redis, settings, [now - 9 * day], event="BUILD_START")
     fresh = await fill(redis, settings, [now - 6 * day, now - 1000])
-    history = History(redis, settings)
+    history = RedisHistory(redis, settings)
     # before the sweep, the query already hides what is past the retention
     page = await history.query("demo", URL, "BUILD_END", start_ms=now - 30 * day, end_ms=now)
     assert sorted(r.id for r in page.records) == fresh
@@ -229,7 +230,7 @@ async def test_sweep_works_in_bounded_batches(redis: Redis, redis_server: Any) -
     settings = make_settings(redis_server.url, sweep_batch=10)
     now = int(time.time() * 1000)
     await fill(redis, settings, [now - 8 * 86_400_000 + i for i in range(35)])
-    history = History(redis, settings)
+    history = RedisHistory(redis, settings)
     assert await history.sweep(now_ms=now, max_batches=2) == 20
     assert await history.sweep(now_ms=now) == 15
 
