@@ -1,5 +1,6 @@
 """The history store and its seed route: paging, windows, defaults, bad input, retention,
-redelivery."""
+redelivery. One contract, two backends: every test that takes `settings` runs against the
+Redis store and against the PostgreSQL store (records shipped from the stream first)."""
 
 from __future__ import annotations
 
@@ -16,14 +17,14 @@ from dispatcher import keys
 from dispatcher.api import create_app
 from dispatcher.auth import Role, Roles
 from dispatcher.errors import NotFound
-from dispatcher.history import parse_window
+from dispatcher.history import HistoryStore, open_history, parse_window
 from dispatcher.history.redis import RedisHistory
 from dispatcher.models import Event, Region
 from dispatcher.producer import Producer
 from dispatcher.registry import Registry
 from dispatcher.services import Services
 from dispatcher.settings import Settings
-from tests.helpers import UID, Receiver, RunWorker, answer, make_settings
+from tests.helpers import UID, Receiver, RunWorker, answer, make_settings, ship_all
 
 V3 = "/ms/openapi/api/apigw/v3/projects/demo/callbacks/history"
 V4 = "/apigw-app/v4/projects/demo/callbacks/history"
@@ -55,9 +56,31 @@ def record(created: int, *, url: str = URL, event: str = "BUILD_END", n: int = 0
     }
 
 
+@pytest.fixture(params=["redis", "postgres"])
+def settings(request: pytest.FixtureRequest, redis_server: Any) -> Settings:
+    """The contract runs on both backends."""
+    if request.param == "postgres":
+        return make_settings(redis_server.url, history_url=request.getfixturevalue("pg_url"))
+    return make_settings(redis_server.url)
+
+
 @pytest.fixture
-def tz_settings(redis_server: Any) -> Settings:
-    return make_settings(redis_server.url, timezone="Asia/Shanghai")
+def redis_only(settings: Settings) -> None:
+    """For what only the Redis backend has (its keys, its batched sweep)."""
+    if settings.history_url:
+        pytest.skip("Redis backend only (tests/test_history_postgres.py has its own)")
+
+
+@pytest.fixture
+async def store(settings: Settings, redis: Redis) -> Any:
+    history = open_history(settings, redis)
+    yield history
+    await history.close()
+
+
+@pytest.fixture
+def tz_settings(settings: Settings) -> Settings:
+    return settings.model_copy(update={"timezone": "Asia/Shanghai"})
 
 
 @pytest.fixture
@@ -70,8 +93,14 @@ async def tz_api(tz_settings: Settings, redis: Redis) -> Any:
 
 
 async def fill(redis: Redis, settings: Settings, times: list[int], **kw: Any) -> list[int]:
-    history = RedisHistory(redis, settings)
-    return [await history.add(record(t, n=i, **kw)) for i, t in enumerate(times)]
+    """Records written through the store, then (PostgreSQL) shipped."""
+    history = open_history(settings, redis)
+    try:
+        ids = [await history.add(record(t, n=i, **kw)) for i, t in enumerate(times)]
+    finally:
+        await history.close()
+    await ship_all(settings, redis)
+    return ids
 
 
 async def test_seed_shape_and_newest_first(tz_api: httpx.AsyncClient, redis: Redis,
@@ -96,10 +125,10 @@ async def test_seed_shape_and_newest_first(tz_api: httpx.AsyncClient, redis: Red
     assert same.json() == body
 
 
-async def test_paging_arithmetic(redis: Redis, settings: Settings) -> None:
+async def test_paging_arithmetic(redis: Redis, settings: Settings, store: HistoryStore) -> None:
     now = int(time.time() * 1000)
     await fill(redis, settings, [now - 10_000 + i for i in range(45)])
-    history = RedisHistory(redis, settings)
+    history = store
 
     async def page(n: int, size: int = 20) -> Any:
         return await history.query(
@@ -156,14 +185,14 @@ def test_window_defaults() -> None:
     )
 
 
-async def test_only_the_asked_url_and_event_are_returned(redis: Redis, settings: Settings) -> None:
+async def test_only_the_asked_url_and_event_are_returned(
+    redis: Redis, settings: Settings, store: HistoryStore
+) -> None:
     now = int(time.time() * 1000)
     await fill(redis, settings, [now - 1000])
     await fill(redis, settings, [now - 900], url="http://127.0.0.1:9000/other")
     await fill(redis, settings, [now - 800], event="BUILD_START")
-    page = await RedisHistory(redis, settings).query(
-        "demo", URL, "BUILD_END", start_ms=now - 5000, end_ms=now
-    )
+    page = await store.query("demo", URL, "BUILD_END", start_ms=now - 5000, end_ms=now)
     assert [(r.call_back_url, r.events) for r in page.records] == [(URL, "BUILD_END")]
 
 
@@ -202,7 +231,7 @@ async def test_history_needs_an_identity(api: httpx.AsyncClient) -> None:
 
 
 async def test_retention_removes_old_records_and_their_index_entries_only(
-    redis: Redis, settings: Settings
+    redis: Redis, settings: Settings, redis_only: None
 ) -> None:
     now = int(time.time() * 1000)
     day = 86_400_000
@@ -226,7 +255,9 @@ async def test_retention_removes_old_records_and_their_index_entries_only(
     assert await history.sweep(now_ms=now) == 0
 
 
-async def test_sweep_works_in_bounded_batches(redis: Redis, redis_server: Any) -> None:
+async def test_sweep_works_in_bounded_batches(
+    redis: Redis, redis_server: Any, redis_only: None
+) -> None:
     settings = make_settings(redis_server.url, sweep_batch=10)
     now = int(time.time() * 1000)
     await fill(redis, settings, [now - 8 * 86_400_000 + i for i in range(35)])
@@ -302,9 +333,9 @@ async def test_dead_letters_and_redelivery_of_a_windows_failures(
 
 
 async def test_window_redelivery_is_for_admins_dead_letters_for_members(
-    redis_server: Any, redis: Redis
+    settings: Settings, redis: Redis
 ) -> None:
-    settings = make_settings(redis_server.url, open_access=False)
+    settings = settings.model_copy(update={"open_access": False})
     await Roles(redis, settings).grant("demo", "member-user", Role.MEMBER)
     app = create_app(settings, redis)
     async with app.router.lifespan_context(app):
@@ -323,7 +354,13 @@ async def test_window_redelivery_is_for_admins_dead_letters_for_members(
 async def test_a_deliverys_attempts_include_its_retries_and_redeliveries(
     settings: Settings, redis: Redis, receiver: Receiver, run_worker: RunWorker
 ) -> None:
-    services = Services(settings, redis)
+    async with Services.open(settings, redis) as services:
+        await attempts_of_a_delivery(services, redis, receiver, run_worker)
+
+
+async def attempts_of_a_delivery(
+    services: Services, redis: Redis, receiver: Receiver, run_worker: RunWorker
+) -> None:
     url = receiver.script("/hook", answer(500), answer(200))
     await Registry(redis).create("demo", url, Event.BUILD_END, Region.DEVNET)
     await services.producer.emit("demo", "BUILD_END", {"n": 1})
