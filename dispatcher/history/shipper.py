@@ -50,7 +50,7 @@ log = structlog.get_logger("dispatcher.history")
 
 SHIP_LOCK = 0x6469_7370_6873_6970  # the shipper's advisory lock: "dispship"
 STANDBY_S = 2.0  # how often a shipper without the lock asks for it again
-BACKOFF_CAP_S = 30.0
+BACKOFF_CAP_S = 5.0  # a reconnect at least this often: shipping resumes soon after an outage
 StreamId = tuple[int, int]
 
 # KEYS: the record id counter. ARGV: the largest id PostgreSQL holds. After a Redis that
