@@ -256,3 +256,9 @@ def test_dead_lists_the_deliveries_that_gave_up(
     assert everywhere.exit_code == 0 and "2 dead letters" in everywhere.output
     one = cli.invoke(app, ["dead", "--project", "q"])
     assert "1 dead letters" in one.output and "evt_qTrue.1" in one.output
+
+
+def test_db_upgrade_without_postgres_has_nothing_to_do(cli: CliRunner) -> None:
+    """Deploy files run it unconditionally (an init container, ExecStartPre)."""
+    result = cli.invoke(app, ["db", "upgrade"])
+    assert result.exit_code == 0 and "nothing to upgrade" in result.output

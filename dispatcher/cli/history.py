@@ -139,8 +139,13 @@ def upgrade_schema(settings: Settings) -> tuple[list[int], int]:
 @db_app.command("upgrade")
 def db_upgrade() -> None:
     """Bring the history schema to the latest version (idempotent; safe to run at once
-    from several processes). `dispatcher run` does it by itself."""
-    applied, version = upgrade_schema(_postgres_settings())
+    from several processes). `dispatcher run` does it by itself. Without
+    DISPATCHER_HISTORY_URL there is nothing to do (history lives in Redis)."""
+    settings = load_settings()
+    if not settings.history_url:
+        console.print("history lives in Redis (no DISPATCHER_HISTORY_URL): nothing to upgrade")
+        return
+    applied, version = upgrade_schema(settings)
     if applied:
         console.print(f"applied migrations {', '.join(map(str, applied))}: version {version}")
     else:
