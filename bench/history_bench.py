@@ -144,6 +144,21 @@ async def _timed(op: Callable[[], Awaitable[Any]]) -> int:
     return time.perf_counter_ns() - started
 
 
+async def interleaved(
+    ops: dict[str, Callable[[], Awaitable[Any]]], rounds: int
+) -> dict[str, list[int]]:
+    """Nanoseconds of every op, round by round (after 20 rounds of warm-up), so that all
+    of them share the machine's noise."""
+    for _ in range(20):
+        for op in ops.values():
+            await op()
+    samples: dict[str, list[int]] = {name: [] for name in ops}
+    for _ in range(rounds):
+        for name, op in ops.items():
+            samples[name].append(await _timed(op))
+    return samples
+
+
 def _ops(
     redis: Redis, settings: Settings, now_ms: int, prefix: str
 ) -> dict[str, Callable[[], Awaitable[Any]]]:
@@ -192,13 +207,7 @@ async def measure(large: Redis, small: Redis, settings: Settings, rounds: int) -
     ops |= _ops(large, settings, now, "")
     ops |= _ops(small, settings, now, "small_")
     counts = [await _check(large, settings, now), await _check(small, settings, now)]
-    for _ in range(20):  # warm up
-        for op in ops.values():
-            await op()
-    samples: dict[str, list[int]] = {name: [] for name in ops}
-    for _ in range(rounds):
-        for name, op in ops.items():
-            samples[name].append(await _timed(op))
+    samples = await interleaved(ops, rounds)
     result: dict[str, Any] = {name: _median_us(values) for name, values in samples.items()}
     result["p90"] = {
         name: round(statistics.quantiles(values, n=10)[-1] / 1000, 1)
