@@ -33,7 +33,7 @@ from dispatcher.registry import Registry
 from dispatcher.services import Services
 from dispatcher.settings import Settings
 from dispatcher.worker import create_worker
-from tests.helpers import Receiver, hang, make_settings, ship_all, until
+from tests.helpers import Receiver, app_client, hang, make_settings, ship_all, until
 from tests.pgserver import PgServer
 
 URL = "http://127.0.0.1:9000/hook"
@@ -357,3 +357,16 @@ async def test_past_the_backlog_limit_workers_wait_and_nothing_is_lost(
     page = await history.query("demo", url, "BUILD_END", start_ms=now - 60_000, end_ms=now)
     await history.close()
     assert page.count == 40
+
+
+async def test_the_backlog_is_a_metric(pg_settings: Settings, redis: Redis) -> None:
+    """What waits in Redis for PostgreSQL shows at /metrics (the alert's input)."""
+    now = int(time.time() * 1000)
+    history = open_history(pg_settings, redis)
+    for n in range(3):
+        await history.add(record(now - 100 + n, n))
+    await history.close()
+    async with app_client(pg_settings, redis) as api:
+        assert "dispatcher_history_backlog 3.0" in (await api.get("/metrics")).text
+        await ship_all(pg_settings, redis)
+        assert "dispatcher_history_backlog 0.0" in (await api.get("/metrics")).text
