@@ -370,3 +370,23 @@ async def test_the_backlog_is_a_metric(pg_settings: Settings, redis: Redis) -> N
         assert "dispatcher_history_backlog 3.0" in (await api.get("/metrics")).text
         await ship_all(pg_settings, redis)
         assert "dispatcher_history_backlog 0.0" in (await api.get("/metrics")).text
+
+
+async def test_a_stream_made_anew_below_the_watermark_is_read_from_its_start(
+    pg_settings: Settings, redis: Redis
+) -> None:
+    """Redis lost its data and its clock is behind the last shipment: the new stream's ids
+    fall below the watermark; its records are shipped all the same."""
+    now = int(time.time() * 1000)
+    history = open_history(pg_settings, redis)
+    await history.add(record(now - 10, 1))
+    assert await ship_all(pg_settings, redis) == 1
+    conn = await asyncpg.connect(pg_settings.history_url or "")
+    await conn.execute("UPDATE history_shipped SET last_id = $1", f"{now + DAY_MS}-0")
+    await conn.close()
+    for n in range(2, 5):
+        await history.add(record(now - 10 + n, n))
+    assert await ship_all(pg_settings, redis) == 3
+    page = await history.query("demo", URL, "BUILD_END", start_ms=now - 60_000, end_ms=now)
+    await history.close()
+    assert page.count == 4

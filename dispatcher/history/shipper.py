@@ -127,9 +127,27 @@ class Shipper:
         top = await self.conn.fetchval("SELECT max(id) FROM history_attempts")
         if top is not None:
             await _SEED_IDS(self.redis, [keys.HISTORY_SEQ], [int(top)])
+        await self._check_stream()
         await self._trim()
         self.leading = True
         return True
+
+    async def _check_stream(self) -> None:
+        """A stream whose ids stopped below the watermark was made anew (Redis lost its
+        data, and its clock is behind): read it from the start, or its entries would be
+        skipped. What is stored already is not stored again."""
+        if not await self.redis.exists(self.stream):
+            return
+        info = await self.redis.xinfo_stream(self.stream)
+        if _sid(info["last-generated-id"]) >= self.watermark:
+            return
+        assert self.conn is not None
+        log.error("history.stream_reset", watermark=_text(self.watermark),
+                  last_id=str(info["last-generated-id"]))  # fmt: skip
+        await self.conn.execute(
+            "UPDATE history_shipped SET last_id = '0-0' WHERE stream = $1", self.stream
+        )
+        self.watermark = (0, 0)
 
     async def close(self) -> None:
         """Drop the connection (and with it the lock) without waiting on a hung server."""
