@@ -122,6 +122,7 @@ class Filler:
     async def _write(self, pairs: list[tuple[str, str]]) -> None:
         records = [self._record(pair, self.written + i) for i, pair in enumerate(pairs)]
         self.written += len(records)
+        await self.history.assign_ids(records)  # the store takes records with their ids
         await write_records(self.redis, self.history, records)
 
     async def fill(self, plan: list[tuple[tuple[str, str], int]]) -> float:

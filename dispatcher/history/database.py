@@ -35,7 +35,14 @@ SCHEMA_MISSING: tuple[type[BaseException], ...] = (
     asyncpg.UndefinedTableError,
     asyncpg.UndefinedFunctionError,
 )
-_APP = {"application_name": "callback-dispatcher"}
+# The server finds a vanished client within ~1 min (the OS default is 2 h): a shipper cut
+# off by the network must not hold the shipping lock that long.
+_APP = {
+    "application_name": "callback-dispatcher",
+    "tcp_keepalives_idle": "30",
+    "tcp_keepalives_interval": "10",
+    "tcp_keepalives_count": "3",
+}
 
 
 def _url(settings: Settings) -> str:
