@@ -141,6 +141,8 @@ async def test_retention_drops_a_days_partition_and_nothing_newer(
         after = await partitions(conn)
         assert {name for name, _, _ in before} - {name for name, _, _ in after} == expired
         assert all(high > cutoff for _, _, high in after)  # everything newer is kept
+        ahead = {low for _, low, _ in after}
+        assert {now // DAY_MS * DAY_MS + d * DAY_MS for d in (1, 2)} <= ahead  # made ahead
         kept_days = {name for name, low, high in after if low < cutoff}  # the cutoff's own day
         assert len(kept_days) == 2
         assert await conn.fetchval("SELECT count(*) FROM history_attempts") == 3
@@ -390,3 +392,26 @@ async def test_a_stream_made_anew_below_the_watermark_is_read_from_its_start(
     page = await history.query("demo", URL, "BUILD_END", start_ms=now - 60_000, end_ms=now)
     await history.close()
     assert page.count == 4
+
+
+def test_history_ship_drain_command(
+    pg_settings: Settings, redis_server: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    now = int(time.time() * 1000)
+
+    async def seed() -> None:
+        redis = Redis.from_url(redis_server.url)
+        await redis.flushdb()
+        history = open_history(pg_settings, redis)
+        for n in range(5):
+            await history.add(record(now - 100 + n, n))
+        await history.close()
+        await redis.aclose()
+
+    asyncio.run(seed())
+    monkeypatch.setenv("DISPATCHER_REDIS_URL", redis_server.url)
+    monkeypatch.setenv("DISPATCHER_HISTORY_URL", pg_settings.history_url or "")
+    result = CliRunner().invoke(app, ["history", "ship", "--drain"])
+    assert result.exit_code == 0 and "shipped 5 records" in result.output, result.output
+    again = CliRunner().invoke(app, ["history", "ship", "--drain"])
+    assert "shipped 0 records" in again.output
