@@ -33,8 +33,8 @@ History
                                               (TTL of its latest record)
     dispatcher:history:stream                 STREAM records on their way to PostgreSQL (the
                                               PostgreSQL backend): field r = the record's JSON,
-                                              d = "1" when its delivery gave up; trimmed once
-                                              shipped
+                                              d = "1" when its delivery gave up, t = its
+                                              createdTime; trimmed once shipped
 Console
     dispatcher:console:csrf-key               STRING the key signing the console's CSRF tokens,
                                               made by the first API process that needs it

@@ -210,8 +210,8 @@ async def test_a_shipper_dead_between_commit_and_trim_ships_nothing_twice(
     dying = Shipper(redis, pg_settings, elect=False)
     await dying.open()
     entries = (await redis.xread({keys.HISTORY_STREAM: "0-0"}))[0][1]
-    batch = [(_sid(sid), parse_row(f[b"r"])) for sid, f in entries]
-    assert await dying._commit(batch, _sid(entries[-1][0])) == 10  # committed, then "killed"
+    batch = dying._entries(entries)
+    assert await dying._commit(batch, batch[-1].sid) == 10  # committed, then "killed"
     await dying.close()
     assert await redis.xlen(keys.HISTORY_STREAM) == 10  # never trimmed
 
@@ -220,11 +220,6 @@ async def test_a_shipper_dead_between_commit_and_trim_ships_nothing_twice(
     page = await history.query("demo", URL, "BUILD_END", start_ms=now - 60_000, end_ms=now)
     await history.close()
     assert page.count == 10 and len({r.id for r in page.records}) == 10
-
-
-def _sid(raw: bytes) -> tuple[int, int]:
-    ms, seq = raw.decode().split("-")
-    return int(ms), int(seq)
 
 
 async def test_counts_and_deep_pages_match_a_brute_force_read(
@@ -415,3 +410,21 @@ def test_history_ship_drain_command(
     assert result.exit_code == 0 and "shipped 5 records" in result.output, result.output
     again = CliRunner().invoke(app, ["history", "ship", "--drain"])
     assert "shipped 0 records" in again.output
+
+
+async def test_an_entry_that_is_no_record_does_not_stop_the_others(
+    pg_settings: Settings, redis: Redis
+) -> None:
+    """Something else on the stream (a bug, a hand-made XADD): logged and left out; the
+    records around it are stored."""
+    now = int(time.time() * 1000)
+    history = open_history(pg_settings, redis)
+    await history.add(record(now - 30, 1))
+    await redis.xadd(keys.HISTORY_STREAM, {"r": b'{"id": 5, "createdTime": 1}', "t": str(now)})
+    await redis.xadd(keys.HISTORY_STREAM, {"r": b"not json", "t": str(now)})
+    await redis.xadd(keys.HISTORY_STREAM, {"x": b"no record field"})
+    await history.add(record(now - 10, 2))
+    assert await ship_all(pg_settings, redis) == 2
+    page = await history.query("demo", URL, "BUILD_END", start_ms=now - 60_000, end_ms=now)
+    await history.close()
+    assert page.count == 2 and await redis.xlen(keys.HISTORY_STREAM) == 0

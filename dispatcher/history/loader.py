@@ -1,12 +1,15 @@
 """Records into PostgreSQL, in batches: what the shipper and `dispatcher history migrate`
-share.
+share. Rows not already stored are inserted (by primary key: a record sent twice is stored
+once) and exactly those are added to the per-minute and per-hour counts, in one statement.
 
-Before a batch's transaction: each (project, event, url) gets its pair id (cached; inserted
-with ON CONFLICT DO NOTHING in autocommit, so a rollback never leaves the cache holding an
-id that does not exist) and each day its partitions. Inside it: one COPY into a temporary
-staging table, then one statement that inserts the rows not already stored (by primary key:
-a record sent twice is stored once) and adds exactly those to the per-minute and per-hour
-counts.
+Two ways in, both under the caller's transaction, each day's partitions made before it:
+
+- `insert_raw` (the shipper's): the records' JSON as it came, COPYed into a temporary table;
+  PostgreSQL reads the columns out of the JSON and resolves the pairs itself. The worker
+  that ships spends ~4 µs per record instead of ~15 when it parsed and encoded each one.
+- `insert` (parsed rows: `dispatcher history migrate`, and the shipper's fallback for a
+  batch holding something that is not a record): pair ids resolved beforehand (cached;
+  inserted in autocommit, so a rollback never leaves the cache holding a phantom id).
 """
 
 from __future__ import annotations
@@ -33,11 +36,36 @@ CREATE TEMP TABLE IF NOT EXISTS history_staging (
   dead boolean, doc text
 ) ON COMMIT DELETE ROWS
 """
-# The staged rows not stored yet, and their counts; returns how many were new.
-_INSERT = """
+_RAW_TABLES = """
+CREATE TEMP TABLE IF NOT EXISTS history_raw (dead boolean, doc text) ON COMMIT DELETE ROWS;
+CREATE TEMP TABLE IF NOT EXISTS history_parsed (
+  id bigint NOT NULL, created_ms bigint NOT NULL, project_id text NOT NULL, event text NOT NULL,
+  url text NOT NULL, delivery_id text, dead boolean, doc text
+) ON COMMIT DELETE ROWS
+"""
+# Each JSON document parsed once (NOT NULL: a document that is no record fails the batch).
+_RAW_PARSE = """
+INSERT INTO history_parsed
+SELECT (j->>'id')::bigint, (j->>'createdTime')::bigint, j->>'projectId', j->>'events',
+       j->>'callBackUrl', j->>'deliveryId', dead, doc
+  FROM (SELECT dead, doc, doc::jsonb AS j FROM history_raw) r
+"""
+# Its own statement: the next one's snapshot sees the pairs a concurrent shipper just added.
+_RAW_PAIRS = """
+INSERT INTO history_pairs (project_id, event, url)
+SELECT DISTINCT project_id, event, url FROM history_parsed ON CONFLICT DO NOTHING
+"""
+_FROM_STAGING = (
+    "SELECT id, created_ms, pair_id, project_id, delivery_id, dead, doc FROM history_staging"
+)
+_FROM_PARSED = """
+SELECT r.id, r.created_ms, p.pair_id, r.project_id, r.delivery_id, r.dead, r.doc
+  FROM history_parsed r JOIN history_pairs p USING (project_id, event, url)"""
+# The source's rows not stored yet, and their counts; returns how many were new.
+_INSERT_FROM = """
 WITH fresh AS (
   INSERT INTO history_attempts (id, created_ms, pair_id, project_id, delivery_id, dead, doc)
-  SELECT id, created_ms, pair_id, project_id, delivery_id, dead, doc FROM history_staging
+  {source}
   ON CONFLICT DO NOTHING
   RETURNING pair_id, created_ms
 ), counted AS (
@@ -49,6 +77,8 @@ WITH fresh AS (
 )
 SELECT count(*) FROM fresh
 """
+_INSERT_STAGED = _INSERT_FROM.format(source=_FROM_STAGING)
+_INSERT_PARSED = _INSERT_FROM.format(source=_FROM_PARSED)
 _UPSERT_PAIRS = """
 INSERT INTO history_pairs (project_id, event, url)
 SELECT * FROM unnest($1::text[], $2::text[], $3::text[]) ON CONFLICT DO NOTHING
@@ -91,18 +121,38 @@ class Loader:
         self.conn = conn
         self.pairs = {} if pairs is None else pairs  # ids never change: share across reconnects
         self.days: set[int] = set()
-        self._staging = False
+        self._made: set[str] = set()  # temporary tables made on this connection
+
+    async def prepare_days(self, created_ms: Iterable[int]) -> None:
+        """Outside the batch's transaction: the partitions of the records' days."""
+        for day in sorted({ms // DAY_MS for ms in created_ms} - self.days):
+            await ensure_partitions(self.conn, day * DAY_MS, day * DAY_MS)
+            self.days.add(day)
 
     async def prepare(self, rows: Iterable[Row]) -> None:
         """Outside the batch's transaction: pair ids, partitions, the staging table."""
         rows = list(rows)
         await self._resolve_pairs({row.pair for row in rows})
-        for day in sorted({row.created_ms // DAY_MS for row in rows} - self.days):
-            await ensure_partitions(self.conn, day * DAY_MS, day * DAY_MS)
-            self.days.add(day)
-        if not self._staging:
-            await self.conn.execute(_STAGING)
-            self._staging = True
+        await self.prepare_days(row.created_ms for row in rows)
+        await self._temporary(_STAGING)
+
+    async def _temporary(self, sql: str) -> None:
+        if sql not in self._made:
+            await self.conn.execute(sql)
+            self._made.add(sql)
+
+    async def insert_raw(self, records: list[tuple[bool, str]]) -> int:
+        """Inside the caller's transaction, after `prepare_days`: (dead, JSON) records
+        stored as `insert` would; returns how many were new. Raises `asyncpg.DataError` or
+        `asyncpg.IntegrityConstraintViolationError` when one of them is not a record."""
+        if not records:
+            return 0
+        await self._temporary(_RAW_TABLES)
+        await self.conn.copy_records_to_table("history_raw", records=records,
+                                              columns=("dead", "doc"))  # fmt: skip
+        await self.conn.execute(_RAW_PARSE)
+        await self.conn.execute(_RAW_PAIRS)
+        return int(await self.conn.fetchval(_INSERT_PARSED))
 
     async def insert(self, rows: list[Row]) -> int:
         """Inside the caller's transaction, after `prepare`: store the rows not stored yet
@@ -117,7 +167,7 @@ class Loader:
             ],
             columns=COLUMNS,
         )
-        return int(await self.conn.fetchval(_INSERT))
+        return int(await self.conn.fetchval(_INSERT_STAGED))
 
     async def store(self, rows: list[Row]) -> int:
         """`prepare` and `insert` in a transaction of their own."""

@@ -27,8 +27,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
+import asyncpg
 import structlog
 
 from dispatcher import keys, metrics
@@ -39,7 +40,6 @@ from dispatcher.history.schema import DAY_MS
 from dispatcher.lua import Lua
 
 if TYPE_CHECKING:
-    import asyncpg
     from redis.asyncio import Redis
 
     from dispatcher.settings import Settings
@@ -65,6 +65,15 @@ local current = tonumber(redis.call('GET', KEYS[1]) or '0')
 if current < tonumber(ARGV[1]) then redis.call('SET', KEYS[1], ARGV[1]) end
 return 1
 """)
+
+
+class Entry(NamedTuple):
+    """A stream entry: its id, the record's time, whether its delivery gave up, its JSON."""
+
+    sid: StreamId
+    created_ms: int
+    dead: bool
+    doc: bytes
 
 
 def _sid(raw: bytes | str) -> StreamId:
@@ -174,7 +183,7 @@ class Shipper:
             return 0
         now = window.now_ms() if now_ms is None else now_ms
         oldest, newest = now - self.settings.retention_ms, now + DAY_MS
-        batch = [(s, row) for s, row in self._rows(entries) if oldest <= row.created_ms <= newest]
+        batch = [e for e in self._entries(entries) if oldest <= e.created_ms <= newest]
         if len(batch) < len(entries):
             self.skipped += len(entries) - len(batch)
             log.warning("history.ship_skipped", records=len(entries) - len(batch),
@@ -204,27 +213,54 @@ class Shipper:
             return None
         return reading.result()
 
-    def _rows(self, entries: list[tuple[bytes, dict[bytes, bytes]]]) -> list[tuple[StreamId, Row]]:
-        rows = []
-        for raw_sid, fields in entries:
+    def _entries(self, raw: list[tuple[bytes, dict[bytes, bytes]]]) -> list[Entry]:
+        entries = []
+        for raw_sid, fields in raw:
             try:
-                rows.append((_sid(raw_sid), parse_row(fields[b"r"], fields.get(b"d") == b"1")))
+                doc, dead = fields[b"r"], fields.get(b"d") == b"1"
+                at = int(fields[b"t"]) if b"t" in fields else parse_row(doc).created_ms
             except (KeyError, TypeError, ValueError) as exc:  # JSONDecodeError is a ValueError
                 log.error("history.ship_unreadable", stream_id=raw_sid.decode(), error=repr(exc))
-        return rows
+                continue
+            entries.append(Entry(_sid(raw_sid), at, dead, doc))
+        return entries
 
-    async def _commit(self, batch: list[tuple[StreamId, Row]], last: StreamId) -> int:
+    async def _commit(self, batch: list[Entry], last: StreamId) -> int:
         """Store the entries after the committed watermark and move it to `last` (or keep
-        it, when another shipper got further); returns how many records were new."""
+        it, when another shipper got further); returns how many records were new. A batch
+        holding an entry that is no record is stored again entry by entry, without it."""
+        assert self.loader is not None
+        await self.loader.prepare_days(entry.created_ms for entry in batch)
+        try:
+            return await self._transaction(batch, last, parsed=None)
+        except (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError) as exc:
+            log.error("history.ship_unreadable", error=repr(exc), records=len(batch))
+        parsed = []
+        for entry in batch:
+            try:
+                parsed.append((entry.sid, parse_row(entry.doc, entry.dead)))
+            except (KeyError, TypeError, ValueError) as exc:
+                log.error("history.ship_unreadable", stream_id=_text(entry.sid), error=repr(exc))
+        await self.loader.prepare(row for _, row in parsed)
+        return await self._transaction(batch, last, parsed=parsed)
+
+    async def _transaction(
+        self, batch: list[Entry], last: StreamId, *, parsed: list[tuple[StreamId, Row]] | None
+    ) -> int:
+        """One transaction: the watermark row locked, the entries after it stored (as JSON,
+        or as `parsed` rows), the watermark moved."""
         assert self.conn is not None and self.loader is not None
-        await self.loader.prepare(row for _, row in batch)
         async with self.conn.transaction():
             done = _sid(
                 await self.conn.fetchval(
                     "SELECT last_id FROM history_shipped WHERE stream = $1 FOR UPDATE", self.stream
                 )
             )
-            stored = await self.loader.insert([row for sid, row in batch if sid > done])
+            if parsed is None:
+                records = [(e.dead, e.doc.decode()) for e in batch if e.sid > done]
+                stored = await self.loader.insert_raw(records)
+            else:
+                stored = await self.loader.insert([row for sid, row in parsed if sid > done])
             if last > done:
                 await self.conn.execute(
                     "UPDATE history_shipped SET last_id = $2, shipped = shipped + $3"
