@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import shutil
 import tempfile
@@ -18,12 +19,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from bench import fault_bench, http_bench, profile, report
+from bench import fault_bench, history_pg_bench, http_bench, pg_scenarios, profile, report
 from bench.common import RESULTS_DIR, install_uvloop, machine_busy_seconds
 from bench.procs import BenchError, Receiver
 from bench.report import Row
 from bench.scenarios import MAX_JOBS, POLL_DELAY, Bench, Sizes
 from dispatcher.embedded import EmbeddedRedis
+from tests.pgserver import PgServer
 
 # In order: the worker-rate baselines first (fan-out, scale-out and ceiling reuse them),
 # the history fill last (it leaves Redis large until flushed).
@@ -38,13 +40,21 @@ SCENARIOS: dict[str, Callable[[Bench], Awaitable[list[Row]]]] = {
     "latency": Bench.latency,
     "memory": Bench.memory,
     "history": Bench.history,
+    "history-pg-delivery": pg_scenarios.history_pg_delivery,
+    "history-pg-lag": pg_scenarios.history_pg_lag,
+    "history-pg": pg_scenarios.history_pg,
 }
+# A durable PostgreSQL (fsync and synchronous commit on, the defaults) on disk, with room
+# for a bulk fill between checkpoints.
+PG_SETTINGS = {"shared_buffers": "512MB", "max_wal_size": "8GB", "checkpoint_timeout": "30min"}
 # The worker-rate runs each scenario needs (they run interleaved in one block).
 WORKER_RUNS = {
     "throughput": {"noop", "throughput", "throughput_info"},
     "ceiling": {"throughput"},
     "fan-out": {"throughput", "fan_out"},
     "scale-out": {"throughput", "scale_out", "noop", "noop_scale_out"},
+    "history-pg-delivery": {"throughput", "throughput_pg"},
+    "history-pg": {"throughput_pg"},
 }
 
 
@@ -58,6 +68,12 @@ def _parse() -> argparse.Namespace:
         "--profile", action="store_true", help="profile the worker on the throughput scenario"
     )
     parser.add_argument("--profile-deliveries", type=int, default=5_000)
+    parser.add_argument(
+        "--history-pg-total", type=int, help="records in the big PostgreSQL history table"
+    )
+    parser.add_argument(
+        "--history-pg-hot", type=int, help="of which the queried (url, event) holds"
+    )
     return parser.parse_args()
 
 
@@ -102,14 +118,19 @@ async def _scenarios(
     return rows, timings, others
 
 
-async def _main(args: argparse.Namespace, url: str, logs: Path) -> int:
+async def _main(args: argparse.Namespace, url: str, logs: Path, pg_url: str | None = None) -> int:
     started = time.monotonic()
     sizes = Sizes.pick(args.quick)
+    overrides = {"history_pg_total": args.history_pg_total, "history_pg_hot": args.history_pg_hot}
+    sizes = dataclasses.replace(sizes, **{k: v for k, v in overrides.items() if v})
     receiver = Receiver()
     await receiver.start()
     bench = Bench(url, receiver, sizes, logs)
     names = _selected(args.only)
     bench.wanted = set().union(*(WORKER_RUNS.get(name, set()) for name in names))
+    if pg_url is not None:
+        bench.pg_url = pg_url
+        (bench.history_url,) = await history_pg_bench.create_databases(pg_url, ("workers",))
     await bench.open()
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     try:
@@ -166,13 +187,20 @@ def main() -> int:
     logs = tmp / "logs"
     logs.mkdir()
     redis = EmbeddedRedis(tmp / "redis", persist=False)
+    postgres = None
+    if any(name.startswith("history-pg") for name in _selected(args.only)):
+        tmp.chmod(0o755)  # as root, PostgreSQL runs as nobody, who must reach its folder
+        postgres = PgServer(settings=dict(PG_SETTINGS), data_dir=tmp / "pg")
     code = 1
     try:
         url = redis.start()
-        code = asyncio.run(_main(args, url, logs))
+        pg_url = postgres.start().url if postgres is not None else None
+        code = asyncio.run(_main(args, url, logs, pg_url))
         return code
     finally:
         redis.stop()
+        if postgres is not None:
+            postgres.stop()
         if code != 0 and any(logs.iterdir()):  # keep the workers' logs for a post-mortem
             kept = RESULTS_DIR / f"logs-{datetime.now(UTC).strftime('%Y%m%dT%H%M%SZ')}"
             shutil.copytree(logs, kept)

@@ -16,10 +16,10 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from bench.common import PROJECT, TOKEN, event_data
-from dispatcher import history as history_module
 from dispatcher import keys
 from dispatcher.delivery import encode_body, mask_headers, request_headers
-from dispatcher.history import History
+from dispatcher.history import redis as history_module
+from dispatcher.history.redis import RedisHistory
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
@@ -101,7 +101,7 @@ class Filler:
 
     def __init__(self, redis: Redis, settings: Settings) -> None:
         self.redis = redis
-        self.history = History(redis, settings)
+        self.history = RedisHistory(redis, settings)
         self.template = _template()
         self.base_ms = time.time_ns() // 1_000_000 - 3_600_000  # an hour ago: in the window
         self.written = 0
@@ -122,6 +122,7 @@ class Filler:
     async def _write(self, pairs: list[tuple[str, str]]) -> None:
         records = [self._record(pair, self.written + i) for i, pair in enumerate(pairs)]
         self.written += len(records)
+        await self.history.assign_ids(records)  # the store takes records with their ids
         await write_records(self.redis, self.history, records)
 
     async def fill(self, plan: list[tuple[tuple[str, str], int]]) -> float:
@@ -144,12 +145,27 @@ async def _timed(op: Callable[[], Awaitable[Any]]) -> int:
     return time.perf_counter_ns() - started
 
 
+async def interleaved(
+    ops: dict[str, Callable[[], Awaitable[Any]]], rounds: int
+) -> dict[str, list[int]]:
+    """Nanoseconds of every op, round by round (after 20 rounds of warm-up), so that all
+    of them share the machine's noise."""
+    for _ in range(20):
+        for op in ops.values():
+            await op()
+    samples: dict[str, list[int]] = {name: [] for name in ops}
+    for _ in range(rounds):
+        for name, op in ops.items():
+            samples[name].append(await _timed(op))
+    return samples
+
+
 def _ops(
     redis: Redis, settings: Settings, now_ms: int, prefix: str
 ) -> dict[str, Callable[[], Awaitable[Any]]]:
     """The timed operations on one store: History.query of page 1 and of the page at
     offset 10,000 (records decoded), and the store's bare Lua script for each."""
-    history = History(redis, settings)
+    history = RedisHistory(redis, settings)
     url, event = QUERIED
     window = {"start_ms": now_ms - 86_400_000, "end_ms": now_ms + 60_000}
     index = keys.history_index(PROJECT, event, url)
@@ -173,7 +189,7 @@ def _ops(
 
 async def _check(redis: Redis, settings: Settings, now_ms: int) -> int:
     url, event = QUERIED
-    page = await History(redis, settings).query(
+    page = await RedisHistory(redis, settings).query(
         PROJECT, url, event, start_ms=now_ms - 86_400_000, end_ms=now_ms + 60_000,
         page=DEEP_PAGE, page_size=PAGE_SIZE,
     )  # fmt: skip
@@ -192,13 +208,7 @@ async def measure(large: Redis, small: Redis, settings: Settings, rounds: int) -
     ops |= _ops(large, settings, now, "")
     ops |= _ops(small, settings, now, "small_")
     counts = [await _check(large, settings, now), await _check(small, settings, now)]
-    for _ in range(20):  # warm up
-        for op in ops.values():
-            await op()
-    samples: dict[str, list[int]] = {name: [] for name in ops}
-    for _ in range(rounds):
-        for name, op in ops.items():
-            samples[name].append(await _timed(op))
+    samples = await interleaved(ops, rounds)
     result: dict[str, Any] = {name: _median_us(values) for name, values in samples.items()}
     result["p90"] = {
         name: round(statistics.quantiles(values, n=10)[-1] / 1000, 1)

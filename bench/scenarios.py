@@ -54,17 +54,54 @@ class Sizes:
     memory_late: int
     history_total: int
     history_rounds: int
+    history_pg_total: int  # PostgreSQL history: records in the big table
+    history_pg_hot: int  # ... of which the queried (url, event) holds
+    ship_records: int
+    lag_s: float
 
     @classmethod
     def pick(cls, quick: bool) -> Sizes:
         if quick:
             return cls(
-                2_000, 3, 5_000, 5_000, 3, 5, 3_000, 10, 4_000, 5.0, 2_000, 20_000, 100_000, 150
+                deliveries=2_000,
+                repeats=3,
+                ceiling=5_000,
+                emit=5_000,
+                emit_repeats=3,
+                batch_repeats=5,
+                http_emit=3_000,
+                http_batches=10,
+                fault_deliveries=4_000,
+                latency_s=5.0,
+                memory_early=2_000,
+                memory_late=20_000,
+                history_total=100_000,
+                history_rounds=150,
+                history_pg_total=200_000,
+                history_pg_hot=100_000,
+                ship_records=50_000,
+                lag_s=5.0,
             )
         return cls(
-            6_000, 3, 20_000, 20_000, 3, 7, 10_000, 20, 8_000, 20.0, 10_000, 100_000,
-            1_000_000, 300,
-        )  # fmt: skip
+            deliveries=6_000,
+            repeats=3,
+            ceiling=20_000,
+            emit=20_000,
+            emit_repeats=3,
+            batch_repeats=7,
+            http_emit=10_000,
+            http_batches=20,
+            fault_deliveries=8_000,
+            latency_s=20.0,
+            memory_early=10_000,
+            memory_late=100_000,
+            history_total=1_000_000,
+            history_rounds=300,
+            history_pg_total=2_000_000,
+            history_pg_hot=1_000_000,
+            ship_records=200_000,
+            lag_s=20.0,
+        )
 
 
 @dataclass
@@ -81,6 +118,7 @@ class WorkerRun:
     redis_usec: int
     machine_cpu_s: float  # every process on the machine, ours included
     results: list[dict[str, Any]] = field(default_factory=list)
+    redis_bytes: int = 0  # Redis used_memory after the run, less before its events
 
     @property
     def others_cores(self) -> float:
@@ -135,6 +173,9 @@ class Bench:
         # Which worker-rate runs the selected scenarios need (see worker_block).
         self.wanted: set[str] = {"noop", "throughput", "throughput_info", "scale_out", "fan_out"}
         self.block_error = ""
+        self.pg_url: str | None = None  # a private PostgreSQL's `postgres` database, when started
+        self.history_url: str | None = None  # its database for workers with PostgreSQL history
+        self._mem_base = 0
 
     @property
     def r(self) -> Redis:
@@ -158,10 +199,14 @@ class Bench:
             await registry.create(
                 PROJECT, f"{self.receiver.base}/hook/{i}", Event(EVENT), Region.DEVNET, TOKEN
             )
+        self._mem_base = await self._used_memory()
         producer = Producer(self.settings, self.r)
         for start in range(0, events, 1000):
             stop = min(events, start + 1000)
             await producer.emit_many([(PROJECT, EVENT, event_data(i)) for i in range(start, stop)])
+
+    async def _used_memory(self) -> int:
+        return int((await self.r.info("memory"))["used_memory"])
 
     async def own_cpu(self) -> float:
         """CPU seconds the bench has used so far: this process, its finished children,
@@ -189,14 +234,18 @@ class Bench:
         kind: str = "dispatcher",
         log_level: str = "WARNING",
         label: str = "",
+        history_url: str | None = None,
     ) -> WorkerRun:
         """Fill the queue, start `workers` burst workers, GO, wait until all are done."""
         deliveries = events * (callbacks if kind == "dispatcher" else 1)
         log_path = self.logs / f"{label or kind}.log"
+        extra = ["--history-url", history_url] if history_url else []
         started, _ = await asyncio.gather(
             asyncio.gather(
                 *(
-                    WorkerProcess.start(self.url, kind=kind, log_level=log_level, log_path=log_path)
+                    WorkerProcess.start(
+                        self.url, kind=kind, log_level=log_level, log_path=log_path, extra=extra
+                    )
                     for _ in range(workers)
                 )
             ),
@@ -236,6 +285,7 @@ class Bench:
             redis_usec=usec,
             machine_cpu_s=machine_cpu,
             results=results,
+            redis_bytes=await self._used_memory() - self._mem_base,
         )
         self.worker_runs.setdefault(label or kind, []).append(run)
         return run
@@ -257,6 +307,7 @@ class Bench:
             "scale_out": {"callbacks": 1, "events": n, "workers": 2},
             "noop_scale_out": {"kind": "noop", "callbacks": 1, "events": n, "workers": 2},
             "fan_out": {"callbacks": 10, "events": n // 10},
+            "throughput_pg": {"callbacks": 1, "events": n, "history_url": self.history_url},
         }
         try:
             for _ in range(self.sizes.repeats):

@@ -128,6 +128,7 @@ async def _read_line() -> str:
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     settings = bench_settings(
         args.redis_url,
+        history_url=args.history_url,
         log_level=args.log_level,
         poll_delay=args.poll_delay,
         worker_max_jobs=args.max_jobs,
@@ -178,6 +179,7 @@ def main() -> None:
     parser.add_argument("--redis-url", required=True)
     parser.add_argument("--kind", choices=["dispatcher", "noop"], default="dispatcher")
     parser.add_argument("--burst", action="store_true")
+    parser.add_argument("--history-url", help="PostgreSQL history (default: in Redis)")
     parser.add_argument("--log-level", default="WARNING")
     defaults = Settings.model_fields
     parser.add_argument("--poll-delay", type=float, default=defaults["poll_delay"].default)

@@ -31,6 +31,10 @@ History
     dispatcher:history:dead-keys              SET every per-project dead-letter key (for the sweep)
     dispatcher:history:attempts:{delivery id} ZSET record ids of one delivery by createdTime
                                               (TTL of its latest record)
+    dispatcher:history:stream                 STREAM records on their way to PostgreSQL (the
+                                              PostgreSQL backend): field r = the record's JSON,
+                                              d = "1" when its delivery gave up, t = its
+                                              createdTime; trimmed once shipped
 Console
     dispatcher:console:csrf-key               STRING the key signing the console's CSRF tokens,
                                               made by the first API process that needs it
@@ -71,6 +75,7 @@ HISTORY_INDEXES = f"{PREFIX}:history:indexes"
 HISTORY_DEAD = f"{PREFIX}:history:dead"
 HISTORY_DEAD_KEYS = f"{PREFIX}:history:dead-keys"
 HISTORY_ATTEMPTS_PREFIX = f"{PREFIX}:history:attempts:"
+HISTORY_STREAM = f"{PREFIX}:history:stream"
 DELIVERY_PREFIX = f"{PREFIX}:delivery:"
 CONSOLE_CSRF_KEY = f"{PREFIX}:console:csrf-key"
 

@@ -10,7 +10,11 @@ __all__ = [
     "DELIVERIES",
     "DROPPED",
     "EVENTS_EMITTED",
+    "HISTORY_BACKLOG",
+    "HISTORY_BACKLOG_AGE",
     "HISTORY_RECORDS",
+    "HISTORY_SHIPPED",
+    "HISTORY_SHIP_FAILURES",
     "PENDING_WRITES",
     "POISON_JOBS",
     "QUEUE_DEPTH",
@@ -54,4 +58,19 @@ PENDING_WRITES = Gauge(
 )
 WRITE_RETRIES = Counter(
     "dispatcher_write_retries_total", "Batches of worker writes sent again because Redis failed."
+)
+HISTORY_BACKLOG = Gauge(
+    "dispatcher_history_backlog",
+    "History records waiting in Redis for PostgreSQL (the PostgreSQL backend's stream).",
+)
+HISTORY_BACKLOG_AGE = Gauge(
+    "dispatcher_history_backlog_age_seconds",
+    "Age of the oldest history record not yet in PostgreSQL (0 when none waits).",
+)
+HISTORY_SHIPPED = Counter(
+    "dispatcher_history_shipped_total", "History records this process shipped to PostgreSQL."
+)
+HISTORY_SHIP_FAILURES = Counter(
+    "dispatcher_history_ship_failures_total",
+    "Shipments to PostgreSQL that failed (and are tried again).",
 )

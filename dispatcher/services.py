@@ -16,7 +16,7 @@ from dispatcher.batch import Batcher
 from dispatcher.connections import connect
 from dispatcher.egress import policy_for
 from dispatcher.health import Health
-from dispatcher.history import History, parse_window
+from dispatcher.history import open_history, parse_window
 from dispatcher.jobs import Queue
 from dispatcher.lua import run_pipeline
 from dispatcher.models import Region, parse_event
@@ -54,7 +54,7 @@ class Services:
         self.settings = settings
         self.redis = redis
         self.registry = Registry(redis, settings.token_cipher())
-        self.history = History(redis, settings)
+        self.history = open_history(settings, redis)
         self.health = Health(redis, self.registry, settings)
         self.queue = Queue(redis, settings.queue_name)
         # group commit of the API's small round trips (role checks, single emits)
@@ -68,11 +68,17 @@ class Services:
     async def open(cls, settings: Settings, redis: Redis | None = None) -> AsyncIterator[Services]:
         """Services on `redis` (left open), or on a pool of their own (closed at the end)."""
         pool = connect(settings) if redis is None else redis
+        services = cls(settings, pool)
         try:
-            yield cls(settings, pool)
+            yield services
         finally:
+            await services.close()
             if redis is None:
                 await pool.aclose()
+
+    async def close(self) -> None:
+        """Release what the services opened besides the Redis pool (the history's own)."""
+        await self.history.close()
 
     # ---- callbacks ---------------------------------------------------------------------
 

@@ -131,6 +131,29 @@ class Settings(BaseSettings):
     history_retention_days: float = Field(default=7, gt=0)
     history_max_page_size: int = Field(default=100, ge=1)
     sweep_batch: int = Field(default=500, ge=1, description="Records removed per retention step.")
+    history_url: str | None = Field(
+        default=None,
+        description="postgresql:// URL of the history database; unset: history lives in Redis.",
+    )
+    history_timeout: float = Field(
+        default=5.0,
+        gt=0,
+        description="Seconds to connect to PostgreSQL and to wait for a statement.",
+    )
+    history_ship: bool = Field(
+        default=True,
+        description="Workers ship history to PostgreSQL (one at a time, elected); false when "
+        "`dispatcher history ship` runs as its own process.",
+    )
+    history_ship_batch: int = Field(
+        default=2000, ge=1, le=50_000, description="Records per shipment (one COPY)."
+    )
+    history_backlog_limit: int = Field(
+        default=1_000_000,
+        ge=1,
+        description="Records waiting in Redis for PostgreSQL past which workers stop claiming "
+        "jobs (deliveries wait in the queue) until the shipper catches up.",
+    )
 
     # Endpoint health
     circuit_threshold: int = Field(
@@ -160,6 +183,13 @@ class Settings(BaseSettings):
     def _redis_scheme(cls, value: str | None) -> str | None:
         if value is not None and not value.startswith(("redis://", "rediss://", "unix://")):
             raise ValueError("must start with redis://, rediss:// or unix://")
+        return value or None
+
+    @field_validator("history_url")
+    @classmethod
+    def _postgres_scheme(cls, value: str | None) -> str | None:
+        if value and not value.startswith(("postgresql://", "postgres://")):
+            raise ValueError("must start with postgresql:// or postgres://")
         return value or None
 
     @field_validator("retry_schedule")

@@ -18,7 +18,7 @@ from aiohttp import web
 from redis.asyncio import Redis
 
 from dispatcher import keys
-from dispatcher.history import History
+from dispatcher.history.redis import RedisHistory
 from dispatcher.models import DeliveryStatus, HistoryRecord
 from dispatcher.settings import Settings
 from tests.helpers import serving as serving_handler
@@ -90,7 +90,7 @@ async def all_records(
     redis: Redis, settings: Settings, project: str, url: str, event: str
 ) -> list[HistoryRecord]:
     """Every record of (project, url, event) of the last hour, oldest first."""
-    history, now = History(redis, settings), _ms()
+    history, now = RedisHistory(redis, settings), _ms()
     found: list[HistoryRecord] = []
     page = 1
     while True:

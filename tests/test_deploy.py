@@ -260,6 +260,23 @@ def test_compose_worker(settings_from_env: Any) -> None:
     assert as_argv(worker["healthcheck"]["test"])[-3:] == ["dispatcher", "worker", "--check"]
 
 
+def test_compose_keeps_the_history_in_postgres(settings_from_env: Any) -> None:
+    services = compose()["services"]
+    postgres = services["postgres"]
+    assert str(postgres["image"]).startswith("postgres:")
+    assert any(":/var/lib/postgresql/data" in v for v in postgres["volumes"])
+    assert "pg_isready" in as_argv(postgres["healthcheck"]["test"])
+    assert "ports" not in postgres, "PostgreSQL stays inside the compose network"
+    migrate = services["migrate"]
+    assert as_argv(migrate["command"]) == ["db", "upgrade"]
+    assert migrate["depends_on"]["postgres"]["condition"] == "service_healthy"
+    for name in ("api", "worker"):
+        service = services[name]
+        assert service["depends_on"]["migrate"]["condition"] == "service_completed_successfully"
+        settings = settings_from_env(service["environment"], f"compose {name}")
+        assert settings.history_url is not None and "@postgres:5432/" in settings.history_url
+
+
 # ---- Kubernetes ---------------------------------------------------------------------------
 
 
@@ -418,6 +435,16 @@ def test_worker_deployment(settings_from_env: Any) -> None:
     assert "replicas" not in doc["spec"], "the HorizontalPodAutoscaler owns the replica count"
 
 
+def test_the_api_pods_migrate_the_history_schema_first() -> None:
+    api = deployment("api")
+    [init] = api["spec"]["template"]["spec"]["initContainers"]
+    assert init["args"] == ["db", "upgrade"] and init["image"] == container(api)["image"]
+    for doc in (api, deployment("worker")):
+        env = {e["name"]: e for e in container(doc)["env"]}
+        ref = env["DISPATCHER_HISTORY_URL"]["valueFrom"]["secretKeyRef"]
+        assert ref["key"] == "history-url" and ref["optional"] is True  # absent: Redis
+
+
 def test_hpa_scales_the_worker_deployment() -> None:
     [hpa] = of_kind("HorizontalPodAutoscaler")
     assert hpa["apiVersion"] == "autoscaling/v2"
@@ -547,7 +574,7 @@ def test_systemd_analyze_verify(tmp_path: Path) -> None:
         pytest.skip("systemd-analyze is not installed")
     copies = []
     for path in UNITS.values():
-        text = re.sub(r"^ExecStart=\S+", f"ExecStart={true}", path.read_text(), flags=re.M)
+        text = re.sub(r"^(ExecStart(?:Pre)?)=\S+", rf"\1={true}", path.read_text(), flags=re.M)
         copy = tmp_path / path.name.replace("@.", "@1.")
         copy.write_text(text)
         copies.append(copy)

@@ -1,5 +1,6 @@
 """The history store and its seed route: paging, windows, defaults, bad input, retention,
-redelivery."""
+redelivery. One contract, two backends: every test that takes `settings` runs against the
+Redis store and against the PostgreSQL store (records shipped from the stream first)."""
 
 from __future__ import annotations
 
@@ -12,17 +13,16 @@ import httpx
 import pytest
 from redis.asyncio import Redis
 
-from dispatcher import keys
 from dispatcher.api import create_app
 from dispatcher.auth import Role, Roles
 from dispatcher.errors import NotFound
-from dispatcher.history import History, parse_window
+from dispatcher.history import HistoryStore, open_history, parse_window
 from dispatcher.models import Event, Region
 from dispatcher.producer import Producer
 from dispatcher.registry import Registry
 from dispatcher.services import Services
 from dispatcher.settings import Settings
-from tests.helpers import UID, Receiver, RunWorker, answer, make_settings
+from tests.helpers import UID, Receiver, RunWorker, answer, make_settings, ship_all
 
 V3 = "/ms/openapi/api/apigw/v3/projects/demo/callbacks/history"
 V4 = "/apigw-app/v4/projects/demo/callbacks/history"
@@ -54,9 +54,24 @@ def record(created: int, *, url: str = URL, event: str = "BUILD_END", n: int = 0
     }
 
 
+@pytest.fixture(params=["redis", "postgres"])
+def settings(request: pytest.FixtureRequest, redis_server: Any) -> Settings:
+    """The contract runs on both backends."""
+    if request.param == "postgres":
+        return make_settings(redis_server.url, history_url=request.getfixturevalue("pg_url"))
+    return make_settings(redis_server.url)
+
+
 @pytest.fixture
-def tz_settings(redis_server: Any) -> Settings:
-    return make_settings(redis_server.url, timezone="Asia/Shanghai")
+async def store(settings: Settings, redis: Redis) -> Any:
+    history = open_history(settings, redis)
+    yield history
+    await history.close()
+
+
+@pytest.fixture
+def tz_settings(settings: Settings) -> Settings:
+    return settings.model_copy(update={"timezone": "Asia/Shanghai"})
 
 
 @pytest.fixture
@@ -69,8 +84,14 @@ async def tz_api(tz_settings: Settings, redis: Redis) -> Any:
 
 
 async def fill(redis: Redis, settings: Settings, times: list[int], **kw: Any) -> list[int]:
-    history = History(redis, settings)
-    return [await history.add(record(t, n=i, **kw)) for i, t in enumerate(times)]
+    """Records written through the store, then (PostgreSQL) shipped."""
+    history = open_history(settings, redis)
+    try:
+        ids = [await history.add(record(t, n=i, **kw)) for i, t in enumerate(times)]
+    finally:
+        await history.close()
+    await ship_all(settings, redis)
+    return ids
 
 
 async def test_seed_shape_and_newest_first(tz_api: httpx.AsyncClient, redis: Redis,
@@ -95,10 +116,10 @@ async def test_seed_shape_and_newest_first(tz_api: httpx.AsyncClient, redis: Red
     assert same.json() == body
 
 
-async def test_paging_arithmetic(redis: Redis, settings: Settings) -> None:
+async def test_paging_arithmetic(redis: Redis, settings: Settings, store: HistoryStore) -> None:
     now = int(time.time() * 1000)
     await fill(redis, settings, [now - 10_000 + i for i in range(45)])
-    history = History(redis, settings)
+    history = store
 
     async def page(n: int, size: int = 20) -> Any:
         return await history.query(
@@ -155,14 +176,14 @@ def test_window_defaults() -> None:
     )
 
 
-async def test_only_the_asked_url_and_event_are_returned(redis: Redis, settings: Settings) -> None:
+async def test_only_the_asked_url_and_event_are_returned(
+    redis: Redis, settings: Settings, store: HistoryStore
+) -> None:
     now = int(time.time() * 1000)
     await fill(redis, settings, [now - 1000])
     await fill(redis, settings, [now - 900], url="http://127.0.0.1:9000/other")
     await fill(redis, settings, [now - 800], event="BUILD_START")
-    page = await History(redis, settings).query(
-        "demo", URL, "BUILD_END", start_ms=now - 5000, end_ms=now
-    )
+    page = await store.query("demo", URL, "BUILD_END", start_ms=now - 5000, end_ms=now)
     assert [(r.call_back_url, r.events) for r in page.records] == [(URL, "BUILD_END")]
 
 
@@ -198,40 +219,6 @@ async def test_bad_input_is_a_400_naming_the_parameter(
 async def test_history_needs_an_identity(api: httpx.AsyncClient) -> None:
     response = await api.get(V3, params={"url": URL, "event": "BUILD_END"})
     assert response.status_code == 401
-
-
-async def test_retention_removes_old_records_and_their_index_entries_only(
-    redis: Redis, settings: Settings
-) -> None:
-    now = int(time.time() * 1000)
-    day = 86_400_000
-    old = await fill(redis, settings, [now - 8 * day, now - 7 * day - 1])
-    old_other = await fill(redis, settings, [now - 9 * day], event="BUILD_START")
-    fresh = await fill(redis, settings, [now - 6 * day, now - 1000])
-    history = History(redis, settings)
-    # before the sweep, the query already hides what is past the retention
-    page = await history.query("demo", URL, "BUILD_END", start_ms=now - 30 * day, end_ms=now)
-    assert sorted(r.id for r in page.records) == fresh
-
-    assert await history.sweep(now_ms=now) == 3
-    for rid in old + old_other:
-        assert not await redis.exists(keys.history_record(rid))
-    assert await redis.exists(*(keys.history_record(rid) for rid in fresh)) == 2
-    index = keys.history_index("demo", "BUILD_END", URL)
-    assert await redis.zcard(index) == 2
-    emptied = keys.history_index("demo", "BUILD_START", URL)
-    assert not await redis.exists(emptied)
-    assert not await redis.sismember(keys.HISTORY_INDEXES, emptied)
-    assert await history.sweep(now_ms=now) == 0
-
-
-async def test_sweep_works_in_bounded_batches(redis: Redis, redis_server: Any) -> None:
-    settings = make_settings(redis_server.url, sweep_batch=10)
-    now = int(time.time() * 1000)
-    await fill(redis, settings, [now - 8 * 86_400_000 + i for i in range(35)])
-    history = History(redis, settings)
-    assert await history.sweep(now_ms=now, max_batches=2) == 20
-    assert await history.sweep(now_ms=now) == 15
 
 
 async def test_redelivery_sends_the_same_body_again_with_a_new_record(
@@ -301,9 +288,9 @@ async def test_dead_letters_and_redelivery_of_a_windows_failures(
 
 
 async def test_window_redelivery_is_for_admins_dead_letters_for_members(
-    redis_server: Any, redis: Redis
+    settings: Settings, redis: Redis
 ) -> None:
-    settings = make_settings(redis_server.url, open_access=False)
+    settings = settings.model_copy(update={"open_access": False})
     await Roles(redis, settings).grant("demo", "member-user", Role.MEMBER)
     app = create_app(settings, redis)
     async with app.router.lifespan_context(app):
@@ -322,7 +309,13 @@ async def test_window_redelivery_is_for_admins_dead_letters_for_members(
 async def test_a_deliverys_attempts_include_its_retries_and_redeliveries(
     settings: Settings, redis: Redis, receiver: Receiver, run_worker: RunWorker
 ) -> None:
-    services = Services(settings, redis)
+    async with Services.open(settings, redis) as services:
+        await attempts_of_a_delivery(services, redis, receiver, run_worker)
+
+
+async def attempts_of_a_delivery(
+    services: Services, redis: Redis, receiver: Receiver, run_worker: RunWorker
+) -> None:
     url = receiver.script("/hook", answer(500), answer(200))
     await Registry(redis).create("demo", url, Event.BUILD_END, Region.DEVNET)
     await services.producer.emit("demo", "BUILD_END", {"n": 1})

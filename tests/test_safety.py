@@ -15,7 +15,7 @@ from structlog.testing import capture_logs
 from dispatcher import keys
 from dispatcher.api import create_app
 from dispatcher.health import CircuitBreaker
-from dispatcher.history import History
+from dispatcher.history.redis import RedisHistory
 from dispatcher.models import Event, Region
 from dispatcher.producer import Producer
 from dispatcher.registry import Registry
@@ -28,7 +28,7 @@ CALLBACKS = "/apigw/v4/projects/demo/callbacks"
 
 async def all_records(redis: Redis, settings: Settings, url: str) -> list[Any]:
     now = int(time.time() * 1000)
-    page = await History(redis, settings).query(
+    page = await RedisHistory(redis, settings).query(
         "demo", url, "BUILD_END", start_ms=now - 60_000, end_ms=now + 1000, page_size=100
     )
     return list(reversed(page.records))

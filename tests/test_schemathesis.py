@@ -41,7 +41,7 @@ from schemathesis.checks import negative_data_rejection, not_a_server_error
 from dispatcher.api import create_app
 from dispatcher.connections import connect
 from dispatcher.embedded import EmbeddedRedis
-from dispatcher.history import History
+from dispatcher.history.redis import RedisHistory
 from dispatcher.models import Event, Region
 from dispatcher.registry import Registry
 from dispatcher.settings import Settings
@@ -141,7 +141,7 @@ async def _seed(settings: Settings) -> None:
     redis = connect(settings)
     try:
         await redis.flushdb()
-        registry, history = Registry(redis), History(redis, settings)
+        registry, history = Registry(redis), RedisHistory(redis, settings)
         now = time.time_ns() // 1_000_000
         for n in range(2 * SEEDED):
             url, event = f"http://127.0.0.1:9/hook{n}", list(Event)[n]

@@ -19,7 +19,7 @@ from dispatcher import keys
 from dispatcher.connections import connect
 from dispatcher.embedded import EmbeddedRedis
 from dispatcher.errors import Unavailable
-from dispatcher.history import History
+from dispatcher.history.redis import RedisHistory
 from dispatcher.jobs import EventJob, Queue
 from dispatcher.lua import run_pipeline
 from dispatcher.models import Event, Region
@@ -123,7 +123,7 @@ async def test_writes_wait_out_a_redis_restart_and_land_once(
 ) -> None:
     settings = make_settings(own_redis.url, redis_timeout=0.5)
     redis = connect(settings)
-    history = History(redis, settings)
+    history = RedisHistory(redis, settings)
     writer = Writer(redis, history.assign_ids)
     try:
         records = [record(n) for n in range(20)]
@@ -155,7 +155,7 @@ async def test_writes_wait_out_a_redis_restart_and_land_once(
 
 
 async def test_a_record_written_twice_is_stored_once(settings: Settings, redis: Redis) -> None:
-    history = History(redis, settings)
+    history = RedisHistory(redis, settings)
     one = record(1)
     await history.assign_ids([one])
     for _ in range(2):  # as when a pipeline's answer was lost and it was sent again
@@ -182,7 +182,7 @@ async def test_a_timed_out_run_is_run_again_never_dropped(
     seen = receiver.requests()
     assert len(seen) == 2 and len({s.headers["webhook-id"] for s in seen}) == 1
     now = int(time.time() * 1000)
-    page = await History(redis, settings).query(
+    page = await RedisHistory(redis, settings).query(
         "demo", url, "BUILD_END", start_ms=now - 60_000, end_ms=now + 1000
     )
     assert [(r.event_id, r.status.value) for r in page.records] == [(event_id, "SUCCESS")]

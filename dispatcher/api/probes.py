@@ -34,8 +34,11 @@ async def readyz(services: ServicesDep) -> JSONResponse:
 
 @router.get("/metrics", response_class=PlainTextResponse)
 async def metrics_route(services: ServicesDep) -> Response:
-    """Prometheus metrics of this process, plus the queue's depth."""
+    """Prometheus metrics of this process, plus the queue's depth and the history backlog."""
     depth, age = await services.queue.depth()
     metrics.QUEUE_DEPTH.set(depth)
     metrics.QUEUE_OLDEST_SECONDS.set(age)
+    waiting, oldest = await services.history.backlog()
+    metrics.HISTORY_BACKLOG.set(waiting)
+    metrics.HISTORY_BACKLOG_AGE.set(oldest)
     return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)

@@ -7,12 +7,15 @@ from __future__ import annotations
 from dispatcher.cli import deliveries, processes  # noqa: F401
 from dispatcher.cli.callbacks import callbacks_app, roles_app, tokens_app
 from dispatcher.cli.common import app
+from dispatcher.cli.history import db_app, history_app
 
 __all__ = ["app", "main"]
 
 app.add_typer(callbacks_app, name="callbacks")
 app.add_typer(roles_app, name="roles")
 app.add_typer(tokens_app, name="tokens")
+app.add_typer(history_app, name="history")
+app.add_typer(db_app, name="db")
 
 
 def main() -> None:

@@ -30,6 +30,7 @@ __all__ = [
     "load_settings",
     "on_services",
     "records_table",
+    "run_async",
     "with_redis_url",
 ]
 

@@ -1,5 +1,5 @@
-"""Events and what became of them: `emit`, `history`, `dead`, `redeliver`, `sweep`,
-`status`."""
+"""Events and what became of them: `emit`, `dead`, `redeliver`, `sweep`, `status`
+(`history` has its own module)."""
 
 from __future__ import annotations
 
@@ -50,28 +50,6 @@ def emit(
 
 
 @app.command()
-def history(
-    project: Annotated[str, typer.Option(help="Project id")],
-    url: Annotated[str, typer.Option(help="Callback URL")],
-    event: Annotated[str, typer.Option(help="Event name")],
-    since: Annotated[str | None, typer.Option(help="'yyyy-MM-dd HH:mm:ss'")] = None,
-    until: Annotated[str | None, typer.Option(help="'yyyy-MM-dd HH:mm:ss'")] = None,
-    page: int = 1,
-    page_size: int = 20,
-) -> None:
-    """Delivery attempts of one (url, event), newest first (the history route's rules)."""
-    settings = load_settings()
-    result = on_services(
-        lambda s: s.history_page(project, url, event, since, until, page, page_size)
-    )
-    console.print(records_table(result.records, settings))
-    console.print(
-        f"page {result.page}/{max(result.total_pages, 1)}, {result.count} records "
-        f"({settings.timezone})"
-    )
-
-
-@app.command()
 def dead(
     project: Annotated[str | None, typer.Option(help="One project (default: all)")] = None,
     limit: Annotated[int, typer.Option(help="How many, newest first")] = 50,
@@ -112,13 +90,15 @@ def redeliver(
 
 @app.command()
 def sweep() -> None:
-    """Remove history past the retention now (the workers also do it every 5 minutes)."""
+    """Enforce the history retention now (the workers also do it every 5 minutes): Redis
+    records past it, or PostgreSQL day partitions (and make the next days' ahead)."""
 
-    async def go(services: Services) -> int:
-        with counting("sweeping", "removed") as advance:
-            return await services.history.sweep(on_batch=advance)
+    async def go(services: Services) -> str:
+        unit = services.history.sweep_unit
+        with counting("sweeping", unit) as advance:
+            return f"removed {await services.history.sweep(on_batch=advance)} {unit}"
 
-    console.print(f"removed {on_services(go)} records")
+    console.print(on_services(go))
 
 
 @app.command()

@@ -42,6 +42,12 @@ def run(
     }
     settings = load_settings(**dev_defaults, **_listen(host, port))
     configure_logging(settings)
+    if settings.history_url:
+        from dispatcher.cli.history import upgrade_schema
+
+        applied, version = upgrade_schema(settings)
+        print(f"history: PostgreSQL, schema version {version}"
+              + (f" (applied {applied})" if applied else ""), flush=True)  # fmt: skip
     embedded = None if settings.redis_url else EmbeddedRedis(settings.data_dir)
     if embedded is not None:
         settings = settings.model_copy(update={"redis_url": embedded.start()})

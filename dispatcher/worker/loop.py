@@ -38,6 +38,7 @@ from dispatcher.jobs import FAN_OUT, BadJob, DeliveryJob, EventJob, decode, now_
 from dispatcher.services import Services
 from dispatcher.worker.claims import Claimed, Claims
 from dispatcher.worker.engine import Engine, Then, keep_entry
+from dispatcher.worker.shipping import Shipping
 from dispatcher.worker.writer import Writer
 
 if TYPE_CHECKING:
@@ -92,6 +93,7 @@ class Worker:
         self.writer = Writer(self.redis, self.services.history.assign_ids)
         self.claims = Claims(self.redis, settings.queue_name, self.token, settings.lease_seconds)
         self.engine = Engine(self.services, self.writer)
+        self.shipping = Shipping(self.services)
         self.running: dict[str, asyncio.Task[None]] = {}
         self.jobs_started = self.jobs_complete = self.jobs_failed = 0
         self._stop: asyncio.Event | None = None
@@ -119,6 +121,7 @@ class Worker:
             asyncio.create_task(self._every(HEALTH_CHECK_S, self._health_check)),
             asyncio.create_task(self._sweeps()),
         ]
+        self.shipping.start()
         if self.settings.worker_metrics_port is not None:
             from prometheus_client import start_http_server
 
@@ -140,7 +143,11 @@ class Worker:
             if room < min(self.claim_batch, self.max_jobs) and self.running:
                 await self._wait_for_room()
                 continue
-            if self.writer.pending > self.max_pending_writes or self._burst_spent():
+            if (
+                self.writer.pending > self.max_pending_writes
+                or self.shipping.full
+                or self._burst_spent()
+            ):
                 await self._pause(self.poll_delay)
                 continue
             try:
@@ -308,7 +315,8 @@ class Worker:
         )
 
     async def _sweeps(self) -> None:
-        """The history retention sweep, once per 5 minutes by one worker of the fleet."""
+        """The history retention sweep (PostgreSQL: day partitions made ahead, expired ones
+        dropped), once per 5 minutes by one worker of the fleet."""
         while True:
             slot = now_ms() // 1000 // SWEEP_EVERY_S
             try:
@@ -317,7 +325,7 @@ class Worker:
                     budget = self.settings.effective_job_timeout / 2
                     removed = await self.services.history.sweep(max_seconds=budget)
                     log.info("history.swept", removed=removed)
-            except Exception as exc:  # Redis, or a bug: the next slot tries again
+            except Exception as exc:  # Redis or PostgreSQL away, a bug: the next slot tries again
                 log.warning("history.sweep_failed", error=repr(exc))
             next_slot_s = (slot + 1) * SWEEP_EVERY_S
             await asyncio.sleep(max(1.0, next_slot_s - now_ms() / 1000))
@@ -341,6 +349,7 @@ class Worker:
                 await self.writer.drain()
         except TimeoutError:  # Redis is away: their jobs are still queued, and run again
             log.error("worker.writes_unsaved", pending=self.writer.pending)
+        await self.shipping.stop(within=max(grace, 1.0))
         for task in background:
             task.cancel()
         await asyncio.gather(*background, return_exceptions=True)
@@ -355,6 +364,7 @@ class Worker:
         self._closed = True
         await self.writer.close()
         await self.engine.close()
+        await self.services.close()
         if self._owns_redis:
             await self.redis.aclose()
 

@@ -1,5 +1,6 @@
-"""The history store: one record per delivery attempt, queried by (project, url, event) and
-time window, newest first, page by page; old records swept in small batches.
+"""The Redis history backend (the default): one record per delivery attempt, queried by
+(project, url, event) and time window, newest first, page by page; old records swept in
+small batches. Bounded by Redis' memory (~1.5-9 KB per record).
 
 Layout (see keys.py): each record is a JSON string with a TTL backstop; one sorted set per
 (project, event, url) indexes record ids by createdTime, so the seed's query is a range
@@ -8,20 +9,17 @@ read (ZCOUNT + ZREVRANGEBYSCORE + MGET in one script), never a scan.
 
 from __future__ import annotations
 
-import asyncio
-import collections
 import math
-import re
 import time
-from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
-from zoneinfo import ZoneInfo
 
 import orjson
 from pydantic import TypeAdapter
 
 from dispatcher import keys
-from dispatcher.errors import InvalidInput, InvalidTime, NotFound
+from dispatcher.errors import NotFound
+from dispatcher.history.ids import RecordIds
+from dispatcher.history.window import MAX_ATTEMPTS_SHOWN, check_page
 from dispatcher.lua import Lua, run_pipeline
 from dispatcher.models import DeliveryStatus, HistoryPage, HistoryRecord
 
@@ -33,18 +31,12 @@ if TYPE_CHECKING:
 
     from dispatcher.settings import Settings
 
-__all__ = ["MAX_ATTEMPTS_SHOWN", "TIME_FORMAT", "History", "format_ms", "parse_window"]
+__all__ = ["RECORDS", "RedisHistory", "parse_records"]
 
-TIME_FORMAT = "%Y-%m-%d %H:%M:%S"
-_TIME_PATTERN = re.compile(r"^\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2}$")
-_RECORDS = TypeAdapter(list[HistoryRecord])
-# a delivery makes at most len(retry_schedule) + 1 attempts, plus one per redelivery
-MAX_ATTEMPTS_SHOWN = 100
+RECORDS = TypeAdapter(list[HistoryRecord])
 # Records outlive the retention by this much, so the sweep (not the TTL) decides, and a
 # stopped sweep still cannot let Redis grow without bound.
 _TTL_MARGIN_S = 86_400
-# record ids reserved per round trip
-ID_BLOCK = 1000
 
 # KEYS: record, index, indexes set, dead zset, the project's dead zset, dead-keys set, the
 # delivery's attempts zset. ARGV: record json (id included), createdTime ms, ttl s, index
@@ -111,78 +103,31 @@ return redis.call('MGET', unpack(ks))
 """)
 
 
-def _to_ms(moment: datetime) -> int:
-    return int(moment.timestamp() * 1000)
+def parse_records(raws: Iterable[bytes | None]) -> list[HistoryRecord]:
+    """Stored JSON records (missing ones skipped) in one pydantic pass."""
+    return RECORDS.validate_json(b"[" + b",".join(raw for raw in raws if raw) + b"]")
 
 
-def format_ms(ms: int, tz: ZoneInfo) -> str:
-    """Epoch ms as `yyyy-MM-dd HH:mm:ss.SSS` in `tz` (the query's format, plus milliseconds)."""
-    return datetime.fromtimestamp(ms / 1000, tz).strftime(TIME_FORMAT + ".%f")[:-3]
-
-
-def _parse_time(value: str, name: str, tz: ZoneInfo) -> datetime:
-    if not _TIME_PATTERN.match(value):
-        raise InvalidTime(
-            f"{name} must look like 'yyyy-MM-dd HH:mm:ss' (e.g. 2024-05-01 08:30:00), "
-            f"got {value!r}",
-            param=name,
-        )
-    try:
-        return datetime.strptime(value, TIME_FORMAT).replace(tzinfo=tz)
-    except ValueError as exc:
-        raise InvalidTime(f"{name} {value!r} is not a real date/time: {exc}", param=name) from None
-
-
-def parse_window(
-    start: str | None, end: str | None, tz: ZoneInfo, *, now: datetime | None = None
-) -> tuple[int, int]:
-    """The query window in epoch ms, both ends inclusive (`endTime` to its last millisecond).
-
-    Missing both: today in `tz`. Only `startTime`: from it to the end of today. Only
-    `endTime`: from the start of its day to it.
-    """
-    today = (
-        (now or datetime.now(tz)).astimezone(tz).replace(hour=0, minute=0, second=0, microsecond=0)
-    )
-    start_at = _parse_time(start, "startTime", tz) if start else None
-    end_at = _parse_time(end, "endTime", tz) if end else None
-    if start_at is None:
-        start_at = (end_at or today).replace(hour=0, minute=0, second=0)
-    end_ms = _to_ms(end_at) + 999 if end_at else _to_ms(today + timedelta(days=1)) - 1
-    start_ms = _to_ms(start_at)
-    if end_ms < start_ms:
-        raise InvalidTime(f"endTime ({end}) is before startTime ({start})", param="endTime")
-    return start_ms, end_ms
-
-
-def truncate(text: str, limit: int) -> tuple[str, bool]:
-    """`text` cut to `limit` UTF-8 bytes (never inside a character), and whether it was cut."""
-    raw = text.encode()
-    if len(raw) <= limit:
-        return text, False
-    return raw[:limit].decode("utf-8", errors="ignore"), True
-
-
-class History:
+class RedisHistory:
     """Attempt records in Redis."""
+
+    sweep_unit = "records"
 
     def __init__(self, redis: Redis, settings: Settings) -> None:
         self.redis = redis
         self.settings = settings
-        self._ids: collections.deque[int] = collections.deque()
-        self._ids_lock = asyncio.Lock()
+        self._ids = RecordIds(redis)
 
     async def assign_ids(self, records: Iterable[dict[str, Any]]) -> None:
-        """Give each record without an `id` a new one. Ids come from Redis in blocks of
-        `ID_BLOCK`, so most calls cost no round trip; an id is never handed out twice."""
-        missing = [record for record in records if "id" not in record]
-        async with self._ids_lock:
-            while len(self._ids) < len(missing):
-                block = max(ID_BLOCK, len(missing) - len(self._ids))
-                last = int(await self.redis.incrby(keys.HISTORY_SEQ, block))
-                self._ids.extend(range(last - block + 1, last + 1))
-            for record in missing:
-                record["id"] = self._ids.popleft()
+        """Give each record without an `id` a new one (see `RecordIds`)."""
+        await self._ids.assign(records)
+
+    async def backlog(self) -> tuple[int, float]:
+        """Records written but not yet queryable, and the oldest one's age: none here."""
+        return 0, 0.0
+
+    async def close(self) -> None:
+        """Nothing of its own to close (the Redis pool is the caller's)."""
 
     def record(self, pipe: Pipeline, record: dict[str, Any], *, dead: bool = False) -> None:
         """Queue the write of one record on `pipe` (the caller executes it with its other
@@ -227,11 +172,7 @@ class History:
     ) -> HistoryPage:
         """One page of the window, newest first. Records past the retention are not shown,
         even before the sweep has removed them, so `count` stays exact."""
-        if page < 1:
-            raise InvalidInput(f"page must be >= 1, got {page}", param="page")
-        if page_size < 1:
-            raise InvalidInput(f"pageSize must be >= 1, got {page_size}", param="pageSize")
-        page_size = min(page_size, self.settings.history_max_page_size)
+        page_size = check_page(page, page_size, self.settings.history_max_page_size)
         now = time.time_ns() // 1_000_000 if now_ms is None else now_ms
         start_ms = max(start_ms, now - self.settings.retention_ms)
         if start_ms > end_ms:
@@ -241,7 +182,7 @@ class History:
             [keys.history_index(project_id, event, url)],
             [start_ms, end_ms, (page - 1) * page_size, page_size, keys.HISTORY_RECORD_PREFIX],
         )
-        records = _RECORDS.validate_json(b"[" + b",".join(raw for raw in raws if raw) + b"]")
+        records = parse_records(raws)
         return HistoryPage(
             records=records,
             count=int(total),
@@ -277,7 +218,7 @@ class History:
 
     async def _latest(self, key: str, limit: int) -> list[HistoryRecord]:
         raws = await _LATEST(self.redis, [key], [limit, keys.HISTORY_RECORD_PREFIX])
-        return _RECORDS.validate_json(b"[" + b",".join(raw for raw in raws if raw) + b"]")
+        return parse_records(raws)
 
     async def final_failures(
         self, project_id: str, url: str, event: str, *, start_ms: int, end_ms: int

@@ -1,0 +1,185 @@
+"""Records into PostgreSQL, in batches: what the shipper and `dispatcher history migrate`
+share. Rows not already stored are inserted (by primary key: a record sent twice is stored
+once) and exactly those are added to the per-minute and per-hour counts, in one statement.
+
+Two ways in, both under the caller's transaction, each day's partitions made before it:
+
+- `insert_raw` (the shipper's): the records' JSON as it came, COPYed into a temporary table;
+  PostgreSQL reads the columns out of the JSON and resolves the pairs itself. The worker
+  that ships spends ~4 µs per record instead of ~15 when it parsed and encoded each one.
+- `insert` (parsed rows: `dispatcher history migrate`, and the shipper's fallback for a
+  batch holding something that is not a record): pair ids resolved beforehand (cached;
+  inserted in autocommit, so a rollback never leaves the cache holding a phantom id).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, NamedTuple
+
+import orjson
+
+from dispatcher.history.schema import DAY_MS, ensure_partitions
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable
+
+    import asyncpg
+
+__all__ = ["Loader", "Row", "parse_row"]
+
+Pair = tuple[str, str, str]  # project, event, url
+COLUMNS = ("id", "created_ms", "pair_id", "project_id", "delivery_id", "dead", "doc")
+
+_STAGING = """
+CREATE TEMP TABLE IF NOT EXISTS history_staging (
+  id bigint, created_ms bigint, pair_id int, project_id text, delivery_id text,
+  dead boolean, doc text
+) ON COMMIT DELETE ROWS
+"""
+_RAW_TABLES = """
+CREATE TEMP TABLE IF NOT EXISTS history_raw (dead boolean, doc text) ON COMMIT DELETE ROWS;
+CREATE TEMP TABLE IF NOT EXISTS history_parsed (
+  id bigint NOT NULL, created_ms bigint NOT NULL, project_id text NOT NULL, event text NOT NULL,
+  url text NOT NULL, delivery_id text, dead boolean, doc text
+) ON COMMIT DELETE ROWS
+"""
+# Each JSON document parsed once (NOT NULL: a document that is no record fails the batch).
+_RAW_PARSE = """
+INSERT INTO history_parsed
+SELECT (j->>'id')::bigint, (j->>'createdTime')::bigint, j->>'projectId', j->>'events',
+       j->>'callBackUrl', j->>'deliveryId', dead, doc
+  FROM (SELECT dead, doc, doc::jsonb AS j FROM history_raw) r
+"""
+# Its own statement: the next one's snapshot sees the pairs a concurrent shipper just added.
+_RAW_PAIRS = """
+INSERT INTO history_pairs (project_id, event, url)
+SELECT DISTINCT project_id, event, url FROM history_parsed ON CONFLICT DO NOTHING
+"""
+_FROM_STAGING = (
+    "SELECT id, created_ms, pair_id, project_id, delivery_id, dead, doc FROM history_staging"
+)
+_FROM_PARSED = """
+SELECT r.id, r.created_ms, p.pair_id, r.project_id, r.delivery_id, r.dead, r.doc
+  FROM history_parsed r JOIN history_pairs p USING (project_id, event, url)"""
+# The source's rows not stored yet, and their counts; returns how many were new.
+_INSERT_FROM = """
+WITH fresh AS (
+  INSERT INTO history_attempts (id, created_ms, pair_id, project_id, delivery_id, dead, doc)
+  {source}
+  ON CONFLICT DO NOTHING
+  RETURNING pair_id, created_ms
+), counted AS (
+  INSERT INTO history_counts (pair_id, span, bucket_ms, n)
+  SELECT f.pair_id, s.span, f.created_ms - f.created_ms % s.span, count(*)
+    FROM fresh f CROSS JOIN (VALUES (60000), (3600000)) AS s(span)
+   GROUP BY 1, 2, 3
+  ON CONFLICT (pair_id, span, bucket_ms) DO UPDATE SET n = history_counts.n + EXCLUDED.n
+)
+SELECT count(*) FROM fresh
+"""
+_INSERT_STAGED = _INSERT_FROM.format(source=_FROM_STAGING)
+_INSERT_PARSED = _INSERT_FROM.format(source=_FROM_PARSED)
+_UPSERT_PAIRS = """
+INSERT INTO history_pairs (project_id, event, url)
+SELECT * FROM unnest($1::text[], $2::text[], $3::text[]) ON CONFLICT DO NOTHING
+"""
+_SELECT_PAIRS = """
+SELECT p.pair_id, p.project_id, p.event, p.url FROM history_pairs p
+  JOIN unnest($1::text[], $2::text[], $3::text[]) AS k(project_id, event, url)
+ USING (project_id, event, url)
+"""
+
+
+class Row(NamedTuple):
+    """One record as stored."""
+
+    id: int
+    created_ms: int
+    pair: Pair
+    delivery_id: str | None
+    dead: bool
+    doc: str
+
+
+def parse_row(raw: bytes, dead: bool | None = None) -> Row:
+    """A stored record's JSON as a row; `dead` defaults to "final and FAILED". Raises
+    ValueError (or KeyError, TypeError) when it is not a record."""
+    rec = orjson.loads(raw)
+    if dead is None:
+        dead = bool(rec.get("final")) and rec.get("status") == "FAILED"
+    pair = (str(rec["projectId"]), str(rec["events"]), str(rec["callBackUrl"]))
+    delivery_id = rec.get("deliveryId")
+    return Row(int(rec["id"]), int(rec["createdTime"]), pair,
+               None if delivery_id is None else str(delivery_id), dead,
+               raw.decode())  # fmt: skip
+
+
+class Loader:
+    """Stores rows on one connection (its pair ids and days are cached)."""
+
+    def __init__(self, conn: asyncpg.Connection, pairs: dict[Pair, int] | None = None) -> None:
+        self.conn = conn
+        self.pairs = {} if pairs is None else pairs  # ids never change: share across reconnects
+        self.days: set[int] = set()
+        self._made: set[str] = set()  # temporary tables made on this connection
+
+    async def prepare_days(self, created_ms: Iterable[int]) -> None:
+        """Outside the batch's transaction: the partitions of the records' days."""
+        for day in sorted({ms // DAY_MS for ms in created_ms} - self.days):
+            await ensure_partitions(self.conn, day * DAY_MS, day * DAY_MS)
+            self.days.add(day)
+
+    async def prepare(self, rows: Iterable[Row]) -> None:
+        """Outside the batch's transaction: pair ids, partitions, the staging table."""
+        rows = list(rows)
+        await self._resolve_pairs({row.pair for row in rows})
+        await self.prepare_days(row.created_ms for row in rows)
+        await self._temporary(_STAGING)
+
+    async def _temporary(self, sql: str) -> None:
+        if sql not in self._made:
+            await self.conn.execute(sql)
+            self._made.add(sql)
+
+    async def insert_raw(self, records: list[tuple[bool, str]]) -> int:
+        """Inside the caller's transaction, after `prepare_days`: (dead, JSON) records
+        stored as `insert` would; returns how many were new. Raises `asyncpg.DataError` or
+        `asyncpg.IntegrityConstraintViolationError` when one of them is not a record."""
+        if not records:
+            return 0
+        await self._temporary(_RAW_TABLES)
+        await self.conn.copy_records_to_table("history_raw", records=records,
+                                              columns=("dead", "doc"))  # fmt: skip
+        await self.conn.execute(_RAW_PARSE)
+        await self.conn.execute(_RAW_PAIRS)
+        return int(await self.conn.fetchval(_INSERT_PARSED))
+
+    async def insert(self, rows: list[Row]) -> int:
+        """Inside the caller's transaction, after `prepare`: store the rows not stored yet
+        and count them; returns how many were new."""
+        if not rows:
+            return 0
+        await self.conn.copy_records_to_table(
+            "history_staging",
+            records=[
+                (r.id, r.created_ms, self.pairs[r.pair], r.pair[0], r.delivery_id, r.dead, r.doc)
+                for r in rows
+            ],
+            columns=COLUMNS,
+        )
+        return int(await self.conn.fetchval(_INSERT_STAGED))
+
+    async def store(self, rows: list[Row]) -> int:
+        """`prepare` and `insert` in a transaction of their own."""
+        await self.prepare(rows)
+        async with self.conn.transaction():
+            return await self.insert(rows)
+
+    async def _resolve_pairs(self, wanted: set[Pair]) -> None:
+        missing = [pair for pair in wanted if pair not in self.pairs]
+        if not missing:
+            return
+        columns = [list(c) for c in zip(*missing, strict=True)]
+        await self.conn.execute(_UPSERT_PAIRS, *columns)  # autocommit: never rolled back
+        for r in await self.conn.fetch(_SELECT_PAIRS, *columns):
+            self.pairs[(r["project_id"], r["event"], r["url"])] = int(r["pair_id"])

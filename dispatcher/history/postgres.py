@@ -1,0 +1,250 @@
+"""The PostgreSQL history backend (`DISPATCHER_HISTORY_URL`), for fleets.
+
+Writes never wait for PostgreSQL: `record` queues an XADD of the record onto
+`dispatcher:history:stream`, in the pipeline that already carries the attempt's other
+writes (one round trip, as with the Redis backend); the shipper (`shipper.py`) copies the
+stream into PostgreSQL in batches and trims it once committed. A record is queryable once
+shipped (milliseconds; as long as an outage lasts, during one).
+
+Reads are one statement each, on a pool made at first use. The seed query runs the pair
+lookup, `history_locate` (the exact count from the per-minute and per-hour counts, and
+where the page lies) and the page itself in one round trip and one snapshot. Every read
+hides what is past the retention, even before its day partition is dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from typing import TYPE_CHECKING, Any
+
+import orjson
+
+from dispatcher import keys
+from dispatcher.errors import NotFound
+from dispatcher.history import database, window
+from dispatcher.history.ids import RecordIds
+from dispatcher.history.redis import parse_records
+from dispatcher.history.schema import DAY_MS, drop_expired, ensure_partitions
+from dispatcher.lua import run_pipeline
+from dispatcher.models import HistoryPage
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator, Callable, Iterable
+
+    import asyncpg
+    from redis.asyncio import Redis
+    from redis.asyncio.client import Pipeline
+
+    from dispatcher.models import HistoryRecord
+    from dispatcher.settings import Settings
+
+__all__ = ["PostgresHistory", "stream_fields"]
+
+# $1 project $2 event $3 url $4 start ms $5 end ms $6 offset $7 limit
+PAGE_SQL = """
+WITH p AS (SELECT pair_id FROM history_pairs WHERE project_id = $1 AND event = $2 AND url = $3),
+     w AS (SELECT p.pair_id, l.* FROM p, history_locate(p.pair_id, $4, $5, $6, $7) l)
+SELECT w.total, r.doc
+  FROM w LEFT JOIN LATERAL (
+    SELECT a.doc FROM history_attempts a
+     WHERE a.pair_id = w.pair_id AND a.created_ms BETWEEN w.lo AND w.hi
+     ORDER BY a.created_ms DESC, a.id DESC OFFSET w.skip LIMIT $7) r ON true
+"""
+GET_SQL = "SELECT doc, project_id FROM history_attempts WHERE id = $1 AND created_ms >= $2"
+DEAD_SQL = """
+SELECT doc FROM history_attempts WHERE project_id = $1 AND dead AND created_ms >= $2
+ ORDER BY created_ms DESC, id DESC LIMIT $3
+"""
+DEAD_ALL_SQL = """
+SELECT doc FROM history_attempts WHERE dead AND created_ms >= $1
+ ORDER BY created_ms DESC, id DESC LIMIT $2
+"""
+ATTEMPTS_SQL = """
+SELECT doc FROM history_attempts WHERE delivery_id = $1 AND project_id = $2 AND created_ms >= $3
+ ORDER BY created_ms DESC, id DESC LIMIT $4
+"""
+# A window's final failures, newest first, keyset-paged by (created_ms, id) after ($6, $7).
+FAILED_SQL = """
+SELECT a.doc, a.created_ms, a.id FROM history_attempts a
+ WHERE a.pair_id = (SELECT pair_id FROM history_pairs
+                     WHERE project_id = $1 AND event = $2 AND url = $3)
+   AND a.dead AND a.created_ms BETWEEN $4 AND $5 AND (a.created_ms, a.id) < ($6, $7)
+ ORDER BY a.created_ms DESC, a.id DESC LIMIT $8
+"""
+FAILED_BATCH = 500
+
+
+def stream_fields(record: dict[str, Any], dead: bool) -> dict[str, bytes]:
+    """One stream entry: the record's JSON, whether its delivery gave up, and its time (so
+    that the shipper needs not read the JSON to know its day)."""
+    return {
+        "r": orjson.dumps(record),
+        "d": b"1" if dead else b"0",
+        "t": str(record["createdTime"]).encode(),
+    }
+
+
+class PostgresHistory:
+    """Attempt records in PostgreSQL, written through a Redis stream."""
+
+    sweep_unit = "day partitions"
+
+    def __init__(self, redis: Redis, settings: Settings) -> None:
+        self.redis = redis
+        self.settings = settings
+        self._ids = RecordIds(redis)
+        self._pool: asyncpg.Pool | None = None
+        self._pool_lock = asyncio.Lock()
+
+    # ---- writes ------------------------------------------------------------------------
+
+    async def assign_ids(self, records: Iterable[dict[str, Any]]) -> None:
+        """Give each record without an `id` a new one (see `RecordIds`)."""
+        await self._ids.assign(records)
+
+    def record(self, pipe: Pipeline, record: dict[str, Any], *, dead: bool = False) -> None:
+        """Queue the record's append to the stream on `pipe`. Sent twice (a pipeline whose
+        answer was lost), it is stored once: the shipper skips an id it already has."""
+        pipe.xadd(keys.HISTORY_STREAM, stream_fields(record, dead))  # type: ignore[arg-type]
+
+    async def add(self, record: dict[str, Any], *, dead: bool = False) -> int:
+        """Append one record now; returns its id (queryable once shipped)."""
+        await self.assign_ids([record])
+        await run_pipeline(self.redis, lambda pipe: self.record(pipe, record, dead=dead))
+        return int(record["id"])
+
+    async def backlog(self) -> tuple[int, float]:
+        """Records in the stream not yet shipped (and trimmed), and the oldest one's age."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.xlen(keys.HISTORY_STREAM)
+            pipe.xrange(keys.HISTORY_STREAM, count=1)
+            length, first = await pipe.execute()
+        if not first:
+            return int(length), 0.0
+        oldest_ms = int(first[0][0].split(b"-")[0])
+        return int(length), max(0.0, (window.now_ms() - oldest_ms) / 1000)
+
+    # ---- reads -------------------------------------------------------------------------
+
+    async def pool(self) -> asyncpg.Pool:
+        """The process's pool, made at first use (an outage: `Unavailable`, and the next
+        call tries again)."""
+        async with self._pool_lock:
+            if self._pool is None:
+                with database.unavailable():
+                    self._pool = await database.create_pool(self.settings)
+            return self._pool
+
+    async def _fetch(self, sql: str, *args: Any) -> list[asyncpg.Record]:
+        pool = await self.pool()
+        with database.unavailable():
+            rows: list[asyncpg.Record] = await pool.fetch(sql, *args)
+        return rows
+
+    def _cutoff(self, now_ms: int | None) -> int:
+        return (window.now_ms() if now_ms is None else now_ms) - self.settings.retention_ms
+
+    async def query(
+        self,
+        project_id: str,
+        url: str,
+        event: str,
+        *,
+        start_ms: int,
+        end_ms: int,
+        page: int = 1,
+        page_size: int = 20,
+        now_ms: int | None = None,
+    ) -> HistoryPage:
+        """One page of the window, newest first, with its exact count. Records past the
+        retention are not shown, even before their day is dropped, so `count` stays exact."""
+        page_size = window.check_page(page, page_size, self.settings.history_max_page_size)
+        start_ms = max(start_ms, self._cutoff(now_ms))
+        rows: list[asyncpg.Record] = []
+        if start_ms <= end_ms:
+            rows = await self._fetch(
+                PAGE_SQL, project_id, event, url, start_ms, end_ms, (page - 1) * page_size,
+                page_size,
+            )  # fmt: skip
+        total = int(rows[0]["total"]) if rows else 0
+        return HistoryPage(
+            records=_records(rows),
+            count=total,
+            total_pages=math.ceil(total / page_size),
+            page_size=page_size,
+            page=page,
+        )
+
+    async def get(self, record_id: int, project_id: str | None = None) -> HistoryRecord:
+        rows = await self._fetch(GET_SQL, record_id, self._cutoff(None))
+        if not rows:
+            raise NotFound(f"history record {record_id} not found")
+        if project_id is not None and rows[0]["project_id"] != project_id:
+            raise NotFound(f"history record {record_id} not found in project {project_id}")
+        return _records(rows)[0]
+
+    async def dead(self, project_id: str | None = None, limit: int = 50) -> list[HistoryRecord]:
+        """The latest attempts after which a delivery gave up, of one project or of all,
+        newest first (a partial index of the dead ones only)."""
+        if project_id is None:
+            return _records(await self._fetch(DEAD_ALL_SQL, self._cutoff(None), limit))
+        return _records(await self._fetch(DEAD_SQL, project_id, self._cutoff(None), limit))
+
+    async def attempts(
+        self, delivery_id: str, project_id: str, *, now_ms: int | None = None
+    ) -> list[HistoryRecord]:
+        """Every attempt of one delivery within the retention, newest first."""
+        rows = await self._fetch(
+            ATTEMPTS_SQL, delivery_id, project_id, self._cutoff(now_ms), window.MAX_ATTEMPTS_SHOWN
+        )
+        return _records(rows)
+
+    async def final_failures(
+        self, project_id: str, url: str, event: str, *, start_ms: int, end_ms: int
+    ) -> AsyncIterator[HistoryRecord]:
+        """Every attempt of the window after which its delivery gave up, newest first; each
+        batch an index range read after the last one seen (never an OFFSET walk)."""
+        start_ms = max(start_ms, self._cutoff(None))
+        after = (end_ms + 1, 0)
+        while True:
+            rows = await self._fetch(
+                FAILED_SQL, project_id, event, url, start_ms, end_ms, *after, FAILED_BATCH
+            )
+            for record in _records(rows):
+                yield record
+            if len(rows) < FAILED_BATCH:
+                return
+            after = (int(rows[-1]["created_ms"]), int(rows[-1]["id"]))
+
+    # ---- retention ---------------------------------------------------------------------
+
+    async def sweep(
+        self,
+        *,
+        now_ms: int | None = None,
+        max_batches: int | None = None,
+        max_seconds: float | None = None,
+        on_batch: Callable[[int], None] | None = None,
+    ) -> int:
+        """Create the day partitions from yesterday to two days ahead, and drop those wholly
+        past the retention (both tables); returns how many were dropped. Each statement
+        waits at most a few seconds for its lock; what could not be done is done next time."""
+        now = window.now_ms() if now_ms is None else now_ms
+        pool = await self.pool()
+        with database.unavailable():
+            async with pool.acquire() as conn:
+                await ensure_partitions(conn, now - DAY_MS, now + 2 * DAY_MS)
+                dropped = await drop_expired(conn, now - self.settings.retention_ms)
+        if on_batch is not None:
+            on_batch(len(dropped))
+        return len(dropped)
+
+    async def close(self) -> None:
+        if self._pool is not None:
+            pool, self._pool = self._pool, None
+            await pool.close()
+
+
+def _records(rows: list[asyncpg.Record]) -> list[HistoryRecord]:
+    return parse_records(row["doc"].encode() for row in rows if row["doc"] is not None)

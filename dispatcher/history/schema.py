@@ -1,0 +1,174 @@
+"""The PostgreSQL history's schema: versioned migrations and day partitions.
+
+`upgrade(conn)` applies the missing migrations in order, each in its own transaction with
+its version row, under a session advisory lock: it is idempotent and safe when several
+processes run it at once (`dispatcher db upgrade`, `dispatcher run`). Migrations are
+append-only: a released one is never edited, a change is a new version.
+
+Tables
+    history_schema     version -> applied_at
+    history_pairs      (project_id, event, url) -> pair_id; never deleted
+    history_attempts   one row per attempt, RANGE-partitioned by UTC day on created_ms;
+                       `doc` is the record's JSON as the API returns it
+    history_counts     exact per-pair counts per minute and per hour, partitioned by day on
+                       bucket_ms, written in the shipper's transaction with the rows
+    history_shipped    the shipper's watermark: the last stream id committed
+
+Retention drops whole day partitions (`drop_expired`), never DELETEs. Both DDL statements
+lock the parent table, so they run with a lock timeout and are retried at the next sweep
+rather than queue every reader behind a long query.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING
+
+from dispatcher.history.locate import LOCATE_FUNCTIONS
+
+if TYPE_CHECKING:
+    from dispatcher.history.database import Conn
+
+__all__ = [
+    "DAY_MS",
+    "MIGRATIONS",
+    "drop_expired",
+    "ensure_partitions",
+    "partitions",
+    "schema_version",
+    "upgrade",
+]
+
+DAY_MS = 86_400_000
+LOCK_TIMEOUT_MS = 2000
+_LOCK = 0x6469_7370_6873_7431  # the migrations' advisory lock: "disphst1"
+PARENTS = ("history_attempts", "history_counts")
+
+_TABLES = """
+CREATE TABLE history_pairs (
+  pair_id    int GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+  project_id text NOT NULL,
+  event      text NOT NULL,
+  url        text NOT NULL,
+  UNIQUE (project_id, event, url)
+);
+CREATE TABLE history_attempts (
+  id          bigint  NOT NULL,  -- from Redis (dispatcher:history:seq), as with the Redis store
+  created_ms  bigint  NOT NULL,  -- createdTime
+  pair_id     int     NOT NULL,
+  project_id  text    NOT NULL,
+  delivery_id text,
+  dead        boolean NOT NULL,  -- the delivery gave up after this attempt
+  doc         text    NOT NULL,  -- the record's JSON, id included, as the API returns it
+  PRIMARY KEY (id, created_ms)   -- a primary key must hold the partition key
+) PARTITION BY RANGE (created_ms);
+CREATE INDEX history_attempts_window ON history_attempts (pair_id, created_ms DESC, id DESC);
+CREATE INDEX history_attempts_delivery ON history_attempts (delivery_id);
+CREATE INDEX history_attempts_dead ON history_attempts (project_id, created_ms DESC, id DESC)
+  WHERE dead;
+CREATE INDEX history_attempts_dead_all ON history_attempts (created_ms DESC, id DESC)
+  WHERE dead;
+CREATE INDEX history_attempts_dead_pair ON history_attempts (pair_id, created_ms DESC, id DESC)
+  WHERE dead;
+CREATE TABLE history_counts (
+  pair_id   int    NOT NULL,
+  span      int    NOT NULL,     -- 60000 (a minute) or 3600000 (an hour)
+  bucket_ms bigint NOT NULL,     -- its start
+  n         bigint NOT NULL,
+  PRIMARY KEY (pair_id, span, bucket_ms)
+) PARTITION BY RANGE (bucket_ms);
+CREATE TABLE history_shipped (
+  stream  text PRIMARY KEY,
+  last_id text NOT NULL,         -- 'ms-seq' of the last stream entry committed
+  shipped bigint NOT NULL DEFAULT 0
+);
+"""
+
+MIGRATIONS: list[tuple[int, str]] = [(1, _TABLES), (2, LOCATE_FUNCTIONS)]
+
+
+async def upgrade(conn: Conn) -> list[int]:
+    """Apply the missing migrations; returns the versions applied now. Holds a session
+    advisory lock throughout: even `CREATE TABLE IF NOT EXISTS` fails when two sessions
+    run it at once (a unique violation in pg_type), so nothing runs outside the lock."""
+    applied: list[int] = []
+    await conn.execute("SELECT pg_advisory_lock($1)", _LOCK)
+    try:
+        await conn.execute(
+            "CREATE TABLE IF NOT EXISTS history_schema"
+            " (version int PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"
+        )
+        done = {r["version"] for r in await conn.fetch("SELECT version FROM history_schema")}
+        for version, sql in MIGRATIONS:
+            if version in done:
+                continue
+            async with conn.transaction():  # the DDL and its version row, or neither
+                await conn.execute(sql)
+                await conn.execute("INSERT INTO history_schema (version) VALUES ($1)", version)
+            applied.append(version)
+    finally:
+        await conn.execute("SELECT pg_advisory_unlock($1)", _LOCK)
+    return applied
+
+
+async def schema_version(conn: Conn) -> int:
+    """The latest version applied (0: none)."""
+    if not await conn.fetchval("SELECT to_regclass('history_schema') IS NOT NULL"):
+        return 0
+    return int(await conn.fetchval("SELECT coalesce(max(version), 0) FROM history_schema"))
+
+
+def day_suffix(day: int) -> str:
+    """`pYYYYMMDD` of a UTC day number (epoch ms // DAY_MS)."""
+    return datetime.fromtimestamp(day * 86_400, UTC).strftime("p%Y%m%d")
+
+
+async def ensure_partitions(conn: Conn, from_ms: int, to_ms: int) -> list[str]:
+    """Create the missing day partitions of both tables covering [from_ms, to_ms]; returns
+    the names created. Raises `asyncpg.LockNotAvailableError` when a long query holds the
+    parent past the lock timeout (try again later)."""
+    created: list[str] = []
+    for day in range(from_ms // DAY_MS, to_ms // DAY_MS + 1):
+        for parent in PARENTS:
+            name = f"{parent}_{day_suffix(day)}"
+            if await conn.fetchval("SELECT to_regclass($1) IS NOT NULL", name):
+                continue
+            fill = " WITH (fillfactor = 90)" if parent == "history_counts" else ""  # HOT n = n + k
+            async with conn.transaction():
+                await conn.execute(f"SET LOCAL lock_timeout = {LOCK_TIMEOUT_MS}")
+                await conn.execute(
+                    f"CREATE TABLE IF NOT EXISTS {name} PARTITION OF {parent}"
+                    f" FOR VALUES FROM ({day * DAY_MS}) TO ({(day + 1) * DAY_MS}){fill}"
+                )
+            created.append(name)
+    return created
+
+
+async def partitions(conn: Conn) -> list[tuple[str, int, int]]:
+    """Every day partition of both tables: (name, from ms, to ms), oldest first."""
+    rows = await conn.fetch(
+        """SELECT c.relname, pg_get_expr(c.relpartbound, c.oid) AS bound
+             FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
+            WHERE i.inhparent IN ('history_attempts'::regclass, 'history_counts'::regclass)"""
+    )
+    found = []
+    for row in rows:  # FOR VALUES FROM ('1764374400000') TO ('1764460800000')
+        bound = str(row["bound"])
+        low = int(bound.split("FROM ('", 1)[1].split("'", 1)[0])
+        high = int(bound.split("TO ('", 1)[1].split("'", 1)[0])
+        found.append((str(row["relname"]), low, high))
+    return sorted(found, key=lambda p: (p[1], p[0]))
+
+
+async def drop_expired(conn: Conn, cutoff_ms: int) -> list[str]:
+    """Drop the day partitions wholly older than `cutoff_ms` (now - retention); returns
+    their names. Reads clamp their window to the cutoff, so what a day that is partly
+    past it still holds is never shown, and counts stay exact."""
+    dropped: list[str] = []
+    for name, _, high in await partitions(conn):
+        if high <= cutoff_ms:
+            async with conn.transaction():
+                await conn.execute(f"SET LOCAL lock_timeout = {LOCK_TIMEOUT_MS}")
+                await conn.execute(f'DROP TABLE IF EXISTS "{name}"')
+            dropped.append(name)
+    return dropped

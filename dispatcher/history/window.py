@@ -1,0 +1,91 @@
+"""What both history backends share and that touches no store: the query's time window, the
+time format people read, and body truncation."""
+
+from __future__ import annotations
+
+import re
+import time
+from datetime import datetime, timedelta
+from zoneinfo import ZoneInfo
+
+from dispatcher.errors import InvalidInput, InvalidTime
+
+__all__ = [
+    "MAX_ATTEMPTS_SHOWN",
+    "TIME_FORMAT",
+    "check_page",
+    "format_ms",
+    "now_ms",
+    "parse_window",
+    "truncate",
+]
+
+TIME_FORMAT = "%Y-%m-%d %H:%M:%S"
+_TIME_PATTERN = re.compile(r"^\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2}$")
+# a delivery makes at most len(retry_schedule) + 1 attempts, plus one per redelivery
+MAX_ATTEMPTS_SHOWN = 100
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def _to_ms(moment: datetime) -> int:
+    return int(moment.timestamp() * 1000)
+
+
+def format_ms(ms: int, tz: ZoneInfo) -> str:
+    """Epoch ms as `yyyy-MM-dd HH:mm:ss.SSS` in `tz` (the query's format, plus milliseconds)."""
+    return datetime.fromtimestamp(ms / 1000, tz).strftime(TIME_FORMAT + ".%f")[:-3]
+
+
+def _parse_time(value: str, name: str, tz: ZoneInfo) -> datetime:
+    if not _TIME_PATTERN.match(value):
+        raise InvalidTime(
+            f"{name} must look like 'yyyy-MM-dd HH:mm:ss' (e.g. 2024-05-01 08:30:00), "
+            f"got {value!r}",
+            param=name,
+        )
+    try:
+        return datetime.strptime(value, TIME_FORMAT).replace(tzinfo=tz)
+    except ValueError as exc:
+        raise InvalidTime(f"{name} {value!r} is not a real date/time: {exc}", param=name) from None
+
+
+def parse_window(
+    start: str | None, end: str | None, tz: ZoneInfo, *, now: datetime | None = None
+) -> tuple[int, int]:
+    """The query window in epoch ms, both ends inclusive (`endTime` to its last millisecond).
+
+    Missing both: today in `tz`. Only `startTime`: from it to the end of today. Only
+    `endTime`: from the start of its day to it.
+    """
+    today = (
+        (now or datetime.now(tz)).astimezone(tz).replace(hour=0, minute=0, second=0, microsecond=0)
+    )
+    start_at = _parse_time(start, "startTime", tz) if start else None
+    end_at = _parse_time(end, "endTime", tz) if end else None
+    if start_at is None:
+        start_at = (end_at or today).replace(hour=0, minute=0, second=0)
+    end_ms = _to_ms(end_at) + 999 if end_at else _to_ms(today + timedelta(days=1)) - 1
+    start_ms = _to_ms(start_at)
+    if end_ms < start_ms:
+        raise InvalidTime(f"endTime ({end}) is before startTime ({start})", param="endTime")
+    return start_ms, end_ms
+
+
+def check_page(page: int, page_size: int, max_page_size: int) -> int:
+    """The page size to use, once `page` and `page_size` are known to be valid."""
+    if page < 1:
+        raise InvalidInput(f"page must be >= 1, got {page}", param="page")
+    if page_size < 1:
+        raise InvalidInput(f"pageSize must be >= 1, got {page_size}", param="pageSize")
+    return min(page_size, max_page_size)
+
+
+def truncate(text: str, limit: int) -> tuple[str, bool]:
+    """`text` cut to `limit` UTF-8 bytes (never inside a character), and whether it was cut."""
+    raw = text.encode()
+    if len(raw) <= limit:
+        return text, False
+    return raw[:limit].decode("utf-8", errors="ignore"), True

@@ -1,0 +1,85 @@
+"""A worker's part in the PostgreSQL history: its shipper, and the backlog bound.
+
+Each worker runs a shipper (`DISPATCHER_HISTORY_SHIP`, on by default); one at a time in the
+fleet ships, the others stand by (see `dispatcher.history.shipper`). Every second the worker
+reads how many records wait in Redis: past `DISPATCHER_HISTORY_BACKLOG_LIMIT` it stops
+claiming jobs (deliveries wait in the queue, nothing is dropped and Redis does not fill)
+until the shipper has caught up. With the Redis backend all of this is idle.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import TYPE_CHECKING
+
+import structlog
+
+from dispatcher import metrics
+from dispatcher.connections import REDIS_ERRORS
+from dispatcher.history.postgres import PostgresHistory
+from dispatcher.history.shipper import Shipper
+
+if TYPE_CHECKING:
+    from dispatcher.services import Services
+
+__all__ = ["Shipping"]
+
+log = structlog.get_logger("dispatcher.worker")
+
+BACKLOG_EVERY_S = 1.0
+
+
+class Shipping:
+    """Started with the worker's loop, stopped after its last writes are in Redis."""
+
+    def __init__(self, services: Services) -> None:
+        self.settings = services.settings
+        self.redis = services.redis
+        self.history = services.history
+        self.enabled = isinstance(services.history, PostgresHistory)
+        self.full = False  # the backlog is past its limit: claim nothing
+        self._stop = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._ship: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        if not self.enabled:
+            return
+        self._tasks.append(asyncio.create_task(self._watch()))
+        if self.settings.history_ship:
+            shipper = Shipper(self.redis, self.settings, stop=self._stop)
+            self._ship = asyncio.create_task(shipper.run())
+
+    async def _watch(self) -> None:
+        while True:
+            with contextlib.suppress(*REDIS_ERRORS):
+                await self.check()
+            await asyncio.sleep(BACKLOG_EVERY_S)
+
+    async def check(self) -> None:
+        """Read the backlog; set the gauges and whether the worker may claim."""
+        waiting, age = await self.history.backlog()
+        metrics.HISTORY_BACKLOG.set(waiting)
+        metrics.HISTORY_BACKLOG_AGE.set(age)
+        full = waiting >= self.settings.history_backlog_limit
+        if full != self.full:
+            if full:
+                log.error("history.backlog_full", waiting=waiting, oldest_s=round(age, 1),
+                          limit=self.settings.history_backlog_limit)  # fmt: skip
+            else:
+                log.info("history.backlog_ok", waiting=waiting)
+            self.full = full
+
+    async def stop(self, within: float) -> None:
+        """Stop the shipper, which first ships what is left while it leads (at most
+        `within` seconds: what remains waits for another shipper), then the watch."""
+        self._stop.set()
+        if self._ship is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(self._ship), within)
+            self._ship.cancel()
+            await asyncio.gather(self._ship, return_exceptions=True)
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)

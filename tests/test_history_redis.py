@@ -1,0 +1,49 @@
+"""What only the Redis history store has: its keys and its batched retention sweep (the
+PostgreSQL store drops whole day partitions: tests/test_history_postgres.py)."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from redis.asyncio import Redis
+
+from dispatcher import keys
+from dispatcher.history.redis import RedisHistory
+from dispatcher.settings import Settings
+from tests.helpers import make_settings
+from tests.test_history import URL, fill
+
+
+async def test_retention_removes_old_records_and_their_index_entries_only(
+    redis: Redis, settings: Settings
+) -> None:
+    now = int(time.time() * 1000)
+    day = 86_400_000
+    old = await fill(redis, settings, [now - 8 * day, now - 7 * day - 1])
+    old_other = await fill(redis, settings, [now - 9 * day], event="BUILD_START")
+    fresh = await fill(redis, settings, [now - 6 * day, now - 1000])
+    history = RedisHistory(redis, settings)
+    # before the sweep, the query already hides what is past the retention
+    page = await history.query("demo", URL, "BUILD_END", start_ms=now - 30 * day, end_ms=now)
+    assert sorted(r.id for r in page.records) == fresh
+
+    assert await history.sweep(now_ms=now) == 3
+    for rid in old + old_other:
+        assert not await redis.exists(keys.history_record(rid))
+    assert await redis.exists(*(keys.history_record(rid) for rid in fresh)) == 2
+    index = keys.history_index("demo", "BUILD_END", URL)
+    assert await redis.zcard(index) == 2
+    emptied = keys.history_index("demo", "BUILD_START", URL)
+    assert not await redis.exists(emptied)
+    assert not await redis.sismember(keys.HISTORY_INDEXES, emptied)
+    assert await history.sweep(now_ms=now) == 0
+
+
+async def test_sweep_works_in_bounded_batches(redis: Redis, redis_server: Any) -> None:
+    settings = make_settings(redis_server.url, sweep_batch=10)
+    now = int(time.time() * 1000)
+    await fill(redis, settings, [now - 8 * 86_400_000 + i for i in range(35)])
+    history = RedisHistory(redis, settings)
+    assert await history.sweep(now_ms=now, max_batches=2) == 20
+    assert await history.sweep(now_ms=now) == 15
