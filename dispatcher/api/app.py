@@ -12,7 +12,7 @@ from fastapi import FastAPI
 from fastapi_offline import FastAPIOffline
 
 from dispatcher import __version__, console
-from dispatcher.api import callbacks, events, history, operator, probes
+from dispatcher.api import callbacks, events, history, operator, pipelines, platform, probes
 from dispatcher.api.errors import install_error_handlers
 from dispatcher.api.middleware import Limits, RequestId
 from dispatcher.services import Services
@@ -34,6 +34,7 @@ def create_app(settings: Settings, redis: Redis | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         async with Services.open(settings, redis) as services:
+            await services.upgrade()
             app.state.services = services
             yield
 
@@ -48,8 +49,8 @@ def create_app(settings: Settings, redis: Redis | None = None) -> FastAPI:
     # The last added is the outermost: the request id wraps the limits' refusals too.
     app.add_middleware(Limits, settings=settings, max_body_bytes=MAX_BODY_BYTES)
     app.add_middleware(RequestId)
-    for router in (callbacks.router, *history.routers, events.router, operator.router,
-                   probes.router):  # fmt: skip
+    for router in (callbacks.router, pipelines.router, *history.routers, events.router,
+                   operator.router, platform.router, probes.router):  # fmt: skip
         app.include_router(router)
     console.install(app, settings)
     return app
