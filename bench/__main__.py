@@ -41,7 +41,7 @@ SCENARIOS: dict[str, Callable[[Bench], Awaitable[list[Row]]]] = {
 WORKER_RUNS = {
     "throughput": {"noop", "throughput", "throughput_info"},
     "ceiling": {"throughput"},
-    "fan-out": {"throughput", "fan_out"},
+    "fan-out": {"throughput", "fan_out", "fan_out_wide"},
     "scale-out": {"throughput", "scale_out"},
 }
 
