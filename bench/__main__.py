@@ -51,7 +51,7 @@ PG_SETTINGS = {"shared_buffers": "512MB", "max_wal_size": "8GB", "checkpoint_tim
 WORKER_RUNS = {
     "throughput": {"noop", "throughput", "throughput_info"},
     "ceiling": {"throughput"},
-    "fan-out": {"throughput", "fan_out"},
+    "fan-out": {"throughput", "fan_out", "fan_out_wide"},
     "scale-out": {"throughput", "scale_out", "noop", "noop_scale_out"},
     "history-pg-delivery": {"throughput", "throughput_pg"},
     "history-pg": {"throughput_pg"},

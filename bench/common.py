@@ -69,10 +69,11 @@ def free_port() -> int:
         return port
 
 
-def rss_kb(pid: int) -> int:
-    """VmRSS of a process, from /proc/<pid>/status (kB)."""
+def rss_kb(pid: int, field: str = "VmRSS") -> int:
+    """VmRSS (or another field, e.g. VmHWM, the peak) of a process, from /proc/<pid>/status
+    (kB)."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(f"{field}:"):
             return int(line.split()[1])
     return 0
 

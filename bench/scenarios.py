@@ -10,11 +10,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from bench import history_bench
+from bench import history_bench, wide
 from bench.common import (
     EVENT,
     PROJECT,
-    TOKEN,
     bench_settings,
     cpu_seconds,
     event_data,
@@ -23,9 +22,7 @@ from bench.common import (
 from bench.procs import BenchError, Receiver, WorkerProcess, run_loadgen
 from bench.report import Row, ratio_row
 from dispatcher.connections import connect
-from dispatcher.models import Event, Region
 from dispatcher.producer import Producer
-from dispatcher.registry import Registry
 from dispatcher.settings import Settings
 
 if TYPE_CHECKING:
@@ -171,7 +168,9 @@ class Bench:
         self.redis: Redis | None = None
         self.worker_runs: dict[str, list[WorkerRun]] = {}
         # Which worker-rate runs the selected scenarios need (see worker_block).
-        self.wanted: set[str] = {"noop", "throughput", "throughput_info", "scale_out", "fan_out"}
+        self.wanted: set[str] = {
+            "noop", "throughput", "throughput_info", "scale_out", "fan_out", "fan_out_wide",
+        }  # fmt: skip
         self.block_error = ""
         self.pg_url: str | None = None  # a private PostgreSQL's `postgres` database, when started
         self.history_url: str | None = None  # its database for workers with PostgreSQL history
@@ -194,11 +193,7 @@ class Bench:
     async def prepare(self, callbacks: int, events: int) -> None:
         """An empty Redis, `callbacks` callbacks on (PROJECT, EVENT), `events` queued."""
         await self.r.flushdb()
-        registry = Registry(self.r)
-        for i in range(callbacks):
-            await registry.create(
-                PROJECT, f"{self.receiver.base}/hook/{i}", Event(EVENT), Region.DEVNET, TOKEN
-            )
+        await wide.register(self.r, self.receiver.base, callbacks)
         self._mem_base = await self._used_memory()
         producer = Producer(self.settings, self.r)
         for start in range(0, events, 1000):
@@ -308,6 +303,7 @@ class Bench:
             "noop_scale_out": {"kind": "noop", "callbacks": 1, "events": n, "workers": 2},
             "fan_out": {"callbacks": 10, "events": n // 10},
             "throughput_pg": {"callbacks": 1, "events": n, "history_url": self.history_url},
+            "fan_out_wide": {"callbacks": wide.WIDE, "events": 1},
         }
         try:
             for _ in range(self.sizes.repeats):
@@ -377,7 +373,9 @@ class Bench:
         ]  # fmt: skip
 
     async def fan_out(self) -> list[Row]:
-        """10 callbacks per event (as many deliveries in all) vs 1 callback per event."""
+        """10 callbacks per event (as many deliveries in all) vs 1 callback per event; then
+        one event to 10,000 callbacks: its rate vs the 10-callback rate, the worker's memory
+        growth meanwhile, and what a worker killed half-way made us send again."""
         await self.worker_block()
         fan = _median_run(self.worker_runs["fan_out"])
         one = _median_run(self.worker_runs["throughput"])
@@ -389,7 +387,8 @@ class Bench:
                     "fan_out": _summary(self.worker_runs["fan_out"]),
                     "events": self.sizes.deliveries // 10,
                 },
-            )
+            ),
+            *await wide.rows(self, fan.rate, _summary(self.worker_runs["fan_out_wide"])),
         ]  # fmt: skip
 
     async def scale_out(self) -> list[Row]:

@@ -132,6 +132,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         log_level=args.log_level,
         poll_delay=args.poll_delay,
         worker_max_jobs=args.max_jobs,
+        lease_seconds=args.lease_seconds,
     )
     configure_logging(settings)
     worker = build_worker(args.kind, settings, args.burst)
@@ -142,6 +143,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     print("READY", flush=True)
     if sys.stdin.readline().strip() != "GO":  # blocking on purpose: nothing runs yet
         return {"error": "no GO"}
+    rss_start = rss_kb(os.getpid())
     cpu0, start = _cpu_s(), time.time()
     if profiler:
         profiler.enable()
@@ -168,6 +170,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "jobs_failed": worker.jobs_failed,
         "cpu_s": cpu,
         "rss_kb": rss_kb(os.getpid()),
+        "rss_start_kb": rss_start,  # at GO
+        "hwm_kb": rss_kb(os.getpid(), "VmHWM"),  # the peak, start-up included
         "noop": {"count": NOOP.count, "first": NOOP.first, "last": NOOP.last},
         "round_trips": trips.writes,
         "commands": dict(trips.commands),
@@ -184,6 +188,7 @@ def main() -> None:
     defaults = Settings.model_fields
     parser.add_argument("--poll-delay", type=float, default=defaults["poll_delay"].default)
     parser.add_argument("--max-jobs", type=int, default=defaults["worker_max_jobs"].default)
+    parser.add_argument("--lease-seconds", type=float, default=defaults["lease_seconds"].default)
     parser.add_argument("--cprofile", help="write cProfile stats of the run to this file")
     parser.add_argument("--count-round-trips", action="store_true")
     args = parser.parse_args()

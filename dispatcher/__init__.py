@@ -27,6 +27,7 @@ from dispatcher.models import (
     Event,
     HistoryPage,
     HistoryRecord,
+    Level,
     Region,
     Result,
 )
@@ -49,6 +50,7 @@ __all__ = [
     "InvalidInput",
     "InvalidTime",
     "InvalidUrl",
+    "Level",
     "NotFound",
     "PayloadTooLarge",
     "Producer",

@@ -3,6 +3,8 @@
 Creating, deleting, enabling, redelivering and emitting need `admin`; listing and history
 need `member` (admins are members). A grant on project `*` holds for every project, for
 the platform's own service accounts. With `open_access` every caller is an admin.
+Nobody has a role in `DEVOPS_ALL_PROJECT`, the platform-wide callbacks' project: only the
+operator token manages them.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from typing import TYPE_CHECKING
 from dispatcher import keys
 from dispatcher.batch import Batcher
 from dispatcher.errors import Forbidden, InvalidInput
+from dispatcher.models import PLATFORM_PROJECT
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
@@ -62,6 +65,11 @@ class Roles:
 
     async def require(self, project_id: str, user: str, needed: Role) -> Role:
         """The caller's effective role, once it covers `needed` (else Forbidden)."""
+        if project_id == PLATFORM_PROJECT:
+            raise Forbidden(
+                f"{PLATFORM_PROJECT} holds the platform-wide callbacks: only the operator "
+                "token manages them (/operator/callbacks)"
+            )
         role = await self.effective(project_id, user)
         if role is None or not role.covers(needed):
             raise Forbidden(
@@ -73,6 +81,11 @@ class Roles:
     async def grant(self, project_id: str, user: str, role: Role) -> None:
         if not project_id or not user:
             raise InvalidInput("project and user are required")
+        if project_id == PLATFORM_PROJECT:
+            raise InvalidInput(
+                f"no role can be granted in {PLATFORM_PROJECT}: the operator token manages "
+                "platform-wide callbacks"
+            )
         await self.redis.hset(keys.roles(project_id), user, role.value)  # type: ignore[misc]
 
     async def revoke(self, project_id: str, user: str) -> bool:

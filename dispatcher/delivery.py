@@ -11,6 +11,7 @@ import enum
 import functools
 import hashlib
 import hmac
+import re
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -20,7 +21,7 @@ import httpx
 import orjson
 
 from dispatcher.backoff import parse_retry_after
-from dispatcher.errors import AddressRefused
+from dispatcher.errors import AddressRefused, InvalidInput
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
@@ -30,7 +31,9 @@ __all__ = [
     "EVENT_HEADER",
     "TOKEN_HEADER",
     "AttemptResult",
+    "AuthHeader",
     "Outcome",
+    "check_auth_header",
     "classify",
     "encode_body",
     "mask_headers",
@@ -44,6 +47,21 @@ EVENT_HEADER = "X-DEVOPS-EVENT"
 DELIVERY_HEADER = "X-DEVOPS-DELIVERY-ID"
 MASK = "******"
 SECRET_HEADERS = frozenset({TOKEN_HEADER.lower(), "authorization", "proxy-authorization"})
+
+AuthHeader = tuple[str, str]  # a callback's custom auth header: (name, value)
+MAX_AUTH_HEADER_NAME = 64
+MAX_AUTH_HEADER_VALUE = 4096
+# RFC 9110 token characters; a value is visible ASCII, spaces and tabs (no CR, LF, NUL).
+_HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_HEADER_VALUE = re.compile(r"[\x20-\x7e\t]*")
+# What a callback's own header may not be: hop-by-hop and framing headers, and every
+# header a delivery sets itself (by name, or by the prefixes of ours).
+RESERVED_HEADERS = frozenset({
+    "connection", "keep-alive", "proxy-authenticate", "proxy-authorization",
+    "proxy-connection", "te", "trailer", "transfer-encoding", "upgrade", "host",
+    "content-length", "content-type", "content-encoding", "expect", "user-agent",
+})  # fmt: skip
+RESERVED_PREFIXES = ("x-devops-", "webhook-")
 
 
 class Outcome(enum.StrEnum):
@@ -91,6 +109,38 @@ def sign(delivery_id: str, timestamp: int, body: bytes, token: str) -> str:
     return "v1," + base64.b64encode(mac.digest()).decode()
 
 
+def check_auth_header(name: str, value: str) -> AuthHeader:
+    """A custom auth header a callback may carry, checked; returns it trimmed. Refused: a
+    name that is not an HTTP token, a hop-by-hop or framing header, one we send ourselves
+    (`X-DEVOPS-*`, `webhook-*`, ...), and a value with a line break or control character."""
+    name, value = name.strip(), value.strip()
+    if not name or not value:
+        raise InvalidInput(
+            "authHeaderName and authHeaderValue go together (both non-empty)",
+            param="authHeaderName" if not name else "authHeaderValue",
+        )
+    if len(name) > MAX_AUTH_HEADER_NAME or not _HEADER_NAME.fullmatch(name):
+        raise InvalidInput(
+            f"authHeaderName must be an HTTP header name (letters, digits, '-', at most "
+            f"{MAX_AUTH_HEADER_NAME} characters)",
+            param="authHeaderName",
+        )
+    lower = name.lower()
+    if lower in RESERVED_HEADERS or lower.startswith(RESERVED_PREFIXES):
+        raise InvalidInput(
+            f"authHeaderName {name!r} is reserved: the dispatcher sets it, or it is a "
+            "hop-by-hop header",
+            param="authHeaderName",
+        )
+    if len(value) > MAX_AUTH_HEADER_VALUE or not _HEADER_VALUE.fullmatch(value):
+        raise InvalidInput(
+            f"authHeaderValue must be printable ASCII without line breaks, at most "
+            f"{MAX_AUTH_HEADER_VALUE} characters",
+            param="authHeaderValue",
+        )
+    return name, value
+
+
 def request_headers(
     *,
     event: str,
@@ -98,9 +148,11 @@ def request_headers(
     body: bytes,
     token: str,
     user_agent: str,
+    auth_header: AuthHeader | None = None,
     timestamp: int | None = None,
 ) -> dict[str, str]:
-    """Every header of a delivery. No token, no token header and no signature."""
+    """Every header of a delivery. No token, no token header and no signature; the
+    callback's custom auth header when it has one."""
     headers = {
         "Content-Type": "application/json",
         "User-Agent": user_agent,
@@ -113,13 +165,19 @@ def request_headers(
         headers["webhook-id"] = delivery_id
         headers["webhook-timestamp"] = str(ts)
         headers["webhook-signature"] = sign(delivery_id, ts, body, token)
+    if auth_header is not None:
+        headers[auth_header[0]] = auth_header[1]
     return headers
 
 
-def mask_headers(headers: Mapping[str, str]) -> list[dict[str, str]]:
-    """Headers as history stores them (`[{name, value}]`), secrets masked."""
+def mask_headers(
+    headers: Mapping[str, str], auth_header: AuthHeader | None = None
+) -> list[dict[str, str]]:
+    """Headers as history stores them (`[{name, value}]`), secrets masked: the token, the
+    usual credential headers, and the callback's custom auth header."""
+    secret = SECRET_HEADERS if auth_header is None else SECRET_HEADERS | {auth_header[0].lower()}
     return [
-        {"name": name, "value": MASK if name.lower() in SECRET_HEADERS else value}
+        {"name": name, "value": MASK if name.lower() in secret else value}
         for name, value in headers.items()
     ]
 

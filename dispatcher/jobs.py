@@ -4,7 +4,9 @@ The wire format is arq's, so any arq client can enqueue and arq's tools can read
 queue: `arq:job:{id}` holds `{"t", "f", "a", "k", "et"}` (encoded as JSON, never pickle)
 and the queue's sorted set scores each job id by when it is due (epoch ms). Two jobs exist:
 
-- `fan_out(EventJob)`: one per emitted event, job id = event id.
+- `fan_out(EventJob)`: one per emitted event, job id = event id. It delivers a chunk of the
+  event's callbacks (those after its cursor, `after`), then moves on: the same job, its
+  cursor the last callback id done, is due again for the next chunk.
 - `deliver(DeliveryJob)`: a retry or a redelivery of one delivery, job id = its progress id
   (the delivery id for retries, a fresh id per redelivery).
 
@@ -72,13 +74,15 @@ def _text(payload: dict[str, Any], name: str) -> str:
 
 @dataclass(frozen=True, slots=True)
 class EventJob:
-    """An emitted event, waiting to be fanned out to its callbacks."""
+    """An emitted event, waiting to be fanned out to its callbacks: those after callback id
+    `after` (0: from the first)."""
 
     id: str
     project_id: str
     event: str
     data: dict[str, Any] = field(default_factory=dict)
     emitted_at: int = 0
+    after: int = 0
 
     function = FAN_OUT
 
@@ -86,9 +90,21 @@ class EventJob:
     def job_id(self) -> str:
         return self.id
 
+    @property
+    def pipeline_id(self) -> object:
+        """What the producer's data names as the pipeline (checked by the registry)."""
+        return self.data.get("pipelineId")
+
+    def continued(self, after: int) -> EventJob:
+        """The same event, from the callback after `after` on."""
+        return EventJob(self.id, self.project_id, self.event, self.data, self.emitted_at, after)
+
     def to_wire(self) -> dict[str, Any]:
-        return {"id": self.id, "projectId": self.project_id, "event": self.event,
+        wire = {"id": self.id, "projectId": self.project_id, "event": self.event,
                 "data": self.data, "emittedAt": self.emitted_at}  # fmt: skip
+        if self.after:
+            wire["after"] = self.after
+        return wire
 
     @classmethod
     def from_wire(cls, payload: Any) -> EventJob:
@@ -103,6 +119,7 @@ class EventJob:
             event=_text(payload, "event"),
             data=data,
             emitted_at=int(payload.get("emittedAt") or 0),
+            after=int(payload.get("after") or 0),
         )
 
 
@@ -113,7 +130,7 @@ class DeliveryJob:
     delivery_id: str
     progress_id: str  # whose attempt count this is: the delivery, or one redelivery of it
     event_id: str
-    project_id: str
+    project_id: str  # the callback's project (its history's), the platform's for its own
     event: str
     body: bytes
     callback_id: int
@@ -126,11 +143,15 @@ class DeliveryJob:
         return self.progress_id
 
     @classmethod
-    def first(cls, event: EventJob, callback_id: int, body: bytes) -> DeliveryJob:
-        """The delivery of `event` to one callback (delivery id `<event id>.<callback id>`)."""
+    def first(
+        cls, event: EventJob, callback_id: int, body: bytes, owner: str | None = None
+    ) -> DeliveryJob:
+        """The delivery of `event` to one callback (delivery id `<event id>.<callback id>`).
+        `owner` is the callback's project, where its history goes, when not the event's
+        (a platform-wide callback's)."""
         delivery_id = f"{event.id}.{callback_id}"
-        return cls(delivery_id, delivery_id, event.id, event.project_id, event.event, body,
-                   callback_id)  # fmt: skip
+        return cls(delivery_id, delivery_id, event.id, owner or event.project_id, event.event,
+                   body, callback_id)  # fmt: skip
 
     def redelivery(self, record_id: int) -> DeliveryJob:
         """The same request again under a fresh progress id (same delivery id)."""

@@ -1,12 +1,19 @@
 """Every Redis key the service writes, built in one place.
 
-Registry
+Registry ({scope} is a project id, or "{project}:{pipeline}" for a pipeline's callbacks;
+platform-wide callbacks are the project DEVOPS_ALL_PROJECT's)
     dispatcher:cb:seq                         INCR counter of callback ids
-    dispatcher:cb:{id}                        HASH one callback (token included)
-    dispatcher:cb:uniq:{project}              HASH "{event} {url}" -> id (the upsert key)
-    dispatcher:cb:project:{project}           ZSET ids of a project, scored by id (paging)
-    dispatcher:cb:match:{project}:{event}     SET ids of the *enabled* callbacks (fan-out)
+    dispatcher:cb:{id}                        HASH one callback (token and auth header included)
+    dispatcher:cb:uniq:{scope}                HASH "{event} {url}" -> id (the upsert key)
+    dispatcher:cb:project:{project}           ZSET ids of a project, its pipelines' included,
+                                              scored by id (paging)
+    dispatcher:cb:pipeline:{project}:{pipeline}
+                                              ZSET ids of one pipeline's callbacks, by id
+    dispatcher:cb:match:{scope}:{event}       ZSET ids of the *enabled* callbacks, scored by id
+                                              (the fan-out reads them in chunks after a cursor)
     dispatcher:cb:disabled                    ZSET ids of disabled callbacks, scored by time
+    dispatcher:cb:layout                      STRING version of this layout (2: ordered match
+                                              sets; `Registry.upgrade` converts version 1)
 Roles
     dispatcher:roles:{project}                HASH user -> admin | member ("*" = every project)
 Health
@@ -65,7 +72,9 @@ CALLBACK_SEQ = f"{PREFIX}:cb:seq"
 CALLBACK_PREFIX = f"{PREFIX}:cb:"
 CALLBACK_UNIQUE_PREFIX = f"{PREFIX}:cb:uniq:"
 PROJECT_CALLBACKS_PREFIX = f"{PREFIX}:cb:project:"
+PIPELINE_CALLBACKS_PREFIX = f"{PREFIX}:cb:pipeline:"
 MATCH_PREFIX = f"{PREFIX}:cb:match:"
+CALLBACKS_LAYOUT = f"{PREFIX}:cb:layout"
 HEALTH_PREFIX = f"{PREFIX}:health:"
 HEALTH_FAILING = f"{PREFIX}:health:failing"
 CALLBACKS_DISABLED = f"{PREFIX}:cb:disabled"
@@ -92,8 +101,13 @@ def callback(callback_id: int | str) -> str:
     return f"{CALLBACK_PREFIX}{callback_id}"
 
 
-def callback_unique(project_id: str) -> str:
-    return f"{CALLBACK_UNIQUE_PREFIX}{project_id}"
+def scope(project_id: str, pipeline_id: str | None = None) -> str:
+    """Whose callbacks: a project's own (the platform's too), or one pipeline's."""
+    return f"{project_id}{SEP}{pipeline_id}" if pipeline_id else project_id
+
+
+def callback_unique(scope: str) -> str:
+    return f"{CALLBACK_UNIQUE_PREFIX}{scope}"
 
 
 def callback_unique_field(event: str, url: str) -> str:
@@ -104,8 +118,12 @@ def project_callbacks(project_id: str) -> str:
     return f"{PROJECT_CALLBACKS_PREFIX}{project_id}"
 
 
-def match(project_id: str, event: str) -> str:
-    return f"{MATCH_PREFIX}{project_id}{SEP}{event}"
+def pipeline_callbacks(project_id: str, pipeline_id: str) -> str:
+    return f"{PIPELINE_CALLBACKS_PREFIX}{project_id}{SEP}{pipeline_id}"
+
+
+def match(scope: str, event: str) -> str:
+    return f"{MATCH_PREFIX}{scope}{SEP}{event}"
 
 
 def roles(project_id: str) -> str:

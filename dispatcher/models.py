@@ -12,6 +12,8 @@ from dispatcher.errors import InvalidEvent
 
 __all__ = [
     "EVENT_ID_PATTERN",
+    "PLATFORM_PROJECT",
+    "PROJECT_EVENTS",
     "ApigwType",
     "CallBackHeader",
     "Callback",
@@ -25,6 +27,7 @@ __all__ = [
     "Event",
     "HistoryPage",
     "HistoryRecord",
+    "Level",
     "RedeliveryResult",
     "Region",
     "Result",
@@ -58,6 +61,24 @@ class Event(enum.StrEnum):
     PROJECT_UPDATE = "PROJECT_UPDATE"
     PROJECT_ENABLE = "PROJECT_ENABLE"
     PROJECT_DISABLE = "PROJECT_DISABLE"
+
+
+# The reserved project id of platform-wide callbacks (the reference's name): managed with the
+# operator token only, matched for every project's events.
+PLATFORM_PROJECT = "DEVOPS_ALL_PROJECT"
+
+PROJECT_EVENTS = frozenset(
+    {Event.PROJECT_CREATE, Event.PROJECT_UPDATE, Event.PROJECT_ENABLE, Event.PROJECT_DISABLE}
+)
+
+
+class Level(enum.StrEnum):
+    """Where a callback is registered: on a project, on one of its pipelines, or on the
+    platform (`DEVOPS_ALL_PROJECT`, every project's events)."""
+
+    PROJECT = "project"
+    PIPELINE = "pipeline"
+    PLATFORM = "platform"
 
 
 def parse_event(name: str) -> Event:
@@ -178,16 +199,20 @@ class HistoryPage(_Model):
 
 
 class Callback(_Model):
-    """A registered callback as the API shows it. The secret token is never included."""
+    """A registered callback as the API shows it. Its secrets (the token, the custom auth
+    header) are never included, only whether it has them."""
 
     id: int
     project_id: str
     url: str
     event: Event
     region: Region
+    level: Level = Level.PROJECT
+    pipeline_id: str | None = None
     enabled: bool = True
     disabled_reason: str | None = None
     has_secret_token: bool = False
+    has_auth_header: bool = False
     created_time: int
     updated_time: int
     creator: str | None = None

@@ -17,7 +17,7 @@ from dispatcher.connections import REDIS_ERRORS, connect
 from dispatcher.errors import InvalidInput, Unavailable
 from dispatcher.jobs import DeliveryJob, EventJob, Queue, new_event_id, now_ms
 from dispatcher.lua import run_pipeline
-from dispatcher.models import EVENT_ID_PATTERN, parse_event
+from dispatcher.models import EVENT_ID_PATTERN, PLATFORM_PROJECT, parse_event
 
 if TYPE_CHECKING:
     from types import TracebackType
@@ -43,6 +43,12 @@ def event_job(
     event id (when given) of 1-128 letters, digits and `_.:-`."""
     if not project_id:
         raise InvalidInput("projectId is required", param="projectId")
+    if project_id == PLATFORM_PROJECT:
+        raise InvalidInput(
+            f"{PLATFORM_PROJECT} is not a project that has events: it holds the platform-wide "
+            "callbacks, which every project's events reach",
+            param="projectId",
+        )
     if data is None:
         data = {}
     if not isinstance(data, Mapping):

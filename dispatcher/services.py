@@ -11,9 +11,11 @@ from __future__ import annotations
 import contextlib
 from typing import TYPE_CHECKING
 
+import structlog
+
 from dispatcher.auth import Roles
 from dispatcher.batch import Batcher
-from dispatcher.connections import connect
+from dispatcher.connections import REDIS_ERRORS, connect
 from dispatcher.egress import policy_for
 from dispatcher.health import Health
 from dispatcher.history import open_history, parse_window
@@ -30,8 +32,10 @@ if TYPE_CHECKING:
     from redis.asyncio import Redis
     from redis.asyncio.client import Pipeline
 
+    from dispatcher.delivery import AuthHeader
     from dispatcher.jobs import DeliveryJob
     from dispatcher.models import (
+        Callback,
         CallbackPage,
         CreateCallBackResult,
         Event,
@@ -42,6 +46,8 @@ if TYPE_CHECKING:
     from dispatcher.status import Status
 
 __all__ = ["Services"]
+
+log = structlog.get_logger("dispatcher.services")
 
 REDELIVER_BATCH = 100
 
@@ -88,6 +94,14 @@ class Services:
         await self.policies[region].check_resolved(url)
         return url
 
+    @staticmethod
+    def auth_header(name: str | None, value: str | None) -> AuthHeader | None:
+        """A custom auth header from its two parameters: none, or both (checked when
+        registered)."""
+        if name is None and value is None:
+            return None
+        return name or "", value or ""
+
     async def register(
         self,
         project_id: str,
@@ -97,12 +111,17 @@ class Services:
         secret_token: str | None = None,
         *,
         creator: str,
+        pipeline_id: str | None = None,
+        auth_header: AuthHeader | None = None,
     ) -> int:
-        """Register (or update and re-enable) one callback; returns its id."""
+        """Register (or update and re-enable) one callback of a project, of one of its
+        pipelines (`pipeline_id`), or of the platform (`DEVOPS_ALL_PROJECT`); returns its
+        id."""
         url = await self.check_target(url, region)
         callback_id, _ = await self.registry.create(
-            project_id, url, event, region, secret_token, creator=creator
-        )
+            project_id, url, event, region, secret_token, creator=creator,
+            pipeline_id=pipeline_id, auth_header=auth_header,
+        )  # fmt: skip
         return callback_id
 
     async def register_batch(
@@ -114,17 +133,36 @@ class Services:
         secret_token: str | None = None,
         *,
         creator: str,
+        pipeline_id: str | None = None,
+        auth_header: AuthHeader | None = None,
     ) -> CreateCallBackResult:
         """One URL for a comma-separated list of events; unknown names are reported."""
         url = await self.check_target(url, region)
         return await self.registry.create_batch(
-            project_id, url, events, region, secret_token, creator=creator
-        )
+            project_id, url, events, region, secret_token, creator=creator,
+            pipeline_id=pipeline_id, auth_header=auth_header,
+        )  # fmt: skip
 
-    async def callbacks(self, project_id: str, page: int = 1, page_size: int = 20) -> CallbackPage:
-        """A project's callbacks, oldest first; `page_size` capped like history's."""
+    async def callbacks(
+        self, project_id: str, page: int = 1, page_size: int = 20, *,
+        pipeline_id: str | None = None,
+    ) -> CallbackPage:  # fmt: skip
+        """A project's callbacks (its pipelines' included), or one pipeline's, oldest first;
+        `page_size` capped like history's."""
         size = min(page_size, self.settings.history_max_page_size)
-        return await self.registry.list(project_id, page, size)
+        return await self.registry.list(project_id, page, size, pipeline_id=pipeline_id)
+
+    async def callback(
+        self, callback_id: int, project_id: str, *, pipeline_id: str | None = None
+    ) -> Callback:
+        """One of the project's (or pipeline's) callbacks."""
+        return await self.registry.get(callback_id, project_id, pipeline_id)
+
+    async def delete(
+        self, callback_id: int, project_id: str, *, pipeline_id: str | None = None
+    ) -> None:
+        """Delete one of the project's callbacks (of that pipeline, when one is named)."""
+        await self.registry.delete(project_id, callback_id, pipeline_id=pipeline_id)
 
     async def failures(self, callback_ids: Sequence[int]) -> dict[int, int]:
         """Consecutive final failures of those of the callbacks that have some."""
@@ -234,6 +272,16 @@ class Services:
         return await self.history.dead(project_id, limit)
 
     # ---- operations --------------------------------------------------------------------
+
+    async def upgrade(self) -> bool:
+        """Bring stored data to this version's layout (see `Registry.upgrade`); False when
+        Redis could not be reached (try again later)."""
+        try:
+            await self.registry.upgrade()
+        except REDIS_ERRORS as exc:
+            log.warning("registry.upgrade_postponed", error=str(exc))
+            return False
+        return True
 
     async def status(self) -> Status:
         """Queue depth and age, live workers, failing and disabled callbacks, the last hour."""

@@ -104,6 +104,13 @@ class Settings(BaseSettings):
     shutdown_grace: float = Field(
         default=20.0, ge=0, description="Seconds a worker lets jobs finish after SIGTERM."
     )
+    fan_out_chunk: int = Field(
+        default=500,
+        ge=1,
+        le=100_000,
+        description="Callbacks one fan-out job attempts at once; an event with more is "
+        "handed on to a job per chunk (what a crash can make a worker send again).",
+    )
 
     # Delivery
     connect_timeout: float = Field(default=5.0, gt=0)

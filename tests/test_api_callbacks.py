@@ -219,6 +219,18 @@ async def test_openapi_describes_every_route(api: httpx.AsyncClient) -> None:
     assert {"get", "delete"} <= set(paths[f"{v4}/callbacks/{{callbackId}}"])
     assert "put" in paths[f"{v4}/callbacks/{{callbackId}}/enable"]
     assert "post" in paths[f"{v4}/events"]
+    pipeline = f"{v4}/pipelines/{{pipelineId}}/callbacks"
+    assert {"post", "get"} <= set(paths[pipeline]) and "post" in paths[f"{pipeline}/batch"]
+    assert "delete" in paths[f"{pipeline}/{{callbackId}}"]
+    assert {"post", "get"} <= set(paths["/operator/callbacks"])
+    assert "post" in paths["/operator/callbacks/batch"]
+    assert {"get", "delete"} <= set(paths["/operator/callbacks/{callbackId}"])
+    assert "put" in paths["/operator/callbacks/{callbackId}/enable"]
+    assert "put" in paths["/operator/callbacks/{callbackId}/disable"]
+    seed = {"event", "url", "region", "secretToken", "authHeaderName", "authHeaderValue"}
     params = {p["name"] for p in paths[f"{v4}/callbacks"]["post"]["parameters"]}
-    assert params == {"apigwType", "projectId", "event", "url", "region", "secretToken",
-                      "X-DEVOPS-UID"}  # fmt: skip
+    assert params == seed | {"apigwType", "projectId", "X-DEVOPS-UID"}
+    params = {p["name"] for p in paths[pipeline]["post"]["parameters"]}
+    assert params == seed | {"apigwType", "projectId", "pipelineId", "X-DEVOPS-UID"}
+    params = {p["name"] for p in paths["/operator/callbacks"]["post"]["parameters"]}
+    assert params == seed | {"X-DEVOPS-OPERATOR-TOKEN", "X-DEVOPS-UID"}

@@ -45,6 +45,34 @@ def test_callbacks_add_list_disable_enable_rm(cli: CliRunner) -> None:
     assert missing.exit_code == 1 and "not found" in missing.output
 
 
+def test_callbacks_at_every_level_with_an_auth_header(
+    cli: CliRunner, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("COLUMNS", "200")  # the table unfolded
+    header = ["--auth-header", "X-Api-Key: CLI-SECRET-VALUE"]
+    for where in (["--all-projects"], ["--project", "p", "--pipeline", "p1"], ["--project", "p"]):
+        added = cli.invoke(app, ["callbacks", "add", *where, "--url", "https://example.com/h",
+                                 "--event", "BUILD_END", *header])  # fmt: skip
+        assert added.exit_code == 0, added.output
+    platform = cli.invoke(app, ["callbacks", "list", "--all-projects"])
+    assert platform.exit_code == 0 and "platform" in platform.output
+    project = cli.invoke(app, ["callbacks", "list", "--project", "p"])
+    assert (
+        "pipeline" in project.output and "p1" in project.output and "2 callbacks" in project.output
+    )
+    one = cli.invoke(app, ["callbacks", "list", "--project", "p", "--pipeline", "p1"])
+    assert "1 callbacks" in one.output
+    for output in (platform.output, project.output, one.output):
+        assert "CLI-SECRET-VALUE" not in output and "set" in output
+    both = cli.invoke(app, ["callbacks", "list", "--project", "p", "--all-projects"])
+    assert both.exit_code == 2 and "one of them" in both.output
+    bad = cli.invoke(app, ["callbacks", "add", "--project", "p", "--url", "https://e.com/h",
+                           "--event", "BUILD_END", "--auth-header", "Host: evil"])  # fmt: skip
+    assert bad.exit_code == 1 and "reserved" in bad.output
+    assert cli.invoke(app, ["callbacks", "rm", "1", "--all-projects"]).exit_code == 0
+    assert "0 callbacks" in cli.invoke(app, ["callbacks", "list", "--all-projects"]).output
+
+
 def test_callbacks_add_refuses_unknown_events(cli: CliRunner) -> None:
     result = cli.invoke(
         app, ["callbacks", "add", "--project", "p", "--url", "https://e.com/h", "--event", "NOPE"]

@@ -10,7 +10,7 @@ from redis.asyncio import Redis
 
 from dispatcher import keys
 from dispatcher.jobs import EventJob, Queue
-from dispatcher.models import Event, Region
+from dispatcher.models import PLATFORM_PROJECT, Event, Region
 from dispatcher.services import Services
 from dispatcher.settings import Settings
 
@@ -82,3 +82,45 @@ async def test_scripts_and_keys_py_build_the_same_names(settings: Settings, redi
         keys.arq_job("evt_1"),
         settings.queue_name,
     }
+
+
+async def test_pipeline_and_platform_callbacks_use_the_names_keys_py_builds(
+    settings: Settings, redis: Redis
+) -> None:
+    registry = Services(settings, redis).registry
+    piped, _ = await registry.create(
+        "demo", URL, Event.BUILD_END, Region.OSS, pipeline_id="p1", auth_header=("X-Key", "v")
+    )
+    platform, _ = await registry.create(PLATFORM_PROJECT, URL, Event.BUILD_END, Region.OSS)
+    scope = keys.scope("demo", "p1")
+    assert scope == "demo:p1"
+    pipeline_keys = {
+        keys.callback(piped),
+        keys.callback_unique(scope),
+        keys.project_callbacks("demo"),
+        keys.pipeline_callbacks("demo", "p1"),
+        keys.match(scope, "BUILD_END"),
+    }
+    platform_keys = {
+        keys.callback(platform),
+        keys.callback_unique(PLATFORM_PROJECT),
+        keys.project_callbacks(PLATFORM_PROJECT),
+        keys.match(PLATFORM_PROJECT, "BUILD_END"),
+    }
+    assert await present(redis) == {keys.CALLBACK_SEQ} | pipeline_keys | platform_keys
+    assert await redis.zrange(keys.match(scope, "BUILD_END"), 0, -1, withscores=True) == [
+        (str(piped).encode(), float(piped))
+    ]
+    field = keys.callback_unique_field("BUILD_END", URL)
+    assert await redis.hget(keys.callback_unique(scope), field) == str(piped).encode()
+
+    await registry.set_enabled(piped, False, "test")  # the script finds the pipeline's set
+    assert not await redis.exists(keys.match(scope, "BUILD_END"))
+    await registry.set_enabled(piped, True)
+    assert await redis.exists(keys.match(scope, "BUILD_END"))
+
+    await registry.delete("demo", piped, pipeline_id="p1")
+    await registry.delete(PLATFORM_PROJECT, platform)
+    assert await present(redis) == {keys.CALLBACK_SEQ}
+    assert await registry.upgrade() == 0
+    assert await present(redis) == {keys.CALLBACK_SEQ, keys.CALLBACKS_LAYOUT}

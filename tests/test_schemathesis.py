@@ -42,14 +42,17 @@ from dispatcher.api import create_app
 from dispatcher.connections import connect
 from dispatcher.embedded import EmbeddedRedis
 from dispatcher.history.redis import RedisHistory
-from dispatcher.models import Event, Region
+from dispatcher.models import PLATFORM_PROJECT, Event, Region
 from dispatcher.registry import Registry
 from dispatcher.settings import Settings
 from tests.helpers import make_settings
 
 OPERATOR_TOKEN = "op-secret"
 SEEDED_PROJECT = "fuzz"
+SEEDED_PIPELINE = "pipe"
 SEEDED = 6  # history records 1..6 and callbacks 1..12 of SEEDED_PROJECT (7..12 to delete)
+# then 12 of its pipeline SEEDED_PIPELINE (13..24) and 12 platform-wide ones (25..36)
+FIRST_ID = {"project": 1, "pipeline": 2 * SEEDED + 1, "platform": 4 * SEEDED + 1}
 
 
 def _settings(redis_url: str) -> Settings:
@@ -156,6 +159,10 @@ async def _seed(settings: Settings) -> None:
                 "attempt": 1, "deliveryId": f"evt_{n}.{cid}", "eventId": f"evt_{n}",
                 "callbackId": cid,
             })  # fmt: skip
+        for project, pipeline in [(SEEDED_PROJECT, SEEDED_PIPELINE), (PLATFORM_PROJECT, None)]:
+            for n in range(2 * SEEDED):
+                url, event = f"http://127.0.0.1:9/level{n}", list(Event)[n]
+                await registry.create(project, url, event, Region.DEVNET, pipeline_id=pipeline)
     finally:
         await redis.aclose()
 
@@ -244,11 +251,18 @@ def steer(case: Case) -> None:
     event = query.get("event")
     if isinstance(event, str) and event not in Event.__members__ and len(event) % 2 == 0:
         query["event"] = list(Event)[len(event) % len(Event)].value
-    first = SEEDED + 1 if case.method == "DELETE" else 1  # deletions spare the others' ids
+    kind = "project"
+    if case.operation.path.startswith("/operator/callbacks"):
+        kind = "platform"
+    elif "pipelineId" in path:
+        kind, path["pipelineId"] = "pipeline", SEEDED_PIPELINE
+    first = FIRST_ID[kind] + (SEEDED if case.method == "DELETE" else 0)  # spare the others'
     for name in ("callbackId", "id"):
         value = path.get(name)
         if isinstance(value, int) and value % 2 == 0:
-            path[name], path["projectId"] = first + value // 2 % SEEDED, SEEDED_PROJECT
+            path[name] = first + value // 2 % SEEDED
+            if "projectId" in path:
+                path["projectId"] = SEEDED_PROJECT
 
 
 @SCHEMA.parametrize()

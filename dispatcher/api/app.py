@@ -12,7 +12,7 @@ from fastapi import FastAPI
 from fastapi_offline import FastAPIOffline
 
 from dispatcher import __version__, console
-from dispatcher.api import callbacks, events, history, operator, probes
+from dispatcher.api import callbacks, events, history, operator, pipelines, platform, probes
 from dispatcher.api.errors import install_error_handlers
 from dispatcher.api.middleware import Limits, RequestId
 from dispatcher.services import Services
@@ -33,6 +33,7 @@ def create_app(settings: Settings, redis: Redis | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         async with Services.open(settings, redis) as services:
+            await services.upgrade()
             app.state.services = services
             yield
 
@@ -52,8 +53,9 @@ def create_app(settings: Settings, redis: Redis | None = None) -> FastAPI:
     app.add_middleware(Limits, settings=settings, body_limits=batch_limit)
     app.add_middleware(RequestId)
     # Routes are matched in order: the producers', which take the volume, come first.
-    for router in (events.router(settings), callbacks.router, *history.routers,
-                   operator.router, probes.router):  # fmt: skip
+    for router in (events.router(settings), callbacks.router, pipelines.router,
+                   *history.routers, operator.router, platform.router,
+                   probes.router):  # fmt: skip
         app.include_router(router)
     console.install(app, settings)
     return app

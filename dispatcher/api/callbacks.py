@@ -1,10 +1,13 @@
-"""Callbacks of a project: the two seed registration routes and their neighbours."""
+"""Callbacks: the two seed registration routes and their neighbours, defined once and
+served for a project (`/{apigwType}/v4/projects/{projectId}/callbacks`), for one of its
+pipelines (`pipelines.py`) and for the platform (`platform.py`, operator token)."""
 
-from __future__ import annotations
+# No `from __future__ import annotations` here: the routes are defined inside a function,
+# and FastAPI must see their parameter types (local aliases) as objects, not names.
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Annotated, Any
 
-from typing import Annotated
-
-from fastapi import APIRouter, Depends, Path, Query
+from fastapi import APIRouter, Depends, Path, Query, params
 
 from dispatcher.api.deps import (
     Admin,
@@ -12,101 +15,141 @@ from dispatcher.api.deps import (
     PageQuery,
     PageSizeQuery,
     ProjectPath,
-    RegionQuery,
+    RegistrationQuery,
+    Scope,
     ServicesDep,
-    TokenQuery,
-    UrlQuery,
     apigw,
 )
 from dispatcher.models import Callback, CallbackPage, CreateCallBackResult, Event, Result
 
-__all__ = ["V4", "router"]
+__all__ = ["V4", "callback_routes", "router"]
 
 V4 = "/{apigwType}/v4/projects/{projectId}"
 CallbackPath = Annotated[int, Path(alias="callbackId")]
-
-router = APIRouter(prefix=f"{V4}/callbacks", dependencies=[Depends(apigw)], tags=["callbacks"])
-
-
-@router.post("", response_model=Result[bool])
-async def create_callback(
-    services: ServicesDep,
-    project_id: ProjectPath,
-    uid: Admin,
-    event: Annotated[Event, Query(alias="event")],
-    url: UrlQuery,
-    region: RegionQuery,
-    secret_token: TokenQuery = None,
-) -> Result[bool]:
-    """Register a callback (project admins). An upsert on (project, url, event):
-    registering again updates region and token and re-enables it."""
-    await services.register(project_id, url, event, region, secret_token, creator=uid)
-    return Result[bool](data=True)
+# A dependency: who the route manages the callbacks of, or who the caller is once allowed.
+ScopeOf = Callable[..., Coroutine[Any, Any, Scope]]
+Allowed = Callable[..., Coroutine[Any, Any, str]]
 
 
-@router.post("/batch", response_model=Result[CreateCallBackResult])
-async def create_callbacks_batch(
-    services: ServicesDep,
-    project_id: ProjectPath,
-    uid: Admin,
-    event: Annotated[str, Query(alias="event", description="Comma-separated event names")],
-    url: UrlQuery,
-    region: RegionQuery,
-    secret_token: TokenQuery = None,
-) -> Result[CreateCallBackResult]:
-    """Register one URL for several events; unknown names land in `failureEvents`."""
-    result = await services.register_batch(
-        project_id, url, event, region, secret_token, creator=uid
-    )
-    return Result[CreateCallBackResult](data=result)
+def callback_routes(
+    prefix: str,
+    tag: str,
+    scope_of: ScopeOf,
+    admin: Allowed,
+    member: Allowed,
+    *,
+    switches: bool = True,
+    dependencies: Sequence[params.Depends] = (),
+) -> APIRouter:
+    """The callback routes at `prefix` for one kind of scope: register (one event or a
+    batch), list, delete; and show, enable and disable unless `switches` is False. `admin`
+    and `member` are the dependencies that let a caller change or only look."""
+    router = APIRouter(prefix=prefix, dependencies=dependencies, tags=[tag])
+    ScopeDep = Annotated[Scope, Depends(scope_of)]
+    AdminDep = Annotated[str, Depends(admin)]
+    MemberDep = Annotated[str, Depends(member)]
+
+    @router.post("", response_model=Result[bool])
+    async def create_callback(
+        services: ServicesDep,
+        scope: ScopeDep,
+        uid: AdminDep,
+        event: Annotated[Event, Query(alias="event")],
+        to: RegistrationQuery,
+    ) -> Result[bool]:
+        """Register a callback. An upsert on (url, event): registering again updates the
+        region, token and auth header and re-enables it."""
+        await services.register(
+            scope.project_id, to.url, event, to.region, to.secret_token, creator=uid,
+            pipeline_id=scope.pipeline_id, auth_header=to.auth_header,
+        )  # fmt: skip
+        return Result[bool](data=True)
+
+    @router.post("/batch", response_model=Result[CreateCallBackResult])
+    async def create_callbacks_batch(
+        services: ServicesDep,
+        scope: ScopeDep,
+        uid: AdminDep,
+        event: Annotated[str, Query(alias="event", description="Comma-separated event names")],
+        to: RegistrationQuery,
+    ) -> Result[CreateCallBackResult]:
+        """Register one URL for several events; unknown names land in `failureEvents`."""
+        result = await services.register_batch(
+            scope.project_id, to.url, event, to.region, to.secret_token, creator=uid,
+            pipeline_id=scope.pipeline_id, auth_header=to.auth_header,
+        )  # fmt: skip
+        return Result[CreateCallBackResult](data=result)
+
+    @router.get("", response_model=Result[CallbackPage])
+    async def list_callbacks(
+        services: ServicesDep,
+        scope: ScopeDep,
+        uid: MemberDep,
+        page: PageQuery = 1,
+        page_size: PageSizeQuery = 20,
+    ) -> Result[CallbackPage]:
+        """The callbacks, oldest first, each with its level (secrets never included)."""
+        found = await services.callbacks(
+            scope.project_id, page, page_size, pipeline_id=scope.pipeline_id
+        )
+        return Result[CallbackPage](data=found)
+
+    @router.delete("/{callbackId:int}", response_model=Result[bool])
+    async def delete_callback(
+        services: ServicesDep, scope: ScopeDep, uid: AdminDep, callback_id: CallbackPath
+    ) -> Result[bool]:
+        """Delete a callback."""
+        await services.delete(callback_id, scope.project_id, pipeline_id=scope.pipeline_id)
+        return Result[bool](data=True)
+
+    if switches:
+        _add_switches(router, ScopeDep, AdminDep, MemberDep)
+    return router
 
 
-@router.get("", response_model=Result[CallbackPage])
-async def list_callbacks(
-    services: ServicesDep,
-    project_id: ProjectPath,
-    uid: Member,
-    page: PageQuery = 1,
-    page_size: PageSizeQuery = 20,
-) -> Result[CallbackPage]:
-    """The project's callbacks, oldest first (secret tokens never included)."""
-    return Result[CallbackPage](data=await services.callbacks(project_id, page, page_size))
+def _add_switches(router: APIRouter, ScopeDep: Any, AdminDep: Any, MemberDep: Any) -> None:
+    """Show, enable and disable one callback by id."""
+
+    @router.get("/{callbackId:int}", response_model=Result[Callback])
+    async def get_callback(
+        services: ServicesDep, scope: ScopeDep, uid: MemberDep, callback_id: CallbackPath
+    ) -> Result[Callback]:
+        """One callback, with its level and its disabled reason if any."""
+        return Result[Callback](data=await services.callback(callback_id, scope.project_id))
+
+    @router.put("/{callbackId:int}/enable", response_model=Result[bool])
+    async def enable_callback(
+        services: ServicesDep, scope: ScopeDep, uid: AdminDep, callback_id: CallbackPath
+    ) -> Result[bool]:
+        """Enable a callback again (also one the service disabled); clears the reason."""
+        await services.enable(callback_id, project_id=scope.project_id)
+        return Result[bool](data=True)
+
+    @router.put("/{callbackId:int}/disable", response_model=Result[bool])
+    async def disable_callback(
+        services: ServicesDep,
+        scope: ScopeDep,
+        uid: AdminDep,
+        callback_id: CallbackPath,
+        reason: Annotated[str | None, Query(alias="reason", max_length=500)] = None,
+    ) -> Result[bool]:
+        """Disable a callback, with an optional reason shown in the list."""
+        await services.disable(callback_id, by=uid, reason=reason, project_id=scope.project_id)
+        return Result[bool](data=True)
 
 
-@router.get("/{callbackId:int}", response_model=Result[Callback])
-async def get_callback(
-    services: ServicesDep, project_id: ProjectPath, uid: Member, callback_id: CallbackPath
-) -> Result[Callback]:
-    """One callback, with its disabled reason if any."""
-    return Result[Callback](data=await services.registry.get(callback_id, project_id))
+async def project_scope(project_id: ProjectPath) -> Scope:
+    return Scope(project_id)
 
 
-@router.delete("/{callbackId:int}", response_model=Result[bool])
-async def delete_callback(
-    services: ServicesDep, project_id: ProjectPath, uid: Admin, callback_id: CallbackPath
-) -> Result[bool]:
-    """Delete a callback (project admins)."""
-    await services.registry.delete(project_id, callback_id)
-    return Result[bool](data=True)
+async def _admin(uid: Admin) -> str:
+    return uid
 
 
-@router.put("/{callbackId:int}/enable", response_model=Result[bool])
-async def enable_callback(
-    services: ServicesDep, project_id: ProjectPath, uid: Admin, callback_id: CallbackPath
-) -> Result[bool]:
-    """Enable a callback again (also one the service disabled); clears the reason."""
-    await services.enable(callback_id, project_id=project_id)
-    return Result[bool](data=True)
+async def _member(uid: Member) -> str:
+    return uid
 
 
-@router.put("/{callbackId:int}/disable", response_model=Result[bool])
-async def disable_callback(
-    services: ServicesDep,
-    project_id: ProjectPath,
-    uid: Admin,
-    callback_id: CallbackPath,
-    reason: Annotated[str | None, Query(alias="reason", max_length=500)] = None,
-) -> Result[bool]:
-    """Disable a callback, with an optional reason shown in the list."""
-    await services.disable(callback_id, by=uid, reason=reason, project_id=project_id)
-    return Result[bool](data=True)
+router = callback_routes(
+    f"{V4}/callbacks", "callbacks", project_scope, _admin, _member, dependencies=[Depends(apigw)]
+)

@@ -4,24 +4,30 @@ token, and the parameter types the seeds fix."""
 from __future__ import annotations
 
 import hmac
-from typing import Annotated
+from typing import Annotated, NamedTuple
 
 from fastapi import Depends, Header, Path, Query, Request
 
 from dispatcher.auth import Role
+from dispatcher.delivery import MAX_AUTH_HEADER_NAME, MAX_AUTH_HEADER_VALUE, AuthHeader
 from dispatcher.errors import Forbidden, Unauthenticated
 from dispatcher.models import ApigwType, Region
 from dispatcher.services import Services
 
 __all__ = [
     "Admin",
+    "AuthHeaderQuery",
     "Caller",
     "Member",
     "Operator",
     "PageQuery",
     "PageSizeQuery",
+    "PipelinePath",
     "ProjectPath",
     "RegionQuery",
+    "Registration",
+    "RegistrationQuery",
+    "Scope",
     "ServicesDep",
     "TokenQuery",
     "UrlQuery",
@@ -38,12 +44,67 @@ TokenQuery = Annotated[
     str | None,
     Query(alias="secretToken", description="Sent back in X-DEVOPS-WEBHOOK-TOKEN; never shown"),
 ]
+PipelinePath = Annotated[str, Path(alias="pipelineId", min_length=1, max_length=128)]
 PageQuery = Annotated[
     int, Query(alias="page", ge=1, le=MAX_PAGE, description="Page number, from 1")
 ]
 PageSizeQuery = Annotated[
     int, Query(alias="pageSize", ge=1, description="Page size, capped at 100")
 ]
+
+
+class Scope(NamedTuple):
+    """Whose callbacks a route manages: a project's, one pipeline's, or the platform's."""
+
+    project_id: str
+    pipeline_id: str | None = None
+
+
+async def auth_header(
+    name: Annotated[
+        str | None,
+        Query(
+            alias="authHeaderName",
+            max_length=MAX_AUTH_HEADER_NAME,
+            description="A header of the receiver's choosing sent with every delivery, e.g. "
+            "Authorization (with authHeaderValue; never shown, masked in history)",
+        ),
+    ] = None,
+    value: Annotated[
+        str | None,
+        Query(
+            alias="authHeaderValue",
+            max_length=MAX_AUTH_HEADER_VALUE,
+            description="The value of authHeaderName (never shown, masked in history)",
+        ),
+    ] = None,
+) -> AuthHeader | None:
+    """The custom auth header of a registration, when it has one."""
+    return Services.auth_header(name, value)
+
+
+AuthHeaderQuery = Annotated[AuthHeader | None, Depends(auth_header)]
+
+
+class Registration(NamedTuple):
+    """Where a registration sends an event and with what: the seed's query parameters."""
+
+    url: str
+    region: Region
+    secret_token: str | None
+    auth_header: AuthHeader | None
+
+
+async def registration(
+    url: UrlQuery,
+    region: RegionQuery,
+    auth_header: AuthHeaderQuery,
+    secret_token: TokenQuery = None,
+) -> Registration:
+    return Registration(url, region, secret_token, auth_header)
+
+
+RegistrationQuery = Annotated[Registration, Depends(registration)]
 
 
 async def get_services(request: Request) -> Services:
@@ -92,18 +153,29 @@ Member = Annotated[str, Depends(member)]
 Admin = Annotated[str, Depends(admin)]
 
 
+OPERATOR = "operator"
+
+
 async def operator(
     services: ServicesDep,
     token: Annotated[
         str | None, Header(alias="X-DEVOPS-OPERATOR-TOKEN", description="Operator token")
     ] = None,
-) -> None:
-    """Operator routes: DISPATCHER_OPERATOR_TOKEN, compared in constant time."""
+    uid: Annotated[str | None, Header(alias="X-DEVOPS-UID", description="User name")] = None,
+) -> str:
+    """Operator routes: DISPATCHER_OPERATOR_TOKEN, compared in constant time. A caller
+    known by X-DEVOPS-UID without the token (a project admin) is refused with 403; no
+    credential or a wrong token is a 401. Returns who acts (their X-DEVOPS-UID, else
+    "operator")."""
     expected = services.settings.operator_token
     if expected is None:
         raise Forbidden("operator routes are off: set DISPATCHER_OPERATOR_TOKEN")
+    name = uid.strip() if uid and uid.strip() else None
+    if not token and name is not None:
+        raise Forbidden(f"user {name!r} is not an operator: this needs X-DEVOPS-OPERATOR-TOKEN")
     if not token or not hmac.compare_digest(token.encode(), expected.get_secret_value().encode()):
         raise Unauthenticated("missing or wrong X-DEVOPS-OPERATOR-TOKEN")
+    return name or OPERATOR
 
 
-Operator = Annotated[None, Depends(operator)]
+Operator = Annotated[str, Depends(operator)]

@@ -10,7 +10,8 @@ from rich.table import Table
 
 from dispatcher.auth import Role
 from dispatcher.cli.common import CLI_USER, console, err, fmt_ms, load_settings, on_services
-from dispatcher.models import Region
+from dispatcher.delivery import AuthHeader
+from dispatcher.models import PLATFORM_PROJECT, Region
 from dispatcher.tokens import TokenCipher
 
 __all__ = ["callbacks_app", "roles_app", "tokens_app"]
@@ -20,19 +21,56 @@ roles_app = typer.Typer(help="Who is admin or member of which project.", no_args
 tokens_app = typer.Typer(help="Encryption of secret tokens at rest.", no_args_is_help=True)
 
 
+ProjectOption = Annotated[
+    str | None, typer.Option(help="Project id (or --all-projects for platform-wide callbacks)")
+]
+AllProjectsOption = Annotated[
+    bool,
+    typer.Option(
+        "--all-projects", help=f"Platform-wide callbacks ({PLATFORM_PROJECT}): every project's"
+    ),
+]
+PipelineOption = Annotated[str | None, typer.Option(help="Pipeline id: that pipeline's callbacks")]
+
+
+def _owner(project: str | None, all_projects: bool) -> str:
+    """The project whose callbacks a command is about: --project, or the platform's."""
+    if all_projects == (project is not None):
+        err.print("[red]error[/red]: give --project P or --all-projects (one of them)")
+        raise typer.Exit(2)
+    return PLATFORM_PROJECT if all_projects else str(project)
+
+
+def _auth_header(spec: str | None) -> AuthHeader | None:
+    """`--auth-header 'Name: value'` as (name, value), like curl's -H."""
+    if spec is None:
+        return None
+    name, colon, value = spec.partition(":")
+    if not colon:
+        err.print("[red]error[/red]: --auth-header takes 'Name: value'")
+        raise typer.Exit(2)
+    return name.strip(), value.strip()
+
+
 @callbacks_app.command("list")
 def callbacks_list(
-    project: Annotated[str, typer.Option(help="Project id")],
+    project: ProjectOption = None,
+    all_projects: AllProjectsOption = False,
+    pipeline: PipelineOption = None,
     page: int = 1,
     page_size: int = 50,
 ) -> None:
-    """A project's callbacks (tokens never shown)."""
-    result = on_services(lambda s: s.registry.list(project, page, page_size))
-    table = Table("id", "event", "url", "region", "enabled", "disabled reason", "token")
+    """A project's callbacks (its pipelines' too), one pipeline's, or the platform-wide
+    ones; secrets never shown."""
+    owner = _owner(project, all_projects)
+    result = on_services(lambda s: s.callbacks(owner, page, page_size, pipeline_id=pipeline))
+    table = Table("id", "level", "pipeline", "event", "url", "region", "enabled",
+                  "disabled reason", "token", "auth header")  # fmt: skip
     for cb in result.records:
         table.add_row(
-            str(cb.id), cb.event.value, cb.url, cb.region.value, "yes" if cb.enabled else "no",
-            cb.disabled_reason or "", "set" if cb.has_secret_token else "",
+            str(cb.id), cb.level.value, cb.pipeline_id or "", cb.event.value, cb.url,
+            cb.region.value, "yes" if cb.enabled else "no", cb.disabled_reason or "",
+            "set" if cb.has_secret_token else "", "set" if cb.has_auth_header else "",
         )  # fmt: skip
     console.print(table)
     console.print(f"page {result.page}/{max(result.total_pages, 1)}, {result.count} callbacks")
@@ -53,15 +91,32 @@ def callbacks_failing() -> None:
 
 @callbacks_app.command("add")
 def callbacks_add(
-    project: Annotated[str, typer.Option(help="Project id")],
     url: Annotated[str, typer.Option(help="Callback URL")],
     event: Annotated[str, typer.Option(help="Event name(s), comma-separated")],
+    project: ProjectOption = None,
+    all_projects: AllProjectsOption = False,
+    pipeline: PipelineOption = None,
     region: Annotated[Region, typer.Option(help="Region")] = Region.DEVNET,
     token: Annotated[str | None, typer.Option(help="Secret token")] = None,
+    auth_header: Annotated[
+        str | None,
+        typer.Option(help="'Name: value' of a header sent with every delivery (kept secret)"),
+    ] = None,
 ) -> None:
-    """Register a URL for one or more events (an upsert), under the region's address policy."""
+    """Register a URL for one or more events (an upsert), under the region's address policy:
+    on a project, one of its pipelines (--pipeline), or every project (--all-projects)."""
+    owner, header = _owner(project, all_projects), _auth_header(auth_header)
     result = on_services(
-        lambda s: s.register_batch(project, url, event, region, token, creator=CLI_USER)
+        lambda s: s.register_batch(
+            owner,
+            url,
+            event,
+            region,
+            token,
+            creator=CLI_USER,
+            pipeline_id=pipeline,
+            auth_header=header,
+        )
     )
     for name in result.success_events:
         console.print(f"[green]registered[/green] {name}")
@@ -73,10 +128,14 @@ def callbacks_add(
 
 @callbacks_app.command("rm")
 def callbacks_rm(
-    callback_id: int, project: Annotated[str, typer.Option(help="Project id")]
+    callback_id: int,
+    project: ProjectOption = None,
+    all_projects: AllProjectsOption = False,
+    pipeline: PipelineOption = None,
 ) -> None:
     """Delete a callback."""
-    on_services(lambda s: s.registry.delete(project, callback_id))
+    owner = _owner(project, all_projects)
+    on_services(lambda s: s.delete(callback_id, owner, pipeline_id=pipeline))
     console.print(f"deleted callback {callback_id}")
 
 

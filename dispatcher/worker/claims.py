@@ -10,16 +10,19 @@ to whoever holds it now. `arq:retry:{id}` counts the claims of a job, as arq doe
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from dispatcher import keys
-from dispatcher.jobs import now_ms
+from dispatcher.jobs import encode, now_ms
 from dispatcher.lua import Lua, run_pipeline
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
     from redis.asyncio.client import Pipeline
+
+    from dispatcher.jobs import EventJob
 
 __all__ = ["Claimed", "Claims"]
 
@@ -82,6 +85,23 @@ local owner = redis.call('GET', KEYS[2])
 if owner and owner ~= ARGV[1] then return 0 end
 redis.call('DEL', KEYS[2], KEYS[3], KEYS[4])
 redis.call('ZREM', KEYS[1], ARGV[2])
+return 1
+""")
+
+# KEYS: queue, lease, job, claims. ARGV: token, job id, SHA-1 of the job's bytes as this
+# run read them, the job's next bytes, their ttl ms, now ms. A fan-out job's next chunk:
+# the job (same id, so its event stays queued until its last chunk) gets the bytes of the
+# next chunk and is due now, its claim count starting again. Unless another worker holds
+# the lease, or the job is no longer what this run read (it ended, or this same write was
+# sent twice). Returns 1 when done.
+_HAND_OVER = Lua("""
+local owner = redis.call('GET', KEYS[2])
+if owner and owner ~= ARGV[1] then return 0 end
+local data = redis.call('GET', KEYS[3])
+if not data or redis.sha1hex(data) ~= ARGV[3] then return 0 end
+redis.call('SET', KEYS[3], ARGV[4], 'PX', ARGV[5])
+redis.call('ZADD', KEYS[1], ARGV[6], ARGV[2])
+redis.call('DEL', KEYS[2], KEYS[4])
 return 1
 """)
 
@@ -156,6 +176,17 @@ class Claims:
     def finish(self, pipe: Pipeline, job_id: str) -> None:
         """Queue the end of a job on `pipe`: it leaves the queue with its keys."""
         _FINISH.queue(pipe, self._keys(job_id), [self.token, job_id])
+
+    def hand_over(self, pipe: Pipeline, claimed: Claimed, following: EventJob) -> None:
+        """Queue the move of a fan-out job to its next chunk (`following`, the same event
+        after a cursor), due now; its answer is 0 when the job had moved on or ended."""
+        now = now_ms()
+        read = hashlib.sha1(claimed.data or b"", usedforsecurity=False).hexdigest()
+        _HAND_OVER.queue(
+            pipe,
+            self._keys(claimed.job_id),
+            [self.token, claimed.job_id, read, encode(following, now), JOB_KEY_EXTRA_MS, now],
+        )
 
     def again(self, pipe: Pipeline, job_id: str, delay_s: float, *, next_attempt: bool) -> None:
         """Queue the job's return to the queue, due in `delay_s`. `next_attempt`: it ran as

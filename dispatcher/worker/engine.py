@@ -1,8 +1,9 @@
 """What a worker does with a job: `fan_out` an event to its callbacks, `deliver` a retry.
 
-A fan-out makes the first attempt of every delivery itself, concurrently, so an event
-costs one queue job however many callbacks it has; only retries become `deliver` jobs
-(job id = delivery id). An attempt ends in one write (see `writer.py`), sent in a pipeline
+A fan-out makes the first attempt of every delivery itself, concurrently, a chunk of
+callbacks at a time (between chunks the job loop moves the job's cursor on), so an event
+costs one queue job however many callbacks it has; only retries become `deliver` jobs (job
+id = delivery id). An attempt ends in one write (see `writer.py`), sent in a pipeline
 shared with other attempts: its history record, the delivery's progress, endpoint health,
 and what comes next for the delivery (a `deliver` job, or the `deliver` job's own return
 to the queue or end). A worker killed at any point loses nothing: an unwritten attempt is
@@ -76,18 +77,29 @@ class Engine:
     async def close(self) -> None:
         await asyncio.gather(*(t.aclose() for t in self.transports.values()))
 
-    async def fan_out(self, event: EventJob, *, rerun: bool = False) -> int:
-        """First attempt of every delivery of `event`; returns how many callbacks matched.
-        A `rerun` (the job ran before and did not finish) skips what was already handled."""
-        registry = self.services.registry
-        (rows,) = await self.reads.execute(
-            lambda pipe: registry.queue_match(pipe, event.project_id, event.event)
-        )
-        targets = registry.targets(rows)
-        if not targets:
-            return 0
+    async def fan_out(self, event: EventJob, *, rerun: bool = False) -> int | None:
+        """First attempts of one chunk of `event`'s deliveries: to the callbacks after
+        `event.after`, at most `DISPATCHER_FAN_OUT_CHUNK` of them. Returns where the next
+        chunk starts, or None when this was the last. A `rerun` (the job ran before and did
+        not finish) skips what was already handled."""
+        query = self.services.registry.chunk_query(
+            event.project_id, event.event, pipeline_id=event.pipeline_id, after=event.after,
+            size=self.settings.fan_out_chunk,
+        )  # fmt: skip
+        (answer,) = await self.reads.execute(query.queue)
+        chunk = query.read(answer)
+        if chunk.targets:
+            await self._first_attempts(event, chunk.targets, rerun)
+        return chunk.after
+
+    async def _first_attempts(
+        self, event: EventJob, targets: list[CallbackTarget], rerun: bool
+    ) -> None:
         body = encode_body(event.event, event.data)  # once for all callbacks
-        pending = [(DeliveryJob.first(event, target.id, body), target) for target in targets]
+        pending = [
+            (DeliveryJob.first(event, target.id, body, target.project_id), target)
+            for target in targets
+        ]
         if rerun:
             marks = await self.services.redis.mget(
                 [keys.delivery(job.progress_id) for job, _ in pending]
@@ -98,7 +110,6 @@ class Engine:
             await attempts[0]
         else:
             await asyncio.gather(*attempts)
-        return len(targets)
 
     def _retry_job(self, job: DeliveryJob) -> Then:
         """After a fan-out's attempt: a retry becomes a `deliver` job of its own."""
@@ -153,6 +164,7 @@ class Engine:
             body=job.body,
             token=target.secret_token,
             user_agent=self.settings.user_agent,
+            auth_header=target.auth_header,
         )
         result = await self._send(target, job.body, headers)
         self.breaker.record(host, result.outcome is not Outcome.RETRY)

@@ -98,6 +98,7 @@ class Worker:
         self.jobs_started = self.jobs_complete = self.jobs_failed = 0
         self._stop: asyncio.Event | None = None
         self._room: asyncio.Event | None = None
+        self._due: asyncio.Event | None = None  # set when this worker queued a job due now
         self._started_ms = now_ms()
         self._closed = False
 
@@ -107,9 +108,10 @@ class Worker:
         """Stop claiming; running jobs get `DISPATCHER_SHUTDOWN_GRACE` to finish."""
         if self._stop is not None:
             self._stop.set()
+        self._wake()
 
     async def main(self) -> None:
-        self._stop, self._room = asyncio.Event(), asyncio.Event()
+        self._stop, self._room, self._due = asyncio.Event(), asyncio.Event(), asyncio.Event()
         self._started_ms = now_ms()
         if self.handle_signals:
             loop = asyncio.get_running_loop()
@@ -134,8 +136,12 @@ class Worker:
             await self._wind_down(background)
 
     async def _claim_loop(self) -> None:
-        assert self._stop is not None
+        assert self._stop is not None and self._due is not None
         backoff = self.poll_delay
+        while not await self.services.upgrade():  # the stored layout first (Redis waited out)
+            await self._pause(1.0)
+            if self._stop.is_set():
+                return
         while not self._stop.is_set():
             if self.burst and await self._burst_done():
                 return
@@ -151,6 +157,7 @@ class Worker:
                 await self._pause(self.poll_delay)
                 continue
             try:
+                self._due.clear()
                 claimed = await self.claims.claim(room)
             except CLAIM_ERRORS as exc:
                 log.warning("worker.claim_failed", error=str(exc), retry_in_s=round(backoff, 2))
@@ -161,7 +168,18 @@ class Worker:
             for job in claimed:
                 self._start(job)
             if len(claimed) < room:  # nothing more is due now
-                await self._pause(self.poll_delay)
+                await self._idle()
+
+    async def _idle(self) -> None:
+        """A poll interval, cut short when this worker queues a job due at once (the next
+        chunk of a fan-out) or stops."""
+        assert self._due is not None
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._due.wait(), self.poll_delay)
+
+    def _wake(self) -> None:
+        if self._due is not None:
+            self._due.set()
 
     async def _pause(self, seconds: float) -> None:
         assert self._stop is not None
@@ -196,10 +214,11 @@ class Worker:
         self.jobs_started += 1
         task = asyncio.create_task(self._run(claimed))
         self.running[claimed.job_id] = task
-        task.add_done_callback(lambda _: self._ended(claimed.job_id))
+        task.add_done_callback(lambda done: self._ended(claimed.job_id, done))
 
-    def _ended(self, job_id: str) -> None:
-        self.running.pop(job_id, None)
+    def _ended(self, job_id: str, task: asyncio.Task[None]) -> None:
+        if self.running.get(job_id) is task:  # not a new run of the same job (a fan-out's)
+            del self.running[job_id]
         if self._room is not None and self.max_jobs - len(self.running) >= self.claim_batch:
             self._room.set()
 
@@ -212,7 +231,7 @@ class Worker:
             return
         try:
             async with asyncio.timeout(self.settings.effective_job_timeout):
-                await self._execute(claimed.job_id, decode(claimed.data), claimed.claims)
+                await self._execute(claimed, decode(claimed.data))
             self.jobs_complete += 1
         except BadJob as exc:
             await self._poison(claimed, str(exc))
@@ -223,15 +242,27 @@ class Worker:
                         claims=claimed.claims, retry_in_s=delay)  # fmt: skip
             self._put_back(claimed.job_id, delay)
 
-    async def _execute(self, job_id: str, wire: Any, claims: int) -> None:
+    async def _execute(self, claimed: Claimed, wire: Any) -> None:
         if wire.function == FAN_OUT:
             event = EventJob.from_wire(wire.payload)
             structlog.contextvars.bind_contextvars(event_id=event.id)
-            await self.engine.fan_out(event, rerun=claims > 1)
-            await self.writer.commit(lambda pipe: self.claims.finish(pipe, job_id))
+            after = await self.engine.fan_out(event, rerun=claimed.claims > 1)
+            await self.writer.commit(lambda pipe: self._fan_out_end(pipe, claimed, event, after))
+            if after is not None:
+                self._wake()
         else:
-            job = DeliveryJob.from_wire(wire.payload, job_id)
-            await self.engine.deliver(job, self._next_step(job_id))
+            job = DeliveryJob.from_wire(wire.payload, claimed.job_id)
+            await self.engine.deliver(job, self._next_step(claimed.job_id))
+
+    def _fan_out_end(
+        self, pipe: Pipeline, claimed: Claimed, event: EventJob, after: int | None
+    ) -> None:
+        """A fan-out job's end, or its move to the event's next chunk when there is one (one
+        write, so a crash re-runs at most the chunk in hand)."""
+        if after is None:
+            self.claims.finish(pipe, claimed.job_id)
+        else:
+            self.claims.hand_over(pipe, claimed, event.continued(after))
 
     def _put_back(self, job_id: str, delay: float) -> None:
         """The job's run failed or was stopped: due again in `delay` seconds (unless its

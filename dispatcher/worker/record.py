@@ -39,7 +39,7 @@ def attempt_record(
         "events": job.event,
         "status": (DeliveryStatus.SUCCESS if ok else DeliveryStatus.FAILED).value,
         "errorMsg": result.error,
-        "requestHeaders": mask_headers(headers),
+        "requestHeaders": mask_headers(headers, target.auth_header),
         "requestBody": body_text,
         "responseCode": result.status_code,
         "responseBody": result.response_body,

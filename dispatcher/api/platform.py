@@ -1,0 +1,24 @@
+"""Platform-wide callbacks (project `DEVOPS_ALL_PROJECT`), with the operator token only:
+register, list, show, delete, enable and disable, in the same envelope. They receive the
+project events of every project, and any other event they subscribe to, of every project."""
+
+from __future__ import annotations
+
+from dispatcher.api.callbacks import callback_routes
+from dispatcher.api.deps import Operator, Scope
+from dispatcher.models import PLATFORM_PROJECT
+
+__all__ = ["router"]
+
+
+async def platform_scope() -> Scope:
+    return Scope(PLATFORM_PROJECT)
+
+
+async def _operator(name: Operator) -> str:
+    return name
+
+
+router = callback_routes(
+    "/operator/callbacks", "platform callbacks", platform_scope, _operator, _operator
+)

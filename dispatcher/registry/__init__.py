@@ -1,0 +1,15 @@
+"""The callback registry: who wants which event, at which URL, at every level.
+
+- `store.py`: `Registry` (register, batch, list, get, delete, enable/disable, secrets at
+  rest, the layout upgrade);
+- `match.py`: an event's callbacks over the platform, project and pipeline levels, a chunk
+  at a time, one delivery per URL;
+- `rules.py`: what a registration must satisfy (URL, ids, token, events per level);
+- `scripts.py`: the Lua scripts behind them.
+"""
+
+from dispatcher.registry.match import CallbackTarget, Chunk, ChunkQuery
+from dispatcher.registry.rules import MAX_URL_LENGTH, validate_url
+from dispatcher.registry.store import Registry
+
+__all__ = ["MAX_URL_LENGTH", "CallbackTarget", "Chunk", "ChunkQuery", "Registry", "validate_url"]

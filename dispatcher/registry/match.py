@@ -1,0 +1,101 @@
+"""Matching an event to its callbacks, a chunk at a time.
+
+An event of project P whose data names a pipeline X matches three levels, broadest first:
+the platform-wide callbacks (project `DEVOPS_ALL_PROJECT`), P's own, and X's. Each level's
+enabled callbacks of the event are a sorted set scored by callback id, so a fan-out reads
+the first `size` ids after a cursor over all three in one script, and the next chunk starts
+after the last id it read. A URL that two levels send the same event to gets it once, from
+the broader level (a project admin cannot displace an operator's delivery).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from dispatcher import keys
+from dispatcher.models import PLATFORM_PROJECT, Region
+from dispatcher.registry.rules import is_pipeline_id
+from dispatcher.registry.scripts import MATCH
+
+if TYPE_CHECKING:
+    from redis.asyncio.client import Pipeline
+
+    from dispatcher.delivery import AuthHeader
+
+__all__ = ["CallbackTarget", "Chunk", "ChunkQuery", "event_scopes"]
+
+Decrypt = Callable[[bytes | None], str]
+
+
+@dataclass(frozen=True, slots=True)
+class CallbackTarget:
+    """What a delivery needs of a callback, its secrets included. `project_id` is whose
+    callback it is (`DEVOPS_ALL_PROJECT` for a platform-wide one): its history goes there."""
+
+    id: int
+    url: str
+    region: Region
+    secret_token: str
+    failing: bool = True  # failures on record (True when unknown: the reset is then written)
+    project_id: str = ""
+    auth_header: AuthHeader | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Chunk:
+    """One chunk of an event's callbacks; `after` is where the next starts (None: none)."""
+
+    targets: list[CallbackTarget]
+    after: int | None
+
+
+def event_scopes(project_id: str, pipeline_id: object = None) -> list[tuple[str, str]]:
+    """The (scope, owner project) of every level an event of `project_id` reaches, broadest
+    first; `pipeline_id` is the event's `data.pipelineId` (ignored unless it can be one)."""
+    scopes = [] if project_id == PLATFORM_PROJECT else [(PLATFORM_PROJECT, PLATFORM_PROJECT)]
+    scopes.append((project_id, project_id))
+    if is_pipeline_id(pipeline_id):
+        scopes.append((keys.scope(project_id, str(pipeline_id)), project_id))
+    return scopes
+
+
+class ChunkQuery:
+    """The chunk of `size` callbacks after callback id `after`: queue it on a pipeline (a
+    Batcher's, say), then `read` its answer."""
+
+    def __init__(
+        self, decrypt: Decrypt, project_id: str, event: str, pipeline_id: object,
+        after: int, size: int,
+    ) -> None:  # fmt: skip
+        self.decrypt = decrypt
+        self.scopes = event_scopes(project_id, pipeline_id)
+        self.event = event
+        self.after = after
+        self.size = size
+
+    def queue(self, pipe: Pipeline) -> None:
+        scopes = [scope for scope, _ in self.scopes]
+        MATCH.queue(
+            pipe,
+            [keys.match(scope, self.event) for scope in scopes]
+            + [keys.callback_unique(scope) for scope in scopes],
+            [
+                self.after, self.size, keys.CALLBACK_PREFIX, keys.HEALTH_PREFIX,
+                keys.callback_unique_field(self.event, ""),
+            ],
+        )  # fmt: skip
+
+    def read(self, answer: list[Any]) -> Chunk:
+        after, rows = answer
+        return Chunk([self._target(row) for row in rows], int(after) if after else None)
+
+    def _target(self, row: list[Any]) -> CallbackTarget:
+        cid, url, region, token, name, value, failing, level = row
+        owner = self.scopes[int(level) - 1][1]
+        header = (name.decode(), self.decrypt(value)) if name else None
+        return CallbackTarget(
+            int(cid), url.decode(), Region(region.decode()), self.decrypt(token), bool(failing),
+            owner, header,
+        )  # fmt: skip

@@ -1,0 +1,101 @@
+"""What a registration must satisfy before it is stored: the URL, the project and pipeline
+ids, the token, which events a level takes. Pure checks, no Redis."""
+
+from __future__ import annotations
+
+from urllib.parse import urlsplit
+
+from dispatcher.errors import InvalidEvent, InvalidInput, InvalidUrl
+from dispatcher.models import PLATFORM_PROJECT, PROJECT_EVENTS, Event, Level
+
+__all__ = [
+    "MAX_ID_LENGTH",
+    "MAX_TOKEN_LENGTH",
+    "MAX_URL_LENGTH",
+    "check_event",
+    "check_scope",
+    "check_token",
+    "is_pipeline_id",
+    "level_of",
+    "validate_url",
+]
+
+MAX_URL_LENGTH = 2048
+MAX_TOKEN_LENGTH = 1024
+MAX_ID_LENGTH = 128
+
+
+def validate_url(url: str) -> str:
+    """Check that `url` is an absolute http(s) URL with a host; returns it trimmed."""
+    url = url.strip()
+    if not url:
+        raise InvalidUrl("url is required", param="url")
+    if len(url) > MAX_URL_LENGTH:
+        raise InvalidUrl(f"url is longer than {MAX_URL_LENGTH} characters", param="url")
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as exc:
+        raise InvalidUrl(f"url {url!r} is malformed: {exc}", param="url") from exc
+    if parts.scheme not in {"http", "https"}:
+        raise InvalidUrl(f"url must start with http:// or https://, got {url!r}", param="url")
+    if not parts.hostname:
+        raise InvalidUrl(f"url {url!r} has no host", param="url")
+    if port == 0:
+        raise InvalidUrl(f"url {url!r} has port 0", param="url")
+    if any(ch.isspace() for ch in url):
+        raise InvalidUrl("url must not contain white space", param="url")
+    return url
+
+
+def _is_id(value: str) -> bool:
+    """An id that can be part of a key: 1-128 characters, no white space and no ':'."""
+    return 0 < len(value) <= MAX_ID_LENGTH and not any(c.isspace() or c == ":" for c in value)
+
+
+def is_pipeline_id(value: object) -> bool:
+    """Whether an event's `data.pipelineId` can name a pipeline's callbacks."""
+    return isinstance(value, str) and _is_id(value)
+
+
+def level_of(project_id: str, pipeline_id: str | None) -> Level:
+    if project_id == PLATFORM_PROJECT:
+        return Level.PLATFORM
+    return Level.PIPELINE if pipeline_id else Level.PROJECT
+
+
+def check_scope(project_id: str, pipeline_id: str | None) -> Level:
+    """The level of (project, pipeline), once both ids can be stored."""
+    if not _is_id(project_id):
+        raise InvalidInput(
+            "projectId must be 1-128 characters without spaces or ':'", param="projectId"
+        )
+    if pipeline_id is not None and not _is_id(pipeline_id):
+        raise InvalidInput(
+            "pipelineId must be 1-128 characters without spaces or ':'", param="pipelineId"
+        )
+    if pipeline_id is not None and project_id == PLATFORM_PROJECT:
+        raise InvalidInput(
+            f"platform-wide callbacks ({PLATFORM_PROJECT}) cannot be pipeline callbacks",
+            param="pipelineId",
+        )
+    return level_of(project_id, pipeline_id)
+
+
+def check_event(event: Event, level: Level) -> Event:
+    """Project events have no pipeline: a pipeline's callbacks never receive them."""
+    if level is Level.PIPELINE and event in PROJECT_EVENTS:
+        raise InvalidEvent(
+            f"{event.value} is a project event: register it on the project, not a pipeline",
+            param="event",
+        )
+    return event
+
+
+def check_token(token: str | None) -> str:
+    token = token or ""
+    if len(token) > MAX_TOKEN_LENGTH:
+        raise InvalidInput(
+            f"secretToken is longer than {MAX_TOKEN_LENGTH} characters", param="secretToken"
+        )
+    return token

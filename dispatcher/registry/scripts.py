@@ -1,0 +1,137 @@
+"""The registry's Lua scripts. None spells a key or a separator: each gets its keys in
+KEYS, and the prefixes and separators it needs to build one from a value read inside Redis
+in ARGV, from `dispatcher.keys` (`tests/test_keys.py` checks both sides agree)."""
+
+from __future__ import annotations
+
+from dispatcher.lua import Lua
+
+__all__ = ["DELETE", "MATCH", "SET_ENABLED", "UPGRADE", "UPSERT"]
+
+# KEYS: upsert hash, id counter, match zset, disabled zset, failing zset, then the listing
+# zsets the callback joins when created (its project's; its pipeline's too).
+# ARGV: upsert field, project, url, event, region, token, now, creator, callback prefix,
+# health prefix, pipeline id ('' when none), level, auth header name, auth header value.
+# Returns {id, 1 when created}.
+UPSERT = Lua("""
+local id = redis.call('HGET', KEYS[1], ARGV[1])
+local created = 0
+if not id then
+  id = tostring(redis.call('INCR', KEYS[2]))
+  created = 1
+  redis.call('HSET', KEYS[1], ARGV[1], id)
+  for i = 6, #KEYS do redis.call('ZADD', KEYS[i], id, id) end
+end
+local key = ARGV[9] .. id
+if created == 1 then
+  redis.call('HSET', key, 'id', id, 'projectId', ARGV[2], 'url', ARGV[3], 'event', ARGV[4],
+             'pipelineId', ARGV[11], 'level', ARGV[12], 'createdTime', ARGV[7],
+             'creator', ARGV[8])
+end
+redis.call('HSET', key, 'region', ARGV[5], 'secretToken', ARGV[6], 'authHeaderName', ARGV[13],
+           'authHeaderValue', ARGV[14], 'enabled', '1', 'disabledReason', '',
+           'updatedTime', ARGV[7])
+redis.call('ZADD', KEYS[3], id, id)
+redis.call('ZREM', KEYS[4], id)
+redis.call('DEL', ARGV[10] .. id)
+redis.call('ZREM', KEYS[5], id)
+return {tonumber(id), created}
+""")
+
+# KEYS: the match zsets of an event's levels, broadest first (platform, project, pipeline),
+# then the upsert hashes of the same levels. ARGV: cursor (a callback id), chunk size,
+# callback prefix, health prefix, upsert field prefix ("{event} ").
+# The chunk is the `size` smallest ids after the cursor over all levels, less the disabled
+# ones and those whose URL a broader level sends the same event to (one delivery per URL).
+# Returns {next cursor ('' when nothing follows), rows}; a row is {id, url, region, token,
+# auth header name, auth header value, 1 when failures are on record, level index}.
+MATCH = Lua("""
+local n = #KEYS / 2
+local size = tonumber(ARGV[2])
+local found = {}
+local more = false
+for lvl = 1, n do
+  local ids = redis.call('ZRANGEBYSCORE', KEYS[lvl], '(' .. ARGV[1], '+inf', 'LIMIT', 0, size)
+  if #ids == size then more = true end
+  for _, id in ipairs(ids) do found[#found + 1] = {tonumber(id), id, lvl} end
+end
+table.sort(found, function(a, b) return a[1] < b[1] end)
+if #found > size then more = true end
+local taken = math.min(#found, size)
+local rows = {}
+for i = 1, taken do
+  local id, lvl = found[i][2], found[i][3]
+  local row = redis.call('HMGET', ARGV[3] .. id, 'id', 'url', 'region', 'secretToken',
+                         'authHeaderName', 'authHeaderValue', 'enabled')
+  local keep = row[1] and row[7] == '1'
+  for broader = 1, lvl - 1 do
+    if keep then
+      local other = redis.call('HGET', KEYS[n + broader], ARGV[5] .. row[2])
+      if other and redis.call('ZSCORE', KEYS[broader], other) then keep = false end
+    end
+  end
+  if keep then
+    row[7] = redis.call('EXISTS', ARGV[4] .. id)
+    row[8] = lvl
+    rows[#rows + 1] = row
+  end
+end
+local after = ''
+if more and taken > 0 then after = found[taken][2] end
+return {after, rows}
+""")
+
+# KEYS: callback hash, disabled zset, failing zset. ARGV: enabled ('1'/'0'), reason, now,
+# match prefix, key separator, expected project ('' = any), health prefix (enabling starts
+# the failure count again). Returns 0 when missing or in another project.
+SET_ENABLED = Lua("""
+local row = redis.call('HMGET', KEYS[1], 'projectId', 'event', 'id', 'pipelineId')
+if not row[1] or (ARGV[6] ~= '' and row[1] ~= ARGV[6]) then return 0 end
+local scope = row[1]
+if row[4] and row[4] ~= '' then scope = scope .. ARGV[5] .. row[4] end
+local match = ARGV[4] .. scope .. ARGV[5] .. row[2]
+if ARGV[1] == '1' then
+  redis.call('HSET', KEYS[1], 'enabled', '1', 'disabledReason', '', 'updatedTime', ARGV[3])
+  redis.call('ZADD', match, row[3], row[3])
+  redis.call('ZREM', KEYS[2], row[3])
+  redis.call('DEL', ARGV[7] .. row[3])
+  redis.call('ZREM', KEYS[3], row[3])
+else
+  redis.call('HSET', KEYS[1], 'enabled', '0', 'disabledReason', ARGV[2], 'updatedTime', ARGV[3])
+  redis.call('ZREM', match, row[3])
+  redis.call('ZADD', KEYS[2], ARGV[3], row[3])
+end
+return 1
+""")
+
+# KEYS: callback hash, disabled zset, failing zset. ARGV: project, pipeline ('' = any of the
+# project's), upsert prefix, project prefix, pipeline prefix, match prefix, health prefix,
+# key separator, upsert field separator. Returns 0 when missing or someone else's.
+DELETE = Lua("""
+local row = redis.call('HMGET', KEYS[1], 'projectId', 'event', 'url', 'id', 'pipelineId')
+if not row[1] or row[1] ~= ARGV[1] then return 0 end
+local pipeline = row[5] or ''
+if ARGV[2] ~= '' and pipeline ~= ARGV[2] then return 0 end
+local scope = row[1]
+if pipeline ~= '' then
+  scope = scope .. ARGV[8] .. pipeline
+  redis.call('ZREM', ARGV[5] .. scope, row[4])
+end
+redis.call('DEL', KEYS[1], ARGV[7] .. row[4])
+redis.call('HDEL', ARGV[3] .. scope, row[2] .. ARGV[9] .. row[3])
+redis.call('ZREM', ARGV[4] .. row[1], row[4])
+redis.call('ZREM', ARGV[6] .. scope .. ARGV[8] .. row[2], row[4])
+redis.call('ZREM', KEYS[2], row[4])
+redis.call('ZREM', KEYS[3], row[4])
+return 1
+""")
+
+# KEYS: a match key of layout 1, where it was a SET. Makes it a ZSET scored by id.
+# Returns 1 when it converted it.
+UPGRADE = Lua("""
+if redis.call('TYPE', KEYS[1]).ok ~= 'set' then return 0 end
+local ids = redis.call('SMEMBERS', KEYS[1])
+redis.call('DEL', KEYS[1])
+for _, id in ipairs(ids) do redis.call('ZADD', KEYS[1], id, id) end
+return 1
+""")

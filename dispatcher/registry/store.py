@@ -1,0 +1,357 @@
+"""`Registry`: callbacks in Redis, at every level, each operation one or two round trips."""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import TYPE_CHECKING
+
+import structlog
+
+from dispatcher import keys
+from dispatcher.delivery import check_auth_header
+from dispatcher.errors import InvalidEvent, InvalidInput, NotFound
+from dispatcher.lua import run_pipeline
+from dispatcher.models import (
+    Callback,
+    CallbackPage,
+    CreateCallBackResult,
+    Event,
+    Level,
+    Region,
+    parse_event,
+    parse_events,
+)
+from dispatcher.registry.match import CallbackTarget, ChunkQuery
+from dispatcher.registry.rules import (
+    check_event,
+    check_scope,
+    check_token,
+    level_of,
+    validate_url,
+)
+from dispatcher.registry.scripts import DELETE, SET_ENABLED, UPGRADE, UPSERT
+
+if TYPE_CHECKING:
+    from redis.asyncio import Redis
+    from redis.asyncio.client import Pipeline
+
+    from dispatcher.delivery import AuthHeader
+    from dispatcher.tokens import TokenCipher
+
+__all__ = ["LAYOUT", "Registry"]
+
+log = structlog.get_logger("dispatcher.registry")
+
+LAYOUT = b"2"  # ordered match sets (see keys.py)
+MATCH_ALL_CHUNK = 1000
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def _to_callback(row: dict[str, str]) -> Callback:
+    pipeline_id = row.get("pipelineId") or None
+    return Callback(
+        id=int(row["id"]),
+        project_id=row["projectId"],
+        url=row["url"],
+        event=Event(row["event"]),
+        region=Region(row["region"]),
+        level=Level(row.get("level") or level_of(row["projectId"], pipeline_id)),
+        pipeline_id=pipeline_id,
+        enabled=row.get("enabled") == "1",
+        disabled_reason=row.get("disabledReason") or None,
+        has_secret_token=bool(row.get("secretToken")),
+        has_auth_header=bool(row.get("authHeaderName")),
+        created_time=int(row["createdTime"]),
+        updated_time=int(row["updatedTime"]),
+        creator=row.get("creator") or None,
+    )
+
+
+class Registry:
+    """Callbacks in Redis: a project's (`pipeline_id` None), a pipeline's, and the
+    platform's (project `DEVOPS_ALL_PROJECT`). Registration is an upsert on (project,
+    pipeline, url, event): registering again updates the region, the token and the auth
+    header and re-enables the callback."""
+
+    def __init__(self, redis: Redis, cipher: TokenCipher | None = None) -> None:
+        self.redis = redis
+        self.cipher = cipher
+
+    async def create(
+        self,
+        project_id: str,
+        url: str,
+        event: Event | str,
+        region: Region,
+        secret_token: str | None = None,
+        *,
+        creator: str | None = None,
+        pipeline_id: str | None = None,
+        auth_header: AuthHeader | None = None,
+    ) -> tuple[int, bool]:
+        """Register (or update and re-enable) one callback; returns (id, created)."""
+        level = check_scope(project_id, pipeline_id)
+        parsed = check_event(parse_event(event) if isinstance(event, str) else event, level)
+        (callback_id, created), *_ = await self._upsert_many(
+            level, project_id, pipeline_id, url, [parsed], region, secret_token, auth_header,
+            creator,
+        )  # fmt: skip
+        return callback_id, created
+
+    async def create_batch(
+        self,
+        project_id: str,
+        url: str,
+        events: str,
+        region: Region,
+        secret_token: str | None = None,
+        *,
+        creator: str | None = None,
+        pipeline_id: str | None = None,
+        auth_header: AuthHeader | None = None,
+    ) -> CreateCallBackResult:
+        """The batch route: every valid event of the comma-separated list is registered."""
+        level = check_scope(project_id, pipeline_id)
+        parsed, failed = parse_events(events)
+        if not parsed and not failed:
+            raise InvalidEvent("event is required (a comma-separated list)", param="event")
+        valid = []
+        for event in parsed:
+            try:
+                valid.append(check_event(event, level))
+            except InvalidEvent as exc:
+                failed[event.value] = exc.message
+        if valid:
+            await self._upsert_many(
+                level, project_id, pipeline_id, url, valid, region, secret_token, auth_header,
+                creator,
+            )  # fmt: skip
+        return CreateCallBackResult(success_events=[e.value for e in valid], failure_events=failed)
+
+    async def _upsert_many(
+        self,
+        level: Level,
+        project_id: str,
+        pipeline_id: str | None,
+        url: str,
+        events: list[Event],
+        region: Region,
+        secret_token: str | None,
+        auth_header: AuthHeader | None,
+        creator: str | None,
+    ) -> list[tuple[int, bool]]:
+        url = validate_url(url)
+        token = self._encrypt(check_token(secret_token))
+        name, value = check_auth_header(*auth_header) if auth_header else ("", "")
+        value = self._encrypt(value)
+        scope = keys.scope(project_id, pipeline_id)
+        listings = [keys.project_callbacks(project_id)]
+        if pipeline_id:
+            listings.append(keys.pipeline_callbacks(project_id, pipeline_id))
+        now = str(_now_ms())
+
+        def upsert_all(pipe: Pipeline) -> None:
+            for event in events:
+                UPSERT.queue(
+                    pipe,
+                    [
+                        keys.callback_unique(scope), keys.CALLBACK_SEQ,
+                        keys.match(scope, event.value), keys.CALLBACKS_DISABLED,
+                        keys.HEALTH_FAILING, *listings,
+                    ],
+                    [
+                        keys.callback_unique_field(event.value, url), project_id, url,
+                        event.value, region.value, token, now, creator or "",
+                        keys.CALLBACK_PREFIX, keys.HEALTH_PREFIX, pipeline_id or "",
+                        level.value, name, value,
+                    ],
+                )  # fmt: skip
+
+        results: list[list[int]] = await run_pipeline(self.redis, upsert_all)
+        return [(int(cid), bool(created)) for cid, created in results]
+
+    # ---- secrets ---------------------------------------------------------------------
+
+    def _encrypt(self, secret: str) -> str:
+        return self.cipher.encrypt(secret) if self.cipher is not None and secret else secret
+
+    def decrypt(self, stored: bytes | None) -> str:
+        """A stored secret (token, auth header value) as sent."""
+        text = (stored or b"").decode()
+        return self.cipher.decrypt(text) if self.cipher is not None and text else text
+
+    async def rotate_tokens(self) -> int:
+        """Re-encrypt every stored secret (tokens and auth header values) with the cipher's
+        first key; returns how many."""
+        if self.cipher is None:
+            raise InvalidInput("no DISPATCHER_TOKEN_KEYS configured: nothing to rotate with")
+        rotated = 0
+        prefix = keys.CALLBACK_PREFIX.encode()
+        async for key in self.redis.scan_iter(match=f"{keys.CALLBACK_PREFIX}*", count=500):
+            if not key[len(prefix) :].isdigit():  # not a callback: an index of them
+                continue
+            fields = ["secretToken", "authHeaderValue"]
+            stored = await self.redis.hmget(key, fields)  # type: ignore[misc]  # sync|async
+            new = {
+                f: self.cipher.rotate(v.decode()) for f, v in zip(fields, stored, strict=True) if v
+            }
+            if new:
+                await self.redis.hset(key, mapping=new)  # type: ignore[misc]
+                rotated += len(new)
+        return rotated
+
+    # ---- matching --------------------------------------------------------------------
+
+    def chunk_query(
+        self, project_id: str, event: str, *, pipeline_id: object = None, after: int = 0,
+        size: int = MATCH_ALL_CHUNK,
+    ) -> ChunkQuery:  # fmt: skip
+        """The `size` callbacks after callback id `after` that an event of `project_id`
+        (whose data names `pipeline_id`) goes to; see `registry.match`."""
+        return ChunkQuery(self.decrypt, project_id, event, pipeline_id, after, size)
+
+    async def match(
+        self, project_id: str, event: str, *, pipeline_id: object = None
+    ) -> list[CallbackTarget]:
+        """Every callback an event goes to, chunk by chunk (for tools and tests)."""
+        found: list[CallbackTarget] = []
+        after: int | None = 0
+        while after is not None:
+            query = self.chunk_query(project_id, event, pipeline_id=pipeline_id, after=after)
+            chunk = query.read((await run_pipeline(self.redis, query.queue))[0])
+            found += chunk.targets
+            after = chunk.after
+        return found
+
+    async def target(self, callback_id: int) -> CallbackTarget | None:
+        """The current URL/region/secrets of one callback, or None when gone or disabled."""
+        row = await self.redis.hmget(  # type: ignore[misc]  # redis-py's sync|async union
+            keys.callback(callback_id),
+            ["url", "region", "secretToken", "enabled", "projectId", "authHeaderName",
+             "authHeaderValue"],
+        )  # fmt: skip
+        url, region, token, enabled, project, name, value = row
+        if url is None or enabled != b"1":
+            return None
+        header = (name.decode(), self.decrypt(value)) if name else None
+        return CallbackTarget(
+            callback_id, url.decode(), Region(region.decode()), self.decrypt(token),
+            project_id=project.decode(), auth_header=header,
+        )  # fmt: skip
+
+    # ---- reading, deleting, switching --------------------------------------------------
+
+    async def get(
+        self, callback_id: int, project_id: str | None = None, pipeline_id: str | None = None
+    ) -> Callback:
+        """One callback; NotFound unless it is `project_id`'s (and `pipeline_id`'s)."""
+        raw: dict[bytes, bytes] = await self.redis.hgetall(  # type: ignore[misc]  # sync|async
+            keys.callback(callback_id)
+        )
+        row = {k.decode(): v.decode() for k, v in raw.items()}
+        if (
+            not row
+            or (project_id is not None and row.get("projectId") != project_id)
+            or (pipeline_id is not None and row.get("pipelineId") != pipeline_id)
+        ):
+            raise NotFound(f"callback {callback_id} not found in {_where(project_id, pipeline_id)}")
+        return _to_callback(row)
+
+    async def list(
+        self, project_id: str, page: int = 1, page_size: int = 20, *,
+        pipeline_id: str | None = None,
+    ) -> CallbackPage:  # fmt: skip
+        """A project's callbacks (its pipelines' included), or one pipeline's, oldest first,
+        page by page."""
+        if page < 1 or page_size < 1:
+            raise InvalidInput("page and pageSize must be >= 1", param="page")
+        listing = (
+            keys.pipeline_callbacks(project_id, pipeline_id) if pipeline_id
+            else keys.project_callbacks(project_id)
+        )  # fmt: skip
+        start = (page - 1) * page_size
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.zcard(listing)
+            pipe.zrange(listing, start, start + page_size - 1)
+            count, ids = await pipe.execute()
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for cid in ids:
+                pipe.hgetall(keys.callback(cid.decode()))
+            rows: list[dict[bytes, bytes]] = await pipe.execute()
+        records = [
+            _to_callback({k.decode(): v.decode() for k, v in raw.items()}) for raw in rows if raw
+        ]
+        return CallbackPage(
+            records=records, count=count, total_pages=math.ceil(count / page_size),
+            page_size=page_size, page=page,
+        )  # fmt: skip
+
+    async def delete(
+        self, project_id: str, callback_id: int, *, pipeline_id: str | None = None
+    ) -> None:
+        """Delete one of the project's callbacks (of that pipeline, when one is named)."""
+        done = await DELETE(
+            self.redis,
+            [keys.callback(callback_id), keys.CALLBACKS_DISABLED, keys.HEALTH_FAILING],
+            [
+                project_id, pipeline_id or "", keys.CALLBACK_UNIQUE_PREFIX,
+                keys.PROJECT_CALLBACKS_PREFIX, keys.PIPELINE_CALLBACKS_PREFIX, keys.MATCH_PREFIX,
+                keys.HEALTH_PREFIX, keys.SEP, keys.UNIQUE_SEP,
+            ],
+        )  # fmt: skip
+        if not done:
+            raise NotFound(f"callback {callback_id} not found in {_where(project_id, pipeline_id)}")
+
+    async def set_enabled(
+        self,
+        callback_id: int,
+        enabled: bool,
+        reason: str = "",
+        *,
+        project_id: str | None = None,
+    ) -> None:
+        """Enable, or disable with a reason. `project_id` restricts it to that project."""
+        (done,) = await run_pipeline(
+            self.redis,
+            lambda pipe: self.queue_set_enabled(pipe, callback_id, enabled, reason, project_id),
+        )
+        if not done:
+            raise NotFound(f"callback {callback_id} not found in {_where(project_id, None)}")
+
+    @staticmethod
+    def queue_set_enabled(
+        pipe: Pipeline, callback_id: int, enabled: bool, reason: str = "",
+        project_id: str | None = None,
+    ) -> None:  # fmt: skip
+        """`set_enabled` queued on a pipeline; its answer is 0 when the callback is missing."""
+        SET_ENABLED.queue(
+            pipe,
+            [keys.callback(callback_id), keys.CALLBACKS_DISABLED, keys.HEALTH_FAILING],
+            [
+                "1" if enabled else "0", reason, _now_ms(), keys.MATCH_PREFIX, keys.SEP,
+                project_id or "", keys.HEALTH_PREFIX,
+            ],
+        )  # fmt: skip
+
+    async def upgrade(self) -> int:
+        """Convert a layout-1 registry (match sets as SETs) to this one; returns how many
+        match sets it converted. Safe to run by many processes at once, and again."""
+        if await self.redis.get(keys.CALLBACKS_LAYOUT) == LAYOUT:
+            return 0
+        converted = 0
+        async for key in self.redis.scan_iter(match=f"{keys.MATCH_PREFIX}*", count=500):
+            converted += int(await UPGRADE(self.redis, [key.decode()], []))
+        await self.redis.set(keys.CALLBACKS_LAYOUT, LAYOUT)
+        if converted:
+            log.info("registry.upgraded", match_sets=converted, layout=LAYOUT.decode())
+        return converted
+
+
+def _where(project_id: str | None, pipeline_id: str | None) -> str:
+    if pipeline_id:
+        return f"pipeline {pipeline_id} of project {project_id}"
+    return f"project {project_id or '*'}"

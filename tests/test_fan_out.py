@@ -1,0 +1,148 @@
+"""Fan-out in chunks: every callback once, at most a chunk in flight per event, a crash
+re-sends at most the chunk in hand; and the upgrade of a registry stored by version 1."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import subprocess
+from pathlib import Path
+
+from aiohttp import web
+from redis.asyncio import Redis
+from redis.asyncio.client import Pipeline
+
+from dispatcher import keys
+from dispatcher.jobs import EventJob, Queue, decode
+from dispatcher.lua import run_pipeline
+from dispatcher.models import PLATFORM_PROJECT, Event, Level, Region
+from dispatcher.producer import Producer
+from dispatcher.registry import Registry
+from dispatcher.settings import Settings
+from dispatcher.worker.claims import Claims
+from tests.helpers import Receiver, RunWorker, hang, make_settings, start_worker, until
+
+
+async def test_a_fan_out_in_chunks_reaches_every_callback_once(
+    settings: Settings, redis: Redis, receiver: Receiver, run_worker: RunWorker
+) -> None:
+    in_flight = most = 0
+
+    async def counted(request: web.Request) -> web.StreamResponse:
+        nonlocal in_flight, most
+        in_flight += 1
+        most = max(most, in_flight)
+        await asyncio.sleep(0.02)
+        in_flight -= 1
+        return web.Response(text="ok")
+
+    registry = Registry(redis)
+    expected = set()
+    for n, (project, pipeline) in enumerate(
+        [(PLATFORM_PROJECT, None)] * 5 + [("demo", None)] * 12 + [("demo", "p1")] * 6
+    ):
+        path = f"/cb/{n}"
+        await registry.create(project, receiver.script(path, counted), Event.BUILD_END,
+                              Region.DEVNET, pipeline_id=pipeline)  # fmt: skip
+        expected.add(path)
+    # the platform's /cb/0 again, on the project and the pipeline: sent once, by the platform
+    await registry.create("demo", receiver.url("/cb/0"), Event.BUILD_END, Region.DEVNET)
+    await registry.create("demo", receiver.url("/cb/0"), Event.BUILD_END, Region.DEVNET,
+                          pipeline_id="p1")  # fmt: skip
+    off, _ = await registry.create("demo", receiver.url("/off"), Event.BUILD_END, Region.DEVNET)
+    await registry.set_enabled(off, False, "test")
+    chunked = make_settings(settings.redis_url or "", fan_out_chunk=4)
+
+    await Producer(chunked, redis).emit("demo", "BUILD_END", {"pipelineId": "p1"})
+    worker = await run_worker(chunked)
+    assert {seen.path for seen in receiver.seen} == expected
+    assert len(receiver.seen) == len(expected)  # each once
+    assert most <= 4  # a chunk at a time
+    assert worker.jobs_complete >= 26 // 4  # one fan-out job per chunk of ids
+    assert await redis.zcard(chunked.queue_name) == 0
+
+
+async def test_a_fan_out_moves_on_under_its_event_id_and_a_resent_move_does_nothing(
+    settings: Settings, redis: Redis
+) -> None:
+    """Between chunks the job keeps its id (the event stays queued: emitting it again is
+    still refused) and gets the next cursor. The writer may send a batch again when its
+    answer was lost: the move sent twice must not move the job again, nor revive it once
+    it has finished."""
+    event = EventJob("evt_1", "demo", "BUILD_END")
+    queue = Queue(redis, settings.queue_name)
+    assert await queue.enqueue(event)
+    claims = Claims(redis, settings.queue_name, "me", 10)
+    [claimed] = await claims.claim(1)
+
+    def move(pipe: Pipeline) -> None:
+        claims.hand_over(pipe, claimed, event.continued(41))
+
+    assert await run_pipeline(redis, move) == [1]
+    assert not await queue.enqueue(event)  # still queued under its id
+    [again] = await claims.claim(1)
+    assert again.job_id == "evt_1" and again.claims == 1  # a fresh count for the new chunk
+    assert EventJob.from_wire(decode(again.data or b"").payload).after == 41
+    assert await run_pipeline(redis, move) == [0]  # sent again: the job had moved on
+    assert EventJob.from_wire(decode(again.data or b"").payload).after == 41
+    await run_pipeline(redis, lambda pipe: claims.finish(pipe, again.job_id))
+    assert await run_pipeline(redis, move) == [0]  # nor does it revive a finished job
+    assert await redis.zcard(settings.queue_name) == 0
+    assert not await redis.exists(keys.arq_job("evt_1"))
+
+
+async def test_a_worker_killed_mid_fan_out_resends_at_most_one_chunk(
+    settings: Settings,
+    redis: Redis,
+    receiver: Receiver,
+    workers: list[subprocess.Popen[bytes]],
+    tmp_path: Path,
+) -> None:
+    chunk, total = 40, 200
+    registry = Registry(redis)
+    for n in range(total):  # a receiver that answers after 0.5 s
+        await registry.create("demo", receiver.script(f"/c/{n}", hang(0.5)), Event.BUILD_END,
+                              Region.DEVNET)  # fmt: skip
+    await Producer(settings, redis).emit("demo", "BUILD_END", {"buildId": "b-1"})
+    env = {"DISPATCHER_LEASE_SECONDS": "2", "DISPATCHER_FAN_OUT_CHUNK": str(chunk)}
+    log = tmp_path / "workers.log"
+    workers.append(start_worker(settings.redis_url or "", log, **env))
+
+    async def second_chunk_sent() -> bool:
+        return len(receiver.seen) > chunk
+
+    await until(second_chunk_sent, 30, "the second chunk on its way")
+    workers[0].send_signal(signal.SIGKILL)  # its requests are waiting for their answers
+    workers[0].wait(timeout=5)
+    workers.append(start_worker(settings.redis_url or "", log, **env))
+
+    async def all_done() -> bool:
+        every = len({seen.path for seen in receiver.seen}) == total
+        return every and await redis.zcard(settings.queue_name) == 0
+
+    await until(all_done, 60, "every callback reached and the queue empty")
+    resent = len(receiver.seen) - total
+    assert 0 < resent <= chunk, f"{resent} requests sent again"
+    first_chunk = [f"/c/{n}" for n in range(chunk)]  # done before the kill: never again
+    assert all(len(receiver.requests(path)) == 1 for path in first_chunk)
+
+
+async def test_a_registry_of_layout_1_is_upgraded(
+    settings: Settings, redis: Redis, receiver: Receiver, run_worker: RunWorker
+) -> None:
+    registry = Registry(redis)
+    callback_id, _ = await registry.create("demo", receiver.url(), Event.BUILD_END, Region.OSS)
+    # as version 1 stored it: the match set a SET, the callback without level fields
+    match = keys.match("demo", "BUILD_END")
+    await redis.delete(match)
+    await redis.sadd(match, callback_id)
+    await redis.hdel(keys.callback(callback_id), "level", "pipelineId", "authHeaderName",
+                     "authHeaderValue")  # fmt: skip
+    await Producer(settings, redis).emit("demo", "BUILD_END", {})
+    await run_worker()  # a worker upgrades before it claims
+    assert len(receiver.requests()) == 1
+    assert await redis.type(match) == b"zset"
+    assert await redis.get(keys.CALLBACKS_LAYOUT) == b"2"
+    [listed] = (await registry.list("demo")).records
+    assert listed.level is Level.PROJECT and listed.pipeline_id is None
+    assert await registry.upgrade() == 0  # once is enough
