@@ -12,7 +12,8 @@ import asyncio
 import contextlib
 import os
 import signal
-from typing import TYPE_CHECKING, Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
 
 from bench.common import EVENT, PROJECT, TOKEN
 from bench.procs import BenchError, WorkerProcess
@@ -25,7 +26,6 @@ if TYPE_CHECKING:
     from redis.asyncio import Redis
 
     from bench.procs import Receiver
-    from bench.scenarios import Bench
 
 WIDE = 10_000  # callbacks of the one event
 LEASE_S = 2.0  # the crash run's lease: the second worker takes over within it
@@ -34,7 +34,18 @@ CHUNK: int = Settings.model_fields["fan_out_chunk"].default
 MAX_GROWTH_MIB = 50
 
 
-async def rows(bench: Bench, ten_rate: float, summary: dict[str, Any]) -> list[Row]:
+class WideBench(Protocol):
+    """What the wide fan-out's rows need of the bench (bench.scenarios.Bench)."""
+
+    url: str
+    receiver: Receiver
+    logs: Path
+    worker_runs: dict[str, list[Any]]
+
+    async def prepare(self, callbacks: int, events: int) -> None: ...
+
+
+async def rows(bench: WideBench, ten_rate: float, summary: dict[str, Any]) -> list[Row]:
     """The wide fan-out's rate (its runs are in `summary`) against the 10-callback rate,
     the worker's memory growth during those runs, and the crash run's figure."""
     results = [r for run in bench.worker_runs["fan_out_wide"] for r in run.results]
