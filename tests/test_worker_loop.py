@@ -214,3 +214,24 @@ async def test_a_producer_says_redis_is_unreachable_after_its_wait() -> None:
     async with Producer(settings) as producer:
         with pytest.raises(Unavailable, match=r"Redis is unreachable .* same event ids is safe"):
             await producer.emit("demo", "BUILD_END", {}, event_id="evt_x")
+
+
+async def test_a_write_that_cannot_be_built_fails_alone(settings: Settings, redis: Redis) -> None:
+    """A bug in one write's code is that write's error; the writes around it still land
+    and the writer goes on (it once stopped, and a burst worker never ended)."""
+    writer = Writer(redis, RedisHistory(redis, settings).assign_ids)
+
+    def broken(pipe: Pipeline) -> None:
+        raise KeyError("a field the write expected")
+
+    try:
+        first = writer.submit(lambda pipe: pipe.set("before", 1))
+        bad = writer.submit(broken)
+        last = writer.submit(lambda pipe: pipe.set("after", 1))
+        assert await asyncio.wait_for(asyncio.gather(first, last), 10) == [[True], [True]]
+        with pytest.raises(KeyError):
+            await bad
+        assert await redis.exists("before", "after") == 2 and writer.pending == 0
+        assert await writer.commit(lambda pipe: pipe.get("after")) == [b"1"]
+    finally:
+        await writer.close()

@@ -24,19 +24,17 @@ import os
 import signal
 import socket
 import uuid
-from collections.abc import Awaitable, Callable
-from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
-import orjson
 import structlog
 from redis.exceptions import RedisError
 
 from dispatcher import keys, metrics
 from dispatcher.connections import REDIS_ERRORS, connect
-from dispatcher.jobs import FAN_OUT, BadJob, DeliveryJob, EventJob, decode, now_ms
+from dispatcher.jobs import FAN_OUT, BadJob, DeliveryJob, EventJob, decode
 from dispatcher.services import Services
 from dispatcher.worker.claims import Claimed, Claims
+from dispatcher.worker.duties import Counts, Duties, every
 from dispatcher.worker.engine import Engine, Then, keep_entry
 from dispatcher.worker.shipping import Shipping
 from dispatcher.worker.writer import Writer
@@ -51,9 +49,6 @@ __all__ = ["Worker", "create_worker"]
 
 log = structlog.get_logger("dispatcher.worker")
 
-HEARTBEAT_S = 5.0
-HEALTH_CHECK_S = 10.0  # arq's health-check key, for `arq --check`
-SWEEP_EVERY_S = 300
 MAX_CLAIMS = 25  # a job claimed this often without ending is dropped, on record
 # waited out while claiming: an outage, and any reply error (READONLY after a failover)
 CLAIM_ERRORS: tuple[type[Exception], ...] = (*REDIS_ERRORS, RedisError)
@@ -94,12 +89,13 @@ class Worker:
         self.claims = Claims(self.redis, settings.queue_name, self.token, settings.lease_seconds)
         self.engine = Engine(self.services, self.writer)
         self.shipping = Shipping(self.services)
+        self.duties = Duties(settings, self.redis, self.services.history, self.engine.stats,
+                             self.token, self._counts)  # fmt: skip
         self.running: dict[str, asyncio.Task[None]] = {}
         self.jobs_started = self.jobs_complete = self.jobs_failed = 0
         self._stop: asyncio.Event | None = None
         self._room: asyncio.Event | None = None
         self._due: asyncio.Event | None = None  # set when this worker queued a job due now
-        self._started_ms = now_ms()
         self._closed = False
 
     # ---- running ------------------------------------------------------------------------
@@ -112,16 +108,13 @@ class Worker:
 
     async def main(self) -> None:
         self._stop, self._room, self._due = asyncio.Event(), asyncio.Event(), asyncio.Event()
-        self._started_ms = now_ms()
         if self.handle_signals:
             loop = asyncio.get_running_loop()
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.add_signal_handler(sig, self.stop)
         background = [
-            asyncio.create_task(self._every(HEARTBEAT_S, self._heartbeat)),
-            asyncio.create_task(self._every(self.settings.lease_seconds / 3, self._renew)),
-            asyncio.create_task(self._every(HEALTH_CHECK_S, self._health_check)),
-            asyncio.create_task(self._sweeps()),
+            asyncio.create_task(every(self.settings.lease_seconds / 3, self._renew)),
+            *self.duties.start(),
         ]
         self.shipping.start()
         if self.settings.worker_metrics_port is not None:
@@ -304,62 +297,11 @@ class Worker:
         metrics.DROPPED.labels(reason="job").inc()
         log.error("job.dropped", job_id=claimed.job_id, reason=reason)
 
-    # ---- background ---------------------------------------------------------------------
-
-    async def _every(self, seconds: float, step: Callable[[], Awaitable[Any]]) -> None:
-        while True:
-            try:
-                await step()
-            except REDIS_ERRORS as exc:
-                log.debug("worker.background_failed", step=step.__name__, error=str(exc))
-            except Exception:  # a bug must not stop the heartbeat or the lease renewals
-                log.exception("worker.background_failed", step=step.__name__)
-            await asyncio.sleep(seconds)
-
     async def _renew(self) -> None:
         await self.claims.renew(list(self.running))
 
-    async def _heartbeat(self) -> None:
-        """Tell `dispatcher status` and `dispatcher worker --check` this process is alive,
-        and add the attempt statistics."""
-        value = orjson.dumps({"host": socket.gethostname(), "pid": os.getpid(),
-                              "started": self._started_ms, "seen": now_ms()})  # fmt: skip
-        await self.redis.set(self._heartbeat_key, value, ex=int(HEARTBEAT_S * 6))
-        await self.engine.stats.flush(self.redis)
-
-    @property
-    def _heartbeat_key(self) -> str:
-        return keys.worker(socket.gethostname(), os.getpid())
-
-    async def _health_check(self) -> None:
-        """arq's health-check key, in arq's format."""
-        queued = await self.redis.zcard(self.settings.queue_name)
-        info = (
-            f"{datetime.now():%b-%d %H:%M:%S} j_complete={self.jobs_complete} "
-            f"j_failed={self.jobs_failed} j_retried=0 j_ongoing={len(self.running)} "
-            f"queued={queued}"
-        )
-        await self.redis.psetex(
-            keys.arq_health_check(self.settings.queue_name),
-            int((HEALTH_CHECK_S + 1) * 1000),
-            info.encode(),
-        )
-
-    async def _sweeps(self) -> None:
-        """The history retention sweep (PostgreSQL: day partitions made ahead, expired ones
-        dropped), once per 5 minutes by one worker of the fleet."""
-        while True:
-            slot = now_ms() // 1000 // SWEEP_EVERY_S
-            try:
-                if await self.redis.set(keys.cron("sweep", slot), self.token, nx=True,
-                                        ex=2 * SWEEP_EVERY_S):  # fmt: skip
-                    budget = self.settings.effective_job_timeout / 2
-                    removed = await self.services.history.sweep(max_seconds=budget)
-                    log.info("history.swept", removed=removed)
-            except Exception as exc:  # Redis or PostgreSQL away, a bug: the next slot tries again
-                log.warning("history.sweep_failed", error=repr(exc))
-            next_slot_s = (slot + 1) * SWEEP_EVERY_S
-            await asyncio.sleep(max(1.0, next_slot_s - now_ms() / 1000))
+    def _counts(self) -> Counts:
+        return Counts(self.jobs_complete, self.jobs_failed, len(self.running))
 
     # ---- stopping -----------------------------------------------------------------------
 
@@ -384,9 +326,7 @@ class Worker:
         for task in background:
             task.cancel()
         await asyncio.gather(*background, return_exceptions=True)
-        with contextlib.suppress(*REDIS_ERRORS):
-            await self.engine.stats.flush(self.redis)
-            await self.redis.delete(self._heartbeat_key)
+        await self.duties.last_words()
         log.info("worker.stopped", complete=self.jobs_complete, failed=self.jobs_failed)
 
     async def close(self) -> None:

@@ -134,6 +134,11 @@ class Writer:
                     await asyncio.sleep(backoff)
                     backoff = min(self.backoff_cap, backoff * 2)
                     continue
+                except Exception as exc:  # a bug: it must not stop the writes behind it
+                    if not self._weed_out(batch, exc):
+                        log.exception("worker.write_failed", pending=len(self._pending))
+                        await asyncio.sleep(self.backoff_cap)
+                    continue
                 backoff = 0.05
                 self._recovered()
                 del self._pending[: len(batch)]
@@ -150,6 +155,24 @@ class Writer:
         if any(_transient(r) for answer in answers for r in answer):
             raise _Transient(next(r for a in answers for r in a if _transient(r)))
         return answers
+
+    def _weed_out(self, batch: list[_Write], exc: Exception) -> bool:
+        """Settle, with their error, the writes of `batch` that cannot even be queued on a
+        pipeline (a bug in the code that built them); the others go on. Returns whether
+        any was found."""
+        bad: list[tuple[_Write, Exception]] = []
+        for write in batch:
+            try:
+                write.queue(self.redis.pipeline(transaction=False))
+            except Exception as failure:  # any error of the code that built the write
+                bad.append((write, failure))
+        for write, problem in bad:
+            log.error("worker.write_refused", error=repr(problem), batch_error=repr(exc))
+            self._pending.remove(write)
+            if not write.done.done():
+                write.done.set_exception(problem)
+        metrics.PENDING_WRITES.set(len(self._pending))
+        return bool(bad)
 
     def _failed(self, exc: BaseException) -> None:
         self.retries += 1

@@ -1,0 +1,134 @@
+"""A worker process's periodic duties besides running jobs: its heartbeat (with the attempt
+statistics), arq's health-check key, and the fleet's history retention sweep.
+
+Each duty runs on its own timer; a failure of one (Redis or PostgreSQL away, or a bug) is
+logged and tried again at its next turn, and never stops another.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+
+import orjson
+import structlog
+
+from dispatcher import keys
+from dispatcher.connections import REDIS_ERRORS
+from dispatcher.jobs import now_ms
+
+if TYPE_CHECKING:
+    from redis.asyncio import Redis
+
+    from dispatcher.history import HistoryStore
+    from dispatcher.settings import Settings
+    from dispatcher.status import AttemptStats
+
+__all__ = ["Counts", "Duties", "every"]
+
+log = structlog.get_logger("dispatcher.worker")
+
+HEARTBEAT_S = 5.0
+HEALTH_CHECK_S = 10.0  # arq's health-check key, for `arq --check`
+SWEEP_EVERY_S = 300
+
+
+@dataclass(frozen=True, slots=True)
+class Counts:
+    """What arq's health check reports of a worker."""
+
+    complete: int
+    failed: int
+    running: int
+
+
+async def every(seconds: float, step: Callable[[], Awaitable[Any]]) -> None:
+    """`step`, then a pause of `seconds`, for ever; a failure is logged, not fatal."""
+    while True:
+        try:
+            await step()
+        except REDIS_ERRORS as exc:
+            log.debug("worker.background_failed", step=step.__name__, error=str(exc))
+        except Exception:  # a bug must not stop the heartbeat or the lease renewals
+            log.exception("worker.background_failed", step=step.__name__)
+        await asyncio.sleep(seconds)
+
+
+class Duties:
+    """The duties of the worker whose `token` and `counts` they report."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        redis: Redis,
+        history: HistoryStore,
+        stats: AttemptStats,
+        token: str,
+        counts: Callable[[], Counts],
+    ) -> None:
+        self.settings = settings
+        self.redis = redis
+        self.history = history
+        self.stats = stats
+        self.token = token
+        self.counts = counts
+        self.started_ms = now_ms()
+        self.heartbeat_key = keys.worker(socket.gethostname(), os.getpid())
+
+    def start(self) -> list[asyncio.Task[None]]:
+        self.started_ms = now_ms()
+        return [
+            asyncio.create_task(every(HEARTBEAT_S, self.heartbeat)),
+            asyncio.create_task(every(HEALTH_CHECK_S, self.health_check)),
+            asyncio.create_task(self.sweeps()),
+        ]
+
+    async def heartbeat(self) -> None:
+        """Tell `dispatcher status` and `dispatcher worker --check` this process is alive,
+        and add the attempt statistics."""
+        value = orjson.dumps({"host": socket.gethostname(), "pid": os.getpid(),
+                              "started": self.started_ms, "seen": now_ms()})  # fmt: skip
+        await self.redis.set(self.heartbeat_key, value, ex=int(HEARTBEAT_S * 6))
+        await self.stats.flush(self.redis)
+
+    async def health_check(self) -> None:
+        """arq's health-check key, in arq's format."""
+        queued = await self.redis.zcard(self.settings.queue_name)
+        counts = self.counts()
+        info = (
+            f"{datetime.now():%b-%d %H:%M:%S} j_complete={counts.complete} "
+            f"j_failed={counts.failed} j_retried=0 j_ongoing={counts.running} queued={queued}"
+        )
+        await self.redis.psetex(
+            keys.arq_health_check(self.settings.queue_name),
+            int((HEALTH_CHECK_S + 1) * 1000),
+            info.encode(),
+        )
+
+    async def sweeps(self) -> None:
+        """The history retention sweep (PostgreSQL: day partitions made ahead, expired ones
+        dropped), once per 5 minutes by one worker of the fleet."""
+        while True:
+            slot = now_ms() // 1000 // SWEEP_EVERY_S
+            try:
+                if await self.redis.set(keys.cron("sweep", slot), self.token, nx=True,
+                                        ex=2 * SWEEP_EVERY_S):  # fmt: skip
+                    budget = self.settings.effective_job_timeout / 2
+                    removed = await self.history.sweep(max_seconds=budget)
+                    log.info("history.swept", removed=removed)
+            except Exception as exc:  # Redis or PostgreSQL away, a bug: the next slot tries again
+                log.warning("history.sweep_failed", error=repr(exc))
+            next_slot_s = (slot + 1) * SWEEP_EVERY_S
+            await asyncio.sleep(max(1.0, next_slot_s - now_ms() / 1000))
+
+    async def last_words(self) -> None:
+        """On the way out: the last statistics, and no heartbeat left behind."""
+        with contextlib.suppress(*REDIS_ERRORS):
+            await self.stats.flush(self.redis)
+            await self.redis.delete(self.heartbeat_key)
