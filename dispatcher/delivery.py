@@ -226,7 +226,7 @@ async def _read_capped(response: httpx.Response, limit: int) -> tuple[bytes, boo
     return b"".join(chunks), False
 
 
-@functools.lru_cache(maxsize=4096)
+@functools.lru_cache(maxsize=16_384)  # about 10 MB at most
 def _parsed(url: str) -> httpx.URL:
     """Callback URLs repeat: parse each once (a third of building a request)."""
     return httpx.URL(url)

@@ -100,10 +100,12 @@ class AddressPolicy:
 
     def check_url(self, url: str) -> None:
         """The checks that need no DNS: host name, literal address, port."""
-        parts = urlsplit(url)
-        host = parts.hostname or ""
+        host, port = _host_port(url)
+        self.check_origin(host, port)
+
+    def check_origin(self, host: str, port: int) -> None:
         self.check_host(host)
-        self.check_port(parts.port or (443 if parts.scheme == "https" else 80))
+        self.check_port(port)
         try:
             ip = ipaddress.ip_address(host)
         except ValueError:
@@ -111,9 +113,9 @@ class AddressPolicy:
         self.check_address(ip, host)
 
     def refusal(self, url: str) -> str | None:
-        """Why `check_url` refuses `url`, or None; remembered per URL (the checks cost
-        tens of µs, and a callback's URL is checked on every attempt)."""
-        return _refusal(self, url)
+        """Why `check_url` refuses `url`, or None; remembered per host and port (the
+        checks cost tens of µs, and every attempt makes them)."""
+        return _refusal(self, *_host_port(url))
 
     async def check_resolved(self, url: str) -> None:
         """`check_url`, then every address the host resolves to (a failed lookup passes:
@@ -130,10 +132,15 @@ class AddressPolicy:
             self.check_address(ipaddress.ip_address(info[4][0]), host)
 
 
+def _host_port(url: str) -> tuple[str, int]:
+    parts = urlsplit(url)
+    return parts.hostname or "", parts.port or (443 if parts.scheme == "https" else 80)
+
+
 @functools.lru_cache(maxsize=4096)
-def _refusal(policy: AddressPolicy, url: str) -> str | None:
+def _refusal(policy: AddressPolicy, host: str, port: int) -> str | None:
     try:
-        policy.check_url(url)
+        policy.check_origin(host, port)
     except InvalidUrl as exc:
         return exc.message
     return None
