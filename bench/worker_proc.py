@@ -29,6 +29,7 @@ from bench.common import bench_settings, install_uvloop, rss_kb
 from dispatcher.connections import redis_settings
 from dispatcher.jobs import FAN_OUT, job_deserializer, job_serializer
 from dispatcher.logs import configure_logging
+from dispatcher.serve import tune_gc
 from dispatcher.settings import Settings
 from dispatcher.worker import create_worker
 
@@ -140,6 +141,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.count_round_trips:
         trips.install()
     profiler = cProfile.Profile() if args.cprofile else None
+    tune_gc()  # what `dispatcher worker` does once built (dispatcher/serve.py)
     print("READY", flush=True)
     if sys.stdin.readline().strip() != "GO":  # blocking on purpose: nothing runs yet
         return {"error": "no GO"}
