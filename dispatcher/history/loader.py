@@ -4,12 +4,13 @@ once) and exactly those are added to the per-minute and per-hour counts, in one 
 
 Two ways in, both under the caller's transaction, each day's partitions made before it:
 
-- `insert_raw` (the shipper's): the records' JSON as it came, COPYed into a temporary table;
-  PostgreSQL reads the columns out of the JSON and resolves the pairs itself. The worker
-  that ships spends ~4 µs per record instead of ~15 when it parsed and encoded each one.
-- `insert` (parsed rows: `dispatcher history migrate`, and the shipper's fallback for a
-  batch holding something that is not a record): pair ids resolved beforehand (cached;
-  inserted in autocommit, so a rollback never leaves the cache holding a phantom id).
+- `insert` (the shipper's, and `dispatcher history migrate`'s): rows whose columns are
+  known (the stream entries carry them, so nobody reads the JSON), pair ids resolved
+  beforehand (cached; inserted in autocommit, so a rollback never leaves the cache holding
+  a phantom id), COPYed into a temporary table.
+- `insert_raw` (the shipper's for entries of older workers, which carry the JSON only):
+  the records' JSON COPYed as it came; PostgreSQL reads the columns out of it and resolves
+  the pairs itself.
 """
 
 from __future__ import annotations

@@ -75,13 +75,19 @@ SELECT a.doc, a.created_ms, a.id FROM history_attempts a
 FAILED_BATCH = 500
 
 
-def stream_fields(record: dict[str, Any], dead: bool) -> dict[str, bytes]:
-    """One stream entry: the record's JSON, whether its delivery gave up, and its time (so
-    that the shipper needs not read the JSON to know its day)."""
+def stream_fields(record: dict[str, Any], dead: bool) -> dict[str, bytes | str | int]:
+    """One stream entry: the record's JSON, whether its delivery gave up, and the columns
+    it is stored and counted by (its id, time, project, event, URL and delivery id), so that
+    neither the shipper nor PostgreSQL has to read the JSON."""
     return {
         "r": orjson.dumps(record),
         "d": b"1" if dead else b"0",
-        "t": str(record["createdTime"]).encode(),
+        "t": record["createdTime"],
+        "i": record["id"],
+        "p": record["projectId"],
+        "e": record["events"],
+        "u": record["callBackUrl"],
+        "v": record.get("deliveryId") or "",
     }
 
 

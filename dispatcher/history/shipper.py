@@ -68,12 +68,22 @@ return 1
 
 
 class Entry(NamedTuple):
-    """A stream entry: its id, the record's time, whether its delivery gave up, its JSON."""
+    """A stream entry: its id, the record's time, whether its delivery gave up, its JSON,
+    and the record as a row when the entry carries its columns (entries of older workers
+    carry the JSON only)."""
 
     sid: StreamId
     created_ms: int
     dead: bool
     doc: bytes
+    row: Row | None = None
+
+
+def _row(fields: dict[bytes, bytes], at: int, dead: bool, doc: bytes) -> Row:
+    """The row an entry's own columns describe."""
+    pair = (fields[b"p"].decode(), fields[b"e"].decode(), fields[b"u"].decode())
+    return Row(int(fields[b"i"]), at, pair, fields.get(b"v", b"").decode() or None, dead,
+               doc.decode())  # fmt: skip
 
 
 def _sid(raw: bytes | str) -> StreamId:
@@ -219,10 +229,11 @@ class Shipper:
             try:
                 doc, dead = fields[b"r"], fields.get(b"d") == b"1"
                 at = int(fields[b"t"]) if b"t" in fields else parse_row(doc).created_ms
+                row = _row(fields, at, dead, doc) if b"i" in fields else None
             except (KeyError, TypeError, ValueError) as exc:  # JSONDecodeError is a ValueError
                 log.error("history.ship_unreadable", stream_id=raw_sid.decode(), error=repr(exc))
                 continue
-            entries.append(Entry(_sid(raw_sid), at, dead, doc))
+            entries.append(Entry(_sid(raw_sid), at, dead, doc, row))
         return entries
 
     async def _commit(self, batch: list[Entry], last: StreamId) -> int:
@@ -230,8 +241,12 @@ class Shipper:
         it, when another shipper got further); returns how many records were new. A batch
         holding an entry that is no record is stored again entry by entry, without it."""
         assert self.loader is not None
-        await self.loader.prepare_days(entry.created_ms for entry in batch)
+        rows = [(entry.sid, entry.row) for entry in batch if entry.row is not None]
         try:
+            if len(rows) == len(batch):  # the columns came with the entries: no JSON read
+                await self.loader.prepare(row for _, row in rows)
+                return await self._transaction(batch, last, parsed=rows)
+            await self.loader.prepare_days(entry.created_ms for entry in batch)
             return await self._transaction(batch, last, parsed=None)
         except (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError) as exc:
             log.error("history.ship_unreadable", error=repr(exc), records=len(batch))
