@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PY_DIRS := dispatcher tests $(wildcard bench)
 
-.PHONY: run test lint fmt typecheck pytest screenshots bench bench-quick deploy-check clean
+.PHONY: run test test-fast test-faults lint fmt typecheck pytest screenshots bench bench-quick deploy-check clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,8 +28,14 @@ typecheck: $(STAMP)
 pytest: $(STAMP)
 	$(BIN)/pytest
 
+test-fast: $(STAMP)  ## the loop for every change: unit, service and repository tiers (< 90 s)
+	$(BIN)/pytest -q tests/unit tests/service tests/repo
+
+test-faults: $(STAMP)  ## the fault tier: workers, Redis and PostgreSQL killed and paused
+	$(BIN)/pytest -q tests/faults
+
 screenshots: $(STAMP)  ## refresh the README's console screenshots (docs/console/*.png)
-	DISPATCHER_SCREENSHOTS=1 $(BIN)/pytest tests/test_console_browser.py -q
+	DISPATCHER_SCREENSHOTS=1 $(BIN)/pytest tests/browser/test_console_browser.py -q
 
 fmt: $(STAMP)
 	$(BIN)/ruff format $(PY_DIRS)
@@ -42,7 +48,7 @@ bench-quick: $(STAMP)  ## a smaller run (< 2 min)
 	$(BIN)/python -m bench --quick
 
 deploy-check: $(STAMP)  ## parse and check the deploy/ files
-	$(BIN)/pytest tests/test_deploy.py -q
+	$(BIN)/pytest tests/repo/test_deploy.py -q
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .dispatcher bench/results/*.json

@@ -50,7 +50,7 @@ arq (its own names, re-exported so nothing else spells them)
 
 Lua scripts never spell a key or a separator: they get every key in KEYS, and every prefix
 and separator they need to build one from a value read inside Redis in ARGV, from here
-(`tests/test_keys.py` checks that both build the same names).
+(`tests/service/test_keys.py` checks that both build the same names).
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ backends (the repository pattern):
   copies the stream into day-partitioned tables (`schema.py`) in batches, off the hot path.
 
 `open_history` picks one from the settings; `Services` holds it, and every front end and
-the worker call the same methods. `tests/test_history.py` runs one contract against both.
+the worker call the same methods. `tests/service/test_history.py` runs one contract against both.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The registry's Lua scripts. None spells a key or a separator: each gets its keys in
 KEYS, and the prefixes and separators it needs to build one from a value read inside Redis
-in ARGV, from `dispatcher.keys` (`tests/test_keys.py` checks both sides agree)."""
+in ARGV, from `dispatcher.keys` (`tests/service/test_keys.py` checks both sides agree)."""
 
 from __future__ import annotations
 

@@ -22,7 +22,7 @@ def test_first_lines_give_the_two_commands(repo_root: Path) -> None:
 
 def test_every_test_the_readme_names_exists(repo_root: Path) -> None:
     readme = (repo_root / "README.md").read_text()
-    named = re.findall(r"`(tests/test_\w+\.py)(?:::(\w+))?`", readme)
+    named = re.findall(r"`(tests/(?:\w+/)?test_\w+\.py)(?:::(\w+))?`", readme)
     assert named
     for path, test in named:
         source = (repo_root / path).read_text()
@@ -30,7 +30,7 @@ def test_every_test_the_readme_names_exists(repo_root: Path) -> None:
             assert f"def {test}(" in source, f"{path}::{test} does not exist"
     # "…::name" continues the file named just before it in the same table cell
     for cell in re.findall(r"\| ([^|]*…::[^|]*) \|", readme):
-        files = re.findall(r"(tests/test_\w+\.py)::", cell)
+        files = re.findall(r"(tests/(?:\w+/)?test_\w+\.py)::", cell)
         for short in re.findall(r"…::(test_\w+)", cell):
             assert any(f"def {short}(" in (repo_root / f).read_text() for f in files), short
 

@@ -1,5 +1,5 @@
 """What only the Redis history store has: its keys and its batched retention sweep (the
-PostgreSQL store drops whole day partitions: tests/test_history_postgres.py)."""
+PostgreSQL store drops whole day partitions: tests/service/test_history_postgres.py)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from dispatcher import keys
 from dispatcher.history.redis import RedisHistory
 from dispatcher.settings import Settings
 from tests.helpers import make_settings
-from tests.test_history import URL, fill
+from tests.service.test_history import URL, fill
 
 
 async def test_retention_removes_old_records_and_their_index_entries_only(

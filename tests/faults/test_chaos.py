@@ -28,7 +28,7 @@ from dispatcher.producer import Producer
 from dispatcher.registry import Registry
 from dispatcher.settings import Settings
 from dispatcher.status import live_workers
-from tests.chaos import FlakyReceiver, Verdict, all_records, judge, serving
+from tests.faults.chaos import FlakyReceiver, Verdict, all_records, judge, serving
 from tests.helpers import UID, make_settings, start_worker, stop, until
 
 pytestmark = pytest.mark.timeout(150)

@@ -21,7 +21,7 @@ import yaml
 
 from dispatcher.settings import Settings
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
 K8S = DEPLOY / "kubernetes"
 SYSTEMD = DEPLOY / "systemd"

@@ -1,7 +1,7 @@
 """What only the PostgreSQL history has: migrations, day partitions and their retention, the
 shipper's idempotence, the exact count against a brute-force read, `dispatcher db upgrade`
 and `dispatcher history migrate`, an unreachable database, and the backlog bound. (The
-contract shared with the Redis store is in tests/test_history.py.)"""
+contract shared with the Redis store is in tests/service/test_history.py.)"""
 
 from __future__ import annotations
 
