@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 from bench.procs import BenchError, WorkerProcess, run_loadgen
 
 if TYPE_CHECKING:
-    from bench.scenarios import Bench
+    from bench.harness import Bench
 
 # Innermost matching frame wins: a sample inside Engine._send is "HTTP", even though
 # Worker._run and Engine.fan_out are on the stack too.
