@@ -25,8 +25,7 @@ from bench.postgres import PG_SETTINGS, create_databases
 from bench.procs import BenchError, Receiver
 from bench.report import Row
 from bench.scenarios import SCENARIOS
-from dispatcher.embedded import EmbeddedRedis
-from tests.pgserver import PgServer
+from dispatcher.embedded import EmbeddedPostgres, EmbeddedRedis
 
 BY_NAME = {scenario.name: scenario for scenario in SCENARIOS}
 
@@ -165,7 +164,7 @@ def main() -> int:
     postgres = None
     if any(scenario.postgres for scenario in _selected(args.only)):
         tmp.chmod(0o755)  # as root, PostgreSQL runs as nobody, who must reach its folder
-        postgres = PgServer(settings=dict(PG_SETTINGS), data_dir=tmp / "pg")
+        postgres = EmbeddedPostgres(settings=dict(PG_SETTINGS), data_dir=tmp / "pg")
     code = 1
     try:
         url = redis.start()

@@ -19,6 +19,7 @@ from typer.testing import CliRunner
 
 from dispatcher import keys
 from dispatcher.cli import app
+from dispatcher.embedded import FAST, EmbeddedPostgres
 from dispatcher.errors import Unavailable
 from dispatcher.history import open_history
 from dispatcher.history.loader import Loader, parse_row
@@ -34,7 +35,6 @@ from dispatcher.services import Services
 from dispatcher.settings import Settings
 from dispatcher.worker import create_worker
 from tests.helpers import Receiver, app_client, hang, make_settings, ship_all, until
-from tests.pgserver import PgServer
 
 URL = "http://127.0.0.1:9000/hook"
 
@@ -50,7 +50,7 @@ def record(created: int, n: int, **extra: Any) -> dict[str, Any]:
 
 
 @pytest.fixture
-async def fresh_db(pg_server: PgServer) -> AsyncIterator[str]:
+async def fresh_db(pg_server: EmbeddedPostgres) -> AsyncIterator[str]:
     """A database of its own (empty: no schema), dropped afterwards."""
     name = f"t_{uuid.uuid4().hex[:12]}"
     admin = await asyncpg.connect(pg_server.url)
@@ -84,7 +84,7 @@ async def catalog(conn: asyncpg.Connection) -> list[Any]:
     ]
 
 
-async def test_migrations_run_twice_are_a_no_op(fresh_db: str, pg_server: PgServer) -> None:
+async def test_migrations_run_twice_are_a_no_op(fresh_db: str, pg_server: EmbeddedPostgres) -> None:
     conn = await asyncpg.connect(fresh_db)
     try:
         assert await upgrade(conn) == [1, 2]
@@ -311,7 +311,7 @@ def test_history_migrate_copies_the_redis_history(
 async def test_an_unreachable_database_is_a_503_with_a_message(
     redis_server: Any, redis: Redis
 ) -> None:
-    with PgServer() as server:
+    with EmbeddedPostgres(settings=FAST) as server:
         url = server.url
     settings = make_settings(redis_server.url, history_url=url, history_timeout=1)
     async with Services.open(settings, redis) as services:
