@@ -24,6 +24,8 @@ from dispatcher.producer import Producer
 from dispatcher.registry import Registry
 
 if TYPE_CHECKING:
+    from redis.asyncio import Redis
+
     from bench.harness import Bench
 
 OUTAGE_S = 2.0
@@ -68,7 +70,7 @@ async def _run(bench: Bench, folder: Path, events: int, restart: bool) -> dict[s
         server.stop()
 
 
-async def _lost(redis: Any, delivery_ids: list[str]) -> int:
+async def _lost(redis: Redis, delivery_ids: list[str]) -> int:
     """Deliveries whose progress does not say done (their end never written)."""
     done = 0
     for start in range(0, len(delivery_ids), 1000):

@@ -160,7 +160,7 @@ async def ship_rate(redis: Redis, settings: Settings, records: int) -> dict[str,
                 record = {**template, "id": 10**9 + n, "callBackUrl": PAIRS[n % 1000][0],
                           "events": PAIRS[n % 1000][1], "createdTime": now - records + n,
                           "deliveryId": f"evt_s{n}.1"}  # fmt: skip
-                pipe.xadd(keys.HISTORY_STREAM, stream_fields(record, False))  # type: ignore[arg-type]
+                pipe.xadd(keys.HISTORY_STREAM, stream_fields(record, False))  # type: ignore[arg-type]  # redis-py wants a dict of its own unions
             await pipe.execute()
     shipper = Shipper(redis, settings, elect=False)
     await shipper.open()
