@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import re
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -264,3 +265,27 @@ async def _records(redis: Redis, settings: Settings, url: str) -> list[HistoryRe
         "demo", url, "BUILD_END", start_ms=now - 60_000, end_ms=now + 60_000, page_size=100
     )
     return page.records
+
+
+async def test_the_consoles_forms_register_with_controls_and_rotate(
+    api: httpx.AsyncClient,
+) -> None:
+    page = await api.get("/console/projects/demo")
+    token = re.search(r'name="csrf_token" value="([^"]+)"', page.text)
+    assert token and "Register a callback" in page.text and "/console/events" in page.text
+    wanted = "data.status == 'FAILED'"
+    form = {"csrf_token": token[1], "url": "http://127.0.0.1:9/c", "region": "OSS",
+            "event": "BUILD_END, BUILD_START", "secretToken": "s1", "maxPerSecond": "5",
+            "maxInFlight": "", "filter": wanted}  # fmt: skip
+    done = await api.post("/console/projects/demo/callbacks", data=form)
+    assert done.status_code == 303 and "notice=registered" in done.headers["location"]
+    listed = (await ok(await api.get(CALLBACKS, headers=ALICE)))["records"]
+    shown = [(cb["event"], cb["maxPerSecond"], cb["maxInFlight"], cb["filter"]) for cb in listed]
+    assert shown == [("BUILD_END", 5, None, wanted), ("BUILD_START", 5, None, wanted)]
+    bad = await api.post("/console/projects/demo/callbacks", data={**form, "filter": "data.["})
+    assert bad.status_code == 400 and "filter" in bad.text
+    rotate = f"/console/projects/demo/callbacks/{listed[0]['id']}/secret"
+    done = await api.post(rotate, data={"csrf_token": token[1], "secretToken": "s2"})
+    assert done.status_code == 303
+    text = (await api.get("/console/projects/demo")).text
+    assert "old one signs until" in text and "s1" not in text and "s2" not in text
