@@ -43,6 +43,7 @@ async def run(bench: Bench) -> list[Row]:
         measured = median_run(runs)
         details = {
             spec.label: summary(runs),
+            "plain": summary(bench.runs(THROUGHPUT)),
             "rate_vs_plain": measured.rate / plain.rate,
             "redis_commands_per_delivery": measured.per_delivery()["redis_commands"],
             "plain_redis_commands_per_delivery": plain.per_delivery()["redis_commands"],

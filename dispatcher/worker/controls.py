@@ -55,10 +55,14 @@ ADMIT = Lua("""
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local rate, cap, job = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[4]
-local gone = redis.call('ZRANGEBYSCORE', KEYS[4], '-inf', now, 'LIMIT', 0, 500)
-if #gone > 0 then
-  redis.call('ZREM', KEYS[3], unpack(gone))
-  redis.call('ZREM', KEYS[4], unpack(gone))
+local waiting, rank = redis.call('ZCARD', KEYS[3]), false
+if waiting > 0 then
+  local gone = redis.call('ZRANGEBYSCORE', KEYS[4], '-inf', now, 'LIMIT', 0, 500)
+  if #gone > 0 then
+    waiting = waiting - redis.call('ZREM', KEYS[3], unpack(gone))
+    redis.call('ZREM', KEYS[4], unpack(gone))
+  end
+  rank = redis.call('ZRANK', KEYS[3], job)
 end
 local room, starts, running = math.huge, 0, 0
 if rate > 0 then
@@ -71,8 +75,7 @@ if cap > 0 then
   running = redis.call('ZCARD', KEYS[2])
   room = math.min(room, cap - running)
 end
-local rank = redis.call('ZRANK', KEYS[3], job)
-local ahead = rank or redis.call('ZCARD', KEYS[3])
+local ahead = rank or waiting
 if ahead < room then
   if rate > 0 then
     redis.call('ZADD', KEYS[1], now, ARGV[3])
@@ -116,6 +119,7 @@ return {wait, slot}
 # Gives the slot back and makes the first jobs in line due now, as many as slots are free.
 RELEASE = Lua("""
 redis.call('ZREM', KEYS[1], ARGV[1])
+if redis.call('EXISTS', KEYS[2]) == 0 then return 0 end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local free = tonumber(ARGV[2]) - redis.call('ZCOUNT', KEYS[1], now, '+inf')
