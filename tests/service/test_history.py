@@ -5,6 +5,7 @@ Redis store and against the PostgreSQL store (records shipped from the stream fi
 from __future__ import annotations
 
 import time
+from collections.abc import AsyncIterator
 from datetime import datetime
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -15,9 +16,10 @@ from redis.asyncio import Redis
 
 from dispatcher.api import create_app
 from dispatcher.auth import Role, Roles
+from dispatcher.embedded import EmbeddedRedis
 from dispatcher.errors import NotFound
 from dispatcher.history import HistoryStore, open_history, parse_window
-from dispatcher.models import Event, Region
+from dispatcher.models import Event, HistoryPage, Region
 from dispatcher.producer import Producer
 from dispatcher.registry import Registry
 from dispatcher.services import Services
@@ -55,7 +57,7 @@ def record(created: int, *, url: str = URL, event: str = "BUILD_END", n: int = 0
 
 
 @pytest.fixture(params=["redis", "postgres"])
-def settings(request: pytest.FixtureRequest, redis_server: Any) -> Settings:
+def settings(request: pytest.FixtureRequest, redis_server: EmbeddedRedis) -> Settings:
     """The contract runs on both backends."""
     if request.param == "postgres":
         return make_settings(redis_server.url, history_url=request.getfixturevalue("pg_url"))
@@ -63,7 +65,7 @@ def settings(request: pytest.FixtureRequest, redis_server: Any) -> Settings:
 
 
 @pytest.fixture
-async def store(settings: Settings, redis: Redis) -> Any:
+async def store(settings: Settings, redis: Redis) -> AsyncIterator[HistoryStore]:
     history = open_history(settings, redis)
     yield history
     await history.close()
@@ -75,7 +77,7 @@ def tz_settings(settings: Settings) -> Settings:
 
 
 @pytest.fixture
-async def tz_api(tz_settings: Settings, redis: Redis) -> Any:
+async def tz_api(tz_settings: Settings, redis: Redis) -> AsyncIterator[httpx.AsyncClient]:
     app = create_app(tz_settings, redis)
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)
@@ -121,7 +123,7 @@ async def test_paging_arithmetic(redis: Redis, settings: Settings, store: Histor
     await fill(redis, settings, [now - 10_000 + i for i in range(45)])
     history = store
 
-    async def page(n: int, size: int = 20) -> Any:
+    async def page(n: int, size: int = 20) -> HistoryPage:
         return await history.query(
             "demo", URL, "BUILD_END", start_ms=now - 60_000, end_ms=now, page=n, page_size=size
         )

@@ -18,6 +18,7 @@ from structlog.testing import capture_logs
 
 from dispatcher import keys
 from dispatcher.auth import ALL_PROJECTS, Role, Roles
+from dispatcher.embedded import EmbeddedRedis
 from dispatcher.errors import InvalidInput
 from dispatcher.history.redis import RedisHistory
 from dispatcher.models import PLATFORM_PROJECT, HistoryRecord
@@ -45,7 +46,7 @@ def params(url: str, event: str = "BUILD_END", **extra: str) -> dict[str, str]:
 
 
 @pytest.fixture
-def op_settings(redis_server: Any) -> Settings:
+def op_settings(redis_server: EmbeddedRedis) -> Settings:
     """Test settings with the operator token on (role checks off, as in `settings`)."""
     return make_settings(redis_server.url, operator_token=OP_TOKEN)
 
@@ -69,7 +70,9 @@ async def add(
     assert await ok(await client.post(route, params=params(url, event, **extra), headers=who))
 
 
-async def history(redis: Redis, settings: Settings, owner: str, url: str, event: str) -> list:
+async def history(
+    redis: Redis, settings: Settings, owner: str, url: str, event: str
+) -> list[HistoryRecord]:
     now = int(time.time() * 1000)
     page = await RedisHistory(redis, settings).query(
         owner, url, event, start_ms=now - 60_000, end_ms=now + 60_000, page_size=100
@@ -190,7 +193,7 @@ async def test_a_url_registered_at_two_levels_receives_each_event_once(
 
 
 async def test_the_custom_auth_header_arrives_is_masked_and_never_shown(
-    redis_server: Any, redis: Redis, receiver: Receiver, run_worker: RunWorker
+    redis_server: EmbeddedRedis, redis: Redis, receiver: Receiver, run_worker: RunWorker
 ) -> None:
     settings = make_settings(
         redis_server.url, operator_token=OP_TOKEN, token_keys=TokenCipher.new_key()
@@ -236,7 +239,10 @@ async def test_the_custom_auth_header_arrives_is_masked_and_never_shown(
         shown = {h.name: h.value for h in record.request_headers}
         assert shown["X-Api-Key"] == "******"
         texts.append(record.model_dump_json())
-    stored = [await redis.hgetall(keys.callback(cid)) for cid in (1, 2, 3)]
+    stored = [
+        await redis.hgetall(keys.callback(cid))  # type: ignore[misc]  # sync|async
+        for cid in (1, 2, 3)
+    ]
     texts += [repr(stored), repr(logs)]
     for secret in secrets.values():
         assert not any(secret in text for text in texts), secret
@@ -275,7 +281,7 @@ async def test_auth_header_names_and_values_are_checked(
 
 
 async def test_only_the_operator_token_manages_platform_callbacks(
-    redis_server: Any, redis: Redis
+    redis_server: EmbeddedRedis, redis: Redis
 ) -> None:
     settings = make_settings(redis_server.url, operator_token=OP_TOKEN, open_access=False)
     roles = Roles(redis, settings)
