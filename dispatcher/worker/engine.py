@@ -300,7 +300,7 @@ def _failed(error: str) -> AttemptResult:
 def _loggable(url: str) -> str:
     """A URL for a log line: credentials and control characters (in a URL stored by an
     older version) cut out or escaped."""
-    if "@" not in url and url.isprintable():
+    if _url_problem(url) is None:
         return url
     parts = urlsplit(url)
     if "@" in parts.netloc:
