@@ -234,27 +234,22 @@ async def test_a_retry_after_that_is_neither_digits_nor_a_date_is_ignored(
     assert len(receiver.requests("/ok")) == 1
 
 
-async def test_a_dns_failure_is_recorded_as_what_happened(
-    settings: Settings, redis: Redis, run_worker: RunWorker
+@pytest.mark.parametrize(
+    ("url", "said"),
+    [
+        ("http://example.invalid/hook", "could not resolve host example.invalid: "),
+        ("http://127.0.0.1:1/hook", "could not connect to 127.0.0.1:1: "),
+    ],
+)
+async def test_a_network_failure_is_recorded_as_what_happened(
+    settings: Settings, redis: Redis, run_worker: RunWorker, url: str, said: str
 ) -> None:
-    url = "http://example.invalid/hook"
+    """Both used to read "timed out after 15s (...)"."""
     await Registry(redis).create("demo", url, Event.BUILD_END, Region.DEVNET)
     await Producer(settings, redis).emit("demo", "BUILD_END", {})
     await run_worker(settings.model_copy(update={"retry_schedule": ()}))
     [record] = await records(redis, settings, url)
-    assert (record.error_msg or "").startswith("could not resolve host example.invalid: ")
-    assert "timed out" not in (record.error_msg or "")
-
-
-async def test_a_refused_connection_is_not_called_a_timeout(
-    settings: Settings, redis: Redis, run_worker: RunWorker
-) -> None:
-    url = "http://127.0.0.1:1/hook"
-    await Registry(redis).create("demo", url, Event.BUILD_END, Region.DEVNET)
-    await Producer(settings, redis).emit("demo", "BUILD_END", {})
-    await run_worker(settings.model_copy(update={"retry_schedule": ()}))
-    [record] = await records(redis, settings, url)
-    assert (record.error_msg or "").startswith("could not connect to 127.0.0.1:1: ")
+    assert (record.error_msg or "").startswith(said), record.error_msg
     assert "timed out" not in (record.error_msg or "")
 
 
