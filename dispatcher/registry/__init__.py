@@ -12,7 +12,7 @@
 
 from dispatcher.registry.match import CallbackTarget, Chunk, ChunkQuery
 from dispatcher.registry.options import Options
-from dispatcher.registry.rules import MAX_URL_LENGTH, validate_url
+from dispatcher.registry.rules import MAX_URL_LENGTH, url_problem, validate_url
 from dispatcher.registry.store import Registry
 
 __all__ = [
@@ -22,5 +22,6 @@ __all__ = [
     "ChunkQuery",
     "Options",
     "Registry",
+    "url_problem",
     "validate_url",
 ]

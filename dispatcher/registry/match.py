@@ -26,9 +26,34 @@ if TYPE_CHECKING:
 
     from dispatcher.delivery import AuthHeader
 
-__all__ = ["TARGET_FIELDS", "CallbackTarget", "Chunk", "ChunkQuery", "event_scopes"]
+__all__ = [
+    "TARGET_FIELDS",
+    "CallbackTarget",
+    "Chunk",
+    "ChunkQuery",
+    "event_scopes",
+    "read_secrets",
+]
 
 Decrypt = Callable[[bytes | None], str]
+UNREADABLE = (
+    "the callback's secrets cannot be decrypted with DISPATCHER_TOKEN_KEYS (was the key "
+    "they were encrypted with dropped?): put the key back, or register the callback again"
+)
+
+
+def read_secrets(
+    decrypt: Decrypt, token: bytes | None, name: bytes | None, value: bytes | None
+) -> tuple[str, AuthHeader | None, str | None]:
+    """A callback's stored token and auth header as sent, and why they cannot be when
+    they cannot (a key missing from `DISPATCHER_TOKEN_KEYS`): then its deliveries fail,
+    the others' go on."""
+    try:
+        header = (name.decode(), decrypt(value)) if name else None
+        return decrypt(token), header, None
+    except ValueError:  # cannot decrypt, or not text
+        return "", None, UNREADABLE
+
 
 # What a delivery reads of a callback's hash, in this order (the match script and
 # `Registry.target` both): `url` and `enabled` first, the match script relies on it.
@@ -50,6 +75,7 @@ class CallbackTarget:
     failing: bool = True  # failures on record (True when unknown: the reset is then written)
     project_id: str = ""
     auth_header: AuthHeader | None = None
+    problem: str | None = None  # why nothing can be sent to it (its secrets are unreadable)
     options: Options = NO_OPTIONS
     previous_token: str = ""  # a rotated-out token that still signs (its overlap is on)
 
@@ -62,10 +88,11 @@ class CallbackTarget:
         token only while its overlap lasts."""
         url, _, region, token, name, value, previous, until, *options = values
         overlapping = bool(previous) and int(until or 0) > time.time_ns() // 1_000_000
+        secret, header, problem = read_secrets(decrypt, token, name, value)
+        old, _, old_problem = read_secrets(decrypt, previous if overlapping else None, None, None)
         return cls(
-            callback_id, (url or b"").decode(), Region((region or b"").decode()), decrypt(token),
-            failing, owner, (name.decode(), decrypt(value)) if name else None,
-            Options.from_values(options), decrypt(previous) if overlapping else "",
+            callback_id, (url or b"").decode(), Region((region or b"").decode()), secret,
+            failing, owner, header, problem or old_problem, Options.from_values(options), old,
         )  # fmt: skip
 
 

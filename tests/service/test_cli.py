@@ -99,6 +99,7 @@ def test_emit_queues_an_event(cli: CliRunner, redis_server: EmbeddedRedis, tmp_p
         (["--data", "{broken"], "not valid JSON"),
         (["--data", "[1]"], "JSON object"),
         (["--event", "NOPE"], "unknown event"),
+        (["--event-id", "nl-batch\n"], "eventId"),
     ],
 )
 def test_emit_refuses_bad_input(cli: CliRunner, args: list[str], fragment: str) -> None:

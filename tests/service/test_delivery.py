@@ -62,7 +62,7 @@ async def test_event_reaches_every_matching_callback_and_no_other(
     await run_worker()
     assert sorted(s.path for s in receiver.seen) == ["/a", "/b"]
     body = orjson.loads(receiver.requests("/a")[0].body)
-    assert body == {"event": "BUILD_END", "data": {"buildId": "b-1"}}
+    assert body == {"event": "BUILD_END", "projectId": "demo", "data": {"buildId": "b-1"}}
 
 
 async def test_token_and_signature_verify_with_standardwebhooks(
@@ -80,7 +80,7 @@ async def test_token_and_signature_verify_with_standardwebhooks(
     assert seen.headers["webhook-id"].startswith(event_id)
     verifier = Webhook("whsec_" + base64.b64encode(b"s3cret").decode())
     verified = verifier.verify(seen.body, dict(seen.headers))
-    assert verified == {"event": "BUILD_END", "data": {"buildId": "b-1"}}
+    assert verified == {"event": "BUILD_END", "projectId": "demo", "data": {"buildId": "b-1"}}
     forged = Webhook("whsec_" + base64.b64encode(b"other").decode())
     with pytest.raises(Exception, match="signature"):
         forged.verify(seen.body, dict(seen.headers))

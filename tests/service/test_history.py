@@ -337,3 +337,61 @@ async def attempts_of_a_delivery(
     assert await services.history.attempts(first.delivery_id or "", "other") == []
     with pytest.raises(NotFound):
         await services.record(first.id, "other")
+
+
+async def test_a_signature_stored_by_an_older_version_is_masked_when_read(
+    settings: Settings, redis: Redis, api: httpx.AsyncClient
+) -> None:
+    """Older workers stored `webhook-signature` in clear: every read masks it, in both
+    stores, on the API and on the console's attempt page."""
+    old = record(int(time.time() * 1000))
+    old["requestHeaders"] = [
+        {"name": "X-DEVOPS-WEBHOOK-TOKEN", "value": "******"},
+        {"name": "webhook-id", "value": "evt_0.1"},
+        {"name": "Webhook-Signature", "value": "v1,CLEARsignatureBASE64="},
+    ]
+    old.update(status="FAILED", final=True, responseCode=500)
+    history = open_history(settings, redis)
+    try:
+        record_id = await history.add(old, dead=True)
+    finally:
+        await history.close()
+    await ship_all(settings, redis)
+    texts = [
+        (await api.get(V3, params={"url": URL, "event": "BUILD_END"}, headers=UID)).text,
+        (await api.get(f"/console/projects/demo/history/{record_id}", headers=UID)).text,
+    ]
+    async with Services.open(settings, redis) as services:
+        got = await services.record(record_id, "demo")
+        texts.append(got.model_dump_json())
+        dead = await services.dead_letters("demo")
+        texts += [r.model_dump_json() for r in dead]
+    assert [r.id for r in dead] == [record_id]
+    assert {h.name: h.value for h in got.request_headers} == {
+        "X-DEVOPS-WEBHOOK-TOKEN": "******", "webhook-id": "evt_0.1", "Webhook-Signature": "******",
+    }  # fmt: skip
+    assert not any("CLEARsignature" in text for text in texts)
+
+
+async def test_redelivery_of_an_older_record_sends_its_stored_body_as_it_was(
+    settings: Settings, redis: Redis, api: httpx.AsyncClient, receiver: Receiver,
+    run_worker: RunWorker,
+) -> None:  # fmt: skip
+    """A record of an older version has no `projectId` in its body: it is sent as stored
+    (its signature covers those bytes), and the project header names the record's project."""
+    callback_id, _ = await Registry(redis).create(
+        "demo", receiver.url(), Event.BUILD_END, Region.DEVNET
+    )
+    old = record(int(time.time() * 1000), url=receiver.url())
+    old.update(requestBody='{"event":"BUILD_END","data":{"n":1}}', callbackId=callback_id)
+    history = open_history(settings, redis)
+    try:
+        record_id = await history.add(old)
+    finally:
+        await history.close()
+    await ship_all(settings, redis)
+    assert (await api.post(f"{V3}/{record_id}/retry", headers=UID)).json()["status"] == 0
+    await run_worker()
+    [seen] = receiver.requests()
+    assert seen.body == b'{"event":"BUILD_END","data":{"n":1}}'
+    assert seen.headers["X-DEVOPS-PROJECT-ID"] == "demo"
