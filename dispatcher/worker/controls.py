@@ -21,7 +21,8 @@ before each attempt by one script (`ADMIT`, sent in the engine's shared read pip
 
 from __future__ import annotations
 
-import uuid
+import itertools
+import os
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
@@ -145,6 +146,9 @@ class Controls:
         self.queue_name = settings.queue_name
         self.slot_ms = int((settings.total_timeout + SLOT_MARGIN_S) * 1000)
         self.keep_ms = int((settings.lease_seconds + SLOT_MARGIN_S) * 1000)
+        # slot tokens: unique across the fleet (a random prefix per process), cheap to make
+        self._prefix = os.urandom(6).hex() + ":"
+        self._count = itertools.count()
 
     # ---- the filter ----------------------------------------------------------------------
 
@@ -196,7 +200,7 @@ class Controls:
         back with the attempt's write (or after it, if it raised); or put the delivery back
         in the queue, due when its turn should come (`then` with the wait: no attempt)."""
         options = target.options
-        slot = uuid.uuid4().hex
+        slot = f"{self._prefix}{next(self._count)}"
         limits = [options.max_per_second or 0, options.max_in_flight or 0]
         args: list[int | str] = [*limits, slot, job.job_id, self.slot_ms, self.keep_ms, MIN_WAIT_MS]
         (answer,) = await self.reads.execute(
