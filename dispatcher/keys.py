@@ -24,7 +24,12 @@ Deliveries
     dispatcher:deliveries:dropped             LIST deliveries ended without an attempt (last 1000)
 Workers and statistics
     dispatcher:workers:{host}:{pid}           STRING heartbeat of a live worker (TTL 30 s)
-    dispatcher:stats:{epoch minute}           HASH attempts by outcome in that minute (TTL 2 h)
+    dispatcher:workers                        ZSET heartbeat keys by their last beat (ms), so
+                                              readers find live workers without a SCAN
+    dispatcher:stats:{epoch minute}           HASH attempts in that minute: by outcome, and by
+                                              duration bucket ("ms:<bound>", "ms:inf") (TTL 2 h)
+    dispatcher:stats:{step s}:{slot}          HASH the same per `step` seconds (600: the last
+                                              day's 10-minute slots, TTL 25 h)
     dispatcher:jobs:poison                    LIST undecodable jobs, newest first (last 1000)
     dispatcher:cron:{name}:{slot}             STRING who runs a periodic task this slot (TTL)
 History
@@ -89,6 +94,7 @@ DELIVERY_PREFIX = f"{PREFIX}:delivery:"
 CONSOLE_CSRF_KEY = f"{PREFIX}:console:csrf-key"
 
 WORKERS_PREFIX = f"{PREFIX}:workers:"
+WORKERS_LIVE = f"{PREFIX}:workers"
 POISON_JOBS = f"{PREFIX}:jobs:poison"
 DROPPED = f"{PREFIX}:deliveries:dropped"
 
@@ -167,6 +173,11 @@ def worker(host: str, pid: int) -> str:
 def stats(minute: int) -> str:
     """`minute` is epoch seconds // 60."""
     return f"{PREFIX}:stats:{minute}"
+
+
+def stats_slot(step_s: int, slot: int) -> str:
+    """`slot` is epoch seconds // `step_s`."""
+    return f"{PREFIX}:stats:{step_s}{SEP}{slot}"
 
 
 def cron(name: str, slot: int) -> str:

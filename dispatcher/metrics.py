@@ -1,4 +1,10 @@
-"""Prometheus metrics (prometheus-client's default registry, one per process)."""
+"""Prometheus metrics (prometheus-client's default registry, one per process).
+
+The API serves them at `/metrics` and sets the fleet-wide gauges (queue, history backlog,
+live workers, Redis) when scraped; each worker serves its own on
+`DISPATCHER_WORKER_METRICS_PORT`. deploy/grafana/ and deploy/prometheus/ chart them and
+alert on them (tests/repo/test_monitoring.py checks that every name they use is here).
+"""
 
 from __future__ import annotations
 
@@ -19,7 +25,13 @@ __all__ = [
     "POISON_JOBS",
     "QUEUE_DEPTH",
     "QUEUE_OLDEST_SECONDS",
+    "REDIS_MAX_MEMORY",
+    "REDIS_UP",
+    "REDIS_USED_MEMORY",
     "RETRIES",
+    "WORKERS_LIVE",
+    "WORKER_HEARTBEAT",
+    "WORKER_JOBS_RUNNING",
     "WRITE_RETRIES",
 ]
 
@@ -73,4 +85,22 @@ HISTORY_SHIPPED = Counter(
 HISTORY_SHIP_FAILURES = Counter(
     "dispatcher_history_ship_failures_total",
     "Shipments to PostgreSQL that failed (and are tried again).",
+)
+WORKERS_LIVE = Gauge(
+    "dispatcher_workers_live", "Workers whose heartbeat is younger than 30 s (read at scrape)."
+)
+WORKER_HEARTBEAT = Gauge(
+    "dispatcher_worker_heartbeat_timestamp_seconds",
+    "When this worker last wrote its heartbeat to Redis (epoch seconds; stale: it cannot).",
+)
+WORKER_JOBS_RUNNING = Gauge("dispatcher_worker_jobs_running", "Jobs this worker runs now.")
+REDIS_UP = Gauge(
+    "dispatcher_redis_up", "1 when Redis answered this scrape, 0 when not (read at scrape)."
+)
+REDIS_USED_MEMORY = Gauge(
+    "dispatcher_redis_used_memory_bytes", "Redis' used_memory (INFO memory; read at scrape)."
+)
+REDIS_MAX_MEMORY = Gauge(
+    "dispatcher_redis_maxmemory_bytes",
+    "Redis' maxmemory, 0 when it has no limit (INFO memory; read at scrape).",
 )

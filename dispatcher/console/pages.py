@@ -4,12 +4,13 @@ renders a template; none changes anything."""
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 from urllib.parse import quote
 
 from fastapi import APIRouter, Path, Query
 from starlette.responses import HTMLResponse, RedirectResponse
 
+from dispatcher.console import charts
 from dispatcher.console.page import (
     PREFIX,
     AnyPage,
@@ -18,9 +19,13 @@ from dispatcher.console.page import (
     ProjectPath,
     redirect,
 )
-from dispatcher.delivery import Outcome
 from dispatcher.errors import InvalidInput
 from dispatcher.models import Event
+
+if TYPE_CHECKING:
+    from zoneinfo import ZoneInfo
+
+    from dispatcher.stats import Series
 
 __all__ = ["router"]
 
@@ -128,16 +133,26 @@ async def dead_letters(
 
 @router.get("/status")
 async def status(page: AnyPage) -> HTMLResponse:
-    """Queue, workers and the last hour: the service's, not one project's."""
+    """Queue, workers, and the attempts of the last hour and day: the service's, not one
+    project's."""
     found = await page.services.status()
-    names = [o.value for o in Outcome]
-    outcomes = [(name, found.last_hour.get(name, 0)) for name in names]
-    outcomes += sorted((k, v) for k, v in found.last_hour.items() if k not in names)
+    tz = page.services.settings.tz
+    spans = [_span(found.hour, tz, "hour", "minute"), _span(found.day, tz, "day", "10 minutes")]
     return await page.render(
-        "status.html",
-        "Status",
-        "status",
-        status=found,
-        outcomes=outcomes,
-        top=max([n for _, n in outcomes] + [1]),
+        "status.html", "Status", "status", status=found, spans=spans, outcomes=charts.OUTCOMES
     )
+
+
+def _span(series: Series, tz: ZoneInfo, window: str, per: str) -> dict[str, Any]:
+    """A span's charts and what the template says of them."""
+    return {
+        "id": series.span.name,
+        "heading": f"Last {window}",
+        "window": window,
+        "per": per,
+        "series": series,
+        "attempts": charts.attempts_chart(series, tz, f"Attempts per {per} in the last {window}"),
+        "latency": charts.latency_chart(
+            series, tz, f"Attempt duration p50 and p99 per {per} in the last {window}"
+        ),
+    }

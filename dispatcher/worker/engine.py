@@ -29,7 +29,7 @@ from dispatcher.errors import InvalidUrl
 from dispatcher.health import CircuitBreaker
 from dispatcher.jobs import DeliveryJob, EventJob, now_ms
 from dispatcher.models import Region
-from dispatcher.status import AttemptStats
+from dispatcher.stats import AttemptStats
 from dispatcher.worker.record import attempt_record
 
 if TYPE_CHECKING:
@@ -179,7 +179,7 @@ class Engine:
             )
         record = attempt_record(job, target, number, headers, result, delay is None, self.settings)
         _observe(job, target, number, result, delay)
-        self.stats.count(result.outcome.value)
+        self.stats.count(result.outcome.value, result.duration_ms)
         await self._write(job, target, number, record, result, delay, then)
 
     async def _write(

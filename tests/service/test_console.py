@@ -22,7 +22,7 @@ from dispatcher.models import Event, Region
 from dispatcher.producer import Producer
 from dispatcher.registry import Registry
 from dispatcher.settings import Settings
-from dispatcher.status import AttemptStats
+from dispatcher.stats import AttemptStats
 from tests.helpers import Receiver, RunWorker, answer, app_client, make_settings
 
 PROJECT = "/console/projects/demo"
@@ -262,16 +262,30 @@ async def test_redeliver_all_failed_of_a_window(
     assert len(receiver.requests()) == 2
 
 
-async def test_status_page_charts_the_last_hour(api: httpx.AsyncClient, redis: Redis) -> None:
+async def test_status_page_charts_the_last_hour_and_day(
+    api: httpx.AsyncClient, redis: Redis
+) -> None:
     stats = AttemptStats()
-    for outcome in ["success"] * 3 + ["retry", "failed"]:
-        stats.count(outcome)
+    for outcome, ms in [("success", 40)] * 3 + [("retry", 5000), ("failed", 40)]:
+        stats.count(outcome, ms)
     await stats.flush(redis)
     page = await api.get("/console/status")
     assert page.status_code == 200 and "<title>Status · callback-dispatcher console" in page.text
-    assert "success 3, retry 1, failed 1, gone 0" in page.text
-    bars = re.findall(r'class="bar (\w+)"', page.text)
-    assert bars == ["success", "retry", "failed", "gone"]
+    markup = Markup(page.text)
+    assert "script" not in markup.tags and markup.tags.count("svg") == 4
+    names = re.findall(r'<title id="[\w-]+-name">([^<]+)</title>', page.text)
+    assert names == [
+        "Attempts per minute in the last hour",
+        "Attempt duration p50 and p99 per minute in the last hour",
+        "Attempts per 10 minutes in the last day",
+        "Attempt duration p50 and p99 per 10 minutes in the last day",
+    ]
+    # each span: one stacked bar per outcome in the latest bucket, one dot per percentile
+    assert re.findall(r'class="bar (\w+)"', page.text) == ["success", "retry", "failed"] * 2
+    assert re.findall(r'class="dot (\w+)"', page.text) == ["p99", "p50"] * 2
+    # 5 attempts: 4 of 40 ms (bucket 30-50 ms), 1 of 5 s (3-5 s), interpolated in a bucket
+    assert page.text.count("success 3, retry 1, failed 1; p50 42 ms, p99 4.9 s") == 2 * 5
+    assert page.text.count("duration p50 42 ms, p99 4.9 s") == 2
     assert "No live worker" in page.text
 
 
