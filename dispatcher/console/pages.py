@@ -33,6 +33,7 @@ __all__ = ["router"]
 PageQuery = Annotated[int, Query(alias="page", ge=1, le=1_000_000_000)]
 CALLBACKS_PER_PAGE = 50
 PAGE_SIZES = (10, 20, 50, 100)
+WINDOWS = {"1h": "the last hour", "1d": "the last day", "all": "the retention"}
 
 router = APIRouter(prefix=PREFIX, route_class=ConsoleRoute, include_in_schema=False)
 
@@ -119,6 +120,47 @@ async def record(
         record=found,
         attempts=attempts,
     )
+
+
+@router.get("/projects/{projectId}/deliveries")
+async def deliveries(
+    page: MemberPage,
+    project_id: ProjectPath,
+    url: Annotated[str, Query(alias="url", max_length=2048)] = "",
+    status: Annotated[str, Query(alias="status", max_length=16)] = "",
+    within: Annotated[str, Query(alias="within", max_length=8)] = "all",
+    before: Annotated[str, Query(alias="before", max_length=40)] = "",
+) -> HTMLResponse:
+    """Recent deliveries: one callback URL's attempts across its events, or every URL's
+    of the project; by status, within the last hour, day or the retention."""
+    query = {"url": url, "status": status.upper(), "within": within}
+    found, problem = None, None
+    try:
+        found = await page.services.recent(
+            project_id,
+            url=url or None,
+            status=status or None,
+            within=within,
+            before=before or None,
+        )
+    except InvalidInput as exc:
+        problem = exc.message
+    known = await page.services.callbacks(project_id, 1, 100)
+    failures = query == {"url": "", "status": "FAILED", "within": "1h"}
+    response = await page.render(
+        "deliveries.html",
+        f"{'Failures of the last hour' if failures else 'Recent deliveries'} · {project_id}",
+        "failures" if failures else "deliveries",
+        query=query,
+        found=found,
+        problem=problem,
+        before=before,
+        urls=sorted({cb.url for cb in known.records} | ({url} if url else set())),
+        windows=WINDOWS,
+    )
+    if problem is not None:
+        response.status_code = 400
+    return response
 
 
 @router.get("/projects/{projectId}/dead-letters")
