@@ -13,6 +13,7 @@ from prometheus_client import Counter, Gauge, Histogram
 __all__ = [
     "ATTEMPT_SECONDS",
     "CALLBACKS_DISABLED",
+    "DEAD_LETTERS",
     "DELIVERIES",
     "DROPPED",
     "EVENTS_EMITTED",
@@ -46,6 +47,10 @@ ATTEMPT_SECONDS = Histogram(
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
 )
 RETRIES = Counter("dispatcher_retries_total", "Attempts scheduled again after a failure.")
+DEAD_LETTERS = Counter(
+    "dispatcher_dead_letters_total",
+    "Deliveries that gave up: a final failure, or their retries ran out (worker).",
+)
 HISTORY_RECORDS = Counter("dispatcher_history_records_total", "History records written.")
 CALLBACKS_DISABLED = Counter(
     "dispatcher_callbacks_disabled_total",
@@ -87,7 +92,8 @@ HISTORY_SHIP_FAILURES = Counter(
     "Shipments to PostgreSQL that failed (and are tried again).",
 )
 WORKERS_LIVE = Gauge(
-    "dispatcher_workers_live", "Workers whose heartbeat is younger than 30 s (read at scrape)."
+    "dispatcher_workers_live",
+    "Workers whose heartbeat is younger than 30 s (the API: at scrape; a worker: with its own).",
 )
 WORKER_HEARTBEAT = Gauge(
     "dispatcher_worker_heartbeat_timestamp_seconds",
@@ -95,7 +101,8 @@ WORKER_HEARTBEAT = Gauge(
 )
 WORKER_JOBS_RUNNING = Gauge("dispatcher_worker_jobs_running", "Jobs this worker runs now.")
 REDIS_UP = Gauge(
-    "dispatcher_redis_up", "1 when Redis answered this scrape, 0 when not (read at scrape)."
+    "dispatcher_redis_up",
+    "1 when Redis answered this process (the API: at scrape; a worker: its last heartbeat).",
 )
 REDIS_USED_MEMORY = Gauge(
     "dispatcher_redis_used_memory_bytes", "Redis' used_memory (INFO memory; read at scrape)."

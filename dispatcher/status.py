@@ -53,10 +53,12 @@ class Status:
 
 def write_heartbeat(pipe: Pipeline, key: str, value: dict[str, Any], now_ms: int) -> None:
     """Queue a worker's heartbeat (its own key, with a TTL, and its entry in the index of
-    live workers, which readers range over instead of scanning the keyspace)."""
+    live workers, which readers range over instead of scanning the keyspace), then the
+    count of live workers: the pipeline's last answer."""
     pipe.set(key, orjson.dumps(value), ex=HEARTBEAT_TTL_S)
     pipe.zadd(keys.WORKERS_LIVE, {key: now_ms})
     pipe.zremrangebyscore(keys.WORKERS_LIVE, "-inf", now_ms - _FORGET_MS)
+    pipe.zcount(keys.WORKERS_LIVE, _since(now_ms), "+inf")
 
 
 def _since(now_ms: int | None) -> str:

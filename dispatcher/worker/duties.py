@@ -101,9 +101,15 @@ class Duties:
             "started": self.started_ms,
             "seen": now,
         }
-        await run_pipeline(
-            self.redis, lambda pipe: write_heartbeat(pipe, self.heartbeat_key, value, now)
-        )
+        try:
+            answers = await run_pipeline(
+                self.redis, lambda pipe: write_heartbeat(pipe, self.heartbeat_key, value, now)
+            )
+        except REDIS_ERRORS:
+            metrics.REDIS_UP.set(0)
+            raise
+        metrics.REDIS_UP.set(1)
+        metrics.WORKERS_LIVE.set(answers[-1])
         metrics.WORKER_HEARTBEAT.set(now / 1000)
         await self.stats.flush(self.redis)
 

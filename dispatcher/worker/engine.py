@@ -269,6 +269,8 @@ def _observe(
     metrics.HISTORY_RECORDS.inc()
     if delay is not None:
         metrics.RETRIES.inc()
+    elif result.outcome is not Outcome.SUCCESS:
+        metrics.DEAD_LETTERS.inc()
     log.info(
         "delivery.attempt",
         event_id=job.event_id,

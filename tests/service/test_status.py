@@ -9,6 +9,7 @@ import time
 
 import httpx
 import pytest
+from prometheus_client import REGISTRY
 from redis.asyncio import Redis
 
 from dispatcher import keys
@@ -87,6 +88,11 @@ async def test_live_workers_come_from_the_heartbeat_index(redis: Redis, settings
     duties = Duties(settings, redis, history, AttemptStats(), "t", lambda: Counts(0, 0, 0))
     await duties.heartbeat()
     assert await count_live_workers(redis) == 2
+    # what the worker's own /metrics says of the fleet and of itself
+    assert REGISTRY.get_sample_value("dispatcher_workers_live") == 2
+    assert REGISTRY.get_sample_value("dispatcher_redis_up") == 1
+    beat = REGISTRY.get_sample_value("dispatcher_worker_heartbeat_timestamp_seconds")
+    assert beat is not None and abs(beat - time.time()) < 5
     await duties.last_words()
     assert await count_live_workers(redis) == 1
     assert await redis.zscore(keys.WORKERS_LIVE, duties.heartbeat_key) is None
