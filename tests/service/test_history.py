@@ -368,7 +368,7 @@ async def test_recent_deliveries_of_a_url_across_its_events(
         for i, (ago, url, event, status, project) in enumerate(shapes)
     ]
     ids = await add_all(redis, settings, records)
-    window = {"start_ms": now - 60_000, "end_ms": now}
+    start, end = now - 60_000, now
     newest_first = sorted(
         (r["createdTime"], i)
         for i, r in zip(ids, records, strict=True)
@@ -376,30 +376,36 @@ async def test_recent_deliveries_of_a_url_across_its_events(
     )[::-1]
     mine = [i for _, i in newest_first]
 
-    found = await store.recent("demo", [URL], **window)
+    found = await store.recent("demo", [URL], start_ms=start, end_ms=end)
     assert [r.id for r in found.records] == mine and found.next is None
     assert {r.events for r in found.records} == {"BUILD_END", "BUILD_START", "BUILD_STAGE_END"}
 
-    failed = await store.recent("demo", [URL], status=DeliveryStatus.FAILED, **window)
+    failed = await store.recent(
+        "demo", [URL], status=DeliveryStatus.FAILED, start_ms=start, end_ms=end
+    )
     assert [r.status for r in failed.records] == [DeliveryStatus.FAILED] * 3
-    succeeded = await store.recent("demo", [URL], status=DeliveryStatus.SUCCESS, **window)
+    succeeded = await store.recent(
+        "demo", [URL], status=DeliveryStatus.SUCCESS, start_ms=start, end_ms=end
+    )
     assert {r.id for r in failed.records} | {r.id for r in succeeded.records} == set(mine)
 
     # page by page through the cursor, ties at one millisecond included: each once, in order
     seen, before = [], None
     for _ in range(10):
-        page = await store.recent("demo", [URL], before=before, limit=2, **window)
+        page = await store.recent("demo", [URL], before=before, limit=2, start_ms=start, end_ms=end)
         seen += [r.id for r in page.records]
         if page.next is None:
             break
         before = page.next
     assert seen == mine
 
-    both = await store.recent("demo", [URL, other], status=DeliveryStatus.FAILED, **window)
+    both = await store.recent(
+        "demo", [URL, other], status=DeliveryStatus.FAILED, start_ms=start, end_ms=end
+    )
     assert [r.call_back_url for r in both.records] == [URL, URL, other, URL]
     narrow = await store.recent("demo", [URL], start_ms=now - 5000, end_ms=now - 4500)
     assert [r.id for r in narrow.records] == mine[1:4]
-    assert (await store.recent("demo", [], **window)).records == []
+    assert (await store.recent("demo", [], start_ms=start, end_ms=end)).records == []
     assert (
         await store.recent("demo", [URL], start_ms=0, end_ms=now - 86_400_000 * 8)
     ).records == []

@@ -44,8 +44,10 @@ async def test_attempt_counts_reach_the_hour_and_the_day_with_their_ttls(redis: 
     now = int(time.time() * 1000)
     minute, slot = now // 60_000, now // 600_000
     expected = {b"success": b"4", b"failed": b"1", b"ms:15": b"4", b"ms:700": b"1"}
-    assert await redis.hgetall(keys.stats(minute)) == expected
-    assert await redis.hgetall(keys.stats_slot(600, slot)) == expected
+    async with redis.pipeline(transaction=False) as pipe:
+        pipe.hgetall(keys.stats(minute))
+        pipe.hgetall(keys.stats_slot(600, slot))
+        assert await pipe.execute() == [expected, expected]
     assert 7000 < await redis.ttl(keys.stats(minute)) <= HOUR.ttl_s
     assert 24 * 3600 < await redis.ttl(keys.stats_slot(600, slot)) <= DAY.ttl_s
 
