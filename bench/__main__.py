@@ -14,55 +14,27 @@ import shutil
 import tempfile
 import time
 import traceback
-from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from bench import fault_bench, history_pg_bench, http_bench, pg_scenarios, profile, report
-from bench.common import RESULTS_DIR, install_uvloop, machine_busy_seconds
+from bench import profile, report
+from bench.common import MAX_JOBS, POLL_DELAY, RESULTS_DIR, install_uvloop, machine_busy_seconds
+from bench.harness import Bench, Scenario, Sizes, wanted_runs
+from bench.postgres import PG_SETTINGS, create_databases
 from bench.procs import BenchError, Receiver
 from bench.report import Row
-from bench.scenarios import MAX_JOBS, POLL_DELAY, Bench, Sizes
-from dispatcher.embedded import EmbeddedRedis
-from tests.pgserver import PgServer
+from bench.scenarios import SCENARIOS
+from dispatcher.embedded import EmbeddedPostgres, EmbeddedRedis
 
-# In order: the worker-rate baselines first (fan-out, scale-out and ceiling reuse them),
-# the history fill last (it leaves Redis large until flushed).
-SCENARIOS: dict[str, Callable[[Bench], Awaitable[list[Row]]]] = {
-    "throughput": Bench.throughput,
-    "ceiling": Bench.ceiling,
-    "fan-out": Bench.fan_out,
-    "scale-out": Bench.scale_out,
-    "emit": Bench.emit,
-    "http": http_bench.run,
-    "fault": fault_bench.run,
-    "latency": Bench.latency,
-    "memory": Bench.memory,
-    "history": Bench.history,
-    "history-pg-delivery": pg_scenarios.history_pg_delivery,
-    "history-pg-lag": pg_scenarios.history_pg_lag,
-    "history-pg": pg_scenarios.history_pg,
-}
-# A durable PostgreSQL (fsync and synchronous commit on, the defaults) on disk, with room
-# for a bulk fill between checkpoints.
-PG_SETTINGS = {"shared_buffers": "512MB", "max_wal_size": "8GB", "checkpoint_timeout": "30min"}
-# The worker-rate runs each scenario needs (they run interleaved in one block).
-WORKER_RUNS = {
-    "throughput": {"noop", "throughput", "throughput_info"},
-    "ceiling": {"throughput"},
-    "fan-out": {"throughput", "fan_out", "fan_out_wide"},
-    "scale-out": {"throughput", "scale_out", "noop", "noop_scale_out"},
-    "history-pg-delivery": {"throughput", "throughput_pg"},
-    "history-pg": {"throughput_pg"},
-}
+BY_NAME = {scenario.name: scenario for scenario in SCENARIOS}
 
 
 def _parse() -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="smaller run (< 2 min)")
     parser.add_argument(
-        "--only", default="", help=f"comma-separated subset of: {', '.join(SCENARIOS)}"
+        "--only", default="", help=f"comma-separated subset of: {', '.join(BY_NAME)}"
     )
     parser.add_argument(
         "--profile", action="store_true", help="profile the worker on the throughput scenario"
@@ -77,31 +49,33 @@ def _parse() -> argparse.Namespace:
     return parser.parse_args()
 
 
-def _selected(only: str) -> list[str]:
+def _selected(only: str) -> list[Scenario]:
+    """The scenarios `--only` names, in the registry's order (all without it)."""
     if not only:
         return list(SCENARIOS)
     names = [name.strip() for name in only.split(",") if name.strip()]
-    unknown = [name for name in names if name not in SCENARIOS]
+    unknown = [name for name in names if name not in BY_NAME]
     if unknown:
         raise SystemExit(f"unknown scenario(s): {', '.join(unknown)}")
-    return [name for name in SCENARIOS if name in names]
+    return [scenario for scenario in SCENARIOS if scenario.name in names]
 
 
 async def _scenarios(
-    bench: Bench, names: list[str]
+    bench: Bench, selected: list[Scenario]
 ) -> tuple[list[Row], dict[str, float], dict[str, float]]:
-    """Run `names` in order; returns the rows, seconds per scenario, and the cores other
+    """Run `selected` in order; returns the rows, seconds per scenario, and the cores other
     processes on the machine used meanwhile (this machine is shared: a busy neighbour
     shows up here, and in every figure)."""
     rows: list[Row] = []
     timings: dict[str, float] = {}
     others: dict[str, float] = {}
-    for name in names:
+    for scenario in selected:
+        name = scenario.name
         started = time.monotonic()
         machine0, own0 = machine_busy_seconds(), await bench.own_cpu()
         print(f"- {name} ...", flush=True)
         try:
-            rows += await SCENARIOS[name](bench)
+            rows += await scenario.run(bench)
         except Exception as exc:  # one broken scenario must not hide the others
             if isinstance(exc, BenchError):
                 print(f"  {name} failed: {exc}", flush=True)
@@ -126,11 +100,11 @@ async def _main(args: argparse.Namespace, url: str, logs: Path, pg_url: str | No
     receiver = Receiver()
     await receiver.start()
     bench = Bench(url, receiver, sizes, logs)
-    names = _selected(args.only)
-    bench.wanted = set().union(*(WORKER_RUNS.get(name, set()) for name in names))
+    selected = _selected(args.only)
+    bench.wanted = wanted_runs(selected)
     if pg_url is not None:
         bench.pg_url = pg_url
-        (bench.history_url,) = await history_pg_bench.create_databases(pg_url, ("workers",))
+        (bench.history_url,) = await create_databases(pg_url, ("workers",))
     await bench.open()
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     try:
@@ -143,7 +117,7 @@ async def _main(args: argparse.Namespace, url: str, logs: Path, pg_url: str | No
             (RESULTS_DIR / f"profile-{stamp}.txt").write_text(text + "\n")
             print(f"\nwritten: {RESULTS_DIR}/profile-{stamp}.{{json,txt,pyspy.txt,cprofile.txt}}")
             return 0
-        rows, timings, others = await _scenarios(bench, names)
+        rows, timings, others = await _scenarios(bench, selected)
     finally:
         await bench.close()
         await receiver.stop()
@@ -188,9 +162,9 @@ def main() -> int:
     logs.mkdir()
     redis = EmbeddedRedis(tmp / "redis", persist=False)
     postgres = None
-    if any(name.startswith("history-pg") for name in _selected(args.only)):
+    if any(scenario.postgres for scenario in _selected(args.only)):
         tmp.chmod(0o755)  # as root, PostgreSQL runs as nobody, who must reach its folder
-        postgres = PgServer(settings=dict(PG_SETTINGS), data_dir=tmp / "pg")
+        postgres = EmbeddedPostgres(settings=dict(PG_SETTINGS), data_dir=tmp / "pg")
     code = 1
     try:
         url = redis.start()

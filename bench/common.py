@@ -1,4 +1,5 @@
-"""Bits every bench process shares: settings, the event payload, uvloop, /proc readings."""
+"""Bits every bench process shares: settings, the event payload and a history record,
+uvloop, /proc readings."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import socket
 from pathlib import Path
 from typing import Any
 
+from dispatcher.delivery import encode_body, mask_headers, request_headers
 from dispatcher.settings import Settings
 
 PROJECT = "bench"
@@ -18,6 +20,8 @@ USER = "bench-producer"  # X-DEVOPS-UID of the HTTP producers, an admin of PROJE
 INTERNAL_REGIONS = ["DEVNET", "OSS", "IDC"]
 BENCH_DIR = Path(__file__).resolve().parent
 RESULTS_DIR = BENCH_DIR / "results"
+MAX_JOBS: int = Settings.model_fields["worker_max_jobs"].default
+POLL_DELAY: float = Settings.model_fields["poll_delay"].default
 
 
 def install_uvloop() -> None:
@@ -62,7 +66,39 @@ def event_data(n: int, emit_t: float | None = None) -> dict[str, Any]:
     return data
 
 
+def record_template() -> dict[str, Any]:
+    """A history record as the worker writes it (dispatcher/worker/record.py), for the
+    history scenarios to fill stores with; its per-record fields are left blank."""
+    body = encode_body(EVENT, PROJECT, event_data(1))
+    headers = request_headers(
+        event=EVENT, delivery_id="evt_0.1", body=body, token=TOKEN, user_agent="bench"
+    )
+    return {
+        "projectId": PROJECT,
+        "callBackUrl": "",
+        "events": "",
+        "status": "SUCCESS",
+        "errorMsg": None,
+        "requestHeaders": mask_headers(headers),
+        "requestBody": body.decode(),
+        "responseCode": 200,
+        "responseBody": "ok",
+        "startTime": 0,
+        "endTime": 0,
+        "createdTime": 0,
+        "attempt": 1,
+        "deliveryId": "",
+        "eventId": "",
+        "callbackId": 1,
+        "durationMs": 2,
+        "final": True,
+        "requestBodyTruncated": False,
+        "redeliveryOf": None,
+    }
+
+
 def free_port() -> int:
+    """A free TCP port on 127.0.0.1 (free now; bind it soon)."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]

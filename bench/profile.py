@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 from bench.procs import BenchError, WorkerProcess, run_loadgen
 
 if TYPE_CHECKING:
-    from bench.scenarios import Bench
+    from bench.harness import Bench
 
 # Innermost matching frame wins: a sample inside Engine._send is "HTTP", even though
 # Worker._run and Engine.fan_out are on the stack too.
@@ -108,11 +108,11 @@ def _shares(counter: Counter[str], total: int, cpu_us: float, top: int) -> list[
 def _cprofile_summary(path: Path, deliveries: int, top: int = 30) -> tuple[str, list[Any]]:
     stats = pstats.Stats(str(path))
     buffer = io.StringIO()
-    stats.stream = buffer  # type: ignore[attr-defined]
+    stats.stream = buffer  # type: ignore[attr-defined]  # undeclared in typeshed
     stats.sort_stats("tottime").print_stats(top)
     stats.sort_stats("cumulative").print_stats(top)
     rows = []
-    for (file, line, name), (_cc, ncalls, tottime, cumtime, _) in stats.stats.items():  # type: ignore[attr-defined]
+    for (file, line, name), (_cc, ncalls, tottime, cumtime, _) in stats.stats.items():  # type: ignore[attr-defined]  # undeclared
         rows.append(
             {
                 "function": f"{name} ({Path(file).name}:{line})",

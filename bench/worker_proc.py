@@ -108,8 +108,8 @@ class RoundTrips:
             counter.commands[_name(args[0])] += 1
             return pack_command(self, *args)
 
-        AbstractConnection.send_packed_command = send_packed_command  # type: ignore[method-assign]
-        AbstractConnection.pack_command = counted_pack_command  # type: ignore[method-assign]
+        AbstractConnection.send_packed_command = send_packed_command  # type: ignore[method-assign]  # counting
+        AbstractConnection.pack_command = counted_pack_command  # type: ignore[method-assign]  # counting
 
 
 def _name(command: Any) -> str:

@@ -12,7 +12,10 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from dispatcher.models import Region
 from dispatcher.tokens import TokenCipher
 
-__all__ = ["Settings"]
+__all__ = ["EMBEDDED", "Settings"]
+
+# DISPATCHER_HISTORY_URL's value for the private PostgreSQL `dispatcher run` starts.
+EMBEDDED = "embedded"
 
 
 class Settings(BaseSettings):
@@ -30,7 +33,8 @@ class Settings(BaseSettings):
         description="redis:// or rediss:// URL; unset starts an embedded redis-server.",
     )
     data_dir: Path = Field(
-        default=Path(".dispatcher"), description="Where the embedded Redis keeps its data."
+        default=Path(".dispatcher"),
+        description="Where the embedded Redis (and the embedded PostgreSQL) keep their data.",
     )
     queue_name: str = Field(default="dispatcher:queue", min_length=1)
     redis_timeout: float = Field(
@@ -140,7 +144,8 @@ class Settings(BaseSettings):
     sweep_batch: int = Field(default=500, ge=1, description="Records removed per retention step.")
     history_url: str | None = Field(
         default=None,
-        description="postgresql:// URL of the history database; unset: history lives in Redis.",
+        description="postgresql:// URL of the history database, or `embedded` (`dispatcher "
+        "run` starts a private PostgreSQL); unset: history lives in Redis.",
     )
     history_timeout: float = Field(
         default=5.0,
@@ -195,8 +200,8 @@ class Settings(BaseSettings):
     @field_validator("history_url")
     @classmethod
     def _postgres_scheme(cls, value: str | None) -> str | None:
-        if value and not value.startswith(("postgresql://", "postgres://")):
-            raise ValueError("must start with postgresql:// or postgres://")
+        if value and value != EMBEDDED and not value.startswith(("postgresql://", "postgres://")):
+            raise ValueError(f"must start with postgresql:// or postgres://, or be {EMBEDDED}")
         return value or None
 
     @field_validator("retry_schedule")

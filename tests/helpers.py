@@ -22,8 +22,10 @@ import httpx
 from aiohttp import web
 from multidict import CIMultiDict
 from redis.asyncio import Redis
+from redis.asyncio.client import Pipeline
 
 from dispatcher.api import create_app
+from dispatcher.batch import QueueCommands
 from dispatcher.history.schema import upgrade
 from dispatcher.history.shipper import Shipper
 from dispatcher.settings import Settings
@@ -168,11 +170,20 @@ async def serving(handle: Handler) -> AsyncIterator[str]:
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0, backlog=1024)  # a worker opens 200 at once
     await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    port = runner.addresses[0][1]
     try:
         yield f"http://127.0.0.1:{port}"
     finally:
         await runner.cleanup()
+
+
+def command(*args: str | int) -> QueueCommands:
+    """One Redis command to queue on a pipeline (for `Batcher.execute`, `Writer.submit`)."""
+
+    def queue(pipe: Pipeline) -> None:
+        pipe.execute_command(*args)
+
+    return queue
 
 
 async def until(check: Callable[[], Awaitable[bool]], within: float, what: str) -> None:

@@ -13,24 +13,26 @@ from rich.console import Console
 from rich.table import Table
 
 from dispatcher.connections import REDIS_ERRORS
-from dispatcher.embedded import EmbeddedRedis
+from dispatcher.embedded import EmbeddedPostgres, EmbeddedRedis
 from dispatcher.errors import DispatcherError
 from dispatcher.history import format_ms
 from dispatcher.models import HistoryRecord
 from dispatcher.services import Services
-from dispatcher.settings import Settings
+from dispatcher.settings import EMBEDDED, Settings
 
 __all__ = [
     "CLI_USER",
     "app",
     "console",
     "counting",
+    "embedded_postgres",
     "err",
     "fmt_ms",
     "load_settings",
     "on_services",
     "records_table",
     "run_async",
+    "with_history_url",
     "with_redis_url",
 ]
 
@@ -72,6 +74,27 @@ def with_redis_url(settings: Settings) -> Settings:
     return settings.model_copy(update={"redis_url": running})
 
 
+def embedded_postgres(settings: Settings) -> EmbeddedPostgres:
+    """The private PostgreSQL of `DISPATCHER_HISTORY_URL=embedded`, its data in the data
+    folder, beside the embedded Redis's."""
+    return EmbeddedPostgres(data_dir=settings.data_dir / "postgres")
+
+
+def with_history_url(settings: Settings) -> Settings:
+    """`DISPATCHER_HISTORY_URL=embedded`: the PostgreSQL of a `dispatcher run` on this
+    folder; any other value as it is."""
+    if settings.history_url != EMBEDDED:
+        return settings
+    running = embedded_postgres(settings).running_url()
+    if running is None:
+        err.print(
+            "[red]no embedded PostgreSQL[/red]: start `dispatcher run` with "
+            f"DISPATCHER_HISTORY_URL=embedded (its data in {settings.data_dir}) first"
+        )
+        raise typer.Exit(2)
+    return settings.model_copy(update={"history_url": running})
+
+
 def run_async(factory: Callable[[], Coroutine[Any, Any, T]]) -> T:
     try:
         return asyncio.run(factory())
@@ -85,7 +108,7 @@ def run_async(factory: Callable[[], Coroutine[Any, Any, T]]) -> T:
 
 def on_services(body: Callable[[Services], Awaitable[T]]) -> T:
     """Run `body` with the services of the configured (or embedded) Redis."""
-    settings = with_redis_url(load_settings())
+    settings = with_history_url(with_redis_url(load_settings()))
 
     async def go() -> T:
         async with Services.open(settings) as services:

@@ -3,16 +3,26 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
+import subprocess
 from typing import Annotated, Any
 
 import typer
 
-from dispatcher.cli.common import app, console, err, load_settings, with_redis_url
+from dispatcher.cli.common import (
+    app,
+    console,
+    embedded_postgres,
+    err,
+    load_settings,
+    with_history_url,
+    with_redis_url,
+)
 from dispatcher.connections import REDIS_ERRORS
 from dispatcher.embedded import EmbeddedRedis
-from dispatcher.settings import Settings
+from dispatcher.settings import EMBEDDED, Settings
 
 
 def _listen(host: str | None, port: int | None) -> dict[str, Any]:
@@ -31,7 +41,8 @@ def run(
     port: Annotated[int | None, typer.Option(help="API port")] = None,
 ) -> None:
     """API and worker in one process, on an embedded Redis unless DISPATCHER_REDIS_URL is
-    set. Development defaults: loopback receivers allowed, role checks off."""
+    set (and an embedded PostgreSQL history with DISPATCHER_HISTORY_URL=embedded).
+    Development defaults: loopback receivers allowed, role checks off."""
     from dispatcher.logs import configure_logging
     from dispatcher.serve import install_uvloop, serve
 
@@ -42,26 +53,42 @@ def run(
     }
     settings = load_settings(**dev_defaults, **_listen(host, port))
     configure_logging(settings)
-    if settings.history_url:
-        from dispatcher.cli.history import upgrade_schema
-
-        applied, version = upgrade_schema(settings)
-        print(f"history: PostgreSQL, schema version {version}"
-              + (f" (applied {applied})" if applied else ""), flush=True)  # fmt: skip
-    embedded = None if settings.redis_url else EmbeddedRedis(settings.data_dir)
-    if embedded is not None:
-        settings = settings.model_copy(update={"redis_url": embedded.start()})
-    base = f"http://{settings.api_host}:{settings.api_port}"
-    where = f"  (embedded, data in {settings.data_dir})" if embedded else ""
-    print(f"callback-dispatcher API on {base}  (docs: {base}/docs)", flush=True)
-    print(f"console: {base}/console", flush=True)
-    print(f"Redis: {settings.redis_url}{where}", flush=True)
-    install_uvloop()
-    try:
-        asyncio.run(serve(settings, with_worker=True))
-    finally:
+    with contextlib.ExitStack() as servers:
+        settings = _history(settings, servers)
+        embedded = None if settings.redis_url else EmbeddedRedis(settings.data_dir)
         if embedded is not None:
-            embedded.stop()
+            settings = settings.model_copy(update={"redis_url": embedded.start()})
+            servers.callback(embedded.stop)
+        base = f"http://{settings.api_host}:{settings.api_port}"
+        where = f"  (embedded, data in {settings.data_dir})" if embedded else ""
+        print(f"callback-dispatcher API on {base}  (docs: {base}/docs)", flush=True)
+        print(f"console: {base}/console", flush=True)
+        print(f"Redis: {settings.redis_url}{where}", flush=True)
+        install_uvloop()
+        asyncio.run(serve(settings, with_worker=True))
+
+
+def _history(settings: Settings, servers: contextlib.ExitStack) -> Settings:
+    """With a PostgreSQL history: the embedded server started (and stopped with `servers`)
+    when the settings ask for it, the schema brought up to date."""
+    if not settings.history_url:
+        return settings
+    from dispatcher.cli.history import upgrade_schema
+
+    where = ""
+    if settings.history_url == EMBEDDED:
+        postgres = embedded_postgres(settings)
+        try:
+            url = servers.enter_context(postgres).url
+        except (OSError, RuntimeError, subprocess.CalledProcessError) as exc:
+            err.print(f"[red]the embedded PostgreSQL did not start[/red]: {exc}")
+            raise typer.Exit(1) from None
+        settings = settings.model_copy(update={"history_url": url})
+        where = f" {url}  (embedded, data in {postgres.data_dir})"
+    applied, version = upgrade_schema(settings)
+    print(f"history: PostgreSQL{where}, schema version {version}"
+          + (f" (applied {applied})" if applied else ""), flush=True)  # fmt: skip
+    return settings
 
 
 @app.command()
@@ -73,7 +100,7 @@ def api(
     from dispatcher.logs import configure_logging
     from dispatcher.serve import install_uvloop, serve
 
-    settings = with_redis_url(load_settings(**_listen(host, port)))
+    settings = with_history_url(with_redis_url(load_settings(**_listen(host, port))))
     configure_logging(settings)
     install_uvloop()
     asyncio.run(serve(settings, with_worker=False))
@@ -89,7 +116,7 @@ def worker(
     from dispatcher.logs import configure_logging
     from dispatcher.serve import install_uvloop, work
 
-    settings = with_redis_url(load_settings())
+    settings = with_history_url(with_redis_url(load_settings()))
     if check:
         raise typer.Exit(_check_worker(settings, socket.gethostname()))
     configure_logging(settings)

@@ -13,6 +13,7 @@ import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 
 from dispatcher.errors import Unavailable
+from dispatcher.settings import EMBEDDED
 
 if TYPE_CHECKING:
     from dispatcher.settings import Settings
@@ -48,6 +49,8 @@ _APP = {
 def _url(settings: Settings) -> str:
     if not settings.history_url:
         raise RuntimeError("no DISPATCHER_HISTORY_URL: history lives in Redis")
+    if settings.history_url == EMBEDDED:  # the entry point replaces it with the server's URL
+        raise RuntimeError("DISPATCHER_HISTORY_URL=embedded: start `dispatcher run` first")
     return settings.history_url
 
 

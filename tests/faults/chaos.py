@@ -134,7 +134,8 @@ async def judge(
     a recorded drop. A FAILED record is false when, during its attempt, the receiver
     answered that delivery with a 2xx."""
     verdict = Verdict(expected)
-    dropped = {orjson.loads(e).get("deliveryId") for e in await redis.lrange(keys.DROPPED, 0, -1)}
+    drops = await redis.lrange(keys.DROPPED, 0, -1)  # type: ignore[misc]  # sync|async
+    dropped = {orjson.loads(e).get("deliveryId") for e in drops}
     by_delivery: dict[str, list[HistoryRecord]] = {}
     for record in records:
         by_delivery.setdefault(record.delivery_id or "", []).append(record)

@@ -14,7 +14,6 @@ import time
 import tracemalloc
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
@@ -126,9 +125,12 @@ async def test_redis_restart_under_running_worker_and_api(
 
 # ---- receivers misbehaving at the socket level ---------------------------------------------
 
+# Starts a raw TCP server running the handler; returns its URL.
+RawServer = Callable[[Callable[..., Awaitable[None]]], Awaitable[str]]
+
 
 @pytest.fixture
-async def raw_server() -> AsyncIterator[Callable[[Callable[..., Awaitable[None]]], str]]:
+async def raw_server() -> AsyncIterator[RawServer]:
     servers: list[asyncio.Server] = []
 
     async def start(handler: Callable[..., Awaitable[None]]) -> str:
@@ -137,7 +139,7 @@ async def raw_server() -> AsyncIterator[Callable[[Callable[..., Awaitable[None]]
         port = server.sockets[0].getsockname()[1]
         return f"http://127.0.0.1:{port}/hook"
 
-    yield start  # type: ignore[misc]
+    yield start
     for server in servers:
         server.close()
         await server.wait_closed()
@@ -162,7 +164,7 @@ async def test_receivers_that_reset_or_speak_garbage_are_recorded_and_retried(
     settings: Settings,
     redis: Redis,
     run_worker: RunWorker,
-    raw_server: Any,
+    raw_server: RawServer,
     handler: Callable[..., Awaitable[None]],
     fragment: str,
 ) -> None:

@@ -16,13 +16,13 @@ import pytest
 from redis.asyncio import Redis
 
 from dispatcher import keys
+from dispatcher.embedded import FAST, EmbeddedPostgres
 from dispatcher.models import Event, Region
 from dispatcher.producer import Producer
 from dispatcher.registry import Registry
 from dispatcher.settings import Settings
 from dispatcher.status import live_workers
 from tests.helpers import Receiver, on_postgres, start_worker, until
-from tests.pgserver import PgServer
 
 pytestmark = pytest.mark.timeout(150)
 
@@ -30,9 +30,9 @@ SHIPPING = {"DISPATCHER_HISTORY_TIMEOUT": "1", "DISPATCHER_LOG_LEVEL": "INFO"}
 
 
 @pytest.fixture
-def own_pg() -> Iterator[PgServer]:
+def own_pg() -> Iterator[EmbeddedPostgres]:
     """A PostgreSQL this test may freeze, migrated."""
-    with PgServer() as server:
+    with EmbeddedPostgres(settings=FAST) as server:
         on_postgres(server.url, "upgrade")
         yield server
 
@@ -50,7 +50,7 @@ async def stored(url: str) -> list[tuple[int, str, str]]:
 
 
 async def test_a_record_survives_a_worker_sigkill_between_the_attempt_and_the_shipment(
-    settings: Settings, redis: Redis, receiver: Receiver, own_pg: PgServer,
+    settings: Settings, redis: Redis, receiver: Receiver, own_pg: EmbeddedPostgres,
     workers: list[subprocess.Popen[bytes]], tmp_path: Path,
 ) -> None:  # fmt: skip
     url = receiver.url("/hook")
@@ -88,7 +88,7 @@ async def test_a_record_survives_a_worker_sigkill_between_the_attempt_and_the_sh
 
 
 async def test_postgres_stopped_for_20_s_under_load_loses_no_record_and_delays_none(
-    settings: Settings, redis: Redis, receiver: Receiver, own_pg: PgServer,
+    settings: Settings, redis: Redis, receiver: Receiver, own_pg: EmbeddedPostgres,
     workers: list[subprocess.Popen[bytes]], tmp_path: Path,
 ) -> None:  # fmt: skip
     """Two workers, 10 events a second for 30 s; PostgreSQL frozen from second 5 to 25:

@@ -11,7 +11,7 @@ import shlex
 import shutil
 import subprocess
 import tomllib
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +20,9 @@ import pytest
 import yaml
 
 from dispatcher.settings import Settings
+
+# Settings built from a mapping of DISPATCHER_* variables; `where` names it in messages.
+SettingsFromEnv = Callable[[Mapping[str, Any], str], Settings]
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
@@ -48,7 +51,7 @@ def rel(path: Path) -> str:
 
 
 @pytest.fixture
-def settings_from_env(monkeypatch: pytest.MonkeyPatch) -> Any:
+def settings_from_env(monkeypatch: pytest.MonkeyPatch) -> SettingsFromEnv:
     """Build Settings from a mapping of DISPATCHER_* variables, and nothing else."""
 
     def build(env: Mapping[str, Any], where: str) -> Settings:
@@ -228,7 +231,7 @@ def test_compose_redis_is_durable_and_checked() -> None:
 
 
 @pytest.mark.parametrize("name", ["api", "worker"])
-def test_compose_app_services(name: str, settings_from_env: Any) -> None:
+def test_compose_app_services(name: str, settings_from_env: SettingsFromEnv) -> None:
     service = compose()["services"][name]
     context = (COMPOSE.parent / service["build"]["context"]).resolve()
     assert context == ROOT
@@ -248,7 +251,7 @@ def test_compose_api() -> None:
     assert "urllib" in check and "/healthz" in check
 
 
-def test_compose_worker(settings_from_env: Any) -> None:
+def test_compose_worker(settings_from_env: SettingsFromEnv) -> None:
     services = compose()["services"]
     worker = services["worker"]
     assert worker["image"] == services["api"]["image"], "one image for api and worker"
@@ -260,7 +263,7 @@ def test_compose_worker(settings_from_env: Any) -> None:
     assert as_argv(worker["healthcheck"]["test"])[-3:] == ["dispatcher", "worker", "--check"]
 
 
-def test_compose_keeps_the_history_in_postgres(settings_from_env: Any) -> None:
+def test_compose_keeps_the_history_in_postgres(settings_from_env: SettingsFromEnv) -> None:
     services = compose()["services"]
     postgres = services["postgres"]
     assert str(postgres["image"]).startswith("postgres:")
@@ -366,7 +369,7 @@ def test_selectors_match_a_deployment(kind: str) -> None:
                 assert str(port["targetPort"]) in pod_ports(targets[0])
 
 
-def test_config_map_settings_parse(settings_from_env: Any) -> None:
+def test_config_map_settings_parse(settings_from_env: SettingsFromEnv) -> None:
     settings = settings_from_env(config_data(), "ConfigMap")
     assert settings.api_host == "0.0.0.0"
     assert settings.log_format == "json"
@@ -420,7 +423,7 @@ def test_api_deployment_probes() -> None:
     assert api["resources"]["limits"] and api["resources"]["requests"]
 
 
-def test_worker_deployment(settings_from_env: Any) -> None:
+def test_worker_deployment(settings_from_env: SettingsFromEnv) -> None:
     doc = deployment("worker")
     worker = container(doc)
     for key in ("requests", "limits"):
@@ -489,7 +492,7 @@ UNITS = {
 
 def unit(path: Path) -> configparser.ConfigParser:
     parser = configparser.ConfigParser(strict=False, interpolation=None)
-    parser.optionxform = str  # type: ignore[assignment,method-assign]
+    parser.optionxform = str  # type: ignore[assignment,method-assign]  # keep case, as documented
     parser.read_string(path.read_text(), source=str(path))
     return parser
 
@@ -561,7 +564,7 @@ def test_systemd_worker_outlives_its_grace() -> None:
     assert any("%i" in f and f.startswith("-") for f in files[1:])
 
 
-def test_systemd_env_example(settings_from_env: Any) -> None:
+def test_systemd_env_example(settings_from_env: SettingsFromEnv) -> None:
     example = env_file(SYSTEMD / "env.example")
     settings = settings_from_env(example, "env.example")
     assert settings.redis_url is not None

@@ -12,6 +12,7 @@ from redis.asyncio import Redis
 
 from dispatcher.api import create_app
 from dispatcher.auth import ALL_PROJECTS, Role, Roles
+from dispatcher.embedded import EmbeddedRedis
 from dispatcher.producer import Producer
 from dispatcher.settings import Settings
 from tests.helpers import UID, Receiver, RunWorker, make_settings
@@ -22,7 +23,7 @@ CREATE = {"event": "BUILD_END", "region": "DEVNET", "url": "http://127.0.0.1:900
 
 
 @pytest.fixture
-def strict_settings(redis_server: Any) -> Settings:
+def strict_settings(redis_server: EmbeddedRedis) -> Settings:
     return make_settings(redis_server.url, open_access=False, gateway_token="gw-secret")
 
 
@@ -108,7 +109,10 @@ async def test_emit_route_queues_and_delivers(
     assert body["data"]["eventId"].startswith("evt_")
     await run_worker()
     [seen] = receiver.requests()
-    assert seen.body == b'{"event":"BUILD_END","data":{"buildId":"b-7","nested":{"ok":[1,2]}}}'
+    assert seen.body == (
+        b'{"event":"BUILD_END","projectId":"demo","data":{"buildId":"b-7","nested":{"ok":[1,2]}}}'
+    )
+    assert seen.headers["X-DEVOPS-PROJECT-ID"] == "demo"
 
 
 @pytest.mark.parametrize(
@@ -168,7 +172,7 @@ async def test_readiness_fails_when_redis_is_unreachable(settings: Settings) -> 
     from redis.asyncio import Redis
 
     nowhere = Redis.from_url("redis://127.0.0.1:1/0", socket_connect_timeout=0.2)
-    app = create_app(settings, nowhere)  # type: ignore[arg-type]
+    app = create_app(settings, nowhere)
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://d") as client:

@@ -99,6 +99,7 @@ def test_emit_queues_an_event(cli: CliRunner, redis_server: EmbeddedRedis, tmp_p
         (["--data", "{broken"], "not valid JSON"),
         (["--data", "[1]"], "JSON object"),
         (["--event", "NOPE"], "unknown event"),
+        (["--event-id", "nl-batch\n"], "eventId"),
     ],
 )
 def test_emit_refuses_bad_input(cli: CliRunner, args: list[str], fragment: str) -> None:
@@ -166,7 +167,8 @@ def _seed_status(url: str) -> None:
             await health.failed(3, "x")
         await Producer(settings, redis).emit_many([("p", "BUILD_END", {})] * 3)
         minute = keys.stats(int(time.time()) // 60)
-        await redis.hset(minute, mapping={"success": 7, "retry": 2, "failed": 1, "ms:50": 10})
+        counts = {"success": 7, "retry": 2, "failed": 1, "ms:50": 10}
+        await redis.hset(minute, mapping=counts)  # type: ignore[misc]  # sync|async
         await redis.aclose()
 
     asyncio.run(go())
@@ -229,7 +231,7 @@ def test_bulk_redeliver_and_sweep(cli: CliRunner, redis_server: EmbeddedRedis) -
     assert result.exit_code == 0, result.output
     assert "queued 2 redeliveries" in result.output
     client = redis_py.Redis.from_url(redis_server.url)
-    queued = [k for k in client.keys(keys.ARQ_JOB_PREFIX + "*") if b"redeliver" in k]
+    queued = [k for k in client.scan_iter(keys.ARQ_JOB_PREFIX + "*") if b"redeliver" in k]
     client.close()
     assert len(queued) == 2
     swept = cli.invoke(app, ["sweep"])

@@ -18,6 +18,7 @@ from redis.asyncio import Redis
 from dispatcher import keys
 from dispatcher.auth import Role, Roles
 from dispatcher.console.csrf import COOKIE
+from dispatcher.embedded import EmbeddedRedis
 from dispatcher.history import HistoryStore, open_history
 from dispatcher.jobs import Queue
 from dispatcher.models import Event, Region
@@ -58,7 +59,7 @@ def token_of(html: str) -> str:
 
 
 @pytest.fixture
-def strict_settings(redis_server: Any) -> Settings:
+def strict_settings(redis_server: EmbeddedRedis) -> Settings:
     return make_settings(redis_server.url, open_access=False)
 
 
@@ -214,7 +215,7 @@ async def test_open_access_lets_a_browser_without_identity_act(
 
 
 async def test_the_gateway_token_guards_the_console_and_the_docs(
-    redis_server: Any, redis: Redis
+    redis_server: EmbeddedRedis, redis: Redis
 ) -> None:
     settings = make_settings(redis_server.url, gateway_token="gw")
     async with app_client(settings, redis) as client:

@@ -14,9 +14,10 @@ from standardwebhooks import Webhook
 from structlog.testing import capture_logs
 
 from dispatcher import keys
+from dispatcher.embedded import EmbeddedRedis
 from dispatcher.history.redis import RedisHistory
 from dispatcher.jobs import EventJob, Queue
-from dispatcher.models import Event, Region
+from dispatcher.models import Event, HistoryRecord, Region
 from dispatcher.producer import Producer
 from dispatcher.registry import Registry
 from dispatcher.services import Services
@@ -41,7 +42,9 @@ async def emit(settings: Settings, redis: Redis, event: str = "BUILD_END", **dat
     return await Producer(settings, redis).emit("demo", event, data or {"buildId": "b-1"})
 
 
-async def records(redis: Redis, settings: Settings, url: str, event: str = "BUILD_END") -> list:
+async def records(
+    redis: Redis, settings: Settings, url: str, event: str = "BUILD_END"
+) -> list[HistoryRecord]:
     now = int(time.time() * 1000)
     page = await RedisHistory(redis, settings).query(
         "demo", url, event, start_ms=now - 60_000, end_ms=now + 60_000, page_size=100
@@ -60,7 +63,7 @@ async def test_event_reaches_every_matching_callback_and_no_other(
     await run_worker()
     assert sorted(s.path for s in receiver.seen) == ["/a", "/b"]
     body = orjson.loads(receiver.requests("/a")[0].body)
-    assert body == {"event": "BUILD_END", "data": {"buildId": "b-1"}}
+    assert body == {"event": "BUILD_END", "projectId": "demo", "data": {"buildId": "b-1"}}
 
 
 async def test_token_and_signature_verify_with_standardwebhooks(
@@ -77,11 +80,11 @@ async def test_token_and_signature_verify_with_standardwebhooks(
     assert seen.headers["webhook-id"] == seen.headers["X-DEVOPS-DELIVERY-ID"]
     assert seen.headers["webhook-id"].startswith(event_id)
     verifier = Webhook("whsec_" + base64.b64encode(b"s3cret").decode())
-    verified = verifier.verify(seen.body, seen.headers)
-    assert verified == {"event": "BUILD_END", "data": {"buildId": "b-1"}}
+    verified = verifier.verify(seen.body, dict(seen.headers))
+    assert verified == {"event": "BUILD_END", "projectId": "demo", "data": {"buildId": "b-1"}}
     forged = Webhook("whsec_" + base64.b64encode(b"other").decode())
     with pytest.raises(Exception, match="signature"):
-        forged.verify(seen.body, seen.headers)
+        forged.verify(seen.body, dict(seen.headers))
 
 
 async def test_no_token_no_token_header_and_no_signature(
@@ -149,9 +152,9 @@ async def test_redirect_is_a_failure_not_followed(
 
 
 async def test_hanging_receiver_is_cut_at_the_timeout_and_retried(
-    redis_server: object, redis: Redis, receiver: Receiver, run_worker: RunWorker
+    redis_server: EmbeddedRedis, redis: Redis, receiver: Receiver, run_worker: RunWorker
 ) -> None:
-    settings = make_settings(redis_server.url, total_timeout=0.3, connect_timeout=0.3)  # type: ignore[attr-defined]
+    settings = make_settings(redis_server.url, total_timeout=0.3, connect_timeout=0.3)
     url = receiver.script("/hook", hang(5), answer(200))
     await register(redis, url)
     await emit(settings, redis)
@@ -211,7 +214,8 @@ async def test_callback_disabled_between_retries_gets_no_more_attempts(
     await Registry(redis).set_enabled(callback_id, False, "paused")
     await run_worker(slow)
     assert len(receiver.requests()) == 1
-    [drop] = [orjson.loads(e) for e in await redis.lrange(keys.DROPPED, 0, -1)]
+    drops = await redis.lrange(keys.DROPPED, 0, -1)  # type: ignore[misc]  # sync|async
+    [drop] = [orjson.loads(e) for e in drops]
     assert drop["deliveryId"] == f"{event_id}.{callback_id}"
     assert drop["reason"] == "callback deleted or disabled"
     assert await redis.zcard(settings.queue_name) == 0

@@ -5,6 +5,7 @@ Redis store and against the PostgreSQL store (records shipped from the stream fi
 from __future__ import annotations
 
 import time
+from collections.abc import AsyncIterator
 from datetime import datetime
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -15,9 +16,10 @@ from redis.asyncio import Redis
 
 from dispatcher.api import create_app
 from dispatcher.auth import Role, Roles
+from dispatcher.embedded import EmbeddedRedis
 from dispatcher.errors import NotFound
 from dispatcher.history import HistoryStore, open_history, parse_window
-from dispatcher.models import DeliveryStatus, Event, Region
+from dispatcher.models import DeliveryStatus, Event, HistoryPage, Region
 from dispatcher.producer import Producer
 from dispatcher.registry import Registry
 from dispatcher.services import Services
@@ -55,7 +57,7 @@ def record(created: int, *, url: str = URL, event: str = "BUILD_END", n: int = 0
 
 
 @pytest.fixture(params=["redis", "postgres"])
-def settings(request: pytest.FixtureRequest, redis_server: Any) -> Settings:
+def settings(request: pytest.FixtureRequest, redis_server: EmbeddedRedis) -> Settings:
     """The contract runs on both backends."""
     if request.param == "postgres":
         return make_settings(redis_server.url, history_url=request.getfixturevalue("pg_url"))
@@ -63,7 +65,7 @@ def settings(request: pytest.FixtureRequest, redis_server: Any) -> Settings:
 
 
 @pytest.fixture
-async def store(settings: Settings, redis: Redis) -> Any:
+async def store(settings: Settings, redis: Redis) -> AsyncIterator[HistoryStore]:
     history = open_history(settings, redis)
     yield history
     await history.close()
@@ -75,7 +77,7 @@ def tz_settings(settings: Settings) -> Settings:
 
 
 @pytest.fixture
-async def tz_api(tz_settings: Settings, redis: Redis) -> Any:
+async def tz_api(tz_settings: Settings, redis: Redis) -> AsyncIterator[httpx.AsyncClient]:
     app = create_app(tz_settings, redis)
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)
@@ -121,7 +123,7 @@ async def test_paging_arithmetic(redis: Redis, settings: Settings, store: Histor
     await fill(redis, settings, [now - 10_000 + i for i in range(45)])
     history = store
 
-    async def page(n: int, size: int = 20) -> Any:
+    async def page(n: int, size: int = 20) -> HistoryPage:
         return await history.query(
             "demo", URL, "BUILD_END", start_ms=now - 60_000, end_ms=now, page=n, page_size=size
         )
@@ -409,3 +411,61 @@ async def test_recent_deliveries_of_a_url_across_its_events(
     assert (
         await store.recent("demo", [URL], start_ms=0, end_ms=now - 86_400_000 * 8)
     ).records == []
+
+
+async def test_a_signature_stored_by_an_older_version_is_masked_when_read(
+    settings: Settings, redis: Redis, api: httpx.AsyncClient
+) -> None:
+    """Older workers stored `webhook-signature` in clear: every read masks it, in both
+    stores, on the API and on the console's attempt page."""
+    old = record(int(time.time() * 1000))
+    old["requestHeaders"] = [
+        {"name": "X-DEVOPS-WEBHOOK-TOKEN", "value": "******"},
+        {"name": "webhook-id", "value": "evt_0.1"},
+        {"name": "Webhook-Signature", "value": "v1,CLEARsignatureBASE64="},
+    ]
+    old.update(status="FAILED", final=True, responseCode=500)
+    history = open_history(settings, redis)
+    try:
+        record_id = await history.add(old, dead=True)
+    finally:
+        await history.close()
+    await ship_all(settings, redis)
+    texts = [
+        (await api.get(V3, params={"url": URL, "event": "BUILD_END"}, headers=UID)).text,
+        (await api.get(f"/console/projects/demo/history/{record_id}", headers=UID)).text,
+    ]
+    async with Services.open(settings, redis) as services:
+        got = await services.record(record_id, "demo")
+        texts.append(got.model_dump_json())
+        dead = await services.dead_letters("demo")
+        texts += [r.model_dump_json() for r in dead]
+    assert [r.id for r in dead] == [record_id]
+    assert {h.name: h.value for h in got.request_headers} == {
+        "X-DEVOPS-WEBHOOK-TOKEN": "******", "webhook-id": "evt_0.1", "Webhook-Signature": "******",
+    }  # fmt: skip
+    assert not any("CLEARsignature" in text for text in texts)
+
+
+async def test_redelivery_of_an_older_record_sends_its_stored_body_as_it_was(
+    settings: Settings, redis: Redis, api: httpx.AsyncClient, receiver: Receiver,
+    run_worker: RunWorker,
+) -> None:  # fmt: skip
+    """A record of an older version has no `projectId` in its body: it is sent as stored
+    (its signature covers those bytes), and the project header names the record's project."""
+    callback_id, _ = await Registry(redis).create(
+        "demo", receiver.url(), Event.BUILD_END, Region.DEVNET
+    )
+    old = record(int(time.time() * 1000), url=receiver.url())
+    old.update(requestBody='{"event":"BUILD_END","data":{"n":1}}', callbackId=callback_id)
+    history = open_history(settings, redis)
+    try:
+        record_id = await history.add(old)
+    finally:
+        await history.close()
+    await ship_all(settings, redis)
+    assert (await api.post(f"{V3}/{record_id}/retry", headers=UID)).json()["status"] == 0
+    await run_worker()
+    [seen] = receiver.requests()
+    assert seen.body == b'{"event":"BUILD_END","data":{"n":1}}'
+    assert seen.headers["X-DEVOPS-PROJECT-ID"] == "demo"

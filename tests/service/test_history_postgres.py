@@ -20,6 +20,7 @@ from typer.testing import CliRunner
 
 from dispatcher import keys
 from dispatcher.cli import app
+from dispatcher.embedded import FAST, EmbeddedPostgres, EmbeddedRedis
 from dispatcher.errors import Unavailable
 from dispatcher.history import open_history
 from dispatcher.history.loader import Loader, parse_row
@@ -35,7 +36,6 @@ from dispatcher.services import Services
 from dispatcher.settings import Settings
 from dispatcher.worker import create_worker
 from tests.helpers import Receiver, app_client, hang, make_settings, ship_all, until
-from tests.pgserver import PgServer
 
 URL = "http://127.0.0.1:9000/hook"
 
@@ -51,7 +51,7 @@ def record(created: int, n: int, **extra: Any) -> dict[str, Any]:
 
 
 @pytest.fixture
-async def fresh_db(pg_server: PgServer) -> AsyncIterator[str]:
+async def fresh_db(pg_server: EmbeddedPostgres) -> AsyncIterator[str]:
     """A database of its own (empty: no schema), dropped afterwards."""
     name = f"t_{uuid.uuid4().hex[:12]}"
     admin = await asyncpg.connect(pg_server.url)
@@ -64,7 +64,7 @@ async def fresh_db(pg_server: PgServer) -> AsyncIterator[str]:
 
 
 @pytest.fixture
-def pg_settings(redis_server: Any, pg_url: str) -> Settings:
+def pg_settings(redis_server: EmbeddedRedis, pg_url: str) -> Settings:
     return make_settings(redis_server.url, history_url=pg_url)
 
 
@@ -85,7 +85,7 @@ async def catalog(conn: asyncpg.Connection) -> list[Any]:
     ]
 
 
-async def test_migrations_run_twice_are_a_no_op(fresh_db: str, pg_server: PgServer) -> None:
+async def test_migrations_run_twice_are_a_no_op(fresh_db: str, pg_server: EmbeddedPostgres) -> None:
     conn = await asyncpg.connect(fresh_db)
     try:
         assert await upgrade(conn) == [1, 2, 3]
@@ -107,7 +107,7 @@ async def test_migrations_run_twice_are_a_no_op(fresh_db: str, pg_server: PgServ
 
 
 def test_db_upgrade_command_twice(
-    fresh_db: str, redis_server: Any, monkeypatch: pytest.MonkeyPatch
+    fresh_db: str, redis_server: EmbeddedRedis, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("DISPATCHER_REDIS_URL", redis_server.url)
     monkeypatch.setenv("DISPATCHER_HISTORY_URL", fresh_db)
@@ -118,7 +118,7 @@ def test_db_upgrade_command_twice(
 
 
 async def test_retention_drops_a_days_partition_and_nothing_newer(
-    fresh_db: str, redis_server: Any, redis: Redis
+    fresh_db: str, redis_server: EmbeddedRedis, redis: Redis
 ) -> None:
     settings = make_settings(redis_server.url, history_url=fresh_db)
     conn = await asyncpg.connect(fresh_db)
@@ -195,7 +195,8 @@ async def test_two_shippers_at_once_store_each_record_once(
         await shipper.close()
     assert sum(stored) == 1500
     page = await history.query("demo", URL, "BUILD_END", start_ms=now - 120_000, end_ms=now)
-    pool = await history.pool()  # type: ignore[attr-defined]
+    assert isinstance(history, PostgresHistory)
+    pool = await history.pool()
     rows = await pool.fetchval("SELECT count(DISTINCT id) FROM history_attempts")
     await history.close()
     assert page.count == 1500 and rows == 1500
@@ -271,7 +272,7 @@ def _doc(n: int, at: int, url: str = URL) -> bytes:
 
 
 def test_history_migrate_copies_the_redis_history(
-    pg_settings: Settings, redis_server: Any, monkeypatch: pytest.MonkeyPatch
+    pg_settings: Settings, redis_server: EmbeddedRedis, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     now = int(time.time() * 1000)
     redis_settings = make_settings(redis_server.url)
@@ -310,9 +311,9 @@ def test_history_migrate_copies_the_redis_history(
 
 
 async def test_an_unreachable_database_is_a_503_with_a_message(
-    redis_server: Any, redis: Redis
+    redis_server: EmbeddedRedis, redis: Redis
 ) -> None:
-    with PgServer() as server:
+    with EmbeddedPostgres(settings=FAST) as server:
         url = server.url
     settings = make_settings(redis_server.url, history_url=url, history_timeout=1)
     async with Services.open(settings, redis) as services:
@@ -323,7 +324,7 @@ async def test_an_unreachable_database_is_a_503_with_a_message(
 
 
 async def test_past_the_backlog_limit_workers_wait_and_nothing_is_lost(
-    redis_server: Any, pg_url: str, redis: Redis, receiver: Receiver
+    redis_server: EmbeddedRedis, pg_url: str, redis: Redis, receiver: Receiver
 ) -> None:
     """Shipping off, a limit of 5 waiting records: the worker stops claiming once the
     backlog reaches it, and resumes, losing nothing, once the records are shipped."""
@@ -391,7 +392,7 @@ async def test_a_stream_made_anew_below_the_watermark_is_read_from_its_start(
 
 
 def test_history_ship_drain_command(
-    pg_settings: Settings, redis_server: Any, monkeypatch: pytest.MonkeyPatch
+    pg_settings: Settings, redis_server: EmbeddedRedis, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     now = int(time.time() * 1000)
 

@@ -4,11 +4,11 @@ PostgreSQL store drops whole day partitions: tests/service/test_history_postgres
 from __future__ import annotations
 
 import time
-from typing import Any
 
 from redis.asyncio import Redis
 
 from dispatcher import keys
+from dispatcher.embedded import EmbeddedRedis
 from dispatcher.history.redis import RedisHistory
 from dispatcher.settings import Settings
 from tests.helpers import make_settings
@@ -36,14 +36,14 @@ async def test_retention_removes_old_records_and_their_index_entries_only(
     assert await redis.zcard(index) == 2
     emptied = keys.history_index("demo", "BUILD_START", URL)
     assert not await redis.exists(emptied)
-    assert not await redis.sismember(keys.HISTORY_INDEXES, emptied)
+    assert not await redis.sismember(keys.HISTORY_INDEXES, emptied)  # type: ignore[misc]  # sync|async
     # the URL's index across events lost the same records, and only those
     across = keys.history_url_index("demo", URL, failed=False)
     assert sorted(int(m) for m in await redis.zrange(across, 0, -1)) == fresh
     assert await history.sweep(now_ms=now) == 0
 
 
-async def test_sweep_works_in_bounded_batches(redis: Redis, redis_server: Any) -> None:
+async def test_sweep_works_in_bounded_batches(redis: Redis, redis_server: EmbeddedRedis) -> None:
     settings = make_settings(redis_server.url, sweep_batch=10)
     now = int(time.time() * 1000)
     await fill(redis, settings, [now - 8 * 86_400_000 + i for i in range(35)])

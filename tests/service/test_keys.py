@@ -35,7 +35,8 @@ async def test_scripts_and_keys_py_build_the_same_names(settings: Settings, redi
     }
     assert await present(redis) == registered
     field = keys.callback_unique_field("BUILD_END", URL)
-    assert await redis.hget(keys.callback_unique("demo"), field) == str(callback_id).encode()
+    unique = await redis.hget(keys.callback_unique("demo"), field)  # type: ignore[misc]  # sync|async
+    assert unique == str(callback_id).encode()
 
     await services.health.failed(callback_id, "HTTP 500")
     failing = {keys.health(callback_id), keys.HEALTH_FAILING}
@@ -73,7 +74,8 @@ async def test_scripts_and_keys_py_build_the_same_names(settings: Settings, redi
     weird = keys.history_index("a:b", "BUILD_END", URL)  # a separator in the project id
     assert keys.history_url_indexes_of(weird)[1] == keys.history_url_index("a:b", URL, True)
     assert await redis.zrange(index, 0, -1) == [keys.history_member(record_id).encode()]
-    assert await redis.smembers(keys.HISTORY_DEAD_KEYS) == {keys.history_dead("demo").encode()}
+    dead_keys = await redis.smembers(keys.HISTORY_DEAD_KEYS)  # type: ignore[misc]  # sync|async
+    assert dead_keys == {keys.history_dead("demo").encode()}
     assert [r.id for r in await services.history.dead("demo")] == [record_id]
 
     attempt = {**record, "deliveryId": "evt_1.1"}
@@ -120,7 +122,8 @@ async def test_pipeline_and_platform_callbacks_use_the_names_keys_py_builds(
         (str(piped).encode(), float(piped))
     ]
     field = keys.callback_unique_field("BUILD_END", URL)
-    assert await redis.hget(keys.callback_unique(scope), field) == str(piped).encode()
+    unique = await redis.hget(keys.callback_unique(scope), field)  # type: ignore[misc]  # sync|async
+    assert unique == str(piped).encode()
 
     await registry.set_enabled(piped, False, "test")  # the script finds the pipeline's set
     assert not await redis.exists(keys.match(scope, "BUILD_END"))

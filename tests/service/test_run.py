@@ -1,77 +1,158 @@
-"""`dispatcher run` as a newcomer uses it: embedded Redis, API, worker, one process."""
+"""`dispatcher run` as a newcomer uses it: embedded Redis (and, when asked, an embedded
+PostgreSQL history), API, worker, one process."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import shutil
 import signal
-import socket
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
+import asyncpg
 import httpx
+import pytest
 
-from dispatcher.embedded import EmbeddedRedis
-from tests.helpers import Receiver
+from dispatcher import keys
+from dispatcher.connections import connect
+from dispatcher.embedded import EmbeddedPostgres, EmbeddedRedis
+from tests.helpers import Receiver, free_port, make_settings, until
+
+STARTS_WITHIN_S = 30
+UID = {"X-DEVOPS-UID": "alice"}
+HISTORY = "/ms/openapi/api/apigw/v3/projects/demo/callbacks/history"
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+@dataclass
+class Run:
+    """A running `dispatcher run`: its API client, the environment it was given (for the
+    CLI commands run beside it) and its output so far."""
+
+    base: str
+    client: httpx.AsyncClient
+    env: dict[str, str]
+    log: Path
+
+    def output(self) -> str:
+        return self.log.read_text()
+
+
+async def _until_healthy(run: Run, process: asyncio.subprocess.Process) -> None:
+    deadline = time.monotonic() + STARTS_WITHIN_S
+    while True:
+        with contextlib.suppress(httpx.TransportError):
+            if (await run.client.get("/healthz")).status_code == 200:
+                return
+        assert process.returncode is None, run.output()
+        assert time.monotonic() < deadline, run.output()
+        await asyncio.sleep(0.1)
+
+
+@contextlib.asynccontextmanager
+async def running(data_dir: Path, log: Path, **env: str) -> AsyncIterator[Run]:
+    """`dispatcher run` in a subprocess, no DISPATCHER_* setting but its data folder, a free
+    API port and `env`, until it answers /healthz; stopped with Ctrl+C (SIGINT)."""
+    port = free_port()
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("DISPATCHER_")}
+    environ.update(DISPATCHER_DATA_DIR=str(data_dir), DISPATCHER_API_PORT=str(port), **env)
+    with log.open("wb") as out:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "dispatcher", "run", env=environ, stdout=out,
+            stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        base = f"http://127.0.0.1:{port}"
+        try:
+            async with httpx.AsyncClient(base_url=base, timeout=5) as client:
+                run = Run(base, client, environ, log)
+                await _until_healthy(run, process)
+                yield run
+        finally:
+            process.send_signal(signal.SIGINT)
+            await asyncio.wait_for(process.wait(), 30)
+
+
+async def register_and_emit(run: Run, receiver: Receiver) -> None:
+    """The README's Try it: the seed's registration request, then `dispatcher emit`; the
+    receiver gets the signed event."""
+    created = await run.client.post(
+        "/apigw-user/v4/projects/demo/callbacks",
+        params={"event": "BUILD_END", "region": "DEVNET", "secretToken": "s3cret",
+                "url": receiver.url()},
+        headers={"Content-Type": "application/json", **UID},
+    )  # fmt: skip
+    assert created.json() == {"data": True, "message": None, "status": 0}
+    emitted = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "dispatcher", "emit", "--project", "demo",
+        "--event", "BUILD_END", "--data", '{"buildId": "b-42"}',
+        env=run.env, stderr=subprocess.PIPE, stdout=subprocess.PIPE,
+    )  # fmt: skip
+    _, stderr = await asyncio.wait_for(emitted.communicate(), 30)
+    assert emitted.returncode == 0, stderr.decode()
+    await receiver.wait_for(1, within=5)
+    [seen] = receiver.requests()
+    assert seen.headers["X-DEVOPS-WEBHOOK-TOKEN"] == "s3cret"
+    assert seen.body == b'{"event":"BUILD_END","projectId":"demo","data":{"buildId":"b-42"}}'
 
 
 async def test_run_serves_the_seed_request_and_delivers(tmp_path: Path, receiver: Receiver) -> None:
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DISPATCHER_")}
-    env.update(DISPATCHER_DATA_DIR=str(tmp_path / "data"), DISPATCHER_API_PORT=str(port))
-    log = (tmp_path / "run.log").open("wb")
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "dispatcher", "run", env=env, stdout=log, stderr=subprocess.STDOUT
-    )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        async with httpx.AsyncClient(base_url=base, timeout=5) as client:
-            deadline = time.monotonic() + 20
-            while True:
-                try:
-                    if (await client.get("/healthz")).status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                assert time.monotonic() < deadline, (tmp_path / "run.log").read_text()
-                await asyncio.sleep(0.1)
-            created = await client.post(
-                "/apigw-user/v4/projects/demo/callbacks",
-                params={"event": "BUILD_END", "region": "DEVNET", "secretToken": "s3cret",
-                        "url": receiver.url()},
-                headers={"Content-Type": "application/json", "X-DEVOPS-UID": "alice"},
-            )  # fmt: skip
-            assert created.json() == {"data": True, "message": None, "status": 0}
-            listed = await client.get(
-                "/apigw-user/v4/projects/demo/callbacks", headers={"X-DEVOPS-UID": "alice"}
-            )
-            assert listed.json()["data"]["records"][0]["url"] == receiver.url()
-            console = await client.get("/console/projects/demo")  # a browser sends no uid
-            assert console.status_code == 200 and receiver.url() in console.text
-        emitted = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "dispatcher", "emit", "--project", "demo",
-            "--event", "BUILD_END", "--data", '{"buildId": "b-42"}',
-            env=env, stderr=subprocess.PIPE, stdout=subprocess.PIPE,
-        )  # fmt: skip
-        _, stderr = await asyncio.wait_for(emitted.communicate(), 30)
-        assert emitted.returncode == 0, stderr.decode()
-        await receiver.wait_for(1, within=5)
-        [seen] = receiver.requests()
-        assert seen.headers["X-DEVOPS-WEBHOOK-TOKEN"] == "s3cret"
-        assert seen.body == b'{"event":"BUILD_END","data":{"buildId":"b-42"}}'
-    finally:
-        process.send_signal(signal.SIGINT)
-        await asyncio.wait_for(process.wait(), 30)
-        log.close()
-    output = (tmp_path / "run.log").read_text()
-    assert f"API on {base}" in output and "worker.stopped" in output
+    async with running(tmp_path / "data", tmp_path / "run.log") as run:
+        await register_and_emit(run, receiver)
+        listed = await run.client.get("/apigw-user/v4/projects/demo/callbacks", headers=UID)
+        assert listed.json()["data"]["records"][0]["url"] == receiver.url()
+        console = await run.client.get("/console/projects/demo")  # a browser sends no uid
+        assert console.status_code == 200 and receiver.url() in console.text
+    output = run.output()
+    assert f"API on {run.base}" in output and "worker.stopped" in output
     assert EmbeddedRedis(tmp_path / "data").running_url() is None  # Redis stopped with it
+
+
+@pytest.fixture
+def reachable_dir() -> Iterator[Path]:
+    """A folder every user can reach: as root, PostgreSQL runs as `nobody`, who cannot
+    reach pytest's tmp_path (0700)."""
+    root = Path(tempfile.mkdtemp(prefix="dispatcher-run-pg-"))
+    root.chmod(0o755)
+    yield root
+    shutil.rmtree(root, ignore_errors=True)
+
+
+async def test_run_with_an_embedded_postgresql_history_reads_it_from_postgresql(
+    reachable_dir: Path, receiver: Receiver
+) -> None:
+    data = reachable_dir / "data"
+    async with running(data, reachable_dir / "run.log", DISPATCHER_HISTORY_URL="embedded") as run:
+        await register_and_emit(run, receiver)
+        query = {"url": receiver.url(), "event": "BUILD_END"}
+
+        async def shipped() -> bool:  # the worker ships records to PostgreSQL in batches
+            page = await run.client.get(HISTORY, params=query, headers=UID)
+            return bool(page.json()["data"]["count"])
+
+        await until(shipped, 10, "the attempt's record is queryable")
+        page = (await run.client.get(HISTORY, params=query, headers=UID)).json()["data"]
+        [record] = page["records"]
+        assert record["status"] == "SUCCESS" and record["callBackUrl"] == receiver.url()
+        pg_url = EmbeddedPostgres(data_dir=data / "postgres").running_url()
+        assert pg_url is not None, run.output()
+        conn = await asyncpg.connect(pg_url)
+        try:
+            rows = await conn.fetch("SELECT id, delivery_id FROM history_attempts")
+        finally:
+            await conn.close()
+        assert [(r["id"], r["delivery_id"]) for r in rows] == [(record["id"], record["deliveryId"])]
+        redis_url = EmbeddedRedis(data).running_url()
+        assert redis_url is not None
+        redis = connect(make_settings(redis_url))
+        try:  # the Redis store's record key was never written
+            assert not await redis.exists(keys.history_record(record["id"]))
+        finally:
+            await redis.aclose()
+    assert f"history: PostgreSQL {pg_url}  (embedded" in run.output()
+    assert EmbeddedPostgres(data_dir=data / "postgres").running_url() is None  # stopped

@@ -14,6 +14,7 @@ from structlog.testing import capture_logs
 
 from dispatcher import keys
 from dispatcher.api import create_app
+from dispatcher.embedded import EmbeddedRedis
 from dispatcher.health import CircuitBreaker
 from dispatcher.history.redis import RedisHistory
 from dispatcher.models import Event, Region
@@ -21,7 +22,7 @@ from dispatcher.producer import Producer
 from dispatcher.registry import Registry
 from dispatcher.settings import Settings
 from dispatcher.tokens import TokenCipher
-from tests.helpers import UID, Receiver, RunWorker, answer, make_settings
+from tests.helpers import UID, Receiver, RunWorker, answer, app_client, make_settings
 
 CALLBACKS = "/apigw/v4/projects/demo/callbacks"
 
@@ -38,7 +39,7 @@ async def all_records(redis: Redis, settings: Settings, url: str) -> list[Any]:
 
 
 async def test_tokens_are_encrypted_at_rest_and_rotate(
-    redis_server: Any, redis: Redis, receiver: Receiver, run_worker: RunWorker
+    redis_server: EmbeddedRedis, redis: Redis, receiver: Receiver, run_worker: RunWorker
 ) -> None:
     old_key, new_key = TokenCipher.new_key(), TokenCipher.new_key()
     settings = make_settings(redis_server.url, token_keys=old_key)
@@ -46,7 +47,7 @@ async def test_tokens_are_encrypted_at_rest_and_rotate(
     callback_id, _ = await registry.create(
         "demo", receiver.url(), Event.BUILD_END, Region.DEVNET, "plain-secret"
     )
-    stored = await redis.hget(keys.callback(callback_id), "secretToken")
+    stored = await redis.hget(keys.callback(callback_id), "secretToken")  # type: ignore[misc]  # sync|async
     assert stored is not None and stored.startswith(b"fernet:")
     assert b"plain-secret" not in stored
 
@@ -92,7 +93,7 @@ async def test_secret_tokens_never_appear_in_responses_logs_or_history(
 
 
 @pytest.fixture
-async def closed_api(redis_server: Any, redis: Redis) -> AsyncIterator[httpx.AsyncClient]:
+async def closed_api(redis_server: EmbeddedRedis, redis: Redis) -> AsyncIterator[httpx.AsyncClient]:
     """Production address policy: no internal targets in any region."""
     settings = make_settings(redis_server.url, allow_internal_regions=[])
     app = create_app(settings, redis)
@@ -130,7 +131,7 @@ async def test_registration_refuses_internal_and_metadata_targets(
 
 
 async def test_an_operator_may_allow_internal_targets_per_region(
-    redis_server: Any, redis: Redis
+    redis_server: EmbeddedRedis, redis: Redis
 ) -> None:
     settings = make_settings(redis_server.url, allow_internal_regions=["IDC"])
     app = create_app(settings, redis)
@@ -146,7 +147,7 @@ async def test_an_operator_may_allow_internal_targets_per_region(
 
 @pytest.mark.parametrize("host", ["127.0.0.1", "localhost"])
 async def test_delivery_time_check_refuses_internal_addresses(
-    redis_server: Any, redis: Redis, receiver: Receiver, run_worker: RunWorker, host: str
+    redis_server: EmbeddedRedis, redis: Redis, receiver: Receiver, run_worker: RunWorker, host: str
 ) -> None:
     """A callback stored before the policy changed (or a name that now resolves inside) is
     refused at connect time, on the address actually resolved, and not retried."""
@@ -165,7 +166,7 @@ async def test_delivery_time_check_refuses_internal_addresses(
 
 
 async def test_consecutive_failures_disable_the_callback_and_enable_clears_it(
-    redis_server: Any, redis: Redis, api: httpx.AsyncClient, receiver: Receiver,
+    redis_server: EmbeddedRedis, redis: Redis, api: httpx.AsyncClient, receiver: Receiver,
     run_worker: RunWorker,
 ) -> None:  # fmt: skip
     settings = make_settings(redis_server.url, disable_after_failures=3, disable_after_seconds=0)
@@ -196,7 +197,7 @@ async def test_consecutive_failures_disable_the_callback_and_enable_clears_it(
 
 
 async def test_a_success_resets_the_failure_count(
-    redis_server: Any, redis: Redis, receiver: Receiver, run_worker: RunWorker
+    redis_server: EmbeddedRedis, redis: Redis, receiver: Receiver, run_worker: RunWorker
 ) -> None:
     settings = make_settings(redis_server.url, disable_after_failures=2, disable_after_seconds=0)
     url = receiver.script("/hook", answer(400), answer(200), answer(400))
@@ -206,11 +207,12 @@ async def test_a_success_resets_the_failure_count(
         await producer.emit("demo", "BUILD_END", {})
         await run_worker(settings)
     assert (await Registry(redis).get(callback_id)).enabled
-    assert await redis.hget(keys.health(callback_id), "failures") == b"1"
+    failures = await redis.hget(keys.health(callback_id), "failures")  # type: ignore[misc]  # sync|async
+    assert failures == b"1"
 
 
 async def test_the_time_threshold_holds_back_disabling(
-    redis_server: Any, redis: Redis, receiver: Receiver, run_worker: RunWorker
+    redis_server: EmbeddedRedis, redis: Redis, receiver: Receiver, run_worker: RunWorker
 ) -> None:
     settings = make_settings(redis_server.url, disable_after_failures=1)  # and 12 h
     url = receiver.script("/hook", answer(400))
@@ -235,7 +237,7 @@ def test_circuit_breaker_opens_cools_down_and_half_opens() -> None:
 
 
 async def test_open_breaker_defers_instead_of_burning_attempts(
-    redis_server: Any, redis: Redis, run_worker: RunWorker
+    redis_server: EmbeddedRedis, redis: Redis, run_worker: RunWorker
 ) -> None:
     settings = make_settings(
         redis_server.url, circuit_threshold=2, circuit_cooldown=0.2,
@@ -270,13 +272,14 @@ async def test_poison_jobs_are_recorded_and_dropped(
         ("bad-shape", "fan_out", {"id": "e1", "event": "BUILD_END"}),
         ("bad-deliver", "deliver", {"deliveryId": "x"}),
     ]:
-        wire = {"t": None, "f": function, "a": [payload], "k": {}, "et": 0}
+        wire: dict[str, Any] = {"t": None, "f": function, "a": [payload], "k": {}, "et": 0}
         await redis.set(keys.arq_job(job_id), orjson.dumps(wire))
         await redis.zadd(settings.queue_name, {job_id: 1})
     with capture_logs() as logs:
         await run_worker()
     assert await redis.zcard(settings.queue_name) == 0
-    poisoned = [orjson.loads(p) for p in await redis.lrange(keys.POISON_JOBS, 0, -1)]
+    stored = await redis.lrange(keys.POISON_JOBS, 0, -1)  # type: ignore[misc]  # sync|async
+    poisoned = [orjson.loads(p) for p in stored]
     assert {p["jobId"] for p in poisoned} == {"garbage", "bad-shape", "bad-deliver"}
     assert any("not JSON" in p["problem"] for p in poisoned)
     problems = [e for e in logs if e["event"] == "job.poison"]
@@ -286,7 +289,7 @@ async def test_poison_jobs_are_recorded_and_dropped(
 # ---- operator route -----------------------------------------------------------------------
 
 
-async def test_operator_route_manages_roles(redis_server: Any, redis: Redis) -> None:
+async def test_operator_route_manages_roles(redis_server: EmbeddedRedis, redis: Redis) -> None:
     settings = make_settings(redis_server.url, operator_token="op-token", open_access=False)
     app = create_app(settings, redis)
     async with app.router.lifespan_context(app):
@@ -316,3 +319,69 @@ async def test_operator_route_manages_roles(redis_server: Any, redis: Redis) -> 
 async def test_operator_route_is_off_without_a_token(api: httpx.AsyncClient) -> None:
     response = await api.get("/operator/roles/demo", headers={"X-DEVOPS-OPERATOR-TOKEN": "x"})
     assert response.status_code == 403 and "DISPATCHER_OPERATOR_TOKEN" in response.json()["message"]
+
+
+# ---- cloud metadata, in every region ----------------------------------------------------
+
+METADATA_URLS = [
+    "http://169.254.0.23/",
+    "http://169.254.169.253/",  # AWS DNS
+    "http://[::ffff:169.254.0.23]/",  # IPv4-mapped
+    "http://[::ffff:a9fe:a9fe]/latest",
+    "http://[::169.254.169.254]/",  # IPv4-compatible
+    "http://[64:ff9b::a9fe:a9fe]/",  # NAT64
+    "http://[2002:a9fe:a9fe::1]/",  # 6to4
+    "http://[fe80::1]/",
+    "http://168.63.129.16/",  # Azure WireServer
+    "http://192.0.0.192/",  # Oracle
+    "http://100.100.100.200/",  # Alibaba
+    "http://[fd00:ec2::254]/",  # AWS over IPv6
+    "http://2852039166/",  # 169.254.169.254 as one decimal number
+    "http://0xa9.0xfe.0xa9.0xfe/",
+    "http://metadata.google.internal/computeMetadata/v1/",
+    "http://METADATA.GOOGLE.INTERNAL./",
+    "http://metadata.goog/",
+    "http://metadata.azure.com/",
+    "http://metadata.tencentyun.com/",
+    "http://metadata.tencentyun.com./",
+    "http://instance-data/",
+    "http://instance-data.ec2.internal./",
+    "http://metadata/",
+    "http://metadata\u3002google\u3002internal/",  # ideographic full stops: IDNA dots
+]
+
+
+@pytest.mark.parametrize("url", METADATA_URLS)
+async def test_cloud_metadata_is_refused_in_every_region_even_internal_ones_and_dev_mode(
+    redis_server: Any, redis: Redis, url: str
+) -> None:
+    settings = make_settings(
+        redis_server.url, allow_internal_regions=["DEVNET", "OSS", "IDC"], dev_mode=True
+    )
+    async with app_client(settings, redis) as client:
+        for region in ("IDC", "OSS", "DEVNET"):
+            response = await client.post(
+                CALLBACKS, params={"event": "BUILD_END", "region": region, "url": url},
+                headers=UID,
+            )  # fmt: skip
+            assert response.status_code == 400, (region, response.text)
+            assert "metadata" in response.json()["message"], response.text
+
+
+async def test_cloud_metadata_stored_under_older_rules_is_refused_at_delivery(
+    redis_server: Any, redis: Redis, receiver: Receiver, run_worker: RunWorker
+) -> None:
+    """Each a final FAILED record after one attempt, in a region that allows internal
+    targets, in dev mode; the callback beside them is delivered."""
+    settings = make_settings(redis_server.url, dev_mode=True)
+    registry = Registry(redis)
+    for url in METADATA_URLS:
+        await registry.create("demo", url, Event.BUILD_END, Region.IDC)
+    await registry.create("demo", receiver.url(), Event.BUILD_END, Region.IDC)
+    await Producer(settings, redis).emit("demo", "BUILD_END", {})
+    await run_worker(settings)
+    assert len(receiver.requests()) == 1
+    for url in METADATA_URLS:
+        [record] = await all_records(redis, settings, url)
+        assert record.final and record.status.value == "FAILED", url
+        assert "metadata" in (record.error_msg or ""), (url, record.error_msg)

@@ -25,7 +25,7 @@ import threading
 import time
 from collections import Counter, defaultdict
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
 import httpx
@@ -35,7 +35,7 @@ import schemathesis
 import structlog
 import uvicorn
 from hypothesis import HealthCheck, Phase, settings
-from schemathesis import Case, CheckContext, GenerationMode, SerializationContext
+from schemathesis import CheckContext, GenerationMode, SerializationContext
 from schemathesis.checks import negative_data_rejection, not_a_server_error
 
 from dispatcher.api import create_app
@@ -46,6 +46,10 @@ from dispatcher.models import PLATFORM_PROJECT, Event, Region
 from dispatcher.registry import Registry
 from dispatcher.settings import Settings
 from tests.helpers import make_settings
+
+if TYPE_CHECKING:
+    # schemathesis names the type of an OpenAPI case for type checkers only
+    from schemathesis.specs.openapi.schemas import OpenApiCase
 
 OPERATOR_TOKEN = "op-secret"
 SEEDED_PROJECT = "fuzz"
@@ -117,7 +121,7 @@ class LiveServer:
             kwargs["flags"] = kwargs.get("flags", 0) | socket.AI_NUMERICHOST
             return await resolve(host, port, **kwargs)
 
-        loop.getaddrinfo = numeric_only  # type: ignore[method-assign]
+        loop.getaddrinfo = numeric_only  # type: ignore[method-assign]  # a patch, on purpose
         try:
             loop.run_until_complete(self.server.serve(sockets=[self.sock]))
         finally:
@@ -199,7 +203,9 @@ def live_url(redis_server: EmbeddedRedis) -> Iterator[str]:
     asyncio.run(_flush(settings))
 
 
-def envelope_on_error(ctx: CheckContext, response: schemathesis.Response, case: Case) -> bool:
+def envelope_on_error(
+    ctx: CheckContext, response: schemathesis.Response, case: OpenApiCase
+) -> bool:
     """Every error is `{data: null, message: <text>, status: <the HTTP code>}`."""
     if response.status_code < 400:
         return True
@@ -215,7 +221,7 @@ def envelope_on_error(ctx: CheckContext, response: schemathesis.Response, case: 
     return True
 
 
-def batch_outcomes(ctx: CheckContext, response: schemathesis.Response, case: Case) -> bool:
+def batch_outcomes(ctx: CheckContext, response: schemathesis.Response, case: OpenApiCase) -> bool:
     """A batch that was read answers every entry: an event id or an error, never both."""
     if response.status_code != 200:
         return True
@@ -228,7 +234,7 @@ def batch_outcomes(ctx: CheckContext, response: schemathesis.Response, case: Cas
     return True
 
 
-def steer(case: Case) -> None:
+def steer(case: OpenApiCase) -> None:
     """Nudge generated cases past the first refusal: random text is rarely a caller, a
     token, a URL, an event name or an existing id. Only what the schema leaves open changes,
     and only in valid (positive) cases beyond the headers, so invalid cases stay invalid."""
@@ -274,7 +280,7 @@ def steer(case: Case) -> None:
     phases=[Phase.explicit, Phase.generate],  # no shrinking: a failure is reported at once
     suppress_health_check=list(HealthCheck),
 )
-def test_every_route_survives_bad_input(case: Case, live_url: str) -> None:
+def test_every_route_survives_bad_input(case: OpenApiCase, live_url: str) -> None:
     steer(case)
     if case.operation.path == "/metrics":
         # Prometheus' text format; FastAPI documents every route as JSON unless told.

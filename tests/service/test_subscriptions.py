@@ -4,6 +4,7 @@ real Redis, real burst workers and a real receiver."""
 
 from __future__ import annotations
 
+import base64
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -12,10 +13,12 @@ import httpx
 import orjson
 import pytest
 from redis.asyncio import Redis
+from standardwebhooks import Webhook
 from structlog.testing import capture_logs
 
 from dispatcher import keys
 from dispatcher.auth import ALL_PROJECTS, Role, Roles
+from dispatcher.embedded import EmbeddedRedis
 from dispatcher.errors import InvalidInput
 from dispatcher.history.redis import RedisHistory
 from dispatcher.models import PLATFORM_PROJECT, HistoryRecord
@@ -43,7 +46,7 @@ def params(url: str, event: str = "BUILD_END", **extra: str) -> dict[str, str]:
 
 
 @pytest.fixture
-def op_settings(redis_server: Any) -> Settings:
+def op_settings(redis_server: EmbeddedRedis) -> Settings:
     """Test settings with the operator token on (role checks off, as in `settings`)."""
     return make_settings(redis_server.url, operator_token=OP_TOKEN)
 
@@ -67,7 +70,9 @@ async def add(
     assert await ok(await client.post(route, params=params(url, event, **extra), headers=who))
 
 
-async def history(redis: Redis, settings: Settings, owner: str, url: str, event: str) -> list:
+async def history(
+    redis: Redis, settings: Settings, owner: str, url: str, event: str
+) -> list[HistoryRecord]:
     now = int(time.time() * 1000)
     page = await RedisHistory(redis, settings).query(
         owner, url, event, start_ms=now - 60_000, end_ms=now + 60_000, page_size=100
@@ -188,7 +193,7 @@ async def test_a_url_registered_at_two_levels_receives_each_event_once(
 
 
 async def test_the_custom_auth_header_arrives_is_masked_and_never_shown(
-    redis_server: Any, redis: Redis, receiver: Receiver, run_worker: RunWorker
+    redis_server: EmbeddedRedis, redis: Redis, receiver: Receiver, run_worker: RunWorker
 ) -> None:
     settings = make_settings(
         redis_server.url, operator_token=OP_TOKEN, token_keys=TokenCipher.new_key()
@@ -234,7 +239,10 @@ async def test_the_custom_auth_header_arrives_is_masked_and_never_shown(
         shown = {h.name: h.value for h in record.request_headers}
         assert shown["X-Api-Key"] == "******"
         texts.append(record.model_dump_json())
-    stored = [await redis.hgetall(keys.callback(cid)) for cid in (1, 2, 3)]
+    stored = [
+        await redis.hgetall(keys.callback(cid))  # type: ignore[misc]  # sync|async
+        for cid in (1, 2, 3)
+    ]
     texts += [repr(stored), repr(logs)]
     for secret in secrets.values():
         assert not any(secret in text for text in texts), secret
@@ -273,7 +281,7 @@ async def test_auth_header_names_and_values_are_checked(
 
 
 async def test_only_the_operator_token_manages_platform_callbacks(
-    redis_server: Any, redis: Redis
+    redis_server: EmbeddedRedis, redis: Redis
 ) -> None:
     settings = make_settings(redis_server.url, operator_token=OP_TOKEN, open_access=False)
     roles = Roles(redis, settings)
@@ -319,3 +327,37 @@ async def test_only_the_operator_token_manages_platform_callbacks(
 async def test_the_reserved_project_is_no_event_source(op_settings: Settings, redis: Redis) -> None:
     with pytest.raises(InvalidInput, match="platform-wide"):
         await Producer(op_settings, redis).emit(PLATFORM_PROJECT, "BUILD_END", {})
+
+
+async def test_a_platform_receiver_knows_which_project_emitted_an_event(
+    redis_server: Any, redis: Redis, receiver: Receiver, run_worker: RunWorker
+) -> None:
+    """projB's admin emits a PROJECT_DISABLE naming projA in its data: the receiver reads
+    the emitter from the route, signed (`projectId` in the body) and in a header, on the
+    first attempt and on the retry; no callback can send a header of that name itself."""
+    settings = make_settings(redis_server.url, operator_token=OP_TOKEN, open_access=False)
+    await Roles(redis, settings).grant("projB", "bob", Role.ADMIN)
+    bob = {"X-DEVOPS-UID": "bob"}
+    url = receiver.script("/platform", answer(500), answer(200))
+    async with app_client(settings, redis) as client:
+        query = params(url, "PROJECT_DISABLE", secretToken="platform-token")
+        await ok(await client.post(PLATFORM, params=query, headers=OPERATOR))
+        forged = params(receiver.url("/b"), authHeaderName="X-DEVOPS-PROJECT-ID",
+                        authHeaderValue="projA")  # fmt: skip
+        refused = await client.post(project("projB"), params=forged, headers=bob)
+        assert refused.status_code == 400 and "reserved" in refused.json()["message"]
+        emitted = await client.post(
+            "/apigw/v4/projects/projB/events", headers=bob,
+            json={"event": "PROJECT_DISABLE", "data": {"projectId": "projA"}},
+        )  # fmt: skip
+        assert emitted.status_code == 200, emitted.text
+    await run_worker(settings)
+
+    first, retry = receiver.requests("/platform")
+    key = "whsec_" + base64.b64encode(b"platform-token").decode()
+    for seen in (first, retry):
+        assert seen.body == (
+            b'{"event":"PROJECT_DISABLE","projectId":"projB","data":{"projectId":"projA"}}'
+        )
+        assert seen.headers["X-DEVOPS-PROJECT-ID"] == "projB"
+        Webhook(key).verify(seen.body, dict(seen.headers))  # the signature covers projectId

@@ -4,6 +4,7 @@ that waits Redis out, timed-out runs, producers that ride out a restart."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -28,7 +29,7 @@ from dispatcher.registry import Registry
 from dispatcher.settings import Settings
 from dispatcher.worker.claims import Claims
 from dispatcher.worker.writer import Writer
-from tests.helpers import Receiver, RunWorker, answer, make_settings
+from tests.helpers import Receiver, RunWorker, answer, command, make_settings
 
 
 async def scripts_run(redis: Redis) -> int:
@@ -131,8 +132,7 @@ async def test_writes_wait_out_a_redis_restart_and_land_once(
         port = own_redis.port
         own_redis.stop()
         waiting = [
-            writer.submit(lambda pipe, r=r: history.record(pipe, r), [r])  # type: ignore[misc]
-            for r in records[1:]
+            writer.submit(functools.partial(history.record, record=r), [r]) for r in records[1:]
         ]
         await asyncio.sleep(1.5)
         assert writer.pending == 19 and not any(w.done() for w in waiting)
@@ -225,13 +225,13 @@ async def test_a_write_that_cannot_be_built_fails_alone(settings: Settings, redi
         raise KeyError("a field the write expected")
 
     try:
-        first = writer.submit(lambda pipe: pipe.set("before", 1))
+        first = writer.submit(command("SET", "before", 1))
         bad = writer.submit(broken)
-        last = writer.submit(lambda pipe: pipe.set("after", 1))
-        assert await asyncio.wait_for(asyncio.gather(first, last), 10) == [[True], [True]]
+        last = writer.submit(command("SET", "after", 1))
+        assert list(await asyncio.wait_for(asyncio.gather(first, last), 10)) == [[True], [True]]
         with pytest.raises(KeyError):
             await bad
         assert await redis.exists("before", "after") == 2 and writer.pending == 0
-        assert await writer.commit(lambda pipe: pipe.get("after")) == [b"1"]
+        assert await writer.commit(command("GET", "after")) == [b"1"]
     finally:
         await writer.close()

@@ -41,7 +41,7 @@ def test_settings_come_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> 
 )
 def test_bad_settings_fail_with_a_clear_message(values: dict[str, object], fragment: str) -> None:
     with pytest.raises(ValidationError, match=fragment):
-        Settings(**values)  # type: ignore[arg-type]
+        Settings(**values)  # type: ignore[arg-type]  # the bad values under test
 
 
 def test_cli_reports_a_bad_setting_and_exits_2(monkeypatch: pytest.MonkeyPatch) -> None:

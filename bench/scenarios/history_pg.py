@@ -1,4 +1,4 @@
-"""The PostgreSQL history at scale, on a private PostgreSQL of the bench's own.
+"""`history-pg`: the PostgreSQL history at scale, on the bench's private PostgreSQL.
 
 - Fill: rows straight into `history_attempts` with COPY (not through the service): `total`
   records over 7 days and 1,000 (url, event) pairs, the queried pair holding `hot` of them,
@@ -8,23 +8,27 @@
   records decoded, on both tables, against one primary-key SELECT of a random record
   through the same pool, all interleaved round by round (medians).
 - Shipping: `records` appended to the stream as workers do (XADD on pipelines), then one
-  `Shipper` drains them: records/s into PostgreSQL, durably committed.
+  `Shipper` drains them: records/s into PostgreSQL, durably committed, against a worker's
+  deliveries/s with PostgreSQL history in this run.
 """
 
 from __future__ import annotations
 
 import random
-import statistics
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import asyncpg
 import orjson
 
-from bench.history_bench import _template, interleaved
+from bench.common import record_template
+from bench.harness import Scenario
+from bench.postgres import create_databases
+from bench.report import Row, ratio_row
+from bench.timing import Op, interleaved, median_us
+from bench.workers import THROUGHPUT_PG, median_run
 from dispatcher import keys
 from dispatcher.history.postgres import PostgresHistory, stream_fields
 from dispatcher.history.schema import DAY_MS, ensure_partitions, upgrade
@@ -33,6 +37,7 @@ from dispatcher.history.shipper import Shipper
 if TYPE_CHECKING:
     from redis.asyncio import Redis
 
+    from bench.harness import Bench
     from dispatcher.settings import Settings
 
 EVENTS = ("BUILD_END", "BUILD_START", "BUILD_STAGE_END", "BUILD_TASK_END")
@@ -48,7 +53,7 @@ COLUMNS = ("id", "created_ms", "pair_id", "project_id", "delivery_id", "dead", "
 
 def _doc_parts() -> tuple[str, str]:
     """A worker's record as JSON, split where the per-row fields go (cheap formatting)."""
-    rest = {k: v for k, v in _template().items() if k not in ("callBackUrl", "events")}
+    rest = {k: v for k, v in record_template().items() if k not in ("callBackUrl", "events")}
     rest.pop("createdTime"), rest.pop("deliveryId"), rest.pop("eventId")
     body = orjson.dumps(rest).decode()[1:]  # without its "{"
     return '{"id":%d,"createdTime":%d,"callBackUrl":"%s","events":"%s","deliveryId":"%s",', body
@@ -102,6 +107,8 @@ async def fill(url: str, total: int, hot: int, end_ms: int, seed: int = 7) -> fl
 
 @dataclass
 class QueryResult:
+    """Median µs of each timed operation; the queried pair's records in each table."""
+
     timings_us: dict[str, float]
     counts: list[int]
 
@@ -121,10 +128,10 @@ async def measure(
             "SELECT doc FROM history_attempts WHERE id = $1", rng.randrange(1, totals[0])
         )
 
-    def page(history: PostgresHistory, n: int) -> Callable[[], Awaitable[Any]]:
+    def page(history: PostgresHistory, n: int) -> Op:
         return lambda: history.query("bench", url, event, page=n, page_size=PAGE_SIZE, **window)
 
-    ops: dict[str, Callable[[], Awaitable[Any]]] = {
+    ops: dict[str, Op] = {
         "pk_select": pk_select,
         "page_1": page(big, 1),
         "page_offset_10000": page(big, DEEP_PAGE),
@@ -139,15 +146,13 @@ async def measure(
             raise RuntimeError(f"offset-10,000 page holds {len(found.records)} records")
         counts.append(found.count)
     samples = await interleaved(ops, rounds)
-    return QueryResult(
-        {name: statistics.median(values) / 1000 for name, values in samples.items()}, counts
-    )
+    return QueryResult({name: median_us(values) for name, values in samples.items()}, counts)
 
 
 async def ship_rate(redis: Redis, settings: Settings, records: int) -> dict[str, float]:
     """`records` XADDed as workers do, then drained by one shipper: records/s stored."""
     await redis.delete(keys.HISTORY_STREAM)
-    template = _template()
+    template = record_template()
     now = time.time_ns() // 1_000_000
     for start in range(0, records, 2_000):
         async with redis.pipeline(transaction=False) as pipe:
@@ -155,7 +160,7 @@ async def ship_rate(redis: Redis, settings: Settings, records: int) -> dict[str,
                 record = {**template, "id": 10**9 + n, "callBackUrl": PAIRS[n % 1000][0],
                           "events": PAIRS[n % 1000][1], "createdTime": now - records + n,
                           "deliveryId": f"evt_s{n}.1"}  # fmt: skip
-                pipe.xadd(keys.HISTORY_STREAM, stream_fields(record, False))  # type: ignore[arg-type]
+                pipe.xadd(keys.HISTORY_STREAM, stream_fields(record, False))  # type: ignore[arg-type]  # redis-py wants a dict of its own unions
             await pipe.execute()
     shipper = Shipper(redis, settings, elect=False)
     await shipper.open()
@@ -171,8 +176,8 @@ async def ship_rate(redis: Redis, settings: Settings, records: int) -> dict[str,
     return {"rate": records / seconds, "seconds": seconds, "records": records, "left": left}
 
 
-async def run(
-    redis: Redis, settings: Settings, urls: tuple[str, str], sizes: tuple[int, int, int],
+async def fill_and_measure(
+    redis: Redis, settings: Settings, urls: tuple[str, ...], sizes: tuple[int, int, int],
     rounds: int, ship_records: int,
 ) -> dict[str, Any]:  # fmt: skip
     """Fill both tables, time the queries, then the shipping (into the big table)."""
@@ -193,21 +198,54 @@ async def run(
     return {"queries": queries, "shipping": shipping, "fill_rate": big_rate}
 
 
-async def create_databases(url: str, names: tuple[str, ...]) -> tuple[str, ...]:
-    """Fresh databases on the server at `url`, migrated; returns their URLs."""
-    conn = await asyncpg.connect(url)
-    try:
-        for name in names:
-            await conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-            await conn.execute(f"CREATE DATABASE {name}")
-    finally:
-        await conn.close()
-    base = url.rsplit("/", 1)[0]
-    urls = tuple(f"{base}/{name}" for name in names)
-    for each in urls:
-        conn = await asyncpg.connect(each)
-        try:
-            await upgrade(conn)
-        finally:
-            await conn.close()
-    return urls
+async def run(bench: Bench) -> list[Row]:
+    """The seed query on a big and a 100,000-record table vs a primary-key SELECT; the
+    shipping rate vs a worker's delivery rate with PostgreSQL history (this run's)."""
+    assert bench.pg_url is not None
+    await bench.worker_block()  # the delivery rate the shipping is measured against
+    sizes = bench.sizes
+    urls = await create_databases(bench.pg_url, ("big", "small"))
+    result = await fill_and_measure(
+        bench.r, bench.settings, urls,
+        (sizes.history_pg_total, sizes.history_pg_hot, 100_000), sizes.history_rounds,
+        sizes.ship_records,
+    )  # fmt: skip
+    await create_databases(bench.pg_url, ("big", "small"))  # the disk back
+    t = result["queries"].timings_us
+    hot, small_hot = result["queries"].counts
+    total = f"{sizes.history_pg_total:,}"
+    details = {
+        "timings_us": t,
+        "queried_pair_records": [hot, small_hot],
+        "fill_rate": result["fill_rate"],
+        "page_size": PAGE_SIZE,
+    }
+    worker_rate = median_run(bench.runs(THROUGHPUT_PG)).rate
+    shipping = result["shipping"]
+    return [
+        ratio_row(
+            "history pg query", f"page 1, {total} records ({hot:,} in the window)",
+            t["page_1"], "µs", "primary-key SELECT", t["pk_select"], maximum=10.0,
+            details=details,
+        ),
+        ratio_row(
+            "history pg query", f"offset 10,000, {total} records", t["page_offset_10000"], "µs",
+            "primary-key SELECT", t["pk_select"], maximum=10.0,
+        ),
+        ratio_row(
+            "history pg scale", f"page 1, {total} records", t["page_1"], "µs",
+            "same at 100,000 records", t["small_page_1"], maximum=1.5,
+        ),
+        ratio_row(
+            "history pg scale", f"offset 10,000, {total} records", t["page_offset_10000"],
+            "µs", "same at 100,000 records", t["small_page_offset_10000"], maximum=1.5,
+        ),
+        ratio_row(
+            "history pg shipping", f"records/s into PostgreSQL (durable), {shipping['records']:,}",
+            shipping["rate"], "/s", "a worker's deliveries/s (this run)", worker_rate,
+            minimum=5.0, details=shipping,
+        ),
+    ]  # fmt: skip
+
+
+SCENARIO = Scenario("history-pg", run, worker_runs=(THROUGHPUT_PG,), postgres=True)

@@ -1,4 +1,4 @@
-"""The `fault` scenario: deliveries/s of one worker through a 2 s Redis restart (SIGTERM,
+"""`fault`: deliveries/s of one worker through a 2 s Redis restart (SIGTERM,
 AOF `always`, the same port) against the same run without one, interleaved rep by rep, on a
 Redis of its own. Every run counts what was lost: a delivery is done when its progress key
 says so and the queue is empty, so lost = events whose delivery never ended."""
@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from bench.common import EVENT, PROJECT, TOKEN, bench_settings, event_data
+from bench.harness import Scenario
 from bench.procs import BenchError, WorkerProcess
 from bench.report import Row, ratio_row
 from dispatcher import keys
@@ -23,7 +24,9 @@ from dispatcher.producer import Producer
 from dispatcher.registry import Registry
 
 if TYPE_CHECKING:
-    from bench.scenarios import Bench
+    from redis.asyncio import Redis
+
+    from bench.harness import Bench
 
 OUTAGE_S = 2.0
 RESTART_AT_S = 0.5  # into the run
@@ -67,7 +70,7 @@ async def _run(bench: Bench, folder: Path, events: int, restart: bool) -> dict[s
         server.stop()
 
 
-async def _lost(redis: Any, delivery_ids: list[str]) -> int:
+async def _lost(redis: Redis, delivery_ids: list[str]) -> int:
     """Deliveries whose progress does not say done (their end never written)."""
     done = 0
     for start in range(0, len(delivery_ids), 1000):
@@ -101,3 +104,6 @@ async def run(bench: Bench) -> list[Row]:
         Row("fault", "deliveries lost in those runs", lost, "", target="= 0", ok=lost == 0,
             shown=f"{lost} of {events * 2 * bench.sizes.repeats:,}", details={"lost": lost}),
     ]  # fmt: skip
+
+
+SCENARIO = Scenario("fault", run)

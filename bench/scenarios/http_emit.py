@@ -1,4 +1,4 @@
-"""The `http` scenario: the HTTP emit routes of `dispatcher api` (its own process: uvicorn,
+"""`http`: the HTTP emit routes of `dispatcher api` (its own process: uvicorn,
 uvloop, default settings, role checks on) against the Python producer, interleaved rep by
 rep: the single route with 50 requests in flight vs `emit` with 50 in flight, and the batch
 route, batches of 1,000 from one client, vs `emit_many` of 1,000. Every run starts on an
@@ -10,12 +10,13 @@ import statistics
 from typing import TYPE_CHECKING, Any
 
 from bench.common import PROJECT, USER
+from bench.harness import Scenario
 from bench.procs import ApiProcess, BenchError, run_loadgen
 from bench.report import Row, ratio_row
 from dispatcher.auth import Role, Roles
 
 if TYPE_CHECKING:
-    from bench.scenarios import Bench
+    from bench.harness import Bench
 
 
 async def _run(
@@ -69,3 +70,6 @@ async def run(bench: Bench) -> list[Row]:
             "Python emit_many of 1,000", median["many"], minimum=0.5,
         ),
     ]  # fmt: skip
+
+
+SCENARIO = Scenario("http", run)

