@@ -9,7 +9,7 @@ from typing import Any, Generic, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic.alias_generators import to_camel
 
-from dispatcher.errors import InvalidEvent
+from dispatcher.errors import InvalidEvent, InvalidInput
 
 __all__ = [
     "EVENT_ID",
@@ -38,6 +38,7 @@ __all__ = [
     "Result",
     "parse_event",
     "parse_events",
+    "parse_status",
 ]
 
 T = TypeVar("T")
@@ -147,6 +148,16 @@ class DeliveryStatus(enum.StrEnum):
 
     SUCCESS = "SUCCESS"
     FAILED = "FAILED"
+
+
+def parse_status(name: str) -> DeliveryStatus:
+    """A record's status as people type it (any case); a 400 naming `status` otherwise."""
+    try:
+        return DeliveryStatus(name.strip().upper())
+    except ValueError:
+        raise InvalidInput(
+            f"status must be SUCCESS or FAILED, got {name.strip()!r}", param="status"
+        ) from None
 
 
 class _Model(BaseModel):

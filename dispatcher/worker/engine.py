@@ -38,7 +38,7 @@ from dispatcher.health import CircuitBreaker
 from dispatcher.jobs import BadJob, DeliveryJob, EventJob, now_ms
 from dispatcher.models import Region
 from dispatcher.registry import url_problem
-from dispatcher.status import AttemptStats
+from dispatcher.stats import AttemptStats
 from dispatcher.worker.controls import Controls
 from dispatcher.worker.record import attempt_record
 
@@ -203,7 +203,7 @@ class Engine:
             )
         record = attempt_record(job, target, number, headers, result, delay is None, self.settings)
         _observe(job, target, number, result, delay)
-        self.stats.count(result.outcome.value)
+        self.stats.count(result.outcome.value, result.duration_ms)
         await self._write(job, target, number, record, result, delay, then)
 
     async def _write(
@@ -339,6 +339,8 @@ def _observe(
     metrics.HISTORY_RECORDS.inc()
     if delay is not None:
         metrics.RETRIES.inc()
+    elif result.outcome is not Outcome.SUCCESS:
+        metrics.DEAD_LETTERS.inc()
     log.info(
         "delivery.attempt",
         event_id=job.event_id,

@@ -607,5 +607,7 @@ def test_readme_covers_the_ways_to_deploy() -> None:
         "docker compose -f deploy/docker-compose.yml",
         "kubectl apply -k deploy/kubernetes",
         "dispatcher-secrets",
+        "deploy/grafana/dispatcher.json",
+        "promtool check rules deploy/prometheus/alerts.yml",
     ):
         assert needle in text, needle
