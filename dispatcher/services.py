@@ -153,9 +153,14 @@ class Services:
         )  # fmt: skip
 
     async def rotate_secret(
-        self, callback_id: int, project_id: str, secret_token: str,
-        overlap_hours: float = DEFAULT_OVERLAP_HOURS, *, pipeline_id: str | None = None,
-    ) -> Callback:  # fmt: skip
+        self,
+        callback_id: int,
+        project_id: str,
+        secret_token: str,
+        overlap_hours: float = DEFAULT_OVERLAP_HOURS,
+        *,
+        pipeline_id: str | None = None,
+    ) -> Callback:
         """Give a callback a new secret token; the old one keeps signing beside it for
         `overlap_hours` (0 to 168), so receivers can switch without losing a delivery.
         Returns the callback, its rotation's end shown."""

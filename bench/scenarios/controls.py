@@ -49,9 +49,15 @@ async def run(bench: Bench) -> list[Row]:
             "plain_redis_commands_per_delivery": plain.per_delivery()["redis_commands"],
         }
         row = ratio_row(
-            name, figure, _cpu_us(measured), "µs", "without (the throughput run)",
-            _cpu_us(plain), maximum=MAXIMUM, details=details,
-        )  # fmt: skip
+            name,
+            figure,
+            _cpu_us(measured),
+            "µs",
+            "without (the throughput run)",
+            _cpu_us(plain),
+            maximum=MAXIMUM,
+            details=details,
+        )
         rows.append(row)
     return rows
 

@@ -126,9 +126,12 @@ def callback_routes(
         one and `webhook-signature` a signature with each (new first) until the overlap
         ends. Returns the callback, with `rotationEndTime`."""
         found = await services.rotate_secret(
-            callback_id, scope.project_id, secret_token, overlap_hours,
+            callback_id,
+            scope.project_id,
+            secret_token,
+            overlap_hours,
             pipeline_id=scope.pipeline_id,
-        )  # fmt: skip
+        )
         return Result[Callback](data=found)
 
     if switches:

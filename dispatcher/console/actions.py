@@ -53,13 +53,20 @@ async def register(
 ) -> RedirectResponse:
     """Register a URL for one or more events (comma-separated), as the batch route does."""
     options = Options(
-        _number(max_per_second, "maxPerSecond"), _number(max_in_flight, "maxInFlight"),
+        _number(max_per_second, "maxPerSecond"),
+        _number(max_in_flight, "maxInFlight"),
         filter_.strip() or None,
-    )  # fmt: skip
+    )
     result = await page.services.register_batch(
-        project_id, url, event, region, secret_token or None, creator=page.uid,
-        pipeline_id=pipeline_id.strip() or None, options=options,
-    )  # fmt: skip
+        project_id,
+        url,
+        event,
+        region,
+        secret_token or None,
+        creator=page.uid,
+        pipeline_id=pipeline_id.strip() or None,
+        options=options,
+    )
     if result.failure_events:
         refused = "; ".join(f"{name}: {why}" for name, why in result.failure_events.items())
         done = ", ".join(result.success_events) or "none"
@@ -128,6 +135,12 @@ async def redeliver_failed(
         project_id, url, event, start_time or None, end_time or None
     )
     return redirect(
-        page, _project(project_id) + "/history", url=url, event=event, startTime=start_time,
-        endTime=end_time, notice="queued" if queued else "none-queued", n=queued,
-    )  # fmt: skip
+        page,
+        _project(project_id) + "/history",
+        url=url,
+        event=event,
+        startTime=start_time,
+        endTime=end_time,
+        notice="queued" if queued else "none-queued",
+        n=queued,
+    )

@@ -58,9 +58,16 @@ def read_secrets(
 # What a delivery reads of a callback's hash, in this order (the match script and
 # `Registry.target` both): `url` and `enabled` first, the match script relies on it.
 TARGET_FIELDS = (
-    "url", "enabled", "region", "secretToken", "authHeaderName", "authHeaderValue",
-    "previousToken", "previousTokenUntil", *Options.FIELDS,
-)  # fmt: skip
+    "url",
+    "enabled",
+    "region",
+    "secretToken",
+    "authHeaderName",
+    "authHeaderValue",
+    "previousToken",
+    "previousTokenUntil",
+    *Options.FIELDS,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,9 +88,14 @@ class CallbackTarget:
 
     @classmethod
     def from_fields(
-        cls, callback_id: int, values: Sequence[bytes | None], decrypt: Decrypt, *,
-        failing: bool = True, owner: str = "",
-    ) -> CallbackTarget:  # fmt: skip
+        cls,
+        callback_id: int,
+        values: Sequence[bytes | None],
+        decrypt: Decrypt,
+        *,
+        failing: bool = True,
+        owner: str = "",
+    ) -> CallbackTarget:
         """The target from the values of `TARGET_FIELDS`, secrets decrypted; the previous
         token only while its overlap lasts."""
         url, _, region, token, name, value, previous, until, *options = values
@@ -91,9 +103,17 @@ class CallbackTarget:
         secret, header, problem = read_secrets(decrypt, token, name, value)
         old, _, old_problem = read_secrets(decrypt, previous if overlapping else None, None, None)
         return cls(
-            callback_id, (url or b"").decode(), Region((region or b"").decode()), secret,
-            failing, owner, header, problem or old_problem, Options.from_values(options), old,
-        )  # fmt: skip
+            callback_id,
+            (url or b"").decode(),
+            Region((region or b"").decode()),
+            secret,
+            failing,
+            owner,
+            header,
+            problem or old_problem,
+            Options.from_values(options),
+            old,
+        )
 
 
 @dataclass(frozen=True, slots=True)

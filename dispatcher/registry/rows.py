@@ -39,20 +39,45 @@ class Upsert:
     def argv(self, event: Event, now_ms: int) -> list[str | int]:
         """The UPSERT script's ARGV for `event` (see `scripts.UPSERT`)."""
         once = [
-            "projectId", self.project_id, "url", self.url, "event", event.value,
-            "pipelineId", self.pipeline_id or "", "level", self.level.value,
-            "creator", self.creator,
-        ]  # fmt: skip
+            "projectId",
+            self.project_id,
+            "url",
+            self.url,
+            "event",
+            event.value,
+            "pipelineId",
+            self.pipeline_id or "",
+            "level",
+            self.level.value,
+            "creator",
+            self.creator,
+        ]
         name, value = self.auth_header or ("", "")
         every = [
-            "region", self.region.value, "secretToken", self.token, "previousToken", "",
-            "previousTokenUntil", "", "authHeaderName", name, "authHeaderValue", value,
+            "region",
+            self.region.value,
+            "secretToken",
+            self.token,
+            "previousToken",
+            "",
+            "previousTokenUntil",
+            "",
+            "authHeaderName",
+            name,
+            "authHeaderValue",
+            value,
             *self.options.to_fields(),
-        ]  # fmt: skip
+        ]
         return [
-            keys.callback_unique_field(event.value, self.url), now_ms, keys.CALLBACK_PREFIX,
-            keys.HEALTH_PREFIX, keys.FILTER_ERRORS_PREFIX, len(once) // 2, *once, *every,
-        ]  # fmt: skip
+            keys.callback_unique_field(event.value, self.url),
+            now_ms,
+            keys.CALLBACK_PREFIX,
+            keys.HEALTH_PREFIX,
+            keys.FILTER_ERRORS_PREFIX,
+            len(once) // 2,
+            *once,
+            *every,
+        ]
 
 
 def to_callback(row: Mapping[str, str]) -> Callback:

@@ -115,18 +115,30 @@ class Registry:
         return CreateCallBackResult(success_events=[e.value for e in valid], failure_events=failed)
 
     def _checked(
-        self, level: Level, project_id: str, pipeline_id: str | None, url: str, region: Region,
-        secret_token: str | None, auth_header: AuthHeader | None, creator: str | None,
+        self,
+        level: Level,
+        project_id: str,
+        pipeline_id: str | None,
+        url: str,
+        region: Region,
+        secret_token: str | None,
+        auth_header: AuthHeader | None,
+        creator: str | None,
         options: Options | None,
-    ) -> Upsert:  # fmt: skip
+    ) -> Upsert:
         """A registration once every parameter is valid, its secrets encrypted."""
         name, value = check_auth_header(*auth_header) if auth_header else ("", "")
         return Upsert(
-            project_id=project_id, pipeline_id=pipeline_id, level=level, url=validate_url(url),
-            region=region, token=self._encrypt(check_token(secret_token)),
-            auth_header=(name, self._encrypt(value)) if name else None, creator=creator or "",
+            project_id=project_id,
+            pipeline_id=pipeline_id,
+            level=level,
+            url=validate_url(url),
+            region=region,
+            token=self._encrypt(check_token(secret_token)),
+            auth_header=(name, self._encrypt(value)) if name else None,
+            creator=creator or "",
             options=(options or NO_OPTIONS).checked(),
-        )  # fmt: skip
+        )
 
     async def _upsert_many(self, upsert: Upsert, events: list[Event]) -> list[tuple[int, bool]]:
         scope = keys.scope(upsert.project_id, upsert.pipeline_id)
@@ -181,21 +193,26 @@ class Registry:
         return rotated
 
     async def rotate_secret(
-        self, callback_id: int, project_id: str, secret_token: str, overlap_s: float, *,
+        self,
+        callback_id: int,
+        project_id: str,
+        secret_token: str,
+        overlap_s: float,
+        *,
         pipeline_id: str | None = None,
-    ) -> None:  # fmt: skip
+    ) -> None:
         """Make `secret_token` the callback's token; the current one goes on signing beside
         it for `overlap_s` seconds (0: it stops at once)."""
         token = check_token(secret_token)
         if not token:
             raise InvalidInput("secretToken is required: the new token", param="secretToken")
         now = _now_ms()
+        until = now + int(overlap_s * 1000) if overlap_s > 0 else ""
         done = await ROTATE(
             self.redis,
             [keys.callback(callback_id)],
-            [project_id, pipeline_id or "", self._encrypt(token),
-             now + int(overlap_s * 1000) if overlap_s > 0 else "", now],
-        )  # fmt: skip
+            [project_id, pipeline_id or "", self._encrypt(token), until, now],
+        )
         if not done:
             raise NotFound(f"callback {callback_id} not found in {_where(project_id, pipeline_id)}")
 

@@ -36,9 +36,12 @@ async def _emit(settings: Settings, redis: Redis, count: int) -> None:
 
 
 async def test_a_rate_limit_holds_across_two_workers(
-    settings: Settings, redis: Redis, receiver: Receiver,
-    workers: list[subprocess.Popen[bytes]], tmp_path: Path,
-) -> None:  # fmt: skip
+    settings: Settings,
+    redis: Redis,
+    receiver: Receiver,
+    workers: list[subprocess.Popen[bytes]],
+    tmp_path: Path,
+) -> None:
     arrivals: list[float] = []
 
     async def note(request: web.Request) -> web.StreamResponse:
@@ -58,9 +61,12 @@ async def test_a_rate_limit_holds_across_two_workers(
 
 
 async def test_max_in_flight_holds_across_two_workers(
-    settings: Settings, redis: Redis, receiver: Receiver,
-    workers: list[subprocess.Popen[bytes]], tmp_path: Path,
-) -> None:  # fmt: skip
+    settings: Settings,
+    redis: Redis,
+    receiver: Receiver,
+    workers: list[subprocess.Popen[bytes]],
+    tmp_path: Path,
+) -> None:
     now, most = 0, 0
 
     async def slow(request: web.Request) -> web.StreamResponse:
@@ -84,9 +90,12 @@ async def test_max_in_flight_holds_across_two_workers(
 
 
 async def test_a_killed_workers_slot_lapses(
-    settings: Settings, redis: Redis, receiver: Receiver,
-    workers: list[subprocess.Popen[bytes]], tmp_path: Path,
-) -> None:  # fmt: skip
+    settings: Settings,
+    redis: Redis,
+    receiver: Receiver,
+    workers: list[subprocess.Popen[bytes]],
+    tmp_path: Path,
+) -> None:
     release = asyncio.Event()
 
     async def first_hangs(request: web.Request) -> web.StreamResponse:

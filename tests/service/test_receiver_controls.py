@@ -70,10 +70,12 @@ async def test_every_registration_path_takes_lists_and_checks_the_controls(
     controls: Query = {"maxPerSecond": 10, "maxInFlight": 3, "filter": "data.status == 'FAILED'"}
     url = "http://127.0.0.1:9/h"
     paths = [
-        (CALLBACKS, ALICE), (f"{CALLBACKS}/batch", ALICE),
+        (CALLBACKS, ALICE),
+        (f"{CALLBACKS}/batch", ALICE),
         ("/apigw/v4/projects/demo/pipelines/p1/callbacks", ALICE),
-        ("/operator/callbacks", OPERATOR), ("/operator/callbacks/batch", OPERATOR),
-    ]  # fmt: skip
+        ("/operator/callbacks", OPERATOR),
+        ("/operator/callbacks/batch", OPERATOR),
+    ]
     for n, (path, who) in enumerate(paths):
         await ok(await op_api.post(path, params={**params(f"{url}{n}"), **controls}, headers=who))
     listed = await ok(await op_api.get(CALLBACKS, headers=ALICE))
@@ -103,15 +105,22 @@ async def test_every_registration_path_takes_lists_and_checks_the_controls(
 
 
 async def test_filters_let_through_only_what_matches_and_count_their_failures(
-    api: httpx.AsyncClient, redis: Redis, settings: Settings, receiver: Receiver,
+    api: httpx.AsyncClient,
+    redis: Redis,
+    settings: Settings,
+    receiver: Receiver,
     run_worker: RunWorker,
-) -> None:  # fmt: skip
+) -> None:
     wanted = "data.status == 'FAILED' && data.branch == 'main' && projectId == 'demo'"
-    for path, expression in (("/failed-main", wanted), ("/all", None),
-                             ("/broken", "length(data.buildNo) > `0`")):  # fmt: skip
+    for path, expression in (
+        ("/failed-main", wanted),
+        ("/all", None),
+        ("/broken", "length(data.buildNo) > `0`"),
+    ):
         extra = {"filter": expression} if expression else {}
-        await ok(await api.post(CALLBACKS, params=params(receiver.url(path), **extra),
-                                headers=ALICE))  # fmt: skip
+        await ok(
+            await api.post(CALLBACKS, params=params(receiver.url(path), **extra), headers=ALICE)
+        )
     events = [
         {"status": "FAILED", "branch": "main", "buildNo": 1},
         {"status": "FAILED", "branch": "dev", "buildNo": 2},
@@ -123,8 +132,9 @@ async def test_filters_let_through_only_what_matches_and_count_their_failures(
     await Producer(settings, redis).emit_many([("demo", "BUILD_END", e) for e in events])
     await run_worker()
     assert [_body(s.body)["data"]["buildNo"] for s in receiver.requests("/failed-main")] in (
-        [1, 4], [4, 1],
-    )  # fmt: skip
+        [1, 4],
+        [4, 1],
+    )
     assert len(receiver.requests("/all")) == 4 and not receiver.requests("/broken")
     assert _metric("dispatcher_filtered_total", result="error") - errors_before == 4
     assert _metric("dispatcher_filtered_total", result="skipped") - skipped_before == 2
@@ -139,12 +149,14 @@ async def test_filters_let_through_only_what_matches_and_count_their_failures(
 
 
 async def test_a_rotation_signs_with_both_secrets_until_the_overlap_ends(
-    api: httpx.AsyncClient, redis: Redis, settings: Settings, receiver: Receiver,
+    api: httpx.AsyncClient,
+    redis: Redis,
+    settings: Settings,
+    receiver: Receiver,
     run_worker: RunWorker,
-) -> None:  # fmt: skip
+) -> None:
     url = receiver.script("/hook", web_answer(500), web_answer(200))  # the 2nd try succeeds
-    await ok(await api.post(CALLBACKS, params=params(url, secretToken="old-secret"),
-                            headers=ALICE))  # fmt: skip
+    await ok(await api.post(CALLBACKS, params=params(url, secretToken="old-secret"), headers=ALICE))
     await Producer(settings, redis).emit("demo", "BUILD_END", {"buildId": "b-1"})
     await run_worker()
     (cb,) = (await ok(await api.get(CALLBACKS, headers=ALICE)))["records"]
@@ -155,8 +167,11 @@ async def test_a_rotation_signs_with_both_secrets_until_the_overlap_ends(
     assert "secret" not in str(shown).replace("Secret", "")
     # a redelivery of the first (old) request uses the current secrets
     records = await _records(redis, settings, url)
-    await ok(await api.post(f"/apigw/v4/projects/demo/callbacks/history/{records[-1].id}/retry",
-                            headers=ALICE))  # fmt: skip
+    await ok(
+        await api.post(
+            f"/apigw/v4/projects/demo/callbacks/history/{records[-1].id}/retry", headers=ALICE
+        )
+    )
     await Producer(settings, redis).emit("demo", "BUILD_END", {"buildId": "b-2"})
     await run_worker()
     *before_rotation, redelivered, new_event = receiver.requests()
@@ -172,8 +187,9 @@ async def test_a_rotation_signs_with_both_secrets_until_the_overlap_ends(
         for secret in ("new-secret", "old-secret"):  # a receiver with either verifies
             whsec(secret).verify(seen.body, dict(seen.headers))
     # overlap 0: the old secret stops at once
-    shown = await ok(await api.post(rotate, params={"secretToken": "newest", "overlapHours": 0},
-                                    headers=ALICE))  # fmt: skip
+    shown = await ok(
+        await api.post(rotate, params={"secretToken": "newest", "overlapHours": 0}, headers=ALICE)
+    )
     assert shown["rotationEndTime"] is None
     await Producer(settings, redis).emit("demo", "BUILD_END", {"buildId": "b-3"})
     await run_worker()
@@ -181,9 +197,12 @@ async def test_a_rotation_signs_with_both_secrets_until_the_overlap_ends(
     whsec("newest").verify(last.body, dict(last.headers))
     with pytest.raises(WebhookVerificationError):
         whsec("new-secret").verify(last.body, dict(last.headers))
-    cases: list[tuple[Query, str]] = [({"secretToken": ""}, "secretToken"), ({}, "secretToken"),
-                         ({"secretToken": "x", "overlapHours": -1}, "overlapHours"),
-                         ({"secretToken": "x", "overlapHours": 169}, "overlapHours")]  # fmt: skip
+    cases: list[tuple[Query, str]] = [
+        ({"secretToken": ""}, "secretToken"),
+        ({}, "secretToken"),
+        ({"secretToken": "x", "overlapHours": -1}, "overlapHours"),
+        ({"secretToken": "x", "overlapHours": 169}, "overlapHours"),
+    ]
     for query, param in cases:
         await refused(await api.post(rotate, params=query, headers=ALICE), param)
     missing = await api.post(f"{CALLBACKS}/999/secret", params={"secretToken": "x"}, headers=ALICE)
@@ -191,24 +210,37 @@ async def test_a_rotation_signs_with_both_secrets_until_the_overlap_ends(
 
 
 async def test_rotation_on_pipeline_and_platform_callbacks(op_api: httpx.AsyncClient) -> None:
-    for base, who in (("/apigw/v4/projects/demo/pipelines/p1/callbacks", ALICE),
-                      ("/operator/callbacks", OPERATOR)):  # fmt: skip
-        await ok(await op_api.post(base, params=params("http://127.0.0.1:9/p", secretToken="a"),
-                                   headers=who))  # fmt: skip
+    for base, who in (
+        ("/apigw/v4/projects/demo/pipelines/p1/callbacks", ALICE),
+        ("/operator/callbacks", OPERATOR),
+    ):
+        await ok(
+            await op_api.post(
+                base, params=params("http://127.0.0.1:9/p", secretToken="a"), headers=who
+            )
+        )
         (cb,) = (await ok(await op_api.get(base, headers=who)))["records"]
-        shown = await ok(await op_api.post(f"{base}/{cb['id']}/secret",
-                                           params={"secretToken": "b", "overlapHours": 2},
-                                           headers=who))  # fmt: skip
+        shown = await ok(
+            await op_api.post(
+                f"{base}/{cb['id']}/secret",
+                params={"secretToken": "b", "overlapHours": 2},
+                headers=who,
+            )
+        )
         assert shown["rotationEndTime"] is not None
-    other = await op_api.post("/apigw/v4/projects/other/callbacks/1/secret",
-                              params={"secretToken": "x"}, headers=ALICE)  # fmt: skip
+    other = await op_api.post(
+        "/apigw/v4/projects/other/callbacks/1/secret", params={"secretToken": "x"}, headers=ALICE
+    )
     assert other.status_code == 404  # another project's callback is not found
 
 
 async def test_max_in_flight_is_what_the_receiver_sees_and_waiting_spends_no_attempt(
-    api: httpx.AsyncClient, redis: Redis, settings: Settings, run_worker: RunWorker,
+    api: httpx.AsyncClient,
+    redis: Redis,
+    settings: Settings,
+    run_worker: RunWorker,
     receiver: Receiver,
-) -> None:  # fmt: skip
+) -> None:
     now, most = 0, 0
 
     async def slow(request: web.Request) -> web.StreamResponse:
@@ -274,9 +306,16 @@ async def test_the_consoles_forms_register_with_controls_and_rotate(
     token = re.search(r'name="csrf_token" value="([^"]+)"', page.text)
     assert token and "Register a callback" in page.text and "/console/events" in page.text
     wanted = "data.status == 'FAILED'"
-    form = {"csrf_token": token[1], "url": "http://127.0.0.1:9/c", "region": "OSS",
-            "event": "BUILD_END, BUILD_START", "secretToken": "s1", "maxPerSecond": "5",
-            "maxInFlight": "", "filter": wanted}  # fmt: skip
+    form = {
+        "csrf_token": token[1],
+        "url": "http://127.0.0.1:9/c",
+        "region": "OSS",
+        "event": "BUILD_END, BUILD_START",
+        "secretToken": "s1",
+        "maxPerSecond": "5",
+        "maxInFlight": "",
+        "filter": wanted,
+    }
     done = await api.post("/console/projects/demo/callbacks", data=form)
     assert done.status_code == 303 and "notice=registered" in done.headers["location"]
     listed = (await ok(await api.get(CALLBACKS, headers=ALICE)))["records"]

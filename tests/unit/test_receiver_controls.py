@@ -15,8 +15,11 @@ from dispatcher.models import PROJECT_EVENTS, Event, Level
 from dispatcher.registry import Options
 from dispatcher.registry.options import FilterFailed, filter_matches
 
-ENVELOPE = {"event": "BUILD_END", "projectId": "demo",
-            "data": {"status": "FAILED", "branch": "main", "n": 3, "tags": []}}  # fmt: skip
+ENVELOPE = {
+    "event": "BUILD_END",
+    "projectId": "demo",
+    "data": {"status": "FAILED", "branch": "main", "n": 3, "tags": []},
+}
 
 
 @pytest.mark.parametrize(
@@ -87,17 +90,22 @@ def test_a_filter_that_raises_on_an_event_fails_alone(expression: str) -> None:
 def test_during_a_rotation_both_secrets_sign_and_the_token_header_is_the_new_one() -> None:
     body = b'{"event":"BUILD_END","data":{}}'
     headers = request_headers(
-        event="BUILD_END", delivery_id="evt_1.7", body=body, token="new-secret",
-        user_agent="t", previous_token="old-secret",
-    )  # fmt: skip
+        event="BUILD_END",
+        delivery_id="evt_1.7",
+        body=body,
+        token="new-secret",
+        user_agent="t",
+        previous_token="old-secret",
+    )
     assert headers["X-DEVOPS-WEBHOOK-TOKEN"] == "new-secret"
     assert len(headers["webhook-signature"].split(" ")) == 2
     for secret in ("new-secret", "old-secret"):
         Webhook("whsec_" + base64.b64encode(secret.encode()).decode()).verify(body, headers)
     with pytest.raises(WebhookVerificationError):
         Webhook("whsec_" + base64.b64encode(b"other").decode()).verify(body, headers)
-    alone = request_headers(event="BUILD_END", delivery_id="evt_1.7", body=body,
-                            token="new-secret", user_agent="t")  # fmt: skip
+    alone = request_headers(
+        event="BUILD_END", delivery_id="evt_1.7", body=body, token="new-secret", user_agent="t"
+    )
     assert " " not in alone["webhook-signature"]
 
 
