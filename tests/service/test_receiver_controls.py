@@ -24,9 +24,11 @@ from standardwebhooks import Webhook, WebhookVerificationError
 from dispatcher import keys
 from dispatcher.embedded import EmbeddedRedis
 from dispatcher.history.redis import RedisHistory
-from dispatcher.models import HistoryRecord
+from dispatcher.models import HistoryRecord, Region
 from dispatcher.producer import Producer
+from dispatcher.services import Services
 from dispatcher.settings import Settings
+from dispatcher.tokens import TokenCipher
 from tests.helpers import Receiver, RunWorker, app_client, make_settings
 
 ALICE = {"X-DEVOPS-UID": "alice"}
@@ -328,3 +330,22 @@ async def test_the_consoles_forms_register_with_controls_and_rotate(
     assert done.status_code == 303
     text = (await api.get("/console/projects/demo")).text
     assert "old one signs until" in text and "s1" not in text and "s2" not in text
+
+
+async def test_the_previous_token_is_encrypted_at_rest_like_the_token(
+    redis_server: EmbeddedRedis, redis: Redis
+) -> None:
+    keys_ = f"{TokenCipher.new_key()},{TokenCipher.new_key()}"
+    settings = make_settings(redis_server.url, token_keys=keys_)
+    services = Services(settings, redis)
+    cid = await services.register("demo", "http://127.0.0.1:9/e", "BUILD_END", Region.DEVNET,
+                                  "old-secret", creator="alice")  # fmt: skip
+    await services.rotate_secret(cid, "demo", "new-secret", 1)
+    stored = await redis.hmget(keys.callback(cid), ["secretToken", "previousToken"])  # type: ignore[misc]  # sync|async
+    assert all(value.startswith(b"fernet:") for value in stored)
+    assert b"secret" not in b"".join(stored)
+    target = await services.registry.target(cid)
+    assert target is not None
+    assert (target.secret_token, target.previous_token) == ("new-secret", "old-secret")
+    assert await services.registry.rotate_tokens() == 2  # both re-encrypted with the first key
+    assert await redis.hget(keys.callback(cid), "previousToken") != stored[1]  # type: ignore[misc]  # sync|async
