@@ -19,7 +19,7 @@ from dispatcher.models import Event, Region
 from dispatcher.producer import Producer
 from dispatcher.registry import Options, Registry
 from dispatcher.settings import Settings
-from tests.helpers import Receiver, start_worker, until
+from tests.helpers import Overlap, Receiver, start_worker, until
 
 
 async def _register(redis: Redis, url: str, options: Options) -> int:
@@ -67,25 +67,14 @@ async def test_max_in_flight_holds_across_two_workers(
     workers: list[subprocess.Popen[bytes]],
     tmp_path: Path,
 ) -> None:
-    now, most = 0, 0
-
-    async def slow(request: web.Request) -> web.StreamResponse:
-        nonlocal now, most
-        now += 1
-        most = max(most, now)
-        try:
-            await asyncio.sleep(0.3)
-        finally:
-            now -= 1
-        return web.Response(text="ok")
-
-    url = receiver.script("/slow", slow)
+    overlap = Overlap(0.3)
+    url = receiver.script("/slow", overlap.handle)
     callback_id = await _register(redis, url, Options(max_in_flight=3))
     for _ in range(2):
         workers.append(start_worker(settings.redis_url or "", tmp_path / "workers.log"))
     await _emit(settings, redis, 15)
     await receiver.wait_for(15, "/slow", within=30)
-    assert most == 3, most
+    assert overlap.most == 3, overlap.most
     await until(lambda: _empty(redis, keys.limits(callback_id)[1]), 5, "every slot given back")
 
 

@@ -6,7 +6,6 @@ processes, and a killed worker's slot: tests/faults/test_receiver_limits.py.)"""
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import re
 import time
@@ -29,7 +28,7 @@ from dispatcher.producer import Producer
 from dispatcher.services import Services
 from dispatcher.settings import Settings
 from dispatcher.tokens import TokenCipher
-from tests.helpers import Receiver, RunWorker, app_client, make_settings
+from tests.helpers import Overlap, Receiver, RunWorker, app_client, make_settings
 
 ALICE = {"X-DEVOPS-UID": "alice"}
 OPERATOR = {"X-DEVOPS-OPERATOR-TOKEN": "op-secret"}
@@ -243,24 +242,13 @@ async def test_max_in_flight_is_what_the_receiver_sees_and_waiting_spends_no_att
     run_worker: RunWorker,
     receiver: Receiver,
 ) -> None:
-    now, most = 0, 0
-
-    async def slow(request: web.Request) -> web.StreamResponse:
-        nonlocal now, most
-        now += 1
-        most = max(most, now)
-        try:
-            await asyncio.sleep(0.2)
-        finally:
-            now -= 1
-        return web.Response(text="ok")
-
-    url = receiver.script("/slow", slow)
+    overlap = Overlap(0.2)
+    url = receiver.script("/slow", overlap.handle)
     await ok(await api.post(CALLBACKS, params=params(url, maxInFlight=2), headers=ALICE))
     deferred = _metric("dispatcher_deliveries_deferred_total", reason="in_flight")
     await Producer(settings, redis).emit_many([("demo", "BUILD_END", {"n": i}) for i in range(8)])
     await run_worker()
-    assert len(receiver.requests("/slow")) == 8 and most == 2
+    assert len(receiver.requests("/slow")) == 8 and overlap.most == 2
     assert _metric("dispatcher_deliveries_deferred_total", reason="in_flight") > deferred
     records = await _records(redis, settings, url)
     assert len(records) == 8 and {(r.attempt, r.status.value) for r in records} == {(1, "SUCCESS")}
