@@ -14,6 +14,16 @@ platform-wide callbacks are the project DEVOPS_ALL_PROJECT's)
     dispatcher:cb:disabled                    ZSET ids of disabled callbacks, scored by time
     dispatcher:cb:layout                      STRING version of this layout (2: ordered match
                                               sets; `Registry.upgrade` converts version 1)
+    dispatcher:cb:filter-errors:{id}          HASH events a callback's filter failed on: n,
+                                              lastError, lastAt (reset by registering again)
+Receiver controls (fleet-wide limits of one callback; each key expires when idle)
+    dispatcher:limit:{id}:starts              ZSET one member per delivery started in the
+                                              last second, scored by its start (ms)
+    dispatcher:limit:{id}:running             ZSET slots of the requests in flight, scored by
+                                              when the slot lapses (a dead worker's lapse)
+    dispatcher:limit:{id}:line                ZSET job ids waiting for their turn, by arrival
+    dispatcher:limit:{id}:seen                ZSET the same ids, scored by when they leave the
+                                              line unless they come back (a job gone for good)
 Roles
     dispatcher:roles:{project}                HASH user -> admin | member ("*" = every project)
 Health
@@ -85,6 +95,7 @@ PROJECT_CALLBACKS_PREFIX = f"{PREFIX}:cb:project:"
 PIPELINE_CALLBACKS_PREFIX = f"{PREFIX}:cb:pipeline:"
 MATCH_PREFIX = f"{PREFIX}:cb:match:"
 CALLBACKS_LAYOUT = f"{PREFIX}:cb:layout"
+FILTER_ERRORS_PREFIX = f"{PREFIX}:cb:filter-errors:"
 HEALTH_PREFIX = f"{PREFIX}:health:"
 HEALTH_FAILING = f"{PREFIX}:health:failing"
 CALLBACKS_DISABLED = f"{PREFIX}:cb:disabled"
@@ -136,6 +147,16 @@ def pipeline_callbacks(project_id: str, pipeline_id: str) -> str:
 
 def match(scope: str, event: str) -> str:
     return f"{MATCH_PREFIX}{scope}{SEP}{event}"
+
+
+def filter_errors(callback_id: int | str) -> str:
+    return f"{FILTER_ERRORS_PREFIX}{callback_id}"
+
+
+def limits(callback_id: int | str) -> list[str]:
+    """The keys of a callback's limits: starts, running, line, seen (see above)."""
+    base = f"{PREFIX}:limit:{callback_id}{SEP}"
+    return [f"{base}starts", f"{base}running", f"{base}line", f"{base}seen"]
 
 
 def roles(project_id: str) -> str:

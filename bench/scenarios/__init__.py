@@ -11,6 +11,7 @@ from __future__ import annotations
 from bench.harness import Scenario
 from bench.scenarios import (
     ceiling,
+    controls,
     emit,
     fan_out,
     fault,
@@ -35,6 +36,7 @@ SCENARIOS: list[Scenario] = [
     ceiling.SCENARIO,
     fan_out.SCENARIO,
     scale_out.SCENARIO,
+    controls.SCENARIO,
     emit.SCENARIO,
     http_emit.SCENARIO,
     fault.SCENARIO,
