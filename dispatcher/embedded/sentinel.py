@@ -1,0 +1,253 @@
+"""A private Redis Sentinel group for the tests and the bench: a master, its replicas and
+three sentinels, each a redis-server process on a free loopback port, with its data in a
+folder of its own, and the faults to put it through (a node killed, paused, restarted).
+
+Sentinels decide fast here (`down-after-milliseconds` 1000, a short failover timeout), so
+that a failover takes a few seconds.
+"""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, cast
+
+import redis as redis_py
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from dispatcher.embedded.redis import _free_port, _ping, find_redis_server
+
+if TYPE_CHECKING:
+    from types import TracebackType
+
+__all__ = ["SentinelGroup"]
+
+HOST = "127.0.0.1"
+
+
+class SentinelGroup:
+    """A master named `name`, `replicas` replicas and three sentinels watching it."""
+
+    def __init__(
+        self,
+        folder: Path,
+        *,
+        name: str = "dispatcher",
+        replicas: int = 1,
+        down_after_ms: int = 1000,
+        failover_timeout_ms: int = 3000,
+    ) -> None:
+        self.folder = Path(folder).resolve()
+        self.name = name
+        self.down_after_ms = down_after_ms
+        self.failover_timeout_ms = failover_timeout_ms
+        ports = _distinct_ports(4 + replicas)
+        self.nodes: dict[int, subprocess.Popen[bytes] | None] = dict.fromkeys(ports[3:])
+        self.sentinels: dict[int, subprocess.Popen[bytes] | None] = dict.fromkeys(ports[:3])
+        self.first_master = ports[3]
+        self.paused: set[int] = set()
+
+    @property
+    def url(self) -> str:
+        """The `redis+sentinel://` URL of the group (database 0)."""
+        hosts = ",".join(f"{HOST}:{port}" for port in self.sentinels)
+        return f"redis+sentinel://{hosts}/{self.name}/0"
+
+    # ---- starting and stopping -----------------------------------------------------------
+
+    def start(self, within: float = 20.0) -> str:
+        """Start every node and sentinel; returns the URL once the sentinels see the
+        master and its replicas."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        for port in self.nodes:
+            self.start_node(port, None if port == self.first_master else self.first_master)
+        for port in self.sentinels:
+            self._start_sentinel(port)
+        deadline = time.monotonic() + within
+        while not self._sentinels_ready():
+            if time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"the sentinel group did not come up; logs in {self.folder}")
+            time.sleep(0.1)
+        return self.url
+
+    def start_node(self, port: int, replica_of: int | None) -> None:
+        """(Re)start the data node on `port`, with its data, as a replica of `replica_of`
+        (the sentinels reconfigure it should that be wrong)."""
+        folder = self.folder / f"node-{port}"
+        folder.mkdir(exist_ok=True)
+        command = [
+            find_redis_server(), "--port", str(port), "--bind", HOST, "--dir", str(folder),
+            "--logfile", str(folder / "redis.log"), "--save", "", "--appendonly", "yes",
+            "--appendfsync", "everysec", "--repl-diskless-sync", "yes",
+            "--repl-diskless-sync-delay", "0", "--daemonize", "no",
+        ]  # fmt: skip
+        if replica_of is not None:
+            command += ["--replicaof", HOST, str(replica_of)]
+        self.nodes[port] = self._spawn(command, port)
+
+    def _start_sentinel(self, port: int) -> None:
+        config = self.folder / f"sentinel-{port}.conf"
+        config.write_text(
+            f"port {port}\nbind {HOST}\ndir {self.folder}\n"
+            f"logfile {self.folder / f'sentinel-{port}.log'}\n"
+            f"sentinel monitor {self.name} {HOST} {self.first_master} 2\n"
+            f"sentinel down-after-milliseconds {self.name} {self.down_after_ms}\n"
+            f"sentinel failover-timeout {self.name} {self.failover_timeout_ms}\n"
+            f"sentinel parallel-syncs {self.name} 1\n"
+        )
+        self.sentinels[port] = self._spawn([find_redis_server(), str(config), "--sentinel"], port)
+
+    @staticmethod
+    def _spawn(command: list[str], port: int) -> subprocess.Popen[bytes]:
+        process = subprocess.Popen(
+            command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+        )
+        deadline = time.monotonic() + 10
+        while not _ping(port):
+            if process.poll() is not None or time.monotonic() > deadline:
+                process.kill()
+                raise RuntimeError(f"redis-server on port {port} did not start: {command}")
+            time.sleep(0.02)
+        return process
+
+    def stop(self) -> None:
+        """Stop every process of the group (paused ones too)."""
+        for processes in (self.sentinels, self.nodes):
+            for port, process in processes.items():
+                if process is not None and process.poll() is None:
+                    process.send_signal(signal.SIGCONT)
+                    process.terminate()
+                    try:
+                        process.wait(timeout=10)
+                    except subprocess.TimeoutExpired:
+                        process.kill()
+                        process.wait(timeout=5)
+                processes[port] = None
+
+    def __enter__(self) -> SentinelGroup:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    # ---- what the sentinels say ---------------------------------------------------------
+
+    def _ask(self, *command: str) -> object:
+        """A command to the first sentinel that answers."""
+        for port, process in self.sentinels.items():
+            if process is None or process.poll() is not None:
+                continue
+            client = redis_py.Redis(host=HOST, port=port, socket_timeout=1, decode_responses=True)
+            try:
+                return client.execute_command(*command)  # type: ignore[no-untyped-call]
+            except (RedisConnectionError, RedisTimeoutError):
+                continue
+            finally:
+                client.close()
+        raise RuntimeError("no sentinel answers")
+
+    def master_port(self) -> int:
+        """The master's port as the sentinels name it now."""
+        answer = self._ask("SENTINEL", "GET-MASTER-ADDR-BY-NAME", self.name)
+        assert isinstance(answer, (list, tuple))
+        return int(answer[1])
+
+    def _sentinels_ready(self) -> bool:
+        try:
+            master = self._ask("SENTINEL", "MASTER", self.name)
+        except (RuntimeError, redis_py.ResponseError):
+            return False
+        state = dict(zip(master[::2], master[1::2], strict=True))  # type: ignore[index]
+        return (
+            int(state.get("num-slaves", 0)) >= len(self.nodes) - 1
+            and int(state.get("num-other-sentinels", 0)) >= len(self.sentinels) - 1
+        )
+
+    # ---- faults -------------------------------------------------------------------------
+
+    def signal(self, port: int, sig: signal.Signals) -> None:
+        """Send `sig` to the node on `port` (SIGKILL: it is reaped and stays down)."""
+        process = self.nodes[port]
+        assert process is not None, f"node {port} is not running"
+        process.send_signal(sig)
+        if sig is signal.SIGSTOP:
+            self.paused.add(port)
+        elif sig is signal.SIGCONT:
+            self.paused.discard(port)
+        elif sig is signal.SIGKILL:
+            process.wait(timeout=5)
+            self.nodes[port] = None
+            self.paused.discard(port)
+
+    def heal(self, within: float = 30.0) -> int:
+        """Paused nodes resumed, dead ones restarted as replicas, once a master is up (a
+        failover may be under way); returns the master's port when its replicas are in
+        sync."""
+        for port in list(self.paused):
+            self.signal(port, signal.SIGCONT)
+        deadline = time.monotonic() + within
+        while _role(master := self.master_port()) != "master":
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no master within {within} s (logs in {self.folder})")
+            time.sleep(0.05)
+        for port, process in self.nodes.items():
+            if process is None:
+                self.start_node(port, master)
+        self.wait_for_replicas(len(self.nodes) - 1, within)
+        return master
+
+    def wait_for_new_master(self, old: int, within: float = 30.0) -> int:
+        """Until the sentinels name another master than `old`; returns its port."""
+        deadline = time.monotonic() + within
+        while time.monotonic() < deadline:
+            try:
+                port = self.master_port()
+            except RuntimeError:
+                port = old
+            if port != old and _role(port) == "master":
+                return port
+            time.sleep(0.05)
+        raise AssertionError(f"no failover within {within} s (logs in {self.folder})")
+
+    def wait_for_replicas(self, count: int, within: float = 30.0) -> None:
+        """Until the master has `count` replicas connected and in sync."""
+        deadline = time.monotonic() + within
+        while time.monotonic() < deadline:
+            info = _info(self.master_port())
+            online = [v for k, v in info.items() if k.startswith("slave") and "online" in str(v)]
+            if len(online) >= count:
+                return
+            time.sleep(0.05)
+        raise AssertionError(f"not {count} replicas within {within} s (logs in {self.folder})")
+
+
+def _distinct_ports(count: int) -> list[int]:
+    ports: list[int] = []
+    while len(ports) < count:
+        if (port := _free_port()) not in ports:
+            ports.append(port)
+    return ports
+
+
+def _info(port: int) -> dict[str, object]:
+    client = redis_py.Redis(host=HOST, port=port, socket_timeout=1)
+    try:
+        return cast("dict[str, object]", client.info("replication"))
+    except (RedisConnectionError, RedisTimeoutError):
+        return {}
+    finally:
+        client.close()
+
+
+def _role(port: int) -> str:
+    return str(_info(port).get("role", ""))
