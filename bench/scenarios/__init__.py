@@ -21,6 +21,7 @@ from bench.scenarios import (
     http_emit,
     latency,
     memory,
+    replicated,
     scale_out,
     throughput,
 )
@@ -38,6 +39,7 @@ SCENARIOS: list[Scenario] = [
     emit.SCENARIO,
     http_emit.SCENARIO,
     fault.SCENARIO,
+    replicated.SCENARIO,
     latency.SCENARIO,
     memory.SCENARIO,
     history.SCENARIO,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import signal
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, cast
 
@@ -60,18 +61,19 @@ class SentinelGroup:
 
     def start(self, within: float = 20.0) -> str:
         """Start every node and sentinel; returns the URL once the sentinels see the
-        master and its replicas."""
+        master and its replicas (that they see one another too, which a failover needs and
+        takes them a few seconds more, is waited for before the first fault)."""
         self.folder.mkdir(parents=True, exist_ok=True)
         for port in self.nodes:
             self.start_node(port, None if port == self.first_master else self.first_master)
         for port in self.sentinels:
             self._start_sentinel(port)
         deadline = time.monotonic() + within
-        while not self._sentinels_ready():
+        while not self._sentinels_ready(mesh=False):
             if time.monotonic() > deadline:
                 self.stop()
                 raise RuntimeError(f"the sentinel group did not come up; logs in {self.folder}")
-            time.sleep(0.1)
+            time.sleep(0.05)
         return self.url
 
     def start_node(self, port: int, replica_of: int | None) -> None:
@@ -142,43 +144,47 @@ class SentinelGroup:
 
     # ---- what the sentinels say ---------------------------------------------------------
 
-    def _ask(self, *command: str) -> object:
-        """A command to the first sentinel that answers."""
-        for port, process in self.sentinels.items():
-            if process is None or process.poll() is not None:
-                continue
-            client = redis_py.Redis(host=HOST, port=port, socket_timeout=1, decode_responses=True)
-            try:
-                return client.execute_command(*command)  # type: ignore[no-untyped-call]
-            except (RedisConnectionError, RedisTimeoutError):
-                continue
-            finally:
-                client.close()
-        raise RuntimeError("no sentinel answers")
+    def _ask(self, port: int, *command: str) -> object:
+        """A command to the sentinel on `port`; None when it does not answer."""
+        client = redis_py.Redis(host=HOST, port=port, socket_timeout=1, decode_responses=True)
+        try:
+            return client.execute_command(*command)  # type: ignore[no-untyped-call]
+        except (RedisConnectionError, RedisTimeoutError, redis_py.ResponseError):
+            return None
+        finally:
+            client.close()
 
     def master_port(self) -> int:
-        """The master's port as the sentinels name it now."""
-        answer = self._ask("SENTINEL", "GET-MASTER-ADDR-BY-NAME", self.name)
-        assert isinstance(answer, (list, tuple))
-        return int(answer[1])
+        """The master's port as the first sentinel that answers names it now."""
+        for port in self.sentinels:
+            answer = self._ask(port, "SENTINEL", "GET-MASTER-ADDR-BY-NAME", self.name)
+            if isinstance(answer, (list, tuple)):
+                return int(answer[1])
+        raise RuntimeError("no sentinel answers")
 
-    def _sentinels_ready(self) -> bool:
-        try:
-            master = self._ask("SENTINEL", "MASTER", self.name)
-        except (RuntimeError, redis_py.ResponseError):
-            return False
-        state = dict(zip(master[::2], master[1::2], strict=True))  # type: ignore[index]
-        return (
-            int(state.get("num-slaves", 0)) >= len(self.nodes) - 1
-            and int(state.get("num-other-sentinels", 0)) >= len(self.sentinels) - 1
-        )
+    def _sentinels_ready(self, *, mesh: bool) -> bool:
+        """Whether every sentinel sees the master and its replicas (`mesh`: and the other
+        sentinels, so that they can agree on a failover)."""
+        for port in self.sentinels:
+            answer = self._ask(port, "SENTINEL", "MASTER", self.name)
+            if not isinstance(answer, list):
+                return False
+            state = dict(zip(answer[::2], answer[1::2], strict=True))
+            if int(state.get("num-slaves", 0)) < len(self.nodes) - 1:
+                return False
+            if mesh and int(state.get("num-other-sentinels", 0)) < len(self.sentinels) - 1:
+                return False
+        return True
 
     # ---- faults -------------------------------------------------------------------------
 
     def signal(self, port: int, sig: signal.Signals) -> None:
-        """Send `sig` to the node on `port` (SIGKILL: it is reaped and stays down)."""
+        """Send `sig` to the node on `port` (SIGKILL: it is reaped and stays down). Before
+        the master is killed or paused, every sentinel sees the others."""
         process = self.nodes[port]
         assert process is not None, f"node {port} is not running"
+        if sig in (signal.SIGKILL, signal.SIGSTOP) and port == self.master_port():
+            self._wait(lambda: self._sentinels_ready(mesh=True), 20.0, "sentinels in touch")
         process.send_signal(sig)
         if sig is signal.SIGSTOP:
             self.paused.add(port)
@@ -195,11 +201,8 @@ class SentinelGroup:
         sync."""
         for port in list(self.paused):
             self.signal(port, signal.SIGCONT)
-        deadline = time.monotonic() + within
-        while _role(master := self.master_port()) != "master":
-            if time.monotonic() > deadline:
-                raise AssertionError(f"no master within {within} s (logs in {self.folder})")
-            time.sleep(0.05)
+        self._wait(lambda: _role(self.master_port()) == "master", within, "a master")
+        master = self.master_port()
         for port, process in self.nodes.items():
             if process is None:
                 self.start_node(port, master)
@@ -207,28 +210,32 @@ class SentinelGroup:
         return master
 
     def wait_for_new_master(self, old: int, within: float = 30.0) -> int:
-        """Until the sentinels name another master than `old`; returns its port."""
-        deadline = time.monotonic() + within
-        while time.monotonic() < deadline:
-            try:
-                port = self.master_port()
-            except RuntimeError:
-                port = old
-            if port != old and _role(port) == "master":
-                return port
-            time.sleep(0.05)
-        raise AssertionError(f"no failover within {within} s (logs in {self.folder})")
+        """Until the sentinels name another master than `old`, and it says it is one;
+        returns its port."""
+
+        def promoted() -> bool:
+            port = self.master_port()
+            return port != old and _role(port) == "master"
+
+        self._wait(promoted, within, "a failover")
+        return self.master_port()
 
     def wait_for_replicas(self, count: int, within: float = 30.0) -> None:
         """Until the master has `count` replicas connected and in sync."""
-        deadline = time.monotonic() + within
-        while time.monotonic() < deadline:
+
+        def in_sync() -> bool:
             info = _info(self.master_port())
-            online = [v for k, v in info.items() if k.startswith("slave") and "online" in str(v)]
-            if len(online) >= count:
-                return
+            states = [v for k, v in info.items() if k.startswith("slave")]
+            return sum("online" in str(state) for state in states) >= count
+
+        self._wait(in_sync, within, f"{count} replicas in sync")
+
+    def _wait(self, check: Callable[[], bool], within: float, what: str) -> None:
+        deadline = time.monotonic() + within
+        while not check():
+            if time.monotonic() > deadline:
+                raise AssertionError(f"not within {within} s: {what} (logs in {self.folder})")
             time.sleep(0.05)
-        raise AssertionError(f"not {count} replicas within {within} s (logs in {self.folder})")
 
 
 def _distinct_ports(count: int) -> list[int]:
