@@ -13,16 +13,13 @@ import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, cast
+from typing import cast
 
 import redis as redis_py
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from dispatcher.embedded.redis import _free_port, _ping, find_redis_server
-
-if TYPE_CHECKING:
-    from types import TracebackType
 
 __all__ = ["SentinelGroup"]
 
@@ -129,18 +126,6 @@ class SentinelGroup:
                         process.kill()
                         process.wait(timeout=5)
                 processes[port] = None
-
-    def __enter__(self) -> SentinelGroup:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     # ---- what the sentinels say ---------------------------------------------------------
 

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+import redis as redis_py
 from redis.asyncio import Redis
 from typer.testing import CliRunner
 
@@ -57,6 +58,19 @@ async def test_an_acknowledged_emit_is_on_the_replica_already(group: SentinelGro
     finally:
         await redis.aclose()
         await replica.aclose()
+
+
+def test_the_cli_emits_through_the_sentinels(
+    group: SentinelGroup, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("DISPATCHER_REDIS_URL", group.url)
+    monkeypatch.setenv("DISPATCHER_REDIS_MIN_REPLICAS", "1")
+    command = ["emit", "--project", "demo", "--event", "BUILD_END", "--event-id", "evt_cli"]
+    result = CliRunner().invoke(app, command)
+    assert result.exit_code == 0 and "evt_cli" in result.output, result.output
+    (replica,) = [port for port in group.nodes if port != group.master_port()]
+    with redis_py.Redis(host="127.0.0.1", port=replica, socket_timeout=2) as client:
+        assert client.exists(keys.arq_job("evt_cli"))
 
 
 def run_cli(monkeypatch: pytest.MonkeyPatch, **env: str) -> str:
