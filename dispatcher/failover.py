@@ -10,10 +10,11 @@ in a `redis://` URL.
 redis-py's `SentinelConnectionPool` does the discovery: a connection asks the sentinels for
 the master when it (re)connects, idle connections are dropped when the master's address
 changes, and a `READONLY` reply (the master was demoted) drops the connection. Here a
-`MASTERDOWN` reply counts the same (redis-py lets it through as a plain reply error), and
-so it does on a plain `redis://` URL, for a managed Redis whose failover moves a DNS name:
-a connection left on the old master would otherwise answer `READONLY` for as long as it
-lives.
+`MASTERDOWN` reply counts the same (redis-py lets it through as a plain reply error), so
+does a `READONLY` that Redis 6 wraps in a Lua script's error, and so it goes on a plain
+`redis://` URL too, for a managed Redis whose failover moves a DNS name: a connection left
+on the old master would otherwise answer `READONLY` for as long as it lives. `NOREPLICAS`
+(a master short of its `min-replicas-to-write`) is an outage to wait out as well.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ from dispatcher.errors import InvalidSetting
 __all__ = [
     "SENTINEL_SCHEMES",
     "NotMaster",
+    "NotWritable",
     "SentinelUrl",
     "check_sentinels",
     "is_sentinel_url",
@@ -59,9 +61,15 @@ SENTINEL_SCHEMES = ("redis+sentinel", "rediss+sentinel")
 SENTINEL_PORT = 26379
 
 
-class NotMaster(RedisConnectionError):
-    """The node answered as a replica: the connection is dropped, and the next one finds
-    the master (a ConnectionError, so every caller waits it out like an outage)."""
+class NotWritable(RedisConnectionError):
+    """The node takes no writes now: it lacks the replicas its `min-replicas-to-write`
+    asks for (NOREPLICAS). A ConnectionError, so every caller waits it out like an outage
+    (the API answers 503, a worker's writes wait)."""
+
+
+class NotMaster(NotWritable):
+    """The node answered as a replica (READONLY, MASTERDOWN): the connection is dropped, and
+    the next one finds the master."""
 
 
 class _FollowsMaster(AbstractConnection):
@@ -71,14 +79,24 @@ class _FollowsMaster(AbstractConnection):
     async def read_response(self, *args: Any, **kwargs: Any) -> Any:
         try:
             return await super().read_response(*args, **kwargs)
-        except ReadOnlyError as exc:  # redis-py's name for a READONLY reply
-            await self.disconnect()
-            raise NotMaster(f"{self._host_error()} is not the master now (READONLY {exc})") from exc
         except ResponseError as exc:
-            if not str(exc).startswith("MASTERDOWN"):
-                raise
-            await self.disconnect()
-            raise NotMaster(f"{self._host_error()} is not the master now ({exc})") from exc
+            if _replied(exc, "READONLY", "MASTERDOWN"):
+                await self.disconnect()
+                reply = f"READONLY {exc}" if isinstance(exc, ReadOnlyError) else str(exc)
+                raise NotMaster(f"{self._host_error()} is not the master now ({reply})") from exc
+            if _replied(exc, "NOREPLICAS"):
+                raise NotWritable(f"{self._host_error()} takes no writes now ({exc})") from exc
+            raise
+
+
+def _replied(exc: ResponseError, *codes: str) -> bool:
+    """Whether a reply error has one of `codes`: as the reply itself (redis-py keeps the
+    code in the message, but for READONLY, its ReadOnlyError), or wrapped in a script's
+    error by Redis 6 ("ERR Error running script ... -READONLY ...")."""
+    if isinstance(exc, ReadOnlyError):
+        return "READONLY" in codes
+    text = str(exc)
+    return any(text.startswith(code) or f"-{code} " in text for code in codes)
 
 
 class _Primary(_FollowsMaster, Connection):

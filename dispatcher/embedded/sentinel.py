@@ -148,15 +148,17 @@ class SentinelGroup:
         raise RuntimeError("no sentinel answers")
 
     def _sentinels_ready(self, *, mesh: bool) -> bool:
-        """Whether every sentinel sees the master and its replicas (`mesh`: and the other
-        sentinels, so that they can agree on a failover)."""
+        """Whether every sentinel sees the master and its replicas up (`mesh`: and the
+        other sentinels, so that they can agree on a failover)."""
         for port in self.sentinels:
-            answer = self._ask(port, "SENTINEL", "MASTER", self.name)
-            if not isinstance(answer, list):
+            master = self._ask(port, "SENTINEL", "MASTER", self.name)
+            replicas = self._ask(port, "SENTINEL", "REPLICAS", self.name)
+            if not isinstance(master, list) or not isinstance(replicas, list):
                 return False
-            state = dict(zip(answer[::2], answer[1::2], strict=True))
-            if int(state.get("num-slaves", 0)) < len(self.nodes) - 1:
+            flags = [dict(zip(r[::2], r[1::2], strict=True)).get("flags") for r in replicas]
+            if flags.count("slave") < len(self.nodes) - 1:  # not s_down, not disconnected
                 return False
+            state = dict(zip(master[::2], master[1::2], strict=True))
             if mesh and int(state.get("num-other-sentinels", 0)) < len(self.sentinels) - 1:
                 return False
         return True
@@ -183,7 +185,7 @@ class SentinelGroup:
     def heal(self, within: float = 30.0) -> int:
         """Paused nodes resumed, dead ones restarted as replicas, once a master is up (a
         failover may be under way); returns the master's port when its replicas are in
-        sync."""
+        sync and the sentinels see them up."""
         for port in list(self.paused):
             self.signal(port, signal.SIGCONT)
         self._wait(lambda: _role(self.master_port()) == "master", within, "a master")
@@ -192,6 +194,7 @@ class SentinelGroup:
             if process is None:
                 self.start_node(port, master)
         self.wait_for_replicas(len(self.nodes) - 1, within)
+        self._wait(lambda: self._sentinels_ready(mesh=False), within, "sentinels see them up")
         return master
 
     def wait_for_new_master(self, old: int, within: float = 30.0) -> int:

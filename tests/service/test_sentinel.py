@@ -18,7 +18,7 @@ from dispatcher.cli import app
 from dispatcher.connections import connect, preflight
 from dispatcher.embedded import EmbeddedRedis, SentinelGroup
 from dispatcher.errors import InvalidSetting, Unavailable
-from dispatcher.failover import NotMaster
+from dispatcher.failover import NotMaster, NotWritable
 from dispatcher.history.ids import ID_BLOCK, ID_GAP, RecordIds
 from dispatcher.history.redis import RedisHistory
 from dispatcher.producer import Producer
@@ -109,15 +109,24 @@ async def test_a_plain_url_to_a_replica_is_a_lost_connection(group: SentinelGrou
     try:
         with pytest.raises(NotMaster, match=r"is not the master now \(READONLY"):
             await redis.set("k", "v")
+        with pytest.raises(NotMaster, match="READONLY"):  # a script's write (Redis 6 wraps it)
+            await redis.eval("return redis.call('SET', KEYS[1], 'v')", 1, "k")  # type: ignore[misc]
         assert await redis.ping()  # reads still work: it is a lost connection, not a dead one
     finally:
         await redis.aclose()
 
 
-async def test_masterdown_is_a_lost_connection_too(tmp_path: Path) -> None:
+async def test_masterdown_and_noreplicas_are_outages_not_errors(tmp_path: Path) -> None:
+    """A node short of the replicas its `min-replicas-to-write` asks for, or a replica
+    whose master is away: callers wait them out like an outage (503, writes that wait)."""
     with EmbeddedRedis(tmp_path, persist=False) as server:
         redis = connect(make_settings(server.url, redis_timeout=1))
         try:
+            await redis.config_set("min-replicas-to-write", "1")
+            with pytest.raises(NotWritable, match="NOREPLICAS"):
+                await redis.set("k", "v")
+            with pytest.raises(NotWritable, match="NOREPLICAS"):
+                await redis.eval("return redis.call('SET', KEYS[1], 'v')", 1, "k")  # type: ignore[misc]
             await redis.config_set("replica-serve-stale-data", "no")
             await redis.replicaof("127.0.0.1", str(free_port()))  # a master that is not there
             with pytest.raises(NotMaster, match="MASTERDOWN"):
