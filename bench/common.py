@@ -69,7 +69,7 @@ def event_data(n: int, emit_t: float | None = None) -> dict[str, Any]:
 def record_template() -> dict[str, Any]:
     """A history record as the worker writes it (dispatcher/worker/record.py), for the
     history scenarios to fill stores with; its per-record fields are left blank."""
-    body = encode_body(EVENT, event_data(1))
+    body = encode_body(EVENT, PROJECT, event_data(1))
     headers = request_headers(
         event=EVENT, delivery_id="evt_0.1", body=body, token=TOKEN, user_agent="bench"
     )

@@ -217,7 +217,7 @@ async def mode_ceiling(args: argparse.Namespace) -> dict[str, Any]:
 
     from dispatcher.delivery import encode_body, request_headers
 
-    body = encode_body(EVENT, event_data(0))
+    body = encode_body(EVENT, PROJECT, event_data(0))
     headers = request_headers(
         event=EVENT, delivery_id="evt_x.1", body=body, token=TOKEN, user_agent="bench"
     )
@@ -244,7 +244,7 @@ async def mode_http(args: argparse.Namespace) -> dict[str, Any]:
     from dispatcher.models import Region
 
     settings = bench_settings("redis://127.0.0.1:1/0")  # never connected
-    body = encode_body(EVENT, event_data(0))
+    body = encode_body(EVENT, PROJECT, event_data(0))
     headers = request_headers(
         event=EVENT, delivery_id="evt_x.1", body=body, token=TOKEN, user_agent="bench"
     )

@@ -3,29 +3,35 @@
 from __future__ import annotations
 
 import random
+import re
 import time
 from collections.abc import Sequence
 from email.utils import parsedate_to_datetime
 
 __all__ = ["next_delay", "parse_retry_after"]
 
+_DIGITS = re.compile(r"[0-9]{1,10}")  # beyond ten digits it is no delay anyone honours
+
 
 def parse_retry_after(value: str | None, *, now: float | None = None) -> float | None:
-    """Seconds asked for by a `Retry-After` header (delta-seconds or an HTTP date).
+    """Seconds asked for by a `Retry-After` header: ASCII digits (delta-seconds) or an HTTP
+    date; anything else is ignored (a receiver writes what it likes there).
 
     >>> parse_retry_after("120")
     120.0
     >>> parse_retry_after("soon") is None
     True
+    >>> parse_retry_after("\u00b2") is None  # `isdigit()` says yes, `float()` raises
+    True
     """
     if not value:
         return None
     value = value.strip()
-    if value.isdigit():
+    if _DIGITS.fullmatch(value):
         return float(value)
     try:
         when = parsedate_to_datetime(value)
-    except (TypeError, ValueError, IndexError):
+    except (TypeError, ValueError, IndexError, OverflowError):
         return None
     if when.tzinfo is None:
         return None

@@ -21,7 +21,8 @@ import httpx
 import orjson
 
 from dispatcher.backoff import parse_retry_after
-from dispatcher.errors import AddressRefused, InvalidInput
+from dispatcher.errors import AddressRefused, InvalidInput, describe
+from dispatcher.models import MASK, SECRET_HEADERS
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
@@ -29,31 +30,36 @@ if TYPE_CHECKING:
 __all__ = [
     "DELIVERY_HEADER",
     "EVENT_HEADER",
+    "PROJECT_HEADER",
     "TOKEN_HEADER",
     "AttemptResult",
     "AuthHeader",
     "Outcome",
     "check_auth_header",
+    "check_header_value",
     "classify",
     "encode_body",
     "mask_headers",
     "request_headers",
     "send",
     "sign",
+    "unsendable",
 ]
 
 TOKEN_HEADER = "X-DEVOPS-WEBHOOK-TOKEN"
 EVENT_HEADER = "X-DEVOPS-EVENT"
 DELIVERY_HEADER = "X-DEVOPS-DELIVERY-ID"
-MASK = "******"
-SECRET_HEADERS = frozenset({TOKEN_HEADER.lower(), "authorization", "proxy-authorization"})
+PROJECT_HEADER = "X-DEVOPS-PROJECT-ID"
 
 AuthHeader = tuple[str, str]  # a callback's custom auth header: (name, value)
 MAX_AUTH_HEADER_NAME = 64
 MAX_AUTH_HEADER_VALUE = 4096
-# RFC 9110 token characters; a value is visible ASCII, spaces and tabs (no CR, LF, NUL).
+# RFC 9110 token characters. A value registered now is visible ASCII, spaces only between
+# characters; what a delivery can still send (a value stored by an older version) is any
+# printable ASCII and tabs: never CR, LF, NUL, another control character or non-ASCII.
 _HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
-_HEADER_VALUE = re.compile(r"[\x20-\x7e\t]*")
+_HEADER_VALUE = re.compile(r"[\x21-\x7e]+(?: +[\x21-\x7e]+)*")
+_SENDABLE_VALUE = re.compile(r"[\x20-\x7e\t]*")
 # What a callback's own header may not be: hop-by-hop and framing headers, and every
 # header a delivery sets itself (by name, or by the prefixes of ours).
 RESERVED_HEADERS = frozenset({
@@ -94,9 +100,11 @@ class AttemptResult:
         return self.ended_ms - self.started_ms
 
 
-def encode_body(event: str, data: Mapping[str, Any]) -> bytes:
-    """The reference's envelope, the producer's data untouched: `{"event", "data"}`."""
-    return orjson.dumps({"event": event, "data": data})
+def encode_body(event: str, project_id: str, data: Mapping[str, Any]) -> bytes:
+    """The reference's envelope plus the emitting project, the producer's data untouched:
+    `{"event", "projectId", "data"}` (signed with the rest, so a platform-wide receiver
+    knows who emitted it)."""
+    return orjson.dumps({"event": event, "projectId": project_id, "data": data})
 
 
 def sign(delivery_id: str, timestamp: int, body: bytes, token: str) -> str:
@@ -132,13 +140,45 @@ def check_auth_header(name: str, value: str) -> AuthHeader:
             "hop-by-hop header",
             param="authHeaderName",
         )
-    if len(value) > MAX_AUTH_HEADER_VALUE or not _HEADER_VALUE.fullmatch(value):
+    return name, check_header_value(value, "authHeaderValue", MAX_AUTH_HEADER_VALUE)
+
+
+def check_header_value(value: str, param: str, limit: int) -> str:
+    """A secret that goes out as a header value (`secretToken`, `authHeaderValue`), checked
+    at registration: visible ASCII, spaces only between characters, at most `limit`
+    characters. Anything else could never be sent (non-ASCII), or would forge headers
+    (CR, LF) or be cut by the receiver (NUL, spaces at either end)."""
+    if len(value) > limit or not _HEADER_VALUE.fullmatch(value):
         raise InvalidInput(
-            f"authHeaderValue must be printable ASCII without line breaks, at most "
-            f"{MAX_AUTH_HEADER_VALUE} characters",
-            param="authHeaderValue",
+            f"{param} must be printable ASCII (visible characters, spaces only between "
+            f"them), without line breaks or control characters, at most {limit} characters",
+            param=param,
         )
-    return name, value
+    return value
+
+
+def unsendable(token: str, auth_header: AuthHeader | None) -> str | None:
+    """Why a callback's stored secrets cannot go out as headers (stored by an older
+    version, before registration refused them), or None. Never quotes them."""
+    if not _sendable(token):
+        return _UNSENDABLE.format(param="secretToken")
+    if auth_header is not None and not (
+        _HEADER_NAME.fullmatch(auth_header[0]) and _sendable(auth_header[1])
+    ):
+        return _UNSENDABLE.format(param="authHeaderValue")
+    return None
+
+
+def _sendable(value: str) -> bool:
+    # every attempt asks: the common case without a regular expression (5x faster)
+    return (value.isascii() and value.isprintable()) or bool(_SENDABLE_VALUE.fullmatch(value))
+
+
+_UNSENDABLE = (
+    "the callback's {param} holds a line break, a control character or non-ASCII text "
+    "(registered before these were refused), so it cannot be sent as a header: register the "
+    "callback again with a valid {param}"
+)
 
 
 def request_headers(
@@ -148,17 +188,21 @@ def request_headers(
     body: bytes,
     token: str,
     user_agent: str,
+    project_id: str = "",
     auth_header: AuthHeader | None = None,
     timestamp: int | None = None,
 ) -> dict[str, str]:
-    """Every header of a delivery. No token, no token header and no signature; the
-    callback's custom auth header when it has one."""
+    """Every header of a delivery: the emitting project's id when known. No token, no
+    token header and no signature; the callback's custom auth header when it has one."""
     headers = {
         "Content-Type": "application/json",
         "User-Agent": user_agent,
         EVENT_HEADER: event,
         DELIVERY_HEADER: delivery_id,
     }
+    # (an id queued by an older version may not be sendable: the body names it all the same)
+    if project_id and project_id.isascii() and project_id.isprintable():
+        headers[PROJECT_HEADER] = project_id
     if token:
         ts = int(time.time()) if timestamp is None else timestamp
         headers[TOKEN_HEADER] = token
@@ -204,10 +248,26 @@ def _refused(exc: BaseException | None) -> AddressRefused | None:
     return None
 
 
-def _error_text(exc: BaseException, total_timeout: float) -> str:
+# The transport's own errors: their messages speak of hosts, addresses and sockets.
+_NETWORK_ERRORS = (httpx.HTTPError, httpx.InvalidURL, aiohttp.ClientError, OSError)
+
+
+def _error_text(exc: BaseException, timeouts: tuple[float, float]) -> str:
+    """What went wrong, said as what happened, holding no secret. httpx-aiohttp wraps
+    aiohttp's errors (and calls every connection error a `ConnectTimeout`): the text comes
+    from the error it wrapped."""
+    if isinstance(exc, httpx.HTTPError) and exc.__cause__ is not None:
+        exc = exc.__cause__
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        why = exc.os_error.strerror or exc.os_error
+        if isinstance(exc, aiohttp.ClientConnectorDNSError):
+            return f"could not resolve host {exc.host}: {why}"
+        return f"could not connect to {exc.host}:{exc.port}: {why}"
+    if isinstance(exc, aiohttp.ConnectionTimeoutError):
+        return f"timed out connecting after {timeouts[0]:g}s"
     if isinstance(exc, TimeoutError | httpx.TimeoutException):
-        return f"timed out after {total_timeout:g}s" + (f" ({exc})" if str(exc) else "")
-    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        return f"timed out after {timeouts[1]:g}s" + (f" ({exc})" if str(exc) else "")
+    return describe(exc, trusted=_NETWORK_ERRORS)
 
 
 def _now_ms() -> int:
@@ -249,48 +309,66 @@ async def send(
     max_response_body: int,
 ) -> AttemptResult:
     """POST once, bounded by `total_timeout` overall and `max_response_body` bytes read.
+    Whatever goes wrong ends as a result, never an exception: a request that cannot be
+    built fails for good; a failure on the wire is judged by the answer when one came, and
+    is retried when none did (but for an address the policy refuses).
 
     The request goes straight to the transport: a delivery needs none of the client's
     layers (cookies, auth flows, redirects, hooks), and skipping them is measurably cheaper.
     """
     started = _now_ms()
+    try:
+        request = httpx.Request(
+            "POST", _parsed(url), content=body, headers=headers,
+            extensions=_extensions(connect_timeout, total_timeout),
+        )  # fmt: skip
+    except Exception as exc:  # retrying cannot help: the same request again would fail
+        text = f"the request could not be built: {describe(exc, trusted=(httpx.InvalidURL,))}"
+        return AttemptResult(Outcome.FAILED, None, None, text, None, started, _now_ms())
+    answer = _Answer()
+    try:
+        async with asyncio.timeout(total_timeout):
+            await _exchange(transport, request, answer, max_response_body)
+    except Exception as exc:  # a receiver can make anything raise: it ends as a result
+        error = _error_text(exc, (connect_timeout, total_timeout))
+        if answer.status is not None:  # the answer came, reading it failed: judge the answer
+            return answer.result(classify(answer.status), error, started)
+        if (refusal := _refused(exc)) is not None:  # retrying cannot help
+            return answer.result(Outcome.FAILED, f"refused: {refusal}", started)
+        return answer.result(Outcome.RETRY, error, started)
+    status = answer.status
+    assert status is not None
+    outcome = classify(status)
+    verdict = None if outcome is Outcome.SUCCESS else f"HTTP {status}"
+    if 300 <= status < 400:
+        verdict = f"HTTP {status}: redirects are not followed"
+    return answer.result(outcome, verdict, started)
+
+
+@dataclass(slots=True)
+class _Answer:
+    """What the receiver said, as far as it was read."""
+
     status: int | None = None
     text: str | None = None
     retry_after: float | None = None
-    try:
-        async with asyncio.timeout(total_timeout):
-            request = httpx.Request(
-                "POST", _parsed(url), content=body, headers=headers,
-                extensions=_extensions(connect_timeout, total_timeout),
-            )  # fmt: skip
-            response = await transport.handle_async_request(request)
-            try:
-                status = response.status_code
-                retry_after = parse_retry_after(response.headers.get("retry-after"))
-                raw, truncated = await _read_capped(response, max_response_body)
-            finally:
-                await response.aclose()
-            text = raw.decode("utf-8", errors="replace")
-            if truncated:
-                text += f"... [truncated at {max_response_body} bytes]"
-    except (httpx.HTTPError, httpx.InvalidURL, aiohttp.ClientError, TimeoutError, OSError) as exc:
-        # aiohttp.ClientError: what the transport does not translate (e.g. a reply that is
-        # not HTTP). Whatever the receiver does, the attempt ends as a result, never a crash.
-        ended = _now_ms()
-        if status is not None:  # the answer came, reading its body failed: judge the answer
-            return AttemptResult(
-                classify(status), status, text, _error_text(exc, total_timeout), retry_after,
-                started, ended,
-            )  # fmt: skip
-        if (refusal := _refused(exc)) is not None:  # retrying cannot help
-            return AttemptResult(
-                Outcome.FAILED, None, None, f"refused: {refusal}", None, started, ended
-            )
+
+    def result(self, outcome: Outcome, error: str | None, started: int) -> AttemptResult:
         return AttemptResult(
-            Outcome.RETRY, None, None, _error_text(exc, total_timeout), None, started, ended
+            outcome, self.status, self.text, error, self.retry_after, started, _now_ms()
         )
-    outcome = classify(status)
-    error = None if outcome is Outcome.SUCCESS else f"HTTP {status}"
-    if 300 <= status < 400:
-        error = f"HTTP {status}: redirects are not followed"
-    return AttemptResult(outcome, status, text, error, retry_after, started, _now_ms())
+
+
+async def _exchange(
+    transport: httpx.AsyncBaseTransport, request: httpx.Request, answer: _Answer, limit: int
+) -> None:
+    response = await transport.handle_async_request(request)
+    try:
+        answer.status = response.status_code
+        answer.retry_after = parse_retry_after(response.headers.get("retry-after"))
+        raw, truncated = await _read_capped(response, limit)
+    finally:
+        await response.aclose()
+    answer.text = raw.decode("utf-8", errors="replace")
+    if truncated:
+        answer.text += f"... [truncated at {limit} bytes]"

@@ -1,8 +1,12 @@
 """Where deliveries may go: the per-region address policy, and the HTTP client per region.
 
-Always refused: cloud-metadata hosts and addresses, unspecified addresses, dangerous ports.
+Always refused, in every region (internal ones and dev mode included): cloud-metadata hosts
+and addresses (all of link-local, 169.254.0.0/16 and fe80::/10, the known metadata
+addresses elsewhere, the known metadata names and their subdomains), in any notation (an
+IPv4 address written as one number or in hex, or inside an IPv6 address: mapped,
+compatible, NAT64, 6to4, Teredo), unspecified addresses, dangerous ports.
 Refused unless the region allows internal targets (an operator setting, or dev mode):
-loopback, private, shared (CGNAT), link-local, multicast and reserved addresses.
+loopback, private, shared (CGNAT), multicast and reserved addresses.
 
 The check runs at registration and again at delivery time, inside the client's DNS
 resolver: the connection goes to the very address that was checked, so a DNS answer that
@@ -14,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import ipaddress
+import re
 import socket
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -35,13 +40,34 @@ __all__ = ["DANGEROUS_PORTS", "AddressPolicy", "GuardedResolver", "make_transpor
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
-METADATA_HOSTS = frozenset(
-    {"metadata.google.internal", "metadata.goog", "metadata", "instance-data", "metadata.azure.com"}
+# Names of cloud metadata services (each with its subdomains), compared without trailing
+# dots, in lower case, IDNA-decoded.
+METADATA_HOSTS = (
+    "metadata",
+    "metadata.google.internal",  # GCP
+    "metadata.goog",  # GCP
+    "metadata.azure.com",  # Azure
+    "metadata.tencentyun.com",  # Tencent Cloud
+    "instance-data",  # AWS
+    "instance-data.ec2.internal",  # AWS
+    "api.metadata.cloud.ibm.com",  # IBM Cloud
+    "metadata.platformequinix.com",  # Equinix Metal
+    "metadata.packet.net",  # Equinix Metal (formerly Packet)
 )
 METADATA_ADDRESSES = frozenset(
     ipaddress.ip_address(a)
-    for a in ("169.254.169.254", "169.254.170.2", "100.100.100.200", "fd00:ec2::254")
+    for a in (
+        "168.63.129.16",  # Azure WireServer
+        "192.0.0.192",  # Oracle Cloud (classic)
+        "100.100.100.200",  # Alibaba Cloud
+        "fd00:ec2::254",  # AWS over IPv6 (metadata)
+        "fd00:ec2::253",  # AWS over IPv6 (DNS)
+    )
 )
+# Link-local: 169.254.169.254 (AWS, GCP, Azure, OpenStack, ...), 169.254.169.253 (AWS DNS),
+# 169.254.170.2 (ECS task credentials) and their IPv6 counterparts all live there.
+LINK_LOCAL = (ipaddress.ip_network("169.254.0.0/16"), ipaddress.ip_network("fe80::/10"))
+NAT64 = ipaddress.ip_network("64:ff9b::/96")
 DANGEROUS_PORTS = frozenset(
     {
         19, 21, 22, 23, 25, 53, 110, 111, 135, 137, 139, 143, 445, 465, 587, 993, 995,
@@ -52,11 +78,10 @@ DANGEROUS_PORTS = frozenset(
 
 
 SHARED_ADDRESS_SPACE = ipaddress.ip_network("100.64.0.0/10")  # carrier-grade NAT
+_NUMERIC_HOST = re.compile(r"[0-9a-fA-FxX.]+")
 
 
 def _is_internal(ip: IPAddress) -> bool:
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        return _is_internal(ip.ipv4_mapped)
     return (
         ip.is_loopback
         or ip.is_private
@@ -65,6 +90,51 @@ def _is_internal(ip: IPAddress) -> bool:
         or ip.is_reserved
         or ip in SHARED_ADDRESS_SPACE
     )
+
+
+def _embedded_ipv4(ip: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
+    """The IPv4 address an IPv6 address carries to (mapped, compatible, NAT64, 6to4,
+    Teredo), if any: the packets end up there."""
+    if ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    if ip.sixtofour is not None:
+        return ip.sixtofour
+    if ip.teredo is not None:
+        return ip.teredo[1]
+    value = int(ip)
+    if value >> 32 == 0 and value > 1:  # IPv4-compatible, ::a.b.c.d (not :: or ::1)
+        return ipaddress.IPv4Address(value)
+    if ip in NAT64:
+        return ipaddress.IPv4Address(value & 0xFFFFFFFF)
+    return None
+
+
+def _literal_ip(host: str) -> IPAddress | None:
+    """The address `host` spells, in any notation resolvers accept (`2852039166`,
+    `0xa9.0xfe.0xa9.0xfe`, `169.254.43518`), or None for a name."""
+    host = host.strip("[]")
+    try:
+        return ipaddress.ip_address(host)
+    except ValueError:
+        pass
+    if _NUMERIC_HOST.fullmatch(host):
+        try:
+            return ipaddress.IPv4Address(socket.inet_aton(host))
+        except OSError:
+            return None
+    return None
+
+
+def _host_name(host: str) -> str:
+    """A host name as resolvers see it: lower case, no trailing dots, IDNA-decoded (so
+    that `metadata。google。internal` is `metadata.google.internal`)."""
+    name = host.strip("[]").rstrip(".").lower()
+    if not name.isascii():
+        try:
+            name = name.encode("idna").decode("ascii").rstrip(".").lower()
+        except UnicodeError:
+            return name
+    return name
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,15 +150,27 @@ class AddressPolicy:
             )
 
     def check_host(self, host: str) -> None:
-        name = host.strip("[]").rstrip(".").lower()
-        if name in METADATA_HOSTS:
-            raise InvalidUrl(f"host {host!r} is a cloud metadata service", param="url")
+        name = _host_name(host)
+        if any(name == known or name.endswith("." + known) for known in METADATA_HOSTS):
+            raise InvalidUrl(
+                f"host {name!r} is a cloud metadata service: refused in every region",
+                param="url",
+            )
 
     def check_address(self, ip: IPAddress, host: str) -> None:
-        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-            ip = ip.ipv4_mapped
+        if isinstance(ip, ipaddress.IPv6Address) and (v4 := _embedded_ipv4(ip)) is not None:
+            ip = v4
         if ip in METADATA_ADDRESSES:
-            raise InvalidUrl(f"{host} -> {ip} is a cloud metadata address", param="url")
+            raise InvalidUrl(
+                f"{host} -> {ip} is a cloud metadata address: refused in every region",
+                param="url",
+            )
+        if any(ip in network for network in LINK_LOCAL):
+            raise InvalidUrl(
+                f"{host} -> {ip} is a link-local address, where cloud metadata services "
+                "answer: refused in every region",
+                param="url",
+            )
         if ip.is_unspecified:
             raise InvalidUrl(f"{host} -> {ip} is not a valid destination", param="url")
         if not self.allow_internal and _is_internal(ip):
@@ -106,11 +188,8 @@ class AddressPolicy:
     def check_origin(self, host: str, port: int) -> None:
         self.check_host(host)
         self.check_port(port)
-        try:
-            ip = ipaddress.ip_address(host)
-        except ValueError:
-            return
-        self.check_address(ip, host)
+        if (ip := _literal_ip(host)) is not None:
+            self.check_address(ip, host)
 
     def refusal(self, url: str) -> str | None:
         """Why `check_url` refuses `url`, or None; remembered per host and port (the

@@ -22,6 +22,9 @@
 
 from __future__ import annotations
 
+import traceback
+from pathlib import Path
+
 __all__ = [
     "AddressRefused",
     "DispatcherError",
@@ -36,6 +39,7 @@ __all__ = [
     "PayloadTooLarge",
     "Unauthenticated",
     "Unavailable",
+    "describe",
 ]
 
 
@@ -121,3 +125,15 @@ class AddressRefused(OSError):
     """Raised inside the HTTP client's resolver: the address is against the region's policy.
     An OSError so that the client treats it as a connection failure; the delivery treats it
     as final (retrying cannot help)."""
+
+
+def describe(exc: BaseException, *, trusted: tuple[type[BaseException], ...] = ()) -> str:
+    """`exc` for a log line or a record: its type, its message only when the message is
+    ours (a `DispatcherError`) or of a kind in `trusted`, else where it was raised. Other
+    code's messages may quote the value they choked on (a header holding a secret token,
+    say), so they never reach a log line; `repr(exc)` never does either."""
+    name = type(exc).__name__
+    if isinstance(exc, (DispatcherError, *trusted)):
+        return f"{name}: {exc}" if str(exc) else name
+    frames = traceback.extract_tb(exc.__traceback__)
+    return f"{name} at {Path(frames[-1].filename).name}:{frames[-1].lineno}" if frames else name

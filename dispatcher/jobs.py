@@ -27,6 +27,7 @@ from arq.constants import expires_extra_ms
 
 from dispatcher import keys
 from dispatcher.lua import Lua, run_pipeline
+from dispatcher.models import PLATFORM_PROJECT
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
@@ -135,6 +136,7 @@ class DeliveryJob:
     body: bytes
     callback_id: int
     redelivery_of: int | None = None
+    emitter: str = ""  # the project that emitted the event ('' when unknown)
 
     function = DELIVER
 
@@ -151,13 +153,14 @@ class DeliveryJob:
         (a platform-wide callback's)."""
         delivery_id = f"{event.id}.{callback_id}"
         return cls(delivery_id, delivery_id, event.id, owner or event.project_id, event.event,
-                   body, callback_id)  # fmt: skip
+                   body, callback_id, emitter=event.project_id)  # fmt: skip
 
     def redelivery(self, record_id: int) -> DeliveryJob:
         """The same request again under a fresh progress id (same delivery id)."""
         progress_id = f"{self.delivery_id}:redeliver:{uuid.uuid4().hex[:12]}"
         return DeliveryJob(self.delivery_id, progress_id, self.event_id, self.project_id,
-                           self.event, self.body, self.callback_id, record_id)  # fmt: skip
+                           self.event, self.body, self.callback_id, record_id,
+                           self.emitter)  # fmt: skip
 
     def to_wire(self) -> dict[str, Any]:
         return {
@@ -169,6 +172,7 @@ class DeliveryJob:
             "body": self.body.decode(),
             "callbackId": self.callback_id,
             "redeliveryOf": self.redelivery_of,
+            "emitter": self.emitter,
         }
 
     @classmethod
@@ -181,18 +185,28 @@ class DeliveryJob:
             if not isinstance(body, str):
                 raise TypeError("body is not a string")
             redelivery_of = payload.get("redeliveryOf")
+            project_id = _text(payload, "projectId")
             return cls(
                 delivery_id=_text(payload, "deliveryId"),
                 progress_id=payload.get("progressId") or job_id or payload["deliveryId"],
                 event_id=payload.get("eventId") or "",
-                project_id=_text(payload, "projectId"),
+                project_id=project_id,
                 event=_text(payload, "event"),
                 body=body.encode(),
                 callback_id=callback_id,
                 redelivery_of=None if redelivery_of is None else int(redelivery_of),
+                emitter=_emitter(payload.get("emitter"), project_id),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise BadJob(f"delivery payload is malformed: {exc!r}") from None
+
+
+def _emitter(value: object, owner: str) -> str:
+    """A delivery's emitting project; for a job queued before jobs named it, its callback's
+    project (the emitter, but for a platform-wide callback's delivery: then unknown)."""
+    if isinstance(value, str):
+        return value
+    return "" if owner == PLATFORM_PROJECT else owner
 
 
 Job = EventJob | DeliveryJob

@@ -24,7 +24,12 @@ Deliveries
     dispatcher:deliveries:dropped             LIST deliveries ended without an attempt (last 1000)
 Workers and statistics
     dispatcher:workers:{host}:{pid}           STRING heartbeat of a live worker (TTL 30 s)
-    dispatcher:stats:{epoch minute}           HASH attempts by outcome in that minute (TTL 2 h)
+    dispatcher:workers                        ZSET heartbeat keys by their last beat (ms), so
+                                              readers find live workers without a SCAN
+    dispatcher:stats:{epoch minute}           HASH attempts in that minute: by outcome, and by
+                                              duration bucket ("ms:<bound>", "ms:inf") (TTL 2 h)
+    dispatcher:stats:{step s}:{slot}          HASH the same per `step` seconds (600: the last
+                                              day's 10-minute slots, TTL 25 h)
     dispatcher:jobs:poison                    LIST undecodable jobs, newest first (last 1000)
     dispatcher:cron:{name}:{slot}             STRING who runs a periodic task this slot (TTL)
 History
@@ -35,6 +40,11 @@ History
     dispatcher:history:idx:{project}:{event}:{url hash}
                                               ZSET record ids (zero-padded) by createdTime ms
     dispatcher:history:indexes                SET every index key (what the retention sweep walks)
+    dispatcher:history:url:{project}:{url hash}:{ok|failed}
+                                              ZSET record ids (zero-padded) of one URL's SUCCESS
+                                              (ok) or FAILED attempts, every event, by
+                                              createdTime; the sweep trims them with the
+                                              (project, event, url) indexes of the same URL
     dispatcher:history:dead                   ZSET ids of records whose delivery gave up, by time
     dispatcher:history:dead:{project}         ZSET the same, one project's
     dispatcher:history:dead-keys              SET every per-project dead-letter key (for the sweep)
@@ -87,6 +97,7 @@ HISTORY_SEQ = f"{PREFIX}:history:seq"
 HISTORY_SEQ_SERVER = f"{PREFIX}:history:seq:server"
 HISTORY_RECORD_PREFIX = f"{PREFIX}:history:rec:"
 HISTORY_INDEXES = f"{PREFIX}:history:indexes"
+HISTORY_INDEX_PREFIX = f"{PREFIX}:history:idx:"
 HISTORY_DEAD = f"{PREFIX}:history:dead"
 HISTORY_DEAD_KEYS = f"{PREFIX}:history:dead-keys"
 HISTORY_ATTEMPTS_PREFIX = f"{PREFIX}:history:attempts:"
@@ -96,6 +107,7 @@ CONSOLE_CSRF_KEY = f"{PREFIX}:console:csrf-key"
 REPLICATION_MARK = f"{PREFIX}:replication:mark"
 
 WORKERS_PREFIX = f"{PREFIX}:workers:"
+WORKERS_LIVE = f"{PREFIX}:workers"
 POISON_JOBS = f"{PREFIX}:jobs:poison"
 DROPPED = f"{PREFIX}:deliveries:dropped"
 
@@ -154,9 +166,29 @@ def history_member(record_id: int) -> str:
     return f"{record_id:0{HISTORY_ID_WIDTH}d}"
 
 
+def _url_hash(url: str) -> str:
+    return hashlib.blake2b(url.encode(), digest_size=16).hexdigest()
+
+
 def history_index(project_id: str, event: str, url: str) -> str:
-    url_hash = hashlib.blake2b(url.encode(), digest_size=16).hexdigest()
-    return f"{PREFIX}:history:idx:{project_id}{SEP}{event}{SEP}{url_hash}"
+    return f"{HISTORY_INDEX_PREFIX}{project_id}{SEP}{event}{SEP}{_url_hash(url)}"
+
+
+def history_url_index(project_id: str, url: str, failed: bool) -> str:
+    """A URL's attempts of every event, its failed or its successful ones."""
+    return _url_index(project_id, _url_hash(url), failed)
+
+
+def _url_index(project_id: str, url_hash: str, failed: bool) -> str:
+    status = "failed" if failed else "ok"
+    return f"{PREFIX}:history:url:{project_id}{SEP}{url_hash}{SEP}{status}"
+
+
+def history_url_indexes_of(index: str) -> tuple[str, str]:
+    """The URL indexes (ok, failed) holding the records of a (project, event, url) index:
+    the project may hold a separator, the event and the hash do not."""
+    project_id, _event, url_hash = index.removeprefix(HISTORY_INDEX_PREFIX).rsplit(SEP, 2)
+    return _url_index(project_id, url_hash, False), _url_index(project_id, url_hash, True)
 
 
 def history_dead(project_id: str) -> str:
@@ -174,6 +206,11 @@ def worker(host: str, pid: int) -> str:
 def stats(minute: int) -> str:
     """`minute` is epoch seconds // 60."""
     return f"{PREFIX}:stats:{minute}"
+
+
+def stats_slot(step_s: int, slot: int) -> str:
+    """`slot` is epoch seconds // `step_s`."""
+    return f"{PREFIX}:stats:{step_s}{SEP}{slot}"
 
 
 def cron(name: str, slot: int) -> str:

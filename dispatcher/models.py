@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import enum
+import re
 from typing import Any, Generic, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic.alias_generators import to_camel
 
-from dispatcher.errors import InvalidEvent
+from dispatcher.errors import InvalidEvent, InvalidInput
 
 __all__ = [
+    "EVENT_ID",
     "EVENT_ID_PATTERN",
+    "MASK",
     "PLATFORM_PROJECT",
     "PROJECT_EVENTS",
+    "SECRET_HEADERS",
     "ApigwType",
     "CallBackHeader",
     "Callback",
@@ -33,11 +37,23 @@ __all__ = [
     "Result",
     "parse_event",
     "parse_events",
+    "parse_status",
 ]
 
 T = TypeVar("T")
-# An event id of the producer's own (its idempotency key): what it may hold.
-EVENT_ID_PATTERN = r"^[A-Za-z0-9_.:-]{1,128}$"
+# An event id of the producer's own (its idempotency key): what it may hold, matched whole
+# (`fullmatch`: with `re.match`, `$` let a trailing newline through). The anchored pattern
+# is for pydantic and the OpenAPI document (pydantic's regex engine has no multiline `$`).
+EVENT_ID = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
+EVENT_ID_PATTERN = rf"^{EVENT_ID.pattern}$"
+
+MASK = "******"
+# Request headers whose values history never shows (lower case): the token, credentials,
+# and the signature (with id, timestamp and body, it lets anyone test guesses of the token
+# offline). A callback's custom auth header is masked too, by its name.
+SECRET_HEADERS = frozenset(
+    {"x-devops-webhook-token", "webhook-signature", "authorization", "proxy-authorization"}
+)
 
 
 class Event(enum.StrEnum):
@@ -133,6 +149,16 @@ class DeliveryStatus(enum.StrEnum):
     FAILED = "FAILED"
 
 
+def parse_status(name: str) -> DeliveryStatus:
+    """A record's status as people type it (any case); a 400 naming `status` otherwise."""
+    try:
+        return DeliveryStatus(name.strip().upper())
+    except ValueError:
+        raise InvalidInput(
+            f"status must be SUCCESS or FAILED, got {name.strip()!r}", param="status"
+        ) from None
+
+
 class _Model(BaseModel):
     model_config = ConfigDict(
         alias_generator=to_camel, populate_by_name=True, serialize_by_alias=True
@@ -186,6 +212,16 @@ class HistoryRecord(_Model):
     final: bool = False
     request_body_truncated: bool = False
     redelivery_of: int | None = None
+
+    @field_validator("request_headers")
+    @classmethod
+    def _masked(cls, headers: list[CallBackHeader]) -> list[CallBackHeader]:
+        """Secrets stay masked whoever stored the record (older versions kept the
+        signature in clear)."""
+        for header in headers:
+            if header.value != MASK and header.name.lower() in SECRET_HEADERS:
+                header.value = MASK
+        return headers
 
 
 class HistoryPage(_Model):

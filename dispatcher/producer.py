@@ -4,6 +4,7 @@ delivery). The Python API; the CLI and the HTTP routes reach it through the serv
 from __future__ import annotations
 
 import asyncio
+import math
 import re
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
@@ -16,7 +17,7 @@ from dispatcher.batch import Batcher
 from dispatcher.connections import REDIS_ERRORS, connect
 from dispatcher.errors import InvalidInput, NotReplicated, Unavailable
 from dispatcher.jobs import DeliveryJob, EventJob, Queue, new_event_id, now_ms
-from dispatcher.models import EVENT_ID_PATTERN, PLATFORM_PROJECT, parse_event
+from dispatcher.models import EVENT_ID, PLATFORM_PROJECT, parse_event
 from dispatcher.replication import Replication, run_replicated
 
 if TYPE_CHECKING:
@@ -29,7 +30,9 @@ if TYPE_CHECKING:
 
 __all__ = ["Producer", "emit", "event_job", "wire_event_job"]
 
-_EVENT_ID = re.compile(EVENT_ID_PATTERN)
+# What can name a project in a key, a job and a delivery's header: 1-128 visible ASCII
+# characters, no ':'.
+_PROJECT_ID = re.compile(r"[\x21-\x39\x3b-\x7e]{1,128}")
 
 T = TypeVar("T")
 # what waiting for Redis looks like: its errors, no answer within the wait, or too few
@@ -40,10 +43,15 @@ _UNANSWERED: tuple[type[Exception], ...] = (*REDIS_ERRORS, TimeoutError, NotRepl
 def event_job(
     project_id: str, event: str, data: Mapping[str, Any] | None, event_id: str | None = None
 ) -> EventJob:
-    """A checked event: a known name, a project, a JSON object the queue can hold, an
-    event id (when given) of 1-128 letters, digits and `_.:-`."""
+    """A checked event: a known name, a project id, a JSON object the queue can hold (no
+    NaN or Infinity, which JSON has no words for), an event id (when given) of 1-128
+    letters, digits and `_.:-`, each matched whole."""
     if not project_id:
         raise InvalidInput("projectId is required", param="projectId")
+    if not _PROJECT_ID.fullmatch(project_id):
+        raise InvalidInput(
+            "projectId must be 1-128 visible ASCII characters without ':'", param="projectId"
+        )
     if project_id == PLATFORM_PROJECT:
         raise InvalidInput(
             f"{PLATFORM_PROJECT} is not a project that has events: it holds the platform-wide "
@@ -54,7 +62,7 @@ def event_job(
         data = {}
     if not isinstance(data, Mapping):
         raise InvalidInput("data must be a JSON object", param="data")
-    if event_id is not None and not _EVENT_ID.match(event_id):
+    if event_id is not None and not EVENT_ID.fullmatch(event_id):
         raise InvalidInput(
             "eventId must be 1-128 letters, digits, '_', '.', ':' or '-'", param="eventId"
         )
@@ -66,10 +74,26 @@ def event_job(
         emitted_at=now_ms(),
     )
     try:  # what the queue's JSON cannot hold (integers beyond 64 bits, deep nesting)
-        orjson.dumps(job.data)
+        encoded = orjson.dumps(job.data)
     except orjson.JSONEncodeError as exc:
         raise InvalidInput(f"data cannot be queued: {exc}", param="data") from None
+    # orjson writes NaN and Infinity as null: look for them only where a null was written
+    if b"null" in encoded and _non_finite(job.data):
+        raise InvalidInput(
+            "data holds NaN or Infinity, which JSON cannot carry (a receiver would get null)",
+            param="data",
+        )
     return job
+
+
+def _non_finite(value: Any) -> bool:
+    if isinstance(value, float):
+        return not math.isfinite(value)
+    if isinstance(value, dict):
+        return any(_non_finite(item) for item in value.values())
+    if isinstance(value, list | tuple):
+        return any(_non_finite(item) for item in value)
+    return False
 
 
 def wire_event_job(project_id: str, entry: Any) -> EventJob:
@@ -227,8 +251,9 @@ class Producer:
 
     @staticmethod
     def redelivery_job(record: HistoryRecord) -> DeliveryJob:
-        """The job that sends a recorded request again: same body and delivery id (for the
-        receiver's de-duplication), a fresh progress id, the callback's current token."""
+        """The job that sends a recorded request again: same body (as it was, even from an
+        older version) and delivery id (for the receiver's de-duplication), a fresh
+        progress id, the callback's current token, the emitter its body names."""
         if record.callback_id is None or record.delivery_id is None:
             raise InvalidInput(f"history record {record.id} cannot be redelivered: no callback")
         if record.request_body_truncated:
@@ -244,6 +269,7 @@ class Producer:
             event=record.events,
             body=record.request_body.encode(),
             callback_id=record.callback_id,
+            emitter=_emitter_of(record),
         )
         return original.redelivery(record.id)
 
@@ -271,6 +297,18 @@ def _unanswered(exc: Exception) -> str:
             "lost if it failed now; gave up"
         )
     return f"Redis is unreachable ({str(exc) or type(exc).__name__}); the events may not be queued"
+
+
+def _emitter_of(record: HistoryRecord) -> str:
+    """The project a recorded request's body names as its emitter; for a body of an older
+    version (none named), the record's project, unless it is the platform's (unknown)."""
+    try:
+        named = orjson.loads(record.request_body).get("projectId")
+    except (orjson.JSONDecodeError, AttributeError):
+        named = None
+    if isinstance(named, str):
+        return named
+    return "" if record.project_id == PLATFORM_PROJECT else record.project_id
 
 
 async def emit(

@@ -17,10 +17,11 @@ from dispatcher.auth import Roles
 from dispatcher.batch import Batcher
 from dispatcher.connections import REDIS_ERRORS, connect
 from dispatcher.egress import policy_for
+from dispatcher.errors import InvalidInput
 from dispatcher.health import Health
-from dispatcher.history import open_history, parse_window
+from dispatcher.history import Cursor, now_ms, open_history, parse_window
 from dispatcher.jobs import Queue
-from dispatcher.models import Region, parse_event
+from dispatcher.models import Region, parse_event, parse_status
 from dispatcher.producer import Producer
 from dispatcher.registry import Registry, validate_url
 from dispatcher.replication import run_replicated
@@ -33,6 +34,7 @@ if TYPE_CHECKING:
     from redis.asyncio.client import Pipeline
 
     from dispatcher.delivery import AuthHeader
+    from dispatcher.history import Recent
     from dispatcher.jobs import DeliveryJob
     from dispatcher.models import (
         Callback,
@@ -50,6 +52,9 @@ __all__ = ["Services"]
 log = structlog.get_logger("dispatcher.services")
 
 REDELIVER_BATCH = 100
+# how far back "Recent deliveries" looks: the last hour, day, or the whole retention
+RECENT_WITHIN = {"1h": 3_600_000, "1d": 86_400_000, "all": None}
+RECENT_URLS_MAX = 1000  # URLs of a project's callbacks a project-wide listing covers
 
 
 class Services:
@@ -266,6 +271,49 @@ class Services:
         if batch:
             await flush()
         return queued
+
+    async def recent(
+        self,
+        project_id: str,
+        *,
+        url: str | None = None,
+        status: str | None = None,
+        within: str = "all",
+        before: str | None = None,
+        limit: int = 50,
+    ) -> Recent:
+        """The newest attempts of one callback URL across its events (its "Recent
+        deliveries"), or of every URL of the project's callbacks (the first
+        `RECENT_URLS_MAX`), of one status (`SUCCESS`, `FAILED`) when given, within the last
+        hour (`1h`), day (`1d`) or the retention (`all`), older than the cursor `before`."""
+        if within not in RECENT_WITHIN:
+            raise InvalidInput(f"within must be one of {', '.join(RECENT_WITHIN)}", param="within")
+        wanted = parse_status(status) if status else None
+        cursor = Cursor.parse(before) if before else None
+        urls = [url] if url else await self._urls(project_id)
+        now, span = now_ms(), RECENT_WITHIN[within]
+        start_ms = 0 if span is None else now - span
+        return await self.history.recent(
+            project_id,
+            urls,
+            start_ms=start_ms,
+            end_ms=now,
+            status=wanted,
+            before=cursor,
+            limit=limit,
+        )
+
+    async def _urls(self, project_id: str) -> list[str]:
+        """The distinct URLs of a project's callbacks (its pipelines' included)."""
+        urls: dict[str, None] = {}
+        size, page = self.settings.history_max_page_size, 1
+        while len(urls) < RECENT_URLS_MAX:
+            found = await self.registry.list(project_id, page, size)
+            urls.update(dict.fromkeys(cb.url for cb in found.records))
+            if page >= found.total_pages:
+                break
+            page += 1
+        return list(urls)[:RECENT_URLS_MAX]
 
     async def dead_letters(
         self, project_id: str | None = None, limit: int = 50

@@ -21,11 +21,14 @@ if TYPE_CHECKING:
 
     from dispatcher.settings import Settings
 
-__all__ = ["UNGATED", "Limits", "RequestId"]
+__all__ = ["UNGATED", "Limits", "RequestId", "identity_refusal"]
 
 MAX_QUERY_BYTES = 8 * 1024
 # Probes and the Prometheus scrape come from inside the cluster, not through the gateway.
 UNGATED = frozenset({"/healthz", "/readyz", "/metrics"})
+# Who calls, and the credentials that vouch for it: each given once, or the request is
+# refused with this code (a gateway that appends its header would let a caller pick).
+ONCE = {b"x-devops-uid": 400, b"x-devops-gateway-token": 401, b"x-devops-operator-token": 401}
 
 
 class RequestId:
@@ -102,6 +105,8 @@ class Limits:
     def refusal(self, scope: Scope, limit: int) -> ASGIApp | None:
         if len(scope.get("query_string", b"")) > MAX_QUERY_BYTES:
             return envelope(400, f"query string longer than {MAX_QUERY_BYTES} bytes")
+        if (refused := identity_refusal(scope["headers"])) is not None:
+            return refused
         headers = Headers(scope=scope)
         length = headers.get("content-length")
         if length is not None and (not length.isdigit() or int(length) > limit):
@@ -111,6 +116,25 @@ class Limits:
             if not hmac.compare_digest(given, self.gateway_token):
                 return envelope(401, "missing or wrong X-DEVOPS-GATEWAY-TOKEN")
         return None
+
+
+def identity_refusal(headers: list[tuple[bytes, bytes]]) -> ASGIApp | None:
+    """A 400 or 401 for an identity or token header given twice, or a user name that two
+    were folded into (`alice, mallory`); None when each is given at most once."""
+    given = [(name, value) for name, value in headers if name in ONCE]
+    names = [name for name, _ in given]
+    for name in names:
+        if names.count(name) > 1:
+            return envelope(
+                ONCE[name],
+                f"header {name.decode().upper()} given {names.count(name)} times: send it once "
+                "(a gateway must set it, replacing what the caller sent)",
+            )
+    if any(name == b"x-devops-uid" and b"," in value for name, value in given):
+        return envelope(
+            400, "header X-DEVOPS-UID names more than one user (a ','): send one user name"
+        )
+    return None
 
 
 def too_large(limit: int) -> str:

@@ -9,7 +9,15 @@
 """
 
 from dispatcher.registry.match import CallbackTarget, Chunk, ChunkQuery
-from dispatcher.registry.rules import MAX_URL_LENGTH, validate_url
+from dispatcher.registry.rules import MAX_URL_LENGTH, url_problem, validate_url
 from dispatcher.registry.store import Registry
 
-__all__ = ["MAX_URL_LENGTH", "CallbackTarget", "Chunk", "ChunkQuery", "Registry", "validate_url"]
+__all__ = [
+    "MAX_URL_LENGTH",
+    "CallbackTarget",
+    "Chunk",
+    "ChunkQuery",
+    "Registry",
+    "url_problem",
+    "validate_url",
+]

@@ -24,9 +24,26 @@ if TYPE_CHECKING:
 
     from dispatcher.delivery import AuthHeader
 
-__all__ = ["CallbackTarget", "Chunk", "ChunkQuery", "event_scopes"]
+__all__ = ["CallbackTarget", "Chunk", "ChunkQuery", "event_scopes", "read_secrets"]
 
 Decrypt = Callable[[bytes | None], str]
+UNREADABLE = (
+    "the callback's secrets cannot be decrypted with DISPATCHER_TOKEN_KEYS (was the key "
+    "they were encrypted with dropped?): put the key back, or register the callback again"
+)
+
+
+def read_secrets(
+    decrypt: Decrypt, token: bytes | None, name: bytes | None, value: bytes | None
+) -> tuple[str, AuthHeader | None, str | None]:
+    """A callback's stored token and auth header as sent, and why they cannot be when
+    they cannot (a key missing from `DISPATCHER_TOKEN_KEYS`): then its deliveries fail,
+    the others' go on."""
+    try:
+        header = (name.decode(), decrypt(value)) if name else None
+        return decrypt(token), header, None
+    except ValueError:  # cannot decrypt, or not text
+        return "", None, UNREADABLE
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,6 +58,7 @@ class CallbackTarget:
     failing: bool = True  # failures on record (True when unknown: the reset is then written)
     project_id: str = ""
     auth_header: AuthHeader | None = None
+    problem: str | None = None  # why nothing can be sent to it (its secrets are unreadable)
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,8 +112,8 @@ class ChunkQuery:
     def _target(self, row: list[Any]) -> CallbackTarget:
         cid, url, region, token, name, value, failing, level = row
         owner = self.scopes[int(level) - 1][1]
-        header = (name.decode(), self.decrypt(value)) if name else None
+        secret, header, problem = read_secrets(self.decrypt, token, name, value)
         return CallbackTarget(
-            int(cid), url.decode(), Region(region.decode()), self.decrypt(token), bool(failing),
-            owner, header,
+            int(cid), url.decode(), Region(region.decode()), secret, bool(failing), owner,
+            header, problem,
         )  # fmt: skip

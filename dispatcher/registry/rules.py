@@ -3,8 +3,10 @@ ids, the token, which events a level takes. Pure checks, no Redis."""
 
 from __future__ import annotations
 
+import re
 from urllib.parse import urlsplit
 
+from dispatcher.delivery import check_header_value
 from dispatcher.errors import InvalidEvent, InvalidInput, InvalidUrl
 from dispatcher.models import PLATFORM_PROJECT, PROJECT_EVENTS, Event, Level
 
@@ -17,6 +19,7 @@ __all__ = [
     "check_token",
     "is_pipeline_id",
     "level_of",
+    "url_problem",
     "validate_url",
 ]
 
@@ -26,12 +29,16 @@ MAX_ID_LENGTH = 128
 
 
 def validate_url(url: str) -> str:
-    """Check that `url` is an absolute http(s) URL with a host; returns it trimmed."""
+    """Check that `url` is an absolute http(s) URL with a host, no credentials and no
+    control characters; returns it trimmed. Messages quote the URL only once it holds
+    neither (both would reach logs and screens as they are)."""
     url = url.strip()
     if not url:
         raise InvalidUrl("url is required", param="url")
     if len(url) > MAX_URL_LENGTH:
         raise InvalidUrl(f"url is longer than {MAX_URL_LENGTH} characters", param="url")
+    if (problem := url_problem(url)) is not None:
+        raise InvalidUrl(problem, param="url")
     try:
         parts = urlsplit(url)
         port = parts.port
@@ -41,11 +48,42 @@ def validate_url(url: str) -> str:
         raise InvalidUrl(f"url must start with http:// or https://, got {url!r}", param="url")
     if not parts.hostname:
         raise InvalidUrl(f"url {url!r} has no host", param="url")
+    if "%" in parts.hostname:
+        raise InvalidUrl(f"url {url!r} has a percent-encoded host", param="url")
     if port == 0:
         raise InvalidUrl(f"url {url!r} has port 0", param="url")
     if any(ch.isspace() for ch in url):
         raise InvalidUrl("url must not contain white space", param="url")
     return url
+
+
+# C0 controls, DEL, C1 controls, Unicode format characters (bidi overrides, zero-width),
+# and the percent-encoded C0, DEL and C1 (UTF-8: %C2%80-%C2%9F).
+_CONTROL = re.compile(
+    "[\x00-\x1f\x7f-\x9f\xad\u061c\u180e\u200b-\u200f\u202a-\u202e\u2060-\u206f"
+    "\ufeff\ufff9-\ufffb]|%(?:[01][0-9A-Fa-f]|7[Ff]|[Cc]2%[89][0-9A-Fa-f])"
+)
+CREDENTIALS_REFUSED = (
+    "url must not hold credentials (user:password@host): a URL is stored in clear and shown "
+    "to every member of the project and in logs; send them in a header instead "
+    "(authHeaderName=Authorization&authHeaderValue=...)"
+)
+
+
+def url_problem(url: str) -> str | None:
+    """Why `url` must be neither stored nor sent, whatever its shape: control characters
+    (raw or percent-encoded: `%1B`, `%00`, `%0D%0A`), or credentials in it. Never quotes it.
+    Registration refuses such a URL; a delivery to one stored by an older version fails."""
+    if _CONTROL.search(url):
+        return (
+            "url must not hold control characters (raw or percent-encoded, such as %1B, %00 "
+            "or %0D%0A): they would reach logs, screens and receivers as they are"
+        )
+    try:
+        netloc = urlsplit(url).netloc
+    except ValueError:  # malformed: the shape's checks say so
+        return None
+    return CREDENTIALS_REFUSED if "@" in netloc else None
 
 
 def _is_id(value: str) -> bool:
@@ -93,9 +131,10 @@ def check_event(event: Event, level: Level) -> Event:
 
 
 def check_token(token: str | None) -> str:
+    """A secret token as registered: none, or visible ASCII (it goes out as a header)."""
     token = token or ""
     if len(token) > MAX_TOKEN_LENGTH:
         raise InvalidInput(
             f"secretToken is longer than {MAX_TOKEN_LENGTH} characters", param="secretToken"
         )
-    return token
+    return check_header_value(token, "secretToken", MAX_TOKEN_LENGTH) if token else token

@@ -22,7 +22,7 @@ from dispatcher.models import (
     parse_event,
     parse_events,
 )
-from dispatcher.registry.match import CallbackTarget, ChunkQuery
+from dispatcher.registry.match import CallbackTarget, ChunkQuery, read_secrets
 from dispatcher.registry.rules import (
     check_event,
     check_scope,
@@ -237,10 +237,10 @@ class Registry:
         url, region, token, enabled, project, name, value = row
         if url is None or enabled != b"1":
             return None
-        header = (name.decode(), self.decrypt(value)) if name else None
+        secret, header, problem = read_secrets(self.decrypt, token, name, value)
         return CallbackTarget(
-            callback_id, url.decode(), Region(region.decode()), self.decrypt(token),
-            project_id=project.decode(), auth_header=header,
+            callback_id, url.decode(), Region(region.decode()), secret,
+            project_id=project.decode(), auth_header=header, problem=problem,
         )  # fmt: skip
 
     # ---- reading, deleting, switching --------------------------------------------------

@@ -13,6 +13,7 @@ made again, with the same delivery id for the receiver to de-duplicate.
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
@@ -23,13 +24,21 @@ import structlog
 from dispatcher import keys, metrics
 from dispatcher.backoff import next_delay
 from dispatcher.batch import Batcher
-from dispatcher.delivery import AttemptResult, Outcome, encode_body, request_headers, send
+from dispatcher.delivery import (
+    AttemptResult,
+    Outcome,
+    encode_body,
+    request_headers,
+    send,
+    unsendable,
+)
 from dispatcher.egress import make_transport
-from dispatcher.errors import InvalidUrl
+from dispatcher.errors import InvalidUrl, describe
 from dispatcher.health import CircuitBreaker
-from dispatcher.jobs import DeliveryJob, EventJob, now_ms
+from dispatcher.jobs import BadJob, DeliveryJob, EventJob, now_ms
 from dispatcher.models import Region
-from dispatcher.status import AttemptStats
+from dispatcher.registry import url_problem
+from dispatcher.stats import AttemptStats
 from dispatcher.worker.record import attempt_record
 
 if TYPE_CHECKING:
@@ -95,7 +104,10 @@ class Engine:
     async def _first_attempts(
         self, event: EventJob, targets: list[CallbackTarget], rerun: bool
     ) -> None:
-        body = encode_body(event.event, event.data)  # once for all callbacks
+        try:  # once for all callbacks
+            body = encode_body(event.event, event.project_id, event.data)
+        except orjson.JSONEncodeError as exc:  # queued by another client: never sendable
+            raise BadJob(f"the event's data cannot be encoded: {exc}") from None
         pending = [
             (DeliveryJob.first(event, target.id, body, target.project_id), target)
             for target in targets
@@ -108,8 +120,13 @@ class Engine:
         attempts = [self.attempt(job, target, 1, self._retry_job(job)) for job, target in pending]
         if len(attempts) == 1:
             await attempts[0]
-        else:
-            await asyncio.gather(*attempts)
+            return
+        # An attempt ends as a record; should one raise all the same, the others still end
+        # theirs before the job runs again (and skips them).
+        ended = await asyncio.gather(*attempts, return_exceptions=True)
+        for outcome in ended:
+            if isinstance(outcome, BaseException):
+                raise outcome
 
     def _retry_job(self, job: DeliveryJob) -> Then:
         """After a fan-out's attempt: a retry becomes a `deliver` job of its own."""
@@ -158,15 +175,7 @@ class Engine:
         if wait := self.breaker.wait(host):  # not an attempt: try again once it may
             await self.writer.commit(lambda pipe: then(pipe, wait))
             return
-        headers = request_headers(
-            event=job.event,
-            delivery_id=job.delivery_id,
-            body=job.body,
-            token=target.secret_token,
-            user_agent=self.settings.user_agent,
-            auth_header=target.auth_header,
-        )
-        result = await self._send(target, job.body, headers)
+        headers, result = await self._request(job, target)
         self.breaker.record(host, result.outcome is not Outcome.RETRY)
         delay = None
         if result.outcome is Outcome.RETRY:
@@ -179,7 +188,7 @@ class Engine:
             )
         record = attempt_record(job, target, number, headers, result, delay is None, self.settings)
         _observe(job, target, number, result, delay)
-        self.stats.count(result.outcome.value)
+        self.stats.count(result.outcome.value, result.duration_ms)
         await self._write(job, target, number, record, result, delay, then)
 
     async def _write(
@@ -225,6 +234,34 @@ class Engine:
                 )
                 _disabled(target.id, "failing", reason)
 
+    async def _request(
+        self, job: DeliveryJob, target: CallbackTarget
+    ) -> tuple[dict[str, str], AttemptResult]:
+        """The attempt's request and what came of it. Whatever cannot be sent, or raises
+        while being built or sent, fails this delivery alone, for good: retrying it would
+        fail the same way."""
+        problem = (
+            target.problem
+            or _url_problem(target.url)
+            or unsendable(target.secret_token, target.auth_header)
+        )
+        if problem is not None:  # stored by an older version: nothing goes out
+            return {}, _failed(problem)
+        headers: dict[str, str] = {}
+        try:
+            headers = request_headers(
+                event=job.event,
+                delivery_id=job.delivery_id,
+                body=job.body,
+                token=target.secret_token,
+                user_agent=self.settings.user_agent,
+                project_id=job.emitter,
+                auth_header=target.auth_header,
+            )
+            return headers, await self._send(target, job.body, headers)
+        except Exception as exc:
+            return headers, _failed(f"the request could not be sent: {describe(exc)}")
+
     async def _send(
         self, target: CallbackTarget, body: bytes, headers: dict[str, str]
     ) -> AttemptResult:
@@ -237,9 +274,7 @@ class Engine:
             except InvalidUrl as exc:
                 refusal = exc.message
         if refusal is not None:
-            now = now_ms()
-            return AttemptResult(Outcome.FAILED, None, None, f"refused: {refusal}", None,
-                                 now, now)  # fmt: skip
+            return _failed(f"refused: {refusal}")
         return await send(
             self.transports[target.region],
             target.url,
@@ -252,6 +287,25 @@ class Engine:
 
 
 GONE_REASON = "the receiver answered 410 Gone"
+# Callback URLs repeat: each is checked once (a cache entry is ~200 bytes).
+_url_problem = functools.lru_cache(maxsize=16_384)(url_problem)
+
+
+def _failed(error: str) -> AttemptResult:
+    """An attempt that sent nothing and never will: final."""
+    now = now_ms()
+    return AttemptResult(Outcome.FAILED, None, None, error, None, now, now)
+
+
+def _loggable(url: str) -> str:
+    """A URL for a log line: credentials and control characters (in a URL stored by an
+    older version) cut out or escaped."""
+    if _url_problem(url) is None:
+        return url
+    parts = urlsplit(url)
+    if "@" in parts.netloc:
+        url = parts._replace(netloc="***@" + parts.netloc.rpartition("@")[2]).geturl()
+    return url.encode("unicode_escape").decode("ascii")
 
 
 def _disabled(callback_id: int, why: str, reason: str) -> None:
@@ -269,12 +323,14 @@ def _observe(
     metrics.HISTORY_RECORDS.inc()
     if delay is not None:
         metrics.RETRIES.inc()
+    elif result.outcome is not Outcome.SUCCESS:
+        metrics.DEAD_LETTERS.inc()
     log.info(
         "delivery.attempt",
         event_id=job.event_id,
         delivery_id=job.delivery_id,
         callback_id=target.id,
-        callback_url=target.url,
+        callback_url=_loggable(target.url),
         project_id=job.project_id,
         event_type=job.event,
         attempt=number,

@@ -31,6 +31,7 @@ from redis.exceptions import RedisError
 
 from dispatcher import keys, metrics
 from dispatcher.connections import REDIS_ERRORS, connect
+from dispatcher.errors import describe
 from dispatcher.jobs import FAN_OUT, BadJob, DeliveryJob, EventJob, decode
 from dispatcher.services import Services
 from dispatcher.worker.claims import Claimed, Claims
@@ -231,8 +232,13 @@ class Worker:
         except Exception as exc:  # a timeout, Redis, a bug: the same work again later
             self.jobs_failed += 1
             delay = _retry_in(claimed.claims)
-            log.warning("job.failed", job_id=claimed.job_id, error=repr(exc),
-                        claims=claimed.claims, retry_in_s=delay)  # fmt: skip
+            log.warning(
+                "job.failed",
+                job_id=claimed.job_id,
+                error=describe(exc, trusted=CLAIM_ERRORS),
+                claims=claimed.claims,
+                retry_in_s=delay,
+            )
             self._put_back(claimed.job_id, delay)
 
     async def _execute(self, claimed: Claimed, wire: Any) -> None:

@@ -646,5 +646,7 @@ def test_readme_covers_the_ways_to_deploy() -> None:
         "DISPATCHER_REDIS_MIN_REPLICAS",
         "kubectl apply -k deploy/kubernetes",
         "dispatcher-secrets",
+        "deploy/grafana/dispatcher.json",
+        "promtool check rules deploy/prometheus/alerts.yml",
     ):
         assert needle in text, needle

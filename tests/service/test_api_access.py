@@ -109,7 +109,10 @@ async def test_emit_route_queues_and_delivers(
     assert body["data"]["eventId"].startswith("evt_")
     await run_worker()
     [seen] = receiver.requests()
-    assert seen.body == b'{"event":"BUILD_END","data":{"buildId":"b-7","nested":{"ok":[1,2]}}}'
+    assert seen.body == (
+        b'{"event":"BUILD_END","projectId":"demo","data":{"buildId":"b-7","nested":{"ok":[1,2]}}}'
+    )
+    assert seen.headers["X-DEVOPS-PROJECT-ID"] == "demo"
 
 
 @pytest.mark.parametrize(

@@ -19,7 +19,7 @@ from dispatcher.auth import Role, Roles
 from dispatcher.embedded import EmbeddedRedis
 from dispatcher.errors import NotFound
 from dispatcher.history import HistoryStore, open_history, parse_window
-from dispatcher.models import Event, HistoryPage, Region
+from dispatcher.models import DeliveryStatus, Event, HistoryPage, Region
 from dispatcher.producer import Producer
 from dispatcher.registry import Registry
 from dispatcher.services import Services
@@ -337,3 +337,135 @@ async def attempts_of_a_delivery(
     assert await services.history.attempts(first.delivery_id or "", "other") == []
     with pytest.raises(NotFound):
         await services.record(first.id, "other")
+
+
+async def add_all(redis: Redis, settings: Settings, records: list[dict[str, Any]]) -> list[int]:
+    """Records of any shape written through the store, then (PostgreSQL) shipped."""
+    history = open_history(settings, redis)
+    try:
+        ids = [await history.add(r, dead=r["status"] == "FAILED") for r in records]
+    finally:
+        await history.close()
+    await ship_all(settings, redis)
+    return ids
+
+
+async def test_recent_deliveries_of_a_url_across_its_events(
+    redis: Redis, settings: Settings, store: HistoryStore
+) -> None:
+    now = int(time.time() * 1000)
+    other = "http://127.0.0.1:9000/other"
+    shapes = [  # (ms ago, url, event, status, project)
+        (9000, URL, "BUILD_END", "SUCCESS", "demo"),
+        (8000, URL, "BUILD_START", "FAILED", "demo"),
+        (7000, other, "BUILD_END", "FAILED", "demo"),
+        (6000, URL, "BUILD_END", "SUCCESS", "elsewhere"),
+        (5000, URL, "BUILD_START", "SUCCESS", "demo"),
+        (5000, URL, "BUILD_END", "FAILED", "demo"),  # the same millisecond
+        (5000, URL, "BUILD_STAGE_END", "SUCCESS", "demo"),
+        (4000, URL, "BUILD_END", "FAILED", "demo"),
+    ]
+    records = [
+        {**record(now - ago, url=url, event=event, n=i), "status": status, "projectId": project}
+        for i, (ago, url, event, status, project) in enumerate(shapes)
+    ]
+    ids = await add_all(redis, settings, records)
+    start, end = now - 60_000, now
+    newest_first = sorted(
+        (r["createdTime"], i)
+        for i, r in zip(ids, records, strict=True)
+        if r["callBackUrl"] == URL and r["projectId"] == "demo"
+    )[::-1]
+    mine = [i for _, i in newest_first]
+
+    found = await store.recent("demo", [URL], start_ms=start, end_ms=end)
+    assert [r.id for r in found.records] == mine and found.next is None
+    assert {r.events for r in found.records} == {"BUILD_END", "BUILD_START", "BUILD_STAGE_END"}
+
+    failed = await store.recent(
+        "demo", [URL], status=DeliveryStatus.FAILED, start_ms=start, end_ms=end
+    )
+    assert [r.status for r in failed.records] == [DeliveryStatus.FAILED] * 3
+    succeeded = await store.recent(
+        "demo", [URL], status=DeliveryStatus.SUCCESS, start_ms=start, end_ms=end
+    )
+    assert {r.id for r in failed.records} | {r.id for r in succeeded.records} == set(mine)
+
+    # page by page through the cursor, ties at one millisecond included: each once, in order
+    seen, before = [], None
+    for _ in range(10):
+        page = await store.recent("demo", [URL], before=before, limit=2, start_ms=start, end_ms=end)
+        seen += [r.id for r in page.records]
+        if page.next is None:
+            break
+        before = page.next
+    assert seen == mine
+
+    both = await store.recent(
+        "demo", [URL, other], status=DeliveryStatus.FAILED, start_ms=start, end_ms=end
+    )
+    assert [r.call_back_url for r in both.records] == [URL, URL, other, URL]
+    narrow = await store.recent("demo", [URL], start_ms=now - 5000, end_ms=now - 4500)
+    assert [r.id for r in narrow.records] == mine[1:4]
+    assert (await store.recent("demo", [], start_ms=start, end_ms=end)).records == []
+    assert (
+        await store.recent("demo", [URL], start_ms=0, end_ms=now - 86_400_000 * 8)
+    ).records == []
+
+
+async def test_a_signature_stored_by_an_older_version_is_masked_when_read(
+    settings: Settings, redis: Redis, api: httpx.AsyncClient
+) -> None:
+    """Older workers stored `webhook-signature` in clear: every read masks it, in both
+    stores, on the API and on the console's attempt page."""
+    old = record(int(time.time() * 1000))
+    old["requestHeaders"] = [
+        {"name": "X-DEVOPS-WEBHOOK-TOKEN", "value": "******"},
+        {"name": "webhook-id", "value": "evt_0.1"},
+        {"name": "Webhook-Signature", "value": "v1,CLEARsignatureBASE64="},
+    ]
+    old.update(status="FAILED", final=True, responseCode=500)
+    history = open_history(settings, redis)
+    try:
+        record_id = await history.add(old, dead=True)
+    finally:
+        await history.close()
+    await ship_all(settings, redis)
+    texts = [
+        (await api.get(V3, params={"url": URL, "event": "BUILD_END"}, headers=UID)).text,
+        (await api.get(f"/console/projects/demo/history/{record_id}", headers=UID)).text,
+    ]
+    async with Services.open(settings, redis) as services:
+        got = await services.record(record_id, "demo")
+        texts.append(got.model_dump_json())
+        dead = await services.dead_letters("demo")
+        texts += [r.model_dump_json() for r in dead]
+    assert [r.id for r in dead] == [record_id]
+    assert {h.name: h.value for h in got.request_headers} == {
+        "X-DEVOPS-WEBHOOK-TOKEN": "******", "webhook-id": "evt_0.1", "Webhook-Signature": "******",
+    }  # fmt: skip
+    assert not any("CLEARsignature" in text for text in texts)
+
+
+async def test_redelivery_of_an_older_record_sends_its_stored_body_as_it_was(
+    settings: Settings, redis: Redis, api: httpx.AsyncClient, receiver: Receiver,
+    run_worker: RunWorker,
+) -> None:  # fmt: skip
+    """A record of an older version has no `projectId` in its body: it is sent as stored
+    (its signature covers those bytes), and the project header names the record's project."""
+    callback_id, _ = await Registry(redis).create(
+        "demo", receiver.url(), Event.BUILD_END, Region.DEVNET
+    )
+    old = record(int(time.time() * 1000), url=receiver.url())
+    old.update(requestBody='{"event":"BUILD_END","data":{"n":1}}', callbackId=callback_id)
+    history = open_history(settings, redis)
+    try:
+        record_id = await history.add(old)
+    finally:
+        await history.close()
+    await ship_all(settings, redis)
+    assert (await api.post(f"{V3}/{record_id}/retry", headers=UID)).json()["status"] == 0
+    await run_worker()
+    [seen] = receiver.requests()
+    assert seen.body == b'{"event":"BUILD_END","data":{"n":1}}'
+    assert seen.headers["X-DEVOPS-PROJECT-ID"] == "demo"

@@ -98,7 +98,7 @@ async def register_and_emit(run: Run, receiver: Receiver) -> None:
     await receiver.wait_for(1, within=5)
     [seen] = receiver.requests()
     assert seen.headers["X-DEVOPS-WEBHOOK-TOKEN"] == "s3cret"
-    assert seen.body == b'{"event":"BUILD_END","data":{"buildId":"b-42"}}'
+    assert seen.body == b'{"event":"BUILD_END","projectId":"demo","data":{"buildId":"b-42"}}'
 
 
 async def test_run_serves_the_seed_request_and_delivers(tmp_path: Path, receiver: Receiver) -> None:

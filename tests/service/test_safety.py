@@ -22,7 +22,7 @@ from dispatcher.producer import Producer
 from dispatcher.registry import Registry
 from dispatcher.settings import Settings
 from dispatcher.tokens import TokenCipher
-from tests.helpers import UID, Receiver, RunWorker, answer, make_settings
+from tests.helpers import UID, Receiver, RunWorker, answer, app_client, make_settings
 
 CALLBACKS = "/apigw/v4/projects/demo/callbacks"
 
@@ -319,3 +319,69 @@ async def test_operator_route_manages_roles(redis_server: EmbeddedRedis, redis: 
 async def test_operator_route_is_off_without_a_token(api: httpx.AsyncClient) -> None:
     response = await api.get("/operator/roles/demo", headers={"X-DEVOPS-OPERATOR-TOKEN": "x"})
     assert response.status_code == 403 and "DISPATCHER_OPERATOR_TOKEN" in response.json()["message"]
+
+
+# ---- cloud metadata, in every region ----------------------------------------------------
+
+METADATA_URLS = [
+    "http://169.254.0.23/",
+    "http://169.254.169.253/",  # AWS DNS
+    "http://[::ffff:169.254.0.23]/",  # IPv4-mapped
+    "http://[::ffff:a9fe:a9fe]/latest",
+    "http://[::169.254.169.254]/",  # IPv4-compatible
+    "http://[64:ff9b::a9fe:a9fe]/",  # NAT64
+    "http://[2002:a9fe:a9fe::1]/",  # 6to4
+    "http://[fe80::1]/",
+    "http://168.63.129.16/",  # Azure WireServer
+    "http://192.0.0.192/",  # Oracle
+    "http://100.100.100.200/",  # Alibaba
+    "http://[fd00:ec2::254]/",  # AWS over IPv6
+    "http://2852039166/",  # 169.254.169.254 as one decimal number
+    "http://0xa9.0xfe.0xa9.0xfe/",
+    "http://metadata.google.internal/computeMetadata/v1/",
+    "http://METADATA.GOOGLE.INTERNAL./",
+    "http://metadata.goog/",
+    "http://metadata.azure.com/",
+    "http://metadata.tencentyun.com/",
+    "http://metadata.tencentyun.com./",
+    "http://instance-data/",
+    "http://instance-data.ec2.internal./",
+    "http://metadata/",
+    "http://metadata\u3002google\u3002internal/",  # ideographic full stops: IDNA dots
+]
+
+
+@pytest.mark.parametrize("url", METADATA_URLS)
+async def test_cloud_metadata_is_refused_in_every_region_even_internal_ones_and_dev_mode(
+    redis_server: Any, redis: Redis, url: str
+) -> None:
+    settings = make_settings(
+        redis_server.url, allow_internal_regions=["DEVNET", "OSS", "IDC"], dev_mode=True
+    )
+    async with app_client(settings, redis) as client:
+        for region in ("IDC", "OSS", "DEVNET"):
+            response = await client.post(
+                CALLBACKS, params={"event": "BUILD_END", "region": region, "url": url},
+                headers=UID,
+            )  # fmt: skip
+            assert response.status_code == 400, (region, response.text)
+            assert "metadata" in response.json()["message"], response.text
+
+
+async def test_cloud_metadata_stored_under_older_rules_is_refused_at_delivery(
+    redis_server: Any, redis: Redis, receiver: Receiver, run_worker: RunWorker
+) -> None:
+    """Each a final FAILED record after one attempt, in a region that allows internal
+    targets, in dev mode; the callback beside them is delivered."""
+    settings = make_settings(redis_server.url, dev_mode=True)
+    registry = Registry(redis)
+    for url in METADATA_URLS:
+        await registry.create("demo", url, Event.BUILD_END, Region.IDC)
+    await registry.create("demo", receiver.url(), Event.BUILD_END, Region.IDC)
+    await Producer(settings, redis).emit("demo", "BUILD_END", {})
+    await run_worker(settings)
+    assert len(receiver.requests()) == 1
+    for url in METADATA_URLS:
+        [record] = await all_records(redis, settings, url)
+        assert record.final and record.status.value == "FAILED", url
+        assert "metadata" in (record.error_msg or ""), (url, record.error_msg)

@@ -4,6 +4,7 @@ real Redis, real burst workers and a real receiver."""
 
 from __future__ import annotations
 
+import base64
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -12,6 +13,7 @@ import httpx
 import orjson
 import pytest
 from redis.asyncio import Redis
+from standardwebhooks import Webhook
 from structlog.testing import capture_logs
 
 from dispatcher import keys
@@ -325,3 +327,37 @@ async def test_only_the_operator_token_manages_platform_callbacks(
 async def test_the_reserved_project_is_no_event_source(op_settings: Settings, redis: Redis) -> None:
     with pytest.raises(InvalidInput, match="platform-wide"):
         await Producer(op_settings, redis).emit(PLATFORM_PROJECT, "BUILD_END", {})
+
+
+async def test_a_platform_receiver_knows_which_project_emitted_an_event(
+    redis_server: Any, redis: Redis, receiver: Receiver, run_worker: RunWorker
+) -> None:
+    """projB's admin emits a PROJECT_DISABLE naming projA in its data: the receiver reads
+    the emitter from the route, signed (`projectId` in the body) and in a header, on the
+    first attempt and on the retry; no callback can send a header of that name itself."""
+    settings = make_settings(redis_server.url, operator_token=OP_TOKEN, open_access=False)
+    await Roles(redis, settings).grant("projB", "bob", Role.ADMIN)
+    bob = {"X-DEVOPS-UID": "bob"}
+    url = receiver.script("/platform", answer(500), answer(200))
+    async with app_client(settings, redis) as client:
+        query = params(url, "PROJECT_DISABLE", secretToken="platform-token")
+        await ok(await client.post(PLATFORM, params=query, headers=OPERATOR))
+        forged = params(receiver.url("/b"), authHeaderName="X-DEVOPS-PROJECT-ID",
+                        authHeaderValue="projA")  # fmt: skip
+        refused = await client.post(project("projB"), params=forged, headers=bob)
+        assert refused.status_code == 400 and "reserved" in refused.json()["message"]
+        emitted = await client.post(
+            "/apigw/v4/projects/projB/events", headers=bob,
+            json={"event": "PROJECT_DISABLE", "data": {"projectId": "projA"}},
+        )  # fmt: skip
+        assert emitted.status_code == 200, emitted.text
+    await run_worker(settings)
+
+    first, retry = receiver.requests("/platform")
+    key = "whsec_" + base64.b64encode(b"platform-token").decode()
+    for seen in (first, retry):
+        assert seen.body == (
+            b'{"event":"PROJECT_DISABLE","projectId":"projB","data":{"projectId":"projA"}}'
+        )
+        assert seen.headers["X-DEVOPS-PROJECT-ID"] == "projB"
+        Webhook(key).verify(seen.body, dict(seen.headers))  # the signature covers projectId

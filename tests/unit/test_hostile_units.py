@@ -1,0 +1,207 @@
+"""Hostile input, without Redis or a network: an attempt's branches when something raises
+(httpx's MockTransport), the checks of tokens, URLs, event ids and data, the address
+policy's cloud-metadata rules, and masking on read."""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import AsyncIterator
+
+import httpx
+import pytest
+
+from dispatcher.backoff import parse_retry_after
+from dispatcher.delivery import AttemptResult, Outcome, check_header_value, send, unsendable
+from dispatcher.egress import AddressPolicy
+from dispatcher.errors import InvalidInput, describe
+from dispatcher.models import HistoryRecord
+from dispatcher.producer import event_job
+from dispatcher.registry.rules import check_token, url_problem, validate_url
+
+SECRET = "TOPSECRET"
+
+
+async def attempt(transport: httpx.AsyncBaseTransport, **headers: str) -> AttemptResult:
+    return await send(
+        transport,
+        "http://receiver.example/hook",
+        b"{}",
+        {"X-A": "b", **headers},
+        connect_timeout=1,
+        total_timeout=2,
+        max_response_body=100,
+    )
+
+
+async def test_anything_the_transport_raises_ends_as_a_result_without_its_message() -> None:
+    def explode(request: httpx.Request) -> httpx.Response:
+        raise RuntimeError(f"choked on {SECRET}")
+
+    result = await attempt(httpx.MockTransport(explode))
+    assert result.outcome is Outcome.RETRY and result.error is not None
+    assert result.error.startswith("RuntimeError at ") and SECRET not in result.error
+
+
+async def test_an_answer_whose_reading_raises_is_judged_by_its_status() -> None:
+    class Broken(httpx.AsyncByteStream):
+        async def __aiter__(self) -> AsyncIterator[bytes]:
+            raise ValueError(SECRET)
+            yield b""  # an async generator, that raises at once
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        retry_after = "\u00b2".encode()  # b"\xc2\xb2": `isdigit()` says yes, `float()` raises
+        return httpx.Response(503, headers=[(b"Retry-After", retry_after)], stream=Broken())
+
+    result = await attempt(httpx.MockTransport(answer))
+    assert (result.outcome, result.status_code, result.retry_after) == (Outcome.RETRY, 503, None)
+    assert result.error is not None and SECRET not in result.error
+
+
+async def test_a_request_that_cannot_be_built_fails_for_good_without_its_value() -> None:
+    def never(request: httpx.Request) -> httpx.Response:
+        raise AssertionError("nothing may be sent")
+
+    token = {"X-DEVOPS-WEBHOOK-TOKEN": "p\u00e4ss-" + SECRET}
+    result = await attempt(httpx.MockTransport(never), **token)
+    assert result.outcome is Outcome.FAILED and result.error is not None
+    assert result.error.startswith("the request could not be built: UnicodeEncodeError")
+    assert SECRET not in result.error
+
+
+def test_describe_names_the_type_and_place_never_the_message() -> None:
+    try:
+        "p\u00e4ss-TOPSECRET".encode("ascii")
+    except UnicodeEncodeError as exc:
+        text = describe(exc)
+    assert text.startswith("UnicodeEncodeError at test_hostile_units.py:") and SECRET not in text
+    assert describe(InvalidInput("ours")) == "InvalidInput: ours"
+    assert describe(OSError("refused"), trusted=(OSError,)) == "OSError: refused"
+
+
+@pytest.mark.parametrize(
+    ("value", "seconds"),
+    [("120", 120.0), (" 7 ", 7.0), ("\u00b2", None), ("\u0661\u0662", None), ("1e3", None),
+     ("-1", None), ("0x10", None), ("99999999999", None), ("Wed, 21 Oct 99999 07:28:00 GMT", None)],
+)  # fmt: skip
+def test_retry_after_is_ascii_digits_or_an_http_date(value: str, seconds: float | None) -> None:
+    assert parse_retry_after(value) == seconds
+
+
+@pytest.mark.parametrize(
+    "token", ["p\u00e4ss", "a\r\nb", "a\nb", "a\x00b", "a\tb", "a\x7fb", " edge", "edge ", ""]
+)
+def test_a_token_must_be_visible_ascii(token: str) -> None:
+    if not token:
+        assert check_token(token) == ""
+        return
+    with pytest.raises(InvalidInput) as refused:
+        check_token(token)
+    assert refused.value.param == "secretToken" and token not in refused.value.message
+
+
+def test_visible_ascii_with_spaces_between_is_a_valid_header_value() -> None:
+    assert check_header_value("Bearer abc.def~!", "authHeaderValue", 100) == "Bearer abc.def~!"
+    assert unsendable("Bearer  abc", None) is None  # what older versions stored and can go
+    assert unsendable("a\tb", ("X-Key", "v")) is None
+    assert "secretToken" in (unsendable("a\r\nb", None) or "")
+    assert "authHeaderValue" in (unsendable("", ("X-Key", "\u00e4")) or "")
+    assert "authHeaderValue" in (unsendable("", ("Bad Name", "v")) or "")
+
+
+@pytest.mark.parametrize(
+    ("url", "word"),
+    [
+        ("http://u:S3cr3tPw@h.example/", "credentials"),
+        ("http://u@h.example/", "credentials"),
+        ("http://h.example/%1B[31m", "control"),
+        ("http://h.example/%00", "control"),
+        ("http://h.example/a%0d%0ab", "control"),
+        ("http://h.example/a%C2%85b", "control"),
+        ("http://h.example/a\x1bb", "control"),
+        ("http://h.example/a\u202eb", "control"),
+    ],
+)
+def test_url_problems_never_quote_the_url(url: str, word: str) -> None:
+    problem = url_problem(url)
+    assert problem is not None and word in problem and "S3cr3tPw" not in problem
+    with pytest.raises(InvalidInput) as refused:
+        validate_url(url)
+    assert refused.value.param == "url" and url not in refused.value.message
+
+
+def test_urls_without_problems_pass() -> None:
+    for url in ("http://h.example/users/a@b", "https://h.example/p?q=%20ok&r=%C3%A4",
+                "http://[::1]:8080/x"):  # fmt: skip
+        assert url_problem(url) is None and validate_url(url) == url
+    with pytest.raises(InvalidInput, match="percent-encoded host"):
+        validate_url("http://metadata%2Egoogle%2Einternal/")
+
+
+@pytest.mark.parametrize("allow_internal", [False, True])
+@pytest.mark.parametrize(
+    "host",
+    ["169.254.0.23", "[::ffff:169.254.0.23]", "[::ffff:a9fe:17]", "[::169.254.0.23]",
+     "[64:ff9b::a9fe:17]", "[2002:a9fe:17::]", "[fe80::1]", "[fe80::1%25eth0]",
+     "168.63.129.16", "192.0.0.192", "100.100.100.200", "[fd00:ec2::254]", "169.254.169.253",
+     "2852039166", "0xa9.0xfe.0xa9.0xfe", "0251.0376.0251.0376", "169.254.43518",
+     "metadata.google.internal", "Metadata.Google.Internal..", "x.metadata.google.internal",
+     "metadata.goog", "metadata.azure.com", "metadata.tencentyun.com.", "instance-data",
+     "INSTANCE-DATA.ec2.internal", "metadata"],
+)  # fmt: skip
+def test_cloud_metadata_is_refused_whatever_the_region_allows(
+    allow_internal: bool, host: str
+) -> None:
+    refusal = AddressPolicy(allow_internal=allow_internal).refusal(f"http://{host}/")
+    assert refusal is not None and "metadata" in refusal and "every region" in refusal
+
+
+def test_internal_targets_stay_an_operator_choice() -> None:
+    for host in ("10.0.0.5", "127.0.0.1", "[::ffff:10.0.0.5]", "100.64.0.1", "[fd00::1]"):
+        assert AddressPolicy(allow_internal=True).refusal(f"http://{host}/") is None, host
+        assert "internal" in (AddressPolicy().refusal(f"http://{host}/") or ""), host
+    for host in ("example.com", "metadata.example.com", "8.8.8.8", "[2002:808:808::]"):
+        assert AddressPolicy().refusal(f"http://{host}/") is None, host
+
+
+def test_resolved_addresses_are_checked_in_their_ipv4_form() -> None:
+    policy = AddressPolicy(allow_internal=True)
+    with pytest.raises(InvalidInput, match="metadata"):
+        policy.check_address(ipaddress.ip_address("::ffff:169.254.169.254"), "rebound.example")
+
+
+@pytest.mark.parametrize("event_id", ["nl-batch\n", "x\r", "a b", "", "x" * 129, "\u00e4"])
+def test_event_ids_are_matched_whole(event_id: str) -> None:
+    with pytest.raises(InvalidInput) as refused:
+        event_job("demo", "BUILD_END", {}, event_id)
+    assert refused.value.param == "eventId"
+
+
+@pytest.mark.parametrize("project_id", ["a\r\nb", "p\u00e4", "a b", "a:b", "x" * 129])
+def test_an_emitting_project_id_can_go_out_as_a_header(project_id: str) -> None:
+    with pytest.raises(InvalidInput) as refused:
+        event_job(project_id, "BUILD_END", {})
+    assert refused.value.param == "projectId"
+
+
+@pytest.mark.parametrize(
+    "data", [{"a": float("nan")}, {"a": [1, {"b": float("inf")}]}, {"a": (float("-inf"),)}]
+)
+def test_nan_and_infinity_are_refused_wherever_they_are(data: dict[str, object]) -> None:
+    with pytest.raises(InvalidInput, match="NaN") as refused:
+        event_job("demo", "BUILD_END", data)
+    assert refused.value.param == "data"
+    assert event_job("demo", "BUILD_END", {"a": None, "b": 1.5}).data == {"a": None, "b": 1.5}
+
+
+def test_history_masks_secret_headers_on_read() -> None:
+    record = HistoryRecord.model_validate({
+        "id": 1, "projectId": "p", "callBackUrl": "u", "events": "BUILD_END",
+        "status": "FAILED", "startTime": 0, "endTime": 0, "createdTime": 0,
+        "requestHeaders": [
+            {"name": "WEBHOOK-SIGNATURE", "value": "v1,abc"},
+            {"name": "x-devops-webhook-token", "value": "t"},
+            {"name": "Authorization", "value": "Bearer t"},
+            {"name": "webhook-id", "value": "evt_1.1"},
+        ],
+    })  # fmt: skip
+    assert [h.value for h in record.request_headers] == ["******"] * 3 + ["evt_1.1"]
