@@ -281,35 +281,7 @@ async def check_sentinels(
 ) -> list[str]:
     """Ask every sentinel about the master: InvalidSetting when none answers, none knows
     it, or it has fewer replicas than `min_replicas`; returns warnings (replicas down)."""
-    sentinels = sentinels_of(target, policy, password)
-    answers: list[tuple[Redis, dict[str, Any]]] = []
-    errors: list[str] = []
-    replicas: list[dict[str, Any]] = []
-    try:
-        for client in sentinels.sentinels:
-            try:
-                masters = await client.sentinel_masters()  # type: ignore[no-untyped-call]
-                answers.append((client, masters))
-            except (RedisConnectionError, RedisTimeoutError, ResponseError) as exc:
-                errors.append(f"{_addresses([_address_of(client)])}: {exc}")
-        known = [client for client, masters in answers if target.master in masters]
-        if known and min_replicas:
-            replicas = await known[0].sentinel_slaves(target.master)  # type: ignore[no-untyped-call]
-    finally:
-        await asyncio.gather(*(s.aclose() for s in sentinels.sentinels))
-    if not answers:
-        raise InvalidSetting(
-            f"no sentinel answered ({'; '.join(errors)}); check the hosts and ports "
-            "(and DISPATCHER_REDIS_SENTINEL_PASSWORD when the sentinels have one)",
-            param="DISPATCHER_REDIS_URL",
-        )
-    if not known:
-        names = sorted({str(name) for _, masters in answers for name in masters})
-        raise InvalidSetting(
-            f"no sentinel knows a master named {target.master!r} (they know: "
-            f"{', '.join(map(repr, names)) or 'none'})",
-            param="DISPATCHER_REDIS_URL",
-        )
+    replicas = await _ask_sentinels(target, policy, password, replicas=min_replicas > 0)
     if not min_replicas:
         return []
     up = [r for r in replicas if not (r["is_sdown"] or r["is_odown"] or r["is_disconnected"])]
@@ -326,3 +298,49 @@ async def check_sentinels(
             "until enough are back"
         ]
     return []
+
+
+async def _ask_sentinels(
+    target: SentinelUrl, policy: dict[str, Any], password: str | None, *, replicas: bool
+) -> list[dict[str, Any]]:
+    """InvalidSetting when no sentinel answers, or none knows the master; with
+    `replicas`, the master's replicas as the first sentinel that knows it sees them."""
+    sentinels = sentinels_of(target, policy, password)
+    answers: list[tuple[Redis, dict[str, Any]]] = []
+    errors: list[str] = []
+    try:
+        for client in sentinels.sentinels:
+            try:
+                masters = await client.sentinel_masters()  # type: ignore[no-untyped-call]
+                answers.append((client, masters))
+            except (RedisConnectionError, RedisTimeoutError, ResponseError) as exc:
+                errors.append(f"{_addresses([_address_of(client)])}: {exc}")
+        known = [client for client, masters in answers if target.master in masters]
+        _refuse_unless_known(target, known, answers, errors)
+        if not replicas:
+            return []
+        seen = await known[0].sentinel_slaves(target.master)  # type: ignore[no-untyped-call]
+        return list(seen)
+    finally:
+        await asyncio.gather(*(s.aclose() for s in sentinels.sentinels))
+
+
+def _refuse_unless_known(
+    target: SentinelUrl,
+    known: list[Redis],
+    answers: list[tuple[Redis, dict[str, Any]]],
+    errors: list[str],
+) -> None:
+    if not answers:
+        raise InvalidSetting(
+            f"no sentinel answered ({'; '.join(errors)}); check the hosts and ports "
+            "(and DISPATCHER_REDIS_SENTINEL_PASSWORD when the sentinels have one)",
+            param="DISPATCHER_REDIS_URL",
+        )
+    if not known:
+        names = sorted({str(name) for _, masters in answers for name in masters})
+        raise InvalidSetting(
+            f"no sentinel knows a master named {target.master!r} (they know: "
+            f"{', '.join(map(repr, names)) or 'none'})",
+            param="DISPATCHER_REDIS_URL",
+        )

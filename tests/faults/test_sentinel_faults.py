@@ -26,7 +26,7 @@ from dispatcher.registry import Registry
 from dispatcher.settings import Settings
 from dispatcher.status import live_workers
 from dispatcher.worker import create_worker
-from tests.faults.chaos import FlakyReceiver, all_records, judge, serving
+from tests.faults.chaos import FlakyReceiver, Verdict, all_records, judge, serving
 from tests.helpers import UID, app_client, free_port, make_settings, start_process, stop, until
 
 pytestmark = pytest.mark.timeout(120)
@@ -97,6 +97,41 @@ async def emit_in_python(settings: Settings, redis: Redis, count: int, every_s: 
     return acked
 
 
+def start_fleet(url: str, port: int, log: Path) -> list[subprocess.Popen[bytes]]:
+    """Two worker processes and an API process on `port`."""
+    workers = [start_process(["worker"], url, log, **ENV) for _ in range(2)]
+    return [*workers, start_process(["api", "--port", str(port)], url, log, **ENV)]
+
+
+async def fleet_up(redis: Redis, port: int) -> bool:
+    try:
+        async with httpx.AsyncClient() as client:
+            ready = await client.get(f"http://127.0.0.1:{port}/readyz")
+    except httpx.TransportError:
+        return False
+    return ready.status_code == 200 and len(await live_workers(redis)) == 2
+
+
+async def kill_the_master(group: SentinelGroup, after_s: float) -> float:
+    """SIGKILL the master `after_s` into the run; once the replica is promoted, the killed
+    node comes back as its replica (so that emits can be confirmed again). Returns when
+    it was killed (epoch ms)."""
+    await asyncio.sleep(after_s)
+    old = group.master_port()
+    group.signal(old, signal.SIGKILL)
+    killed = time.time() * 1000
+    new = await asyncio.to_thread(group.wait_for_new_master, old)
+    await asyncio.to_thread(group.start_node, old, new)
+    return killed
+
+
+async def verdict_on(
+    redis: Redis, settings: Settings, receiver: FlakyReceiver, expected: set[str]
+) -> Verdict:
+    records = await all_records(redis, settings, PROJECT, receiver.url("/hook"), "BUILD_END")
+    return await judge(redis, records, expected, receiver, settings)
+
+
 async def test_master_killed_under_emits_and_two_workers_loses_nothing_acknowledged(
     group: SentinelGroup, tmp_path: Path
 ) -> None:
@@ -106,54 +141,26 @@ async def test_master_killed_under_emits_and_two_workers_loses_nothing_acknowled
     settings = make_settings(group.url, redis_min_replicas=1, emit_wait=2, redis_timeout=2)
     receiver = FlakyReceiver(max_delay=0.05)
     port, log = free_port(), tmp_path / "processes.log"
-    processes: list[subprocess.Popen[bytes]] = []
     async with serving(receiver):
         redis, callback_id = await fresh(settings, receiver)
+        processes = start_fleet(group.url, port, log)
         try:
-            processes += [start_process(["worker"], group.url, log, **ENV) for _ in range(2)]
-            processes.append(start_process(["api", "--port", str(port)], group.url, log, **ENV))
-
-            async def up() -> bool:
-                try:
-                    async with httpx.AsyncClient() as client:
-                        ready = await client.get(f"http://127.0.0.1:{port}/readyz")
-                except httpx.TransportError:
-                    return False
-                return ready.status_code == 200 and len(await live_workers(redis)) == 2
-
-            await until(up, 30, "two workers and the API up")
-            killed: list[float] = []
-
-            async def kill_the_master() -> None:
-                await asyncio.sleep(1.5)
-                old = group.master_port()
-                group.signal(old, signal.SIGKILL)
-                killed.append(time.time() * 1000)
-                new = await asyncio.to_thread(group.wait_for_new_master, old)
-                # back as a replica, so that emits can be confirmed again
-                await asyncio.to_thread(group.start_node, old, new)
-
-            over_http, in_python, _ = await asyncio.gather(
+            await until(lambda: fleet_up(redis, port), 30, "two workers and the API up")
+            over_http, in_python, killed = await asyncio.gather(
                 emit_over_http(port, 40, every_s=0.1),
                 emit_in_python(settings, redis, 40, every_s=0.2),
-                kill_the_master(),
+                kill_the_master(group, after_s=1.5),
             )
             expected = {f"{event_id}.{callback_id}" for event_id in over_http + in_python}
             assert len(expected) == 80
 
-            async def verdict_if_done() -> bool:
-                records = await all_records(redis, settings, PROJECT, receiver.url("/hook"),
-                                            "BUILD_END")  # fmt: skip
-                verdict = await judge(redis, records, expected, receiver, settings)
+            async def delivered() -> bool:
+                verdict = await verdict_on(redis, settings, receiver, expected)
                 return not (verdict.lost or verdict.abandoned)
 
-            await until(verdict_if_done, 40, "every acknowledged event delivered")
-            records = await all_records(
-                redis, settings, PROJECT, receiver.url("/hook"), "BUILD_END"
-            )
-            verdict = await judge(redis, records, expected, receiver, settings)
-            verdict.assert_nothing_lost()
-            after = [a for a in receiver.answers if a.arrived_ms > killed[0]]
+            await until(delivered, 40, "every acknowledged event delivered")
+            (await verdict_on(redis, settings, receiver, expected)).assert_nothing_lost()
+            after = [a for a in receiver.answers if a.arrived_ms > killed]
             assert len(after) >= 10, "deliveries did not resume after the failover"
             assert [p.poll() for p in processes] == [None] * 3, log.read_text()[-3000:]
         finally:
