@@ -88,15 +88,16 @@ def connect(settings: Settings, url: str | None = None) -> Redis:
     `DISPATCHER_REDIS_URL`."""
     target = require_url(settings, url)
     if is_sentinel_url(target):
-        password = settings.redis_sentinel_password
-        return sentinel_client(
-            parse_sentinel_url(target),
-            policy(settings),
-            None if password is None else password.get_secret_value(),
-        )
+        return sentinel_client(parse_sentinel_url(target), policy(settings), _sentinels(settings))
     pool = ConnectionPool.from_url(target, **policy(settings))
     pool.connection_class = primary_connection_class(pool.connection_class)
     return Redis.from_pool(pool)
+
+
+def _sentinels(settings: Settings) -> str | None:
+    """The sentinels' own password."""
+    password = settings.redis_sentinel_password
+    return None if password is None else password.get_secret_value()
 
 
 def redis_settings(settings: Settings, url: str | None = None) -> RedisSettings:
@@ -124,25 +125,20 @@ def redis_settings(settings: Settings, url: str | None = None) -> RedisSettings:
     return arq_settings
 
 
-async def preflight(settings: Settings) -> list[str]:
-    """What a process checks when it starts: with a sentinel URL, that a sentinel answers
-    and knows the master; with `DISPATCHER_REDIS_MIN_REPLICAS` > 0, that the master has
-    that many replicas. InvalidSetting (naming the setting) when not; returns warnings (a
-    replica down). A Redis that does not answer is an outage, waited out as ever, not a
-    wrong setting."""
-    target = require_url(settings)
+async def preflight(settings: Settings, url: str | None = None) -> list[str]:
+    """What a process checks when it starts, of `url` (by default `DISPATCHER_REDIS_URL`):
+    with a sentinel URL, that a sentinel answers and knows the master; with
+    `DISPATCHER_REDIS_MIN_REPLICAS` > 0, that the master has that many replicas.
+    InvalidSetting (naming the setting) when not; returns warnings (a replica down). A
+    Redis that does not answer is an outage, waited out as ever, not a wrong setting."""
+    target = require_url(settings, url)
     wanted = settings.redis_min_replicas
     if is_sentinel_url(target):
-        password = settings.redis_sentinel_password
-        return await check_sentinels(
-            parse_sentinel_url(target),
-            policy(settings),
-            None if password is None else password.get_secret_value(),
-            wanted,
-        )
+        parsed, password = parse_sentinel_url(target), _sentinels(settings)
+        return await check_sentinels(parsed, policy(settings), password, wanted)
     if not wanted:
         return []
-    redis = connect(settings)
+    redis = connect(settings, target)
     try:
         info = await redis.info("replication")
     except REDIS_ERRORS:
