@@ -44,6 +44,8 @@ Workers and statistics
     dispatcher:cron:{name}:{slot}             STRING who runs a periodic task this slot (TTL)
 History
     dispatcher:history:seq                    INCR counter of record ids
+    dispatcher:history:seq:server             STRING run id of the Redis server that handed
+                                              out the last block of ids (see history/ids.py)
     dispatcher:history:rec:{id}               STRING one record (JSON, id included)
     dispatcher:history:idx:{project}:{event}:{url hash}
                                               ZSET record ids (zero-padded) by createdTime ms
@@ -62,6 +64,9 @@ History
                                               PostgreSQL backend): field r = the record's JSON,
                                               d = "1" when its delivery gave up, t = its
                                               createdTime; trimmed once shipped
+Replication
+    dispatcher:replication:mark               INCR written before each WAIT, so that WAIT
+                                              covers whatever the master holds (replication.py)
 Console
     dispatcher:console:csrf-key               STRING the key signing the console's CSRF tokens,
                                               made by the first API process that needs it
@@ -100,6 +105,7 @@ HEALTH_PREFIX = f"{PREFIX}:health:"
 HEALTH_FAILING = f"{PREFIX}:health:failing"
 CALLBACKS_DISABLED = f"{PREFIX}:cb:disabled"
 HISTORY_SEQ = f"{PREFIX}:history:seq"
+HISTORY_SEQ_SERVER = f"{PREFIX}:history:seq:server"
 HISTORY_RECORD_PREFIX = f"{PREFIX}:history:rec:"
 HISTORY_INDEXES = f"{PREFIX}:history:indexes"
 HISTORY_INDEX_PREFIX = f"{PREFIX}:history:idx:"
@@ -109,6 +115,7 @@ HISTORY_ATTEMPTS_PREFIX = f"{PREFIX}:history:attempts:"
 HISTORY_STREAM = f"{PREFIX}:history:stream"
 DELIVERY_PREFIX = f"{PREFIX}:delivery:"
 CONSOLE_CSRF_KEY = f"{PREFIX}:console:csrf-key"
+REPLICATION_MARK = f"{PREFIX}:replication:mark"
 
 WORKERS_PREFIX = f"{PREFIX}:workers:"
 WORKERS_LIVE = f"{PREFIX}:workers"

@@ -21,10 +21,10 @@ from dispatcher.errors import InvalidInput
 from dispatcher.health import Health
 from dispatcher.history import Cursor, now_ms, open_history, parse_window
 from dispatcher.jobs import Queue
-from dispatcher.lua import run_pipeline
 from dispatcher.models import Region, parse_event, parse_status
 from dispatcher.producer import Producer
 from dispatcher.registry import Options, Registry, validate_url
+from dispatcher.replication import run_replicated
 from dispatcher.status import read_status
 
 if TYPE_CHECKING:
@@ -73,7 +73,9 @@ class Services:
         # group commit of the API's small round trips (role checks, single emits)
         self.batcher = Batcher(redis, window=0)
         self.roles = Roles(redis, settings, self.batcher)
-        self.producer = Producer(settings, redis, batcher=self.batcher)
+        # emits that wait for replicas share their pipelines only with one another
+        shared = None if settings.redis_min_replicas else self.batcher
+        self.producer = Producer(settings, redis, batcher=shared)
         self.policies = {region: policy_for(settings, region) for region in Region}
 
     @classmethod
@@ -276,7 +278,7 @@ class Services:
                 for job in batch:
                     self.queue.push(pipe, job)
 
-            await run_pipeline(self.redis, push_all)
+            await run_replicated(self.redis, push_all, self.producer.replication)
             queued += len(batch)
             if on_queued is not None:
                 on_queued(len(batch))

@@ -22,6 +22,7 @@ from bench.scenarios import (
     http_emit,
     latency,
     memory,
+    replicated,
     scale_out,
     throughput,
 )
@@ -40,6 +41,7 @@ SCENARIOS: list[Scenario] = [
     emit.SCENARIO,
     http_emit.SCENARIO,
     fault.SCENARIO,
+    replicated.SCENARIO,
     latency.SCENARIO,
     memory.SCENARIO,
     history.SCENARIO,
