@@ -25,13 +25,14 @@ from typing import TYPE_CHECKING, Any
 import orjson
 from arq.constants import expires_extra_ms
 
-from dispatcher import keys
 from dispatcher.lua import Lua, run_pipeline
 from dispatcher.models import PLATFORM_PROJECT
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
     from redis.asyncio.client import Pipeline
+
+    from dispatcher.keys import Keys
 
 __all__ = [
     "DELIVER",
@@ -286,9 +287,10 @@ return queued
 class Queue:
     """Enqueue jobs for the workers of one queue, in one round trip or inside pipelines."""
 
-    def __init__(self, redis: Redis, queue_name: str) -> None:
+    def __init__(self, redis: Redis, keys: Keys) -> None:
         self.redis = redis
-        self.queue_name = queue_name
+        self.keys = keys
+        self.queue_name = keys.QUEUE
 
     def push(self, pipe: Pipeline, job: Job, *, defer_s: float = 0.0) -> None:
         """Queue the enqueue of `job` on `pipe`; the caller executes it. Its result in the
@@ -297,7 +299,7 @@ class Queue:
         score = now + int(defer_s * 1000)
         _PUSH.queue(
             pipe,
-            [keys.arq_job(job.job_id), self.queue_name],
+            [self.keys.arq_job(job.job_id), self.queue_name],
             [encode(job, now), score, job.job_id, score - now + expires_extra_ms],
         )
 
@@ -310,7 +312,7 @@ class Queue:
             job_keys = [self.queue_name]
             args: list[str | bytes | int] = [now, expires_extra_ms]
             for job in jobs[start : start + PUSH_CHUNK]:
-                job_keys.append(keys.arq_job(job.job_id))
+                job_keys.append(self.keys.arq_job(job.job_id))
                 args += (encode(job, now), job.job_id)
             _PUSH_MANY.queue(pipe, job_keys, args)
 

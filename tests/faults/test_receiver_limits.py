@@ -14,12 +14,14 @@ from pathlib import Path
 from aiohttp import web
 from redis.asyncio import Redis
 
-from dispatcher import keys
+from dispatcher.keys import Keys
 from dispatcher.models import Event, Region
 from dispatcher.producer import Producer
 from dispatcher.registry import Options, Registry
 from dispatcher.settings import Settings
 from tests.helpers import Overlap, Receiver, start_worker, until
+
+keys = Keys()  # today's key names (one shard)
 
 
 async def _register(redis: Redis, url: str, options: Options) -> int:

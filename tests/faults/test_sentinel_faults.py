@@ -16,10 +16,10 @@ import httpx
 import pytest
 from redis.asyncio import Redis
 
-from dispatcher import keys
 from dispatcher.connections import connect
 from dispatcher.embedded import SentinelGroup
 from dispatcher.errors import Unavailable
+from dispatcher.keys import Keys
 from dispatcher.models import Event, Region
 from dispatcher.producer import Producer
 from dispatcher.registry import Registry
@@ -28,6 +28,8 @@ from dispatcher.status import live_workers
 from dispatcher.worker import create_worker
 from tests.faults.chaos import FlakyReceiver, Verdict, all_records, judge, serving
 from tests.helpers import UID, app_client, free_port, make_settings, start_process, stop, until
+
+keys = Keys()  # today's key names (one shard)
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -109,7 +111,7 @@ async def fleet_up(redis: Redis, port: int) -> bool:
             ready = await client.get(f"http://127.0.0.1:{port}/readyz")
     except httpx.TransportError:
         return False
-    return ready.status_code == 200 and len(await live_workers(redis)) == 2
+    return ready.status_code == 200 and len(await live_workers(redis, keys)) == 2
 
 
 async def kill_the_master(group: SentinelGroup, after_s: float) -> float:

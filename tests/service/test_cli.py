@@ -10,10 +10,12 @@ import pytest
 import redis as redis_py
 from typer.testing import CliRunner
 
-from dispatcher import keys
 from dispatcher.cli import app
 from dispatcher.connections import connect
 from dispatcher.embedded import EmbeddedRedis
+from dispatcher.keys import Keys
+
+keys = Keys()  # today's key names (one shard)
 
 
 @pytest.fixture
@@ -207,7 +209,7 @@ def test_bulk_redeliver_and_sweep(cli: CliRunner, redis_server: EmbeddedRedis) -
 
     async def seed() -> None:
         redis = connect(settings)
-        history = RedisHistory(redis, settings)
+        history = RedisHistory(redis, settings, keys)
         for i, (status, final) in enumerate(
             [("FAILED", True), ("FAILED", False), ("SUCCESS", True), ("FAILED", True)]
         ):
@@ -274,7 +276,7 @@ def test_dead_lists_the_deliveries_that_gave_up(
 
     async def seed() -> None:
         redis = connect(settings)
-        history = RedisHistory(redis, settings)
+        history = RedisHistory(redis, settings, keys)
         for project, final in (("p", True), ("p", False), ("q", True)):
             await history.add({
                 "projectId": project, "callBackUrl": "https://e.com/h", "events": "BUILD_END",
