@@ -12,9 +12,12 @@ from pathlib import Path
 import redis
 
 from dispatcher.embedded.redis import find_redis_server
+from dispatcher.settings import Settings
+from dispatcher.shards.move import Mover
+from dispatcher.shards.router import Router
 from tests.helpers import free_port
 
-__all__ = ["LocalCluster"]
+__all__ = ["LocalCluster", "grown"]
 
 
 class LocalCluster:
@@ -104,3 +107,10 @@ def _answers(port: int) -> bool:
         return bool(redis.Redis(host="127.0.0.1", port=port, socket_timeout=0.5).ping())
     except redis.RedisError:
         return False
+
+
+async def grown(settings: Settings) -> Settings:
+    """`settings`, every shard they list in use (`dispatcher shards grow`, no settling)."""
+    async with Router.open(settings) as router:
+        await Mover(router, lambda _: None, settle_s=0.001).grow()
+    return settings

@@ -6,12 +6,17 @@ now wins, about 1/(n+1) of them, and never one between two old shards. The place
 does not depend on the URLs, only on the shards' positions: the list only grows at its
 end.
 
+The hash runs over the shards *in use*, the first `:count` of the list (1 until
+`dispatcher shards grow` says more): a shard added to the list takes no project until
+then, so that adding one never sends a project's events where its callbacks are not.
+
 An explicit placement (`dispatcher shards move` writes them) overrides the hash for one
 project: `"<n>"` (the project is on shard n) or `"<from>><to>"` (it is moving: still on
-`from`, its registry frozen; see `move.py`). They live in one hash on the home shard
-(shard 0) with a version counter; every process reads them at start and checks the
-version every `DISPATCHER_PLACEMENT_REFRESH` seconds (one GET), reading the hash again
-only when it changed.
+`from`, its callbacks and roles frozen; see `move.py`). They live in one hash on the home
+shard (shard 0), with `:count` and, while `grow` runs, `:growing` (the count to come: the
+projects it would move are frozen until they are pinned); project ids hold no `:`. Every
+process reads the hash at start and checks its version every
+`DISPATCHER_PLACEMENT_REFRESH` seconds (one GET), reading it again only when it changed.
 """
 
 from __future__ import annotations
@@ -38,6 +43,8 @@ __all__ = ["Placed", "Placement", "kept_fresh", "rendezvous"]
 log = structlog.get_logger("dispatcher.shards")
 
 MOVING = ">"
+COUNT = ":count"  # how many shards the hash runs over
+GROWING = ":growing"  # the count `dispatcher shards grow` is moving to
 
 
 def _score(index: int, project_id: str) -> bytes:
@@ -74,9 +81,11 @@ class Placement:
     home shard (`redis`, `keys`) and kept fresh by `run()`."""
 
     def __init__(self, count: int, redis: Redis | None = None, keys: Keys | None = None) -> None:
-        self.count = count
+        self.count = count  # the shards listed
         self.redis = redis
         self.keys = keys
+        self.active = 1 if count > 1 else count  # the shards the hash runs over
+        self.growing: int | None = None
         self.explicit: dict[str, Placed] = {}
         self.version: bytes | None = None
 
@@ -85,12 +94,17 @@ class Placement:
         placed = self.explicit.get(project_id)
         if placed is not None and placed.index < self.count:
             return placed.index
-        return rendezvous(project_id, self.count)
+        return rendezvous(project_id, min(self.active, self.count))
 
     def moving(self, project_id: str) -> bool:
-        """Whether a move of `project_id` is under way (its registry is frozen)."""
+        """Whether `project_id`'s callbacks and roles are frozen: a move of it is under way,
+        or `grow` may move it and has not pinned it yet."""
         placed = self.explicit.get(project_id)
-        return placed is not None and placed.moving_to is not None
+        if placed is not None:
+            return placed.moving_to is not None
+        return self.growing is not None and rendezvous(project_id, self.active) != rendezvous(
+            project_id, self.growing
+        )
 
     async def load(self) -> bool:
         """Read the explicit placements when their version changed; True when it did."""
@@ -100,7 +114,11 @@ class Placement:
         if version == self.version and self.version is not None:
             return False
         raw: dict[bytes, bytes] = await self.redis.hgetall(self.keys.PLACEMENT)  # type: ignore[misc]
-        self.explicit = {k.decode(): Placed.parse(v.decode()) for k, v in raw.items()}
+        found = {k.decode(): v.decode() for k, v in raw.items()}
+        self.active = int(found.pop(COUNT, "1"))
+        growing = found.pop(GROWING, None)
+        self.growing = None if growing is None else int(growing)
+        self.explicit = {project: Placed.parse(value) for project, value in found.items()}
         self.version = version if version is not None else b"0"
         return True
 
@@ -117,18 +135,27 @@ class Placement:
     async def write(self, project_id: str, placed: Placed | None) -> None:
         """Set (or, with None, remove) the explicit placement of `project_id`, and bump the
         version so that every process reads it at its next check."""
-        assert self.redis is not None and self.keys is not None
-        async with self.redis.pipeline(transaction=False) as pipe:
-            if placed is None:
-                pipe.hdel(self.keys.PLACEMENT, project_id)
-            else:
-                pipe.hset(self.keys.PLACEMENT, project_id, str(placed))
-            pipe.incr(self.keys.PLACEMENT_VERSION)
-            await pipe.execute()
+        await self._write({project_id: None if placed is None else str(placed)})
         if placed is None:
             self.explicit.pop(project_id, None)
         else:
             self.explicit[project_id] = placed
+
+    async def write_counts(self, active: int, growing: int | None) -> None:
+        """Set the shards in use and (None: none) the count `grow` is moving to."""
+        await self._write({COUNT: str(active), GROWING: None if growing is None else str(growing)})
+        self.active, self.growing = active, growing
+
+    async def _write(self, fields: dict[str, str | None]) -> None:
+        assert self.redis is not None and self.keys is not None
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for name, value in fields.items():
+                if value is None:
+                    pipe.hdel(self.keys.PLACEMENT, name)
+                else:
+                    pipe.hset(self.keys.PLACEMENT, name, value)
+            pipe.incr(self.keys.PLACEMENT_VERSION)
+            await pipe.execute()
 
 
 @contextlib.asynccontextmanager

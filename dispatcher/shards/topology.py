@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import TYPE_CHECKING
 
 from dispatcher.cluster import is_cluster_url
@@ -16,6 +17,7 @@ from dispatcher.connections import REDIS_ERRORS, connect, preflight, require_url
 from dispatcher.errors import InvalidSetting
 from dispatcher.keys import Keys
 from dispatcher.lua import Lua
+from dispatcher.shards.placement import Placement
 from dispatcher.shards.shard import Shard
 
 if TYPE_CHECKING:
@@ -82,6 +84,14 @@ async def check_shards(settings: Settings) -> list[str]:
     try:
         for shard, client in zip(shards, clients, strict=True):
             warnings += await _claim(shard, client)
+        placement = Placement(len(shards), clients[0], shards[0].keys)
+        with contextlib.suppress(*REDIS_ERRORS):
+            await placement.load()
+            if placement.active < len(shards):
+                warnings.append(
+                    f"{len(shards)} shards are listed, {placement.active} in use: run "
+                    "`dispatcher shards grow` once the list is on every process"
+                )
     finally:
         await close_all(clients)
     return warnings

@@ -16,6 +16,7 @@ from dispatcher.embedded import EmbeddedRedis
 from dispatcher.models import Region
 from dispatcher.producer import Producer
 from dispatcher.shards.router import Router
+from tests.cluster import grown
 from tests.helpers import Receiver, make_settings, start_worker, until
 
 EVENTS_PER_PROJECT = 10
@@ -30,7 +31,7 @@ async def test_a_worker_killed_while_serving_two_shards_loses_nothing(
     for server in shard_servers:
         sync_redis.Redis.from_url(server.url).flushall()
     urls = [server.url for server in shard_servers]
-    settings = make_settings(urls[0], redis_shards=urls)
+    settings = await grown(make_settings(urls[0], redis_shards=urls))
 
     async def slow(request: web.Request) -> web.StreamResponse:
         await asyncio.sleep(0.5)

@@ -5,7 +5,7 @@ views, a worker's fair turns, and the guard against a reordered list."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -24,7 +24,7 @@ from dispatcher.shards import views
 from dispatcher.shards.router import Router
 from dispatcher.shards.topology import check_shards
 from dispatcher.worker import create_worker
-from tests.cluster import LocalCluster
+from tests.cluster import LocalCluster, grown
 from tests.helpers import UID, Receiver, answer, make_settings
 
 OP_TOKEN = "op-secret"
@@ -33,19 +33,25 @@ PROJECTS = [f"proj-{n}" for n in range(8)]
 
 
 @pytest.fixture(params=["servers", "cluster"])
-def sharded(
+async def sharded(
     request: pytest.FixtureRequest, shard_servers: list[EmbeddedRedis], redis_cluster: LocalCluster
-) -> Iterator[Settings]:
-    """Settings of one topology, its servers empty: two redis-servers, or four shards on
-    the session's cluster (slots 0, 8192, 4096, 12288: every master has one or two)."""
+) -> Settings:
+    """Settings of one topology, its servers empty, every shard in use: two redis-servers,
+    or four shards on the session's cluster (slots 0, 8192, 4096, 12288: each master has
+    one or two)."""
     if request.param == "servers":
-        for server in shard_servers:
-            sync_redis.Redis.from_url(server.url).flushall()
-        urls = [server.url for server in shard_servers]
-        yield make_settings(urls[0], redis_shards=urls, operator_token=OP_TOKEN)
-    else:
-        redis_cluster.flush()
-        yield make_settings(redis_cluster.url, redis_cluster_shards=4, operator_token=OP_TOKEN)
+        return await two_servers(shard_servers, operator_token=OP_TOKEN)
+    redis_cluster.flush()
+    settings = make_settings(redis_cluster.url, redis_cluster_shards=4, operator_token=OP_TOKEN)
+    return await grown(settings)
+
+
+async def two_servers(servers: list[EmbeddedRedis], **overrides: Any) -> Settings:
+    """Settings of the two shard servers, emptied, both in use."""
+    for server in servers:
+        sync_redis.Redis.from_url(server.url).flushall()
+    urls = [server.url for server in servers]
+    return await grown(make_settings(urls[0], redis_shards=urls, **overrides))
 
 
 @asynccontextmanager
@@ -183,10 +189,7 @@ async def test_dead_letters_and_failing_callbacks_cover_every_shard(
 async def test_a_worker_takes_turns_between_shards(
     shard_servers: list[EmbeddedRedis], receiver: Receiver
 ) -> None:
-    for server in shard_servers:
-        sync_redis.Redis.from_url(server.url).flushall()
-    urls = [server.url for server in shard_servers]
-    settings = make_settings(urls[0], redis_shards=urls, worker_max_jobs=4)
+    settings = await two_servers(shard_servers, worker_max_jobs=4)
     async with Router.open(settings) as router:
         busy = next(p for p in (f"busy-{n}" for n in range(50)) if router.of(p).shard.index == 0)
         quiet = next(p for p in (f"quiet-{n}" for n in range(50)) if router.of(p).shard.index == 1)
@@ -207,10 +210,7 @@ async def test_a_worker_takes_turns_between_shards(
 async def test_a_worker_serves_only_the_shards_it_is_given(
     shard_servers: list[EmbeddedRedis], receiver: Receiver
 ) -> None:
-    for server in shard_servers:
-        sync_redis.Redis.from_url(server.url).flushall()
-    urls = [server.url for server in shard_servers]
-    settings = make_settings(urls[0], redis_shards=urls)
+    settings = await two_servers(shard_servers)
     async with Router.open(settings) as router:
         on = {router.of(p).shard.index: p for p in PROJECTS}
         for project in on.values():
@@ -228,7 +228,10 @@ async def test_a_reordered_list_of_shards_is_refused(shard_servers: list[Embedde
     for server in shard_servers:
         sync_redis.Redis.from_url(server.url).flushall()
     urls = [server.url for server in shard_servers]
-    assert await check_shards(make_settings(urls[0], redis_shards=urls)) == []
+    settings = make_settings(urls[0], redis_shards=urls)
+    (warning,) = await check_shards(settings)  # a new shard takes no project until grown
+    assert "2 shards are listed, 1 in use" in warning
+    assert await check_shards(await grown(settings)) == []
     with pytest.raises(InvalidSetting) as refused:
         await check_shards(make_settings(urls[1], redis_shards=urls[::-1]))
     assert refused.value.param == "DISPATCHER_REDIS_SHARDS"
