@@ -17,11 +17,13 @@ import redis as sync_redis
 from dispatcher.api import create_app
 from dispatcher.embedded import EmbeddedRedis
 from dispatcher.errors import InvalidSetting
+from dispatcher.history.shipper import Shipper
 from dispatcher.models import PLATFORM_PROJECT, Region
 from dispatcher.producer import Producer
 from dispatcher.settings import Settings
 from dispatcher.shards import views
 from dispatcher.shards.router import Router
+from dispatcher.shards.shard import ID_SPAN
 from dispatcher.shards.topology import check_shards
 from dispatcher.worker import create_worker
 from tests.cluster import LocalCluster, grown
@@ -235,3 +237,31 @@ async def test_a_reordered_list_of_shards_is_refused(shard_servers: list[Embedde
     with pytest.raises(InvalidSetting) as refused:
         await check_shards(make_settings(urls[1], redis_shards=urls[::-1]))
     assert refused.value.param == "DISPATCHER_REDIS_SHARDS"
+
+
+async def test_postgresql_history_takes_every_shards_stream_into_one_database(
+    shard_servers: list[EmbeddedRedis], pg_url: str, receiver: Receiver
+) -> None:
+    settings = await two_servers(shard_servers, history_url=pg_url)
+    async with Router.open(settings) as router:
+        on = {router.of(p).shard.index: p for p in PROJECTS}
+        for project in on.values():
+            await router.of(project).register(
+                project, receiver.url(f"/{project}"), "BUILD_END", Region.DEVNET, creator="t"
+            )
+        async with Producer(settings) as producer:
+            await producer.emit_many([(p, "BUILD_END", {}) for p in on.values()] * 3)
+        await drain(settings)  # its shippers ship each shard's stream, under its own lock
+        for services in router.shards:  # what they left, if anything
+            shipper = Shipper(services.redis, settings, services.shard, elect=False)
+            await shipper.open()
+            try:
+                await shipper.drain()
+            finally:
+                await shipper.close()
+            assert (await services.history.backlog())[0] == 0
+        for index, project in on.items():
+            page = await router.of(project).history_page(project, receiver.url(f"/{project}"),
+                                                         "BUILD_END")  # fmt: skip
+            assert page.count == 3
+            assert {r.id // ID_SPAN for r in page.records} == {index}  # ids from its range
