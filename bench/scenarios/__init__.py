@@ -24,6 +24,7 @@ from bench.scenarios import (
     memory,
     replicated,
     scale_out,
+    shards,
     throughput,
 )
 
@@ -42,6 +43,7 @@ SCENARIOS: list[Scenario] = [
     http_emit.SCENARIO,
     fault.SCENARIO,
     replicated.SCENARIO,
+    shards.SCENARIO,
     latency.SCENARIO,
     memory.SCENARIO,
     history.SCENARIO,
