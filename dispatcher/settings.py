@@ -240,11 +240,9 @@ class Settings(BaseSettings):
     def _redis_scheme(cls, value: str | None) -> str | None:
         if not value:
             return None
-        if is_sentinel_url(value):
-            parse_sentinel_url(value)
-        elif is_cluster_url(value):
+        if is_cluster_url(value):
             parse_cluster_url(value)
-        elif not value.startswith(("redis://", "rediss://", "unix://")):
+        elif not _one_redis(value):
             raise ValueError(
                 "must start with redis://, rediss://, unix://, redis+sentinel://, "
                 "rediss+sentinel://, redis+cluster:// or rediss+cluster://"
@@ -257,9 +255,7 @@ class Settings(BaseSettings):
         if not value:
             return None
         for url in value:
-            if is_sentinel_url(url):
-                parse_sentinel_url(url)
-            elif not url.startswith(("redis://", "rediss://", "unix://")):
+            if not _one_redis(url):
                 raise ValueError(
                     "each shard must be a redis://, rediss://, unix://, redis+sentinel:// or "
                     "rediss+sentinel:// URL (a Redis Cluster goes in DISPATCHER_REDIS_URL)"
@@ -332,3 +328,12 @@ class Settings(BaseSettings):
     @property
     def max_attempts(self) -> int:
         return len(self.retry_schedule) + 1
+
+
+def _one_redis(url: str) -> bool:
+    """Whether `url` names one Redis (a server, or the master of a Sentinel group); a
+    malformed Sentinel URL raises, saying what is wrong."""
+    if is_sentinel_url(url):
+        parse_sentinel_url(url)
+        return True
+    return url.startswith(("redis://", "rediss://", "unix://"))

@@ -74,6 +74,21 @@ async def ok(response: httpx.Response) -> Any:
     return body["data"]
 
 
+async def one_project_per_shard(
+    router: Router, settings: Settings, receiver: Receiver, *, events: int
+) -> dict[int, str]:
+    """A project on each shard (by shard), with a callback at `/<project>`, and `events`
+    events of each queued."""
+    on = {router.of(p).shard.index: p for p in PROJECTS}
+    for project in on.values():
+        await router.of(project).register(
+            project, receiver.url(f"/{project}"), "BUILD_END", Region.DEVNET, creator="t"
+        )
+    async with Producer(settings) as producer:
+        await producer.emit_many([(p, "BUILD_END", {}) for p in on.values()] * events)
+    return on
+
+
 async def drain(settings: Settings) -> None:
     """A burst worker over every shard until every queue is empty."""
     worker = create_worker(settings, burst=True, poll_delay=0.01, handle_signals=False)
@@ -214,13 +229,7 @@ async def test_a_worker_serves_only_the_shards_it_is_given(
 ) -> None:
     settings = await two_servers(shard_servers)
     async with Router.open(settings) as router:
-        on = {router.of(p).shard.index: p for p in PROJECTS}
-        for project in on.values():
-            await router.of(project).register(
-                project, receiver.url(f"/{project}"), "BUILD_END", Region.DEVNET, creator="t"
-            )
-        async with Producer(settings) as producer:
-            await producer.emit_many([(p, "BUILD_END", {}) for p in on.values()])
+        on = await one_project_per_shard(router, settings, receiver, events=1)
         await drain(settings.model_copy(update={"worker_shards": [1]}))
         assert receiver.requests(f"/{on[1]}") and not receiver.requests(f"/{on[0]}")
         assert (await router.shards[0].queue.depth())[0] == 1
@@ -244,13 +253,7 @@ async def test_postgresql_history_takes_every_shards_stream_into_one_database(
 ) -> None:
     settings = await two_servers(shard_servers, history_url=pg_url)
     async with Router.open(settings) as router:
-        on = {router.of(p).shard.index: p for p in PROJECTS}
-        for project in on.values():
-            await router.of(project).register(
-                project, receiver.url(f"/{project}"), "BUILD_END", Region.DEVNET, creator="t"
-            )
-        async with Producer(settings) as producer:
-            await producer.emit_many([(p, "BUILD_END", {}) for p in on.values()] * 3)
+        on = await one_project_per_shard(router, settings, receiver, events=3)
         await drain(settings)  # its shippers ship each shard's stream, under its own lock
         for services in router.shards:  # what they left, if anything
             shipper = Shipper(services.redis, settings, services.shard, elect=False)
