@@ -47,6 +47,7 @@ class Cost:
     commands: int
     cpu_s: float
     deliveries: int
+    net_bytes: int = 0  # into and out of Redis
 
     @property
     def commands_per_delivery(self) -> float:
@@ -55,6 +56,10 @@ class Cost:
     @property
     def cpu_us_per_delivery(self) -> float:
         return 1e6 * self.cpu_s / self.deliveries
+
+    @property
+    def net_bytes_per_delivery(self) -> float:
+        return self.net_bytes / self.deliveries
 
 
 @contextlib.contextmanager
@@ -74,10 +79,12 @@ def shard_list(urls: list[str] | None) -> Iterator[None]:
             os.environ[name] = before
 
 
-async def _usage(redis: Redis) -> tuple[int, float]:
+async def _usage(redis: Redis) -> tuple[int, float, int]:
+    """Commands served since the stats were reset, CPU seconds, network bytes in and out."""
     calls = sum(int(v["calls"]) for v in (await redis.info("commandstats")).values())
-    cpu = await redis.info("cpu")
-    return calls, float(cpu["used_cpu_user"]) + float(cpu["used_cpu_sys"])
+    cpu, stats = await redis.info("cpu"), await redis.info("stats")
+    net = int(stats["total_net_input_bytes"]) + int(stats["total_net_output_bytes"])
+    return calls, float(cpu["used_cpu_user"]) + float(cpu["used_cpu_sys"]), net
 
 
 async def _fill(bench: Bench, settings: Settings, events: int) -> list[str]:
@@ -130,8 +137,8 @@ async def _run(bench: Bench, urls: list[str]) -> tuple[float, list[Cost]]:
         raise BenchError(f"shards: the receiver saw {received} of {events} deliveries")
     per_shard = events // len(projects)
     costs = [
-        Cost(calls1, cpu1 - cpu0, per_shard)
-        for (_, cpu0), (calls1, cpu1) in zip(before, after, strict=True)
+        Cost(calls1, cpu1 - cpu0, per_shard, net1 - net0)
+        for (_, cpu0, net0), (calls1, cpu1, net1) in zip(before, after, strict=True)
     ]
     seconds = max(r["end"] for r in results) - min(r["start"] for r in results)
     return events / seconds, costs
@@ -171,6 +178,7 @@ def _rows(rates: dict[int, list[float]], costs: dict[int, list[list[Cost]]]) -> 
         },
     }
     per_core = 1e6 / two_cpu if two_cpu else None
+    one_net, two_net = (_median(costs[n], "net_bytes_per_delivery") for n in (1, 2))
     return [
         ratio_row("shards", "Redis commands per delivery, per shard, 2 shards", two_cmd, "",
                   "1 shard", one_cmd, maximum=1.1, details=details),
@@ -178,6 +186,8 @@ def _rows(rates: dict[int, list[float]], costs: dict[int, list[list[Cost]]]) -> 
                   "1 shard", one_cpu, maximum=1.25),
         ratio_row("shards", "deliveries/s, 2 shards, 2 workers", statistics.median(rates[2]),
                   "/s", "1 shard, 2 workers", statistics.median(rates[1]), minimum=0.8),
+        ratio_row("shards", "Redis network bytes per delivery, per shard, 2 shards", two_net,
+                  "B", "1 shard", one_net, target="report"),
         Row("shards", "deliveries/s one Redis core carries (1e6 / Redis CPU per delivery)",
             per_core, "/s", target="report (README: Scale)"),
     ]  # fmt: skip
