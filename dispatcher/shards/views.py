@@ -139,10 +139,13 @@ async def _first(
 
 
 async def holder(router: Router, record_id: int, project_id: str | None) -> Services:
-    """The services of the shard that holds a history record: the project's; searched over
-    every shard for a platform-wide callback's record, or when no project is named."""
+    """The services of the shard a history record's project lives on (whose callback a
+    redelivery needs): the project's when named; else the record's, read from the one
+    database (PostgreSQL) or searched for over every shard (Redis)."""
+    if project_id and project_id != PLATFORM_PROJECT:
+        return router.of(project_id)
     if not _spread(router, project_id):
-        return router.of(project_id or PLATFORM_PROJECT)
+        return router.of((await router.home.history.get(record_id, project_id)).project_id)
     for services in router.shards:
         try:
             await services.history.get(record_id, project_id)
