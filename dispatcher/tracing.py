@@ -53,8 +53,10 @@ __all__ = [
     "TraceContext",
     "attempt",
     "emitting",
+    "exporters",
     "fanning_out",
     "from_environment",
+    "propagates",
     "received",
     "recording",
     "setup",
@@ -135,30 +137,16 @@ _state = _State()
 # ---- set-up -----------------------------------------------------------------------------
 
 
-def setup(environ: Mapping[str, str] | None = None) -> str:
+def setup() -> str:
     """Once per process, at start: export spans as the `OTEL_*` variables say, and say how
-    (`otlp <endpoint>`, `console`, `off`, the same answer on later calls). Never raises:
+    (`otlp <endpoint>`, `console`, `off`; the same answer on later calls). Never raises:
     a setting that cannot be honoured is logged, and the process propagates traces without
     exporting them."""
     if _state.mode:
         return _state.mode
-    env = os.environ if environ is None else environ
-    propagators = env.get("OTEL_PROPAGATORS")
-    _state.propagate = propagators is None or "tracecontext" in _names(propagators)
-    _state.mode = "off"
-    if env.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
-        return _state.mode
-    exporters = _names(env.get("OTEL_TRACES_EXPORTER") or "otlp")
-    endpoint = env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or env.get(
-        "OTEL_EXPORTER_OTLP_ENDPOINT"
-    )
-    made = []
-    if "otlp" in exporters and endpoint:
-        made += [(f"otlp {endpoint}", exporter) for exporter in _otlp_exporter(env)]
-    if "console" in exporters:
-        from opentelemetry.sdk.trace.export import ConsoleSpanExporter
-
-        made.append(("console", ConsoleSpanExporter()))
+    _state.propagate = propagates(os.environ)
+    made = exporters(os.environ)
+    _state.mode = ", ".join(name for name, _ in made) or "off"
     if made:
         from opentelemetry.sdk.trace import TracerProvider
         from opentelemetry.sdk.trace.export import BatchSpanProcessor
@@ -168,9 +156,36 @@ def setup(environ: Mapping[str, str] | None = None) -> str:
             provider.add_span_processor(BatchSpanProcessor(exporter))
         trace.set_tracer_provider(provider)
         _state.tracer = provider.get_tracer(SERVICE_NAME)
-        _state.mode = ", ".join(name for name, _ in made)
     log.info("tracing.configured", export=_state.mode, propagate=_state.propagate)
     return _state.mode
+
+
+def propagates(env: Mapping[str, str]) -> bool:
+    """Whether trace contexts are read and passed on: unless `OTEL_PROPAGATORS` is set
+    without `tracecontext` (`none`, say)."""
+    propagators = env.get("OTEL_PROPAGATORS")
+    return propagators is None or "tracecontext" in _names(propagators)
+
+
+def exporters(env: Mapping[str, str]) -> list[tuple[str, Any]]:
+    """The span exporters the variables ask for, each with how to say it: OTLP/HTTP when an
+    OTLP endpoint is set (and `OTEL_TRACES_EXPORTER`, default `otlp`, names it), `console`
+    when named; none with `OTEL_SDK_DISABLED=true`. The OTLP exporter reads its other
+    settings (`OTEL_EXPORTER_OTLP_HEADERS`, `_TIMEOUT`, `_COMPRESSION`, ...) itself."""
+    if env.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
+        return []
+    names = _names(env.get("OTEL_TRACES_EXPORTER") or "otlp")
+    endpoint = env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or env.get(
+        "OTEL_EXPORTER_OTLP_ENDPOINT"
+    )
+    made = []
+    if "otlp" in names and endpoint:
+        made += [(f"otlp {endpoint}", exporter) for exporter in _otlp_exporter(env)]
+    if "console" in names:
+        from opentelemetry.sdk.trace.export import ConsoleSpanExporter
+
+        made.append(("console", ConsoleSpanExporter()))
+    return made
 
 
 def _names(value: str) -> set[str]:
