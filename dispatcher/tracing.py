@@ -60,6 +60,7 @@ __all__ = [
     "received",
     "recording",
     "setup",
+    "url_attributes",
 ]
 
 log = structlog.get_logger("dispatcher.tracing")
@@ -387,12 +388,11 @@ def attempt(
         if carried is None or not _state.propagate:
             return _UNTRACED
         return Attempt(carried.fields())
-    scheme, host, port, safe_url = _url_parts(url)
     attributes: dict[str, str | int] = {
-        "http.request.method": "POST", "url.full": safe_url, "url.scheme": scheme,
-        "server.address": host, "server.port": port, "dispatcher.delivery_id": delivery_id,
-        "dispatcher.event_id": event_id, "dispatcher.project_id": project_id,
-        "dispatcher.callback_id": callback_id, "dispatcher.attempt": number,
+        **url_attributes(url), "http.request.method": "POST",
+        "dispatcher.delivery_id": delivery_id, "dispatcher.event_id": event_id,
+        "dispatcher.project_id": project_id, "dispatcher.callback_id": callback_id,
+        "dispatcher.attempt": number,
     }  # fmt: skip
     if number > 1:
         attributes["http.request.resend_count"] = number - 1
@@ -407,21 +407,21 @@ _DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
 @functools.lru_cache(maxsize=4096)
-def _url_parts(url: str) -> tuple[str, str, int, str]:
-    """Scheme, host, port and `url.full` of a callback URL: credentials and every query
-    value replaced by `REDACTED` (a token in a query string stays out of traces), no
-    fragment."""
+def url_attributes(url: str) -> Mapping[str, str | int]:
+    """A callback URL as span attributes (`url.full`, `url.scheme`, `server.address`,
+    `server.port`): credentials and every query value replaced by `REDACTED` (a token in a
+    query string stays out of traces), no fragment."""
     try:
         parts = urlsplit(url)
         port = parts.port or _DEFAULT_PORTS.get(parts.scheme, 0)
     except ValueError:
-        return "", "", 0, "REDACTED"
-    host = parts.hostname or ""
+        return {"url.full": "REDACTED"}
     netloc = parts.netloc.rpartition("@")[2]
     if "@" in parts.netloc:
         netloc = "REDACTED:REDACTED@" + netloc
     query = "&".join(
         item.partition("=")[0] + "=REDACTED" for item in parts.query.split("&") if item
     )
-    safe = parts._replace(netloc=netloc, query=query, fragment="").geturl()
-    return parts.scheme, host, port, safe
+    full = parts._replace(netloc=netloc, query=query, fragment="").geturl()
+    return {"url.full": full, "url.scheme": parts.scheme, "server.address": parts.hostname or "",
+            "server.port": port}  # fmt: skip
