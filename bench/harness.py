@@ -22,7 +22,8 @@ from bench.common import (
 )
 from bench.procs import BenchError, Receiver, WorkerProcess
 from bench.report import Row
-from bench.workers import WorkerRun, WorkerSpec
+from bench.workers import BENCH_TRACEPARENT, WorkerRun, WorkerSpec
+from dispatcher import tracing
 from dispatcher.connections import connect
 from dispatcher.models import Event, Region
 from dispatcher.producer import Producer
@@ -146,15 +147,20 @@ class Bench:
         """The repeats of `spec` (after `worker_block`)."""
         return self.worker_runs[spec.label]
 
-    async def prepare(self, callbacks: int, events: int) -> None:
-        """An empty Redis, `callbacks` callbacks on (PROJECT, EVENT), `events` queued."""
+    async def prepare(self, callbacks: int, events: int, *, traced: bool = False) -> None:
+        """An empty Redis, `callbacks` callbacks on (PROJECT, EVENT), `events` queued (each
+        with `BENCH_TRACEPARENT` when `traced`)."""
         await self.r.flushdb()
         await register_callbacks(self.r, self.receiver.base, callbacks)
         self._mem_base = await self._used_memory()
         producer = Producer(self.settings, self.r)
-        for start in range(0, events, 1000):
-            stop = min(events, start + 1000)
-            await producer.emit_many([(PROJECT, EVENT, event_data(i)) for i in range(start, stop)])
+        context = {"traceparent": BENCH_TRACEPARENT} if traced else {}
+        with tracing.received(context):
+            for start in range(0, events, 1000):
+                batch = [
+                    (PROJECT, EVENT, event_data(i)) for i in range(start, min(events, start + 1000))
+                ]
+                await producer.emit_many(batch)
 
     async def _used_memory(self) -> int:
         return int((await self.r.info("memory"))["used_memory"])
@@ -193,7 +199,7 @@ class Bench:
                 )
                 for _ in range(spec.workers)
             )),
-            self.prepare(spec.callbacks, events),
+            self.prepare(spec.callbacks, events, traced=spec.traced),
         )  # fmt: skip
         return list(started)
 

@@ -23,6 +23,7 @@ from bench.scenarios import (
     memory,
     scale_out,
     throughput,
+    tracing,
 )
 
 __all__ = ["SCENARIOS"]
@@ -35,6 +36,7 @@ SCENARIOS: list[Scenario] = [
     ceiling.SCENARIO,
     fan_out.SCENARIO,
     scale_out.SCENARIO,
+    tracing.SCENARIO,
     emit.SCENARIO,
     http_emit.SCENARIO,
     fault.SCENARIO,
