@@ -14,6 +14,16 @@ platform-wide callbacks are the project DEVOPS_ALL_PROJECT's)
     dispatcher:cb:disabled                    ZSET ids of disabled callbacks, scored by time
     dispatcher:cb:layout                      STRING version of this layout (2: ordered match
                                               sets; `Registry.upgrade` converts version 1)
+    dispatcher:cb:filter-errors:{id}          HASH events a callback's filter failed on: n,
+                                              lastError, lastAt (reset by registering again)
+Receiver controls (fleet-wide limits of one callback; each key expires when idle)
+    dispatcher:limit:{id}:starts              ZSET one member per delivery started in the
+                                              last second, scored by its start (ms)
+    dispatcher:limit:{id}:running             ZSET slots of the requests in flight, scored by
+                                              when the slot lapses (a dead worker's lapse)
+    dispatcher:limit:{id}:line                ZSET job ids waiting for their turn, by arrival
+    dispatcher:limit:{id}:seen                ZSET the same ids, scored by when they leave the
+                                              line unless they come back (a job gone for good)
 Roles
     dispatcher:roles:{project}                HASH user -> admin | member ("*" = every project)
 Health
@@ -34,6 +44,8 @@ Workers and statistics
     dispatcher:cron:{name}:{slot}             STRING who runs a periodic task this slot (TTL)
 History
     dispatcher:history:seq                    INCR counter of record ids
+    dispatcher:history:seq:server             STRING run id of the Redis server that handed
+                                              out the last block of ids (see history/ids.py)
     dispatcher:history:rec:{id}               STRING one record (JSON, id included)
     dispatcher:history:idx:{project}:{event}:{url hash}
                                               ZSET record ids (zero-padded) by createdTime ms
@@ -52,6 +64,9 @@ History
                                               PostgreSQL backend): field r = the record's JSON,
                                               d = "1" when its delivery gave up, t = its
                                               createdTime; trimmed once shipped
+Replication
+    dispatcher:replication:mark               INCR written before each WAIT, so that WAIT
+                                              covers whatever the master holds (replication.py)
 Console
     dispatcher:console:csrf-key               STRING the key signing the console's CSRF tokens,
                                               made by the first API process that needs it
@@ -85,10 +100,12 @@ PROJECT_CALLBACKS_PREFIX = f"{PREFIX}:cb:project:"
 PIPELINE_CALLBACKS_PREFIX = f"{PREFIX}:cb:pipeline:"
 MATCH_PREFIX = f"{PREFIX}:cb:match:"
 CALLBACKS_LAYOUT = f"{PREFIX}:cb:layout"
+FILTER_ERRORS_PREFIX = f"{PREFIX}:cb:filter-errors:"
 HEALTH_PREFIX = f"{PREFIX}:health:"
 HEALTH_FAILING = f"{PREFIX}:health:failing"
 CALLBACKS_DISABLED = f"{PREFIX}:cb:disabled"
 HISTORY_SEQ = f"{PREFIX}:history:seq"
+HISTORY_SEQ_SERVER = f"{PREFIX}:history:seq:server"
 HISTORY_RECORD_PREFIX = f"{PREFIX}:history:rec:"
 HISTORY_INDEXES = f"{PREFIX}:history:indexes"
 HISTORY_INDEX_PREFIX = f"{PREFIX}:history:idx:"
@@ -98,6 +115,7 @@ HISTORY_ATTEMPTS_PREFIX = f"{PREFIX}:history:attempts:"
 HISTORY_STREAM = f"{PREFIX}:history:stream"
 DELIVERY_PREFIX = f"{PREFIX}:delivery:"
 CONSOLE_CSRF_KEY = f"{PREFIX}:console:csrf-key"
+REPLICATION_MARK = f"{PREFIX}:replication:mark"
 
 WORKERS_PREFIX = f"{PREFIX}:workers:"
 WORKERS_LIVE = f"{PREFIX}:workers"
@@ -136,6 +154,16 @@ def pipeline_callbacks(project_id: str, pipeline_id: str) -> str:
 
 def match(scope: str, event: str) -> str:
     return f"{MATCH_PREFIX}{scope}{SEP}{event}"
+
+
+def filter_errors(callback_id: int | str) -> str:
+    return f"{FILTER_ERRORS_PREFIX}{callback_id}"
+
+
+def limits(callback_id: int | str) -> list[str]:
+    """The keys of a callback's limits: starts, running, line, seen (see above)."""
+    base = f"{PREFIX}:limit:{callback_id}{SEP}"
+    return [f"{base}starts", f"{base}running", f"{base}line", f"{base}seen"]
 
 
 def roles(project_id: str) -> str:

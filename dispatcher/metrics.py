@@ -14,9 +14,11 @@ __all__ = [
     "ATTEMPT_SECONDS",
     "CALLBACKS_DISABLED",
     "DEAD_LETTERS",
+    "DEFERRED",
     "DELIVERIES",
     "DROPPED",
     "EVENTS_EMITTED",
+    "FILTERED",
     "HISTORY_BACKLOG",
     "HISTORY_BACKLOG_AGE",
     "HISTORY_RECORDS",
@@ -56,6 +58,18 @@ CALLBACKS_DISABLED = Counter(
     "dispatcher_callbacks_disabled_total",
     "Callbacks disabled by the service (endpoint health or 410 Gone).",
     ["reason"],
+)
+DEFERRED = Counter(
+    "dispatcher_deliveries_deferred_total",
+    "Deliveries put back in the queue, no attempt spent, because their callback was at its "
+    "maxPerSecond (rate) or maxInFlight (in_flight) limit.",
+    ["reason"],
+)
+FILTERED = Counter(
+    "dispatcher_filtered_total",
+    "Events not delivered to a callback because of its filter: false on the event (skipped) "
+    "or failed on it (error).",
+    ["result"],
 )
 POISON_JOBS = Counter("dispatcher_poison_jobs_total", "Undecodable jobs recorded and dropped.")
 EVENTS_EMITTED = Counter("dispatcher_events_emitted_total", "Events accepted for fan-out.")

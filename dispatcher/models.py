@@ -29,6 +29,7 @@ __all__ = [
     "EmitRequest",
     "EmitResult",
     "Event",
+    "EventInfo",
     "HistoryPage",
     "HistoryRecord",
     "Level",
@@ -255,6 +256,30 @@ class Callback(_Model):
     created_time: int
     updated_time: int
     creator: str | None = None
+    # Receiver controls (see the README's "Receiver controls"); None when not set.
+    max_per_second: int | None = None
+    max_in_flight: int | None = None
+    filter: str | None = None
+    rotation_end_time: int | None = Field(
+        default=None,
+        description="While a secret rotation is in progress: when the previous token stops "
+        "signing (epoch ms).",
+    )
+    filter_errors: int = Field(
+        default=0, description="Events the filter failed on (not delivered) since registered."
+    )
+    filter_last_error: str | None = None
+
+
+class EventInfo(_Model):
+    """One event of the catalogue: where a callback may subscribe to it, what it is about
+    (a project, or a pipeline and its builds), what emits it, an example of its `data`."""
+
+    event: Event
+    levels: list[Level]
+    about: str
+    emitted_by: str
+    example: dict[str, Any]
 
 
 class CallbackPage(_Model):

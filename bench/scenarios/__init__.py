@@ -11,6 +11,7 @@ from __future__ import annotations
 from bench.harness import Scenario
 from bench.scenarios import (
     ceiling,
+    controls,
     emit,
     fan_out,
     fault,
@@ -21,6 +22,7 @@ from bench.scenarios import (
     http_emit,
     latency,
     memory,
+    replicated,
     scale_out,
     throughput,
     tracing,
@@ -36,10 +38,12 @@ SCENARIOS: list[Scenario] = [
     ceiling.SCENARIO,
     fan_out.SCENARIO,
     scale_out.SCENARIO,
+    controls.SCENARIO,
     tracing.SCENARIO,
     emit.SCENARIO,
     http_emit.SCENARIO,
     fault.SCENARIO,
+    replicated.SCENARIO,
     latency.SCENARIO,
     memory.SCENARIO,
     history.SCENARIO,

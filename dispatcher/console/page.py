@@ -64,6 +64,9 @@ NOTICES = {
     "attempts once a worker has sent it.",
     "queued": "{n} failed deliveries of this window were queued again.",
     "none-queued": "No delivery of this window had finally failed: nothing was queued.",
+    "registered": "Registered for {n} event(s).",
+    "rotated": "Secret rotated: the new token is in use; see the list for how long the old "
+    "one still signs.",
 }
 
 

@@ -10,6 +10,7 @@ from urllib.parse import quote
 from fastapi import APIRouter, Path, Query
 from starlette.responses import HTMLResponse, RedirectResponse
 
+from dispatcher.catalogue import CATALOGUE
 from dispatcher.console import charts
 from dispatcher.console.page import (
     PREFIX,
@@ -20,7 +21,7 @@ from dispatcher.console.page import (
     redirect,
 )
 from dispatcher.errors import InvalidInput
-from dispatcher.models import Event
+from dispatcher.models import Event, Region
 
 if TYPE_CHECKING:
     from zoneinfo import ZoneInfo
@@ -64,7 +65,15 @@ async def callbacks(
         "callbacks",
         callbacks=found,
         failures=failures,
+        events=[e.value for e in Event],
+        regions=[r.value for r in Region],
     )
+
+
+@router.get("/events")
+async def events(page: AnyPage) -> HTMLResponse:
+    """The event catalogue: what each event is, where it can be subscribed, its data."""
+    return await page.render("events.html", "Events", "events", catalogue=CATALOGUE)
 
 
 @router.get("/projects/{projectId}/history")

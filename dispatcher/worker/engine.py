@@ -39,6 +39,7 @@ from dispatcher.jobs import BadJob, DeliveryJob, EventJob, now_ms
 from dispatcher.models import Region
 from dispatcher.registry import url_problem
 from dispatcher.stats import AttemptStats
+from dispatcher.worker.controls import Controls
 from dispatcher.worker.record import attempt_record
 
 if TYPE_CHECKING:
@@ -81,6 +82,7 @@ class Engine:
             region: make_transport(settings, region) for region in Region
         }
         self.stats = AttemptStats()
+        self.controls = Controls(settings, self.reads, writer)
         self.progress_ttl = int(max(86_400, 2 * sum(settings.retry_schedule)))
 
     async def close(self) -> None:
@@ -99,8 +101,9 @@ class Engine:
                                  event=event.event) as carried:  # fmt: skip
             (answer,) = await self.reads.execute(query.queue)
             chunk = query.read(answer)
-            if chunk.targets:
-                await self._first_attempts(event, chunk.targets, rerun, carried)
+            targets = self.controls.select(event, chunk.targets)  # the callbacks' filters
+            if targets:
+                await self._first_attempts(event, targets, rerun, carried)
         return chunk.after
 
     async def _first_attempts(
@@ -176,7 +179,19 @@ class Engine:
     async def attempt(
         self, job: DeliveryJob, target: CallbackTarget, number: int, then: Then
     ) -> None:
-        """Attempt `number` of `job`, recorded, and what follows it, in one write."""
+        """Attempt `number` of `job`, recorded, and what follows it, in one write. A
+        callback with limits is admitted first (`controls.py`): over them, the delivery
+        waits in the queue without spending an attempt."""
+        if target.options.limited:
+            await self.controls.admitted(
+                job, target, then, lambda gated: self._attempt(job, target, number, gated)
+            )
+        else:
+            await self._attempt(job, target, number, then)
+
+    async def _attempt(
+        self, job: DeliveryJob, target: CallbackTarget, number: int, then: Then
+    ) -> None:
         host = urlsplit(target.url).netloc
         if wait := self.breaker.wait(host):  # not an attempt: try again once it may
             await self.writer.commit(lambda pipe: then(pipe, wait))
@@ -268,6 +283,7 @@ class Engine:
                 user_agent=self.settings.user_agent,
                 project_id=job.emitter,
                 auth_header=target.auth_header,
+                previous_token=target.previous_token,
             )
             headers.update(trace_headers)
             return headers, await self._send(target, job.body, headers)

@@ -57,6 +57,7 @@ async def test_scripts_and_keys_py_build_the_same_names(settings: Settings, redi
     index = keys.history_index("demo", "BUILD_END", URL)
     history = {
         keys.HISTORY_SEQ,
+        keys.HISTORY_SEQ_SERVER,
         keys.history_record(record_id),
         index,
         keys.HISTORY_INDEXES,
