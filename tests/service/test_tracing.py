@@ -116,6 +116,8 @@ async def test_a_traceparent_sent_to_the_emit_routes_reaches_the_receiver(
     assert "tracestate" not in sent[1]
     [recorded] = [r for r in await records(http_api, receiver.url()) if r["traceparent"] == PARENT]
     assert recorded["tracestate"] == "ci=build-7,other=x"
+    page = await http_api.get(f"/console/projects/demo/history/{recorded['id']}")
+    assert f"<dt>Trace id</dt><dd><code>{TRACE_ID}</code>" in page.text
 
 
 @pytest.fixture
