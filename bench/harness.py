@@ -131,6 +131,7 @@ class Bench:
         self.pg_url: str | None = None  # a private PostgreSQL's `postgres` database, when started
         self.history_url: str | None = None  # its database for workers with PostgreSQL history
         self._mem_base = 0
+        self.sink: Receiver | None = None  # the OTLP collector of specs that export spans
 
     @property
     def r(self) -> Redis:
@@ -143,9 +144,21 @@ class Bench:
         self.redis = connect(self.settings)
 
     async def close(self) -> None:
-        """Close the connection `open` made."""
+        """Close the connection `open` made, stop the span sink if one was started."""
         if self.redis is not None:
             await self.redis.aclose()
+        if self.sink is not None:
+            await self.sink.stop()
+
+    async def _worker_env(self, spec: WorkerSpec) -> dict[str, str]:
+        """The `OTEL_*` variables of `spec`'s workers: an OTLP endpoint when it exports
+        (a second receiver process, answering 200 to every batch of spans)."""
+        if not spec.export:
+            return {}
+        if self.sink is None:
+            self.sink = Receiver()
+            await self.sink.start()
+        return {"OTEL_EXPORTER_OTLP_ENDPOINT": self.sink.base}
 
     def runs(self, spec: WorkerSpec) -> list[WorkerRun]:
         """The repeats of `spec` (after `worker_block`)."""
@@ -176,7 +189,8 @@ class Bench:
         the receiver and redis-server (both still running)."""
         t = os.times()
         mine = t.user + t.system + t.children_user + t.children_system
-        return mine + cpu_seconds(self.receiver.pid) + await self._redis_cpu()
+        sink = cpu_seconds(self.sink.pid) if self.sink is not None else 0.0
+        return mine + sink + cpu_seconds(self.receiver.pid) + await self._redis_cpu()
 
     async def _redis_cpu(self) -> float:
         info = await self.r.info("cpu")
@@ -197,11 +211,13 @@ class Bench:
 
     async def _start_workers(self, spec: WorkerSpec, events: int) -> list[WorkerProcess]:
         """`spec.workers` processes waiting for GO, while the queue is filled."""
+        env = await self._worker_env(spec)
         started, _ = await asyncio.gather(
             asyncio.gather(*(
                 WorkerProcess.start(
                     self.url, kind=spec.kind, log_level=spec.log_level,
                     log_path=self.logs / f"{spec.label}.log", extra=self._worker_args(spec),
+                    env=env,
                 )
                 for _ in range(spec.workers)
             )),

@@ -24,6 +24,7 @@ class WorkerSpec:
     postgres_history: bool = False  # history in the bench's private PostgreSQL
     options: Options | None = None  # the callbacks' receiver controls
     traced: bool = False  # every event queued with a W3C traceparent (`BENCH_TRACEPARENT`)
+    export: bool = False  # spans exported over OTLP/HTTP (to `Bench.sink`, a receiver process)
 
     def event_count(self, deliveries: int) -> int:
         """Events to queue for a run of about `deliveries` deliveries."""
