@@ -13,16 +13,19 @@ from typing import Any
 import httpx
 import orjson
 import pytest
+import redis as redis_py
 import uvicorn
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind
 from redis.asyncio import Redis
+from typer.testing import CliRunner
 
-from dispatcher import tracing
+from dispatcher import keys, tracing
+from dispatcher.cli import app
 from dispatcher.embedded import EmbeddedRedis
-from dispatcher.jobs import EventJob, Queue
+from dispatcher.jobs import EventJob, Queue, decode
 from dispatcher.models import Event, Region
 from dispatcher.producer import Producer
 from dispatcher.registry import Registry
@@ -296,3 +299,23 @@ async def test_a_custom_auth_header_cannot_be_a_trace_header(http_api: httpx.Asy
                     "authHeaderName": name, "authHeaderValue": PARENT},
         )  # fmt: skip
         assert refused.status_code == 400 and "reserved" in refused.json()["message"]
+
+
+def test_dispatcher_emit_carries_the_trace_of_its_environment(
+    redis_server: EmbeddedRedis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A CI step that runs `dispatcher emit` hands it its trace in TRACEPARENT/TRACESTATE."""
+    client = redis_py.Redis.from_url(redis_server.url)
+    client.flushdb()
+    monkeypatch.setenv("DISPATCHER_REDIS_URL", redis_server.url)
+    result = CliRunner().invoke(
+        app, ["emit", "--project", "p", "--event", "BUILD_END"],
+        env={"TRACEPARENT": PARENT, "TRACESTATE": "ci=7"},
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    [key] = list(client.scan_iter(keys.ARQ_JOB_PREFIX + "*"))
+    raw = client.get(key)
+    assert isinstance(raw, bytes)
+    payload = decode(raw).payload
+    client.close()
+    assert (payload["traceparent"], payload["tracestate"]) == (PARENT, "ci=7")
