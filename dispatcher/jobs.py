@@ -10,6 +10,9 @@ and the queue's sorted set scores each job id by when it is due (epoch ms). Two 
 - `deliver(DeliveryJob)`: a retry or a redelivery of one delivery, job id = its progress id
   (the delivery id for retries, a fresh id per redelivery).
 
+Either carries the W3C trace context its attempts continue (`traceparent`, `tracestate`:
+see `dispatcher.tracing`), absent when there is none.
+
 A job whose bytes are not such an object is *poison*: the worker records it and removes it,
 never retries it.
 """
