@@ -148,13 +148,15 @@ class WorkerProcess:
         log_level: str = "WARNING",
         log_path: Path | None = None,
         extra: list[str] | None = None,
+        env: dict[str, str] | None = None,
     ) -> WorkerProcess:
         args = ["-m", "bench.worker_proc", "--redis-url", redis_url, "--kind", kind]
         args += ["--log-level", log_level, *(extra or [])]
         if burst:
             args.append("--burst")
         log = log_path.open("wb") if log_path else None
-        process = await _spawn(args, stderr=log or asyncio.subprocess.DEVNULL)
+        environ = {**os.environ, **env} if env else None
+        process = await _spawn(args, stderr=log or asyncio.subprocess.DEVNULL, env=environ)
         worker = cls(process, log)
         assert process.stdout is not None
         try:

@@ -10,6 +10,9 @@ and the queue's sorted set scores each job id by when it is due (epoch ms). Two 
 - `deliver(DeliveryJob)`: a retry or a redelivery of one delivery, job id = its progress id
   (the delivery id for retries, a fresh id per redelivery).
 
+Either carries the W3C trace context its attempts continue (`traceparent`, `tracestate`:
+see `dispatcher.tracing`), absent when there is none.
+
 A job whose bytes are not such an object is *poison*: the worker records it and removes it,
 never retries it.
 """
@@ -28,6 +31,7 @@ from arq.constants import expires_extra_ms
 from dispatcher import keys
 from dispatcher.lua import Lua, run_pipeline
 from dispatcher.models import PLATFORM_PROJECT
+from dispatcher.tracing import TraceContext
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
@@ -84,6 +88,7 @@ class EventJob:
     data: dict[str, Any] = field(default_factory=dict)
     emitted_at: int = 0
     after: int = 0
+    trace: TraceContext | None = None  # the emitter's, when it had one
 
     function = FAN_OUT
 
@@ -98,13 +103,16 @@ class EventJob:
 
     def continued(self, after: int) -> EventJob:
         """The same event, from the callback after `after` on."""
-        return EventJob(self.id, self.project_id, self.event, self.data, self.emitted_at, after)
+        return EventJob(self.id, self.project_id, self.event, self.data, self.emitted_at, after,
+                        self.trace)  # fmt: skip
 
     def to_wire(self) -> dict[str, Any]:
         wire = {"id": self.id, "projectId": self.project_id, "event": self.event,
                 "data": self.data, "emittedAt": self.emitted_at}  # fmt: skip
         if self.after:
             wire["after"] = self.after
+        if self.trace is not None:
+            wire.update(self.trace.fields())
         return wire
 
     @classmethod
@@ -121,6 +129,7 @@ class EventJob:
             data=data,
             emitted_at=int(payload.get("emittedAt") or 0),
             after=int(payload.get("after") or 0),
+            trace=TraceContext.read(payload) if "traceparent" in payload else None,
         )
 
 
@@ -137,6 +146,7 @@ class DeliveryJob:
     callback_id: int
     redelivery_of: int | None = None
     emitter: str = ""  # the project that emitted the event ('' when unknown)
+    trace: TraceContext | None = None  # what its attempts continue (see dispatcher.tracing)
 
     function = DELIVER
 
@@ -146,24 +156,29 @@ class DeliveryJob:
 
     @classmethod
     def first(
-        cls, event: EventJob, callback_id: int, body: bytes, owner: str | None = None
+        cls,
+        event: EventJob,
+        callback_id: int,
+        body: bytes,
+        owner: str | None = None,
+        trace: TraceContext | None = None,
     ) -> DeliveryJob:
         """The delivery of `event` to one callback (delivery id `<event id>.<callback id>`).
         `owner` is the callback's project, where its history goes, when not the event's
-        (a platform-wide callback's)."""
+        (a platform-wide callback's); `trace`, what its attempts continue."""
         delivery_id = f"{event.id}.{callback_id}"
         return cls(delivery_id, delivery_id, event.id, owner or event.project_id, event.event,
-                   body, callback_id, emitter=event.project_id)  # fmt: skip
+                   body, callback_id, emitter=event.project_id, trace=trace)  # fmt: skip
 
     def redelivery(self, record_id: int) -> DeliveryJob:
         """The same request again under a fresh progress id (same delivery id)."""
         progress_id = f"{self.delivery_id}:redeliver:{uuid.uuid4().hex[:12]}"
         return DeliveryJob(self.delivery_id, progress_id, self.event_id, self.project_id,
                            self.event, self.body, self.callback_id, record_id,
-                           self.emitter)  # fmt: skip
+                           self.emitter, self.trace)  # fmt: skip
 
     def to_wire(self) -> dict[str, Any]:
-        return {
+        wire = {
             "deliveryId": self.delivery_id,
             "progressId": self.progress_id,
             "eventId": self.event_id,
@@ -174,6 +189,9 @@ class DeliveryJob:
             "redeliveryOf": self.redelivery_of,
             "emitter": self.emitter,
         }
+        if self.trace is not None:
+            wire.update(self.trace.fields())
+        return wire
 
     @classmethod
     def from_wire(cls, payload: Any, job_id: str = "") -> DeliveryJob:
@@ -196,6 +214,7 @@ class DeliveryJob:
                 callback_id=callback_id,
                 redelivery_of=None if redelivery_of is None else int(redelivery_of),
                 emitter=_emitter(payload.get("emitter"), project_id),
+                trace=TraceContext.read(payload) if "traceparent" in payload else None,
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise BadJob(f"delivery payload is malformed: {exc!r}") from None

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import orjson
 
-from dispatcher import metrics
+from dispatcher import metrics, tracing
 from dispatcher.batch import Batcher
 from dispatcher.connections import REDIS_ERRORS, connect
 from dispatcher.errors import InvalidInput, NotReplicated, Unavailable
@@ -27,6 +27,7 @@ if TYPE_CHECKING:
 
     from dispatcher.models import HistoryRecord
     from dispatcher.settings import Settings
+    from dispatcher.tracing import TraceContext
 
 __all__ = ["Producer", "emit", "event_job", "wire_event_job"]
 
@@ -41,11 +42,16 @@ _UNANSWERED: tuple[type[Exception], ...] = (*REDIS_ERRORS, TimeoutError, NotRepl
 
 
 def event_job(
-    project_id: str, event: str, data: Mapping[str, Any] | None, event_id: str | None = None
+    project_id: str,
+    event: str,
+    data: Mapping[str, Any] | None,
+    event_id: str | None = None,
+    *,
+    trace: TraceContext | None = None,
 ) -> EventJob:
     """A checked event: a known name, a project id, a JSON object the queue can hold (no
     NaN or Infinity, which JSON has no words for), an event id (when given) of 1-128
-    letters, digits and `_.:-`, each matched whole."""
+    letters, digits and `_.:-`, each matched whole. `trace`: the trace it continues."""
     if not project_id:
         raise InvalidInput("projectId is required", param="projectId")
     if not _PROJECT_ID.fullmatch(project_id):
@@ -72,6 +78,7 @@ def event_job(
         event=parse_event(event).value,
         data=dict(data),
         emitted_at=now_ms(),
+        trace=trace,
     )
     try:  # what the queue's JSON cannot hold (integers beyond 64 bits, deep nesting)
         encoded = orjson.dumps(job.data)
@@ -96,7 +103,7 @@ def _non_finite(value: Any) -> bool:
     return False
 
 
-def wire_event_job(project_id: str, entry: Any) -> EventJob:
+def wire_event_job(project_id: str, entry: Any, trace: TraceContext | None = None) -> EventJob:
     """`event_job` of an event as HTTP producers send it: `{"event", "data", "eventId"?}`
     decoded from JSON, so anything may be in it."""
     if not isinstance(entry, dict):
@@ -106,7 +113,7 @@ def wire_event_job(project_id: str, entry: Any) -> EventJob:
         raise InvalidInput("'event' is required: an event name", param="event")
     if event_id is not None and not isinstance(event_id, str):
         raise InvalidInput("eventId must be a string", param="eventId")
-    return event_job(project_id, event, entry.get("data"), event_id)
+    return event_job(project_id, event, entry.get("data"), event_id, trace=trace)
 
 
 class Producer:
@@ -170,9 +177,14 @@ class Producer:
         """Queue one event for every matching callback; returns its event id.
 
         An `event_id` of your own makes the call idempotent while that event is queued.
+        The current OpenTelemetry context, when there is one, goes with the event.
         """
-        job = event_job(project_id, event, data, event_id)
-        await self._patiently(lambda: self.batcher.execute(lambda pipe: self.queue.push(pipe, job)))
+        with tracing.emitting() as emission:
+            job = event_job(project_id, event, data, event_id, trace=emission.trace)
+            emission.emitted(project_id, [job.id])
+            await self._patiently(
+                lambda: self.batcher.execute(lambda pipe: self.queue.push(pipe, job))
+            )
         metrics.EVENTS_EMITTED.inc()
         return job.id
 
@@ -184,9 +196,12 @@ class Producer:
     ) -> list[str]:
         """Queue many `(project_id, event, data[, event_id])` in one round trip; returns
         their ids. Every event is checked before any is queued. With event ids of your own,
-        emitting the same list again is safe (what is still queued is not queued twice)."""
-        jobs = [event_job(*event) for event in events]
-        await self.enqueue(jobs)
+        emitting the same list again is safe (what is still queued is not queued twice).
+        The current OpenTelemetry context, when there is one, goes with every event."""
+        with tracing.emitting() as emission:
+            jobs = [event_job(*event, trace=emission.trace) for event in events]
+            emission.emitted(jobs[0].project_id if jobs else "", [job.id for job in jobs])
+            await self.enqueue(jobs)
         return [job.id for job in jobs]
 
     async def emit_each(
@@ -195,21 +210,24 @@ class Producer:
         """Queue every well-formed `{"event", "data", "eventId"?}` of `entries` in one round
         trip, whatever the others hold; returns, in order, each one's event id or why it was
         refused (an `InvalidInput` among `entries`, say a line that could not be read,
-        stands for itself). An `eventId` already queued is not queued again."""
+        stands for itself). An `eventId` already queued is not queued again. The current
+        OpenTelemetry context, when there is one, goes with every event."""
         outcomes: list[str | InvalidInput] = []
         jobs: list[EventJob] = []
-        for entry in entries:
-            if isinstance(entry, InvalidInput):
-                outcomes.append(entry)
-                continue
-            try:
-                job = wire_event_job(project_id, entry)
-            except InvalidInput as exc:
-                outcomes.append(exc)
-                continue
-            jobs.append(job)
-            outcomes.append(job.id)
-        await self.enqueue(jobs)
+        with tracing.emitting() as emission:
+            for entry in entries:
+                if isinstance(entry, InvalidInput):
+                    outcomes.append(entry)
+                    continue
+                try:
+                    job = wire_event_job(project_id, entry, emission.trace)
+                except InvalidInput as exc:
+                    outcomes.append(exc)
+                    continue
+                jobs.append(job)
+                outcomes.append(job.id)
+            emission.emitted(project_id, [job.id for job in jobs])
+            await self.enqueue(jobs)
         return outcomes
 
     async def enqueue(self, jobs: Sequence[EventJob]) -> None:
@@ -270,6 +288,7 @@ class Producer:
             body=record.request_body.encode(),
             callback_id=record.callback_id,
             emitter=_emitter_of(record),
+            trace=tracing.TraceContext.read(record.model_dump(include=_TRACE_FIELDS)),
         )
         return original.redelivery(record.id)
 
@@ -297,6 +316,10 @@ def _unanswered(exc: Exception) -> str:
             "lost if it failed now; gave up"
         )
     return f"Redis is unreachable ({str(exc) or type(exc).__name__}); the events may not be queued"
+
+
+# a record's trace context: what a redelivery continues
+_TRACE_FIELDS = {"traceparent", "tracestate"}
 
 
 def _emitter_of(record: HistoryRecord) -> str:

@@ -25,6 +25,7 @@ from bench.scenarios import (
     replicated,
     scale_out,
     throughput,
+    tracing,
 )
 
 __all__ = ["SCENARIOS"]
@@ -38,6 +39,7 @@ SCENARIOS: list[Scenario] = [
     fan_out.SCENARIO,
     scale_out.SCENARIO,
     controls.SCENARIO,
+    tracing.SCENARIO,
     emit.SCENARIO,
     http_emit.SCENARIO,
     fault.SCENARIO,

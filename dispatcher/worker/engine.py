@@ -21,7 +21,7 @@ from urllib.parse import urlsplit
 import orjson
 import structlog
 
-from dispatcher import keys, metrics
+from dispatcher import keys, metrics, tracing
 from dispatcher.backoff import next_delay
 from dispatcher.batch import Batcher
 from dispatcher.delivery import (
@@ -97,22 +97,28 @@ class Engine:
             event.project_id, event.event, pipeline_id=event.pipeline_id, after=event.after,
             size=self.settings.fan_out_chunk,
         )  # fmt: skip
-        (answer,) = await self.reads.execute(query.queue)
-        chunk = query.read(answer)
-        targets = self.controls.select(event, chunk.targets)  # the callbacks' filters
-        if targets:
-            await self._first_attempts(event, targets, rerun)
+        with tracing.fanning_out(event.trace, event_id=event.id, project_id=event.project_id,
+                                 event=event.event) as carried:  # fmt: skip
+            (answer,) = await self.reads.execute(query.queue)
+            chunk = query.read(answer)
+            targets = self.controls.select(event, chunk.targets)  # the callbacks' filters
+            if targets:
+                await self._first_attempts(event, targets, rerun, carried)
         return chunk.after
 
     async def _first_attempts(
-        self, event: EventJob, targets: list[CallbackTarget], rerun: bool
+        self,
+        event: EventJob,
+        targets: list[CallbackTarget],
+        rerun: bool,
+        carried: tracing.TraceContext | None,
     ) -> None:
         try:  # once for all callbacks
             body = encode_body(event.event, event.project_id, event.data)
         except orjson.JSONEncodeError as exc:  # queued by another client: never sendable
             raise BadJob(f"the event's data cannot be encoded: {exc}") from None
         pending = [
-            (DeliveryJob.first(event, target.id, body, target.project_id), target)
+            (DeliveryJob.first(event, target.id, body, target.project_id, carried), target)
             for target in targets
         ]
         if rerun:
@@ -190,7 +196,12 @@ class Engine:
         if wait := self.breaker.wait(host):  # not an attempt: try again once it may
             await self.writer.commit(lambda pipe: then(pipe, wait))
             return
-        headers, result = await self._request(job, target)
+        with tracing.attempt(job.trace, url=target.url, number=number,
+                             delivery_id=job.delivery_id, event_id=job.event_id,
+                             project_id=job.emitter or job.project_id,
+                             callback_id=target.id) as traced:  # fmt: skip
+            headers, result = await self._request(job, target, traced.headers)
+            traced.end(result.outcome.value, result.status_code, result.error)
         self.breaker.record(host, result.outcome is not Outcome.RETRY)
         delay = None
         if result.outcome is Outcome.RETRY:
@@ -250,7 +261,7 @@ class Engine:
                 _disabled(target.id, "failing", reason)
 
     async def _request(
-        self, job: DeliveryJob, target: CallbackTarget
+        self, job: DeliveryJob, target: CallbackTarget, trace_headers: dict[str, str]
     ) -> tuple[dict[str, str], AttemptResult]:
         """The attempt's request and what came of it. Whatever cannot be sent, or raises
         while being built or sent, fails this delivery alone, for good: retrying it would
@@ -274,6 +285,7 @@ class Engine:
                 auth_header=target.auth_header,
                 previous_token=target.previous_token,
             )
+            headers.update(trace_headers)
             return headers, await self._send(target, job.body, headers)
         except Exception as exc:
             return headers, _failed(f"the request could not be sent: {describe(exc)}")
@@ -355,4 +367,5 @@ def _observe(
         duration_ms=result.duration_ms,
         error=result.error,
         retry_in_s=None if delay is None else round(delay, 3),
+        trace_id=None if job.trace is None else job.trace.trace_id,
     )
