@@ -129,6 +129,11 @@ class Settings(BaseSettings):
     region_proxies: dict[Region, str] = Field(
         default_factory=dict, description='Egress proxy per region, e.g. {"IDC": "http://p:3128"}.'
     )
+    proxy_enforced_regions: frozenset[Region] = Field(
+        default=frozenset(),
+        description="Proxy regions whose proxy enforces the address policy itself: names the "
+        "worker cannot resolve are sent to it (otherwise refused).",
+    )
     allow_internal_regions: frozenset[Region] = Field(
         default=frozenset(),
         description='Regions whose callbacks may target loopback/private addresses, e.g. ["IDC"].',
@@ -215,6 +220,11 @@ class Settings(BaseSettings):
     def _consistent(self) -> Settings:
         if self.connect_timeout > self.total_timeout:
             raise ValueError("connect_timeout must not exceed total_timeout")
+        if unproxied := sorted(self.proxy_enforced_regions - self.region_proxies.keys()):
+            raise ValueError(
+                f"proxy_enforced_regions names {', '.join(unproxied)}, which region_proxies "
+                "gives no proxy"
+            )
         self.token_cipher()  # a malformed key fails at start, not at the first delivery
         return self
 

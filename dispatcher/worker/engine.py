@@ -269,10 +269,14 @@ class Engine:
         # Literal addresses, ports and metadata names: the resolver never sees them.
         refusal = policy.refusal(target.url)
         if refusal is None and target.region in self.settings.region_proxies:
-            try:  # through a proxy the proxy resolves the host: check the address ourselves
-                await policy.check_resolved(target.url)
+            # Through a proxy the proxy resolves the host: check its addresses ourselves.
+            enforced = target.region in self.settings.proxy_enforced_regions
+            try:
+                await policy.check_resolved(target.url, must_resolve=not enforced)
             except InvalidUrl as exc:
                 refusal = exc.message
+            except OSError as exc:  # a temporary lookup failure: try again later
+                return _unresolved(target.url, exc)
         if refusal is not None:
             return _failed(f"refused: {refusal}")
         return await send(
@@ -295,6 +299,13 @@ def _failed(error: str) -> AttemptResult:
     """An attempt that sent nothing and never will: final."""
     now = now_ms()
     return AttemptResult(Outcome.FAILED, None, None, error, None, now, now)
+
+
+def _unresolved(url: str, exc: OSError) -> AttemptResult:
+    """An attempt that sent nothing because the host's lookup failed for now: retried."""
+    now = now_ms()
+    error = f"could not resolve host {urlsplit(url).hostname}: {exc.strerror or 'lookup failed'}"
+    return AttemptResult(Outcome.RETRY, None, None, error, None, now, now)
 
 
 def _loggable(url: str) -> str:
