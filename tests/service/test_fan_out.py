@@ -78,7 +78,7 @@ async def test_a_fan_out_moves_on_under_its_event_id_and_a_resent_move_does_noth
     assert await run_pipeline(redis, move) == [1]
     assert not await queue.enqueue(event)  # still queued under its id
     [again] = await claims.claim(1)
-    assert again.job_id == "evt_1" and again.claims == 1  # a fresh count for the new chunk
+    assert again.job_id == "demo:evt_1" and again.claims == 1  # a fresh count for the new chunk
     assert EventJob.from_wire(decode(again.data or b"").payload).after == 41
     assert await run_pipeline(redis, move) == [0]  # sent again: the job had moved on
     assert EventJob.from_wire(decode(again.data or b"").payload).after == 41
