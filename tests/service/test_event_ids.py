@@ -87,7 +87,7 @@ async def test_jobs_queued_by_the_previous_version_run_and_deliver_once(
     retry = {"deliveryId": f"old-3.{b}", "progressId": f"old-3.{b}", "eventId": "old-3",
              "projectId": "projA", "event": "BUILD_END", "body": '{"event":"BUILD_END"}',
              "callbackId": b, "redeliveryOf": None}  # fmt: skip
-    wire = {"t": None, "f": "deliver", "a": [retry], "k": {}, "et": now}
+    wire: dict[str, object] = {"t": None, "f": "deliver", "a": [retry], "k": {}, "et": now}
     await redis.set(keys.arq_job(f"old-3.{b}"), orjson.dumps(wire))
     await redis.set(keys.delivery(f"old-3.{b}"), "1")
     await redis.zadd(queue, {f"old-3.{b}": now})
