@@ -14,12 +14,13 @@ from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import OutOfMemoryError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 if TYPE_CHECKING:
     from dispatcher.settings import Settings
 
-__all__ = ["REDIS_ERRORS", "connect", "redis_settings", "require_url"]
+__all__ = ["REDIS_ERRORS", "connect", "redis_full", "redis_settings", "require_url"]
 
 # What a Redis outage looks like to a caller: refused, reset, timed out, LOADING (a
 # BusyLoadingError is a ConnectionError), or the OS-level error beneath them.
@@ -29,6 +30,16 @@ REDIS_ERRORS: tuple[type[Exception], ...] = (
     ConnectionError,
     OSError,
 )
+
+
+def redis_full(exc: BaseException) -> bool:
+    """Whether `exc` is Redis at `maxmemory` refusing a write (`noeviction`): an outage to
+    wait out, never a reason to drop the write. redis-py raises `OutOfMemoryError` for a
+    command and for a script on Redis 7; on Redis 6 a script's refusal is a plain
+    `ResponseError` quoting the `-OOM` reply."""
+    return isinstance(exc, OutOfMemoryError) or (
+        isinstance(exc, ResponseError) and "-OOM " in str(exc)
+    )
 
 
 def require_url(settings: Settings, url: str | None = None) -> str:

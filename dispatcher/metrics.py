@@ -19,6 +19,7 @@ __all__ = [
     "POISON_JOBS",
     "QUEUE_DEPTH",
     "QUEUE_OLDEST_SECONDS",
+    "REDIS_FULL",
     "RETRIES",
     "WRITE_RETRIES",
 ]
@@ -58,6 +59,12 @@ PENDING_WRITES = Gauge(
 )
 WRITE_RETRIES = Counter(
     "dispatcher_write_retries_total", "Batches of worker writes sent again because Redis failed."
+)
+REDIS_FULL = Counter(
+    "dispatcher_redis_full_total",
+    "Answers of a Redis at maxmemory refusing a write (waited out, nothing dropped), by what "
+    "was refused: a worker's writes, its claims, an emit.",
+    ["refused"],
 )
 HISTORY_BACKLOG = Gauge(
     "dispatcher_history_backlog",

@@ -11,10 +11,11 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import orjson
+from redis.exceptions import ResponseError
 
 from dispatcher import metrics
 from dispatcher.batch import Batcher
-from dispatcher.connections import REDIS_ERRORS, connect
+from dispatcher.connections import REDIS_ERRORS, connect, redis_full
 from dispatcher.errors import InvalidInput, Unavailable
 from dispatcher.jobs import DeliveryJob, EventJob, Queue, new_event_id, now_ms
 from dispatcher.lua import run_pipeline
@@ -37,6 +38,7 @@ _PROJECT_ID = re.compile(r"[\x21-\x39\x3b-\x7e]{1,128}")
 T = TypeVar("T")
 # what waiting for Redis looks like: its errors, or no answer within the wait
 _UNANSWERED: tuple[type[Exception], ...] = (*REDIS_ERRORS, TimeoutError)
+_WAITED_OUT: tuple[type[Exception], ...] = (*_UNANSWERED, ResponseError)  # a full Redis too
 
 
 def event_job(
@@ -220,9 +222,10 @@ class Producer:
         metrics.EVENTS_EMITTED.inc(len(jobs))
 
     async def _patiently(self, enqueue: Callable[[], Awaitable[T]]) -> T:
-        """Run `enqueue`, waiting out a Redis that does not answer for up to
-        `DISPATCHER_EMIT_WAIT` seconds. Enqueueing is idempotent (a job id already queued
-        is left alone), so a try whose answer was lost can be made again."""
+        """Run `enqueue`, waiting out a Redis that does not answer, or is full (at
+        `maxmemory`), for up to `DISPATCHER_EMIT_WAIT` seconds. Enqueueing is idempotent (a
+        job id already queued is left alone), so a try whose answer was lost, or that Redis
+        took only in part, can be made again."""
         deadline = time.monotonic() + self.settings.emit_wait
         delay = 0.05
         while True:
@@ -230,15 +233,27 @@ class Producer:
             try:
                 async with asyncio.timeout(max(left, 0.001)):
                     return await enqueue()
-            except _UNANSWERED as exc:
+            except _WAITED_OUT as exc:
+                if not isinstance(exc, _UNANSWERED) and not redis_full(exc):
+                    raise
+                if redis_full(exc):
+                    metrics.REDIS_FULL.labels(refused="emit").inc()
                 if time.monotonic() + delay >= deadline:
-                    raise Unavailable(
-                        f"Redis is unreachable ({exc or type(exc).__name__}) after "
-                        f"{self.settings.emit_wait:g} s; the events may not be queued. "
-                        "Emitting again with the same event ids is safe."
-                    ) from exc
+                    raise Unavailable(self._unqueued(exc)) from exc
             await asyncio.sleep(delay)
             delay = min(1.0, delay * 2)
+
+    def _unqueued(self, exc: Exception) -> str:
+        """Why an emit gave up, and what to do."""
+        waited = f"{self.settings.emit_wait:g} s"
+        if redis_full(exc):
+            why = f"Redis is full (maxmemory reached, writes refused) after {waited}"
+        else:
+            why = f"Redis is unreachable ({exc or type(exc).__name__}) after {waited}"
+        return (
+            f"{why}; the events may not be queued, or only some of them. "
+            "Emitting again with the same event ids is safe."
+        )
 
     @staticmethod
     def redelivery_job(record: HistoryRecord) -> DeliveryJob:

@@ -59,11 +59,16 @@ async def all_records(
     redis: Redis, settings: Settings, url: str, project: str = "demo"
 ) -> list[Any]:
     """Every Redis history record of `url` (event BUILD_END, the last minute), oldest first."""
-    now = int(time.time() * 1000)
-    page = await RedisHistory(redis, settings).query(
-        project, url, "BUILD_END", start_ms=now - 60_000, end_ms=now + 1000, page_size=100
-    )
-    return list(reversed(page.records))
+    now, page = int(time.time() * 1000), 1
+    found: list[Any] = []
+    window = {"start_ms": now - 60_000, "end_ms": now + 1000, "page_size": 100}
+    history = RedisHistory(redis, settings)
+    while True:
+        result = await history.query(project, url, "BUILD_END", page=page, **window)
+        found += result.records
+        if page >= result.total_pages:
+            return list(reversed(found))
+        page += 1
 
 
 def on_postgres(url: str, what: str) -> None:

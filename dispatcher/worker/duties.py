@@ -20,7 +20,7 @@ import orjson
 import structlog
 
 from dispatcher import keys
-from dispatcher.connections import REDIS_ERRORS
+from dispatcher.connections import REDIS_ERRORS, redis_full
 from dispatcher.jobs import now_ms
 
 if TYPE_CHECKING:
@@ -55,8 +55,11 @@ async def every(seconds: float, step: Callable[[], Awaitable[Any]]) -> None:
             await step()
         except REDIS_ERRORS as exc:
             log.debug("worker.background_failed", step=step.__name__, error=str(exc))
-        except Exception:  # a bug must not stop the heartbeat or the lease renewals
-            log.exception("worker.background_failed", step=step.__name__)
+        except Exception as exc:  # a bug must not stop the heartbeat or the lease renewals
+            if redis_full(exc):  # an outage too: the next turn tries again
+                log.debug("worker.background_failed", step=step.__name__, error=str(exc))
+            else:
+                log.exception("worker.background_failed", step=step.__name__)
         await asyncio.sleep(seconds)
 
 
