@@ -19,6 +19,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from dispatcher import metrics
 from dispatcher.settings import Settings
 
 # Settings built from a mapping of DISPATCHER_* variables; `where` names it in messages.
@@ -609,3 +610,30 @@ def test_readme_covers_the_ways_to_deploy() -> None:
         "dispatcher-secrets",
     ):
         assert needle in text, needle
+
+
+# ---- Prometheus alerts --------------------------------------------------------------------
+
+ALERTS = DEPLOY / "prometheus" / "alerts.yml"
+
+
+def exported_metric_names() -> set[str]:
+    """Every sample name the service's metrics export (`_total`, `_bucket`, ... included)."""
+    suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_count", "_sum"), "gauge": ("",)}
+    names: set[str] = set()
+    for name in metrics.__all__:
+        for family in getattr(metrics, name).collect():
+            names |= {family.name + suffix for suffix in suffixes[family.type]}
+    return names
+
+
+def test_alert_rules_are_complete_and_use_exported_metrics() -> None:
+    [doc] = load_yaml(ALERTS)
+    exported = exported_metric_names()
+    rules = [rule for group in doc["groups"] for rule in group["rules"]]
+    assert rules
+    for rule in rules:
+        assert rule["alert"] and rule["labels"]["severity"] in ("warning", "critical"), rule
+        assert rule["annotations"]["summary"], rule
+        used = set(re.findall(r"\bdispatcher_\w+", rule["expr"]))
+        assert used and used <= exported, (rule["alert"], used - exported)
