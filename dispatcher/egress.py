@@ -299,6 +299,7 @@ def make_transport(settings: Settings, region: Region) -> AiohttpTransport:
     def session() -> aiohttp.ClientSession:
         connector = aiohttp.TCPConnector(
             limit=settings.max_connections,
+            limit_per_host=settings.max_per_host,  # the worker's shares keep below it
             resolver=GuardedResolver(policy) if proxy_url is None else None,
             ssl=settings.verify_tls,
             keepalive_timeout=30,

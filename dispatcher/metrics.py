@@ -7,6 +7,7 @@ from prometheus_client import Counter, Gauge, Histogram
 __all__ = [
     "ATTEMPT_SECONDS",
     "CALLBACKS_DISABLED",
+    "DEFERRED",
     "DELIVERIES",
     "DROPPED",
     "EVENTS_EMITTED",
@@ -51,6 +52,12 @@ DROPPED = Counter(
     "dispatcher_deliveries_dropped_total",
     "Deliveries ended without an attempt, recorded in dispatcher:deliveries:dropped "
     "(callback deleted or disabled, job data expired, a job that kept failing).",
+    ["reason"],
+)
+DEFERRED = Counter(
+    "dispatcher_deliveries_deferred_total",
+    "Deliveries sent back to the queue without an attempt: their host's circuit breaker was "
+    "open (circuit), or their project or host had no free share of the worker (share).",
     ["reason"],
 )
 PENDING_WRITES = Gauge(

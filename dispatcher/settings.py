@@ -139,6 +139,18 @@ class Settings(BaseSettings):
         description='Regions whose callbacks may target loopback/private addresses, e.g. ["IDC"].',
     )
     max_connections: int = Field(default=200, ge=1, description="Connections per region client.")
+    max_per_host: int = Field(
+        default=64,
+        ge=1,
+        description="Attempts a worker has in flight to one host (host:port) at most; more "
+        "wait in the queue without being attempts.",
+    )
+    fair_share: bool = Field(
+        default=True,
+        description="With n projects (or hosts) busy in a worker, each holds at most "
+        "1/(n+1) of its slots, so a share is always free for the next; work over its share "
+        "waits in the queue without being an attempt.",
+    )
     user_agent: str = "callback-dispatcher/0.1"
 
     # History

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
@@ -40,6 +41,7 @@ from dispatcher.models import Region
 from dispatcher.registry import url_problem
 from dispatcher.status import AttemptStats
 from dispatcher.worker.record import attempt_record
+from dispatcher.worker.shares import Shares
 
 if TYPE_CHECKING:
     import httpx
@@ -77,6 +79,9 @@ class Engine:
         self.writer = writer
         self.reads = Batcher(services.redis)
         self.breaker = CircuitBreaker(settings.circuit_threshold, settings.circuit_cooldown)
+        self.shares = Shares(
+            settings.worker_max_jobs, settings.max_per_host, fair=settings.fair_share
+        )
         self.transports: dict[Region, httpx.AsyncBaseTransport] = {
             region: make_transport(settings, region) for region in Region
         }
@@ -173,9 +178,17 @@ class Engine:
         """Attempt `number` of `job`, recorded, and what follows it, in one write."""
         host = urlsplit(target.url).netloc
         if wait := self.breaker.wait(host):  # not an attempt: try again once it may
-            await self.writer.commit(lambda pipe: then(pipe, wait))
+            await self._defer(job, then, wait, "circuit")
             return
-        headers, result = await self._request(job, target)
+        slot = await self.shares.admit(job.emitter or job.project_id, host)
+        if slot is None:  # its project or host holds its share of the worker: later
+            await self._defer(job, then, self.shares.defer_s(host), "share")
+            return
+        started = time.monotonic()
+        try:
+            headers, result = await self._request(job, target)
+        finally:
+            slot.release(time.monotonic() - started)
         self.breaker.record(host, result.outcome is not Outcome.RETRY)
         delay = None
         if result.outcome is Outcome.RETRY:
@@ -190,6 +203,18 @@ class Engine:
         _observe(job, target, number, result, delay)
         self.stats.count(result.outcome.value)
         await self._write(job, target, number, record, result, delay, then)
+
+    async def _defer(self, job: DeliveryJob, then: Then, delay: float, reason: str) -> None:
+        """Not an attempt: the delivery goes back to the queue, due in `delay` seconds. Its
+        progress is marked (unless it has some), so that a re-run of its fan-out leaves it
+        to the job that `then` queues."""
+
+        def write(pipe: Pipeline) -> None:
+            pipe.set(keys.delivery(job.progress_id), 0, nx=True, ex=self.progress_ttl)
+            then(pipe, delay)
+
+        await self.writer.commit(write)
+        metrics.DEFERRED.labels(reason=reason).inc()
 
     async def _write(
         self,

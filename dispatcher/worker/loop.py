@@ -153,7 +153,7 @@ class Worker:
                 continue
             try:
                 self._due.clear()
-                claimed = await self.claims.claim(room)
+                claimed = await self.claims.claim(room, shares=self.engine.shares.claim_budgets())
             except CLAIM_ERRORS as exc:
                 if full := redis_full(exc):
                     metrics.REDIS_FULL.labels(refused="claim").inc()
@@ -210,11 +210,13 @@ class Worker:
 
     def _start(self, claimed: Claimed) -> None:
         self.jobs_started += 1
+        self.engine.shares.job_started(claimed.job_id)
         task = asyncio.create_task(self._run(claimed))
         self.running[claimed.job_id] = task
         task.add_done_callback(lambda done: self._ended(claimed.job_id, done))
 
     def _ended(self, job_id: str, task: asyncio.Task[None]) -> None:
+        self.engine.shares.job_ended(job_id)
         if self.running.get(job_id) is task:  # not a new run of the same job (a fan-out's)
             del self.running[job_id]
         if self._room is not None and self.max_jobs - len(self.running) >= self.claim_batch:
