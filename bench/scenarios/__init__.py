@@ -21,6 +21,7 @@ from bench.scenarios import (
     http_emit,
     latency,
     memory,
+    noisy,
     scale_out,
     throughput,
 )
@@ -39,6 +40,7 @@ SCENARIOS: list[Scenario] = [
     http_emit.SCENARIO,
     fault.SCENARIO,
     latency.SCENARIO,
+    noisy.SCENARIO,
     memory.SCENARIO,
     history.SCENARIO,
     history_pg_delivery.SCENARIO,

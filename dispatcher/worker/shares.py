@@ -9,10 +9,11 @@ here touches Redis, and nothing costs a round trip:
 - claims: the claim script is told how many more jobs each busy project may take (and
   what a project not busy yet may take), and leaves the others' jobs in the queue, due,
   untouched (`claim_budgets`);
-- attempts: an attempt over its project's or its host's share waits a moment for a slot
-  (`WAIT_S`, what a fast receiver needs to free one), then goes back to the queue without
-  being an attempt (`admit` answers None), due again in about the time the host takes to
-  answer.
+- attempts: an attempt over its project's or its host's share goes back to the queue
+  without being an attempt (`admit` answers None), due again in about the time its host
+  takes to answer, when that host is slow (`SLOW_S` or more); to a host that answers
+  faster it waits for a slot in memory, up to `WAIT_S` (a big fan-out to one receiver:
+  going back would cost Redis writes and a claim for each, waiting costs only time).
 
 A job's project is the part of its id before the first `:` (`{project}:{event id}`, and
 delivery ids after it); an attempt's is the project that emitted the event.
@@ -27,7 +28,8 @@ from dataclasses import dataclass, field
 
 __all__ = ["Shares", "Slot", "project_of"]
 
-WAIT_S = 0.25  # an attempt over its share waits this long for a slot, then is deferred
+SLOW_S = 1.0  # a host that usually takes this long to answer is waited for in the queue
+WAIT_S = 5.0  # an attempt to a faster host waits at most this long for a slot in memory
 DEFER_MIN_S, DEFER_MAX_S = 0.5, 10.0
 KEPT_HOSTS = 10_000  # hosts whose answer time is remembered
 
@@ -120,10 +122,13 @@ class Shares:
         return Slot(self, project, host)
 
     async def admit(self, project: str, host: str, wait: float = WAIT_S) -> Slot | None:
-        """A slot for an attempt of `project` to `host`, at once or within `wait` seconds;
-        None when its share stays full (the attempt goes back to the queue)."""
+        """A slot for an attempt of `project` to `host`: at once, or, when the host is not
+        slow, within `wait` seconds; None when its share stays full (the attempt goes back
+        to the queue)."""
         if (project, host) not in self._waiting and self._admits(project, host):
             return self._take(project, host)
+        if self._answer_s.get(host, 0.0) >= SLOW_S:  # a slow host: wait in the queue
+            return None
         future: asyncio.Future[Slot] = asyncio.get_running_loop().create_future()
         self._waiting.setdefault((project, host), deque()).append(future)
         try:

@@ -91,3 +91,14 @@ def test_deferral_follows_the_hosts_answer_time_within_bounds() -> None:
     for _ in range(50):
         shares._remember("stuck:80", 60.0)
     assert shares.defer_s("stuck:80") <= 15
+
+
+async def test_over_its_share_an_attempt_to_a_slow_host_goes_back_to_the_queue_at_once() -> None:
+    shares = Shares(slots=100, max_per_host=1)
+    slow = await shares.admit("p", "slow:80")
+    assert slow is not None
+    slow.release(3.0)  # the host took 3 s to answer
+    assert await shares.admit("p", "slow:80") is not None
+    started = asyncio.get_running_loop().time()
+    assert await shares.admit("p", "slow:80", wait=5) is None
+    assert asyncio.get_running_loop().time() - started < 0.1  # not waited out in memory
