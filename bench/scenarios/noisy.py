@@ -11,8 +11,9 @@ from typing import TYPE_CHECKING, Any
 
 from bench.common import EVENT, event_data
 from bench.harness import Scenario
-from bench.procs import BenchError, Receiver, WorkerProcess, run_loadgen
+from bench.procs import Receiver, WorkerProcess
 from bench.report import ratio_row
+from bench.scenarios.latency import measure, p99
 from dispatcher.models import Event, Region
 from dispatcher.producer import Producer
 from dispatcher.registry import Registry
@@ -74,7 +75,6 @@ async def _victim(bench: Bench, slow: list[Receiver]) -> dict[str, Any]:
     await bench.prepare(callbacks=1, events=0)
     label = "noisy-with" if slow else "noisy-alone"
     worker = await WorkerProcess.start(bench.url, burst=False, log_path=bench.logs / f"{label}.log")
-    duration = bench.sizes.latency_s / 2
     try:
         worker.go()
         if slow:
@@ -83,26 +83,15 @@ async def _victim(bench: Bench, slow: list[Receiver]) -> dict[str, Any]:
                 if await _held(slow) >= 50:
                     break
                 await asyncio.sleep(0.1)
-        await asyncio.sleep(0.5)
-        await bench.receiver.reset(latency=True)
-        sent = await run_loadgen(
-            "latency",
-            ["--redis-url", bench.url, "--rate", str(RATE), "--duration", str(duration)],
-            within=duration + 60,
-        )
-        stats = await bench.receiver.wait_count(sent["sent"], within=30)
-        pairs = (await bench.receiver.control("/_latency"))["pairs"]
+        lat, _ = await measure(bench, RATE, bench.sizes.latency_s / 2)
         held = await _held(slow) if slow else 0  # the neighbour still in flight at the end
         worker.stop()
         await worker.finish(within=60)
     finally:
         await worker.kill()
-    lat = sorted((arrival - emitted) * 1000 for emitted, arrival in pairs)
-    if not lat or stats["count"] != sent["sent"]:
-        raise BenchError(f"noisy: {stats['count']} of {sent['sent']} arrived")
     return {
         "p50_ms": statistics.median(lat),
-        "p99_ms": lat[min(len(lat) - 1, int(0.99 * len(lat)))],
+        "p99_ms": p99(lat),
         "max_ms": lat[-1],
         "events": len(lat),
         "neighbour_held_at_end": held,
