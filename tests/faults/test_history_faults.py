@@ -87,7 +87,7 @@ async def test_a_record_survives_a_worker_sigkill_between_the_attempt_and_the_sh
     await until(all_shipped, 30, "the next worker shipped the killed one's records")
     rows = await stored(own_pg.url)
     assert len(rows) == 20 and len({r[0] for r in rows}) == 20  # each once
-    assert {r[1] for r in rows} == {f"{event_id}.1" for event_id in ids}
+    assert {r[1] for r in rows} == {f"demo:{event_id}.1" for event_id in ids}
     assert {r[2] for r in rows} == {"SUCCESS"}
     assert await redis.xlen(keys.HISTORY_STREAM) == 0  # trimmed once committed
 
