@@ -26,7 +26,7 @@ from bench.workers import WorkerRun, WorkerSpec
 from dispatcher.connections import connect
 from dispatcher.models import Event, Region
 from dispatcher.producer import Producer
-from dispatcher.registry import Registry
+from dispatcher.registry import Options, Registry
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
@@ -99,12 +99,16 @@ def wanted_runs(scenarios: Iterable[Scenario]) -> list[WorkerSpec]:
     return list(wanted.values())
 
 
-async def register_callbacks(redis: Redis, base: str, callbacks: int) -> None:
-    """`callbacks` callbacks on (PROJECT, EVENT), `{base}/hook/{i}`, a few hundred at once."""
+async def register_callbacks(
+    redis: Redis, base: str, callbacks: int, options: Options | None = None
+) -> None:
+    """`callbacks` callbacks on (PROJECT, EVENT), `{base}/hook/{i}`, a few hundred at once,
+    with the receiver controls `options`."""
     registry = Registry(redis)
     for start in range(0, callbacks, CONCURRENT_CREATES):
         await asyncio.gather(*(
-            registry.create(PROJECT, f"{base}/hook/{i}", Event(EVENT), Region.DEVNET, TOKEN)
+            registry.create(PROJECT, f"{base}/hook/{i}", Event(EVENT), Region.DEVNET, TOKEN,
+                            options=options)
             for i in range(start, min(callbacks, start + CONCURRENT_CREATES))
         ))  # fmt: skip
 
@@ -146,10 +150,11 @@ class Bench:
         """The repeats of `spec` (after `worker_block`)."""
         return self.worker_runs[spec.label]
 
-    async def prepare(self, callbacks: int, events: int) -> None:
-        """An empty Redis, `callbacks` callbacks on (PROJECT, EVENT), `events` queued."""
+    async def prepare(self, callbacks: int, events: int, options: Options | None = None) -> None:
+        """An empty Redis, `callbacks` callbacks on (PROJECT, EVENT) with `options`, `events`
+        queued."""
         await self.r.flushdb()
-        await register_callbacks(self.r, self.receiver.base, callbacks)
+        await register_callbacks(self.r, self.receiver.base, callbacks, options)
         self._mem_base = await self._used_memory()
         producer = Producer(self.settings, self.r)
         for start in range(0, events, 1000):
@@ -193,7 +198,7 @@ class Bench:
                 )
                 for _ in range(spec.workers)
             )),
-            self.prepare(spec.callbacks, events),
+            self.prepare(spec.callbacks, events, spec.options),
         )  # fmt: skip
         return list(started)
 

@@ -7,6 +7,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from dispatcher.registry import Options
+
 
 @dataclass(frozen=True)
 class WorkerSpec:
@@ -20,6 +22,7 @@ class WorkerSpec:
     workers: int = 1  # processes
     log_level: str = "WARNING"
     postgres_history: bool = False  # history in the bench's private PostgreSQL
+    options: Options | None = None  # the callbacks' receiver controls
 
     def event_count(self, deliveries: int) -> int:
         """Events to queue for a run of about `deliveries` deliveries."""

@@ -22,6 +22,8 @@ if TYPE_CHECKING:
     from redis.asyncio import Redis
     from redis.asyncio.client import Pipeline
 
+    from dispatcher.replication import Replication
+
 __all__ = ["Batcher", "QueueCommands", "run_shared"]
 
 QueueCommands = Callable[["Pipeline"], None]
@@ -30,12 +32,22 @@ QueueCommands = Callable[["Pipeline"], None]
 class Batcher:
     """Coalesces `execute()` calls made within `window` seconds into one pipeline. With
     `window=0` a lone caller waits for nothing: the calls made in the same turn of the
-    event loop (the requests it read together, say) share a pipeline."""
+    event loop (the requests it read together, say) share a pipeline. With `replication`,
+    each pipeline ends with one WAIT for its replicas, and every caller of a pipeline they
+    did not confirm in time gets `NotReplicated`."""
 
-    def __init__(self, redis: Redis, *, window: float = 0.0005, max_batch: int = 500) -> None:
+    def __init__(
+        self,
+        redis: Redis,
+        *,
+        window: float = 0.0005,
+        max_batch: int = 500,
+        replication: Replication | None = None,
+    ) -> None:
         self.redis = redis
         self.window = window
         self.max_batch = max_batch
+        self.replication = replication
         self._pending: list[tuple[QueueCommands, asyncio.Future[list[Any]]]] = []
         self._flusher: asyncio.Task[None] | None = None
 
@@ -59,11 +71,11 @@ class Batcher:
     async def _flush(self) -> None:
         batch, self._pending = self._pending, []
         try:
-            answers = await run_shared(self.redis, [queue for queue, _ in batch])
+            answers = await self._send([queue for queue, _ in batch])
             retry = [i for i, mine in enumerate(answers) if _noscript(mine)]
             if retry:  # Redis lost its scripts (a restart): load them, run those again
                 await load_all(self.redis)
-                again = await run_shared(self.redis, [batch[i][0] for i in retry])
+                again = await self._send([batch[i][0] for i in retry])
                 for i, mine in zip(retry, again, strict=True):
                     answers[i] = mine
         except Exception as exc:  # the connection failed: every caller gets the error
@@ -78,6 +90,13 @@ class Batcher:
                 future.set_exception(error)
             else:
                 future.set_result(mine)
+
+    async def _send(self, queues: list[QueueCommands]) -> list[list[Any]]:
+        if self.replication is None:
+            return await run_shared(self.redis, queues)
+        answers = await run_shared(self.redis, [*queues, self.replication.queue])
+        self.replication.check(answers.pop())
+        return answers
 
 
 async def run_shared(redis: Redis, queues: list[QueueCommands]) -> list[list[Any]]:

@@ -1,35 +1,64 @@
 """Redis connections: one pool per process, with the service's connection policy.
 
+`connect()` is the one place that turns a URL into a client: `redis://`, `rediss://` and
+`unix://` (one server), `redis+sentinel://` and `rediss+sentinel://` (the master that Redis
+Sentinel names, followed through failovers; see `failover.py`).
+
 Every connection has connect and read timeouts (a hung Redis cannot hold a caller for
-longer than `DISPATCHER_REDIS_TIMEOUT`), and idempotent commands are retried a few times
-with backoff on a refused or reset connection, so a blip is not an error.
+longer than `DISPATCHER_REDIS_TIMEOUT`), idempotent commands are retried a few times with
+backoff on a refused or reset connection, so a blip is not an error, and a node that
+answers as a replica (`READONLY`, `MASTERDOWN`: a failover demoted it) is a lost
+connection: the next one goes to the master.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import re
+from typing import TYPE_CHECKING, Any
 
 from arq.connections import RedisSettings
-from redis.asyncio import Redis
+from redis.asyncio import ConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import OutOfMemoryError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from dispatcher.errors import InvalidSetting
+from dispatcher.failover import (
+    check_sentinels,
+    is_sentinel_url,
+    parse_sentinel_url,
+    primary_connection_class,
+    sentinel_client,
+)
+
 if TYPE_CHECKING:
     from dispatcher.settings import Settings
 
-__all__ = ["REDIS_ERRORS", "connect", "redis_full", "redis_settings", "require_url"]
+__all__ = [
+    "REDIS_ERRORS",
+    "connect",
+    "policy",
+    "preflight",
+    "redis_full",
+    "redis_settings",
+    "require_url",
+    "shown",
+]
 
 # What a Redis outage looks like to a caller: refused, reset, timed out, LOADING (a
-# BusyLoadingError is a ConnectionError), or the OS-level error beneath them.
+# BusyLoadingError is a ConnectionError), no master known to the sentinels or a demoted one
+# (ConnectionErrors too), or the OS-level error beneath them.
 REDIS_ERRORS: tuple[type[Exception], ...] = (
     RedisConnectionError,
     RedisTimeoutError,
     ConnectionError,
     OSError,
 )
+
+
+_PASSWORD = re.compile(r"(://[^/@]*?:)[^/@]*@")
 
 
 def redis_full(exc: BaseException) -> bool:
@@ -49,26 +78,90 @@ def require_url(settings: Settings, url: str | None = None) -> str:
     return target
 
 
+def shown(url: str) -> str:
+    """`url` with its password masked, for logs and messages."""
+    return _PASSWORD.sub(r"\1***@", url)
+
+
+def policy(settings: Settings) -> dict[str, Any]:
+    """The options of every connection to Redis: timeouts, keepalive, retries."""
+    return {
+        "socket_connect_timeout": settings.redis_timeout,
+        "socket_timeout": settings.redis_timeout,
+        "socket_keepalive": True,
+        "health_check_interval": 30,
+        "retry": Retry(ExponentialBackoff(cap=0.5, base=0.05), retries=3),
+        "retry_on_error": [RedisConnectionError, RedisTimeoutError, ConnectionResetError],
+    }
+
+
 def connect(settings: Settings, url: str | None = None) -> Redis:
-    """The process's pool (connections are opened on first use)."""
-    redis: Redis = Redis.from_url(
-        require_url(settings, url),
-        socket_connect_timeout=settings.redis_timeout,
-        socket_timeout=settings.redis_timeout,
-        socket_keepalive=True,
-        health_check_interval=30,
-        retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), retries=3),
-        retry_on_error=[RedisConnectionError, RedisTimeoutError, ConnectionResetError],
-    )
-    return redis
+    """The process's pool (connections are opened on first use) for `url`, by default
+    `DISPATCHER_REDIS_URL`."""
+    target = require_url(settings, url)
+    if is_sentinel_url(target):
+        return sentinel_client(parse_sentinel_url(target), policy(settings), _sentinels(settings))
+    pool = ConnectionPool.from_url(target, **policy(settings))
+    pool.connection_class = primary_connection_class(pool.connection_class)
+    return Redis.from_pool(pool)
+
+
+def _sentinels(settings: Settings) -> str | None:
+    """The sentinels' own password."""
+    password = settings.redis_sentinel_password
+    return None if password is None else password.get_secret_value()
 
 
 def redis_settings(settings: Settings, url: str | None = None) -> RedisSettings:
-    """arq's settings for the same policy."""
-    arq_settings = RedisSettings.from_dsn(require_url(settings, url))
+    """arq's settings for the same Redis (for arq's own tools and the bench's baseline).
+    With a sentinel URL, arq's pool has no socket timeouts (arq passes none to its
+    Sentinel): the service's processes never use it."""
+    target = require_url(settings, url)
+    if is_sentinel_url(target):
+        parsed = parse_sentinel_url(target)
+        return RedisSettings(
+            host=list(parsed.sentinels),
+            sentinel=True,
+            sentinel_master=parsed.master,
+            database=parsed.options.get("db", 0),
+            username=parsed.options.get("username"),
+            password=parsed.options.get("password"),
+            ssl=parsed.tls,
+        )
+    arq_settings = RedisSettings.from_dsn(target)
     arq_settings.conn_timeout = int(max(1, settings.redis_timeout))
     arq_settings.conn_retries = 30
     arq_settings.conn_retry_delay = 1
     arq_settings.retry_on_error = [RedisConnectionError, RedisTimeoutError, ConnectionResetError]
     arq_settings.retry = Retry(ExponentialBackoff(cap=2.0, base=0.05), retries=20)
     return arq_settings
+
+
+async def preflight(settings: Settings, url: str | None = None) -> list[str]:
+    """What a process checks when it starts, of `url` (by default `DISPATCHER_REDIS_URL`):
+    with a sentinel URL, that a sentinel answers and knows the master; with
+    `DISPATCHER_REDIS_MIN_REPLICAS` > 0, that the master has that many replicas.
+    InvalidSetting (naming the setting) when not; returns warnings (a replica down). A
+    Redis that does not answer is an outage, waited out as ever, not a wrong setting."""
+    target = require_url(settings, url)
+    wanted = settings.redis_min_replicas
+    if is_sentinel_url(target):
+        parsed, password = parse_sentinel_url(target), _sentinels(settings)
+        return await check_sentinels(parsed, policy(settings), password, wanted)
+    if not wanted:
+        return []
+    redis = connect(settings, target)
+    try:
+        info = await redis.info("replication")
+    except REDIS_ERRORS:
+        return []
+    finally:
+        await redis.aclose()
+    replicas = int(info.get("connected_slaves", 0))
+    if info.get("role") == "master" and replicas < wanted:
+        raise InvalidSetting(
+            f"{wanted} replica(s) must confirm every emit, but the Redis of "
+            f"DISPATCHER_REDIS_URL has {replicas} connected",
+            param="DISPATCHER_REDIS_MIN_REPLICAS",
+        )
+    return []

@@ -191,9 +191,13 @@ def request_headers(
     project_id: str = "",
     auth_header: AuthHeader | None = None,
     timestamp: int | None = None,
+    previous_token: str = "",
 ) -> dict[str, str]:
     """Every header of a delivery: the emitting project's id when known. No token, no
-    token header and no signature; the callback's custom auth header when it has one."""
+    token header and no signature; the callback's custom auth header when it has one.
+    While a rotation's overlap lasts (`previous_token`), the signature header carries one
+    signature per secret, the new one first, space-separated as Standard Webhooks
+    specifies; the token header only the new token."""
     headers = {
         "Content-Type": "application/json",
         "User-Agent": user_agent,
@@ -209,6 +213,8 @@ def request_headers(
         headers["webhook-id"] = delivery_id
         headers["webhook-timestamp"] = str(ts)
         headers["webhook-signature"] = sign(delivery_id, ts, body, token)
+        if previous_token and previous_token != token:
+            headers["webhook-signature"] += " " + sign(delivery_id, ts, body, previous_token)
     if auth_header is not None:
         headers[auth_header[0]] = auth_header[1]
     return headers

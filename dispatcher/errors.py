@@ -6,12 +6,15 @@
     ├── InvalidInput                400  bad parameter, body or setting value
     │   ├── InvalidEvent
     │   ├── InvalidUrl
-    │   └── InvalidTime
+    │   ├── InvalidTime
+    │   └── InvalidSetting          a DISPATCHER_* setting that cannot work (at start-up)
     ├── Unauthenticated             401  no X-DEVOPS-UID, or a wrong gateway/operator token
     ├── Forbidden                   403  authenticated but not allowed
     ├── NotFound                    404  unknown callback or history record
     ├── PayloadTooLarge             413  request body beyond the limit
     └── Unavailable                 503  Redis unreachable; try again
+        └── NotReplicated           fewer replicas than DISPATCHER_REDIS_MIN_REPLICAS
+                                    confirmed a write in time
 
     OSError
     └── AddressRefused              a delivery's resolved address is against the policy
@@ -28,9 +31,11 @@ __all__ = [
     "Forbidden",
     "InvalidEvent",
     "InvalidInput",
+    "InvalidSetting",
     "InvalidTime",
     "InvalidUrl",
     "NotFound",
+    "NotReplicated",
     "PayloadTooLarge",
     "Unauthenticated",
     "Unavailable",
@@ -70,6 +75,12 @@ class InvalidTime(InvalidInput):
     """A startTime / endTime not in `yyyy-MM-dd HH:mm:ss`, or an inverted window."""
 
 
+class InvalidSetting(InvalidInput):
+    """A setting that cannot work with the servers it names (an unknown sentinel master, no
+    sentinel answering, fewer replicas than asked for); `param` is its variable's name.
+    Found when a process starts: it stops with this message."""
+
+
 class Unauthenticated(DispatcherError):
     """No caller identity, or a missing/wrong gateway token."""
 
@@ -98,6 +109,16 @@ class Unavailable(DispatcherError):
     """A dependency (Redis) cannot be reached; the request may be retried."""
 
     http_status = 503
+
+
+class NotReplicated(Unavailable):
+    """Redis took a write, but fewer replicas than `DISPATCHER_REDIS_MIN_REPLICAS` confirmed
+    it within the wait: it would be lost if the master failed now."""
+
+    def __init__(self, message: str, *, confirmed: int, wanted: int) -> None:
+        super().__init__(message)
+        self.confirmed = confirmed
+        self.wanted = wanted
 
 
 class AddressRefused(OSError):

@@ -14,6 +14,16 @@ platform-wide callbacks are the project DEVOPS_ALL_PROJECT's)
     dispatcher:cb:disabled                    ZSET ids of disabled callbacks, scored by time
     dispatcher:cb:layout                      STRING version of this layout (2: ordered match
                                               sets; `Registry.upgrade` converts version 1)
+    dispatcher:cb:filter-errors:{id}          HASH events a callback's filter failed on: n,
+                                              lastError, lastAt (reset by registering again)
+Receiver controls (fleet-wide limits of one callback; each key expires when idle)
+    dispatcher:limit:{id}:starts              ZSET one member per delivery started in the
+                                              last second, scored by its start (ms)
+    dispatcher:limit:{id}:running             ZSET slots of the requests in flight, scored by
+                                              when the slot lapses (a dead worker's lapse)
+    dispatcher:limit:{id}:line                ZSET job ids waiting for their turn, by arrival
+    dispatcher:limit:{id}:seen                ZSET the same ids, scored by when they leave the
+                                              line unless they come back (a job gone for good)
 Roles
     dispatcher:roles:{project}                HASH user -> admin | member ("*" = every project)
 Health
@@ -24,15 +34,27 @@ Deliveries
     dispatcher:deliveries:dropped             LIST deliveries ended without an attempt (last 1000)
 Workers and statistics
     dispatcher:workers:{host}:{pid}           STRING heartbeat of a live worker (TTL 30 s)
-    dispatcher:stats:{epoch minute}           HASH attempts by outcome in that minute (TTL 2 h)
+    dispatcher:workers                        ZSET heartbeat keys by their last beat (ms), so
+                                              readers find live workers without a SCAN
+    dispatcher:stats:{epoch minute}           HASH attempts in that minute: by outcome, and by
+                                              duration bucket ("ms:<bound>", "ms:inf") (TTL 2 h)
+    dispatcher:stats:{step s}:{slot}          HASH the same per `step` seconds (600: the last
+                                              day's 10-minute slots, TTL 25 h)
     dispatcher:jobs:poison                    LIST undecodable jobs, newest first (last 1000)
     dispatcher:cron:{name}:{slot}             STRING who runs a periodic task this slot (TTL)
 History
     dispatcher:history:seq                    INCR counter of record ids
+    dispatcher:history:seq:server             STRING run id of the Redis server that handed
+                                              out the last block of ids (see history/ids.py)
     dispatcher:history:rec:{id}               STRING one record (JSON, id included)
     dispatcher:history:idx:{project}:{event}:{url hash}
                                               ZSET record ids (zero-padded) by createdTime ms
     dispatcher:history:indexes                SET every index key (what the retention sweep walks)
+    dispatcher:history:url:{project}:{url hash}:{ok|failed}
+                                              ZSET record ids (zero-padded) of one URL's SUCCESS
+                                              (ok) or FAILED attempts, every event, by
+                                              createdTime; the sweep trims them with the
+                                              (project, event, url) indexes of the same URL
     dispatcher:history:dead                   ZSET ids of records whose delivery gave up, by time
     dispatcher:history:dead:{project}         ZSET the same, one project's
     dispatcher:history:dead-keys              SET every per-project dead-letter key (for the sweep)
@@ -42,6 +64,9 @@ History
                                               PostgreSQL backend): field r = the record's JSON,
                                               d = "1" when its delivery gave up, t = its
                                               createdTime; trimmed once shipped
+Replication
+    dispatcher:replication:mark               INCR written before each WAIT, so that WAIT
+                                              covers whatever the master holds (replication.py)
 Console
     dispatcher:console:csrf-key               STRING the key signing the console's CSRF tokens,
                                               made by the first API process that needs it
@@ -75,20 +100,25 @@ PROJECT_CALLBACKS_PREFIX = f"{PREFIX}:cb:project:"
 PIPELINE_CALLBACKS_PREFIX = f"{PREFIX}:cb:pipeline:"
 MATCH_PREFIX = f"{PREFIX}:cb:match:"
 CALLBACKS_LAYOUT = f"{PREFIX}:cb:layout"
+FILTER_ERRORS_PREFIX = f"{PREFIX}:cb:filter-errors:"
 HEALTH_PREFIX = f"{PREFIX}:health:"
 HEALTH_FAILING = f"{PREFIX}:health:failing"
 CALLBACKS_DISABLED = f"{PREFIX}:cb:disabled"
 HISTORY_SEQ = f"{PREFIX}:history:seq"
+HISTORY_SEQ_SERVER = f"{PREFIX}:history:seq:server"
 HISTORY_RECORD_PREFIX = f"{PREFIX}:history:rec:"
 HISTORY_INDEXES = f"{PREFIX}:history:indexes"
+HISTORY_INDEX_PREFIX = f"{PREFIX}:history:idx:"
 HISTORY_DEAD = f"{PREFIX}:history:dead"
 HISTORY_DEAD_KEYS = f"{PREFIX}:history:dead-keys"
 HISTORY_ATTEMPTS_PREFIX = f"{PREFIX}:history:attempts:"
 HISTORY_STREAM = f"{PREFIX}:history:stream"
 DELIVERY_PREFIX = f"{PREFIX}:delivery:"
 CONSOLE_CSRF_KEY = f"{PREFIX}:console:csrf-key"
+REPLICATION_MARK = f"{PREFIX}:replication:mark"
 
 WORKERS_PREFIX = f"{PREFIX}:workers:"
+WORKERS_LIVE = f"{PREFIX}:workers"
 POISON_JOBS = f"{PREFIX}:jobs:poison"
 DROPPED = f"{PREFIX}:deliveries:dropped"
 
@@ -132,6 +162,16 @@ def match(scope: str, event: str) -> str:
     return f"{MATCH_PREFIX}{scope}{SEP}{event}"
 
 
+def filter_errors(callback_id: int | str) -> str:
+    return f"{FILTER_ERRORS_PREFIX}{callback_id}"
+
+
+def limits(callback_id: int | str) -> list[str]:
+    """The keys of a callback's limits: starts, running, line, seen (see above)."""
+    base = f"{PREFIX}:limit:{callback_id}{SEP}"
+    return [f"{base}starts", f"{base}running", f"{base}line", f"{base}seen"]
+
+
 def roles(project_id: str) -> str:
     return f"{PREFIX}:roles:{project_id}"
 
@@ -153,9 +193,29 @@ def history_member(record_id: int) -> str:
     return f"{record_id:0{HISTORY_ID_WIDTH}d}"
 
 
+def _url_hash(url: str) -> str:
+    return hashlib.blake2b(url.encode(), digest_size=16).hexdigest()
+
+
 def history_index(project_id: str, event: str, url: str) -> str:
-    url_hash = hashlib.blake2b(url.encode(), digest_size=16).hexdigest()
-    return f"{PREFIX}:history:idx:{project_id}{SEP}{event}{SEP}{url_hash}"
+    return f"{HISTORY_INDEX_PREFIX}{project_id}{SEP}{event}{SEP}{_url_hash(url)}"
+
+
+def history_url_index(project_id: str, url: str, failed: bool) -> str:
+    """A URL's attempts of every event, its failed or its successful ones."""
+    return _url_index(project_id, _url_hash(url), failed)
+
+
+def _url_index(project_id: str, url_hash: str, failed: bool) -> str:
+    status = "failed" if failed else "ok"
+    return f"{PREFIX}:history:url:{project_id}{SEP}{url_hash}{SEP}{status}"
+
+
+def history_url_indexes_of(index: str) -> tuple[str, str]:
+    """The URL indexes (ok, failed) holding the records of a (project, event, url) index:
+    the project may hold a separator, the event and the hash do not."""
+    project_id, _event, url_hash = index.removeprefix(HISTORY_INDEX_PREFIX).rsplit(SEP, 2)
+    return _url_index(project_id, url_hash, False), _url_index(project_id, url_hash, True)
 
 
 def history_dead(project_id: str) -> str:
@@ -173,6 +233,11 @@ def worker(host: str, pid: int) -> str:
 def stats(minute: int) -> str:
     """`minute` is epoch seconds // 60."""
     return f"{PREFIX}:stats:{minute}"
+
+
+def stats_slot(step_s: int, slot: int) -> str:
+    """`slot` is epoch seconds // `step_s`."""
+    return f"{PREFIX}:stats:{step_s}{SEP}{slot}"
 
 
 def cron(name: str, slot: int) -> str:

@@ -1,4 +1,10 @@
-"""Prometheus metrics (prometheus-client's default registry, one per process)."""
+"""Prometheus metrics (prometheus-client's default registry, one per process).
+
+The API serves them at `/metrics` and sets the fleet-wide gauges (queue, history backlog,
+live workers, Redis) when scraped; each worker serves its own on
+`DISPATCHER_WORKER_METRICS_PORT`. deploy/grafana/ and deploy/prometheus/ chart them and
+alert on them (tests/repo/test_monitoring.py checks that every name they use is here).
+"""
 
 from __future__ import annotations
 
@@ -7,10 +13,12 @@ from prometheus_client import Counter, Gauge, Histogram
 __all__ = [
     "ATTEMPT_SECONDS",
     "CALLBACKS_DISABLED",
+    "DEAD_LETTERS",
     "DEFERRED",
     "DELIVERIES",
     "DROPPED",
     "EVENTS_EMITTED",
+    "FILTERED",
     "HISTORY_BACKLOG",
     "HISTORY_BACKLOG_AGE",
     "HISTORY_RECORDS",
@@ -21,7 +29,13 @@ __all__ = [
     "QUEUE_DEPTH",
     "QUEUE_OLDEST_SECONDS",
     "REDIS_FULL",
+    "REDIS_MAX_MEMORY",
+    "REDIS_UP",
+    "REDIS_USED_MEMORY",
     "RETRIES",
+    "WORKERS_LIVE",
+    "WORKER_HEARTBEAT",
+    "WORKER_JOBS_RUNNING",
     "WRITE_RETRIES",
 ]
 
@@ -36,11 +50,28 @@ ATTEMPT_SECONDS = Histogram(
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
 )
 RETRIES = Counter("dispatcher_retries_total", "Attempts scheduled again after a failure.")
+DEAD_LETTERS = Counter(
+    "dispatcher_dead_letters_total",
+    "Deliveries that gave up: a final failure, or their retries ran out (worker).",
+)
 HISTORY_RECORDS = Counter("dispatcher_history_records_total", "History records written.")
 CALLBACKS_DISABLED = Counter(
     "dispatcher_callbacks_disabled_total",
     "Callbacks disabled by the service (endpoint health or 410 Gone).",
     ["reason"],
+)
+DEFERRED = Counter(
+    "dispatcher_deliveries_deferred_total",
+    "Deliveries put back in the queue, no attempt spent: their callback was at its "
+    "maxPerSecond (rate) or maxInFlight (in_flight) limit, their host's circuit breaker was "
+    "open (circuit), or their project or host had no free share of the worker (share).",
+    ["reason"],
+)
+FILTERED = Counter(
+    "dispatcher_filtered_total",
+    "Events not delivered to a callback because of its filter: false on the event (skipped) "
+    "or failed on it (error).",
+    ["result"],
 )
 POISON_JOBS = Counter("dispatcher_poison_jobs_total", "Undecodable jobs recorded and dropped.")
 EVENTS_EMITTED = Counter("dispatcher_events_emitted_total", "Events accepted for fan-out.")
@@ -52,12 +83,6 @@ DROPPED = Counter(
     "dispatcher_deliveries_dropped_total",
     "Deliveries ended without an attempt, recorded in dispatcher:deliveries:dropped "
     "(callback deleted or disabled, job data expired, a job that kept failing).",
-    ["reason"],
-)
-DEFERRED = Counter(
-    "dispatcher_deliveries_deferred_total",
-    "Deliveries sent back to the queue without an attempt: their host's circuit breaker was "
-    "open (circuit), or their project or host had no free share of the worker (share).",
     ["reason"],
 )
 PENDING_WRITES = Gauge(
@@ -87,4 +112,24 @@ HISTORY_SHIPPED = Counter(
 HISTORY_SHIP_FAILURES = Counter(
     "dispatcher_history_ship_failures_total",
     "Shipments to PostgreSQL that failed (and are tried again).",
+)
+WORKERS_LIVE = Gauge(
+    "dispatcher_workers_live",
+    "Workers whose heartbeat is younger than 30 s (the API: at scrape; a worker: with its own).",
+)
+WORKER_HEARTBEAT = Gauge(
+    "dispatcher_worker_heartbeat_timestamp_seconds",
+    "When this worker last wrote its heartbeat to Redis (epoch seconds; stale: it cannot).",
+)
+WORKER_JOBS_RUNNING = Gauge("dispatcher_worker_jobs_running", "Jobs this worker runs now.")
+REDIS_UP = Gauge(
+    "dispatcher_redis_up",
+    "1 when Redis answered this process (the API: at scrape; a worker: its last heartbeat).",
+)
+REDIS_USED_MEMORY = Gauge(
+    "dispatcher_redis_used_memory_bytes", "Redis' used_memory (INFO memory; read at scrape)."
+)
+REDIS_MAX_MEMORY = Gauge(
+    "dispatcher_redis_maxmemory_bytes",
+    "Redis' maxmemory, 0 when it has no limit (INFO memory; read at scrape).",
 )

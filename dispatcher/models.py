@@ -9,7 +9,7 @@ from typing import Any, Generic, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic.alias_generators import to_camel
 
-from dispatcher.errors import InvalidEvent
+from dispatcher.errors import InvalidEvent, InvalidInput
 
 __all__ = [
     "EVENT_ID",
@@ -29,6 +29,7 @@ __all__ = [
     "EmitRequest",
     "EmitResult",
     "Event",
+    "EventInfo",
     "HistoryPage",
     "HistoryRecord",
     "Level",
@@ -37,6 +38,7 @@ __all__ = [
     "Result",
     "parse_event",
     "parse_events",
+    "parse_status",
 ]
 
 T = TypeVar("T")
@@ -148,6 +150,16 @@ class DeliveryStatus(enum.StrEnum):
     FAILED = "FAILED"
 
 
+def parse_status(name: str) -> DeliveryStatus:
+    """A record's status as people type it (any case); a 400 naming `status` otherwise."""
+    try:
+        return DeliveryStatus(name.strip().upper())
+    except ValueError:
+        raise InvalidInput(
+            f"status must be SUCCESS or FAILED, got {name.strip()!r}", param="status"
+        ) from None
+
+
 class _Model(BaseModel):
     model_config = ConfigDict(
         alias_generator=to_camel, populate_by_name=True, serialize_by_alias=True
@@ -241,6 +253,30 @@ class Callback(_Model):
     created_time: int
     updated_time: int
     creator: str | None = None
+    # Receiver controls (see the README's "Receiver controls"); None when not set.
+    max_per_second: int | None = None
+    max_in_flight: int | None = None
+    filter: str | None = None
+    rotation_end_time: int | None = Field(
+        default=None,
+        description="While a secret rotation is in progress: when the previous token stops "
+        "signing (epoch ms).",
+    )
+    filter_errors: int = Field(
+        default=0, description="Events the filter failed on (not delivered) since registered."
+    )
+    filter_last_error: str | None = None
+
+
+class EventInfo(_Model):
+    """One event of the catalogue: where a callback may subscribe to it, what it is about
+    (a project, or a pipeline and its builds), what emits it, an example of its `data`."""
+
+    event: Event
+    levels: list[Level]
+    about: str
+    emitted_by: str
+    example: dict[str, Any]
 
 
 class CallbackPage(_Model):

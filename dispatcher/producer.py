@@ -16,10 +16,10 @@ from redis.exceptions import ResponseError
 from dispatcher import metrics
 from dispatcher.batch import Batcher
 from dispatcher.connections import REDIS_ERRORS, connect, redis_full
-from dispatcher.errors import InvalidInput, Unavailable
+from dispatcher.errors import InvalidInput, NotReplicated, Unavailable
 from dispatcher.jobs import DeliveryJob, EventJob, Queue, new_event_id, now_ms
-from dispatcher.lua import run_pipeline
 from dispatcher.models import EVENT_ID, PLATFORM_PROJECT, parse_event
+from dispatcher.replication import Replication, run_replicated
 
 if TYPE_CHECKING:
     from types import TracebackType
@@ -36,9 +36,10 @@ __all__ = ["Producer", "emit", "event_job", "wire_event_job"]
 _PROJECT_ID = re.compile(r"[\x21-\x39\x3b-\x7e]{1,128}")
 
 T = TypeVar("T")
-# what waiting for Redis looks like: its errors, or no answer within the wait
-_UNANSWERED: tuple[type[Exception], ...] = (*REDIS_ERRORS, TimeoutError)
-_WAITED_OUT: tuple[type[Exception], ...] = (*_UNANSWERED, ResponseError)  # a full Redis too
+# what waiting for Redis looks like: its errors, no answer within the wait, or too few
+# replicas confirming (DISPATCHER_REDIS_MIN_REPLICAS); and a full Redis (a reply error)
+_UNANSWERED: tuple[type[Exception], ...] = (*REDIS_ERRORS, TimeoutError, NotReplicated)
+_WAITED_OUT: tuple[type[Exception], ...] = (*_UNANSWERED, ResponseError)
 
 
 def event_job(
@@ -113,7 +114,9 @@ def wire_event_job(project_id: str, entry: Any) -> EventJob:
 class Producer:
     """Emits events through one Redis pool. Use as an async context manager, or pass an
     existing connection (the services do). Concurrent `emit` calls share round trips
-    (group commit through `batcher`, the services' one when given)."""
+    (group commit through `batcher`, the services' one when given). With
+    `DISPATCHER_REDIS_MIN_REPLICAS` > 0 a call returns once that many replicas have its
+    jobs (see `dispatcher.replication`)."""
 
     def __init__(
         self, settings: Settings, redis: Redis | None = None, *, batcher: Batcher | None = None
@@ -123,6 +126,7 @@ class Producer:
         self._owns_redis = redis is None
         self._queue: Queue | None = None
         self._batcher = batcher
+        self.replication = Replication.of(settings)
 
     async def __aenter__(self) -> Producer:
         if self._redis is None:
@@ -154,7 +158,7 @@ class Producer:
     def batcher(self) -> Batcher:
         """The group commit of `emit` (no timer: a lone call waits for nothing)."""
         if self._batcher is None:
-            self._batcher = Batcher(self.queue.redis, window=0)
+            self._batcher = Batcher(self.queue.redis, window=0, replication=self.replication)
         return self._batcher
 
     async def emit(
@@ -217,7 +221,9 @@ class Producer:
             return
         queue = self.queue
         await self._patiently(
-            lambda: run_pipeline(queue.redis, lambda pipe: queue.push_many(pipe, jobs))
+            lambda: run_replicated(
+                queue.redis, lambda pipe: queue.push_many(pipe, jobs), self.replication
+            )
         )
         metrics.EVENTS_EMITTED.inc(len(jobs))
 
@@ -228,6 +234,7 @@ class Producer:
         took only in part, can be made again."""
         deadline = time.monotonic() + self.settings.emit_wait
         delay = 0.05
+        shortfall: NotReplicated | None = None  # the master had them; the replicas did not
         while True:
             left = deadline - time.monotonic()
             try:
@@ -236,24 +243,18 @@ class Producer:
             except _WAITED_OUT as exc:
                 if not isinstance(exc, _UNANSWERED) and not redis_full(exc):
                     raise
+                if isinstance(exc, NotReplicated):
+                    shortfall = exc
                 if redis_full(exc):
                     metrics.REDIS_FULL.labels(refused="emit").inc()
                 if time.monotonic() + delay >= deadline:
-                    raise Unavailable(self._unqueued(exc)) from exc
+                    raise Unavailable(
+                        f"{_unanswered(shortfall or exc)} after {self.settings.emit_wait:g} s "
+                        "(DISPATCHER_EMIT_WAIT). Emitting again with the same event ids is "
+                        "safe."
+                    ) from exc
             await asyncio.sleep(delay)
             delay = min(1.0, delay * 2)
-
-    def _unqueued(self, exc: Exception) -> str:
-        """Why an emit gave up, and what to do."""
-        waited = f"{self.settings.emit_wait:g} s"
-        if redis_full(exc):
-            why = f"Redis is full (maxmemory reached, writes refused) after {waited}"
-        else:
-            why = f"Redis is unreachable ({exc or type(exc).__name__}) after {waited}"
-        return (
-            f"{why}; the events may not be queued, or only some of them. "
-            "Emitting again with the same event ids is safe."
-        )
 
     @staticmethod
     def redelivery_job(record: HistoryRecord) -> DeliveryJob:
@@ -282,8 +283,32 @@ class Producer:
     async def redeliver(self, record: HistoryRecord) -> str:
         """Queue `redelivery_job(record)`; returns its job id."""
         job = self.redelivery_job(record)
-        await self.queue.enqueue(job)
+        queue = self.queue
+        try:
+            await run_replicated(queue.redis, lambda pipe: queue.push(pipe, job), self.replication)
+        except NotReplicated as exc:
+            raise NotReplicated(
+                f"the redelivery is queued, but {exc.message}: it would be lost if Redis' "
+                "master failed now",
+                confirmed=exc.confirmed,
+                wanted=exc.wanted,
+            ) from exc
         return job.job_id
+
+
+def _unanswered(exc: Exception) -> str:
+    """Why an emit gave up, for the producer."""
+    if isinstance(exc, NotReplicated):
+        return (
+            f"the events are queued on Redis' master, but {exc.message}, so they would be "
+            "lost if it failed now; gave up"
+        )
+    if redis_full(exc):
+        return (
+            "Redis is full (maxmemory reached, writes refused); the events may not be queued, "
+            "or only some of them"
+        )
+    return f"Redis is unreachable ({str(exc) or type(exc).__name__}); the events may not be queued"
 
 
 def _emitter_of(record: HistoryRecord) -> str:

@@ -17,13 +17,14 @@ from dispatcher.auth import Roles
 from dispatcher.batch import Batcher
 from dispatcher.connections import REDIS_ERRORS, connect
 from dispatcher.egress import policy_for
+from dispatcher.errors import InvalidInput
 from dispatcher.health import Health
-from dispatcher.history import open_history, parse_window
+from dispatcher.history import Cursor, now_ms, open_history, parse_window
 from dispatcher.jobs import Queue
-from dispatcher.lua import run_pipeline
-from dispatcher.models import Region, parse_event
+from dispatcher.models import Region, parse_event, parse_status
 from dispatcher.producer import Producer
-from dispatcher.registry import Registry, validate_url
+from dispatcher.registry import Options, Registry, validate_url
+from dispatcher.replication import run_replicated
 from dispatcher.status import read_status
 
 if TYPE_CHECKING:
@@ -33,6 +34,7 @@ if TYPE_CHECKING:
     from redis.asyncio.client import Pipeline
 
     from dispatcher.delivery import AuthHeader
+    from dispatcher.history import Recent
     from dispatcher.jobs import DeliveryJob
     from dispatcher.models import (
         Callback,
@@ -45,11 +47,16 @@ if TYPE_CHECKING:
     from dispatcher.settings import Settings
     from dispatcher.status import Status
 
-__all__ = ["Services"]
+__all__ = ["DEFAULT_OVERLAP_HOURS", "MAX_OVERLAP_HOURS", "Services"]
 
 log = structlog.get_logger("dispatcher.services")
 
 REDELIVER_BATCH = 100
+DEFAULT_OVERLAP_HOURS = 24.0  # Svix's: the old secret stays valid for a day
+MAX_OVERLAP_HOURS = 168.0
+# how far back "Recent deliveries" looks: the last hour, day, or the whole retention
+RECENT_WITHIN = {"1h": 3_600_000, "1d": 86_400_000, "all": None}
+RECENT_URLS_MAX = 1000  # URLs of a project's callbacks a project-wide listing covers
 
 
 class Services:
@@ -66,7 +73,9 @@ class Services:
         # group commit of the API's small round trips (role checks, single emits)
         self.batcher = Batcher(redis, window=0)
         self.roles = Roles(redis, settings, self.batcher)
-        self.producer = Producer(settings, redis, batcher=self.batcher)
+        # emits that wait for replicas share their pipelines only with one another
+        shared = None if settings.redis_min_replicas else self.batcher
+        self.producer = Producer(settings, redis, batcher=shared)
         self.policies = {region: policy_for(settings, region) for region in Region}
 
     @classmethod
@@ -113,14 +122,15 @@ class Services:
         creator: str,
         pipeline_id: str | None = None,
         auth_header: AuthHeader | None = None,
+        options: Options | None = None,
     ) -> int:
         """Register (or update and re-enable) one callback of a project, of one of its
-        pipelines (`pipeline_id`), or of the platform (`DEVOPS_ALL_PROJECT`); returns its
-        id."""
+        pipelines (`pipeline_id`), or of the platform (`DEVOPS_ALL_PROJECT`), with its
+        receiver controls (`options`); returns its id."""
         url = await self.check_target(url, region)
         callback_id, _ = await self.registry.create(
             project_id, url, event, region, secret_token, creator=creator,
-            pipeline_id=pipeline_id, auth_header=auth_header,
+            pipeline_id=pipeline_id, auth_header=auth_header, options=options,
         )  # fmt: skip
         return callback_id
 
@@ -135,13 +145,35 @@ class Services:
         creator: str,
         pipeline_id: str | None = None,
         auth_header: AuthHeader | None = None,
+        options: Options | None = None,
     ) -> CreateCallBackResult:
         """One URL for a comma-separated list of events; unknown names are reported."""
         url = await self.check_target(url, region)
         return await self.registry.create_batch(
             project_id, url, events, region, secret_token, creator=creator,
-            pipeline_id=pipeline_id, auth_header=auth_header,
+            pipeline_id=pipeline_id, auth_header=auth_header, options=options,
         )  # fmt: skip
+
+    async def rotate_secret(
+        self,
+        callback_id: int,
+        project_id: str,
+        secret_token: str,
+        overlap_hours: float = DEFAULT_OVERLAP_HOURS,
+        *,
+        pipeline_id: str | None = None,
+    ) -> Callback:
+        """Give a callback a new secret token; the old one keeps signing beside it for
+        `overlap_hours` (0 to 168), so receivers can switch without losing a delivery.
+        Returns the callback, its rotation's end shown."""
+        if not 0 <= overlap_hours <= MAX_OVERLAP_HOURS:
+            raise InvalidInput(
+                f"overlapHours must be from 0 to {MAX_OVERLAP_HOURS}", param="overlapHours"
+            )
+        await self.registry.rotate_secret(
+            callback_id, project_id, secret_token, overlap_hours * 3600, pipeline_id=pipeline_id
+        )
+        return await self.registry.get(callback_id, project_id, pipeline_id)
 
     async def callbacks(
         self, project_id: str, page: int = 1, page_size: int = 20, *,
@@ -246,7 +278,7 @@ class Services:
                 for job in batch:
                     self.queue.push(pipe, job)
 
-            await run_pipeline(self.redis, push_all)
+            await run_replicated(self.redis, push_all, self.producer.replication)
             queued += len(batch)
             if on_queued is not None:
                 on_queued(len(batch))
@@ -264,6 +296,49 @@ class Services:
         if batch:
             await flush()
         return queued
+
+    async def recent(
+        self,
+        project_id: str,
+        *,
+        url: str | None = None,
+        status: str | None = None,
+        within: str = "all",
+        before: str | None = None,
+        limit: int = 50,
+    ) -> Recent:
+        """The newest attempts of one callback URL across its events (its "Recent
+        deliveries"), or of every URL of the project's callbacks (the first
+        `RECENT_URLS_MAX`), of one status (`SUCCESS`, `FAILED`) when given, within the last
+        hour (`1h`), day (`1d`) or the retention (`all`), older than the cursor `before`."""
+        if within not in RECENT_WITHIN:
+            raise InvalidInput(f"within must be one of {', '.join(RECENT_WITHIN)}", param="within")
+        wanted = parse_status(status) if status else None
+        cursor = Cursor.parse(before) if before else None
+        urls = [url] if url else await self._urls(project_id)
+        now, span = now_ms(), RECENT_WITHIN[within]
+        start_ms = 0 if span is None else now - span
+        return await self.history.recent(
+            project_id,
+            urls,
+            start_ms=start_ms,
+            end_ms=now,
+            status=wanted,
+            before=cursor,
+            limit=limit,
+        )
+
+    async def _urls(self, project_id: str) -> list[str]:
+        """The distinct URLs of a project's callbacks (its pipelines' included)."""
+        urls: dict[str, None] = {}
+        size, page = self.settings.history_max_page_size, 1
+        while len(urls) < RECENT_URLS_MAX:
+            found = await self.registry.list(project_id, page, size)
+            urls.update(dict.fromkeys(cb.url for cb in found.records))
+            if page >= found.total_pages:
+                break
+            page += 1
+        return list(urls)[:RECENT_URLS_MAX]
 
     async def dead_letters(
         self, project_id: str | None = None, limit: int = 50

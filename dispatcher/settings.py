@@ -9,6 +9,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from dispatcher.failover import is_sentinel_url, parse_sentinel_url
 from dispatcher.models import Region
 from dispatcher.tokens import TokenCipher
 
@@ -25,12 +26,28 @@ class Settings(BaseSettings):
     'redis://127.0.0.1:6379/0'
     """
 
-    model_config = SettingsConfigDict(env_prefix="DISPATCHER_", frozen=True, extra="forbid")
+    # a rejected value is not echoed: it may hold a password
+    model_config = SettingsConfigDict(
+        env_prefix="DISPATCHER_", frozen=True, extra="forbid", hide_input_in_errors=True
+    )
 
     # Redis
     redis_url: str | None = Field(
         default=None,
-        description="redis:// or rediss:// URL; unset starts an embedded redis-server.",
+        description="redis://, rediss:// or unix:// URL of one Redis, or "
+        "redis+sentinel://[user:password@]host:port[,host:port...]/<master>/<db> (rediss+sentinel:"
+        "// for TLS) of the master Redis Sentinel names; unset starts an embedded redis-server.",
+    )
+    redis_sentinel_password: SecretStr | None = Field(
+        default=None,
+        description="Password of the sentinels themselves (their requirepass), when they have "
+        "one; Redis' own goes in the URL.",
+    )
+    redis_min_replicas: int = Field(
+        default=0,
+        ge=0,
+        description="Replicas that must confirm (WAIT) an emit or a redelivery before it is "
+        "acknowledged; 0: acknowledged once the master has it.",
     )
     data_dir: Path = Field(
         default=Path(".dispatcher"),
@@ -210,9 +227,16 @@ class Settings(BaseSettings):
     @field_validator("redis_url")
     @classmethod
     def _redis_scheme(cls, value: str | None) -> str | None:
-        if value is not None and not value.startswith(("redis://", "rediss://", "unix://")):
-            raise ValueError("must start with redis://, rediss:// or unix://")
-        return value or None
+        if not value:
+            return None
+        if is_sentinel_url(value):
+            parse_sentinel_url(value)
+        elif not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError(
+                "must start with redis://, rediss://, unix://, redis+sentinel:// or "
+                "rediss+sentinel://"
+            )
+        return value
 
     @field_validator("history_url")
     @classmethod
@@ -236,6 +260,11 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"proxy_enforced_regions names {', '.join(unproxied)}, which region_proxies "
                 "gives no proxy"
+            )
+        if self.redis_min_replicas and self.redis_url is None:
+            raise ValueError(
+                "DISPATCHER_REDIS_MIN_REPLICAS > 0 needs DISPATCHER_REDIS_URL: the embedded "
+                "Redis has no replica"
             )
         self.token_cipher()  # a malformed key fails at start, not at the first delivery
         return self

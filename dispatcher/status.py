@@ -1,27 +1,38 @@
 """What an operator asks at 2 a.m.: is the queue moving, are workers alive, which callbacks
-fail, how did the last hour go. Read-only, a handful of Redis calls; plus the per-minute
-attempt counts the workers write for it."""
+fail, how did the last hour and the last day go. Read in a handful of Redis round trips;
+written by the workers: their heartbeats (here) and their attempts over time
+(`dispatcher.stats`)."""
 
 from __future__ import annotations
 
-import collections
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import orjson
 
 from dispatcher import keys
+from dispatcher.stats import read_series
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
+    from redis.asyncio.client import Pipeline
 
     from dispatcher.health import Failing, Health
     from dispatcher.jobs import Queue
+    from dispatcher.stats import Series
 
-__all__ = ["AttemptStats", "Status", "live_workers", "read_status"]
+__all__ = [
+    "HEARTBEAT_TTL_S",
+    "Status",
+    "count_live_workers",
+    "live_workers",
+    "read_status",
+    "write_heartbeat",
+]
 
-STATS_TTL_S = 7200
+HEARTBEAT_TTL_S = 30  # a worker is live while its last heartbeat is younger than this
+_FORGET_MS = 3_600_000  # heartbeats older than this leave the live-workers index
 
 
 @dataclass(slots=True)
@@ -31,40 +42,44 @@ class Status:
     workers: list[dict[str, Any]]
     failing: list[Failing]
     disabled: int
-    last_hour: dict[str, int] = field(default_factory=dict)
+    hour: Series
+    day: Series
+
+    @property
+    def last_hour(self) -> dict[str, int]:
+        """Attempts of the last hour by outcome."""
+        return self.hour.totals
 
 
-class AttemptStats:
-    """Attempts by (minute, outcome), counted in memory and added to Redis every few
-    seconds, so the hot path never waits for them."""
-
-    def __init__(self) -> None:
-        self.counts: collections.Counter[tuple[int, str]] = collections.Counter()
-
-    def count(self, outcome: str) -> None:
-        self.counts[(time.time_ns() // 60_000_000_000, outcome)] += 1
-
-    async def flush(self, redis: Redis) -> None:
-        counts, self.counts = self.counts, collections.Counter()
-        if not counts:
-            return
-        try:
-            async with redis.pipeline(transaction=False) as pipe:
-                for (minute, outcome), n in counts.items():
-                    pipe.hincrby(keys.stats(minute), outcome, n)
-                    pipe.expire(keys.stats(minute), STATS_TTL_S)
-                await pipe.execute()
-        except BaseException:
-            self.counts.update(counts)  # kept for the next flush
-            raise
+def write_heartbeat(pipe: Pipeline, key: str, value: dict[str, Any], now_ms: int) -> None:
+    """Queue a worker's heartbeat (its own key, with a TTL, and its entry in the index of
+    live workers, which readers range over instead of scanning the keyspace), then the
+    count of live workers: the pipeline's last answer."""
+    pipe.set(key, orjson.dumps(value), ex=HEARTBEAT_TTL_S)
+    pipe.zadd(keys.WORKERS_LIVE, {key: now_ms})
+    pipe.zremrangebyscore(keys.WORKERS_LIVE, "-inf", now_ms - _FORGET_MS)
+    pipe.zcount(keys.WORKERS_LIVE, _since(now_ms), "+inf")
 
 
-async def live_workers(redis: Redis, host: str | None = None) -> list[dict[str, Any]]:
-    """Heartbeats of live workers (all, or those of one host)."""
-    pattern = f"{keys.WORKERS_PREFIX}{host + keys.SEP if host else ''}*"
-    found = [key async for key in redis.scan_iter(match=pattern, count=500)]
+def _since(now_ms: int | None) -> str:
+    now = time.time_ns() // 1_000_000 if now_ms is None else now_ms
+    return f"({now - HEARTBEAT_TTL_S * 1000}"
+
+
+async def live_workers(
+    redis: Redis, host: str | None = None, *, now_ms: int | None = None
+) -> list[dict[str, Any]]:
+    """Heartbeats of live workers (all, or those of one host), in two round trips."""
+    found = await redis.zrangebyscore(keys.WORKERS_LIVE, _since(now_ms), "+inf")
     values = await redis.mget(found) if found else []
-    return sorted((orjson.loads(v) for v in values if v), key=lambda w: (w["host"], w["pid"]))
+    workers = [orjson.loads(v) for v in values if v]
+    mine = [w for w in workers if host is None or w["host"] == host]
+    return sorted(mine, key=lambda w: (w["host"], w["pid"]))
+
+
+async def count_live_workers(redis: Redis, *, now_ms: int | None = None) -> int:
+    """How many workers sent a heartbeat lately (one command)."""
+    return int(await redis.zcount(keys.WORKERS_LIVE, _since(now_ms), "+inf"))
 
 
 async def read_status(
@@ -72,21 +87,13 @@ async def read_status(
 ) -> Status:
     now = time.time_ns() // 1_000_000 if now_ms is None else now_ms
     due, oldest = await queue.depth()
-    minute = now // 60_000
-    async with redis.pipeline(transaction=False) as pipe:
-        for m in range(minute - 59, minute + 1):
-            pipe.hgetall(keys.stats(m))
-        pipe.zcard(keys.CALLBACKS_DISABLED)
-        *minutes, disabled = await pipe.execute()
-    last_hour: dict[str, int] = {}
-    for counts in minutes:
-        for outcome, n in counts.items():
-            last_hour[outcome.decode()] = last_hour.get(outcome.decode(), 0) + int(n)
+    hour, day = await read_series(redis, now)
     return Status(
         queue_due=due,
         oldest_due_s=oldest,
-        workers=await live_workers(redis),
+        workers=await live_workers(redis, now_ms=now),
         failing=await health.failing(),
-        disabled=int(disabled),
-        last_hour=last_hour,
+        disabled=int(await redis.zcard(keys.CALLBACKS_DISABLED)),
+        hour=hour,
+        day=day,
     )

@@ -17,7 +17,7 @@ import structlog
 from redis.asyncio import Redis
 
 from dispatcher.connections import connect
-from dispatcher.embedded import FAST, EmbeddedPostgres, EmbeddedRedis
+from dispatcher.embedded import FAST, EmbeddedPostgres, EmbeddedRedis, SentinelGroup
 from dispatcher.settings import Settings
 from dispatcher.worker import create_worker
 from tests.helpers import (
@@ -47,6 +47,16 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedR
     server.start()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="module")
+def sentinel_group(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SentinelGroup]:
+    """A master, a replica and three sentinels, shared by the tests of one module; each
+    test starts with `heal()`, which puts back a replica in sync."""
+    group = SentinelGroup(tmp_path_factory.mktemp("sentinel"))
+    group.start()
+    yield group
+    group.stop()
 
 
 @pytest.fixture(scope="session")

@@ -171,6 +171,25 @@ def answer(status: int, body: str = "", headers: dict[str, str] | None = None) -
     return handler
 
 
+@dataclass
+class Overlap:
+    """A handler answering 200 after `seconds`, counting how many requests it holds at
+    once (`most`: the most it ever held)."""
+
+    seconds: float
+    now: int = 0
+    most: int = 0
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        self.now += 1
+        self.most = max(self.most, self.now)
+        try:
+            await asyncio.sleep(self.seconds)
+        finally:
+            self.now -= 1
+        return web.Response(text="ok")
+
+
 def hang(seconds: float) -> Handler:
     async def handler(request: web.Request) -> web.StreamResponse:
         await asyncio.sleep(seconds)

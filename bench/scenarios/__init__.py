@@ -11,6 +11,7 @@ from __future__ import annotations
 from bench.harness import Scenario
 from bench.scenarios import (
     ceiling,
+    controls,
     emit,
     fan_out,
     fault,
@@ -22,6 +23,7 @@ from bench.scenarios import (
     latency,
     memory,
     noisy,
+    replicated,
     scale_out,
     throughput,
 )
@@ -36,9 +38,11 @@ SCENARIOS: list[Scenario] = [
     ceiling.SCENARIO,
     fan_out.SCENARIO,
     scale_out.SCENARIO,
+    controls.SCENARIO,
     emit.SCENARIO,
     http_emit.SCENARIO,
     fault.SCENARIO,
+    replicated.SCENARIO,
     latency.SCENARIO,
     noisy.SCENARIO,
     memory.SCENARIO,

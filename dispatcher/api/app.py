@@ -12,7 +12,16 @@ from fastapi import FastAPI
 from fastapi_offline import FastAPIOffline
 
 from dispatcher import __version__, console
-from dispatcher.api import callbacks, events, history, operator, pipelines, platform, probes
+from dispatcher.api import (
+    callbacks,
+    catalogue,
+    events,
+    history,
+    operator,
+    pipelines,
+    platform,
+    probes,
+)
 from dispatcher.api.errors import install_error_handlers
 from dispatcher.api.middleware import Limits, RequestId
 from dispatcher.services import Services
@@ -54,7 +63,7 @@ def create_app(settings: Settings, redis: Redis | None = None) -> FastAPI:
     app.add_middleware(RequestId)
     # Routes are matched in order: the producers', which take the volume, come first.
     for router in (events.router(settings), callbacks.router, pipelines.router,
-                   *history.routers, operator.router, platform.router,
+                   *history.routers, operator.router, platform.router, catalogue.router,
                    probes.router):  # fmt: skip
         app.include_router(router)
     console.install(app, settings)

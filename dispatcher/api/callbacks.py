@@ -21,6 +21,7 @@ from dispatcher.api.deps import (
     apigw,
 )
 from dispatcher.models import Callback, CallbackPage, CreateCallBackResult, Event, Result
+from dispatcher.services import DEFAULT_OVERLAP_HOURS, MAX_OVERLAP_HOURS
 
 __all__ = ["V4", "callback_routes", "router"]
 
@@ -58,10 +59,10 @@ def callback_routes(
         to: RegistrationQuery,
     ) -> Result[bool]:
         """Register a callback. An upsert on (url, event): registering again updates the
-        region, token and auth header and re-enables it."""
+        region, token, auth header and receiver controls, and re-enables it."""
         await services.register(
             scope.project_id, to.url, event, to.region, to.secret_token, creator=uid,
-            pipeline_id=scope.pipeline_id, auth_header=to.auth_header,
+            pipeline_id=scope.pipeline_id, auth_header=to.auth_header, options=to.options,
         )  # fmt: skip
         return Result[bool](data=True)
 
@@ -76,7 +77,7 @@ def callback_routes(
         """Register one URL for several events; unknown names land in `failureEvents`."""
         result = await services.register_batch(
             scope.project_id, to.url, event, to.region, to.secret_token, creator=uid,
-            pipeline_id=scope.pipeline_id, auth_header=to.auth_header,
+            pipeline_id=scope.pipeline_id, auth_header=to.auth_header, options=to.options,
         )  # fmt: skip
         return Result[CreateCallBackResult](data=result)
 
@@ -101,6 +102,37 @@ def callback_routes(
         """Delete a callback."""
         await services.delete(callback_id, scope.project_id, pipeline_id=scope.pipeline_id)
         return Result[bool](data=True)
+
+    @router.post("/{callbackId:int}/secret", response_model=Result[Callback])
+    async def rotate_secret(
+        services: ServicesDep,
+        scope: ScopeDep,
+        uid: AdminDep,
+        callback_id: CallbackPath,
+        secret_token: Annotated[
+            str, Query(alias="secretToken", min_length=1, description="The new token")
+        ],
+        overlap_hours: Annotated[
+            float,
+            Query(
+                alias="overlapHours",
+                ge=0,
+                le=MAX_OVERLAP_HOURS,
+                description="Hours the old token keeps signing beside the new one",
+            ),
+        ] = DEFAULT_OVERLAP_HOURS,
+    ) -> Result[Callback]:
+        """Rotate the callback's secret token: from now on the token header carries the new
+        one and `webhook-signature` a signature with each (new first) until the overlap
+        ends. Returns the callback, with `rotationEndTime`."""
+        found = await services.rotate_secret(
+            callback_id,
+            scope.project_id,
+            secret_token,
+            overlap_hours,
+            pipeline_id=scope.pipeline_id,
+        )
+        return Result[Callback](data=found)
 
     if switches:
         _add_switches(router, ScopeDep, AdminDep, MemberDep)

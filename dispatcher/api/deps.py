@@ -12,6 +12,8 @@ from dispatcher.auth import Role
 from dispatcher.delivery import MAX_AUTH_HEADER_NAME, MAX_AUTH_HEADER_VALUE, AuthHeader
 from dispatcher.errors import Forbidden, Unauthenticated
 from dispatcher.models import ApigwType, Region
+from dispatcher.registry import Options
+from dispatcher.registry.options import MAX_FILTER_LENGTH, MAX_IN_FLIGHT, MAX_PER_SECOND
 from dispatcher.services import Services
 
 __all__ = [
@@ -20,6 +22,7 @@ __all__ = [
     "Caller",
     "Member",
     "Operator",
+    "OptionsQuery",
     "PageQuery",
     "PageSizeQuery",
     "PipelinePath",
@@ -86,22 +89,62 @@ async def auth_header(
 AuthHeaderQuery = Annotated[AuthHeader | None, Depends(auth_header)]
 
 
+async def options(
+    max_per_second: Annotated[
+        int | None,
+        Query(
+            alias="maxPerSecond",
+            ge=1,
+            le=MAX_PER_SECOND,
+            description="Deliveries to this callback start at most this often per second, "
+            "fleet-wide; the excess waits in the queue (no attempt spent)",
+        ),
+    ] = None,
+    max_in_flight: Annotated[
+        int | None,
+        Query(
+            alias="maxInFlight",
+            ge=1,
+            le=MAX_IN_FLIGHT,
+            description="At most this many requests to this callback at once, fleet-wide",
+        ),
+    ] = None,
+    filter_: Annotated[
+        str | None,
+        Query(
+            alias="filter",
+            max_length=MAX_FILTER_LENGTH,
+            description="A JMESPath expression over {event, projectId, data}; the event is "
+            "delivered only when it is truthy, e.g. data.status == 'FAILED'",
+        ),
+    ] = None,
+) -> Options:
+    """A registration's receiver controls (checked when registered)."""
+    return Options(max_per_second, max_in_flight, filter_)
+
+
+OptionsQuery = Annotated[Options, Depends(options)]
+
+
 class Registration(NamedTuple):
-    """Where a registration sends an event and with what: the seed's query parameters."""
+    """Where a registration sends an event and with what: the seed's query parameters, and
+    the receiver controls."""
 
     url: str
     region: Region
     secret_token: str | None
     auth_header: AuthHeader | None
+    options: Options
 
 
 async def registration(
     url: UrlQuery,
     region: RegionQuery,
     auth_header: AuthHeaderQuery,
+    options: OptionsQuery,
     secret_token: TokenQuery = None,
 ) -> Registration:
-    return Registration(url, region, secret_token, auth_header)
+    return Registration(url, region, secret_token, auth_header, options)
 
 
 RegistrationQuery = Annotated[Registration, Depends(registration)]

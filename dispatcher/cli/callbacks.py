@@ -9,9 +9,13 @@ import typer
 from rich.table import Table
 
 from dispatcher.auth import Role
+from dispatcher.catalogue import CATALOGUE
 from dispatcher.cli.common import CLI_USER, console, err, fmt_ms, load_settings, on_services
 from dispatcher.delivery import AuthHeader
-from dispatcher.models import PLATFORM_PROJECT, Region
+from dispatcher.models import PLATFORM_PROJECT, Callback, Region
+from dispatcher.registry import Options
+from dispatcher.services import DEFAULT_OVERLAP_HOURS
+from dispatcher.settings import Settings
 from dispatcher.tokens import TokenCipher
 
 __all__ = ["callbacks_app", "roles_app", "tokens_app"]
@@ -63,17 +67,38 @@ def callbacks_list(
     """A project's callbacks (its pipelines' too), one pipeline's, or the platform-wide
     ones; secrets never shown."""
     owner = _owner(project, all_projects)
+    settings = load_settings()
     result = on_services(lambda s: s.callbacks(owner, page, page_size, pipeline_id=pipeline))
     table = Table("id", "level", "pipeline", "event", "url", "region", "enabled",
-                  "disabled reason", "token", "auth header")  # fmt: skip
+                  "disabled reason", "secrets", "controls")  # fmt: skip
     for cb in result.records:
         table.add_row(
             str(cb.id), cb.level.value, cb.pipeline_id or "", cb.event.value, cb.url,
             cb.region.value, "yes" if cb.enabled else "no", cb.disabled_reason or "",
-            "set" if cb.has_secret_token else "", "set" if cb.has_auth_header else "",
+            _secrets(cb, settings), _controls(cb),
         )  # fmt: skip
     console.print(table)
     console.print(f"page {result.page}/{max(result.total_pages, 1)}, {result.count} callbacks")
+
+
+def _secrets(cb: Callback, settings: Settings) -> str:
+    """Which secrets a callback has (never them), and a rotation's end."""
+    parts = ["token set"] if cb.has_secret_token else []
+    parts += ["auth header set"] if cb.has_auth_header else []
+    if cb.rotation_end_time is not None:
+        parts.append(f"old token signs until {fmt_ms(cb.rotation_end_time, settings)}")
+    return ", ".join(parts)
+
+
+def _controls(cb: Callback) -> str:
+    """A callback's limits and filter, and how often its filter failed."""
+    parts = [f"{cb.max_per_second}/s"] if cb.max_per_second else []
+    parts += [f"{cb.max_in_flight} in flight"] if cb.max_in_flight else []
+    if cb.filter is not None:
+        parts.append(f"filter: {cb.filter}")
+    if cb.filter_errors:
+        parts.append(f"filter failed on {cb.filter_errors} events: {cb.filter_last_error}")
+    return ", ".join(parts)
 
 
 @callbacks_app.command("failing")
@@ -102,10 +127,24 @@ def callbacks_add(
         str | None,
         typer.Option(help="'Name: value' of a header sent with every delivery (kept secret)"),
     ] = None,
+    max_per_second: Annotated[
+        int | None, typer.Option(help="Start at most this many deliveries a second (fleet-wide)")
+    ] = None,
+    max_in_flight: Annotated[
+        int | None, typer.Option(help="At most this many requests at once (fleet-wide)")
+    ] = None,
+    filter_: Annotated[
+        str | None,
+        typer.Option(
+            "--filter", help="JMESPath over {event, projectId, data}: deliver when truthy"
+        ),
+    ] = None,
 ) -> None:
     """Register a URL for one or more events (an upsert), under the region's address policy:
-    on a project, one of its pipelines (--pipeline), or every project (--all-projects)."""
+    on a project, one of its pipelines (--pipeline), or every project (--all-projects),
+    with its receiver controls."""
     owner, header = _owner(project, all_projects), _auth_header(auth_header)
+    options = Options(max_per_second, max_in_flight, filter_)
     result = on_services(
         lambda s: s.register_batch(
             owner,
@@ -116,6 +155,7 @@ def callbacks_add(
             creator=CLI_USER,
             pipeline_id=pipeline,
             auth_header=header,
+            options=options,
         )
     )
     for name in result.success_events:
@@ -137,6 +177,39 @@ def callbacks_rm(
     owner = _owner(project, all_projects)
     on_services(lambda s: s.delete(callback_id, owner, pipeline_id=pipeline))
     console.print(f"deleted callback {callback_id}")
+
+
+@callbacks_app.command("rotate")
+def callbacks_rotate(
+    callback_id: int,
+    token: Annotated[str, typer.Option(help="The new secret token")],
+    project: ProjectOption = None,
+    all_projects: AllProjectsOption = False,
+    pipeline: PipelineOption = None,
+    overlap_hours: Annotated[
+        float, typer.Option(help="Hours the old token keeps signing beside the new one")
+    ] = DEFAULT_OVERLAP_HOURS,
+) -> None:
+    """Rotate a callback's secret token; both sign until the overlap ends."""
+    owner, settings = _owner(project, all_projects), load_settings()
+    found = on_services(
+        lambda s: s.rotate_secret(callback_id, owner, token, overlap_hours, pipeline_id=pipeline)
+    )
+    if found.rotation_end_time is None:
+        console.print(f"callback {callback_id}: new token in use, the old one no longer signs")
+    else:
+        until = fmt_ms(found.rotation_end_time, settings)
+        console.print(f"callback {callback_id}: new token in use, the old one signs until {until}")
+
+
+@callbacks_app.command("events")
+def callbacks_events() -> None:
+    """The event catalogue: where each event can be subscribed, what emits it."""
+    table = Table("event", "levels", "about", "emitted by")
+    for info in CATALOGUE:
+        levels = ", ".join(level.value for level in info.levels)
+        table.add_row(info.event.value, levels, info.about, info.emitted_by)
+    console.print(table)
 
 
 @callbacks_app.command("enable")

@@ -12,9 +12,9 @@ from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
 
-from dispatcher.connections import REDIS_ERRORS
+from dispatcher.connections import REDIS_ERRORS, preflight
 from dispatcher.embedded import EmbeddedPostgres, EmbeddedRedis
-from dispatcher.errors import DispatcherError
+from dispatcher.errors import DispatcherError, InvalidSetting
 from dispatcher.history import format_ms
 from dispatcher.models import HistoryRecord
 from dispatcher.services import Services
@@ -23,6 +23,7 @@ from dispatcher.settings import EMBEDDED, Settings
 __all__ = [
     "CLI_USER",
     "app",
+    "checked",
     "console",
     "counting",
     "embedded_postgres",
@@ -61,9 +62,10 @@ def load_settings(**overrides: Any) -> Settings:
 
 
 def with_redis_url(settings: Settings) -> Settings:
-    """DISPATCHER_REDIS_URL, else the embedded Redis of a `dispatcher run` on this folder."""
+    """DISPATCHER_REDIS_URL (checked, see `checked`), else the embedded Redis of a
+    `dispatcher run` on this folder."""
     if settings.redis_url is not None:
-        return settings
+        return checked(settings)
     running = EmbeddedRedis(settings.data_dir).running_url()
     if running is None:
         err.print(
@@ -72,6 +74,20 @@ def with_redis_url(settings: Settings) -> Settings:
         )
         raise typer.Exit(2)
     return settings.model_copy(update={"redis_url": running})
+
+
+def checked(settings: Settings) -> Settings:
+    """`settings` once `preflight` found its Redis settings workable: one that cannot work
+    (an unknown sentinel master, no sentinel answering, too few replicas) stops the command
+    with a message naming it; warnings go to stderr."""
+    try:
+        warnings = asyncio.run(preflight(settings))
+    except InvalidSetting as exc:
+        err.print(f"[red]configuration error[/red] {exc.param}: {exc.message}")
+        raise typer.Exit(2) from None
+    for warning in warnings:
+        err.print(f"[yellow]warning[/yellow]: {warning}")
+    return settings
 
 
 def embedded_postgres(settings: Settings) -> EmbeddedPostgres:

@@ -20,6 +20,7 @@ from dispatcher.cli.common import (
     records_table,
 )
 from dispatcher.services import Services
+from dispatcher.stats import duration
 
 
 def _parse_data(data: str) -> dict[str, Any]:
@@ -103,7 +104,7 @@ def sweep() -> None:
 
 @app.command()
 def status() -> None:
-    """Queue depth, live workers, failing and disabled callbacks, the last hour."""
+    """Queue depth, live workers, failing and disabled callbacks, the last hour and day."""
     st = on_services(lambda s: s.status())
     table = Table("what", "value", show_header=False)
     table.add_row("queue: jobs due", str(st.queue_due))
@@ -115,4 +116,7 @@ def status() -> None:
     table.add_row("callbacks disabled", str(st.disabled))
     for outcome in ("success", "retry", "failed", "gone"):
         table.add_row(f"last hour: {outcome}", str(st.last_hour.get(outcome, 0)))
+    for span in (st.hour, st.day):
+        percentiles = f"{duration(span.p50_ms)} / {duration(span.p99_ms)}"
+        table.add_row(f"last {span.span.name}: attempt duration p50 / p99", percentiles)
     console.print(table)

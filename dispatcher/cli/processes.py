@@ -13,6 +13,7 @@ import typer
 
 from dispatcher.cli.common import (
     app,
+    checked,
     console,
     embedded_postgres,
     err,
@@ -20,7 +21,7 @@ from dispatcher.cli.common import (
     with_history_url,
     with_redis_url,
 )
-from dispatcher.connections import REDIS_ERRORS
+from dispatcher.connections import REDIS_ERRORS, shown
 from dispatcher.embedded import EmbeddedRedis
 from dispatcher.settings import EMBEDDED, Settings
 
@@ -56,14 +57,16 @@ def run(
     with contextlib.ExitStack() as servers:
         settings = _history(settings, servers)
         embedded = None if settings.redis_url else EmbeddedRedis(settings.data_dir)
-        if embedded is not None:
+        if embedded is None:
+            settings = checked(settings)
+        else:
             settings = settings.model_copy(update={"redis_url": embedded.start()})
             servers.callback(embedded.stop)
         base = f"http://{settings.api_host}:{settings.api_port}"
         where = f"  (embedded, data in {settings.data_dir})" if embedded else ""
         print(f"callback-dispatcher API on {base}  (docs: {base}/docs)", flush=True)
         print(f"console: {base}/console", flush=True)
-        print(f"Redis: {settings.redis_url}{where}", flush=True)
+        print(f"Redis: {shown(settings.redis_url or '')}{where}", flush=True)
         install_uvloop()
         asyncio.run(serve(settings, with_worker=True))
 

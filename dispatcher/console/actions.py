@@ -1,5 +1,6 @@
-"""The console's forms (POST): enable and disable a callback, redeliver one attempt or a
-window's failed deliveries. Each needs a valid CSRF token and the admin role (`AdminForm`),
+"""The console's forms (POST): register a callback (its receiver controls included),
+rotate its secret, enable and disable it, redeliver one attempt or a window's failed
+deliveries. Each needs a valid CSRF token and the admin role (`AdminForm`),
 calls one `Services` operation, and redirects (303) to the page it came from."""
 
 from __future__ import annotations
@@ -11,6 +12,9 @@ from fastapi import APIRouter, Form, Path
 from starlette.responses import RedirectResponse
 
 from dispatcher.console.page import PREFIX, AdminForm, ConsoleRoute, ProjectPath, redirect
+from dispatcher.errors import InvalidInput
+from dispatcher.models import Region
+from dispatcher.registry import Options
 
 __all__ = ["router"]
 
@@ -23,6 +27,64 @@ router = APIRouter(prefix=PREFIX, route_class=ConsoleRoute, include_in_schema=Fa
 
 def _project(project_id: str) -> str:
     return f"/projects/{quote(project_id, safe='')}"
+
+
+def _number(value: str, name: str) -> int | None:
+    """An optional whole number of a form (blank: not set)."""
+    if not value.strip():
+        return None
+    if not value.strip().isdecimal():
+        raise InvalidInput(f"{name} must be a whole number", param=name)
+    return int(value)
+
+
+@router.post("/projects/{projectId}/callbacks")
+async def register(
+    page: AdminForm,
+    project_id: ProjectPath,
+    url: Field,
+    event: Field,
+    region: Annotated[Region, Form()] = Region.DEVNET,
+    secret_token: Annotated[str, Form(alias="secretToken", max_length=1024)] = "",
+    pipeline_id: Annotated[str, Form(alias="pipelineId", max_length=128)] = "",
+    max_per_second: Annotated[str, Form(alias="maxPerSecond", max_length=16)] = "",
+    max_in_flight: Annotated[str, Form(alias="maxInFlight", max_length=16)] = "",
+    filter_: Annotated[str, Form(alias="filter", max_length=1024)] = "",
+) -> RedirectResponse:
+    """Register a URL for one or more events (comma-separated), as the batch route does."""
+    options = Options(
+        _number(max_per_second, "maxPerSecond"),
+        _number(max_in_flight, "maxInFlight"),
+        filter_.strip() or None,
+    )
+    result = await page.services.register_batch(
+        project_id,
+        url,
+        event,
+        region,
+        secret_token or None,
+        creator=page.uid,
+        pipeline_id=pipeline_id.strip() or None,
+        options=options,
+    )
+    if result.failure_events:
+        refused = "; ".join(f"{name}: {why}" for name, why in result.failure_events.items())
+        done = ", ".join(result.success_events) or "none"
+        raise InvalidInput(f"refused {refused} (registered: {done})", param="event")
+    return redirect(page, _project(project_id), notice="registered", n=len(result.success_events))
+
+
+@router.post("/projects/{projectId}/callbacks/{callbackId:int}/secret")
+async def rotate(
+    page: AdminForm,
+    project_id: ProjectPath,
+    callback_id: CallbackPath,
+    secret_token: Annotated[str, Form(alias="secretToken", min_length=1, max_length=1024)],
+    overlap_hours: Annotated[float, Form(alias="overlapHours", ge=0, le=168)] = 24,
+) -> RedirectResponse:
+    """Rotate the callback's secret token, the old one signing beside it for a while."""
+    await page.services.rotate_secret(callback_id, project_id, secret_token, overlap_hours)
+    return redirect(page, _project(project_id), notice="rotated")
 
 
 @router.post("/projects/{projectId}/callbacks/{callbackId:int}/enable")
@@ -73,6 +135,12 @@ async def redeliver_failed(
         project_id, url, event, start_time or None, end_time or None
     )
     return redirect(
-        page, _project(project_id) + "/history", url=url, event=event, startTime=start_time,
-        endTime=end_time, notice="queued" if queued else "none-queued", n=queued,
-    )  # fmt: skip
+        page,
+        _project(project_id) + "/history",
+        url=url,
+        event=event,
+        startTime=start_time,
+        endTime=end_time,
+        notice="queued" if queued else "none-queued",
+        n=queued,
+    )

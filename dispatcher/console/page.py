@@ -28,6 +28,7 @@ from dispatcher.console.csrf import FIELD, Csrf
 from dispatcher.errors import DispatcherError, Unauthenticated
 from dispatcher.history import format_ms
 from dispatcher.services import Services
+from dispatcher.stats import duration
 
 __all__ = [
     "ANONYMOUS",
@@ -63,6 +64,9 @@ NOTICES = {
     "attempts once a worker has sent it.",
     "queued": "{n} failed deliveries of this window were queued again.",
     "none-queued": "No delivery of this window had finally failed: nothing was queued.",
+    "registered": "Registered for {n} event(s).",
+    "rotated": "Secret rotated: the new token is in use; see the list for how long the old "
+    "one still signs.",
 }
 
 
@@ -84,6 +88,7 @@ class Templates:
             lstrip_blocks=True,
         )
         self.env.filters["when"] = lambda ms: "" if ms is None else format_ms(ms, tz)
+        self.env.filters["duration"] = duration
         self.env.filters["seg"] = lambda value: quote(str(value), safe="")
         self.env.filters["query"] = lambda params: urlencode(
             {k: v for k, v in params.items() if v not in (None, "")}

@@ -4,12 +4,14 @@ renders a template; none changes anything."""
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 from urllib.parse import quote
 
 from fastapi import APIRouter, Path, Query
 from starlette.responses import HTMLResponse, RedirectResponse
 
+from dispatcher.catalogue import CATALOGUE
+from dispatcher.console import charts
 from dispatcher.console.page import (
     PREFIX,
     AnyPage,
@@ -18,9 +20,13 @@ from dispatcher.console.page import (
     ProjectPath,
     redirect,
 )
-from dispatcher.delivery import Outcome
 from dispatcher.errors import InvalidInput
-from dispatcher.models import Event
+from dispatcher.models import Event, Region
+
+if TYPE_CHECKING:
+    from zoneinfo import ZoneInfo
+
+    from dispatcher.stats import Series
 
 __all__ = ["router"]
 
@@ -28,6 +34,7 @@ __all__ = ["router"]
 PageQuery = Annotated[int, Query(alias="page", ge=1, le=1_000_000_000)]
 CALLBACKS_PER_PAGE = 50
 PAGE_SIZES = (10, 20, 50, 100)
+WINDOWS = {"1h": "the last hour", "1d": "the last day", "all": "the retention"}
 
 router = APIRouter(prefix=PREFIX, route_class=ConsoleRoute, include_in_schema=False)
 
@@ -58,7 +65,15 @@ async def callbacks(
         "callbacks",
         callbacks=found,
         failures=failures,
+        events=[e.value for e in Event],
+        regions=[r.value for r in Region],
     )
+
+
+@router.get("/events")
+async def events(page: AnyPage) -> HTMLResponse:
+    """The event catalogue: what each event is, where it can be subscribed, its data."""
+    return await page.render("events.html", "Events", "events", catalogue=CATALOGUE)
 
 
 @router.get("/projects/{projectId}/history")
@@ -116,6 +131,47 @@ async def record(
     )
 
 
+@router.get("/projects/{projectId}/deliveries")
+async def deliveries(
+    page: MemberPage,
+    project_id: ProjectPath,
+    url: Annotated[str, Query(alias="url", max_length=2048)] = "",
+    status: Annotated[str, Query(alias="status", max_length=16)] = "",
+    within: Annotated[str, Query(alias="within", max_length=8)] = "all",
+    before: Annotated[str, Query(alias="before", max_length=40)] = "",
+) -> HTMLResponse:
+    """Recent deliveries: one callback URL's attempts across its events, or every URL's
+    of the project; by status, within the last hour, day or the retention."""
+    query = {"url": url, "status": status.upper(), "within": within}
+    found, problem = None, None
+    try:
+        found = await page.services.recent(
+            project_id,
+            url=url or None,
+            status=status or None,
+            within=within,
+            before=before or None,
+        )
+    except InvalidInput as exc:
+        problem = exc.message
+    known = await page.services.callbacks(project_id, 1, 100)
+    failures = query == {"url": "", "status": "FAILED", "within": "1h"}
+    response = await page.render(
+        "deliveries.html",
+        f"{'Failures of the last hour' if failures else 'Recent deliveries'} · {project_id}",
+        "failures" if failures else "deliveries",
+        query=query,
+        found=found,
+        problem=problem,
+        before=before,
+        urls=sorted({cb.url for cb in known.records} | ({url} if url else set())),
+        windows=WINDOWS,
+    )
+    if problem is not None:
+        response.status_code = 400
+    return response
+
+
 @router.get("/projects/{projectId}/dead-letters")
 async def dead_letters(
     page: MemberPage,
@@ -128,16 +184,26 @@ async def dead_letters(
 
 @router.get("/status")
 async def status(page: AnyPage) -> HTMLResponse:
-    """Queue, workers and the last hour: the service's, not one project's."""
+    """Queue, workers, and the attempts of the last hour and day: the service's, not one
+    project's."""
     found = await page.services.status()
-    names = [o.value for o in Outcome]
-    outcomes = [(name, found.last_hour.get(name, 0)) for name in names]
-    outcomes += sorted((k, v) for k, v in found.last_hour.items() if k not in names)
+    tz = page.services.settings.tz
+    spans = [_span(found.hour, tz, "hour", "minute"), _span(found.day, tz, "day", "10 minutes")]
     return await page.render(
-        "status.html",
-        "Status",
-        "status",
-        status=found,
-        outcomes=outcomes,
-        top=max([n for _, n in outcomes] + [1]),
+        "status.html", "Status", "status", status=found, spans=spans, outcomes=charts.OUTCOMES
     )
+
+
+def _span(series: Series, tz: ZoneInfo, window: str, per: str) -> dict[str, Any]:
+    """A span's charts and what the template says of them."""
+    return {
+        "id": series.span.name,
+        "heading": f"Last {window}",
+        "window": window,
+        "per": per,
+        "series": series,
+        "attempts": charts.attempts_chart(series, tz, f"Attempts per {per} in the last {window}"),
+        "latency": charts.latency_chart(
+            series, tz, f"Attempt duration p50 and p99 per {per} in the last {window}"
+        ),
+    }

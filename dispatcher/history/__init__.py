@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 from dispatcher.history.window import (
     MAX_ATTEMPTS_SHOWN,
     TIME_FORMAT,
+    Cursor,
+    Recent,
     format_ms,
     now_ms,
     parse_window,
@@ -25,18 +27,20 @@ from dispatcher.history.window import (
 )
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Callable, Iterable
+    from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 
     from redis.asyncio import Redis
     from redis.asyncio.client import Pipeline
 
-    from dispatcher.models import HistoryPage, HistoryRecord
+    from dispatcher.models import DeliveryStatus, HistoryPage, HistoryRecord
     from dispatcher.settings import Settings
 
 __all__ = [
     "MAX_ATTEMPTS_SHOWN",
     "TIME_FORMAT",
+    "Cursor",
     "HistoryStore",
+    "Recent",
     "format_ms",
     "now_ms",
     "open_history",
@@ -84,6 +88,22 @@ class HistoryStore(Protocol):
         self, delivery_id: str, project_id: str, *, now_ms: int | None = None
     ) -> list[HistoryRecord]:
         """Every attempt of one delivery within the retention, newest first."""
+
+    async def recent(
+        self,
+        project_id: str,
+        urls: Sequence[str],
+        *,
+        start_ms: int,
+        end_ms: int,
+        status: DeliveryStatus | None = None,
+        before: Cursor | None = None,
+        limit: int = 50,
+        now_ms: int | None = None,
+    ) -> Recent:
+        """The project's newest attempts to any of `urls`, every event included (a
+        callback's "Recent deliveries"), of one `status` when given, in the window and
+        older than `before`; newest first."""
 
     def final_failures(
         self, project_id: str, url: str, event: str, *, start_ms: int, end_ms: int

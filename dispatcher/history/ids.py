@@ -1,4 +1,13 @@
-"""Record ids, from one Redis counter whatever the backend, handed out in blocks."""
+"""Record ids, from one Redis counter whatever the backend, handed out in blocks.
+
+A block is handed out by one script that also notes which Redis server (its run id) did
+it. A server that did not hand out the last block may lack the newest ones: a replica that
+a failover promoted never received the master's last writes, a restarted server lost what
+its append-only file had not synced. Its first block then starts `ID_GAP` further on, so
+that an id a worker still holds from a lost block (and writes to the new master) is never
+handed out a second time: two records with one id would overwrite one another. The gap is
+far more ids than a fleet hands out in the moments a replica lags behind.
+"""
 
 from __future__ import annotations
 
@@ -7,16 +16,33 @@ import collections
 from typing import TYPE_CHECKING, Any
 
 from dispatcher import keys
+from dispatcher.lua import Lua
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
 
     from redis.asyncio import Redis
 
-__all__ = ["ID_BLOCK", "RecordIds"]
+__all__ = ["ID_BLOCK", "ID_GAP", "RecordIds"]
 
 # record ids reserved per round trip
 ID_BLOCK = 1000
+ID_GAP = 100_000_000
+
+# KEYS: the counter, the server that handed out the last block. ARGV: block size, gap.
+# Returns the block's last id. A counter that was never used needs no gap (a fresh Redis).
+_BLOCK = Lua("""
+local server = string.match(redis.call('INFO', 'server'), 'run_id:(%x+)')
+local last = redis.call('GET', KEYS[2])
+if last ~= server then
+  redis.call('SET', KEYS[2], server)
+  if last or redis.call('EXISTS', KEYS[1]) == 1 then
+    redis.call('INCRBY', KEYS[1], ARGV[2])
+  end
+end
+return redis.call('INCRBY', KEYS[1], ARGV[1])
+""")
+_KEYS = (keys.HISTORY_SEQ, keys.HISTORY_SEQ_SERVER)
 
 
 class RecordIds:
@@ -34,7 +60,7 @@ class RecordIds:
         async with self._lock:
             while len(self._ids) < len(missing):
                 block = max(ID_BLOCK, len(missing) - len(self._ids))
-                last = int(await self.redis.incrby(keys.HISTORY_SEQ, block))
+                last = int(await _BLOCK(self.redis, _KEYS, [block, ID_GAP]))
                 self._ids.extend(range(last - block + 1, last + 1))
             for record in missing:
                 record["id"] = self._ids.popleft()

@@ -29,26 +29,26 @@ if TYPE_CHECKING:
 __all__ = ["Loader", "Row", "parse_row"]
 
 Pair = tuple[str, str, str]  # project, event, url
-COLUMNS = ("id", "created_ms", "pair_id", "project_id", "delivery_id", "dead", "doc")
+COLUMNS = ("id", "created_ms", "pair_id", "project_id", "delivery_id", "dead", "failed", "doc")
 
 _STAGING = """
 CREATE TEMP TABLE IF NOT EXISTS history_staging (
   id bigint, created_ms bigint, pair_id int, project_id text, delivery_id text,
-  dead boolean, doc text
+  dead boolean, failed boolean, doc text
 ) ON COMMIT DELETE ROWS
 """
 _RAW_TABLES = """
 CREATE TEMP TABLE IF NOT EXISTS history_raw (dead boolean, doc text) ON COMMIT DELETE ROWS;
 CREATE TEMP TABLE IF NOT EXISTS history_parsed (
   id bigint NOT NULL, created_ms bigint NOT NULL, project_id text NOT NULL, event text NOT NULL,
-  url text NOT NULL, delivery_id text, dead boolean, doc text
+  url text NOT NULL, delivery_id text, dead boolean, failed boolean, doc text
 ) ON COMMIT DELETE ROWS
 """
 # Each JSON document parsed once (NOT NULL: a document that is no record fails the batch).
 _RAW_PARSE = """
 INSERT INTO history_parsed
 SELECT (j->>'id')::bigint, (j->>'createdTime')::bigint, j->>'projectId', j->>'events',
-       j->>'callBackUrl', j->>'deliveryId', dead, doc
+       j->>'callBackUrl', j->>'deliveryId', dead, j->>'status' = 'FAILED', doc
   FROM (SELECT dead, doc, doc::jsonb AS j FROM history_raw) r
 """
 # Its own statement: the next one's snapshot sees the pairs a concurrent shipper just added.
@@ -56,16 +56,14 @@ _RAW_PAIRS = """
 INSERT INTO history_pairs (project_id, event, url)
 SELECT DISTINCT project_id, event, url FROM history_parsed ON CONFLICT DO NOTHING
 """
-_FROM_STAGING = (
-    "SELECT id, created_ms, pair_id, project_id, delivery_id, dead, doc FROM history_staging"
-)
+_FROM_STAGING = f"SELECT {', '.join(COLUMNS)} FROM history_staging"
 _FROM_PARSED = """
-SELECT r.id, r.created_ms, p.pair_id, r.project_id, r.delivery_id, r.dead, r.doc
+SELECT r.id, r.created_ms, p.pair_id, r.project_id, r.delivery_id, r.dead, r.failed, r.doc
   FROM history_parsed r JOIN history_pairs p USING (project_id, event, url)"""
 # The source's rows not stored yet, and their counts; returns how many were new.
 _INSERT_FROM = """
 WITH fresh AS (
-  INSERT INTO history_attempts (id, created_ms, pair_id, project_id, delivery_id, dead, doc)
+  INSERT INTO history_attempts ({columns})
   {source}
   ON CONFLICT DO NOTHING
   RETURNING pair_id, created_ms
@@ -78,8 +76,8 @@ WITH fresh AS (
 )
 SELECT count(*) FROM fresh
 """
-_INSERT_STAGED = _INSERT_FROM.format(source=_FROM_STAGING)
-_INSERT_PARSED = _INSERT_FROM.format(source=_FROM_PARSED)
+_INSERT_STAGED = _INSERT_FROM.format(columns=", ".join(COLUMNS), source=_FROM_STAGING)
+_INSERT_PARSED = _INSERT_FROM.format(columns=", ".join(COLUMNS), source=_FROM_PARSED)
 _UPSERT_PAIRS = """
 INSERT INTO history_pairs (project_id, event, url)
 SELECT * FROM unnest($1::text[], $2::text[], $3::text[]) ON CONFLICT DO NOTHING
@@ -100,6 +98,7 @@ class Row(NamedTuple):
     delivery_id: str | None
     dead: bool
     doc: str
+    failed: bool
 
 
 def parse_row(raw: bytes, dead: bool | None = None) -> Row:
@@ -112,7 +111,7 @@ def parse_row(raw: bytes, dead: bool | None = None) -> Row:
     delivery_id = rec.get("deliveryId")
     return Row(int(rec["id"]), int(rec["createdTime"]), pair,
                None if delivery_id is None else str(delivery_id), dead,
-               raw.decode())  # fmt: skip
+               raw.decode(), rec.get("status") == "FAILED")  # fmt: skip
 
 
 class Loader:
@@ -163,7 +162,16 @@ class Loader:
         await self.conn.copy_records_to_table(
             "history_staging",
             records=[
-                (r.id, r.created_ms, self.pairs[r.pair], r.pair[0], r.delivery_id, r.dead, r.doc)
+                (
+                    r.id,
+                    r.created_ms,
+                    self.pairs[r.pair],
+                    r.pair[0],
+                    r.delivery_id,
+                    r.dead,
+                    r.failed,
+                    r.doc,
+                )
                 for r in rows
             ],
             columns=COLUMNS,

@@ -26,11 +26,12 @@ from dispatcher.history import database, window
 from dispatcher.history.ids import RecordIds
 from dispatcher.history.redis import parse_records
 from dispatcher.history.schema import DAY_MS, drop_expired, ensure_partitions
+from dispatcher.history.window import Cursor, Recent
 from dispatcher.lua import run_pipeline
-from dispatcher.models import HistoryPage
+from dispatcher.models import DeliveryStatus, HistoryPage
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Callable, Iterable
+    from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 
     import asyncpg
     from redis.asyncio import Redis
@@ -73,12 +74,29 @@ SELECT a.doc, a.created_ms, a.id FROM history_attempts a
  ORDER BY a.created_ms DESC, a.id DESC LIMIT $8
 """
 FAILED_BATCH = 500
+# The newest attempts to some of a project's URLs (any event) before a cursor: per pair,
+# an index range read; merged. $1 project $2 urls $3 start ms $4 end ms $5, $6 the cursor
+# (ms, id) $7 limit. {status}: nothing, or a condition on `failed` (its partial index).
+RECENT_SQL = """
+SELECT r.doc FROM history_pairs p CROSS JOIN LATERAL (
+    SELECT a.doc, a.created_ms, a.id FROM history_attempts a
+     WHERE a.pair_id = p.pair_id AND a.created_ms BETWEEN $3 AND $4
+       AND (a.created_ms, a.id) < ($5, $6) {status}
+     ORDER BY a.created_ms DESC, a.id DESC LIMIT $7) r
+ WHERE p.project_id = $1 AND p.url = ANY($2::text[])
+ ORDER BY r.created_ms DESC, r.id DESC LIMIT $7
+"""
+RECENT_BY_STATUS = {
+    None: RECENT_SQL.format(status=""),
+    DeliveryStatus.FAILED: RECENT_SQL.format(status="AND a.failed"),
+    DeliveryStatus.SUCCESS: RECENT_SQL.format(status="AND NOT a.failed"),
+}
 
 
 def stream_fields(record: dict[str, Any], dead: bool) -> dict[str, bytes | str | int]:
     """One stream entry: the record's JSON, whether its delivery gave up, and the columns
-    it is stored and counted by (its id, time, project, event, URL and delivery id), so that
-    neither the shipper nor PostgreSQL has to read the JSON."""
+    it is stored and counted by (its id, time, project, event, URL, delivery id and status),
+    so that neither the shipper nor PostgreSQL has to read the JSON."""
     return {
         "r": orjson.dumps(record),
         "d": b"1" if dead else b"0",
@@ -88,6 +106,7 @@ def stream_fields(record: dict[str, Any], dead: bool) -> dict[str, bytes | str |
         "e": record["events"],
         "u": record["callBackUrl"],
         "v": record.get("deliveryId") or "",
+        "s": record["status"],
     }
 
 
@@ -205,6 +224,29 @@ class PostgresHistory:
             ATTEMPTS_SQL, delivery_id, project_id, self._cutoff(now_ms), window.MAX_ATTEMPTS_SHOWN
         )
         return _records(rows)
+
+    async def recent(
+        self,
+        project_id: str,
+        urls: Sequence[str],
+        *,
+        start_ms: int,
+        end_ms: int,
+        status: DeliveryStatus | None = None,
+        before: Cursor | None = None,
+        limit: int = 50,
+        now_ms: int | None = None,
+    ) -> Recent:
+        """The newest attempts to any of `urls`, in one statement. Rows shipped before
+        schema version 3 have no status column and show only unfiltered."""
+        start_ms = max(start_ms, self._cutoff(now_ms))
+        after = (end_ms + 1, 0) if before is None else min((end_ms + 1, 0), tuple(before))
+        if start_ms > end_ms or not urls:
+            return Recent([], None)
+        rows = await self._fetch(
+            RECENT_BY_STATUS[status], project_id, list(urls), start_ms, end_ms, *after, limit + 1
+        )
+        return Recent.of(_records(rows), limit)
 
     async def final_failures(
         self, project_id: str, url: str, event: str, *, start_ms: int, end_ms: int

@@ -19,12 +19,12 @@ from pydantic import TypeAdapter
 from dispatcher import keys
 from dispatcher.errors import NotFound
 from dispatcher.history.ids import RecordIds
-from dispatcher.history.window import MAX_ATTEMPTS_SHOWN, check_page
+from dispatcher.history.window import MAX_ATTEMPTS_SHOWN, Cursor, Recent, check_page
 from dispatcher.lua import Lua, run_pipeline
 from dispatcher.models import DeliveryStatus, HistoryPage, HistoryRecord
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Callable, Iterable
+    from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 
     from redis.asyncio import Redis
     from redis.asyncio.client import Pipeline
@@ -39,13 +39,14 @@ RECORDS = TypeAdapter(list[HistoryRecord])
 _TTL_MARGIN_S = 86_400
 
 # KEYS: record, index, indexes set, dead zset, the project's dead zset, dead-keys set, the
-# delivery's attempts zset. ARGV: record json (id included), createdTime ms, ttl s, index
-# member, '1' when this attempt ended the delivery in failure, record id, '1' when the
-# record names its delivery. Every write is idempotent, so a pipeline whose answer was
-# lost can be sent again.
+# delivery's attempts zset, the URL's index of the record's status. ARGV: record json (id
+# included), createdTime ms, ttl s, index member, '1' when this attempt ended the delivery
+# in failure, record id, '1' when the record names its delivery. Every write is
+# idempotent, so a pipeline whose answer was lost can be sent again.
 _RECORD = Lua("""
 redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[3])
 redis.call('ZADD', KEYS[2], ARGV[2], ARGV[4])
+redis.call('ZADD', KEYS[8], ARGV[2], ARGV[4])
 redis.call('SADD', KEYS[3], KEYS[2])
 if ARGV[5] == '1' then
   redis.call('ZADD', KEYS[4], ARGV[2], ARGV[6])
@@ -77,13 +78,18 @@ end
 return {total, recs}
 """)
 
-# KEYS: index, indexes set. ARGV: cutoff ms, batch, record key prefix.
+# KEYS: index, indexes set, the URL's two indexes (ok, failed). ARGV: cutoff ms, batch,
+# record key prefix.
 _SWEEP = Lua("""
 local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, ARGV[2])
 for _, m in ipairs(ids) do
   redis.call('DEL', ARGV[3] .. string.match(m, '^0*(%d+)$'))
 end
-if #ids > 0 then redis.call('ZREM', KEYS[1], unpack(ids)) end
+if #ids > 0 then
+  redis.call('ZREM', KEYS[1], unpack(ids))
+  redis.call('ZREM', KEYS[3], unpack(ids))
+  redis.call('ZREM', KEYS[4], unpack(ids))
+end
 if redis.call('ZCARD', KEYS[1]) == 0 then
   redis.call('DEL', KEYS[1])
   redis.call('SREM', KEYS[2], KEYS[1])
@@ -91,6 +97,20 @@ end
 return #ids
 """)
 
+
+# KEYS: a URL's index of one status. ARGV: newest ms, newest member excluded ('': none),
+# oldest ms, count. The newest members in [oldest, newest], after those at the newest ms
+# from the excluded one up (a cursor: its record and those before it were shown).
+_NEWEST = Lua("""
+local skip = 0
+if ARGV[2] ~= '' then
+  for _, m in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], ARGV[1], ARGV[1])) do
+    if m >= ARGV[2] then skip = skip + 1 end
+  end
+end
+return redis.call('ZREVRANGEBYSCORE', KEYS[1], ARGV[1], ARGV[3], 'WITHSCORES', 'LIMIT', skip,
+                  ARGV[4])
+""")
 
 # KEYS: a zset of record ids by time (dead letters, a delivery's attempts). ARGV: limit,
 # record key prefix. The latest records, newest first.
@@ -147,6 +167,9 @@ class RedisHistory:
                 keys.history_dead(project_id),
                 keys.HISTORY_DEAD_KEYS,
                 keys.history_attempts(delivery_id),
+                keys.history_url_index(
+                    project_id, record["callBackUrl"], record["status"] != DeliveryStatus.SUCCESS
+                ),
             ],
             [orjson.dumps(record), record["createdTime"], ttl, keys.history_member(record_id),
              "1" if dead else "0", record_id, "1" if delivery_id else "0"],
@@ -220,6 +243,45 @@ class RedisHistory:
         raws = await _LATEST(self.redis, [key], [limit, keys.HISTORY_RECORD_PREFIX])
         return parse_records(raws)
 
+    async def recent(
+        self,
+        project_id: str,
+        urls: Sequence[str],
+        *,
+        start_ms: int,
+        end_ms: int,
+        status: DeliveryStatus | None = None,
+        before: Cursor | None = None,
+        limit: int = 50,
+        now_ms: int | None = None,
+    ) -> Recent:
+        """The newest attempts to any of `urls`: the newest `limit` + 1 of each URL index
+        in one round trip (one index per URL and status), merged, and their records in a
+        second one."""
+        now = time.time_ns() // 1_000_000 if now_ms is None else now_ms
+        start_ms = max(start_ms, now - self.settings.retention_ms)
+        newest, excluded = end_ms, ""
+        if before is not None and before.created_ms <= end_ms:
+            newest, excluded = before.created_ms, keys.history_member(before.id)
+        failed = [False, True] if status is None else [status is DeliveryStatus.FAILED]
+        indexes = [keys.history_url_index(project_id, url, f) for url in urls for f in failed]
+        if start_ms > newest or not indexes:
+            return Recent([], None)
+
+        def newest_of_each(pipe: Pipeline) -> None:
+            for index in indexes:
+                _NEWEST.queue(pipe, [index], [newest, excluded, start_ms, limit + 1])
+
+        found: list[tuple[int, int]] = []  # (ms, id) of each index's newest
+        for reply in await run_pipeline(self.redis, newest_of_each):
+            found += (
+                (int(float(ms)), int(m)) for m, ms in zip(reply[::2], reply[1::2], strict=True)
+            )
+        found.sort(reverse=True)
+        ids = [record_id for _, record_id in found[: limit + 1]]
+        raws = await self.redis.mget([keys.history_record(i) for i in ids]) if ids else []
+        return Recent.of(parse_records(raws), limit)
+
     async def final_failures(
         self, project_id: str, url: str, event: str, *, start_ms: int, end_ms: int
     ) -> AsyncIterator[HistoryRecord]:
@@ -260,14 +322,11 @@ class RedisHistory:
         batch = self.settings.sweep_batch
         removed = batches = 0
         async for index in self.redis.sscan_iter(keys.HISTORY_INDEXES, count=100):
+            swept = [index.decode(), keys.HISTORY_INDEXES]
+            swept += keys.history_url_indexes_of(swept[0])
             while True:
-                n = int(
-                    await _SWEEP(
-                        self.redis,
-                        [index.decode(), keys.HISTORY_INDEXES],
-                        [cutoff, batch, keys.HISTORY_RECORD_PREFIX],
-                    )
-                )
+                args: list[str | int] = [cutoff, batch, keys.HISTORY_RECORD_PREFIX]
+                n = int(await _SWEEP(self.redis, swept, args))
                 removed += n
                 batches += 1
                 if on_batch is not None:

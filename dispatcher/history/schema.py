@@ -9,7 +9,8 @@ Tables
     history_schema     version -> applied_at
     history_pairs      (project_id, event, url) -> pair_id; never deleted
     history_attempts   one row per attempt, RANGE-partitioned by UTC day on created_ms;
-                       `doc` is the record's JSON as the API returns it
+                       `doc` is the record's JSON as the API returns it; `failed` its
+                       status (since version 3)
     history_counts     exact per-pair counts per minute and per hour, partitioned by day on
                        bucket_ms, written in the shipper's transaction with the rows
     history_shipped    the shipper's watermark: the last stream id committed
@@ -84,7 +85,17 @@ CREATE TABLE history_shipped (
 );
 """
 
-MIGRATIONS: list[tuple[int, str]] = [(1, _TABLES), (2, LOCATE_FUNCTIONS)]
+# A callback's "Recent deliveries" across its events, filtered by status. The column is
+# NULL for rows shipped before this version (they show unfiltered only); adding it is a
+# catalog change, and the partial index holds only the failed rows shipped from now on.
+_FAILED = """
+ALTER TABLE history_attempts ADD COLUMN failed boolean;
+CREATE INDEX history_attempts_failed ON history_attempts (pair_id, created_ms DESC, id DESC)
+  WHERE failed;
+CREATE INDEX history_pairs_url ON history_pairs (project_id, url);
+"""
+
+MIGRATIONS: list[tuple[int, str]] = [(1, _TABLES), (2, LOCATE_FUNCTIONS), (3, _FAILED)]
 
 
 async def upgrade(conn: Conn) -> list[int]:

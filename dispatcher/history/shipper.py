@@ -80,10 +80,13 @@ class Entry(NamedTuple):
 
 
 def _row(fields: dict[bytes, bytes], at: int, dead: bool, doc: bytes) -> Row:
-    """The row an entry's own columns describe."""
+    """The row an entry's own columns describe (the status read from the JSON when the
+    entry is an older worker's, which did not carry it)."""
     pair = (fields[b"p"].decode(), fields[b"e"].decode(), fields[b"u"].decode())
+    status = fields.get(b"s")
+    failed = parse_row(doc).failed if status is None else status == b"FAILED"
     return Row(int(fields[b"i"]), at, pair, fields.get(b"v", b"").decode() or None, dead,
-               doc.decode())  # fmt: skip
+               doc.decode(), failed)  # fmt: skip
 
 
 def _sid(raw: bytes | str) -> StreamId:

@@ -1,18 +1,26 @@
 """What both history backends share and that touches no store: the query's time window, the
-time format people read, and body truncation."""
+time format people read, body truncation, and the cursor of a newest-first listing."""
 
 from __future__ import annotations
 
 import re
 import time
+from dataclasses import dataclass
 from datetime import datetime, timedelta
-from zoneinfo import ZoneInfo
+from typing import TYPE_CHECKING, NamedTuple
 
 from dispatcher.errors import InvalidInput, InvalidTime
+
+if TYPE_CHECKING:
+    from zoneinfo import ZoneInfo
+
+    from dispatcher.models import HistoryRecord
 
 __all__ = [
     "MAX_ATTEMPTS_SHOWN",
     "TIME_FORMAT",
+    "Cursor",
+    "Recent",
     "check_page",
     "format_ms",
     "now_ms",
@@ -89,3 +97,45 @@ def truncate(text: str, limit: int) -> tuple[str, bool]:
     if len(raw) <= limit:
         return text, False
     return raw[:limit].decode("utf-8", errors="ignore"), True
+
+
+_CURSOR = re.compile(r"^(\d{1,15})-(\d{1,18})$")
+
+
+class Cursor(NamedTuple):
+    """Where a newest-first listing stopped: its last record's time and id. The next page
+    holds what is older: an earlier time, or the same time and a smaller id."""
+
+    created_ms: int
+    id: int
+
+    def __str__(self) -> str:
+        return f"{self.created_ms}-{self.id}"
+
+    @classmethod
+    def parse(cls, text: str, name: str = "before") -> Cursor:
+        """A cursor as `str` writes it; 400 naming `name` otherwise."""
+        found = _CURSOR.match(text)
+        if found is None:
+            raise InvalidInput(f"{name} must be '<createdTime>-<id>', got {text!r}", param=name)
+        return cls(int(found[1]), int(found[2]))
+
+    @classmethod
+    def of(cls, record: HistoryRecord) -> Cursor:
+        return cls(record.created_time, record.id)
+
+
+@dataclass(frozen=True, slots=True)
+class Recent:
+    """A page of the newest records, and where the next (older) page starts: None when
+    this page was the last."""
+
+    records: list[HistoryRecord]
+    next: Cursor | None
+
+    @classmethod
+    def of(cls, newest_first: list[HistoryRecord], limit: int) -> Recent:
+        """The first `limit` of the records; a next page when there were more."""
+        shown = newest_first[:limit]
+        more = len(newest_first) > limit
+        return cls(shown, Cursor.of(shown[-1]) if more and shown else None)

@@ -5,10 +5,13 @@
 - `match.py`: an event's callbacks over the platform, project and pipeline levels, a chunk
   at a time, one delivery per URL;
 - `rules.py`: what a registration must satisfy (URL, ids, token, events per level);
+- `options.py`: the receiver controls a registration may add (limits, filter);
+- `rows.py`: a callback's hash as a registration writes it and the API shows it;
 - `scripts.py`: the Lua scripts behind them.
 """
 
 from dispatcher.registry.match import CallbackTarget, Chunk, ChunkQuery
+from dispatcher.registry.options import Options
 from dispatcher.registry.rules import MAX_URL_LENGTH, url_problem, validate_url
 from dispatcher.registry.store import Registry
 
@@ -17,6 +20,7 @@ __all__ = [
     "CallbackTarget",
     "Chunk",
     "ChunkQuery",
+    "Options",
     "Registry",
     "url_problem",
     "validate_url",

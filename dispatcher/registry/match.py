@@ -10,12 +10,14 @@ the broader level (a project admin cannot displace an operator's delivery).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from dispatcher import keys
 from dispatcher.models import PLATFORM_PROJECT, Region
+from dispatcher.registry.options import NO_OPTIONS, Options
 from dispatcher.registry.rules import is_pipeline_id
 from dispatcher.registry.scripts import MATCH
 
@@ -24,7 +26,14 @@ if TYPE_CHECKING:
 
     from dispatcher.delivery import AuthHeader
 
-__all__ = ["CallbackTarget", "Chunk", "ChunkQuery", "event_scopes", "read_secrets"]
+__all__ = [
+    "TARGET_FIELDS",
+    "CallbackTarget",
+    "Chunk",
+    "ChunkQuery",
+    "event_scopes",
+    "read_secrets",
+]
 
 Decrypt = Callable[[bytes | None], str]
 UNREADABLE = (
@@ -46,6 +55,21 @@ def read_secrets(
         return "", None, UNREADABLE
 
 
+# What a delivery reads of a callback's hash, in this order (the match script and
+# `Registry.target` both): `url` and `enabled` first, the match script relies on it.
+TARGET_FIELDS = (
+    "url",
+    "enabled",
+    "region",
+    "secretToken",
+    "authHeaderName",
+    "authHeaderValue",
+    "previousToken",
+    "previousTokenUntil",
+    *Options.FIELDS,
+)
+
+
 @dataclass(frozen=True, slots=True)
 class CallbackTarget:
     """What a delivery needs of a callback, its secrets included. `project_id` is whose
@@ -59,6 +83,37 @@ class CallbackTarget:
     project_id: str = ""
     auth_header: AuthHeader | None = None
     problem: str | None = None  # why nothing can be sent to it (its secrets are unreadable)
+    options: Options = NO_OPTIONS
+    previous_token: str = ""  # a rotated-out token that still signs (its overlap is on)
+
+    @classmethod
+    def from_fields(
+        cls,
+        callback_id: int,
+        values: Sequence[bytes | None],
+        decrypt: Decrypt,
+        *,
+        failing: bool = True,
+        owner: str = "",
+    ) -> CallbackTarget:
+        """The target from the values of `TARGET_FIELDS`, secrets decrypted; the previous
+        token only while its overlap lasts."""
+        url, _, region, token, name, value, previous, until, *options = values
+        overlapping = bool(previous) and int(until or 0) > time.time_ns() // 1_000_000
+        secret, header, problem = read_secrets(decrypt, token, name, value)
+        old, _, old_problem = read_secrets(decrypt, previous if overlapping else None, None, None)
+        return cls(
+            callback_id,
+            (url or b"").decode(),
+            Region((region or b"").decode()),
+            secret,
+            failing,
+            owner,
+            header,
+            problem or old_problem,
+            Options.from_values(options),
+            old,
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,7 +156,7 @@ class ChunkQuery:
             + [keys.callback_unique(scope) for scope in scopes],
             [
                 self.after, self.size, keys.CALLBACK_PREFIX, keys.HEALTH_PREFIX,
-                keys.callback_unique_field(self.event, ""),
+                keys.callback_unique_field(self.event, ""), *TARGET_FIELDS,
             ],
         )  # fmt: skip
 
@@ -110,10 +165,8 @@ class ChunkQuery:
         return Chunk([self._target(row) for row in rows], int(after) if after else None)
 
     def _target(self, row: list[Any]) -> CallbackTarget:
-        cid, url, region, token, name, value, failing, level = row
-        owner = self.scopes[int(level) - 1][1]
-        secret, header, problem = read_secrets(self.decrypt, token, name, value)
-        return CallbackTarget(
-            int(cid), url.decode(), Region(region.decode()), secret, bool(failing), owner,
-            header, problem,
+        cid, failing, level, *values = row
+        return CallbackTarget.from_fields(
+            int(cid), values, self.decrypt, failing=bool(failing),
+            owner=self.scopes[int(level) - 1][1],
         )  # fmt: skip

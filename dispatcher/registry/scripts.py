@@ -6,13 +6,14 @@ from __future__ import annotations
 
 from dispatcher.lua import Lua
 
-__all__ = ["DELETE", "MATCH", "SET_ENABLED", "UPGRADE", "UPSERT"]
+__all__ = ["DELETE", "MATCH", "ROTATE", "SET_ENABLED", "UPGRADE", "UPSERT"]
 
 # KEYS: upsert hash, id counter, match zset, disabled zset, failing zset, then the listing
 # zsets the callback joins when created (its project's; its pipeline's too).
-# ARGV: upsert field, project, url, event, region, token, now, creator, callback prefix,
-# health prefix, pipeline id ('' when none), level, auth header name, auth header value.
-# Returns {id, 1 when created}.
+# ARGV: upsert field, now, callback prefix, health prefix, filter errors prefix, the number
+# n of field/value pairs written only when the callback is created, those n pairs, then the
+# pairs written by every registration (see `store.Upsert.argv`). Re-enables the callback
+# and clears its failure count and filter errors. Returns {id, 1 when created}.
 UPSERT = Lua("""
 local id = redis.call('HGET', KEYS[1], ARGV[1])
 local created = 0
@@ -22,32 +23,36 @@ if not id then
   redis.call('HSET', KEYS[1], ARGV[1], id)
   for i = 6, #KEYS do redis.call('ZADD', KEYS[i], id, id) end
 end
-local key = ARGV[9] .. id
+local key = ARGV[3] .. id
+local once = 7 + 2 * tonumber(ARGV[6])
 if created == 1 then
-  redis.call('HSET', key, 'id', id, 'projectId', ARGV[2], 'url', ARGV[3], 'event', ARGV[4],
-             'pipelineId', ARGV[11], 'level', ARGV[12], 'createdTime', ARGV[7],
-             'creator', ARGV[8])
+  local fields = {'id', id, 'createdTime', ARGV[2]}
+  for i = 7, once - 1 do fields[#fields + 1] = ARGV[i] end
+  redis.call('HSET', key, unpack(fields))
 end
-redis.call('HSET', key, 'region', ARGV[5], 'secretToken', ARGV[6], 'authHeaderName', ARGV[13],
-           'authHeaderValue', ARGV[14], 'enabled', '1', 'disabledReason', '',
-           'updatedTime', ARGV[7])
+local fields = {'enabled', '1', 'disabledReason', '', 'updatedTime', ARGV[2]}
+for i = once, #ARGV do fields[#fields + 1] = ARGV[i] end
+redis.call('HSET', key, unpack(fields))
 redis.call('ZADD', KEYS[3], id, id)
 redis.call('ZREM', KEYS[4], id)
-redis.call('DEL', ARGV[10] .. id)
+redis.call('DEL', ARGV[4] .. id, ARGV[5] .. id)
 redis.call('ZREM', KEYS[5], id)
 return {tonumber(id), created}
 """)
 
 # KEYS: the match zsets of an event's levels, broadest first (platform, project, pipeline),
 # then the upsert hashes of the same levels. ARGV: cursor (a callback id), chunk size,
-# callback prefix, health prefix, upsert field prefix ("{event} ").
+# callback prefix, health prefix, upsert field prefix ("{event} "), then the names of the
+# hash fields a delivery needs (`match.TARGET_FIELDS`: 'url' and 'enabled' first).
 # The chunk is the `size` smallest ids after the cursor over all levels, less the disabled
 # ones and those whose URL a broader level sends the same event to (one delivery per URL).
-# Returns {next cursor ('' when nothing follows), rows}; a row is {id, url, region, token,
-# auth header name, auth header value, 1 when failures are on record, level index}.
+# Returns {next cursor ('' when nothing follows), rows}; a row is {id, 1 when failures are
+# on record, level index, then the values of the named fields}.
 MATCH = Lua("""
 local n = #KEYS / 2
 local size = tonumber(ARGV[2])
+local fields = {}
+for i = 6, #ARGV do fields[#fields + 1] = ARGV[i] end
 local found = {}
 local more = false
 for lvl = 1, n do
@@ -61,18 +66,17 @@ local taken = math.min(#found, size)
 local rows = {}
 for i = 1, taken do
   local id, lvl = found[i][2], found[i][3]
-  local row = redis.call('HMGET', ARGV[3] .. id, 'id', 'url', 'region', 'secretToken',
-                         'authHeaderName', 'authHeaderValue', 'enabled')
-  local keep = row[1] and row[7] == '1'
+  local values = redis.call('HMGET', ARGV[3] .. id, unpack(fields))
+  local keep = values[1] and values[2] == '1'
   for broader = 1, lvl - 1 do
     if keep then
-      local other = redis.call('HGET', KEYS[n + broader], ARGV[5] .. row[2])
+      local other = redis.call('HGET', KEYS[n + broader], ARGV[5] .. values[1])
       if other and redis.call('ZSCORE', KEYS[broader], other) then keep = false end
     end
   end
   if keep then
-    row[7] = redis.call('EXISTS', ARGV[4] .. id)
-    row[8] = lvl
+    local row = {id, redis.call('EXISTS', ARGV[4] .. id), lvl}
+    for j = 1, #fields do row[j + 3] = values[j] end
     rows[#rows + 1] = row
   end
 end
@@ -106,7 +110,8 @@ return 1
 
 # KEYS: callback hash, disabled zset, failing zset. ARGV: project, pipeline ('' = any of the
 # project's), upsert prefix, project prefix, pipeline prefix, match prefix, health prefix,
-# key separator, upsert field separator. Returns 0 when missing or someone else's.
+# key separator, upsert field separator, filter errors prefix. Returns 0 when missing or
+# someone else's.
 DELETE = Lua("""
 local row = redis.call('HMGET', KEYS[1], 'projectId', 'event', 'url', 'id', 'pipelineId')
 if not row[1] or row[1] ~= ARGV[1] then return 0 end
@@ -117,12 +122,29 @@ if pipeline ~= '' then
   scope = scope .. ARGV[8] .. pipeline
   redis.call('ZREM', ARGV[5] .. scope, row[4])
 end
-redis.call('DEL', KEYS[1], ARGV[7] .. row[4])
+redis.call('DEL', KEYS[1], ARGV[7] .. row[4], ARGV[10] .. row[4])
 redis.call('HDEL', ARGV[3] .. scope, row[2] .. ARGV[9] .. row[3])
 redis.call('ZREM', ARGV[4] .. row[1], row[4])
 redis.call('ZREM', ARGV[6] .. scope .. ARGV[8] .. row[2], row[4])
 redis.call('ZREM', KEYS[2], row[4])
 redis.call('ZREM', KEYS[3], row[4])
+return 1
+""")
+
+# KEYS: callback hash. ARGV: expected project, expected pipeline ('' = any of the
+# project's), the new token (as stored), its predecessor's end (epoch ms; '' or 0: none),
+# now. The current token becomes the previous one, signing until that end, unless there
+# is none or the overlap is 0. Returns 0 when missing or someone else's.
+ROTATE = Lua("""
+local row = redis.call('HMGET', KEYS[1], 'projectId', 'pipelineId', 'secretToken')
+if not row[1] or row[1] ~= ARGV[1] then return 0 end
+if ARGV[2] ~= '' and (row[2] or '') ~= ARGV[2] then return 0 end
+local previous, till = row[3] or '', ARGV[4]
+if previous == '' or till == '' or tonumber(till) <= tonumber(ARGV[5]) then
+  previous, till = '', ''
+end
+redis.call('HSET', KEYS[1], 'secretToken', ARGV[3], 'previousToken', previous,
+           'previousTokenUntil', till, 'updatedTime', ARGV[5])
 return 1
 """)
 

@@ -22,17 +22,15 @@ from dispatcher.models import (
     parse_event,
     parse_events,
 )
-from dispatcher.registry.match import CallbackTarget, ChunkQuery, read_secrets
-from dispatcher.registry.rules import (
-    check_event,
-    check_scope,
-    check_token,
-    level_of,
-    validate_url,
-)
-from dispatcher.registry.scripts import DELETE, SET_ENABLED, UPGRADE, UPSERT
+from dispatcher.registry.match import TARGET_FIELDS, CallbackTarget, ChunkQuery
+from dispatcher.registry.options import NO_OPTIONS, Options
+from dispatcher.registry.rows import Upsert, to_callback
+from dispatcher.registry.rules import check_event, check_scope, check_token, validate_url
+from dispatcher.registry.scripts import DELETE, ROTATE, SET_ENABLED, UPGRADE, UPSERT
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     from redis.asyncio import Redis
     from redis.asyncio.client import Pipeline
 
@@ -51,31 +49,11 @@ def _now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
-def _to_callback(row: dict[str, str]) -> Callback:
-    pipeline_id = row.get("pipelineId") or None
-    return Callback(
-        id=int(row["id"]),
-        project_id=row["projectId"],
-        url=row["url"],
-        event=Event(row["event"]),
-        region=Region(row["region"]),
-        level=Level(row.get("level") or level_of(row["projectId"], pipeline_id)),
-        pipeline_id=pipeline_id,
-        enabled=row.get("enabled") == "1",
-        disabled_reason=row.get("disabledReason") or None,
-        has_secret_token=bool(row.get("secretToken")),
-        has_auth_header=bool(row.get("authHeaderName")),
-        created_time=int(row["createdTime"]),
-        updated_time=int(row["updatedTime"]),
-        creator=row.get("creator") or None,
-    )
-
-
 class Registry:
     """Callbacks in Redis: a project's (`pipeline_id` None), a pipeline's, and the
     platform's (project `DEVOPS_ALL_PROJECT`). Registration is an upsert on (project,
-    pipeline, url, event): registering again updates the region, the token and the auth
-    header and re-enables the callback."""
+    pipeline, url, event): registering again updates the region, the token, the auth
+    header and the options, and re-enables the callback."""
 
     def __init__(self, redis: Redis, cipher: TokenCipher | None = None) -> None:
         self.redis = redis
@@ -92,14 +70,16 @@ class Registry:
         creator: str | None = None,
         pipeline_id: str | None = None,
         auth_header: AuthHeader | None = None,
+        options: Options | None = None,
     ) -> tuple[int, bool]:
         """Register (or update and re-enable) one callback; returns (id, created)."""
         level = check_scope(project_id, pipeline_id)
         parsed = check_event(parse_event(event) if isinstance(event, str) else event, level)
-        (callback_id, created), *_ = await self._upsert_many(
-            level, project_id, pipeline_id, url, [parsed], region, secret_token, auth_header,
-            creator,
+        upsert = self._checked(
+            level, project_id, pipeline_id, url, region, secret_token, auth_header, creator,
+            options,
         )  # fmt: skip
+        (callback_id, created), *_ = await self._upsert_many(upsert, [parsed])
         return callback_id, created
 
     async def create_batch(
@@ -113,9 +93,14 @@ class Registry:
         creator: str | None = None,
         pipeline_id: str | None = None,
         auth_header: AuthHeader | None = None,
+        options: Options | None = None,
     ) -> CreateCallBackResult:
         """The batch route: every valid event of the comma-separated list is registered."""
         level = check_scope(project_id, pipeline_id)
+        upsert = self._checked(
+            level, project_id, pipeline_id, url, region, secret_token, auth_header, creator,
+            options,
+        )  # fmt: skip
         parsed, failed = parse_events(events)
         if not parsed and not failed:
             raise InvalidEvent("event is required (a comma-separated list)", param="event")
@@ -126,33 +111,41 @@ class Registry:
             except InvalidEvent as exc:
                 failed[event.value] = exc.message
         if valid:
-            await self._upsert_many(
-                level, project_id, pipeline_id, url, valid, region, secret_token, auth_header,
-                creator,
-            )  # fmt: skip
+            await self._upsert_many(upsert, valid)
         return CreateCallBackResult(success_events=[e.value for e in valid], failure_events=failed)
 
-    async def _upsert_many(
+    def _checked(
         self,
         level: Level,
         project_id: str,
         pipeline_id: str | None,
         url: str,
-        events: list[Event],
         region: Region,
         secret_token: str | None,
         auth_header: AuthHeader | None,
         creator: str | None,
-    ) -> list[tuple[int, bool]]:
-        url = validate_url(url)
-        token = self._encrypt(check_token(secret_token))
+        options: Options | None,
+    ) -> Upsert:
+        """A registration once every parameter is valid, its secrets encrypted."""
         name, value = check_auth_header(*auth_header) if auth_header else ("", "")
-        value = self._encrypt(value)
-        scope = keys.scope(project_id, pipeline_id)
-        listings = [keys.project_callbacks(project_id)]
-        if pipeline_id:
-            listings.append(keys.pipeline_callbacks(project_id, pipeline_id))
-        now = str(_now_ms())
+        return Upsert(
+            project_id=project_id,
+            pipeline_id=pipeline_id,
+            level=level,
+            url=validate_url(url),
+            region=region,
+            token=self._encrypt(check_token(secret_token)),
+            auth_header=(name, self._encrypt(value)) if name else None,
+            creator=creator or "",
+            options=(options or NO_OPTIONS).checked(),
+        )
+
+    async def _upsert_many(self, upsert: Upsert, events: list[Event]) -> list[tuple[int, bool]]:
+        scope = keys.scope(upsert.project_id, upsert.pipeline_id)
+        listings = [keys.project_callbacks(upsert.project_id)]
+        if upsert.pipeline_id:
+            listings.append(keys.pipeline_callbacks(upsert.project_id, upsert.pipeline_id))
+        now = _now_ms()
 
         def upsert_all(pipe: Pipeline) -> None:
             for event in events:
@@ -163,12 +156,7 @@ class Registry:
                         keys.match(scope, event.value), keys.CALLBACKS_DISABLED,
                         keys.HEALTH_FAILING, *listings,
                     ],
-                    [
-                        keys.callback_unique_field(event.value, url), project_id, url,
-                        event.value, region.value, token, now, creator or "",
-                        keys.CALLBACK_PREFIX, keys.HEALTH_PREFIX, pipeline_id or "",
-                        level.value, name, value,
-                    ],
+                    upsert.argv(event, now),
                 )  # fmt: skip
 
         results: list[list[int]] = await run_pipeline(self.redis, upsert_all)
@@ -194,7 +182,7 @@ class Registry:
         async for key in self.redis.scan_iter(match=f"{keys.CALLBACK_PREFIX}*", count=500):
             if not key[len(prefix) :].isdigit():  # not a callback: an index of them
                 continue
-            fields = ["secretToken", "authHeaderValue"]
+            fields = ["secretToken", "previousToken", "authHeaderValue"]
             stored = await self.redis.hmget(key, fields)  # type: ignore[misc]  # sync|async
             new = {
                 f: self.cipher.rotate(v.decode()) for f, v in zip(fields, stored, strict=True) if v
@@ -203,6 +191,30 @@ class Registry:
                 await self.redis.hset(key, mapping=new)  # type: ignore[misc]
                 rotated += len(new)
         return rotated
+
+    async def rotate_secret(
+        self,
+        callback_id: int,
+        project_id: str,
+        secret_token: str,
+        overlap_s: float,
+        *,
+        pipeline_id: str | None = None,
+    ) -> None:
+        """Make `secret_token` the callback's token; the current one goes on signing beside
+        it for `overlap_s` seconds (0: it stops at once)."""
+        token = check_token(secret_token)
+        if not token:
+            raise InvalidInput("secretToken is required: the new token", param="secretToken")
+        now = _now_ms()
+        until = now + int(overlap_s * 1000) if overlap_s > 0 else ""
+        done = await ROTATE(
+            self.redis,
+            [keys.callback(callback_id)],
+            [project_id, pipeline_id or "", self._encrypt(token), until, now],
+        )
+        if not done:
+            raise NotFound(f"callback {callback_id} not found in {_where(project_id, pipeline_id)}")
 
     # ---- matching --------------------------------------------------------------------
 
@@ -228,20 +240,15 @@ class Registry:
         return found
 
     async def target(self, callback_id: int) -> CallbackTarget | None:
-        """The current URL/region/secrets of one callback, or None when gone or disabled."""
-        row = await self.redis.hmget(  # type: ignore[misc]  # redis-py's sync|async union
-            keys.callback(callback_id),
-            ["url", "region", "secretToken", "enabled", "projectId", "authHeaderName",
-             "authHeaderValue"],
-        )  # fmt: skip
-        url, region, token, enabled, project, name, value = row
-        if url is None or enabled != b"1":
+        """The current URL/region/secrets/options of one callback, or None when gone or
+        disabled."""
+        values = await self.redis.hmget(  # type: ignore[misc]  # redis-py's sync|async union
+            keys.callback(callback_id), [*TARGET_FIELDS, "projectId"]
+        )
+        *fields, project = values
+        if fields[0] is None or fields[1] != b"1":
             return None
-        secret, header, problem = read_secrets(self.decrypt, token, name, value)
-        return CallbackTarget(
-            callback_id, url.decode(), Region(region.decode()), secret,
-            project_id=project.decode(), auth_header=header, problem=problem,
-        )  # fmt: skip
+        return CallbackTarget.from_fields(callback_id, fields, self.decrypt, owner=project.decode())
 
     # ---- reading, deleting, switching --------------------------------------------------
 
@@ -249,17 +256,30 @@ class Registry:
         self, callback_id: int, project_id: str | None = None, pipeline_id: str | None = None
     ) -> Callback:
         """One callback; NotFound unless it is `project_id`'s (and `pipeline_id`'s)."""
-        raw: dict[bytes, bytes] = await self.redis.hgetall(  # type: ignore[misc]  # sync|async
-            keys.callback(callback_id)
-        )
-        row = {k.decode(): v.decode() for k, v in raw.items()}
+        (row,) = await self._rows([callback_id])
         if (
             not row
             or (project_id is not None and row.get("projectId") != project_id)
             or (pipeline_id is not None and row.get("pipelineId") != pipeline_id)
         ):
             raise NotFound(f"callback {callback_id} not found in {_where(project_id, pipeline_id)}")
-        return _to_callback(row)
+        return to_callback(row)
+
+    async def _rows(self, callback_ids: Sequence[int | str]) -> list[dict[str, str]]:
+        """The hashes of callbacks (empty for one that is gone), with their filter errors
+        as `filterErrors` and `filterLastError`, in one round trip."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for cid in callback_ids:
+                pipe.hgetall(keys.callback(cid))
+                pipe.hmget(keys.filter_errors(cid), ["n", "lastError"])
+            answers = await pipe.execute()
+        rows = []
+        for raw, (errors, last) in zip(answers[::2], answers[1::2], strict=True):
+            row = {k.decode(): v.decode() for k, v in raw.items()}
+            if row and errors:
+                row |= {"filterErrors": errors.decode(), "filterLastError": last.decode()}
+            rows.append(row)
+        return rows
 
     async def list(
         self, project_id: str, page: int = 1, page_size: int = 20, *,
@@ -278,13 +298,8 @@ class Registry:
             pipe.zcard(listing)
             pipe.zrange(listing, start, start + page_size - 1)
             count, ids = await pipe.execute()
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for cid in ids:
-                pipe.hgetall(keys.callback(cid.decode()))
-            rows: list[dict[bytes, bytes]] = await pipe.execute()
-        records = [
-            _to_callback({k.decode(): v.decode() for k, v in raw.items()}) for raw in rows if raw
-        ]
+        rows = await self._rows([cid.decode() for cid in ids])
+        records = [to_callback(row) for row in rows if row]
         return CallbackPage(
             records=records, count=count, total_pages=math.ceil(count / page_size),
             page_size=page_size, page=page,
@@ -300,7 +315,7 @@ class Registry:
             [
                 project_id, pipeline_id or "", keys.CALLBACK_UNIQUE_PREFIX,
                 keys.PROJECT_CALLBACKS_PREFIX, keys.PIPELINE_CALLBACKS_PREFIX, keys.MATCH_PREFIX,
-                keys.HEALTH_PREFIX, keys.SEP, keys.UNIQUE_SEP,
+                keys.HEALTH_PREFIX, keys.SEP, keys.UNIQUE_SEP, keys.FILTER_ERRORS_PREFIX,
             ],
         )  # fmt: skip
         if not done:

@@ -16,19 +16,20 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
-import orjson
 import structlog
 
-from dispatcher import keys
+from dispatcher import keys, metrics
 from dispatcher.connections import REDIS_ERRORS, redis_full
 from dispatcher.jobs import now_ms
+from dispatcher.lua import run_pipeline
+from dispatcher.status import write_heartbeat
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
 
     from dispatcher.history import HistoryStore
     from dispatcher.settings import Settings
-    from dispatcher.status import AttemptStats
+    from dispatcher.stats import AttemptStats
 
 __all__ = ["Counts", "Duties", "every"]
 
@@ -86,6 +87,7 @@ class Duties:
 
     def start(self) -> list[asyncio.Task[None]]:
         self.started_ms = now_ms()
+        metrics.WORKER_JOBS_RUNNING.set_function(lambda: self.counts().running)
         return [
             asyncio.create_task(every(HEARTBEAT_S, self.heartbeat)),
             asyncio.create_task(every(HEALTH_CHECK_S, self.health_check)),
@@ -93,11 +95,25 @@ class Duties:
         ]
 
     async def heartbeat(self) -> None:
-        """Tell `dispatcher status` and `dispatcher worker --check` this process is alive,
-        and add the attempt statistics."""
-        value = orjson.dumps({"host": socket.gethostname(), "pid": os.getpid(),
-                              "started": self.started_ms, "seen": now_ms()})  # fmt: skip
-        await self.redis.set(self.heartbeat_key, value, ex=int(HEARTBEAT_S * 6))
+        """Tell `dispatcher status`, `dispatcher worker --check` and the metrics that this
+        process is alive, and add the attempt statistics."""
+        now = now_ms()
+        value = {
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "started": self.started_ms,
+            "seen": now,
+        }
+        try:
+            answers = await run_pipeline(
+                self.redis, lambda pipe: write_heartbeat(pipe, self.heartbeat_key, value, now)
+            )
+        except REDIS_ERRORS:
+            metrics.REDIS_UP.set(0)
+            raise
+        metrics.REDIS_UP.set(1)
+        metrics.WORKERS_LIVE.set(answers[-1])
+        metrics.WORKER_HEARTBEAT.set(now / 1000)
         await self.stats.flush(self.redis)
 
     async def health_check(self) -> None:
@@ -134,4 +150,7 @@ class Duties:
         """On the way out: the last statistics, and no heartbeat left behind."""
         with contextlib.suppress(*REDIS_ERRORS):
             await self.stats.flush(self.redis)
-            await self.redis.delete(self.heartbeat_key)
+            async with self.redis.pipeline(transaction=False) as pipe:
+                pipe.delete(self.heartbeat_key)
+                pipe.zrem(keys.WORKERS_LIVE, self.heartbeat_key)
+                await pipe.execute()

@@ -39,7 +39,8 @@ from dispatcher.health import CircuitBreaker
 from dispatcher.jobs import BadJob, DeliveryJob, EventJob, now_ms
 from dispatcher.models import Region
 from dispatcher.registry import url_problem
-from dispatcher.status import AttemptStats
+from dispatcher.stats import AttemptStats
+from dispatcher.worker.controls import Controls
 from dispatcher.worker.record import attempt_record
 from dispatcher.worker.shares import Shares
 
@@ -86,6 +87,7 @@ class Engine:
             region: make_transport(settings, region) for region in Region
         }
         self.stats = AttemptStats()
+        self.controls = Controls(settings, self.reads, writer)
         self.progress_ttl = int(max(86_400, 2 * sum(settings.retry_schedule)))
 
     async def close(self) -> None:
@@ -102,8 +104,9 @@ class Engine:
         )  # fmt: skip
         (answer,) = await self.reads.execute(query.queue)
         chunk = query.read(answer)
-        if chunk.targets:
-            await self._first_attempts(event, chunk.targets, rerun)
+        targets = self.controls.select(event, chunk.targets)  # the callbacks' filters
+        if targets:
+            await self._first_attempts(event, targets, rerun)
         return chunk.after
 
     async def _first_attempts(
@@ -175,7 +178,19 @@ class Engine:
     async def attempt(
         self, job: DeliveryJob, target: CallbackTarget, number: int, then: Then
     ) -> None:
-        """Attempt `number` of `job`, recorded, and what follows it, in one write."""
+        """Attempt `number` of `job`, recorded, and what follows it, in one write. A
+        callback with limits is admitted first (`controls.py`): over them, the delivery
+        waits in the queue without spending an attempt."""
+        if target.options.limited:
+            await self.controls.admitted(
+                job, target, then, lambda gated: self._attempt(job, target, number, gated)
+            )
+        else:
+            await self._attempt(job, target, number, then)
+
+    async def _attempt(
+        self, job: DeliveryJob, target: CallbackTarget, number: int, then: Then
+    ) -> None:
         host = urlsplit(target.url).netloc
         if wait := self.breaker.wait(host):  # not an attempt: try again once it may
             await self._defer(job, then, wait, "circuit")
@@ -201,7 +216,7 @@ class Engine:
             )
         record = attempt_record(job, target, number, headers, result, delay is None, self.settings)
         _observe(job, target, number, result, delay)
-        self.stats.count(result.outcome.value)
+        self.stats.count(result.outcome.value, result.duration_ms)
         await self._write(job, target, number, record, result, delay, then)
 
     async def _defer(self, job: DeliveryJob, then: Then, delay: float, reason: str) -> None:
@@ -282,6 +297,7 @@ class Engine:
                 user_agent=self.settings.user_agent,
                 project_id=job.emitter,
                 auth_header=target.auth_header,
+                previous_token=target.previous_token,
             )
             return headers, await self._send(target, job.body, headers)
         except Exception as exc:
@@ -359,6 +375,8 @@ def _observe(
     metrics.HISTORY_RECORDS.inc()
     if delay is not None:
         metrics.RETRIES.inc()
+    elif result.outcome is not Outcome.SUCCESS:
+        metrics.DEAD_LETTERS.inc()
     log.info(
         "delivery.attempt",
         event_id=job.event_id,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import shutil
 import threading
 import time
@@ -136,7 +137,7 @@ async def test_a_person_finds_a_failed_delivery_and_redelivers_it(
         await expect(page.get_by_role("cell", name="project", exact=True)).to_be_visible()
         await page.screenshot(path=shots / "callbacks.png", full_page=True)
 
-        await page.get_by_role("link", name=url).click()
+        await page.get_by_role("link", name=url, exact=True).click()
         await expect(page).to_have_title("History · demo · callback-dispatcher console")
         rows = page.locator("tbody tr:has(a[href*='/history/'])")
         await reload_until(page, rows, 1)  # the attempt appears
@@ -167,17 +168,54 @@ async def test_a_person_finds_a_failed_delivery_and_redelivers_it(
             second.body == first.body
             and second.headers["webhook-id"] == first.headers["webhook-id"]
         )
+        # the same URL takes another event too
+        register["event"] = "BUILD_STAGE_END"
+        await http.post("/apigw-user/v4/projects/demo/callbacks", params=register)
+        stage = {"event": "BUILD_STAGE_END", "data": {"buildId": "b-42", "stage": 1}}
+        await http.post("/apigw/v4/projects/demo/events", json=stage)
+        await receiver.wait_for(3, within=10)
 
         await page.get_by_role("link", name="Dead letters").click()
         await expect(page).to_have_title("Dead letters · demo · callback-dispatcher console")
         await page.screenshot(path=shots / "dead-letters.png", full_page=True)
+
+        # the failures of the last hour, one click from the top of any project page
+        await page.get_by_role("link", name="Failures, last hour").click()
+        await expect(page).to_have_title(
+            "Failures of the last hour · demo · callback-dispatcher console"
+        )
+        failures = page.get_by_role("region", name="Attempts, newest first").locator("tbody tr")
+        await expect(failures).to_have_count(1)
+        await expect(failures.first).to_contain_text("404")
+        await page.screenshot(path=shots / "failures.png", full_page=True)
+        # a callback's recent deliveries, every event, from the callbacks page
+        await page.get_by_role("link", name="Callbacks", exact=True).click()
+        await page.get_by_role("link", name="Recent deliveries to").first.click()
+        await expect(page).to_have_title("Recent deliveries · demo · callback-dispatcher console")
+        rows = page.get_by_role("region", name="Attempts, newest first").locator("tbody tr")
+        await expect(rows).to_have_count(3)  # the 404, its redelivery, the stage event's
+        await expect(rows.filter(has_text="BUILD_STAGE_END")).to_have_count(1)
+        await page.get_by_label("Status").select_option("FAILED")
+        await page.get_by_role("button", name="Show").click()
+        await expect(rows).to_have_count(1)
+        await page.get_by_label("Status").select_option("")
+        await page.get_by_role("button", name="Show").click()
+        await expect(rows).to_have_count(3)
+        await page.screenshot(path=shots / "deliveries.png", full_page=True)
+        await rows.first.get_by_role("link").click()
+        await expect(page).to_have_title(re.compile(r"^Attempt #\d+ · demo"))
+
         await page.get_by_role("link", name="Status").click()
         await expect(page).to_have_title("Status · callback-dispatcher console")
         live = page.get_by_role("region", name="Live workers")
         await expect(live.get_by_role("cell", name=str(workers[0].pid))).to_be_visible()
-        # the worker's attempt counts reach the chart with its next heartbeat (every 5 s)
-        await reload_until(page, page.locator('svg .bar.success:not([width="0.0"])'), 1)
-        await expect(page.get_by_role("img", name="Attempts in the last hour")).to_be_visible()
+        # the worker's attempt counts reach the charts with its next heartbeat (every 5 s)
+        await reload_until(page, page.locator("svg .bar.success"), 2)
+        charts = ["Attempts per minute in the last hour", "Attempts per 10 minutes in the last day"]
+        charts += [f"Attempt duration p50 and p99 per {per}" for per in ("minute", "10 minutes")]
+        for name in charts:
+            await expect(page.get_by_role("img", name=name)).to_be_visible()
+        assert await page.locator("script").count() == 0
         await page.screenshot(path=shots / "status.png", full_page=True)
 
         phone = await (await browser.new_context(viewport=PHONE)).new_page()

@@ -19,7 +19,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from dispatcher import metrics
+from dispatcher.failover import parse_sentinel_url
 from dispatcher.settings import Settings
 
 # Settings built from a mapping of DISPATCHER_* variables; `where` names it in messages.
@@ -31,6 +31,7 @@ K8S = DEPLOY / "kubernetes"
 SYSTEMD = DEPLOY / "systemd"
 DOCKERFILE = DEPLOY / "Dockerfile"
 COMPOSE = DEPLOY / "docker-compose.yml"
+COMPOSE_HA = DEPLOY / "docker-compose.ha.yml"
 KUSTOMIZATION = K8S / "kustomization.yaml"
 
 YAML_FILES = sorted(p for p in DEPLOY.rglob("*") if p.suffix in (".yml", ".yaml"))
@@ -594,6 +595,40 @@ def test_systemd_analyze_verify(tmp_path: Path) -> None:
     assert not ours, "\n".join(ours)
 
 
+def test_compose_ha_adds_a_replica_and_three_sentinels_watching_the_master() -> None:
+    [ha] = load_yaml(COMPOSE_HA)
+    services = ha["services"]
+    for node in ("redis", "redis-replica"):
+        command = " ".join(as_argv(services[node]["command"]))
+        assert "--appendonly yes" in command and "--appendfsync everysec" in command, node
+        assert f"--replica-announce-ip {node}" in command, node
+    assert "--replicaof redis 6379" in " ".join(as_argv(services["redis-replica"]["command"]))
+    sentinels = sorted(name for name in services if name.startswith("sentinel-"))
+    assert len(sentinels) == 3
+    for name in sentinels:
+        script = " ".join(as_argv(services[name]["command"]))
+        assert "sentinel monitor dispatcher redis 6379 2" in script, name
+        assert "resolve-hostnames yes" in script and "--sentinel" in script, name
+
+
+@pytest.mark.parametrize("name", ["migrate", "api", "worker"])
+def test_compose_ha_processes_find_the_master_through_the_sentinels(
+    name: str, settings_from_env: SettingsFromEnv
+) -> None:
+    [ha] = load_yaml(COMPOSE_HA)
+    base, override = compose()["services"][name], ha["services"][name]
+    environment = {**base["environment"], **override["environment"]}  # compose merges them
+    settings = settings_from_env(environment, f"compose ha {name}")
+    assert settings.redis_url is not None
+    target = parse_sentinel_url(settings.redis_url)
+    sentinels = sorted(n for n in ha["services"] if n.startswith("sentinel-"))
+    assert sorted(host for host, _ in target.sentinels) == sentinels
+    assert {port for _, port in target.sentinels} == {26379} and target.master == "dispatcher"
+    replicas = sum(1 for n in ha["services"] if n.startswith("redis-replica"))
+    assert 1 <= settings.redis_min_replicas <= replicas
+    assert set(sentinels) <= override["depends_on"].keys()
+
+
 # ---- README ---------------------------------------------------------------------------------
 
 
@@ -606,34 +641,12 @@ def test_readme_covers_the_ways_to_deploy() -> None:
         "Sentinel",
         "systemctl enable --now",
         "docker compose -f deploy/docker-compose.yml",
+        "deploy/docker-compose.ha.yml",
+        "redis+sentinel://",
+        "DISPATCHER_REDIS_MIN_REPLICAS",
         "kubectl apply -k deploy/kubernetes",
         "dispatcher-secrets",
+        "deploy/grafana/dispatcher.json",
+        "promtool check rules deploy/prometheus/alerts.yml",
     ):
         assert needle in text, needle
-
-
-# ---- Prometheus alerts --------------------------------------------------------------------
-
-ALERTS = DEPLOY / "prometheus" / "alerts.yml"
-
-
-def exported_metric_names() -> set[str]:
-    """Every sample name the service's metrics export (`_total`, `_bucket`, ... included)."""
-    suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_count", "_sum"), "gauge": ("",)}
-    names: set[str] = set()
-    for name in metrics.__all__:
-        for family in getattr(metrics, name).collect():
-            names |= {family.name + suffix for suffix in suffixes[family.type]}
-    return names
-
-
-def test_alert_rules_are_complete_and_use_exported_metrics() -> None:
-    [doc] = load_yaml(ALERTS)
-    exported = exported_metric_names()
-    rules = [rule for group in doc["groups"] for rule in group["rules"]]
-    assert rules
-    for rule in rules:
-        assert rule["alert"] and rule["labels"]["severity"] in ("warning", "critical"), rule
-        assert rule["annotations"]["summary"], rule
-        used = set(re.findall(r"\bdispatcher_\w+", rule["expr"]))
-        assert used and used <= exported, (rule["alert"], used - exported)

@@ -227,7 +227,11 @@ async def test_openapi_describes_every_route(api: httpx.AsyncClient) -> None:
     assert {"get", "delete"} <= set(paths["/operator/callbacks/{callbackId}"])
     assert "put" in paths["/operator/callbacks/{callbackId}/enable"]
     assert "put" in paths["/operator/callbacks/{callbackId}/disable"]
+    for prefix in (v4, f"{v4}/pipelines/{{pipelineId}}", "/operator"):
+        assert "post" in paths[f"{prefix}/callbacks/{{callbackId}}/secret"]
+    assert "get" in paths["/{apigwType}/v4/callbacks/events"]
     seed = {"event", "url", "region", "secretToken", "authHeaderName", "authHeaderValue"}
+    seed |= {"maxPerSecond", "maxInFlight", "filter"}  # the receiver controls
     params = {p["name"] for p in paths[f"{v4}/callbacks"]["post"]["parameters"]}
     assert params == seed | {"apigwType", "projectId", "X-DEVOPS-UID"}
     params = {p["name"] for p in paths[pipeline]["post"]["parameters"]}

@@ -167,7 +167,7 @@ def _seed_status(url: str) -> None:
             await health.failed(3, "x")
         await Producer(settings, redis).emit_many([("p", "BUILD_END", {})] * 3)
         minute = keys.stats(int(time.time()) // 60)
-        counts = {"success": 7, "retry": 2, "failed": 1}
+        counts = {"success": 7, "retry": 2, "failed": 1, "ms:50": 10}
         await redis.hset(minute, mapping=counts)  # type: ignore[misc]  # sync|async
         await redis.aclose()
 
@@ -189,6 +189,8 @@ def test_status_prints_the_figures(cli: CliRunner, redis_server: EmbeddedRedis) 
     assert rows["callbacks disabled"] == "2"
     assert (rows["last hour: success"], rows["last hour: retry"]) == ("7", "2")
     assert (rows["last hour: failed"], rows["last hour: gone"]) == ("1", "0")
+    assert rows["last hour: attempt duration p50 / p99"] == "40 ms / 50 ms"
+    assert rows["last day: attempt duration p50 / p99"] == "- / -"  # workers write both
     failing = cli.invoke(app, ["callbacks", "failing"])
     assert "1 failing callbacks" in failing.output and "│ 3 " in failing.output
 

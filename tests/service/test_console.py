@@ -4,6 +4,7 @@ the admin role, it answers with pages (not JSON), and /docs works without a CDN.
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import AsyncIterator
 from html import unescape
 from html.parser import HTMLParser
@@ -18,12 +19,13 @@ from dispatcher import keys
 from dispatcher.auth import Role, Roles
 from dispatcher.console.csrf import COOKIE
 from dispatcher.embedded import EmbeddedRedis
+from dispatcher.history import HistoryStore, open_history
 from dispatcher.jobs import Queue
 from dispatcher.models import Event, Region
 from dispatcher.producer import Producer
 from dispatcher.registry import Registry
 from dispatcher.settings import Settings
-from dispatcher.status import AttemptStats
+from dispatcher.stats import AttemptStats
 from tests.helpers import Receiver, RunWorker, answer, app_client, make_settings
 
 PROJECT = "/console/projects/demo"
@@ -263,16 +265,30 @@ async def test_redeliver_all_failed_of_a_window(
     assert len(receiver.requests()) == 2
 
 
-async def test_status_page_charts_the_last_hour(api: httpx.AsyncClient, redis: Redis) -> None:
+async def test_status_page_charts_the_last_hour_and_day(
+    api: httpx.AsyncClient, redis: Redis
+) -> None:
     stats = AttemptStats()
-    for outcome in ["success"] * 3 + ["retry", "failed"]:
-        stats.count(outcome)
+    for outcome, ms in [("success", 40)] * 3 + [("retry", 5000), ("failed", 40)]:
+        stats.count(outcome, ms)
     await stats.flush(redis)
     page = await api.get("/console/status")
     assert page.status_code == 200 and "<title>Status · callback-dispatcher console" in page.text
-    assert "success 3, retry 1, failed 1, gone 0" in page.text
-    bars = re.findall(r'class="bar (\w+)"', page.text)
-    assert bars == ["success", "retry", "failed", "gone"]
+    markup = Markup(page.text)
+    assert "script" not in markup.tags and markup.tags.count("svg") == 4
+    names = re.findall(r'<title id="[\w-]+-name">([^<]+)</title>', page.text)
+    assert names == [
+        "Attempts per minute in the last hour",
+        "Attempt duration p50 and p99 per minute in the last hour",
+        "Attempts per 10 minutes in the last day",
+        "Attempt duration p50 and p99 per 10 minutes in the last day",
+    ]
+    # each span: one stacked bar per outcome in the latest bucket, one dot per percentile
+    assert re.findall(r'class="bar (\w+)"', page.text) == ["success", "retry", "failed"] * 2
+    assert re.findall(r'class="dot (\w+)"', page.text) == ["p99", "p50"] * 2
+    # 5 attempts: 4 of 40 ms (bucket 30-50 ms), 1 of 5 s (3-5 s), interpolated in a bucket
+    assert page.text.count("success 3, retry 1, failed 1; p50 42 ms, p99 4.9 s") == 2 * 5
+    assert page.text.count("duration p50 42 ms, p99 4.9 s") == 2
     assert "No live worker" in page.text
 
 
@@ -283,3 +299,83 @@ async def test_an_unreachable_redis_is_a_503_page(settings: Settings) -> None:
         assert page.status_code == 503 and "Redis" in page.text
         assert page.headers["content-type"].startswith("text/html")
     await nowhere.aclose()
+
+
+async def add_attempt(
+    history: HistoryStore, url: str, at: int, *, event: str = "BUILD_END", status: str = "SUCCESS"
+) -> int:
+    """A record of one attempt, as a worker writes it, in the project demo."""
+    record = {"projectId": "demo", "callBackUrl": url, "events": event, "status": status}
+    code = 200 if status == "SUCCESS" else 503
+    times = {"startTime": at, "endTime": at, "createdTime": at}
+    return await history.add({**record, **times, "responseCode": code})
+
+
+async def test_recent_deliveries_of_a_callback_and_the_failures_of_the_last_hour(
+    api: httpx.AsyncClient, redis: Redis, settings: Settings
+) -> None:
+    hook, other = "https://ci.example.com/hook", "https://ci.example.com/other"
+    registry = Registry(redis)
+    await registry.create("demo", hook, Event.BUILD_END, Region.OSS)
+    await registry.create("demo", hook, Event.BUILD_START, Region.OSS)
+    await registry.create("demo", other, Event.BUILD_END, Region.OSS)
+    now = int(time.time() * 1000)
+    history = open_history(settings, redis)
+    shapes = [  # (minutes ago, url, event, status)
+        (90, hook, "BUILD_END", "FAILED"),  # failed, but more than an hour ago
+        (30, hook, "BUILD_START", "SUCCESS"),
+        (20, hook, "BUILD_END", "FAILED"),
+        (10, other, "BUILD_END", "FAILED"),
+        (5, hook, "BUILD_START", "SUCCESS"),
+    ]
+    ids = [
+        await add_attempt(history, url, now - ago * 60_000, event=event, status=status)
+        for ago, url, event, status in shapes
+    ]
+
+    def shown(page: httpx.Response) -> list[int]:
+        return [int(i) for i in re.findall(r'/history/(\d+)">#', page.text)]
+
+    callbacks = await api.get(PROJECT)
+    recent_link = f"{PROJECT}/deliveries?url=https%3A%2F%2Fci.example.com%2Fhook"
+    assert callbacks.text.count(f'href="{recent_link}"') == 2  # one per callback of the URL
+    failures_link = f'href="{PROJECT}/deliveries?status=FAILED&amp;within=1h">Failures, last hour'
+    assert failures_link in callbacks.text  # one click from every project page
+
+    recent = await api.get(f"{PROJECT}/deliveries", params={"url": hook})
+    assert recent.status_code == 200 and "<title>Recent deliveries · demo" in recent.text
+    assert shown(recent) == [ids[4], ids[2], ids[1], ids[0]]  # every event, newest first
+    assert {"BUILD_END", "BUILD_START"} <= set(Markup(recent.text).text)
+    failed = await api.get(f"{PROJECT}/deliveries", params={"url": hook, "status": "failed"})
+    assert shown(failed) == [ids[2], ids[0]]
+
+    last_hour = await api.get(f"{PROJECT}/deliveries?status=FAILED&within=1h")
+    assert "<title>Failures of the last hour · demo" in last_hour.text
+    assert 'aria-current="page">Failures, last hour' in last_hour.text
+    assert shown(last_hour) == [ids[3], ids[2]]  # both URLs; not the one 90 minutes ago
+
+    everything = await api.get(f"{PROJECT}/deliveries")
+    assert shown(everything) == ids[::-1]
+    bad = await api.get(f"{PROJECT}/deliveries", params={"status": "LOST"})
+    assert bad.status_code == 400 and "status must be SUCCESS or FAILED" in bad.text
+    bad_cursor = await api.get(f"{PROJECT}/deliveries", params={"before": "yesterday"})
+    assert bad_cursor.status_code == 400 and "before must be" in bad_cursor.text
+
+
+async def test_recent_deliveries_page_through_older_attempts(
+    api: httpx.AsyncClient, redis: Redis, settings: Settings
+) -> None:
+    url = "https://ci.example.com/hook"
+    now = int(time.time() * 1000)
+    history = open_history(settings, redis)
+    ids = [await add_attempt(history, url, now - i) for i in range(60)]
+    seen: list[int] = []
+    address = f"{PROJECT}/deliveries?url=https%3A%2F%2Fci.example.com%2Fhook"
+    for _ in range(3):
+        page = await api.get(address)
+        seen += [int(i) for i in re.findall(r'/history/(\d+)">#', page.text)]
+        older = re.search(r'<a rel="next" href="([^"]+)">Older', page.text)
+        if older is None:
+            break
+        address = unescape(older.group(1))
+    assert seen == ids and "← Newest" in page.text  # 50, then 10

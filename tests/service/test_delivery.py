@@ -8,6 +8,7 @@ import time
 import orjson
 import pytest
 from aiohttp import web
+from prometheus_client import REGISTRY
 from redis.asyncio import Redis
 from standardwebhooks import Webhook
 from structlog.testing import capture_logs
@@ -141,11 +142,13 @@ async def test_redirect_is_a_failure_not_followed(
 ) -> None:
     url = receiver.script("/hook", answer(302, headers={"Location": receiver.url("/elsewhere")}))
     await register(redis, url)
+    dead_before = REGISTRY.get_sample_value("dispatcher_dead_letters_total") or 0
     await emit(settings, redis)
     await run_worker()
     assert receiver.requests("/elsewhere") == []
     [rec] = await records(redis, settings, url)
     assert rec.response_code == 302 and "redirects are not followed" in (rec.error_msg or "")
+    assert REGISTRY.get_sample_value("dispatcher_dead_letters_total") == dead_before + 1
 
 
 async def test_hanging_receiver_is_cut_at_the_timeout_and_retried(

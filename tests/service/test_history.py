@@ -19,7 +19,7 @@ from dispatcher.auth import Role, Roles
 from dispatcher.embedded import EmbeddedRedis
 from dispatcher.errors import NotFound
 from dispatcher.history import HistoryStore, open_history, parse_window
-from dispatcher.models import Event, HistoryPage, Region
+from dispatcher.models import DeliveryStatus, Event, HistoryPage, Region
 from dispatcher.producer import Producer
 from dispatcher.registry import Registry
 from dispatcher.services import Services
@@ -339,6 +339,80 @@ async def attempts_of_a_delivery(
     assert await services.history.attempts(first.delivery_id or "", "other") == []
     with pytest.raises(NotFound):
         await services.record(first.id, "other")
+
+
+async def add_all(redis: Redis, settings: Settings, records: list[dict[str, Any]]) -> list[int]:
+    """Records of any shape written through the store, then (PostgreSQL) shipped."""
+    history = open_history(settings, redis)
+    try:
+        ids = [await history.add(r, dead=r["status"] == "FAILED") for r in records]
+    finally:
+        await history.close()
+    await ship_all(settings, redis)
+    return ids
+
+
+async def test_recent_deliveries_of_a_url_across_its_events(
+    redis: Redis, settings: Settings, store: HistoryStore
+) -> None:
+    now = int(time.time() * 1000)
+    other = "http://127.0.0.1:9000/other"
+    shapes = [  # (ms ago, url, event, status, project)
+        (9000, URL, "BUILD_END", "SUCCESS", "demo"),
+        (8000, URL, "BUILD_START", "FAILED", "demo"),
+        (7000, other, "BUILD_END", "FAILED", "demo"),
+        (6000, URL, "BUILD_END", "SUCCESS", "elsewhere"),
+        (5000, URL, "BUILD_START", "SUCCESS", "demo"),
+        (5000, URL, "BUILD_END", "FAILED", "demo"),  # the same millisecond
+        (5000, URL, "BUILD_STAGE_END", "SUCCESS", "demo"),
+        (4000, URL, "BUILD_END", "FAILED", "demo"),
+    ]
+    records = [
+        {**record(now - ago, url=url, event=event, n=i), "status": status, "projectId": project}
+        for i, (ago, url, event, status, project) in enumerate(shapes)
+    ]
+    ids = await add_all(redis, settings, records)
+    start, end = now - 60_000, now
+    newest_first = sorted(
+        (r["createdTime"], i)
+        for i, r in zip(ids, records, strict=True)
+        if r["callBackUrl"] == URL and r["projectId"] == "demo"
+    )[::-1]
+    mine = [i for _, i in newest_first]
+
+    found = await store.recent("demo", [URL], start_ms=start, end_ms=end)
+    assert [r.id for r in found.records] == mine and found.next is None
+    assert {r.events for r in found.records} == {"BUILD_END", "BUILD_START", "BUILD_STAGE_END"}
+
+    failed = await store.recent(
+        "demo", [URL], status=DeliveryStatus.FAILED, start_ms=start, end_ms=end
+    )
+    assert [r.status for r in failed.records] == [DeliveryStatus.FAILED] * 3
+    succeeded = await store.recent(
+        "demo", [URL], status=DeliveryStatus.SUCCESS, start_ms=start, end_ms=end
+    )
+    assert {r.id for r in failed.records} | {r.id for r in succeeded.records} == set(mine)
+
+    # page by page through the cursor, ties at one millisecond included: each once, in order
+    seen, before = [], None
+    for _ in range(10):
+        page = await store.recent("demo", [URL], before=before, limit=2, start_ms=start, end_ms=end)
+        seen += [r.id for r in page.records]
+        if page.next is None:
+            break
+        before = page.next
+    assert seen == mine
+
+    both = await store.recent(
+        "demo", [URL, other], status=DeliveryStatus.FAILED, start_ms=start, end_ms=end
+    )
+    assert [r.call_back_url for r in both.records] == [URL, URL, other, URL]
+    narrow = await store.recent("demo", [URL], start_ms=now - 5000, end_ms=now - 4500)
+    assert [r.id for r in narrow.records] == mine[1:4]
+    assert (await store.recent("demo", [], start_ms=start, end_ms=end)).records == []
+    assert (
+        await store.recent("demo", [URL], start_ms=0, end_ms=now - 86_400_000 * 8)
+    ).records == []
 
 
 async def test_a_signature_stored_by_an_older_version_is_masked_when_read(

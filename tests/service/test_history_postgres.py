@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import asyncpg
+import orjson
 import pytest
 from redis.asyncio import Redis
 from typer.testing import CliRunner
@@ -23,12 +24,12 @@ from dispatcher.embedded import FAST, EmbeddedPostgres, EmbeddedRedis
 from dispatcher.errors import Unavailable
 from dispatcher.history import open_history
 from dispatcher.history.loader import Loader, parse_row
-from dispatcher.history.postgres import PostgresHistory
+from dispatcher.history.postgres import PostgresHistory, stream_fields
 from dispatcher.history.redis import RedisHistory
 from dispatcher.history.schema import DAY_MS, ensure_partitions, partitions, upgrade
 from dispatcher.history.shipper import Shipper
 from dispatcher.lua import run_pipeline
-from dispatcher.models import Event, Region
+from dispatcher.models import DeliveryStatus, Event, Region
 from dispatcher.producer import Producer
 from dispatcher.registry import Registry
 from dispatcher.services import Services
@@ -87,7 +88,7 @@ async def catalog(conn: asyncpg.Connection) -> list[Any]:
 async def test_migrations_run_twice_are_a_no_op(fresh_db: str, pg_server: EmbeddedPostgres) -> None:
     conn = await asyncpg.connect(fresh_db)
     try:
-        assert await upgrade(conn) == [1, 2]
+        assert await upgrade(conn) == [1, 2, 3]
         before = await catalog(conn)
         assert await upgrade(conn) == []
         assert await catalog(conn) == before
@@ -97,7 +98,7 @@ async def test_migrations_run_twice_are_a_no_op(fresh_db: str, pg_server: Embedd
         await conn.execute("DROP FUNCTION history_locate, history_minute_of")
         sessions = [await asyncpg.connect(fresh_db) for _ in range(3)]
         results = await asyncio.gather(*(upgrade(s) for s in sessions))
-        assert sorted(results) == [[], [], [1, 2]]
+        assert sorted(results) == [[], [], [1, 2, 3]]
         assert await catalog(conn) == before
         for session in sessions:
             await session.close()
@@ -111,9 +112,9 @@ def test_db_upgrade_command_twice(
     monkeypatch.setenv("DISPATCHER_REDIS_URL", redis_server.url)
     monkeypatch.setenv("DISPATCHER_HISTORY_URL", fresh_db)
     first = CliRunner().invoke(app, ["db", "upgrade"])
-    assert first.exit_code == 0 and "applied migrations 1, 2: version 2" in first.output
+    assert first.exit_code == 0 and "applied migrations 1, 2, 3: version 3" in first.output
     second = CliRunner().invoke(app, ["db", "upgrade"])
-    assert second.exit_code == 0 and "up to date: version 2" in second.output
+    assert second.exit_code == 0 and "up to date: version 3" in second.output
 
 
 async def test_retention_drops_a_days_partition_and_nothing_newer(
@@ -429,3 +430,25 @@ async def test_an_entry_that_is_no_record_does_not_stop_the_others(
     page = await history.query("demo", URL, "BUILD_END", start_ms=now - 60_000, end_ms=now)
     await history.close()
     assert page.count == 2 and await redis.xlen(keys.HISTORY_STREAM) == 0
+
+
+async def test_entries_of_older_workers_are_found_by_their_status(
+    pg_settings: Settings, redis: Redis
+) -> None:
+    """A worker of the previous version carries no status column on its entries (or only
+    the JSON): the shipper reads the status from the JSON, so the status filter finds them."""
+    now = int(time.time() * 1000)
+    history = PostgresHistory(redis, pg_settings)
+    failed = {**record(now - 20, 1), "status": "FAILED"}
+    json_only = {**record(now - 10, 2), "status": "FAILED"}
+    await history.assign_ids([failed, json_only])
+    older = {k: v for k, v in stream_fields(failed, False).items() if k != "s"}
+    await redis.xadd(keys.HISTORY_STREAM, older)  # type: ignore[arg-type]
+    await redis.xadd(keys.HISTORY_STREAM, {"r": orjson.dumps(json_only), "d": b"0"})
+    await history.add({**record(now - 5, 3), "status": "SUCCESS"})
+    assert await ship_all(pg_settings, redis) == 3
+    found = await history.recent(
+        "demo", [URL], start_ms=now - 60_000, end_ms=now, status=DeliveryStatus.FAILED
+    )
+    await history.close()
+    assert [r.id for r in found.records] == [json_only["id"], failed["id"]]

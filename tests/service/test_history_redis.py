@@ -37,6 +37,9 @@ async def test_retention_removes_old_records_and_their_index_entries_only(
     emptied = keys.history_index("demo", "BUILD_START", URL)
     assert not await redis.exists(emptied)
     assert not await redis.sismember(keys.HISTORY_INDEXES, emptied)  # type: ignore[misc]  # sync|async
+    # the URL's index across events lost the same records, and only those
+    across = keys.history_url_index("demo", URL, failed=False)
+    assert sorted(int(m) for m in await redis.zrange(across, 0, -1)) == fresh
     assert await history.sweep(now_ms=now) == 0
 
 

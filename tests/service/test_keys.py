@@ -57,14 +57,23 @@ async def test_scripts_and_keys_py_build_the_same_names(settings: Settings, redi
     index = keys.history_index("demo", "BUILD_END", URL)
     history = {
         keys.HISTORY_SEQ,
+        keys.HISTORY_SEQ_SERVER,
         keys.history_record(record_id),
         index,
         keys.HISTORY_INDEXES,
         keys.HISTORY_DEAD,
         keys.history_dead("demo"),
         keys.HISTORY_DEAD_KEYS,
+        keys.history_url_index("demo", URL, failed=True),
     }
     assert await present(redis) == registered | history
+    # the sweep finds a URL's indexes from each of its (event, url) indexes
+    assert keys.history_url_indexes_of(index) == (
+        keys.history_url_index("demo", URL, failed=False),
+        keys.history_url_index("demo", URL, failed=True),
+    )
+    weird = keys.history_index("a:b", "BUILD_END", URL)  # a separator in the project id
+    assert keys.history_url_indexes_of(weird)[1] == keys.history_url_index("a:b", URL, True)
     assert await redis.zrange(index, 0, -1) == [keys.history_member(record_id).encode()]
     dead_keys = await redis.smembers(keys.HISTORY_DEAD_KEYS)  # type: ignore[misc]  # sync|async
     assert dead_keys == {keys.history_dead("demo").encode()}

@@ -1,0 +1,152 @@
+"""A callback's receiver controls: what reaches its receiver, and how fast.
+
+`Options` is the named, typed set of what a registration may add to the seed's parameters
+(`maxPerSecond`, `maxInFlight`, `filter`): checked here once for every front end, stored as
+fields of the callback's hash under their JSON names, read back with its row by the
+fan-out's match script and `Registry.target`. A new option is a field here, its check, and
+its name in `FIELDS`; the scripts take the names from Python.
+
+The filter is a JMESPath expression (the `jmespath` library) over the envelope
+`{"event", "projectId", "data"}`; the event goes to the callback when the result is truthy
+by JMESPath's rules (`false`, `null`, `""`, `[]` and `{}` are false; `0` is true).
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import jmespath
+from jmespath import exceptions as jmespath_errors
+from jmespath.functions import Functions
+from jmespath.parser import ParsedResult
+
+from dispatcher.errors import InvalidInput
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping, Sequence
+
+__all__ = [
+    "MAX_FILTER_LENGTH",
+    "MAX_IN_FLIGHT",
+    "MAX_PER_SECOND",
+    "NO_OPTIONS",
+    "FilterFailed",
+    "Options",
+    "compile_filter",
+    "filter_matches",
+]
+
+MAX_PER_SECOND = 10_000  # each start is a member of a one-second sorted set in Redis
+MAX_IN_FLIGHT = 1_000
+MAX_FILTER_LENGTH = 1024
+_FUNCTIONS = frozenset(Functions.FUNCTION_TABLE)
+
+
+class FilterFailed(Exception):
+    """A filter that raised on an event: the event is not delivered to that callback."""
+
+
+@dataclass(frozen=True, slots=True)
+class Options:
+    """What a callback may set beyond the seed's parameters; None is "not set"."""
+
+    max_per_second: int | None = None
+    max_in_flight: int | None = None
+    filter: str | None = None
+
+    # The hash fields (and JSON names) of the options, in the order of the fields above.
+    FIELDS: ClassVar[tuple[str, ...]] = ("maxPerSecond", "maxInFlight", "filter")
+
+    @property
+    def limited(self) -> bool:
+        """Whether deliveries to the callback must be admitted (a limit is set)."""
+        return self.max_per_second is not None or self.max_in_flight is not None
+
+    def checked(self) -> Options:
+        """The options once valid (the filter trimmed); InvalidInput naming the first that
+        is not."""
+        _check_limit(self.max_per_second, "maxPerSecond", MAX_PER_SECOND)
+        _check_limit(self.max_in_flight, "maxInFlight", MAX_IN_FLIGHT)
+        expression = None if self.filter is None else self.filter.strip() or None
+        if expression is not None:
+            check_filter(expression)
+        return Options(self.max_per_second, self.max_in_flight, expression)
+
+    def to_fields(self) -> list[str]:
+        """Field, value pairs as the hash stores them ('' for an option not set)."""
+        values = (self.max_per_second, self.max_in_flight, self.filter)
+        pairs: list[str] = []
+        for name, value in zip(self.FIELDS, values, strict=True):
+            pairs += (name, "" if value is None else str(value))
+        return pairs
+
+    @classmethod
+    def from_values(cls, values: Sequence[bytes | str | None]) -> Options:
+        """The options from the hash's values of `FIELDS`, in that order."""
+        texts = [v.decode() if isinstance(v, bytes) else (v or "") for v in values]
+        per_second, in_flight, expression = texts
+        return cls(
+            int(per_second) if per_second else None,
+            int(in_flight) if in_flight else None,
+            expression or None,
+        )
+
+    @classmethod
+    def from_row(cls, row: Mapping[str, str]) -> Options:
+        """The options of a callback's hash read whole."""
+        return cls.from_values([row.get(name) for name in cls.FIELDS])
+
+
+NO_OPTIONS = Options()
+
+
+def _check_limit(value: int | None, name: str, most: int) -> None:
+    if value is not None and not 1 <= value <= most:
+        raise InvalidInput(f"{name} must be an integer from 1 to {most}", param=name)
+
+
+def check_filter(expression: str) -> None:
+    """InvalidInput naming `filter`, with the parser's message, unless it compiles and
+    calls only JMESPath's own functions."""
+    if len(expression) > MAX_FILTER_LENGTH:
+        raise InvalidInput(f"filter is longer than {MAX_FILTER_LENGTH} characters", param="filter")
+    try:
+        compiled = compile_filter(expression)
+    except jmespath_errors.JMESPathError as exc:
+        raise InvalidInput(f"filter is not a JMESPath expression: {exc}", param="filter") from None
+    unknown = sorted(_functions(compiled.parsed) - _FUNCTIONS)
+    if unknown:
+        raise InvalidInput(
+            f"filter calls unknown function(s) {', '.join(f'{n}()' for n in unknown)}; "
+            "JMESPath's are: " + ", ".join(sorted(_FUNCTIONS)),
+            param="filter",
+        )
+
+
+def _functions(node: Mapping[str, Any]) -> set[str]:
+    """Names of the functions an expression's syntax tree calls."""
+    found = {node["value"]} if node.get("type") == "function_expression" else set()
+    for child in node.get("children", ()):
+        if isinstance(child, dict):
+            found |= _functions(child)
+    return found
+
+
+@functools.lru_cache(maxsize=4096)
+def compile_filter(expression: str) -> ParsedResult:
+    """The compiled expression (compiled once per process)."""
+    return jmespath.compile(expression)
+
+
+def filter_matches(expression: str, envelope: Mapping[str, Any]) -> bool:
+    """Whether `expression` is truthy on `envelope`; FilterFailed when it raises (a
+    function given the wrong type, an ordering of a string and a number, ...)."""
+    try:
+        result = compile_filter(expression).search(envelope)
+    except Exception as exc:  # any error of the expression on this event: it fails alone
+        raise FilterFailed(f"{type(exc).__name__}: {exc}"[:500]) from exc
+    if result is None or result is False:
+        return False
+    return not (isinstance(result, str | list | dict) and not result)

@@ -1,0 +1,93 @@
+"""Replicated acknowledgements: with `DISPATCHER_REDIS_MIN_REPLICAS` = N > 0, what the
+service acknowledges to a producer (an emit, a redelivery) is on N replicas first, as
+Kafka's `acks=all` with `min.insync.replicas` or a RabbitMQ quorum queue's confirms.
+
+The pipeline that queues the jobs ends with `INCR dispatcher:replication:mark` and
+`WAIT N timeout`: one WAIT per pipeline, however many events share it (group commit). WAIT
+confirms the writes of its own connection up to its last write; the mark is that last
+write, so WAIT covers everything the master held when the pipeline ran, including a job an
+earlier try queued (a job already there changes nothing, and alone would leave WAIT with
+nothing to wait for).
+
+The worker's own writes (records, progress, job ends) are not waited for: a record is
+written before its delivery's progress and its job's end, in one pipeline, and a replica
+holds a prefix of what the master wrote, so a failover leaves either both or a job still
+queued, whose attempt is made again (same delivery id) and recorded then. Waiting would
+only stop deliveries whenever a replica is away (after a failover, until the old master
+is back), for fewer repeats.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from dispatcher import keys
+from dispatcher.errors import NotReplicated
+from dispatcher.lua import run_pipeline
+
+if TYPE_CHECKING:
+    from redis.asyncio import Redis
+    from redis.asyncio.client import Pipeline
+
+    from dispatcher.settings import Settings
+
+__all__ = ["WAIT_CAP_S", "Replication", "run_replicated"]
+
+WAIT_CAP_S = 1.0  # one WAIT's bound; a producer tries again until DISPATCHER_EMIT_WAIT
+SETTING = "DISPATCHER_REDIS_MIN_REPLICAS"
+
+
+class Replication:
+    """How many replicas confirm an acknowledged write, and how long one WAIT may take."""
+
+    def __init__(self, replicas: int, wait_s: float) -> None:
+        self.replicas = replicas
+        self.wait_ms = max(1, int(wait_s * 1000))
+
+    @classmethod
+    def of(cls, settings: Settings) -> Replication | None:
+        """The settings' replication; None without (`DISPATCHER_REDIS_MIN_REPLICAS=0`).
+        One WAIT stays well inside the read timeout of its connection and inside a
+        producer's `DISPATCHER_EMIT_WAIT`."""
+        if not settings.redis_min_replicas:
+            return None
+        wait_s = min(WAIT_CAP_S, settings.redis_timeout / 2, settings.emit_wait / 2)
+        return cls(settings.redis_min_replicas, wait_s)
+
+    def queue(self, pipe: Pipeline) -> None:
+        """Queue the mark and the WAIT on `pipe`, after the writes to confirm."""
+        pipe.incr(keys.REPLICATION_MARK)
+        pipe.execute_command("WAIT", self.replicas, self.wait_ms)
+
+    def check(self, answers: list[Any]) -> None:
+        """The answers of `queue`'s two commands: NotReplicated unless enough replicas
+        confirmed."""
+        confirmed = answers[-1]
+        if isinstance(confirmed, Exception):
+            raise confirmed
+        if int(confirmed) < self.replicas:
+            raise NotReplicated(
+                f"only {confirmed} of {self.replicas} replicas ({SETTING}) confirmed the "
+                f"write within {self.wait_ms} ms",
+                confirmed=int(confirmed),
+                wanted=self.replicas,
+            )
+
+
+async def run_replicated(
+    redis: Redis, queue: Callable[[Pipeline], None], replication: Replication | None
+) -> list[Any]:
+    """`run_pipeline` of `queue`, confirmed by `replication`'s replicas when there is one
+    (NotReplicated otherwise: the writes are on the master, not yet on enough replicas);
+    returns the answers of `queue`'s commands."""
+    if replication is None:
+        return await run_pipeline(redis, queue)
+
+    def queue_and_wait(pipe: Pipeline) -> None:
+        queue(pipe)
+        replication.queue(pipe)
+
+    answers = await run_pipeline(redis, queue_and_wait)
+    replication.check(answers)
+    return answers[:-2]

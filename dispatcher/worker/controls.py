@@ -1,0 +1,248 @@
+"""Receiver controls in the worker: a callback's filter at fan-out, its limits around each
+attempt (`maxPerSecond`, `maxInFlight`), shared by every worker of the fleet through Redis.
+
+The options come with the callback's row (the match script's, or `Registry.target`'s), so
+a callback without limits costs no Redis command here. One with limits is *admitted*
+before each attempt by one script (`ADMIT`, sent in the engine's shared read pipeline):
+
+- starts: a sorted set of the starts of the last second; a start is admitted while fewer
+  than `maxPerSecond` are in it (a sliding window: no second, wherever it begins, holds
+  more);
+- in flight: a sorted set of slots scored by when they lapse (the attempt's total timeout
+  and a margin), so a worker killed mid-request cannot hold a slot for ever; the attempt's
+  own write gives the slot back (`RELEASE`, in the same pipeline as its record), whatever
+  its outcome, and a run that raises gives it back through the writer;
+- a line: deliveries that could not start wait their turn in arrival order, so a newcomer
+  cannot overtake them. A waiting delivery returns to the queue as a job due when its turn
+  should come (no attempt spent, no record): the start that frees its place plus a second,
+  or, for a slot, until a `RELEASE` makes the first ones in line due at once. A delivery
+  that does not come back in time (its job ended otherwise) leaves the line by itself.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
+
+import structlog
+
+from dispatcher import keys, metrics
+from dispatcher.jobs import now_ms
+from dispatcher.lua import Lua
+from dispatcher.registry.options import FilterFailed, filter_matches
+
+if TYPE_CHECKING:
+    from redis.asyncio.client import Pipeline
+
+    from dispatcher.batch import Batcher
+    from dispatcher.jobs import DeliveryJob, EventJob
+    from dispatcher.registry import CallbackTarget
+    from dispatcher.settings import Settings
+    from dispatcher.worker.engine import Then
+    from dispatcher.worker.writer import Writer
+
+__all__ = ["ADMIT", "RELEASE", "Controls"]
+
+log = structlog.get_logger("dispatcher.worker")
+
+# KEYS: keys.limits(callback): starts, running, line, seen. ARGV: per second (0: none), in
+# flight (0: none), slot token, job id, slot lease ms, how long a waiting job keeps its
+# place past its expected turn (ms), the smallest wait (ms).
+# Returns 0 when the delivery may start now (its start and slot taken), else {ms to wait,
+# 1 when a slot (not the rate) holds it}.
+ADMIT = Lua("""
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local rate, cap, job = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[4]
+local waiting, rank = redis.call('ZCARD', KEYS[3]), false
+if waiting > 0 then
+  local gone = redis.call('ZRANGEBYSCORE', KEYS[4], '-inf', now, 'LIMIT', 0, 500)
+  if #gone > 0 then
+    waiting = waiting - redis.call('ZREM', KEYS[3], unpack(gone))
+    redis.call('ZREM', KEYS[4], unpack(gone))
+  end
+  rank = redis.call('ZRANK', KEYS[3], job)
+end
+local room, starts, running = math.huge, 0, 0
+if rate > 0 then
+  redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - 1000)
+  starts = redis.call('ZCARD', KEYS[1])
+  room = rate - starts
+end
+if cap > 0 then
+  redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
+  running = redis.call('ZCARD', KEYS[2])
+  room = math.min(room, cap - running)
+end
+local ahead = rank or waiting
+if ahead < room then
+  if rate > 0 then
+    redis.call('ZADD', KEYS[1], now, ARGV[3])
+    redis.call('PEXPIRE', KEYS[1], 1000)
+  end
+  if cap > 0 then
+    redis.call('ZADD', KEYS[2], now + tonumber(ARGV[5]), ARGV[3])
+    redis.call('PEXPIRE', KEYS[2], ARGV[5])
+  end
+  if rank then
+    redis.call('ZREM', KEYS[3], job)
+    redis.call('ZREM', KEYS[4], job)
+  end
+  return 0
+end
+local wait, slot = tonumber(ARGV[7]), 0
+if rate > 0 and rate - starts <= ahead then
+  local k = ahead - (rate - starts)
+  if starts == 0 then
+    wait = math.max(wait, 1000 * math.floor(ahead / rate))
+  else
+    local first = redis.call('ZRANGE', KEYS[1], k % starts, k % starts, 'WITHSCORES')
+    wait = math.max(wait, tonumber(first[2]) + 1000 * (math.floor(k / starts) + 1) - now)
+  end
+end
+if cap > 0 and cap - running <= ahead then
+  local turns = math.floor((ahead - (cap - running)) / cap) + 1
+  wait = math.max(wait, math.min(250 * turns, tonumber(ARGV[5])))
+  slot = 1
+end
+if not rank then redis.call('ZADD', KEYS[3], now, job) end
+local keep = wait + tonumber(ARGV[6])
+redis.call('ZADD', KEYS[4], now + keep, job)
+for i = 3, 4 do
+  if redis.call('PTTL', KEYS[i]) < keep then redis.call('PEXPIRE', KEYS[i], keep) end
+end
+return {wait, slot}
+""")
+
+# KEYS: running, line, the queue. ARGV: slot token, in flight (the callback's limit).
+# Gives the slot back and makes the first jobs in line due now, as many as slots are free.
+RELEASE = Lua("""
+redis.call('ZREM', KEYS[1], ARGV[1])
+if redis.call('EXISTS', KEYS[2]) == 0 then return 0 end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local free = tonumber(ARGV[2]) - redis.call('ZCOUNT', KEYS[1], now, '+inf')
+if free < 1 then return 0 end
+for _, job in ipairs(redis.call('ZRANGE', KEYS[2], 0, free - 1)) do
+  local due = redis.call('ZSCORE', KEYS[3], job)
+  if due and tonumber(due) > now then redis.call('ZADD', KEYS[3], now, job) end
+end
+return 1
+""")
+
+MIN_WAIT_MS = 50
+SLOT_MARGIN_S = 5.0  # a slot outlives its attempt's total timeout by this much
+
+
+class Controls:
+    """The filter and the limits of one worker process, over its shared reads (`reads`)
+    and its writer."""
+
+    def __init__(self, settings: Settings, reads: Batcher, writer: Writer) -> None:
+        self.reads = reads
+        self.writer = writer
+        self.queue_name = settings.queue_name
+        self.slot_ms = int((settings.total_timeout + SLOT_MARGIN_S) * 1000)
+        self.keep_ms = int((settings.lease_seconds + SLOT_MARGIN_S) * 1000)
+        # slot tokens: unique across the fleet (a random prefix per process), cheap to make
+        self._prefix = os.urandom(6).hex() + ":"
+        self._count = itertools.count()
+
+    # ---- the filter ----------------------------------------------------------------------
+
+    def select(self, event: EventJob, targets: list[CallbackTarget]) -> list[CallbackTarget]:
+        """The targets whose filter lets `event` through (those without one, all). A filter
+        that raises fails alone: counted for its callback, logged, the event not sent."""
+        if all(target.options.filter is None for target in targets):
+            return targets
+        envelope = {"event": event.event, "projectId": event.project_id, "data": event.data}
+        kept = []
+        for target in targets:
+            expression = target.options.filter
+            try:
+                if expression is None or filter_matches(expression, envelope):
+                    kept.append(target)
+                else:
+                    metrics.FILTERED.labels(result="skipped").inc()
+            except FilterFailed as exc:
+                self._filter_failed(event, target, str(exc))
+        return kept
+
+    def _filter_failed(self, event: EventJob, target: CallbackTarget, error: str) -> None:
+        metrics.FILTERED.labels(result="error").inc()
+        log.warning(
+            "delivery.filter_failed",
+            event_id=event.id,
+            callback_id=target.id,
+            event_type=event.event,
+            error=error,
+        )
+        key = keys.filter_errors(target.id)
+
+        def count(pipe: Pipeline) -> None:
+            pipe.hincrby(key, "n", 1)
+            pipe.hset(key, mapping={"lastError": error, "lastAt": now_ms()})
+
+        self.writer.submit(count)  # rides along with the next attempts' writes
+
+    # ---- the limits ----------------------------------------------------------------------
+
+    async def admitted(
+        self,
+        job: DeliveryJob,
+        target: CallbackTarget,
+        then: Then,
+        attempt: Callable[[Then], Awaitable[None]],
+    ) -> None:
+        """Run `attempt` once the callback's limits let the delivery start, its slot given
+        back with the attempt's write (or after it, if it raised); or put the delivery back
+        in the queue, due when its turn should come (`then` with the wait: no attempt)."""
+        options = target.options
+        slot = f"{self._prefix}{next(self._count)}"
+        limits = [options.max_per_second or 0, options.max_in_flight or 0]
+        args: list[int | str] = [*limits, slot, job.job_id, self.slot_ms, self.keep_ms, MIN_WAIT_MS]
+        (answer,) = await self.reads.execute(
+            lambda pipe: ADMIT.queue(pipe, keys.limits(target.id), args)
+        )
+        if answer != 0:
+            wait_ms, by_slot = answer
+            await self._wait(job, target, then, int(wait_ms) / 1000, bool(by_slot))
+            return
+        if options.max_in_flight is None:
+            await attempt(then)
+            return
+        released = False
+
+        def releasing(pipe: Pipeline, delay: float | None) -> None:
+            nonlocal released
+            released = True
+            self._release(pipe, target, slot)
+            then(pipe, delay)
+
+        try:
+            await attempt(releasing)
+        finally:
+            if not released:
+                self.writer.submit(lambda pipe: self._release(pipe, target, slot))
+
+    async def _wait(
+        self, job: DeliveryJob, target: CallbackTarget, then: Then, wait: float, by_slot: bool
+    ) -> None:
+        reason = "in_flight" if by_slot else "rate"
+        metrics.DEFERRED.labels(reason=reason).inc()
+        log.debug(
+            "delivery.deferred",
+            delivery_id=job.delivery_id,
+            callback_id=target.id,
+            reason=reason,
+            retry_in_s=wait,
+        )
+        await self.writer.commit(lambda pipe: then(pipe, wait))
+
+    def _release(self, pipe: Pipeline, target: CallbackTarget, slot: str) -> None:
+        _, running, line, _ = keys.limits(target.id)
+        RELEASE.queue(
+            pipe, [running, line, self.queue_name], [slot, target.options.max_in_flight or 0]
+        )

@@ -1,0 +1,118 @@
+"""A callback's limits hold for the whole fleet: two worker processes share one
+`maxPerSecond` and one `maxInFlight` (measured at the receiver), and a worker SIGKILLed
+while it holds a slot does not hold it for ever."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import subprocess
+import time
+from collections import Counter
+from pathlib import Path
+
+from aiohttp import web
+from redis.asyncio import Redis
+
+from dispatcher import keys
+from dispatcher.models import Event, Region
+from dispatcher.producer import Producer
+from dispatcher.registry import Options, Registry
+from dispatcher.settings import Settings
+from tests.helpers import Overlap, Receiver, start_worker, until
+
+
+async def _register(redis: Redis, url: str, options: Options) -> int:
+    callback_id, _ = await Registry(redis).create(
+        "demo", url, Event.BUILD_END, Region.DEVNET, "t", options=options
+    )
+    return callback_id
+
+
+async def _emit(settings: Settings, redis: Redis, count: int) -> None:
+    await Producer(settings, redis).emit_many(
+        [("demo", "BUILD_END", {"n": i}) for i in range(count)]
+    )
+
+
+async def test_a_rate_limit_holds_across_two_workers(
+    settings: Settings,
+    redis: Redis,
+    receiver: Receiver,
+    workers: list[subprocess.Popen[bytes]],
+    tmp_path: Path,
+) -> None:
+    arrivals: list[float] = []
+
+    async def note(request: web.Request) -> web.StreamResponse:
+        arrivals.append(time.time())
+        return web.Response(text="ok")
+
+    url = receiver.script("/rated", note)
+    await _register(redis, url, Options(max_per_second=4))
+    for _ in range(2):
+        workers.append(start_worker(settings.redis_url or "", tmp_path / "workers.log"))
+    await _emit(settings, redis, 20)
+    await receiver.wait_for(20, "/rated", within=30)
+    per_second = Counter(int(at) for at in arrivals)
+    assert max(per_second.values()) <= 4, sorted(per_second.items())
+    assert arrivals[-1] - arrivals[0] >= 3.9  # 20 at 4 a second: 5 seconds' worth
+    assert len(receiver.requests("/rated")) == 20  # each once: waiting spent no attempt
+
+
+async def test_max_in_flight_holds_across_two_workers(
+    settings: Settings,
+    redis: Redis,
+    receiver: Receiver,
+    workers: list[subprocess.Popen[bytes]],
+    tmp_path: Path,
+) -> None:
+    overlap = Overlap(0.3)
+    url = receiver.script("/slow", overlap.handle)
+    callback_id = await _register(redis, url, Options(max_in_flight=3))
+    for _ in range(2):
+        workers.append(start_worker(settings.redis_url or "", tmp_path / "workers.log"))
+    await _emit(settings, redis, 15)
+    await receiver.wait_for(15, "/slow", within=30)
+    assert overlap.most == 3, overlap.most
+    await until(lambda: _empty(redis, keys.limits(callback_id)[1]), 5, "every slot given back")
+
+
+async def test_a_killed_workers_slot_lapses(
+    settings: Settings,
+    redis: Redis,
+    receiver: Receiver,
+    workers: list[subprocess.Popen[bytes]],
+    tmp_path: Path,
+) -> None:
+    release = asyncio.Event()
+
+    async def first_hangs(request: web.Request) -> web.StreamResponse:
+        await asyncio.wait_for(release.wait(), 60)
+        return web.Response(text="late")
+
+    async def quick(request: web.Request) -> web.StreamResponse:
+        return web.Response(text="ok")
+
+    url = receiver.script("/one", first_hangs, quick)
+    callback_id = await _register(redis, url, Options(max_in_flight=1))
+    log, lease = tmp_path / "workers.log", {"DISPATCHER_LEASE_SECONDS": "2"}
+    workers.append(start_worker(settings.redis_url or "", log, **lease))
+    await _emit(settings, redis, 1)
+    await receiver.wait_for(1, "/one", within=20)  # the slot is taken, the request hangs
+    assert await redis.zcard(keys.limits(callback_id)[1]) == 1
+    workers[0].send_signal(signal.SIGKILL)
+    workers[0].wait(timeout=5)
+    killed = time.monotonic()
+    await _emit(settings, redis, 3)
+    workers.append(start_worker(settings.redis_url or "", log, **lease))
+    # the slot lapses (total timeout 2 s + 5 s), then the three go, one at a time, and the
+    # killed worker's delivery is made again (same delivery id)
+    await receiver.wait_for(5, "/one", within=25)
+    assert time.monotonic() - killed > 4  # they waited for the slot; it was not just free
+    release.set()
+    await until(lambda: _empty(redis, keys.limits(callback_id)[1]), 5, "the slot given back")
+
+
+async def _empty(redis: Redis, key: str) -> bool:
+    return int(await redis.zcard(key)) == 0

@@ -1,0 +1,245 @@
+"""Redis without a single point of failure, on a real Sentinel group (a master, a replica,
+three sentinels; down-after-milliseconds 1000): the master SIGKILLed under producers, two
+worker processes and an API process; the replica down; and what
+`DISPATCHER_REDIS_MIN_REPLICAS=0` loses, shown rather than hidden. The tests share one
+group, each starting from a master with its replica in sync."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from redis.asyncio import Redis
+
+from dispatcher import keys
+from dispatcher.connections import connect
+from dispatcher.embedded import SentinelGroup
+from dispatcher.errors import Unavailable
+from dispatcher.models import Event, Region
+from dispatcher.producer import Producer
+from dispatcher.registry import Registry
+from dispatcher.settings import Settings
+from dispatcher.status import live_workers
+from dispatcher.worker import create_worker
+from tests.faults.chaos import FlakyReceiver, Verdict, all_records, judge, serving
+from tests.helpers import UID, app_client, free_port, make_settings, start_process, stop, until
+
+pytestmark = pytest.mark.timeout(120)
+
+PROJECT = "ha"
+Emit = tuple[str, str, dict[str, object], str]  # (project, event, data, event id)
+EMITS = f"/apigw/v4/projects/{PROJECT}/events"
+# processes: replicated acknowledgements, leases shorter than a failover takes
+ENV = {
+    "DISPATCHER_REDIS_MIN_REPLICAS": "1",
+    "DISPATCHER_EMIT_WAIT": "2",
+    "DISPATCHER_REDIS_TIMEOUT": "2",
+    "DISPATCHER_LEASE_SECONDS": "3",
+    "DISPATCHER_OPEN_ACCESS": "true",
+    "DISPATCHER_LOG_LEVEL": "INFO",
+}
+
+
+@pytest.fixture
+def group(sentinel_group: SentinelGroup) -> SentinelGroup:
+    sentinel_group.heal()
+    return sentinel_group
+
+
+async def fresh(settings: Settings, receiver: FlakyReceiver) -> tuple[Redis, int]:
+    """The group's master emptied, and one callback of PROJECT on the receiver."""
+    redis = connect(settings)
+    await redis.flushdb()
+    callback_id, _ = await Registry(redis).create(
+        PROJECT, receiver.url("/hook"), Event.BUILD_END, Region.DEVNET, "s3cret"
+    )
+    return redis, callback_id
+
+
+async def emit_over_http(port: int, count: int, every_s: float) -> list[str]:
+    """`count` events through the API process's route, each sent again (same event id)
+    until it is acknowledged; returns their ids."""
+    acked = []
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=10) as api:
+        for n in range(count):
+            event_id = f"evt_http_{n}"
+            for _ in range(100):
+                answer = await api.post(
+                    EMITS, headers=UID, json={"event": "BUILD_END", "eventId": event_id}
+                )
+                if answer.status_code == 200:
+                    acked.append(event_id)
+                    break
+                assert answer.status_code == 503, answer.text
+                assert "same event ids is safe" in answer.json()["message"]
+                await asyncio.sleep(0.1)
+            await asyncio.sleep(every_s)
+    return acked
+
+
+async def emit_in_python(settings: Settings, redis: Redis, count: int, every_s: float) -> list[str]:
+    """The same through the Python producer, in twos (`emit_many`)."""
+    producer, acked = Producer(settings, redis), []
+    for n in range(0, count, 2):
+        batch = [(PROJECT, "BUILD_END", {"n": i}, f"evt_py_{i}") for i in (n, n + 1)]
+        for _ in range(100):
+            try:
+                acked += await producer.emit_many(batch)
+                break
+            except Unavailable:
+                await asyncio.sleep(0.1)
+        await asyncio.sleep(every_s)
+    return acked
+
+
+def start_fleet(url: str, port: int, log: Path) -> list[subprocess.Popen[bytes]]:
+    """Two worker processes and an API process on `port`."""
+    workers = [start_process(["worker"], url, log, **ENV) for _ in range(2)]
+    return [*workers, start_process(["api", "--port", str(port)], url, log, **ENV)]
+
+
+async def fleet_up(redis: Redis, port: int) -> bool:
+    try:
+        async with httpx.AsyncClient() as client:
+            ready = await client.get(f"http://127.0.0.1:{port}/readyz")
+    except httpx.TransportError:
+        return False
+    return ready.status_code == 200 and len(await live_workers(redis)) == 2
+
+
+async def kill_the_master(group: SentinelGroup, after_s: float) -> float:
+    """SIGKILL the master `after_s` into the run; once the replica is promoted, the killed
+    node comes back as its replica (so that emits can be confirmed again). Returns when
+    it was killed (epoch ms)."""
+    await asyncio.sleep(after_s)
+    old = group.master_port()
+    group.signal(old, signal.SIGKILL)
+    killed = time.time() * 1000
+    new = await asyncio.to_thread(group.wait_for_new_master, old)
+    await asyncio.to_thread(group.start_node, old, new)
+    return killed
+
+
+async def verdict_on(
+    redis: Redis, settings: Settings, receiver: FlakyReceiver, expected: set[str]
+) -> Verdict:
+    records = await all_records(redis, settings, PROJECT, receiver.url("/hook"), "BUILD_END")
+    return await judge(redis, records, expected, receiver, settings)
+
+
+async def test_master_killed_under_emits_and_two_workers_loses_nothing_acknowledged(
+    group: SentinelGroup, tmp_path: Path
+) -> None:
+    """SIGKILL the master while the API process and a Python producer emit and two worker
+    processes deliver: the sentinels promote the replica within seconds, every process finds
+    it by itself, every acknowledged event is delivered and recorded, none dies."""
+    settings = make_settings(group.url, redis_min_replicas=1, emit_wait=2, redis_timeout=2)
+    receiver = FlakyReceiver(max_delay=0.05)
+    port, log = free_port(), tmp_path / "processes.log"
+    async with serving(receiver):
+        redis, callback_id = await fresh(settings, receiver)
+        processes = start_fleet(group.url, port, log)
+        try:
+            await until(lambda: fleet_up(redis, port), 30, "two workers and the API up")
+            over_http, in_python, killed = await asyncio.gather(
+                emit_over_http(port, 40, every_s=0.1),
+                emit_in_python(settings, redis, 40, every_s=0.2),
+                kill_the_master(group, after_s=1.5),
+            )
+            expected = {f"{event_id}.{callback_id}" for event_id in over_http + in_python}
+            assert len(expected) == 80
+
+            async def delivered() -> bool:
+                verdict = await verdict_on(redis, settings, receiver, expected)
+                return not (verdict.lost or verdict.abandoned)
+
+            await until(delivered, 40, "every acknowledged event delivered")
+            (await verdict_on(redis, settings, receiver, expected)).assert_nothing_lost()
+            after = [a for a in receiver.answers if a.arrived_ms > killed]
+            assert len(after) >= 10, "deliveries did not resume after the failover"
+            assert [p.poll() for p in processes] == [None] * 3, log.read_text()[-3000:]
+        finally:
+            for process in processes:
+                stop(process)
+            await redis.aclose()
+
+
+async def test_replica_down_emits_answer_503_in_time_and_nothing_acknowledged_is_lost(
+    group: SentinelGroup,
+) -> None:
+    """With the replica gone, an emit (Python, HTTP) answers 503 within
+    `DISPATCHER_EMIT_WAIT`; deliveries go on; once it is back, the same event ids are
+    taken, and every acknowledged event is delivered."""
+    settings = make_settings(group.url, redis_min_replicas=1, emit_wait=1)
+    receiver = FlakyReceiver()
+    async with serving(receiver):
+        redis, callback_id = await fresh(settings, receiver)
+        try:
+            producer = Producer(settings, redis)
+            before = await producer.emit_many([(PROJECT, "BUILD_END", {}) for _ in range(20)])
+            (replica,) = [p for p in group.nodes if p != group.master_port()]
+            group.signal(replica, signal.SIGKILL)
+            down: list[Emit] = [(PROJECT, "BUILD_END", {}, f"evt_down_{n}") for n in range(20)]
+            started = time.monotonic()
+            with pytest.raises(Unavailable, match="0 of 1 replicas"):
+                await producer.emit_many(down)
+            async with app_client(settings, redis) as api:
+                answer = await api.post(EMITS, headers=UID, json={"event": "BUILD_END"})
+            assert answer.status_code == 503 and "same event ids" in answer.json()["message"]
+            assert time.monotonic() - started < 2 * (1 + 0.5)  # two emits, each within the wait
+            worker = create_worker(settings, burst=True, handle_signals=False)
+            try:  # the worker's writes do not wait for replicas: deliveries go on
+                await asyncio.wait_for(worker.main(), 30)
+            finally:
+                await worker.close()
+            # (a refused emit may be delivered too: the master has it, unconfirmed)
+            assert {f"{e}.{callback_id}" for e in before} <= receiver.answered_2xx()
+            await asyncio.to_thread(group.heal)
+            after = await producer.emit_many(down)
+            assert after == [event_id for *_, event_id in down]
+        finally:
+            await redis.aclose()
+
+
+async def test_with_0_replicas_an_unreplicated_acknowledged_emit_is_lost_with_1_none_is(
+    group: SentinelGroup,
+) -> None:
+    """What `DISPATCHER_REDIS_MIN_REPLICAS=0` means: the replica falls behind (paused, its
+    link cut), the master acknowledges events it alone holds, and dies: the replica the
+    sentinels promote never had them. With 1, the same emits answered 503 instead, and,
+    emitted again after the failover, they are there."""
+    master = group.heal()
+    (replica,) = [p for p in group.nodes if p != master]
+    lax = make_settings(group.url, redis_min_replicas=0)
+    strict = make_settings(group.url, redis_min_replicas=1, emit_wait=0.3)
+    redis = connect(lax)
+    old = Redis(host="127.0.0.1", port=master)
+    try:
+        await redis.flushdb()
+        group.signal(replica, signal.SIGSTOP)
+        await old.client_kill_filter(_type="slave")  # redis-py says slave
+        zero: list[Emit] = [(PROJECT, "BUILD_END", {}, f"evt_zero_{n}") for n in range(10)]
+        one: list[Emit] = [(PROJECT, "BUILD_END", {}, f"evt_one_{n}") for n in range(10)]
+        acknowledged = await Producer(lax, redis).emit_many(zero)
+        jobs = [keys.arq_job(event_id) for event_id in acknowledged]
+        assert await old.exists(*jobs) == len(jobs)  # the master holds them, alone
+        with pytest.raises(Unavailable, match="0 of 1 replicas"):
+            await Producer(strict, redis).emit_many(one)
+        group.signal(master, signal.SIGKILL)  # before the replica may catch up
+        group.signal(replica, signal.SIGCONT)
+        assert await asyncio.to_thread(group.wait_for_new_master, master) == replica
+        await asyncio.to_thread(group.heal)  # the old master back as a replica
+        patient = strict.model_copy(update={"emit_wait": 10})
+        await Producer(patient, redis).emit_many(one)  # the 503 said: emit again
+        queued = {m.decode() for m in await redis.zrange(lax.queue_name, 0, -1)}
+        assert not queued & set(acknowledged), "expected the unreplicated events to be lost"
+        assert {event_id for *_, event_id in one} <= queued
+        assert not await redis.exists(*jobs)
+    finally:
+        await old.aclose()
+        await redis.aclose()

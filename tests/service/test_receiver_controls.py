@@ -1,0 +1,339 @@
+"""Receiver controls over the real app, a real Redis, real burst workers and a real
+receiver: the options on every registration path and their 400s, filters matching and
+not (and failing), a secret rotation verified with the `standardwebhooks` library, a
+`maxInFlight` observed at the receiver, the event catalogue. (The limits across worker
+processes, and a killed worker's slot: tests/faults/test_receiver_limits.py.)"""
+
+from __future__ import annotations
+
+import base64
+import re
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+from aiohttp import web
+from prometheus_client import REGISTRY
+from redis.asyncio import Redis
+from standardwebhooks import Webhook, WebhookVerificationError
+
+from dispatcher import keys
+from dispatcher.embedded import EmbeddedRedis
+from dispatcher.history.redis import RedisHistory
+from dispatcher.models import HistoryRecord, Region
+from dispatcher.producer import Producer
+from dispatcher.services import Services
+from dispatcher.settings import Settings
+from dispatcher.tokens import TokenCipher
+from tests.helpers import Overlap, Receiver, RunWorker, app_client, make_settings
+
+ALICE = {"X-DEVOPS-UID": "alice"}
+OPERATOR = {"X-DEVOPS-OPERATOR-TOKEN": "op-secret"}
+CALLBACKS = "/apigw/v4/projects/demo/callbacks"
+
+
+@pytest.fixture
+async def op_api(redis_server: EmbeddedRedis, redis: Redis) -> AsyncIterator[httpx.AsyncClient]:
+    settings = make_settings(redis_server.url, operator_token="op-secret")
+    async with app_client(settings, redis) as client:
+        yield client
+
+
+Query = dict[str, str | int | float]
+
+
+def params(url: str, event: str = "BUILD_END", **extra: str | int | float) -> Query:
+    return {"event": event, "region": "DEVNET", "url": url, **extra}
+
+
+async def ok(response: httpx.Response) -> Any:
+    assert response.status_code == 200, response.text
+    return response.json()["data"]
+
+
+async def refused(response: httpx.Response, param: str) -> str:
+    assert response.status_code == 400, response.text
+    message: str = response.json()["message"]
+    assert param in message, message
+    return message
+
+
+def whsec(token: str) -> Webhook:
+    return Webhook("whsec_" + base64.b64encode(token.encode()).decode())
+
+
+async def test_every_registration_path_takes_lists_and_checks_the_controls(
+    op_api: httpx.AsyncClient,
+) -> None:
+    controls: Query = {"maxPerSecond": 10, "maxInFlight": 3, "filter": "data.status == 'FAILED'"}
+    url = "http://127.0.0.1:9/h"
+    paths = [
+        (CALLBACKS, ALICE),
+        (f"{CALLBACKS}/batch", ALICE),
+        ("/apigw/v4/projects/demo/pipelines/p1/callbacks", ALICE),
+        ("/operator/callbacks", OPERATOR),
+        ("/operator/callbacks/batch", OPERATOR),
+    ]
+    for n, (path, who) in enumerate(paths):
+        await ok(await op_api.post(path, params={**params(f"{url}{n}"), **controls}, headers=who))
+    listed = await ok(await op_api.get(CALLBACKS, headers=ALICE))
+    platform = await ok(await op_api.get("/operator/callbacks", headers=OPERATOR))
+    for cb in listed["records"] + platform["records"]:
+        assert {k: cb[k] for k in controls} == controls
+        assert cb["rotationEndTime"] is None and cb["filterErrors"] == 0
+    assert len(listed["records"]) == 3 and len(platform["records"]) == 2
+    # registering again without them clears them (a registration states the whole callback)
+    await ok(await op_api.post(CALLBACKS, params=params(f"{url}0"), headers=ALICE))
+    (first, *_) = (await ok(await op_api.get(CALLBACKS, headers=ALICE)))["records"]
+    assert (first["maxPerSecond"], first["maxInFlight"], first["filter"]) == (None, None, None)
+
+    bad: Query = {"maxPerSecond": 0, "maxInFlight": "many", "filter": "data.status =="}
+    for name, value in bad.items():
+        for path, who in paths:
+            await refused(
+                await op_api.post(path, params={**params(url), name: value}, headers=who), name
+            )
+    message = await refused(
+        await op_api.post(CALLBACKS, params=params(url, filter="data.[x"), headers=ALICE), "filter"
+    )
+    assert "Expecting" in message or "expression" in message  # the parser's words
+    await refused(
+        await op_api.post(CALLBACKS, params=params(url, filter="up(data)"), headers=ALICE), "up()"
+    )
+
+
+async def test_filters_let_through_only_what_matches_and_count_their_failures(
+    api: httpx.AsyncClient,
+    redis: Redis,
+    settings: Settings,
+    receiver: Receiver,
+    run_worker: RunWorker,
+) -> None:
+    wanted = "data.status == 'FAILED' && data.branch == 'main' && projectId == 'demo'"
+    for path, expression in (
+        ("/failed-main", wanted),
+        ("/all", None),
+        ("/broken", "length(data.buildNo) > `0`"),
+    ):
+        extra = {"filter": expression} if expression else {}
+        await ok(
+            await api.post(CALLBACKS, params=params(receiver.url(path), **extra), headers=ALICE)
+        )
+    events = [
+        {"status": "FAILED", "branch": "main", "buildNo": 1},
+        {"status": "FAILED", "branch": "dev", "buildNo": 2},
+        {"status": "SUCCEED", "branch": "main", "buildNo": 3},
+        {"status": "FAILED", "branch": "main", "buildNo": 4},
+    ]
+    errors_before = _metric("dispatcher_filtered_total", result="error")
+    skipped_before = _metric("dispatcher_filtered_total", result="skipped")
+    await Producer(settings, redis).emit_many([("demo", "BUILD_END", e) for e in events])
+    await run_worker()
+    assert [_body(s.body)["data"]["buildNo"] for s in receiver.requests("/failed-main")] in (
+        [1, 4],
+        [4, 1],
+    )
+    assert len(receiver.requests("/all")) == 4 and not receiver.requests("/broken")
+    assert _metric("dispatcher_filtered_total", result="error") - errors_before == 4
+    assert _metric("dispatcher_filtered_total", result="skipped") - skipped_before == 2
+    listed = (await ok(await api.get(CALLBACKS, headers=ALICE)))["records"]
+    broken = next(cb for cb in listed if cb["url"].endswith("/broken"))
+    assert broken["filterErrors"] == 4 and "length()" in broken["filterLastError"]
+    page = (await api.get("/console/projects/demo")).text
+    assert "failed on 4 events" in page and "length()" in page
+    # registering again starts the count again; deleting the callback leaves nothing behind
+    await ok(await api.post(CALLBACKS, params=params(receiver.url("/broken")), headers=ALICE))
+    assert not await redis.exists(keys.filter_errors(broken["id"]))
+
+
+async def test_a_rotation_signs_with_both_secrets_until_the_overlap_ends(
+    api: httpx.AsyncClient,
+    redis: Redis,
+    settings: Settings,
+    receiver: Receiver,
+    run_worker: RunWorker,
+) -> None:
+    url = receiver.script("/hook", web_answer(500), web_answer(200))  # the 2nd try succeeds
+    await ok(await api.post(CALLBACKS, params=params(url, secretToken="old-secret"), headers=ALICE))
+    await Producer(settings, redis).emit("demo", "BUILD_END", {"buildId": "b-1"})
+    await run_worker()
+    (cb,) = (await ok(await api.get(CALLBACKS, headers=ALICE)))["records"]
+    rotate = f"{CALLBACKS}/{cb['id']}/secret"
+    before = time.time() * 1000
+    shown = await ok(await api.post(rotate, params={"secretToken": "new-secret"}, headers=ALICE))
+    assert 24 * 3600_000 <= shown["rotationEndTime"] - before < 24 * 3600_000 + 60_000
+    assert "secret" not in str(shown).replace("Secret", "")
+    # a redelivery of the first (old) request uses the current secrets
+    records = await _records(redis, settings, url)
+    await ok(
+        await api.post(
+            f"/apigw/v4/projects/demo/callbacks/history/{records[-1].id}/retry", headers=ALICE
+        )
+    )
+    await Producer(settings, redis).emit("demo", "BUILD_END", {"buildId": "b-2"})
+    await run_worker()
+    *before_rotation, redelivered, new_event = receiver.requests()
+    assert len(before_rotation) == 2  # the 500, then its retry
+    for seen in before_rotation:
+        whsec("old-secret").verify(seen.body, dict(seen.headers))
+        with pytest.raises(WebhookVerificationError):
+            whsec("new-secret").verify(seen.body, dict(seen.headers))
+    assert redelivered.body == before_rotation[0].body  # the recorded request, sent again
+    rotated = [redelivered, new_event]
+    for seen in rotated:
+        assert seen.headers["X-DEVOPS-WEBHOOK-TOKEN"] == "new-secret"
+        for secret in ("new-secret", "old-secret"):  # a receiver with either verifies
+            whsec(secret).verify(seen.body, dict(seen.headers))
+    # overlap 0: the old secret stops at once
+    shown = await ok(
+        await api.post(rotate, params={"secretToken": "newest", "overlapHours": 0}, headers=ALICE)
+    )
+    assert shown["rotationEndTime"] is None
+    await Producer(settings, redis).emit("demo", "BUILD_END", {"buildId": "b-3"})
+    await run_worker()
+    last = receiver.requests()[-1]
+    whsec("newest").verify(last.body, dict(last.headers))
+    with pytest.raises(WebhookVerificationError):
+        whsec("new-secret").verify(last.body, dict(last.headers))
+    cases: list[tuple[Query, str]] = [
+        ({"secretToken": ""}, "secretToken"),
+        ({}, "secretToken"),
+        ({"secretToken": "x", "overlapHours": -1}, "overlapHours"),
+        ({"secretToken": "x", "overlapHours": 169}, "overlapHours"),
+    ]
+    for query, param in cases:
+        await refused(await api.post(rotate, params=query, headers=ALICE), param)
+    missing = await api.post(f"{CALLBACKS}/999/secret", params={"secretToken": "x"}, headers=ALICE)
+    assert missing.status_code == 404
+
+
+async def test_rotation_on_pipeline_and_platform_callbacks(op_api: httpx.AsyncClient) -> None:
+    for base, who in (
+        ("/apigw/v4/projects/demo/pipelines/p1/callbacks", ALICE),
+        ("/operator/callbacks", OPERATOR),
+    ):
+        await ok(
+            await op_api.post(
+                base, params=params("http://127.0.0.1:9/p", secretToken="a"), headers=who
+            )
+        )
+        (cb,) = (await ok(await op_api.get(base, headers=who)))["records"]
+        shown = await ok(
+            await op_api.post(
+                f"{base}/{cb['id']}/secret",
+                params={"secretToken": "b", "overlapHours": 2},
+                headers=who,
+            )
+        )
+        assert shown["rotationEndTime"] is not None
+    other = await op_api.post(
+        "/apigw/v4/projects/other/callbacks/1/secret", params={"secretToken": "x"}, headers=ALICE
+    )
+    assert other.status_code == 404  # another project's callback is not found
+
+
+async def test_max_in_flight_is_what_the_receiver_sees_and_waiting_spends_no_attempt(
+    api: httpx.AsyncClient,
+    redis: Redis,
+    settings: Settings,
+    run_worker: RunWorker,
+    receiver: Receiver,
+) -> None:
+    overlap = Overlap(0.2)
+    url = receiver.script("/slow", overlap.handle)
+    await ok(await api.post(CALLBACKS, params=params(url, maxInFlight=2), headers=ALICE))
+    deferred = _metric("dispatcher_deliveries_deferred_total", reason="in_flight")
+    await Producer(settings, redis).emit_many([("demo", "BUILD_END", {"n": i}) for i in range(8)])
+    await run_worker()
+    assert len(receiver.requests("/slow")) == 8 and overlap.most == 2
+    assert _metric("dispatcher_deliveries_deferred_total", reason="in_flight") > deferred
+    records = await _records(redis, settings, url)
+    assert len(records) == 8 and {(r.attempt, r.status.value) for r in records} == {(1, "SUCCESS")}
+    assert not await redis.exists(keys.limits(1)[1])  # every slot given back
+
+
+async def test_the_event_catalogue(api: httpx.AsyncClient) -> None:
+    events = await ok(await api.get("/apigw-app/v4/callbacks/events", headers=ALICE))
+    assert len(events) == 18 and events[6]["event"] == "BUILD_END"
+    assert events[6]["levels"] == ["platform", "project", "pipeline"]
+    assert events[6]["example"]["buildNo"] == 42 and events[6]["emittedBy"]
+    assert (await api.get("/apigw-app/v4/callbacks/events")).status_code == 401
+    page = (await api.get("/console/events")).text
+    assert "BUILD_TASK_PAUSE" in page and "/apigw/v4/callbacks/events" in page
+
+
+def web_answer(status: int) -> Any:
+    async def handler(request: web.Request) -> web.StreamResponse:
+        return web.Response(status=status, text="")
+
+    return handler
+
+
+def _body(raw: bytes) -> dict[str, Any]:
+    body: dict[str, Any] = orjson.loads(raw)
+    return body
+
+
+def _metric(name: str, **labels: str) -> float:
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+async def _records(redis: Redis, settings: Settings, url: str) -> list[HistoryRecord]:
+    now = int(time.time() * 1000)
+    page = await RedisHistory(redis, settings).query(
+        "demo", url, "BUILD_END", start_ms=now - 60_000, end_ms=now + 60_000, page_size=100
+    )
+    return page.records
+
+
+async def test_the_consoles_forms_register_with_controls_and_rotate(
+    api: httpx.AsyncClient,
+) -> None:
+    page = await api.get("/console/projects/demo")
+    token = re.search(r'name="csrf_token" value="([^"]+)"', page.text)
+    assert token and "Register a callback" in page.text and "/console/events" in page.text
+    wanted = "data.status == 'FAILED'"
+    form = {
+        "csrf_token": token[1],
+        "url": "http://127.0.0.1:9/c",
+        "region": "OSS",
+        "event": "BUILD_END, BUILD_START",
+        "secretToken": "s1",
+        "maxPerSecond": "5",
+        "maxInFlight": "",
+        "filter": wanted,
+    }
+    done = await api.post("/console/projects/demo/callbacks", data=form)
+    assert done.status_code == 303 and "notice=registered" in done.headers["location"]
+    listed = (await ok(await api.get(CALLBACKS, headers=ALICE)))["records"]
+    shown = [(cb["event"], cb["maxPerSecond"], cb["maxInFlight"], cb["filter"]) for cb in listed]
+    assert shown == [("BUILD_END", 5, None, wanted), ("BUILD_START", 5, None, wanted)]
+    bad = await api.post("/console/projects/demo/callbacks", data={**form, "filter": "data.["})
+    assert bad.status_code == 400 and "filter" in bad.text
+    rotate = f"/console/projects/demo/callbacks/{listed[0]['id']}/secret"
+    done = await api.post(rotate, data={"csrf_token": token[1], "secretToken": "s2"})
+    assert done.status_code == 303
+    text = (await api.get("/console/projects/demo")).text
+    assert "old one signs until" in text and "s1" not in text and "s2" not in text
+
+
+async def test_the_previous_token_is_encrypted_at_rest_like_the_token(
+    redis_server: EmbeddedRedis, redis: Redis
+) -> None:
+    keys_ = f"{TokenCipher.new_key()},{TokenCipher.new_key()}"
+    settings = make_settings(redis_server.url, token_keys=keys_)
+    services = Services(settings, redis)
+    cid = await services.register("demo", "http://127.0.0.1:9/e", "BUILD_END", Region.DEVNET,
+                                  "old-secret", creator="alice")  # fmt: skip
+    await services.rotate_secret(cid, "demo", "new-secret", 1)
+    stored = await redis.hmget(keys.callback(cid), ["secretToken", "previousToken"])  # type: ignore[misc]  # sync|async
+    assert all(value.startswith(b"fernet:") for value in stored)
+    assert b"secret" not in b"".join(stored)
+    target = await services.registry.target(cid)
+    assert target is not None
+    assert (target.secret_token, target.previous_token) == ("new-secret", "old-secret")
+    assert await services.registry.rotate_tokens() == 2  # both re-encrypted with the first key
+    assert await redis.hget(keys.callback(cid), "previousToken") != stored[1]  # type: ignore[misc]  # sync|async

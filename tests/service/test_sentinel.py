@@ -1,0 +1,197 @@
+"""Redis through Sentinel, on a real group (a master, a replica, three sentinels): every
+front end finds the master by name; an acknowledged emit is on the replica already; a
+setting that cannot work stops a process at start-up with a message naming it; a node that
+answers as a replica is a lost connection, not an error reply."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+import redis as redis_py
+from redis.asyncio import Redis
+from typer.testing import CliRunner
+
+from dispatcher import keys
+from dispatcher.cli import app
+from dispatcher.connections import connect, preflight
+from dispatcher.embedded import EmbeddedRedis, SentinelGroup
+from dispatcher.errors import InvalidSetting, Unavailable
+from dispatcher.failover import NotMaster, NotWritable
+from dispatcher.history.ids import ID_BLOCK, ID_GAP, RecordIds
+from dispatcher.history.redis import RedisHistory
+from dispatcher.producer import Producer
+from dispatcher.settings import Settings
+from tests.helpers import UID, app_client, free_port, make_settings
+
+EVENTS = "/apigw/v4/projects/demo/events"
+
+
+@pytest.fixture
+def group(sentinel_group: SentinelGroup) -> SentinelGroup:
+    sentinel_group.heal()
+    return sentinel_group
+
+
+def on_replica(group: SentinelGroup) -> Redis:
+    """A plain client of the (one) replica, to see what it holds."""
+    (replica,) = [port for port in group.nodes if port != group.master_port()]
+    return Redis(host="127.0.0.1", port=replica, socket_timeout=2)
+
+
+async def test_an_acknowledged_emit_is_on_the_replica_already(group: SentinelGroup) -> None:
+    settings = make_settings(group.url, redis_min_replicas=1, emit_wait=5)
+    assert await preflight(settings) == []
+    redis, replica = connect(settings), on_replica(group)
+    try:
+        await redis.flushdb()
+        producer = Producer(settings, redis)
+        one = await producer.emit("demo", "BUILD_END", {"n": 1})
+        many = await producer.emit_many([("demo", "BUILD_END", {"n": n}) for n in range(50)])
+        async with app_client(settings, redis) as api:
+            answer = await api.post(EVENTS, json={"event": "BUILD_END", "data": {}}, headers=UID)
+        routed = answer.json()["data"]["eventId"]
+        # no wait: WAIT returned only once the replica had them
+        held = await replica.mget([keys.arq_job(i) for i in [one, *many, routed]])
+        assert all(held), f"{held.count(None)} acknowledged jobs missing on the replica"
+    finally:
+        await redis.aclose()
+        await replica.aclose()
+
+
+def test_the_cli_emits_through_the_sentinels(
+    group: SentinelGroup, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("DISPATCHER_REDIS_URL", group.url)
+    monkeypatch.setenv("DISPATCHER_REDIS_MIN_REPLICAS", "1")
+    command = ["emit", "--project", "demo", "--event", "BUILD_END", "--event-id", "evt_cli"]
+    result = CliRunner().invoke(app, command)
+    assert result.exit_code == 0 and "evt_cli" in result.output, result.output
+    (replica,) = [port for port in group.nodes if port != group.master_port()]
+    with redis_py.Redis(host="127.0.0.1", port=replica, socket_timeout=2) as client:
+        assert client.exists(keys.arq_job("evt_cli"))
+
+
+def run_cli(monkeypatch: pytest.MonkeyPatch, **env: str) -> str:
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    result = CliRunner().invoke(app, ["callbacks", "list", "--project", "p"])
+    output = " ".join(result.output.split())  # as the console wrapped it
+    assert result.exit_code == 2 and "Traceback" not in output, output
+    return output
+
+
+def test_a_setting_that_cannot_work_stops_a_command_with_its_name(
+    group: SentinelGroup, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    wrong_master = run_cli(
+        monkeypatch, DISPATCHER_REDIS_URL=group.url.replace("/dispatcher/", "/nope/")
+    )
+    assert "configuration error DISPATCHER_REDIS_URL" in wrong_master
+    assert "no sentinel knows a master named 'nope' (they know: 'dispatcher')" in wrong_master
+
+    nobody = f"redis+sentinel://127.0.0.1:{free_port()},127.0.0.1:{free_port()}/dispatcher/0"
+    unreachable = run_cli(monkeypatch, DISPATCHER_REDIS_URL=nobody)
+    assert "DISPATCHER_REDIS_URL: no sentinel answered" in unreachable
+
+    too_few = run_cli(
+        monkeypatch, DISPATCHER_REDIS_URL=group.url, DISPATCHER_REDIS_MIN_REPLICAS="2"
+    )
+    assert "configuration error DISPATCHER_REDIS_MIN_REPLICAS" in too_few and "has 1" in too_few
+
+
+async def test_a_plain_url_to_a_replica_is_a_lost_connection(group: SentinelGroup) -> None:
+    """READONLY (a failover demoted the node a managed Redis' DNS name still points at)
+    drops the connection, so the next one can reach the master."""
+    (replica,) = [port for port in group.nodes if port != group.master_port()]
+    redis = connect(make_settings(f"redis://127.0.0.1:{replica}/0", redis_timeout=1))
+    try:
+        with pytest.raises(NotMaster, match=r"is not the master now \(READONLY"):
+            await redis.set("k", "v")
+        with pytest.raises(NotMaster, match="READONLY"):  # a script's write (Redis 6 wraps it)
+            await redis.eval("return redis.call('SET', KEYS[1], 'v')", 1, "k")  # type: ignore[misc]
+        assert await redis.ping()  # reads still work: it is a lost connection, not a dead one
+    finally:
+        await redis.aclose()
+
+
+async def test_masterdown_and_noreplicas_are_outages_not_errors(tmp_path: Path) -> None:
+    """A node short of the replicas its `min-replicas-to-write` asks for, or a replica
+    whose master is away: callers wait them out like an outage (503, writes that wait)."""
+    with EmbeddedRedis(tmp_path, persist=False) as server:
+        redis = connect(make_settings(server.url, redis_timeout=1))
+        try:
+            await redis.config_set("min-replicas-to-write", "1")
+            with pytest.raises(NotWritable, match="NOREPLICAS"):
+                await redis.set("k", "v")
+            with pytest.raises(NotWritable, match="NOREPLICAS"):
+                await redis.eval("return redis.call('SET', KEYS[1], 'v')", 1, "k")  # type: ignore[misc]
+            await redis.config_set("replica-serve-stale-data", "no")
+            await redis.replicaof("127.0.0.1", str(free_port()))  # a master that is not there
+            with pytest.raises(NotMaster, match="MASTERDOWN"):
+                await redis.get("k")
+        finally:
+            await redis.aclose()
+
+
+async def test_without_the_replicas_it_asks_for_an_emit_answers_503(
+    redis: Redis, settings: Settings
+) -> None:
+    """The session's Redis has no replica: with DISPATCHER_REDIS_MIN_REPLICAS=1 a process
+    does not start, and an emit (Python, both routes, redelivery) is refused within the
+    bound, saying that emitting again is safe."""
+    strict = settings.model_copy(update={"redis_min_replicas": 1, "emit_wait": 0.5})
+    with pytest.raises(InvalidSetting, match="has 0 connected") as caught:
+        await preflight(strict)
+    assert caught.value.param == "DISPATCHER_REDIS_MIN_REPLICAS"
+    with pytest.raises(Unavailable, match=r"0 of 1 replicas .* same event ids is safe"):
+        await Producer(strict, redis).emit("demo", "BUILD_END", {}, event_id="e1")
+    now = int(time.time() * 1000)
+    record_id = await RedisHistory(redis, settings).add(
+        {
+            "projectId": "demo",
+            "callBackUrl": "https://e.com/h",
+            "events": "BUILD_END",
+            "status": "FAILED",
+            "startTime": now,
+            "endTime": now,
+            "createdTime": now,
+            "callbackId": 1,
+            "deliveryId": "e0.1",
+            "eventId": "e0",
+        }
+    )
+    async with app_client(strict, redis) as api:
+        started = time.monotonic()
+        single = await api.post(EVENTS, json={"event": "BUILD_END", "eventId": "e2"}, headers=UID)
+        batch = await api.post(f"{EVENTS}/batch", json=[{"event": "BUILD_END"}], headers=UID)
+        retry = await api.post(
+            f"/ms/openapi/api/apigw/v3/projects/demo/callbacks/history/{record_id}/retry",
+            headers=UID,
+        )
+        took = time.monotonic() - started
+    for answer in (single, batch):
+        body = answer.json()
+        assert answer.status_code == 503 and body["status"] == 503, body
+        assert "DISPATCHER_REDIS_MIN_REPLICAS" in body["message"]
+        assert "same event ids is safe" in body["message"]
+    assert retry.status_code == 503 and "the redelivery is queued" in retry.json()["message"]
+    assert took < 3 * 1.0  # each within DISPATCHER_EMIT_WAIT (0.5 s) and a round trip
+
+
+async def test_record_ids_skip_ahead_on_a_server_that_did_not_hand_out_the_last_block(
+    redis: Redis,
+) -> None:
+    """A promoted replica (or a restarted server) may lack the last blocks of ids handed
+    out: its first block starts `ID_GAP` further on, so no id is handed out twice."""
+    fresh: list[dict[str, object]] = [{}]
+    await RecordIds(redis).assign(fresh)
+    assert fresh[0]["id"] == 1  # a fresh Redis starts at 1
+    same_server: list[dict[str, object]] = [{}]
+    await RecordIds(redis).assign(same_server)
+    assert same_server[0]["id"] == ID_BLOCK + 1
+    await redis.set(keys.HISTORY_SEQ_SERVER, "another-server")  # as a failover leaves it
+    promoted: list[dict[str, object]] = [{}]
+    await RecordIds(redis).assign(promoted)
+    assert promoted[0]["id"] == 2 * ID_BLOCK + ID_GAP + 1

@@ -1,0 +1,122 @@
+"""What the status page, `dispatcher status` and the metrics read of the fleet, on a real
+Redis: the workers' attempt statistics (a minute and a 10-minute resolution, each with its
+TTL), the index of live workers, and the fleet's gauges at `/metrics`."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import httpx
+import pytest
+from prometheus_client import REGISTRY
+from redis.asyncio import Redis
+
+from dispatcher import keys
+from dispatcher.connections import REDIS_ERRORS
+from dispatcher.history import open_history
+from dispatcher.settings import Settings
+from dispatcher.stats import DAY, HOUR, AttemptStats, read_series
+from dispatcher.status import count_live_workers, live_workers, write_heartbeat
+from dispatcher.worker.duties import Counts, Duties
+from tests.helpers import app_client
+
+
+def gauge(text: str, name: str) -> float:
+    values = [line.split()[-1] for line in text.splitlines() if line.split(" ")[0] == name]
+    assert len(values) == 1, f"{name} not exported once"
+    return float(values[0])
+
+
+async def away_from_a_minute_boundary() -> None:
+    """So that what a test counts lands in the minute it then reads."""
+    second = time.time() % 60
+    if second > 58.5:
+        await asyncio.sleep(60.05 - second)
+
+
+async def test_attempt_counts_reach_the_hour_and_the_day_with_their_ttls(redis: Redis) -> None:
+    await away_from_a_minute_boundary()
+    stats = AttemptStats()
+    for outcome, ms in [("success", 12)] * 4 + [("failed", 700)]:
+        stats.count(outcome, ms)
+    await stats.flush(redis)
+    now = int(time.time() * 1000)
+    minute, slot = now // 60_000, now // 600_000
+    expected = {b"success": b"4", b"failed": b"1", b"ms:15": b"4", b"ms:700": b"1"}
+    async with redis.pipeline(transaction=False) as pipe:
+        pipe.hgetall(keys.stats(minute))
+        pipe.hgetall(keys.stats_slot(600, slot))
+        assert await pipe.execute() == [expected, expected]
+    assert 7000 < await redis.ttl(keys.stats(minute)) <= HOUR.ttl_s
+    assert 24 * 3600 < await redis.ttl(keys.stats_slot(600, slot)) <= DAY.ttl_s
+
+    stats.count("success", 12)  # a second flush adds to the same buckets
+    await stats.flush(redis)
+    await stats.flush(redis)  # nothing new: nothing written
+    hour, day = await read_series(redis, now)
+    assert len(hour.points) == 60 and len(day.points) == 144
+    for found in (hour, day):
+        assert found.points[-1].outcomes == {"success": 5, "failed": 1} == found.totals
+        assert found.p50_ms is not None and 10 < found.p50_ms <= 15
+
+
+async def test_statistics_survive_a_flush_that_fails(redis: Redis) -> None:
+    await away_from_a_minute_boundary()
+    stats = AttemptStats()
+    stats.count("retry", 5)
+    nowhere = Redis.from_url("redis://127.0.0.1:1/0", socket_connect_timeout=0.2)
+    with pytest.raises(REDIS_ERRORS):
+        await stats.flush(nowhere)
+    await nowhere.aclose()
+    await stats.flush(redis)
+    (hour,) = await read_series(redis, int(time.time() * 1000), [HOUR])
+    assert hour.totals == {"retry": 1}
+
+
+async def test_live_workers_come_from_the_heartbeat_index(redis: Redis, settings: Settings) -> None:
+    now = int(time.time() * 1000)
+    async with redis.pipeline(transaction=False) as pipe:
+        write_heartbeat(pipe, keys.worker("a", 1), {"host": "a", "pid": 1, "seen": now}, now)
+        stale = now - 45_000  # its key outlived its TTL here; the index still names it
+        write_heartbeat(pipe, keys.worker("b", 2), {"host": "b", "pid": 2, "seen": stale}, stale)
+        await pipe.execute()
+    assert [w["pid"] for w in await live_workers(redis)] == [1]
+    assert await count_live_workers(redis) == 1
+    assert await live_workers(redis, "b") == []
+
+    # a real worker's duties: a beat, then gone with its last words
+    history = open_history(settings, redis)
+    duties = Duties(settings, redis, history, AttemptStats(), "t", lambda: Counts(0, 0, 0))
+    await duties.heartbeat()
+    assert await count_live_workers(redis) == 2
+    # what the worker's own /metrics says of the fleet and of itself
+    assert REGISTRY.get_sample_value("dispatcher_workers_live") == 2
+    assert REGISTRY.get_sample_value("dispatcher_redis_up") == 1
+    beat = REGISTRY.get_sample_value("dispatcher_worker_heartbeat_timestamp_seconds")
+    assert beat is not None and abs(beat - time.time()) < 5
+    await duties.last_words()
+    assert await count_live_workers(redis) == 1
+    assert await redis.zscore(keys.WORKERS_LIVE, duties.heartbeat_key) is None
+    # an hour later the index forgets a worker that never said goodbye
+    later = now + 3_600_001
+    async with redis.pipeline(transaction=False) as pipe:
+        write_heartbeat(pipe, keys.worker("c", 3), {"host": "c", "pid": 3, "seen": later}, later)
+        await pipe.execute()
+    assert await redis.zrange(keys.WORKERS_LIVE, 0, -1) == [keys.worker("c", 3).encode()]
+
+
+async def test_metrics_carry_the_fleets_gauges_and_answer_without_redis(
+    api: httpx.AsyncClient, settings: Settings
+) -> None:
+    text = (await api.get("/metrics")).text
+    assert gauge(text, "dispatcher_redis_up") == 1
+    assert gauge(text, "dispatcher_workers_live") == 0
+    assert gauge(text, "dispatcher_redis_used_memory_bytes") > 100_000
+    assert gauge(text, "dispatcher_redis_maxmemory_bytes") >= 0
+
+    nowhere = Redis.from_url("redis://127.0.0.1:1/0", socket_connect_timeout=0.2)
+    async with app_client(settings, nowhere) as down:
+        answer = await down.get("/metrics")
+        assert answer.status_code == 200 and gauge(answer.text, "dispatcher_redis_up") == 0
+    await nowhere.aclose()

@@ -1,0 +1,123 @@
+"""Receiver controls without servers: the options' checks, the filter's truthiness and
+failures, the signature of a rotation's overlap, the event catalogue."""
+
+from __future__ import annotations
+
+import base64
+
+import pytest
+from standardwebhooks import Webhook, WebhookVerificationError
+
+from dispatcher.catalogue import CATALOGUE
+from dispatcher.delivery import request_headers
+from dispatcher.errors import InvalidInput
+from dispatcher.models import PROJECT_EVENTS, Event, Level
+from dispatcher.registry import Options
+from dispatcher.registry.options import FilterFailed, filter_matches
+
+ENVELOPE = {
+    "event": "BUILD_END",
+    "projectId": "demo",
+    "data": {"status": "FAILED", "branch": "main", "n": 3, "tags": []},
+}
+
+
+@pytest.mark.parametrize(
+    ("options", "param"),
+    [
+        (Options(max_per_second=0), "maxPerSecond"),
+        (Options(max_per_second=10_001), "maxPerSecond"),
+        (Options(max_in_flight=0), "maxInFlight"),
+        (Options(max_in_flight=1001), "maxInFlight"),
+        (Options(filter="data.status == "), "filter"),
+        (Options(filter="x" * 1025), "filter"),
+        (Options(filter="nope(data)"), "filter"),
+    ],
+)
+def test_bad_options_name_their_parameter(options: Options, param: str) -> None:
+    with pytest.raises(InvalidInput) as refused:
+        options.checked()
+    assert refused.value.param == param and param in refused.value.message
+
+
+def test_a_filter_that_does_not_compile_gets_the_parsers_message() -> None:
+    with pytest.raises(InvalidInput) as refused:
+        Options(filter="data.status == 'FAILED' &&").checked()
+    assert "Incomplete expression" in refused.value.message  # jmespath's own words
+    with pytest.raises(InvalidInput, match=r"unknown function\(s\) nope\(\)"):
+        Options(filter="nope(data)").checked()
+
+
+def test_options_round_trip_through_their_stored_fields() -> None:
+    options = Options(5, 2, "  data.status == 'FAILED'  ").checked()
+    assert options.filter == "data.status == 'FAILED'" and options.limited
+    fields = options.to_fields()
+    assert fields[::2] == list(Options.FIELDS)
+    assert Options.from_values([v.encode() for v in fields[1::2]]) == options
+    assert Options.from_values([b"", b"", b""]) == Options() and not Options().limited
+    assert Options(filter="   ").checked().filter is None
+
+
+@pytest.mark.parametrize(
+    ("expression", "matches"),
+    [
+        ("data.status == 'FAILED' && data.branch == 'main'", True),
+        ("data.status == 'FAILED' && data.branch == 'dev'", False),
+        ("projectId == 'demo' && event == 'BUILD_END'", True),
+        ("data.n", True),  # 0 and 3 are true in JMESPath
+        ("data.missing", False),  # null
+        ("data.tags", False),  # []
+        ("data.status == 'SUCCEED' || data.n > `2`", True),
+    ],
+)
+def test_a_filter_is_truthy_by_jmespaths_rules(expression: str, matches: bool) -> None:
+    assert filter_matches(expression, ENVELOPE) is matches
+
+
+def test_zero_is_true_and_empty_things_are_false() -> None:
+    assert filter_matches("data.zero", {"data": {"zero": 0}})
+    empties: list[object] = ["", [], {}, False, None]
+    for empty in empties:
+        assert not filter_matches("data.x", {"data": {"x": empty}})
+
+
+@pytest.mark.parametrize("expression", ["length(data.n)", "data.status > `1`"])
+def test_a_filter_that_raises_on_an_event_fails_alone(expression: str) -> None:
+    with pytest.raises(FilterFailed):
+        filter_matches(expression, ENVELOPE)
+
+
+def test_during_a_rotation_both_secrets_sign_and_the_token_header_is_the_new_one() -> None:
+    body = b'{"event":"BUILD_END","data":{}}'
+    headers = request_headers(
+        event="BUILD_END",
+        delivery_id="evt_1.7",
+        body=body,
+        token="new-secret",
+        user_agent="t",
+        previous_token="old-secret",
+    )
+    assert headers["X-DEVOPS-WEBHOOK-TOKEN"] == "new-secret"
+    assert len(headers["webhook-signature"].split(" ")) == 2
+    for secret in ("new-secret", "old-secret"):
+        Webhook("whsec_" + base64.b64encode(secret.encode()).decode()).verify(body, headers)
+    with pytest.raises(WebhookVerificationError):
+        Webhook("whsec_" + base64.b64encode(b"other").decode()).verify(body, headers)
+    alone = request_headers(
+        event="BUILD_END", delivery_id="evt_1.7", body=body, token="new-secret", user_agent="t"
+    )
+    assert " " not in alone["webhook-signature"]
+
+
+def test_the_catalogue_lists_the_18_events_with_levels_and_examples() -> None:
+    assert [info.event for info in CATALOGUE] == list(Event)
+    for info in CATALOGUE:
+        assert Level.PLATFORM in info.levels and info.emitted_by and info.example
+        assert (Level.PIPELINE in info.levels) == (info.event not in PROJECT_EVENTS)
+        assert info.example["projectId"] == "demo"
+    build_end = next(info for info in CATALOGUE if info.event is Event.BUILD_END)
+    assert {"pipelineId", "buildId", "buildNo", "status", "startTime", "endTime"} <= set(
+        build_end.example
+    )
+    task = next(info for info in CATALOGUE if info.event is Event.BUILD_TASK_END)
+    assert {"stageId", "jobId", "taskId"} <= set(task.example)
