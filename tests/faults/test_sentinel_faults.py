@@ -226,7 +226,7 @@ async def test_with_0_replicas_an_unreplicated_acknowledged_emit_is_lost_with_1_
         zero: list[Emit] = [(PROJECT, "BUILD_END", {}, f"evt_zero_{n}") for n in range(10)]
         one: list[Emit] = [(PROJECT, "BUILD_END", {}, f"evt_one_{n}") for n in range(10)]
         acknowledged = await Producer(lax, redis).emit_many(zero)
-        jobs = [keys.arq_job(event_id) for event_id in acknowledged]
+        jobs = [keys.arq_job(keys.project_scoped(PROJECT, e)) for e in acknowledged]
         assert await old.exists(*jobs) == len(jobs)  # the master holds them, alone
         with pytest.raises(Unavailable, match="0 of 1 replicas"):
             await Producer(strict, redis).emit_many(one)

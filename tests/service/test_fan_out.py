@@ -85,7 +85,7 @@ async def test_a_fan_out_moves_on_under_its_event_id_and_a_resent_move_does_noth
     await run_pipeline(redis, lambda pipe: claims.finish(pipe, again.job_id))
     assert await run_pipeline(redis, move) == [0]  # nor does it revive a finished job
     assert await redis.zcard(settings.queue_name) == 0
-    assert not await redis.exists(keys.arq_job("evt_1"))
+    assert not await redis.exists(keys.arq_job("demo:evt_1"))
 
 
 async def test_a_registry_of_layout_1_is_upgraded(
