@@ -97,8 +97,9 @@ class Receiver:
         assert self.process is not None
         return self.process.pid
 
-    async def start(self) -> None:
-        self.process = await _spawn(["-m", "bench.receiver"])
+    async def start(self, *, delay_ms: int = 0) -> None:
+        """Start it; with `delay_ms`, every answer is held back that long (a slow host)."""
+        self.process = await _spawn(["-m", "bench.receiver", "--delay-ms", str(delay_ms)])
         assert self.process.stdout is not None
         line = await asyncio.wait_for(self.process.stdout.readline(), 15)
         if not line.startswith(b"PORT "):

@@ -127,6 +127,12 @@ ARQ_IN_PROGRESS_PREFIX: str = in_progress_key_prefix
 ARQ_RETRY_PREFIX: str = arq_retry_key_prefix
 
 
+def project_scoped(project_id: str, local_id: str) -> str:
+    """An id made unique across projects: `{project}:{id}`. A project id holds no `:`, so
+    the first `:` ends it whatever the local id holds (event ids may hold `:`)."""
+    return f"{project_id}{SEP}{local_id}"
+
+
 def callback(callback_id: int | str) -> str:
     return f"{CALLBACK_PREFIX}{callback_id}"
 

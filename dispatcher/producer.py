@@ -11,10 +11,11 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import orjson
+from redis.exceptions import ResponseError
 
 from dispatcher import metrics, tracing
 from dispatcher.batch import Batcher
-from dispatcher.connections import REDIS_ERRORS, connect
+from dispatcher.connections import REDIS_ERRORS, connect, redis_full
 from dispatcher.errors import InvalidInput, NotReplicated, Unavailable
 from dispatcher.jobs import DeliveryJob, EventJob, Queue, new_event_id, now_ms
 from dispatcher.models import EVENT_ID, PLATFORM_PROJECT, parse_event
@@ -37,8 +38,9 @@ _PROJECT_ID = re.compile(r"[\x21-\x39\x3b-\x7e]{1,128}")
 
 T = TypeVar("T")
 # what waiting for Redis looks like: its errors, no answer within the wait, or too few
-# replicas confirming (DISPATCHER_REDIS_MIN_REPLICAS)
+# replicas confirming (DISPATCHER_REDIS_MIN_REPLICAS); and a full Redis (a reply error)
 _UNANSWERED: tuple[type[Exception], ...] = (*REDIS_ERRORS, TimeoutError, NotReplicated)
+_WAITED_OUT: tuple[type[Exception], ...] = (*_UNANSWERED, ResponseError)
 
 
 def event_job(
@@ -244,9 +246,10 @@ class Producer:
         metrics.EVENTS_EMITTED.inc(len(jobs))
 
     async def _patiently(self, enqueue: Callable[[], Awaitable[T]]) -> T:
-        """Run `enqueue`, waiting out a Redis that does not answer for up to
-        `DISPATCHER_EMIT_WAIT` seconds. Enqueueing is idempotent (a job id already queued
-        is left alone), so a try whose answer was lost can be made again."""
+        """Run `enqueue`, waiting out a Redis that does not answer, or is full (at
+        `maxmemory`), for up to `DISPATCHER_EMIT_WAIT` seconds. Enqueueing is idempotent (a
+        job id already queued is left alone), so a try whose answer was lost, or that Redis
+        took only in part, can be made again."""
         deadline = time.monotonic() + self.settings.emit_wait
         delay = 0.05
         shortfall: NotReplicated | None = None  # the master had them; the replicas did not
@@ -255,9 +258,13 @@ class Producer:
             try:
                 async with asyncio.timeout(max(left, 0.001)):
                     return await enqueue()
-            except _UNANSWERED as exc:
+            except _WAITED_OUT as exc:
+                if not isinstance(exc, _UNANSWERED) and not redis_full(exc):
+                    raise
                 if isinstance(exc, NotReplicated):
                     shortfall = exc
+                if redis_full(exc):
+                    metrics.REDIS_FULL.labels(refused="emit").inc()
                 if time.monotonic() + delay >= deadline:
                     raise Unavailable(
                         f"{_unanswered(shortfall or exc)} after {self.settings.emit_wait:g} s "
@@ -314,6 +321,11 @@ def _unanswered(exc: Exception) -> str:
         return (
             f"the events are queued on Redis' master, but {exc.message}, so they would be "
             "lost if it failed now; gave up"
+        )
+    if redis_full(exc):
+        return (
+            "Redis is full (maxmemory reached, writes refused); the events may not be queued, "
+            "or only some of them"
         )
     return f"Redis is unreachable ({str(exc) or type(exc).__name__}); the events may not be queued"
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
@@ -41,6 +42,7 @@ from dispatcher.registry import url_problem
 from dispatcher.stats import AttemptStats
 from dispatcher.worker.controls import Controls
 from dispatcher.worker.record import attempt_record
+from dispatcher.worker.shares import Shares
 
 if TYPE_CHECKING:
     import httpx
@@ -78,6 +80,9 @@ class Engine:
         self.writer = writer
         self.reads = Batcher(services.redis)
         self.breaker = CircuitBreaker(settings.circuit_threshold, settings.circuit_cooldown)
+        self.shares = Shares(
+            settings.worker_max_jobs, settings.max_per_host, fair=settings.fair_share
+        )
         self.transports: dict[Region, httpx.AsyncBaseTransport] = {
             region: make_transport(settings, region) for region in Region
         }
@@ -194,14 +199,22 @@ class Engine:
     ) -> None:
         host = urlsplit(target.url).netloc
         if wait := self.breaker.wait(host):  # not an attempt: try again once it may
-            await self.writer.commit(lambda pipe: then(pipe, wait))
+            await self._defer(job, then, wait, "circuit")
             return
-        with tracing.attempt(job.trace, url=target.url, number=number,
-                             delivery_id=job.delivery_id, event_id=job.event_id,
-                             project_id=job.emitter or job.project_id,
-                             callback_id=target.id) as traced:  # fmt: skip
-            headers, result = await self._request(job, target, traced.headers)
-            traced.end(result.outcome.value, result.status_code, result.error)
+        slot = await self.shares.admit(job.emitter or job.project_id, host)
+        if slot is None:  # its project or host holds its share of the worker: later
+            await self._defer(job, then, self.shares.defer_s(host), "share")
+            return
+        started = time.monotonic()
+        try:
+            with tracing.attempt(job.trace, url=target.url, number=number,
+                                 delivery_id=job.delivery_id, event_id=job.event_id,
+                                 project_id=job.emitter or job.project_id,
+                                 callback_id=target.id) as traced:  # fmt: skip
+                headers, result = await self._request(job, target, traced.headers)
+                traced.end(result.outcome.value, result.status_code, result.error)
+        finally:
+            slot.release(time.monotonic() - started)
         self.breaker.record(host, result.outcome is not Outcome.RETRY)
         delay = None
         if result.outcome is Outcome.RETRY:
@@ -216,6 +229,18 @@ class Engine:
         _observe(job, target, number, result, delay)
         self.stats.count(result.outcome.value, result.duration_ms)
         await self._write(job, target, number, record, result, delay, then)
+
+    async def _defer(self, job: DeliveryJob, then: Then, delay: float, reason: str) -> None:
+        """Not an attempt: the delivery goes back to the queue, due in `delay` seconds. Its
+        progress is marked (unless it has some), so that a re-run of its fan-out leaves it
+        to the job that `then` queues."""
+
+        def write(pipe: Pipeline) -> None:
+            pipe.set(keys.delivery(job.progress_id), 0, nx=True, ex=self.progress_ttl)
+            then(pipe, delay)
+
+        await self.writer.commit(write)
+        metrics.DEFERRED.labels(reason=reason).inc()
 
     async def _write(
         self,
@@ -297,10 +322,14 @@ class Engine:
         # Literal addresses, ports and metadata names: the resolver never sees them.
         refusal = policy.refusal(target.url)
         if refusal is None and target.region in self.settings.region_proxies:
-            try:  # through a proxy the proxy resolves the host: check the address ourselves
-                await policy.check_resolved(target.url)
+            # Through a proxy the proxy resolves the host: check its addresses ourselves.
+            enforced = target.region in self.settings.proxy_enforced_regions
+            try:
+                await policy.check_resolved(target.url, must_resolve=not enforced)
             except InvalidUrl as exc:
                 refusal = exc.message
+            except OSError as exc:  # a temporary lookup failure: try again later
+                return _unresolved(target.url, exc)
         if refusal is not None:
             return _failed(f"refused: {refusal}")
         return await send(
@@ -323,6 +352,13 @@ def _failed(error: str) -> AttemptResult:
     """An attempt that sent nothing and never will: final."""
     now = now_ms()
     return AttemptResult(Outcome.FAILED, None, None, error, None, now, now)
+
+
+def _unresolved(url: str, exc: OSError) -> AttemptResult:
+    """An attempt that sent nothing because the host's lookup failed for now: retried."""
+    now = now_ms()
+    error = f"could not resolve host {urlsplit(url).hostname}: {exc.strerror or 'lookup failed'}"
+    return AttemptResult(Outcome.RETRY, None, None, error, None, now, now)
 
 
 def _loggable(url: str) -> str:

@@ -30,7 +30,7 @@ import structlog
 from redis.exceptions import RedisError
 
 from dispatcher import keys, metrics
-from dispatcher.connections import REDIS_ERRORS, connect
+from dispatcher.connections import REDIS_ERRORS, connect, redis_full
 from dispatcher.errors import describe
 from dispatcher.jobs import FAN_OUT, BadJob, DeliveryJob, EventJob, decode
 from dispatcher.services import Services
@@ -145,6 +145,7 @@ class Worker:
                 continue
             if (
                 self.writer.pending > self.max_pending_writes
+                or self.writer.stalled  # Redis away, or full: claims wait
                 or self.shipping.full
                 or self._burst_spent()
             ):
@@ -152,9 +153,12 @@ class Worker:
                 continue
             try:
                 self._due.clear()
-                claimed = await self.claims.claim(room)
+                claimed = await self.claims.claim(room, shares=self.engine.shares.claim_budgets())
             except CLAIM_ERRORS as exc:
-                log.warning("worker.claim_failed", error=str(exc), retry_in_s=round(backoff, 2))
+                if full := redis_full(exc):
+                    metrics.REDIS_FULL.labels(refused="claim").inc()
+                wait = round(backoff, 2)
+                log.warning("worker.claim_failed", error=str(exc), redis_full=full, retry_in_s=wait)
                 await self._pause(backoff)
                 backoff = min(2.0, backoff * 2)
                 continue
@@ -206,11 +210,13 @@ class Worker:
 
     def _start(self, claimed: Claimed) -> None:
         self.jobs_started += 1
+        self.engine.shares.job_started(claimed.job_id)
         task = asyncio.create_task(self._run(claimed))
         self.running[claimed.job_id] = task
         task.add_done_callback(lambda done: self._ended(claimed.job_id, done))
 
     def _ended(self, job_id: str, task: asyncio.Task[None]) -> None:
+        self.engine.shares.job_ended(job_id)
         if self.running.get(job_id) is task:  # not a new run of the same job (a fan-out's)
             del self.running[job_id]
         if self._room is not None and self.max_jobs - len(self.running) >= self.claim_batch:
@@ -239,7 +245,11 @@ class Worker:
                 claims=claimed.claims,
                 retry_in_s=delay,
             )
-            self._put_back(claimed.job_id, delay)
+            # Held (its lease renewed) until Redis has taken the put-back, and so every
+            # write the run queued before it: another worker claiming the job before its
+            # writes landed (Redis away or full) would send its deliveries again.
+            with contextlib.suppress(Exception):  # refused for good: logged by the writer
+                await self._put_back(claimed.job_id, delay)
 
     async def _execute(self, claimed: Claimed, wire: Any) -> None:
         if wire.function == FAN_OUT:
@@ -263,10 +273,12 @@ class Worker:
         else:
             self.claims.hand_over(pipe, claimed, event.continued(after))
 
-    def _put_back(self, job_id: str, delay: float) -> None:
+    def _put_back(self, job_id: str, delay: float) -> asyncio.Future[list[Any]]:
         """The job's run failed or was stopped: due again in `delay` seconds (unless its
-        own writes already ended it or set it later)."""
-        self.writer.submit(lambda pipe: self.claims.again(pipe, job_id, delay, next_attempt=False))
+        own writes already ended it or set it later). Done once Redis has it."""
+        return self.writer.submit(
+            lambda pipe: self.claims.again(pipe, job_id, delay, next_attempt=False)
+        )
 
     def _next_step(self, job_id: str) -> Then:
         """After a `deliver` job's attempt: back in the queue for the next one, or done."""

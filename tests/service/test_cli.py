@@ -89,7 +89,7 @@ def test_emit_queues_an_event(cli: CliRunner, redis_server: EmbeddedRedis, tmp_p
     assert result.exit_code == 0, result.output
     event_id = result.output.strip()
     client = redis_py.Redis.from_url(redis_server.url)
-    assert client.exists(keys.ARQ_JOB_PREFIX + event_id)
+    assert client.exists(keys.arq_job(keys.project_scoped("p", event_id)))
     client.close()
 
 
