@@ -22,7 +22,8 @@ from bench.common import (
 )
 from bench.procs import BenchError, Receiver, WorkerProcess
 from bench.report import Row
-from bench.workers import WorkerRun, WorkerSpec
+from bench.workers import BENCH_TRACEPARENT, WorkerRun, WorkerSpec
+from dispatcher import tracing
 from dispatcher.connections import connect
 from dispatcher.models import Event, Region
 from dispatcher.producer import Producer
@@ -130,6 +131,7 @@ class Bench:
         self.pg_url: str | None = None  # a private PostgreSQL's `postgres` database, when started
         self.history_url: str | None = None  # its database for workers with PostgreSQL history
         self._mem_base = 0
+        self.sink: Receiver | None = None  # the OTLP collector of specs that export spans
 
     @property
     def r(self) -> Redis:
@@ -142,24 +144,42 @@ class Bench:
         self.redis = connect(self.settings)
 
     async def close(self) -> None:
-        """Close the connection `open` made."""
+        """Close the connection `open` made, stop the span sink if one was started."""
         if self.redis is not None:
             await self.redis.aclose()
+        if self.sink is not None:
+            await self.sink.stop()
+
+    async def _worker_env(self, spec: WorkerSpec) -> dict[str, str]:
+        """The `OTEL_*` variables of `spec`'s workers: an OTLP endpoint when it exports
+        (a second receiver process, answering 200 to every batch of spans)."""
+        if not spec.export:
+            return {}
+        if self.sink is None:
+            self.sink = Receiver()
+            await self.sink.start()
+        return {"OTEL_EXPORTER_OTLP_ENDPOINT": self.sink.base}
 
     def runs(self, spec: WorkerSpec) -> list[WorkerRun]:
         """The repeats of `spec` (after `worker_block`)."""
         return self.worker_runs[spec.label]
 
-    async def prepare(self, callbacks: int, events: int, options: Options | None = None) -> None:
+    async def prepare(
+        self, callbacks: int, events: int, options: Options | None = None, *, traced: bool = False
+    ) -> None:
         """An empty Redis, `callbacks` callbacks on (PROJECT, EVENT) with `options`, `events`
-        queued."""
+        queued (each with `BENCH_TRACEPARENT` when `traced`)."""
         await self.r.flushdb()
         await register_callbacks(self.r, self.receiver.base, callbacks, options)
         self._mem_base = await self._used_memory()
         producer = Producer(self.settings, self.r)
-        for start in range(0, events, 1000):
-            stop = min(events, start + 1000)
-            await producer.emit_many([(PROJECT, EVENT, event_data(i)) for i in range(start, stop)])
+        context = {"traceparent": BENCH_TRACEPARENT} if traced else {}
+        with tracing.received(context):
+            for start in range(0, events, 1000):
+                batch = [
+                    (PROJECT, EVENT, event_data(i)) for i in range(start, min(events, start + 1000))
+                ]
+                await producer.emit_many(batch)
 
     async def _used_memory(self) -> int:
         return int((await self.r.info("memory"))["used_memory"])
@@ -169,7 +189,8 @@ class Bench:
         the receiver and redis-server (both still running)."""
         t = os.times()
         mine = t.user + t.system + t.children_user + t.children_system
-        return mine + cpu_seconds(self.receiver.pid) + await self._redis_cpu()
+        sink = cpu_seconds(self.sink.pid) if self.sink is not None else 0.0
+        return mine + sink + cpu_seconds(self.receiver.pid) + await self._redis_cpu()
 
     async def _redis_cpu(self) -> float:
         info = await self.r.info("cpu")
@@ -190,15 +211,17 @@ class Bench:
 
     async def _start_workers(self, spec: WorkerSpec, events: int) -> list[WorkerProcess]:
         """`spec.workers` processes waiting for GO, while the queue is filled."""
+        env = await self._worker_env(spec)
         started, _ = await asyncio.gather(
             asyncio.gather(*(
                 WorkerProcess.start(
                     self.url, kind=spec.kind, log_level=spec.log_level,
                     log_path=self.logs / f"{spec.label}.log", extra=self._worker_args(spec),
+                    env=env,
                 )
                 for _ in range(spec.workers)
             )),
-            self.prepare(spec.callbacks, events, spec.options),
+            self.prepare(spec.callbacks, events, spec.options, traced=spec.traced),
         )  # fmt: skip
         return list(started)
 

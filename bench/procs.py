@@ -97,8 +97,9 @@ class Receiver:
         assert self.process is not None
         return self.process.pid
 
-    async def start(self) -> None:
-        self.process = await _spawn(["-m", "bench.receiver"])
+    async def start(self, *, delay_ms: int = 0) -> None:
+        """Start it; with `delay_ms`, every answer is held back that long (a slow host)."""
+        self.process = await _spawn(["-m", "bench.receiver", "--delay-ms", str(delay_ms)])
         assert self.process.stdout is not None
         line = await asyncio.wait_for(self.process.stdout.readline(), 15)
         if not line.startswith(b"PORT "):
@@ -148,13 +149,15 @@ class WorkerProcess:
         log_level: str = "WARNING",
         log_path: Path | None = None,
         extra: list[str] | None = None,
+        env: dict[str, str] | None = None,
     ) -> WorkerProcess:
         args = ["-m", "bench.worker_proc", "--redis-url", redis_url, "--kind", kind]
         args += ["--log-level", log_level, *(extra or [])]
         if burst:
             args.append("--burst")
         log = log_path.open("wb") if log_path else None
-        process = await _spawn(args, stderr=log or asyncio.subprocess.DEVNULL)
+        environ = {**os.environ, **env} if env else None
+        process = await _spawn(args, stderr=log or asyncio.subprocess.DEVNULL, env=environ)
         worker = cls(process, log)
         assert process.stdout is not None
         try:

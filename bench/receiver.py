@@ -1,20 +1,23 @@
 """A minimal HTTP/1.1 keep-alive receiver, run in its own process (not project code).
 
-Every request is answered `200 ok` at once. It counts requests and notes the wall-clock
+Every request is answered `200 ok` at once (or, with `--delay-ms N`, N ms later: a slow
+receiver, which also counts the requests it holds). It counts requests and notes the wall-clock
 time (time.time()) of the first and last; in latency mode it also keeps, per request, the
 emit time the bench put in the event data (`"emit_t": <epoch s>`) and the arrival time.
 
 Control paths (used by the bench only, never counted):
-    GET  /_stats          {"count", "first", "last", "latency_mode"}
+    GET  /_stats          {"count", "first", "last", "latency_mode", "held"}
     GET  /_latency        {"pairs": [[emit_t, arrival_t], ...]}
     POST /_reset          clears counters; `?latency=1` switches latency mode on
 
-Run: python -m bench.receiver  (prints `PORT <n>` on stdout once listening on 127.0.0.1;
-stops on SIGTERM or when its stdin closes, so it never outlives the bench).
+Run: python -m bench.receiver [PORT] [--delay-ms N]  (prints `PORT <n>` on stdout once
+listening on 127.0.0.1; stops on SIGTERM or when its stdin closes, so it never outlives the
+bench).
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import os
@@ -43,6 +46,8 @@ class State:
     last: float = 0.0
     latency_mode: bool = False
     pairs: list[tuple[float, float]] = field(default_factory=list)
+    delay_s: float = 0.0  # how long each answer is held back
+    held: int = 0  # answers held back now
 
     def reset(self, latency: bool) -> None:
         self.count = 0
@@ -103,12 +108,25 @@ class HttpProtocol(asyncio.Protocol):
         path = request_line.split(b" ", 2)[1] if request_line.count(b" ") >= 1 else b"/"
         if not path.startswith(b"/_"):
             self.state.hit(body)
+            close = _CLOSE.search(head) is not None
+            if self.state.delay_s:
+                self.state.held += 1
+                loop = asyncio.get_running_loop()
+                loop.call_later(self.state.delay_s, self._late_answer, close)
+                return
             self.transport.write(_OK)
-            if _CLOSE.search(head):
+            if close:
                 self.transport.close()
             return
         self.transport.write(self._control(path))
         self.transport.close()
+
+    def _late_answer(self, close: bool) -> None:
+        self.state.held -= 1
+        if self.transport is not None:
+            self.transport.write(_OK)
+            if close:
+                self.transport.close()
 
     def _control(self, path: bytes) -> bytes:
         state = self.state
@@ -119,6 +137,7 @@ class HttpProtocol(asyncio.Protocol):
                     "first": state.first,
                     "last": state.last,
                     "latency_mode": state.latency_mode,
+                    "held": state.held,
                 }
             )
         if path.startswith(b"/_latency"):
@@ -132,8 +151,8 @@ class HttpProtocol(asyncio.Protocol):
         self.transport = None
 
 
-async def serve(port: int = 0) -> None:
-    state = State()
+async def serve(port: int = 0, delay_s: float = 0.0) -> None:
+    state = State(delay_s=delay_s)
     loop = asyncio.get_running_loop()
     server = await loop.create_server(
         lambda: HttpProtocol(state), "127.0.0.1", port, backlog=4096, reuse_address=True
@@ -158,8 +177,11 @@ def main() -> None:
         import uvloop
 
         uvloop.install()
-    port = int(sys.argv[1]) if len(sys.argv) > 1 else 0
-    asyncio.run(serve(port))
+    parser = argparse.ArgumentParser(description="the bench's HTTP receiver")
+    parser.add_argument("port", type=int, nargs="?", default=0)
+    parser.add_argument("--delay-ms", type=int, default=0, help="hold each answer this long")
+    args = parser.parse_args()
+    asyncio.run(serve(args.port, args.delay_ms / 1000))
 
 
 if __name__ == "__main__":

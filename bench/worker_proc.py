@@ -26,6 +26,7 @@ import orjson
 from arq.worker import Worker, func
 
 from bench.common import bench_settings, install_uvloop, rss_kb
+from dispatcher import tracing
 from dispatcher.connections import redis_settings
 from dispatcher.jobs import FAN_OUT, job_deserializer, job_serializer
 from dispatcher.logs import configure_logging
@@ -136,6 +137,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         lease_seconds=args.lease_seconds,
     )
     configure_logging(settings)
+    tracing.setup()  # as `dispatcher worker` does: the OTEL_* variables of the environment
     worker = build_worker(args.kind, settings, args.burst)
     trips = RoundTrips()
     if args.count_round_trips:

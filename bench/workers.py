@@ -23,6 +23,8 @@ class WorkerSpec:
     log_level: str = "WARNING"
     postgres_history: bool = False  # history in the bench's private PostgreSQL
     options: Options | None = None  # the callbacks' receiver controls
+    traced: bool = False  # every event queued with a W3C traceparent (`BENCH_TRACEPARENT`)
+    export: bool = False  # spans exported over OTLP/HTTP (to `Bench.sink`, a receiver process)
 
     def event_count(self, deliveries: int) -> int:
         """Events to queue for a run of about `deliveries` deliveries."""
@@ -33,6 +35,8 @@ class WorkerSpec:
 NOOP = WorkerSpec("noop", kind="noop")
 THROUGHPUT = WorkerSpec("throughput")
 THROUGHPUT_PG = WorkerSpec("throughput_pg", postgres_history=True)
+# what a CI's emitter inside a trace sends with every event
+BENCH_TRACEPARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
 
 
 @dataclass

@@ -22,6 +22,7 @@ from redis.asyncio import ConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import OutOfMemoryError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from dispatcher.cluster import cluster_client, is_cluster_url, parse_cluster_url
@@ -42,6 +43,7 @@ __all__ = [
     "connect",
     "policy",
     "preflight",
+    "redis_full",
     "redis_settings",
     "require_url",
     "shown",
@@ -59,6 +61,16 @@ REDIS_ERRORS: tuple[type[Exception], ...] = (
 
 
 _PASSWORD = re.compile(r"(://[^/@]*?:)[^/@]*@")
+
+
+def redis_full(exc: BaseException) -> bool:
+    """Whether `exc` is Redis at `maxmemory` refusing a write (`noeviction`): an outage to
+    wait out, never a reason to drop the write. redis-py raises `OutOfMemoryError` for a
+    command and for a script on Redis 7; on Redis 6 a script's refusal is a plain
+    `ResponseError` quoting the `-OOM` reply."""
+    return isinstance(exc, OutOfMemoryError) or (
+        isinstance(exc, ResponseError) and "-OOM " in str(exc)
+    )
 
 
 def require_url(settings: Settings, url: str | None = None) -> str:

@@ -66,6 +66,7 @@ RESERVED_HEADERS = frozenset({
     "connection", "keep-alive", "proxy-authenticate", "proxy-authorization",
     "proxy-connection", "te", "trailer", "transfer-encoding", "upgrade", "host",
     "content-length", "content-type", "content-encoding", "expect", "user-agent",
+    "traceparent", "tracestate",
 })  # fmt: skip
 RESERVED_PREFIXES = ("x-devops-", "webhook-")
 

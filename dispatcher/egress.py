@@ -8,9 +8,13 @@ compatible, NAT64, 6to4, Teredo), unspecified addresses, dangerous ports.
 Refused unless the region allows internal targets (an operator setting, or dev mode):
 loopback, private, shared (CGNAT), multicast and reserved addresses.
 
-The check runs at registration and again at delivery time, inside the client's DNS
-resolver: the connection goes to the very address that was checked, so a DNS answer that
-changes between check and connect (rebinding) cannot slip through.
+The check runs at registration and again at delivery time. In a direct region it runs
+inside the client's DNS resolver: aiohttp connects to the addresses that resolver returned
+(its DNS cache holds only those, and happy eyeballs is handed them as numbers), so a DNS
+answer that changes between check and connect (rebinding) cannot slip through. Through a
+proxy the proxy resolves the name itself: the worker checks the addresses it resolves
+first, and refuses a name it cannot resolve unless the operator declares that the region's
+proxy enforces the policy (`DISPATCHER_PROXY_ENFORCED_REGIONS`).
 """
 
 from __future__ import annotations
@@ -111,8 +115,8 @@ def _embedded_ipv4(ip: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
 
 def _literal_ip(host: str) -> IPAddress | None:
     """The address `host` spells, in any notation resolvers accept (`2852039166`,
-    `0xa9.0xfe.0xa9.0xfe`, `169.254.43518`), or None for a name."""
-    host = host.strip("[]")
+    `0xa9.0xfe.0xa9.0xfe`, `169.254.43518`, `127.0.0.1.`), or None for a name."""
+    host = host.strip("[]").rstrip(".")
     try:
         return ipaddress.ip_address(host)
     except ValueError:
@@ -156,6 +160,13 @@ class AddressPolicy:
                 f"host {name!r} is a cloud metadata service: refused in every region",
                 param="url",
             )
+        # RFC 6761: whatever resolves them (a proxy's resolver included) answers loopback
+        if not self.allow_internal and (name == "localhost" or name.endswith(".localhost")):
+            raise InvalidUrl(
+                f"host {name!r} is a loopback name, an internal address; the operator must "
+                "allow internal targets for this region (DISPATCHER_ALLOW_INTERNAL_REGIONS)",
+                param="url",
+            )
 
     def check_address(self, ip: IPAddress, host: str) -> None:
         if isinstance(ip, ipaddress.IPv6Address) and (v4 := _embedded_ipv4(ip)) is not None:
@@ -196,17 +207,30 @@ class AddressPolicy:
         checks cost tens of µs, and every attempt makes them)."""
         return _refusal(self, *_host_port(url))
 
-    async def check_resolved(self, url: str) -> None:
-        """`check_url`, then every address the host resolves to (a failed lookup passes:
-        the delivery-time check will refuse it if it still fails or resolves badly)."""
+    async def check_resolved(self, url: str, *, must_resolve: bool = False) -> None:
+        """`check_url`, then every address the host resolves to. A name that does not
+        resolve passes at registration (the delivery-time check refuses it if it still
+        fails or resolves badly); with `must_resolve` (a delivery through a proxy that does
+        not enforce the policy, which would resolve the name itself, unchecked) it is
+        refused, and a temporary lookup failure is raised as the `OSError` it is."""
         self.check_url(url)
         host = urlsplit(url).hostname or ""
         try:
             infos = await asyncio.get_running_loop().getaddrinfo(host, None)
         except UnicodeError:  # IDNA encoding: an empty, too long or invalid label
             raise InvalidUrl(f"url {url!r} has an invalid host name", param="url") from None
-        except OSError:
-            return
+        except OSError as exc:
+            if not must_resolve:
+                return
+            if isinstance(exc, socket.gaierror) and exc.errno != socket.EAI_AGAIN:
+                raise InvalidUrl(
+                    f"host {_host_name(host)!r} does not resolve from the worker "
+                    f"({exc.strerror}), so its address cannot be checked; the region's "
+                    "proxy would resolve it unchecked (DISPATCHER_PROXY_ENFORCED_REGIONS "
+                    "declares a proxy that enforces the address policy itself)",
+                    param="url",
+                ) from None
+            raise
         for info in infos:
             self.check_address(ipaddress.ip_address(info[4][0]), host)
 
@@ -275,6 +299,7 @@ def make_transport(settings: Settings, region: Region) -> AiohttpTransport:
     def session() -> aiohttp.ClientSession:
         connector = aiohttp.TCPConnector(
             limit=settings.max_connections,
+            limit_per_host=settings.max_per_host,  # the worker's shares keep below it
             resolver=GuardedResolver(policy) if proxy_url is None else None,
             ssl=settings.verify_tls,
             keepalive_timeout=30,

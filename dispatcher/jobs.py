@@ -4,11 +4,20 @@ The wire format is arq's, so any arq client can enqueue and arq's tools can read
 queue: `arq:job:{id}` holds `{"t", "f", "a", "k", "et"}` (encoded as JSON, never pickle)
 and the queue's sorted set scores each job id by when it is due (epoch ms). Two jobs exist:
 
-- `fan_out(EventJob)`: one per emitted event, job id = event id. It delivers a chunk of the
-  event's callbacks (those after its cursor, `after`), then moves on: the same job, its
-  cursor the last callback id done, is due again for the next chunk.
+- `fan_out(EventJob)`: one per emitted event, job id = `{project}:{event id}`. It delivers
+  a chunk of the event's callbacks (those after its cursor, `after`), then moves on: the
+  same job, its cursor the last callback id done, is due again for the next chunk.
 - `deliver(DeliveryJob)`: a retry or a redelivery of one delivery, job id = its progress id
   (the delivery id for retries, a fresh id per redelivery).
+
+Either carries the W3C trace context its attempts continue (`traceparent`, `tracestate`:
+see `dispatcher.tracing`), absent when there is none.
+
+Ids are scoped by the emitting project (event ids are the producers' own, so two projects
+may use the same): a delivery id is `{project}:{event id}.{callback id}`, the same on every
+retry and redelivery (the receiver's `webhook-id`). An event job queued by a version before
+scoped ids (its payload has no `"ids": "project"`) keeps its unscoped ids to its end, so
+that what such a job already recorded is found again.
 
 A job whose bytes are not such an object is *poison*: the worker records it and removes it,
 never retries it.
@@ -16,6 +25,7 @@ never retries it.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import uuid
 from collections.abc import Sequence
@@ -25,8 +35,10 @@ from typing import TYPE_CHECKING, Any
 import orjson
 from arq.constants import expires_extra_ms
 
+from dispatcher.keys import project_scoped
 from dispatcher.lua import Lua, run_pipeline
 from dispatcher.models import PLATFORM_PROJECT
+from dispatcher.tracing import TraceContext
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
@@ -52,6 +64,7 @@ __all__ = [
 FAN_OUT = "fan_out"
 PUSH_CHUNK = 1000  # jobs per enqueue command of Queue.push_many (about 5 ms of Redis time)
 DELIVER = "deliver"
+SCOPED = "project"  # an event job's `ids`: its job and delivery ids are scoped by project
 _WIRE_FIELDS = ("f", "a", "k", "et")
 
 
@@ -85,12 +98,15 @@ class EventJob:
     data: dict[str, Any] = field(default_factory=dict)
     emitted_at: int = 0
     after: int = 0
+    trace: TraceContext | None = None  # the emitter's, when it had one
+    scoped: bool = True  # False: queued by a version whose ids were the event id alone
 
     function = FAN_OUT
 
     @property
     def job_id(self) -> str:
-        return self.id
+        """`{project}:{event id}` (the event id alone for a job of an older version)."""
+        return project_scoped(self.project_id, self.id) if self.scoped else self.id
 
     @property
     def pipeline_id(self) -> object:
@@ -99,13 +115,17 @@ class EventJob:
 
     def continued(self, after: int) -> EventJob:
         """The same event, from the callback after `after` on."""
-        return EventJob(self.id, self.project_id, self.event, self.data, self.emitted_at, after)
+        return dataclasses.replace(self, after=after)
 
     def to_wire(self) -> dict[str, Any]:
         wire = {"id": self.id, "projectId": self.project_id, "event": self.event,
                 "data": self.data, "emittedAt": self.emitted_at}  # fmt: skip
         if self.after:
             wire["after"] = self.after
+        if self.trace is not None:
+            wire.update(self.trace.fields())
+        if self.scoped:
+            wire["ids"] = SCOPED
         return wire
 
     @classmethod
@@ -122,6 +142,8 @@ class EventJob:
             data=data,
             emitted_at=int(payload.get("emittedAt") or 0),
             after=int(payload.get("after") or 0),
+            trace=TraceContext.read(payload) if "traceparent" in payload else None,
+            scoped=payload.get("ids") == SCOPED,
         )
 
 
@@ -138,6 +160,7 @@ class DeliveryJob:
     callback_id: int
     redelivery_of: int | None = None
     emitter: str = ""  # the project that emitted the event ('' when unknown)
+    trace: TraceContext | None = None  # what its attempts continue (see dispatcher.tracing)
 
     function = DELIVER
 
@@ -147,24 +170,30 @@ class DeliveryJob:
 
     @classmethod
     def first(
-        cls, event: EventJob, callback_id: int, body: bytes, owner: str | None = None
+        cls,
+        event: EventJob,
+        callback_id: int,
+        body: bytes,
+        owner: str | None = None,
+        trace: TraceContext | None = None,
     ) -> DeliveryJob:
-        """The delivery of `event` to one callback (delivery id `<event id>.<callback id>`).
-        `owner` is the callback's project, where its history goes, when not the event's
-        (a platform-wide callback's)."""
-        delivery_id = f"{event.id}.{callback_id}"
+        """The delivery of `event` to one callback (delivery id `{event's job id}.{callback
+        id}`: `{project}:{event id}.{callback id}`). `owner` is the callback's project,
+        where its history goes, when not the event's (a platform-wide callback's); `trace`,
+        what its attempts continue."""
+        delivery_id = f"{event.job_id}.{callback_id}"
         return cls(delivery_id, delivery_id, event.id, owner or event.project_id, event.event,
-                   body, callback_id, emitter=event.project_id)  # fmt: skip
+                   body, callback_id, emitter=event.project_id, trace=trace)  # fmt: skip
 
     def redelivery(self, record_id: int) -> DeliveryJob:
         """The same request again under a fresh progress id (same delivery id)."""
         progress_id = f"{self.delivery_id}:redeliver:{uuid.uuid4().hex[:12]}"
         return DeliveryJob(self.delivery_id, progress_id, self.event_id, self.project_id,
                            self.event, self.body, self.callback_id, record_id,
-                           self.emitter)  # fmt: skip
+                           self.emitter, self.trace)  # fmt: skip
 
     def to_wire(self) -> dict[str, Any]:
-        return {
+        wire = {
             "deliveryId": self.delivery_id,
             "progressId": self.progress_id,
             "eventId": self.event_id,
@@ -175,6 +204,9 @@ class DeliveryJob:
             "redeliveryOf": self.redelivery_of,
             "emitter": self.emitter,
         }
+        if self.trace is not None:
+            wire.update(self.trace.fields())
+        return wire
 
     @classmethod
     def from_wire(cls, payload: Any, job_id: str = "") -> DeliveryJob:
@@ -197,6 +229,7 @@ class DeliveryJob:
                 callback_id=callback_id,
                 redelivery_of=None if redelivery_of is None else int(redelivery_of),
                 emitter=_emitter(payload.get("emitter"), project_id),
+                trace=TraceContext.read(payload) if "traceparent" in payload else None,
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise BadJob(f"delivery payload is malformed: {exc!r}") from None

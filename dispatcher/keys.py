@@ -99,7 +99,15 @@ from arq.constants import health_check_key_suffix, in_progress_key_prefix, job_k
 from arq.constants import retry_key_prefix as arq_retry_key_prefix
 from redis.crc import key_slot
 
-__all__ = ["HISTORY_ID_WIDTH", "SEP", "UNIQUE_SEP", "Keys", "history_member", "scope"]
+__all__ = [
+    "HISTORY_ID_WIDTH",
+    "SEP",
+    "UNIQUE_SEP",
+    "Keys",
+    "history_member",
+    "project_scoped",
+    "scope",
+]
 
 PREFIX = "dispatcher"
 SEP = ":"
@@ -108,6 +116,12 @@ UNIQUE_SEP = " "
 # history ids are zero-padded in the index so that equal times order by id
 HISTORY_ID_WIDTH = 15
 CLUSTER_SLOTS = 16384
+
+
+def project_scoped(project_id: str, local_id: str) -> str:
+    """An id made unique across projects: `{project}:{id}`. A project id holds no `:`, so
+    the first `:` ends it whatever the local id holds (event ids may hold `:`)."""
+    return f"{project_id}{SEP}{local_id}"
 
 
 def scope(project_id: str, pipeline_id: str | None = None) -> str:

@@ -28,6 +28,7 @@ __all__ = [
     "POISON_JOBS",
     "QUEUE_DEPTH",
     "QUEUE_OLDEST_SECONDS",
+    "REDIS_FULL",
     "REDIS_MAX_MEMORY",
     "REDIS_UP",
     "REDIS_USED_MEMORY",
@@ -61,8 +62,9 @@ CALLBACKS_DISABLED = Counter(
 )
 DEFERRED = Counter(
     "dispatcher_deliveries_deferred_total",
-    "Deliveries put back in the queue, no attempt spent, because their callback was at its "
-    "maxPerSecond (rate) or maxInFlight (in_flight) limit.",
+    "Deliveries put back in the queue, no attempt spent: their callback was at its "
+    "maxPerSecond (rate) or maxInFlight (in_flight) limit, their host's circuit breaker was "
+    "open (circuit), or their project or host had no free share of the worker (share).",
     ["reason"],
 )
 FILTERED = Counter(
@@ -89,6 +91,12 @@ PENDING_WRITES = Gauge(
 )
 WRITE_RETRIES = Counter(
     "dispatcher_write_retries_total", "Batches of worker writes sent again because Redis failed."
+)
+REDIS_FULL = Counter(
+    "dispatcher_redis_full_total",
+    "Answers of a Redis at maxmemory refusing a write (waited out, nothing dropped), by what "
+    "was refused: a worker's writes, its claims, an emit.",
+    ["refused"],
 )
 HISTORY_BACKLOG = Gauge(
     "dispatcher_history_backlog",

@@ -213,6 +213,9 @@ class HistoryRecord(_Model):
     final: bool = False
     request_body_truncated: bool = False
     redelivery_of: int | None = None
+    # the W3C trace context the delivery continues (its event's, or the fan-out's span)
+    traceparent: str | None = None
+    tracestate: str | None = None
 
     @field_validator("request_headers")
     @classmethod

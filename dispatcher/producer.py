@@ -12,10 +12,11 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import orjson
+from redis.exceptions import ResponseError
 
-from dispatcher import metrics
+from dispatcher import metrics, tracing
 from dispatcher.batch import Batcher
-from dispatcher.connections import REDIS_ERRORS
+from dispatcher.connections import REDIS_ERRORS, redis_full
 from dispatcher.errors import InvalidInput, NotReplicated, Unavailable
 from dispatcher.jobs import DeliveryJob, EventJob, Queue, new_event_id, now_ms
 from dispatcher.keys import Keys
@@ -32,6 +33,7 @@ if TYPE_CHECKING:
 
     from dispatcher.models import HistoryRecord
     from dispatcher.settings import Settings
+    from dispatcher.tracing import TraceContext
 
 __all__ = ["Producer", "emit", "event_job", "wire_event_job"]
 
@@ -41,16 +43,22 @@ _PROJECT_ID = re.compile(r"[\x21-\x39\x3b-\x7e]{1,128}")
 
 T = TypeVar("T")
 # what waiting for Redis looks like: its errors, no answer within the wait, or too few
-# replicas confirming (DISPATCHER_REDIS_MIN_REPLICAS)
+# replicas confirming (DISPATCHER_REDIS_MIN_REPLICAS); and a full Redis (a reply error)
 _UNANSWERED: tuple[type[Exception], ...] = (*REDIS_ERRORS, TimeoutError, NotReplicated)
+_WAITED_OUT: tuple[type[Exception], ...] = (*_UNANSWERED, ResponseError)
 
 
 def event_job(
-    project_id: str, event: str, data: Mapping[str, Any] | None, event_id: str | None = None
+    project_id: str,
+    event: str,
+    data: Mapping[str, Any] | None,
+    event_id: str | None = None,
+    *,
+    trace: TraceContext | None = None,
 ) -> EventJob:
     """A checked event: a known name, a project id, a JSON object the queue can hold (no
     NaN or Infinity, which JSON has no words for), an event id (when given) of 1-128
-    letters, digits and `_.:-`, each matched whole."""
+    letters, digits and `_.:-`, each matched whole. `trace`: the trace it continues."""
     if not project_id:
         raise InvalidInput("projectId is required", param="projectId")
     if not _PROJECT_ID.fullmatch(project_id):
@@ -77,6 +85,7 @@ def event_job(
         event=parse_event(event).value,
         data=dict(data),
         emitted_at=now_ms(),
+        trace=trace,
     )
     try:  # what the queue's JSON cannot hold (integers beyond 64 bits, deep nesting)
         encoded = orjson.dumps(job.data)
@@ -101,7 +110,7 @@ def _non_finite(value: Any) -> bool:
     return False
 
 
-def wire_event_job(project_id: str, entry: Any) -> EventJob:
+def wire_event_job(project_id: str, entry: Any, trace: TraceContext | None = None) -> EventJob:
     """`event_job` of an event as HTTP producers send it: `{"event", "data", "eventId"?}`
     decoded from JSON, so anything may be in it."""
     if not isinstance(entry, dict):
@@ -111,7 +120,7 @@ def wire_event_job(project_id: str, entry: Any) -> EventJob:
         raise InvalidInput("'event' is required: an event name", param="event")
     if event_id is not None and not isinstance(event_id, str):
         raise InvalidInput("eventId must be a string", param="eventId")
-    return event_job(project_id, event, entry.get("data"), event_id)
+    return event_job(project_id, event, entry.get("data"), event_id, trace=trace)
 
 
 class _Lane:
@@ -206,10 +215,15 @@ class Producer:
         """Queue one event for every matching callback; returns its event id.
 
         An `event_id` of your own makes the call idempotent while that event is queued.
+        The current OpenTelemetry context, when there is one, goes with the event.
         """
-        job = event_job(project_id, event, data, event_id)
         lane = self._lane(project_id)
-        await self._patiently(lambda: lane.batcher.execute(lambda pipe: lane.queue.push(pipe, job)))
+        with tracing.emitting() as emission:
+            job = event_job(project_id, event, data, event_id, trace=emission.trace)
+            emission.emitted(project_id, [job.id])
+            await self._patiently(
+                lambda: lane.batcher.execute(lambda pipe: lane.queue.push(pipe, job))
+            )
         metrics.EVENTS_EMITTED.inc()
         return job.id
 
@@ -221,9 +235,12 @@ class Producer:
     ) -> list[str]:
         """Queue many `(project_id, event, data[, event_id])` in one round trip; returns
         their ids. Every event is checked before any is queued. With event ids of your own,
-        emitting the same list again is safe (what is still queued is not queued twice)."""
-        jobs = [event_job(*event) for event in events]
-        await self.enqueue(jobs)
+        emitting the same list again is safe (what is still queued is not queued twice).
+        The current OpenTelemetry context, when there is one, goes with every event."""
+        with tracing.emitting() as emission:
+            jobs = [event_job(*event, trace=emission.trace) for event in events]
+            emission.emitted(jobs[0].project_id if jobs else "", [job.id for job in jobs])
+            await self.enqueue(jobs)
         return [job.id for job in jobs]
 
     async def emit_each(
@@ -232,21 +249,24 @@ class Producer:
         """Queue every well-formed `{"event", "data", "eventId"?}` of `entries` in one round
         trip, whatever the others hold; returns, in order, each one's event id or why it was
         refused (an `InvalidInput` among `entries`, say a line that could not be read,
-        stands for itself). An `eventId` already queued is not queued again."""
+        stands for itself). An `eventId` already queued is not queued again. The current
+        OpenTelemetry context, when there is one, goes with every event."""
         outcomes: list[str | InvalidInput] = []
         jobs: list[EventJob] = []
-        for entry in entries:
-            if isinstance(entry, InvalidInput):
-                outcomes.append(entry)
-                continue
-            try:
-                job = wire_event_job(project_id, entry)
-            except InvalidInput as exc:
-                outcomes.append(exc)
-                continue
-            jobs.append(job)
-            outcomes.append(job.id)
-        await self.enqueue(jobs)
+        with tracing.emitting() as emission:
+            for entry in entries:
+                if isinstance(entry, InvalidInput):
+                    outcomes.append(entry)
+                    continue
+                try:
+                    job = wire_event_job(project_id, entry, emission.trace)
+                except InvalidInput as exc:
+                    outcomes.append(exc)
+                    continue
+                jobs.append(job)
+                outcomes.append(job.id)
+            emission.emitted(project_id, [job.id for job in jobs])
+            await self.enqueue(jobs)
         return outcomes
 
     async def enqueue(self, jobs: Sequence[EventJob]) -> None:
@@ -270,9 +290,10 @@ class Producer:
         )
 
     async def _patiently(self, enqueue: Callable[[], Awaitable[T]]) -> T:
-        """Run `enqueue`, waiting out a Redis that does not answer for up to
-        `DISPATCHER_EMIT_WAIT` seconds. Enqueueing is idempotent (a job id already queued
-        is left alone), so a try whose answer was lost can be made again."""
+        """Run `enqueue`, waiting out a Redis that does not answer, or is full (at
+        `maxmemory`), for up to `DISPATCHER_EMIT_WAIT` seconds. Enqueueing is idempotent (a
+        job id already queued is left alone), so a try whose answer was lost, or that Redis
+        took only in part, can be made again."""
         deadline = time.monotonic() + self.settings.emit_wait
         delay = 0.05
         shortfall: NotReplicated | None = None  # the master had them; the replicas did not
@@ -281,9 +302,13 @@ class Producer:
             try:
                 async with asyncio.timeout(max(left, 0.001)):
                     return await enqueue()
-            except _UNANSWERED as exc:
+            except _WAITED_OUT as exc:
+                if not isinstance(exc, _UNANSWERED) and not redis_full(exc):
+                    raise
                 if isinstance(exc, NotReplicated):
                     shortfall = exc
+                if redis_full(exc):
+                    metrics.REDIS_FULL.labels(refused="emit").inc()
                 if time.monotonic() + delay >= deadline:
                     raise Unavailable(
                         f"{_unanswered(shortfall or exc)} after {self.settings.emit_wait:g} s "
@@ -314,6 +339,7 @@ class Producer:
             body=record.request_body.encode(),
             callback_id=record.callback_id,
             emitter=_emitter_of(record),
+            trace=tracing.TraceContext.read(record.model_dump(include=_TRACE_FIELDS)),
         )
         return original.redelivery(record.id)
 
@@ -341,7 +367,16 @@ def _unanswered(exc: Exception) -> str:
             f"the events are queued on Redis' master, but {exc.message}, so they would be "
             "lost if it failed now; gave up"
         )
+    if redis_full(exc):
+        return (
+            "Redis is full (maxmemory reached, writes refused); the events may not be queued, "
+            "or only some of them"
+        )
     return f"Redis is unreachable ({str(exc) or type(exc).__name__}); the events may not be queued"
+
+
+# a record's trace context: what a redelivery continues
+_TRACE_FIELDS = {"traceparent", "tracestate"}
 
 
 def _emitter_of(record: HistoryRecord) -> str:

@@ -174,11 +174,28 @@ class Settings(BaseSettings):
     region_proxies: dict[Region, str] = Field(
         default_factory=dict, description='Egress proxy per region, e.g. {"IDC": "http://p:3128"}.'
     )
+    proxy_enforced_regions: frozenset[Region] = Field(
+        default=frozenset(),
+        description="Proxy regions whose proxy enforces the address policy itself: names the "
+        "worker cannot resolve are sent to it (otherwise refused).",
+    )
     allow_internal_regions: frozenset[Region] = Field(
         default=frozenset(),
         description='Regions whose callbacks may target loopback/private addresses, e.g. ["IDC"].',
     )
     max_connections: int = Field(default=200, ge=1, description="Connections per region client.")
+    max_per_host: int = Field(
+        default=64,
+        ge=1,
+        description="Attempts a worker has in flight to one host (host:port) at most; more "
+        "wait in the queue without being attempts.",
+    )
+    fair_share: bool = Field(
+        default=True,
+        description="With n projects (or hosts) busy in a worker, each holds at most "
+        "1/(n+1) of its slots, so a share is always free for the next; work over its share "
+        "waits in the queue without being an attempt.",
+    )
     user_agent: str = "callback-dispatcher/0.1"
 
     # History
@@ -300,6 +317,11 @@ class Settings(BaseSettings):
     def _consistent(self) -> Settings:
         if self.connect_timeout > self.total_timeout:
             raise ValueError("connect_timeout must not exceed total_timeout")
+        if unproxied := sorted(self.proxy_enforced_regions - self.region_proxies.keys()):
+            raise ValueError(
+                f"proxy_enforced_regions names {', '.join(unproxied)}, which region_proxies "
+                "gives no proxy"
+            )
         if self.redis_min_replicas and self.redis_url is None:
             raise ValueError(
                 "DISPATCHER_REDIS_MIN_REPLICAS > 0 needs DISPATCHER_REDIS_URL: the embedded "

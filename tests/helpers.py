@@ -16,6 +16,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import asyncpg
 import httpx
@@ -26,8 +27,10 @@ from redis.asyncio.client import Pipeline
 
 from dispatcher.api import create_app
 from dispatcher.batch import QueueCommands
+from dispatcher.history.redis import RedisHistory
 from dispatcher.history.schema import upgrade
 from dispatcher.history.shipper import Shipper
+from dispatcher.keys import Keys
 from dispatcher.settings import Settings
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -51,6 +54,22 @@ def make_settings(url: str, **overrides: Any) -> Settings:
     }
     values.update(overrides)
     return Settings(**values)
+
+
+async def all_records(
+    redis: Redis, settings: Settings, url: str, project: str = "demo"
+) -> list[Any]:
+    """Every Redis history record of `url` (event BUILD_END, the last minute), oldest first."""
+    now, page = int(time.time() * 1000), 1
+    found: list[Any] = []
+    window = {"start_ms": now - 60_000, "end_ms": now + 1000, "page_size": 100}
+    history = RedisHistory(redis, settings, Keys(settings.queue_name))
+    while True:
+        result = await history.query(project, url, "BUILD_END", page=page, **window)
+        found += result.records
+        if page >= result.total_pages:
+            return list(reversed(found))
+        page += 1
 
 
 def on_postgres(url: str, what: str) -> None:
@@ -194,6 +213,54 @@ async def serving(handle: Handler) -> AsyncIterator[str]:
         yield f"http://127.0.0.1:{port}"
     finally:
         await runner.cleanup()
+
+
+@dataclass
+class ForwardProxy:
+    """A tiny HTTP forward proxy on 127.0.0.1 (absolute-form requests to http:// URLs, one
+    request per connection) that resolves names itself, as real proxies do: trailing dots
+    dropped, then `hosts` (its own view of an internal DNS), then the system resolver."""
+
+    hosts: dict[str, str] = field(default_factory=dict)
+    asked: list[str] = field(default_factory=list)  # the host of every request
+    url: str = ""
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1")
+            request_line, *lines = head.split("\r\n")
+            method, target, _ = request_line.split(" ", 2)
+            parts = urlsplit(target)
+            name = (parts.hostname or "").rstrip(".")
+            self.asked.append(parts.hostname or "")
+            hop_by_hop = ("connection:", "proxy-", "keep-alive:")
+            kept = [line for line in lines if line and not line.lower().startswith(hop_by_hop)]
+            length = [line[15:] for line in kept if line.lower().startswith("content-length:")]
+            body = await reader.readexactly(int(length[0]) if length else 0)
+            address = self.hosts.get(name) or str(
+                (await asyncio.get_running_loop().getaddrinfo(name, None))[0][4][0]
+            )
+            up_reader, up_writer = await asyncio.open_connection(address, parts.port or 80)
+            path = parts.path + (f"?{parts.query}" if parts.query else "")
+            upstream = "\r\n".join([f"{method} {path} HTTP/1.1", *kept, "Connection: close"])
+            up_writer.write(upstream.encode("latin-1") + b"\r\n\r\n" + body)
+            while chunk := await up_reader.read(65536):
+                writer.write(chunk)
+            up_writer.close()
+        except (OSError, ValueError, asyncio.IncompleteReadError):
+            writer.write(b"HTTP/1.1 502 Bad Gateway\r\nContent-Length: 0\r\n\r\n")
+        finally:
+            writer.close()
+
+
+@asynccontextmanager
+async def proxying(hosts: dict[str, str] | None = None) -> AsyncIterator[ForwardProxy]:
+    """A `ForwardProxy` serving on 127.0.0.1 for the block."""
+    proxy = ForwardProxy(hosts=dict(hosts or {}))
+    server = await asyncio.start_server(proxy.handle, "127.0.0.1", 0)
+    proxy.url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    async with server:
+        yield proxy
 
 
 def command(*args: str | int) -> QueueCommands:

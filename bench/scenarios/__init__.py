@@ -22,10 +22,12 @@ from bench.scenarios import (
     http_emit,
     latency,
     memory,
+    noisy,
     replicated,
     scale_out,
     shards,
     throughput,
+    tracing,
 )
 
 __all__ = ["SCENARIOS"]
@@ -39,12 +41,14 @@ SCENARIOS: list[Scenario] = [
     fan_out.SCENARIO,
     scale_out.SCENARIO,
     controls.SCENARIO,
+    tracing.SCENARIO,
     emit.SCENARIO,
     http_emit.SCENARIO,
     fault.SCENARIO,
     replicated.SCENARIO,
     shards.SCENARIO,
     latency.SCENARIO,
+    noisy.SCENARIO,
     memory.SCENARIO,
     history.SCENARIO,
     history_pg_delivery.SCENARIO,

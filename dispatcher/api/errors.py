@@ -1,6 +1,6 @@
 """The envelope of every error: `{data: null, message, status}` with the HTTP code as
 `status`: 400 bad input, 401 no identity, 403 not allowed, 404 unknown id, 413 too large,
-503 Redis unreachable, 500 a bug (never a stack trace)."""
+503 Redis unreachable or full, 500 a bug (never a stack trace)."""
 
 from __future__ import annotations
 
@@ -10,9 +10,11 @@ import structlog
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from dispatcher.connections import redis_full
 from dispatcher.errors import DispatcherError
 
 if TYPE_CHECKING:
@@ -25,6 +27,7 @@ log = structlog.get_logger("dispatcher.api")
 # where the request-id middleware leaves the request's id in the ASGI scope
 REQUEST_ID_KEY = "dispatcher.request_id"
 REDIS_DOWN = "storage (Redis) is unreachable; retry in a few seconds"
+REDIS_FULL = "storage (Redis) is full (maxmemory reached) and refuses writes; retry later"
 
 
 def envelope(status: int, message: str) -> JSONResponse:
@@ -76,6 +79,14 @@ async def _redis_down(request: Request, exc: Exception) -> JSONResponse:
     return envelope(503, REDIS_DOWN)
 
 
+async def _redis_refused(request: Request, exc: Exception) -> JSONResponse:
+    """A reply error: a full Redis is an outage (503); any other is a bug."""
+    if not redis_full(exc):
+        return await _unexpected(request, exc)
+    log.warning("api.redis_full", path=request.url.path, error=str(exc))
+    return envelope(503, REDIS_FULL)
+
+
 async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
     """A bug: logged with its traceback; the answer names the request id to look for. It
     leaves through Starlette's outermost middleware, so the id header is set here."""
@@ -93,4 +104,5 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, _bad_request)
     app.add_exception_handler(RedisConnectionError, _redis_down)
     app.add_exception_handler(RedisTimeoutError, _redis_down)
+    app.add_exception_handler(ResponseError, _redis_refused)
     app.add_exception_handler(Exception, _unexpected)

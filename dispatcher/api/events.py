@@ -17,6 +17,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 from pydantic_core import from_json
 
+from dispatcher import tracing
 from dispatcher.api.callbacks import V4
 from dispatcher.api.deps import Admin, ProjectPath, RouterDep, apigw
 from dispatcher.errors import InvalidInput, PayloadTooLarge
@@ -38,13 +39,15 @@ def answer(data: dict[str, Any], message: str | None = None) -> Response:
 
 
 async def emit_event(
-    router: RouterDep, project_id: ProjectPath, uid: Admin, body: EmitRequest
+    request: Request, router: RouterDep, project_id: ProjectPath, uid: Admin, body: EmitRequest
 ) -> Response:
     """Emit an event; returns at once with its id (delivery happens later). An `eventId`
-    of your own makes the call idempotent while that event is queued."""
-    event_id = await router.of(project_id).producer.emit(
-        project_id, body.event.value, body.data, event_id=body.event_id
-    )
+    of your own makes the call idempotent while that event is queued. A W3C `traceparent`
+    (and `tracestate`) header goes with the event to every delivery request."""
+    with tracing.received(request.headers):
+        event_id = await router.of(project_id).producer.emit(
+            project_id, body.event.value, body.data, event_id=body.event_id
+        )
     return answer({"eventId": event_id, "queued": True})
 
 
@@ -55,14 +58,16 @@ async def emit_batch(
     `{"event", "data", "eventId"?}`, or the same objects one a line with `Content-Type:
     application/x-ndjson`. An entry that cannot be queued (an unknown event, a `data` that
     is not an object, a line that is not JSON) is refused alone, with its reason; the
-    others are queued all the same. `data.results` has one outcome per event, in order."""
+    others are queued all the same. `data.results` has one outcome per event, in order.
+    A W3C `traceparent` (and `tracestate`) header goes with every event of the batch."""
     media_type = request.headers.get("content-type", "").partition(";")[0].strip().lower()
     ndjson = media_type == NDJSON
     entries = read_events(
         await request.body(), ndjson=ndjson, limit=router.settings.emit_batch_max_events
     )
     producer = router.of(project_id).producer
-    outcomes = await producer.emit_each(project_id, [value for _, value in entries])
+    with tracing.received(request.headers):
+        outcomes = await producer.emit_each(project_id, [value for _, value in entries])
     results: list[dict[str, str | None]] = []
     for (where, _), outcome in zip(entries, outcomes, strict=True):
         if isinstance(outcome, InvalidInput):

@@ -10,6 +10,7 @@ import orjson
 import typer
 from rich.table import Table
 
+from dispatcher import tracing
 from dispatcher.cli.common import (
     app,
     console,
@@ -44,11 +45,15 @@ def emit(
     data: Annotated[str, typer.Option(help="JSON object, or @file.json")] = "{}",
     event_id: Annotated[str | None, typer.Option(help="Idempotency key")] = None,
 ) -> None:
-    """Queue one event for delivery; prints its event id."""
+    """Queue one event for delivery; prints its event id. A W3C trace context in
+    TRACEPARENT (and TRACESTATE) of the environment goes with it to every receiver."""
     payload = _parse_data(data)
-    console.print(
-        on_router(lambda r: r.of(project).producer.emit(project, event, payload, event_id=event_id))
-    )
+    with tracing.received(tracing.from_environment()):
+        console.print(
+            on_router(
+                lambda r: r.of(project).producer.emit(project, event, payload, event_id=event_id)
+            )
+        )
 
 
 @app.command()

@@ -11,6 +11,7 @@ from typing import Annotated, Any
 
 import typer
 
+from dispatcher import tracing
 from dispatcher.cli.common import (
     app,
     checked,
@@ -55,6 +56,7 @@ def run(
     }
     settings = load_settings(**dev_defaults, **_listen(host, port))
     configure_logging(settings)
+    tracing.setup()
     with contextlib.ExitStack() as servers:
         settings = _history(settings, servers)
         embedded = None if settings.redis_url else EmbeddedRedis(settings.data_dir)
@@ -106,6 +108,7 @@ def api(
 
     settings = with_history_url(with_redis_url(load_settings(**_listen(host, port))))
     configure_logging(settings)
+    tracing.setup()
     install_uvloop()
     asyncio.run(serve(settings, with_worker=False))
 
@@ -124,6 +127,7 @@ def worker(
     if check:
         raise typer.Exit(_check_worker(settings, socket.gethostname()))
     configure_logging(settings)
+    tracing.setup()
     install_uvloop()
     work(settings)
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from dispatcher.jobs import encode, now_ms
+from dispatcher.keys import SEP
 from dispatcher.lua import Lua, run_pipeline
 
 if TYPE_CHECKING:
@@ -24,29 +25,42 @@ if TYPE_CHECKING:
     from dispatcher.jobs import EventJob
     from dispatcher.keys import Keys
 
-__all__ = ["Claimed", "Claims"]
+__all__ = ["Budgets", "Claimed", "Claims"]
 
+Budgets = tuple[int, dict[str, int]]  # jobs a new project may take (-1: any), each busy one's
 RETRY_KEY_TTL_S = 88_400  # arq's
 JOB_KEY_EXTRA_MS = 86_400_000  # a job's data outlives its due time by a day (arq's rule)
 
 # KEYS: queue. ARGV: now ms, how many, lease ms, token, lease prefix, job prefix, claims
-# prefix, claims ttl s, how many queue entries to look at in all.
+# prefix, claims ttl s, how many queue entries to look at in all, the project separator,
+# how many jobs a project not named next may take (-1: any), then pairs of a project and
+# how many more jobs it may take.
 # Due jobs without a live lease are claimed, oldest first: lease set, claim counted, data
-# read, all in one round trip. A due id whose data is gone comes back with `false` data
-# (and leaves the queue), so the worker can record it.
+# read, all in one round trip. A job of a project that has taken its share is left in the
+# queue, untouched. A due id whose data is gone comes back with `false` data (and leaves
+# the queue), so the worker can record it.
 _CLAIM = Lua("""
 local want = tonumber(ARGV[2])
 local budget = tonumber(ARGV[9])
+local newcomer = tonumber(ARGV[11])
+local left = {}
+for i = 12, #ARGV, 2 do left[ARGV[i]] = tonumber(ARGV[i + 1]) end
 local out = {}
 local offset = 0
+local page_size = math.max(want, 100)  -- fewer, longer pages past the jobs left alone
 while #out < want and offset < budget do
   local page = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'WITHSCORES',
-                          'LIMIT', offset, want)
+                          'LIMIT', offset, page_size)
   if #page == 0 then break end
   local gone = 0
   for i = 1, #page, 2 do
     local id = page[i]
-    if redis.call('EXISTS', ARGV[5] .. id) == 0 then
+    local project = newcomer >= 0 and string.match(id, '^([^' .. ARGV[10] .. ']+)' .. ARGV[10])
+    local share = project and (left[project] or newcomer)
+    if share and share <= 0 then
+      -- its project holds its share of this worker: left for later, or for another worker
+    elseif redis.call('EXISTS', ARGV[5] .. id) == 0 then
+      if project then left[project] = share - 1 end
       local data = redis.call('GET', ARGV[6] .. id)
       local claims = 0
       if data then
@@ -145,15 +159,21 @@ class Claims:
         self.token = token
         self.lease_ms = int(lease_s * 1000)
 
-    async def claim(self, count: int, *, budget: int = 2000) -> list[Claimed]:
+    async def claim(
+        self, count: int, *, budget: int = 2000, shares: Budgets = (-1, {})
+    ) -> list[Claimed]:
         """Up to `count` due jobs, in one round trip, looking at `budget` queue entries at
-        most (leased ones are skipped)."""
-        rows = await _CLAIM(
-            self.redis,
-            [self.queue_name],
-            [now_ms(), count, self.lease_ms, self.token, self.keys.ARQ_IN_PROGRESS_PREFIX,
-             self.keys.ARQ_JOB_PREFIX, self.keys.ARQ_RETRY_PREFIX, RETRY_KEY_TTL_S, budget],
-        )  # fmt: skip
+        most (leased ones are skipped). `shares`: how many jobs a project not named may
+        take (-1: any), and how many more each named one may (`Shares.claim_budgets`)."""
+        newcomer, projects = shares
+        args: list[str | int] = [
+            now_ms(), count, self.lease_ms, self.token, self.keys.ARQ_IN_PROGRESS_PREFIX,
+            self.keys.ARQ_JOB_PREFIX, self.keys.ARQ_RETRY_PREFIX, RETRY_KEY_TTL_S, budget, SEP,
+            newcomer,
+        ]  # fmt: skip
+        for project, more in projects.items():
+            args += (project, more)
+        rows = await _CLAIM(self.redis, [self.queue_name], args)
         return [
             Claimed(job_id.decode(), data or None, int(claims), int(float(due)))
             for job_id, data, claims, due in rows

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import structlog
 
 from dispatcher import metrics
-from dispatcher.connections import REDIS_ERRORS
+from dispatcher.connections import REDIS_ERRORS, redis_full
 from dispatcher.jobs import now_ms
 from dispatcher.lua import run_pipeline
 from dispatcher.status import write_heartbeat
@@ -54,8 +54,11 @@ async def every(seconds: float, step: Callable[[], Awaitable[Any]]) -> None:
             await step()
         except REDIS_ERRORS as exc:
             log.debug("worker.background_failed", step=step.__name__, error=str(exc))
-        except Exception:  # a bug must not stop the heartbeat or the lease renewals
-            log.exception("worker.background_failed", step=step.__name__)
+        except Exception as exc:  # a bug must not stop the heartbeat or the lease renewals
+            if redis_full(exc):  # an outage too: the next turn tries again
+                log.debug("worker.background_failed", step=step.__name__, error=str(exc))
+            else:
+                log.exception("worker.background_failed", step=step.__name__)
         await asyncio.sleep(seconds)
 
 

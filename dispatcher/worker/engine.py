@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
@@ -21,7 +22,7 @@ from urllib.parse import urlsplit
 import orjson
 import structlog
 
-from dispatcher import metrics
+from dispatcher import metrics, tracing
 from dispatcher.backoff import next_delay
 from dispatcher.batch import Batcher
 from dispatcher.delivery import (
@@ -41,6 +42,7 @@ from dispatcher.registry import url_problem
 from dispatcher.stats import AttemptStats
 from dispatcher.worker.controls import Controls
 from dispatcher.worker.record import attempt_record
+from dispatcher.worker.shares import Shares
 
 if TYPE_CHECKING:
     import httpx
@@ -81,16 +83,16 @@ class Engine:
         self.owner = shared is None  # of the transports (another shard's engine shares them)
         if shared is None:
             self.breaker = CircuitBreaker(settings.circuit_threshold, settings.circuit_cooldown)
+            self.shares = Shares(
+                settings.worker_max_jobs, settings.max_per_host, fair=settings.fair_share
+            )
             self.transports: dict[Region, httpx.AsyncBaseTransport] = {
                 region: make_transport(settings, region) for region in Region
             }
             self.stats = AttemptStats()
-        else:  # one process's HTTP pools, breaker and statistics, whatever the shard
-            self.breaker, self.transports, self.stats = (
-                shared.breaker,
-                shared.transports,
-                shared.stats,
-            )
+        else:  # one process's HTTP pools, breaker, slots and statistics, whatever the shard
+            self.breaker, self.shares = shared.breaker, shared.shares
+            self.transports, self.stats = shared.transports, shared.stats
         self.controls = Controls(settings, self.keys, self.reads, writer)
         self.progress_ttl = int(max(86_400, 2 * sum(settings.retry_schedule)))
 
@@ -107,22 +109,28 @@ class Engine:
             event.project_id, event.event, pipeline_id=event.pipeline_id, after=event.after,
             size=self.settings.fan_out_chunk,
         )  # fmt: skip
-        (answer,) = await self.reads.execute(query.queue)
-        chunk = query.read(answer)
-        targets = self.controls.select(event, chunk.targets)  # the callbacks' filters
-        if targets:
-            await self._first_attempts(event, targets, rerun)
+        with tracing.fanning_out(event.trace, event_id=event.id, project_id=event.project_id,
+                                 event=event.event) as carried:  # fmt: skip
+            (answer,) = await self.reads.execute(query.queue)
+            chunk = query.read(answer)
+            targets = self.controls.select(event, chunk.targets)  # the callbacks' filters
+            if targets:
+                await self._first_attempts(event, targets, rerun, carried)
         return chunk.after
 
     async def _first_attempts(
-        self, event: EventJob, targets: list[CallbackTarget], rerun: bool
+        self,
+        event: EventJob,
+        targets: list[CallbackTarget],
+        rerun: bool,
+        carried: tracing.TraceContext | None,
     ) -> None:
         try:  # once for all callbacks
             body = encode_body(event.event, event.project_id, event.data)
         except orjson.JSONEncodeError as exc:  # queued by another client: never sendable
             raise BadJob(f"the event's data cannot be encoded: {exc}") from None
         pending = [
-            (DeliveryJob.first(event, target.id, body, target.project_id), target)
+            (DeliveryJob.first(event, target.id, body, target.project_id, carried), target)
             for target in targets
         ]
         if rerun:
@@ -198,9 +206,22 @@ class Engine:
     ) -> None:
         host = urlsplit(target.url).netloc
         if wait := self.breaker.wait(host):  # not an attempt: try again once it may
-            await self.writer.commit(lambda pipe: then(pipe, wait))
+            await self._defer(job, then, wait, "circuit")
             return
-        headers, result = await self._request(job, target)
+        slot = await self.shares.admit(job.emitter or job.project_id, host)
+        if slot is None:  # its project or host holds its share of the worker: later
+            await self._defer(job, then, self.shares.defer_s(host), "share")
+            return
+        started = time.monotonic()
+        try:
+            with tracing.attempt(job.trace, url=target.url, number=number,
+                                 delivery_id=job.delivery_id, event_id=job.event_id,
+                                 project_id=job.emitter or job.project_id,
+                                 callback_id=target.id) as traced:  # fmt: skip
+                headers, result = await self._request(job, target, traced.headers)
+                traced.end(result.outcome.value, result.status_code, result.error)
+        finally:
+            slot.release(time.monotonic() - started)
         self.breaker.record(host, result.outcome is not Outcome.RETRY)
         delay = None
         if result.outcome is Outcome.RETRY:
@@ -215,6 +236,18 @@ class Engine:
         _observe(job, target, number, result, delay)
         self.stats.count(result.outcome.value, result.duration_ms)
         await self._write(job, target, number, record, result, delay, then)
+
+    async def _defer(self, job: DeliveryJob, then: Then, delay: float, reason: str) -> None:
+        """Not an attempt: the delivery goes back to the queue, due in `delay` seconds. Its
+        progress is marked (unless it has some), so that a re-run of its fan-out leaves it
+        to the job that `then` queues."""
+
+        def write(pipe: Pipeline) -> None:
+            pipe.set(self.keys.delivery(job.progress_id), 0, nx=True, ex=self.progress_ttl)
+            then(pipe, delay)
+
+        await self.writer.commit(write)
+        metrics.DEFERRED.labels(reason=reason).inc()
 
     async def _write(
         self,
@@ -260,7 +293,7 @@ class Engine:
                 _disabled(target.id, "failing", reason)
 
     async def _request(
-        self, job: DeliveryJob, target: CallbackTarget
+        self, job: DeliveryJob, target: CallbackTarget, trace_headers: dict[str, str]
     ) -> tuple[dict[str, str], AttemptResult]:
         """The attempt's request and what came of it. Whatever cannot be sent, or raises
         while being built or sent, fails this delivery alone, for good: retrying it would
@@ -284,6 +317,7 @@ class Engine:
                 auth_header=target.auth_header,
                 previous_token=target.previous_token,
             )
+            headers.update(trace_headers)
             return headers, await self._send(target, job.body, headers)
         except Exception as exc:
             return headers, _failed(f"the request could not be sent: {describe(exc)}")
@@ -295,10 +329,14 @@ class Engine:
         # Literal addresses, ports and metadata names: the resolver never sees them.
         refusal = policy.refusal(target.url)
         if refusal is None and target.region in self.settings.region_proxies:
-            try:  # through a proxy the proxy resolves the host: check the address ourselves
-                await policy.check_resolved(target.url)
+            # Through a proxy the proxy resolves the host: check its addresses ourselves.
+            enforced = target.region in self.settings.proxy_enforced_regions
+            try:
+                await policy.check_resolved(target.url, must_resolve=not enforced)
             except InvalidUrl as exc:
                 refusal = exc.message
+            except OSError as exc:  # a temporary lookup failure: try again later
+                return _unresolved(target.url, exc)
         if refusal is not None:
             return _failed(f"refused: {refusal}")
         return await send(
@@ -321,6 +359,13 @@ def _failed(error: str) -> AttemptResult:
     """An attempt that sent nothing and never will: final."""
     now = now_ms()
     return AttemptResult(Outcome.FAILED, None, None, error, None, now, now)
+
+
+def _unresolved(url: str, exc: OSError) -> AttemptResult:
+    """An attempt that sent nothing because the host's lookup failed for now: retried."""
+    now = now_ms()
+    error = f"could not resolve host {urlsplit(url).hostname}: {exc.strerror or 'lookup failed'}"
+    return AttemptResult(Outcome.RETRY, None, None, error, None, now, now)
 
 
 def _loggable(url: str) -> str:
@@ -365,4 +410,5 @@ def _observe(
         duration_ms=result.duration_ms,
         error=result.error,
         retry_in_s=None if delay is None else round(delay, 3),
+        trace_id=None if job.trace is None else job.trace.trace_id,
     )

@@ -36,7 +36,8 @@ from typing import TYPE_CHECKING, Any
 import structlog
 from redis.exceptions import RedisError
 
-from dispatcher.connections import REDIS_ERRORS
+from dispatcher import metrics
+from dispatcher.connections import REDIS_ERRORS, redis_full
 from dispatcher.errors import InvalidSetting, describe
 from dispatcher.jobs import FAN_OUT, BadJob, DeliveryJob, EventJob, decode
 from dispatcher.services import Services
@@ -164,18 +165,21 @@ class Worker:
                 await self._wait_for_room()
                 continue
             run = self._next_ready()
-            if run is None or self._held_back():
+            if run is None or self._held_back(run):
                 await self._pause(self.poll_delay)
                 continue
             # one shard: all the room; several: a batch each in turn (a fair share)
             share = room if len(self.served) == 1 else min(room, self.claim_batch)
             try:
                 self._due.clear()
-                claimed = await run.claims.claim(share)
+                shares = run.engine.shares.claim_budgets()
+                claimed = await run.claims.claim(share, shares=shares)
             except CLAIM_ERRORS as exc:
+                if full := redis_full(exc):
+                    metrics.REDIS_FULL.labels(refused="claim").inc()
                 retry = run.failed(self.poll_delay)
-                log.warning("worker.claim_failed", error=str(exc), retry_in_s=round(retry, 2),
-                            shard=run.index)  # fmt: skip
+                log.warning("worker.claim_failed", error=str(exc), redis_full=full,
+                            retry_in_s=round(retry, 2), shard=run.index)  # fmt: skip
                 continue
             run.answered()
             for job in claimed:
@@ -195,11 +199,17 @@ class Worker:
                 return run
         return None
 
-    def _held_back(self) -> bool:
-        """Whether to claim nothing now: too many writes wait, the history's backlog is
-        full, or the burst is spent."""
-        pending = sum(run.writer.pending for run in self.served)
-        return pending > self.max_pending_writes or self.shipping.full or self._burst_spent()
+    def _held_back(self, run: Served) -> bool:
+        """Whether to claim nothing from `run`'s shard now: too many writes wait, its
+        Redis is away or full (its writes are stalled), the history's backlog is full, or
+        the burst is spent."""
+        pending = sum(served.writer.pending for served in self.served)
+        return (
+            pending > self.max_pending_writes
+            or run.writer.stalled
+            or self.shipping.full
+            or self._burst_spent()
+        )
 
     async def _idle(self) -> None:
         """A poll interval, cut short when this worker queues a job due at once (the next
@@ -246,12 +256,14 @@ class Worker:
 
     def _start(self, run: Served, claimed: Claimed) -> None:
         self.jobs_started += 1
+        run.engine.shares.job_started(claimed.job_id)
         task = asyncio.create_task(self._run(run, claimed))
         key = (run.index, claimed.job_id)
         self.running[key] = task
-        task.add_done_callback(lambda done: self._ended(key, done))
+        task.add_done_callback(lambda done: self._ended(run, key, done))
 
-    def _ended(self, key: JobKey, task: asyncio.Task[None]) -> None:
+    def _ended(self, run: Served, key: JobKey, task: asyncio.Task[None]) -> None:
+        run.engine.shares.job_ended(key[1])
         if self.running.get(key) is task:  # not a new run of the same job (a fan-out's)
             del self.running[key]
         if self._room is not None and self.max_jobs - len(self.running) >= self.claim_batch:
@@ -281,7 +293,11 @@ class Worker:
                 retry_in_s=delay,
                 shard=run.index,
             )
-            run.put_back(claimed.job_id, delay)
+            # Held (its lease renewed) until Redis has taken the put-back, and so every
+            # write the run queued before it: another worker claiming the job before its
+            # writes landed (Redis away or full) would send its deliveries again.
+            with contextlib.suppress(Exception):  # refused for good: logged by the writer
+                await run.put_back(claimed.job_id, delay)
 
     async def _execute(self, run: Served, claimed: Claimed, wire: Any) -> None:
         if wire.function == FAN_OUT:

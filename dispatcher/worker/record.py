@@ -33,7 +33,7 @@ def attempt_record(
         job.body.decode(errors="replace"), settings.max_request_body
     )
     ok = result.outcome is Outcome.SUCCESS
-    return {
+    record = {
         "projectId": job.project_id,
         "callBackUrl": target.url,
         "events": job.event,
@@ -55,3 +55,6 @@ def attempt_record(
         "requestBodyTruncated": body_truncated,
         "redeliveryOf": job.redelivery_of,
     }
+    if job.trace is not None:  # what a redelivery of this record continues
+        record.update(job.trace.fields())
+    return record

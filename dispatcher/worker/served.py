@@ -4,9 +4,10 @@ process's HTTP transports, circuit breaker and statistics with the other shards'
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
@@ -71,11 +72,13 @@ class Served:
 
     # ---- a job's ends on this shard ------------------------------------------------------
 
-    def put_back(self, job_id: str, delay: float) -> None:
+    def put_back(self, job_id: str, delay: float) -> asyncio.Future[list[Any]]:
         """The job's run failed or was stopped: due again in `delay` seconds (unless its
-        own writes already ended it or set it later)."""
+        own writes already ended it or set it later). Done once Redis has it."""
         claims = self.claims
-        self.writer.submit(lambda pipe: claims.again(pipe, job_id, delay, next_attempt=False))
+        return self.writer.submit(
+            lambda pipe: claims.again(pipe, job_id, delay, next_attempt=False)
+        )
 
     def next_step(self, job_id: str) -> Then:
         """After a `deliver` job's attempt: back in the queue for the next one, or done."""

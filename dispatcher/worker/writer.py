@@ -5,10 +5,13 @@ of its job). They are queued here and sent in pipelines shared by whatever else 
 waiting (one round trip for many attempts). When Redis does not answer (refused, reset,
 timed out, `LOADING` after a restart, paused), the same batch is sent again with backoff
 until it does: nothing is dropped, and the HTTP attempts that produced the writes never
-wait for them. This works because every write is idempotent (records carry their ids,
-jobs are keyed by id, leases are checked), so a batch whose answer was lost can be sent
-twice. What waits is bounded by the worker's slots and counted in
-`dispatcher_pending_writes`; the worker claims no new job while too much waits.
+wait for them. A Redis at `maxmemory` (`OOM`, with `noeviction`) is such an outage: it
+may take some commands of a batch and refuse others (deletes pass, writes that grow it
+do not), and the whole batch is sent again until every command is taken. This works
+because every write is idempotent (records carry their ids, jobs are keyed by id, leases
+are checked), so a batch whose answer was lost can be sent twice. What waits is bounded
+by the worker's slots and counted in `dispatcher_pending_writes`; the worker claims no
+new job while too much waits, or while Redis refuses its writes.
 """
 
 from __future__ import annotations
@@ -20,11 +23,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import structlog
-from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import NoScriptError, ReadOnlyError, ResponseError
 
 from dispatcher import metrics
 from dispatcher.batch import QueueCommands, run_shared
-from dispatcher.connections import REDIS_ERRORS
+from dispatcher.connections import REDIS_ERRORS, redis_full
 from dispatcher.lua import load_all
 
 if TYPE_CHECKING:
@@ -54,9 +57,15 @@ class _Write:
 
 
 def _transient(result: Any) -> bool:
-    if isinstance(result, REDIS_ERRORS):
+    """Whether a command's answer asks to try again later. redis-py drops the reply's code
+    from the message of the errors it has a class for (OOM, READONLY); a script's error on
+    Redis 6 quotes the code (`... -OOM command not allowed ...`)."""
+    if isinstance(result, (*REDIS_ERRORS, ReadOnlyError)) or redis_full(result):
         return True
-    return isinstance(result, ResponseError) and str(result).startswith(TRANSIENT_REPLIES)
+    if not isinstance(result, ResponseError):
+        return False
+    text = str(result)
+    return text.startswith(TRANSIENT_REPLIES) or any(f"-{c} " in text for c in TRANSIENT_REPLIES)
 
 
 class Writer:
@@ -88,12 +97,18 @@ class Writer:
         """Writes not yet acknowledged by Redis."""
         return len(self._pending)
 
+    @property
+    def stalled(self) -> bool:
+        """Redis refuses the writes waiting now (away, or full): they are being sent again."""
+        return self.failing_since is not None and bool(self._pending)
+
     def submit(
         self, queue: QueueCommands, records: Sequence[dict[str, Any]] = ()
     ) -> asyncio.Future[list[Any]]:
         """Queue the commands `queue` puts on a pipeline; the future gets their results once
         Redis has them (cancelling it does not withdraw the write)."""
         done: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
+        done.add_done_callback(_retrieved)  # a refusal is logged once, whoever awaits it
         self._pending.append(_Write(queue, records, done))
         metrics.PENDING_WRITES.set(len(self._pending))
         if self._flusher is None or self._flusher.done():
@@ -129,12 +144,13 @@ class Writer:
                 batch = self._pending[: self.max_batch]
                 try:
                     answers = await self._send(batch)
-                except RETRYABLE as exc:
-                    self._failed(exc)
-                    await asyncio.sleep(backoff)
-                    backoff = min(self.backoff_cap, backoff * 2)
-                    continue
-                except Exception as exc:  # a bug: it must not stop the writes behind it
+                except Exception as exc:
+                    if isinstance(exc, RETRYABLE) or _transient(exc):  # the ids' INCRBY too
+                        self._failed(exc)
+                        await asyncio.sleep(backoff)
+                        backoff = min(self.backoff_cap, backoff * 2)
+                        continue
+                    # a bug: it must not stop the writes behind it
                     if not self._weed_out(batch, exc):
                         log.exception("worker.write_failed", pending=len(self._pending))
                         await asyncio.sleep(self.backoff_cap)
@@ -153,7 +169,8 @@ class Writer:
             await load_all(self.redis)  # Redis restarted without its scripts
             answers = await run_shared(self.redis, [write.queue for write in batch])
         if any(_transient(r) for answer in answers for r in answer):
-            raise _Transient(next(r for a in answers for r in a if _transient(r)))
+            first = next(r for a in answers for r in a if _transient(r))
+            raise _Transient(str(first)) from first
         return answers
 
     def _weed_out(self, batch: list[_Write], exc: Exception) -> bool:
@@ -177,15 +194,25 @@ class Writer:
     def _failed(self, exc: BaseException) -> None:
         self.retries += 1
         metrics.WRITE_RETRIES.inc()
+        cause = exc.__cause__ if isinstance(exc, _Transient) else exc
+        full = cause is not None and redis_full(cause)
+        if full:
+            metrics.REDIS_FULL.labels(refused="write").inc()
         if self.failing_since is None:
             self.failing_since = asyncio.get_running_loop().time()
-            log.warning("worker.writes_waiting", pending=len(self._pending), error=str(exc))
+            pending = len(self._pending)
+            log.warning("worker.writes_waiting", pending=pending, error=str(exc), redis_full=full)
 
     def _recovered(self) -> None:
         if self.failing_since is not None:
             waited = asyncio.get_running_loop().time() - self.failing_since
             self.failing_since = None
             log.info("worker.writes_resumed", pending=len(self._pending), waited_s=round(waited, 1))
+
+
+def _retrieved(done: asyncio.Future[list[Any]]) -> None:
+    if not done.cancelled():
+        done.exception()
 
 
 def _settle(done: asyncio.Future[list[Any]], answer: list[Any]) -> None:

@@ -165,7 +165,7 @@ async def verdict_of(
         for path in paths
         for record in await all_records(redis, settings, PROJECT, receiver.url(path), "BUILD_END")
     ]
-    expected = {f"{event_id}.{cid}" for event_id in event_ids for cid in paths.values()}
+    expected = {f"{PROJECT}:{event_id}.{cid}" for event_id in event_ids for cid in paths.values()}
     return await judge(redis, records, expected, receiver, settings), records
 
 

@@ -266,6 +266,6 @@ async def test_sigterm_lets_running_deliveries_finish_and_loses_nothing(
     assert {r.delivery_id for r in page.records if r.status.value == "SUCCESS"} == started
     assert len(started) < 3
     await run_worker()  # the rest was still queued
-    assert {s.headers["X-DEVOPS-DELIVERY-ID"].split(".")[0] for s in receiver.requests()} == set(
-        ids
-    )
+    assert {s.headers["X-DEVOPS-DELIVERY-ID"].split(".")[0] for s in receiver.requests()} == {
+        f"demo:{i}" for i in ids
+    }

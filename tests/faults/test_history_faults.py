@@ -39,6 +39,11 @@ def own_pg() -> Iterator[EmbeddedPostgres]:
         yield server
 
 
+def event_of(delivery_id: str) -> str:
+    """The event id in a delivery id, `{project}:{event id}.{callback id}`."""
+    return delivery_id.rsplit(".", 1)[0].partition(":")[2]
+
+
 async def stored(url: str) -> list[tuple[int, str, str]]:
     """(id, delivery id, status) of every stored attempt."""
     conn = await asyncpg.connect(url)
@@ -84,7 +89,7 @@ async def test_a_record_survives_a_worker_sigkill_between_the_attempt_and_the_sh
     await until(all_shipped, 30, "the next worker shipped the killed one's records")
     rows = await stored(own_pg.url)
     assert len(rows) == 20 and len({r[0] for r in rows}) == 20  # each once
-    assert {r[1] for r in rows} == {f"{event_id}.1" for event_id in ids}
+    assert {r[1] for r in rows} == {f"demo:{event_id}.1" for event_id in ids}
     assert {r[2] for r in rows} == {"SUCCESS"}
     assert await redis.xlen(keys.HISTORY_STREAM) == 0  # trimmed once committed
 
@@ -130,9 +135,7 @@ async def test_postgres_stopped_for_20_s_under_load_loses_no_record_and_delays_n
     assert all(w.poll() is None for w in workers), log.read_text()[-3000:]
     # deliveries did not wait for PostgreSQL: what was emitted during the outage arrived
     # during the outage (each within 5 s of its event)
-    arrived = {
-        s.headers["X-DEVOPS-DELIVERY-ID"].rsplit(".", 1)[0]: s.at for s in receiver.requests()
-    }
+    arrived = {event_of(s.headers["X-DEVOPS-DELIVERY-ID"]): s.at for s in receiver.requests()}
     during = [e for e, at in emitted.items() if frozen[0] + 1 <= at <= frozen[1] - 5]
     assert during and all(arrived[e] - emitted[e] < 5 for e in during)
     assert backlog_seen > 100  # the records waited in Redis meanwhile
@@ -143,4 +146,4 @@ async def test_postgres_stopped_for_20_s_under_load_loses_no_record_and_delays_n
     await until(all_stored, 15, "every record shipped soon after PostgreSQL was back")
     rows = await stored(own_pg.url)
     assert len(rows) == 300 and len({r[0] for r in rows}) == 300
-    assert {r[1].rsplit(".", 1)[0] for r in rows} == set(emitted)
+    assert {event_of(r[1]) for r in rows} == set(emitted)

@@ -8,7 +8,6 @@ import asyncio
 import signal
 import subprocess
 import time
-from collections import Counter
 from pathlib import Path
 
 from aiohttp import web
@@ -22,6 +21,7 @@ from dispatcher.settings import Settings
 from tests.helpers import Overlap, Receiver, start_worker, until
 
 keys = Keys()  # today's key names (one shard)
+ARRIVAL_SLACK_S = 0.2  # the spread of start-to-arrival times the test tolerates
 
 
 async def _register(redis: Redis, url: str, options: Options) -> int:
@@ -56,8 +56,11 @@ async def test_a_rate_limit_holds_across_two_workers(
         workers.append(start_worker(settings.redis_url or "", tmp_path / "workers.log"))
     await _emit(settings, redis, 20)
     await receiver.wait_for(20, "/rated", within=30)
-    per_second = Counter(int(at) for at in arrivals)
-    assert max(per_second.values()) <= 4, sorted(per_second.items())
+    # No one-second window holds more than 4 starts. The receiver sees arrivals, which
+    # trail their starts by a varying few ms (more on a loaded machine): any 5 arrivals in a
+    # row span at least a second, less that slack. Unlimited, all 20 land within ~0.1 s.
+    spans = [later - first for first, later in zip(arrivals, arrivals[4:], strict=False)]
+    assert min(spans) >= 1.0 - ARRIVAL_SLACK_S, [round(span, 3) for span in spans]
     assert arrivals[-1] - arrivals[0] >= 3.9  # 20 at 4 a second: 5 seconds' worth
     assert len(receiver.requests("/rated")) == 20  # each once: waiting spent no attempt
 

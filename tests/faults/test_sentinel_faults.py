@@ -19,7 +19,7 @@ from redis.asyncio import Redis
 from dispatcher.connections import connect
 from dispatcher.embedded import SentinelGroup
 from dispatcher.errors import Unavailable
-from dispatcher.keys import Keys
+from dispatcher.keys import Keys, project_scoped
 from dispatcher.models import Event, Region
 from dispatcher.producer import Producer
 from dispatcher.registry import Registry
@@ -153,7 +153,7 @@ async def test_master_killed_under_emits_and_two_workers_loses_nothing_acknowled
                 emit_in_python(settings, redis, 40, every_s=0.2),
                 kill_the_master(group, after_s=1.5),
             )
-            expected = {f"{event_id}.{callback_id}" for event_id in over_http + in_python}
+            expected = {f"{PROJECT}:{event_id}.{callback_id}" for event_id in over_http + in_python}
             assert len(expected) == 80
 
             async def delivered() -> bool:
@@ -200,7 +200,7 @@ async def test_replica_down_emits_answer_503_in_time_and_nothing_acknowledged_is
             finally:
                 await worker.close()
             # (a refused emit may be delivered too: the master has it, unconfirmed)
-            assert {f"{e}.{callback_id}" for e in before} <= receiver.answered_2xx()
+            assert {f"{PROJECT}:{e}.{callback_id}" for e in before} <= receiver.answered_2xx()
             await asyncio.to_thread(group.heal)
             after = await producer.emit_many(down)
             assert after == [event_id for *_, event_id in down]
@@ -228,7 +228,7 @@ async def test_with_0_replicas_an_unreplicated_acknowledged_emit_is_lost_with_1_
         zero: list[Emit] = [(PROJECT, "BUILD_END", {}, f"evt_zero_{n}") for n in range(10)]
         one: list[Emit] = [(PROJECT, "BUILD_END", {}, f"evt_one_{n}") for n in range(10)]
         acknowledged = await Producer(lax, redis).emit_many(zero)
-        jobs = [keys.arq_job(event_id) for event_id in acknowledged]
+        jobs = [keys.arq_job(project_scoped(PROJECT, e)) for e in acknowledged]
         assert await old.exists(*jobs) == len(jobs)  # the master holds them, alone
         with pytest.raises(Unavailable, match="0 of 1 replicas"):
             await Producer(strict, redis).emit_many(one)
@@ -238,7 +238,10 @@ async def test_with_0_replicas_an_unreplicated_acknowledged_emit_is_lost_with_1_
         await asyncio.to_thread(group.heal)  # the old master back as a replica
         patient = strict.model_copy(update={"emit_wait": 10})
         await Producer(patient, redis).emit_many(one)  # the 503 said: emit again
-        queued = {m.decode() for m in await redis.zrange(lax.queue_name, 0, -1)}
+        queued = {
+            m.decode().removeprefix(f"{PROJECT}:")
+            for m in await redis.zrange(lax.queue_name, 0, -1)
+        }
         assert not queued & set(acknowledged), "expected the unreplicated events to be lost"
         assert {event_id for *_, event_id in one} <= queued
         assert not await redis.exists(*jobs)

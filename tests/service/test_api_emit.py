@@ -23,7 +23,10 @@ NDJSON = {**UID, "Content-Type": "application/x-ndjson"}
 
 
 async def queued_ids(redis: Redis, settings: Settings) -> list[str]:
-    return sorted(i.decode() for i in await redis.zrange(settings.queue_name, 0, -1))
+    """The event ids of project demo's queued events (job ids are `demo:{event id}`)."""
+    queued = [i.decode() for i in await redis.zrange(settings.queue_name, 0, -1)]
+    assert all(i.startswith("demo:") for i in queued), queued
+    return sorted(i.removeprefix("demo:") for i in queued)
 
 
 async def register(api: httpx.AsyncClient, url: str) -> None:
@@ -51,7 +54,7 @@ async def test_a_batch_of_1000_reaches_the_workers_once_each(
     assert len(seen) == 1000
     sent = {orjson.loads(s.body)["data"]["n"]: s.headers["X-DEVOPS-DELIVERY-ID"] for s in seen}
     assert sorted(sent) == list(range(1000))  # every event once, none twice
-    assert [sent[n].partition(".")[0] for n in range(1000)] == ids  # results are in order
+    assert [sent[n].partition(".")[0] for n in range(1000)] == [f"demo:{i}" for i in ids]
 
 
 async def test_bad_entries_fail_alone_and_are_named(

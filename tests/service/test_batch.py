@@ -94,4 +94,4 @@ async def test_role_checks_and_emits_of_concurrent_requests_share_round_trips(
     ids = [i for i in answers[::2] if isinstance(i, str)]
     assert len(set(ids)) == 20
     queued = await redis.zrange(settings.queue_name, 0, -1)
-    assert sorted(i.decode() for i in queued) == sorted(ids)
+    assert sorted(i.decode() for i in queued) == sorted(f"demo:{i}" for i in ids)

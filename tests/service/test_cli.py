@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from dispatcher.cli import app
 from dispatcher.connections import connect
 from dispatcher.embedded import EmbeddedRedis
-from dispatcher.keys import Keys
+from dispatcher.keys import Keys, project_scoped
 
 keys = Keys()  # today's key names (one shard)
 
@@ -91,7 +91,7 @@ def test_emit_queues_an_event(cli: CliRunner, redis_server: EmbeddedRedis, tmp_p
     assert result.exit_code == 0, result.output
     event_id = result.output.strip()
     client = redis_py.Redis.from_url(redis_server.url)
-    assert client.exists(keys.ARQ_JOB_PREFIX + event_id)
+    assert client.exists(keys.arq_job(project_scoped("p", event_id)))
     client.close()
 
 

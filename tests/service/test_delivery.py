@@ -80,7 +80,7 @@ async def test_token_and_signature_verify_with_standardwebhooks(
     assert seen.headers["Content-Type"] == "application/json"
     assert seen.headers["User-Agent"].startswith("callback-dispatcher/")
     assert seen.headers["webhook-id"] == seen.headers["X-DEVOPS-DELIVERY-ID"]
-    assert seen.headers["webhook-id"].startswith(event_id)
+    assert seen.headers["webhook-id"].startswith(f"demo:{event_id}.")
     verifier = Webhook("whsec_" + base64.b64encode(b"s3cret").decode())
     verified = verifier.verify(seen.body, dict(seen.headers))
     assert verified == {"event": "BUILD_END", "projectId": "demo", "data": {"buildId": "b-1"}}
@@ -218,7 +218,7 @@ async def test_callback_disabled_between_retries_gets_no_more_attempts(
     assert len(receiver.requests()) == 1
     drops = await redis.lrange(keys.DROPPED, 0, -1)  # type: ignore[misc]  # sync|async
     [drop] = [orjson.loads(e) for e in drops]
-    assert drop["deliveryId"] == f"{event_id}.{callback_id}"
+    assert drop["deliveryId"] == f"demo:{event_id}.{callback_id}"
     assert drop["reason"] == "callback deleted or disabled"
     assert await redis.zcard(settings.queue_name) == 0
 
@@ -294,7 +294,7 @@ async def test_one_canonical_log_line_per_attempt(
     for entry in attempts:
         assert entry["event_id"] == event_id
         assert entry["callback_url"] == url
-        assert entry["delivery_id"].startswith(event_id)
+        assert entry["delivery_id"].startswith(f"demo:{event_id}.")
         assert isinstance(entry["duration_ms"], int)
         assert "s3cret" not in repr(entry)
 

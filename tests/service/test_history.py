@@ -288,7 +288,9 @@ async def test_dead_letters_and_redelivery_of_a_windows_failures(
     assert retried.json() == {"data": {"queued": 3}, "message": None, "status": 0}
     await run_worker()
     again = receiver.requests()[4:]  # after the 4 first attempts
-    assert sorted(s.headers["webhook-id"].split(".")[0] for s in again) == sorted(ids)
+    assert sorted(s.headers["webhook-id"].split(".")[0] for s in again) == sorted(
+        f"demo:{i}" for i in ids
+    )
     page = await api.get(V3, params={"url": url, "event": "BUILD_END"}, headers=UID)
     assert [r["status"] for r in page.json()["data"]["records"]].count("SUCCESS") == 3
 

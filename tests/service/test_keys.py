@@ -93,7 +93,7 @@ async def test_scripts_and_keys_py_build_the_same_names(settings: Settings, redi
 
     await Queue(redis, Keys(settings.queue_name)).enqueue(EventJob("evt_1", "demo", "BUILD_END"))
     assert await present(redis) - history - {keys.CALLBACK_SEQ} == {
-        keys.arq_job("evt_1"),
+        keys.arq_job("demo:evt_1"),
         settings.queue_name,
     }
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -15,26 +14,25 @@ from structlog.testing import capture_logs
 from dispatcher.api import create_app
 from dispatcher.embedded import EmbeddedRedis
 from dispatcher.health import CircuitBreaker
-from dispatcher.history.redis import RedisHistory
 from dispatcher.keys import Keys
 from dispatcher.models import Event, Region
 from dispatcher.producer import Producer
 from dispatcher.registry import Registry
 from dispatcher.settings import Settings
 from dispatcher.tokens import TokenCipher
-from tests.helpers import UID, Receiver, RunWorker, answer, app_client, make_settings
+from tests.helpers import (
+    UID,
+    Receiver,
+    RunWorker,
+    all_records,
+    answer,
+    app_client,
+    make_settings,
+)
 
 keys = Keys()  # today's key names (one shard)
 
 CALLBACKS = "/apigw/v4/projects/demo/callbacks"
-
-
-async def all_records(redis: Redis, settings: Settings, url: str) -> list[Any]:
-    now = int(time.time() * 1000)
-    page = await RedisHistory(redis, settings, keys).query(
-        "demo", url, "BUILD_END", start_ms=now - 60_000, end_ms=now + 1000, page_size=100
-    )
-    return list(reversed(page.records))
 
 
 # ---- secret tokens ------------------------------------------------------------------------

@@ -20,7 +20,7 @@ from dispatcher.errors import InvalidSetting, Unavailable
 from dispatcher.failover import NotMaster, NotWritable
 from dispatcher.history.ids import ID_BLOCK, ID_GAP, RecordIds
 from dispatcher.history.redis import RedisHistory
-from dispatcher.keys import Keys
+from dispatcher.keys import Keys, project_scoped
 from dispatcher.producer import Producer
 from dispatcher.settings import Settings
 from tests.helpers import UID, app_client, free_port, make_settings
@@ -55,7 +55,8 @@ async def test_an_acknowledged_emit_is_on_the_replica_already(group: SentinelGro
             answer = await api.post(EVENTS, json={"event": "BUILD_END", "data": {}}, headers=UID)
         routed = answer.json()["data"]["eventId"]
         # no wait: WAIT returned only once the replica had them
-        held = await replica.mget([keys.arq_job(i) for i in [one, *many, routed]])
+        job_ids = [project_scoped("demo", i) for i in [one, *many, routed]]
+        held = await replica.mget([keys.arq_job(job_id) for job_id in job_ids])
         assert all(held), f"{held.count(None)} acknowledged jobs missing on the replica"
     finally:
         await redis.aclose()
@@ -72,7 +73,7 @@ def test_the_cli_emits_through_the_sentinels(
     assert result.exit_code == 0 and "evt_cli" in result.output, result.output
     (replica,) = [port for port in group.nodes if port != group.master_port()]
     with redis_py.Redis(host="127.0.0.1", port=replica, socket_timeout=2) as client:
-        assert client.exists(keys.arq_job("evt_cli"))
+        assert client.exists(keys.arq_job(project_scoped("demo", "evt_cli")))
 
 
 def run_cli(monkeypatch: pytest.MonkeyPatch, **env: str) -> str:

@@ -143,7 +143,9 @@ async def test_many_projects_reach_a_platform_wide_callback_once_each(
             "url": platform_url, "event": "BUILD_END", "region": "DEVNET",
         }))  # fmt: skip
         for project in PROJECTS:  # receiver controls too: their scripts run on each shard
-            limits = {"maxInFlight": 3, "maxPerSecond": 1000, "filter": "event == 'BUILD_END'"}
+            limits: dict[str, str | int] = {
+                "maxInFlight": 3, "maxPerSecond": 1000, "filter": "event == 'BUILD_END'"
+            }  # fmt: skip
             await ok(await api.post(f"/apigw/v4/projects/{project}/callbacks", headers=UID,
                                     params={"url": receiver.url(f"/{project}"), **limits,
                                             "event": "BUILD_END", "region": "DEVNET"}))  # fmt: skip

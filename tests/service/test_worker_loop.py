@@ -206,7 +206,7 @@ async def test_a_producer_rides_out_a_redis_restart(
         restarted.start()
         try:
             assert await asyncio.wait_for(emitting, 15) == "evt_patient"
-            assert await producer.queue.redis.exists(keys.arq_job("evt_patient"))
+            assert await producer.queue.redis.exists(keys.arq_job("demo:evt_patient"))
         finally:
             restarted.stop()
 

@@ -1,0 +1,185 @@
+"""Fair shares of a worker's slots: no project and no host holds them all.
+
+A worker has `DISPATCHER_WORKER_MAX_JOBS` slots, for jobs and for HTTP attempts in flight.
+When `n` projects are busy in a worker, each may hold at most `slots // (n + 1)` of them
+(half while it is alone), so one share is always free for a project that arrives; hosts
+get the same rule, and never more than `DISPATCHER_MAX_PER_HOST` attempts each. Nothing
+here touches Redis, and nothing costs a round trip:
+
+- claims: the claim script is told how many more jobs each busy project may take (and
+  what a project not busy yet may take), and leaves the others' jobs in the queue, due,
+  untouched (`claim_budgets`);
+- attempts: an attempt over its project's or its host's share goes back to the queue
+  without being an attempt (`admit` answers None), due again in about the time its host
+  takes to answer, when that host is slow (`SLOW_S` or more); to a host that answers
+  faster it waits for a slot in memory, up to `WAIT_S` (a big fan-out to one receiver:
+  going back would cost Redis writes and a claim for each, waiting costs only time).
+
+A job's project is the part of its id before the first `:` (`{project}:{event id}`, and
+delivery ids after it); an attempt's is the project that emitted the event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
+
+__all__ = ["Shares", "Slot", "project_of"]
+
+SLOW_S = 1.0  # a host that usually takes this long to answer is waited for in the queue
+WAIT_S = 5.0  # an attempt to a faster host waits at most this long for a slot in memory
+DEFER_MIN_S, DEFER_MAX_S = 0.5, 10.0
+KEPT_HOSTS = 10_000  # hosts whose answer time is remembered
+
+
+def project_of(job_id: str) -> str | None:
+    """The project a job id is scoped by, or None (an id of an older version)."""
+    head, sep, _ = job_id.partition(":")
+    return head if sep else None
+
+
+@dataclass(slots=True)
+class _Counts:
+    """How many of the slots each key (a project, a host) holds now."""
+
+    slots: int
+    cap: int | None = None
+    held: dict[str, int] = field(default_factory=dict)
+
+    def limit(self, key: str) -> int:
+        busy = len(self.held) + (key not in self.held)
+        share = max(1, self.slots // (busy + 1))
+        return share if self.cap is None else min(share, self.cap)
+
+    def room(self, key: str) -> int:
+        return self.limit(key) - self.held.get(key, 0)
+
+    def take(self, key: str) -> None:
+        self.held[key] = self.held.get(key, 0) + 1
+
+    def give(self, key: str) -> None:
+        left = self.held[key] - 1
+        if left:
+            self.held[key] = left
+        else:
+            del self.held[key]
+
+
+class Slot:
+    """An admitted attempt's hold on its project's and its host's shares."""
+
+    __slots__ = ("_shares", "host", "project")
+
+    def __init__(self, shares: Shares, project: str, host: str) -> None:
+        self._shares, self.project, self.host = shares, project, host
+
+    def release(self, seconds: float) -> None:
+        """The attempt is over (it took `seconds`): its slot goes to whoever waits."""
+        self._shares.release(self, seconds)
+
+
+class Shares:
+    """A worker's fair shares, in memory: jobs per project (for its claims), attempts per
+    project and per host. With `fair` off only the per-host cap holds."""
+
+    def __init__(self, slots: int, max_per_host: int, *, fair: bool = True) -> None:
+        self.fair = fair
+        self.jobs = _Counts(slots)
+        self.projects = _Counts(slots)
+        self.hosts = _Counts(slots if fair else 1 << 30, max_per_host)
+        # (project, host) -> futures of attempts waiting for a slot, oldest first
+        self._waiting: OrderedDict[tuple[str, str], deque[asyncio.Future[Slot]]] = OrderedDict()
+        self._answer_s: OrderedDict[str, float] = OrderedDict()  # per host, smoothed
+
+    # ---- jobs ---------------------------------------------------------------------------
+
+    def job_started(self, job_id: str) -> None:
+        if (project := project_of(job_id)) is not None:
+            self.jobs.take(project)
+
+    def job_ended(self, job_id: str) -> None:
+        if (project := project_of(job_id)) is not None:
+            self.jobs.give(project)
+
+    def claim_budgets(self) -> tuple[int, dict[str, int]]:
+        """For the claim script: how many jobs a project not busy in this worker may take
+        (-1: any number), and how many more each busy project may."""
+        if not self.fair:
+            return -1, {}
+        newcomer = max(1, self.jobs.slots // (len(self.jobs.held) + 2))
+        return newcomer, {p: max(0, self.jobs.room(p)) for p in self.jobs.held}
+
+    # ---- attempts -----------------------------------------------------------------------
+
+    def _admits(self, project: str, host: str) -> bool:
+        return self.hosts.room(host) > 0 and (not self.fair or self.projects.room(project) > 0)
+
+    def _take(self, project: str, host: str) -> Slot:
+        self.projects.take(project)
+        self.hosts.take(host)
+        return Slot(self, project, host)
+
+    async def admit(self, project: str, host: str, wait: float = WAIT_S) -> Slot | None:
+        """A slot for an attempt of `project` to `host`: at once, or, when the host is not
+        slow, within `wait` seconds; None when its share stays full (the attempt goes back
+        to the queue)."""
+        if (project, host) not in self._waiting and self._admits(project, host):
+            return self._take(project, host)
+        if self._answer_s.get(host, 0.0) >= SLOW_S:  # a slow host: wait in the queue
+            return None
+        future: asyncio.Future[Slot] = asyncio.get_running_loop().create_future()
+        self._waiting.setdefault((project, host), deque()).append(future)
+        try:
+            async with asyncio.timeout(wait):
+                return await asyncio.shield(future)
+        except TimeoutError:
+            pass
+        except BaseException:  # cancelled: a slot given meanwhile goes back
+            if future.done() and not future.cancelled():
+                self.release(future.result(), 0.0)
+            future.cancel()
+            raise
+        finally:
+            self._forget(project, host, future)
+        if future.done():  # admitted just as the wait ran out: it is ours
+            return future.result()
+        future.cancel()
+        return None
+
+    def _forget(self, project: str, host: str, future: asyncio.Future[Slot]) -> None:
+        queue = self._waiting.get((project, host))
+        if queue is not None and future in queue:
+            queue.remove(future)
+        if queue is not None and not queue:
+            del self._waiting[(project, host)]
+
+    def release(self, slot: Slot, seconds: float) -> None:
+        """`slot`'s attempt is over: its shares go to the attempts waiting that fit now."""
+        self.projects.give(slot.project)
+        self.hosts.give(slot.host)
+        if seconds:
+            self._remember(slot.host, seconds)
+        for (project, host), queue in list(self._waiting.items()):
+            while queue and self._admits(project, host):
+                future = queue.popleft()
+                if not future.done():
+                    future.set_result(self._take(project, host))
+            if not queue:
+                del self._waiting[(project, host)]
+
+    # ---- deferral -----------------------------------------------------------------------
+
+    def _remember(self, host: str, seconds: float) -> None:
+        before = self._answer_s.pop(host, seconds)
+        self._answer_s[host] = 0.8 * before + 0.2 * seconds
+        if len(self._answer_s) > KEPT_HOSTS:
+            self._answer_s.popitem(last=False)
+
+    def defer_s(self, host: str) -> float:
+        """When an attempt that found no slot is due again: about when the host's slots
+        free up (its usual answer time), jittered so that the deferred do not return at
+        once."""
+        usual = min(DEFER_MAX_S, max(DEFER_MIN_S, self._answer_s.get(host, DEFER_MIN_S)))
+        return usual * random.uniform(1.0, 1.5)

@@ -1,0 +1,106 @@
+"""A noisy neighbour cannot slow anyone else: a real worker process, slow receivers for
+projB, a fast one for projA."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from aiohttp import web
+from redis.asyncio import Redis
+
+from dispatcher.models import Event, Region
+from dispatcher.producer import Producer
+from dispatcher.registry import Registry
+from dispatcher.settings import Settings
+from tests.helpers import Receiver, all_records, serving, start_worker, until
+
+SLOW_S = 4.0
+SETTINGS = {  # a small worker, so that a few slow callbacks are a crowd
+    "DISPATCHER_WORKER_MAX_JOBS": "20",  # a project alone holds 10 slots at most
+    "DISPATCHER_MAX_PER_HOST": "8",
+    "DISPATCHER_MAX_CONNECTIONS": "20",
+    "DISPATCHER_TOTAL_TIMEOUT": "10",
+    "DISPATCHER_JOB_TIMEOUT": "30",
+}
+
+
+@dataclass
+class Slow:
+    """A receiver that answers after `SLOW_S`, counting what it holds at once."""
+
+    base: str = ""
+    held: int = 0
+    peak: int = 0
+    answered: list[float] = field(default_factory=list)
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        await request.read()
+        self.held += 1
+        self.peak = max(self.peak, self.held)
+        try:
+            await asyncio.sleep(SLOW_S)
+        finally:
+            self.held -= 1
+        self.answered.append(time.monotonic())
+        return web.Response(text="slow")
+
+
+@asynccontextmanager
+async def slow_receiver() -> AsyncIterator[Slow]:
+    slow = Slow()
+    async with serving(slow.handle) as base:
+        slow.base = base
+        yield slow
+
+
+async def test_a_slow_neighbour_holds_only_its_share_and_the_victim_is_served_at_once(
+    settings: Settings,
+    redis: Redis,
+    receiver: Receiver,
+    workers: list[subprocess.Popen[bytes]],
+    tmp_path: Path,
+) -> None:
+    """projB's event goes to 20 callbacks on two slow hosts (4 s each); the worker's
+    connection pool (20) could hold them all. projA's 10 events, emitted while projB's
+    requests are in flight, all arrive before the slow hosts have answered once: projB holds
+    at most its share of the worker (10 of 20 slots) and 8 per host, the rest of its
+    deliveries wait in the queue, and each is then made once, as attempt 1."""
+    registry = Registry(redis)
+    async with slow_receiver() as one, slow_receiver() as two:
+        slow_urls = [f"{slow.base}/b{i}" for slow in (one, two) for i in range(10)]
+        for url in slow_urls:
+            await registry.create("projB", url, Event.BUILD_END, Region.DEVNET)
+        await registry.create("projA", receiver.url(), Event.BUILD_END, Region.DEVNET)
+        log = tmp_path / "worker.log"
+        workers.append(start_worker(settings.redis_url or "", log, **SETTINGS))
+        producer = Producer(settings, redis)
+        await producer.emit("projB", "BUILD_END", {}, event_id="noisy")
+
+        async def crowded() -> bool:
+            return one.held + two.held >= 8
+
+        await until(crowded, 20, "projB's requests in flight")
+        for n in range(10):
+            await producer.emit("projA", "BUILD_END", {"n": n}, event_id=f"victim-{n}")
+            await asyncio.sleep(0.05)
+        await receiver.wait_for(10, within=SLOW_S * 3)
+        victim_done = max(seen.at for seen in receiver.requests())
+        first_slow_answer = min(one.answered + two.answered, default=float("inf"))
+        assert victim_done < first_slow_answer, "projA waited for projB's slow receivers"
+        assert one.peak <= 8 and two.peak <= 8, (one.peak, two.peak)
+
+        async def neighbour_done() -> bool:
+            ended = [await all_records(redis, settings, url, "projB") for url in slow_urls]
+            return all(ended)
+
+        await until(neighbour_done, 60, "every projB delivery recorded")
+    for url in slow_urls:
+        [record] = await all_records(redis, settings, url, "projB")
+        assert record.status.value == "SUCCESS" and record.attempt == 1, record
+    assert all(w.poll() is None for w in workers), log.read_text()[-3000:]

@@ -1,0 +1,235 @@
+"""Where deliveries may go, on real sockets: proxy regions (a real forward proxy on
+127.0.0.1 that resolves names itself) and the pinning of direct regions (a test-only hook
+on the event loop's `getaddrinfo`, the one function every lookup of the process goes
+through, whose answer changes between calls)."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import pytest
+from aiohttp import web
+from redis.asyncio import Redis
+
+from dispatcher.embedded import EmbeddedRedis
+from dispatcher.models import Event, Region
+from dispatcher.producer import Producer
+from dispatcher.registry import Registry
+from tests.helpers import (
+    UID,
+    Receiver,
+    RunWorker,
+    all_records,
+    app_client,
+    free_port,
+    make_settings,
+    proxying,
+)
+
+CALLBACKS = "/apigw/v4/projects/demo/callbacks"
+AddrInfo = list[tuple[Any, ...]]
+FAILURES = {
+    socket.EAI_NONAME: "Name or service not known",
+    socket.EAI_AGAIN: "Temporary failure in name resolution",
+}
+
+
+def rebinding(
+    monkeypatch: pytest.MonkeyPatch, name: str, answers: list[str | int]
+) -> list[str | int]:
+    """Make `name` resolve to `answers[0]`, then `answers[1]`, ... (the last repeating) in
+    this event loop, an int being a lookup failure (`socket.EAI_*`); returns the answers
+    given, one per lookup."""
+    loop = asyncio.get_running_loop()
+    real: Callable[..., Awaitable[AddrInfo]] = loop.getaddrinfo
+    given: list[str | int] = []
+
+    async def getaddrinfo(host: Any, port: Any, *args: Any, **kwargs: Any) -> AddrInfo:
+        if host != name:
+            return await real(host, port, *args, **kwargs)
+        address = answers[min(len(given), len(answers) - 1)]
+        given.append(address)
+        if isinstance(address, int):
+            raise socket.gaierror(address, FAILURES[address])
+        family = socket.AF_INET6 if ":" in address else socket.AF_INET
+        sockaddr = (address, port or 0, 0, 0) if ":" in address else (address, port or 0)
+        return [(family, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", sockaddr)]
+
+    monkeypatch.setattr(loop, "getaddrinfo", getaddrinfo)
+    return given
+
+
+# ---- proxy regions ------------------------------------------------------------------------
+
+
+async def test_a_proxy_region_refuses_what_the_worker_cannot_check(
+    redis_server: EmbeddedRedis, redis: Redis, receiver: Receiver, run_worker: RunWorker,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    """OSS goes through a proxy that resolves `internal.corp` (and `127.0.0.1.`) to the
+    receiver on 127.0.0.1; OSS may not reach internal targets. Each is a final FAILED record
+    saying why, and the proxy is never asked; IDC (internal allowed) goes through the same
+    proxy, so the proxy would have carried them."""
+    port = int(receiver.base.rsplit(":", 1)[1])
+    rebinding(monkeypatch, "internal.corp", [socket.EAI_NONAME])  # as on a worker's host
+    async with proxying({"internal.corp": "127.0.0.1"}) as proxy:
+        settings = make_settings(
+            redis_server.url,
+            region_proxies={"OSS": proxy.url, "IDC": proxy.url},
+            allow_internal_regions=["IDC"],
+        )
+        refused = {
+            f"http://internal.corp:{port}/hook": "does not resolve from the worker",
+            f"http://127.0.0.1.:{port}/hook": "internal address",
+            f"http://localhost.:{port}/hook": "loopback name",
+            f"http://[::ffff:127.0.0.1]:{port}/hook": "internal address",
+        }
+        registry = Registry(redis)
+        for url in refused:
+            await registry.create("demo", url, Event.BUILD_END, Region.OSS)
+        await registry.create("demo", receiver.url("/idc"), Event.BUILD_END, Region.IDC)
+        await Producer(settings, redis).emit("demo", "BUILD_END", {})
+        await run_worker(settings)
+    assert [seen.path for seen in receiver.seen] == ["/idc"]
+    assert proxy.asked == ["127.0.0.1"]
+    for url, why in refused.items():
+        [record] = await all_records(redis, settings, url)
+        assert record.final and record.status.value == "FAILED", url
+        assert (record.error_msg or "").startswith("refused: "), (url, record.error_msg)
+        assert why in (record.error_msg or ""), (url, record.error_msg)
+
+
+async def test_a_proxy_declared_enforcing_gets_the_names_the_worker_cannot_resolve(
+    redis_server: EmbeddedRedis, redis: Redis, receiver: Receiver, run_worker: RunWorker,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    """`DISPATCHER_PROXY_ENFORCED_REGIONS`: the operator says the proxy applies the policy,
+    so a name only the proxy knows is sent to it; literal addresses are still the worker's
+    to refuse."""
+    port = int(receiver.base.rsplit(":", 1)[1])
+    rebinding(monkeypatch, "internal.corp", [socket.EAI_NONAME])
+    async with proxying({"internal.corp": "127.0.0.1"}) as proxy:
+        settings = make_settings(
+            redis_server.url,
+            region_proxies={"OSS": proxy.url},
+            proxy_enforced_regions=["OSS"],
+            allow_internal_regions=[],
+        )
+        registry = Registry(redis)
+        await registry.create(
+            "demo", f"http://internal.corp:{port}/hook", Event.BUILD_END, Region.OSS
+        )
+        literal = f"http://127.0.0.1.:{port}/literal"
+        await registry.create("demo", literal, Event.BUILD_END, Region.OSS)
+        await Producer(settings, redis).emit("demo", "BUILD_END", {})
+        await run_worker(settings)
+    assert [seen.path for seen in receiver.seen] == ["/hook"]
+    assert proxy.asked == ["internal.corp"]
+    [record] = await all_records(redis, settings, literal)
+    assert record.final and "internal address" in (record.error_msg or "")
+
+
+async def test_a_temporary_lookup_failure_through_a_proxy_is_retried(
+    redis_server: EmbeddedRedis, redis: Redis, run_worker: RunWorker,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    given = rebinding(monkeypatch, "flaky.example", [socket.EAI_AGAIN])
+    async with proxying() as proxy:
+        settings = make_settings(redis_server.url, region_proxies={"OSS": proxy.url})
+        url = "http://flaky.example/hook"
+        await Registry(redis).create("demo", url, Event.BUILD_END, Region.OSS)
+        await Producer(settings, redis).emit("demo", "BUILD_END", {})
+        await run_worker(settings)
+    records = await all_records(redis, settings, url)
+    assert len(records) == settings.max_attempts == len(given)
+    assert [r.final for r in records] == [False] * (len(records) - 1) + [True]
+    assert all("could not resolve host flaky.example: Temporary" in (r.error_msg or "")
+               for r in records)  # fmt: skip
+    assert proxy.asked == []
+
+
+def test_an_enforced_region_needs_a_proxy() -> None:
+    with pytest.raises(ValueError, match="IDC"):
+        make_settings("redis://127.0.0.1:1/0", proxy_enforced_regions=["IDC"])
+
+
+async def test_trailing_dot_spellings_of_internal_hosts_are_refused_at_registration(
+    redis_server: EmbeddedRedis, redis: Redis
+) -> None:
+    settings = make_settings(redis_server.url, allow_internal_regions=[])
+    async with app_client(settings, redis) as client:
+        for url in ("http://127.0.0.1.:9901/x", "http://127.1.:9901/x", "http://localhost.:9901/",
+                    "http://api.localhost/", "http://[::1]:9901/"):  # fmt: skip
+            response = await client.post(
+                CALLBACKS, params={"event": "BUILD_END", "url": url, "region": "OSS"},
+                headers=UID,
+            )  # fmt: skip
+            assert response.status_code == 400, (url, response.text)
+            assert "internal" in response.json()["message"], (url, response.text)
+
+
+# ---- direct regions: the address checked is the address connected to ---------------------
+
+
+async def test_a_name_rebound_after_registration_is_refused_at_connect(
+    redis_server: EmbeddedRedis, redis: Redis, receiver: Receiver, run_worker: RunWorker,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    """`rebind.test` answers a public address to the registration check, then 127.0.0.1:
+    the delivery is refused on the address its connection would have used."""
+    settings = make_settings(redis_server.url, allow_internal_regions=[])
+    given = rebinding(monkeypatch, "rebind.test", ["93.184.215.14", "127.0.0.1"])
+    url = receiver.url().replace("127.0.0.1", "rebind.test")
+    async with app_client(settings, redis) as client:
+        created = await client.post(
+            CALLBACKS, params={"event": "BUILD_END", "url": url, "region": "DEVNET"}, headers=UID
+        )
+    assert created.json()["data"] is True, created.text
+    await Producer(settings, redis).emit("demo", "BUILD_END", {})
+    await run_worker(settings)
+    assert receiver.seen == []
+    assert given == ["93.184.215.14", "127.0.0.1"]
+    [record] = await all_records(redis, settings, url)
+    assert record.final and "refused" in (record.error_msg or "")
+    assert "127.0.0.1 is an internal address" in (record.error_msg or "")
+
+
+@asynccontextmanager
+async def listening(host: str, port: int, receiver: Receiver) -> AsyncIterator[None]:
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", receiver.handle)
+    runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=0.1)
+    await runner.setup()
+    await web.TCPSite(runner, host, port).start()
+    try:
+        yield
+    finally:
+        await runner.cleanup()
+
+
+async def test_a_direct_region_connects_to_the_very_address_its_resolver_checked(
+    redis_server: EmbeddedRedis, redis: Redis, run_worker: RunWorker,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    """`pinned.test` answers ::1 to the first lookup and 127.0.0.1 to every later one; a
+    receiver listens on each, on the same port. The delivery reaches ::1: aiohttp asked the
+    checking resolver once and connected to its answer (a second lookup, by its DNS cache,
+    happy eyeballs or anything else, would have reached 127.0.0.1)."""
+    settings = make_settings(redis_server.url)  # both addresses allowed: only pinning decides
+    first, later = Receiver(), Receiver()
+    port = free_port()
+    async with listening("::1", port, first), listening("127.0.0.1", port, later):
+        given = rebinding(monkeypatch, "pinned.test", ["::1", "127.0.0.1"])
+        url = f"http://pinned.test:{port}/hook"
+        await Registry(redis).create("demo", url, Event.BUILD_END, Region.DEVNET)
+        producer = Producer(settings, redis)
+        for _ in range(3):
+            await producer.emit("demo", "BUILD_END", {})
+        await run_worker(settings)
+    assert len(first.requests()) == 3
+    assert later.seen == []
+    assert given == ["::1"]  # then the connector's DNS cache: the answer it checked

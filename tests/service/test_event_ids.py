@@ -1,0 +1,102 @@
+"""Event ids are the producers' own, so they are per project: job, delivery and progress
+ids (and `webhook-id`) are scoped by the emitting project, and a queue written by the
+version before keeps working."""
+
+from __future__ import annotations
+
+import orjson
+from redis.asyncio import Redis
+
+from dispatcher.jobs import now_ms
+from dispatcher.keys import Keys
+from dispatcher.models import PLATFORM_PROJECT, Event, Region
+from dispatcher.producer import Producer
+from dispatcher.registry import Registry
+from dispatcher.services import Services
+from dispatcher.settings import Settings
+from tests.helpers import Receiver, RunWorker, all_records, answer
+
+keys = Keys()  # today's key names (one shard)
+
+
+async def register(redis: Redis, project: str, url: str) -> int:
+    callback_id, _ = await Registry(redis).create(project, url, Event.BUILD_END, Region.DEVNET, "t")
+    return callback_id
+
+
+async def test_two_projects_may_use_the_same_event_id(
+    settings: Settings, redis: Redis, receiver: Receiver, run_worker: RunWorker
+) -> None:
+    """projB emits `build-1001` first; projA's `build-1001` is still queued and delivered,
+    and a platform-wide receiver gets both, under two delivery ids."""
+    await register(redis, "projA", receiver.url("/a"))
+    await register(redis, "projB", receiver.url("/b"))
+    platform = await register(redis, PLATFORM_PROJECT, receiver.url("/all"))
+    producer = Producer(settings, redis)
+    await producer.emit("projB", "BUILD_END", {"n": "B"}, event_id="build-1001")
+    await producer.emit("projA", "BUILD_END", {"n": "A"}, event_id="build-1001")
+    await producer.emit_many([("projC", "BUILD_END", {"n": "C"}, "build-1001")])
+    await run_worker()
+    assert len(receiver.requests("/a")) == len(receiver.requests("/b")) == 1
+    by_project = {s.headers["X-DEVOPS-PROJECT-ID"]: s for s in receiver.requests("/all")}
+    assert sorted(by_project) == ["projA", "projB", "projC"]
+    for project, seen in by_project.items():
+        assert seen.headers["webhook-id"] == f"{project}:build-1001.{platform}"
+        assert orjson.loads(seen.body)["data"]["n"] == project[-1]
+
+
+async def test_the_scoped_delivery_id_holds_across_retries_and_redeliveries(
+    settings: Settings, redis: Redis, receiver: Receiver, run_worker: RunWorker
+) -> None:
+    url = receiver.script("/hook", answer(500), answer(200))
+    callback_id = await register(redis, "projA", url)
+    await Producer(settings, redis).emit("projA", "BUILD_END", {}, event_id="build-7")
+    await run_worker()
+    _, retry = await all_records(redis, settings, url, project="projA")
+    async with Services.open(settings, redis) as services:
+        await services.redeliver(retry.id, "projA")
+    await run_worker()
+    expected = f"projA:build-7.{callback_id}"
+    assert [s.headers["webhook-id"] for s in receiver.requests()] == [expected] * 3
+    records = await all_records(redis, settings, url, project="projA")
+    assert {r.delivery_id for r in records} == {expected}
+    assert {r.event_id for r in records} == {"build-7"}
+
+
+def legacy_fan_out(event_id: str, project: str) -> bytes:
+    """A fan-out job as the version before scoped ids wrote it (its bytes, to the letter)."""
+    payload = {"id": event_id, "projectId": project, "event": "BUILD_END",
+               "data": {"n": event_id}, "emittedAt": now_ms()}  # fmt: skip
+    return orjson.dumps({"t": None, "f": "fan_out", "a": [payload], "k": {}, "et": now_ms()})
+
+
+async def test_jobs_queued_by_the_previous_version_run_and_deliver_once(
+    settings: Settings, redis: Redis, receiver: Receiver, run_worker: RunWorker
+) -> None:
+    """Old-format jobs written straight into Redis: a fan-out never run; a fan-out whose
+    first run (on the old version) recorded one callback and died (its claim counted, its
+    progress mark under the unscoped delivery id); a retry of an unscoped delivery. Each
+    delivery is sent once, under the ids it started with."""
+    a = await register(redis, "projA", receiver.url("/a"))
+    b = await register(redis, "projA", receiver.url("/b"))
+    queue = settings.queue_name
+    now = now_ms()
+    for event_id in ("old-1", "old-2"):
+        await redis.set(keys.arq_job(event_id), legacy_fan_out(event_id, "projA"))
+        await redis.zadd(queue, {event_id: now})
+    await redis.set(keys.ARQ_RETRY_PREFIX + "old-2", 1)  # old-2 ran once, and died after /a
+    await redis.set(keys.delivery(f"old-2.{a}"), "done")
+    retry = {"deliveryId": f"old-3.{b}", "progressId": f"old-3.{b}", "eventId": "old-3",
+             "projectId": "projA", "event": "BUILD_END", "body": '{"event":"BUILD_END"}',
+             "callbackId": b, "redeliveryOf": None}  # fmt: skip
+    wire: dict[str, object] = {"t": None, "f": "deliver", "a": [retry], "k": {}, "et": now}
+    await redis.set(keys.arq_job(f"old-3.{b}"), orjson.dumps(wire))
+    await redis.set(keys.delivery(f"old-3.{b}"), "1")
+    await redis.zadd(queue, {f"old-3.{b}": now})
+    await run_worker()
+    assert sorted(s.headers["webhook-id"] for s in receiver.requests("/a")) == [f"old-1.{a}"]
+    assert sorted(s.headers["webhook-id"] for s in receiver.requests("/b")) == [
+        f"old-1.{b}", f"old-2.{b}", f"old-3.{b}"
+    ]  # fmt: skip
+    assert await redis.zcard(queue) == 0
+    assert await redis.keys("arq:job:*") == []

@@ -1,0 +1,104 @@
+"""Fair shares of a worker's slots (in memory, no servers)."""
+
+from __future__ import annotations
+
+import asyncio
+
+from dispatcher.worker.shares import Shares, project_of
+
+
+def test_a_job_id_names_its_project_before_the_first_separator() -> None:
+    assert project_of("projA:build-1001") == "projA"
+    assert project_of("projA:a:b.7:redeliver:0123") == "projA"
+    assert project_of("evt_1.7") is None  # an id of an older version
+
+
+async def test_a_project_alone_holds_half_and_a_share_stays_free_for_the_next() -> None:
+    shares = Shares(slots=12, max_per_host=100)
+    held = [await shares.admit("projB", f"h{i}:80", wait=0) for i in range(12)]
+    assert sum(slot is not None for slot in held) == 6  # 12 // (1 busy + 1)
+    victim = await shares.admit("projA", "fast:80", wait=0)
+    assert victim is not None  # admitted at once: a share was free
+    assert await shares.admit("projB", "other:80", wait=0) is None
+
+
+async def test_a_host_is_capped_whatever_project_calls_it() -> None:
+    shares = Shares(slots=100, max_per_host=3)
+    admitted = [await shares.admit(f"p{i}", "slow:80", wait=0) for i in range(5)]
+    assert sum(slot is not None for slot in admitted) == 3
+    assert await shares.admit("p9", "fast:80", wait=0) is not None
+
+
+async def test_without_fair_share_only_the_host_cap_holds() -> None:
+    shares = Shares(slots=4, max_per_host=3, fair=False)
+    admitted = [await shares.admit("projB", f"h{i % 2}:80", wait=0) for i in range(8)]
+    assert sum(slot is not None for slot in admitted) == 6
+    assert shares.claim_budgets() == (-1, {})
+
+
+async def test_an_attempt_over_its_share_gets_a_slot_freed_within_its_wait() -> None:
+    shares = Shares(slots=100, max_per_host=1)
+    first = await shares.admit("p", "h:80")
+    assert first is not None
+    waiting = asyncio.create_task(shares.admit("p", "h:80", wait=5))
+    await asyncio.sleep(0.01)
+    assert not waiting.done()
+    first.release(0.01)
+    second = await asyncio.wait_for(waiting, 1)
+    assert second is not None and shares.hosts.held == {"h:80": 1}
+
+
+async def test_an_attempt_that_finds_no_slot_in_time_holds_none() -> None:
+    shares = Shares(slots=100, max_per_host=1)
+    assert await shares.admit("p", "h:80") is not None
+    assert await shares.admit("p", "h:80", wait=0.01) is None
+    assert shares.hosts.held == {"h:80": 1} and not shares._waiting
+
+
+async def test_a_cancelled_wait_gives_back_the_slot_it_was_given() -> None:
+    shares = Shares(slots=100, max_per_host=1)
+    first = await shares.admit("p", "h:80")
+    assert first is not None
+    waiting = asyncio.create_task(shares.admit("p", "h:80", wait=5))
+    await asyncio.sleep(0.01)
+    first.release(0.01)  # the waiter is given the slot ...
+    waiting.cancel()  # ... and cancelled before it could take it
+    await asyncio.gather(waiting, return_exceptions=True)
+    assert shares.hosts.held == {} and shares.projects.held == {}
+
+
+def test_claim_budgets_keep_a_share_free() -> None:
+    shares = Shares(slots=12, max_per_host=100)
+    assert shares.claim_budgets() == (6, {})
+    for i in range(5):
+        shares.job_started(f"projB:e{i}")
+    shares.job_started("evt_1.1")  # no project: never counted
+    # projB is busy: it may hold 12 // 2 = 6, so one more; a newcomer 12 // 3 = 4
+    assert shares.claim_budgets() == (4, {"projB": 1})
+    shares.job_started("projA:e1")
+    assert shares.claim_budgets() == (3, {"projB": 0, "projA": 3})
+    for i in range(5):
+        shares.job_ended(f"projB:e{i}")
+    assert shares.claim_budgets() == (4, {"projA": 5})
+
+
+def test_deferral_follows_the_hosts_answer_time_within_bounds() -> None:
+    shares = Shares(slots=10, max_per_host=10)
+    assert 0.5 <= shares.defer_s("new:80") <= 0.75
+    for _ in range(50):
+        shares._remember("slow:80", 3.0)
+    assert 3.0 * 0.99 <= shares.defer_s("slow:80") <= 4.5
+    for _ in range(50):
+        shares._remember("stuck:80", 60.0)
+    assert shares.defer_s("stuck:80") <= 15
+
+
+async def test_over_its_share_an_attempt_to_a_slow_host_goes_back_to_the_queue_at_once() -> None:
+    shares = Shares(slots=100, max_per_host=1)
+    slow = await shares.admit("p", "slow:80")
+    assert slow is not None
+    slow.release(3.0)  # the host took 3 s to answer
+    assert await shares.admit("p", "slow:80") is not None
+    started = asyncio.get_running_loop().time()
+    assert await shares.admit("p", "slow:80", wait=5) is None
+    assert asyncio.get_running_loop().time() - started < 0.1  # not waited out in memory
