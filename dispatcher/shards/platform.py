@@ -16,7 +16,7 @@ disabled when any copy is, and enabling it enables every copy.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Required, TypedDict, Unpack
 
 import structlog
 
@@ -34,7 +34,17 @@ if TYPE_CHECKING:
     from dispatcher.registry import Options
     from dispatcher.services import Services
 
-__all__ = ["PlatformCallbacks"]
+__all__ = ["PlatformCallbacks", "Registration"]
+
+
+class Registration(TypedDict, total=False):
+    """The keyword arguments of a registration (`Services.register`)."""
+
+    creator: Required[str]
+    pipeline_id: str | None
+    auth_header: AuthHeader | None
+    options: Options | None
+
 
 log = structlog.get_logger("dispatcher.shards")
 
@@ -48,44 +58,22 @@ class PlatformCallbacks:
         self.others = shards[1:]
 
     async def register(
-        self,
-        project_id: str,
-        url: str,
-        event: Event | str,
-        region: Region,
-        secret_token: str | None = None,
-        *,
-        creator: str,
-        pipeline_id: str | None = None,
-        auth_header: AuthHeader | None = None,
-        options: Options | None = None,
-    ) -> int:
+        self, project_id: str, url: str, event: Event | str, region: Region,
+        secret_token: str | None = None, **how: Unpack[Registration],
+    ) -> int:  # fmt: skip
         """`Services.register` on the home shard, then on every other."""
-        callback_id = await self.home.register(
-            project_id, url, event, region, secret_token, creator=creator,
-            pipeline_id=pipeline_id, auth_header=auth_header, options=options,
-        )  # fmt: skip
+        callback_id = await self.home.register(project_id, url, event, region, secret_token, **how)
         await self.copy([callback_id], reset=True)
         return callback_id
 
     async def register_batch(
-        self,
-        project_id: str,
-        url: str,
-        events: str,
-        region: Region,
-        secret_token: str | None = None,
-        *,
-        creator: str,
-        pipeline_id: str | None = None,
-        auth_header: AuthHeader | None = None,
-        options: Options | None = None,
-    ) -> CreateCallBackResult:
+        self, project_id: str, url: str, events: str, region: Region,
+        secret_token: str | None = None, **how: Unpack[Registration],
+    ) -> CreateCallBackResult:  # fmt: skip
         """`Services.register_batch` on the home shard, then on every other."""
         result = await self.home.register_batch(
-            project_id, url, events, region, secret_token, creator=creator,
-            pipeline_id=pipeline_id, auth_header=auth_header, options=options,
-        )  # fmt: skip
+            project_id, url, events, region, secret_token, **how
+        )
         await self.copy(await callback_ids(self.home.registry, PLATFORM_PROJECT), reset=True)
         return result
 
