@@ -12,7 +12,6 @@ from __future__ import annotations
 import enum
 from typing import TYPE_CHECKING
 
-from dispatcher import keys
 from dispatcher.batch import Batcher
 from dispatcher.errors import Forbidden, InvalidInput
 from dispatcher.models import PLATFORM_PROJECT
@@ -21,6 +20,7 @@ if TYPE_CHECKING:
     from redis.asyncio import Redis
     from redis.asyncio.client import Pipeline
 
+    from dispatcher.keys import Keys
     from dispatcher.settings import Settings
 
 __all__ = ["ALL_PROJECTS", "Role", "Roles"]
@@ -42,8 +42,11 @@ class Roles:
     """The role store. Lookups go through a group commit (`batcher`, the services' one when
     given): the checks of concurrent requests share a round trip."""
 
-    def __init__(self, redis: Redis, settings: Settings, batcher: Batcher | None = None) -> None:
+    def __init__(
+        self, redis: Redis, settings: Settings, keys: Keys, batcher: Batcher | None = None
+    ) -> None:
         self.redis = redis
+        self.keys = keys
         self.open_access = settings.open_access
         self.batcher = batcher or Batcher(redis, window=0)
 
@@ -51,8 +54,8 @@ class Roles:
         """The strongest role `user` has in `project_id` (direct or through `*`)."""
 
         def lookup(pipe: Pipeline) -> None:
-            pipe.hget(keys.roles(project_id), user)
-            pipe.hget(keys.roles(ALL_PROJECTS), user)
+            pipe.hget(self.keys.roles(project_id), user)
+            pipe.hget(self.keys.roles(ALL_PROJECTS), user)
 
         found = [Role(v.decode()) for v in await self.batcher.execute(lookup) if v]
         if Role.ADMIN in found:
@@ -86,13 +89,13 @@ class Roles:
                 f"no role can be granted in {PLATFORM_PROJECT}: the operator token manages "
                 "platform-wide callbacks"
             )
-        await self.redis.hset(keys.roles(project_id), user, role.value)  # type: ignore[misc]
+        await self.redis.hset(self.keys.roles(project_id), user, role.value)  # type: ignore[misc]
 
     async def revoke(self, project_id: str, user: str) -> bool:
-        return bool(await self.redis.hdel(keys.roles(project_id), user))  # type: ignore[misc]
+        return bool(await self.redis.hdel(self.keys.roles(project_id), user))  # type: ignore[misc]
 
     async def list(self, project_id: str) -> dict[str, Role]:
         raw: dict[bytes, bytes] = await self.redis.hgetall(  # type: ignore[misc]  # sync|async
-            keys.roles(project_id)
+            self.keys.roles(project_id)
         )
         return {k.decode(): Role(v.decode()) for k, v in sorted(raw.items())}

@@ -107,9 +107,9 @@ async def run_shared(redis: Redis, queues: list[QueueCommands]) -> list[list[Any
     async with redis.pipeline(transaction=False) as pipe:
         sizes = []
         for queue in queues:
-            before = len(pipe.command_stack)
+            before = len(pipe)
             queue(pipe)
-            sizes.append(len(pipe.command_stack) - before)
+            sizes.append(len(pipe) - before)
         results: list[Any] = await pipe.execute(raise_on_error=False)
     out, start = [], 0
     for size in sizes:

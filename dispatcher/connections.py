@@ -2,7 +2,8 @@
 
 `connect()` is the one place that turns a URL into a client: `redis://`, `rediss://` and
 `unix://` (one server), `redis+sentinel://` and `rediss+sentinel://` (the master that Redis
-Sentinel names, followed through failovers; see `failover.py`).
+Sentinel names, followed through failovers; see `failover.py`), `redis+cluster://` and
+`rediss+cluster://` (a Redis Cluster, one client for all its shards; see `cluster.py`).
 
 Every connection has connect and read timeouts (a hung Redis cannot hold a caller for
 longer than `DISPATCHER_REDIS_TIMEOUT`), idempotent commands are retried a few times with
@@ -24,6 +25,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import OutOfMemoryError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from dispatcher.cluster import cluster_client, is_cluster_url, parse_cluster_url
 from dispatcher.errors import InvalidSetting
 from dispatcher.failover import (
     check_sentinels,
@@ -101,6 +103,8 @@ def connect(settings: Settings, url: str | None = None) -> Redis:
     target = require_url(settings, url)
     if is_sentinel_url(target):
         return sentinel_client(parse_sentinel_url(target), policy(settings), _sentinels(settings))
+    if is_cluster_url(target):
+        return cluster_client(parse_cluster_url(target), policy(settings))
     pool = ConnectionPool.from_url(target, **policy(settings))
     pool.connection_class = primary_connection_class(pool.connection_class)
     return Redis.from_pool(pool)
@@ -145,6 +149,14 @@ async def preflight(settings: Settings, url: str | None = None) -> list[str]:
     Redis that does not answer is an outage, waited out as ever, not a wrong setting."""
     target = require_url(settings, url)
     wanted = settings.redis_min_replicas
+    if is_cluster_url(target):
+        if wanted:
+            raise InvalidSetting(
+                "a Redis Cluster cannot confirm writes with WAIT here: set it to 0 with a "
+                "redis+cluster:// URL (the cluster's replicas still take every write)",
+                param="DISPATCHER_REDIS_MIN_REPLICAS",
+            )
+        return []
     if is_sentinel_url(target):
         parsed, password = parse_sentinel_url(target), _sentinels(settings)
         return await check_sentinels(parsed, policy(settings), password, wanted)

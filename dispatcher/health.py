@@ -9,7 +9,6 @@ from typing import TYPE_CHECKING
 
 import structlog
 
-from dispatcher import keys
 from dispatcher.errors import NotFound
 from dispatcher.lua import Lua, run_pipeline
 
@@ -72,16 +71,18 @@ class Health:
         self.redis = redis
         self.registry = registry
         self.settings = settings
+        self.keys = registry.keys
 
-    @staticmethod
-    def succeeded(pipe: Pipeline, callback_id: int) -> None:
+    def succeeded(self, pipe: Pipeline, callback_id: int) -> None:
         """Queue the reset on the caller's pipeline (no extra round trip)."""
-        pipe.delete(keys.health(callback_id))
-        pipe.zrem(keys.HEALTH_FAILING, callback_id)
+        pipe.delete(self.keys.health(callback_id))
+        pipe.zrem(self.keys.HEALTH_FAILING, callback_id)
 
     async def failing(self, limit: int = 1000) -> list[Failing]:
         """Callbacks whose last deliveries failed, most failures first (one round trip)."""
-        rows = await _FAILING(self.redis, [keys.HEALTH_FAILING], [keys.HEALTH_PREFIX, limit])
+        rows = await _FAILING(
+            self.redis, [self.keys.HEALTH_FAILING], [self.keys.HEALTH_PREFIX, limit]
+        )
         found = [
             Failing(int(cid), int(n), int(since or 0), (error or b"").decode())
             for cid, n, since, error in rows
@@ -92,18 +93,22 @@ class Health:
         """Consecutive final failures of those callbacks that have some (one round trip)."""
         async with self.redis.pipeline(transaction=False) as pipe:
             for callback_id in callback_ids:
-                pipe.hget(keys.health(callback_id), "failures")
+                pipe.hget(self.keys.health(callback_id), "failures")
             counts = await pipe.execute()
         return {cid: int(n) for cid, n in zip(callback_ids, counts, strict=True) if n}
 
-    @staticmethod
     def queue_failed(
-        pipe: Pipeline, callback_id: int, error: str, now_ms: int, record_id: int | None = None
+        self,
+        pipe: Pipeline,
+        callback_id: int,
+        error: str,
+        now_ms: int,
+        record_id: int | None = None,
     ) -> None:
         """Queue the count of one final failure; its answer goes to `verdict`."""
         _FAILED.queue(
             pipe,
-            [keys.health(callback_id), keys.HEALTH_FAILING],
+            [self.keys.health(callback_id), self.keys.HEALTH_FAILING],
             [now_ms, error, callback_id, "" if record_id is None else record_id],
         )
 

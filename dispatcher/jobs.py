@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 from arq.constants import expires_extra_ms
 
-from dispatcher import keys
+from dispatcher.keys import project_scoped
 from dispatcher.lua import Lua, run_pipeline
 from dispatcher.models import PLATFORM_PROJECT
 from dispatcher.tracing import TraceContext
@@ -43,6 +43,8 @@ from dispatcher.tracing import TraceContext
 if TYPE_CHECKING:
     from redis.asyncio import Redis
     from redis.asyncio.client import Pipeline
+
+    from dispatcher.keys import Keys
 
 __all__ = [
     "DELIVER",
@@ -104,7 +106,7 @@ class EventJob:
     @property
     def job_id(self) -> str:
         """`{project}:{event id}` (the event id alone for a job of an older version)."""
-        return keys.project_scoped(self.project_id, self.id) if self.scoped else self.id
+        return project_scoped(self.project_id, self.id) if self.scoped else self.id
 
     @property
     def pipeline_id(self) -> object:
@@ -318,9 +320,10 @@ return queued
 class Queue:
     """Enqueue jobs for the workers of one queue, in one round trip or inside pipelines."""
 
-    def __init__(self, redis: Redis, queue_name: str) -> None:
+    def __init__(self, redis: Redis, keys: Keys) -> None:
         self.redis = redis
-        self.queue_name = queue_name
+        self.keys = keys
+        self.queue_name = keys.QUEUE
 
     def push(self, pipe: Pipeline, job: Job, *, defer_s: float = 0.0) -> None:
         """Queue the enqueue of `job` on `pipe`; the caller executes it. Its result in the
@@ -329,7 +332,7 @@ class Queue:
         score = now + int(defer_s * 1000)
         _PUSH.queue(
             pipe,
-            [keys.arq_job(job.job_id), self.queue_name],
+            [self.keys.arq_job(job.job_id), self.queue_name],
             [encode(job, now), score, job.job_id, score - now + expires_extra_ms],
         )
 
@@ -342,7 +345,7 @@ class Queue:
             job_keys = [self.queue_name]
             args: list[str | bytes | int] = [now, expires_extra_ms]
             for job in jobs[start : start + PUSH_CHUNK]:
-                job_keys.append(keys.arq_job(job.job_id))
+                job_keys.append(self.keys.arq_job(job.job_id))
                 args += (encode(job, now), job.job_id)
             _PUSH_MANY.queue(pipe, job_keys, args)
 

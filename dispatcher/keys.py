@@ -76,14 +76,38 @@ arq (its own names, re-exported so nothing else spells them)
 Lua scripts never spell a key or a separator: they get every key in KEYS, and every prefix
 and separator they need to build one from a value read inside Redis in ARGV, from here
 (`tests/service/test_keys.py` checks that both build the same names).
+
+Shards (see dispatcher/shards/): a shard is a key namespace on one Redis. With one Redis URL,
+or on each server of `DISPATCHER_REDIS_SHARDS`, the namespace is empty: the names above,
+exactly. On a Redis Cluster, shard n's namespace is a hash tag, `{d<n>.<k>}`, put in front
+of every name above (arq's included), so that every key of a shard, and every key a script
+builds from a prefix, hashes to that shard's one slot (`Keys.tag` picks `k` so that the
+shards' slots spread evenly over the slot range). Besides:
+    dispatcher:shard                          STRING this shard's position in the list
+                                              (set at start-up; guards against a reorder)
+    dispatcher:placement                      HASH project -> shard index: the explicit
+                                              placements (home shard only; see shards/)
+    dispatcher:placement:version              INCR bumped on every placement change
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 
 from arq.constants import health_check_key_suffix, in_progress_key_prefix, job_key_prefix
 from arq.constants import retry_key_prefix as arq_retry_key_prefix
+from redis.crc import key_slot
+
+__all__ = [
+    "HISTORY_ID_WIDTH",
+    "SEP",
+    "UNIQUE_SEP",
+    "Keys",
+    "history_member",
+    "project_scoped",
+    "scope",
+]
 
 PREFIX = "dispatcher"
 SEP = ":"
@@ -91,40 +115,7 @@ SEP = ":"
 UNIQUE_SEP = " "
 # history ids are zero-padded in the index so that equal times order by id
 HISTORY_ID_WIDTH = 15
-
-CALLBACK_SEQ = f"{PREFIX}:cb:seq"
-# Prefixes for the Lua scripts, which build keys from ids they read inside Redis.
-CALLBACK_PREFIX = f"{PREFIX}:cb:"
-CALLBACK_UNIQUE_PREFIX = f"{PREFIX}:cb:uniq:"
-PROJECT_CALLBACKS_PREFIX = f"{PREFIX}:cb:project:"
-PIPELINE_CALLBACKS_PREFIX = f"{PREFIX}:cb:pipeline:"
-MATCH_PREFIX = f"{PREFIX}:cb:match:"
-CALLBACKS_LAYOUT = f"{PREFIX}:cb:layout"
-FILTER_ERRORS_PREFIX = f"{PREFIX}:cb:filter-errors:"
-HEALTH_PREFIX = f"{PREFIX}:health:"
-HEALTH_FAILING = f"{PREFIX}:health:failing"
-CALLBACKS_DISABLED = f"{PREFIX}:cb:disabled"
-HISTORY_SEQ = f"{PREFIX}:history:seq"
-HISTORY_SEQ_SERVER = f"{PREFIX}:history:seq:server"
-HISTORY_RECORD_PREFIX = f"{PREFIX}:history:rec:"
-HISTORY_INDEXES = f"{PREFIX}:history:indexes"
-HISTORY_INDEX_PREFIX = f"{PREFIX}:history:idx:"
-HISTORY_DEAD = f"{PREFIX}:history:dead"
-HISTORY_DEAD_KEYS = f"{PREFIX}:history:dead-keys"
-HISTORY_ATTEMPTS_PREFIX = f"{PREFIX}:history:attempts:"
-HISTORY_STREAM = f"{PREFIX}:history:stream"
-DELIVERY_PREFIX = f"{PREFIX}:delivery:"
-CONSOLE_CSRF_KEY = f"{PREFIX}:console:csrf-key"
-REPLICATION_MARK = f"{PREFIX}:replication:mark"
-
-WORKERS_PREFIX = f"{PREFIX}:workers:"
-WORKERS_LIVE = f"{PREFIX}:workers"
-POISON_JOBS = f"{PREFIX}:jobs:poison"
-DROPPED = f"{PREFIX}:deliveries:dropped"
-
-ARQ_JOB_PREFIX: str = job_key_prefix
-ARQ_IN_PROGRESS_PREFIX: str = in_progress_key_prefix
-ARQ_RETRY_PREFIX: str = arq_retry_key_prefix
+CLUSTER_SLOTS = 16384
 
 
 def project_scoped(project_id: str, local_id: str) -> str:
@@ -133,59 +124,13 @@ def project_scoped(project_id: str, local_id: str) -> str:
     return f"{project_id}{SEP}{local_id}"
 
 
-def callback(callback_id: int | str) -> str:
-    return f"{CALLBACK_PREFIX}{callback_id}"
-
-
 def scope(project_id: str, pipeline_id: str | None = None) -> str:
     """Whose callbacks: a project's own (the platform's too), or one pipeline's."""
     return f"{project_id}{SEP}{pipeline_id}" if pipeline_id else project_id
 
 
-def callback_unique(scope: str) -> str:
-    return f"{CALLBACK_UNIQUE_PREFIX}{scope}"
-
-
 def callback_unique_field(event: str, url: str) -> str:
     return f"{event}{UNIQUE_SEP}{url}"
-
-
-def project_callbacks(project_id: str) -> str:
-    return f"{PROJECT_CALLBACKS_PREFIX}{project_id}"
-
-
-def pipeline_callbacks(project_id: str, pipeline_id: str) -> str:
-    return f"{PIPELINE_CALLBACKS_PREFIX}{project_id}{SEP}{pipeline_id}"
-
-
-def match(scope: str, event: str) -> str:
-    return f"{MATCH_PREFIX}{scope}{SEP}{event}"
-
-
-def filter_errors(callback_id: int | str) -> str:
-    return f"{FILTER_ERRORS_PREFIX}{callback_id}"
-
-
-def limits(callback_id: int | str) -> list[str]:
-    """The keys of a callback's limits: starts, running, line, seen (see above)."""
-    base = f"{PREFIX}:limit:{callback_id}{SEP}"
-    return [f"{base}starts", f"{base}running", f"{base}line", f"{base}seen"]
-
-
-def roles(project_id: str) -> str:
-    return f"{PREFIX}:roles:{project_id}"
-
-
-def health(callback_id: int | str) -> str:
-    return f"{HEALTH_PREFIX}{callback_id}"
-
-
-def delivery(progress_id: str) -> str:
-    return f"{DELIVERY_PREFIX}{progress_id}"
-
-
-def history_record(record_id: int | str) -> str:
-    return f"{HISTORY_RECORD_PREFIX}{record_id}"
 
 
 def history_member(record_id: int) -> str:
@@ -197,56 +142,157 @@ def _url_hash(url: str) -> str:
     return hashlib.blake2b(url.encode(), digest_size=16).hexdigest()
 
 
-def history_index(project_id: str, event: str, url: str) -> str:
-    return f"{HISTORY_INDEX_PREFIX}{project_id}{SEP}{event}{SEP}{_url_hash(url)}"
+@functools.cache
+def cluster_tag(index: int) -> str:
+    """The hash tag of shard `index` on a Redis Cluster, `d<index>.<k>`: the first `k` that
+    puts it in slot `target_slot(index)`, so that the shards spread over the slot range
+    (and, with it, over the masters) whatever their number."""
+    wanted = target_slot(index)
+    for k in range(1_000_000):
+        tag = f"d{index}.{k}"
+        if key_slot(tag.encode()) == wanted:
+            return tag
+    raise AssertionError(f"no tag for slot {wanted}")  # pragma: no cover: CRC16 covers all
 
 
-def history_url_index(project_id: str, url: str, failed: bool) -> str:
-    """A URL's attempts of every event, its failed or its successful ones."""
-    return _url_index(project_id, _url_hash(url), failed)
+def target_slot(index: int) -> int:
+    """Shard `index`'s slot: `index` bit-reversed over the 14 bits of a slot number (0,
+    8192, 4096, 12288, ...), so that the first n shards halve the range again and again."""
+    return int(f"{index:014b}"[::-1], 2) if index < CLUSTER_SLOTS else index % CLUSTER_SLOTS
 
 
-def _url_index(project_id: str, url_hash: str, failed: bool) -> str:
-    status = "failed" if failed else "ok"
-    return f"{PREFIX}:history:url:{project_id}{SEP}{url_hash}{SEP}{status}"
+class Keys:
+    """Every key name of one shard: today's names, after the shard's namespace (`""` for
+    a server of its own; a Redis Cluster hash tag `{...}` for a shard of a cluster)."""
 
+    def __init__(self, queue_name: str = "dispatcher:queue", namespace: str = "") -> None:
+        self.namespace = ns = namespace
+        base = f"{ns}{PREFIX}"
+        self.QUEUE = f"{ns}{queue_name}"
+        self.CALLBACK_SEQ = f"{base}:cb:seq"
+        # Prefixes for the Lua scripts, which build keys from ids they read inside Redis.
+        self.CALLBACK_PREFIX = f"{base}:cb:"
+        self.CALLBACK_UNIQUE_PREFIX = f"{base}:cb:uniq:"
+        self.PROJECT_CALLBACKS_PREFIX = f"{base}:cb:project:"
+        self.PIPELINE_CALLBACKS_PREFIX = f"{base}:cb:pipeline:"
+        self.MATCH_PREFIX = f"{base}:cb:match:"
+        self.CALLBACKS_LAYOUT = f"{base}:cb:layout"
+        self.FILTER_ERRORS_PREFIX = f"{base}:cb:filter-errors:"
+        self.HEALTH_PREFIX = f"{base}:health:"
+        self.HEALTH_FAILING = f"{base}:health:failing"
+        self.CALLBACKS_DISABLED = f"{base}:cb:disabled"
+        self.ROLES_PREFIX = f"{base}:roles:"
+        self.HISTORY_SEQ = f"{base}:history:seq"
+        self.HISTORY_SEQ_SERVER = f"{base}:history:seq:server"
+        self.HISTORY_RECORD_PREFIX = f"{base}:history:rec:"
+        self.HISTORY_INDEXES = f"{base}:history:indexes"
+        self.HISTORY_INDEX_PREFIX = f"{base}:history:idx:"
+        self.HISTORY_URL_PREFIX = f"{base}:history:url:"
+        self.HISTORY_DEAD = f"{base}:history:dead"
+        self.HISTORY_DEAD_KEYS = f"{base}:history:dead-keys"
+        self.HISTORY_ATTEMPTS_PREFIX = f"{base}:history:attempts:"
+        self.HISTORY_STREAM = f"{base}:history:stream"
+        self.DELIVERY_PREFIX = f"{base}:delivery:"
+        self.CONSOLE_CSRF_KEY = f"{base}:console:csrf-key"
+        self.REPLICATION_MARK = f"{base}:replication:mark"
+        self.WORKERS_PREFIX = f"{base}:workers:"
+        self.WORKERS_LIVE = f"{base}:workers"
+        self.POISON_JOBS = f"{base}:jobs:poison"
+        self.DROPPED = f"{base}:deliveries:dropped"
+        self.SHARD = f"{base}:shard"
+        self.PLACEMENT = f"{base}:placement"
+        self.PLACEMENT_VERSION = f"{base}:placement:version"
+        self.ARQ_JOB_PREFIX: str = f"{ns}{job_key_prefix}"
+        self.ARQ_IN_PROGRESS_PREFIX: str = f"{ns}{in_progress_key_prefix}"
+        self.ARQ_RETRY_PREFIX: str = f"{ns}{arq_retry_key_prefix}"
+        self._limit_prefix = f"{base}:limit:"
+        self._stats_prefix = f"{base}:stats:"
+        self._cron_prefix = f"{base}:cron:"
 
-def history_url_indexes_of(index: str) -> tuple[str, str]:
-    """The URL indexes (ok, failed) holding the records of a (project, event, url) index:
-    the project may hold a separator, the event and the hash do not."""
-    project_id, _event, url_hash = index.removeprefix(HISTORY_INDEX_PREFIX).rsplit(SEP, 2)
-    return _url_index(project_id, url_hash, False), _url_index(project_id, url_hash, True)
+    @classmethod
+    def of_cluster_shard(cls, queue_name: str, index: int) -> Keys:
+        """The keys of shard `index` of a Redis Cluster (its hash tag first)."""
+        return cls(queue_name, "{" + cluster_tag(index) + "}")
 
+    def __repr__(self) -> str:
+        return f"Keys({self.namespace or 'no namespace'})"
 
-def history_dead(project_id: str) -> str:
-    return f"{HISTORY_DEAD}{SEP}{project_id}"
+    def callback(self, callback_id: int | str) -> str:
+        return f"{self.CALLBACK_PREFIX}{callback_id}"
 
+    def callback_unique(self, scope: str) -> str:
+        return f"{self.CALLBACK_UNIQUE_PREFIX}{scope}"
 
-def history_attempts(delivery_id: str) -> str:
-    return f"{HISTORY_ATTEMPTS_PREFIX}{delivery_id}"
+    def project_callbacks(self, project_id: str) -> str:
+        return f"{self.PROJECT_CALLBACKS_PREFIX}{project_id}"
 
+    def pipeline_callbacks(self, project_id: str, pipeline_id: str) -> str:
+        return f"{self.PIPELINE_CALLBACKS_PREFIX}{project_id}{SEP}{pipeline_id}"
 
-def worker(host: str, pid: int) -> str:
-    return f"{WORKERS_PREFIX}{host}{SEP}{pid}"
+    def match(self, scope: str, event: str) -> str:
+        return f"{self.MATCH_PREFIX}{scope}{SEP}{event}"
 
+    def filter_errors(self, callback_id: int | str) -> str:
+        return f"{self.FILTER_ERRORS_PREFIX}{callback_id}"
 
-def stats(minute: int) -> str:
-    """`minute` is epoch seconds // 60."""
-    return f"{PREFIX}:stats:{minute}"
+    def limits(self, callback_id: int | str) -> list[str]:
+        """The keys of a callback's limits: starts, running, line, seen (see above)."""
+        base = f"{self._limit_prefix}{callback_id}{SEP}"
+        return [f"{base}starts", f"{base}running", f"{base}line", f"{base}seen"]
 
+    def roles(self, project_id: str) -> str:
+        return f"{self.ROLES_PREFIX}{project_id}"
 
-def stats_slot(step_s: int, slot: int) -> str:
-    """`slot` is epoch seconds // `step_s`."""
-    return f"{PREFIX}:stats:{step_s}{SEP}{slot}"
+    def health(self, callback_id: int | str) -> str:
+        return f"{self.HEALTH_PREFIX}{callback_id}"
 
+    def delivery(self, progress_id: str) -> str:
+        return f"{self.DELIVERY_PREFIX}{progress_id}"
 
-def cron(name: str, slot: int) -> str:
-    return f"{PREFIX}:cron:{name}{SEP}{slot}"
+    def history_record(self, record_id: int | str) -> str:
+        return f"{self.HISTORY_RECORD_PREFIX}{record_id}"
 
+    def history_index(self, project_id: str, event: str, url: str) -> str:
+        return f"{self.HISTORY_INDEX_PREFIX}{project_id}{SEP}{event}{SEP}{_url_hash(url)}"
 
-def arq_job(job_id: str) -> str:
-    return f"{ARQ_JOB_PREFIX}{job_id}"
+    def history_url_index(self, project_id: str, url: str, failed: bool) -> str:
+        """A URL's attempts of every event, its failed or its successful ones."""
+        return self._url_index(project_id, _url_hash(url), failed)
 
+    def _url_index(self, project_id: str, url_hash: str, failed: bool) -> str:
+        status = "failed" if failed else "ok"
+        return f"{self.HISTORY_URL_PREFIX}{project_id}{SEP}{url_hash}{SEP}{status}"
 
-def arq_health_check(queue_name: str) -> str:
-    return f"{queue_name}{health_check_key_suffix}"
+    def history_url_indexes_of(self, index: str) -> tuple[str, str]:
+        """The URL indexes (ok, failed) holding the records of a (project, event, url)
+        index: the project may hold a separator, the event and the hash do not."""
+        project_id, _event, url_hash = index.removeprefix(self.HISTORY_INDEX_PREFIX).rsplit(SEP, 2)
+        return self._url_index(project_id, url_hash, False), self._url_index(
+            project_id, url_hash, True
+        )
+
+    def history_dead(self, project_id: str) -> str:
+        return f"{self.HISTORY_DEAD}{SEP}{project_id}"
+
+    def history_attempts(self, delivery_id: str) -> str:
+        return f"{self.HISTORY_ATTEMPTS_PREFIX}{delivery_id}"
+
+    def worker(self, host: str, pid: int) -> str:
+        return f"{self.WORKERS_PREFIX}{host}{SEP}{pid}"
+
+    def stats(self, minute: int) -> str:
+        """`minute` is epoch seconds // 60."""
+        return f"{self._stats_prefix}{minute}"
+
+    def stats_slot(self, step_s: int, slot: int) -> str:
+        """`slot` is epoch seconds // `step_s`."""
+        return f"{self._stats_prefix}{step_s}{SEP}{slot}"
+
+    def cron(self, name: str, slot: int) -> str:
+        return f"{self._cron_prefix}{name}{SEP}{slot}"
+
+    def arq_job(self, job_id: str) -> str:
+        return f"{self.ARQ_JOB_PREFIX}{job_id}"
+
+    def arq_health_check(self) -> str:
+        return f"{self.QUEUE}{health_check_key_suffix}"

@@ -4,6 +4,7 @@ delivery). The Python API; the CLI and the HTTP routes reach it through the serv
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import re
 import time
@@ -15,11 +16,15 @@ from redis.exceptions import ResponseError
 
 from dispatcher import metrics, tracing
 from dispatcher.batch import Batcher
-from dispatcher.connections import REDIS_ERRORS, connect, redis_full
+from dispatcher.connections import REDIS_ERRORS, redis_full
 from dispatcher.errors import InvalidInput, NotReplicated, Unavailable
 from dispatcher.jobs import DeliveryJob, EventJob, Queue, new_event_id, now_ms
+from dispatcher.keys import Keys
 from dispatcher.models import EVENT_ID, PLATFORM_PROJECT, parse_event
 from dispatcher.replication import Replication, run_replicated
+from dispatcher.shards.placement import Placement, kept_fresh
+from dispatcher.shards.shard import Shard
+from dispatcher.shards.topology import close_all, connect_shards, shards_of
 
 if TYPE_CHECKING:
     from types import TracebackType
@@ -118,26 +123,56 @@ def wire_event_job(project_id: str, entry: Any, trace: TraceContext | None = Non
     return event_job(project_id, event, entry.get("data"), event_id, trace=trace)
 
 
+class _Lane:
+    """What a producer queues with on one shard: its queue, its group commit."""
+
+    def __init__(self, settings: Settings, redis: Redis, shard: Shard, batcher: Batcher | None):
+        self.queue = Queue(redis, shard.keys)
+        self.replication = Replication.of(settings, shard.keys)
+        self.batcher = batcher or Batcher(redis, window=0, replication=self.replication)
+
+
 class Producer:
-    """Emits events through one Redis pool. Use as an async context manager, or pass an
-    existing connection (the services do). Concurrent `emit` calls share round trips
-    (group commit through `batcher`, the services' one when given). With
-    `DISPATCHER_REDIS_MIN_REPLICAS` > 0 a call returns once that many replicas have its
-    jobs (see `dispatcher.replication`)."""
+    """Emits events. Use as an async context manager: it connects to every shard and
+    queues each event on its project's shard (see `dispatcher.shards`). Or pass an
+    existing connection and its `shard` (the services do): everything goes there.
+    Concurrent `emit` calls share round trips (group commit through `batcher`, the
+    services' one when given). With `DISPATCHER_REDIS_MIN_REPLICAS` > 0 a call returns
+    once that many replicas have its jobs (see `dispatcher.replication`)."""
 
     def __init__(
-        self, settings: Settings, redis: Redis | None = None, *, batcher: Batcher | None = None
+        self,
+        settings: Settings,
+        redis: Redis | None = None,
+        *,
+        batcher: Batcher | None = None,
+        shard: Shard | None = None,
     ) -> None:
         self.settings = settings
-        self._redis = redis
         self._owns_redis = redis is None
-        self._queue: Queue | None = None
-        self._batcher = batcher
-        self.replication = Replication.of(settings)
+        self._lanes: list[_Lane] = []
+        self._placement = Placement(1)
+        self._opened: contextlib.AsyncExitStack | None = None
+        if redis is not None:
+            shard = shard or Shard.single(settings.queue_name)
+            self._lanes = [_Lane(settings, redis, shard, batcher)]
+            self.replication = self._lanes[0].replication
+        else:
+            self.replication = Replication.of(settings, Keys(settings.queue_name))
 
     async def __aenter__(self) -> Producer:
-        if self._redis is None:
-            self._redis = connect(self.settings)
+        if self._owns_redis and not self._lanes:
+            shards = shards_of(self.settings)
+            clients = connect_shards(self.settings, shards)
+            self._opened = stack = contextlib.AsyncExitStack()
+            stack.push_async_callback(close_all, clients)
+            self._lanes = [
+                _Lane(self.settings, client, shard, None)
+                for shard, client in zip(shards, clients, strict=True)
+            ]
+            self._placement = Placement(len(shards), clients[0], shards[0].keys)
+            every = self.settings.placement_refresh
+            await stack.enter_async_context(kept_fresh(self._placement, every))
         return self
 
     async def __aexit__(
@@ -149,24 +184,25 @@ class Producer:
         await self.close()
 
     async def close(self) -> None:
-        if self._owns_redis and self._redis is not None:
-            await self._redis.aclose()
-            self._redis = self._queue = self._batcher = None
+        if self._opened is not None:
+            opened, self._opened, self._lanes = self._opened, None, []
+            await opened.aclose()
+
+    def _lane(self, project_id: str) -> _Lane:
+        if not self._lanes:
+            raise RuntimeError("Producer is not connected: use `async with Producer(...)`")
+        if len(self._lanes) == 1:
+            return self._lanes[0]
+        return self._lanes[self._placement.shard_of(project_id)]
+
+    def queue_of(self, project_id: str) -> Queue:
+        """The queue of `project_id`'s shard."""
+        return self._lane(project_id).queue
 
     @property
     def queue(self) -> Queue:
-        if self._redis is None:
-            raise RuntimeError("Producer is not connected: use `async with Producer(...)`")
-        if self._queue is None:
-            self._queue = Queue(self._redis, self.settings.queue_name)
-        return self._queue
-
-    @property
-    def batcher(self) -> Batcher:
-        """The group commit of `emit` (no timer: a lone call waits for nothing)."""
-        if self._batcher is None:
-            self._batcher = Batcher(self.queue.redis, window=0, replication=self.replication)
-        return self._batcher
+        """The queue of a producer on one shard (the services')."""
+        return self._lane("").queue
 
     async def emit(
         self,
@@ -181,11 +217,12 @@ class Producer:
         An `event_id` of your own makes the call idempotent while that event is queued.
         The current OpenTelemetry context, when there is one, goes with the event.
         """
+        lane = self._lane(project_id)
         with tracing.emitting() as emission:
             job = event_job(project_id, event, data, event_id, trace=emission.trace)
             emission.emitted(project_id, [job.id])
             await self._patiently(
-                lambda: self.batcher.execute(lambda pipe: self.queue.push(pipe, job))
+                lambda: lane.batcher.execute(lambda pipe: lane.queue.push(pipe, job))
             )
         metrics.EVENTS_EMITTED.inc()
         return job.id
@@ -233,17 +270,24 @@ class Producer:
         return outcomes
 
     async def enqueue(self, jobs: Sequence[EventJob]) -> None:
-        """Queue checked events in one round trip, one command (an id already queued stays
-        as it is)."""
+        """Queue checked events, one round trip per shard they go to, the shards at once
+        (an id already queued stays as it is)."""
         if not jobs:
             return
-        queue = self.queue
+        by_lane: dict[int, tuple[_Lane, list[EventJob]]] = {}
+        for job in jobs:
+            lane = self._lane(job.project_id)
+            by_lane.setdefault(id(lane), (lane, []))[1].append(job)
+        await asyncio.gather(*(self._push_many(lane, mine) for lane, mine in by_lane.values()))
+        metrics.EVENTS_EMITTED.inc(len(jobs))
+
+    async def _push_many(self, lane: _Lane, jobs: list[EventJob]) -> None:
+        queue = lane.queue
         await self._patiently(
             lambda: run_replicated(
-                queue.redis, lambda pipe: queue.push_many(pipe, jobs), self.replication
+                queue.redis, lambda pipe: queue.push_many(pipe, jobs), lane.replication
             )
         )
-        metrics.EVENTS_EMITTED.inc(len(jobs))
 
     async def _patiently(self, enqueue: Callable[[], Awaitable[T]]) -> T:
         """Run `enqueue`, waiting out a Redis that does not answer, or is full (at
@@ -302,9 +346,10 @@ class Producer:
     async def redeliver(self, record: HistoryRecord) -> str:
         """Queue `redelivery_job(record)`; returns its job id."""
         job = self.redelivery_job(record)
-        queue = self.queue
+        lane = self._lane(record.project_id)
+        queue = lane.queue
         try:
-            await run_replicated(queue.redis, lambda pipe: queue.push(pipe, job), self.replication)
+            await run_replicated(queue.redis, lambda pipe: queue.push(pipe, job), lane.replication)
         except NotReplicated as exc:
             raise NotReplicated(
                 f"the redelivery is queued, but {exc.message}: it would be lost if Redis' "

@@ -22,7 +22,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from dispatcher import keys
 from dispatcher.errors import NotReplicated
 from dispatcher.lua import run_pipeline
 
@@ -30,6 +29,7 @@ if TYPE_CHECKING:
     from redis.asyncio import Redis
     from redis.asyncio.client import Pipeline
 
+    from dispatcher.keys import Keys
     from dispatcher.settings import Settings
 
 __all__ = ["WAIT_CAP_S", "Replication", "run_replicated"]
@@ -41,23 +41,24 @@ SETTING = "DISPATCHER_REDIS_MIN_REPLICAS"
 class Replication:
     """How many replicas confirm an acknowledged write, and how long one WAIT may take."""
 
-    def __init__(self, replicas: int, wait_s: float) -> None:
+    def __init__(self, replicas: int, wait_s: float, mark: str) -> None:
         self.replicas = replicas
+        self.mark = mark  # the shard's replication mark (keys.REPLICATION_MARK)
         self.wait_ms = max(1, int(wait_s * 1000))
 
     @classmethod
-    def of(cls, settings: Settings) -> Replication | None:
+    def of(cls, settings: Settings, keys: Keys) -> Replication | None:
         """The settings' replication; None without (`DISPATCHER_REDIS_MIN_REPLICAS=0`).
         One WAIT stays well inside the read timeout of its connection and inside a
         producer's `DISPATCHER_EMIT_WAIT`."""
         if not settings.redis_min_replicas:
             return None
         wait_s = min(WAIT_CAP_S, settings.redis_timeout / 2, settings.emit_wait / 2)
-        return cls(settings.redis_min_replicas, wait_s)
+        return cls(settings.redis_min_replicas, wait_s, keys.REPLICATION_MARK)
 
     def queue(self, pipe: Pipeline) -> None:
         """Queue the mark and the WAIT on `pipe`, after the writes to confirm."""
-        pipe.incr(keys.REPLICATION_MARK)
+        pipe.incr(self.mark)
         pipe.execute_command("WAIT", self.replicas, self.wait_ms)
 
     def check(self, answers: list[Any]) -> None:

@@ -25,6 +25,7 @@ from dispatcher.models import Region, parse_event, parse_status
 from dispatcher.producer import Producer
 from dispatcher.registry import Options, Registry, validate_url
 from dispatcher.replication import run_replicated
+from dispatcher.shards.shard import Shard
 from dispatcher.status import read_status
 
 if TYPE_CHECKING:
@@ -63,19 +64,22 @@ class Services:
     """The registry, history, endpoint health, queue, roles and producer of one process,
     on one Redis pool, and the operations the front ends share."""
 
-    def __init__(self, settings: Settings, redis: Redis) -> None:
+    def __init__(self, settings: Settings, redis: Redis, shard: Shard | None = None) -> None:
         self.settings = settings
         self.redis = redis
-        self.registry = Registry(redis, settings.token_cipher())
-        self.history = open_history(settings, redis)
+        self.shard = shard = shard or Shard.single(settings.queue_name)
+        self.keys = keys = shard.keys
+        floor = shard.id_floor
+        self.registry = Registry(redis, settings.token_cipher(), keys, id_floor=floor)
+        self.history = open_history(settings, redis, keys, floor)
         self.health = Health(redis, self.registry, settings)
-        self.queue = Queue(redis, settings.queue_name)
+        self.queue = Queue(redis, keys)
         # group commit of the API's small round trips (role checks, single emits)
         self.batcher = Batcher(redis, window=0)
-        self.roles = Roles(redis, settings, self.batcher)
+        self.roles = Roles(redis, settings, keys, self.batcher)
         # emits that wait for replicas share their pipelines only with one another
         shared = None if settings.redis_min_replicas else self.batcher
-        self.producer = Producer(settings, redis, batcher=shared)
+        self.producer = Producer(settings, redis, batcher=shared, shard=shard)
         self.policies = {region: policy_for(settings, region) for region in Region}
 
     @classmethod
@@ -360,4 +364,4 @@ class Services:
 
     async def status(self) -> Status:
         """Queue depth and age, live workers, failing and disabled callbacks, the last hour."""
-        return await read_status(self.redis, self.queue, self.health)
+        return await read_status(self.redis, self.keys, self.queue, self.health)

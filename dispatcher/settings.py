@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from dispatcher.cluster import is_cluster_url, parse_cluster_url
 from dispatcher.failover import is_sentinel_url, parse_sentinel_url
 from dispatcher.models import Region
 from dispatcher.tokens import TokenCipher
@@ -36,7 +37,34 @@ class Settings(BaseSettings):
         default=None,
         description="redis://, rediss:// or unix:// URL of one Redis, or "
         "redis+sentinel://[user:password@]host:port[,host:port...]/<master>/<db> (rediss+sentinel:"
-        "// for TLS) of the master Redis Sentinel names; unset starts an embedded redis-server.",
+        "// for TLS) of the master Redis Sentinel names, or redis+cluster://host:port[,host:port"
+        "...]/ (rediss+cluster:// for TLS) of a Redis Cluster; unset starts an embedded "
+        "redis-server (or takes the first of DISPATCHER_REDIS_SHARDS).",
+    )
+    redis_shards: list[str] | None = Field(
+        default=None,
+        description="Shards on independent Redis servers: a JSON list of redis://, rediss:// or "
+        "redis+sentinel:// URLs, one per shard, in a fixed order (new shards go at the end; "
+        "`dispatcher shards` moves projects to them). Shard 0, the first, also holds the "
+        "fleet's heartbeats, statistics and explicit placements.",
+    )
+    redis_cluster_shards: int = Field(
+        default=8,
+        ge=1,
+        le=999,
+        description="Shards on a Redis Cluster (redis+cluster:// URL), each in one hash slot: at "
+        "least the number of masters you will run, so that every master gets work.",
+    )
+    worker_shards: list[int] | None = Field(
+        default=None,
+        description="The shards (positions, JSON list) a worker serves; unset: every shard.",
+    )
+    placement_refresh: float = Field(
+        default=2.0,
+        gt=0,
+        le=60,
+        description="Seconds between a process's checks of the explicit placements of "
+        "projects (written by `dispatcher shards move`); with one shard, never read.",
     )
     redis_sentinel_password: SecretStr | None = Field(
         default=None,
@@ -229,13 +257,28 @@ class Settings(BaseSettings):
     def _redis_scheme(cls, value: str | None) -> str | None:
         if not value:
             return None
-        if is_sentinel_url(value):
-            parse_sentinel_url(value)
-        elif not value.startswith(("redis://", "rediss://", "unix://")):
+        if is_cluster_url(value):
+            parse_cluster_url(value)
+        elif not _one_redis(value):
             raise ValueError(
-                "must start with redis://, rediss://, unix://, redis+sentinel:// or "
-                "rediss+sentinel://"
+                "must start with redis://, rediss://, unix://, redis+sentinel://, "
+                "rediss+sentinel://, redis+cluster:// or rediss+cluster://"
             )
+        return value
+
+    @field_validator("redis_shards")
+    @classmethod
+    def _shard_urls(cls, value: list[str] | None) -> list[str] | None:
+        if not value:
+            return None
+        for url in value:
+            if not _one_redis(url):
+                raise ValueError(
+                    "each shard must be a redis://, rediss://, unix://, redis+sentinel:// or "
+                    "rediss+sentinel:// URL (a Redis Cluster goes in DISPATCHER_REDIS_URL)"
+                )
+        if len(set(value)) < len(value):
+            raise ValueError("a URL is listed twice: two shards cannot share one Redis")
         return value
 
     @field_validator("history_url")
@@ -251,6 +294,24 @@ class Settings(BaseSettings):
         if any(delay < 0 for delay in value):
             raise ValueError("delays must be >= 0")
         return value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _home_shard(cls, values: Any) -> Any:
+        """With DISPATCHER_REDIS_SHARDS, DISPATCHER_REDIS_URL is its first (the home shard),
+        so that whatever reads the one URL finds the home shard."""
+        if not isinstance(values, dict):
+            return values
+        shards = values.get("redis_shards")
+        if isinstance(shards, list) and shards and isinstance(shards[0], str):
+            url = values.get("redis_url")
+            if url and url != shards[0]:
+                raise ValueError(
+                    "DISPATCHER_REDIS_URL and DISPATCHER_REDIS_SHARDS are both set and disagree: "
+                    "set the shards alone (the first is the home shard)"
+                )
+            values = {**values, "redis_url": shards[0]}
+        return values
 
     @model_validator(mode="after")
     def _consistent(self) -> Settings:
@@ -289,3 +350,12 @@ class Settings(BaseSettings):
     @property
     def max_attempts(self) -> int:
         return len(self.retry_schedule) + 1
+
+
+def _one_redis(url: str) -> bool:
+    """Whether `url` names one Redis (a server, or the master of a Sentinel group); a
+    malformed Sentinel URL raises, saying what is wrong."""
+    if is_sentinel_url(url):
+        parse_sentinel_url(url)
+        return True
+    return url.startswith(("redis://", "rediss://", "unix://"))

@@ -16,12 +16,12 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from dispatcher import keys
-
 if TYPE_CHECKING:
     from collections.abc import Mapping, Sequence
 
     from redis.asyncio import Redis
+
+    from dispatcher.keys import Keys
 
 __all__ = [
     "BOUNDS_MS",
@@ -60,7 +60,7 @@ class Span:
     points: int
     ttl_s: int
 
-    def key(self, slot: int) -> str:
+    def key(self, keys: Keys, slot: int) -> str:
         return keys.stats(slot) if self.step_s == 60 else keys.stats_slot(self.step_s, slot)
 
 
@@ -86,7 +86,7 @@ class AttemptStats:
         self.counts[(minute, outcome)] += 1
         self.counts[(minute, bucket_field(duration_ms))] += 1
 
-    async def flush(self, redis: Redis) -> None:
+    async def flush(self, redis: Redis, keys: Keys) -> None:
         """Add what was counted since the last flush to every span's hashes, in one round
         trip; kept for the next flush when Redis fails."""
         counts, self.counts = self.counts, collections.Counter()
@@ -97,7 +97,7 @@ class AttemptStats:
                 for span in SPANS:
                     touched = set()
                     for (minute, name), n in counts.items():
-                        key = span.key(minute * 60 // span.step_s)
+                        key = span.key(keys, minute * 60 // span.step_s)
                         pipe.hincrby(key, name, n)
                         touched.add(key)
                     for key in touched:
@@ -188,13 +188,15 @@ def series(span: Span, last_slot: int, hashes: Sequence[Mapping[bytes, bytes]]) 
     )
 
 
-async def read_series(redis: Redis, now_ms: int, spans: Sequence[Span] = SPANS) -> list[Series]:
+async def read_series(
+    redis: Redis, keys: Keys, now_ms: int, spans: Sequence[Span] = SPANS
+) -> list[Series]:
     """Each span's last `points` buckets up to `now_ms`, in one round trip."""
     lasts = [now_ms // 1000 // span.step_s for span in spans]
     async with redis.pipeline(transaction=False) as pipe:
         for span, last in zip(spans, lasts, strict=True):
             for slot in range(last - span.points + 1, last + 1):
-                pipe.hgetall(span.key(slot))
+                pipe.hgetall(span.key(keys, slot))
         replies = await pipe.execute()
     found, at = [], 0
     for span, last in zip(spans, lasts, strict=True):

@@ -11,7 +11,6 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from dispatcher import keys
 from dispatcher.stats import read_series
 
 if TYPE_CHECKING:
@@ -20,6 +19,7 @@ if TYPE_CHECKING:
 
     from dispatcher.health import Failing, Health
     from dispatcher.jobs import Queue
+    from dispatcher.keys import Keys
     from dispatcher.stats import Series
 
 __all__ = [
@@ -51,7 +51,9 @@ class Status:
         return self.hour.totals
 
 
-def write_heartbeat(pipe: Pipeline, key: str, value: dict[str, Any], now_ms: int) -> None:
+def write_heartbeat(
+    pipe: Pipeline, keys: Keys, key: str, value: dict[str, Any], now_ms: int
+) -> None:
     """Queue a worker's heartbeat (its own key, with a TTL, and its entry in the index of
     live workers, which readers range over instead of scanning the keyspace), then the
     count of live workers: the pipeline's last answer."""
@@ -67,7 +69,7 @@ def _since(now_ms: int | None) -> str:
 
 
 async def live_workers(
-    redis: Redis, host: str | None = None, *, now_ms: int | None = None
+    redis: Redis, keys: Keys, host: str | None = None, *, now_ms: int | None = None
 ) -> list[dict[str, Any]]:
     """Heartbeats of live workers (all, or those of one host), in two round trips."""
     found = await redis.zrangebyscore(keys.WORKERS_LIVE, _since(now_ms), "+inf")
@@ -77,23 +79,23 @@ async def live_workers(
     return sorted(mine, key=lambda w: (w["host"], w["pid"]))
 
 
-async def count_live_workers(redis: Redis, *, now_ms: int | None = None) -> int:
+async def count_live_workers(redis: Redis, keys: Keys, *, now_ms: int | None = None) -> int:
     """How many workers sent a heartbeat lately (one command)."""
     return int(await redis.zcount(keys.WORKERS_LIVE, _since(now_ms), "+inf"))
 
 
 async def read_status(
-    redis: Redis, queue: Queue, health: Health, *, now_ms: int | None = None
+    redis: Redis, keys: Keys, queue: Queue, health: Health, *, now_ms: int | None = None
 ) -> Status:
     now = time.time_ns() // 1_000_000 if now_ms is None else now_ms
     due, oldest = await queue.depth()
-    hour, day = await read_series(redis, now)
+    hour, day = await read_series(redis, keys, now)
     return Status(
         queue_due=due,
         oldest_due_s=oldest,
-        workers=await live_workers(redis, now_ms=now),
+        workers=await live_workers(redis, keys, now_ms=now),
         failing=await health.failing(),
-        disabled=int(await redis.zcard(keys.CALLBACKS_DISABLED)),
+        disabled=int(await redis.zcard(health.keys.CALLBACKS_DISABLED)),
         hour=hour,
         day=day,
     )

@@ -20,6 +20,7 @@ from dispatcher.connections import connect
 from dispatcher.embedded import FAST, EmbeddedPostgres, EmbeddedRedis, SentinelGroup
 from dispatcher.settings import Settings
 from dispatcher.worker import create_worker
+from tests.cluster import LocalCluster
 from tests.helpers import (
     Receiver,
     RunWorker,
@@ -57,6 +58,26 @@ def sentinel_group(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sentine
     group.start()
     yield group
     group.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    """A 3-master Redis Cluster on 127.0.0.1, one per session (about 4 s to make)."""
+    cluster = LocalCluster(tmp_path_factory.mktemp("cluster"))
+    cluster.start()
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def shard_servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[EmbeddedRedis]]:
+    """Two more private redis-servers: the shards of `DISPATCHER_REDIS_SHARDS` tests."""
+    servers = [EmbeddedRedis(tmp_path_factory.mktemp(f"shard{n}"), persist=False) for n in (0, 1)]
+    for server in servers:
+        server.start()
+    yield servers
+    for server in servers:
+        server.stop()
 
 
 @pytest.fixture(scope="session")

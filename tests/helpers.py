@@ -30,6 +30,7 @@ from dispatcher.batch import QueueCommands
 from dispatcher.history.redis import RedisHistory
 from dispatcher.history.schema import upgrade
 from dispatcher.history.shipper import Shipper
+from dispatcher.keys import Keys
 from dispatcher.settings import Settings
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -62,7 +63,7 @@ async def all_records(
     now, page = int(time.time() * 1000), 1
     found: list[Any] = []
     window = {"start_ms": now - 60_000, "end_ms": now + 1000, "page_size": 100}
-    history = RedisHistory(redis, settings)
+    history = RedisHistory(redis, settings, Keys(settings.queue_name))
     while True:
         result = await history.query(project, url, "BUILD_END", page=page, **window)
         found += result.records

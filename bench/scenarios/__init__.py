@@ -25,6 +25,7 @@ from bench.scenarios import (
     noisy,
     replicated,
     scale_out,
+    shards,
     throughput,
     tracing,
 )
@@ -45,6 +46,7 @@ SCENARIOS: list[Scenario] = [
     http_emit.SCENARIO,
     fault.SCENARIO,
     replicated.SCENARIO,
+    shards.SCENARIO,
     latency.SCENARIO,
     noisy.SCENARIO,
     memory.SCENARIO,

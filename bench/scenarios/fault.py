@@ -16,9 +16,9 @@ from bench.common import EVENT, PROJECT, TOKEN, bench_settings, event_data
 from bench.harness import Scenario
 from bench.procs import BenchError, WorkerProcess
 from bench.report import Row, ratio_row
-from dispatcher import keys
 from dispatcher.connections import connect
 from dispatcher.embedded import EmbeddedRedis
+from dispatcher.keys import Keys
 from dispatcher.models import Event, Region
 from dispatcher.producer import Producer
 from dispatcher.registry import Registry
@@ -28,6 +28,8 @@ if TYPE_CHECKING:
 
     from bench.harness import Bench
 
+
+keys = Keys()  # today's key names (one shard)
 OUTAGE_S = 2.0
 RESTART_AT_S = 0.5  # into the run
 

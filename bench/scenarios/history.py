@@ -19,6 +19,7 @@ from bench.report import Row, ratio_row
 from bench.timing import Op, interleaved, median_us
 from dispatcher.connections import connect
 from dispatcher.history.redis import RedisHistory
+from dispatcher.keys import Keys
 from dispatcher.lua import run_pipeline
 
 if TYPE_CHECKING:
@@ -27,6 +28,8 @@ if TYPE_CHECKING:
 
     from bench.harness import Bench
     from dispatcher.settings import Settings
+
+keys = Keys()  # today's key names (one shard)
 
 EVENTS = ("BUILD_END", "BUILD_START", "BUILD_STAGE_END", "BUILD_TASK_END")
 URLS = tuple(f"http://127.0.0.1:9/hook/{i}" for i in range(25))
@@ -45,7 +48,7 @@ class Filler:
 
     def __init__(self, redis: Redis, settings: Settings) -> None:
         self.redis = redis
-        self.history = RedisHistory(redis, settings)
+        self.history = RedisHistory(redis, settings, keys)
         self.template = record_template()
         self.base_ms = time.time_ns() // 1_000_000 - 3_600_000  # an hour ago: in the window
         self.written = 0
@@ -91,7 +94,7 @@ def _window(now_ms: int) -> dict[str, int]:
 def _ops(redis: Redis, settings: Settings, now_ms: int, prefix: str) -> dict[str, Op]:
     """The timed operations on one store: History.query of page 1 and of the page at
     offset 10,000 (records decoded)."""
-    history = RedisHistory(redis, settings)
+    history = RedisHistory(redis, settings, keys)
     url, event = QUERIED
 
     def query(page: int) -> Op:
@@ -105,7 +108,7 @@ def _ops(redis: Redis, settings: Settings, now_ms: int, prefix: str) -> dict[str
 async def _check(redis: Redis, settings: Settings, now_ms: int) -> int:
     """The queried pair's record count; raises unless the deep page is full."""
     url, event = QUERIED
-    page = await RedisHistory(redis, settings).query(
+    page = await RedisHistory(redis, settings, keys).query(
         PROJECT, url, event, page=DEEP_PAGE, page_size=PAGE_SIZE, **_window(now_ms)
     )
     if len(page.records) != PAGE_SIZE:

@@ -29,10 +29,10 @@ from bench.postgres import create_databases
 from bench.report import Row, ratio_row
 from bench.timing import Op, interleaved, median_us
 from bench.workers import THROUGHPUT_PG, median_run
-from dispatcher import keys
 from dispatcher.history.postgres import PostgresHistory, stream_fields
 from dispatcher.history.schema import DAY_MS, ensure_partitions, upgrade
 from dispatcher.history.shipper import Shipper
+from dispatcher.keys import Keys
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
@@ -40,6 +40,8 @@ if TYPE_CHECKING:
     from bench.harness import Bench
     from dispatcher.settings import Settings
 
+
+keys = Keys()  # today's key names (one shard)
 EVENTS = ("BUILD_END", "BUILD_START", "BUILD_STAGE_END", "BUILD_TASK_END")
 URLS = tuple(f"http://127.0.0.1:9/hook/{i}" for i in range(250))
 PAIRS = tuple((url, event) for url in URLS for event in EVENTS)  # 1,000 (url, event) pairs
@@ -185,8 +187,8 @@ async def fill_and_measure(
     end_ms = time.time_ns() // 1_000_000
     big_rate = await fill(urls[0], total, hot, end_ms)
     await fill(urls[1], small_total, 20_000, end_ms)
-    big = PostgresHistory(redis, settings.model_copy(update={"history_url": urls[0]}))
-    small = PostgresHistory(redis, settings.model_copy(update={"history_url": urls[1]}))
+    big = PostgresHistory(redis, settings.model_copy(update={"history_url": urls[0]}), keys)
+    small = PostgresHistory(redis, settings.model_copy(update={"history_url": urls[1]}), keys)
     try:
         queries = await measure(big, small, (total, small_total), end_ms, rounds)
     finally:

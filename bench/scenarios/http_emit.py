@@ -14,6 +14,7 @@ from bench.harness import Scenario
 from bench.procs import ApiProcess, BenchError, run_loadgen
 from bench.report import Row, ratio_row
 from dispatcher.auth import Role, Roles
+from dispatcher.keys import Keys
 
 if TYPE_CHECKING:
     from bench.harness import Bench
@@ -35,7 +36,9 @@ async def _run(
 
 async def run(bench: Bench) -> list[Row]:
     await bench.r.flushdb()
-    await Roles(bench.r, bench.settings).grant(PROJECT, USER, Role.ADMIN)
+    await Roles(bench.r, bench.settings, Keys(bench.settings.queue_name)).grant(
+        PROJECT, USER, Role.ADMIN
+    )
     n, batches = bench.sizes.http_emit, bench.sizes.http_batches
     api = await ApiProcess.start(bench.url, bench.logs / "api.log")
     rates: dict[str, list[float]] = {"http": [], "emit": [], "batch": [], "many": []}

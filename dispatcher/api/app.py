@@ -24,7 +24,7 @@ from dispatcher.api import (
 )
 from dispatcher.api.errors import install_error_handlers
 from dispatcher.api.middleware import Limits, RequestId
-from dispatcher.services import Services
+from dispatcher.shards.router import Router
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
@@ -41,9 +41,9 @@ def create_app(settings: Settings, redis: Redis | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        async with Services.open(settings, redis) as services:
-            await services.upgrade()
-            app.state.services = services
+        async with Router.open(settings, redis) as router:
+            await router.upgrade()
+            app.state.router = router
             yield
 
     app = FastAPIOffline(

@@ -16,8 +16,8 @@ from dispatcher.api.deps import (
     PageSizeQuery,
     ProjectPath,
     RegistrationQuery,
+    RouterDep,
     Scope,
-    ServicesDep,
     apigw,
 )
 from dispatcher.models import Callback, CallbackPage, CreateCallBackResult, Event, Result
@@ -52,7 +52,7 @@ def callback_routes(
 
     @router.post("", response_model=Result[bool])
     async def create_callback(
-        services: ServicesDep,
+        router: RouterDep,
         scope: ScopeDep,
         uid: AdminDep,
         event: Annotated[Event, Query(alias="event")],
@@ -60,7 +60,7 @@ def callback_routes(
     ) -> Result[bool]:
         """Register a callback. An upsert on (url, event): registering again updates the
         region, token, auth header and receiver controls, and re-enables it."""
-        await services.register(
+        await router.callbacks(scope.project_id).register(
             scope.project_id, to.url, event, to.region, to.secret_token, creator=uid,
             pipeline_id=scope.pipeline_id, auth_header=to.auth_header, options=to.options,
         )  # fmt: skip
@@ -68,14 +68,14 @@ def callback_routes(
 
     @router.post("/batch", response_model=Result[CreateCallBackResult])
     async def create_callbacks_batch(
-        services: ServicesDep,
+        router: RouterDep,
         scope: ScopeDep,
         uid: AdminDep,
         event: Annotated[str, Query(alias="event", description="Comma-separated event names")],
         to: RegistrationQuery,
     ) -> Result[CreateCallBackResult]:
         """Register one URL for several events; unknown names land in `failureEvents`."""
-        result = await services.register_batch(
+        result = await router.callbacks(scope.project_id).register_batch(
             scope.project_id, to.url, event, to.region, to.secret_token, creator=uid,
             pipeline_id=scope.pipeline_id, auth_header=to.auth_header, options=to.options,
         )  # fmt: skip
@@ -83,29 +83,31 @@ def callback_routes(
 
     @router.get("", response_model=Result[CallbackPage])
     async def list_callbacks(
-        services: ServicesDep,
+        router: RouterDep,
         scope: ScopeDep,
         uid: MemberDep,
         page: PageQuery = 1,
         page_size: PageSizeQuery = 20,
     ) -> Result[CallbackPage]:
         """The callbacks, oldest first, each with its level (secrets never included)."""
-        found = await services.callbacks(
+        found = await router.callbacks(scope.project_id, changing=False).callbacks(
             scope.project_id, page, page_size, pipeline_id=scope.pipeline_id
         )
         return Result[CallbackPage](data=found)
 
     @router.delete("/{callbackId:int}", response_model=Result[bool])
     async def delete_callback(
-        services: ServicesDep, scope: ScopeDep, uid: AdminDep, callback_id: CallbackPath
+        router: RouterDep, scope: ScopeDep, uid: AdminDep, callback_id: CallbackPath
     ) -> Result[bool]:
         """Delete a callback."""
-        await services.delete(callback_id, scope.project_id, pipeline_id=scope.pipeline_id)
+        await router.callbacks(scope.project_id).delete(
+            callback_id, scope.project_id, pipeline_id=scope.pipeline_id
+        )
         return Result[bool](data=True)
 
     @router.post("/{callbackId:int}/secret", response_model=Result[Callback])
     async def rotate_secret(
-        services: ServicesDep,
+        router: RouterDep,
         scope: ScopeDep,
         uid: AdminDep,
         callback_id: CallbackPath,
@@ -125,7 +127,7 @@ def callback_routes(
         """Rotate the callback's secret token: from now on the token header carries the new
         one and `webhook-signature` a signature with each (new first) until the overlap
         ends. Returns the callback, with `rotationEndTime`."""
-        found = await services.rotate_secret(
+        found = await router.callbacks(scope.project_id).rotate_secret(
             callback_id,
             scope.project_id,
             secret_token,
@@ -144,29 +146,35 @@ def _add_switches(router: APIRouter, ScopeDep: Any, AdminDep: Any, MemberDep: An
 
     @router.get("/{callbackId:int}", response_model=Result[Callback])
     async def get_callback(
-        services: ServicesDep, scope: ScopeDep, uid: MemberDep, callback_id: CallbackPath
+        router: RouterDep, scope: ScopeDep, uid: MemberDep, callback_id: CallbackPath
     ) -> Result[Callback]:
         """One callback, with its level and its disabled reason if any."""
-        return Result[Callback](data=await services.callback(callback_id, scope.project_id))
+        return Result[Callback](
+            data=await router.callbacks(scope.project_id, changing=False).callback(
+                callback_id, scope.project_id
+            )
+        )
 
     @router.put("/{callbackId:int}/enable", response_model=Result[bool])
     async def enable_callback(
-        services: ServicesDep, scope: ScopeDep, uid: AdminDep, callback_id: CallbackPath
+        router: RouterDep, scope: ScopeDep, uid: AdminDep, callback_id: CallbackPath
     ) -> Result[bool]:
         """Enable a callback again (also one the service disabled); clears the reason."""
-        await services.enable(callback_id, project_id=scope.project_id)
+        await router.callbacks(scope.project_id).enable(callback_id, project_id=scope.project_id)
         return Result[bool](data=True)
 
     @router.put("/{callbackId:int}/disable", response_model=Result[bool])
     async def disable_callback(
-        services: ServicesDep,
+        router: RouterDep,
         scope: ScopeDep,
         uid: AdminDep,
         callback_id: CallbackPath,
         reason: Annotated[str | None, Query(alias="reason", max_length=500)] = None,
     ) -> Result[bool]:
         """Disable a callback, with an optional reason shown in the list."""
-        await services.disable(callback_id, by=uid, reason=reason, project_id=scope.project_id)
+        await router.callbacks(scope.project_id).disable(
+            callback_id, by=uid, reason=reason, project_id=scope.project_id
+        )
         return Result[bool](data=True)
 
 

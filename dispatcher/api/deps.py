@@ -15,6 +15,7 @@ from dispatcher.models import ApigwType, Region
 from dispatcher.registry import Options
 from dispatcher.registry.options import MAX_FILTER_LENGTH, MAX_IN_FLIGHT, MAX_PER_SECOND
 from dispatcher.services import Services
+from dispatcher.shards.router import Router
 
 __all__ = [
     "Admin",
@@ -30,8 +31,8 @@ __all__ = [
     "RegionQuery",
     "Registration",
     "RegistrationQuery",
+    "RouterDep",
     "Scope",
-    "ServicesDep",
     "TokenQuery",
     "UrlQuery",
     "apigw",
@@ -150,14 +151,14 @@ async def registration(
 RegistrationQuery = Annotated[Registration, Depends(registration)]
 
 
-async def get_services(request: Request) -> Services:
-    """The process's services (async: FastAPI runs a plain `def` dependency in a thread
-    pool, which cost a thread hop on every request)."""
-    services: Services = request.app.state.services
-    return services
+async def get_router(request: Request) -> Router:
+    """The process's router over the shards' services (async: FastAPI runs a plain `def`
+    dependency in a thread pool, which cost a thread hop on every request)."""
+    router: Router = request.app.state.router
+    return router
 
 
-ServicesDep = Annotated[Services, Depends(get_services)]
+RouterDep = Annotated[Router, Depends(get_router)]
 
 
 async def apigw(
@@ -180,15 +181,15 @@ async def caller(
 Caller = Annotated[str, Depends(caller)]
 
 
-async def member(project_id: ProjectPath, uid: Caller, services: ServicesDep) -> str:
+async def member(project_id: ProjectPath, uid: Caller, router: RouterDep) -> str:
     """The caller, once known to be a member (or admin) of the path's project."""
-    await services.roles.require(project_id, uid, Role.MEMBER)
+    await router.of(project_id).roles.require(project_id, uid, Role.MEMBER)
     return uid
 
 
-async def admin(project_id: ProjectPath, uid: Caller, services: ServicesDep) -> str:
+async def admin(project_id: ProjectPath, uid: Caller, router: RouterDep) -> str:
     """The caller, once known to be an admin of the path's project."""
-    await services.roles.require(project_id, uid, Role.ADMIN)
+    await router.of(project_id).roles.require(project_id, uid, Role.ADMIN)
     return uid
 
 
@@ -200,7 +201,7 @@ OPERATOR = "operator"
 
 
 async def operator(
-    services: ServicesDep,
+    router: RouterDep,
     token: Annotated[
         str | None, Header(alias="X-DEVOPS-OPERATOR-TOKEN", description="Operator token")
     ] = None,
@@ -210,7 +211,7 @@ async def operator(
     known by X-DEVOPS-UID without the token (a project admin) is refused with 403; no
     credential or a wrong token is a 401. Returns who acts (their X-DEVOPS-UID, else
     "operator")."""
-    expected = services.settings.operator_token
+    expected = router.settings.operator_token
     if expected is None:
         raise Forbidden("operator routes are off: set DISPATCHER_OPERATOR_TOKEN")
     name = uid.strip() if uid and uid.strip() else None

@@ -19,7 +19,7 @@ from pydantic_core import from_json
 
 from dispatcher import tracing
 from dispatcher.api.callbacks import V4
-from dispatcher.api.deps import Admin, ProjectPath, ServicesDep, apigw
+from dispatcher.api.deps import Admin, ProjectPath, RouterDep, apigw
 from dispatcher.errors import InvalidInput, PayloadTooLarge
 from dispatcher.models import EmitBatchResult, EmitRequest, EmitResult, Result
 
@@ -39,20 +39,20 @@ def answer(data: dict[str, Any], message: str | None = None) -> Response:
 
 
 async def emit_event(
-    request: Request, services: ServicesDep, project_id: ProjectPath, uid: Admin, body: EmitRequest
+    request: Request, router: RouterDep, project_id: ProjectPath, uid: Admin, body: EmitRequest
 ) -> Response:
     """Emit an event; returns at once with its id (delivery happens later). An `eventId`
     of your own makes the call idempotent while that event is queued. A W3C `traceparent`
     (and `tracestate`) header goes with the event to every delivery request."""
     with tracing.received(request.headers):
-        event_id = await services.producer.emit(
+        event_id = await router.of(project_id).producer.emit(
             project_id, body.event.value, body.data, event_id=body.event_id
         )
     return answer({"eventId": event_id, "queued": True})
 
 
 async def emit_batch(
-    request: Request, services: ServicesDep, project_id: ProjectPath, uid: Admin
+    request: Request, router: RouterDep, project_id: ProjectPath, uid: Admin
 ) -> Response:
     """Emit many events in one request, queued in one round trip: a JSON array of
     `{"event", "data", "eventId"?}`, or the same objects one a line with `Content-Type:
@@ -63,10 +63,11 @@ async def emit_batch(
     media_type = request.headers.get("content-type", "").partition(";")[0].strip().lower()
     ndjson = media_type == NDJSON
     entries = read_events(
-        await request.body(), ndjson=ndjson, limit=services.settings.emit_batch_max_events
+        await request.body(), ndjson=ndjson, limit=router.settings.emit_batch_max_events
     )
+    producer = router.of(project_id).producer
     with tracing.received(request.headers):
-        outcomes = await services.producer.emit_each(project_id, [value for _, value in entries])
+        outcomes = await producer.emit_each(project_id, [value for _, value in entries])
     results: list[dict[str, str | None]] = []
     for (where, _), outcome in zip(entries, outcomes, strict=True):
         if isinstance(outcome, InvalidInput):

@@ -15,11 +15,12 @@ from dispatcher.api.deps import (
     PageQuery,
     PageSizeQuery,
     ProjectPath,
-    ServicesDep,
+    RouterDep,
     UrlQuery,
     apigw,
 )
 from dispatcher.models import HistoryPage, HistoryRecord, RedeliveryResult, Result
+from dispatcher.shards import views
 
 __all__ = ["V3", "routers"]
 
@@ -37,7 +38,7 @@ routes = APIRouter(tags=["history"])
 
 @routes.get("/callbacks/history", response_model=Result[HistoryPage])
 async def callback_history(
-    services: ServicesDep,
+    router: RouterDep,
     project_id: ProjectPath,
     uid: Member,
     url: UrlQuery,
@@ -49,27 +50,27 @@ async def callback_history(
 ) -> Result[HistoryPage]:
     """Delivery attempts of one (url, event), newest first. Times are
     `yyyy-MM-dd HH:mm:ss` in the configured time zone, inclusive; default: today."""
-    found = await services.history_page(
-        project_id, url, event, start_time, end_time, page, page_size
+    found = await views.history_page(
+        router, project_id, url, event, start_time, end_time, page, page_size
     )
     return Result[HistoryPage](data=found)
 
 
 @routes.post("/callbacks/history/{id:int}/retry", response_model=Result[str])
 async def redeliver(
-    services: ServicesDep,
+    router: RouterDep,
     project_id: ProjectPath,
     uid: Admin,
     record_id: Annotated[int, Path(alias="id")],
 ) -> Result[str]:
     """Send a recorded request again (project admins): same body and delivery id,
     the callback's current token, new history records. Returns the job id."""
-    return Result[str](data=await services.redeliver(record_id, project_id))
+    return Result[str](data=await router.of(project_id).redeliver(record_id, project_id))
 
 
 @routes.post("/callbacks/history/retry", response_model=Result[RedeliveryResult])
 async def redeliver_failed(
-    services: ServicesDep,
+    router: RouterDep,
     project_id: ProjectPath,
     uid: Admin,
     url: UrlQuery,
@@ -79,19 +80,19 @@ async def redeliver_failed(
 ) -> Result[RedeliveryResult]:
     """Send again every delivery of the window that finally failed (project admins);
     the window has the history query's rules. Returns how many were queued."""
-    queued = await services.redeliver_failed(project_id, url, event, start_time, end_time)
+    queued = await views.redeliver_failed(router, project_id, url, event, start_time, end_time)
     return Result[RedeliveryResult](data=RedeliveryResult(queued=queued))
 
 
 @routes.get("/callbacks/history/dead-letters", response_model=Result[list[HistoryRecord]])
 async def dead_letters(
-    services: ServicesDep,
+    router: RouterDep,
     project_id: ProjectPath,
     uid: Member,
     limit: Annotated[int, Query(alias="limit", ge=1, le=100)] = 50,
 ) -> Result[list[HistoryRecord]]:
     """The project's latest deliveries that gave up (their final attempt), newest first."""
-    return Result[list[HistoryRecord]](data=await services.dead_letters(project_id, limit))
+    return Result[list[HistoryRecord]](data=await views.dead_letters(router, project_id, limit))
 
 
 def _served_at(prefix: str, dependencies: Sequence[params.Depends] = ()) -> APIRouter:

@@ -10,12 +10,13 @@ from rich.table import Table
 
 from dispatcher.auth import Role
 from dispatcher.catalogue import CATALOGUE
-from dispatcher.cli.common import CLI_USER, console, err, fmt_ms, load_settings, on_services
+from dispatcher.cli.common import CLI_USER, console, err, fmt_ms, load_settings, on_router
 from dispatcher.delivery import AuthHeader
 from dispatcher.models import PLATFORM_PROJECT, Callback, Region
 from dispatcher.registry import Options
 from dispatcher.services import DEFAULT_OVERLAP_HOURS
 from dispatcher.settings import Settings
+from dispatcher.shards import views
 from dispatcher.tokens import TokenCipher
 
 __all__ = ["callbacks_app", "roles_app", "tokens_app"]
@@ -68,7 +69,11 @@ def callbacks_list(
     ones; secrets never shown."""
     owner = _owner(project, all_projects)
     settings = load_settings()
-    result = on_services(lambda s: s.callbacks(owner, page, page_size, pipeline_id=pipeline))
+    result = on_router(
+        lambda r: r.callbacks(owner, changing=False).callbacks(
+            owner, page, page_size, pipeline_id=pipeline
+        )
+    )
     table = Table("id", "level", "pipeline", "event", "url", "region", "enabled",
                   "disabled reason", "secrets", "controls")  # fmt: skip
     for cb in result.records:
@@ -105,7 +110,7 @@ def _controls(cb: Callback) -> str:
 def callbacks_failing() -> None:
     """Callbacks whose latest deliveries failed (consecutive final failures)."""
     settings = load_settings()
-    found = on_services(lambda s: s.health.failing())
+    found = on_router(views.failing)
     table = Table("id", "failures", "since", "last error")
     for f in found:
         table.add_row(str(f.callback_id), str(f.failures), fmt_ms(f.since_ms, settings),
@@ -145,8 +150,8 @@ def callbacks_add(
     with its receiver controls."""
     owner, header = _owner(project, all_projects), _auth_header(auth_header)
     options = Options(max_per_second, max_in_flight, filter_)
-    result = on_services(
-        lambda s: s.register_batch(
+    result = on_router(
+        lambda r: r.callbacks(owner).register_batch(
             owner,
             url,
             event,
@@ -175,7 +180,7 @@ def callbacks_rm(
 ) -> None:
     """Delete a callback."""
     owner = _owner(project, all_projects)
-    on_services(lambda s: s.delete(callback_id, owner, pipeline_id=pipeline))
+    on_router(lambda r: r.callbacks(owner).delete(callback_id, owner, pipeline_id=pipeline))
     console.print(f"deleted callback {callback_id}")
 
 
@@ -192,8 +197,10 @@ def callbacks_rotate(
 ) -> None:
     """Rotate a callback's secret token; both sign until the overlap ends."""
     owner, settings = _owner(project, all_projects), load_settings()
-    found = on_services(
-        lambda s: s.rotate_secret(callback_id, owner, token, overlap_hours, pipeline_id=pipeline)
+    found = on_router(
+        lambda r: r.callbacks(owner).rotate_secret(
+            callback_id, owner, token, overlap_hours, pipeline_id=pipeline
+        )
     )
     if found.rotation_end_time is None:
         console.print(f"callback {callback_id}: new token in use, the old one no longer signs")
@@ -215,7 +222,7 @@ def callbacks_events() -> None:
 @callbacks_app.command("enable")
 def callbacks_enable(callback_id: int) -> None:
     """Enable a callback (also one disabled by endpoint health)."""
-    on_services(lambda s: s.enable(callback_id))
+    on_router(lambda r: r.switch_anywhere(callback_id, True, by=CLI_USER))
     console.print(f"enabled callback {callback_id}")
 
 
@@ -224,7 +231,7 @@ def callbacks_disable(
     callback_id: int, reason: Annotated[str | None, typer.Option(help="Why")] = None
 ) -> None:
     """Disable a callback with a reason."""
-    on_services(lambda s: s.disable(callback_id, by=CLI_USER, reason=reason))
+    on_router(lambda r: r.switch_anywhere(callback_id, False, by=CLI_USER, reason=reason))
     console.print(f"disabled callback {callback_id}")
 
 
@@ -235,7 +242,7 @@ def roles_grant(
     role: Annotated[Role, typer.Option(help="admin or member")] = Role.MEMBER,
 ) -> None:
     """Give a user a role in a project."""
-    on_services(lambda s: s.roles.grant(project, user, role))
+    on_router(lambda r: r.grant(project, user, role))
     console.print(f"{user} is {role.value} of {project}")
 
 
@@ -245,14 +252,14 @@ def roles_revoke(
     user: Annotated[str, typer.Option(help="User name")],
 ) -> None:
     """Take a user's role in a project away."""
-    on_services(lambda s: s.roles.revoke(project, user))
+    on_router(lambda r: r.revoke(project, user))
     console.print(f"{user} has no role in {project}")
 
 
 @roles_app.command("list")
 def roles_list(project: Annotated[str, typer.Option(help="Project id, or *")]) -> None:
     """Who has which role in a project."""
-    found = on_services(lambda s: s.roles.list(project))
+    found = on_router(lambda r: r.of(project).roles.list(project))
     table = Table("user", "role")
     for user, role in found.items():
         table.add_row(user, role.value)
@@ -268,5 +275,5 @@ def tokens_new_key() -> None:
 @tokens_app.command("rotate")
 def tokens_rotate() -> None:
     """Re-encrypt every stored token with the first key of DISPATCHER_TOKEN_KEYS."""
-    count = on_services(lambda s: s.registry.rotate_tokens())
+    count = sum(on_router(lambda r: r.each(lambda s: s.registry.rotate_tokens())))
     console.print(f"re-encrypted {count} tokens")

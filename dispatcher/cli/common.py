@@ -12,13 +12,14 @@ from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
 
-from dispatcher.connections import REDIS_ERRORS, preflight
+from dispatcher.connections import REDIS_ERRORS
 from dispatcher.embedded import EmbeddedPostgres, EmbeddedRedis
 from dispatcher.errors import DispatcherError, InvalidSetting
 from dispatcher.history import format_ms
 from dispatcher.models import HistoryRecord
-from dispatcher.services import Services
 from dispatcher.settings import EMBEDDED, Settings
+from dispatcher.shards.router import Router
+from dispatcher.shards.topology import check_shards
 
 __all__ = [
     "CLI_USER",
@@ -30,7 +31,7 @@ __all__ = [
     "err",
     "fmt_ms",
     "load_settings",
-    "on_services",
+    "on_router",
     "records_table",
     "run_async",
     "with_history_url",
@@ -77,11 +78,11 @@ def with_redis_url(settings: Settings) -> Settings:
 
 
 def checked(settings: Settings) -> Settings:
-    """`settings` once `preflight` found its Redis settings workable: one that cannot work
-    (an unknown sentinel master, no sentinel answering, too few replicas) stops the command
-    with a message naming it; warnings go to stderr."""
+    """`settings` once `check_shards` found its Redis settings workable: one that cannot
+    work (an unknown sentinel master, no sentinel answering, too few replicas, a reordered
+    list of shards) stops the command with a message naming it; warnings go to stderr."""
     try:
-        warnings = asyncio.run(preflight(settings))
+        warnings = asyncio.run(check_shards(settings))
     except InvalidSetting as exc:
         err.print(f"[red]configuration error[/red] {exc.param}: {exc.message}")
         raise typer.Exit(2) from None
@@ -122,13 +123,13 @@ def run_async(factory: Callable[[], Coroutine[Any, Any, T]]) -> T:
         raise typer.Exit(1) from None
 
 
-def on_services(body: Callable[[Services], Awaitable[T]]) -> T:
-    """Run `body` with the services of the configured (or embedded) Redis."""
+def on_router(body: Callable[[Router], Awaitable[T]]) -> T:
+    """Run `body` with the router over the configured (or embedded) Redis's shards."""
     settings = with_history_url(with_redis_url(load_settings()))
 
     async def go() -> T:
-        async with Services.open(settings) as services:
-            return await body(services)
+        async with Router.open(settings) as router:
+            return await body(router)
 
     return run_async(go)
 

@@ -17,10 +17,11 @@ from dispatcher.cli.common import (
     counting,
     err,
     load_settings,
-    on_services,
+    on_router,
     records_table,
 )
-from dispatcher.services import Services
+from dispatcher.shards import views
+from dispatcher.shards.router import Router
 from dispatcher.stats import duration
 
 
@@ -49,7 +50,9 @@ def emit(
     payload = _parse_data(data)
     with tracing.received(tracing.from_environment()):
         console.print(
-            on_services(lambda s: s.producer.emit(project, event, payload, event_id=event_id))
+            on_router(
+                lambda r: r.of(project).producer.emit(project, event, payload, event_id=event_id)
+            )
         )
 
 
@@ -60,7 +63,7 @@ def dead(
 ) -> None:
     """Dead letters: the latest deliveries that gave up (their final attempt)."""
     settings = load_settings()
-    found = on_services(lambda s: s.dead_letters(project, limit))
+    found = on_router(lambda r: views.dead_letters(r, project, limit))
     console.print(records_table(found, settings))
     console.print(f"{len(found)} dead letters")
 
@@ -77,19 +80,19 @@ def redeliver(
     """Send recorded requests again (same body and delivery id, current token): one record
     by id, or every delivery of a window that finally failed."""
     if record_id is not None:
-        console.print(f"queued {on_services(lambda s: s.redeliver(record_id))}")
+        console.print(f"queued {on_router(lambda r: _redeliver(r, record_id))}")
         return
     if not (project and url and event):
         err.print("give a record id, or --project, --url and --event (and a window)")
         raise typer.Exit(2)
 
-    async def window(services: Services) -> int:
+    async def window(router: Router) -> int:
         with counting("redelivering", "queued") as advance:
-            return await services.redeliver_failed(
-                project, url, event, since, until, on_queued=advance
+            return await views.redeliver_failed(
+                router, project, url, event, since, until, on_queued=advance
             )
 
-    console.print(f"queued {on_services(window)} redeliveries")
+    console.print(f"queued {on_router(window)} redeliveries")
 
 
 @app.command()
@@ -97,18 +100,19 @@ def sweep() -> None:
     """Enforce the history retention now (the workers also do it every 5 minutes): Redis
     records past it, or PostgreSQL day partitions (and make the next days' ahead)."""
 
-    async def go(services: Services) -> str:
-        unit = services.history.sweep_unit
+    async def go(router: Router) -> str:
+        unit = router.home.history.sweep_unit
         with counting("sweeping", unit) as advance:
-            return f"removed {await services.history.sweep(on_batch=advance)} {unit}"
+            removed = await router.each(lambda s: s.history.sweep(on_batch=advance))
+            return f"removed {sum(removed)} {unit}"
 
-    console.print(on_services(go))
+    console.print(on_router(go))
 
 
 @app.command()
 def status() -> None:
     """Queue depth, live workers, failing and disabled callbacks, the last hour and day."""
-    st = on_services(lambda s: s.status())
+    st = on_router(views.status)
     table = Table("what", "value", show_header=False)
     table.add_row("queue: jobs due", str(st.queue_due))
     table.add_row("queue: oldest due (s)", f"{st.oldest_due_s:.1f}")
@@ -123,3 +127,9 @@ def status() -> None:
         percentiles = f"{duration(span.p50_ms)} / {duration(span.p99_ms)}"
         table.add_row(f"last {span.span.name}: attempt duration p50 / p99", percentiles)
     console.print(table)
+
+
+async def _redeliver(router: Router, record_id: int) -> str:
+    """Redeliver a record known by its id alone, from the shard that holds it."""
+    holder = await views.holder(router, record_id, None)
+    return await holder.redeliver(record_id)

@@ -14,17 +14,18 @@ from dispatcher.cli.common import (
     counting,
     err,
     load_settings,
-    on_services,
+    on_router,
     records_table,
     run_async,
     with_redis_url,
 )
-from dispatcher.connections import connect
 from dispatcher.history import database
 from dispatcher.history.migrate import migrate
 from dispatcher.history.schema import MIGRATIONS, schema_version, upgrade
 from dispatcher.history.shipper import Shipper
 from dispatcher.settings import Settings
+from dispatcher.shards import views
+from dispatcher.shards.topology import close_all, connect_shards, shards_of
 
 __all__ = ["db_app", "history_app", "upgrade_schema"]
 
@@ -53,8 +54,8 @@ def history(
         err.print("give --project, --url and --event (or a command: ship, migrate)")
         raise typer.Exit(2)
     settings = load_settings()
-    result = on_services(
-        lambda s: s.history_page(project, url, event, since, until, page, page_size)
+    result = on_router(
+        lambda r: views.history_page(r, project, url, event, since, until, page, page_size)
     )
     console.print(records_table(result.records, settings))
     console.print(
@@ -85,24 +86,34 @@ def ship(
     configure_logging(settings)
 
     async def go() -> int:
-        redis = connect(settings)
+        shards = shards_of(settings)
+        clients = connect_shards(settings, shards)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        shipper = Shipper(redis, settings, elect=not drain, stop=stop)
+        shippers = [
+            Shipper(client, settings, shard, elect=not drain, stop=stop)
+            for shard, client in zip(shards, clients, strict=True)
+        ]
         try:
-            if not drain:
-                await shipper.run()
-                return shipper.shipped
-            with database.unavailable():
-                await shipper.open()
-                return await shipper.drain()
+            return sum(await asyncio.gather(*(_ship(s, drain=drain) for s in shippers)))
         finally:
-            await shipper.close()
-            await redis.aclose()
+            for shipper in shippers:
+                await shipper.close()
+            await close_all(clients)
 
     console.print(f"shipped {run_async(go)} records")
+
+
+async def _ship(shipper: Shipper, *, drain: bool) -> int:
+    """One shard's stream: shipped until stopped, or (`drain`) what waits now."""
+    if not drain:
+        await shipper.run()
+        return shipper.shipped
+    with database.unavailable():
+        await shipper.open()
+        return await shipper.drain()
 
 
 @history_app.command("migrate")
@@ -111,12 +122,17 @@ def migrate_command() -> None:
     settings = _postgres_settings()
 
     async def go() -> tuple[int, int]:
-        redis = connect(settings)
+        shards = shards_of(settings)
+        clients = connect_shards(settings, shards)
+        read = stored = 0
         try:
             with database.unavailable(), counting("copying", "records") as advance:
-                return await migrate(redis, settings, on_batch=advance)
+                for shard, client in zip(shards, clients, strict=True):
+                    n, new = await migrate(client, shard.keys, settings, on_batch=advance)
+                    read, stored = read + n, stored + new
         finally:
-            await redis.aclose()
+            await close_all(clients)
+        return read, stored
 
     read, stored = run_async(go)
     console.print(f"copied {stored} records ({read - stored} were there already)")

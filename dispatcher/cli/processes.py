@@ -25,6 +25,7 @@ from dispatcher.cli.common import (
 from dispatcher.connections import REDIS_ERRORS, shown
 from dispatcher.embedded import EmbeddedRedis
 from dispatcher.settings import EMBEDDED, Settings
+from dispatcher.shards.topology import shards_of
 
 
 def _listen(host: str | None, port: int | None) -> dict[str, Any]:
@@ -139,7 +140,7 @@ def _check_worker(settings: Settings, host: str) -> int:
     async def go() -> int:
         redis = connect(settings.model_copy(update={"redis_timeout": 2.0}))
         try:
-            alive = await live_workers(redis, host)
+            alive = await live_workers(redis, shards_of(settings)[0].keys, host)
         except REDIS_ERRORS as exc:
             err.print(f"Redis unreachable: {exc}")
             return 1

@@ -16,13 +16,14 @@ from typing import TYPE_CHECKING
 
 from itsdangerous import BadSignature, URLSafeTimedSerializer
 
-from dispatcher import keys
 from dispatcher.errors import Forbidden
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
     from starlette.requests import Request
     from starlette.responses import Response
+
+    from dispatcher.keys import Keys
 
 __all__ = ["COOKIE", "FIELD", "TOKEN_MAX_AGE_S", "Csrf"]
 
@@ -33,12 +34,13 @@ _SALT = "dispatcher-console-csrf"
 _NONCE_BYTES = 16
 
 
-async def _signer(redis: Redis) -> URLSafeTimedSerializer:
-    """The serializer keyed by the shared key (made by the first process that needs it)."""
-    key = await redis.get(keys.CONSOLE_CSRF_KEY)
+async def _signer(redis: Redis, name: str) -> URLSafeTimedSerializer:
+    """The serializer keyed by the shared key `name` (made by the first process that needs
+    it)."""
+    key = await redis.get(name)
     if key is None:
-        await redis.set(keys.CONSOLE_CSRF_KEY, secrets.token_hex(32), nx=True)
-        key = await redis.get(keys.CONSOLE_CSRF_KEY)
+        await redis.set(name, secrets.token_hex(32), nx=True)
+        key = await redis.get(name)
     return URLSafeTimedSerializer(key, salt=_SALT)
 
 
@@ -50,9 +52,10 @@ def _cookie_nonce(request: Request) -> str | None:
 class Csrf:
     """The token of one request: made for pages, checked for forms."""
 
-    def __init__(self, request: Request, redis: Redis, uid: str) -> None:
+    def __init__(self, request: Request, redis: Redis, keys: Keys, uid: str) -> None:
         self.request = request
         self.redis = redis
+        self.key_name = keys.CONSOLE_CSRF_KEY
         self.uid = uid
         self.nonce = _cookie_nonce(request)
         self.new_nonce = self.nonce is None
@@ -61,7 +64,7 @@ class Csrf:
         """The token the page's forms carry (a new nonce when the browser sent none)."""
         if self.nonce is None:
             self.nonce = secrets.token_urlsafe(_NONCE_BYTES)
-        signed: str = (await _signer(self.redis)).dumps([self.uid, self.nonce])
+        signed: str = (await _signer(self.redis, self.key_name)).dumps([self.uid, self.nonce])
         return signed
 
     def set_cookie(self, response: Response, path: str) -> None:
@@ -80,7 +83,9 @@ class Csrf:
         if self.nonce is None:
             raise Forbidden("no CSRF cookie came with the form: reload the page and try again")
         try:
-            uid, nonce = (await _signer(self.redis)).loads(token, max_age=TOKEN_MAX_AGE_S)
+            uid, nonce = (await _signer(self.redis, self.key_name)).loads(
+                token, max_age=TOKEN_MAX_AGE_S
+            )
         except (BadSignature, ValueError, TypeError):
             raise Forbidden(
                 "the form's CSRF token is invalid or expired: reload the page and try again"

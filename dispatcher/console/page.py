@@ -28,6 +28,7 @@ from dispatcher.console.csrf import FIELD, Csrf
 from dispatcher.errors import DispatcherError, Unauthenticated
 from dispatcher.history import format_ms
 from dispatcher.services import Services
+from dispatcher.shards.router import Router
 from dispatcher.stats import duration
 
 __all__ = [
@@ -112,21 +113,21 @@ def _templates(request: Request) -> Templates:
     return templates
 
 
-def _services(request: Request) -> Services:
-    services: Services = request.app.state.services
-    return services
+def _router(request: Request) -> Router:
+    router: Router = request.app.state.router
+    return router
 
 
-ServicesDep = Annotated[Services, Depends(_services)]
+RouterDep = Annotated[Router, Depends(_router)]
 
 
 async def _caller(
-    services: ServicesDep,
+    router: RouterDep,
     uid: Annotated[str | None, Header(alias="X-DEVOPS-UID")] = None,
 ) -> str:
     if uid and uid.strip():
         return uid.strip()
-    if services.settings.open_access:
+    if router.settings.open_access:
         return ANONYMOUS
     raise Unauthenticated(
         "no X-DEVOPS-UID header: open the console through the gateway, which names you"
@@ -142,10 +143,20 @@ class Page:
     any), and how the page is rendered."""
 
     request: Request
-    services: Services
+    router: Router
     uid: str
     project_id: str | None = None
     role: Role | None = None
+
+    @property
+    def services(self) -> Services:
+        """The services of the page's project's shard (the home shard's, for none)."""
+        return self.router.of(self.project_id) if self.project_id else self.router.home
+
+    @property
+    def writing(self) -> Services:
+        """`services`, to change the project's callbacks (refused while it moves)."""
+        return self.router.writing(self.project_id or "")
 
     @property
     def is_admin(self) -> bool:
@@ -165,7 +176,8 @@ class Page:
         self, name: str, title: str, section: str | None = None, **context: Any
     ) -> HTMLResponse:
         """The template with the page's common context; `title` names where the user is."""
-        csrf = Csrf(self.request, self.services.redis, self.uid)
+        home = self.router.home
+        csrf = Csrf(self.request, home.redis, home.keys, self.uid)
         notice = self._notice()
         response = _templates(self.request).render(
             self.request,
@@ -189,28 +201,28 @@ class Page:
         return response
 
 
-async def _any_page(request: Request, services: ServicesDep, uid: Caller) -> Page:
-    return Page(request, services, uid)
+async def _any_page(request: Request, router: RouterDep, uid: Caller) -> Page:
+    return Page(request, router, uid)
 
 
 async def _member_page(
-    request: Request, services: ServicesDep, uid: Caller, project_id: ProjectPath
+    request: Request, router: RouterDep, uid: Caller, project_id: ProjectPath
 ) -> Page:
-    role = await services.roles.require(project_id, uid, Role.MEMBER)
-    return Page(request, services, uid, project_id, role)
+    role = await router.of(project_id).roles.require(project_id, uid, Role.MEMBER)
+    return Page(request, router, uid, project_id, role)
 
 
 async def _admin_form(
     request: Request,
-    services: ServicesDep,
+    router: RouterDep,
     uid: Caller,
     project_id: ProjectPath,
     token: Annotated[str, Form(alias=FIELD)] = "",
 ) -> Page:
     """A state-changing form: its CSRF token first, then the admin role."""
-    await Csrf(request, services.redis, uid).check(token)
-    role = await services.roles.require(project_id, uid, Role.ADMIN)
-    return Page(request, services, uid, project_id, role)
+    await Csrf(request, router.home.redis, router.home.keys, uid).check(token)
+    role = await router.of(project_id).roles.require(project_id, uid, Role.ADMIN)
+    return Page(request, router, uid, project_id, role)
 
 
 AnyPage = Annotated[Page, Depends(_any_page)]

@@ -22,6 +22,7 @@ from dispatcher.console.page import (
 )
 from dispatcher.errors import InvalidInput
 from dispatcher.models import Event, Region
+from dispatcher.shards import views
 
 if TYPE_CHECKING:
     from zoneinfo import ZoneInfo
@@ -178,7 +179,7 @@ async def dead_letters(
     project_id: ProjectPath,
     limit: Annotated[int, Query(alias="limit", ge=1, le=100)] = 50,
 ) -> HTMLResponse:
-    records = await page.services.dead_letters(project_id, limit)
+    records = await views.dead_letters(page.router, project_id, limit)
     return await page.render("dead.html", f"Dead letters · {project_id}", "dead", records=records)
 
 
@@ -186,7 +187,7 @@ async def dead_letters(
 async def status(page: AnyPage) -> HTMLResponse:
     """Queue, workers, and the attempts of the last hour and day: the service's, not one
     project's."""
-    found = await page.services.status()
+    found = await views.status(page.router)
     tz = page.services.settings.tz
     spans = [_span(found.hour, tz, "hour", "minute"), _span(found.day, tz, "day", "10 minutes")]
     return await page.render(

@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     from redis.asyncio import Redis
     from redis.asyncio.client import Pipeline
 
+    from dispatcher.keys import Keys
     from dispatcher.models import DeliveryStatus, HistoryPage, HistoryRecord
     from dispatcher.settings import Settings
 
@@ -127,12 +128,13 @@ class HistoryStore(Protocol):
         """Release what the store opened itself."""
 
 
-def open_history(settings: Settings, redis: Redis) -> HistoryStore:
-    """The backend the settings name: PostgreSQL with `DISPATCHER_HISTORY_URL`, else Redis."""
+def open_history(settings: Settings, redis: Redis, keys: Keys, id_floor: int = 0) -> HistoryStore:
+    """The backend the settings name: PostgreSQL with `DISPATCHER_HISTORY_URL`, else Redis;
+    its records on `redis`, under `keys`, their ids above `id_floor` (a shard's)."""
     if settings.history_url:
         from dispatcher.history.postgres import PostgresHistory
 
-        return PostgresHistory(redis, settings)
+        return PostgresHistory(redis, settings, keys, id_floor)
     from dispatcher.history.redis import RedisHistory
 
-    return RedisHistory(redis, settings)
+    return RedisHistory(redis, settings, keys, id_floor)

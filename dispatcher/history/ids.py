@@ -15,7 +15,6 @@ import asyncio
 import collections
 from typing import TYPE_CHECKING, Any
 
-from dispatcher import keys
 from dispatcher.lua import Lua
 
 if TYPE_CHECKING:
@@ -23,15 +22,21 @@ if TYPE_CHECKING:
 
     from redis.asyncio import Redis
 
+    from dispatcher.keys import Keys
+
 __all__ = ["ID_BLOCK", "ID_GAP", "RecordIds"]
 
 # record ids reserved per round trip
 ID_BLOCK = 1000
 ID_GAP = 100_000_000
 
-# KEYS: the counter, the server that handed out the last block. ARGV: block size, gap.
-# Returns the block's last id. A counter that was never used needs no gap (a fresh Redis).
+# KEYS: the counter, the server that handed out the last block. ARGV: block size, gap, the
+# first id of the shard's range (see `shards/shard.py`). Returns the block's last id. A
+# counter that was never used needs no gap (a fresh Redis).
 _BLOCK = Lua("""
+if tonumber(redis.call('GET', KEYS[1]) or '0') < tonumber(ARGV[3]) then
+  redis.call('SET', KEYS[1], ARGV[3])
+end
 local server = string.match(redis.call('INFO', 'server'), 'run_id:(%x+)')
 local last = redis.call('GET', KEYS[2])
 if last ~= server then
@@ -42,14 +47,15 @@ if last ~= server then
 end
 return redis.call('INCRBY', KEYS[1], ARGV[1])
 """)
-_KEYS = (keys.HISTORY_SEQ, keys.HISTORY_SEQ_SERVER)
 
 
 class RecordIds:
     """Gives records their ids from `dispatcher:history:seq`."""
 
-    def __init__(self, redis: Redis) -> None:
+    def __init__(self, redis: Redis, keys: Keys, id_floor: int = 0) -> None:
         self.redis = redis
+        self.id_floor = id_floor
+        self.keys = (keys.HISTORY_SEQ, keys.HISTORY_SEQ_SERVER)
         self._ids: collections.deque[int] = collections.deque()
         self._lock = asyncio.Lock()
 
@@ -60,7 +66,7 @@ class RecordIds:
         async with self._lock:
             while len(self._ids) < len(missing):
                 block = max(ID_BLOCK, len(missing) - len(self._ids))
-                last = int(await _BLOCK(self.redis, _KEYS, [block, ID_GAP]))
+                last = int(await _BLOCK(self.redis, self.keys, [block, ID_GAP, self.id_floor]))
                 self._ids.extend(range(last - block + 1, last + 1))
             for record in missing:
                 record["id"] = self._ids.popleft()

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from dispatcher import keys
 from dispatcher.history import database, window
 from dispatcher.history.loader import Loader, Row, parse_row
 
@@ -19,6 +18,7 @@ if TYPE_CHECKING:
 
     from redis.asyncio import Redis
 
+    from dispatcher.keys import Keys
     from dispatcher.settings import Settings
 
 __all__ = ["migrate"]
@@ -27,7 +27,7 @@ SCAN_COUNT = 1000
 
 
 async def migrate(
-    redis: Redis, settings: Settings, *, on_batch: Callable[[int], None] | None = None
+    redis: Redis, keys: Keys, settings: Settings, *, on_batch: Callable[[int], None] | None = None
 ) -> tuple[int, int]:
     """Copy the Redis history into PostgreSQL; returns (records read, records new there)."""
     dead = {int(m) for m in await redis.zrange(keys.HISTORY_DEAD, 0, -1)}

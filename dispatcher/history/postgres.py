@@ -20,7 +20,6 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from dispatcher import keys
 from dispatcher.errors import NotFound
 from dispatcher.history import database, window
 from dispatcher.history.ids import RecordIds
@@ -37,6 +36,7 @@ if TYPE_CHECKING:
     from redis.asyncio import Redis
     from redis.asyncio.client import Pipeline
 
+    from dispatcher.keys import Keys
     from dispatcher.models import HistoryRecord
     from dispatcher.settings import Settings
 
@@ -115,10 +115,11 @@ class PostgresHistory:
 
     sweep_unit = "day partitions"
 
-    def __init__(self, redis: Redis, settings: Settings) -> None:
+    def __init__(self, redis: Redis, settings: Settings, keys: Keys, id_floor: int = 0) -> None:
         self.redis = redis
         self.settings = settings
-        self._ids = RecordIds(redis)
+        self.keys = keys
+        self._ids = RecordIds(redis, keys, id_floor)
         self._pool: asyncpg.Pool | None = None
         self._pool_lock = asyncio.Lock()
 
@@ -131,7 +132,7 @@ class PostgresHistory:
     def record(self, pipe: Pipeline, record: dict[str, Any], *, dead: bool = False) -> None:
         """Queue the record's append to the stream on `pipe`. Sent twice (a pipeline whose
         answer was lost), it is stored once: the shipper skips an id it already has."""
-        pipe.xadd(keys.HISTORY_STREAM, stream_fields(record, dead))  # type: ignore[arg-type]
+        pipe.xadd(self.keys.HISTORY_STREAM, stream_fields(record, dead))  # type: ignore[arg-type]
 
     async def add(self, record: dict[str, Any], *, dead: bool = False) -> int:
         """Append one record now; returns its id (queryable once shipped)."""
@@ -142,8 +143,8 @@ class PostgresHistory:
     async def backlog(self) -> tuple[int, float]:
         """Records in the stream not yet shipped (and trimmed), and the oldest one's age."""
         async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.xlen(keys.HISTORY_STREAM)
-            pipe.xrange(keys.HISTORY_STREAM, count=1)
+            pipe.xlen(self.keys.HISTORY_STREAM)
+            pipe.xrange(self.keys.HISTORY_STREAM, count=1)
             length, first = await pipe.execute()
         if not first:
             return int(length), 0.0

@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from redis.asyncio import Redis
     from redis.asyncio.client import Pipeline
 
+    from dispatcher.keys import Keys
     from dispatcher.settings import Settings
 
 __all__ = ["RECORDS", "RedisHistory", "parse_records"]
@@ -133,10 +134,11 @@ class RedisHistory:
 
     sweep_unit = "records"
 
-    def __init__(self, redis: Redis, settings: Settings) -> None:
+    def __init__(self, redis: Redis, settings: Settings, keys: Keys, id_floor: int = 0) -> None:
         self.redis = redis
         self.settings = settings
-        self._ids = RecordIds(redis)
+        self.keys = keys
+        self._ids = RecordIds(redis, keys, id_floor)
 
     async def assign_ids(self, records: Iterable[dict[str, Any]]) -> None:
         """Give each record without an `id` a new one (see `RecordIds`)."""
@@ -160,14 +162,14 @@ class RedisHistory:
         _RECORD.queue(
             pipe,
             [
-                keys.history_record(record_id),
-                keys.history_index(project_id, record["events"], record["callBackUrl"]),
-                keys.HISTORY_INDEXES,
-                keys.HISTORY_DEAD,
-                keys.history_dead(project_id),
-                keys.HISTORY_DEAD_KEYS,
-                keys.history_attempts(delivery_id),
-                keys.history_url_index(
+                self.keys.history_record(record_id),
+                self.keys.history_index(project_id, record["events"], record["callBackUrl"]),
+                self.keys.HISTORY_INDEXES,
+                self.keys.HISTORY_DEAD,
+                self.keys.history_dead(project_id),
+                self.keys.HISTORY_DEAD_KEYS,
+                self.keys.history_attempts(delivery_id),
+                self.keys.history_url_index(
                     project_id, record["callBackUrl"], record["status"] != DeliveryStatus.SUCCESS
                 ),
             ],
@@ -202,8 +204,8 @@ class RedisHistory:
             return HistoryPage(records=[], count=0, total_pages=0, page_size=page_size, page=page)
         total, raws = await _QUERY(
             self.redis,
-            [keys.history_index(project_id, event, url)],
-            [start_ms, end_ms, (page - 1) * page_size, page_size, keys.HISTORY_RECORD_PREFIX],
+            [self.keys.history_index(project_id, event, url)],
+            [start_ms, end_ms, (page - 1) * page_size, page_size, self.keys.HISTORY_RECORD_PREFIX],
         )
         records = parse_records(raws)
         return HistoryPage(
@@ -215,7 +217,7 @@ class RedisHistory:
         )
 
     async def get(self, record_id: int, project_id: str | None = None) -> HistoryRecord:
-        raw = await self.redis.get(keys.history_record(record_id))
+        raw = await self.redis.get(self.keys.history_record(record_id))
         if raw is None:
             raise NotFound(f"history record {record_id} not found")
         record = HistoryRecord.model_validate_json(raw)
@@ -226,7 +228,7 @@ class RedisHistory:
     async def dead(self, project_id: str | None = None, limit: int = 50) -> list[HistoryRecord]:
         """The latest attempts after which a delivery gave up (the dead-letter view), of one
         project or of all, newest first, in one round trip."""
-        key = keys.HISTORY_DEAD if project_id is None else keys.history_dead(project_id)
+        key = self.keys.HISTORY_DEAD if project_id is None else self.keys.history_dead(project_id)
         return await self._latest(key, limit)
 
     async def attempts(
@@ -235,12 +237,12 @@ class RedisHistory:
         """Every attempt of one delivery still within the retention (its retries and
         redeliveries), newest first, in one round trip."""
         now = time.time_ns() // 1_000_000 if now_ms is None else now_ms
-        found = await self._latest(keys.history_attempts(delivery_id), MAX_ATTEMPTS_SHOWN)
+        found = await self._latest(self.keys.history_attempts(delivery_id), MAX_ATTEMPTS_SHOWN)
         cutoff = now - self.settings.retention_ms
         return [r for r in found if r.project_id == project_id and r.created_time >= cutoff]
 
     async def _latest(self, key: str, limit: int) -> list[HistoryRecord]:
-        raws = await _LATEST(self.redis, [key], [limit, keys.HISTORY_RECORD_PREFIX])
+        raws = await _LATEST(self.redis, [key], [limit, self.keys.HISTORY_RECORD_PREFIX])
         return parse_records(raws)
 
     async def recent(
@@ -264,7 +266,7 @@ class RedisHistory:
         if before is not None and before.created_ms <= end_ms:
             newest, excluded = before.created_ms, keys.history_member(before.id)
         failed = [False, True] if status is None else [status is DeliveryStatus.FAILED]
-        indexes = [keys.history_url_index(project_id, url, f) for url in urls for f in failed]
+        indexes = [self.keys.history_url_index(project_id, url, f) for url in urls for f in failed]
         if start_ms > newest or not indexes:
             return Recent([], None)
 
@@ -279,7 +281,7 @@ class RedisHistory:
             )
         found.sort(reverse=True)
         ids = [record_id for _, record_id in found[: limit + 1]]
-        raws = await self.redis.mget([keys.history_record(i) for i in ids]) if ids else []
+        raws = await self.redis.mget([self.keys.history_record(i) for i in ids]) if ids else []
         return Recent.of(parse_records(raws), limit)
 
     async def final_failures(
@@ -321,11 +323,11 @@ class RedisHistory:
         cutoff = now - self.settings.retention_ms
         batch = self.settings.sweep_batch
         removed = batches = 0
-        async for index in self.redis.sscan_iter(keys.HISTORY_INDEXES, count=100):
-            swept = [index.decode(), keys.HISTORY_INDEXES]
-            swept += keys.history_url_indexes_of(swept[0])
+        async for index in self.redis.sscan_iter(self.keys.HISTORY_INDEXES, count=100):
+            swept = [index.decode(), self.keys.HISTORY_INDEXES]
+            swept += self.keys.history_url_indexes_of(swept[0])
             while True:
-                args: list[str | int] = [cutoff, batch, keys.HISTORY_RECORD_PREFIX]
+                args: list[str | int] = [cutoff, batch, self.keys.HISTORY_RECORD_PREFIX]
                 n = int(await _SWEEP(self.redis, swept, args))
                 removed += n
                 batches += 1
@@ -335,9 +337,11 @@ class RedisHistory:
                     break
             if bounded():
                 break
-        dead_keys = [key async for key in self.redis.sscan_iter(keys.HISTORY_DEAD_KEYS, count=100)]
+        dead_keys = [
+            key async for key in self.redis.sscan_iter(self.keys.HISTORY_DEAD_KEYS, count=100)
+        ]
         async with self.redis.pipeline(transaction=False) as pipe:
-            for key in [keys.HISTORY_DEAD.encode(), *dead_keys]:
+            for key in [self.keys.HISTORY_DEAD.encode(), *dead_keys]:
                 pipe.zremrangebyscore(key, "-inf", cutoff)
             await pipe.execute()
         return removed

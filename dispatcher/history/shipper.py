@@ -32,12 +32,13 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import asyncpg
 import structlog
 
-from dispatcher import keys, metrics
+from dispatcher import metrics
 from dispatcher.connections import REDIS_ERRORS
 from dispatcher.history import database, window
 from dispatcher.history.loader import Loader, Pair, Row, parse_row
 from dispatcher.history.schema import DAY_MS
 from dispatcher.lua import Lua
+from dispatcher.shards.shard import ID_SPAN, Shard
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
@@ -106,6 +107,7 @@ class Shipper:
         self,
         redis: Redis,
         settings: Settings,
+        shard: Shard | None = None,
         *,
         elect: bool = True,
         stop: asyncio.Event | None = None,
@@ -114,7 +116,10 @@ class Shipper:
         self.settings = settings
         self.stop = stop  # set: stop waiting for entries, ship what is left, end
         self.elect = elect  # take the advisory lock first (False: a test's second shipper)
-        self.stream = keys.HISTORY_STREAM
+        self.shard = shard = shard or Shard.single(settings.queue_name)
+        self.stream = shard.keys.HISTORY_STREAM  # its key
+        self.name = shard.stream_name  # its watermark's row in history_shipped
+        self.lock = SHIP_LOCK + shard.index  # the shards' streams ship side by side
         self.conn: asyncpg.Connection | None = None
         self.loader: Loader | None = None
         self.pairs: dict[Pair, int] = {}
@@ -132,23 +137,27 @@ class Shipper:
         if self.conn is None:
             self.conn = await database.connect(self.settings)
         if self.elect and not await self.conn.fetchval(
-            "SELECT pg_try_advisory_lock($1)", SHIP_LOCK
+            "SELECT pg_try_advisory_lock($1)", self.lock
         ):
             return False  # another shipper ships; ask again later on this connection
         self.loader = Loader(self.conn, self.pairs)
         await self.conn.execute(
             "INSERT INTO history_shipped (stream, last_id) VALUES ($1, '0-0')"
             " ON CONFLICT DO NOTHING",
-            self.stream,
+            self.name,
         )
         self.watermark = _sid(
             await self.conn.fetchval(
-                "SELECT last_id FROM history_shipped WHERE stream = $1", self.stream
+                "SELECT last_id FROM history_shipped WHERE stream = $1", self.name
             )
         )
-        top = await self.conn.fetchval("SELECT max(id) FROM history_attempts")
+        floor = self.shard.id_floor
+        top = await self.conn.fetchval(
+            "SELECT max(id) FROM history_attempts WHERE id >= $1 AND id < $2",
+            floor, floor + ID_SPAN,
+        )  # fmt: skip
         if top is not None:
-            await _SEED_IDS(self.redis, [keys.HISTORY_SEQ], [int(top)])
+            await _SEED_IDS(self.redis, [self.shard.keys.HISTORY_SEQ], [int(top)])
         await self._check_stream()
         await self._trim()
         self.leading = True
@@ -167,7 +176,7 @@ class Shipper:
         log.error("history.stream_reset", watermark=_text(self.watermark),
                   last_id=str(info["last-generated-id"]))  # fmt: skip
         await self.conn.execute(
-            "UPDATE history_shipped SET last_id = '0-0' WHERE stream = $1", self.stream
+            "UPDATE history_shipped SET last_id = '0-0' WHERE stream = $1", self.name
         )
         self.watermark = (0, 0)
 
@@ -271,7 +280,7 @@ class Shipper:
         async with self.conn.transaction():
             done = _sid(
                 await self.conn.fetchval(
-                    "SELECT last_id FROM history_shipped WHERE stream = $1 FOR UPDATE", self.stream
+                    "SELECT last_id FROM history_shipped WHERE stream = $1 FOR UPDATE", self.name
                 )
             )
             if parsed is None:
@@ -282,7 +291,7 @@ class Shipper:
             if last > done:
                 await self.conn.execute(
                     "UPDATE history_shipped SET last_id = $2, shipped = shipped + $3"
-                    " WHERE stream = $1", self.stream, _text(last), stored,
+                    " WHERE stream = $1", self.name, _text(last), stored,
                 )  # fmt: skip
         self.watermark = max(last, done)
         return stored

@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from redis.asyncio.client import Pipeline
 
     from dispatcher.delivery import AuthHeader
+    from dispatcher.keys import Keys
 
 __all__ = [
     "TARGET_FIELDS",
@@ -139,9 +140,10 @@ class ChunkQuery:
     Batcher's, say), then `read` its answer."""
 
     def __init__(
-        self, decrypt: Decrypt, project_id: str, event: str, pipeline_id: object,
+        self, keys: Keys, decrypt: Decrypt, project_id: str, event: str, pipeline_id: object,
         after: int, size: int,
     ) -> None:  # fmt: skip
+        self.keys = keys
         self.decrypt = decrypt
         self.scopes = event_scopes(project_id, pipeline_id)
         self.event = event
@@ -152,10 +154,10 @@ class ChunkQuery:
         scopes = [scope for scope, _ in self.scopes]
         MATCH.queue(
             pipe,
-            [keys.match(scope, self.event) for scope in scopes]
-            + [keys.callback_unique(scope) for scope in scopes],
+            [self.keys.match(scope, self.event) for scope in scopes]
+            + [self.keys.callback_unique(scope) for scope in scopes],
             [
-                self.after, self.size, keys.CALLBACK_PREFIX, keys.HEALTH_PREFIX,
+                self.after, self.size, self.keys.CALLBACK_PREFIX, self.keys.HEALTH_PREFIX,
                 keys.callback_unique_field(self.event, ""), *TARGET_FIELDS,
             ],
         )  # fmt: skip

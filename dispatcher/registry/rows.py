@@ -7,7 +7,7 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from dispatcher import keys
+from dispatcher.keys import callback_unique_field
 from dispatcher.models import Callback, Event, Level, Region
 from dispatcher.registry.options import Options
 from dispatcher.registry.rules import level_of
@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     from collections.abc import Mapping
 
     from dispatcher.delivery import AuthHeader
+    from dispatcher.keys import Keys
 
 __all__ = ["Upsert", "to_callback"]
 
@@ -36,7 +37,7 @@ class Upsert:
     creator: str
     options: Options
 
-    def argv(self, event: Event, now_ms: int) -> list[str | int]:
+    def argv(self, keys: Keys, id_floor: int, event: Event, now_ms: int) -> list[str | int]:
         """The UPSERT script's ARGV for `event` (see `scripts.UPSERT`)."""
         once = [
             "projectId",
@@ -69,12 +70,13 @@ class Upsert:
             *self.options.to_fields(),
         ]
         return [
-            keys.callback_unique_field(event.value, self.url),
+            callback_unique_field(event.value, self.url),
             now_ms,
             keys.CALLBACK_PREFIX,
             keys.HEALTH_PREFIX,
             keys.FILTER_ERRORS_PREFIX,
             len(once) // 2,
+            id_floor,
             *once,
             *every,
         ]

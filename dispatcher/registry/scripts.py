@@ -6,28 +6,32 @@ from __future__ import annotations
 
 from dispatcher.lua import Lua
 
-__all__ = ["DELETE", "MATCH", "ROTATE", "SET_ENABLED", "UPGRADE", "UPSERT"]
+__all__ = ["DELETE", "MATCH", "PUT", "ROTATE", "SET_ENABLED", "UPGRADE", "UPSERT"]
 
 # KEYS: upsert hash, id counter, match zset, disabled zset, failing zset, then the listing
 # zsets the callback joins when created (its project's; its pipeline's too).
 # ARGV: upsert field, now, callback prefix, health prefix, filter errors prefix, the number
-# n of field/value pairs written only when the callback is created, those n pairs, then the
-# pairs written by every registration (see `store.Upsert.argv`). Re-enables the callback
+# n of field/value pairs written only when the callback is created, the first id of the
+# shard's range (see `shards/shard.py`), those n pairs, then the pairs written by every
+# registration (see `store.Upsert.argv`). Re-enables the callback
 # and clears its failure count and filter errors. Returns {id, 1 when created}.
 UPSERT = Lua("""
 local id = redis.call('HGET', KEYS[1], ARGV[1])
 local created = 0
 if not id then
+  if tonumber(redis.call('GET', KEYS[2]) or '0') < tonumber(ARGV[7]) then
+    redis.call('SET', KEYS[2], ARGV[7])
+  end
   id = tostring(redis.call('INCR', KEYS[2]))
   created = 1
   redis.call('HSET', KEYS[1], ARGV[1], id)
   for i = 6, #KEYS do redis.call('ZADD', KEYS[i], id, id) end
 end
 local key = ARGV[3] .. id
-local once = 7 + 2 * tonumber(ARGV[6])
+local once = 8 + 2 * tonumber(ARGV[6])
 if created == 1 then
   local fields = {'id', id, 'createdTime', ARGV[2]}
-  for i = 7, once - 1 do fields[#fields + 1] = ARGV[i] end
+  for i = 8, once - 1 do fields[#fields + 1] = ARGV[i] end
   redis.call('HSET', key, unpack(fields))
 end
 local fields = {'enabled', '1', 'disabledReason', '', 'updatedTime', ARGV[2]}
@@ -155,5 +159,31 @@ if redis.call('TYPE', KEYS[1]).ok ~= 'set' then return 0 end
 local ids = redis.call('SMEMBERS', KEYS[1])
 redis.call('DEL', KEYS[1])
 for _, id in ipairs(ids) do redis.call('ZADD', KEYS[1], id, id) end
+return 1
+""")
+
+# KEYS: callback hash, upsert hash of its scope, its project's listing, its match zset,
+# disabled zset, failing zset, its health hash, then its pipeline's listing (when it has a
+# pipeline). ARGV: id, upsert field, enabled ('1'/'0'), updatedTime, '1' to start its
+# failure count again, then every field/value pair of its hash. Writes a callback exactly as
+# another shard holds it, id included (a platform-wide callback's copy, a moved project's
+# callback). Returns 1.
+PUT = Lua("""
+redis.call('DEL', KEYS[1])
+redis.call('HSET', KEYS[1], unpack(ARGV, 6))
+redis.call('HSET', KEYS[2], ARGV[2], ARGV[1])
+redis.call('ZADD', KEYS[3], ARGV[1], ARGV[1])
+if KEYS[8] then redis.call('ZADD', KEYS[8], ARGV[1], ARGV[1]) end
+if ARGV[3] == '1' then
+  redis.call('ZADD', KEYS[4], ARGV[1], ARGV[1])
+  redis.call('ZREM', KEYS[5], ARGV[1])
+else
+  redis.call('ZREM', KEYS[4], ARGV[1])
+  redis.call('ZADD', KEYS[5], ARGV[4], ARGV[1])
+end
+if ARGV[5] == '1' then
+  redis.call('DEL', KEYS[7])
+  redis.call('ZREM', KEYS[6], ARGV[1])
+end
 return 1
 """)

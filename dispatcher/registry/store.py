@@ -11,6 +11,7 @@ import structlog
 from dispatcher import keys
 from dispatcher.delivery import check_auth_header
 from dispatcher.errors import InvalidEvent, InvalidInput, NotFound
+from dispatcher.keys import Keys
 from dispatcher.lua import run_pipeline
 from dispatcher.models import (
     Callback,
@@ -41,7 +42,7 @@ __all__ = ["LAYOUT", "Registry"]
 
 log = structlog.get_logger("dispatcher.registry")
 
-LAYOUT = b"2"  # ordered match sets (see keys.py)
+LAYOUT = b"2"  # ordered match sets (see self.keys.py)
 MATCH_ALL_CHUNK = 1000
 
 
@@ -55,9 +56,18 @@ class Registry:
     pipeline, url, event): registering again updates the region, the token, the auth
     header and the options, and re-enables the callback."""
 
-    def __init__(self, redis: Redis, cipher: TokenCipher | None = None) -> None:
+    def __init__(
+        self,
+        redis: Redis,
+        cipher: TokenCipher | None = None,
+        keys: Keys | None = None,
+        *,
+        id_floor: int = 0,
+    ) -> None:
         self.redis = redis
         self.cipher = cipher
+        self.keys = keys or Keys()
+        self.id_floor = id_floor  # new callbacks' ids start above it (the shard's range)
 
     async def create(
         self,
@@ -142,9 +152,9 @@ class Registry:
 
     async def _upsert_many(self, upsert: Upsert, events: list[Event]) -> list[tuple[int, bool]]:
         scope = keys.scope(upsert.project_id, upsert.pipeline_id)
-        listings = [keys.project_callbacks(upsert.project_id)]
+        listings = [self.keys.project_callbacks(upsert.project_id)]
         if upsert.pipeline_id:
-            listings.append(keys.pipeline_callbacks(upsert.project_id, upsert.pipeline_id))
+            listings.append(self.keys.pipeline_callbacks(upsert.project_id, upsert.pipeline_id))
         now = _now_ms()
 
         def upsert_all(pipe: Pipeline) -> None:
@@ -152,11 +162,11 @@ class Registry:
                 UPSERT.queue(
                     pipe,
                     [
-                        keys.callback_unique(scope), keys.CALLBACK_SEQ,
-                        keys.match(scope, event.value), keys.CALLBACKS_DISABLED,
-                        keys.HEALTH_FAILING, *listings,
+                        self.keys.callback_unique(scope), self.keys.CALLBACK_SEQ,
+                        self.keys.match(scope, event.value), self.keys.CALLBACKS_DISABLED,
+                        self.keys.HEALTH_FAILING, *listings,
                     ],
-                    upsert.argv(event, now),
+                    upsert.argv(self.keys, self.id_floor, event, now),
                 )  # fmt: skip
 
         results: list[list[int]] = await run_pipeline(self.redis, upsert_all)
@@ -178,8 +188,8 @@ class Registry:
         if self.cipher is None:
             raise InvalidInput("no DISPATCHER_TOKEN_KEYS configured: nothing to rotate with")
         rotated = 0
-        prefix = keys.CALLBACK_PREFIX.encode()
-        async for key in self.redis.scan_iter(match=f"{keys.CALLBACK_PREFIX}*", count=500):
+        prefix = self.keys.CALLBACK_PREFIX.encode()
+        async for key in self.redis.scan_iter(match=f"{self.keys.CALLBACK_PREFIX}*", count=500):
             if not key[len(prefix) :].isdigit():  # not a callback: an index of them
                 continue
             fields = ["secretToken", "previousToken", "authHeaderValue"]
@@ -210,7 +220,7 @@ class Registry:
         until = now + int(overlap_s * 1000) if overlap_s > 0 else ""
         done = await ROTATE(
             self.redis,
-            [keys.callback(callback_id)],
+            [self.keys.callback(callback_id)],
             [project_id, pipeline_id or "", self._encrypt(token), until, now],
         )
         if not done:
@@ -224,7 +234,7 @@ class Registry:
     ) -> ChunkQuery:  # fmt: skip
         """The `size` callbacks after callback id `after` that an event of `project_id`
         (whose data names `pipeline_id`) goes to; see `registry.match`."""
-        return ChunkQuery(self.decrypt, project_id, event, pipeline_id, after, size)
+        return ChunkQuery(self.keys, self.decrypt, project_id, event, pipeline_id, after, size)
 
     async def match(
         self, project_id: str, event: str, *, pipeline_id: object = None
@@ -243,7 +253,7 @@ class Registry:
         """The current URL/region/secrets/options of one callback, or None when gone or
         disabled."""
         values = await self.redis.hmget(  # type: ignore[misc]  # redis-py's sync|async union
-            keys.callback(callback_id), [*TARGET_FIELDS, "projectId"]
+            self.keys.callback(callback_id), [*TARGET_FIELDS, "projectId"]
         )
         *fields, project = values
         if fields[0] is None or fields[1] != b"1":
@@ -270,8 +280,8 @@ class Registry:
         as `filterErrors` and `filterLastError`, in one round trip."""
         async with self.redis.pipeline(transaction=False) as pipe:
             for cid in callback_ids:
-                pipe.hgetall(keys.callback(cid))
-                pipe.hmget(keys.filter_errors(cid), ["n", "lastError"])
+                pipe.hgetall(self.keys.callback(cid))
+                pipe.hmget(self.keys.filter_errors(cid), ["n", "lastError"])
             answers = await pipe.execute()
         rows = []
         for raw, (errors, last) in zip(answers[::2], answers[1::2], strict=True):
@@ -290,8 +300,8 @@ class Registry:
         if page < 1 or page_size < 1:
             raise InvalidInput("page and pageSize must be >= 1", param="page")
         listing = (
-            keys.pipeline_callbacks(project_id, pipeline_id) if pipeline_id
-            else keys.project_callbacks(project_id)
+            self.keys.pipeline_callbacks(project_id, pipeline_id) if pipeline_id
+            else self.keys.project_callbacks(project_id)
         )  # fmt: skip
         start = (page - 1) * page_size
         async with self.redis.pipeline(transaction=False) as pipe:
@@ -309,13 +319,14 @@ class Registry:
         self, project_id: str, callback_id: int, *, pipeline_id: str | None = None
     ) -> None:
         """Delete one of the project's callbacks (of that pipeline, when one is named)."""
+        k = self.keys
         done = await DELETE(
             self.redis,
-            [keys.callback(callback_id), keys.CALLBACKS_DISABLED, keys.HEALTH_FAILING],
+            [k.callback(callback_id), k.CALLBACKS_DISABLED, k.HEALTH_FAILING],
             [
-                project_id, pipeline_id or "", keys.CALLBACK_UNIQUE_PREFIX,
-                keys.PROJECT_CALLBACKS_PREFIX, keys.PIPELINE_CALLBACKS_PREFIX, keys.MATCH_PREFIX,
-                keys.HEALTH_PREFIX, keys.SEP, keys.UNIQUE_SEP, keys.FILTER_ERRORS_PREFIX,
+                project_id, pipeline_id or "", k.CALLBACK_UNIQUE_PREFIX,
+                k.PROJECT_CALLBACKS_PREFIX, k.PIPELINE_CALLBACKS_PREFIX, k.MATCH_PREFIX,
+                k.HEALTH_PREFIX, keys.SEP, keys.UNIQUE_SEP, k.FILTER_ERRORS_PREFIX,
             ],
         )  # fmt: skip
         if not done:
@@ -337,30 +348,31 @@ class Registry:
         if not done:
             raise NotFound(f"callback {callback_id} not found in {_where(project_id, None)}")
 
-    @staticmethod
     def queue_set_enabled(
+        self,
         pipe: Pipeline, callback_id: int, enabled: bool, reason: str = "",
         project_id: str | None = None,
     ) -> None:  # fmt: skip
         """`set_enabled` queued on a pipeline; its answer is 0 when the callback is missing."""
+        k = self.keys
         SET_ENABLED.queue(
             pipe,
-            [keys.callback(callback_id), keys.CALLBACKS_DISABLED, keys.HEALTH_FAILING],
+            [k.callback(callback_id), k.CALLBACKS_DISABLED, k.HEALTH_FAILING],
             [
-                "1" if enabled else "0", reason, _now_ms(), keys.MATCH_PREFIX, keys.SEP,
-                project_id or "", keys.HEALTH_PREFIX,
+                "1" if enabled else "0", reason, _now_ms(), k.MATCH_PREFIX, keys.SEP,
+                project_id or "", k.HEALTH_PREFIX,
             ],
         )  # fmt: skip
 
     async def upgrade(self) -> int:
         """Convert a layout-1 registry (match sets as SETs) to this one; returns how many
         match sets it converted. Safe to run by many processes at once, and again."""
-        if await self.redis.get(keys.CALLBACKS_LAYOUT) == LAYOUT:
+        if await self.redis.get(self.keys.CALLBACKS_LAYOUT) == LAYOUT:
             return 0
         converted = 0
-        async for key in self.redis.scan_iter(match=f"{keys.MATCH_PREFIX}*", count=500):
+        async for key in self.redis.scan_iter(match=f"{self.keys.MATCH_PREFIX}*", count=500):
             converted += int(await UPGRADE(self.redis, [key.decode()], []))
-        await self.redis.set(keys.CALLBACKS_LAYOUT, LAYOUT)
+        await self.redis.set(self.keys.CALLBACKS_LAYOUT, LAYOUT)
         if converted:
             log.info("registry.upgraded", match_sets=converted, layout=LAYOUT.decode())
         return converted

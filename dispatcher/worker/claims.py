@@ -14,8 +14,8 @@ import hashlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from dispatcher import keys
 from dispatcher.jobs import encode, now_ms
+from dispatcher.keys import SEP
 from dispatcher.lua import Lua, run_pipeline
 
 if TYPE_CHECKING:
@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from redis.asyncio.client import Pipeline
 
     from dispatcher.jobs import EventJob
+    from dispatcher.keys import Keys
 
 __all__ = ["Budgets", "Claimed", "Claims"]
 
@@ -151,9 +152,10 @@ class Claimed:
 class Claims:
     """The claim operations of one worker (its lease token) on one queue."""
 
-    def __init__(self, redis: Redis, queue_name: str, token: str, lease_s: float) -> None:
+    def __init__(self, redis: Redis, keys: Keys, token: str, lease_s: float) -> None:
         self.redis = redis
-        self.queue_name = queue_name
+        self.keys = keys
+        self.queue_name = keys.QUEUE
         self.token = token
         self.lease_ms = int(lease_s * 1000)
 
@@ -165,8 +167,8 @@ class Claims:
         take (-1: any), and how many more each named one may (`Shares.claim_budgets`)."""
         newcomer, projects = shares
         args: list[str | int] = [
-            now_ms(), count, self.lease_ms, self.token, keys.ARQ_IN_PROGRESS_PREFIX,
-            keys.ARQ_JOB_PREFIX, keys.ARQ_RETRY_PREFIX, RETRY_KEY_TTL_S, budget, keys.SEP,
+            now_ms(), count, self.lease_ms, self.token, self.keys.ARQ_IN_PROGRESS_PREFIX,
+            self.keys.ARQ_JOB_PREFIX, self.keys.ARQ_RETRY_PREFIX, RETRY_KEY_TTL_S, budget, SEP,
             newcomer,
         ]  # fmt: skip
         for project, more in projects.items():
@@ -181,15 +183,15 @@ class Claims:
         """Extend the leases of `job_ids` that are still ours; returns how many were."""
         if not job_ids:
             return 0
-        leases = [keys.ARQ_IN_PROGRESS_PREFIX + job_id for job_id in job_ids]
+        leases = [self.keys.ARQ_IN_PROGRESS_PREFIX + job_id for job_id in job_ids]
         return int(await _RENEW(self.redis, leases, [self.lease_ms, self.token]))
 
     def _keys(self, job_id: str) -> list[str]:
         return [
             self.queue_name,
-            keys.ARQ_IN_PROGRESS_PREFIX + job_id,
-            keys.ARQ_JOB_PREFIX + job_id,
-            keys.ARQ_RETRY_PREFIX + job_id,
+            self.keys.ARQ_IN_PROGRESS_PREFIX + job_id,
+            self.keys.ARQ_JOB_PREFIX + job_id,
+            self.keys.ARQ_RETRY_PREFIX + job_id,
         ]
 
     def finish(self, pipe: Pipeline, job_id: str) -> None:

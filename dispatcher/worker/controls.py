@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 
 import structlog
 
-from dispatcher import keys, metrics
+from dispatcher import metrics
 from dispatcher.jobs import now_ms
 from dispatcher.lua import Lua
 from dispatcher.registry.options import FilterFailed, filter_matches
@@ -38,6 +38,7 @@ if TYPE_CHECKING:
 
     from dispatcher.batch import Batcher
     from dispatcher.jobs import DeliveryJob, EventJob
+    from dispatcher.keys import Keys
     from dispatcher.registry import CallbackTarget
     from dispatcher.settings import Settings
     from dispatcher.worker.engine import Then
@@ -140,10 +141,11 @@ class Controls:
     """The filter and the limits of one worker process, over its shared reads (`reads`)
     and its writer."""
 
-    def __init__(self, settings: Settings, reads: Batcher, writer: Writer) -> None:
+    def __init__(self, settings: Settings, keys: Keys, reads: Batcher, writer: Writer) -> None:
         self.reads = reads
         self.writer = writer
-        self.queue_name = settings.queue_name
+        self.keys = keys
+        self.queue_name = keys.QUEUE
         self.slot_ms = int((settings.total_timeout + SLOT_MARGIN_S) * 1000)
         self.keep_ms = int((settings.lease_seconds + SLOT_MARGIN_S) * 1000)
         # slot tokens: unique across the fleet (a random prefix per process), cheap to make
@@ -179,7 +181,7 @@ class Controls:
             event_type=event.event,
             error=error,
         )
-        key = keys.filter_errors(target.id)
+        key = self.keys.filter_errors(target.id)
 
         def count(pipe: Pipeline) -> None:
             pipe.hincrby(key, "n", 1)
@@ -204,7 +206,7 @@ class Controls:
         limits = [options.max_per_second or 0, options.max_in_flight or 0]
         args: list[int | str] = [*limits, slot, job.job_id, self.slot_ms, self.keep_ms, MIN_WAIT_MS]
         (answer,) = await self.reads.execute(
-            lambda pipe: ADMIT.queue(pipe, keys.limits(target.id), args)
+            lambda pipe: ADMIT.queue(pipe, self.keys.limits(target.id), args)
         )
         if answer != 0:
             wait_ms, by_slot = answer
@@ -242,7 +244,7 @@ class Controls:
         await self.writer.commit(lambda pipe: then(pipe, wait))
 
     def _release(self, pipe: Pipeline, target: CallbackTarget, slot: str) -> None:
-        _, running, line, _ = keys.limits(target.id)
+        _, running, line, _ = self.keys.limits(target.id)
         RELEASE.queue(
             pipe, [running, line, self.queue_name], [slot, target.options.max_in_flight or 0]
         )

@@ -18,16 +18,14 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from dispatcher import keys, metrics
+from dispatcher import metrics
 from dispatcher.connections import REDIS_ERRORS, redis_full
 from dispatcher.jobs import now_ms
 from dispatcher.lua import run_pipeline
 from dispatcher.status import write_heartbeat
 
 if TYPE_CHECKING:
-    from redis.asyncio import Redis
-
-    from dispatcher.history import HistoryStore
+    from dispatcher.services import Services
     from dispatcher.settings import Settings
     from dispatcher.stats import AttemptStats
 
@@ -65,25 +63,27 @@ async def every(seconds: float, step: Callable[[], Awaitable[Any]]) -> None:
 
 
 class Duties:
-    """The duties of the worker whose `token` and `counts` they report."""
+    """The duties of the worker whose `token` and `counts` they report: its heartbeat and
+    statistics on the `home` shard, the retention sweep of each shard it serves."""
 
     def __init__(
         self,
         settings: Settings,
-        redis: Redis,
-        history: HistoryStore,
+        home: Services,
+        shards: list[Services],
         stats: AttemptStats,
         token: str,
         counts: Callable[[], Counts],
     ) -> None:
         self.settings = settings
-        self.redis = redis
-        self.history = history
+        self.redis = home.redis
+        self.keys = home.keys
+        self.shards = shards
         self.stats = stats
         self.token = token
         self.counts = counts
         self.started_ms = now_ms()
-        self.heartbeat_key = keys.worker(socket.gethostname(), os.getpid())
+        self.heartbeat_key = self.keys.worker(socket.gethostname(), os.getpid())
 
     def start(self) -> list[asyncio.Task[None]]:
         self.started_ms = now_ms()
@@ -106,7 +106,8 @@ class Duties:
         }
         try:
             answers = await run_pipeline(
-                self.redis, lambda pipe: write_heartbeat(pipe, self.heartbeat_key, value, now)
+                self.redis,
+                lambda pipe: write_heartbeat(pipe, self.keys, self.heartbeat_key, value, now),
             )
         except REDIS_ERRORS:
             metrics.REDIS_UP.set(0)
@@ -114,43 +115,47 @@ class Duties:
         metrics.REDIS_UP.set(1)
         metrics.WORKERS_LIVE.set(answers[-1])
         metrics.WORKER_HEARTBEAT.set(now / 1000)
-        await self.stats.flush(self.redis)
+        await self.stats.flush(self.redis, self.keys)
 
     async def health_check(self) -> None:
         """arq's health-check key, in arq's format."""
-        queued = await self.redis.zcard(self.settings.queue_name)
+        queued = await self.redis.zcard(self.keys.QUEUE)
         counts = self.counts()
         info = (
             f"{datetime.now():%b-%d %H:%M:%S} j_complete={counts.complete} "
             f"j_failed={counts.failed} j_retried=0 j_ongoing={counts.running} queued={queued}"
         )
         await self.redis.psetex(
-            keys.arq_health_check(self.settings.queue_name),
+            self.keys.arq_health_check(),
             int((HEALTH_CHECK_S + 1) * 1000),
             info.encode(),
         )
 
     async def sweeps(self) -> None:
-        """The history retention sweep (PostgreSQL: day partitions made ahead, expired ones
-        dropped), once per 5 minutes by one worker of the fleet."""
+        """The history retention sweep of each shard (PostgreSQL: day partitions made ahead,
+        expired ones dropped), once per 5 minutes by one worker of the fleet."""
         while True:
             slot = now_ms() // 1000 // SWEEP_EVERY_S
-            try:
-                if await self.redis.set(keys.cron("sweep", slot), self.token, nx=True,
-                                        ex=2 * SWEEP_EVERY_S):  # fmt: skip
-                    budget = self.settings.effective_job_timeout / 2
-                    removed = await self.history.sweep(max_seconds=budget)
-                    log.info("history.swept", removed=removed)
-            except Exception as exc:  # Redis or PostgreSQL away, a bug: the next slot tries again
-                log.warning("history.sweep_failed", error=repr(exc))
+            for shard in self.shards:
+                await self._sweep(shard, slot)
             next_slot_s = (slot + 1) * SWEEP_EVERY_S
             await asyncio.sleep(max(1.0, next_slot_s - now_ms() / 1000))
+
+    async def _sweep(self, shard: Services, slot: int) -> None:
+        try:
+            if await shard.redis.set(shard.keys.cron("sweep", slot), self.token, nx=True,
+                                     ex=2 * SWEEP_EVERY_S):  # fmt: skip
+                budget = self.settings.effective_job_timeout / 2
+                removed = await shard.history.sweep(max_seconds=budget)
+                log.info("history.swept", removed=removed, shard=shard.shard.index)
+        except Exception as exc:  # Redis or PostgreSQL away, a bug: the next slot tries again
+            log.warning("history.sweep_failed", error=repr(exc), shard=shard.shard.index)
 
     async def last_words(self) -> None:
         """On the way out: the last statistics, and no heartbeat left behind."""
         with contextlib.suppress(*REDIS_ERRORS):
-            await self.stats.flush(self.redis)
+            await self.stats.flush(self.redis, self.keys)
             async with self.redis.pipeline(transaction=False) as pipe:
                 pipe.delete(self.heartbeat_key)
-                pipe.zrem(keys.WORKERS_LIVE, self.heartbeat_key)
+                pipe.zrem(self.keys.WORKERS_LIVE, self.heartbeat_key)
                 await pipe.execute()

@@ -22,7 +22,7 @@ from urllib.parse import urlsplit
 import orjson
 import structlog
 
-from dispatcher import keys, metrics, tracing
+from dispatcher import metrics, tracing
 from dispatcher.backoff import next_delay
 from dispatcher.batch import Batcher
 from dispatcher.delivery import (
@@ -74,24 +74,31 @@ class Engine:
     """A worker process's delivery machinery: one HTTP transport per region, the circuit
     breaker, the attempt statistics, over the process's services and its writer."""
 
-    def __init__(self, services: Services, writer: Writer) -> None:
+    def __init__(self, services: Services, writer: Writer, *, shared: Engine | None = None) -> None:
         self.services = services
         self.settings = settings = services.settings
+        self.keys = services.keys
         self.writer = writer
         self.reads = Batcher(services.redis)
-        self.breaker = CircuitBreaker(settings.circuit_threshold, settings.circuit_cooldown)
-        self.shares = Shares(
-            settings.worker_max_jobs, settings.max_per_host, fair=settings.fair_share
-        )
-        self.transports: dict[Region, httpx.AsyncBaseTransport] = {
-            region: make_transport(settings, region) for region in Region
-        }
-        self.stats = AttemptStats()
-        self.controls = Controls(settings, self.reads, writer)
+        self.owner = shared is None  # of the transports (another shard's engine shares them)
+        if shared is None:
+            self.breaker = CircuitBreaker(settings.circuit_threshold, settings.circuit_cooldown)
+            self.shares = Shares(
+                settings.worker_max_jobs, settings.max_per_host, fair=settings.fair_share
+            )
+            self.transports: dict[Region, httpx.AsyncBaseTransport] = {
+                region: make_transport(settings, region) for region in Region
+            }
+            self.stats = AttemptStats()
+        else:  # one process's HTTP pools, breaker, slots and statistics, whatever the shard
+            self.breaker, self.shares = shared.breaker, shared.shares
+            self.transports, self.stats = shared.transports, shared.stats
+        self.controls = Controls(settings, self.keys, self.reads, writer)
         self.progress_ttl = int(max(86_400, 2 * sum(settings.retry_schedule)))
 
     async def close(self) -> None:
-        await asyncio.gather(*(t.aclose() for t in self.transports.values()))
+        if self.owner:
+            await asyncio.gather(*(t.aclose() for t in self.transports.values()))
 
     async def fan_out(self, event: EventJob, *, rerun: bool = False) -> int | None:
         """First attempts of one chunk of `event`'s deliveries: to the callbacks after
@@ -128,7 +135,7 @@ class Engine:
         ]
         if rerun:
             marks = await self.services.redis.mget(
-                [keys.delivery(job.progress_id) for job, _ in pending]
+                [self.keys.delivery(job.progress_id) for job, _ in pending]
             )
             pending = [pair for pair, mark in zip(pending, marks, strict=True) if not mark]
         attempts = [self.attempt(job, target, 1, self._retry_job(job)) for job, target in pending]
@@ -156,7 +163,7 @@ class Engine:
         """One more attempt of a delivery; `then` queues the job's next step (its return
         to the queue for the next attempt, or its end)."""
         progress, target = await asyncio.gather(
-            self.services.redis.get(keys.delivery(job.progress_id)),
+            self.services.redis.get(self.keys.delivery(job.progress_id)),
             self.services.registry.target(job.callback_id),
         )
         if progress == DONE:  # a run that ended the delivery, then lost its job's end
@@ -170,10 +177,10 @@ class Engine:
         """End a delivery without an attempt, on record (`dispatcher:deliveries:dropped`)."""
 
         def write(pipe: Pipeline) -> None:
-            keep_entry(pipe, keys.DROPPED, {"deliveryId": job.delivery_id, "reason": reason,
+            keep_entry(pipe, self.keys.DROPPED, {"deliveryId": job.delivery_id, "reason": reason,
                                             "callbackId": job.callback_id,
                                             "projectId": job.project_id})  # fmt: skip
-            pipe.set(keys.delivery(job.progress_id), DONE, ex=self.progress_ttl)
+            pipe.set(self.keys.delivery(job.progress_id), DONE, ex=self.progress_ttl)
             then(pipe, None)
 
         await self.writer.commit(write)
@@ -236,7 +243,7 @@ class Engine:
         to the job that `then` queues."""
 
         def write(pipe: Pipeline) -> None:
-            pipe.set(keys.delivery(job.progress_id), 0, nx=True, ex=self.progress_ttl)
+            pipe.set(self.keys.delivery(job.progress_id), 0, nx=True, ex=self.progress_ttl)
             then(pipe, delay)
 
         await self.writer.commit(write)
@@ -261,16 +268,16 @@ class Engine:
 
         def write(pipe: Pipeline) -> None:
             nonlocal counted_at
-            start = len(pipe.command_stack)
+            start = len(pipe)
             self.services.history.record(pipe, record, dead=failed_for_good)
             progress = DONE if delay is None else str(number)
-            pipe.set(keys.delivery(job.progress_id), progress, ex=self.progress_ttl)
+            pipe.set(self.keys.delivery(job.progress_id), progress, ex=self.progress_ttl)
             if outcome is Outcome.SUCCESS and target.failing:
                 health.succeeded(pipe, target.id)
             elif outcome is Outcome.GONE:
                 registry.queue_set_enabled(pipe, target.id, False, GONE_REASON)
             elif failed_for_good:
-                counted_at = len(pipe.command_stack) - start
+                counted_at = len(pipe) - start
                 health.queue_failed(pipe, target.id, error, record["createdTime"], record["id"])
             then(pipe, delay)
 

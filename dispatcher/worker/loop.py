@@ -14,6 +14,12 @@ instead:
   back in the queue, never drops it;
 - a Redis error anywhere is waited out with backoff inside the loop; nothing blocks the
   event loop, so HTTP attempts in flight finish on time.
+
+With shards (see `dispatcher.shards`) a worker serves each shard it is given (every one by
+default, `DISPATCHER_WORKER_SHARDS`) in turn: each turn claims at most a batch from the
+next shard, so the shards share its slots fairly, and a shard that does not answer waits
+out its own backoff while the others go on. Each shard has its own claims and writer
+(`served.py`): a job's writes go to its own shard.
 """
 
 from __future__ import annotations
@@ -23,28 +29,29 @@ import contextlib
 import os
 import signal
 import socket
+import time
 import uuid
 from typing import TYPE_CHECKING, Any
 
 import structlog
 from redis.exceptions import RedisError
 
-from dispatcher import keys, metrics
-from dispatcher.connections import REDIS_ERRORS, connect, redis_full
-from dispatcher.errors import describe
+from dispatcher import metrics
+from dispatcher.connections import REDIS_ERRORS, redis_full
+from dispatcher.errors import InvalidSetting, describe
 from dispatcher.jobs import FAN_OUT, BadJob, DeliveryJob, EventJob, decode
 from dispatcher.services import Services
-from dispatcher.worker.claims import Claimed, Claims
+from dispatcher.shards.shard import Shard
+from dispatcher.shards.topology import close_all, connect_shards, shards_of
 from dispatcher.worker.duties import Counts, Duties, every
-from dispatcher.worker.engine import Engine, Then, keep_entry
+from dispatcher.worker.served import Served
 from dispatcher.worker.shipping import Shipping
-from dispatcher.worker.writer import Writer
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
-    from redis.asyncio.client import Pipeline
 
     from dispatcher.settings import Settings
+    from dispatcher.worker.claims import Claimed
 
 __all__ = ["Worker", "create_worker"]
 
@@ -53,6 +60,8 @@ log = structlog.get_logger("dispatcher.worker")
 MAX_CLAIMS = 25  # a job claimed this often without ending is dropped, on record
 # waited out while claiming: an outage, and any reply error (READONLY after a failover)
 CLAIM_ERRORS: tuple[type[Exception], ...] = (*REDIS_ERRORS, RedisError)
+# a running job: the shard it was claimed on, and its id there
+JobKey = tuple[int, str]
 
 
 def _retry_in(claims: int) -> float:
@@ -83,16 +92,27 @@ class Worker:
         self.claim_batch = max(1, min(100, self.max_jobs // 4))
         self.max_pending_writes = 4 * self.max_jobs
         self.token = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-        self.redis = redis or connect(settings)
+        shards = [Shard.single(settings.queue_name)] if redis else shards_of(settings)
+        self._clients = [redis] if redis else connect_shards(settings, shards)
         self._owns_redis = redis is None
-        self.services = Services(settings, self.redis)
-        self.writer = Writer(self.redis, self.services.history.assign_ids)
-        self.claims = Claims(self.redis, settings.queue_name, self.token, settings.lease_seconds)
-        self.engine = Engine(self.services, self.writer)
-        self.shipping = Shipping(self.services)
-        self.duties = Duties(settings, self.redis, self.services.history, self.engine.stats,
-                             self.token, self._counts)  # fmt: skip
-        self.running: dict[str, asyncio.Task[None]] = {}
+        every_shard = [Services(settings, c, s) for s, c in zip(shards, self._clients, strict=True)]
+        self.served: list[Served] = []
+        for services in _given(every_shard, settings.worker_shards):
+            first = self.served[0].engine if self.served else None
+            self.served.append(Served.build(services, self.token, shared=first))
+        # the first shard served: what a single-shard worker's tools and tests look at
+        self.redis, self.services = self.served[0].services.redis, self.served[0].services
+        self.writer, self.claims, self.engine = (
+            self.served[0].writer,
+            self.served[0].claims,
+            self.served[0].engine,
+        )
+        self._all = every_shard
+        self.shipping = Shipping([run.services for run in self.served])
+        self.duties = Duties(settings, every_shard[0], [run.services for run in self.served],
+                             self.engine.stats, self.token, self._counts)  # fmt: skip
+        self.running: dict[JobKey, asyncio.Task[None]] = {}
+        self._turn = 0
         self.jobs_started = self.jobs_complete = self.jobs_failed = 0
         self._stop: asyncio.Event | None = None
         self._room: asyncio.Event | None = None
@@ -123,7 +143,7 @@ class Worker:
 
             start_http_server(self.settings.worker_metrics_port, addr=self.settings.api_host)
         log.info("worker.started", queue=self.settings.queue_name, max_jobs=self.max_jobs,
-                 token=self.token)  # fmt: skip
+                 token=self.token, shards=[run.index for run in self.served])  # fmt: skip
         try:
             await self._claim_loop()
         finally:
@@ -131,11 +151,12 @@ class Worker:
 
     async def _claim_loop(self) -> None:
         assert self._stop is not None and self._due is not None
-        backoff = self.poll_delay
-        while not await self.services.upgrade():  # the stored layout first (Redis waited out)
-            await self._pause(1.0)
-            if self._stop.is_set():
-                return
+        for served in self.served:  # the stored layout first (Redis waited out)
+            while not await served.services.upgrade():
+                await self._pause(1.0)
+                if self._stop.is_set():
+                    return
+        dry = 0  # shards in a row that had less due than they were asked for
         while not self._stop.is_set():
             if self.burst and await self._burst_done():
                 return
@@ -143,30 +164,52 @@ class Worker:
             if room < min(self.claim_batch, self.max_jobs) and self.running:
                 await self._wait_for_room()
                 continue
-            if (
-                self.writer.pending > self.max_pending_writes
-                or self.writer.stalled  # Redis away, or full: claims wait
-                or self.shipping.full
-                or self._burst_spent()
-            ):
+            run = self._next_ready()
+            if run is None or self._held_back(run):
                 await self._pause(self.poll_delay)
                 continue
+            # one shard: all the room; several: a batch each in turn (a fair share)
+            share = room if len(self.served) == 1 else min(room, self.claim_batch)
             try:
                 self._due.clear()
-                claimed = await self.claims.claim(room, shares=self.engine.shares.claim_budgets())
+                shares = run.engine.shares.claim_budgets()
+                claimed = await run.claims.claim(share, shares=shares)
             except CLAIM_ERRORS as exc:
                 if full := redis_full(exc):
                     metrics.REDIS_FULL.labels(refused="claim").inc()
-                wait = round(backoff, 2)
-                log.warning("worker.claim_failed", error=str(exc), redis_full=full, retry_in_s=wait)
-                await self._pause(backoff)
-                backoff = min(2.0, backoff * 2)
+                retry = run.failed(self.poll_delay)
+                log.warning("worker.claim_failed", error=str(exc), redis_full=full,
+                            retry_in_s=round(retry, 2), shard=run.index)  # fmt: skip
                 continue
-            backoff = self.poll_delay
+            run.answered()
             for job in claimed:
-                self._start(job)
-            if len(claimed) < room:  # nothing more is due now
+                self._start(run, job)
+            dry = dry + 1 if len(claimed) < share else 0
+            if dry >= len(self.served):  # nothing more is due now, on any shard
+                dry = 0
                 await self._idle()
+
+    def _next_ready(self) -> Served | None:
+        """The next shard in turn whose claims are not backing off (None: none is)."""
+        now = time.monotonic()
+        for _ in range(len(self.served)):
+            run = self.served[self._turn % len(self.served)]
+            self._turn += 1
+            if run.ready(now):
+                return run
+        return None
+
+    def _held_back(self, run: Served) -> bool:
+        """Whether to claim nothing from `run`'s shard now: too many writes wait, its
+        Redis is away or full (its writes are stalled), the history's backlog is full, or
+        the burst is spent."""
+        pending = sum(served.writer.pending for served in self.served)
+        return (
+            pending > self.max_pending_writes
+            or run.writer.stalled
+            or self.shipping.full
+            or self._burst_spent()
+        )
 
     async def _idle(self) -> None:
         """A poll interval, cut short when this worker queues a job due at once (the next
@@ -197,44 +240,48 @@ class Worker:
     async def _burst_done(self) -> bool:
         """Burst mode ends when nothing runs, nothing waits to be written and the queue is
         empty (deferred retries included), or `max_burst_jobs` ran."""
-        if self.running or self.writer.pending:
+        if self.running or any(run.writer.pending for run in self.served):
             return False
         if self._burst_spent():
             return True
         try:
-            return int(await self.redis.zcard(self.settings.queue_name)) == 0
+            for run in self.served:
+                if int(await run.services.redis.zcard(run.keys.QUEUE)):
+                    return False
         except REDIS_ERRORS:
             return False
+        return True
 
     # ---- one job ------------------------------------------------------------------------
 
-    def _start(self, claimed: Claimed) -> None:
+    def _start(self, run: Served, claimed: Claimed) -> None:
         self.jobs_started += 1
-        self.engine.shares.job_started(claimed.job_id)
-        task = asyncio.create_task(self._run(claimed))
-        self.running[claimed.job_id] = task
-        task.add_done_callback(lambda done: self._ended(claimed.job_id, done))
+        run.engine.shares.job_started(claimed.job_id)
+        task = asyncio.create_task(self._run(run, claimed))
+        key = (run.index, claimed.job_id)
+        self.running[key] = task
+        task.add_done_callback(lambda done: self._ended(run, key, done))
 
-    def _ended(self, job_id: str, task: asyncio.Task[None]) -> None:
-        self.engine.shares.job_ended(job_id)
-        if self.running.get(job_id) is task:  # not a new run of the same job (a fan-out's)
-            del self.running[job_id]
+    def _ended(self, run: Served, key: JobKey, task: asyncio.Task[None]) -> None:
+        run.engine.shares.job_ended(key[1])
+        if self.running.get(key) is task:  # not a new run of the same job (a fan-out's)
+            del self.running[key]
         if self._room is not None and self.max_jobs - len(self.running) >= self.claim_batch:
             self._room.set()
 
-    async def _run(self, claimed: Claimed) -> None:
+    async def _run(self, run: Served, claimed: Claimed) -> None:
         if claimed.data is None:  # its data expired before anyone ran it (arq's rule)
-            await self._drop(claimed, "job data expired before it ran", finish=False)
+            await run.drop(claimed, "job data expired before it ran", finish=False)
             return
         if claimed.claims > MAX_CLAIMS:
-            await self._drop(claimed, f"claimed {claimed.claims} times without ending")
+            await run.drop(claimed, f"claimed {claimed.claims} times without ending")
             return
         try:
             async with asyncio.timeout(self.settings.effective_job_timeout):
-                await self._execute(claimed, decode(claimed.data))
+                await self._execute(run, claimed, decode(claimed.data))
             self.jobs_complete += 1
         except BadJob as exc:
-            await self._poison(claimed, str(exc))
+            await run.poison(claimed, str(exc))
         except Exception as exc:  # a timeout, Redis, a bug: the same work again later
             self.jobs_failed += 1
             delay = _retry_in(claimed.claims)
@@ -244,79 +291,33 @@ class Worker:
                 error=describe(exc, trusted=CLAIM_ERRORS),
                 claims=claimed.claims,
                 retry_in_s=delay,
+                shard=run.index,
             )
             # Held (its lease renewed) until Redis has taken the put-back, and so every
             # write the run queued before it: another worker claiming the job before its
             # writes landed (Redis away or full) would send its deliveries again.
             with contextlib.suppress(Exception):  # refused for good: logged by the writer
-                await self._put_back(claimed.job_id, delay)
+                await run.put_back(claimed.job_id, delay)
 
-    async def _execute(self, claimed: Claimed, wire: Any) -> None:
+    async def _execute(self, run: Served, claimed: Claimed, wire: Any) -> None:
         if wire.function == FAN_OUT:
             event = EventJob.from_wire(wire.payload)
             structlog.contextvars.bind_contextvars(event_id=event.id)
-            after = await self.engine.fan_out(event, rerun=claimed.claims > 1)
-            await self.writer.commit(lambda pipe: self._fan_out_end(pipe, claimed, event, after))
+            after = await run.engine.fan_out(event, rerun=claimed.claims > 1)
+            await run.writer.commit(lambda pipe: run.fan_out_end(pipe, claimed, event, after))
             if after is not None:
                 self._wake()
         else:
             job = DeliveryJob.from_wire(wire.payload, claimed.job_id)
-            await self.engine.deliver(job, self._next_step(claimed.job_id))
-
-    def _fan_out_end(
-        self, pipe: Pipeline, claimed: Claimed, event: EventJob, after: int | None
-    ) -> None:
-        """A fan-out job's end, or its move to the event's next chunk when there is one (one
-        write, so a crash re-runs at most the chunk in hand)."""
-        if after is None:
-            self.claims.finish(pipe, claimed.job_id)
-        else:
-            self.claims.hand_over(pipe, claimed, event.continued(after))
-
-    def _put_back(self, job_id: str, delay: float) -> asyncio.Future[list[Any]]:
-        """The job's run failed or was stopped: due again in `delay` seconds (unless its
-        own writes already ended it or set it later). Done once Redis has it."""
-        return self.writer.submit(
-            lambda pipe: self.claims.again(pipe, job_id, delay, next_attempt=False)
-        )
-
-    def _next_step(self, job_id: str) -> Then:
-        """After a `deliver` job's attempt: back in the queue for the next one, or done."""
-        claims = self.claims
-
-        def then(pipe: Pipeline, delay: float | None) -> None:
-            if delay is None:
-                claims.finish(pipe, job_id)
-            else:
-                claims.again(pipe, job_id, delay, next_attempt=True)
-
-        return then
-
-    async def _poison(self, claimed: Claimed, problem: str) -> None:
-        """A job that cannot be read: recorded for operators, then removed, never retried."""
-        raw = (claimed.data or b"")[:500].decode("utf-8", errors="replace")
-
-        def write(pipe: Pipeline) -> None:
-            keep_entry(pipe, keys.POISON_JOBS, {"jobId": claimed.job_id, "problem": problem,
-                                                "raw": raw})  # fmt: skip
-            self.claims.finish(pipe, claimed.job_id)
-
-        await self.writer.commit(write)
-        metrics.POISON_JOBS.inc()
-        log.error("job.poison", job_id=claimed.job_id, problem=problem)
-
-    async def _drop(self, claimed: Claimed, reason: str, *, finish: bool = True) -> None:
-        def write(pipe: Pipeline) -> None:
-            keep_entry(pipe, keys.DROPPED, {"jobId": claimed.job_id, "reason": reason})
-            if finish:
-                self.claims.finish(pipe, claimed.job_id)
-
-        await self.writer.commit(write)
-        metrics.DROPPED.labels(reason="job").inc()
-        log.error("job.dropped", job_id=claimed.job_id, reason=reason)
+            await run.engine.deliver(job, run.next_step(claimed.job_id))
 
     async def _renew(self) -> None:
-        await self.claims.renew(list(self.running))
+        for run in self.served:
+            mine = [job_id for index, job_id in self.running if index == run.index]
+            try:
+                await run.claims.renew(mine)
+            except REDIS_ERRORS as exc:  # that shard is away: the others' leases go on
+                log.debug("worker.renew_failed", shard=run.index, error=str(exc))
 
     def _counts(self) -> Counts:
         return Counts(self.jobs_complete, self.jobs_failed, len(self.running))
@@ -329,17 +330,19 @@ class Worker:
         grace = self.settings.shutdown_grace
         if self.running:
             _, late = await asyncio.wait(list(self.running.values()), timeout=grace)
-            late_ids = [job_id for job_id, task in self.running.items() if task in late]
+            late_keys = [key for key, task in self.running.items() if task in late]
             for task in late:
                 task.cancel()
             await asyncio.gather(*late, return_exceptions=True)
-            for job_id in late_ids:
-                self._put_back(job_id, 0)
+            by_index = {run.index: run for run in self.served}
+            for index, job_id in late_keys:
+                by_index[index].put_back(job_id, 0)
         try:
             async with asyncio.timeout(max(grace, 1.0)):
-                await self.writer.drain()
+                await asyncio.gather(*(run.writer.drain() for run in self.served))
         except TimeoutError:  # Redis is away: their jobs are still queued, and run again
-            log.error("worker.writes_unsaved", pending=self.writer.pending)
+            pending = sum(run.writer.pending for run in self.served)
+            log.error("worker.writes_unsaved", pending=pending)
         await self.shipping.stop(within=max(grace, 1.0))
         for task in background:
             task.cancel()
@@ -351,11 +354,27 @@ class Worker:
         if self._closed:
             return
         self._closed = True
-        await self.writer.close()
-        await self.engine.close()
-        await self.services.close()
+        for run in self.served:
+            await run.writer.close()
+            await run.engine.close()
+        for services in self._all:
+            await services.close()
         if self._owns_redis:
-            await self.redis.aclose()
+            await close_all(self._clients)
+
+
+def _given(shards: list[Services], wanted: list[int] | None) -> list[Services]:
+    """The shards a worker serves: those of DISPATCHER_WORKER_SHARDS, else every one."""
+    if wanted is None:
+        return shards
+    unknown = [index for index in wanted if not 0 <= index < len(shards)]
+    if unknown or not wanted:
+        raise InvalidSetting(
+            f"there are {len(shards)} shard(s), numbered from 0: {unknown or wanted} is not a "
+            "list of them",
+            param="DISPATCHER_WORKER_SHARDS",
+        )
+    return [shards[index] for index in dict.fromkeys(wanted)]
 
 
 def create_worker(settings: Settings, **options: Any) -> Worker:

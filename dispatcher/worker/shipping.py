@@ -21,6 +21,9 @@ from dispatcher.history.postgres import PostgresHistory
 from dispatcher.history.shipper import Shipper
 
 if TYPE_CHECKING:
+    from collections.abc import Coroutine
+    from typing import Any
+
     from dispatcher.services import Services
 
 __all__ = ["Shipping"]
@@ -31,13 +34,13 @@ BACKLOG_EVERY_S = 1.0
 
 
 class Shipping:
-    """Started with the worker's loop, stopped after its last writes are in Redis."""
+    """Started with the worker's loop, stopped after its last writes are in Redis: one
+    shipper per shard served (each shard's stream), one backlog over them all."""
 
-    def __init__(self, services: Services) -> None:
-        self.settings = services.settings
-        self.redis = services.redis
-        self.history = services.history
-        self.enabled = isinstance(services.history, PostgresHistory)
+    def __init__(self, shards: list[Services]) -> None:
+        self.settings = shards[0].settings
+        self.shards = shards
+        self.enabled = isinstance(shards[0].history, PostgresHistory)
         self.full = False  # the backlog is past its limit: claim nothing
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
@@ -48,8 +51,11 @@ class Shipping:
             return
         self._tasks.append(asyncio.create_task(self._watch()))
         if self.settings.history_ship:
-            shipper = Shipper(self.redis, self.settings, stop=self._stop)
-            self._ship = asyncio.create_task(shipper.run())
+            shippers = [
+                Shipper(shard.redis, self.settings, shard.shard, stop=self._stop).run()
+                for shard in self.shards
+            ]
+            self._ship = asyncio.create_task(_all(shippers))
 
     async def _watch(self) -> None:
         while True:
@@ -58,11 +64,15 @@ class Shipping:
             await asyncio.sleep(BACKLOG_EVERY_S)
 
     async def check(self) -> None:
-        """Read the backlog; set the gauges and whether the worker may claim."""
-        waiting, age = await self.history.backlog()
+        """Read the backlog (of every shard served); set the gauges and whether the worker
+        may claim (no shard's backlog past the limit: each is one Redis's memory)."""
+        waiting, age, worst = 0, 0.0, 0
+        for shard in self.shards:
+            count, oldest = await shard.history.backlog()
+            waiting, age, worst = waiting + count, max(age, oldest), max(worst, count)
         metrics.HISTORY_BACKLOG.set(waiting)
         metrics.HISTORY_BACKLOG_AGE.set(age)
-        full = waiting >= self.settings.history_backlog_limit
+        full = worst >= self.settings.history_backlog_limit
         if full != self.full:
             if full:
                 log.error("history.backlog_full", waiting=waiting, oldest_s=round(age, 1),
@@ -83,3 +93,7 @@ class Shipping:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+async def _all(shippers: list[Coroutine[Any, Any, None]]) -> None:
+    await asyncio.gather(*shippers)

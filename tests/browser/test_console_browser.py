@@ -29,6 +29,7 @@ from redis.asyncio import Redis
 from dispatcher.api import create_app
 from dispatcher.auth import Role, Roles
 from dispatcher.embedded import EmbeddedRedis
+from dispatcher.keys import Keys
 from dispatcher.models import Event, Region
 from dispatcher.producer import Producer
 from dispatcher.registry import Registry
@@ -47,6 +48,8 @@ XSS = "<script>alert(1)</script>"
 LAPTOP: ViewportSize = {"width": 1280, "height": 800}
 PHONE: ViewportSize = {"width": 390, "height": 844}
 Serve = Callable[[Settings], AbstractAsyncContextManager[str]]
+
+keys = Keys()  # today's key names (one shard)
 
 pytestmark = pytest.mark.skipif(
     not os.access(CHROMIUM, os.X_OK),
@@ -231,7 +234,7 @@ async def test_a_member_sees_the_attempt_but_cannot_redeliver(
     receiver: Receiver, run_worker: RunWorker, settings: Settings,
 ) -> None:  # fmt: skip
     strict = make_settings(redis_server.url, open_access=False)
-    roles = Roles(redis, strict)
+    roles = Roles(redis, strict, keys)
     await roles.grant("demo", "mia", Role.MEMBER)
     await roles.grant("demo", "ada", Role.ADMIN)
     url = receiver.script("/hook", answer(500))

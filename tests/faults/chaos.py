@@ -17,11 +17,13 @@ import orjson
 from aiohttp import web
 from redis.asyncio import Redis
 
-from dispatcher import keys
 from dispatcher.history.redis import RedisHistory
+from dispatcher.keys import Keys
 from dispatcher.models import DeliveryStatus, HistoryRecord
 from dispatcher.settings import Settings
 from tests.helpers import serving as serving_handler
+
+keys = Keys()  # today's key names (one shard)
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,7 +92,7 @@ async def all_records(
     redis: Redis, settings: Settings, project: str, url: str, event: str
 ) -> list[HistoryRecord]:
     """Every record of (project, url, event) of the last hour, oldest first."""
-    history, now = RedisHistory(redis, settings), _ms()
+    history, now = RedisHistory(redis, settings, keys), _ms()
     found: list[HistoryRecord] = []
     page = 1
     while True:

@@ -23,6 +23,7 @@ from redis.asyncio import Redis
 from dispatcher.api import create_app
 from dispatcher.connections import connect
 from dispatcher.embedded import EmbeddedRedis
+from dispatcher.keys import Keys
 from dispatcher.models import Event, HistoryRecord, Region
 from dispatcher.producer import Producer
 from dispatcher.registry import Registry
@@ -30,6 +31,8 @@ from dispatcher.settings import Settings
 from dispatcher.status import live_workers
 from tests.faults.chaos import FlakyReceiver, Verdict, all_records, judge, serving
 from tests.helpers import UID, make_settings, start_worker, stop, until
+
+keys = Keys()  # today's key names (one shard)
 
 pytestmark = pytest.mark.timeout(150)
 
@@ -79,7 +82,7 @@ class Fleet:
         """Until every worker has said it is alive (process start-up takes seconds)."""
 
         async def all_up() -> bool:
-            return len(await live_workers(redis)) >= len(self.workers)
+            return len(await live_workers(redis, keys)) >= len(self.workers)
 
         await until(all_up, 30, "every worker started")
 

@@ -24,11 +24,14 @@ from dispatcher.api import create_app
 from dispatcher.connections import connect
 from dispatcher.embedded import EmbeddedRedis
 from dispatcher.history.redis import RedisHistory
+from dispatcher.keys import Keys
 from dispatcher.models import Event, Region
 from dispatcher.producer import Producer
 from dispatcher.registry import Registry
 from dispatcher.settings import Settings
 from tests.helpers import UID, Receiver, RunWorker, make_settings, start_worker, stop, until
+
+keys = Keys()  # today's key names (one shard)
 
 
 async def test_worker_killed_mid_delivery_loses_nothing(
@@ -53,7 +56,7 @@ async def test_worker_killed_mid_delivery_loses_nothing(
     await receiver.wait_for(5, within=20)
     workers[0].send_signal(signal.SIGKILL)  # mid-delivery: the receiver has not answered yet
     workers[0].wait(timeout=5)
-    history = RedisHistory(redis, settings)
+    history = RedisHistory(redis, settings, keys)
     now = int(time.time() * 1000)
 
     async def successes() -> set[str | None]:
@@ -173,7 +176,7 @@ async def test_receivers_that_reset_or_speak_garbage_are_recorded_and_retried(
     await Producer(settings, redis).emit("demo", "BUILD_END", {})
     await run_worker()
     now = int(time.time() * 1000)
-    page = await RedisHistory(redis, settings).query(
+    page = await RedisHistory(redis, settings, keys).query(
         "demo", url, "BUILD_END", start_ms=now - 60_000, end_ms=now + 1000
     )
     assert page.count == settings.max_attempts  # retried like any connection failure
@@ -208,7 +211,7 @@ async def test_a_gigabyte_answer_does_not_grow_the_worker(
     assert peak < 32 * 1024 * 1024, f"peak {peak / 1e6:.0f} MB while reading a 1 GiB answer"
     now = int(time.time() * 1000)
     [record] = (
-        await RedisHistory(redis, settings).query(
+        await RedisHistory(redis, settings, keys).query(
             "demo", url, "BUILD_END", start_ms=now - 60_000, end_ms=now + 1000
         )
     ).records
@@ -255,7 +258,7 @@ async def test_sigterm_lets_running_deliveries_finish_and_loses_nothing(
     workers[0].send_signal(signal.SIGTERM)
     await asyncio.to_thread(workers[0].wait, 15)
     assert workers[0].returncode == 0
-    history = RedisHistory(redis, settings)
+    history = RedisHistory(redis, settings, keys)
     now = int(time.time() * 1000)
     page = await history.query("demo", url, "BUILD_END", start_ms=now - 60_000, end_ms=now + 1000)
     started = {s.headers["X-DEVOPS-DELIVERY-ID"] for s in receiver.requests()}

@@ -15,14 +15,16 @@ import asyncpg
 import pytest
 from redis.asyncio import Redis
 
-from dispatcher import keys
 from dispatcher.embedded import FAST, EmbeddedPostgres
+from dispatcher.keys import Keys
 from dispatcher.models import Event, Region
 from dispatcher.producer import Producer
 from dispatcher.registry import Registry
 from dispatcher.settings import Settings
 from dispatcher.status import live_workers
 from tests.helpers import Receiver, on_postgres, start_worker, until
+
+keys = Keys()  # today's key names (one shard)
 
 pytestmark = pytest.mark.timeout(150)
 
@@ -105,7 +107,7 @@ async def test_postgres_stopped_for_20_s_under_load_loses_no_record_and_delays_n
     workers += [start_worker(settings.redis_url or "", log, **env) for _ in range(2)]
 
     async def both_up() -> bool:
-        return len(await live_workers(redis)) == 2
+        return len(await live_workers(redis, keys)) == 2
 
     await until(both_up, 30, "two workers started")
     producer = Producer(settings, redis)

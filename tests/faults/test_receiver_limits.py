@@ -13,13 +13,14 @@ from pathlib import Path
 from aiohttp import web
 from redis.asyncio import Redis
 
-from dispatcher import keys
+from dispatcher.keys import Keys
 from dispatcher.models import Event, Region
 from dispatcher.producer import Producer
 from dispatcher.registry import Options, Registry
 from dispatcher.settings import Settings
 from tests.helpers import Overlap, Receiver, start_worker, until
 
+keys = Keys()  # today's key names (one shard)
 ARRIVAL_SLACK_S = 0.2  # the spread of start-to-arrival times the test tolerates
 
 

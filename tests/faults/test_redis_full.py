@@ -13,16 +13,18 @@ from pathlib import Path
 import pytest
 from redis.asyncio import Redis
 
-from dispatcher import keys
 from dispatcher.connections import connect
 from dispatcher.embedded import EmbeddedRedis
 from dispatcher.errors import Unavailable
+from dispatcher.keys import Keys
 from dispatcher.models import Event, Region
 from dispatcher.producer import Producer
 from dispatcher.registry import Registry
 from dispatcher.settings import Settings
 from tests.helpers import UID, Receiver, app_client, make_settings, start_worker, until
 from tests.helpers import all_records as records_of
+
+keys = Keys()  # today's key names (one shard)
 
 MAX_EVENTS = 5000
 BATCH = 50

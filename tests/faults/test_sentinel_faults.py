@@ -16,10 +16,10 @@ import httpx
 import pytest
 from redis.asyncio import Redis
 
-from dispatcher import keys
 from dispatcher.connections import connect
 from dispatcher.embedded import SentinelGroup
 from dispatcher.errors import Unavailable
+from dispatcher.keys import Keys, project_scoped
 from dispatcher.models import Event, Region
 from dispatcher.producer import Producer
 from dispatcher.registry import Registry
@@ -28,6 +28,8 @@ from dispatcher.status import live_workers
 from dispatcher.worker import create_worker
 from tests.faults.chaos import FlakyReceiver, Verdict, all_records, judge, serving
 from tests.helpers import UID, app_client, free_port, make_settings, start_process, stop, until
+
+keys = Keys()  # today's key names (one shard)
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -109,7 +111,7 @@ async def fleet_up(redis: Redis, port: int) -> bool:
             ready = await client.get(f"http://127.0.0.1:{port}/readyz")
     except httpx.TransportError:
         return False
-    return ready.status_code == 200 and len(await live_workers(redis)) == 2
+    return ready.status_code == 200 and len(await live_workers(redis, keys)) == 2
 
 
 async def kill_the_master(group: SentinelGroup, after_s: float) -> float:
@@ -226,7 +228,7 @@ async def test_with_0_replicas_an_unreplicated_acknowledged_emit_is_lost_with_1_
         zero: list[Emit] = [(PROJECT, "BUILD_END", {}, f"evt_zero_{n}") for n in range(10)]
         one: list[Emit] = [(PROJECT, "BUILD_END", {}, f"evt_one_{n}") for n in range(10)]
         acknowledged = await Producer(lax, redis).emit_many(zero)
-        jobs = [keys.arq_job(keys.project_scoped(PROJECT, e)) for e in acknowledged]
+        jobs = [keys.arq_job(project_scoped(PROJECT, e)) for e in acknowledged]
         assert await old.exists(*jobs) == len(jobs)  # the master holds them, alone
         with pytest.raises(Unavailable, match="0 of 1 replicas"):
             await Producer(strict, redis).emit_many(one)

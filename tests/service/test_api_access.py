@@ -13,9 +13,12 @@ from redis.asyncio import Redis
 from dispatcher.api import create_app
 from dispatcher.auth import ALL_PROJECTS, Role, Roles
 from dispatcher.embedded import EmbeddedRedis
+from dispatcher.keys import Keys
 from dispatcher.producer import Producer
 from dispatcher.settings import Settings
 from tests.helpers import UID, Receiver, RunWorker, make_settings
+
+keys = Keys()  # today's key names (one shard)
 
 CALLBACKS = "/apigw/v4/projects/demo/callbacks"
 HISTORY = "/ms/openapi/api/apigw/v3/projects/demo/callbacks/history"
@@ -58,7 +61,7 @@ async def test_gateway_token_is_required_when_configured(strict_api: httpx.Async
 @pytest.fixture
 async def roles(redis: Redis, strict_settings: Settings) -> Roles:
     """`admin-user` and `member-user` of project demo."""
-    roles = Roles(redis, strict_settings)
+    roles = Roles(redis, strict_settings, keys)
     await roles.grant("demo", "admin-user", Role.ADMIN)
     await roles.grant("demo", "member-user", Role.MEMBER)
     return roles

@@ -10,10 +10,12 @@ import pytest
 import redis as redis_py
 from typer.testing import CliRunner
 
-from dispatcher import keys
 from dispatcher.cli import app
 from dispatcher.connections import connect
 from dispatcher.embedded import EmbeddedRedis
+from dispatcher.keys import Keys, project_scoped
+
+keys = Keys()  # today's key names (one shard)
 
 
 @pytest.fixture
@@ -89,7 +91,7 @@ def test_emit_queues_an_event(cli: CliRunner, redis_server: EmbeddedRedis, tmp_p
     assert result.exit_code == 0, result.output
     event_id = result.output.strip()
     client = redis_py.Redis.from_url(redis_server.url)
-    assert client.exists(keys.arq_job(keys.project_scoped("p", event_id)))
+    assert client.exists(keys.arq_job(project_scoped("p", event_id)))
     client.close()
 
 
@@ -207,7 +209,7 @@ def test_bulk_redeliver_and_sweep(cli: CliRunner, redis_server: EmbeddedRedis) -
 
     async def seed() -> None:
         redis = connect(settings)
-        history = RedisHistory(redis, settings)
+        history = RedisHistory(redis, settings, keys)
         for i, (status, final) in enumerate(
             [("FAILED", True), ("FAILED", False), ("SUCCESS", True), ("FAILED", True)]
         ):
@@ -274,7 +276,7 @@ def test_dead_lists_the_deliveries_that_gave_up(
 
     async def seed() -> None:
         redis = connect(settings)
-        history = RedisHistory(redis, settings)
+        history = RedisHistory(redis, settings, keys)
         for project, final in (("p", True), ("p", False), ("q", True)):
             await history.add({
                 "projectId": project, "callBackUrl": "https://e.com/h", "events": "BUILD_END",

@@ -15,18 +15,20 @@ import pytest
 from itsdangerous import URLSafeTimedSerializer
 from redis.asyncio import Redis
 
-from dispatcher import keys
 from dispatcher.auth import Role, Roles
 from dispatcher.console.csrf import COOKIE
 from dispatcher.embedded import EmbeddedRedis
 from dispatcher.history import HistoryStore, open_history
 from dispatcher.jobs import Queue
+from dispatcher.keys import Keys
 from dispatcher.models import Event, Region
 from dispatcher.producer import Producer
 from dispatcher.registry import Registry
 from dispatcher.settings import Settings
 from dispatcher.stats import AttemptStats
 from tests.helpers import Receiver, RunWorker, answer, app_client, make_settings
+
+keys = Keys()  # today's key names (one shard)
 
 PROJECT = "/console/projects/demo"
 XSS = "<script>alert(1)</script>"
@@ -166,13 +168,13 @@ async def test_members_look_and_admins_act(
     strict: httpx.AsyncClient, strict_settings: Settings, redis: Redis, receiver: Receiver,
     run_worker: RunWorker,
 ) -> None:  # fmt: skip
-    roles = Roles(redis, strict_settings)
+    roles = Roles(redis, strict_settings, keys)
     await roles.grant("demo", "ada", Role.ADMIN)
     await roles.grant("demo", "mia", Role.MEMBER)
     await failed_delivery(strict_settings, redis, receiver, run_worker)
     rid = await dead_record_id(redis)
     detail, redeliver = f"{PROJECT}/history/{rid}", f"{PROJECT}/history/{rid}/redeliver"
-    queue = Queue(redis, strict_settings.queue_name)
+    queue = Queue(redis, Keys(strict_settings.queue_name))
 
     mia = {"X-DEVOPS-UID": "mia"}
     seen = await strict.get(detail, headers=mia)
@@ -271,7 +273,7 @@ async def test_status_page_charts_the_last_hour_and_day(
     stats = AttemptStats()
     for outcome, ms in [("success", 40)] * 3 + [("retry", 5000), ("failed", 40)]:
         stats.count(outcome, ms)
-    await stats.flush(redis)
+    await stats.flush(redis, keys)
     page = await api.get("/console/status")
     assert page.status_code == 200 and "<title>Status · callback-dispatcher console" in page.text
     markup = Markup(page.text)
@@ -320,7 +322,7 @@ async def test_recent_deliveries_of_a_callback_and_the_failures_of_the_last_hour
     await registry.create("demo", hook, Event.BUILD_START, Region.OSS)
     await registry.create("demo", other, Event.BUILD_END, Region.OSS)
     now = int(time.time() * 1000)
-    history = open_history(settings, redis)
+    history = open_history(settings, redis, keys)
     shapes = [  # (minutes ago, url, event, status)
         (90, hook, "BUILD_END", "FAILED"),  # failed, but more than an hour ago
         (30, hook, "BUILD_START", "SUCCESS"),
@@ -367,7 +369,7 @@ async def test_recent_deliveries_page_through_older_attempts(
 ) -> None:
     url = "https://ci.example.com/hook"
     now = int(time.time() * 1000)
-    history = open_history(settings, redis)
+    history = open_history(settings, redis, keys)
     ids = [await add_attempt(history, url, now - i) for i in range(60)]
     seen: list[int] = []
     address = f"{PROJECT}/deliveries?url=https%3A%2F%2Fci.example.com%2Fhook"

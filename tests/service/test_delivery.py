@@ -13,10 +13,10 @@ from redis.asyncio import Redis
 from standardwebhooks import Webhook
 from structlog.testing import capture_logs
 
-from dispatcher import keys
 from dispatcher.embedded import EmbeddedRedis
 from dispatcher.history.redis import RedisHistory
 from dispatcher.jobs import EventJob, Queue
+from dispatcher.keys import Keys
 from dispatcher.models import Event, HistoryRecord, Region
 from dispatcher.producer import Producer
 from dispatcher.registry import Registry
@@ -25,6 +25,8 @@ from dispatcher.settings import Settings
 from dispatcher.worker import Engine
 from dispatcher.worker.writer import Writer
 from tests.helpers import Receiver, RunWorker, answer, hang, make_settings
+
+keys = Keys()  # today's key names (one shard)
 
 
 async def register(
@@ -46,7 +48,7 @@ async def records(
     redis: Redis, settings: Settings, url: str, event: str = "BUILD_END"
 ) -> list[HistoryRecord]:
     now = int(time.time() * 1000)
-    page = await RedisHistory(redis, settings).query(
+    page = await RedisHistory(redis, settings, keys).query(
         "demo", url, event, start_ms=now - 60_000, end_ms=now + 60_000, page_size=100
     )
     return list(reversed(page.records))  # oldest first
@@ -133,7 +135,7 @@ async def test_404_is_not_retried(
     [rec] = await records(redis, settings, url)
     assert (rec.status.value, rec.response_code, rec.final) == ("FAILED", 404, True)
     assert rec.error_msg == "HTTP 404"
-    dead = await RedisHistory(redis, settings).dead()
+    dead = await RedisHistory(redis, settings, keys).dead()
     assert [d.id for d in dead] == [rec.id]
 
 
@@ -226,7 +228,7 @@ async def test_duplicate_fan_out_delivers_once(
 ) -> None:
     await register(redis, receiver.url())
     event = EventJob(id="evt_dup", project_id="demo", event="BUILD_END")
-    queue = Queue(redis, settings.queue_name)
+    queue = Queue(redis, Keys(settings.queue_name))
     assert await queue.enqueue(event)
     assert not await queue.enqueue(event)  # still queued: refused
     await run_worker()

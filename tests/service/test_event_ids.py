@@ -7,14 +7,16 @@ from __future__ import annotations
 import orjson
 from redis.asyncio import Redis
 
-from dispatcher import keys
 from dispatcher.jobs import now_ms
+from dispatcher.keys import Keys
 from dispatcher.models import PLATFORM_PROJECT, Event, Region
 from dispatcher.producer import Producer
 from dispatcher.registry import Registry
 from dispatcher.services import Services
 from dispatcher.settings import Settings
 from tests.helpers import Receiver, RunWorker, all_records, answer
+
+keys = Keys()  # today's key names (one shard)
 
 
 async def register(redis: Redis, project: str, url: str) -> int:

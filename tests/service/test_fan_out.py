@@ -9,8 +9,8 @@ from aiohttp import web
 from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
 
-from dispatcher import keys
 from dispatcher.jobs import EventJob, Queue, decode
+from dispatcher.keys import Keys
 from dispatcher.lua import run_pipeline
 from dispatcher.models import PLATFORM_PROJECT, Event, Level, Region
 from dispatcher.producer import Producer
@@ -18,6 +18,8 @@ from dispatcher.registry import Registry
 from dispatcher.settings import Settings
 from dispatcher.worker.claims import Claims
 from tests.helpers import Receiver, RunWorker, make_settings
+
+keys = Keys()  # today's key names (one shard)
 
 
 async def test_a_fan_out_in_chunks_reaches_every_callback_once(
@@ -67,9 +69,9 @@ async def test_a_fan_out_moves_on_under_its_event_id_and_a_resent_move_does_noth
     answer was lost: the move sent twice must not move the job again, nor revive it once
     it has finished."""
     event = EventJob("evt_1", "demo", "BUILD_END")
-    queue = Queue(redis, settings.queue_name)
+    queue = Queue(redis, Keys(settings.queue_name))
     assert await queue.enqueue(event)
-    claims = Claims(redis, settings.queue_name, "me", 10)
+    claims = Claims(redis, Keys(settings.queue_name), "me", 10)
     [claimed] = await claims.claim(1)
 
     def move(pipe: Pipeline) -> None:

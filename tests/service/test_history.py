@@ -19,6 +19,7 @@ from dispatcher.auth import Role, Roles
 from dispatcher.embedded import EmbeddedRedis
 from dispatcher.errors import NotFound
 from dispatcher.history import HistoryStore, open_history, parse_window
+from dispatcher.keys import Keys
 from dispatcher.models import DeliveryStatus, Event, HistoryPage, Region
 from dispatcher.producer import Producer
 from dispatcher.registry import Registry
@@ -31,6 +32,9 @@ V4 = "/apigw-app/v4/projects/demo/callbacks/history"
 V4_BASE = "/apigw-app/v4/projects/demo"
 URL = "http://127.0.0.1:9000/hook"
 SHANGHAI = ZoneInfo("Asia/Shanghai")
+
+
+keys = Keys()  # today's key names (one shard)
 
 
 def ms(text: str, tz: ZoneInfo = SHANGHAI) -> int:
@@ -66,7 +70,7 @@ def settings(request: pytest.FixtureRequest, redis_server: EmbeddedRedis) -> Set
 
 @pytest.fixture
 async def store(settings: Settings, redis: Redis) -> AsyncIterator[HistoryStore]:
-    history = open_history(settings, redis)
+    history = open_history(settings, redis, keys)
     yield history
     await history.close()
 
@@ -87,7 +91,7 @@ async def tz_api(tz_settings: Settings, redis: Redis) -> AsyncIterator[httpx.Asy
 
 async def fill(redis: Redis, settings: Settings, times: list[int], **kw: Any) -> list[int]:
     """Records written through the store, then (PostgreSQL) shipped."""
-    history = open_history(settings, redis)
+    history = open_history(settings, redis, keys)
     try:
         ids = [await history.add(record(t, n=i, **kw)) for i, t in enumerate(times)]
     finally:
@@ -295,7 +299,7 @@ async def test_window_redelivery_is_for_admins_dead_letters_for_members(
     settings: Settings, redis: Redis
 ) -> None:
     settings = settings.model_copy(update={"open_access": False})
-    await Roles(redis, settings).grant("demo", "member-user", Role.MEMBER)
+    await Roles(redis, settings, keys).grant("demo", "member-user", Role.MEMBER)
     app = create_app(settings, redis)
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)
@@ -343,7 +347,7 @@ async def attempts_of_a_delivery(
 
 async def add_all(redis: Redis, settings: Settings, records: list[dict[str, Any]]) -> list[int]:
     """Records of any shape written through the store, then (PostgreSQL) shipped."""
-    history = open_history(settings, redis)
+    history = open_history(settings, redis, keys)
     try:
         ids = [await history.add(r, dead=r["status"] == "FAILED") for r in records]
     finally:
@@ -427,7 +431,7 @@ async def test_a_signature_stored_by_an_older_version_is_masked_when_read(
         {"name": "Webhook-Signature", "value": "v1,CLEARsignatureBASE64="},
     ]
     old.update(status="FAILED", final=True, responseCode=500)
-    history = open_history(settings, redis)
+    history = open_history(settings, redis, keys)
     try:
         record_id = await history.add(old, dead=True)
     finally:
@@ -460,7 +464,7 @@ async def test_redelivery_of_an_older_record_sends_its_stored_body_as_it_was(
     )
     old = record(int(time.time() * 1000), url=receiver.url())
     old.update(requestBody='{"event":"BUILD_END","data":{"n":1}}', callbackId=callback_id)
-    history = open_history(settings, redis)
+    history = open_history(settings, redis, keys)
     try:
         record_id = await history.add(old)
     finally:

@@ -18,7 +18,6 @@ import pytest
 from redis.asyncio import Redis
 from typer.testing import CliRunner
 
-from dispatcher import keys
 from dispatcher.cli import app
 from dispatcher.embedded import FAST, EmbeddedPostgres, EmbeddedRedis
 from dispatcher.errors import Unavailable
@@ -28,6 +27,7 @@ from dispatcher.history.postgres import PostgresHistory, stream_fields
 from dispatcher.history.redis import RedisHistory
 from dispatcher.history.schema import DAY_MS, ensure_partitions, partitions, upgrade
 from dispatcher.history.shipper import Shipper
+from dispatcher.keys import Keys
 from dispatcher.lua import run_pipeline
 from dispatcher.models import DeliveryStatus, Event, Region
 from dispatcher.producer import Producer
@@ -36,6 +36,8 @@ from dispatcher.services import Services
 from dispatcher.settings import Settings
 from dispatcher.worker import create_worker
 from tests.helpers import Receiver, app_client, hang, make_settings, ship_all, until
+
+keys = Keys()  # today's key names (one shard)
 
 URL = "http://127.0.0.1:9000/hook"
 
@@ -126,7 +128,7 @@ async def test_retention_drops_a_days_partition_and_nothing_newer(
     now = int(time.time() * 1000)
     await ensure_partitions(conn, now - 10 * DAY_MS, now)  # every day: "nothing newer" counts
     created = [now - 9 * DAY_MS, now - 8 * DAY_MS, now - 7 * DAY_MS - 1, now - 6 * DAY_MS]
-    history = open_history(settings, redis)
+    history = open_history(settings, redis, keys)
     try:
         for n, at in enumerate(created):
             await history.add(record(at, n))
@@ -158,7 +160,7 @@ async def test_retention_drops_a_days_partition_and_nothing_newer(
 
 
 async def stream_twice(redis: Redis, settings: Settings, rec: dict[str, Any]) -> int:
-    history = PostgresHistory(redis, settings)
+    history = PostgresHistory(redis, settings, keys)
     await history.assign_ids([rec])
     for _ in range(2):  # a worker's pipeline sent again after its answer was lost
         await run_pipeline(redis, lambda pipe: history.record(pipe, rec))
@@ -172,7 +174,7 @@ async def test_a_record_sent_twice_is_stored_once(pg_settings: Settings, redis: 
     second = await stream_twice(redis, pg_settings, record(now - 5, 2))
     one_by_one = pg_settings.model_copy(update={"history_ship_batch": 1})  # in two batches
     assert await ship_all(one_by_one, redis) == 1
-    history = open_history(pg_settings, redis)
+    history = open_history(pg_settings, redis, keys)
     page = await history.query("demo", URL, "BUILD_END", start_ms=now - 60_000, end_ms=now)
     await history.close()
     assert page.count == 2 and sorted(r.id for r in page.records) == [first, second]
@@ -184,7 +186,7 @@ async def test_two_shippers_at_once_store_each_record_once(
 ) -> None:
     now = int(time.time() * 1000)
     settings = pg_settings.model_copy(update={"history_ship_batch": 100})
-    history = open_history(settings, redis)
+    history = open_history(settings, redis, keys)
     for n in range(1500):
         await history.add(record(now - 60_000 + n, n))
     shippers = [Shipper(redis, settings, elect=False) for _ in range(2)]
@@ -206,7 +208,7 @@ async def test_a_shipper_dead_between_commit_and_trim_ships_nothing_twice(
     pg_settings: Settings, redis: Redis
 ) -> None:
     now = int(time.time() * 1000)
-    history = open_history(pg_settings, redis)
+    history = open_history(pg_settings, redis, keys)
     for n in range(10):
         await history.add(record(now - 100 + n, n))
     dying = Shipper(redis, pg_settings, elect=False)
@@ -239,7 +241,7 @@ async def test_counts_and_deep_pages_match_a_brute_force_read(
     rows = [parse_row(_doc(i, at)) for i, at in enumerate(times, start=1)]
     rows += [parse_row(_doc(10_000 + i, at, url=URL + "/x")) for i, at in enumerate(times[:500])]
     assert await loader.store(rows) == len(rows)
-    history = open_history(pg_settings, redis)
+    history = open_history(pg_settings, redis, keys)
     pair = await conn.fetchval("SELECT pair_id FROM history_pairs WHERE url = $1", URL)
     try:
         for _ in range(60):
@@ -280,7 +282,7 @@ def test_history_migrate_copies_the_redis_history(
     async def seed() -> list[int]:
         redis = Redis.from_url(redis_server.url)
         await redis.flushdb()
-        history = RedisHistory(redis, redis_settings)
+        history = RedisHistory(redis, redis_settings, keys)
         ids = [await history.add(record(now - 3000 + n, n)) for n in range(2500)]
         failed = record(now - 1, 9999, status="FAILED", final=True)
         ids.append(await history.add(failed, dead=True))
@@ -297,7 +299,7 @@ def test_history_migrate_copies_the_redis_history(
 
     async def read() -> tuple[Any, Any]:
         redis = Redis.from_url(redis_server.url)
-        history = open_history(pg_settings, redis)
+        history = open_history(pg_settings, redis, keys)
         page = await history.query("demo", URL, "BUILD_END", start_ms=now - 60_000, end_ms=now,
                                    page_size=100)  # fmt: skip
         dead = await history.dead("demo")
@@ -351,7 +353,7 @@ async def test_past_the_backlog_limit_workers_wait_and_nothing_is_lost(
         await asyncio.wait_for(running, 30)
         await worker.close()
     await ship_all(settings, redis)
-    history = open_history(settings, redis)
+    history = open_history(settings, redis, keys)
     now = int(time.time() * 1000)
     page = await history.query("demo", url, "BUILD_END", start_ms=now - 60_000, end_ms=now)
     await history.close()
@@ -361,7 +363,7 @@ async def test_past_the_backlog_limit_workers_wait_and_nothing_is_lost(
 async def test_the_backlog_is_a_metric(pg_settings: Settings, redis: Redis) -> None:
     """What waits in Redis for PostgreSQL shows at /metrics (the alert's input)."""
     now = int(time.time() * 1000)
-    history = open_history(pg_settings, redis)
+    history = open_history(pg_settings, redis, keys)
     for n in range(3):
         await history.add(record(now - 100 + n, n))
     await history.close()
@@ -377,7 +379,7 @@ async def test_a_stream_made_anew_below_the_watermark_is_read_from_its_start(
     """Redis lost its data and its clock is behind the last shipment: the new stream's ids
     fall below the watermark; its records are shipped all the same."""
     now = int(time.time() * 1000)
-    history = open_history(pg_settings, redis)
+    history = open_history(pg_settings, redis, keys)
     await history.add(record(now - 10, 1))
     assert await ship_all(pg_settings, redis) == 1
     conn = await asyncpg.connect(pg_settings.history_url or "")
@@ -399,7 +401,7 @@ def test_history_ship_drain_command(
     async def seed() -> None:
         redis = Redis.from_url(redis_server.url)
         await redis.flushdb()
-        history = open_history(pg_settings, redis)
+        history = open_history(pg_settings, redis, keys)
         for n in range(5):
             await history.add(record(now - 100 + n, n))
         await history.close()
@@ -420,7 +422,7 @@ async def test_an_entry_that_is_no_record_does_not_stop_the_others(
     """Something else on the stream (a bug, a hand-made XADD): logged and left out; the
     records around it are stored."""
     now = int(time.time() * 1000)
-    history = open_history(pg_settings, redis)
+    history = open_history(pg_settings, redis, keys)
     await history.add(record(now - 30, 1))
     await redis.xadd(keys.HISTORY_STREAM, {"r": b'{"id": 5, "createdTime": 1}', "t": str(now)})
     await redis.xadd(keys.HISTORY_STREAM, {"r": b"not json", "t": str(now)})
@@ -438,7 +440,7 @@ async def test_entries_of_older_workers_are_found_by_their_status(
     """A worker of the previous version carries no status column on its entries (or only
     the JSON): the shipper reads the status from the JSON, so the status filter finds them."""
     now = int(time.time() * 1000)
-    history = PostgresHistory(redis, pg_settings)
+    history = PostgresHistory(redis, pg_settings, keys)
     failed = {**record(now - 20, 1), "status": "FAILED"}
     json_only = {**record(now - 10, 2), "status": "FAILED"}
     await history.assign_ids([failed, json_only])

@@ -7,12 +7,14 @@ import time
 
 from redis.asyncio import Redis
 
-from dispatcher import keys
 from dispatcher.embedded import EmbeddedRedis
 from dispatcher.history.redis import RedisHistory
+from dispatcher.keys import Keys
 from dispatcher.settings import Settings
 from tests.helpers import make_settings
 from tests.service.test_history import URL, fill
+
+keys = Keys()  # today's key names (one shard)
 
 
 async def test_retention_removes_old_records_and_their_index_entries_only(
@@ -23,7 +25,7 @@ async def test_retention_removes_old_records_and_their_index_entries_only(
     old = await fill(redis, settings, [now - 8 * day, now - 7 * day - 1])
     old_other = await fill(redis, settings, [now - 9 * day], event="BUILD_START")
     fresh = await fill(redis, settings, [now - 6 * day, now - 1000])
-    history = RedisHistory(redis, settings)
+    history = RedisHistory(redis, settings, keys)
     # before the sweep, the query already hides what is past the retention
     page = await history.query("demo", URL, "BUILD_END", start_ms=now - 30 * day, end_ms=now)
     assert sorted(r.id for r in page.records) == fresh
@@ -47,6 +49,6 @@ async def test_sweep_works_in_bounded_batches(redis: Redis, redis_server: Embedd
     settings = make_settings(redis_server.url, sweep_batch=10)
     now = int(time.time() * 1000)
     await fill(redis, settings, [now - 8 * 86_400_000 + i for i in range(35)])
-    history = RedisHistory(redis, settings)
+    history = RedisHistory(redis, settings, keys)
     assert await history.sweep(now_ms=now, max_batches=2) == 20
     assert await history.sweep(now_ms=now) == 15

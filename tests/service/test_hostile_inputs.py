@@ -15,9 +15,9 @@ import pytest
 from redis.asyncio import Redis
 from structlog.testing import capture_logs
 
-from dispatcher import keys
 from dispatcher.errors import InvalidInput
 from dispatcher.history.redis import RedisHistory
+from dispatcher.keys import Keys
 from dispatcher.models import Event, HistoryRecord, Region
 from dispatcher.producer import Producer
 from dispatcher.registry import Registry
@@ -33,13 +33,15 @@ from tests.helpers import (
     until,
 )
 
+keys = Keys()  # today's key names (one shard)
+
 CALLBACKS = "/apigw/v4/projects/demo/callbacks"
 EVENTS = "/apigw/v4/projects/demo/events"
 
 
 async def records(redis: Redis, settings: Settings, url: str) -> list[HistoryRecord]:
     now = int(time.time() * 1000)
-    page = await RedisHistory(redis, settings).query(
+    page = await RedisHistory(redis, settings, keys).query(
         "demo", url, "BUILD_END", start_ms=now - 60_000, end_ms=now + 60_000, page_size=100
     )
     return list(reversed(page.records))  # oldest first

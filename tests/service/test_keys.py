@@ -8,11 +8,14 @@ import time
 
 from redis.asyncio import Redis
 
-from dispatcher import keys
 from dispatcher.jobs import EventJob, Queue
+from dispatcher.keys import Keys, callback_unique_field, history_member
+from dispatcher.keys import scope as scope_of
 from dispatcher.models import PLATFORM_PROJECT, Event, Region
 from dispatcher.services import Services
 from dispatcher.settings import Settings
+
+keys = Keys()  # today's key names (one shard)
 
 URL = "https://example.com/hook"
 
@@ -34,7 +37,7 @@ async def test_scripts_and_keys_py_build_the_same_names(settings: Settings, redi
         keys.match("demo", "BUILD_END"),
     }
     assert await present(redis) == registered
-    field = keys.callback_unique_field("BUILD_END", URL)
+    field = callback_unique_field("BUILD_END", URL)
     unique = await redis.hget(keys.callback_unique("demo"), field)  # type: ignore[misc]  # sync|async
     assert unique == str(callback_id).encode()
 
@@ -74,7 +77,7 @@ async def test_scripts_and_keys_py_build_the_same_names(settings: Settings, redi
     )
     weird = keys.history_index("a:b", "BUILD_END", URL)  # a separator in the project id
     assert keys.history_url_indexes_of(weird)[1] == keys.history_url_index("a:b", URL, True)
-    assert await redis.zrange(index, 0, -1) == [keys.history_member(record_id).encode()]
+    assert await redis.zrange(index, 0, -1) == [history_member(record_id).encode()]
     dead_keys = await redis.smembers(keys.HISTORY_DEAD_KEYS)  # type: ignore[misc]  # sync|async
     assert dead_keys == {keys.history_dead("demo").encode()}
     assert [r.id for r in await services.history.dead("demo")] == [record_id]
@@ -88,7 +91,7 @@ async def test_scripts_and_keys_py_build_the_same_names(settings: Settings, redi
     await registry.delete("demo", callback_id)
     assert await present(redis) == {keys.CALLBACK_SEQ} | history
 
-    await Queue(redis, settings.queue_name).enqueue(EventJob("evt_1", "demo", "BUILD_END"))
+    await Queue(redis, Keys(settings.queue_name)).enqueue(EventJob("evt_1", "demo", "BUILD_END"))
     assert await present(redis) - history - {keys.CALLBACK_SEQ} == {
         keys.arq_job("demo:evt_1"),
         settings.queue_name,
@@ -103,7 +106,7 @@ async def test_pipeline_and_platform_callbacks_use_the_names_keys_py_builds(
         "demo", URL, Event.BUILD_END, Region.OSS, pipeline_id="p1", auth_header=("X-Key", "v")
     )
     platform, _ = await registry.create(PLATFORM_PROJECT, URL, Event.BUILD_END, Region.OSS)
-    scope = keys.scope("demo", "p1")
+    scope = scope_of("demo", "p1")
     assert scope == "demo:p1"
     pipeline_keys = {
         keys.callback(piped),
@@ -122,7 +125,7 @@ async def test_pipeline_and_platform_callbacks_use_the_names_keys_py_builds(
     assert await redis.zrange(keys.match(scope, "BUILD_END"), 0, -1, withscores=True) == [
         (str(piped).encode(), float(piped))
     ]
-    field = keys.callback_unique_field("BUILD_END", URL)
+    field = callback_unique_field("BUILD_END", URL)
     unique = await redis.hget(keys.callback_unique(scope), field)  # type: ignore[misc]  # sync|async
     assert unique == str(piped).encode()
 

@@ -20,15 +20,17 @@ from prometheus_client import REGISTRY
 from redis.asyncio import Redis
 from standardwebhooks import Webhook, WebhookVerificationError
 
-from dispatcher import keys
 from dispatcher.embedded import EmbeddedRedis
 from dispatcher.history.redis import RedisHistory
+from dispatcher.keys import Keys
 from dispatcher.models import HistoryRecord, Region
 from dispatcher.producer import Producer
 from dispatcher.services import Services
 from dispatcher.settings import Settings
 from dispatcher.tokens import TokenCipher
 from tests.helpers import Overlap, Receiver, RunWorker, app_client, make_settings
+
+keys = Keys()  # today's key names (one shard)
 
 ALICE = {"X-DEVOPS-UID": "alice"}
 OPERATOR = {"X-DEVOPS-OPERATOR-TOKEN": "op-secret"}
@@ -283,7 +285,7 @@ def _metric(name: str, **labels: str) -> float:
 
 async def _records(redis: Redis, settings: Settings, url: str) -> list[HistoryRecord]:
     now = int(time.time() * 1000)
-    page = await RedisHistory(redis, settings).query(
+    page = await RedisHistory(redis, settings, keys).query(
         "demo", url, "BUILD_END", start_ms=now - 60_000, end_ms=now + 60_000, page_size=100
     )
     return page.records

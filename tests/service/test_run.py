@@ -20,10 +20,12 @@ import asyncpg
 import httpx
 import pytest
 
-from dispatcher import keys
 from dispatcher.connections import connect
 from dispatcher.embedded import EmbeddedPostgres, EmbeddedRedis
+from dispatcher.keys import Keys
 from tests.helpers import Receiver, free_port, make_settings, until
+
+keys = Keys()  # today's key names (one shard)
 
 STARTS_WITHIN_S = 30
 UID = {"X-DEVOPS-UID": "alice"}

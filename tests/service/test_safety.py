@@ -11,10 +11,10 @@ import pytest
 from redis.asyncio import Redis
 from structlog.testing import capture_logs
 
-from dispatcher import keys
 from dispatcher.api import create_app
 from dispatcher.embedded import EmbeddedRedis
 from dispatcher.health import CircuitBreaker
+from dispatcher.keys import Keys
 from dispatcher.models import Event, Region
 from dispatcher.producer import Producer
 from dispatcher.registry import Registry
@@ -29,6 +29,8 @@ from tests.helpers import (
     app_client,
     make_settings,
 )
+
+keys = Keys()  # today's key names (one shard)
 
 CALLBACKS = "/apigw/v4/projects/demo/callbacks"
 

@@ -42,6 +42,7 @@ from dispatcher.api import create_app
 from dispatcher.connections import connect
 from dispatcher.embedded import EmbeddedRedis
 from dispatcher.history.redis import RedisHistory
+from dispatcher.keys import Keys
 from dispatcher.models import PLATFORM_PROJECT, Event, Region
 from dispatcher.registry import Registry
 from dispatcher.settings import Settings
@@ -50,6 +51,8 @@ from tests.helpers import make_settings
 if TYPE_CHECKING:
     # schemathesis names the type of an OpenAPI case for type checkers only
     from schemathesis.specs.openapi.schemas import OpenApiCase
+
+keys = Keys()  # today's key names (one shard)
 
 OPERATOR_TOKEN = "op-secret"
 SEEDED_PROJECT = "fuzz"
@@ -148,7 +151,7 @@ async def _seed(settings: Settings) -> None:
     redis = connect(settings)
     try:
         await redis.flushdb()
-        registry, history = Registry(redis), RedisHistory(redis, settings)
+        registry, history = Registry(redis), RedisHistory(redis, settings, keys)
         now = time.time_ns() // 1_000_000
         for n in range(2 * SEEDED):
             url, event = f"http://127.0.0.1:9/hook{n}", list(Event)[n]

@@ -13,7 +13,6 @@ import redis as redis_py
 from redis.asyncio import Redis
 from typer.testing import CliRunner
 
-from dispatcher import keys
 from dispatcher.cli import app
 from dispatcher.connections import connect, preflight
 from dispatcher.embedded import EmbeddedRedis, SentinelGroup
@@ -21,9 +20,12 @@ from dispatcher.errors import InvalidSetting, Unavailable
 from dispatcher.failover import NotMaster, NotWritable
 from dispatcher.history.ids import ID_BLOCK, ID_GAP, RecordIds
 from dispatcher.history.redis import RedisHistory
+from dispatcher.keys import Keys, project_scoped
 from dispatcher.producer import Producer
 from dispatcher.settings import Settings
 from tests.helpers import UID, app_client, free_port, make_settings
+
+keys = Keys()  # today's key names (one shard)
 
 EVENTS = "/apigw/v4/projects/demo/events"
 
@@ -53,7 +55,7 @@ async def test_an_acknowledged_emit_is_on_the_replica_already(group: SentinelGro
             answer = await api.post(EVENTS, json={"event": "BUILD_END", "data": {}}, headers=UID)
         routed = answer.json()["data"]["eventId"]
         # no wait: WAIT returned only once the replica had them
-        job_ids = [keys.project_scoped("demo", i) for i in [one, *many, routed]]
+        job_ids = [project_scoped("demo", i) for i in [one, *many, routed]]
         held = await replica.mget([keys.arq_job(job_id) for job_id in job_ids])
         assert all(held), f"{held.count(None)} acknowledged jobs missing on the replica"
     finally:
@@ -71,7 +73,7 @@ def test_the_cli_emits_through_the_sentinels(
     assert result.exit_code == 0 and "evt_cli" in result.output, result.output
     (replica,) = [port for port in group.nodes if port != group.master_port()]
     with redis_py.Redis(host="127.0.0.1", port=replica, socket_timeout=2) as client:
-        assert client.exists(keys.arq_job(keys.project_scoped("demo", "evt_cli")))
+        assert client.exists(keys.arq_job(project_scoped("demo", "evt_cli")))
 
 
 def run_cli(monkeypatch: pytest.MonkeyPatch, **env: str) -> str:
@@ -149,7 +151,7 @@ async def test_without_the_replicas_it_asks_for_an_emit_answers_503(
     with pytest.raises(Unavailable, match=r"0 of 1 replicas .* same event ids is safe"):
         await Producer(strict, redis).emit("demo", "BUILD_END", {}, event_id="e1")
     now = int(time.time() * 1000)
-    record_id = await RedisHistory(redis, settings).add(
+    record_id = await RedisHistory(redis, settings, keys).add(
         {
             "projectId": "demo",
             "callBackUrl": "https://e.com/h",
@@ -187,12 +189,12 @@ async def test_record_ids_skip_ahead_on_a_server_that_did_not_hand_out_the_last_
     """A promoted replica (or a restarted server) may lack the last blocks of ids handed
     out: its first block starts `ID_GAP` further on, so no id is handed out twice."""
     fresh: list[dict[str, object]] = [{}]
-    await RecordIds(redis).assign(fresh)
+    await RecordIds(redis, keys).assign(fresh)
     assert fresh[0]["id"] == 1  # a fresh Redis starts at 1
     same_server: list[dict[str, object]] = [{}]
-    await RecordIds(redis).assign(same_server)
+    await RecordIds(redis, keys).assign(same_server)
     assert same_server[0]["id"] == ID_BLOCK + 1
     await redis.set(keys.HISTORY_SEQ_SERVER, "another-server")  # as a failover leaves it
     promoted: list[dict[str, object]] = [{}]
-    await RecordIds(redis).assign(promoted)
+    await RecordIds(redis, keys).assign(promoted)
     assert promoted[0]["id"] == 2 * ID_BLOCK + ID_GAP + 1

@@ -12,14 +12,16 @@ import pytest
 from prometheus_client import REGISTRY
 from redis.asyncio import Redis
 
-from dispatcher import keys
 from dispatcher.connections import REDIS_ERRORS
-from dispatcher.history import open_history
+from dispatcher.keys import Keys
+from dispatcher.services import Services
 from dispatcher.settings import Settings
 from dispatcher.stats import DAY, HOUR, AttemptStats, read_series
 from dispatcher.status import count_live_workers, live_workers, write_heartbeat
 from dispatcher.worker.duties import Counts, Duties
 from tests.helpers import app_client
+
+keys = Keys()  # today's key names (one shard)
 
 
 def gauge(text: str, name: str) -> float:
@@ -40,7 +42,7 @@ async def test_attempt_counts_reach_the_hour_and_the_day_with_their_ttls(redis: 
     stats = AttemptStats()
     for outcome, ms in [("success", 12)] * 4 + [("failed", 700)]:
         stats.count(outcome, ms)
-    await stats.flush(redis)
+    await stats.flush(redis, keys)
     now = int(time.time() * 1000)
     minute, slot = now // 60_000, now // 600_000
     expected = {b"success": b"4", b"failed": b"1", b"ms:15": b"4", b"ms:700": b"1"}
@@ -52,9 +54,9 @@ async def test_attempt_counts_reach_the_hour_and_the_day_with_their_ttls(redis: 
     assert 24 * 3600 < await redis.ttl(keys.stats_slot(600, slot)) <= DAY.ttl_s
 
     stats.count("success", 12)  # a second flush adds to the same buckets
-    await stats.flush(redis)
-    await stats.flush(redis)  # nothing new: nothing written
-    hour, day = await read_series(redis, now)
+    await stats.flush(redis, keys)
+    await stats.flush(redis, keys)  # nothing new: nothing written
+    hour, day = await read_series(redis, keys, now)
     assert len(hour.points) == 60 and len(day.points) == 144
     for found in (hour, day):
         assert found.points[-1].outcomes == {"success": 5, "failed": 1} == found.totals
@@ -67,41 +69,45 @@ async def test_statistics_survive_a_flush_that_fails(redis: Redis) -> None:
     stats.count("retry", 5)
     nowhere = Redis.from_url("redis://127.0.0.1:1/0", socket_connect_timeout=0.2)
     with pytest.raises(REDIS_ERRORS):
-        await stats.flush(nowhere)
+        await stats.flush(nowhere, keys)
     await nowhere.aclose()
-    await stats.flush(redis)
-    (hour,) = await read_series(redis, int(time.time() * 1000), [HOUR])
+    await stats.flush(redis, keys)
+    (hour,) = await read_series(redis, keys, int(time.time() * 1000), [HOUR])
     assert hour.totals == {"retry": 1}
 
 
 async def test_live_workers_come_from_the_heartbeat_index(redis: Redis, settings: Settings) -> None:
     now = int(time.time() * 1000)
     async with redis.pipeline(transaction=False) as pipe:
-        write_heartbeat(pipe, keys.worker("a", 1), {"host": "a", "pid": 1, "seen": now}, now)
+        write_heartbeat(pipe, keys, keys.worker("a", 1), {"host": "a", "pid": 1, "seen": now}, now)
         stale = now - 45_000  # its key outlived its TTL here; the index still names it
-        write_heartbeat(pipe, keys.worker("b", 2), {"host": "b", "pid": 2, "seen": stale}, stale)
+        write_heartbeat(
+            pipe, keys, keys.worker("b", 2), {"host": "b", "pid": 2, "seen": stale}, stale
+        )
         await pipe.execute()
-    assert [w["pid"] for w in await live_workers(redis)] == [1]
-    assert await count_live_workers(redis) == 1
-    assert await live_workers(redis, "b") == []
+    assert [w["pid"] for w in await live_workers(redis, keys)] == [1]
+    assert await count_live_workers(redis, keys) == 1
+    assert await live_workers(redis, keys, "b") == []
 
     # a real worker's duties: a beat, then gone with its last words
-    history = open_history(settings, redis)
-    duties = Duties(settings, redis, history, AttemptStats(), "t", lambda: Counts(0, 0, 0))
+    home = Services(settings, redis)
+    duties = Duties(settings, home, [home], AttemptStats(), "t", lambda: Counts(0, 0, 0))
     await duties.heartbeat()
-    assert await count_live_workers(redis) == 2
+    assert await count_live_workers(redis, keys) == 2
     # what the worker's own /metrics says of the fleet and of itself
     assert REGISTRY.get_sample_value("dispatcher_workers_live") == 2
     assert REGISTRY.get_sample_value("dispatcher_redis_up") == 1
     beat = REGISTRY.get_sample_value("dispatcher_worker_heartbeat_timestamp_seconds")
     assert beat is not None and abs(beat - time.time()) < 5
     await duties.last_words()
-    assert await count_live_workers(redis) == 1
+    assert await count_live_workers(redis, keys) == 1
     assert await redis.zscore(keys.WORKERS_LIVE, duties.heartbeat_key) is None
     # an hour later the index forgets a worker that never said goodbye
     later = now + 3_600_001
     async with redis.pipeline(transaction=False) as pipe:
-        write_heartbeat(pipe, keys.worker("c", 3), {"host": "c", "pid": 3, "seen": later}, later)
+        write_heartbeat(
+            pipe, keys, keys.worker("c", 3), {"host": "c", "pid": 3, "seen": later}, later
+        )
         await pipe.execute()
     assert await redis.zrange(keys.WORKERS_LIVE, 0, -1) == [keys.worker("c", 3).encode()]
 

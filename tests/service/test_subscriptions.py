@@ -16,16 +16,18 @@ from redis.asyncio import Redis
 from standardwebhooks import Webhook
 from structlog.testing import capture_logs
 
-from dispatcher import keys
 from dispatcher.auth import ALL_PROJECTS, Role, Roles
 from dispatcher.embedded import EmbeddedRedis
 from dispatcher.errors import InvalidInput
 from dispatcher.history.redis import RedisHistory
+from dispatcher.keys import Keys
 from dispatcher.models import PLATFORM_PROJECT, HistoryRecord
 from dispatcher.producer import Producer
 from dispatcher.settings import Settings
 from dispatcher.tokens import TokenCipher
 from tests.helpers import Receiver, RunWorker, answer, app_client, make_settings
+
+keys = Keys()  # today's key names (one shard)
 
 OP_TOKEN = "op-secret"
 OPERATOR = {"X-DEVOPS-OPERATOR-TOKEN": OP_TOKEN}
@@ -74,7 +76,7 @@ async def history(
     redis: Redis, settings: Settings, owner: str, url: str, event: str
 ) -> list[HistoryRecord]:
     now = int(time.time() * 1000)
-    page = await RedisHistory(redis, settings).query(
+    page = await RedisHistory(redis, settings, keys).query(
         owner, url, event, start_ms=now - 60_000, end_ms=now + 60_000, page_size=100
     )
     return list(reversed(page.records))
@@ -284,7 +286,7 @@ async def test_only_the_operator_token_manages_platform_callbacks(
     redis_server: EmbeddedRedis, redis: Redis
 ) -> None:
     settings = make_settings(redis_server.url, operator_token=OP_TOKEN, open_access=False)
-    roles = Roles(redis, settings)
+    roles = Roles(redis, settings, keys)
     await roles.grant("demo", "alice", Role.ADMIN)
     await roles.grant(ALL_PROJECTS, "svc", Role.ADMIN)  # a platform service account
     with pytest.raises(InvalidInput, match="operator token"):
@@ -336,7 +338,7 @@ async def test_a_platform_receiver_knows_which_project_emitted_an_event(
     the emitter from the route, signed (`projectId` in the body) and in a header, on the
     first attempt and on the retry; no callback can send a header of that name itself."""
     settings = make_settings(redis_server.url, operator_token=OP_TOKEN, open_access=False)
-    await Roles(redis, settings).grant("projB", "bob", Role.ADMIN)
+    await Roles(redis, settings, keys).grant("projB", "bob", Role.ADMIN)
     bob = {"X-DEVOPS-UID": "bob"}
     url = receiver.script("/platform", answer(500), answer(200))
     async with app_client(settings, redis) as client:

@@ -22,10 +22,11 @@ from opentelemetry.trace import SpanKind
 from redis.asyncio import Redis
 from typer.testing import CliRunner
 
-from dispatcher import keys, tracing
+from dispatcher import tracing
 from dispatcher.cli import app
 from dispatcher.embedded import EmbeddedRedis
 from dispatcher.jobs import EventJob, Queue, decode
+from dispatcher.keys import Keys
 from dispatcher.models import Event, Region
 from dispatcher.producer import Producer
 from dispatcher.registry import Registry
@@ -41,6 +42,8 @@ from tests.helpers import (
     ship_all,
     until,
 )
+
+keys = Keys()  # today's key names (one shard)
 
 PROJECT = "/apigw/v4/projects/demo"
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
@@ -276,7 +279,7 @@ async def test_a_malformed_traceparent_is_ignored(
     wire = {**job.to_wire(), "traceparent": "00-abc\r\nX-Evil: 1", "tracestate": ["x"]}
     await redis.set("arq:job:evt_other", orjson.dumps({"t": None, "f": "fan_out", "a": [wire],
                                                        "k": {}, "et": 0}))  # fmt: skip
-    await redis.zadd(Queue(redis, settings.queue_name).queue_name, {"evt_other": 0})
+    await redis.zadd(Queue(redis, Keys(settings.queue_name)).queue_name, {"evt_other": 0})
     # a good traceparent with a tracestate that is not one: the traceparent alone goes on
     kept = await http_api.post(
         f"{PROJECT}/events", json={"event": "BUILD_END", "data": {"n": -1}},

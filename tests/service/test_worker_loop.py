@@ -16,12 +16,12 @@ from aiohttp import web
 from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
 
-from dispatcher import keys
 from dispatcher.connections import connect
 from dispatcher.embedded import EmbeddedRedis
 from dispatcher.errors import Unavailable
 from dispatcher.history.redis import RedisHistory
 from dispatcher.jobs import EventJob, Queue
+from dispatcher.keys import Keys
 from dispatcher.lua import run_pipeline
 from dispatcher.models import Event, Region
 from dispatcher.producer import Producer
@@ -31,6 +31,8 @@ from dispatcher.worker.claims import Claims
 from dispatcher.worker.writer import Writer
 from tests.helpers import Receiver, RunWorker, answer, command, make_settings
 
+keys = Keys()  # today's key names (one shard)
+
 
 async def scripts_run(redis: Redis) -> int:
     """EVALSHA calls so far (the commands a script runs count under their own names)."""
@@ -39,7 +41,7 @@ async def scripts_run(redis: Redis) -> int:
 
 
 async def enqueue(redis: Redis, settings: Settings, count: int, defer_s: float = 0) -> None:
-    queue = Queue(redis, settings.queue_name)
+    queue = Queue(redis, Keys(settings.queue_name))
     for i in range(count):
         await queue.enqueue(EventJob(f"evt_{defer_s}_{i}", "demo", "BUILD_END"), defer_s=defer_s)
 
@@ -49,7 +51,7 @@ async def test_a_batch_of_due_jobs_is_claimed_in_one_round_trip(
 ) -> None:
     await enqueue(redis, settings, 30)
     await enqueue(redis, settings, 5, defer_s=60)  # not due
-    claims = Claims(redis, settings.queue_name, "worker-a", lease_s=10)
+    claims = Claims(redis, Keys(settings.queue_name), "worker-a", lease_s=10)
     await claims.claim(1)  # the script is loaded; one job claimed
     before = await scripts_run(redis)
     claimed = await claims.claim(100)
@@ -59,7 +61,7 @@ async def test_a_batch_of_due_jobs_is_claimed_in_one_round_trip(
     lease = await redis.get(keys.ARQ_IN_PROGRESS_PREFIX + claimed[0].job_id)
     assert lease == b"worker-a"
     assert 9000 < await redis.pttl(keys.ARQ_IN_PROGRESS_PREFIX + claimed[0].job_id) <= 10_000
-    other = Claims(redis, settings.queue_name, "worker-b", lease_s=10)
+    other = Claims(redis, Keys(settings.queue_name), "worker-b", lease_s=10)
     assert await other.claim(100) == []  # leased or not due
     assert await redis.zcard(settings.queue_name) == 35  # a claimed job stays queued
 
@@ -68,8 +70,8 @@ async def test_a_lapsed_lease_passes_the_job_on_and_only_its_holder_ends_it(
     settings: Settings, redis: Redis
 ) -> None:
     await enqueue(redis, settings, 1)
-    first = Claims(redis, settings.queue_name, "worker-a", lease_s=0.2)
-    second = Claims(redis, settings.queue_name, "worker-b", lease_s=10)
+    first = Claims(redis, Keys(settings.queue_name), "worker-a", lease_s=0.2)
+    second = Claims(redis, Keys(settings.queue_name), "worker-b", lease_s=10)
     [job] = await first.claim(10)
     assert await first.renew([job.job_id]) == 1
     await asyncio.sleep(0.3)  # worker-a stopped renewing (killed, paused)
@@ -87,7 +89,7 @@ async def test_a_failed_run_goes_back_but_never_earlier_than_its_next_attempt(
     settings: Settings, redis: Redis
 ) -> None:
     await enqueue(redis, settings, 1)
-    claims = Claims(redis, settings.queue_name, "worker-a", lease_s=10)
+    claims = Claims(redis, Keys(settings.queue_name), "worker-a", lease_s=10)
     [job] = await claims.claim(10)
     # the attempt's own write set the next attempt in 30 s ...
     await run(redis, lambda pipe: claims.again(pipe, job.job_id, 30, next_attempt=True))
@@ -124,7 +126,7 @@ async def test_writes_wait_out_a_redis_restart_and_land_once(
 ) -> None:
     settings = make_settings(own_redis.url, redis_timeout=0.5)
     redis = connect(settings)
-    history = RedisHistory(redis, settings)
+    history = RedisHistory(redis, settings, keys)
     writer = Writer(redis, history.assign_ids)
     try:
         records = [record(n) for n in range(20)]
@@ -155,7 +157,7 @@ async def test_writes_wait_out_a_redis_restart_and_land_once(
 
 
 async def test_a_record_written_twice_is_stored_once(settings: Settings, redis: Redis) -> None:
-    history = RedisHistory(redis, settings)
+    history = RedisHistory(redis, settings, keys)
     one = record(1)
     await history.assign_ids([one])
     for _ in range(2):  # as when a pipeline's answer was lost and it was sent again
@@ -182,7 +184,7 @@ async def test_a_timed_out_run_is_run_again_never_dropped(
     seen = receiver.requests()
     assert len(seen) == 2 and len({s.headers["webhook-id"] for s in seen}) == 1
     now = int(time.time() * 1000)
-    page = await RedisHistory(redis, settings).query(
+    page = await RedisHistory(redis, settings, keys).query(
         "demo", url, "BUILD_END", start_ms=now - 60_000, end_ms=now + 1000
     )
     assert [(r.event_id, r.status.value) for r in page.records] == [(event_id, "SUCCESS")]
@@ -219,7 +221,7 @@ async def test_a_producer_says_redis_is_unreachable_after_its_wait() -> None:
 async def test_a_write_that_cannot_be_built_fails_alone(settings: Settings, redis: Redis) -> None:
     """A bug in one write's code is that write's error; the writes around it still land
     and the writer goes on (it once stopped, and a burst worker never ended)."""
-    writer = Writer(redis, RedisHistory(redis, settings).assign_ids)
+    writer = Writer(redis, RedisHistory(redis, settings, keys).assign_ids)
 
     def broken(pipe: Pipeline) -> None:
         raise KeyError("a field the write expected")

@@ -1,0 +1,88 @@
+"""`dispatcher shards`: the shards, their load, and growing (see `dispatcher.shards.move`)."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from dispatcher.cli.common import console, err, on_router
+from dispatcher.cluster import masters_of
+from dispatcher.connections import shown
+from dispatcher.keys import target_slot
+from dispatcher.shards.move import Mover
+from dispatcher.shards.router import Router
+
+__all__ = ["shards_app"]
+
+shards_app = typer.Typer(
+    help="Shards: list them, put new ones in use (grow), move projects to their shard.",
+    no_args_is_help=True,
+)
+
+
+def _say(text: str) -> None:
+    err.print(text)
+
+
+@shards_app.command("list")
+def shards_list() -> None:
+    """Each shard: where it is, its queue, the projects placed on it explicitly."""
+
+    async def go(router: Router) -> Table:
+        placement = router.placement
+        table = Table("shard", "redis", "slot (master)", "in use", "jobs due", "pinned here")
+        cluster = router.home.shard.cluster
+        slots = [target_slot(s.shard.index) for s in router.shards] if cluster else []
+        masters = await masters_of(router.home.redis, slots) if cluster else []
+        for services in router.shards:
+            index = services.shard.index
+            due, _ = await services.queue.depth()
+            pinned = sum(p.index == index for p in placement.explicit.values())
+            where = f"{slots[index]} ({masters[index]})" if cluster else "-"
+            table.add_row(str(index), shown(services.shard.url), where,
+                          "yes" if index < placement.active else "not yet (grow)",
+                          str(due), str(pinned))  # fmt: skip
+        return table
+
+    console.print(on_router(go))
+
+
+@shards_app.command("grow")
+def shards_grow(
+    rebalance: Annotated[bool, typer.Option(help="Then move the pinned projects")] = False,
+) -> None:
+    """Put every listed shard in use (run once the longer list is on every process): the
+    projects that would move are pinned where they are; new ones use the new shards."""
+
+    async def go(router: Router) -> int:
+        mover = Mover(router, _say)
+        pinned = await mover.grow()
+        return await mover.rebalance() if rebalance else len(pinned)
+
+    count = on_router(go)
+    console.print(f"{count} project(s) {'moved' if rebalance else 'pinned'}")
+
+
+@shards_app.command("rebalance")
+def shards_rebalance() -> None:
+    """Move every project whose explicit placement is not where the hash puts it."""
+    console.print(f"moved {on_router(lambda router: Mover(router, _say).rebalance())} project(s)")
+
+
+@shards_app.command("move")
+def shards_move(
+    project: Annotated[str, typer.Argument(help="Project id")],
+    to: Annotated[int, typer.Option(help="The shard to move it to")],
+) -> None:
+    """Move one project (callbacks, roles, queued jobs, Redis history) to a shard and
+    place it there explicitly, under load."""
+    on_router(lambda router: Mover(router, _say).move(project, to))
+    console.print(f"{project} is on shard {to}")
+
+
+@shards_app.command("sync")
+def shards_sync() -> None:
+    """Copy the platform-wide callbacks and the `*` roles of shard 0 to every shard."""
+    console.print(f"{on_router(lambda router: Mover(router, _say).sync())} platform callback(s)")

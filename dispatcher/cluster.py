@@ -1,0 +1,95 @@
+"""Redis Cluster URLs: `redis+cluster://[user:password@]host:port[,host:port...]/`
+(`rediss+cluster://` for TLS), in `DISPATCHER_REDIS_URL`.
+
+The nodes listed are where the client starts: it learns the slot map from them and follows
+the cluster's own resharding and failovers (MOVED, ASK, a new master). Each shard of a
+cluster lives in one hash slot (see `keys.py`), so every script and pipeline of a shard
+goes to one master, and the number of shards (`DISPATCHER_REDIS_CLUSTER_SHARDS`) is how
+many masters can share the work.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, cast
+from urllib.parse import unquote, urlsplit
+
+from redis.asyncio.cluster import ClusterNode, RedisCluster
+
+from dispatcher.errors import InvalidSetting
+
+if TYPE_CHECKING:
+    from redis.asyncio import Redis
+
+__all__ = ["CLUSTER_SCHEMES", "ClusterUrl", "cluster_client", "is_cluster_url", "parse_cluster_url"]
+
+CLUSTER_SCHEMES = ("redis+cluster", "rediss+cluster")
+SETTING = "DISPATCHER_REDIS_URL"
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterUrl:
+    """A parsed cluster URL: its start-up nodes and credentials."""
+
+    nodes: tuple[tuple[str, int], ...]
+    username: str | None = None
+    password: str | None = None
+    tls: bool = False
+
+
+def is_cluster_url(url: str | None) -> bool:
+    return bool(url) and str(url).split("://", 1)[0] in CLUSTER_SCHEMES
+
+
+def parse_cluster_url(url: str) -> ClusterUrl:
+    """The nodes and credentials of a cluster URL; InvalidSetting naming the setting when
+    it has no node, or a node without a port."""
+    scheme, _, rest = url.partition("://")
+    netloc = rest.split("/", 1)[0]
+    credentials, _, hosts = netloc.rpartition("@")
+    user, _, password = credentials.partition(":")
+    nodes = []
+    for entry in filter(None, hosts.split(",")):
+        parts = urlsplit(f"//{entry}")
+        try:
+            port = parts.port
+        except ValueError:
+            port = None
+        if not parts.hostname or port is None:
+            raise InvalidSetting(
+                f"a cluster node must be host:port, got {entry!r} in {scheme}://...",
+                param=SETTING,
+            )
+        nodes.append((parts.hostname, port))
+    if not nodes:
+        raise InvalidSetting(f"{scheme}:// needs at least one host:port", param=SETTING)
+    return ClusterUrl(
+        nodes=tuple(nodes),
+        username=unquote(user) or None,
+        password=unquote(password) or None,
+        tls=scheme.startswith("rediss"),
+    )
+
+
+def cluster_client(target: ClusterUrl, policy: dict[str, Any]) -> Redis:
+    """A client of the whole cluster, with the service's connection policy. Typed as a
+    `Redis`: the service uses only what both have (commands, scripts, pipelines)."""
+    client = RedisCluster(
+        startup_nodes=[ClusterNode(host, port) for host, port in target.nodes],
+        username=target.username,
+        password=target.password,
+        ssl=target.tls,
+        **policy,
+    )
+    return cast("Redis", client)
+
+
+async def masters_of(client: Redis, slots: list[int]) -> list[str]:
+    """The master (`host:port`) serving each of `slots` now."""
+    cluster = cast("RedisCluster", client)
+    await cluster.initialize()
+    found = []
+    for slot in slots:
+        node = cluster.nodes_manager.get_node_from_slot(slot)
+        found.append(f"{node.host}:{node.port}")
+    return found

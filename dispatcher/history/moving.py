@@ -1,0 +1,80 @@
+"""A project's Redis history taken from one shard to another (`dispatcher shards move`):
+its records read page by page, written on the new shard by the store's own `record` (which
+builds every index again), then removed from the old shard like the retention sweep
+removes records. Record ids are unique over all shards, so a record copied twice is
+stored once."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import orjson
+
+from dispatcher.history.redis import _SWEEP, RedisHistory
+from dispatcher.lua import run_pipeline
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator
+
+    from redis.asyncio.client import Pipeline
+
+__all__ = ["copy_project", "forget_project"]
+
+PAGE = 500
+
+
+async def _indexes(history: RedisHistory, project_id: str) -> list[str]:
+    """The (project, event, url) indexes of a project (project ids hold no separator)."""
+    prefix = history.keys.HISTORY_INDEX_PREFIX + project_id + ":"
+    found = [i.decode() async for i in history.redis.sscan_iter(history.keys.HISTORY_INDEXES)]
+    return [index for index in found if index.startswith(prefix)]
+
+
+async def _records(
+    history: RedisHistory, project_id: str
+) -> AsyncIterator[list[tuple[dict[str, Any], bool]]]:
+    """The project's records, a page at a time, each with whether its delivery gave up."""
+    keys, redis = history.keys, history.redis
+    dead = {int(m) for m in await redis.zrange(keys.history_dead(project_id), 0, -1)}
+    for index in await _indexes(history, project_id):
+        start = 0
+        while members := await redis.zrange(index, start, start + PAGE - 1):
+            start += PAGE
+            raws = await redis.mget([keys.history_record(int(m)) for m in members])
+            records = [orjson.loads(raw) for raw in raws if raw]
+            yield [(record, int(record["id"]) in dead) for record in records]
+
+
+async def copy_project(source: RedisHistory, target: RedisHistory, project_id: str) -> int:
+    """Write every record of the project on `source` to `target`; returns how many."""
+    copied = 0
+    async for page in _records(source, project_id):
+
+        def write(pipe: Pipeline, page: list[tuple[dict[str, Any], bool]] = page) -> None:
+            for record, dead in page:
+                target.record(pipe, record, dead=dead)
+
+        await run_pipeline(target.redis, write)
+        copied += len(page)
+    return copied
+
+
+async def forget_project(history: RedisHistory, project_id: str) -> int:
+    """Remove every record of the project, its indexes and dead letters; returns how many
+    records. (A delivery's attempts index expires with its records.)"""
+    keys, redis, removed = history.keys, history.redis, 0
+    for index in await _indexes(history, project_id):
+        swept = [index, keys.HISTORY_INDEXES, *keys.history_url_indexes_of(index)]
+        while n := int(await _SWEEP(redis, swept, ["+inf", PAGE, keys.HISTORY_RECORD_PREFIX])):
+            removed += n
+    dead_key = keys.history_dead(project_id)
+    ids = await redis.zrange(dead_key, 0, -1)
+
+    def drop_dead(pipe: Pipeline) -> None:
+        if ids:
+            pipe.zrem(keys.HISTORY_DEAD, *ids)
+        pipe.delete(dead_key)
+        pipe.srem(keys.HISTORY_DEAD_KEYS, dead_key)
+
+    await run_pipeline(redis, drop_dead)
+    return removed

@@ -1,0 +1,73 @@
+"""Callbacks copied between shards, ids kept: a platform-wide callback's copies (one on
+every shard), a moved project's callbacks. A copy is the callback's hash as stored (its
+secrets still encrypted) and its place in the listing, upsert and match keys."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from dispatcher import keys
+from dispatcher.lua import run_pipeline
+from dispatcher.registry.scripts import PUT
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from redis.asyncio.client import Pipeline
+
+    from dispatcher.registry.store import Registry
+
+__all__ = ["callback_ids", "put_rows", "queue_put", "read_rows"]
+
+Row = dict[str, str]
+
+
+async def read_rows(registry: Registry, callback_ids: Sequence[int]) -> list[Row]:
+    """The stored hashes of callbacks (empty for one that is gone), in one round trip."""
+    if not callback_ids:
+        return []
+
+    def read(pipe: Pipeline) -> None:
+        for cid in callback_ids:
+            pipe.hgetall(registry.keys.callback(cid))
+
+    answers = await run_pipeline(registry.redis, read)
+    return [{k.decode(): v.decode() for k, v in raw.items()} for raw in answers]
+
+
+async def callback_ids(registry: Registry, project_id: str) -> list[int]:
+    """Every callback id of a project, its pipelines' included."""
+    found = await registry.redis.zrange(registry.keys.project_callbacks(project_id), 0, -1)
+    return [int(cid) for cid in found]
+
+
+def queue_put(registry: Registry, pipe: Pipeline, row: Row, *, reset: bool) -> None:
+    """Queue the write of `row` (a callback's hash from another shard) on `pipe`; `reset`
+    starts its failure count again."""
+    k = registry.keys
+    cid, project, pipeline = row["id"], row["projectId"], row.get("pipelineId") or None
+    scope = keys.scope(project, pipeline)
+    callback_keys = [
+        k.callback(cid), k.callback_unique(scope), k.project_callbacks(project),
+        k.match(scope, row["event"]), k.CALLBACKS_DISABLED, k.HEALTH_FAILING, k.health(cid),
+    ]  # fmt: skip
+    if pipeline:
+        callback_keys.append(k.pipeline_callbacks(project, pipeline))
+    pairs = [item for field in row.items() for item in field]
+    PUT.queue(
+        pipe,
+        callback_keys,
+        [cid, keys.callback_unique_field(row["event"], row["url"]), row.get("enabled", "1"),
+         row.get("updatedTime", "0"), "1" if reset else "0", *pairs],
+    )  # fmt: skip
+
+
+async def put_rows(registry: Registry, rows: Sequence[Row], *, reset: bool = False) -> None:
+    """Write `rows` (callbacks' hashes from another shard), ids kept, in one round trip."""
+
+    def put_all(pipe: Pipeline) -> None:
+        for row in rows:
+            queue_put(registry, pipe, row, reset=reset)
+
+    if rows:
+        await run_pipeline(registry.redis, put_all)

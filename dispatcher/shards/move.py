@@ -1,0 +1,266 @@
+"""Growing: shards added to the list, and the projects whose shard changes moved to it,
+under load, nothing lost (`dispatcher shards grow`, `rebalance`, `move`).
+
+`grow` (after the longer list is on every process; until then the new shards take no
+project): it freezes the callbacks and roles of the projects that the longer list would
+move (`:growing`), pins each one that has data to the shard that holds it, then puts the
+longer list in use and copies the platform-wide callbacks and the `*` roles to the new
+shards. New projects go to the new shards from then on; the pinned ones stay where they
+are until moved.
+
+`move` (one project, `rebalance` every pinned one whose hash says another shard):
+  1. freeze its callbacks and roles (placement `from>to`), and wait until every process
+     has seen it (`settle`: three placement refreshes);
+  2. copy its callbacks (ids kept) and roles to the new shard, and its Redis history;
+  3. flip its placement, and wait again: from now on its events are queued on the new
+     shard, where its callbacks are;
+  4. drain: its jobs still queued on the old shard (retries, events queued just before
+     the flip) are taken one at a time under a lease, written to the new shard, then
+     removed from the old (a job a worker holds is left to finish, and looked at again);
+     until none is left and none came for a settle;
+  5. copy the history written meanwhile, then remove the project from the old shard.
+A mover that dies leaves a job under its lease, which lapses: the job runs on the old
+shard as well, under the same delivery id (at least once, never lost). Moving again
+finishes the move.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from dispatcher.auth import ALL_PROJECTS
+from dispatcher.errors import InvalidInput, NotFound
+from dispatcher.history.redis import RedisHistory
+from dispatcher.jobs import FAN_OUT, BadJob, decode
+from dispatcher.lua import Lua, run_pipeline
+from dispatcher.models import PLATFORM_PROJECT
+from dispatcher.registry.copies import callback_ids, put_rows, read_rows
+from dispatcher.shards.placement import Placed, rendezvous
+from dispatcher.worker.claims import Claims
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from redis.asyncio.client import Pipeline
+
+    from dispatcher.services import Services
+    from dispatcher.shards.router import Router
+
+__all__ = ["Mover"]
+
+SETTLE_REFRESHES = 3
+PAGE = 500
+LEASE_S = 30.0
+
+# KEYS: queue, lease, job. ARGV: token, job id, lease ms. Takes a queued job nobody holds:
+# sets the mover's lease on it and returns {data, due ms, data ttl ms}; nil when a worker
+# holds it or it is gone.
+_TAKE = Lua("""
+if redis.call('EXISTS', KEYS[2]) == 1 then return false end
+local data = redis.call('GET', KEYS[3])
+local due = redis.call('ZSCORE', KEYS[1], ARGV[2])
+if not data or not due then return false end
+redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[3])
+return {data, due, redis.call('PTTL', KEYS[3])}
+""")
+
+# KEYS: queue, job. ARGV: job id, bytes, due ms, ttl ms. Queues a moved job (kept as it
+# is when that id is queued already).
+_PLACE = Lua("""
+if redis.call('ZSCORE', KEYS[1], ARGV[1]) then return 0 end
+redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[4])
+redis.call('ZADD', KEYS[1], ARGV[3], ARGV[1])
+return 1
+""")
+
+
+@dataclass
+class Mover:
+    """Moves projects between the shards of `router`, saying what it does with `say`."""
+
+    router: Router
+    say: Callable[[str], None] = print
+    settle_s: float = 0.0
+    token: str = field(default_factory=lambda: f"mover:{time.time_ns()}")
+
+    def __post_init__(self) -> None:
+        if not self.settle_s:
+            self.settle_s = SETTLE_REFRESHES * self.router.settings.placement_refresh
+
+    async def grow(self) -> list[str]:
+        """Put every listed shard in use; returns the projects pinned where they are."""
+        placement = self.router.placement
+        old, new = placement.active, placement.count
+        if new <= old:
+            self.say(f"{old} shard(s) in use, {new} listed: nothing to grow")
+            return []
+        await placement.write_counts(old, new)
+        await self.settle()  # every process now freezes the projects that would move
+        pinned = []
+        for project, index in (await self.known(old)).items():
+            if project not in placement.explicit and rendezvous(project, new) != index:
+                await placement.write(project, Placed(index))
+                pinned.append(project)
+        await placement.write_counts(new, None)
+        await self.settle()
+        await self.sync()
+        self.say(f"{new} shards in use; {len(pinned)} project(s) pinned, to move: rebalance")
+        return pinned
+
+    async def known(self, count: int) -> dict[str, int]:
+        """The projects with callbacks, roles or history on the first `count` shards."""
+        found: dict[str, int] = {}
+        for services in self.router.shards[:count]:
+            for project in await _projects(services):
+                found.setdefault(project, services.shard.index)
+        return found
+
+    async def sync(self) -> int:
+        """Copy the platform-wide callbacks and the `*` roles of the home shard to every
+        shard; returns how many callbacks."""
+        copied = await self.router.platform.sync()
+        for user, role in (await self.router.home.roles.list(ALL_PROJECTS)).items():
+            for services in self.router.shards[1:]:
+                await services.roles.grant(ALL_PROJECTS, user, role)
+        return copied
+
+    async def rebalance(self) -> int:
+        """Move every project whose explicit placement is not where the hash puts it."""
+        placement, moved = self.router.placement, 0
+        for project, placed in sorted(placement.explicit.items()):
+            target = rendezvous(project, placement.active)
+            if placed.moving_to is not None or placed.index != target:
+                await self.move(project, target)
+                moved += 1
+        return moved
+
+    async def move(self, project: str, target: int) -> None:
+        """Move one project to shard `target` (see the module's doc)."""
+        if project in (PLATFORM_PROJECT, ALL_PROJECTS) or ":" in project:
+            raise InvalidInput(f"{project!r} is not a project that lives on one shard")
+        if not 0 <= target < len(self.router.shards):
+            raise InvalidInput(f"there is no shard {target}")
+        placement = self.router.placement
+        placed = placement.explicit.get(project)
+        source = placed.index if placed is not None else placement.shard_of(project)
+        if source != target:
+            src, dst = self.router.shards[source], self.router.shards[target]
+            self.say(f"{project}: shard {source} -> {target}: freezing its callbacks")
+            await placement.write(project, Placed(source, target))
+            await self.settle()
+            await self._copy(src, dst, project)
+            await placement.write(project, Placed(target))
+            await self.settle()
+            moved = await self._drain(src, dst, project)
+            self.say(f"{project}: {moved} queued job(s) moved; cleaning shard {source}")
+            await self._copy_history(src, dst, project)
+            await _forget(src, project)
+        hashed = rendezvous(project, placement.active) == target
+        await placement.write(project, None if hashed else Placed(target))
+        self.say(f"{project}: on shard {target}")
+
+    async def settle(self) -> None:
+        await asyncio.sleep(self.settle_s)
+
+    async def _copy(self, src: Services, dst: Services, project: str) -> None:
+        rows = await read_rows(src.registry, await callback_ids(src.registry, project))
+        await put_rows(dst.registry, [row for row in rows if row])
+        for user, role in (await src.roles.list(project)).items():
+            await dst.roles.grant(project, user, role)
+        await self._copy_history(src, dst, project)
+
+    @staticmethod
+    async def _copy_history(src: Services, dst: Services, project: str) -> None:
+        if isinstance(src.history, RedisHistory) and isinstance(dst.history, RedisHistory):
+            from dispatcher.history.moving import copy_project
+
+            await copy_project(src.history, dst.history, project)
+
+    async def _drain(self, src: Services, dst: Services, project: str) -> int:
+        """Move the project's queued jobs until none is left and none came for a settle."""
+        moved, quiet_since = 0, time.monotonic()
+        while True:
+            found, taken = await self._move_jobs(src, dst, project)
+            moved += taken
+            if found:
+                quiet_since = time.monotonic()
+            elif time.monotonic() - quiet_since >= self.settle_s:
+                return moved
+            await asyncio.sleep(min(0.2, self.settle_s))
+
+    async def _move_jobs(self, src: Services, dst: Services, project: str) -> tuple[int, int]:
+        """One pass over the old shard's queue: (the project's jobs seen, those moved)."""
+        claims = Claims(src.redis, src.keys, self.token, LEASE_S)
+        seen = taken = start = 0
+        while ids := await src.redis.zrange(src.keys.QUEUE, start, start + PAGE - 1):
+            start += PAGE
+            datas = await src.redis.mget([src.keys.arq_job(i.decode()) for i in ids])
+            for raw_id, data in zip(ids, datas, strict=True):
+                if data is not None and _owner(data) == project:
+                    seen += 1
+                    taken += await self._move_job(src, dst, claims, raw_id.decode())
+        return seen, taken
+
+    async def _move_job(self, src: Services, dst: Services, claims: Claims, job_id: str) -> int:
+        k = src.keys
+        got = await _TAKE(
+            src.redis,
+            [k.QUEUE, k.ARQ_IN_PROGRESS_PREFIX + job_id, k.arq_job(job_id)],
+            [self.token, job_id, int(LEASE_S * 1000)],
+        )
+        if not got:
+            return 0  # a worker holds it: looked at again on the next pass
+        data, due, ttl = got
+        progress = await src.redis.get(k.delivery(job_id))
+
+        def place(pipe: Pipeline) -> None:
+            d = dst.keys
+            _PLACE.queue(pipe, [d.QUEUE, d.arq_job(job_id)], [job_id, data, due, max(int(ttl), 1)])
+            if progress is not None:
+                pipe.set(d.delivery(job_id), progress, ex=86_400, nx=True)
+
+        await run_pipeline(dst.redis, place)
+        await run_pipeline(src.redis, lambda pipe: claims.finish(pipe, job_id))
+        return 1
+
+
+def _owner(data: bytes) -> str | None:
+    """The project whose shard a queued job belongs on: an event's, or a delivery's
+    callback's (a platform-wide callback's deliveries stay: every shard has it)."""
+    try:
+        wire = decode(data)
+    except BadJob:
+        return None
+    payload = wire.payload if isinstance(wire.payload, dict) else {}
+    project = payload.get("projectId")
+    if wire.function == FAN_OUT or project != PLATFORM_PROJECT:
+        return project if isinstance(project, str) else None
+    return None
+
+
+async def _projects(services: Services) -> set[str]:
+    """The projects with callbacks, roles or Redis history on one shard."""
+    k, found = services.keys, set()
+    for prefix in (k.PROJECT_CALLBACKS_PREFIX, k.ROLES_PREFIX):
+        async for key in services.redis.scan_iter(match=f"{prefix}*", count=1000):
+            found.add(key.decode().removeprefix(prefix))
+    async for index in services.redis.sscan_iter(k.HISTORY_INDEXES, count=1000):
+        found.add(index.decode().removeprefix(k.HISTORY_INDEX_PREFIX).split(":", 1)[0])
+    return found - {PLATFORM_PROJECT, ALL_PROJECTS}
+
+
+async def _forget(services: Services, project: str) -> None:
+    """Remove a moved project's callbacks, roles and Redis history from its old shard."""
+    for callback_id in await callback_ids(services.registry, project):
+        try:
+            await services.registry.delete(project, callback_id)
+        except NotFound:
+            continue
+    await services.redis.delete(services.keys.roles(project))
+    if isinstance(services.history, RedisHistory):
+        from dispatcher.history.moving import forget_project
+
+        await forget_project(services.history, project)

@@ -1,0 +1,181 @@
+"""Which shard a project lives on: rendezvous hashing, and explicit placements.
+
+Rendezvous (highest random weight) hashing: each shard n scores a project by a hash of
+(n, project id), and the highest score wins. Adding shard n moves exactly the projects it
+now wins, about 1/(n+1) of them, and never one between two old shards. The placement
+does not depend on the URLs, only on the shards' positions: the list only grows at its
+end.
+
+The hash runs over the shards *in use*, the first `:count` of the list (1 until
+`dispatcher shards grow` says more): a shard added to the list takes no project until
+then, so that adding one never sends a project's events where its callbacks are not.
+
+An explicit placement (`dispatcher shards move` writes them) overrides the hash for one
+project: `"<n>"` (the project is on shard n) or `"<from>><to>"` (it is moving: still on
+`from`, its callbacks and roles frozen; see `move.py`). They live in one hash on the home
+shard (shard 0), with `:count` and, while `grow` runs, `:growing` (the count to come: the
+projects it would move are frozen until they are pinned); project ids hold no `:`. Every
+process reads the hash at start and checks its version every
+`DISPATCHER_PLACEMENT_REFRESH` seconds (one GET), reading it again only when it changed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import structlog
+
+from dispatcher.connections import REDIS_ERRORS
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator
+
+    from redis.asyncio import Redis
+
+    from dispatcher.keys import Keys
+
+__all__ = ["Placed", "Placement", "kept_fresh", "rendezvous"]
+
+log = structlog.get_logger("dispatcher.shards")
+
+MOVING = ">"
+COUNT = ":count"  # how many shards the hash runs over
+GROWING = ":growing"  # the count `dispatcher shards grow` is moving to
+
+
+def _score(index: int, project_id: str) -> bytes:
+    return hashlib.blake2b(f"{index}/{project_id}".encode(), digest_size=8).digest()
+
+
+def rendezvous(project_id: str, count: int) -> int:
+    """The shard of `project_id` among `count` shards by the hash alone."""
+    if count == 1:
+        return 0
+    return max(range(count), key=lambda index: _score(index, project_id))
+
+
+@dataclass(frozen=True, slots=True)
+class Placed:
+    """An explicit placement: on shard `index`; `moving_to` when a move is under way."""
+
+    index: int
+    moving_to: int | None = None
+
+    @classmethod
+    def parse(cls, value: str) -> Placed:
+        source, _, target = value.partition(MOVING)
+        return cls(int(source), int(target) if target else None)
+
+    def __str__(self) -> str:
+        return (
+            f"{self.index}" if self.moving_to is None else f"{self.index}{MOVING}{self.moving_to}"
+        )
+
+
+class Placement:
+    """The placement of every project over `count` shards, its explicit part read from the
+    home shard (`redis`, `keys`) and kept fresh by `run()`."""
+
+    def __init__(self, count: int, redis: Redis | None = None, keys: Keys | None = None) -> None:
+        self.count = count  # the shards listed
+        self.redis = redis
+        self.keys = keys
+        self.active = 1 if count > 1 else count  # the shards the hash runs over
+        self.growing: int | None = None
+        self.explicit: dict[str, Placed] = {}
+        self.version: bytes | None = None
+
+    def shard_of(self, project_id: str) -> int:
+        """The shard that holds `project_id` now."""
+        placed = self.explicit.get(project_id)
+        if placed is not None and placed.index < self.count:
+            return placed.index
+        return rendezvous(project_id, min(self.active, self.count))
+
+    def moving(self, project_id: str) -> bool:
+        """Whether `project_id`'s callbacks and roles are frozen: a move of it is under way,
+        or `grow` may move it and has not pinned it yet."""
+        placed = self.explicit.get(project_id)
+        if placed is not None:
+            return placed.moving_to is not None
+        return self.growing is not None and rendezvous(project_id, self.active) != rendezvous(
+            project_id, self.growing
+        )
+
+    async def load(self) -> bool:
+        """Read the explicit placements when their version changed; True when it did."""
+        if self.redis is None or self.keys is None or self.count == 1:
+            return False
+        version = await self.redis.get(self.keys.PLACEMENT_VERSION)
+        if version == self.version and self.version is not None:
+            return False
+        raw: dict[bytes, bytes] = await self.redis.hgetall(self.keys.PLACEMENT)  # type: ignore[misc]
+        found = {k.decode(): v.decode() for k, v in raw.items()}
+        self.active = int(found.pop(COUNT, "1"))
+        growing = found.pop(GROWING, None)
+        self.growing = None if growing is None else int(growing)
+        self.explicit = {project: Placed.parse(value) for project, value in found.items()}
+        self.version = version if version is not None else b"0"
+        return True
+
+    async def run(self, every_s: float) -> None:
+        """Keep the explicit placements fresh, for ever (a failed read waits a turn)."""
+        while True:
+            await asyncio.sleep(every_s)
+            try:
+                if await self.load():
+                    log.info("shards.placement_loaded", explicit=len(self.explicit))
+            except REDIS_ERRORS as exc:
+                log.warning("shards.placement_unread", error=str(exc))
+
+    async def write(self, project_id: str, placed: Placed | None) -> None:
+        """Set (or, with None, remove) the explicit placement of `project_id`, and bump the
+        version so that every process reads it at its next check."""
+        await self._write({project_id: None if placed is None else str(placed)})
+        if placed is None:
+            self.explicit.pop(project_id, None)
+        else:
+            self.explicit[project_id] = placed
+
+    async def write_counts(self, active: int, growing: int | None) -> None:
+        """Set the shards in use and (None: none) the count `grow` is moving to."""
+        await self._write({COUNT: str(active), GROWING: None if growing is None else str(growing)})
+        self.active, self.growing = active, growing
+
+    async def _write(self, fields: dict[str, str | None]) -> None:
+        assert self.redis is not None and self.keys is not None
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for name, value in fields.items():
+                if value is None:
+                    pipe.hdel(self.keys.PLACEMENT, name)
+                else:
+                    pipe.hset(self.keys.PLACEMENT, name, value)
+            pipe.incr(self.keys.PLACEMENT_VERSION)
+            await pipe.execute()
+
+
+@contextlib.asynccontextmanager
+async def kept_fresh(placement: Placement, every_s: float) -> AsyncIterator[Placement]:
+    """`placement` loaded (a home shard that does not answer is waited for: routing by the
+    hash alone could send a moved project's events where its callbacks are not), then
+    refreshed in the background until the block ends."""
+    delay = 0.1
+    while True:
+        try:
+            await placement.load()
+            break
+        except REDIS_ERRORS as exc:
+            log.warning("shards.placement_unread", error=str(exc), retry_in_s=delay)
+            await asyncio.sleep(delay)
+            delay = min(2.0, delay * 2)
+    task = asyncio.create_task(placement.run(every_s)) if placement.count > 1 else None
+    try:
+        yield placement
+    finally:
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)

@@ -1,0 +1,112 @@
+"""The shards the settings name, their clients, and the check each one gets at start-up.
+
+- One Redis URL (a server, or a Sentinel group): one shard, today's keys exactly.
+- `DISPATCHER_REDIS_SHARDS`: one shard per URL, in the list's order, each with today's key
+  names on its own server.
+- A `redis+cluster://` URL: `DISPATCHER_REDIS_CLUSTER_SHARDS` shards on one cluster client,
+  each under its own hash tag (`Keys.of_cluster_shard`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import TYPE_CHECKING
+
+from dispatcher.cluster import is_cluster_url
+from dispatcher.connections import REDIS_ERRORS, connect, preflight, require_url, shown
+from dispatcher.errors import InvalidSetting
+from dispatcher.keys import Keys
+from dispatcher.lua import Lua
+from dispatcher.shards.placement import Placement
+from dispatcher.shards.shard import Shard
+
+if TYPE_CHECKING:
+    from redis.asyncio import Redis
+
+    from dispatcher.settings import Settings
+
+__all__ = ["check_shards", "close_all", "connect_shards", "shards_of"]
+
+# KEYS: the shard's mark. ARGV: the shard's position. Returns the position already marked
+# (or the one it marks now): a server listed at another position than it was is refused.
+_CLAIM = Lua("""
+local marked = redis.call('GET', KEYS[1])
+if marked then return marked end
+redis.call('SET', KEYS[1], ARGV[1])
+return ARGV[1]
+""")
+
+
+def shards_of(settings: Settings) -> list[Shard]:
+    """Every shard of the settings, by position."""
+    if settings.redis_shards:
+        return [
+            Shard(index, Keys(settings.queue_name), url)
+            for index, url in enumerate(settings.redis_shards)
+        ]
+    url = require_url(settings)
+    if is_cluster_url(url):
+        return [
+            Shard(index, Keys.of_cluster_shard(settings.queue_name, index), url, cluster=True)
+            for index in range(settings.redis_cluster_shards)
+        ]
+    return [Shard.single(settings.queue_name, url)]
+
+
+def connect_shards(settings: Settings, shards: list[Shard]) -> list[Redis]:
+    """A client per shard (the shards of one cluster share one client)."""
+    clients: dict[str, Redis] = {}
+    return [
+        clients.setdefault(shard.url, connect(settings, shard.url)) if shard.cluster
+        else connect(settings, shard.url)
+        for shard in shards
+    ]  # fmt: skip
+
+
+async def close_all(clients: list[Redis]) -> None:
+    """Close each distinct client once."""
+    for client in {id(c): c for c in clients}.values():
+        await client.aclose()
+
+
+async def check_shards(settings: Settings) -> list[str]:
+    """What a process checks at start: each URL's `preflight`; then, with more than one
+    shard, that each answering server sits at the position it had (a reordered list would
+    hand projects to the wrong shard), marking new ones and starting their id ranges.
+    InvalidSetting when not; returns warnings."""
+    shards = shards_of(settings)
+    warnings: list[str] = []
+    for url in dict.fromkeys(shard.url for shard in shards):
+        warnings += await preflight(settings, url)
+    if len(shards) == 1:
+        return warnings
+    clients = connect_shards(settings, shards)
+    try:
+        for shard, client in zip(shards, clients, strict=True):
+            warnings += await _claim(shard, client)
+        placement = Placement(len(shards), clients[0], shards[0].keys)
+        with contextlib.suppress(*REDIS_ERRORS):
+            await placement.load()
+            if placement.active < len(shards):
+                warnings.append(
+                    f"{len(shards)} shards are listed, {placement.active} in use: run "
+                    "`dispatcher shards grow` once the list is on every process"
+                )
+    finally:
+        await close_all(clients)
+    return warnings
+
+
+async def _claim(shard: Shard, client: Redis) -> list[str]:
+    try:
+        marked = await _CLAIM(client, [shard.keys.SHARD], [shard.index])
+    except REDIS_ERRORS as exc:  # an outage, waited out by whoever uses it
+        return [f"{shard} ({shown(shard.url)}) did not answer: {exc}"]
+    if int(marked) != shard.index:
+        raise InvalidSetting(
+            f"the Redis at position {shard.index} ({shown(shard.url)}) holds shard "
+            f"{int(marked)}: the list was reordered; shards keep their positions, and new ones "
+            "go at the end",
+            param="DISPATCHER_REDIS_SHARDS",
+        )
+    return []

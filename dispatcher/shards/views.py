@@ -1,0 +1,209 @@
+"""The operator's views over every shard, and the history reads that cross shards.
+
+A project's history is on its shard, read there. What is not one project's is read from
+every shard and merged: the status (queues added up; workers and statistics, which every
+worker writes to the home shard, read there), failing callbacks, dead letters across
+projects, the gauges of `/metrics`, and the history of the platform-wide callbacks, whose
+deliveries each shard makes for its own projects. With the PostgreSQL history every record
+is in one database: those reads go there once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from typing import TYPE_CHECKING, Any
+
+from dispatcher import metrics
+from dispatcher.errors import NotFound
+from dispatcher.models import PLATFORM_PROJECT, HistoryPage
+from dispatcher.status import count_live_workers
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from dispatcher.health import Failing
+    from dispatcher.models import HistoryRecord
+    from dispatcher.services import Services
+    from dispatcher.shards.router import Router
+    from dispatcher.status import Status
+
+__all__ = [
+    "dead_letters",
+    "failing",
+    "fleet_gauges",
+    "history_page",
+    "holder",
+    "redeliver_failed",
+    "status",
+]
+
+
+def _spread(router: Router, project_id: str | None) -> bool:
+    """Whether `project_id`'s records (None: every project's) are on every shard's Redis."""
+    return (
+        router.sharded
+        and not router.settings.history_url
+        and (project_id is None or project_id == PLATFORM_PROJECT)
+    )
+
+
+async def status(router: Router) -> Status:
+    """`Services.status` of the home shard, with every shard's queue and callbacks."""
+    found = await router.home.status()
+    others = router.shards[1:]
+    depths = await asyncio.gather(*(s.queue.depth() for s in others))
+    disabled = await asyncio.gather(*(s.redis.zcard(s.keys.CALLBACKS_DISABLED) for s in others))
+    return dataclasses.replace(
+        found,
+        queue_due=found.queue_due + sum(due for due, _ in depths),
+        oldest_due_s=max([found.oldest_due_s, *(age for _, age in depths)]),
+        failing=await failing(router),
+        disabled=found.disabled + sum(int(n) for n in disabled),
+    )
+
+
+async def failing(router: Router) -> list[Failing]:
+    """Callbacks whose last deliveries failed, over every shard (a platform-wide callback
+    failing on several shards once, with its worst count), most failures first."""
+    merged: dict[int, Failing] = {}
+    for found in await asyncio.gather(*(s.health.failing() for s in router.shards)):
+        for one in found:
+            seen = merged.get(one.callback_id)
+            if seen is None or one.failures > seen.failures:
+                merged[one.callback_id] = one
+    return sorted(merged.values(), key=lambda f: (-f.failures, f.callback_id))
+
+
+async def dead_letters(
+    router: Router, project_id: str | None = None, limit: int = 50
+) -> list[HistoryRecord]:
+    """The latest deliveries that gave up, newest first (of one project, or all)."""
+    if not _spread(router, project_id):
+        return await router.of(project_id or PLATFORM_PROJECT).dead_letters(project_id, limit)
+    found = await asyncio.gather(*(s.dead_letters(project_id, limit) for s in router.shards))
+    return _newest([r for records in found for r in records])[:limit]
+
+
+def _newest(records: list[HistoryRecord]) -> list[HistoryRecord]:
+    return sorted(records, key=lambda r: (r.created_time, r.id), reverse=True)
+
+
+async def history_page(
+    router: Router,
+    project_id: str,
+    url: str,
+    event: str,
+    start_time: str | None = None,
+    end_time: str | None = None,
+    page: int = 1,
+    page_size: int = 20,
+) -> HistoryPage:
+    """The seed's query, on the project's shard; for the platform-wide callbacks, merged
+    over every shard (each shard read up to the page asked for)."""
+    if not _spread(router, project_id):
+        return await router.of(project_id).history_page(
+            project_id, url, event, start_time, end_time, page, page_size
+        )
+    size = min(page_size, router.settings.history_max_page_size)
+    wanted = page * size
+    pages = await asyncio.gather(
+        *(_first(s, wanted, project_id, url, event, start_time, end_time) for s in router.shards)
+    )
+    count = sum(total for total, _ in pages)
+    merged = _newest([r for _, records in pages for r in records])
+    return HistoryPage(
+        records=merged[(page - 1) * size : wanted],
+        count=count,
+        total_pages=-(-count // size),
+        page_size=size,
+        page=page,
+    )
+
+
+async def _first(
+    services: Services, wanted: int, *query: str | None
+) -> tuple[int, list[HistoryRecord]]:
+    """The count of one shard's window, and its newest `wanted` records."""
+    project_id, url, event, start_time, end_time = query
+    assert project_id is not None and url is not None and event is not None
+    size, records, number = services.settings.history_max_page_size, [], 1
+    while True:
+        found = await services.history_page(
+            project_id, url, event, start_time, end_time, number, size
+        )
+        records += found.records
+        if len(records) >= wanted or number >= found.total_pages:
+            return found.count, records[:wanted]
+        number += 1
+
+
+async def holder(router: Router, record_id: int, project_id: str | None) -> Services:
+    """The services of the shard a history record's project lives on (whose callback a
+    redelivery needs): the project's when named; else the record's, read from the one
+    database (PostgreSQL) or searched for over every shard (Redis)."""
+    if project_id and project_id != PLATFORM_PROJECT:
+        return router.of(project_id)
+    if not _spread(router, project_id):
+        return router.of((await router.home.history.get(record_id, project_id)).project_id)
+    for services in router.shards:
+        try:
+            await services.history.get(record_id, project_id)
+        except NotFound:
+            continue
+        return services
+    raise NotFound(f"history record {record_id} not found")
+
+
+async def redeliver_failed(
+    router: Router,
+    project_id: str,
+    url: str,
+    event: str,
+    start_time: str | None = None,
+    end_time: str | None = None,
+    *,
+    on_queued: Callable[[int], None] | None = None,
+) -> int:
+    """`Services.redeliver_failed` on the project's shard (on each, for the platform's)."""
+    shards = router.shards if _spread(router, project_id) else [router.of(project_id)]
+    queued = 0
+    for services in shards:
+        queued += await services.redeliver_failed(
+            project_id, url, event, start_time, end_time, on_queued=on_queued
+        )
+    return queued
+
+
+async def fleet_gauges(router: Router) -> None:
+    """The fleet's gauges of `/metrics`: queues, history backlogs and Redis memory added
+    up over the shards, the live workers (from the home shard)."""
+    depth = age = waiting = oldest = used = most = 0.0
+    for services in router.shards:
+        due, due_age = await services.queue.depth()
+        backlog, backlog_age = await services.history.backlog()
+        depth, age = depth + due, max(age, due_age)
+        waiting, oldest = waiting + backlog, max(oldest, backlog_age)
+    for services in _servers(router):
+        for memory in _per_node(await services.redis.info("memory")):
+            used += int(memory.get("used_memory", 0))
+            most += int(memory.get("maxmemory", 0))
+    metrics.QUEUE_DEPTH.set(depth)
+    metrics.QUEUE_OLDEST_SECONDS.set(age)
+    metrics.HISTORY_BACKLOG.set(waiting)
+    metrics.HISTORY_BACKLOG_AGE.set(oldest)
+    metrics.WORKERS_LIVE.set(await count_live_workers(router.home.redis, router.home.keys))
+    metrics.REDIS_USED_MEMORY.set(used)
+    metrics.REDIS_MAX_MEMORY.set(most)
+
+
+def _per_node(info: dict[str, Any]) -> list[dict[str, Any]]:
+    """INFO's answer per server: a cluster client answers with one dict per node."""
+    if "used_memory" in info or not all(isinstance(v, dict) for v in info.values()):
+        return [info]
+    return list(info.values())
+
+
+def _servers(router: Router) -> list[Services]:
+    """One shard per Redis client (a cluster's INFO already covers its every node)."""
+    return list({id(s.redis): s for s in router.shards}.values())

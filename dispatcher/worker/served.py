@@ -1,0 +1,128 @@
+"""What a worker runs on each shard it serves: the shard's services, its own group commit
+(a write goes to the shard of its job), its claims, and a delivery engine sharing the
+process's HTTP transports, circuit breaker and statistics with the other shards'."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import structlog
+
+from dispatcher import metrics
+from dispatcher.worker.claims import Claims
+from dispatcher.worker.engine import Engine, Then, keep_entry
+from dispatcher.worker.writer import Writer
+
+if TYPE_CHECKING:
+    from redis.asyncio.client import Pipeline
+
+    from dispatcher.jobs import EventJob
+    from dispatcher.keys import Keys
+    from dispatcher.services import Services
+    from dispatcher.worker.claims import Claimed
+
+__all__ = ["Served"]
+
+log = structlog.get_logger("dispatcher.worker")
+
+BACKOFF_CAP_S = 2.0
+
+
+@dataclass(eq=False)
+class Served:
+    """One shard as a worker serves it. `ready_at` (monotonic) and `backoff` pace the
+    claims of a shard that does not answer, so the other shards go on."""
+
+    services: Services
+    writer: Writer
+    claims: Claims
+    engine: Engine
+    ready_at: float = 0.0
+    backoff: float = field(default=0.0)
+
+    @classmethod
+    def build(cls, services: Services, token: str, *, shared: Engine | None = None) -> Served:
+        """A shard's machinery; `shared`: an engine of another shard to share HTTP with."""
+        writer = Writer(services.redis, services.history.assign_ids)
+        claims = Claims(services.redis, services.keys, token, services.settings.lease_seconds)
+        return cls(services, writer, claims, Engine(services, writer, shared=shared))
+
+    @property
+    def index(self) -> int:
+        return self.services.shard.index
+
+    @property
+    def keys(self) -> Keys:
+        return self.services.keys
+
+    def ready(self, now: float) -> bool:
+        return now >= self.ready_at
+
+    def failed(self, poll_delay: float) -> float:
+        """A claim failed: the shard waits a growing pause; returns it."""
+        self.backoff = min(BACKOFF_CAP_S, max(poll_delay, self.backoff * 2))
+        self.ready_at = time.monotonic() + self.backoff
+        return self.backoff
+
+    def answered(self) -> None:
+        self.backoff, self.ready_at = 0.0, 0.0
+
+    # ---- a job's ends on this shard ------------------------------------------------------
+
+    def put_back(self, job_id: str, delay: float) -> asyncio.Future[list[Any]]:
+        """The job's run failed or was stopped: due again in `delay` seconds (unless its
+        own writes already ended it or set it later). Done once Redis has it."""
+        claims = self.claims
+        return self.writer.submit(
+            lambda pipe: claims.again(pipe, job_id, delay, next_attempt=False)
+        )
+
+    def next_step(self, job_id: str) -> Then:
+        """After a `deliver` job's attempt: back in the queue for the next one, or done."""
+        claims = self.claims
+
+        def then(pipe: Pipeline, delay: float | None) -> None:
+            if delay is None:
+                claims.finish(pipe, job_id)
+            else:
+                claims.again(pipe, job_id, delay, next_attempt=True)
+
+        return then
+
+    def fan_out_end(
+        self, pipe: Pipeline, claimed: Claimed, event: EventJob, after: int | None
+    ) -> None:
+        """A fan-out job's end, or its move to the event's next chunk when there is one (one
+        write, so a crash re-runs at most the chunk in hand)."""
+        if after is None:
+            self.claims.finish(pipe, claimed.job_id)
+        else:
+            self.claims.hand_over(pipe, claimed, event.continued(after))
+
+    async def poison(self, claimed: Claimed, problem: str) -> None:
+        """A job that cannot be read: recorded for operators, then removed, never retried."""
+        raw = (claimed.data or b"")[:500].decode("utf-8", errors="replace")
+
+        def write(pipe: Pipeline) -> None:
+            keep_entry(pipe, self.keys.POISON_JOBS, {"jobId": claimed.job_id,
+                                                     "problem": problem, "raw": raw})  # fmt: skip
+            self.claims.finish(pipe, claimed.job_id)
+
+        await self.writer.commit(write)
+        metrics.POISON_JOBS.inc()
+        log.error("job.poison", job_id=claimed.job_id, problem=problem, shard=self.index)
+
+    async def drop(self, claimed: Claimed, reason: str, *, finish: bool = True) -> None:
+        """End a job without running it, on record."""
+
+        def write(pipe: Pipeline) -> None:
+            keep_entry(pipe, self.keys.DROPPED, {"jobId": claimed.job_id, "reason": reason})
+            if finish:
+                self.claims.finish(pipe, claimed.job_id)
+
+        await self.writer.commit(write)
+        metrics.DROPPED.labels(reason="job").inc()
+        log.error("job.dropped", job_id=claimed.job_id, reason=reason, shard=self.index)

@@ -1,0 +1,116 @@
+"""Real shard topologies for tests: a 3-master Redis Cluster on 127.0.0.1 (redis-server
+with `--cluster-enabled yes`, slots given out by `redis-cli --cluster create`), and the
+settings of each topology the shard tests run on."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import redis
+
+from dispatcher.embedded.redis import find_redis_server
+from dispatcher.settings import Settings
+from dispatcher.shards.move import Mover
+from dispatcher.shards.router import Router
+from tests.helpers import free_port
+
+__all__ = ["LocalCluster", "grown"]
+
+
+class LocalCluster:
+    """Three masters, no replicas, each with a third of the slots."""
+
+    def __init__(self, data_dir: Path, masters: int = 3) -> None:
+        self.data_dir = data_dir
+        self.ports = [_cluster_port() for _ in range(masters)]
+        self._processes: list[subprocess.Popen[bytes]] = []
+
+    @property
+    def url(self) -> str:
+        return "redis+cluster://" + ",".join(f"127.0.0.1:{port}" for port in self.ports) + "/"
+
+    def start(self, within: float = 20.0) -> str:
+        for port in self.ports:
+            self._processes.append(self._spawn(port))
+        self._wait(lambda: all(_answers(port) for port in self.ports), within, "nodes up")
+        nodes = [f"127.0.0.1:{port}" for port in self.ports]
+        subprocess.run(
+            [str(Path(_server()).with_name("redis-cli")), "--cluster", "create",
+             *nodes, "--cluster-replicas", "0", "--cluster-yes"],
+            check=True, capture_output=True, timeout=within,
+        )  # fmt: skip
+        self._wait(self._ok, within, "cluster_state:ok on every node")
+        return self.url
+
+    def _spawn(self, port: int) -> subprocess.Popen[bytes]:
+        folder = self.data_dir / str(port)
+        folder.mkdir(parents=True, exist_ok=True)
+        return subprocess.Popen(
+            [_server(), "--port", str(port), "--bind", "127.0.0.1",
+             "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
+             "--cluster-node-timeout", "2000", "--dir", str(folder), "--save", "",
+             "--appendonly", "no", "--logfile", str(folder / "redis.log")],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        )  # fmt: skip
+
+    def _ok(self) -> bool:
+        for port in self.ports:
+            node = redis.Redis(host="127.0.0.1", port=port, socket_timeout=1)
+            info: dict[str, str] = node.cluster("INFO")  # type: ignore[assignment]  # sync|async
+            if info.get("cluster_state") != "ok":
+                return False
+        return True
+
+    def flush(self) -> None:
+        """Empty every master (tests start from nothing)."""
+        for port in self.ports:
+            redis.Redis(host="127.0.0.1", port=port, socket_timeout=5).flushall()
+
+    def stop(self) -> None:
+        for process in self._processes:
+            if process.poll() is None:
+                process.kill()
+            process.wait(timeout=10)
+        self._processes.clear()
+
+    @staticmethod
+    def _wait(check: object, within: float, what: str) -> None:
+        deadline = time.monotonic() + within
+        while time.monotonic() < deadline:
+            try:
+                if check():  # type: ignore[operator]
+                    return
+            except redis.RedisError:
+                pass
+            time.sleep(0.05)
+        raise RuntimeError(f"the test cluster is not ready: {what}")
+
+
+def _server() -> str:
+    """redis-server from PATH (Redis 7: its cluster checks the keys a script touches), else
+    the one the embedded Redis uses."""
+    return shutil.which("redis-server") or find_redis_server()
+
+
+def _cluster_port() -> int:
+    """A free port whose cluster bus port (10000 higher) is a port too."""
+    while (port := free_port()) > 55535:
+        pass
+    return port
+
+
+def _answers(port: int) -> bool:
+    try:
+        return bool(redis.Redis(host="127.0.0.1", port=port, socket_timeout=0.5).ping())
+    except redis.RedisError:
+        return False
+
+
+async def grown(settings: Settings) -> Settings:
+    """`settings`, every shard they list in use (`dispatcher shards grow`, no settling)."""
+    async with Router.open(settings) as router:
+        await Mover(router, lambda _: None, settle_s=0.001).grow()
+    return settings

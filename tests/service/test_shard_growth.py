@@ -1,0 +1,123 @@
+"""Growing from one Redis to two under load: `grow` pins the projects the new shard would
+take, `rebalance` moves them while events keep coming and a worker keeps delivering;
+every event ends in one SUCCESS record on its project's shard, the history from before the
+move included, and nothing of a moved project stays on its old shard."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import redis as sync_redis
+
+from dispatcher.auth import Role
+from dispatcher.embedded import EmbeddedRedis
+from dispatcher.errors import Unavailable
+from dispatcher.models import Region
+from dispatcher.producer import Producer
+from dispatcher.settings import Settings
+from dispatcher.shards.move import Mover
+from dispatcher.shards.placement import rendezvous
+from dispatcher.shards.router import Router
+from dispatcher.worker import create_worker
+from tests.helpers import Receiver, make_settings, until
+
+PROJECTS = [f"grow-{n}" for n in range(8)]
+
+
+async def test_adding_a_shard_moves_projects_under_load_and_loses_nothing(
+    shard_servers: list[EmbeddedRedis], receiver: Receiver
+) -> None:
+    for server in shard_servers:
+        sync_redis.Redis.from_url(server.url).flushall()
+    urls = [server.url for server in shard_servers]
+    one = make_settings(urls[0], placement_refresh=0.05)
+    two = make_settings(urls[0], redis_shards=urls, placement_refresh=0.05)
+    moving = [p for p in PROJECTS if rendezvous(p, 2) == 1]
+    assert moving and len(moving) < len(PROJECTS)
+    emitted: list[str] = []
+    async with Router.open(one) as router:  # today: one Redis
+        for project in PROJECTS:
+            await router.of(project).register(project, receiver.url(f"/{project}"),
+                                              "BUILD_END", Region.DEVNET, creator="t")  # fmt: skip
+            await router.of(project).roles.grant(project, "alice", Role.ADMIN)
+        async with Producer(one) as producer:
+            emitted += await producer.emit_many([(p, "BUILD_END", {"n": -1}) for p in PROJECTS])
+    worker = create_worker(two, poll_delay=0.01, handle_signals=False)
+    delivering = asyncio.create_task(worker.main())
+    stop = asyncio.Event()
+    load = asyncio.create_task(_emit_until(two, stop, emitted))
+    try:
+        async with Router.open(two) as router:  # the longer list, on every process
+            assert {router.of(p).shard.index for p in PROJECTS} == {0}  # not in use yet
+            mover = Mover(router, lambda _: None, settle_s=0.3)
+            pinned = await mover.grow()
+            assert sorted(pinned) == sorted(moving)
+            moved = asyncio.create_task(mover.rebalance())
+            await until(lambda: _frozen(router, moving[0]), 10, "a move freezing a project")
+            assert await moved == len(moving)
+            assert router.placement.explicit == {}  # every project where the hash puts it
+            stop.set()
+            await load
+            await until(lambda: _all_recorded(router, emitted, receiver), 30, "every event")
+            for project in moving:
+                await _only_on_new_shard(router, project)
+    finally:
+        stop.set()
+        worker.stop()
+        await asyncio.wait_for(delivering, 20)
+        await worker.close()
+    assert len(emitted) > 5 * len(PROJECTS), "the load ran during the move"
+
+
+async def _emit_until(settings: Settings, stop: asyncio.Event, emitted: list[str]) -> None:
+    """Every project's event every 20 ms, through a producer of the longer list (which
+    reads the placements as a process of the fleet would)."""
+    async with Producer(settings) as producer:
+        n = 0
+        while not stop.is_set():
+            emitted += await producer.emit_many([(p, "BUILD_END", {"n": n}) for p in PROJECTS])
+            n += 1
+            await asyncio.sleep(0.02)
+
+
+async def _frozen(router: Router, project: str) -> bool:
+    await router.placement.load()
+    if not router.placement.moving(project):
+        return False
+    try:
+        router.writing(project)
+    except Unavailable:
+        return True
+    return False
+
+
+async def _all_recorded(router: Router, emitted: list[str], receiver: Receiver) -> bool:
+    await router.placement.load()
+    now = int(time.time() * 1000)
+    succeeded: set[str | None] = set()
+    for project in PROJECTS:
+        page_no, url = 1, receiver.url(f"/{project}")
+        while True:
+            page = await router.of(project).history.query(
+                project, url, "BUILD_END", start_ms=now - 600_000, end_ms=now + 60_000,
+                page=page_no, page_size=100,
+            )  # fmt: skip
+            succeeded |= {r.event_id for r in page.records if r.status.value == "SUCCESS"}
+            if page_no >= page.total_pages:
+                break
+            page_no += 1
+    return succeeded >= set(emitted)
+
+
+async def _only_on_new_shard(router: Router, project: str) -> None:
+    old, new = router.shards[0], router.shards[1]
+    assert router.placement.shard_of(project) == 1
+    assert (await new.callbacks(project)).count == 1
+    assert (await old.callbacks(project)).count == 0
+    assert await new.roles.list(project) == {"alice": Role.ADMIN}
+    assert await old.roles.list(project) == {}
+    assert await old.redis.exists(old.keys.history_dead(project)) == 0
+    prefix = old.keys.HISTORY_INDEX_PREFIX + project + ":"
+    indexes = [i.decode() async for i in old.redis.sscan_iter(old.keys.HISTORY_INDEXES)]
+    assert [i for i in indexes if i.startswith(prefix)] == []

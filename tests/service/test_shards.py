@@ -1,0 +1,273 @@
+"""Projects spread over shards, on two independent redis-servers and on a 3-master Redis
+Cluster: the seeds' contract, many projects with a platform-wide callback, the operator's
+views, a worker's fair turns, and the guard against a reordered list."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+import redis as sync_redis
+
+from dispatcher.api import create_app
+from dispatcher.embedded import EmbeddedRedis
+from dispatcher.errors import InvalidSetting
+from dispatcher.history.shipper import Shipper
+from dispatcher.models import PLATFORM_PROJECT, Region
+from dispatcher.producer import Producer
+from dispatcher.settings import Settings
+from dispatcher.shards import views
+from dispatcher.shards.router import Router
+from dispatcher.shards.shard import ID_SPAN
+from dispatcher.shards.topology import check_shards
+from dispatcher.worker import create_worker
+from tests.cluster import LocalCluster, grown
+from tests.helpers import UID, Receiver, answer, make_settings
+
+OP_TOKEN = "op-secret"
+OPERATOR = {"X-DEVOPS-OPERATOR-TOKEN": OP_TOKEN}
+PROJECTS = [f"proj-{n}" for n in range(8)]
+
+
+@pytest.fixture(params=["servers", "cluster"])
+async def sharded(
+    request: pytest.FixtureRequest, shard_servers: list[EmbeddedRedis], redis_cluster: LocalCluster
+) -> Settings:
+    """Settings of one topology, its servers empty, every shard in use: two redis-servers,
+    or four shards on the session's cluster (slots 0, 8192, 4096, 12288: each master has
+    one or two)."""
+    if request.param == "servers":
+        return await two_servers(shard_servers, operator_token=OP_TOKEN)
+    redis_cluster.flush()
+    settings = make_settings(redis_cluster.url, redis_cluster_shards=4, operator_token=OP_TOKEN)
+    return await grown(settings)
+
+
+async def two_servers(servers: list[EmbeddedRedis], **overrides: Any) -> Settings:
+    """Settings of the two shard servers, emptied, both in use."""
+    for server in servers:
+        sync_redis.Redis.from_url(server.url).flushall()
+    urls = [server.url for server in servers]
+    return await grown(make_settings(urls[0], redis_shards=urls, **overrides))
+
+
+@asynccontextmanager
+async def api_of(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
+    """The real app on every shard of `settings` (its own clients), over ASGI."""
+    app = create_app(settings)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://d") as client:
+            yield client
+
+
+async def ok(response: httpx.Response) -> Any:
+    """The seeds' envelope of a success: status 0, no message, the data."""
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert set(body) == {"data", "message", "status"} and body["status"] == 0
+    return body["data"]
+
+
+async def one_project_per_shard(
+    router: Router, settings: Settings, receiver: Receiver, *, events: int
+) -> dict[int, str]:
+    """A project on each shard (by shard), with a callback at `/<project>`, and `events`
+    events of each queued."""
+    on = {router.of(p).shard.index: p for p in PROJECTS}
+    for project in on.values():
+        await router.of(project).register(
+            project, receiver.url(f"/{project}"), "BUILD_END", Region.DEVNET, creator="t"
+        )
+    async with Producer(settings) as producer:
+        await producer.emit_many([(p, "BUILD_END", {}) for p in on.values()] * events)
+    return on
+
+
+async def drain(settings: Settings) -> None:
+    """A burst worker over every shard until every queue is empty."""
+    worker = create_worker(settings, burst=True, poll_delay=0.01, handle_signals=False)
+    try:
+        await asyncio.wait_for(worker.main(), timeout=30)
+    finally:
+        await worker.close()
+
+
+async def test_the_seed_contract_holds_on_every_shard(
+    sharded: Settings, receiver: Receiver
+) -> None:
+    async with Router.open(sharded) as router:
+        shards = {router.of(p).shard.index for p in PROJECTS}
+    assert len(shards) >= 2, "the projects should spread over the shards"
+    async with api_of(sharded) as api:
+        for project in PROJECTS:
+            base = f"/apigw/v4/projects/{project}/callbacks"
+            url = receiver.url(f"/{project}")
+            query = {"url": url, "region": "DEVNET", "secretToken": "tok"}
+            one = {**query, "event": "BUILD_END"}
+            assert await ok(await api.post(base, params=one, headers=UID)) is True
+            many = {**query, "event": "BUILD_START, NOPE"}
+            batch = await ok(await api.post(f"{base}/batch", params=many, headers=UID))
+            assert batch["successEvents"] == ["BUILD_START"] and "NOPE" in batch["failureEvents"]
+            listed = await ok(await api.get(base, headers=UID))
+            assert listed["count"] == 2
+        async with Producer(sharded) as producer:  # many projects in one call
+            await producer.emit_many([(p, "BUILD_END", {"n": p}) for p in PROJECTS])
+        await drain(sharded)
+        for project in PROJECTS:
+            page = await ok(await api.get(
+                f"/ms/openapi/api/apigw/v3/projects/{project}/callbacks/history",
+                params={"url": receiver.url(f"/{project}"), "event": "BUILD_END"}, headers=UID,
+            ))  # fmt: skip
+            assert page["count"] == 1 and page["records"][0]["projectId"] == project
+            assert page["records"][0]["status"] == "SUCCESS"
+            bad = await api.get(
+                f"/ms/openapi/api/apigw/v3/projects/{project}/callbacks/history",
+                params={"url": "x", "event": "BUILD_END", "startTime": "yesterday"},
+                headers=UID,
+            )
+            assert bad.status_code == 400 and bad.json()["data"] is None
+
+
+async def test_many_projects_reach_a_platform_wide_callback_once_each(
+    sharded: Settings, receiver: Receiver
+) -> None:
+    platform_url = receiver.url("/platform")
+    async with api_of(sharded) as api:
+        await ok(await api.post("/operator/callbacks", headers=OPERATOR, params={
+            "url": platform_url, "event": "BUILD_END", "region": "DEVNET",
+        }))  # fmt: skip
+        for project in PROJECTS:  # receiver controls too: their scripts run on each shard
+            limits: dict[str, str | int] = {
+                "maxInFlight": 3, "maxPerSecond": 1000, "filter": "event == 'BUILD_END'"
+            }  # fmt: skip
+            await ok(await api.post(f"/apigw/v4/projects/{project}/callbacks", headers=UID,
+                                    params={"url": receiver.url(f"/{project}"), **limits,
+                                            "event": "BUILD_END", "region": "DEVNET"}))  # fmt: skip
+        async with Producer(sharded) as producer:
+            ids = await producer.emit_many([(p, "BUILD_END", {}) for p in PROJECTS])
+        await drain(sharded)
+        # the platform-wide callback: one delivery of every project's event, none twice
+        seen = receiver.requests("/platform")
+        assert sorted(orjson.loads(r.body)["projectId"] for r in seen) == sorted(PROJECTS)
+        delivery_ids = [r.headers["X-DEVOPS-DELIVERY-ID"] for r in seen]
+        assert len(set(delivery_ids)) == len(PROJECTS)
+        assert {orjson.loads(r.body)["data"] == {} for r in seen} == {True}
+        for project in PROJECTS:
+            assert len(receiver.requests(f"/{project}")) == 1
+        listed = await ok(await api.get("/operator/callbacks", headers=OPERATOR))
+        assert listed["count"] == 1 and listed["records"][0]["enabled"] is True
+    async with Router.open(sharded) as router:
+        # one id on every shard, every shard holding a copy
+        copies = {s.shard.index: await s.registry.get(listed["records"][0]["id"])
+                  for s in router.shards}  # fmt: skip
+        assert len(copies) == len(router.shards)
+        merged = await views.history_page(router, PLATFORM_PROJECT, platform_url, "BUILD_END")
+        assert merged.count == len(PROJECTS) and len(merged.records) == len(PROJECTS)
+        status = await views.status(router)
+        assert status.queue_due == 0 and status.disabled == 0
+        assert await views.dead_letters(router) == []
+    assert len(ids) == len(PROJECTS)
+    if sharded.redis_shards is None:  # the cluster: every key carries a shard's hash tag
+        await _every_key_tagged(sharded)
+
+
+async def _every_key_tagged(settings: Settings) -> None:
+    async with Router.open(settings) as router:
+        found = [key async for key in router.home.redis.scan_iter(count=1000)]
+    assert found
+    untagged = [key for key in found if not key.startswith(b"{d")]
+    assert untagged == []
+
+
+async def test_dead_letters_and_failing_callbacks_cover_every_shard(
+    sharded: Settings, receiver: Receiver
+) -> None:
+    gone = receiver.script("/dead", answer(500))
+    sharded = sharded.model_copy(update={"circuit_threshold": 1000})  # one host fails all
+    async with Router.open(sharded) as router:
+        for project in PROJECTS[:4]:
+            await router.of(project).register(
+                project, gone, "BUILD_END", Region.DEVNET, creator="t"
+            )
+        async with Producer(sharded) as producer:
+            await producer.emit_many([(p, "BUILD_END", {}) for p in PROJECTS[:4]])
+        await drain(sharded)
+        dead = await views.dead_letters(router)
+        assert sorted(r.project_id for r in dead) == sorted(PROJECTS[:4])
+        failing = await views.failing(router)
+        assert len(failing) == 4
+        shards = {router.of(p).shard.index for p in PROJECTS[:4]}
+        assert len(shards) >= 2
+
+
+async def test_a_worker_takes_turns_between_shards(
+    shard_servers: list[EmbeddedRedis], receiver: Receiver
+) -> None:
+    settings = await two_servers(shard_servers, worker_max_jobs=4)
+    async with Router.open(settings) as router:
+        busy = next(p for p in (f"busy-{n}" for n in range(50)) if router.of(p).shard.index == 0)
+        quiet = next(p for p in (f"quiet-{n}" for n in range(50)) if router.of(p).shard.index == 1)
+        for project in (busy, quiet):
+            await router.of(project).register(
+                project, receiver.url(f"/{project}"), "BUILD_END", Region.DEVNET, creator="t"
+            )
+        async with Producer(settings) as producer:
+            await producer.emit_many([(busy, "BUILD_END", {"n": n}) for n in range(60)])
+            await producer.emit_many([(quiet, "BUILD_END", {"n": n}) for n in range(4)])
+    await drain(settings)
+    order = [r.path for r in receiver.seen]
+    assert order.count(f"/{busy}") == 60 and order.count(f"/{quiet}") == 4
+    last_quiet = max(i for i, path in enumerate(order) if path == f"/{quiet}")
+    assert last_quiet < 30, "the quiet shard's events waited behind the busy shard's"
+
+
+async def test_a_worker_serves_only_the_shards_it_is_given(
+    shard_servers: list[EmbeddedRedis], receiver: Receiver
+) -> None:
+    settings = await two_servers(shard_servers)
+    async with Router.open(settings) as router:
+        on = await one_project_per_shard(router, settings, receiver, events=1)
+        await drain(settings.model_copy(update={"worker_shards": [1]}))
+        assert receiver.requests(f"/{on[1]}") and not receiver.requests(f"/{on[0]}")
+        assert (await router.shards[0].queue.depth())[0] == 1
+
+
+async def test_a_reordered_list_of_shards_is_refused(shard_servers: list[EmbeddedRedis]) -> None:
+    for server in shard_servers:
+        sync_redis.Redis.from_url(server.url).flushall()
+    urls = [server.url for server in shard_servers]
+    settings = make_settings(urls[0], redis_shards=urls)
+    (warning,) = await check_shards(settings)  # a new shard takes no project until grown
+    assert "2 shards are listed, 1 in use" in warning
+    assert await check_shards(await grown(settings)) == []
+    with pytest.raises(InvalidSetting) as refused:
+        await check_shards(make_settings(urls[1], redis_shards=urls[::-1]))
+    assert refused.value.param == "DISPATCHER_REDIS_SHARDS"
+
+
+async def test_postgresql_history_takes_every_shards_stream_into_one_database(
+    shard_servers: list[EmbeddedRedis], pg_url: str, receiver: Receiver
+) -> None:
+    settings = await two_servers(shard_servers, history_url=pg_url)
+    async with Router.open(settings) as router:
+        on = await one_project_per_shard(router, settings, receiver, events=3)
+        await drain(settings)  # its shippers ship each shard's stream, under its own lock
+        for services in router.shards:  # what they left, if anything
+            shipper = Shipper(services.redis, settings, services.shard, elect=False)
+            await shipper.open()
+            try:
+                await shipper.drain()
+            finally:
+                await shipper.close()
+            assert (await services.history.backlog())[0] == 0
+        for index, project in on.items():
+            page = await router.of(project).history_page(project, receiver.url(f"/{project}"),
+                                                         "BUILD_END")  # fmt: skip
+            assert page.count == 3
+            assert {r.id // ID_SPAN for r in page.records} == {index}  # ids from its range

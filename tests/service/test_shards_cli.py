@@ -1,0 +1,56 @@
+"""`dispatcher shards` and the operator's commands over two shards (sync tests: the CLI
+runs its own event loop)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+
+import pytest
+import redis as redis_py
+from typer.testing import CliRunner
+
+from dispatcher.cli import app
+from dispatcher.embedded import EmbeddedRedis
+from dispatcher.keys import Keys
+from dispatcher.shards.placement import rendezvous
+
+KEYS = Keys()
+
+
+@pytest.fixture
+def cli(shard_servers: list[EmbeddedRedis], monkeypatch: pytest.MonkeyPatch) -> Iterator[CliRunner]:
+    urls = [server.url for server in shard_servers]
+    for url in urls:
+        redis_py.Redis.from_url(url).flushall()
+    monkeypatch.delenv("DISPATCHER_REDIS_URL", raising=False)
+    monkeypatch.setenv("DISPATCHER_REDIS_SHARDS", json.dumps(urls))
+    monkeypatch.setenv("DISPATCHER_PLACEMENT_REFRESH", "0.05")
+    monkeypatch.setenv("COLUMNS", "200")
+    yield CliRunner()
+
+
+def test_grow_then_move_a_project_with_the_cli(
+    cli: CliRunner, shard_servers: list[EmbeddedRedis]
+) -> None:
+    listed = cli.invoke(app, ["shards", "list"])
+    assert listed.exit_code == 0 and "not yet (grow)" in listed.output
+    project = next(f"cli-{n}" for n in range(100) if rendezvous(f"cli-{n}", 2) == 0)
+    add = ["callbacks", "add", "--url", "https://example.com/h", "--event", "BUILD_END",
+           "--region", "OSS"]  # fmt: skip
+    assert cli.invoke(app, [*add, "--all-projects"]).exit_code == 0
+    assert cli.invoke(app, [*add, "--project", project]).exit_code == 0
+    grown = cli.invoke(app, ["shards", "grow"])
+    assert grown.exit_code == 0, grown.output
+    assert "0 project(s) pinned" in grown.output  # it hashes to shard 0, where it is
+    on = [redis_py.Redis.from_url(server.url) for server in shard_servers]
+    assert [bool(r.exists(KEYS.project_callbacks("DEVOPS_ALL_PROJECT"))) for r in on] == [True] * 2
+    moved = cli.invoke(app, ["shards", "move", project, "--to", "1"])
+    assert moved.exit_code == 0, moved.output
+    assert [bool(r.exists(KEYS.project_callbacks(project))) for r in on] == [False, True]
+    listed = cli.invoke(app, ["callbacks", "list", "--project", project])
+    assert "https://example.com/h" in listed.output
+    shards = cli.invoke(app, ["shards", "list"])
+    assert shards.exit_code == 0 and "not yet" not in shards.output
+    status = cli.invoke(app, ["status"])
+    assert status.exit_code == 0 and "queue: jobs due" in status.output
