@@ -47,10 +47,7 @@ def test_callbacks_add_list_disable_enable_rm(cli: CliRunner) -> None:
     assert missing.exit_code == 1 and "not found" in missing.output
 
 
-def test_callbacks_at_every_level_with_an_auth_header(
-    cli: CliRunner, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setenv("COLUMNS", "200")  # the table unfolded
+def test_callbacks_at_every_level_with_an_auth_header(cli: CliRunner) -> None:
     header = ["--auth-header", "X-Api-Key: CLI-SECRET-VALUE"]
     for where in (["--all-projects"], ["--project", "p", "--pipeline", "p1"], ["--project", "p"]):
         added = cli.invoke(app, ["callbacks", "add", *where, "--url", "https://example.com/h",
