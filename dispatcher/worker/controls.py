@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING
 import structlog
 
 from dispatcher import metrics
-from dispatcher.jobs import now_ms
+from dispatcher.clock import now_ms
 from dispatcher.lua import Lua
 from dispatcher.registry.options import FilterFailed, filter_matches
 

@@ -25,6 +25,7 @@ import structlog
 from dispatcher import metrics, tracing
 from dispatcher.backoff import next_delay
 from dispatcher.batch import Batcher
+from dispatcher.clock import now_ms
 from dispatcher.delivery import (
     AttemptResult,
     Outcome,
@@ -36,7 +37,7 @@ from dispatcher.delivery import (
 from dispatcher.egress import make_transport
 from dispatcher.errors import InvalidUrl, describe
 from dispatcher.health import CircuitBreaker
-from dispatcher.jobs import BadJob, DeliveryJob, EventJob, now_ms
+from dispatcher.jobs import BadJob, DeliveryJob, EventJob
 from dispatcher.models import Region
 from dispatcher.registry import url_problem
 from dispatcher.stats import AttemptStats

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from dispatcher.clock import now_ms
 from dispatcher.delivery import Outcome, mask_headers
 from dispatcher.history import truncate
-from dispatcher.jobs import now_ms
 from dispatcher.models import DeliveryStatus
 
 if TYPE_CHECKING:

@@ -11,6 +11,7 @@ import redis as redis_py
 from typer.testing import CliRunner
 
 from dispatcher.cli import app
+from dispatcher.clock import now_ms
 from dispatcher.connections import connect
 from dispatcher.embedded import EmbeddedRedis
 from dispatcher.keys import Keys, project_scoped
@@ -196,13 +197,12 @@ def test_status_prints_the_figures(cli: CliRunner, redis_server: EmbeddedRedis) 
 
 def test_bulk_redeliver_and_sweep(cli: CliRunner, redis_server: EmbeddedRedis) -> None:
     import asyncio
-    import time
 
     from dispatcher.history.redis import RedisHistory
     from tests.helpers import make_settings
 
     settings = make_settings(redis_server.url)
-    now = int(time.time() * 1000)
+    now = now_ms()
 
     async def seed() -> None:
         redis = connect(settings)
@@ -263,13 +263,12 @@ def test_dead_lists_the_deliveries_that_gave_up(
     cli: CliRunner, redis_server: EmbeddedRedis
 ) -> None:
     import asyncio
-    import time
 
     from dispatcher.history.redis import RedisHistory
     from tests.helpers import make_settings
 
     settings = make_settings(redis_server.url)
-    now = int(time.time() * 1000)
+    now = now_ms()
 
     async def seed() -> None:
         redis = connect(settings)

@@ -39,6 +39,7 @@ from schemathesis import CheckContext, GenerationMode, SerializationContext
 from schemathesis.checks import negative_data_rejection, not_a_server_error
 
 from dispatcher.api import create_app
+from dispatcher.clock import now_ms
 from dispatcher.connections import connect
 from dispatcher.embedded import EmbeddedRedis
 from dispatcher.history.redis import RedisHistory
@@ -156,7 +157,7 @@ async def _seed(settings: Settings) -> None:
     try:
         await redis.flushdb()
         registry, history = Registry(redis), RedisHistory(redis, settings, keys)
-        now = time.time_ns() // 1_000_000
+        now = now_ms()
         for n in range(2 * SEEDED):
             url, event = f"http://127.0.0.1:9/hook{n}", list(Event)[n]
             cid, _ = await registry.create(SEEDED_PROJECT, url, event, Region.DEVNET, "tok")
