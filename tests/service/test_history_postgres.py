@@ -334,18 +334,18 @@ async def test_past_the_backlog_limit_workers_wait_and_nothing_is_lost(
                              history_backlog_limit=5, worker_max_jobs=2)  # fmt: skip
     url = receiver.script("/hook", hang(0.1))
     await Registry(redis).create("demo", url, Event.BUILD_END, Region.DEVNET)
-    await Producer(settings, redis).emit_many([("demo", "BUILD_END", {"n": i}) for i in range(40)])
+    await Producer(settings, redis).emit_many([("demo", "BUILD_END", {"n": i}) for i in range(20)])
     worker = create_worker(settings, poll_delay=0.01, handle_signals=False)
     running = asyncio.create_task(worker.main())
     try:
         await receiver.wait_for(6, within=10)
-        await asyncio.sleep(2.5)  # 40 deliveries take 2 s at this pace, unpaused
-        assert worker.shipping.full and len(receiver.requests()) < 40
+        await asyncio.sleep(1.5)  # 20 deliveries take 1 s at this pace, unpaused
+        assert worker.shipping.full and len(receiver.requests()) < 20
         assert await redis.zcard(settings.queue_name) > 0  # the rest waits in the queue
 
         async def everything_delivered() -> bool:
             await ship_all(settings, redis)
-            return len(receiver.requests()) == 40
+            return len(receiver.requests()) == 20
 
         await until(everything_delivered, 30, "the worker resumed once the records were shipped")
     finally:
@@ -357,7 +357,7 @@ async def test_past_the_backlog_limit_workers_wait_and_nothing_is_lost(
     now = now_ms()
     page = await history.query("demo", url, "BUILD_END", start_ms=now - 60_000, end_ms=now)
     await history.close()
-    assert page.count == 40
+    assert page.count == 20
 
 
 async def test_the_backlog_is_a_metric(pg_settings: Settings, redis: Redis) -> None:
