@@ -173,7 +173,8 @@ class Worker:
             try:
                 self._due.clear()
                 shares = run.engine.shares.claim_budgets()
-                claimed = await run.claims.claim(share, shares=shares)
+                budget = run.scan_budget(shares[1], time.monotonic())
+                claimed = await run.claims.claim(share, budget=budget, shares=shares)
             except CLAIM_ERRORS as exc:
                 if full := redis_full(exc):
                     metrics.REDIS_FULL.labels(refused="claim").inc()
