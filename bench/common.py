@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from dispatcher.delivery import encode_body, mask_headers, request_headers
+from dispatcher.history.record import AttemptRecord
 from dispatcher.settings import Settings
 
 PROJECT = "bench"
@@ -66,7 +67,7 @@ def event_data(n: int, emit_t: float | None = None) -> dict[str, Any]:
     return data
 
 
-def record_template() -> dict[str, Any]:
+def record_template() -> AttemptRecord:
     """A history record as the worker writes it (dispatcher/worker/record.py), for the
     history scenarios to fill stores with; its per-record fields are left blank."""
     body = encode_body(EVENT, PROJECT, event_data(1))

@@ -48,6 +48,4 @@ async def run(bench: Bench) -> list[Row]:
     return rows + _rows("PostgreSQL history", pg, noop, PG_HISTORY_TARGET)
 
 
-SCENARIO = Scenario(
-    "redis-cost", run, worker_runs=(NOOP, THROUGHPUT, THROUGHPUT_PG), postgres=True
-)
+SCENARIO = Scenario("redis-cost", run, worker_runs=(NOOP, THROUGHPUT, THROUGHPUT_PG), postgres=True)

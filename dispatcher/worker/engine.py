@@ -26,11 +26,13 @@ from dispatcher import metrics, tracing
 from dispatcher.backoff import next_delay
 from dispatcher.batch import Batcher
 from dispatcher.delivery import (
+    Attempted,
     AttemptResult,
+    Limits,
     Outcome,
+    Outgoing,
+    attempt,
     encode_body,
-    request_headers,
-    send,
     unsendable,
 )
 from dispatcher.egress import make_transport
@@ -48,6 +50,7 @@ if TYPE_CHECKING:
     import httpx
     from redis.asyncio.client import Pipeline
 
+    from dispatcher.history.record import AttemptRecord
     from dispatcher.registry import CallbackTarget
     from dispatcher.services import Services
     from dispatcher.worker.writer import Writer
@@ -94,6 +97,8 @@ class Engine:
             self.breaker, self.shares = shared.breaker, shared.shares
             self.transports, self.stats = shared.transports, shared.stats
         self.controls = Controls(settings, self.keys, self.reads, writer)
+        self.limits = Limits(settings.user_agent, settings.connect_timeout,
+                             settings.total_timeout, settings.max_response_body)  # fmt: skip
         self.progress_ttl = int(max(86_400, 2 * sum(settings.retry_schedule)))
 
     async def close(self) -> None:
@@ -218,7 +223,8 @@ class Engine:
                                  delivery_id=job.delivery_id, event_id=job.event_id,
                                  project_id=job.emitter or job.project_id,
                                  callback_id=target.id) as traced:  # fmt: skip
-                headers, result = await self._request(job, target, traced.headers)
+                done = await self._request(job, target, traced.headers)
+                result = done.result
                 traced.end(result.outcome.value, result.status_code, result.error)
         finally:
             slot.release(time.monotonic() - started)
@@ -232,10 +238,10 @@ class Engine:
                 retry_after=result.retry_after,
                 retry_after_cap=self.settings.retry_after_cap,
             )
-        record = attempt_record(job, target, number, headers, result, delay is None, self.settings)
+        record = attempt_record(job, target, number, done, delay is None, self.settings)
         _observe(job, target, number, result, delay)
         self.stats.count(result.outcome.value, result.duration_ms)
-        await self._write(job, target, number, record, result, delay, then)
+        await self._write(job, target, record, result, delay, then)
 
     async def _defer(self, job: DeliveryJob, then: Then, delay: float, reason: str) -> None:
         """Not an attempt: the delivery goes back to the queue, due in `delay` seconds. Its
@@ -253,78 +259,67 @@ class Engine:
         self,
         job: DeliveryJob,
         target: CallbackTarget,
-        number: int,
-        record: dict[str, Any],
+        record: AttemptRecord,
         result: AttemptResult,
         delay: float | None,
         then: Then,
     ) -> None:
-        """The attempt's write; then, if its failures say so, the callback's disabling."""
+        """The attempt's one write, in the writer's next pipeline: its record, the
+        delivery's progress, the callback's health, and what follows (`then`). What else
+        should happen when a delivery ends goes here. A final failure is counted by
+        `health.py` in a write of its own in the same pipeline (its answer: whether it
+        disabled the callback)."""
         outcome = result.outcome
         failed_for_good = delay is None and outcome is not Outcome.SUCCESS
-        error = result.error or "failed"
-        counted_at: int | None = None  # where the failure count's answer is
         registry, health = self.services.registry, self.services.health
 
         def write(pipe: Pipeline) -> None:
-            nonlocal counted_at
-            start = len(pipe)
             self.services.history.record(pipe, record, dead=failed_for_good)
-            progress = DONE if delay is None else str(number)
+            progress = DONE if delay is None else str(record["attempt"])
             pipe.set(self.keys.delivery(job.progress_id), progress, ex=self.progress_ttl)
             if outcome is Outcome.SUCCESS and target.failing:
                 health.succeeded(pipe, target.id)
             elif outcome is Outcome.GONE:
                 registry.queue_set_enabled(pipe, target.id, False, GONE_REASON)
-            elif failed_for_good:
-                counted_at = len(pipe) - start
-                health.queue_failed(pipe, target.id, error, record["createdTime"], record["id"])
             then(pipe, delay)
 
-        answer = await self.writer.commit(write, (record,))
+        written = self.writer.submit(write, (record,))
+        if failed_for_good and outcome is not Outcome.GONE:
+            error = result.error or "failed"
+            counted = self.writer.submit(lambda pipe: health.queue_failed(
+                pipe, target.id, error, record["createdTime"], record["id"]))  # fmt: skip
+            await asyncio.shield(written)
+            (reply,) = await asyncio.shield(counted)
+            health.judged(target.id, reply)
+            return
+        await asyncio.shield(written)
         if outcome is Outcome.GONE:
             _disabled(target.id, "gone", GONE_REASON)
-        elif counted_at is not None:
-            reason = health.verdict(answer[counted_at], error, record["createdTime"])
-            if reason is not None:
-                await self.writer.commit(
-                    lambda pipe: registry.queue_set_enabled(pipe, target.id, False, reason)
-                )
-                _disabled(target.id, "failing", reason)
 
     async def _request(
         self, job: DeliveryJob, target: CallbackTarget, trace_headers: dict[str, str]
-    ) -> tuple[dict[str, str], AttemptResult]:
-        """The attempt's request and what came of it. Whatever cannot be sent, or raises
-        while being built or sent, fails this delivery alone, for good: retrying it would
-        fail the same way."""
+    ) -> Attempted:
+        """The attempt and what came of it. What cannot be sent, or raises while being
+        checked, fails this delivery alone, for good: retrying it would fail the same way."""
         problem = (
             target.problem
             or _url_problem(target.url)
             or unsendable(target.secret_token, target.auth_header)
         )
         if problem is not None:  # stored by an older version: nothing goes out
-            return {}, _failed(problem)
-        headers: dict[str, str] = {}
+            return Attempted(_failed(problem), [])
         try:
-            headers = request_headers(
-                event=job.event,
-                delivery_id=job.delivery_id,
-                body=job.body,
-                token=target.secret_token,
-                user_agent=self.settings.user_agent,
-                project_id=job.emitter,
-                auth_header=target.auth_header,
-                previous_token=target.previous_token,
-            )
-            headers.update(trace_headers)
-            return headers, await self._send(target, job.body, headers)
+            refused = await self._refusal(target)
         except Exception as exc:
-            return headers, _failed(f"the request could not be sent: {describe(exc)}")
+            refused = _failed(f"the request could not be sent: {describe(exc)}")
+        out = Outgoing(
+            target.url, job.body, job.event, job.delivery_id, job.emitter, target.secret_token,
+            target.previous_token, target.auth_header, trace_headers,
+        )  # fmt: skip
+        return await attempt(self.transports[target.region], self.limits, out, refused=refused)
 
-    async def _send(
-        self, target: CallbackTarget, body: bytes, headers: dict[str, str]
-    ) -> AttemptResult:
+    async def _refusal(self, target: CallbackTarget) -> AttemptResult | None:
+        """The egress policy's answer for the callback's address: None when it may go."""
         policy = self.services.policies[target.region]
         # Literal addresses, ports and metadata names: the resolver never sees them.
         refusal = policy.refusal(target.url)
@@ -337,17 +332,7 @@ class Engine:
                 refusal = exc.message
             except OSError as exc:  # a temporary lookup failure: try again later
                 return _unresolved(target.url, exc)
-        if refusal is not None:
-            return _failed(f"refused: {refusal}")
-        return await send(
-            self.transports[target.region],
-            target.url,
-            body,
-            headers,
-            connect_timeout=self.settings.connect_timeout,
-            total_timeout=self.settings.total_timeout,
-            max_response_body=self.settings.max_response_body,
-        )
+        return None if refusal is None else _failed(f"refused: {refusal}")
 
 
 GONE_REASON = "the receiver answered 410 Gone"

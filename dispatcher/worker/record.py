@@ -1,16 +1,17 @@
-"""The history record of one attempt, shaped from the job, its callback and the result."""
+"""The history record of one attempt, shaped from the job, its callback and the attempt."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from dispatcher.delivery import Outcome, mask_headers
+from dispatcher.delivery import Outcome
 from dispatcher.history import truncate
 from dispatcher.jobs import now_ms
 from dispatcher.models import DeliveryStatus
 
 if TYPE_CHECKING:
-    from dispatcher.delivery import AttemptResult
+    from dispatcher.delivery import Attempted
+    from dispatcher.history.record import AttemptRecord
     from dispatcher.jobs import DeliveryJob
     from dispatcher.registry import CallbackTarget
     from dispatcher.settings import Settings
@@ -22,24 +23,25 @@ def attempt_record(
     job: DeliveryJob,
     target: CallbackTarget,
     number: int,
-    headers: dict[str, str],
-    result: AttemptResult,
+    done: Attempted,
     final: bool,
     settings: Settings,
-) -> dict[str, Any]:
+) -> AttemptRecord:
     """The seed's fields (camelCase, without the id the store assigns), then our extras.
-    The request body as sent, up to `max_request_body`; secret headers masked."""
+    The request body as sent (the job's bytes), up to `max_request_body`; the headers as
+    `attempt` masked them."""
     body_text, body_truncated = truncate(
         job.body.decode(errors="replace"), settings.max_request_body
     )
+    result = done.result
     ok = result.outcome is Outcome.SUCCESS
-    record = {
+    record: AttemptRecord = {
         "projectId": job.project_id,
         "callBackUrl": target.url,
         "events": job.event,
         "status": (DeliveryStatus.SUCCESS if ok else DeliveryStatus.FAILED).value,
         "errorMsg": result.error,
-        "requestHeaders": mask_headers(headers, target.auth_header),
+        "requestHeaders": done.headers,
         "requestBody": body_text,
         "responseCode": result.status_code,
         "responseBody": result.response_body,
@@ -56,5 +58,5 @@ def attempt_record(
         "redeliveryOf": job.redelivery_of,
     }
     if job.trace is not None:  # what a redelivery of this record continues
-        record.update(job.trace.fields())
+        record.update(job.trace.fields())  # type: ignore[typeddict-item]
     return record

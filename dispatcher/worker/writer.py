@@ -33,11 +33,13 @@ from dispatcher.lua import load_all
 if TYPE_CHECKING:
     from redis.asyncio import Redis
 
+    from dispatcher.history.record import AttemptRecord
+
 __all__ = ["Writer"]
 
 log = structlog.get_logger("dispatcher.worker")
 
-Prepare = Callable[[Iterable[dict[str, Any]]], Awaitable[None]]
+Prepare = Callable[[Iterable["AttemptRecord"]], Awaitable[None]]
 # Replies that mean "not now" rather than "never": the batch is sent again.
 TRANSIENT_REPLIES = ("LOADING", "READONLY", "OOM", "MASTERDOWN", "BUSY", "TRYAGAIN", "NOREPLICAS")
 
@@ -52,7 +54,7 @@ RETRYABLE: tuple[type[Exception], ...] = (*REDIS_ERRORS, _Transient)
 @dataclass(slots=True)
 class _Write:
     queue: QueueCommands
-    records: Sequence[dict[str, Any]]
+    records: Sequence[AttemptRecord]
     done: asyncio.Future[list[Any]]
 
 
@@ -103,7 +105,7 @@ class Writer:
         return self.failing_since is not None and bool(self._pending)
 
     def submit(
-        self, queue: QueueCommands, records: Sequence[dict[str, Any]] = ()
+        self, queue: QueueCommands, records: Sequence[AttemptRecord] = ()
     ) -> asyncio.Future[list[Any]]:
         """Queue the commands `queue` puts on a pipeline; the future gets their results once
         Redis has them (cancelling it does not withdraw the write)."""
@@ -117,7 +119,7 @@ class Writer:
         return done
 
     async def commit(
-        self, queue: QueueCommands, records: Sequence[dict[str, Any]] = ()
+        self, queue: QueueCommands, records: Sequence[AttemptRecord] = ()
     ) -> list[Any]:
         """`submit`, then wait until Redis has it."""
         return await asyncio.shield(self.submit(queue, records))
