@@ -49,7 +49,8 @@ return {tonumber(id), created}
 # callback prefix, health prefix, upsert field prefix ("{event} "), then the names of the
 # hash fields a delivery needs (`match.TARGET_FIELDS`: 'url' and 'enabled' first).
 # The chunk is the `size` smallest ids after the cursor over all levels, less the disabled
-# ones and those whose URL a broader level sends the same event to (one delivery per URL).
+# ones and those whose URL a broader level sends the same event to (one delivery per URL;
+# a level found empty from the start, cursor 0, is not asked).
 # Returns {next cursor ('' when nothing follows), rows}; a row is {id, 1 when failures are
 # on record, level index, then the values of the named fields}.
 MATCH = Lua("""
@@ -59,9 +60,11 @@ local fields = {}
 for i = 6, #ARGV do fields[#fields + 1] = ARGV[i] end
 local found = {}
 local more = false
+local empty = {}  -- levels without callbacks: no URL of theirs to give way to
 for lvl = 1, n do
   local ids = redis.call('ZRANGEBYSCORE', KEYS[lvl], '(' .. ARGV[1], '+inf', 'LIMIT', 0, size)
   if #ids == size then more = true end
+  empty[lvl] = #ids == 0 and ARGV[1] == '0'
   for _, id in ipairs(ids) do found[#found + 1] = {tonumber(id), id, lvl} end
 end
 table.sort(found, function(a, b) return a[1] < b[1] end)
@@ -73,7 +76,7 @@ for i = 1, taken do
   local values = redis.call('HMGET', ARGV[3] .. id, unpack(fields))
   local keep = values[1] and values[2] == '1'
   for broader = 1, lvl - 1 do
-    if keep then
+    if keep and not empty[broader] then
       local other = redis.call('HGET', KEYS[n + broader], ARGV[5] .. values[1])
       if other and redis.call('ZSCORE', KEYS[broader], other) then keep = false end
     end
