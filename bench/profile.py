@@ -41,7 +41,7 @@ BUCKETS: tuple[tuple[str, str], ...] = (
     ("attempt_record", "history record of the attempt"),
     ("Batcher.execute", "waiting on / queueing into the read pipelines"),
     ("request_headers", "headers + HMAC signature"),
-    ("_observe", "metrics + per-attempt log call"),
+    ("observe", "metrics + per-attempt log call"),
     ("encode_body", "body encoding (orjson)"),
     ("Engine.attempt", "dispatcher: attempt bookkeeping"),
     ("Engine.fan_out", "dispatcher: fan-out bookkeeping"),

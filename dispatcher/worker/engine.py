@@ -40,10 +40,9 @@ from dispatcher.errors import InvalidUrl, describe
 from dispatcher.health import CircuitBreaker
 from dispatcher.jobs import BadJob, DeliveryJob, EventJob, now_ms
 from dispatcher.models import Region
-from dispatcher.registry import url_problem
 from dispatcher.stats import AttemptStats
 from dispatcher.worker.controls import Controls
-from dispatcher.worker.record import attempt_record
+from dispatcher.worker.record import attempt_record, checked_url, disabled, observe
 from dispatcher.worker.shares import Shares
 
 if TYPE_CHECKING:
@@ -55,7 +54,7 @@ if TYPE_CHECKING:
     from dispatcher.services import Services
     from dispatcher.worker.writer import Writer
 
-__all__ = ["Engine", "Then", "keep_entry"]
+__all__ = ["Engine", "JobEnd", "Then", "keep_entry"]
 
 log = structlog.get_logger("dispatcher.worker")
 
@@ -65,6 +64,8 @@ KEPT_ENTRIES = 1000  # newest entries kept in the poison and dropped lists
 # What follows an attempt, queued on the pipeline that records it (so both are written,
 # or neither): `delay` seconds to the next attempt, or None when the delivery is over.
 Then = Callable[["Pipeline", "float | None"], None]
+# A fan-out job's end, given where its next chunk starts (None: it was the last).
+JobEnd = Callable[..., None]
 
 
 def keep_entry(pipe: Pipeline, key: str, entry: dict[str, Any]) -> None:
@@ -105,11 +106,14 @@ class Engine:
         if self.owner:
             await asyncio.gather(*(t.aclose() for t in self.transports.values()))
 
-    async def fan_out(self, event: EventJob, *, rerun: bool = False) -> int | None:
+    async def fan_out(
+        self, event: EventJob, *, rerun: bool = False, end: JobEnd | None = None
+    ) -> int | None:
         """First attempts of one chunk of `event`'s deliveries: to the callbacks after
         `event.after`, at most `DISPATCHER_FAN_OUT_CHUNK` of them. Returns where the next
         chunk starts, or None when this was the last. A `rerun` (the job ran before and did
-        not finish) skips what was already handled."""
+        not finish) skips what was already handled. A chunk of one attempt writes the job's
+        `end` (given where the next chunk starts) with that attempt, in the same write."""
         query = self.services.registry.chunk_query(
             event.project_id, event.event, pipeline_id=event.pipeline_id, after=event.after,
             size=self.settings.fan_out_chunk,
@@ -120,7 +124,8 @@ class Engine:
             chunk = query.read(answer)
             targets = self.controls.select(event, chunk.targets)  # the callbacks' filters
             if targets:
-                await self._first_attempts(event, targets, rerun, carried)
+                ending = None if end is None else functools.partial(end, after=chunk.after)
+                await self._first_attempts(event, targets, rerun, carried, ending)
         return chunk.after
 
     async def _first_attempts(
@@ -129,6 +134,7 @@ class Engine:
         targets: list[CallbackTarget],
         rerun: bool,
         carried: tracing.TraceContext | None,
+        end: Callable[[Pipeline], None] | None,
     ) -> None:
         try:  # once for all callbacks
             body = encode_body(event.event, event.project_id, event.data)
@@ -143,10 +149,11 @@ class Engine:
                 [self.keys.delivery(job.progress_id) for job, _ in pending]
             )
             pending = [pair for pair, mark in zip(pending, marks, strict=True) if not mark]
-        attempts = [self.attempt(job, target, 1, self._retry_job(job)) for job, target in pending]
-        if len(attempts) == 1:
-            await attempts[0]
+        if len(pending) == 1:  # the job's end rides with its one attempt
+            job, target = pending[0]
+            await self.attempt(job, target, 1, self._retry_job(job, end))
             return
+        attempts = [self.attempt(job, target, 1, self._retry_job(job)) for job, target in pending]
         # An attempt ends as a record; should one raise all the same, the others still end
         # theirs before the job runs again (and skips them).
         ended = await asyncio.gather(*attempts, return_exceptions=True)
@@ -154,13 +161,16 @@ class Engine:
             if isinstance(outcome, BaseException):
                 raise outcome
 
-    def _retry_job(self, job: DeliveryJob) -> Then:
-        """After a fan-out's attempt: a retry becomes a `deliver` job of its own."""
+    def _retry_job(self, job: DeliveryJob, end: Callable[[Pipeline], None] | None = None) -> Then:
+        """After a fan-out's attempt: a retry becomes a `deliver` job of its own; `end`,
+        the fan-out job's end, when it goes in the same write."""
         queue = self.services.queue
 
         def then(pipe: Pipeline, delay: float | None) -> None:
             if delay is not None:
                 queue.push(pipe, job, defer_s=delay)
+            if end is not None:
+                end(pipe)
 
         return then
 
@@ -239,7 +249,7 @@ class Engine:
                 retry_after_cap=self.settings.retry_after_cap,
             )
         record = attempt_record(job, target, number, done, delay is None, self.settings)
-        _observe(job, target, number, result, delay)
+        observe(job, target, number, result, delay)
         self.stats.count(result.outcome.value, result.duration_ms)
         await self._write(job, target, record, result, delay, then)
 
@@ -294,7 +304,7 @@ class Engine:
             return
         await asyncio.shield(written)
         if outcome is Outcome.GONE:
-            _disabled(target.id, "gone", GONE_REASON)
+            disabled(target.id, "gone", GONE_REASON)
 
     async def _request(
         self, job: DeliveryJob, target: CallbackTarget, trace_headers: dict[str, str]
@@ -303,7 +313,7 @@ class Engine:
         checked, fails this delivery alone, for good: retrying it would fail the same way."""
         problem = (
             target.problem
-            or _url_problem(target.url)
+            or checked_url(target.url)
             or unsendable(target.secret_token, target.auth_header)
         )
         if problem is not None:  # stored by an older version: nothing goes out
@@ -336,8 +346,6 @@ class Engine:
 
 
 GONE_REASON = "the receiver answered 410 Gone"
-# Callback URLs repeat: each is checked once (a cache entry is ~200 bytes).
-_url_problem = functools.lru_cache(maxsize=16_384)(url_problem)
 
 
 def _failed(error: str) -> AttemptResult:
@@ -351,49 +359,3 @@ def _unresolved(url: str, exc: OSError) -> AttemptResult:
     now = now_ms()
     error = f"could not resolve host {urlsplit(url).hostname}: {exc.strerror or 'lookup failed'}"
     return AttemptResult(Outcome.RETRY, None, None, error, None, now, now)
-
-
-def _loggable(url: str) -> str:
-    """A URL for a log line: credentials and control characters (in a URL stored by an
-    older version) cut out or escaped."""
-    if _url_problem(url) is None:
-        return url
-    parts = urlsplit(url)
-    if "@" in parts.netloc:
-        url = parts._replace(netloc="***@" + parts.netloc.rpartition("@")[2]).geturl()
-    return url.encode("unicode_escape").decode("ascii")
-
-
-def _disabled(callback_id: int, why: str, reason: str) -> None:
-    metrics.CALLBACKS_DISABLED.labels(reason=why).inc()
-    log.warning("callback.disabled", callback_id=callback_id, reason=reason)
-
-
-def _observe(
-    job: DeliveryJob, target: CallbackTarget, number: int, result: AttemptResult,
-    delay: float | None,
-) -> None:  # fmt: skip
-    """The attempt's metrics and its one canonical log line."""
-    metrics.DELIVERIES.labels(outcome=result.outcome.value, event=job.event).inc()
-    metrics.ATTEMPT_SECONDS.observe(result.duration_ms / 1000)
-    metrics.HISTORY_RECORDS.inc()
-    if delay is not None:
-        metrics.RETRIES.inc()
-    elif result.outcome is not Outcome.SUCCESS:
-        metrics.DEAD_LETTERS.inc()
-    log.info(
-        "delivery.attempt",
-        event_id=job.event_id,
-        delivery_id=job.delivery_id,
-        callback_id=target.id,
-        callback_url=_loggable(target.url),
-        project_id=job.project_id,
-        event_type=job.event,
-        attempt=number,
-        outcome=result.outcome.value,
-        status_code=result.status_code,
-        duration_ms=result.duration_ms,
-        error=result.error,
-        retry_in_s=None if delay is None else round(delay, 3),
-        trace_id=None if job.trace is None else job.trace.trace_id,
-    )
