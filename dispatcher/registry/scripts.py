@@ -50,7 +50,8 @@ return {tonumber(id), created}
 # hash fields a delivery needs (`match.TARGET_FIELDS`: 'url' and 'enabled' first).
 # The chunk is the `size` smallest ids after the cursor over all levels, less the disabled
 # ones and those whose URL a broader level sends the same event to (one delivery per URL;
-# a level found empty from the start, cursor 0, is not asked).
+# a level without callbacks is not asked, and is known to have none at cursor 0 when its
+# range is empty, or else by one EXISTS a chunk).
 # Returns {next cursor ('' when nothing follows), rows}; a row is {id, 1 when failures are
 # on record, level index, then the values of the named fields}.
 MATCH = Lua("""
@@ -64,7 +65,7 @@ local empty = {}  -- levels without callbacks: no URL of theirs to give way to
 for lvl = 1, n do
   local ids = redis.call('ZRANGEBYSCORE', KEYS[lvl], '(' .. ARGV[1], '+inf', 'LIMIT', 0, size)
   if #ids == size then more = true end
-  empty[lvl] = #ids == 0 and ARGV[1] == '0'
+  empty[lvl] = #ids == 0 and (ARGV[1] == '0' or redis.call('EXISTS', KEYS[lvl]) == 0)
   for _, id in ipairs(ids) do found[#found + 1] = {tonumber(id), id, lvl} end
 end
 table.sort(found, function(a, b) return a[1] < b[1] end)
