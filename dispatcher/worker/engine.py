@@ -3,11 +3,12 @@
 A fan-out makes the first attempt of every delivery itself, concurrently, a chunk of
 callbacks at a time (between chunks the job loop moves the job's cursor on), so an event
 costs one queue job however many callbacks it has; only retries become `deliver` jobs (job
-id = delivery id). An attempt ends in one write (see `writer.py`), sent in a pipeline
-shared with other attempts: its history record, the delivery's progress, endpoint health,
-and what comes next for the delivery (a `deliver` job, or the `deliver` job's own return
-to the queue or end). A worker killed at any point loses nothing: an unwritten attempt is
-made again, with the same delivery id for the receiver to de-duplicate.
+id = delivery id). An attempt ends in one write (`Engine._write`, through `writer.py`),
+sent in a pipeline shared with other attempts: its history record, the delivery's
+progress, endpoint health, and what comes next for the delivery (a `deliver` job, or the
+`deliver` job's own return to the queue or end; for a fan-out chunk of one attempt, the
+fan-out job's end too). A worker killed at any point loses nothing: an unwritten attempt
+is made again, with the same delivery id for the receiver to de-duplicate.
 """
 
 from __future__ import annotations

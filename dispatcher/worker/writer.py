@@ -1,4 +1,5 @@
-"""Durable group commit: a worker's writes wait in memory until Redis has them.
+"""Durable group commit: a worker's writes wait in memory until Redis has them (a
+`batch.Batcher` that sends a batch again until Redis takes it).
 
 Every attempt ends in writes (its history record, the delivery's progress, the next step
 of its job). They are queued here and sent in pipelines shared by whatever else is
