@@ -196,11 +196,14 @@ class Bench:
         info = await self.r.info("cpu")
         return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
 
-    async def _commandstats(self) -> tuple[int, int]:
+    async def _commandstats(self) -> tuple[int, int, dict[str, int]]:
+        """Commands Redis ran since the stats were reset (a script's inner calls count
+        too), the time inside them (µs), and the calls by command name."""
         info = await self.r.info("commandstats")
         calls = sum(int(v["calls"]) for v in info.values())
         usec = sum(int(v["usec"]) for v in info.values())
-        return calls, usec
+        by_name = {name.removeprefix("cmdstat_"): int(v["calls"]) for name, v in info.items()}
+        return calls, usec, by_name
 
     def _worker_args(self, spec: WorkerSpec) -> list[str]:
         if not spec.postgres_history:
@@ -246,7 +249,7 @@ class Bench:
             for proc in procs:
                 await proc.kill()
         stats = await self.receiver.stats()
-        calls, usec = await self._commandstats()
+        calls, usec, by_name = await self._commandstats()
         expected = deliveries if spec.kind == "dispatcher" else 0
         if stats["count"] != expected:
             raise BenchError(f"{spec.label}: receiver saw {stats['count']} of {expected} requests")
@@ -262,6 +265,7 @@ class Bench:
             receiver_cpu_s=cpu_seconds(self.receiver.pid) - receiver_cpu0,
             redis_commands=calls,
             redis_usec=usec,
+            redis_by_command=by_name,
             machine_cpu_s=machine_cpu,
             results=results,
             redis_bytes=await self._used_memory() - self._mem_base,

@@ -23,6 +23,7 @@ from bench.scenarios import (
     latency,
     memory,
     noisy,
+    redis_cost,
     replicated,
     scale_out,
     shards,
@@ -37,6 +38,7 @@ __all__ = ["SCENARIOS"]
 # leaves Redis large until flushed).
 SCENARIOS: list[Scenario] = [
     throughput.SCENARIO,
+    redis_cost.SCENARIO,
     ceiling.SCENARIO,
     fan_out.SCENARIO,
     scale_out.SCENARIO,

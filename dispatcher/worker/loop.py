@@ -49,6 +49,7 @@ from dispatcher.worker.shipping import Shipping
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
+    from redis.asyncio.client import Pipeline
 
     from dispatcher.settings import Settings
     from dispatcher.worker.claims import Claimed
@@ -173,7 +174,8 @@ class Worker:
             try:
                 self._due.clear()
                 shares = run.engine.shares.claim_budgets()
-                claimed = await run.claims.claim(share, shares=shares)
+                budget = run.scan_budget(shares[1], time.monotonic())
+                claimed = await run.claims.claim(share, budget=budget, shares=shares)
             except CLAIM_ERRORS as exc:
                 if full := redis_full(exc):
                     metrics.REDIS_FULL.labels(refused="claim").inc()
@@ -303,8 +305,16 @@ class Worker:
         if wire.function == FAN_OUT:
             event = EventJob.from_wire(wire.payload)
             structlog.contextvars.bind_contextvars(event_id=event.id)
-            after = await run.engine.fan_out(event, rerun=claimed.claims > 1)
-            await run.writer.commit(lambda pipe: run.fan_out_end(pipe, claimed, event, after))
+            ended = False
+
+            def end(pipe: Pipeline, after: int | None) -> None:
+                nonlocal ended
+                ended = True
+                run.fan_out_end(pipe, claimed, event, after)
+
+            after = await run.engine.fan_out(event, rerun=claimed.claims > 1, end=end)
+            if not ended:  # not with an attempt's write: on its own
+                await run.writer.commit(lambda pipe: end(pipe, after))
             if after is not None:
                 self._wake()
         else:

@@ -29,6 +29,12 @@ __all__ = ["Served"]
 log = structlog.get_logger("dispatcher.worker")
 
 BACKOFF_CAP_S = 2.0
+# While every project busy in the worker holds its full share, a claim can only take the
+# jobs of a project not busy yet: it then looks at one page of the queue, and at the whole
+# claim budget at most this often (paging through thousands of entries it may not take
+# was, per delivery, more Redis work than the delivery itself).
+WIDE_SCAN_S = 0.25
+NARROW_BUDGET, WIDE_BUDGET = 100, 2000
 
 
 @dataclass(eq=False)
@@ -42,6 +48,7 @@ class Served:
     engine: Engine
     ready_at: float = 0.0
     backoff: float = field(default=0.0)
+    wide_at: float = 0.0  # monotonic time of the last claim that looked at the whole budget
 
     @classmethod
     def build(cls, services: Services, token: str, *, shared: Engine | None = None) -> Served:
@@ -69,6 +76,14 @@ class Served:
 
     def answered(self) -> None:
         self.backoff, self.ready_at = 0.0, 0.0
+
+    def scan_budget(self, busy: dict[str, int], now: float) -> int:
+        """How many queue entries the next claim looks at, given what each busy project
+        may still take (`Shares.claim_budgets`)."""
+        if not busy or any(more > 0 for more in busy.values()) or now - self.wide_at >= WIDE_SCAN_S:
+            self.wide_at = now
+            return WIDE_BUDGET
+        return NARROW_BUDGET
 
     # ---- a job's ends on this shard ------------------------------------------------------
 
