@@ -16,9 +16,10 @@ from redis.exceptions import ResponseError
 
 from dispatcher import metrics, tracing
 from dispatcher.batch import Batcher
+from dispatcher.clock import now_ms
 from dispatcher.connections import REDIS_ERRORS, redis_full
 from dispatcher.errors import InvalidInput, NotReplicated, Unavailable
-from dispatcher.jobs import DeliveryJob, EventJob, Queue, new_event_id, now_ms
+from dispatcher.jobs import DeliveryJob, EventJob, Queue, new_event_id
 from dispatcher.keys import Keys
 from dispatcher.models import EVENT_ID, PLATFORM_PROJECT, parse_event
 from dispatcher.replication import Replication, run_replicated

@@ -15,11 +15,12 @@ import structlog
 
 from dispatcher.auth import Roles
 from dispatcher.batch import Batcher
+from dispatcher.clock import now_ms
 from dispatcher.connections import REDIS_ERRORS, connect
 from dispatcher.egress import policy_for
 from dispatcher.errors import InvalidInput
 from dispatcher.health import Health
-from dispatcher.history import Cursor, now_ms, open_history, parse_window
+from dispatcher.history import Cursor, open_history, parse_window
 from dispatcher.jobs import Queue
 from dispatcher.models import Region, parse_event, parse_status
 from dispatcher.producer import Producer
@@ -242,7 +243,7 @@ class Services:
         start_ms, end_ms = parse_window(start_time, end_time, self.settings.tz)
         return parse_event(event).value, start_ms, end_ms
 
-    async def record(self, record_id: int, project_id: str) -> HistoryRecord:
+    async def get_record(self, record_id: int, project_id: str) -> HistoryRecord:
         """One history record of the project."""
         return await self.history.get(record_id, project_id)
 

@@ -121,7 +121,7 @@ async def record(
     page: MemberPage, project_id: ProjectPath, record_id: Annotated[int, Path(alias="id")]
 ) -> HTMLResponse:
     """One attempt: request and response, timing, and its delivery's other attempts."""
-    found = await page.services.record(record_id, project_id)
+    found = await page.services.get_record(record_id, project_id)
     attempts = await page.services.attempts(found)
     return await page.render(
         "record.html",

@@ -32,9 +32,9 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import asyncpg
 import structlog
 
-from dispatcher import metrics
+from dispatcher import clock, metrics
 from dispatcher.connections import REDIS_ERRORS
-from dispatcher.history import database, window
+from dispatcher.history import database
 from dispatcher.history.loader import Loader, Pair, Row, parse_row
 from dispatcher.history.schema import DAY_MS
 from dispatcher.lua import Lua
@@ -203,7 +203,7 @@ class Shipper:
         self.last_read = len(entries)
         if not entries:
             return 0
-        now = window.now_ms() if now_ms is None else now_ms
+        now = clock.now_ms() if now_ms is None else now_ms
         oldest, newest = now - self.settings.retention_ms, now + DAY_MS
         batch = [e for e in self._entries(entries) if oldest <= e.created_ms <= newest]
         if len(batch) < len(entries):

@@ -10,12 +10,12 @@ the broader level (a project admin cannot displace an operator's delivery).
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from dispatcher import keys
+from dispatcher.clock import now_ms
 from dispatcher.models import PLATFORM_PROJECT, Region
 from dispatcher.registry.options import NO_OPTIONS, Options
 from dispatcher.registry.rules import is_pipeline_id
@@ -100,7 +100,7 @@ class CallbackTarget:
         """The target from the values of `TARGET_FIELDS`, secrets decrypted; the previous
         token only while its overlap lasts."""
         url, _, region, token, name, value, previous, until, *options = values
-        overlapping = bool(previous) and int(until or 0) > time.time_ns() // 1_000_000
+        overlapping = bool(previous) and int(until or 0) > now_ms()
         secret, header, problem = read_secrets(decrypt, token, name, value)
         old, _, old_problem = read_secrets(decrypt, previous if overlapping else None, None, None)
         return cls(

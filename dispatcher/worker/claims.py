@@ -14,7 +14,8 @@ import hashlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from dispatcher.jobs import encode, now_ms
+from dispatcher.clock import now_ms
+from dispatcher.jobs import encode
 from dispatcher.keys import SEP
 from dispatcher.lua import Lua, run_pipeline
 

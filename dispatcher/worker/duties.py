@@ -19,8 +19,8 @@ from typing import TYPE_CHECKING, Any
 import structlog
 
 from dispatcher import metrics
+from dispatcher.clock import now_ms
 from dispatcher.connections import REDIS_ERRORS, redis_full
-from dispatcher.jobs import now_ms
 from dispatcher.lua import run_pipeline
 from dispatcher.status import write_heartbeat
 
