@@ -201,8 +201,14 @@ def _parsed(url: str) -> httpx.URL:
 
 @functools.lru_cache(maxsize=16)
 def _extensions(connect_timeout: float, total_timeout: float) -> dict[str, Any]:
-    return {"timeout": {"connect": connect_timeout, "read": total_timeout,
-                        "write": total_timeout, "pool": total_timeout}}  # fmt: skip
+    return {
+        "timeout": {
+            "connect": connect_timeout,
+            "read": total_timeout,
+            "write": total_timeout,
+            "pool": total_timeout,
+        }
+    }
 
 
 async def send(
@@ -226,9 +232,12 @@ async def send(
     started = now_ms()
     try:
         request = httpx.Request(
-            "POST", _parsed(url), content=body, headers=headers,
+            "POST",
+            _parsed(url),
+            content=body,
+            headers=headers,
             extensions=_extensions(connect_timeout, total_timeout),
-        )  # fmt: skip
+        )
     except Exception as exc:  # retrying cannot help: the same request again would fail
         text = f"the request could not be built: {describe(exc, trusted=(httpx.InvalidURL,))}"
         return AttemptResult(Outcome.FAILED, None, None, text, None, started, now_ms())
@@ -295,16 +304,26 @@ async def attempt(
     headers: dict[str, str] = {}
     try:
         headers = request_headers(
-            event=out.event, delivery_id=out.delivery_id, body=out.body, token=out.token,
-            user_agent=limits.user_agent, project_id=out.project_id,
-            auth_header=out.auth_header, previous_token=out.previous_token,
-        )  # fmt: skip
+            event=out.event,
+            delivery_id=out.delivery_id,
+            body=out.body,
+            token=out.token,
+            user_agent=limits.user_agent,
+            project_id=out.project_id,
+            auth_header=out.auth_header,
+            previous_token=out.previous_token,
+        )
         if out.extra:
             headers.update(out.extra)
         result = refused or await send(
-            transport, out.url, out.body, headers, connect_timeout=limits.connect_timeout,
-            total_timeout=limits.total_timeout, max_response_body=limits.max_response_body,
-        )  # fmt: skip
+            transport,
+            out.url,
+            out.body,
+            headers,
+            connect_timeout=limits.connect_timeout,
+            total_timeout=limits.total_timeout,
+            max_response_body=limits.max_response_body,
+        )
     except Exception as exc:
         now = now_ms()
         error = f"the request could not be sent: {describe(exc)}"

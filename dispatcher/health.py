@@ -125,12 +125,23 @@ class Health:
         k, settings = self.keys, self.settings
         _FAILED.queue(
             pipe,
-            [k.health(callback_id), k.HEALTH_FAILING, k.callback(callback_id),
-             k.CALLBACKS_DISABLED],
-            [now_ms, error, callback_id, "" if record_id is None else record_id,
-             settings.disable_after_failures, int(settings.disable_after_seconds * 1000),
-             k.MATCH_PREFIX, SEP],
-        )  # fmt: skip
+            [
+                k.health(callback_id),
+                k.HEALTH_FAILING,
+                k.callback(callback_id),
+                k.CALLBACKS_DISABLED,
+            ],
+            [
+                now_ms,
+                error,
+                callback_id,
+                "" if record_id is None else record_id,
+                settings.disable_after_failures,
+                int(settings.disable_after_seconds * 1000),
+                k.MATCH_PREFIX,
+                SEP,
+            ],
+        )
 
     @staticmethod
     def judged(callback_id: int, answer: Sequence[Any]) -> str | None:

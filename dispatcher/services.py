@@ -134,9 +134,16 @@ class Services:
         receiver controls (`options`); returns its id."""
         url = await self.check_target(url, region)
         callback_id, _ = await self.registry.create(
-            project_id, url, event, region, secret_token, creator=creator,
-            pipeline_id=pipeline_id, auth_header=auth_header, options=options,
-        )  # fmt: skip
+            project_id,
+            url,
+            event,
+            region,
+            secret_token,
+            creator=creator,
+            pipeline_id=pipeline_id,
+            auth_header=auth_header,
+            options=options,
+        )
         return callback_id
 
     async def register_batch(
@@ -155,9 +162,16 @@ class Services:
         """One URL for a comma-separated list of events; unknown names are reported."""
         url = await self.check_target(url, region)
         return await self.registry.create_batch(
-            project_id, url, events, region, secret_token, creator=creator,
-            pipeline_id=pipeline_id, auth_header=auth_header, options=options,
-        )  # fmt: skip
+            project_id,
+            url,
+            events,
+            region,
+            secret_token,
+            creator=creator,
+            pipeline_id=pipeline_id,
+            auth_header=auth_header,
+            options=options,
+        )
 
     async def rotate_secret(
         self,
@@ -181,9 +195,13 @@ class Services:
         return await self.registry.get(callback_id, project_id, pipeline_id)
 
     async def callbacks(
-        self, project_id: str, page: int = 1, page_size: int = 20, *,
+        self,
+        project_id: str,
+        page: int = 1,
+        page_size: int = 20,
+        *,
         pipeline_id: str | None = None,
-    ) -> CallbackPage:  # fmt: skip
+    ) -> CallbackPage:
         """A project's callbacks (its pipelines' included), or one pipeline's, oldest first;
         `page_size` capped like history's."""
         size = min(page_size, self.settings.history_max_page_size)
@@ -232,9 +250,14 @@ class Services:
         """The seed's query: a known event, a window in the configured time zone."""
         name, start_ms, end_ms = self._window(event, start_time, end_time)
         return await self.history.query(
-            project_id, url, name, start_ms=start_ms, end_ms=end_ms, page=page,
+            project_id,
+            url,
+            name,
+            start_ms=start_ms,
+            end_ms=end_ms,
+            page=page,
             page_size=page_size,
-        )  # fmt: skip
+        )
 
     def _window(
         self, event: str, start_time: str | None, end_time: str | None

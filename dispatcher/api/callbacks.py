@@ -75,9 +75,16 @@ async def create_callback(
     region, token, auth header and receiver controls, and re-enables it."""
     project_id, pipeline_id = access.scope
     await router.callbacks(project_id).register(
-        project_id, to.url, event, to.region, to.secret_token, creator=access.uid,
-        pipeline_id=pipeline_id, auth_header=to.auth_header, options=to.options,
-    )  # fmt: skip
+        project_id,
+        to.url,
+        event,
+        to.region,
+        to.secret_token,
+        creator=access.uid,
+        pipeline_id=pipeline_id,
+        auth_header=to.auth_header,
+        options=to.options,
+    )
     return Result[bool](data=True)
 
 
@@ -90,9 +97,16 @@ async def create_callbacks_batch(
     """Register one URL for several events; unknown names land in `failureEvents`."""
     project_id, pipeline_id = access.scope
     result = await router.callbacks(project_id).register_batch(
-        project_id, to.url, event, to.region, to.secret_token, creator=access.uid,
-        pipeline_id=pipeline_id, auth_header=to.auth_header, options=to.options,
-    )  # fmt: skip
+        project_id,
+        to.url,
+        event,
+        to.region,
+        to.secret_token,
+        creator=access.uid,
+        pipeline_id=pipeline_id,
+        auth_header=to.auth_header,
+        options=to.options,
+    )
     return Result[CreateCallBackResult](data=result)
 
 

@@ -89,8 +89,13 @@ async def history(
     page_size: Annotated[int, Query(alias="pageSize", ge=1, le=1000)] = 20,
 ) -> HTMLResponse:
     """The seed's query as a form; the page of records when url and event are given."""
-    query = {"url": url, "event": event, "startTime": start_time, "endTime": end_time,
-             "pageSize": page_size}  # fmt: skip
+    query = {
+        "url": url,
+        "event": event,
+        "startTime": start_time,
+        "endTime": end_time,
+        "pageSize": page_size,
+    }
     found, problem = None, None
     if url and event:
         try:

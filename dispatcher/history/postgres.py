@@ -192,9 +192,15 @@ class PostgresHistory:
         rows: list[asyncpg.Record] = []
         if start_ms <= end_ms:
             rows = await self._fetch(
-                PAGE_SQL, project_id, event, url, start_ms, end_ms, (page - 1) * page_size,
+                PAGE_SQL,
+                project_id,
+                event,
+                url,
+                start_ms,
+                end_ms,
+                (page - 1) * page_size,
                 page_size,
-            )  # fmt: skip
+            )
         total = int(rows[0]["total"]) if rows else 0
         return HistoryPage(
             records=_records(rows),

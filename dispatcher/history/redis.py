@@ -174,9 +174,16 @@ class RedisHistory:
                     project_id, record["callBackUrl"], record["status"] != DeliveryStatus.SUCCESS
                 ),
             ],
-            [orjson.dumps(record), record["createdTime"], ttl, keys.history_member(record_id),
-             "1" if dead else "0", record_id, "1" if delivery_id else "0"],
-        )  # fmt: skip
+            [
+                orjson.dumps(record),
+                record["createdTime"],
+                ttl,
+                keys.history_member(record_id),
+                "1" if dead else "0",
+                record_id,
+                "1" if delivery_id else "0",
+            ],
+        )
 
     async def add(self, record: AttemptRecord, *, dead: bool = False) -> int:
         """Write one record now; returns its id."""
@@ -292,9 +299,14 @@ class RedisHistory:
         page = 1
         while True:
             found = await self.query(
-                project_id, url, event, start_ms=start_ms, end_ms=end_ms, page=page,
+                project_id,
+                url,
+                event,
+                start_ms=start_ms,
+                end_ms=end_ms,
+                page=page,
                 page_size=self.settings.history_max_page_size,
-            )  # fmt: skip
+            )
             for record in found.records:
                 if record.final and record.status is DeliveryStatus.FAILED:
                     yield record

@@ -140,9 +140,15 @@ class ChunkQuery:
     Batcher's, say), then `read` its answer."""
 
     def __init__(
-        self, keys: Keys, decrypt: Decrypt, project_id: str, event: str, pipeline_id: object,
-        after: int, size: int,
-    ) -> None:  # fmt: skip
+        self,
+        keys: Keys,
+        decrypt: Decrypt,
+        project_id: str,
+        event: str,
+        pipeline_id: object,
+        after: int,
+        size: int,
+    ) -> None:
         self.keys = keys
         self.decrypt = decrypt
         self.scopes = event_scopes(project_id, pipeline_id)
@@ -157,10 +163,14 @@ class ChunkQuery:
             [self.keys.match(scope, self.event) for scope in scopes]
             + [self.keys.callback_unique(scope) for scope in scopes],
             [
-                self.after, self.size, self.keys.CALLBACK_PREFIX, self.keys.HEALTH_PREFIX,
-                keys.callback_unique_field(self.event, ""), *TARGET_FIELDS,
+                self.after,
+                self.size,
+                self.keys.CALLBACK_PREFIX,
+                self.keys.HEALTH_PREFIX,
+                keys.callback_unique_field(self.event, ""),
+                *TARGET_FIELDS,
             ],
-        )  # fmt: skip
+        )
 
     def read(self, answer: list[Any]) -> Chunk:
         after, rows = answer
@@ -169,6 +179,9 @@ class ChunkQuery:
     def _target(self, row: list[Any]) -> CallbackTarget:
         cid, failing, level, *values = row
         return CallbackTarget.from_fields(
-            int(cid), values, self.decrypt, failing=bool(failing),
+            int(cid),
+            values,
+            self.decrypt,
+            failing=bool(failing),
             owner=self.scopes[int(level) - 1][1],
-        )  # fmt: skip
+        )

@@ -64,10 +64,11 @@ def connect_shards(settings: Settings, shards: list[Shard]) -> list[Redis]:
     """A client per shard (the shards of one cluster share one client)."""
     clients: dict[str, Redis] = {}
     return [
-        clients.setdefault(shard.url, connect(settings, shard.url)) if shard.cluster
+        clients.setdefault(shard.url, connect(settings, shard.url))
+        if shard.cluster
         else connect(settings, shard.url)
         for shard in shards
-    ]  # fmt: skip
+    ]
 
 
 async def close_all(clients: list[Redis]) -> None:

@@ -143,8 +143,9 @@ class Duties:
 
     async def _sweep(self, shard: Services, slot: int) -> None:
         try:
-            if await shard.redis.set(shard.keys.cron("sweep", slot), self.token, nx=True,
-                                     ex=2 * SWEEP_EVERY_S):  # fmt: skip
+            if await shard.redis.set(
+                shard.keys.cron("sweep", slot), self.token, nx=True, ex=2 * SWEEP_EVERY_S
+            ):
                 budget = self.settings.effective_job_timeout / 2
                 removed = await shard.history.sweep(max_seconds=budget)
                 log.info("history.swept", removed=removed, shard=shard.shard.index)
