@@ -101,6 +101,8 @@ def _controls(cb: Callback) -> str:
     parts += [f"{cb.max_in_flight} in flight"] if cb.max_in_flight else []
     if cb.filter is not None:
         parts.append(f"filter: {cb.filter}")
+    if cb.order_by is not None:
+        parts.append(f"ordered by {cb.order_by}")
     if cb.filter_errors:
         parts.append(f"filter failed on {cb.filter_errors} events: {cb.filter_last_error}")
     return ", ".join(parts)
@@ -144,12 +146,16 @@ def callbacks_add(
             "--filter", help="JMESPath over {event, projectId, data}: deliver when truthy"
         ),
     ] = None,
+    order_by: Annotated[
+        str | None,
+        typer.Option(help="Ordered delivery: a dotted path into the event's data (buildId) or '*'"),
+    ] = None,
 ) -> None:
     """Register a URL for one or more events (an upsert), under the region's address policy:
     on a project, one of its pipelines (--pipeline), or every project (--all-projects),
     with its receiver controls."""
     owner, header = _owner(project, all_projects), _auth_header(auth_header)
-    options = Options(max_per_second, max_in_flight, filter_)
+    options = Options(max_per_second, max_in_flight, filter_, order_by)
     result = on_router(
         lambda r: r.callbacks(owner).register_batch(
             owner,

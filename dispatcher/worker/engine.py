@@ -41,6 +41,7 @@ from dispatcher.models import Region
 from dispatcher.registry import url_problem
 from dispatcher.stats import AttemptStats
 from dispatcher.worker.controls import Controls
+from dispatcher.worker.lanes import Lanes
 from dispatcher.worker.record import attempt_record
 from dispatcher.worker.shares import Shares
 
@@ -95,6 +96,7 @@ class Engine:
             self.transports, self.stats = shared.transports, shared.stats
         self.controls = Controls(settings, self.keys, self.reads, writer)
         self.progress_ttl = int(max(86_400, 2 * sum(settings.retry_schedule)))
+        self.lanes = Lanes(self.keys, writer, self.progress_ttl)  # ordered callbacks
 
     async def close(self) -> None:
         if self.owner:
@@ -137,8 +139,12 @@ class Engine:
             marks = await self.services.redis.mget(
                 [self.keys.delivery(job.progress_id) for job, _ in pending]
             )
+            self.lanes.ended_before(event, pending, marks)
             pending = [pair for pair, mark in zip(pending, marks, strict=True) if not mark]
-        attempts = [self.attempt(job, target, 1, self._retry_job(job)) for job, target in pending]
+        now = await self.lanes.enter(event, pending, self._retry_job)  # ordered ones: their turn
+        attempts = [self.attempt(job, target, 1, then) for job, target, then in now]
+        if not attempts:
+            return
         if len(attempts) == 1:
             await attempts[0]
             return
@@ -162,6 +168,11 @@ class Engine:
     async def deliver(self, job: DeliveryJob, then: Then) -> None:
         """One more attempt of a delivery; `then` queues the job's next step (its return
         to the queue for the next attempt, or its end)."""
+        if job.order_key is not None:  # an ordered delivery: when its lane's turn comes
+            turn = await self.lanes.claimed(job, then)
+            if turn is None:
+                return
+            then = turn
         progress, target = await asyncio.gather(
             self.services.redis.get(self.keys.delivery(job.progress_id)),
             self.services.registry.target(job.callback_id),

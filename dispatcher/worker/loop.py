@@ -300,6 +300,14 @@ class Worker:
                 await run.put_back(claimed.job_id, delay)
 
     async def _execute(self, run: Served, claimed: Claimed, wire: Any) -> None:
+        released = run.engine.lanes.released
+        try:
+            await self._execute_job(run, claimed, wire)
+        finally:
+            if run.engine.lanes.released != released:  # a lane's next delivery is due now
+                self._wake()
+
+    async def _execute_job(self, run: Served, claimed: Claimed, wire: Any) -> None:
         if wire.function == FAN_OUT:
             event = EventJob.from_wire(wire.payload)
             structlog.contextvars.bind_contextvars(event_id=event.id)

@@ -1,0 +1,187 @@
+"""Ordered delivery (`orderBy`) over the real app, a real Redis, real burst workers and a
+real receiver: the parameter on every registration path and its 400s, a lane held by a
+retrying head then skipped once its retries are spent, lanes independent of each other,
+an event without the key delivered unordered (its record says so), a redelivery outside
+the lanes, and a blocked lane in the status views and metrics. (Many builds under worker
+SIGKILLs and a Redis restart: tests/faults/test_ordered_faults.py.)"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+from aiohttp import web
+from redis.asyncio import Redis
+
+from dispatcher.embedded import EmbeddedRedis
+from dispatcher.keys import Keys
+from dispatcher.models import HistoryRecord
+from dispatcher.producer import Producer
+from dispatcher.registry.options import order_key
+from dispatcher.settings import Settings
+from tests.helpers import (
+    Handler,
+    Receiver,
+    RunWorker,
+    all_records,
+    answer,
+    app_client,
+    make_settings,
+)
+from tests.service.test_receiver_controls import (
+    ALICE,
+    CALLBACKS,
+    OPERATOR,
+    Query,
+    ok,
+    params,
+    refused,
+)
+
+keys = Keys()
+
+
+@pytest.fixture
+async def op_api(redis_server: EmbeddedRedis, redis: Redis) -> AsyncIterator[httpx.AsyncClient]:
+    settings = make_settings(redis_server.url, operator_token="op-secret")
+    async with app_client(settings, redis) as client:
+        yield client
+
+
+def numbers(receiver: Receiver, path: str = "/hook") -> list[tuple[str, int]]:
+    """(build, step) of each request the receiver got, in arrival order."""
+    bodies = [orjson.loads(seen.body)["data"] for seen in receiver.requests(path)]
+    return [(data.get("buildId", ""), data["step"]) for data in bodies]
+
+
+async def records(redis: Redis, settings: Settings, url: str) -> list[HistoryRecord]:
+    """Every record of `url`, oldest first."""
+    found: list[HistoryRecord] = await all_records(redis, settings, url)
+    return found
+
+
+def fail_build_start(build: str) -> Handler:
+    """A receiver that answers 500 to `build`'s step 0, 200 to everything else."""
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        data = orjson.loads(await request.read())["data"]
+        failing = data.get("buildId") == build and data["step"] == 0
+        return web.Response(status=500 if failing else 200)
+
+    return handler
+
+
+def test_order_key_reads_dotted_paths_and_scalars_only() -> None:
+    data: dict[str, Any] = {"buildId": "b-1", "build": {"id": 7, "ok": True}, "none": None}
+    assert order_key("buildId", data) == "b-1"
+    assert order_key("build.id", data) == "7"
+    assert order_key("build.ok", data) == "true"
+    assert order_key("*", data) == ""
+    for missing in ("none", "build", "nope", "buildId.x", "build.id.x"):
+        assert order_key(missing, data) is None
+
+
+async def test_every_registration_path_takes_lists_and_checks_order_by(
+    op_api: httpx.AsyncClient,
+) -> None:
+    url = "http://127.0.0.1:9/h"
+    paths = [
+        (CALLBACKS, ALICE),
+        (f"{CALLBACKS}/batch", ALICE),
+        ("/apigw/v4/projects/demo/pipelines/p1/callbacks", ALICE),
+        ("/operator/callbacks", OPERATOR),
+        ("/operator/callbacks/batch", OPERATOR),
+    ]
+    for n, (path, who) in enumerate(paths):
+        order: Query = {"orderBy": "build.id" if n % 2 else "*"}
+        await ok(await op_api.post(path, params={**params(f"{url}{n}"), **order}, headers=who))
+    listed = await ok(await op_api.get(CALLBACKS, headers=ALICE))
+    platform = await ok(await op_api.get("/operator/callbacks", headers=OPERATOR))
+    shown = sorted(cb["orderBy"] for cb in listed["records"] + platform["records"])
+    assert shown == ["*", "*", "*", "build.id", "build.id"]
+    page = (await op_api.get("/console/projects/demo")).text
+    assert "ordered by <code>build.id</code>" in page
+    for bad in ("", "x" * 129, "build..id", "data[0]", "1st", "build id", "**"):
+        for path, who in paths:
+            message = await refused(
+                await op_api.post(path, params={**params(url), "orderBy": bad}, headers=who),
+                "orderBy",
+            )
+            assert "orderBy" in message
+
+
+async def test_a_lane_waits_for_its_retrying_head_then_skips_it_and_others_go_on(
+    api: httpx.AsyncClient,
+    redis: Redis,
+    settings: Settings,
+    receiver: Receiver,
+    run_worker: RunWorker,
+) -> None:
+    # b-1's first event fails for good (4 attempts: 500s), b-2's events all succeed
+    url = receiver.script("/hook", fail_build_start("b-1"))
+    await ok(await api.post(CALLBACKS, params=params(url, orderBy="buildId"), headers=ALICE))
+    events = [
+        ("demo", "BUILD_END", {"buildId": f"b-{b}", "step": s}) for s in range(3) for b in (1, 2)
+    ]
+    await Producer(settings, redis).emit_many(events)
+    await run_worker()
+    seen = numbers(receiver)
+    b1 = [step for build, step in seen if build == "b-1"]
+    b2 = [step for build, step in seen if build == "b-2"]
+    assert b1 == [0, 0, 0, 0, 1, 2]  # the head's retries held the lane, then it was skipped
+    assert b2 == [0, 1, 2]
+    # b-2 did not wait for b-1's retries: all of it arrived before b-1's step 1
+    assert seen.index(("b-2", 2)) < seen.index(("b-1", 1))
+    found = await records(redis, settings, url)
+    assert {r.order_key for r in found} == {"b-1", "b-2"}
+    assert sum(1 for r in found if r.final and r.status.value == "FAILED") == 1
+    assert not await redis.keys(f"{keys.LANE_PREFIX}*")  # every lane emptied
+    assert not await redis.zcard(keys.LANES_BLOCKED)
+
+
+async def test_an_event_without_the_key_goes_unordered_and_says_so(
+    api: httpx.AsyncClient,
+    redis: Redis,
+    settings: Settings,
+    receiver: Receiver,
+    run_worker: RunWorker,
+) -> None:
+    url = receiver.url("/hook")
+    await ok(await api.post(CALLBACKS, params=params(url, orderBy="build.id"), headers=ALICE))
+    await Producer(settings, redis).emit("demo", "BUILD_END", {"step": 0})
+    await run_worker()
+    (record,) = await records(redis, settings, url)
+    assert record.order_key is None
+    assert record.order_note is not None and "build.id" in record.order_note
+    assert record.status.value == "SUCCESS"
+
+
+async def test_a_redelivery_bypasses_the_lane(
+    api: httpx.AsyncClient,
+    redis: Redis,
+    settings: Settings,
+    receiver: Receiver,
+    run_worker: RunWorker,
+) -> None:
+    url = receiver.url("/hook")
+    await ok(await api.post(CALLBACKS, params=params(url, orderBy="*"), headers=ALICE))
+    await Producer(settings, redis).emit("demo", "BUILD_END", {"buildId": "b", "step": 0})
+    await run_worker()
+    (first,) = await records(redis, settings, url)
+    assert first.order_key == ""
+    # a head that holds the lane (its retries pending) does not hold back a redelivery
+    receiver.script("/hook", answer(500), answer(200))
+    await Producer(settings, redis).emit("demo", "BUILD_END", {"buildId": "b", "step": 1})
+    worker = asyncio.create_task(run_worker())
+    await receiver.wait_for(2)
+    retry = f"/apigw/v4/projects/demo/callbacks/history/{first.id}/retry"
+    await ok(await api.post(retry, headers=ALICE))
+    await worker
+    await run_worker()
+    assert sorted(numbers(receiver)) == [("b", 0), ("b", 0), ("b", 1), ("b", 1)]
+    redelivered = [r for r in await records(redis, settings, url) if r.redelivery_of]
+    assert len(redelivered) == 1 and redelivered[0].order_key is None
