@@ -9,7 +9,8 @@ script call per shard, so its events keep their order. Projects without an order
 callback pay one `EXISTS` inside the script, nothing more.
 
 The pending set is trimmed here: each call looks at the lowest entries (two per event it
-queues) and drops those whose job has left the queue (their fan-out is over).
+queues) and drops those whose job has left the queue (their fan-out is over; an entry
+marked ' ready' is its event's, see `dispatcher.worker.lanes`).
 """
 
 from __future__ import annotations
@@ -60,7 +61,9 @@ end
 for p, count in pairs(added) do
   local pending = KEYS[3 * p + 2]
   for _, id in ipairs(redis.call('ZRANGE', pending, 0, 2 * count - 1)) do
-    if not redis.call('ZSCORE', KEYS[1], id) then redis.call('ZREM', pending, id) end
+    local job = id
+    if string.sub(id, -6) == ' ready' then job = string.sub(id, 1, -7) end
+    if not redis.call('ZSCORE', KEYS[1], job) then redis.call('ZREM', pending, id) end
   end
 end
 return queued

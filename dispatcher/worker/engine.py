@@ -117,7 +117,8 @@ class Engine:
             chunk = query.read(answer)
             targets = self.controls.select(event, chunk.targets)  # the callbacks' filters
             if targets:
-                await self._first_attempts(event, targets, rerun, carried)
+                last = chunk.after is None
+                await self._first_attempts(event, targets, rerun, carried, last=last)
         return chunk.after
 
     async def _first_attempts(
@@ -126,6 +127,8 @@ class Engine:
         targets: list[CallbackTarget],
         rerun: bool,
         carried: tracing.TraceContext | None,
+        *,
+        last: bool = True,
     ) -> None:
         try:  # once for all callbacks
             body = encode_body(event.event, event.project_id, event.data)
@@ -141,7 +144,8 @@ class Engine:
             )
             self.lanes.ended_before(event, pending, marks)
             pending = [pair for pair, mark in zip(pending, marks, strict=True) if not mark]
-        now = await self.lanes.enter(event, pending, self._retry_job)  # ordered ones: their turn
+        # ordered deliveries join their lanes; those not at their lane's head wait there
+        now = await self.lanes.enter(event, pending, self._retry_job, last=last)
         attempts = [self.attempt(job, target, 1, then) for job, target, then in now]
         if not attempts:
             return

@@ -55,35 +55,50 @@ RECHECK_S = 0.05  # a head whose earlier events are still being fanned out: look
 NO_KEY = "unordered: the event's data has no value at orderBy {path!r}"
 NOT_NUMBERED = "unordered: the event was queued before its callback was ordered"
 
-# Whether no event of the project numbered below `seq` may still add to a lane: the lowest
-# pending events whose jobs have left the queue are dropped on the way.
+# Whether no event of the project numbered below `seq` may still add to a lane: each one
+# below it has left the queue, or is marked ' ready' (its last chunk entered its lanes).
+# Those that have left the queue are dropped on the way.
 _CLEAR = """
 local function clear(pending, queue, seq)
-  for _ = 1, 100 do
-    local low = redis.call('ZRANGE', pending, 0, 0, 'WITHSCORES')
+  local offset = 0
+  while offset < 200 do
+    local low = redis.call('ZRANGE', pending, offset, offset, 'WITHSCORES')
     if #low == 0 or tonumber(low[2]) >= seq then return true end
-    if redis.call('ZSCORE', queue, low[1]) then return false end
-    redis.call('ZREM', pending, low[1])
+    local id, entered = low[1], false
+    if string.sub(id, -6) == ' ready' then id, entered = string.sub(id, 1, -7), true end
+    if not redis.call('ZSCORE', queue, id) then
+      redis.call('ZREM', pending, low[1])
+    elseif entered then
+      offset = offset + 1
+    else
+      return false
+    end
   end
   return false
 end
 """
-
 # KEYS: the project's pending set, the queue, then each delivery's lane. ARGV: the event's
 # job id, the job prefix, the progress prefix, progress ttl s, due ms of a waiting head,
-# then per delivery its id and its parked job's bytes. Returns false when the event has no
+# '1' when this is the event's last chunk (its pending entry is then marked ' ready'), then
+# per delivery its id and its parked job's bytes. Returns false when the event has no
 # number (queued before the callback was ordered), else per delivery: 1 attempt it now,
 # 0 parked behind its lane's head, 2 a head waiting for its earlier events.
 ENTER = Lua(
     _CLEAR
     + """
 local seq = redis.call('ZSCORE', KEYS[1], ARGV[1])
-if not seq then return false end
+if not seq then
+  seq = redis.call('ZSCORE', KEYS[1], ARGV[1] .. ' ready')
+  if not seq then return false end
+elseif ARGV[6] == '1' then
+  redis.call('ZREM', KEYS[1], ARGV[1])
+  redis.call('ZADD', KEYS[1], seq, ARGV[1] .. ' ready')
+end
 seq = tonumber(seq)
 local free = clear(KEYS[1], KEYS[2], seq)
 local out = {}
 for i = 3, #KEYS do
-  local a = 6 + 2 * (i - 3)
+  local a = 7 + 2 * (i - 3)
   local id = ARGV[a]
   redis.call('ZADD', KEYS[i], 'NX', seq, id)
   local head = redis.call('ZRANGE', KEYS[i], 0, 0)[1]
@@ -124,14 +139,14 @@ return 2
 )
 
 # KEYS: the delivery's lane, the queue, the blocked lanes. ARGV: its id, the job prefix,
-# now ms. The delivery leaves its lane; the next one's parked job is queued, due now (a
-# job already queued keeps its time). Safe to run again.
+# now ms. The delivery leaves its lane; the next one's parked job is queued, due now (one
+# queued for later, waiting for its earlier events, is due now too). Safe to run again.
 RELEASE = Lua("""
 redis.call('ZREM', KEYS[1], ARGV[1])
 redis.call('ZREM', KEYS[3], KEYS[1])
 local next = redis.call('ZRANGE', KEYS[1], 0, 0)[1]
 if next and redis.call('EXISTS', ARGV[2] .. next) == 1 then
-  redis.call('ZADD', KEYS[2], 'NX', ARGV[3], next)
+  redis.call('ZADD', KEYS[2], 'LT', ARGV[3], next)
   return 1
 end
 return 0
@@ -158,9 +173,12 @@ class Lanes:
         event: EventJob,
         pending: list[tuple[DeliveryJob, CallbackTarget]],
         then_of: Callable[[DeliveryJob], Then],
+        *,
+        last: bool = True,
     ) -> list[Attempt]:
         """The first attempts of a fan-out's chunk to make now: every unordered delivery,
-        and each ordered one that heads its lane (the others are parked, in one write)."""
+        and each ordered one that heads its lane (the others are parked, in one write).
+        `last`: the event's last chunk (no more of its deliveries will join a lane)."""
         now: list[Attempt] = []
         ordered: list[tuple[DeliveryJob, CallbackTarget]] = []
         for job, target in pending:
@@ -174,7 +192,7 @@ class Lanes:
             else:
                 ordered.append((dataclasses.replace(job, order_key=key), target))
         if ordered:
-            now += await self._enter(event, ordered, then_of)
+            now += await self._enter(event, ordered, then_of, last)
         return now
 
     async def _enter(
@@ -182,12 +200,13 @@ class Lanes:
         event: EventJob,
         ordered: list[tuple[DeliveryJob, CallbackTarget]],
         then_of: Callable[[DeliveryJob], Then],
+        last: bool,
     ) -> list[Attempt]:
         k = self.keys
         stamp = now_ms()
         args: list[str | bytes | int] = [
             event.job_id, k.ARQ_JOB_PREFIX, k.DELIVERY_PREFIX, self.progress_ttl,
-            stamp + int(RECHECK_S * 1000),
+            stamp + int(RECHECK_S * 1000), "1" if last else "0",
         ]  # fmt: skip
         for job, _ in ordered:
             args += (job.job_id, encode(job, stamp))

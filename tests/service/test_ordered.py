@@ -176,7 +176,7 @@ async def test_a_redelivery_bypasses_the_lane(
     # a head that holds the lane (its retries pending) does not hold back a redelivery
     receiver.script("/hook", answer(500), answer(200))
     await Producer(settings, redis).emit("demo", "BUILD_END", {"buildId": "b", "step": 1})
-    worker = asyncio.create_task(run_worker())
+    worker: asyncio.Future[Any] = asyncio.ensure_future(run_worker())
     await receiver.wait_for(2)
     retry = f"/apigw/v4/projects/demo/callbacks/history/{first.id}/retry"
     await ok(await api.post(retry, headers=ALICE))
