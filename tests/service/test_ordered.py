@@ -23,6 +23,8 @@ from dispatcher.models import HistoryRecord
 from dispatcher.producer import Producer
 from dispatcher.registry.options import order_key
 from dispatcher.settings import Settings
+from dispatcher.shards import views
+from dispatcher.shards.router import Router
 from tests.helpers import (
     Handler,
     Receiver,
@@ -185,3 +187,30 @@ async def test_a_redelivery_bypasses_the_lane(
     assert sorted(numbers(receiver)) == [("b", 0), ("b", 0), ("b", 1), ("b", 1)]
     redelivered = [r for r in await records(redis, settings, url) if r.redelivery_of]
     assert len(redelivered) == 1 and redelivered[0].order_key is None
+
+
+async def test_a_blocked_lane_shows_in_status_metrics_and_the_console(
+    api: httpx.AsyncClient,
+    redis: Redis,
+    redis_server: EmbeddedRedis,
+    receiver: Receiver,
+    run_worker: RunWorker,
+) -> None:
+    slow = make_settings(redis_server.url, retry_schedule=(60.0,))  # the retry is far off
+    url = receiver.script("/hook", answer(503), answer(200))
+    await ok(await api.post(CALLBACKS, params=params(url, orderBy="buildId"), headers=ALICE))
+    producer = Producer(slow, redis)
+    await producer.emit_many(
+        [("demo", "BUILD_END", {"buildId": "b-9", "step": s}, f"e{s}") for s in range(3)]
+    )
+    await run_worker(slow, max_burst_jobs=3)  # the three fan-outs only
+    assert numbers(receiver) == [("b-9", 0)]  # the head's 503; nothing overtook it
+    async with Router.open(slow, redis) as router:
+        status = await views.status(router)
+    assert status.lanes.blocked == 1
+    (lane,) = status.lanes.shown
+    assert (lane.project_id, lane.key, lane.head, lane.waiting) == ("demo", "b-9", "demo:e0.1", 2)
+    metrics = (await api.get("/metrics")).text
+    assert "dispatcher_lanes_blocked 1.0" in metrics
+    page = (await api.get("/console/status")).text
+    assert "Blocked ordered lanes" in page and "demo:e0.1" in page
