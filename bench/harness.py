@@ -165,10 +165,12 @@ class Bench:
         return self.worker_runs[spec.label]
 
     async def prepare(
-        self, callbacks: int, events: int, options: Options | None = None, *, traced: bool = False
-    ) -> None:
+        self, callbacks: int, events: int, options: Options | None = None, *,
+        traced: bool = False, lanes: int = 0,
+    ) -> None:  # fmt: skip
         """An empty Redis, `callbacks` callbacks on (PROJECT, EVENT) with `options`, `events`
-        queued (each with `BENCH_TRACEPARENT` when `traced`)."""
+        queued (each with `BENCH_TRACEPARENT` when `traced`; with a `lane` of `lanes` values
+        when `lanes`)."""
         await self.r.flushdb()
         await register_callbacks(self.r, self.receiver.base, callbacks, options)
         self._mem_base = await self._used_memory()
@@ -177,7 +179,8 @@ class Bench:
         with tracing.received(context):
             for start in range(0, events, 1000):
                 batch = [
-                    (PROJECT, EVENT, event_data(i)) for i in range(start, min(events, start + 1000))
+                    (PROJECT, EVENT, event_data(i) | ({"lane": f"k-{i % lanes}"} if lanes else {}))
+                    for i in range(start, min(events, start + 1000))
                 ]
                 await producer.emit_many(batch)
 
@@ -196,11 +199,15 @@ class Bench:
         info = await self.r.info("cpu")
         return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
 
-    async def _commandstats(self) -> tuple[int, int]:
+    async def _commandstats(self) -> tuple[int, int, dict[str, int]]:
         info = await self.r.info("commandstats")
         calls = sum(int(v["calls"]) for v in info.values())
         usec = sum(int(v["usec"]) for v in info.values())
-        return calls, usec
+        return (
+            calls,
+            usec,
+            {name.removeprefix("cmdstat_"): int(v["calls"]) for name, v in info.items()},
+        )
 
     def _worker_args(self, spec: WorkerSpec) -> list[str]:
         if not spec.postgres_history:
@@ -221,7 +228,9 @@ class Bench:
                 )
                 for _ in range(spec.workers)
             )),
-            self.prepare(spec.callbacks, events, spec.options, traced=spec.traced),
+            self.prepare(
+                spec.callbacks, events, spec.options, traced=spec.traced, lanes=spec.lanes
+            ),
         )  # fmt: skip
         return list(started)
 
@@ -246,7 +255,7 @@ class Bench:
             for proc in procs:
                 await proc.kill()
         stats = await self.receiver.stats()
-        calls, usec = await self._commandstats()
+        calls, usec, by_name = await self._commandstats()
         expected = deliveries if spec.kind == "dispatcher" else 0
         if stats["count"] != expected:
             raise BenchError(f"{spec.label}: receiver saw {stats['count']} of {expected} requests")
@@ -265,6 +274,7 @@ class Bench:
             machine_cpu_s=machine_cpu,
             results=results,
             redis_bytes=await self._used_memory() - self._mem_base,
+            redis_calls=by_name,
         )
         self.worker_runs.setdefault(spec.label, []).append(run)
         return run

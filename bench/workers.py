@@ -25,6 +25,7 @@ class WorkerSpec:
     options: Options | None = None  # the callbacks' receiver controls
     traced: bool = False  # every event queued with a W3C traceparent (`BENCH_TRACEPARENT`)
     export: bool = False  # spans exported over OTLP/HTTP (to `Bench.sink`, a receiver process)
+    lanes: int = 0  # events carry `"lane": "k-<n % lanes>"` (for `orderBy`), when > 0
 
     def event_count(self, deliveries: int) -> int:
         """Events to queue for a run of about `deliveries` deliveries."""
@@ -54,6 +55,7 @@ class WorkerRun:
     machine_cpu_s: float  # every process on the machine, ours included
     results: list[dict[str, Any]] = field(default_factory=list)  # each worker's JSON line
     redis_bytes: int = 0  # Redis used_memory after the run, less before its events
+    redis_calls: dict[str, int] = field(default_factory=dict)  # per command (commandstats)
 
     @property
     def others_cores(self) -> float:

@@ -347,7 +347,7 @@ class Queue:
         pipeline is 1 when queued, 0 when that job id was there already."""
         now = now_ms()
         if isinstance(job, EventJob) and not defer_s:  # numbered when its project is ordered
-            push_events(pipe, self.keys, [job], [encode(job, now)], now)
+            push_events(pipe, self.keys, [job], [encode(job, now)], now, alone=True)
             return
         score = now + int(defer_s * 1000)
         _PUSH.queue(

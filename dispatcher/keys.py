@@ -30,8 +30,11 @@ Ordered delivery (callbacks with `orderBy`; see dispatcher/worker/lanes.py)
                                               events get a sequence number when queued
     dispatcher:lanes:seq:{project}            INCR the project's event sequence
     dispatcher:lanes:pending:{project}        ZSET event job ids by sequence: events whose
-                                              fan-out may still add to a lane (trimmed once
+                                              fan-out may still add to a lane (dropped once
                                               their job has left the queue)
+    dispatcher:lanes:ready:{project}          ZSET the same, of events whose last chunk is in
+                                              its lanes (for a fan-out run again; trimmed
+                                              once their job has left the queue)
     dispatcher:lane:{callback}:{project}:{key}
                                               ZSET delivery ids of one lane by sequence: the
                                               head is the one being delivered, the others
@@ -220,6 +223,7 @@ class Keys:
         self.LANES_ORDERED_PREFIX = f"{base}:lanes:ordered:"
         self.LANES_SEQ_PREFIX = f"{base}:lanes:seq:"
         self.LANES_PENDING_PREFIX = f"{base}:lanes:pending:"
+        self.LANES_READY_PREFIX = f"{base}:lanes:ready:"
         self.LANE_PREFIX = f"{base}:lane:"
         self.LANES_BLOCKED = f"{base}:lanes:blocked"
         self.ARQ_JOB_PREFIX: str = f"{ns}{job_key_prefix}"
@@ -268,6 +272,9 @@ class Keys:
 
     def lanes_pending(self, project_id: str) -> str:
         return f"{self.LANES_PENDING_PREFIX}{project_id}"
+
+    def lanes_ready(self, project_id: str) -> str:
+        return f"{self.LANES_READY_PREFIX}{project_id}"
 
     def lane(self, callback_id: int | str, project_id: str, key: str) -> str:
         """One lane of an ordered callback: its deliveries of `project_id`'s events whose

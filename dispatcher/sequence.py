@@ -8,9 +8,9 @@ to a lane (`dispatcher.worker.lanes` reads it). One `emit_many` (or batch reques
 script call per shard, so its events keep their order. Projects without an ordered
 callback pay one `EXISTS` inside the script, nothing more.
 
-The pending set is trimmed here: each call looks at the lowest entries (two per event it
-queues) and drops those whose job has left the queue (their fan-out is over; an entry
-marked ' ready' is its event's, see `dispatcher.worker.lanes`).
+The pending set (and the ready set, of events whose fan-out has put every delivery in its
+lane, see `dispatcher.worker.lanes`) is trimmed here: each call looks at the lowest
+entries (two per event it queues) and drops those whose job has left the queue.
 """
 
 from __future__ import annotations
@@ -32,25 +32,26 @@ if TYPE_CHECKING:
 __all__ = ["push_events"]
 
 # KEYS: the queue, the platform's ordered flag, then per project (n of them) its ordered
-# flag, sequence and pending set, then each job's key. ARGV: score ms, expiry ms, n, then
-# per job its bytes, its id and its project's index (1..n). A job id already queued is left
-# alone. Returns 1 (queued) or 0 (there already) per job.
+# flag, sequence, pending and ready sets, then each job's key. ARGV: score ms, expiry ms, n, '1'
+# for one job's answer alone, then per job its bytes, its id and its project's index
+# (1..n). A job id already queued is left alone. Returns 1 (queued) or 0 (there already)
+# per job: a list, or that one number.
 _PUSH_EVENTS = Lua("""
 local n = tonumber(ARGV[3])
 local ordered = {}
 for p = 1, n do
-  ordered[p] = redis.call('EXISTS', KEYS[2], KEYS[3 * p]) > 0
+  ordered[p] = redis.call('EXISTS', KEYS[2], KEYS[4 * p - 1]) > 0
 end
-local first = 3 * n + 3
+local first = 4 * n + 3
 local queued, added = {}, {}
 for i = first, #KEYS do
-  local a = 4 + 3 * (i - first)
+  local a = 5 + 3 * (i - first)
   if redis.call('SET', KEYS[i], ARGV[a], 'NX', 'PX', ARGV[2]) then
     redis.call('ZADD', KEYS[1], ARGV[1], ARGV[a + 1])
     local p = tonumber(ARGV[a + 2])
     if ordered[p] then
-      local seq = redis.call('INCR', KEYS[3 * p + 1])
-      redis.call('ZADD', KEYS[3 * p + 2], seq, ARGV[a + 1])
+      local seq = redis.call('INCR', KEYS[4 * p])
+      redis.call('ZADD', KEYS[4 * p + 1], seq, ARGV[a + 1])
       added[p] = (added[p] or 0) + 1
     end
     queued[#queued + 1] = 1
@@ -59,22 +60,24 @@ for i = first, #KEYS do
   end
 end
 for p, count in pairs(added) do
-  local pending = KEYS[3 * p + 2]
-  for _, id in ipairs(redis.call('ZRANGE', pending, 0, 2 * count - 1)) do
-    local job = id
-    if string.sub(id, -6) == ' ready' then job = string.sub(id, 1, -7) end
-    if not redis.call('ZSCORE', KEYS[1], job) then redis.call('ZREM', pending, id) end
+  for k = 4 * p + 1, 4 * p + 2 do
+    for _, id in ipairs(redis.call('ZRANGE', KEYS[k], 0, 2 * count - 1)) do
+      if not redis.call('ZSCORE', KEYS[1], id) then redis.call('ZREM', KEYS[k], id) end
+    end
   end
 end
+if ARGV[4] == '1' then return queued[1] end
 return queued
 """)
 
 
 def push_events(
-    pipe: Pipeline, keys: Keys, jobs: Sequence[EventJob], encoded: Sequence[bytes], now: int
-) -> None:
+    pipe: Pipeline, keys: Keys, jobs: Sequence[EventJob], encoded: Sequence[bytes], now: int,
+    *, alone: bool = False,
+) -> None:  # fmt: skip
     """Queue one command on `pipe` that enqueues `jobs` (their bytes `encoded`), due now,
-    each numbered when its project is ordered."""
+    each numbered when its project is ordered. Its answer: 1 or 0 per job, in a list, or
+    (`alone`: one job) that number."""
     projects: dict[str, int] = {}
     for job in jobs:
         projects.setdefault(job.project_id, len(projects) + 1)
@@ -84,8 +87,9 @@ def push_events(
             keys.lanes_ordered(project),
             keys.lanes_seq(project),
             keys.lanes_pending(project),
+            keys.lanes_ready(project),
         )
-    args: list[str | bytes | int] = [now, expires_extra_ms, len(projects)]
+    args: list[str | bytes | int] = [now, expires_extra_ms, len(projects), "1" if alone else "0"]
     for job, data in zip(jobs, encoded, strict=True):
         job_keys.append(keys.arq_job(job.job_id))
         args += (data, job.job_id, projects[job.project_id])

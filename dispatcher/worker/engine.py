@@ -41,7 +41,7 @@ from dispatcher.models import Region
 from dispatcher.registry import url_problem
 from dispatcher.stats import AttemptStats
 from dispatcher.worker.controls import Controls
-from dispatcher.worker.lanes import Lanes
+from dispatcher.worker.lanes import Lanes, Sending
 from dispatcher.worker.record import attempt_record
 from dispatcher.worker.shares import Shares
 
@@ -96,7 +96,10 @@ class Engine:
             self.transports, self.stats = shared.transports, shared.stats
         self.controls = Controls(settings, self.keys, self.reads, writer)
         self.progress_ttl = int(max(86_400, 2 * sum(settings.retry_schedule)))
-        self.lanes = Lanes(self.keys, writer, self.progress_ttl)  # ordered callbacks
+        self.lanes = Lanes(  # ordered callbacks
+            self.keys, writer, Sending(self.attempt, self.drop, services.registry.decrypt),
+            progress_ttl=self.progress_ttl, lease_s=settings.lease_seconds,
+        )  # fmt: skip
 
     async def close(self) -> None:
         if self.owner:
@@ -182,7 +185,7 @@ class Engine:
             self.services.registry.target(job.callback_id),
         )
         if progress == DONE:  # a run that ended the delivery, then lost its job's end
-            await self.writer.commit(lambda pipe: then(pipe, None))
+            self.lanes.landed(await self.writer.commit(lambda pipe: then(pipe, None)))
         elif target is None:
             await self.drop(job, "callback deleted or disabled", then)
         else:
@@ -198,7 +201,7 @@ class Engine:
             pipe.set(self.keys.delivery(job.progress_id), DONE, ex=self.progress_ttl)
             then(pipe, None)
 
-        await self.writer.commit(write)
+        self.lanes.landed(await self.writer.commit(write))  # a lane's next delivery: now
         metrics.DROPPED.labels(reason="callback").inc()
         log.info("delivery.dropped", delivery_id=job.delivery_id, callback_id=job.callback_id,
                  reason=reason)  # fmt: skip
@@ -297,6 +300,7 @@ class Engine:
             then(pipe, delay)
 
         answer = await self.writer.commit(write, (record,))
+        self.lanes.landed(answer)  # a lane's next delivery starts now
         if outcome is Outcome.GONE:
             _disabled(target.id, "gone", GONE_REASON)
         elif counted_at is not None:

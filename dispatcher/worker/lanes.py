@@ -32,141 +32,81 @@ Redeliveries of past records bypass lanes.
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
-from dispatcher.jobs import DeliveryJob, encode, now_ms
-from dispatcher.lua import Lua
+from dispatcher.jobs import BadJob, DeliveryJob, decode, encode, now_ms
+from dispatcher.registry.match import TARGET_FIELDS, CallbackTarget
 from dispatcher.registry.options import order_key
+from dispatcher.worker.lane_scripts import (
+    NEXT_TAG,
+    Release,
+    queue_enter,
+    queue_head,
+    queue_release,
+)
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
-
     from redis.asyncio.client import Pipeline
 
     from dispatcher.jobs import EventJob
     from dispatcher.keys import Keys
-    from dispatcher.registry import CallbackTarget
     from dispatcher.worker.engine import Then
     from dispatcher.worker.writer import Writer
 
-__all__ = ["ENTER", "HEAD", "RELEASE", "Lanes"]
+__all__ = ["Adopt", "Lanes", "Sending"]
 
 RECHECK_S = 0.05  # a head whose earlier events are still being fanned out: looked at again
 NO_KEY = "unordered: the event's data has no value at orderBy {path!r}"
 NOT_NUMBERED = "unordered: the event was queued before its callback was ordered"
+GONE = "callback deleted or disabled"
+_FIELDS = (*TARGET_FIELDS, "projectId")  # what the next delivery of a lane is sent with
 
-# Whether no event of the project numbered below `seq` may still add to a lane: each one
-# below it has left the queue, or is marked ' ready' (its last chunk entered its lanes).
-# Those that have left the queue are dropped on the way.
-_CLEAR = """
-local function clear(pending, queue, seq)
-  local offset = 0
-  while offset < 200 do
-    local low = redis.call('ZRANGE', pending, offset, offset, 'WITHSCORES')
-    if #low == 0 or tonumber(low[2]) >= seq then return true end
-    local id, entered = low[1], false
-    if string.sub(id, -6) == ' ready' then id, entered = string.sub(id, 1, -7), true end
-    if not redis.call('ZSCORE', queue, id) then
-      redis.call('ZREM', pending, low[1])
-    elseif entered then
-      offset = offset + 1
-    else
-      return false
-    end
-  end
-  return false
-end
-"""
-# KEYS: the project's pending set, the queue, then each delivery's lane. ARGV: the event's
-# job id, the job prefix, the progress prefix, progress ttl s, due ms of a waiting head,
-# '1' when this is the event's last chunk (its pending entry is then marked ' ready'), then
-# per delivery its id and its parked job's bytes. Returns false when the event has no
-# number (queued before the callback was ordered), else per delivery: 1 attempt it now,
-# 0 parked behind its lane's head, 2 a head waiting for its earlier events.
-ENTER = Lua(
-    _CLEAR
-    + """
-local seq = redis.call('ZSCORE', KEYS[1], ARGV[1])
-if not seq then
-  seq = redis.call('ZSCORE', KEYS[1], ARGV[1] .. ' ready')
-  if not seq then return false end
-elseif ARGV[6] == '1' then
-  redis.call('ZREM', KEYS[1], ARGV[1])
-  redis.call('ZADD', KEYS[1], seq, ARGV[1] .. ' ready')
-end
-seq = tonumber(seq)
-local free = clear(KEYS[1], KEYS[2], seq)
-local out = {}
-for i = 3, #KEYS do
-  local a = 7 + 2 * (i - 3)
-  local id = ARGV[a]
-  redis.call('ZADD', KEYS[i], 'NX', seq, id)
-  local head = redis.call('ZRANGE', KEYS[i], 0, 0)[1]
-  if head == id and free then
-    out[#out + 1] = 1
-  else
-    redis.call('SET', ARGV[2] .. id, ARGV[a + 1], 'NX')
-    redis.call('SET', ARGV[3] .. id, 0, 'NX', 'EX', ARGV[4])
-    if head == id then
-      redis.call('ZADD', KEYS[2], 'NX', ARGV[5], id)
-      out[#out + 1] = 2
-    else
-      out[#out + 1] = 0
-    end
-  end
-end
-return out
-"""
-)
+Attempt = tuple[DeliveryJob, CallbackTarget, "Then"]
+Decrypt = Callable[[bytes | None], str]
 
-# KEYS: the delivery's lane, its project's pending set, the queue, its job's lease, its
-# job's claim count. ARGV: its id. Returns 1 when it may be attempted (the head, its
-# earlier events all fanned out; or no longer in its lane: ended already), 0 when it was
-# parked (out of the queue, lease and claim count gone), 2 when it must wait shortly.
-HEAD = Lua(
-    _CLEAR
-    + """
-local seq = redis.call('ZSCORE', KEYS[1], ARGV[1])
-if not seq then return 1 end
-if redis.call('ZRANGE', KEYS[1], 0, 0)[1] ~= ARGV[1] then
-  redis.call('ZREM', KEYS[3], ARGV[1])
-  redis.call('DEL', KEYS[4], KEYS[5])
-  return 0
-end
-if clear(KEYS[2], KEYS[3], tonumber(seq)) then return 1 end
-return 2
-"""
-)
 
-# KEYS: the delivery's lane, the queue, the blocked lanes. ARGV: its id, the job prefix,
-# now ms. The delivery leaves its lane; the next one's parked job is queued, due now (one
-# queued for later, waiting for its earlier events, is due now too). Safe to run again.
-RELEASE = Lua("""
-redis.call('ZREM', KEYS[1], ARGV[1])
-redis.call('ZREM', KEYS[3], KEYS[1])
-local next = redis.call('ZRANGE', KEYS[1], 0, 0)[1]
-if next and redis.call('EXISTS', ARGV[2] .. next) == 1 then
-  redis.call('ZADD', KEYS[2], 'LT', ARGV[3], next)
-  return 1
-end
-return 0
-""")
+@dataclass(frozen=True, slots=True)
+class Adopt:
+    """How a worker runs a lane's next delivery that a release took for it: its lease
+    token, `spawn` (runs the work as one of its jobs, under that lease), `step_of` (the
+    job's next step: back to the queue for a retry)."""
 
-Attempt = tuple[DeliveryJob, "CallbackTarget", "Then"]
+    token: str
+    spawn: Callable[[str, Callable[[], Awaitable[None]]], None]
+    step_of: Callable[[str], Then]
+
+
+@dataclass(frozen=True, slots=True)
+class Sending:
+    """What the lanes need of the delivery engine: its attempt, its recorded drop, and how
+    a callback's secrets are read."""
+
+    attempt: Callable[[DeliveryJob, CallbackTarget, int, Then], Awaitable[None]]
+    drop: Callable[[DeliveryJob, str, Then], Awaitable[None]]
+    decrypt: Decrypt
 
 
 class Lanes:
     """The lanes of one shard, as one worker process keeps them (its writer writes)."""
 
-    def __init__(self, keys: Keys, writer: Writer, progress_ttl: int) -> None:
+    def __init__(
+        self, keys: Keys, writer: Writer, sending: Sending, *, progress_ttl: int, lease_s: float
+    ) -> None:
         self.keys = keys
         self.writer = writer
+        self.sending = sending
         self.progress_ttl = progress_ttl
+        self.lease_ms = int(lease_s * 1000)
+        self.adopt: Adopt | None = None  # set by the worker loop: next deliveries run at once
         self.released = 0  # releases queued: the loop looks for a next head at once
 
     def lane(self, job: DeliveryJob) -> str:
         assert job.order_key is not None
         return self.keys.lane(job.callback_id, job.emitter or job.project_id, job.order_key)
+
+    # ---- at fan-out ----------------------------------------------------------------------
 
     async def enter(
         self,
@@ -202,17 +142,16 @@ class Lanes:
         then_of: Callable[[DeliveryJob], Then],
         last: bool,
     ) -> list[Attempt]:
-        k = self.keys
         stamp = now_ms()
-        args: list[str | bytes | int] = [
-            event.job_id, k.ARQ_JOB_PREFIX, k.DELIVERY_PREFIX, self.progress_ttl,
-            stamp + int(RECHECK_S * 1000), "1" if last else "0",
-        ]  # fmt: skip
-        for job, _ in ordered:
-            args += (job.job_id, encode(job, stamp))
         lanes = [self.lane(job) for job, _ in ordered]
-        keys = [k.lanes_pending(event.project_id), k.QUEUE, *lanes]
-        (answer,) = await self.writer.commit(lambda pipe: ENTER.queue(pipe, keys, args))
+        parked = [(job.job_id, encode(job, stamp)) for job, _ in ordered]
+        (answer,) = await self.writer.commit(
+            lambda pipe: queue_enter(
+                pipe, self.keys, project_id=event.project_id, event_job_id=event.job_id,
+                lanes=lanes, parked=parked, progress_ttl=self.progress_ttl,
+                recheck_ms=stamp + int(RECHECK_S * 1000), last=last,
+            )
+        )  # fmt: skip
         if answer is None:  # queued before the callback was ordered: no number
             return [
                 (note, target, then_of(note))
@@ -224,45 +163,6 @@ class Lanes:
             for (job, target), verdict in zip(ordered, answer, strict=True)
             if verdict == 1
         ]
-
-    async def claimed(self, job: DeliveryJob, then: Then) -> Then | None:
-        """Before a `deliver` job's attempt: its next step, releasing its lane when it ends;
-        None when it is not its turn (it was parked, or waits shortly: `then` queued)."""
-        k = self.keys
-        keys = [
-            self.lane(job), k.lanes_pending(job.emitter or job.project_id), k.QUEUE,
-            k.ARQ_IN_PROGRESS_PREFIX + job.job_id, k.ARQ_RETRY_PREFIX + job.job_id,
-        ]  # fmt: skip
-        (verdict,) = await self.writer.commit(lambda pipe: HEAD.queue(pipe, keys, [job.job_id]))
-        if verdict == 0:
-            return None
-        if verdict == 2:
-            await self.writer.commit(lambda pipe: then(pipe, RECHECK_S))
-            return None
-        return self.releasing(job, then)
-
-    def releasing(self, job: DeliveryJob, then: Then) -> Then:
-        """`then`, and the lane's release when the delivery ends (queued before the job's
-        own end, after its record); a head put back marks its lane blocked."""
-        lane = self.lane(job)
-
-        def step(pipe: Pipeline, delay: float | None) -> None:
-            if delay is None:
-                self.release(pipe, lane, job.job_id)
-            else:
-                pipe.zadd(self.keys.LANES_BLOCKED, {lane: now_ms()}, nx=True)
-            then(pipe, delay)
-
-        return step
-
-    def release(self, pipe: Pipeline, lane: str, delivery_id: str) -> None:
-        """Queue the end of `delivery_id`'s turn in `lane`."""
-        self.released += 1
-        RELEASE.queue(
-            pipe,
-            [lane, self.keys.QUEUE, self.keys.LANES_BLOCKED],
-            [delivery_id, self.keys.ARQ_JOB_PREFIX, now_ms()],
-        )
 
     def ended_before(
         self,
@@ -280,5 +180,87 @@ class Lanes:
                 self.writer.submit(self._releaser(dataclasses.replace(job, order_key=key)))
 
     def _releaser(self, job: DeliveryJob) -> Callable[[Pipeline], None]:
+        return lambda pipe: self.release(pipe, job, take=False)
+
+    # ---- a queued delivery's turn ----------------------------------------------------------
+
+    async def claimed(self, job: DeliveryJob, then: Then) -> Then | None:
+        """Before a `deliver` job's attempt: its next step, releasing its lane when it ends;
+        None when it is not its turn (it was parked, or waits shortly: `then` queued)."""
+        lane, project = self.lane(job), job.emitter or job.project_id
+        job_id = job.job_id
+
+        def head(pipe: Pipeline) -> None:
+            queue_head(pipe, self.keys, lane=lane, project_id=project, job_id=job_id)
+
+        (verdict,) = await self.writer.commit(head)
+        if verdict == 0:
+            return None
+        if verdict == 2:
+            await self.writer.commit(lambda pipe: then(pipe, RECHECK_S))
+            return None
+        return self.releasing(job, then)
+
+    # ---- a delivery's end ------------------------------------------------------------------
+
+    def releasing(self, job: DeliveryJob, then: Then) -> Then:
+        """The step after an ordered delivery's attempt: when it ended, its lane's release
+        (queued after its record; it ends the delivery's job too), else `then` (a retry,
+        a deferral), which marks the lane blocked."""
         lane = self.lane(job)
-        return lambda pipe: self.release(pipe, lane, job.job_id)
+
+        def step(pipe: Pipeline, delay: float | None) -> None:
+            if delay is None:
+                self.release(pipe, job, take=True)
+            else:
+                pipe.zadd(self.keys.LANES_BLOCKED, {lane: now_ms()}, nx=True)
+                then(pipe, delay)
+
+        return step
+
+    def release(self, pipe: Pipeline, job: DeliveryJob, *, take: bool) -> None:
+        """Queue the end of `job`'s turn in its lane; `take`: the next one is this worker's
+        (see `landed`)."""
+        self.released += 1
+        stamp = now_ms()
+        release = Release(
+            lane=self.lane(job), project_id=job.emitter or job.project_id,
+            callback_id=job.callback_id, delivery_id=job.job_id,
+            token=self.adopt.token if take and self.adopt is not None else "",
+            lease_ms=self.lease_ms, now_ms=stamp, recheck_ms=stamp + int(RECHECK_S * 1000),
+            fields=_FIELDS,
+        )  # fmt: skip
+        queue_release(pipe, self.keys, release)
+
+    def landed(self, answer: list[Any]) -> None:
+        """After a write: each next delivery a release in it took starts now."""
+        for item in answer:
+            if isinstance(item, list) and item and item[0] == NEXT_TAG:
+                self._take(item)
+
+    def _take(self, taken: list[Any]) -> None:
+        _, job_id, raw, progress, values = taken
+        adopt = self.adopt
+        try:
+            job = DeliveryJob.from_wire(decode(raw).payload, job_id.decode())
+        except BadJob:  # left to its lease: claimed again, it is recorded as poison
+            return
+        if adopt is None:
+            return
+        *fields, owner = values
+        target = None
+        if fields[0] is not None and fields[1] == b"1":
+            target = CallbackTarget.from_fields(
+                job.callback_id, fields, self.sending.decrypt, owner=owner.decode()
+            )
+        then = self.releasing(job, adopt.step_of(job.job_id))
+
+        async def work() -> None:
+            if progress == b"done":  # it ended, its release was lost (a crash mid-write)
+                self.landed(await self.writer.commit(lambda pipe: then(pipe, None)))
+            elif target is None:
+                await self.sending.drop(job, GONE, then)
+            else:
+                await self.sending.attempt(job, target, int(progress or 0) + 1, then)
+
+        adopt.spawn(job.job_id, work)

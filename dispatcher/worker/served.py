@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 import structlog
 
 from dispatcher import metrics
+from dispatcher.errors import InvalidSetting
 from dispatcher.worker.claims import Claims
 from dispatcher.worker.engine import Engine, Then, keep_entry
 from dispatcher.worker.writer import Writer
@@ -24,7 +25,7 @@ if TYPE_CHECKING:
     from dispatcher.services import Services
     from dispatcher.worker.claims import Claimed
 
-__all__ = ["Served"]
+__all__ = ["Served", "given_shards"]
 
 log = structlog.get_logger("dispatcher.worker")
 
@@ -126,3 +127,17 @@ class Served:
         await self.writer.commit(write)
         metrics.DROPPED.labels(reason="job").inc()
         log.error("job.dropped", job_id=claimed.job_id, reason=reason, shard=self.index)
+
+
+def given_shards(shards: list[Services], wanted: list[int] | None) -> list[Services]:
+    """The shards a worker serves: those of DISPATCHER_WORKER_SHARDS, else every one."""
+    if wanted is None:
+        return shards
+    unknown = [index for index in wanted if not 0 <= index < len(shards)]
+    if unknown or not wanted:
+        raise InvalidSetting(
+            f"there are {len(shards)} shard(s), numbered from 0: {unknown or wanted} is not a "
+            "list of them",
+            param="DISPATCHER_WORKER_SHARDS",
+        )
+    return [shards[index] for index in dict.fromkeys(wanted)]
