@@ -162,9 +162,10 @@ class DeliveryJob:
     redelivery_of: int | None = None
     emitter: str = ""  # the project that emitted the event ('' when unknown)
     trace: TraceContext | None = None  # what its attempts continue (see dispatcher.tracing)
-    # ordered delivery (see dispatcher.worker.lanes): its lane's key, or why it has none
+    # ordered delivery (see dispatcher.worker.lanes): its lane, its key, or why it has none
     order_key: str | None = None
     order_note: str | None = None
+    lane: str | None = None
 
     function = DELIVER
 
@@ -214,6 +215,8 @@ class DeliveryJob:
             wire["orderKey"] = self.order_key
         if self.order_note is not None:
             wire["orderNote"] = self.order_note
+        if self.lane is not None:
+            wire["lane"] = self.lane
         return wire
 
     @classmethod
@@ -240,6 +243,7 @@ class DeliveryJob:
                 trace=TraceContext.read(payload) if "traceparent" in payload else None,
                 order_key=_optional_text(payload, "orderKey"),
                 order_note=_optional_text(payload, "orderNote"),
+                lane=_optional_text(payload, "lane"),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise BadJob(f"delivery payload is malformed: {exc!r}") from None

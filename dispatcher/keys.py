@@ -35,10 +35,12 @@ Ordered delivery (callbacks with `orderBy`; see dispatcher/worker/lanes.py)
     dispatcher:lanes:ready:{project}          ZSET the same, of events whose last chunk is in
                                               its lanes (for a fan-out run again; trimmed
                                               once their job has left the queue)
-    dispatcher:lane:{callback}:{project}:{key}
+    dispatcher:lane:{receiver}:{project}:{key}
                                               ZSET delivery ids of one lane by sequence: the
                                               head is the one being delivered, the others
-                                              wait (their jobs parked, out of the queue)
+                                              wait (their jobs parked, out of the queue);
+                                              receiver: a hash of the callbacks' owner, URL
+                                              and orderBy (one lane for all their events)
     dispatcher:lanes:blocked                  ZSET lane keys whose head was put back (a retry,
                                               a deferral), by when it first was
 Roles
@@ -122,6 +124,7 @@ __all__ = [
     "UNIQUE_SEP",
     "Keys",
     "history_member",
+    "lane_id",
     "project_scoped",
     "scope",
 ]
@@ -149,6 +152,16 @@ def scope(project_id: str, pipeline_id: str | None = None) -> str:
 
 def callback_unique_field(event: str, url: str) -> str:
     return f"{event}{UNIQUE_SEP}{url}"
+
+
+def lane_id(owner: str, url: str, order_by: str, project_id: str, key: str) -> str:
+    """The lane of the deliveries to `url` (registered by `owner` with `order_by`, for any
+    event) of `project_id`'s events whose key is `key` (a long key by its hash):
+    `{receiver hash}:{project}:{key}`."""
+    receiver = hashlib.blake2b(f"{owner}\n{url}\n{order_by}".encode(), digest_size=8).hexdigest()
+    if len(key) > LANE_KEY_MAX:
+        key = "#" + hashlib.blake2b(key.encode(), digest_size=16).hexdigest()
+    return f"{receiver}{SEP}{project_id}{SEP}{key}"
 
 
 def history_member(record_id: int) -> str:
@@ -276,12 +289,9 @@ class Keys:
     def lanes_ready(self, project_id: str) -> str:
         return f"{self.LANES_READY_PREFIX}{project_id}"
 
-    def lane(self, callback_id: int | str, project_id: str, key: str) -> str:
-        """One lane of an ordered callback: its deliveries of `project_id`'s events whose
-        `orderBy` value is `key` (a long key by its hash)."""
-        if len(key) > LANE_KEY_MAX:
-            key = "#" + hashlib.blake2b(key.encode(), digest_size=16).hexdigest()
-        return f"{self.LANE_PREFIX}{callback_id}{SEP}{project_id}{SEP}{key}"
+    def lane(self, lane_id: str) -> str:
+        """One lane of ordered deliveries (`lane_id`: see `lane_id`)."""
+        return f"{self.LANE_PREFIX}{lane_id}"
 
     def roles(self, project_id: str) -> str:
         return f"{self.ROLES_PREFIX}{project_id}"

@@ -40,8 +40,9 @@ _FORGET_MS = 3_600_000  # heartbeats older than this leave the live-workers inde
 
 @dataclass(frozen=True, slots=True)
 class BlockedLane:
-    """An ordered lane whose head delivery was put back (a retry, a deferral): the lane's
-    callback, emitting project and key, since when, its head, how many wait behind it."""
+    """An ordered lane whose head delivery was put back (a retry, a deferral): its head's
+    callback, the emitting project and the key, since when, its head, how many wait behind
+    it."""
 
     callback_id: int
     project_id: str
@@ -129,9 +130,11 @@ async def read_lanes(
         heads = await pipe.execute()
     shown = []
     for (lane, since), head, size in zip(oldest, heads[::2], heads[1::2], strict=True):
-        callback, project, key = lane.decode().removeprefix(keys.LANE_PREFIX).split(":", 2)
-        shown.append(BlockedLane(int(callback), project, key, int(since),
-                                 head[0].decode() if head else "", max(0, size - 1)))  # fmt: skip
+        _, project, key = lane.decode().removeprefix(keys.LANE_PREFIX).split(":", 2)
+        first = head[0].decode() if head else ""
+        callback = first.rpartition(".")[2]  # a delivery id ends with its callback's id
+        shown.append(BlockedLane(int(callback) if callback.isdigit() else 0, project, key,
+                                 int(since), first, max(0, size - 1)))  # fmt: skip
     return Lanes(int(count), max(0.0, (now - oldest[0][1]) / 1000), tuple(shown))
 
 

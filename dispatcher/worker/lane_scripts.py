@@ -127,9 +127,9 @@ _RELEASE = Lua(
     + """
 redis.call('ZREM', KEYS[1], ARGV[1])
 redis.call('ZREM', KEYS[3], KEYS[1])
-local owner = redis.call('GET', KEYS[7])
+local owner = redis.call('GET', KEYS[6])
 if not owner or owner == ARGV[6] then
-  redis.call('DEL', KEYS[6], KEYS[7], KEYS[8])
+  redis.call('DEL', KEYS[5], KEYS[6], KEYS[7])
   redis.call('ZREM', KEYS[2], ARGV[1])
 end
 local nxt = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
@@ -148,9 +148,10 @@ end
 redis.call('ZADD', KEYS[2], ARGV[5], id)
 redis.call('SET', ARGV[3] .. id, ARGV[6], 'PX', ARGV[7])
 local fields = {}
-for i = 9, #ARGV do fields[#fields + 1] = ARGV[i] end
+for i = 10, #ARGV do fields[#fields + 1] = ARGV[i] end
+local callback = ARGV[9] .. string.match(id, '%.(%d+)$')
 return {'lane:next', id, job, redis.call('GET', ARGV[4] .. id) or '',
-        redis.call('HMGET', KEYS[5], unpack(fields))}
+        redis.call('HMGET', callback, unpack(fields))}
 """
 )
 
@@ -162,7 +163,6 @@ class Release:
 
     lane: str
     project_id: str
-    callback_id: int
     delivery_id: str
     token: str
     lease_ms: int
@@ -175,13 +175,14 @@ def queue_release(pipe: Pipeline, keys: Keys, release: Release) -> None:
     """The delivery leaves its lane, its job (if it is one) ends unless another worker holds
     it, and the lane's next delivery, when its earlier events are all in their lanes, is
     taken by `release.token`'s worker: queued under its lease, answered as `[NEXT_TAG, id,
-    job bytes, progress, the callback's fields]` (0 otherwise). Safe to run again."""
+    job bytes, progress, its callback's fields]` (0 otherwise; its callback is the one its
+    delivery id ends with). Safe to run again."""
     r, job_id = release, release.delivery_id
     _RELEASE.queue(
         pipe,
         [r.lane, keys.QUEUE, keys.LANES_BLOCKED, keys.lanes_pending(r.project_id),
-         keys.callback(r.callback_id), keys.arq_job(job_id), keys.ARQ_IN_PROGRESS_PREFIX + job_id,
+         keys.arq_job(job_id), keys.ARQ_IN_PROGRESS_PREFIX + job_id,
          keys.ARQ_RETRY_PREFIX + job_id],
         [job_id, keys.ARQ_JOB_PREFIX, keys.ARQ_IN_PROGRESS_PREFIX, keys.DELIVERY_PREFIX,
-         r.now_ms, r.token, r.lease_ms, r.recheck_ms, *r.fields],
+         r.now_ms, r.token, r.lease_ms, r.recheck_ms, keys.CALLBACK_PREFIX, *r.fields],
     )  # fmt: skip

@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from dispatcher.jobs import BadJob, DeliveryJob, decode, encode, now_ms
+from dispatcher.keys import lane_id
 from dispatcher.registry.match import TARGET_FIELDS, CallbackTarget
 from dispatcher.registry.options import order_key
 from dispatcher.worker.lane_scripts import (
@@ -103,8 +104,8 @@ class Lanes:
         self.released = 0  # releases queued: the loop looks for a next head at once
 
     def lane(self, job: DeliveryJob) -> str:
-        assert job.order_key is not None
-        return self.keys.lane(job.callback_id, job.emitter or job.project_id, job.order_key)
+        assert job.lane is not None
+        return self.keys.lane(job.lane)
 
     # ---- at fan-out ----------------------------------------------------------------------
 
@@ -130,7 +131,7 @@ class Lanes:
                 job = dataclasses.replace(job, order_note=NO_KEY.format(path=path))
                 now.append((job, target, then_of(job)))
             else:
-                ordered.append((dataclasses.replace(job, order_key=key), target))
+                ordered.append((_in_lane(job, target, path, key), target))
         if ordered:
             now += await self._enter(event, ordered, then_of, last)
         return now
@@ -156,7 +157,9 @@ class Lanes:
             return [
                 (note, target, then_of(note))
                 for job, target in ordered
-                for note in [dataclasses.replace(job, order_key=None, order_note=NOT_NUMBERED)]
+                for note in [
+                    dataclasses.replace(job, order_key=None, lane=None, order_note=NOT_NUMBERED)
+                ]
             ]
         return [
             (job, target, self.releasing(job, then_of(job)))
@@ -176,8 +179,8 @@ class Lanes:
         for (job, target), mark in zip(pending, marks, strict=True):
             path = target.options.order_by
             key = None if path is None or mark != b"done" else order_key(path, event.data)
-            if key is not None:
-                self.writer.submit(self._releaser(dataclasses.replace(job, order_key=key)))
+            if path is not None and key is not None:
+                self.writer.submit(self._releaser(_in_lane(job, target, path, key)))
 
     def _releaser(self, job: DeliveryJob) -> Callable[[Pipeline], None]:
         return lambda pipe: self.release(pipe, job, take=False)
@@ -225,7 +228,7 @@ class Lanes:
         stamp = now_ms()
         release = Release(
             lane=self.lane(job), project_id=job.emitter or job.project_id,
-            callback_id=job.callback_id, delivery_id=job.job_id,
+            delivery_id=job.job_id,
             token=self.adopt.token if take and self.adopt is not None else "",
             lease_ms=self.lease_ms, now_ms=stamp, recheck_ms=stamp + int(RECHECK_S * 1000),
             fields=_FIELDS,
@@ -264,3 +267,11 @@ class Lanes:
                 await self.sending.attempt(job, target, int(progress or 0) + 1, then)
 
         adopt.spawn(job.job_id, work)
+
+
+def _in_lane(job: DeliveryJob, target: CallbackTarget, path: str, key: str) -> DeliveryJob:
+    """`job` in its lane: the deliveries to its callback's URL (every event it is
+    registered for there with the same `orderBy`) of its project's events with `key`."""
+    project = job.emitter or job.project_id
+    lane = lane_id(target.project_id, target.url, path, project, key)
+    return dataclasses.replace(job, order_key=key, lane=lane)

@@ -214,3 +214,24 @@ async def test_a_blocked_lane_shows_in_status_metrics_and_the_console(
     assert "dispatcher_lanes_blocked 1.0" in metrics
     page = (await api.get("/console/status")).text
     assert "Blocked ordered lanes" in page and "demo:e0.1" in page
+
+
+async def test_one_lane_holds_every_event_a_url_is_ordered_for(
+    api: httpx.AsyncClient,
+    redis: Redis,
+    settings: Settings,
+    receiver: Receiver,
+    run_worker: RunWorker,
+) -> None:
+    # a build's start and end, registered on the batch route: one callback per event, one
+    # lane per build for the URL; the start's first attempt fails, the end waits for it
+    url = receiver.script("/hook", answer(500), answer(200))
+    registered = params(url, "BUILD_START,BUILD_END", orderBy="buildId")
+    await ok(await api.post(f"{CALLBACKS}/batch", params=registered, headers=ALICE))
+    await Producer(settings, redis).emit_many(
+        [("demo", event, {"buildId": "b-3", "step": n}) for n, event in
+         enumerate(["BUILD_START", "BUILD_END"])]
+    )  # fmt: skip
+    await run_worker()
+    arrived = [orjson.loads(seen.body)["event"] for seen in receiver.requests()]
+    assert arrived == ["BUILD_START", "BUILD_START", "BUILD_END"]
