@@ -13,6 +13,7 @@ import structlog
 
 from dispatcher import metrics
 from dispatcher.errors import InvalidSetting
+from dispatcher.jobs import DELIVER, BadJob, DeliveryJob, decode
 from dispatcher.worker.claims import Claims
 from dispatcher.worker.engine import Engine, Then, keep_entry
 from dispatcher.worker.writer import Writer
@@ -117,7 +118,13 @@ class Served:
         log.error("job.poison", job_id=claimed.job_id, problem=problem, shard=self.index)
 
     async def drop(self, claimed: Claimed, reason: str, *, finish: bool = True) -> None:
-        """End a job without running it, on record."""
+        """End a job without running it, on record (an ordered delivery's drop releases its
+        lane, in the same write)."""
+        ordered = _ordered(claimed)
+        if finish and ordered is not None:
+            then = self.engine.lanes.releasing(ordered, self.next_step(claimed.job_id))
+            await self.engine.drop(ordered, reason, then)
+            return
 
         def write(pipe: Pipeline) -> None:
             keep_entry(pipe, self.keys.DROPPED, {"jobId": claimed.job_id, "reason": reason})
@@ -127,6 +134,20 @@ class Served:
         await self.writer.commit(write)
         metrics.DROPPED.labels(reason="job").inc()
         log.error("job.dropped", job_id=claimed.job_id, reason=reason, shard=self.index)
+
+
+def _ordered(claimed: Claimed) -> DeliveryJob | None:
+    """The ordered delivery a job holds, if it holds one."""
+    try:
+        wire = decode(claimed.data or b"")
+        job = (
+            DeliveryJob.from_wire(wire.payload, claimed.job_id)
+            if wire.function == DELIVER
+            else None
+        )
+    except BadJob:
+        return None
+    return job if job is not None and job.lane is not None else None
 
 
 def given_shards(shards: list[Services], wanted: list[int] | None) -> list[Services]:

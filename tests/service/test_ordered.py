@@ -14,9 +14,12 @@ from typing import Any
 import httpx
 import orjson
 import pytest
+import redis as redis_py
 from aiohttp import web
 from redis.asyncio import Redis
+from typer.testing import CliRunner
 
+from dispatcher.cli import app
 from dispatcher.embedded import EmbeddedRedis
 from dispatcher.keys import Keys
 from dispatcher.models import HistoryRecord
@@ -34,6 +37,7 @@ from tests.helpers import (
     app_client,
     make_settings,
 )
+from tests.service.test_console import token_of
 from tests.service.test_receiver_controls import (
     ALICE,
     CALLBACKS,
@@ -235,3 +239,61 @@ async def test_one_lane_holds_every_event_a_url_is_ordered_for(
     await run_worker()
     arrived = [orjson.loads(seen.body)["event"] for seen in receiver.requests()]
     assert arrived == ["BUILD_START", "BUILD_START", "BUILD_END"]
+
+
+async def test_the_console_form_registers_order_by(api: httpx.AsyncClient) -> None:
+    page = await api.get("/console/projects/demo")
+    form = {"csrf_token": token_of(page.text), "url": "http://127.0.0.1:9/c",
+            "event": "BUILD_END", "region": "DEVNET", "orderBy": "build.id"}  # fmt: skip
+    done = await api.post("/console/projects/demo/callbacks", data=form)
+    assert done.status_code == 303, done.text
+    refused_page = await api.post(
+        "/console/projects/demo/callbacks", data={**form, "orderBy": "a b"}
+    )
+    assert refused_page.status_code == 400 and "orderBy" in refused_page.text
+    (cb,) = (await ok(await api.get(CALLBACKS, headers=ALICE)))["records"]
+    assert cb["orderBy"] == "build.id"
+
+
+def test_the_cli_registers_and_lists_order_by(
+    redis_server: EmbeddedRedis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    client = redis_py.Redis.from_url(redis_server.url)
+    client.flushdb()
+    client.close()
+    monkeypatch.setenv("DISPATCHER_REDIS_URL", redis_server.url)
+    monkeypatch.setenv("DISPATCHER_ALLOW_INTERNAL_REGIONS", '["DEVNET"]')
+    monkeypatch.setenv("COLUMNS", "400")  # rich's table, not cut
+    cli = CliRunner()
+    add = ["callbacks", "add", "--project", "demo", "--url", "http://127.0.0.1:9/cli",
+           "--event", "BUILD_END", "--region", "DEVNET", "--order-by"]  # fmt: skip
+    added = cli.invoke(app, [*add, "build.id"])
+    assert added.exit_code == 0, added.output
+    bad = cli.invoke(app, [*add, ""])
+    assert bad.exit_code == 1 and "orderBy" in bad.output
+    shown = cli.invoke(app, ["callbacks", "list", "--project", "demo"]).output
+    assert "ordered by build.id" in shown
+
+
+async def test_a_head_dropped_for_claims_releases_its_lane(
+    api: httpx.AsyncClient,
+    redis: Redis,
+    redis_server: EmbeddedRedis,
+    receiver: Receiver,
+    run_worker: RunWorker,
+) -> None:
+    slow = make_settings(redis_server.url, retry_schedule=(60.0,))
+    url = receiver.script("/hook", fail_build_start("b"))
+    await ok(await api.post(CALLBACKS, params=params(url, orderBy="buildId"), headers=ALICE))
+    await Producer(slow, redis).emit_many(
+        [("demo", "BUILD_END", {"buildId": "b", "step": s}, f"e{s}") for s in range(2)]
+    )
+    await run_worker(slow, max_burst_jobs=2)  # the head failed once, step 1 waits behind it
+    head = "demo:e0.1"
+    await redis.zadd(slow.queue_name, {head: 0})  # due now, and claimed once too often
+    await redis.set(keys.ARQ_RETRY_PREFIX + head, 25)
+    await run_worker(slow)
+    drops = [orjson.loads(e) for e in await redis.lrange(keys.DROPPED, 0, -1)]  # type: ignore[misc]
+    assert [d["deliveryId"] for d in drops] == [head]
+    assert numbers(receiver) == [("b", 0), ("b", 1)]  # the head's 500, then step 1
+    assert not await redis.keys(f"{keys.LANE_PREFIX}*")
