@@ -1,25 +1,30 @@
 """Ordered delivery: the deliveries of one lane start one after another, in event order.
 
 A callback registered with `orderBy` (see `registry.options`) has one *lane* per value of
-that path in its events' data (per emitting project; `*`: one lane per project). A lane is
-a sorted set of delivery ids scored by their event's sequence number, which Redis gave the
+that path in its events' data, shared by the callbacks of the same URL, owner and path
+(one per event, as the batch route makes them), per emitting project (`keys.lane_id`). A
+lane is a sorted set of delivery ids scored by their event's number, which Redis gave the
 event when it queued it (`dispatcher.sequence`). Its lowest member, the *head*, is the one
 delivery of the lane that may be attempted; the others wait, their `deliver` jobs parked
-(stored, out of the queue). Three scripts keep it:
+(stored, out of the queue). Three scripts keep it (`lane_scripts.py`):
 
-- `ENTER`, at fan-out, before any attempt (one call per chunk of the event's callbacks):
+- enter, at fan-out, before any attempt (one call per chunk of the event's callbacks):
   each ordered delivery joins its lane; a head is attempted at once, inside the fan-out,
   as any delivery is; the others are parked. A head waits (its job due again shortly) while
-  an event of its project numbered lower may still add a delivery to a lane: one whose
-  fan-out job is still in the queue (the project's *pending* set).
-- `HEAD`, before a `deliver` job's attempt: a job that is no longer its lane's head (a
-  lower-numbered delivery joined after it was queued) is parked again; one whose earlier
-  events are still being fanned out waits shortly.
-- `RELEASE`, queued on the pipeline that writes the delivery's end (its SUCCESS record,
-  its final FAILED record, or its recorded drop), after them: the head leaves its lane and
-  the next one's job is queued, due now. A crash can therefore not release a lane without
-  its record; a record written without its release (a crash mid-pipeline) is released
-  again by the job's next run, which finds the delivery done.
+  an event of its project numbered lower may still add a delivery to a lane: one in the
+  project's *pending* set (its last chunk has not entered its lanes) still queued.
+- head, before a queued `deliver` job's attempt: a job that is no longer its lane's head
+  (a lower-numbered delivery joined after it was queued) is parked again; one whose
+  earlier events are still being fanned out waits shortly.
+- release, queued on the pipeline that writes the delivery's end (its SUCCESS record, its
+  final FAILED record, or its recorded drop), after them: the head leaves its lane, its job
+  ends, and the lane's next delivery is taken for this worker (leased as a claimed job,
+  queued under that lease) and answered with what its attempt needs; `landed` starts it at
+  once (`Adopt`: the worker loop runs it as one of its jobs). No claim and no read stand
+  between two deliveries of a lane. A crash cannot release a lane without its record; a
+  record written without its release (a crash mid-pipeline) is released again by the
+  job's next run, which finds the delivery done; a taken delivery whose worker died is
+  claimed again once its lease lapses.
 
 Retries and deferrals of the head hold its lane (its job waits in the queue as any other):
 the lane is then *blocked*, listed in `LANES_BLOCKED` by when, until the head ends. A

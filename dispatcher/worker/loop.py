@@ -266,7 +266,10 @@ class Worker:
     def _adopt(self, run: Served, job_id: str, work: Callable[[], Awaitable[None]]) -> None:
         """Run `work`, the attempt of a job this worker took outside a claim (a lane's next
         delivery, leased to it by the release of the one before), as it runs a claimed
-        job: counted, its lease renewed, put back when it fails."""
+        job: counted, its lease renewed, put back when it fails (or the worker stops)."""
+        if self._stop is not None and self._stop.is_set():
+            run.put_back(job_id, 0)
+            return
         self._spawn(run, job_id, self._guarded(run, job_id, 1, work))
 
     def _spawn(self, run: Served, job_id: str, running: Coroutine[Any, Any, None]) -> None:
