@@ -7,13 +7,15 @@ of the same run:
 - the same two runs' Redis commands per delivery (`INFO commandstats`, whose count includes
   the commands a script runs), the extra ones ordered delivery adds, and the extra script
   calls (`EVALSHA`) alone: what a worker sends (target: <= 2 extra commands);
-- one key (`*`: strict FIFO), a receiver answering every request 10 ms late: deliveries/s
-  against 1 / 10 ms, the most one-at-a-time delivery can reach (target >= 0.8x).
+- one key (`*`: strict FIFO), a receiver holding every answer 10 ms: deliveries/s once the
+  pre-filled queue's fan-outs are done, against 1 / the attempts' mean HTTP exchange (their
+  records' `durationMs`, ~12 ms: the receiver's timer and HTTP on top of its 10 ms), the
+  most one-at-a-time delivery can reach (target >= 0.8x); the details give the whole run's
+  rate and the ratio to 1 / 10 ms.
 """
 
 from __future__ import annotations
 
-import time
 from typing import TYPE_CHECKING
 
 from bench.common import EVENT, PROJECT, event_data
@@ -21,6 +23,9 @@ from bench.harness import Scenario, register_callbacks
 from bench.procs import BenchError, Receiver, WorkerProcess
 from bench.report import Row, ratio_row
 from bench.workers import THROUGHPUT, WorkerRun, WorkerSpec, median_run, summary
+from dispatcher.history.redis import RedisHistory
+from dispatcher.jobs import now_ms
+from dispatcher.keys import Keys
 from dispatcher.producer import Producer
 from dispatcher.registry import Options
 
@@ -30,7 +35,7 @@ if TYPE_CHECKING:
 LANES = 100
 ORDERED = WorkerSpec("ordered_100", options=Options(order_by="lane"), lanes=LANES)
 RECEIVER_MS = 10
-FIFO_EVENTS = 300  # about 3.5 s one after another
+FIFO_EVENTS = 450  # about 5 s one after another
 
 
 async def run(bench: Bench) -> list[Row]:
@@ -58,9 +63,10 @@ async def run(bench: Bench) -> list[Row]:
             },
         ),
         ratio_row(
-            "ordered: one key", f"deliveries/s, one lane, receiver answering in {RECEIVER_MS} ms",
-            fifo["rate"], "/s", f"1 / {RECEIVER_MS} ms", 1000 / RECEIVER_MS, minimum=0.8,
-            details=fifo,
+            "ordered: one key", f"deliveries/s, one lane, receiver waiting {RECEIVER_MS} ms",
+            fifo["rate"], "/s", "1 / the attempts' mean HTTP exchange",
+            1000 / fifo["attempt_ms_mean"], minimum=0.8,
+            details={**fifo, "vs_nominal": fifo["rate"] / (1000 / RECEIVER_MS)},
         ),
     ]  # fmt: skip
 
@@ -76,7 +82,9 @@ def _scripts(run: WorkerRun) -> float:
 
 async def _fifo(bench: Bench) -> dict[str, float]:
     """`FIFO_EVENTS` events on one lane to a receiver answering `RECEIVER_MS` late, one
-    burst worker: deliveries/s from its first to its last request."""
+    burst worker: deliveries/s once the pre-filled queue's fan-outs are done (from the
+    third of the events on: the fan-outs of all of them compete with the lane's first
+    deliveries for the worker), and over the whole run."""
     slow = Receiver()
     await slow.start(delay_ms=RECEIVER_MS)
     try:
@@ -87,21 +95,37 @@ async def _fifo(bench: Bench) -> dict[str, float]:
         )
         worker = await WorkerProcess.start(bench.url, log_path=bench.logs / "ordered-fifo.log")
         await slow.reset()
-        started = time.monotonic()
         worker.go()
-        await worker.finish(within=60 + FIFO_EVENTS * RECEIVER_MS / 100)
+        within = 60 + FIFO_EVENTS * RECEIVER_MS / 100
+        early = await slow.wait_count(FIFO_EVENTS // 3, within=within)
+        await worker.finish(within=within)
         stats = await slow.stats()
         if stats["count"] != FIFO_EVENTS:
             raise BenchError(f"ordered fifo: receiver saw {stats['count']} of {FIFO_EVENTS}")
-        seconds = stats["last"] - stats["first"]
+        durations = await _durations(bench, f"{slow.base}/hook/0")
         return {
-            "rate": (FIFO_EVENTS - 1) / seconds,
-            "seconds": round(seconds, 3),
-            "wall_s": round(time.monotonic() - started, 3),
+            "rate": (FIFO_EVENTS - early["count"]) / (stats["last"] - early["last"]),
+            "attempt_ms_mean": sum(durations) / len(durations),
+            "whole_run_rate": (FIFO_EVENTS - 1) / (stats["last"] - stats["first"]),
+            "seconds": round(stats["last"] - stats["first"], 3),
             "events": FIFO_EVENTS,
+            "from_request": early["count"],
         }
     finally:
         await slow.stop()
+
+
+async def _durations(bench: Bench, url: str) -> list[int]:
+    """The HTTP exchange of each attempt to `url` (its records' `durationMs`), ms."""
+    history, found, page = RedisHistory(bench.r, bench.settings, Keys()), [], 1
+    end = now_ms() + 60_000
+    while True:
+        got = await history.query(PROJECT, url, EVENT, start_ms=end - 3_600_000, end_ms=end,
+                                  page=page, page_size=100)  # fmt: skip
+        found += [r.duration_ms or 0 for r in got.records]
+        if page >= got.total_pages:
+            return found
+        page += 1
 
 
 SCENARIO = Scenario("ordered", run, worker_runs=(THROUGHPUT, ORDERED))
