@@ -175,7 +175,7 @@ class Engine:
     async def deliver(self, job: DeliveryJob, then: Then) -> None:
         """One more attempt of a delivery; `then` queues the job's next step (its return
         to the queue for the next attempt, or its end)."""
-        if job.order_key is not None:  # an ordered delivery: when its lane's turn comes
+        if job.lane is not None:  # an ordered delivery: when its lane's turn comes
             turn = await self.lanes.claimed(job, then)
             if turn is None:
                 return

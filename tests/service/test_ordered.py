@@ -21,7 +21,7 @@ from typer.testing import CliRunner
 
 from dispatcher.cli import app
 from dispatcher.embedded import EmbeddedRedis
-from dispatcher.keys import Keys
+from dispatcher.keys import Keys, lane_id
 from dispatcher.models import HistoryRecord
 from dispatcher.producer import Producer
 from dispatcher.registry.options import order_key
@@ -218,6 +218,10 @@ async def test_a_blocked_lane_shows_in_status_metrics_and_the_console(
     assert "dispatcher_lanes_blocked 1.0" in metrics
     page = (await api.get("/console/status")).text
     assert "Blocked ordered lanes" in page and "demo:e0.1" in page
+    # the names the scripts wrote are the ones keys.py gives
+    stored = keys.lane(lane_id("demo", url, "buildId", "demo", "b-9"))
+    assert await redis.zrange(stored, 0, -1) == [b"demo:e0.1", b"demo:e1.1", b"demo:e2.1"]
+    assert await redis.exists(keys.lanes_ordered("demo"), keys.lanes_seq("demo")) == 2
 
 
 async def test_one_lane_holds_every_event_a_url_is_ordered_for(
