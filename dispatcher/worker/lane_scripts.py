@@ -147,11 +147,9 @@ if ARGV[6] == '' then
 end
 redis.call('ZADD', KEYS[2], ARGV[5], id)
 redis.call('SET', ARGV[3] .. id, ARGV[6], 'PX', ARGV[7])
-local fields = {}
-for i = 10, #ARGV do fields[#fields + 1] = ARGV[i] end
-local callback = ARGV[9] .. string.match(id, '%.(%d+)$')
+local callback = string.match(id, '%.(%d+)$')
 return {'lane:next', id, job, redis.call('GET', ARGV[4] .. id) or '',
-        redis.call('HMGET', callback, unpack(fields))}
+        redis.call('HGETALL', ARGV[9] .. callback), redis.call('EXISTS', ARGV[10] .. callback)}
 """
 )
 
@@ -168,15 +166,15 @@ class Release:
     lease_ms: int
     now_ms: int
     recheck_ms: int
-    fields: Sequence[str]  # of the callback's hash, for the next delivery's attempt
 
 
 def queue_release(pipe: Pipeline, keys: Keys, release: Release) -> None:
     """The delivery leaves its lane, its job (if it is one) ends unless another worker holds
     it, and the lane's next delivery, when its earlier events are all in their lanes, is
     taken by `release.token`'s worker: queued under its lease, answered as `[NEXT_TAG, id,
-    job bytes, progress, its callback's fields]` (0 otherwise; its callback is the one its
-    delivery id ends with). Safe to run again."""
+    job bytes, progress, its callback's hash as HGETALL answers, 1 when the callback has
+    failures on record]` (0 otherwise; its callback is the one its delivery id ends with).
+    Safe to run again."""
     r, job_id = release, release.delivery_id
     _RELEASE.queue(
         pipe,
@@ -184,5 +182,5 @@ def queue_release(pipe: Pipeline, keys: Keys, release: Release) -> None:
          keys.arq_job(job_id), keys.ARQ_IN_PROGRESS_PREFIX + job_id,
          keys.ARQ_RETRY_PREFIX + job_id],
         [job_id, keys.ARQ_JOB_PREFIX, keys.ARQ_IN_PROGRESS_PREFIX, keys.DELIVERY_PREFIX,
-         r.now_ms, r.token, r.lease_ms, r.recheck_ms, keys.CALLBACK_PREFIX, *r.fields],
+         r.now_ms, r.token, r.lease_ms, r.recheck_ms, keys.CALLBACK_PREFIX, keys.HEALTH_PREFIX],
     )  # fmt: skip

@@ -67,7 +67,7 @@ RECHECK_S = 0.05  # a head whose earlier events are still being fanned out: look
 NO_KEY = "unordered: the event's data has no value at orderBy {path!r}"
 NOT_NUMBERED = "unordered: the event was queued before its callback was ordered"
 GONE = "callback deleted or disabled"
-_FIELDS = (*TARGET_FIELDS, "projectId")  # what the next delivery of a lane is sent with
+_FIELDS = [name.encode() for name in TARGET_FIELDS]  # what a lane's next delivery needs
 
 Attempt = tuple[DeliveryJob, CallbackTarget, "Then"]
 Decrypt = Callable[[bytes | None], str]
@@ -236,7 +236,6 @@ class Lanes:
             delivery_id=job.job_id,
             token=self.adopt.token if take and self.adopt is not None else "",
             lease_ms=self.lease_ms, now_ms=stamp, recheck_ms=stamp + int(RECHECK_S * 1000),
-            fields=_FIELDS,
         )  # fmt: skip
         queue_release(pipe, self.keys, release)
 
@@ -247,7 +246,7 @@ class Lanes:
                 self._take(item)
 
     def _take(self, taken: list[Any]) -> None:
-        _, job_id, raw, progress, values = taken
+        _, job_id, raw, progress, pairs, failing = taken
         adopt = self.adopt
         try:
             job = DeliveryJob.from_wire(decode(raw).payload, job_id.decode())
@@ -255,12 +254,14 @@ class Lanes:
             return
         if adopt is None:
             return
-        *fields, owner = values
+        row = dict(zip(pairs[::2], pairs[1::2], strict=True))  # the callback's hash
+        fields = [row.get(name) for name in _FIELDS]
         target = None
         if fields[0] is not None and fields[1] == b"1":
             target = CallbackTarget.from_fields(
-                job.callback_id, fields, self.sending.decrypt, owner=owner.decode()
-            )
+                job.callback_id, fields, self.sending.decrypt, failing=bool(failing),
+                owner=row[b"projectId"].decode(),
+            )  # fmt: skip
         then = self.releasing(job, adopt.step_of(job.job_id))
 
         async def work() -> None:
