@@ -35,6 +35,9 @@ Ordered delivery (callbacks with `orderBy`; see dispatcher/worker/lanes.py)
     dispatcher:lanes:ready:{project}          ZSET the same, of events whose last chunk is in
                                               its lanes (for a fan-out run again; trimmed
                                               once their job has left the queue)
+    dispatcher:lanes:waiting:{project}        ZSET delivery ids of lane heads waiting for an
+                                              earlier event to enter its lanes, by sequence
+                                              (queued at once when it has)
     dispatcher:lane:{receiver}:{project}:{key}
                                               ZSET delivery ids of one lane by sequence: the
                                               head is the one being delivered, the others
@@ -237,6 +240,7 @@ class Keys:
         self.LANES_SEQ_PREFIX = f"{base}:lanes:seq:"
         self.LANES_PENDING_PREFIX = f"{base}:lanes:pending:"
         self.LANES_READY_PREFIX = f"{base}:lanes:ready:"
+        self.LANES_WAITING_PREFIX = f"{base}:lanes:waiting:"
         self.LANE_PREFIX = f"{base}:lane:"
         self.LANES_BLOCKED = f"{base}:lanes:blocked"
         self.ARQ_JOB_PREFIX: str = f"{ns}{job_key_prefix}"
@@ -288,6 +292,9 @@ class Keys:
 
     def lanes_ready(self, project_id: str) -> str:
         return f"{self.LANES_READY_PREFIX}{project_id}"
+
+    def lanes_waiting(self, project_id: str) -> str:
+        return f"{self.LANES_WAITING_PREFIX}{project_id}"
 
     def lane(self, lane_id: str) -> str:
         """One lane of ordered deliveries (`lane_id`: see `lane_id`)."""

@@ -33,6 +33,20 @@ local function clear(pending, queue, seq)
   end
   return false
 end
+
+local function wake(pending, queue, waiting, now)
+  local floor = '-inf'
+  for _ = 1, 100 do
+    local low = redis.call('ZRANGE', pending, 0, 0, 'WITHSCORES')
+    if #low == 0 then floor = '+inf' break end
+    if redis.call('ZSCORE', queue, low[1]) then floor = low[2] break end
+    redis.call('ZREM', pending, low[1])
+  end
+  local ids = redis.call('ZRANGEBYSCORE', waiting, '-inf', floor, 'LIMIT', 0, 100)
+  for _, id in ipairs(ids) do redis.call('ZADD', queue, 'LT', now, id) end
+  if #ids > 0 then redis.call('ZREM', waiting, unpack(ids)) end
+  return #ids
+end
 """
 
 _ENTER = Lua(
@@ -49,11 +63,16 @@ end
 seq = tonumber(seq)
 local free = clear(KEYS[1], KEYS[2], seq)
 local out = {}
-for i = 4, #KEYS do
-  local a = 7 + 2 * (i - 4)
+for i = 5, #KEYS do
+  local a = 8 + 2 * (i - 5)
   local id = ARGV[a]
+  local before = redis.call('ZRANGE', KEYS[i], 0, 0)[1]
   redis.call('ZADD', KEYS[i], 'NX', seq, id)
   local head = redis.call('ZRANGE', KEYS[i], 0, 0)[1]
+  if before and before ~= head then  -- a head that waited is one no more: parked again
+    redis.call('ZREM', KEYS[2], before)
+    redis.call('ZREM', KEYS[4], before)
+  end
   if head == id and free then
     out[#out + 1] = 1
   else
@@ -61,12 +80,16 @@ for i = 4, #KEYS do
     redis.call('SET', ARGV[3] .. id, 0, 'NX', 'EX', ARGV[4])
     if head == id then
       redis.call('ZADD', KEYS[2], 'NX', ARGV[5], id)
+      redis.call('ZADD', KEYS[4], seq, id)
       out[#out + 1] = 2
     else
       out[#out + 1] = 0
     end
   end
 end
+local woken = 0
+if ARGV[6] == '1' then woken = wake(KEYS[1], KEYS[2], KEYS[4], ARGV[7]) end
+out[#out + 1] = woken
 return out
 """
 )
@@ -74,22 +97,25 @@ return out
 
 def queue_enter(
     pipe: Pipeline, keys: Keys, *, project_id: str, event_job_id: str, lanes: Sequence[str],
-    parked: Sequence[tuple[str, bytes]], progress_ttl: int, recheck_ms: int, last: bool,
+    parked: Sequence[tuple[str, bytes]], progress_ttl: int, now_ms: int, recheck_ms: int,
+    last: bool,
 ) -> None:  # fmt: skip
     """An event's ordered deliveries join their lanes (`parked`: each one's id and the job
     it is parked as, in the order of `lanes`). The event's number is its entry in the
-    project's pending set; on its `last` chunk it moves to the ready set. Answers
-    false when the event has no number (queued before the callback was ordered), else per
-    delivery: 1 attempt it now, 0 parked behind its lane's head (its job stored out of the
-    queue, its progress marked), 2 a head waiting for its earlier events (its job due at
-    `recheck_ms`)."""
+    project's pending set; on its `last` chunk it moves to the ready set, and the heads
+    that waited for it (and no earlier event) are due at `now_ms`. Answers false when the
+    event has no number (queued before the callback was ordered), else per delivery: 1
+    attempt it now, 0 parked behind its lane's head (its job stored out of the queue, its
+    progress marked), 2 a head waiting for its earlier events (its job due at `recheck_ms`
+    unless woken before); then how many waiting heads it woke."""
     args: list[str | bytes | int] = [
         event_job_id, keys.ARQ_JOB_PREFIX, keys.DELIVERY_PREFIX, progress_ttl, recheck_ms,
-        "1" if last else "0",
+        "1" if last else "0", now_ms,
     ]  # fmt: skip
     for delivery_id, job in parked:
         args += (delivery_id, job)
-    sets = [keys.lanes_pending(project_id), keys.QUEUE, keys.lanes_ready(project_id)]
+    sets = [keys.lanes_pending(project_id), keys.QUEUE, keys.lanes_ready(project_id),
+            keys.lanes_waiting(project_id)]  # fmt: skip
     _ENTER.queue(pipe, [*sets, *lanes], args)
 
 
@@ -101,9 +127,14 @@ if not seq then return 1 end
 if redis.call('ZRANGE', KEYS[1], 0, 0)[1] ~= ARGV[1] then
   redis.call('ZREM', KEYS[3], ARGV[1])
   redis.call('DEL', KEYS[4], KEYS[5])
+  redis.call('ZREM', KEYS[6], ARGV[1])
   return 0
 end
-if clear(KEYS[2], KEYS[3], tonumber(seq)) then return 1 end
+if clear(KEYS[2], KEYS[3], tonumber(seq)) then
+  redis.call('ZREM', KEYS[6], ARGV[1])
+  return 1
+end
+redis.call('ZADD', KEYS[6], seq, ARGV[1])
 return 2
 """
 )
@@ -117,7 +148,7 @@ def queue_head(pipe: Pipeline, keys: Keys, *, lane: str, project_id: str, job_id
     _HEAD.queue(
         pipe,
         [lane, keys.lanes_pending(project_id), keys.QUEUE, keys.ARQ_IN_PROGRESS_PREFIX + job_id,
-         keys.ARQ_RETRY_PREFIX + job_id],
+         keys.ARQ_RETRY_PREFIX + job_id, keys.lanes_waiting(project_id)],
         [job_id],
     )  # fmt: skip
 
@@ -139,6 +170,7 @@ local job = redis.call('GET', ARGV[2] .. id)
 if not job or redis.call('EXISTS', ARGV[3] .. id) == 1 then return 0 end
 if not clear(KEYS[4], KEYS[2], tonumber(nxt[2])) then
   redis.call('ZADD', KEYS[2], 'LT', ARGV[8], id)
+  redis.call('ZADD', KEYS[8], nxt[2], id)
   return 0
 end
 if ARGV[6] == '' then
@@ -180,7 +212,7 @@ def queue_release(pipe: Pipeline, keys: Keys, release: Release) -> None:
         pipe,
         [r.lane, keys.QUEUE, keys.LANES_BLOCKED, keys.lanes_pending(r.project_id),
          keys.arq_job(job_id), keys.ARQ_IN_PROGRESS_PREFIX + job_id,
-         keys.ARQ_RETRY_PREFIX + job_id],
+         keys.ARQ_RETRY_PREFIX + job_id, keys.lanes_waiting(r.project_id)],
         [job_id, keys.ARQ_JOB_PREFIX, keys.ARQ_IN_PROGRESS_PREFIX, keys.DELIVERY_PREFIX,
          r.now_ms, r.token, r.lease_ms, r.recheck_ms, keys.CALLBACK_PREFIX, keys.HEALTH_PREFIX],
     )  # fmt: skip

@@ -154,7 +154,7 @@ class Lanes:
         (answer,) = await self.writer.commit(
             lambda pipe: queue_enter(
                 pipe, self.keys, project_id=event.project_id, event_job_id=event.job_id,
-                lanes=lanes, parked=parked, progress_ttl=self.progress_ttl,
+                lanes=lanes, parked=parked, progress_ttl=self.progress_ttl, now_ms=stamp,
                 recheck_ms=stamp + int(RECHECK_S * 1000), last=last,
             )
         )  # fmt: skip
@@ -166,9 +166,12 @@ class Lanes:
                     dataclasses.replace(job, order_key=None, lane=None, order_note=NOT_NUMBERED)
                 ]
             ]
+        *verdicts, woken = answer
+        if woken:  # heads that waited for this event are due now: the loop claims them
+            self.released += 1
         return [
             (job, target, self.releasing(job, then_of(job)))
-            for (job, target), verdict in zip(ordered, answer, strict=True)
+            for (job, target), verdict in zip(ordered, verdicts, strict=True)
             if verdict == 1
         ]
 
