@@ -10,8 +10,20 @@ import socket
 from pathlib import Path
 from typing import Any
 
-from dispatcher.delivery import encode_body, mask_headers, request_headers
+from dispatcher.delivery import (
+    Attempted,
+    AttemptResult,
+    Outcome,
+    encode_body,
+    mask_headers,
+    request_headers,
+)
+from dispatcher.history.record import AttemptRecord
+from dispatcher.jobs import DeliveryJob
+from dispatcher.models import Region
+from dispatcher.registry import CallbackTarget
 from dispatcher.settings import Settings
+from dispatcher.worker.record import attempt_record
 
 PROJECT = "bench"
 EVENT = "BUILD_END"
@@ -66,35 +78,23 @@ def event_data(n: int, emit_t: float | None = None) -> dict[str, Any]:
     return data
 
 
-def record_template() -> dict[str, Any]:
-    """A history record as the worker writes it (dispatcher/worker/record.py), for the
-    history scenarios to fill stores with; its per-record fields are left blank."""
+def record_template() -> AttemptRecord:
+    """A history record as the worker writes it (`dispatcher.worker.record.attempt_record`
+    of a signed 200 attempt), for the history scenarios to fill stores with; its
+    per-record fields are left blank."""
     body = encode_body(EVENT, PROJECT, event_data(1))
+    job = DeliveryJob("evt_0.1", "evt_0.1", "evt_0", PROJECT, EVENT, body, 1, emitter=PROJECT)
+    target = CallbackTarget(1, "", Region.DEVNET, TOKEN, project_id=PROJECT)
     headers = request_headers(
         event=EVENT, delivery_id="evt_0.1", body=body, token=TOKEN, user_agent="bench"
     )
-    return {
-        "projectId": PROJECT,
-        "callBackUrl": "",
-        "events": "",
-        "status": "SUCCESS",
-        "errorMsg": None,
-        "requestHeaders": mask_headers(headers),
-        "requestBody": body.decode(),
-        "responseCode": 200,
-        "responseBody": "ok",
-        "startTime": 0,
-        "endTime": 0,
-        "createdTime": 0,
-        "attempt": 1,
-        "deliveryId": "",
-        "eventId": "",
-        "callbackId": 1,
-        "durationMs": 2,
-        "final": True,
-        "requestBodyTruncated": False,
-        "redeliveryOf": None,
-    }
+    answered = AttemptResult(Outcome.SUCCESS, 200, "ok", None, None, 0, 2)
+    record = attempt_record(job, target, 1, Attempted(answered, mask_headers(headers)), True,
+                            bench_settings("redis://127.0.0.1:1"))  # fmt: skip
+    blank: AttemptRecord = {"projectId": PROJECT, "callBackUrl": "", "events": "",
+                            "status": record["status"], "createdTime": 0, "startTime": 0,
+                            "endTime": 0, "deliveryId": "", "eventId": ""}  # fmt: skip
+    return record | blank
 
 
 def free_port() -> int:

@@ -200,14 +200,13 @@ class Bench:
         return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
 
     async def _commandstats(self) -> tuple[int, int, dict[str, int]]:
+        """Commands Redis ran since the stats were reset (a script's inner calls count
+        too), the time inside them (µs), and the calls by command name."""
         info = await self.r.info("commandstats")
         calls = sum(int(v["calls"]) for v in info.values())
         usec = sum(int(v["usec"]) for v in info.values())
-        return (
-            calls,
-            usec,
-            {name.removeprefix("cmdstat_"): int(v["calls"]) for name, v in info.items()},
-        )
+        by_name = {name.removeprefix("cmdstat_"): int(v["calls"]) for name, v in info.items()}
+        return calls, usec, by_name
 
     def _worker_args(self, spec: WorkerSpec) -> list[str]:
         if not spec.postgres_history:
@@ -271,10 +270,10 @@ class Bench:
             receiver_cpu_s=cpu_seconds(self.receiver.pid) - receiver_cpu0,
             redis_commands=calls,
             redis_usec=usec,
+            redis_by_command=by_name,
             machine_cpu_s=machine_cpu,
             results=results,
             redis_bytes=await self._used_memory() - self._mem_base,
-            redis_calls=by_name,
         )
         self.worker_runs.setdefault(spec.label, []).append(run)
         return run

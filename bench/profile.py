@@ -27,18 +27,21 @@ from bench.procs import BenchError, WorkerProcess, run_loadgen
 if TYPE_CHECKING:
     from bench.harness import Bench
 
-# Innermost matching frame wins: a sample inside Engine._send is "HTTP", even though
+# Innermost matching frame wins: a sample inside delivery.send is "HTTP", even though
 # Worker._run and Engine.fan_out are on the stack too.
 BUCKETS: tuple[tuple[str, str], ...] = (
     ("Writer._flush_forever", "durable group commit (records, progress, job ends of many jobs)"),
     ("Batcher._flush", "read pipelines (callback match of many jobs)"),
     ("Batcher._flush_soon", "read pipelines (callback match of many jobs)"),
-    ("Engine._send", "HTTP POST (httpx transport over aiohttp) incl. response read"),
+    ("send", "HTTP POST (httpx transport over aiohttp) incl. response read"),
+    ("Engine._refusal", "egress policy check of the callback's address"),
+    ("mask_headers", "headers masked for the record"),
+    ("attempt", "delivery.attempt: building the request"),
     ("Engine._write", "attempt write (queue, wait for the commit)"),
     ("attempt_record", "history record of the attempt"),
     ("Batcher.execute", "waiting on / queueing into the read pipelines"),
     ("request_headers", "headers + HMAC signature"),
-    ("_observe", "metrics + per-attempt log call"),
+    ("observe", "metrics + per-attempt log call"),
     ("encode_body", "body encoding (orjson)"),
     ("Engine.attempt", "dispatcher: attempt bookkeeping"),
     ("Engine.fan_out", "dispatcher: fan-out bookkeeping"),

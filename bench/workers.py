@@ -55,7 +55,7 @@ class WorkerRun:
     machine_cpu_s: float  # every process on the machine, ours included
     results: list[dict[str, Any]] = field(default_factory=list)  # each worker's JSON line
     redis_bytes: int = 0  # Redis used_memory after the run, less before its events
-    redis_calls: dict[str, int] = field(default_factory=dict)  # per command (commandstats)
+    redis_by_command: dict[str, int] = field(default_factory=dict)  # INFO commandstats calls
 
     @property
     def others_cores(self) -> float:
@@ -97,4 +97,8 @@ def summary(runs: list[WorkerRun]) -> dict[str, Any]:
         "per_delivery": {k: round(v, 2) for k, v in median.per_delivery().items()},
         "received": [r.received for r in runs],
         "other_processes_cores": [round(r.others_cores, 2) for r in runs],
+        "redis_commands_per_delivery": {
+            name: round(calls / median.deliveries, 2)
+            for name, calls in sorted(median.redis_by_command.items(), key=lambda kv: -kv[1])
+        },
     }

@@ -11,7 +11,8 @@ Nothing is acknowledged before Redis has answered, so durability is unchanged.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from redis.exceptions import NoScriptError
@@ -22,11 +23,22 @@ if TYPE_CHECKING:
     from redis.asyncio import Redis
     from redis.asyncio.client import Pipeline
 
+    from dispatcher.history.record import AttemptRecord
     from dispatcher.replication import Replication
 
-__all__ = ["Batcher", "QueueCommands", "run_shared"]
+__all__ = ["Batcher", "Pending", "QueueCommands", "run_shared"]
 
 QueueCommands = Callable[["Pipeline"], None]
+
+
+@dataclass(slots=True)
+class Pending:
+    """Commands waiting for the next pipeline: the records they write (given their ids
+    first by a `Writer`), and the future their answers go to."""
+
+    queue: QueueCommands
+    done: asyncio.Future[list[Any]]
+    records: Sequence[AttemptRecord] = ()
 
 
 class Batcher:
@@ -34,7 +46,9 @@ class Batcher:
     `window=0` a lone caller waits for nothing: the calls made in the same turn of the
     event loop (the requests it read together, say) share a pipeline. With `replication`,
     each pipeline ends with one WAIT for its replicas, and every caller of a pipeline they
-    did not confirm in time gets `NotReplicated`."""
+    did not confirm in time gets `NotReplicated`. This is the project's one group commit:
+    the worker's durable `Writer` is a Batcher that sends a batch again until Redis takes
+    it."""
 
     def __init__(
         self,
@@ -48,19 +62,30 @@ class Batcher:
         self.window = window
         self.max_batch = max_batch
         self.replication = replication
-        self._pending: list[tuple[QueueCommands, asyncio.Future[list[Any]]]] = []
+        self._pending: list[Pending] = []
         self._flusher: asyncio.Task[None] | None = None
+
+    def submit(
+        self, queue: QueueCommands, records: Sequence[AttemptRecord] = ()
+    ) -> asyncio.Future[list[Any]]:
+        """Queue the commands `queue` puts on a pipeline; the future gets their results."""
+        done: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
+        self._pending.append(Pending(queue, done, records))
+        self._queued()
+        return done
+
+    def _queued(self) -> None:
+        """A write joined the pending ones: see that it is sent."""
+        if self._flusher is None:
+            self._flusher = asyncio.create_task(self._flush_soon())
 
     async def execute(self, queue: QueueCommands) -> list[Any]:
         """Run the commands `queue` puts on a pipeline, batched with others; returns their
         results in order. Raises what the pipeline raised. The commands must be safe to send
         again next to a script that answered NOSCRIPT (which did not run)."""
-        future: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
-        self._pending.append((queue, future))
+        future = self.submit(queue)
         if len(self._pending) >= self.max_batch:
             await self._flush()
-        elif self._flusher is None:
-            self._flusher = asyncio.create_task(self._flush_soon())
         return await future
 
     async def _flush_soon(self) -> None:
@@ -71,25 +96,32 @@ class Batcher:
     async def _flush(self) -> None:
         batch, self._pending = self._pending, []
         try:
-            answers = await self._send([queue for queue, _ in batch])
-            retry = [i for i, mine in enumerate(answers) if _noscript(mine)]
-            if retry:  # Redis lost its scripts (a restart): load them, run those again
-                await load_all(self.redis)
-                again = await self._send([batch[i][0] for i in retry])
-                for i, mine in zip(retry, again, strict=True):
-                    answers[i] = mine
+            answers = await self.send([pending.queue for pending in batch])
         except Exception as exc:  # the connection failed: every caller gets the error
-            for _, future in batch:
-                if not future.done():
-                    future.set_exception(exc)
+            for pending in batch:
+                if not pending.done.done():
+                    pending.done.set_exception(exc)
             return
-        for (_, future), mine in zip(batch, answers, strict=True):
-            if future.done():
+        for pending, mine in zip(batch, answers, strict=True):
+            if pending.done.done():
                 continue
             if (error := first_error(mine)) is not None:
-                future.set_exception(error)
+                pending.done.set_exception(error)
             else:
-                future.set_result(mine)
+                pending.done.set_result(mine)
+
+    async def send(self, queues: list[QueueCommands]) -> list[list[Any]]:
+        """One pipeline for all `queues`, errors left in place, one answer list per queue.
+        When Redis lost its scripts (a restart) they are loaded, and the queues they
+        failed in are sent again."""
+        answers = await self._send(queues)
+        retry = [i for i, mine in enumerate(answers) if _noscript(mine)]
+        if retry:
+            await load_all(self.redis)
+            again = await self._send([queues[i] for i in retry])
+            for i, mine in zip(retry, again, strict=True):
+                answers[i] = mine
+        return answers
 
     async def _send(self, queues: list[QueueCommands]) -> list[list[Any]]:
         if self.replication is None:

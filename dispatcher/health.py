@@ -9,11 +9,14 @@ from typing import TYPE_CHECKING
 
 import structlog
 
-from dispatcher.errors import NotFound
+from dispatcher import metrics
+from dispatcher.keys import SEP
 from dispatcher.lua import Lua, run_pipeline
+from dispatcher.registry.scripts import DISABLE
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
+    from typing import Any
 
     from redis.asyncio import Redis
     from redis.asyncio.client import Pipeline
@@ -25,10 +28,14 @@ __all__ = ["CircuitBreaker", "Failing", "Health"]
 
 log = structlog.get_logger("dispatcher.health")
 
-# KEYS: health hash, failing zset. ARGV: now ms, last error, callback id, the failed
-# attempt's record id ('' when none). Counting the same record twice counts it once.
-# Returns {failures, since ms}.
-_FAILED = Lua("""
+# KEYS: health hash, failing zset, callback hash, disabled zset. ARGV: now ms, last error,
+# callback id, the failed attempt's record id ('' when none), failures and milliseconds
+# past which the callback is disabled (both), match prefix, key separator. Counting the
+# same record twice counts it once. Returns {failures, since ms, the reason when this call
+# disabled the callback}.
+_FAILED = Lua(
+    DISABLE
+    + """
 if ARGV[4] ~= '' and redis.call('HGET', KEYS[1], 'lastRecord') == ARGV[4] then
   local row = redis.call('HMGET', KEYS[1], 'failures', 'since')
   return {tonumber(row[1]), tonumber(row[2])}
@@ -36,10 +43,17 @@ end
 local n = redis.call('HINCRBY', KEYS[1], 'failures', 1)
 redis.call('HSETNX', KEYS[1], 'since', ARGV[1])
 redis.call('HSET', KEYS[1], 'lastError', ARGV[2], 'lastRecord', ARGV[4])
-local since = redis.call('HGET', KEYS[1], 'since')
+local since = tonumber(redis.call('HGET', KEYS[1], 'since'))
 redis.call('ZADD', KEYS[2], since, ARGV[3])
-return {n, tonumber(since)}
-""")
+local span = tonumber(ARGV[1]) - since
+if n < tonumber(ARGV[5]) or span < tonumber(ARGV[6]) then return {n, since} end
+local reason = string.format(
+  'disabled after %d consecutive failed deliveries over %.1f h; last error: %s',
+  n, span / 3600000, ARGV[2])
+if disable(KEYS[3], KEYS[4], reason, ARGV[1], ARGV[7], ARGV[8]) == 0 then return {n, since} end
+return {n, since, reason}
+"""
+)
 
 # KEYS: failing zset. ARGV: health prefix, limit. Returns {id, failures, since, last error}
 # rows, oldest failure first.
@@ -105,25 +119,29 @@ class Health:
         now_ms: int,
         record_id: int | None = None,
     ) -> None:
-        """Queue the count of one final failure; its answer goes to `verdict`."""
+        """Queue the count of one final failure, and the callback's disabling when it
+        passes the threshold (a count *and* a time span): one script, so the verdict and
+        the disabling are one write. Its answer goes to `judged`."""
+        k, settings = self.keys, self.settings
         _FAILED.queue(
             pipe,
-            [self.keys.health(callback_id), self.keys.HEALTH_FAILING],
-            [now_ms, error, callback_id, "" if record_id is None else record_id],
-        )
+            [k.health(callback_id), k.HEALTH_FAILING, k.callback(callback_id),
+             k.CALLBACKS_DISABLED],
+            [now_ms, error, callback_id, "" if record_id is None else record_id,
+             settings.disable_after_failures, int(settings.disable_after_seconds * 1000),
+             k.MATCH_PREFIX, SEP],
+        )  # fmt: skip
 
-    def verdict(self, answer: list[int], error: str, now_ms: int) -> str | None:
-        """The reason to disable the callback, when the failures counted in `answer`
-        (`_FAILED`'s reply) pass the threshold: a count *and* a time span."""
-        failures, since = int(answer[0]), int(answer[1])
-        threshold_ms = self.settings.disable_after_seconds * 1000
-        if failures < self.settings.disable_after_failures or now_ms - since < threshold_ms:
+    @staticmethod
+    def judged(callback_id: int, answer: Sequence[Any]) -> str | None:
+        """The reason the callback was disabled by the count whose answer (`queue_failed`'s
+        one reply) this is, logged; None when it was not."""
+        if len(answer) < 3:
             return None
-        hours = (now_ms - since) / 3_600_000
-        return (
-            f"disabled after {failures} consecutive failed deliveries over {hours:.1f} h; "
-            f"last error: {error}"
-        )
+        reason = answer[2].decode() if isinstance(answer[2], bytes) else str(answer[2])
+        metrics.CALLBACKS_DISABLED.labels(reason="failing").inc()
+        log.warning("callback.disabled", callback_id=callback_id, reason=reason)
+        return reason
 
     async def failed(self, callback_id: int, error: str, *, now_ms: int | None = None) -> bool:
         """Count one final failure now; disable the callback past the threshold. Returns
@@ -132,18 +150,7 @@ class Health:
         (answer,) = await run_pipeline(
             self.redis, lambda pipe: self.queue_failed(pipe, callback_id, error, now)
         )
-        reason = self.verdict(answer, error, now)
-        if reason is None:
-            return False
-        await self.disable(callback_id, reason)
-        return True
-
-    async def disable(self, callback_id: int, reason: str) -> None:
-        try:
-            await self.registry.set_enabled(callback_id, False, reason)
-        except NotFound:
-            return
-        log.warning("callback.disabled", callback_id=callback_id, reason=reason)
+        return self.judged(callback_id, answer) is not None
 
 
 @dataclass(slots=True)

@@ -101,6 +101,9 @@ class EventJob:
     after: int = 0
     trace: TraceContext | None = None  # the emitter's, when it had one
     scoped: bool = True  # False: queued by a version whose ids were the event id alone
+    # `data` as JSON when the producer has it already (it checked the data by encoding
+    # it): the job's bytes embed it rather than encoding the data again
+    data_json: bytes | None = field(default=None, compare=False, repr=False)
 
     function = FAN_OUT
 
@@ -119,8 +122,9 @@ class EventJob:
         return dataclasses.replace(self, after=after)
 
     def to_wire(self) -> dict[str, Any]:
+        data = self.data if self.data_json is None else orjson.Fragment(self.data_json)
         wire = {"id": self.id, "projectId": self.project_id, "event": self.event,
-                "data": self.data, "emittedAt": self.emitted_at}  # fmt: skip
+                "data": data, "emittedAt": self.emitted_at}  # fmt: skip
         if self.after:
             wire["after"] = self.after
         if self.trace is not None:

@@ -27,8 +27,6 @@ from dispatcher.shards.shard import Shard
 from dispatcher.shards.topology import close_all, connect_shards, shards_of
 
 if TYPE_CHECKING:
-    from types import TracebackType
-
     from redis.asyncio import Redis
 
     from dispatcher.models import HistoryRecord
@@ -79,25 +77,21 @@ def event_job(
         raise InvalidInput(
             "eventId must be 1-128 letters, digits, '_', '.', ':' or '-'", param="eventId"
         )
-    job = EventJob(
-        id=event_id or new_event_id(),
-        project_id=project_id,
-        event=parse_event(event).value,
-        data=dict(data),
-        emitted_at=now_ms(),
-        trace=trace,
-    )
+    data = dict(data)
     try:  # what the queue's JSON cannot hold (integers beyond 64 bits, deep nesting)
-        encoded = orjson.dumps(job.data)
+        encoded = orjson.dumps(data)
     except orjson.JSONEncodeError as exc:
         raise InvalidInput(f"data cannot be queued: {exc}", param="data") from None
     # orjson writes NaN and Infinity as null: look for them only where a null was written
-    if b"null" in encoded and _non_finite(job.data):
+    if b"null" in encoded and _non_finite(data):
         raise InvalidInput(
             "data holds NaN or Infinity, which JSON cannot carry (a receiver would get null)",
             param="data",
         )
-    return job
+    return EventJob(
+        id=event_id or new_event_id(), project_id=project_id, event=parse_event(event).value,
+        data=data, emitted_at=now_ms(), trace=trace, data_json=encoded,
+    )  # fmt: skip
 
 
 def _non_finite(value: Any) -> bool:
@@ -175,12 +169,7 @@ class Producer:
             await stack.enter_async_context(kept_fresh(self._placement, every))
         return self
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    async def __aexit__(self, *exc_info: object) -> None:
         await self.close()
 
     async def close(self) -> None:

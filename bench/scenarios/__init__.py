@@ -24,6 +24,7 @@ from bench.scenarios import (
     memory,
     noisy,
     ordered,
+    redis_cost,
     replicated,
     scale_out,
     shards,
@@ -38,6 +39,7 @@ __all__ = ["SCENARIOS"]
 # leaves Redis large until flushed).
 SCENARIOS: list[Scenario] = [
     throughput.SCENARIO,
+    redis_cost.SCENARIO,
     ceiling.SCENARIO,
     fan_out.SCENARIO,
     scale_out.SCENARIO,

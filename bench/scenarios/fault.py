@@ -18,7 +18,7 @@ from bench.procs import BenchError, WorkerProcess
 from bench.report import Row, ratio_row
 from dispatcher.connections import connect
 from dispatcher.embedded import EmbeddedRedis
-from dispatcher.keys import Keys
+from dispatcher.keys import Keys, project_scoped
 from dispatcher.models import Event, Region
 from dispatcher.producer import Producer
 from dispatcher.registry import Registry
@@ -60,7 +60,8 @@ async def _run(bench: Bench, folder: Path, events: int, restart: bool) -> dict[s
             server = EmbeddedRedis(folder, port=port, appendfsync="always")
             await asyncio.to_thread(server.start)
         result = await worker.finish(within=120 + events / 100)
-        lost = await _lost(redis, [f"{event_id}.{cid}" for event_id in ids])
+        # delivery ids are scoped by project: `{project}:{event id}.{callback id}`
+        lost = await _lost(redis, [f"{project_scoped(PROJECT, e)}.{cid}" for e in ids])
         return {
             "rate": events / (result["end"] - result["start"]),
             "lost": lost,

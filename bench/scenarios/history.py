@@ -18,6 +18,7 @@ from bench.harness import Scenario
 from bench.report import Row, ratio_row
 from bench.timing import Op, interleaved, median_us
 from dispatcher.connections import connect
+from dispatcher.history.record import AttemptRecord
 from dispatcher.history.redis import RedisHistory
 from dispatcher.keys import Keys
 from dispatcher.lua import run_pipeline
@@ -53,7 +54,7 @@ class Filler:
         self.base_ms = time.time_ns() // 1_000_000 - 3_600_000  # an hour ago: in the window
         self.written = 0
 
-    def _record(self, pair: tuple[str, str], n: int) -> dict[str, Any]:
+    def _record(self, pair: tuple[str, str], n: int) -> AttemptRecord:
         created = self.base_ms + n // 10
         return {
             **self.template,

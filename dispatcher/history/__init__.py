@@ -13,7 +13,7 @@ the worker call the same methods. `tests/service/test_history.py` runs one contr
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from dispatcher.history.window import (
     MAX_ATTEMPTS_SHOWN,
@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     from redis.asyncio import Redis
     from redis.asyncio.client import Pipeline
 
+    from dispatcher.history.record import AttemptRecord
     from dispatcher.keys import Keys
     from dispatcher.models import DeliveryStatus, HistoryPage, HistoryRecord
     from dispatcher.settings import Settings
@@ -56,13 +57,13 @@ class HistoryStore(Protocol):
 
     sweep_unit: str  # what `sweep` counts: "records" or "day partitions"
 
-    async def assign_ids(self, records: Iterable[dict[str, Any]]) -> None:
+    async def assign_ids(self, records: Iterable[AttemptRecord]) -> None:
         """Give each record without an `id` a new one (ids always come from Redis)."""
 
-    def record(self, pipe: Pipeline, record: dict[str, Any], *, dead: bool = False) -> None:
+    def record(self, pipe: Pipeline, record: AttemptRecord, *, dead: bool = False) -> None:
         """Queue the write of one record, id assigned, on `pipe`; idempotent."""
 
-    async def add(self, record: dict[str, Any], *, dead: bool = False) -> int:
+    async def add(self, record: AttemptRecord, *, dead: bool = False) -> int:
         """Write one record now; returns its id."""
 
     async def query(

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from dispatcher.lua import Lua
 
@@ -22,6 +22,7 @@ if TYPE_CHECKING:
 
     from redis.asyncio import Redis
 
+    from dispatcher.history.record import AttemptRecord
     from dispatcher.keys import Keys
 
 __all__ = ["ID_BLOCK", "ID_GAP", "RecordIds"]
@@ -59,7 +60,7 @@ class RecordIds:
         self._ids: collections.deque[int] = collections.deque()
         self._lock = asyncio.Lock()
 
-    async def assign(self, records: Iterable[dict[str, Any]]) -> None:
+    async def assign(self, records: Iterable[AttemptRecord]) -> None:
         """Give each record without an `id` a new one. Ids come from Redis in blocks of
         `ID_BLOCK`, so most calls cost no round trip; an id is never handed out twice."""
         missing = [record for record in records if "id" not in record]

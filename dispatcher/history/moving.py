@@ -6,7 +6,7 @@ stored once."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import orjson
 
@@ -17,6 +17,8 @@ if TYPE_CHECKING:
     from collections.abc import AsyncIterator
 
     from redis.asyncio.client import Pipeline
+
+    from dispatcher.history.record import AttemptRecord
 
 __all__ = ["copy_project", "forget_project"]
 
@@ -32,7 +34,7 @@ async def _indexes(history: RedisHistory, project_id: str) -> list[str]:
 
 async def _records(
     history: RedisHistory, project_id: str
-) -> AsyncIterator[list[tuple[dict[str, Any], bool]]]:
+) -> AsyncIterator[list[tuple[AttemptRecord, bool]]]:
     """The project's records, a page at a time, each with whether its delivery gave up."""
     keys, redis = history.keys, history.redis
     dead = {int(m) for m in await redis.zrange(keys.history_dead(project_id), 0, -1)}
@@ -50,7 +52,7 @@ async def copy_project(source: RedisHistory, target: RedisHistory, project_id: s
     copied = 0
     async for page in _records(source, project_id):
 
-        def write(pipe: Pipeline, page: list[tuple[dict[str, Any], bool]] = page) -> None:
+        def write(pipe: Pipeline, page: list[tuple[AttemptRecord, bool]] = page) -> None:
             for record, dead in page:
                 target.record(pipe, record, dead=dead)
 

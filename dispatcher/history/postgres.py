@@ -36,6 +36,7 @@ if TYPE_CHECKING:
     from redis.asyncio import Redis
     from redis.asyncio.client import Pipeline
 
+    from dispatcher.history.record import AttemptRecord
     from dispatcher.keys import Keys
     from dispatcher.models import HistoryRecord
     from dispatcher.settings import Settings
@@ -93,7 +94,7 @@ RECENT_BY_STATUS = {
 }
 
 
-def stream_fields(record: dict[str, Any], dead: bool) -> dict[str, bytes | str | int]:
+def stream_fields(record: AttemptRecord, dead: bool) -> dict[str, bytes | str | int]:
     """One stream entry: the record's JSON, whether its delivery gave up, and the columns
     it is stored and counted by (its id, time, project, event, URL, delivery id and status),
     so that neither the shipper nor PostgreSQL has to read the JSON."""
@@ -125,16 +126,16 @@ class PostgresHistory:
 
     # ---- writes ------------------------------------------------------------------------
 
-    async def assign_ids(self, records: Iterable[dict[str, Any]]) -> None:
+    async def assign_ids(self, records: Iterable[AttemptRecord]) -> None:
         """Give each record without an `id` a new one (see `RecordIds`)."""
         await self._ids.assign(records)
 
-    def record(self, pipe: Pipeline, record: dict[str, Any], *, dead: bool = False) -> None:
+    def record(self, pipe: Pipeline, record: AttemptRecord, *, dead: bool = False) -> None:
         """Queue the record's append to the stream on `pipe`. Sent twice (a pipeline whose
         answer was lost), it is stored once: the shipper skips an id it already has."""
         pipe.xadd(self.keys.HISTORY_STREAM, stream_fields(record, dead))  # type: ignore[arg-type]
 
-    async def add(self, record: dict[str, Any], *, dead: bool = False) -> int:
+    async def add(self, record: AttemptRecord, *, dead: bool = False) -> int:
         """Append one record now; returns its id (queryable once shipped)."""
         await self.assign_ids([record])
         await run_pipeline(self.redis, lambda pipe: self.record(pipe, record, dead=dead))

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import orjson
 from pydantic import TypeAdapter
@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from redis.asyncio import Redis
     from redis.asyncio.client import Pipeline
 
+    from dispatcher.history.record import AttemptRecord
     from dispatcher.keys import Keys
     from dispatcher.settings import Settings
 
@@ -140,7 +141,7 @@ class RedisHistory:
         self.keys = keys
         self._ids = RecordIds(redis, keys, id_floor)
 
-    async def assign_ids(self, records: Iterable[dict[str, Any]]) -> None:
+    async def assign_ids(self, records: Iterable[AttemptRecord]) -> None:
         """Give each record without an `id` a new one (see `RecordIds`)."""
         await self._ids.assign(records)
 
@@ -151,7 +152,7 @@ class RedisHistory:
     async def close(self) -> None:
         """Nothing of its own to close (the Redis pool is the caller's)."""
 
-    def record(self, pipe: Pipeline, record: dict[str, Any], *, dead: bool = False) -> None:
+    def record(self, pipe: Pipeline, record: AttemptRecord, *, dead: bool = False) -> None:
         """Queue the write of one record on `pipe` (the caller executes it with its other
         writes, one round trip). `record` carries the seed's fields, camelCase, and its id
         (see `assign_ids`); writing it twice stores it once."""
@@ -177,7 +178,7 @@ class RedisHistory:
              "1" if dead else "0", record_id, "1" if delivery_id else "0"],
         )  # fmt: skip
 
-    async def add(self, record: dict[str, Any], *, dead: bool = False) -> int:
+    async def add(self, record: AttemptRecord, *, dead: bool = False) -> int:
         """Write one record now; returns its id."""
         await self.assign_ids([record])
         await run_pipeline(self.redis, lambda pipe: self.record(pipe, record, dead=dead))

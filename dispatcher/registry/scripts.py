@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dispatcher.lua import Lua
 
-__all__ = ["DELETE", "MATCH", "PUT", "ROTATE", "SET_ENABLED", "UPGRADE", "UPSERT"]
+__all__ = ["DELETE", "DISABLE", "MATCH", "PUT", "ROTATE", "SET_ENABLED", "UPGRADE", "UPSERT"]
 
 # KEYS: upsert hash, id counter, match zset, disabled zset, failing zset, then the listing
 # zsets the callback joins when created (its project's; its pipeline's too).
@@ -49,7 +49,9 @@ return {tonumber(id), created}
 # callback prefix, health prefix, upsert field prefix ("{event} "), then the names of the
 # hash fields a delivery needs (`match.TARGET_FIELDS`: 'url' and 'enabled' first).
 # The chunk is the `size` smallest ids after the cursor over all levels, less the disabled
-# ones and those whose URL a broader level sends the same event to (one delivery per URL).
+# ones and those whose URL a broader level sends the same event to (one delivery per URL;
+# a level without callbacks is not asked, and is known to have none at cursor 0 when its
+# range is empty, or else by one EXISTS a chunk).
 # Returns {next cursor ('' when nothing follows), rows}; a row is {id, 1 when failures are
 # on record, level index, then the values of the named fields}.
 MATCH = Lua("""
@@ -59,9 +61,11 @@ local fields = {}
 for i = 6, #ARGV do fields[#fields + 1] = ARGV[i] end
 local found = {}
 local more = false
+local empty = {}  -- levels without callbacks: no URL of theirs to give way to
 for lvl = 1, n do
   local ids = redis.call('ZRANGEBYSCORE', KEYS[lvl], '(' .. ARGV[1], '+inf', 'LIMIT', 0, size)
   if #ids == size then more = true end
+  empty[lvl] = #ids == 0 and (ARGV[1] == '0' or redis.call('EXISTS', KEYS[lvl]) == 0)
   for _, id in ipairs(ids) do found[#found + 1] = {tonumber(id), id, lvl} end
 end
 table.sort(found, function(a, b) return a[1] < b[1] end)
@@ -73,7 +77,7 @@ for i = 1, taken do
   local values = redis.call('HMGET', ARGV[3] .. id, unpack(fields))
   local keep = values[1] and values[2] == '1'
   for broader = 1, lvl - 1 do
-    if keep then
+    if keep and not empty[broader] then
       local other = redis.call('HGET', KEYS[n + broader], ARGV[5] .. values[1])
       if other and redis.call('ZSCORE', KEYS[broader], other) then keep = false end
     end
@@ -89,28 +93,42 @@ if more and taken > 0 then after = found[taken][2] end
 return {after, rows}
 """)
 
+# A Lua function, the disabling of a callback (also what `health.py` runs past the failure
+# threshold): its hash says why and since when, it leaves its match zset and joins the
+# disabled zset. Arguments: the callback's hash key, the disabled zset, the reason, now ms,
+# match prefix, key separator. Returns 0 when the callback is missing.
+DISABLE = """
+local function disable(callback, disabled, reason, now, match_prefix, sep)
+  local row = redis.call('HMGET', callback, 'projectId', 'event', 'id', 'pipelineId')
+  if not row[1] then return 0 end
+  local scope = row[1]
+  if row[4] and row[4] ~= '' then scope = scope .. sep .. row[4] end
+  redis.call('HSET', callback, 'enabled', '0', 'disabledReason', reason, 'updatedTime', now)
+  redis.call('ZREM', match_prefix .. scope .. sep .. row[2], row[3])
+  redis.call('ZADD', disabled, now, row[3])
+  return 1
+end
+"""
+
 # KEYS: callback hash, disabled zset, failing zset. ARGV: enabled ('1'/'0'), reason, now,
 # match prefix, key separator, expected project ('' = any), health prefix (enabling starts
 # the failure count again). Returns 0 when missing or in another project.
-SET_ENABLED = Lua("""
+SET_ENABLED = Lua(
+    DISABLE
+    + """
 local row = redis.call('HMGET', KEYS[1], 'projectId', 'event', 'id', 'pipelineId')
 if not row[1] or (ARGV[6] ~= '' and row[1] ~= ARGV[6]) then return 0 end
+if ARGV[1] ~= '1' then return disable(KEYS[1], KEYS[2], ARGV[2], ARGV[3], ARGV[4], ARGV[5]) end
 local scope = row[1]
 if row[4] and row[4] ~= '' then scope = scope .. ARGV[5] .. row[4] end
-local match = ARGV[4] .. scope .. ARGV[5] .. row[2]
-if ARGV[1] == '1' then
-  redis.call('HSET', KEYS[1], 'enabled', '1', 'disabledReason', '', 'updatedTime', ARGV[3])
-  redis.call('ZADD', match, row[3], row[3])
-  redis.call('ZREM', KEYS[2], row[3])
-  redis.call('DEL', ARGV[7] .. row[3])
-  redis.call('ZREM', KEYS[3], row[3])
-else
-  redis.call('HSET', KEYS[1], 'enabled', '0', 'disabledReason', ARGV[2], 'updatedTime', ARGV[3])
-  redis.call('ZREM', match, row[3])
-  redis.call('ZADD', KEYS[2], ARGV[3], row[3])
-end
+redis.call('HSET', KEYS[1], 'enabled', '1', 'disabledReason', '', 'updatedTime', ARGV[3])
+redis.call('ZADD', ARGV[4] .. scope .. ARGV[5] .. row[2], row[3], row[3])
+redis.call('ZREM', KEYS[2], row[3])
+redis.call('DEL', ARGV[7] .. row[3])
+redis.call('ZREM', KEYS[3], row[3])
 return 1
-""")
+"""
+)
 
 # KEYS: callback hash, disabled zset, failing zset. ARGV: project, pipeline ('' = any of the
 # project's), upsert prefix, project prefix, pipeline prefix, match prefix, health prefix,

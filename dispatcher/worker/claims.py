@@ -35,8 +35,9 @@ JOB_KEY_EXTRA_MS = 86_400_000  # a job's data outlives its due time by a day (ar
 # prefix, claims ttl s, how many queue entries to look at in all, the project separator,
 # how many jobs a project not named next may take (-1: any), then pairs of a project and
 # how many more jobs it may take.
-# Due jobs without a live lease are claimed, oldest first: lease set, claim counted, data
-# read, all in one round trip. A job of a project that has taken its share is left in the
+# Due jobs without a live lease are claimed, oldest first: lease set (NX: a live one is
+# left alone), data read, claim counted (the first claim creates the count with its ttl,
+# one command), all in one round trip. A job of a project that has taken its share is left in the
 # queue, untouched. A due id whose data is gone comes back with `false` data (and leaves
 # the queue), so the worker can record it.
 _CLAIM = Lua("""
@@ -59,17 +60,16 @@ while #out < want and offset < budget do
     local share = project and (left[project] or newcomer)
     if share and share <= 0 then
       -- its project holds its share of this worker: left for later, or for another worker
-    elseif redis.call('EXISTS', ARGV[5] .. id) == 0 then
+    elseif redis.call('SET', ARGV[5] .. id, ARGV[4], 'PX', ARGV[3], 'NX') then
       if project then left[project] = share - 1 end
       local data = redis.call('GET', ARGV[6] .. id)
-      local claims = 0
-      if data then
-        redis.call('SET', ARGV[5] .. id, ARGV[4], 'PX', ARGV[3])
-        claims = redis.call('INCR', ARGV[7] .. id)
-        redis.call('EXPIRE', ARGV[7] .. id, ARGV[8])
-      else
+      local claims = 1
+      if not data then
+        redis.call('DEL', ARGV[5] .. id)
         redis.call('ZREM', KEYS[1], id)
-        gone = gone + 1
+        claims, gone = 0, gone + 1
+      elseif not redis.call('SET', ARGV[7] .. id, 1, 'EX', ARGV[8], 'NX') then
+        claims = redis.call('INCR', ARGV[7] .. id)  -- claimed before: its ttl runs on
       end
       out[#out + 1] = {id, data, claims, page[i + 1]}
       if #out >= want then break end

@@ -3,11 +3,12 @@
 A fan-out makes the first attempt of every delivery itself, concurrently, a chunk of
 callbacks at a time (between chunks the job loop moves the job's cursor on), so an event
 costs one queue job however many callbacks it has; only retries become `deliver` jobs (job
-id = delivery id). An attempt ends in one write (see `writer.py`), sent in a pipeline
-shared with other attempts: its history record, the delivery's progress, endpoint health,
-and what comes next for the delivery (a `deliver` job, or the `deliver` job's own return
-to the queue or end). A worker killed at any point loses nothing: an unwritten attempt is
-made again, with the same delivery id for the receiver to de-duplicate.
+id = delivery id). An attempt ends in one write (`Engine._write`, through `writer.py`),
+sent in a pipeline shared with other attempts: its history record, the delivery's
+progress, endpoint health, and what comes next for the delivery (a `deliver` job, or the
+`deliver` job's own return to the queue or end; for a fan-out chunk of one attempt, the
+fan-out job's end too). A worker killed at any point loses nothing: an unwritten attempt
+is made again, with the same delivery id for the receiver to de-duplicate.
 """
 
 from __future__ import annotations
@@ -26,11 +27,13 @@ from dispatcher import metrics, tracing
 from dispatcher.backoff import next_delay
 from dispatcher.batch import Batcher
 from dispatcher.delivery import (
+    Attempted,
     AttemptResult,
+    Limits,
     Outcome,
+    Outgoing,
+    attempt,
     encode_body,
-    request_headers,
-    send,
     unsendable,
 )
 from dispatcher.egress import make_transport
@@ -38,22 +41,22 @@ from dispatcher.errors import InvalidUrl, describe
 from dispatcher.health import CircuitBreaker
 from dispatcher.jobs import BadJob, DeliveryJob, EventJob, now_ms
 from dispatcher.models import Region
-from dispatcher.registry import url_problem
 from dispatcher.stats import AttemptStats
 from dispatcher.worker.controls import Controls
 from dispatcher.worker.lanes import Lanes, Sending
-from dispatcher.worker.record import attempt_record
+from dispatcher.worker.record import attempt_record, checked_url, disabled, observe
 from dispatcher.worker.shares import Shares
 
 if TYPE_CHECKING:
     import httpx
     from redis.asyncio.client import Pipeline
 
+    from dispatcher.history.record import AttemptRecord
     from dispatcher.registry import CallbackTarget
     from dispatcher.services import Services
     from dispatcher.worker.writer import Writer
 
-__all__ = ["Engine", "Then", "keep_entry"]
+__all__ = ["Engine", "JobEnd", "Then", "keep_entry"]
 
 log = structlog.get_logger("dispatcher.worker")
 
@@ -63,6 +66,8 @@ KEPT_ENTRIES = 1000  # newest entries kept in the poison and dropped lists
 # What follows an attempt, queued on the pipeline that records it (so both are written,
 # or neither): `delay` seconds to the next attempt, or None when the delivery is over.
 Then = Callable[["Pipeline", "float | None"], None]
+# A fan-out job's end, given where its next chunk starts (None: it was the last).
+JobEnd = Callable[..., None]
 
 
 def keep_entry(pipe: Pipeline, key: str, entry: dict[str, Any]) -> None:
@@ -95,6 +100,8 @@ class Engine:
             self.breaker, self.shares = shared.breaker, shared.shares
             self.transports, self.stats = shared.transports, shared.stats
         self.controls = Controls(settings, self.keys, self.reads, writer)
+        self.limits = Limits(settings.user_agent, settings.connect_timeout,
+                             settings.total_timeout, settings.max_response_body)  # fmt: skip
         self.progress_ttl = int(max(86_400, 2 * sum(settings.retry_schedule)))
         self.lanes = Lanes(  # ordered callbacks
             self.keys, writer, Sending(self.attempt, self.drop, services.registry.decrypt),
@@ -105,11 +112,14 @@ class Engine:
         if self.owner:
             await asyncio.gather(*(t.aclose() for t in self.transports.values()))
 
-    async def fan_out(self, event: EventJob, *, rerun: bool = False) -> int | None:
+    async def fan_out(
+        self, event: EventJob, *, rerun: bool = False, end: JobEnd | None = None
+    ) -> int | None:
         """First attempts of one chunk of `event`'s deliveries: to the callbacks after
         `event.after`, at most `DISPATCHER_FAN_OUT_CHUNK` of them. Returns where the next
         chunk starts, or None when this was the last. A `rerun` (the job ran before and did
-        not finish) skips what was already handled."""
+        not finish) skips what was already handled. A chunk of one attempt writes the job's
+        `end` (given where the next chunk starts) with that attempt, in the same write."""
         query = self.services.registry.chunk_query(
             event.project_id, event.event, pipeline_id=event.pipeline_id, after=event.after,
             size=self.settings.fan_out_chunk,
@@ -120,8 +130,9 @@ class Engine:
             chunk = query.read(answer)
             targets = self.controls.select(event, chunk.targets)  # the callbacks' filters
             if targets:
+                ending = None if end is None else functools.partial(end, after=chunk.after)
                 last = chunk.after is None
-                await self._first_attempts(event, targets, rerun, carried, last=last)
+                await self._first_attempts(event, targets, rerun, carried, ending, last=last)
         return chunk.after
 
     async def _first_attempts(
@@ -130,6 +141,7 @@ class Engine:
         targets: list[CallbackTarget],
         rerun: bool,
         carried: tracing.TraceContext | None,
+        end: Callable[[Pipeline], None] | None,
         *,
         last: bool = True,
     ) -> None:
@@ -148,13 +160,15 @@ class Engine:
             self.lanes.ended_before(event, pending, marks)
             pending = [pair for pair, mark in zip(pending, marks, strict=True) if not mark]
         # ordered deliveries join their lanes; those not at their lane's head wait there
-        now = await self.lanes.enter(event, pending, self._retry_job, last=last)
+        one = len(pending) == 1  # the job's end rides with its one attempt (if made now)
+        now = await self.lanes.enter(
+            event, pending, lambda job: self._retry_job(job, end if one else None), last=last
+        )
+        if len(now) == 1:
+            job, target, then = now[0]
+            await self.attempt(job, target, 1, then)
+            return
         attempts = [self.attempt(job, target, 1, then) for job, target, then in now]
-        if not attempts:
-            return
-        if len(attempts) == 1:
-            await attempts[0]
-            return
         # An attempt ends as a record; should one raise all the same, the others still end
         # theirs before the job runs again (and skips them).
         ended = await asyncio.gather(*attempts, return_exceptions=True)
@@ -162,13 +176,16 @@ class Engine:
             if isinstance(outcome, BaseException):
                 raise outcome
 
-    def _retry_job(self, job: DeliveryJob) -> Then:
-        """After a fan-out's attempt: a retry becomes a `deliver` job of its own."""
+    def _retry_job(self, job: DeliveryJob, end: Callable[[Pipeline], None] | None = None) -> Then:
+        """After a fan-out's attempt: a retry becomes a `deliver` job of its own; `end`,
+        the fan-out job's end, when it goes in the same write."""
         queue = self.services.queue
 
         def then(pipe: Pipeline, delay: float | None) -> None:
             if delay is not None:
                 queue.push(pipe, job, defer_s=delay)
+            if end is not None:
+                end(pipe)
 
         return then
 
@@ -236,7 +253,8 @@ class Engine:
                                  delivery_id=job.delivery_id, event_id=job.event_id,
                                  project_id=job.emitter or job.project_id,
                                  callback_id=target.id) as traced:  # fmt: skip
-                headers, result = await self._request(job, target, traced.headers)
+                done = await self._request(job, target, traced.headers)
+                result = done.result
                 traced.end(result.outcome.value, result.status_code, result.error)
         finally:
             slot.release(time.monotonic() - started)
@@ -250,10 +268,10 @@ class Engine:
                 retry_after=result.retry_after,
                 retry_after_cap=self.settings.retry_after_cap,
             )
-        record = attempt_record(job, target, number, headers, result, delay is None, self.settings)
-        _observe(job, target, number, result, delay)
+        record = attempt_record(job, target, number, done, delay is None, self.settings)
+        observe(job, target, number, result, delay)
         self.stats.count(result.outcome.value, result.duration_ms)
-        await self._write(job, target, number, record, result, delay, then)
+        await self._write(job, target, record, result, delay, then)
 
     async def _defer(self, job: DeliveryJob, then: Then, delay: float, reason: str) -> None:
         """Not an attempt: the delivery goes back to the queue, due in `delay` seconds. Its
@@ -271,79 +289,67 @@ class Engine:
         self,
         job: DeliveryJob,
         target: CallbackTarget,
-        number: int,
-        record: dict[str, Any],
+        record: AttemptRecord,
         result: AttemptResult,
         delay: float | None,
         then: Then,
     ) -> None:
-        """The attempt's write; then, if its failures say so, the callback's disabling."""
+        """The attempt's one write, in the writer's next pipeline: its record, the
+        delivery's progress, the callback's health, and what follows (`then`). What else
+        should happen when a delivery ends goes here. A final failure is counted by
+        `health.py` in a write of its own in the same pipeline (its answer: whether it
+        disabled the callback)."""
         outcome = result.outcome
         failed_for_good = delay is None and outcome is not Outcome.SUCCESS
-        error = result.error or "failed"
-        counted_at: int | None = None  # where the failure count's answer is
         registry, health = self.services.registry, self.services.health
 
         def write(pipe: Pipeline) -> None:
-            nonlocal counted_at
-            start = len(pipe)
             self.services.history.record(pipe, record, dead=failed_for_good)
-            progress = DONE if delay is None else str(number)
+            progress = DONE if delay is None else str(record["attempt"])
             pipe.set(self.keys.delivery(job.progress_id), progress, ex=self.progress_ttl)
             if outcome is Outcome.SUCCESS and target.failing:
                 health.succeeded(pipe, target.id)
             elif outcome is Outcome.GONE:
                 registry.queue_set_enabled(pipe, target.id, False, GONE_REASON)
-            elif failed_for_good:
-                counted_at = len(pipe) - start
-                health.queue_failed(pipe, target.id, error, record["createdTime"], record["id"])
             then(pipe, delay)
 
-        answer = await self.writer.commit(write, (record,))
-        self.lanes.landed(answer)  # a lane's next delivery starts now
+        written = self.writer.submit(write, (record,))
+        if failed_for_good and outcome is not Outcome.GONE:
+            error = result.error or "failed"
+            counted = self.writer.submit(lambda pipe: health.queue_failed(
+                pipe, target.id, error, record["createdTime"], record["id"]))  # fmt: skip
+            self.lanes.landed(await asyncio.shield(written))  # a lane's next: now
+            (reply,) = await asyncio.shield(counted)
+            health.judged(target.id, reply)
+            return
+        self.lanes.landed(await asyncio.shield(written))  # a lane's next delivery: now
         if outcome is Outcome.GONE:
-            _disabled(target.id, "gone", GONE_REASON)
-        elif counted_at is not None:
-            reason = health.verdict(answer[counted_at], error, record["createdTime"])
-            if reason is not None:
-                await self.writer.commit(
-                    lambda pipe: registry.queue_set_enabled(pipe, target.id, False, reason)
-                )
-                _disabled(target.id, "failing", reason)
+            disabled(target.id, "gone", GONE_REASON)
 
     async def _request(
         self, job: DeliveryJob, target: CallbackTarget, trace_headers: dict[str, str]
-    ) -> tuple[dict[str, str], AttemptResult]:
-        """The attempt's request and what came of it. Whatever cannot be sent, or raises
-        while being built or sent, fails this delivery alone, for good: retrying it would
-        fail the same way."""
+    ) -> Attempted:
+        """The attempt and what came of it. What cannot be sent, or raises while being
+        checked, fails this delivery alone, for good: retrying it would fail the same way."""
         problem = (
             target.problem
-            or _url_problem(target.url)
+            or checked_url(target.url)
             or unsendable(target.secret_token, target.auth_header)
         )
         if problem is not None:  # stored by an older version: nothing goes out
-            return {}, _failed(problem)
-        headers: dict[str, str] = {}
+            return Attempted(_failed(problem), [])
         try:
-            headers = request_headers(
-                event=job.event,
-                delivery_id=job.delivery_id,
-                body=job.body,
-                token=target.secret_token,
-                user_agent=self.settings.user_agent,
-                project_id=job.emitter,
-                auth_header=target.auth_header,
-                previous_token=target.previous_token,
-            )
-            headers.update(trace_headers)
-            return headers, await self._send(target, job.body, headers)
+            refused = await self._refusal(target)
         except Exception as exc:
-            return headers, _failed(f"the request could not be sent: {describe(exc)}")
+            refused = _failed(f"the request could not be sent: {describe(exc)}")
+        out = Outgoing(
+            target.url, job.body, job.event, job.delivery_id, job.emitter, target.secret_token,
+            target.previous_token, target.auth_header, trace_headers,
+        )  # fmt: skip
+        return await attempt(self.transports[target.region], self.limits, out, refused=refused)
 
-    async def _send(
-        self, target: CallbackTarget, body: bytes, headers: dict[str, str]
-    ) -> AttemptResult:
+    async def _refusal(self, target: CallbackTarget) -> AttemptResult | None:
+        """The egress policy's answer for the callback's address: None when it may go."""
         policy = self.services.policies[target.region]
         # Literal addresses, ports and metadata names: the resolver never sees them.
         refusal = policy.refusal(target.url)
@@ -356,22 +362,10 @@ class Engine:
                 refusal = exc.message
             except OSError as exc:  # a temporary lookup failure: try again later
                 return _unresolved(target.url, exc)
-        if refusal is not None:
-            return _failed(f"refused: {refusal}")
-        return await send(
-            self.transports[target.region],
-            target.url,
-            body,
-            headers,
-            connect_timeout=self.settings.connect_timeout,
-            total_timeout=self.settings.total_timeout,
-            max_response_body=self.settings.max_response_body,
-        )
+        return None if refusal is None else _failed(f"refused: {refusal}")
 
 
 GONE_REASON = "the receiver answered 410 Gone"
-# Callback URLs repeat: each is checked once (a cache entry is ~200 bytes).
-_url_problem = functools.lru_cache(maxsize=16_384)(url_problem)
 
 
 def _failed(error: str) -> AttemptResult:
@@ -385,49 +379,3 @@ def _unresolved(url: str, exc: OSError) -> AttemptResult:
     now = now_ms()
     error = f"could not resolve host {urlsplit(url).hostname}: {exc.strerror or 'lookup failed'}"
     return AttemptResult(Outcome.RETRY, None, None, error, None, now, now)
-
-
-def _loggable(url: str) -> str:
-    """A URL for a log line: credentials and control characters (in a URL stored by an
-    older version) cut out or escaped."""
-    if _url_problem(url) is None:
-        return url
-    parts = urlsplit(url)
-    if "@" in parts.netloc:
-        url = parts._replace(netloc="***@" + parts.netloc.rpartition("@")[2]).geturl()
-    return url.encode("unicode_escape").decode("ascii")
-
-
-def _disabled(callback_id: int, why: str, reason: str) -> None:
-    metrics.CALLBACKS_DISABLED.labels(reason=why).inc()
-    log.warning("callback.disabled", callback_id=callback_id, reason=reason)
-
-
-def _observe(
-    job: DeliveryJob, target: CallbackTarget, number: int, result: AttemptResult,
-    delay: float | None,
-) -> None:  # fmt: skip
-    """The attempt's metrics and its one canonical log line."""
-    metrics.DELIVERIES.labels(outcome=result.outcome.value, event=job.event).inc()
-    metrics.ATTEMPT_SECONDS.observe(result.duration_ms / 1000)
-    metrics.HISTORY_RECORDS.inc()
-    if delay is not None:
-        metrics.RETRIES.inc()
-    elif result.outcome is not Outcome.SUCCESS:
-        metrics.DEAD_LETTERS.inc()
-    log.info(
-        "delivery.attempt",
-        event_id=job.event_id,
-        delivery_id=job.delivery_id,
-        callback_id=target.id,
-        callback_url=_loggable(target.url),
-        project_id=job.project_id,
-        event_type=job.event,
-        attempt=number,
-        outcome=result.outcome.value,
-        status_code=result.status_code,
-        duration_ms=result.duration_ms,
-        error=result.error,
-        retry_in_s=None if delay is None else round(delay, 3),
-        trace_id=None if job.trace is None else job.trace.trace_id,
-    )

@@ -170,7 +170,7 @@ class Lanes:
         if woken:  # heads that waited for this event are due now: the loop claims them
             self.released += 1
         return [
-            (job, target, self.releasing(job, then_of(job)))
+            (job, target, self.releasing(job, then_of(job), then_at_end=True))
             for (job, target), verdict in zip(ordered, verdicts, strict=True)
             if verdict == 1
         ]
@@ -214,15 +214,18 @@ class Lanes:
 
     # ---- a delivery's end ------------------------------------------------------------------
 
-    def releasing(self, job: DeliveryJob, then: Then) -> Then:
+    def releasing(self, job: DeliveryJob, then: Then, *, then_at_end: bool = False) -> Then:
         """The step after an ordered delivery's attempt: when it ended, its lane's release
-        (queued after its record; it ends the delivery's job too), else `then` (a retry,
-        a deferral), which marks the lane blocked."""
+        (queued after its record; it ends the delivery's job too, so `then` follows only
+        with `then_at_end`: a fan-out's attempt, whose `then` may end the fan-out's job),
+        else `then` (a retry, a deferral), which marks the lane blocked."""
         lane = self.lane(job)
 
         def step(pipe: Pipeline, delay: float | None) -> None:
             if delay is None:
                 self.release(pipe, job, take=True)
+                if then_at_end:
+                    then(pipe, None)
             else:
                 pipe.zadd(self.keys.LANES_BLOCKED, {lane: now_ms()}, nx=True)
                 then(pipe, delay)

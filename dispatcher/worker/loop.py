@@ -52,6 +52,7 @@ from dispatcher.worker.shipping import Shipping
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
+    from redis.asyncio.client import Pipeline
 
     from dispatcher.settings import Settings
     from dispatcher.worker.claims import Claimed
@@ -65,11 +66,6 @@ MAX_CLAIMS = 25  # a job claimed this often without ending is dropped, on record
 CLAIM_ERRORS: tuple[type[Exception], ...] = (*REDIS_ERRORS, RedisError)
 # a running job: the shard it was claimed on, and its id there
 JobKey = tuple[int, str]
-
-
-def _retry_in(claims: int) -> float:
-    """Backoff before a failed run's job is due again."""
-    return min(60.0, 0.5 * 2.0 ** min(claims, 7))
 
 
 class Worker:
@@ -179,7 +175,8 @@ class Worker:
             try:
                 self._due.clear()
                 shares = run.engine.shares.claim_budgets()
-                claimed = await run.claims.claim(share, shares=shares)
+                budget = run.scan_budget(shares[1], time.monotonic())
+                claimed = await run.claims.claim(share, budget=budget, shares=shares)
             except CLAIM_ERRORS as exc:
                 if full := redis_full(exc):
                     metrics.REDIS_FULL.labels(refused="claim").inc()
@@ -317,14 +314,7 @@ class Worker:
             raise
         except Exception as exc:
             self.jobs_failed += 1
-            delay = _retry_in(claims)
-            log.warning("job.failed", job_id=job_id, error=describe(exc, trusted=CLAIM_ERRORS),
-                        claims=claims, retry_in_s=delay, shard=run.index)  # fmt: skip
-            # Held (its lease renewed) until Redis has taken the put-back, and so every
-            # write the run queued before it: another worker claiming the job before its
-            # writes landed (Redis away or full) would send its deliveries again.
-            with contextlib.suppress(Exception):  # refused for good: logged by the writer
-                await run.put_back(job_id, delay)
+            await run.failed_run(job_id, claims, describe(exc, trusted=CLAIM_ERRORS))
         finally:
             if run.engine.lanes.released != released:  # a lane's next delivery is due now
                 self._wake()
@@ -333,8 +323,16 @@ class Worker:
         if wire.function == FAN_OUT:
             event = EventJob.from_wire(wire.payload)
             structlog.contextvars.bind_contextvars(event_id=event.id)
-            after = await run.engine.fan_out(event, rerun=claimed.claims > 1)
-            await run.writer.commit(lambda pipe: run.fan_out_end(pipe, claimed, event, after))
+            ended = False
+
+            def end(pipe: Pipeline, after: int | None) -> None:
+                nonlocal ended
+                ended = True
+                run.fan_out_end(pipe, claimed, event, after)
+
+            after = await run.engine.fan_out(event, rerun=claimed.claims > 1, end=end)
+            if not ended:  # not with an attempt's write: on its own
+                await run.writer.commit(lambda pipe: end(pipe, after))
             if after is not None:
                 self._wake()
         else:

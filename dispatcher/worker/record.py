@@ -1,45 +1,59 @@
-"""The history record of one attempt, shaped from the job, its callback and the result."""
+"""What an attempt leaves behind: its history record (shaped from the job, its callback
+and the attempt), its metrics and its one log line."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+import functools
+from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
 
-from dispatcher.delivery import Outcome, mask_headers
+import structlog
+
+from dispatcher import metrics
+from dispatcher.delivery import Outcome
 from dispatcher.history import truncate
 from dispatcher.jobs import now_ms
 from dispatcher.models import DeliveryStatus
+from dispatcher.registry import url_problem
 
 if TYPE_CHECKING:
-    from dispatcher.delivery import AttemptResult
+    from dispatcher.delivery import Attempted, AttemptResult
+    from dispatcher.history.record import AttemptRecord
     from dispatcher.jobs import DeliveryJob
     from dispatcher.registry import CallbackTarget
     from dispatcher.settings import Settings
 
-__all__ = ["attempt_record"]
+__all__ = ["attempt_record", "checked_url", "disabled", "observe"]
+
+log = structlog.get_logger("dispatcher.worker")
+
+# Callback URLs repeat: each is checked once (a cache entry is ~200 bytes).
+checked_url = functools.lru_cache(maxsize=16_384)(url_problem)
 
 
 def attempt_record(
     job: DeliveryJob,
     target: CallbackTarget,
     number: int,
-    headers: dict[str, str],
-    result: AttemptResult,
+    done: Attempted,
     final: bool,
     settings: Settings,
-) -> dict[str, Any]:
+) -> AttemptRecord:
     """The seed's fields (camelCase, without the id the store assigns), then our extras.
-    The request body as sent, up to `max_request_body`; secret headers masked."""
+    The request body as sent (the job's bytes), up to `max_request_body`; the headers as
+    `attempt` masked them."""
     body_text, body_truncated = truncate(
         job.body.decode(errors="replace"), settings.max_request_body
     )
+    result = done.result
     ok = result.outcome is Outcome.SUCCESS
-    record = {
+    record: AttemptRecord = {
         "projectId": job.project_id,
         "callBackUrl": target.url,
         "events": job.event,
         "status": (DeliveryStatus.SUCCESS if ok else DeliveryStatus.FAILED).value,
         "errorMsg": result.error,
-        "requestHeaders": mask_headers(headers, target.auth_header),
+        "requestHeaders": done.headers,
         "requestBody": body_text,
         "responseCode": result.status_code,
         "responseBody": result.response_body,
@@ -56,9 +70,55 @@ def attempt_record(
         "redeliveryOf": job.redelivery_of,
     }
     if job.trace is not None:  # what a redelivery of this record continues
-        record.update(job.trace.fields())
+        record.update(job.trace.fields())  # type: ignore[typeddict-item]
     if job.order_key is not None:  # delivered in its lane (see dispatcher.worker.lanes)
         record["orderKey"] = job.order_key
     if job.order_note is not None:  # its callback orders, this event went unordered: why
         record["orderNote"] = job.order_note
     return record
+
+
+def _loggable(url: str) -> str:
+    """A URL for a log line: credentials and control characters (in a URL stored by an
+    older version) cut out or escaped."""
+    if checked_url(url) is None:
+        return url
+    parts = urlsplit(url)
+    if "@" in parts.netloc:
+        url = parts._replace(netloc="***@" + parts.netloc.rpartition("@")[2]).geturl()
+    return url.encode("unicode_escape").decode("ascii")
+
+
+def disabled(callback_id: int, why: str, reason: str) -> None:
+    metrics.CALLBACKS_DISABLED.labels(reason=why).inc()
+    log.warning("callback.disabled", callback_id=callback_id, reason=reason)
+
+
+def observe(
+    job: DeliveryJob, target: CallbackTarget, number: int, result: AttemptResult,
+    delay: float | None,
+) -> None:  # fmt: skip
+    """The attempt's metrics and its one canonical log line."""
+    metrics.DELIVERIES.labels(outcome=result.outcome.value, event=job.event).inc()
+    metrics.ATTEMPT_SECONDS.observe(result.duration_ms / 1000)
+    metrics.HISTORY_RECORDS.inc()
+    if delay is not None:
+        metrics.RETRIES.inc()
+    elif result.outcome is not Outcome.SUCCESS:
+        metrics.DEAD_LETTERS.inc()
+    log.info(
+        "delivery.attempt",
+        event_id=job.event_id,
+        delivery_id=job.delivery_id,
+        callback_id=target.id,
+        callback_url=_loggable(target.url),
+        project_id=job.project_id,
+        event_type=job.event,
+        attempt=number,
+        outcome=result.outcome.value,
+        status_code=result.status_code,
+        duration_ms=result.duration_ms,
+        error=result.error,
+        retry_in_s=None if delay is None else round(delay, 3),
+        trace_id=None if job.trace is None else job.trace.trace_id,
+    )

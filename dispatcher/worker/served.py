@@ -5,6 +5,7 @@ process's HTTP transports, circuit breaker and statistics with the other shards'
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -31,6 +32,12 @@ __all__ = ["Served", "given_shards"]
 log = structlog.get_logger("dispatcher.worker")
 
 BACKOFF_CAP_S = 2.0
+# While every project busy in the worker holds its full share, a claim can only take the
+# jobs of a project not busy yet: it then looks at one page of the queue, and at the whole
+# claim budget at most this often (paging through thousands of entries it may not take
+# was, per delivery, more Redis work than the delivery itself).
+WIDE_SCAN_S = 0.25
+NARROW_BUDGET, WIDE_BUDGET = 100, 2000
 
 
 @dataclass(eq=False)
@@ -44,6 +51,7 @@ class Served:
     engine: Engine
     ready_at: float = 0.0
     backoff: float = field(default=0.0)
+    wide_at: float = 0.0  # monotonic time of the last claim that looked at the whole budget
 
     @classmethod
     def build(cls, services: Services, token: str, *, shared: Engine | None = None) -> Served:
@@ -72,6 +80,14 @@ class Served:
     def answered(self) -> None:
         self.backoff, self.ready_at = 0.0, 0.0
 
+    def scan_budget(self, busy: dict[str, int], now: float) -> int:
+        """How many queue entries the next claim looks at, given what each busy project
+        may still take (`Shares.claim_budgets`)."""
+        if not busy or any(more > 0 for more in busy.values()) or now - self.wide_at >= WIDE_SCAN_S:
+            self.wide_at = now
+            return WIDE_BUDGET
+        return NARROW_BUDGET
+
     # ---- a job's ends on this shard ------------------------------------------------------
 
     def put_back(self, job_id: str, delay: float) -> asyncio.Future[list[Any]]:
@@ -81,6 +97,17 @@ class Served:
         return self.writer.submit(
             lambda pipe: claims.again(pipe, job_id, delay, next_attempt=False)
         )
+
+    async def failed_run(self, job_id: str, claims: int, error: str) -> None:
+        """A run that failed (a timeout, Redis, a bug): its job is put back, to do the
+        same work again later. Held (its lease renewed) until Redis has taken the
+        put-back, and so every write the run queued before it: another worker claiming the
+        job before its writes landed (Redis away or full) would send its deliveries again."""
+        delay = retry_in(claims)
+        log.warning("job.failed", job_id=job_id, error=error, claims=claims, retry_in_s=delay,
+                    shard=self.index)  # fmt: skip
+        with contextlib.suppress(Exception):  # refused for good: logged by the writer
+            await self.put_back(job_id, delay)
 
     def next_step(self, job_id: str) -> Then:
         """After a `deliver` job's attempt: back in the queue for the next one, or done."""
@@ -134,6 +161,11 @@ class Served:
         await self.writer.commit(write)
         metrics.DROPPED.labels(reason="job").inc()
         log.error("job.dropped", job_id=claimed.job_id, reason=reason, shard=self.index)
+
+
+def retry_in(claims: int) -> float:
+    """Backoff before a failed run's job is due again."""
+    return min(60.0, 0.5 * 2.0 ** min(claims, 7))
 
 
 def _ordered(claimed: Claimed) -> DeliveryJob | None:

@@ -1,4 +1,5 @@
-"""Durable group commit: a worker's writes wait in memory until Redis has them.
+"""Durable group commit: a worker's writes wait in memory until Redis has them (a
+`batch.Batcher` that sends a batch again until Redis takes it).
 
 Every attempt ends in writes (its history record, the delivery's progress, the next step
 of its job). They are queued here and sent in pipelines shared by whatever else is
@@ -19,25 +20,25 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Awaitable, Callable, Iterable, Sequence
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import structlog
-from redis.exceptions import NoScriptError, ReadOnlyError, ResponseError
+from redis.exceptions import ReadOnlyError, ResponseError
 
 from dispatcher import metrics
-from dispatcher.batch import QueueCommands, run_shared
+from dispatcher.batch import Batcher, Pending, QueueCommands
 from dispatcher.connections import REDIS_ERRORS, redis_full
-from dispatcher.lua import load_all
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
+
+    from dispatcher.history.record import AttemptRecord
 
 __all__ = ["Writer"]
 
 log = structlog.get_logger("dispatcher.worker")
 
-Prepare = Callable[[Iterable[dict[str, Any]]], Awaitable[None]]
+Prepare = Callable[[Iterable["AttemptRecord"]], Awaitable[None]]
 # Replies that mean "not now" rather than "never": the batch is sent again.
 TRANSIENT_REPLIES = ("LOADING", "READONLY", "OOM", "MASTERDOWN", "BUSY", "TRYAGAIN", "NOREPLICAS")
 
@@ -47,13 +48,6 @@ class _Transient(Exception):
 
 
 RETRYABLE: tuple[type[Exception], ...] = (*REDIS_ERRORS, _Transient)
-
-
-@dataclass(slots=True)
-class _Write:
-    queue: QueueCommands
-    records: Sequence[dict[str, Any]]
-    done: asyncio.Future[list[Any]]
 
 
 def _transient(result: Any) -> bool:
@@ -68,9 +62,9 @@ def _transient(result: Any) -> bool:
     return text.startswith(TRANSIENT_REPLIES) or any(f"-{c} " in text for c in TRANSIENT_REPLIES)
 
 
-class Writer:
-    """Queues writes, sends them in shared pipelines, and sends a batch again until Redis
-    takes it. `prepare` runs on each batch's records first (it gives them their ids)."""
+class Writer(Batcher):
+    """A `Batcher` whose batches are sent again until Redis takes them. `prepare` runs on
+    each batch's records first (it gives them their ids)."""
 
     def __init__(
         self,
@@ -81,14 +75,10 @@ class Writer:
         max_batch: int = 500,
         backoff_cap: float = 1.0,
     ) -> None:
-        self.redis = redis
+        super().__init__(redis, window=window, max_batch=max_batch)
         self.prepare = prepare
-        self.window = window
-        self.max_batch = max_batch
         self.backoff_cap = backoff_cap
-        self._pending: list[_Write] = []
         self._wake = asyncio.Event()
-        self._flusher: asyncio.Task[None] | None = None
         self.retries = 0  # batches sent again since start
         self.failing_since: float | None = None  # loop time of the first failure of an outage
 
@@ -103,24 +93,29 @@ class Writer:
         return self.failing_since is not None and bool(self._pending)
 
     def submit(
-        self, queue: QueueCommands, records: Sequence[dict[str, Any]] = ()
+        self, queue: QueueCommands, records: Sequence[AttemptRecord] = ()
     ) -> asyncio.Future[list[Any]]:
         """Queue the commands `queue` puts on a pipeline; the future gets their results once
         Redis has them (cancelling it does not withdraw the write)."""
-        done: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
+        done = super().submit(queue, records)
         done.add_done_callback(_retrieved)  # a refusal is logged once, whoever awaits it
-        self._pending.append(_Write(queue, records, done))
         metrics.PENDING_WRITES.set(len(self._pending))
+        return done
+
+    def _queued(self) -> None:
         if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.create_task(self._flush_forever())
         self._wake.set()
-        return done
 
     async def commit(
-        self, queue: QueueCommands, records: Sequence[dict[str, Any]] = ()
+        self, queue: QueueCommands, records: Sequence[AttemptRecord] = ()
     ) -> list[Any]:
         """`submit`, then wait until Redis has it."""
         return await asyncio.shield(self.submit(queue, records))
+
+    async def execute(self, queue: QueueCommands) -> list[Any]:
+        """`commit` (what a Batcher's callers call)."""
+        return await self.commit(queue)
 
     async def drain(self) -> None:
         """Wait until every write queued so far is acknowledged (bound it with a timeout)."""
@@ -143,7 +138,7 @@ class Writer:
             while self._pending:
                 batch = self._pending[: self.max_batch]
                 try:
-                    answers = await self._send(batch)
+                    answers = await self._durably(batch)
                 except Exception as exc:
                     if isinstance(exc, RETRYABLE) or _transient(exc):  # the ids' INCRBY too
                         self._failed(exc)
@@ -162,22 +157,21 @@ class Writer:
                 for write, answer in zip(batch, answers, strict=True):
                     _settle(write.done, answer)
 
-    async def _send(self, batch: list[_Write]) -> list[list[Any]]:
+    async def _durably(self, batch: list[Pending]) -> list[list[Any]]:
+        """The batch sent once, its records given their ids first; raises when a reply
+        asks to try again later."""
         await self.prepare(record for write in batch for record in write.records)
-        answers = await run_shared(self.redis, [write.queue for write in batch])
-        if any(isinstance(r, NoScriptError) for answer in answers for r in answer):
-            await load_all(self.redis)  # Redis restarted without its scripts
-            answers = await run_shared(self.redis, [write.queue for write in batch])
+        answers = await self.send([write.queue for write in batch])
         if any(_transient(r) for answer in answers for r in answer):
             first = next(r for a in answers for r in a if _transient(r))
             raise _Transient(str(first)) from first
         return answers
 
-    def _weed_out(self, batch: list[_Write], exc: Exception) -> bool:
+    def _weed_out(self, batch: list[Pending], exc: Exception) -> bool:
         """Settle, with their error, the writes of `batch` that cannot even be queued on a
         pipeline (a bug in the code that built them); the others go on. Returns whether
         any was found."""
-        bad: list[tuple[_Write, Exception]] = []
+        bad: list[tuple[Pending, Exception]] = []
         for write in batch:
             try:
                 write.queue(self.redis.pipeline(transaction=False))

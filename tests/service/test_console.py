@@ -307,10 +307,10 @@ async def add_attempt(
     history: HistoryStore, url: str, at: int, *, event: str = "BUILD_END", status: str = "SUCCESS"
 ) -> int:
     """A record of one attempt, as a worker writes it, in the project demo."""
-    record = {"projectId": "demo", "callBackUrl": url, "events": event, "status": status}
     code = 200 if status == "SUCCESS" else 503
-    times = {"startTime": at, "endTime": at, "createdTime": at}
-    return await history.add({**record, **times, "responseCode": code})
+    return await history.add({"projectId": "demo", "callBackUrl": url, "events": event,
+                              "status": status, "startTime": at, "endTime": at,
+                              "createdTime": at, "responseCode": code})  # fmt: skip
 
 
 async def test_recent_deliveries_of_a_callback_and_the_failures_of_the_last_hour(

@@ -19,6 +19,7 @@ from dispatcher.auth import Role, Roles
 from dispatcher.embedded import EmbeddedRedis
 from dispatcher.errors import NotFound
 from dispatcher.history import HistoryStore, open_history, parse_window
+from dispatcher.history.record import AttemptRecord
 from dispatcher.keys import Keys
 from dispatcher.models import DeliveryStatus, Event, HistoryPage, Region
 from dispatcher.producer import Producer
@@ -41,7 +42,7 @@ def ms(text: str, tz: ZoneInfo = SHANGHAI) -> int:
     return int(datetime.strptime(text, "%Y-%m-%d %H:%M:%S").replace(tzinfo=tz).timestamp() * 1000)
 
 
-def record(created: int, *, url: str = URL, event: str = "BUILD_END", n: int = 0) -> dict[str, Any]:
+def record(created: int, *, url: str = URL, event: str = "BUILD_END", n: int = 0) -> AttemptRecord:
     return {
         "projectId": "demo",
         "callBackUrl": url,
@@ -345,7 +346,7 @@ async def attempts_of_a_delivery(
         await services.record(first.id, "other")
 
 
-async def add_all(redis: Redis, settings: Settings, records: list[dict[str, Any]]) -> list[int]:
+async def add_all(redis: Redis, settings: Settings, records: list[AttemptRecord]) -> list[int]:
     """Records of any shape written through the store, then (PostgreSQL) shipped."""
     history = open_history(settings, redis, keys)
     try:
@@ -371,7 +372,7 @@ async def test_recent_deliveries_of_a_url_across_its_events(
         (5000, URL, "BUILD_STAGE_END", "SUCCESS", "demo"),
         (4000, URL, "BUILD_END", "FAILED", "demo"),
     ]
-    records = [
+    records: list[AttemptRecord] = [
         {**record(now - ago, url=url, event=event, n=i), "status": status, "projectId": project}
         for i, (ago, url, event, status, project) in enumerate(shapes)
     ]
@@ -430,7 +431,7 @@ async def test_a_signature_stored_by_an_older_version_is_masked_when_read(
         {"name": "webhook-id", "value": "evt_0.1"},
         {"name": "Webhook-Signature", "value": "v1,CLEARsignatureBASE64="},
     ]
-    old.update(status="FAILED", final=True, responseCode=500)
+    old |= {"status": "FAILED", "final": True, "responseCode": 500}
     history = open_history(settings, redis, keys)
     try:
         record_id = await history.add(old, dead=True)
@@ -463,7 +464,7 @@ async def test_redelivery_of_an_older_record_sends_its_stored_body_as_it_was(
         "demo", receiver.url(), Event.BUILD_END, Region.DEVNET
     )
     old = record(int(time.time() * 1000), url=receiver.url())
-    old.update(requestBody='{"event":"BUILD_END","data":{"n":1}}', callbackId=callback_id)
+    old |= {"requestBody": '{"event":"BUILD_END","data":{"n":1}}', "callbackId": callback_id}
     history = open_history(settings, redis, keys)
     try:
         record_id = await history.add(old)

@@ -24,6 +24,7 @@ from dispatcher.errors import Unavailable
 from dispatcher.history import open_history
 from dispatcher.history.loader import Loader, parse_row
 from dispatcher.history.postgres import PostgresHistory, stream_fields
+from dispatcher.history.record import AttemptRecord
 from dispatcher.history.redis import RedisHistory
 from dispatcher.history.schema import DAY_MS, ensure_partitions, partitions, upgrade
 from dispatcher.history.shipper import Shipper
@@ -42,13 +43,13 @@ keys = Keys()  # today's key names (one shard)
 URL = "http://127.0.0.1:9000/hook"
 
 
-def record(created: int, n: int, **extra: Any) -> dict[str, Any]:
-    return {
+def record(created: int, n: int, **extra: Any) -> AttemptRecord:
+    return {  # `extra`: fields overridden
         "projectId": "demo", "callBackUrl": URL, "events": "BUILD_END", "status": "SUCCESS",
         "errorMsg": None, "requestHeaders": [], "requestBody": f'{{"n": {n}}}',
         "responseCode": 200, "responseBody": "ok", "startTime": created - 5,
         "endTime": created, "createdTime": created, "attempt": 1, "deliveryId": f"evt_{n}.1",
-        **extra,
+        **extra,  # type: ignore[typeddict-item]
     }  # fmt: skip
 
 
@@ -159,7 +160,7 @@ async def test_retention_drops_a_days_partition_and_nothing_newer(
         await conn.close()
 
 
-async def stream_twice(redis: Redis, settings: Settings, rec: dict[str, Any]) -> int:
+async def stream_twice(redis: Redis, settings: Settings, rec: AttemptRecord) -> int:
     history = PostgresHistory(redis, settings, keys)
     await history.assign_ids([rec])
     for _ in range(2):  # a worker's pipeline sent again after its answer was lost
@@ -441,13 +442,12 @@ async def test_entries_of_older_workers_are_found_by_their_status(
     the JSON): the shipper reads the status from the JSON, so the status filter finds them."""
     now = int(time.time() * 1000)
     history = PostgresHistory(redis, pg_settings, keys)
-    failed = {**record(now - 20, 1), "status": "FAILED"}
-    json_only = {**record(now - 10, 2), "status": "FAILED"}
+    failed, json_only = record(now - 20, 1, status="FAILED"), record(now - 10, 2, status="FAILED")
     await history.assign_ids([failed, json_only])
     older = {k: v for k, v in stream_fields(failed, False).items() if k != "s"}
     await redis.xadd(keys.HISTORY_STREAM, older)  # type: ignore[arg-type]
     await redis.xadd(keys.HISTORY_STREAM, {"r": orjson.dumps(json_only), "d": b"0"})
-    await history.add({**record(now - 5, 3), "status": "SUCCESS"})
+    await history.add(record(now - 5, 3, status="SUCCESS"))
     assert await ship_all(pg_settings, redis) == 3
     found = await history.recent(
         "demo", [URL], start_ms=now - 60_000, end_ms=now, status=DeliveryStatus.FAILED

@@ -8,6 +8,7 @@ import time
 
 from redis.asyncio import Redis
 
+from dispatcher.history.record import AttemptRecord
 from dispatcher.jobs import EventJob, Queue
 from dispatcher.keys import Keys, callback_unique_field, history_member
 from dispatcher.keys import scope as scope_of
@@ -54,7 +55,7 @@ async def test_scripts_and_keys_py_build_the_same_names(settings: Settings, redi
     assert await present(redis) == registered
 
     now = int(time.time() * 1000)
-    record = {"projectId": "demo", "callBackUrl": URL, "events": "BUILD_END",
+    record: AttemptRecord = {"projectId": "demo", "callBackUrl": URL, "events": "BUILD_END",
               "status": "FAILED", "startTime": now, "endTime": now, "createdTime": now}  # fmt: skip
     record_id = await services.history.add(record, dead=True)
     index = keys.history_index("demo", "BUILD_END", URL)
@@ -82,7 +83,7 @@ async def test_scripts_and_keys_py_build_the_same_names(settings: Settings, redi
     assert dead_keys == {keys.history_dead("demo").encode()}
     assert [r.id for r in await services.history.dead("demo")] == [record_id]
 
-    attempt = {**record, "deliveryId": "evt_1.1"}
+    attempt: AttemptRecord = {**record, "deliveryId": "evt_1.1"}
     attempt_id = await services.history.add(attempt)
     history |= {keys.history_record(attempt_id), keys.history_attempts("evt_1.1")}
     assert await present(redis) == registered | history

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import cast
 
 import pytest
 import redis as redis_py
@@ -19,6 +20,7 @@ from dispatcher.embedded import EmbeddedRedis, SentinelGroup
 from dispatcher.errors import InvalidSetting, Unavailable
 from dispatcher.failover import NotMaster, NotWritable
 from dispatcher.history.ids import ID_BLOCK, ID_GAP, RecordIds
+from dispatcher.history.record import AttemptRecord
 from dispatcher.history.redis import RedisHistory
 from dispatcher.keys import Keys, project_scoped
 from dispatcher.producer import Producer
@@ -188,13 +190,13 @@ async def test_record_ids_skip_ahead_on_a_server_that_did_not_hand_out_the_last_
 ) -> None:
     """A promoted replica (or a restarted server) may lack the last blocks of ids handed
     out: its first block starts `ID_GAP` further on, so no id is handed out twice."""
-    fresh: list[dict[str, object]] = [{}]
+    fresh = [cast(AttemptRecord, {})]
     await RecordIds(redis, keys).assign(fresh)
     assert fresh[0]["id"] == 1  # a fresh Redis starts at 1
-    same_server: list[dict[str, object]] = [{}]
+    same_server = [cast(AttemptRecord, {})]
     await RecordIds(redis, keys).assign(same_server)
     assert same_server[0]["id"] == ID_BLOCK + 1
     await redis.set(keys.HISTORY_SEQ_SERVER, "another-server")  # as a failover leaves it
-    promoted: list[dict[str, object]] = [{}]
+    promoted = [cast(AttemptRecord, {})]
     await RecordIds(redis, keys).assign(promoted)
     assert promoted[0]["id"] == 2 * ID_BLOCK + ID_GAP + 1

@@ -19,6 +19,7 @@ from redis.asyncio.client import Pipeline
 from dispatcher.connections import connect
 from dispatcher.embedded import EmbeddedRedis
 from dispatcher.errors import Unavailable
+from dispatcher.history.record import AttemptRecord
 from dispatcher.history.redis import RedisHistory
 from dispatcher.jobs import EventJob, Queue
 from dispatcher.keys import Keys
@@ -114,7 +115,7 @@ async def own_redis(tmp_path: Path) -> AsyncIterator[EmbeddedRedis]:
     server.stop()
 
 
-def record(n: int) -> dict[str, object]:
+def record(n: int) -> AttemptRecord:
     now = int(time.time() * 1000)
     return {"projectId": "demo", "callBackUrl": "http://127.0.0.1:1/h", "events": "BUILD_END",
             "status": "SUCCESS", "startTime": now, "endTime": now,

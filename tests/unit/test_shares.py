@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
+from dispatcher.worker.served import NARROW_BUDGET, WIDE_BUDGET, WIDE_SCAN_S, Served
 from dispatcher.worker.shares import Shares, project_of
 
 
@@ -102,3 +103,16 @@ async def test_over_its_share_an_attempt_to_a_slow_host_goes_back_to_the_queue_a
     started = asyncio.get_running_loop().time()
     assert await shares.admit("p", "slow:80", wait=5) is None
     assert asyncio.get_running_loop().time() - started < 0.1  # not waited out in memory
+
+
+def test_a_claim_looks_at_one_page_while_every_busy_project_holds_its_share() -> None:
+    """Only a project not busy yet could take a job then: the whole claim budget is looked
+    at once per `WIDE_SCAN_S`, one page the rest of the time."""
+    served = Served.__new__(Served)  # no shard needed: the budget is arithmetic
+    served.wide_at = 0.0
+    assert served.scan_budget({"projA": 0}, now=100.0) == WIDE_BUDGET  # the first in a while
+    assert served.scan_budget({"projA": 0}, now=100.1) == NARROW_BUDGET
+    assert served.scan_budget({"projA": 0, "projB": 3}, now=100.1) == WIDE_BUDGET  # B has room
+    assert served.scan_budget({}, now=100.15) == WIDE_BUDGET  # nothing busy: anything goes
+    assert served.scan_budget({"projA": 0}, now=100.2) == NARROW_BUDGET
+    assert served.scan_budget({"projA": 0}, now=100.15 + WIDE_SCAN_S) == WIDE_BUDGET

@@ -9,13 +9,17 @@ import hashlib
 import hmac
 import random
 from types import ModuleType
+from typing import Any
 
 import pytest
+from redis.asyncio.connection import Connection
+from redis.exceptions import DataError
 from standardwebhooks import Webhook
 
 from dispatcher import backoff, settings
 from dispatcher.backoff import next_delay, parse_retry_after
 from dispatcher.delivery import Outcome, classify, request_headers, sign
+from dispatcher.failover import primary_connection_class
 
 
 @pytest.mark.parametrize("module", [backoff, settings])
@@ -86,3 +90,24 @@ def test_signed_headers_verify_with_standard_webhooks() -> None:
     unsigned = request_headers(event="BUILD_END", delivery_id="d", body=body, token="",
                                user_agent="t")  # fmt: skip
     assert "webhook-signature" not in unsigned and "X-DEVOPS-WEBHOOK-TOKEN" not in unsigned
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("SET", "k", b"v", 1, 0.5, "é"),
+        ("EVALSHA", "a" * 40, 2, "k1", "k2", b"\x00\xff" * 3000, -7, 1e20),
+        ("CONFIG GET", "maxmemory"),  # a command name with a space: redis-py splits it
+        (b"CLIENT SETNAME", "w"),
+    ],
+)
+def test_commands_are_packed_as_redis_py_packs_them(args: tuple[Any, ...]) -> None:
+    """Our connections pack with hiredis (C): the bytes on the wire are redis-py's."""
+    ours = primary_connection_class(Connection)()
+    assert b"".join(ours.pack_command(*args)) == b"".join(Connection().pack_command(*args))
+
+
+def test_a_value_hiredis_does_not_take_is_refused_as_redis_py_refuses_it() -> None:
+    ours = primary_connection_class(Connection)()
+    with pytest.raises(DataError):
+        ours.pack_command("SET", "k", None)  # type: ignore[arg-type]  # the point
