@@ -167,7 +167,13 @@ local nxt = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
 if #nxt == 0 then return 0 end
 local id = nxt[1]
 local job = redis.call('GET', ARGV[2] .. id)
-if not job or redis.call('EXISTS', ARGV[3] .. id) == 1 then return 0 end
+if not job then return 0 end
+if redis.call('EXISTS', ARGV[3] .. id) == 1 then
+  -- leased: its holder runs it, or (killed) lets it go when the lease lapses: it must be
+  -- in the queue then (a head put aside while leased is not)
+  redis.call('ZADD', KEYS[2], 'NX', ARGV[5], id)
+  return 0
+end
 if not clear(KEYS[4], KEYS[2], tonumber(nxt[2])) then
   redis.call('ZADD', KEYS[2], 'LT', ARGV[8], id)
   redis.call('ZADD', KEYS[8], nxt[2], id)
