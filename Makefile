@@ -4,6 +4,10 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PY_DIRS := dispatcher tests $(wildcard bench)
+# pytest-xdist workers for the unit, service and repository tiers (0: one process). The
+# fault and browser tiers always run in one: they kill, pause and time real processes.
+WORKERS ?= 2
+FAST_TIERS := tests/unit tests/service tests/repo
 
 .PHONY: run test test-fast test-faults lint fmt typecheck pytest screenshots bench bench-quick deploy-check clean
 
@@ -26,10 +30,11 @@ typecheck: $(STAMP)
 	$(BIN)/mypy
 
 pytest: $(STAMP)
-	$(BIN)/pytest
+	$(BIN)/pytest -n $(WORKERS) $(FAST_TIERS)
+	$(BIN)/pytest tests/faults tests/browser
 
 test-fast: $(STAMP)  ## the loop for every change: unit, service and repository tiers (< 90 s)
-	$(BIN)/pytest -q tests/unit tests/service tests/repo
+	$(BIN)/pytest -q -n $(WORKERS) $(FAST_TIERS)
 
 test-faults: $(STAMP)  ## the fault tier: workers, Redis and PostgreSQL killed and paused
 	$(BIN)/pytest -q tests/faults

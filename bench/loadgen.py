@@ -37,6 +37,7 @@ from bench.common import (
     event_data,
     install_uvloop,
 )
+from dispatcher.clock import now_ms
 from dispatcher.connections import redis_settings
 from dispatcher.jobs import FAN_OUT, job_deserializer, job_serializer
 from dispatcher.producer import Producer
@@ -91,7 +92,7 @@ async def mode_enqueue(args: argparse.Namespace) -> dict[str, Any]:
                 "projectId": PROJECT,
                 "event": EVENT,
                 "data": event_data(i),
-                "emittedAt": time.time_ns() // 1_000_000,
+                "emittedAt": now_ms(),
             }
             job = await redis.enqueue_job(FAN_OUT, payload, _job_id=str(payload["id"]))
             assert job is not None

@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import enum
 import functools
-import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -17,6 +16,7 @@ import httpx
 import orjson
 
 from dispatcher.backoff import parse_retry_after
+from dispatcher.clock import now_ms
 from dispatcher.errors import AddressRefused, describe
 from dispatcher.headers import (
     DELIVERY_HEADER,
@@ -181,10 +181,6 @@ def _error_text(exc: BaseException, timeouts: tuple[float, float]) -> str:
     return describe(exc, trusted=_NETWORK_ERRORS)
 
 
-def _now_ms() -> int:
-    return time.time_ns() // 1_000_000
-
-
 async def _read_capped(response: httpx.Response, limit: int) -> tuple[bytes, bool]:
     """At most `limit` bytes of the body; the rest is never read into memory."""
     chunks: list[bytes] = []
@@ -205,8 +201,14 @@ def _parsed(url: str) -> httpx.URL:
 
 @functools.lru_cache(maxsize=16)
 def _extensions(connect_timeout: float, total_timeout: float) -> dict[str, Any]:
-    return {"timeout": {"connect": connect_timeout, "read": total_timeout,
-                        "write": total_timeout, "pool": total_timeout}}  # fmt: skip
+    return {
+        "timeout": {
+            "connect": connect_timeout,
+            "read": total_timeout,
+            "write": total_timeout,
+            "pool": total_timeout,
+        }
+    }
 
 
 async def send(
@@ -227,15 +229,18 @@ async def send(
     The request goes straight to the transport: a delivery needs none of the client's
     layers (cookies, auth flows, redirects, hooks), and skipping them is measurably cheaper.
     """
-    started = _now_ms()
+    started = now_ms()
     try:
         request = httpx.Request(
-            "POST", _parsed(url), content=body, headers=headers,
+            "POST",
+            _parsed(url),
+            content=body,
+            headers=headers,
             extensions=_extensions(connect_timeout, total_timeout),
-        )  # fmt: skip
+        )
     except Exception as exc:  # retrying cannot help: the same request again would fail
         text = f"the request could not be built: {describe(exc, trusted=(httpx.InvalidURL,))}"
-        return AttemptResult(Outcome.FAILED, None, None, text, None, started, _now_ms())
+        return AttemptResult(Outcome.FAILED, None, None, text, None, started, now_ms())
     answer = _Answer()
     try:
         async with asyncio.timeout(total_timeout):
@@ -266,7 +271,7 @@ class _Answer:
 
     def result(self, outcome: Outcome, error: str | None, started: int) -> AttemptResult:
         return AttemptResult(
-            outcome, self.status, self.text, error, self.retry_after, started, _now_ms()
+            outcome, self.status, self.text, error, self.retry_after, started, now_ms()
         )
 
 
@@ -299,18 +304,28 @@ async def attempt(
     headers: dict[str, str] = {}
     try:
         headers = request_headers(
-            event=out.event, delivery_id=out.delivery_id, body=out.body, token=out.token,
-            user_agent=limits.user_agent, project_id=out.project_id,
-            auth_header=out.auth_header, previous_token=out.previous_token,
-        )  # fmt: skip
+            event=out.event,
+            delivery_id=out.delivery_id,
+            body=out.body,
+            token=out.token,
+            user_agent=limits.user_agent,
+            project_id=out.project_id,
+            auth_header=out.auth_header,
+            previous_token=out.previous_token,
+        )
         if out.extra:
             headers.update(out.extra)
         result = refused or await send(
-            transport, out.url, out.body, headers, connect_timeout=limits.connect_timeout,
-            total_timeout=limits.total_timeout, max_response_body=limits.max_response_body,
-        )  # fmt: skip
+            transport,
+            out.url,
+            out.body,
+            headers,
+            connect_timeout=limits.connect_timeout,
+            total_timeout=limits.total_timeout,
+            max_response_body=limits.max_response_body,
+        )
     except Exception as exc:
-        now = _now_ms()
+        now = now_ms()
         error = f"the request could not be sent: {describe(exc)}"
         result = AttemptResult(Outcome.FAILED, None, None, error, None, now, now)
     return Attempted(result, mask_headers(headers, out.auth_header))

@@ -111,9 +111,9 @@ class _Packing(AbstractConnection):
     def pack_command(self, *args: Any) -> list[bytes]:
         first = args[0]
         if self.encoder.encoding == "utf-8" and not (
-            isinstance(first, (str, bytes)) and (" " in first if isinstance(first, str)
-                                                 else b" " in first)
-        ):  # fmt: skip
+            isinstance(first, (str, bytes))
+            and (" " in first if isinstance(first, str) else b" " in first)
+        ):
             with contextlib.suppress(TypeError):
                 return [hiredis.pack_command(args)]
         return super().pack_command(*args)

@@ -51,12 +51,27 @@ _HEADER_VALUE = re.compile(r"[\x21-\x7e]+(?: +[\x21-\x7e]+)*")
 _SENDABLE_VALUE = re.compile(r"[\x20-\x7e\t]*")
 # What a callback's own header may not be: hop-by-hop and framing headers, and every
 # header a delivery sets itself (by name, or by the prefixes of ours).
-RESERVED_HEADERS = frozenset({
-    "connection", "keep-alive", "proxy-authenticate", "proxy-authorization",
-    "proxy-connection", "te", "trailer", "transfer-encoding", "upgrade", "host",
-    "content-length", "content-type", "content-encoding", "expect", "user-agent",
-    "traceparent", "tracestate",
-})  # fmt: skip
+RESERVED_HEADERS = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "host",
+        "content-length",
+        "content-type",
+        "content-encoding",
+        "expect",
+        "user-agent",
+        "traceparent",
+        "tracestate",
+    }
+)
 RESERVED_PREFIXES = ("x-devops-", "webhook-")
 
 

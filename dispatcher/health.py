@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 import structlog
 
-from dispatcher import metrics
+from dispatcher import clock, metrics
 from dispatcher.keys import SEP
 from dispatcher.lua import Lua, run_pipeline
 from dispatcher.registry.scripts import DISABLE
@@ -125,12 +125,23 @@ class Health:
         k, settings = self.keys, self.settings
         _FAILED.queue(
             pipe,
-            [k.health(callback_id), k.HEALTH_FAILING, k.callback(callback_id),
-             k.CALLBACKS_DISABLED],
-            [now_ms, error, callback_id, "" if record_id is None else record_id,
-             settings.disable_after_failures, int(settings.disable_after_seconds * 1000),
-             k.MATCH_PREFIX, SEP],
-        )  # fmt: skip
+            [
+                k.health(callback_id),
+                k.HEALTH_FAILING,
+                k.callback(callback_id),
+                k.CALLBACKS_DISABLED,
+            ],
+            [
+                now_ms,
+                error,
+                callback_id,
+                "" if record_id is None else record_id,
+                settings.disable_after_failures,
+                int(settings.disable_after_seconds * 1000),
+                k.MATCH_PREFIX,
+                SEP,
+            ],
+        )
 
     @staticmethod
     def judged(callback_id: int, answer: Sequence[Any]) -> str | None:
@@ -146,7 +157,7 @@ class Health:
     async def failed(self, callback_id: int, error: str, *, now_ms: int | None = None) -> bool:
         """Count one final failure now; disable the callback past the threshold. Returns
         True when this call disabled it."""
-        now = time.time_ns() // 1_000_000 if now_ms is None else now_ms
+        now = clock.now_ms() if now_ms is None else now_ms
         (answer,) = await run_pipeline(
             self.redis, lambda pipe: self.queue_failed(pipe, callback_id, error, now)
         )

@@ -26,7 +26,6 @@ never retries it.
 from __future__ import annotations
 
 import dataclasses
-import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -35,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 from arq.constants import expires_extra_ms
 
+from dispatcher.clock import now_ms
 from dispatcher.keys import project_scoped
 from dispatcher.lua import Lua, run_pipeline
 from dispatcher.models import PLATFORM_PROJECT
@@ -75,10 +75,6 @@ class BadJob(ValueError):
 
 def new_event_id() -> str:
     return "evt_" + uuid.uuid4().hex
-
-
-def now_ms() -> int:
-    return time.time_ns() // 1_000_000
 
 
 def _text(payload: dict[str, Any], name: str) -> str:

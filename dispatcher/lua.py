@@ -1,15 +1,37 @@
-"""Lua scripts without redis-py's per-pipeline `SCRIPT EXISTS` round trip.
+"""Lua scripts without redis-py's per-pipeline `SCRIPT EXISTS` round trip, and `Script`:
+a script as a typed Python call that names its keys and arguments once.
 
 redis-py checks every script of a pipeline with an extra round trip each time the pipeline
 runs. Here a script is sent by its SHA; when Redis answers NOSCRIPT (it restarted, or never
 saw the script) every script is loaded and the call is made again.
+
+A `Script` is a dataclass whose fields are the script's keys (annotated `Key`) and
+arguments, in order; its Lua reads them by those names (local variables set from KEYS and
+ARGV), and a call is `await Claim(mark=..., index=...).run(redis)` or `.queue_on(pipe)`:
+
+    @dataclass(frozen=True)
+    class Claim(Script):
+        '''Marks a shard with its position; returns the position marked first.'''
+
+        LUA = '''
+        local marked = redis.call('GET', mark)
+        if marked then return marked end
+        redis.call('SET', mark, index)
+        return index
+        '''
+        mark: Key
+        index: int
+
+Key names are made in Python (`dispatcher.keys`) and given as keys, never built in Lua.
 """
 
 from __future__ import annotations
 
 import hashlib
+import re
+import textwrap
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, get_type_hints
 
 from redis.exceptions import NoScriptError
 
@@ -17,7 +39,7 @@ if TYPE_CHECKING:
     from redis.asyncio import Redis
     from redis.asyncio.client import Pipeline
 
-__all__ = ["Lua", "run_pipeline"]
+__all__ = ["Key", "Lua", "Script", "run_pipeline"]
 
 Arg = str | bytes | int | float
 
@@ -72,3 +94,52 @@ async def run_pipeline(redis: Redis, queue: Callable[[Pipeline], None]) -> list[
             raise error
         return results
     raise AssertionError("unreachable")
+
+
+class _KeyMark:
+    """What marks a `Script` field as a key (KEYS), not an argument (ARGV)."""
+
+
+Key = Annotated[str, _KeyMark]
+
+_LUA_WORDS = set(
+    "and break do else elseif end false for function goto if in local nil not or repeat "
+    "return then true until while redis KEYS ARGV".split()
+)
+
+
+class Script:
+    """A Lua script as a dataclass: its fields are its keys (`Key`) and arguments in order,
+    read in `LUA` by their names. Subclasses set `LUA` and are `@dataclass(frozen=True)`."""
+
+    LUA: ClassVar[str]
+    _lua: ClassVar[Lua]
+    _keys: ClassVar[tuple[str, ...]]
+    _args: ClassVar[tuple[str, ...]]
+
+    def __init_subclass__(cls) -> None:
+        super().__init_subclass__()
+        hints = get_type_hints(cls, include_extras=True)
+        names = [name for name in cls.__annotations__ if not name.startswith("_")]
+        names = [name for name in names if name in hints and name != "LUA"]
+        for name in names:
+            if name in _LUA_WORDS or not re.fullmatch(r"[a-z_][a-z0-9_]*", name):
+                raise TypeError(f"{cls.__name__}.{name}: not a name Lua can read")
+            if hasattr(Script, name):
+                raise TypeError(f"{cls.__name__}.{name}: the name of a Script method")
+        cls._keys = tuple(n for n in names if _KeyMark in getattr(hints[n], "__metadata__", ()))
+        cls._args = tuple(n for n in names if n not in cls._keys)
+        setup = [f"local {n} = KEYS[{i}]" for i, n in enumerate(cls._keys, 1)]
+        setup += [f"local {n} = ARGV[{i}]" for i, n in enumerate(cls._args, 1)]
+        cls._lua = Lua("\n".join([*setup, textwrap.dedent(cls.LUA).strip(), ""]))
+
+    def _call(self) -> tuple[list[str], list[Arg]]:
+        return [getattr(self, n) for n in self._keys], [getattr(self, n) for n in self._args]
+
+    async def run(self, redis: Redis) -> Any:
+        """Run now (one round trip; two after a Redis restart)."""
+        return await self._lua(redis, *self._call())
+
+    def queue_on(self, pipe: Pipeline) -> None:
+        """Queue on `pipe`; run it with `run_pipeline` (or a Batcher)."""
+        self._lua.queue(pipe, *self._call())

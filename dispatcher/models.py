@@ -17,6 +17,7 @@ __all__ = [
     "MASK",
     "PLATFORM_PROJECT",
     "PROJECT_EVENTS",
+    "PROJECT_ID",
     "SECRET_HEADERS",
     "ApigwType",
     "CallBackHeader",
@@ -36,6 +37,7 @@ __all__ = [
     "RedeliveryResult",
     "Region",
     "Result",
+    "check_project_id",
     "parse_event",
     "parse_events",
     "parse_status",
@@ -47,6 +49,9 @@ T = TypeVar("T")
 # is for pydantic and the OpenAPI document (pydantic's regex engine has no multiline `$`).
 EVENT_ID = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
 EVENT_ID_PATTERN = rf"^{EVENT_ID.pattern}$"
+# What can name a project in a key, a job and a delivery's header: 1-128 visible ASCII
+# characters, no ':'.
+PROJECT_ID = re.compile(r"[\x21-\x39\x3b-\x7e]{1,128}")
 
 MASK = "******"
 # Request headers whose values history never shows (lower case): the token, credentials,
@@ -96,6 +101,23 @@ class Level(enum.StrEnum):
     PROJECT = "project"
     PIPELINE = "pipeline"
     PLATFORM = "platform"
+
+
+def check_project_id(project_id: str) -> None:
+    """Raise `InvalidInput` (param `projectId`) unless `project_id` can name a project that
+    emits events: `PROJECT_ID`, and not the platform's own."""
+    if not project_id:
+        raise InvalidInput("projectId is required", param="projectId")
+    if not PROJECT_ID.fullmatch(project_id):
+        raise InvalidInput(
+            "projectId must be 1-128 visible ASCII characters without ':'", param="projectId"
+        )
+    if project_id == PLATFORM_PROJECT:
+        raise InvalidInput(
+            f"{PLATFORM_PROJECT} is not a project that has events: it holds the platform-wide "
+            "callbacks, which every project's events reach",
+            param="projectId",
+        )
 
 
 def parse_event(name: str) -> Event:

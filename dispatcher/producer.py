@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
-import re
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -16,11 +15,12 @@ from redis.exceptions import ResponseError
 
 from dispatcher import metrics, tracing
 from dispatcher.batch import Batcher
+from dispatcher.clock import now_ms
 from dispatcher.connections import REDIS_ERRORS, redis_full
 from dispatcher.errors import InvalidInput, NotReplicated, Unavailable
-from dispatcher.jobs import DeliveryJob, EventJob, Queue, new_event_id, now_ms
+from dispatcher.jobs import DeliveryJob, EventJob, Queue, new_event_id
 from dispatcher.keys import Keys
-from dispatcher.models import EVENT_ID, PLATFORM_PROJECT, parse_event
+from dispatcher.models import EVENT_ID, PLATFORM_PROJECT, check_project_id, parse_event
 from dispatcher.replication import Replication, run_replicated
 from dispatcher.shards.placement import Placement, kept_fresh
 from dispatcher.shards.shard import Shard
@@ -34,10 +34,6 @@ if TYPE_CHECKING:
     from dispatcher.tracing import TraceContext
 
 __all__ = ["Producer", "emit", "event_job", "wire_event_job"]
-
-# What can name a project in a key, a job and a delivery's header: 1-128 visible ASCII
-# characters, no ':'.
-_PROJECT_ID = re.compile(r"[\x21-\x39\x3b-\x7e]{1,128}")
 
 T = TypeVar("T")
 # what waiting for Redis looks like: its errors, no answer within the wait, or too few
@@ -57,18 +53,7 @@ def event_job(
     """A checked event: a known name, a project id, a JSON object the queue can hold (no
     NaN or Infinity, which JSON has no words for), an event id (when given) of 1-128
     letters, digits and `_.:-`, each matched whole. `trace`: the trace it continues."""
-    if not project_id:
-        raise InvalidInput("projectId is required", param="projectId")
-    if not _PROJECT_ID.fullmatch(project_id):
-        raise InvalidInput(
-            "projectId must be 1-128 visible ASCII characters without ':'", param="projectId"
-        )
-    if project_id == PLATFORM_PROJECT:
-        raise InvalidInput(
-            f"{PLATFORM_PROJECT} is not a project that has events: it holds the platform-wide "
-            "callbacks, which every project's events reach",
-            param="projectId",
-        )
+    check_project_id(project_id)
     if data is None:
         data = {}
     if not isinstance(data, Mapping):
@@ -89,9 +74,14 @@ def event_job(
             param="data",
         )
     return EventJob(
-        id=event_id or new_event_id(), project_id=project_id, event=parse_event(event).value,
-        data=data, emitted_at=now_ms(), trace=trace, data_json=encoded,
-    )  # fmt: skip
+        id=event_id or new_event_id(),
+        project_id=project_id,
+        event=parse_event(event).value,
+        data=data,
+        emitted_at=now_ms(),
+        trace=trace,
+        data_json=encoded,
+    )
 
 
 def _non_finite(value: Any) -> bool:

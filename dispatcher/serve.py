@@ -51,9 +51,13 @@ def api_config(settings: Settings) -> uvicorn.Config:
     (Kludex/uvicorn#2722), and every stock JDK HttpClient offers `h2c` on each request.
     (httptools measured -17% of the API's CPU per emit request.)"""
     return uvicorn.Config(
-        create_app(settings), host=settings.api_host, port=settings.api_port,
-        log_config=None, lifespan="on", http="h11",
-    )  # fmt: skip
+        create_app(settings),
+        host=settings.api_host,
+        port=settings.api_port,
+        log_config=None,
+        lifespan="on",
+        http="h11",
+    )
 
 
 async def serve(settings: Settings, *, with_worker: bool) -> None:

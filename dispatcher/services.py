@@ -15,11 +15,12 @@ import structlog
 
 from dispatcher.auth import Roles
 from dispatcher.batch import Batcher
+from dispatcher.clock import now_ms
 from dispatcher.connections import REDIS_ERRORS, connect
 from dispatcher.egress import policy_for
 from dispatcher.errors import InvalidInput
 from dispatcher.health import Health
-from dispatcher.history import Cursor, now_ms, open_history, parse_window
+from dispatcher.history import Cursor, open_history, parse_window
 from dispatcher.jobs import Queue
 from dispatcher.models import Region, parse_event, parse_status
 from dispatcher.producer import Producer
@@ -133,9 +134,16 @@ class Services:
         receiver controls (`options`); returns its id."""
         url = await self.check_target(url, region)
         callback_id, _ = await self.registry.create(
-            project_id, url, event, region, secret_token, creator=creator,
-            pipeline_id=pipeline_id, auth_header=auth_header, options=options,
-        )  # fmt: skip
+            project_id,
+            url,
+            event,
+            region,
+            secret_token,
+            creator=creator,
+            pipeline_id=pipeline_id,
+            auth_header=auth_header,
+            options=options,
+        )
         return callback_id
 
     async def register_batch(
@@ -154,9 +162,16 @@ class Services:
         """One URL for a comma-separated list of events; unknown names are reported."""
         url = await self.check_target(url, region)
         return await self.registry.create_batch(
-            project_id, url, events, region, secret_token, creator=creator,
-            pipeline_id=pipeline_id, auth_header=auth_header, options=options,
-        )  # fmt: skip
+            project_id,
+            url,
+            events,
+            region,
+            secret_token,
+            creator=creator,
+            pipeline_id=pipeline_id,
+            auth_header=auth_header,
+            options=options,
+        )
 
     async def rotate_secret(
         self,
@@ -180,9 +195,13 @@ class Services:
         return await self.registry.get(callback_id, project_id, pipeline_id)
 
     async def callbacks(
-        self, project_id: str, page: int = 1, page_size: int = 20, *,
+        self,
+        project_id: str,
+        page: int = 1,
+        page_size: int = 20,
+        *,
         pipeline_id: str | None = None,
-    ) -> CallbackPage:  # fmt: skip
+    ) -> CallbackPage:
         """A project's callbacks (its pipelines' included), or one pipeline's, oldest first;
         `page_size` capped like history's."""
         size = min(page_size, self.settings.history_max_page_size)
@@ -231,9 +250,14 @@ class Services:
         """The seed's query: a known event, a window in the configured time zone."""
         name, start_ms, end_ms = self._window(event, start_time, end_time)
         return await self.history.query(
-            project_id, url, name, start_ms=start_ms, end_ms=end_ms, page=page,
+            project_id,
+            url,
+            name,
+            start_ms=start_ms,
+            end_ms=end_ms,
+            page=page,
             page_size=page_size,
-        )  # fmt: skip
+        )
 
     def _window(
         self, event: str, start_time: str | None, end_time: str | None
@@ -242,7 +266,7 @@ class Services:
         start_ms, end_ms = parse_window(start_time, end_time, self.settings.tz)
         return parse_event(event).value, start_ms, end_ms
 
-    async def record(self, record_id: int, project_id: str) -> HistoryRecord:
+    async def get_record(self, record_id: int, project_id: str) -> HistoryRecord:
         """One history record of the project."""
         return await self.history.get(record_id, project_id)
 

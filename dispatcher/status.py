@@ -5,12 +5,12 @@ written by the workers: their heartbeats (here) and their attempts over time
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import orjson
 
+from dispatcher import clock
 from dispatcher.stats import read_series
 
 if TYPE_CHECKING:
@@ -91,7 +91,7 @@ def write_heartbeat(
 
 
 def _since(now_ms: int | None) -> str:
-    now = time.time_ns() // 1_000_000 if now_ms is None else now_ms
+    now = clock.now_ms() if now_ms is None else now_ms
     return f"({now - HEARTBEAT_TTL_S * 1000}"
 
 
@@ -141,7 +141,7 @@ async def read_lanes(
 async def read_status(
     redis: Redis, keys: Keys, queue: Queue, health: Health, *, now_ms: int | None = None
 ) -> Status:
-    now = time.time_ns() // 1_000_000 if now_ms is None else now_ms
+    now = clock.now_ms() if now_ms is None else now_ms
     due, oldest = await queue.depth()
     hour, day = await read_series(redis, keys, now)
     return Status(

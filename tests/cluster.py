@@ -33,9 +33,7 @@ class LocalCluster:
         return "redis+cluster://" + ",".join(f"127.0.0.1:{port}" for port in self.ports) + "/"
 
     def start(self, within: float = 20.0) -> str:
-        for port in self.ports:
-            self._processes.append(self._spawn(port))
-        self._wait(lambda: all(_answers(port) for port in self.ports), within, "nodes up")
+        self.ports = [self._node(port, within) for port in self.ports]
         nodes = [f"127.0.0.1:{port}" for port in self.ports]
         subprocess.run(
             [str(Path(_server()).with_name("redis-cli")), "--cluster", "create",
@@ -44,6 +42,24 @@ class LocalCluster:
         )  # fmt: skip
         self._wait(self._ok, within, "cluster_state:ok on every node")
         return self.url
+
+    def _node(self, port: int, within: float, tries: int = 5) -> int:
+        """A node answering on `port`, or on another port when something else took `port` or
+        its bus port since they were picked (other tests, other processes' connections)."""
+        for _ in range(tries):
+            process = self._spawn(port)
+            deadline = time.monotonic() + within
+            while process.poll() is None and time.monotonic() < deadline:
+                if _answers(port):
+                    self._processes.append(process)
+                    return port
+                time.sleep(0.02)
+            if process.poll() is None:
+                process.kill()
+                process.wait(timeout=10)
+                break
+            port = _cluster_port()  # it exited: a port was taken
+        raise RuntimeError("the test cluster is not ready: a node did not come up")
 
     def _spawn(self, port: int) -> subprocess.Popen[bytes]:
         folder = self.data_dir / str(port)

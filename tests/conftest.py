@@ -15,7 +15,9 @@ import httpx
 import pytest
 import structlog
 from redis.asyncio import Redis
+from xdist.scheduler import LoadScopeScheduling
 
+from dispatcher.cli import common as cli_common
 from dispatcher.connections import connect
 from dispatcher.embedded import FAST, EmbeddedPostgres, EmbeddedRedis, SentinelGroup
 from dispatcher.settings import Settings
@@ -31,6 +33,26 @@ from tests.helpers import (
     stop,
 )
 
+# Modules that one pytest-xdist worker runs whole, in order, and why.
+WHOLE_MODULES = {
+    "tests/service/test_schemathesis.py": "its last test reads what fuzzing every route saw",
+}
+
+
+class ByTestScheduling(LoadScopeScheduling):  # type: ignore[misc]  # xdist has no types
+    """pytest-xdist's `--dist load`, test by test to whichever worker is free, except that
+    each module of `WHOLE_MODULES` goes to one worker as a unit (the largest units first)."""
+
+    def _split_scope(self, nodeid: str) -> str:
+        module = nodeid.split("::", 1)[0]
+        return module if module in WHOLE_MODULES else nodeid
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> ByTestScheduling | None:
+    """`-n N` (the default `--dist load`) schedules with `ByTestScheduling`; any other `--dist`
+    is pytest-xdist's own."""
+    return ByTestScheduling(config, log) if config.getoption("dist") == "load" else None
+
 
 @pytest.fixture(autouse=True)
 def _fresh_logging() -> Iterator[None]:
@@ -40,6 +62,15 @@ def _fresh_logging() -> Iterator[None]:
     yield
     structlog.reset_defaults()
     root.handlers[:], root.level = handlers, level
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _wide_cli_tables() -> None:
+    """The CLI's tables unfolded whatever the terminal: rich fixes a console's size when
+    COLUMNS and LINES are both set as it is made (pytest-xdist's workers set 80x24), else
+    asks the terminal at each print."""
+    for console in (cli_common.console, cli_common.err):
+        console.size = (200, 50)
 
 
 @pytest.fixture(scope="session")

@@ -27,6 +27,7 @@ from redis.asyncio.client import Pipeline
 
 from dispatcher.api import create_app
 from dispatcher.batch import QueueCommands
+from dispatcher.clock import now_ms
 from dispatcher.history.redis import RedisHistory
 from dispatcher.history.schema import upgrade
 from dispatcher.history.shipper import Shipper
@@ -60,7 +61,7 @@ async def all_records(
     redis: Redis, settings: Settings, url: str, project: str = "demo"
 ) -> list[Any]:
     """Every Redis history record of `url` (event BUILD_END, the last minute), oldest first."""
-    now, page = int(time.time() * 1000), 1
+    now, page = now_ms(), 1
     found: list[Any] = []
     window = {"start_ms": now - 60_000, "end_ms": now + 1000, "page_size": 100}
     history = RedisHistory(redis, settings, Keys(settings.queue_name))

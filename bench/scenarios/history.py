@@ -17,6 +17,7 @@ from bench.common import PROJECT, record_template
 from bench.harness import Scenario
 from bench.report import Row, ratio_row
 from bench.timing import Op, interleaved, median_us
+from dispatcher.clock import now_ms
 from dispatcher.connections import connect
 from dispatcher.history.record import AttemptRecord
 from dispatcher.history.redis import RedisHistory
@@ -51,7 +52,7 @@ class Filler:
         self.redis = redis
         self.history = RedisHistory(redis, settings, keys)
         self.template = record_template()
-        self.base_ms = time.time_ns() // 1_000_000 - 3_600_000  # an hour ago: in the window
+        self.base_ms = now_ms() - 3_600_000  # an hour ago: in the window
         self.written = 0
 
     def _record(self, pair: tuple[str, str], n: int) -> AttemptRecord:
@@ -122,7 +123,7 @@ async def measure(large: Redis, small: Redis, settings: Settings, rounds: int) -
     stores, interleaved round by round so that all of them share the machine's noise."""
     blob_key = "bench:blob"
     await large.set(blob_key, b"x" * 2048)
-    now = time.time_ns() // 1_000_000
+    now = now_ms()
     ops: dict[str, Op] = {"get_2kb": lambda: large.get(blob_key)}
     ops |= _ops(large, settings, now, "")
     ops |= _ops(small, settings, now, "small_")

@@ -29,6 +29,7 @@ from bench.postgres import create_databases
 from bench.report import Row, ratio_row
 from bench.timing import Op, interleaved, median_us
 from bench.workers import THROUGHPUT_PG, median_run
+from dispatcher.clock import now_ms
 from dispatcher.history.postgres import PostgresHistory, stream_fields
 from dispatcher.history.schema import DAY_MS, ensure_partitions, upgrade
 from dispatcher.history.shipper import Shipper
@@ -155,7 +156,7 @@ async def ship_rate(redis: Redis, settings: Settings, records: int) -> dict[str,
     """`records` XADDed as workers do, then drained by one shipper: records/s stored."""
     await redis.delete(keys.HISTORY_STREAM)
     template = record_template()
-    now = time.time_ns() // 1_000_000
+    now = now_ms()
     for start in range(0, records, 2_000):
         async with redis.pipeline(transaction=False) as pipe:
             for n in range(start, min(records, start + 2_000)):
@@ -184,7 +185,7 @@ async def fill_and_measure(
 ) -> dict[str, Any]:  # fmt: skip
     """Fill both tables, time the queries, then the shipping (into the big table)."""
     total, hot, small_total = sizes
-    end_ms = time.time_ns() // 1_000_000
+    end_ms = now_ms()
     big_rate = await fill(urls[0], total, hot, end_ms)
     await fill(urls[1], small_total, 20_000, end_ms)
     big = PostgresHistory(redis, settings.model_copy(update={"history_url": urls[0]}), keys)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import statistics
-import time
 from typing import TYPE_CHECKING
 
 import asyncpg
@@ -15,6 +14,7 @@ from bench.harness import Scenario
 from bench.postgres import create_databases
 from bench.procs import BenchError, WorkerProcess, run_loadgen
 from bench.report import Row
+from dispatcher.clock import now_ms
 
 if TYPE_CHECKING:
     from bench.harness import Bench
@@ -39,7 +39,7 @@ class Poller:
             rows = await self.conn.fetch(
                 "SELECT id, created_ms FROM history_attempts WHERE id > $1", last
             )
-            seen = time.time() * 1000
+            seen = now_ms()
             for row in rows:
                 self.lags.append(seen - row["created_ms"])
                 last = max(last, row["id"])

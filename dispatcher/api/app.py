@@ -62,9 +62,16 @@ def create_app(settings: Settings, redis: Redis | None = None) -> FastAPI:
     app.add_middleware(Limits, settings=settings, body_limits=batch_limit)
     app.add_middleware(RequestId)
     # Routes are matched in order: the producers', which take the volume, come first.
-    for router in (events.router(settings), callbacks.router, pipelines.router,
-                   *history.routers, operator.router, platform.router, catalogue.router,
-                   probes.router):  # fmt: skip
+    for router in (
+        events.router(settings),
+        callbacks.router,
+        pipelines.router,
+        *history.routers,
+        operator.router,
+        platform.router,
+        catalogue.router,
+        probes.router,
+    ):
         app.include_router(router)
     console.install(app, settings)
     return app

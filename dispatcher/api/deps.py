@@ -1,5 +1,5 @@
 """What routes declare: the services, the caller, the role a route needs, the operator
-token, and the parameter types the seeds fix."""
+token, who may manage a level's callbacks, and the parameter types the seeds fix."""
 
 from __future__ import annotations
 
@@ -11,13 +11,14 @@ from fastapi import Depends, Header, Path, Query, Request
 from dispatcher.auth import Role
 from dispatcher.delivery import MAX_AUTH_HEADER_NAME, MAX_AUTH_HEADER_VALUE, AuthHeader
 from dispatcher.errors import Forbidden, Unauthenticated
-from dispatcher.models import ApigwType, Region
+from dispatcher.models import PLATFORM_PROJECT, ApigwType, Region
 from dispatcher.registry import Options
 from dispatcher.registry.options import MAX_FILTER_LENGTH, MAX_IN_FLIGHT, MAX_PER_SECOND
 from dispatcher.services import Services
 from dispatcher.shards.router import Router
 
 __all__ = [
+    "Access",
     "Admin",
     "AuthHeaderQuery",
     "Caller",
@@ -36,6 +37,11 @@ __all__ = [
     "TokenQuery",
     "UrlQuery",
     "apigw",
+    "pipeline_admin",
+    "pipeline_member",
+    "platform_operator",
+    "project_admin",
+    "project_member",
 ]
 
 # Bounded so that the offset, (page - 1) * pageSize, fits Redis' 64-bit integers.
@@ -232,3 +238,37 @@ async def operator(
 
 
 Operator = Annotated[str, Depends(operator)]
+
+
+class Access(NamedTuple):
+    """Whose callbacks a route manages, and who asks (allowed to)."""
+
+    scope: Scope
+    uid: str
+
+
+async def project_admin(project_id: ProjectPath, uid: Admin) -> Access:
+    """A project's callbacks, changed by one of its admins."""
+    return Access(Scope(project_id), uid)
+
+
+async def project_member(project_id: ProjectPath, uid: Member) -> Access:
+    """A project's callbacks, seen by one of its members."""
+    return Access(Scope(project_id), uid)
+
+
+async def pipeline_admin(project_id: ProjectPath, pipeline_id: PipelinePath, uid: Admin) -> Access:
+    """A pipeline's callbacks, changed by an admin of its project."""
+    return Access(Scope(project_id, pipeline_id), uid)
+
+
+async def pipeline_member(
+    project_id: ProjectPath, pipeline_id: PipelinePath, uid: Member
+) -> Access:
+    """A pipeline's callbacks, seen by a member of its project."""
+    return Access(Scope(project_id, pipeline_id), uid)
+
+
+async def platform_operator(name: Operator) -> Access:
+    """The platform-wide callbacks, changed or seen by an operator."""
+    return Access(Scope(PLATFORM_PROJECT), name)

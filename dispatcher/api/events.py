@@ -140,7 +140,10 @@ def router(settings: Settings) -> APIRouter:
     events = APIRouter(prefix=V4, dependencies=[Depends(apigw)], tags=["events"])
     events.add_api_route("/events", emit_event, methods=["POST"], response_model=Result[EmitResult])
     events.add_api_route(
-        "/events/batch", emit_batch, methods=["POST"], response_model=Result[EmitBatchResult],
+        "/events/batch",
+        emit_batch,
+        methods=["POST"],
+        response_model=Result[EmitBatchResult],
         openapi_extra=batch_body_doc(settings),
-    )  # fmt: skip
+    )
     return events

@@ -70,9 +70,10 @@ class Limits:
             (compile_path(path)[0], limit) for path, limit in (body_limits or {}).items()
         ]
         self.gateway_token = (
-            None if settings.gateway_token is None
+            None
+            if settings.gateway_token is None
             else settings.gateway_token.get_secret_value().encode()
-        )  # fmt: skip
+        )
 
     def body_limit(self, path: str) -> int:
         """The largest body the route at `path` takes."""

@@ -7,24 +7,15 @@ from __future__ import annotations
 from fastapi import Depends
 
 from dispatcher.api.callbacks import V4, callback_routes
-from dispatcher.api.deps import Admin, Member, PipelinePath, ProjectPath, Scope, apigw
+from dispatcher.api.deps import apigw, pipeline_admin, pipeline_member
 
 __all__ = ["router"]
 
-
-async def pipeline_scope(project_id: ProjectPath, pipeline_id: PipelinePath) -> Scope:
-    return Scope(project_id, pipeline_id)
-
-
-async def _admin(uid: Admin) -> str:
-    return uid
-
-
-async def _member(uid: Member) -> str:
-    return uid
-
-
 router = callback_routes(
-    f"{V4}/pipelines/{{pipelineId}}/callbacks", "pipeline callbacks", pipeline_scope, _admin,
-    _member, switches=False, dependencies=[Depends(apigw)],
-)  # fmt: skip
+    f"{V4}/pipelines/{{pipelineId}}/callbacks",
+    "pipeline callbacks",
+    pipeline_admin,
+    pipeline_member,
+    switches=False,
+    dependencies=[Depends(apigw)],
+)

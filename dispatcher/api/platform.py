@@ -5,20 +5,10 @@ project events of every project, and any other event they subscribe to, of every
 from __future__ import annotations
 
 from dispatcher.api.callbacks import callback_routes
-from dispatcher.api.deps import Operator, Scope
-from dispatcher.models import PLATFORM_PROJECT
+from dispatcher.api.deps import platform_operator
 
 __all__ = ["router"]
 
-
-async def platform_scope() -> Scope:
-    return Scope(PLATFORM_PROJECT)
-
-
-async def _operator(name: Operator) -> str:
-    return name
-
-
 router = callback_routes(
-    "/operator/callbacks", "platform callbacks", platform_scope, _operator, _operator
+    "/operator/callbacks", "platform callbacks", platform_operator, platform_operator
 )

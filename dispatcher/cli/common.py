@@ -156,8 +156,13 @@ def records_table(records: list[HistoryRecord], settings: Settings) -> Table:
     table = Table("id", "time", "status", "code", "attempt", "ms", "delivery", "error")
     for rec in records:
         table.add_row(
-            str(rec.id), fmt_ms(rec.created_time, settings), rec.status.value,
-            str(rec.response_code or ""), str(rec.attempt), str(rec.duration_ms or ""),
-            rec.delivery_id or "", (rec.error_msg or "")[:60],
-        )  # fmt: skip
+            str(rec.id),
+            fmt_ms(rec.created_time, settings),
+            rec.status.value,
+            str(rec.response_code or ""),
+            str(rec.attempt),
+            str(rec.duration_ms or ""),
+            rec.delivery_id or "",
+            (rec.error_msg or "")[:60],
+        )
     return table

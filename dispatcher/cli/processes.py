@@ -92,8 +92,11 @@ def _history(settings: Settings, servers: contextlib.ExitStack) -> Settings:
         settings = settings.model_copy(update={"history_url": url})
         where = f" {url}  (embedded, data in {postgres.data_dir})"
     applied, version = upgrade_schema(settings)
-    print(f"history: PostgreSQL{where}, schema version {version}"
-          + (f" (applied {applied})" if applied else ""), flush=True)  # fmt: skip
+    print(
+        f"history: PostgreSQL{where}, schema version {version}"
+        + (f" (applied {applied})" if applied else ""),
+        flush=True,
+    )
     return settings
 
 

@@ -41,9 +41,14 @@ def shards_list() -> None:
             due, _ = await services.queue.depth()
             pinned = sum(p.index == index for p in placement.explicit.values())
             where = f"{slots[index]} ({masters[index]})" if cluster else "-"
-            table.add_row(str(index), shown(services.shard.url), where,
-                          "yes" if index < placement.active else "not yet (grow)",
-                          str(due), str(pinned))  # fmt: skip
+            table.add_row(
+                str(index),
+                shown(services.shard.url),
+                where,
+                "yes" if index < placement.active else "not yet (grow)",
+                str(due),
+                str(pinned),
+            )
         return table
 
     console.print(on_router(go))

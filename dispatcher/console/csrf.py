@@ -71,9 +71,13 @@ class Csrf:
         """Set the nonce cookie when this request made a new one."""
         if self.new_nonce and self.nonce is not None:
             response.set_cookie(
-                COOKIE, self.nonce, path=path, httponly=True, samesite="lax",
+                COOKIE,
+                self.nonce,
+                path=path,
+                httponly=True,
+                samesite="lax",
                 secure=self.request.url.scheme == "https",
-            )  # fmt: skip
+            )
 
     async def check(self, token: str) -> None:
         """Refuse (403) a form whose token is missing, forged, expired, or not this

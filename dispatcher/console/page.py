@@ -72,8 +72,16 @@ NOTICES = {
 
 
 # what the layout shows of the caller when a page knows nothing of them (an error page)
-_NOBODY = {"uid": None, "project": None, "role": None, "is_admin": False, "open_access": False,
-           "notice": None, "section": None, "timezone": ""}  # fmt: skip
+_NOBODY = {
+    "uid": None,
+    "project": None,
+    "role": None,
+    "is_admin": False,
+    "open_access": False,
+    "notice": None,
+    "section": None,
+    "timezone": "",
+}
 
 
 class Templates:
@@ -100,9 +108,14 @@ class Templates:
     ) -> HTMLResponse:
         root = request.scope.get("root_path", "")
         html = self.env.get_template(name).render(
-            {**_NOBODY, "root": root, "base": root + PREFIX, "static": f"{root}{PREFIX}/static",
-             **context}
-        )  # fmt: skip
+            {
+                **_NOBODY,
+                "root": root,
+                "base": root + PREFIX,
+                "static": f"{root}{PREFIX}/static",
+                **context,
+            }
+        )
         response = HTMLResponse(html, status_code=status_code)
         response.headers.update(SECURITY_HEADERS)
         return response
@@ -243,8 +256,13 @@ def _problem(exc: RequestValidationError) -> str:
 
 
 def error_page(request: Request, status: int, message: str) -> HTMLResponse:
-    titles = {400: "Bad request", 401: "Who are you?", 403: "Not allowed", 404: "Not found",
-              503: "Storage unreachable"}  # fmt: skip
+    titles = {
+        400: "Bad request",
+        401: "Who are you?",
+        403: "Not allowed",
+        404: "Not found",
+        503: "Storage unreachable",
+    }
     context = {"title": titles.get(status, "Error"), "status": status, "message": message}
     return _templates(request).render(request, "error.html", context, status)
 

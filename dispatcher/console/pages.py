@@ -89,8 +89,13 @@ async def history(
     page_size: Annotated[int, Query(alias="pageSize", ge=1, le=1000)] = 20,
 ) -> HTMLResponse:
     """The seed's query as a form; the page of records when url and event are given."""
-    query = {"url": url, "event": event, "startTime": start_time, "endTime": end_time,
-             "pageSize": page_size}  # fmt: skip
+    query = {
+        "url": url,
+        "event": event,
+        "startTime": start_time,
+        "endTime": end_time,
+        "pageSize": page_size,
+    }
     found, problem = None, None
     if url and event:
         try:
@@ -121,7 +126,7 @@ async def record(
     page: MemberPage, project_id: ProjectPath, record_id: Annotated[int, Path(alias="id")]
 ) -> HTMLResponse:
     """One attempt: request and response, timing, and its delivery's other attempts."""
-    found = await page.services.record(record_id, project_id)
+    found = await page.services.get_record(record_id, project_id)
     attempts = await page.services.attempts(found)
     return await page.render(
         "record.html",

@@ -165,10 +165,24 @@ def _template(bin_dir: Path) -> Path:
     if ids:
         os.chown(work, *ids)
     subprocess.run(
-        [str(bin_dir / "initdb"), "-D", str(work / "data"), "-U", "postgres", "-A", "trust",
-         "-E", "UTF8", "--locale=C", "--no-sync", "--no-instructions"],
-        check=True, capture_output=True, **_user_args(ids),  # type: ignore[call-overload]
-    )  # fmt: skip
+        [
+            str(bin_dir / "initdb"),
+            "-D",
+            str(work / "data"),
+            "-U",
+            "postgres",
+            "-A",
+            "trust",
+            "-E",
+            "UTF8",
+            "--locale=C",
+            "--no-sync",
+            "--no-instructions",
+        ],
+        check=True,
+        capture_output=True,
+        **_user_args(ids),  # type: ignore[call-overload]
+    )
     with contextlib.suppress(OSError):  # a concurrent session may have won: fine
         os.rename(work / "data", target)
     shutil.rmtree(work, ignore_errors=True)
@@ -252,16 +266,29 @@ class EmbeddedPostgres:
 
     def _spawn(self, ids: tuple[int, int] | None, timeout: float) -> bool:
         assert self.data_dir is not None
-        args = [str(self.bin_dir / "postgres"), "-D", str(self.data_dir), "-p", str(self.port),
-                "-c", "listen_addresses=127.0.0.1",
-                "-c", f"unix_socket_directories={self.data_dir}"]  # fmt: skip
+        args = [
+            str(self.bin_dir / "postgres"),
+            "-D",
+            str(self.data_dir),
+            "-p",
+            str(self.port),
+            "-c",
+            "listen_addresses=127.0.0.1",
+            "-c",
+            f"unix_socket_directories={self.data_dir}",
+        ]
         for key, value in self.settings.items():
             args += ["-c", f"{key}={value}"]
         with (self.data_dir / "server.log").open("ab") as log:
             self.proc = subprocess.Popen(  # type: ignore[call-overload]
-                args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                start_new_session=True, **_preexec(), **_user_args(ids),
-            )  # fmt: skip
+                args,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+                **_preexec(),
+                **_user_args(ids),
+            )
         assert self.proc is not None
         deadline = time.monotonic() + timeout
         pid_file = self.data_dir / "postmaster.pid"

@@ -144,13 +144,19 @@ class EmbeddedRedis:
     def _command(self, port: int) -> list[str]:
         command = [
             find_redis_server(),
-            "--port", str(port),
-            "--bind", "127.0.0.1",
-            "--dir", str(self.data_dir),
-            "--logfile", str(self.data_dir / "redis.log"),
-            "--save", "",
-            "--daemonize", "no",
-        ]  # fmt: skip
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--dir",
+            str(self.data_dir),
+            "--logfile",
+            str(self.data_dir / "redis.log"),
+            "--save",
+            "",
+            "--daemonize",
+            "no",
+        ]
         command += ["--appendonly", "yes" if self.persist else "no"]
         if self.persist:
             command += ["--appendfsync", self.appendfsync]

@@ -79,11 +79,28 @@ class SentinelGroup:
         folder = self.folder / f"node-{port}"
         folder.mkdir(exist_ok=True)
         command = [
-            find_redis_server(), "--port", str(port), "--bind", HOST, "--dir", str(folder),
-            "--logfile", str(folder / "redis.log"), "--save", "", "--appendonly", "yes",
-            "--appendfsync", "everysec", "--repl-diskless-sync", "yes",
-            "--repl-diskless-sync-delay", "0", "--daemonize", "no",
-        ]  # fmt: skip
+            find_redis_server(),
+            "--port",
+            str(port),
+            "--bind",
+            HOST,
+            "--dir",
+            str(folder),
+            "--logfile",
+            str(folder / "redis.log"),
+            "--save",
+            "",
+            "--appendonly",
+            "yes",
+            "--appendfsync",
+            "everysec",
+            "--repl-diskless-sync",
+            "yes",
+            "--repl-diskless-sync-delay",
+            "0",
+            "--daemonize",
+            "no",
+        ]
         if replica_of is not None:
             command += ["--replicaof", HOST, str(replica_of)]
         self.nodes[port] = self._spawn(command, port)

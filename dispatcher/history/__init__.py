@@ -21,7 +21,6 @@ from dispatcher.history.window import (
     Cursor,
     Recent,
     format_ms,
-    now_ms,
     parse_window,
     truncate,
 )
@@ -44,7 +43,6 @@ __all__ = [
     "HistoryStore",
     "Recent",
     "format_ms",
-    "now_ms",
     "open_history",
     "parse_window",
     "truncate",

@@ -67,9 +67,13 @@ async def create_pool(settings: Settings) -> asyncpg.Pool:
     """The pool of a process's reads (API, console, CLI)."""
     timeout = settings.history_timeout
     pool: asyncpg.Pool = await asyncpg.create_pool(
-        _url(settings), min_size=1, max_size=10, timeout=timeout, command_timeout=timeout,
+        _url(settings),
+        min_size=1,
+        max_size=10,
+        timeout=timeout,
+        command_timeout=timeout,
         server_settings=_APP,
-    )  # fmt: skip
+    )
     return pool
 
 

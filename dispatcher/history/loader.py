@@ -109,9 +109,15 @@ def parse_row(raw: bytes, dead: bool | None = None) -> Row:
         dead = bool(rec.get("final")) and rec.get("status") == "FAILED"
     pair = (str(rec["projectId"]), str(rec["events"]), str(rec["callBackUrl"]))
     delivery_id = rec.get("deliveryId")
-    return Row(int(rec["id"]), int(rec["createdTime"]), pair,
-               None if delivery_id is None else str(delivery_id), dead,
-               raw.decode(), rec.get("status") == "FAILED")  # fmt: skip
+    return Row(
+        int(rec["id"]),
+        int(rec["createdTime"]),
+        pair,
+        None if delivery_id is None else str(delivery_id),
+        dead,
+        raw.decode(),
+        rec.get("status") == "FAILED",
+    )
 
 
 class Loader:
@@ -148,8 +154,9 @@ class Loader:
         if not records:
             return 0
         await self._temporary(_RAW_TABLES)
-        await self.conn.copy_records_to_table("history_raw", records=records,
-                                              columns=("dead", "doc"))  # fmt: skip
+        await self.conn.copy_records_to_table(
+            "history_raw", records=records, columns=("dead", "doc")
+        )
         await self.conn.execute(_RAW_PARSE)
         await self.conn.execute(_RAW_PAIRS)
         return int(await self.conn.fetchval(_INSERT_PARSED))

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from dispatcher.history import database, window
+from dispatcher.clock import now_ms
+from dispatcher.history import database
 from dispatcher.history.loader import Loader, Row, parse_row
 
 if TYPE_CHECKING:
@@ -31,7 +32,7 @@ async def migrate(
 ) -> tuple[int, int]:
     """Copy the Redis history into PostgreSQL; returns (records read, records new there)."""
     dead = {int(m) for m in await redis.zrange(keys.HISTORY_DEAD, 0, -1)}
-    cutoff = window.now_ms() - settings.retention_ms
+    cutoff = now_ms() - settings.retention_ms
     conn = await database.connect(settings)
     loader = Loader(conn)
     read = stored = 0

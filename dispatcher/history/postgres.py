@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
+from dispatcher import clock
 from dispatcher.errors import NotFound
 from dispatcher.history import database, window
 from dispatcher.history.ids import RecordIds
@@ -150,7 +151,7 @@ class PostgresHistory:
         if not first:
             return int(length), 0.0
         oldest_ms = int(first[0][0].split(b"-")[0])
-        return int(length), max(0.0, (window.now_ms() - oldest_ms) / 1000)
+        return int(length), max(0.0, (clock.now_ms() - oldest_ms) / 1000)
 
     # ---- reads -------------------------------------------------------------------------
 
@@ -170,7 +171,7 @@ class PostgresHistory:
         return rows
 
     def _cutoff(self, now_ms: int | None) -> int:
-        return (window.now_ms() if now_ms is None else now_ms) - self.settings.retention_ms
+        return (clock.now_ms() if now_ms is None else now_ms) - self.settings.retention_ms
 
     async def query(
         self,
@@ -191,9 +192,15 @@ class PostgresHistory:
         rows: list[asyncpg.Record] = []
         if start_ms <= end_ms:
             rows = await self._fetch(
-                PAGE_SQL, project_id, event, url, start_ms, end_ms, (page - 1) * page_size,
+                PAGE_SQL,
+                project_id,
+                event,
+                url,
+                start_ms,
+                end_ms,
+                (page - 1) * page_size,
                 page_size,
-            )  # fmt: skip
+            )
         total = int(rows[0]["total"]) if rows else 0
         return HistoryPage(
             records=_records(rows),
@@ -280,7 +287,7 @@ class PostgresHistory:
         """Create the day partitions from yesterday to two days ahead, and drop those wholly
         past the retention (both tables); returns how many were dropped. Each statement
         waits at most a few seconds for its lock; what could not be done is done next time."""
-        now = window.now_ms() if now_ms is None else now_ms
+        now = clock.now_ms() if now_ms is None else now_ms
         pool = await self.pool()
         with database.unavailable():
             async with pool.acquire() as conn:

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import orjson
 from pydantic import TypeAdapter
 
-from dispatcher import keys
+from dispatcher import clock, keys
 from dispatcher.errors import NotFound
 from dispatcher.history.ids import RecordIds
 from dispatcher.history.window import MAX_ATTEMPTS_SHOWN, Cursor, Recent, check_page
@@ -174,9 +174,16 @@ class RedisHistory:
                     project_id, record["callBackUrl"], record["status"] != DeliveryStatus.SUCCESS
                 ),
             ],
-            [orjson.dumps(record), record["createdTime"], ttl, keys.history_member(record_id),
-             "1" if dead else "0", record_id, "1" if delivery_id else "0"],
-        )  # fmt: skip
+            [
+                orjson.dumps(record),
+                record["createdTime"],
+                ttl,
+                keys.history_member(record_id),
+                "1" if dead else "0",
+                record_id,
+                "1" if delivery_id else "0",
+            ],
+        )
 
     async def add(self, record: AttemptRecord, *, dead: bool = False) -> int:
         """Write one record now; returns its id."""
@@ -199,7 +206,7 @@ class RedisHistory:
         """One page of the window, newest first. Records past the retention are not shown,
         even before the sweep has removed them, so `count` stays exact."""
         page_size = check_page(page, page_size, self.settings.history_max_page_size)
-        now = time.time_ns() // 1_000_000 if now_ms is None else now_ms
+        now = clock.now_ms() if now_ms is None else now_ms
         start_ms = max(start_ms, now - self.settings.retention_ms)
         if start_ms > end_ms:
             return HistoryPage(records=[], count=0, total_pages=0, page_size=page_size, page=page)
@@ -237,7 +244,7 @@ class RedisHistory:
     ) -> list[HistoryRecord]:
         """Every attempt of one delivery still within the retention (its retries and
         redeliveries), newest first, in one round trip."""
-        now = time.time_ns() // 1_000_000 if now_ms is None else now_ms
+        now = clock.now_ms() if now_ms is None else now_ms
         found = await self._latest(self.keys.history_attempts(delivery_id), MAX_ATTEMPTS_SHOWN)
         cutoff = now - self.settings.retention_ms
         return [r for r in found if r.project_id == project_id and r.created_time >= cutoff]
@@ -261,7 +268,7 @@ class RedisHistory:
         """The newest attempts to any of `urls`: the newest `limit` + 1 of each URL index
         in one round trip (one index per URL and status), merged, and their records in a
         second one."""
-        now = time.time_ns() // 1_000_000 if now_ms is None else now_ms
+        now = clock.now_ms() if now_ms is None else now_ms
         start_ms = max(start_ms, now - self.settings.retention_ms)
         newest, excluded = end_ms, ""
         if before is not None and before.created_ms <= end_ms:
@@ -292,9 +299,14 @@ class RedisHistory:
         page = 1
         while True:
             found = await self.query(
-                project_id, url, event, start_ms=start_ms, end_ms=end_ms, page=page,
+                project_id,
+                url,
+                event,
+                start_ms=start_ms,
+                end_ms=end_ms,
+                page=page,
                 page_size=self.settings.history_max_page_size,
-            )  # fmt: skip
+            )
             for record in found.records:
                 if record.final and record.status is DeliveryStatus.FAILED:
                     yield record
@@ -313,7 +325,7 @@ class RedisHistory:
         """Remove records older than the retention, their index entries and emptied
         indexes, `sweep_batch` records per Redis call, until done or a bound is reached
         (the next sweep goes on). Returns how many were removed."""
-        now = time.time_ns() // 1_000_000 if now_ms is None else now_ms
+        now = clock.now_ms() if now_ms is None else now_ms
         deadline = None if max_seconds is None else time.monotonic() + max_seconds
 
         def bounded() -> bool:

@@ -32,9 +32,9 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import asyncpg
 import structlog
 
-from dispatcher import metrics
+from dispatcher import clock, metrics
 from dispatcher.connections import REDIS_ERRORS
-from dispatcher.history import database, window
+from dispatcher.history import database
 from dispatcher.history.loader import Loader, Pair, Row, parse_row
 from dispatcher.history.schema import DAY_MS
 from dispatcher.lua import Lua
@@ -86,8 +86,15 @@ def _row(fields: dict[bytes, bytes], at: int, dead: bool, doc: bytes) -> Row:
     pair = (fields[b"p"].decode(), fields[b"e"].decode(), fields[b"u"].decode())
     status = fields.get(b"s")
     failed = parse_row(doc).failed if status is None else status == b"FAILED"
-    return Row(int(fields[b"i"]), at, pair, fields.get(b"v", b"").decode() or None, dead,
-               doc.decode(), failed)  # fmt: skip
+    return Row(
+        int(fields[b"i"]),
+        at,
+        pair,
+        fields.get(b"v", b"").decode() or None,
+        dead,
+        doc.decode(),
+        failed,
+    )
 
 
 def _sid(raw: bytes | str) -> StreamId:
@@ -154,8 +161,9 @@ class Shipper:
         floor = self.shard.id_floor
         top = await self.conn.fetchval(
             "SELECT max(id) FROM history_attempts WHERE id >= $1 AND id < $2",
-            floor, floor + ID_SPAN,
-        )  # fmt: skip
+            floor,
+            floor + ID_SPAN,
+        )
         if top is not None:
             await _SEED_IDS(self.redis, [self.shard.keys.HISTORY_SEQ], [int(top)])
         await self._check_stream()
@@ -173,8 +181,11 @@ class Shipper:
         if _sid(info["last-generated-id"]) >= self.watermark:
             return
         assert self.conn is not None
-        log.error("history.stream_reset", watermark=_text(self.watermark),
-                  last_id=str(info["last-generated-id"]))  # fmt: skip
+        log.error(
+            "history.stream_reset",
+            watermark=_text(self.watermark),
+            last_id=str(info["last-generated-id"]),
+        )
         await self.conn.execute(
             "UPDATE history_shipped SET last_id = '0-0' WHERE stream = $1", self.name
         )
@@ -203,13 +214,16 @@ class Shipper:
         self.last_read = len(entries)
         if not entries:
             return 0
-        now = window.now_ms() if now_ms is None else now_ms
+        now = clock.now_ms() if now_ms is None else now_ms
         oldest, newest = now - self.settings.retention_ms, now + DAY_MS
         batch = [e for e in self._entries(entries) if oldest <= e.created_ms <= newest]
         if len(batch) < len(entries):
             self.skipped += len(entries) - len(batch)
-            log.warning("history.ship_skipped", records=len(entries) - len(batch),
-                        reason="unreadable, past the retention, or in the future")  # fmt: skip
+            log.warning(
+                "history.ship_skipped",
+                records=len(entries) - len(batch),
+                reason="unreadable, past the retention, or in the future",
+            )
         stored = await self._commit(batch, _sid(entries[-1][0]))
         await self._trim()
         self.shipped += stored
@@ -220,9 +234,10 @@ class Shipper:
         """XREAD after the watermark; a blocking one gives way to `stop` (a cancelled read
         costs only its connection)."""
         read = self.redis.xread(
-            {self.stream: _text(self.watermark)}, count=self.settings.history_ship_batch,
+            {self.stream: _text(self.watermark)},
+            count=self.settings.history_ship_batch,
             block=block_ms,
-        )  # fmt: skip
+        )
         if block_ms is None or self.stop is None:
             return await read
         reading = asyncio.ensure_future(read)
@@ -291,8 +306,11 @@ class Shipper:
             if last > done:
                 await self.conn.execute(
                     "UPDATE history_shipped SET last_id = $2, shipped = shipped + $3"
-                    " WHERE stream = $1", self.name, _text(last), stored,
-                )  # fmt: skip
+                    " WHERE stream = $1",
+                    self.name,
+                    _text(last),
+                    stored,
+                )
         self.watermark = max(last, done)
         return stored
 
@@ -337,8 +355,12 @@ class Shipper:
     def _failed(self, exc: Exception, retry_in: float | None) -> None:
         metrics.HISTORY_SHIP_FAILURES.inc()
         if isinstance(exc, database.SCHEMA_MISSING):
-            log.error("history.ship_failed", error=repr(exc), retry_in_s=retry_in,
-                      hint="run `dispatcher db upgrade`")  # fmt: skip
+            log.error(
+                "history.ship_failed",
+                error=repr(exc),
+                retry_in_s=retry_in,
+                hint="run `dispatcher db upgrade`",
+            )
         elif isinstance(exc, (*database.OUTAGE, *REDIS_ERRORS)):
             log.warning("history.ship_failed", error=repr(exc), retry_in_s=retry_in)
         else:

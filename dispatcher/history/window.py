@@ -4,7 +4,6 @@ time format people read, body truncation, and the cursor of a newest-first listi
 from __future__ import annotations
 
 import re
-import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, NamedTuple
@@ -23,7 +22,6 @@ __all__ = [
     "Recent",
     "check_page",
     "format_ms",
-    "now_ms",
     "parse_window",
     "truncate",
 ]
@@ -32,10 +30,6 @@ TIME_FORMAT = "%Y-%m-%d %H:%M:%S"
 _TIME_PATTERN = re.compile(r"^\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2}$")
 # a delivery makes at most len(retry_schedule) + 1 attempts, plus one per redelivery
 MAX_ATTEMPTS_SHOWN = 100
-
-
-def now_ms() -> int:
-    return time.time_ns() // 1_000_000
 
 
 def _to_ms(moment: datetime) -> int:

@@ -10,12 +10,12 @@ the broader level (a project admin cannot displace an operator's delivery).
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from dispatcher import keys
+from dispatcher.clock import now_ms
 from dispatcher.models import PLATFORM_PROJECT, Region
 from dispatcher.registry.options import NO_OPTIONS, Options
 from dispatcher.registry.rules import is_pipeline_id
@@ -100,7 +100,7 @@ class CallbackTarget:
         """The target from the values of `TARGET_FIELDS`, secrets decrypted; the previous
         token only while its overlap lasts."""
         url, _, region, token, name, value, previous, until, *options = values
-        overlapping = bool(previous) and int(until or 0) > time.time_ns() // 1_000_000
+        overlapping = bool(previous) and int(until or 0) > now_ms()
         secret, header, problem = read_secrets(decrypt, token, name, value)
         old, _, old_problem = read_secrets(decrypt, previous if overlapping else None, None, None)
         return cls(
@@ -140,9 +140,15 @@ class ChunkQuery:
     Batcher's, say), then `read` its answer."""
 
     def __init__(
-        self, keys: Keys, decrypt: Decrypt, project_id: str, event: str, pipeline_id: object,
-        after: int, size: int,
-    ) -> None:  # fmt: skip
+        self,
+        keys: Keys,
+        decrypt: Decrypt,
+        project_id: str,
+        event: str,
+        pipeline_id: object,
+        after: int,
+        size: int,
+    ) -> None:
         self.keys = keys
         self.decrypt = decrypt
         self.scopes = event_scopes(project_id, pipeline_id)
@@ -157,10 +163,14 @@ class ChunkQuery:
             [self.keys.match(scope, self.event) for scope in scopes]
             + [self.keys.callback_unique(scope) for scope in scopes],
             [
-                self.after, self.size, self.keys.CALLBACK_PREFIX, self.keys.HEALTH_PREFIX,
-                keys.callback_unique_field(self.event, ""), *TARGET_FIELDS,
+                self.after,
+                self.size,
+                self.keys.CALLBACK_PREFIX,
+                self.keys.HEALTH_PREFIX,
+                keys.callback_unique_field(self.event, ""),
+                *TARGET_FIELDS,
             ],
-        )  # fmt: skip
+        )
 
     def read(self, answer: list[Any]) -> Chunk:
         after, rows = answer
@@ -169,6 +179,9 @@ class ChunkQuery:
     def _target(self, row: list[Any]) -> CallbackTarget:
         cid, failing, level, *values = row
         return CallbackTarget.from_fields(
-            int(cid), values, self.decrypt, failing=bool(failing),
+            int(cid),
+            values,
+            self.decrypt,
+            failing=bool(failing),
             owner=self.scopes[int(level) - 1][1],
-        )  # fmt: skip
+        )

@@ -3,10 +3,10 @@
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from dispatcher.clock import now_ms
 from dispatcher.keys import callback_unique_field
 from dispatcher.models import Callback, Event, Level, Region
 from dispatcher.registry.options import Options
@@ -88,7 +88,7 @@ def to_callback(row: Mapping[str, str]) -> Callback:
     pipeline_id = row.get("pipelineId") or None
     options = Options.from_row(row)
     until = int(row.get("previousTokenUntil") or 0)
-    rotating = bool(row.get("previousToken")) and until > time.time_ns() // 1_000_000
+    rotating = bool(row.get("previousToken")) and until > now_ms()
     return Callback(
         id=int(row["id"]),
         project_id=row["projectId"],

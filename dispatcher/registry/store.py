@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import math
-import time
 from typing import TYPE_CHECKING
 
 import structlog
 
 from dispatcher import keys
+from dispatcher.clock import now_ms
 from dispatcher.delivery import check_auth_header
 from dispatcher.errors import InvalidEvent, InvalidInput, NotFound
 from dispatcher.keys import Keys
@@ -44,10 +44,6 @@ log = structlog.get_logger("dispatcher.registry")
 
 LAYOUT = b"2"  # ordered match sets (see self.keys.py)
 MATCH_ALL_CHUNK = 1000
-
-
-def _now_ms() -> int:
-    return time.time_ns() // 1_000_000
 
 
 class Registry:
@@ -155,7 +151,7 @@ class Registry:
         listings = [self.keys.project_callbacks(upsert.project_id)]
         if upsert.pipeline_id:
             listings.append(self.keys.pipeline_callbacks(upsert.project_id, upsert.pipeline_id))
-        now = _now_ms()
+        now = now_ms()
 
         def upsert_all(pipe: Pipeline) -> None:
             for event in events:
@@ -218,7 +214,7 @@ class Registry:
         token = check_token(secret_token)
         if not token:
             raise InvalidInput("secretToken is required: the new token", param="secretToken")
-        now = _now_ms()
+        now = now_ms()
         until = now + int(overlap_s * 1000) if overlap_s > 0 else ""
         done = await ROTATE(
             self.redis,
@@ -361,7 +357,7 @@ class Registry:
             pipe,
             [k.callback(callback_id), k.CALLBACKS_DISABLED, k.HEALTH_FAILING],
             [
-                "1" if enabled else "0", reason, _now_ms(), k.MATCH_PREFIX, keys.SEP,
+                "1" if enabled else "0", reason, now_ms(), k.MATCH_PREFIX, keys.SEP,
                 project_id or "", k.HEALTH_PREFIX,
             ],
         )  # fmt: skip

@@ -35,7 +35,7 @@ from dispatcher.auth import ALL_PROJECTS
 from dispatcher.errors import InvalidInput, NotFound
 from dispatcher.history.redis import RedisHistory
 from dispatcher.jobs import FAN_OUT, BadJob, decode
-from dispatcher.lua import Lua, run_pipeline
+from dispatcher.lua import Key, Script, run_pipeline
 from dispatcher.models import PLATFORM_PROJECT
 from dispatcher.registry.copies import callback_ids, put_rows, read_rows
 from dispatcher.shards.placement import Placed, rendezvous
@@ -55,26 +55,44 @@ SETTLE_REFRESHES = 3
 PAGE = 500
 LEASE_S = 30.0
 
-# KEYS: queue, lease, job. ARGV: token, job id, lease ms. Takes a queued job nobody holds:
-# sets the mover's lease on it and returns {data, due ms, data ttl ms}; nil when a worker
-# holds it or it is gone.
-_TAKE = Lua("""
-if redis.call('EXISTS', KEYS[2]) == 1 then return false end
-local data = redis.call('GET', KEYS[3])
-local due = redis.call('ZSCORE', KEYS[1], ARGV[2])
-if not data or not due then return false end
-redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[3])
-return {data, due, redis.call('PTTL', KEYS[3])}
-""")
 
-# KEYS: queue, job. ARGV: job id, bytes, due ms, ttl ms. Queues a moved job (kept as it
-# is when that id is queued already).
-_PLACE = Lua("""
-if redis.call('ZSCORE', KEYS[1], ARGV[1]) then return 0 end
-redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[4])
-redis.call('ZADD', KEYS[1], ARGV[3], ARGV[1])
-return 1
-""")
+@dataclass(frozen=True)
+class TakeJob(Script):
+    """Takes a queued job nobody holds: sets the mover's lease on it and returns {data, due
+    ms, data ttl ms}; nil when a worker holds it or it is gone."""
+
+    LUA = """
+    if redis.call('EXISTS', lease) == 1 then return false end
+    local data = redis.call('GET', job)
+    local due = redis.call('ZSCORE', queue, job_id)
+    if not data or not due then return false end
+    redis.call('SET', lease, token, 'PX', lease_ms)
+    return {data, due, redis.call('PTTL', job)}
+    """
+    queue: Key
+    lease: Key
+    job: Key
+    token: str
+    job_id: str
+    lease_ms: int
+
+
+@dataclass(frozen=True)
+class PlaceJob(Script):
+    """Queues a moved job (kept as it is when that id is queued already)."""
+
+    LUA = """
+    if redis.call('ZSCORE', queue, job_id) then return 0 end
+    redis.call('SET', job, data, 'PX', ttl_ms)
+    redis.call('ZADD', queue, due_ms, job_id)
+    return 1
+    """
+    queue: Key
+    job: Key
+    job_id: str
+    data: bytes
+    due_ms: bytes
+    ttl_ms: int
 
 
 @dataclass
@@ -206,11 +224,15 @@ class Mover:
 
     async def _move_job(self, src: Services, dst: Services, claims: Claims, job_id: str) -> int:
         k = src.keys
-        got = await _TAKE(
-            src.redis,
-            [k.QUEUE, k.ARQ_IN_PROGRESS_PREFIX + job_id, k.arq_job(job_id)],
-            [self.token, job_id, int(LEASE_S * 1000)],
+        take = TakeJob(
+            queue=k.QUEUE,
+            lease=k.ARQ_IN_PROGRESS_PREFIX + job_id,
+            job=k.arq_job(job_id),
+            token=self.token,
+            job_id=job_id,
+            lease_ms=int(LEASE_S * 1000),
         )
+        got = await take.run(src.redis)
         if not got:
             return 0  # a worker holds it: looked at again on the next pass
         data, due, ttl = got
@@ -218,7 +240,14 @@ class Mover:
 
         def place(pipe: Pipeline) -> None:
             d = dst.keys
-            _PLACE.queue(pipe, [d.QUEUE, d.arq_job(job_id)], [job_id, data, due, max(int(ttl), 1)])
+            PlaceJob(
+                queue=d.QUEUE,
+                job=d.arq_job(job_id),
+                job_id=job_id,
+                data=data,
+                due_ms=due,
+                ttl_ms=max(int(ttl), 1),
+            ).queue_on(pipe)
             if progress is not None:
                 pipe.set(d.delivery(job_id), progress, ex=86_400, nx=True)
 

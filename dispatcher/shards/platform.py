@@ -58,18 +58,28 @@ class PlatformCallbacks:
         self.others = shards[1:]
 
     async def register(
-        self, project_id: str, url: str, event: Event | str, region: Region,
-        secret_token: str | None = None, **how: Unpack[Registration],
-    ) -> int:  # fmt: skip
+        self,
+        project_id: str,
+        url: str,
+        event: Event | str,
+        region: Region,
+        secret_token: str | None = None,
+        **how: Unpack[Registration],
+    ) -> int:
         """`Services.register` on the home shard, then on every other."""
         callback_id = await self.home.register(project_id, url, event, region, secret_token, **how)
         await self.copy([callback_id], reset=True)
         return callback_id
 
     async def register_batch(
-        self, project_id: str, url: str, events: str, region: Region,
-        secret_token: str | None = None, **how: Unpack[Registration],
-    ) -> CreateCallBackResult:  # fmt: skip
+        self,
+        project_id: str,
+        url: str,
+        events: str,
+        region: Region,
+        secret_token: str | None = None,
+        **how: Unpack[Registration],
+    ) -> CreateCallBackResult:
         """`Services.register_batch` on the home shard, then on every other."""
         result = await self.home.register_batch(
             project_id, url, events, region, secret_token, **how
@@ -78,9 +88,14 @@ class PlatformCallbacks:
         return result
 
     async def rotate_secret(
-        self, callback_id: int, project_id: str, secret_token: str,
-        overlap_hours: float = DEFAULT_OVERLAP_HOURS, *, pipeline_id: str | None = None,
-    ) -> Callback:  # fmt: skip
+        self,
+        callback_id: int,
+        project_id: str,
+        secret_token: str,
+        overlap_hours: float = DEFAULT_OVERLAP_HOURS,
+        *,
+        pipeline_id: str | None = None,
+    ) -> Callback:
         found = await self.home.rotate_secret(
             callback_id, project_id, secret_token, overlap_hours, pipeline_id=pipeline_id
         )
@@ -105,9 +120,13 @@ class PlatformCallbacks:
         await self.copy([callback_id], reset=False)
 
     async def callbacks(
-        self, project_id: str, page: int = 1, page_size: int = 20, *,
+        self,
+        project_id: str,
+        page: int = 1,
+        page_size: int = 20,
+        *,
         pipeline_id: str | None = None,
-    ) -> CallbackPage:  # fmt: skip
+    ) -> CallbackPage:
         """The home shard's list, each callback shown disabled when a copy is."""
         found = await self.home.callbacks(project_id, page, page_size, pipeline_id=pipeline_id)
         found.records = [await self._merged(callback) for callback in found.records]
@@ -132,9 +151,11 @@ class PlatformCallbacks:
             if row and row.get("enabled") != "1":
                 reason = row.get("disabledReason") or "disabled"
                 return callback.model_copy(
-                    update={"enabled": False, "disabled_reason": f"{reason} (on shard "
-                            f"{shard.shard.index})"}
-                )  # fmt: skip
+                    update={
+                        "enabled": False,
+                        "disabled_reason": f"{reason} (on shard {shard.shard.index})",
+                    }
+                )
         return callback
 
     async def copy(self, ids: list[int], *, reset: bool) -> None:

@@ -10,13 +10,14 @@
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from dispatcher.cluster import is_cluster_url
 from dispatcher.connections import REDIS_ERRORS, connect, preflight, require_url, shown
 from dispatcher.errors import InvalidSetting
 from dispatcher.keys import Keys
-from dispatcher.lua import Lua
+from dispatcher.lua import Key, Script
 from dispatcher.shards.placement import Placement
 from dispatcher.shards.shard import Shard
 
@@ -27,14 +28,20 @@ if TYPE_CHECKING:
 
 __all__ = ["check_shards", "close_all", "connect_shards", "shards_of"]
 
-# KEYS: the shard's mark. ARGV: the shard's position. Returns the position already marked
-# (or the one it marks now): a server listed at another position than it was is refused.
-_CLAIM = Lua("""
-local marked = redis.call('GET', KEYS[1])
-if marked then return marked end
-redis.call('SET', KEYS[1], ARGV[1])
-return ARGV[1]
-""")
+
+@dataclass(frozen=True)
+class ClaimPosition(Script):
+    """Marks a shard's server with the shard's position; returns the position marked first
+    (the one it marks now, if none): a server listed at another position is refused."""
+
+    LUA = """
+    local marked = redis.call('GET', mark)
+    if marked then return marked end
+    redis.call('SET', mark, position)
+    return position
+    """
+    mark: Key
+    position: int
 
 
 def shards_of(settings: Settings) -> list[Shard]:
@@ -57,10 +64,11 @@ def connect_shards(settings: Settings, shards: list[Shard]) -> list[Redis]:
     """A client per shard (the shards of one cluster share one client)."""
     clients: dict[str, Redis] = {}
     return [
-        clients.setdefault(shard.url, connect(settings, shard.url)) if shard.cluster
+        clients.setdefault(shard.url, connect(settings, shard.url))
+        if shard.cluster
         else connect(settings, shard.url)
         for shard in shards
-    ]  # fmt: skip
+    ]
 
 
 async def close_all(clients: list[Redis]) -> None:
@@ -99,7 +107,7 @@ async def check_shards(settings: Settings) -> list[str]:
 
 async def _claim(shard: Shard, client: Redis) -> list[str]:
     try:
-        marked = await _CLAIM(client, [shard.keys.SHARD], [shard.index])
+        marked = await ClaimPosition(mark=shard.keys.SHARD, position=shard.index).run(client)
     except REDIS_ERRORS as exc:  # an outage, waited out by whoever uses it
         return [f"{shard} ({shown(shard.url)}) did not answer: {exc}"]
     if int(marked) != shard.index:

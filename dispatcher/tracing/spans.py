@@ -77,8 +77,11 @@ def fanning_out(
         yield carried
         return
     parent = None if carried is None else carried.parent()
-    attributes = {"dispatcher.event_id": event_id, "dispatcher.project_id": project_id,
-                  "dispatcher.event": event}  # fmt: skip
+    attributes = {
+        "dispatcher.event_id": event_id,
+        "dispatcher.project_id": project_id,
+        "dispatcher.event": event,
+    }
     with tracer.start_as_current_span(
         "fan_out", context=parent, kind=SpanKind.CONSUMER, attributes=attributes
     ) as span:
@@ -120,8 +123,12 @@ class Attempt:
 
 _UNTRACED = Attempt({})
 # low-cardinality error types for attempts that got no answer, by how their error reads
-_ERROR_TYPES = (("timed out", "timeout"), ("refused", "refused"),
-                ("could not resolve", "dns"), ("could not connect", "connection"))  # fmt: skip
+_ERROR_TYPES = (
+    ("timed out", "timeout"),
+    ("refused", "refused"),
+    ("could not resolve", "dns"),
+    ("could not connect", "connection"),
+)
 
 
 def _error_type(status_code: int | None, error: str | None) -> str:
@@ -150,11 +157,14 @@ def attempt(
             return _UNTRACED
         return Attempt(carried.fields())
     attributes: dict[str, str | int] = {
-        **url_attributes(url), "http.request.method": "POST",
-        "dispatcher.delivery_id": delivery_id, "dispatcher.event_id": event_id,
-        "dispatcher.project_id": project_id, "dispatcher.callback_id": callback_id,
+        **url_attributes(url),
+        "http.request.method": "POST",
+        "dispatcher.delivery_id": delivery_id,
+        "dispatcher.event_id": event_id,
+        "dispatcher.project_id": project_id,
+        "dispatcher.callback_id": callback_id,
         "dispatcher.attempt": number,
-    }  # fmt: skip
+    }
     if number > 1:
         attributes["http.request.resend_count"] = number - 1
     # without a context of its own, a new trace (never the current one of whatever runs it)
@@ -184,5 +194,9 @@ def url_attributes(url: str) -> Mapping[str, str | int]:
         item.partition("=")[0] + "=REDACTED" for item in parts.query.split("&") if item
     )
     full = parts._replace(netloc=netloc, query=query, fragment="").geturl()
-    return {"url.full": full, "url.scheme": parts.scheme, "server.address": parts.hostname or "",
-            "server.port": port}  # fmt: skip
+    return {
+        "url.full": full,
+        "url.scheme": parts.scheme,
+        "server.address": parts.hostname or "",
+        "server.port": port,
+    }

@@ -14,7 +14,8 @@ import hashlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from dispatcher.jobs import encode, now_ms
+from dispatcher.clock import now_ms
+from dispatcher.jobs import encode
 from dispatcher.keys import SEP
 from dispatcher.lua import Lua, run_pipeline
 
@@ -167,10 +168,18 @@ class Claims:
         take (-1: any), and how many more each named one may (`Shares.claim_budgets`)."""
         newcomer, projects = shares
         args: list[str | int] = [
-            now_ms(), count, self.lease_ms, self.token, self.keys.ARQ_IN_PROGRESS_PREFIX,
-            self.keys.ARQ_JOB_PREFIX, self.keys.ARQ_RETRY_PREFIX, RETRY_KEY_TTL_S, budget, SEP,
+            now_ms(),
+            count,
+            self.lease_ms,
+            self.token,
+            self.keys.ARQ_IN_PROGRESS_PREFIX,
+            self.keys.ARQ_JOB_PREFIX,
+            self.keys.ARQ_RETRY_PREFIX,
+            RETRY_KEY_TTL_S,
+            budget,
+            SEP,
             newcomer,
-        ]  # fmt: skip
+        ]
         for project, more in projects.items():
             args += (project, more)
         rows = await _CLAIM(self.redis, [self.queue_name], args)
@@ -217,9 +226,14 @@ class Claims:
         _AGAIN.queue(
             pipe,
             self._keys(job_id),
-            [self.token, job_id, now_ms() + delay_ms, delay_ms + JOB_KEY_EXTRA_MS,
-             "1" if next_attempt else "0"],
-        )  # fmt: skip
+            [
+                self.token,
+                job_id,
+                now_ms() + delay_ms,
+                delay_ms + JOB_KEY_EXTRA_MS,
+                "1" if next_attempt else "0",
+            ],
+        )
 
     async def release(self, job_ids: list[str]) -> None:
         """Give up the leases of `job_ids` now (shutdown), so another worker claims them at

@@ -3,19 +3,19 @@ attempt (`maxPerSecond`, `maxInFlight`), shared by every worker of the fleet thr
 
 The options come with the callback's row (the match script's, or `Registry.target`'s), so
 a callback without limits costs no Redis command here. One with limits is *admitted*
-before each attempt by one script (`ADMIT`, sent in the engine's shared read pipeline):
+before each attempt by one script (`Admit`, sent in the engine's shared read pipeline):
 
 - starts: a sorted set of the starts of the last second; a start is admitted while fewer
   than `maxPerSecond` are in it (a sliding window: no second, wherever it begins, holds
   more);
 - in flight: a sorted set of slots scored by when they lapse (the attempt's total timeout
   and a margin), so a worker killed mid-request cannot hold a slot for ever; the attempt's
-  own write gives the slot back (`RELEASE`, in the same pipeline as its record), whatever
+  own write gives the slot back (`Release`, in the same pipeline as its record), whatever
   its outcome, and a run that raises gives it back through the writer;
 - a line: deliveries that could not start wait their turn in arrival order, so a newcomer
   cannot overtake them. A waiting delivery returns to the queue as a job due when its turn
   should come (no attempt spent, no record): the start that frees its place plus a second,
-  or, for a slot, until a `RELEASE` makes the first ones in line due at once. A delivery
+  or, for a slot, until a `Release` makes the first ones in line due at once. A delivery
   that does not come back in time (its job ended otherwise) leaves the line by itself.
 """
 
@@ -24,13 +24,14 @@ from __future__ import annotations
 import itertools
 import os
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import structlog
 
 from dispatcher import metrics
-from dispatcher.jobs import now_ms
-from dispatcher.lua import Lua
+from dispatcher.clock import now_ms
+from dispatcher.lua import Key, Script
 from dispatcher.registry.options import FilterFailed, filter_matches
 
 if TYPE_CHECKING:
@@ -44,94 +45,119 @@ if TYPE_CHECKING:
     from dispatcher.worker.engine import Then
     from dispatcher.worker.writer import Writer
 
-__all__ = ["ADMIT", "RELEASE", "Controls"]
+__all__ = ["Admit", "Controls", "Release"]
 
 log = structlog.get_logger("dispatcher.worker")
 
-# KEYS: keys.limits(callback): starts, running, line, seen. ARGV: per second (0: none), in
-# flight (0: none), slot token, job id, slot lease ms, how long a waiting job keeps its
-# place past its expected turn (ms), the smallest wait (ms).
-# Returns 0 when the delivery may start now (its start and slot taken), else {ms to wait,
-# 1 when a slot (not the rate) holds it}.
-ADMIT = Lua("""
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local rate, cap, job = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[4]
-local waiting, rank = redis.call('ZCARD', KEYS[3]), false
-if waiting > 0 then
-  local gone = redis.call('ZRANGEBYSCORE', KEYS[4], '-inf', now, 'LIMIT', 0, 500)
-  if #gone > 0 then
-    waiting = waiting - redis.call('ZREM', KEYS[3], unpack(gone))
-    redis.call('ZREM', KEYS[4], unpack(gone))
-  end
-  rank = redis.call('ZRANK', KEYS[3], job)
-end
-local room, starts, running = math.huge, 0, 0
-if rate > 0 then
-  redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - 1000)
-  starts = redis.call('ZCARD', KEYS[1])
-  room = rate - starts
-end
-if cap > 0 then
-  redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
-  running = redis.call('ZCARD', KEYS[2])
-  room = math.min(room, cap - running)
-end
-local ahead = rank or waiting
-if ahead < room then
-  if rate > 0 then
-    redis.call('ZADD', KEYS[1], now, ARGV[3])
-    redis.call('PEXPIRE', KEYS[1], 1000)
-  end
-  if cap > 0 then
-    redis.call('ZADD', KEYS[2], now + tonumber(ARGV[5]), ARGV[3])
-    redis.call('PEXPIRE', KEYS[2], ARGV[5])
-  end
-  if rank then
-    redis.call('ZREM', KEYS[3], job)
-    redis.call('ZREM', KEYS[4], job)
-  end
-  return 0
-end
-local wait, slot = tonumber(ARGV[7]), 0
-if rate > 0 and rate - starts <= ahead then
-  local k = ahead - (rate - starts)
-  if starts == 0 then
-    wait = math.max(wait, 1000 * math.floor(ahead / rate))
-  else
-    local first = redis.call('ZRANGE', KEYS[1], k % starts, k % starts, 'WITHSCORES')
-    wait = math.max(wait, tonumber(first[2]) + 1000 * (math.floor(k / starts) + 1) - now)
-  end
-end
-if cap > 0 and cap - running <= ahead then
-  local turns = math.floor((ahead - (cap - running)) / cap) + 1
-  wait = math.max(wait, math.min(250 * turns, tonumber(ARGV[5])))
-  slot = 1
-end
-if not rank then redis.call('ZADD', KEYS[3], now, job) end
-local keep = wait + tonumber(ARGV[6])
-redis.call('ZADD', KEYS[4], now + keep, job)
-for i = 3, 4 do
-  if redis.call('PTTL', KEYS[i]) < keep then redis.call('PEXPIRE', KEYS[i], keep) end
-end
-return {wait, slot}
-""")
 
-# KEYS: running, line, the queue. ARGV: slot token, in flight (the callback's limit).
-# Gives the slot back and makes the first jobs in line due now, as many as slots are free.
-RELEASE = Lua("""
-redis.call('ZREM', KEYS[1], ARGV[1])
-if redis.call('EXISTS', KEYS[2]) == 0 then return 0 end
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local free = tonumber(ARGV[2]) - redis.call('ZCOUNT', KEYS[1], now, '+inf')
-if free < 1 then return 0 end
-for _, job in ipairs(redis.call('ZRANGE', KEYS[2], 0, free - 1)) do
-  local due = redis.call('ZSCORE', KEYS[3], job)
-  if due and tonumber(due) > now then redis.call('ZADD', KEYS[3], now, job) end
-end
-return 1
-""")
+@dataclass(frozen=True)
+class Admit(Script):
+    """Takes a start and a slot for a delivery when the callback's limits let it start now
+    (returns 0), else puts it in line: {ms to wait, 1 when a slot (not the rate) holds it}.
+    The keys are `keys.limits(callback)`; `per_second` and `in_flight` are the limits (0:
+    none), `slot_ms` a slot's lease, `keep_ms` how long a waiting job keeps its place past
+    its expected turn, `min_wait_ms` the smallest wait."""
+
+    LUA = """
+    local t = redis.call('TIME')
+    local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+    local rate, cap = tonumber(per_second), tonumber(in_flight)
+    local waiting, rank = redis.call('ZCARD', line), false
+    if waiting > 0 then
+      local gone = redis.call('ZRANGEBYSCORE', seen, '-inf', now, 'LIMIT', 0, 500)
+      if #gone > 0 then
+        waiting = waiting - redis.call('ZREM', line, unpack(gone))
+        redis.call('ZREM', seen, unpack(gone))
+      end
+      rank = redis.call('ZRANK', line, job)
+    end
+    local room, started, holding = math.huge, 0, 0
+    if rate > 0 then
+      redis.call('ZREMRANGEBYSCORE', starts, '-inf', now - 1000)
+      started = redis.call('ZCARD', starts)
+      room = rate - started
+    end
+    if cap > 0 then
+      redis.call('ZREMRANGEBYSCORE', running, '-inf', now)
+      holding = redis.call('ZCARD', running)
+      room = math.min(room, cap - holding)
+    end
+    local ahead = rank or waiting
+    if ahead < room then
+      if rate > 0 then
+        redis.call('ZADD', starts, now, token)
+        redis.call('PEXPIRE', starts, 1000)
+      end
+      if cap > 0 then
+        redis.call('ZADD', running, now + tonumber(slot_ms), token)
+        redis.call('PEXPIRE', running, slot_ms)
+      end
+      if rank then
+        redis.call('ZREM', line, job)
+        redis.call('ZREM', seen, job)
+      end
+      return 0
+    end
+    local wait, by_slot = tonumber(min_wait_ms), 0
+    if rate > 0 and rate - started <= ahead then
+      local k = ahead - (rate - started)
+      if started == 0 then
+        wait = math.max(wait, 1000 * math.floor(ahead / rate))
+      else
+        local first = redis.call('ZRANGE', starts, k % started, k % started, 'WITHSCORES')
+        wait = math.max(wait, tonumber(first[2]) + 1000 * (math.floor(k / started) + 1) - now)
+      end
+    end
+    if cap > 0 and cap - holding <= ahead then
+      local turns = math.floor((ahead - (cap - holding)) / cap) + 1
+      wait = math.max(wait, math.min(250 * turns, tonumber(slot_ms)))
+      by_slot = 1
+    end
+    if not rank then redis.call('ZADD', line, now, job) end
+    local keep = wait + tonumber(keep_ms)
+    redis.call('ZADD', seen, now + keep, job)
+    for _, key in ipairs({line, seen}) do
+      if redis.call('PTTL', key) < keep then redis.call('PEXPIRE', key, keep) end
+    end
+    return {wait, by_slot}
+    """
+    starts: Key
+    running: Key
+    line: Key
+    seen: Key
+    per_second: int
+    in_flight: int
+    token: str
+    job: str
+    slot_ms: int
+    keep_ms: int
+    min_wait_ms: int
+
+
+@dataclass(frozen=True)
+class Release(Script):
+    """Gives a slot back and makes the first jobs in line due now, as many as slots are
+    free (`in_flight`: the callback's limit)."""
+
+    LUA = """
+    redis.call('ZREM', running, token)
+    if redis.call('EXISTS', line) == 0 then return 0 end
+    local t = redis.call('TIME')
+    local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+    local free = tonumber(in_flight) - redis.call('ZCOUNT', running, now, '+inf')
+    if free < 1 then return 0 end
+    for _, job in ipairs(redis.call('ZRANGE', line, 0, free - 1)) do
+      local due = redis.call('ZSCORE', queue, job)
+      if due and tonumber(due) > now then redis.call('ZADD', queue, now, job) end
+    end
+    return 1
+    """
+    running: Key
+    line: Key
+    queue: Key
+    token: str
+    in_flight: int
+
 
 MIN_WAIT_MS = 50
 SLOT_MARGIN_S = 5.0  # a slot outlives its attempt's total timeout by this much
@@ -203,11 +229,21 @@ class Controls:
         in the queue, due when its turn should come (`then` with the wait: no attempt)."""
         options = target.options
         slot = f"{self._prefix}{next(self._count)}"
-        limits = [options.max_per_second or 0, options.max_in_flight or 0]
-        args: list[int | str] = [*limits, slot, job.job_id, self.slot_ms, self.keep_ms, MIN_WAIT_MS]
-        (answer,) = await self.reads.execute(
-            lambda pipe: ADMIT.queue(pipe, self.keys.limits(target.id), args)
+        starts, running, line, seen = self.keys.limits(target.id)
+        admit = Admit(
+            starts=starts,
+            running=running,
+            line=line,
+            seen=seen,
+            per_second=options.max_per_second or 0,
+            in_flight=options.max_in_flight or 0,
+            token=slot,
+            job=job.job_id,
+            slot_ms=self.slot_ms,
+            keep_ms=self.keep_ms,
+            min_wait_ms=MIN_WAIT_MS,
         )
+        (answer,) = await self.reads.execute(admit.queue_on)
         if answer != 0:
             wait_ms, by_slot = answer
             await self._wait(job, target, then, int(wait_ms) / 1000, bool(by_slot))
@@ -245,6 +281,10 @@ class Controls:
 
     def _release(self, pipe: Pipeline, target: CallbackTarget, slot: str) -> None:
         _, running, line, _ = self.keys.limits(target.id)
-        RELEASE.queue(
-            pipe, [running, line, self.queue_name], [slot, target.options.max_in_flight or 0]
-        )
+        Release(
+            running=running,
+            line=line,
+            queue=self.queue_name,
+            token=slot,
+            in_flight=target.options.max_in_flight or 0,
+        ).queue_on(pipe)

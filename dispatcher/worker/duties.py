@@ -19,8 +19,8 @@ from typing import TYPE_CHECKING, Any
 import structlog
 
 from dispatcher import metrics
+from dispatcher.clock import now_ms
 from dispatcher.connections import REDIS_ERRORS, redis_full
-from dispatcher.jobs import now_ms
 from dispatcher.lua import run_pipeline
 from dispatcher.status import write_heartbeat
 
@@ -143,8 +143,9 @@ class Duties:
 
     async def _sweep(self, shard: Services, slot: int) -> None:
         try:
-            if await shard.redis.set(shard.keys.cron("sweep", slot), self.token, nx=True,
-                                     ex=2 * SWEEP_EVERY_S):  # fmt: skip
+            if await shard.redis.set(
+                shard.keys.cron("sweep", slot), self.token, nx=True, ex=2 * SWEEP_EVERY_S
+            ):
                 budget = self.settings.effective_job_timeout / 2
                 removed = await shard.history.sweep(max_seconds=budget)
                 log.info("history.swept", removed=removed, shard=shard.shard.index)

@@ -26,6 +26,7 @@ import structlog
 from dispatcher import metrics, tracing
 from dispatcher.backoff import next_delay
 from dispatcher.batch import Batcher
+from dispatcher.clock import now_ms
 from dispatcher.delivery import (
     Attempted,
     AttemptResult,
@@ -39,7 +40,7 @@ from dispatcher.delivery import (
 from dispatcher.egress import make_transport
 from dispatcher.errors import InvalidUrl, describe
 from dispatcher.health import CircuitBreaker
-from dispatcher.jobs import BadJob, DeliveryJob, EventJob, now_ms
+from dispatcher.jobs import BadJob, DeliveryJob, EventJob
 from dispatcher.models import Region
 from dispatcher.stats import AttemptStats
 from dispatcher.worker.controls import Controls

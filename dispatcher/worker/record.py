@@ -10,9 +10,9 @@ from urllib.parse import urlsplit
 import structlog
 
 from dispatcher import metrics
+from dispatcher.clock import now_ms
 from dispatcher.delivery import Outcome
 from dispatcher.history import truncate
-from dispatcher.jobs import now_ms
 from dispatcher.models import DeliveryStatus
 from dispatcher.registry import url_problem
 

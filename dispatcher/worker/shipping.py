@@ -75,8 +75,12 @@ class Shipping:
         full = worst >= self.settings.history_backlog_limit
         if full != self.full:
             if full:
-                log.error("history.backlog_full", waiting=waiting, oldest_s=round(age, 1),
-                          limit=self.settings.history_backlog_limit)  # fmt: skip
+                log.error(
+                    "history.backlog_full",
+                    waiting=waiting,
+                    oldest_s=round(age, 1),
+                    limit=self.settings.history_backlog_limit,
+                )
             else:
                 log.info("history.backlog_ok", waiting=waiting)
             self.full = full

@@ -8,7 +8,6 @@ import asyncio
 import random
 import socket
 import struct
-import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -17,6 +16,7 @@ import orjson
 from aiohttp import web
 from redis.asyncio import Redis
 
+from dispatcher.clock import now_ms
 from dispatcher.history.redis import RedisHistory
 from dispatcher.keys import Keys
 from dispatcher.models import DeliveryStatus, HistoryRecord
@@ -55,14 +55,14 @@ class FlakyReceiver:
         return self.base + path
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
-        arrived = _ms()
+        arrived = now_ms()
         await request.read()
         roll, delay = self.rng.random(), self.rng.uniform(0, self.max_delay)
         if delay:
             await asyncio.sleep(delay)
         delivery_id = request.headers.get("webhook-id") or request.headers["X-DEVOPS-DELIVERY-ID"]
         if roll < self.reset:
-            self.answers.append(Answer(delivery_id, arrived, _ms(), "reset"))
+            self.answers.append(Answer(delivery_id, arrived, now_ms(), "reset"))
             transport = request.transport
             if transport is not None:  # SO_LINGER 0: the close sends RST
                 sock = transport.get_extra_info("socket")
@@ -70,7 +70,7 @@ class FlakyReceiver:
                 transport.close()
             raise asyncio.CancelledError  # aiohttp drops the request without an answer
         status = 500 if roll < self.reset + self.fail else 200
-        self.answers.append(Answer(delivery_id, arrived, _ms(), status))
+        self.answers.append(Answer(delivery_id, arrived, now_ms(), status))
         return web.Response(status=status, text="flaky" if status == 500 else "ok")
 
     def answered_2xx(self) -> set[str]:
@@ -84,15 +84,11 @@ async def serving(receiver: FlakyReceiver) -> AsyncIterator[FlakyReceiver]:
         yield receiver
 
 
-def _ms() -> int:
-    return time.time_ns() // 1_000_000
-
-
 async def all_records(
     redis: Redis, settings: Settings, project: str, url: str, event: str
 ) -> list[HistoryRecord]:
     """Every record of (project, url, event) of the last hour, oldest first."""
-    history, now = RedisHistory(redis, settings, keys), _ms()
+    history, now = RedisHistory(redis, settings, keys), now_ms()
     found: list[HistoryRecord] = []
     page = 1
     while True:

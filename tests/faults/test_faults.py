@@ -21,6 +21,7 @@ from aiohttp import web
 from redis.asyncio import Redis
 
 from dispatcher.api import create_app
+from dispatcher.clock import now_ms
 from dispatcher.connections import connect
 from dispatcher.embedded import EmbeddedRedis
 from dispatcher.history.redis import RedisHistory
@@ -57,7 +58,7 @@ async def test_worker_killed_mid_delivery_loses_nothing(
     workers[0].send_signal(signal.SIGKILL)  # mid-delivery: the receiver has not answered yet
     workers[0].wait(timeout=5)
     history = RedisHistory(redis, settings, keys)
-    now = int(time.time() * 1000)
+    now = now_ms()
 
     async def successes() -> set[str | None]:
         page = await history.query("demo", url, "BUILD_END", start_ms=now - 120_000,
@@ -175,7 +176,7 @@ async def test_receivers_that_reset_or_speak_garbage_are_recorded_and_retried(
     await Registry(redis).create("demo", url, Event.BUILD_END, Region.DEVNET)
     await Producer(settings, redis).emit("demo", "BUILD_END", {})
     await run_worker()
-    now = int(time.time() * 1000)
+    now = now_ms()
     page = await RedisHistory(redis, settings, keys).query(
         "demo", url, "BUILD_END", start_ms=now - 60_000, end_ms=now + 1000
     )
@@ -209,7 +210,7 @@ async def test_a_gigabyte_answer_does_not_grow_the_worker(
     finally:
         tracemalloc.stop()
     assert peak < 32 * 1024 * 1024, f"peak {peak / 1e6:.0f} MB while reading a 1 GiB answer"
-    now = int(time.time() * 1000)
+    now = now_ms()
     [record] = (
         await RedisHistory(redis, settings, keys).query(
             "demo", url, "BUILD_END", start_ms=now - 60_000, end_ms=now + 1000
@@ -259,7 +260,7 @@ async def test_sigterm_lets_running_deliveries_finish_and_loses_nothing(
     await asyncio.to_thread(workers[0].wait, 15)
     assert workers[0].returncode == 0
     history = RedisHistory(redis, settings, keys)
-    now = int(time.time() * 1000)
+    now = now_ms()
     page = await history.query("demo", url, "BUILD_END", start_ms=now - 60_000, end_ms=now + 1000)
     started = {s.headers["X-DEVOPS-DELIVERY-ID"] for s in receiver.requests()}
     # what was running when the signal came finished and was recorded as a success

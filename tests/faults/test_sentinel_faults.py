@@ -16,6 +16,7 @@ import httpx
 import pytest
 from redis.asyncio import Redis
 
+from dispatcher.clock import now_ms
 from dispatcher.connections import connect
 from dispatcher.embedded import SentinelGroup
 from dispatcher.errors import Unavailable
@@ -121,7 +122,7 @@ async def kill_the_master(group: SentinelGroup, after_s: float) -> float:
     await asyncio.sleep(after_s)
     old = group.master_port()
     group.signal(old, signal.SIGKILL)
-    killed = time.time() * 1000
+    killed = now_ms()
     new = await asyncio.to_thread(group.wait_for_new_master, old)
     await asyncio.to_thread(group.start_node, old, new)
     return killed

@@ -12,6 +12,7 @@ from pathlib import Path
 import redis as sync_redis
 from aiohttp import web
 
+from dispatcher.clock import now_ms
 from dispatcher.embedded import EmbeddedRedis
 from dispatcher.models import Region
 from dispatcher.producer import Producer
@@ -91,7 +92,7 @@ def _project_of(body: bytes) -> str:
 
 async def _succeeded(router: Router, projects: list[str], url: str) -> set[str | None]:
     """The events with a SUCCESS record, read from each project's own shard."""
-    now = int(time.time() * 1000)
+    now = now_ms()
     found: set[str | None] = set()
     for project in projects:
         page = await router.of(project).history.query(

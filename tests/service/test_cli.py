@@ -11,6 +11,7 @@ import redis as redis_py
 from typer.testing import CliRunner
 
 from dispatcher.cli import app
+from dispatcher.clock import now_ms
 from dispatcher.connections import connect
 from dispatcher.embedded import EmbeddedRedis
 from dispatcher.keys import Keys, project_scoped
@@ -47,10 +48,7 @@ def test_callbacks_add_list_disable_enable_rm(cli: CliRunner) -> None:
     assert missing.exit_code == 1 and "not found" in missing.output
 
 
-def test_callbacks_at_every_level_with_an_auth_header(
-    cli: CliRunner, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setenv("COLUMNS", "200")  # the table unfolded
+def test_callbacks_at_every_level_with_an_auth_header(cli: CliRunner) -> None:
     header = ["--auth-header", "X-Api-Key: CLI-SECRET-VALUE"]
     for where in (["--all-projects"], ["--project", "p", "--pipeline", "p1"], ["--project", "p"]):
         added = cli.invoke(app, ["callbacks", "add", *where, "--url", "https://example.com/h",
@@ -199,13 +197,12 @@ def test_status_prints_the_figures(cli: CliRunner, redis_server: EmbeddedRedis) 
 
 def test_bulk_redeliver_and_sweep(cli: CliRunner, redis_server: EmbeddedRedis) -> None:
     import asyncio
-    import time
 
     from dispatcher.history.redis import RedisHistory
     from tests.helpers import make_settings
 
     settings = make_settings(redis_server.url)
-    now = int(time.time() * 1000)
+    now = now_ms()
 
     async def seed() -> None:
         redis = connect(settings)
@@ -266,13 +263,12 @@ def test_dead_lists_the_deliveries_that_gave_up(
     cli: CliRunner, redis_server: EmbeddedRedis
 ) -> None:
     import asyncio
-    import time
 
     from dispatcher.history.redis import RedisHistory
     from tests.helpers import make_settings
 
     settings = make_settings(redis_server.url)
-    now = int(time.time() * 1000)
+    now = now_ms()
 
     async def seed() -> None:
         redis = connect(settings)

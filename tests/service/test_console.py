@@ -4,7 +4,6 @@ the admin role, it answers with pages (not JSON), and /docs works without a CDN.
 from __future__ import annotations
 
 import re
-import time
 from collections.abc import AsyncIterator
 from html import unescape
 from html.parser import HTMLParser
@@ -16,6 +15,7 @@ from itsdangerous import URLSafeTimedSerializer
 from redis.asyncio import Redis
 
 from dispatcher.auth import Role, Roles
+from dispatcher.clock import now_ms
 from dispatcher.console.csrf import COOKIE
 from dispatcher.embedded import EmbeddedRedis
 from dispatcher.history import HistoryStore, open_history
@@ -321,7 +321,7 @@ async def test_recent_deliveries_of_a_callback_and_the_failures_of_the_last_hour
     await registry.create("demo", hook, Event.BUILD_END, Region.OSS)
     await registry.create("demo", hook, Event.BUILD_START, Region.OSS)
     await registry.create("demo", other, Event.BUILD_END, Region.OSS)
-    now = int(time.time() * 1000)
+    now = now_ms()
     history = open_history(settings, redis, keys)
     shapes = [  # (minutes ago, url, event, status)
         (90, hook, "BUILD_END", "FAILED"),  # failed, but more than an hour ago
@@ -368,7 +368,7 @@ async def test_recent_deliveries_page_through_older_attempts(
     api: httpx.AsyncClient, redis: Redis, settings: Settings
 ) -> None:
     url = "https://ci.example.com/hook"
-    now = int(time.time() * 1000)
+    now = now_ms()
     history = open_history(settings, redis, keys)
     ids = [await add_attempt(history, url, now - i) for i in range(60)]
     seen: list[int] = []

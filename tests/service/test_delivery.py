@@ -13,6 +13,7 @@ from redis.asyncio import Redis
 from standardwebhooks import Webhook
 from structlog.testing import capture_logs
 
+from dispatcher.clock import now_ms
 from dispatcher.embedded import EmbeddedRedis
 from dispatcher.history.redis import RedisHistory
 from dispatcher.jobs import EventJob, Queue
@@ -47,7 +48,7 @@ async def emit(settings: Settings, redis: Redis, event: str = "BUILD_END", **dat
 async def records(
     redis: Redis, settings: Settings, url: str, event: str = "BUILD_END"
 ) -> list[HistoryRecord]:
-    now = int(time.time() * 1000)
+    now = now_ms()
     page = await RedisHistory(redis, settings, keys).query(
         "demo", url, event, start_ms=now - 60_000, end_ms=now + 60_000, page_size=100
     )

@@ -7,7 +7,7 @@ from __future__ import annotations
 import orjson
 from redis.asyncio import Redis
 
-from dispatcher.jobs import now_ms
+from dispatcher.clock import now_ms
 from dispatcher.keys import Keys
 from dispatcher.models import PLATFORM_PROJECT, Event, Region
 from dispatcher.producer import Producer

@@ -4,7 +4,6 @@ Redis store and against the PostgreSQL store (records shipped from the stream fi
 
 from __future__ import annotations
 
-import time
 from collections.abc import AsyncIterator
 from datetime import datetime
 from typing import Any
@@ -16,6 +15,7 @@ from redis.asyncio import Redis
 
 from dispatcher.api import create_app
 from dispatcher.auth import Role, Roles
+from dispatcher.clock import now_ms
 from dispatcher.embedded import EmbeddedRedis
 from dispatcher.errors import NotFound
 from dispatcher.history import HistoryStore, open_history, parse_window
@@ -103,7 +103,7 @@ async def fill(redis: Redis, settings: Settings, times: list[int], **kw: Any) ->
 
 async def test_seed_shape_and_newest_first(tz_api: httpx.AsyncClient, redis: Redis,
                                            tz_settings: Settings) -> None:  # fmt: skip
-    now = int(time.time() * 1000)
+    now = now_ms()
     ids = await fill(redis, tz_settings, [now - 3000, now - 2000, now - 1000])
     response = await tz_api.get(V3, params={"url": URL, "event": "BUILD_END"}, headers=UID)
     assert response.status_code == 200
@@ -124,7 +124,7 @@ async def test_seed_shape_and_newest_first(tz_api: httpx.AsyncClient, redis: Red
 
 
 async def test_paging_arithmetic(redis: Redis, settings: Settings, store: HistoryStore) -> None:
-    now = int(time.time() * 1000)
+    now = now_ms()
     await fill(redis, settings, [now - 10_000 + i for i in range(45)])
     history = store
 
@@ -149,7 +149,7 @@ async def test_window_is_inclusive_in_the_configured_time_zone(
     today = datetime.now(SHANGHAI).strftime("%Y-%m-%d")
     inside = [ms(f"{today} 00:00:00"), ms(f"{today} 00:00:10") + 999]
     outside = [ms(f"{today} 00:00:00") - 1, ms(f"{today} 00:00:11")]
-    if max(inside + outside) > time.time() * 1000:
+    if max(inside + outside) > now_ms():
         pytest.skip("the test's window lies in the future just after midnight in Shanghai")
     await fill(redis, tz_settings, inside + outside)
     response = await tz_api.get(
@@ -186,7 +186,7 @@ def test_window_defaults() -> None:
 async def test_only_the_asked_url_and_event_are_returned(
     redis: Redis, settings: Settings, store: HistoryStore
 ) -> None:
-    now = int(time.time() * 1000)
+    now = now_ms()
     await fill(redis, settings, [now - 1000])
     await fill(redis, settings, [now - 900], url="http://127.0.0.1:9000/other")
     await fill(redis, settings, [now - 800], event="BUILD_START")
@@ -338,12 +338,12 @@ async def attempts_of_a_delivery(
 
     await services.redeliver(first.id, "demo")
     await run_worker()
-    again = await services.attempts(await services.record(first.id, "demo"))
+    again = await services.attempts(await services.get_record(first.id, "demo"))
     assert len(again) == 3 and again[0].redelivery_of == first.id
     assert [r.id for r in again] == sorted((r.id for r in again), reverse=True)  # newest first
     assert await services.history.attempts(first.delivery_id or "", "other") == []
     with pytest.raises(NotFound):
-        await services.record(first.id, "other")
+        await services.get_record(first.id, "other")
 
 
 async def add_all(redis: Redis, settings: Settings, records: list[AttemptRecord]) -> list[int]:
@@ -360,7 +360,7 @@ async def add_all(redis: Redis, settings: Settings, records: list[AttemptRecord]
 async def test_recent_deliveries_of_a_url_across_its_events(
     redis: Redis, settings: Settings, store: HistoryStore
 ) -> None:
-    now = int(time.time() * 1000)
+    now = now_ms()
     other = "http://127.0.0.1:9000/other"
     shapes = [  # (ms ago, url, event, status, project)
         (9000, URL, "BUILD_END", "SUCCESS", "demo"),
@@ -425,7 +425,7 @@ async def test_a_signature_stored_by_an_older_version_is_masked_when_read(
 ) -> None:
     """Older workers stored `webhook-signature` in clear: every read masks it, in both
     stores, on the API and on the console's attempt page."""
-    old = record(int(time.time() * 1000))
+    old = record(now_ms())
     old["requestHeaders"] = [
         {"name": "X-DEVOPS-WEBHOOK-TOKEN", "value": "******"},
         {"name": "webhook-id", "value": "evt_0.1"},
@@ -443,7 +443,7 @@ async def test_a_signature_stored_by_an_older_version_is_masked_when_read(
         (await api.get(f"/console/projects/demo/history/{record_id}", headers=UID)).text,
     ]
     async with Services.open(settings, redis) as services:
-        got = await services.record(record_id, "demo")
+        got = await services.get_record(record_id, "demo")
         texts.append(got.model_dump_json())
         dead = await services.dead_letters("demo")
         texts += [r.model_dump_json() for r in dead]
@@ -463,7 +463,7 @@ async def test_redelivery_of_an_older_record_sends_its_stored_body_as_it_was(
     callback_id, _ = await Registry(redis).create(
         "demo", receiver.url(), Event.BUILD_END, Region.DEVNET
     )
-    old = record(int(time.time() * 1000), url=receiver.url())
+    old = record(now_ms(), url=receiver.url())
     old |= {"requestBody": '{"event":"BUILD_END","data":{"n":1}}', "callbackId": callback_id}
     history = open_history(settings, redis, keys)
     try:

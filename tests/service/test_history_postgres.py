@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import random
-import time
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -19,6 +18,7 @@ from redis.asyncio import Redis
 from typer.testing import CliRunner
 
 from dispatcher.cli import app
+from dispatcher.clock import now_ms
 from dispatcher.embedded import FAST, EmbeddedPostgres, EmbeddedRedis
 from dispatcher.errors import Unavailable
 from dispatcher.history import open_history
@@ -126,7 +126,7 @@ async def test_retention_drops_a_days_partition_and_nothing_newer(
     settings = make_settings(redis_server.url, history_url=fresh_db)
     conn = await asyncpg.connect(fresh_db)
     await upgrade(conn)
-    now = int(time.time() * 1000)
+    now = now_ms()
     await ensure_partitions(conn, now - 10 * DAY_MS, now)  # every day: "nothing newer" counts
     created = [now - 9 * DAY_MS, now - 8 * DAY_MS, now - 7 * DAY_MS - 1, now - 6 * DAY_MS]
     history = open_history(settings, redis, keys)
@@ -169,7 +169,7 @@ async def stream_twice(redis: Redis, settings: Settings, rec: AttemptRecord) -> 
 
 
 async def test_a_record_sent_twice_is_stored_once(pg_settings: Settings, redis: Redis) -> None:
-    now = int(time.time() * 1000)
+    now = now_ms()
     first = await stream_twice(redis, pg_settings, record(now - 10, 1))  # in one batch
     assert await ship_all(pg_settings, redis) == 1
     second = await stream_twice(redis, pg_settings, record(now - 5, 2))
@@ -185,7 +185,7 @@ async def test_a_record_sent_twice_is_stored_once(pg_settings: Settings, redis: 
 async def test_two_shippers_at_once_store_each_record_once(
     pg_settings: Settings, redis: Redis
 ) -> None:
-    now = int(time.time() * 1000)
+    now = now_ms()
     settings = pg_settings.model_copy(update={"history_ship_batch": 100})
     history = open_history(settings, redis, keys)
     for n in range(1500):
@@ -208,7 +208,7 @@ async def test_two_shippers_at_once_store_each_record_once(
 async def test_a_shipper_dead_between_commit_and_trim_ships_nothing_twice(
     pg_settings: Settings, redis: Redis
 ) -> None:
-    now = int(time.time() * 1000)
+    now = now_ms()
     history = open_history(pg_settings, redis, keys)
     for n in range(10):
         await history.add(record(now - 100 + n, n))
@@ -233,7 +233,7 @@ async def test_counts_and_deep_pages_match_a_brute_force_read(
     """The counts-based locator against COUNT(*) and OFFSET on random windows and pages:
     windows under a minute, across minutes, across hours, past the data."""
     rng = random.Random(12)
-    now = int(time.time() * 1000)
+    now = now_ms()
     span = 5 * 3_600_000
     times = sorted(now - rng.randrange(span) for _ in range(4000))
     times += [times[100]] * 5  # equal times order by id
@@ -277,7 +277,7 @@ def _doc(n: int, at: int, url: str = URL) -> bytes:
 def test_history_migrate_copies_the_redis_history(
     pg_settings: Settings, redis_server: EmbeddedRedis, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    now = int(time.time() * 1000)
+    now = now_ms()
     redis_settings = make_settings(redis_server.url)
 
     async def seed() -> list[int]:
@@ -335,18 +335,18 @@ async def test_past_the_backlog_limit_workers_wait_and_nothing_is_lost(
                              history_backlog_limit=5, worker_max_jobs=2)  # fmt: skip
     url = receiver.script("/hook", hang(0.1))
     await Registry(redis).create("demo", url, Event.BUILD_END, Region.DEVNET)
-    await Producer(settings, redis).emit_many([("demo", "BUILD_END", {"n": i}) for i in range(40)])
+    await Producer(settings, redis).emit_many([("demo", "BUILD_END", {"n": i}) for i in range(20)])
     worker = create_worker(settings, poll_delay=0.01, handle_signals=False)
     running = asyncio.create_task(worker.main())
     try:
         await receiver.wait_for(6, within=10)
-        await asyncio.sleep(2.5)  # 40 deliveries take 2 s at this pace, unpaused
-        assert worker.shipping.full and len(receiver.requests()) < 40
+        await asyncio.sleep(1.5)  # 20 deliveries take 1 s at this pace, unpaused
+        assert worker.shipping.full and len(receiver.requests()) < 20
         assert await redis.zcard(settings.queue_name) > 0  # the rest waits in the queue
 
         async def everything_delivered() -> bool:
             await ship_all(settings, redis)
-            return len(receiver.requests()) == 40
+            return len(receiver.requests()) == 20
 
         await until(everything_delivered, 30, "the worker resumed once the records were shipped")
     finally:
@@ -355,15 +355,15 @@ async def test_past_the_backlog_limit_workers_wait_and_nothing_is_lost(
         await worker.close()
     await ship_all(settings, redis)
     history = open_history(settings, redis, keys)
-    now = int(time.time() * 1000)
+    now = now_ms()
     page = await history.query("demo", url, "BUILD_END", start_ms=now - 60_000, end_ms=now)
     await history.close()
-    assert page.count == 40
+    assert page.count == 20
 
 
 async def test_the_backlog_is_a_metric(pg_settings: Settings, redis: Redis) -> None:
     """What waits in Redis for PostgreSQL shows at /metrics (the alert's input)."""
-    now = int(time.time() * 1000)
+    now = now_ms()
     history = open_history(pg_settings, redis, keys)
     for n in range(3):
         await history.add(record(now - 100 + n, n))
@@ -379,7 +379,7 @@ async def test_a_stream_made_anew_below_the_watermark_is_read_from_its_start(
 ) -> None:
     """Redis lost its data and its clock is behind the last shipment: the new stream's ids
     fall below the watermark; its records are shipped all the same."""
-    now = int(time.time() * 1000)
+    now = now_ms()
     history = open_history(pg_settings, redis, keys)
     await history.add(record(now - 10, 1))
     assert await ship_all(pg_settings, redis) == 1
@@ -397,7 +397,7 @@ async def test_a_stream_made_anew_below_the_watermark_is_read_from_its_start(
 def test_history_ship_drain_command(
     pg_settings: Settings, redis_server: EmbeddedRedis, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    now = int(time.time() * 1000)
+    now = now_ms()
 
     async def seed() -> None:
         redis = Redis.from_url(redis_server.url)
@@ -422,7 +422,7 @@ async def test_an_entry_that_is_no_record_does_not_stop_the_others(
 ) -> None:
     """Something else on the stream (a bug, a hand-made XADD): logged and left out; the
     records around it are stored."""
-    now = int(time.time() * 1000)
+    now = now_ms()
     history = open_history(pg_settings, redis, keys)
     await history.add(record(now - 30, 1))
     await redis.xadd(keys.HISTORY_STREAM, {"r": b'{"id": 5, "createdTime": 1}', "t": str(now)})
@@ -440,7 +440,7 @@ async def test_entries_of_older_workers_are_found_by_their_status(
 ) -> None:
     """A worker of the previous version carries no status column on its entries (or only
     the JSON): the shipper reads the status from the JSON, so the status filter finds them."""
-    now = int(time.time() * 1000)
+    now = now_ms()
     history = PostgresHistory(redis, pg_settings, keys)
     failed, json_only = record(now - 20, 1, status="FAILED"), record(now - 10, 2, status="FAILED")
     await history.assign_ids([failed, json_only])

@@ -3,10 +3,9 @@ PostgreSQL store drops whole day partitions: tests/service/test_history_postgres
 
 from __future__ import annotations
 
-import time
-
 from redis.asyncio import Redis
 
+from dispatcher.clock import now_ms
 from dispatcher.embedded import EmbeddedRedis
 from dispatcher.history.redis import RedisHistory
 from dispatcher.keys import Keys
@@ -20,7 +19,7 @@ keys = Keys()  # today's key names (one shard)
 async def test_retention_removes_old_records_and_their_index_entries_only(
     redis: Redis, settings: Settings
 ) -> None:
-    now = int(time.time() * 1000)
+    now = now_ms()
     day = 86_400_000
     old = await fill(redis, settings, [now - 8 * day, now - 7 * day - 1])
     old_other = await fill(redis, settings, [now - 9 * day], event="BUILD_START")
@@ -47,7 +46,7 @@ async def test_retention_removes_old_records_and_their_index_entries_only(
 
 async def test_sweep_works_in_bounded_batches(redis: Redis, redis_server: EmbeddedRedis) -> None:
     settings = make_settings(redis_server.url, sweep_batch=10)
-    now = int(time.time() * 1000)
+    now = now_ms()
     await fill(redis, settings, [now - 8 * 86_400_000 + i for i in range(35)])
     history = RedisHistory(redis, settings, keys)
     assert await history.sweep(now_ms=now, max_batches=2) == 20

@@ -5,7 +5,6 @@ receivers on 127.0.0.1, real workers (one of them a process of its own)."""
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +14,7 @@ import pytest
 from redis.asyncio import Redis
 from structlog.testing import capture_logs
 
+from dispatcher.clock import now_ms
 from dispatcher.errors import InvalidInput
 from dispatcher.history.redis import RedisHistory
 from dispatcher.keys import Keys
@@ -40,7 +40,7 @@ EVENTS = "/apigw/v4/projects/demo/events"
 
 
 async def records(redis: Redis, settings: Settings, url: str) -> list[HistoryRecord]:
-    now = int(time.time() * 1000)
+    now = now_ms()
     page = await RedisHistory(redis, settings, keys).query(
         "demo", url, "BUILD_END", start_ms=now - 60_000, end_ms=now + 60_000, page_size=100
     )

@@ -4,10 +4,9 @@ keys in Redis are exactly the ones `keys.py` names."""
 
 from __future__ import annotations
 
-import time
-
 from redis.asyncio import Redis
 
+from dispatcher.clock import now_ms
 from dispatcher.history.record import AttemptRecord
 from dispatcher.jobs import EventJob, Queue
 from dispatcher.keys import Keys, callback_unique_field, history_member
@@ -54,7 +53,7 @@ async def test_scripts_and_keys_py_build_the_same_names(settings: Settings, redi
     await services.enable(callback_id)  # back in the match set, failure count cleared
     assert await present(redis) == registered
 
-    now = int(time.time() * 1000)
+    now = now_ms()
     record: AttemptRecord = {"projectId": "demo", "callBackUrl": URL, "events": "BUILD_END",
               "status": "FAILED", "startTime": now, "endTime": now, "createdTime": now}  # fmt: skip
     record_id = await services.history.add(record, dead=True)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import base64
 import re
-import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -20,6 +19,7 @@ from prometheus_client import REGISTRY
 from redis.asyncio import Redis
 from standardwebhooks import Webhook, WebhookVerificationError
 
+from dispatcher.clock import now_ms
 from dispatcher.embedded import EmbeddedRedis
 from dispatcher.history.redis import RedisHistory
 from dispatcher.keys import Keys
@@ -164,7 +164,7 @@ async def test_a_rotation_signs_with_both_secrets_until_the_overlap_ends(
     await run_worker()
     (cb,) = (await ok(await api.get(CALLBACKS, headers=ALICE)))["records"]
     rotate = f"{CALLBACKS}/{cb['id']}/secret"
-    before = time.time() * 1000
+    before = now_ms()
     shown = await ok(await api.post(rotate, params={"secretToken": "new-secret"}, headers=ALICE))
     assert 24 * 3600_000 <= shown["rotationEndTime"] - before < 24 * 3600_000 + 60_000
     assert "secret" not in str(shown).replace("Secret", "")
@@ -284,7 +284,7 @@ def _metric(name: str, **labels: str) -> float:
 
 
 async def _records(redis: Redis, settings: Settings, url: str) -> list[HistoryRecord]:
-    now = int(time.time() * 1000)
+    now = now_ms()
     page = await RedisHistory(redis, settings, keys).query(
         "demo", url, "BUILD_END", start_ms=now - 60_000, end_ms=now + 60_000, page_size=100
     )

@@ -256,8 +256,9 @@ async def test_open_breaker_defers_instead_of_burning_attempts(
     )
     span = max(r.start_time for r in records) - min(r.start_time for r in records)
     # without the breaker the 14 attempts run back to back within ~0.4 s; with it, every
-    # failure after the first two opens it for 0.2 s (at least 10 cool-downs)
-    assert span >= 2000
+    # failure after the first two opens it for 0.2 s, and each time it half-opens both
+    # deliveries may probe the host: at least 6 cool-downs
+    assert span >= 1200
 
 
 # ---- poison jobs --------------------------------------------------------------------------

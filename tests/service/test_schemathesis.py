@@ -39,6 +39,7 @@ from schemathesis import CheckContext, GenerationMode, SerializationContext
 from schemathesis.checks import negative_data_rejection, not_a_server_error
 
 from dispatcher.api import create_app
+from dispatcher.clock import now_ms
 from dispatcher.connections import connect
 from dispatcher.embedded import EmbeddedRedis
 from dispatcher.history.redis import RedisHistory
@@ -51,6 +52,10 @@ from tests.helpers import make_settings
 if TYPE_CHECKING:
     # schemathesis names the type of an OpenAPI case for type checkers only
     from schemathesis.specs.openapi.schemas import OpenApiCase
+
+# One xdist worker runs the whole module (`--dist loadgroup`): the last test reads what
+# the fuzzing of every route saw.
+pytestmark = pytest.mark.xdist_group("schemathesis")
 
 keys = Keys()  # today's key names (one shard)
 
@@ -152,7 +157,7 @@ async def _seed(settings: Settings) -> None:
     try:
         await redis.flushdb()
         registry, history = Registry(redis), RedisHistory(redis, settings, keys)
-        now = time.time_ns() // 1_000_000
+        now = now_ms()
         for n in range(2 * SEEDED):
             url, event = f"http://127.0.0.1:9/hook{n}", list(Event)[n]
             cid, _ = await registry.create(SEEDED_PROJECT, url, event, Region.DEVNET, "tok")
@@ -275,6 +280,10 @@ def steer(case: OpenApiCase) -> None:
 
 
 @SCHEMA.parametrize()
+# A parametrization of the test's own, beside schemathesis' per operation: without one,
+# pytest 9 gives every operation's item the same node id, and pytest-xdist (which schedules
+# by node id) would then run only one of them.
+@pytest.mark.parametrize("timeout", [5.0], ids=["timeout=5s"])
 @settings(
     max_examples=25,
     deadline=None,
@@ -283,20 +292,24 @@ def steer(case: OpenApiCase) -> None:
     phases=[Phase.explicit, Phase.generate],  # no shrinking: a failure is reported at once
     suppress_health_check=list(HealthCheck),
 )
-def test_every_route_survives_bad_input(case: OpenApiCase, live_url: str) -> None:
+def test_every_route_survives_bad_input(case: OpenApiCase, live_url: str, timeout: float) -> None:
     steer(case)
     if case.operation.path == "/metrics":
         # Prometheus' text format; FastAPI documents every route as JSON unless told.
-        response = case.call_and_validate(base_url=live_url, timeout=5, checks=[not_a_server_error])
+        response = case.call_and_validate(
+            base_url=live_url, timeout=timeout, checks=[not_a_server_error]
+        )
         assert response.headers["content-type"][0].startswith("text/plain")
     elif case.operation.path.endswith("/events/batch"):
         response = case.call_and_validate(
-            base_url=live_url, timeout=5, additional_checks=[envelope_on_error, batch_outcomes],
+            base_url=live_url,
+            timeout=timeout,
+            additional_checks=[envelope_on_error, batch_outcomes],
             excluded_checks=[negative_data_rejection],
-        )  # fmt: skip
+        )
     else:
         response = case.call_and_validate(
-            base_url=live_url, timeout=5, additional_checks=[envelope_on_error]
+            base_url=live_url, timeout=timeout, additional_checks=[envelope_on_error]
         )
     SEEN[f"{case.method} {case.operation.path}"][response.status_code] += 1
 
@@ -309,7 +322,7 @@ def test_the_fuzzing_got_past_the_first_refusal() -> None:
     """Guards `steer`: every route must have accepted some requests, and the 401 for a
     missing caller must not be most of what the fuzzing saw."""
     if len(SEEN) < len(list(SCHEMA.get_all_operations())):
-        pytest.skip("needs the whole fuzzing run")
+        pytest.skip("needs the whole fuzzing run (run with -k or a node id)")
     never = sorted(operation for operation, statuses in SEEN.items() if not statuses[200])
     assert not never, f"no request succeeded on {never}; see steer()"
     total = sum(sum(statuses.values()) for statuses in SEEN.values())

@@ -15,6 +15,7 @@ from redis.asyncio import Redis
 from typer.testing import CliRunner
 
 from dispatcher.cli import app
+from dispatcher.clock import now_ms
 from dispatcher.connections import connect, preflight
 from dispatcher.embedded import EmbeddedRedis, SentinelGroup
 from dispatcher.errors import InvalidSetting, Unavailable
@@ -152,7 +153,7 @@ async def test_without_the_replicas_it_asks_for_an_emit_answers_503(
     assert caught.value.param == "DISPATCHER_REDIS_MIN_REPLICAS"
     with pytest.raises(Unavailable, match=r"0 of 1 replicas .* same event ids is safe"):
         await Producer(strict, redis).emit("demo", "BUILD_END", {}, event_id="e1")
-    now = int(time.time() * 1000)
+    now = now_ms()
     record_id = await RedisHistory(redis, settings, keys).add(
         {
             "projectId": "demo",

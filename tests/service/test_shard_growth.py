@@ -6,11 +6,11 @@ move included, and nothing of a moved project stays on its old shard."""
 from __future__ import annotations
 
 import asyncio
-import time
 
 import redis as sync_redis
 
 from dispatcher.auth import Role
+from dispatcher.clock import now_ms
 from dispatcher.embedded import EmbeddedRedis
 from dispatcher.errors import Unavailable
 from dispatcher.models import Region
@@ -94,7 +94,7 @@ async def _frozen(router: Router, project: str) -> bool:
 
 async def _all_recorded(router: Router, emitted: list[str], receiver: Receiver) -> bool:
     await router.placement.load()
-    now = int(time.time() * 1000)
+    now = now_ms()
     succeeded: set[str | None] = set()
     for project in PROJECTS:
         page_no, url = 1, receiver.url(f"/{project}")

@@ -18,7 +18,7 @@ from dispatcher.api import create_app
 from dispatcher.embedded import EmbeddedRedis
 from dispatcher.errors import InvalidSetting
 from dispatcher.history.shipper import Shipper
-from dispatcher.models import PLATFORM_PROJECT, Region
+from dispatcher.models import PLATFORM_PROJECT, DeliveryStatus, Region
 from dispatcher.producer import Producer
 from dispatcher.settings import Settings
 from dispatcher.shards import views
@@ -168,7 +168,10 @@ async def test_many_projects_reach_a_platform_wide_callback_once_each(
                   for s in router.shards}  # fmt: skip
         assert len(copies) == len(router.shards)
         merged = await views.history_page(router, PLATFORM_PROJECT, platform_url, "BUILD_END")
-        assert merged.count == len(PROJECTS) and len(merged.records) == len(PROJECTS)
+        # every shard's attempts, one success per delivery (a slow machine may add a retry)
+        assert merged.count == len(merged.records) >= len(PROJECTS)
+        succeeded = [r for r in merged.records if r.status is DeliveryStatus.SUCCESS]
+        assert sorted(r.delivery_id or "" for r in succeeded) == sorted(delivery_ids)
         status = await views.status(router)
         assert status.queue_due == 0 and status.disabled == 0
         assert await views.dead_letters(router) == []

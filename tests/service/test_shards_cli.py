@@ -26,7 +26,6 @@ def cli(shard_servers: list[EmbeddedRedis], monkeypatch: pytest.MonkeyPatch) -> 
     monkeypatch.delenv("DISPATCHER_REDIS_URL", raising=False)
     monkeypatch.setenv("DISPATCHER_REDIS_SHARDS", json.dumps(urls))
     monkeypatch.setenv("DISPATCHER_PLACEMENT_REFRESH", "0.05")
-    monkeypatch.setenv("COLUMNS", "200")
     yield CliRunner()
 
 

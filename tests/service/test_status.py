@@ -12,6 +12,7 @@ import pytest
 from prometheus_client import REGISTRY
 from redis.asyncio import Redis
 
+from dispatcher.clock import now_ms
 from dispatcher.connections import REDIS_ERRORS
 from dispatcher.keys import Keys
 from dispatcher.services import Services
@@ -43,7 +44,7 @@ async def test_attempt_counts_reach_the_hour_and_the_day_with_their_ttls(redis: 
     for outcome, ms in [("success", 12)] * 4 + [("failed", 700)]:
         stats.count(outcome, ms)
     await stats.flush(redis, keys)
-    now = int(time.time() * 1000)
+    now = now_ms()
     minute, slot = now // 60_000, now // 600_000
     expected = {b"success": b"4", b"failed": b"1", b"ms:15": b"4", b"ms:700": b"1"}
     async with redis.pipeline(transaction=False) as pipe:
@@ -72,12 +73,12 @@ async def test_statistics_survive_a_flush_that_fails(redis: Redis) -> None:
         await stats.flush(nowhere, keys)
     await nowhere.aclose()
     await stats.flush(redis, keys)
-    (hour,) = await read_series(redis, keys, int(time.time() * 1000), [HOUR])
+    (hour,) = await read_series(redis, keys, now_ms(), [HOUR])
     assert hour.totals == {"retry": 1}
 
 
 async def test_live_workers_come_from_the_heartbeat_index(redis: Redis, settings: Settings) -> None:
-    now = int(time.time() * 1000)
+    now = now_ms()
     async with redis.pipeline(transaction=False) as pipe:
         write_heartbeat(pipe, keys, keys.worker("a", 1), {"host": "a", "pid": 1, "seen": now}, now)
         stale = now - 45_000  # its key outlived its TTL here; the index still names it

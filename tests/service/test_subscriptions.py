@@ -5,7 +5,6 @@ real Redis, real burst workers and a real receiver."""
 from __future__ import annotations
 
 import base64
-import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -17,6 +16,7 @@ from standardwebhooks import Webhook
 from structlog.testing import capture_logs
 
 from dispatcher.auth import ALL_PROJECTS, Role, Roles
+from dispatcher.clock import now_ms
 from dispatcher.embedded import EmbeddedRedis
 from dispatcher.errors import InvalidInput
 from dispatcher.history.redis import RedisHistory
@@ -75,7 +75,7 @@ async def add(
 async def history(
     redis: Redis, settings: Settings, owner: str, url: str, event: str
 ) -> list[HistoryRecord]:
-    now = int(time.time() * 1000)
+    now = now_ms()
     page = await RedisHistory(redis, settings, keys).query(
         owner, url, event, start_ms=now - 60_000, end_ms=now + 60_000, page_size=100
     )

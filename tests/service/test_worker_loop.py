@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -16,6 +15,7 @@ from aiohttp import web
 from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
 
+from dispatcher.clock import now_ms
 from dispatcher.connections import connect
 from dispatcher.embedded import EmbeddedRedis
 from dispatcher.errors import Unavailable
@@ -97,7 +97,7 @@ async def test_a_failed_run_goes_back_but_never_earlier_than_its_next_attempt(
     # ... then the run failed late (a timeout): back in 1 s, unless due later already
     await run(redis, lambda pipe: claims.again(pipe, job.job_id, 1, next_attempt=False))
     due = await redis.zscore(settings.queue_name, job.job_id)
-    assert due is not None and due > time.time() * 1000 + 25_000
+    assert due is not None and due > now_ms() + 25_000
     assert not await redis.exists(keys.ARQ_IN_PROGRESS_PREFIX + job.job_id)
     assert not await redis.exists(keys.ARQ_RETRY_PREFIX + job.job_id)  # a new attempt
 
@@ -116,7 +116,7 @@ async def own_redis(tmp_path: Path) -> AsyncIterator[EmbeddedRedis]:
 
 
 def record(n: int) -> AttemptRecord:
-    now = int(time.time() * 1000)
+    now = now_ms()
     return {"projectId": "demo", "callBackUrl": "http://127.0.0.1:1/h", "events": "BUILD_END",
             "status": "SUCCESS", "startTime": now, "endTime": now,
             "createdTime": now + n}  # fmt: skip
@@ -184,7 +184,7 @@ async def test_a_timed_out_run_is_run_again_never_dropped(
     await run_worker(settings)
     seen = receiver.requests()
     assert len(seen) == 2 and len({s.headers["webhook-id"] for s in seen}) == 1
-    now = int(time.time() * 1000)
+    now = now_ms()
     page = await RedisHistory(redis, settings, keys).query(
         "demo", url, "BUILD_END", start_ms=now - 60_000, end_ms=now + 1000
     )

@@ -1,0 +1,54 @@
+"""`Script`: a Lua script's keys and arguments named once, as dataclass fields, read in Lua
+by those names."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+
+from dispatcher.lua import Key, Script
+
+
+@dataclass(frozen=True)
+class Swap(Script):
+    """Sets `target` to `value` unless `guard` is set; returns the old value."""
+
+    LUA = """
+    if redis.call('EXISTS', guard) == 1 then return false end
+    return redis.call('SET', target, value, 'GET', 'PX', ttl_ms)
+    """
+    target: Key
+    value: str
+    guard: Key
+    ttl_ms: int
+
+
+def test_keys_and_arguments_keep_their_order_and_become_lua_locals() -> None:
+    assert (Swap._keys, Swap._args) == (("target", "guard"), ("value", "ttl_ms"))
+    assert Swap._lua.source.splitlines()[:5] == [
+        "local target = KEYS[1]",
+        "local guard = KEYS[2]",
+        "local value = ARGV[1]",
+        "local ttl_ms = ARGV[2]",
+        "if redis.call('EXISTS', guard) == 1 then return false end",
+    ]
+
+
+def test_a_call_sends_the_fields_as_keys_and_arguments() -> None:
+    call = Swap(target="k:1", value="v", guard="k:lock", ttl_ms=500)
+    assert call._call() == (["k:1", "k:lock"], ["v", 500])
+
+
+@pytest.mark.parametrize(
+    ("name", "why"),
+    [
+        ("end", "not a name Lua can read"),
+        ("KEYS", "not a name Lua can read"),
+        ("Bad", "not a name Lua can read"),
+        ("run", "the name of a Script method"),
+    ],
+)
+def test_a_field_lua_cannot_read_is_refused(name: str, why: str) -> None:
+    with pytest.raises(TypeError, match=why):
+        type("Broken", (Script,), {"LUA": "return 1", "__annotations__": {name: "Key"}})
