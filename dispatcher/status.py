@@ -116,7 +116,7 @@ async def read_lanes(
 ) -> Lanes:
     """The blocked ordered lanes, the oldest `limit` of them with their heads, in two round
     trips (one when none is blocked)."""
-    now = time.time_ns() // 1_000_000 if now_ms is None else now_ms
+    now = clock.now_ms() if now_ms is None else now_ms
     async with redis.pipeline(transaction=False) as pipe:
         pipe.zcard(keys.LANES_BLOCKED)
         pipe.zrange(keys.LANES_BLOCKED, 0, limit - 1, withscores=True)

@@ -23,8 +23,8 @@ from bench.harness import Scenario, register_callbacks
 from bench.procs import BenchError, Receiver, WorkerProcess
 from bench.report import Row, ratio_row
 from bench.workers import THROUGHPUT, WorkerRun, WorkerSpec, median_run, summary
+from dispatcher.clock import now_ms
 from dispatcher.history.redis import RedisHistory
-from dispatcher.jobs import now_ms
 from dispatcher.keys import Keys
 from dispatcher.producer import Producer
 from dispatcher.registry import Options

@@ -121,6 +121,23 @@ def callbacks_failing() -> None:
     console.print(f"{len(found)} failing callbacks")
 
 
+# The receiver controls of `callbacks add` (see dispatcher/registry/options.py).
+MaxPerSecondOption = Annotated[
+    int | None, typer.Option(help="Start at most this many deliveries a second (fleet-wide)")
+]
+MaxInFlightOption = Annotated[
+    int | None, typer.Option(help="At most this many requests at once (fleet-wide)")
+]
+FilterOption = Annotated[
+    str | None,
+    typer.Option("--filter", help="JMESPath over {event, projectId, data}: deliver when truthy"),
+]
+OrderByOption = Annotated[
+    str | None,
+    typer.Option(help="Ordered delivery: a dotted path into the event's data (buildId) or '*'"),
+]
+
+
 @callbacks_app.command("add")
 def callbacks_add(
     url: Annotated[str, typer.Option(help="Callback URL")],
@@ -134,22 +151,10 @@ def callbacks_add(
         str | None,
         typer.Option(help="'Name: value' of a header sent with every delivery (kept secret)"),
     ] = None,
-    max_per_second: Annotated[
-        int | None, typer.Option(help="Start at most this many deliveries a second (fleet-wide)")
-    ] = None,
-    max_in_flight: Annotated[
-        int | None, typer.Option(help="At most this many requests at once (fleet-wide)")
-    ] = None,
-    filter_: Annotated[
-        str | None,
-        typer.Option(
-            "--filter", help="JMESPath over {event, projectId, data}: deliver when truthy"
-        ),
-    ] = None,
-    order_by: Annotated[
-        str | None,
-        typer.Option(help="Ordered delivery: a dotted path into the event's data (buildId) or '*'"),
-    ] = None,
+    max_per_second: MaxPerSecondOption = None,
+    max_in_flight: MaxInFlightOption = None,
+    filter_: FilterOption = None,
+    order_by: OrderByOption = None,
 ) -> None:
     """Register a URL for one or more events (an upsert), under the region's address policy:
     on a project, one of its pipelines (--pipeline), or every project (--all-projects),

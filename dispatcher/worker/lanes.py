@@ -41,7 +41,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from dispatcher.jobs import BadJob, DeliveryJob, decode, encode, now_ms
+from dispatcher.clock import now_ms
+from dispatcher.jobs import BadJob, DeliveryJob, decode, encode
 from dispatcher.keys import lane_id
 from dispatcher.registry.match import TARGET_FIELDS, CallbackTarget
 from dispatcher.registry.options import order_key
