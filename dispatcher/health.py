@@ -180,16 +180,18 @@ class CircuitBreaker:
     _hosts: dict[str, _HostState] = field(default_factory=dict)
 
     def wait(self, host: str, now: float | None = None) -> float:
-        """Seconds until `host` may be tried again (0 when it may be tried now)."""
+        """Seconds until `host` may be tried again (0 when it may be tried now). Once the
+        cool-down is over, one caller gets 0 and probes; the others wait for its answer
+        (a success closes the breaker) or another cool-down."""
         state = self._hosts.get(host)
         if state is None or state.open_until == 0.0:
             return 0.0
-        remaining = state.open_until - (time.monotonic() if now is None else now)
-        if remaining <= 0:
-            state.open_until = 0.0  # half-open: let one attempt through
-            state.failures = self.threshold - 1
-            return 0.0
-        return remaining
+        now = time.monotonic() if now is None else now
+        if (remaining := state.open_until - now) > 0:
+            return remaining
+        state.open_until = now + self.cooldown  # half-open: this caller is the probe
+        state.failures = self.threshold - 1
+        return 0.0
 
     def record(self, host: str, ok: bool, now: float | None = None) -> bool:
         """Note an attempt's result; True when this failure opened the breaker."""
@@ -198,7 +200,7 @@ class CircuitBreaker:
             return False
         state = self._hosts.setdefault(host, _HostState())
         state.failures += 1
-        if state.failures >= self.threshold and state.open_until == 0.0:
+        if state.failures == self.threshold:  # the threshold reached, or the probe failed
             state.open_until = (time.monotonic() if now is None else now) + self.cooldown
             return True
         return False

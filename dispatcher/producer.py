@@ -8,7 +8,7 @@ import contextlib
 import math
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
 import orjson
 from redis.exceptions import ResponseError
@@ -18,7 +18,7 @@ from dispatcher.batch import Batcher
 from dispatcher.clock import now_ms
 from dispatcher.connections import REDIS_ERRORS, redis_full
 from dispatcher.errors import InvalidInput, NotReplicated, Unavailable
-from dispatcher.jobs import DeliveryJob, EventJob, Queue, new_event_id
+from dispatcher.jobs import DeliveryJob, EventJob, Job, Queue, new_event_id
 from dispatcher.keys import Keys
 from dispatcher.models import EVENT_ID, PLATFORM_PROJECT, check_project_id, parse_event
 from dispatcher.replication import Replication, run_replicated
@@ -36,6 +36,21 @@ if TYPE_CHECKING:
 __all__ = ["Producer", "emit", "event_job", "wire_event_job"]
 
 T = TypeVar("T")
+
+
+class _Jobs(NamedTuple):
+    """What an `Unavailable` calls the jobs it gave up on, and says of trying again."""
+
+    name: str
+    again: str
+
+
+EVENTS = _Jobs("the events", "Emitting again with the same event ids is safe.")
+REDELIVERIES = _Jobs(
+    "the redeliveries",
+    "Asking again may send a request twice if the first ask was queued: look at the "
+    "delivery's attempts first.",
+)
 # what waiting for Redis looks like: its errors, no answer within the wait, or too few
 # replicas confirming (DISPATCHER_REDIS_MIN_REPLICAS); and a full Redis (a reply error)
 _UNANSWERED: tuple[type[Exception], ...] = (*REDIS_ERRORS, TimeoutError, NotReplicated)
@@ -251,28 +266,38 @@ class Producer:
     async def enqueue(self, jobs: Sequence[EventJob]) -> None:
         """Queue checked events, one round trip per shard they go to, the shards at once
         (an id already queued stays as it is)."""
-        if not jobs:
-            return
-        by_lane: dict[int, tuple[_Lane, list[EventJob]]] = {}
+        await self._push(jobs, EVENTS)
+        metrics.EVENTS_EMITTED.inc(len(jobs))
+
+    async def requeue(self, jobs: Sequence[DeliveryJob]) -> None:
+        """Queue deliveries (redeliveries of recorded requests) as `enqueue` queues events."""
+        await self._push(jobs, REDELIVERIES)
+
+    async def _push(self, jobs: Sequence[Job], kind: _Jobs) -> None:
+        """The one way jobs are queued: grouped by the shard of their project, every group
+        in one round trip, Redis waited out (`_patiently`)."""
+        by_lane: dict[int, tuple[_Lane, list[Job]]] = {}
         for job in jobs:
             lane = self._lane(job.project_id)
             by_lane.setdefault(id(lane), (lane, []))[1].append(job)
-        await asyncio.gather(*(self._push_many(lane, mine) for lane, mine in by_lane.values()))
-        metrics.EVENTS_EMITTED.inc(len(jobs))
+        await asyncio.gather(
+            *(self._push_many(lane, mine, kind) for lane, mine in by_lane.values())
+        )
 
-    async def _push_many(self, lane: _Lane, jobs: list[EventJob]) -> None:
+    async def _push_many(self, lane: _Lane, jobs: list[Job], kind: _Jobs) -> None:
         queue = lane.queue
         await self._patiently(
             lambda: run_replicated(
                 queue.redis, lambda pipe: queue.push_many(pipe, jobs), lane.replication
-            )
+            ),
+            kind,
         )
 
-    async def _patiently(self, enqueue: Callable[[], Awaitable[T]]) -> T:
+    async def _patiently(self, enqueue: Callable[[], Awaitable[T]], kind: _Jobs = EVENTS) -> T:
         """Run `enqueue`, waiting out a Redis that does not answer, or is full (at
         `maxmemory`), for up to `DISPATCHER_EMIT_WAIT` seconds. Enqueueing is idempotent (a
         job id already queued is left alone), so a try whose answer was lost, or that Redis
-        took only in part, can be made again."""
+        took only in part, can be made again. `kind`: what the error calls the jobs."""
         deadline = time.monotonic() + self.settings.emit_wait
         delay = 0.05
         shortfall: NotReplicated | None = None  # the master had them; the replicas did not
@@ -290,9 +315,8 @@ class Producer:
                     metrics.REDIS_FULL.labels(refused="emit").inc()
                 if time.monotonic() + delay >= deadline:
                     raise Unavailable(
-                        f"{_unanswered(shortfall or exc)} after {self.settings.emit_wait:g} s "
-                        "(DISPATCHER_EMIT_WAIT). Emitting again with the same event ids is "
-                        "safe."
+                        f"{_unanswered(shortfall or exc, kind.name)} after "
+                        f"{self.settings.emit_wait:g} s (DISPATCHER_EMIT_WAIT). {kind.again}"
                     ) from exc
             await asyncio.sleep(delay)
             delay = min(1.0, delay * 2)
@@ -325,33 +349,23 @@ class Producer:
     async def redeliver(self, record: HistoryRecord) -> str:
         """Queue `redelivery_job(record)`; returns its job id."""
         job = self.redelivery_job(record)
-        lane = self._lane(record.project_id)
-        queue = lane.queue
-        try:
-            await run_replicated(queue.redis, lambda pipe: queue.push(pipe, job), lane.replication)
-        except NotReplicated as exc:
-            raise NotReplicated(
-                f"the redelivery is queued, but {exc.message}: it would be lost if Redis' "
-                "master failed now",
-                confirmed=exc.confirmed,
-                wanted=exc.wanted,
-            ) from exc
+        await self.requeue([job])
         return job.job_id
 
 
-def _unanswered(exc: Exception) -> str:
-    """Why an emit gave up, for the producer."""
+def _unanswered(exc: Exception, jobs: str) -> str:
+    """Why queueing `jobs` gave up, for the producer."""
     if isinstance(exc, NotReplicated):
         return (
-            f"the events are queued on Redis' master, but {exc.message}, so they would be "
+            f"{jobs} are queued on Redis' master, but {exc.message}, so they would be "
             "lost if it failed now; gave up"
         )
     if redis_full(exc):
         return (
-            "Redis is full (maxmemory reached, writes refused); the events may not be queued, "
+            f"Redis is full (maxmemory reached, writes refused); {jobs} may not be queued, "
             "or only some of them"
         )
-    return f"Redis is unreachable ({str(exc) or type(exc).__name__}); the events may not be queued"
+    return f"Redis is unreachable ({str(exc) or type(exc).__name__}); {jobs} may not be queued"
 
 
 # a record's trace context: what a redelivery continues

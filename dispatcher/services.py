@@ -25,7 +25,6 @@ from dispatcher.jobs import Queue
 from dispatcher.models import Region, parse_event, parse_status
 from dispatcher.producer import Producer
 from dispatcher.registry import Options, Registry, validate_url
-from dispatcher.replication import run_replicated
 from dispatcher.shards.shard import Shard
 from dispatcher.status import read_status
 
@@ -33,7 +32,6 @@ if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Callable, Sequence
 
     from redis.asyncio import Redis
-    from redis.asyncio.client import Pipeline
 
     from dispatcher.delivery import AuthHeader
     from dispatcher.history import Recent
@@ -301,12 +299,7 @@ class Services:
 
         async def flush() -> None:
             nonlocal queued
-
-            def push_all(pipe: Pipeline) -> None:
-                for job in batch:
-                    self.queue.push(pipe, job)
-
-            await run_replicated(self.redis, push_all, self.producer.replication)
+            await self.producer.requeue(batch)
             queued += len(batch)
             if on_queued is not None:
                 on_queued(len(batch))

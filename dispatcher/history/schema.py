@@ -25,6 +25,8 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
+import asyncpg
+
 from dispatcher.history.locate import LOCATE_FUNCTIONS
 
 if TYPE_CHECKING:
@@ -145,12 +147,15 @@ async def ensure_partitions(conn: Conn, from_ms: int, to_ms: int) -> list[str]:
             if await conn.fetchval("SELECT to_regclass($1) IS NOT NULL", name):
                 continue
             fill = " WITH (fillfactor = 90)" if parent == "history_counts" else ""  # HOT n = n + k
-            async with conn.transaction():
-                await conn.execute(f"SET LOCAL lock_timeout = {LOCK_TIMEOUT_MS}")
-                await conn.execute(
-                    f"CREATE TABLE IF NOT EXISTS {name} PARTITION OF {parent}"
-                    f" FOR VALUES FROM ({day * DAY_MS}) TO ({(day + 1) * DAY_MS}){fill}"
-                )
+            try:
+                async with conn.transaction():
+                    await conn.execute(f"SET LOCAL lock_timeout = {LOCK_TIMEOUT_MS}")
+                    await conn.execute(
+                        f"CREATE TABLE IF NOT EXISTS {name} PARTITION OF {parent}"
+                        f" FOR VALUES FROM ({day * DAY_MS}) TO ({(day + 1) * DAY_MS}){fill}"
+                    )
+            except (asyncpg.DuplicateTableError, asyncpg.UniqueViolationError):
+                continue  # another process made it at the same moment (IF NOT EXISTS races)
             created.append(name)
     return created
 

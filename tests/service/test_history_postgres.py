@@ -160,6 +160,31 @@ async def test_retention_drops_a_days_partition_and_nothing_newer(
         await conn.close()
 
 
+async def test_processes_making_the_same_day_partitions_at_once_all_succeed(
+    fresh_db: str,
+) -> None:
+    """Workers and shippers make tomorrow's partitions when they see a record for it: every
+    one of them at once must succeed (the losers of `CREATE TABLE IF NOT EXISTS` raced to
+    "relation already exists" or a unique violation in pg_type)."""
+    conns = [await asyncpg.connect(fresh_db) for _ in range(6)]
+    try:
+        await upgrade(conns[0])
+        now = now_ms()
+        for week in range(3):  # a fresh range each round: every creator races for it
+            low = now + (1 + 7 * week) * DAY_MS
+            made = await asyncio.gather(
+                *(ensure_partitions(c, low, low + 6 * DAY_MS) for c in conns)
+            )
+            made_now = {n for names in made for n in names}
+            days = {
+                n for n, start, _ in await partitions(conns[0]) if start >= low // DAY_MS * DAY_MS
+            }
+            assert made_now == days and len(days) == 14  # 7 days of both tables
+    finally:
+        for conn in conns:
+            await conn.close()
+
+
 async def stream_twice(redis: Redis, settings: Settings, rec: AttemptRecord) -> int:
     history = PostgresHistory(redis, settings, keys)
     await history.assign_ids([rec])
