@@ -60,6 +60,8 @@ def queue_put(registry: Registry, pipe: Pipeline, row: Row, *, reset: bool) -> N
         [cid, keys.callback_unique_field(row["event"], row["url"]), row.get("enabled", "1"),
          row.get("updatedTime", "0"), "1" if reset else "0", *pairs],
     )  # fmt: skip
+    if row.get("orderBy"):  # its project's events (every project's) get sequence numbers
+        pipe.set(k.lanes_ordered(project), "1")
 
 
 async def put_rows(registry: Registry, rows: Sequence[Row], *, reset: bool = False) -> None:

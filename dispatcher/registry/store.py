@@ -164,9 +164,11 @@ class Registry:
                     ],
                     upsert.argv(self.keys, self.id_floor, event, now),
                 )  # fmt: skip
+            if upsert.options.order_by:  # from now on its events get sequence numbers
+                pipe.set(self.keys.lanes_ordered(upsert.project_id), "1")
 
         results: list[list[int]] = await run_pipeline(self.redis, upsert_all)
-        return [(int(cid), bool(created)) for cid, created in results]
+        return [(int(cid), bool(created)) for cid, created in results[: len(events)]]
 
     # ---- secrets ---------------------------------------------------------------------
 

@@ -44,6 +44,7 @@ from dispatcher.jobs import BadJob, DeliveryJob, EventJob
 from dispatcher.models import Region
 from dispatcher.stats import AttemptStats
 from dispatcher.worker.controls import Controls
+from dispatcher.worker.lanes import Lanes, Sending
 from dispatcher.worker.record import attempt_record, checked_url, disabled, observe
 from dispatcher.worker.shares import Shares
 
@@ -103,6 +104,10 @@ class Engine:
         self.limits = Limits(settings.user_agent, settings.connect_timeout,
                              settings.total_timeout, settings.max_response_body)  # fmt: skip
         self.progress_ttl = int(max(86_400, 2 * sum(settings.retry_schedule)))
+        self.lanes = Lanes(  # ordered callbacks
+            self.keys, writer, Sending(self.attempt, self.drop, services.registry.decrypt),
+            progress_ttl=self.progress_ttl, lease_s=settings.lease_seconds,
+        )  # fmt: skip
 
     async def close(self) -> None:
         if self.owner:
@@ -127,7 +132,8 @@ class Engine:
             targets = self.controls.select(event, chunk.targets)  # the callbacks' filters
             if targets:
                 ending = None if end is None else functools.partial(end, after=chunk.after)
-                await self._first_attempts(event, targets, rerun, carried, ending)
+                last = chunk.after is None
+                await self._first_attempts(event, targets, rerun, carried, ending, last=last)
         return chunk.after
 
     async def _first_attempts(
@@ -137,6 +143,8 @@ class Engine:
         rerun: bool,
         carried: tracing.TraceContext | None,
         end: Callable[[Pipeline], None] | None,
+        *,
+        last: bool = True,
     ) -> None:
         try:  # once for all callbacks
             body = encode_body(event.event, event.project_id, event.data)
@@ -150,12 +158,18 @@ class Engine:
             marks = await self.services.redis.mget(
                 [self.keys.delivery(job.progress_id) for job, _ in pending]
             )
+            self.lanes.ended_before(event, pending, marks)
             pending = [pair for pair, mark in zip(pending, marks, strict=True) if not mark]
-        if len(pending) == 1:  # the job's end rides with its one attempt
-            job, target = pending[0]
-            await self.attempt(job, target, 1, self._retry_job(job, end))
+        # ordered deliveries join their lanes; those not at their lane's head wait there
+        one = len(pending) == 1  # the job's end rides with its one attempt (if made now)
+        now = await self.lanes.enter(
+            event, pending, lambda job: self._retry_job(job, end if one else None), last=last
+        )
+        if len(now) == 1:
+            job, target, then = now[0]
+            await self.attempt(job, target, 1, then)
             return
-        attempts = [self.attempt(job, target, 1, self._retry_job(job)) for job, target in pending]
+        attempts = [self.attempt(job, target, 1, then) for job, target, then in now]
         # An attempt ends as a record; should one raise all the same, the others still end
         # theirs before the job runs again (and skips them).
         ended = await asyncio.gather(*attempts, return_exceptions=True)
@@ -179,12 +193,17 @@ class Engine:
     async def deliver(self, job: DeliveryJob, then: Then) -> None:
         """One more attempt of a delivery; `then` queues the job's next step (its return
         to the queue for the next attempt, or its end)."""
+        if job.lane is not None:  # an ordered delivery: when its lane's turn comes
+            turn = await self.lanes.claimed(job, then)
+            if turn is None:
+                return
+            then = turn
         progress, target = await asyncio.gather(
             self.services.redis.get(self.keys.delivery(job.progress_id)),
             self.services.registry.target(job.callback_id),
         )
         if progress == DONE:  # a run that ended the delivery, then lost its job's end
-            await self.writer.commit(lambda pipe: then(pipe, None))
+            self.lanes.landed(await self.writer.commit(lambda pipe: then(pipe, None)))
         elif target is None:
             await self.drop(job, "callback deleted or disabled", then)
         else:
@@ -200,7 +219,7 @@ class Engine:
             pipe.set(self.keys.delivery(job.progress_id), DONE, ex=self.progress_ttl)
             then(pipe, None)
 
-        await self.writer.commit(write)
+        self.lanes.landed(await self.writer.commit(write))  # a lane's next delivery: now
         metrics.DROPPED.labels(reason="callback").inc()
         log.info("delivery.dropped", delivery_id=job.delivery_id, callback_id=job.callback_id,
                  reason=reason)  # fmt: skip
@@ -300,11 +319,11 @@ class Engine:
             error = result.error or "failed"
             counted = self.writer.submit(lambda pipe: health.queue_failed(
                 pipe, target.id, error, record["createdTime"], record["id"]))  # fmt: skip
-            await asyncio.shield(written)
+            self.lanes.landed(await asyncio.shield(written))  # a lane's next: now
             (reply,) = await asyncio.shield(counted)
             health.judged(target.id, reply)
             return
-        await asyncio.shield(written)
+        self.lanes.landed(await asyncio.shield(written))  # a lane's next delivery: now
         if outcome is Outcome.GONE:
             disabled(target.id, "gone", GONE_REASON)
 
