@@ -72,9 +72,14 @@ return queued
 
 
 def push_events(
-    pipe: Pipeline, keys: Keys, jobs: Sequence[EventJob], encoded: Sequence[bytes], now: int,
-    *, alone: bool = False,
-) -> None:  # fmt: skip
+    pipe: Pipeline,
+    keys: Keys,
+    jobs: Sequence[EventJob],
+    encoded: Sequence[bytes],
+    now: int,
+    *,
+    alone: bool = False,
+) -> None:
     """Queue one command on `pipe` that enqueues `jobs` (their bytes `encoded`), due now,
     each numbered when its project is ordered. Its answer: 1 or 0 per job, in a list, or
     (`alone`: one job) that number."""

@@ -133,8 +133,16 @@ async def read_lanes(
         _, project, key = lane.decode().removeprefix(keys.LANE_PREFIX).split(":", 2)
         first = head[0].decode() if head else ""
         callback = first.rpartition(".")[2]  # a delivery id ends with its callback's id
-        shown.append(BlockedLane(int(callback) if callback.isdigit() else 0, project, key,
-                                 int(since), first, max(0, size - 1)))  # fmt: skip
+        shown.append(
+            BlockedLane(
+                int(callback) if callback.isdigit() else 0,
+                project,
+                key,
+                int(since),
+                first,
+                max(0, size - 1),
+            )
+        )
     return Lanes(int(count), max(0.0, (now - oldest[0][1]) / 1000), tuple(shown))
 
 

@@ -74,14 +74,31 @@ def callbacks_list(
             owner, page, page_size, pipeline_id=pipeline
         )
     )
-    table = Table("id", "level", "pipeline", "event", "url", "region", "enabled",
-                  "disabled reason", "secrets", "controls")  # fmt: skip
+    table = Table(
+        "id",
+        "level",
+        "pipeline",
+        "event",
+        "url",
+        "region",
+        "enabled",
+        "disabled reason",
+        "secrets",
+        "controls",
+    )
     for cb in result.records:
         table.add_row(
-            str(cb.id), cb.level.value, cb.pipeline_id or "", cb.event.value, cb.url,
-            cb.region.value, "yes" if cb.enabled else "no", cb.disabled_reason or "",
-            _secrets(cb, settings), _controls(cb),
-        )  # fmt: skip
+            str(cb.id),
+            cb.level.value,
+            cb.pipeline_id or "",
+            cb.event.value,
+            cb.url,
+            cb.region.value,
+            "yes" if cb.enabled else "no",
+            cb.disabled_reason or "",
+            _secrets(cb, settings),
+            _controls(cb),
+        )
     console.print(table)
     console.print(f"page {result.page}/{max(result.total_pages, 1)}, {result.count} callbacks")
 
@@ -115,8 +132,9 @@ def callbacks_failing() -> None:
     found = on_router(views.failing)
     table = Table("id", "failures", "since", "last error")
     for f in found:
-        table.add_row(str(f.callback_id), str(f.failures), fmt_ms(f.since_ms, settings),
-                      f.last_error[:80])  # fmt: skip
+        table.add_row(
+            str(f.callback_id), str(f.failures), fmt_ms(f.since_ms, settings), f.last_error[:80]
+        )
     console.print(table)
     console.print(f"{len(found)} failing callbacks")
 

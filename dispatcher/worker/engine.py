@@ -101,13 +101,20 @@ class Engine:
             self.breaker, self.shares = shared.breaker, shared.shares
             self.transports, self.stats = shared.transports, shared.stats
         self.controls = Controls(settings, self.keys, self.reads, writer)
-        self.limits = Limits(settings.user_agent, settings.connect_timeout,
-                             settings.total_timeout, settings.max_response_body)  # fmt: skip
+        self.limits = Limits(
+            settings.user_agent,
+            settings.connect_timeout,
+            settings.total_timeout,
+            settings.max_response_body,
+        )
         self.progress_ttl = int(max(86_400, 2 * sum(settings.retry_schedule)))
         self.lanes = Lanes(  # ordered callbacks
-            self.keys, writer, Sending(self.attempt, self.drop, services.registry.decrypt),
-            progress_ttl=self.progress_ttl, lease_s=settings.lease_seconds,
-        )  # fmt: skip
+            self.keys,
+            writer,
+            Sending(self.attempt, self.drop, services.registry.decrypt),
+            progress_ttl=self.progress_ttl,
+            lease_s=settings.lease_seconds,
+        )
 
     async def close(self) -> None:
         if self.owner:
@@ -122,11 +129,15 @@ class Engine:
         not finish) skips what was already handled. A chunk of one attempt writes the job's
         `end` (given where the next chunk starts) with that attempt, in the same write."""
         query = self.services.registry.chunk_query(
-            event.project_id, event.event, pipeline_id=event.pipeline_id, after=event.after,
+            event.project_id,
+            event.event,
+            pipeline_id=event.pipeline_id,
+            after=event.after,
             size=self.settings.fan_out_chunk,
-        )  # fmt: skip
-        with tracing.fanning_out(event.trace, event_id=event.id, project_id=event.project_id,
-                                 event=event.event) as carried:  # fmt: skip
+        )
+        with tracing.fanning_out(
+            event.trace, event_id=event.id, project_id=event.project_id, event=event.event
+        ) as carried:
             (answer,) = await self.reads.execute(query.queue)
             chunk = query.read(answer)
             targets = self.controls.select(event, chunk.targets)  # the callbacks' filters
@@ -221,8 +232,12 @@ class Engine:
 
         self.lanes.landed(await self.writer.commit(write))  # a lane's next delivery: now
         metrics.DROPPED.labels(reason="callback").inc()
-        log.info("delivery.dropped", delivery_id=job.delivery_id, callback_id=job.callback_id,
-                 reason=reason)  # fmt: skip
+        log.info(
+            "delivery.dropped",
+            delivery_id=job.delivery_id,
+            callback_id=job.callback_id,
+            reason=reason,
+        )
 
     async def attempt(
         self, job: DeliveryJob, target: CallbackTarget, number: int, then: Then
@@ -317,8 +332,11 @@ class Engine:
         written = self.writer.submit(write, (record,))
         if failed_for_good and outcome is not Outcome.GONE:
             error = result.error or "failed"
-            counted = self.writer.submit(lambda pipe: health.queue_failed(
-                pipe, target.id, error, record["createdTime"], record["id"]))  # fmt: skip
+            counted = self.writer.submit(
+                lambda pipe: health.queue_failed(
+                    pipe, target.id, error, record["createdTime"], record["id"]
+                )
+            )
             self.lanes.landed(await asyncio.shield(written))  # a lane's next: now
             (reply,) = await asyncio.shield(counted)
             health.judged(target.id, reply)

@@ -96,10 +96,18 @@ return out
 
 
 def queue_enter(
-    pipe: Pipeline, keys: Keys, *, project_id: str, event_job_id: str, lanes: Sequence[str],
-    parked: Sequence[tuple[str, bytes]], progress_ttl: int, now_ms: int, recheck_ms: int,
+    pipe: Pipeline,
+    keys: Keys,
+    *,
+    project_id: str,
+    event_job_id: str,
+    lanes: Sequence[str],
+    parked: Sequence[tuple[str, bytes]],
+    progress_ttl: int,
+    now_ms: int,
+    recheck_ms: int,
     last: bool,
-) -> None:  # fmt: skip
+) -> None:
     """An event's ordered deliveries join their lanes (`parked`: each one's id and the job
     it is parked as, in the order of `lanes`). The event's number is its entry in the
     project's pending set; on its `last` chunk it moves to the ready set, and the heads
@@ -109,13 +117,22 @@ def queue_enter(
     progress marked), 2 a head waiting for its earlier events (its job due at `recheck_ms`
     unless woken before); then how many waiting heads it woke."""
     args: list[str | bytes | int] = [
-        event_job_id, keys.ARQ_JOB_PREFIX, keys.DELIVERY_PREFIX, progress_ttl, recheck_ms,
-        "1" if last else "0", now_ms,
-    ]  # fmt: skip
+        event_job_id,
+        keys.ARQ_JOB_PREFIX,
+        keys.DELIVERY_PREFIX,
+        progress_ttl,
+        recheck_ms,
+        "1" if last else "0",
+        now_ms,
+    ]
     for delivery_id, job in parked:
         args += (delivery_id, job)
-    sets = [keys.lanes_pending(project_id), keys.QUEUE, keys.lanes_ready(project_id),
-            keys.lanes_waiting(project_id)]  # fmt: skip
+    sets = [
+        keys.lanes_pending(project_id),
+        keys.QUEUE,
+        keys.lanes_ready(project_id),
+        keys.lanes_waiting(project_id),
+    ]
     _ENTER.queue(pipe, [*sets, *lanes], args)
 
 
@@ -147,10 +164,16 @@ def queue_head(pipe: Pipeline, keys: Keys, *, lane: str, project_id: str, job_id
     when it waits shortly for its earlier events."""
     _HEAD.queue(
         pipe,
-        [lane, keys.lanes_pending(project_id), keys.QUEUE, keys.ARQ_IN_PROGRESS_PREFIX + job_id,
-         keys.ARQ_RETRY_PREFIX + job_id, keys.lanes_waiting(project_id)],
+        [
+            lane,
+            keys.lanes_pending(project_id),
+            keys.QUEUE,
+            keys.ARQ_IN_PROGRESS_PREFIX + job_id,
+            keys.ARQ_RETRY_PREFIX + job_id,
+            keys.lanes_waiting(project_id),
+        ],
         [job_id],
-    )  # fmt: skip
+    )
 
 
 _RELEASE = Lua(
@@ -216,9 +239,26 @@ def queue_release(pipe: Pipeline, keys: Keys, release: Release) -> None:
     r, job_id = release, release.delivery_id
     _RELEASE.queue(
         pipe,
-        [r.lane, keys.QUEUE, keys.LANES_BLOCKED, keys.lanes_pending(r.project_id),
-         keys.arq_job(job_id), keys.ARQ_IN_PROGRESS_PREFIX + job_id,
-         keys.ARQ_RETRY_PREFIX + job_id, keys.lanes_waiting(r.project_id)],
-        [job_id, keys.ARQ_JOB_PREFIX, keys.ARQ_IN_PROGRESS_PREFIX, keys.DELIVERY_PREFIX,
-         r.now_ms, r.token, r.lease_ms, r.recheck_ms, keys.CALLBACK_PREFIX, keys.HEALTH_PREFIX],
-    )  # fmt: skip
+        [
+            r.lane,
+            keys.QUEUE,
+            keys.LANES_BLOCKED,
+            keys.lanes_pending(r.project_id),
+            keys.arq_job(job_id),
+            keys.ARQ_IN_PROGRESS_PREFIX + job_id,
+            keys.ARQ_RETRY_PREFIX + job_id,
+            keys.lanes_waiting(r.project_id),
+        ],
+        [
+            job_id,
+            keys.ARQ_JOB_PREFIX,
+            keys.ARQ_IN_PROGRESS_PREFIX,
+            keys.DELIVERY_PREFIX,
+            r.now_ms,
+            r.token,
+            r.lease_ms,
+            r.recheck_ms,
+            keys.CALLBACK_PREFIX,
+            keys.HEALTH_PREFIX,
+        ],
+    )

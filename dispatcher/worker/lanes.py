@@ -154,11 +154,18 @@ class Lanes:
         parked = [(job.job_id, encode(job, stamp)) for job, _ in ordered]
         (answer,) = await self.writer.commit(
             lambda pipe: queue_enter(
-                pipe, self.keys, project_id=event.project_id, event_job_id=event.job_id,
-                lanes=lanes, parked=parked, progress_ttl=self.progress_ttl, now_ms=stamp,
-                recheck_ms=stamp + int(RECHECK_S * 1000), last=last,
+                pipe,
+                self.keys,
+                project_id=event.project_id,
+                event_job_id=event.job_id,
+                lanes=lanes,
+                parked=parked,
+                progress_ttl=self.progress_ttl,
+                now_ms=stamp,
+                recheck_ms=stamp + int(RECHECK_S * 1000),
+                last=last,
             )
-        )  # fmt: skip
+        )
         if answer is None:  # queued before the callback was ordered: no number
             return [
                 (note, target, then_of(note))
@@ -239,11 +246,14 @@ class Lanes:
         self.released += 1
         stamp = now_ms()
         release = Release(
-            lane=self.lane(job), project_id=job.emitter or job.project_id,
+            lane=self.lane(job),
+            project_id=job.emitter or job.project_id,
             delivery_id=job.job_id,
             token=self.adopt.token if take and self.adopt is not None else "",
-            lease_ms=self.lease_ms, now_ms=stamp, recheck_ms=stamp + int(RECHECK_S * 1000),
-        )  # fmt: skip
+            lease_ms=self.lease_ms,
+            now_ms=stamp,
+            recheck_ms=stamp + int(RECHECK_S * 1000),
+        )
         queue_release(pipe, self.keys, release)
 
     def landed(self, answer: list[Any]) -> None:
@@ -266,9 +276,12 @@ class Lanes:
         target = None
         if fields[0] is not None and fields[1] == b"1":
             target = CallbackTarget.from_fields(
-                job.callback_id, fields, self.sending.decrypt, failing=bool(failing),
+                job.callback_id,
+                fields,
+                self.sending.decrypt,
+                failing=bool(failing),
                 owner=row[b"projectId"].decode(),
-            )  # fmt: skip
+            )
         then = self.releasing(job, adopt.step_of(job.job_id))
 
         async def work() -> None:

@@ -294,9 +294,11 @@ class Worker:
         data = claimed.data
         try:
             await self._guarded(
-                run, claimed.job_id, claimed.claims,
+                run,
+                claimed.job_id,
+                claimed.claims,
                 lambda: self._execute(run, claimed, decode(data)),
-            )  # fmt: skip
+            )
         except BadJob as exc:
             await run.poison(claimed, str(exc))
 

@@ -95,9 +95,12 @@ def disabled(callback_id: int, why: str, reason: str) -> None:
 
 
 def observe(
-    job: DeliveryJob, target: CallbackTarget, number: int, result: AttemptResult,
+    job: DeliveryJob,
+    target: CallbackTarget,
+    number: int,
+    result: AttemptResult,
     delay: float | None,
-) -> None:  # fmt: skip
+) -> None:
     """The attempt's metrics and its one canonical log line."""
     metrics.DELIVERIES.labels(outcome=result.outcome.value, event=job.event).inc()
     metrics.ATTEMPT_SECONDS.observe(result.duration_ms / 1000)

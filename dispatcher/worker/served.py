@@ -104,8 +104,14 @@ class Served:
         put-back, and so every write the run queued before it: another worker claiming the
         job before its writes landed (Redis away or full) would send its deliveries again."""
         delay = retry_in(claims)
-        log.warning("job.failed", job_id=job_id, error=error, claims=claims, retry_in_s=delay,
-                    shard=self.index)  # fmt: skip
+        log.warning(
+            "job.failed",
+            job_id=job_id,
+            error=error,
+            claims=claims,
+            retry_in_s=delay,
+            shard=self.index,
+        )
         with contextlib.suppress(Exception):  # refused for good: logged by the writer
             await self.put_back(job_id, delay)
 
@@ -136,8 +142,11 @@ class Served:
         raw = (claimed.data or b"")[:500].decode("utf-8", errors="replace")
 
         def write(pipe: Pipeline) -> None:
-            keep_entry(pipe, self.keys.POISON_JOBS, {"jobId": claimed.job_id,
-                                                     "problem": problem, "raw": raw})  # fmt: skip
+            keep_entry(
+                pipe,
+                self.keys.POISON_JOBS,
+                {"jobId": claimed.job_id, "problem": problem, "raw": raw},
+            )
             self.claims.finish(pipe, claimed.job_id)
 
         await self.writer.commit(write)
