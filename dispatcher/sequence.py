@@ -16,7 +16,7 @@ entries (two per event it queues) and drops those whose job has left the queue.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from arq.constants import expires_extra_ms
 
@@ -26,10 +26,20 @@ from dispatcher.models import PLATFORM_PROJECT
 if TYPE_CHECKING:
     from redis.asyncio.client import Pipeline
 
-    from dispatcher.jobs import EventJob
     from dispatcher.keys import Keys
 
 __all__ = ["push_events"]
+
+
+class Queued(Protocol):
+    """What numbering needs of an event's job (`dispatcher.jobs.EventJob`)."""
+
+    @property
+    def project_id(self) -> str: ...
+
+    @property
+    def job_id(self) -> str: ...
+
 
 # KEYS: the queue, the platform's ordered flag, then per project (n of them) its ordered
 # flag, sequence, pending and ready sets, then each job's key. ARGV: score ms, expiry ms, n, '1'
@@ -74,7 +84,7 @@ return queued
 def push_events(
     pipe: Pipeline,
     keys: Keys,
-    jobs: Sequence[EventJob],
+    jobs: Sequence[Queued],
     encoded: Sequence[bytes],
     now: int,
     *,

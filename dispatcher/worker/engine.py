@@ -55,18 +55,15 @@ if TYPE_CHECKING:
     from dispatcher.history.record import AttemptRecord
     from dispatcher.registry import CallbackTarget
     from dispatcher.services import Services
-    from dispatcher.worker.writer import Writer
+    from dispatcher.worker.writer import Then, Writer
 
-__all__ = ["Engine", "JobEnd", "Then", "keep_entry"]
+__all__ = ["Engine", "JobEnd", "keep_entry"]
 
 log = structlog.get_logger("dispatcher.worker")
 
 DONE = b"done"
 KEPT_ENTRIES = 1000  # newest entries kept in the poison and dropped lists
 
-# What follows an attempt, queued on the pipeline that records it (so both are written,
-# or neither): `delay` seconds to the next attempt, or None when the delivery is over.
-Then = Callable[["Pipeline", "float | None"], None]
 # A fan-out job's end, given where its next chunk starts (None: it was the last).
 JobEnd = Callable[..., None]
 

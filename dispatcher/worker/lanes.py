@@ -59,8 +59,7 @@ if TYPE_CHECKING:
 
     from dispatcher.jobs import EventJob
     from dispatcher.keys import Keys
-    from dispatcher.worker.engine import Then
-    from dispatcher.worker.writer import Writer
+    from dispatcher.worker.writer import Then, Writer
 
 __all__ = ["Adopt", "Lanes", "Sending"]
 

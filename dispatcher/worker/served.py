@@ -16,8 +16,8 @@ from dispatcher import metrics
 from dispatcher.errors import InvalidSetting
 from dispatcher.jobs import DELIVER, BadJob, DeliveryJob, decode
 from dispatcher.worker.claims import Claims
-from dispatcher.worker.engine import Engine, Then, keep_entry
-from dispatcher.worker.writer import Writer
+from dispatcher.worker.engine import Engine, keep_entry
+from dispatcher.worker.writer import Then, Writer
 
 if TYPE_CHECKING:
     from redis.asyncio.client import Pipeline
