@@ -165,10 +165,12 @@ class Bench:
         return self.worker_runs[spec.label]
 
     async def prepare(
-        self, callbacks: int, events: int, options: Options | None = None, *, traced: bool = False
-    ) -> None:
+        self, callbacks: int, events: int, options: Options | None = None, *,
+        traced: bool = False, lanes: int = 0,
+    ) -> None:  # fmt: skip
         """An empty Redis, `callbacks` callbacks on (PROJECT, EVENT) with `options`, `events`
-        queued (each with `BENCH_TRACEPARENT` when `traced`)."""
+        queued (each with `BENCH_TRACEPARENT` when `traced`; with a `lane` of `lanes` values
+        when `lanes`)."""
         await self.r.flushdb()
         await register_callbacks(self.r, self.receiver.base, callbacks, options)
         self._mem_base = await self._used_memory()
@@ -177,7 +179,8 @@ class Bench:
         with tracing.received(context):
             for start in range(0, events, 1000):
                 batch = [
-                    (PROJECT, EVENT, event_data(i)) for i in range(start, min(events, start + 1000))
+                    (PROJECT, EVENT, event_data(i) | ({"lane": f"k-{i % lanes}"} if lanes else {}))
+                    for i in range(start, min(events, start + 1000))
                 ]
                 await producer.emit_many(batch)
 
@@ -224,7 +227,9 @@ class Bench:
                 )
                 for _ in range(spec.workers)
             )),
-            self.prepare(spec.callbacks, events, spec.options, traced=spec.traced),
+            self.prepare(
+                spec.callbacks, events, spec.options, traced=spec.traced, lanes=spec.lanes
+            ),
         )  # fmt: skip
         return list(started)
 

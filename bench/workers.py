@@ -25,6 +25,7 @@ class WorkerSpec:
     options: Options | None = None  # the callbacks' receiver controls
     traced: bool = False  # every event queued with a W3C traceparent (`BENCH_TRACEPARENT`)
     export: bool = False  # spans exported over OTLP/HTTP (to `Bench.sink`, a receiver process)
+    lanes: int = 0  # events carry `"lane": "k-<n % lanes>"` (for `orderBy`), when > 0
 
     def event_count(self, deliveries: int) -> int:
         """Events to queue for a run of about `deliveries` deliveries."""

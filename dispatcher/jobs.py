@@ -38,6 +38,7 @@ from dispatcher.clock import now_ms
 from dispatcher.keys import project_scoped
 from dispatcher.lua import Lua, run_pipeline
 from dispatcher.models import PLATFORM_PROJECT
+from dispatcher.sequence import push_events
 from dispatcher.tracing import TraceContext
 
 if TYPE_CHECKING:
@@ -161,6 +162,10 @@ class DeliveryJob:
     redelivery_of: int | None = None
     emitter: str = ""  # the project that emitted the event ('' when unknown)
     trace: TraceContext | None = None  # what its attempts continue (see dispatcher.tracing)
+    # ordered delivery (see dispatcher.worker.lanes): its lane, its key, or why it has none
+    order_key: str | None = None
+    order_note: str | None = None
+    lane: str | None = None
 
     function = DELIVER
 
@@ -206,6 +211,12 @@ class DeliveryJob:
         }
         if self.trace is not None:
             wire.update(self.trace.fields())
+        if self.order_key is not None:
+            wire["orderKey"] = self.order_key
+        if self.order_note is not None:
+            wire["orderNote"] = self.order_note
+        if self.lane is not None:
+            wire["lane"] = self.lane
         return wire
 
     @classmethod
@@ -230,9 +241,19 @@ class DeliveryJob:
                 redelivery_of=None if redelivery_of is None else int(redelivery_of),
                 emitter=_emitter(payload.get("emitter"), project_id),
                 trace=TraceContext.read(payload) if "traceparent" in payload else None,
+                order_key=_optional_text(payload, "orderKey"),
+                order_note=_optional_text(payload, "orderNote"),
+                lane=_optional_text(payload, "lane"),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise BadJob(f"delivery payload is malformed: {exc!r}") from None
+
+
+def _optional_text(payload: dict[str, Any], name: str) -> str | None:
+    value = payload.get(name)
+    if value is None or isinstance(value, str):
+        return value
+    raise TypeError(f"{name} is not a string")
 
 
 def _emitter(value: object, owner: str) -> str:
@@ -329,6 +350,9 @@ class Queue:
         """Queue the enqueue of `job` on `pipe`; the caller executes it. Its result in the
         pipeline is 1 when queued, 0 when that job id was there already."""
         now = now_ms()
+        if isinstance(job, EventJob) and not defer_s:  # numbered when its project is ordered
+            push_events(pipe, self.keys, [job], [encode(job, now)], now, alone=True)
+            return
         score = now + int(defer_s * 1000)
         _PUSH.queue(
             pipe,
@@ -339,8 +363,15 @@ class Queue:
     def push_many(self, pipe: Pipeline, jobs: Sequence[Job]) -> None:
         """Queue the enqueue of `jobs`, due now, on `pipe`: one command per `PUSH_CHUNK` jobs
         (so that Redis serves others between them), each answering with a list of 1 for a
-        job queued, 0 for one whose id was there already."""
+        job queued, 0 for one whose id was there already. Events are numbered in their
+        order when their project is ordered (`dispatcher.sequence`)."""
         now = now_ms()
+        if all(isinstance(job, EventJob) for job in jobs):
+            events = [job for job in jobs if isinstance(job, EventJob)]
+            for start in range(0, len(events), PUSH_CHUNK):
+                chunk = events[start : start + PUSH_CHUNK]
+                push_events(pipe, self.keys, chunk, [encode(job, now) for job in chunk], now)
+            return
         for start in range(0, len(jobs), PUSH_CHUNK):
             job_keys = [self.queue_name]
             args: list[str | bytes | int] = [now, expires_extra_ms]

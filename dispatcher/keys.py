@@ -24,6 +24,28 @@ Receiver controls (fleet-wide limits of one callback; each key expires when idle
     dispatcher:limit:{id}:line                ZSET job ids waiting for their turn, by arrival
     dispatcher:limit:{id}:seen                ZSET the same ids, scored by when they leave the
                                               line unless they come back (a job gone for good)
+Ordered delivery (callbacks with `orderBy`; see dispatcher/worker/lanes.py)
+    dispatcher:lanes:ordered:{project}        STRING "1" once the project (DEVOPS_ALL_PROJECT:
+                                              every project) has had an ordered callback: its
+                                              events get a sequence number when queued
+    dispatcher:lanes:seq:{project}            INCR the project's event sequence
+    dispatcher:lanes:pending:{project}        ZSET event job ids by sequence: events whose
+                                              fan-out may still add to a lane (dropped once
+                                              their job has left the queue)
+    dispatcher:lanes:ready:{project}          ZSET the same, of events whose last chunk is in
+                                              its lanes (for a fan-out run again; trimmed
+                                              once their job has left the queue)
+    dispatcher:lanes:waiting:{project}        ZSET delivery ids of lane heads waiting for an
+                                              earlier event to enter its lanes, by sequence
+                                              (queued at once when it has)
+    dispatcher:lane:{receiver}:{project}:{key}
+                                              ZSET delivery ids of one lane by sequence: the
+                                              head is the one being delivered, the others
+                                              wait (their jobs parked, out of the queue);
+                                              receiver: a hash of the callbacks' owner, URL
+                                              and orderBy (one lane for all their events)
+    dispatcher:lanes:blocked                  ZSET lane keys whose head was put back (a retry,
+                                              a deferral), by when it first was
 Roles
     dispatcher:roles:{project}                HASH user -> admin | member ("*" = every project)
 Health
@@ -105,6 +127,7 @@ __all__ = [
     "UNIQUE_SEP",
     "Keys",
     "history_member",
+    "lane_id",
     "project_scoped",
     "scope",
 ]
@@ -116,6 +139,7 @@ UNIQUE_SEP = " "
 # history ids are zero-padded in the index so that equal times order by id
 HISTORY_ID_WIDTH = 15
 CLUSTER_SLOTS = 16384
+LANE_KEY_MAX = 200  # a longer orderBy value names its lane by its hash
 
 
 def project_scoped(project_id: str, local_id: str) -> str:
@@ -131,6 +155,16 @@ def scope(project_id: str, pipeline_id: str | None = None) -> str:
 
 def callback_unique_field(event: str, url: str) -> str:
     return f"{event}{UNIQUE_SEP}{url}"
+
+
+def lane_id(owner: str, url: str, order_by: str, project_id: str, key: str) -> str:
+    """The lane of the deliveries to `url` (registered by `owner` with `order_by`, for any
+    event) of `project_id`'s events whose key is `key` (a long key by its hash):
+    `{receiver hash}:{project}:{key}`."""
+    receiver = hashlib.blake2b(f"{owner}\n{url}\n{order_by}".encode(), digest_size=8).hexdigest()
+    if len(key) > LANE_KEY_MAX:
+        key = "#" + hashlib.blake2b(key.encode(), digest_size=16).hexdigest()
+    return f"{receiver}{SEP}{project_id}{SEP}{key}"
 
 
 def history_member(record_id: int) -> str:
@@ -202,6 +236,13 @@ class Keys:
         self.SHARD = f"{base}:shard"
         self.PLACEMENT = f"{base}:placement"
         self.PLACEMENT_VERSION = f"{base}:placement:version"
+        self.LANES_ORDERED_PREFIX = f"{base}:lanes:ordered:"
+        self.LANES_SEQ_PREFIX = f"{base}:lanes:seq:"
+        self.LANES_PENDING_PREFIX = f"{base}:lanes:pending:"
+        self.LANES_READY_PREFIX = f"{base}:lanes:ready:"
+        self.LANES_WAITING_PREFIX = f"{base}:lanes:waiting:"
+        self.LANE_PREFIX = f"{base}:lane:"
+        self.LANES_BLOCKED = f"{base}:lanes:blocked"
         self.ARQ_JOB_PREFIX: str = f"{ns}{job_key_prefix}"
         self.ARQ_IN_PROGRESS_PREFIX: str = f"{ns}{in_progress_key_prefix}"
         self.ARQ_RETRY_PREFIX: str = f"{ns}{arq_retry_key_prefix}"
@@ -239,6 +280,25 @@ class Keys:
         """The keys of a callback's limits: starts, running, line, seen (see above)."""
         base = f"{self._limit_prefix}{callback_id}{SEP}"
         return [f"{base}starts", f"{base}running", f"{base}line", f"{base}seen"]
+
+    def lanes_ordered(self, project_id: str) -> str:
+        return f"{self.LANES_ORDERED_PREFIX}{project_id}"
+
+    def lanes_seq(self, project_id: str) -> str:
+        return f"{self.LANES_SEQ_PREFIX}{project_id}"
+
+    def lanes_pending(self, project_id: str) -> str:
+        return f"{self.LANES_PENDING_PREFIX}{project_id}"
+
+    def lanes_ready(self, project_id: str) -> str:
+        return f"{self.LANES_READY_PREFIX}{project_id}"
+
+    def lanes_waiting(self, project_id: str) -> str:
+        return f"{self.LANES_WAITING_PREFIX}{project_id}"
+
+    def lane(self, lane_id: str) -> str:
+        """One lane of ordered deliveries (`lane_id`: see `lane_id`)."""
+        return f"{self.LANE_PREFIX}{lane_id}"
 
     def roles(self, project_id: str) -> str:
         return f"{self.ROLES_PREFIX}{project_id}"

@@ -24,6 +24,8 @@ __all__ = [
     "HISTORY_RECORDS",
     "HISTORY_SHIPPED",
     "HISTORY_SHIP_FAILURES",
+    "LANES_BLOCKED",
+    "LANES_BLOCKED_OLDEST_SECONDS",
     "PENDING_WRITES",
     "POISON_JOBS",
     "QUEUE_DEPTH",
@@ -132,4 +134,14 @@ REDIS_USED_MEMORY = Gauge(
 REDIS_MAX_MEMORY = Gauge(
     "dispatcher_redis_maxmemory_bytes",
     "Redis' maxmemory, 0 when it has no limit (INFO memory; read at scrape).",
+)
+LANES_BLOCKED = Gauge(
+    "dispatcher_lanes_blocked",
+    "Ordered lanes (callbacks with orderBy) whose head delivery was put back (a retry or a "
+    "deferral): the deliveries behind it wait (read at scrape).",
+)
+LANES_BLOCKED_OLDEST_SECONDS = Gauge(
+    "dispatcher_lanes_blocked_oldest_seconds",
+    "How long the longest-blocked ordered lane has waited for its head delivery to end, 0 "
+    "when none is blocked (read at scrape).",
 )

@@ -238,6 +238,10 @@ class HistoryRecord(_Model):
     # the W3C trace context the delivery continues (its event's, or the fan-out's span)
     traceparent: str | None = None
     tracestate: str | None = None
+    # ordered delivery: the lane's key (the value of its callback's orderBy), or, for an
+    # ordered callback's delivery that went unordered, why
+    order_key: str | None = None
+    order_note: str | None = None
 
     @field_validator("request_headers")
     @classmethod
@@ -282,6 +286,11 @@ class Callback(_Model):
     max_per_second: int | None = None
     max_in_flight: int | None = None
     filter: str | None = None
+    order_by: str | None = Field(
+        default=None,
+        description="Ordered delivery: the path into the event's data whose value names "
+        "its lane (* for one lane), absent when deliveries are unordered.",
+    )
     rotation_end_time: int | None = Field(
         default=None,
         description="While a secret rotation is in progress: when the previous token stops "

@@ -24,15 +24,41 @@ if TYPE_CHECKING:
 
 __all__ = [
     "HEARTBEAT_TTL_S",
+    "BlockedLane",
+    "Lanes",
     "Status",
     "count_live_workers",
     "live_workers",
+    "read_lanes",
     "read_status",
     "write_heartbeat",
 ]
 
 HEARTBEAT_TTL_S = 30  # a worker is live while its last heartbeat is younger than this
 _FORGET_MS = 3_600_000  # heartbeats older than this leave the live-workers index
+
+
+@dataclass(frozen=True, slots=True)
+class BlockedLane:
+    """An ordered lane whose head delivery was put back (a retry, a deferral): its head's
+    callback, the emitting project and the key, since when, its head, how many wait behind
+    it."""
+
+    callback_id: int
+    project_id: str
+    key: str
+    since_ms: int
+    head: str
+    waiting: int
+
+
+@dataclass(frozen=True, slots=True)
+class Lanes:
+    """The blocked lanes: how many, the age of the oldest (s), the oldest ones."""
+
+    blocked: int = 0
+    oldest_s: float = 0.0
+    shown: tuple[BlockedLane, ...] = ()
 
 
 @dataclass(slots=True)
@@ -44,6 +70,7 @@ class Status:
     disabled: int
     hour: Series
     day: Series
+    lanes: Lanes = Lanes()
 
     @property
     def last_hour(self) -> dict[str, int]:
@@ -84,6 +111,41 @@ async def count_live_workers(redis: Redis, keys: Keys, *, now_ms: int | None = N
     return int(await redis.zcount(keys.WORKERS_LIVE, _since(now_ms), "+inf"))
 
 
+async def read_lanes(
+    redis: Redis, keys: Keys, *, limit: int = 20, now_ms: int | None = None
+) -> Lanes:
+    """The blocked ordered lanes, the oldest `limit` of them with their heads, in two round
+    trips (one when none is blocked)."""
+    now = clock.now_ms() if now_ms is None else now_ms
+    async with redis.pipeline(transaction=False) as pipe:
+        pipe.zcard(keys.LANES_BLOCKED)
+        pipe.zrange(keys.LANES_BLOCKED, 0, limit - 1, withscores=True)
+        count, oldest = await pipe.execute()
+    if not oldest:
+        return Lanes()
+    async with redis.pipeline(transaction=False) as pipe:
+        for lane, _ in oldest:
+            pipe.zrange(lane, 0, 0)
+            pipe.zcard(lane)
+        heads = await pipe.execute()
+    shown = []
+    for (lane, since), head, size in zip(oldest, heads[::2], heads[1::2], strict=True):
+        _, project, key = lane.decode().removeprefix(keys.LANE_PREFIX).split(":", 2)
+        first = head[0].decode() if head else ""
+        callback = first.rpartition(".")[2]  # a delivery id ends with its callback's id
+        shown.append(
+            BlockedLane(
+                int(callback) if callback.isdigit() else 0,
+                project,
+                key,
+                int(since),
+                first,
+                max(0, size - 1),
+            )
+        )
+    return Lanes(int(count), max(0.0, (now - oldest[0][1]) / 1000), tuple(shown))
+
+
 async def read_status(
     redis: Redis, keys: Keys, queue: Queue, health: Health, *, now_ms: int | None = None
 ) -> Status:
@@ -98,4 +160,5 @@ async def read_status(
         disabled=int(await redis.zcard(health.keys.CALLBACKS_DISABLED)),
         hour=hour,
         day=day,
+        lanes=await read_lanes(redis, keys, now_ms=now),
     )

@@ -125,9 +125,18 @@ async def options(
             "delivered only when it is truthy, e.g. data.status == 'FAILED'",
         ),
     ] = None,
+    order_by: Annotated[
+        str | None,
+        Query(
+            alias="orderBy",
+            description="Ordered delivery: a dotted path into the event's data (buildId, "
+            "build.id) or * (one lane); the events of one value reach this callback one after "
+            "another, in the order they were emitted",
+        ),
+    ] = None,
 ) -> Options:
     """A registration's receiver controls (checked when registered)."""
-    return Options(max_per_second, max_in_flight, filter_)
+    return Options(max_per_second, max_in_flight, filter_, order_by)
 
 
 OptionsQuery = Annotated[Options, Depends(options)]

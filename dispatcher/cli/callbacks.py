@@ -74,14 +74,31 @@ def callbacks_list(
             owner, page, page_size, pipeline_id=pipeline
         )
     )
-    table = Table("id", "level", "pipeline", "event", "url", "region", "enabled",
-                  "disabled reason", "secrets", "controls")  # fmt: skip
+    table = Table(
+        "id",
+        "level",
+        "pipeline",
+        "event",
+        "url",
+        "region",
+        "enabled",
+        "disabled reason",
+        "secrets",
+        "controls",
+    )
     for cb in result.records:
         table.add_row(
-            str(cb.id), cb.level.value, cb.pipeline_id or "", cb.event.value, cb.url,
-            cb.region.value, "yes" if cb.enabled else "no", cb.disabled_reason or "",
-            _secrets(cb, settings), _controls(cb),
-        )  # fmt: skip
+            str(cb.id),
+            cb.level.value,
+            cb.pipeline_id or "",
+            cb.event.value,
+            cb.url,
+            cb.region.value,
+            "yes" if cb.enabled else "no",
+            cb.disabled_reason or "",
+            _secrets(cb, settings),
+            _controls(cb),
+        )
     console.print(table)
     console.print(f"page {result.page}/{max(result.total_pages, 1)}, {result.count} callbacks")
 
@@ -101,6 +118,8 @@ def _controls(cb: Callback) -> str:
     parts += [f"{cb.max_in_flight} in flight"] if cb.max_in_flight else []
     if cb.filter is not None:
         parts.append(f"filter: {cb.filter}")
+    if cb.order_by is not None:
+        parts.append(f"ordered by {cb.order_by}")
     if cb.filter_errors:
         parts.append(f"filter failed on {cb.filter_errors} events: {cb.filter_last_error}")
     return ", ".join(parts)
@@ -113,10 +132,28 @@ def callbacks_failing() -> None:
     found = on_router(views.failing)
     table = Table("id", "failures", "since", "last error")
     for f in found:
-        table.add_row(str(f.callback_id), str(f.failures), fmt_ms(f.since_ms, settings),
-                      f.last_error[:80])  # fmt: skip
+        table.add_row(
+            str(f.callback_id), str(f.failures), fmt_ms(f.since_ms, settings), f.last_error[:80]
+        )
     console.print(table)
     console.print(f"{len(found)} failing callbacks")
+
+
+# The receiver controls of `callbacks add` (see dispatcher/registry/options.py).
+MaxPerSecondOption = Annotated[
+    int | None, typer.Option(help="Start at most this many deliveries a second (fleet-wide)")
+]
+MaxInFlightOption = Annotated[
+    int | None, typer.Option(help="At most this many requests at once (fleet-wide)")
+]
+FilterOption = Annotated[
+    str | None,
+    typer.Option("--filter", help="JMESPath over {event, projectId, data}: deliver when truthy"),
+]
+OrderByOption = Annotated[
+    str | None,
+    typer.Option(help="Ordered delivery: a dotted path into the event's data (buildId) or '*'"),
+]
 
 
 @callbacks_app.command("add")
@@ -132,24 +169,16 @@ def callbacks_add(
         str | None,
         typer.Option(help="'Name: value' of a header sent with every delivery (kept secret)"),
     ] = None,
-    max_per_second: Annotated[
-        int | None, typer.Option(help="Start at most this many deliveries a second (fleet-wide)")
-    ] = None,
-    max_in_flight: Annotated[
-        int | None, typer.Option(help="At most this many requests at once (fleet-wide)")
-    ] = None,
-    filter_: Annotated[
-        str | None,
-        typer.Option(
-            "--filter", help="JMESPath over {event, projectId, data}: deliver when truthy"
-        ),
-    ] = None,
+    max_per_second: MaxPerSecondOption = None,
+    max_in_flight: MaxInFlightOption = None,
+    filter_: FilterOption = None,
+    order_by: OrderByOption = None,
 ) -> None:
     """Register a URL for one or more events (an upsert), under the region's address policy:
     on a project, one of its pipelines (--pipeline), or every project (--all-projects),
     with its receiver controls."""
     owner, header = _owner(project, all_projects), _auth_header(auth_header)
-    options = Options(max_per_second, max_in_flight, filter_)
+    options = Options(max_per_second, max_in_flight, filter_, order_by)
     result = on_router(
         lambda r: r.callbacks(owner).register_batch(
             owner,

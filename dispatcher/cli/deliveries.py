@@ -16,6 +16,7 @@ from dispatcher.cli.common import (
     console,
     counting,
     err,
+    fmt_ms,
     load_settings,
     on_router,
     records_table,
@@ -121,6 +122,13 @@ def status() -> None:
         table.add_row("  worker", f"{w['host']} pid {w['pid']}")
     table.add_row("callbacks failing", str(len(st.failing)))
     table.add_row("callbacks disabled", str(st.disabled))
+    table.add_row("ordered lanes blocked", str(st.lanes.blocked))
+    for lane in st.lanes.shown:
+        since = fmt_ms(lane.since_ms, load_settings())
+        table.add_row(
+            f"  lane {lane.callback_id} {lane.project_id} {lane.key!r}",
+            f"head {lane.head}, {lane.waiting} waiting, since {since}",
+        )
     for outcome in ("success", "retry", "failed", "gone"):
         table.add_row(f"last hour: {outcome}", str(st.last_hour.get(outcome, 0)))
     for span in (st.hour, st.day):

@@ -50,12 +50,14 @@ async def register(
     max_per_second: Annotated[str, Form(alias="maxPerSecond", max_length=16)] = "",
     max_in_flight: Annotated[str, Form(alias="maxInFlight", max_length=16)] = "",
     filter_: Annotated[str, Form(alias="filter", max_length=1024)] = "",
+    order_by: Annotated[str, Form(alias="orderBy", max_length=256)] = "",
 ) -> RedirectResponse:
     """Register a URL for one or more events (comma-separated), as the batch route does."""
     options = Options(
         _number(max_per_second, "maxPerSecond"),
         _number(max_in_flight, "maxInFlight"),
         filter_.strip() or None,
+        order_by.strip() or None,
     )
     result = await page.services.register_batch(
         project_id,

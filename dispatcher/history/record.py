@@ -43,3 +43,5 @@ class AttemptRecord(TypedDict, total=False):
     redeliveryOf: int | None
     traceparent: str
     tracestate: str
+    orderKey: str  # ordered delivery: its lane's key (see dispatcher.worker.lanes)
+    orderNote: str  # its callback orders, this event went unordered: why

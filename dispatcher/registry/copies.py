@@ -48,18 +48,31 @@ def queue_put(registry: Registry, pipe: Pipeline, row: Row, *, reset: bool) -> N
     cid, project, pipeline = row["id"], row["projectId"], row.get("pipelineId") or None
     scope = keys.scope(project, pipeline)
     callback_keys = [
-        k.callback(cid), k.callback_unique(scope), k.project_callbacks(project),
-        k.match(scope, row["event"]), k.CALLBACKS_DISABLED, k.HEALTH_FAILING, k.health(cid),
-    ]  # fmt: skip
+        k.callback(cid),
+        k.callback_unique(scope),
+        k.project_callbacks(project),
+        k.match(scope, row["event"]),
+        k.CALLBACKS_DISABLED,
+        k.HEALTH_FAILING,
+        k.health(cid),
+    ]
     if pipeline:
         callback_keys.append(k.pipeline_callbacks(project, pipeline))
     pairs = [item for field in row.items() for item in field]
     PUT.queue(
         pipe,
         callback_keys,
-        [cid, keys.callback_unique_field(row["event"], row["url"]), row.get("enabled", "1"),
-         row.get("updatedTime", "0"), "1" if reset else "0", *pairs],
-    )  # fmt: skip
+        [
+            cid,
+            keys.callback_unique_field(row["event"], row["url"]),
+            row.get("enabled", "1"),
+            row.get("updatedTime", "0"),
+            "1" if reset else "0",
+            *pairs,
+        ],
+    )
+    if row.get("orderBy"):  # its project's events (every project's) get sequence numbers
+        pipe.set(k.lanes_ordered(project), "1")
 
 
 async def put_rows(registry: Registry, rows: Sequence[Row], *, reset: bool = False) -> None:

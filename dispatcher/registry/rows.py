@@ -107,6 +107,7 @@ def to_callback(row: Mapping[str, str]) -> Callback:
         max_per_second=options.max_per_second,
         max_in_flight=options.max_in_flight,
         filter=options.filter,
+        order_by=options.order_by,
         rotation_end_time=until if rotating else None,
         filter_errors=int(row.get("filterErrors") or 0),
         filter_last_error=row.get("filterLastError") or None,

@@ -82,9 +82,8 @@ class Registry:
         level = check_scope(project_id, pipeline_id)
         parsed = check_event(parse_event(event) if isinstance(event, str) else event, level)
         upsert = self._checked(
-            level, project_id, pipeline_id, url, region, secret_token, auth_header, creator,
-            options,
-        )  # fmt: skip
+            level, project_id, pipeline_id, url, region, secret_token, auth_header, creator, options
+        )
         (callback_id, created), *_ = await self._upsert_many(upsert, [parsed])
         return callback_id, created
 
@@ -104,9 +103,8 @@ class Registry:
         """The batch route: every valid event of the comma-separated list is registered."""
         level = check_scope(project_id, pipeline_id)
         upsert = self._checked(
-            level, project_id, pipeline_id, url, region, secret_token, auth_header, creator,
-            options,
-        )  # fmt: skip
+            level, project_id, pipeline_id, url, region, secret_token, auth_header, creator, options
+        )
         parsed, failed = parse_events(events)
         if not parsed and not failed:
             raise InvalidEvent("event is required (a comma-separated list)", param="event")
@@ -158,15 +156,20 @@ class Registry:
                 UPSERT.queue(
                     pipe,
                     [
-                        self.keys.callback_unique(scope), self.keys.CALLBACK_SEQ,
-                        self.keys.match(scope, event.value), self.keys.CALLBACKS_DISABLED,
-                        self.keys.HEALTH_FAILING, *listings,
+                        self.keys.callback_unique(scope),
+                        self.keys.CALLBACK_SEQ,
+                        self.keys.match(scope, event.value),
+                        self.keys.CALLBACKS_DISABLED,
+                        self.keys.HEALTH_FAILING,
+                        *listings,
                     ],
                     upsert.argv(self.keys, self.id_floor, event, now),
-                )  # fmt: skip
+                )
+            if upsert.options.order_by:  # from now on its events get sequence numbers
+                pipe.set(self.keys.lanes_ordered(upsert.project_id), "1")
 
         results: list[list[int]] = await run_pipeline(self.redis, upsert_all)
-        return [(int(cid), bool(created)) for cid, created in results]
+        return [(int(cid), bool(created)) for cid, created in results[: len(events)]]
 
     # ---- secrets ---------------------------------------------------------------------
 
@@ -225,9 +228,14 @@ class Registry:
     # ---- matching --------------------------------------------------------------------
 
     def chunk_query(
-        self, project_id: str, event: str, *, pipeline_id: object = None, after: int = 0,
+        self,
+        project_id: str,
+        event: str,
+        *,
+        pipeline_id: object = None,
+        after: int = 0,
         size: int = MATCH_ALL_CHUNK,
-    ) -> ChunkQuery:  # fmt: skip
+    ) -> ChunkQuery:
         """The `size` callbacks after callback id `after` that an event of `project_id`
         (whose data names `pipeline_id`) goes to; see `registry.match`."""
         return ChunkQuery(self.keys, self.decrypt, project_id, event, pipeline_id, after, size)
@@ -288,17 +296,17 @@ class Registry:
         return rows
 
     async def list(
-        self, project_id: str, page: int = 1, page_size: int = 20, *,
-        pipeline_id: str | None = None,
-    ) -> CallbackPage:  # fmt: skip
+        self, project_id: str, page: int = 1, page_size: int = 20, *, pipeline_id: str | None = None
+    ) -> CallbackPage:
         """A project's callbacks (its pipelines' included), or one pipeline's, oldest first,
         page by page."""
         if page < 1 or page_size < 1:
             raise InvalidInput("page and pageSize must be >= 1", param="page")
         listing = (
-            self.keys.pipeline_callbacks(project_id, pipeline_id) if pipeline_id
+            self.keys.pipeline_callbacks(project_id, pipeline_id)
+            if pipeline_id
             else self.keys.project_callbacks(project_id)
-        )  # fmt: skip
+        )
         start = (page - 1) * page_size
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.zcard(listing)
@@ -307,9 +315,12 @@ class Registry:
         rows = await self._rows([cid.decode() for cid in ids])
         records = [to_callback(row) for row in rows if row]
         return CallbackPage(
-            records=records, count=count, total_pages=math.ceil(count / page_size),
-            page_size=page_size, page=page,
-        )  # fmt: skip
+            records=records,
+            count=count,
+            total_pages=math.ceil(count / page_size),
+            page_size=page_size,
+            page=page,
+        )
 
     async def delete(
         self, project_id: str, callback_id: int, *, pipeline_id: str | None = None
@@ -346,19 +357,27 @@ class Registry:
 
     def queue_set_enabled(
         self,
-        pipe: Pipeline, callback_id: int, enabled: bool, reason: str = "",
+        pipe: Pipeline,
+        callback_id: int,
+        enabled: bool,
+        reason: str = "",
         project_id: str | None = None,
-    ) -> None:  # fmt: skip
+    ) -> None:
         """`set_enabled` queued on a pipeline; its answer is 0 when the callback is missing."""
         k = self.keys
         SET_ENABLED.queue(
             pipe,
             [k.callback(callback_id), k.CALLBACKS_DISABLED, k.HEALTH_FAILING],
             [
-                "1" if enabled else "0", reason, now_ms(), k.MATCH_PREFIX, keys.SEP,
-                project_id or "", k.HEALTH_PREFIX,
+                "1" if enabled else "0",
+                reason,
+                now_ms(),
+                k.MATCH_PREFIX,
+                keys.SEP,
+                project_id or "",
+                k.HEALTH_PREFIX,
             ],
-        )  # fmt: skip
+        )
 
     async def upgrade(self) -> int:
         """Convert a layout-1 registry (match sets as SETs) to this one; returns how many

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 from dispatcher import metrics
 from dispatcher.errors import NotFound
 from dispatcher.models import PLATFORM_PROJECT, HistoryPage
-from dispatcher.status import count_live_workers
+from dispatcher.status import Lanes, count_live_workers, read_lanes
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -54,12 +54,27 @@ async def status(router: Router) -> Status:
     others = router.shards[1:]
     depths = await asyncio.gather(*(s.queue.depth() for s in others))
     disabled = await asyncio.gather(*(s.redis.zcard(s.keys.CALLBACKS_DISABLED) for s in others))
+    lanes = await asyncio.gather(*(read_lanes(s.redis, s.keys) for s in others))
     return dataclasses.replace(
         found,
         queue_due=found.queue_due + sum(due for due, _ in depths),
         oldest_due_s=max([found.oldest_due_s, *(age for _, age in depths)]),
         failing=await failing(router),
         disabled=found.disabled + sum(int(n) for n in disabled),
+        lanes=merged_lanes([found.lanes, *lanes]),
+    )
+
+
+LANES_SHOWN = 20
+
+
+def merged_lanes(found: list[Lanes]) -> Lanes:
+    """The blocked lanes of every shard: counted, the oldest first."""
+    shown = sorted((lane for one in found for lane in one.shown), key=lambda lane: lane.since_ms)
+    return Lanes(
+        sum(one.blocked for one in found),
+        max(one.oldest_s for one in found),
+        tuple(shown[:LANES_SHOWN]),
     )
 
 
@@ -179,7 +194,9 @@ async def fleet_gauges(router: Router) -> None:
     """The fleet's gauges of `/metrics`: queues, history backlogs and Redis memory added
     up over the shards, the live workers (from the home shard)."""
     depth = age = waiting = oldest = used = most = 0.0
+    lanes: list[Lanes] = []
     for services in router.shards:
+        lanes.append(await read_lanes(services.redis, services.keys, limit=1))
         due, due_age = await services.queue.depth()
         backlog, backlog_age = await services.history.backlog()
         depth, age = depth + due, max(age, due_age)
@@ -195,6 +212,9 @@ async def fleet_gauges(router: Router) -> None:
     metrics.WORKERS_LIVE.set(await count_live_workers(router.home.redis, router.home.keys))
     metrics.REDIS_USED_MEMORY.set(used)
     metrics.REDIS_MAX_MEMORY.set(most)
+    blocked = merged_lanes(lanes)
+    metrics.LANES_BLOCKED.set(blocked.blocked)
+    metrics.LANES_BLOCKED_OLDEST_SECONDS.set(blocked.oldest_s)
 
 
 def _per_node(info: dict[str, Any]) -> list[dict[str, Any]]:

@@ -42,8 +42,7 @@ if TYPE_CHECKING:
     from dispatcher.keys import Keys
     from dispatcher.registry import CallbackTarget
     from dispatcher.settings import Settings
-    from dispatcher.worker.engine import Then
-    from dispatcher.worker.writer import Writer
+    from dispatcher.worker.writer import Then, Writer
 
 __all__ = ["Admit", "Controls", "Release"]
 

@@ -44,6 +44,7 @@ from dispatcher.jobs import BadJob, DeliveryJob, EventJob
 from dispatcher.models import Region
 from dispatcher.stats import AttemptStats
 from dispatcher.worker.controls import Controls
+from dispatcher.worker.lanes import Lanes, Sending
 from dispatcher.worker.record import attempt_record, checked_url, disabled, observe
 from dispatcher.worker.shares import Shares
 
@@ -54,18 +55,15 @@ if TYPE_CHECKING:
     from dispatcher.history.record import AttemptRecord
     from dispatcher.registry import CallbackTarget
     from dispatcher.services import Services
-    from dispatcher.worker.writer import Writer
+    from dispatcher.worker.writer import Then, Writer
 
-__all__ = ["Engine", "JobEnd", "Then", "keep_entry"]
+__all__ = ["Engine", "JobEnd", "keep_entry"]
 
 log = structlog.get_logger("dispatcher.worker")
 
 DONE = b"done"
 KEPT_ENTRIES = 1000  # newest entries kept in the poison and dropped lists
 
-# What follows an attempt, queued on the pipeline that records it (so both are written,
-# or neither): `delay` seconds to the next attempt, or None when the delivery is over.
-Then = Callable[["Pipeline", "float | None"], None]
 # A fan-out job's end, given where its next chunk starts (None: it was the last).
 JobEnd = Callable[..., None]
 
@@ -100,9 +98,20 @@ class Engine:
             self.breaker, self.shares = shared.breaker, shared.shares
             self.transports, self.stats = shared.transports, shared.stats
         self.controls = Controls(settings, self.keys, self.reads, writer)
-        self.limits = Limits(settings.user_agent, settings.connect_timeout,
-                             settings.total_timeout, settings.max_response_body)  # fmt: skip
+        self.limits = Limits(
+            settings.user_agent,
+            settings.connect_timeout,
+            settings.total_timeout,
+            settings.max_response_body,
+        )
         self.progress_ttl = int(max(86_400, 2 * sum(settings.retry_schedule)))
+        self.lanes = Lanes(  # ordered callbacks
+            self.keys,
+            writer,
+            Sending(self.attempt, self.drop, services.registry.decrypt),
+            progress_ttl=self.progress_ttl,
+            lease_s=settings.lease_seconds,
+        )
 
     async def close(self) -> None:
         if self.owner:
@@ -117,17 +126,22 @@ class Engine:
         not finish) skips what was already handled. A chunk of one attempt writes the job's
         `end` (given where the next chunk starts) with that attempt, in the same write."""
         query = self.services.registry.chunk_query(
-            event.project_id, event.event, pipeline_id=event.pipeline_id, after=event.after,
+            event.project_id,
+            event.event,
+            pipeline_id=event.pipeline_id,
+            after=event.after,
             size=self.settings.fan_out_chunk,
-        )  # fmt: skip
-        with tracing.fanning_out(event.trace, event_id=event.id, project_id=event.project_id,
-                                 event=event.event) as carried:  # fmt: skip
+        )
+        with tracing.fanning_out(
+            event.trace, event_id=event.id, project_id=event.project_id, event=event.event
+        ) as carried:
             (answer,) = await self.reads.execute(query.queue)
             chunk = query.read(answer)
             targets = self.controls.select(event, chunk.targets)  # the callbacks' filters
             if targets:
                 ending = None if end is None else functools.partial(end, after=chunk.after)
-                await self._first_attempts(event, targets, rerun, carried, ending)
+                last = chunk.after is None
+                await self._first_attempts(event, targets, rerun, carried, ending, last=last)
         return chunk.after
 
     async def _first_attempts(
@@ -137,6 +151,8 @@ class Engine:
         rerun: bool,
         carried: tracing.TraceContext | None,
         end: Callable[[Pipeline], None] | None,
+        *,
+        last: bool = True,
     ) -> None:
         try:  # once for all callbacks
             body = encode_body(event.event, event.project_id, event.data)
@@ -150,12 +166,18 @@ class Engine:
             marks = await self.services.redis.mget(
                 [self.keys.delivery(job.progress_id) for job, _ in pending]
             )
+            self.lanes.ended_before(event, pending, marks)
             pending = [pair for pair, mark in zip(pending, marks, strict=True) if not mark]
-        if len(pending) == 1:  # the job's end rides with its one attempt
-            job, target = pending[0]
-            await self.attempt(job, target, 1, self._retry_job(job, end))
+        # ordered deliveries join their lanes; those not at their lane's head wait there
+        one = len(pending) == 1  # the job's end rides with its one attempt (if made now)
+        now = await self.lanes.enter(
+            event, pending, lambda job: self._retry_job(job, end if one else None), last=last
+        )
+        if len(now) == 1:
+            job, target, then = now[0]
+            await self.attempt(job, target, 1, then)
             return
-        attempts = [self.attempt(job, target, 1, self._retry_job(job)) for job, target in pending]
+        attempts = [self.attempt(job, target, 1, then) for job, target, then in now]
         # An attempt ends as a record; should one raise all the same, the others still end
         # theirs before the job runs again (and skips them).
         ended = await asyncio.gather(*attempts, return_exceptions=True)
@@ -179,12 +201,17 @@ class Engine:
     async def deliver(self, job: DeliveryJob, then: Then) -> None:
         """One more attempt of a delivery; `then` queues the job's next step (its return
         to the queue for the next attempt, or its end)."""
+        if job.lane is not None:  # an ordered delivery: when its lane's turn comes
+            turn = await self.lanes.claimed(job, then)
+            if turn is None:
+                return
+            then = turn
         progress, target = await asyncio.gather(
             self.services.redis.get(self.keys.delivery(job.progress_id)),
             self.services.registry.target(job.callback_id),
         )
         if progress == DONE:  # a run that ended the delivery, then lost its job's end
-            await self.writer.commit(lambda pipe: then(pipe, None))
+            self.lanes.landed(await self.writer.commit(lambda pipe: then(pipe, None)))
         elif target is None:
             await self.drop(job, "callback deleted or disabled", then)
         else:
@@ -200,10 +227,14 @@ class Engine:
             pipe.set(self.keys.delivery(job.progress_id), DONE, ex=self.progress_ttl)
             then(pipe, None)
 
-        await self.writer.commit(write)
+        self.lanes.landed(await self.writer.commit(write))  # a lane's next delivery: now
         metrics.DROPPED.labels(reason="callback").inc()
-        log.info("delivery.dropped", delivery_id=job.delivery_id, callback_id=job.callback_id,
-                 reason=reason)  # fmt: skip
+        log.info(
+            "delivery.dropped",
+            delivery_id=job.delivery_id,
+            callback_id=job.callback_id,
+            reason=reason,
+        )
 
     async def attempt(
         self, job: DeliveryJob, target: CallbackTarget, number: int, then: Then
@@ -298,13 +329,16 @@ class Engine:
         written = self.writer.submit(write, (record,))
         if failed_for_good and outcome is not Outcome.GONE:
             error = result.error or "failed"
-            counted = self.writer.submit(lambda pipe: health.queue_failed(
-                pipe, target.id, error, record["createdTime"], record["id"]))  # fmt: skip
-            await asyncio.shield(written)
+            counted = self.writer.submit(
+                lambda pipe: health.queue_failed(
+                    pipe, target.id, error, record["createdTime"], record["id"]
+                )
+            )
+            self.lanes.landed(await asyncio.shield(written))  # a lane's next: now
             (reply,) = await asyncio.shield(counted)
             health.judged(target.id, reply)
             return
-        await asyncio.shield(written)
+        self.lanes.landed(await asyncio.shield(written))  # a lane's next delivery: now
         if outcome is Outcome.GONE:
             disabled(target.id, "gone", GONE_REASON)
 

@@ -26,11 +26,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import signal
 import socket
 import time
 import uuid
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
 import structlog
@@ -38,13 +40,14 @@ from redis.exceptions import RedisError
 
 from dispatcher import metrics
 from dispatcher.connections import REDIS_ERRORS, redis_full
-from dispatcher.errors import InvalidSetting, describe
+from dispatcher.errors import describe
 from dispatcher.jobs import FAN_OUT, BadJob, DeliveryJob, EventJob, decode
 from dispatcher.services import Services
 from dispatcher.shards.shard import Shard
 from dispatcher.shards.topology import close_all, connect_shards, shards_of
 from dispatcher.worker.duties import Counts, Duties, every
-from dispatcher.worker.served import Served
+from dispatcher.worker.lanes import Adopt
+from dispatcher.worker.served import Served, given_shards
 from dispatcher.worker.shipping import Shipping
 
 if TYPE_CHECKING:
@@ -63,11 +66,6 @@ MAX_CLAIMS = 25  # a job claimed this often without ending is dropped, on record
 CLAIM_ERRORS: tuple[type[Exception], ...] = (*REDIS_ERRORS, RedisError)
 # a running job: the shard it was claimed on, and its id there
 JobKey = tuple[int, str]
-
-
-def _retry_in(claims: int) -> float:
-    """Backoff before a failed run's job is due again."""
-    return min(60.0, 0.5 * 2.0 ** min(claims, 7))
 
 
 class Worker:
@@ -98,7 +96,7 @@ class Worker:
         self._owns_redis = redis is None
         every_shard = [Services(settings, c, s) for s, c in zip(shards, self._clients, strict=True)]
         self.served: list[Served] = []
-        for services in _given(every_shard, settings.worker_shards):
+        for services in given_shards(every_shard, settings.worker_shards):
             first = self.served[0].engine if self.served else None
             self.served.append(Served.build(services, self.token, shared=first))
         # the first shard served: what a single-shard worker's tools and tests look at
@@ -109,6 +107,9 @@ class Worker:
             self.served[0].engine,
         )
         self._all = every_shard
+        for run in self.served:  # a lane's next delivery, taken by a release: run it here
+            spawn = functools.partial(self._adopt, run)
+            run.engine.lanes.adopt = Adopt(self.token, spawn, run.next_step)
         self.shipping = Shipping([run.services for run in self.served])
         self.duties = Duties(settings, every_shard[0], [run.services for run in self.served],
                              self.engine.stats, self.token, self._counts)  # fmt: skip
@@ -257,10 +258,22 @@ class Worker:
     # ---- one job ------------------------------------------------------------------------
 
     def _start(self, run: Served, claimed: Claimed) -> None:
+        self._spawn(run, claimed.job_id, self._run(run, claimed))
+
+    def _adopt(self, run: Served, job_id: str, work: Callable[[], Awaitable[None]]) -> None:
+        """Run `work`, the attempt of a job this worker took outside a claim (a lane's next
+        delivery, leased to it by the release of the one before), as it runs a claimed
+        job: counted, its lease renewed, put back when it fails (or the worker stops)."""
+        if self._stop is not None and self._stop.is_set():
+            run.put_back(job_id, 0)
+            return
+        self._spawn(run, job_id, self._guarded(run, job_id, 1, work))
+
+    def _spawn(self, run: Served, job_id: str, running: Coroutine[Any, Any, None]) -> None:
         self.jobs_started += 1
-        run.engine.shares.job_started(claimed.job_id)
-        task = asyncio.create_task(self._run(run, claimed))
-        key = (run.index, claimed.job_id)
+        run.engine.shares.job_started(job_id)
+        task = asyncio.create_task(running)
+        key = (run.index, job_id)
         self.running[key] = task
         task.add_done_callback(lambda done: self._ended(run, key, done))
 
@@ -278,28 +291,35 @@ class Worker:
         if claimed.claims > MAX_CLAIMS:
             await run.drop(claimed, f"claimed {claimed.claims} times without ending")
             return
+        data = claimed.data
         try:
-            async with asyncio.timeout(self.settings.effective_job_timeout):
-                await self._execute(run, claimed, decode(claimed.data))
-            self.jobs_complete += 1
+            await self._guarded(
+                run,
+                claimed.job_id,
+                claimed.claims,
+                lambda: self._execute(run, claimed, decode(data)),
+            )
         except BadJob as exc:
             await run.poison(claimed, str(exc))
-        except Exception as exc:  # a timeout, Redis, a bug: the same work again later
+
+    async def _guarded(
+        self, run: Served, job_id: str, claims: int, work: Callable[[], Awaitable[None]]
+    ) -> None:
+        """Run a job's `work` within the job timeout; a run that fails (a timeout, Redis, a
+        bug) puts the job back, to do the same work again later (BadJob: the caller's)."""
+        released = run.engine.lanes.released
+        try:
+            async with asyncio.timeout(self.settings.effective_job_timeout):
+                await work()
+            self.jobs_complete += 1
+        except BadJob:
+            raise
+        except Exception as exc:
             self.jobs_failed += 1
-            delay = _retry_in(claimed.claims)
-            log.warning(
-                "job.failed",
-                job_id=claimed.job_id,
-                error=describe(exc, trusted=CLAIM_ERRORS),
-                claims=claimed.claims,
-                retry_in_s=delay,
-                shard=run.index,
-            )
-            # Held (its lease renewed) until Redis has taken the put-back, and so every
-            # write the run queued before it: another worker claiming the job before its
-            # writes landed (Redis away or full) would send its deliveries again.
-            with contextlib.suppress(Exception):  # refused for good: logged by the writer
-                await run.put_back(claimed.job_id, delay)
+            await run.failed_run(job_id, claims, describe(exc, trusted=CLAIM_ERRORS))
+        finally:
+            if run.engine.lanes.released != released:  # a lane's next delivery is due now
+                self._wake()
 
     async def _execute(self, run: Served, claimed: Claimed, wire: Any) -> None:
         if wire.function == FAN_OUT:
@@ -371,20 +391,6 @@ class Worker:
             await services.close()
         if self._owns_redis:
             await close_all(self._clients)
-
-
-def _given(shards: list[Services], wanted: list[int] | None) -> list[Services]:
-    """The shards a worker serves: those of DISPATCHER_WORKER_SHARDS, else every one."""
-    if wanted is None:
-        return shards
-    unknown = [index for index in wanted if not 0 <= index < len(shards)]
-    if unknown or not wanted:
-        raise InvalidSetting(
-            f"there are {len(shards)} shard(s), numbered from 0: {unknown or wanted} is not a "
-            "list of them",
-            param="DISPATCHER_WORKER_SHARDS",
-        )
-    return [shards[index] for index in dict.fromkeys(wanted)]
 
 
 def create_worker(settings: Settings, **options: Any) -> Worker:

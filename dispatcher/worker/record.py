@@ -71,6 +71,10 @@ def attempt_record(
     }
     if job.trace is not None:  # what a redelivery of this record continues
         record.update(job.trace.fields())  # type: ignore[typeddict-item]
+    if job.order_key is not None:  # delivered in its lane (see dispatcher.worker.lanes)
+        record["orderKey"] = job.order_key
+    if job.order_note is not None:  # its callback orders, this event went unordered: why
+        record["orderNote"] = job.order_note
     return record
 
 
@@ -91,9 +95,12 @@ def disabled(callback_id: int, why: str, reason: str) -> None:
 
 
 def observe(
-    job: DeliveryJob, target: CallbackTarget, number: int, result: AttemptResult,
+    job: DeliveryJob,
+    target: CallbackTarget,
+    number: int,
+    result: AttemptResult,
     delay: float | None,
-) -> None:  # fmt: skip
+) -> None:
     """The attempt's metrics and its one canonical log line."""
     metrics.DELIVERIES.labels(outcome=result.outcome.value, event=job.event).inc()
     metrics.ATTEMPT_SECONDS.observe(result.duration_ms / 1000)

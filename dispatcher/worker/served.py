@@ -5,6 +5,7 @@ process's HTTP transports, circuit breaker and statistics with the other shards'
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -12,9 +13,11 @@ from typing import TYPE_CHECKING, Any
 import structlog
 
 from dispatcher import metrics
+from dispatcher.errors import InvalidSetting
+from dispatcher.jobs import DELIVER, BadJob, DeliveryJob, decode
 from dispatcher.worker.claims import Claims
-from dispatcher.worker.engine import Engine, Then, keep_entry
-from dispatcher.worker.writer import Writer
+from dispatcher.worker.engine import Engine, keep_entry
+from dispatcher.worker.writer import Then, Writer
 
 if TYPE_CHECKING:
     from redis.asyncio.client import Pipeline
@@ -24,7 +27,7 @@ if TYPE_CHECKING:
     from dispatcher.services import Services
     from dispatcher.worker.claims import Claimed
 
-__all__ = ["Served"]
+__all__ = ["Served", "given_shards"]
 
 log = structlog.get_logger("dispatcher.worker")
 
@@ -95,6 +98,23 @@ class Served:
             lambda pipe: claims.again(pipe, job_id, delay, next_attempt=False)
         )
 
+    async def failed_run(self, job_id: str, claims: int, error: str) -> None:
+        """A run that failed (a timeout, Redis, a bug): its job is put back, to do the
+        same work again later. Held (its lease renewed) until Redis has taken the
+        put-back, and so every write the run queued before it: another worker claiming the
+        job before its writes landed (Redis away or full) would send its deliveries again."""
+        delay = retry_in(claims)
+        log.warning(
+            "job.failed",
+            job_id=job_id,
+            error=error,
+            claims=claims,
+            retry_in_s=delay,
+            shard=self.index,
+        )
+        with contextlib.suppress(Exception):  # refused for good: logged by the writer
+            await self.put_back(job_id, delay)
+
     def next_step(self, job_id: str) -> Then:
         """After a `deliver` job's attempt: back in the queue for the next one, or done."""
         claims = self.claims
@@ -122,8 +142,11 @@ class Served:
         raw = (claimed.data or b"")[:500].decode("utf-8", errors="replace")
 
         def write(pipe: Pipeline) -> None:
-            keep_entry(pipe, self.keys.POISON_JOBS, {"jobId": claimed.job_id,
-                                                     "problem": problem, "raw": raw})  # fmt: skip
+            keep_entry(
+                pipe,
+                self.keys.POISON_JOBS,
+                {"jobId": claimed.job_id, "problem": problem, "raw": raw},
+            )
             self.claims.finish(pipe, claimed.job_id)
 
         await self.writer.commit(write)
@@ -131,7 +154,13 @@ class Served:
         log.error("job.poison", job_id=claimed.job_id, problem=problem, shard=self.index)
 
     async def drop(self, claimed: Claimed, reason: str, *, finish: bool = True) -> None:
-        """End a job without running it, on record."""
+        """End a job without running it, on record (an ordered delivery's drop releases its
+        lane, in the same write)."""
+        ordered = _ordered(claimed)
+        if finish and ordered is not None:
+            then = self.engine.lanes.releasing(ordered, self.next_step(claimed.job_id))
+            await self.engine.drop(ordered, reason, then)
+            return
 
         def write(pipe: Pipeline) -> None:
             keep_entry(pipe, self.keys.DROPPED, {"jobId": claimed.job_id, "reason": reason})
@@ -141,3 +170,36 @@ class Served:
         await self.writer.commit(write)
         metrics.DROPPED.labels(reason="job").inc()
         log.error("job.dropped", job_id=claimed.job_id, reason=reason, shard=self.index)
+
+
+def retry_in(claims: int) -> float:
+    """Backoff before a failed run's job is due again."""
+    return min(60.0, 0.5 * 2.0 ** min(claims, 7))
+
+
+def _ordered(claimed: Claimed) -> DeliveryJob | None:
+    """The ordered delivery a job holds, if it holds one."""
+    try:
+        wire = decode(claimed.data or b"")
+        job = (
+            DeliveryJob.from_wire(wire.payload, claimed.job_id)
+            if wire.function == DELIVER
+            else None
+        )
+    except BadJob:
+        return None
+    return job if job is not None and job.lane is not None else None
+
+
+def given_shards(shards: list[Services], wanted: list[int] | None) -> list[Services]:
+    """The shards a worker serves: those of DISPATCHER_WORKER_SHARDS, else every one."""
+    if wanted is None:
+        return shards
+    unknown = [index for index in wanted if not 0 <= index < len(shards)]
+    if unknown or not wanted:
+        raise InvalidSetting(
+            f"there are {len(shards)} shard(s), numbered from 0: {unknown or wanted} is not a "
+            "list of them",
+            param="DISPATCHER_WORKER_SHARDS",
+        )
+    return [shards[index] for index in dict.fromkeys(wanted)]

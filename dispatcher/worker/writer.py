@@ -31,10 +31,15 @@ from dispatcher.connections import REDIS_ERRORS, redis_full
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
+    from redis.asyncio.client import Pipeline
 
     from dispatcher.history.record import AttemptRecord
 
-__all__ = ["Writer"]
+__all__ = ["Then", "Writer"]
+
+# What follows an attempt, queued on the pipeline that records it (so both are written,
+# or neither): `delay` seconds to the next attempt, or None when the delivery is over.
+Then = Callable[["Pipeline", "float | None"], None]
 
 log = structlog.get_logger("dispatcher.worker")
 

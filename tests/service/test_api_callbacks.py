@@ -231,7 +231,7 @@ async def test_openapi_describes_every_route(api: httpx.AsyncClient) -> None:
         assert "post" in paths[f"{prefix}/callbacks/{{callbackId}}/secret"]
     assert "get" in paths["/{apigwType}/v4/callbacks/events"]
     seed = {"event", "url", "region", "secretToken", "authHeaderName", "authHeaderValue"}
-    seed |= {"maxPerSecond", "maxInFlight", "filter"}  # the receiver controls
+    seed |= {"maxPerSecond", "maxInFlight", "filter", "orderBy"}  # the receiver controls
     params = {p["name"] for p in paths[f"{v4}/callbacks"]["post"]["parameters"]}
     assert params == seed | {"apigwType", "projectId", "X-DEVOPS-UID"}
     params = {p["name"] for p in paths[pipeline]["post"]["parameters"]}

@@ -274,3 +274,40 @@ async def test_postgresql_history_takes_every_shards_stream_into_one_database(
                                                          "BUILD_END")  # fmt: skip
             assert page.count == 3
             assert {r.id // ID_SPAN for r in page.records} == {index}  # ids from its range
+
+
+async def test_ordered_lanes_live_on_each_project_shard(
+    sharded: Settings, receiver: Receiver
+) -> None:
+    """A platform-wide callback and the projects' own, ordered by build, on every shard
+    (the cluster: every lane script keeps to its shard's slot); every other request fails,
+    and each project's steps still succeed in order at both (one whose retries all failed
+    is skipped)."""
+    fails = [answer(500), answer(200)] * (len(PROJECTS) * 20)  # never runs out
+    order: dict[str, str | int] = {"event": "BUILD_END", "region": "DEVNET", "orderBy": "buildId"}
+    async with api_of(sharded) as api:
+        platform = receiver.script("/platform", *fails)
+        await ok(await api.post("/operator/callbacks", headers=OPERATOR,
+                                params={"url": platform, **order}))  # fmt: skip
+        for project in PROJECTS:
+            url = receiver.script(f"/{project}", *fails)
+            await ok(await api.post(f"/apigw/v4/projects/{project}/callbacks", headers=UID,
+                                    params={"url": url, **order}))  # fmt: skip
+    steps = range(4)
+    async with Producer(sharded) as producer:
+        await producer.emit_many(
+            [(p, "BUILD_END", {"buildId": "b", "step": s}) for s in steps for p in PROJECTS]
+        )
+    await drain(sharded)
+    for path in ["/platform", *(f"/{p}" for p in PROJECTS)]:
+        firsts: dict[str, list[int]] = {}
+        for seen, status in zip(receiver.requests(path), [500, 200] * len(fails), strict=False):
+            body = orjson.loads(seen.body)
+            mine = firsts.setdefault(body["projectId"], [])
+            if status == 200 and body["data"]["step"] not in mine:
+                mine.append(body["data"]["step"])
+        assert all(got == sorted(got) for got in firsts.values()), (path, firsts)
+        assert len(firsts) == (len(PROJECTS) if path == "/platform" else 1)
+        tried = {(orjson.loads(r.body)["projectId"], orjson.loads(r.body)["data"]["step"])
+                 for r in receiver.requests(path)}  # fmt: skip
+        assert len(tried) == len(firsts) * len(steps)  # every step was tried

@@ -1,0 +1,302 @@
+"""Ordered delivery: the deliveries of one lane start one after another, in event order.
+
+A callback registered with `orderBy` (see `registry.options`) has one *lane* per value of
+that path in its events' data, shared by the callbacks of the same URL, owner and path
+(one per event, as the batch route makes them), per emitting project (`keys.lane_id`). A
+lane is a sorted set of delivery ids scored by their event's number, which Redis gave the
+event when it queued it (`dispatcher.sequence`). Its lowest member, the *head*, is the one
+delivery of the lane that may be attempted; the others wait, their `deliver` jobs parked
+(stored, out of the queue). Three scripts keep it (`lane_scripts.py`):
+
+- enter, at fan-out, before any attempt (one call per chunk of the event's callbacks):
+  each ordered delivery joins its lane; a head is attempted at once, inside the fan-out,
+  as any delivery is; the others are parked. A head waits (its job due again shortly) while
+  an event of its project numbered lower may still add a delivery to a lane: one in the
+  project's *pending* set (its last chunk has not entered its lanes) still queued.
+- head, before a queued `deliver` job's attempt: a job that is no longer its lane's head
+  (a lower-numbered delivery joined after it was queued) is parked again; one whose
+  earlier events are still being fanned out waits shortly.
+- release, queued on the pipeline that writes the delivery's end (its SUCCESS record, its
+  final FAILED record, or its recorded drop), after them: the head leaves its lane, its job
+  ends, and the lane's next delivery is taken for this worker (leased as a claimed job,
+  queued under that lease) and answered with what its attempt needs; `landed` starts it at
+  once (`Adopt`: the worker loop runs it as one of its jobs). No claim and no read stand
+  between two deliveries of a lane. A crash cannot release a lane without its record; a
+  record written without its release (a crash mid-pipeline) is released again by the
+  job's next run, which finds the delivery done; a taken delivery whose worker died is
+  claimed again once its lease lapses.
+
+Retries and deferrals of the head hold its lane (its job waits in the queue as any other):
+the lane is then *blocked*, listed in `LANES_BLOCKED` by when, until the head ends. A
+delivery run twice (its worker killed mid-attempt) repeats the head of its lane, never a
+delivery behind it. An event whose data has no value at the path is delivered unordered,
+and its records say so (`orderNote`), as are events queued before the callback was ordered.
+Redeliveries of past records bypass lanes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from dispatcher.clock import now_ms
+from dispatcher.jobs import BadJob, DeliveryJob, decode, encode
+from dispatcher.keys import lane_id
+from dispatcher.registry.match import TARGET_FIELDS, CallbackTarget
+from dispatcher.registry.options import order_key
+from dispatcher.worker.lane_scripts import (
+    NEXT_TAG,
+    Release,
+    queue_enter,
+    queue_head,
+    queue_release,
+)
+
+if TYPE_CHECKING:
+    from redis.asyncio.client import Pipeline
+
+    from dispatcher.jobs import EventJob
+    from dispatcher.keys import Keys
+    from dispatcher.worker.writer import Then, Writer
+
+__all__ = ["Adopt", "Lanes", "Sending"]
+
+RECHECK_S = 0.05  # a head whose earlier events are still being fanned out: looked at again
+NO_KEY = "unordered: the event's data has no value at orderBy {path!r}"
+NOT_NUMBERED = "unordered: the event was queued before its callback was ordered"
+GONE = "callback deleted or disabled"
+_FIELDS = [name.encode() for name in TARGET_FIELDS]  # what a lane's next delivery needs
+
+Attempt = tuple[DeliveryJob, CallbackTarget, "Then"]
+Decrypt = Callable[[bytes | None], str]
+
+
+@dataclass(frozen=True, slots=True)
+class Adopt:
+    """How a worker runs a lane's next delivery that a release took for it: its lease
+    token, `spawn` (runs the work as one of its jobs, under that lease), `step_of` (the
+    job's next step: back to the queue for a retry)."""
+
+    token: str
+    spawn: Callable[[str, Callable[[], Awaitable[None]]], None]
+    step_of: Callable[[str], Then]
+
+
+@dataclass(frozen=True, slots=True)
+class Sending:
+    """What the lanes need of the delivery engine: its attempt, its recorded drop, and how
+    a callback's secrets are read."""
+
+    attempt: Callable[[DeliveryJob, CallbackTarget, int, Then], Awaitable[None]]
+    drop: Callable[[DeliveryJob, str, Then], Awaitable[None]]
+    decrypt: Decrypt
+
+
+class Lanes:
+    """The lanes of one shard, as one worker process keeps them (its writer writes)."""
+
+    def __init__(
+        self, keys: Keys, writer: Writer, sending: Sending, *, progress_ttl: int, lease_s: float
+    ) -> None:
+        self.keys = keys
+        self.writer = writer
+        self.sending = sending
+        self.progress_ttl = progress_ttl
+        self.lease_ms = int(lease_s * 1000)
+        self.adopt: Adopt | None = None  # set by the worker loop: next deliveries run at once
+        self.released = 0  # releases queued: the loop looks for a next head at once
+
+    def lane(self, job: DeliveryJob) -> str:
+        assert job.lane is not None
+        return self.keys.lane(job.lane)
+
+    # ---- at fan-out ----------------------------------------------------------------------
+
+    async def enter(
+        self,
+        event: EventJob,
+        pending: list[tuple[DeliveryJob, CallbackTarget]],
+        then_of: Callable[[DeliveryJob], Then],
+        *,
+        last: bool = True,
+    ) -> list[Attempt]:
+        """The first attempts of a fan-out's chunk to make now: every unordered delivery,
+        and each ordered one that heads its lane (the others are parked, in one write).
+        `last`: the event's last chunk (no more of its deliveries will join a lane)."""
+        now: list[Attempt] = []
+        ordered: list[tuple[DeliveryJob, CallbackTarget]] = []
+        for job, target in pending:
+            path = target.options.order_by
+            key = None if path is None else order_key(path, event.data)
+            if path is None:
+                now.append((job, target, then_of(job)))
+            elif key is None:
+                job = dataclasses.replace(job, order_note=NO_KEY.format(path=path))
+                now.append((job, target, then_of(job)))
+            else:
+                ordered.append((_in_lane(job, target, path, key), target))
+        if ordered:
+            now += await self._enter(event, ordered, then_of, last)
+        return now
+
+    async def _enter(
+        self,
+        event: EventJob,
+        ordered: list[tuple[DeliveryJob, CallbackTarget]],
+        then_of: Callable[[DeliveryJob], Then],
+        last: bool,
+    ) -> list[Attempt]:
+        stamp = now_ms()
+        lanes = [self.lane(job) for job, _ in ordered]
+        parked = [(job.job_id, encode(job, stamp)) for job, _ in ordered]
+        (answer,) = await self.writer.commit(
+            lambda pipe: queue_enter(
+                pipe,
+                self.keys,
+                project_id=event.project_id,
+                event_job_id=event.job_id,
+                lanes=lanes,
+                parked=parked,
+                progress_ttl=self.progress_ttl,
+                now_ms=stamp,
+                recheck_ms=stamp + int(RECHECK_S * 1000),
+                last=last,
+            )
+        )
+        if answer is None:  # queued before the callback was ordered: no number
+            return [
+                (note, target, then_of(note))
+                for job, target in ordered
+                for note in [
+                    dataclasses.replace(job, order_key=None, lane=None, order_note=NOT_NUMBERED)
+                ]
+            ]
+        *verdicts, woken = answer
+        if woken:  # heads that waited for this event are due now: the loop claims them
+            self.released += 1
+        return [
+            (job, target, self.releasing(job, then_of(job), then_at_end=True))
+            for (job, target), verdict in zip(ordered, verdicts, strict=True)
+            if verdict == 1
+        ]
+
+    def ended_before(
+        self,
+        event: EventJob,
+        pending: list[tuple[DeliveryJob, CallbackTarget]],
+        marks: list[bytes | None],
+    ) -> None:
+        """A fan-out run again: the ordered deliveries that ended in the run before (their
+        progress done) release their lanes again, in case that run wrote their records but
+        not their releases (it died mid-pipeline)."""
+        for (job, target), mark in zip(pending, marks, strict=True):
+            path = target.options.order_by
+            key = None if path is None or mark != b"done" else order_key(path, event.data)
+            if path is not None and key is not None:
+                self.writer.submit(self._releaser(_in_lane(job, target, path, key)))
+
+    def _releaser(self, job: DeliveryJob) -> Callable[[Pipeline], None]:
+        return lambda pipe: self.release(pipe, job, take=False)
+
+    # ---- a queued delivery's turn ----------------------------------------------------------
+
+    async def claimed(self, job: DeliveryJob, then: Then) -> Then | None:
+        """Before a `deliver` job's attempt: its next step, releasing its lane when it ends;
+        None when it is not its turn (it was parked, or waits shortly: `then` queued)."""
+        lane, project = self.lane(job), job.emitter or job.project_id
+        job_id = job.job_id
+
+        def head(pipe: Pipeline) -> None:
+            queue_head(pipe, self.keys, lane=lane, project_id=project, job_id=job_id)
+
+        (verdict,) = await self.writer.commit(head)
+        if verdict == 0:
+            return None
+        if verdict == 2:
+            await self.writer.commit(lambda pipe: then(pipe, RECHECK_S))
+            return None
+        return self.releasing(job, then)
+
+    # ---- a delivery's end ------------------------------------------------------------------
+
+    def releasing(self, job: DeliveryJob, then: Then, *, then_at_end: bool = False) -> Then:
+        """The step after an ordered delivery's attempt: when it ended, its lane's release
+        (queued after its record; it ends the delivery's job too, so `then` follows only
+        with `then_at_end`: a fan-out's attempt, whose `then` may end the fan-out's job),
+        else `then` (a retry, a deferral), which marks the lane blocked."""
+        lane = self.lane(job)
+
+        def step(pipe: Pipeline, delay: float | None) -> None:
+            if delay is None:
+                self.release(pipe, job, take=True)
+                if then_at_end:
+                    then(pipe, None)
+            else:
+                pipe.zadd(self.keys.LANES_BLOCKED, {lane: now_ms()}, nx=True)
+                then(pipe, delay)
+
+        return step
+
+    def release(self, pipe: Pipeline, job: DeliveryJob, *, take: bool) -> None:
+        """Queue the end of `job`'s turn in its lane; `take`: the next one is this worker's
+        (see `landed`)."""
+        self.released += 1
+        stamp = now_ms()
+        release = Release(
+            lane=self.lane(job),
+            project_id=job.emitter or job.project_id,
+            delivery_id=job.job_id,
+            token=self.adopt.token if take and self.adopt is not None else "",
+            lease_ms=self.lease_ms,
+            now_ms=stamp,
+            recheck_ms=stamp + int(RECHECK_S * 1000),
+        )
+        queue_release(pipe, self.keys, release)
+
+    def landed(self, answer: list[Any]) -> None:
+        """After a write: each next delivery a release in it took starts now."""
+        for item in answer:
+            if isinstance(item, list) and item and item[0] == NEXT_TAG:
+                self._take(item)
+
+    def _take(self, taken: list[Any]) -> None:
+        _, job_id, raw, progress, pairs, failing = taken
+        adopt = self.adopt
+        try:
+            job = DeliveryJob.from_wire(decode(raw).payload, job_id.decode())
+        except BadJob:  # left to its lease: claimed again, it is recorded as poison
+            return
+        if adopt is None:
+            return
+        row = dict(zip(pairs[::2], pairs[1::2], strict=True))  # the callback's hash
+        fields = [row.get(name) for name in _FIELDS]
+        target = None
+        if fields[0] is not None and fields[1] == b"1":
+            target = CallbackTarget.from_fields(
+                job.callback_id,
+                fields,
+                self.sending.decrypt,
+                failing=bool(failing),
+                owner=row[b"projectId"].decode(),
+            )
+        then = self.releasing(job, adopt.step_of(job.job_id))
+
+        async def work() -> None:
+            if progress == b"done":  # it ended, its release was lost (a crash mid-write)
+                self.landed(await self.writer.commit(lambda pipe: then(pipe, None)))
+            elif target is None:
+                await self.sending.drop(job, GONE, then)
+            else:
+                await self.sending.attempt(job, target, int(progress or 0) + 1, then)
+
+        adopt.spawn(job.job_id, work)
+
+
+def _in_lane(job: DeliveryJob, target: CallbackTarget, path: str, key: str) -> DeliveryJob:
+    """`job` in its lane: the deliveries to its callback's URL (every event it is
+    registered for there with the same `orderBy`) of its project's events with `key`."""
+    project = job.emitter or job.project_id
+    lane = lane_id(target.project_id, target.url, path, project, key)
+    return dataclasses.replace(job, order_key=key, lane=lane)

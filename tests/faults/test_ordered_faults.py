@@ -1,0 +1,125 @@
+"""Ordered delivery under faults, on real processes: many builds, each emitting its steps in
+order, interleaved with the other builds'; a receiver that fails every delivery's first
+attempt and answers after a random delay; two workers, each SIGKILLed once and replaced,
+and Redis SIGKILLed and restarted (AOF `always`) while events are emitted. Two callbacks
+get the same events: one `orderBy=buildId`, one unordered. On the ordered one, each build's
+first successful arrivals are in emit order; on the unordered one the same check fails
+(so it can); on both nothing is lost."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import orjson
+import pytest
+from aiohttp import web
+
+from dispatcher.connections import connect
+from dispatcher.keys import Keys
+from dispatcher.models import Event, Region
+from dispatcher.producer import Producer
+from dispatcher.registry import Options, Registry
+from tests.faults.chaos import Answer, FlakyReceiver, all_records, judge, serving
+from tests.faults.test_chaos import PROJECT, fleet, quiesce
+from tests.helpers import make_settings
+
+keys = Keys()
+
+pytestmark = pytest.mark.timeout(120)
+
+BUILDS, STEPS = 24, 8
+ENV = {
+    "DISPATCHER_LEASE_SECONDS": "2",
+    "DISPATCHER_CIRCUIT_THRESHOLD": "100000",  # the receiver fails half the attempts
+    "DISPATCHER_RETRY_SCHEDULE": "[0.1, 0.2, 0.3, 0.5]",
+}
+
+
+@dataclass
+class FirstFails(FlakyReceiver):
+    """Answers 500 to the first request of every delivery, 200 to the next ones, each after
+    0 to `max_delay` seconds; keeps the successful requests' (path, build, step) in the
+    order they arrived."""
+
+    tried: set[str] = field(default_factory=set)
+    arrivals: list[tuple[str, str, int]] = field(default_factory=list)
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        arrived = _ms()
+        data = orjson.loads(await request.read())["data"]
+        delivery_id = request.headers["X-DEVOPS-DELIVERY-ID"]
+        status = 200 if delivery_id in self.tried else 500
+        self.tried.add(delivery_id)
+        if status == 200:
+            self.arrivals.append((request.path, data["buildId"], data["step"]))
+        await asyncio.sleep(self.rng.uniform(0, self.max_delay))
+        self.answers.append(Answer(delivery_id, arrived, _ms(), status))
+        return web.Response(status=status)
+
+    def out_of_order(self, path: str) -> list[str]:
+        """Builds whose first successful arrivals at `path` are not in emit order."""
+        firsts: dict[str, list[int]] = {}
+        for where, build, step in self.arrivals:
+            steps = firsts.setdefault(build, [])
+            if where == path and step not in steps:
+                steps.append(step)
+        return sorted(build for build, steps in firsts.items() if steps != sorted(steps))
+
+
+def _ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+async def test_each_build_arrives_in_order_through_kills_and_a_redis_restart(
+    tmp_path: Path,
+) -> None:
+    receiver = FirstFails(max_delay=0.03, seed=21)
+    async with serving(receiver), fleet(tmp_path, 2, **ENV) as crew:
+        settings = make_settings(crew.url, emit_wait=15)
+        redis = connect(settings)
+        try:
+            registry = Registry(redis)
+            ordered, _ = await registry.create(
+                PROJECT, receiver.url("/ordered"), Event.BUILD_END, Region.DEVNET,
+                options=Options(order_by="buildId"),
+            )  # fmt: skip
+            plain, _ = await registry.create(
+                PROJECT, receiver.url("/plain"), Event.BUILD_END, Region.DEVNET
+            )
+            await crew.ready(redis)
+            events = [(step, build) for step in range(STEPS) for build in range(BUILDS)]
+            faults = {
+                2 * BUILDS: lambda: crew.kill_worker(0),
+                4 * BUILDS: lambda: crew.restart_redis(signal.SIGKILL, 0.5),
+                6 * BUILDS: lambda: crew.kill_worker(0),
+            }
+            async with Producer(settings) as producer:
+                for start in range(0, len(events), BUILDS // 2):
+                    if start in faults:
+                        await asyncio.to_thread(faults[start])
+                    batch = events[start : start + BUILDS // 2]
+                    await producer.emit_many([
+                        (PROJECT, "BUILD_END", {"buildId": f"b{b}", "step": s}, f"e{s}-{b}")
+                        for s, b in batch
+                    ])  # fmt: skip
+                    await asyncio.sleep(0.05)
+            await quiesce(redis, settings, within=30)
+            assert all(crew.alive()), "a worker died"
+            for path, callback in (("/ordered", ordered), ("/plain", plain)):
+                expected = {f"{PROJECT}:e{s}-{b}.{callback}" for s, b in events}
+                url = receiver.url(path)
+                records = await all_records(redis, settings, PROJECT, url, "BUILD_END")
+                mine = [a for a in receiver.answers if a.delivery_id.endswith(f".{callback}")]
+                answered = FlakyReceiver(answers=mine)  # what this callback's receiver saw
+                verdict = await judge(redis, records, expected, answered, settings)
+                verdict.assert_nothing_lost()
+            assert receiver.out_of_order("/ordered") == []
+            # the same events, unordered: the check above can fail
+            assert receiver.out_of_order("/plain") != []
+            assert not await redis.keys(f"{keys.LANE_PREFIX}*"), "a lane was left behind"
+        finally:
+            await redis.aclose()

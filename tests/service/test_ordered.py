@@ -1,0 +1,303 @@
+"""Ordered delivery (`orderBy`) over the real app, a real Redis, real burst workers and a
+real receiver: the parameter on every registration path and its 400s, a lane held by a
+retrying head then skipped once its retries are spent, lanes independent of each other,
+an event without the key delivered unordered (its record says so), a redelivery outside
+the lanes, and a blocked lane in the status views and metrics. (Many builds under worker
+SIGKILLs and a Redis restart: tests/faults/test_ordered_faults.py.)"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+import redis as redis_py
+from aiohttp import web
+from redis.asyncio import Redis
+from typer.testing import CliRunner
+
+from dispatcher.cli import app
+from dispatcher.embedded import EmbeddedRedis
+from dispatcher.keys import Keys, lane_id
+from dispatcher.models import HistoryRecord
+from dispatcher.producer import Producer
+from dispatcher.registry.options import order_key
+from dispatcher.settings import Settings
+from dispatcher.shards import views
+from dispatcher.shards.router import Router
+from tests.helpers import (
+    Handler,
+    Receiver,
+    RunWorker,
+    all_records,
+    answer,
+    app_client,
+    make_settings,
+)
+from tests.service.test_console import token_of
+from tests.service.test_receiver_controls import (
+    ALICE,
+    CALLBACKS,
+    OPERATOR,
+    Query,
+    ok,
+    params,
+    refused,
+)
+
+keys = Keys()
+
+
+@pytest.fixture
+async def op_api(redis_server: EmbeddedRedis, redis: Redis) -> AsyncIterator[httpx.AsyncClient]:
+    settings = make_settings(redis_server.url, operator_token="op-secret")
+    async with app_client(settings, redis) as client:
+        yield client
+
+
+def numbers(receiver: Receiver, path: str = "/hook") -> list[tuple[str, int]]:
+    """(build, step) of each request the receiver got, in arrival order."""
+    bodies = [orjson.loads(seen.body)["data"] for seen in receiver.requests(path)]
+    return [(data.get("buildId", ""), data["step"]) for data in bodies]
+
+
+async def records(redis: Redis, settings: Settings, url: str) -> list[HistoryRecord]:
+    """Every record of `url`, oldest first."""
+    found: list[HistoryRecord] = await all_records(redis, settings, url)
+    return found
+
+
+def fail_build_start(build: str) -> Handler:
+    """A receiver that answers 500 to `build`'s step 0, 200 to everything else."""
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        data = orjson.loads(await request.read())["data"]
+        failing = data.get("buildId") == build and data["step"] == 0
+        return web.Response(status=500 if failing else 200)
+
+    return handler
+
+
+def test_order_key_reads_dotted_paths_and_scalars_only() -> None:
+    data: dict[str, Any] = {"buildId": "b-1", "build": {"id": 7, "ok": True}, "none": None}
+    assert order_key("buildId", data) == "b-1"
+    assert order_key("build.id", data) == "7"
+    assert order_key("build.ok", data) == "true"
+    assert order_key("*", data) == ""
+    for missing in ("none", "build", "nope", "buildId.x", "build.id.x"):
+        assert order_key(missing, data) is None
+
+
+async def test_every_registration_path_takes_lists_and_checks_order_by(
+    op_api: httpx.AsyncClient,
+) -> None:
+    url = "http://127.0.0.1:9/h"
+    paths = [
+        (CALLBACKS, ALICE),
+        (f"{CALLBACKS}/batch", ALICE),
+        ("/apigw/v4/projects/demo/pipelines/p1/callbacks", ALICE),
+        ("/operator/callbacks", OPERATOR),
+        ("/operator/callbacks/batch", OPERATOR),
+    ]
+    for n, (path, who) in enumerate(paths):
+        order: Query = {"orderBy": "build.id" if n % 2 else "*"}
+        await ok(await op_api.post(path, params={**params(f"{url}{n}"), **order}, headers=who))
+    listed = await ok(await op_api.get(CALLBACKS, headers=ALICE))
+    platform = await ok(await op_api.get("/operator/callbacks", headers=OPERATOR))
+    shown = sorted(cb["orderBy"] for cb in listed["records"] + platform["records"])
+    assert shown == ["*", "*", "*", "build.id", "build.id"]
+    page = (await op_api.get("/console/projects/demo")).text
+    assert "ordered by <code>build.id</code>" in page
+    for bad in ("", "x" * 129, "build..id", "data[0]", "1st", "build id", "**"):
+        for path, who in paths:
+            message = await refused(
+                await op_api.post(path, params={**params(url), "orderBy": bad}, headers=who),
+                "orderBy",
+            )
+            assert "orderBy" in message
+
+
+async def test_a_lane_waits_for_its_retrying_head_then_skips_it_and_others_go_on(
+    api: httpx.AsyncClient,
+    redis: Redis,
+    settings: Settings,
+    receiver: Receiver,
+    run_worker: RunWorker,
+) -> None:
+    # b-1's first event fails for good (4 attempts: 500s), b-2's events all succeed
+    url = receiver.script("/hook", fail_build_start("b-1"))
+    await ok(await api.post(CALLBACKS, params=params(url, orderBy="buildId"), headers=ALICE))
+    events = [
+        ("demo", "BUILD_END", {"buildId": f"b-{b}", "step": s}) for s in range(3) for b in (1, 2)
+    ]
+    await Producer(settings, redis).emit_many(events)
+    await run_worker()
+    seen = numbers(receiver)
+    b1 = [step for build, step in seen if build == "b-1"]
+    b2 = [step for build, step in seen if build == "b-2"]
+    assert b1 == [0, 0, 0, 0, 1, 2]  # the head's retries held the lane, then it was skipped
+    assert b2 == [0, 1, 2]
+    # b-2 did not wait for b-1's retries: all of it arrived before b-1's step 1
+    assert seen.index(("b-2", 2)) < seen.index(("b-1", 1))
+    found = await records(redis, settings, url)
+    assert {r.order_key for r in found} == {"b-1", "b-2"}
+    assert sum(1 for r in found if r.final and r.status.value == "FAILED") == 1
+    assert not await redis.keys(f"{keys.LANE_PREFIX}*")  # every lane emptied
+    assert not await redis.zcard(keys.LANES_BLOCKED)
+
+
+async def test_an_event_without_the_key_goes_unordered_and_says_so(
+    api: httpx.AsyncClient,
+    redis: Redis,
+    settings: Settings,
+    receiver: Receiver,
+    run_worker: RunWorker,
+) -> None:
+    url = receiver.url("/hook")
+    await ok(await api.post(CALLBACKS, params=params(url, orderBy="build.id"), headers=ALICE))
+    await Producer(settings, redis).emit("demo", "BUILD_END", {"step": 0})
+    await run_worker()
+    (record,) = await records(redis, settings, url)
+    assert record.order_key is None
+    assert record.order_note is not None and "build.id" in record.order_note
+    assert record.status.value == "SUCCESS"
+
+
+async def test_a_redelivery_bypasses_the_lane(
+    api: httpx.AsyncClient,
+    redis: Redis,
+    settings: Settings,
+    receiver: Receiver,
+    run_worker: RunWorker,
+) -> None:
+    url = receiver.url("/hook")
+    await ok(await api.post(CALLBACKS, params=params(url, orderBy="*"), headers=ALICE))
+    await Producer(settings, redis).emit("demo", "BUILD_END", {"buildId": "b", "step": 0})
+    await run_worker()
+    (first,) = await records(redis, settings, url)
+    assert first.order_key == ""
+    # a head that holds the lane (its retries pending) does not hold back a redelivery
+    receiver.script("/hook", answer(500), answer(200))
+    await Producer(settings, redis).emit("demo", "BUILD_END", {"buildId": "b", "step": 1})
+    worker: asyncio.Future[Any] = asyncio.ensure_future(run_worker())
+    await receiver.wait_for(2)
+    retry = f"/apigw/v4/projects/demo/callbacks/history/{first.id}/retry"
+    await ok(await api.post(retry, headers=ALICE))
+    await worker
+    await run_worker()
+    assert sorted(numbers(receiver)) == [("b", 0), ("b", 0), ("b", 1), ("b", 1)]
+    redelivered = [r for r in await records(redis, settings, url) if r.redelivery_of]
+    assert len(redelivered) == 1 and redelivered[0].order_key is None
+
+
+async def test_a_blocked_lane_shows_in_status_metrics_and_the_console(
+    api: httpx.AsyncClient,
+    redis: Redis,
+    redis_server: EmbeddedRedis,
+    receiver: Receiver,
+    run_worker: RunWorker,
+) -> None:
+    slow = make_settings(redis_server.url, retry_schedule=(60.0,))  # the retry is far off
+    url = receiver.script("/hook", answer(503), answer(200))
+    await ok(await api.post(CALLBACKS, params=params(url, orderBy="buildId"), headers=ALICE))
+    producer = Producer(slow, redis)
+    await producer.emit_many(
+        [("demo", "BUILD_END", {"buildId": "b-9", "step": s}, f"e{s}") for s in range(3)]
+    )
+    await run_worker(slow, max_burst_jobs=3)  # the three fan-outs only
+    assert numbers(receiver) == [("b-9", 0)]  # the head's 503; nothing overtook it
+    async with Router.open(slow, redis) as router:
+        status = await views.status(router)
+    assert status.lanes.blocked == 1
+    (lane,) = status.lanes.shown
+    assert (lane.project_id, lane.key, lane.head, lane.waiting) == ("demo", "b-9", "demo:e0.1", 2)
+    metrics = (await api.get("/metrics")).text
+    assert "dispatcher_lanes_blocked 1.0" in metrics
+    page = (await api.get("/console/status")).text
+    assert "Blocked ordered lanes" in page and "demo:e0.1" in page
+    # the names the scripts wrote are the ones keys.py gives
+    stored = keys.lane(lane_id("demo", url, "buildId", "demo", "b-9"))
+    assert await redis.zrange(stored, 0, -1) == [b"demo:e0.1", b"demo:e1.1", b"demo:e2.1"]
+    assert await redis.exists(keys.lanes_ordered("demo"), keys.lanes_seq("demo")) == 2
+
+
+async def test_one_lane_holds_every_event_a_url_is_ordered_for(
+    api: httpx.AsyncClient,
+    redis: Redis,
+    settings: Settings,
+    receiver: Receiver,
+    run_worker: RunWorker,
+) -> None:
+    # a build's start and end, registered on the batch route: one callback per event, one
+    # lane per build for the URL; the start's first attempt fails, the end waits for it
+    url = receiver.script("/hook", answer(500), answer(200))
+    registered = params(url, "BUILD_START,BUILD_END", orderBy="buildId")
+    await ok(await api.post(f"{CALLBACKS}/batch", params=registered, headers=ALICE))
+    await Producer(settings, redis).emit_many(
+        [("demo", event, {"buildId": "b-3", "step": n}) for n, event in
+         enumerate(["BUILD_START", "BUILD_END"])]
+    )  # fmt: skip
+    await run_worker()
+    arrived = [orjson.loads(seen.body)["event"] for seen in receiver.requests()]
+    assert arrived == ["BUILD_START", "BUILD_START", "BUILD_END"]
+
+
+async def test_the_console_form_registers_order_by(api: httpx.AsyncClient) -> None:
+    page = await api.get("/console/projects/demo")
+    form = {"csrf_token": token_of(page.text), "url": "http://127.0.0.1:9/c",
+            "event": "BUILD_END", "region": "DEVNET", "orderBy": "build.id"}  # fmt: skip
+    done = await api.post("/console/projects/demo/callbacks", data=form)
+    assert done.status_code == 303, done.text
+    refused_page = await api.post(
+        "/console/projects/demo/callbacks", data={**form, "orderBy": "a b"}
+    )
+    assert refused_page.status_code == 400 and "orderBy" in refused_page.text
+    (cb,) = (await ok(await api.get(CALLBACKS, headers=ALICE)))["records"]
+    assert cb["orderBy"] == "build.id"
+
+
+def test_the_cli_registers_and_lists_order_by(
+    redis_server: EmbeddedRedis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    client = redis_py.Redis.from_url(redis_server.url)
+    client.flushdb()
+    client.close()
+    monkeypatch.setenv("DISPATCHER_REDIS_URL", redis_server.url)
+    monkeypatch.setenv("DISPATCHER_ALLOW_INTERNAL_REGIONS", '["DEVNET"]')
+    monkeypatch.setenv("COLUMNS", "400")  # rich's table, not cut
+    cli = CliRunner()
+    add = ["callbacks", "add", "--project", "demo", "--url", "http://127.0.0.1:9/cli",
+           "--event", "BUILD_END", "--region", "DEVNET", "--order-by"]  # fmt: skip
+    added = cli.invoke(app, [*add, "build.id"])
+    assert added.exit_code == 0, added.output
+    bad = cli.invoke(app, [*add, ""])
+    assert bad.exit_code == 1 and "orderBy" in bad.output
+    shown = cli.invoke(app, ["callbacks", "list", "--project", "demo"]).output
+    assert "ordered by build.id" in shown
+
+
+async def test_a_head_dropped_for_claims_releases_its_lane(
+    api: httpx.AsyncClient,
+    redis: Redis,
+    redis_server: EmbeddedRedis,
+    receiver: Receiver,
+    run_worker: RunWorker,
+) -> None:
+    slow = make_settings(redis_server.url, retry_schedule=(60.0,))
+    url = receiver.script("/hook", fail_build_start("b"))
+    await ok(await api.post(CALLBACKS, params=params(url, orderBy="buildId"), headers=ALICE))
+    await Producer(slow, redis).emit_many(
+        [("demo", "BUILD_END", {"buildId": "b", "step": s}, f"e{s}") for s in range(2)]
+    )
+    await run_worker(slow, max_burst_jobs=2)  # the head failed once, step 1 waits behind it
+    head = "demo:e0.1"
+    await redis.zadd(slow.queue_name, {head: 0})  # due now, and claimed once too often
+    await redis.set(keys.ARQ_RETRY_PREFIX + head, 25)
+    await run_worker(slow)
+    drops = [orjson.loads(e) for e in await redis.lrange(keys.DROPPED, 0, -1)]  # type: ignore[misc]
+    assert [d["deliveryId"] for d in drops] == [head]
+    assert numbers(receiver) == [("b", 0), ("b", 1)]  # the head's 500, then step 1
+    assert not await redis.keys(f"{keys.LANE_PREFIX}*")
