@@ -98,11 +98,13 @@ class CallbackTarget:
         values: Sequence[bytes | None],
         decrypt: Decrypt,
         *,
+        failing: bool | None = None,
         owner: str = "",
     ) -> CallbackTarget:
         """The target from the values of `TARGET_FIELDS`, secrets decrypted; the previous
-        token only while its overlap lasts."""
-        url, _, failing, region, token, name, value, previous, until, *options = values
+        token only while its overlap lasts. Failures on record: `failing` when given (a
+        lane's release looks at the health hash), else the hash's mark."""
+        url, _, mark, region, token, name, value, previous, until, *options = values
         overlapping = bool(previous) and int(until or 0) > now_ms()
         secret, header, problem = read_secrets(decrypt, token, name, value)
         old, _, old_problem = read_secrets(decrypt, previous if overlapping else None, None, None)
@@ -111,7 +113,7 @@ class CallbackTarget:
             (url or b"").decode(),
             Region((region or b"").decode()),
             secret,
-            failing != b"0",
+            mark != b"0" if failing is None else failing,
             owner,
             header,
             problem or old_problem,
