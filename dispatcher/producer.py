@@ -21,10 +21,10 @@ from dispatcher.errors import InvalidInput, NotReplicated, Unavailable
 from dispatcher.jobs import DeliveryJob, EventJob, Job, Queue, new_event_id
 from dispatcher.keys import Keys
 from dispatcher.models import EVENT_ID, PLATFORM_PROJECT, check_project_id, parse_event
+from dispatcher.placement import Placement, kept_fresh
 from dispatcher.replication import Replication, run_replicated
-from dispatcher.shards.placement import Placement, kept_fresh
-from dispatcher.shards.shard import Shard
-from dispatcher.shards.topology import close_all, connect_shards, shards_of
+from dispatcher.shard import Shard
+from dispatcher.topology import close_all, connect_shards, shards_of
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis

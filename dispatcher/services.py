@@ -25,7 +25,7 @@ from dispatcher.jobs import Queue
 from dispatcher.models import Region, parse_event, parse_status
 from dispatcher.producer import Producer
 from dispatcher.registry import Options, Registry, validate_url
-from dispatcher.shards.shard import Shard
+from dispatcher.shard import Shard
 from dispatcher.status import read_status
 
 if TYPE_CHECKING:

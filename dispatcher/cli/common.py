@@ -19,7 +19,7 @@ from dispatcher.history import format_ms
 from dispatcher.models import HistoryRecord
 from dispatcher.settings import EMBEDDED, Settings
 from dispatcher.shards.router import Router
-from dispatcher.shards.topology import check_shards
+from dispatcher.topology import check_shards
 
 __all__ = [
     "CLI_USER",

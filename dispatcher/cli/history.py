@@ -25,7 +25,7 @@ from dispatcher.history.schema import MIGRATIONS, schema_version, upgrade
 from dispatcher.history.shipper import Shipper
 from dispatcher.settings import Settings
 from dispatcher.shards import views
-from dispatcher.shards.topology import close_all, connect_shards, shards_of
+from dispatcher.topology import close_all, connect_shards, shards_of
 
 __all__ = ["db_app", "history_app", "upgrade_schema"]
 

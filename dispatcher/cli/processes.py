@@ -25,7 +25,7 @@ from dispatcher.cli.common import (
 from dispatcher.connections import REDIS_ERRORS, shown
 from dispatcher.embedded import EmbeddedRedis
 from dispatcher.settings import EMBEDDED, Settings
-from dispatcher.shards.topology import shards_of
+from dispatcher.topology import shards_of
 
 
 def _listen(host: str | None, port: int | None) -> dict[str, Any]:

@@ -32,7 +32,7 @@ ID_BLOCK = 1000
 ID_GAP = 100_000_000
 
 # KEYS: the counter, the server that handed out the last block. ARGV: block size, gap, the
-# first id of the shard's range (see `shards/shard.py`). Returns the block's last id. A
+# first id of the shard's range (see `dispatcher/shard.py`). Returns the block's last id. A
 # counter that was never used needs no gap (a fresh Redis).
 _BLOCK = Lua("""
 if tonumber(redis.call('GET', KEYS[1]) or '0') < tonumber(ARGV[3]) then

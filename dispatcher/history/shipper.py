@@ -38,7 +38,7 @@ from dispatcher.history import database
 from dispatcher.history.loader import Loader, Pair, Row, parse_row
 from dispatcher.history.schema import DAY_MS
 from dispatcher.lua import Lua
-from dispatcher.shards.shard import ID_SPAN, Shard
+from dispatcher.shard import ID_SPAN, Shard
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis

@@ -12,7 +12,7 @@ __all__ = ["DELETE", "DISABLE", "MATCH", "PUT", "ROTATE", "SET_ENABLED", "UPGRAD
 # zsets the callback joins when created (its project's; its pipeline's too).
 # ARGV: upsert field, now, callback prefix, health prefix, filter errors prefix, the number
 # n of field/value pairs written only when the callback is created, the first id of the
-# shard's range (see `shards/shard.py`), those n pairs, then the pairs written by every
+# shard's range (see `dispatcher/shard.py`), those n pairs, then the pairs written by every
 # registration (see `store.Upsert.argv`). Re-enables the callback
 # and clears its failure count (and its `failing` mark) and filter errors. Returns {id, 1
 # when created}.

@@ -37,8 +37,8 @@ from dispatcher.history.redis import RedisHistory
 from dispatcher.jobs import FAN_OUT, BadJob, decode
 from dispatcher.lua import Key, Script, run_pipeline
 from dispatcher.models import PLATFORM_PROJECT
+from dispatcher.placement import Placed, rendezvous
 from dispatcher.registry.copies import callback_ids, put_rows, read_rows
-from dispatcher.shards.placement import Placed, rendezvous
 from dispatcher.worker.claims import Claims
 
 if TYPE_CHECKING:

@@ -16,11 +16,11 @@ from typing import TYPE_CHECKING, TypeVar
 from dispatcher.auth import ALL_PROJECTS
 from dispatcher.errors import NotFound, Unavailable
 from dispatcher.models import PLATFORM_PROJECT
+from dispatcher.placement import Placement, kept_fresh
 from dispatcher.services import Services
-from dispatcher.shards.placement import Placement, kept_fresh
+from dispatcher.shard import Shard
 from dispatcher.shards.platform import PlatformCallbacks
-from dispatcher.shards.shard import Shard
-from dispatcher.shards.topology import close_all, connect_shards, shards_of
+from dispatcher.topology import close_all, connect_shards, shards_of
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Awaitable, Callable

@@ -43,8 +43,8 @@ from dispatcher.connections import REDIS_ERRORS, redis_full
 from dispatcher.errors import describe
 from dispatcher.jobs import FAN_OUT, BadJob, DeliveryJob, EventJob, decode
 from dispatcher.services import Services
-from dispatcher.shards.shard import Shard
-from dispatcher.shards.topology import close_all, connect_shards, shards_of
+from dispatcher.shard import Shard
+from dispatcher.topology import close_all, connect_shards, shards_of
 from dispatcher.worker.duties import Counts, Duties, every
 from dispatcher.worker.lanes import Adopt
 from dispatcher.worker.served import Served, given_shards

@@ -14,10 +14,10 @@ from dispatcher.clock import now_ms
 from dispatcher.embedded import EmbeddedRedis
 from dispatcher.errors import Unavailable
 from dispatcher.models import Region
+from dispatcher.placement import rendezvous
 from dispatcher.producer import Producer
 from dispatcher.settings import Settings
 from dispatcher.shards.move import Mover
-from dispatcher.shards.placement import rendezvous
 from dispatcher.shards.router import Router
 from dispatcher.worker import create_worker
 from tests.helpers import Receiver, make_settings, until

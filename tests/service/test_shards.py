@@ -21,10 +21,10 @@ from dispatcher.history.shipper import Shipper
 from dispatcher.models import PLATFORM_PROJECT, DeliveryStatus, Region
 from dispatcher.producer import Producer
 from dispatcher.settings import Settings
+from dispatcher.shard import ID_SPAN
 from dispatcher.shards import views
 from dispatcher.shards.router import Router
-from dispatcher.shards.shard import ID_SPAN
-from dispatcher.shards.topology import check_shards
+from dispatcher.topology import check_shards
 from dispatcher.worker import create_worker
 from tests.cluster import LocalCluster, grown
 from tests.helpers import UID, Receiver, answer, make_settings

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from dispatcher.cli import app
 from dispatcher.embedded import EmbeddedRedis
 from dispatcher.keys import Keys
-from dispatcher.shards.placement import rendezvous
+from dispatcher.placement import rendezvous
 
 KEYS = Keys()
 

@@ -6,8 +6,8 @@ import pytest
 from redis.crc import key_slot
 
 from dispatcher.keys import Keys, cluster_tag, target_slot
-from dispatcher.shards.placement import Placed, Placement, rendezvous
-from dispatcher.shards.shard import ID_SPAN, Shard
+from dispatcher.placement import Placed, Placement, rendezvous
+from dispatcher.shard import ID_SPAN, Shard
 
 PROJECTS = [f"project-{n}" for n in range(3000)]
 

@@ -18,8 +18,8 @@ from dispatcher.connections import REDIS_ERRORS, connect, preflight, require_url
 from dispatcher.errors import InvalidSetting
 from dispatcher.keys import Keys
 from dispatcher.lua import Key, Script
-from dispatcher.shards.placement import Placement
-from dispatcher.shards.shard import Shard
+from dispatcher.placement import Placement
+from dispatcher.shard import Shard
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
