@@ -31,7 +31,8 @@ log = structlog.get_logger("dispatcher.health")
 # KEYS: health hash, failing zset, callback hash, disabled zset. ARGV: now ms, last error,
 # callback id, the failed attempt's record id ('' when none), failures and milliseconds
 # past which the callback is disabled (both), match prefix, key separator. Counting the
-# same record twice counts it once. Returns {failures, since ms, the reason when this call
+# same record twice counts it once; the callback's hash is marked `failing` (the match
+# reads the mark, see `match.TARGET_FIELDS`). Returns {failures, since ms, the reason when this call
 # disabled the callback}.
 _FAILED = Lua(
     DISABLE
@@ -41,6 +42,7 @@ if ARGV[4] ~= '' and redis.call('HGET', KEYS[1], 'lastRecord') == ARGV[4] then
   return {tonumber(row[1]), tonumber(row[2])}
 end
 local n = redis.call('HINCRBY', KEYS[1], 'failures', 1)
+if redis.call('EXISTS', KEYS[3]) == 1 then redis.call('HSET', KEYS[3], 'failing', '1') end
 redis.call('HSETNX', KEYS[1], 'since', ARGV[1])
 redis.call('HSET', KEYS[1], 'lastError', ARGV[2], 'lastRecord', ARGV[4])
 local since = tonumber(redis.call('HGET', KEYS[1], 'since'))
@@ -54,6 +56,15 @@ if disable(KEYS[3], KEYS[4], reason, ARGV[1], ARGV[7], ARGV[8]) == 0 then return
 return {n, since, reason}
 """
 )
+
+# KEYS: health hash, failing zset, callback hash. ARGV: callback id. The reset after a
+# success: no failures on record, and the callback's hash says so (unless it is gone).
+_SUCCEEDED = Lua("""
+redis.call('DEL', KEYS[1])
+redis.call('ZREM', KEYS[2], ARGV[1])
+if redis.call('EXISTS', KEYS[3]) == 1 then redis.call('HSET', KEYS[3], 'failing', '0') end
+return 1
+""")
 
 # KEYS: failing zset. ARGV: health prefix, limit. Returns {id, failures, since, last error}
 # rows, oldest failure first.
@@ -89,8 +100,10 @@ class Health:
 
     def succeeded(self, pipe: Pipeline, callback_id: int) -> None:
         """Queue the reset on the caller's pipeline (no extra round trip)."""
-        pipe.delete(self.keys.health(callback_id))
-        pipe.zrem(self.keys.HEALTH_FAILING, callback_id)
+        k = self.keys
+        _SUCCEEDED.queue(
+            pipe, [k.health(callback_id), k.HEALTH_FAILING, k.callback(callback_id)], [callback_id]
+        )
 
     async def failing(self, limit: int = 1000) -> list[Failing]:
         """Callbacks whose last deliveries failed, most failures first (one round trip)."""

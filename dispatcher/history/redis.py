@@ -40,8 +40,12 @@ RECORDS = TypeAdapter(list[HistoryRecord])
 # stopped sweep still cannot let Redis grow without bound.
 _TTL_MARGIN_S = 86_400
 
+# A delivery's attempts: its record ids in the order written, space-separated, in one
+# string with the TTL of its latest record, so its first attempt (most deliveries' only
+# one) is one SET NX EX. Written before this layout, the key is a ZSET of the ids by
+# createdTime (GET fails on it): that one goes on as it was.
 # KEYS: record, index, indexes set, dead zset, the project's dead zset, dead-keys set, the
-# delivery's attempts zset, the URL's index of the record's status. ARGV: record json (id
+# delivery's attempts, the URL's index of the record's status. ARGV: record json (id
 # included), createdTime ms, ttl s, index member, '1' when this attempt ended the delivery
 # in failure, record id, '1' when the record names its delivery. Every write is
 # idempotent, so a pipeline whose answer was lost can be sent again.
@@ -55,8 +59,13 @@ if ARGV[5] == '1' then
   redis.call('ZADD', KEYS[5], ARGV[2], ARGV[6])
   redis.call('SADD', KEYS[6], KEYS[5])
 end
-if ARGV[7] == '1' then
-  redis.call('ZADD', KEYS[7], ARGV[2], ARGV[6])
+if ARGV[7] == '1' and not redis.call('SET', KEYS[7], ARGV[6], 'EX', ARGV[3], 'NX') then
+  local ids = redis.pcall('GET', KEYS[7])
+  if type(ids) == 'table' then
+    redis.call('ZADD', KEYS[7], ARGV[2], ARGV[6])
+  elseif not string.find(' ' .. ids .. ' ', ' ' .. ARGV[6] .. ' ', 1, true) then
+    redis.call('APPEND', KEYS[7], ' ' .. ARGV[6])
+  end
   redis.call('EXPIRE', KEYS[7], ARGV[3])
 end
 return 1
@@ -114,10 +123,19 @@ return redis.call('ZREVRANGEBYSCORE', KEYS[1], ARGV[1], ARGV[3], 'WITHSCORES', '
                   ARGV[4])
 """)
 
-# KEYS: a zset of record ids by time (dead letters, a delivery's attempts). ARGV: limit,
-# record key prefix. The latest records, newest first.
+# KEYS: a zset of record ids by time (dead letters) or a delivery's attempts (see
+# _RECORD). ARGV: limit, record key prefix. The latest records, newest first (of the
+# attempts: the latest written, last first).
 _LATEST = Lua("""
-local ids = redis.call('ZREVRANGE', KEYS[1], 0, tonumber(ARGV[1]) - 1)
+local ids = {}
+local written = redis.pcall('GET', KEYS[1])
+if type(written) == 'string' then
+  local all = {}
+  for id in string.gmatch(written, '%d+') do all[#all + 1] = id end
+  for i = #all, math.max(1, #all - tonumber(ARGV[1]) + 1), -1 do ids[#ids + 1] = all[i] end
+elseif type(written) == 'table' then
+  ids = redis.call('ZREVRANGE', KEYS[1], 0, tonumber(ARGV[1]) - 1)
+end
 if #ids == 0 then return {} end
 local ks = {}
 for i, id in ipairs(ids) do ks[i] = ARGV[2] .. id end
@@ -247,6 +265,7 @@ class RedisHistory:
         now = clock.now_ms() if now_ms is None else now_ms
         found = await self._latest(self.keys.history_attempts(delivery_id), MAX_ATTEMPTS_SHOWN)
         cutoff = now - self.settings.retention_ms
+        found.sort(key=lambda r: (r.created_time, r.id), reverse=True)
         return [r for r in found if r.project_id == project_id and r.created_time >= cutoff]
 
     async def _latest(self, key: str, limit: int) -> list[HistoryRecord]:

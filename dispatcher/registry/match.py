@@ -58,9 +58,13 @@ def read_secrets(
 
 # What a delivery reads of a callback's hash, in this order (the match script and
 # `Registry.target` both): `url` and `enabled` first, the match script relies on it.
+# `failing` is '1' while failures are on record, '0' when none (`health.py` writes both);
+# a callback without it (written before it was kept) counts as failing, so its first
+# success writes the reset, and the '0'.
 TARGET_FIELDS = (
     "url",
     "enabled",
+    "failing",
     "region",
     "secretToken",
     "authHeaderName",
@@ -94,12 +98,13 @@ class CallbackTarget:
         values: Sequence[bytes | None],
         decrypt: Decrypt,
         *,
-        failing: bool = True,
+        failing: bool | None = None,
         owner: str = "",
     ) -> CallbackTarget:
         """The target from the values of `TARGET_FIELDS`, secrets decrypted; the previous
-        token only while its overlap lasts."""
-        url, _, region, token, name, value, previous, until, *options = values
+        token only while its overlap lasts. Failures on record: `failing` when given (a
+        lane's release looks at the health hash), else the hash's mark."""
+        url, _, mark, region, token, name, value, previous, until, *options = values
         overlapping = bool(previous) and int(until or 0) > now_ms()
         secret, header, problem = read_secrets(decrypt, token, name, value)
         old, _, old_problem = read_secrets(decrypt, previous if overlapping else None, None, None)
@@ -108,7 +113,7 @@ class CallbackTarget:
             (url or b"").decode(),
             Region((region or b"").decode()),
             secret,
-            failing,
+            mark != b"0" if failing is None else failing,
             owner,
             header,
             problem or old_problem,
@@ -166,7 +171,6 @@ class ChunkQuery:
                 self.after,
                 self.size,
                 self.keys.CALLBACK_PREFIX,
-                self.keys.HEALTH_PREFIX,
                 keys.callback_unique_field(self.event, ""),
                 *TARGET_FIELDS,
             ],
@@ -177,11 +181,10 @@ class ChunkQuery:
         return Chunk([self._target(row) for row in rows], int(after) if after else None)
 
     def _target(self, row: list[Any]) -> CallbackTarget:
-        cid, failing, level, *values = row
+        cid, level, *values = row
         return CallbackTarget.from_fields(
             int(cid),
             values,
             self.decrypt,
-            failing=bool(failing),
             owner=self.scopes[int(level) - 1][1],
         )

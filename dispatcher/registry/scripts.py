@@ -14,7 +14,8 @@ __all__ = ["DELETE", "DISABLE", "MATCH", "PUT", "ROTATE", "SET_ENABLED", "UPGRAD
 # n of field/value pairs written only when the callback is created, the first id of the
 # shard's range (see `dispatcher/shard.py`), those n pairs, then the pairs written by every
 # registration (see `store.Upsert.argv`). Re-enables the callback
-# and clears its failure count and filter errors. Returns {id, 1 when created}.
+# and clears its failure count (and its `failing` mark) and filter errors. Returns {id, 1
+# when created}.
 UPSERT = Lua("""
 local id = redis.call('HGET', KEYS[1], ARGV[1])
 local created = 0
@@ -34,7 +35,7 @@ if created == 1 then
   for i = 8, once - 1 do fields[#fields + 1] = ARGV[i] end
   redis.call('HSET', key, unpack(fields))
 end
-local fields = {'enabled', '1', 'disabledReason', '', 'updatedTime', ARGV[2]}
+local fields = {'enabled', '1', 'disabledReason', '', 'failing', '0', 'updatedTime', ARGV[2]}
 for i = once, #ARGV do fields[#fields + 1] = ARGV[i] end
 redis.call('HSET', key, unpack(fields))
 redis.call('ZADD', KEYS[3], id, id)
@@ -46,19 +47,19 @@ return {tonumber(id), created}
 
 # KEYS: the match zsets of an event's levels, broadest first (platform, project, pipeline),
 # then the upsert hashes of the same levels. ARGV: cursor (a callback id), chunk size,
-# callback prefix, health prefix, upsert field prefix ("{event} "), then the names of the
-# hash fields a delivery needs (`match.TARGET_FIELDS`: 'url' and 'enabled' first).
+# callback prefix, upsert field prefix ("{event} "), then the names of the hash fields a
+# delivery needs (`match.TARGET_FIELDS`: 'url' and 'enabled' first).
 # The chunk is the `size` smallest ids after the cursor over all levels, less the disabled
 # ones and those whose URL a broader level sends the same event to (one delivery per URL;
 # a level without callbacks is not asked, and is known to have none at cursor 0 when its
 # range is empty, or else by one EXISTS a chunk).
-# Returns {next cursor ('' when nothing follows), rows}; a row is {id, 1 when failures are
-# on record, level index, then the values of the named fields}.
+# Returns {next cursor ('' when nothing follows), rows}; a row is {id, level index, then
+# the values of the named fields}.
 MATCH = Lua("""
 local n = #KEYS / 2
 local size = tonumber(ARGV[2])
 local fields = {}
-for i = 6, #ARGV do fields[#fields + 1] = ARGV[i] end
+for i = 5, #ARGV do fields[#fields + 1] = ARGV[i] end
 local found = {}
 local more = false
 local empty = {}  -- levels without callbacks: no URL of theirs to give way to
@@ -78,13 +79,13 @@ for i = 1, taken do
   local keep = values[1] and values[2] == '1'
   for broader = 1, lvl - 1 do
     if keep and not empty[broader] then
-      local other = redis.call('HGET', KEYS[n + broader], ARGV[5] .. values[1])
+      local other = redis.call('HGET', KEYS[n + broader], ARGV[4] .. values[1])
       if other and redis.call('ZSCORE', KEYS[broader], other) then keep = false end
     end
   end
   if keep then
-    local row = {id, redis.call('EXISTS', ARGV[4] .. id), lvl}
-    for j = 1, #fields do row[j + 3] = values[j] end
+    local row = {id, lvl}
+    for j = 1, #fields do row[j + 2] = values[j] end
     rows[#rows + 1] = row
   end
 end
@@ -112,7 +113,8 @@ end
 
 # KEYS: callback hash, disabled zset, failing zset. ARGV: enabled ('1'/'0'), reason, now,
 # match prefix, key separator, expected project ('' = any), health prefix (enabling starts
-# the failure count again). Returns 0 when missing or in another project.
+# the failure count, and its `failing` mark, again). Returns 0 when missing or in another
+# project.
 SET_ENABLED = Lua(
     DISABLE
     + """
@@ -121,7 +123,8 @@ if not row[1] or (ARGV[6] ~= '' and row[1] ~= ARGV[6]) then return 0 end
 if ARGV[1] ~= '1' then return disable(KEYS[1], KEYS[2], ARGV[2], ARGV[3], ARGV[4], ARGV[5]) end
 local scope = row[1]
 if row[4] and row[4] ~= '' then scope = scope .. ARGV[5] .. row[4] end
-redis.call('HSET', KEYS[1], 'enabled', '1', 'disabledReason', '', 'updatedTime', ARGV[3])
+redis.call('HSET', KEYS[1], 'enabled', '1', 'disabledReason', '', 'failing', '0',
+           'updatedTime', ARGV[3])
 redis.call('ZADD', ARGV[4] .. scope .. ARGV[5] .. row[2], row[3], row[3])
 redis.call('ZREM', KEYS[2], row[3])
 redis.call('DEL', ARGV[7] .. row[3])
@@ -185,10 +188,12 @@ return 1
 # pipeline). ARGV: id, upsert field, enabled ('1'/'0'), updatedTime, '1' to start its
 # failure count again, then every field/value pair of its hash. Writes a callback exactly as
 # another shard holds it, id included (a platform-wide callback's copy, a moved project's
-# callback). Returns 1.
+# callback), less its `failing` mark: this shard's failures are its own, so the next
+# success resets them. Returns 1.
 PUT = Lua("""
 redis.call('DEL', KEYS[1])
 redis.call('HSET', KEYS[1], unpack(ARGV, 6))
+redis.call('HDEL', KEYS[1], 'failing')
 redis.call('HSET', KEYS[2], ARGV[2], ARGV[1])
 redis.call('ZADD', KEYS[3], ARGV[1], ARGV[1])
 if KEYS[8] then redis.call('ZADD', KEYS[8], ARGV[1], ARGV[1]) end

@@ -51,3 +51,35 @@ async def test_health_counts_a_record_once_and_disables_past_both_thresholds(
     assert [e["event"] for e in logs] == ["callback.disabled"]
     assert await health.failed(callback_id, "HTTP 500", now_ms=1_000_000 + 3 * 3_600_000) is True
     assert await registry.match("demo", "BUILD_END") == []  # out of the match set
+
+
+async def test_the_match_knows_failures_on_record_from_the_callbacks_mark(
+    redis_server: EmbeddedRedis, redis: Redis
+) -> None:
+    """The match reads `failing` from the callback's hash (no look at its health hash): a
+    failure sets it, a success's reset clears it, a hash written before it was kept counts
+    as failing (its next success writes the reset), and a reset never revives a deleted
+    callback."""
+    settings = make_settings(redis_server.url)
+    registry = Registry(redis)
+    callback_id, _ = await registry.create("demo", "https://e.com/h", Event.BUILD_END,
+                                           Region.DEVNET)  # fmt: skip
+    health = Health(redis, registry, settings)
+
+    async def failing() -> tuple[bool, bool]:
+        (matched,) = await registry.match("demo", "BUILD_END")
+        target = await registry.target(callback_id)
+        assert target is not None
+        return matched.failing, target.failing
+
+    assert await failing() == (False, False)
+    await health.failed(callback_id, "HTTP 500")
+    assert await failing() == (True, True)
+    await run_pipeline(redis, lambda pipe: health.succeeded(pipe, callback_id))
+    assert await failing() == (False, False)
+    assert await health.failures([callback_id]) == {}
+    await redis.hdel(keys.callback(callback_id), "failing")  # type: ignore[misc]  # sync|async
+    assert await failing() == (True, True)
+    await registry.delete("demo", callback_id)
+    await run_pipeline(redis, lambda pipe: health.succeeded(pipe, callback_id))
+    assert not await redis.exists(keys.callback(callback_id))

@@ -11,7 +11,7 @@ from dispatcher.history.redis import RedisHistory
 from dispatcher.keys import Keys
 from dispatcher.settings import Settings
 from tests.helpers import make_settings
-from tests.service.test_history import URL, fill
+from tests.service.test_history import URL, fill, record
 
 keys = Keys()  # today's key names (one shard)
 
@@ -51,3 +51,33 @@ async def test_sweep_works_in_bounded_batches(redis: Redis, redis_server: Embedd
     history = RedisHistory(redis, settings, keys)
     assert await history.sweep(now_ms=now, max_batches=2) == 20
     assert await history.sweep(now_ms=now) == 15
+
+
+async def test_a_deliverys_attempts_are_one_string_and_a_zset_of_before_still_reads(
+    redis: Redis, settings: Settings
+) -> None:
+    history = RedisHistory(redis, settings, keys)
+    now = now_ms()
+    first, second = record(now - 2000, n=1), record(now - 1000, n=1)
+    second["attempt"] = 2
+    ids = [await history.add(first), await history.add(second), await history.add(first)]
+    assert ids[0] == ids[2]  # written twice, listed once
+    key = keys.history_attempts("evt_1.1")
+    assert await redis.get(key) == f"{ids[0]} {ids[1]}".encode()
+    assert 0 < await redis.ttl(key) <= settings.retention_ms // 1000 + 86_400
+    found = await history.attempts("evt_1.1", "demo")
+    assert [(r.id, r.attempt) for r in found] == [(ids[1], 2), (ids[0], 1)]
+
+    # a delivery whose attempts were indexed before: a ZSET by createdTime, kept as such
+    old = record(now - 3000, n=2)
+    old_id = await history.add(old)
+    zset = keys.history_attempts("evt_2.1")
+    await redis.delete(zset)
+    await redis.zadd(zset, {str(old_id): now - 3000})
+    retry = record(now - 500, n=2)
+    retry["attempt"] = 2
+    later = await history.add(retry)
+    assert await redis.type(zset) == b"zset"
+    assert await redis.zrange(zset, 0, -1) == [str(old_id).encode(), str(later).encode()]
+    found = await history.attempts("evt_2.1", "demo")
+    assert [r.id for r in found] == [later, old_id]
