@@ -80,8 +80,10 @@ History
     dispatcher:history:dead                   ZSET ids of records whose delivery gave up, by time
     dispatcher:history:dead:{project}         ZSET the same, one project's
     dispatcher:history:dead-keys              SET every per-project dead-letter key (for the sweep)
-    dispatcher:history:attempts:{delivery id} ZSET record ids of one delivery by createdTime
-                                              (TTL of its latest record)
+    dispatcher:history:attempts:{delivery id} STRING record ids of one delivery, space-
+                                              separated, oldest first (TTL of its latest
+                                              record); a ZSET by createdTime when written
+                                              by a version before, read the same
     dispatcher:history:stream                 STREAM records on their way to PostgreSQL (the
                                               PostgreSQL backend): field r = the record's JSON,
                                               d = "1" when its delivery gave up, t = its
