@@ -1,7 +1,8 @@
 """Ordered delivery under faults, on real processes: many builds, each emitting its steps in
 order, interleaved with the other builds'; a receiver that fails every delivery's first
 attempt and answers after a random delay; two workers, each SIGKILLed once and replaced,
-and Redis SIGKILLed and restarted (AOF `always`) while events are emitted. Two callbacks
+Redis paused (SIGSTOP) for longer than a lease, and Redis SIGKILLed and restarted (AOF
+`always`) while events are emitted. Two callbacks
 get the same events: one `orderBy=buildId`, one unordered. On the ordered one, each build's
 first successful arrivals are in emit order; on the unordered one the same check fails
 (so it can); on both nothing is lost."""
@@ -9,6 +10,7 @@ first successful arrivals are in emit order; on the unordered one the same check
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import time
 from dataclasses import dataclass, field
@@ -70,11 +72,18 @@ class FirstFails(FlakyReceiver):
         return sorted(build for build, steps in firsts.items() if steps != sorted(steps))
 
 
+def pause(pid: int, seconds: float) -> None:
+    """SIGSTOP a process, then SIGCONT it `seconds` later (blocking: run in a thread)."""
+    os.kill(pid, signal.SIGSTOP)
+    time.sleep(seconds)
+    os.kill(pid, signal.SIGCONT)
+
+
 def _ms() -> int:
     return time.time_ns() // 1_000_000
 
 
-async def test_each_build_arrives_in_order_through_kills_and_a_redis_restart(
+async def test_each_build_arrives_in_order_through_kills_a_paused_and_a_restarted_redis(
     tmp_path: Path,
 ) -> None:
     receiver = FirstFails(max_delay=0.03, seed=21)
@@ -94,6 +103,7 @@ async def test_each_build_arrives_in_order_through_kills_and_a_redis_restart(
             events = [(step, build) for step in range(STEPS) for build in range(BUILDS)]
             faults = {
                 2 * BUILDS: lambda: crew.kill_worker(0),
+                3 * BUILDS: lambda: pause(crew.server.pid, 2.5),  # past the 2 s lease
                 4 * BUILDS: lambda: crew.restart_redis(signal.SIGKILL, 0.5),
                 6 * BUILDS: lambda: crew.kill_worker(0),
             }
