@@ -23,11 +23,12 @@ from dispatcher.errors import Unavailable
 from dispatcher.keys import Keys, project_scoped
 from dispatcher.models import Event, Region
 from dispatcher.producer import Producer
-from dispatcher.registry import Registry
+from dispatcher.registry import Options, Registry
 from dispatcher.settings import Settings
 from dispatcher.status import live_workers
 from dispatcher.worker import create_worker
 from tests.faults.chaos import FlakyReceiver, Verdict, all_records, judge, serving
+from tests.faults.test_ordered_faults import FirstFails
 from tests.helpers import UID, app_client, free_port, make_settings, start_process, stop, until
 
 keys = Keys()  # today's key names (one shard)
@@ -100,10 +101,11 @@ async def emit_in_python(settings: Settings, redis: Redis, count: int, every_s: 
     return acked
 
 
-def start_fleet(url: str, port: int, log: Path) -> list[subprocess.Popen[bytes]]:
-    """Two worker processes and an API process on `port`."""
-    workers = [start_process(["worker"], url, log, **ENV) for _ in range(2)]
-    return [*workers, start_process(["api", "--port", str(port)], url, log, **ENV)]
+def start_fleet(url: str, port: int, log: Path, **env: str) -> list[subprocess.Popen[bytes]]:
+    """Two worker processes and an API process on `port` (`env`: more settings)."""
+    env = {**ENV, **env}
+    workers = [start_process(["worker"], url, log, **env) for _ in range(2)]
+    return [*workers, start_process(["api", "--port", str(port)], url, log, **env)]
 
 
 async def fleet_up(redis: Redis, port: int) -> bool:
@@ -165,6 +167,74 @@ async def test_master_killed_under_emits_and_two_workers_loses_nothing_acknowled
             (await verdict_on(redis, settings, receiver, expected)).assert_nothing_lost()
             after = [a for a in receiver.answers if a.arrived_ms > killed]
             assert len(after) >= 10, "deliveries did not resume after the failover"
+            assert [p.poll() for p in processes] == [None] * 3, log.read_text()[-3000:]
+        finally:
+            for process in processes:
+                stop(process)
+            await redis.aclose()
+
+
+async def emit_builds(settings: Settings, redis: Redis, builds: int, steps: int) -> list[str]:
+    """Every build's steps in order, the builds interleaved (one `emit_many` per step, sent
+    again until acknowledged); returns the event ids."""
+    producer, acked = Producer(settings, redis), []
+    for step in range(steps):
+        batch: list[Emit] = [
+            (PROJECT, "BUILD_END", {"buildId": f"b{b}", "step": step}, f"o{step}-{b}")
+            for b in range(builds)
+        ]
+        for _ in range(100):
+            try:
+                acked += await producer.emit_many(batch)
+                break
+            except Unavailable:
+                await asyncio.sleep(0.1)
+        await asyncio.sleep(0.15)
+    return acked
+
+
+@pytest.mark.xfail(
+    reason="known bug: after a failover, some lanes stay blocked and their deliveries are "
+    "never made (about 2 runs in 3: 32 of 64 not delivered); see README, Ordered delivery",
+    strict=False,
+)
+async def test_ordered_lanes_keep_their_order_through_a_failover(
+    group: SentinelGroup, tmp_path: Path
+) -> None:
+    """An ordered callback (`orderBy=buildId`) gets builds emitted interleaved while the
+    master is SIGKILLed and the replica promoted: every build's first successful arrivals
+    are in emit order, and every acknowledged event is delivered and recorded."""
+    settings = make_settings(group.url, redis_min_replicas=1, emit_wait=2, redis_timeout=2)
+    receiver = FirstFails(max_delay=0.02, seed=19)  # each delivery's first attempt fails
+    port, log = free_port(), tmp_path / "processes.log"
+    async with serving(receiver):
+        redis = connect(settings)
+        await redis.flushdb()
+        callback_id, _ = await Registry(redis).create(
+            PROJECT, receiver.url("/ordered"), Event.BUILD_END, Region.DEVNET,
+            options=Options(order_by="buildId"),
+        )  # fmt: skip
+        processes = start_fleet(group.url, port, log, DISPATCHER_RETRY_SCHEDULE="[0.1, 0.3, 1]")
+        try:
+            await until(lambda: fleet_up(redis, port), 30, "two workers and the API up")
+            emitted, _ = await asyncio.gather(
+                emit_builds(settings, redis, builds=8, steps=8), kill_the_master(group, 1.0)
+            )
+            expected = {f"{PROJECT}:{event_id}.{callback_id}" for event_id in emitted}
+            assert len(expected) == 64
+            url = receiver.url("/ordered")
+
+            async def verdict() -> Verdict:
+                records = await all_records(redis, settings, PROJECT, url, "BUILD_END")
+                return await judge(redis, records, expected, receiver, settings)
+
+            async def delivered() -> bool:
+                now = await verdict()
+                return not (now.lost or now.abandoned)
+
+            await until(delivered, 40, "every acknowledged event delivered")
+            (await verdict()).assert_nothing_lost()
+            assert receiver.out_of_order("/ordered") == []
             assert [p.poll() for p in processes] == [None] * 3, log.read_text()[-3000:]
         finally:
             for process in processes:
