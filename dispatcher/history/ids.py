@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import asyncio
 import collections
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from dispatcher.lua import Lua
+from dispatcher.lua import Key, Script
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
@@ -31,23 +32,33 @@ __all__ = ["ID_BLOCK", "ID_GAP", "RecordIds"]
 ID_BLOCK = 1000
 ID_GAP = 100_000_000
 
-# KEYS: the counter, the server that handed out the last block. ARGV: block size, gap, the
-# first id of the shard's range (see `dispatcher/shard.py`). Returns the block's last id. A
-# counter that was never used needs no gap (a fresh Redis).
-_BLOCK = Lua("""
-if tonumber(redis.call('GET', KEYS[1]) or '0') < tonumber(ARGV[3]) then
-  redis.call('SET', KEYS[1], ARGV[3])
-end
-local server = string.match(redis.call('INFO', 'server'), 'run_id:(%x+)')
-local last = redis.call('GET', KEYS[2])
-if last ~= server then
-  redis.call('SET', KEYS[2], server)
-  if last or redis.call('EXISTS', KEYS[1]) == 1 then
-    redis.call('INCRBY', KEYS[1], ARGV[2])
-  end
-end
-return redis.call('INCRBY', KEYS[1], ARGV[1])
-""")
+
+@dataclass(frozen=True)
+class TakeBlock(Script):
+    """Reserves `block` record ids on the `counter` and returns the block's last id. The
+    counter starts at `floor` (the first id of the shard's range, see `dispatcher/shard.py`)
+    and jumps by `gap` when `server` (the Redis that handed out the last block) changed; a
+    counter that was never used needs no gap (a fresh Redis)."""
+
+    LUA = """
+    if tonumber(redis.call('GET', counter) or '0') < tonumber(floor) then
+      redis.call('SET', counter, floor)
+    end
+    local run_id = string.match(redis.call('INFO', 'server'), 'run_id:(%x+)')
+    local last = redis.call('GET', server)
+    if last ~= run_id then
+      redis.call('SET', server, run_id)
+      if last or redis.call('EXISTS', counter) == 1 then
+        redis.call('INCRBY', counter, gap)
+      end
+    end
+    return redis.call('INCRBY', counter, block)
+    """
+    counter: Key
+    server: Key
+    block: int
+    gap: int
+    floor: int
 
 
 class RecordIds:
@@ -56,7 +67,7 @@ class RecordIds:
     def __init__(self, redis: Redis, keys: Keys, id_floor: int = 0) -> None:
         self.redis = redis
         self.id_floor = id_floor
-        self.keys = (keys.HISTORY_SEQ, keys.HISTORY_SEQ_SERVER)
+        self.keys = keys
         self._ids: collections.deque[int] = collections.deque()
         self._lock = asyncio.Lock()
 
@@ -67,7 +78,14 @@ class RecordIds:
         async with self._lock:
             while len(self._ids) < len(missing):
                 block = max(ID_BLOCK, len(missing) - len(self._ids))
-                last = int(await _BLOCK(self.redis, self.keys, [block, ID_GAP, self.id_floor]))
+                take = TakeBlock(
+                    self.keys.HISTORY_SEQ,
+                    self.keys.HISTORY_SEQ_SERVER,
+                    block,
+                    ID_GAP,
+                    self.id_floor,
+                )
+                last = int(await take.run(self.redis))
                 self._ids.extend(range(last - block + 1, last + 1))
             for record in missing:
                 record["id"] = self._ids.popleft()

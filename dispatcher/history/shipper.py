@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import asyncpg
@@ -37,7 +38,7 @@ from dispatcher.connections import REDIS_ERRORS
 from dispatcher.history import database
 from dispatcher.history.loader import Loader, Pair, Row, parse_row
 from dispatcher.history.schema import DAY_MS
-from dispatcher.lua import Lua
+from dispatcher.lua import Key, Script
 from dispatcher.shard import ID_SPAN, Shard
 
 if TYPE_CHECKING:
@@ -59,13 +60,19 @@ GATHER_S = 0.25
 BACKOFF_CAP_S = 5.0  # a reconnect at least this often: shipping resumes soon after an outage
 StreamId = tuple[int, int]
 
-# KEYS: the record id counter. ARGV: the largest id PostgreSQL holds. After a Redis that
-# lost its data, ids must not start again below those already stored.
-_SEED_IDS = Lua("""
-local current = tonumber(redis.call('GET', KEYS[1]) or '0')
-if current < tonumber(ARGV[1]) then redis.call('SET', KEYS[1], ARGV[1]) end
-return 1
-""")
+
+@dataclass(frozen=True)
+class SeedIds(Script):
+    """Raises the record id `counter` to `top`, the largest id PostgreSQL holds: after a
+    Redis that lost its data, ids must not start again below those already stored."""
+
+    LUA = """
+    local current = tonumber(redis.call('GET', counter) or '0')
+    if current < tonumber(top) then redis.call('SET', counter, top) end
+    return 1
+    """
+    counter: Key
+    top: int
 
 
 class Entry(NamedTuple):
@@ -165,7 +172,7 @@ class Shipper:
             floor + ID_SPAN,
         )
         if top is not None:
-            await _SEED_IDS(self.redis, [self.shard.keys.HISTORY_SEQ], [int(top)])
+            await SeedIds(self.shard.keys.HISTORY_SEQ, int(top)).run(self.redis)
         await self._check_stream()
         await self._trim()
         self.leading = True
