@@ -10,14 +10,8 @@ import socket
 from pathlib import Path
 from typing import Any
 
-from dispatcher.delivery import (
-    Attempted,
-    AttemptResult,
-    Outcome,
-    encode_body,
-    mask_headers,
-    request_headers,
-)
+from dispatcher.delivery import Attempted, AttemptResult, Outcome, encode_body
+from dispatcher.headers import mask_headers, request_headers
 from dispatcher.history.record import AttemptRecord
 from dispatcher.jobs import DeliveryJob
 from dispatcher.models import Region

@@ -216,7 +216,8 @@ async def mode_latency(args: argparse.Namespace) -> dict[str, Any]:
 async def mode_ceiling(args: argparse.Namespace) -> dict[str, Any]:
     import aiohttp
 
-    from dispatcher.delivery import encode_body, request_headers
+    from dispatcher.delivery import encode_body
+    from dispatcher.headers import request_headers
 
     body = encode_body(EVENT, PROJECT, event_data(0))
     headers = request_headers(
@@ -240,8 +241,9 @@ async def mode_http(args: argparse.Namespace) -> dict[str, Any]:
     session, both `--concurrency` at once against the same receiver, interleaved."""
     import aiohttp
 
-    from dispatcher.delivery import encode_body, request_headers, send
+    from dispatcher.delivery import encode_body, send
     from dispatcher.egress import make_transport
+    from dispatcher.headers import request_headers
     from dispatcher.models import Region
 
     settings = bench_settings("redis://127.0.0.1:1/0")  # never connected

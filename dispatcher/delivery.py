@@ -18,21 +18,7 @@ import orjson
 from dispatcher.backoff import parse_retry_after
 from dispatcher.clock import now_ms
 from dispatcher.errors import AddressRefused, describe
-from dispatcher.headers import (
-    DELIVERY_HEADER,
-    EVENT_HEADER,
-    MAX_AUTH_HEADER_NAME,
-    MAX_AUTH_HEADER_VALUE,
-    PROJECT_HEADER,
-    TOKEN_HEADER,
-    AuthHeader,
-    check_auth_header,
-    check_header_value,
-    mask_headers,
-    request_headers,
-    sign,
-    unsendable,
-)
+from dispatcher.headers import AuthHeader, mask_headers, request_headers
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
@@ -40,28 +26,15 @@ if TYPE_CHECKING:
     from dispatcher.history.record import HeaderRow
 
 __all__ = [
-    "DELIVERY_HEADER",
-    "EVENT_HEADER",
-    "MAX_AUTH_HEADER_NAME",
-    "MAX_AUTH_HEADER_VALUE",
-    "PROJECT_HEADER",
-    "TOKEN_HEADER",
     "AttemptResult",
     "Attempted",
-    "AuthHeader",
     "Limits",
     "Outcome",
     "Outgoing",
     "attempt",
-    "check_auth_header",
-    "check_header_value",
     "classify",
     "encode_body",
-    "mask_headers",
-    "request_headers",
     "send",
-    "sign",
-    "unsendable",
 ]
 
 

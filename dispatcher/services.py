@@ -33,7 +33,7 @@ if TYPE_CHECKING:
 
     from redis.asyncio import Redis
 
-    from dispatcher.delivery import AuthHeader
+    from dispatcher.headers import AuthHeader
     from dispatcher.history import Recent
     from dispatcher.jobs import DeliveryJob
     from dispatcher.models import (

@@ -9,8 +9,8 @@ from typing import Annotated, NamedTuple
 from fastapi import Depends, Header, Path, Query, Request
 
 from dispatcher.auth import Role
-from dispatcher.delivery import MAX_AUTH_HEADER_NAME, MAX_AUTH_HEADER_VALUE, AuthHeader
 from dispatcher.errors import Forbidden, Unauthenticated
+from dispatcher.headers import MAX_AUTH_HEADER_NAME, MAX_AUTH_HEADER_VALUE, AuthHeader
 from dispatcher.models import PLATFORM_PROJECT, ApigwType, Region
 from dispatcher.registry import Options
 from dispatcher.registry.options import MAX_FILTER_LENGTH, MAX_IN_FLIGHT, MAX_PER_SECOND

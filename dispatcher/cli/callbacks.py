@@ -11,7 +11,7 @@ from rich.table import Table
 from dispatcher.auth import Role
 from dispatcher.catalogue import CATALOGUE
 from dispatcher.cli.common import CLI_USER, console, err, fmt_ms, load_settings, on_router
-from dispatcher.delivery import AuthHeader
+from dispatcher.headers import AuthHeader
 from dispatcher.models import PLATFORM_PROJECT, Callback, Region
 from dispatcher.registry import Options
 from dispatcher.services import DEFAULT_OVERLAP_HOURS

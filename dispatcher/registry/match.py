@@ -24,7 +24,7 @@ from dispatcher.registry.scripts import MATCH
 if TYPE_CHECKING:
     from redis.asyncio.client import Pipeline
 
-    from dispatcher.delivery import AuthHeader
+    from dispatcher.headers import AuthHeader
     from dispatcher.keys import Keys
 
 __all__ = [

@@ -15,7 +15,7 @@ from dispatcher.registry.rules import level_of
 if TYPE_CHECKING:
     from collections.abc import Mapping
 
-    from dispatcher.delivery import AuthHeader
+    from dispatcher.headers import AuthHeader
     from dispatcher.keys import Keys
 
 __all__ = ["Upsert", "to_callback"]

@@ -6,8 +6,8 @@ from __future__ import annotations
 import re
 from urllib.parse import urlsplit
 
-from dispatcher.delivery import check_header_value
 from dispatcher.errors import InvalidEvent, InvalidInput, InvalidUrl
+from dispatcher.headers import check_header_value
 from dispatcher.models import PLATFORM_PROJECT, PROJECT_EVENTS, Event, Level
 
 __all__ = [

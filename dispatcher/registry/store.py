@@ -9,8 +9,8 @@ import structlog
 
 from dispatcher import keys
 from dispatcher.clock import now_ms
-from dispatcher.delivery import check_auth_header
 from dispatcher.errors import InvalidEvent, InvalidInput, NotFound
+from dispatcher.headers import check_auth_header
 from dispatcher.keys import Keys
 from dispatcher.lua import run_pipeline
 from dispatcher.models import (
@@ -35,7 +35,7 @@ if TYPE_CHECKING:
     from redis.asyncio import Redis
     from redis.asyncio.client import Pipeline
 
-    from dispatcher.delivery import AuthHeader
+    from dispatcher.headers import AuthHeader
     from dispatcher.tokens import TokenCipher
 
 __all__ = ["LAYOUT", "Registry"]

@@ -29,7 +29,7 @@ from dispatcher.services import DEFAULT_OVERLAP_HOURS
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
 
-    from dispatcher.delivery import AuthHeader
+    from dispatcher.headers import AuthHeader
     from dispatcher.models import Callback, CallbackPage, CreateCallBackResult, Event, Region
     from dispatcher.registry import Options
     from dispatcher.services import Services

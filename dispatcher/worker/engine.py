@@ -35,10 +35,10 @@ from dispatcher.delivery import (
     Outgoing,
     attempt,
     encode_body,
-    unsendable,
 )
 from dispatcher.egress import make_transport
 from dispatcher.errors import InvalidUrl, describe
+from dispatcher.headers import unsendable
 from dispatcher.health import CircuitBreaker
 from dispatcher.jobs import BadJob, DeliveryJob, EventJob
 from dispatcher.models import Region

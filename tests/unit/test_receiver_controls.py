@@ -9,8 +9,8 @@ import pytest
 from standardwebhooks import Webhook, WebhookVerificationError
 
 from dispatcher.catalogue import CATALOGUE
-from dispatcher.delivery import request_headers
 from dispatcher.errors import InvalidInput
+from dispatcher.headers import request_headers
 from dispatcher.models import PROJECT_EVENTS, Event, Level
 from dispatcher.registry import Options
 from dispatcher.registry.options import FilterFailed, filter_matches

@@ -18,8 +18,9 @@ from standardwebhooks import Webhook
 
 from dispatcher import backoff, settings
 from dispatcher.backoff import next_delay, parse_retry_after
-from dispatcher.delivery import Outcome, classify, request_headers, sign
+from dispatcher.delivery import Outcome, classify
 from dispatcher.failover import primary_connection_class
+from dispatcher.headers import request_headers, sign
 
 
 @pytest.mark.parametrize("module", [backoff, settings])
