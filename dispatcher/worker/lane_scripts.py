@@ -21,10 +21,12 @@ __all__ = ["NEXT_TAG", "Release", "queue_enter", "queue_head", "queue_release"]
 NEXT_TAG = b"lane:next"  # the first item of RELEASE's answer when it took the next delivery
 
 # Whether no event of the project numbered below `seq` may still add to a lane: none in
-# its pending set (events whose last chunk has not entered its lanes yet) still queued.
+# its pending set (events whose last chunk has not entered its lanes yet) still queued,
+# and the project's lanes not held (it is moving here: see `dispatcher.shards.lanes`).
 # Those that have left the queue are dropped on the way.
 _CLEAR = """
-local function clear(pending, queue, seq)
+local function clear(hold, pending, queue, seq)
+  if redis.call('EXISTS', hold) == 1 then return false end
   for _ = 1, 100 do
     local low = redis.call('ZRANGE', pending, 0, 0, 'WITHSCORES')
     if #low == 0 or tonumber(low[2]) >= seq then return true end
@@ -34,7 +36,8 @@ local function clear(pending, queue, seq)
   return false
 end
 
-local function wake(pending, queue, waiting, now)
+local function wake(hold, pending, queue, waiting, now)
+  if redis.call('EXISTS', hold) == 1 then return 0 end
   local floor = '-inf'
   for _ = 1, 100 do
     local low = redis.call('ZRANGE', pending, 0, 0, 'WITHSCORES')
@@ -61,10 +64,10 @@ elseif ARGV[6] == '1' then
   redis.call('ZADD', KEYS[3], seq, ARGV[1])
 end
 seq = tonumber(seq)
-local free = clear(KEYS[1], KEYS[2], seq)
+local free = clear(KEYS[5], KEYS[1], KEYS[2], seq)
 local out = {}
-for i = 5, #KEYS do
-  local a = 8 + 2 * (i - 5)
+for i = 6, #KEYS do
+  local a = 8 + 2 * (i - 6)
   local id = ARGV[a]
   local before = redis.call('ZRANGE', KEYS[i], 0, 0)[1]
   redis.call('ZADD', KEYS[i], 'NX', seq, id)
@@ -88,7 +91,7 @@ for i = 5, #KEYS do
   end
 end
 local woken = 0
-if ARGV[6] == '1' then woken = wake(KEYS[1], KEYS[2], KEYS[4], ARGV[7]) end
+if ARGV[6] == '1' then woken = wake(KEYS[5], KEYS[1], KEYS[2], KEYS[4], ARGV[7]) end
 out[#out + 1] = woken
 return out
 """
@@ -132,6 +135,7 @@ def queue_enter(
         keys.QUEUE,
         keys.lanes_ready(project_id),
         keys.lanes_waiting(project_id),
+        keys.lanes_hold(project_id),
     ]
     _ENTER.queue(pipe, [*sets, *lanes], args)
 
@@ -147,11 +151,12 @@ if redis.call('ZRANGE', KEYS[1], 0, 0)[1] ~= ARGV[1] then
   redis.call('ZREM', KEYS[6], ARGV[1])
   return 0
 end
-if clear(KEYS[2], KEYS[3], tonumber(seq)) then
+if clear(KEYS[7], KEYS[2], KEYS[3], tonumber(seq)) then
   redis.call('ZREM', KEYS[6], ARGV[1])
   return 1
 end
 redis.call('ZADD', KEYS[6], seq, ARGV[1])
+if redis.call('EXISTS', KEYS[7]) == 1 then return 3 end
 return 2
 """
 )
@@ -161,7 +166,8 @@ def queue_head(pipe: Pipeline, keys: Keys, *, lane: str, project_id: str, job_id
     """Whether a queued delivery's turn has come. Answers 1 when it may be attempted (its
     lane's head, its earlier events all in their lanes; or no longer in its lane: ended
     already), 0 when it was parked (out of the queue, its lease and claim count gone), 2
-    when it waits shortly for its earlier events."""
+    when it waits shortly for its earlier events, 3 when it waits for the project's move
+    to end (its lanes on the old shard)."""
     _HEAD.queue(
         pipe,
         [
@@ -171,6 +177,7 @@ def queue_head(pipe: Pipeline, keys: Keys, *, lane: str, project_id: str, job_id
             keys.ARQ_IN_PROGRESS_PREFIX + job_id,
             keys.ARQ_RETRY_PREFIX + job_id,
             keys.lanes_waiting(project_id),
+            keys.lanes_hold(project_id),
         ],
         [job_id],
     )
@@ -197,7 +204,7 @@ if redis.call('EXISTS', ARGV[3] .. id) == 1 then
   redis.call('ZADD', KEYS[2], 'NX', ARGV[5], id)
   return 0
 end
-if not clear(KEYS[4], KEYS[2], tonumber(nxt[2])) then
+if not clear(KEYS[9], KEYS[4], KEYS[2], tonumber(nxt[2])) then
   redis.call('ZADD', KEYS[2], 'LT', ARGV[8], id)
   redis.call('ZADD', KEYS[8], nxt[2], id)
   return 0
@@ -248,6 +255,7 @@ def queue_release(pipe: Pipeline, keys: Keys, release: Release) -> None:
             keys.ARQ_IN_PROGRESS_PREFIX + job_id,
             keys.ARQ_RETRY_PREFIX + job_id,
             keys.lanes_waiting(r.project_id),
+            keys.lanes_hold(r.project_id),
         ],
         [
             job_id,

@@ -64,6 +64,7 @@ if TYPE_CHECKING:
 __all__ = ["Adopt", "Lanes", "Sending"]
 
 RECHECK_S = 0.05  # a head whose earlier events are still being fanned out: looked at again
+HELD_RECHECK_S = 1.0  # a head whose project is moving here, its old lanes still busy
 NO_KEY = "unordered: the event's data has no value at orderBy {path!r}"
 NOT_NUMBERED = "unordered: the event was queued before its callback was ordered"
 GONE = "callback deleted or disabled"
@@ -214,8 +215,9 @@ class Lanes:
         (verdict,) = await self.writer.commit(head)
         if verdict == 0:
             return None
-        if verdict == 2:
-            await self.writer.commit(lambda pipe: then(pipe, RECHECK_S))
+        if verdict in (2, 3):
+            wait = RECHECK_S if verdict == 2 else HELD_RECHECK_S
+            await self.writer.commit(lambda pipe: then(pipe, wait))
             return None
         return self.releasing(job, then)
 
