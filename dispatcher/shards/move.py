@@ -210,16 +210,18 @@ class Mover:
         moved, quiet_since, said = 0, time.monotonic(), time.monotonic()
         while True:
             found, taken, ordered = await self._move_jobs(src, dst, project)
-            ordered += await lanes_left(src, project)
             moved += taken
             if found or ordered:
                 quiet_since = time.monotonic()
             elif time.monotonic() - quiet_since >= self.settle_s:
-                return moved
+                # a lane's head is always in the queue (or its fan-out is): none left there
+                # means no lane left; a lane without one would wait here, and say so
+                if not (ordered := await lanes_left(src, project)):
+                    return moved
             if ordered and time.monotonic() - said >= SAY_EVERY_S:
                 said = time.monotonic()
-                self.say(f"{project}: waiting for {ordered} lane(s) and events to finish in order")
-            await asyncio.sleep(min(0.2, self.settle_s))
+                self.say(f"{project}: waiting for {ordered} ordered job(s) or lane(s) to end")
+            await asyncio.sleep(min(0.2 if found or not ordered else 1.0, self.settle_s))
 
     async def _move_jobs(self, src: Services, dst: Services, project: str) -> tuple[int, int, int]:
         """One pass over the old shard's queue: (the project's jobs seen, those moved, those
@@ -278,14 +280,17 @@ MOVE, STAY = "move", "stay"
 
 def _where(data: bytes, project: str, ordered: bool) -> str:
     """What a move of `project` does with a queued job: MOVE it, let it STAY to finish on
-    the old shard (an ordered delivery; an event to fan out, when `ordered`), or nothing
-    (another project's; a platform-wide callback's delivery, which every shard can run)."""
+    the old shard (a delivery in a lane of its events, a platform-wide callback's too; an
+    event to fan out, when `ordered`), or nothing (another project's; a platform-wide
+    callback's unordered delivery, which every shard can run)."""
     try:
         wire = decode(data)
     except BadJob:
         return ""
     payload = wire.payload if isinstance(wire.payload, dict) else {}
     owner = payload.get("projectId")
+    if owner == PLATFORM_PROJECT and payload.get("emitter") == project:
+        return STAY if payload.get("lane") is not None else ""
     if owner != project:
         return ""
     if wire.function == FAN_OUT:

@@ -217,7 +217,7 @@ redis.call('ZADD', KEYS[2], ARGV[5], id)
 redis.call('SET', ARGV[3] .. id, ARGV[6], 'PX', ARGV[7])
 local callback = string.match(id, '%.(%d+)$')
 return {'lane:next', id, job, redis.call('GET', ARGV[4] .. id) or '',
-        redis.call('HGETALL', ARGV[9] .. callback), redis.call('EXISTS', ARGV[10] .. callback)}
+        redis.call('HGETALL', ARGV[9] .. callback)}
 """
 )
 
@@ -240,8 +240,8 @@ def queue_release(pipe: Pipeline, keys: Keys, release: Release) -> None:
     """The delivery leaves its lane, its job (if it is one) ends unless another worker holds
     it, and the lane's next delivery, when its earlier events are all in their lanes, is
     taken by `release.token`'s worker: queued under its lease, answered as `[NEXT_TAG, id,
-    job bytes, progress, its callback's hash as HGETALL answers, 1 when the callback has
-    failures on record]` (0 otherwise; its callback is the one its delivery id ends with).
+    job bytes, progress, its callback's hash as HGETALL answers]` (its callback is the one
+    its delivery id ends with; its `failing` mark says whether it has failures on record).
     Safe to run again."""
     r, job_id = release, release.delivery_id
     _RELEASE.queue(
@@ -267,6 +267,5 @@ def queue_release(pipe: Pipeline, keys: Keys, release: Release) -> None:
             r.lease_ms,
             r.recheck_ms,
             keys.CALLBACK_PREFIX,
-            keys.HEALTH_PREFIX,
         ],
     )

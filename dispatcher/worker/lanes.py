@@ -264,7 +264,7 @@ class Lanes:
                 self._take(item)
 
     def _take(self, taken: list[Any]) -> None:
-        _, job_id, raw, progress, pairs, failing = taken
+        _, job_id, raw, progress, pairs = taken
         adopt = self.adopt
         try:
             job = DeliveryJob.from_wire(decode(raw).payload, job_id.decode())
@@ -277,11 +277,7 @@ class Lanes:
         target = None
         if fields[0] is not None and fields[1] == b"1":
             target = CallbackTarget.from_fields(
-                job.callback_id,
-                fields,
-                self.sending.decrypt,
-                failing=bool(failing),
-                owner=row[b"projectId"].decode(),
+                job.callback_id, fields, self.sending.decrypt, owner=row[b"projectId"].decode()
             )
         then = self.releasing(job, adopt.step_of(job.job_id))
 
