@@ -156,18 +156,31 @@ if clear(KEYS[7], KEYS[2], KEYS[3], tonumber(seq)) then
   return 1
 end
 redis.call('ZADD', KEYS[6], seq, ARGV[1])
-if redis.call('EXISTS', KEYS[7]) == 1 then return 3 end
+local held = redis.call('EXISTS', KEYS[7]) == 1
+redis.call('ZADD', KEYS[3], held and ARGV[3] or ARGV[2], ARGV[1])
+redis.call('DEL', KEYS[4], KEYS[5])
+if held then return 3 end
 return 2
 """
 )
 
 
-def queue_head(pipe: Pipeline, keys: Keys, *, lane: str, project_id: str, job_id: str) -> None:
+def queue_head(
+    pipe: Pipeline,
+    keys: Keys,
+    *,
+    lane: str,
+    project_id: str,
+    job_id: str,
+    recheck_ms: int,
+    held_ms: int,
+) -> None:
     """Whether a queued delivery's turn has come. Answers 1 when it may be attempted (its
     lane's head, its earlier events all in their lanes; or no longer in its lane: ended
     already), 0 when it was parked (out of the queue, its lease and claim count gone), 2
-    when it waits shortly for its earlier events, 3 when it waits for the project's move
-    to end (its lanes on the old shard)."""
+    when it waits shortly for its earlier events (due again at `recheck_ms`), 3 when it
+    waits for the project's move to end, its lanes on the old shard (due at `held_ms`);
+    a job that waits is back in the queue, its lease and claim count gone."""
     _HEAD.queue(
         pipe,
         [
@@ -179,7 +192,7 @@ def queue_head(pipe: Pipeline, keys: Keys, *, lane: str, project_id: str, job_id
             keys.lanes_waiting(project_id),
             keys.lanes_hold(project_id),
         ],
-        [job_id],
+        [job_id, recheck_ms, held_ms],
     )
 
 

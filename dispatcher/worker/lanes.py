@@ -205,21 +205,24 @@ class Lanes:
 
     async def claimed(self, job: DeliveryJob, then: Then) -> Then | None:
         """Before a `deliver` job's attempt: its next step, releasing its lane when it ends;
-        None when it is not its turn (it was parked, or waits shortly: `then` queued)."""
+        None when it is not its turn (it was parked, or waits: back in the queue, in the
+        same script)."""
         lane, project = self.lane(job), job.emitter or job.project_id
-        job_id = job.job_id
+        job_id, stamp = job.job_id, now_ms()
 
         def head(pipe: Pipeline) -> None:
-            queue_head(pipe, self.keys, lane=lane, project_id=project, job_id=job_id)
+            queue_head(
+                pipe,
+                self.keys,
+                lane=lane,
+                project_id=project,
+                job_id=job_id,
+                recheck_ms=stamp + int(RECHECK_S * 1000),
+                held_ms=stamp + int(HELD_RECHECK_S * 1000),
+            )
 
         (verdict,) = await self.writer.commit(head)
-        if verdict == 0:
-            return None
-        if verdict in (2, 3):
-            wait = RECHECK_S if verdict == 2 else HELD_RECHECK_S
-            await self.writer.commit(lambda pipe: then(pipe, wait))
-            return None
-        return self.releasing(job, then)
+        return self.releasing(job, then) if verdict == 1 else None
 
     # ---- a delivery's end ------------------------------------------------------------------
 
