@@ -18,7 +18,7 @@ from dispatcher.embedded import EmbeddedRedis
 from dispatcher.models import Region
 from dispatcher.placement import rendezvous
 from dispatcher.producer import Producer
-from dispatcher.registry import Options
+from dispatcher.registry import Options, Registration
 from dispatcher.settings import Settings
 from dispatcher.shards.move import Mover
 from dispatcher.shards.router import Router
@@ -70,10 +70,9 @@ async def test_a_moved_project_keeps_its_lanes_order_and_loses_nothing(
     answers = FirstFails()
     url = receiver.script("/ordered", answers.handle)
     async with Router.open(one) as router:
-        await router.of(PROJECT).register(
-            PROJECT, url, "BUILD_END", Region.DEVNET, creator="t",
-            options=Options(order_by="buildId"),
-        )  # fmt: skip
+        ordered = Options(order_by="buildId")
+        registration = Registration(PROJECT, url, Region.DEVNET, "t", options=ordered)
+        await router.of(PROJECT).register(registration, "BUILD_END")
     worker = create_worker(two, poll_delay=0.01, handle_signals=False)
     delivering = asyncio.create_task(worker.main())
     emitted: list[str] = []
