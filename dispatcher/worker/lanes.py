@@ -46,13 +46,7 @@ from dispatcher.jobs import BadJob, DeliveryJob, decode, encode
 from dispatcher.keys import lane_id
 from dispatcher.registry.match import TARGET_FIELDS, CallbackTarget
 from dispatcher.registry.options import order_key
-from dispatcher.worker.lane_scripts import (
-    NEXT_TAG,
-    Release,
-    queue_enter,
-    queue_head,
-    queue_release,
-)
+from dispatcher.worker.lane_scripts import NEXT_TAG, Head, Release, queue_enter
 
 if TYPE_CHECKING:
     from redis.asyncio.client import Pipeline
@@ -210,18 +204,15 @@ class Lanes:
         lane, project = self.lane(job), job.emitter or job.project_id
         job_id, stamp = job.job_id, now_ms()
 
-        def head(pipe: Pipeline) -> None:
-            queue_head(
-                pipe,
-                self.keys,
-                lane=lane,
-                project_id=project,
-                job_id=job_id,
-                recheck_ms=stamp + int(RECHECK_S * 1000),
-                held_ms=stamp + int(HELD_RECHECK_S * 1000),
-            )
-
-        (verdict,) = await self.writer.commit(head)
+        head = Head.of(
+            self.keys,
+            lane,
+            project,
+            job_id,
+            recheck_ms=stamp + int(RECHECK_S * 1000),
+            held_ms=stamp + int(HELD_RECHECK_S * 1000),
+        )
+        (verdict,) = await self.writer.commit(head.queue_on)
         return self.releasing(job, then) if verdict == 1 else None
 
     # ---- a delivery's end ------------------------------------------------------------------
@@ -249,16 +240,17 @@ class Lanes:
         (see `landed`)."""
         self.released += 1
         stamp = now_ms()
-        release = Release(
-            lane=self.lane(job),
-            project_id=job.emitter or job.project_id,
-            delivery_id=job.job_id,
+        release = Release.of(
+            self.keys,
+            self.lane(job),
+            job.emitter or job.project_id,
+            job.job_id,
             token=self.adopt.token if take and self.adopt is not None else "",
             lease_ms=self.lease_ms,
             now_ms=stamp,
             recheck_ms=stamp + int(RECHECK_S * 1000),
         )
-        queue_release(pipe, self.keys, release)
+        release.queue_on(pipe)
 
     def landed(self, answer: list[Any]) -> None:
         """After a write: each next delivery a release in it took starts now."""
