@@ -53,7 +53,9 @@ def _free_port() -> int:
 
 
 def _ping(port: int) -> bool:
-    client = redis_py.Redis(host="127.0.0.1", port=port, socket_connect_timeout=0.2)
+    client = redis_py.Redis(
+        host="127.0.0.1", port=port, socket_connect_timeout=0.2, socket_timeout=0.5
+    )
     try:
         return bool(client.ping())
     except (RedisConnectionError, RedisTimeoutError):

@@ -61,10 +61,12 @@ class SentinelGroup:
         master and its replicas (that they see one another too, which a failover needs and
         takes them a few seconds more, is waited for before the first fault)."""
         self.folder.mkdir(parents=True, exist_ok=True)
-        for port in self.nodes:
-            self.start_node(port, None if port == self.first_master else self.first_master)
-        for port in self.sentinels:
-            self._start_sentinel(port)
+        master, *replicas = list(self.nodes)
+        self._on_a_free_port(master, self.nodes, self._start_master)
+        for port in replicas:
+            self._on_a_free_port(port, self.nodes, self._start_replica)
+        for port in list(self.sentinels):
+            self._on_a_free_port(port, self.sentinels, self._start_sentinel)
         deadline = time.monotonic() + within
         while not self._sentinels_ready(mesh=False):
             if time.monotonic() > deadline:
@@ -72,6 +74,32 @@ class SentinelGroup:
                 raise RuntimeError(f"the sentinel group did not come up; logs in {self.folder}")
             time.sleep(0.05)
         return self.url
+
+    def _on_a_free_port(
+        self,
+        port: int,
+        table: dict[int, subprocess.Popen[bytes] | None],
+        start: Callable[[int], None],
+    ) -> None:
+        """Start a process of the group on `port`, or on another free port should that one
+        have been taken meanwhile (another process picked it too): up to 3 tries."""
+        for tries_left in (2, 1, 0):
+            try:
+                start(port)
+                return
+            except _Exited:
+                if not tries_left:
+                    raise
+                del table[port]
+                port = _free_port()
+                table[port] = None
+
+    def _start_master(self, port: int) -> None:
+        self.first_master = port
+        self.start_node(port, None)
+
+    def _start_replica(self, port: int) -> None:
+        self.start_node(port, self.first_master)
 
     def start_node(self, port: int, replica_of: int | None) -> None:
         """(Re)start the data node on `port`, with its data, as a replica of `replica_of`
@@ -123,8 +151,10 @@ class SentinelGroup:
             command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
         )
         deadline = time.monotonic() + 10
-        while not _ping(port):
-            if process.poll() is not None or time.monotonic() > deadline:
+        while not _ping(port) or process.poll() is not None:  # ours answers, not another's
+            if process.poll() is not None:
+                raise _Exited(f"redis-server on port {port} exited at start: {command}")
+            if time.monotonic() > deadline:
                 process.kill()
                 raise RuntimeError(f"redis-server on port {port} did not start: {command}")
             time.sleep(0.02)
@@ -241,6 +271,10 @@ class SentinelGroup:
             if time.monotonic() > deadline:
                 raise AssertionError(f"not within {within} s: {what} (logs in {self.folder})")
             time.sleep(0.05)
+
+
+class _Exited(RuntimeError):
+    """A process of the group exited as it started (its port taken, most often)."""
 
 
 def _distinct_ports(count: int) -> list[int]:

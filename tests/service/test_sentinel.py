@@ -5,6 +5,7 @@ answers as a replica is a lost connection, not an error reply."""
 
 from __future__ import annotations
 
+import socket
 import time
 from pathlib import Path
 from typing import cast
@@ -203,3 +204,27 @@ async def test_record_ids_skip_ahead_on_a_server_that_did_not_hand_out_the_last_
     promoted = [cast(AttemptRecord, {})]
     await RecordIds(redis, keys).assign(promoted)
     assert promoted[0]["id"] == 2 * ID_BLOCK + ID_GAP + 1
+
+
+def test_a_group_whose_ports_were_taken_meanwhile_starts_on_others(tmp_path: Path) -> None:
+    """Free ports are picked when the group is made and used when it starts: another
+    process may take one in between (tests running side by side). The group then starts
+    that node or sentinel on another free port."""
+    group = SentinelGroup(tmp_path / "group", replicas=0)
+    taken = [group.first_master, next(iter(group.sentinels))]
+    squatters = []
+    for port in taken:
+        squatter = socket.socket()
+        squatter.bind(("127.0.0.1", port))
+        squatter.listen()
+        squatters.append(squatter)
+    try:
+        url = group.start()
+        assert group.first_master not in taken
+        assert not set(taken) & set(group.sentinels)
+        assert redis_py.Redis(port=group.first_master).ping()
+        assert url == group.url
+    finally:
+        group.stop()
+        for squatter in squatters:
+            squatter.close()
