@@ -18,7 +18,9 @@ from redis.asyncio.client import Pipeline
 from dispatcher.clock import now_ms
 from dispatcher.connections import connect
 from dispatcher.embedded import EmbeddedRedis
+from dispatcher.ending import Ending
 from dispatcher.errors import Unavailable
+from dispatcher.history.postgres import PostgresHistory
 from dispatcher.history.record import AttemptRecord
 from dispatcher.history.redis import RedisHistory
 from dispatcher.jobs import EventJob, Queue
@@ -120,6 +122,34 @@ def record(n: int) -> AttemptRecord:
     return {"projectId": "demo", "callBackUrl": "http://127.0.0.1:1/h", "events": "BUILD_END",
             "status": "SUCCESS", "startTime": now, "endTime": now,
             "createdTime": now + n}  # fmt: skip
+
+
+@pytest.mark.parametrize("store", [RedisHistory, PostgresHistory])
+async def test_a_record_ends_its_job_in_its_own_script_unless_another_worker_holds_it(
+    settings: Settings, redis: Redis, store: type[RedisHistory | PostgresHistory]
+) -> None:
+    """The record and its job's end are one command (a script): the job leaves the queue
+    with no progress mark; a job another worker holds now is left to it, and the mark says
+    the delivery is done (that worker ends the job without another attempt)."""
+    await enqueue(redis, settings, 2)
+    claims = Claims(redis, Keys(settings.queue_name), "worker-a", lease_s=10)
+    mine, held = (job.job_id for job in await claims.claim(10))
+    await redis.set(keys.ARQ_IN_PROGRESS_PREFIX + held, "worker-b")
+    history = store(redis, settings, keys)
+    records = [record(1), record(2)]
+    await history.assign_ids(records)
+
+    def write(pipe: Pipeline) -> None:
+        for one, job_id in zip(records, (mine, held), strict=True):
+            ending = Ending(keys.delivery(job_id), "done", 60, claims.job_end(job_id))
+            history.record(pipe, one, ending=ending)
+
+    assert len(await run(redis, write)) == 2  # one command a record, its job's end inside
+    assert await redis.zrange(settings.queue_name, 0, -1) == [held.encode()]
+    assert not await redis.exists(keys.arq_job(mine), keys.ARQ_IN_PROGRESS_PREFIX + mine)
+    assert not await redis.exists(keys.delivery(mine))
+    assert await redis.get(keys.delivery(held)) == b"done"
+    assert await redis.get(keys.ARQ_IN_PROGRESS_PREFIX + held) == b"worker-b"
 
 
 async def test_writes_wait_out_a_redis_restart_and_land_once(
