@@ -243,13 +243,13 @@ class Keys:
         self.LANES_PENDING_PREFIX = f"{base}:lanes:pending:"
         self.LANES_READY_PREFIX = f"{base}:lanes:ready:"
         self.LANES_WAITING_PREFIX = f"{base}:lanes:waiting:"
+        self.LANES_HOLD_PREFIX = f"{base}:lanes:hold:"
         self.LANE_PREFIX = f"{base}:lane:"
         self.LANES_BLOCKED = f"{base}:lanes:blocked"
         self.ARQ_JOB_PREFIX: str = f"{ns}{job_key_prefix}"
         self.ARQ_IN_PROGRESS_PREFIX: str = f"{ns}{in_progress_key_prefix}"
         self.ARQ_RETRY_PREFIX: str = f"{ns}{arq_retry_key_prefix}"
-        self._limit_prefix = f"{base}:limit:"
-        self._stats_prefix = f"{base}:stats:"
+        self._limit_prefix, self._stats_prefix = f"{base}:limit:", f"{base}:stats:"
         self._cron_prefix = f"{base}:cron:"
 
     @classmethod
@@ -297,6 +297,10 @@ class Keys:
 
     def lanes_waiting(self, project_id: str) -> str:
         return f"{self.LANES_WAITING_PREFIX}{project_id}"
+
+    def lanes_hold(self, project_id: str) -> str:
+        """Set while the project moves here: its lanes wait for those of its old shard."""
+        return f"{self.LANES_HOLD_PREFIX}{project_id}"
 
     def lane(self, lane_id: str) -> str:
         """One lane of ordered deliveries (`lane_id`: see `lane_id`)."""

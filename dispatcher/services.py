@@ -24,7 +24,7 @@ from dispatcher.history import Cursor, open_history, parse_window
 from dispatcher.jobs import Queue
 from dispatcher.models import Region, parse_event, parse_status
 from dispatcher.producer import Producer
-from dispatcher.registry import Options, Registry, validate_url
+from dispatcher.registry import Registry, validate_url
 from dispatcher.shard import Shard
 from dispatcher.status import read_status
 
@@ -44,6 +44,7 @@ if TYPE_CHECKING:
         HistoryPage,
         HistoryRecord,
     )
+    from dispatcher.registry import Registration
     from dispatcher.settings import Settings
     from dispatcher.status import Status
 
@@ -114,61 +115,37 @@ class Services:
             return None
         return name or "", value or ""
 
-    async def register(
-        self,
-        project_id: str,
-        url: str,
-        event: Event | str,
-        region: Region,
-        secret_token: str | None = None,
-        *,
-        creator: str,
-        pipeline_id: str | None = None,
-        auth_header: AuthHeader | None = None,
-        options: Options | None = None,
-    ) -> int:
+    async def register(self, registration: Registration, event: Event | str) -> int:
         """Register (or update and re-enable) one callback of a project, of one of its
-        pipelines (`pipeline_id`), or of the platform (`DEVOPS_ALL_PROJECT`), with its
-        receiver controls (`options`); returns its id."""
-        url = await self.check_target(url, region)
+        pipelines, or of the platform (`DEVOPS_ALL_PROJECT`), with its receiver controls;
+        returns its id."""
+        r = registration.to(await self.check_target(registration.url, registration.region))
         callback_id, _ = await self.registry.create(
-            project_id,
-            url,
+            r.project_id,
+            r.url,
             event,
-            region,
-            secret_token,
-            creator=creator,
-            pipeline_id=pipeline_id,
-            auth_header=auth_header,
-            options=options,
+            r.region,
+            r.secret_token,
+            creator=r.creator,
+            pipeline_id=r.pipeline_id,
+            auth_header=r.auth_header,
+            options=r.options,
         )
         return callback_id
 
-    async def register_batch(
-        self,
-        project_id: str,
-        url: str,
-        events: str,
-        region: Region,
-        secret_token: str | None = None,
-        *,
-        creator: str,
-        pipeline_id: str | None = None,
-        auth_header: AuthHeader | None = None,
-        options: Options | None = None,
-    ) -> CreateCallBackResult:
+    async def register_batch(self, registration: Registration, events: str) -> CreateCallBackResult:
         """One URL for a comma-separated list of events; unknown names are reported."""
-        url = await self.check_target(url, region)
+        r = registration.to(await self.check_target(registration.url, registration.region))
         return await self.registry.create_batch(
-            project_id,
-            url,
+            r.project_id,
+            r.url,
             events,
-            region,
-            secret_token,
-            creator=creator,
-            pipeline_id=pipeline_id,
-            auth_header=auth_header,
-            options=options,
+            r.region,
+            r.secret_token,
+            creator=r.creator,
+            pipeline_id=r.pipeline_id,
+            auth_header=r.auth_header,
+            options=r.options,
         )
 
     async def rotate_secret(

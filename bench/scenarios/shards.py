@@ -28,6 +28,7 @@ from bench.report import Row, ratio_row
 from dispatcher.embedded import EmbeddedRedis
 from dispatcher.models import Region
 from dispatcher.producer import Producer
+from dispatcher.registry import Registration
 from dispatcher.settings import Settings
 from dispatcher.shards.move import Mover
 from dispatcher.shards.router import Router
@@ -111,8 +112,9 @@ async def _fill(bench: Bench, settings: Settings, events: int) -> list[str]:
             if len(projects) == len(router.shards):
                 break
         for project in projects.values():
-            await router.of(project).register(project, f"{bench.receiver.base}/hook/0", EVENT,
-                                              Region.DEVNET, TOKEN, creator="bench")  # fmt: skip
+            hook = f"{bench.receiver.base}/hook/0"
+            registration = Registration(project, hook, Region.DEVNET, "bench", TOKEN)
+            await router.of(project).register(registration, EVENT)
     names = list(projects.values())
     async with Producer(settings) as producer:
         for start in range(0, events, 1000):

@@ -73,18 +73,8 @@ async def create_callback(
 ) -> Result[bool]:
     """Register a callback. An upsert on (url, event): registering again updates the
     region, token, auth header and receiver controls, and re-enables it."""
-    project_id, pipeline_id = access.scope
-    await router.callbacks(project_id).register(
-        project_id,
-        to.url,
-        event,
-        to.region,
-        to.secret_token,
-        creator=access.uid,
-        pipeline_id=pipeline_id,
-        auth_header=to.auth_header,
-        options=to.options,
-    )
+    registration = to.of(access)
+    await router.callbacks(registration.project_id).register(registration, event)
     return Result[bool](data=True)
 
 
@@ -95,18 +85,8 @@ async def create_callbacks_batch(
     to: RegistrationQuery,
 ) -> Result[CreateCallBackResult]:
     """Register one URL for several events; unknown names land in `failureEvents`."""
-    project_id, pipeline_id = access.scope
-    result = await router.callbacks(project_id).register_batch(
-        project_id,
-        to.url,
-        event,
-        to.region,
-        to.secret_token,
-        creator=access.uid,
-        pipeline_id=pipeline_id,
-        auth_header=to.auth_header,
-        options=to.options,
-    )
+    registration = to.of(access)
+    result = await router.callbacks(registration.project_id).register_batch(registration, event)
     return Result[CreateCallBackResult](data=result)
 
 

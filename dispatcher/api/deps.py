@@ -12,7 +12,7 @@ from dispatcher.auth import Role
 from dispatcher.errors import Forbidden, Unauthenticated
 from dispatcher.headers import MAX_AUTH_HEADER_NAME, MAX_AUTH_HEADER_VALUE, AuthHeader
 from dispatcher.models import PLATFORM_PROJECT, ApigwType, Region
-from dispatcher.registry import Options
+from dispatcher.registry import Options, Registration
 from dispatcher.registry.options import MAX_FILTER_LENGTH, MAX_IN_FLIGHT, MAX_PER_SECOND
 from dispatcher.services import Services
 from dispatcher.shards.router import Router
@@ -30,10 +30,10 @@ __all__ = [
     "PipelinePath",
     "ProjectPath",
     "RegionQuery",
-    "Registration",
     "RegistrationQuery",
     "RouterDep",
     "Scope",
+    "Target",
     "TokenQuery",
     "UrlQuery",
     "apigw",
@@ -142,7 +142,7 @@ async def options(
 OptionsQuery = Annotated[Options, Depends(options)]
 
 
-class Registration(NamedTuple):
+class Target(NamedTuple):
     """Where a registration sends an event and with what: the seed's query parameters, and
     the receiver controls."""
 
@@ -152,6 +152,20 @@ class Registration(NamedTuple):
     auth_header: AuthHeader | None
     options: Options
 
+    def of(self, access: Access) -> Registration:
+        """The registration of this target on `access`'s level, by its caller."""
+        project_id, pipeline_id = access.scope
+        return Registration(
+            project_id,
+            self.url,
+            self.region,
+            access.uid,
+            self.secret_token,
+            pipeline_id,
+            self.auth_header,
+            self.options,
+        )
+
 
 async def registration(
     url: UrlQuery,
@@ -159,11 +173,11 @@ async def registration(
     auth_header: AuthHeaderQuery,
     options: OptionsQuery,
     secret_token: TokenQuery = None,
-) -> Registration:
-    return Registration(url, region, secret_token, auth_header, options)
+) -> Target:
+    return Target(url, region, secret_token, auth_header, options)
 
 
-RegistrationQuery = Annotated[Registration, Depends(registration)]
+RegistrationQuery = Annotated[Target, Depends(registration)]
 
 
 async def get_router(request: Request) -> Router:

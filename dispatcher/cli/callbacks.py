@@ -13,7 +13,7 @@ from dispatcher.catalogue import CATALOGUE
 from dispatcher.cli.common import CLI_USER, console, err, fmt_ms, load_settings, on_router
 from dispatcher.headers import AuthHeader
 from dispatcher.models import PLATFORM_PROJECT, Callback, Region
-from dispatcher.registry import Options
+from dispatcher.registry import Options, Registration
 from dispatcher.services import DEFAULT_OVERLAP_HOURS
 from dispatcher.settings import Settings
 from dispatcher.shards import views
@@ -181,15 +181,7 @@ def callbacks_add(
     options = Options(max_per_second, max_in_flight, filter_, order_by)
     result = on_router(
         lambda r: r.callbacks(owner).register_batch(
-            owner,
-            url,
-            event,
-            region,
-            token,
-            creator=CLI_USER,
-            pipeline_id=pipeline,
-            auth_header=header,
-            options=options,
+            Registration(owner, url, region, CLI_USER, token, pipeline, header, options), event
         )
     )
     for name in result.success_events:

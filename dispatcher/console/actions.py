@@ -14,7 +14,7 @@ from starlette.responses import RedirectResponse
 from dispatcher.console.page import PREFIX, AdminForm, ConsoleRoute, ProjectPath, redirect
 from dispatcher.errors import InvalidInput
 from dispatcher.models import Region
-from dispatcher.registry import Options
+from dispatcher.registry import Options, Registration
 
 __all__ = ["router"]
 
@@ -59,16 +59,11 @@ async def register(
         filter_.strip() or None,
         order_by.strip() or None,
     )
-    result = await page.services.register_batch(
-        project_id,
-        url,
-        event,
-        region,
-        secret_token or None,
-        creator=page.uid,
-        pipeline_id=pipeline_id.strip() or None,
-        options=options,
+    pipeline = pipeline_id.strip() or None
+    registration = Registration(
+        project_id, url, region, page.uid, secret_token or None, pipeline, options=options
     )
+    result = await page.services.register_batch(registration, event)
     if result.failure_events:
         refused = "; ".join(f"{name}: {why}" for name, why in result.failure_events.items())
         done = ", ".join(result.success_events) or "none"

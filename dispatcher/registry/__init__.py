@@ -6,12 +6,14 @@
   at a time, one delivery per URL;
 - `rules.py`: what a registration must satisfy (URL, ids, token, events per level);
 - `options.py`: the receiver controls a registration may add (limits, filter);
+- `registration.py`: a registration as front ends make it, carried whole;
 - `rows.py`: a callback's hash as a registration writes it and the API shows it;
 - `scripts.py`: the Lua scripts behind them.
 """
 
 from dispatcher.registry.match import CallbackTarget, Chunk, ChunkQuery
 from dispatcher.registry.options import Options
+from dispatcher.registry.registration import Registration
 from dispatcher.registry.rules import MAX_URL_LENGTH, url_problem, validate_url
 from dispatcher.registry.store import Registry
 
@@ -21,6 +23,7 @@ __all__ = [
     "Chunk",
     "ChunkQuery",
     "Options",
+    "Registration",
     "Registry",
     "url_problem",
     "validate_url",

@@ -17,8 +17,11 @@ are until moved.
   4. drain: its jobs still queued on the old shard (retries, events queued just before
      the flip) are taken one at a time under a lease, written to the new shard, then
      removed from the old (a job a worker holds is left to finish, and looked at again);
-     until none is left and none came for a settle;
-  5. copy the history written meanwhile, then remove the project from the old shard.
+     its ordered deliveries are not moved but finish there, in order, while its lanes on
+     the new shard wait (`dispatcher.shards.lanes`); until none is left and none came for
+     a settle;
+  5. copy the history written meanwhile, remove the project from the old shard, and let
+     its lanes on the new one go.
 A mover that dies leaves a job under its lease, which lapses: the job runs on the old
 shard as well, under the same delivery id (at least once, never lost). Moving again
 finishes the move.
@@ -39,6 +42,7 @@ from dispatcher.lua import Key, Script, run_pipeline
 from dispatcher.models import PLATFORM_PROJECT
 from dispatcher.placement import Placed, rendezvous
 from dispatcher.registry.copies import callback_ids, put_rows, read_rows
+from dispatcher.shards.lanes import hold, lanes_left, let_go, ordered_on
 from dispatcher.worker.claims import Claims
 
 if TYPE_CHECKING:
@@ -54,6 +58,7 @@ __all__ = ["Mover"]
 SETTLE_REFRESHES = 3
 PAGE = 500
 LEASE_S = 30.0
+SAY_EVERY_S = 10.0  # how often a move waiting for ordered deliveries says so
 
 
 @dataclass(frozen=True)
@@ -169,6 +174,7 @@ class Mover:
             self.say(f"{project}: shard {source} -> {target}: freezing its callbacks")
             await placement.write(project, Placed(source, target))
             await self.settle()
+            await hold(dst, project)
             await self._copy(src, dst, project)
             await placement.write(project, Placed(target))
             await self.settle()
@@ -176,6 +182,7 @@ class Mover:
             self.say(f"{project}: {moved} queued job(s) moved; cleaning shard {source}")
             await self._copy_history(src, dst, project)
             await _forget(src, project)
+        await let_go(self.router.shards[target], project)
         hashed = rendezvous(project, placement.active) == target
         await placement.write(project, None if hashed else Placed(target))
         self.say(f"{project}: on shard {target}")
@@ -198,29 +205,41 @@ class Mover:
             await copy_project(src.history, dst.history, project)
 
     async def _drain(self, src: Services, dst: Services, project: str) -> int:
-        """Move the project's queued jobs until none is left and none came for a settle."""
-        moved, quiet_since = 0, time.monotonic()
+        """Move the project's queued jobs, and wait for its ordered ones to end on the old
+        shard, until none is left and none came for a settle."""
+        moved, quiet_since, said = 0, time.monotonic(), time.monotonic()
         while True:
-            found, taken = await self._move_jobs(src, dst, project)
+            found, taken, ordered = await self._move_jobs(src, dst, project)
             moved += taken
-            if found:
+            if found or ordered:
                 quiet_since = time.monotonic()
             elif time.monotonic() - quiet_since >= self.settle_s:
-                return moved
-            await asyncio.sleep(min(0.2, self.settle_s))
+                # a lane's head is always in the queue (or its fan-out is): none left there
+                # means no lane left; a lane without one would wait here, and say so
+                if not (ordered := await lanes_left(src, project)):
+                    return moved
+            if ordered and time.monotonic() - said >= SAY_EVERY_S:
+                said = time.monotonic()
+                self.say(f"{project}: waiting for {ordered} ordered job(s) or lane(s) to end")
+            await asyncio.sleep(min(0.2 if found or not ordered else 1.0, self.settle_s))
 
-    async def _move_jobs(self, src: Services, dst: Services, project: str) -> tuple[int, int]:
-        """One pass over the old shard's queue: (the project's jobs seen, those moved)."""
+    async def _move_jobs(self, src: Services, dst: Services, project: str) -> tuple[int, int, int]:
+        """One pass over the old shard's queue: (the project's jobs seen, those moved, those
+        left to finish there: its ordered deliveries and, while it is ordered there, its
+        events to fan out, which are numbered there)."""
         claims = Claims(src.redis, src.keys, self.token, LEASE_S)
-        seen = taken = start = 0
+        ordered = await ordered_on(src, project)
+        seen = taken = staying = start = 0
         while ids := await src.redis.zrange(src.keys.QUEUE, start, start + PAGE - 1):
             start += PAGE
             datas = await src.redis.mget([src.keys.arq_job(i.decode()) for i in ids])
             for raw_id, data in zip(ids, datas, strict=True):
-                if data is not None and _owner(data) == project:
+                where = "" if data is None else _where(data, project, ordered)
+                staying += where == STAY
+                if where == MOVE:
                     seen += 1
                     taken += await self._move_job(src, dst, claims, raw_id.decode())
-        return seen, taken
+        return seen, taken, staying
 
     async def _move_job(self, src: Services, dst: Services, claims: Claims, job_id: str) -> int:
         k = src.keys
@@ -256,18 +275,27 @@ class Mover:
         return 1
 
 
-def _owner(data: bytes) -> str | None:
-    """The project whose shard a queued job belongs on: an event's, or a delivery's
-    callback's (a platform-wide callback's deliveries stay: every shard has it)."""
+MOVE, STAY = "move", "stay"
+
+
+def _where(data: bytes, project: str, ordered: bool) -> str:
+    """What a move of `project` does with a queued job: MOVE it, let it STAY to finish on
+    the old shard (a delivery in a lane of its events, a platform-wide callback's too; an
+    event to fan out, when `ordered`), or nothing (another project's; a platform-wide
+    callback's unordered delivery, which every shard can run)."""
     try:
         wire = decode(data)
     except BadJob:
-        return None
+        return ""
     payload = wire.payload if isinstance(wire.payload, dict) else {}
-    project = payload.get("projectId")
-    if wire.function == FAN_OUT or project != PLATFORM_PROJECT:
-        return project if isinstance(project, str) else None
-    return None
+    owner = payload.get("projectId")
+    if owner == PLATFORM_PROJECT and payload.get("emitter") == project:
+        return STAY if payload.get("lane") is not None else ""
+    if owner != project:
+        return ""
+    if wire.function == FAN_OUT:
+        return STAY if ordered else MOVE
+    return STAY if payload.get("lane") is not None else MOVE
 
 
 async def _projects(services: Services) -> set[str]:

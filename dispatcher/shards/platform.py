@@ -16,7 +16,7 @@ disabled when any copy is, and enabling it enables every copy.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Required, TypedDict, Unpack
+from typing import TYPE_CHECKING
 
 import structlog
 
@@ -29,21 +29,11 @@ from dispatcher.services import DEFAULT_OVERLAP_HOURS
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
 
-    from dispatcher.headers import AuthHeader
-    from dispatcher.models import Callback, CallbackPage, CreateCallBackResult, Event, Region
-    from dispatcher.registry import Options
+    from dispatcher.models import Callback, CallbackPage, CreateCallBackResult, Event
+    from dispatcher.registry import Registration
     from dispatcher.services import Services
 
-__all__ = ["PlatformCallbacks", "Registration"]
-
-
-class Registration(TypedDict, total=False):
-    """The keyword arguments of a registration (`Services.register`)."""
-
-    creator: Required[str]
-    pipeline_id: str | None
-    auth_header: AuthHeader | None
-    options: Options | None
+__all__ = ["PlatformCallbacks"]
 
 
 log = structlog.get_logger("dispatcher.shards")
@@ -57,33 +47,15 @@ class PlatformCallbacks:
         self.home = shards[0]
         self.others = shards[1:]
 
-    async def register(
-        self,
-        project_id: str,
-        url: str,
-        event: Event | str,
-        region: Region,
-        secret_token: str | None = None,
-        **how: Unpack[Registration],
-    ) -> int:
+    async def register(self, registration: Registration, event: Event | str) -> int:
         """`Services.register` on the home shard, then on every other."""
-        callback_id = await self.home.register(project_id, url, event, region, secret_token, **how)
+        callback_id = await self.home.register(registration, event)
         await self.copy([callback_id], reset=True)
         return callback_id
 
-    async def register_batch(
-        self,
-        project_id: str,
-        url: str,
-        events: str,
-        region: Region,
-        secret_token: str | None = None,
-        **how: Unpack[Registration],
-    ) -> CreateCallBackResult:
+    async def register_batch(self, registration: Registration, events: str) -> CreateCallBackResult:
         """`Services.register_batch` on the home shard, then on every other."""
-        result = await self.home.register_batch(
-            project_id, url, events, region, secret_token, **how
-        )
+        result = await self.home.register_batch(registration, events)
         await self.copy(await callback_ids(self.home.registry, PLATFORM_PROJECT), reset=True)
         return result
 

@@ -9,22 +9,24 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from dispatcher.lua import Lua
+from dispatcher.lua import Key, Lua, Script
 
 if TYPE_CHECKING:
     from redis.asyncio.client import Pipeline
 
     from dispatcher.keys import Keys
 
-__all__ = ["NEXT_TAG", "Release", "queue_enter", "queue_head", "queue_release"]
+__all__ = ["NEXT_TAG", "Head", "Release", "queue_enter"]
 
 NEXT_TAG = b"lane:next"  # the first item of RELEASE's answer when it took the next delivery
 
 # Whether no event of the project numbered below `seq` may still add to a lane: none in
-# its pending set (events whose last chunk has not entered its lanes yet) still queued.
+# its pending set (events whose last chunk has not entered its lanes yet) still queued,
+# and the project's lanes not held (it is moving here: see `dispatcher.shards.lanes`).
 # Those that have left the queue are dropped on the way.
 _CLEAR = """
-local function clear(pending, queue, seq)
+local function clear(hold, pending, queue, seq)
+  if redis.call('EXISTS', hold) == 1 then return false end
   for _ = 1, 100 do
     local low = redis.call('ZRANGE', pending, 0, 0, 'WITHSCORES')
     if #low == 0 or tonumber(low[2]) >= seq then return true end
@@ -34,7 +36,8 @@ local function clear(pending, queue, seq)
   return false
 end
 
-local function wake(pending, queue, waiting, now)
+local function wake(hold, pending, queue, waiting, now)
+  if redis.call('EXISTS', hold) == 1 then return 0 end
   local floor = '-inf'
   for _ = 1, 100 do
     local low = redis.call('ZRANGE', pending, 0, 0, 'WITHSCORES')
@@ -61,10 +64,10 @@ elseif ARGV[6] == '1' then
   redis.call('ZADD', KEYS[3], seq, ARGV[1])
 end
 seq = tonumber(seq)
-local free = clear(KEYS[1], KEYS[2], seq)
+local free = clear(KEYS[5], KEYS[1], KEYS[2], seq)
 local out = {}
-for i = 5, #KEYS do
-  local a = 8 + 2 * (i - 5)
+for i = 6, #KEYS do
+  local a = 8 + 2 * (i - 6)
   local id = ARGV[a]
   local before = redis.call('ZRANGE', KEYS[i], 0, 0)[1]
   redis.call('ZADD', KEYS[i], 'NX', seq, id)
@@ -88,7 +91,7 @@ for i = 5, #KEYS do
   end
 end
 local woken = 0
-if ARGV[6] == '1' then woken = wake(KEYS[1], KEYS[2], KEYS[4], ARGV[7]) end
+if ARGV[6] == '1' then woken = wake(KEYS[5], KEYS[1], KEYS[2], KEYS[4], ARGV[7]) end
 out[#out + 1] = woken
 return out
 """
@@ -132,133 +135,173 @@ def queue_enter(
         keys.QUEUE,
         keys.lanes_ready(project_id),
         keys.lanes_waiting(project_id),
+        keys.lanes_hold(project_id),
     ]
     _ENTER.queue(pipe, [*sets, *lanes], args)
 
 
-_HEAD = Lua(
-    _CLEAR
-    + """
-local seq = redis.call('ZSCORE', KEYS[1], ARGV[1])
-if not seq then return 1 end
-if redis.call('ZRANGE', KEYS[1], 0, 0)[1] ~= ARGV[1] then
-  redis.call('ZREM', KEYS[3], ARGV[1])
-  redis.call('DEL', KEYS[4], KEYS[5])
-  redis.call('ZREM', KEYS[6], ARGV[1])
-  return 0
-end
-if clear(KEYS[2], KEYS[3], tonumber(seq)) then
-  redis.call('ZREM', KEYS[6], ARGV[1])
-  return 1
-end
-redis.call('ZADD', KEYS[6], seq, ARGV[1])
-return 2
-"""
-)
-
-
-def queue_head(pipe: Pipeline, keys: Keys, *, lane: str, project_id: str, job_id: str) -> None:
+@dataclass(frozen=True)
+class Head(Script):
     """Whether a queued delivery's turn has come. Answers 1 when it may be attempted (its
     lane's head, its earlier events all in their lanes; or no longer in its lane: ended
     already), 0 when it was parked (out of the queue, its lease and claim count gone), 2
-    when it waits shortly for its earlier events."""
-    _HEAD.queue(
-        pipe,
-        [
-            lane,
-            keys.lanes_pending(project_id),
-            keys.QUEUE,
-            keys.ARQ_IN_PROGRESS_PREFIX + job_id,
-            keys.ARQ_RETRY_PREFIX + job_id,
-            keys.lanes_waiting(project_id),
-        ],
-        [job_id],
-    )
+    when it waits shortly for its earlier events (due again at `recheck_ms`), 3 when it
+    waits for the project's move to end, its lanes on the old shard (due at `held_ms`);
+    a job that waits is back in the queue, its lease and claim count gone."""
 
-
-_RELEASE = Lua(
-    _CLEAR
-    + """
-redis.call('ZREM', KEYS[1], ARGV[1])
-redis.call('ZREM', KEYS[3], KEYS[1])
-local owner = redis.call('GET', KEYS[6])
-if not owner or owner == ARGV[6] then
-  redis.call('DEL', KEYS[5], KEYS[6], KEYS[7])
-  redis.call('ZREM', KEYS[2], ARGV[1])
+    LUA = (
+        _CLEAR
+        + """
+local seq = redis.call('ZSCORE', lane, job_id)
+if not seq then return 1 end
+if redis.call('ZRANGE', lane, 0, 0)[1] ~= job_id then
+  redis.call('ZREM', queue, job_id)
+  redis.call('DEL', lease, claims)
+  redis.call('ZREM', waiting, job_id)
+  return 0
 end
-local nxt = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+if clear(hold, pending, queue, tonumber(seq)) then
+  redis.call('ZREM', waiting, job_id)
+  return 1
+end
+redis.call('ZADD', waiting, seq, job_id)
+local held = redis.call('EXISTS', hold) == 1
+redis.call('ZADD', queue, held and held_ms or recheck_ms, job_id)
+redis.call('DEL', lease, claims)
+if held then return 3 end
+return 2
+"""
+    )
+    lane: Key
+    pending: Key
+    queue: Key
+    lease: Key
+    claims: Key
+    waiting: Key
+    hold: Key
+    job_id: str
+    recheck_ms: int
+    held_ms: int
+
+    @classmethod
+    def of(
+        cls, keys: Keys, lane: str, project_id: str, job_id: str, recheck_ms: int, held_ms: int
+    ) -> Head:
+        """The check of `job_id`, a delivery of `project_id`'s events in `lane`."""
+        return cls(
+            lane=lane,
+            pending=keys.lanes_pending(project_id),
+            queue=keys.QUEUE,
+            lease=keys.ARQ_IN_PROGRESS_PREFIX + job_id,
+            claims=keys.ARQ_RETRY_PREFIX + job_id,
+            waiting=keys.lanes_waiting(project_id),
+            hold=keys.lanes_hold(project_id),
+            job_id=job_id,
+            recheck_ms=recheck_ms,
+            held_ms=held_ms,
+        )
+
+
+@dataclass(frozen=True)
+class Release(Script):
+    """One delivery's end in its lane: it leaves its lane, its job (if it is one) ends
+    unless another worker holds it, and the lane's next delivery, when its earlier events
+    are all in their lanes, is taken by `token`'s worker ('' leaves it to the queue, due
+    now): queued under its lease, answered as `[NEXT_TAG, id, job bytes, progress, its
+    callback's hash as HGETALL answers]` (its callback is the one its delivery id ends
+    with; its `failing` mark says whether it has failures on record). Safe to run again.
+
+    The next delivery is found inside the script, so the keys of its job, lease and
+    progress and of its callback are made there, from the prefixes given
+    (`job_prefix`, ...): no other key is."""
+
+    LUA = (
+        _CLEAR
+        + """
+redis.call('ZREM', lane, delivery_id)
+redis.call('ZREM', blocked, lane)
+local owner = redis.call('GET', lease)
+if not owner or owner == token then
+  redis.call('DEL', job, lease, claims)
+  redis.call('ZREM', queue, delivery_id)
+end
+local nxt = redis.call('ZRANGE', lane, 0, 0, 'WITHSCORES')
 if #nxt == 0 then return 0 end
 local id = nxt[1]
-local job = redis.call('GET', ARGV[2] .. id)
-if not job then return 0 end
-if redis.call('EXISTS', ARGV[3] .. id) == 1 then
+local data = redis.call('GET', job_prefix .. id)
+if not data then return 0 end
+if redis.call('EXISTS', lease_prefix .. id) == 1 then
   -- leased: its holder runs it, or (killed) lets it go when the lease lapses: it must be
   -- in the queue then (a head put aside while leased is not)
-  redis.call('ZADD', KEYS[2], 'NX', ARGV[5], id)
+  redis.call('ZADD', queue, 'NX', now_ms, id)
   return 0
 end
-if not clear(KEYS[4], KEYS[2], tonumber(nxt[2])) then
-  redis.call('ZADD', KEYS[2], 'LT', ARGV[8], id)
-  redis.call('ZADD', KEYS[8], nxt[2], id)
+if not clear(hold, pending, queue, tonumber(nxt[2])) then
+  redis.call('ZADD', queue, 'LT', recheck_ms, id)
+  redis.call('ZADD', waiting, nxt[2], id)
   return 0
 end
-if ARGV[6] == '' then
-  redis.call('ZADD', KEYS[2], 'LT', ARGV[5], id)
+if token == '' then
+  redis.call('ZADD', queue, 'LT', now_ms, id)
   return 0
 end
-redis.call('ZADD', KEYS[2], ARGV[5], id)
-redis.call('SET', ARGV[3] .. id, ARGV[6], 'PX', ARGV[7])
+redis.call('ZADD', queue, now_ms, id)
+redis.call('SET', lease_prefix .. id, token, 'PX', lease_ms)
 local callback = string.match(id, '%.(%d+)$')
-return {'lane:next', id, job, redis.call('GET', ARGV[4] .. id) or '',
-        redis.call('HGETALL', ARGV[9] .. callback), redis.call('EXISTS', ARGV[10] .. callback)}
+return {'lane:next', id, data, redis.call('GET', progress_prefix .. id) or '',
+        redis.call('HGETALL', callback_prefix .. callback)}
 """
-)
-
-
-@dataclass(frozen=True, slots=True)
-class Release:
-    """One delivery's end in its lane. `token`: the worker's lease token, which takes the
-    lane's next delivery for that worker ('' leaves it to the queue, due now)."""
-
-    lane: str
-    project_id: str
+    )
+    lane: Key
+    queue: Key
+    blocked: Key
+    pending: Key
+    job: Key
+    lease: Key
+    claims: Key
+    waiting: Key
+    hold: Key
     delivery_id: str
     token: str
     lease_ms: int
     now_ms: int
     recheck_ms: int
+    job_prefix: str
+    lease_prefix: str
+    progress_prefix: str
+    callback_prefix: str
 
-
-def queue_release(pipe: Pipeline, keys: Keys, release: Release) -> None:
-    """The delivery leaves its lane, its job (if it is one) ends unless another worker holds
-    it, and the lane's next delivery, when its earlier events are all in their lanes, is
-    taken by `release.token`'s worker: queued under its lease, answered as `[NEXT_TAG, id,
-    job bytes, progress, its callback's hash as HGETALL answers, 1 when the callback has
-    failures on record]` (0 otherwise; its callback is the one its delivery id ends with).
-    Safe to run again."""
-    r, job_id = release, release.delivery_id
-    _RELEASE.queue(
-        pipe,
-        [
-            r.lane,
-            keys.QUEUE,
-            keys.LANES_BLOCKED,
-            keys.lanes_pending(r.project_id),
-            keys.arq_job(job_id),
-            keys.ARQ_IN_PROGRESS_PREFIX + job_id,
-            keys.ARQ_RETRY_PREFIX + job_id,
-            keys.lanes_waiting(r.project_id),
-        ],
-        [
-            job_id,
-            keys.ARQ_JOB_PREFIX,
-            keys.ARQ_IN_PROGRESS_PREFIX,
-            keys.DELIVERY_PREFIX,
-            r.now_ms,
-            r.token,
-            r.lease_ms,
-            r.recheck_ms,
-            keys.CALLBACK_PREFIX,
-            keys.HEALTH_PREFIX,
-        ],
-    )
+    @classmethod
+    def of(
+        cls,
+        keys: Keys,
+        lane: str,
+        project_id: str,
+        delivery_id: str,
+        *,
+        token: str,
+        lease_ms: int,
+        now_ms: int,
+        recheck_ms: int,
+    ) -> Release:
+        """The release of `delivery_id`, of `project_id`'s events, from `lane`."""
+        return cls(
+            lane=lane,
+            queue=keys.QUEUE,
+            blocked=keys.LANES_BLOCKED,
+            pending=keys.lanes_pending(project_id),
+            job=keys.arq_job(delivery_id),
+            lease=keys.ARQ_IN_PROGRESS_PREFIX + delivery_id,
+            claims=keys.ARQ_RETRY_PREFIX + delivery_id,
+            waiting=keys.lanes_waiting(project_id),
+            hold=keys.lanes_hold(project_id),
+            delivery_id=delivery_id,
+            token=token,
+            lease_ms=lease_ms,
+            now_ms=now_ms,
+            recheck_ms=recheck_ms,
+            job_prefix=keys.ARQ_JOB_PREFIX,
+            lease_prefix=keys.ARQ_IN_PROGRESS_PREFIX,
+            progress_prefix=keys.DELIVERY_PREFIX,
+            callback_prefix=keys.CALLBACK_PREFIX,
+        )

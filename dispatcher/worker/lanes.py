@@ -46,13 +46,7 @@ from dispatcher.jobs import BadJob, DeliveryJob, decode, encode
 from dispatcher.keys import lane_id
 from dispatcher.registry.match import TARGET_FIELDS, CallbackTarget
 from dispatcher.registry.options import order_key
-from dispatcher.worker.lane_scripts import (
-    NEXT_TAG,
-    Release,
-    queue_enter,
-    queue_head,
-    queue_release,
-)
+from dispatcher.worker.lane_scripts import NEXT_TAG, Head, Release, queue_enter
 
 if TYPE_CHECKING:
     from redis.asyncio.client import Pipeline
@@ -64,6 +58,7 @@ if TYPE_CHECKING:
 __all__ = ["Adopt", "Lanes", "Sending"]
 
 RECHECK_S = 0.05  # a head whose earlier events are still being fanned out: looked at again
+HELD_RECHECK_S = 1.0  # a head whose project is moving here, its old lanes still busy
 NO_KEY = "unordered: the event's data has no value at orderBy {path!r}"
 NOT_NUMBERED = "unordered: the event was queued before its callback was ordered"
 GONE = "callback deleted or disabled"
@@ -204,20 +199,21 @@ class Lanes:
 
     async def claimed(self, job: DeliveryJob, then: Then) -> Then | None:
         """Before a `deliver` job's attempt: its next step, releasing its lane when it ends;
-        None when it is not its turn (it was parked, or waits shortly: `then` queued)."""
+        None when it is not its turn (it was parked, or waits: back in the queue, in the
+        same script)."""
         lane, project = self.lane(job), job.emitter or job.project_id
-        job_id = job.job_id
+        job_id, stamp = job.job_id, now_ms()
 
-        def head(pipe: Pipeline) -> None:
-            queue_head(pipe, self.keys, lane=lane, project_id=project, job_id=job_id)
-
-        (verdict,) = await self.writer.commit(head)
-        if verdict == 0:
-            return None
-        if verdict == 2:
-            await self.writer.commit(lambda pipe: then(pipe, RECHECK_S))
-            return None
-        return self.releasing(job, then)
+        head = Head.of(
+            self.keys,
+            lane,
+            project,
+            job_id,
+            recheck_ms=stamp + int(RECHECK_S * 1000),
+            held_ms=stamp + int(HELD_RECHECK_S * 1000),
+        )
+        (verdict,) = await self.writer.commit(head.queue_on)
+        return self.releasing(job, then) if verdict == 1 else None
 
     # ---- a delivery's end ------------------------------------------------------------------
 
@@ -244,16 +240,17 @@ class Lanes:
         (see `landed`)."""
         self.released += 1
         stamp = now_ms()
-        release = Release(
-            lane=self.lane(job),
-            project_id=job.emitter or job.project_id,
-            delivery_id=job.job_id,
+        release = Release.of(
+            self.keys,
+            self.lane(job),
+            job.emitter or job.project_id,
+            job.job_id,
             token=self.adopt.token if take and self.adopt is not None else "",
             lease_ms=self.lease_ms,
             now_ms=stamp,
             recheck_ms=stamp + int(RECHECK_S * 1000),
         )
-        queue_release(pipe, self.keys, release)
+        release.queue_on(pipe)
 
     def landed(self, answer: list[Any]) -> None:
         """After a write: each next delivery a release in it took starts now."""
@@ -262,7 +259,7 @@ class Lanes:
                 self._take(item)
 
     def _take(self, taken: list[Any]) -> None:
-        _, job_id, raw, progress, pairs, failing = taken
+        _, job_id, raw, progress, pairs = taken
         adopt = self.adopt
         try:
             job = DeliveryJob.from_wire(decode(raw).payload, job_id.decode())
@@ -275,11 +272,7 @@ class Lanes:
         target = None
         if fields[0] is not None and fields[1] == b"1":
             target = CallbackTarget.from_fields(
-                job.callback_id,
-                fields,
-                self.sending.decrypt,
-                failing=bool(failing),
-                owner=row[b"projectId"].decode(),
+                job.callback_id, fields, self.sending.decrypt, owner=row[b"projectId"].decode()
             )
         then = self.releasing(job, adopt.step_of(job.job_id))
 

@@ -16,6 +16,7 @@ from dispatcher.clock import now_ms
 from dispatcher.embedded import EmbeddedRedis
 from dispatcher.models import Region
 from dispatcher.producer import Producer
+from dispatcher.registry import Registration
 from dispatcher.shards.router import Router
 from tests.cluster import grown
 from tests.helpers import Receiver, make_settings, start_worker, until
@@ -42,8 +43,8 @@ async def test_a_worker_killed_while_serving_two_shards_loses_nothing(
     async with Router.open(settings) as router:
         projects = _two_on_each_shard(router)
         for project in projects:
-            await router.of(project).register(project, url, "BUILD_END", Region.DEVNET, "t",
-                                              creator="test")  # fmt: skip
+            registration = Registration(project, url, Region.DEVNET, "test", "t")
+            await router.of(project).register(registration, "BUILD_END")
         async with Producer(settings) as producer:
             ids = await producer.emit_many(
                 [(p, "BUILD_END", {"n": n}) for p in projects for n in range(EVENTS_PER_PROJECT)]

@@ -25,6 +25,7 @@ from dispatcher.history.redis import RedisHistory
 from dispatcher.keys import Keys
 from dispatcher.models import HistoryRecord, Region
 from dispatcher.producer import Producer
+from dispatcher.registry import Registration
 from dispatcher.services import Services
 from dispatcher.settings import Settings
 from dispatcher.tokens import TokenCipher
@@ -328,8 +329,10 @@ async def test_the_previous_token_is_encrypted_at_rest_like_the_token(
     keys_ = f"{TokenCipher.new_key()},{TokenCipher.new_key()}"
     settings = make_settings(redis_server.url, token_keys=keys_)
     services = Services(settings, redis)
-    cid = await services.register("demo", "http://127.0.0.1:9/e", "BUILD_END", Region.DEVNET,
-                                  "old-secret", creator="alice")  # fmt: skip
+    registration = Registration(
+        "demo", "http://127.0.0.1:9/e", Region.DEVNET, "alice", "old-secret"
+    )
+    cid = await services.register(registration, "BUILD_END")
     await services.rotate_secret(cid, "demo", "new-secret", 1)
     stored = await redis.hmget(keys.callback(cid), ["secretToken", "previousToken"])  # type: ignore[misc]  # sync|async
     assert all(value.startswith(b"fernet:") for value in stored)

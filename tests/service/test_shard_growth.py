@@ -16,6 +16,7 @@ from dispatcher.errors import Unavailable
 from dispatcher.models import Region
 from dispatcher.placement import rendezvous
 from dispatcher.producer import Producer
+from dispatcher.registry import Registration
 from dispatcher.settings import Settings
 from dispatcher.shards.move import Mover
 from dispatcher.shards.router import Router
@@ -38,8 +39,8 @@ async def test_adding_a_shard_moves_projects_under_load_and_loses_nothing(
     emitted: list[str] = []
     async with Router.open(one) as router:  # today: one Redis
         for project in PROJECTS:
-            await router.of(project).register(project, receiver.url(f"/{project}"),
-                                              "BUILD_END", Region.DEVNET, creator="t")  # fmt: skip
+            registration = Registration(project, receiver.url(f"/{project}"), Region.DEVNET, "t")
+            await router.of(project).register(registration, "BUILD_END")
             await router.of(project).roles.grant(project, "alice", Role.ADMIN)
         async with Producer(one) as producer:
             emitted += await producer.emit_many([(p, "BUILD_END", {"n": -1}) for p in PROJECTS])

@@ -20,6 +20,7 @@ from dispatcher.errors import InvalidSetting
 from dispatcher.history.shipper import Shipper
 from dispatcher.models import PLATFORM_PROJECT, DeliveryStatus, Region
 from dispatcher.producer import Producer
+from dispatcher.registry import Registration
 from dispatcher.settings import Settings
 from dispatcher.shard import ID_SPAN
 from dispatcher.shards import views
@@ -81,9 +82,8 @@ async def one_project_per_shard(
     events of each queued."""
     on = {router.of(p).shard.index: p for p in PROJECTS}
     for project in on.values():
-        await router.of(project).register(
-            project, receiver.url(f"/{project}"), "BUILD_END", Region.DEVNET, creator="t"
-        )
+        registration = Registration(project, receiver.url(f"/{project}"), Region.DEVNET, "t")
+        await router.of(project).register(registration, "BUILD_END")
     async with Producer(settings) as producer:
         await producer.emit_many([(p, "BUILD_END", {}) for p in on.values()] * events)
     return on
@@ -196,7 +196,7 @@ async def test_dead_letters_and_failing_callbacks_cover_every_shard(
     async with Router.open(sharded) as router:
         for project in PROJECTS[:4]:
             await router.of(project).register(
-                project, gone, "BUILD_END", Region.DEVNET, creator="t"
+                Registration(project, gone, Region.DEVNET, "t"), "BUILD_END"
             )
         async with Producer(sharded) as producer:
             await producer.emit_many([(p, "BUILD_END", {}) for p in PROJECTS[:4]])
@@ -217,9 +217,8 @@ async def test_a_worker_takes_turns_between_shards(
         busy = next(p for p in (f"busy-{n}" for n in range(50)) if router.of(p).shard.index == 0)
         quiet = next(p for p in (f"quiet-{n}" for n in range(50)) if router.of(p).shard.index == 1)
         for project in (busy, quiet):
-            await router.of(project).register(
-                project, receiver.url(f"/{project}"), "BUILD_END", Region.DEVNET, creator="t"
-            )
+            registration = Registration(project, receiver.url(f"/{project}"), Region.DEVNET, "t")
+            await router.of(project).register(registration, "BUILD_END")
         async with Producer(settings) as producer:
             await producer.emit_many([(busy, "BUILD_END", {"n": n}) for n in range(60)])
             await producer.emit_many([(quiet, "BUILD_END", {"n": n}) for n in range(4)])

@@ -14,9 +14,9 @@ from dispatcher.backoff import parse_retry_after
 from dispatcher.delivery import AttemptResult, Outcome, send
 from dispatcher.egress import AddressPolicy
 from dispatcher.errors import InvalidInput, describe
+from dispatcher.events import event_job
 from dispatcher.headers import check_header_value, unsendable
 from dispatcher.models import HistoryRecord
-from dispatcher.producer import event_job
 from dispatcher.registry.rules import check_token, url_problem, validate_url
 
 SECRET = "TOPSECRET"

@@ -1,0 +1,85 @@
+"""An emitted event, checked: what `emit()`, the CLI and the HTTP routes accept, made into
+the job the queue holds (`dispatcher.jobs.EventJob`)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+import orjson
+
+from dispatcher.clock import now_ms
+from dispatcher.errors import InvalidInput
+from dispatcher.jobs import EventJob, new_event_id
+from dispatcher.models import EVENT_ID, check_project_id, parse_event
+
+if TYPE_CHECKING:
+    from dispatcher.tracing import TraceContext
+
+__all__ = ["event_job", "wire_event_job"]
+
+
+def event_job(
+    project_id: str,
+    event: str,
+    data: Mapping[str, Any] | None,
+    event_id: str | None = None,
+    *,
+    trace: TraceContext | None = None,
+) -> EventJob:
+    """A checked event: a known name, a project id, a JSON object the queue can hold (no
+    NaN or Infinity, which JSON has no words for), an event id (when given) of 1-128
+    letters, digits and `_.:-`, each matched whole. `trace`: the trace it continues."""
+    check_project_id(project_id)
+    if data is None:
+        data = {}
+    if not isinstance(data, Mapping):
+        raise InvalidInput("data must be a JSON object", param="data")
+    if event_id is not None and not EVENT_ID.fullmatch(event_id):
+        raise InvalidInput(
+            "eventId must be 1-128 letters, digits, '_', '.', ':' or '-'", param="eventId"
+        )
+    data = dict(data)
+    try:  # what the queue's JSON cannot hold (integers beyond 64 bits, deep nesting)
+        encoded = orjson.dumps(data)
+    except orjson.JSONEncodeError as exc:
+        raise InvalidInput(f"data cannot be queued: {exc}", param="data") from None
+    # orjson writes NaN and Infinity as null: look for them only where a null was written
+    if b"null" in encoded and _non_finite(data):
+        raise InvalidInput(
+            "data holds NaN or Infinity, which JSON cannot carry (a receiver would get null)",
+            param="data",
+        )
+    return EventJob(
+        id=event_id or new_event_id(),
+        project_id=project_id,
+        event=parse_event(event).value,
+        data=data,
+        emitted_at=now_ms(),
+        trace=trace,
+        data_json=encoded,
+    )
+
+
+def _non_finite(value: Any) -> bool:
+    if isinstance(value, float):
+        return not math.isfinite(value)
+    if isinstance(value, dict):
+        return any(_non_finite(item) for item in value.values())
+    if isinstance(value, list | tuple):
+        return any(_non_finite(item) for item in value)
+    return False
+
+
+def wire_event_job(project_id: str, entry: Any, trace: TraceContext | None = None) -> EventJob:
+    """`event_job` of an event as HTTP producers send it: `{"event", "data", "eventId"?}`
+    decoded from JSON, so anything may be in it."""
+    if not isinstance(entry, dict):
+        raise InvalidInput('an event must be an object {"event", "data", "eventId"}')
+    event, event_id = entry.get("event"), entry.get("eventId")
+    if not isinstance(event, str):
+        raise InvalidInput("'event' is required: an event name", param="event")
+    if event_id is not None and not isinstance(event_id, str):
+        raise InvalidInput("eventId must be a string", param="eventId")
+    return event_job(project_id, event, entry.get("data"), event_id, trace=trace)
