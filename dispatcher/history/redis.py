@@ -4,7 +4,9 @@ small batches. Bounded by Redis' memory (~1.5-9 KB per record).
 
 Layout (see keys.py): each record is a JSON string with a TTL backstop; one sorted set per
 (project, event, url) indexes record ids by createdTime, so the seed's query is a range
-read (ZCOUNT + ZREVRANGEBYSCORE + MGET in one script), never a scan.
+read (ZCOUNT + ZREVRANGEBYSCORE + MGET in one script), never a scan. Each index also holds
+a mark, the member `~` scored +inf, so that the write that creates it knows (see
+`redis_record.Record`); no read by time range sees it.
 """
 
 from __future__ import annotations
@@ -60,18 +62,25 @@ return {total, recs}
 """)
 
 # KEYS: index, indexes set, the URL's two indexes (ok, failed). ARGV: cutoff ms, batch,
-# record key prefix.
+# record key prefix. Removes the records of the index up to the cutoff, and the index once
+# only its mark (`~`, scored +inf: see `Record`) is left, or nothing (an index written
+# before the mark). Returns how many records it removed.
 _SWEEP = Lua("""
-local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, ARGV[2])
-for _, m in ipairs(ids) do
-  redis.call('DEL', ARGV[3] .. string.match(m, '^0*(%d+)$'))
+local ids = {}
+for _, m in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, ARGV[2])) do
+  local id = string.match(m, '^0*(%d+)$')
+  if id then
+    redis.call('DEL', ARGV[3] .. id)
+    ids[#ids + 1] = m
+  end
 end
 if #ids > 0 then
   redis.call('ZREM', KEYS[1], unpack(ids))
   redis.call('ZREM', KEYS[3], unpack(ids))
   redis.call('ZREM', KEYS[4], unpack(ids))
 end
-if redis.call('ZCARD', KEYS[1]) == 0 then
+local left = redis.call('ZCARD', KEYS[1])
+if left == 0 or (left == 1 and redis.call('ZSCORE', KEYS[1], '~')) then
   redis.call('DEL', KEYS[1])
   redis.call('SREM', KEYS[2], KEYS[1])
 end

@@ -23,9 +23,10 @@ __all__ = ["Record", "record_script"]
 
 _RECORD_LUA = """
 redis.call('SET', record, json, 'EX', ttl)
-redis.call('ZADD', index, created, member)
+if redis.call('ZADD', index, created, member, '+inf', '~') == 2 then  -- a new index
+  redis.call('SADD', indexes, index)
+end
 redis.call('ZADD', url_index, created, member)
-redis.call('SADD', indexes, index)
 if gave_up == '1' then
   redis.call('ZADD', dead_all, created, record_id)
   redis.call('ZADD', dead, created, record_id)
@@ -50,7 +51,9 @@ return 1
 class Record(Script):
     """One attempt's record (`json`, its id included) and its indexes: by (project, event,
     url) and by the URL's status (`index`, `url_index`, scored by `created` ms), the set of
-    indexes the sweep walks, the dead letters when its delivery gave up (`gave_up` '1'),
+    `indexes` the sweep walks (joined by a new index only: an index holds a mark, the
+    member `~` scored +inf, so the `ZADD` that creates it says so, adding two members),
+    the dead letters when its delivery gave up (`gave_up` '1'),
     and the delivery's attempts when the record `named` ('1') one. Then what the attempt
     ends with (`dispatcher.ending`): the job's end (`job_id` not empty), else, or when
     another worker holds the job, the progress `mark` (when not empty). Every write is
