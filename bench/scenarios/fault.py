@@ -1,7 +1,9 @@
 """`fault`: deliveries/s of one worker through a 2 s Redis restart (SIGTERM,
 AOF `always`, the same port) against the same run without one, interleaved rep by rep, on a
-Redis of its own. Every run counts what was lost: a delivery is done when its progress key
-says so and the queue is empty, so lost = events whose delivery never ended."""
+Redis of its own. Every run counts what was lost: a delivery is done when the queue is
+empty and its record is written (the receiver answers 200: its first attempt is its last;
+its progress key says done when another worker ended its job), so lost = events whose
+delivery never ended."""
 
 from __future__ import annotations
 
@@ -74,12 +76,14 @@ async def _run(bench: Bench, folder: Path, events: int, restart: bool) -> dict[s
 
 
 async def _lost(redis: Redis, delivery_ids: list[str]) -> int:
-    """Deliveries whose progress does not say done (their end never written)."""
+    """Deliveries without a record (their attempts index) and whose progress does not say
+    done: their end never written."""
     done = 0
     for start in range(0, len(delivery_ids), 1000):
         chunk = delivery_ids[start : start + 1000]
         marks = await redis.mget([keys.delivery(d) for d in chunk])
-        done += sum(1 for mark in marks if mark == b"done")
+        recorded = await redis.mget([keys.history_attempts(d) for d in chunk])
+        done += sum(1 for m, r in zip(marks, recorded, strict=True) if m == b"done" or r)
     return len(delivery_ids) - done
 
 

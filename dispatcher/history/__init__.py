@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from redis.asyncio import Redis
     from redis.asyncio.client import Pipeline
 
+    from dispatcher.ending import Ending
     from dispatcher.history.record import AttemptRecord
     from dispatcher.keys import Keys
     from dispatcher.models import DeliveryStatus, HistoryPage, HistoryRecord
@@ -58,8 +59,16 @@ class HistoryStore(Protocol):
     async def assign_ids(self, records: Iterable[AttemptRecord]) -> None:
         """Give each record without an `id` a new one (ids always come from Redis)."""
 
-    def record(self, pipe: Pipeline, record: AttemptRecord, *, dead: bool = False) -> None:
-        """Queue the write of one record, id assigned, on `pipe`; idempotent."""
+    def record(
+        self,
+        pipe: Pipeline,
+        record: AttemptRecord,
+        *,
+        dead: bool = False,
+        ending: Ending | None = None,
+    ) -> None:
+        """Queue the write of one record, id assigned, on `pipe`, and what its attempt ends
+        with (`dispatcher.ending`); idempotent."""
 
     async def add(self, record: AttemptRecord, *, dead: bool = False) -> int:
         """Write one record now; returns its id."""

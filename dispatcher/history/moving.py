@@ -42,7 +42,8 @@ async def _records(
         start = 0
         while members := await redis.zrange(index, start, start + PAGE - 1):
             start += PAGE
-            raws = await redis.mget([keys.history_record(int(m)) for m in members])
+            ids = [int(m) for m in members if m.isdigit()]  # not the index's mark
+            raws = await redis.mget([keys.history_record(i) for i in ids]) if ids else []
             records = [orjson.loads(raw) for raw in raws if raw]
             yield [(record, int(record["id"]) in dead) for record in records]
 

@@ -18,14 +18,13 @@ import asyncio
 import math
 from typing import TYPE_CHECKING, Any
 
-import orjson
-
 from dispatcher import clock
 from dispatcher.errors import NotFound
 from dispatcher.history import database, window
 from dispatcher.history.ids import RecordIds
 from dispatcher.history.redis import parse_records
 from dispatcher.history.schema import DAY_MS, drop_expired, ensure_partitions
+from dispatcher.history.stream import stream_fields, streamed_with_end
 from dispatcher.history.window import Cursor, Recent
 from dispatcher.lua import run_pipeline
 from dispatcher.models import DeliveryStatus, HistoryPage
@@ -37,6 +36,7 @@ if TYPE_CHECKING:
     from redis.asyncio import Redis
     from redis.asyncio.client import Pipeline
 
+    from dispatcher.ending import Ending
     from dispatcher.history.record import AttemptRecord
     from dispatcher.keys import Keys
     from dispatcher.models import HistoryRecord
@@ -95,23 +95,6 @@ RECENT_BY_STATUS = {
 }
 
 
-def stream_fields(record: AttemptRecord, dead: bool) -> dict[str, bytes | str | int]:
-    """One stream entry: the record's JSON, whether its delivery gave up, and the columns
-    it is stored and counted by (its id, time, project, event, URL, delivery id and status),
-    so that neither the shipper nor PostgreSQL has to read the JSON."""
-    return {
-        "r": orjson.dumps(record),
-        "d": b"1" if dead else b"0",
-        "t": record["createdTime"],
-        "i": record["id"],
-        "p": record["projectId"],
-        "e": record["events"],
-        "u": record["callBackUrl"],
-        "v": record.get("deliveryId") or "",
-        "s": record["status"],
-    }
-
-
 class PostgresHistory:
     """Attempt records in PostgreSQL, written through a Redis stream."""
 
@@ -131,10 +114,23 @@ class PostgresHistory:
         """Give each record without an `id` a new one (see `RecordIds`)."""
         await self._ids.assign(records)
 
-    def record(self, pipe: Pipeline, record: AttemptRecord, *, dead: bool = False) -> None:
-        """Queue the record's append to the stream on `pipe`. Sent twice (a pipeline whose
-        answer was lost), it is stored once: the shipper skips an id it already has."""
+    def record(
+        self,
+        pipe: Pipeline,
+        record: AttemptRecord,
+        *,
+        dead: bool = False,
+        ending: Ending | None = None,
+    ) -> None:
+        """Queue the record's append to the stream on `pipe`, and what the attempt ends
+        with (`ending`: with a job's end, one script does both). Sent twice (a pipeline
+        whose answer was lost), it is stored once: the shipper skips an id it already has."""
+        if ending is not None and ending.job is not None:
+            streamed_with_end(self.keys.HISTORY_STREAM, record, dead, ending).queue_on(pipe)
+            return
         pipe.xadd(self.keys.HISTORY_STREAM, stream_fields(record, dead))  # type: ignore[arg-type]
+        if ending is not None and ending.progress:
+            pipe.set(ending.progress, ending.mark, ex=ending.ttl)
 
     async def add(self, record: AttemptRecord, *, dead: bool = False) -> int:
         """Append one record now; returns its id (queryable once shipped)."""

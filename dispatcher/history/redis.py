@@ -4,7 +4,9 @@ small batches. Bounded by Redis' memory (~1.5-9 KB per record).
 
 Layout (see keys.py): each record is a JSON string with a TTL backstop; one sorted set per
 (project, event, url) indexes record ids by createdTime, so the seed's query is a range
-read (ZCOUNT + ZREVRANGEBYSCORE + MGET in one script), never a scan.
+read (ZCOUNT + ZREVRANGEBYSCORE + MGET in one script), never a scan. Each index also holds
+a mark, the member `~` scored +inf, so that the write that creates it knows (see
+`redis_record.Record`); no read by time range sees it.
 """
 
 from __future__ import annotations
@@ -13,12 +15,12 @@ import math
 import time
 from typing import TYPE_CHECKING
 
-import orjson
 from pydantic import TypeAdapter
 
 from dispatcher import clock, keys
 from dispatcher.errors import NotFound
 from dispatcher.history.ids import RecordIds
+from dispatcher.history.redis_record import record_script
 from dispatcher.history.window import MAX_ATTEMPTS_SHOWN, Cursor, Recent, check_page
 from dispatcher.lua import Lua, run_pipeline
 from dispatcher.models import DeliveryStatus, HistoryPage, HistoryRecord
@@ -29,6 +31,7 @@ if TYPE_CHECKING:
     from redis.asyncio import Redis
     from redis.asyncio.client import Pipeline
 
+    from dispatcher.ending import Ending
     from dispatcher.history.record import AttemptRecord
     from dispatcher.keys import Keys
     from dispatcher.settings import Settings
@@ -39,37 +42,6 @@ RECORDS = TypeAdapter(list[HistoryRecord])
 # Records outlive the retention by this much, so the sweep (not the TTL) decides, and a
 # stopped sweep still cannot let Redis grow without bound.
 _TTL_MARGIN_S = 86_400
-
-# A delivery's attempts: its record ids in the order written, space-separated, in one
-# string with the TTL of its latest record, so its first attempt (most deliveries' only
-# one) is one SET NX EX. Written before this layout, the key is a ZSET of the ids by
-# createdTime (GET fails on it): that one goes on as it was.
-# KEYS: record, index, indexes set, dead zset, the project's dead zset, dead-keys set, the
-# delivery's attempts, the URL's index of the record's status. ARGV: record json (id
-# included), createdTime ms, ttl s, index member, '1' when this attempt ended the delivery
-# in failure, record id, '1' when the record names its delivery. Every write is
-# idempotent, so a pipeline whose answer was lost can be sent again.
-_RECORD = Lua("""
-redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[3])
-redis.call('ZADD', KEYS[2], ARGV[2], ARGV[4])
-redis.call('ZADD', KEYS[8], ARGV[2], ARGV[4])
-redis.call('SADD', KEYS[3], KEYS[2])
-if ARGV[5] == '1' then
-  redis.call('ZADD', KEYS[4], ARGV[2], ARGV[6])
-  redis.call('ZADD', KEYS[5], ARGV[2], ARGV[6])
-  redis.call('SADD', KEYS[6], KEYS[5])
-end
-if ARGV[7] == '1' and not redis.call('SET', KEYS[7], ARGV[6], 'EX', ARGV[3], 'NX') then
-  local ids = redis.pcall('GET', KEYS[7])
-  if type(ids) == 'table' then
-    redis.call('ZADD', KEYS[7], ARGV[2], ARGV[6])
-  elseif not string.find(' ' .. ids .. ' ', ' ' .. ARGV[6] .. ' ', 1, true) then
-    redis.call('APPEND', KEYS[7], ' ' .. ARGV[6])
-  end
-  redis.call('EXPIRE', KEYS[7], ARGV[3])
-end
-return 1
-""")
 
 # KEYS: index. ARGV: min ms, max ms, offset, count, record key prefix.
 _QUERY = Lua("""
@@ -90,18 +62,25 @@ return {total, recs}
 """)
 
 # KEYS: index, indexes set, the URL's two indexes (ok, failed). ARGV: cutoff ms, batch,
-# record key prefix.
+# record key prefix. Removes the records of the index up to the cutoff, and the index once
+# only its mark (`~`, scored +inf: see `Record`) is left, or nothing (an index written
+# before the mark). Returns how many records it removed.
 _SWEEP = Lua("""
-local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, ARGV[2])
-for _, m in ipairs(ids) do
-  redis.call('DEL', ARGV[3] .. string.match(m, '^0*(%d+)$'))
+local ids = {}
+for _, m in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, ARGV[2])) do
+  local id = string.match(m, '^0*(%d+)$')
+  if id then
+    redis.call('DEL', ARGV[3] .. id)
+    ids[#ids + 1] = m
+  end
 end
 if #ids > 0 then
   redis.call('ZREM', KEYS[1], unpack(ids))
   redis.call('ZREM', KEYS[3], unpack(ids))
   redis.call('ZREM', KEYS[4], unpack(ids))
 end
-if redis.call('ZCARD', KEYS[1]) == 0 then
+local left = redis.call('ZCARD', KEYS[1])
+if left == 0 or (left == 1 and redis.call('ZSCORE', KEYS[1], '~')) then
   redis.call('DEL', KEYS[1])
   redis.call('SREM', KEYS[2], KEYS[1])
 end
@@ -124,7 +103,7 @@ return redis.call('ZREVRANGEBYSCORE', KEYS[1], ARGV[1], ARGV[3], 'WITHSCORES', '
 """)
 
 # KEYS: a zset of record ids by time (dead letters) or a delivery's attempts (see
-# _RECORD). ARGV: limit, record key prefix. The latest records, newest first (of the
+# Record). ARGV: limit, record key prefix. The latest records, newest first (of the
 # attempts: the latest written, last first).
 _LATEST = Lua("""
 local ids = {}
@@ -170,38 +149,20 @@ class RedisHistory:
     async def close(self) -> None:
         """Nothing of its own to close (the Redis pool is the caller's)."""
 
-    def record(self, pipe: Pipeline, record: AttemptRecord, *, dead: bool = False) -> None:
+    def record(
+        self,
+        pipe: Pipeline,
+        record: AttemptRecord,
+        *,
+        dead: bool = False,
+        ending: Ending | None = None,
+    ) -> None:
         """Queue the write of one record on `pipe` (the caller executes it with its other
-        writes, one round trip). `record` carries the seed's fields, camelCase, and its id
-        (see `assign_ids`); writing it twice stores it once."""
+        writes, one round trip), and what the attempt ends with (`ending`), in one script.
+        `record` carries the seed's fields, camelCase, and its id (see `assign_ids`);
+        writing it twice stores it once."""
         ttl = self.settings.retention_ms // 1000 + _TTL_MARGIN_S
-        record_id = record["id"]
-        project_id = record["projectId"]
-        delivery_id = record.get("deliveryId") or ""
-        _RECORD.queue(
-            pipe,
-            [
-                self.keys.history_record(record_id),
-                self.keys.history_index(project_id, record["events"], record["callBackUrl"]),
-                self.keys.HISTORY_INDEXES,
-                self.keys.HISTORY_DEAD,
-                self.keys.history_dead(project_id),
-                self.keys.HISTORY_DEAD_KEYS,
-                self.keys.history_attempts(delivery_id),
-                self.keys.history_url_index(
-                    project_id, record["callBackUrl"], record["status"] != DeliveryStatus.SUCCESS
-                ),
-            ],
-            [
-                orjson.dumps(record),
-                record["createdTime"],
-                ttl,
-                keys.history_member(record_id),
-                "1" if dead else "0",
-                record_id,
-                "1" if delivery_id else "0",
-            ],
-        )
+        record_script(self.keys, record, ttl, dead, ending).queue_on(pipe)
 
     async def add(self, record: AttemptRecord, *, dead: bool = False) -> int:
         """Write one record now; returns its id."""

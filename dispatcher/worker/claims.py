@@ -15,9 +15,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from dispatcher.clock import now_ms
+from dispatcher.ending import END_JOB, JobEnd
 from dispatcher.jobs import encode
 from dispatcher.keys import SEP
-from dispatcher.lua import Lua, run_pipeline
+from dispatcher.lua import Key, Lua, Script, run_pipeline
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
@@ -26,7 +27,7 @@ if TYPE_CHECKING:
     from dispatcher.jobs import EventJob
     from dispatcher.keys import Keys
 
-__all__ = ["Budgets", "Claimed", "Claims"]
+__all__ = ["Budgets", "Claimed", "Claims", "Finish"]
 
 Budgets = tuple[int, dict[str, int]]  # jobs a new project may take (-1: any), each busy one's
 RETRY_KEY_TTL_S = 88_400  # arq's
@@ -93,15 +94,21 @@ end
 return n
 """)
 
-# KEYS: queue, lease, job, claims. ARGV: token, job id. Removes the job unless another
-# worker holds its lease now. Returns 1 when done, 0 when left to that worker.
-_FINISH = Lua("""
-local owner = redis.call('GET', KEYS[2])
-if owner and owner ~= ARGV[1] then return 0 end
-redis.call('DEL', KEYS[2], KEYS[3], KEYS[4])
-redis.call('ZREM', KEYS[1], ARGV[2])
-return 1
-""")
+
+@dataclass(frozen=True)
+class Finish(Script):
+    """Removes the job from the `queue` with its `lease`, data (`job`) and `claims` count,
+    unless another worker holds its lease now. Returns 1 when done, 0 when left to that
+    worker. (The record's script ends a job with the same Lua: `dispatcher.ending`.)"""
+
+    LUA = END_JOB + "return end_job()"
+    queue: Key
+    lease: Key
+    job: Key
+    claims: Key
+    token: str
+    job_id: str
+
 
 # KEYS: queue, lease, job, claims. ARGV: token, job id, SHA-1 of the job's bytes as this
 # run read them, the job's next bytes, their ttl ms, now ms. A fan-out job's next chunk:
@@ -195,17 +202,24 @@ class Claims:
         leases = [self.keys.ARQ_IN_PROGRESS_PREFIX + job_id for job_id in job_ids]
         return int(await _RENEW(self.redis, leases, [self.lease_ms, self.token]))
 
-    def _keys(self, job_id: str) -> list[str]:
-        return [
+    def _keys(self, job_id: str) -> tuple[str, str, str, str]:
+        """A job's queue, lease, data and claim count keys."""
+        return (
             self.queue_name,
             self.keys.ARQ_IN_PROGRESS_PREFIX + job_id,
             self.keys.ARQ_JOB_PREFIX + job_id,
             self.keys.ARQ_RETRY_PREFIX + job_id,
-        ]
+        )
+
+    def job_end(self, job_id: str) -> JobEnd:
+        """The end of a job, as a script carries it (`Finish`, or an attempt's record)."""
+        queue, lease, job, claims = self._keys(job_id)
+        return JobEnd(queue, lease, job, claims, self.token, job_id)
 
     def finish(self, pipe: Pipeline, job_id: str) -> None:
         """Queue the end of a job on `pipe`: it leaves the queue with its keys."""
-        _FINISH.queue(pipe, self._keys(job_id), [self.token, job_id])
+        end = self.job_end(job_id)
+        Finish(end.queue, end.lease, end.job, end.claims, end.token, job_id).queue_on(pipe)
 
     def hand_over(self, pipe: Pipeline, claimed: Claimed, following: EventJob) -> None:
         """Queue the move of a fan-out job to its next chunk (`following`, the same event

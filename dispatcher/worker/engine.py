@@ -14,9 +14,7 @@ is made again, with the same delivery id for the receiver to de-duplicate.
 from __future__ import annotations
 
 import asyncio
-import functools
 import time
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
@@ -37,6 +35,7 @@ from dispatcher.delivery import (
     encode_body,
 )
 from dispatcher.egress import make_transport
+from dispatcher.ending import Ending
 from dispatcher.errors import InvalidUrl, describe
 from dispatcher.headers import unsendable
 from dispatcher.health import CircuitBreaker
@@ -47,6 +46,7 @@ from dispatcher.worker.controls import Controls
 from dispatcher.worker.lanes import Lanes, Sending
 from dispatcher.worker.record import attempt_record, checked_url, disabled, observe
 from dispatcher.worker.shares import Shares
+from dispatcher.worker.steps import FirstRetry, Step
 
 if TYPE_CHECKING:
     import httpx
@@ -55,17 +55,15 @@ if TYPE_CHECKING:
     from dispatcher.history.record import AttemptRecord
     from dispatcher.registry import CallbackTarget
     from dispatcher.services import Services
+    from dispatcher.worker.steps import ChunkEnd
     from dispatcher.worker.writer import Then, Writer
 
-__all__ = ["Engine", "JobEnd", "keep_entry"]
+__all__ = ["Engine", "keep_entry"]
 
 log = structlog.get_logger("dispatcher.worker")
 
 DONE = b"done"
 KEPT_ENTRIES = 1000  # newest entries kept in the poison and dropped lists
-
-# A fan-out job's end, given where its next chunk starts (None: it was the last).
-JobEnd = Callable[..., None]
 
 
 def keep_entry(pipe: Pipeline, key: str, entry: dict[str, Any]) -> None:
@@ -118,7 +116,7 @@ class Engine:
             await asyncio.gather(*(t.aclose() for t in self.transports.values()))
 
     async def fan_out(
-        self, event: EventJob, *, rerun: bool = False, end: JobEnd | None = None
+        self, event: EventJob, *, rerun: bool = False, end: ChunkEnd | None = None
     ) -> int | None:
         """First attempts of one chunk of `event`'s deliveries: to the callbacks after
         `event.after`, at most `DISPATCHER_FAN_OUT_CHUNK` of them. Returns where the next
@@ -139,9 +137,7 @@ class Engine:
             chunk = query.read(answer)
             targets = self.controls.select(event, chunk.targets)  # the callbacks' filters
             if targets:
-                ending = None if end is None else functools.partial(end, after=chunk.after)
-                last = chunk.after is None
-                await self._first_attempts(event, targets, rerun, carried, ending, last=last)
+                await self._first_attempts(event, targets, rerun, carried, end, chunk.after)
         return chunk.after
 
     async def _first_attempts(
@@ -150,9 +146,8 @@ class Engine:
         targets: list[CallbackTarget],
         rerun: bool,
         carried: tracing.TraceContext | None,
-        end: Callable[[Pipeline], None] | None,
-        *,
-        last: bool = True,
+        end: ChunkEnd | None,
+        after: int | None,
     ) -> None:
         try:  # once for all callbacks
             body = encode_body(event.event, event.project_id, event.data)
@@ -170,8 +165,12 @@ class Engine:
             pending = [pair for pair, mark in zip(pending, marks, strict=True) if not mark]
         # ordered deliveries join their lanes; those not at their lane's head wait there
         one = len(pending) == 1  # the job's end rides with its one attempt (if made now)
+        queue = self.services.queue
         now = await self.lanes.enter(
-            event, pending, lambda job: self._retry_job(job, end if one else None), last=last
+            event,
+            pending,
+            lambda job: FirstRetry(queue, job, end if one else None, after),
+            last=after is None,
         )
         if len(now) == 1:
             job, target, then = now[0]
@@ -184,19 +183,6 @@ class Engine:
         for outcome in ended:
             if isinstance(outcome, BaseException):
                 raise outcome
-
-    def _retry_job(self, job: DeliveryJob, end: Callable[[Pipeline], None] | None = None) -> Then:
-        """After a fan-out's attempt: a retry becomes a `deliver` job of its own; `end`,
-        the fan-out job's end, when it goes in the same write."""
-        queue = self.services.queue
-
-        def then(pipe: Pipeline, delay: float | None) -> None:
-            if delay is not None:
-                queue.push(pipe, job, defer_s=delay)
-            if end is not None:
-                end(pipe)
-
-        return then
 
     async def deliver(self, job: DeliveryJob, then: Then) -> None:
         """One more attempt of a delivery; `then` queues the job's next step (its return
@@ -307,24 +293,26 @@ class Engine:
         delay: float | None,
         then: Then,
     ) -> None:
-        """The attempt's one write, in the writer's next pipeline: its record, the
-        delivery's progress, the callback's health, and what follows (`then`). What else
-        should happen when a delivery ends goes here. A final failure is counted by
-        `health.py` in a write of its own in the same pipeline (its answer: whether it
-        disabled the callback)."""
+        """The attempt's one write, in the writer's next pipeline: the callback's health,
+        then its record with the delivery's progress and what follows (`then`): one
+        script when that is only the job's end (see `steps.py`). What else should happen
+        when a delivery ends goes here. A final failure is counted by `health.py` in a
+        write of its own in the same pipeline (its answer: whether it disabled it)."""
         outcome = result.outcome
         failed_for_good = delay is None and outcome is not Outcome.SUCCESS
         registry, health = self.services.registry, self.services.health
+        job_end = then.job_end(delay) if isinstance(then, Step) else None
+        mark = DONE.decode() if delay is None else str(record["attempt"])
+        ending = Ending(self.keys.delivery(job.progress_id), mark, self.progress_ttl, job_end)
 
         def write(pipe: Pipeline) -> None:
-            self.services.history.record(pipe, record, dead=failed_for_good)
-            progress = DONE if delay is None else str(record["attempt"])
-            pipe.set(self.keys.delivery(job.progress_id), progress, ex=self.progress_ttl)
             if outcome is Outcome.SUCCESS and target.failing:
                 health.succeeded(pipe, target.id)
             elif outcome is Outcome.GONE:
                 registry.queue_set_enabled(pipe, target.id, False, GONE_REASON)
-            then(pipe, delay)
+            self.services.history.record(pipe, record, dead=failed_for_good, ending=ending)
+            if job_end is None:
+                then(pipe, delay)
 
         written = self.writer.submit(write, (record,))
         if failed_for_good and outcome is not Outcome.GONE:

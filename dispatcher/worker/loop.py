@@ -52,7 +52,6 @@ from dispatcher.worker.shipping import Shipping
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
-    from redis.asyncio.client import Pipeline
 
     from dispatcher.settings import Settings
     from dispatcher.worker.claims import Claimed
@@ -325,15 +324,9 @@ class Worker:
         if wire.function == FAN_OUT:
             event = EventJob.from_wire(wire.payload)
             structlog.contextvars.bind_contextvars(event_id=event.id)
-            ended = False
-
-            def end(pipe: Pipeline, after: int | None) -> None:
-                nonlocal ended
-                ended = True
-                run.fan_out_end(pipe, claimed, event, after)
-
+            end = run.chunk_end(claimed, event)
             after = await run.engine.fan_out(event, rerun=claimed.claims > 1, end=end)
-            if not ended:  # not with an attempt's write: on its own
+            if not end.written:  # not with an attempt's write: on its own
                 await run.writer.commit(lambda pipe: end(pipe, after))
             if after is not None:
                 self._wake()

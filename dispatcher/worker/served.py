@@ -17,6 +17,7 @@ from dispatcher.errors import InvalidSetting
 from dispatcher.jobs import DELIVER, BadJob, DeliveryJob, decode
 from dispatcher.worker.claims import Claims
 from dispatcher.worker.engine import Engine, keep_entry
+from dispatcher.worker.steps import ChunkEnd, NextStep
 from dispatcher.worker.writer import Then, Writer
 
 if TYPE_CHECKING:
@@ -117,25 +118,11 @@ class Served:
 
     def next_step(self, job_id: str) -> Then:
         """After a `deliver` job's attempt: back in the queue for the next one, or done."""
-        claims = self.claims
+        return NextStep(self.claims, job_id)
 
-        def then(pipe: Pipeline, delay: float | None) -> None:
-            if delay is None:
-                claims.finish(pipe, job_id)
-            else:
-                claims.again(pipe, job_id, delay, next_attempt=True)
-
-        return then
-
-    def fan_out_end(
-        self, pipe: Pipeline, claimed: Claimed, event: EventJob, after: int | None
-    ) -> None:
-        """A fan-out job's end, or its move to the event's next chunk when there is one (one
-        write, so a crash re-runs at most the chunk in hand)."""
-        if after is None:
-            self.claims.finish(pipe, claimed.job_id)
-        else:
-            self.claims.hand_over(pipe, claimed, event.continued(after))
+    def chunk_end(self, claimed: Claimed, event: EventJob) -> ChunkEnd:
+        """A fan-out job's end after the chunk it runs, or its move to the next chunk."""
+        return ChunkEnd(self.claims, claimed, event)
 
     async def poison(self, claimed: Claimed, problem: str) -> None:
         """A job that cannot be read: recorded for operators, then removed, never retried."""

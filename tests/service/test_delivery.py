@@ -227,7 +227,11 @@ async def test_callback_disabled_between_retries_gets_no_more_attempts(
 async def test_duplicate_fan_out_delivers_once(
     settings: Settings, redis: Redis, receiver: Receiver, run_worker: RunWorker
 ) -> None:
-    await register(redis, receiver.url())
+    """A fan-out of several deliveries marks each one's progress (its job ends in a write
+    of its own); one of a single delivery ends its job in its record's script, so nothing
+    can run it again and it needs no mark."""
+    for path in ("/a", "/b"):
+        await register(redis, receiver.url(path))
     event = EventJob(id="evt_dup", project_id="demo", event="BUILD_END")
     queue = Queue(redis, Keys(settings.queue_name))
     assert await queue.enqueue(event)
@@ -240,7 +244,17 @@ async def test_duplicate_fan_out_delivers_once(
         assert await engine.fan_out(event, rerun=True) is None  # one chunk, the last
     finally:
         await engine.close()
-    assert len(receiver.requests()) == 1
+    assert len(receiver.seen) == 2
+    assert len(await redis.keys(keys.DELIVERY_PREFIX + "*evt_dup*")) == 2  # marked
+
+    single = EventJob(id="evt_one", project_id="demo", event="BUILD_START")
+    await register(redis, receiver.url("/c"), Event.BUILD_START)
+    assert await queue.enqueue(single)
+    await run_worker()
+    assert len(receiver.requests("/c")) == 1
+    assert await redis.zcard(settings.queue_name) == 0
+    assert not await redis.exists(keys.arq_job(single.job_id))
+    assert await redis.keys(keys.DELIVERY_PREFIX + "*evt_one*") == []  # no mark
 
 
 async def test_huge_response_body_is_truncated_in_history(

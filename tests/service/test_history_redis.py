@@ -34,7 +34,7 @@ async def test_retention_removes_old_records_and_their_index_entries_only(
         assert not await redis.exists(keys.history_record(rid))
     assert await redis.exists(*(keys.history_record(rid) for rid in fresh)) == 2
     index = keys.history_index("demo", "BUILD_END", URL)
-    assert await redis.zcard(index) == 2
+    assert await redis.zcount(index, "-inf", "(+inf") == 2  # and its mark
     emptied = keys.history_index("demo", "BUILD_START", URL)
     assert not await redis.exists(emptied)
     assert not await redis.sismember(keys.HISTORY_INDEXES, emptied)  # type: ignore[misc]  # sync|async
@@ -81,3 +81,28 @@ async def test_a_deliverys_attempts_are_one_string_and_a_zset_of_before_still_re
     assert await redis.zrange(zset, 0, -1) == [str(old_id).encode(), str(later).encode()]
     found = await history.attempts("evt_2.1", "demo")
     assert [r.id for r in found] == [later, old_id]
+
+
+async def test_only_the_write_that_creates_an_index_adds_it_to_the_sweeps_set(
+    redis: Redis, settings: Settings
+) -> None:
+    """An index's first record adds it to the set the sweep walks; the next ones do not
+    (the index's mark says it is there), until the sweep has removed the emptied index."""
+
+    async def sadds() -> int:
+        stats = await redis.info("commandstats")
+        return int(stats.get("cmdstat_sadd", {}).get("calls", 0))
+
+    history = RedisHistory(redis, settings, keys)
+    now = now_ms()
+    before = await sadds()
+    for n in range(3):
+        await history.add(record(now - 1000 + n))
+    assert await sadds() - before == 1
+    index = keys.history_index("demo", "BUILD_END", URL)
+    assert await redis.smembers(keys.HISTORY_INDEXES) == {index.encode()}  # type: ignore[misc]  # sync|async
+    assert await history.sweep(now_ms=now + settings.retention_ms + 1000) == 3
+    assert not await redis.exists(index)
+    assert not await redis.sismember(keys.HISTORY_INDEXES, index)  # type: ignore[misc]  # sync|async
+    await history.add(record(now + settings.retention_ms))  # the index again: in the set
+    assert await redis.sismember(keys.HISTORY_INDEXES, index)  # type: ignore[misc]  # sync|async

@@ -18,7 +18,9 @@ from redis.asyncio.client import Pipeline
 from dispatcher.clock import now_ms
 from dispatcher.connections import connect
 from dispatcher.embedded import EmbeddedRedis
+from dispatcher.ending import Ending
 from dispatcher.errors import Unavailable
+from dispatcher.history.postgres import PostgresHistory
 from dispatcher.history.record import AttemptRecord
 from dispatcher.history.redis import RedisHistory
 from dispatcher.jobs import EventJob, Queue
@@ -122,6 +124,34 @@ def record(n: int) -> AttemptRecord:
             "createdTime": now + n}  # fmt: skip
 
 
+@pytest.mark.parametrize("store", [RedisHistory, PostgresHistory])
+async def test_a_record_ends_its_job_in_its_own_script_unless_another_worker_holds_it(
+    settings: Settings, redis: Redis, store: type[RedisHistory | PostgresHistory]
+) -> None:
+    """The record and its job's end are one command (a script): the job leaves the queue
+    with no progress mark; a job another worker holds now is left to it, and the mark says
+    the delivery is done (that worker ends the job without another attempt)."""
+    await enqueue(redis, settings, 2)
+    claims = Claims(redis, Keys(settings.queue_name), "worker-a", lease_s=10)
+    mine, held = (job.job_id for job in await claims.claim(10))
+    await redis.set(keys.ARQ_IN_PROGRESS_PREFIX + held, "worker-b")
+    history = store(redis, settings, keys)
+    records = [record(1), record(2)]
+    await history.assign_ids(records)
+
+    def write(pipe: Pipeline) -> None:
+        for one, job_id in zip(records, (mine, held), strict=True):
+            ending = Ending(keys.delivery(job_id), "done", 60, claims.job_end(job_id))
+            history.record(pipe, one, ending=ending)
+
+    assert len(await run(redis, write)) == 2  # one command a record, its job's end inside
+    assert await redis.zrange(settings.queue_name, 0, -1) == [held.encode()]
+    assert not await redis.exists(keys.arq_job(mine), keys.ARQ_IN_PROGRESS_PREFIX + mine)
+    assert not await redis.exists(keys.delivery(mine))
+    assert await redis.get(keys.delivery(held)) == b"done"
+    assert await redis.get(keys.ARQ_IN_PROGRESS_PREFIX + held) == b"worker-b"
+
+
 async def test_writes_wait_out_a_redis_restart_and_land_once(
     own_redis: EmbeddedRedis, tmp_path: Path
 ) -> None:
@@ -147,7 +177,7 @@ async def test_writes_wait_out_a_redis_restart_and_land_once(
             ids = [r["id"] for r in records]
             assert len(set(ids)) == 20
             index = keys.history_index("demo", "BUILD_END", "http://127.0.0.1:1/h")
-            assert await redis.zcard(index) == 20
+            assert await redis.zcount(index, "-inf", "(+inf") == 20  # records, not the mark
             for record_id in ids:  # every record is readable by its id
                 assert (await history.get(int(str(record_id)))).id == record_id
         finally:
@@ -164,7 +194,8 @@ async def test_a_record_written_twice_is_stored_once(settings: Settings, redis: 
     for _ in range(2):  # as when a pipeline's answer was lost and it was sent again
         await run(redis, lambda pipe: history.record(pipe, one, dead=True))
     index = keys.history_index("demo", "BUILD_END", "http://127.0.0.1:1/h")
-    assert await redis.zcard(index) == 1 and await redis.zcard(keys.HISTORY_DEAD) == 1
+    assert await redis.zcount(index, "-inf", "(+inf") == 1  # the record (and the mark)
+    assert await redis.zcard(keys.HISTORY_DEAD) == 1
 
 
 async def test_a_timed_out_run_is_run_again_never_dropped(

@@ -1,0 +1,60 @@
+"""What an attempt's record carries besides the record: the delivery's progress mark, and
+the job's end when the delivery ends with that attempt and nothing else follows it.
+
+An attempt's write is one script of the history store (see `dispatcher.history`): the
+record, then the job's end (`END_JOB`, the same Lua as the worker's own end of a job), so
+the two land together or not at all. A delivery whose job ends there needs no progress
+mark: nothing runs it again. The mark is written when the job goes on (the next attempt
+reads its number, a fan-out's re-run skips the deliveries it marks), and when another
+worker holds the job's lease now (that worker then finds the delivery done, and ends the
+job without another attempt).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = ["END_JOB", "NO_ENDING", "NO_JOB", "Ending", "JobEnd"]
+
+# A Lua function over the names a script declares for a `JobEnd` (keys queue, lease, job,
+# claims; arguments token, job_id): the job leaves the queue with its keys, unless another
+# worker holds its lease now. Returns 1 when it ended, 0 when left to that worker.
+END_JOB = """
+local function end_job()
+  local owner = redis.call('GET', lease)
+  if owner and owner ~= token then return 0 end
+  redis.call('DEL', lease, job, claims)
+  redis.call('ZREM', queue, job_id)
+  return 1
+end
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class JobEnd:
+    """A claimed job's end, as keys and arguments a script takes (see `END_JOB`)."""
+
+    queue: str
+    lease: str
+    job: str
+    claims: str
+    token: str
+    job_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class Ending:
+    """What follows a record in its script: the delivery's progress `mark` (attempts made,
+    or "done") at `progress` for `ttl` seconds, and the job's end when the delivery ends
+    there (`job`; the mark is then written only if another worker holds the job)."""
+
+    progress: str
+    mark: str
+    ttl: int
+    job: JobEnd | None = None
+
+
+# None, as a script's arguments: empty names (the scripts test `job_id` and `mark` for
+# ''; a script given these puts a key of its own in the place of the empty keys).
+NO_JOB = JobEnd("", "", "", "", "", "")
+NO_ENDING = Ending("", "", 0)

@@ -1,0 +1,105 @@
+"""What follows an attempt (a `Then`), as objects that also say when it is nothing but
+their job's end: the attempt's record then carries that end in its own script
+(`dispatcher.ending`), so the record and the end land together, with no progress mark
+and no script of their own.
+
+- `NextStep`: a `deliver` job's, its return to the queue for the next attempt, or its end.
+- `ChunkEnd`: a fan-out job's, after a chunk: its end, or its move to the next chunk.
+- `FirstRetry`: after a fan-out's first attempt: its retry as a `deliver` job of its own,
+  and the chunk's end when that attempt was the chunk's only one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from redis.asyncio.client import Pipeline
+
+    from dispatcher.ending import JobEnd
+    from dispatcher.jobs import DeliveryJob, EventJob, Queue
+    from dispatcher.worker.claims import Claimed, Claims
+
+__all__ = ["ChunkEnd", "FirstRetry", "NextStep", "Step"]
+
+
+class Step:
+    """A `Then` (`step(pipe, delay)` queues what follows an attempt; `delay`: seconds to
+    the next attempt, None when the delivery is over) that can hand over its job's end."""
+
+    __slots__ = ()
+
+    def __call__(self, pipe: Pipeline, delay: float | None) -> None:
+        raise NotImplementedError
+
+    def job_end(self, delay: float | None) -> JobEnd | None:
+        """The job's end, when that is all this step does after `delay`: the caller then
+        has the record's script end the job instead of calling the step. None: call it."""
+        return None
+
+
+@dataclass(frozen=True, slots=True)
+class NextStep(Step):
+    """After a `deliver` job's attempt: back in the queue for the next one, or done."""
+
+    claims: Claims
+    job_id: str
+
+    def __call__(self, pipe: Pipeline, delay: float | None) -> None:
+        if delay is None:
+            self.claims.finish(pipe, self.job_id)
+        else:
+            self.claims.again(pipe, self.job_id, delay, next_attempt=True)
+
+    def job_end(self, delay: float | None) -> JobEnd | None:
+        return self.claims.job_end(self.job_id) if delay is None else None
+
+
+class ChunkEnd:
+    """A fan-out job's end after a chunk, given where the next chunk starts (`after`;
+    None: it was the last), or its move to that chunk: one write, so a crash re-runs at
+    most the chunk in hand. `written`: a write carries it (else the job loop writes it)."""
+
+    __slots__ = ("claimed", "claims", "event", "written")
+
+    def __init__(self, claims: Claims, claimed: Claimed, event: EventJob) -> None:
+        self.claims, self.claimed, self.event = claims, claimed, event
+        self.written = False
+
+    def __call__(self, pipe: Pipeline, after: int | None) -> None:
+        self.written = True
+        if after is None:
+            self.claims.finish(pipe, self.claimed.job_id)
+        else:
+            self.claims.hand_over(pipe, self.claimed, self.event.continued(after))
+
+    def job_end(self, after: int | None) -> JobEnd | None:
+        """The job's end (taken by a write) when this was the last chunk."""
+        if after is not None:
+            return None
+        self.written = True
+        return self.claims.job_end(self.claimed.job_id)
+
+
+@dataclass(frozen=True, slots=True)
+class FirstRetry(Step):
+    """After a fan-out's first attempt of `job`: a retry becomes a `deliver` job of its
+    own; `end`, the chunk's end (`after`: where the next chunk starts), when it goes in
+    the same write."""
+
+    queue: Queue
+    job: DeliveryJob
+    end: ChunkEnd | None = None
+    after: int | None = None
+
+    def __call__(self, pipe: Pipeline, delay: float | None) -> None:
+        if delay is not None:
+            self.queue.push(pipe, self.job, defer_s=delay)
+        if self.end is not None:
+            self.end(pipe, self.after)
+
+    def job_end(self, delay: float | None) -> JobEnd | None:
+        if delay is not None or self.end is None:
+            return None
+        return self.end.job_end(self.after)
