@@ -39,7 +39,7 @@ if TYPE_CHECKING:
     from redis.asyncio import Redis
     from redis.asyncio.client import Pipeline
 
-__all__ = ["Key", "Lua", "Script", "run_pipeline"]
+__all__ = ["ArgList", "Key", "KeyList", "Lua", "Script", "run_pipeline"]
 
 Arg = str | bytes | int | float
 
@@ -100,7 +100,14 @@ class _KeyMark:
     """What marks a `Script` field as a key (KEYS), not an argument (ARGV)."""
 
 
+class _ListMark:
+    """What marks a `Script` field as a list: the last of its kind, any length, read in
+    Lua as a table."""
+
+
 Key = Annotated[str, _KeyMark]
+KeyList = Annotated[Sequence[str], _KeyMark, _ListMark]
+ArgList = Annotated[Sequence[Arg], _ListMark]
 
 _LUA_WORDS = set(
     "and break do else elseif end false for function goto if in local nil not or repeat "
@@ -116,6 +123,7 @@ class Script:
     _lua: ClassVar[Lua]
     _keys: ClassVar[tuple[str, ...]]
     _args: ClassVar[tuple[str, ...]]
+    _lists: ClassVar[frozenset[str]]
 
     def __init_subclass__(cls) -> None:
         super().__init_subclass__()
@@ -127,14 +135,24 @@ class Script:
                 raise TypeError(f"{cls.__name__}.{name}: not a name Lua can read")
             if hasattr(Script, name):
                 raise TypeError(f"{cls.__name__}.{name}: the name of a Script method")
-        cls._keys = tuple(n for n in names if _KeyMark in getattr(hints[n], "__metadata__", ()))
+        marks = {n: getattr(hints[n], "__metadata__", ()) for n in names}
+        cls._keys = tuple(n for n in names if _KeyMark in marks[n])
         cls._args = tuple(n for n in names if n not in cls._keys)
-        setup = [f"local {n} = KEYS[{i}]" for i, n in enumerate(cls._keys, 1)]
-        setup += [f"local {n} = ARGV[{i}]" for i, n in enumerate(cls._args, 1)]
+        cls._lists = frozenset(n for n in names if _ListMark in marks[n])
+        setup = [*_locals(cls, cls._keys, "KEYS"), *_locals(cls, cls._args, "ARGV")]
         cls._lua = Lua("\n".join([*setup, textwrap.dedent(cls.LUA).strip(), ""]))
 
     def _call(self) -> tuple[list[str], list[Arg]]:
-        return [getattr(self, n) for n in self._keys], [getattr(self, n) for n in self._args]
+        keys: list[str] = []
+        args: list[Arg] = []
+        for names, out in ((self._keys, keys), (self._args, args)):
+            for name in names:
+                value = getattr(self, name)
+                if name in self._lists:
+                    out.extend(value)
+                else:
+                    out.append(value)
+        return keys, args
 
     async def run(self, redis: Redis) -> Any:
         """Run now (one round trip; two after a Redis restart)."""
@@ -143,3 +161,18 @@ class Script:
     def queue_on(self, pipe: Pipeline) -> None:
         """Queue on `pipe`; run it with `run_pipeline` (or a Batcher)."""
         self._lua.queue(pipe, *self._call())
+
+
+def _locals(cls: type[Script], names: tuple[str, ...], table: str) -> list[str]:
+    """The Lua lines that read `names` from KEYS or ARGV: one value each, and the list (the
+    last, if any) as a table of the rest."""
+    lines = []
+    for i, name in enumerate(names, 1):
+        if name not in cls._lists:
+            lines.append(f"local {name} = {table}[{i}]")
+        elif i == len(names):
+            rest = f"for i = {i}, #{table} do {name}[#{name} + 1] = {table}[i] end"
+            lines.append(f"local {name} = {{}} {rest}")
+        else:
+            raise TypeError(f"{cls.__name__}.{name}: a list must be the last of its kind")
+    return lines

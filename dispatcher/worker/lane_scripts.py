@@ -1,7 +1,7 @@
-"""The Lua scripts of ordered delivery (see `lanes.py`): `ENTER` at fan-out, `HEAD` before a
-queued delivery's attempt, `RELEASE` with a delivery's end. Each states its keys and
-arguments once, here, as a typed Python function; none spells a key (prefixes come from
-`dispatcher.keys`)."""
+"""The Lua scripts of ordered delivery (see `lanes.py`): `Enter` at fan-out, `Head` before a
+queued delivery's attempt, `Release` with a delivery's end. Each is a typed `Script` that
+names its keys and arguments once, its keys made by `dispatcher.keys`; only `Release`
+makes keys inside Lua (of the next delivery, which it finds there)."""
 
 from __future__ import annotations
 
@@ -9,14 +9,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from dispatcher.lua import Key, Lua, Script
+from dispatcher.lua import ArgList, Key, KeyList, Script
 
 if TYPE_CHECKING:
-    from redis.asyncio.client import Pipeline
-
     from dispatcher.keys import Keys
 
-__all__ = ["NEXT_TAG", "Head", "Release", "queue_enter"]
+__all__ = ["NEXT_TAG", "Enter", "Head", "Release"]
 
 NEXT_TAG = b"lane:next"  # the first item of RELEASE's answer when it took the next delivery
 
@@ -52,38 +50,51 @@ local function wake(hold, pending, queue, waiting, now)
 end
 """
 
-_ENTER = Lua(
-    _CLEAR
-    + """
-local seq = redis.call('ZSCORE', KEYS[1], ARGV[1])
+
+@dataclass(frozen=True)
+class Enter(Script):
+    """An event's ordered deliveries join their lanes (`deliveries`: each one's lane, the
+    key of the job it is parked as, and of its progress mark; `parked`: each one's id and
+    job bytes, in the same order). The event's number is its entry in the project's
+    pending set; on its `last` chunk ('1') it moves to the ready set, and the heads that
+    waited for it (and no earlier event) are due at `now_ms`. Answers false when the event
+    has no number (queued before the callback was ordered), else per delivery: 1 attempt
+    it now, 0 parked behind its lane's head (its job stored out of the queue, its progress
+    marked), 2 a head waiting for its earlier events (its job due at `recheck_ms` unless
+    woken before); then how many waiting heads it woke."""
+
+    LUA = (
+        _CLEAR
+        + """
+local seq = redis.call('ZSCORE', pending, event_id)
 if not seq then
-  seq = redis.call('ZSCORE', KEYS[3], ARGV[1])
+  seq = redis.call('ZSCORE', ready, event_id)
   if not seq then return false end
-elseif ARGV[6] == '1' then
-  redis.call('ZREM', KEYS[1], ARGV[1])
-  redis.call('ZADD', KEYS[3], seq, ARGV[1])
+elseif last == '1' then
+  redis.call('ZREM', pending, event_id)
+  redis.call('ZADD', ready, seq, event_id)
 end
 seq = tonumber(seq)
-local free = clear(KEYS[5], KEYS[1], KEYS[2], seq)
+local free = clear(hold, pending, queue, seq)
 local out = {}
-for i = 6, #KEYS do
-  local a = 8 + 2 * (i - 6)
-  local id = ARGV[a]
-  local before = redis.call('ZRANGE', KEYS[i], 0, 0)[1]
-  redis.call('ZADD', KEYS[i], 'NX', seq, id)
-  local head = redis.call('ZRANGE', KEYS[i], 0, 0)[1]
+for i = 1, #parked / 2 do
+  local lane, job, progress = deliveries[3 * i - 2], deliveries[3 * i - 1], deliveries[3 * i]
+  local id = parked[2 * i - 1]
+  local before = redis.call('ZRANGE', lane, 0, 0)[1]
+  redis.call('ZADD', lane, 'NX', seq, id)
+  local head = redis.call('ZRANGE', lane, 0, 0)[1]
   if before and before ~= head then  -- a head that waited is one no more: parked again
-    redis.call('ZREM', KEYS[2], before)
-    redis.call('ZREM', KEYS[4], before)
+    redis.call('ZREM', queue, before)
+    redis.call('ZREM', waiting, before)
   end
   if head == id and free then
     out[#out + 1] = 1
   else
-    redis.call('SET', ARGV[2] .. id, ARGV[a + 1], 'NX')
-    redis.call('SET', ARGV[3] .. id, 0, 'NX', 'EX', ARGV[4])
+    redis.call('SET', job, parked[2 * i], 'NX')
+    redis.call('SET', progress, 0, 'NX', 'EX', progress_ttl)
     if head == id then
-      redis.call('ZADD', KEYS[2], 'NX', ARGV[5], id)
-      redis.call('ZADD', KEYS[4], seq, id)
+      redis.call('ZADD', queue, 'NX', recheck_ms, id)
+      redis.call('ZADD', waiting, seq, id)
       out[#out + 1] = 2
     else
       out[#out + 1] = 0
@@ -91,53 +102,57 @@ for i = 6, #KEYS do
   end
 end
 local woken = 0
-if ARGV[6] == '1' then woken = wake(KEYS[5], KEYS[1], KEYS[2], KEYS[4], ARGV[7]) end
+if last == '1' then woken = wake(hold, pending, queue, waiting, now_ms) end
 out[#out + 1] = woken
 return out
 """
-)
+    )
+    pending: Key
+    queue: Key
+    ready: Key
+    waiting: Key
+    hold: Key
+    deliveries: KeyList
+    event_id: str
+    progress_ttl: int
+    recheck_ms: int
+    last: str
+    now_ms: int
+    parked: ArgList
 
-
-def queue_enter(
-    pipe: Pipeline,
-    keys: Keys,
-    *,
-    project_id: str,
-    event_job_id: str,
-    lanes: Sequence[str],
-    parked: Sequence[tuple[str, bytes]],
-    progress_ttl: int,
-    now_ms: int,
-    recheck_ms: int,
-    last: bool,
-) -> None:
-    """An event's ordered deliveries join their lanes (`parked`: each one's id and the job
-    it is parked as, in the order of `lanes`). The event's number is its entry in the
-    project's pending set; on its `last` chunk it moves to the ready set, and the heads
-    that waited for it (and no earlier event) are due at `now_ms`. Answers false when the
-    event has no number (queued before the callback was ordered), else per delivery: 1
-    attempt it now, 0 parked behind its lane's head (its job stored out of the queue, its
-    progress marked), 2 a head waiting for its earlier events (its job due at `recheck_ms`
-    unless woken before); then how many waiting heads it woke."""
-    args: list[str | bytes | int] = [
-        event_job_id,
-        keys.ARQ_JOB_PREFIX,
-        keys.DELIVERY_PREFIX,
-        progress_ttl,
-        recheck_ms,
-        "1" if last else "0",
-        now_ms,
-    ]
-    for delivery_id, job in parked:
-        args += (delivery_id, job)
-    sets = [
-        keys.lanes_pending(project_id),
-        keys.QUEUE,
-        keys.lanes_ready(project_id),
-        keys.lanes_waiting(project_id),
-        keys.lanes_hold(project_id),
-    ]
-    _ENTER.queue(pipe, [*sets, *lanes], args)
+    @classmethod
+    def of(
+        cls,
+        keys: Keys,
+        project_id: str,
+        event_job_id: str,
+        parked: Sequence[tuple[str, str, bytes]],
+        *,
+        progress_ttl: int,
+        now_ms: int,
+        recheck_ms: int,
+        last: bool,
+    ) -> Enter:
+        """`event_job_id`'s deliveries joining their lanes: `parked` holds each one's
+        lane, id and job bytes."""
+        return cls(
+            pending=keys.lanes_pending(project_id),
+            queue=keys.QUEUE,
+            ready=keys.lanes_ready(project_id),
+            waiting=keys.lanes_waiting(project_id),
+            hold=keys.lanes_hold(project_id),
+            deliveries=[
+                key
+                for lane, delivery_id, _ in parked
+                for key in (lane, keys.arq_job(delivery_id), keys.delivery(delivery_id))
+            ],
+            event_id=event_job_id,
+            progress_ttl=progress_ttl,
+            recheck_ms=recheck_ms,
+            last="1" if last else "0",
+            now_ms=now_ms,
+            parked=[item for _, delivery_id, job in parked for item in (delivery_id, job)],
+        )
 
 
 @dataclass(frozen=True)

@@ -46,7 +46,7 @@ from dispatcher.jobs import BadJob, DeliveryJob, decode, encode
 from dispatcher.keys import lane_id
 from dispatcher.registry.match import TARGET_FIELDS, CallbackTarget
 from dispatcher.registry.options import order_key
-from dispatcher.worker.lane_scripts import NEXT_TAG, Head, Release, queue_enter
+from dispatcher.worker.lane_scripts import NEXT_TAG, Enter, Head, Release
 
 if TYPE_CHECKING:
     from redis.asyncio.client import Pipeline
@@ -144,22 +144,17 @@ class Lanes:
         last: bool,
     ) -> list[Attempt]:
         stamp = now_ms()
-        lanes = [self.lane(job) for job, _ in ordered]
-        parked = [(job.job_id, encode(job, stamp)) for job, _ in ordered]
-        (answer,) = await self.writer.commit(
-            lambda pipe: queue_enter(
-                pipe,
-                self.keys,
-                project_id=event.project_id,
-                event_job_id=event.job_id,
-                lanes=lanes,
-                parked=parked,
-                progress_ttl=self.progress_ttl,
-                now_ms=stamp,
-                recheck_ms=stamp + int(RECHECK_S * 1000),
-                last=last,
-            )
+        enter = Enter.of(
+            self.keys,
+            event.project_id,
+            event.job_id,
+            [(self.lane(job), job.job_id, encode(job, stamp)) for job, _ in ordered],
+            progress_ttl=self.progress_ttl,
+            now_ms=stamp,
+            recheck_ms=stamp + int(RECHECK_S * 1000),
+            last=last,
         )
+        (answer,) = await self.writer.commit(enter.queue_on)
         if answer is None:  # queued before the callback was ordered: no number
             return [
                 (note, target, then_of(note))
