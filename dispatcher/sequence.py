@@ -16,11 +16,12 @@ entries (two per event it queues) and drops those whose job has left the queue.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 from arq.constants import expires_extra_ms
 
-from dispatcher.lua import Lua
+from dispatcher.lua import ArgList, Key, KeyList, Script
 from dispatcher.models import PLATFORM_PROJECT
 
 if TYPE_CHECKING:
@@ -41,44 +42,53 @@ class Queued(Protocol):
     def job_id(self) -> str: ...
 
 
-# KEYS: the queue, the platform's ordered flag, then per project (n of them) its ordered
-# flag, sequence, pending and ready sets, then each job's key. ARGV: score ms, expiry ms, n, '1'
-# for one job's answer alone, then per job its bytes, its id and its project's index
-# (1..n). A job id already queued is left alone. Returns 1 (queued) or 0 (there already)
-# per job: a list, or that one number.
-_PUSH_EVENTS = Lua("""
-local n = tonumber(ARGV[3])
-local ordered = {}
-for p = 1, n do
-  ordered[p] = redis.call('EXISTS', KEYS[2], KEYS[4 * p - 1]) > 0
-end
-local first = 4 * n + 3
-local queued, added = {}, {}
-for i = first, #KEYS do
-  local a = 5 + 3 * (i - first)
-  if redis.call('SET', KEYS[i], ARGV[a], 'NX', 'PX', ARGV[2]) then
-    redis.call('ZADD', KEYS[1], ARGV[1], ARGV[a + 1])
-    local p = tonumber(ARGV[a + 2])
-    if ordered[p] then
-      local seq = redis.call('INCR', KEYS[4 * p])
-      redis.call('ZADD', KEYS[4 * p + 1], seq, ARGV[a + 1])
-      added[p] = (added[p] or 0) + 1
+@dataclass(frozen=True)
+class PushEvents(Script):
+    """Queues event jobs, due at `score_ms`, their data kept `expiry_ms` past it; each one
+    of a project that is ordered (its flag or the platform's set) is numbered and filed in
+    its project's pending set. `keys` holds, for each of the `projects` projects, its
+    ordered flag, sequence, pending and ready sets, then each job's key; `jobs` holds, per
+    job, its bytes, its id and its project's place (1..`projects`). A job id already
+    queued is left alone. Returns 1 (queued) or 0 (there already) per job: a list, or
+    that one number when `alone` is '1'."""
+
+    LUA = """
+    local n = tonumber(projects)
+    local ordered = {}
+    for p = 1, n do ordered[p] = redis.call('EXISTS', platform_ordered, keys[4 * p - 3]) > 0 end
+    local queued, added = {}, {}
+    for i = 1, #jobs / 3 do
+      local data, id, p = jobs[3 * i - 2], jobs[3 * i - 1], tonumber(jobs[3 * i])
+      if redis.call('SET', keys[4 * n + i], data, 'NX', 'PX', expiry_ms) then
+        redis.call('ZADD', queue, score_ms, id)
+        if ordered[p] then
+          local seq = redis.call('INCR', keys[4 * p - 2])
+          redis.call('ZADD', keys[4 * p - 1], seq, id)
+          added[p] = (added[p] or 0) + 1
+        end
+        queued[#queued + 1] = 1
+      else
+        queued[#queued + 1] = 0
+      end
     end
-    queued[#queued + 1] = 1
-  else
-    queued[#queued + 1] = 0
-  end
-end
-for p, count in pairs(added) do
-  for k = 4 * p + 1, 4 * p + 2 do
-    for _, id in ipairs(redis.call('ZRANGE', KEYS[k], 0, 2 * count - 1)) do
-      if not redis.call('ZSCORE', KEYS[1], id) then redis.call('ZREM', KEYS[k], id) end
+    for p, count in pairs(added) do
+      for k = 4 * p - 1, 4 * p do
+        for _, id in ipairs(redis.call('ZRANGE', keys[k], 0, 2 * count - 1)) do
+          if not redis.call('ZSCORE', queue, id) then redis.call('ZREM', keys[k], id) end
+        end
+      end
     end
-  end
-end
-if ARGV[4] == '1' then return queued[1] end
-return queued
-""")
+    if alone == '1' then return queued[1] end
+    return queued
+    """
+    queue: Key
+    platform_ordered: Key
+    keys: KeyList
+    score_ms: int
+    expiry_ms: int
+    projects: int
+    alone: str
+    jobs: ArgList
 
 
 def push_events(
@@ -96,16 +106,27 @@ def push_events(
     projects: dict[str, int] = {}
     for job in jobs:
         projects.setdefault(job.project_id, len(projects) + 1)
-    job_keys = [keys.QUEUE, keys.lanes_ordered(PLATFORM_PROJECT)]
-    for project in projects:
-        job_keys += (
+    per_project = [
+        key
+        for project in projects
+        for key in (
             keys.lanes_ordered(project),
             keys.lanes_seq(project),
             keys.lanes_pending(project),
             keys.lanes_ready(project),
         )
-    args: list[str | bytes | int] = [now, expires_extra_ms, len(projects), "1" if alone else "0"]
-    for job, data in zip(jobs, encoded, strict=True):
-        job_keys.append(keys.arq_job(job.job_id))
-        args += (data, job.job_id, projects[job.project_id])
-    _PUSH_EVENTS.queue(pipe, job_keys, args)
+    ]
+    PushEvents(
+        queue=keys.QUEUE,
+        platform_ordered=keys.lanes_ordered(PLATFORM_PROJECT),
+        keys=[*per_project, *(keys.arq_job(job.job_id) for job in jobs)],
+        score_ms=now,
+        expiry_ms=expires_extra_ms,
+        projects=len(projects),
+        alone="1" if alone else "0",
+        jobs=[
+            item
+            for job, data in zip(jobs, encoded, strict=True)
+            for item in (data, job.job_id, projects[job.project_id])
+        ],
+    ).queue_on(pipe)
