@@ -11,7 +11,7 @@ import structlog
 
 from dispatcher import clock, metrics
 from dispatcher.keys import SEP
-from dispatcher.lua import Lua, run_pipeline
+from dispatcher.lua import Key, Script, run_pipeline
 from dispatcher.registry.scripts import DISABLE
 
 if TYPE_CHECKING:
@@ -28,55 +28,88 @@ __all__ = ["CircuitBreaker", "Failing", "Health"]
 
 log = structlog.get_logger("dispatcher.health")
 
-# KEYS: health hash, failing zset, callback hash, disabled zset. ARGV: now ms, last error,
-# callback id, the failed attempt's record id ('' when none), failures and milliseconds
-# past which the callback is disabled (both), match prefix, key separator. Counting the
-# same record twice counts it once; the callback's hash is marked `failing` (the match
-# reads the mark, see `match.TARGET_FIELDS`). Returns {failures, since ms, the reason when this call
-# disabled the callback}.
-_FAILED = Lua(
-    DISABLE
-    + """
-if ARGV[4] ~= '' and redis.call('HGET', KEYS[1], 'lastRecord') == ARGV[4] then
-  local row = redis.call('HMGET', KEYS[1], 'failures', 'since')
+
+@dataclass(frozen=True)
+class Failed(Script):
+    """Counts one final failure of callback `callback_id` at `now_ms` (`last_error`: its
+    error; `record_id`: the failed attempt's record, '' when none: counting the same
+    record twice counts it once), and marks its hash `failing` (the match reads the mark,
+    see `match.TARGET_FIELDS`). Past `disable_after` failures *and* `disable_after_ms`
+    since the first, the callback is disabled (`registry.scripts.DISABLE`, which finds
+    its match set inside Redis, from its hash: hence the match prefix and separator).
+    Returns {failures, since ms, the reason when this call disabled the callback}."""
+
+    LUA = (
+        DISABLE
+        + """
+if record_id ~= '' and redis.call('HGET', health, 'lastRecord') == record_id then
+  local row = redis.call('HMGET', health, 'failures', 'since')
   return {tonumber(row[1]), tonumber(row[2])}
 end
-local n = redis.call('HINCRBY', KEYS[1], 'failures', 1)
-if redis.call('EXISTS', KEYS[3]) == 1 then redis.call('HSET', KEYS[3], 'failing', '1') end
-redis.call('HSETNX', KEYS[1], 'since', ARGV[1])
-redis.call('HSET', KEYS[1], 'lastError', ARGV[2], 'lastRecord', ARGV[4])
-local since = tonumber(redis.call('HGET', KEYS[1], 'since'))
-redis.call('ZADD', KEYS[2], since, ARGV[3])
-local span = tonumber(ARGV[1]) - since
-if n < tonumber(ARGV[5]) or span < tonumber(ARGV[6]) then return {n, since} end
+local n = redis.call('HINCRBY', health, 'failures', 1)
+if redis.call('EXISTS', callback) == 1 then redis.call('HSET', callback, 'failing', '1') end
+redis.call('HSETNX', health, 'since', now_ms)
+redis.call('HSET', health, 'lastError', last_error, 'lastRecord', record_id)
+local since = tonumber(redis.call('HGET', health, 'since'))
+redis.call('ZADD', failing, since, callback_id)
+local span = tonumber(now_ms) - since
+if n < tonumber(disable_after) or span < tonumber(disable_after_ms) then return {n, since} end
 local reason = string.format(
   'disabled after %d consecutive failed deliveries over %.1f h; last error: %s',
-  n, span / 3600000, ARGV[2])
-if disable(KEYS[3], KEYS[4], reason, ARGV[1], ARGV[7], ARGV[8]) == 0 then return {n, since} end
+  n, span / 3600000, last_error)
+if disable(callback, disabled, reason, now_ms, match_prefix, sep) == 0 then return {n, since} end
 return {n, since, reason}
 """
-)
+    )
+    health: Key
+    failing: Key
+    callback: Key
+    disabled: Key
+    now_ms: int
+    last_error: str
+    callback_id: int
+    record_id: int | str
+    disable_after: int
+    disable_after_ms: int
+    match_prefix: str
+    sep: str
 
-# KEYS: health hash, failing zset, callback hash. ARGV: callback id. The reset after a
-# success: no failures on record, and the callback's hash says so (unless it is gone).
-_SUCCEEDED = Lua("""
-redis.call('DEL', KEYS[1])
-redis.call('ZREM', KEYS[2], ARGV[1])
-if redis.call('EXISTS', KEYS[3]) == 1 then redis.call('HSET', KEYS[3], 'failing', '0') end
-return 1
-""")
 
-# KEYS: failing zset. ARGV: health prefix, limit. Returns {id, failures, since, last error}
-# rows, oldest failure first.
-_FAILING = Lua("""
-local ids = redis.call('ZRANGE', KEYS[1], 0, tonumber(ARGV[2]) - 1)
-local out = {}
-for _, id in ipairs(ids) do
-  local row = redis.call('HMGET', ARGV[1] .. id, 'failures', 'since', 'lastError')
-  if row[1] then out[#out + 1] = {id, row[1], row[2], row[3]} end
-end
-return out
-""")
+@dataclass(frozen=True)
+class Succeeded(Script):
+    """The reset after a success: no failures on record for `callback_id`, and its hash
+    says so (unless it is gone)."""
+
+    LUA = """
+    redis.call('DEL', health)
+    redis.call('ZREM', failing, callback_id)
+    if redis.call('EXISTS', callback) == 1 then redis.call('HSET', callback, 'failing', '0') end
+    return 1
+    """
+    health: Key
+    failing: Key
+    callback: Key
+    callback_id: int
+
+
+@dataclass(frozen=True)
+class FailingRows(Script):
+    """The first `limit` callbacks with failures on record, oldest failure first, as {id,
+    failures, since, last error} rows. Their ids are read inside Redis, so their health
+    hashes' keys are made there (`health_prefix`)."""
+
+    LUA = """
+    local ids = redis.call('ZRANGE', failing, 0, tonumber(limit) - 1)
+    local out = {}
+    for _, id in ipairs(ids) do
+      local row = redis.call('HMGET', health_prefix .. id, 'failures', 'since', 'lastError')
+      if row[1] then out[#out + 1] = {id, row[1], row[2], row[3]} end
+    end
+    return out
+    """
+    failing: Key
+    health_prefix: str
+    limit: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,14 +134,14 @@ class Health:
     def succeeded(self, pipe: Pipeline, callback_id: int) -> None:
         """Queue the reset on the caller's pipeline (no extra round trip)."""
         k = self.keys
-        _SUCCEEDED.queue(
-            pipe, [k.health(callback_id), k.HEALTH_FAILING, k.callback(callback_id)], [callback_id]
-        )
+        Succeeded(
+            k.health(callback_id), k.HEALTH_FAILING, k.callback(callback_id), callback_id
+        ).queue_on(pipe)
 
     async def failing(self, limit: int = 1000) -> list[Failing]:
         """Callbacks whose last deliveries failed, most failures first (one round trip)."""
-        rows = await _FAILING(
-            self.redis, [self.keys.HEALTH_FAILING], [self.keys.HEALTH_PREFIX, limit]
+        rows = await FailingRows(self.keys.HEALTH_FAILING, self.keys.HEALTH_PREFIX, limit).run(
+            self.redis
         )
         found = [
             Failing(int(cid), int(n), int(since or 0), (error or b"").decode())
@@ -136,25 +169,20 @@ class Health:
         passes the threshold (a count *and* a time span): one script, so the verdict and
         the disabling are one write. Its answer goes to `judged`."""
         k, settings = self.keys, self.settings
-        _FAILED.queue(
-            pipe,
-            [
-                k.health(callback_id),
-                k.HEALTH_FAILING,
-                k.callback(callback_id),
-                k.CALLBACKS_DISABLED,
-            ],
-            [
-                now_ms,
-                error,
-                callback_id,
-                "" if record_id is None else record_id,
-                settings.disable_after_failures,
-                int(settings.disable_after_seconds * 1000),
-                k.MATCH_PREFIX,
-                SEP,
-            ],
-        )
+        Failed(
+            health=k.health(callback_id),
+            failing=k.HEALTH_FAILING,
+            callback=k.callback(callback_id),
+            disabled=k.CALLBACKS_DISABLED,
+            now_ms=now_ms,
+            last_error=error,
+            callback_id=callback_id,
+            record_id="" if record_id is None else record_id,
+            disable_after=settings.disable_after_failures,
+            disable_after_ms=int(settings.disable_after_seconds * 1000),
+            match_prefix=k.MATCH_PREFIX,
+            sep=SEP,
+        ).queue_on(pipe)
 
     @staticmethod
     def judged(callback_id: int, answer: Sequence[Any]) -> str | None:
