@@ -1,4 +1,5 @@
-"""Jobs on the queue: their names, typed payloads to and from the wire, and the Queue.
+"""Jobs on the queue: their names, and typed payloads to and from the wire (the queue that
+holds them: `dispatcher.queue`).
 
 The wire format is arq's, so any arq client can enqueue and arq's tools can read the
 queue: `arq:job:{id}` holds `{"t", "f", "a", "k", "et"}` (encoded as JSON, never pickle)
@@ -27,25 +28,18 @@ from __future__ import annotations
 
 import dataclasses
 import uuid
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import orjson
-from arq.constants import expires_extra_ms
 
 from dispatcher.clock import now_ms
 from dispatcher.keys import project_scoped
-from dispatcher.lua import Lua, run_pipeline
 from dispatcher.models import PLATFORM_PROJECT
-from dispatcher.sequence import push_events
 from dispatcher.tracing import TraceContext
 
 if TYPE_CHECKING:
-    from redis.asyncio import Redis
-    from redis.asyncio.client import Pipeline
-
-    from dispatcher.keys import Keys
+    pass
 
 __all__ = [
     "DELIVER",
@@ -53,7 +47,6 @@ __all__ = [
     "BadJob",
     "DeliveryJob",
     "EventJob",
-    "Queue",
     "WireJob",
     "decode",
     "encode",
@@ -63,7 +56,6 @@ __all__ = [
 ]
 
 FAN_OUT = "fan_out"
-PUSH_CHUNK = 1000  # jobs per enqueue command of Queue.push_many (about 5 ms of Redis time)
 DELIVER = "deliver"
 SCOPED = "project"  # an event job's `ids`: its job and delivery ids are scoped by project
 _WIRE_FIELDS = ("f", "a", "k", "et")
@@ -308,91 +300,3 @@ def job_deserializer(value: bytes) -> dict[str, Any]:
     """The other half of `job_serializer`, for arq's tools (`Job.info()`, the CLI)."""
     decoded: dict[str, Any] = orjson.loads(value)
     return decoded
-
-
-# KEYS: job key, queue. ARGV: job bytes, score ms, job id, expiry ms.
-# A job id already queued (or running) is left alone: enqueueing is idempotent.
-_PUSH = Lua("""
-if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[4]) then
-  redis.call('ZADD', KEYS[2], ARGV[2], ARGV[3])
-  return 1
-end
-return 0
-""")
-
-
-# KEYS: the queue, then each job's key. ARGV: score ms, expiry ms, then each job's bytes
-# and id. One call for many jobs: per job, the command packing and the script call were
-# most of what enqueueing a batch cost. Returns 1 (queued) or 0 (there already) per job.
-_PUSH_MANY = Lua("""
-local queued = {}
-for i = 2, #KEYS do
-  if redis.call('SET', KEYS[i], ARGV[2 * i - 1], 'NX', 'PX', ARGV[2]) then
-    redis.call('ZADD', KEYS[1], ARGV[1], ARGV[2 * i])
-    queued[i - 1] = 1
-  else
-    queued[i - 1] = 0
-  end
-end
-return queued
-""")
-
-
-class Queue:
-    """Enqueue jobs for the workers of one queue, in one round trip or inside pipelines."""
-
-    def __init__(self, redis: Redis, keys: Keys) -> None:
-        self.redis = redis
-        self.keys = keys
-        self.queue_name = keys.QUEUE
-
-    def push(self, pipe: Pipeline, job: Job, *, defer_s: float = 0.0) -> None:
-        """Queue the enqueue of `job` on `pipe`; the caller executes it. Its result in the
-        pipeline is 1 when queued, 0 when that job id was there already."""
-        now = now_ms()
-        if isinstance(job, EventJob) and not defer_s:  # numbered when its project is ordered
-            push_events(pipe, self.keys, [job], [encode(job, now)], now, alone=True)
-            return
-        score = now + int(defer_s * 1000)
-        _PUSH.queue(
-            pipe,
-            [self.keys.arq_job(job.job_id), self.queue_name],
-            [encode(job, now), score, job.job_id, score - now + expires_extra_ms],
-        )
-
-    def push_many(self, pipe: Pipeline, jobs: Sequence[Job]) -> None:
-        """Queue the enqueue of `jobs`, due now, on `pipe`: one command per `PUSH_CHUNK` jobs
-        (so that Redis serves others between them), each answering with a list of 1 for a
-        job queued, 0 for one whose id was there already. Events are numbered in their
-        order when their project is ordered (`dispatcher.sequence`)."""
-        now = now_ms()
-        if all(isinstance(job, EventJob) for job in jobs):
-            events = [job for job in jobs if isinstance(job, EventJob)]
-            for start in range(0, len(events), PUSH_CHUNK):
-                chunk = events[start : start + PUSH_CHUNK]
-                push_events(pipe, self.keys, chunk, [encode(job, now) for job in chunk], now)
-            return
-        for start in range(0, len(jobs), PUSH_CHUNK):
-            job_keys = [self.queue_name]
-            args: list[str | bytes | int] = [now, expires_extra_ms]
-            for job in jobs[start : start + PUSH_CHUNK]:
-                job_keys.append(self.keys.arq_job(job.job_id))
-                args += (encode(job, now), job.job_id)
-            _PUSH_MANY.queue(pipe, job_keys, args)
-
-    async def enqueue(self, job: Job, *, defer_s: float = 0.0) -> bool:
-        """Enqueue one job now; False when that job id is already queued or running."""
-        (queued,) = await run_pipeline(
-            self.redis, lambda pipe: self.push(pipe, job, defer_s=defer_s)
-        )
-        return bool(queued)
-
-    async def depth(self) -> tuple[int, float]:
-        """Jobs due now, and the age in seconds of the oldest of them."""
-        now = now_ms()
-        async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.zcount(self.queue_name, "-inf", now)
-            pipe.zrange(self.queue_name, 0, 0, withscores=True)
-            due, oldest = await pipe.execute()
-        age = max(0.0, (now - oldest[0][1]) / 1000) if due and oldest else 0.0
-        return int(due), age

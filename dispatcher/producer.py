@@ -17,10 +17,11 @@ from dispatcher.batch import Batcher
 from dispatcher.connections import REDIS_ERRORS, redis_full
 from dispatcher.errors import InvalidInput, NotReplicated, Unavailable
 from dispatcher.events import event_job, wire_event_job
-from dispatcher.jobs import DeliveryJob, EventJob, Job, Queue
+from dispatcher.jobs import DeliveryJob, EventJob, Job
 from dispatcher.keys import Keys
 from dispatcher.models import PLATFORM_PROJECT
 from dispatcher.placement import Placement, kept_fresh
+from dispatcher.queue import Queue
 from dispatcher.replication import Replication, run_replicated
 from dispatcher.shard import Shard
 from dispatcher.topology import close_all, connect_shards, shards_of

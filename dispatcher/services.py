@@ -21,9 +21,9 @@ from dispatcher.egress import policy_for
 from dispatcher.errors import InvalidInput
 from dispatcher.health import Health
 from dispatcher.history import Cursor, open_history, parse_window
-from dispatcher.jobs import Queue
 from dispatcher.models import Region, parse_event, parse_status
 from dispatcher.producer import Producer
+from dispatcher.queue import Queue
 from dispatcher.registry import Registry, validate_url
 from dispatcher.shard import Shard
 from dispatcher.status import read_status

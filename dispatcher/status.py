@@ -18,8 +18,8 @@ if TYPE_CHECKING:
     from redis.asyncio.client import Pipeline
 
     from dispatcher.health import Failing, Health
-    from dispatcher.jobs import Queue
     from dispatcher.keys import Keys
+    from dispatcher.queue import Queue
     from dispatcher.stats import Series
 
 __all__ = [

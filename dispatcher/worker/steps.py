@@ -18,7 +18,8 @@ if TYPE_CHECKING:
     from redis.asyncio.client import Pipeline
 
     from dispatcher.ending import JobEnd
-    from dispatcher.jobs import DeliveryJob, EventJob, Queue
+    from dispatcher.jobs import DeliveryJob, EventJob
+    from dispatcher.queue import Queue
     from dispatcher.worker.claims import Claimed, Claims
 
 __all__ = ["ChunkEnd", "FirstRetry", "NextStep", "Step"]

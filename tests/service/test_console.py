@@ -19,10 +19,10 @@ from dispatcher.clock import now_ms
 from dispatcher.console.csrf import COOKIE
 from dispatcher.embedded import EmbeddedRedis
 from dispatcher.history import HistoryStore, open_history
-from dispatcher.jobs import Queue
 from dispatcher.keys import Keys
 from dispatcher.models import Event, Region
 from dispatcher.producer import Producer
+from dispatcher.queue import Queue
 from dispatcher.registry import Registry
 from dispatcher.settings import Settings
 from dispatcher.stats import AttemptStats

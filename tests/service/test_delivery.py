@@ -16,10 +16,11 @@ from structlog.testing import capture_logs
 from dispatcher.clock import now_ms
 from dispatcher.embedded import EmbeddedRedis
 from dispatcher.history.redis import RedisHistory
-from dispatcher.jobs import EventJob, Queue
+from dispatcher.jobs import EventJob
 from dispatcher.keys import Keys
 from dispatcher.models import Event, HistoryRecord, Region
 from dispatcher.producer import Producer
+from dispatcher.queue import Queue
 from dispatcher.registry import Registry
 from dispatcher.services import Services
 from dispatcher.settings import Settings

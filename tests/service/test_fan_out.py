@@ -9,11 +9,12 @@ from aiohttp import web
 from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
 
-from dispatcher.jobs import EventJob, Queue, decode
+from dispatcher.jobs import EventJob, decode
 from dispatcher.keys import Keys
 from dispatcher.lua import run_pipeline
 from dispatcher.models import PLATFORM_PROJECT, Event, Level, Region
 from dispatcher.producer import Producer
+from dispatcher.queue import Queue
 from dispatcher.registry import Registry
 from dispatcher.settings import Settings
 from dispatcher.worker.claims import Claims

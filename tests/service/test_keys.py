@@ -8,10 +8,11 @@ from redis.asyncio import Redis
 
 from dispatcher.clock import now_ms
 from dispatcher.history.record import AttemptRecord
-from dispatcher.jobs import EventJob, Queue
+from dispatcher.jobs import EventJob
 from dispatcher.keys import Keys, callback_unique_field, history_member
 from dispatcher.keys import scope as scope_of
 from dispatcher.models import PLATFORM_PROJECT, Event, Region
+from dispatcher.queue import Queue
 from dispatcher.services import Services
 from dispatcher.settings import Settings
 

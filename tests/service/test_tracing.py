@@ -25,10 +25,11 @@ from typer.testing import CliRunner
 from dispatcher import tracing
 from dispatcher.cli import app
 from dispatcher.embedded import EmbeddedRedis
-from dispatcher.jobs import EventJob, Queue, decode
+from dispatcher.jobs import EventJob, decode
 from dispatcher.keys import Keys
 from dispatcher.models import Event, Region
 from dispatcher.producer import Producer
+from dispatcher.queue import Queue
 from dispatcher.registry import Registry
 from dispatcher.serve import api_config
 from dispatcher.settings import Settings

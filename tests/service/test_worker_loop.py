@@ -23,11 +23,12 @@ from dispatcher.errors import Unavailable
 from dispatcher.history.postgres import PostgresHistory
 from dispatcher.history.record import AttemptRecord
 from dispatcher.history.redis import RedisHistory
-from dispatcher.jobs import EventJob, Queue
+from dispatcher.jobs import EventJob
 from dispatcher.keys import Keys
 from dispatcher.lua import run_pipeline
 from dispatcher.models import Event, Region
 from dispatcher.producer import Producer
+from dispatcher.queue import Queue
 from dispatcher.registry import Registry
 from dispatcher.settings import Settings
 from dispatcher.worker.claims import Claims

@@ -1,0 +1,139 @@
+"""The queue: jobs enqueued for the workers, in one round trip or inside pipelines, each
+an `arq:job:{id}` key and an entry of the queue's sorted set scored by when it is due (see
+`dispatcher.jobs` for the format). Enqueueing is idempotent: a job id already queued (or
+running) is left alone. Events are numbered on the way when their project is ordered
+(`dispatcher.sequence`)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from arq.constants import expires_extra_ms
+
+from dispatcher.clock import now_ms
+from dispatcher.jobs import EventJob, Job, encode
+from dispatcher.lua import ArgList, Key, KeyList, Script, run_pipeline
+from dispatcher.sequence import push_events
+
+if TYPE_CHECKING:
+    from redis.asyncio import Redis
+    from redis.asyncio.client import Pipeline
+
+    from dispatcher.keys import Keys
+
+__all__ = ["PUSH_CHUNK", "Queue"]
+
+PUSH_CHUNK = 1000  # jobs per enqueue command of Queue.push_many (about 5 ms of Redis time)
+
+
+@dataclass(frozen=True)
+class Push(Script):
+    """Queues one job, due at `score_ms`, its bytes kept `ttl_ms`. Returns 1, or 0 when
+    that job id was there already."""
+
+    LUA = """
+    if redis.call('SET', job, data, 'NX', 'PX', ttl_ms) then
+      redis.call('ZADD', queue, score_ms, job_id)
+      return 1
+    end
+    return 0
+    """
+    job: Key
+    queue: Key
+    data: bytes
+    score_ms: int
+    job_id: str
+    ttl_ms: int
+
+
+@dataclass(frozen=True)
+class PushMany(Script):
+    """Queues many jobs, due at `score_ms`, their bytes kept `ttl_ms` past it: `jobs` holds
+    their keys, `items` each one's bytes and id. One call for many jobs: per job, the
+    command packing and the script call were most of what enqueueing a batch cost. Returns
+    1 (queued) or 0 (there already) per job."""
+
+    LUA = """
+    local queued = {}
+    for i, job in ipairs(jobs) do
+      if redis.call('SET', job, items[2 * i - 1], 'NX', 'PX', ttl_ms) then
+        redis.call('ZADD', queue, score_ms, items[2 * i])
+        queued[i] = 1
+      else
+        queued[i] = 0
+      end
+    end
+    return queued
+    """
+    queue: Key
+    jobs: KeyList
+    score_ms: int
+    ttl_ms: int
+    items: ArgList
+
+
+class Queue:
+    """Enqueue jobs for the workers of one queue, in one round trip or inside pipelines."""
+
+    def __init__(self, redis: Redis, keys: Keys) -> None:
+        self.redis = redis
+        self.keys = keys
+        self.queue_name = keys.QUEUE
+
+    def push(self, pipe: Pipeline, job: Job, *, defer_s: float = 0.0) -> None:
+        """Queue the enqueue of `job` on `pipe`; the caller executes it. Its result in the
+        pipeline is 1 when queued, 0 when that job id was there already."""
+        now = now_ms()
+        if isinstance(job, EventJob) and not defer_s:  # numbered when its project is ordered
+            push_events(pipe, self.keys, [job], [encode(job, now)], now, alone=True)
+            return
+        score = now + int(defer_s * 1000)
+        Push(
+            job=self.keys.arq_job(job.job_id),
+            queue=self.queue_name,
+            data=encode(job, now),
+            score_ms=score,
+            job_id=job.job_id,
+            ttl_ms=score - now + expires_extra_ms,
+        ).queue_on(pipe)
+
+    def push_many(self, pipe: Pipeline, jobs: Sequence[Job]) -> None:
+        """Queue the enqueue of `jobs`, due now, on `pipe`: one command per `PUSH_CHUNK` jobs
+        (so that Redis serves others between them), each answering with a list of 1 for a
+        job queued, 0 for one whose id was there already. Events are numbered in their
+        order when their project is ordered (`dispatcher.sequence`)."""
+        now = now_ms()
+        if all(isinstance(job, EventJob) for job in jobs):
+            events = [job for job in jobs if isinstance(job, EventJob)]
+            for start in range(0, len(events), PUSH_CHUNK):
+                part = events[start : start + PUSH_CHUNK]
+                push_events(pipe, self.keys, part, [encode(job, now) for job in part], now)
+            return
+        for start in range(0, len(jobs), PUSH_CHUNK):
+            chunk = jobs[start : start + PUSH_CHUNK]
+            PushMany(
+                queue=self.queue_name,
+                jobs=[self.keys.arq_job(job.job_id) for job in chunk],
+                score_ms=now,
+                ttl_ms=expires_extra_ms,
+                items=[item for job in chunk for item in (encode(job, now), job.job_id)],
+            ).queue_on(pipe)
+
+    async def enqueue(self, job: Job, *, defer_s: float = 0.0) -> bool:
+        """Enqueue one job now; False when that job id is already queued or running."""
+        (queued,) = await run_pipeline(
+            self.redis, lambda pipe: self.push(pipe, job, defer_s=defer_s)
+        )
+        return bool(queued)
+
+    async def depth(self) -> tuple[int, float]:
+        """Jobs due now, and the age in seconds of the oldest of them."""
+        now = now_ms()
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.zcount(self.queue_name, "-inf", now)
+            pipe.zrange(self.queue_name, 0, 0, withscores=True)
+            due, oldest = await pipe.execute()
+        age = max(0.0, (now - oldest[0][1]) / 1000) if due and oldest else 0.0
+        return int(due), age
