@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 from dispatcher import keys
 from dispatcher.lua import run_pipeline
-from dispatcher.registry.scripts import PUT
+from dispatcher.registry.scripts import PutCallback
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -47,32 +47,27 @@ def queue_put(registry: Registry, pipe: Pipeline, row: Row, *, reset: bool) -> N
     k = registry.keys
     cid, project, pipeline = row["id"], row["projectId"], row.get("pipelineId") or None
     scope = keys.scope(project, pipeline)
-    callback_keys = [
-        k.callback(cid),
-        k.callback_unique(scope),
-        k.project_callbacks(project),
-        k.match(scope, row["event"]),
-        k.CALLBACKS_DISABLED,
-        k.HEALTH_FAILING,
-        k.health(cid),
-    ]
+    listings = [k.project_callbacks(project)]
     if pipeline:
-        callback_keys.append(k.pipeline_callbacks(project, pipeline))
-    pairs = [item for field in row.items() for item in field]
-    PUT.queue(
-        pipe,
-        callback_keys,
-        [
-            cid,
-            keys.callback_unique_field(row["event"], row["url"]),
-            row.get("enabled", "1"),
-            row.get("updatedTime", "0"),
-            "1" if reset else "0",
-            *pairs,
-        ],
-    )
-    if row.get("orderBy"):  # its project's events (every project's) get sequence numbers
-        pipe.set(k.lanes_ordered(project), "1")
+        listings.append(k.pipeline_callbacks(project, pipeline))
+    PutCallback(
+        callback=k.callback(cid),
+        unique=k.callback_unique(scope),
+        match=k.match(scope, row["event"]),
+        disabled=k.CALLBACKS_DISABLED,
+        failing=k.HEALTH_FAILING,
+        health=k.health(cid),
+        ordered_flag=k.lanes_ordered(project),  # its events (every project's) numbered
+        listings=listings,
+        callback_id=cid,
+        field=keys.callback_unique_field(row["event"], row["url"]),
+        enabled=row.get("enabled", "1"),
+        updated_ms=row.get("updatedTime", "0"),
+        reset="1" if reset else "0",
+        ordered="1" if row.get("orderBy") else "0",
+        callback_prefix=k.CALLBACK_PREFIX,
+        values=[item for field in row.items() for item in field],
+    ).queue_on(pipe)
 
 
 async def put_rows(registry: Registry, rows: Sequence[Row], *, reset: bool = False) -> None:

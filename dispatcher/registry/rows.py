@@ -6,11 +6,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from dispatcher import keys
 from dispatcher.clock import now_ms
-from dispatcher.keys import callback_unique_field
 from dispatcher.models import Callback, Event, Level, Region
 from dispatcher.registry.options import Options
 from dispatcher.registry.rules import level_of
+from dispatcher.registry.scripts import UpsertCallback
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
@@ -37,8 +38,35 @@ class Upsert:
     creator: str
     options: Options
 
-    def argv(self, keys: Keys, id_floor: int, event: Event, now_ms: int) -> list[str | int]:
-        """The UPSERT script's ARGV for `event` (see `scripts.UPSERT`)."""
+    def script(self, k: Keys, event: Event, now_ms: int, id_floor: int) -> UpsertCallback:
+        """The write of this registration for `event` (see `scripts.UpsertCallback`)."""
+        scope = keys.scope(self.project_id, self.pipeline_id)
+        listings = [k.project_callbacks(self.project_id)]
+        if self.pipeline_id:
+            listings.append(k.pipeline_callbacks(self.project_id, self.pipeline_id))
+        once, every = self.pairs(event)
+        return UpsertCallback(
+            unique=k.callback_unique(scope),
+            counter=k.CALLBACK_SEQ,
+            match=k.match(scope, event.value),
+            disabled=k.CALLBACKS_DISABLED,
+            failing=k.HEALTH_FAILING,
+            ordered_flag=k.lanes_ordered(self.project_id),
+            listings=listings,
+            field=keys.callback_unique_field(event.value, self.url),
+            now_ms=now_ms,
+            callback_prefix=k.CALLBACK_PREFIX,
+            health_prefix=k.HEALTH_PREFIX,
+            filter_errors_prefix=k.FILTER_ERRORS_PREFIX,
+            id_floor=id_floor,
+            ordered="1" if self.options.order_by else "0",  # from now on, events numbered
+            once=len(once) // 2,
+            values=[*once, *every],
+        )
+
+    def pairs(self, event: Event) -> tuple[list[str], list[str]]:
+        """The hash's field/value pairs for `event`: those written when the callback is
+        created (its identity), and those every registration writes."""
         once = [
             "projectId",
             self.project_id,
@@ -69,17 +97,7 @@ class Upsert:
             value,
             *self.options.to_fields(),
         ]
-        return [
-            callback_unique_field(event.value, self.url),
-            now_ms,
-            keys.CALLBACK_PREFIX,
-            keys.HEALTH_PREFIX,
-            keys.FILTER_ERRORS_PREFIX,
-            len(once) // 2,
-            id_floor,
-            *once,
-            *every,
-        ]
+        return once, every
 
 
 def to_callback(row: Mapping[str, str]) -> Callback:

@@ -1,49 +1,110 @@
-"""The registry's Lua scripts. None spells a key or a separator: each gets its keys in
-KEYS, and the prefixes and separators it needs to build one from a value read inside Redis
-in ARGV, from `dispatcher.keys` (`tests/service/test_keys.py` checks both sides agree)."""
+"""The registry's Lua scripts, each a typed `Script` naming its keys and arguments. Keys
+are made in Python (`dispatcher.keys`) but where a script reads the id or the scope that
+names one inside Redis: `UpsertCallback` (a new callback's id is taken there), `MATCH`
+(the ids it finds), `DISABLE`/`SetEnabled` (a callback's match set, by the scope and event
+its hash holds: they run in the worker's write pipeline, where nothing can be read first)
+and `mark_ordered`'s conversion of an old flag. Those get the prefixes and separators from
+`dispatcher.keys` (`tests/service/test_keys.py` checks both sides agree)."""
 
 from __future__ import annotations
 
-from dispatcher.lua import Lua
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-__all__ = ["DELETE", "DISABLE", "MATCH", "PUT", "ROTATE", "SET_ENABLED", "UPGRADE", "UPSERT"]
+from dispatcher import keys
+from dispatcher.lua import ArgList, Key, KeyList, Lua, Script
 
-# KEYS: upsert hash, id counter, match zset, disabled zset, failing zset, then the listing
-# zsets the callback joins when created (its project's; its pipeline's too).
-# ARGV: upsert field, now, callback prefix, health prefix, filter errors prefix, the number
-# n of field/value pairs written only when the callback is created, the first id of the
-# shard's range (see `dispatcher/shard.py`), those n pairs, then the pairs written by every
-# registration (see `store.Upsert.argv`). Re-enables the callback
-# and clears its failure count (and its `failing` mark) and filter errors. Returns {id, 1
-# when created}.
-UPSERT = Lua("""
-local id = redis.call('HGET', KEYS[1], ARGV[1])
+if TYPE_CHECKING:
+    from dispatcher.keys import Keys
+
+__all__ = [
+    "DISABLE",
+    "MATCH",
+    "DeleteCallback",
+    "PutCallback",
+    "RotateToken",
+    "SetEnabled",
+    "UpgradeMatchSet",
+    "UpsertCallback",
+]
+
+# A Lua function: a project's ordered callbacks (`flag`, the set of their ids, which the
+# enqueue script's EXISTS reads: an empty set has no key) with `id` in it when `ordered` is
+# '1', out of it otherwise. A flag of the layout before (the string '1', never cleared) is
+# made the set first, from the project's callbacks (`listing`) that have an `orderBy`.
+ORDERED = """
+local function mark_ordered(flag, listing, callback_prefix, id, ordered)
+  if redis.call('TYPE', flag).ok == 'string' then
+    redis.call('DEL', flag)
+    for _, other in ipairs(redis.call('ZRANGE', listing, 0, -1)) do
+      local by = redis.call('HGET', callback_prefix .. other, 'orderBy')
+      if by and by ~= '' then redis.call('SADD', flag, other) end
+    end
+  end
+  if ordered == '1' then redis.call('SADD', flag, id) else redis.call('SREM', flag, id) end
+end
+"""
+
+
+@dataclass(frozen=True)
+class UpsertCallback(Script):
+    """Creates the callback registered as `field` in its scope's `unique` hash (its id
+    taken from `counter`, at least `id_floor`: see `dispatcher/shard.py`; it joins each of
+    `listings`, its project's first), or updates it: `values` holds `once` field/value
+    pairs written when it is created, then the pairs every registration writes
+    (`rows.Upsert`). Re-enables it, clears its failure count (and `failing` mark) and
+    filter errors, and puts it in or out of its project's `ordered_flag` set (`ordered`).
+    Returns {id, 1 when created}."""
+
+    LUA = (
+        ORDERED
+        + """
+local id = redis.call('HGET', unique, field)
 local created = 0
 if not id then
-  if tonumber(redis.call('GET', KEYS[2]) or '0') < tonumber(ARGV[7]) then
-    redis.call('SET', KEYS[2], ARGV[7])
+  if tonumber(redis.call('GET', counter) or '0') < tonumber(id_floor) then
+    redis.call('SET', counter, id_floor)
   end
-  id = tostring(redis.call('INCR', KEYS[2]))
+  id = tostring(redis.call('INCR', counter))
   created = 1
-  redis.call('HSET', KEYS[1], ARGV[1], id)
-  for i = 6, #KEYS do redis.call('ZADD', KEYS[i], id, id) end
+  redis.call('HSET', unique, field, id)
+  for _, listing in ipairs(listings) do redis.call('ZADD', listing, id, id) end
 end
-local key = ARGV[3] .. id
-local once = 8 + 2 * tonumber(ARGV[6])
+local key = callback_prefix .. id
+local first = 2 * tonumber(once)
 if created == 1 then
-  local fields = {'id', id, 'createdTime', ARGV[2]}
-  for i = 8, once - 1 do fields[#fields + 1] = ARGV[i] end
+  local fields = {'id', id, 'createdTime', now_ms}
+  for i = 1, first do fields[#fields + 1] = values[i] end
   redis.call('HSET', key, unpack(fields))
 end
-local fields = {'enabled', '1', 'disabledReason', '', 'failing', '0', 'updatedTime', ARGV[2]}
-for i = once, #ARGV do fields[#fields + 1] = ARGV[i] end
+local fields = {'enabled', '1', 'disabledReason', '', 'failing', '0', 'updatedTime', now_ms}
+for i = first + 1, #values do fields[#fields + 1] = values[i] end
 redis.call('HSET', key, unpack(fields))
-redis.call('ZADD', KEYS[3], id, id)
-redis.call('ZREM', KEYS[4], id)
-redis.call('DEL', ARGV[4] .. id, ARGV[5] .. id)
-redis.call('ZREM', KEYS[5], id)
+redis.call('ZADD', match, id, id)
+redis.call('ZREM', disabled, id)
+redis.call('DEL', health_prefix .. id, filter_errors_prefix .. id)
+redis.call('ZREM', failing, id)
+mark_ordered(ordered_flag, listings[1], callback_prefix, id, ordered)
 return {tonumber(id), created}
-""")
+"""
+    )
+    unique: Key
+    counter: Key
+    match: Key
+    disabled: Key
+    failing: Key
+    ordered_flag: Key
+    listings: KeyList
+    field: str
+    now_ms: int
+    callback_prefix: str
+    health_prefix: str
+    filter_errors_prefix: str
+    id_floor: int
+    ordered: str
+    once: int
+    values: ArgList
+
 
 # KEYS: the match zsets of an event's levels, broadest first (platform, project, pipeline),
 # then the upsert hashes of the same levels. ARGV: cursor (a callback id), chunk size,
@@ -111,102 +172,190 @@ local function disable(callback, disabled, reason, now, match_prefix, sep)
 end
 """
 
-# KEYS: callback hash, disabled zset, failing zset. ARGV: enabled ('1'/'0'), reason, now,
-# match prefix, key separator, expected project ('' = any), health prefix (enabling starts
-# the failure count, and its `failing` mark, again). Returns 0 when missing or in another
-# project.
-SET_ENABLED = Lua(
-    DISABLE
-    + """
-local row = redis.call('HMGET', KEYS[1], 'projectId', 'event', 'id', 'pipelineId')
-if not row[1] or (ARGV[6] ~= '' and row[1] ~= ARGV[6]) then return 0 end
-if ARGV[1] ~= '1' then return disable(KEYS[1], KEYS[2], ARGV[2], ARGV[3], ARGV[4], ARGV[5]) end
+
+@dataclass(frozen=True)
+class SetEnabled(Script):
+    """Enables (`enabled` '1': its failure count, and its `failing` mark, start again) or
+    disables the callback whose hash is `callback`, with `reason`, unless it is missing or
+    not `project_id`'s ('' = any). Its match set is found by its hash's scope and event
+    (`DISABLE`): this runs in the worker's write pipeline. Returns 0 when missing."""
+
+    LUA = (
+        DISABLE
+        + """
+local row = redis.call('HMGET', callback, 'projectId', 'event', 'id', 'pipelineId')
+if not row[1] or (project_id ~= '' and row[1] ~= project_id) then return 0 end
+if enabled ~= '1' then return disable(callback, disabled, reason, now_ms, match_prefix, sep) end
 local scope = row[1]
-if row[4] and row[4] ~= '' then scope = scope .. ARGV[5] .. row[4] end
-redis.call('HSET', KEYS[1], 'enabled', '1', 'disabledReason', '', 'failing', '0',
-           'updatedTime', ARGV[3])
-redis.call('ZADD', ARGV[4] .. scope .. ARGV[5] .. row[2], row[3], row[3])
-redis.call('ZREM', KEYS[2], row[3])
-redis.call('DEL', ARGV[7] .. row[3])
-redis.call('ZREM', KEYS[3], row[3])
+if row[4] and row[4] ~= '' then scope = scope .. sep .. row[4] end
+redis.call('HSET', callback, 'enabled', '1', 'disabledReason', '', 'failing', '0',
+           'updatedTime', now_ms)
+redis.call('ZADD', match_prefix .. scope .. sep .. row[2], row[3], row[3])
+redis.call('ZREM', disabled, row[3])
+redis.call('DEL', health)
+redis.call('ZREM', failing, row[3])
 return 1
 """
-)
+    )
+    callback: Key
+    disabled: Key
+    failing: Key
+    health: Key
+    enabled: str
+    reason: str
+    now_ms: int
+    match_prefix: str
+    sep: str
+    project_id: str
 
-# KEYS: callback hash, disabled zset, failing zset. ARGV: project, pipeline ('' = any of the
-# project's), upsert prefix, project prefix, pipeline prefix, match prefix, health prefix,
-# key separator, upsert field separator, filter errors prefix. Returns 0 when missing or
-# someone else's.
-DELETE = Lua("""
-local row = redis.call('HMGET', KEYS[1], 'projectId', 'event', 'url', 'id', 'pipelineId')
-if not row[1] or row[1] ~= ARGV[1] then return 0 end
-local pipeline = row[5] or ''
-if ARGV[2] ~= '' and pipeline ~= ARGV[2] then return 0 end
-local scope = row[1]
-if pipeline ~= '' then
-  scope = scope .. ARGV[8] .. pipeline
-  redis.call('ZREM', ARGV[5] .. scope, row[4])
-end
-redis.call('DEL', KEYS[1], ARGV[7] .. row[4], ARGV[10] .. row[4])
-redis.call('HDEL', ARGV[3] .. scope, row[2] .. ARGV[9] .. row[3])
-redis.call('ZREM', ARGV[4] .. row[1], row[4])
-redis.call('ZREM', ARGV[6] .. scope .. ARGV[8] .. row[2], row[4])
-redis.call('ZREM', KEYS[2], row[4])
-redis.call('ZREM', KEYS[3], row[4])
-return 1
-""")
 
-# KEYS: callback hash. ARGV: expected project, expected pipeline ('' = any of the
-# project's), the new token (as stored), its predecessor's end (epoch ms; '' or 0: none),
-# now. The current token becomes the previous one, signing until that end, unless there
-# is none or the overlap is 0. Returns 0 when missing or someone else's.
-ROTATE = Lua("""
-local row = redis.call('HMGET', KEYS[1], 'projectId', 'pipelineId', 'secretToken')
-if not row[1] or row[1] ~= ARGV[1] then return 0 end
-if ARGV[2] ~= '' and (row[2] or '') ~= ARGV[2] then return 0 end
-local previous, till = row[3] or '', ARGV[4]
-if previous == '' or till == '' or tonumber(till) <= tonumber(ARGV[5]) then
-  previous, till = '', ''
-end
-redis.call('HSET', KEYS[1], 'secretToken', ARGV[3], 'previousToken', previous,
-           'previousTokenUntil', till, 'updatedTime', ARGV[5])
-return 1
-""")
+@dataclass(frozen=True)
+class DeleteCallback(Script):
+    """Deletes the callback whose hash is `callback`, its id `callback_id`, unless it is
+    no longer `project_id`'s: its hash, health and filter errors, its place in its scope's
+    `unique` hash (`field`), its listings, match set, the disabled and failing sets, and
+    its project's ordered set. The caller read its scope and event first (they never
+    change). Returns 0 when it was gone."""
 
-# KEYS: a match key of layout 1, where it was a SET. Makes it a ZSET scored by id.
-# Returns 1 when it converted it.
-UPGRADE = Lua("""
-if redis.call('TYPE', KEYS[1]).ok ~= 'set' then return 0 end
-local ids = redis.call('SMEMBERS', KEYS[1])
-redis.call('DEL', KEYS[1])
-for _, id in ipairs(ids) do redis.call('ZADD', KEYS[1], id, id) end
-return 1
-""")
+    LUA = """
+    if redis.call('HGET', callback, 'projectId') ~= project_id then return 0 end
+    redis.call('DEL', callback, health, filter_errors)
+    redis.call('HDEL', unique, field)
+    for _, listing in ipairs(listings) do redis.call('ZREM', listing, callback_id) end
+    redis.call('ZREM', match, callback_id)
+    redis.call('ZREM', disabled, callback_id)
+    redis.call('ZREM', failing, callback_id)
+    if redis.call('TYPE', ordered_flag).ok == 'set' then
+      redis.call('SREM', ordered_flag, callback_id)
+    end
+    return 1
+    """
+    callback: Key
+    health: Key
+    filter_errors: Key
+    unique: Key
+    match: Key
+    disabled: Key
+    failing: Key
+    ordered_flag: Key
+    listings: KeyList
+    project_id: str
+    callback_id: int
+    field: str
 
-# KEYS: callback hash, upsert hash of its scope, its project's listing, its match zset,
-# disabled zset, failing zset, its health hash, then its pipeline's listing (when it has a
-# pipeline). ARGV: id, upsert field, enabled ('1'/'0'), updatedTime, '1' to start its
-# failure count again, then every field/value pair of its hash. Writes a callback exactly as
-# another shard holds it, id included (a platform-wide callback's copy, a moved project's
-# callback), less its `failing` mark: this shard's failures are its own, so the next
-# success resets them. Returns 1.
-PUT = Lua("""
-redis.call('DEL', KEYS[1])
-redis.call('HSET', KEYS[1], unpack(ARGV, 6))
-redis.call('HDEL', KEYS[1], 'failing')
-redis.call('HSET', KEYS[2], ARGV[2], ARGV[1])
-redis.call('ZADD', KEYS[3], ARGV[1], ARGV[1])
-if KEYS[8] then redis.call('ZADD', KEYS[8], ARGV[1], ARGV[1]) end
-if ARGV[3] == '1' then
-  redis.call('ZADD', KEYS[4], ARGV[1], ARGV[1])
-  redis.call('ZREM', KEYS[5], ARGV[1])
+    @classmethod
+    def of(
+        cls, k: Keys, callback_id: int, project_id: str, pipeline_id: str, event: str, url: str
+    ) -> DeleteCallback:
+        """The delete of a callback whose hash said it is `project_id`'s (of `pipeline_id`,
+        '' for none), for `event`, to `url`."""
+        scope = keys.scope(project_id, pipeline_id or None)
+        listings = [k.project_callbacks(project_id)]
+        if pipeline_id:
+            listings.append(k.pipeline_callbacks(project_id, pipeline_id))
+        return cls(
+            callback=k.callback(callback_id),
+            health=k.health(callback_id),
+            filter_errors=k.filter_errors(callback_id),
+            unique=k.callback_unique(scope),
+            match=k.match(scope, event),
+            disabled=k.CALLBACKS_DISABLED,
+            failing=k.HEALTH_FAILING,
+            ordered_flag=k.lanes_ordered(project_id),
+            listings=listings,
+            project_id=project_id,
+            callback_id=callback_id,
+            field=keys.callback_unique_field(event, url),
+        )
+
+
+@dataclass(frozen=True)
+class RotateToken(Script):
+    """Makes `token` (as stored) the callback's token, unless it is missing or not
+    `project_id`'s (of `pipeline_id`, '' = any of the project's); the current one becomes
+    the previous one, signing until `until_ms`, unless there is none or the overlap is over
+    ('' or past `now_ms`). Returns 0 when missing or someone else's."""
+
+    LUA = """
+    local row = redis.call('HMGET', callback, 'projectId', 'pipelineId', 'secretToken')
+    if not row[1] or row[1] ~= project_id then return 0 end
+    if pipeline_id ~= '' and (row[2] or '') ~= pipeline_id then return 0 end
+    local previous, till = row[3] or '', until_ms
+    if previous == '' or till == '' or tonumber(till) <= tonumber(now_ms) then
+      previous, till = '', ''
+    end
+    redis.call('HSET', callback, 'secretToken', token, 'previousToken', previous,
+               'previousTokenUntil', till, 'updatedTime', now_ms)
+    return 1
+    """
+    callback: Key
+    project_id: str
+    pipeline_id: str
+    token: str
+    until_ms: int | str
+    now_ms: int
+
+
+@dataclass(frozen=True)
+class UpgradeMatchSet(Script):
+    """A match key of layout 1, where it was a SET, made a ZSET scored by id. Returns 1
+    when it converted it."""
+
+    LUA = """
+    if redis.call('TYPE', match).ok ~= 'set' then return 0 end
+    local ids = redis.call('SMEMBERS', match)
+    redis.call('DEL', match)
+    for _, id in ipairs(ids) do redis.call('ZADD', match, id, id) end
+    return 1
+    """
+    match: Key
+
+
+@dataclass(frozen=True)
+class PutCallback(Script):
+    """Writes a callback exactly as another shard holds it, id included (a platform-wide
+    callback's copy, a moved project's callback), less its `failing` mark: this shard's
+    failures are its own, so the next success resets them. `values` holds its hash's
+    field/value pairs; `listings` its project's listing, then its pipeline's (when it has
+    one). `reset` ('1') starts its failure count again; `ordered` puts it in or out of its
+    project's ordered set. Returns 1."""
+
+    LUA = (
+        ORDERED
+        + """
+redis.call('DEL', callback)
+redis.call('HSET', callback, unpack(values))
+redis.call('HDEL', callback, 'failing')
+redis.call('HSET', unique, field, callback_id)
+for _, listing in ipairs(listings) do redis.call('ZADD', listing, callback_id, callback_id) end
+if enabled == '1' then
+  redis.call('ZADD', match, callback_id, callback_id)
+  redis.call('ZREM', disabled, callback_id)
 else
-  redis.call('ZREM', KEYS[4], ARGV[1])
-  redis.call('ZADD', KEYS[5], ARGV[4], ARGV[1])
+  redis.call('ZREM', match, callback_id)
+  redis.call('ZADD', disabled, updated_ms, callback_id)
 end
-if ARGV[5] == '1' then
-  redis.call('DEL', KEYS[7])
-  redis.call('ZREM', KEYS[6], ARGV[1])
+if reset == '1' then
+  redis.call('DEL', health)
+  redis.call('ZREM', failing, callback_id)
 end
+mark_ordered(ordered_flag, listings[1], callback_prefix, callback_id, ordered)
 return 1
-""")
+"""
+    )
+    callback: Key
+    unique: Key
+    match: Key
+    disabled: Key
+    failing: Key
+    health: Key
+    ordered_flag: Key
+    listings: KeyList
+    callback_id: str
+    field: str
+    enabled: str
+    updated_ms: str
+    reset: str
+    ordered: str
+    callback_prefix: str
+    values: ArgList

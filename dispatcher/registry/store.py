@@ -27,7 +27,7 @@ from dispatcher.registry.match import TARGET_FIELDS, CallbackTarget, ChunkQuery
 from dispatcher.registry.options import NO_OPTIONS, Options
 from dispatcher.registry.rows import Upsert, to_callback
 from dispatcher.registry.rules import check_event, check_scope, check_token, validate_url
-from dispatcher.registry.scripts import DELETE, ROTATE, SET_ENABLED, UPGRADE, UPSERT
+from dispatcher.registry.scripts import DeleteCallback, RotateToken, SetEnabled, UpgradeMatchSet
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -145,28 +145,11 @@ class Registry:
         )
 
     async def _upsert_many(self, upsert: Upsert, events: list[Event]) -> list[tuple[int, bool]]:
-        scope = keys.scope(upsert.project_id, upsert.pipeline_id)
-        listings = [self.keys.project_callbacks(upsert.project_id)]
-        if upsert.pipeline_id:
-            listings.append(self.keys.pipeline_callbacks(upsert.project_id, upsert.pipeline_id))
         now = now_ms()
 
         def upsert_all(pipe: Pipeline) -> None:
             for event in events:
-                UPSERT.queue(
-                    pipe,
-                    [
-                        self.keys.callback_unique(scope),
-                        self.keys.CALLBACK_SEQ,
-                        self.keys.match(scope, event.value),
-                        self.keys.CALLBACKS_DISABLED,
-                        self.keys.HEALTH_FAILING,
-                        *listings,
-                    ],
-                    upsert.argv(self.keys, self.id_floor, event, now),
-                )
-            if upsert.options.order_by:  # from now on its events get sequence numbers
-                pipe.set(self.keys.lanes_ordered(upsert.project_id), "1")
+                upsert.script(self.keys, event, now, self.id_floor).queue_on(pipe)
 
         results: list[list[int]] = await run_pipeline(self.redis, upsert_all)
         return [(int(cid), bool(created)) for cid, created in results[: len(events)]]
@@ -217,11 +200,14 @@ class Registry:
             raise InvalidInput("secretToken is required: the new token", param="secretToken")
         now = now_ms()
         until = now + int(overlap_s * 1000) if overlap_s > 0 else ""
-        done = await ROTATE(
-            self.redis,
-            [self.keys.callback(callback_id)],
-            [project_id, pipeline_id or "", self._encrypt(token), until, now],
-        )
+        done = await RotateToken(
+            self.keys.callback(callback_id),
+            project_id,
+            pipeline_id or "",
+            self._encrypt(token),
+            until,
+            now,
+        ).run(self.redis)
         if not done:
             raise NotFound(f"callback {callback_id} not found in {_where(project_id, pipeline_id)}")
 
@@ -327,15 +313,14 @@ class Registry:
     ) -> None:
         """Delete one of the project's callbacks (of that pipeline, when one is named)."""
         k = self.keys
-        done = await DELETE(
-            self.redis,
-            [k.callback(callback_id), k.CALLBACKS_DISABLED, k.HEALTH_FAILING],
-            [
-                project_id, pipeline_id or "", k.CALLBACK_UNIQUE_PREFIX,
-                k.PROJECT_CALLBACKS_PREFIX, k.PIPELINE_CALLBACKS_PREFIX, k.MATCH_PREFIX,
-                k.HEALTH_PREFIX, keys.SEP, keys.UNIQUE_SEP, k.FILTER_ERRORS_PREFIX,
-            ],
-        )  # fmt: skip
+        found = await self.redis.hmget(  # type: ignore[misc]  # sync|async
+            k.callback(callback_id), ["projectId", "event", "url", "pipelineId"]
+        )
+        owner, event, url, pipeline = (value.decode() if value else "" for value in found)
+        done = owner == project_id and (not pipeline_id or pipeline == pipeline_id)
+        if done:
+            script = DeleteCallback.of(k, callback_id, project_id, pipeline, event, url)
+            done = await script.run(self.redis)
         if not done:
             raise NotFound(f"callback {callback_id} not found in {_where(project_id, pipeline_id)}")
 
@@ -365,19 +350,18 @@ class Registry:
     ) -> None:
         """`set_enabled` queued on a pipeline; its answer is 0 when the callback is missing."""
         k = self.keys
-        SET_ENABLED.queue(
-            pipe,
-            [k.callback(callback_id), k.CALLBACKS_DISABLED, k.HEALTH_FAILING],
-            [
-                "1" if enabled else "0",
-                reason,
-                now_ms(),
-                k.MATCH_PREFIX,
-                keys.SEP,
-                project_id or "",
-                k.HEALTH_PREFIX,
-            ],
-        )
+        SetEnabled(
+            callback=k.callback(callback_id),
+            disabled=k.CALLBACKS_DISABLED,
+            failing=k.HEALTH_FAILING,
+            health=k.health(callback_id),
+            enabled="1" if enabled else "0",
+            reason=reason,
+            now_ms=now_ms(),
+            match_prefix=k.MATCH_PREFIX,
+            sep=keys.SEP,
+            project_id=project_id or "",
+        ).queue_on(pipe)
 
     async def upgrade(self) -> int:
         """Convert a layout-1 registry (match sets as SETs) to this one; returns how many
@@ -386,7 +370,7 @@ class Registry:
             return 0
         converted = 0
         async for key in self.redis.scan_iter(match=f"{self.keys.MATCH_PREFIX}*", count=500):
-            converted += int(await UPGRADE(self.redis, [key.decode()], []))
+            converted += int(await UpgradeMatchSet(key.decode()).run(self.redis))
         await self.redis.set(self.keys.CALLBACKS_LAYOUT, LAYOUT)
         if converted:
             log.info("registry.upgraded", match_sets=converted, layout=LAYOUT.decode())
