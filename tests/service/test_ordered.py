@@ -22,8 +22,9 @@ from typer.testing import CliRunner
 from dispatcher.cli import app
 from dispatcher.embedded import EmbeddedRedis
 from dispatcher.keys import Keys, lane_id
-from dispatcher.models import HistoryRecord
+from dispatcher.models import Event, HistoryRecord, Region
 from dispatcher.producer import Producer
+from dispatcher.registry import Options, Registry
 from dispatcher.registry.options import order_key
 from dispatcher.settings import Settings
 from dispatcher.shards import views
@@ -301,3 +302,35 @@ async def test_a_head_dropped_for_claims_releases_its_lane(
     assert [d["deliveryId"] for d in drops] == [head]
     assert numbers(receiver) == [("b", 0), ("b", 1)]  # the head's 500, then step 1
     assert not await redis.keys(f"{keys.LANE_PREFIX}*")
+
+
+async def test_a_project_stops_numbering_events_once_its_last_ordered_callback_goes(
+    redis_server: EmbeddedRedis, redis: Redis
+) -> None:
+    """The project's ordered flag is the set of its ordered callbacks: its events are
+    numbered while one is left, not after; re-registering without `orderBy` counts as
+    leaving too. A flag of the layout before (the string '1', never cleared) becomes the
+    set on the next write to the project's callbacks."""
+    settings = make_settings(redis_server.url)
+    registry = Registry(redis)
+    project, flag = "numbered", keys.lanes_ordered("numbered")
+    await redis.set(flag, "1")  # the layout before: a string
+    url, event, region = "http://127.0.0.1:9/", Event.BUILD_END, Region.DEVNET
+    by_build, by_callback = Options(order_by="buildId"), Options(order_by="*")
+    first, _ = await registry.create(project, url + "a", event, region, options=by_build)
+    second, _ = await registry.create(project, url + "b", event, region, options=by_callback)
+    members = await redis.smembers(flag)  # type: ignore[misc]  # sync|async
+    assert members == {str(first).encode(), str(second).encode()}
+
+    async def numbered() -> bool:
+        async with Producer(settings, redis) as producer:
+            (event_id,) = await producer.emit_many([(project, "BUILD_END", {"buildId": "b"})])
+        pending = keys.lanes_pending(project)
+        return await redis.zscore(pending, f"{project}:{event_id}") is not None
+
+    assert await numbered()
+    await registry.delete(project, first)
+    assert await numbered()  # the second is still ordered
+    await registry.create(project, url + "b", event, region)
+    assert await redis.exists(flag) == 0  # registered again without orderBy: none is left
+    assert not await numbered()
