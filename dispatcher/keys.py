@@ -25,9 +25,9 @@ Receiver controls (fleet-wide limits of one callback; each key expires when idle
     dispatcher:limit:{id}:seen                ZSET the same ids, scored by when they leave the
                                               line unless they come back (a job gone for good)
 Ordered delivery (callbacks with `orderBy`; see dispatcher/worker/lanes.py)
-    dispatcher:lanes:ordered:{project}        STRING "1" once the project (DEVOPS_ALL_PROJECT:
-                                              every project) has had an ordered callback: its
-                                              events get a sequence number when queued
+    dispatcher:lanes:ordered:{project}        SET ids of the project's (DEVOPS_ALL_PROJECT:
+                                              every project's) ordered callbacks: while it has
+                                              one, its events get a sequence number when queued
     dispatcher:lanes:seq:{project}            INCR the project's event sequence
     dispatcher:lanes:pending:{project}        ZSET event job ids by sequence: events whose
                                               fan-out may still add to a lane (dropped once
@@ -46,13 +46,17 @@ Ordered delivery (callbacks with `orderBy`; see dispatcher/worker/lanes.py)
                                               and orderBy (one lane for all their events)
     dispatcher:lanes:blocked                  ZSET lane keys whose head was put back (a retry,
                                               a deferral), by when it first was
+    dispatcher:lanes:hold:{project}           STRING set while the project moves here: its
+                                              lanes wait for its old shard's (shards/lanes.py)
 Roles
     dispatcher:roles:{project}                HASH user -> admin | member ("*" = every project)
 Health
     dispatcher:health:{id}                    HASH consecutive final failures of one callback
     dispatcher:health:failing                 ZSET ids of callbacks with failures, by first failure
 Deliveries
-    dispatcher:delivery:{progress id}         STRING attempts made, or "done" (dedupe, progress)
+    dispatcher:delivery:{progress id}         STRING attempts made, or "done" (dedupe, progress);
+                                              none when the delivery's job ended with its
+                                              record (gone, it needs no dedupe)
     dispatcher:deliveries:dropped             LIST deliveries ended without an attempt (last 1000)
 Workers and statistics
     dispatcher:workers:{host}:{pid}           STRING heartbeat of a live worker (TTL 30 s)
