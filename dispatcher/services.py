@@ -119,34 +119,14 @@ class Services:
         """Register (or update and re-enable) one callback of a project, of one of its
         pipelines, or of the platform (`DEVOPS_ALL_PROJECT`), with its receiver controls;
         returns its id."""
-        r = registration.to(await self.check_target(registration.url, registration.region))
-        callback_id, _ = await self.registry.create(
-            r.project_id,
-            r.url,
-            event,
-            r.region,
-            r.secret_token,
-            creator=r.creator,
-            pipeline_id=r.pipeline_id,
-            auth_header=r.auth_header,
-            options=r.options,
-        )
+        checked = registration.to(await self.check_target(registration.url, registration.region))
+        callback_id, _ = await self.registry.register(checked, event)
         return callback_id
 
     async def register_batch(self, registration: Registration, events: str) -> CreateCallBackResult:
         """One URL for a comma-separated list of events; unknown names are reported."""
-        r = registration.to(await self.check_target(registration.url, registration.region))
-        return await self.registry.create_batch(
-            r.project_id,
-            r.url,
-            events,
-            r.region,
-            r.secret_token,
-            creator=r.creator,
-            pipeline_id=r.pipeline_id,
-            auth_header=r.auth_header,
-            options=r.options,
-        )
+        checked = registration.to(await self.check_target(registration.url, registration.region))
+        return await self.registry.register_batch(checked, events)
 
     async def rotate_secret(
         self,

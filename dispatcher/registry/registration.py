@@ -1,7 +1,8 @@
 """A registration, as every front end makes it (the API's routes, the console's form, the
 CLI, the platform's copies): whose callback, where it sends, how it signs, with what
-receiver controls. It travels whole from the front end to `Services.register` and the
-platform's `register`; the event (one, or a comma-separated batch) goes beside it."""
+receiver controls. It travels whole from the front end through `Services.register` (and
+the platform's `register`) to `Registry.register`; the event (one, or a comma-separated
+batch) goes beside it."""
 
 from __future__ import annotations
 

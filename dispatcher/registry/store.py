@@ -25,6 +25,7 @@ from dispatcher.models import (
 )
 from dispatcher.registry.match import TARGET_FIELDS, CallbackTarget, ChunkQuery
 from dispatcher.registry.options import NO_OPTIONS, Options
+from dispatcher.registry.registration import Registration
 from dispatcher.registry.rows import Upsert, to_callback
 from dispatcher.registry.rules import check_event, check_scope, check_token, validate_url
 from dispatcher.registry.scripts import DeleteCallback, RotateToken, SetEnabled, UpgradeMatchSet
@@ -78,33 +79,24 @@ class Registry:
         auth_header: AuthHeader | None = None,
         options: Options | None = None,
     ) -> tuple[int, bool]:
-        """Register (or update and re-enable) one callback; returns (id, created)."""
-        level = check_scope(project_id, pipeline_id)
-        parsed = check_event(parse_event(event) if isinstance(event, str) else event, level)
-        upsert = self._checked(
-            level, project_id, pipeline_id, url, region, secret_token, auth_header, creator, options
+        """`register` of a registration made of these; returns (id, created)."""
+        registration = Registration(
+            project_id, url, region, creator or "", secret_token, pipeline_id, auth_header, options
         )
+        return await self.register(registration, event)
+
+    async def register(self, registration: Registration, event: Event | str) -> tuple[int, bool]:
+        """Register (or update and re-enable) one callback; returns (id, created)."""
+        level = check_scope(registration.project_id, registration.pipeline_id)
+        parsed = check_event(parse_event(event) if isinstance(event, str) else event, level)
+        upsert = self._checked(level, registration)
         (callback_id, created), *_ = await self._upsert_many(upsert, [parsed])
         return callback_id, created
 
-    async def create_batch(
-        self,
-        project_id: str,
-        url: str,
-        events: str,
-        region: Region,
-        secret_token: str | None = None,
-        *,
-        creator: str | None = None,
-        pipeline_id: str | None = None,
-        auth_header: AuthHeader | None = None,
-        options: Options | None = None,
-    ) -> CreateCallBackResult:
+    async def register_batch(self, registration: Registration, events: str) -> CreateCallBackResult:
         """The batch route: every valid event of the comma-separated list is registered."""
-        level = check_scope(project_id, pipeline_id)
-        upsert = self._checked(
-            level, project_id, pipeline_id, url, region, secret_token, auth_header, creator, options
-        )
+        level = check_scope(registration.project_id, registration.pipeline_id)
+        upsert = self._checked(level, registration)
         parsed, failed = parse_events(events)
         if not parsed and not failed:
             raise InvalidEvent("event is required (a comma-separated list)", param="event")
@@ -118,30 +110,19 @@ class Registry:
             await self._upsert_many(upsert, valid)
         return CreateCallBackResult(success_events=[e.value for e in valid], failure_events=failed)
 
-    def _checked(
-        self,
-        level: Level,
-        project_id: str,
-        pipeline_id: str | None,
-        url: str,
-        region: Region,
-        secret_token: str | None,
-        auth_header: AuthHeader | None,
-        creator: str | None,
-        options: Options | None,
-    ) -> Upsert:
+    def _checked(self, level: Level, r: Registration) -> Upsert:
         """A registration once every parameter is valid, its secrets encrypted."""
-        name, value = check_auth_header(*auth_header) if auth_header else ("", "")
+        name, value = check_auth_header(*r.auth_header) if r.auth_header else ("", "")
         return Upsert(
-            project_id=project_id,
-            pipeline_id=pipeline_id,
+            project_id=r.project_id,
+            pipeline_id=r.pipeline_id,
             level=level,
-            url=validate_url(url),
-            region=region,
-            token=self._encrypt(check_token(secret_token)),
+            url=validate_url(r.url),
+            region=r.region,
+            token=self._encrypt(check_token(r.secret_token)),
             auth_header=(name, self._encrypt(value)) if name else None,
-            creator=creator or "",
-            options=(options or NO_OPTIONS).checked(),
+            creator=r.creator,
+            options=(r.options or NO_OPTIONS).checked(),
         )
 
     async def _upsert_many(self, upsert: Upsert, events: list[Event]) -> list[tuple[int, bool]]:
