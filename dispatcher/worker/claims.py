@@ -18,7 +18,7 @@ from dispatcher.clock import now_ms
 from dispatcher.ending import END_JOB, JobEnd
 from dispatcher.jobs import encode
 from dispatcher.keys import SEP
-from dispatcher.lua import Key, Lua, Script, run_pipeline
+from dispatcher.lua import ArgList, Key, KeyList, Script, run_pipeline
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
@@ -33,66 +33,88 @@ Budgets = tuple[int, dict[str, int]]  # jobs a new project may take (-1: any), e
 RETRY_KEY_TTL_S = 88_400  # arq's
 JOB_KEY_EXTRA_MS = 86_400_000  # a job's data outlives its due time by a day (arq's rule)
 
-# KEYS: queue. ARGV: now ms, how many, lease ms, token, lease prefix, job prefix, claims
-# prefix, claims ttl s, how many queue entries to look at in all, the project separator,
-# how many jobs a project not named next may take (-1: any), then pairs of a project and
-# how many more jobs it may take.
-# Due jobs without a live lease are claimed, oldest first: lease set (NX: a live one is
-# left alone), data read, claim counted (the first claim creates the count with its ttl,
-# one command), all in one round trip. A job of a project that has taken its share is left in the
-# queue, untouched. A due id whose data is gone comes back with `false` data (and leaves
-# the queue), so the worker can record it.
-_CLAIM = Lua("""
-local want = tonumber(ARGV[2])
-local budget = tonumber(ARGV[9])
-local newcomer = tonumber(ARGV[11])
-local left = {}
-for i = 12, #ARGV, 2 do left[ARGV[i]] = tonumber(ARGV[i + 1]) end
-local out = {}
-local offset = 0
-local page_size = math.max(want, 100)  -- fewer, longer pages past the jobs left alone
-while #out < want and offset < budget do
-  local page = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'WITHSCORES',
-                          'LIMIT', offset, page_size)
-  if #page == 0 then break end
-  local gone = 0
-  for i = 1, #page, 2 do
-    local id = page[i]
-    local project = newcomer >= 0 and string.match(id, '^([^' .. ARGV[10] .. ']+)' .. ARGV[10])
-    local share = project and (left[project] or newcomer)
-    if share and share <= 0 then
-      -- its project holds its share of this worker: left for later, or for another worker
-    elseif redis.call('SET', ARGV[5] .. id, ARGV[4], 'PX', ARGV[3], 'NX') then
-      if project then left[project] = share - 1 end
-      local data = redis.call('GET', ARGV[6] .. id)
-      local claims = 1
-      if not data then
-        redis.call('DEL', ARGV[5] .. id)
-        redis.call('ZREM', KEYS[1], id)
-        claims, gone = 0, gone + 1
-      elseif not redis.call('SET', ARGV[7] .. id, 1, 'EX', ARGV[8], 'NX') then
-        claims = redis.call('INCR', ARGV[7] .. id)  -- claimed before: its ttl runs on
-      end
-      out[#out + 1] = {id, data, claims, page[i + 1]}
-      if #out >= want then break end
-    end
-  end
-  offset = offset + #page / 2 - gone
-end
-return out
-""")
 
-# KEYS: the leases to renew. ARGV: lease ms, token. Returns how many were still ours.
-_RENEW = Lua("""
-local n = 0
-for _, key in ipairs(KEYS) do
-  if redis.call('GET', key) == ARGV[2] then
-    redis.call('PEXPIRE', key, ARGV[1])
-    n = n + 1
-  end
-end
-return n
-""")
+@dataclass(frozen=True)
+class Claim(Script):
+    """Up to `want` due jobs (due by `now_ms`) without a live lease, oldest first, looking
+    at `budget` queue entries at most: each one's lease set for `token` (NX: a live one is
+    left alone), its data read, its claim counted (the first claim creates the count with
+    its ttl, one command), all in one round trip. A job of a project that has taken its
+    share is left in the queue, untouched: `newcomer` jobs for a project not named (-1:
+    any), `shares` pairs of a project and how many more it may take (a job's project is its
+    id up to `sep`). A due id whose data is gone comes back with `false` data (and leaves
+    the queue), so the worker can record it. The ids are found here, so their keys are
+    made here too, from the prefixes given. Returns {id, data, claims, due} rows."""
+
+    LUA = """
+    local want, limit, new = tonumber(want), tonumber(budget), tonumber(newcomer)
+    local left = {}
+    for i = 1, #shares, 2 do left[shares[i]] = tonumber(shares[i + 1]) end
+    local out = {}
+    local offset = 0
+    local page_size = math.max(want, 100)  -- fewer, longer pages past the jobs left alone
+    while #out < want and offset < limit do
+      local page = redis.call('ZRANGEBYSCORE', queue, '-inf', now_ms, 'WITHSCORES',
+                              'LIMIT', offset, page_size)
+      if #page == 0 then break end
+      local gone = 0
+      for i = 1, #page, 2 do
+        local id = page[i]
+        local project = new >= 0 and string.match(id, '^([^' .. sep .. ']+)' .. sep)
+        local share = project and (left[project] or new)
+        if share and share <= 0 then
+          -- its project holds its share of this worker: left for later, or for another
+        elseif redis.call('SET', lease_prefix .. id, token, 'PX', lease_ms, 'NX') then
+          if project then left[project] = share - 1 end
+          local data = redis.call('GET', job_prefix .. id)
+          local claims = 1
+          if not data then
+            redis.call('DEL', lease_prefix .. id)
+            redis.call('ZREM', queue, id)
+            claims, gone = 0, gone + 1
+          elseif not redis.call('SET', claims_prefix .. id, 1, 'EX', claims_ttl_s, 'NX') then
+            claims = redis.call('INCR', claims_prefix .. id)  -- claimed before: ttl runs on
+          end
+          out[#out + 1] = {id, data, claims, page[i + 1]}
+          if #out >= want then break end
+        end
+      end
+      offset = offset + #page / 2 - gone
+    end
+    return out
+    """
+    queue: Key
+    now_ms: int
+    want: int
+    lease_ms: int
+    token: str
+    lease_prefix: str
+    job_prefix: str
+    claims_prefix: str
+    claims_ttl_s: int
+    budget: int
+    sep: str
+    newcomer: int
+    shares: ArgList
+
+
+@dataclass(frozen=True)
+class Renew(Script):
+    """Extends the `leases` still held by `token` to `lease_ms`; returns how many were."""
+
+    LUA = """
+    local n = 0
+    for _, lease in ipairs(leases) do
+      if redis.call('GET', lease) == token then
+        redis.call('PEXPIRE', lease, lease_ms)
+        n = n + 1
+      end
+    end
+    return n
+    """
+    leases: KeyList
+    lease_ms: int
+    token: str
 
 
 @dataclass(frozen=True)
@@ -110,40 +132,65 @@ class Finish(Script):
     job_id: str
 
 
-# KEYS: queue, lease, job, claims. ARGV: token, job id, SHA-1 of the job's bytes as this
-# run read them, the job's next bytes, their ttl ms, now ms. A fan-out job's next chunk:
-# the job (same id, so its event stays queued until its last chunk) gets the bytes of the
-# next chunk and is due now, its claim count starting again. Unless another worker holds
-# the lease, or the job is no longer what this run read (it ended, or this same write was
-# sent twice). Returns 1 when done.
-_HAND_OVER = Lua("""
-local owner = redis.call('GET', KEYS[2])
-if owner and owner ~= ARGV[1] then return 0 end
-local data = redis.call('GET', KEYS[3])
-if not data or redis.sha1hex(data) ~= ARGV[3] then return 0 end
-redis.call('SET', KEYS[3], ARGV[4], 'PX', ARGV[5])
-redis.call('ZADD', KEYS[1], ARGV[6], ARGV[2])
-redis.call('DEL', KEYS[2], KEYS[4])
-return 1
-""")
+@dataclass(frozen=True)
+class HandOver(Script):
+    """A fan-out job's next chunk: the job (same id, so its event stays queued until its
+    last chunk) gets the bytes of the next chunk (`data`, kept `ttl_ms`) and is due at
+    `now_ms`, its claim count starting again. Unless another worker holds the lease, or
+    the job is no longer what this run read (`read`: the SHA-1 of its bytes then; it ended,
+    or this same write was sent twice). Returns 1 when done."""
 
-# KEYS: queue, lease, job, claims. ARGV: token, job id, due ms, job data ttl ms, '1' for
-# the next attempt (due then, the claim count starts again) or '0' after a failed run (due
-# then unless already due later). Puts the job back in the queue unless another worker
-# holds its lease or it has ended.
-_AGAIN = Lua("""
-local owner = redis.call('GET', KEYS[2])
-if owner and owner ~= ARGV[1] then return 0 end
-local due = redis.call('ZSCORE', KEYS[1], ARGV[2])
-if not due then return 0 end
-if ARGV[5] == '1' or tonumber(due) < tonumber(ARGV[3]) then
-  redis.call('ZADD', KEYS[1], ARGV[3], ARGV[2])
-end
-redis.call('PEXPIRE', KEYS[3], ARGV[4])
-redis.call('DEL', KEYS[2])
-if ARGV[5] == '1' then redis.call('DEL', KEYS[4]) end
-return 1
-""")
+    LUA = """
+    local owner = redis.call('GET', lease)
+    if owner and owner ~= token then return 0 end
+    local stored = redis.call('GET', job)
+    if not stored or redis.sha1hex(stored) ~= read then return 0 end
+    redis.call('SET', job, data, 'PX', ttl_ms)
+    redis.call('ZADD', queue, now_ms, job_id)
+    redis.call('DEL', lease, claims)
+    return 1
+    """
+    queue: Key
+    lease: Key
+    job: Key
+    claims: Key
+    token: str
+    job_id: str
+    read: str
+    data: bytes
+    ttl_ms: int
+    now_ms: int
+
+
+@dataclass(frozen=True)
+class Again(Script):
+    """Puts the job back in the queue, due at `due_ms` (its data kept `ttl_ms`), unless
+    another worker holds its lease or it has ended. `next_attempt` '1': its next attempt is
+    due then, the claim count starts again; '0', after a failed run: due then unless
+    already due later. Returns 1 when done."""
+
+    LUA = """
+    local owner = redis.call('GET', lease)
+    if owner and owner ~= token then return 0 end
+    local due = redis.call('ZSCORE', queue, job_id)
+    if not due then return 0 end
+    if next_attempt == '1' or tonumber(due) < tonumber(due_ms) then
+      redis.call('ZADD', queue, due_ms, job_id)
+    end
+    redis.call('PEXPIRE', job, ttl_ms)
+    redis.call('DEL', lease)
+    if next_attempt == '1' then redis.call('DEL', claims) end
+    return 1
+    """
+    queue: Key
+    lease: Key
+    job: Key
+    claims: Key
+    token: str
+    job_id: str
+    due_ms: int
+    ttl_ms: int
+    next_attempt: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -174,22 +221,21 @@ class Claims:
         most (leased ones are skipped). `shares`: how many jobs a project not named may
         take (-1: any), and how many more each named one may (`Shares.claim_budgets`)."""
         newcomer, projects = shares
-        args: list[str | int] = [
-            now_ms(),
-            count,
-            self.lease_ms,
-            self.token,
-            self.keys.ARQ_IN_PROGRESS_PREFIX,
-            self.keys.ARQ_JOB_PREFIX,
-            self.keys.ARQ_RETRY_PREFIX,
-            RETRY_KEY_TTL_S,
-            budget,
-            SEP,
-            newcomer,
-        ]
-        for project, more in projects.items():
-            args += (project, more)
-        rows = await _CLAIM(self.redis, [self.queue_name], args)
+        rows = await Claim(
+            queue=self.queue_name,
+            now_ms=now_ms(),
+            want=count,
+            lease_ms=self.lease_ms,
+            token=self.token,
+            lease_prefix=self.keys.ARQ_IN_PROGRESS_PREFIX,
+            job_prefix=self.keys.ARQ_JOB_PREFIX,
+            claims_prefix=self.keys.ARQ_RETRY_PREFIX,
+            claims_ttl_s=RETRY_KEY_TTL_S,
+            budget=budget,
+            sep=SEP,
+            newcomer=newcomer,
+            shares=[item for pair in projects.items() for item in pair],
+        ).run(self.redis)
         return [
             Claimed(job_id.decode(), data or None, int(claims), int(float(due)))
             for job_id, data, claims, due in rows
@@ -200,7 +246,7 @@ class Claims:
         if not job_ids:
             return 0
         leases = [self.keys.ARQ_IN_PROGRESS_PREFIX + job_id for job_id in job_ids]
-        return int(await _RENEW(self.redis, leases, [self.lease_ms, self.token]))
+        return int(await Renew(leases, self.lease_ms, self.token).run(self.redis))
 
     def _keys(self, job_id: str) -> tuple[str, str, str, str]:
         """A job's queue, lease, data and claim count keys."""
@@ -226,28 +272,29 @@ class Claims:
         after a cursor), due now; its answer is 0 when the job had moved on or ended."""
         now = now_ms()
         read = hashlib.sha1(claimed.data or b"", usedforsecurity=False).hexdigest()
-        _HAND_OVER.queue(
-            pipe,
-            self._keys(claimed.job_id),
-            [self.token, claimed.job_id, read, encode(following, now), JOB_KEY_EXTRA_MS, now],
-        )
+        queue, lease, job, claims = self._keys(claimed.job_id)
+        data = encode(following, now)
+        HandOver(
+            queue, lease, job, claims, self.token, claimed.job_id, read, data, JOB_KEY_EXTRA_MS, now
+        ).queue_on(pipe)
 
     def again(self, pipe: Pipeline, job_id: str, delay_s: float, *, next_attempt: bool) -> None:
         """Queue the job's return to the queue, due in `delay_s`. `next_attempt`: it ran as
         it should and its next attempt is due then (the claim count starts again); else the
         run failed (Redis, a timeout) and the same work is tried again."""
         delay_ms = int(delay_s * 1000)
-        _AGAIN.queue(
-            pipe,
-            self._keys(job_id),
-            [
-                self.token,
-                job_id,
-                now_ms() + delay_ms,
-                delay_ms + JOB_KEY_EXTRA_MS,
-                "1" if next_attempt else "0",
-            ],
-        )
+        queue, lease, job, claims = self._keys(job_id)
+        Again(
+            queue=queue,
+            lease=lease,
+            job=job,
+            claims=claims,
+            token=self.token,
+            job_id=job_id,
+            due_ms=now_ms() + delay_ms,
+            ttl_ms=delay_ms + JOB_KEY_EXTRA_MS,
+            next_attempt="1" if next_attempt else "0",
+        ).queue_on(pipe)
 
     async def release(self, job_ids: list[str]) -> None:
         """Give up the leases of `job_ids` now (shutdown), so another worker claims them at
