@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 import orjson
 
-from dispatcher.history.redis import _SWEEP, RedisHistory
+from dispatcher.history.redis import RedisHistory, Sweep
 from dispatcher.lua import run_pipeline
 
 if TYPE_CHECKING:
@@ -67,8 +67,8 @@ async def forget_project(history: RedisHistory, project_id: str) -> int:
     records. (A delivery's attempts index expires with its records.)"""
     keys, redis, removed = history.keys, history.redis, 0
     for index in await _indexes(history, project_id):
-        swept = [index, keys.HISTORY_INDEXES, *keys.history_url_indexes_of(index)]
-        while n := int(await _SWEEP(redis, swept, ["+inf", PAGE, keys.HISTORY_RECORD_PREFIX])):
+        sweep = Sweep.of(keys, index, "+inf", PAGE)
+        while n := int(await sweep.run(redis)):
             removed += n
     dead_key = keys.history_dead(project_id)
     ids = await redis.zrange(dead_key, 0, -1)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from pydantic import TypeAdapter
@@ -22,7 +23,7 @@ from dispatcher.errors import NotFound
 from dispatcher.history.ids import RecordIds
 from dispatcher.history.redis_record import record_script
 from dispatcher.history.window import MAX_ATTEMPTS_SHOWN, Cursor, Recent, check_page
-from dispatcher.lua import Lua, run_pipeline
+from dispatcher.lua import Key, Script, run_pipeline
 from dispatcher.models import DeliveryStatus, HistoryPage, HistoryRecord
 
 if TYPE_CHECKING:
@@ -36,90 +37,136 @@ if TYPE_CHECKING:
     from dispatcher.keys import Keys
     from dispatcher.settings import Settings
 
-__all__ = ["RECORDS", "RedisHistory", "parse_records"]
+__all__ = ["RECORDS", "RedisHistory", "Sweep", "parse_records"]
 
 RECORDS = TypeAdapter(list[HistoryRecord])
 # Records outlive the retention by this much, so the sweep (not the TTL) decides, and a
 # stopped sweep still cannot let Redis grow without bound.
 _TTL_MARGIN_S = 86_400
 
-# KEYS: index. ARGV: min ms, max ms, offset, count, record key prefix.
-_QUERY = Lua("""
-local total = redis.call('ZCOUNT', KEYS[1], ARGV[1], ARGV[2])
--- page by rank (O(log N)) rather than LIMIT offset (walks `offset` entries)
-local above = redis.call('ZCOUNT', KEYS[1], '(' .. ARGV[2], '+inf')
-local first = above + tonumber(ARGV[3])
-local last = math.min(above + total, first + tonumber(ARGV[4])) - 1
-local ids = {}
-if first <= last then ids = redis.call('ZREVRANGE', KEYS[1], first, last) end
-local recs = {}
-if #ids > 0 then
-  local ks = {}
-  for i, m in ipairs(ids) do ks[i] = ARGV[5] .. string.match(m, '^0*(%d+)$') end
-  recs = redis.call('MGET', unpack(ks))
-end
-return {total, recs}
-""")
 
-# KEYS: index, indexes set, the URL's two indexes (ok, failed). ARGV: cutoff ms, batch,
-# record key prefix. Removes the records of the index up to the cutoff, and the index once
-# only its mark (`~`, scored +inf: see `Record`) is left, or nothing (an index written
-# before the mark). Returns how many records it removed.
-_SWEEP = Lua("""
-local ids = {}
-for _, m in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, ARGV[2])) do
-  local id = string.match(m, '^0*(%d+)$')
-  if id then
-    redis.call('DEL', ARGV[3] .. id)
-    ids[#ids + 1] = m
-  end
-end
-if #ids > 0 then
-  redis.call('ZREM', KEYS[1], unpack(ids))
-  redis.call('ZREM', KEYS[3], unpack(ids))
-  redis.call('ZREM', KEYS[4], unpack(ids))
-end
-local left = redis.call('ZCARD', KEYS[1])
-if left == 0 or (left == 1 and redis.call('ZSCORE', KEYS[1], '~')) then
-  redis.call('DEL', KEYS[1])
-  redis.call('SREM', KEYS[2], KEYS[1])
-end
-return #ids
-""")
+@dataclass(frozen=True)
+class Page(Script):
+    """One page of an `index` between `min_ms` and `max_ms`, newest first: {how many in
+    the window, the records}, `count` from `offset`. Paged by rank (O(log N)), not LIMIT
+    offset (which walks `offset` entries). The records' ids are found here, so their keys
+    are made here too (`record_prefix`)."""
+
+    LUA = """
+    local total = redis.call('ZCOUNT', index, min_ms, max_ms)
+    local above = redis.call('ZCOUNT', index, '(' .. max_ms, '+inf')
+    local first = above + tonumber(offset)
+    local last = math.min(above + total, first + tonumber(count)) - 1
+    local ids = {}
+    if first <= last then ids = redis.call('ZREVRANGE', index, first, last) end
+    local recs = {}
+    if #ids > 0 then
+      local ks = {}
+      for i, m in ipairs(ids) do ks[i] = record_prefix .. string.match(m, '^0*(%d+)$') end
+      recs = redis.call('MGET', unpack(ks))
+    end
+    return {total, recs}
+    """
+    index: Key
+    min_ms: int
+    max_ms: int
+    offset: int
+    count: int
+    record_prefix: str
 
 
-# KEYS: a URL's index of one status. ARGV: newest ms, newest member excluded ('': none),
-# oldest ms, count. The newest members in [oldest, newest], after those at the newest ms
-# from the excluded one up (a cursor: its record and those before it were shown).
-_NEWEST = Lua("""
-local skip = 0
-if ARGV[2] ~= '' then
-  for _, m in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], ARGV[1], ARGV[1])) do
-    if m >= ARGV[2] then skip = skip + 1 end
-  end
-end
-return redis.call('ZREVRANGEBYSCORE', KEYS[1], ARGV[1], ARGV[3], 'WITHSCORES', 'LIMIT', skip,
-                  ARGV[4])
-""")
+@dataclass(frozen=True)
+class Sweep(Script):
+    """Removes the records of `index` up to `cutoff_ms` (at most `batch`), from it and from
+    the URL's two indexes (`url_ok`, `url_failed`), and the index from `indexes` once only
+    its mark (`~`, scored +inf: see `Record`) is left, or nothing (an index written before
+    the mark). Record keys are made from the ids found (`record_prefix`). Returns how many
+    records it removed."""
 
-# KEYS: a zset of record ids by time (dead letters) or a delivery's attempts (see
-# Record). ARGV: limit, record key prefix. The latest records, newest first (of the
-# attempts: the latest written, last first).
-_LATEST = Lua("""
-local ids = {}
-local written = redis.pcall('GET', KEYS[1])
-if type(written) == 'string' then
-  local all = {}
-  for id in string.gmatch(written, '%d+') do all[#all + 1] = id end
-  for i = #all, math.max(1, #all - tonumber(ARGV[1]) + 1), -1 do ids[#ids + 1] = all[i] end
-elseif type(written) == 'table' then
-  ids = redis.call('ZREVRANGE', KEYS[1], 0, tonumber(ARGV[1]) - 1)
-end
-if #ids == 0 then return {} end
-local ks = {}
-for i, id in ipairs(ids) do ks[i] = ARGV[2] .. id end
-return redis.call('MGET', unpack(ks))
-""")
+    LUA = """
+    local ids = {}
+    for _, m in ipairs(redis.call('ZRANGEBYSCORE', index, '-inf', cutoff_ms, 'LIMIT', 0, batch)) do
+      local id = string.match(m, '^0*(%d+)$')
+      if id then
+        redis.call('DEL', record_prefix .. id)
+        ids[#ids + 1] = m
+      end
+    end
+    if #ids > 0 then
+      redis.call('ZREM', index, unpack(ids))
+      redis.call('ZREM', url_ok, unpack(ids))
+      redis.call('ZREM', url_failed, unpack(ids))
+    end
+    local left = redis.call('ZCARD', index)
+    if left == 0 or (left == 1 and redis.call('ZSCORE', index, '~')) then
+      redis.call('DEL', index)
+      redis.call('SREM', indexes, index)
+    end
+    return #ids
+    """
+    index: Key
+    indexes: Key
+    url_ok: Key
+    url_failed: Key
+    cutoff_ms: int | str
+    batch: int
+    record_prefix: str
+
+    @classmethod
+    def of(cls, keys: Keys, index: str, cutoff_ms: int | str, batch: int) -> Sweep:
+        """The sweep of `index` (a project, event and URL's) up to `cutoff_ms`."""
+        url_ok, url_failed = keys.history_url_indexes_of(index)
+        prefix = keys.HISTORY_RECORD_PREFIX
+        return cls(index, keys.HISTORY_INDEXES, url_ok, url_failed, cutoff_ms, batch, prefix)
+
+
+@dataclass(frozen=True)
+class Newest(Script):
+    """The newest `count` members of a URL's index of one status in [`oldest_ms`,
+    `newest_ms`], after those at `newest_ms` from the `excluded` one up (a cursor: its
+    record and those before it were shown; '' for none), with their scores."""
+
+    LUA = """
+    local skip = 0
+    if excluded ~= '' then
+      for _, m in ipairs(redis.call('ZRANGEBYSCORE', index, newest_ms, newest_ms)) do
+        if m >= excluded then skip = skip + 1 end
+      end
+    end
+    return redis.call('ZREVRANGEBYSCORE', index, newest_ms, oldest_ms, 'WITHSCORES',
+                      'LIMIT', skip, count)
+    """
+    index: Key
+    newest_ms: int
+    excluded: str
+    oldest_ms: int
+    count: int
+
+
+@dataclass(frozen=True)
+class Latest(Script):
+    """The latest `limit` records of `ids` (a zset of record ids by time: dead letters; or
+    a delivery's attempts, a string of ids, see `Record`), newest first (of the attempts:
+    the last written first). Record keys are made from the ids read (`record_prefix`)."""
+
+    LUA = """
+    local found = {}
+    local written = redis.pcall('GET', ids)
+    if type(written) == 'string' then
+      local all = {}
+      for id in string.gmatch(written, '%d+') do all[#all + 1] = id end
+      for i = #all, math.max(1, #all - tonumber(limit) + 1), -1 do found[#found + 1] = all[i] end
+    elseif type(written) == 'table' then
+      found = redis.call('ZREVRANGE', ids, 0, tonumber(limit) - 1)
+    end
+    if #found == 0 then return {} end
+    local ks = {}
+    for i, id in ipairs(found) do ks[i] = record_prefix .. id end
+    return redis.call('MGET', unpack(ks))
+    """
+    ids: Key
+    limit: int
+    record_prefix: str
 
 
 def parse_records(raws: Iterable[bytes | None]) -> list[HistoryRecord]:
@@ -189,11 +236,9 @@ class RedisHistory:
         start_ms = max(start_ms, now - self.settings.retention_ms)
         if start_ms > end_ms:
             return HistoryPage(records=[], count=0, total_pages=0, page_size=page_size, page=page)
-        total, raws = await _QUERY(
-            self.redis,
-            [self.keys.history_index(project_id, event, url)],
-            [start_ms, end_ms, (page - 1) * page_size, page_size, self.keys.HISTORY_RECORD_PREFIX],
-        )
+        index = self.keys.history_index(project_id, event, url)
+        offset, prefix = (page - 1) * page_size, self.keys.HISTORY_RECORD_PREFIX
+        total, raws = await Page(index, start_ms, end_ms, offset, page_size, prefix).run(self.redis)
         records = parse_records(raws)
         return HistoryPage(
             records=records,
@@ -230,7 +275,7 @@ class RedisHistory:
         return [r for r in found if r.project_id == project_id and r.created_time >= cutoff]
 
     async def _latest(self, key: str, limit: int) -> list[HistoryRecord]:
-        raws = await _LATEST(self.redis, [key], [limit, self.keys.HISTORY_RECORD_PREFIX])
+        raws = await Latest(key, limit, self.keys.HISTORY_RECORD_PREFIX).run(self.redis)
         return parse_records(raws)
 
     async def recent(
@@ -260,7 +305,7 @@ class RedisHistory:
 
         def newest_of_each(pipe: Pipeline) -> None:
             for index in indexes:
-                _NEWEST.queue(pipe, [index], [newest, excluded, start_ms, limit + 1])
+                Newest(index, newest, excluded, start_ms, limit + 1).queue_on(pipe)
 
         found: list[tuple[int, int]] = []  # (ms, id) of each index's newest
         for reply in await run_pipeline(self.redis, newest_of_each):
@@ -317,11 +362,9 @@ class RedisHistory:
         batch = self.settings.sweep_batch
         removed = batches = 0
         async for index in self.redis.sscan_iter(self.keys.HISTORY_INDEXES, count=100):
-            swept = [index.decode(), self.keys.HISTORY_INDEXES]
-            swept += self.keys.history_url_indexes_of(swept[0])
+            sweep = Sweep.of(self.keys, index.decode(), cutoff, batch)
             while True:
-                args: list[str | int] = [cutoff, batch, self.keys.HISTORY_RECORD_PREFIX]
-                n = int(await _SWEEP(self.redis, swept, args))
+                n = int(await sweep.run(self.redis))
                 removed += n
                 batches += 1
                 if on_batch is not None:
