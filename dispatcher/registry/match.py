@@ -19,7 +19,7 @@ from dispatcher.clock import now_ms
 from dispatcher.models import PLATFORM_PROJECT, Region
 from dispatcher.registry.options import NO_OPTIONS, Options
 from dispatcher.registry.rules import is_pipeline_id
-from dispatcher.registry.scripts import MATCH
+from dispatcher.registry.scripts import Match
 
 if TYPE_CHECKING:
     from redis.asyncio.client import Pipeline
@@ -163,18 +163,15 @@ class ChunkQuery:
 
     def queue(self, pipe: Pipeline) -> None:
         scopes = [scope for scope, _ in self.scopes]
-        MATCH.queue(
-            pipe,
-            [self.keys.match(scope, self.event) for scope in scopes]
+        Match(
+            levels=[self.keys.match(scope, self.event) for scope in scopes]
             + [self.keys.callback_unique(scope) for scope in scopes],
-            [
-                self.after,
-                self.size,
-                self.keys.CALLBACK_PREFIX,
-                keys.callback_unique_field(self.event, ""),
-                *TARGET_FIELDS,
-            ],
-        )
+            after=self.after,
+            size=self.size,
+            callback_prefix=self.keys.CALLBACK_PREFIX,
+            field_prefix=keys.callback_unique_field(self.event, ""),
+            fields=TARGET_FIELDS,
+        ).queue_on(pipe)
 
     def read(self, answer: list[Any]) -> Chunk:
         after, rows = answer

@@ -1,6 +1,6 @@
 """The registry's Lua scripts, each a typed `Script` naming its keys and arguments. Keys
 are made in Python (`dispatcher.keys`) but where a script reads the id or the scope that
-names one inside Redis: `UpsertCallback` (a new callback's id is taken there), `MATCH`
+names one inside Redis: `UpsertCallback` (a new callback's id is taken there), `Match`
 (the ids it finds), `DISABLE`/`SetEnabled` (a callback's match set, by the scope and event
 its hash holds: they run in the worker's write pipeline, where nothing can be read first)
 and `mark_ordered`'s conversion of an old flag. Those get the prefixes and separators from
@@ -12,15 +12,15 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from dispatcher import keys
-from dispatcher.lua import ArgList, Key, KeyList, Lua, Script
+from dispatcher.lua import ArgList, Key, KeyList, Script
 
 if TYPE_CHECKING:
     from dispatcher.keys import Keys
 
 __all__ = [
     "DISABLE",
-    "MATCH",
     "DeleteCallback",
+    "Match",
     "PutCallback",
     "RotateToken",
     "SetEnabled",
@@ -106,28 +106,29 @@ return {tonumber(id), created}
     values: ArgList
 
 
-# KEYS: the match zsets of an event's levels, broadest first (platform, project, pipeline),
-# then the upsert hashes of the same levels. ARGV: cursor (a callback id), chunk size,
-# callback prefix, upsert field prefix ("{event} "), then the names of the hash fields a
-# delivery needs (`match.TARGET_FIELDS`: 'url' and 'enabled' first).
-# The chunk is the `size` smallest ids after the cursor over all levels, less the disabled
-# ones and those whose URL a broader level sends the same event to (one delivery per URL;
-# a level without callbacks is not asked, and is known to have none at cursor 0 when its
-# range is empty, or else by one EXISTS a chunk).
-# Returns {next cursor ('' when nothing follows), rows}; a row is {id, level index, then
-# the values of the named fields}.
-MATCH = Lua("""
-local n = #KEYS / 2
-local size = tonumber(ARGV[2])
-local fields = {}
-for i = 5, #ARGV do fields[#fields + 1] = ARGV[i] end
+@dataclass(frozen=True)
+class Match(Script):
+    """The chunk of an event's callbacks after callback id `after`: the `size` smallest
+    ids after it over all levels (`levels`: the match zsets of the event's levels,
+    broadest first: platform, project, pipeline; then the upsert hashes of the same
+    levels), less the disabled ones and those whose URL a broader level sends the same
+    event to (one delivery per URL; a level without callbacks is not asked, and is known
+    to have none at cursor 0 when its range is empty, or else by one EXISTS a chunk).
+    `fields` names the hash fields a delivery needs (`match.TARGET_FIELDS`: 'url' and
+    'enabled' first); `field_prefix` is the upsert field's start ("{event} "). The ids are
+    found here, so their hashes' keys are made here (`callback_prefix`). Returns {next
+    cursor ('' when nothing follows), rows}; a row is {id, level index, the values}."""
+
+    LUA = """
+local n = #levels / 2
+local size = tonumber(size)
 local found = {}
 local more = false
 local empty = {}  -- levels without callbacks: no URL of theirs to give way to
 for lvl = 1, n do
-  local ids = redis.call('ZRANGEBYSCORE', KEYS[lvl], '(' .. ARGV[1], '+inf', 'LIMIT', 0, size)
+  local ids = redis.call('ZRANGEBYSCORE', levels[lvl], '(' .. after, '+inf', 'LIMIT', 0, size)
   if #ids == size then more = true end
-  empty[lvl] = #ids == 0 and (ARGV[1] == '0' or redis.call('EXISTS', KEYS[lvl]) == 0)
+  empty[lvl] = #ids == 0 and (after == '0' or redis.call('EXISTS', levels[lvl]) == 0)
   for _, id in ipairs(ids) do found[#found + 1] = {tonumber(id), id, lvl} end
 end
 table.sort(found, function(a, b) return a[1] < b[1] end)
@@ -136,12 +137,12 @@ local taken = math.min(#found, size)
 local rows = {}
 for i = 1, taken do
   local id, lvl = found[i][2], found[i][3]
-  local values = redis.call('HMGET', ARGV[3] .. id, unpack(fields))
+  local values = redis.call('HMGET', callback_prefix .. id, unpack(fields))
   local keep = values[1] and values[2] == '1'
   for broader = 1, lvl - 1 do
     if keep and not empty[broader] then
-      local other = redis.call('HGET', KEYS[n + broader], ARGV[4] .. values[1])
-      if other and redis.call('ZSCORE', KEYS[broader], other) then keep = false end
+      local other = redis.call('HGET', levels[n + broader], field_prefix .. values[1])
+      if other and redis.call('ZSCORE', levels[broader], other) then keep = false end
     end
   end
   if keep then
@@ -150,10 +151,17 @@ for i = 1, taken do
     rows[#rows + 1] = row
   end
 end
-local after = ''
-if more and taken > 0 then after = found[taken][2] end
-return {after, rows}
-""")
+local next_after = ''
+if more and taken > 0 then next_after = found[taken][2] end
+return {next_after, rows}
+"""
+    levels: KeyList
+    after: int
+    size: int
+    callback_prefix: str
+    field_prefix: str
+    fields: ArgList
+
 
 # A Lua function, the disabling of a callback (also what `health.py` runs past the failure
 # threshold): its hash says why and since when, it leaves its match zset and joins the
