@@ -126,7 +126,7 @@ class Batcher:
     async def _send(self, queues: list[QueueCommands]) -> list[list[Any]]:
         if self.replication is None:
             return await run_shared(self.redis, queues)
-        answers = await run_shared(self.redis, [*queues, self.replication.queue])
+        answers = await run_shared(self.redis, [*queues, self.replication.queue_on])
         self.replication.check(answers.pop())
         return answers
 

@@ -66,7 +66,7 @@ class Lua:
                 "EVALSHA", self.sha, len(keys), *keys, *args
             )
 
-    def queue(self, pipe: Pipeline, keys: Sequence[str], args: Sequence[Arg]) -> None:
+    def queue_on(self, pipe: Pipeline, keys: Sequence[str], args: Sequence[Arg]) -> None:
         """Queue on `pipe`; run it with `run_pipeline` (or a Batcher), which handles NOSCRIPT."""
         pipe.execute_command("EVALSHA", self.sha, len(keys), *keys, *args)
 
@@ -160,7 +160,7 @@ class Script:
 
     def queue_on(self, pipe: Pipeline) -> None:
         """Queue on `pipe`; run it with `run_pipeline` (or a Batcher)."""
-        self._lua.queue(pipe, *self._call())
+        self._lua.queue_on(pipe, *self._call())
 
 
 def _locals(cls: type[Script], names: tuple[str, ...], table: str) -> list[str]:

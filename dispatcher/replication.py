@@ -56,7 +56,7 @@ class Replication:
         wait_s = min(WAIT_CAP_S, settings.redis_timeout / 2, settings.emit_wait / 2)
         return cls(settings.redis_min_replicas, wait_s, keys.REPLICATION_MARK)
 
-    def queue(self, pipe: Pipeline) -> None:
+    def queue_on(self, pipe: Pipeline) -> None:
         """Queue the mark and the WAIT on `pipe`, after the writes to confirm."""
         pipe.incr(self.mark)
         pipe.execute_command("WAIT", self.replicas, self.wait_ms)
@@ -87,7 +87,7 @@ async def run_replicated(
 
     def queue_and_wait(pipe: Pipeline) -> None:
         queue(pipe)
-        replication.queue(pipe)
+        replication.queue_on(pipe)
 
     answers = await run_pipeline(redis, queue_and_wait)
     replication.check(answers)

@@ -161,7 +161,7 @@ class ChunkQuery:
         self.after = after
         self.size = size
 
-    def queue(self, pipe: Pipeline) -> None:
+    def queue_on(self, pipe: Pipeline) -> None:
         scopes = [scope for scope, _ in self.scopes]
         Match(
             levels=[self.keys.match(scope, self.event) for scope in scopes]

@@ -215,7 +215,7 @@ class Registry:
         after: int | None = 0
         while after is not None:
             query = self.chunk_query(project_id, event, pipeline_id=pipeline_id, after=after)
-            chunk = query.read((await run_pipeline(self.redis, query.queue))[0])
+            chunk = query.read((await run_pipeline(self.redis, query.queue_on))[0])
             found += chunk.targets
             after = chunk.after
         return found

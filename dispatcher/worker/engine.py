@@ -133,7 +133,7 @@ class Engine:
         with tracing.fanning_out(
             event.trace, event_id=event.id, project_id=event.project_id, event=event.event
         ) as carried:
-            (answer,) = await self.reads.execute(query.queue)
+            (answer,) = await self.reads.execute(query.queue_on)
             chunk = query.read(answer)
             targets = self.controls.select(event, chunk.targets)  # the callbacks' filters
             if targets:

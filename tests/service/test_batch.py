@@ -22,12 +22,12 @@ ECHO = Lua("return ARGV[1] .. ':' .. KEYS[1]")
 
 def echo(key: str, value: str | int) -> QueueCommands:
     """ECHO's call to queue on a pipeline."""
-    return lambda pipe: ECHO.queue(pipe, [key], [value])
+    return lambda pipe: ECHO.queue_on(pipe, [key], [value])
 
 
 async def test_callers_share_a_round_trip_and_get_their_own_results(redis: Redis) -> None:
     batcher = Batcher(redis, window=0.01)
-    await batcher.execute(lambda pipe: ECHO.queue(pipe, ["warm"], ["up"]))  # script loaded
+    await batcher.execute(lambda pipe: ECHO.queue_on(pipe, ["warm"], ["up"]))  # script loaded
     before = int((await redis.info("stats"))["total_commands_processed"])
     results = await asyncio.gather(*(batcher.execute(echo(f"k{i}", i)) for i in range(50)))
     assert [r for (r,) in results] == [f"{i}:k{i}".encode() for i in range(50)]
@@ -49,10 +49,12 @@ async def test_scripts_come_back_after_redis_forgets_them(redis: Redis) -> None:
     await redis.script_flush()
     assert await ECHO(redis, ["k"], ["direct"]) == b"direct:k"
     await redis.script_flush()
-    assert await run_pipeline(redis, lambda pipe: ECHO.queue(pipe, ["k"], ["pipe"])) == [b"pipe:k"]
+    assert await run_pipeline(redis, lambda pipe: ECHO.queue_on(pipe, ["k"], ["pipe"])) == [
+        b"pipe:k"
+    ]
     await redis.script_flush()
     batcher = Batcher(redis)
-    assert await batcher.execute(lambda pipe: ECHO.queue(pipe, ["k"], ["batch"])) == [b"batch:k"]
+    assert await batcher.execute(lambda pipe: ECHO.queue_on(pipe, ["k"], ["batch"])) == [b"batch:k"]
 
 
 async def test_a_dead_connection_fails_every_waiting_caller() -> None:
