@@ -11,6 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import orjson
+import pytest
 import redis as sync_redis
 from aiohttp import web
 
@@ -24,6 +25,8 @@ from dispatcher.shards.move import Mover
 from dispatcher.shards.router import Router
 from dispatcher.worker import create_worker
 from tests.helpers import Receiver, make_settings, until
+
+pytestmark = pytest.mark.timeout(120)
 
 PROJECT = next(f"lanes-{n}" for n in range(100) if rendezvous(f"lanes-{n}", 2) == 1)
 BUILDS = 6
@@ -82,10 +85,15 @@ async def test_a_moved_project_keeps_its_lanes_order_and_loses_nothing(
             mover = Mover(router, lambda _: None, settle_s=0.3)
             assert await mover.grow() == [PROJECT]
             moving = asyncio.create_task(mover.rebalance())
-            step = await _emit_steps(two, emitted, step, lambda _: not moving.done())
+            # during the move (at most 16 steps: each lane delivers ~3 a second, one after
+            # the other, so a slow move on a loaded machine must not make the lanes long)
+            until_moved = step + 16
+            step = await _emit_steps(
+                two, emitted, step, lambda n: n < until_moved and not moving.done()
+            )
             assert await moving == 1
             await _emit_steps(two, emitted, step, lambda n: n < step + 4)  # after the move
-            await until(lambda: _all_succeeded(answers, emitted), 30, "every event delivered")
+            await until(lambda: _all_succeeded(answers, emitted), 60, "every event delivered")
             old, new = router.shards
             assert [k async for k in old.redis.scan_iter(match=f"{old.keys.LANE_PREFIX}*")] == []
             assert await new.redis.exists(new.keys.lanes_hold(PROJECT)) == 0
