@@ -21,6 +21,8 @@ from dispatcher.keys import SEP
 from dispatcher.lua import ArgList, Key, KeyList, Script, run_pipeline
 
 if TYPE_CHECKING:
+    from collections.abc import Iterable
+
     from redis.asyncio import Redis
     from redis.asyncio.client import Pipeline
 
@@ -42,14 +44,18 @@ class Claim(Script):
     its ttl, one command), all in one round trip. A job of a project that has taken its
     share is left in the queue, untouched: `newcomer` jobs for a project not named (-1:
     any), `shares` pairs of a project and how many more it may take (a job's project is its
-    id up to `sep`). A due id whose data is gone comes back with `false` data (and leaves
-    the queue), so the worker can record it. The ids are found here, so their keys are
+    id up to `sep`). The ids in `mine` (newline-separated: the jobs this worker runs now,
+    which stay due in the queue while they run) are passed over without a command. A due
+    id whose data is gone comes back with `false` data (and leaves the queue), so the
+    worker can record it. The ids are found here, so their keys are
     made here too, from the prefixes given. Returns {id, data, claims, due} rows."""
 
     LUA = """
     local want, limit, new = tonumber(want), tonumber(budget), tonumber(newcomer)
     local left = {}
     for i = 1, #shares, 2 do left[shares[i]] = tonumber(shares[i + 1]) end
+    local held = {}
+    for id in string.gmatch(mine, '[^\\n]+') do held[id] = true end
     local out = {}
     local offset = 0
     local page_size = math.max(want, 100)  -- fewer, longer pages past the jobs left alone
@@ -62,8 +68,8 @@ class Claim(Script):
         local id = page[i]
         local project = new >= 0 and string.match(id, '^([^' .. sep .. ']+)' .. sep)
         local share = project and (left[project] or new)
-        if share and share <= 0 then
-          -- its project holds its share of this worker: left for later, or for another
+        if held[id] or (share and share <= 0) then
+          -- running here, or its project holds its share of this worker: left for later
         elseif redis.call('SET', lease_prefix .. id, token, 'PX', lease_ms, 'NX') then
           if project then left[project] = share - 1 end
           local data = redis.call('GET', job_prefix .. id)
@@ -95,6 +101,7 @@ class Claim(Script):
     budget: int
     sep: str
     newcomer: int
+    mine: str
     shares: ArgList
 
 
@@ -215,11 +222,17 @@ class Claims:
         self.lease_ms = int(lease_s * 1000)
 
     async def claim(
-        self, count: int, *, budget: int = 2000, shares: Budgets = (-1, {})
+        self,
+        count: int,
+        *,
+        budget: int = 2000,
+        shares: Budgets = (-1, {}),
+        mine: Iterable[str] = (),
     ) -> list[Claimed]:
         """Up to `count` due jobs, in one round trip, looking at `budget` queue entries at
-        most (leased ones are skipped). `shares`: how many jobs a project not named may
-        take (-1: any), and how many more each named one may (`Shares.claim_budgets`)."""
+        most (leased ones are skipped; `mine`, the ids this worker runs, at no cost).
+        `shares`: how many jobs a project not named may take (-1: any), and how many more
+        each named one may (`Shares.claim_budgets`)."""
         newcomer, projects = shares
         rows = await Claim(
             queue=self.queue_name,
@@ -234,6 +247,7 @@ class Claims:
             budget=budget,
             sep=SEP,
             newcomer=newcomer,
+            mine="\n".join(mine),
             shares=[item for pair in projects.items() for item in pair],
         ).run(self.redis)
         return [

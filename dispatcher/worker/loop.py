@@ -1,14 +1,14 @@
 """The job loop: claim due jobs in batches, run them under a lease, write their ends.
 
-Why not arq's `Worker`: it claims one job per ~6 round trips (WATCH, EXISTS, ZSCORE,
-MULTI/EXEC, then GET+INCR), treats a job that outlives its timeout as finished and deletes
-it, and needs a restart of its loop (and of the process, on `WatchError` while Redis is
-`LOADING`) after a Redis outage. This loop keeps arq's job format and keys (what
-`Producer`, any arq client and arq's health check read and write) and owns the lifecycle
-instead:
+Why not arq's `Worker`: it claims a job per ~6 round trips, deletes a job that outlives
+its timeout as finished, and needs a restart (of the process, on `WatchError` while Redis
+is `LOADING`) after a Redis outage. This loop keeps arq's job format and keys (what any
+arq client and arq's health check read and write) and owns the lifecycle instead:
 
-- one Lua round trip claims a batch of due jobs (`claims.py`); a job's in-progress key is
-  a lease renewed while it runs, so a dead worker's jobs come back within a lease;
+- one Lua round trip claims a batch of due jobs (`claims.py`), passing over the worker's
+  own; a job's in-progress key is a lease renewed while it runs, so a dead worker's jobs
+  come back within a lease; a project held at its share is claimed for again as soon as
+  its jobs end (`shares.py`), not a poll interval later;
 - a job ends only by its own writes (a record and what follows it), which wait in memory
   until Redis takes them (`writer.py`); a failed, timed-out or cancelled run puts the job
   back in the queue, never drops it;
@@ -36,10 +36,8 @@ from collections.abc import Awaitable, Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
 import structlog
-from redis.exceptions import RedisError
 
-from dispatcher import metrics
-from dispatcher.connections import REDIS_ERRORS, redis_full
+from dispatcher.connections import REDIS_ERRORS
 from dispatcher.errors import describe
 from dispatcher.jobs import FAN_OUT, BadJob, DeliveryJob, EventJob, decode
 from dispatcher.services import Services
@@ -47,7 +45,7 @@ from dispatcher.shard import Shard
 from dispatcher.topology import close_all, connect_shards, shards_of
 from dispatcher.worker.duties import Counts, Duties, every
 from dispatcher.worker.lanes import Adopt
-from dispatcher.worker.served import Served, given_shards
+from dispatcher.worker.served import CLAIM_ERRORS, Served, given_shards
 from dispatcher.worker.shipping import Shipping
 
 if TYPE_CHECKING:
@@ -61,8 +59,6 @@ __all__ = ["Worker", "create_worker"]
 log = structlog.get_logger("dispatcher.worker")
 
 MAX_CLAIMS = 25  # a job claimed this often without ending is dropped, on record
-# waited out while claiming: an outage, and any reply error (READONLY after a failover)
-CLAIM_ERRORS: tuple[type[Exception], ...] = (*REDIS_ERRORS, RedisError)
 # a running job: the shard it was claimed on, and its id there
 JobKey = tuple[int, str]
 
@@ -124,8 +120,9 @@ class Worker:
 
     def stop(self) -> None:
         """Stop claiming; running jobs get `DISPATCHER_SHUTDOWN_GRACE` to finish."""
-        if self._stop is not None:
+        if self._stop is not None and self._room is not None:
             self._stop.set()
+            self._room.set()  # a loop waiting for room stops waiting
         self._wake()
 
     async def main(self) -> None:
@@ -171,21 +168,14 @@ class Worker:
                 continue
             # one shard: all the room; several: a batch each in turn (a fair share)
             share = room if len(self.served) == 1 else min(room, self.claim_batch)
-            try:
-                self._due.clear()
-                shares = run.engine.shares.claim_budgets()
-                budget = run.scan_budget(shares[1], time.monotonic())
-                claimed = await run.claims.claim(share, budget=budget, shares=shares)
-            except CLAIM_ERRORS as exc:
-                if full := redis_full(exc):
-                    metrics.REDIS_FULL.labels(refused="claim").inc()
-                retry = run.failed(self.poll_delay)
-                log.warning("worker.claim_failed", error=str(exc), redis_full=full,
-                            retry_in_s=round(retry, 2), shard=run.index)  # fmt: skip
+            self._due.clear()
+            claimed = await run.claim(share, self._held(run), self.poll_delay)
+            if claimed is None:  # its Redis did not answer: that shard backs off
                 continue
-            run.answered()
             for job in claimed:
                 self._start(run, job)
+            if len(claimed) < share:  # a full project's jobs may wait: claim when it has room
+                run.engine.shares.claim_fell_short()
             dry = dry + 1 if len(claimed) < share else 0
             if dry >= len(self.served):  # nothing more is due now, on any shard
                 dry = 0
@@ -277,7 +267,8 @@ class Worker:
         task.add_done_callback(lambda done: self._ended(run, key, done))
 
     def _ended(self, run: Served, key: JobKey, task: asyncio.Task[None]) -> None:
-        run.engine.shares.job_ended(key[1])
+        if run.engine.shares.job_ended(key[1]):  # a full project has room: claim for it
+            self._wake()
         if self.running.get(key) is task:  # not a new run of the same job (a fan-out's)
             del self.running[key]
         if self._room is not None and self.max_jobs - len(self.running) >= self.claim_batch:
@@ -328,7 +319,8 @@ class Worker:
             after = await run.engine.fan_out(event, rerun=claimed.claims > 1, end=end)
             if not end.written:  # not with an attempt's write: on its own
                 await run.writer.commit(lambda pipe: end(pipe, after))
-            if after is not None:
+            if after is not None:  # its lease handed over: the next claim may take it
+                self.running.pop((run.index, claimed.job_id), None)
                 self._wake()
         else:
             job = DeliveryJob.from_wire(wire.payload, claimed.job_id)
@@ -336,11 +328,14 @@ class Worker:
 
     async def _renew(self) -> None:
         for run in self.served:
-            mine = [job_id for index, job_id in self.running if index == run.index]
             try:
-                await run.claims.renew(mine)
+                await run.claims.renew(self._held(run))
             except REDIS_ERRORS as exc:  # that shard is away: the others' leases go on
                 log.debug("worker.renew_failed", shard=run.index, error=str(exc))
+
+    def _held(self, run: Served) -> list[str]:
+        """The ids of the jobs this worker runs on `run`'s shard."""
+        return [job_id for index, job_id in self.running if index == run.index]
 
     def _counts(self) -> Counts:
         return Counts(self.jobs_complete, self.jobs_failed, len(self.running))

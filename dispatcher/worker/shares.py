@@ -87,6 +87,8 @@ class Shares:
     def __init__(self, slots: int, max_per_host: int, *, fair: bool = True) -> None:
         self.fair = fair
         self.jobs = _Counts(slots)
+        self.batch = max(1, min(50, slots // 8))  # what a claim for a full project waits for
+        self._full: set[str] = set()  # projects at their share when a claim fell short
         self.projects = _Counts(slots)
         self.hosts = _Counts(slots if fair else 1 << 30, max_per_host)
         # (project, host) -> futures of attempts waiting for a slot, oldest first
@@ -99,9 +101,22 @@ class Shares:
         if (project := project_of(job_id)) is not None:
             self.jobs.take(project)
 
-    def job_ended(self, job_id: str) -> None:
-        if (project := project_of(job_id)) is not None:
-            self.jobs.give(project)
+    def job_ended(self, job_id: str) -> bool:
+        """Whether a project that was full at a short claim now has a batch's room again
+        (its jobs left in the queue can be claimed: worth a claim now, not a poll later)."""
+        if (project := project_of(job_id)) is None:
+            return False
+        self.jobs.give(project)
+        if project in self._full and self.jobs.room(project) >= self.batch:
+            self._full.clear()
+            return True
+        return False
+
+    def claim_fell_short(self) -> None:
+        """A claim took fewer jobs than it asked for: the projects holding their share
+        now may have left theirs in the queue (see `job_ended`)."""
+        if self.fair:
+            self._full |= {p for p in self.jobs.held if self.jobs.room(p) <= 0}
 
     def claim_budgets(self) -> tuple[int, dict[str, int]]:
         """For the claim script: how many jobs a project not busy in this worker may take

@@ -31,6 +31,7 @@ from dispatcher.producer import Producer
 from dispatcher.queue import Queue
 from dispatcher.registry import Registry
 from dispatcher.settings import Settings
+from dispatcher.worker import create_worker
 from dispatcher.worker.claims import Claims
 from dispatcher.worker.writer import Writer
 from tests.helpers import Receiver, RunWorker, answer, command, make_settings
@@ -68,6 +69,42 @@ async def test_a_batch_of_due_jobs_is_claimed_in_one_round_trip(
     other = Claims(redis, Keys(settings.queue_name), "worker-b", lease_s=10)
     assert await other.claim(100) == []  # leased or not due
     assert await redis.zcard(settings.queue_name) == 35  # a claimed job stays queued
+
+
+async def test_a_claim_passes_over_the_jobs_its_worker_runs(
+    settings: Settings, redis: Redis
+) -> None:
+    """A running job stays due in the queue; the worker names its own, and the claim goes
+    past them without trying their leases (so without a command each)."""
+    await enqueue(redis, settings, 3)
+    claims = Claims(redis, Keys(settings.queue_name), "worker-a", lease_s=10)
+    first = "demo:evt_0_0"
+    claimed = await claims.claim(10, mine=[first])
+    assert sorted(c.job_id for c in claimed) == ["demo:evt_0_1", "demo:evt_0_2"]
+    assert not await redis.exists(keys.ARQ_IN_PROGRESS_PREFIX + first)  # not even tried
+    [again] = await claims.claim(10)
+    assert again.job_id == first
+
+
+async def test_a_project_at_its_share_is_claimed_for_as_its_jobs_end_not_a_poll_later(
+    redis_server: EmbeddedRedis, redis: Redis, receiver: Receiver
+) -> None:
+    """A project alone may hold half a worker's slots; its other due jobs wait in the
+    queue. The claim loop comes back for them as soon as its jobs end, not a poll interval
+    later: here the interval is a minute, and 30 deliveries take a few batches."""
+    settings = make_settings(redis_server.url, worker_max_jobs=8)
+    url = receiver.script("/hook", answer(200))
+    await Registry(redis).create("demo", url, Event.BUILD_END, Region.DEVNET, "t")
+    producer = Producer(settings, redis)
+    await producer.emit_many([("demo", "BUILD_END", {"n": i}) for i in range(30)])
+    worker = create_worker(settings, poll_delay=60, handle_signals=False)
+    main = asyncio.create_task(worker.main())
+    try:
+        await receiver.wait_for(30, within=20)
+    finally:
+        worker.stop()
+        await main
+        await worker.close()
 
 
 async def test_a_lapsed_lease_passes_the_job_on_and_only_its_holder_ends_it(
