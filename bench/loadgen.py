@@ -237,12 +237,12 @@ async def mode_ceiling(args: argparse.Namespace) -> dict[str, Any]:
 
 async def mode_http(args: argparse.Namespace) -> dict[str, Any]:
     """CPU per request of the worker's HTTP path (`dispatcher.delivery.send` through the
-    region transport `dispatcher.egress.make_transport` builds) against a raw aiohttp
+    region's `dispatcher.egress.Client`) against a raw aiohttp
     session, both `--concurrency` at once against the same receiver, interleaved."""
     import aiohttp
 
     from dispatcher.delivery import encode_body, send
-    from dispatcher.egress import make_transport
+    from dispatcher.egress import Client
     from dispatcher.headers import request_headers
     from dispatcher.models import Region
 
@@ -251,13 +251,13 @@ async def mode_http(args: argparse.Namespace) -> dict[str, Any]:
     headers = request_headers(
         event=EVENT, delivery_id="evt_x.1", body=body, token=TOKEN, user_agent="bench"
     )
-    transport = make_transport(settings, Region.DEVNET)
+    client = Client(settings, Region.DEVNET)
     connector = aiohttp.TCPConnector(limit=args.concurrency, keepalive_timeout=30)
     session = aiohttp.ClientSession(connector=connector, auto_decompress=False)
 
     async def dispatcher_send(i: int) -> None:
         result = await send(
-            transport, args.url, body, headers, connect_timeout=settings.connect_timeout,
+            client, args.url, body, headers, connect_timeout=settings.connect_timeout,
             total_timeout=settings.total_timeout, max_response_body=settings.max_response_body,
         )  # fmt: skip
         assert result.status_code == 200, result
@@ -276,7 +276,7 @@ async def mode_http(args: argparse.Namespace) -> dict[str, Any]:
                 await _drive(args.n, args.concurrency, one)
                 cpu[name].append(1e6 * (time.process_time() - started) / args.n)
     finally:
-        await transport.aclose()
+        await client.aclose()
         await session.close()
     return {
         "n": args.n,

@@ -9,11 +9,11 @@ import asyncio
 import enum
 import functools
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import aiohttp
-import httpx
 import orjson
+from yarl import URL
 
 from dispatcher.backoff import parse_retry_after
 from dispatcher.clock import now_ms
@@ -22,6 +22,7 @@ from dispatcher.headers import AuthHeader, mask_headers, request_headers
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
+    from contextlib import AbstractAsyncContextManager
 
     from dispatcher.history.record import HeaderRow
 
@@ -31,6 +32,7 @@ __all__ = [
     "Limits",
     "Outcome",
     "Outgoing",
+    "Poster",
     "attempt",
     "classify",
     "encode_body",
@@ -132,16 +134,13 @@ def _refused(exc: BaseException | None) -> AddressRefused | None:
     return None
 
 
-# The transport's own errors: their messages speak of hosts, addresses and sockets.
-_NETWORK_ERRORS = (httpx.HTTPError, httpx.InvalidURL, aiohttp.ClientError, OSError)
+# The client's own errors: their messages speak of hosts, addresses and sockets.
+_NETWORK_ERRORS = (aiohttp.ClientError, OSError)
+_UNSENDABLE = (aiohttp.InvalidURL, aiohttp.NonHttpUrlClientError)  # retrying cannot help
 
 
 def _error_text(exc: BaseException, timeouts: tuple[float, float]) -> str:
-    """What went wrong, said as what happened, holding no secret. httpx-aiohttp wraps
-    aiohttp's errors (and calls every connection error a `ConnectTimeout`): the text comes
-    from the error it wrapped."""
-    if isinstance(exc, httpx.HTTPError) and exc.__cause__ is not None:
-        exc = exc.__cause__
+    """What went wrong, said as what happened, holding no secret."""
     if isinstance(exc, aiohttp.ClientConnectorError):
         why = exc.os_error.strerror or exc.os_error
         if isinstance(exc, aiohttp.ClientConnectorDNSError):
@@ -149,43 +148,48 @@ def _error_text(exc: BaseException, timeouts: tuple[float, float]) -> str:
         return f"could not connect to {exc.host}:{exc.port}: {why}"
     if isinstance(exc, aiohttp.ConnectionTimeoutError):
         return f"timed out connecting after {timeouts[0]:g}s"
-    if isinstance(exc, TimeoutError | httpx.TimeoutException):
+    if isinstance(exc, TimeoutError):
         return f"timed out after {timeouts[1]:g}s" + (f" ({exc})" if str(exc) else "")
     return describe(exc, trusted=_NETWORK_ERRORS)
 
 
-async def _read_capped(response: httpx.Response, limit: int) -> tuple[bytes, bool]:
-    """At most `limit` bytes of the body; the rest is never read into memory."""
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in response.aiter_raw():
-        chunks.append(chunk)
-        size += len(chunk)
-        if size > limit:
-            return b"".join(chunks)[:limit], True
-    return b"".join(chunks), False
+class Poster(Protocol):
+    """What sends an attempt (`dispatcher.egress.Client`, one per region)."""
+
+    def post(
+        self, url: URL, body: bytes, headers: Mapping[str, str], timeout: aiohttp.ClientTimeout
+    ) -> AbstractAsyncContextManager[aiohttp.ClientResponse]: ...
 
 
 @functools.lru_cache(maxsize=16_384)  # about 10 MB at most
-def _parsed(url: str) -> httpx.URL:
-    """Callback URLs repeat: parse each once (a third of building a request)."""
-    return httpx.URL(url)
+def _parsed(url: str) -> URL:
+    """Callback URLs repeat: parse each once."""
+    return URL(url)
 
 
 @functools.lru_cache(maxsize=16)
-def _extensions(connect_timeout: float, total_timeout: float) -> dict[str, Any]:
-    return {
-        "timeout": {
-            "connect": connect_timeout,
-            "read": total_timeout,
-            "write": total_timeout,
-            "pool": total_timeout,
-        }
-    }
+def _timeout(connect_timeout: float, total_timeout: float) -> aiohttp.ClientTimeout:
+    """Connecting (the pool's wait included) and each read bounded; the whole exchange is
+    bounded by `send` itself."""
+    return aiohttp.ClientTimeout(
+        total=None, connect=total_timeout, sock_connect=connect_timeout, sock_read=total_timeout
+    )
+
+
+_UNSAFE = ("\r", "\n", "\0")
+
+
+def _check_headers(headers: Mapping[str, str]) -> None:
+    """Header values go out as ASCII, one line each (stored values are checked when
+    registered; this is the last line of defence, for what an older version stored)."""
+    for value in headers.values():
+        value.encode("ascii")
+        if any(bad in value for bad in _UNSAFE):
+            raise ValueError("a header value holds a line break or a NUL")
 
 
 async def send(
-    transport: httpx.AsyncBaseTransport,
+    client: Poster,
     url: str,
     body: bytes,
     headers: Mapping[str, str],
@@ -197,33 +201,31 @@ async def send(
     """POST once, bounded by `total_timeout` overall and `max_response_body` bytes read.
     Whatever goes wrong ends as a result, never an exception: a request that cannot be
     built fails for good; a failure on the wire is judged by the answer when one came, and
-    is retried when none did (but for an address the policy refuses).
-
-    The request goes straight to the transport: a delivery needs none of the client's
-    layers (cookies, auth flows, redirects, hooks), and skipping them is measurably cheaper.
-    """
+    is retried when none did (but for an address the policy refuses)."""
     started = now_ms()
     try:
-        request = httpx.Request(
-            "POST",
-            _parsed(url),
-            content=body,
-            headers=headers,
-            extensions=_extensions(connect_timeout, total_timeout),
-        )
+        target = _parsed(url)
+        _check_headers(headers)
     except Exception as exc:  # retrying cannot help: the same request again would fail
-        text = f"the request could not be built: {describe(exc, trusted=(httpx.InvalidURL,))}"
+        text = f"the request could not be built: {describe(exc)}"
         return AttemptResult(Outcome.FAILED, None, None, text, None, started, now_ms())
     answer = _Answer()
     try:
         async with asyncio.timeout(total_timeout):
-            await _exchange(transport, request, answer, max_response_body)
+            async with client.post(
+                target, body, headers, _timeout(connect_timeout, total_timeout)
+            ) as response:
+                await answer.read(response, max_response_body)
     except Exception as exc:  # a receiver can make anything raise: it ends as a result
         error = _error_text(exc, (connect_timeout, total_timeout))
         if answer.status is not None:  # the answer came, reading it failed: judge the answer
             return answer.result(classify(answer.status), error, started)
         if (refusal := _refused(exc)) is not None:  # retrying cannot help
             return answer.result(Outcome.FAILED, f"refused: {refusal}", started)
+        if isinstance(exc, _UNSENDABLE):  # not an http(s) URL: it never will be
+            return answer.result(
+                Outcome.FAILED, f"the request could not be built: {error}", started
+            )
         return answer.result(Outcome.RETRY, error, started)
     status = answer.status
     assert status is not None
@@ -242,29 +244,32 @@ class _Answer:
     text: str | None = None
     retry_after: float | None = None
 
+    async def read(self, response: aiohttp.ClientResponse, limit: int) -> None:
+        """The status, then `Retry-After`, then at most `limit` bytes of the body (the
+        rest is never read into memory)."""
+        self.status = response.status
+        self.retry_after = parse_retry_after(response.headers.get("retry-after"))
+        chunks: list[bytes] = []
+        size = 0
+        truncated = False
+        async for chunk in response.content.iter_any():
+            chunks.append(chunk)
+            size += len(chunk)
+            if size > limit:
+                truncated = True
+                break
+        self.text = b"".join(chunks)[:limit].decode("utf-8", errors="replace")
+        if truncated:
+            self.text += f"... [truncated at {limit} bytes]"
+
     def result(self, outcome: Outcome, error: str | None, started: int) -> AttemptResult:
         return AttemptResult(
             outcome, self.status, self.text, error, self.retry_after, started, now_ms()
         )
 
 
-async def _exchange(
-    transport: httpx.AsyncBaseTransport, request: httpx.Request, answer: _Answer, limit: int
-) -> None:
-    response = await transport.handle_async_request(request)
-    try:
-        answer.status = response.status_code
-        answer.retry_after = parse_retry_after(response.headers.get("retry-after"))
-        raw, truncated = await _read_capped(response, limit)
-    finally:
-        await response.aclose()
-    answer.text = raw.decode("utf-8", errors="replace")
-    if truncated:
-        answer.text += f"... [truncated at {limit} bytes]"
-
-
 async def attempt(
-    transport: httpx.AsyncBaseTransport,
+    client: Poster,
     limits: Limits,
     out: Outgoing,
     *,
@@ -289,7 +294,7 @@ async def attempt(
         if out.extra:
             headers.update(out.extra)
         result = refused or await send(
-            transport,
+            client,
             out.url,
             out.body,
             headers,

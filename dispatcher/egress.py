@@ -25,22 +25,24 @@ import ipaddress
 import re
 import socket
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 import aiohttp
-import httpx
 from aiohttp.abc import AbstractResolver, ResolveResult
 from aiohttp.resolver import DefaultResolver
-from httpx_aiohttp import AiohttpTransport
+from yarl import URL
 
 from dispatcher.errors import AddressRefused, InvalidUrl
 from dispatcher.models import Region
 
 if TYPE_CHECKING:
+    from collections.abc import Mapping
+    from contextlib import AbstractAsyncContextManager
+
     from dispatcher.settings import Settings
 
-__all__ = ["DANGEROUS_PORTS", "AddressPolicy", "GuardedResolver", "make_transport", "policy_for"]
+__all__ = ["DANGEROUS_PORTS", "AddressPolicy", "Client", "GuardedResolver", "policy_for"]
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -327,23 +329,49 @@ def policy_for(settings: Settings, region: Region) -> AddressPolicy:
     return AddressPolicy(allow_internal=allowed)
 
 
-def make_transport(settings: Settings, region: Region) -> AiohttpTransport:
-    """One long-lived httpx transport per region: its proxy, its address policy, aiohttp
-    underneath (httpx's own pool slows down under concurrency). It never follows redirects."""
-    policy = policy_for(settings, region)
-    proxy_url = settings.region_proxies.get(region)
+class Client:
+    """One region's long-lived HTTP client for deliveries: an aiohttp session (made on
+    first use, inside the running loop) with the region's proxy and address policy. It
+    never follows redirects, never decompresses, and keeps connections alive 30 s.
 
-    def session() -> aiohttp.ClientSession:
+    Deliveries use aiohttp directly: httpx's request and response models (its header
+    objects above all) cost as much CPU as aiohttp's whole exchange (bench/README.md)."""
+
+    def __init__(self, settings: Settings, region: Region) -> None:
+        self.settings = settings
+        self.policy = policy_for(settings, region)
+        self.proxy_url = settings.region_proxies.get(region)
+        self._session: aiohttp.ClientSession | None = None
+
+    def _open(self) -> aiohttp.ClientSession:
+        settings = self.settings
         connector = aiohttp.TCPConnector(
             limit=settings.max_connections,
             limit_per_host=settings.max_per_host,  # the worker's shares keep below it
-            resolver=GuardedResolver(policy) if proxy_url is None else None,
+            resolver=GuardedResolver(self.policy) if self.proxy_url is None else None,
             ssl=settings.verify_tls,
             keepalive_timeout=30,
         )
-        return aiohttp.ClientSession(connector=connector, auto_decompress=False)
+        proxy = auth = None
+        if self.proxy_url:  # credentials in the proxy's URL go as its Proxy-Authorization
+            proxy = URL(self.proxy_url)
+            if proxy.user is not None:
+                auth = aiohttp.BasicAuth(proxy.user, proxy.password or "")
+                proxy = proxy.with_user(None)
+        return aiohttp.ClientSession(
+            connector=connector, auto_decompress=False, proxy=proxy, proxy_auth=auth
+        )
 
-    options: dict[str, Any] = {"client": session, "verify": settings.verify_tls}
-    if proxy_url:
-        options["proxy"] = httpx.Proxy(proxy_url)
-    return AiohttpTransport(**options)
+    def post(
+        self, url: URL, body: bytes, headers: Mapping[str, str], timeout: aiohttp.ClientTimeout
+    ) -> AbstractAsyncContextManager[aiohttp.ClientResponse]:
+        """POST `body` to `url`: the response, open to read, closed on leaving."""
+        if self._session is None:
+            self._session = self._open()
+        return self._session.post(
+            url, data=body, headers=headers, timeout=timeout, allow_redirects=False
+        )
+
+    async def aclose(self) -> None:
+        if self._session is not None:
+            await self._session.close()

@@ -64,4 +64,3 @@ def configure_logging(settings: Settings) -> None:
     # attempt ourselves, so keep only its warnings.
     logging.getLogger("arq").setLevel(max(level, logging.WARNING))
     logging.getLogger("uvicorn.access").setLevel(max(level, logging.WARNING))
-    logging.getLogger("httpx").setLevel(max(level, logging.WARNING))  # a line per request

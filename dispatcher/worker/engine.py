@@ -34,7 +34,7 @@ from dispatcher.delivery import (
     attempt,
     encode_body,
 )
-from dispatcher.egress import make_transport
+from dispatcher.egress import Client
 from dispatcher.ending import Ending
 from dispatcher.errors import InvalidUrl, describe
 from dispatcher.headers import unsendable
@@ -49,7 +49,6 @@ from dispatcher.worker.shares import Shares
 from dispatcher.worker.steps import FirstRetry, Step
 
 if TYPE_CHECKING:
-    import httpx
     from redis.asyncio.client import Pipeline
 
     from dispatcher.history.record import AttemptRecord
@@ -73,7 +72,7 @@ def keep_entry(pipe: Pipeline, key: str, entry: dict[str, Any]) -> None:
 
 
 class Engine:
-    """A worker process's delivery machinery: one HTTP transport per region, the circuit
+    """A worker process's delivery machinery: one HTTP client per region, the circuit
     breaker, the attempt statistics, over the process's services and its writer."""
 
     def __init__(self, services: Services, writer: Writer, *, shared: Engine | None = None) -> None:
@@ -82,19 +81,17 @@ class Engine:
         self.keys = services.keys
         self.writer = writer
         self.reads = Batcher(services.redis)
-        self.owner = shared is None  # of the transports (another shard's engine shares them)
+        self.owner = shared is None  # of the clients (another shard's engine shares them)
         if shared is None:
             self.breaker = CircuitBreaker(settings.circuit_threshold, settings.circuit_cooldown)
             self.shares = Shares(
                 settings.worker_max_jobs, settings.max_per_host, fair=settings.fair_share
             )
-            self.transports: dict[Region, httpx.AsyncBaseTransport] = {
-                region: make_transport(settings, region) for region in Region
-            }
+            self.clients = {region: Client(settings, region) for region in Region}
             self.stats = AttemptStats()
         else:  # one process's HTTP pools, breaker, slots and statistics, whatever the shard
             self.breaker, self.shares = shared.breaker, shared.shares
-            self.transports, self.stats = shared.transports, shared.stats
+            self.clients, self.stats = shared.clients, shared.stats
         self.controls = Controls(settings, self.keys, self.reads, writer)
         self.limits = Limits(
             settings.user_agent,
@@ -113,7 +110,7 @@ class Engine:
 
     async def close(self) -> None:
         if self.owner:
-            await asyncio.gather(*(t.aclose() for t in self.transports.values()))
+            await asyncio.gather(*(client.aclose() for client in self.clients.values()))
 
     async def fan_out(
         self, event: EventJob, *, rerun: bool = False, end: ChunkEnd | None = None
@@ -350,7 +347,7 @@ class Engine:
             target.url, job.body, job.event, job.delivery_id, job.emitter, target.secret_token,
             target.previous_token, target.auth_header, trace_headers,
         )  # fmt: skip
-        return await attempt(self.transports[target.region], self.limits, out, refused=refused)
+        return await attempt(self.clients[target.region], self.limits, out, refused=refused)
 
     async def _refusal(self, target: CallbackTarget) -> AttemptResult | None:
         """The egress policy's answer for the callback's address: None when it may go."""

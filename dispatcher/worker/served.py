@@ -1,6 +1,6 @@
 """What a worker runs on each shard it serves: the shard's services, its own group commit
 (a write goes to the shard of its job), its claims, and a delivery engine sharing the
-process's HTTP transports, circuit breaker and statistics with the other shards'."""
+process's HTTP clients, circuit breaker and statistics with the other shards'."""
 
 from __future__ import annotations
 
@@ -11,8 +11,10 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import structlog
+from redis.exceptions import RedisError
 
 from dispatcher import metrics
+from dispatcher.connections import REDIS_ERRORS, redis_full
 from dispatcher.errors import InvalidSetting
 from dispatcher.jobs import DELIVER, BadJob, DeliveryJob, decode
 from dispatcher.worker.claims import Claims
@@ -28,7 +30,7 @@ if TYPE_CHECKING:
     from dispatcher.services import Services
     from dispatcher.worker.claims import Claimed
 
-__all__ = ["Served", "given_shards"]
+__all__ = ["CLAIM_ERRORS", "Served", "given_shards"]
 
 log = structlog.get_logger("dispatcher.worker")
 
@@ -39,6 +41,8 @@ BACKOFF_CAP_S = 2.0
 # was, per delivery, more Redis work than the delivery itself).
 WIDE_SCAN_S = 0.25
 NARROW_BUDGET, WIDE_BUDGET = 100, 2000
+# waited out while claiming: an outage, and any reply error (READONLY after a failover)
+CLAIM_ERRORS: tuple[type[Exception], ...] = (*REDIS_ERRORS, RedisError)
 
 
 @dataclass(eq=False)
@@ -80,6 +84,24 @@ class Served:
 
     def answered(self) -> None:
         self.backoff, self.ready_at = 0.0, 0.0
+
+    async def claim(self, share: int, mine: list[str], poll_delay: float) -> list[Claimed] | None:
+        """Up to `share` due jobs of this shard, within the projects' fair shares, passing
+        over `mine` (the ids this worker runs here). None when its Redis did not answer:
+        the shard then waits out a growing pause (`failed`) while the others go on."""
+        shares = self.engine.shares.claim_budgets()
+        budget = self.scan_budget(shares[1], time.monotonic())
+        try:
+            claimed = await self.claims.claim(share, budget=budget, shares=shares, mine=mine)
+        except CLAIM_ERRORS as exc:
+            if full := redis_full(exc):
+                metrics.REDIS_FULL.labels(refused="claim").inc()
+            retry = self.failed(poll_delay)
+            log.warning("worker.claim_failed", error=str(exc), redis_full=full,
+                        retry_in_s=round(retry, 2), shard=self.index)  # fmt: skip
+            return None
+        self.answered()
+        return claimed
 
     def scan_budget(self, busy: dict[str, int], now: float) -> int:
         """How many queue entries the next claim looks at, given what each busy project

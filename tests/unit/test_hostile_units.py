@@ -1,14 +1,19 @@
 """Hostile input, without Redis or a network: an attempt's branches when something raises
-(httpx's MockTransport), the checks of tokens, URLs, event ids and data, the address
+(a stand-in HTTP client), the checks of tokens, URLs, event ids and data, the address
 policy's cloud-metadata rules, and masking on read."""
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Mapping
+from types import SimpleNamespace
+from typing import Any
 
-import httpx
+import aiohttp
 import pytest
+from multidict import CIMultiDict
+from yarl import URL
 
 from dispatcher.backoff import parse_retry_after
 from dispatcher.delivery import AttemptResult, Outcome, send
@@ -22,9 +27,23 @@ from dispatcher.registry.rules import check_token, url_problem, validate_url
 SECRET = "TOPSECRET"
 
 
-async def attempt(transport: httpx.AsyncBaseTransport, **headers: str) -> AttemptResult:
+class Client:
+    """A stand-in for a region's HTTP client: `answer` makes each response (or raises)."""
+
+    def __init__(self, answer: Callable[[], Any]) -> None:
+        self.answer = answer
+
+    def post(self, url: URL, body: bytes, headers: Mapping[str, str], timeout: Any) -> Any:
+        @contextlib.asynccontextmanager
+        async def response() -> AsyncIterator[Any]:
+            yield self.answer()
+
+        return response()
+
+
+async def attempt(client: Client, **headers: str) -> AttemptResult:
     return await send(
-        transport,
+        client,
         "http://receiver.example/hook",
         b"{}",
         {"X-A": "b", **headers},
@@ -34,39 +53,55 @@ async def attempt(transport: httpx.AsyncBaseTransport, **headers: str) -> Attemp
     )
 
 
-async def test_anything_the_transport_raises_ends_as_a_result_without_its_message() -> None:
-    def explode(request: httpx.Request) -> httpx.Response:
+async def test_anything_the_client_raises_ends_as_a_result_without_its_message() -> None:
+    def explode() -> None:
         raise RuntimeError(f"choked on {SECRET}")
 
-    result = await attempt(httpx.MockTransport(explode))
+    result = await attempt(Client(explode))
     assert result.outcome is Outcome.RETRY and result.error is not None
     assert result.error.startswith("RuntimeError at ") and SECRET not in result.error
 
 
 async def test_an_answer_whose_reading_raises_is_judged_by_its_status() -> None:
-    class Broken(httpx.AsyncByteStream):
-        async def __aiter__(self) -> AsyncIterator[bytes]:
+    class Broken:
+        async def iter_any(self) -> AsyncIterator[bytes]:
             raise ValueError(SECRET)
             yield b""  # an async generator, that raises at once
 
-    def answer(request: httpx.Request) -> httpx.Response:
-        retry_after = "\u00b2".encode()  # b"\xc2\xb2": `isdigit()` says yes, `float()` raises
-        return httpx.Response(503, headers=[(b"Retry-After", retry_after)], stream=Broken())
+    def answer() -> Any:
+        retry_after = "\u00b2"  # `isdigit()` says yes, `float()` raises
+        headers = CIMultiDict({"Retry-After": retry_after})
+        return SimpleNamespace(status=503, headers=headers, content=Broken())
 
-    result = await attempt(httpx.MockTransport(answer))
+    result = await attempt(Client(answer))
     assert (result.outcome, result.status_code, result.retry_after) == (Outcome.RETRY, 503, None)
     assert result.error is not None and SECRET not in result.error
 
 
-async def test_a_request_that_cannot_be_built_fails_for_good_without_its_value() -> None:
-    def never(request: httpx.Request) -> httpx.Response:
+@pytest.mark.parametrize("value", ["p\u00e4ss-" + SECRET, "a\r\nX-Evil: " + SECRET, SECRET + "\0"])
+async def test_a_request_that_cannot_be_built_fails_for_good_without_its_value(
+    value: str,
+) -> None:
+    def never() -> None:
         raise AssertionError("nothing may be sent")
 
-    token = {"X-DEVOPS-WEBHOOK-TOKEN": "p\u00e4ss-" + SECRET}
-    result = await attempt(httpx.MockTransport(never), **token)
+    result = await attempt(Client(never), **{"X-DEVOPS-WEBHOOK-TOKEN": value})
     assert result.outcome is Outcome.FAILED and result.error is not None
-    assert result.error.startswith("the request could not be built: UnicodeEncodeError")
+    assert result.error.startswith("the request could not be built: ")
     assert SECRET not in result.error
+
+
+async def test_a_url_that_is_not_http_fails_for_good() -> None:
+    async with aiohttp.ClientSession() as session:
+
+        class Real:
+            def post(self, url: URL, body: bytes, headers: Any, timeout: Any) -> Any:
+                return session.post(url, data=body, headers=headers, timeout=timeout)
+
+        result = await send(Real(), "ftp://receiver.example/hook", b"{}", {}, connect_timeout=1,
+                            total_timeout=2, max_response_body=100)  # fmt: skip
+    assert result.outcome is Outcome.FAILED and result.error is not None
+    assert result.error.startswith("the request could not be built: ")
 
 
 def test_describe_names_the_type_and_place_never_the_message() -> None:
