@@ -78,6 +78,7 @@ async def test_token_and_signature_verify_with_standardwebhooks(
     await run_worker()
     [seen] = receiver.requests()
     assert seen.headers["X-DEVOPS-WEBHOOK-TOKEN"] == "s3cret"
+    assert {"X-DEVOPS-WEBHOOK-TOKEN", "webhook-id"} <= set(seen.headers.keys())  # as spelled
     assert seen.headers["X-DEVOPS-EVENT"] == "BUILD_END"
     assert seen.headers["Content-Type"] == "application/json"
     assert seen.headers["User-Agent"].startswith("callback-dispatcher/")
