@@ -168,6 +168,7 @@ class Engine:
             pending,
             lambda job: FirstRetry(queue, job, end if one else None, after),
             last=after is None,
+            end=end if after is None else None,
         )
         if len(now) == 1:
             job, target, then = now[0]

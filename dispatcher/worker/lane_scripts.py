@@ -9,9 +9,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from dispatcher.ending import END_JOB, NO_JOB
 from dispatcher.lua import ArgList, Key, KeyList, Script
 
 if TYPE_CHECKING:
+    from dispatcher.ending import JobEnd
     from dispatcher.keys import Keys
 
 __all__ = ["NEXT_TAG", "Enter", "Head", "Release"]
@@ -57,14 +59,17 @@ class Enter(Script):
     key of the job it is parked as, and of its progress mark; `parked`: each one's id and
     job bytes, in the same order). The event's number is its entry in the project's
     pending set; on its `last` chunk ('1') it moves to the ready set, and the heads that
-    waited for it (and no earlier event) are due at `now_ms`. Answers false when the event
-    has no number (queued before the callback was ordered), else per delivery: 1 attempt
-    it now, 0 parked behind its lane's head (its job stored out of the queue, its progress
-    marked), 2 a head waiting for its earlier events (its job due at `recheck_ms` unless
-    woken before); then how many waiting heads it woke."""
+    waited for it (and no earlier event) are due at `now_ms`. With a `job_id` (the fan-out
+    job, whose last chunk this is and holds nothing but these deliveries), that job ends
+    here when none of them is attempted now (see `dispatcher.ending`). Answers false when
+    the event has no number (queued before the callback was ordered), else per delivery: 1
+    attempt it now, 0 parked behind its lane's head (its job stored out of the queue, its
+    progress marked), 2 a head waiting for its earlier events (its job due at `recheck_ms`
+    unless woken before); then how many waiting heads it woke, then 1 if the job ended."""
 
     LUA = (
         _CLEAR
+        + END_JOB
         + """
 local seq = redis.call('ZSCORE', pending, event_id)
 if not seq then
@@ -103,7 +108,16 @@ for i = 1, #parked / 2 do
 end
 local woken = 0
 if last == '1' then woken = wake(hold, pending, queue, waiting, now_ms) end
+local ended = 0
+if job_id ~= '' then
+  ended = 1
+  for i = 1, #out do
+    if out[i] == 1 then ended = 0 end
+  end
+  if ended == 1 then ended = end_job() end
+end
 out[#out + 1] = woken
+out[#out + 1] = ended
 return out
 """
     )
@@ -112,12 +126,17 @@ return out
     ready: Key
     waiting: Key
     hold: Key
+    lease: Key
+    job: Key
+    claims: Key
     deliveries: KeyList
     event_id: str
     progress_ttl: int
     recheck_ms: int
     last: str
     now_ms: int
+    token: str
+    job_id: str
     parked: ArgList
 
     @classmethod
@@ -132,15 +151,21 @@ return out
         now_ms: int,
         recheck_ms: int,
         last: bool,
+        end: JobEnd | None = None,
     ) -> Enter:
         """`event_job_id`'s deliveries joining their lanes: `parked` holds each one's
-        lane, id and job bytes."""
+        lane, id and job bytes; `end`, its fan-out job's end when none is attempted now."""
+        end = end or NO_JOB
+        pending = keys.lanes_pending(project_id)
         return cls(
-            pending=keys.lanes_pending(project_id),
+            pending=pending,
             queue=keys.QUEUE,
             ready=keys.lanes_ready(project_id),
             waiting=keys.lanes_waiting(project_id),
             hold=keys.lanes_hold(project_id),
+            lease=end.lease or pending,  # (no job: keys the script leaves alone)
+            job=end.job or pending,
+            claims=end.claims or pending,
             deliveries=[
                 key
                 for lane, delivery_id, _ in parked
@@ -151,6 +176,8 @@ return out
             recheck_ms=recheck_ms,
             last="1" if last else "0",
             now_ms=now_ms,
+            token=end.token,
+            job_id=end.job_id,
             parked=[item for _, delivery_id, job in parked for item in (delivery_id, job)],
         )
 
@@ -219,8 +246,9 @@ return 2
 
 @dataclass(frozen=True)
 class Release(Script):
-    """One delivery's end in its lane: it leaves its lane, its job (if it is one) ends
-    unless another worker holds it, and the lane's next delivery, when its earlier events
+    """One delivery's end in its lane: it leaves its lane, its job ends unless another
+    worker holds it (`job_id`: the delivery's own, if it is one, or the fan-out job whose
+    only first attempt it was), and the lane's next delivery, when its earlier events
     are all in their lanes, is taken by `token`'s worker ('' leaves it to the queue, due
     now): queued under its lease, answered as `[NEXT_TAG, id, job bytes, progress, its
     callback's hash as HGETALL answers]` (its callback is the one its delivery id ends
@@ -238,7 +266,7 @@ redis.call('ZREM', blocked, lane)
 local owner = redis.call('GET', lease)
 if not owner or owner == token then
   redis.call('DEL', job, lease, claims)
-  redis.call('ZREM', queue, delivery_id)
+  redis.call('ZREM', queue, job_id)
 end
 local nxt = redis.call('ZRANGE', lane, 0, 0, 'WITHSCORES')
 if #nxt == 0 then return 0 end
@@ -277,6 +305,7 @@ return {'lane:next', id, data, redis.call('GET', progress_prefix .. id) or '',
     waiting: Key
     hold: Key
     delivery_id: str
+    job_id: str
     token: str
     lease_ms: int
     now_ms: int
@@ -298,19 +327,23 @@ return {'lane:next', id, data, redis.call('GET', progress_prefix .. id) or '',
         lease_ms: int,
         now_ms: int,
         recheck_ms: int,
+        end: JobEnd | None = None,
     ) -> Release:
-        """The release of `delivery_id`, of `project_id`'s events, from `lane`."""
+        """The release of `delivery_id`, of `project_id`'s events, from `lane`, with the
+        end of its job, or of the job `end` names (its fan-out's)."""
+        job_id = delivery_id if end is None else end.job_id
         return cls(
             lane=lane,
             queue=keys.QUEUE,
             blocked=keys.LANES_BLOCKED,
             pending=keys.lanes_pending(project_id),
-            job=keys.arq_job(delivery_id),
-            lease=keys.ARQ_IN_PROGRESS_PREFIX + delivery_id,
-            claims=keys.ARQ_RETRY_PREFIX + delivery_id,
+            job=keys.arq_job(job_id) if end is None else end.job,
+            lease=keys.ARQ_IN_PROGRESS_PREFIX + job_id if end is None else end.lease,
+            claims=keys.ARQ_RETRY_PREFIX + job_id if end is None else end.claims,
             waiting=keys.lanes_waiting(project_id),
             hold=keys.lanes_hold(project_id),
             delivery_id=delivery_id,
+            job_id=job_id,
             token=token,
             lease_ms=lease_ms,
             now_ms=now_ms,

@@ -47,10 +47,12 @@ from dispatcher.keys import lane_id
 from dispatcher.registry.match import TARGET_FIELDS, CallbackTarget
 from dispatcher.registry.options import order_key
 from dispatcher.worker.lane_scripts import NEXT_TAG, Enter, Head, Release
+from dispatcher.worker.steps import ChunkEnd, Step
 
 if TYPE_CHECKING:
     from redis.asyncio.client import Pipeline
 
+    from dispatcher.ending import JobEnd
     from dispatcher.jobs import EventJob
     from dispatcher.keys import Keys
     from dispatcher.worker.writer import Then, Writer
@@ -116,10 +118,12 @@ class Lanes:
         then_of: Callable[[DeliveryJob], Then],
         *,
         last: bool = True,
+        end: ChunkEnd | None = None,
     ) -> list[Attempt]:
         """The first attempts of a fan-out's chunk to make now: every unordered delivery,
         and each ordered one that heads its lane (the others are parked, in one write).
-        `last`: the event's last chunk (no more of its deliveries will join a lane)."""
+        `last`: the event's last chunk (no more of its deliveries will join a lane); `end`,
+        its job's end, which the parking write takes when no attempt is made now."""
         now: list[Attempt] = []
         ordered: list[tuple[DeliveryJob, CallbackTarget]] = []
         for job, target in pending:
@@ -133,7 +137,7 @@ class Lanes:
             else:
                 ordered.append((_in_lane(job, target, path, key), target))
         if ordered:
-            now += await self._enter(event, ordered, then_of, last)
+            now += await self._enter(event, ordered, then_of, last, None if now else end)
         return now
 
     async def _enter(
@@ -142,8 +146,10 @@ class Lanes:
         ordered: list[tuple[DeliveryJob, CallbackTarget]],
         then_of: Callable[[DeliveryJob], Then],
         last: bool,
+        end: ChunkEnd | None,
     ) -> list[Attempt]:
         stamp = now_ms()
+        job_end = None if end is None else end.job_end(None)
         enter = Enter.of(
             self.keys,
             event.project_id,
@@ -153,9 +159,12 @@ class Lanes:
             now_ms=stamp,
             recheck_ms=stamp + int(RECHECK_S * 1000),
             last=last,
+            end=job_end,
         )
         (answer,) = await self.writer.commit(enter.queue_on)
         if answer is None:  # queued before the callback was ordered: no number
+            if end is not None:
+                end.written = False
             return [
                 (note, target, then_of(note))
                 for job, target in ordered
@@ -163,7 +172,9 @@ class Lanes:
                     dataclasses.replace(job, order_key=None, lane=None, order_note=NOT_NUMBERED)
                 ]
             ]
-        *verdicts, woken = answer
+        *verdicts, woken, ended = answer
+        if end is not None and not ended:  # attempts made now carry it, or the job loop
+            end.written = False
         if woken:  # heads that waited for this event are due now: the loop claims them
             self.released += 1
         return [
@@ -215,14 +226,16 @@ class Lanes:
     def releasing(self, job: DeliveryJob, then: Then, *, then_at_end: bool = False) -> Then:
         """The step after an ordered delivery's attempt: when it ended, its lane's release
         (queued after its record; it ends the delivery's job too, so `then` follows only
-        with `then_at_end`: a fan-out's attempt, whose `then` may end the fan-out's job),
+        with `then_at_end`: a fan-out's attempt, whose `then` may end the fan-out's job;
+        when that is all it does, the release ends the fan-out's job instead: one script),
         else `then` (a retry, a deferral), which marks the lane blocked."""
         lane = self.lane(job)
 
         def step(pipe: Pipeline, delay: float | None) -> None:
             if delay is None:
-                self.release(pipe, job, take=True)
-                if then_at_end:
+                end = then.job_end(None) if then_at_end and isinstance(then, Step) else None
+                self.release(pipe, job, take=True, end=end)
+                if then_at_end and end is None:
                     then(pipe, None)
             else:
                 pipe.zadd(self.keys.LANES_BLOCKED, {lane: now_ms()}, nx=True)
@@ -230,9 +243,11 @@ class Lanes:
 
         return step
 
-    def release(self, pipe: Pipeline, job: DeliveryJob, *, take: bool) -> None:
-        """Queue the end of `job`'s turn in its lane; `take`: the next one is this worker's
-        (see `landed`)."""
+    def release(
+        self, pipe: Pipeline, job: DeliveryJob, *, take: bool, end: JobEnd | None = None
+    ) -> None:
+        """Queue the end of `job`'s turn in its lane, with the end of its job (or of the
+        job `end` names); `take`: the next one is this worker's (see `landed`)."""
         self.released += 1
         stamp = now_ms()
         release = Release.of(
@@ -244,6 +259,7 @@ class Lanes:
             lease_ms=self.lease_ms,
             now_ms=stamp,
             recheck_ms=stamp + int(RECHECK_S * 1000),
+            end=end,
         )
         release.queue_on(pipe)
 

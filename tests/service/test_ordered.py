@@ -20,6 +20,7 @@ from redis.asyncio import Redis
 from typer.testing import CliRunner
 
 from dispatcher.cli import app
+from dispatcher.clock import now_ms
 from dispatcher.embedded import EmbeddedRedis
 from dispatcher.keys import Keys, lane_id
 from dispatcher.models import Event, HistoryRecord, Region
@@ -29,6 +30,8 @@ from dispatcher.registry.options import order_key
 from dispatcher.settings import Settings
 from dispatcher.shards import views
 from dispatcher.shards.router import Router
+from dispatcher.worker.claims import Claims
+from dispatcher.worker.lane_scripts import Enter
 from tests.helpers import (
     Handler,
     Receiver,
@@ -334,3 +337,29 @@ async def test_a_project_stops_numbering_events_once_its_last_ordered_callback_g
     await registry.create(project, url + "b", event, region)
     assert await redis.exists(flag) == 0  # registered again without orderBy: none is left
     assert not await numbered()
+
+
+@pytest.mark.parametrize("parked", [True, False])
+async def test_a_fan_out_whose_deliveries_all_park_ends_in_the_parking_script(
+    redis: Redis, parked: bool
+) -> None:
+    """The last chunk of an event, all of its deliveries parked behind their lanes' heads:
+    the script that parks them ends the fan-out job too (no script of its own). A delivery
+    attempted now carries the job's end instead, so the job is left to it."""
+    project, event_job = "parks", "parks:evt_2"
+    claims = Claims(redis, keys, "worker-a", lease_s=10)
+    await redis.zadd(keys.QUEUE, {event_job: now_ms()})
+    await redis.set(keys.arq_job(event_job), b"{}")
+    [claimed] = await claims.claim(1)
+    await redis.zadd(keys.lanes_pending(project), {event_job: 2})
+    lane = keys.lane("parks.1.b-1")
+    if parked:
+        await redis.zadd(lane, {"parks:evt_1.1": 1})  # an earlier event heads the lane
+    delivery = f"{event_job}.1"
+    enter = Enter.of(keys, project, event_job, [(lane, delivery, b"{}")], progress_ttl=60,
+                     now_ms=now_ms(), recheck_ms=now_ms(), last=True,
+                     end=claims.job_end(claimed.job_id))  # fmt: skip
+    *verdicts, _woken, ended = await enter.run(redis)
+    assert verdicts == [0 if parked else 1] and ended == int(parked)
+    assert (await redis.zscore(keys.QUEUE, event_job) is None) == parked
+    assert (await redis.exists(keys.arq_job(event_job)) == 0) == parked
