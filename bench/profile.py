@@ -33,7 +33,7 @@ BUCKETS: tuple[tuple[str, str], ...] = (
     ("Writer._flush_forever", "durable group commit (records, progress, job ends of many jobs)"),
     ("Batcher._flush", "read pipelines (callback match of many jobs)"),
     ("Batcher._flush_soon", "read pipelines (callback match of many jobs)"),
-    ("send", "HTTP POST (httpx transport over aiohttp) incl. response read"),
+    ("send", "HTTP POST (aiohttp) incl. response read"),
     ("Engine._refusal", "egress policy check of the callback's address"),
     ("mask_headers", "headers masked for the record"),
     ("attempt", "delivery.attempt: building the request"),
