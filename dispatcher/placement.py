@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING
 import structlog
 
 from dispatcher.connections import REDIS_ERRORS
+from dispatcher.stopping import cancel_all
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
@@ -177,5 +178,4 @@ async def kept_fresh(placement: Placement, every_s: float) -> AsyncIterator[Plac
         yield placement
     finally:
         if task is not None:
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
+            await cancel_all([task])

@@ -40,6 +40,7 @@ from dispatcher.history.loader import Loader, Pair, Row, parse_row
 from dispatcher.history.schema import DAY_MS
 from dispatcher.lua import Key, Script
 from dispatcher.shard import ID_SPAN, Shard
+from dispatcher.stopping import cancel_all
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
@@ -252,8 +253,7 @@ class Shipper:
         await asyncio.wait({reading, stopping}, return_when=asyncio.FIRST_COMPLETED)
         stopping.cancel()
         if not reading.done():
-            reading.cancel()
-            await asyncio.gather(reading, return_exceptions=True)
+            await cancel_all([reading])
             return None
         return reading.result()
 

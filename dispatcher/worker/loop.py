@@ -42,6 +42,7 @@ from dispatcher.errors import describe
 from dispatcher.jobs import FAN_OUT, BadJob, DeliveryJob, EventJob, decode
 from dispatcher.services import Services
 from dispatcher.shard import Shard
+from dispatcher.stopping import cancel_all
 from dispatcher.topology import close_all, connect_shards, shards_of
 from dispatcher.worker.duties import Counts, Duties, every
 from dispatcher.worker.lanes import Adopt
@@ -349,9 +350,7 @@ class Worker:
         if self.running:
             _, late = await asyncio.wait(list(self.running.values()), timeout=grace)
             late_keys = [key for key, task in self.running.items() if task in late]
-            for task in late:
-                task.cancel()
-            await asyncio.gather(*late, return_exceptions=True)
+            await cancel_all(late)
             by_index = {run.index: run for run in self.served}
             for index, job_id in late_keys:
                 by_index[index].put_back(job_id, 0)
@@ -362,9 +361,7 @@ class Worker:
             pending = sum(run.writer.pending for run in self.served)
             log.error("worker.writes_unsaved", pending=pending)
         await self.shipping.stop(within=max(grace, 1.0))
-        for task in background:
-            task.cancel()
-        await asyncio.gather(*background, return_exceptions=True)
+        await cancel_all(background)
         await self.duties.last_words()
         log.info("worker.stopped", complete=self.jobs_complete, failed=self.jobs_failed)
 

@@ -19,6 +19,7 @@ from dispatcher import metrics
 from dispatcher.connections import REDIS_ERRORS
 from dispatcher.history.postgres import PostgresHistory
 from dispatcher.history.shipper import Shipper
+from dispatcher.stopping import cancel_all
 
 if TYPE_CHECKING:
     from collections.abc import Coroutine
@@ -92,11 +93,8 @@ class Shipping:
         if self._ship is not None:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.shield(self._ship), within)
-            self._ship.cancel()
-            await asyncio.gather(self._ship, return_exceptions=True)
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+            await cancel_all([self._ship])
+        await cancel_all(self._tasks)
 
 
 async def _all(shippers: list[Coroutine[Any, Any, None]]) -> None:

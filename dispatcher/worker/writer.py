@@ -18,7 +18,6 @@ new job while too much waits, or while Redis refuses its writes.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -28,6 +27,7 @@ from redis.exceptions import ReadOnlyError, ResponseError
 from dispatcher import metrics
 from dispatcher.batch import Batcher, Pending, QueueCommands
 from dispatcher.connections import REDIS_ERRORS, redis_full
+from dispatcher.stopping import cancel_all
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
@@ -129,9 +129,7 @@ class Writer(Batcher):
 
     async def close(self) -> None:
         if self._flusher is not None:
-            self._flusher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._flusher
+            await cancel_all([self._flusher])
 
     async def _flush_forever(self) -> None:
         backoff = 0.05

@@ -25,6 +25,7 @@ from dispatcher.settings import Settings
 from dispatcher.shard import ID_SPAN
 from dispatcher.shards import views
 from dispatcher.shards.router import Router
+from dispatcher.stopping import cancel_all
 from dispatcher.topology import check_shards
 from dispatcher.worker import create_worker
 from tests.cluster import LocalCluster, grown
@@ -310,3 +311,38 @@ async def test_ordered_lanes_live_on_each_project_shard(
         tried = {(orjson.loads(r.body)["projectId"], orjson.loads(r.body)["data"]["step"])
                  for r in receiver.requests(path)}  # fmt: skip
         assert len(tried) == len(firsts) * len(steps)  # every step was tried
+
+
+async def test_a_sharded_producer_closes_however_its_placement_refresh_is_caught(
+    shard_servers: list[EmbeddedRedis],
+) -> None:
+    """A producer of a sharded fleet refreshes the placements in the background; closing
+    it stops that task. A cancel landing inside the Redis client's read could be lost
+    there, and the close then waited for ever (2 closes in 53 hung, refreshing every ms).
+    The task is now cancelled until it ends: 80 closes, each in time."""
+    urls = [server.url for server in shard_servers]
+    settings = make_settings(urls[0], redis_shards=urls, placement_refresh=0.001)
+    for i in range(80):
+        async with asyncio.timeout(5):
+            async with Producer(settings):
+                await asyncio.sleep(0.003 * (i % 7))
+
+
+async def test_cancel_all_ends_a_task_that_swallows_its_first_cancel() -> None:
+    swallowed = 0
+
+    async def stubborn() -> None:
+        nonlocal swallowed
+        while True:
+            try:
+                await asyncio.sleep(10)
+            except asyncio.CancelledError:
+                if swallowed:
+                    raise
+                swallowed += 1  # as the Redis client's read can
+
+    task = asyncio.create_task(stubborn())
+    await asyncio.sleep(0)
+    async with asyncio.timeout(5):
+        await cancel_all([task])
+    assert task.cancelled() and swallowed == 1
