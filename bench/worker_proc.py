@@ -111,6 +111,16 @@ class RoundTrips:
 
         AbstractConnection.send_packed_command = send_packed_command  # type: ignore[method-assign]  # counting
         AbstractConnection.pack_command = counted_pack_command  # type: ignore[method-assign]  # counting
+        # the worker's connections pack with hiredis (dispatcher.failover._Packing)
+        from dispatcher.failover import _Packing
+
+        packing = _Packing.pack_command
+
+        def counted_packing(self: AbstractConnection, *args: Any) -> Any:
+            counter.commands[_name(args[0])] += 1
+            return packing(self, *args)  # type: ignore[arg-type]  # the mixin's own method
+
+        _Packing.pack_command = counted_packing  # type: ignore[method-assign]  # counting
 
 
 def _name(command: Any) -> str:
