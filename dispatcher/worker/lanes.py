@@ -233,7 +233,9 @@ class Lanes:
 
         def step(pipe: Pipeline, delay: float | None) -> None:
             if delay is None:
-                end = then.job_end(None) if then_at_end and isinstance(then, Step) else None
+                # (the release checks the job's lease against the adopting worker's token)
+                ends = then_at_end and isinstance(then, Step) and self.adopt is not None
+                end = then.job_end(None) if ends and isinstance(then, Step) else None
                 self.release(pipe, job, take=True, end=end)
                 if then_at_end and end is None:
                     then(pipe, None)
