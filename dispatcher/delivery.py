@@ -136,7 +136,7 @@ def _refused(exc: BaseException | None) -> AddressRefused | None:
 
 # The client's own errors: their messages speak of hosts, addresses and sockets.
 _NETWORK_ERRORS = (aiohttp.ClientError, OSError)
-_UNSENDABLE = (aiohttp.InvalidURL, aiohttp.NonHttpUrlClientError)  # retrying cannot help
+_BAD_PROXY = "the region's proxy URL is not valid (DISPATCHER_REGION_PROXIES)"
 
 
 def _error_text(exc: BaseException, timeouts: tuple[float, float]) -> str:
@@ -174,6 +174,11 @@ def _timeout(connect_timeout: float, total_timeout: float) -> aiohttp.ClientTime
     return aiohttp.ClientTimeout(
         total=None, connect=total_timeout, sock_connect=connect_timeout, sock_read=total_timeout
     )
+
+
+def _names(exc: aiohttp.InvalidURL, target: URL) -> bool:
+    """Whether the invalid URL `exc` speaks of is the callback's (or its host)."""
+    return str(exc.url) in (str(target), target.raw_host, target.host)
 
 
 def _check_headers(headers: Mapping[str, str]) -> None:
@@ -218,8 +223,12 @@ async def send(
             return answer.result(classify(answer.status), error, started)
         if (refusal := _refused(exc)) is not None:  # retrying cannot help
             return answer.result(Outcome.FAILED, f"refused: {refusal}", started)
-        if isinstance(exc, _UNSENDABLE):  # not an http(s) URL: it never will be
-            return answer.result(
+        if isinstance(exc, aiohttp.InvalidURL) and not _names(exc, target):
+            # another's URL, the region's proxy: the operator's to fix (unseen, it may
+            # hold a password), and then the attempt is worth making again
+            return answer.result(Outcome.RETRY, _BAD_PROXY, started)
+        if isinstance(exc, (aiohttp.InvalidURL, aiohttp.NonHttpUrlClientError)):
+            return answer.result(  # the callback's URL, or not http(s): it never will be sent
                 Outcome.FAILED, f"the request could not be built: {error}", started
             )
         return answer.result(Outcome.RETRY, error, started)

@@ -20,6 +20,7 @@ proxy enforces the policy (`DISPATCHER_PROXY_ENFORCED_REGIONS`).
 from __future__ import annotations
 
 import asyncio
+import base64
 import functools
 import ipaddress
 import re
@@ -340,7 +341,17 @@ class Client:
     def __init__(self, settings: Settings, region: Region) -> None:
         self.settings = settings
         self.policy = policy_for(settings, region)
-        self.proxy_url = settings.region_proxies.get(region)
+        self.proxy: URL | None = None
+        # credentials in the proxy's URL go as a Proxy-Authorization header, built once
+        # (aiohttp's own way, BasicAuth, is deprecated)
+        self._proxy_login: dict[str, str] | None = None
+        if (proxy_url := settings.region_proxies.get(region)) is not None:  # checked at start
+            self.proxy = URL(proxy_url)
+            if self.proxy.user is not None:
+                login = f"{self.proxy.user}:{self.proxy.password or ''}".encode()
+                basic = f"Basic {base64.b64encode(login).decode()}"
+                self._proxy_login = {"Proxy-Authorization": basic}
+                self.proxy = self.proxy.with_user(None)
         self._session: aiohttp.ClientSession | None = None
 
     def _open(self) -> aiohttp.ClientSession:
@@ -348,19 +359,11 @@ class Client:
         connector = aiohttp.TCPConnector(
             limit=settings.max_connections,
             limit_per_host=settings.max_per_host,  # the worker's shares keep below it
-            resolver=GuardedResolver(self.policy) if self.proxy_url is None else None,
+            resolver=GuardedResolver(self.policy) if self.proxy is None else None,
             ssl=settings.verify_tls,
             keepalive_timeout=30,
         )
-        proxy = auth = None
-        if self.proxy_url:  # credentials in the proxy's URL go as its Proxy-Authorization
-            proxy = URL(self.proxy_url)
-            if proxy.user is not None:
-                auth = aiohttp.BasicAuth(proxy.user, proxy.password or "")
-                proxy = proxy.with_user(None)
-        return aiohttp.ClientSession(
-            connector=connector, auto_decompress=False, proxy=proxy, proxy_auth=auth
-        )
+        return aiohttp.ClientSession(connector=connector, auto_decompress=False, proxy=self.proxy)
 
     def post(
         self, url: URL, body: bytes, headers: Mapping[str, str], timeout: aiohttp.ClientTimeout
@@ -368,6 +371,14 @@ class Client:
         """POST `body` to `url`: the response, open to read, closed on leaving."""
         if self._session is None:
             self._session = self._open()
+        login = self._proxy_login
+        if login is not None and url.scheme == "https":  # it goes in the CONNECT, not in
+            return self._session.post(  # the request inside the tunnel: the receiver's
+                url, data=body, headers=headers, timeout=timeout, allow_redirects=False,
+                proxy_headers=login,
+            )  # fmt: skip
+        if login is not None:  # to the proxy itself, which drops it (hop-by-hop)
+            headers = {**headers, **login}
         return self._session.post(
             url, data=body, headers=headers, timeout=timeout, allow_redirects=False
         )

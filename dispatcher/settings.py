@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import Field, SecretStr, field_validator, model_validator
@@ -288,6 +289,14 @@ class Settings(BaseSettings):
             raise ValueError(f"must start with postgresql:// or postgres://, or be {EMBEDDED}")
         return value or None
 
+    @field_validator("region_proxies")
+    @classmethod
+    def _proxy_urls(cls, value: dict[Region, str]) -> dict[Region, str]:
+        for region, url in value.items():
+            if (why := _not_a_proxy(url)) is not None:  # the URL is not echoed: it may
+                raise ValueError(f"the proxy of {region}: {why}")  # hold a password
+        return value
+
     @field_validator("retry_schedule")
     @classmethod
     def _non_negative(cls, value: tuple[float, ...]) -> tuple[float, ...]:
@@ -350,6 +359,24 @@ class Settings(BaseSettings):
     @property
     def max_attempts(self) -> int:
         return len(self.retry_schedule) + 1
+
+
+def _not_a_proxy(url: str) -> str | None:
+    """Why `url` cannot be an egress proxy's URL (http:// or https://, a host, maybe a
+    port and credentials, nothing else), or None. Checked at start: a mistyped proxy would
+    otherwise fail every delivery of its region."""
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 (a port that is not a number raises)
+    except ValueError:
+        return "not a URL, or its port is not a number"
+    if parts.scheme not in ("http", "https"):
+        return "must start with http:// or https://, e.g. http://proxy.internal:3128"
+    if not parts.hostname:
+        return "names no host"
+    if parts.path not in ("", "/") or parts.query or parts.fragment:
+        return "must hold no path, query or fragment"
+    return None
 
 
 def _one_redis(url: str) -> bool:

@@ -224,6 +224,7 @@ class ForwardProxy:
 
     hosts: dict[str, str] = field(default_factory=dict)
     asked: list[str] = field(default_factory=list)  # the host of every request
+    authorized: list[str] = field(default_factory=list)  # each Proxy-Authorization given
     url: str = ""
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -234,6 +235,13 @@ class ForwardProxy:
             parts = urlsplit(target)
             name = (parts.hostname or "").rstrip(".")
             self.asked.append(parts.hostname or "")
+            self.authorized += [
+                line.split(":", 1)[1].strip()
+                for line in lines
+                if line.lower().startswith("proxy-authorization:")
+            ]
+            if method == "CONNECT":  # a tunnel (to an https URL): refused, once asked
+                raise ValueError("tunnels are not served")
             hop_by_hop = ("connection:", "proxy-", "keep-alive:")
             kept = [line for line in lines if line and not line.lower().startswith(hop_by_hop)]
             length = [line[15:] for line in kept if line.lower().startswith("content-length:")]

@@ -265,6 +265,16 @@ class SentinelGroup:
 
         self._wait(in_sync, within, f"{count} replicas in sync")
 
+    def report(self, lines: int = 12) -> str:
+        """What each node says of its replication, and the end of its log: for a test's
+        failure message (a CI clone and its logs are gone once it fails)."""
+        parts = []
+        for port in self.nodes:
+            log = self.folder / f"node-{port}" / "redis.log"
+            tail = log.read_text(errors="replace").splitlines()[-lines:] if log.exists() else []
+            parts.append(f"node {port}: {_info(port)}\n  " + "\n  ".join(tail))
+        return "\n".join(parts)
+
     def _wait(self, check: Callable[[], bool], within: float, what: str) -> None:
         deadline = time.monotonic() + within
         while not check():

@@ -175,8 +175,9 @@ class Worker:
                 continue
             for job in claimed:
                 self._start(run, job)
-            if len(claimed) < share:  # a full project's jobs may wait: claim when it has room
-                run.engine.shares.claim_fell_short()
+            # a full project's jobs may wait: claim as soon as it has room
+            if len(claimed) < share and run.engine.shares.claim_fell_short():
+                self._wake()
             dry = dry + 1 if len(claimed) < share else 0
             if dry >= len(self.served):  # nothing more is due now, on any shard
                 dry = 0

@@ -87,8 +87,9 @@ class Shares:
     def __init__(self, slots: int, max_per_host: int, *, fair: bool = True) -> None:
         self.fair = fair
         self.jobs = _Counts(slots)
-        self.batch = max(1, min(50, slots // 8))  # what a claim for a full project waits for
+        self.batch = max(1, min(50, slots // 8))  # the room a claim for a full project waits for
         self._full: set[str] = set()  # projects at their share when a claim fell short
+        self._refused: set[str] = set()  # projects the last claim could take nothing for
         self.projects = _Counts(slots)
         self.hosts = _Counts(slots if fair else 1 << 30, max_per_host)
         # (project, host) -> futures of attempts waiting for a slot, oldest first
@@ -102,21 +103,32 @@ class Shares:
             self.jobs.take(project)
 
     def job_ended(self, job_id: str) -> bool:
-        """Whether a project that was full at a short claim now has a batch's room again
-        (its jobs left in the queue can be claimed: worth a claim now, not a poll later)."""
+        """Whether a project that was full at a short claim now has room again (its jobs
+        left in the queue can be claimed: worth a claim now, not a poll later)."""
         if (project := project_of(job_id)) is None:
             return False
         self.jobs.give(project)
-        if project in self._full and self.jobs.room(project) >= self.batch:
+        return project in self._full and self._freed()
+
+    def claim_fell_short(self) -> bool:
+        """A claim took fewer jobs than it asked for: the projects it could not take for
+        (none left to them when it was asked, or at their share now) may have left theirs
+        in the queue (see `job_ended`). Whether one has room already (its jobs ended while
+        the claim was out): claim again at once."""
+        if not self.fair:
+            return False
+        self._full |= self._refused | {p for p in self.jobs.held if self.jobs.room(p) <= 0}
+        self._refused = set()
+        return self._freed()
+
+    def _freed(self) -> bool:
+        """Whether a full project has room for a batch (for half its share, when that is
+        smaller: many busy projects); then none is remembered any more."""
+        jobs = self.jobs
+        if any(jobs.room(p) >= min(self.batch, max(1, jobs.limit(p) // 2)) for p in self._full):
             self._full.clear()
             return True
         return False
-
-    def claim_fell_short(self) -> None:
-        """A claim took fewer jobs than it asked for: the projects holding their share
-        now may have left theirs in the queue (see `job_ended`)."""
-        if self.fair:
-            self._full |= {p for p in self.jobs.held if self.jobs.room(p) <= 0}
 
     def claim_budgets(self) -> tuple[int, dict[str, int]]:
         """For the claim script: how many jobs a project not busy in this worker may take
@@ -124,7 +136,9 @@ class Shares:
         if not self.fair:
             return -1, {}
         newcomer = max(1, self.jobs.slots // (len(self.jobs.held) + 2))
-        return newcomer, {p: max(0, self.jobs.room(p)) for p in self.jobs.held}
+        budgets = {p: max(0, self.jobs.room(p)) for p in self.jobs.held}
+        self._refused = {p for p, budget in budgets.items() if not budget}
+        return newcomer, budgets
 
     # ---- attempts -----------------------------------------------------------------------
 

@@ -6,6 +6,7 @@ through, whose answer changes between calls)."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -131,6 +132,30 @@ async def test_a_proxy_declared_enforcing_gets_the_names_the_worker_cannot_resol
     assert proxy.asked == ["internal.corp"]
     [record] = await all_records(redis, settings, literal)
     assert record.final and "internal address" in (record.error_msg or "")
+
+
+async def test_a_proxy_url_with_credentials_authorizes_each_request_and_shows_nowhere(
+    redis_server: EmbeddedRedis, redis: Redis, receiver: Receiver, run_worker: RunWorker
+) -> None:
+    """The credentials in a proxy's URL go to the proxy alone, as Basic
+    Proxy-Authorization: on the request itself to an http:// URL, on the CONNECT that
+    opens the tunnel to an https:// one (this proxy refuses tunnels), and in no record."""
+    plain, tunnelled = receiver.url("/hook"), receiver.url("/tls").replace("http:", "https:")
+    async with proxying() as proxy:
+        with_login = proxy.url.replace("http://", "http://ops:s%40cret@")
+        settings = make_settings(redis_server.url, region_proxies={"IDC": with_login})
+        for url in (plain, tunnelled):
+            await Registry(redis).create("demo", url, Event.BUILD_END, Region.IDC)
+        await Producer(settings, redis).emit("demo", "BUILD_END", {"n": 1})
+        await run_worker(settings)
+    assert [seen.path for seen in receiver.seen] == ["/hook"]
+    [record] = await all_records(redis, settings, plain)
+    assert record.status.value == "SUCCESS"
+    refused = await all_records(redis, settings, tunnelled)
+    assert len(refused) == settings.max_attempts and refused[-1].final
+    basic = "Basic " + base64.b64encode(b"ops:s@cret").decode()
+    assert proxy.authorized == [basic] * (1 + len(refused))
+    assert not any("cret" in r.model_dump_json() for r in [record, *refused])
 
 
 async def test_a_temporary_lookup_failure_through_a_proxy_is_retried(

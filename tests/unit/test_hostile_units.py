@@ -104,6 +104,34 @@ async def test_a_url_that_is_not_http_fails_for_good() -> None:
     assert result.error.startswith("the request could not be built: ")
 
 
+@pytest.mark.parametrize(
+    ("url", "proxy", "outcome"),
+    [
+        ("http://127.0.0.1:9/hook", "ops:s3cret@proxy.internal:3128", Outcome.RETRY),
+        ("http://2130706433/hook", None, Outcome.FAILED),  # the callback's own host
+        ("http:///hook", None, Outcome.FAILED),
+    ],
+)
+async def test_an_invalid_url_fails_for_good_only_when_it_is_the_callbacks(
+    url: str, proxy: str | None, outcome: Outcome
+) -> None:
+    """aiohttp says InvalidURL of the target and of the proxy alike: a proxy's fault (the
+    operator's, had settings let it by) must not dead-letter the region's deliveries, nor
+    show the proxy's URL in a tenant's history."""
+    async with aiohttp.ClientSession(proxy=proxy) as session:
+
+        class Real:
+            def post(self, url: URL, body: bytes, headers: Any, timeout: Any) -> Any:
+                return session.post(url, data=body, headers=headers, timeout=timeout)
+
+        result = await send(Real(), url, b"{}", {}, connect_timeout=1, total_timeout=2,
+                            max_response_body=100)  # fmt: skip
+    assert result.outcome is outcome and result.error is not None
+    assert "s3cret" not in result.error and "proxy.internal" not in result.error
+    if outcome is Outcome.RETRY:
+        assert "DISPATCHER_REGION_PROXIES" in result.error
+
+
 def test_describe_names_the_type_and_place_never_the_message() -> None:
     try:
         "p\u00e4ss-TOPSECRET".encode("ascii")

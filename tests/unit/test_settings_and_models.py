@@ -51,6 +51,32 @@ def test_cli_reports_a_bad_setting_and_exits_2(monkeypatch: pytest.MonkeyPatch) 
     assert "DISPATCHER_TIMEZONE" in result.output and "unknown time zone" in result.output
 
 
+@pytest.mark.parametrize(
+    ("proxy", "fragment"),
+    [
+        ("ops:s3cret@squid.corp:3128", "http:// or https://"),  # the scheme forgotten
+        ("127.0.0.1:3128", "http:// or https://"),
+        ("socks5://squid.corp:1080", "http:// or https://"),
+        ("http://:3128", "names no host"),
+        ("http://proxy.internal:31x8", "not a number"),
+        ("http://proxy.internal:3128/path", "no path"),
+    ],
+)
+def test_a_mistyped_proxy_fails_at_start_naming_its_region_not_its_url(
+    proxy: str, fragment: str
+) -> None:
+    """Else every delivery of the region would fail, each alone and late."""
+    with pytest.raises(ValidationError, match=fragment) as raised:
+        Settings(region_proxies={"IDC": proxy})
+    assert "the proxy of IDC" in str(raised.value)
+    assert "s3cret" not in str(raised.value) and "squid.corp" not in str(raised.value)
+
+
+def test_proxy_urls_with_a_scheme_are_taken() -> None:
+    proxies = {"IDC": "http://ops:s3cret@proxy.internal:3128", "OSS": "https://[::1]:3129/"}
+    assert Settings(region_proxies=proxies).region_proxies[Region.OSS] == proxies["OSS"]
+
+
 def test_the_eighteen_events_and_three_regions() -> None:
     assert len(Event) == 18 and Event("BUILD_TASK_PAUSE") is Event.BUILD_TASK_PAUSE
     assert [r.value for r in Region] == ["DEVNET", "OSS", "IDC"]

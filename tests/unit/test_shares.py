@@ -83,6 +83,29 @@ def test_claim_budgets_keep_a_share_free() -> None:
     assert shares.claim_budgets() == (4, {"projA": 5})
 
 
+def test_a_full_project_whose_jobs_end_while_the_claim_is_out_is_claimed_for_at_once() -> None:
+    shares = Shares(slots=16, max_per_host=100)  # a batch of room: 2
+    for i in range(8):  # alone, its share is 16 // 2 = 8: full
+        shares.job_started(f"projA:e{i}")
+    assert shares.claim_budgets() == (5, {"projA": 0})  # the claim goes out ...
+    assert not shares.job_ended("projA:e0")  # ... its jobs end meanwhile ...
+    assert not shares.job_ended("projA:e1")  # (no claim fell short yet)
+    assert shares.claim_fell_short()  # ... and it comes back short: claim again now
+    assert not shares.claim_fell_short()  # remembered no more
+
+
+def test_with_many_busy_projects_a_full_one_is_claimed_for_at_half_its_share() -> None:
+    shares = Shares(slots=64, max_per_host=100)  # a batch: 8; with 10 busy, a share: 5
+    for p in range(10):
+        for i in range(5):
+            shares.job_started(f"proj{p}:e{i}")
+    shares.claim_budgets()
+    assert not shares.claim_fell_short()
+    assert not shares.job_ended("proj0:e0")
+    assert shares.job_ended("proj0:e1")  # 2 of its 5 free, never 8
+    assert not shares.job_ended("proj1:e0")
+
+
 def test_deferral_follows_the_hosts_answer_time_within_bounds() -> None:
     shares = Shares(slots=10, max_per_host=10)
     assert 0.5 <= shares.defer_s("new:80") <= 0.75
