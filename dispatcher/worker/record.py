@@ -17,6 +17,8 @@ from dispatcher.models import DeliveryStatus
 from dispatcher.registry import url_problem
 
 if TYPE_CHECKING:
+    from prometheus_client import Counter
+
     from dispatcher.delivery import Attempted, AttemptResult
     from dispatcher.history.record import AttemptRecord
     from dispatcher.jobs import DeliveryJob
@@ -89,6 +91,11 @@ def _loggable(url: str) -> str:
     return url.encode("unicode_escape").decode("ascii")
 
 
+@functools.lru_cache(maxsize=1024)  # outcomes x events: the labelled counter, made once
+def _delivered(outcome: str, event: str) -> Counter:
+    return metrics.DELIVERIES.labels(outcome=outcome, event=event)
+
+
 def disabled(callback_id: int, why: str, reason: str) -> None:
     metrics.CALLBACKS_DISABLED.labels(reason=why).inc()
     log.warning("callback.disabled", callback_id=callback_id, reason=reason)
@@ -102,7 +109,7 @@ def observe(
     delay: float | None,
 ) -> None:
     """The attempt's metrics and its one canonical log line."""
-    metrics.DELIVERIES.labels(outcome=result.outcome.value, event=job.event).inc()
+    _delivered(result.outcome.value, job.event).inc()
     metrics.ATTEMPT_SECONDS.observe(result.duration_ms / 1000)
     metrics.HISTORY_RECORDS.inc()
     if delay is not None:
