@@ -41,6 +41,9 @@ def _parse() -> argparse.Namespace:
     )
     parser.add_argument("--profile-deliveries", type=int, default=5_000)
     parser.add_argument(
+        "--profile-callbacks", type=int, default=1, help="callbacks per event when profiling"
+    )
+    parser.add_argument(
         "--history-pg-total", type=int, help="records in the big PostgreSQL history table"
     )
     parser.add_argument(
@@ -110,7 +113,9 @@ async def _main(args: argparse.Namespace, url: str, logs: Path, pg_url: str | No
     try:
         if args.profile:
             RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-            result = await profile.run(bench, args.profile_deliveries, RESULTS_DIR, stamp)
+            result = await profile.run(
+                bench, args.profile_deliveries, RESULTS_DIR, stamp, args.profile_callbacks
+            )
             text = profile.render(result)
             print(text)
             (RESULTS_DIR / f"profile-{stamp}.json").write_text(json.dumps(result, indent=2))

@@ -128,11 +128,11 @@ def _cprofile_summary(path: Path, deliveries: int, top: int = 30) -> tuple[str, 
     return buffer.getvalue(), rows[:top]
 
 
-async def _run_once(bench: Bench, n: int, extra: list[str]) -> WorkerProcess:
-    """A worker waiting for GO over a queue of `n` events (1 callback each)."""
+async def _run_once(bench: Bench, n: int, extra: list[str], callbacks: int) -> WorkerProcess:
+    """A worker waiting for GO over a queue of `n` deliveries (`callbacks` per event)."""
     worker, _ = await asyncio.gather(
         WorkerProcess.start(bench.url, extra=extra, log_path=bench.logs / "profile.log"),
-        bench.prepare(callbacks=1, events=n),
+        bench.prepare(callbacks=callbacks, events=n // callbacks),
     )
     await bench.receiver.reset()
     return worker
@@ -168,11 +168,13 @@ def _summarise(out: Path, result: dict[str, Any], n: int) -> dict[str, Any] | No
     }
 
 
-async def _pyspy_run(bench: Bench, n: int, out: Path, rate_hz: int) -> dict[str, Any] | None:
+async def _pyspy_run(
+    bench: Bench, n: int, out: Path, rate_hz: int, callbacks: int
+) -> dict[str, Any] | None:
     pyspy = _pyspy()
     if pyspy is None:
         return None
-    worker = await _run_once(bench, n, [])
+    worker = await _run_once(bench, n, [], callbacks)
     spy = await asyncio.create_subprocess_exec(
         pyspy, "record", "--pid", str(worker.pid), "--rate", str(rate_hz), "--format", "raw",
         "--output", str(out),
@@ -190,19 +192,23 @@ async def _pyspy_run(bench: Bench, n: int, out: Path, rate_hz: int) -> dict[str,
     return _summarise(out, result, n)
 
 
-async def run(bench: Bench, n: int, out_dir: Path, stamp: str) -> dict[str, Any]:
-    """The three runs; writes profile-<stamp>.{json,txt} (and the raw py-spy stacks)."""
-    report: dict[str, Any] = {"deliveries": n}
-    report["pyspy"] = await _pyspy_run(bench, n, out_dir / f"profile-{stamp}.pyspy.txt", 250)
+async def run(
+    bench: Bench, n: int, out_dir: Path, stamp: str, callbacks: int = 1
+) -> dict[str, Any]:
+    """The three runs over `n` deliveries, `callbacks` per event; writes
+    profile-<stamp>.{json,txt} (and the raw py-spy stacks)."""
+    report: dict[str, Any] = {"deliveries": n, "callbacks_per_event": callbacks}
+    pyspy_out = out_dir / f"profile-{stamp}.pyspy.txt"
+    report["pyspy"] = await _pyspy_run(bench, n, pyspy_out, 250, callbacks)
 
     prof = out_dir / f"profile-{stamp}.cprofile"
-    worker = await _run_once(bench, n, ["--cprofile", str(prof)])
+    worker = await _run_once(bench, n, ["--cprofile", str(prof)], callbacks)
     worker.go()
     report["cprofile_run"] = await _finish(bench, worker, n)
     text, rows = _cprofile_summary(prof, n)
     report["cprofile_top"] = rows
 
-    worker = await _run_once(bench, n, ["--count-round-trips"])
+    worker = await _run_once(bench, n, ["--count-round-trips"], callbacks)
     worker.go()
     counted = await _finish(bench, worker, n)
     report["round_trips_per_delivery"] = round(counted["round_trips"] / n, 2)
@@ -224,7 +230,10 @@ async def run(bench: Bench, n: int, out_dir: Path, stamp: str) -> dict[str, Any]
 
 def render(report: dict[str, Any]) -> str:
     """A plain-text summary of `run`'s report."""
-    lines = [f"deliveries per run: {report['deliveries']:,}"]
+    lines = [
+        f"deliveries per run: {report['deliveries']:,}, "
+        f"{report.get('callbacks_per_event', 1)} callback(s) per event"
+    ]
     spy = report.get("pyspy")
     if spy:
         lines.append(

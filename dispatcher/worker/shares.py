@@ -93,7 +93,9 @@ class Shares:
         self.projects = _Counts(slots)
         self.hosts = _Counts(slots if fair else 1 << 30, max_per_host)
         # (project, host) -> futures of attempts waiting for a slot, oldest first
-        self._waiting: OrderedDict[tuple[str, str], deque[asyncio.Future[Slot]]] = OrderedDict()
+        self._waiting: OrderedDict[tuple[str, str], deque[asyncio.Future[Slot | None]]] = (
+            OrderedDict()
+        )
         self._answer_s: OrderedDict[str, float] = OrderedDict()  # per host, smoothed
 
     # ---- jobs ---------------------------------------------------------------------------
@@ -153,31 +155,34 @@ class Shares:
     async def admit(self, project: str, host: str, wait: float = WAIT_S) -> Slot | None:
         """A slot for an attempt of `project` to `host`: at once, or, when the host is not
         slow, within `wait` seconds; None when its share stays full (the attempt goes back
-        to the queue)."""
+        to the queue). A wait is a future in the (project, host) queue that `release`
+        answers with a slot, or a timer with None: no task, no timeout context."""
         if (project, host) not in self._waiting and self._admits(project, host):
             return self._take(project, host)
         if self._answer_s.get(host, 0.0) >= SLOW_S:  # a slow host: wait in the queue
             return None
-        future: asyncio.Future[Slot] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Slot | None] = loop.create_future()
         self._waiting.setdefault((project, host), deque()).append(future)
+        timer = loop.call_later(wait, self._expire, project, host, future)
         try:
-            async with asyncio.timeout(wait):
-                return await asyncio.shield(future)
-        except TimeoutError:
-            pass
+            return await future
         except BaseException:  # cancelled: a slot given meanwhile goes back
-            if future.done() and not future.cancelled():
-                self.release(future.result(), 0.0)
-            future.cancel()
+            if future.done() and not future.cancelled() and (slot := future.result()):
+                self.release(slot, 0.0)
+            self._forget(project, host, future)  # cancelled with it, still queued
             raise
         finally:
-            self._forget(project, host, future)
-        if future.done():  # admitted just as the wait ran out: it is ours
-            return future.result()
-        future.cancel()
-        return None
+            timer.cancel()
 
-    def _forget(self, project: str, host: str, future: asyncio.Future[Slot]) -> None:
+    def _expire(self, project: str, host: str, future: asyncio.Future[Slot | None]) -> None:
+        """A wait ran out: None, unless a slot came first."""
+        if not future.done():
+            future.set_result(None)
+            self._forget(project, host, future)
+
+    def _forget(self, project: str, host: str, future: asyncio.Future[Slot | None]) -> None:
+        """`future` out of its queue (`release` takes the admitted ones out itself)."""
         queue = self._waiting.get((project, host))
         if queue is not None and future in queue:
             queue.remove(future)

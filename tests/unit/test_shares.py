@@ -49,6 +49,21 @@ async def test_an_attempt_over_its_share_gets_a_slot_freed_within_its_wait() -> 
     assert second is not None and shares.hosts.held == {"h:80": 1}
 
 
+async def test_waiters_get_freed_slots_in_order_and_none_is_left_behind() -> None:
+    shares = Shares(slots=100, max_per_host=1)
+    slot = await shares.admit("p", "h:80")
+    waiters = [asyncio.create_task(shares.admit("p", "h:80", wait=5)) for _ in range(50)]
+    await asyncio.sleep(0.01)
+    for i, waiter in enumerate(waiters):
+        assert slot is not None
+        slot.release(0.001)
+        slot = await asyncio.wait_for(waiter, 1)
+        assert not any(later.done() for later in waiters[i + 1 :])
+    assert slot is not None
+    slot.release(0.001)
+    assert not shares._waiting and shares.hosts.held == {} and shares.projects.held == {}
+
+
 async def test_an_attempt_that_finds_no_slot_in_time_holds_none() -> None:
     shares = Shares(slots=100, max_per_host=1)
     assert await shares.admit("p", "h:80") is not None
