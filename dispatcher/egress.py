@@ -372,15 +372,16 @@ class Client:
         if self._session is None:
             self._session = self._open()
         login = self._proxy_login
-        if login is not None and url.scheme == "https":  # it goes in the CONNECT, not in
-            return self._session.post(  # the request inside the tunnel: the receiver's
-                url, data=body, headers=headers, timeout=timeout, allow_redirects=False,
-                proxy_headers=login,
-            )  # fmt: skip
-        if login is not None:  # to the proxy itself, which drops it (hop-by-hop)
+        tunnelled = url.scheme == "https"  # through a CONNECT: the login goes on it alone
+        if login is not None and not tunnelled:  # to the proxy itself, which drops it
             headers = {**headers, **login}
         return self._session.post(
-            url, data=body, headers=headers, timeout=timeout, allow_redirects=False
+            url,
+            data=body,
+            headers=headers,
+            timeout=timeout,
+            allow_redirects=False,
+            proxy_headers=login if tunnelled else None,
         )
 
     async def aclose(self) -> None:

@@ -29,7 +29,7 @@ __all__ = ["CircuitBreaker", "Failing", "Health"]
 log = structlog.get_logger("dispatcher.health")
 
 
-@dataclass(frozen=True)
+@dataclass
 class Failed(Script):
     """Counts one final failure of callback `callback_id` at `now_ms` (`last_error`: its
     error; `record_id`: the failed attempt's record, '' when none: counting the same
@@ -75,7 +75,7 @@ return {n, since, reason}
     sep: str
 
 
-@dataclass(frozen=True)
+@dataclass
 class Succeeded(Script):
     """The reset after a success: no failures on record for `callback_id`, and its hash
     says so (unless it is gone)."""
@@ -92,7 +92,7 @@ class Succeeded(Script):
     callback_id: int
 
 
-@dataclass(frozen=True)
+@dataclass
 class FailingRows(Script):
     """The first `limit` callbacks with failures on record, oldest failure first, as {id,
     failures, since, last error} rows. Their ids are read inside Redis, so their health

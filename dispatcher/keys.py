@@ -178,6 +178,7 @@ def history_member(record_id: int) -> str:
     return f"{record_id:0{HISTORY_ID_WIDTH}d}"
 
 
+@functools.lru_cache(maxsize=16_384)  # callback URLs repeat: two per record, each hashed once
 def _url_hash(url: str) -> str:
     return hashlib.blake2b(url.encode(), digest_size=16).hexdigest()
 

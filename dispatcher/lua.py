@@ -9,7 +9,7 @@ A `Script` is a dataclass whose fields are the script's keys (annotated `Key`) a
 arguments, in order; its Lua reads them by those names (local variables set from KEYS and
 ARGV), and a call is `await Claim(mark=..., index=...).run(redis)` or `.queue_on(pipe)`:
 
-    @dataclass(frozen=True)
+    @dataclass
     class Claim(Script):
         '''Marks a shard with its position; returns the position marked first.'''
 
@@ -118,7 +118,9 @@ _LUA_WORDS = set(
 
 class Script:
     """A Lua script as a dataclass: its fields are its keys (`Key`) and arguments in order,
-    read in `LUA` by their names. Subclasses set `LUA` and are `@dataclass(frozen=True)`."""
+    read in `LUA` by their names. Subclasses set `LUA` and are a plain `@dataclass`: one is
+    made per call, on the hot path, where a frozen one's `__init__` costs ~0.15 µs a field
+    (4 µs for the record's 24)."""
 
     LUA: ClassVar[str]
     _lua: ClassVar[Lua]

@@ -28,7 +28,7 @@ __all__ = ["PUSH_CHUNK", "Queue"]
 PUSH_CHUNK = 1000  # jobs per enqueue command of Queue.push_many (about 5 ms of Redis time)
 
 
-@dataclass(frozen=True)
+@dataclass
 class Push(Script):
     """Queues one job, due at `score_ms`, its bytes kept `ttl_ms`. Returns 1, or 0 when
     that job id was there already."""
@@ -48,7 +48,7 @@ class Push(Script):
     ttl_ms: int
 
 
-@dataclass(frozen=True)
+@dataclass
 class PushMany(Script):
     """Queues many jobs, due at `score_ms`, their bytes kept `ttl_ms` past it: `jobs` holds
     their keys, `items` each one's bytes and id. One call for many jobs: per job, the

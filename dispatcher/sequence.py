@@ -42,7 +42,7 @@ class Queued(Protocol):
     def job_id(self) -> str: ...
 
 
-@dataclass(frozen=True)
+@dataclass
 class PushEvents(Script):
     """Queues event jobs, due at `score_ms`, their data kept `expiry_ms` past it; each one
     of a project that is ordered (its flag or the platform's set) is numbered and filed in

@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 __all__ = ["check_shards", "close_all", "connect_shards", "shards_of"]
 
 
-@dataclass(frozen=True)
+@dataclass
 class ClaimPosition(Script):
     """Marks a shard's server with the shard's position; returns the position marked first
     (the one it marks now, if none): a server listed at another position is refused."""

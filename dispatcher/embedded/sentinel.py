@@ -195,15 +195,16 @@ class SentinelGroup:
         raise RuntimeError("no sentinel answers")
 
     def _sentinels_ready(self, *, mesh: bool) -> bool:
-        """Whether every sentinel sees the master and its replicas up (`mesh`: and the
-        other sentinels, so that they can agree on a failover)."""
+        """Whether every sentinel sees the master and its replicas up, but those paused on
+        purpose (`mesh`: and the other sentinels, so that they can agree on a failover)."""
+        up = len(self.nodes) - 1 - len(self.paused - {self.master_port()})
         for port in self.sentinels:
             master = self._ask(port, "SENTINEL", "MASTER", self.name)
             replicas = self._ask(port, "SENTINEL", "REPLICAS", self.name)
             if not isinstance(master, list) or not isinstance(replicas, list):
                 return False
             flags = [dict(zip(r[::2], r[1::2], strict=True)).get("flags") for r in replicas]
-            if flags.count("slave") < len(self.nodes) - 1:  # not s_down, not disconnected
+            if flags.count("slave") < up:  # not s_down, not disconnected
                 return False
             state = dict(zip(master[::2], master[1::2], strict=True))
             if mesh and int(state.get("num-other-sentinels", 0)) < len(self.sentinels) - 1:

@@ -33,7 +33,7 @@ ID_BLOCK = 1000
 ID_GAP = 100_000_000
 
 
-@dataclass(frozen=True)
+@dataclass
 class TakeBlock(Script):
     """Reserves `block` record ids on the `counter` and returns the block's last id. The
     counter starts at `floor` (the first id of the shard's range, see `dispatcher/shard.py`)

@@ -45,7 +45,7 @@ RECORDS = TypeAdapter(list[HistoryRecord])
 _TTL_MARGIN_S = 86_400
 
 
-@dataclass(frozen=True)
+@dataclass
 class Page(Script):
     """One page of an `index` between `min_ms` and `max_ms`, newest first: {how many in
     the window, the records}, `count` from `offset`. Paged by rank (O(log N)), not LIMIT
@@ -75,7 +75,7 @@ class Page(Script):
     record_prefix: str
 
 
-@dataclass(frozen=True)
+@dataclass
 class Sweep(Script):
     """Removes the records of `index` up to `cutoff_ms` (at most `batch`), from it and from
     the URL's two indexes (`url_ok`, `url_failed`), and the index from `indexes` once only
@@ -120,7 +120,7 @@ class Sweep(Script):
         return cls(index, keys.HISTORY_INDEXES, url_ok, url_failed, cutoff_ms, batch, prefix)
 
 
-@dataclass(frozen=True)
+@dataclass
 class Newest(Script):
     """The newest `count` members of a URL's index of one status in [`oldest_ms`,
     `newest_ms`], after those at `newest_ms` from the `excluded` one up (a cursor: its
@@ -143,7 +143,7 @@ class Newest(Script):
     count: int
 
 
-@dataclass(frozen=True)
+@dataclass
 class Latest(Script):
     """The latest `limit` records of `ids` (a zset of record ids by time: dead letters; or
     a delivery's attempts, a string of ids, see `Record`), newest first (of the attempts:

@@ -47,7 +47,7 @@ return 1
 """
 
 
-@dataclass(frozen=True)
+@dataclass
 class Record(Script):
     """One attempt's record (`json`, its id included) and its indexes: by (project, event,
     url) and by the URL's status (`index`, `url_index`, scored by `created` ms), the set of

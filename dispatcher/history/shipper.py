@@ -62,7 +62,7 @@ BACKOFF_CAP_S = 5.0  # a reconnect at least this often: shipping resumes soon af
 StreamId = tuple[int, int]
 
 
-@dataclass(frozen=True)
+@dataclass
 class SeedIds(Script):
     """Raises the record id `counter` to `top`, the largest id PostgreSQL holds: after a
     Redis that lost its data, ids must not start again below those already stored."""

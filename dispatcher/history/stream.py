@@ -38,7 +38,7 @@ def stream_fields(record: AttemptRecord, dead: bool) -> dict[str, Field]:
     }
 
 
-@dataclass(frozen=True)
+@dataclass
 class StreamRecord(Script):
     """Appends a record to the `stream` (the fields of `stream_fields`, by their names),
     then ends its job; the delivery's progress `mark` is written only when another worker

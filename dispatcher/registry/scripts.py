@@ -46,7 +46,7 @@ end
 """
 
 
-@dataclass(frozen=True)
+@dataclass
 class UpsertCallback(Script):
     """Creates the callback registered as `field` in its scope's `unique` hash (its id
     taken from `counter`, at least `id_floor`: see `dispatcher/shard.py`; it joins each of
@@ -106,7 +106,7 @@ return {tonumber(id), created}
     values: ArgList
 
 
-@dataclass(frozen=True)
+@dataclass
 class Match(Script):
     """The chunk of an event's callbacks after callback id `after`: the `size` smallest
     ids after it over all levels (`levels`: the match zsets of the event's levels,
@@ -181,7 +181,7 @@ end
 """
 
 
-@dataclass(frozen=True)
+@dataclass
 class SetEnabled(Script):
     """Enables (`enabled` '1': its failure count, and its `failing` mark, start again) or
     disables the callback whose hash is `callback`, with `reason`, unless it is missing or
@@ -217,7 +217,7 @@ return 1
     project_id: str
 
 
-@dataclass(frozen=True)
+@dataclass
 class DeleteCallback(Script):
     """Deletes the callback whose hash is `callback`, its id `callback_id`, unless it is
     no longer `project_id`'s: its hash, health and filter errors, its place in its scope's
@@ -277,7 +277,7 @@ class DeleteCallback(Script):
         )
 
 
-@dataclass(frozen=True)
+@dataclass
 class RotateToken(Script):
     """Makes `token` (as stored) the callback's token, unless it is missing or not
     `project_id`'s (of `pipeline_id`, '' = any of the project's); the current one becomes
@@ -304,7 +304,7 @@ class RotateToken(Script):
     now_ms: int
 
 
-@dataclass(frozen=True)
+@dataclass
 class UpgradeMatchSet(Script):
     """A match key of layout 1, where it was a SET, made a ZSET scored by id. Returns 1
     when it converted it."""
@@ -319,7 +319,7 @@ class UpgradeMatchSet(Script):
     match: Key
 
 
-@dataclass(frozen=True)
+@dataclass
 class PutCallback(Script):
     """Writes a callback exactly as another shard holds it, id included (a platform-wide
     callback's copy, a moved project's callback), less its `failing` mark: this shard's

@@ -32,7 +32,7 @@ if TYPE_CHECKING:
 __all__ = ["hold", "lanes_left", "let_go", "ordered_on"]
 
 
-@dataclass(frozen=True)
+@dataclass
 class LetGo(Script):
     """Lifts a project's hold; the heads that waited for it are due at `now_ms`. Returns
     how many."""

@@ -61,7 +61,7 @@ LEASE_S = 30.0
 SAY_EVERY_S = 10.0  # how often a move waiting for ordered deliveries says so
 
 
-@dataclass(frozen=True)
+@dataclass
 class TakeJob(Script):
     """Takes a queued job nobody holds: sets the mover's lease on it and returns {data, due
     ms, data ttl ms}; nil when a worker holds it or it is gone."""
@@ -82,7 +82,7 @@ class TakeJob(Script):
     lease_ms: int
 
 
-@dataclass(frozen=True)
+@dataclass
 class PlaceJob(Script):
     """Queues a moved job (kept as it is when that id is queued already)."""
 

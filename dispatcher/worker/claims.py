@@ -36,7 +36,7 @@ RETRY_KEY_TTL_S = 88_400  # arq's
 JOB_KEY_EXTRA_MS = 86_400_000  # a job's data outlives its due time by a day (arq's rule)
 
 
-@dataclass(frozen=True)
+@dataclass
 class Claim(Script):
     """Up to `want` due jobs (due by `now_ms`) without a live lease, oldest first, looking
     at `budget` queue entries at most: each one's lease set for `token` (NX: a live one is
@@ -105,7 +105,7 @@ class Claim(Script):
     shares: ArgList
 
 
-@dataclass(frozen=True)
+@dataclass
 class Renew(Script):
     """Extends the `leases` still held by `token` to `lease_ms`; returns how many were."""
 
@@ -124,7 +124,7 @@ class Renew(Script):
     token: str
 
 
-@dataclass(frozen=True)
+@dataclass
 class Finish(Script):
     """Removes the job from the `queue` with its `lease`, data (`job`) and `claims` count,
     unless another worker holds its lease now. Returns 1 when done, 0 when left to that
@@ -139,7 +139,7 @@ class Finish(Script):
     job_id: str
 
 
-@dataclass(frozen=True)
+@dataclass
 class HandOver(Script):
     """A fan-out job's next chunk: the job (same id, so its event stays queued until its
     last chunk) gets the bytes of the next chunk (`data`, kept `ttl_ms`) and is due at
@@ -169,7 +169,7 @@ class HandOver(Script):
     now_ms: int
 
 
-@dataclass(frozen=True)
+@dataclass
 class Again(Script):
     """Puts the job back in the queue, due at `due_ms` (its data kept `ttl_ms`), unless
     another worker holds its lease or it has ended. `next_attempt` '1': its next attempt is

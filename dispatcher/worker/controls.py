@@ -49,7 +49,7 @@ __all__ = ["Admit", "Controls", "Release"]
 log = structlog.get_logger("dispatcher.worker")
 
 
-@dataclass(frozen=True)
+@dataclass
 class Admit(Script):
     """Takes a start and a slot for a delivery when the callback's limits let it start now
     (returns 0), else puts it in line: {ms to wait, 1 when a slot (not the rate) holds it}.
@@ -133,7 +133,7 @@ class Admit(Script):
     min_wait_ms: int
 
 
-@dataclass(frozen=True)
+@dataclass
 class Release(Script):
     """Gives a slot back and makes the first jobs in line due now, as many as slots are
     free (`in_flight`: the callback's limit)."""

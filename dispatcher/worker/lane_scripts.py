@@ -53,7 +53,7 @@ end
 """
 
 
-@dataclass(frozen=True)
+@dataclass
 class Enter(Script):
     """An event's ordered deliveries join their lanes (`deliveries`: each one's lane, the
     key of the job it is parked as, and of its progress mark; `parked`: each one's id and
@@ -182,7 +182,7 @@ return out
         )
 
 
-@dataclass(frozen=True)
+@dataclass
 class Head(Script):
     """Whether a queued delivery's turn has come. Answers 1 when it may be attempted (its
     lane's head, its earlier events all in their lanes; or no longer in its lane: ended
@@ -244,7 +244,7 @@ return 2
         )
 
 
-@dataclass(frozen=True)
+@dataclass
 class Release(Script):
     """One delivery's end in its lane: it leaves its lane, its job ends unless another
     worker holds it (`job_id`: the delivery's own, if it is one, or the fan-out job whose

@@ -91,15 +91,21 @@ async def test_a_request_that_cannot_be_built_fails_for_good_without_its_value(
     assert SECRET not in result.error
 
 
-async def test_a_url_that_is_not_http_fails_for_good() -> None:
-    async with aiohttp.ClientSession() as session:
+async def send_through_aiohttp(url: str, proxy: str | None = None) -> AttemptResult:
+    """`send` through a real aiohttp session (no request leaves: each URL here fails first)."""
+    async with aiohttp.ClientSession(proxy=proxy) as session:
 
         class Real:
             def post(self, url: URL, body: bytes, headers: Any, timeout: Any) -> Any:
                 return session.post(url, data=body, headers=headers, timeout=timeout)
 
-        result = await send(Real(), "ftp://receiver.example/hook", b"{}", {}, connect_timeout=1,
-                            total_timeout=2, max_response_body=100)  # fmt: skip
+        return await send(
+            Real(), url, b"{}", {}, connect_timeout=1, total_timeout=2, max_response_body=100
+        )
+
+
+async def test_a_url_that_is_not_http_fails_for_good() -> None:
+    result = await send_through_aiohttp("ftp://receiver.example/hook")
     assert result.outcome is Outcome.FAILED and result.error is not None
     assert result.error.startswith("the request could not be built: ")
 
@@ -118,14 +124,7 @@ async def test_an_invalid_url_fails_for_good_only_when_it_is_the_callbacks(
     """aiohttp says InvalidURL of the target and of the proxy alike: a proxy's fault (the
     operator's, had settings let it by) must not dead-letter the region's deliveries, nor
     show the proxy's URL in a tenant's history."""
-    async with aiohttp.ClientSession(proxy=proxy) as session:
-
-        class Real:
-            def post(self, url: URL, body: bytes, headers: Any, timeout: Any) -> Any:
-                return session.post(url, data=body, headers=headers, timeout=timeout)
-
-        result = await send(Real(), url, b"{}", {}, connect_timeout=1, total_timeout=2,
-                            max_response_body=100)  # fmt: skip
+    result = await send_through_aiohttp(url, proxy)
     assert result.outcome is outcome and result.error is not None
     assert "s3cret" not in result.error and "proxy.internal" not in result.error
     if outcome is Outcome.RETRY:
