@@ -44,6 +44,12 @@ def _parse() -> argparse.Namespace:
         "--profile-callbacks", type=int, default=1, help="callbacks per event when profiling"
     )
     parser.add_argument(
+        "--profile-lanes",
+        type=int,
+        default=0,
+        help="when profiling, callbacks ordered by `lane`, events over this many values",
+    )
+    parser.add_argument(
         "--history-pg-total", type=int, help="records in the big PostgreSQL history table"
     )
     parser.add_argument(
@@ -113,9 +119,8 @@ async def _main(args: argparse.Namespace, url: str, logs: Path, pg_url: str | No
     try:
         if args.profile:
             RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-            result = await profile.run(
-                bench, args.profile_deliveries, RESULTS_DIR, stamp, args.profile_callbacks
-            )
+            shape = profile.Shape(args.profile_callbacks, args.profile_lanes)
+            result = await profile.run(bench, args.profile_deliveries, RESULTS_DIR, stamp, shape)
             text = profile.render(result)
             print(text)
             (RESULTS_DIR / f"profile-{stamp}.json").write_text(json.dumps(result, indent=2))

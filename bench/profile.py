@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from bench.procs import BenchError, WorkerProcess, run_loadgen
+from dispatcher.registry import Options
 
 if TYPE_CHECKING:
     from bench.harness import Bench
@@ -128,11 +129,25 @@ def _cprofile_summary(path: Path, deliveries: int, top: int = 30) -> tuple[str, 
     return buffer.getvalue(), rows[:top]
 
 
-async def _run_once(bench: Bench, n: int, extra: list[str], callbacks: int) -> WorkerProcess:
-    """A worker waiting for GO over a queue of `n` deliveries (`callbacks` per event)."""
+@dataclass(frozen=True)
+class Shape:
+    """What the profiled worker delivers: `callbacks` per event, ordered by `lane` over
+    `lanes` values when `lanes` (see `scenarios/ordered.py`)."""
+
+    callbacks: int = 1
+    lanes: int = 0
+
+    def describe(self) -> str:
+        ordered = f", ordered over {self.lanes} lanes" if self.lanes else ""
+        return f"{self.callbacks} callback(s) per event{ordered}"
+
+
+async def _run_once(bench: Bench, n: int, extra: list[str], shape: Shape) -> WorkerProcess:
+    """A worker waiting for GO over a queue of `n` deliveries, shaped by `shape`."""
+    options = Options(order_by="lane") if shape.lanes else None
     worker, _ = await asyncio.gather(
         WorkerProcess.start(bench.url, extra=extra, log_path=bench.logs / "profile.log"),
-        bench.prepare(callbacks=callbacks, events=n // callbacks),
+        bench.prepare(shape.callbacks, n // shape.callbacks, options, lanes=shape.lanes),
     )
     await bench.receiver.reset()
     return worker
@@ -169,12 +184,12 @@ def _summarise(out: Path, result: dict[str, Any], n: int) -> dict[str, Any] | No
 
 
 async def _pyspy_run(
-    bench: Bench, n: int, out: Path, rate_hz: int, callbacks: int
+    bench: Bench, n: int, out: Path, rate_hz: int, shape: Shape
 ) -> dict[str, Any] | None:
     pyspy = _pyspy()
     if pyspy is None:
         return None
-    worker = await _run_once(bench, n, [], callbacks)
+    worker = await _run_once(bench, n, [], shape)
     spy = await asyncio.create_subprocess_exec(
         pyspy, "record", "--pid", str(worker.pid), "--rate", str(rate_hz), "--format", "raw",
         "--output", str(out),
@@ -193,22 +208,23 @@ async def _pyspy_run(
 
 
 async def run(
-    bench: Bench, n: int, out_dir: Path, stamp: str, callbacks: int = 1
+    bench: Bench, n: int, out_dir: Path, stamp: str, shape: Shape | None = None
 ) -> dict[str, Any]:
-    """The three runs over `n` deliveries, `callbacks` per event; writes
+    """The three runs over `n` deliveries shaped by `shape`; writes
     profile-<stamp>.{json,txt} (and the raw py-spy stacks)."""
-    report: dict[str, Any] = {"deliveries": n, "callbacks_per_event": callbacks}
+    shape = shape or Shape()
+    report: dict[str, Any] = {"deliveries": n, "shape": shape.describe()}
     pyspy_out = out_dir / f"profile-{stamp}.pyspy.txt"
-    report["pyspy"] = await _pyspy_run(bench, n, pyspy_out, 250, callbacks)
+    report["pyspy"] = await _pyspy_run(bench, n, pyspy_out, 250, shape)
 
     prof = out_dir / f"profile-{stamp}.cprofile"
-    worker = await _run_once(bench, n, ["--cprofile", str(prof)], callbacks)
+    worker = await _run_once(bench, n, ["--cprofile", str(prof)], shape)
     worker.go()
     report["cprofile_run"] = await _finish(bench, worker, n)
     text, rows = _cprofile_summary(prof, n)
     report["cprofile_top"] = rows
 
-    worker = await _run_once(bench, n, ["--count-round-trips"], callbacks)
+    worker = await _run_once(bench, n, ["--count-round-trips"], shape)
     worker.go()
     counted = await _finish(bench, worker, n)
     report["round_trips_per_delivery"] = round(counted["round_trips"] / n, 2)
@@ -230,10 +246,7 @@ async def run(
 
 def render(report: dict[str, Any]) -> str:
     """A plain-text summary of `run`'s report."""
-    lines = [
-        f"deliveries per run: {report['deliveries']:,}, "
-        f"{report.get('callbacks_per_event', 1)} callback(s) per event"
-    ]
+    lines = [f"deliveries per run: {report['deliveries']:,}, {report.get('shape', '')}"]
     spy = report.get("pyspy")
     if spy:
         lines.append(
