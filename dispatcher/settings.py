@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ipaddress
+import re
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
@@ -374,6 +376,11 @@ def _not_a_proxy(url: str) -> str | None:
         return "must start with http:// or https://, e.g. http://proxy.internal:3128"
     if not parts.hostname:
         return "names no host"
+    try:  # 127.1, 2130706433: the client refuses an address not written a.b.c.d
+        if re.fullmatch(r"[0-9.]+|0[xX][0-9a-fA-F.]*", parts.hostname):
+            ipaddress.IPv4Address(parts.hostname)
+    except ValueError:
+        return "an IPv4 address must be written as four numbers, a.b.c.d"
     if parts.path not in ("", "/") or parts.query or parts.fragment:
         return "must hold no path, query or fragment"
     return None

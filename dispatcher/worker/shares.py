@@ -106,11 +106,12 @@ class Shares:
 
     def job_ended(self, job_id: str) -> bool:
         """Whether a project that was full at a short claim now has room again (its jobs
-        left in the queue can be claimed: worth a claim now, not a poll later)."""
+        left in the queue can be claimed: worth a claim now, not a poll later). Any job's
+        end may give it room: another project's last one raises every share."""
         if (project := project_of(job_id)) is None:
             return False
         self.jobs.give(project)
-        return project in self._full and self._freed()
+        return bool(self._full) and self._freed()
 
     def claim_fell_short(self) -> bool:
         """A claim took fewer jobs than it asked for: the projects it could not take for

@@ -230,6 +230,32 @@ async def test_a_worker_takes_turns_between_shards(
     assert last_quiet < 30, "the quiet shard's events waited behind the busy shard's"
 
 
+async def test_a_full_project_is_claimed_for_as_its_jobs_end_with_an_empty_shard_beside(
+    shard_servers: list[EmbeddedRedis], receiver: Receiver
+) -> None:
+    """A project at its share of a worker's slots on one shard, nothing on the other: the
+    wakes its jobs' ends give reach the claim loop across the empty shard's claims, so 40
+    deliveries take well under a second, never a poll interval (a minute here). (The
+    wake lost to the next shard's claim needs jobs to end during a claim's round trip:
+    this run does not make it happen on demand; `tests/unit/test_shares.py` pins the
+    shares' side.)"""
+    settings = await two_servers(shard_servers, worker_max_jobs=8)
+    async with Router.open(settings) as router:
+        busy = next(p for p in (f"busy-{n}" for n in range(50)) if router.of(p).shard.index == 0)
+        registration = Registration(busy, receiver.url(f"/{busy}"), Region.DEVNET, "t")
+        await router.of(busy).register(registration, "BUILD_END")
+        async with Producer(settings) as producer:
+            await producer.emit_many([(busy, "BUILD_END", {"n": n}) for n in range(40)])
+    worker = create_worker(settings, poll_delay=60, handle_signals=False)
+    main = asyncio.create_task(worker.main())
+    try:
+        await receiver.wait_for(40, f"/{busy}", within=20)
+    finally:
+        worker.stop()
+        await main
+        await worker.close()
+
+
 async def test_a_worker_serves_only_the_shards_it_is_given(
     shard_servers: list[EmbeddedRedis], receiver: Receiver
 ) -> None:

@@ -4,6 +4,7 @@ policy's cloud-metadata rules, and masking on read."""
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import ipaddress
 from collections.abc import AsyncIterator, Callable, Mapping
@@ -15,14 +16,16 @@ import pytest
 from multidict import CIMultiDict
 from yarl import URL
 
+from dispatcher import egress
 from dispatcher.backoff import parse_retry_after
 from dispatcher.delivery import AttemptResult, Outcome, send
 from dispatcher.egress import AddressPolicy
 from dispatcher.errors import InvalidInput, describe
 from dispatcher.events import event_job
 from dispatcher.headers import check_header_value, unsendable
-from dispatcher.models import HistoryRecord
+from dispatcher.models import HistoryRecord, Region
 from dispatcher.registry.rules import check_token, url_problem, validate_url
+from dispatcher.settings import Settings
 
 SECRET = "TOPSECRET"
 
@@ -129,6 +132,31 @@ async def test_an_invalid_url_fails_for_good_only_when_it_is_the_callbacks(
     assert "s3cret" not in result.error and "proxy.internal" not in result.error
     if outcome is Outcome.RETRY:
         assert "DISPATCHER_REGION_PROXIES" in result.error
+
+
+@pytest.mark.parametrize("scheme", ["http", "https"])
+async def test_a_proxy_login_goes_to_the_proxy_never_into_the_tunnel(scheme: str) -> None:
+    """Through a proxy, an http:// request is the proxy's to read: the login rides on it.
+    An https:// one goes through a tunnel to the receiver: the login rides on the CONNECT
+    alone (`proxy_headers`), never on the request inside."""
+    settings = Settings(region_proxies={Region.IDC: "http://ops:s%40cret@squid.corp:3128"})
+    client = egress.Client(settings, Region.IDC)
+    sent: dict[str, Any] = {}
+
+    class Session:
+        def post(self, url: URL, **kwargs: Any) -> None:
+            sent.update(kwargs)
+
+    client._session = Session()  # type: ignore[assignment]  # what aiohttp is handed
+    client.post(URL(f"{scheme}://receiver.example/hook"), b"{}", {"X-A": "1"}, None)  # type: ignore[arg-type]
+    login = "Basic " + base64.b64encode(b"ops:s@cret").decode()
+    assert client.proxy == URL("http://squid.corp:3128")  # the login out of the URL
+    if scheme == "https":
+        assert sent["proxy_headers"] == {"Proxy-Authorization": login}
+        assert sent["headers"] == {"X-A": "1"}
+    else:
+        assert sent["proxy_headers"] is None
+        assert sent["headers"] == {"X-A": "1", "Proxy-Authorization": login}
 
 
 def test_describe_names_the_type_and_place_never_the_message() -> None:

@@ -60,6 +60,8 @@ def test_cli_reports_a_bad_setting_and_exits_2(monkeypatch: pytest.MonkeyPatch) 
         ("http://:3128", "names no host"),
         ("http://proxy.internal:31x8", "not a number"),
         ("http://proxy.internal:3128/path", "no path"),
+        ("http://127.1:3128", "four numbers"),  # aiohttp refuses it at every request
+        ("http://2130706433:3128", "four numbers"),
     ],
 )
 def test_a_mistyped_proxy_fails_at_start_naming_its_region_not_its_url(

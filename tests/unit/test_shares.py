@@ -121,6 +121,16 @@ def test_with_many_busy_projects_a_full_one_is_claimed_for_at_half_its_share() -
     assert not shares.job_ended("proj1:e0")
 
 
+def test_another_projects_last_job_ending_gives_a_full_one_room() -> None:
+    shares = Shares(slots=24, max_per_host=100)  # a batch of room: 3
+    for i in range(8):  # with projB busy too, a share is 24 // 3 = 8: full
+        shares.job_started(f"projA:e{i}")
+    shares.job_started("projB:e0")
+    shares.claim_budgets()
+    assert not shares.claim_fell_short()
+    assert shares.job_ended("projB:e0")  # alone now, projA may hold 12: 4 more
+
+
 def test_deferral_follows_the_hosts_answer_time_within_bounds() -> None:
     shares = Shares(slots=10, max_per_host=10)
     assert 0.5 <= shares.defer_s("new:80") <= 0.75
