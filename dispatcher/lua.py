@@ -153,16 +153,18 @@ class Script:
 
     @classmethod
     def _reader(cls, names: tuple[str, ...]) -> Callable[[Script], list[Any]]:
-        """What reads the values of `names` off an instance, in order, a list field
-        spread (`operator.attrgetter`: one C call for them all, at each script run)."""
+        """What reads the values of `names` off an instance, in order, a list field (the
+        last of its kind) spread: one `operator.attrgetter` call for them all."""
         if not names:
             return lambda _: []
         get = operator.attrgetter(*names)
-        if len(names) == 1:
-            return (lambda s: list(get(s))) if names[0] in cls._lists else (lambda s: [get(s)])
-        if names[-1] in cls._lists:  # a list is the last of its kind
-            return lambda s: [*(values := get(s))[:-1], *values[-1]]
-        return lambda s: list(get(s))
+        one, spread = len(names) == 1, names[-1] in cls._lists
+
+        def read(script: Script) -> list[Any]:
+            values = (get(script),) if one else get(script)
+            return [*values[:-1], *values[-1]] if spread else list(values)
+
+        return read
 
     async def run(self, redis: Redis) -> Any:
         """Run now (one round trip; two after a Redis restart)."""

@@ -197,13 +197,13 @@ class SentinelGroup:
     def _sentinels_ready(self, *, mesh: bool) -> bool:
         """Whether every sentinel sees the master and its replicas up, but those paused on
         purpose (`mesh`: and the other sentinels, so that they can agree on a failover)."""
-        paused = len(self.paused)
-        if paused:  # (asked only then: the sentinels may not answer yet)
+        paused_replicas = self.paused
+        if paused_replicas:  # (asked only then: the sentinels may not answer yet)
             try:
-                paused = len(self.paused - {self.master_port()})
+                paused_replicas = self.paused - {self.master_port()}
             except RuntimeError:
                 return False
-        up = len(self.nodes) - 1 - paused
+        up = len(self.nodes) - 1 - len(paused_replicas)
         for port in self.sentinels:
             master = self._ask(port, "SENTINEL", "MASTER", self.name)
             replicas = self._ask(port, "SENTINEL", "REPLICAS", self.name)

@@ -175,12 +175,13 @@ class Worker:
                 continue
             for job in claimed:
                 self._start(run, job)
+            short = len(claimed) < share
             # a full project's jobs may wait: claim as soon as it has room
-            if len(claimed) < share and run.engine.shares.claim_fell_short():
+            if short and run.engine.shares.claim_fell_short():
                 self._wake()
             # a wake since this claim began (here, or a job's end): no shard is dry yet
             # (with several shards, the next claim, another shard's, clears the event)
-            dry = 0 if self._due.is_set() else dry + 1 if len(claimed) < share else 0
+            dry = dry + 1 if short and not self._due.is_set() else 0
             if dry >= len(self.served):  # nothing more is due now, on any shard
                 dry = 0
                 await self._idle()
