@@ -199,13 +199,17 @@ class Bench:
         info = await self.r.info("cpu")
         return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
 
-    async def _commandstats(self) -> tuple[int, int, dict[str, int]]:
+    async def _commandstats(self) -> tuple[int, int, dict[str, tuple[int, int]]]:
         """Commands Redis ran since the stats were reset (a script's inner calls count
-        too), the time inside them (µs), and the calls by command name."""
+        too), the time inside them (µs), and both by command name (a script's time holds
+        its inner calls' time)."""
         info = await self.r.info("commandstats")
         calls = sum(int(v["calls"]) for v in info.values())
         usec = sum(int(v["usec"]) for v in info.values())
-        by_name = {name.removeprefix("cmdstat_"): int(v["calls"]) for name, v in info.items()}
+        by_name = {
+            name.removeprefix("cmdstat_"): (int(v["calls"]), int(v["usec"]))
+            for name, v in info.items()
+        }
         return calls, usec, by_name
 
     def _worker_args(self, spec: WorkerSpec) -> list[str]:

@@ -55,7 +55,8 @@ class WorkerRun:
     machine_cpu_s: float  # every process on the machine, ours included
     results: list[dict[str, Any]] = field(default_factory=list)  # each worker's JSON line
     redis_bytes: int = 0  # Redis used_memory after the run, less before its events
-    redis_by_command: dict[str, int] = field(default_factory=dict)  # INFO commandstats calls
+    # INFO commandstats: calls and µs by command name
+    redis_by_command: dict[str, tuple[int, int]] = field(default_factory=dict)
 
     @property
     def others_cores(self) -> float:
@@ -99,6 +100,12 @@ def summary(runs: list[WorkerRun]) -> dict[str, Any]:
         "other_processes_cores": [round(r.others_cores, 2) for r in runs],
         "redis_commands_per_delivery": {
             name: round(calls / median.deliveries, 2)
-            for name, calls in sorted(median.redis_by_command.items(), key=lambda kv: -kv[1])
+            for name, (calls, _) in sorted(
+                median.redis_by_command.items(), key=lambda kv: -kv[1][0]
+            )
+        },
+        "redis_us_per_delivery": {  # a script's µs hold those of the commands it runs
+            name: round(usec / median.deliveries, 2)
+            for name, (_, usec) in sorted(median.redis_by_command.items(), key=lambda kv: -kv[1][1])
         },
     }

@@ -29,25 +29,40 @@ __all__ = ["CircuitBreaker", "Failing", "Health"]
 log = structlog.get_logger("dispatcher.health")
 
 
+# A Lua function: the callback's `failing` mark set to `value` (unless its hash is gone);
+# when that changes it, its project's registry version is bumped (a cached match holds the
+# mark). Arguments: the hash's key, '1' or '0', the registry version prefix.
+MARK = """
+local function mark(callback, value, version_prefix)
+  local row = redis.call('HMGET', callback, 'projectId', 'failing')
+  if row[1] and row[2] ~= value then
+    redis.call('HSET', callback, 'failing', value)
+    redis.call('INCR', version_prefix .. row[1])
+  end
+end
+"""
+
+
 @dataclass
 class Failed(Script):
     """Counts one final failure of callback `callback_id` at `now_ms` (`last_error`: its
     error; `record_id`: the failed attempt's record, '' when none: counting the same
-    record twice counts it once), and marks its hash `failing` (the match reads the mark,
-    see `match.TARGET_FIELDS`). Past `disable_after` failures *and* `disable_after_ms`
-    since the first, the callback is disabled (`registry.scripts.DISABLE`, which finds
-    its match set inside Redis, from its hash: hence the match prefix and separator).
+    record twice counts it once), and marks its hash `failing` (`MARK`). Past
+    `disable_after` failures *and* `disable_after_ms` since the first, the callback is
+    disabled (`registry.scripts.DISABLE`, which finds its match set inside Redis, from its
+    hash: hence the match prefix and separator).
     Returns {failures, since ms, the reason when this call disabled the callback}."""
 
     LUA = (
         DISABLE
+        + MARK
         + """
 if record_id ~= '' and redis.call('HGET', health, 'lastRecord') == record_id then
   local row = redis.call('HMGET', health, 'failures', 'since')
   return {tonumber(row[1]), tonumber(row[2])}
 end
 local n = redis.call('HINCRBY', health, 'failures', 1)
-if redis.call('EXISTS', callback) == 1 then redis.call('HSET', callback, 'failing', '1') end
+mark(callback, '1', version_prefix)
 redis.call('HSETNX', health, 'since', now_ms)
 redis.call('HSET', health, 'lastError', last_error, 'lastRecord', record_id)
 local since = tonumber(redis.call('HGET', health, 'since'))
@@ -57,7 +72,9 @@ if n < tonumber(disable_after) or span < tonumber(disable_after_ms) then return 
 local reason = string.format(
   'disabled after %d consecutive failed deliveries over %.1f h; last error: %s',
   n, span / 3600000, last_error)
-if disable(callback, disabled, reason, now_ms, match_prefix, sep) == 0 then return {n, since} end
+if disable(callback, disabled, reason, now_ms, match_prefix, sep, version_prefix) == 0 then
+  return {n, since}
+end
 return {n, since, reason}
 """
     )
@@ -73,6 +90,7 @@ return {n, since, reason}
     disable_after_ms: int
     match_prefix: str
     sep: str
+    version_prefix: str
 
 
 @dataclass
@@ -80,16 +98,20 @@ class Succeeded(Script):
     """The reset after a success: no failures on record for `callback_id`, and its hash
     says so (unless it is gone)."""
 
-    LUA = """
-    redis.call('DEL', health)
-    redis.call('ZREM', failing, callback_id)
-    if redis.call('EXISTS', callback) == 1 then redis.call('HSET', callback, 'failing', '0') end
-    return 1
-    """
+    LUA = (
+        MARK
+        + """
+redis.call('DEL', health)
+redis.call('ZREM', failing, callback_id)
+mark(callback, '0', version_prefix)
+return 1
+"""
+    )
     health: Key
     failing: Key
     callback: Key
     callback_id: int
+    version_prefix: str
 
 
 @dataclass
@@ -135,7 +157,11 @@ class Health:
         """Queue the reset on the caller's pipeline (no extra round trip)."""
         k = self.keys
         Succeeded(
-            k.health(callback_id), k.HEALTH_FAILING, k.callback(callback_id), callback_id
+            k.health(callback_id),
+            k.HEALTH_FAILING,
+            k.callback(callback_id),
+            callback_id,
+            k.REGISTRY_VERSION_PREFIX,
         ).queue_on(pipe)
 
     async def failing(self, limit: int = 1000) -> list[Failing]:
@@ -182,6 +208,7 @@ class Health:
             disable_after_ms=int(settings.disable_after_seconds * 1000),
             match_prefix=k.MATCH_PREFIX,
             sep=SEP,
+            version_prefix=k.REGISTRY_VERSION_PREFIX,
         ).queue_on(pipe)
 
     @staticmethod

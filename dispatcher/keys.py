@@ -16,6 +16,10 @@ platform-wide callbacks are the project DEVOPS_ALL_PROJECT's)
                                               sets; `Registry.upgrade` converts version 1)
     dispatcher:cb:filter-errors:{id}          HASH events a callback's filter failed on: n,
                                               lastError, lastAt (reset by registering again)
+    dispatcher:cb:version:{project}           INCR bumped by every write that changes what the
+                                              match reads of the project's callbacks, its
+                                              pipelines' included (none: 0); a worker's cached
+                                              match holds while it stands (registry/match.py)
 Receiver controls (fleet-wide limits of one callback; each key expires when idle)
     dispatcher:limit:{id}:starts              ZSET one member per delivery started in the
                                               last second, scored by its start (ms)
@@ -219,8 +223,8 @@ class Keys:
         self.MATCH_PREFIX = f"{base}:cb:match:"
         self.CALLBACKS_LAYOUT = f"{base}:cb:layout"
         self.FILTER_ERRORS_PREFIX = f"{base}:cb:filter-errors:"
-        self.HEALTH_PREFIX = f"{base}:health:"
-        self.HEALTH_FAILING = f"{base}:health:failing"
+        self.REGISTRY_VERSION_PREFIX = f"{base}:cb:version:"
+        self.HEALTH_PREFIX, self.HEALTH_FAILING = f"{base}:health:", f"{base}:health:failing"
         self.CALLBACKS_DISABLED = f"{base}:cb:disabled"
         self.ROLES_PREFIX = f"{base}:roles:"
         self.HISTORY_SEQ = f"{base}:history:seq"
@@ -279,6 +283,9 @@ class Keys:
 
     def match(self, scope: str, event: str) -> str:
         return f"{self.MATCH_PREFIX}{scope}{SEP}{event}"
+
+    def registry_version(self, project_id: str) -> str:
+        return f"{self.REGISTRY_VERSION_PREFIX}{project_id}"
 
     def filter_errors(self, callback_id: int | str) -> str:
         return f"{self.FILTER_ERRORS_PREFIX}{callback_id}"

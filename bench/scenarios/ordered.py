@@ -77,7 +77,7 @@ def _commands(run: WorkerRun) -> float:
 
 def _scripts(run: WorkerRun) -> float:
     """Script calls (`EVALSHA`) per delivery: what the worker sends, not what scripts run."""
-    return run.redis_by_command.get("evalsha", 0) / run.deliveries
+    return run.redis_by_command.get("evalsha", (0, 0))[0] / run.deliveries
 
 
 async def _fifo(bench: Bench) -> dict[str, float]:

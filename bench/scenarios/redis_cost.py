@@ -21,7 +21,8 @@ PG_HISTORY_TARGET = 6
 
 def _rows(label: str, run: WorkerRun, noop: WorkerRun, target: int) -> list[Row]:
     mine, arq = run.per_delivery(), noop.per_delivery()
-    by_name = {k: round(v / run.deliveries, 2) for k, v in run.redis_by_command.items()}
+    by_name = {k: round(v / run.deliveries, 2) for k, (v, _) in run.redis_by_command.items()}
+    us_by_name = {k: round(us / run.deliveries, 2) for k, (_, us) in run.redis_by_command.items()}
     commands = mine["redis_commands"]
     return [
         Row(
@@ -35,7 +36,10 @@ def _rows(label: str, run: WorkerRun, noop: WorkerRun, target: int) -> list[Row]
             "redis cost", f"Redis CPU per delivery, {label}", mine["redis_cpu_us"], "µs",
             "arq no-op worker, per job", arq["redis_cpu_us"],
             mine["redis_cpu_us"] / arq["redis_cpu_us"] if arq["redis_cpu_us"] else None,
-            details={"command_us": round(mine["redis_command_us"], 1)},
+            details={
+                "command_us": round(mine["redis_command_us"], 1),
+                "us_by_command": dict(sorted(us_by_name.items(), key=lambda kv: -kv[1])),
+            },
         ),
     ]  # fmt: skip
 

@@ -58,6 +58,7 @@ def queue_put(registry: Registry, pipe: Pipeline, row: Row, *, reset: bool) -> N
         failing=k.HEALTH_FAILING,
         health=k.health(cid),
         ordered_flag=k.lanes_ordered(project),  # its events (every project's) numbered
+        version=k.registry_version(project),
         listings=listings,
         callback_id=cid,
         field=keys.callback_unique_field(row["event"], row["url"]),

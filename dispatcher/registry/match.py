@@ -6,10 +6,18 @@ enabled callbacks of the event are a sorted set scored by callback id, so a fan-
 the first `size` ids after a cursor over all three in one script, and the next chunk starts
 after the last id it read. A URL that two levels send the same event to gets it once, from
 the broader level (a project admin cannot displace an operator's delivery).
+
+A worker keeps the chunks it read (`Matches`), each under the registry version it was read
+at: the platform's and the project's (`dispatcher:cb:version:{project}`), which every
+write that changes what the match reads bumps in the same script (`registry.scripts`,
+`health.py`). A claim reads both versions with the job (`worker.claims.Claim`), so an
+event whose project's callbacks did not change since reads no callback from Redis.
 """
 
 from __future__ import annotations
 
+import time
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -32,6 +40,7 @@ __all__ = [
     "CallbackTarget",
     "Chunk",
     "ChunkQuery",
+    "Matches",
     "event_scopes",
     "read_secrets",
 ]
@@ -161,6 +170,11 @@ class ChunkQuery:
         self.after = after
         self.size = size
 
+    @property
+    def key(self) -> tuple[object, ...]:
+        """What the chunk depends on besides the registry: its levels, event and cursor."""
+        return (*self.scopes, self.event, self.after, self.size)
+
     def queue_on(self, pipe: Pipeline) -> None:
         scopes = [scope for scope, _ in self.scopes]
         Match(
@@ -185,3 +199,46 @@ class ChunkQuery:
             self.decrypt,
             owner=self.scopes[int(level) - 1][1],
         )
+
+
+class Matches:
+    """The chunks this worker read, each kept under the registry version it was read at
+    (see the module's doc): a chunk is good while the version its event was claimed at is
+    the same, and for `max_age_s` at most (a write that bumps no version, such as one by
+    a version before this, shows within it). At most `max_entries` chunks and `max_targets`
+    callbacks are kept, the least recently used dropped first. A chunk with a rotated token
+    still signing is not kept: its overlap ends by the clock, not by a write."""
+
+    def __init__(
+        self, max_entries: int = 4096, max_targets: int = 50_000, max_age_s: float = 10.0
+    ) -> None:
+        self.max_entries = max_entries
+        self.max_targets = max_targets
+        self.max_age_s = max_age_s
+        self._chunks: OrderedDict[tuple[object, ...], tuple[bytes, float, Chunk]] = OrderedDict()
+        self._targets = 0
+        self.hits = self.misses = 0
+
+    def get(self, query: ChunkQuery, version: bytes | None) -> Chunk | None:
+        """The chunk `query` reads, when kept at `version` (None: unknown, never kept)."""
+        found = self._chunks.get(query.key) if version is not None else None
+        if found is None or found[0] != version or time.monotonic() > found[1]:
+            self.misses += 1
+            return None
+        self._chunks.move_to_end(query.key)
+        self.hits += 1
+        return found[2]
+
+    def put(self, query: ChunkQuery, version: bytes | None, chunk: Chunk) -> None:
+        """Keep `chunk`, read by `query` after a claim saw `version` (it is no older)."""
+        if version is None or any(target.previous_token for target in chunk.targets):
+            return
+        key = query.key
+        old = self._chunks.pop(key, None)
+        if old is not None:
+            self._targets -= len(old[2].targets)
+        self._chunks[key] = (version, time.monotonic() + self.max_age_s, chunk)
+        self._targets += len(chunk.targets)
+        while len(self._chunks) > self.max_entries or self._targets > self.max_targets:
+            _, (_, _, dropped) = self._chunks.popitem(last=False)
+            self._targets -= len(dropped.targets)

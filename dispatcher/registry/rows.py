@@ -52,6 +52,7 @@ class Upsert:
             disabled=k.CALLBACKS_DISABLED,
             failing=k.HEALTH_FAILING,
             ordered_flag=k.lanes_ordered(self.project_id),
+            version=k.registry_version(self.project_id),
             listings=listings,
             field=keys.callback_unique_field(event.value, self.url),
             now_ms=now_ms,

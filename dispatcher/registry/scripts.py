@@ -4,7 +4,12 @@ names one inside Redis: `UpsertCallback` (a new callback's id is taken there), `
 (the ids it finds), `DISABLE`/`SetEnabled` (a callback's match set, by the scope and event
 its hash holds: they run in the worker's write pipeline, where nothing can be read first)
 and `mark_ordered`'s conversion of an old flag. Those get the prefixes and separators from
-`dispatcher.keys` (`tests/service/test_keys.py` checks both sides agree)."""
+`dispatcher.keys` (`tests/service/test_keys.py` checks both sides agree).
+
+Every script that changes what `Match` reads of a project's callbacks (a hash's fields, a
+match set, an upsert hash) bumps the project's registry version (`dispatcher:cb:version:`)
+in the same script: a worker's cached match of the project holds while it stands
+(`registry.match.Matches`)."""
 
 from __future__ import annotations
 
@@ -53,8 +58,8 @@ class UpsertCallback(Script):
     `listings`, its project's first), or updates it: `values` holds `once` field/value
     pairs written when it is created, then the pairs every registration writes
     (`rows.Upsert`). Re-enables it, clears its failure count (and `failing` mark) and
-    filter errors, and puts it in or out of its project's `ordered_flag` set (`ordered`).
-    Returns {id, 1 when created}."""
+    filter errors, and puts it in or out of its project's `ordered_flag` set (`ordered`);
+    bumps the project's registry `version`. Returns {id, 1 when created}."""
 
     LUA = (
         ORDERED
@@ -85,6 +90,7 @@ redis.call('ZREM', disabled, id)
 redis.call('DEL', health_prefix .. id, filter_errors_prefix .. id)
 redis.call('ZREM', failing, id)
 mark_ordered(ordered_flag, listings[1], callback_prefix, id, ordered)
+redis.call('INCR', version)
 return {tonumber(id), created}
 """
     )
@@ -94,6 +100,7 @@ return {tonumber(id), created}
     disabled: Key
     failing: Key
     ordered_flag: Key
+    version: Key
     listings: KeyList
     field: str
     now_ms: int
@@ -165,10 +172,11 @@ return {next_after, rows}
 
 # A Lua function, the disabling of a callback (also what `health.py` runs past the failure
 # threshold): its hash says why and since when, it leaves its match zset and joins the
-# disabled zset. Arguments: the callback's hash key, the disabled zset, the reason, now ms,
-# match prefix, key separator. Returns 0 when the callback is missing.
+# disabled zset, its project's registry version is bumped. Arguments: the callback's hash
+# key, the disabled zset, the reason, now ms, match prefix, key separator, registry version
+# prefix. Returns 0 when the callback is missing.
 DISABLE = """
-local function disable(callback, disabled, reason, now, match_prefix, sep)
+local function disable(callback, disabled, reason, now, match_prefix, sep, version_prefix)
   local row = redis.call('HMGET', callback, 'projectId', 'event', 'id', 'pipelineId')
   if not row[1] then return 0 end
   local scope = row[1]
@@ -176,6 +184,7 @@ local function disable(callback, disabled, reason, now, match_prefix, sep)
   redis.call('HSET', callback, 'enabled', '0', 'disabledReason', reason, 'updatedTime', now)
   redis.call('ZREM', match_prefix .. scope .. sep .. row[2], row[3])
   redis.call('ZADD', disabled, now, row[3])
+  redis.call('INCR', version_prefix .. row[1])
   return 1
 end
 """
@@ -193,7 +202,9 @@ class SetEnabled(Script):
         + """
 local row = redis.call('HMGET', callback, 'projectId', 'event', 'id', 'pipelineId')
 if not row[1] or (project_id ~= '' and row[1] ~= project_id) then return 0 end
-if enabled ~= '1' then return disable(callback, disabled, reason, now_ms, match_prefix, sep) end
+if enabled ~= '1' then
+  return disable(callback, disabled, reason, now_ms, match_prefix, sep, version_prefix)
+end
 local scope = row[1]
 if row[4] and row[4] ~= '' then scope = scope .. sep .. row[4] end
 redis.call('HSET', callback, 'enabled', '1', 'disabledReason', '', 'failing', '0',
@@ -202,6 +213,7 @@ redis.call('ZADD', match_prefix .. scope .. sep .. row[2], row[3], row[3])
 redis.call('ZREM', disabled, row[3])
 redis.call('DEL', health)
 redis.call('ZREM', failing, row[3])
+redis.call('INCR', version_prefix .. row[1])
 return 1
 """
     )
@@ -215,6 +227,7 @@ return 1
     match_prefix: str
     sep: str
     project_id: str
+    version_prefix: str
 
 
 @dataclass
@@ -222,8 +235,8 @@ class DeleteCallback(Script):
     """Deletes the callback whose hash is `callback`, its id `callback_id`, unless it is
     no longer `project_id`'s: its hash, health and filter errors, its place in its scope's
     `unique` hash (`field`), its listings, match set, the disabled and failing sets, and
-    its project's ordered set. The caller read its scope and event first (they never
-    change). Returns 0 when it was gone."""
+    its project's ordered set; bumps the project's registry `version`. The caller read its
+    scope and event first (they never change). Returns 0 when it was gone."""
 
     LUA = """
     if redis.call('HGET', callback, 'projectId') ~= project_id then return 0 end
@@ -236,6 +249,7 @@ class DeleteCallback(Script):
     if redis.call('TYPE', ordered_flag).ok == 'set' then
       redis.call('SREM', ordered_flag, callback_id)
     end
+    redis.call('INCR', version)
     return 1
     """
     callback: Key
@@ -246,6 +260,7 @@ class DeleteCallback(Script):
     disabled: Key
     failing: Key
     ordered_flag: Key
+    version: Key
     listings: KeyList
     project_id: str
     callback_id: int
@@ -270,6 +285,7 @@ class DeleteCallback(Script):
             disabled=k.CALLBACKS_DISABLED,
             failing=k.HEALTH_FAILING,
             ordered_flag=k.lanes_ordered(project_id),
+            version=k.registry_version(project_id),
             listings=listings,
             project_id=project_id,
             callback_id=callback_id,
@@ -282,7 +298,8 @@ class RotateToken(Script):
     """Makes `token` (as stored) the callback's token, unless it is missing or not
     `project_id`'s (of `pipeline_id`, '' = any of the project's); the current one becomes
     the previous one, signing until `until_ms`, unless there is none or the overlap is over
-    ('' or past `now_ms`). Returns 0 when missing or someone else's."""
+    ('' or past `now_ms`); bumps the project's registry `version`. Returns 0 when missing
+    or someone else's."""
 
     LUA = """
     local row = redis.call('HMGET', callback, 'projectId', 'pipelineId', 'secretToken')
@@ -294,9 +311,11 @@ class RotateToken(Script):
     end
     redis.call('HSET', callback, 'secretToken', token, 'previousToken', previous,
                'previousTokenUntil', till, 'updatedTime', now_ms)
+    redis.call('INCR', version)
     return 1
     """
     callback: Key
+    version: Key
     project_id: str
     pipeline_id: str
     token: str
@@ -326,7 +345,7 @@ class PutCallback(Script):
     failures are its own, so the next success resets them. `values` holds its hash's
     field/value pairs; `listings` its project's listing, then its pipeline's (when it has
     one). `reset` ('1') starts its failure count again; `ordered` puts it in or out of its
-    project's ordered set. Returns 1."""
+    project's ordered set. Bumps the project's registry `version`. Returns 1."""
 
     LUA = (
         ORDERED
@@ -348,6 +367,7 @@ if reset == '1' then
   redis.call('ZREM', failing, callback_id)
 end
 mark_ordered(ordered_flag, listings[1], callback_prefix, callback_id, ordered)
+redis.call('INCR', version)
 return 1
 """
     )
@@ -358,6 +378,7 @@ return 1
     failing: Key
     health: Key
     ordered_flag: Key
+    version: Key
     listings: KeyList
     callback_id: str
     field: str

@@ -183,6 +183,7 @@ class Registry:
         until = now + int(overlap_s * 1000) if overlap_s > 0 else ""
         done = await RotateToken(
             self.keys.callback(callback_id),
+            self.keys.registry_version(project_id),
             project_id,
             pipeline_id or "",
             self._encrypt(token),
@@ -342,6 +343,7 @@ class Registry:
             match_prefix=k.MATCH_PREFIX,
             sep=keys.SEP,
             project_id=project_id or "",
+            version_prefix=k.REGISTRY_VERSION_PREFIX,
         ).queue_on(pipe)
 
     async def upgrade(self) -> int:

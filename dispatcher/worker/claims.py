@@ -19,6 +19,7 @@ from dispatcher.ending import END_JOB, JobEnd
 from dispatcher.jobs import encode
 from dispatcher.keys import SEP
 from dispatcher.lua import ArgList, Key, KeyList, Script, run_pipeline
+from dispatcher.models import PLATFORM_PROJECT
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
@@ -47,8 +48,11 @@ class Claim(Script):
     id up to `sep`). The ids in `mine` (newline-separated: the jobs this worker runs now,
     which stay due in the queue while they run) are passed over without a command. A due
     id whose data is gone comes back with `false` data (and leaves the queue), so the
-    worker can record it. The ids are found here, so their keys are
-    made here too, from the prefixes given. Returns {id, data, claims, due} rows."""
+    worker can record it. A claimed job comes with the registry version its event would be
+    matched at (`registry.match.Matches`): the versions of the `platform` project and of
+    its own (0 when none), space-separated, read once per project; false when its id names
+    no project. The ids are found here, so their keys are made here too, from the prefixes
+    given. Returns {id, data, claims, due, version} rows."""
 
     LUA = """
     local want, limit, new = tonumber(want), tonumber(budget), tonumber(newcomer)
@@ -56,6 +60,16 @@ class Claim(Script):
     for i = 1, #shares, 2 do left[shares[i]] = tonumber(shares[i + 1]) end
     local held = {}
     for id in string.gmatch(mine, '[^\\n]+') do held[id] = true end
+    local versions, platform_version = {}, nil
+    local function version_of(project)
+      if not project then return false end
+      if not versions[project] then
+        platform_version = platform_version or redis.call('GET', version_prefix .. platform) or '0'
+        versions[project] = platform_version .. ' '
+          .. (redis.call('GET', version_prefix .. project) or '0')
+      end
+      return versions[project]
+    end
     local out = {}
     local offset = 0
     local page_size = math.max(want, 100)  -- fewer, longer pages past the jobs left alone
@@ -66,12 +80,12 @@ class Claim(Script):
       local gone = 0
       for i = 1, #page, 2 do
         local id = page[i]
-        local project = new >= 0 and string.match(id, '^([^' .. sep .. ']+)' .. sep)
-        local share = project and (left[project] or new)
+        local project = string.match(id, '^([^' .. sep .. ']+)' .. sep)
+        local share = new >= 0 and project and (left[project] or new)
         if held[id] or (share and share <= 0) then
           -- running here, or its project holds its share of this worker: left for later
         elseif redis.call('SET', lease_prefix .. id, token, 'PX', lease_ms, 'NX') then
-          if project then left[project] = share - 1 end
+          if share then left[project] = share - 1 end
           local data = redis.call('GET', job_prefix .. id)
           local claims = 1
           if not data then
@@ -81,7 +95,7 @@ class Claim(Script):
           elseif not redis.call('SET', claims_prefix .. id, 1, 'EX', claims_ttl_s, 'NX') then
             claims = redis.call('INCR', claims_prefix .. id)  -- claimed before: ttl runs on
           end
-          out[#out + 1] = {id, data, claims, page[i + 1]}
+          out[#out + 1] = {id, data, claims, page[i + 1], data and version_of(project)}
           if #out >= want then break end
         end
       end
@@ -102,6 +116,8 @@ class Claim(Script):
     sep: str
     newcomer: int
     mine: str
+    version_prefix: str
+    platform: str
     shares: ArgList
 
 
@@ -203,12 +219,14 @@ class Again(Script):
 @dataclass(frozen=True, slots=True)
 class Claimed:
     """A job this worker now holds: its id, stored bytes (None: its data was gone), how
-    many times it was claimed (1 on the first run), and when it was due (epoch ms)."""
+    many times it was claimed (1 on the first run), when it was due (epoch ms), and the
+    registry version its project's events are matched at now (None: unknown)."""
 
     job_id: str
     data: bytes | None
     claims: int
     due_ms: int
+    registry_version: bytes | None = None
 
 
 class Claims:
@@ -248,11 +266,13 @@ class Claims:
             sep=SEP,
             newcomer=newcomer,
             mine="\n".join(mine),
+            version_prefix=self.keys.REGISTRY_VERSION_PREFIX,
+            platform=PLATFORM_PROJECT,
             shares=[item for pair in projects.items() for item in pair],
         ).run(self.redis)
         return [
-            Claimed(job_id.decode(), data or None, int(claims), int(float(due)))
-            for job_id, data, claims, due in rows
+            Claimed(job_id.decode(), data or None, int(claims), int(float(due)), version or None)
+            for job_id, data, claims, due, version in rows
         ]
 
     async def renew(self, job_ids: list[str]) -> int:

@@ -41,6 +41,7 @@ from dispatcher.headers import unsendable
 from dispatcher.health import CircuitBreaker
 from dispatcher.jobs import BadJob, DeliveryJob, EventJob
 from dispatcher.models import Region
+from dispatcher.registry.match import Matches
 from dispatcher.stats import AttemptStats
 from dispatcher.worker.controls import Controls
 from dispatcher.worker.lanes import Lanes, Sending
@@ -81,6 +82,7 @@ class Engine:
         self.keys = services.keys
         self.writer = writer
         self.reads = Batcher(services.redis)
+        self.matches = Matches()  # the chunks read, while the registry stands
         self.owner = shared is None  # of the clients (another shard's engine shares them)
         if shared is None:
             self.breaker = CircuitBreaker(settings.circuit_threshold, settings.circuit_cooldown)
@@ -113,13 +115,19 @@ class Engine:
             await asyncio.gather(*(client.aclose() for client in self.clients.values()))
 
     async def fan_out(
-        self, event: EventJob, *, rerun: bool = False, end: ChunkEnd | None = None
+        self,
+        event: EventJob,
+        *,
+        rerun: bool = False,
+        end: ChunkEnd | None = None,
+        version: bytes | None = None,
     ) -> int | None:
         """First attempts of one chunk of `event`'s deliveries: to the callbacks after
         `event.after`, at most `DISPATCHER_FAN_OUT_CHUNK` of them. Returns where the next
         chunk starts, or None when this was the last. A `rerun` (the job ran before and did
         not finish) skips what was already handled. A chunk of one attempt writes the job's
-        `end` (given where the next chunk starts) with that attempt, in the same write."""
+        `end` (given where the next chunk starts) with that attempt, in the same write.
+        `version`: the registry version the job's claim saw (its chunk may be one kept)."""
         query = self.services.registry.chunk_query(
             event.project_id,
             event.event,
@@ -130,8 +138,11 @@ class Engine:
         with tracing.fanning_out(
             event.trace, event_id=event.id, project_id=event.project_id, event=event.event
         ) as carried:
-            (answer,) = await self.reads.execute(query.queue_on)
-            chunk = query.read(answer)
+            chunk = self.matches.get(query, version)
+            if chunk is None:
+                (answer,) = await self.reads.execute(query.queue_on)
+                chunk = query.read(answer)
+                self.matches.put(query, version, chunk)
             targets = self.controls.select(event, chunk.targets)  # the callbacks' filters
             if targets:
                 await self._first_attempts(event, targets, rerun, carried, end, chunk.after)

@@ -321,7 +321,10 @@ class Worker:
             event = EventJob.from_wire(wire.payload)
             structlog.contextvars.bind_contextvars(event_id=event.id)
             end = run.chunk_end(claimed, event)
-            after = await run.engine.fan_out(event, rerun=claimed.claims > 1, end=end)
+            version = claimed.registry_version if event.scoped else None  # its project's
+            after = await run.engine.fan_out(
+                event, rerun=claimed.claims > 1, end=end, version=version
+            )
             if not end.written:  # not with an attempt's write: on its own
                 await run.writer.commit(lambda pipe: end(pipe, after))
             if after is not None:  # its lease handed over: the next claim may take it

@@ -36,6 +36,7 @@ async def test_scripts_and_keys_py_build_the_same_names(settings: Settings, redi
         keys.callback_unique("demo"),
         keys.project_callbacks("demo"),
         keys.match("demo", "BUILD_END"),
+        keys.registry_version("demo"),
     }
     assert await present(redis) == registered
     field = callback_unique_field("BUILD_END", URL)
@@ -91,10 +92,11 @@ async def test_scripts_and_keys_py_build_the_same_names(settings: Settings, redi
     assert [r.id for r in await services.history.attempts("evt_1.1", "demo")] == [attempt_id]
 
     await registry.delete("demo", callback_id)
-    assert await present(redis) == {keys.CALLBACK_SEQ} | history
+    version = keys.registry_version("demo")  # stays: see the pipeline test below
+    assert await present(redis) == {keys.CALLBACK_SEQ, version} | history
 
     await Queue(redis, Keys(settings.queue_name)).enqueue(EventJob("evt_1", "demo", "BUILD_END"))
-    assert await present(redis) - history - {keys.CALLBACK_SEQ} == {
+    assert await present(redis) - history - {keys.CALLBACK_SEQ, version} == {
         keys.arq_job("demo:evt_1"),
         settings.queue_name,
     }
@@ -116,12 +118,14 @@ async def test_pipeline_and_platform_callbacks_use_the_names_keys_py_builds(
         keys.project_callbacks("demo"),
         keys.pipeline_callbacks("demo", "p1"),
         keys.match(scope, "BUILD_END"),
+        keys.registry_version("demo"),
     }
     platform_keys = {
         keys.callback(platform),
         keys.callback_unique(PLATFORM_PROJECT),
         keys.project_callbacks(PLATFORM_PROJECT),
         keys.match(PLATFORM_PROJECT, "BUILD_END"),
+        keys.registry_version(PLATFORM_PROJECT),
     }
     assert await present(redis) == {keys.CALLBACK_SEQ} | pipeline_keys | platform_keys
     assert await redis.zrange(keys.match(scope, "BUILD_END"), 0, -1, withscores=True) == [
@@ -138,6 +142,8 @@ async def test_pipeline_and_platform_callbacks_use_the_names_keys_py_builds(
 
     await registry.delete("demo", piped, pipeline_id="p1")
     await registry.delete(PLATFORM_PROJECT, platform)
-    assert await present(redis) == {keys.CALLBACK_SEQ}
+    # the versions stay: a kept match of the old ones must not hold again
+    versions = {keys.registry_version("demo"), keys.registry_version(PLATFORM_PROJECT)}
+    assert await present(redis) == {keys.CALLBACK_SEQ} | versions
     assert await registry.upgrade() == 0
-    assert await present(redis) == {keys.CALLBACK_SEQ, keys.CALLBACKS_LAYOUT}
+    assert await present(redis) == {keys.CALLBACK_SEQ, keys.CALLBACKS_LAYOUT} | versions
