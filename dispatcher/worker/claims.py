@@ -2,8 +2,10 @@
 
 A job stays in the queue's sorted set until it is finished; while a worker runs it, its
 `arq:in-progress:{id}` key is a *lease* holding the worker's token, set for
-`DISPATCHER_LEASE_SECONDS` and renewed while the job runs. A worker that dies stops
-renewing, so its jobs are claimed again within a lease. Every step that ends a claim checks
+`DISPATCHER_LEASE_SECONDS` and renewed while the job runs, and its score in the queue is
+the lease's end, renewed with it: a running job is out of the due range, so a claim reads
+only jobs it may take, however many the fleet runs. A worker that dies stops renewing, so
+its jobs are due, and claimed again, within a lease. Every step that ends a claim checks
 the lease first: a worker that lost its lease (it was paused, or Redis was) leaves the job
 to whoever holds it now. `arq:retry:{id}` counts the claims of a job, as arq does.
 """
@@ -18,12 +20,10 @@ from dispatcher.clock import now_ms
 from dispatcher.ending import END_JOB, JobEnd
 from dispatcher.jobs import encode
 from dispatcher.keys import SEP
-from dispatcher.lua import ArgList, Key, KeyList, Script, run_pipeline
+from dispatcher.lua import ArgList, Key, Script, run_pipeline
 from dispatcher.models import PLATFORM_PROJECT
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable
-
     from redis.asyncio import Redis
     from redis.asyncio.client import Pipeline
 
@@ -41,25 +41,24 @@ JOB_KEY_EXTRA_MS = 86_400_000  # a job's data outlives its due time by a day (ar
 class Claim(Script):
     """Up to `want` due jobs (due by `now_ms`) without a live lease, oldest first, looking
     at `budget` queue entries at most: each one's lease set for `token` (NX: a live one is
-    left alone), its data read, its claim counted (the first claim creates the count with
-    its ttl, one command), all in one round trip. A job of a project that has taken its
-    share is left in the queue, untouched: `newcomer` jobs for a project not named (-1:
-    any), `shares` pairs of a project and how many more it may take (a job's project is its
-    id up to `sep`). The ids in `mine` (newline-separated: the jobs this worker runs now,
-    which stay due in the queue while they run) are passed over without a command. A due
-    id whose data is gone comes back with `false` data (and leaves the queue), so the
-    worker can record it. A claimed job comes with the registry version its event would be
-    matched at (`registry.match.Matches`): the versions of the `platform` project and of
-    its own (0 when none), space-separated, read once per project; false when its id names
-    no project. The ids are found here, so their keys are made here too, from the prefixes
-    given. Returns {id, data, claims, due, version} rows."""
+    left alone) and its score moved to the lease's end (out of the due range while it
+    runs), its data read, its claim counted (the first claim creates the count with its
+    ttl, one command), all in one round trip. A job of a project that has taken its share
+    is left in the queue, untouched: `newcomer` jobs for a project not named (-1: any),
+    `shares` pairs of a project and how many more it may take (a job's project is its id up
+    to `sep`). A due id whose data is gone comes back with `false` data (and leaves the
+    queue), so the worker can record it. A claimed job comes with the registry version its
+    event would be matched at (`registry.match.Matches`): the versions of the `platform`
+    project and of its own (0 when none), space-separated, read once per project; false
+    when its id names no project. The ids are found here, so their keys are made here too,
+    from the prefixes given. Returns {id, data, claims, version} rows."""
 
     LUA = """
     local want, limit, new = tonumber(want), tonumber(budget), tonumber(newcomer)
     local left = {}
     for i = 1, #shares, 2 do left[shares[i]] = tonumber(shares[i + 1]) end
-    local held = {}
-    for id in string.gmatch(mine, '[^\\n]+') do held[id] = true end
+    local of_project = '^([^' .. sep .. ']+)' .. sep
+    local leased_until = tonumber(now_ms) + tonumber(lease_ms)
     local versions, platform_version = {}, nil
     local function version_of(project)
       if not project then return false end
@@ -74,32 +73,34 @@ class Claim(Script):
     local offset = 0
     local page_size = math.max(want, 100)  -- fewer, longer pages past the jobs left alone
     while #out < want and offset < limit do
-      local page = redis.call('ZRANGEBYSCORE', queue, '-inf', now_ms, 'WITHSCORES',
-                              'LIMIT', offset, page_size)
+      local page = redis.call('ZRANGEBYSCORE', queue, '-inf', now_ms, 'LIMIT', offset, page_size)
       if #page == 0 then break end
-      local gone = 0
-      for i = 1, #page, 2 do
-        local id = page[i]
-        local project = string.match(id, '^([^' .. sep .. ']+)' .. sep)
+      local taken = 0  -- entries this page took out of the due range
+      for _, id in ipairs(page) do
+        local project = string.match(id, of_project)
         local share = new >= 0 and project and (left[project] or new)
-        if held[id] or (share and share <= 0) then
-          -- running here, or its project holds its share of this worker: left for later
+        if share and share <= 0 then
+          -- its project holds its share of this worker: left for later
         elseif redis.call('SET', lease_prefix .. id, token, 'PX', lease_ms, 'NX') then
           if share then left[project] = share - 1 end
           local data = redis.call('GET', job_prefix .. id)
           local claims = 1
+          taken = taken + 1
           if not data then
             redis.call('DEL', lease_prefix .. id)
             redis.call('ZREM', queue, id)
-            claims, gone = 0, gone + 1
-          elseif not redis.call('SET', claims_prefix .. id, 1, 'EX', claims_ttl_s, 'NX') then
-            claims = redis.call('INCR', claims_prefix .. id)  -- claimed before: ttl runs on
+            claims = 0
+          else
+            redis.call('ZADD', queue, 'XX', leased_until, id)
+            if not redis.call('SET', claims_prefix .. id, 1, 'EX', claims_ttl_s, 'NX') then
+              claims = redis.call('INCR', claims_prefix .. id)  -- claimed before: ttl runs on
+            end
           end
-          out[#out + 1] = {id, data, claims, page[i + 1], data and version_of(project)}
+          out[#out + 1] = {id, data, claims, data and version_of(project)}
           if #out >= want then break end
         end
       end
-      offset = offset + #page / 2 - gone
+      offset = offset + #page - taken
     end
     return out
     """
@@ -115,7 +116,6 @@ class Claim(Script):
     budget: int
     sep: str
     newcomer: int
-    mine: str
     version_prefix: str
     platform: str
     shares: ArgList
@@ -123,21 +123,30 @@ class Claim(Script):
 
 @dataclass
 class Renew(Script):
-    """Extends the `leases` still held by `token` to `lease_ms`; returns how many were."""
+    """Extends the leases of `job_ids` still held by `token` to `lease_ms` from `now_ms`,
+    and their scores in the `queue` with them (unless a job is due later: its next
+    attempt); returns how many were. The ids are the claim's, so their lease keys are made
+    here (`lease_prefix`)."""
 
     LUA = """
     local n = 0
-    for _, lease in ipairs(leases) do
+    local until_ms = tonumber(now_ms) + tonumber(lease_ms)
+    for _, id in ipairs(job_ids) do
+      local lease = lease_prefix .. id
       if redis.call('GET', lease) == token then
         redis.call('PEXPIRE', lease, lease_ms)
+        redis.call('ZADD', queue, 'XX', 'GT', until_ms, id)
         n = n + 1
       end
     end
     return n
     """
-    leases: KeyList
+    queue: Key
+    now_ms: int
     lease_ms: int
     token: str
+    lease_prefix: str
+    job_ids: ArgList
 
 
 @dataclass
@@ -190,14 +199,15 @@ class Again(Script):
     """Puts the job back in the queue, due at `due_ms` (its data kept `ttl_ms`), unless
     another worker holds its lease or it has ended. `next_attempt` '1': its next attempt is
     due then, the claim count starts again; '0', after a failed run: due then unless
-    already due later. Returns 1 when done."""
+    already due later by a write of its own (which gave up the lease: a job still leased
+    here is due at the lease's end only because it runs). Returns 1 when done."""
 
     LUA = """
     local owner = redis.call('GET', lease)
     if owner and owner ~= token then return 0 end
     local due = redis.call('ZSCORE', queue, job_id)
     if not due then return 0 end
-    if next_attempt == '1' or tonumber(due) < tonumber(due_ms) then
+    if next_attempt == '1' or owner or tonumber(due) < tonumber(due_ms) then
       redis.call('ZADD', queue, due_ms, job_id)
     end
     redis.call('PEXPIRE', job, ttl_ms)
@@ -219,13 +229,12 @@ class Again(Script):
 @dataclass(frozen=True, slots=True)
 class Claimed:
     """A job this worker now holds: its id, stored bytes (None: its data was gone), how
-    many times it was claimed (1 on the first run), when it was due (epoch ms), and the
-    registry version its project's events are matched at now (None: unknown)."""
+    many times it was claimed (1 on the first run), and the registry version its
+    project's events are matched at now (None: unknown)."""
 
     job_id: str
     data: bytes | None
     claims: int
-    due_ms: int
     registry_version: bytes | None = None
 
 
@@ -245,10 +254,9 @@ class Claims:
         *,
         budget: int = 2000,
         shares: Budgets = (-1, {}),
-        mine: Iterable[str] = (),
     ) -> list[Claimed]:
         """Up to `count` due jobs, in one round trip, looking at `budget` queue entries at
-        most (leased ones are skipped; `mine`, the ids this worker runs, at no cost).
+        most (a leased one is passed over: one lapsed, or one put back due while leased).
         `shares`: how many jobs a project not named may take (-1: any), and how many more
         each named one may (`Shares.claim_budgets`)."""
         newcomer, projects = shares
@@ -265,22 +273,29 @@ class Claims:
             budget=budget,
             sep=SEP,
             newcomer=newcomer,
-            mine="\n".join(mine),
             version_prefix=self.keys.REGISTRY_VERSION_PREFIX,
             platform=PLATFORM_PROJECT,
             shares=[item for pair in projects.items() for item in pair],
         ).run(self.redis)
         return [
-            Claimed(job_id.decode(), data or None, int(claims), int(float(due)), version or None)
-            for job_id, data, claims, due, version in rows
+            Claimed(job_id.decode(), data or None, int(claims), version or None)
+            for job_id, data, claims, version in rows
         ]
 
     async def renew(self, job_ids: list[str]) -> int:
         """Extend the leases of `job_ids` that are still ours; returns how many were."""
         if not job_ids:
             return 0
-        leases = [self.keys.ARQ_IN_PROGRESS_PREFIX + job_id for job_id in job_ids]
-        return int(await Renew(leases, self.lease_ms, self.token).run(self.redis))
+        return int(
+            await Renew(
+                self.queue_name,
+                now_ms(),
+                self.lease_ms,
+                self.token,
+                self.keys.ARQ_IN_PROGRESS_PREFIX,
+                job_ids,
+            ).run(self.redis)
+        )
 
     def _keys(self, job_id: str) -> tuple[str, str, str, str]:
         """A job's queue, lease, data and claim count keys."""

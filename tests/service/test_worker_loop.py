@@ -71,19 +71,43 @@ async def test_a_batch_of_due_jobs_is_claimed_in_one_round_trip(
     assert await redis.zcard(settings.queue_name) == 35  # a claimed job stays queued
 
 
-async def test_a_claim_passes_over_the_jobs_its_worker_runs(
+async def test_a_running_job_is_out_of_the_due_range_until_its_lease_lapses(
     settings: Settings, redis: Redis
 ) -> None:
-    """A running job stays due in the queue; the worker names its own, and the claim goes
-    past them without trying their leases (so without a command each)."""
+    """A claimed job stays queued, scored by its lease's end (renewed with it), so the
+    next claim reads only jobs it may take, not the fleet's running ones; a lapsed lease
+    makes it due again."""
     await enqueue(redis, settings, 3)
-    claims = Claims(redis, Keys(settings.queue_name), "worker-a", lease_s=10)
-    first = "demo:evt_0_0"
-    claimed = await claims.claim(10, mine=[first])
-    assert sorted(c.job_id for c in claimed) == ["demo:evt_0_1", "demo:evt_0_2"]
-    assert not await redis.exists(keys.ARQ_IN_PROGRESS_PREFIX + first)  # not even tried
-    [again] = await claims.claim(10)
-    assert again.job_id == first
+    claims = Claims(redis, Keys(settings.queue_name), "worker-a", lease_s=0.3)
+    [first] = await claims.claim(1)
+    due = await redis.zcount(settings.queue_name, "-inf", now_ms())
+    assert due == 2  # the running one is out of the due range
+    assert await redis.zscore(settings.queue_name, first.job_id) > now_ms() + 200
+    rest = await claims.claim(10)
+    assert sorted(c.job_id for c in rest) == ["demo:evt_0_1", "demo:evt_0_2"]
+    assert await claims.claim(10) == []
+    await asyncio.sleep(0.2)
+    ids = [first.job_id] + [c.job_id for c in rest]
+    assert await claims.renew(ids) == 3  # their scores move with their leases
+    await asyncio.sleep(0.2)  # past the first lease's end, within the renewed one's
+    assert await claims.claim(10) == []
+    other = Claims(redis, Keys(settings.queue_name), "worker-b", lease_s=10)
+    await asyncio.sleep(0.35)  # no renewal: worker-a's leases lapse
+    again = await other.claim(10)
+    assert sorted(c.job_id for c in again) == ["demo:evt_0_0", "demo:evt_0_1", "demo:evt_0_2"]
+    assert all(c.claims == 2 for c in again)
+
+
+async def test_a_claim_finds_due_jobs_behind_more_running_ones_than_it_looks_at(
+    settings: Settings, redis: Redis
+) -> None:
+    """A fleet may run more jobs than a claim looks at (its budget): the due jobs behind
+    them are still found, the running ones are not in its way."""
+    await enqueue(redis, settings, 130)
+    busy = Claims(redis, Keys(settings.queue_name), "worker-a", lease_s=10)
+    assert len(await busy.claim(120)) == 120  # more than a page (100) and the budget
+    other = Claims(redis, Keys(settings.queue_name), "worker-b", lease_s=10)
+    assert len(await other.claim(10, budget=10)) == 10
 
 
 async def test_a_project_at_its_share_is_claimed_for_as_its_jobs_end_not_a_poll_later(
@@ -140,6 +164,29 @@ async def test_a_failed_run_goes_back_but_never_earlier_than_its_next_attempt(
     assert due is not None and due > now_ms() + 25_000
     assert not await redis.exists(keys.ARQ_IN_PROGRESS_PREFIX + job.job_id)
     assert not await redis.exists(keys.ARQ_RETRY_PREFIX + job.job_id)  # a new attempt
+
+
+async def test_a_failed_run_is_due_at_once_though_its_lease_scored_it_later(
+    settings: Settings, redis: Redis
+) -> None:
+    """A running job's score is its lease's end; its failed run's return (or a shutdown's
+    release) makes it due when asked, and each claim is counted: a failed run, a lapsed
+    lease (2, 3: a job that keeps failing is dropped at MAX_CLAIMS); a next attempt starts
+    again at 1."""
+    await enqueue(redis, settings, 1)
+    claims = Claims(redis, Keys(settings.queue_name), "worker-a", lease_s=0.2)
+    retry_key = keys.ARQ_RETRY_PREFIX + "demo:evt_0_0"
+    [job] = await claims.claim(10)
+    assert job.claims == 1
+    await run(redis, lambda pipe: claims.again(pipe, job.job_id, 0, next_attempt=False))
+    [job] = await claims.claim(10)
+    assert job.claims == 2
+    await asyncio.sleep(0.3)  # its lease lapses
+    [job] = await claims.claim(10)
+    assert job.claims == 3 and await redis.get(retry_key) == b"3"
+    await run(redis, lambda pipe: claims.again(pipe, job.job_id, 0, next_attempt=True))
+    [job] = await claims.claim(10)
+    assert job.claims == 1 and await redis.get(retry_key) == b"1"  # counted anew
 
 
 async def run(redis: Redis, queue: Callable[[Pipeline], None]) -> list[Any]:
