@@ -24,6 +24,8 @@ from dispatcher.lua import ArgList, Key, Script, run_pipeline
 from dispatcher.models import PLATFORM_PROJECT
 
 if TYPE_CHECKING:
+    from collections.abc import Iterable
+
     from redis.asyncio import Redis
     from redis.asyncio.client import Pipeline
 
@@ -39,7 +41,8 @@ JOB_KEY_EXTRA_MS = 86_400_000  # a job's data outlives its due time by a day (ar
 
 @dataclass
 class Claim(Script):
-    """Up to `want` due jobs (due by `now_ms`) without a live lease, oldest first, looking
+    """Up to `want` due jobs (due by Redis's clock, as the leases lapse by it) without a
+    live lease, oldest first, the ids in `mine` (newline-separated) passed over, looking
     at `budget` queue entries at most: each one's lease set for `token` (NX: a live one is
     left alone) and its score moved to the lease's end (out of the due range while it
     runs), its data read, its claim counted (the first claim creates the count with its
@@ -57,8 +60,12 @@ class Claim(Script):
     local want, limit, new = tonumber(want), tonumber(budget), tonumber(newcomer)
     local left = {}
     for i = 1, #shares, 2 do left[shares[i]] = tonumber(shares[i + 1]) end
+    local held = {}
+    for id in string.gmatch(mine, '[^\\n]+') do held[id] = true end
     local of_project = '^([^' .. sep .. ']+)' .. sep
-    local leased_until = tonumber(now_ms) + tonumber(lease_ms)
+    local t = redis.call('TIME')
+    local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+    local leased_until = now_ms + tonumber(lease_ms)
     local versions, platform_version = {}, nil
     local function version_of(project)
       if not project then return false end
@@ -71,15 +78,16 @@ class Claim(Script):
     end
     local out = {}
     local offset = 0
-    local page_size = math.max(want, 100)  -- fewer, longer pages past the jobs left alone
+    local page_size = want  -- as many as wanted: running jobs are not in the due range
     while #out < want and offset < limit do
       local page = redis.call('ZRANGEBYSCORE', queue, '-inf', now_ms, 'LIMIT', offset, page_size)
       if #page == 0 then break end
       local taken = 0  -- entries this page took out of the due range
       for _, id in ipairs(page) do
-        local project = string.match(id, of_project)
+        local project = not held[id] and string.match(id, of_project)
         local share = new >= 0 and project and (left[project] or new)
-        if share and share <= 0 then
+        if held[id] or (share and share <= 0) then
+          -- still running here (its lease given up: its next chunk, its next attempt), or
           -- its project holds its share of this worker: left for later
         elseif redis.call('SET', lease_prefix .. id, token, 'PX', lease_ms, 'NX') then
           if share then left[project] = share - 1 end
@@ -101,11 +109,11 @@ class Claim(Script):
         end
       end
       offset = offset + #page - taken
+      page_size = math.max(want, 100)  -- fewer, longer pages past the jobs left alone
     end
     return out
     """
     queue: Key
-    now_ms: int
     want: int
     lease_ms: int
     token: str
@@ -116,6 +124,7 @@ class Claim(Script):
     budget: int
     sep: str
     newcomer: int
+    mine: str
     version_prefix: str
     platform: str
     shares: ArgList
@@ -123,14 +132,15 @@ class Claim(Script):
 
 @dataclass
 class Renew(Script):
-    """Extends the leases of `job_ids` still held by `token` to `lease_ms` from `now_ms`,
-    and their scores in the `queue` with them (unless a job is due later: its next
+    """Extends the leases of `job_ids` still held by `token` to `lease_ms` from now (Redis's
+    clock), and their scores in the `queue` with them (unless a job is due later: its next
     attempt); returns how many were. The ids are the claim's, so their lease keys are made
     here (`lease_prefix`)."""
 
     LUA = """
     local n = 0
-    local until_ms = tonumber(now_ms) + tonumber(lease_ms)
+    local t = redis.call('TIME')
+    local until_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + tonumber(lease_ms)
     for _, id in ipairs(job_ids) do
       local lease = lease_prefix .. id
       if redis.call('GET', lease) == token then
@@ -142,7 +152,6 @@ class Renew(Script):
     return n
     """
     queue: Key
-    now_ms: int
     lease_ms: int
     token: str
     lease_prefix: str
@@ -254,15 +263,16 @@ class Claims:
         *,
         budget: int = 2000,
         shares: Budgets = (-1, {}),
+        mine: Iterable[str] = (),
     ) -> list[Claimed]:
         """Up to `count` due jobs, in one round trip, looking at `budget` queue entries at
-        most (a leased one is passed over: one lapsed, or one put back due while leased).
-        `shares`: how many jobs a project not named may take (-1: any), and how many more
+        most. `mine`: the ids this worker runs, passed over without a command (a running
+        job is out of the due range, but for one whose run gave up its lease and has yet to
+        end). `shares`: how many jobs a project not named may take (-1: any), and how many more
         each named one may (`Shares.claim_budgets`)."""
         newcomer, projects = shares
         rows = await Claim(
             queue=self.queue_name,
-            now_ms=now_ms(),
             want=count,
             lease_ms=self.lease_ms,
             token=self.token,
@@ -273,6 +283,7 @@ class Claims:
             budget=budget,
             sep=SEP,
             newcomer=newcomer,
+            mine="\n".join(mine),
             version_prefix=self.keys.REGISTRY_VERSION_PREFIX,
             platform=PLATFORM_PROJECT,
             shares=[item for pair in projects.items() for item in pair],
@@ -289,7 +300,6 @@ class Claims:
         return int(
             await Renew(
                 self.queue_name,
-                now_ms(),
                 self.lease_ms,
                 self.token,
                 self.keys.ARQ_IN_PROGRESS_PREFIX,

@@ -170,7 +170,7 @@ class Worker:
             # one shard: all the room; several: a batch each in turn (a fair share)
             share = room if len(self.served) == 1 else min(room, self.claim_batch)
             self._due.clear()
-            claimed = await run.claim(share, self.poll_delay)
+            claimed = await run.claim(share, self._held(run), self.poll_delay)
             if claimed is None:  # its Redis did not answer: that shard backs off
                 continue
             for job in claimed:

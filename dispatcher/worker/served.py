@@ -85,14 +85,14 @@ class Served:
     def answered(self) -> None:
         self.backoff, self.ready_at = 0.0, 0.0
 
-    async def claim(self, share: int, poll_delay: float) -> list[Claimed] | None:
-        """Up to `share` due jobs of this shard, within the projects' fair shares. None
-        when its Redis did not answer: the shard then waits out a growing pause (`failed`)
-        while the others go on."""
+    async def claim(self, share: int, mine: list[str], poll_delay: float) -> list[Claimed] | None:
+        """Up to `share` due jobs of this shard, within the projects' fair shares, passing
+        over `mine` (the ids this worker runs here). None when its Redis did not answer:
+        the shard then waits out a growing pause (`failed`) while the others go on."""
         shares = self.engine.shares.claim_budgets()
         budget = self.scan_budget(shares[1], time.monotonic())
         try:
-            claimed = await self.claims.claim(share, budget=budget, shares=shares)
+            claimed = await self.claims.claim(share, budget=budget, shares=shares, mine=mine)
         except CLAIM_ERRORS as exc:
             if full := redis_full(exc):
                 metrics.REDIS_FULL.labels(refused="claim").inc()

@@ -98,6 +98,25 @@ async def test_a_running_job_is_out_of_the_due_range_until_its_lease_lapses(
     assert all(c.claims == 2 for c in again)
 
 
+async def test_a_claim_passes_over_the_jobs_its_worker_still_runs(
+    settings: Settings, redis: Redis
+) -> None:
+    """A run that gave up its job's lease (its next chunk, its next attempt due now) has
+    yet to end: its worker names it, and its claim leaves the job to the next claim after
+    (or to another worker) without trying its lease; were it claimed again here, the old
+    run's end could end the new run's lease (the same token)."""
+    await enqueue(redis, settings, 3)
+    claims = Claims(redis, Keys(settings.queue_name), "worker-a", lease_s=10)
+    [first] = await claims.claim(1)
+    await run(redis, lambda pipe: claims.again(pipe, first.job_id, 0, next_attempt=True))
+    await asyncio.sleep(0.01)  # due
+    claimed = await claims.claim(10, mine=[first.job_id])
+    assert sorted(c.job_id for c in claimed) == ["demo:evt_0_1", "demo:evt_0_2"]
+    assert not await redis.exists(keys.ARQ_IN_PROGRESS_PREFIX + first.job_id)  # not tried
+    [again] = await claims.claim(10)
+    assert again.job_id == first.job_id
+
+
 async def test_a_claim_finds_due_jobs_behind_more_running_ones_than_it_looks_at(
     settings: Settings, redis: Redis
 ) -> None:
