@@ -26,6 +26,7 @@ __all__ = [
     "HISTORY_SHIP_FAILURES",
     "LANES_BLOCKED",
     "LANES_BLOCKED_OLDEST_SECONDS",
+    "MATCHES",
     "PENDING_WRITES",
     "POISON_JOBS",
     "QUEUE_DEPTH",
@@ -74,6 +75,12 @@ FILTERED = Counter(
     "Events not delivered to a callback because of its filter: false on the event (skipped) "
     "or failed on it (error).",
     ["result"],
+)
+MATCHES = Counter(
+    "dispatcher_matches_total",
+    "Chunks of callbacks the fan-outs needed: kept by the worker while the registry stood "
+    "(kept), or read from Redis (read).",
+    ["source"],
 )
 POISON_JOBS = Counter("dispatcher_poison_jobs_total", "Undecodable jobs recorded and dropped.")
 EVENTS_EMITTED = Counter("dispatcher_events_emitted_total", "Events accepted for fan-out.")

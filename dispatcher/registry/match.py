@@ -22,7 +22,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from dispatcher import keys
+from dispatcher import keys, metrics
 from dispatcher.clock import now_ms
 from dispatcher.models import PLATFORM_PROJECT, Region
 from dispatcher.registry.options import NO_OPTIONS, Options
@@ -217,16 +217,16 @@ class Matches:
         self.max_age_s = max_age_s
         self._chunks: OrderedDict[tuple[object, ...], tuple[bytes, float, Chunk]] = OrderedDict()
         self._targets = 0
-        self.hits = self.misses = 0
+        self._kept, self._read = (metrics.MATCHES.labels(source=s) for s in ("kept", "read"))
 
     def get(self, query: ChunkQuery, version: bytes | None) -> Chunk | None:
         """The chunk `query` reads, when kept at `version` (None: unknown, never kept)."""
         found = self._chunks.get(query.key) if version is not None else None
         if found is None or found[0] != version or time.monotonic() > found[1]:
-            self.misses += 1
+            self._read.inc()
             return None
         self._chunks.move_to_end(query.key)
-        self.hits += 1
+        self._kept.inc()
         return found[2]
 
     def put(self, query: ChunkQuery, version: bytes | None, chunk: Chunk) -> None:

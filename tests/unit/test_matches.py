@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 import pytest
+from prometheus_client import REGISTRY
 
 from dispatcher.keys import Keys
 from dispatcher.models import Region
@@ -13,6 +14,10 @@ from dispatcher.registry.match import CallbackTarget, Chunk, ChunkQuery, Matches
 
 def query(project: str = "demo", after: int = 0, pipeline: object = None) -> ChunkQuery:
     return ChunkQuery(Keys(), lambda stored: "", project, "BUILD_END", pipeline, after, 100)
+
+
+def counted(source: str) -> float:
+    return REGISTRY.get_sample_value("dispatcher_matches_total", {"source": source}) or 0.0
 
 
 def chunk(*ids: int, previous: str = "") -> Chunk:
@@ -24,15 +29,16 @@ def chunk(*ids: int, previous: str = "") -> Chunk:
 
 
 def test_a_chunk_is_kept_under_its_version_and_its_query_alone() -> None:
-    matches, kept = Matches(), chunk(1, 2)
-    matches.put(query(), b"1 4", kept)
-    assert matches.get(query(), b"1 4") is kept
+    matches, stored = Matches(), chunk(1, 2)
+    kept, read = counted("kept"), counted("read")
+    matches.put(query(), b"1 4", stored)
+    assert matches.get(query(), b"1 4") is stored
     assert matches.get(query(), b"1 5") is None  # the project's registry changed
     assert matches.get(query(), b"2 4") is None  # the platform's did
     assert matches.get(query("other"), b"1 4") is None  # another project's event
     assert matches.get(query(pipeline="p1"), b"1 4") is None  # another level set
     assert matches.get(query(after=2), b"1 4") is None  # another chunk
-    assert (matches.hits, matches.misses) == (1, 5)
+    assert (counted("kept"), counted("read")) == (kept + 1, read + 5)
 
 
 def test_nothing_is_kept_without_a_version_or_while_a_rotated_token_signs() -> None:
