@@ -40,9 +40,19 @@ if TYPE_CHECKING:
     from redis.asyncio import Redis
     from redis.asyncio.client import Pipeline
 
-__all__ = ["ArgList", "Key", "KeyList", "Lua", "Script", "run_pipeline"]
+__all__ = ["REDIS_NOW_MS", "ArgList", "Key", "KeyList", "Lua", "Script", "run_pipeline"]
 
 Arg = str | bytes | int | float
+
+# A Lua function a script prepends to its own: Redis's clock in ms (`TIME`, seconds and
+# µs). Scripts that judge what is due or when a lease ends read it: the leases lapse by it,
+# whatever the clocks of the workers say.
+REDIS_NOW_MS = """
+local function redis_now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+"""
 
 
 class Lua:

@@ -20,7 +20,7 @@ from dispatcher.clock import now_ms
 from dispatcher.ending import END_JOB, JobEnd
 from dispatcher.jobs import encode
 from dispatcher.keys import SEP
-from dispatcher.lua import ArgList, Key, Script, run_pipeline
+from dispatcher.lua import REDIS_NOW_MS, ArgList, Key, Script, run_pipeline
 from dispatcher.models import PLATFORM_PROJECT
 
 if TYPE_CHECKING:
@@ -56,15 +56,16 @@ class Claim(Script):
     when its id names no project. The ids are found here, so their keys are made here too,
     from the prefixes given. Returns {id, data, claims, version} rows."""
 
-    LUA = """
+    LUA = (
+        REDIS_NOW_MS
+        + """
     local want, limit, new = tonumber(want), tonumber(budget), tonumber(newcomer)
     local left = {}
     for i = 1, #shares, 2 do left[shares[i]] = tonumber(shares[i + 1]) end
     local held = {}
     for id in string.gmatch(mine, '[^\\n]+') do held[id] = true end
     local of_project = '^([^' .. sep .. ']+)' .. sep
-    local t = redis.call('TIME')
-    local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+    local now_ms = redis_now_ms()
     local leased_until = now_ms + tonumber(lease_ms)
     local versions, platform_version = {}, nil
     local function version_of(project)
@@ -113,6 +114,7 @@ class Claim(Script):
     end
     return out
     """
+    )
     queue: Key
     want: int
     lease_ms: int
@@ -137,10 +139,11 @@ class Renew(Script):
     attempt); returns how many were. The ids are the claim's, so their lease keys are made
     here (`lease_prefix`)."""
 
-    LUA = """
+    LUA = (
+        REDIS_NOW_MS
+        + """
     local n = 0
-    local t = redis.call('TIME')
-    local until_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + tonumber(lease_ms)
+    local until_ms = redis_now_ms() + tonumber(lease_ms)
     for _, id in ipairs(job_ids) do
       local lease = lease_prefix .. id
       if redis.call('GET', lease) == token then
@@ -151,6 +154,7 @@ class Renew(Script):
     end
     return n
     """
+    )
     queue: Key
     lease_ms: int
     token: str

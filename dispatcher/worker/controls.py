@@ -31,7 +31,7 @@ import structlog
 
 from dispatcher import metrics
 from dispatcher.clock import now_ms
-from dispatcher.lua import Key, Script
+from dispatcher.lua import REDIS_NOW_MS, Key, Script
 from dispatcher.registry.options import FilterFailed, filter_matches
 
 if TYPE_CHECKING:
@@ -57,9 +57,10 @@ class Admit(Script):
     none), `slot_ms` a slot's lease, `keep_ms` how long a waiting job keeps its place past
     its expected turn, `min_wait_ms` the smallest wait."""
 
-    LUA = """
-    local t = redis.call('TIME')
-    local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+    LUA = (
+        REDIS_NOW_MS
+        + """
+    local now = redis_now_ms()
     local rate, cap = tonumber(per_second), tonumber(in_flight)
     local waiting, rank = redis.call('ZCARD', line), false
     if waiting > 0 then
@@ -120,6 +121,7 @@ class Admit(Script):
     end
     return {wait, by_slot}
     """
+    )
     starts: Key
     running: Key
     line: Key
@@ -138,11 +140,12 @@ class Release(Script):
     """Gives a slot back and makes the first jobs in line due now, as many as slots are
     free (`in_flight`: the callback's limit)."""
 
-    LUA = """
+    LUA = (
+        REDIS_NOW_MS
+        + """
     redis.call('ZREM', running, token)
     if redis.call('EXISTS', line) == 0 then return 0 end
-    local t = redis.call('TIME')
-    local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+    local now = redis_now_ms()
     local free = tonumber(in_flight) - redis.call('ZCOUNT', running, now, '+inf')
     if free < 1 then return 0 end
     for _, job in ipairs(redis.call('ZRANGE', line, 0, free - 1)) do
@@ -151,6 +154,7 @@ class Release(Script):
     end
     return 1
     """
+    )
     running: Key
     line: Key
     queue: Key
