@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from redis.asyncio.client import Pipeline
 
     from dispatcher.history.record import AttemptRecord
+    from dispatcher.lua import Script
     from dispatcher.replication import Replication
 
 __all__ = ["Batcher", "Pending", "QueueCommands", "run_shared"]
@@ -34,11 +35,13 @@ QueueCommands = Callable[["Pipeline"], None]
 @dataclass(slots=True)
 class Pending:
     """Commands waiting for the next pipeline: the records they write (given their ids
-    first by a `Writer`), and the future their answers go to."""
+    first by a `Writer`), the future their answers go to, and (a `Writer`'s) the script
+    that `lead` makes once the records have their ids, sent before the commands."""
 
     queue: QueueCommands
     done: asyncio.Future[list[Any]]
     records: Sequence[AttemptRecord] = ()
+    lead: Callable[[], Script] | None = None
 
 
 class Batcher:

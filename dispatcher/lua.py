@@ -23,6 +23,10 @@ ARGV), and a call is `await Claim(mark=..., index=...).run(redis)` or `.queue_on
         index: int
 
 Key names are made in Python (`dispatcher.keys`) and given as keys, never built in Lua.
+
+A script class that sets `TOGETHER = True` may also run many of its calls as one
+(`queue_together`): one `EVALSHA` instead of one per call, its answer the list of theirs,
+each call's error in its place without stopping the others.
 """
 
 from __future__ import annotations
@@ -133,11 +137,13 @@ class Script:
     (4 µs for the record's 24)."""
 
     LUA: ClassVar[str]
+    TOGETHER: ClassVar[bool] = False  # whether `queue_together` may run calls as one
     _lua: ClassVar[Lua]
     _keys: ClassVar[tuple[str, ...]]
     _args: ClassVar[tuple[str, ...]]
     _lists: ClassVar[frozenset[str]]
     _readers: ClassVar[tuple[Callable[[Script], list[Any]], Callable[[Script], list[Any]]]]
+    _together: ClassVar[Lua]
 
     def __init_subclass__(cls) -> None:
         super().__init_subclass__()
@@ -156,6 +162,8 @@ class Script:
         cls._readers = (cls._reader(cls._keys), cls._reader(cls._args))
         setup = [*_locals(cls, cls._keys, "KEYS"), *_locals(cls, cls._args, "ARGV")]
         cls._lua = Lua("\n".join([*setup, textwrap.dedent(cls.LUA).strip(), ""]))
+        if cls.TOGETHER:
+            cls._together = Lua(_together(cls))
 
     def _call(self) -> tuple[list[Any], list[Any]]:
         keys, args = self._readers
@@ -184,6 +192,22 @@ class Script:
         """Queue on `pipe`; run it with `run_pipeline` (or a Batcher)."""
         self._lua.queue_on(pipe, *self._call())
 
+    @classmethod
+    def queue_together(cls, pipe: Pipeline, calls: Sequence[Script]) -> None:
+        """Queue `calls` (of this class, `TOGETHER`) on `pipe` as one script call, run in
+        order in one go (so keep them few: Redis serves no one else meanwhile). Its answer
+        is the list of theirs: a call that fails leaves its error in its place (what it
+        wrote before failing stays, as with a script of its own) and the next one runs."""
+        keys: list[Any] = []
+        args: list[Any] = []
+        for call in calls:
+            if type(call) is not cls:
+                raise TypeError(f"{cls.__name__}.queue_together: given a {type(call).__name__}")
+            mine, theirs = call._call()
+            keys += mine
+            args += theirs
+        cls._together.queue_on(pipe, keys, args)
+
 
 def _locals(cls: type[Script], names: tuple[str, ...], table: str) -> list[str]:
     """The Lua lines that read `names` from KEYS or ARGV: one value each, and the list (the
@@ -198,3 +222,31 @@ def _locals(cls: type[Script], names: tuple[str, ...], table: str) -> list[str]:
         else:
             raise TypeError(f"{cls.__name__}.{name}: a list must be the last of its kind")
     return lines
+
+
+def _together(cls: type[Script]) -> str:
+    """The Lua of `cls.queue_together`: the script's body as a function of its keys and
+    arguments, called (protected) on each call's slice of KEYS and ARGV in turn."""
+    if cls._lists:
+        raise TypeError(f"{cls.__name__}: a script with a list field cannot run together")
+    per_key, per_arg = len(cls._keys), len(cls._args)
+    if not per_key or not per_arg:
+        raise TypeError(f"{cls.__name__}: a script runs together only with keys and arguments")
+    values = [f"KEYS[at_key + {i}]" for i in range(1, per_key + 1)]
+    values += [f"ARGV[at_arg + {i}]" for i in range(1, per_arg + 1)]
+    body = textwrap.dedent(cls.LUA).strip()
+    return "\n".join([
+        f"local function one({', '.join((*cls._keys, *cls._args))})",
+        body,
+        "end",
+        "local out = {}",
+        f"for n = 0, #KEYS / {per_key} - 1 do",
+        f"  local at_key, at_arg = n * {per_key}, n * {per_arg}",
+        f"  local ok, answer = pcall(one, {', '.join(values)})",
+        "  if not ok and type(answer) ~= 'table' then answer = {err = tostring(answer)} end",
+        "  if answer == nil then answer = false end",
+        "  out[n + 1] = answer",
+        "end",
+        "return out",
+        "",
+    ])  # fmt: skip

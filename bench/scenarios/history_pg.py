@@ -30,9 +30,10 @@ from bench.report import Row, ratio_row
 from bench.timing import Op, interleaved, median_us
 from bench.workers import THROUGHPUT_PG, median_run
 from dispatcher.clock import now_ms
-from dispatcher.history.postgres import PostgresHistory, stream_fields
+from dispatcher.history.postgres import PostgresHistory
 from dispatcher.history.schema import DAY_MS, ensure_partitions, upgrade
 from dispatcher.history.shipper import Shipper
+from dispatcher.history.stream import stream_fields
 from dispatcher.keys import Keys
 
 if TYPE_CHECKING:

@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     from dispatcher.ending import Ending
     from dispatcher.history.record import AttemptRecord
     from dispatcher.keys import Keys
+    from dispatcher.lua import Script
     from dispatcher.models import DeliveryStatus, HistoryPage, HistoryRecord
     from dispatcher.settings import Settings
 
@@ -59,6 +60,13 @@ class HistoryStore(Protocol):
     async def assign_ids(self, records: Iterable[AttemptRecord]) -> None:
         """Give each record without an `id` a new one (ids always come from Redis)."""
 
+    def recording(
+        self, record: AttemptRecord, *, dead: bool = False, ending: Ending | None = None
+    ) -> Script:
+        """The write of one record, id assigned, and of what its attempt ends with
+        (`dispatcher.ending`), as one idempotent script that may run together with others
+        of its kind (`Script.queue_together`: the worker's `Writer` does)."""
+
     def record(
         self,
         pipe: Pipeline,
@@ -67,8 +75,7 @@ class HistoryStore(Protocol):
         dead: bool = False,
         ending: Ending | None = None,
     ) -> None:
-        """Queue the write of one record, id assigned, on `pipe`, and what its attempt ends
-        with (`dispatcher.ending`); idempotent."""
+        """Queue `recording` on `pipe`."""
 
     async def add(self, record: AttemptRecord, *, dead: bool = False) -> int:
         """Write one record now; returns its id."""

@@ -24,7 +24,7 @@ from dispatcher.history import database, window
 from dispatcher.history.ids import RecordIds
 from dispatcher.history.redis import parse_records
 from dispatcher.history.schema import DAY_MS, drop_expired, ensure_partitions
-from dispatcher.history.stream import stream_fields, streamed_with_end
+from dispatcher.history.stream import streamed
 from dispatcher.history.window import Cursor, Recent
 from dispatcher.lua import run_pipeline
 from dispatcher.models import DeliveryStatus, HistoryPage
@@ -38,11 +38,12 @@ if TYPE_CHECKING:
 
     from dispatcher.ending import Ending
     from dispatcher.history.record import AttemptRecord
+    from dispatcher.history.stream import StreamRecord
     from dispatcher.keys import Keys
     from dispatcher.models import HistoryRecord
     from dispatcher.settings import Settings
 
-__all__ = ["PostgresHistory", "stream_fields"]
+__all__ = ["PostgresHistory"]
 
 # $1 project $2 event $3 url $4 start ms $5 end ms $6 offset $7 limit
 PAGE_SQL = """
@@ -114,6 +115,14 @@ class PostgresHistory:
         """Give each record without an `id` a new one (see `RecordIds`)."""
         await self._ids.assign(records)
 
+    def recording(
+        self, record: AttemptRecord, *, dead: bool = False, ending: Ending | None = None
+    ) -> StreamRecord:
+        """The script that appends the record (id assigned) to the stream, and writes what
+        its attempt ends with (`ending`). Sent twice (a pipeline whose answer was lost), it
+        is stored once: the shipper skips an id it already has."""
+        return streamed(self.keys.HISTORY_STREAM, record, dead, ending)
+
     def record(
         self,
         pipe: Pipeline,
@@ -122,15 +131,8 @@ class PostgresHistory:
         dead: bool = False,
         ending: Ending | None = None,
     ) -> None:
-        """Queue the record's append to the stream on `pipe`, and what the attempt ends
-        with (`ending`: with a job's end, one script does both). Sent twice (a pipeline
-        whose answer was lost), it is stored once: the shipper skips an id it already has."""
-        if ending is not None and ending.job is not None:
-            streamed_with_end(self.keys.HISTORY_STREAM, record, dead, ending).queue_on(pipe)
-            return
-        pipe.xadd(self.keys.HISTORY_STREAM, stream_fields(record, dead))  # type: ignore[arg-type]
-        if ending is not None and ending.progress:
-            pipe.set(ending.progress, ending.mark, ex=ending.ttl)
+        """Queue `recording` on `pipe`."""
+        self.recording(record, dead=dead, ending=ending).queue_on(pipe)
 
     async def add(self, record: AttemptRecord, *, dead: bool = False) -> int:
         """Append one record now; returns its id (queryable once shipped)."""

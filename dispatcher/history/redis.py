@@ -21,7 +21,7 @@ from pydantic import TypeAdapter
 from dispatcher import clock, keys
 from dispatcher.errors import NotFound
 from dispatcher.history.ids import RecordIds
-from dispatcher.history.redis_record import record_script
+from dispatcher.history.redis_record import Record, record_script
 from dispatcher.history.window import MAX_ATTEMPTS_SHOWN, Cursor, Recent, check_page
 from dispatcher.lua import Key, Script, run_pipeline
 from dispatcher.models import DeliveryStatus, HistoryPage, HistoryRecord
@@ -196,6 +196,15 @@ class RedisHistory:
     async def close(self) -> None:
         """Nothing of its own to close (the Redis pool is the caller's)."""
 
+    def recording(
+        self, record: AttemptRecord, *, dead: bool = False, ending: Ending | None = None
+    ) -> Record:
+        """The script that writes one record (id assigned, the seed's fields, camelCase)
+        with its indexes, and what its attempt ends with (`ending`); writing it twice
+        stores it once."""
+        ttl = self.settings.retention_ms // 1000 + _TTL_MARGIN_S
+        return record_script(self.keys, record, ttl, dead, ending)
+
     def record(
         self,
         pipe: Pipeline,
@@ -204,12 +213,9 @@ class RedisHistory:
         dead: bool = False,
         ending: Ending | None = None,
     ) -> None:
-        """Queue the write of one record on `pipe` (the caller executes it with its other
-        writes, one round trip), and what the attempt ends with (`ending`), in one script.
-        `record` carries the seed's fields, camelCase, and its id (see `assign_ids`);
-        writing it twice stores it once."""
-        ttl = self.settings.retention_ms // 1000 + _TTL_MARGIN_S
-        record_script(self.keys, record, ttl, dead, ending).queue_on(pipe)
+        """Queue `recording` on `pipe` (the caller executes it with its other writes, one
+        round trip)."""
+        self.recording(record, dead=dead, ending=ending).queue_on(pipe)
 
     async def add(self, record: AttemptRecord, *, dead: bool = False) -> int:
         """Write one record now; returns its id."""

@@ -67,6 +67,7 @@ class Record(Script):
     createdTime (GET fails on it): that one goes on as it was."""
 
     LUA = END_JOB + _RECORD_LUA
+    TOGETHER = True  # a worker's batch of records is one call (`Writer`)
     record: Key
     index: Key
     indexes: Key

@@ -9,14 +9,14 @@ from typing import TYPE_CHECKING
 
 import orjson
 
-from dispatcher.ending import END_JOB, NO_JOB
+from dispatcher.ending import END_JOB, NO_ENDING, NO_JOB
 from dispatcher.lua import Key, Script
 
 if TYPE_CHECKING:
     from dispatcher.ending import Ending
     from dispatcher.history.record import AttemptRecord
 
-__all__ = ["StreamRecord", "stream_fields", "streamed_with_end"]
+__all__ = ["StreamRecord", "stream_fields", "streamed"]
 
 Field = bytes | str | int
 
@@ -41,19 +41,23 @@ def stream_fields(record: AttemptRecord, dead: bool) -> dict[str, Field]:
 @dataclass
 class StreamRecord(Script):
     """Appends a record to the `stream` (the fields of `stream_fields`, by their names),
-    then ends its job; the delivery's progress `mark` is written only when another worker
-    holds the job (it then finds the delivery done). Sent twice, the record is appended
-    twice, and stored once (the shipper skips an id it already has)."""
+    then what its attempt ends with (`dispatcher.ending`): the job's end (`job_id` not
+    empty), else, or when another worker holds the job (it then finds the delivery done),
+    the progress `mark` (when not empty). Sent twice, the record is appended twice, and
+    stored once (the shipper skips an id it already has). Keys it is not given are the
+    `stream` key again (as `Record`'s are its own)."""
 
     LUA = (
         END_JOB
         + """
     redis.call('XADD', stream, '*', 'r', r, 'd', d, 't', t, 'i', i, 'p', p, 'e', e, 'u', u,
                'v', v, 's', s)
-    if end_job() == 0 then redis.call('SET', progress, mark, 'EX', mark_ttl) end
+    if job_id ~= '' and end_job() == 1 then return 1 end
+    if mark ~= '' then redis.call('SET', progress, mark, 'EX', mark_ttl) end
     return 1
     """
     )
+    TOGETHER = True  # a worker's batch of records is one call (`Writer`)
     stream: Key
     progress: Key
     queue: Key
@@ -75,14 +79,14 @@ class StreamRecord(Script):
     job_id: str
 
 
-def streamed_with_end(
-    stream: str, record: AttemptRecord, dead: bool, ending: Ending
-) -> StreamRecord:
-    """The `StreamRecord` call for `record` (id assigned) and its job's end."""
+def streamed(stream: str, record: AttemptRecord, dead: bool, ending: Ending | None) -> StreamRecord:
+    """The `StreamRecord` call for `record` (id assigned) and what its attempt ends with."""
+    ending = ending or NO_ENDING
     end = ending.job or NO_JOB
     f = stream_fields(record, dead)
     return StreamRecord(
-        stream, ending.progress, end.queue, end.lease, end.job, end.claims,
+        stream, ending.progress or stream, end.queue or stream, end.lease or stream,
+        end.job or stream, end.claims or stream,
         f["r"], f["d"], f["t"], f["i"], f["p"], f["e"], f["u"], f["v"], f["s"],
         ending.mark, ending.ttl, end.token, end.job_id,
     )  # fmt: skip

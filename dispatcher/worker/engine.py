@@ -53,6 +53,7 @@ if TYPE_CHECKING:
     from redis.asyncio.client import Pipeline
 
     from dispatcher.history.record import AttemptRecord
+    from dispatcher.lua import Script
     from dispatcher.registry import CallbackTarget
     from dispatcher.services import Services
     from dispatcher.worker.steps import ChunkEnd
@@ -302,9 +303,10 @@ class Engine:
         delay: float | None,
         then: Then,
     ) -> None:
-        """The attempt's one write, in the writer's next pipeline: the callback's health,
-        then its record with the delivery's progress and what follows (`then`): one
-        script when that is only the job's end (see `steps.py`). What else should happen
+        """The attempt's one write, in the writer's next pipeline: its record with the
+        delivery's progress, and the job's end when that is all that follows (one script,
+        run together with the batch's other records: see `writer.py`), then the callback's
+        health and what else follows (`then`: see `steps.py`). What else should happen
         when a delivery ends goes here. A final failure is counted by `health.py` in a
         write of its own in the same pipeline (its answer: whether it disabled it)."""
         outcome = result.outcome
@@ -319,11 +321,13 @@ class Engine:
                 health.succeeded(pipe, target.id)
             elif outcome is Outcome.GONE:
                 registry.queue_set_enabled(pipe, target.id, False, GONE_REASON)
-            self.services.history.record(pipe, record, dead=failed_for_good, ending=ending)
             if job_end is None:
                 then(pipe, delay)
 
-        written = self.writer.submit(write, (record,))
+        def recording() -> Script:  # once the record has its id
+            return self.services.history.recording(record, dead=failed_for_good, ending=ending)
+
+        written = self.writer.submit(write, (record,), recording)  # the record goes first
         if failed_for_good and outcome is not Outcome.GONE:
             error = result.error or "failed"
             counted = self.writer.submit(

@@ -4,6 +4,7 @@ survive Redis forgetting its scripts; the API's role checks and emits use it."""
 from __future__ import annotations
 
 import asyncio
+from dataclasses import dataclass
 
 import pytest
 from redis.asyncio import Redis
@@ -12,12 +13,26 @@ from redis.exceptions import ResponseError
 from dispatcher.auth import Role
 from dispatcher.batch import Batcher, QueueCommands
 from dispatcher.errors import Forbidden
-from dispatcher.lua import Lua, run_pipeline
+from dispatcher.lua import Key, Lua, Script, run_pipeline
 from dispatcher.services import Services
 from dispatcher.settings import Settings
 from tests.helpers import command
 
 ECHO = Lua("return ARGV[1] .. ':' .. KEYS[1]")
+
+
+@dataclass
+class Bump(Script):
+    """Adds `by` to `counter` and returns it, with the `note` it was given."""
+
+    LUA = """
+    local total = redis.call('INCRBY', counter, by)
+    return {total, note}
+    """
+    TOGETHER = True
+    counter: Key
+    by: int
+    note: str
 
 
 def echo(key: str, value: str | int) -> QueueCommands:
@@ -97,3 +112,37 @@ async def test_role_checks_and_emits_of_concurrent_requests_share_round_trips(
     assert len(set(ids)) == 20
     queued = await redis.zrange(settings.queue_name, 0, -1)
     assert sorted(i.decode() for i in queued) == sorted(f"demo:{i}" for i in ids)
+
+
+async def test_scripts_run_together_in_one_call_each_answer_and_error_its_own(
+    redis: Redis,
+) -> None:
+    """`queue_together`: one EVALSHA for many calls of a script, their answers in order; a
+    call that fails (INCRBY on text) leaves its error in its place, the others run."""
+    await redis.set("text", "not a number")
+    calls = [Bump("a", 1, "one"), Bump("text", 1, "bad"), Bump("a", 2, "three"), Bump("b", 5, "")]
+    await redis.config_resetstat()
+    (answers,) = await run_pipeline(redis, lambda pipe: Bump.queue_together(pipe, calls))
+    stats = await redis.info("commandstats")
+    assert stats["cmdstat_evalsha"]["calls"] == 1 and stats["cmdstat_incrby"]["calls"] == 4
+    assert answers[0] == [1, b"one"] and answers[2] == [3, b"three"] and answers[3] == [5, b""]
+    assert isinstance(answers[1], ResponseError) and "not an integer" in str(answers[1])
+    assert await redis.mget("a", "b", "text") == [b"3", b"5", b"not a number"]
+    await redis.script_flush()  # the joint script comes back as the single ones do
+    assert await run_pipeline(redis, lambda pipe: Bump.queue_together(pipe, calls[:1])) == [
+        [[4, b"one"]]
+    ]
+
+
+def test_only_a_script_of_the_kind_runs_together() -> None:
+    @dataclass
+    class Other(Script):
+        LUA = "return 1"
+        key: Key
+        value: int
+
+    with pytest.raises(TypeError, match="given a Other"):
+        Bump.queue_together(None, [Bump("a", 1, ""), Other("k", 1)])  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="runs together only with keys and arguments"):
+        type("Keyless", (Script,), {"LUA": "return 1", "TOGETHER": True,
+                                    "__annotations__": {"value": "int"}})  # fmt: skip

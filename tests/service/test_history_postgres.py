@@ -23,11 +23,12 @@ from dispatcher.embedded import FAST, EmbeddedPostgres, EmbeddedRedis
 from dispatcher.errors import Unavailable
 from dispatcher.history import open_history
 from dispatcher.history.loader import Loader, parse_row
-from dispatcher.history.postgres import PostgresHistory, stream_fields
+from dispatcher.history.postgres import PostgresHistory
 from dispatcher.history.record import AttemptRecord
 from dispatcher.history.redis import RedisHistory
 from dispatcher.history.schema import DAY_MS, ensure_partitions, partitions, upgrade
 from dispatcher.history.shipper import Shipper
+from dispatcher.history.stream import stream_fields
 from dispatcher.keys import Keys
 from dispatcher.lua import run_pipeline
 from dispatcher.models import DeliveryStatus, Event, Region

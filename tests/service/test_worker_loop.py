@@ -25,7 +25,7 @@ from dispatcher.history.record import AttemptRecord
 from dispatcher.history.redis import RedisHistory
 from dispatcher.jobs import EventJob
 from dispatcher.keys import Keys
-from dispatcher.lua import run_pipeline
+from dispatcher.lua import load_all, run_pipeline
 from dispatcher.models import Event, Region
 from dispatcher.producer import Producer
 from dispatcher.queue import Queue
@@ -300,6 +300,54 @@ async def test_a_record_written_twice_is_stored_once(settings: Settings, redis: 
     index = keys.history_index("demo", "BUILD_END", "http://127.0.0.1:1/h")
     assert await redis.zcount(index, "-inf", "(+inf") == 1  # the record (and the mark)
     assert await redis.zcard(keys.HISTORY_DEAD) == 1
+
+
+@pytest.mark.parametrize("store", [RedisHistory, PostgresHistory])
+async def test_a_batchs_records_are_one_script_call_and_a_bad_one_fails_alone(
+    settings: Settings, redis: Redis, store: type[RedisHistory | PostgresHistory]
+) -> None:
+    """The writer runs the records of a batch together: one EVALSHA for 60 records (two
+    calls: at most `TOGETHER_MAX` a call), each write's own commands after its record. A
+    record Redis refuses (its index key holds a string, here) is that write's error; the
+    records around it land."""
+    history = store(redis, settings, keys)
+    writer = Writer(redis, history.assign_ids, window=0.05)
+    records = [record(n) for n in range(60)]
+    records[7]["callBackUrl"] = "http://127.0.0.1:1/refused"
+    records[7]["events"] = "BUILD_START"
+    # a record for the URL of record 7 in the PostgreSQL store's stream: refused the same way
+    refused = (
+        keys.history_index("demo", "BUILD_START", "http://127.0.0.1:1/refused")
+        if store is RedisHistory
+        else keys.HISTORY_STREAM
+    )
+    await redis.set(refused, "in the way")
+    if store is PostgresHistory:
+        records = [records[7]]  # the stream is the one key every record shares
+    await history.assign_ids(records)
+    await load_all(redis)
+    await redis.config_resetstat()
+    try:
+        writes = [
+            writer.submit(
+                command("SET", f"after:{n}", n),
+                [r],
+                functools.partial(history.recording, r),
+            )
+            for n, r in enumerate(records)
+        ]
+        answers = await asyncio.wait_for(asyncio.gather(*writes, return_exceptions=True), 10)
+    finally:
+        await writer.close()
+    bad = answers.pop(7 if store is RedisHistory else 0)
+    assert isinstance(bad, Exception) and "WRONGTYPE" in str(bad)
+    assert answers == [[1, True]] * len(answers)  # the record's answer, then the write's
+    stats = await redis.info("commandstats")
+    assert stats["cmdstat_evalsha"]["calls"] == (2 if store is RedisHistory else 1)
+    assert await redis.exists(*(f"after:{n}" for n in range(len(records)))) == len(records)
+    if store is RedisHistory:
+        index = keys.history_index("demo", "BUILD_END", "http://127.0.0.1:1/h")
+        assert await redis.zcount(index, "-inf", "(+inf") == 59
 
 
 async def test_a_timed_out_run_is_run_again_never_dropped(
