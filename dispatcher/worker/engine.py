@@ -14,6 +14,7 @@ is made again, with the same delivery id for the receiver to de-duplicate.
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
@@ -53,7 +54,6 @@ if TYPE_CHECKING:
     from redis.asyncio.client import Pipeline
 
     from dispatcher.history.record import AttemptRecord
-    from dispatcher.lua import Script
     from dispatcher.registry import CallbackTarget
     from dispatcher.services import Services
     from dispatcher.worker.steps import ChunkEnd
@@ -303,44 +303,46 @@ class Engine:
         delay: float | None,
         then: Then,
     ) -> None:
-        """The attempt's one write, in the writer's next pipeline: its record with the
-        delivery's progress, and the job's end when that is all that follows (one script,
-        run together with the batch's other records: see `writer.py`), then the callback's
-        health and what else follows (`then`: see `steps.py`). What else should happen
-        when a delivery ends goes here. A final failure is counted by `health.py` in a
-        write of its own in the same pipeline (its answer: whether it disabled it)."""
+        """The attempt's one write, in the writer's next pipeline: the callback's health,
+        its record with the delivery's progress and the job's end when that is all that
+        follows (one script), then what else follows (`then`: see `steps.py`). The record
+        of a delivery that ends here with no health to write is `joint`: it runs with the
+        batch's other records, first (`writer.py`), as what follows it can be done again
+        (a retry's job must land with the record that marks its attempt made). A final
+        failure is counted by `health.py` in a write of its own in the same pipeline."""
         outcome = result.outcome
         failed_for_good = delay is None and outcome is not Outcome.SUCCESS
         registry, health = self.services.registry, self.services.health
         job_end = then.job_end(delay) if isinstance(then, Step) else None
         mark = DONE.decode() if delay is None else str(record["attempt"])
         ending = Ending(self.keys.delivery(job.progress_id), mark, self.progress_ttl, job_end)
+        healed = outcome is Outcome.SUCCESS and target.failing
+        joint = delay is None and not healed and outcome is not Outcome.GONE
 
         def write(pipe: Pipeline) -> None:
-            if outcome is Outcome.SUCCESS and target.failing:
+            if healed:
                 health.succeeded(pipe, target.id)
             elif outcome is Outcome.GONE:
                 registry.queue_set_enabled(pipe, target.id, False, GONE_REASON)
+            if not joint:
+                self.services.history.record(pipe, record, dead=failed_for_good, ending=ending)
             if job_end is None:
                 then(pipe, delay)
 
-        def recording() -> Script:  # once the record has its id
-            return self.services.history.recording(record, dead=failed_for_good, ending=ending)
-
-        written = self.writer.submit(write, (record,), recording)  # the record goes first
+        recording = self.services.history.recording  # called once the record has its id
+        lead = functools.partial(recording, record, dead=failed_for_good, ending=ending)
+        written = self.writer.submit(write, (record,), lead if joint else None)
+        counted = None
         if failed_for_good and outcome is not Outcome.GONE:
-            error = result.error or "failed"
-            counted = self.writer.submit(
-                lambda pipe: health.queue_failed(
-                    pipe, target.id, error, record["createdTime"], record["id"]
-                )
+            error, created = result.error or "failed", record["createdTime"]
+            counted = self.writer.submit(  # its id: given by the time this is queued
+                lambda pipe: health.queue_failed(pipe, target.id, error, created, record["id"])
             )
-            self.lanes.landed(await asyncio.shield(written))  # a lane's next: now
+        self.lanes.landed(await asyncio.shield(written))  # a lane's next delivery: now
+        if counted is not None:
             (reply,) = await asyncio.shield(counted)
             health.judged(target.id, reply)
-            return
-        self.lanes.landed(await asyncio.shield(written))  # a lane's next delivery: now
-        if outcome is Outcome.GONE:
+        elif outcome is Outcome.GONE:
             disabled(target.id, "gone", GONE_REASON)
 
     async def _request(

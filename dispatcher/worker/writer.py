@@ -3,10 +3,12 @@
 
 Every attempt ends in writes (its history record, the delivery's progress, the next step
 of its job). They are queued here and sent in pipelines shared by whatever else is
-waiting (one round trip for many attempts); the records of a batch, each a script that
-writes one record and what its attempt ends with, go first, run together as one script
-call per `TOGETHER_MAX` of them (`lua.Script.queue_together`), each write's own commands
-after them in the order queued. When Redis does not answer (refused, reset,
+waiting (one round trip for many attempts). A write may lead with a script (the record
+of a delivery that ends with its attempt, and the job's end): a batch's leads go first,
+run together as one script call per `TOGETHER_MAX` of them (`lua.Script.queue_together`),
+each write's own commands after them in the order queued. The engine gives a lead only
+to a write whose own commands can be done again by the job's next run, as a failover may
+keep only a pipeline's start. When Redis does not answer (refused, reset,
 timed out, `LOADING` after a restart, paused), the same batch is sent again with backoff
 until it does: nothing is dropped, and the HTTP attempts that produced the writes never
 wait for them. A Redis at `maxmemory` (`OOM`, with `noeviction`) is such an outage: it
@@ -42,8 +44,9 @@ if TYPE_CHECKING:
 
 __all__ = ["Then", "Writer"]
 
-# What follows an attempt, queued on the pipeline that records it (so both are written,
-# or neither): `delay` seconds to the next attempt, or None when the delivery is over.
+# What follows an attempt, queued after its record on the pipeline that writes it (Redis
+# runs them in order; a failover may keep only a pipeline's start): `delay` seconds to the
+# next attempt, or None when the delivery is over.
 Then = Callable[["Pipeline", "float | None"], None]
 
 log = structlog.get_logger("dispatcher.worker")

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import time
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import orjson
 import pytest
@@ -13,11 +16,14 @@ from redis.asyncio import Redis
 from standardwebhooks import Webhook
 from structlog.testing import capture_logs
 
+from dispatcher.batch import QueueCommands
 from dispatcher.clock import now_ms
 from dispatcher.embedded import EmbeddedRedis
+from dispatcher.history.record import AttemptRecord
 from dispatcher.history.redis import RedisHistory
 from dispatcher.jobs import EventJob
 from dispatcher.keys import Keys
+from dispatcher.lua import Script
 from dispatcher.models import Event, HistoryRecord, Region
 from dispatcher.producer import Producer
 from dispatcher.queue import Queue
@@ -257,6 +263,44 @@ async def test_duplicate_fan_out_delivers_once(
     assert await redis.zcard(settings.queue_name) == 0
     assert not await redis.exists(keys.arq_job(single.job_id))
     assert await redis.keys(keys.DELIVERY_PREFIX + "*evt_one*") == []  # no mark
+
+
+async def test_only_a_delivery_that_ends_leads_its_write_with_its_record(
+    settings: Settings, redis: Redis, receiver: Receiver
+) -> None:
+    """A delivery that ends with its attempt gives the writer its record as a lead (run
+    with the batch's other records, first: what follows can be done again). One retried
+    keeps its record in its own commands, right before its retry's job: a failover that
+    keeps only a pipeline's start cannot leave it marked as attempted with no retry."""
+    ok, busy = receiver.url("/ok"), receiver.script("/busy", answer(503))
+    for url in (ok, busy):
+        await register(redis, url)
+    services = Services(settings, redis)
+    submitted: dict[str, tuple[QueueCommands, object]] = {}
+
+    class Spy(Writer):
+        def submit(
+            self,
+            queue: QueueCommands,
+            records: Sequence[AttemptRecord] = (),
+            lead: Callable[[], Script] | None = None,
+        ) -> asyncio.Future[list[Any]]:
+            for record in records:
+                submitted[record["callBackUrl"]] = (queue, lead)
+            return super().submit(queue, records, lead)
+
+    engine = Engine(services, Spy(redis, services.history.assign_ids))
+    try:
+        await engine.fan_out(EventJob(id="evt_lead", project_id="demo", event="BUILD_END"))
+    finally:
+        await engine.close()
+    assert submitted[ok][1] is not None and submitted[busy][1] is None
+    pipe = redis.pipeline(transaction=False)
+    submitted[busy][0](pipe)
+    queued = [args for args, _ in pipe.command_stack]
+    assert queued[0][0] == "EVALSHA" and len(queued) > 1  # the record, then the retry's job
+    assert await redis.zcard(settings.queue_name) == 1  # the retry is queued
+    assert [r.status.value for r in await records(redis, settings, busy)] == ["FAILED"]
 
 
 async def test_huge_response_body_is_truncated_in_history(
