@@ -198,6 +198,8 @@ class Script:
         order in one go (so keep them few: Redis serves no one else meanwhile). Its answer
         is the list of theirs: a call that fails leaves its error in its place (what it
         wrote before failing stays, as with a script of its own) and the next one runs."""
+        if not cls.TOGETHER:
+            raise TypeError(f"{cls.__name__} does not run together (TOGETHER is not set)")
         keys: list[Any] = []
         args: list[Any] = []
         for call in calls:

@@ -56,8 +56,8 @@ Prepare = Callable[[Iterable["AttemptRecord"]], Awaitable[None]]
 # keeps serving others between them (about 1 ms of its time).
 TOGETHER_MAX = 50
 # Where a lead's answer is: its call's place in the pipeline, and its own place in that
-# call's answer (None: the call was its own); None for a write without a lead.
-Place = tuple[int, int | None] | None
+# call's answer; None for a write without a lead.
+Place = tuple[int, int] | None
 # Replies that mean "not now" rather than "never": the batch is sent again.
 TRANSIENT_REPLIES = ("LOADING", "READONLY", "OOM", "MASTERDOWN", "BUSY", "TRYAGAIN", "NOREPLICAS")
 
@@ -119,8 +119,8 @@ class Writer(Batcher):
     ) -> asyncio.Future[list[Any]]:
         """Queue the commands `queue` puts on a pipeline; the future gets their results once
         Redis has them (cancelling it does not withdraw the write). `lead`: what makes the
-        script that writes `records` (once they have their ids), sent before `queue`'s
-        commands, its answer first in the results."""
+        script (a `TOGETHER` one) that writes `records` once they have their ids, sent
+        before `queue`'s commands, its answer first in the results."""
         done = super().submit(queue, records)
         self._pending[-1].lead = lead
         done.add_done_callback(_retrieved)  # a refusal is logged once, whoever awaits it
@@ -184,13 +184,13 @@ class Writer(Batcher):
         """The batch sent once, its records given their ids first, then their scripts run
         together; raises when a reply asks to try again later."""
         await self.prepare(record for write in batch for record in write.records)
-        leads, places = _together([write.lead() if write.lead else None for write in batch])
+        leads, places = _joint_calls([write.lead() if write.lead else None for write in batch])
         sent = await self.send([*leads, *(write.queue for write in batch)])
         led, answers = sent[: len(leads)], sent[len(leads) :]
         for answer, place in zip(answers, places, strict=True):
             if place is not None:
-                call, at = place
-                answer.insert(0, _answer(led[call][0], at))
+                (got,) = led[place[0]]  # the call's answers, or its error
+                answer.insert(0, got if isinstance(got, Exception) else got[place[1]])
         if any(_transient(r) for answer in answers for r in answer):
             first = next(r for a in answers for r in a if _transient(r))
             raise _Transient(str(first)) from first
@@ -235,9 +235,9 @@ class Writer(Batcher):
             log.info("worker.writes_resumed", pending=len(self._pending), waited_s=round(waited, 1))
 
 
-def _together(leads: list[Script | None]) -> tuple[list[QueueCommands], list[Place]]:
-    """The calls that run `leads` (those of a `TOGETHER` kind together, `TOGETHER_MAX` at
-    most per call, in the order given; any other alone), and where each lead's answer will
+def _joint_calls(leads: list[Script | None]) -> tuple[list[QueueCommands], list[Place]]:
+    """The calls that run `leads` (`TOGETHER` scripts), those of one kind together,
+    `TOGETHER_MAX` at most per call, in the order given; and where each lead's answer will
     be (see `Place`)."""
     kinds: dict[type[Script], list[tuple[int, Script]]] = {}
     for i, lead in enumerate(leads):
@@ -246,22 +246,12 @@ def _together(leads: list[Script | None]) -> tuple[list[QueueCommands], list[Pla
     calls: list[QueueCommands] = []
     places: list[Place] = [None] * len(leads)
     for kind, members in kinds.items():
-        if not kind.TOGETHER:
-            for i, lead in members:
-                calls.append(lead.queue_on)
-                places[i] = (len(calls) - 1, None)
-            continue
         for start in range(0, len(members), TOGETHER_MAX):
             run = members[start : start + TOGETHER_MAX]
             calls.append(functools.partial(kind.queue_together, calls=[lead for _, lead in run]))
             for place, (i, _) in enumerate(run):
                 places[i] = (len(calls) - 1, place)
     return calls, places
-
-
-def _answer(got: Any, place: int | None) -> Any:
-    """A lead's answer out of its call's (`got`): its own, or the call's error."""
-    return got if place is None or isinstance(got, Exception) else got[place]
 
 
 def _retrieved(done: asyncio.Future[list[Any]]) -> None:

@@ -141,6 +141,8 @@ def test_only_a_script_of_the_kind_runs_together() -> None:
         key: Key
         value: int
 
+    with pytest.raises(TypeError, match="Other does not run together"):
+        Other.queue_together(None, [Other("k", 1)])  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="given a Other"):
         Bump.queue_together(None, [Bump("a", 1, ""), Other("k", 1)])  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="runs together only with keys and arguments"):
