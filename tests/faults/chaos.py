@@ -110,6 +110,7 @@ class Verdict:
     abandoned: set[str] = field(default_factory=set)
     false_failed: list[HistoryRecord] = field(default_factory=list)
     unrecorded: set[str] = field(default_factory=set)
+    seen: dict[int, list[int | str]] = field(default_factory=dict)  # answers in a record's time
 
     def assert_nothing_lost(self) -> None:
         assert not (self.lost or self.abandoned or self.false_failed or self.unrecorded), (
@@ -121,6 +122,12 @@ class Verdict:
             f"{len(self.expected)} deliveries: lost {len(self.lost)}, abandoned "
             f"{len(self.abandoned)}, 2xx recorded as failed {len(self.false_failed)}, "
             f"delivered without a record {len(self.unrecorded)}"
+            + "".join(
+                f"\n  record {r.id} of {r.delivery_id} (attempt {r.attempt}, "
+                f"{r.start_time}..{r.end_time} ms): FAILED {r.error_msg!r}, "
+                f"the receiver answered {self.seen[r.id]} meanwhile"
+                for r in self.false_failed[:5]
+            )
         )
 
 
@@ -148,14 +155,20 @@ async def judge(
             verdict.abandoned.add(delivery_id)
         else:
             verdict.lost.add(delivery_id)
-    ok = [a for a in receiver.answers if a.answer == 200]
     for record in records:
-        if record.status is DeliveryStatus.FAILED and any(
-            a.delivery_id == record.delivery_id
+        if record.status is not DeliveryStatus.FAILED:
+            continue
+        during = [
+            a.answer
+            for a in receiver.answers
+            if a.delivery_id == record.delivery_id
             and record.start_time <= a.arrived_ms
             and a.answered_ms <= record.end_time
-            for a in ok
-        ):
+        ]
+        # Two attempts of one delivery can overlap (a failover lost a lease: the README's
+        # "may repeat"): a FAILED record is the non-2xx answer's when one came meanwhile.
+        if 200 in during and all(answer == 200 for answer in during):
             verdict.false_failed.append(record)
+            verdict.seen[record.id] = during
     verdict.unrecorded = receiver.answered_2xx() - set(by_delivery)
     return verdict
