@@ -177,7 +177,7 @@ class Worker:
                 self._start(run, job)
             short = len(claimed) < share
             # a full project's jobs may wait: claim as soon as it has room
-            if short and run.engine.shares.claim_fell_short():
+            if short and run.engine.shares.claim_fell_short(job.job_id for job in claimed):
                 self._wake()
             # a wake since this claim began (here, or a job's end): no shard is dry yet
             # (with several shards, the next claim, another shard's, clears the event)

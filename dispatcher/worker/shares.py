@@ -23,8 +23,12 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections import OrderedDict, deque
+from collections import Counter, OrderedDict, deque
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable
 
 __all__ = ["Shares", "Slot", "project_of"]
 
@@ -90,6 +94,7 @@ class Shares:
         self.batch = max(1, min(50, slots // 8))  # the room a claim for a full project waits for
         self._full: set[str] = set()  # projects at their share when a claim fell short
         self._refused: set[str] = set()  # projects the last claim could take nothing for
+        self._asked: tuple[int, dict[str, int]] = (-1, {})  # the last claim's budgets
         self.projects = _Counts(slots)
         self.hosts = _Counts(slots if fair else 1 << 30, max_per_host)
         # (project, host) -> futures of attempts waiting for a slot, oldest first
@@ -113,14 +118,19 @@ class Shares:
         self.jobs.give(project)
         return bool(self._full) and self._freed()
 
-    def claim_fell_short(self) -> bool:
-        """A claim took fewer jobs than it asked for: the projects it could not take for
-        (none left to them when it was asked, or at their share now) may have left theirs
-        in the queue (see `job_ended`). Whether one has room already (its jobs ended while
-        the claim was out): claim again at once."""
+    def claim_fell_short(self, claimed: Iterable[str] = ()) -> bool:
+        """A claim took fewer jobs than it asked for (`claimed`: the ids it took): the
+        projects it could not take more for (none left to them when it was asked, all it
+        was allowed taken, or at their share now) may have left theirs in the queue (see
+        `job_ended`). Whether one has room already (its jobs ended while the claim was
+        out): claim again at once."""
         if not self.fair:
             return False
-        self._full |= self._refused | {p for p in self.jobs.held if self.jobs.room(p) <= 0}
+        newcomer, budgets = self._asked
+        taken = Counter(p for job_id in claimed if (p := project_of(job_id)) is not None)
+        spent = {p for p, n in taken.items() if n >= budgets.get(p, newcomer)}
+        at_share = {p for p in self.jobs.held if self.jobs.room(p) <= 0}
+        self._full |= self._refused | spent | at_share
         self._refused = set()
         return self._freed()
 
@@ -141,6 +151,7 @@ class Shares:
         newcomer = max(1, self.jobs.slots // (len(self.jobs.held) + 2))
         budgets = {p: max(0, self.jobs.room(p)) for p in self.jobs.held}
         self._refused = {p for p, budget in budgets.items() if not budget}
+        self._asked = (newcomer, budgets)
         return newcomer, budgets
 
     # ---- attempts -----------------------------------------------------------------------

@@ -109,6 +109,27 @@ def test_a_full_project_whose_jobs_end_while_the_claim_is_out_is_claimed_for_at_
     assert not shares.claim_fell_short()  # remembered no more
 
 
+def test_a_claim_that_took_a_projects_whole_budget_is_followed_at_once() -> None:
+    """Its jobs ended while the claim was out, but it was not full when the claim was
+    asked: what it took (its whole budget) says more may wait in the queue, and it has a
+    batch of room again (a lone project whose claims landed a poll interval apart)."""
+    shares = Shares(slots=16, max_per_host=100)  # alone, a share of 8; a batch of room: 2
+    for i in range(8):
+        shares.job_started(f"projA:e{i}")
+    for i in range(3):
+        shares.job_ended(f"projA:e{i}")
+    assert shares.claim_budgets() == (5, {"projA": 3})  # the claim goes out for 3 ...
+    for i in range(3, 6):
+        assert not shares.job_ended(f"projA:e{i}")  # ... 3 more end meanwhile ...
+    took = [f"projA:n{i}" for i in range(3)]
+    for job_id in took:
+        shares.job_started(job_id)
+    assert shares.claim_fell_short(took)  # ... all 3 taken, and room for 3: claim now
+    assert shares.claim_budgets() == (5, {"projA": 3})
+    shares.job_started("projA:n3")
+    assert not shares.claim_fell_short(["projA:n3"])  # 1 of 3: the queue had no more
+
+
 def test_with_many_busy_projects_a_full_one_is_claimed_for_at_half_its_share() -> None:
     shares = Shares(slots=64, max_per_host=100)  # a batch: 8; with 10 busy, a share: 5
     for p in range(10):
