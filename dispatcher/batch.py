@@ -36,12 +36,14 @@ QueueCommands = Callable[["Pipeline"], None]
 class Pending:
     """Commands waiting for the next pipeline: the records they write (given their ids
     first by a `Writer`), the future their answers go to, and (a `Writer`'s) the script
-    that `lead` makes once the records have their ids, sent before the commands."""
+    that `lead` makes once the records have their ids, then the script `tail`, both sent
+    before the commands."""
 
     queue: QueueCommands
     done: asyncio.Future[list[Any]]
     records: Sequence[AttemptRecord] = ()
     lead: Callable[[], Script] | None = None
+    tail: Script | None = None
 
 
 class Batcher:

@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from contextlib import AbstractAsyncContextManager
 
     from dispatcher.history.record import HeaderRow
+    from dispatcher.settings import Settings
 
 __all__ = [
     "AttemptResult",
@@ -78,6 +79,11 @@ class Limits:
     connect_timeout: float
     total_timeout: float
     max_response_body: int
+
+    @classmethod
+    def of(cls, settings: Settings) -> Limits:
+        return cls(settings.user_agent, settings.connect_timeout, settings.total_timeout,
+                   settings.max_response_body)  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True)

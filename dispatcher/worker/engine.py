@@ -96,12 +96,7 @@ class Engine:
             self.breaker, self.shares = shared.breaker, shared.shares
             self.clients, self.stats = shared.clients, shared.stats
         self.controls = Controls(settings, self.keys, self.reads, writer)
-        self.limits = Limits(
-            settings.user_agent,
-            settings.connect_timeout,
-            settings.total_timeout,
-            settings.max_response_body,
-        )
+        self.limits = Limits.of(settings)
         self.progress_ttl = int(max(86_400, 2 * sum(settings.retry_schedule)))
         self.lanes = Lanes(  # ordered callbacks
             self.keys,
@@ -305,10 +300,9 @@ class Engine:
     ) -> None:
         """The attempt's one write, in the writer's next pipeline: the callback's health,
         its record with the delivery's progress and the job's end when that is all that
-        follows (one script), then what else follows (`then`: see `steps.py`). The record
-        of a delivery that ends here with no health to write is `joint`: it runs with the
-        batch's other records, first (`writer.py`), as what follows it can be done again
-        (a retry's job must land with the record that marks its attempt made). A final
+        follows (one script), then what else follows (`then`: see `steps.py`). A delivery
+        that ends here with no health to write is `joint`: its record, then its lane's
+        release (`Step.joint`), run with the batch's others, first (`writer.py`). A final
         failure is counted by `health.py` in a write of its own in the same pipeline."""
         outcome = result.outcome
         failed_for_good = delay is None and outcome is not Outcome.SUCCESS
@@ -318,6 +312,7 @@ class Engine:
         ending = Ending(self.keys.delivery(job.progress_id), mark, self.progress_ttl, job_end)
         healed = outcome is Outcome.SUCCESS and target.failing
         joint = delay is None and not healed and outcome is not Outcome.GONE
+        tail = then.joint(delay) if joint and isinstance(then, Step) and not job_end else None
 
         def write(pipe: Pipeline) -> None:
             if healed:
@@ -326,12 +321,12 @@ class Engine:
                 registry.queue_set_enabled(pipe, target.id, False, GONE_REASON)
             if not joint:
                 self.services.history.record(pipe, record, dead=failed_for_good, ending=ending)
-            if job_end is None:
+            if job_end is None and tail is None:
                 then(pipe, delay)
 
         recording = self.services.history.recording  # called once the record has its id
         lead = functools.partial(recording, record, dead=failed_for_good, ending=ending)
-        written = self.writer.submit(write, (record,), lead if joint else None)
+        written = self.writer.submit(write, (record,), lead if joint else None, tail)
         counted = None
         if failed_for_good and outcome is not Outcome.GONE:
             error, created = result.error or "failed", record["createdTime"]

@@ -295,6 +295,7 @@ return {'lane:next', id, data, redis.call('GET', progress_prefix .. id) or '',
         redis.call('HGETALL', callback_prefix .. callback)}
 """
     )
+    TOGETHER = True  # a worker's batch of releases is one call (`Writer`)
     lane: Key
     queue: Key
     blocked: Key

@@ -55,6 +55,7 @@ if TYPE_CHECKING:
     from dispatcher.ending import JobEnd
     from dispatcher.jobs import EventJob
     from dispatcher.keys import Keys
+    from dispatcher.lua import Script
     from dispatcher.worker.writer import Then, Writer
 
 __all__ = ["Adopt", "Lanes", "Sending"]
@@ -229,30 +230,20 @@ class Lanes:
         with `then_at_end`: a fan-out's attempt, whose `then` may end the fan-out's job;
         when that is all it does, the release ends the fan-out's job instead: one script),
         else `then` (a retry, a deferral), which marks the lane blocked."""
-        lane = self.lane(job)
-
-        def step(pipe: Pipeline, delay: float | None) -> None:
-            if delay is None:
-                # (the release checks the job's lease against the adopting worker's token)
-                ends = then_at_end and isinstance(then, Step) and self.adopt is not None
-                end = then.job_end(None) if ends and isinstance(then, Step) else None
-                self.release(pipe, job, take=True, end=end)
-                if then_at_end and end is None:
-                    then(pipe, None)
-            else:
-                pipe.zadd(self.keys.LANES_BLOCKED, {lane: now_ms()}, nx=True)
-                then(pipe, delay)
-
-        return step
+        return LaneStep(self, job, then, then_at_end)
 
     def release(
         self, pipe: Pipeline, job: DeliveryJob, *, take: bool, end: JobEnd | None = None
     ) -> None:
         """Queue the end of `job`'s turn in its lane, with the end of its job (or of the
         job `end` names); `take`: the next one is this worker's (see `landed`)."""
+        self.release_script(job, take=take, end=end).queue_on(pipe)
+
+    def release_script(self, job: DeliveryJob, *, take: bool, end: JobEnd | None = None) -> Release:
+        """`release`, as the script to run (it counts as released now)."""
         self.released += 1
         stamp = now_ms()
-        release = Release.of(
+        return Release.of(
             self.keys,
             self.lane(job),
             job.emitter or job.project_id,
@@ -263,7 +254,6 @@ class Lanes:
             recheck_ms=stamp + int(RECHECK_S * 1000),
             end=end,
         )
-        release.queue_on(pipe)
 
     def landed(self, answer: list[Any]) -> None:
         """After a write: each next delivery a release in it took starts now."""
@@ -298,6 +288,44 @@ class Lanes:
                 await self.sending.attempt(job, target, int(progress or 0) + 1, then)
 
         adopt.spawn(job.job_id, work)
+
+
+@dataclass(frozen=True, slots=True)
+class LaneStep(Step):
+    """What follows an ordered delivery's attempt (see `Lanes.releasing`)."""
+
+    lanes: Lanes
+    job: DeliveryJob
+    then: Then
+    then_at_end: bool
+
+    def __call__(self, pipe: Pipeline, delay: float | None) -> None:
+        if delay is None:
+            # (the release checks the job's lease against the adopting worker's token)
+            end = self._end()
+            self.lanes.release(pipe, self.job, take=True, end=end)
+            if self.then_at_end and end is None:
+                self.then(pipe, None)
+        else:
+            lane = self.lanes.lane(self.job)
+            pipe.zadd(self.lanes.keys.LANES_BLOCKED, {lane: now_ms()}, nx=True)
+            self.then(pipe, delay)
+
+    def joint(self, delay: float | None) -> Script | None:
+        """The lane's release, when the delivery ended and that is all that follows."""
+        if delay is not None:
+            return None
+        end = self._end()
+        if self.then_at_end and end is None:
+            return None
+        return self.lanes.release_script(self.job, take=True, end=end)
+
+    def _end(self) -> JobEnd | None:
+        """The job `then` would end, when that is all it does (the release ends it)."""
+        then = self.then
+        if self.then_at_end and isinstance(then, Step) and self.lanes.adopt is not None:
+            return then.job_end(None)
+        return None
 
 
 def _in_lane(job: DeliveryJob, target: CallbackTarget, path: str, key: str) -> DeliveryJob:

@@ -19,6 +19,7 @@ if TYPE_CHECKING:
 
     from dispatcher.ending import JobEnd
     from dispatcher.jobs import DeliveryJob, EventJob
+    from dispatcher.lua import Script
     from dispatcher.queue import Queue
     from dispatcher.worker.claims import Claimed, Claims
 
@@ -37,6 +38,13 @@ class Step:
     def job_end(self, delay: float | None) -> JobEnd | None:
         """The job's end, when that is all this step does after `delay`: the caller then
         has the record's script end the job instead of calling the step. None: call it."""
+        return None
+
+    def joint(self, delay: float | None) -> Script | None:
+        """All this step does after `delay`, as a script that runs together with its kind
+        (`TOGETHER`), after the record's in the writer's joint calls: the caller then sends
+        it instead of calling the step. None: call it. Asked once, and only of a delivery
+        that ends with its record in a joint call."""
         return None
 
 

@@ -3,12 +3,13 @@
 
 Every attempt ends in writes (its history record, the delivery's progress, the next step
 of its job). They are queued here and sent in pipelines shared by whatever else is
-waiting (one round trip for many attempts). A write may lead with a script (the record
-of a delivery that ends with its attempt, and the job's end): a batch's leads go first,
-run together as one script call per `TOGETHER_MAX` of them (`lua.Script.queue_together`),
-each write's own commands after them in the order queued. The engine gives a lead only
-to a write whose own commands can be done again by the job's next run, as a failover may
-keep only a pipeline's start. When Redis does not answer (refused, reset,
+waiting (one round trip for many attempts). A write may lead with scripts (the record
+of a delivery that ends with its attempt, and the job's end; then an ordered delivery's
+lane release): a batch's leads go first, run together as one script call per
+`TOGETHER_MAX` of a kind (`lua.Script.queue_together`), every write's first lead before
+any second one, each write's own commands after them in the order queued. The engine
+gives a lead only to a write whose own commands can be done again by the job's next run,
+as a failover may keep only a pipeline's start. When Redis does not answer (refused, reset,
 timed out, `LOADING` after a restart, paused), the same batch is sent again with backoff
 until it does: nothing is dropped, and the HTTP attempts that produced the writes never
 wait for them. A Redis at `maxmemory` (`OOM`, with `noeviction`) is such an outage: it
@@ -56,8 +57,8 @@ Prepare = Callable[[Iterable["AttemptRecord"]], Awaitable[None]]
 # keeps serving others between them (about 1 ms of its time).
 TOGETHER_MAX = 50
 # Where a lead's answer is: its call's place in the pipeline, and its own place in that
-# call's answer; None for a write without a lead.
-Place = tuple[int, int] | None
+# call's answer.
+Place = tuple[int, int]
 # Replies that mean "not now" rather than "never": the batch is sent again.
 TRANSIENT_REPLIES = ("LOADING", "READONLY", "OOM", "MASTERDOWN", "BUSY", "TRYAGAIN", "NOREPLICAS")
 
@@ -116,13 +117,15 @@ class Writer(Batcher):
         queue: QueueCommands,
         records: Sequence[AttemptRecord] = (),
         lead: Callable[[], Script] | None = None,
+        tail: Script | None = None,
     ) -> asyncio.Future[list[Any]]:
         """Queue the commands `queue` puts on a pipeline; the future gets their results once
         Redis has them (cancelling it does not withdraw the write). `lead`: what makes the
-        script (a `TOGETHER` one) that writes `records` once they have their ids, sent
-        before `queue`'s commands, its answer first in the results."""
+        script (a `TOGETHER` one) that writes `records` once they have their ids; `tail`,
+        one that follows it (with a `lead` only): both sent before `queue`'s commands,
+        their answers first in the results."""
         done = super().submit(queue, records)
-        self._pending[-1].lead = lead
+        self._pending[-1].lead, self._pending[-1].tail = lead, tail
         done.add_done_callback(_retrieved)  # a refusal is logged once, whoever awaits it
         metrics.PENDING_WRITES.set(len(self._pending))
         return done
@@ -184,13 +187,13 @@ class Writer(Batcher):
         """The batch sent once, its records given their ids first, then their scripts run
         together; raises when a reply asks to try again later."""
         await self.prepare(record for write in batch for record in write.records)
-        leads, places = _joint_calls([write.lead() if write.lead else None for write in batch])
+        leads, places = _joint_calls([_leads(write) for write in batch])
         sent = await self.send([*leads, *(write.queue for write in batch)])
         led, answers = sent[: len(leads)], sent[len(leads) :]
-        for answer, place in zip(answers, places, strict=True):
-            if place is not None:
-                (got,) = led[place[0]]  # the call's answers, or its error
-                answer.insert(0, got if isinstance(got, Exception) else got[place[1]])
+        for answer, mine in zip(answers, places, strict=True):
+            # each lead's answer, in order: its place in its call's answers, or the call's error
+            calls = [(led[call][0], place) for call, place in mine]
+            answer[0:0] = [got if isinstance(got, Exception) else got[i] for got, i in calls]
         if any(_transient(r) for answer in answers for r in answer):
             first = next(r for a in answers for r in a if _transient(r))
             raise _Transient(str(first)) from first
@@ -235,22 +238,32 @@ class Writer(Batcher):
             log.info("worker.writes_resumed", pending=len(self._pending), waited_s=round(waited, 1))
 
 
-def _joint_calls(leads: list[Script | None]) -> tuple[list[QueueCommands], list[Place]]:
-    """The calls that run `leads` (`TOGETHER` scripts), those of one kind together,
-    `TOGETHER_MAX` at most per call, in the order given; and where each lead's answer will
-    be (see `Place`)."""
-    kinds: dict[type[Script], list[tuple[int, Script]]] = {}
-    for i, lead in enumerate(leads):
-        if lead is not None:
-            kinds.setdefault(type(lead), []).append((i, lead))
+def _leads(write: Pending) -> tuple[Script, ...]:
+    """A write's scripts for the joint calls, in order."""
+    if write.lead is None:
+        return ()
+    return (write.lead(),) if write.tail is None else (write.lead(), write.tail)
+
+
+def _joint_calls(
+    leads: list[Sequence[Script]],
+) -> tuple[list[QueueCommands], list[list[Place]]]:
+    """The calls that run each write's `leads` (`TOGETHER` scripts): every write's first
+    before any second one, those of one kind together, `TOGETHER_MAX` at most per call,
+    in the order given; and where each write's lead answers will be (see `Place`)."""
+    kinds: dict[tuple[int, type[Script]], list[tuple[int, Script]]] = {}
+    for i, scripts in enumerate(leads):
+        for rank, lead in enumerate(scripts):
+            kinds.setdefault((rank, type(lead)), []).append((i, lead))
     calls: list[QueueCommands] = []
-    places: list[Place] = [None] * len(leads)
-    for kind, members in kinds.items():
+    places: list[list[Place]] = [[] for _ in leads]
+    for rank, kind in sorted(kinds, key=lambda k: k[0]):  # stable: first seen first
+        members = kinds[rank, kind]
         for start in range(0, len(members), TOGETHER_MAX):
             run = members[start : start + TOGETHER_MAX]
             calls.append(functools.partial(kind.queue_together, calls=[lead for _, lead in run]))
             for place, (i, _) in enumerate(run):
-                places[i] = (len(calls) - 1, place)
+                places[i].append((len(calls) - 1, place))
     return calls, places
 
 

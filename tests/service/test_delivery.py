@@ -284,10 +284,11 @@ async def test_only_a_delivery_that_ends_leads_its_write_with_its_record(
             queue: QueueCommands,
             records: Sequence[AttemptRecord] = (),
             lead: Callable[[], Script] | None = None,
+            tail: Script | None = None,
         ) -> asyncio.Future[list[Any]]:
             for record in records:
                 submitted[record["callBackUrl"]] = (queue, lead)
-            return super().submit(queue, records, lead)
+            return super().submit(queue, records, lead, tail)
 
     engine = Engine(services, Spy(redis, services.history.assign_ids))
     try:

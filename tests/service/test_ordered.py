@@ -31,7 +31,7 @@ from dispatcher.settings import Settings
 from dispatcher.shards import views
 from dispatcher.shards.router import Router
 from dispatcher.worker.claims import Claims
-from dispatcher.worker.lane_scripts import Enter
+from dispatcher.worker.lane_scripts import Enter, Release
 from tests.helpers import (
     Handler,
     Receiver,
@@ -363,3 +363,37 @@ async def test_a_fan_out_whose_deliveries_all_park_ends_in_the_parking_script(
     assert verdicts == [0 if parked else 1] and ended == int(parked)
     assert (await redis.zscore(keys.QUEUE, event_job) is None) == parked
     assert (await redis.exists(keys.arq_job(event_job)) == 0) == parked
+
+
+async def test_a_batchs_lane_releases_run_together_after_their_records(
+    api: httpx.AsyncClient,
+    redis: Redis,
+    settings: Settings,
+    receiver: Receiver,
+    run_worker: RunWorker,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Ordered deliveries that end with their attempt release their lanes in the writer's
+    joint calls (one `EVALSHA` for many releases, after the records'), and each lane's next
+    delivery is taken from that answer: every build in order, every lane emptied."""
+    url = receiver.url("/hook")
+    await ok(await api.post(CALLBACKS, params=params(url, orderBy="buildId"), headers=ALICE))
+    events = [
+        ("demo", "BUILD_END", {"buildId": f"b-{b}", "step": s}) for s in range(3) for b in range(20)
+    ]
+    sizes: list[int] = []  # the releases of each joint call
+    together = Release.queue_together.__func__  # type: ignore[attr-defined]
+
+    def counted(cls: type[Release], pipe: Any, calls: list[Release]) -> None:
+        sizes.append(len(calls))
+        together(cls, pipe, calls)
+
+    monkeypatch.setattr(Release, "queue_together", classmethod(counted))
+    await Producer(settings, redis).emit_many(events)
+    await run_worker()
+    seen = numbers(receiver)
+    for b in range(20):
+        assert [step for build, step in seen if build == f"b-{b}"] == [0, 1, 2]
+    assert sum(sizes) == 60 and max(sizes) > 1  # every release joint, some together
+    assert len(await records(redis, settings, url)) == 60
+    assert not await redis.keys(f"{keys.LANE_PREFIX}*")
