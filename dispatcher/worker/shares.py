@@ -128,7 +128,7 @@ class Shares:
             return False
         newcomer, budgets = self._asked
         taken = Counter(p for job_id in claimed if (p := project_of(job_id)) is not None)
-        spent = {p for p, n in taken.items() if n >= budgets.get(p, newcomer)}
+        spent = {p for p, n in taken.items() if 0 <= budgets.get(p, newcomer) <= n}  # -1: any
         at_share = {p for p in self.jobs.held if self.jobs.room(p) <= 0}
         self._full |= self._refused | spent | at_share
         self._refused = set()

@@ -124,6 +124,8 @@ class Writer(Batcher):
         script (a `TOGETHER` one) that writes `records` once they have their ids; `tail`,
         one that follows it (with a `lead` only): both sent before `queue`'s commands,
         their answers first in the results."""
+        if tail is not None and lead is None:
+            raise ValueError("a tail follows a lead: give both, or queue it with the commands")
         done = super().submit(queue, records)
         self._pending[-1].lead, self._pending[-1].tail = lead, tail
         done.add_done_callback(_retrieved)  # a refusal is logged once, whoever awaits it
@@ -206,9 +208,10 @@ class Writer(Batcher):
         bad: list[tuple[Pending, Exception]] = []
         for write in batch:
             try:
-                if write.lead is not None:
-                    write.lead()
-                write.queue(self.redis.pipeline(transaction=False))
+                pipe = self.redis.pipeline(transaction=False)
+                for script in _leads(write):
+                    type(script).queue_together(pipe, [script])
+                write.queue(pipe)
             except Exception as failure:  # any error of the code that built the write
                 bad.append((write, failure))
         for write, problem in bad:

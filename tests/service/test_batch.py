@@ -4,6 +4,7 @@ survive Redis forgetting its scripts; the API's role checks and emits use it."""
 from __future__ import annotations
 
 import asyncio
+import functools
 from dataclasses import dataclass
 
 import pytest
@@ -16,6 +17,7 @@ from dispatcher.errors import Forbidden
 from dispatcher.lua import Key, Lua, Script, run_pipeline
 from dispatcher.services import Services
 from dispatcher.settings import Settings
+from dispatcher.worker.writer import Writer
 from tests.helpers import command
 
 ECHO = Lua("return ARGV[1] .. ':' .. KEYS[1]")
@@ -132,6 +134,85 @@ async def test_scripts_run_together_in_one_call_each_answer_and_error_its_own(
     assert await run_pipeline(redis, lambda pipe: Bump.queue_together(pipe, calls[:1])) == [
         [[4, b"one"]]
     ]
+
+
+@dataclass
+class Noted(Script):
+    """Appends `note` to the list `log`; answers the list's length."""
+
+    LUA = "return redis.call('RPUSH', log, note)"
+    TOGETHER = True
+    log: Key
+    note: str
+
+
+@dataclass
+class Tail(Script):
+    """The same, of another kind (a write's second script)."""
+
+    LUA = Noted.LUA
+    TOGETHER = True
+    log: Key
+    note: str
+
+
+async def test_a_writes_lead_and_tail_run_after_every_lead_before_its_commands(
+    redis: Redis,
+) -> None:
+    """A batch's leads run first, all of them (a kind's together), then the tails, then
+    each write's own commands; each write's answer starts with its lead's and its tail's.
+    A lead Redis refuses fails its write; the tail after it still runs (as a write's own
+    commands after a refused one always did)."""
+    await redis.set("taken", "a string")
+    writer = Writer(redis, _no_ids, window=0.05)
+    leads = ["log", "log", "taken", "log"]
+    try:
+        answers = await asyncio.gather(*(
+            writer.submit(command("RPUSH", "log", f"own {n}"), (),
+                          functools.partial(Noted, leads[n], f"lead {n}"), Tail("log", f"tail {n}"))
+            for n in range(4)
+        ), return_exceptions=True)  # fmt: skip
+    finally:
+        await writer.close()
+    order = [entry.decode() for entry in await redis.lrange("log", 0, -1)]  # type: ignore[misc]
+    assert order == ["lead 0", "lead 1", "lead 3", "tail 0", "tail 1", "tail 2", "tail 3",
+                     "own 0", "own 1", "own 2", "own 3"]  # fmt: skip
+    assert answers[0] == [1, 4, 8] and answers[3] == [3, 7, 11]
+    assert isinstance(answers[2], ResponseError) and "WRONGTYPE" in str(answers[2])
+    with pytest.raises(ValueError, match="a tail follows a lead"):
+        writer.submit(command("PING"), (), None, Tail("log", "alone"))
+
+
+@dataclass
+class Alone(Script):
+    """A script that does not run together."""
+
+    LUA = "return redis.call('RPUSH', log, note)"
+    log: Key
+    note: str
+
+
+async def test_a_write_whose_tail_cannot_run_together_fails_alone(redis: Redis) -> None:
+    """A bug in the scripts a write leads with (here a tail that does not run together)
+    is that write's error; the writes around it land and the writer goes on."""
+    writer = Writer(redis, _no_ids, window=0.05)
+    lead = functools.partial(Noted, "log", "lead")
+    try:
+        first = writer.submit(command("SET", "before", 1), (), lead, Tail("log", "tail"))
+        bad = writer.submit(command("SET", "bad", 1), (), lead, Alone("log", "alone"))
+        last = writer.submit(command("SET", "after", 1))
+        assert list(await asyncio.wait_for(asyncio.gather(first, last), 10)) == [
+            [1, 2, True], [True]
+        ]  # fmt: skip
+        with pytest.raises(TypeError, match="Alone does not run together"):
+            await bad
+        assert await redis.exists("before", "after", "bad") == 2 and writer.pending == 0
+    finally:
+        await writer.close()
+
+
+async def _no_ids(records: object) -> None:
+    """The writer's record ids: none here."""
 
 
 def test_only_a_script_of_the_kind_runs_together() -> None:

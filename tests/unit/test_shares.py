@@ -130,6 +130,22 @@ def test_a_claim_that_took_a_projects_whole_budget_is_followed_at_once() -> None
     assert not shares.claim_fell_short(["projA:n3"])  # 1 of 3: the queue had no more
 
 
+def test_a_claim_that_took_a_whole_budget_with_no_room_since_waits_for_room() -> None:
+    """Taking all it was allowed says more may wait, but with no job ended meanwhile the
+    project has no room: nothing to claim for until its jobs end (never a loop of empty
+    claims). A newcomer's budget counts as its budget; ids without a project are skipped."""
+    shares = Shares(slots=16, max_per_host=100)  # a newcomer may take 16 // 2 = 8
+    assert shares.claim_budgets() == (8, {})
+    took = [f"projA:e{i}" for i in range(8)] + ["evt_old"]
+    for job_id in took:
+        shares.job_started(job_id)
+    assert not shares.claim_fell_short(took)  # its whole budget, no room: wait
+    assert not shares.job_ended("projA:e0")  # 1 free: not a batch (2) yet
+    assert shares.job_ended("projA:e1")  # a batch of room: claim for it now
+    unfair = Shares(slots=16, max_per_host=100, fair=False)
+    assert not unfair.claim_fell_short(["projA:e0"])  # no shares, nothing to follow
+
+
 def test_with_many_busy_projects_a_full_one_is_claimed_for_at_half_its_share() -> None:
     shares = Shares(slots=64, max_per_host=100)  # a batch: 8; with 10 busy, a share: 5
     for p in range(10):
