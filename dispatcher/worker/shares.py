@@ -93,7 +93,6 @@ class Shares:
         self.jobs = _Counts(slots)
         self.batch = max(1, min(50, slots // 8))  # the room a claim for a full project waits for
         self._full: set[str] = set()  # projects at their share when a claim fell short
-        self._refused: set[str] = set()  # projects the last claim could take nothing for
         self._asked: tuple[int, dict[str, int]] = (-1, {})  # the last claim's budgets
         self.projects = _Counts(slots)
         self.hosts = _Counts(slots if fair else 1 << 30, max_per_host)
@@ -126,12 +125,12 @@ class Shares:
         out): claim again at once."""
         if not self.fair:
             return False
-        newcomer, budgets = self._asked
+        (newcomer, budgets), self._asked = self._asked, (-1, {})  # read once
         taken = Counter(p for job_id in claimed if (p := project_of(job_id)) is not None)
-        spent = {p for p, n in taken.items() if 0 <= budgets.get(p, newcomer) <= n}  # -1: any
+        allowed = {p: budgets.get(p, newcomer) for p in {*budgets, *taken}}
+        spent = {p for p, most in allowed.items() if 0 <= most <= taken[p]}  # -1: any number
         at_share = {p for p in self.jobs.held if self.jobs.room(p) <= 0}
-        self._full |= self._refused | spent | at_share
-        self._refused = set()
+        self._full |= spent | at_share
         return self._freed()
 
     def _freed(self) -> bool:
@@ -150,7 +149,6 @@ class Shares:
             return -1, {}
         newcomer = max(1, self.jobs.slots // (len(self.jobs.held) + 2))
         budgets = {p: max(0, self.jobs.room(p)) for p in self.jobs.held}
-        self._refused = {p for p, budget in budgets.items() if not budget}
         self._asked = (newcomer, budgets)
         return newcomer, budgets
 
