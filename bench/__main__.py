@@ -50,6 +50,11 @@ def _parse() -> argparse.Namespace:
         help="when profiling, callbacks ordered by `lane`, events over this many values",
     )
     parser.add_argument(
+        "--profile-pg",
+        action="store_true",
+        help="when profiling, the worker keeps its history in PostgreSQL (and ships it)",
+    )
+    parser.add_argument(
         "--history-pg-total", type=int, help="records in the big PostgreSQL history table"
     )
     parser.add_argument(
@@ -119,7 +124,7 @@ async def _main(args: argparse.Namespace, url: str, logs: Path, pg_url: str | No
     try:
         if args.profile:
             RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-            shape = profile.Shape(args.profile_callbacks, args.profile_lanes)
+            shape = profile.Shape(args.profile_callbacks, args.profile_lanes, args.profile_pg)
             result = await profile.run(bench, args.profile_deliveries, RESULTS_DIR, stamp, shape)
             text = profile.render(result)
             print(text)
@@ -172,7 +177,9 @@ def main() -> int:
     logs.mkdir()
     redis = EmbeddedRedis(tmp / "redis", persist=False)
     postgres = None
-    if any(scenario.postgres for scenario in _selected(args.only)):
+    if (args.profile and args.profile_pg) or (
+        not args.profile and any(scenario.postgres for scenario in _selected(args.only))
+    ):
         tmp.chmod(0o755)  # as root, PostgreSQL runs as nobody, who must reach its folder
         postgres = EmbeddedPostgres(settings=dict(PG_SETTINGS), data_dir=tmp / "pg")
     code = 1

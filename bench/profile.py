@@ -132,19 +132,26 @@ def _cprofile_summary(path: Path, deliveries: int, top: int = 30) -> tuple[str, 
 @dataclass(frozen=True)
 class Shape:
     """What the profiled worker delivers: `callbacks` per event, ordered by `lane` over
-    `lanes` values when `lanes` (see `scenarios/ordered.py`)."""
+    `lanes` values when `lanes` (see `scenarios/ordered.py`); its history in the bench's
+    PostgreSQL when `postgres` (the worker ships it too)."""
 
     callbacks: int = 1
     lanes: int = 0
+    postgres: bool = False
 
     def describe(self) -> str:
         ordered = f", ordered over {self.lanes} lanes" if self.lanes else ""
-        return f"{self.callbacks} callback(s) per event{ordered}"
+        history = ", PostgreSQL history" if self.postgres else ""
+        return f"{self.callbacks} callback(s) per event{ordered}{history}"
 
 
 async def _run_once(bench: Bench, n: int, extra: list[str], shape: Shape) -> WorkerProcess:
     """A worker waiting for GO over a queue of `n` deliveries, shaped by `shape`."""
     options = Options(order_by="lane") if shape.lanes else None
+    if shape.postgres:
+        if bench.history_url is None:
+            raise BenchError("--profile-pg: the bench's PostgreSQL is not running")
+        extra = [*extra, "--history-url", bench.history_url]
     worker, _ = await asyncio.gather(
         WorkerProcess.start(bench.url, extra=extra, log_path=bench.logs / "profile.log"),
         bench.prepare(shape.callbacks, n // shape.callbacks, options, lanes=shape.lanes),
