@@ -243,9 +243,13 @@ class AddressPolicy:
             self.check_address(ip, host)
 
     def refusal(self, url: str) -> str | None:
-        """Why `check_url` refuses `url`, or None; remembered per host and port (the
-        checks cost tens of µs, and every attempt makes them)."""
-        return _refusal(self, *_host_port(url))
+        """Why `check_url` refuses `url`, or None (see `refusal_at`)."""
+        return self.refusal_at(*_host_port(url))
+
+    def refusal_at(self, host: str, port: int) -> str | None:
+        """Why `check_url` refuses a URL to `host` and `port`, or None; remembered per host
+        and port (the checks cost tens of µs, and every attempt makes them)."""
+        return _refusal(self, host, port)
 
     async def check_resolved(self, url: str, *, must_resolve: bool = False) -> None:
         """`check_url`, then every address the host resolves to. A name that does not

@@ -19,14 +19,14 @@ from __future__ import annotations
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from dispatcher import keys, metrics
 from dispatcher.clock import now_ms
 from dispatcher.models import PLATFORM_PROJECT, Region
 from dispatcher.registry.options import NO_OPTIONS, Options
-from dispatcher.registry.rules import is_pipeline_id
+from dispatcher.registry.rules import Destination, destination, is_pipeline_id
 from dispatcher.registry.scripts import Match
 
 if TYPE_CHECKING:
@@ -99,6 +99,11 @@ class CallbackTarget:
     problem: str | None = None  # why nothing can be sent to it (its secrets are unreadable)
     options: Options = NO_OPTIONS
     previous_token: str = ""  # a rotated-out token that still signs (its overlap is on)
+    # its URL read once: a worker keeps its targets (`Matches`), its attempts reuse this
+    destination: Destination = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "destination", destination(self.url))
 
     @classmethod
     def from_fields(

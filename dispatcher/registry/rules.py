@@ -4,6 +4,7 @@ ids, the token, which events a level takes. Pure checks, no Redis."""
 from __future__ import annotations
 
 import re
+from typing import NamedTuple
 from urllib.parse import urlsplit
 
 from dispatcher.errors import InvalidEvent, InvalidInput, InvalidUrl
@@ -14,9 +15,11 @@ __all__ = [
     "MAX_ID_LENGTH",
     "MAX_TOKEN_LENGTH",
     "MAX_URL_LENGTH",
+    "Destination",
     "check_event",
     "check_scope",
     "check_token",
+    "destination",
     "is_pipeline_id",
     "level_of",
     "url_problem",
@@ -84,6 +87,29 @@ def url_problem(url: str) -> str | None:
     except ValueError:  # malformed: the shape's checks say so
         return None
     return CREDENTIALS_REFUSED if "@" in netloc else None
+
+
+class Destination(NamedTuple):
+    """What an attempt needs of a callback's URL, read once per callback (not per
+    attempt): why nothing may be sent to it (`url_problem`, or a URL that cannot be
+    parsed), its `netloc` (the key of its host's share and circuit), and the host name
+    and port the egress policy checks."""
+
+    problem: str | None
+    netloc: str
+    hostname: str
+    port: int
+
+
+def destination(url: str) -> Destination:
+    """`url`'s `Destination`, in one parse."""
+    problem = url_problem(url)
+    try:
+        parts = urlsplit(url)
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError as exc:  # stored by an older version: its deliveries fail alone
+        return Destination(problem or f"url is malformed: {exc}", "", "", 0)
+    return Destination(problem, parts.netloc, parts.hostname or "", port)
 
 
 def _is_id(value: str) -> bool:

@@ -46,7 +46,7 @@ from dispatcher.registry.match import Matches
 from dispatcher.stats import AttemptStats
 from dispatcher.worker.controls import Controls
 from dispatcher.worker.lanes import Lanes, Sending
-from dispatcher.worker.record import attempt_record, checked_url, disabled, observe
+from dispatcher.worker.record import attempt_record, disabled, observe
 from dispatcher.worker.shares import Shares
 from dispatcher.worker.steps import FirstRetry, Step
 
@@ -243,7 +243,7 @@ class Engine:
     async def _attempt(
         self, job: DeliveryJob, target: CallbackTarget, number: int, then: Then
     ) -> None:
-        host = urlsplit(target.url).netloc
+        host = target.destination.netloc
         if wait := self.breaker.wait(host):  # not an attempt: try again once it may
             await self._defer(job, then, wait, "circuit")
             return
@@ -347,7 +347,7 @@ class Engine:
         checked, fails this delivery alone, for good: retrying it would fail the same way."""
         problem = (
             target.problem
-            or checked_url(target.url)
+            or target.destination.problem
             or unsendable(target.secret_token, target.auth_header)
         )
         if problem is not None:  # stored by an older version: nothing goes out
@@ -366,7 +366,7 @@ class Engine:
         """The egress policy's answer for the callback's address: None when it may go."""
         policy = self.services.policies[target.region]
         # Literal addresses, ports and metadata names: the resolver never sees them.
-        refusal = policy.refusal(target.url)
+        refusal = policy.refusal_at(target.destination.hostname, target.destination.port)
         if refusal is None and target.region in self.settings.region_proxies:
             # Through a proxy the proxy resolves the host: check its addresses ourselves.
             enforced = target.region in self.settings.proxy_enforced_regions

@@ -146,6 +146,12 @@ async def test_callbacks_stored_under_older_rules_fail_alone_and_leak_nothing(
         await stored_under_older_rules(
             redis, receiver.url("/control"), url=receiver.url("/control%1B[31m")
         ): "control character",
+        await stored_under_older_rules(
+            redis, receiver.url("/bracket"), url="http://[::1/bracket"
+        ): "malformed",
+        await stored_under_older_rules(
+            redis, receiver.url("/port"), url="http://127.0.0.1:99999/port"
+        ): "malformed",
     }  # fmt: skip
     await Registry(redis).create("demo", receiver.url("/ok"), Event.BUILD_END, Region.DEVNET)
     await Producer(settings, redis).emit("demo", "BUILD_END", {"n": 1})

@@ -24,7 +24,7 @@ from dispatcher.errors import InvalidInput, describe
 from dispatcher.events import event_job
 from dispatcher.headers import check_header_value, unsendable
 from dispatcher.models import HistoryRecord, Region
-from dispatcher.registry.rules import check_token, url_problem, validate_url
+from dispatcher.registry.rules import check_token, destination, url_problem, validate_url
 from dispatcher.settings import Settings
 
 SECRET = "TOPSECRET"
@@ -226,6 +226,18 @@ def test_urls_without_problems_pass() -> None:
         assert url_problem(url) is None and validate_url(url) == url
     with pytest.raises(InvalidInput, match="percent-encoded host"):
         validate_url("http://metadata%2Egoogle%2Einternal/")
+
+
+def test_a_destination_is_what_the_attempt_keys_and_checks_on() -> None:
+    """One parse of a callback's URL: its share's and circuit's key, the host and port the
+    egress policy checks (the scheme's port when none is given), and its problem."""
+    assert destination("http://H.example:8080/p?q") == (None, "H.example:8080", "h.example", 8080)
+    assert destination("https://[::1]/x") == (None, "[::1]", "::1", 443)
+    assert destination("http://h.example/a%1Bb").problem == url_problem("http://h.example/a%1Bb")
+    for url in ("http://[::1/x", "http://h.example:99999/", "http://h.example:port/"):
+        problem, netloc, _, _ = destination(url)
+        assert problem is not None and problem.startswith("url is malformed"), url
+        assert netloc == "", url
 
 
 @pytest.mark.parametrize("allow_internal", [False, True])
