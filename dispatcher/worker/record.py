@@ -14,7 +14,6 @@ from dispatcher.clock import now_ms
 from dispatcher.delivery import Outcome
 from dispatcher.history import truncate
 from dispatcher.models import DeliveryStatus
-from dispatcher.registry import url_problem
 
 if TYPE_CHECKING:
     from prometheus_client import Counter
@@ -25,12 +24,9 @@ if TYPE_CHECKING:
     from dispatcher.registry import CallbackTarget
     from dispatcher.settings import Settings
 
-__all__ = ["attempt_record", "checked_url", "disabled", "observe"]
+__all__ = ["attempt_record", "disabled", "observe"]
 
 log = structlog.get_logger("dispatcher.worker")
-
-# Callback URLs repeat: each is checked once (a cache entry is ~200 bytes).
-checked_url = functools.lru_cache(maxsize=16_384)(url_problem)
 
 
 def attempt_record(
@@ -80,14 +76,14 @@ def attempt_record(
     return record
 
 
-def _loggable(url: str) -> str:
-    """A URL for a log line: credentials and control characters (in a URL stored by an
-    older version) cut out or escaped."""
-    if checked_url(url) is None:
+def _loggable(target: CallbackTarget) -> str:
+    """The callback's URL for a log line: credentials and control characters (in a URL
+    stored by an older version) cut out or escaped."""
+    url, netloc = target.url, target.destination.netloc
+    if target.destination.problem is None:
         return url
-    parts = urlsplit(url)
-    if "@" in parts.netloc:
-        url = parts._replace(netloc="***@" + parts.netloc.rpartition("@")[2]).geturl()
+    if "@" in netloc:
+        url = urlsplit(url)._replace(netloc="***@" + netloc.rpartition("@")[2]).geturl()
     return url.encode("unicode_escape").decode("ascii")
 
 
@@ -121,7 +117,7 @@ def observe(
         event_id=job.event_id,
         delivery_id=job.delivery_id,
         callback_id=target.id,
-        callback_url=_loggable(target.url),
+        callback_url=_loggable(target),
         project_id=job.project_id,
         event_type=job.event,
         attempt=number,
