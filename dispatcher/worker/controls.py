@@ -10,7 +10,8 @@ before each attempt by one script (`Admit`, sent in the engine's shared read pip
   more);
 - in flight: a sorted set of slots scored by when they lapse (the attempt's total timeout
   and a margin), so a worker killed mid-request cannot hold a slot for ever; the attempt's
-  own write gives the slot back (`Release`, in the same pipeline as its record), whatever
+  own write gives the slot back (`Release`, in the same pipeline as its record: with the
+  batch's other releases, after their records, when the delivery ends there), whatever
   its outcome, and a run that raises gives it back through the writer;
 - a line: deliveries that could not start wait their turn in arrival order, so a newcomer
   cannot overtake them. A waiting delivery returns to the queue as a job due when its turn
@@ -33,18 +34,20 @@ from dispatcher import metrics
 from dispatcher.clock import now_ms
 from dispatcher.lua import REDIS_NOW_MS, Key, Script
 from dispatcher.registry.options import FilterFailed, filter_matches
+from dispatcher.worker.steps import Step
 
 if TYPE_CHECKING:
     from redis.asyncio.client import Pipeline
 
     from dispatcher.batch import Batcher
+    from dispatcher.ending import JobEnd
     from dispatcher.jobs import DeliveryJob, EventJob
     from dispatcher.keys import Keys
     from dispatcher.registry import CallbackTarget
     from dispatcher.settings import Settings
     from dispatcher.worker.writer import Then, Writer
 
-__all__ = ["Admit", "Controls", "Release"]
+__all__ = ["Admit", "Controls", "Release", "Releasing"]
 
 log = structlog.get_logger("dispatcher.worker")
 
@@ -139,6 +142,8 @@ class Admit(Script):
 class Release(Script):
     """Gives a slot back and makes the first jobs in line due now, as many as slots are
     free (`in_flight`: the callback's limit)."""
+
+    TOGETHER = True  # a batch's releases are one call, after its records (`Writer`)
 
     LUA = (
         REDIS_NOW_MS
@@ -254,19 +259,12 @@ class Controls:
         if options.max_in_flight is None:
             await attempt(then)
             return
-        released = False
-
-        def releasing(pipe: Pipeline, delay: float | None) -> None:
-            nonlocal released
-            released = True
-            self._release(pipe, target, slot)
-            then(pipe, delay)
-
+        releasing = Releasing(self._release_script(target, slot), then)
         try:
             await attempt(releasing)
         finally:
-            if not released:
-                self.writer.submit(lambda pipe: self._release(pipe, target, slot))
+            if not releasing.released:
+                self.writer.submit(releasing.release.queue_on)
 
     async def _wait(
         self, job: DeliveryJob, target: CallbackTarget, then: Then, wait: float, by_slot: bool
@@ -282,12 +280,45 @@ class Controls:
         )
         await self.writer.commit(lambda pipe: then(pipe, wait))
 
-    def _release(self, pipe: Pipeline, target: CallbackTarget, slot: str) -> None:
+    def _release_script(self, target: CallbackTarget, slot: str) -> Release:
         _, running, line, _ = self.keys.limits(target.id)
-        Release(
+        return Release(
             running=running,
             line=line,
             queue=self.queue_name,
             token=slot,
             in_flight=target.options.max_in_flight or 0,
-        ).queue_on(pipe)
+        )
+
+
+class Releasing(Step):
+    """What follows an attempt that holds a slot of its callback's `maxInFlight`: the
+    slot given back (`release`), then `then`. When the delivery ends with its record in
+    a joint call and `then` only ends its job, the release runs with the batch's others
+    (`joint`) and the record's script ends the job (`job_end`); else both are queued in
+    the attempt's write. `released`: one of these was taken (else the run raised first:
+    the caller gives the slot back)."""
+
+    __slots__ = ("_end", "release", "released", "then")
+
+    def __init__(self, release: Release, then: Then) -> None:
+        self.release, self.then = release, then
+        self.released = False
+        self._end: JobEnd | None = None
+
+    def __call__(self, pipe: Pipeline, delay: float | None) -> None:
+        self.released = True
+        self.release.queue_on(pipe)
+        self.then(pipe, delay)
+
+    def joint(self, delay: float | None) -> Script | None:
+        then = self.then
+        end = then.job_end(delay) if isinstance(then, Step) else None
+        if end is None:  # `then` does more than end the job: both go in the write
+            return None
+        self._end, self.released = end, True
+        return self.release
+
+    def job_end(self, delay: float | None) -> JobEnd | None:
+        """`then`'s job end, once `joint` took the release (the engine asks it first)."""
+        return self._end

@@ -307,12 +307,12 @@ class Engine:
         outcome = result.outcome
         failed_for_good = delay is None and outcome is not Outcome.SUCCESS
         registry, health = self.services.registry, self.services.health
+        healed = outcome is Outcome.SUCCESS and target.failing
+        joint = delay is None and not healed and outcome is not Outcome.GONE
+        tail = then.joint(delay) if joint and isinstance(then, Step) else None  # asked first
         job_end = then.job_end(delay) if isinstance(then, Step) else None
         mark = DONE.decode() if delay is None else str(record["attempt"])
         ending = Ending(self.keys.delivery(job.progress_id), mark, self.progress_ttl, job_end)
-        healed = outcome is Outcome.SUCCESS and target.failing
-        joint = delay is None and not healed and outcome is not Outcome.GONE
-        tail = then.joint(delay) if joint and isinstance(then, Step) and not job_end else None
 
         def write(pipe: Pipeline) -> None:
             if healed:

@@ -36,8 +36,9 @@ class Step:
         raise NotImplementedError
 
     def job_end(self, delay: float | None) -> JobEnd | None:
-        """The job's end, when that is all this step does after `delay`: the caller then
-        has the record's script end the job instead of calling the step. None: call it."""
+        """The job's end, when that is all this step does after `delay` (besides what
+        its `joint` gave, which the caller asks first): the caller then has the record's
+        script end the job instead of calling the step. None: call it."""
         return None
 
     def joint(self, delay: float | None) -> Script | None:

@@ -29,6 +29,8 @@ from dispatcher.registry import Registration
 from dispatcher.services import Services
 from dispatcher.settings import Settings
 from dispatcher.tokens import TokenCipher
+from dispatcher.worker.claims import Finish
+from dispatcher.worker.controls import Release
 from tests.helpers import Overlap, Receiver, RunWorker, app_client, make_settings
 
 keys = Keys()  # today's key names (one shard)
@@ -256,6 +258,45 @@ async def test_max_in_flight_is_what_the_receiver_sees_and_waiting_spends_no_att
     records = await _records(redis, settings, url)
     assert len(records) == 8 and {(r.attempt, r.status.value) for r in records} == {(1, "SUCCESS")}
     assert not await redis.exists(keys.limits(1)[1])  # every slot given back
+
+
+async def test_a_batchs_slot_releases_run_together_and_its_records_end_their_jobs(
+    api: httpx.AsyncClient,
+    redis: Redis,
+    settings: Settings,
+    run_worker: RunWorker,
+    receiver: Receiver,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Deliveries to a callback with `maxInFlight` that end with their attempt give their
+    slots back in the writer's joint calls (one `EVALSHA` for many, after the records'),
+    and each record's script ends its job: no `Finish` of its own, every slot back. (The
+    limit is not reached: a delivery put in line ends its fan-out job on its own.)"""
+    url = receiver.url("/limited")
+    await ok(await api.post(CALLBACKS, params=params(url, maxInFlight=1000), headers=ALICE))
+    sizes: list[int] = []  # the releases of each joint call
+    together = Release.queue_together.__func__  # type: ignore[attr-defined]
+
+    def counted(cls: type[Release], pipe: Any, calls: list[Release]) -> None:
+        sizes.append(len(calls))
+        together(cls, pipe, calls)
+
+    finishes: list[Finish] = []
+    finish = Finish.queue_on
+
+    def noted(self: Finish, pipe: Any) -> None:
+        finishes.append(self)
+        finish(self, pipe)
+
+    monkeypatch.setattr(Release, "queue_together", classmethod(counted))
+    monkeypatch.setattr(Finish, "queue_on", noted)
+    await Producer(settings, redis).emit_many([("demo", "BUILD_END", {"n": i}) for i in range(40)])
+    await run_worker()
+    records = await _records(redis, settings, url)
+    assert len(records) == 40 and {(r.attempt, r.status.value) for r in records} == {(1, "SUCCESS")}
+    assert sum(sizes) == 40 and max(sizes) > 1 and not finishes
+    assert not await redis.exists(keys.limits(1)[1])  # every slot given back
+    assert not await redis.zcard(keys.QUEUE)
 
 
 async def test_the_event_catalogue(api: httpx.AsyncClient) -> None:
