@@ -11,6 +11,7 @@ Nothing is acknowledged before Redis has answered, so durability is unchanged.
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -27,17 +28,23 @@ if TYPE_CHECKING:
     from dispatcher.lua import Script
     from dispatcher.replication import Replication
 
-__all__ = ["Batcher", "Pending", "QueueCommands", "run_shared"]
+__all__ = ["TOGETHER_MAX", "Batcher", "Pending", "QueueCommands", "leads_of", "run_shared"]
 
 QueueCommands = Callable[["Pipeline"], None]
+# Calls of one script run by one call (`Script.queue_together`): one call instead of one
+# each, few enough that Redis keeps serving others between them (about 1 ms of its time).
+TOGETHER_MAX = 50
+# Where a lead's answer is: its call's place in the pipeline, and its own place in that
+# call's answer.
+Place = tuple[int, int]
 
 
 @dataclass(slots=True)
 class Pending:
     """Commands waiting for the next pipeline: the records they write (given their ids
-    first by a `Writer`), the future their answers go to, and (a `Writer`'s) the script
-    that `lead` makes once the records have their ids, then the script `tail`, both sent
-    before the commands."""
+    first by a `Writer`), the future their answers go to, and the script that `lead` makes
+    (once the records have their ids), then the script `tail`, both `TOGETHER` ones, run
+    with the batch's others of their kind before any commands (see `Batcher`)."""
 
     queue: QueueCommands
     done: asyncio.Future[list[Any]]
@@ -53,7 +60,10 @@ class Batcher:
     each pipeline ends with one WAIT for its replicas, and every caller of a pipeline they
     did not confirm in time gets `NotReplicated`. This is the project's one group commit:
     the worker's durable `Writer` is a Batcher that sends a batch again until Redis takes
-    it."""
+    it. A caller's `lead` (and `tail`) scripts run together with the batch's others of
+    their kind, one call per `TOGETHER_MAX` (`lua.Script.queue_together`), every caller's
+    first before any second one, all before the callers' own commands in the order
+    queued; their answers come first in the caller's."""
 
     def __init__(
         self,
@@ -71,13 +81,28 @@ class Batcher:
         self._flusher: asyncio.Task[None] | None = None
 
     def submit(
-        self, queue: QueueCommands, records: Sequence[AttemptRecord] = ()
+        self,
+        queue: QueueCommands,
+        records: Sequence[AttemptRecord] = (),
+        lead: Callable[[], Script] | None = None,
+        tail: Script | None = None,
     ) -> asyncio.Future[list[Any]]:
-        """Queue the commands `queue` puts on a pipeline; the future gets their results."""
+        """Queue the commands `queue` puts on a pipeline; the future gets their results.
+        `lead`: what makes the script (a `TOGETHER` one; a `Writer`'s writes `records`,
+        made once they have their ids); `tail`, one that follows it (with a `lead` only):
+        both run with the batch's others before `queue`'s commands, their answers first."""
+        if tail is not None and lead is None:
+            raise ValueError("a tail follows a lead: give both, or queue it with the commands")
         done: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
-        self._pending.append(Pending(queue, done, records))
+        self._pending.append(Pending(queue, done, records, lead, tail))
         self._queued()
         return done
+
+    async def together(self, script: Script) -> Any:
+        """Run `script` (a `TOGETHER` one) in the next pipeline, as one call with the
+        others of its kind queued meanwhile; returns its answer, or raises its error."""
+        (answer,) = await self.submit(_nothing, lead=lambda: script)
+        return answer
 
     def _queued(self) -> None:
         """A write joined the pending ones: see that it is sent."""
@@ -101,7 +126,7 @@ class Batcher:
     async def _flush(self) -> None:
         batch, self._pending = self._pending, []
         try:
-            answers = await self.send([pending.queue for pending in batch])
+            answers = await self._sent(batch)
         except Exception as exc:  # the connection failed: every caller gets the error
             for pending in batch:
                 if not pending.done.done():
@@ -114,6 +139,17 @@ class Batcher:
                 pending.done.set_exception(error)
             else:
                 pending.done.set_result(mine)
+
+    async def _sent(self, batch: list[Pending]) -> list[list[Any]]:
+        """One pipeline for `batch`: the joint calls of its leads, then each one's own
+        commands; each one's answers with its leads' first (or their call's error)."""
+        leads, places = _joint_calls([leads_of(pending) for pending in batch])
+        sent = await self.send([*leads, *(pending.queue for pending in batch)])
+        led, answers = sent[: len(leads)], sent[len(leads) :]
+        for answer, mine in zip(answers, places, strict=True):
+            calls = [(led[call][0], place) for call, place in mine]
+            answer[0:0] = [got if isinstance(got, Exception) else got[i] for got, i in calls]
+        return answers
 
     async def send(self, queues: list[QueueCommands]) -> list[list[Any]]:
         """One pipeline for all `queues`, errors left in place, one answer list per queue.
@@ -153,6 +189,39 @@ async def run_shared(redis: Redis, queues: list[QueueCommands]) -> list[list[Any
         out.append(results[start : start + size])
         start += size
     return out
+
+
+def leads_of(write: Pending) -> tuple[Script, ...]:
+    """A write's scripts for the joint calls, in order."""
+    if write.lead is None:
+        return ()
+    return (write.lead(),) if write.tail is None else (write.lead(), write.tail)
+
+
+def _joint_calls(
+    leads: list[Sequence[Script]],
+) -> tuple[list[QueueCommands], list[list[Place]]]:
+    """The calls that run each write's `leads` (`TOGETHER` scripts): every write's first
+    before any second one, those of one kind together, `TOGETHER_MAX` at most per call,
+    in the order given; and where each write's lead answers will be (see `Place`)."""
+    kinds: dict[tuple[int, type[Script]], list[tuple[int, Script]]] = {}
+    for i, scripts in enumerate(leads):
+        for rank, lead in enumerate(scripts):
+            kinds.setdefault((rank, type(lead)), []).append((i, lead))
+    calls: list[QueueCommands] = []
+    places: list[list[Place]] = [[] for _ in leads]
+    for rank, kind in sorted(kinds, key=lambda k: k[0]):  # stable: first seen first
+        members = kinds[rank, kind]
+        for start in range(0, len(members), TOGETHER_MAX):
+            run = members[start : start + TOGETHER_MAX]
+            calls.append(functools.partial(kind.queue_together, calls=[lead for _, lead in run]))
+            for place, (i, _) in enumerate(run):
+                places[i].append((len(calls) - 1, place))
+    return calls, places
+
+
+def _nothing(pipe: Pipeline) -> None:
+    """No commands of its own (a caller whose lead is all it sends)."""
 
 
 def _noscript(results: list[Any]) -> bool:

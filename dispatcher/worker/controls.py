@@ -3,7 +3,8 @@ attempt (`maxPerSecond`, `maxInFlight`), shared by every worker of the fleet thr
 
 The options come with the callback's row (the match script's, or `Registry.target`'s), so
 a callback without limits costs no Redis command here. One with limits is *admitted*
-before each attempt by one script (`Admit`, sent in the engine's shared read pipeline):
+before each attempt by one script (`Admit`, run with the others of the engine's shared
+read pipeline as one call):
 
 - starts: a sorted set of the starts of the last second; a start is admitted while fewer
   than `maxPerSecond` are in it (a sliding window: no second, wherever it begins, holds
@@ -60,6 +61,7 @@ class Admit(Script):
     none), `slot_ms` a slot's lease, `keep_ms` how long a waiting job keeps its place past
     its expected turn, `min_wait_ms` the smallest wait."""
 
+    TOGETHER = True  # the admits of a read pipeline are one call (`Batcher.together`)
     LUA = (
         REDIS_NOW_MS
         + """
@@ -251,7 +253,7 @@ class Controls:
             keep_ms=self.keep_ms,
             min_wait_ms=MIN_WAIT_MS,
         )
-        (answer,) = await self.reads.execute(admit.queue_on)
+        answer = await self.reads.together(admit)
         if answer != 0:
             wait_ms, by_slot = answer
             await self._wait(job, target, then, int(wait_ms) / 1000, bool(by_slot))

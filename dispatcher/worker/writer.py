@@ -24,7 +24,6 @@ new job while too much waits, or while Redis refuses its writes.
 from __future__ import annotations
 
 import asyncio
-import functools
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -32,7 +31,7 @@ import structlog
 from redis.exceptions import ReadOnlyError, ResponseError
 
 from dispatcher import metrics
-from dispatcher.batch import Batcher, Pending, QueueCommands
+from dispatcher.batch import Batcher, Pending, QueueCommands, leads_of
 from dispatcher.connections import REDIS_ERRORS, redis_full
 from dispatcher.stopping import cancel_all
 
@@ -53,12 +52,6 @@ Then = Callable[["Pipeline", "float | None"], None]
 log = structlog.get_logger("dispatcher.worker")
 
 Prepare = Callable[[Iterable["AttemptRecord"]], Awaitable[None]]
-# Records written by one script call: one call instead of one each, few enough that Redis
-# keeps serving others between them (about 1 ms of its time).
-TOGETHER_MAX = 50
-# Where a lead's answer is: its call's place in the pipeline, and its own place in that
-# call's answer.
-Place = tuple[int, int]
 # Replies that mean "not now" rather than "never": the batch is sent again.
 TRANSIENT_REPLIES = ("LOADING", "READONLY", "OOM", "MASTERDOWN", "BUSY", "TRYAGAIN", "NOREPLICAS")
 
@@ -124,10 +117,7 @@ class Writer(Batcher):
         script (a `TOGETHER` one) that writes `records` once they have their ids; `tail`,
         one that follows it (with a `lead` only): both sent before `queue`'s commands,
         their answers first in the results."""
-        if tail is not None and lead is None:
-            raise ValueError("a tail follows a lead: give both, or queue it with the commands")
-        done = super().submit(queue, records)
-        self._pending[-1].lead, self._pending[-1].tail = lead, tail
+        done = super().submit(queue, records, lead, tail)
         done.add_done_callback(_retrieved)  # a refusal is logged once, whoever awaits it
         metrics.PENDING_WRITES.set(len(self._pending))
         return done
@@ -189,13 +179,7 @@ class Writer(Batcher):
         """The batch sent once, its records given their ids first, then their scripts run
         together; raises when a reply asks to try again later."""
         await self.prepare(record for write in batch for record in write.records)
-        leads, places = _joint_calls([_leads(write) for write in batch])
-        sent = await self.send([*leads, *(write.queue for write in batch)])
-        led, answers = sent[: len(leads)], sent[len(leads) :]
-        for answer, mine in zip(answers, places, strict=True):
-            # each lead's answer, in order: its place in its call's answers, or the call's error
-            calls = [(led[call][0], place) for call, place in mine]
-            answer[0:0] = [got if isinstance(got, Exception) else got[i] for got, i in calls]
+        answers = await self._sent(batch)
         if any(_transient(r) for answer in answers for r in answer):
             first = next(r for a in answers for r in a if _transient(r))
             raise _Transient(str(first)) from first
@@ -209,7 +193,7 @@ class Writer(Batcher):
         for write in batch:
             try:
                 pipe = self.redis.pipeline(transaction=False)
-                for script in _leads(write):
+                for script in leads_of(write):
                     type(script).queue_together(pipe, [script])
                 write.queue(pipe)
             except Exception as failure:  # any error of the code that built the write
@@ -239,35 +223,6 @@ class Writer(Batcher):
             waited = asyncio.get_running_loop().time() - self.failing_since
             self.failing_since = None
             log.info("worker.writes_resumed", pending=len(self._pending), waited_s=round(waited, 1))
-
-
-def _leads(write: Pending) -> tuple[Script, ...]:
-    """A write's scripts for the joint calls, in order."""
-    if write.lead is None:
-        return ()
-    return (write.lead(),) if write.tail is None else (write.lead(), write.tail)
-
-
-def _joint_calls(
-    leads: list[Sequence[Script]],
-) -> tuple[list[QueueCommands], list[list[Place]]]:
-    """The calls that run each write's `leads` (`TOGETHER` scripts): every write's first
-    before any second one, those of one kind together, `TOGETHER_MAX` at most per call,
-    in the order given; and where each write's lead answers will be (see `Place`)."""
-    kinds: dict[tuple[int, type[Script]], list[tuple[int, Script]]] = {}
-    for i, scripts in enumerate(leads):
-        for rank, lead in enumerate(scripts):
-            kinds.setdefault((rank, type(lead)), []).append((i, lead))
-    calls: list[QueueCommands] = []
-    places: list[list[Place]] = [[] for _ in leads]
-    for rank, kind in sorted(kinds, key=lambda k: k[0]):  # stable: first seen first
-        members = kinds[rank, kind]
-        for start in range(0, len(members), TOGETHER_MAX):
-            run = members[start : start + TOGETHER_MAX]
-            calls.append(functools.partial(kind.queue_together, calls=[lead for _, lead in run]))
-            for place, (i, _) in enumerate(run):
-                places[i].append((len(calls) - 1, place))
-    return calls, places
 
 
 def _retrieved(done: asyncio.Future[list[Any]]) -> None:

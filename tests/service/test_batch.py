@@ -136,6 +136,27 @@ async def test_scripts_run_together_in_one_call_each_answer_and_error_its_own(
     ]
 
 
+async def test_a_batchers_callers_run_their_scripts_together_before_the_commands(
+    redis: Redis,
+) -> None:
+    """`Batcher.together` (a read pipeline's admits): the callers of one window share one
+    EVALSHA, each gets its own answer, one that fails raises alone, and the commands
+    queued meanwhile run after the joint call."""
+    await redis.set("text", "not a number")
+    batcher = Batcher(redis, window=0.01)
+    await batcher.together(Bump("a", 0, "warm"))  # the joint script loaded
+    await redis.config_resetstat()
+    calls = [Bump("a", 1, "one"), Bump("text", 1, "bad"), Bump("a", 2, "three")]
+    after = batcher.execute(command("GET", "a"))  # queued first, answered after the scripts
+    results = await asyncio.gather(
+        *(batcher.together(call) for call in calls), after, return_exceptions=True
+    )
+    assert results[0] == [1, b"one"] and results[2] == [3, b"three"] and results[3] == [b"3"]
+    assert isinstance(results[1], ResponseError) and "not an integer" in str(results[1])
+    stats = await redis.info("commandstats")
+    assert stats["cmdstat_evalsha"]["calls"] == 1 and stats["cmdstat_incrby"]["calls"] == 3
+
+
 @dataclass
 class Noted(Script):
     """Appends `note` to the list `log`; answers the list's length."""

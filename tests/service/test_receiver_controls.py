@@ -23,6 +23,7 @@ from dispatcher.clock import now_ms
 from dispatcher.embedded import EmbeddedRedis
 from dispatcher.history.redis import RedisHistory
 from dispatcher.keys import Keys
+from dispatcher.lua import Script
 from dispatcher.models import HistoryRecord, Region
 from dispatcher.producer import Producer
 from dispatcher.registry import Registration
@@ -30,7 +31,7 @@ from dispatcher.services import Services
 from dispatcher.settings import Settings
 from dispatcher.tokens import TokenCipher
 from dispatcher.worker.claims import Finish
-from dispatcher.worker.controls import Release
+from dispatcher.worker.controls import Admit, Release
 from tests.helpers import Overlap, Receiver, RunWorker, app_client, make_settings
 
 keys = Keys()  # today's key names (one shard)
@@ -268,17 +269,18 @@ async def test_a_batchs_slot_releases_run_together_and_its_records_end_their_job
     receiver: Receiver,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """Deliveries to a callback with `maxInFlight` that end with their attempt give their
-    slots back in the writer's joint calls (one `EVALSHA` for many, after the records'),
-    and each record's script ends its job: no `Finish` of its own, every slot back. (The
-    limit is not reached: a delivery put in line ends its fan-out job on its own.)"""
+    """Deliveries to a callback with `maxInFlight` are admitted in the read pipeline's
+    joint calls, and those that end with their attempt give their slots back in the
+    writer's (one `EVALSHA` for many, after the records'); each record's script ends its
+    job: no `Finish` of its own, every slot back. (The limit is not reached: a delivery
+    put in line ends its fan-out job on its own.)"""
     url = receiver.url("/limited")
     await ok(await api.post(CALLBACKS, params=params(url, maxInFlight=1000), headers=ALICE))
-    sizes: list[int] = []  # the releases of each joint call
-    together = Release.queue_together.__func__  # type: ignore[attr-defined]
+    sizes: dict[str, list[int]] = {"Admit": [], "Release": []}  # the calls of each joint call
+    together = Script.queue_together.__func__  # type: ignore[attr-defined]
 
-    def counted(cls: type[Release], pipe: Any, calls: list[Release]) -> None:
-        sizes.append(len(calls))
+    def counted(cls: type[Script], pipe: Any, calls: list[Script]) -> None:
+        sizes[cls.__name__].append(len(calls))
         together(cls, pipe, calls)
 
     finishes: list[Finish] = []
@@ -288,13 +290,14 @@ async def test_a_batchs_slot_releases_run_together_and_its_records_end_their_job
         finishes.append(self)
         finish(self, pipe)
 
-    monkeypatch.setattr(Release, "queue_together", classmethod(counted))
+    for kind in (Admit, Release):
+        monkeypatch.setattr(kind, "queue_together", classmethod(counted))
     monkeypatch.setattr(Finish, "queue_on", noted)
     await Producer(settings, redis).emit_many([("demo", "BUILD_END", {"n": i}) for i in range(40)])
     await run_worker()
     records = await _records(redis, settings, url)
     assert len(records) == 40 and {(r.attempt, r.status.value) for r in records} == {(1, "SUCCESS")}
-    assert sum(sizes) == 40 and max(sizes) > 1 and not finishes
+    assert all(sum(n) == 40 and max(n) > 1 for n in sizes.values()) and not finishes, sizes
     assert not await redis.exists(keys.limits(1)[1])  # every slot given back
     assert not await redis.zcard(keys.QUEUE)
 
