@@ -11,14 +11,20 @@ A worker keeps the chunks it read (`Matches`), each under the registry version i
 at: the platform's and the project's (`dispatcher:cb:version:{project}`), which every
 write that changes what the match reads bumps in the same script (`registry.scripts`,
 `health.py`). A claim reads both versions with the job (`worker.claims.Claim`), so an
-event whose project's callbacks did not change since reads no callback from Redis.
+event whose project's callbacks did not change since reads no callback from Redis. While
+the attempts of a fan-out's chunk run, the worker reads the next chunk (`read_ahead`), kept
+for the run that asks for it under the same rules: the job's next claim, most often this
+worker's, finds its callbacks read and their targets built.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import copy
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -175,6 +181,12 @@ class ChunkQuery:
         self.after = after
         self.size = size
 
+    def following(self, after: int) -> ChunkQuery:
+        """The query of the chunk after callback id `after` (the next one)."""
+        following = copy.copy(self)
+        following.after = after
+        return following
+
     @property
     def key(self) -> tuple[object, ...]:
         """What the chunk depends on besides the registry: its levels, event and cursor."""
@@ -206,13 +218,19 @@ class ChunkQuery:
         )
 
 
+ReadChunk = Callable[[ChunkQuery], Awaitable[Chunk]]
+MAX_AHEAD = 64  # chunks read ahead and not asked for yet (another worker took their job)
+
+
 class Matches:
     """The chunks this worker read, each kept under the registry version it was read at
     (see the module's doc): a chunk is good while the version its event was claimed at is
     the same, and for `max_age_s` at most (a write that bumps no version, such as one by
     a version before this, shows within it). At most `max_entries` chunks and `max_targets`
     callbacks are kept, the least recently used dropped first. A chunk with a rotated token
-    still signing is not kept: its overlap ends by the clock, not by a write."""
+    still signing is not kept: its overlap ends by the clock, not by a write. A chunk read
+    ahead (the next of a fan-out, while this one's attempts run) waits for its run under
+    the same rules, `MAX_AHEAD` at most."""
 
     def __init__(
         self, max_entries: int = 4096, max_targets: int = 50_000, max_age_s: float = 10.0
@@ -223,6 +241,45 @@ class Matches:
         self._chunks: OrderedDict[tuple[object, ...], tuple[bytes, float, Chunk]] = OrderedDict()
         self._targets = 0
         self._kept, self._read = (metrics.MATCHES.labels(source=s) for s in ("kept", "read"))
+        # chunks being read (or read) ahead, by key: the version and clock they are good for
+        self._ahead: OrderedDict[tuple[object, ...], tuple[bytes, float, asyncio.Task[Chunk]]]
+        self._ahead = OrderedDict()
+
+    async def chunk(self, query: ChunkQuery, version: bytes | None, read: ReadChunk) -> Chunk:
+        """The chunk `query` reads: kept at `version`, read ahead at it, or `read` now; then
+        kept (see `put`)."""
+        chunk = self.get(query, version)
+        if chunk is not None:
+            return chunk
+        ahead = self._ahead.pop(query.key, None)
+        if ahead is not None and ahead[0] == version and time.monotonic() <= ahead[1]:
+            with contextlib.suppress(Exception):  # its read failed: read again now
+                chunk = await ahead[2]
+        elif ahead is not None:
+            ahead[2].cancel()
+        if chunk is None:
+            chunk = await read(query)
+        self.put(query, version, chunk)
+        return chunk
+
+    def read_ahead(self, query: ChunkQuery, version: bytes | None, read: ReadChunk) -> None:
+        """Start `read` of `query`'s chunk (a fan-out's next, while the attempts of the one
+        before run) for the `chunk` call that asks for it at `version` (None: never kept,
+        so not read ahead either)."""
+        if version is None or query.key in self._ahead or query.key in self._chunks:
+            return
+        task = asyncio.ensure_future(read(query))
+        task.add_done_callback(_retrieved)
+        self._ahead[query.key] = (version, time.monotonic() + self.max_age_s, task)
+        while len(self._ahead) > MAX_AHEAD:
+            _, (_, _, dropped) = self._ahead.popitem(last=False)
+            dropped.cancel()
+
+    def close(self) -> None:
+        """Stop the reads ahead still running."""
+        for _, _, task in self._ahead.values():
+            task.cancel()
+        self._ahead.clear()
 
     def get(self, query: ChunkQuery, version: bytes | None) -> Chunk | None:
         """The chunk `query` reads, when kept at `version` (None: unknown, never kept)."""
@@ -247,3 +304,9 @@ class Matches:
         while len(self._chunks) > self.max_entries or self._targets > self.max_targets:
             _, (_, _, dropped) = self._chunks.popitem(last=False)
             self._targets -= len(dropped.targets)
+
+
+def _retrieved(task: asyncio.Task[Chunk]) -> None:
+    """A read ahead's error is its `chunk` caller's (who reads again), or nobody's."""
+    if not task.cancelled():
+        task.exception()

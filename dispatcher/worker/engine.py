@@ -55,6 +55,7 @@ if TYPE_CHECKING:
 
     from dispatcher.history.record import AttemptRecord
     from dispatcher.registry import CallbackTarget
+    from dispatcher.registry.match import Chunk, ChunkQuery
     from dispatcher.services import Services
     from dispatcher.worker.steps import ChunkEnd
     from dispatcher.worker.writer import Then, Writer
@@ -107,6 +108,7 @@ class Engine:
         )
 
     async def close(self) -> None:
+        self.matches.close()
         if self.owner:
             await asyncio.gather(*(client.aclose() for client in self.clients.values()))
 
@@ -134,15 +136,17 @@ class Engine:
         with tracing.fanning_out(
             event.trace, event_id=event.id, project_id=event.project_id, event=event.event
         ) as carried:
-            chunk = self.matches.get(query, version)
-            if chunk is None:
-                (answer,) = await self.reads.execute(query.queue_on)
-                chunk = query.read(answer)
-                self.matches.put(query, version, chunk)
+            chunk = await self.matches.chunk(query, version, self._read_chunk)
+            if chunk.after is not None:  # read while this chunk's attempts run
+                self.matches.read_ahead(query.following(chunk.after), version, self._read_chunk)
             targets = self.controls.select(event, chunk.targets)  # the callbacks' filters
             if targets:
                 await self._first_attempts(event, targets, rerun, carried, end, chunk.after)
         return chunk.after
+
+    async def _read_chunk(self, query: ChunkQuery) -> Chunk:
+        (answer,) = await self.reads.execute(query.queue_on)
+        return query.read(answer)
 
     async def _first_attempts(
         self,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import pytest
@@ -9,7 +10,7 @@ from prometheus_client import REGISTRY
 
 from dispatcher.keys import Keys
 from dispatcher.models import Region
-from dispatcher.registry.match import CallbackTarget, Chunk, ChunkQuery, Matches
+from dispatcher.registry.match import MAX_AHEAD, CallbackTarget, Chunk, ChunkQuery, Matches
 
 
 def query(project: str = "demo", after: int = 0, pipeline: object = None) -> ChunkQuery:
@@ -74,3 +75,57 @@ def test_the_least_recently_used_chunks_go_first_past_either_bound() -> None:
     assert matches.get(query("e"), b"1 1") is None
     assert matches.get(query("a"), b"1 1") is None  # it made room for it, all the same
     assert matches.get(query("d"), b"1 1") is None
+
+
+class Reads:
+    """A `ReadChunk` answering a chunk of the callback after its cursor, counting its
+    reads; `fail`: the cursors whose first read raises."""
+
+    def __init__(self, fail: tuple[int, ...] = ()) -> None:
+        self.fail, self.reads = set(fail), list[int]()
+
+    async def __call__(self, asked: ChunkQuery) -> Chunk:
+        self.reads.append(asked.after)
+        await asyncio.sleep(0)
+        if asked.after in self.fail:
+            self.fail.discard(asked.after)
+            raise ConnectionError("Redis went away")
+        return chunk(asked.after + 1)
+
+
+async def test_a_chunk_read_ahead_is_the_next_runs_at_the_same_version_only() -> None:
+    """The next chunk of a fan-out, read while the one before runs: its run takes it (one
+    read in all, counted as read), a run at another version or past its age reads again,
+    a read ahead that failed is read again, and a new registry drops nothing but it."""
+    matches, reads = Matches(), Reads(fail=(30,))
+    read = counted("read")
+    matches.read_ahead(query(after=10), b"1 1", reads)
+    matches.read_ahead(query(after=10), b"1 1", reads)  # one read for one chunk
+    matches.read_ahead(query(after=20), b"1 1", reads)
+    matches.read_ahead(query(after=30), b"1 1", reads)
+    matches.read_ahead(query(after=40), None, reads)  # never kept: never read ahead
+    got = await matches.chunk(query(after=10), b"1 1", reads)
+    assert [t.id for t in got.targets] == [11] and reads.reads == [10, 20, 30]
+    assert await matches.chunk(query(after=10), b"1 1", reads) is got  # kept since
+    assert counted("read") == read + 1
+    await matches.chunk(query(after=20), b"1 2", reads)  # the registry changed: read again
+    assert reads.reads == [10, 20, 30, 20]
+    got = await matches.chunk(query(after=30), b"1 1", reads)  # its read failed: again
+    assert [t.id for t in got.targets] == [31] and reads.reads == [10, 20, 30, 20, 30]
+
+
+async def test_reads_ahead_are_bounded_and_stopped_with_the_worker() -> None:
+    matches, never = Matches(), asyncio.Event()
+
+    async def hanging(asked: ChunkQuery) -> Chunk:
+        await never.wait()
+        raise AssertionError("not reached")
+
+    for after in range(MAX_AHEAD + 5):
+        matches.read_ahead(query(after=after), b"1 1", hanging)
+    await asyncio.sleep(0)
+    running = list(matches._ahead.values())
+    assert len(running) == MAX_AHEAD
+    matches.close()
+    await asyncio.sleep(0)
+    assert all(task.cancelled() for _, _, task in running) and not matches._ahead
