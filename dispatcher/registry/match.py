@@ -247,30 +247,39 @@ class Matches:
 
     async def chunk(self, query: ChunkQuery, version: bytes | None, read: ReadChunk) -> Chunk:
         """The chunk `query` reads: kept at `version`, read ahead at it, or `read` now; then
-        kept (see `put`)."""
+        kept (see `put`; a chunk read ahead, until its own read's age ends)."""
         chunk = self.get(query, version)
-        if chunk is not None:
-            return chunk
         ahead = self._ahead.pop(query.key, None)
-        if ahead is not None and ahead[0] == version and time.monotonic() <= ahead[1]:
-            with contextlib.suppress(Exception):  # its read failed: read again now
-                chunk = await ahead[2]
-        elif ahead is not None:
-            ahead[2].cancel()
-        if chunk is None:
+        if chunk is not None or ahead is None or not _good(ahead, version):
+            if ahead is not None:
+                ahead[2].cancel()
+            if chunk is None:
+                chunk = await read(query)
+                self.put(query, version, chunk)
+            return chunk
+        with contextlib.suppress(Exception):  # its read failed: read again now
+            chunk = await ahead[2]
+        if chunk is None or _signs_twice(chunk):  # a rotation's overlap ends by the clock
             chunk = await read(query)
-        self.put(query, version, chunk)
+            self.put(query, version, chunk)
+        else:
+            self.put(query, version, chunk, until=ahead[1])
         return chunk
 
     def read_ahead(self, query: ChunkQuery, version: bytes | None, read: ReadChunk) -> None:
         """Start `read` of `query`'s chunk (a fan-out's next, while the attempts of the one
         before run) for the `chunk` call that asks for it at `version` (None: never kept,
         so not read ahead either)."""
-        if version is None or query.key in self._ahead or query.key in self._chunks:
+        key = query.key
+        if version is None or any(
+            _good(entry, version) for entry in (self._chunks.get(key), self._ahead.get(key))
+        ):
             return
+        if (stale := self._ahead.pop(key, None)) is not None:
+            stale[2].cancel()
         task = asyncio.ensure_future(read(query))
         task.add_done_callback(_retrieved)
-        self._ahead[query.key] = (version, time.monotonic() + self.max_age_s, task)
+        self._ahead[key] = (version, time.monotonic() + self.max_age_s, task)
         while len(self._ahead) > MAX_AHEAD:
             _, (_, _, dropped) = self._ahead.popitem(last=False)
             dropped.cancel()
@@ -291,19 +300,32 @@ class Matches:
         self._kept.inc()
         return found[2]
 
-    def put(self, query: ChunkQuery, version: bytes | None, chunk: Chunk) -> None:
-        """Keep `chunk`, read by `query` after a claim saw `version` (it is no older)."""
-        if version is None or any(target.previous_token for target in chunk.targets):
+    def put(
+        self, query: ChunkQuery, version: bytes | None, chunk: Chunk, until: float | None = None
+    ) -> None:
+        """Keep `chunk`, read by `query` after a claim saw `version` (it is no older), until
+        `max_age_s` from now (`until`: the monotonic time its age ends, when read before)."""
+        if version is None or _signs_twice(chunk):
             return
         key = query.key
         old = self._chunks.pop(key, None)
         if old is not None:
             self._targets -= len(old[2].targets)
-        self._chunks[key] = (version, time.monotonic() + self.max_age_s, chunk)
+        self._chunks[key] = (version, until or time.monotonic() + self.max_age_s, chunk)
         self._targets += len(chunk.targets)
         while len(self._chunks) > self.max_entries or self._targets > self.max_targets:
             _, (_, _, dropped) = self._chunks.popitem(last=False)
             self._targets -= len(dropped.targets)
+
+
+def _good(entry: tuple[bytes, float, object] | None, version: bytes | None) -> bool:
+    """Whether a kept or read-ahead `entry` serves a run at `version` now."""
+    return entry is not None and entry[0] == version and time.monotonic() <= entry[1]
+
+
+def _signs_twice(chunk: Chunk) -> bool:
+    """Whether a target of `chunk` still signs with a rotated-out token (never kept)."""
+    return any(target.previous_token for target in chunk.targets)
 
 
 def _retrieved(task: asyncio.Task[Chunk]) -> None:

@@ -104,12 +104,16 @@ class Destination(NamedTuple):
 def destination(url: str) -> Destination:
     """`url`'s `Destination`, in one parse."""
     problem = url_problem(url)
-    try:
+    try:  # stored by an older version, a malformed URL fails its deliveries alone
         parts = urlsplit(url)
-        port = parts.port or (443 if parts.scheme == "https" else 80)
-    except ValueError as exc:  # stored by an older version: its deliveries fail alone
+    except ValueError as exc:
         return Destination(problem or f"url is malformed: {exc}", "", "", 0)
-    return Destination(problem, parts.netloc, parts.hostname or "", port)
+    netloc, hostname = parts.netloc, parts.hostname or ""
+    try:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError as exc:
+        return Destination(problem or f"url is malformed: {exc}", netloc, hostname, 0)
+    return Destination(problem, netloc, hostname, port)
 
 
 def _is_id(value: str) -> bool:

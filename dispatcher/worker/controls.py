@@ -264,9 +264,11 @@ class Controls:
         releasing = Releasing(self._release_script(target, slot), then)
         try:
             await attempt(releasing)
-        finally:
-            if not releasing.released:
-                self.writer.submit(releasing.release.queue_on)
+        except BaseException:  # its write too may have been refused: give it back again
+            self.writer.submit(releasing.release.queue_on)  # (a slot given back is gone)
+            raise
+        if not releasing.released:
+            self.writer.submit(releasing.release.queue_on)
 
     async def _wait(
         self, job: DeliveryJob, target: CallbackTarget, then: Then, wait: float, by_slot: bool
@@ -297,9 +299,11 @@ class Releasing(Step):
     """What follows an attempt that holds a slot of its callback's `maxInFlight`: the
     slot given back (`release`), then `then`. When the delivery ends with its record in
     a joint call and `then` only ends its job, the release runs with the batch's others
-    (`joint`) and the record's script ends the job (`job_end`); else both are queued in
-    the attempt's write. `released`: one of these was taken (else the run raised first:
-    the caller gives the slot back)."""
+    (`joint`: before the batch's own commands, so a delivery put in line by the same
+    batch is not woken by it, and waits its turn's time) and the record's script ends the
+    job (`job_end`); else both are queued in the attempt's write. `released`: one of these
+    was taken (the caller gives the slot back when not, or when the attempt raised: a
+    `Release` of a slot given back does nothing)."""
 
     __slots__ = ("_end", "release", "released", "then")
 

@@ -305,8 +305,8 @@ class Engine:
         """The attempt's one write, in the writer's next pipeline: the callback's health,
         its record with the delivery's progress and the job's end when that is all that
         follows (one script), then what else follows (`then`: see `steps.py`). A delivery
-        that ends here with no health to write is `joint`: its record, then its lane's
-        release (`Step.joint`), run with the batch's others, first (`writer.py`). A final
+        that ends here with no health to write is `joint`: its record, then its lane's or
+        slot's release (`Step.joint`, asked before `job_end`), with the batch's others. A final
         failure is counted by `health.py` in a write of its own in the same pipeline."""
         outcome = result.outcome
         failed_for_good = delay is None and outcome is not Outcome.SUCCESS

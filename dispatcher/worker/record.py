@@ -4,8 +4,8 @@ and the attempt), its metrics and its one log line."""
 from __future__ import annotations
 
 import functools
+import re
 from typing import TYPE_CHECKING
-from urllib.parse import urlsplit
 
 import structlog
 
@@ -27,6 +27,7 @@ if TYPE_CHECKING:
 __all__ = ["attempt_record", "disabled", "observe"]
 
 log = structlog.get_logger("dispatcher.worker")
+_USERINFO = re.compile(r"//[^/?#]*@")  # a URL's credentials, up to its authority's last '@'
 
 
 def attempt_record(
@@ -78,12 +79,10 @@ def attempt_record(
 
 def _loggable(target: CallbackTarget) -> str:
     """The callback's URL for a log line: credentials and control characters (in a URL
-    stored by an older version) cut out or escaped."""
-    url, netloc = target.url, target.destination.netloc
+    stored by an older version, parsed or not) cut out or escaped."""
     if target.destination.problem is None:
-        return url
-    if "@" in netloc:
-        url = urlsplit(url)._replace(netloc="***@" + netloc.rpartition("@")[2]).geturl()
+        return target.url
+    url = _USERINFO.sub("//***@", target.url, count=1)
     return url.encode("unicode_escape").decode("ascii")
 
 

@@ -152,6 +152,9 @@ async def test_callbacks_stored_under_older_rules_fail_alone_and_leak_nothing(
         await stored_under_older_rules(
             redis, receiver.url("/port"), url="http://127.0.0.1:99999/port"
         ): "malformed",
+        await stored_under_older_rules(
+            redis, receiver.url("/both"), url="http://u:S3cr3tPw@127.0.0.1:99999/both"
+        ): "credentials",
     }  # fmt: skip
     await Registry(redis).create("demo", receiver.url("/ok"), Event.BUILD_END, Region.DEVNET)
     await Producer(settings, redis).emit("demo", "BUILD_END", {"n": 1})

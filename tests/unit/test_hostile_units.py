@@ -234,10 +234,12 @@ def test_a_destination_is_what_the_attempt_keys_and_checks_on() -> None:
     assert destination("http://H.example:8080/p?q") == (None, "H.example:8080", "h.example", 8080)
     assert destination("https://[::1]/x") == (None, "[::1]", "::1", 443)
     assert destination("http://h.example/a%1Bb").problem == url_problem("http://h.example/a%1Bb")
-    for url in ("http://[::1/x", "http://h.example:99999/", "http://h.example:port/"):
-        problem, netloc, _, _ = destination(url)
+    for url, netloc in (("http://[::1/x", ""), ("http://h.example:99999/", "h.example:99999"),
+                        ("http://h.example:port/", "h.example:port")):  # fmt: skip
+        problem, parsed, _, _ = destination(url)
         assert problem is not None and problem.startswith("url is malformed"), url
-        assert netloc == "", url
+        assert parsed == netloc, url  # credentials in it are still seen (and masked)
+    assert (destination("http://u:pw@h.example:99999/").problem or "").startswith("url must not")
 
 
 @pytest.mark.parametrize("allow_internal", [False, True])

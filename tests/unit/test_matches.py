@@ -129,3 +129,33 @@ async def test_reads_ahead_are_bounded_and_stopped_with_the_worker() -> None:
     matches.close()
     await asyncio.sleep(0)
     assert all(task.cancelled() for _, _, task in running) and not matches._ahead
+
+
+async def test_a_chunk_read_ahead_ages_from_its_read_and_never_signs_with_an_old_token(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Kept after its run, a chunk read ahead lapses `max_age_s` after its read, not after
+    the run; one whose target still signs with a rotated-out token is read again (its
+    overlap ends by the clock); an entry for another version is replaced, not kept."""
+    matches, now, reads = Matches(max_age_s=10), time.monotonic(), Reads()
+    monkeypatch.setattr(time, "monotonic", lambda: now)
+    matches.read_ahead(query(after=10), b"1 1", reads)
+    monkeypatch.setattr(time, "monotonic", lambda: now + 8)
+    await matches.chunk(query(after=10), b"1 1", reads)
+    monkeypatch.setattr(time, "monotonic", lambda: now + 11)
+    assert matches.get(query(after=10), b"1 1") is None and reads.reads == [10]
+
+    async def rotating(asked: ChunkQuery) -> Chunk:
+        reads.reads.append(asked.after)
+        return chunk(1, previous="old")
+
+    matches.read_ahead(query(after=20), b"1 1", rotating)
+    got = await matches.chunk(query(after=20), b"1 1", reads)
+    assert [t.id for t in got.targets] == [21] and reads.reads == [10, 20, 20]
+    matches.read_ahead(query(after=30), b"1 1", reads)
+    await asyncio.sleep(0)
+    matches.read_ahead(query(after=30), b"1 2", reads)  # the registry changed meanwhile
+    await asyncio.sleep(0)
+    assert reads.reads == [10, 20, 20, 30, 30]  # read again ahead, not at its run
+    await matches.chunk(query(after=30), b"1 2", reads)
+    assert reads.reads == [10, 20, 20, 30, 30]

@@ -3,17 +3,27 @@ failures, the signature of a rotation's overlap, the event catalogue."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import contextlib
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
+from redis.asyncio import Redis
 from standardwebhooks import Webhook, WebhookVerificationError
 
 from dispatcher.catalogue import CATALOGUE
+from dispatcher.ending import JobEnd
 from dispatcher.errors import InvalidInput
 from dispatcher.headers import request_headers
-from dispatcher.models import PROJECT_EVENTS, Event, Level
-from dispatcher.registry import Options
+from dispatcher.keys import Keys
+from dispatcher.models import PROJECT_EVENTS, Event, Level, Region
+from dispatcher.registry import CallbackTarget, Options
 from dispatcher.registry.options import FilterFailed, filter_matches
+from dispatcher.settings import Settings
+from dispatcher.worker.controls import Controls, Release
+from dispatcher.worker.steps import Step
 
 ENVELOPE = {
     "event": "BUILD_END",
@@ -122,3 +132,49 @@ def test_the_catalogue_lists_the_18_events_with_levels_and_examples() -> None:
     )
     task = next(info for info in CATALOGUE if info.event is Event.BUILD_TASK_END)
     assert {"stageId", "jobId", "taskId"} <= set(task.example)
+
+
+class _Ends(Step):
+    """A step that only ends its job (a `deliver` job's last attempt, say)."""
+
+    def __call__(self, pipe: Any, delay: float | None) -> None:
+        pipe.delete("job")  # its end, when not carried by the record
+
+    def job_end(self, delay: float | None) -> JobEnd | None:
+        return JobEnd("queue", "lease", "job", "claims", "token", "demo:1")
+
+
+@pytest.mark.parametrize(
+    ("joint", "raises", "given_back"),
+    [
+        (True, False, 0),  # the release ran with the batch's others
+        (True, True, 1),  # taken, then its write refused: given back again
+        (False, True, 1),  # the run raised before its write
+        (False, False, 0),  # the write queued the release itself
+    ],
+)
+async def test_a_slot_is_given_back_once_its_write_lands_or_again_when_it_did_not(
+    joint: bool, raises: bool, given_back: int
+) -> None:
+    submitted: list[Any] = []
+    reads = SimpleNamespace(together=lambda script: asyncio.sleep(0, result=0))
+    writer = SimpleNamespace(submit=submitted.append)
+    controls = Controls(Settings(), Keys(), reads, writer)  # type: ignore[arg-type]
+    target = CallbackTarget(7, "http://h.example/", Region.OSS, "t",
+                            options=Options(max_in_flight=5))  # fmt: skip
+
+    async def attempt(then: Any) -> None:
+        if joint:  # the engine: the release with the batch's others, the end in the record
+            assert isinstance(then.joint(None), Release) and then.job_end(None) is not None
+        elif not raises:  # the engine: the step queued in the write
+            pipe = Redis().pipeline(transaction=False)
+            then(pipe, None)
+            assert len(pipe) == 2  # the release, then the job's end
+        if raises:
+            raise ConnectionError("the write was refused")
+
+    job = SimpleNamespace(job_id="demo:1", delivery_id="d", project_id="demo")
+    with contextlib.suppress(ConnectionError):
+        await controls.admitted(job, target, _Ends(), attempt)  # type: ignore[arg-type]
+    assert len(submitted) == given_back
+    assert all(isinstance(queue.__self__, Release) for queue in submitted)
