@@ -114,8 +114,8 @@ class Batcher:
         results in order. Raises what the pipeline raised. The commands must be safe to send
         again next to a script that answered NOSCRIPT (which did not run)."""
         future = self.submit(queue)
-        if len(self._pending) >= self.max_batch:
-            await self._flush()
+        if len(self._pending) >= self.max_batch:  # shielded: a caller cancelled meanwhile
+            await asyncio.shield(self._flush())  # must not leave the others unanswered
         return await future
 
     async def _flush_soon(self) -> None:

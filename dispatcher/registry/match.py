@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
+import math
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
@@ -251,14 +252,12 @@ class Matches:
         chunk = self.get(query, version)
         ahead = self._ahead.pop(query.key, None)
         if chunk is not None or ahead is None or not _good(ahead, version):
-            if ahead is not None:
-                ahead[2].cancel()
-            if chunk is None:
+            if chunk is None:  # (a read ahead not taken is dropped, not cancelled: see below)
                 chunk = await read(query)
                 self.put(query, version, chunk)
             return chunk
         with contextlib.suppress(Exception):  # its read failed: read again now
-            chunk = await ahead[2]
+            chunk = await asyncio.shield(ahead[2])  # this run stopped: the read goes on
         if chunk is None or _signs_twice(chunk):  # a rotation's overlap ends by the clock
             chunk = await read(query)
             self.put(query, version, chunk)
@@ -275,17 +274,17 @@ class Matches:
             _good(entry, version) for entry in (self._chunks.get(key), self._ahead.get(key))
         ):
             return
-        if (stale := self._ahead.pop(key, None)) is not None:
-            stale[2].cancel()
+        self._ahead.pop(key, None)  # stale: dropped
         task = asyncio.ensure_future(read(query))
         task.add_done_callback(_retrieved)
         self._ahead[key] = (version, time.monotonic() + self.max_age_s, task)
-        while len(self._ahead) > MAX_AHEAD:
-            _, (_, _, dropped) = self._ahead.popitem(last=False)
-            dropped.cancel()
+        while len(self._ahead) > MAX_AHEAD:  # the oldest dropped
+            self._ahead.popitem(last=False)
 
     def close(self) -> None:
-        """Stop the reads ahead still running."""
+        """Stop the reads ahead still running (the worker stops). Those dropped before are
+        let run to their end: a read cancelled while it sends a shared pipeline would fail
+        the other callers' reads in it."""
         for _, _, task in self._ahead.values():
             task.cancel()
         self._ahead.clear()
@@ -305,7 +304,7 @@ class Matches:
     ) -> None:
         """Keep `chunk`, read by `query` after a claim saw `version` (it is no older), until
         `max_age_s` from now (`until`: the monotonic time its age ends, when read before)."""
-        if version is None or _signs_twice(chunk):
+        if version is None or _signs_twice(chunk) or (until or math.inf) <= time.monotonic():
             return
         key = query.key
         old = self._chunks.pop(key, None)

@@ -113,6 +113,8 @@ def destination(url: str) -> Destination:
         port = parts.port or (443 if parts.scheme == "https" else 80)
     except ValueError as exc:
         return Destination(problem or f"url is malformed: {exc}", netloc, hostname, 0)
+    if not hostname:
+        problem = problem or "url has no host"
     return Destination(problem, netloc, hostname, port)
 
 

@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 __all__ = ["attempt_record", "disabled", "observe"]
 
 log = structlog.get_logger("dispatcher.worker")
-_USERINFO = re.compile(r"//[^/?#]*@")  # a URL's credentials, up to its authority's last '@'
+_USERINFO = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*:[/\\]*).*@", re.DOTALL)  # after its scheme
 
 
 def attempt_record(
@@ -80,9 +80,12 @@ def attempt_record(
 def _loggable(target: CallbackTarget) -> str:
     """The callback's URL for a log line: credentials and control characters (in a URL
     stored by an older version, parsed or not) cut out or escaped."""
+    url = target.url
     if target.destination.problem is None:
-        return target.url
-    url = _USERINFO.sub("//***@", target.url, count=1)
+        return url
+    if "@" in url:  # up to its last '@', whatever the URL's shape: too much rather than less
+        masked = _USERINFO.sub(r"\1***@", url, count=1)
+        url = masked if masked != url else "***@" + url.rpartition("@")[2]
     return url.encode("unicode_escape").decode("ascii")
 
 

@@ -52,6 +52,20 @@ async def test_callers_share_a_round_trip_and_get_their_own_results(redis: Redis
     assert after - before == 50 + 1  # the 50 scripts and the INFO itself: no SCRIPT EXISTS
 
 
+async def test_a_caller_cancelled_while_its_full_batch_is_sent_strands_no_other(
+    redis: Redis,
+) -> None:
+    """The caller that fills a batch sends it; cancelled meanwhile (a read ahead that was
+    dropped, a job past its timeout), the pipeline still answers the batch's others."""
+    batcher = Batcher(redis, window=10.0, max_batch=2)  # sent only when full
+    other = asyncio.create_task(batcher.execute(echo("a", 1)))
+    await asyncio.sleep(0)
+    filler = asyncio.create_task(batcher.execute(echo("b", 2)))
+    await asyncio.sleep(0)  # it is sending the batch
+    filler.cancel()
+    assert await asyncio.wait_for(other, 5) == [b"1:a"]
+
+
 async def test_one_callers_error_stays_its_own(redis: Redis) -> None:
     await redis.set("text", "not a number")
     batcher = Batcher(redis, window=0.01)

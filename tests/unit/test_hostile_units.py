@@ -24,8 +24,10 @@ from dispatcher.errors import InvalidInput, describe
 from dispatcher.events import event_job
 from dispatcher.headers import check_header_value, unsendable
 from dispatcher.models import HistoryRecord, Region
+from dispatcher.registry import CallbackTarget
 from dispatcher.registry.rules import check_token, destination, url_problem, validate_url
 from dispatcher.settings import Settings
+from dispatcher.worker.record import _loggable
 
 SECRET = "TOPSECRET"
 
@@ -240,6 +242,31 @@ def test_a_destination_is_what_the_attempt_keys_and_checks_on() -> None:
         assert problem is not None and problem.startswith("url is malformed"), url
         assert parsed == netloc, url  # credentials in it are still seen (and masked)
     assert (destination("http://u:pw@h.example:99999/").problem or "").startswith("url must not")
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://svc:S3cr3tPw@127.0.0.1:8080/u",
+        "http://u:pa/S3cr3tPw@h.example/",  # a '/' in the password: no port to read
+        "http://u:S3cr3tPw@h.example:99999/",  # credentials and a port out of range
+        "http:/u:S3cr3tPw@h.example/",  # one slash: no host (stored by an older version)
+        "http:\\\\u:S3cr3tPw@h.example/",
+        "http://u:p@S3cr3tPw@h.example/",  # several '@'
+        "http://[::1/u:S3cr3tPw@x",
+        "http://h.example:x/?r=http://v:S3cr3tPw@o",
+    ],
+)
+def test_a_log_line_never_shows_a_stored_urls_credentials(url: str) -> None:
+    target = CallbackTarget(1, url, Region.OSS, "t")
+    assert target.destination.problem is not None, url  # nothing is sent to it either
+    assert "S3cr3tPw" not in _loggable(target)
+
+
+def test_a_log_line_shows_a_good_url_as_it_is() -> None:
+    for url in ("http://h.example/users/a@b", "https://h.example/p?q=%20ok&r=a@b"):
+        target = CallbackTarget(1, url, Region.OSS, "t")
+        assert target.destination.problem is None and _loggable(target) == url
 
 
 @pytest.mark.parametrize("allow_internal", [False, True])

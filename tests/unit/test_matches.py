@@ -115,20 +115,24 @@ async def test_a_chunk_read_ahead_is_the_next_runs_at_the_same_version_only() ->
 
 
 async def test_reads_ahead_are_bounded_and_stopped_with_the_worker() -> None:
-    matches, never = Matches(), asyncio.Event()
+    """The oldest reads ahead past `MAX_AHEAD` are dropped, not cancelled (a read cancelled
+    while it sends a shared pipeline would fail its neighbours'); `close` stops the rest."""
+    matches, answer = Matches(), asyncio.Event()
 
-    async def hanging(asked: ChunkQuery) -> Chunk:
-        await never.wait()
-        raise AssertionError("not reached")
+    async def slow(asked: ChunkQuery) -> Chunk:
+        await answer.wait()
+        return chunk(asked.after)
 
+    started = []
     for after in range(MAX_AHEAD + 5):
-        matches.read_ahead(query(after=after), b"1 1", hanging)
-    await asyncio.sleep(0)
-    running = list(matches._ahead.values())
-    assert len(running) == MAX_AHEAD
+        matches.read_ahead(query(after=after), b"1 1", slow)
+        started.append(matches._ahead[query(after=after).key][2])
+    kept, dropped = started[5:], started[:5]
+    assert [task for _, _, task in matches._ahead.values()] == kept
     matches.close()
-    await asyncio.sleep(0)
-    assert all(task.cancelled() for _, _, task in running) and not matches._ahead
+    answer.set()
+    assert [chunk.targets[0].id for chunk in await asyncio.gather(*dropped)] == [0, 1, 2, 3, 4]
+    assert all(task.cancelled() for task in kept) and not matches._ahead
 
 
 async def test_a_chunk_read_ahead_ages_from_its_read_and_never_signs_with_an_old_token(
@@ -144,6 +148,11 @@ async def test_a_chunk_read_ahead_ages_from_its_read_and_never_signs_with_an_old
     await matches.chunk(query(after=10), b"1 1", reads)
     monkeypatch.setattr(time, "monotonic", lambda: now + 11)
     assert matches.get(query(after=10), b"1 1") is None and reads.reads == [10]
+    matches.read_ahead(query(after=15), b"1 1", reads)  # its run comes after its age
+    monkeypatch.setattr(time, "monotonic", lambda: now + 22)
+    await matches.chunk(query(after=15), b"1 1", reads)  # read again, and kept from then
+    assert reads.reads == [10, 15, 15] and matches.get(query(after=15), b"1 1") is not None
+    reads.reads.clear()
 
     async def rotating(asked: ChunkQuery) -> Chunk:
         reads.reads.append(asked.after)
@@ -151,11 +160,11 @@ async def test_a_chunk_read_ahead_ages_from_its_read_and_never_signs_with_an_old
 
     matches.read_ahead(query(after=20), b"1 1", rotating)
     got = await matches.chunk(query(after=20), b"1 1", reads)
-    assert [t.id for t in got.targets] == [21] and reads.reads == [10, 20, 20]
+    assert [t.id for t in got.targets] == [21] and reads.reads == [20, 20]
     matches.read_ahead(query(after=30), b"1 1", reads)
     await asyncio.sleep(0)
     matches.read_ahead(query(after=30), b"1 2", reads)  # the registry changed meanwhile
     await asyncio.sleep(0)
-    assert reads.reads == [10, 20, 20, 30, 30]  # read again ahead, not at its run
+    assert reads.reads == [20, 20, 30, 30]  # read again ahead, not at its run
     await matches.chunk(query(after=30), b"1 2", reads)
-    assert reads.reads == [10, 20, 20, 30, 30]
+    assert reads.reads == [20, 20, 30, 30]
