@@ -94,6 +94,7 @@ class Batcher:
         if tail is not None and lead is None:
             raise ValueError("a tail follows a lead: give both, or queue it with the commands")
         done: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
+        done.add_done_callback(_retrieved)  # its error is its caller's, if one still waits
         self._pending.append(Pending(queue, done, records, lead, tail))
         self._queued()
         return done
@@ -218,6 +219,14 @@ def _joint_calls(
             for place, (i, _) in enumerate(run):
                 places[i].append((len(calls) - 1, place))
     return calls, places
+
+
+def _retrieved(done: asyncio.Future[list[Any]]) -> None:
+    """Mark an answer's error seen: a caller that stopped waiting (cancelled, or a writer's
+    that never waits) leaves no "exception was never retrieved" behind; the writer logs
+    a refused write itself."""
+    if not done.cancelled():
+        done.exception()
 
 
 def _nothing(pipe: Pipeline) -> None:

@@ -118,7 +118,6 @@ class Writer(Batcher):
         one that follows it (with a `lead` only): both sent before `queue`'s commands,
         their answers first in the results."""
         done = super().submit(queue, records, lead, tail)
-        done.add_done_callback(_retrieved)  # a refusal is logged once, whoever awaits it
         metrics.PENDING_WRITES.set(len(self._pending))
         return done
 
@@ -223,11 +222,6 @@ class Writer(Batcher):
             waited = asyncio.get_running_loop().time() - self.failing_since
             self.failing_since = None
             log.info("worker.writes_resumed", pending=len(self._pending), waited_s=round(waited, 1))
-
-
-def _retrieved(done: asyncio.Future[list[Any]]) -> None:
-    if not done.cancelled():
-        done.exception()
 
 
 def _settle(done: asyncio.Future[list[Any]], answer: list[Any]) -> None:
