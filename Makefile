@@ -49,7 +49,7 @@ fmt: $(STAMP)
 bench: $(STAMP)  ## full benchmark table (< 10 min), written to bench/results/
 	$(BIN)/python -m bench
 
-bench-quick: $(STAMP)  ## a smaller run (< 2 min)
+bench-quick: $(STAMP)  ## a smaller run (about 3 min)
 	$(BIN)/python -m bench --quick
 
 deploy-check: $(STAMP)  ## parse and check the deploy/ files

@@ -32,7 +32,7 @@ BY_NAME = {scenario.name: scenario for scenario in SCENARIOS}
 
 def _parse() -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
-    parser.add_argument("--quick", action="store_true", help="smaller run (< 2 min)")
+    parser.add_argument("--quick", action="store_true", help="smaller run (about 3 min)")
     parser.add_argument(
         "--only", default="", help=f"comma-separated subset of: {', '.join(BY_NAME)}"
     )
