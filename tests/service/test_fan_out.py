@@ -4,7 +4,9 @@ re-sends at most the chunk in hand; and the upgrade of a registry stored by vers
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
+import pytest
 from aiohttp import web
 from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
@@ -16,6 +18,7 @@ from dispatcher.models import PLATFORM_PROJECT, Event, Level, Region
 from dispatcher.producer import Producer
 from dispatcher.queue import Queue
 from dispatcher.registry import Registry
+from dispatcher.registry.match import ChunkQuery, Matches
 from dispatcher.settings import Settings
 from dispatcher.worker.claims import Claims
 from tests.helpers import Receiver, RunWorker, make_settings
@@ -60,6 +63,39 @@ async def test_a_fan_out_in_chunks_reaches_every_callback_once(
     assert most <= 4  # a chunk at a time
     assert worker.jobs_complete >= 26 // 4  # one fan-out job per chunk of ids
     assert await redis.zcard(chunked.queue_name) == 0
+
+
+async def test_a_fan_outs_next_chunk_is_read_while_the_one_before_runs(
+    settings: Settings,
+    redis: Redis,
+    receiver: Receiver,
+    run_worker: RunWorker,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Each chunk after the first is read ahead, while the one before is attempted, and
+    its run takes that read: one Redis read per chunk, none twice."""
+    registry = Registry(redis)
+    for n in range(10):
+        await registry.create("demo", receiver.url(f"/cb/{n}"), Event.BUILD_END, Region.DEVNET)
+    reads: list[int] = []  # the cursor of each chunk read from Redis
+    ahead: list[int] = []  # the cursor of each chunk asked for ahead
+    queue_on, read_ahead = ChunkQuery.queue_on, Matches.read_ahead
+
+    def read(query: ChunkQuery, pipe: Pipeline) -> None:
+        reads.append(query.after)
+        queue_on(query, pipe)
+
+    def asked(matches: Matches, query: ChunkQuery, *args: Any) -> None:
+        ahead.append(query.after)
+        read_ahead(matches, query, *args)
+
+    monkeypatch.setattr(ChunkQuery, "queue_on", read)
+    monkeypatch.setattr(Matches, "read_ahead", asked)
+    chunked = make_settings(settings.redis_url or "", fan_out_chunk=4)
+    await Producer(chunked, redis).emit("demo", "BUILD_END", {})
+    await run_worker(chunked)
+    assert sorted(seen.path for seen in receiver.seen) == sorted(f"/cb/{n}" for n in range(10))
+    assert len(ahead) == 2 and reads == [0, *ahead]  # the 2nd and 3rd chunks: read ahead
 
 
 async def test_a_fan_out_moves_on_under_its_event_id_and_a_resent_move_does_nothing(
