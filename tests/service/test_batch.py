@@ -169,6 +169,8 @@ async def test_a_batchers_callers_run_their_scripts_together_before_the_commands
     assert isinstance(results[1], ResponseError) and "not an integer" in str(results[1])
     stats = await redis.info("commandstats")
     assert stats["cmdstat_evalsha"]["calls"] == 1 and stats["cmdstat_incrby"]["calls"] == 3
+    await redis.script_flush()  # a restarted Redis: the joint script is loaded again
+    assert await batcher.together(Bump("a", 1, "again")) == [4, b"again"]
 
 
 @dataclass
