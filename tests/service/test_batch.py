@@ -137,6 +137,7 @@ async def test_scripts_run_together_in_one_call_each_answer_and_error_its_own(
     call that fails (INCRBY on text) leaves its error in its place, the others run."""
     await redis.set("text", "not a number")
     calls = [Bump("a", 1, "one"), Bump("text", 1, "bad"), Bump("a", 2, "three"), Bump("b", 5, "")]
+    await run_pipeline(redis, lambda pipe: Bump.queue_together(pipe, [Bump("w", 0, "")]))  # loaded
     await redis.config_resetstat()
     (answers,) = await run_pipeline(redis, lambda pipe: Bump.queue_together(pipe, calls))
     stats = await redis.info("commandstats")
