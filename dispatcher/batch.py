@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 from redis.exceptions import NoScriptError
 
 from dispatcher.lua import first_error, load_all
+from dispatcher.stopping import retrieved
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
@@ -94,7 +95,8 @@ class Batcher:
         if tail is not None and lead is None:
             raise ValueError("a tail follows a lead: give both, or queue it with the commands")
         done: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
-        done.add_done_callback(_retrieved)  # its error is its caller's, if one still waits
+        done.add_done_callback(retrieved)  # a caller that stopped waiting (a writer's never
+        # waits: the writer logs a refused write itself) leaves no warning behind
         self._pending.append(Pending(queue, done, records, lead, tail))
         self._queued()
         return done
@@ -219,14 +221,6 @@ def _joint_calls(
             for place, (i, _) in enumerate(run):
                 places[i].append((len(calls) - 1, place))
     return calls, places
-
-
-def _retrieved(done: asyncio.Future[list[Any]]) -> None:
-    """Mark an answer's error seen: a caller that stopped waiting (cancelled, or a writer's
-    that never waits) leaves no "exception was never retrieved" behind; the writer logs
-    a refused write itself."""
-    if not done.cancelled():
-        done.exception()
 
 
 def _nothing(pipe: Pipeline) -> None:

@@ -12,7 +12,7 @@ import asyncio
 from collections.abc import Iterable
 from typing import Any
 
-__all__ = ["cancel_all"]
+__all__ = ["cancel_all", "retrieved"]
 
 AGAIN_EVERY_S = 0.5  # how long a cancelled task may take before it is cancelled again
 
@@ -27,5 +27,13 @@ async def cancel_all(tasks: Iterable[asyncio.Future[Any]]) -> None:
             task.cancel()
         _, pending = await asyncio.wait(pending, timeout=AGAIN_EVERY_S)
     for task in every:
-        if task.done() and not task.cancelled():
-            task.exception()  # retrieved: no "never retrieved" warning
+        if task.done():
+            retrieved(task)
+
+
+def retrieved(done: asyncio.Future[Any]) -> None:
+    """Mark what a finished future raised as seen (its awaiter, if any, still gets it): no
+    "exception was never retrieved" warning for one nobody waits for. Also a done
+    callback."""
+    if not done.cancelled():
+        done.exception()

@@ -22,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
-import math
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
@@ -35,6 +34,7 @@ from dispatcher.models import PLATFORM_PROJECT, Region
 from dispatcher.registry.options import NO_OPTIONS, Options
 from dispatcher.registry.rules import Destination, destination, is_pipeline_id
 from dispatcher.registry.scripts import Match
+from dispatcher.stopping import retrieved
 
 if TYPE_CHECKING:
     from redis.asyncio.client import Pipeline
@@ -250,19 +250,19 @@ class Matches:
         """The chunk `query` reads: kept at `version`, read ahead at it, or `read` now; then
         kept (see `put`; a chunk read ahead, until its own read's age ends)."""
         chunk = self.get(query, version)
-        ahead = self._ahead.pop(query.key, None)
-        if chunk is not None or ahead is None or not _good(ahead, version):
-            if chunk is None:  # (a read ahead not taken is dropped, not cancelled: see below)
-                chunk = await read(query)
-                self.put(query, version, chunk)
+        ahead = self._ahead.pop(query.key, None)  # (one not taken is dropped, not cancelled)
+        if chunk is not None:
             return chunk
-        with contextlib.suppress(Exception):  # its read failed: read again now
-            chunk = await asyncio.shield(ahead[2])  # this run stopped: the read goes on
-        if chunk is None or _signs_twice(chunk):  # a rotation's overlap ends by the clock
-            chunk = await read(query)
-            self.put(query, version, chunk)
-        else:
-            self.put(query, version, chunk, until=ahead[1])
+        until = None
+        if ahead is not None and _good(ahead, version):
+            with contextlib.suppress(Exception):  # its read failed: read again now
+                chunk = await asyncio.shield(ahead[2])  # this run stopped: the read goes on
+            if chunk is not None and _signs_twice(chunk):  # its overlap ends by the clock
+                chunk = None
+            until = ahead[1]
+        if chunk is None:
+            chunk, until = await read(query), None
+        self.put(query, version, chunk, until=until)
         return chunk
 
     def read_ahead(self, query: ChunkQuery, version: bytes | None, read: ReadChunk) -> None:
@@ -276,7 +276,7 @@ class Matches:
             return
         self._ahead.pop(key, None)  # stale: dropped
         task = asyncio.ensure_future(read(query))
-        task.add_done_callback(_retrieved)
+        task.add_done_callback(retrieved)  # its error is its run's (who reads again)
         self._ahead[key] = (version, time.monotonic() + self.max_age_s, task)
         while len(self._ahead) > MAX_AHEAD:  # the oldest dropped
             self._ahead.popitem(last=False)
@@ -292,7 +292,7 @@ class Matches:
     def get(self, query: ChunkQuery, version: bytes | None) -> Chunk | None:
         """The chunk `query` reads, when kept at `version` (None: unknown, never kept)."""
         found = self._chunks.get(query.key) if version is not None else None
-        if found is None or found[0] != version or time.monotonic() > found[1]:
+        if found is None or not _good(found, version):
             self._read.inc()
             return None
         self._chunks.move_to_end(query.key)
@@ -304,13 +304,15 @@ class Matches:
     ) -> None:
         """Keep `chunk`, read by `query` after a claim saw `version` (it is no older), until
         `max_age_s` from now (`until`: the monotonic time its age ends, when read before)."""
-        if version is None or _signs_twice(chunk) or (until or math.inf) <= time.monotonic():
+        now = time.monotonic()
+        until = now + self.max_age_s if until is None else until
+        if version is None or _signs_twice(chunk) or until <= now:
             return
         key = query.key
         old = self._chunks.pop(key, None)
         if old is not None:
             self._targets -= len(old[2].targets)
-        self._chunks[key] = (version, until or time.monotonic() + self.max_age_s, chunk)
+        self._chunks[key] = (version, until, chunk)
         self._targets += len(chunk.targets)
         while len(self._chunks) > self.max_entries or self._targets > self.max_targets:
             _, (_, _, dropped) = self._chunks.popitem(last=False)
@@ -325,9 +327,3 @@ def _good(entry: tuple[bytes, float, object] | None, version: bytes | None) -> b
 def _signs_twice(chunk: Chunk) -> bool:
     """Whether a target of `chunk` still signs with a rotated-out token (never kept)."""
     return any(target.previous_token for target in chunk.targets)
-
-
-def _retrieved(task: asyncio.Task[Chunk]) -> None:
-    """A read ahead's error is its `chunk` caller's (who reads again), or nobody's."""
-    if not task.cancelled():
-        task.exception()

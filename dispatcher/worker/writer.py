@@ -112,11 +112,8 @@ class Writer(Batcher):
         lead: Callable[[], Script] | None = None,
         tail: Script | None = None,
     ) -> asyncio.Future[list[Any]]:
-        """Queue the commands `queue` puts on a pipeline; the future gets their results once
-        Redis has them (cancelling it does not withdraw the write). `lead`: what makes the
-        script (a `TOGETHER` one) that writes `records` once they have their ids; `tail`,
-        one that follows it (with a `lead` only): both sent before `queue`'s commands,
-        their answers first in the results."""
+        """`Batcher.submit`: the future gets the results once Redis has them (cancelling it
+        does not withdraw the write), and the write is counted until then."""
         done = super().submit(queue, records, lead, tail)
         metrics.PENDING_WRITES.set(len(self._pending))
         return done
