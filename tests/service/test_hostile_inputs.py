@@ -139,23 +139,15 @@ async def test_callbacks_stored_under_older_rules_fail_alone_and_leak_nothing(
             redis, receiver.url("/auth"), authHeaderName="X-Api-Key",
             authHeaderValue="TOPSECRET\r\nX-Injected: 1",
         ): "authHeaderValue",
-        await stored_under_older_rules(
-            redis, receiver.url("/userinfo"),
-            url=f"http://svc:S3cr3tPw@127.0.0.1:{port}/userinfo",
-        ): "credentials",
-        await stored_under_older_rules(
-            redis, receiver.url("/control"), url=receiver.url("/control%1B[31m")
-        ): "control character",
-        await stored_under_older_rules(
-            redis, receiver.url("/bracket"), url="http://[::1/bracket"
-        ): "malformed",
-        await stored_under_older_rules(
-            redis, receiver.url("/port"), url="http://127.0.0.1:99999/port"
-        ): "malformed",
-        await stored_under_older_rules(
-            redis, receiver.url("/both"), url="http://u:S3cr3tPw@127.0.0.1:99999/both"
-        ): "credentials",
     }  # fmt: skip
+    for path, url, fragment in (  # URLs stored as they are
+        ("/userinfo", f"http://svc:S3cr3tPw@127.0.0.1:{port}/userinfo", "credentials"),
+        ("/control", receiver.url("/control%1B[31m"), "control character"),
+        ("/bracket", "http://[::1/bracket", "malformed"),
+        ("/port", "http://127.0.0.1:99999/port", "malformed"),
+        ("/both", "http://u:S3cr3tPw@127.0.0.1:99999/both", "credentials"),
+    ):
+        bad[await stored_under_older_rules(redis, receiver.url(path), url=url)] = fragment
     await Registry(redis).create("demo", receiver.url("/ok"), Event.BUILD_END, Region.DEVNET)
     await Producer(settings, redis).emit("demo", "BUILD_END", {"n": 1})
     with capture_logs() as logs:
