@@ -79,7 +79,8 @@ FILTERED = Counter(
 MATCHES = Counter(
     "dispatcher_matches_total",
     "Chunks of callbacks the fan-outs needed: kept by the worker while the registry stood "
-    "(kept), or read from Redis (read).",
+    "(kept), read from Redis (read), or taken from a read another run had under way "
+    "(shared).",
     ["source"],
 )
 POISON_JOBS = Counter("dispatcher_poison_jobs_total", "Undecodable jobs recorded and dropped.")

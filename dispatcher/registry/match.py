@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
+import functools
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
@@ -220,6 +221,8 @@ class ChunkQuery:
 
 
 ReadChunk = Callable[[ChunkQuery], Awaitable[Chunk]]
+# A chunk's read under way: the version it is for, the monotonic time its age ends, the read.
+Reading = tuple[bytes | None, float, "asyncio.Task[Chunk]"]
 MAX_AHEAD = 64  # chunks read ahead and not asked for yet (another worker took their job)
 
 
@@ -231,7 +234,9 @@ class Matches:
     callbacks are kept, the least recently used dropped first. A chunk with a rotated token
     still signing is not kept: its overlap ends by the clock, not by a write. A chunk read
     ahead (the next of a fan-out, while this one's attempts run) waits for its run under
-    the same rules, `MAX_AHEAD` at most."""
+    the same rules, `MAX_AHEAD` at most. Runs that miss the same chunk at the same
+    version while its read is under way wait for that read (a burst of one project's
+    events after a registry write reads its chunk once, not once per event)."""
 
     def __init__(
         self, max_entries: int = 4096, max_targets: int = 50_000, max_age_s: float = 10.0
@@ -241,10 +246,12 @@ class Matches:
         self.max_age_s = max_age_s
         self._chunks: OrderedDict[tuple[object, ...], tuple[bytes, float, Chunk]] = OrderedDict()
         self._targets = 0
-        self._kept, self._read = (metrics.MATCHES.labels(source=s) for s in ("kept", "read"))
+        self._kept, self._read, self._shared = (
+            metrics.MATCHES.labels(source=s) for s in ("kept", "read", "shared")
+        )
         # chunks being read (or read) ahead, by key: the version and clock they are good for
-        self._ahead: OrderedDict[tuple[object, ...], tuple[bytes, float, asyncio.Task[Chunk]]]
-        self._ahead = OrderedDict()
+        self._ahead: OrderedDict[tuple[object, ...], Reading] = OrderedDict()
+        self._reading: dict[tuple[object, ...], Reading] = {}  # read now, for runs waiting
 
     async def chunk(self, query: ChunkQuery, version: bytes | None, read: ReadChunk) -> Chunk:
         """The chunk `query` reads: kept at `version`, read ahead at it, or `read` now; then
@@ -252,6 +259,7 @@ class Matches:
         chunk = self.get(query, version)
         ahead = self._ahead.pop(query.key, None)  # (one not taken is dropped, not cancelled)
         if chunk is not None:
+            self._kept.inc()
             return chunk
         until = None
         if ahead is not None and _good(ahead, version):
@@ -261,9 +269,35 @@ class Matches:
                 chunk = None
             until = ahead[1]
         if chunk is None:
-            chunk, until = await read(query), None
+            chunk, until = await self._read_now(query, version, read)
+        else:
+            self._read.inc()
         self.put(query, version, chunk, until=until)
         return chunk
+
+    async def _read_now(
+        self, query: ChunkQuery, version: bytes | None, read: ReadChunk
+    ) -> tuple[Chunk, float]:
+        """`read` of `query`'s chunk, or the one under way for `version`: its chunk and
+        the monotonic time its age ends. Raises what the read raised."""
+        key = query.key
+        reading = self._reading.get(key)
+        if reading is not None and reading[0] == version:
+            self._shared.inc()
+        else:
+            self._read.inc()
+            task = asyncio.ensure_future(read(query))
+            reading = (version, time.monotonic() + self.max_age_s, task)
+            self._reading[key] = reading
+            task.add_done_callback(functools.partial(self._read_done, key, reading))
+        return await asyncio.shield(reading[2]), reading[1]  # a run stopped: the read goes on
+
+    def _read_done(
+        self, key: tuple[object, ...], reading: Reading, task: asyncio.Task[Chunk]
+    ) -> None:
+        retrieved(task)  # each waiter has its error; none waiting leaves no warning
+        if self._reading.get(key) is reading:
+            del self._reading[key]
 
     def read_ahead(self, query: ChunkQuery, version: bytes | None, read: ReadChunk) -> None:
         """Start `read` of `query`'s chunk (a fan-out's next, while the attempts of the one
@@ -285,18 +319,17 @@ class Matches:
         """Stop the reads ahead still running (the worker stops). Those dropped before are
         let run to their end: a read cancelled while it sends a shared pipeline would fail
         the other callers' reads in it."""
-        for _, _, task in self._ahead.values():
+        for _, _, task in (*self._ahead.values(), *self._reading.values()):
             task.cancel()
         self._ahead.clear()
+        self._reading.clear()
 
     def get(self, query: ChunkQuery, version: bytes | None) -> Chunk | None:
         """The chunk `query` reads, when kept at `version` (None: unknown, never kept)."""
         found = self._chunks.get(query.key) if version is not None else None
         if found is None or not _good(found, version):
-            self._read.inc()
             return None
         self._chunks.move_to_end(query.key)
-        self._kept.inc()
         return found[2]
 
     def put(
@@ -319,7 +352,7 @@ class Matches:
             self._targets -= len(dropped.targets)
 
 
-def _good(entry: tuple[bytes, float, object] | None, version: bytes | None) -> bool:
+def _good(entry: tuple[bytes | None, float, object] | None, version: bytes | None) -> bool:
     """Whether a kept or read-ahead `entry` serves a run at `version` now."""
     return entry is not None and entry[0] == version and time.monotonic() <= entry[1]
 

@@ -31,7 +31,6 @@ def chunk(*ids: int, previous: str = "") -> Chunk:
 
 def test_a_chunk_is_kept_under_its_version_and_its_query_alone() -> None:
     matches, stored = Matches(), chunk(1, 2)
-    kept, read = counted("kept"), counted("read")
     matches.put(query(), b"1 4", stored)
     assert matches.get(query(), b"1 4") is stored
     assert matches.get(query(), b"1 5") is None  # the project's registry changed
@@ -39,7 +38,6 @@ def test_a_chunk_is_kept_under_its_version_and_its_query_alone() -> None:
     assert matches.get(query("other"), b"1 4") is None  # another project's event
     assert matches.get(query(pipeline="p1"), b"1 4") is None  # another level set
     assert matches.get(query(after=2), b"1 4") is None  # another chunk
-    assert (counted("kept"), counted("read")) == (kept + 1, read + 5)
 
 
 def test_nothing_is_kept_without_a_version_or_while_a_rotated_token_signs() -> None:
@@ -91,6 +89,47 @@ class Reads:
             self.fail.discard(asked.after)
             raise ConnectionError("Redis went away")
         return chunk(asked.after + 1)
+
+
+async def test_runs_that_miss_a_chunk_together_share_its_read() -> None:
+    """A burst of one project's events after a registry write: the runs that miss the same
+    chunk at the same version while it is read wait for that read (counted once as read,
+    the others as shared), a run at another version reads its own, a run cancelled while
+    it waits stops no other, a failed read fails its waiters alone and the next run reads
+    again, and what was read is then kept."""
+    matches, answer, reads = Matches(), asyncio.Event(), list[tuple[int, int]]()
+
+    async def slow(asked: ChunkQuery) -> Chunk:
+        reads.append((asked.after, len(reads)))
+        await answer.wait()
+        return chunk(asked.after + 1)
+
+    kept, read, shared = counted("kept"), counted("read"), counted("shared")
+    waiting = [asyncio.ensure_future(matches.chunk(query(), b"1 1", slow)) for _ in range(5)]
+    other = asyncio.ensure_future(matches.chunk(query(), b"1 2", slow))
+    for _ in range(3):  # the runs start, then their reads
+        await asyncio.sleep(0)
+    assert reads == [(0, 0), (0, 1)]  # one per version
+    waiting[0].cancel()  # the run that started the read stopped: the read goes on
+    await asyncio.sleep(0)
+    answer.set()
+    got = await asyncio.gather(*waiting[1:], other)
+    assert {id(c) for c in got[:4]} == {id(got[0])} and got[4] is not got[0]
+    assert waiting[0].cancelled() and len(reads) == 2
+    assert await matches.chunk(query(), b"1 2", slow) is got[4]  # kept since
+    assert (counted("kept"), counted("read"), counted("shared")) == (
+        kept + 1, read + 2, shared + 4)  # fmt: skip
+
+    failing = Reads(fail=(7,))
+    both = await asyncio.gather(
+        matches.chunk(query(after=7), b"1 1", failing),
+        matches.chunk(query(after=7), b"1 1", failing),
+        return_exceptions=True,
+    )
+    assert [type(e) for e in both] == [ConnectionError, ConnectionError]
+    assert failing.reads == [7] and not matches._reading
+    got = await matches.chunk(query(after=7), b"1 1", failing)  # read again
+    assert [t.id for t in got.targets] == [8] and failing.reads == [7, 7]
 
 
 async def test_a_chunk_read_ahead_is_the_next_runs_at_the_same_version_only() -> None:
