@@ -278,12 +278,16 @@ class Matches:
     async def _read_now(
         self, query: ChunkQuery, version: bytes | None, read: ReadChunk
     ) -> tuple[Chunk, float]:
-        """`read` of `query`'s chunk, or the one under way for `version`: its chunk and
-        the monotonic time its age ends. Raises what the read raised."""
+        """`read` of `query`'s chunk, or the one under way for `version` (known, and the
+        read within its age): its chunk and the monotonic time its age ends. Raises what
+        the read raised."""
         key = query.key
         reading = self._reading.get(key)
-        if reading is not None and reading[0] == version:
+        if version is not None and reading is not None and _good(reading, version):
             self._shared.inc()
+        elif version is None:  # unknown: read alone, as never kept
+            self._read.inc()
+            return await read(query), time.monotonic()
         else:
             self._read.inc()
             task = asyncio.ensure_future(read(query))

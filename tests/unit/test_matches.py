@@ -95,8 +95,9 @@ async def test_runs_that_miss_a_chunk_together_share_its_read() -> None:
     """A burst of one project's events after a registry write: the runs that miss the same
     chunk at the same version while it is read wait for that read (counted once as read,
     the others as shared), a run at another version reads its own, a run cancelled while
-    it waits stops no other, a failed read fails its waiters alone and the next run reads
-    again, and what was read is then kept."""
+    it waits stops no other, runs at an unknown version or past the read's age read alone,
+    a failed read fails its waiters alone and the next run reads again, and what was read
+    is then kept."""
     matches, answer, reads = Matches(), asyncio.Event(), list[tuple[int, int]]()
 
     async def slow(asked: ChunkQuery) -> Chunk:
@@ -119,6 +120,28 @@ async def test_runs_that_miss_a_chunk_together_share_its_read() -> None:
     assert await matches.chunk(query(), b"1 2", slow) is got[4]  # kept since
     assert (counted("kept"), counted("read"), counted("shared")) == (
         kept + 1, read + 2, shared + 4)  # fmt: skip
+
+    unknown = [asyncio.ensure_future(matches.chunk(query(after=3), None, slow)) for _ in range(2)]
+    answer.clear()
+    for _ in range(3):
+        await asyncio.sleep(0)
+    assert reads[2:] == [(3, 2), (3, 3)]  # an unknown version: each reads alone
+    answer.set()
+    await asyncio.gather(*unknown)
+
+    aged, gate = Matches(max_age_s=0), asyncio.Event()
+
+    async def held(asked: ChunkQuery) -> Chunk:
+        reads.append((asked.after, len(reads)))
+        await gate.wait()
+        return chunk(asked.after + 1)
+
+    late = [asyncio.ensure_future(aged.chunk(query(after=5), b"1 1", held)) for _ in range(2)]
+    for _ in range(3):
+        await asyncio.sleep(0)
+    assert reads[4:] == [(5, 4), (5, 5)]  # a read past its age is joined by none
+    gate.set()
+    await asyncio.gather(*late)
 
     failing = Reads(fail=(7,))
     both = await asyncio.gather(
