@@ -321,10 +321,10 @@ class Engine:
         def write(pipe: Pipeline) -> None:
             if healed:
                 health.succeeded(pipe, target.id)
-            elif outcome is Outcome.GONE:
-                registry.queue_set_enabled(pipe, target.id, False, GONE_REASON)
             if not joint:
                 self.services.history.record(pipe, record, dead=failed_for_good, ending=ending)
+            if outcome is Outcome.GONE:  # after its record: a failover that keeps only the
+                registry.queue_set_enabled(pipe, target.id, False, GONE_REASON)  # start
             if job_end is None and tail is None:
                 then(pipe, delay)
 

@@ -25,6 +25,7 @@ from dispatcher.models import Event, HistoryRecord, Region
 from dispatcher.producer import Producer
 from dispatcher.queue import Queue
 from dispatcher.registry import Registry
+from dispatcher.registry.scripts import SetEnabled
 from dispatcher.services import Services
 from dispatcher.settings import Settings
 from dispatcher.worker import Engine
@@ -268,9 +269,12 @@ async def test_only_a_delivery_that_ends_leads_its_write_with_its_record(
     """A delivery that ends with its attempt gives the writer its record as a lead (run
     with the batch's other records, first: what follows can be done again). One retried
     keeps its record in its own commands, right before its retry's job: a failover that
-    keeps only a pipeline's start cannot leave it marked as attempted with no retry."""
+    keeps only a pipeline's start cannot leave it marked as attempted with no retry. One
+    answered `410 Gone` has its record before its callback's disable: that failover cannot
+    leave the callback disabled, so out of the chunk's re-run, with no record."""
     ok, busy = receiver.url("/ok"), receiver.script("/busy", answer(503))
-    for url in (ok, busy):
+    gone = receiver.script("/gone", answer(410))
+    for url in (ok, busy, gone):
         await register(redis, url)
     services = Services(settings, redis)
     submitted: dict[str, tuple[QueueCommands, object]] = {}
@@ -292,6 +296,13 @@ async def test_only_a_delivery_that_ends_leads_its_write_with_its_record(
     submitted[busy][0](pipe)
     queued = [args for args, _ in pipe.command_stack]
     assert queued[0][0] == "EVALSHA" and len(queued) > 1  # the record, then the retry's job
+    record_sha = queued[0][1]
+    pipe = redis.pipeline(transaction=False)
+    submitted[gone][0](pipe)
+    queued = [args for args, _ in pipe.command_stack]
+    assert submitted[gone][1] is None and len(queued) >= 2
+    assert queued[0][1] == record_sha  # the record first, then the disable
+    assert SetEnabled._lua.sha in [args[1] for args in queued[1:]]
     assert await redis.zcard(settings.queue_name) == 1  # the retry is queued
     assert [r.status.value for r in await records(redis, settings, busy)] == ["FAILED"]
 
