@@ -127,6 +127,30 @@ async def test_a_fan_out_moves_on_under_its_event_id_and_a_resent_move_does_noth
     assert not await redis.exists(keys.arq_job("demo:evt_1"))
 
 
+async def test_a_re_runs_next_chunks_skip_what_a_run_with_other_bounds_recorded(
+    settings: Settings, redis: Redis, receiver: Receiver, run_worker: RunWorker
+) -> None:
+    """A fleet mid-rollout of `DISPATCHER_FAN_OUT_CHUNK` (or callbacks enabled between two
+    runs): a run with one chunk of 6 recorded the last 3 deliveries and died before its
+    end. Its re-run, by chunks of 3, sends the first 3, and its next chunk runs as a re-run
+    too: it finds the last 3 recorded and sends none of them again."""
+    registry = Registry(redis)
+    ids = [
+        (await registry.create("demo", receiver.url(f"/cb/{n}"), Event.BUILD_END,
+                               Region.DEVNET))[0]
+        for n in range(6)
+    ]  # fmt: skip
+    chunked = make_settings(settings.redis_url or "", fan_out_chunk=3)
+    await Producer(chunked, redis).emit("demo", "BUILD_END", {}, event_id="big")
+    job_id = "demo:big"
+    for callback_id in ids[3:]:  # what the run before recorded, its job going on
+        await redis.set(keys.delivery(f"{job_id}.{callback_id}"), "done", ex=3600)
+    await redis.set(keys.ARQ_RETRY_PREFIX + job_id, 1, ex=3600)  # claimed once, its lease lapsed
+    await run_worker(chunked)
+    assert sorted(seen.path for seen in receiver.seen) == ["/cb/0", "/cb/1", "/cb/2"]
+    assert await redis.zcard(chunked.queue_name) == 0
+
+
 async def test_a_registry_of_layout_1_is_upgraded(
     settings: Settings, redis: Redis, receiver: Receiver, run_worker: RunWorker
 ) -> None:
