@@ -302,12 +302,11 @@ class Engine:
         delay: float | None,
         then: Then,
     ) -> None:
-        """The attempt's one write, in the writer's next pipeline: the callback's health,
-        its record with the delivery's progress and the job's end when that is all that
-        follows (one script), then what else follows (`then`: see `steps.py`). A delivery
-        that ends here with no health to write is `joint`: its record, then its lane's or
-        slot's release (`Step.joint`, asked before `job_end`), with the batch's others. A final
-        failure is counted by `health.py` in a write of its own in the same pipeline."""
+        """The attempt's one write, in the writer's next pipeline: the callback's health, its
+        record with the delivery's progress and the job's end when nothing else follows (one
+        script), then what else does (`then`: `steps.py`). A delivery that ends here with no
+        health to write is `joint`: its record, then its release (`Step.joint`, asked before
+        `job_end`), with the batch's others. A final failure: counted by `health.py`."""
         outcome = result.outcome
         failed_for_good = delay is None and outcome is not Outcome.SUCCESS
         registry, health = self.services.registry, self.services.health
@@ -316,15 +315,16 @@ class Engine:
         tail = then.joint(delay) if joint and isinstance(then, Step) else None  # asked first
         job_end = then.job_end(delay) if isinstance(then, Step) else None
         mark = DONE.decode() if delay is None else str(record["attempt"])
-        ending = Ending(self.keys.delivery(job.progress_id), mark, self.progress_ttl, job_end)
+        kept = record["attempt"] > 1  # its retry's job, queued again late, must find it done
+        ending = Ending(self.keys.delivery(job.progress_id), mark, self.progress_ttl, job_end, kept)
 
         def write(pipe: Pipeline) -> None:
             if healed:
                 health.succeeded(pipe, target.id)
             if not joint:
                 self.services.history.record(pipe, record, dead=failed_for_good, ending=ending)
-            if outcome is Outcome.GONE:  # after its record: a failover that keeps only the
-                registry.queue_set_enabled(pipe, target.id, False, GONE_REASON)  # start
+            if outcome is Outcome.GONE:  # after the record: a failover keeps a pipeline's start
+                registry.queue_set_enabled(pipe, target.id, False, GONE_REASON)
             if job_end is None and tail is None:
                 then(pipe, delay)
 

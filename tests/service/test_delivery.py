@@ -21,6 +21,7 @@ from dispatcher.embedded import EmbeddedRedis
 from dispatcher.history.redis import RedisHistory
 from dispatcher.jobs import EventJob
 from dispatcher.keys import Keys
+from dispatcher.lua import run_pipeline
 from dispatcher.models import Event, HistoryRecord, Region
 from dispatcher.producer import Producer
 from dispatcher.queue import Queue
@@ -305,6 +306,46 @@ async def test_only_a_delivery_that_ends_leads_its_write_with_its_record(
     assert SetEnabled._lua.sha in [args[1] for args in queued[1:]]
     assert await redis.zcard(settings.queue_name) == 1  # the retry is queued
     assert [r.status.value for r in await records(redis, settings, busy)] == ["FAILED"]
+
+
+async def test_a_retry_queued_again_by_a_late_copy_of_its_write_sends_nothing(
+    settings: Settings, redis: Redis, receiver: Receiver, run_worker: RunWorker
+) -> None:
+    """The writer sends a batch again when its answer was lost. Sent again after the
+    delivery it retried has ended (its worker paused past its lease, say), the write of a
+    first attempt that failed queues its retry's job once more and writes its mark "1":
+    that job finds the delivery done and sends nothing (review finding: it sent attempt 2
+    again)."""
+    calls = 0
+
+    async def flaky(request: web.Request) -> web.Response:
+        nonlocal calls
+        calls += 1
+        return web.Response(status=503 if calls == 1 else 200)
+
+    callback_id = await register(redis, receiver.script("/flaky", flaky))
+    services = Services(settings, redis)
+    first: list[QueueCommands] = []
+
+    class Spy(Writer):
+        def submit(self, *args: Any, **kwargs: Any) -> asyncio.Future[list[Any]]:
+            queue, records = (*args, ())[:2]
+            first.extend(queue for record in records if record["attempt"] == 1)
+            return super().submit(*args, **kwargs)
+
+    engine = Engine(services, Spy(redis, services.history.assign_ids))
+    try:
+        await engine.fan_out(EventJob(id="evt_late", project_id="demo", event="BUILD_END"))
+    finally:
+        await engine.close()
+    await run_worker()  # the retry: its attempt 2 succeeds, its job ends
+    progress = keys.delivery(f"demo:evt_late.{callback_id}")
+    assert calls == 2 and await redis.get(progress) == b"done"
+    await run_pipeline(redis, first[0])  # the late copy: the record, "1", the retry's job
+    assert await redis.zcard(settings.queue_name) == 1
+    await run_worker()
+    assert calls == 2 and await redis.get(progress) == b"done"
+    assert await redis.zcard(settings.queue_name) == 0
 
 
 async def test_huge_response_body_is_truncated_in_history(
