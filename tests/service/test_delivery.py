@@ -18,6 +18,7 @@ from structlog.testing import capture_logs
 from dispatcher.batch import QueueCommands
 from dispatcher.clock import now_ms
 from dispatcher.embedded import EmbeddedRedis
+from dispatcher.history.record import AttemptRecord
 from dispatcher.history.redis import RedisHistory
 from dispatcher.jobs import EventJob
 from dispatcher.keys import Keys
@@ -264,6 +265,27 @@ async def test_duplicate_fan_out_delivers_once(
     assert await redis.keys(keys.DELIVERY_PREFIX + "*evt_one*") == []  # no mark
 
 
+async def writes_of(
+    services: Services, event_id: str
+) -> list[tuple[QueueCommands, AttemptRecord, object]]:
+    """Fan out `event_id` (project demo, BUILD_END) once, in this process: what each write
+    of a record gave the writer (its commands, its record, its lead)."""
+    writes: list[tuple[QueueCommands, AttemptRecord, object]] = []
+
+    class Spy(Writer):
+        def submit(self, *args: Any, **kwargs: Any) -> asyncio.Future[list[Any]]:
+            queue, records, lead = (*args, (), None)[:3]  # the engine passes them in order
+            writes.extend((queue, record, lead) for record in records)
+            return super().submit(*args, **kwargs)
+
+    engine = Engine(services, Spy(services.redis, services.history.assign_ids))
+    try:
+        await engine.fan_out(EventJob(id=event_id, project_id="demo", event="BUILD_END"))
+    finally:
+        await engine.close()
+    return writes
+
+
 async def test_only_a_delivery_that_ends_leads_its_write_with_its_record(
     settings: Settings, redis: Redis, receiver: Receiver
 ) -> None:
@@ -277,21 +299,8 @@ async def test_only_a_delivery_that_ends_leads_its_write_with_its_record(
     gone = receiver.script("/gone", answer(410))
     for url in (ok, busy, gone):
         await register(redis, url)
-    services = Services(settings, redis)
-    submitted: dict[str, tuple[QueueCommands, object]] = {}
-
-    class Spy(Writer):
-        def submit(self, *args: Any, **kwargs: Any) -> asyncio.Future[list[Any]]:
-            queue, records, lead = (*args, (), None)[:3]  # the engine passes them in order
-            for record in records:
-                submitted[record["callBackUrl"]] = (queue, lead)
-            return super().submit(*args, **kwargs)
-
-    engine = Engine(services, Spy(redis, services.history.assign_ids))
-    try:
-        await engine.fan_out(EventJob(id="evt_lead", project_id="demo", event="BUILD_END"))
-    finally:
-        await engine.close()
+    writes = await writes_of(Services(settings, redis), "evt_lead")
+    submitted = {record["callBackUrl"]: (queue, lead) for queue, record, lead in writes}
     assert submitted[ok][1] is not None and submitted[busy][1] is None
     pipe = redis.pipeline(transaction=False)
     submitted[busy][0](pipe)
@@ -324,20 +333,8 @@ async def test_a_retry_queued_again_by_a_late_copy_of_its_write_sends_nothing(
         return web.Response(status=503 if calls == 1 else 200)
 
     callback_id = await register(redis, receiver.script("/flaky", flaky))
-    services = Services(settings, redis)
-    first: list[QueueCommands] = []
-
-    class Spy(Writer):
-        def submit(self, *args: Any, **kwargs: Any) -> asyncio.Future[list[Any]]:
-            queue, records = (*args, ())[:2]
-            first.extend(queue for record in records if record["attempt"] == 1)
-            return super().submit(*args, **kwargs)
-
-    engine = Engine(services, Spy(redis, services.history.assign_ids))
-    try:
-        await engine.fan_out(EventJob(id="evt_late", project_id="demo", event="BUILD_END"))
-    finally:
-        await engine.close()
+    writes = await writes_of(Services(settings, redis), "evt_late")
+    first = [queue for queue, record, _ in writes if record["attempt"] == 1]
     await run_worker()  # the retry: its attempt 2 succeeds, its job ends
     progress = keys.delivery(f"demo:evt_late.{callback_id}")
     assert calls == 2 and await redis.get(progress) == b"done"
