@@ -151,8 +151,8 @@ async def test_runs_that_miss_a_chunk_together_share_its_read() -> None:
     )
     assert [type(e) for e in both] == [ConnectionError, ConnectionError]
     assert failing.reads == [7] and not matches._reading
-    got = await matches.chunk(query(after=7), b"1 1", failing)  # read again
-    assert [t.id for t in got.targets] == [8] and failing.reads == [7, 7]
+    again = await matches.chunk(query(after=7), b"1 1", failing)  # read again
+    assert [t.id for t in again.targets] == [8] and failing.reads == [7, 7]
 
 
 async def test_a_chunk_read_ahead_is_the_next_runs_at_the_same_version_only() -> None:
