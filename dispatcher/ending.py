@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["END_JOB", "NO_ENDING", "NO_JOB", "SET_MARK", "Ending", "JobEnd"]
+__all__ = ["END_JOB", "NO_ENDING", "NO_JOB", "Ending", "JobEnd"]
 
 # A Lua function over the names a script declares for a `JobEnd` (keys queue, lease, job,
 # claims; arguments token, job_id): the job leaves the queue with its keys, unless another
@@ -26,22 +26,6 @@ local function end_job()
   redis.call('DEL', lease, job, claims)
   redis.call('ZREM', queue, job_id)
   return 1
-end
-"""
-
-
-# A Lua function over the names a script declares for an `Ending` (key progress;
-# arguments mark, mark_ttl): the delivery's progress mark, written unless it would go
-# back. A write sent again late (its answer was lost) must not take "done", or a later
-# attempt's number, back to its own: a copy of the retry job it queued then would attempt
-# the delivery again.
-SET_MARK = """
-local function set_mark()
-  local old = redis.call('SET', progress, mark, 'EX', mark_ttl, 'GET')
-  if old and old ~= mark and (old == 'done'
-      or (mark ~= 'done' and (tonumber(old) or 0) > (tonumber(mark) or 0))) then
-    redis.call('SET', progress, old, 'EX', mark_ttl)
-  end
 end
 """
 
@@ -62,15 +46,12 @@ class JobEnd:
 class Ending:
     """What follows a record in its script: the delivery's progress `mark` (attempts made,
     or "done") at `progress` for `ttl` seconds, and the job's end when the delivery ends
-    there (`job`; the mark is then written only if another worker holds the job, or when
-    `kept`: a delivery past its first attempt, whose retry job a write sent again late
-    could queue once more, must be found done)."""
+    there (`job`; the mark is then written only if another worker holds the job)."""
 
     progress: str
     mark: str
     ttl: int
     job: JobEnd | None = None
-    kept: bool = False
 
 
 # None, as a script's arguments: empty names (the scripts test `job_id` and `mark` for

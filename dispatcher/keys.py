@@ -62,6 +62,9 @@ Deliveries
                                               none when the delivery's job ended with its
                                               record (gone, it needs no dedupe)
     dispatcher:deliveries:dropped             LIST deliveries ended without an attempt (last 1000)
+    dispatcher:pushed:{token}                 STRING one worker write's push of a delivery's
+                                              job was made (TTL: the job's): sent again, the
+                                              write queues nothing (queue.Push)
 Workers and statistics
     dispatcher:workers:{host}:{pid}           STRING heartbeat of a live worker (TTL 30 s)
     dispatcher:workers                        ZSET heartbeat keys by their last beat (ms), so
@@ -237,7 +240,7 @@ class Keys:
         self.HISTORY_DEAD_KEYS = f"{base}:history:dead-keys"
         self.HISTORY_ATTEMPTS_PREFIX = f"{base}:history:attempts:"
         self.HISTORY_STREAM = f"{base}:history:stream"
-        self.DELIVERY_PREFIX = f"{base}:delivery:"
+        self.DELIVERY_PREFIX, self.PUSHED_PREFIX = f"{base}:delivery:", f"{base}:pushed:"
         self.CONSOLE_CSRF_KEY = f"{base}:console:csrf-key"
         self.REPLICATION_MARK = f"{base}:replication:mark"
         self.WORKERS_PREFIX = f"{base}:workers:"
@@ -326,6 +329,9 @@ class Keys:
 
     def delivery(self, progress_id: str) -> str:
         return f"{self.DELIVERY_PREFIX}{progress_id}"
+
+    def pushed(self, token: str) -> str:
+        return f"{self.PUSHED_PREFIX}{token}"
 
     def history_record(self, record_id: int | str) -> str:
         return f"{self.HISTORY_RECORD_PREFIX}{record_id}"

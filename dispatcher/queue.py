@@ -31,9 +31,12 @@ PUSH_CHUNK = 1000  # jobs per enqueue command of Queue.push_many (about 5 ms of 
 @dataclass
 class Push(Script):
     """Queues one job, due at `score_ms`, its bytes kept `ttl_ms`. Returns 1, or 0 when
-    that job id was there already."""
+    that job id was there already, or when this push was made before (`once`, a key of
+    its own; the `job` key again for a push that may be made again): a write sent again
+    after the job it queued has run and ended must not queue that job once more."""
 
     LUA = """
+    if once ~= job and not redis.call('SET', once, 1, 'NX', 'PX', ttl_ms) then return 0 end
     if redis.call('SET', job, data, 'NX', 'PX', ttl_ms) then
       redis.call('ZADD', queue, score_ms, job_id)
       return 1
@@ -42,6 +45,7 @@ class Push(Script):
     """
     job: Key
     queue: Key
+    once: Key
     data: bytes
     score_ms: int
     job_id: str
@@ -82,17 +86,21 @@ class Queue:
         self.keys = keys
         self.queue_name = keys.QUEUE
 
-    def push(self, pipe: Pipeline, job: Job, *, defer_s: float = 0.0) -> None:
+    def push(self, pipe: Pipeline, job: Job, *, defer_s: float = 0.0, once: str = "") -> None:
         """Queue the enqueue of `job` on `pipe`; the caller executes it. Its result in the
-        pipeline is 1 when queued, 0 when that job id was there already."""
+        pipeline is 1 when queued, 0 when that job id was there already. `once`: a token of
+        the write (the same each time it is sent): made once, this push is never made again,
+        even after its job has ended (see `Push`)."""
         now = now_ms()
-        if isinstance(job, EventJob) and not defer_s:  # numbered when its project is ordered
+        if isinstance(job, EventJob) and not defer_s and not once:  # numbered when ordered
             push_events(pipe, self.keys, [job], [encode(job, now)], now, alone=True)
             return
         score = now + int(defer_s * 1000)
+        key = self.keys.arq_job(job.job_id)
         Push(
-            job=self.keys.arq_job(job.job_id),
+            job=key,
             queue=self.queue_name,
+            once=self.keys.pushed(once) if once else key,
             data=encode(job, now),
             score_ms=score,
             job_id=job.job_id,

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 import orjson
 
 from dispatcher import keys as key_names
-from dispatcher.ending import END_JOB, NO_ENDING, NO_JOB, SET_MARK
+from dispatcher.ending import END_JOB, NO_ENDING, NO_JOB
 from dispatcher.lua import Key, Script
 from dispatcher.models import DeliveryStatus
 
@@ -41,8 +41,8 @@ if named == '1' and not redis.call('SET', attempts, record_id, 'EX', ttl, 'NX') 
   end
   redis.call('EXPIRE', attempts, ttl)
 end
-if job_id ~= '' and end_job() == 1 and mark_kept ~= '1' then return 1 end
-if mark ~= '' then set_mark() end
+if job_id ~= '' and end_job() == 1 then return 1 end
+if mark ~= '' then redis.call('SET', progress, mark, 'EX', mark_ttl) end
 return 1
 """
 
@@ -56,8 +56,7 @@ class Record(Script):
     the dead letters when its delivery gave up (`gave_up` '1'),
     and the delivery's attempts when the record `named` ('1') one. Then what the attempt
     ends with (`dispatcher.ending`): the job's end (`job_id` not empty), else, or when
-    another worker holds the job or the mark is `mark_kept` ('1'), the progress `mark`
-    (when not empty; never taken back, `SET_MARK`). Every write is
+    another worker holds the job, the progress `mark` (when not empty). Every write is
     idempotent, so a pipeline whose answer was lost can be sent again. Keys it is not
     given are the `record` key again (Redis Cluster refuses a script whose keys span hash
     slots, and every key of a shard shares its slot).
@@ -67,7 +66,7 @@ class Record(Script):
     one) is one SET NX EX. Written before this layout, the key is a ZSET of the ids by
     createdTime (GET fails on it): that one goes on as it was."""
 
-    LUA = END_JOB + SET_MARK + _RECORD_LUA
+    LUA = END_JOB + _RECORD_LUA
     TOGETHER = True  # a worker's batch of records is one call (`Writer`)
     record: Key
     index: Key
@@ -91,7 +90,6 @@ class Record(Script):
     named: str
     mark: str
     mark_ttl: int
-    mark_kept: str
     token: str
     job_id: str
 
@@ -129,7 +127,6 @@ def record_script(
         "1" if delivery_id else "0",
         ending.mark,
         ending.ttl,
-        "1" if ending.kept else "0",
         end.token,
         end.job_id,
     )

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 import orjson
 
-from dispatcher.ending import END_JOB, NO_ENDING, NO_JOB, SET_MARK
+from dispatcher.ending import END_JOB, NO_ENDING, NO_JOB
 from dispatcher.lua import Key, Script
 
 if TYPE_CHECKING:
@@ -42,20 +42,18 @@ def stream_fields(record: AttemptRecord, dead: bool) -> dict[str, Field]:
 class StreamRecord(Script):
     """Appends a record to the `stream` (the fields of `stream_fields`, by their names),
     then what its attempt ends with (`dispatcher.ending`): the job's end (`job_id` not
-    empty), else, or when another worker holds the job (it then finds the delivery done)
-    or the mark is `mark_kept` ('1'), the progress `mark` (when not empty; never taken
-    back, `SET_MARK`). Sent twice, the record is appended twice, and
+    empty), else, or when another worker holds the job (it then finds the delivery done),
+    the progress `mark` (when not empty). Sent twice, the record is appended twice, and
     stored once (the shipper skips an id it already has). Keys it is not given are the
     `stream` key again (as `Record`'s are its own)."""
 
     LUA = (
         END_JOB
-        + SET_MARK
         + """
     redis.call('XADD', stream, '*', 'r', r, 'd', d, 't', t, 'i', i, 'p', p, 'e', e, 'u', u,
                'v', v, 's', s)
-    if job_id ~= '' and end_job() == 1 and mark_kept ~= '1' then return 1 end
-    if mark ~= '' then set_mark() end
+    if job_id ~= '' and end_job() == 1 then return 1 end
+    if mark ~= '' then redis.call('SET', progress, mark, 'EX', mark_ttl) end
     return 1
     """
     )
@@ -77,7 +75,6 @@ class StreamRecord(Script):
     s: Field
     mark: str
     mark_ttl: int
-    mark_kept: str
     token: str
     job_id: str
 
@@ -91,5 +88,5 @@ def streamed(stream: str, record: AttemptRecord, dead: bool, ending: Ending | No
         stream, ending.progress or stream, end.queue or stream, end.lease or stream,
         end.job or stream, end.claims or stream,
         f["r"], f["d"], f["t"], f["i"], f["p"], f["e"], f["u"], f["v"], f["s"],
-        ending.mark, ending.ttl, "1" if ending.kept else "0", end.token, end.job_id,
+        ending.mark, ending.ttl, end.token, end.job_id,
     )  # fmt: skip

@@ -315,8 +315,7 @@ class Engine:
         tail = then.joint(delay) if joint and isinstance(then, Step) else None  # asked first
         job_end = then.job_end(delay) if isinstance(then, Step) else None
         mark = DONE.decode() if delay is None else str(record["attempt"])
-        kept = record["attempt"] > 1  # its retry's job, queued again late, must find it done
-        ending = Ending(self.keys.delivery(job.progress_id), mark, self.progress_ttl, job_end, kept)
+        ending = Ending(self.keys.delivery(job.progress_id), mark, self.progress_ttl, job_end)
 
         def write(pipe: Pipeline) -> None:
             if healed:

@@ -11,7 +11,9 @@ and no script of their own.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import itertools
+import uuid
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -92,6 +94,9 @@ class ChunkEnd:
         return self.claims.job_end(self.claimed.job_id)
 
 
+_PROCESS, _STEPS = uuid.uuid4().hex[:16], itertools.count()  # the tokens of FirstRetry
+
+
 @dataclass(frozen=True, slots=True)
 class FirstRetry(Step):
     """After a fan-out's first attempt of `job`: a retry becomes a `deliver` job of its
@@ -102,10 +107,13 @@ class FirstRetry(Step):
     job: DeliveryJob
     end: ChunkEnd | None = None
     after: int | None = None
+    # The push's token, one per step (one run's first attempt of the delivery): the write
+    # sent again (its answer lost) after that job ran and ended queues it no more.
+    once: str = field(default_factory=lambda: f"{_PROCESS}.{next(_STEPS)}")
 
     def __call__(self, pipe: Pipeline, delay: float | None) -> None:
         if delay is not None:
-            self.queue.push(pipe, self.job, defer_s=delay)
+            self.queue.push(pipe, self.job, defer_s=delay, once=self.once)
         if self.end is not None:
             self.end(pipe, self.after)
 

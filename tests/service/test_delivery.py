@@ -17,10 +17,11 @@ from structlog.testing import capture_logs
 
 from dispatcher.batch import QueueCommands
 from dispatcher.clock import now_ms
+from dispatcher.delivery import encode_body
 from dispatcher.embedded import EmbeddedRedis
 from dispatcher.history.record import AttemptRecord
 from dispatcher.history.redis import RedisHistory
-from dispatcher.jobs import EventJob
+from dispatcher.jobs import DeliveryJob, EventJob
 from dispatcher.keys import Keys
 from dispatcher.lua import run_pipeline
 from dispatcher.models import Event, HistoryRecord, Region
@@ -31,6 +32,7 @@ from dispatcher.registry.scripts import SetEnabled
 from dispatcher.services import Services
 from dispatcher.settings import Settings
 from dispatcher.worker import Engine
+from dispatcher.worker.steps import FirstRetry
 from dispatcher.worker.writer import Writer
 from tests.helpers import Receiver, RunWorker, answer, hang, make_settings
 
@@ -322,9 +324,9 @@ async def test_a_retry_queued_again_by_a_late_copy_of_its_write_sends_nothing(
 ) -> None:
     """The writer sends a batch again when its answer was lost. Sent again after the
     delivery it retried has ended (its worker paused past its lease, say), the write of a
-    first attempt that failed queues its retry's job once more and writes its mark "1":
-    that job finds the delivery done and sends nothing (review finding: it sent attempt 2
-    again)."""
+    first attempt that failed does not queue its retry's job once more (review finding: it
+    did, and attempt 2 was sent again). A new run's first attempt, an event id emitted
+    again once its event ended, still queues its retry."""
     calls = 0
 
     async def flaky(request: web.Request) -> web.Response:
@@ -336,13 +338,40 @@ async def test_a_retry_queued_again_by_a_late_copy_of_its_write_sends_nothing(
     writes = await writes_of(Services(settings, redis), "evt_late")
     first = [queue for queue, record, _ in writes if record["attempt"] == 1]
     await run_worker()  # the retry: its attempt 2 succeeds, its job ends
-    progress = keys.delivery(f"demo:evt_late.{callback_id}")
-    assert calls == 2 and await redis.get(progress) == b"done"
-    await run_pipeline(redis, first[0])  # the late copy: the record, "1", the retry's job
-    assert await redis.zcard(settings.queue_name) == 1
-    await run_worker()
-    assert calls == 2 and await redis.get(progress) == b"done"
+    assert calls == 2 and await redis.zcard(settings.queue_name) == 0
+    await run_pipeline(redis, first[0])  # the late copy: its record and mark, no job
     assert await redis.zcard(settings.queue_name) == 0
+    await run_worker()
+    assert calls == 2
+    calls = 0  # the same event id, emitted again: a new run, its retry queued
+    writes = await writes_of(Services(settings, redis), "evt_late")
+    assert calls == 1 and await redis.zcard(settings.queue_name) == 1
+    await run_worker()
+    assert calls == 2 and len(writes) == 1
+    progress = keys.delivery(f"demo:evt_late.{callback_id}")
+    assert await redis.get(progress) == b"1"  # its first attempt's mark
+
+
+async def test_a_deferred_first_attempts_write_sent_again_late_queues_nothing(
+    settings: Settings, redis: Redis, receiver: Receiver, run_worker: RunWorker
+) -> None:
+    """A first attempt put off (its host's share full, its breaker open) queues its
+    delivery's job through the same step as a retry (`Engine._defer`). That write, sent
+    again after the job ran and ended, queues it no more: the delivery is sent once."""
+    callback_id = await register(redis, receiver.url("/put-off"))
+    services = Services(settings, redis)
+    event = EventJob(id="evt_defer", project_id="demo", event="BUILD_END")
+    job = DeliveryJob.first(event, callback_id, encode_body(event.event, "demo", event.data))
+    step = FirstRetry(services.queue, job)
+    engine = Engine(services, Writer(redis, services.history.assign_ids))
+    try:
+        await engine._defer(job, step, 0.01, "test")
+        await run_worker()
+        assert len(receiver.requests("/put-off")) == 1
+        await engine._defer(job, step, 0.01, "test")  # the same write: its step, its token
+        assert await redis.zcard(settings.queue_name) == 0
+    finally:
+        await engine.close()
 
 
 async def test_huge_response_body_is_truncated_in_history(

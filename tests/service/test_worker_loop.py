@@ -18,7 +18,7 @@ from redis.asyncio.client import Pipeline
 from dispatcher.clock import now_ms
 from dispatcher.connections import connect
 from dispatcher.embedded import EmbeddedRedis
-from dispatcher.ending import Ending, JobEnd
+from dispatcher.ending import Ending
 from dispatcher.errors import Unavailable
 from dispatcher.history.postgres import PostgresHistory
 from dispatcher.history.record import AttemptRecord
@@ -254,35 +254,6 @@ async def test_a_record_ends_its_job_in_its_own_script_unless_another_worker_hol
     assert not await redis.exists(keys.delivery(mine))
     assert await redis.get(keys.delivery(held)) == b"done"
     assert await redis.get(keys.ARQ_IN_PROGRESS_PREFIX + held) == b"worker-b"
-
-
-@pytest.mark.parametrize("store", [RedisHistory, PostgresHistory])
-async def test_a_progress_mark_never_goes_back_and_a_kept_one_outlives_its_job(
-    settings: Settings, redis: Redis, store: type[RedisHistory | PostgresHistory]
-) -> None:
-    """A write sent again late (its answer was lost) carries an older mark: "done" and a
-    later attempt's number stay. A delivery that ends past its first attempt leaves "done"
-    with its job's end (`kept`): a copy of its retry's job, queued again by such a write,
-    finds it done."""
-    await enqueue(redis, settings, 1)
-    claims = Claims(redis, Keys(settings.queue_name), "worker-a", lease_s=10)
-    (job_id,) = (job.job_id for job in await claims.claim(10))
-    history, progress = store(redis, settings, keys), keys.delivery(job_id)
-
-    async def marked(mark: str, end: JobEnd | None = None) -> bytes | None:
-        one = record(1)
-        await history.assign_ids([one])
-        ending = Ending(progress, mark, 60, end, kept=end is not None)
-        await run(redis, lambda pipe: history.record(pipe, one, ending=ending))
-        now: bytes | None = await redis.get(progress)
-        return now
-
-    assert await marked("2") == b"2"
-    assert await marked("1") == b"2"  # a late copy: the later attempt's number stays
-    assert await marked("3") == b"3"
-    assert await marked("done", claims.job_end(job_id)) == b"done"  # with its job's end
-    assert await redis.zcard(settings.queue_name) == 0
-    assert await marked("1") == b"done"
 
 
 async def test_writes_wait_out_a_redis_restart_and_land_once(
