@@ -283,7 +283,7 @@ class Matches:
         the read raised."""
         key = query.key
         reading = self._reading.get(key)
-        if version is not None and reading is not None and _good(reading, version):
+        if version is not None and reading is not None and _joinable(reading, version):
             self._shared.inc()
         elif version is None:  # unknown: read alone, as never kept
             self._read.inc()
@@ -359,6 +359,14 @@ class Matches:
 def _good(entry: tuple[bytes | None, float, object] | None, version: bytes | None) -> bool:
     """Whether a kept or read-ahead `entry` serves a run at `version` now."""
     return entry is not None and entry[0] == version and time.monotonic() <= entry[1]
+
+
+def _joinable(reading: Reading, version: bytes) -> bool:
+    """Whether a run at `version` may wait for `reading`: for that version, within its age,
+    and not failed already (its entry goes a turn of the loop after its read ends)."""
+    task = reading[2]
+    failed = task.done() and (task.cancelled() or task.exception() is not None)
+    return not failed and _good(reading, version)
 
 
 def _signs_twice(chunk: Chunk) -> bool:

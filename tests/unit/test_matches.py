@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 
 import pytest
@@ -96,8 +97,8 @@ async def test_runs_that_miss_a_chunk_together_share_its_read() -> None:
     chunk at the same version while it is read wait for that read (counted once as read,
     the others as shared), a run at another version reads its own, a run cancelled while
     it waits stops no other, runs at an unknown version or past the read's age read alone,
-    a failed read fails its waiters alone and the next run reads again, and what was read
-    is then kept."""
+    a failed read fails its waiters alone and the next run reads again (even before its
+    entry is cleared), and what was read is then kept."""
     matches, answer, reads = Matches(), asyncio.Event(), list[tuple[int, int]]()
 
     async def slow(asked: ChunkQuery) -> Chunk:
@@ -151,6 +152,17 @@ async def test_runs_that_miss_a_chunk_together_share_its_read() -> None:
     )
     assert [type(e) for e in both] == [ConnectionError, ConnectionError]
     assert failing.reads == [7] and not matches._reading
+
+    async def refused() -> Chunk:
+        raise ConnectionError("Redis went away")
+
+    gone = asyncio.ensure_future(refused())
+    with contextlib.suppress(ConnectionError):
+        await gone
+    matches._reading[query(after=9).key] = (b"1 1", time.monotonic() + 10, gone)  # not cleared
+    fresh = await matches.chunk(query(after=9), b"1 1", failing)  # read again, not its error
+    assert [t.id for t in fresh.targets] == [10] and failing.reads == [7, 9]
+    failing.reads.remove(9)
     again = await matches.chunk(query(after=7), b"1 1", failing)  # read again
     assert [t.id for t in again.targets] == [8] and failing.reads == [7, 7]
 
