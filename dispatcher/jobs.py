@@ -79,7 +79,8 @@ def _text(payload: dict[str, Any], name: str) -> str:
 @dataclass(frozen=True, slots=True)
 class EventJob:
     """An emitted event, waiting to be fanned out to its callbacks: those after callback id
-    `after` (0: from the first)."""
+    `after` (0: from the first). `rerun`: a chunk after a re-run, which reads what was
+    recorded before (the run that died may have drawn other chunk bounds)."""
 
     id: str
     project_id: str
@@ -89,6 +90,7 @@ class EventJob:
     after: int = 0
     trace: TraceContext | None = None  # the emitter's, when it had one
     scoped: bool = True  # False: queued by a version whose ids were the event id alone
+    rerun: bool = False
     # `data` as JSON when the producer has it already (it checked the data by encoding
     # it): the job's bytes embed it rather than encoding the data again
     data_json: bytes | None = field(default=None, compare=False, repr=False)
@@ -105,9 +107,9 @@ class EventJob:
         """What the producer's data names as the pipeline (checked by the registry)."""
         return self.data.get("pipelineId")
 
-    def continued(self, after: int) -> EventJob:
-        """The same event, from the callback after `after` on."""
-        return dataclasses.replace(self, after=after)
+    def continued(self, after: int, *, rerun: bool = False) -> EventJob:
+        """The same event, from the callback after `after` on (`rerun`: see the class)."""
+        return dataclasses.replace(self, after=after, rerun=rerun)
 
     def to_wire(self) -> dict[str, Any]:
         data = self.data if self.data_json is None else orjson.Fragment(self.data_json)
@@ -119,6 +121,8 @@ class EventJob:
             wire.update(self.trace.fields())
         if self.scoped:
             wire["ids"] = SCOPED
+        if self.rerun:
+            wire["rerun"] = True
         return wire
 
     @classmethod
@@ -137,6 +141,7 @@ class EventJob:
             after=int(payload.get("after") or 0),
             trace=TraceContext.read(payload) if "traceparent" in payload else None,
             scoped=payload.get("ids") == SCOPED,
+            rerun=payload.get("rerun") is True,
         )
 
 

@@ -181,11 +181,9 @@ class Finish(Script):
 class HandOver(Script):
     """A fan-out job's next chunk: the job (same id, so its event stays queued until its
     last chunk) gets the bytes of the next chunk (`data`, kept `ttl_ms`) and is due at
-    `now_ms`, its claim count starting again; after a re-run (`rerun` '1') it starts at 1,
-    so the next chunk runs as a re-run too (a run before this one, with other chunk bounds,
-    may have recorded deliveries past this chunk's end). Unless another worker holds the
-    lease, or the job is no longer what this run read (`read`: the SHA-1 of its bytes then;
-    it ended, or this same write was sent twice). Returns 1 when done."""
+    `now_ms`, its claim count starting again. Unless another worker holds the lease, or
+    the job is no longer what this run read (`read`: the SHA-1 of its bytes then; it ended,
+    or this same write was sent twice). Returns 1 when done."""
 
     LUA = """
     local owner = redis.call('GET', lease)
@@ -194,12 +192,7 @@ class HandOver(Script):
     if not stored or redis.sha1hex(stored) ~= read then return 0 end
     redis.call('SET', job, data, 'PX', ttl_ms)
     redis.call('ZADD', queue, now_ms, job_id)
-    if rerun == '1' then
-      redis.call('DEL', lease)
-      redis.call('SET', claims, 1, 'EX', claims_ttl_s)
-    else
-      redis.call('DEL', lease, claims)
-    end
+    redis.call('DEL', lease, claims)
     return 1
     """
     queue: Key
@@ -212,8 +205,6 @@ class HandOver(Script):
     data: bytes
     ttl_ms: int
     now_ms: int
-    rerun: str
-    claims_ttl_s: int
 
 
 @dataclass
@@ -341,24 +332,13 @@ class Claims:
 
     def hand_over(self, pipe: Pipeline, claimed: Claimed, following: EventJob) -> None:
         """Queue the move of a fan-out job to its next chunk (`following`, the same event
-        after a cursor), due now; its answer is 0 when the job had moved on or ended. The
-        next chunk of a re-run is a re-run (see `HandOver`)."""
+        after a cursor), due now; its answer is 0 when the job had moved on or ended."""
         now = now_ms()
         read = hashlib.sha1(claimed.data or b"", usedforsecurity=False).hexdigest()
         queue, lease, job, claims = self._keys(claimed.job_id)
+        data = encode(following, now)
         HandOver(
-            queue=queue,
-            lease=lease,
-            job=job,
-            claims=claims,
-            token=self.token,
-            job_id=claimed.job_id,
-            read=read,
-            data=encode(following, now),
-            ttl_ms=JOB_KEY_EXTRA_MS,
-            now_ms=now,
-            rerun="1" if claimed.claims > 1 else "0",
-            claims_ttl_s=RETRY_KEY_TTL_S,
+            queue, lease, job, claims, self.token, claimed.job_id, read, data, JOB_KEY_EXTRA_MS, now
         ).queue_on(pipe)
 
     def again(self, pipe: Pipeline, job_id: str, delay_s: float, *, next_attempt: bool) -> None:

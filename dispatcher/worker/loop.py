@@ -323,7 +323,7 @@ class Worker:
             end = run.chunk_end(claimed, event)
             version = claimed.registry_version if event.scoped else None  # its project's
             after = await run.engine.fan_out(
-                event, rerun=claimed.claims > 1, end=end, version=version
+                event, rerun=claimed.claims > 1 or event.rerun, end=end, version=version
             )
             if not end.written:  # not with an attempt's write: on its own
                 await run.writer.commit(lambda pipe: end(pipe, after))

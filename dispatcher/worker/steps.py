@@ -84,7 +84,8 @@ class ChunkEnd:
         if after is None:
             self.claims.finish(pipe, self.claimed.job_id)
         else:
-            self.claims.hand_over(pipe, self.claimed, self.event.continued(after))
+            rerun = self.claimed.claims > 1 or self.event.rerun  # so is the next chunk
+            self.claims.hand_over(pipe, self.claimed, self.event.continued(after, rerun=rerun))
 
     def job_end(self, after: int | None) -> JobEnd | None:
         """The job's end (taken by a write) when this was the last chunk."""
