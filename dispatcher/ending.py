@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["END_JOB", "NO_ENDING", "NO_JOB", "Ending", "JobEnd"]
+__all__ = ["END_JOB", "NO_ENDING", "NO_JOB", "SET_MARK", "Ending", "JobEnd"]
 
 # A Lua function over the names a script declares for a `JobEnd` (keys queue, lease, job,
 # claims; arguments token, job_id): the job leaves the queue with its keys, unless another
@@ -26,6 +26,22 @@ local function end_job()
   redis.call('DEL', lease, job, claims)
   redis.call('ZREM', queue, job_id)
   return 1
+end
+"""
+
+
+# A Lua function over the names a script declares for an `Ending` (key progress;
+# arguments mark, mark_ttl): the delivery's progress mark, but for a later attempt's
+# number (2 or more) over "done". Such a mark comes from a retry of the same emission, run
+# by a worker that took the job while another, paused past its lease, ended the delivery:
+# it must not reopen it. A first attempt's "1" may (an event id emitted again once its
+# event ended starts over).
+SET_MARK = """
+local function set_mark()
+  if redis.call('SET', progress, mark, 'EX', mark_ttl, 'GET') == 'done'
+      and (tonumber(mark) or 0) > 1 then
+    redis.call('SET', progress, 'done', 'EX', mark_ttl)
+  end
 end
 """
 

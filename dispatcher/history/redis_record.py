@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 import orjson
 
 from dispatcher import keys as key_names
-from dispatcher.ending import END_JOB, NO_ENDING, NO_JOB
+from dispatcher.ending import END_JOB, NO_ENDING, NO_JOB, SET_MARK
 from dispatcher.lua import Key, Script
 from dispatcher.models import DeliveryStatus
 
@@ -42,7 +42,7 @@ if named == '1' and not redis.call('SET', attempts, record_id, 'EX', ttl, 'NX') 
   redis.call('EXPIRE', attempts, ttl)
 end
 if job_id ~= '' and end_job() == 1 then return 1 end
-if mark ~= '' then redis.call('SET', progress, mark, 'EX', mark_ttl) end
+if mark ~= '' then set_mark() end
 return 1
 """
 
@@ -66,7 +66,7 @@ class Record(Script):
     one) is one SET NX EX. Written before this layout, the key is a ZSET of the ids by
     createdTime (GET fails on it): that one goes on as it was."""
 
-    LUA = END_JOB + _RECORD_LUA
+    LUA = END_JOB + SET_MARK + _RECORD_LUA
     TOGETHER = True  # a worker's batch of records is one call (`Writer`)
     record: Key
     index: Key

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 import orjson
 
-from dispatcher.ending import END_JOB, NO_ENDING, NO_JOB
+from dispatcher.ending import END_JOB, NO_ENDING, NO_JOB, SET_MARK
 from dispatcher.lua import Key, Script
 
 if TYPE_CHECKING:
@@ -49,11 +49,12 @@ class StreamRecord(Script):
 
     LUA = (
         END_JOB
+        + SET_MARK
         + """
     redis.call('XADD', stream, '*', 'r', r, 'd', d, 't', t, 'i', i, 'p', p, 'e', e, 'u', u,
                'v', v, 's', s)
     if job_id ~= '' and end_job() == 1 then return 1 end
-    if mark ~= '' then redis.call('SET', progress, mark, 'EX', mark_ttl) end
+    if mark ~= '' then set_mark() end
     return 1
     """
     )

@@ -233,10 +233,11 @@ class Controls:
         target: CallbackTarget,
         then: Then,
         attempt: Callable[[Then], Awaitable[None]],
+        put_off: Callable[[float, str], Awaitable[None]],
     ) -> None:
         """Run `attempt` once the callback's limits let the delivery start, its slot given
-        back with the attempt's write (or after it, if it raised); or put the delivery back
-        in the queue, due when its turn should come (`then` with the wait: no attempt)."""
+        back with the attempt's write (or after it, if it raised); or `put_off` the
+        delivery: back in the queue, due when its turn should come (no attempt)."""
         options = target.options
         slot = f"{self._prefix}{next(self._count)}"
         starts, running, line, seen = self.keys.limits(target.id)
@@ -256,7 +257,7 @@ class Controls:
         answer = await self.reads.together(admit)
         if answer != 0:
             wait_ms, by_slot = answer
-            await self._wait(job, target, then, int(wait_ms) / 1000, bool(by_slot))
+            await self._wait(job, target, put_off, int(wait_ms) / 1000, bool(by_slot))
             return
         if options.max_in_flight is None:
             await attempt(then)
@@ -271,10 +272,14 @@ class Controls:
             self.writer.submit(releasing.release.queue_on)
 
     async def _wait(
-        self, job: DeliveryJob, target: CallbackTarget, then: Then, wait: float, by_slot: bool
+        self,
+        job: DeliveryJob,
+        target: CallbackTarget,
+        put_off: Callable[[float, str], Awaitable[None]],
+        wait: float,
+        by_slot: bool,
     ) -> None:
         reason = "in_flight" if by_slot else "rate"
-        metrics.DEFERRED.labels(reason=reason).inc()
         log.debug(
             "delivery.deferred",
             delivery_id=job.delivery_id,
@@ -282,7 +287,7 @@ class Controls:
             reason=reason,
             retry_in_s=wait,
         )
-        await self.writer.commit(lambda pipe: then(pipe, wait))
+        await put_off(wait, reason)
 
     def _release_script(self, target: CallbackTarget, slot: str) -> Release:
         _, running, line, _ = self.keys.limits(target.id)

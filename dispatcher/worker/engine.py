@@ -238,9 +238,9 @@ class Engine:
         callback with limits is admitted first (`controls.py`): over them, the delivery
         waits in the queue without spending an attempt."""
         if target.options.limited:
-            await self.controls.admitted(
-                job, target, then, lambda gated: self._attempt(job, target, number, gated)
-            )
+            attempt = functools.partial(self._attempt, job, target, number)
+            put_off = functools.partial(self._defer, job, then, number=number)
+            await self.controls.admitted(job, target, then, attempt, put_off)
         else:
             await self._attempt(job, target, number, then)
 
@@ -249,11 +249,11 @@ class Engine:
     ) -> None:
         host = target.destination.netloc
         if wait := self.breaker.wait(host):  # not an attempt: try again once it may
-            await self._defer(job, then, wait, "circuit")
+            await self._defer(job, then, wait, "circuit", number)
             return
         slot = await self.shares.admit(job.emitter or job.project_id, host)
         if slot is None:  # its project or host holds its share of the worker: later
-            await self._defer(job, then, self.shares.defer_s(host), "share")
+            await self._defer(job, then, self.shares.defer_s(host), "share", number)
             return
         started = time.monotonic()
         try:
@@ -281,17 +281,19 @@ class Engine:
         self.stats.count(result.outcome.value, result.duration_ms)
         await self._write(job, target, record, result, delay, then)
 
-    async def _defer(self, job: DeliveryJob, then: Then, delay: float, reason: str) -> None:
-        """Not an attempt: the delivery goes back to the queue, due in `delay` seconds. Its
-        progress is marked (unless it has some), so that a re-run of its fan-out leaves it
-        to the job that `then` queues."""
+    async def _defer(
+        self, job: DeliveryJob, then: Then, delay: float, why: str, number: int
+    ) -> None:
+        """Not attempt `number`: back to the queue, due in `delay` s. Its progress is marked, so
+        a re-run of its fan-out leaves it to the job `then` queues: a later attempt's if unmarked
+        (its count stays), a first one's always (an event id emitted before left "done")."""
 
         def write(pipe: Pipeline) -> None:
-            pipe.set(self.keys.delivery(job.progress_id), 0, nx=True, ex=self.progress_ttl)
+            pipe.set(self.keys.delivery(job.progress_id), 0, nx=number > 1, ex=self.progress_ttl)
             then(pipe, delay)
 
         await self.writer.commit(write)
-        metrics.DEFERRED.labels(reason=reason).inc()
+        metrics.DEFERRED.labels(reason=why).inc()
 
     async def _write(
         self,

@@ -356,20 +356,27 @@ async def test_a_deferred_first_attempts_write_sent_again_late_queues_nothing(
     settings: Settings, redis: Redis, receiver: Receiver, run_worker: RunWorker
 ) -> None:
     """A first attempt put off (its host's share full, its breaker open) queues its
-    delivery's job through the same step as a retry (`Engine._defer`). That write, sent
-    again after the job ran and ended, queues it no more: the delivery is sent once."""
+    delivery's job through the same step as a retry (`Engine._defer`), and marks it "0"
+    over the "done" an event id emitted before left (that job attempts it: review
+    finding). That write, sent again after the job ran and ended, queues it no more: the
+    delivery is sent once. A later attempt put off keeps its count."""
     callback_id = await register(redis, receiver.url("/put-off"))
     services = Services(settings, redis)
     event = EventJob(id="evt_defer", project_id="demo", event="BUILD_END")
     job = DeliveryJob.first(event, callback_id, encode_body(event.event, "demo", event.data))
     step = FirstRetry(services.queue, job)
     engine = Engine(services, Writer(redis, services.history.assign_ids))
+    progress = keys.delivery(job.progress_id)
+    await redis.set(progress, "done")  # what the event id's run before left
     try:
-        await engine._defer(job, step, 0.01, "test")
+        await engine._defer(job, step, 0.01, "test", 1)
         await run_worker()
         assert len(receiver.requests("/put-off")) == 1
-        await engine._defer(job, step, 0.01, "test")  # the same write: its step, its token
+        await engine._defer(job, step, 0.01, "test", 1)  # the same write: its step, its token
         assert await redis.zcard(settings.queue_name) == 0
+        await redis.set(progress, "2")
+        await engine._defer(job, FirstRetry(services.queue, job), 0.01, "test", 3)
+        assert await redis.get(progress) == b"2"  # a later attempt's count stays
     finally:
         await engine.close()
 

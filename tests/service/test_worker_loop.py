@@ -256,6 +256,31 @@ async def test_a_record_ends_its_job_in_its_own_script_unless_another_worker_hol
     assert await redis.get(keys.ARQ_IN_PROGRESS_PREFIX + held) == b"worker-b"
 
 
+@pytest.mark.parametrize("store", [RedisHistory, PostgresHistory])
+async def test_a_retrys_mark_never_reopens_a_delivery_that_ended(
+    settings: Settings, redis: Redis, store: type[RedisHistory | PostgresHistory]
+) -> None:
+    """A worker paused past its lease ends the delivery ("done": another worker holds the
+    job now); that worker's attempt fails and would mark "2", and its job's next attempt
+    would send again what is on record as a success: "done" stays (review finding). A
+    first attempt's "1" replaces it (an event id emitted again once its event ended)."""
+    history, progress = store(redis, settings, keys), keys.delivery("demo:evt_m.1")
+
+    async def marked(mark: str) -> bytes | None:
+        one = record(1)
+        await history.assign_ids([one])
+        ending = Ending(progress, mark, 60)
+        await run(redis, lambda pipe: history.record(pipe, one, ending=ending))
+        now: bytes | None = await redis.get(progress)
+        return now
+
+    assert await marked("done") == b"done"
+    assert await marked("2") == b"done"
+    assert await marked("1") == b"1"  # emitted again: a new run
+    assert await marked("2") == b"2"
+    assert await marked("done") == b"done"
+
+
 async def test_writes_wait_out_a_redis_restart_and_land_once(
     own_redis: EmbeddedRedis, tmp_path: Path
 ) -> None:

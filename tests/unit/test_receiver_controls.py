@@ -173,8 +173,11 @@ async def test_a_slot_is_given_back_once_its_write_lands_or_again_when_it_did_no
         if raises:
             raise ConnectionError("the write was refused")
 
+    async def put_off(wait: float, reason: str) -> None:
+        raise AssertionError("admitted: never put off here")
+
     job = SimpleNamespace(job_id="demo:1", delivery_id="d", project_id="demo")
     with contextlib.suppress(ConnectionError):
-        await controls.admitted(job, target, _Ends(), attempt)  # type: ignore[arg-type]
+        await controls.admitted(job, target, _Ends(), attempt, put_off)  # type: ignore[arg-type]
     assert len(submitted) == given_back
     assert all(isinstance(queue.__self__, Release) for queue in submitted)
