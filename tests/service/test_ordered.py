@@ -345,7 +345,8 @@ async def test_a_fan_out_whose_deliveries_all_park_ends_in_the_parking_script(
 ) -> None:
     """The last chunk of an event, all of its deliveries parked behind their lanes' heads:
     the script that parks them ends the fan-out job too (no script of its own). A delivery
-    attempted now carries the job's end instead, so the job is left to it."""
+    attempted now carries the job's end instead, so the job is left to it. A parked one is
+    marked "0" over the "done" an event id emitted before left."""
     project, event_job = "parks", "parks:evt_2"
     claims = Claims(redis, keys, "worker-a", lease_s=10)
     await redis.zadd(keys.QUEUE, {event_job: now_ms()})
@@ -356,6 +357,7 @@ async def test_a_fan_out_whose_deliveries_all_park_ends_in_the_parking_script(
     if parked:
         await redis.zadd(lane, {"parks:evt_1.1": 1})  # an earlier event heads the lane
     delivery = f"{event_job}.1"
+    await redis.set(keys.delivery(delivery), "done")  # left by the event id's run before
     enter = Enter.of(keys, project, event_job, [(lane, delivery, b"{}")], progress_ttl=60,
                      now_ms=now_ms(), recheck_ms=now_ms(), last=True,
                      end=claims.job_end(claimed.job_id))  # fmt: skip
@@ -363,6 +365,8 @@ async def test_a_fan_out_whose_deliveries_all_park_ends_in_the_parking_script(
     assert verdicts == [0 if parked else 1] and ended == int(parked)
     assert (await redis.zscore(keys.QUEUE, event_job) is None) == parked
     assert (await redis.exists(keys.arq_job(event_job)) == 0) == parked
+    if parked:  # its turn attempts it (it used to find "done" and end with no record)
+        assert await redis.get(keys.delivery(delivery)) == b"0"
 
 
 async def test_a_batchs_lane_releases_run_together_after_their_records(
