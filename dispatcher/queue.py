@@ -88,11 +88,11 @@ class Queue:
 
     def push(self, pipe: Pipeline, job: Job, *, defer_s: float = 0.0, once: str = "") -> None:
         """Queue the enqueue of `job` on `pipe`; the caller executes it. Its result in the
-        pipeline is 1 when queued, 0 when that job id was there already. `once`: a token of
-        the write (the same each time it is sent): made once, this push is never made again,
-        even after its job has ended (see `Push`)."""
+        pipeline is 1 when queued, 0 when that job id was there already. `once` (a delivery's
+        job): a token of the write (the same each time it is sent): made once, this push is
+        never made again, even after its job has ended (see `Push`)."""
         now = now_ms()
-        if isinstance(job, EventJob) and not defer_s and not once:  # numbered when ordered
+        if isinstance(job, EventJob) and not defer_s:  # numbered when its project is ordered
             push_events(pipe, self.keys, [job], [encode(job, now)], now, alone=True)
             return
         score = now + int(defer_s * 1000)
