@@ -70,6 +70,14 @@ class AttemptResult:
     def duration_ms(self) -> int:
         return self.ended_ms - self.started_ms
 
+    @classmethod
+    def unsent(
+        cls, error: str, outcome: Outcome = Outcome.FAILED, started_ms: int | None = None
+    ) -> AttemptResult:
+        """An attempt that sent nothing: final (FAILED), or tried again (RETRY)."""
+        now = now_ms()
+        return cls(outcome, None, None, error, None, now if started_ms is None else started_ms, now)
+
 
 @dataclass(frozen=True, slots=True)
 class Limits:
@@ -215,7 +223,7 @@ async def send(
         _check_headers(headers)
     except Exception as exc:  # retrying cannot help: the same request again would fail
         text = f"the request could not be built: {describe(exc)}"
-        return AttemptResult(Outcome.FAILED, None, None, text, None, started, now_ms())
+        return AttemptResult.unsent(text, started_ms=started)
     answer = _Answer()
     try:
         async with asyncio.timeout(total_timeout):
@@ -314,7 +322,5 @@ async def attempt(
             max_response_body=limits.max_response_body,
         )
     except Exception as exc:
-        now = now_ms()
-        error = f"the request could not be sent: {describe(exc)}"
-        result = AttemptResult(Outcome.FAILED, None, None, error, None, now, now)
+        result = AttemptResult.unsent(f"the request could not be sent: {describe(exc)}")
     return Attempted(result, mask_headers(headers, out.auth_header))

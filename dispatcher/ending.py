@@ -31,15 +31,13 @@ end
 
 
 # A Lua function over the names a script declares for an `Ending` (key progress;
-# arguments mark, mark_ttl): the delivery's progress mark, but for a later attempt's
-# number (2 or more) over "done". Such a mark comes from a retry of the same emission, run
-# by a worker that took the job while another, paused past its lease, ended the delivery:
-# it must not reopen it. A first attempt's "1" may (an event id emitted again once its
-# event ended starts over).
+# arguments mark, mark_ttl): the delivery's progress mark, never over "done". A mark is one
+# emission's (`DeliveryJob.first`), so "done" is that delivery's end: an attempt's mark that
+# comes after it is one made by a worker that took the job while another, paused past its
+# lease, ended the delivery, and it must not reopen it.
 SET_MARK = """
 local function set_mark()
-  if redis.call('SET', progress, mark, 'EX', mark_ttl, 'GET') == 'done'
-      and (tonumber(mark) or 0) > 1 then
+  if redis.call('SET', progress, mark, 'EX', mark_ttl, 'GET') == 'done' then
     redis.call('SET', progress, 'done', 'EX', mark_ttl)
   end
 end

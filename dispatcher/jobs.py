@@ -9,7 +9,8 @@ and the queue's sorted set scores each job id by when it is due (epoch ms). Two 
   a chunk of the event's callbacks (those after its cursor, `after`), then moves on: the
   same job, its cursor the last callback id done, is due again for the next chunk.
 - `deliver(DeliveryJob)`: a retry or a redelivery of one delivery, job id = its progress id
-  (the delivery id for retries, a fresh id per redelivery).
+  (for retries `{delivery id}@{emittedAt}`: one emission's, so that an event id emitted
+  again once its event ended starts over under ids of its own; a fresh id per redelivery).
 
 Either carries the W3C trace context its attempts continue (`traceparent`, `tracestate`:
 see `dispatcher.tracing`), absent when there is none.
@@ -126,7 +127,9 @@ class EventJob:
         return wire
 
     @classmethod
-    def from_wire(cls, payload: Any) -> EventJob:
+    def from_wire(cls, payload: Any, enqueued_ms: int = 0) -> EventJob:
+        """`enqueued_ms`: the job's, standing for when it was emitted when the payload does
+        not say (an event queued by another arq client): its emission's progress ids."""
         if not isinstance(payload, dict):
             raise BadJob("event payload is not an object")
         data = payload.get("data", {})
@@ -137,7 +140,7 @@ class EventJob:
             project_id=_text(payload, "projectId"),
             event=_text(payload, "event"),
             data=data,
-            emitted_at=int(payload.get("emittedAt") or 0),
+            emitted_at=int(payload.get("emittedAt") or enqueued_ms),
             after=int(payload.get("after") or 0),
             trace=TraceContext.read(payload) if "traceparent" in payload else None,
             scoped=payload.get("ids") == SCOPED,
@@ -180,11 +183,13 @@ class DeliveryJob:
         trace: TraceContext | None = None,
     ) -> DeliveryJob:
         """The delivery of `event` to one callback (delivery id `{event's job id}.{callback
-        id}`: `{project}:{event id}.{callback id}`). `owner` is the callback's project,
-        where its history goes, when not the event's (a platform-wide callback's); `trace`,
-        what its attempts continue."""
+        id}`: `{project}:{event id}.{callback id}`; progress id, that `@{emittedAt}`: its
+        marks and retry are this emission's). `owner` is the callback's project, where its
+        history goes, when not the event's (a platform-wide callback's); `trace`, what its
+        attempts continue."""
         delivery_id = f"{event.job_id}.{callback_id}"
-        return cls(delivery_id, delivery_id, event.id, owner or event.project_id, event.event,
+        progress_id = f"{delivery_id}@{event.emitted_at}" if event.emitted_at else delivery_id
+        return cls(delivery_id, progress_id, event.id, owner or event.project_id, event.event,
                    body, callback_id, emitter=event.project_id, trace=trace)  # fmt: skip
 
     def redelivery(self, record_id: int) -> DeliveryJob:

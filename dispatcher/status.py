@@ -41,8 +41,8 @@ _FORGET_MS = 3_600_000  # heartbeats older than this leave the live-workers inde
 @dataclass(frozen=True, slots=True)
 class BlockedLane:
     """An ordered lane whose head delivery was put back (a retry, a deferral): its head's
-    callback, the emitting project and the key, since when, its head, how many wait behind
-    it."""
+    callback, the emitting project and the key, since when, its head (its delivery id), how
+    many wait behind it."""
 
     callback_id: int
     project_id: str
@@ -131,7 +131,7 @@ async def read_lanes(
     shown = []
     for (lane, since), head, size in zip(oldest, heads[::2], heads[1::2], strict=True):
         _, project, key = lane.decode().removeprefix(keys.LANE_PREFIX).split(":", 2)
-        first = head[0].decode() if head else ""
+        first = head[0].decode().partition("@")[0] if head else ""  # its delivery id
         callback = first.rpartition(".")[2]  # a delivery id ends with its callback's id
         shown.append(
             BlockedLane(

@@ -78,13 +78,26 @@ async def _run(bench: Bench, folder: Path, events: int, restart: bool) -> dict[s
 async def _lost(redis: Redis, delivery_ids: list[str]) -> int:
     """Deliveries without a record (their attempts index) and whose progress does not say
     done: their end never written."""
+    ended = await _marked_done(redis)
     done = 0
     for start in range(0, len(delivery_ids), 1000):
         chunk = delivery_ids[start : start + 1000]
-        marks = await redis.mget([keys.delivery(d) for d in chunk])
         recorded = await redis.mget([keys.history_attempts(d) for d in chunk])
-        done += sum(1 for m, r in zip(marks, recorded, strict=True) if m == b"done" or r)
+        done += sum(1 for d, r in zip(chunk, recorded, strict=True) if r or d in ended)
     return len(delivery_ids) - done
+
+
+async def _marked_done(redis: Redis) -> set[str]:
+    """The delivery ids whose progress mark says done (a mark is one emission's, under
+    `{delivery id}@{emittedAt}`)."""
+    names = [name async for name in redis.scan_iter(match=keys.DELIVERY_PREFIX + "*", count=1000)]
+    ended: set[str] = set()
+    for start in range(0, len(names), 1000):
+        chunk = names[start : start + 1000]
+        for name, mark in zip(chunk, await redis.mget(chunk), strict=True):
+            if mark == b"done":
+                ended.add(name.decode().removeprefix(keys.DELIVERY_PREFIX).partition("@")[0])
+    return ended
 
 
 async def run(bench: Bench) -> list[Row]:

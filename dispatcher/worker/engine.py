@@ -3,20 +3,22 @@
 A fan-out makes the first attempt of every delivery itself, concurrently, a chunk of
 callbacks at a time (between chunks the job loop moves the job's cursor on), so an event
 costs one queue job however many callbacks it has; only retries become `deliver` jobs (job
-id = delivery id). An attempt ends in one write (`Engine._write`, through `writer.py`),
-sent in a pipeline shared with other attempts: its history record, the delivery's
-progress, endpoint health, and what comes next for the delivery (a `deliver` job, or the
-`deliver` job's own return to the queue or end; for a fan-out chunk of one attempt, the
-fan-out job's end too). A worker killed at any point loses nothing: an unwritten attempt
-is made again, with the same delivery id for the receiver to de-duplicate.
+id = the delivery's progress id, one emission's). An attempt ends in one write
+(`Engine._write`, through `writer.py`), sent in a pipeline shared with other attempts: its
+history record, the delivery's progress, endpoint health, and what comes next for the
+delivery (a `deliver` job, or the `deliver` job's own return to the queue or end; for a
+fan-out chunk of one attempt, the fan-out job's end too). A worker killed at any point
+loses nothing: an unwritten attempt is made again, with the same delivery id for the
+receiver to de-duplicate.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 import orjson
@@ -25,7 +27,6 @@ import structlog
 from dispatcher import metrics, tracing
 from dispatcher.backoff import next_delay
 from dispatcher.batch import Batcher
-from dispatcher.clock import now_ms
 from dispatcher.delivery import (
     Attempted,
     AttemptResult,
@@ -46,7 +47,7 @@ from dispatcher.registry.match import Matches
 from dispatcher.stats import AttemptStats
 from dispatcher.worker.controls import Controls
 from dispatcher.worker.lanes import Lanes, Sending
-from dispatcher.worker.record import attempt_record, disabled, observe
+from dispatcher.worker.record import attempt_record, disabled, keep_entry, observe
 from dispatcher.worker.shares import Shares
 from dispatcher.worker.steps import FirstRetry, Step
 
@@ -60,18 +61,13 @@ if TYPE_CHECKING:
     from dispatcher.worker.steps import ChunkEnd
     from dispatcher.worker.writer import Then, Writer
 
-__all__ = ["Engine", "keep_entry"]
+__all__ = ["Engine"]
 
+Pending = tuple[DeliveryJob, "CallbackTarget"]  # a delivery and its callback
+Marked = tuple[DeliveryJob, "CallbackTarget", bytes | None]  # with its progress mark
 log = structlog.get_logger("dispatcher.worker")
 
 DONE = b"done"
-KEPT_ENTRIES = 1000  # newest entries kept in the poison and dropped lists
-
-
-def keep_entry(pipe: Pipeline, key: str, entry: dict[str, Any]) -> None:
-    """Queue `entry` at the head of a bounded operator list (poison jobs, drops)."""
-    pipe.lpush(key, orjson.dumps({**entry, "at": now_ms()}))
-    pipe.ltrim(key, 0, KEPT_ENTRIES - 1)
 
 
 class Engine:
@@ -165,12 +161,10 @@ class Engine:
             (DeliveryJob.first(event, target.id, body, target.project_id, carried), target)
             for target in targets
         ]
-        if rerun:
-            marks = await self.services.redis.mget(
-                [self.keys.delivery(job.progress_id) for job, _ in pending]
-            )
-            self.lanes.ended_before(event, pending, marks)
-            pending = [pair for pair, mark in zip(pending, marks, strict=True) if not mark]
+        if rerun:  # what the run before handled is left to the job it queued
+            marked = await self._marked(pending)
+            self.lanes.ended_before(event, marked)
+            pending = [(job, target) for job, target, mark in marked if not mark]
         # ordered deliveries join their lanes; those not at their lane's head wait there
         one = len(pending) == 1  # the job's end rides with its one attempt (if made now)
         queue = self.services.queue
@@ -192,6 +186,19 @@ class Engine:
         for outcome in ended:
             if isinstance(outcome, BaseException):
                 raise outcome
+
+    async def _marked(self, pending: list[Pending]) -> list[Marked]:
+        """A re-run's `pending` deliveries, each with its progress mark: its own, else one a
+        version before emission-scoped ids left under its delivery id (the run before was
+        that version's: the delivery is then the one under that id, in its lane too)."""
+        ids = [i for job, _ in pending for i in (job.progress_id, job.delivery_id)]
+        found = await self.services.redis.mget([self.keys.delivery(i) for i in ids])
+        marked = []
+        for (job, target), mine, older in zip(pending, found[::2], found[1::2], strict=True):
+            if older and not mine:
+                job = dataclasses.replace(job, progress_id=job.delivery_id)
+            marked.append((job, target, mine or older))
+        return marked
 
     async def deliver(self, job: DeliveryJob, then: Then) -> None:
         """One more attempt of a delivery; `then` queues the job's next step (its return
@@ -239,7 +246,7 @@ class Engine:
         waits in the queue without spending an attempt."""
         if target.options.limited:
             attempt = functools.partial(self._attempt, job, target, number)
-            put_off = functools.partial(self._defer, job, then, number=number)
+            put_off = functools.partial(self._defer, job, then)
             await self.controls.admitted(job, target, then, attempt, put_off)
         else:
             await self._attempt(job, target, number, then)
@@ -249,11 +256,11 @@ class Engine:
     ) -> None:
         host = target.destination.netloc
         if wait := self.breaker.wait(host):  # not an attempt: try again once it may
-            await self._defer(job, then, wait, "circuit", number)
+            await self._defer(job, then, wait, "circuit")
             return
         slot = await self.shares.admit(job.emitter or job.project_id, host)
         if slot is None:  # its project or host holds its share of the worker: later
-            await self._defer(job, then, self.shares.defer_s(host), "share", number)
+            await self._defer(job, then, self.shares.defer_s(host), "share")
             return
         started = time.monotonic()
         try:
@@ -281,15 +288,14 @@ class Engine:
         self.stats.count(result.outcome.value, result.duration_ms)
         await self._write(job, target, record, result, delay, then)
 
-    async def _defer(
-        self, job: DeliveryJob, then: Then, delay: float, why: str, number: int
-    ) -> None:
-        """Not attempt `number`: back to the queue, due in `delay` s. Its progress is marked, so
-        a re-run of its fan-out leaves it to the job `then` queues: a later attempt's if unmarked
-        (its count stays), a first one's always (an event id emitted before left "done")."""
+    async def _defer(self, job: DeliveryJob, then: Then, delay: float, why: str) -> None:
+        """Not an attempt: back to the queue, due in `delay` s. Its progress is marked
+        when it has no mark, so a re-run of its fan-out leaves it to the job `then` queues (a
+        later attempt's count stays, and so does the "done" of a worker that ended it while
+        paused past its lease: that job ends it again with no attempt)."""
 
         def write(pipe: Pipeline) -> None:
-            pipe.set(self.keys.delivery(job.progress_id), 0, nx=number > 1, ex=self.progress_ttl)
+            pipe.set(self.keys.delivery(job.progress_id), 0, nx=True, ex=self.progress_ttl)
             then(pipe, delay)
 
         await self.writer.commit(write)
@@ -356,11 +362,11 @@ class Engine:
             or unsendable(target.secret_token, target.auth_header)
         )
         if problem is not None:  # stored by an older version: nothing goes out
-            return Attempted(_failed(problem), [])
+            return Attempted(AttemptResult.unsent(problem), [])
         try:
             refused = await self._refusal(target)
         except Exception as exc:
-            refused = _failed(f"the request could not be sent: {describe(exc)}")
+            refused = AttemptResult.unsent(f"the request could not be sent: {describe(exc)}")
         out = Outgoing(
             target.url, job.body, job.event, job.delivery_id, job.emitter, target.secret_token,
             target.previous_token, target.auth_header, trace_headers,
@@ -381,20 +387,13 @@ class Engine:
                 refusal = exc.message
             except OSError as exc:  # a temporary lookup failure: try again later
                 return _unresolved(target.url, exc)
-        return None if refusal is None else _failed(f"refused: {refusal}")
+        return None if refusal is None else AttemptResult.unsent(f"refused: {refusal}")
 
 
 GONE_REASON = "the receiver answered 410 Gone"
 
 
-def _failed(error: str) -> AttemptResult:
-    """An attempt that sent nothing and never will: final."""
-    now = now_ms()
-    return AttemptResult(Outcome.FAILED, None, None, error, None, now, now)
-
-
 def _unresolved(url: str, exc: OSError) -> AttemptResult:
     """An attempt that sent nothing because the host's lookup failed for now: retried."""
-    now = now_ms()
     error = f"could not resolve host {urlsplit(url).hostname}: {exc.strerror or 'lookup failed'}"
-    return AttemptResult(Outcome.RETRY, None, None, error, None, now, now)
+    return AttemptResult.unsent(error, Outcome.RETRY)

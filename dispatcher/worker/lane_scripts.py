@@ -64,7 +64,7 @@ class Enter(Script):
     here when none of them is attempted now (see `dispatcher.ending`). Answers false when
     the event has no number (queued before the callback was ordered), else per delivery: 1
     attempt it now, 0 parked behind its lane's head (its job stored out of the queue, its
-    progress marked "0", over the "done" an event id emitted before may have left), 2 a
+    progress marked "0" when it has no mark), 2 a
     head waiting for its earlier events (its job due at `recheck_ms`
     unless woken before); then how many waiting heads it woke, then 1 if the job ended."""
 
@@ -97,7 +97,7 @@ for i = 1, #parked / 2 do
     out[#out + 1] = 1
   else
     redis.call('SET', job, parked[2 * i], 'NX')
-    redis.call('SET', progress, 0, 'EX', progress_ttl)  -- over what an emission before left
+    redis.call('SET', progress, 0, 'NX', 'EX', progress_ttl)
     if head == id then
       redis.call('ZADD', queue, 'NX', recheck_ms, id)
       redis.call('ZADD', waiting, seq, id)
@@ -291,7 +291,7 @@ if token == '' then
 end
 redis.call('ZADD', queue, now_ms, id)
 redis.call('SET', lease_prefix .. id, token, 'PX', lease_ms)
-local callback = string.match(id, '%.(%d+)$')
+local callback = string.match(id, '%.(%d+)@?%d*$')  -- {delivery id}@{emittedAt}
 return {'lane:next', id, data, redis.call('GET', progress_prefix .. id) or '',
         redis.call('HGETALL', callback_prefix .. callback)}
 """

@@ -185,15 +185,12 @@ class Lanes:
         ]
 
     def ended_before(
-        self,
-        event: EventJob,
-        pending: list[tuple[DeliveryJob, CallbackTarget]],
-        marks: list[bytes | None],
+        self, event: EventJob, marked: list[tuple[DeliveryJob, CallbackTarget, bytes | None]]
     ) -> None:
         """A fan-out run again: the ordered deliveries that ended in the run before (their
-        progress done) release their lanes again, in case that run wrote their records but
-        not their releases (it died mid-pipeline)."""
-        for (job, target), mark in zip(pending, marks, strict=True):
+        progress mark done) release their lanes again, in case that run wrote their records
+        but not their releases (it died mid-pipeline)."""
+        for job, target, mark in marked:
             path = target.options.order_by
             key = None if path is None or mark != b"done" else order_key(path, event.data)
             if path is not None and key is not None:

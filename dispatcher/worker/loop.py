@@ -318,7 +318,7 @@ class Worker:
 
     async def _execute(self, run: Served, claimed: Claimed, wire: Any) -> None:
         if wire.function == FAN_OUT:
-            event = EventJob.from_wire(wire.payload)
+            event = EventJob.from_wire(wire.payload, wire.enqueued_ms)
             structlog.contextvars.bind_contextvars(event_id=event.id)
             end = run.chunk_end(claimed, event)
             version = claimed.registry_version if event.scoped else None  # its project's

@@ -1,12 +1,14 @@
 """What an attempt leaves behind: its history record (shaped from the job, its callback
-and the attempt), its metrics and its one log line."""
+and the attempt), its metrics and its one log line; and the entry a job or a delivery
+ended without an attempt leaves in an operator's list (poison jobs, drops)."""
 
 from __future__ import annotations
 
 import functools
 import re
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+import orjson
 import structlog
 
 from dispatcher import metrics
@@ -17,6 +19,7 @@ from dispatcher.models import DeliveryStatus
 
 if TYPE_CHECKING:
     from prometheus_client import Counter
+    from redis.asyncio.client import Pipeline
 
     from dispatcher.delivery import Attempted, AttemptResult
     from dispatcher.history.record import AttemptRecord
@@ -24,7 +27,9 @@ if TYPE_CHECKING:
     from dispatcher.registry import CallbackTarget
     from dispatcher.settings import Settings
 
-__all__ = ["attempt_record", "disabled", "observe"]
+__all__ = ["attempt_record", "disabled", "keep_entry", "observe"]
+
+KEPT_ENTRIES = 1000  # newest entries kept in the poison and dropped lists
 
 log = structlog.get_logger("dispatcher.worker")
 _USERINFO = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*:[/\\]*).*@", re.DOTALL)  # after its scheme
@@ -130,3 +135,9 @@ def observe(
         retry_in_s=None if delay is None else round(delay, 3),
         trace_id=None if job.trace is None else job.trace.trace_id,
     )
+
+
+def keep_entry(pipe: Pipeline, key: str, entry: dict[str, Any]) -> None:
+    """Queue `entry` at the head of a bounded operator list (poison jobs, drops)."""
+    pipe.lpush(key, orjson.dumps({**entry, "at": now_ms()}))
+    pipe.ltrim(key, 0, KEPT_ENTRIES - 1)

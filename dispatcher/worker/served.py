@@ -18,7 +18,8 @@ from dispatcher.connections import REDIS_ERRORS, redis_full
 from dispatcher.errors import InvalidSetting
 from dispatcher.jobs import DELIVER, BadJob, DeliveryJob, decode
 from dispatcher.worker.claims import Claims
-from dispatcher.worker.engine import Engine, keep_entry
+from dispatcher.worker.engine import Engine
+from dispatcher.worker.record import keep_entry
 from dispatcher.worker.steps import ChunkEnd, NextStep
 from dispatcher.worker.writer import Then, Writer
 

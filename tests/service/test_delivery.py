@@ -242,7 +242,7 @@ async def test_duplicate_fan_out_delivers_once(
     can run it again and it needs no mark."""
     for path in ("/a", "/b"):
         await register(redis, receiver.url(path))
-    event = EventJob(id="evt_dup", project_id="demo", event="BUILD_END")
+    event = EventJob(id="evt_dup", project_id="demo", event="BUILD_END", emitted_at=now_ms())
     queue = Queue(redis, Keys(settings.queue_name))
     assert await queue.enqueue(event)
     assert not await queue.enqueue(event)  # still queued: refused
@@ -270,8 +270,9 @@ async def test_duplicate_fan_out_delivers_once(
 async def writes_of(
     services: Services, event_id: str
 ) -> list[tuple[QueueCommands, AttemptRecord, object]]:
-    """Fan out `event_id` (project demo, BUILD_END) once, in this process: what each write
-    of a record gave the writer (its commands, its record, its lead)."""
+    """Fan out `event_id` (project demo, BUILD_END) once, in this process, as an emission
+    of its own: what each write of a record gave the writer (its commands, its record,
+    its lead)."""
     writes: list[tuple[QueueCommands, AttemptRecord, object]] = []
 
     class Spy(Writer):
@@ -282,7 +283,8 @@ async def writes_of(
 
     engine = Engine(services, Spy(services.redis, services.history.assign_ids))
     try:
-        await engine.fan_out(EventJob(id=event_id, project_id="demo", event="BUILD_END"))
+        emitted = EventJob(id=event_id, project_id="demo", event="BUILD_END", emitted_at=now_ms())
+        await engine.fan_out(emitted)
     finally:
         await engine.close()
     return writes
@@ -348,35 +350,45 @@ async def test_a_retry_queued_again_by_a_late_copy_of_its_write_sends_nothing(
     assert calls == 1 and await redis.zcard(settings.queue_name) == 1
     await run_worker()
     assert calls == 2 and len(writes) == 1
-    progress = keys.delivery(f"demo:evt_late.{callback_id}")
-    assert await redis.get(progress) == b"1"  # its first attempt's mark
+    marks = sorted(await redis.keys(keys.delivery(f"demo:evt_late.{callback_id}@*")))
+    # one per emission, each its first attempt's (a job that ends in its record's script
+    # leaves no mark: nothing can run it again)
+    assert [await redis.get(mark) for mark in marks] == [b"1", b"1"]
 
 
 async def test_a_deferred_first_attempts_write_sent_again_late_queues_nothing(
     settings: Settings, redis: Redis, receiver: Receiver, run_worker: RunWorker
 ) -> None:
     """A first attempt put off (its host's share full, its breaker open) queues its
-    delivery's job through the same step as a retry (`Engine._defer`), and marks it "0"
-    over the "done" an event id emitted before left (that job attempts it: review
-    finding). That write, sent again after the job ran and ended, queues it no more: the
-    delivery is sent once. A later attempt put off keeps its count."""
+    delivery's job through the same step as a retry (`Engine._defer`), marked "0". That
+    write, sent again after the job ran and ended, queues it no more: the delivery is sent
+    once. A mark already there stays: a later attempt's count, and the "done" of a worker
+    that ended the delivery while paused past its lease (the job then ends it with no
+    attempt: review finding)."""
     callback_id = await register(redis, receiver.url("/put-off"))
     services = Services(settings, redis)
-    event = EventJob(id="evt_defer", project_id="demo", event="BUILD_END")
+    event = EventJob(id="evt_defer", project_id="demo", event="BUILD_END", emitted_at=now_ms())
     job = DeliveryJob.first(event, callback_id, encode_body(event.event, "demo", event.data))
     step = FirstRetry(services.queue, job)
     engine = Engine(services, Writer(redis, services.history.assign_ids))
     progress = keys.delivery(job.progress_id)
-    await redis.set(progress, "done")  # what the event id's run before left
     try:
-        await engine._defer(job, step, 0.01, "test", 1)
+        await engine._defer(job, step, 0.01, "test")
+        assert await redis.get(progress) == b"0"
         await run_worker()
         assert len(receiver.requests("/put-off")) == 1
-        await engine._defer(job, step, 0.01, "test", 1)  # the same write: its step, its token
+        await engine._defer(job, step, 0.01, "test")  # the same write: its step, its token
         assert await redis.zcard(settings.queue_name) == 0
         await redis.set(progress, "2")
-        await engine._defer(job, FirstRetry(services.queue, job), 0.01, "test", 3)
+        await engine._defer(job, FirstRetry(services.queue, job), 0.01, "test")
         assert await redis.get(progress) == b"2"  # a later attempt's count stays
+        await redis.set(progress, "done")  # ended by a worker paused past its lease
+        await engine._defer(job, FirstRetry(services.queue, job), 0.01, "test")
+        await run_worker()
+        assert await redis.get(progress) == b"done"
+        assert len(receiver.requests("/put-off")) == 1 and not await redis.zcard(
+            settings.queue_name
+        )
     finally:
         await engine.close()
 

@@ -11,6 +11,7 @@ from aiohttp import web
 from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
 
+from dispatcher.headers import DELIVERY_HEADER
 from dispatcher.jobs import EventJob, decode
 from dispatcher.keys import Keys
 from dispatcher.lua import run_pipeline
@@ -143,12 +144,38 @@ async def test_a_re_runs_next_chunks_skip_what_a_run_with_other_bounds_recorded(
     chunked = make_settings(settings.redis_url or "", fan_out_chunk=3)
     await Producer(chunked, redis).emit("demo", "BUILD_END", {}, event_id="big")
     job_id = "demo:big"
+    emitted = EventJob.from_wire(decode(await redis.get(keys.arq_job(job_id)) or b"").payload)
     for callback_id in ids[3:]:  # what the run before recorded, its job going on
-        await redis.set(keys.delivery(f"{job_id}.{callback_id}"), "done", ex=3600)
+        mark = keys.delivery(f"{job_id}.{callback_id}@{emitted.emitted_at}")
+        await redis.set(mark, "done", ex=3600)
     await redis.set(keys.ARQ_RETRY_PREFIX + job_id, 1, ex=3600)  # claimed once, its lease lapsed
     await run_worker(chunked)
     assert sorted(seen.path for seen in receiver.seen) == ["/cb/0", "/cb/1", "/cb/2"]
     assert await redis.zcard(chunked.queue_name) == 0
+
+
+async def test_an_event_id_emitted_again_is_fanned_out_again_through_a_re_run(
+    settings: Settings, redis: Redis, receiver: Receiver, run_worker: RunWorker
+) -> None:
+    """An event id emitted again once its event ended (a producer's retried emit) is a new
+    emission: its deliveries are sent again under the same delivery ids, and a re-run of
+    its fan-out (its first run died) skips none of them for what the emission before
+    recorded: progress marks are one emission's."""
+    for n in range(3):
+        await Registry(redis).create("demo", receiver.url(f"/cb/{n}"), Event.BUILD_END,
+                                     Region.DEVNET)  # fmt: skip
+    producer = Producer(settings, redis)
+    await producer.emit("demo", "BUILD_END", {}, event_id="again")
+    await run_worker()
+    await asyncio.sleep(0.002)  # another millisecond: another emission
+    await producer.emit("demo", "BUILD_END", {}, event_id="again")
+    await redis.set(keys.ARQ_RETRY_PREFIX + "demo:again", 1, ex=3600)  # its first run died
+    await run_worker()
+    paths = sorted(seen.path for seen in receiver.seen)
+    assert paths == ["/cb/0", "/cb/0", "/cb/1", "/cb/1", "/cb/2", "/cb/2"]
+    ids = {seen.headers[DELIVERY_HEADER] for seen in receiver.seen}
+    assert len(ids) == 3  # the same three deliveries, each sent once per emission
+    assert await redis.zcard(settings.queue_name) == 0
 
 
 async def test_a_registry_of_layout_1_is_upgraded(

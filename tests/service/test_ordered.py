@@ -224,7 +224,8 @@ async def test_a_blocked_lane_shows_in_status_metrics_and_the_console(
     assert "Blocked ordered lanes" in page and "demo:e0.1" in page
     # the names the scripts wrote are the ones keys.py gives
     stored = keys.lane(lane_id("demo", url, "buildId", "demo", "b-9"))
-    assert await redis.zrange(stored, 0, -1) == [b"demo:e0.1", b"demo:e1.1", b"demo:e2.1"]
+    entries = [entry.partition(b"@")[0] for entry in await redis.zrange(stored, 0, -1)]
+    assert entries == [b"demo:e0.1", b"demo:e1.1", b"demo:e2.1"]  # each emission's progress id
     assert await redis.exists(keys.lanes_ordered("demo"), keys.lanes_seq("demo")) == 2
 
 
@@ -297,12 +298,13 @@ async def test_a_head_dropped_for_claims_releases_its_lane(
         [("demo", "BUILD_END", {"buildId": "b", "step": s}, f"e{s}") for s in range(2)]
     )
     await run_worker(slow, max_burst_jobs=2)  # the head failed once, step 1 waits behind it
-    head = "demo:e0.1"
+    (head,) = await redis.zrange(keys.lane(lane_id("demo", url, "buildId", "demo", "b")), 0, 0)
+    assert head.startswith(b"demo:e0.1@")  # the delivery's progress id: its job's
     await redis.zadd(slow.queue_name, {head: 0})  # due now, and claimed once too often
-    await redis.set(keys.ARQ_RETRY_PREFIX + head, 25)
+    await redis.set(keys.ARQ_RETRY_PREFIX + head.decode(), 25)
     await run_worker(slow)
     drops = [orjson.loads(e) for e in await redis.lrange(keys.DROPPED, 0, -1)]  # type: ignore[misc]
-    assert [d["deliveryId"] for d in drops] == [head]
+    assert [d["deliveryId"] for d in drops] == ["demo:e0.1"]
     assert numbers(receiver) == [("b", 0), ("b", 1)]  # the head's 500, then step 1
     assert not await redis.keys(f"{keys.LANE_PREFIX}*")
 
@@ -346,7 +348,7 @@ async def test_a_fan_out_whose_deliveries_all_park_ends_in_the_parking_script(
     """The last chunk of an event, all of its deliveries parked behind their lanes' heads:
     the script that parks them ends the fan-out job too (no script of its own). A delivery
     attempted now carries the job's end instead, so the job is left to it. A parked one is
-    marked "0" over the "done" an event id emitted before left."""
+    marked "0" when it has no mark, and keeps "done" (its emission's end) when it has."""
     project, event_job = "parks", "parks:evt_2"
     claims = Claims(redis, keys, "worker-a", lease_s=10)
     await redis.zadd(keys.QUEUE, {event_job: now_ms()})
@@ -355,18 +357,23 @@ async def test_a_fan_out_whose_deliveries_all_park_ends_in_the_parking_script(
     await redis.zadd(keys.lanes_pending(project), {event_job: 2})
     lane = keys.lane("parks.1.b-1")
     if parked:
-        await redis.zadd(lane, {"parks:evt_1.1": 1})  # an earlier event heads the lane
-    delivery = f"{event_job}.1"
-    await redis.set(keys.delivery(delivery), "done")  # left by the event id's run before
-    enter = Enter.of(keys, project, event_job, [(lane, delivery, b"{}")], progress_ttl=60,
-                     now_ms=now_ms(), recheck_ms=now_ms(), last=True,
-                     end=claims.job_end(claimed.job_id))  # fmt: skip
-    *verdicts, _woken, ended = await enter.run(redis)
+        await redis.zadd(lane, {"parks:evt_1.1@4": 1})  # an earlier event heads the lane
+    delivery = f"{event_job}.1@5"
+
+    def enter() -> Enter:
+        return Enter.of(keys, project, event_job, [(lane, delivery, b"{}")], progress_ttl=60,
+                        now_ms=now_ms(), recheck_ms=now_ms(), last=True,
+                        end=claims.job_end(claimed.job_id))  # fmt: skip
+
+    *verdicts, _woken, ended = await enter().run(redis)
     assert verdicts == [0 if parked else 1] and ended == int(parked)
     assert (await redis.zscore(keys.QUEUE, event_job) is None) == parked
     assert (await redis.exists(keys.arq_job(event_job)) == 0) == parked
-    if parked:  # its turn attempts it (it used to find "done" and end with no record)
-        assert await redis.get(keys.delivery(delivery)) == b"0"
+    assert await redis.get(keys.delivery(delivery)) == (b"0" if parked else None)
+    if parked:  # ended by a worker paused past its lease, then parked again: it stays ended
+        await redis.set(keys.delivery(delivery), "done")
+        *verdicts, _woken, _ended = await enter().run(redis)
+        assert verdicts == [0] and await redis.get(keys.delivery(delivery)) == b"done"
 
 
 async def test_a_batchs_lane_releases_run_together_after_their_records(
