@@ -1,5 +1,6 @@
 """A worker process's periodic duties besides running jobs: its heartbeat (with the attempt
-statistics), arq's health-check key, and the fleet's history retention sweep.
+statistics), arq's health-check key, and the fleet's sweep (history retention, and the
+blocked-lanes list kept true).
 
 Each duty runs on its own timer; a failure of one (Redis or PostgreSQL away, or a bug) is
 logged and tried again at its next turn, and never stops another.
@@ -23,6 +24,7 @@ from dispatcher.clock import now_ms
 from dispatcher.connections import REDIS_ERRORS, redis_full
 from dispatcher.lua import run_pipeline
 from dispatcher.status import write_heartbeat
+from dispatcher.worker.lane_scripts import Unblock
 
 if TYPE_CHECKING:
     from dispatcher.services import Services
@@ -36,6 +38,7 @@ log = structlog.get_logger("dispatcher.worker")
 HEARTBEAT_S = 5.0
 HEALTH_CHECK_S = 10.0  # arq's health-check key, for `arq --check`
 SWEEP_EVERY_S = 300
+UNBLOCK_AT_MOST = 1000  # the oldest blocked lanes the sweep looks at
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,8 +135,9 @@ class Duties:
         )
 
     async def sweeps(self) -> None:
-        """The history retention sweep of each shard (PostgreSQL: day partitions made ahead,
-        expired ones dropped), once per 5 minutes by one worker of the fleet."""
+        """The sweep of each shard, once per 5 minutes by one worker of the fleet: history
+        retention (PostgreSQL: day partitions made ahead, expired ones dropped), and empty
+        lanes off the blocked list (`Unblock`)."""
         while True:
             slot = now_ms() // 1000 // SWEEP_EVERY_S
             for shard in self.shards:
@@ -146,6 +150,9 @@ class Duties:
             if await shard.redis.set(
                 shard.keys.cron("sweep", slot), self.token, nx=True, ex=2 * SWEEP_EVERY_S
             ):
+                unblock = Unblock(blocked=shard.keys.LANES_BLOCKED, count=UNBLOCK_AT_MOST)
+                if unblocked := await unblock.run(shard.redis):  # first: Redis's alone
+                    log.info("lanes.unblocked", lanes=unblocked, shard=shard.shard.index)
                 budget = self.settings.effective_job_timeout / 2
                 removed = await shard.history.sweep(max_seconds=budget)
                 log.info("history.swept", removed=removed, shard=shard.shard.index)

@@ -1,7 +1,8 @@
 """The Lua scripts of ordered delivery (see `lanes.py`): `Enter` at fan-out, `Head` before a
-queued delivery's attempt, `Release` with a delivery's end. Each is a typed `Script` that
-names its keys and arguments once, its keys made by `dispatcher.keys`; only `Release`
-makes keys inside Lua (of the next delivery, which it finds there)."""
+queued delivery's attempt, `Release` with a delivery's end, `Unblock` in the sweep. Each is
+a typed `Script` that names its keys and arguments once, its keys made by
+`dispatcher.keys`; only `Release` and `Unblock` read keys they find inside Lua (the next
+delivery's; the blocked lanes')."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ if TYPE_CHECKING:
     from dispatcher.ending import JobEnd
     from dispatcher.keys import Keys
 
-__all__ = ["NEXT_TAG", "Enter", "Head", "Release"]
+__all__ = ["NEXT_TAG", "Enter", "Head", "Release", "Unblock"]
 
 NEXT_TAG = b"lane:next"  # the first item of RELEASE's answer when it took the next delivery
 
@@ -64,9 +65,11 @@ class Enter(Script):
     here when none of them is attempted now (see `dispatcher.ending`). Answers false when
     the event has no number (queued before the callback was ordered), else per delivery: 1
     attempt it now, 0 parked behind its lane's head (its job stored out of the queue, its
-    progress marked "0" when it has no mark), 2 a
-    head waiting for its earlier events (its job due at `recheck_ms`
-    unless woken before); then how many waiting heads it woke, then 1 if the job ended."""
+    progress marked "0"), 2 a head waiting for its earlier events (its job due at
+    `recheck_ms` unless woken before), 3 left alone: it has a progress mark, so it entered
+    before (this write sent again late, after its delivery was attempted, perhaps ended
+    and released; or another run's write); then how many waiting heads it woke, then 1 if
+    the job ended."""
 
     LUA = (
         _CLEAR
@@ -86,6 +89,9 @@ local out = {}
 for i = 1, #parked / 2 do
   local lane, job, progress = deliveries[3 * i - 2], deliveries[3 * i - 1], deliveries[3 * i]
   local id = parked[2 * i - 1]
+  if redis.call('EXISTS', progress) == 1 then
+    out[#out + 1] = 3  -- entered before: this write sent again late, or another run's
+  else
   local before = redis.call('ZRANGE', lane, 0, 0)[1]
   redis.call('ZADD', lane, 'NX', seq, id)
   local head = redis.call('ZRANGE', lane, 0, 0)[1]
@@ -105,6 +111,7 @@ for i = 1, #parked / 2 do
     else
       out[#out + 1] = 0
     end
+  end
   end
 end
 local woken = 0
@@ -355,3 +362,24 @@ return {'lane:next', id, data, redis.call('GET', progress_prefix .. id) or '',
             progress_prefix=keys.DELIVERY_PREFIX,
             callback_prefix=keys.CALLBACK_PREFIX,
         )
+
+
+@dataclass
+class Unblock(Script):
+    """The `count` oldest blocked lanes, those empty listed no more (a late copy of a retry's
+    write, its answer lost, lists the lane of a head that has ended since). A lane is
+    listed by its head's retry, and its head leaves it last: an empty lane is blocked by
+    nothing. Answers how many it took off the list."""
+
+    LUA = """
+local taken = 0
+for _, lane in ipairs(redis.call('ZRANGE', blocked, 0, count - 1)) do
+  if redis.call('EXISTS', lane) == 0 then
+    redis.call('ZREM', blocked, lane)
+    taken = taken + 1
+  end
+end
+return taken
+"""
+    blocked: Key
+    count: int

@@ -27,10 +27,14 @@ from dispatcher.models import Event, HistoryRecord, Region
 from dispatcher.producer import Producer
 from dispatcher.registry import Options, Registry
 from dispatcher.registry.options import order_key
+from dispatcher.services import Services
 from dispatcher.settings import Settings
 from dispatcher.shards import views
 from dispatcher.shards.router import Router
+from dispatcher.stats import AttemptStats
+from dispatcher.status import read_lanes
 from dispatcher.worker.claims import Claims
+from dispatcher.worker.duties import Counts, Duties
 from dispatcher.worker.lane_scripts import Enter, Release
 from tests.helpers import (
     Handler,
@@ -348,7 +352,7 @@ async def test_a_fan_out_whose_deliveries_all_park_ends_in_the_parking_script(
     """The last chunk of an event, all of its deliveries parked behind their lanes' heads:
     the script that parks them ends the fan-out job too (no script of its own). A delivery
     attempted now carries the job's end instead, so the job is left to it. A parked one is
-    marked "0" when it has no mark, and keeps "done" (its emission's end) when it has."""
+    marked "0"; one that has a mark already entered before, and is left alone."""
     project, event_job = "parks", "parks:evt_2"
     claims = Claims(redis, keys, "worker-a", lease_s=10)
     await redis.zadd(keys.QUEUE, {event_job: now_ms()})
@@ -370,10 +374,34 @@ async def test_a_fan_out_whose_deliveries_all_park_ends_in_the_parking_script(
     assert (await redis.zscore(keys.QUEUE, event_job) is None) == parked
     assert (await redis.exists(keys.arq_job(event_job)) == 0) == parked
     assert await redis.get(keys.delivery(delivery)) == (b"0" if parked else None)
-    if parked:  # ended by a worker paused past its lease, then parked again: it stays ended
-        await redis.set(keys.delivery(delivery), "done")
-        *verdicts, _woken, _ended = await enter().run(redis)
-        assert verdicts == [0] and await redis.get(keys.delivery(delivery)) == b"done"
+    # The same write sent again late (its answer lost), once the delivery was attempted and
+    # ended: it is left alone, neither attempted again nor parked (it used to be either)
+    await redis.set(keys.delivery(delivery), "done")
+    await redis.zrem(lane, delivery)  # released
+    *verdicts, _woken, _ended = await enter().run(redis)
+    assert verdicts == [3] and await redis.get(keys.delivery(delivery)) == b"done"
+    assert await redis.zscore(lane, delivery) is None
+
+
+async def test_the_sweep_takes_a_lane_whose_head_ended_off_the_blocked_list(
+    redis: Redis, settings: Settings
+) -> None:
+    """A late copy of a retry's write (its answer lost, sent again once the head ended and
+    left its lane) lists the lane as blocked again, with nothing to block it. The fleet's
+    sweep takes an empty lane off the list, and leaves one whose head still holds it."""
+    held, emptied = (
+        keys.lane(lane_id("sweep", "http://127.0.0.1:9/", "buildId", "sweep", key))
+        for key in ("a", "b")
+    )
+    await redis.zadd(held, {"sweep:e1.1@5": 1})
+    await redis.zadd(keys.LANES_BLOCKED, {emptied: now_ms() - 900_000, held: now_ms()})
+    home = Services(settings, redis)
+    duties = Duties(settings, home, [home], AttemptStats(), "t", lambda: Counts(0, 0, 0))
+    await duties._sweep(home, slot=1)
+    assert await redis.zrange(keys.LANES_BLOCKED, 0, -1) == [held.encode()]
+    lanes = await read_lanes(redis, keys)
+    assert lanes.blocked == 1 and lanes.oldest_s < 60  # the alert's 10 minutes: not reached
+    assert [lane.head for lane in lanes.shown] == ["sweep:e1.1"]
 
 
 async def test_a_batchs_lane_releases_run_together_after_their_records(
