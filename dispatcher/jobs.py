@@ -50,6 +50,7 @@ __all__ = [
     "EventJob",
     "WireJob",
     "decode",
+    "delivery_of",
     "encode",
     "job_deserializer",
     "job_serializer",
@@ -68,6 +69,13 @@ class BadJob(ValueError):
 
 def new_event_id() -> str:
     return "evt_" + uuid.uuid4().hex
+
+
+def delivery_of(progress_id: str) -> str:
+    """The delivery id a first delivery's progress id (`{delivery id}@{emittedAt}`) names;
+    one without the emission (a version before's) is its delivery id already."""
+    delivery_id, at, emitted = progress_id.rpartition("@")
+    return delivery_id if at and emitted.isdigit() else progress_id
 
 
 def _text(payload: dict[str, Any], name: str) -> str:

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from dispatcher import clock
+from dispatcher.jobs import delivery_of
 from dispatcher.stats import read_series
 
 if TYPE_CHECKING:
@@ -131,7 +132,7 @@ async def read_lanes(
     shown = []
     for (lane, since), head, size in zip(oldest, heads[::2], heads[1::2], strict=True):
         _, project, key = lane.decode().removeprefix(keys.LANE_PREFIX).split(":", 2)
-        first = head[0].decode().partition("@")[0] if head else ""  # its delivery id
+        first = delivery_of(head[0].decode()) if head else ""
         callback = first.rpartition(".")[2]  # a delivery id ends with its callback's id
         shown.append(
             BlockedLane(

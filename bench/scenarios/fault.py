@@ -20,6 +20,7 @@ from bench.procs import BenchError, WorkerProcess
 from bench.report import Row, ratio_row
 from dispatcher.connections import connect
 from dispatcher.embedded import EmbeddedRedis
+from dispatcher.jobs import delivery_of
 from dispatcher.keys import Keys, project_scoped
 from dispatcher.models import Event, Region
 from dispatcher.producer import Producer
@@ -96,7 +97,7 @@ async def _marked_done(redis: Redis) -> set[str]:
         chunk = names[start : start + 1000]
         for name, mark in zip(chunk, await redis.mget(chunk), strict=True):
             if mark == b"done":
-                ended.add(name.decode().removeprefix(keys.DELIVERY_PREFIX).partition("@")[0])
+                ended.add(delivery_of(name.decode().removeprefix(keys.DELIVERY_PREFIX)))
     return ended
 
 

@@ -15,7 +15,6 @@ receiver to de-duplicate.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import functools
 import time
 from typing import TYPE_CHECKING
@@ -47,6 +46,7 @@ from dispatcher.registry.match import Matches
 from dispatcher.stats import AttemptStats
 from dispatcher.worker.controls import Controls
 from dispatcher.worker.lanes import Lanes, Sending
+from dispatcher.worker.marks import read_marks
 from dispatcher.worker.record import attempt_record, disabled, keep_entry, observe
 from dispatcher.worker.shares import Shares
 from dispatcher.worker.steps import FirstRetry, Step
@@ -63,8 +63,6 @@ if TYPE_CHECKING:
 
 __all__ = ["Engine"]
 
-Pending = tuple[DeliveryJob, "CallbackTarget"]  # a delivery and its callback
-Marked = tuple[DeliveryJob, "CallbackTarget", bytes | None]  # with its progress mark
 log = structlog.get_logger("dispatcher.worker")
 
 DONE = b"done"
@@ -162,7 +160,10 @@ class Engine:
             for target in targets
         ]
         if rerun:  # what the run before handled is left to the job it queued
-            marked = await self._marked(pending)
+            lane_of = functools.partial(self.lanes.lane_of, event)
+            marked = await read_marks(
+                self.services.redis, self.keys, event, pending, self.progress_ttl, lane_of
+            )
             self.lanes.ended_before(event, marked)
             pending = [(job, target) for job, target, mark in marked if not mark]
         # ordered deliveries join their lanes; those not at their lane's head wait there
@@ -186,19 +187,6 @@ class Engine:
         for outcome in ended:
             if isinstance(outcome, BaseException):
                 raise outcome
-
-    async def _marked(self, pending: list[Pending]) -> list[Marked]:
-        """A re-run's `pending` deliveries, each with its progress mark: its own, else one a
-        version before emission-scoped ids left under its delivery id (the run before was
-        that version's: the delivery is then the one under that id, in its lane too)."""
-        ids = [i for job, _ in pending for i in (job.progress_id, job.delivery_id)]
-        found = await self.services.redis.mget([self.keys.delivery(i) for i in ids])
-        marked = []
-        for (job, target), mine, older in zip(pending, found[::2], found[1::2], strict=True):
-            if older and not mine:
-                job = dataclasses.replace(job, progress_id=job.delivery_id)
-            marked.append((job, target, mine or older))
-        return marked
 
     async def deliver(self, job: DeliveryJob, then: Then) -> None:
         """One more attempt of a delivery; `then` queues the job's next step (its return

@@ -3,10 +3,11 @@
 A callback registered with `orderBy` (see `registry.options`) has one *lane* per value of
 that path in its events' data, shared by the callbacks of the same URL, owner and path
 (one per event, as the batch route makes them), per emitting project (`keys.lane_id`). A
-lane is a sorted set of delivery ids scored by their event's number, which Redis gave the
-event when it queued it (`dispatcher.sequence`). Its lowest member, the *head*, is the one
-delivery of the lane that may be attempted; the others wait, their `deliver` jobs parked
-(stored, out of the queue). Three scripts keep it (`lane_scripts.py`):
+lane is a sorted set of deliveries' progress ids (`{delivery id}@{emittedAt}`) scored by
+their event's number, which Redis gave the event when it queued it (`dispatcher.sequence`).
+Its lowest member, the *head*, is the one delivery of the lane that may be attempted; the
+others wait, their `deliver` jobs parked (stored, out of the queue). Three scripts keep it
+(`lane_scripts.py`):
 
 - enter, at fan-out, before any attempt (one call per chunk of the event's callbacks):
   each ordered delivery joins its lane; a head is attempted at once, inside the fan-out,
@@ -56,6 +57,7 @@ if TYPE_CHECKING:
     from dispatcher.jobs import EventJob
     from dispatcher.keys import Keys
     from dispatcher.lua import Script
+    from dispatcher.worker.marks import Marked
     from dispatcher.worker.writer import Then, Writer
 
 __all__ = ["Adopt", "Lanes", "Sending"]
@@ -184,17 +186,26 @@ class Lanes:
             if verdict == 1
         ]
 
-    def ended_before(
-        self, event: EventJob, marked: list[tuple[DeliveryJob, CallbackTarget, bytes | None]]
-    ) -> None:
+    def lane_of(self, event: EventJob, job: DeliveryJob, target: CallbackTarget) -> str | None:
+        """The key of the lane `job` (of `event`, to `target`) joins; None: unordered."""
+        joined = self._joined(event, job, target)
+        return None if joined is None else self.lane(joined)
+
+    def ended_before(self, event: EventJob, marked: list[Marked]) -> None:
         """A fan-out run again: the ordered deliveries that ended in the run before (their
         progress mark done) release their lanes again, in case that run wrote their records
         but not their releases (it died mid-pipeline)."""
         for job, target, mark in marked:
-            path = target.options.order_by
-            key = None if path is None or mark != b"done" else order_key(path, event.data)
-            if path is not None and key is not None:
-                self.writer.submit(self._releaser(_in_lane(job, target, path, key)))
+            joined = self._joined(event, job, target) if mark == b"done" else None
+            if joined is not None:
+                self.writer.submit(self._releaser(joined))
+
+    @staticmethod
+    def _joined(event: EventJob, job: DeliveryJob, target: CallbackTarget) -> DeliveryJob | None:
+        """`job` in its lane, when its callback is ordered and `event` has its key."""
+        path = target.options.order_by
+        key = None if path is None else order_key(path, event.data)
+        return None if path is None or key is None else _in_lane(job, target, path, key)
 
     def _releaser(self, job: DeliveryJob) -> Callable[[Pipeline], None]:
         return lambda pipe: self.release(pipe, job, take=False)

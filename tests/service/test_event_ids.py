@@ -8,10 +8,10 @@ import orjson
 from redis.asyncio import Redis
 
 from dispatcher.clock import now_ms
-from dispatcher.keys import Keys
+from dispatcher.keys import Keys, lane_id
 from dispatcher.models import PLATFORM_PROJECT, Event, Region
 from dispatcher.producer import Producer
-from dispatcher.registry import Registry
+from dispatcher.registry import Options, Registry
 from dispatcher.services import Services
 from dispatcher.settings import Settings
 from tests.helpers import Receiver, RunWorker, all_records, answer
@@ -85,13 +85,13 @@ async def test_jobs_queued_by_the_previous_version_run_and_deliver_once(
         await redis.set(keys.arq_job(event_id), legacy_fan_out(event_id, "projA"))
         await redis.zadd(queue, {event_id: now})
     await redis.set(keys.ARQ_RETRY_PREFIX + "old-2", 1)  # old-2 ran once, and died after /a
-    await redis.set(keys.delivery(f"old-2.{a}"), "done")
+    await redis.set(keys.delivery(f"old-2.{a}"), "done", ex=86_400)  # as that version set it
     retry = {"deliveryId": f"old-3.{b}", "progressId": f"old-3.{b}", "eventId": "old-3",
              "projectId": "projA", "event": "BUILD_END", "body": '{"event":"BUILD_END"}',
              "callbackId": b, "redeliveryOf": None}  # fmt: skip
     wire: dict[str, object] = {"t": None, "f": "deliver", "a": [retry], "k": {}, "et": now}
     await redis.set(keys.arq_job(f"old-3.{b}"), orjson.dumps(wire))
-    await redis.set(keys.delivery(f"old-3.{b}"), "1")
+    await redis.set(keys.delivery(f"old-3.{b}"), "1", ex=86_400)
     await redis.zadd(queue, {f"old-3.{b}": now})
     await run_worker()
     assert sorted(s.headers["webhook-id"] for s in receiver.requests("/a")) == [f"old-1.{a}"]
@@ -100,3 +100,48 @@ async def test_jobs_queued_by_the_previous_version_run_and_deliver_once(
     ]  # fmt: skip
     assert await redis.zcard(queue) == 0
     assert await redis.keys("arq:job:*") == []
+
+
+async def test_a_mark_the_version_before_left_counts_when_written_since_the_emission(
+    settings: Settings, redis: Redis, receiver: Receiver, run_worker: RunWorker
+) -> None:
+    """A re-run reads a mark under the delivery id alone (the version before's) as this
+    emission's only when it was written since the event was emitted (its TTL tells when):
+    one written before is the "done" of an emission before, when the event id is emitted
+    again, and must not end this emission's delivery with no attempt (review finding)."""
+    stale = await register(redis, "projA", receiver.url("/stale"))
+    fresh = await register(redis, "projA", receiver.url("/fresh"))
+    await Producer(settings, redis).emit("projA", "BUILD_END", {}, event_id="again-1")
+    day_ms = 86_400_000
+    await redis.set(keys.delivery(f"projA:again-1.{stale}"), "done", px=day_ms - 60_000)
+    await redis.set(keys.delivery(f"projA:again-1.{fresh}"), "done", px=day_ms)
+    await redis.set(keys.ARQ_RETRY_PREFIX + "projA:again-1", 1)  # its first run died
+    await run_worker()
+    assert len(receiver.requests("/stale")) == 1  # an hour-old emission's mark: none
+    assert receiver.requests("/fresh") == []  # this emission's, left by that version
+    assert await redis.zcard(settings.queue_name) == 0
+
+
+async def test_an_ordered_head_the_version_before_entered_goes_on_under_its_delivery_id(
+    settings: Settings, redis: Redis, receiver: Receiver, run_worker: RunWorker
+) -> None:
+    """The version before entered an ordered delivery in its lane under its delivery id
+    alone, as the lane's head to attempt at once, and died before its attempt's write.
+    The re-run on this version finds it there and goes on with it under that id: it is
+    sent once and leaves the lane empty (entered again under its new id, it sorted behind
+    the old entry, which no job held: the lane stopped for good; review finding)."""
+    url = receiver.url("/ordered")
+    callback_id, _ = await Registry(redis).create(
+        "projA", url, Event.BUILD_END, Region.DEVNET, "t", options=Options(order_by="buildId")
+    )
+    await Producer(settings, redis).emit("projA", "BUILD_END", {"buildId": "b"}, event_id="head-1")
+    number = await redis.zscore(keys.lanes_pending("projA"), "projA:head-1")
+    assert number is not None  # numbered: its project is ordered
+    lane = keys.lane(lane_id("projA", url, "buildId", "projA", "b"))
+    delivery_id = f"projA:head-1.{callback_id}"
+    await redis.zadd(lane, {delivery_id: number})  # that version's entry, as its head
+    await redis.set(keys.ARQ_RETRY_PREFIX + "projA:head-1", 1)  # its first run died
+    await run_worker()
+    assert [s.headers["webhook-id"] for s in receiver.requests("/ordered")] == [delivery_id]
+    assert not await redis.exists(lane)
+    assert await redis.zcard(settings.queue_name) == 0

@@ -1,0 +1,37 @@
+"""A delivery's progress id is one emission's: `{delivery id}@{emittedAt}` (its retry job's
+id, its mark's key, its lane entry), and the delivery id is read back from it."""
+
+from __future__ import annotations
+
+from dispatcher.jobs import DeliveryJob, EventJob, delivery_of
+
+
+def test_a_first_deliverys_progress_id_names_its_emission() -> None:
+    event = EventJob(id="build-7", project_id="team@x", event="BUILD_END", emitted_at=1234)
+    job = DeliveryJob.first(event, 42, b"{}")
+    assert job.delivery_id == "team@x:build-7.42"
+    assert job.progress_id == job.job_id == "team@x:build-7.42@1234"
+    assert delivery_of(job.progress_id) == job.delivery_id
+    again = DeliveryJob.first(EventJob(id="build-7", project_id="team@x", event="BUILD_END",
+                                       emitted_at=5678), 42, b"{}")  # fmt: skip
+    assert again.delivery_id == job.delivery_id and again.progress_id != job.progress_id
+
+
+def test_an_event_queued_without_emitted_at_takes_its_jobs_enqueue_time() -> None:
+    payload = {"id": "e", "projectId": "p", "event": "BUILD_END", "data": {}, "ids": "project"}
+    assert EventJob.from_wire(payload, 99).emitted_at == 99
+    assert EventJob.from_wire({**payload, "emittedAt": 7}, 99).emitted_at == 7
+    # handed over to its next chunk, it carries the time it was given
+    assert (
+        EventJob.from_wire(EventJob.from_wire(payload, 99).continued(5).to_wire()).emitted_at == 99
+    )
+    unknown = DeliveryJob.first(EventJob.from_wire(payload), 3, b"{}")
+    assert unknown.progress_id == unknown.delivery_id == "p:e.3"  # neither: the id alone
+
+
+def test_the_delivery_id_is_read_back_from_any_progress_id() -> None:
+    assert delivery_of("p:e.3@17") == "p:e.3"
+    assert delivery_of("p:e.3") == "p:e.3"  # the version before's
+    assert delivery_of("team@x:e.3") == "team@x:e.3"  # a project id may hold '@'
+    assert delivery_of("team@x:e.3@17") == "team@x:e.3"
+    assert delivery_of("p:e.3:redeliver:9f2c0e1a7b3d") == "p:e.3:redeliver:9f2c0e1a7b3d"
