@@ -146,18 +146,25 @@ class Duties:
             await asyncio.sleep(max(1.0, next_slot_s - now_ms() / 1000))
 
     async def _sweep(self, shard: Services, slot: int) -> None:
+        """`shard`'s sweep of `slot`, when this worker takes it; each part fails alone (a
+        failure is logged, and the next slot tries again)."""
+        index, taken = shard.shard.index, False
         try:
-            if await shard.redis.set(
-                shard.keys.cron("sweep", slot), self.token, nx=True, ex=2 * SWEEP_EVERY_S
-            ):
-                unblock = Unblock(blocked=shard.keys.LANES_BLOCKED, count=UNBLOCK_AT_MOST)
-                if unblocked := await unblock.run(shard.redis):  # first: Redis's alone
-                    log.info("lanes.unblocked", lanes=unblocked, shard=shard.shard.index)
-                budget = self.settings.effective_job_timeout / 2
-                removed = await shard.history.sweep(max_seconds=budget)
-                log.info("history.swept", removed=removed, shard=shard.shard.index)
-        except Exception as exc:  # Redis or PostgreSQL away, a bug: the next slot tries again
-            log.warning("history.sweep_failed", error=repr(exc), shard=shard.shard.index)
+            cron = shard.keys.cron("sweep", slot)
+            taken = bool(await shard.redis.set(cron, self.token, nx=True, ex=2 * SWEEP_EVERY_S))
+            unblock = Unblock(blocked=shard.keys.LANES_BLOCKED, count=UNBLOCK_AT_MOST)
+            if taken and (unblocked := await unblock.run(shard.redis)):
+                log.info("lanes.unblocked", lanes=unblocked, shard=index)
+        except Exception as exc:  # Redis away, a bug
+            log.warning("lanes.sweep_failed", error=repr(exc), shard=index)
+        if not taken:
+            return
+        try:
+            budget = self.settings.effective_job_timeout / 2
+            removed = await shard.history.sweep(max_seconds=budget)
+            log.info("history.swept", removed=removed, shard=index)
+        except Exception as exc:  # Redis or PostgreSQL away, a bug
+            log.warning("history.sweep_failed", error=repr(exc), shard=index)
 
     async def last_words(self) -> None:
         """On the way out: the last statistics, and no heartbeat left behind."""

@@ -8,8 +8,9 @@ and an upgrade leaves fan-outs it started and did not finish to this one. So a r
 there too, for a delivery it finds unmarked:
 
 - a mark under the delivery id written since the event was emitted (when: from the mark's
-  TTL, which every write sets again) is this emission's; one written before is an
-  emission's before (the event id emitted again), and counts as none;
+  TTL, which every write sets again; a second's margin for the clocks) is this emission's;
+  one written before is an emission's before (the event id emitted again), and counts as
+  none (and is deleted, should the delivery go on under that id);
 - an ordered delivery in its lane under the delivery id is one that version entered as its
   lane's head, to attempt at once, and did not finish.
 
@@ -39,6 +40,9 @@ __all__ = ["Marked", "Pending", "read_marks"]
 Pending = tuple["DeliveryJob", "CallbackTarget"]  # a delivery and its callback
 Marked = tuple["DeliveryJob", "CallbackTarget", bytes | None]  # with its progress mark
 LaneOf = Callable[["DeliveryJob", "CallbackTarget"], str | None]  # its lane's key, if ordered
+# A mark written this close after the emission, by the writer's clock against the
+# producer's, may be an emission's before: it counts as none (a repeat, never a loss).
+SKEW_MS = 1000
 
 
 async def read_marks(
@@ -69,13 +73,18 @@ async def read_marks(
                 pipe.zscore(lane, delivery_id)
 
     answers = iter(await run_pipeline(redis, ask))
-    now = now_ms()
+    now, stale = now_ms(), []
     for n, old, lane in older:
         ttl_ms = next(answers)
         in_lane = lane is not None and next(answers) is not None
         written = now - (ttl_s * 1000 - ttl_ms)
-        mark = old if old and ttl_ms > 0 and written >= event.emitted_at else None
+        mark = old if old and ttl_ms > 0 and written >= event.emitted_at + SKEW_MS else None
         if mark or in_lane:
             job, target, _ = marked[n]
-            marked[n] = (dataclasses.replace(job, progress_id=job.delivery_id), target, mark)
+            job = dataclasses.replace(job, progress_id=job.delivery_id)
+            marked[n] = (job, target, mark)
+            if old and not mark:  # an emission's before, under the id it goes on with
+                stale.append(keys.delivery(job.delivery_id))
+    if stale:  # (else its lane's entry took it for entered, and a retry for ended)
+        await redis.delete(*stale)
     return marked

@@ -5,6 +5,7 @@ version before keeps working."""
 from __future__ import annotations
 
 import orjson
+import pytest
 from redis.asyncio import Redis
 
 from dispatcher.clock import now_ms
@@ -66,7 +67,7 @@ async def test_the_scoped_delivery_id_holds_across_retries_and_redeliveries(
 def legacy_fan_out(event_id: str, project: str) -> bytes:
     """A fan-out job as the version before scoped ids wrote it (its bytes, to the letter)."""
     payload = {"id": event_id, "projectId": project, "event": "BUILD_END",
-               "data": {"n": event_id}, "emittedAt": now_ms()}  # fmt: skip
+               "data": {"n": event_id}, "emittedAt": now_ms() - 10_000}  # fmt: skip
     return orjson.dumps({"t": None, "f": "fan_out", "a": [payload], "k": {}, "et": now_ms()})
 
 
@@ -102,6 +103,13 @@ async def test_jobs_queued_by_the_previous_version_run_and_deliver_once(
     assert await redis.keys("arq:job:*") == []
 
 
+async def emitted_earlier(redis: Redis, job_id: str, ms: int) -> None:
+    """The queued event job `job_id`, as if emitted `ms` earlier."""
+    wire = orjson.loads(await redis.get(keys.arq_job(job_id)) or b"")
+    wire["a"][0]["emittedAt"] -= ms
+    await redis.set(keys.arq_job(job_id), orjson.dumps(wire))
+
+
 async def test_a_mark_the_version_before_left_counts_when_written_since_the_emission(
     settings: Settings, redis: Redis, receiver: Receiver, run_worker: RunWorker
 ) -> None:
@@ -112,24 +120,27 @@ async def test_a_mark_the_version_before_left_counts_when_written_since_the_emis
     stale = await register(redis, "projA", receiver.url("/stale"))
     fresh = await register(redis, "projA", receiver.url("/fresh"))
     await Producer(settings, redis).emit("projA", "BUILD_END", {}, event_id="again-1")
+    await emitted_earlier(redis, "projA:again-1", 10_000)
     day_ms = 86_400_000
     await redis.set(keys.delivery(f"projA:again-1.{stale}"), "done", px=day_ms - 60_000)
     await redis.set(keys.delivery(f"projA:again-1.{fresh}"), "done", px=day_ms)
     await redis.set(keys.ARQ_RETRY_PREFIX + "projA:again-1", 1)  # its first run died
     await run_worker()
-    assert len(receiver.requests("/stale")) == 1  # an hour-old emission's mark: none
+    assert len(receiver.requests("/stale")) == 1  # written before the emission: none
     assert receiver.requests("/fresh") == []  # this emission's, left by that version
     assert await redis.zcard(settings.queue_name) == 0
 
 
+@pytest.mark.parametrize("stale", [False, True])
 async def test_an_ordered_head_the_version_before_entered_goes_on_under_its_delivery_id(
-    settings: Settings, redis: Redis, receiver: Receiver, run_worker: RunWorker
+    settings: Settings, redis: Redis, receiver: Receiver, run_worker: RunWorker, stale: bool
 ) -> None:
     """The version before entered an ordered delivery in its lane under its delivery id
     alone, as the lane's head to attempt at once, and died before its attempt's write.
     The re-run on this version finds it there and goes on with it under that id: it is
     sent once and leaves the lane empty (entered again under its new id, it sorted behind
-    the old entry, which no job held: the lane stopped for good; review finding)."""
+    the old entry, which no job held: the lane stopped for good; review finding). A mark
+    an emission before left under that id (`stale`) does not stop it (second review)."""
     url = receiver.url("/ordered")
     callback_id, _ = await Registry(redis).create(
         "projA", url, Event.BUILD_END, Region.DEVNET, "t", options=Options(order_by="buildId")
@@ -140,6 +151,9 @@ async def test_an_ordered_head_the_version_before_entered_goes_on_under_its_deli
     lane = keys.lane(lane_id("projA", url, "buildId", "projA", "b"))
     delivery_id = f"projA:head-1.{callback_id}"
     await redis.zadd(lane, {delivery_id: number})  # that version's entry, as its head
+    if stale:  # the event id's emission before, a minute before this one
+        await emitted_earlier(redis, "projA:head-1", 1_000)
+        await redis.set(keys.delivery(delivery_id), "done", px=86_400_000 - 60_000)
     await redis.set(keys.ARQ_RETRY_PREFIX + "projA:head-1", 1)  # its first run died
     await run_worker()
     assert [s.headers["webhook-id"] for s in receiver.requests("/ordered")] == [delivery_id]
