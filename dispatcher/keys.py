@@ -39,11 +39,11 @@ Ordered delivery (callbacks with `orderBy`; see dispatcher/worker/lanes.py)
     dispatcher:lanes:ready:{project}          ZSET the same, of events whose last chunk is in
                                               its lanes (for a fan-out run again; trimmed
                                               once their job has left the queue)
-    dispatcher:lanes:waiting:{project}        ZSET delivery ids of lane heads waiting for an
+    dispatcher:lanes:waiting:{project}        ZSET progress ids of lane heads waiting for an
                                               earlier event to enter its lanes, by sequence
                                               (queued at once when it has)
     dispatcher:lane:{receiver}:{project}:{key}
-                                              ZSET delivery ids of one lane by sequence: the
+                                              ZSET progress ids of one lane by sequence: the
                                               head is the one being delivered, the others
                                               wait (their jobs parked, out of the queue);
                                               receiver: a hash of the callbacks' owner, URL

@@ -255,7 +255,10 @@ class Mover:
         if not got:
             return 0  # a worker holds it: looked at again on the next pass
         data, due, ttl = got
-        progress = await src.redis.get(k.delivery(job_id))
+        async with src.redis.pipeline(transaction=False) as pipe:  # its mark, as long as it has
+            pipe.get(k.delivery(job_id))
+            pipe.pttl(k.delivery(job_id))
+            progress, progress_ms = await pipe.execute()
 
         def place(pipe: Pipeline) -> None:
             d = dst.keys
@@ -267,8 +270,9 @@ class Mover:
                 due_ms=due,
                 ttl_ms=max(int(ttl), 1),
             ).queue_on(pipe)
-            if progress is not None:
-                pipe.set(d.delivery(job_id), progress, ex=86_400, nx=True)
+            if progress is not None:  # (its write time stays readable: see worker.marks)
+                ex, px = (None, progress_ms) if progress_ms > 0 else (86_400, None)
+                pipe.set(d.delivery(job_id), progress, ex=ex, px=px, nx=True)
 
         await run_pipeline(dst.redis, place)
         await run_pipeline(src.redis, lambda pipe: claims.finish(pipe, job_id))

@@ -16,7 +16,7 @@ here touches Redis, and nothing costs a round trip:
   going back would cost Redis writes and a claim for each, waiting costs only time).
 
 A job's project is the part of its id before the first `:` (`{project}:{event id}`, and
-delivery ids after it); an attempt's is the project that emitted the event.
+the progress ids after it); an attempt's is the project that emitted the event.
 """
 
 from __future__ import annotations

@@ -18,6 +18,7 @@ from redis.asyncio import Redis
 
 from dispatcher.clock import now_ms
 from dispatcher.history.redis import RedisHistory
+from dispatcher.jobs import delivery_of
 from dispatcher.keys import Keys
 from dispatcher.models import DeliveryStatus, HistoryRecord
 from dispatcher.settings import Settings
@@ -144,7 +145,8 @@ async def judge(
     by_delivery: dict[str, list[HistoryRecord]] = {}
     for record in records:
         by_delivery.setdefault(record.delivery_id or "", []).append(record)
-    queued = {m.decode() for m in await redis.zrange(settings.queue_name, 0, -1)}
+    # a retry's queue member is its progress id (`{delivery id}@{emittedAt}`)
+    queued = {delivery_of(m.decode()) for m in await redis.zrange(settings.queue_name, 0, -1)}
     for delivery_id in expected:
         mine = by_delivery.get(delivery_id, [])
         if any(r.status is DeliveryStatus.SUCCESS or r.final for r in mine) or (

@@ -18,9 +18,10 @@ from dispatcher.placement import rendezvous
 from dispatcher.producer import Producer
 from dispatcher.registry import Registration
 from dispatcher.settings import Settings
-from dispatcher.shards.move import Mover
+from dispatcher.shards.move import LEASE_S, Mover
 from dispatcher.shards.router import Router
 from dispatcher.worker import create_worker
+from dispatcher.worker.claims import Claims
 from tests.helpers import Receiver, make_settings, until
 
 PROJECTS = [f"grow-{n}" for n in range(8)]
@@ -122,3 +123,26 @@ async def _only_on_new_shard(router: Router, project: str) -> None:
     prefix = old.keys.HISTORY_INDEX_PREFIX + project + ":"
     indexes = [i.decode() async for i in old.redis.sscan_iter(old.keys.HISTORY_INDEXES)]
     assert [i for i in indexes if i.startswith(prefix)] == []
+
+
+async def test_a_moved_jobs_progress_mark_keeps_its_expiry(
+    shard_servers: list[EmbeddedRedis],
+) -> None:
+    """A queued retry moved to another shard takes its progress mark with the time it has
+    left: a re-run reads when a mark was written from its TTL (`worker.marks`), and a
+    mark given a fresh day looked written at the move (third review)."""
+    for server in shard_servers:
+        sync_redis.Redis.from_url(server.url).flushall()
+    urls = [server.url for server in shard_servers]
+    async with Router.open(make_settings(urls[0], redis_shards=urls)) as router:
+        src, dst = router.shards
+        mover = Mover(router, lambda _: None)
+        job_id = "mv:e.1@5"
+        await src.redis.set(src.keys.arq_job(job_id), b"{}", px=60_000)
+        await src.redis.zadd(src.keys.QUEUE, {job_id: now_ms()})
+        await src.redis.set(src.keys.delivery(job_id), "1", ex=1_000)
+        claims = Claims(src.redis, src.keys, mover.token, LEASE_S)
+        assert await mover._move_job(src, dst, claims, job_id) == 1
+        assert await dst.redis.get(dst.keys.delivery(job_id)) == b"1"
+        assert 990_000 < await dst.redis.pttl(dst.keys.delivery(job_id)) <= 1_000_000
+        assert await dst.redis.zscore(dst.keys.QUEUE, job_id) is not None
