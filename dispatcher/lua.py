@@ -207,6 +207,8 @@ class Script:
                 raise TypeError(f"{cls.__name__}.queue_together: given a {type(call).__name__}")
             mine, theirs = call._call()
             keys += mine
+            if cls._lists:  # its lists' lengths vary: its slices' sizes lead its arguments
+                args += (len(mine), len(theirs))
             args += theirs
         cls._together.queue_on(pipe, keys, args)
 
@@ -228,27 +230,56 @@ def _locals(cls: type[Script], names: tuple[str, ...], table: str) -> list[str]:
 
 def _together(cls: type[Script]) -> str:
     """The Lua of `cls.queue_together`: the script's body as a function of its keys and
-    arguments, called (protected) on each call's slice of KEYS and ARGV in turn."""
-    if cls._lists:
-        raise TypeError(f"{cls.__name__}: a script with a list field cannot run together")
+    arguments, called (protected) on each call's slice of KEYS and ARGV in turn. A script
+    with list fields gets each slice's sizes ahead of its arguments."""
     per_key, per_arg = len(cls._keys), len(cls._args)
     if not per_key or not per_arg:
         raise TypeError(f"{cls.__name__}: a script runs together only with keys and arguments")
-    values = [f"KEYS[at_key + {i}]" for i in range(1, per_key + 1)]
-    values += [f"ARGV[at_arg + {i}]" for i in range(1, per_arg + 1)]
+    if cls._lists:
+        head = [
+            "local at_key, at_arg = 0, 0",
+            "while at_arg < #ARGV do",
+            "  local key_count, arg_count = tonumber(ARGV[at_arg + 1]), tonumber(ARGV[at_arg + 2])",
+            "  at_arg = at_arg + 2",
+        ]
+        tail = ["  at_key, at_arg = at_key + key_count, at_arg + arg_count"]
+    else:
+        head = [
+            f"for n = 0, #KEYS / {per_key} - 1 do",
+            f"  local at_key, at_arg = n * {per_key}, n * {per_arg}",
+        ]
+        tail = []
+    values = [*_slice(cls, cls._keys, "KEYS", "at_key", "key_count", head)]
+    values += _slice(cls, cls._args, "ARGV", "at_arg", "arg_count", head)
     body = textwrap.dedent(cls.LUA).strip()
     return "\n".join([
         f"local function one({', '.join((*cls._keys, *cls._args))})",
         body,
         "end",
         "local out = {}",
-        f"for n = 0, #KEYS / {per_key} - 1 do",
-        f"  local at_key, at_arg = n * {per_key}, n * {per_arg}",
+        *head,
         f"  local ok, answer = pcall(one, {', '.join(values)})",
         "  if not ok and type(answer) ~= 'table' then answer = {err = tostring(answer)} end",
         "  if answer == nil then answer = false end",
-        "  out[n + 1] = answer",
+        "  out[#out + 1] = answer",
+        *tail,
         "end",
         "return out",
         "",
     ])  # fmt: skip
+
+
+def _slice(
+    cls: type[Script], names: tuple[str, ...], table: str, at: str, count: str, lines: list[str]
+) -> list[str]:
+    """The values of one call's `names` in `table` from `at` on (a list field, the last:
+    the rest of its `count`, gathered by a line added to `lines`)."""
+    values = [f"{table}[{at} + {i}]" for i, name in enumerate(names, 1) if name not in cls._lists]
+    if names and names[-1] in cls._lists:
+        gather = (
+            f"for i = {at} + {len(values) + 1}, {at} + {count} do rest[#rest + 1] = {table}[i] end"
+        )
+        lines.append(f"  local {table.lower()}_rest = {{}}")
+        lines.append("  " + gather.replace("rest", f"{table.lower()}_rest"))
+        values.append(f"{table.lower()}_rest")
+    return values

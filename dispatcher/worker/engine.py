@@ -164,7 +164,7 @@ class Engine:
             marked = await read_marks(
                 self.services.redis, self.keys, event, pending, self.progress_ttl, lane_of
             )
-            self.lanes.ended_before(event, marked)
+            await self.lanes.ended_before(event, marked)
             pending = [(job, target) for job, target, mark in marked if not mark]
         # ordered deliveries join their lanes; those not at their lane's head wait there
         one = len(pending) == 1  # the job's end rides with its one attempt (if made now)

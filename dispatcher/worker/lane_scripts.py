@@ -69,8 +69,9 @@ class Enter(Script):
     `recheck_ms` unless woken before), 3 left alone: it has a progress mark, so it entered
     before (this write sent again late, after its delivery was attempted, perhaps ended
     and released; or another run's write); then how many waiting heads it woke, then 1 if
-    the job ended."""
+    the job ended. Runs together (a batch's fan-outs' entries, one call)."""
 
+    TOGETHER = True
     LUA = (
         _CLEAR
         + END_JOB

@@ -3,22 +3,25 @@
 
 Every attempt ends in writes (its history record, the delivery's progress, the next step
 of its job). They are queued here and sent in pipelines shared by whatever else is
-waiting (one round trip for many attempts). A write may lead with scripts (the record
-of a delivery that ends with its attempt, and the job's end; then an ordered delivery's
-lane release): a batch's leads go first, run together as one script call per
-`TOGETHER_MAX` of a kind (`lua.Script.queue_together`), every write's first lead before
-any second one, each write's own commands after them in the order queued. The engine
-gives a lead only to a write whose own commands can be done again by the job's next run,
-as a failover may keep only a pipeline's start. When Redis does not answer (refused, reset,
-timed out, `LOADING` after a restart, paused), the same batch is sent again with backoff
-until it does: nothing is dropped, and the HTTP attempts that produced the writes never
-wait for them. A Redis at `maxmemory` (`OOM`, with `noeviction`) is such an outage: it
-may take some commands of a batch and refuse others (deletes pass, writes that grow it
-do not), and the whole batch is sent again until every command is taken. This works
-because every write is idempotent (records carry their ids, jobs are keyed by id, leases
-are checked), so a batch whose answer was lost can be sent twice. What waits is bounded
-by the worker's slots and counted in `dispatcher_pending_writes`; the worker claims no
-new job while too much waits, or while Redis refuses its writes.
+waiting (one round trip for many attempts). A write may lead with scripts (the record of
+a delivery that ends with its attempt, and the job's end; then an ordered delivery's
+lane release; or a small fan-out chunk's lane entries, `together`): a batch's leads go
+first, run together as one script call per `TOGETHER_MAX` of a kind
+(`lua.Script.queue_together`), every write's first lead before any second one, each
+write's own commands after them in the order queued. The engine gives a lead only to a
+write whose own commands can be done again by the job's next run, as a failover may keep
+only a pipeline's start; and what must land before a lead (a re-run's lane releases,
+before its entries, which may end its job) it waits for first. When Redis does not
+answer (refused, reset, timed out, `LOADING` after a restart, paused), the same batch is
+sent again with backoff until it does: nothing is dropped, and the HTTP attempts that
+produced the writes never wait for them. A Redis at `maxmemory` (`OOM`, with
+`noeviction`) is such an outage: it may take some commands of a batch and refuse others
+(deletes pass, writes that grow it do not), and the whole batch is sent again until
+every command is taken. This works because every write is idempotent (records carry
+their ids, jobs are keyed by id, leases are checked), so a batch whose answer was lost
+can be sent twice. What waits is bounded by the worker's slots and counted in
+`dispatcher_pending_writes`; the worker claims no new job while too much waits, or while
+Redis refuses its writes.
 """
 
 from __future__ import annotations
@@ -132,6 +135,11 @@ class Writer(Batcher):
     async def execute(self, queue: QueueCommands) -> list[Any]:
         """`commit` (what a Batcher's callers call)."""
         return await self.commit(queue)
+
+    async def together(self, script: Script) -> Any:
+        """`Batcher.together` as a `commit`: waits until Redis has it (cancelling the
+        caller does not withdraw the write)."""
+        return await asyncio.shield(super().together(script))
 
     async def drain(self) -> None:
         """Wait until every write queued so far is acknowledged (bound it with a timeout)."""

@@ -14,7 +14,7 @@ from redis.exceptions import ResponseError
 from dispatcher.auth import Role
 from dispatcher.batch import Batcher, QueueCommands
 from dispatcher.errors import Forbidden
-from dispatcher.lua import Key, Lua, Script, run_pipeline
+from dispatcher.lua import ArgList, Key, KeyList, Lua, Script, run_pipeline
 from dispatcher.services import Services
 from dispatcher.settings import Settings
 from dispatcher.worker.writer import Writer
@@ -35,6 +35,23 @@ class Bump(Script):
     counter: Key
     by: int
     note: str
+
+
+@dataclass
+class Spread(Script):
+    """Adds `by` to each of `counters` (a list: any number) and returns the totals, with
+    the `notes` it was given (a list too)."""
+
+    LUA = """
+    local totals = {}
+    for i, counter in ipairs(counters) do totals[i] = redis.call('INCRBY', counter, by) end
+    return {totals, notes}
+    """
+    TOGETHER = True
+    tag: Key
+    counters: KeyList
+    by: int
+    notes: ArgList
 
 
 def echo(key: str, value: str | int) -> QueueCommands:
@@ -149,6 +166,29 @@ async def test_scripts_run_together_in_one_call_each_answer_and_error_its_own(
     assert await run_pipeline(redis, lambda pipe: Bump.queue_together(pipe, calls[:1])) == [
         [[4, b"one"]]
     ]
+
+
+async def test_scripts_with_lists_run_together_each_with_its_own_lengths(redis: Redis) -> None:
+    """A script with list fields (a fan-out's lane entries) runs together too: each call's
+    keys and arguments, of any length, reach it as they were given; one that fails (INCRBY
+    on text) fails alone."""
+    await redis.set("text", "not a number")
+    calls = [
+        Spread("t", ["a"], 1, []),
+        Spread("t", ["a", "b", "c"], 2, ["x", "y"]),
+        Spread("t", ["text", "a"], 1, ["z"]),
+        Spread("t", ["b"], 5, ["last"]),
+    ]
+    await run_pipeline(redis, lambda pipe: Spread.queue_together(pipe, [Spread("t", [], 0, [])]))
+    await redis.config_resetstat()
+    (answers,) = await run_pipeline(redis, lambda pipe: Spread.queue_together(pipe, calls))
+    stats = await redis.info("commandstats")
+    assert stats["cmdstat_evalsha"]["calls"] == 1
+    assert answers[0] == [[1], []]
+    assert answers[1] == [[3, 2, 2], [b"x", b"y"]]
+    assert isinstance(answers[2], ResponseError) and "not an integer" in str(answers[2])
+    assert answers[3] == [[7], [b"last"]]
+    assert await redis.mget("a", "b", "c") == [b"3", b"7", b"2"]
 
 
 async def test_a_batchers_callers_run_their_scripts_together_before_the_commands(

@@ -23,6 +23,7 @@ from dispatcher.cli import app
 from dispatcher.clock import now_ms
 from dispatcher.embedded import EmbeddedRedis
 from dispatcher.keys import Keys, lane_id
+from dispatcher.lua import Script
 from dispatcher.models import Event, HistoryRecord, Region
 from dispatcher.producer import Producer
 from dispatcher.registry import Options, Registry
@@ -404,7 +405,7 @@ async def test_the_sweep_takes_a_lane_whose_head_ended_off_the_blocked_list(
     assert [lane.head for lane in lanes.shown] == ["sweep:e1.1"]
 
 
-async def test_a_batchs_lane_releases_run_together_after_their_records(
+async def test_a_batchs_lane_entries_and_releases_run_together(
     api: httpx.AsyncClient,
     redis: Redis,
     settings: Settings,
@@ -412,27 +413,30 @@ async def test_a_batchs_lane_releases_run_together_after_their_records(
     run_worker: RunWorker,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """Ordered deliveries that end with their attempt release their lanes in the writer's
-    joint calls (one `EVALSHA` for many releases, after the records'), and each lane's next
-    delivery is taken from that answer: every build in order, every lane emptied."""
+    """The fan-outs' lane entries of a batch run in the writer's joint calls (one `EVALSHA`
+    for many small chunks' entries), and so do the releases of ordered deliveries that end
+    with their attempt (after the records'); each lane's next delivery is taken from that
+    answer: every build in order, every lane emptied."""
     url = receiver.url("/hook")
     await ok(await api.post(CALLBACKS, params=params(url, orderBy="buildId"), headers=ALICE))
     events = [
         ("demo", "BUILD_END", {"buildId": f"b-{b}", "step": s}) for s in range(3) for b in range(20)
     ]
-    sizes: list[int] = []  # the releases of each joint call
-    together = Release.queue_together.__func__  # type: ignore[attr-defined]
+    sizes: dict[type, list[int]] = {Enter: [], Release: []}  # the calls of each joint call
+    together = Script.queue_together.__func__  # type: ignore[attr-defined]
 
-    def counted(cls: type[Release], pipe: Any, calls: list[Release]) -> None:
-        sizes.append(len(calls))
+    def counted(cls: type[Script], pipe: Any, calls: list[Script]) -> None:
+        sizes[cls].append(len(calls))
         together(cls, pipe, calls)
 
-    monkeypatch.setattr(Release, "queue_together", classmethod(counted))
+    for kind in sizes:
+        monkeypatch.setattr(kind, "queue_together", classmethod(counted))
     await Producer(settings, redis).emit_many(events)
     await run_worker()
     seen = numbers(receiver)
     for b in range(20):
         assert [step for build, step in seen if build == f"b-{b}"] == [0, 1, 2]
-    assert sum(sizes) == 60 and max(sizes) > 1  # every release joint, some together
+    for kind, counts in sizes.items():  # every one joint, some together
+        assert sum(counts) == 60 and max(counts) > 1, kind
     assert len(await records(redis, settings, url)) == 60
     assert not await redis.keys(f"{keys.LANE_PREFIX}*")
