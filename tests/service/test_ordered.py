@@ -37,6 +37,7 @@ from dispatcher.status import read_lanes
 from dispatcher.worker.claims import Claims
 from dispatcher.worker.duties import Counts, Duties
 from dispatcher.worker.lane_scripts import Enter, Release
+from dispatcher.worker.lanes import TOGETHER_ENTRIES
 from tests.helpers import (
     Handler,
     Receiver,
@@ -382,6 +383,36 @@ async def test_a_fan_out_whose_deliveries_all_park_ends_in_the_parking_script(
     *verdicts, _woken, _ended = await enter().run(redis)
     assert verdicts == [3] and await redis.get(keys.delivery(delivery)) == b"done"
     assert await redis.zscore(lane, delivery) is None
+
+
+@pytest.mark.parametrize("callbacks", [TOGETHER_ENTRIES, TOGETHER_ENTRIES + 1])
+async def test_a_big_chunks_lane_entries_run_alone(
+    redis: Redis,
+    settings: Settings,
+    receiver: Receiver,
+    run_worker: RunWorker,
+    monkeypatch: pytest.MonkeyPatch,
+    callbacks: int,
+) -> None:
+    """A fan-out chunk of up to `TOGETHER_ENTRIES` ordered deliveries enters its lanes in
+    the writer's joint calls; a bigger one alone, so that one call of 50 chunks never holds
+    Redis long (review finding). Either way each delivery is sent once."""
+    ordered = Options(order_by="buildId")
+    for n in range(callbacks):
+        url = receiver.url(f"/hook{n}")
+        await Registry(redis).create("demo", url, Event.BUILD_END, Region.DEVNET, options=ordered)
+    joint: list[int] = []
+    together = Enter.queue_together.__func__  # type: ignore[attr-defined]
+
+    def counted(cls: type[Enter], pipe: Any, calls: list[Enter]) -> None:
+        joint.append(len(calls))
+        together(cls, pipe, calls)
+
+    monkeypatch.setattr(Enter, "queue_together", classmethod(counted))
+    await Producer(settings, redis).emit("demo", "BUILD_END", {"buildId": "b"})
+    await run_worker()
+    assert len(receiver.seen) == callbacks
+    assert joint == ([1] if callbacks <= TOGETHER_ENTRIES else [])
 
 
 async def test_the_sweep_takes_a_lane_whose_head_ended_off_the_blocked_list(
