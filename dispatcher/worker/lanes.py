@@ -68,6 +68,7 @@ HELD_RECHECK_S = 1.0  # a head whose project is moving here, its old lanes still
 NO_KEY = "unordered: the event's data has no value at orderBy {path!r}"
 NOT_NUMBERED = "unordered: the event was queued before its callback was ordered"
 GONE = "callback deleted or disabled"
+KEPT_TARGETS = 1024  # the lanes' next deliveries' targets a worker keeps (see `_target`)
 TOGETHER_ENTRIES = 10  # a fan-out chunk's entries at most, to run with others' (50 a call)
 _FIELDS = [name.encode() for name in TARGET_FIELDS]  # what a lane's next delivery needs
 
@@ -109,6 +110,7 @@ class Lanes:
         self.lease_ms = int(lease_s * 1000)
         self.adopt: Adopt | None = None  # set by the worker loop: next deliveries run at once
         self.released = 0  # releases queued: the loop looks for a next head at once
+        self._targets: dict[tuple[object, ...], CallbackTarget] = {}  # by callback and fields
 
     def lane(self, job: DeliveryJob) -> str:
         assert job.lane is not None
@@ -291,9 +293,7 @@ class Lanes:
         fields = [row.get(name) for name in _FIELDS]
         target = None
         if fields[0] is not None and fields[1] == b"1":
-            target = CallbackTarget.from_fields(
-                job.callback_id, fields, self.sending.decrypt, owner=row[b"projectId"].decode()
-            )
+            target = self._target(job.callback_id, fields, row[b"projectId"])
         then = self.releasing(job, adopt.step_of(job.job_id))
 
         async def work() -> None:
@@ -305,6 +305,22 @@ class Lanes:
                 await self.sending.attempt(job, target, int(progress or 0) + 1, then)
 
         adopt.spawn(job.job_id, work)
+
+    def _target(self, callback_id: int, fields: list[bytes | None], owner: bytes) -> CallbackTarget:
+        """The target of a lane's next delivery, from its callback's hash: kept while the
+        hash's fields stay the same (its secrets decrypted and its URL read once, not once
+        per delivery); one whose rotated token still signs is not (its overlap ends by the
+        clock, as `Matches` has it)."""
+        key = (callback_id, owner, *fields)
+        target = self._targets.get(key)
+        if target is None:
+            decrypt = self.sending.decrypt
+            target = CallbackTarget.from_fields(callback_id, fields, decrypt, owner=owner.decode())
+            if not target.previous_token:
+                if len(self._targets) >= KEPT_TARGETS:  # (many callbacks' lanes: start over)
+                    self._targets.clear()
+                self._targets[key] = target
+        return target
 
 
 @dataclass(frozen=True, slots=True)

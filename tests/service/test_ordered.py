@@ -26,7 +26,8 @@ from dispatcher.keys import Keys, lane_id
 from dispatcher.lua import Script
 from dispatcher.models import Event, HistoryRecord, Region
 from dispatcher.producer import Producer
-from dispatcher.registry import Options, Registry
+from dispatcher.registry import CallbackTarget, Options, Registry
+from dispatcher.registry.match import TARGET_FIELDS
 from dispatcher.registry.options import order_key
 from dispatcher.services import Services
 from dispatcher.settings import Settings
@@ -37,7 +38,8 @@ from dispatcher.status import read_lanes
 from dispatcher.worker.claims import Claims
 from dispatcher.worker.duties import Counts, Duties
 from dispatcher.worker.lane_scripts import Enter, Release
-from dispatcher.worker.lanes import TOGETHER_ENTRIES
+from dispatcher.worker.lanes import TOGETHER_ENTRIES, Lanes, Sending
+from dispatcher.worker.writer import Writer
 from tests.helpers import (
     Handler,
     Receiver,
@@ -413,6 +415,46 @@ async def test_a_big_chunks_lane_entries_run_alone(
     await run_worker()
     assert len(receiver.seen) == callbacks
     assert joint == ([1] if callbacks <= TOGETHER_ENTRIES else [])
+
+
+async def test_a_lanes_next_deliveries_reuse_their_callbacks_target_while_it_stands(
+    redis: Redis,
+) -> None:
+    """A lane's next delivery, taken in a release, builds its callback's target from the
+    hash the release answered: kept while those fields stay the same (secrets decrypted
+    once, not per delivery), built again once they change, never kept while a rotated
+    token still signs (its overlap ends by the clock)."""
+    registry = Registry(redis)
+    callback_id, _ = await registry.create("demo", "http://127.0.0.1:9/t", Event.BUILD_END,
+                                           Region.DEVNET, "first")  # fmt: skip
+    decrypts = 0
+
+    def decrypt(value: bytes | None) -> str:
+        nonlocal decrypts
+        decrypts += 1
+        return registry.decrypt(value)
+
+    async def nothing(*_: Any) -> None:
+        return None
+
+    lanes = Lanes(keys, Writer(redis, nothing), Sending(nothing, nothing, decrypt),
+                  progress_ttl=60, lease_s=10)  # fmt: skip
+
+    async def target() -> CallbackTarget:
+        values = await redis.hmget(keys.callback(callback_id), [*TARGET_FIELDS, "projectId"])  # type: ignore[misc]
+        *fields, owner = values
+        return lanes._target(callback_id, fields, owner)
+
+    first = await target()
+    built = decrypts
+    assert await target() is first and decrypts == built and first.secret_token == "first"
+    await registry.rotate_secret(callback_id, "demo", "second", overlap_s=60)
+    rotated = await target()
+    assert rotated.secret_token == "second" and rotated.previous_token == "first"
+    assert await target() is not rotated  # signing twice: built each time
+    await registry.rotate_secret(callback_id, "demo", "third", overlap_s=0)
+    third = await target()
+    assert third.secret_token == "third" and await target() is third
 
 
 async def test_the_sweep_takes_a_lane_whose_head_ended_off_the_blocked_list(
