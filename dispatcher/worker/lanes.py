@@ -308,8 +308,8 @@ class Lanes:
 
     def _target(self, callback_id: int, fields: list[bytes | None], owner: bytes) -> CallbackTarget:
         """The target of a lane's next delivery, from its callback's hash: kept while the
-        hash's fields stay the same (its secrets decrypted and its URL read once, not once
-        per delivery); one whose rotated token still signs is not (its overlap ends by the
+        hash's fields stay the same (its secrets, URL and options read once, not once per
+        delivery); one whose rotated token still signs is not (its overlap ends by the
         clock, as `Matches` has it)."""
         key = (callback_id, owner, *fields)
         target = self._targets.get(key)
