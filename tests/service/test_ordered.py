@@ -504,6 +504,23 @@ async def test_a_batchs_lane_entries_and_releases_run_together(
 
     for kind in sizes:
         monkeypatch.setattr(kind, "queue_together", classmethod(counted))
+    takes, built = 0, 0  # next deliveries taken in releases; their callback's targets built
+    lane_target, from_fields = Lanes._target, CallbackTarget.from_fields.__func__  # type: ignore[attr-defined]
+
+    def counted_build(cls: type[CallbackTarget], *args: Any, **kwargs: Any) -> CallbackTarget:
+        nonlocal built
+        built += 1
+        target: CallbackTarget = from_fields(cls, *args, **kwargs)
+        return target
+
+    def counted_take(lanes: Lanes, *args: Any) -> CallbackTarget:
+        nonlocal takes
+        takes += 1
+        with monkeypatch.context() as patched:
+            patched.setattr(CallbackTarget, "from_fields", classmethod(counted_build))
+            return lane_target(lanes, *args)
+
+    monkeypatch.setattr(Lanes, "_target", counted_take)
     await Producer(settings, redis).emit_many(events)
     await run_worker()
     seen = numbers(receiver)
@@ -511,5 +528,6 @@ async def test_a_batchs_lane_entries_and_releases_run_together(
         assert [step for build, step in seen if build == f"b-{b}"] == [0, 1, 2]
     for kind, counts in sizes.items():  # every one joint, some together
         assert sum(counts) == 60 and max(counts) > 1, kind
+    assert takes >= 20 and built <= 2  # taken in releases, they share their callback's target
     assert len(await records(redis, settings, url)) == 60
     assert not await redis.keys(f"{keys.LANE_PREFIX}*")
