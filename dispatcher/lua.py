@@ -276,10 +276,10 @@ def _slice(
     the rest of its `count`, gathered by a line added to `lines`)."""
     values = [f"{table}[{at} + {i}]" for i, name in enumerate(names, 1) if name not in cls._lists]
     if names and names[-1] in cls._lists:
-        gather = (
-            f"for i = {at} + {len(values) + 1}, {at} + {count} do rest[#rest + 1] = {table}[i] end"
+        rest, first = f"{table.lower()}_rest", len(values) + 1
+        lines.append(f"  local {rest} = {{}}")
+        lines.append(
+            f"  for i = {at} + {first}, {at} + {count} do {rest}[#{rest} + 1] = {table}[i] end"
         )
-        lines.append(f"  local {table.lower()}_rest = {{}}")
-        lines.append("  " + gather.replace("rest", f"{table.lower()}_rest"))
-        values.append(f"{table.lower()}_rest")
+        values.append(rest)
     return values

@@ -152,9 +152,10 @@ class Duties:
         try:
             cron = shard.keys.cron("sweep", slot)
             taken = bool(await shard.redis.set(cron, self.token, nx=True, ex=2 * SWEEP_EVERY_S))
-            unblock = Unblock(blocked=shard.keys.LANES_BLOCKED, count=UNBLOCK_AT_MOST)
-            if taken and (unblocked := await unblock.run(shard.redis)):
-                log.info("lanes.unblocked", lanes=unblocked, shard=index)
+            if taken:
+                unblock = Unblock(blocked=shard.keys.LANES_BLOCKED, count=UNBLOCK_AT_MOST)
+                if unblocked := await unblock.run(shard.redis):
+                    log.info("lanes.unblocked", lanes=unblocked, shard=index)
         except Exception as exc:  # Redis away, a bug
             log.warning("lanes.sweep_failed", error=repr(exc), shard=index)
         if not taken:

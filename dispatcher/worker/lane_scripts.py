@@ -93,26 +93,26 @@ for i = 1, #parked / 2 do
   if redis.call('EXISTS', progress) == 1 then
     out[#out + 1] = 3  -- entered before: this write sent again late, or another run's
   else
-  local before = redis.call('ZRANGE', lane, 0, 0)[1]
-  redis.call('ZADD', lane, 'NX', seq, id)
-  local head = redis.call('ZRANGE', lane, 0, 0)[1]
-  if before and before ~= head then  -- a head that waited is one no more: parked again
-    redis.call('ZREM', queue, before)
-    redis.call('ZREM', waiting, before)
-  end
-  if head == id and free then
-    out[#out + 1] = 1
-  else
-    redis.call('SET', job, parked[2 * i], 'NX')
-    redis.call('SET', progress, 0, 'NX', 'EX', progress_ttl)
-    if head == id then
-      redis.call('ZADD', queue, 'NX', recheck_ms, id)
-      redis.call('ZADD', waiting, seq, id)
-      out[#out + 1] = 2
-    else
-      out[#out + 1] = 0
+    local before = redis.call('ZRANGE', lane, 0, 0)[1]
+    redis.call('ZADD', lane, 'NX', seq, id)
+    local head = redis.call('ZRANGE', lane, 0, 0)[1]
+    if before and before ~= head then  -- a head that waited is one no more: parked again
+      redis.call('ZREM', queue, before)
+      redis.call('ZREM', waiting, before)
     end
-  end
+    if head == id and free then
+      out[#out + 1] = 1
+    else
+      redis.call('SET', job, parked[2 * i], 'NX')
+      redis.call('SET', progress, 0, 'NX', 'EX', progress_ttl)
+      if head == id then
+        redis.call('ZADD', queue, 'NX', recheck_ms, id)
+        redis.call('ZADD', waiting, seq, id)
+        out[#out + 1] = 2
+      else
+        out[#out + 1] = 0
+      end
+    end
   end
 end
 local woken = 0

@@ -322,9 +322,7 @@ class Worker:
             structlog.contextvars.bind_contextvars(event_id=event.id)
             end = run.chunk_end(claimed, event)
             version = claimed.registry_version if event.scoped else None  # its project's
-            after = await run.engine.fan_out(
-                event, rerun=claimed.claims > 1 or event.rerun, end=end, version=version
-            )
+            after = await run.engine.fan_out(event, rerun=end.rerun, end=end, version=version)
             if not end.written:  # not with an attempt's write: on its own
                 await run.writer.commit(lambda pipe: end(pipe, after))
             if after is not None:  # its lease handed over: the next claim may take it

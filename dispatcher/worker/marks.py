@@ -59,8 +59,10 @@ async def read_marks(
         zip(pending, found[::2], found[1::2], strict=True)
     ):
         marked.append((job, target, mine))
+        if mine or job.progress_id == job.delivery_id:
+            continue
         lane = lane_of(job, target)
-        if not mine and job.progress_id != job.delivery_id and (old or lane):
+        if old or lane:
             older.append((n, old, lane))
     if not older:
         return marked

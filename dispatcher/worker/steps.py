@@ -79,13 +79,19 @@ class ChunkEnd:
         self.claims, self.claimed, self.event = claims, claimed, event
         self.written = False
 
+    @property
+    def rerun(self) -> bool:
+        """Whether this chunk's run is a re-run (the job was claimed before, or a chunk
+        before it ran again): it reads what was recorded, and so does the next chunk."""
+        return self.claimed.claims > 1 or self.event.rerun
+
     def __call__(self, pipe: Pipeline, after: int | None) -> None:
         self.written = True
         if after is None:
             self.claims.finish(pipe, self.claimed.job_id)
         else:
-            rerun = self.claimed.claims > 1 or self.event.rerun  # so is the next chunk
-            self.claims.hand_over(pipe, self.claimed, self.event.continued(after, rerun=rerun))
+            following = self.event.continued(after, rerun=self.rerun)
+            self.claims.hand_over(pipe, self.claimed, following)
 
     def job_end(self, after: int | None) -> JobEnd | None:
         """The job's end (taken by a write) when this was the last chunk."""
