@@ -531,3 +531,69 @@ async def test_a_batchs_lane_entries_and_releases_run_together(
     assert takes >= 20 and built <= 2  # taken in releases, they share their callback's target
     assert len(await records(redis, settings, url)) == 60
     assert not await redis.keys(f"{keys.LANE_PREFIX}*")
+
+
+async def test_a_re_run_releases_what_its_run_before_ended_before_its_entries_run(
+    settings: Settings, redis: Redis, receiver: Receiver, run_worker: RunWorker
+) -> None:
+    """A fan-out's first run entered both its ordered deliveries as their lanes' heads,
+    sent one (its record and `done` mark written) and died before that one's release. The
+    re-run releases that lane again, and the release reaches Redis before the re-run's
+    entries: an entry runs ahead of a batch's other writes and may end the job, so a
+    failover that kept only the start of the stream would otherwise have ended the job
+    with a lane held for good (fourth review). MONITOR shows Redis's own order."""
+    urls = {name: receiver.url(f"/{name}") for name in ("a", "b")}
+    ids = {
+        name: (await Registry(redis).create(
+            "projA", url, Event.BUILD_END, Region.DEVNET, "t", options=Options(order_by="buildId")
+        ))[0]
+        for name, url in urls.items()
+    }  # fmt: skip
+    producer = Producer(settings, redis)
+    await producer.emit("projA", "BUILD_END", {"buildId": "b", "step": 0}, event_id="e-1")
+    wire = orjson.loads(await redis.get(keys.arq_job("projA:e-1")) or b"")
+    emitted = wire["a"][0]["emittedAt"]
+    progress = {name: f"projA:e-1.{ids[name]}@{emitted}" for name in urls}
+    lanes = {
+        name: keys.lane(lane_id("projA", url, "buildId", "projA", "b"))
+        for name, url in urls.items()
+    }
+    seq = await redis.zscore(keys.lanes_pending("projA"), "projA:e-1")
+    assert seq is not None  # numbered: its project is ordered
+    # what the first run left: its event ready, both heads entered, /a sent and done
+    await redis.zrem(keys.lanes_pending("projA"), "projA:e-1")
+    await redis.zadd(keys.lanes_ready("projA"), {"projA:e-1": seq})
+    for name, lane in lanes.items():
+        await redis.zadd(lane, {progress[name]: seq})
+    await redis.set(keys.delivery(progress["a"]), "done", ex=86_400)
+    await redis.set(keys.ARQ_RETRY_PREFIX + "projA:e-1", 1)
+    await producer.emit("projA", "BUILD_END", {"buildId": "b", "step": 1}, event_id="e-2")
+    seen: list[str] = []
+
+    async def watch() -> None:
+        async with redis.monitor() as monitor:
+            async for command in monitor.listen():
+                seen.append(command["command"])
+
+    watching = asyncio.create_task(watch())
+    try:
+        await asyncio.sleep(0.2)  # MONITOR is on before the worker starts
+        await run_worker()
+        await asyncio.sleep(0.2)  # the last commands reach the monitor
+    finally:
+        watching.cancel()
+    shas: dict[type[Script], set[str]] = {
+        kind: {kind._lua.sha, kind._together.sha} for kind in (Enter, Release)
+    }
+
+    def first(kind: type[Script], word: str) -> int:
+        return next(
+            i for i, line in enumerate(seen)
+            if line.startswith("EVALSHA") and line.split()[1] in shas[kind] and word in line
+        )  # fmt: skip
+
+    assert first(Release, progress["a"]) < first(Enter, "projA:e-1")
+    assert numbers(receiver, "/a") == [("b", 1)]  # e-1's was sent by the run before
+    assert numbers(receiver, "/b") == [("b", 0), ("b", 1)]
+    assert not await redis.keys(f"{keys.LANE_PREFIX}*")
+    assert await redis.zcard(settings.queue_name) == 0
