@@ -18,8 +18,9 @@ are until moved.
      the flip) are taken one at a time under a lease, written to the new shard, then
      removed from the old (a job a worker holds is left to finish, and looked at again);
      its ordered deliveries are not moved but finish there, in order, while its lanes on
-     the new shard wait (`dispatcher.shards.lanes`); until none is left and none came for
-     a settle;
+     the new shard wait (`dispatcher.shards.lanes`), and so do the events whose fan-out
+     began there (its run died: what it sent is marked there, and read by its re-run);
+     until none is left and none came for a settle;
   5. copy the history written meanwhile, remove the project from the old shard, and let
      its lanes on the new one go.
 A mover that dies leaves a job under its lease, which lapses: the job runs on the old
@@ -58,7 +59,7 @@ __all__ = ["Mover"]
 SETTLE_REFRESHES = 3
 PAGE = 500
 LEASE_S = 30.0
-SAY_EVERY_S = 10.0  # how often a move waiting for ordered deliveries says so
+SAY_EVERY_S = 10.0  # how often a move waiting for jobs to finish on the old shard says so
 
 
 @dataclass
@@ -205,36 +206,40 @@ class Mover:
             await copy_project(src.history, dst.history, project)
 
     async def _drain(self, src: Services, dst: Services, project: str) -> int:
-        """Move the project's queued jobs, and wait for its ordered ones to end on the old
-        shard, until none is left and none came for a settle."""
+        """Move the project's queued jobs, and wait for those that stay (`_where`) to end on
+        the old shard, until none is left and none came for a settle."""
         moved, quiet_since, said = 0, time.monotonic(), time.monotonic()
         while True:
-            found, taken, ordered = await self._move_jobs(src, dst, project)
+            found, taken, staying = await self._move_jobs(src, dst, project)
             moved += taken
-            if found or ordered:
+            if found or staying:
                 quiet_since = time.monotonic()
             elif time.monotonic() - quiet_since >= self.settle_s:
                 # a lane's head is always in the queue (or its fan-out is): none left there
                 # means no lane left; a lane without one would wait here, and say so
-                if not (ordered := await lanes_left(src, project)):
+                if not (staying := await lanes_left(src, project)):
                     return moved
-            if ordered and time.monotonic() - said >= SAY_EVERY_S:
+            if staying and time.monotonic() - said >= SAY_EVERY_S:
                 said = time.monotonic()
-                self.say(f"{project}: waiting for {ordered} ordered job(s) or lane(s) to end")
-            await asyncio.sleep(min(0.2 if found or not ordered else 1.0, self.settle_s))
+                self.say(f"{project}: waiting for {staying} job(s) or lane(s) to end there")
+            await asyncio.sleep(min(0.2 if found or not staying else 1.0, self.settle_s))
 
     async def _move_jobs(self, src: Services, dst: Services, project: str) -> tuple[int, int, int]:
         """One pass over the old shard's queue: (the project's jobs seen, those moved, those
-        left to finish there: its ordered deliveries and, while it is ordered there, its
-        events to fan out, which are numbered there)."""
+        left to finish there: see `_where`)."""
         claims = Claims(src.redis, src.keys, self.token, LEASE_S)
         ordered = await ordered_on(src, project)
         seen = taken = staying = start = 0
-        while ids := await src.redis.zrange(src.keys.QUEUE, start, start + PAGE - 1):
+        k = src.keys
+        while ids := await src.redis.zrange(k.QUEUE, start, start + PAGE - 1):
             start += PAGE
-            datas = await src.redis.mget([src.keys.arq_job(i.decode()) for i in ids])
-            for raw_id, data in zip(ids, datas, strict=True):
-                where = "" if data is None else _where(data, project, ordered)
+            async with src.redis.pipeline(transaction=False) as pipe:
+                pipe.mget([k.arq_job(i.decode()) for i in ids])
+                pipe.mget([k.ARQ_RETRY_PREFIX + i.decode() for i in ids])  # claim counts
+                datas, counts = await pipe.execute()
+            for raw_id, data, count in zip(ids, datas, counts, strict=True):
+                began = count is not None
+                where = "" if data is None else _where(data, project, ordered, began)
                 staying += where == STAY
                 if where == MOVE:
                     seen += 1
@@ -282,11 +287,14 @@ class Mover:
 MOVE, STAY = "move", "stay"
 
 
-def _where(data: bytes, project: str, ordered: bool) -> str:
+def _where(data: bytes, project: str, ordered: bool, began: bool) -> str:
     """What a move of `project` does with a queued job: MOVE it, let it STAY to finish on
     the old shard (a delivery in a lane of its events, a platform-wide callback's too; an
-    event to fan out, when `ordered`), or nothing (another project's; a platform-wide
-    callback's unordered delivery, which every shard can run)."""
+    event to fan out when `ordered`, as its events are numbered there, or when its fan-out
+    `began` (its claims counted: a run died, and the progress marks of what that run sent
+    are there, keyed by deliveries only the re-run's match would name), or nothing
+    (another project's; a platform-wide callback's unordered delivery, which every shard
+    can run)."""
     try:
         wire = decode(data)
     except BadJob:
@@ -298,7 +306,7 @@ def _where(data: bytes, project: str, ordered: bool) -> str:
     if owner != project:
         return ""
     if wire.function == FAN_OUT:
-        return STAY if ordered else MOVE
+        return STAY if ordered or began else MOVE
     return STAY if payload.get("lane") is not None else MOVE
 
 

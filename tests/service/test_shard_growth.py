@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 
+import orjson
 import redis as sync_redis
 
 from dispatcher.auth import Role
@@ -146,3 +147,53 @@ async def test_a_moved_jobs_progress_mark_keeps_its_expiry(
         assert await dst.redis.get(dst.keys.delivery(job_id)) == b"1"
         assert 990_000 < await dst.redis.pttl(dst.keys.delivery(job_id)) <= 1_000_000
         assert await dst.redis.zscore(dst.keys.QUEUE, job_id) is not None
+
+
+async def test_a_fan_out_its_run_before_began_finishes_on_its_old_shard(
+    shard_servers: list[EmbeddedRedis], receiver: Receiver
+) -> None:
+    """A fan-out job whose run died half-way (its claim counted, one delivery's `done` mark
+    written) stays on its project's old shard through a move and runs again there, where
+    its marks are: the delivery that run sent is not sent again. Moved, it ran on the new
+    shard as a first run, without them, and sent it twice. (Its due time is a moment later
+    here, so that the move sees it before any worker.)"""
+    for server in shard_servers:
+        sync_redis.Redis.from_url(server.url).flushall()
+    urls = [server.url for server in shard_servers]
+    settings = make_settings(urls[0], redis_shards=urls, placement_refresh=0.05)
+    project = next(p for p in PROJECTS if rendezvous(p, 2) == 0)
+    async with Router.open(settings) as router:
+        src = router.of(project)
+        ids = {
+            name: await src.register(
+                Registration(project, receiver.url(f"/{name}"), Region.DEVNET, "t"), "BUILD_END"
+            )
+            for name in ("sent", "left")
+        }
+        async with Producer(settings) as producer:
+            (event_id,) = await producer.emit_many([(project, "BUILD_END", {"n": 1})])
+        job_id = f"{project}:{event_id}"
+        wire = orjson.loads(await src.redis.get(src.keys.arq_job(job_id)) or b"")
+        progress = f"{job_id}.{ids['sent']}@{wire['a'][0]['emittedAt']}"
+        await src.redis.set(src.keys.delivery(progress), "done", ex=86_400)
+        await src.redis.set(src.keys.ARQ_RETRY_PREFIX + job_id, 1)
+        await src.redis.zadd(src.keys.QUEUE, {job_id: now_ms() + 1_500})
+        worker = create_worker(settings, poll_delay=0.01, handle_signals=False)
+        delivering = asyncio.create_task(worker.main())
+        try:
+            await Mover(router, lambda _: None, settle_s=0.3).move(project, 1)
+            await until(lambda: _got(receiver, "/left"), 10, "the delivery left to send")
+        finally:
+            worker.stop()
+            await asyncio.wait_for(delivering, 20)
+            await worker.close()
+        assert receiver.requests("/sent") == []
+        assert len(receiver.requests("/left")) == 1
+        old, new = router.shards
+        assert (await old.callbacks(project)).count == 0
+        assert (await new.callbacks(project)).count == 2
+        assert await old.redis.zcard(old.keys.QUEUE) == await new.redis.zcard(new.keys.QUEUE) == 0
+
+
+async def _got(receiver: Receiver, path: str) -> bool:
+    return bool(receiver.requests(path))
