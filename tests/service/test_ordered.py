@@ -48,6 +48,7 @@ from tests.helpers import (
     answer,
     app_client,
     make_settings,
+    until,
 )
 from tests.service.test_console import token_of
 from tests.service.test_receiver_controls import (
@@ -575,22 +576,37 @@ async def test_a_re_run_releases_what_its_run_before_ended_before_its_entries_ru
             async for command in monitor.listen():
                 seen.append(command["command"])
 
+    async def marked(word: str) -> None:
+        """ECHO `word` until MONITOR shows it (it may not be on yet): what Redis ran before
+        the ECHO it shows is in `seen`."""
+
+        async def shown() -> bool:
+            await redis.echo(word)
+            await asyncio.sleep(0.01)
+            return f"ECHO {word}" in seen
+
+        await until(shown, 5, f"MONITOR's ECHO {word}")
+
     watching = asyncio.create_task(watch())
     try:
-        await asyncio.sleep(0.2)  # MONITOR is on before the worker starts
+        await marked("before")
         await run_worker()
-        await asyncio.sleep(0.2)  # the last commands reach the monitor
+        await marked("after")
     finally:
         watching.cancel()
+        await asyncio.gather(watching, return_exceptions=True)
     shas: dict[type[Script], set[str]] = {
         kind: {kind._lua.sha, kind._together.sha} for kind in (Enter, Release)
     }
 
     def first(kind: type[Script], word: str) -> int:
-        return next(
-            i for i, line in enumerate(seen)
-            if line.startswith("EVALSHA") and line.split()[1] in shas[kind] and word in line
+        found = next(
+            (i for i, line in enumerate(seen)
+             if line.startswith("EVALSHA") and line.split()[1] in shas[kind] and word in line),
+            None,
         )  # fmt: skip
+        assert found is not None, f"no {kind.__name__} call with {word} in MONITOR's lines"
+        return found
 
     assert first(Release, progress["a"]) < first(Enter, "projA:e-1")
     assert numbers(receiver, "/a") == [("b", 1)]  # e-1's was sent by the run before
