@@ -19,18 +19,20 @@ are until moved.
      removed from the old (a job a worker holds is left to finish, and looked at again);
      its ordered deliveries are not moved but finish there, in order, while its lanes on
      the new shard wait (`dispatcher.shards.lanes`), and so do the events whose fan-out
-     began there (its run died: what it sent is marked there, and read by its re-run);
-     until none is left and none came for a settle;
+     began there (a run died, or a re-run goes on: what it sent is marked there, and read
+     by its re-run); until none is left and none came for a settle;
   5. copy the history written meanwhile, remove the project from the old shard, and let
      its lanes on the new one go.
 A mover that dies leaves a job under its lease, which lapses: the job runs on the old
 shard as well, under the same delivery id (at least once, never lost). Moving again
-finishes the move.
+finishes the move: from its start before the flip, from step 4 after it (the project's
+data still on another shard says where from).
 """
 
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -65,10 +67,12 @@ SAY_EVERY_S = 10.0  # how often a move waiting for jobs to finish on the old sha
 @dataclass
 class TakeJob(Script):
     """Takes a queued job nobody holds: sets the mover's lease on it and returns {data, due
-    ms, data ttl ms}; nil when a worker holds it or it is gone."""
+    ms, data ttl ms}; nil when a worker holds it or it is gone; 0 when `unless_begun` ('1':
+    an event to fan out) and its `claims` are counted: a run of it began, and it stays."""
 
     LUA = """
     if redis.call('EXISTS', lease) == 1 then return false end
+    if unless_begun == '1' and redis.call('EXISTS', claims) == 1 then return 0 end
     local data = redis.call('GET', job)
     local due = redis.call('ZSCORE', queue, job_id)
     if not data or not due then return false end
@@ -78,9 +82,11 @@ class TakeJob(Script):
     queue: Key
     lease: Key
     job: Key
+    claims: Key
     token: str
     job_id: str
     lease_ms: int
+    unless_begun: str
 
 
 @dataclass
@@ -179,10 +185,12 @@ class Mover:
             await self._copy(src, dst, project)
             await placement.write(project, Placed(target))
             await self.settle()
-            moved = await self._drain(src, dst, project)
-            self.say(f"{project}: {moved} queued job(s) moved; cleaning shard {source}")
-            await self._copy_history(src, dst, project)
-            await _forget(src, project)
+            await self._finish(src, dst, project, source)
+        else:  # a move that died after its flip left the project on its old shard too
+            for index, old in enumerate(self.router.shards):
+                if index != target and await _holds(old, project):
+                    self.say(f"{project}: finishing its move from shard {index}")
+                    await self._finish(old, self.router.shards[target], project, index)
         await let_go(self.router.shards[target], project)
         hashed = rendezvous(project, placement.active) == target
         await placement.write(project, None if hashed else Placed(target))
@@ -190,6 +198,13 @@ class Mover:
 
     async def settle(self) -> None:
         await asyncio.sleep(self.settle_s)
+
+    async def _finish(self, src: Services, dst: Services, project: str, source: int) -> None:
+        """After the flip: drain the old shard, copy the history written meanwhile, clean."""
+        moved = await self._drain(src, dst, project)
+        self.say(f"{project}: {moved} queued job(s) moved; cleaning shard {source}")
+        await self._copy_history(src, dst, project)
+        await _forget(src, project)
 
     async def _copy(self, src: Services, dst: Services, project: str) -> None:
         rows = await read_rows(src.registry, await callback_ids(src.registry, project))
@@ -230,35 +245,43 @@ class Mover:
         claims = Claims(src.redis, src.keys, self.token, LEASE_S)
         ordered = await ordered_on(src, project)
         seen = taken = staying = start = 0
-        k = src.keys
-        while ids := await src.redis.zrange(k.QUEUE, start, start + PAGE - 1):
+        while ids := await src.redis.zrange(src.keys.QUEUE, start, start + PAGE - 1):
             start += PAGE
-            async with src.redis.pipeline(transaction=False) as pipe:
-                pipe.mget([k.arq_job(i.decode()) for i in ids])
-                pipe.mget([k.ARQ_RETRY_PREFIX + i.decode() for i in ids])  # claim counts
-                datas, counts = await pipe.execute()
-            for raw_id, data, count in zip(ids, datas, counts, strict=True):
-                began = count is not None
-                where = "" if data is None else _where(data, project, ordered, began)
-                staying += where == STAY
-                if where == MOVE:
+            datas = await src.redis.mget([src.keys.arq_job(i.decode()) for i in ids])
+            for raw_id, data in zip(ids, datas, strict=True):
+                where = "" if data is None else _where(data, project, ordered)
+                if where in (MOVE, UNLESS_BEGUN):
                     seen += 1
-                    taken += await self._move_job(src, dst, claims, raw_id.decode())
+                    moved = await self._move_job(
+                        src, dst, claims, raw_id.decode(), unless_begun=where == UNLESS_BEGUN
+                    )
+                    taken += moved is True
+                    staying += moved is None
+                else:
+                    staying += where == STAY
         return seen, taken, staying
 
-    async def _move_job(self, src: Services, dst: Services, claims: Claims, job_id: str) -> int:
+    async def _move_job(
+        self, src: Services, dst: Services, claims: Claims, job_id: str, *, unless_begun: bool
+    ) -> bool | None:
+        """Move one queued job: True when moved, False when a worker holds it (looked at
+        again on the next pass), None when it stays (`unless_begun`: it began here)."""
         k = src.keys
         take = TakeJob(
             queue=k.QUEUE,
             lease=k.ARQ_IN_PROGRESS_PREFIX + job_id,
             job=k.arq_job(job_id),
+            claims=k.ARQ_RETRY_PREFIX + job_id,
             token=self.token,
             job_id=job_id,
             lease_ms=int(LEASE_S * 1000),
+            unless_begun="1" if unless_begun else "0",
         )
         got = await take.run(src.redis)
+        if got == 0:
+            return None
         if not got:
-            return 0  # a worker holds it: looked at again on the next pass
+            return False
         data, due, ttl = got
         async with src.redis.pipeline(transaction=False) as pipe:  # its mark, as long as it has
             pipe.get(k.delivery(job_id))
@@ -281,20 +304,21 @@ class Mover:
 
         await run_pipeline(dst.redis, place)
         await run_pipeline(src.redis, lambda pipe: claims.finish(pipe, job_id))
-        return 1
+        return True
 
 
-MOVE, STAY = "move", "stay"
+MOVE, STAY, UNLESS_BEGUN = "move", "stay", "move unless begun"
 
 
-def _where(data: bytes, project: str, ordered: bool, began: bool) -> str:
+def _where(data: bytes, project: str, ordered: bool) -> str:
     """What a move of `project` does with a queued job: MOVE it, let it STAY to finish on
     the old shard (a delivery in a lane of its events, a platform-wide callback's too; an
-    event to fan out when `ordered`, as its events are numbered there, or when its fan-out
-    `began` (its claims counted: a run died, and the progress marks of what that run sent
-    are there, keyed by deliveries only the re-run's match would name), or nothing
-    (another project's; a platform-wide callback's unordered delivery, which every shard
-    can run)."""
+    event to fan out when `ordered`, as its events are numbered there, or when it is a
+    re-run's next chunk), move it UNLESS_BEGUN (any other event to fan out: it stays when
+    its claims are counted, checked as it is taken), or nothing (another project's; a
+    platform-wide callback's unordered delivery, which every shard can run). An event
+    whose fan-out began stays because the progress marks of what a run of it sent are
+    here, under the ids of deliveries that only its re-run's match would name."""
     try:
         wire = decode(data)
     except BadJob:
@@ -306,7 +330,7 @@ def _where(data: bytes, project: str, ordered: bool, began: bool) -> str:
     if owner != project:
         return ""
     if wire.function == FAN_OUT:
-        return STAY if ordered or began else MOVE
+        return STAY if ordered or payload.get("rerun") is True else UNLESS_BEGUN
     return STAY if payload.get("lane") is not None else MOVE
 
 
@@ -319,6 +343,22 @@ async def _projects(services: Services) -> set[str]:
     async for index in services.redis.sscan_iter(k.HISTORY_INDEXES, count=1000):
         found.add(index.decode().removeprefix(k.HISTORY_INDEX_PREFIX).split(":", 1)[0])
     return found - {PLATFORM_PROJECT, ALL_PROJECTS}
+
+
+async def _holds(services: Services, project: str) -> bool:
+    """Whether `project` has callbacks, roles or Redis history on this shard."""
+    k = services.keys
+    if await services.redis.exists(k.project_callbacks(project), k.roles(project)):
+        return True
+    of_project = _glob_escaped(f"{k.HISTORY_INDEX_PREFIX}{project}:") + "*"
+    async for _ in services.redis.sscan_iter(k.HISTORY_INDEXES, match=of_project, count=1000):
+        return True
+    return False
+
+
+def _glob_escaped(text: str) -> str:
+    """`text` matched literally by a Redis glob pattern."""
+    return re.sub(r"([\\*?\[\]])", r"\\\1", text)
 
 
 async def _forget(services: Services, project: str) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 
 import orjson
+import pytest
 import redis as sync_redis
 
 from dispatcher.auth import Role
@@ -15,11 +16,13 @@ from dispatcher.clock import now_ms
 from dispatcher.embedded import EmbeddedRedis
 from dispatcher.errors import Unavailable
 from dispatcher.models import Region
-from dispatcher.placement import rendezvous
+from dispatcher.placement import Placed, rendezvous
 from dispatcher.producer import Producer
 from dispatcher.registry import Registration
+from dispatcher.services import Services
 from dispatcher.settings import Settings
-from dispatcher.shards.move import LEASE_S, Mover
+from dispatcher.shards.lanes import hold
+from dispatcher.shards.move import LEASE_S, Mover, _holds
 from dispatcher.shards.router import Router
 from dispatcher.worker import create_worker
 from dispatcher.worker.claims import Claims
@@ -143,20 +146,35 @@ async def test_a_moved_jobs_progress_mark_keeps_its_expiry(
         await src.redis.zadd(src.keys.QUEUE, {job_id: now_ms()})
         await src.redis.set(src.keys.delivery(job_id), "1", ex=1_000)
         claims = Claims(src.redis, src.keys, mover.token, LEASE_S)
-        assert await mover._move_job(src, dst, claims, job_id) == 1
+        assert await mover._move_job(src, dst, claims, job_id, unless_begun=True) is True
         assert await dst.redis.get(dst.keys.delivery(job_id)) == b"1"
         assert 990_000 < await dst.redis.pttl(dst.keys.delivery(job_id)) <= 1_000_000
         assert await dst.redis.zscore(dst.keys.QUEUE, job_id) is not None
 
 
-async def test_a_fan_out_its_run_before_began_finishes_on_its_old_shard(
-    shard_servers: list[EmbeddedRedis], receiver: Receiver
+class FirstPassThenDue(Mover):
+    """A mover that makes `job_id` due, wherever it is queued, once its first pass over the
+    old shard's queue has decided where it goes (so that no worker runs it before)."""
+
+    job_id = ""
+
+    async def _move_jobs(self, src: Services, dst: Services, project: str) -> tuple[int, int, int]:
+        found = await super()._move_jobs(src, dst, project)
+        for shard in (src, dst):
+            await shard.redis.zadd(shard.keys.QUEUE, {self.job_id: now_ms()}, xx=True)
+        return found
+
+
+@pytest.mark.parametrize("began", ["claimed", "a re-run's chunk"])
+async def test_an_event_whose_fan_out_began_finishes_on_its_old_shard(
+    shard_servers: list[EmbeddedRedis], receiver: Receiver, began: str
 ) -> None:
-    """A fan-out job whose run died half-way (its claim counted, one delivery's `done` mark
-    written) stays on its project's old shard through a move and runs again there, where
-    its marks are: the delivery that run sent is not sent again. Moved, it ran on the new
-    shard as a first run, without them, and sent it twice. (Its due time is a moment later
-    here, so that the move sees it before any worker.)"""
+    """An event whose fan-out began on the old shard stays there through a move and runs
+    again there, where the progress marks of what its run before sent are: that delivery is
+    not sent again. It began when a run of it was claimed (its claims counted: that run
+    died half-way), or it is a re-run's next chunk (its claims start again at each chunk,
+    and that run may have drawn other chunk bounds: review). Moved, it ran on the new shard
+    without those marks and sent that delivery twice."""
     for server in shard_servers:
         sync_redis.Redis.from_url(server.url).flushall()
     urls = [server.url for server in shard_servers]
@@ -176,12 +194,18 @@ async def test_a_fan_out_its_run_before_began_finishes_on_its_old_shard(
         wire = orjson.loads(await src.redis.get(src.keys.arq_job(job_id)) or b"")
         progress = f"{job_id}.{ids['sent']}@{wire['a'][0]['emittedAt']}"
         await src.redis.set(src.keys.delivery(progress), "done", ex=86_400)
-        await src.redis.set(src.keys.ARQ_RETRY_PREFIX + job_id, 1)
-        await src.redis.zadd(src.keys.QUEUE, {job_id: now_ms() + 1_500})
+        if began == "claimed":
+            await src.redis.set(src.keys.ARQ_RETRY_PREFIX + job_id, 1)
+        else:
+            wire["a"][0]["rerun"] = True
+            await src.redis.set(src.keys.arq_job(job_id), orjson.dumps(wire), keepttl=True)
+        await src.redis.zadd(src.keys.QUEUE, {job_id: now_ms() + 3_600_000})
+        mover = FirstPassThenDue(router, lambda _: None, settle_s=0.3)
+        mover.job_id = job_id
         worker = create_worker(settings, poll_delay=0.01, handle_signals=False)
         delivering = asyncio.create_task(worker.main())
         try:
-            await Mover(router, lambda _: None, settle_s=0.3).move(project, 1)
+            await mover.move(project, 1)
             await until(lambda: _got(receiver, "/left"), 10, "the delivery left to send")
         finally:
             worker.stop()
@@ -197,3 +221,68 @@ async def test_a_fan_out_its_run_before_began_finishes_on_its_old_shard(
 
 async def _got(receiver: Receiver, path: str) -> bool:
     return bool(receiver.requests(path))
+
+
+async def test_a_move_run_again_after_its_mover_died_past_the_flip_finishes_it(
+    shard_servers: list[EmbeddedRedis], receiver: Receiver
+) -> None:
+    """The mover died after it flipped the project's placement: its event still queued on
+    the old shard is delivered there, its record written there. Moving again (the project
+    is on its target already) finds the project on the old shard and finishes the move:
+    that record is copied to the new shard and the old one is cleaned. Before, the move
+    run again only lifted its hold, and the record stayed where no query reads (review)."""
+    for server in shard_servers:
+        sync_redis.Redis.from_url(server.url).flushall()
+    urls = [server.url for server in shard_servers]
+    settings = make_settings(urls[0], redis_shards=urls, placement_refresh=0.05)
+    project = next(p for p in PROJECTS if rendezvous(p, 2) == 0)
+    url = receiver.url("/hook")
+    async with Router.open(settings) as router:
+        old, new = router.shards
+        await old.register(Registration(project, url, Region.DEVNET, "t"), "BUILD_END")
+        async with Producer(settings) as producer:
+            (event_id,) = await producer.emit_many([(project, "BUILD_END", {"n": 1})])
+        dead = Mover(router, lambda _: None, settle_s=0.3)  # its steps up to the flip
+        await router.placement.write(project, Placed(0, 1))
+        await dead.settle()
+        await hold(new, project)
+        await dead._copy(old, new, project)
+        await router.placement.write(project, Placed(1))
+        await dead.settle()
+        worker = create_worker(settings, burst=True, poll_delay=0.01, handle_signals=False)
+        try:
+            await asyncio.wait_for(worker.main(), 20)
+        finally:
+            await worker.close()
+        assert len(receiver.requests("/hook")) == 1  # delivered on the old shard
+        said: list[str] = []
+        await Mover(router, said.append, settle_s=0.3).move(project, 1)
+        now = now_ms()
+        page = await new.history.query(
+            project, url, "BUILD_END", start_ms=now - 600_000, end_ms=now + 60_000
+        )
+        assert [r.event_id for r in page.records] == [event_id]
+        assert (await old.callbacks(project)).count == 0
+        assert (await new.callbacks(project)).count == 1
+        assert not await _holds(old, project)
+        assert f"{project}: finishing its move from shard 0" in said
+
+
+async def test_a_project_id_is_looked_for_literally_on_a_shard(
+    shard_servers: list[EmbeddedRedis],
+) -> None:
+    """Whether a shard holds a project's data: a project id with glob characters matches
+    itself only (its history indexes are found by a SSCAN pattern)."""
+    (shard,) = shard_servers[:1]
+    sync_redis.Redis.from_url(shard.url).flushall()
+    async with Router.open(make_settings(shard.url)) as router:
+        (services,) = router.shards
+        k = services.keys
+        index = k.history_index("p-x", "BUILD_END", "u")
+        await services.redis.sadd(k.HISTORY_INDEXES, index)  # type: ignore[misc]  # sync|async
+        assert await _holds(services, "p-x")
+        for hostile in ("p-*", "p-?", "p-[x]", "*"):
+            assert not await _holds(services, hostile), hostile
+        index = k.history_index("p-*", "BUILD_END", "u")
+        await services.redis.sadd(k.HISTORY_INDEXES, index)  # type: ignore[misc]  # sync|async
+        assert await _holds(services, "p-*")
