@@ -29,7 +29,7 @@ from dispatcher.models import PLATFORM_PROJECT
 if TYPE_CHECKING:
     from dispatcher.services import Services
 
-__all__ = ["hold", "lanes_left", "let_go", "ordered_on"]
+__all__ = ["held", "hold", "lanes_left", "let_go", "ordered_on"]
 
 
 @dataclass
@@ -52,6 +52,11 @@ class LetGo(Script):
 async def hold(services: Services, project_id: str) -> None:
     """The project's lanes on this shard wait (it is moving here)."""
     await services.redis.set(services.keys.lanes_hold(project_id), "1")
+
+
+async def held(services: Services, project_id: str) -> bool:
+    """Whether the project's lanes on this shard wait (a move to it has not ended)."""
+    return bool(await services.redis.exists(services.keys.lanes_hold(project_id)))
 
 
 async def let_go(services: Services, project_id: str) -> int:

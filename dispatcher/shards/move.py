@@ -32,10 +32,11 @@ data still on another shard says where from).
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import re
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from dispatcher.auth import ALL_PROJECTS
 from dispatcher.errors import InvalidInput, NotFound
@@ -45,7 +46,7 @@ from dispatcher.lua import Key, Script, run_pipeline
 from dispatcher.models import PLATFORM_PROJECT
 from dispatcher.placement import Placed, rendezvous
 from dispatcher.registry.copies import callback_ids, put_rows, read_rows
-from dispatcher.shards.lanes import hold, lanes_left, let_go, ordered_on
+from dispatcher.shards.lanes import held, hold, lanes_left, let_go, ordered_on
 from dispatcher.worker.claims import Claims
 
 if TYPE_CHECKING:
@@ -66,16 +67,18 @@ SAY_EVERY_S = 10.0  # how often a move waiting for jobs to finish on the old sha
 
 @dataclass
 class TakeJob(Script):
-    """Takes a queued job nobody holds: sets the mover's lease on it and returns {data, due
-    ms, data ttl ms}; nil when a worker holds it or it is gone; 0 when `unless_begun` ('1':
-    an event to fan out) and its `claims` are counted: a run of it began, and it stays."""
+    """Takes a queued job nobody holds, as the mover read it (`read`: the SHA-1 of its
+    bytes then): sets the mover's lease on it and returns {data, due ms, data ttl ms}; nil
+    when a worker holds it, it is gone or it changed (a worker ran it meanwhile: looked at
+    again); 'stays' when `unless_begun` ('1': an event to fan out) and its `claims` are
+    counted: a run of it began here."""
 
     LUA = """
     if redis.call('EXISTS', lease) == 1 then return false end
-    if unless_begun == '1' and redis.call('EXISTS', claims) == 1 then return 0 end
     local data = redis.call('GET', job)
     local due = redis.call('ZSCORE', queue, job_id)
-    if not data or not due then return false end
+    if not data or not due or redis.sha1hex(data) ~= read then return false end
+    if unless_begun == '1' and redis.call('EXISTS', claims) == 1 then return 'stays' end
     redis.call('SET', lease, token, 'PX', lease_ms)
     return {data, due, redis.call('PTTL', job)}
     """
@@ -86,6 +89,7 @@ class TakeJob(Script):
     token: str
     job_id: str
     lease_ms: int
+    read: str
     unless_begun: str
 
 
@@ -158,13 +162,13 @@ class Mover:
         return copied
 
     async def rebalance(self) -> int:
-        """Move every project whose explicit placement is not where the hash puts it."""
+        """Move every project placed explicitly to where the hash puts it. One placed there
+        already is a move that died after its flip (a move that ends there drops its
+        explicit placement): `move` finishes it."""
         placement, moved = self.router.placement, 0
-        for project, placed in sorted(placement.explicit.items()):
-            target = rendezvous(project, placement.active)
-            if placed.moving_to is not None or placed.index != target:
-                await self.move(project, target)
-                moved += 1
+        for project in sorted(placement.explicit):
+            await self.move(project, rendezvous(project, placement.active))
+            moved += 1
         return moved
 
     async def move(self, project: str, target: int) -> None:
@@ -186,7 +190,9 @@ class Mover:
             await placement.write(project, Placed(target))
             await self.settle()
             await self._finish(src, dst, project, source)
-        else:  # a move that died after its flip left the project on its old shard too
+        elif await held(self.router.shards[target], project):
+            # a move that died after its flip (the hold is its mark): the project's data
+            # is still on its old shard
             for index, old in enumerate(self.router.shards):
                 if index != target and await _holds(old, project):
                     self.say(f"{project}: finishing its move from shard {index}")
@@ -250,39 +256,36 @@ class Mover:
             datas = await src.redis.mget([src.keys.arq_job(i.decode()) for i in ids])
             for raw_id, data in zip(ids, datas, strict=True):
                 where = "" if data is None else _where(data, project, ordered)
+                moved = None
                 if where in (MOVE, UNLESS_BEGUN):
-                    seen += 1
                     moved = await self._move_job(
-                        src, dst, claims, raw_id.decode(), unless_begun=where == UNLESS_BEGUN
+                        src, dst, claims, raw_id.decode(), data, unless_begun=where == UNLESS_BEGUN
                     )
+                    seen += moved is not None
                     taken += moved is True
-                    staying += moved is None
-                else:
-                    staying += where == STAY
+                staying += where == STAY or (where == UNLESS_BEGUN and moved is None)
         return seen, taken, staying
 
     async def _move_job(
-        self, src: Services, dst: Services, claims: Claims, job_id: str, *, unless_begun: bool
+        self,
+        src: Services,
+        dst: Services,
+        claims: Claims,
+        job_id: str,
+        read: bytes,
+        *,
+        unless_begun: bool,
     ) -> bool | None:
-        """Move one queued job: True when moved, False when a worker holds it (looked at
-        again on the next pass), None when it stays (`unless_begun`: it began here)."""
-        k = src.keys
-        take = TakeJob(
-            queue=k.QUEUE,
-            lease=k.ARQ_IN_PROGRESS_PREFIX + job_id,
-            job=k.arq_job(job_id),
-            claims=k.ARQ_RETRY_PREFIX + job_id,
-            token=self.token,
-            job_id=job_id,
-            lease_ms=int(LEASE_S * 1000),
-            unless_begun="1" if unless_begun else "0",
-        )
-        got = await take.run(src.redis)
-        if got == 0:
+        """Move one queued job as it was `read`: True when moved, False when a worker holds
+        it or it changed since (looked at again on the next pass), None when it stays
+        (`unless_begun`: it began here)."""
+        got = await self._take(src, job_id, read, unless_begun)
+        if got == b"stays":
             return None
         if not got:
             return False
         data, due, ttl = got
+        k = src.keys
         async with src.redis.pipeline(transaction=False) as pipe:  # its mark, as long as it has
             pipe.get(k.delivery(job_id))
             pipe.pttl(k.delivery(job_id))
@@ -305,6 +308,21 @@ class Mover:
         await run_pipeline(dst.redis, place)
         await run_pipeline(src.redis, lambda pipe: claims.finish(pipe, job_id))
         return True
+
+    async def _take(self, src: Services, job_id: str, read: bytes, unless_begun: bool) -> Any:
+        """`TakeJob`'s answer for `job_id` on `src`, as it was `read`."""
+        k = src.keys
+        return await TakeJob(
+            queue=k.QUEUE,
+            lease=k.ARQ_IN_PROGRESS_PREFIX + job_id,
+            job=k.arq_job(job_id),
+            claims=k.ARQ_RETRY_PREFIX + job_id,
+            token=self.token,
+            job_id=job_id,
+            lease_ms=int(LEASE_S * 1000),
+            read=hashlib.sha1(read).hexdigest(),
+            unless_begun="1" if unless_begun else "0",
+        ).run(src.redis)
 
 
 MOVE, STAY, UNLESS_BEGUN = "move", "stay", "move unless begun"

@@ -21,7 +21,7 @@ from dispatcher.producer import Producer
 from dispatcher.registry import Registration
 from dispatcher.services import Services
 from dispatcher.settings import Settings
-from dispatcher.shards.lanes import hold
+from dispatcher.shards.lanes import held, hold
 from dispatcher.shards.move import LEASE_S, Mover, _holds
 from dispatcher.shards.router import Router
 from dispatcher.worker import create_worker
@@ -135,10 +135,7 @@ async def test_a_moved_jobs_progress_mark_keeps_its_expiry(
     """A queued retry moved to another shard takes its progress mark with the time it has
     left: a re-run reads when a mark was written from its TTL (`worker.marks`), and a
     mark given a fresh day looked written at the move (third review)."""
-    for server in shard_servers:
-        sync_redis.Redis.from_url(server.url).flushall()
-    urls = [server.url for server in shard_servers]
-    async with Router.open(make_settings(urls[0], redis_shards=urls)) as router:
+    async with Router.open(two_empty_shards(shard_servers)) as router:
         src, dst = router.shards
         mover = Mover(router, lambda _: None)
         job_id = "mv:e.1@5"
@@ -146,7 +143,7 @@ async def test_a_moved_jobs_progress_mark_keeps_its_expiry(
         await src.redis.zadd(src.keys.QUEUE, {job_id: now_ms()})
         await src.redis.set(src.keys.delivery(job_id), "1", ex=1_000)
         claims = Claims(src.redis, src.keys, mover.token, LEASE_S)
-        assert await mover._move_job(src, dst, claims, job_id, unless_begun=True) is True
+        assert await mover._move_job(src, dst, claims, job_id, b"{}", unless_begun=False)
         assert await dst.redis.get(dst.keys.delivery(job_id)) == b"1"
         assert 990_000 < await dst.redis.pttl(dst.keys.delivery(job_id)) <= 1_000_000
         assert await dst.redis.zscore(dst.keys.QUEUE, job_id) is not None
@@ -161,7 +158,7 @@ class FirstPassThenDue(Mover):
     async def _move_jobs(self, src: Services, dst: Services, project: str) -> tuple[int, int, int]:
         found = await super()._move_jobs(src, dst, project)
         for shard in (src, dst):
-            await shard.redis.zadd(shard.keys.QUEUE, {self.job_id: now_ms()}, xx=True)
+            await shard.redis.zadd(shard.keys.QUEUE, {self.job_id: now_ms()}, xx=True, lt=True)
         return found
 
 
@@ -175,10 +172,7 @@ async def test_an_event_whose_fan_out_began_finishes_on_its_old_shard(
     died half-way), or it is a re-run's next chunk (its claims start again at each chunk,
     and that run may have drawn other chunk bounds: review). Moved, it ran on the new shard
     without those marks and sent that delivery twice."""
-    for server in shard_servers:
-        sync_redis.Redis.from_url(server.url).flushall()
-    urls = [server.url for server in shard_servers]
-    settings = make_settings(urls[0], redis_shards=urls, placement_refresh=0.05)
+    settings = two_empty_shards(shard_servers)
     project = next(p for p in PROJECTS if rendezvous(p, 2) == 0)
     async with Router.open(settings) as router:
         src = router.of(project)
@@ -226,46 +220,116 @@ async def _got(receiver: Receiver, path: str) -> bool:
 async def test_a_move_run_again_after_its_mover_died_past_the_flip_finishes_it(
     shard_servers: list[EmbeddedRedis], receiver: Receiver
 ) -> None:
-    """The mover died after it flipped the project's placement: its event still queued on
-    the old shard is delivered there, its record written there. Moving again (the project
-    is on its target already) finds the project on the old shard and finishes the move:
-    that record is copied to the new shard and the old one is cleaned. Before, the move
-    run again only lifted its hold, and the record stayed where no query reads (review)."""
-    for server in shard_servers:
-        sync_redis.Redis.from_url(server.url).flushall()
-    urls = [server.url for server in shard_servers]
-    settings = make_settings(urls[0], redis_shards=urls, placement_refresh=0.05)
-    project = next(p for p in PROJECTS if rendezvous(p, 2) == 0)
+    """The mover died after it flipped the project's placement (its hold on the new shard
+    left): an event it had not drained is delivered on the old shard, its record written
+    there, and another one was queued there just before the flip. `rebalance` (the project
+    is where the hash puts it, placed explicitly: a move that died) finishes the move: the
+    queued event is moved, the record copied, the old shard cleaned, the hold lifted.
+    Before, it moved nothing, and the move run again only lifted the hold (review)."""
+    settings = two_empty_shards(shard_servers)
+    project = next(p for p in PROJECTS if rendezvous(p, 2) == 1)
     url = receiver.url("/hook")
     async with Router.open(settings) as router:
         old, new = router.shards
         await old.register(Registration(project, url, Region.DEVNET, "t"), "BUILD_END")
         async with Producer(settings) as producer:
-            (event_id,) = await producer.emit_many([(project, "BUILD_END", {"n": 1})])
+            (first,) = await producer.emit_many([(project, "BUILD_END", {"n": 1})])
         dead = Mover(router, lambda _: None, settle_s=0.3)  # its steps up to the flip
+        assert await dead.grow() == [project]  # pinned to shard 0, the hash says 1
         await router.placement.write(project, Placed(0, 1))
         await dead.settle()
         await hold(new, project)
         await dead._copy(old, new, project)
         await router.placement.write(project, Placed(1))
         await dead.settle()
-        worker = create_worker(settings, burst=True, poll_delay=0.01, handle_signals=False)
-        try:
-            await asyncio.wait_for(worker.main(), 20)
-        finally:
-            await worker.close()
+        await run_burst(settings)
         assert len(receiver.requests("/hook")) == 1  # delivered on the old shard
+        async with Producer(settings) as producer:
+            (second,) = await producer.emit_many([(project, "BUILD_END", {"n": 2})])
+        await queued_on(old, new, f"{project}:{second}")  # by a producer yet to see the flip
         said: list[str] = []
-        await Mover(router, said.append, settle_s=0.3).move(project, 1)
+        assert await Mover(router, said.append, settle_s=0.3).rebalance() == 1
+        assert await new.redis.zcard(new.keys.QUEUE) == 1  # the second event, moved
+        await run_burst(settings)
         now = now_ms()
         page = await new.history.query(
             project, url, "BUILD_END", start_ms=now - 600_000, end_ms=now + 60_000
         )
-        assert [r.event_id for r in page.records] == [event_id]
+        assert sorted(str(r.event_id) for r in page.records) == sorted([first, second])
         assert (await old.callbacks(project)).count == 0
         assert (await new.callbacks(project)).count == 1
         assert not await _holds(old, project)
+        assert not await held(new, project)
+        assert router.placement.explicit == {}
         assert f"{project}: finishing its move from shard 0" in said
+
+
+async def test_a_move_to_where_a_project_is_leaves_its_data_elsewhere_alone(
+    shard_servers: list[EmbeddedRedis], receiver: Receiver
+) -> None:
+    """A project placed on a shard, its callbacks on another with no move under way (no
+    hold: say, registered by a process that did not see the placement yet): moving it
+    where it is destroys nothing (finishing a move drains and forgets the old shard's)."""
+    settings = two_empty_shards(shard_servers)
+    project = next(p for p in PROJECTS if rendezvous(p, 2) == 0)
+    async with Router.open(settings) as router:
+        old, _ = router.shards
+        url = receiver.url("/hook")
+        await old.register(Registration(project, url, Region.DEVNET, "t"), "BUILD_END")
+        await router.placement.write(project, Placed(1))
+        said: list[str] = []
+        await Mover(router, said.append, settle_s=0.3).move(project, 1)
+        assert (await old.callbacks(project)).count == 1
+        assert said == [f"{project}: on shard 1"]
+
+
+async def test_a_job_is_moved_only_as_it_was_read_and_an_event_that_began_stays(
+    shard_servers: list[EmbeddedRedis],
+) -> None:
+    """The mover takes a job in one script with what it checks: a job whose bytes changed
+    since its pass read them (a worker ran it meanwhile: a re-run's next chunk, say) is
+    looked at again, and an event to fan out whose claims are counted (a worker claimed it
+    meanwhile) stays (review: both were read before the take)."""
+    async with Router.open(two_empty_shards(shard_servers)) as router:
+        src, dst = router.shards
+        mover = Mover(router, lambda _: None)
+        claims = Claims(src.redis, src.keys, mover.token, LEASE_S)
+        job_id = "mv:e"
+        await src.redis.set(src.keys.arq_job(job_id), b"now", px=60_000)
+        await src.redis.zadd(src.keys.QUEUE, {job_id: now_ms()})
+        assert await mover._move_job(src, dst, claims, job_id, b"then", unless_begun=False) is False
+        await src.redis.set(src.keys.ARQ_RETRY_PREFIX + job_id, 1)
+        assert await mover._move_job(src, dst, claims, job_id, b"now", unless_begun=True) is None
+        assert not await src.redis.exists(src.keys.ARQ_IN_PROGRESS_PREFIX + job_id)
+        assert await mover._move_job(src, dst, claims, job_id, b"now", unless_begun=False) is True
+        assert await dst.redis.get(dst.keys.arq_job(job_id)) == b"now"
+
+
+def two_empty_shards(shard_servers: list[EmbeddedRedis]) -> Settings:
+    """Settings for the two shards, emptied."""
+    for server in shard_servers:
+        sync_redis.Redis.from_url(server.url).flushall()
+    urls = [server.url for server in shard_servers]
+    return make_settings(urls[0], redis_shards=urls, placement_refresh=0.05)
+
+
+async def queued_on(old: Services, new: Services, job_id: str) -> None:
+    """The job `job_id` queued on `new` goes to `old`'s queue instead."""
+    data = await new.redis.get(new.keys.arq_job(job_id))
+    assert data is not None
+    await new.redis.delete(new.keys.arq_job(job_id))
+    await new.redis.zrem(new.keys.QUEUE, job_id)
+    await old.redis.set(old.keys.arq_job(job_id), data, ex=86_400)
+    await old.redis.zadd(old.keys.QUEUE, {job_id: now_ms()})
+
+
+async def run_burst(settings: Settings) -> None:
+    """A burst worker over every shard, until their queues are empty."""
+    worker = create_worker(settings, burst=True, poll_delay=0.01, handle_signals=False)
+    try:
+        await asyncio.wait_for(worker.main(), 20)
+    finally:
+        await worker.close()
 
 
 async def test_a_project_id_is_looked_for_literally_on_a_shard(
