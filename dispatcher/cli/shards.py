@@ -72,7 +72,8 @@ def shards_grow(
 
 @shards_app.command("rebalance")
 def shards_rebalance() -> None:
-    """Move every project whose explicit placement is not where the hash puts it."""
+    """Move every project placed explicitly (pinned by `grow`, or by `move`) to where the
+    hash puts it, finishing first any move of it that died."""
     console.print(f"moved {on_router(lambda router: Mover(router, _say).rebalance())} project(s)")
 
 

@@ -29,7 +29,9 @@ from dispatcher.models import PLATFORM_PROJECT
 if TYPE_CHECKING:
     from dispatcher.services import Services
 
-__all__ = ["held", "hold", "lanes_left", "let_go", "ordered_on"]
+__all__ = ["hold", "hold_source", "lanes_left", "let_go", "ordered_on"]
+
+HELD_FROM = "from:"  # a hold's value: the shard the project comes from
 
 
 @dataclass
@@ -49,14 +51,19 @@ class LetGo(Script):
     now_ms: int
 
 
-async def hold(services: Services, project_id: str) -> None:
-    """The project's lanes on this shard wait (it is moving here)."""
-    await services.redis.set(services.keys.lanes_hold(project_id), "1")
+async def hold(services: Services, project_id: str, source: int) -> None:
+    """The project's lanes on this shard wait (it is moving here from shard `source`)."""
+    await services.redis.set(services.keys.lanes_hold(project_id), f"{HELD_FROM}{source}")
 
 
-async def held(services: Services, project_id: str) -> bool:
-    """Whether the project's lanes on this shard wait (a move to it has not ended)."""
-    return bool(await services.redis.exists(services.keys.lanes_hold(project_id)))
+async def hold_source(services: Services, project_id: str) -> int | None:
+    """The shard the project is moving here from while its lanes here wait (-1: a hold of
+    the version before, which did not say), or None."""
+    value = await services.redis.get(services.keys.lanes_hold(project_id))
+    if value is None:
+        return None
+    text = value.decode()
+    return int(text.removeprefix(HELD_FROM)) if text.startswith(HELD_FROM) else -1
 
 
 async def let_go(services: Services, project_id: str) -> int:

@@ -25,28 +25,28 @@ are until moved.
      its lanes on the new one go.
 A mover that dies leaves a job under its lease, which lapses: the job runs on the old
 shard as well, under the same delivery id (at least once, never lost). Moving again
-finishes the move: from its start before the flip, from step 4 after it (the project's
-data still on another shard says where from).
+finishes the move: from its start before the flip, from step 4 after it (the hold on the
+new shard names the old one). A move elsewhere undoes one that died before its flip.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
-import re
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from dispatcher.auth import ALL_PROJECTS
-from dispatcher.errors import InvalidInput, NotFound
+from dispatcher.errors import InvalidInput
 from dispatcher.history.redis import RedisHistory
 from dispatcher.jobs import FAN_OUT, BadJob, decode
 from dispatcher.lua import Key, Script, run_pipeline
 from dispatcher.models import PLATFORM_PROJECT
 from dispatcher.placement import Placed, rendezvous
 from dispatcher.registry.copies import callback_ids, put_rows, read_rows
-from dispatcher.shards.lanes import held, hold, lanes_left, let_go, ordered_on
+from dispatcher.shards.holdings import forget, holds, projects_on
+from dispatcher.shards.lanes import hold, hold_source, lanes_left, let_go, ordered_on
 from dispatcher.worker.claims import Claims
 
 if TYPE_CHECKING:
@@ -148,7 +148,7 @@ class Mover:
         """The projects with callbacks, roles or history on the first `count` shards."""
         found: dict[str, int] = {}
         for services in self.router.shards[:count]:
-            for project in await _projects(services):
+            for project in await projects_on(services):
                 found.setdefault(project, services.shard.index)
         return found
 
@@ -162,17 +162,17 @@ class Mover:
         return copied
 
     async def rebalance(self) -> int:
-        """Move every project placed explicitly to where the hash puts it. One placed there
-        already is a move that died after its flip (a move that ends there drops its
-        explicit placement): `move` finishes it."""
+        """Move every project placed explicitly to where the hash puts it (one placed there
+        already is a move that died after its flip: a move that ends there drops its
+        explicit placement); returns how many moved, or had a move finished."""
         placement, moved = self.router.placement, 0
         for project in sorted(placement.explicit):
-            await self.move(project, rendezvous(project, placement.active))
-            moved += 1
+            moved += await self.move(project, rendezvous(project, placement.active))
         return moved
 
-    async def move(self, project: str, target: int) -> None:
-        """Move one project to shard `target` (see the module's doc)."""
+    async def move(self, project: str, target: int) -> bool:
+        """Move one project to shard `target` (see the module's doc), first finishing or
+        undoing a move of it that died; returns whether any of its data moved."""
         if project in (PLATFORM_PROJECT, ALL_PROJECTS) or ":" in project:
             raise InvalidInput(f"{project!r} is not a project that lives on one shard")
         if not 0 <= target < len(self.router.shards):
@@ -180,27 +180,51 @@ class Mover:
         placement = self.router.placement
         placed = placement.explicit.get(project)
         source = placed.index if placed is not None else placement.shard_of(project)
+        moved = False
+        if placed is not None and placed.moving_to not in (None, target):
+            await self._abandon(project, placed.moving_to)
+        elif placed is None or placed.moving_to is None:
+            moved = await self._finish_dead(project, source)
         if source != target:
             src, dst = self.router.shards[source], self.router.shards[target]
             self.say(f"{project}: shard {source} -> {target}: freezing its callbacks")
             await placement.write(project, Placed(source, target))
             await self.settle()
-            await hold(dst, project)
+            await hold(dst, project, source)
             await self._copy(src, dst, project)
             await placement.write(project, Placed(target))
             await self.settle()
             await self._finish(src, dst, project, source)
-        elif await held(self.router.shards[target], project):
-            # a move that died after its flip (the hold is its mark): the project's data
-            # is still on its old shard
-            for index, old in enumerate(self.router.shards):
-                if index != target and await _holds(old, project):
-                    self.say(f"{project}: finishing its move from shard {index}")
-                    await self._finish(old, self.router.shards[target], project, index)
+            moved = True
         await let_go(self.router.shards[target], project)
         hashed = rendezvous(project, placement.active) == target
         await placement.write(project, None if hashed else Placed(target))
         self.say(f"{project}: on shard {target}")
+        return moved
+
+    async def _finish_dead(self, project: str, current: int) -> bool:
+        """Finish a move to `current` that died after its flip (its hold, still on, names
+        the shard it came from: the project's data is still there too); returns whether
+        there was one."""
+        dst = self.router.shards[current]
+        came_from = await hold_source(dst, project)
+        if came_from is None:
+            return False
+        olds = [came_from] if came_from >= 0 else range(len(self.router.shards))
+        for index in olds:
+            old = self.router.shards[index]
+            if index != current and await holds(old, project):
+                self.say(f"{project}: finishing its move from shard {index}")
+                await self._finish(old, dst, project, index)
+        await let_go(dst, project)
+        return True
+
+    async def _abandon(self, project: str, index: int) -> None:
+        """Undo a move to shard `index` that died before its flip: its copies there go, and
+        its hold (the project's data and events stayed where they were)."""
+        self.say(f"{project}: undoing its move to shard {index}")
+        await forget(self.router.shards[index], project)
+        await let_go(self.router.shards[index], project)
 
     async def settle(self) -> None:
         await asyncio.sleep(self.settle_s)
@@ -210,7 +234,7 @@ class Mover:
         moved = await self._drain(src, dst, project)
         self.say(f"{project}: {moved} queued job(s) moved; cleaning shard {source}")
         await self._copy_history(src, dst, project)
-        await _forget(src, project)
+        await forget(src, project)
 
     async def _copy(self, src: Services, dst: Services, project: str) -> None:
         rows = await read_rows(src.registry, await callback_ids(src.registry, project))
@@ -350,44 +374,3 @@ def _where(data: bytes, project: str, ordered: bool) -> str:
     if wire.function == FAN_OUT:
         return STAY if ordered or payload.get("rerun") is True else UNLESS_BEGUN
     return STAY if payload.get("lane") is not None else MOVE
-
-
-async def _projects(services: Services) -> set[str]:
-    """The projects with callbacks, roles or Redis history on one shard."""
-    k, found = services.keys, set()
-    for prefix in (k.PROJECT_CALLBACKS_PREFIX, k.ROLES_PREFIX):
-        async for key in services.redis.scan_iter(match=f"{prefix}*", count=1000):
-            found.add(key.decode().removeprefix(prefix))
-    async for index in services.redis.sscan_iter(k.HISTORY_INDEXES, count=1000):
-        found.add(index.decode().removeprefix(k.HISTORY_INDEX_PREFIX).split(":", 1)[0])
-    return found - {PLATFORM_PROJECT, ALL_PROJECTS}
-
-
-async def _holds(services: Services, project: str) -> bool:
-    """Whether `project` has callbacks, roles or Redis history on this shard."""
-    k = services.keys
-    if await services.redis.exists(k.project_callbacks(project), k.roles(project)):
-        return True
-    of_project = _glob_escaped(f"{k.HISTORY_INDEX_PREFIX}{project}:") + "*"
-    async for _ in services.redis.sscan_iter(k.HISTORY_INDEXES, match=of_project, count=1000):
-        return True
-    return False
-
-
-def _glob_escaped(text: str) -> str:
-    """`text` matched literally by a Redis glob pattern."""
-    return re.sub(r"([\\*?\[\]])", r"\\\1", text)
-
-
-async def _forget(services: Services, project: str) -> None:
-    """Remove a moved project's callbacks, roles and Redis history from its old shard."""
-    for callback_id in await callback_ids(services.registry, project):
-        try:
-            await services.registry.delete(project, callback_id)
-        except NotFound:
-            continue
-    await services.redis.delete(services.keys.roles(project))
-    if isinstance(services.history, RedisHistory):
-        from dispatcher.history.moving import forget_project
-
-        await forget_project(services.history, project)

@@ -21,8 +21,9 @@ from dispatcher.producer import Producer
 from dispatcher.registry import Registration
 from dispatcher.services import Services
 from dispatcher.settings import Settings
-from dispatcher.shards.lanes import held, hold
-from dispatcher.shards.move import LEASE_S, Mover, _holds
+from dispatcher.shards.holdings import holds
+from dispatcher.shards.lanes import hold, hold_source
+from dispatcher.shards.move import LEASE_S, Mover
 from dispatcher.shards.router import Router
 from dispatcher.worker import create_worker
 from dispatcher.worker.claims import Claims
@@ -217,31 +218,32 @@ async def _got(receiver: Receiver, path: str) -> bool:
     return bool(receiver.requests(path))
 
 
-async def test_a_move_run_again_after_its_mover_died_past_the_flip_finishes_it(
-    shard_servers: list[EmbeddedRedis], receiver: Receiver
+@pytest.mark.parametrize(
+    ("hashed", "legacy"),
+    [(True, False), (True, True), (False, False)],
+    ids=["to its hash's shard", "a hold of the version before", "elsewhere"],
+)
+async def test_a_move_that_died_after_its_flip_is_finished_by_the_next(
+    shard_servers: list[EmbeddedRedis], receiver: Receiver, hashed: bool, legacy: bool
 ) -> None:
-    """The mover died after it flipped the project's placement (its hold on the new shard
-    left): an event it had not drained is delivered on the old shard, its record written
-    there, and another one was queued there just before the flip. `rebalance` (the project
-    is where the hash puts it, placed explicitly: a move that died) finishes the move: the
-    queued event is moved, the record copied, the old shard cleaned, the hold lifted.
-    Before, it moved nothing, and the move run again only lifted the hold (review)."""
+    """A mover died after it flipped the project's placement, shard 0 -> 1 (its hold on
+    shard 1 left, naming shard 0; `legacy`: the version before's, which names none): an
+    event it had not drained is delivered on shard 0, its record written there, and another
+    one was queued there just before the flip. `rebalance` finishes that move (drains and
+    cleans shard 0, copies its history, lifts the hold), then, when the hash puts the
+    project on shard 0 (not `hashed`), moves it there: every record where the project is,
+    nothing left elsewhere. Before, a move run again did not look at shard 0 (review)."""
     settings = two_empty_shards(shard_servers)
-    project = next(p for p in PROJECTS if rendezvous(p, 2) == 1)
+    project = next(p for p in PROJECTS if rendezvous(p, 2) == (1 if hashed else 0))
     url = receiver.url("/hook")
     async with Router.open(settings) as router:
         old, new = router.shards
         await old.register(Registration(project, url, Region.DEVNET, "t"), "BUILD_END")
         async with Producer(settings) as producer:
             (first,) = await producer.emit_many([(project, "BUILD_END", {"n": 1})])
-        dead = Mover(router, lambda _: None, settle_s=0.3)  # its steps up to the flip
-        assert await dead.grow() == [project]  # pinned to shard 0, the hash says 1
-        await router.placement.write(project, Placed(0, 1))
-        await dead.settle()
-        await hold(new, project)
-        await dead._copy(old, new, project)
-        await router.placement.write(project, Placed(1))
-        await dead.settle()
+        dead = Mover(router, lambda _: None, settle_s=0.3)
+        assert await dead.grow() == ([project] if hashed else [])  # pinned where its data is
+        await dead_before(dead, project, flipped=True, legacy=legacy)
         await run_burst(settings)
         assert len(receiver.requests("/hook")) == 1  # delivered on the old shard
         async with Producer(settings) as producer:
@@ -249,19 +251,58 @@ async def test_a_move_run_again_after_its_mover_died_past_the_flip_finishes_it(
         await queued_on(old, new, f"{project}:{second}")  # by a producer yet to see the flip
         said: list[str] = []
         assert await Mover(router, said.append, settle_s=0.3).rebalance() == 1
-        assert await new.redis.zcard(new.keys.QUEUE) == 1  # the second event, moved
         await run_burst(settings)
+        home, away = (new, old) if hashed else (old, new)
         now = now_ms()
-        page = await new.history.query(
+        page = await home.history.query(
             project, url, "BUILD_END", start_ms=now - 600_000, end_ms=now + 60_000
         )
         assert sorted(str(r.event_id) for r in page.records) == sorted([first, second])
-        assert (await old.callbacks(project)).count == 0
-        assert (await new.callbacks(project)).count == 1
-        assert not await _holds(old, project)
-        assert not await held(new, project)
+        assert len(receiver.requests("/hook")) == 2
+        assert (await home.callbacks(project)).count == 1
+        assert not await holds(away, project)
+        assert await hold_source(old, project) is None and await hold_source(new, project) is None
         assert router.placement.explicit == {}
         assert f"{project}: finishing its move from shard 0" in said
+
+
+async def test_a_move_that_died_before_its_flip_is_undone_by_a_move_elsewhere(
+    shard_servers: list[EmbeddedRedis], receiver: Receiver
+) -> None:
+    """A mover died before its flip, shard 0 -> 1: its copies and its hold are on shard 1,
+    the project on shard 0. Moving it to shard 0 (where it is) undoes that move: nothing of
+    it stays on shard 1, its lanes there wait no more (third review)."""
+    settings = two_empty_shards(shard_servers)
+    project = next(p for p in PROJECTS if rendezvous(p, 2) == 0)
+    async with Router.open(settings) as router:
+        old, new = router.shards
+        url = receiver.url("/hook")
+        await old.register(Registration(project, url, Region.DEVNET, "t"), "BUILD_END")
+        dead = Mover(router, lambda _: None, settle_s=0.3)
+        await dead_before(dead, project, flipped=False)
+        assert (await new.callbacks(project)).count == 1  # its copy
+        said: list[str] = []
+        await Mover(router, said.append, settle_s=0.3).move(project, 0)
+        assert not await holds(new, project) and await hold_source(new, project) is None
+        assert (await old.callbacks(project)).count == 1
+        assert said[0] == f"{project}: undoing its move to shard 1"
+
+
+async def dead_before(dead: Mover, project: str, *, flipped: bool, legacy: bool = False) -> None:
+    """A move of `project` from shard 0 to 1 up to its flip (`flipped`: and the flip), by
+    `dead`, which then dies (`legacy`: its hold is the version before's)."""
+    router = dead.router
+    old, new = router.shards
+    await router.placement.write(project, Placed(0, 1))
+    await dead.settle()
+    if legacy:
+        await new.redis.set(new.keys.lanes_hold(project), "1")
+    else:
+        await hold(new, project, 0)
+    await dead._copy(old, new, project)
+    if flipped:
+        await router.placement.write(project, Placed(1))
+        await dead.settle()
 
 
 async def test_a_move_to_where_a_project_is_leaves_its_data_elsewhere_alone(
@@ -344,9 +385,9 @@ async def test_a_project_id_is_looked_for_literally_on_a_shard(
         k = services.keys
         index = k.history_index("p-x", "BUILD_END", "u")
         await services.redis.sadd(k.HISTORY_INDEXES, index)  # type: ignore[misc]  # sync|async
-        assert await _holds(services, "p-x")
+        assert await holds(services, "p-x")
         for hostile in ("p-*", "p-?", "p-[x]", "*"):
-            assert not await _holds(services, hostile), hostile
+            assert not await holds(services, hostile), hostile
         index = k.history_index("p-*", "BUILD_END", "u")
         await services.redis.sadd(k.HISTORY_INDEXES, index)  # type: ignore[misc]  # sync|async
-        assert await _holds(services, "p-*")
+        assert await holds(services, "p-*")

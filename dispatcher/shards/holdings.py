@@ -1,0 +1,59 @@
+"""What of a project one shard holds (its callbacks, roles and Redis history): which
+projects a shard holds, whether it holds one, and removing one from it (a move's end)."""
+
+from __future__ import annotations
+
+import re
+from typing import TYPE_CHECKING
+
+from dispatcher.auth import ALL_PROJECTS
+from dispatcher.errors import NotFound
+from dispatcher.history.redis import RedisHistory
+from dispatcher.models import PLATFORM_PROJECT
+from dispatcher.registry.copies import callback_ids
+
+if TYPE_CHECKING:
+    from dispatcher.services import Services
+
+__all__ = ["forget", "holds", "projects_on"]
+
+
+async def projects_on(services: Services) -> set[str]:
+    """The projects with callbacks, roles or Redis history on one shard."""
+    k, found = services.keys, set()
+    for prefix in (k.PROJECT_CALLBACKS_PREFIX, k.ROLES_PREFIX):
+        async for key in services.redis.scan_iter(match=f"{prefix}*", count=1000):
+            found.add(key.decode().removeprefix(prefix))
+    async for index in services.redis.sscan_iter(k.HISTORY_INDEXES, count=1000):
+        found.add(index.decode().removeprefix(k.HISTORY_INDEX_PREFIX).split(":", 1)[0])
+    return found - {PLATFORM_PROJECT, ALL_PROJECTS}
+
+
+async def holds(services: Services, project: str) -> bool:
+    """Whether `project` has callbacks, roles or Redis history on this shard."""
+    k = services.keys
+    if await services.redis.exists(k.project_callbacks(project), k.roles(project)):
+        return True
+    of_project = _glob_escaped(f"{k.HISTORY_INDEX_PREFIX}{project}:") + "*"
+    async for _ in services.redis.sscan_iter(k.HISTORY_INDEXES, match=of_project, count=1000):
+        return True
+    return False
+
+
+def _glob_escaped(text: str) -> str:
+    """`text` matched literally by a Redis glob pattern."""
+    return re.sub(r"([\\*?\[\]])", r"\\\1", text)
+
+
+async def forget(services: Services, project: str) -> None:
+    """Remove a moved project's callbacks, roles and Redis history from its old shard."""
+    for callback_id in await callback_ids(services.registry, project):
+        try:
+            await services.registry.delete(project, callback_id)
+        except NotFound:
+            continue
+    await services.redis.delete(services.keys.roles(project))
+    if isinstance(services.history, RedisHistory):
+        from dispatcher.history.moving import forget_project
+
+        await forget_project(services.history, project)
