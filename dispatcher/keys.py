@@ -313,6 +313,10 @@ class Keys:
     def lanes_waiting(self, project_id: str) -> str:
         return f"{self.LANES_WAITING_PREFIX}{project_id}"
 
+    def move_lease(self, project_id: str) -> str:
+        """On the home shard, while a mover moves the project: its token (one at a time)."""
+        return f"{self.PLACEMENT}:mover:{project_id}"
+
     def lanes_hold(self, project_id: str) -> str:
         """Set while the project moves here: its lanes wait for those of its old shard."""
         return f"{self.LANES_HOLD_PREFIX}{project_id}"

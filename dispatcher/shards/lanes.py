@@ -62,8 +62,8 @@ async def hold_source(services: Services, project_id: str) -> int | None:
     value = await services.redis.get(services.keys.lanes_hold(project_id))
     if value is None:
         return None
-    text = value.decode()
-    return int(text.removeprefix(HELD_FROM)) if text.startswith(HELD_FROM) else -1
+    source = value.decode().removeprefix(HELD_FROM)
+    return int(source) if value.startswith(HELD_FROM.encode()) and source.isdigit() else -1
 
 
 async def let_go(services: Services, project_id: str) -> int:

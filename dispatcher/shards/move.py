@@ -38,15 +38,16 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from dispatcher.auth import ALL_PROJECTS
-from dispatcher.errors import InvalidInput
+from dispatcher.errors import InvalidInput, Unavailable
 from dispatcher.history.redis import RedisHistory
-from dispatcher.jobs import FAN_OUT, BadJob, decode
-from dispatcher.lua import Key, Script, run_pipeline
+from dispatcher.lua import run_pipeline
 from dispatcher.models import PLATFORM_PROJECT
 from dispatcher.placement import Placed, rendezvous
 from dispatcher.registry.copies import callback_ids, put_rows, read_rows
 from dispatcher.shards.holdings import forget, holds, projects_on
 from dispatcher.shards.lanes import hold, hold_source, lanes_left, let_go, ordered_on
+from dispatcher.shards.lease import MoveLease
+from dispatcher.shards.queued import MOVE, STAY, UNLESS_BEGUN, PlaceJob, TakeJob, where_to
 from dispatcher.worker.claims import Claims
 
 if TYPE_CHECKING:
@@ -63,52 +64,6 @@ SETTLE_REFRESHES = 3
 PAGE = 500
 LEASE_S = 30.0
 SAY_EVERY_S = 10.0  # how often a move waiting for jobs to finish on the old shard says so
-
-
-@dataclass
-class TakeJob(Script):
-    """Takes a queued job nobody holds, as the mover read it (`read`: the SHA-1 of its
-    bytes then): sets the mover's lease on it and returns {data, due ms, data ttl ms}; nil
-    when a worker holds it, it is gone or it changed (a worker ran it meanwhile: looked at
-    again); 'stays' when `unless_begun` ('1': an event to fan out) and its `claims` are
-    counted: a run of it began here."""
-
-    LUA = """
-    if redis.call('EXISTS', lease) == 1 then return false end
-    local data = redis.call('GET', job)
-    local due = redis.call('ZSCORE', queue, job_id)
-    if not data or not due or redis.sha1hex(data) ~= read then return false end
-    if unless_begun == '1' and redis.call('EXISTS', claims) == 1 then return 'stays' end
-    redis.call('SET', lease, token, 'PX', lease_ms)
-    return {data, due, redis.call('PTTL', job)}
-    """
-    queue: Key
-    lease: Key
-    job: Key
-    claims: Key
-    token: str
-    job_id: str
-    lease_ms: int
-    read: str
-    unless_begun: str
-
-
-@dataclass
-class PlaceJob(Script):
-    """Queues a moved job (kept as it is when that id is queued already)."""
-
-    LUA = """
-    if redis.call('ZSCORE', queue, job_id) then return 0 end
-    redis.call('SET', job, data, 'PX', ttl_ms)
-    redis.call('ZADD', queue, due_ms, job_id)
-    return 1
-    """
-    queue: Key
-    job: Key
-    job_id: str
-    data: bytes
-    due_ms: bytes
-    ttl_ms: int
 
 
 @dataclass
@@ -172,68 +127,100 @@ class Mover:
 
     async def move(self, project: str, target: int) -> bool:
         """Move one project to shard `target` (see the module's doc), first finishing or
-        undoing a move of it that died; returns whether any of its data moved."""
+        undoing a move of it that died; returns whether any of its data moved. One move of
+        a project at a time (`shards.lease`): Unavailable while another one runs."""
         if project in (PLATFORM_PROJECT, ALL_PROJECTS) or ":" in project:
             raise InvalidInput(f"{project!r} is not a project that lives on one shard")
         if not 0 <= target < len(self.router.shards):
             raise InvalidInput(f"there is no shard {target}")
+        lease = MoveLease(self.router.home, project, self.token)
+        async with lease.held():
+            return await self._move(project, target, lease)
+
+    async def _move(self, project: str, target: int, lease: MoveLease) -> bool:
         placement = self.router.placement
         placed = placement.explicit.get(project)
         source = placed.index if placed is not None else placement.shard_of(project)
         moved = False
         if placed is not None and placed.moving_to not in (None, target):
-            await self._abandon(project, placed.moving_to)
+            await self._abandon(project, placed.moving_to, lease)
+            moved = True
         elif placed is None or placed.moving_to is None:
-            moved = await self._finish_dead(project, source)
+            moved = await self._finish_dead(project, source, lease)
         if source != target:
-            src, dst = self.router.shards[source], self.router.shards[target]
-            self.say(f"{project}: shard {source} -> {target}: freezing its callbacks")
-            await placement.write(project, Placed(source, target))
-            await self.settle()
-            await hold(dst, project, source)
-            await self._copy(src, dst, project)
-            await placement.write(project, Placed(target))
-            await self.settle()
-            await self._finish(src, dst, project, source)
+            await self._move_from(project, source, target, lease)
             moved = True
         await let_go(self.router.shards[target], project)
         hashed = rendezvous(project, placement.active) == target
+        await lease.fence()
         await placement.write(project, None if hashed else Placed(target))
         self.say(f"{project}: on shard {target}")
         return moved
 
-    async def _finish_dead(self, project: str, current: int) -> bool:
+    async def _move_from(self, project: str, source: int, target: int, lease: MoveLease) -> None:
+        """Steps 1 to 5 of the module's doc."""
+        placement = self.router.placement
+        src, dst = self.router.shards[source], self.router.shards[target]
+        self.say(f"{project}: shard {source} -> {target}: freezing its callbacks")
+        await lease.fence()
+        await placement.write(project, Placed(source, target))
+        await self.settle()
+        await hold(dst, project, source)
+        await self._copy(src, dst, project)
+        await lease.fence()
+        await placement.write(project, Placed(target))
+        await self.settle()
+        await self._finish(src, dst, project, source, lease)
+
+    async def _finish_dead(self, project: str, current: int, lease: MoveLease) -> bool:
         """Finish a move to `current` that died after its flip (its hold, still on, names
         the shard it came from: the project's data is still there too); returns whether
-        there was one."""
+        there was one to finish."""
         dst = self.router.shards[current]
         came_from = await hold_source(dst, project)
         if came_from is None:
             return False
-        olds = [came_from] if came_from >= 0 else range(len(self.router.shards))
+        if came_from >= 0:
+            olds = [came_from] if came_from != current else []
+        else:  # the version before's hold: the one other shard that holds the project
+            olds = [
+                i for i, old in enumerate(self.router.shards)
+                if i != current and await holds(old, project)
+            ]  # fmt: skip
+            if len(olds) > 1:
+                raise Unavailable(
+                    f"{project}: a move of it died after its flip, and shards {olds} all "
+                    "hold its data: which it came from is not known; see the README"
+                )
+        finished = False
         for index in olds:
             old = self.router.shards[index]
-            if index != current and await holds(old, project):
+            if await holds(old, project):
                 self.say(f"{project}: finishing its move from shard {index}")
-                await self._finish(old, dst, project, index)
+                await self._finish(old, dst, project, index, lease)
+                finished = True
         await let_go(dst, project)
-        return True
+        return finished
 
-    async def _abandon(self, project: str, index: int) -> None:
+    async def _abandon(self, project: str, index: int, lease: MoveLease) -> None:
         """Undo a move to shard `index` that died before its flip: its copies there go, and
         its hold (the project's data and events stayed where they were)."""
         self.say(f"{project}: undoing its move to shard {index}")
+        await lease.fence()
         await forget(self.router.shards[index], project)
         await let_go(self.router.shards[index], project)
 
     async def settle(self) -> None:
         await asyncio.sleep(self.settle_s)
 
-    async def _finish(self, src: Services, dst: Services, project: str, source: int) -> None:
+    async def _finish(
+        self, src: Services, dst: Services, project: str, source: int, lease: MoveLease
+    ) -> None:
         """After the flip: drain the old shard, copy the history written meanwhile, clean."""
         moved = await self._drain(src, dst, project)
         self.say(f"{project}: {moved} queued job(s) moved; cleaning shard {source}")
         await self._copy_history(src, dst, project)
+        await lease.fence()
         await forget(src, project)
 
     async def _copy(self, src: Services, dst: Services, project: str) -> None:
@@ -279,7 +266,7 @@ class Mover:
             start += PAGE
             datas = await src.redis.mget([src.keys.arq_job(i.decode()) for i in ids])
             for raw_id, data in zip(ids, datas, strict=True):
-                where = "" if data is None else _where(data, project, ordered)
+                where = "" if data is None else where_to(data, project, ordered)
                 moved = None
                 if where in (MOVE, UNLESS_BEGUN):
                     moved = await self._move_job(
@@ -347,30 +334,3 @@ class Mover:
             read=hashlib.sha1(read).hexdigest(),
             unless_begun="1" if unless_begun else "0",
         ).run(src.redis)
-
-
-MOVE, STAY, UNLESS_BEGUN = "move", "stay", "move unless begun"
-
-
-def _where(data: bytes, project: str, ordered: bool) -> str:
-    """What a move of `project` does with a queued job: MOVE it, let it STAY to finish on
-    the old shard (a delivery in a lane of its events, a platform-wide callback's too; an
-    event to fan out when `ordered`, as its events are numbered there, or when it is a
-    re-run's next chunk), move it UNLESS_BEGUN (any other event to fan out: it stays when
-    its claims are counted, checked as it is taken), or nothing (another project's; a
-    platform-wide callback's unordered delivery, which every shard can run). An event
-    whose fan-out began stays because the progress marks of what a run of it sent are
-    here, under the ids of deliveries that only its re-run's match would name."""
-    try:
-        wire = decode(data)
-    except BadJob:
-        return ""
-    payload = wire.payload if isinstance(wire.payload, dict) else {}
-    owner = payload.get("projectId")
-    if owner == PLATFORM_PROJECT and payload.get("emitter") == project:
-        return STAY if payload.get("lane") is not None else ""
-    if owner != project:
-        return ""
-    if wire.function == FAN_OUT:
-        return STAY if ordered or payload.get("rerun") is True else UNLESS_BEGUN
-    return STAY if payload.get("lane") is not None else MOVE

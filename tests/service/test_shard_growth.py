@@ -23,6 +23,7 @@ from dispatcher.services import Services
 from dispatcher.settings import Settings
 from dispatcher.shards.holdings import holds
 from dispatcher.shards.lanes import hold, hold_source
+from dispatcher.shards.lease import MoveLease
 from dispatcher.shards.move import LEASE_S, Mover
 from dispatcher.shards.router import Router
 from dispatcher.worker import create_worker
@@ -30,6 +31,7 @@ from dispatcher.worker.claims import Claims
 from tests.helpers import Receiver, make_settings, until
 
 PROJECTS = [f"grow-{n}" for n in range(8)]
+DEAD_LEASE_MS = 2_000  # the lease a mover that died in a test leaves, left to lapse
 
 
 async def test_adding_a_shard_moves_projects_under_load_and_loses_nothing(
@@ -250,6 +252,9 @@ async def test_a_move_that_died_after_its_flip_is_finished_by_the_next(
             (second,) = await producer.emit_many([(project, "BUILD_END", {"n": 2})])
         await queued_on(old, new, f"{project}:{second}")  # by a producer yet to see the flip
         said: list[str] = []
+        with pytest.raises(Unavailable, match="another move of it is under way"):
+            await Mover(router, said.append, settle_s=0.3).rebalance()  # its lease is on
+        await lapsed(router, project)
         assert await Mover(router, said.append, settle_s=0.3).rebalance() == 1
         await run_burst(settings)
         home, away = (new, old) if hashed else (old, new)
@@ -282,10 +287,39 @@ async def test_a_move_that_died_before_its_flip_is_undone_by_a_move_elsewhere(
         await dead_before(dead, project, flipped=False)
         assert (await new.callbacks(project)).count == 1  # its copy
         said: list[str] = []
+        await lapsed(router, project)
         await Mover(router, said.append, settle_s=0.3).move(project, 0)
         assert not await holds(new, project) and await hold_source(new, project) is None
         assert (await old.callbacks(project)).count == 1
         assert said[0] == f"{project}: undoing its move to shard 1"
+
+
+async def test_one_mover_at_a_time_and_one_that_lost_its_lease_stops(
+    shard_servers: list[EmbeddedRedis],
+) -> None:
+    """A project's move lease: a second mover is refused while the first holds it; a mover
+    whose lease another took (it was paused past it) stops at its next fence, and gives
+    back nothing it no longer holds."""
+    async with Router.open(two_empty_shards(shard_servers)) as router:
+        first, second = (MoveLease(router.home, "p", token) for token in ("one", "two"))
+        async with first.held():
+            with pytest.raises(Unavailable, match="another move"):
+                async with second.held():
+                    pass
+            await first.fence()  # still its own
+            await router.home.redis.set(first.key, "two", px=30_000)  # taken over
+            with pytest.raises(Unavailable, match="lost its lease"):
+                await first.fence()
+        assert await router.home.redis.get(first.key) == b"two"
+
+
+async def lapsed(router: Router, project: str) -> None:
+    """Until the move lease of a mover that died lapses."""
+
+    async def gone() -> bool:
+        return not await router.home.redis.exists(router.home.keys.move_lease(project))
+
+    await until(gone, DEAD_LEASE_MS / 1000 + 5, "the dead mover's lease to lapse")
 
 
 async def dead_before(dead: Mover, project: str, *, flipped: bool, legacy: bool = False) -> None:
@@ -293,6 +327,7 @@ async def dead_before(dead: Mover, project: str, *, flipped: bool, legacy: bool 
     `dead`, which then dies (`legacy`: its hold is the version before's)."""
     router = dead.router
     old, new = router.shards
+    await router.home.redis.set(router.home.keys.move_lease(project), dead.token, px=DEAD_LEASE_MS)
     await router.placement.write(project, Placed(0, 1))
     await dead.settle()
     if legacy:

@@ -1,0 +1,86 @@
+"""A moving project's jobs queued on its old shard: where each one goes (`where_to`), and
+the scripts that take one from the old shard under the mover's lease (`TakeJob`) and queue
+it on the new one (`PlaceJob`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from dispatcher.jobs import FAN_OUT, BadJob, decode
+from dispatcher.lua import Key, Script
+from dispatcher.models import PLATFORM_PROJECT
+
+__all__ = ["MOVE", "STAY", "UNLESS_BEGUN", "PlaceJob", "TakeJob", "where_to"]
+
+
+@dataclass
+class TakeJob(Script):
+    """Takes a queued job nobody holds, as the mover read it (`read`: the SHA-1 of its
+    bytes then): sets the mover's lease on it and returns {data, due ms, data ttl ms}; nil
+    when a worker holds it, it is gone or it changed (a worker ran it meanwhile: looked at
+    again); 'stays' when `unless_begun` ('1': an event to fan out) and its `claims` are
+    counted: a run of it began here."""
+
+    LUA = """
+    if redis.call('EXISTS', lease) == 1 then return false end
+    local data = redis.call('GET', job)
+    local due = redis.call('ZSCORE', queue, job_id)
+    if not data or not due or redis.sha1hex(data) ~= read then return false end
+    if unless_begun == '1' and redis.call('EXISTS', claims) == 1 then return 'stays' end
+    redis.call('SET', lease, token, 'PX', lease_ms)
+    return {data, due, redis.call('PTTL', job)}
+    """
+    queue: Key
+    lease: Key
+    job: Key
+    claims: Key
+    token: str
+    job_id: str
+    lease_ms: int
+    read: str
+    unless_begun: str
+
+
+@dataclass
+class PlaceJob(Script):
+    """Queues a moved job (kept as it is when that id is queued already)."""
+
+    LUA = """
+    if redis.call('ZSCORE', queue, job_id) then return 0 end
+    redis.call('SET', job, data, 'PX', ttl_ms)
+    redis.call('ZADD', queue, due_ms, job_id)
+    return 1
+    """
+    queue: Key
+    job: Key
+    job_id: str
+    data: bytes
+    due_ms: bytes
+    ttl_ms: int
+
+
+MOVE, STAY, UNLESS_BEGUN = "move", "stay", "move unless begun"
+
+
+def where_to(data: bytes, project: str, ordered: bool) -> str:
+    """What a move of `project` does with a queued job: MOVE it, let it STAY to finish on
+    the old shard (a delivery in a lane of its events, a platform-wide callback's too; an
+    event to fan out when `ordered`, as its events are numbered there, or when it is a
+    re-run's next chunk), move it UNLESS_BEGUN (any other event to fan out: it stays when
+    its claims are counted, checked as it is taken), or nothing (another project's; a
+    platform-wide callback's unordered delivery, which every shard can run). An event
+    whose fan-out began stays because the progress marks of what a run of it sent are
+    here, under the ids of deliveries that only its re-run's match would name."""
+    try:
+        wire = decode(data)
+    except BadJob:
+        return ""
+    payload = wire.payload if isinstance(wire.payload, dict) else {}
+    owner = payload.get("projectId")
+    if owner == PLATFORM_PROJECT and payload.get("emitter") == project:
+        return STAY if payload.get("lane") is not None else ""
+    if owner != project:
+        return ""
+    if wire.function == FAN_OUT:
+        return STAY if ordered or payload.get("rerun") is True else UNLESS_BEGUN
+    return STAY if payload.get("lane") is not None else MOVE
