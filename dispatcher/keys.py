@@ -51,7 +51,8 @@ Ordered delivery (callbacks with `orderBy`; see dispatcher/worker/lanes.py)
     dispatcher:lanes:blocked                  ZSET lane keys whose head was put back (a retry,
                                               a deferral), by when it first was
     dispatcher:lanes:hold:{project}           STRING set while the project moves here: its
-                                              lanes wait for its old shard's (shards/lanes.py)
+                                              lanes wait for its old shard's; "from:{shard}"
+                                              names that shard (shards/lanes.py)
 Roles
     dispatcher:roles:{project}                HASH user -> admin | member ("*" = every project)
 Health
@@ -123,6 +124,8 @@ shards' slots spread evenly over the slot range). Besides:
     dispatcher:placement                      HASH project -> shard index: the explicit
                                               placements (home shard only; see shards/)
     dispatcher:placement:version              INCR bumped on every placement change
+    dispatcher:placement:mover:{project}      STRING the token of the mover moving the
+                                              project, with a TTL (home shard only)
 """
 
 from __future__ import annotations

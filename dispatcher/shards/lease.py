@@ -15,9 +15,12 @@ import contextlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import structlog
+
+from dispatcher.connections import REDIS_ERRORS
 from dispatcher.errors import Unavailable
 from dispatcher.lua import Key, Script
-from dispatcher.stopping import retrieved
+from dispatcher.stopping import cancel_all
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
@@ -27,15 +30,18 @@ if TYPE_CHECKING:
 __all__ = ["LEASE_S", "MoveLease"]
 
 LEASE_S = 30.0
+log = structlog.get_logger("dispatcher.shards")
 
 
 @dataclass
 class KeepLease(Script):
     """While `lease` holds `token`: extends it to `ms` from now, or deletes it (`ms` 0);
-    returns 1, else 0."""
+    returns 1, else 0 when it is gone (lapsed) and -1 when another mover holds it."""
 
     LUA = """
-    if redis.call('GET', lease) ~= token then return 0 end
+    local holder = redis.call('GET', lease)
+    if not holder then return 0 end
+    if holder ~= token then return -1 end
     if tonumber(ms) > 0 then redis.call('PEXPIRE', lease, ms) else redis.call('DEL', lease) end
     return 1
     """
@@ -60,7 +66,7 @@ class MoveLease:
     @contextlib.asynccontextmanager
     async def held(self) -> AsyncIterator[None]:
         """Take the lease (Unavailable while another mover holds it), renewed meanwhile,
-        then given back."""
+        then given back (a failure to give it back is logged: it lapses)."""
         ms = int(self.lease_s * 1000)
         if not await self.home.redis.set(self.key, self.token, px=ms, nx=True):
             left = max(await self.home.redis.pttl(self.key), 0) / 1000
@@ -69,20 +75,31 @@ class MoveLease:
                 f"within {left:.0f} s if that mover died): try again then"
             )
         keeping = asyncio.create_task(self._keep(ms))
-        keeping.add_done_callback(retrieved)
         try:
             yield
         finally:
-            keeping.cancel()
-            await KeepLease(self.key, self.token, 0).run(self.home.redis)
+            await cancel_all([keeping])
+            try:
+                await KeepLease(self.key, self.token, 0).run(self.home.redis)
+            except REDIS_ERRORS as exc:
+                log.warning("move.lease_kept", project=self.project, error=str(exc))
 
     async def fence(self) -> None:
         """Raise Unavailable unless the lease is still this mover's (renewing it)."""
-        if not await KeepLease(self.key, self.token, int(self.lease_s * 1000)).run(self.home.redis):
-            raise Unavailable(f"{self.project}: this mover lost its lease: another one goes on")
+        kept = await KeepLease(self.key, self.token, int(self.lease_s * 1000)).run(self.home.redis)
+        if kept == -1:
+            raise Unavailable(f"{self.project}: another mover took this one's lease: it goes on")
+        if kept != 1:
+            raise Unavailable(f"{self.project}: this mover's lease lapsed: move it again")
 
     async def _keep(self, ms: int) -> None:
         while True:
             await asyncio.sleep(self.lease_s / 3)
-            with contextlib.suppress(Exception):  # a failed renewal: the fences tell
-                await KeepLease(self.key, self.token, ms).run(self.home.redis)
+            try:
+                kept = await KeepLease(self.key, self.token, ms).run(self.home.redis)
+            except REDIS_ERRORS as exc:  # the next renewal, or the next fence, tells
+                log.warning("move.lease_not_renewed", project=self.project, error=str(exc))
+                continue
+            if kept != 1:
+                log.warning("move.lease_lost", project=self.project, holder=kept)
+                return

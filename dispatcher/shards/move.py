@@ -120,9 +120,18 @@ class Mover:
         """Move every project placed explicitly to where the hash puts it (one placed there
         already is a move that died after its flip: a move that ends there drops its
         explicit placement); returns how many moved, or had a move finished."""
-        placement, moved = self.router.placement, 0
+        placement, moved, refused = self.router.placement, 0, []
         for project in sorted(placement.explicit):
-            moved += await self.move(project, rendezvous(project, placement.active))
+            try:
+                moved += await self.move(project, rendezvous(project, placement.active))
+            except Unavailable as exc:  # the others still move
+                self.say(f"not moved: {exc.message}")
+                refused.append(project)
+        if refused:
+            raise Unavailable(
+                f"{moved} project(s) moved; not moved (see above; run rebalance again): "
+                + ", ".join(refused)
+            )
         return moved
 
     async def move(self, project: str, target: int) -> bool:
@@ -135,6 +144,7 @@ class Mover:
             raise InvalidInput(f"there is no shard {target}")
         lease = MoveLease(self.router.home, project, self.token)
         async with lease.held():
+            await self.router.placement.load()  # as the mover before may have left it
             return await self._move(project, target, lease)
 
     async def _move(self, project: str, target: int, lease: MoveLease) -> bool:
@@ -165,11 +175,13 @@ class Mover:
         await lease.fence()
         await placement.write(project, Placed(source, target))
         await self.settle()
+        await lease.fence()
         await hold(dst, project, source)
         await self._copy(src, dst, project)
         await lease.fence()
         await placement.write(project, Placed(target))
         await self.settle()
+        await lease.fence()
         await self._finish(src, dst, project, source, lease)
 
     async def _finish_dead(self, project: str, current: int, lease: MoveLease) -> bool:
@@ -180,6 +192,11 @@ class Mover:
         came_from = await hold_source(dst, project)
         if came_from is None:
             return False
+        if came_from >= len(self.router.shards):
+            raise Unavailable(
+                f"{project}: a move of it from shard {came_from} died after its flip, and "
+                f"{len(self.router.shards)} shards are listed: list that shard again"
+            )
         if came_from >= 0:
             olds = [came_from] if came_from != current else []
         else:  # the version before's hold: the one other shard that holds the project

@@ -31,7 +31,6 @@ from dispatcher.worker.claims import Claims
 from tests.helpers import Receiver, make_settings, until
 
 PROJECTS = [f"grow-{n}" for n in range(8)]
-DEAD_LEASE_MS = 2_000  # the lease a mover that died in a test leaves, left to lapse
 
 
 async def test_adding_a_shard_moves_projects_under_load_and_loses_nothing(
@@ -252,8 +251,9 @@ async def test_a_move_that_died_after_its_flip_is_finished_by_the_next(
             (second,) = await producer.emit_many([(project, "BUILD_END", {"n": 2})])
         await queued_on(old, new, f"{project}:{second}")  # by a producer yet to see the flip
         said: list[str] = []
-        with pytest.raises(Unavailable, match="another move of it is under way"):
+        with pytest.raises(Unavailable, match=f"not moved .*: {project}$"):
             await Mover(router, said.append, settle_s=0.3).rebalance()  # its lease is on
+        assert said[0].startswith(f"not moved: {project}: another move of it is under way")
         await lapsed(router, project)
         assert await Mover(router, said.append, settle_s=0.3).rebalance() == 1
         await run_burst(settings)
@@ -308,18 +308,69 @@ async def test_one_mover_at_a_time_and_one_that_lost_its_lease_stops(
                     pass
             await first.fence()  # still its own
             await router.home.redis.set(first.key, "two", px=30_000)  # taken over
-            with pytest.raises(Unavailable, match="lost its lease"):
+            with pytest.raises(Unavailable, match="another mover took"):
                 await first.fence()
-        assert await router.home.redis.get(first.key) == b"two"
+            assert await router.home.redis.get(first.key) == b"two"
+            await router.home.redis.delete(first.key)  # lapsed, taken by none
+            with pytest.raises(Unavailable, match="lease lapsed"):
+                await first.fence()
+        assert not await router.home.redis.exists(first.key)
+
+
+async def test_a_lease_is_renewed_while_its_move_runs_and_given_back(
+    shard_servers: list[EmbeddedRedis],
+) -> None:
+    """Held past its length, a mover's lease is still its own (renewed meanwhile); given
+    back when the move ends."""
+    async with Router.open(two_empty_shards(shard_servers)) as router:
+        lease = MoveLease(router.home, "p", "one", lease_s=0.3)
+        async with lease.held():
+            await asyncio.sleep(1.0)
+            assert await router.home.redis.get(lease.key) == b"one"
+            await lease.fence()
+        assert not await router.home.redis.exists(lease.key)
+
+
+class Usurped(Mover):
+    """A mover paused past its lease at its first settle, which another mover took."""
+
+    async def settle(self) -> None:
+        await super().settle()
+        home = self.router.home
+        for key in [k async for k in home.redis.scan_iter(match=home.keys.move_lease("*"))]:
+            await home.redis.set(key, "another", px=60_000)
+
+
+async def test_a_mover_that_lost_its_lease_stops_before_its_next_write(
+    shard_servers: list[EmbeddedRedis], receiver: Receiver
+) -> None:
+    """A mover whose lease another took while it waited for the freeze to settle stops
+    there: no hold, no copy on the target, the placement as it left it (frozen) for the
+    mover that took over."""
+    settings = two_empty_shards(shard_servers)
+    project = next(p for p in PROJECTS if rendezvous(p, 2) == 0)
+    async with Router.open(settings) as router:
+        old, new = router.shards
+        url = receiver.url("/hook")
+        await old.register(Registration(project, url, Region.DEVNET, "t"), "BUILD_END")
+        with pytest.raises(Unavailable, match="another mover took"):
+            await Usurped(router, lambda _: None, settle_s=0.1).move(project, 1)
+        assert router.placement.explicit[project] == Placed(0, 1)
+        assert await hold_source(new, project) is None
+        assert (await new.callbacks(project)).count == 0
+        key = router.home.keys.move_lease(project)
+        assert await router.home.redis.get(key) == b"another"  # not given back: not its own
 
 
 async def lapsed(router: Router, project: str) -> None:
-    """Until the move lease of a mover that died lapses."""
+    """The move lease of a mover that died lapses (now, rather than in 30 s)."""
+    key = router.home.keys.move_lease(project)
+    assert await router.home.redis.pexpire(key, 1)
 
     async def gone() -> bool:
-        return not await router.home.redis.exists(router.home.keys.move_lease(project))
+        return not await router.home.redis.exists(key)
 
-    await until(gone, DEAD_LEASE_MS / 1000 + 5, "the dead mover's lease to lapse")
+    await until(gone, 5, "the dead mover's lease to lapse")
 
 
 async def dead_before(dead: Mover, project: str, *, flipped: bool, legacy: bool = False) -> None:
@@ -327,7 +378,7 @@ async def dead_before(dead: Mover, project: str, *, flipped: bool, legacy: bool 
     `dead`, which then dies (`legacy`: its hold is the version before's)."""
     router = dead.router
     old, new = router.shards
-    await router.home.redis.set(router.home.keys.move_lease(project), dead.token, px=DEAD_LEASE_MS)
+    await router.home.redis.set(router.home.keys.move_lease(project), dead.token, px=60_000)
     await router.placement.write(project, Placed(0, 1))
     await dead.settle()
     if legacy:
