@@ -6,6 +6,8 @@ move included, and nothing of a moved project stays on its old shard."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 
 import orjson
 import pytest
@@ -277,12 +279,9 @@ async def test_a_move_that_died_before_its_flip_is_undone_by_a_move_elsewhere(
     """A mover died before its flip, shard 0 -> 1: its copies and its hold are on shard 1,
     the project on shard 0. Moving it to shard 0 (where it is) undoes that move: nothing of
     it stays on shard 1, its lanes there wait no more (third review)."""
-    settings = two_empty_shards(shard_servers)
     project = next(p for p in PROJECTS if rendezvous(p, 2) == 0)
-    async with Router.open(settings) as router:
+    async with registered_on_0(shard_servers, receiver, project) as router:
         old, new = router.shards
-        url = receiver.url("/hook")
-        await old.register(Registration(project, url, Region.DEVNET, "t"), "BUILD_END")
         dead = Mover(router, lambda _: None, settle_s=0.3)
         await dead_before(dead, project, flipped=False)
         assert (await new.callbacks(project)).count == 1  # its copy
@@ -347,12 +346,9 @@ async def test_a_mover_that_lost_its_lease_stops_before_its_next_write(
     """A mover whose lease another took while it waited for the freeze to settle stops
     there: no hold, no copy on the target, the placement as it left it (frozen) for the
     mover that took over."""
-    settings = two_empty_shards(shard_servers)
     project = next(p for p in PROJECTS if rendezvous(p, 2) == 0)
-    async with Router.open(settings) as router:
-        old, new = router.shards
-        url = receiver.url("/hook")
-        await old.register(Registration(project, url, Region.DEVNET, "t"), "BUILD_END")
+    async with registered_on_0(shard_servers, receiver, project) as router:
+        _, new = router.shards
         with pytest.raises(Unavailable, match="another mover took"):
             await Usurped(router, lambda _: None, settle_s=0.1).move(project, 1)
         assert router.placement.explicit[project] == Placed(0, 1)
@@ -397,12 +393,9 @@ async def test_a_move_to_where_a_project_is_leaves_its_data_elsewhere_alone(
     """A project placed on a shard, its callbacks on another with no move under way (no
     hold: say, registered by a process that did not see the placement yet): moving it
     where it is destroys nothing (finishing a move drains and forgets the old shard's)."""
-    settings = two_empty_shards(shard_servers)
     project = next(p for p in PROJECTS if rendezvous(p, 2) == 0)
-    async with Router.open(settings) as router:
+    async with registered_on_0(shard_servers, receiver, project) as router:
         old, _ = router.shards
-        url = receiver.url("/hook")
-        await old.register(Registration(project, url, Region.DEVNET, "t"), "BUILD_END")
         await router.placement.write(project, Placed(1))
         said: list[str] = []
         await Mover(router, said.append, settle_s=0.3).move(project, 1)
@@ -430,6 +423,17 @@ async def test_a_job_is_moved_only_as_it_was_read_and_an_event_that_began_stays(
         assert not await src.redis.exists(src.keys.ARQ_IN_PROGRESS_PREFIX + job_id)
         assert await mover._move_job(src, dst, claims, job_id, b"now", unless_begun=False) is True
         assert await dst.redis.get(dst.keys.arq_job(job_id)) == b"now"
+
+
+@contextlib.asynccontextmanager
+async def registered_on_0(
+    shard_servers: list[EmbeddedRedis], receiver: Receiver, project: str
+) -> AsyncIterator[Router]:
+    """A router over the two shards, emptied, `project` with one callback on shard 0."""
+    async with Router.open(two_empty_shards(shard_servers)) as router:
+        url = receiver.url("/hook")
+        await router.shards[0].register(Registration(project, url, Region.DEVNET, "t"), "BUILD_END")
+        yield router
 
 
 def two_empty_shards(shard_servers: list[EmbeddedRedis]) -> Settings:
