@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING
 import structlog
 
 from dispatcher.connections import REDIS_ERRORS
+from dispatcher.lua import Key, Script
 from dispatcher.stopping import cancel_all
 
 if TYPE_CHECKING:
@@ -133,14 +134,29 @@ class Placement:
             except REDIS_ERRORS as exc:
                 log.warning("shards.placement_unread", error=str(exc))
 
-    async def write(self, project_id: str, placed: Placed | None) -> None:
+    async def write(
+        self, project_id: str, placed: Placed | None, *, lease: tuple[str, str] | None = None
+    ) -> bool:
         """Set (or, with None, remove) the explicit placement of `project_id`, and bump the
-        version so that every process reads it at its next check."""
-        await self._write({project_id: None if placed is None else str(placed)})
+        version so that every process reads it at its next check. With a `lease` (its key
+        and token), only while that key holds that token (a mover's: `shards.lease`), in
+        the same script; returns whether it was written."""
+        value = "" if placed is None else str(placed)
+        if lease is None:
+            await self._write({project_id: value or None})
+        else:
+            assert self.redis is not None and self.keys is not None
+            k = self.keys
+            written = await LeasedWrite(
+                k.PLACEMENT, k.PLACEMENT_VERSION, lease[0], project_id, value, lease[1]
+            ).run(self.redis)
+            if not written:
+                return False
         if placed is None:
             self.explicit.pop(project_id, None)
         else:
             self.explicit[project_id] = placed
+        return True
 
     async def write_counts(self, active: int, growing: int | None) -> None:
         """Set the shards in use and (None: none) the count `grow` is moving to."""
@@ -157,6 +173,30 @@ class Placement:
                     pipe.hset(self.keys.PLACEMENT, name, value)
             pipe.incr(self.keys.PLACEMENT_VERSION)
             await pipe.execute()
+
+
+@dataclass
+class LeasedWrite(Script):
+    """`Placement.write` under a lease: while `lease` holds `token`, sets the `project`'s
+    field of the `placement` to `value` (removes it: empty) and bumps the `version`;
+    returns 1, else 0."""
+
+    LUA = """
+    if redis.call('GET', lease) ~= token then return 0 end
+    if value == '' then
+      redis.call('HDEL', placement, project)
+    else
+      redis.call('HSET', placement, project, value)
+    end
+    redis.call('INCR', version)
+    return 1
+    """
+    placement: Key
+    version: Key
+    lease: Key
+    project: str
+    value: str
+    token: str
 
 
 @contextlib.asynccontextmanager

@@ -13,6 +13,8 @@ from dispatcher.models import PLATFORM_PROJECT
 from dispatcher.registry.copies import callback_ids
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from dispatcher.services import Services
 
 __all__ = ["forget", "holds", "projects_on"]
@@ -45,14 +47,18 @@ def _glob_escaped(text: str) -> str:
     return re.sub(r"([\\*?\[\]])", r"\\\1", text)
 
 
-async def forget(services: Services, project: str) -> None:
-    """Remove a moved project's callbacks, roles and Redis history from its old shard."""
+async def forget(services: Services, project: str, alive: Callable[[], None]) -> None:
+    """Remove a moved project's callbacks, roles and Redis history from its old shard,
+    `alive` checked before each step (it raises to stop: a mover's lease may be lost)."""
     for callback_id in await callback_ids(services.registry, project):
+        alive()
         try:
             await services.registry.delete(project, callback_id)
         except NotFound:
             continue
+    alive()
     await services.redis.delete(services.keys.roles(project))
+    alive()
     if isinstance(services.history, RedisHistory):
         from dispatcher.history.moving import forget_project
 

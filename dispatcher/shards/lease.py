@@ -3,19 +3,22 @@
 A move takes the project's lease on the home shard (its mover's token, `LEASE_S`) and
 renews it while it runs. Another move of the project meanwhile is refused; a move finds a
 move of the project that died (and finishes or undoes it) only once that mover's lease
-has lapsed. Before each step that writes the placement or removes data, the mover checks
-that the lease is still its own (`fence`): one paused past its lease stops there, as if it
-had died, and leaves the move to whoever took the lease.
+has lapsed. A mover that cannot keep its lease stops: its move is cancelled when a
+renewal finds the lease taken or gone, or when two renewals in a row fail, before the
+lease lapses in Redis; each step that copies or removes data first checks that the last
+renewal still stands by the mover's own clock (`alive`: a mover paused past its lease
+stops there), and each write of the placement checks the token in the same script
+(`Placement.write`). What a stopped mover leaves is its move's to finish.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from dataclasses import dataclass
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
-
-import structlog
 
 from dispatcher.connections import REDIS_ERRORS
 from dispatcher.errors import Unavailable
@@ -30,7 +33,7 @@ if TYPE_CHECKING:
 __all__ = ["LEASE_S", "MoveLease"]
 
 LEASE_S = 30.0
-log = structlog.get_logger("dispatcher.shards")
+RENEWAL_ERRORS: tuple[type[Exception], ...] = (*REDIS_ERRORS, TimeoutError)
 
 
 @dataclass
@@ -52,12 +55,16 @@ class KeepLease(Script):
 
 @dataclass
 class MoveLease:
-    """`project`'s lease for the mover `token`, on the `home` shard."""
+    """`project`'s lease for the mover `token`, on the `home` shard; `say` tells the
+    operator what goes wrong with it."""
 
     home: Services
     project: str
     token: str
     lease_s: float = LEASE_S
+    say: Callable[[str], None] = print
+    _until: float = field(default=0.0, init=False)  # monotonic: the last renewal's end
+    _lost: str = field(default="", init=False)
 
     @property
     def key(self) -> str:
@@ -65,41 +72,74 @@ class MoveLease:
 
     @contextlib.asynccontextmanager
     async def held(self) -> AsyncIterator[None]:
-        """Take the lease (Unavailable while another mover holds it), renewed meanwhile,
-        then given back (a failure to give it back is logged: it lapses)."""
-        ms = int(self.lease_s * 1000)
-        if not await self.home.redis.set(self.key, self.token, px=ms, nx=True):
+        """Take the lease (Unavailable while another mover holds it), renewed meanwhile
+        (the block is cancelled, and raises Unavailable, when it cannot be), then given
+        back (a failure to give it back is said: it lapses)."""
+        sent = time.monotonic()
+        if not await self.home.redis.set(self.key, self.token, px=self._ms(), nx=True):
             left = max(await self.home.redis.pttl(self.key), 0) / 1000
             raise Unavailable(
                 f"{self.project}: another move of it is under way (its mover's lease ends "
                 f"within {left:.0f} s if that mover died): try again then"
             )
-        keeping = asyncio.create_task(self._keep(ms))
+        self._until = sent + self.lease_s
+        body = asyncio.current_task()
+        assert body is not None
+        keeping = asyncio.create_task(self._keep(body))
         try:
             yield
+        except asyncio.CancelledError:
+            if not self._lost or body.uncancel() > 0:
+                raise
+            raise Unavailable(f"{self.project}: this mover stopped: {self._lost}") from None
         finally:
             await cancel_all([keeping])
             try:
                 await KeepLease(self.key, self.token, 0).run(self.home.redis)
             except REDIS_ERRORS as exc:
-                log.warning("move.lease_kept", project=self.project, error=str(exc))
+                self.say(f"{self.project}: the move lease was not given back ({exc}): it lapses")
+
+    def alive(self) -> None:
+        """Raise Unavailable unless the last renewal still stands by this mover's clock."""
+        if self._lost or time.monotonic() > self._until - self.lease_s / 10:
+            raise Unavailable(
+                f"{self.project}: this mover's lease may have lapsed "
+                f"({self._lost or 'it was paused'}): move it again"
+            )
 
     async def fence(self) -> None:
-        """Raise Unavailable unless the lease is still this mover's (renewing it)."""
-        kept = await KeepLease(self.key, self.token, int(self.lease_s * 1000)).run(self.home.redis)
-        if kept == -1:
-            raise Unavailable(f"{self.project}: another mover took this one's lease: it goes on")
-        if kept != 1:
-            raise Unavailable(f"{self.project}: this mover's lease lapsed: move it again")
+        """`alive`, and the lease still this mover's in Redis (renewed)."""
+        self.alive()
+        if (kept := await self._renew()) != 1:
+            self._lost = _LOST[kept]
+            raise Unavailable(f"{self.project}: {self._lost}")
 
-    async def _keep(self, ms: int) -> None:
+    async def _renew(self) -> int:
+        sent = time.monotonic()
+        kept = int(await KeepLease(self.key, self.token, self._ms()).run(self.home.redis))
+        if kept == 1:
+            self._until = sent + self.lease_s
+        return kept
+
+    async def _keep(self, body: asyncio.Task[object]) -> None:
+        """Renew every third of the lease; cancel `body` when the lease is lost, or when
+        the renewals fail until less than a third of it is left."""
         while True:
             await asyncio.sleep(self.lease_s / 3)
             try:
-                kept = await KeepLease(self.key, self.token, ms).run(self.home.redis)
-            except REDIS_ERRORS as exc:  # the next renewal, or the next fence, tells
-                log.warning("move.lease_not_renewed", project=self.project, error=str(exc))
-                continue
+                kept = await asyncio.wait_for(self._renew(), self.lease_s / 6)
+            except RENEWAL_ERRORS as exc:
+                self.say(f"{self.project}: the move lease was not renewed ({exc!r})")
+                if time.monotonic() < self._until - self.lease_s / 3:
+                    continue
+                kept = 0
             if kept != 1:
-                log.warning("move.lease_lost", project=self.project, holder=kept)
+                self._lost = _LOST[kept]
+                body.cancel()
                 return
+
+    def _ms(self) -> int:
+        return int(self.lease_s * 1000)
+
+
+_LOST = {0: "this mover's lease lapsed: move it again", -1: "another mover took the lease"}

@@ -66,6 +66,10 @@ LEASE_S = 30.0
 SAY_EVERY_S = 10.0  # how often a move waiting for jobs to finish on the old shard says so
 
 
+def _unleased() -> None:
+    """`Mover._alive` outside a move: nothing to check."""
+
+
 @dataclass
 class Mover:
     """Moves projects between the shards of `router`, saying what it does with `say`."""
@@ -74,6 +78,8 @@ class Mover:
     say: Callable[[str], None] = print
     settle_s: float = 0.0
     token: str = field(default_factory=lambda: f"mover:{time.time_ns()}")
+    # during a move: raises unless its lease still stands (`MoveLease.alive`)
+    _alive: Callable[[], None] = field(default_factory=lambda: _unleased, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if not self.settle_s:
@@ -142,10 +148,14 @@ class Mover:
             raise InvalidInput(f"{project!r} is not a project that lives on one shard")
         if not 0 <= target < len(self.router.shards):
             raise InvalidInput(f"there is no shard {target}")
-        lease = MoveLease(self.router.home, project, self.token)
+        lease = MoveLease(self.router.home, project, self.token, say=self.say)
         async with lease.held():
-            await self.router.placement.load()  # as the mover before may have left it
-            return await self._move(project, target, lease)
+            self._alive = lease.alive
+            try:
+                await self.router.placement.load()  # as the mover before may have left it
+                return await self._move(project, target, lease)
+            finally:
+                self._alive = _unleased
 
     async def _move(self, project: str, target: int, lease: MoveLease) -> bool:
         placement = self.router.placement
@@ -162,27 +172,29 @@ class Mover:
             moved = True
         await let_go(self.router.shards[target], project)
         hashed = rendezvous(project, placement.active) == target
-        await lease.fence()
-        await placement.write(project, None if hashed else Placed(target))
+        await self._place(lease, project, None if hashed else Placed(target))
         self.say(f"{project}: on shard {target}")
         return moved
 
     async def _move_from(self, project: str, source: int, target: int, lease: MoveLease) -> None:
         """Steps 1 to 5 of the module's doc."""
-        placement = self.router.placement
         src, dst = self.router.shards[source], self.router.shards[target]
         self.say(f"{project}: shard {source} -> {target}: freezing its callbacks")
-        await lease.fence()
-        await placement.write(project, Placed(source, target))
+        await self._place(lease, project, Placed(source, target))
         await self.settle()
         await lease.fence()
         await hold(dst, project, source)
         await self._copy(src, dst, project)
-        await lease.fence()
-        await placement.write(project, Placed(target))
+        await self._place(lease, project, Placed(target))
         await self.settle()
         await lease.fence()
         await self._finish(src, dst, project, source, lease)
+
+    async def _place(self, lease: MoveLease, project: str, placed: Placed | None) -> None:
+        """Write the project's placement while this mover holds its `lease`."""
+        lease.alive()
+        if not await self.router.placement.write(project, placed, lease=(lease.key, lease.token)):
+            raise Unavailable(f"{project}: this mover lost its lease: its placement stays")
 
     async def _finish_dead(self, project: str, current: int, lease: MoveLease) -> bool:
         """Finish a move to `current` that died after its flip (its hold, still on, names
@@ -224,7 +236,7 @@ class Mover:
         its hold (the project's data and events stayed where they were)."""
         self.say(f"{project}: undoing its move to shard {index}")
         await lease.fence()
-        await forget(self.router.shards[index], project)
+        await forget(self.router.shards[index], project, lease.alive)
         await let_go(self.router.shards[index], project)
 
     async def settle(self) -> None:
@@ -238,12 +250,14 @@ class Mover:
         self.say(f"{project}: {moved} queued job(s) moved; cleaning shard {source}")
         await self._copy_history(src, dst, project)
         await lease.fence()
-        await forget(src, project)
+        await forget(src, project, lease.alive)
 
     async def _copy(self, src: Services, dst: Services, project: str) -> None:
         rows = await read_rows(src.registry, await callback_ids(src.registry, project))
+        self._alive()
         await put_rows(dst.registry, [row for row in rows if row])
         for user, role in (await src.roles.list(project)).items():
+            self._alive()
             await dst.roles.grant(project, user, role)
         await self._copy_history(src, dst, project)
 
@@ -286,6 +300,7 @@ class Mover:
                 where = "" if data is None else where_to(data, project, ordered)
                 moved = None
                 if where in (MOVE, UNLESS_BEGUN):
+                    self._alive()
                     moved = await self._move_job(
                         src, dst, claims, raw_id.decode(), data, unless_begun=where == UNLESS_BEGUN
                     )

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncIterator
 
 import orjson
@@ -309,11 +310,15 @@ async def test_one_mover_at_a_time_and_one_that_lost_its_lease_stops(
             await router.home.redis.set(first.key, "two", px=30_000)  # taken over
             with pytest.raises(Unavailable, match="another mover took"):
                 await first.fence()
-            assert await router.home.redis.get(first.key) == b"two"
-            await router.home.redis.delete(first.key)  # lapsed, taken by none
+            with pytest.raises(Unavailable, match="another mover took"):
+                first.alive()  # lost for good
+        assert await router.home.redis.get(first.key) == b"two"  # not given back: not its own
+        third = MoveLease(router.home, "q", "three")
+        async with third.held():
+            await router.home.redis.delete(third.key)  # lapsed, taken by none
             with pytest.raises(Unavailable, match="lease lapsed"):
-                await first.fence()
-        assert not await router.home.redis.exists(first.key)
+                await third.fence()
+        assert not await router.home.redis.exists(third.key)
 
 
 async def test_a_lease_is_renewed_while_its_move_runs_and_given_back(
@@ -328,6 +333,33 @@ async def test_a_lease_is_renewed_while_its_move_runs_and_given_back(
             assert await router.home.redis.get(lease.key) == b"one"
             await lease.fence()
         assert not await router.home.redis.exists(lease.key)
+
+
+async def test_a_move_whose_lease_is_lost_is_stopped_and_writes_no_placement(
+    shard_servers: list[EmbeddedRedis], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A mover's keeper cancels its move once another mover took the lease (the move ends
+    in Unavailable, not mid-write); a placement written under a lease that is not the
+    writer's is refused in its script; a mover paused past its lease (its clock says so)
+    stops at its next step without asking Redis."""
+    async with Router.open(two_empty_shards(shard_servers)) as router:
+        lease = MoveLease(router.home, "p", "one", lease_s=0.3)
+        with pytest.raises(Unavailable, match="stopped: another mover took the lease"):
+            async with lease.held():
+                await router.home.redis.set(lease.key, "two", px=30_000)
+                await asyncio.sleep(5)  # cancelled within a renewal
+        placement = router.placement
+        assert not await placement.write("p", Placed(1), lease=(lease.key, "one"))
+        await placement.load()
+        assert "p" not in placement.explicit
+        assert await placement.write("p", Placed(1), lease=(lease.key, "two"))
+        paused = MoveLease(router.home, "q", "three")
+        async with paused.held():
+            paused.alive()
+            later = time.monotonic() + LEASE_S
+            monkeypatch.setattr(time, "monotonic", lambda: later)
+            with pytest.raises(Unavailable, match="it was paused"):
+                paused.alive()
 
 
 class Usurped(Mover):
