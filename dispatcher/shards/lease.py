@@ -3,12 +3,12 @@
 A move takes the project's lease on the home shard (its mover's token, `LEASE_S`) and
 renews it while it runs. Another move of the project meanwhile is refused; a move finds a
 move of the project that died (and finishes or undoes it) only once that mover's lease
-has lapsed. A mover that cannot keep its lease stops: its move is cancelled when a
-renewal finds the lease taken or gone, or when two renewals in a row fail, before the
-lease lapses in Redis; each step that copies or removes data first checks that the last
-renewal still stands by the mover's own clock (`alive`: a mover paused past its lease
-stops there), and each write of the placement checks the token in the same script
-(`Placement.write`). What a stopped mover leaves is its move's to finish.
+has lapsed. A mover that cannot keep its lease stops at its next step: each step that
+copies, moves or removes data first checks (`alive`) that no renewal found the lease
+taken or gone and that, by the mover's own clock, its last renewal still leaves a quarter
+of the lease (renewals failed, or the mover was paused); each write of the placement
+checks the token in the same script (`Placement.write`). What a stopped mover leaves is
+its move's to finish.
 """
 
 from __future__ import annotations
@@ -63,6 +63,7 @@ class MoveLease:
     token: str
     lease_s: float = LEASE_S
     say: Callable[[str], None] = print
+    clock: Callable[[], float] = time.monotonic  # the mover's own (a test's, paused)
     _until: float = field(default=0.0, init=False)  # monotonic: the last renewal's end
     _lost: str = field(default="", init=False)
 
@@ -72,10 +73,9 @@ class MoveLease:
 
     @contextlib.asynccontextmanager
     async def held(self) -> AsyncIterator[None]:
-        """Take the lease (Unavailable while another mover holds it), renewed meanwhile
-        (the block is cancelled, and raises Unavailable, when it cannot be), then given
-        back (a failure to give it back is said: it lapses)."""
-        sent = time.monotonic()
+        """Take the lease (Unavailable while another mover holds it), renewed meanwhile,
+        then given back (a failure to give it back is said: it lapses)."""
+        sent = self.clock()
         if not await self.home.redis.set(self.key, self.token, px=self._ms(), nx=True):
             left = max(await self.home.redis.pttl(self.key), 0) / 1000
             raise Unavailable(
@@ -83,15 +83,9 @@ class MoveLease:
                 f"within {left:.0f} s if that mover died): try again then"
             )
         self._until = sent + self.lease_s
-        body = asyncio.current_task()
-        assert body is not None
-        keeping = asyncio.create_task(self._keep(body))
+        keeping = asyncio.create_task(self._keep())
         try:
             yield
-        except asyncio.CancelledError:
-            if not self._lost or body.uncancel() > 0:
-                raise
-            raise Unavailable(f"{self.project}: this mover stopped: {self._lost}") from None
         finally:
             await cancel_all([keeping])
             try:
@@ -100,11 +94,13 @@ class MoveLease:
                 self.say(f"{self.project}: the move lease was not given back ({exc}): it lapses")
 
     def alive(self) -> None:
-        """Raise Unavailable unless the last renewal still stands by this mover's clock."""
-        if self._lost or time.monotonic() > self._until - self.lease_s / 10:
+        """Raise Unavailable when the lease is lost (a renewal found it taken or gone) or,
+        by this mover's clock, a quarter of it is all its last renewal has left (renewals
+        failed, or the mover was paused): the move stops there, before Redis lets it go."""
+        if self._lost or self.clock() > self._until - self.lease_s / 4:
             raise Unavailable(
-                f"{self.project}: this mover's lease may have lapsed "
-                f"({self._lost or 'it was paused'}): move it again"
+                f"{self.project}: this mover stopped: "
+                f"{self._lost or 'its lease may lapse (it was paused, or not renewed)'}"
             )
 
     async def fence(self) -> None:
@@ -112,34 +108,33 @@ class MoveLease:
         self.alive()
         if (kept := await self._renew()) != 1:
             self._lost = _LOST[kept]
-            raise Unavailable(f"{self.project}: {self._lost}")
+            raise Unavailable(f"{self.project}: this mover stopped: {self._lost}")
 
     async def _renew(self) -> int:
-        sent = time.monotonic()
+        sent = self.clock()
         kept = int(await KeepLease(self.key, self.token, self._ms()).run(self.home.redis))
         if kept == 1:
             self._until = sent + self.lease_s
         return kept
 
-    async def _keep(self, body: asyncio.Task[object]) -> None:
-        """Renew every third of the lease; cancel `body` when the lease is lost, or when
-        the renewals fail until less than a third of it is left."""
+    async def _keep(self) -> None:
+        """Renew every quarter of the lease (each try given an eighth); when a renewal
+        finds the lease taken or gone, mark it lost. The move itself checks (`alive`) at
+        each step: cancelling it mid-step could leave a job on two shards."""
         while True:
-            await asyncio.sleep(self.lease_s / 3)
+            await asyncio.sleep(self.lease_s / 4)
             try:
-                kept = await asyncio.wait_for(self._renew(), self.lease_s / 6)
+                kept = await asyncio.wait_for(self._renew(), self.lease_s / 8)
             except RENEWAL_ERRORS as exc:
                 self.say(f"{self.project}: the move lease was not renewed ({exc!r})")
-                if time.monotonic() < self._until - self.lease_s / 3:
-                    continue
-                kept = 0
+                continue
             if kept != 1:
                 self._lost = _LOST[kept]
-                body.cancel()
+                self.say(f"{self.project}: {self._lost}")
                 return
 
     def _ms(self) -> int:
         return int(self.lease_s * 1000)
 
 
-_LOST = {0: "this mover's lease lapsed: move it again", -1: "another mover took the lease"}
+_LOST = {0: "its lease lapsed: move it again", -1: "another mover took the lease"}

@@ -170,6 +170,7 @@ class Mover:
         if source != target:
             await self._move_from(project, source, target, lease)
             moved = True
+        lease.alive()
         await let_go(self.router.shards[target], project)
         hashed = rendezvous(project, placement.active) == target
         await self._place(lease, project, None if hashed else Placed(target))
@@ -228,6 +229,7 @@ class Mover:
                 self.say(f"{project}: finishing its move from shard {index}")
                 await self._finish(old, dst, project, index, lease)
                 finished = True
+        lease.alive()
         await let_go(dst, project)
         return finished
 
@@ -248,6 +250,7 @@ class Mover:
         """After the flip: drain the old shard, copy the history written meanwhile, clean."""
         moved = await self._drain(src, dst, project)
         self.say(f"{project}: {moved} queued job(s) moved; cleaning shard {source}")
+        lease.alive()
         await self._copy_history(src, dst, project)
         await lease.fence()
         await forget(src, project, lease.alive)
@@ -259,6 +262,7 @@ class Mover:
         for user, role in (await src.roles.list(project)).items():
             self._alive()
             await dst.roles.grant(project, user, role)
+        self._alive()
         await self._copy_history(src, dst, project)
 
     @staticmethod
@@ -273,6 +277,7 @@ class Mover:
         the old shard, until none is left and none came for a settle."""
         moved, quiet_since, said = 0, time.monotonic(), time.monotonic()
         while True:
+            self._alive()
             found, taken, staying = await self._move_jobs(src, dst, project)
             moved += taken
             if found or staying:
