@@ -14,7 +14,7 @@ from dispatcher.history.redis import RedisHistory, Sweep
 from dispatcher.lua import run_pipeline
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator
+    from collections.abc import AsyncIterator, Callable
 
     from redis.asyncio.client import Pipeline
 
@@ -48,10 +48,14 @@ async def _records(
             yield [(record, int(record["id"]) in dead) for record in records]
 
 
-async def copy_project(source: RedisHistory, target: RedisHistory, project_id: str) -> int:
-    """Write every record of the project on `source` to `target`; returns how many."""
+async def copy_project(
+    source: RedisHistory, target: RedisHistory, project_id: str, alive: Callable[[], None]
+) -> int:
+    """Write every record of the project on `source` to `target`; returns how many.
+    `alive` is checked before each page's write (it raises to stop: a mover's lease)."""
     copied = 0
     async for page in _records(source, project_id):
+        alive()
 
         def write(pipe: Pipeline, page: list[tuple[AttemptRecord, bool]] = page) -> None:
             for record, dead in page:
@@ -62,14 +66,19 @@ async def copy_project(source: RedisHistory, target: RedisHistory, project_id: s
     return copied
 
 
-async def forget_project(history: RedisHistory, project_id: str) -> int:
+async def forget_project(history: RedisHistory, project_id: str, alive: Callable[[], None]) -> int:
     """Remove every record of the project, its indexes and dead letters; returns how many
-    records. (A delivery's attempts index expires with its records.)"""
+    records. (A delivery's attempts index expires with its records.) `alive` is checked
+    before each page's removal."""
     keys, redis, removed = history.keys, history.redis, 0
     for index in await _indexes(history, project_id):
         sweep = Sweep.of(keys, index, "+inf", PAGE)
-        while n := int(await sweep.run(redis)):
+        while True:
+            alive()
+            if not (n := int(await sweep.run(redis))):
+                break
             removed += n
+    alive()
     dead_key = keys.history_dead(project_id)
     ids = await redis.zrange(dead_key, 0, -1)
 

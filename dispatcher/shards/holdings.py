@@ -62,4 +62,4 @@ async def forget(services: Services, project: str, alive: Callable[[], None]) ->
     if isinstance(services.history, RedisHistory):
         from dispatcher.history.moving import forget_project
 
-        await forget_project(services.history, project)
+        await forget_project(services.history, project, alive)

@@ -239,6 +239,7 @@ class Mover:
         self.say(f"{project}: undoing its move to shard {index}")
         await lease.fence()
         await forget(self.router.shards[index], project, lease.alive)
+        lease.alive()
         await let_go(self.router.shards[index], project)
 
     async def settle(self) -> None:
@@ -265,12 +266,11 @@ class Mover:
         self._alive()
         await self._copy_history(src, dst, project)
 
-    @staticmethod
-    async def _copy_history(src: Services, dst: Services, project: str) -> None:
+    async def _copy_history(self, src: Services, dst: Services, project: str) -> None:
         if isinstance(src.history, RedisHistory) and isinstance(dst.history, RedisHistory):
             from dispatcher.history.moving import copy_project
 
-            await copy_project(src.history, dst.history, project)
+            await copy_project(src.history, dst.history, project, self._alive)
 
     async def _drain(self, src: Services, dst: Services, project: str) -> int:
         """Move the project's queued jobs, and wait for those that stay (`_where`) to end on

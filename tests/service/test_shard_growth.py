@@ -18,6 +18,8 @@ from dispatcher.auth import Role
 from dispatcher.clock import now_ms
 from dispatcher.embedded import EmbeddedRedis
 from dispatcher.errors import Unavailable
+from dispatcher.history.moving import copy_project, forget_project
+from dispatcher.history.redis import RedisHistory
 from dispatcher.models import Region
 from dispatcher.placement import Placed, rendezvous
 from dispatcher.producer import Producer
@@ -327,9 +329,9 @@ async def test_a_lease_is_renewed_while_its_move_runs_and_given_back(
     """Held past its length, a mover's lease is still its own (renewed meanwhile); given
     back when the move ends."""
     async with Router.open(two_empty_shards(shard_servers)) as router:
-        lease = MoveLease(router.home, "p", "one", lease_s=2.0)
+        lease = MoveLease(router.home, "p", "one", lease_s=4.0)
         async with lease.held():
-            await asyncio.sleep(3.0)
+            await asyncio.sleep(5.0)
             assert await router.home.redis.get(lease.key) == b"one"
             lease.alive()
             await lease.fence()
@@ -369,6 +371,34 @@ async def test_a_mover_whose_lease_is_lost_stops_at_its_next_step(
             now[0] += paused.lease_s  # its process was stopped that long
             with pytest.raises(Unavailable, match="it was paused"):
                 paused.alive()
+
+
+async def test_a_history_copy_or_removal_stops_when_its_mover_does(
+    shard_servers: list[EmbeddedRedis], receiver: Receiver
+) -> None:
+    """The history of a project is copied and removed a page at a time, its mover's lease
+    checked before each page: a mover that lost it writes and removes nothing more."""
+    project = next(p for p in PROJECTS if rendezvous(p, 2) == 0)
+    async with registered_on_0(shard_servers, receiver, project) as router:
+        old, new = router.shards
+        async with Producer(router.settings) as producer:
+            await producer.emit_many([(project, "BUILD_END", {"n": 1})])
+        await run_burst(router.settings)
+        assert isinstance(old.history, RedisHistory) and isinstance(new.history, RedisHistory)
+
+        def lost() -> None:
+            raise Unavailable(f"{project}: this mover stopped: another mover took the lease")
+
+        with pytest.raises(Unavailable):
+            await copy_project(old.history, new.history, project, lost)
+        with pytest.raises(Unavailable):
+            await forget_project(old.history, project, lost)
+        assert not await holds(new, project)  # no record copied
+        now = now_ms()
+        found = await old.history.query(
+            project, receiver.url("/hook"), "BUILD_END", start_ms=now - 600_000, end_ms=now + 1
+        )
+        assert len(found.records) == 1  # none removed
 
 
 class Usurped(Mover):
