@@ -69,6 +69,9 @@ class Settings(BaseSettings):
         description="Seconds between a process's checks of the explicit placements of "
         "projects (written by `dispatcher shards move`); with one shard, never read.",
     )
+    move_lease: float = Field(
+        default=30.0, gt=0, le=600, description="Seconds a mover's lease on a project lasts."
+    )
     redis_sentinel_password: SecretStr | None = Field(
         default=None,
         description="Password of the sentinels themselves (their requirepass), when they have "

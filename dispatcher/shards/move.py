@@ -148,7 +148,13 @@ class Mover:
             raise InvalidInput(f"{project!r} is not a project that lives on one shard")
         if not 0 <= target < len(self.router.shards):
             raise InvalidInput(f"there is no shard {target}")
-        lease = MoveLease(self.router.home, project, self.token, say=self.say)
+        lease = MoveLease(
+            self.router.home,
+            project,
+            self.token,
+            lease_s=self.router.settings.move_lease,
+            say=self.say,
+        )
         async with lease.held():
             self._alive = lease.alive
             try:

@@ -17,9 +17,11 @@ from dispatcher.embedded import EmbeddedRedis
 from dispatcher.models import Region
 from dispatcher.producer import Producer
 from dispatcher.registry import Registration
+from dispatcher.shards.holdings import holds
+from dispatcher.shards.lanes import hold_source
 from dispatcher.shards.router import Router
 from tests.cluster import grown
-from tests.helpers import Receiver, make_settings, start_worker, until
+from tests.helpers import Receiver, make_settings, start_process, start_worker, until
 
 EVENTS_PER_PROJECT = 10
 
@@ -101,3 +103,76 @@ async def _succeeded(router: Router, projects: list[str], url: str) -> set[str |
         )
         found |= {r.event_id for r in page.records if r.status.value == "SUCCESS"}
     return found
+
+
+async def test_a_mover_paused_past_its_lease_stops_and_the_next_one_finishes_its_move(
+    shard_servers: list[EmbeddedRedis],
+    receiver: Receiver,
+    workers: list[subprocess.Popen[bytes]],
+    tmp_path: Path,
+) -> None:
+    """`dispatcher shards move P --to 1` is SIGSTOPped while it waits for the freeze to
+    settle, past its lease; a second mover takes the lease and moves P while a worker
+    process delivers P's events; the first, SIGCONTed, stops at its next step (exit 1)
+    without touching what the second one did. Every event ends in a SUCCESS record on
+    shard 1, and nothing of P is left on shard 0."""
+    for server in shard_servers:
+        sync_redis.Redis.from_url(server.url).flushall()
+    urls = [server.url for server in shard_servers]
+    settings = await grown(make_settings(urls[0], redis_shards=urls, placement_refresh=0.2))
+    env = {
+        "DISPATCHER_REDIS_SHARDS": json.dumps(urls),
+        "DISPATCHER_PLACEMENT_REFRESH": "0.5",  # a mover settles 1.5 s at each step
+        "DISPATCHER_MOVE_LEASE": "2",
+    }
+    url = receiver.url("/hook")
+    log = tmp_path / "processes.log"
+    async with Router.open(settings) as router:
+        project = next(p for p in (f"p{n}" for n in range(100)) if router.of(p).shard.index == 0)
+        await router.of(project).register(
+            Registration(project, url, Region.DEVNET, "test", "t"), "BUILD_END"
+        )
+        workers.append(start_worker(urls[0], log, **env))
+        async with Producer(settings) as producer:
+            ids = await producer.emit_many([(project, "BUILD_END", {"n": n}) for n in range(5)])
+            first = start_process(["shards", "move", project, "--to", "1"], urls[0], log, **env)
+            workers.append(first)
+
+            async def frozen() -> bool:
+                await router.placement.load()
+                placed = router.placement.explicit.get(project)
+                return placed is not None and placed.moving_to == 1
+
+            await until(frozen, 20, "the first mover freezing the project")
+            first.send_signal(signal.SIGSTOP)  # in its settle, its lease held
+            lease = router.home.keys.move_lease(project)
+
+            async def lapsed() -> bool:
+                return not await router.home.redis.exists(lease)
+
+            await until(lapsed, 10, "the paused mover's lease to lapse")
+            ids += await producer.emit_many(
+                [(project, "BUILD_END", {"n": n}) for n in range(5, 10)]
+            )
+            second = start_process(["shards", "move", project, "--to", "1"], urls[0], log, **env)
+            workers.append(second)
+            assert await asyncio.to_thread(second.wait, 60) == 0
+            first.send_signal(signal.SIGCONT)
+            assert await asyncio.to_thread(first.wait, 30) == 1
+            ids += await producer.emit_many(
+                [(project, "BUILD_END", {"n": n}) for n in range(10, 15)]
+            )
+        await router.placement.load()
+        assert router.of(project).shard.index == 1
+
+        async def every_event_recorded() -> bool:
+            return await _succeeded(router, [project], url) == set(ids)
+
+        await until(every_event_recorded, 40, "a SUCCESS record for every event, on shard 1")
+        old, new = router.shards
+        assert not await holds(old, project)
+        assert await hold_source(new, project) is None
+        assert (await new.callbacks(project)).count == 1
+    assert "this mover stopped" in log.read_text()
+    delivered = {seen.headers["webhook-id"] for seen in receiver.requests("/hook")}
+    assert len(delivered) == len(ids)  # every delivery made (repeats under the same id)
