@@ -1,4 +1,5 @@
-"""A worker process serving two shards, SIGKILLed mid-delivery: nothing is lost on either."""
+"""Shards under faults: a worker process serving two shards SIGKILLed mid-delivery; a
+mover SIGSTOPped past its lease, or SIGKILLed after its flip: nothing is lost on either."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from dispatcher.embedded import EmbeddedRedis
 from dispatcher.models import Region
 from dispatcher.producer import Producer
 from dispatcher.registry import Registration
+from dispatcher.settings import Settings
 from dispatcher.shards.holdings import holds
 from dispatcher.shards.lanes import hold_source
 from dispatcher.shards.router import Router
@@ -116,15 +118,7 @@ async def test_a_mover_paused_past_its_lease_stops_and_the_next_one_finishes_its
     process delivers P's events; the first, SIGCONTed, stops at its next step (exit 1)
     without touching what the second one did. Every event ends in a SUCCESS record on
     shard 1, and nothing of P is left on shard 0."""
-    for server in shard_servers:
-        sync_redis.Redis.from_url(server.url).flushall()
-    urls = [server.url for server in shard_servers]
-    settings = await grown(make_settings(urls[0], redis_shards=urls, placement_refresh=0.2))
-    env = {
-        "DISPATCHER_REDIS_SHARDS": json.dumps(urls),
-        "DISPATCHER_PLACEMENT_REFRESH": "0.5",  # a mover settles 1.5 s at each step
-        "DISPATCHER_MOVE_LEASE": "2",
-    }
+    urls, settings, env = await _movers_shards(shard_servers)
     url = receiver.url("/hook")
     log = tmp_path / "processes.log"
     async with Router.open(settings) as router:
@@ -165,14 +159,100 @@ async def test_a_mover_paused_past_its_lease_stops_and_the_next_one_finishes_its
         await router.placement.load()
         assert router.of(project).shard.index == 1
 
-        async def every_event_recorded() -> bool:
-            return await _succeeded(router, [project], url) == set(ids)
-
-        await until(every_event_recorded, 40, "a SUCCESS record for every event, on shard 1")
-        old, new = router.shards
-        assert not await holds(old, project)
-        assert await hold_source(new, project) is None
-        assert (await new.callbacks(project)).count == 1
+        await _moved_whole(router, project, url, ids)
+        assert (await router.shards[1].callbacks(project)).count == 1
     assert "this mover stopped" in log.read_text()
     delivered = {seen.headers["webhook-id"] for seen in receiver.requests("/hook")}
     assert len(delivered) == len(ids)  # every delivery made (repeats under the same id)
+
+
+async def test_a_mover_killed_after_its_flip_has_its_move_finished_by_the_next(
+    shard_servers: list[EmbeddedRedis],
+    receiver: Receiver,
+    workers: list[subprocess.Popen[bytes]],
+    tmp_path: Path,
+) -> None:
+    """`dispatcher shards move P --to 1` is SIGKILLed right after it flipped P's placement,
+    while a worker process is still delivering P's events queued on shard 0 (the receiver
+    answers once the mover is dead): their records are written on shard 0 after the mover
+    copied P's history. The next move of P, once the dead mover's lease lapsed, finishes
+    that move: every event's SUCCESS record is on shard 1, nothing of P is left on shard
+    0, its lanes there are let go."""
+    urls, settings, env = await _movers_shards(shard_servers)
+    answer = asyncio.Event()
+
+    async def held(request: web.Request) -> web.StreamResponse:
+        await answer.wait()
+        return web.Response(text="ok")
+
+    url = receiver.script("/hook", held)
+    log = tmp_path / "processes.log"
+    async with Router.open(settings) as router:
+        project = next(p for p in (f"p{n}" for n in range(100)) if router.of(p).shard.index == 0)
+        await router.of(project).register(
+            Registration(project, url, Region.DEVNET, "test", "t"), "BUILD_END"
+        )
+        slow = {"DISPATCHER_TOTAL_TIMEOUT": "30", "DISPATCHER_JOB_TIMEOUT": "40"}
+        workers.append(start_worker(urls[0], log, **env, **slow))
+        async with Producer(settings) as producer:
+            ids = await producer.emit_many([(project, "BUILD_END", {"n": n}) for n in range(5)])
+        await until(lambda: _started(receiver, 5), 20, "the first deliveries under way")
+        mover = start_process(["shards", "move", project, "--to", "1"], urls[0], log, **env)
+        workers.append(mover)
+
+        async def flipped() -> bool:
+            await router.placement.load()
+            placed = router.placement.explicit.get(project)
+            return placed is not None and placed.moving_to is None and placed.index == 1
+
+        await until(flipped, 20, "the mover flipping the project's placement")
+        mover.send_signal(signal.SIGKILL)
+        mover.wait(timeout=5)
+        answer.set()  # their records go to shard 0 now, after the dead mover's copy
+        async with Producer(settings) as producer:  # on shard 1 now
+            ids += await producer.emit_many([(project, "BUILD_END", {"n": n}) for n in range(5, 8)])
+        deadline = time.monotonic() + 30
+        while True:  # refused while the dead mover's lease holds
+            again = start_process(["shards", "move", project, "--to", "1"], urls[0], log, **env)
+            workers.append(again)
+            if await asyncio.to_thread(again.wait, 60) == 0:
+                break
+            assert time.monotonic() < deadline, "the next move never took the lease"
+            await asyncio.sleep(0.5)
+
+        await _moved_whole(router, project, url, ids)
+    assert f"{project}: finishing its move from shard 0" in log.read_text()
+
+
+async def _movers_shards(
+    shard_servers: list[EmbeddedRedis],
+) -> tuple[list[str], Settings, dict[str, str]]:
+    """The two shards emptied and in use: their URLs, settings, and the environment of
+    the processes (a mover settles 1.5 s at each step; its lease lasts 2 s)."""
+    for server in shard_servers:
+        sync_redis.Redis.from_url(server.url).flushall()
+    urls = [server.url for server in shard_servers]
+    settings = await grown(make_settings(urls[0], redis_shards=urls, placement_refresh=0.2))
+    env = {
+        "DISPATCHER_REDIS_SHARDS": json.dumps(urls),
+        "DISPATCHER_PLACEMENT_REFRESH": "0.5",
+        "DISPATCHER_MOVE_LEASE": "2",
+    }
+    return urls, settings, env
+
+
+async def _moved_whole(router: Router, project: str, url: str, ids: list[str]) -> None:
+    """Every event of `project` has its SUCCESS record on shard 1; nothing of it is left
+    on shard 0, no hold on shard 1."""
+
+    async def every_event_recorded() -> bool:
+        return await _succeeded(router, [project], url) == set(ids)
+
+    await until(every_event_recorded, 40, "a SUCCESS record for every event, on shard 1")
+    old, new = router.shards
+    assert not await holds(old, project)
+    assert await hold_source(new, project) is None
+
+
+async def _started(receiver: Receiver, n: int) -> bool:
+    return len(receiver.requests()) >= n
