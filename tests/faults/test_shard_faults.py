@@ -139,17 +139,18 @@ async def test_a_mover_paused_past_its_lease_stops_and_the_next_one_finishes_its
 
             await until(frozen, 20, "the first mover freezing the project")
             first.send_signal(signal.SIGSTOP)  # in its settle, its lease held
+            assert await frozen() and await hold_source(router.shards[1], project) is None
             lease = router.home.keys.move_lease(project)
 
             async def lapsed() -> bool:
                 return not await router.home.redis.exists(lease)
 
-            await until(lapsed, 10, "the paused mover's lease to lapse")
-            ids += await producer.emit_many(
-                [(project, "BUILD_END", {"n": n}) for n in range(5, 10)]
-            )
+            await until(lapsed, 20, "the paused mover's lease to lapse")
             second = start_process(["shards", "move", project, "--to", "1"], urls[0], log, **env)
             workers.append(second)
+            ids += await producer.emit_many(  # during the second move
+                [(project, "BUILD_END", {"n": n}) for n in range(5, 10)]
+            )
             assert await asyncio.to_thread(second.wait, 60) == 0
             first.send_signal(signal.SIGCONT)
             assert await asyncio.to_thread(first.wait, 30) == 1
@@ -209,34 +210,46 @@ async def test_a_mover_killed_after_its_flip_has_its_move_finished_by_the_next(
         mover.send_signal(signal.SIGKILL)
         mover.wait(timeout=5)
         answer.set()  # their records go to shard 0 now, after the dead mover's copy
+        old = router.shards[0]
+
+        async def recorded_on_old() -> bool:
+            now = now_ms()
+            page = await old.history.query(
+                project, url, "BUILD_END", start_ms=now - 120_000, end_ms=now + 60_000
+            )
+            return len(page.records) == len(ids)
+
+        await until(recorded_on_old, 20, "the first events' records, on shard 0")
         async with Producer(settings) as producer:  # on shard 1 now
             ids += await producer.emit_many([(project, "BUILD_END", {"n": n}) for n in range(5, 8)])
         deadline = time.monotonic() + 30
-        while True:  # refused while the dead mover's lease holds
-            again = start_process(["shards", "move", project, "--to", "1"], urls[0], log, **env)
+        for attempt in range(100):  # refused while the dead mover's lease holds
+            said = tmp_path / f"move-{attempt}.log"
+            again = start_process(["shards", "move", project, "--to", "1"], urls[0], said, **env)
             workers.append(again)
             if await asyncio.to_thread(again.wait, 60) == 0:
                 break
+            assert "another move of it is under way" in said.read_text(), said.read_text()
             assert time.monotonic() < deadline, "the next move never took the lease"
             await asyncio.sleep(0.5)
 
         await _moved_whole(router, project, url, ids)
-    assert f"{project}: finishing its move from shard 0" in log.read_text()
+    assert f"{project}: finishing its move from shard 0" in said.read_text()
 
 
 async def _movers_shards(
     shard_servers: list[EmbeddedRedis],
 ) -> tuple[list[str], Settings, dict[str, str]]:
     """The two shards emptied and in use: their URLs, settings, and the environment of
-    the processes (a mover settles 1.5 s at each step; its lease lasts 2 s)."""
+    the processes (a mover settles 3 s at each step; its lease lasts 4 s)."""
     for server in shard_servers:
         sync_redis.Redis.from_url(server.url).flushall()
     urls = [server.url for server in shard_servers]
     settings = await grown(make_settings(urls[0], redis_shards=urls, placement_refresh=0.2))
     env = {
         "DISPATCHER_REDIS_SHARDS": json.dumps(urls),
-        "DISPATCHER_PLACEMENT_REFRESH": "0.5",
-        "DISPATCHER_MOVE_LEASE": "2",
+        "DISPATCHER_PLACEMENT_REFRESH": "1",
+        "DISPATCHER_MOVE_LEASE": "4",
     }
     return urls, settings, env
 
