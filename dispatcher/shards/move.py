@@ -226,7 +226,8 @@ class Mover:
             if len(olds) > 1:
                 raise Unavailable(
                     f"{project}: a move of it died after its flip, and shards {olds} all "
-                    "hold its data: which it came from is not known; see the README"
+                    "hold its data: its hold (the version before's) does not say which one "
+                    "it came from, so nothing is moved"
                 )
         finished = False
         for index in olds:
@@ -279,8 +280,8 @@ class Mover:
             await copy_project(src.history, dst.history, project, self._alive)
 
     async def _drain(self, src: Services, dst: Services, project: str) -> int:
-        """Move the project's queued jobs, and wait for those that stay (`_where`) to end on
-        the old shard, until none is left and none came for a settle."""
+        """Move the project's queued jobs, and wait for those that stay (`queued.where_to`)
+        to end on the old shard, until none is left and none came for a settle."""
         moved, quiet_since, said = 0, time.monotonic(), time.monotonic()
         while True:
             self._alive()
@@ -300,7 +301,7 @@ class Mover:
 
     async def _move_jobs(self, src: Services, dst: Services, project: str) -> tuple[int, int, int]:
         """One pass over the old shard's queue: (the project's jobs seen, those moved, those
-        left to finish there: see `_where`)."""
+        left to finish there: see `queued.where_to`)."""
         claims = Claims(src.redis, src.keys, self.token, LEASE_S)
         ordered = await ordered_on(src, project)
         seen = taken = staying = start = 0
