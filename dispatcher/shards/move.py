@@ -95,9 +95,10 @@ class Mover:
         await placement.write_counts(old, new)
         await self.settle()  # every process now freezes the projects that would move
         pinned = []
-        for project, index in (await self.known(old)).items():
-            if project not in placement.explicit and rendezvous(project, new) != index:
-                await placement.write(project, Placed(index))
+        for project in await self.known(old):
+            home = rendezvous(project, old)  # placed by the hash: its data is there
+            if project not in placement.explicit and rendezvous(project, new) != home:
+                await placement.write(project, Placed(home))
                 pinned.append(project)
         await placement.write_counts(new, None)
         await self.settle()
@@ -105,12 +106,11 @@ class Mover:
         self.say(f"{new} shards in use; {len(pinned)} project(s) pinned, to move: rebalance")
         return pinned
 
-    async def known(self, count: int) -> dict[str, int]:
+    async def known(self, count: int) -> set[str]:
         """The projects with callbacks, roles or history on the first `count` shards."""
-        found: dict[str, int] = {}
+        found: set[str] = set()
         for services in self.router.shards[:count]:
-            for project in await projects_on(services):
-                found.setdefault(project, services.shard.index)
+            found |= await projects_on(services)
         return found
 
     async def sync(self) -> int:

@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import orjson
 import pytest
@@ -552,3 +553,34 @@ async def test_a_project_id_is_looked_for_literally_on_a_shard(
         index = k.history_index("p-*", "BUILD_END", "u")
         await services.redis.sadd(k.HISTORY_INDEXES, index)  # type: ignore[misc]  # sync|async
         assert await holds(services, "p-*")
+
+
+async def test_growing_pins_a_project_where_the_hash_put_it_not_where_a_stale_copy_is(
+    shard_servers: list[EmbeddedRedis], tmp_path: Path
+) -> None:
+    """Two shards grow to three. A project the hash put on shard 1 also has a stale copy
+    on shard 0 (a move of the version before, undone halfway): `grow` pins it to shard 1,
+    where its data and events are. It pinned it to the lowest shard holding anything of
+    it, shard 0, and its events went to the stale copy (fourth review)."""
+    third = EmbeddedRedis(tmp_path / "shard2", persist=False)
+    third.start()
+    try:
+        servers = [*shard_servers, third]
+        for server in servers:
+            sync_redis.Redis.from_url(server.url).flushall()
+        urls = [server.url for server in servers]
+        two = make_settings(urls[0], redis_shards=urls[:2])
+        async with Router.open(two) as router:
+            await Mover(router, lambda _: None, settle_s=0.001).grow()
+            project = "p3"  # on shard 1 over two shards, elsewhere over three
+            assert router.of(project).shard.index == 1
+            for services in router.shards:  # its data, and a stale copy on shard 0
+                await services.register(
+                    Registration(project, "http://127.0.0.1:9/x", Region.DEVNET, "t"), "BUILD_END"
+                )
+        async with Router.open(make_settings(urls[0], redis_shards=urls)) as router:
+            assert rendezvous(project, 3) != 1
+            assert await Mover(router, lambda _: None, settle_s=0.001).grow() == [project]
+            assert router.placement.explicit[project] == Placed(1)
+    finally:
+        third.stop()
