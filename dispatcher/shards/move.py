@@ -3,12 +3,13 @@ under load, nothing lost (`dispatcher shards grow`, `rebalance`, `move`).
 
 `grow` (after the longer list is on every process; until then the new shards take no
 project): it freezes the callbacks and roles of the projects that the longer list would
-move (`:growing`), pins each one that has data to the shard that holds it, then puts the
-longer list in use and copies the platform-wide callbacks and the `*` roles to the new
-shards. New projects go to the new shards from then on; the pinned ones stay where they
-are until moved.
+move (`:growing`), pins each one that has data to the shard the hash put it on (where its
+data and events are, whatever stale copy another shard holds), then puts the longer list in
+use and copies the platform-wide callbacks and the `*` roles to the new shards. New
+projects go to the new shards from then on; the pinned ones stay where they are until
+moved.
 
-`move` (one project, `rebalance` every pinned one whose hash says another shard):
+`move` (one project; `rebalance` every one placed explicitly, to where its hash says):
   1. freeze its callbacks and roles (placement `from>to`), and wait until every process
      has seen it (`settle`: three placement refreshes);
   2. copy its callbacks (ids kept) and roles to the new shard, and its Redis history;
