@@ -67,10 +67,6 @@ LEASE_S = 30.0
 SAY_EVERY_S = 10.0  # how often a move waiting for jobs to finish on the old shard says so
 
 
-def _unleased() -> None:
-    """`Mover._alive` outside a move: nothing to check."""
-
-
 @dataclass
 class Mover:
     """Moves projects between the shards of `router`, saying what it does with `say`."""
@@ -79,8 +75,6 @@ class Mover:
     say: Callable[[str], None] = print
     settle_s: float = 0.0
     token: str = field(default_factory=lambda: f"mover:{time.time_ns()}")
-    # during a move: raises unless its lease still stands (`MoveLease.alive`)
-    _alive: Callable[[], None] = field(default_factory=lambda: _unleased, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if not self.settle_s:
@@ -157,12 +151,8 @@ class Mover:
             say=self.say,
         )
         async with lease.held():
-            self._alive = lease.alive
-            try:
-                await self.router.placement.load()  # as the mover before may have left it
-                return await self._move(project, target, lease)
-            finally:
-                self._alive = _unleased
+            await self.router.placement.load()  # as the mover before may have left it
+            return await self._move(project, target, lease)
 
     async def _move(self, project: str, target: int, lease: MoveLease) -> bool:
         placement = self.router.placement
@@ -192,7 +182,7 @@ class Mover:
         await self.settle()
         await lease.fence()
         await hold(dst, project, source)
-        await self._copy(src, dst, project)
+        await self._copy(src, dst, project, lease.alive)
         await self._place(lease, project, Placed(target))
         await self.settle()
         await lease.fence()
@@ -217,29 +207,24 @@ class Mover:
                 f"{project}: a move of it from shard {came_from} died after its flip, and "
                 f"{len(self.router.shards)} shards are listed: list that shard again"
             )
-        if came_from >= 0:
-            olds = [came_from] if came_from != current else []
-        else:  # the version before's hold: the one other shard that holds the project
-            olds = [
-                i for i, old in enumerate(self.router.shards)
-                if i != current and await holds(old, project)
-            ]  # fmt: skip
-            if len(olds) > 1:
-                raise Unavailable(
-                    f"{project}: a move of it died after its flip, and shards {olds} all "
-                    "hold its data: its hold (the version before's) does not say which one "
-                    "it came from, so nothing is moved"
-                )
-        finished = False
+        # the version before's hold (-1) names none: the one other shard holding the project
+        candidates = [came_from] if came_from >= 0 else range(len(self.router.shards))
+        olds = [
+            i for i in candidates
+            if i != current and await holds(self.router.shards[i], project)
+        ]  # fmt: skip
+        if len(olds) > 1:
+            raise Unavailable(
+                f"{project}: a move of it died after its flip, and shards {olds} all "
+                "hold its data: its hold (the version before's) does not say which one "
+                "it came from, so nothing is moved"
+            )
         for index in olds:
-            old = self.router.shards[index]
-            if await holds(old, project):
-                self.say(f"{project}: finishing its move from shard {index}")
-                await self._finish(old, dst, project, index, lease)
-                finished = True
+            self.say(f"{project}: finishing its move from shard {index}")
+            await self._finish(self.router.shards[index], dst, project, index, lease)
         lease.alive()
         await let_go(dst, project)
-        return finished
+        return bool(olds)
 
     async def _abandon(self, project: str, index: int, lease: MoveLease) -> None:
         """Undo a move to shard `index` that died before its flip: its copies there go, and
@@ -257,36 +242,43 @@ class Mover:
         self, src: Services, dst: Services, project: str, source: int, lease: MoveLease
     ) -> None:
         """After the flip: drain the old shard, copy the history written meanwhile, clean."""
-        moved = await self._drain(src, dst, project)
+        moved = await self._drain(src, dst, project, lease.alive)
         self.say(f"{project}: {moved} queued job(s) moved; cleaning shard {source}")
-        lease.alive()
-        await self._copy_history(src, dst, project)
+        await self._copy_history(src, dst, project, lease.alive)
         await lease.fence()
         await forget(src, project, lease.alive)
 
-    async def _copy(self, src: Services, dst: Services, project: str) -> None:
+    async def _copy(
+        self, src: Services, dst: Services, project: str, alive: Callable[[], None]
+    ) -> None:
+        """Copy the project's callbacks, roles and Redis history, `alive` checked before
+        each write (it raises to stop: the mover's lease)."""
         rows = await read_rows(src.registry, await callback_ids(src.registry, project))
-        self._alive()
+        alive()
         await put_rows(dst.registry, [row for row in rows if row])
         for user, role in (await src.roles.list(project)).items():
-            self._alive()
+            alive()
             await dst.roles.grant(project, user, role)
-        self._alive()
-        await self._copy_history(src, dst, project)
+        await self._copy_history(src, dst, project, alive)
 
-    async def _copy_history(self, src: Services, dst: Services, project: str) -> None:
+    @staticmethod
+    async def _copy_history(
+        src: Services, dst: Services, project: str, alive: Callable[[], None]
+    ) -> None:
         if isinstance(src.history, RedisHistory) and isinstance(dst.history, RedisHistory):
             from dispatcher.history.moving import copy_project
 
-            await copy_project(src.history, dst.history, project, self._alive)
+            await copy_project(src.history, dst.history, project, alive)
 
-    async def _drain(self, src: Services, dst: Services, project: str) -> int:
+    async def _drain(
+        self, src: Services, dst: Services, project: str, alive: Callable[[], None]
+    ) -> int:
         """Move the project's queued jobs, and wait for those that stay (`queued.where_to`)
         to end on the old shard, until none is left and none came for a settle."""
         moved, quiet_since, said = 0, time.monotonic(), time.monotonic()
         while True:
-            self._alive()
-            found, taken, staying = await self._move_jobs(src, dst, project)
+            alive()
+            found, taken, staying = await self._move_jobs(src, dst, project, alive)
             moved += taken
             if found or staying:
                 quiet_since = time.monotonic()
@@ -300,7 +292,9 @@ class Mover:
                 self.say(f"{project}: waiting for {staying} job(s) or lane(s) to end there")
             await asyncio.sleep(min(0.2 if found or not staying else 1.0, self.settle_s))
 
-    async def _move_jobs(self, src: Services, dst: Services, project: str) -> tuple[int, int, int]:
+    async def _move_jobs(
+        self, src: Services, dst: Services, project: str, alive: Callable[[], None]
+    ) -> tuple[int, int, int]:
         """One pass over the old shard's queue: (the project's jobs seen, those moved, those
         left to finish there: see `queued.where_to`)."""
         claims = Claims(src.redis, src.keys, self.token, LEASE_S)
@@ -313,7 +307,7 @@ class Mover:
                 where = "" if data is None else where_to(data, project, ordered)
                 moved = None
                 if where in (MOVE, UNLESS_BEGUN):
-                    self._alive()
+                    alive()
                     moved = await self._move_job(
                         src, dst, claims, raw_id.decode(), data, unless_begun=where == UNLESS_BEGUN
                     )

@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import orjson
@@ -163,8 +163,10 @@ class FirstPassThenDue(Mover):
 
     job_id = ""
 
-    async def _move_jobs(self, src: Services, dst: Services, project: str) -> tuple[int, int, int]:
-        found = await super()._move_jobs(src, dst, project)
+    async def _move_jobs(
+        self, src: Services, dst: Services, project: str, alive: Callable[[], None]
+    ) -> tuple[int, int, int]:
+        found = await super()._move_jobs(src, dst, project, alive)
         for shard in (src, dst):
             await shard.redis.zadd(shard.keys.QUEUE, {self.job_id: now_ms()}, xx=True, lt=True)
         return found
@@ -453,7 +455,7 @@ async def dead_before(dead: Mover, project: str, *, flipped: bool, legacy: bool 
         await new.redis.set(new.keys.lanes_hold(project), "1")
     else:
         await hold(new, project, 0)
-    await dead._copy(old, new, project)
+    await dead._copy(old, new, project, lambda: None)
     if flipped:
         await router.placement.write(project, Placed(1))
         await dead.settle()
