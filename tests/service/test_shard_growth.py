@@ -564,13 +564,7 @@ async def test_growing_pins_a_project_where_the_hash_put_it_not_where_a_stale_co
     on shard 0 (a move of the version before, undone halfway): `grow` pins it to shard 1,
     where its data and events are. It pinned it to the lowest shard holding anything of
     it, shard 0, and its events went to the stale copy (fourth review)."""
-    third = EmbeddedRedis(tmp_path / "shard2", persist=False)
-    third.start()
-    try:
-        servers = [*shard_servers, third]
-        for server in servers:
-            sync_redis.Redis.from_url(server.url).flushall()
-        urls = [server.url for server in servers]
+    async with three_shards(shard_servers, tmp_path) as urls:
         two = make_settings(urls[0], redis_shards=urls[:2])
         async with Router.open(two) as router:
             await Mover(router, lambda _: None, settle_s=0.001).grow()
@@ -584,5 +578,64 @@ async def test_growing_pins_a_project_where_the_hash_put_it_not_where_a_stale_co
             assert rendezvous(project, 3) != 1
             assert await Mover(router, lambda _: None, settle_s=0.001).grow() == [project]
             assert router.placement.explicit[project] == Placed(1)
+
+
+async def test_a_move_that_died_before_its_flip_is_undone_by_a_move_to_a_third_shard(
+    shard_servers: list[EmbeddedRedis], receiver: Receiver, tmp_path: Path
+) -> None:
+    """Three shards, the project on shard 0 with a delivered event. A mover died before its
+    flip, shard 0 -> 1 (its copies and its hold on shard 1), and another event was queued
+    on shard 0 meanwhile. Moving the project to shard 2 undoes that move, then moves it from
+    shard 0, where its data and events are: both events delivered once, their records and
+    its callback on shard 2, nothing of it on shards 0 and 1, no hold left."""
+    async with three_shards(shard_servers, tmp_path) as urls:
+        settings = make_settings(urls[0], redis_shards=urls, placement_refresh=0.05)
+        project, url = PROJECTS[0], receiver.url("/hook")
+        async with Router.open(settings) as router:
+            zero, one, two = router.shards
+            await zero.register(Registration(project, url, Region.DEVNET, "t"), "BUILD_END")
+            async with Producer(settings) as producer:
+                (first,) = await producer.emit_many([(project, "BUILD_END", {"n": 1})])
+            await run_burst(settings)
+            dead = Mover(router, lambda _: None, settle_s=0.3)
+            await router.home.redis.set(router.home.keys.move_lease(project), dead.token, px=60_000)
+            await router.placement.write(project, Placed(0, 1))
+            await dead.settle()
+            await hold(one, project, 0)
+            await dead._copy(zero, one, project, lambda: None)  # then it dies
+            async with Producer(settings) as producer:
+                (second,) = await producer.emit_many([(project, "BUILD_END", {"n": 2})])
+            assert await zero.redis.zscore(zero.keys.QUEUE, f"{project}:{second}") is not None
+            assert await holds(one, project)  # the dead move's copy
+            await lapsed(router, project)
+            said: list[str] = []
+            assert await Mover(router, said.append, settle_s=0.3).move(project, 2)
+            await run_burst(settings)
+            now = now_ms()
+            page = await two.history.query(
+                project, url, "BUILD_END", start_ms=now - 600_000, end_ms=now + 60_000
+            )
+            assert sorted(str(r.event_id) for r in page.records) == sorted([first, second])
+            assert len(receiver.requests("/hook")) == 2
+            assert (await two.callbacks(project)).count == 1
+            assert not await holds(zero, project) and not await holds(one, project)
+            for services in router.shards:
+                assert await hold_source(services, project) is None
+            assert router.placement.explicit == {project: Placed(2)}
+            assert said[0] == f"{project}: undoing its move to shard 1"
+
+
+@contextlib.asynccontextmanager
+async def three_shards(
+    shard_servers: list[EmbeddedRedis], tmp_path: Path
+) -> AsyncIterator[list[str]]:
+    """The URLs of three shards, emptied: the two of `shard_servers` and one more."""
+    third = EmbeddedRedis(tmp_path / "shard2", persist=False)
+    third.start()
+    try:
+        servers = [*shard_servers, third]
+        for server in servers:
+            sync_redis.Redis.from_url(server.url).flushall()
+        yield [server.url for server in servers]
     finally:
         third.stop()
