@@ -81,10 +81,17 @@ def shards_rebalance() -> None:
 def shards_move(
     project: Annotated[str, typer.Argument(help="Project id")],
     to: Annotated[int, typer.Option(help="The shard to move it to")],
+    came_from: Annotated[
+        int | None,
+        typer.Option(
+            help="The shard a move of it that died after its flip came from, when the "
+            "refusal says its hold does not name one"
+        ),
+    ] = None,
 ) -> None:
     """Move one project (callbacks, roles, queued jobs, Redis history) to a shard and
     place it there explicitly, under load."""
-    on_router(lambda router: Mover(router, _say).move(project, to))
+    on_router(lambda router: Mover(router, _say).move(project, to, came_from))
     console.print(f"{project} is on shard {to}")
 
 

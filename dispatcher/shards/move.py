@@ -135,14 +135,17 @@ class Mover:
             )
         return moved
 
-    async def move(self, project: str, target: int) -> bool:
+    async def move(self, project: str, target: int, came_from: int | None = None) -> bool:
         """Move one project to shard `target` (see the module's doc), first finishing or
         undoing a move of it that died; returns whether any of its data moved. One move of
-        a project at a time (`shards.lease`): Unavailable while another one runs."""
+        a project at a time (`shards.lease`): Unavailable while another one runs.
+        `came_from`: the shard a move that died after its flip came from, when its hold
+        (the version before's) does not say and several shards hold the project."""
         if project in (PLATFORM_PROJECT, ALL_PROJECTS) or ":" in project:
             raise InvalidInput(f"{project!r} is not a project that lives on one shard")
-        if not 0 <= target < len(self.router.shards):
-            raise InvalidInput(f"there is no shard {target}")
+        for shard in (target, came_from):
+            if shard is not None and not 0 <= shard < len(self.router.shards):
+                raise InvalidInput(f"there is no shard {shard}")
         lease = MoveLease(
             self.router.home,
             project,
@@ -152,9 +155,11 @@ class Mover:
         )
         async with lease.held():
             await self.router.placement.load()  # as the mover before may have left it
-            return await self._move(project, target, lease)
+            return await self._move(project, target, lease, came_from)
 
-    async def _move(self, project: str, target: int, lease: MoveLease) -> bool:
+    async def _move(
+        self, project: str, target: int, lease: MoveLease, came_from: int | None = None
+    ) -> bool:
         placement = self.router.placement
         placed = placement.explicit.get(project)
         source = placed.index if placed is not None else placement.shard_of(project)
@@ -163,7 +168,7 @@ class Mover:
             await self._abandon(project, placed.moving_to, lease)
             moved = True
         elif placed is None or placed.moving_to is None:
-            moved = await self._finish_dead(project, source, lease)
+            moved = await self._finish_dead(project, source, lease, came_from)
         if source != target:
             await self._move_from(project, source, target, lease)
             moved = True
@@ -194,14 +199,21 @@ class Mover:
         if not await self.router.placement.write(project, placed, lease=(lease.key, lease.token)):
             raise Unavailable(f"{project}: this mover lost its lease: its placement stays")
 
-    async def _finish_dead(self, project: str, current: int, lease: MoveLease) -> bool:
+    async def _finish_dead(
+        self, project: str, current: int, lease: MoveLease, said: int | None = None
+    ) -> bool:
         """Finish a move to `current` that died after its flip (its hold, still on, names
-        the shard it came from: the project's data is still there too); returns whether
-        there was one to finish."""
+        the shard it came from, or the operator `said` which: the project's data is still
+        there too); returns whether there was one to finish."""
         dst = self.router.shards[current]
         came_from = await hold_source(dst, project)
         if came_from is None:
             return False
+        if said is not None:
+            if came_from not in (-1, said) or said == current:
+                shown = "it is on" if said == current else f"its hold names {came_from}"
+                raise InvalidInput(f"{project}: its move did not come from shard {said}: {shown}")
+            came_from = said
         if came_from >= len(self.router.shards):
             raise Unavailable(
                 f"{project}: a move of it from shard {came_from} died after its flip, and "
@@ -217,7 +229,7 @@ class Mover:
             raise Unavailable(
                 f"{project}: a move of it died after its flip, and shards {olds} all "
                 "hold its data: its hold (the version before's) does not say which one "
-                "it came from, so nothing is moved"
+                "it came from, so nothing is moved (say which: --came-from)"
             )
         for index in olds:
             self.say(f"{project}: finishing its move from shard {index}")

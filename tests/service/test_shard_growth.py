@@ -18,7 +18,7 @@ import redis as sync_redis
 from dispatcher.auth import Role
 from dispatcher.clock import now_ms
 from dispatcher.embedded import EmbeddedRedis
-from dispatcher.errors import Unavailable
+from dispatcher.errors import InvalidInput, Unavailable
 from dispatcher.history.moving import copy_project, forget_project
 from dispatcher.history.redis import RedisHistory
 from dispatcher.models import Region
@@ -623,6 +623,48 @@ async def test_a_move_that_died_before_its_flip_is_undone_by_a_move_to_a_third_s
                 assert await hold_source(services, project) is None
             assert router.placement.explicit == {project: Placed(2)}
             assert said[0] == f"{project}: undoing its move to shard 1"
+
+
+async def test_the_operator_says_where_a_move_of_the_version_before_came_from(
+    shard_servers: list[EmbeddedRedis], receiver: Receiver, tmp_path: Path
+) -> None:
+    """Three shards. A mover of the version before died after its flip, shard 0 -> 1: its
+    hold names no shard, an event is still queued on shard 0, and shard 2 holds a stale
+    copy too. A move is refused (which shard did it come from?) until the operator says:
+    `came_from=0` finishes that move (the event delivered, its record on shard 1, nothing
+    left on shard 0); a shard the hold contradicts, or the one the project is on, is
+    refused."""
+    async with three_shards(shard_servers, tmp_path) as urls:
+        settings = make_settings(urls[0], redis_shards=urls, placement_refresh=0.05)
+        project, url = PROJECTS[0], receiver.url("/hook")
+        async with Router.open(settings) as router:
+            zero, one, two = router.shards
+            for services in (zero, two):  # its data, and a stale copy on shard 2
+                await services.register(Registration(project, url, Region.DEVNET, "t"), "BUILD_END")
+            async with Producer(settings) as producer:
+                (event,) = await producer.emit_many([(project, "BUILD_END", {"n": 1})])
+            await router.placement.write(project, Placed(1))  # the flip; then it died
+            await one.redis.set(one.keys.lanes_hold(project), "1")
+            await Mover(router, lambda _: None)._copy(zero, one, project, lambda: None)
+            mover = Mover(router, lambda _: None, settle_s=0.3)
+            with pytest.raises(Unavailable, match=r"shards \[0, 2\] all hold .*--came-from"):
+                await mover.move(project, 1)
+            for wrong in (1, 3):
+                with pytest.raises(InvalidInput):
+                    await mover.move(project, 1, came_from=wrong)
+            assert await mover.move(project, 1, came_from=0)
+            await run_burst(settings)
+            assert len(receiver.requests("/hook")) == 1
+            now = now_ms()
+            page = await one.history.query(
+                project, url, "BUILD_END", start_ms=now - 600_000, end_ms=now + 60_000
+            )
+            assert [str(r.event_id) for r in page.records] == [event]
+            assert not await holds(zero, project) and await hold_source(one, project) is None
+            assert await holds(two, project)  # a stale copy is left alone
+            await hold(one, project, 0)  # a hold of this version, naming shard 0
+            with pytest.raises(InvalidInput, match="its hold names 0"):
+                await mover.move(project, 1, came_from=2)
 
 
 @contextlib.asynccontextmanager
