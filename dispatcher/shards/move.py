@@ -164,6 +164,10 @@ class Mover:
         placed = placement.explicit.get(project)
         source = placed.index if placed is not None else placement.shard_of(project)
         moved = False
+        if came_from is not None and placed is not None and placed.moving_to is not None:
+            raise InvalidInput(
+                f"{project}: --came-from does not apply: its move died before its flip"
+            )
         if placed is not None and placed.moving_to not in (None, target):
             await self._abandon(project, placed.moving_to, lease)
             moved = True
@@ -207,13 +211,13 @@ class Mover:
         there too); returns whether there was one to finish."""
         dst = self.router.shards[current]
         came_from = await hold_source(dst, project)
+        if said is not None and came_from not in (-1, said):
+            why = f"its hold says shard {came_from}"
+            if came_from is None:
+                why = "no move of it died after its flip"
+            raise InvalidInput(f"{project}: its move did not come from shard {said}: {why}")
         if came_from is None:
             return False
-        if said is not None:
-            if came_from not in (-1, said) or said == current:
-                shown = "it is on" if said == current else f"its hold names {came_from}"
-                raise InvalidInput(f"{project}: its move did not come from shard {said}: {shown}")
-            came_from = said
         if came_from >= len(self.router.shards):
             raise Unavailable(
                 f"{project}: a move of it from shard {came_from} died after its flip, and "
@@ -225,6 +229,10 @@ class Mover:
             i for i in candidates
             if i != current and await holds(self.router.shards[i], project)
         ]  # fmt: skip
+        if said is not None and came_from < 0:  # the operator says which one
+            if said not in olds:
+                raise InvalidInput(f"{project}: shard {said} is not one of {olds}, which hold it")
+            olds = [said]
         if len(olds) > 1:
             raise Unavailable(
                 f"{project}: a move of it died after its flip, and shards {olds} all "

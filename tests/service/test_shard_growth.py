@@ -609,6 +609,8 @@ async def test_a_move_that_died_before_its_flip_is_undone_by_a_move_to_a_third_s
             assert await holds(one, project)  # the dead move's copy
             await lapsed(router, project)
             said: list[str] = []
+            with pytest.raises(InvalidInput, match="died before its flip"):
+                await Mover(router, said.append).move(project, 2, came_from=0)
             assert await Mover(router, said.append, settle_s=0.3).move(project, 2)
             await run_burst(settings)
             now = now_ms()
@@ -629,29 +631,32 @@ async def test_the_operator_says_where_a_move_of_the_version_before_came_from(
     shard_servers: list[EmbeddedRedis], receiver: Receiver, tmp_path: Path
 ) -> None:
     """Three shards. A mover of the version before died after its flip, shard 0 -> 1: its
-    hold names no shard, an event is still queued on shard 0, and shard 2 holds a stale
-    copy too. A move is refused (which shard did it come from?) until the operator says:
+    hold names no shard and an event is still queued on shard 0. With a stale copy on
+    shard 2 too, a move is refused (which shard did it come from?) until the operator says:
     `came_from=0` finishes that move (the event delivered, its record on shard 1, nothing
-    left on shard 0); a shard the hold contradicts, or the one the project is on, is
-    refused."""
+    left on shard 0). Refused: a shard that holds nothing of the project (its hold would go
+    and the real source stay unfinished: review), the one it is on, one its hold
+    contradicts, and `came_from` when no move of it died after its flip."""
     async with three_shards(shard_servers, tmp_path) as urls:
         settings = make_settings(urls[0], redis_shards=urls, placement_refresh=0.05)
         project, url = PROJECTS[0], receiver.url("/hook")
+        registration = Registration(project, url, Region.DEVNET, "t")
         async with Router.open(settings) as router:
             zero, one, two = router.shards
-            for services in (zero, two):  # its data, and a stale copy on shard 2
-                await services.register(Registration(project, url, Region.DEVNET, "t"), "BUILD_END")
+            await zero.register(registration, "BUILD_END")
             async with Producer(settings) as producer:
                 (event,) = await producer.emit_many([(project, "BUILD_END", {"n": 1})])
             await router.placement.write(project, Placed(1))  # the flip; then it died
             await one.redis.set(one.keys.lanes_hold(project), "1")
             await Mover(router, lambda _: None)._copy(zero, one, project, lambda: None)
             mover = Mover(router, lambda _: None, settle_s=0.3)
+            for wrong, says in ((2, r"not one of \[0\]"), (1, "not one of"), (3, "no shard 3")):
+                with pytest.raises(InvalidInput, match=says):
+                    await mover.move(project, 1, came_from=wrong)
+            await two.register(registration, "BUILD_END")  # a stale copy on shard 2
             with pytest.raises(Unavailable, match=r"shards \[0, 2\] all hold .*--came-from"):
                 await mover.move(project, 1)
-            for wrong in (1, 3):
-                with pytest.raises(InvalidInput):
-                    await mover.move(project, 1, came_from=wrong)
+            assert await hold_source(one, project) == -1  # nothing done
             assert await mover.move(project, 1, came_from=0)
             await run_burst(settings)
             assert len(receiver.requests("/hook")) == 1
@@ -662,8 +667,10 @@ async def test_the_operator_says_where_a_move_of_the_version_before_came_from(
             assert [str(r.event_id) for r in page.records] == [event]
             assert not await holds(zero, project) and await hold_source(one, project) is None
             assert await holds(two, project)  # a stale copy is left alone
+            with pytest.raises(InvalidInput, match="no move of it died after its flip"):
+                await mover.move(project, 1, came_from=0)
             await hold(one, project, 0)  # a hold of this version, naming shard 0
-            with pytest.raises(InvalidInput, match="its hold names 0"):
+            with pytest.raises(InvalidInput, match="its hold says shard 0"):
                 await mover.move(project, 1, came_from=2)
 
 
