@@ -43,7 +43,14 @@ if TYPE_CHECKING:
 
     from dispatcher.settings import Settings
 
-__all__ = ["DANGEROUS_PORTS", "AddressPolicy", "Client", "GuardedResolver", "policy_for"]
+__all__ = [
+    "DANGEROUS_PORTS",
+    "AddressPolicy",
+    "Client",
+    "GuardedResolver",
+    "connect_target",
+    "policy_for",
+]
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -257,8 +264,8 @@ class AddressPolicy:
         fails or resolves badly); with `must_resolve` (a delivery through a proxy that does
         not enforce the policy, which would resolve the name itself, unchecked) it is
         refused, and a temporary lookup failure is raised as the `OSError` it is."""
-        self.check_url(url)
-        host = urlsplit(url).hostname or ""
+        host, port = _host_port(url)
+        self.check_origin(host, port)
         try:
             infos = await asyncio.get_running_loop().getaddrinfo(host, None)
         except UnicodeError:  # IDNA encoding: an empty, too long or invalid label
@@ -280,8 +287,26 @@ class AddressPolicy:
 
 
 def _host_port(url: str) -> tuple[str, int]:
-    parts = urlsplit(url)
-    return parts.hostname or "", parts.port or (443 if parts.scheme == "https" else 80)
+    """`connect_target`, its malformed URLs refused; a port `urlsplit` cannot read (`+22`,
+    full-width digits, both of which yarl reads) is malformed too."""
+    try:
+        urlsplit(url).port  # noqa: B018  # raises on a port it cannot read
+        return connect_target(url)
+    except ValueError as exc:
+        raise InvalidUrl(f"url is malformed: {exc}", param="url") from None
+
+
+@functools.lru_cache(maxsize=4096)
+def connect_target(url: str) -> tuple[str, int]:
+    """The host and port a request to `url` connects to: yarl's parse, the one aiohttp
+    makes (NFKC-normalised and IDNA-encoded: a host spelled in full-width or segmented
+    digits is 127.0.0.1 to it, where `urlsplit` keeps it as spelled). The policy checks
+    this host, never another parse's. Raises ValueError when yarl cannot parse `url`."""
+    target = URL(url)
+    port = target.port
+    return target.raw_host or "", port if port is not None else (
+        443 if target.scheme == "https" else 80
+    )
 
 
 @functools.lru_cache(maxsize=4096)

@@ -7,6 +7,7 @@ import re
 from typing import NamedTuple
 from urllib.parse import urlsplit
 
+from dispatcher.egress import connect_target
 from dispatcher.errors import InvalidEvent, InvalidInput, InvalidUrl
 from dispatcher.headers import check_header_value
 from dispatcher.models import PLATFORM_PROJECT, PROJECT_EVENTS, Event, Level
@@ -110,7 +111,8 @@ def destination(url: str) -> Destination:
         return Destination(problem or f"url is malformed: {exc}", "", "", 0)
     netloc, hostname = parts.netloc, parts.hostname or ""
     try:
-        port = parts.port or (443 if parts.scheme == "https" else 80)
+        parts.port  # noqa: B018  # raises on a port it cannot read (`+22`, full-width digits)
+        hostname, port = connect_target(url)  # what the policy must check: what aiohttp uses
     except ValueError as exc:
         return Destination(problem or f"url is malformed: {exc}", netloc, hostname, 0)
     if not hostname:

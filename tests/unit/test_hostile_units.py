@@ -287,6 +287,26 @@ def test_cloud_metadata_is_refused_whatever_the_region_allows(
     assert refusal is not None and "metadata" in refusal and "every region" in refusal
 
 
+@pytest.mark.parametrize("allow_internal", [False, True])
+@pytest.mark.parametrize(
+    "host",
+    [
+        "169.254.169.25\U0001fbf4",
+        "\uff11\uff16\uff19.254.169.254",
+        "169\u3002254\u3002169\u3002254",
+    ],
+)
+async def test_an_address_in_other_digits_is_checked_as_the_one_connected_to(
+    allow_internal: bool, host: str
+) -> None:
+    """yarl (and so aiohttp) reads segmented and full-width digits and ideographic full
+    stops as an address's; the policy checks what it reads, at registration too."""
+    refusal = AddressPolicy(allow_internal=allow_internal).refusal(f"http://{host}/")
+    assert refusal is not None and "metadata" in refusal, refusal
+    with pytest.raises(InvalidInput, match="metadata"):
+        await AddressPolicy(allow_internal=allow_internal).check_resolved(f"http://{host}/")
+
+
 def test_internal_targets_stay_an_operator_choice() -> None:
     for host in ("10.0.0.5", "127.0.0.1", "[::ffff:10.0.0.5]", "100.64.0.1", "[fd00::1]"):
         assert AddressPolicy(allow_internal=True).refusal(f"http://{host}/") is None, host
