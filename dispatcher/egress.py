@@ -82,50 +82,11 @@ METADATA_ADDRESSES = frozenset(
 # 169.254.170.2 (ECS task credentials) and their IPv6 counterparts all live there.
 LINK_LOCAL = (ipaddress.ip_network("169.254.0.0/16"), ipaddress.ip_network("fe80::/10"))
 NAT64 = ipaddress.ip_network("64:ff9b::/96")
-DANGEROUS_PORTS = frozenset(
-    {
-        19,
-        21,
-        22,
-        23,
-        25,
-        53,
-        110,
-        111,
-        135,
-        137,
-        139,
-        143,
-        445,
-        465,
-        587,
-        993,
-        995,
-        1433,
-        1521,
-        1883,
-        2049,
-        2375,
-        2376,
-        2379,
-        3306,
-        3389,
-        4222,
-        5432,
-        5672,
-        5984,
-        6379,
-        6380,
-        8500,
-        9042,
-        9200,
-        9300,
-        11211,
-        15672,
-        26379,
-        27017,
-    }
-)
+DANGEROUS_PORTS = frozenset((
+    19, 21, 22, 23, 25, 53, 110, 111, 135, 137, 139, 143, 445, 465,
+    587, 993, 995, 1433, 1521, 1883, 2049, 2375, 2376, 2379, 3306, 3389, 4222, 5432,
+    5672, 5984, 6379, 6380, 8500, 9042, 9200, 9300, 11211, 15672, 26379, 27017,
+))  # fmt: skip
 
 
 SHARED_ADDRESS_SPACE = ipaddress.ip_network("100.64.0.0/10")  # carrier-grade NAT

@@ -34,7 +34,7 @@ import structlog
 from dispatcher import metrics
 from dispatcher.clock import now_ms
 from dispatcher.lua import REDIS_NOW_MS, Key, Script
-from dispatcher.registry.options import FilterFailed, filter_matches
+from dispatcher.registry.options import FilterBudget, FilterFailed, filter_matches
 from dispatcher.worker.steps import Step
 
 if TYPE_CHECKING:
@@ -192,15 +192,18 @@ class Controls:
 
     def select(self, event: EventJob, targets: list[CallbackTarget]) -> list[CallbackTarget]:
         """The targets whose filter lets `event` through (those without one, all). A filter
-        that raises fails alone: counted for its callback, logged, the event not sent."""
+        that raises fails alone: counted for its callback, logged, the event not sent; so
+        does one past what its owner's filters may spend on the event (`FilterBudget`)."""
         if all(target.options.filter is None for target in targets):
             return targets
         envelope = {"event": event.event, "projectId": event.project_id, "data": event.data}
         kept = []
+        budgets: dict[str, FilterBudget] = {}  # per owner: one's filters never spend another's
         for target in targets:
             expression = target.options.filter
+            budget = budgets.setdefault(target.project_id, FilterBudget())
             try:
-                if expression is None or filter_matches(expression, envelope):
+                if expression is None or filter_matches(expression, envelope, budget):
                     kept.append(target)
                 else:
                     metrics.FILTERED.labels(result="skipped").inc()

@@ -24,9 +24,9 @@ from dispatcher.embedded import EmbeddedRedis
 from dispatcher.history.redis import RedisHistory
 from dispatcher.keys import Keys
 from dispatcher.lua import Script
-from dispatcher.models import HistoryRecord, Region
+from dispatcher.models import PLATFORM_PROJECT, Event, HistoryRecord, Region
 from dispatcher.producer import Producer
-from dispatcher.registry import Registration
+from dispatcher.registry import Options, Registration, Registry
 from dispatcher.services import Services
 from dispatcher.settings import Settings
 from dispatcher.tokens import TokenCipher
@@ -109,6 +109,9 @@ async def test_every_registration_path_takes_lists_and_checks_the_controls(
     await refused(
         await op_api.post(CALLBACKS, params=params(url, filter="up(data)"), headers=ALICE), "up()"
     )
+    for nested in ("(" * 500 + "a" + ")" * 500, "!" * 1000 + "a"):  # a 500 before (review)
+        response = await op_api.post(CALLBACKS, params=params(url, filter=nested), headers=ALICE)
+        await refused(response, "nested too deeply")
 
 
 async def test_filters_let_through_only_what_matches_and_count_their_failures(
@@ -153,6 +156,41 @@ async def test_filters_let_through_only_what_matches_and_count_their_failures(
     # registering again starts the count again; deleting the callback leaves nothing behind
     await ok(await api.post(CALLBACKS, params=params(receiver.url("/broken")), headers=ALICE))
     assert not await redis.exists(keys.filter_errors(broken["id"]))
+
+
+async def test_a_filter_that_would_build_without_end_fails_alone(
+    api: httpx.AsyncClient,
+    redis: Redis,
+    settings: Settings,
+    receiver: Receiver,
+    run_worker: RunWorker,
+) -> None:
+    """A filter of 1,017 characters whose every stage doubles a string (2^67 times the
+    event) was accepted, and its first event filled the worker's memory. Now it spends its
+    owner's budget for the event and fails alone, counted: the callback beside it, another
+    project's filtered callback and a platform-wide one (the same event, another owner's
+    budget) get their events."""
+    doubling = "to_string(@)" + "|join('',[@,@])" * 67
+    await ok(
+        await api.post(
+            CALLBACKS, params=params(receiver.url("/evil"), filter=doubling), headers=ALICE
+        )
+    )
+    await ok(await api.post(CALLBACKS, params=params(receiver.url("/plain")), headers=ALICE))
+    builds = Options(filter="contains([data.n], `1`)")  # a list: it spends units too
+    for owner, path in (("other", "/other"), (PLATFORM_PROJECT, "/platform")):
+        await Registry(redis).create(
+            owner, receiver.url(path), Event.BUILD_END, Region.DEVNET, options=builds
+        )
+    producer = Producer(settings, redis)
+    await producer.emit_many([(p, "BUILD_END", {"n": 1}) for p in ("demo", "other")])
+    await run_worker()
+    assert len(receiver.requests("/plain")) == 1 and len(receiver.requests("/other")) == 1
+    assert len(receiver.requests("/platform")) == 2  # its own budget beside demo's
+    assert not receiver.requests("/evil")
+    listed = (await ok(await api.get(CALLBACKS, headers=ALICE)))["records"]
+    evil = next(cb for cb in listed if cb["url"].endswith("/evil"))
+    assert evil["filterErrors"] == 1 and "spent their budget" in evil["filterLastError"]
 
 
 async def test_a_rotation_signs_with_both_secrets_until_the_overlap_ends(

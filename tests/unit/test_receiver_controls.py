@@ -20,7 +20,7 @@ from dispatcher.headers import request_headers
 from dispatcher.keys import Keys
 from dispatcher.models import PROJECT_EVENTS, Event, Level, Region
 from dispatcher.registry import CallbackTarget, Options
-from dispatcher.registry.options import FilterFailed, filter_matches
+from dispatcher.registry.options import FilterBudget, FilterFailed, filter_matches
 from dispatcher.settings import Settings
 from dispatcher.worker.controls import Controls, Release
 from dispatcher.worker.steps import Step
@@ -96,6 +96,51 @@ def test_zero_is_true_and_empty_things_are_false() -> None:
 def test_a_filter_that_raises_on_an_event_fails_alone(expression: str) -> None:
     with pytest.raises(FilterFailed):
         filter_matches(expression, ENVELOPE)
+
+
+DOUBLED = "[@,@]" + "|[@,@]" * 60  # a list of 2^61 leaves, 61 lists in memory
+
+
+@pytest.mark.parametrize(
+    ("expression", "spent"),
+    [
+        ("to_string(@)" + "|join('',[@,@])" * 67, "units built"),  # 2^67 times the event
+        (DOUBLED + "|to_string(@)", "units built"),
+        (f"({DOUBLED}) == ({DOUBLED})", "units built"),  # == walks both trees
+        (f"contains({DOUBLED}, `1`)", "units built"),
+        (" || ".join(["data.many[?n == `-1`]"] * 10), "steps"),  # 10 walks of 20,000
+    ],
+    ids=["join", "to_string", "equality", "contains", "walks"],
+)
+def test_a_filter_that_would_cost_without_end_spends_its_budget_and_fails(
+    expression: str, spent: str
+) -> None:
+    """Each of these was accepted and would fill memory or hold the worker's loop for good
+    (review); each fails within its budget (about 60 ms of steps at most)."""
+    envelope = {**ENVELOPE, "data": {"many": [{"n": n} for n in range(20_000)]}}
+    with pytest.raises(FilterFailed, match=f"spent their budget .*{spent}"):
+        filter_matches(expression, envelope)
+
+
+def test_a_budget_is_shared_by_the_filters_it_is_given_to() -> None:
+    """One owner's filters on one event share a budget: a costly one leaves less for the
+    next; another budget is whole. A filter over 20,000 elements fits in one."""
+    envelope = {**ENVELOPE, "data": {"many": [{"n": n} for n in range(20_000)]}}
+    walk = "length(data.many[?n == `7`]) == `1`"
+    budget = FilterBudget()
+    assert filter_matches(walk, envelope, budget)
+    assert 0 < budget.steps < FilterBudget().steps and budget.units < FilterBudget().units
+    with pytest.raises(FilterFailed):
+        for _ in range(10):
+            filter_matches(walk, envelope, budget)
+    assert budget.steps == 0
+    assert filter_matches(walk, envelope, FilterBudget())
+
+
+@pytest.mark.parametrize("nested", ["(" * 500 + "a" + ")" * 500, "!" * 1000 + "a"])
+def test_a_filter_nested_past_the_parsers_reach_is_refused(nested: str) -> None:
+    with pytest.raises(InvalidInput, match="nested too deeply"):
+        Options(filter=nested).checked()
 
 
 def test_during_a_rotation_both_secrets_sign_and_the_token_header_is_the_new_one() -> None:
