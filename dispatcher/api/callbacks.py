@@ -183,13 +183,13 @@ ROUTES = [
     Route("POST", "", create_callback),
     Route("POST", "/batch", create_callbacks_batch),
     Route("GET", "", list_callbacks),
-    Route("DELETE", "/{callbackId:int}", delete_callback),
-    Route("POST", "/{callbackId:int}/secret", rotate_secret),
+    Route("DELETE", "/{callbackId:id}", delete_callback),
+    Route("POST", "/{callbackId:id}/secret", rotate_secret),
 ]
 SWITCHES = [
-    Route("GET", "/{callbackId:int}", get_callback),
-    Route("PUT", "/{callbackId:int}/enable", enable_callback),
-    Route("PUT", "/{callbackId:int}/disable", disable_callback),
+    Route("GET", "/{callbackId:id}", get_callback),
+    Route("PUT", "/{callbackId:id}/enable", enable_callback),
+    Route("PUT", "/{callbackId:id}/disable", disable_callback),
 ]
 
 

@@ -56,7 +56,7 @@ async def callback_history(
     return Result[HistoryPage](data=found)
 
 
-@routes.post("/callbacks/history/{id:int}/retry", response_model=Result[str])
+@routes.post("/callbacks/history/{id:id}/retry", response_model=Result[str])
 async def redeliver(
     router: RouterDep,
     project_id: ProjectPath,

@@ -197,6 +197,23 @@ async def test_other_projects_callbacks_are_not_found(api: httpx.AsyncClient) ->
     assert (await api.get(f"{other}/{cb['id']}", headers=UID)).status_code == 404
 
 
+async def test_an_id_of_any_length_is_a_clear_404(api: httpx.AsyncClient) -> None:
+    """Past 4,300 digits Python refuses to read a number: the id route answered 500 before
+    any check (review). An id longer than 64 bits can name nothing: no route."""
+    for digits in (19, 20, 5000):
+        for method, path in (
+            ("GET", ""),
+            ("DELETE", ""),
+            ("POST", "/secret?secretToken=s"),
+            ("PUT", "/enable"),
+        ):
+            response = await api.request(method, f"{BASE}/{'9' * digits}{path}", headers=UID)
+            assert response.status_code == 404, (digits, method, response.text[:200])
+            assert response.json()["status"] == 404
+    retry = await api.post(f"{BASE}/history/{'9' * 5000}/retry", headers=UID)
+    assert retry.status_code == 404 and retry.json()["status"] == 404
+
+
 async def test_match_returns_only_enabled_callbacks_of_that_event(redis: Redis) -> None:
     registry = Registry(redis)
     a, _ = await registry.create("p", "http://127.0.0.1:1/a", Event.BUILD_END, Region.OSS)
