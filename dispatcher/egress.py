@@ -35,6 +35,7 @@ from aiohttp.resolver import DefaultResolver
 from yarl import URL
 
 from dispatcher.errors import AddressRefused, InvalidUrl
+from dispatcher.lookups import bounded
 from dispatcher.models import Region
 
 if TYPE_CHECKING:
@@ -228,7 +229,7 @@ class AddressPolicy:
         host, port = _host_port(url)
         self.check_origin(host, port)
         try:
-            infos = await asyncio.get_running_loop().getaddrinfo(host, None)
+            infos = await bounded(lambda: asyncio.get_running_loop().getaddrinfo(host, None))
         except UnicodeError:  # IDNA encoding: an empty, too long or invalid label
             raise InvalidUrl(f"url {url!r} has an invalid host name", param="url") from None
         except OSError as exc:
@@ -294,7 +295,7 @@ class GuardedResolver(AbstractResolver):
             self.policy.check_port(port)
         except InvalidUrl as exc:
             raise AddressRefused(exc.message) from exc
-        results = await self._inner.resolve(host, port, family)
+        results = await bounded(lambda: self._inner.resolve(host, port, family))
         allowed: list[ResolveResult] = []
         refusal: InvalidUrl | None = None
         for result in results:

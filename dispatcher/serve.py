@@ -6,19 +6,22 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import os
 import signal
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
 import uvicorn
 
 from dispatcher.api import create_app
+from dispatcher.lookups import LOOKUP_THREADS
 from dispatcher.worker import create_worker
 
 if TYPE_CHECKING:
     from dispatcher.settings import Settings
 
-__all__ = ["api_config", "install_uvloop", "serve", "work"]
+__all__ = ["api_config", "install_uvloop", "lookup_pool", "serve", "work"]
 
 
 def tune_gc() -> None:
@@ -33,6 +36,9 @@ def tune_gc() -> None:
 
 
 def install_uvloop() -> None:
+    """uvloop, its lookup pool as big as `lookup_pool` makes asyncio's (libuv reads
+    `UV_THREADPOOL_SIZE` once, when it first needs the pool)."""
+    os.environ.setdefault("UV_THREADPOOL_SIZE", str(LOOKUP_THREADS))
     with contextlib.suppress(ImportError):
         import uvloop
 
@@ -43,6 +49,14 @@ class _Server(uvicorn.Server):
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
         yield  # we own the signals: uvicorn would re-raise them and skip our clean-up
+
+
+def lookup_pool() -> None:
+    """The running loop's default thread pool, where asyncio's name lookups run: room for
+    `dispatcher.lookups.PER_OWNER` hung lookups of many owners (asyncio's default is
+    min(32, CPUs + 4) threads, 6 on two cores: two owners' worth)."""
+    pool = ThreadPoolExecutor(LOOKUP_THREADS, thread_name_prefix="lookup")
+    asyncio.get_running_loop().set_default_executor(pool)
 
 
 def api_config(settings: Settings) -> uvicorn.Config:
@@ -69,6 +83,7 @@ async def serve(settings: Settings, *, with_worker: bool) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     worker = create_worker(settings, handle_signals=False) if with_worker else None
+    lookup_pool()
     tune_gc()
     tasks = [asyncio.create_task(server.serve())]
     if worker is not None:
@@ -94,6 +109,7 @@ def work(settings: Settings) -> None:
 
     async def main() -> None:
         worker = create_worker(settings)
+        lookup_pool()
         tune_gc()
         try:
             await worker.main()

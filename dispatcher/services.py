@@ -21,6 +21,7 @@ from dispatcher.egress import policy_for
 from dispatcher.errors import InvalidInput
 from dispatcher.health import Health
 from dispatcher.history import Cursor, open_history, parse_window
+from dispatcher.lookups import owned
 from dispatcher.models import Region, parse_event, parse_status
 from dispatcher.producer import Producer
 from dispatcher.queue import Queue
@@ -101,10 +102,12 @@ class Services:
 
     # ---- callbacks ---------------------------------------------------------------------
 
-    async def check_target(self, url: str, region: Region) -> str:
-        """The URL, trimmed, once the region's address policy allows it (DNS included)."""
+    async def check_target(self, url: str, region: Region, owner: str = "") -> str:
+        """The URL, trimmed, once the region's address policy allows it (DNS included: the
+        lookup counts as `owner`'s, `dispatcher.lookups`)."""
         url = validate_url(url)
-        await self.policies[region].check_resolved(url)
+        with owned(owner):
+            await self.policies[region].check_resolved(url)
         return url
 
     @staticmethod
@@ -119,13 +122,17 @@ class Services:
         """Register (or update and re-enable) one callback of a project, of one of its
         pipelines, or of the platform (`DEVOPS_ALL_PROJECT`), with its receiver controls;
         returns its id."""
-        checked = registration.to(await self.check_target(registration.url, registration.region))
+        checked = registration.to(
+            await self.check_target(registration.url, registration.region, registration.project_id)
+        )
         callback_id, _ = await self.registry.register(checked, event)
         return callback_id
 
     async def register_batch(self, registration: Registration, events: str) -> CreateCallBackResult:
         """One URL for a comma-separated list of events; unknown names are reported."""
-        checked = registration.to(await self.check_target(registration.url, registration.region))
+        checked = registration.to(
+            await self.check_target(registration.url, registration.region, registration.project_id)
+        )
         return await self.registry.register_batch(checked, events)
 
     async def rotate_secret(

@@ -8,7 +8,9 @@ from __future__ import annotations
 import asyncio
 import base64
 import socket
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -17,6 +19,7 @@ from aiohttp import web
 from redis.asyncio import Redis
 
 from dispatcher.embedded import EmbeddedRedis
+from dispatcher.lookups import PER_OWNER
 from dispatcher.models import Event, Region
 from dispatcher.producer import Producer
 from dispatcher.registry import Registry
@@ -29,6 +32,7 @@ from tests.helpers import (
     free_port,
     make_settings,
     proxying,
+    until,
 )
 
 CALLBACKS = "/apigw/v4/projects/demo/callbacks"
@@ -258,3 +262,60 @@ async def test_a_direct_region_connects_to_the_very_address_its_resolver_checked
     assert len(first.requests()) == 3
     assert later.seen == []
     assert given == ["::1"]  # then the connector's DNS cache: the answer it checked
+
+
+# ---- name lookups ---------------------------------------------------------------------------
+
+
+async def test_a_projects_hung_name_lookups_hold_its_own_places_not_anothers(
+    redis_server: EmbeddedRedis, redis: Redis, receiver: Receiver, run_worker: RunWorker,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    """The process's lookups share a pool of 6 threads, as the system resolver's do here.
+    `evil`'s 12 callbacks name hosts whose nameserver never answers: each lookup holds a
+    thread 3 s, and its attempt gives up after 1 s (the thread stays). `demo`'s callback,
+    emitted once evil's lookups hang, is delivered at its first attempt: evil holds at most
+    `PER_OWNER` threads. Before, its lookups took all 6 and demo's queued behind them past
+    its timeout (review)."""
+    loop = asyncio.get_running_loop()
+    pool = ThreadPoolExecutor(6)
+    hung: list[str] = []
+
+    def blocking(host: str, port: Any) -> AddrInfo:
+        if host.endswith(".slow.test"):
+            hung.append(host)
+            time.sleep(3)
+            raise socket.gaierror(socket.EAI_AGAIN, FAILURES[socket.EAI_AGAIN])
+        return socket.getaddrinfo("127.0.0.1" if host == "fast.test" else host, port)
+
+    async def getaddrinfo(host: Any, port: Any, *args: Any, **kwargs: Any) -> AddrInfo:
+        return await loop.run_in_executor(pool, blocking, str(host), port)
+
+    monkeypatch.setattr(loop, "getaddrinfo", getaddrinfo)
+    settings = make_settings(
+        redis_server.url, total_timeout=1.0, connect_timeout=1.0, retry_schedule=(), dev_mode=True
+    )
+    port = int(receiver.base.rsplit(":", 1)[1])
+    registry = Registry(redis)
+    for n in range(12):
+        url = f"http://h{n}.slow.test:{port}/evil"
+        await registry.create("evil", url, Event.BUILD_END, Region.DEVNET)
+    demo = f"http://fast.test:{port}/demo"
+    await registry.create("demo", demo, Event.BUILD_END, Region.DEVNET)
+    producer = Producer(settings, redis)
+    try:
+        await producer.emit("evil", "BUILD_END", {})
+        working: asyncio.Future[Any] = asyncio.ensure_future(run_worker(settings))
+
+        async def hanging() -> bool:
+            return len(hung) >= PER_OWNER
+
+        await until(hanging, 10, "evil's lookups to hang")
+        await producer.emit("demo", "BUILD_END", {})
+        await working
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
+    assert [seen.path for seen in receiver.seen] == ["/demo"]
+    [record] = await all_records(redis, settings, demo)
+    assert record.status.value == "SUCCESS"
+    assert len(hung) == PER_OWNER  # the others waited for a place, and gave up

@@ -1,0 +1,87 @@
+"""Name lookups, each owner's bounded: a project whose names resolve slowly (its own
+nameserver that never answers, say) holds at most `PER_OWNER` of the process's lookup
+threads, so other projects' lookups never queue behind its hung ones.
+
+The system resolver blocks a thread per lookup: the event loop's `getaddrinfo` runs in a
+pool (uvloop's: libuv's, `UV_THREADPOOL_SIZE`; asyncio's: the default executor), and a
+lookup whose attempt timed out keeps its thread until the resolver gives up, seconds to
+tens of seconds later. So an owner's lookup holds its place here until its thread returns,
+not until its caller stops waiting. The owner is `OWNER` in the caller's context (the
+callback's project, set by the worker per attempt and by the API per registration); ""
+when unset. `LOOKUP_THREADS` is what the processes give the pools (`serve`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import weakref
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, TypeVar
+
+if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable, Iterator
+
+__all__ = ["LOOKUP_THREADS", "OWNER", "PER_OWNER", "bounded", "owned"]
+
+T = TypeVar("T")
+
+OWNER: ContextVar[str] = ContextVar("lookup_owner", default="")
+PER_OWNER = 4  # lookups in flight per owner (running, or their thread not back yet)
+LOOKUP_THREADS = 64  # the pools' threads: 16 owners' worth of hung lookups
+
+
+@dataclass
+class _Gate:
+    """One owner's lookups: a place each, and how many run or wait (the gate goes when
+    none does)."""
+
+    places: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(PER_OWNER))
+    users: int = 0
+
+
+# per event loop (a semaphore belongs to one): each owner's gate
+_GATES: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, _Gate]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+@contextlib.contextmanager
+def owned(owner: str) -> Iterator[None]:
+    """The lookups made inside count as `owner`'s."""
+    token = OWNER.set(owner)
+    try:
+        yield
+    finally:
+        OWNER.reset(token)
+
+
+async def bounded(lookup: Callable[[], Awaitable[T]]) -> T:
+    """`lookup()`, once the owner has a place: it keeps it until the lookup ends, even
+    when the caller stops waiting first (cancelled, timed out)."""
+    gates = _GATES.setdefault(asyncio.get_running_loop(), {})
+    owner = OWNER.get()
+    gate = gates.setdefault(owner, _Gate())
+    gate.users += 1
+    try:
+        await gate.places.acquire()
+    except BaseException:
+        _leave(gates, owner, gate)
+        raise
+    running = asyncio.ensure_future(lookup())
+    running.add_done_callback(lambda task: _ended(gates, owner, gate, task))
+    return await asyncio.shield(running)
+
+
+def _ended(gates: dict[str, _Gate], owner: str, gate: _Gate, task: asyncio.Future[T]) -> None:
+    gate.places.release()
+    _leave(gates, owner, gate)
+    if not task.cancelled():
+        task.exception()  # retrieved: its caller may have stopped waiting
+
+
+def _leave(gates: dict[str, _Gate], owner: str, gate: _Gate) -> None:
+    gate.users -= 1
+    if gate.users == 0 and gates.get(owner) is gate:
+        del gates[owner]
