@@ -96,10 +96,9 @@ class Shares:
         self._asked: tuple[int, dict[str, int]] = (-1, {})  # the last claim's budgets
         self.projects = _Counts(slots)
         self.hosts = _Counts(slots if fair else 1 << 30, max_per_host)
-        # (project, host) -> futures of attempts waiting for a slot, oldest first
-        self._waiting: OrderedDict[tuple[str, str], deque[asyncio.Future[Slot | None]]] = (
-            OrderedDict()
-        )
+        # project -> host -> futures of attempts waiting for a slot, oldest first
+        self._waiting: OrderedDict[str, OrderedDict[str, deque[asyncio.Future[Slot | None]]]]
+        self._waiting = OrderedDict()
         self._answer_s: OrderedDict[str, float] = OrderedDict()  # per host, smoothed
 
     # ---- jobs ---------------------------------------------------------------------------
@@ -167,13 +166,14 @@ class Shares:
         slow, within `wait` seconds; None when its share stays full (the attempt goes back
         to the queue). A wait is a future in the (project, host) queue that `release`
         answers with a slot, or a timer with None: no task, no timeout context."""
-        if (project, host) not in self._waiting and self._admits(project, host):
+        if host not in self._waiting.get(project, ()) and self._admits(project, host):
             return self._take(project, host)
         if self._answer_s.get(host, 0.0) >= SLOW_S:  # a slow host: wait in the queue
             return None
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Slot | None] = loop.create_future()
-        self._waiting.setdefault((project, host), deque()).append(future)
+        hosts = self._waiting.setdefault(project, OrderedDict())
+        hosts.setdefault(host, deque()).append(future)
         timer = loop.call_later(wait, self._expire, project, host, future)
         try:
             return await future
@@ -193,11 +193,15 @@ class Shares:
 
     def _forget(self, project: str, host: str, future: asyncio.Future[Slot | None]) -> None:
         """`future` out of its queue (`release` takes the admitted ones out itself)."""
-        queue = self._waiting.get((project, host))
-        if queue is not None and future in queue:
+        hosts = self._waiting.get(project)
+        if hosts is None or (queue := hosts.get(host)) is None:
+            return
+        if future in queue:
             queue.remove(future)
-        if queue is not None and not queue:
-            del self._waiting[(project, host)]
+        if not queue:
+            del hosts[host]
+            if not hosts:
+                del self._waiting[project]
 
     def release(self, slot: Slot, seconds: float) -> None:
         """`slot`'s attempt is over: its shares go to the attempts waiting that fit now."""
@@ -205,13 +209,32 @@ class Shares:
         self.hosts.give(slot.host)
         if seconds:
             self._remember(slot.host, seconds)
-        for (project, host), queue in list(self._waiting.items()):
+        for project, hosts in list(self._waiting.items()):
+            self._wake(project, hosts)
+            if not hosts:
+                del self._waiting[project]
+
+    def _wake(
+        self, project: str, hosts: OrderedDict[str, deque[asyncio.Future[Slot | None]]]
+    ) -> None:
+        """Admit `project`'s waiting attempts that fit now, oldest host first. A project at
+        its share is passed over at once, and one with room stops looking once it is full
+        again: a project waiting on thousands of hosts costs a release no more than one
+        waiting on a few (it cost each release of any project a look at each of them)."""
+        if self.fair and self.projects.room(project) <= 0:
+            return
+        emptied = []
+        for host, queue in hosts.items():
             while queue and self._admits(project, host):
                 future = queue.popleft()
                 if not future.done():
                     future.set_result(self._take(project, host))
             if not queue:
-                del self._waiting[(project, host)]
+                emptied.append(host)
+            if self.fair and self.projects.room(project) <= 0:
+                break
+        for host in emptied:
+            del hosts[host]
 
     # ---- deferral -----------------------------------------------------------------------
 
