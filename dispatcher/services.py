@@ -22,7 +22,7 @@ from dispatcher.errors import InvalidInput
 from dispatcher.health import Health
 from dispatcher.history import Cursor, open_history, parse_window
 from dispatcher.lookups import owned
-from dispatcher.models import Region, parse_event, parse_status
+from dispatcher.models import DeliveryStatus, Region, parse_event, parse_status
 from dispatcher.producer import Producer
 from dispatcher.queue import Queue
 from dispatcher.registry import Registry, validate_url
@@ -254,12 +254,16 @@ class Services:
         *,
         on_queued: Callable[[int], None] | None = None,
     ) -> int:
-        """Send again every delivery of a window that finally failed (its last record, the
-        dead letter); returns how many were queued. A record whose body was truncated is
-        skipped (it cannot be sent as it was)."""
+        """Send again every delivery of a window that finally failed (its newest failure of
+        the window, once, and only while that delivery's newest attempt anywhere is a final
+        failure: not one redelivered since, which succeeded, runs or waits to); returns how
+        many were queued. A record whose body was truncated is skipped (it cannot be sent
+        as it was). Each call used to send every failure of the window again, a
+        redelivery's own failure included: twice as many each time (review)."""
         name, start_ms, end_ms = self._window(event, start_time, end_time)
         batch: list[DeliveryJob] = []
         queued = 0
+        seen: set[str] = set()  # deliveries looked at (the window's newest failure first)
 
         async def flush() -> None:
             nonlocal queued
@@ -275,6 +279,13 @@ class Services:
         async for record in failures:
             if record.request_body_truncated or record.callback_id is None:
                 continue
+            if record.delivery_id is not None:
+                if record.delivery_id in seen:
+                    continue
+                seen.add(record.delivery_id)
+                newest = (await self.attempts(record))[0]
+                if not (newest.final and newest.status is DeliveryStatus.FAILED):
+                    continue
             batch.append(self.producer.redelivery_job(record))
             if len(batch) >= REDELIVER_BATCH:
                 await flush()

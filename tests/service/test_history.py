@@ -296,6 +296,36 @@ async def test_dead_letters_and_redelivery_of_a_windows_failures(
     assert [r["status"] for r in page.json()["data"]["records"]].count("SUCCESS") == 3
 
 
+async def test_window_redelivery_sends_each_failed_delivery_once_and_not_one_that_succeeded(
+    settings: Settings,
+    redis: Redis,
+    api: httpx.AsyncClient,
+    receiver: Receiver,
+    run_worker: RunWorker,
+) -> None:
+    """Each call queued every final failure of the window again, a redelivery's own too:
+    3, then 6, then 12 for three deliveries to a receiver still down (review). Now each
+    failed delivery once; none once its redelivery succeeded."""
+    url = receiver.script("/hook", answer(404))
+    await Registry(redis).create("demo", url, Event.BUILD_END, Region.DEVNET, "t")
+    await Producer(settings, redis).emit_many([("demo", "BUILD_END", {"n": i}) for i in range(3)])
+    await run_worker()
+
+    async def retry_window() -> int:
+        params = {"url": url, "event": "BUILD_END"}
+        retried = await api.post(f"{V3}/retry", params=params, headers=UID)
+        queued: int = retried.json()["data"]["queued"]
+        await run_worker()
+        return queued
+
+    assert [await retry_window(), await retry_window()] == [3, 3]  # still down
+    assert len(receiver.requests()) == 9
+    receiver.script("/hook", answer(200))
+    assert await retry_window() == 3
+    assert await retry_window() == 0  # each succeeded since
+    assert len(receiver.requests()) == 12
+
+
 async def test_window_redelivery_is_for_admins_dead_letters_for_members(
     settings: Settings, redis: Redis
 ) -> None:
