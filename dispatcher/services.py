@@ -256,7 +256,7 @@ class Services:
     ) -> int:
         """Send again every delivery of a window that finally failed (its newest failure of
         the window, once, and only while that delivery's newest attempt anywhere is a final
-        failure: not one redelivered since, which succeeded, runs or waits to); returns how
+        failure: not one redelivered since that succeeded or is retried); returns how
         many were queued. A record whose body was truncated is skipped (it cannot be sent
         as it was). Each call used to send every failure of the window again, a
         redelivery's own failure included: twice as many each time (review)."""
