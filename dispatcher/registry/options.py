@@ -17,22 +17,18 @@ lane per callback (and emitting project).
 
 from __future__ import annotations
 
-import functools
 import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
-import jmespath
 from jmespath import exceptions as jmespath_errors
 from jmespath.functions import Functions
-from jmespath.parser import ParsedResult
-from jmespath.visitor import Options as JmespathOptions
-from jmespath.visitor import TreeInterpreter
 
 from dispatcher.errors import InvalidInput
+from dispatcher.registry.filters import compile_filter
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Mapping, Sequence
+    from collections.abc import Mapping, Sequence
 
 __all__ = [
     "MAX_FILTER_LENGTH",
@@ -41,33 +37,18 @@ __all__ = [
     "MAX_PER_SECOND",
     "NO_OPTIONS",
     "ORDER_ALL",
-    "FilterBudget",
-    "FilterFailed",
     "Options",
-    "compile_filter",
-    "filter_matches",
     "order_key",
 ]
 
 MAX_PER_SECOND = 10_000  # each start is a member of a one-second sorted set in Redis
 MAX_IN_FLIGHT = 1_000
 MAX_FILTER_LENGTH = 1024
-# What the filters of one owner's callbacks may spend on one event (see `FilterBudget`)
-FILTER_BUDGET = 4_000_000  # units built (see `_Budgeted`): about 4 MB of text
-FILTER_STEPS = 100_000  # nodes visited: about 60 ms of the worker's event loop
 _FUNCTIONS = frozenset(Functions.FUNCTION_TABLE)
-_OPTIONS = JmespathOptions(custom_functions=Functions())  # one instance for every evaluation
 MAX_ORDER_BY_LENGTH = 128
 ORDER_ALL = "*"  # one lane per callback (and emitting project)
 # A dotted path of names: letters, digits, '_' and '-', not starting with a digit or '-'.
 _ORDER_PATH = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*(\.[A-Za-z_][A-Za-z0-9_-]*)*")
-
-
-_SPENT = "the filters of this callback's owner spent their budget on this event (over {what})"
-
-
-class FilterFailed(Exception):
-    """A filter that raised on an event: the event is not delivered to that callback."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -201,93 +182,3 @@ def _functions(node: Mapping[str, Any]) -> set[str]:
         if isinstance(child, dict):
             found |= _functions(child)
     return found
-
-
-@functools.lru_cache(maxsize=4096)
-def compile_filter(expression: str) -> ParsedResult:
-    """The compiled expression (compiled once per process)."""
-    return jmespath.compile(expression)
-
-
-@dataclass(slots=True)
-class FilterBudget:
-    """What the filters of one owner's callbacks may still spend on one event together
-    (see `_Budgeted`): a project that registers many costly filters fails its own, never
-    holds the worker's loop for long, and leaves other owners' budgets whole."""
-
-    steps: int = FILTER_STEPS
-    units: int = FILTER_BUDGET
-
-
-class _Budgeted(TreeInterpreter):
-    """JMESPath's interpreter, bounded by a `FilterBudget`: it visits at most `steps` nodes
-    (a filter projection over a list visits a few per element), and the values it builds
-    (lists, objects and strings made by functions, projections, multi-selects, flattens)
-    weigh together at most `units` (a character, an element, a key: one each), whatever
-    the event holds or the filter says. Each stage of `join('', [@, @])`, or of `[@, @]`
-    then `to_string`, doubles what the one before made, so a short filter could fill the
-    worker's memory or hold its event loop; it fails instead, alone. A value is weighed as
-    the tree it stands for, once (a list holding the same list twice weighs it twice: that
-    is what `to_string` or `==` walk)."""
-
-    BUILDS = frozenset(
-        ("function_expression", "multi_select_list", "multi_select_dict", "projection",
-         "value_projection", "filter_projection", "flatten", "slice")
-    )  # fmt: skip
-
-    def __init__(self, budget: FilterBudget) -> None:
-        super().__init__(_OPTIONS)
-        self.steps, self.units = budget.steps, budget.units
-        self._weights: dict[int, tuple[object, int]] = {}  # id -> (the value, kept alive)
-        self._methods: dict[str, Callable[..., Any]] = {}
-
-    def visit(self, node: Any, *args: Any, **kwargs: Any) -> Any:
-        kind = node["type"]
-        method = self._methods.get(kind)
-        if method is None:  # Visitor.visit's lookup, inlined: this runs for every node
-            method = self._methods[kind] = getattr(self, f"visit_{kind}", self.default_visit)
-        self.steps -= 1
-        if self.steps < 0:
-            raise FilterFailed(_SPENT.format(what=f"{FILTER_STEPS:,} steps"))
-        result = method(node, *args, **kwargs)
-        if kind in self.BUILDS:
-            self.units -= self._weight(result)
-            if self.units < 0:
-                raise FilterFailed(_SPENT.format(what=f"{FILTER_BUDGET:,} units built"))
-        return result
-
-    def _weight(self, value: object) -> int:
-        if isinstance(value, str):
-            return len(value) + 1
-        if not isinstance(value, list | dict):
-            return 1
-        known = self._weights.get(id(value))
-        if known is not None:
-            return known[1]
-        if isinstance(value, dict):
-            weight = 1 + sum(len(key) + self._weight(item) for key, item in value.items())
-        else:
-            weight = 1 + sum(self._weight(item) for item in value)
-        self._weights[id(value)] = (value, weight)
-        return weight
-
-
-def filter_matches(
-    expression: str, envelope: Mapping[str, Any], budget: FilterBudget | None = None
-) -> bool:
-    """Whether `expression` is truthy on `envelope`; FilterFailed when it raises (a
-    function given the wrong type, an ordering of a string and a number, ...) or spends
-    more than is left of `budget` (a whole one when None; what it spends is taken off)."""
-    budget = FilterBudget() if budget is None else budget
-    interpreter = _Budgeted(budget)
-    try:
-        result = interpreter.visit(compile_filter(expression).parsed, envelope)
-    except FilterFailed:
-        raise
-    except Exception as exc:  # any error of the expression on this event: it fails alone
-        raise FilterFailed(f"{type(exc).__name__}: {exc}"[:500]) from exc
-    finally:
-        budget.steps, budget.units = max(interpreter.steps, 0), max(interpreter.units, 0)
-    if result is None or result is False:
-        return False
-    return not (isinstance(result, str | list | dict) and not result)

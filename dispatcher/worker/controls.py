@@ -34,7 +34,7 @@ import structlog
 from dispatcher import metrics
 from dispatcher.clock import now_ms
 from dispatcher.lua import REDIS_NOW_MS, Key, Script
-from dispatcher.registry.options import FilterBudget, FilterFailed, filter_matches
+from dispatcher.registry.filters import FilterBudget, FilterFailed, filter_matches
 from dispatcher.worker.steps import Step
 
 if TYPE_CHECKING:

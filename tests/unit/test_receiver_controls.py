@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import tracemalloc
 from types import SimpleNamespace
 from typing import Any
 
@@ -20,7 +21,7 @@ from dispatcher.headers import request_headers
 from dispatcher.keys import Keys
 from dispatcher.models import PROJECT_EVENTS, Event, Level, Region
 from dispatcher.registry import CallbackTarget, Options
-from dispatcher.registry.options import FilterBudget, FilterFailed, filter_matches
+from dispatcher.registry.filters import FilterBudget, FilterFailed, filter_matches
 from dispatcher.settings import Settings
 from dispatcher.worker.controls import Controls, Release
 from dispatcher.worker.steps import Step
@@ -104,22 +105,39 @@ DOUBLED = "[@,@]" + "|[@,@]" * 60  # a list of 2^61 leaves, 61 lists in memory
 @pytest.mark.parametrize(
     ("expression", "spent"),
     [
-        ("to_string(@)" + "|join('',[@,@])" * 67, "units built"),  # 2^67 times the event
-        (DOUBLED + "|to_string(@)", "units built"),
-        (f"({DOUBLED}) == ({DOUBLED})", "units built"),  # == walks both trees
-        (f"contains({DOUBLED}, `1`)", "units built"),
+        ("to_string(@)" + "|join('',[@,@])" * 67, "units"),  # 2^67 times the event
+        (DOUBLED + "|to_string(@)", "units"),
+        (f"({DOUBLED}) == ({DOUBLED})", "units"),  # == walks both trees
+        (f"contains({DOUBLED}, `1`)", "units"),
         (" || ".join(["data.many[?n == `-1`]"] * 10), "steps"),  # 10 walks of 20,000
+        # an integer of 4,300 digits, 16^3 times in a list: to_string would write 17 MB
+        # in one call (second review)
+        (
+            "'" + "9" * 43 + "'|join('',[@,@,@,@,@,@,@,@,@,@])|join('',[@,@,@,@,@,@,@,@,@,@])"
+            "|to_number(@)|[@,@,@,@,@,@,@,@,@,@,@,@,@,@,@,@]|[@,@,@,@,@,@,@,@,@,@,@,@,@,@,@,@]"
+            "|[@,@,@,@,@,@,@,@,@,@,@,@,@,@,@,@]|to_string(@)",
+            "units",
+        ),
+        ("join(join('', [data.s, data.s, data.s, data.s]), [data.s, data.s, data.s])", "units"),
+        ("join('', [" + ", ".join(["data.s"] * 40) + "])", "units"),  # 40 MB in one call
     ],
-    ids=["join", "to_string", "equality", "contains", "walks"],
+    ids=["join", "to_string", "equality", "contains", "walks", "digits", "separator", "mentions"],
 )
 def test_a_filter_that_would_cost_without_end_spends_its_budget_and_fails(
     expression: str, spent: str
 ) -> None:
     """Each of these was accepted and would fill memory or hold the worker's loop for good
     (review); each fails within its budget (about 60 ms of steps at most)."""
-    envelope = {**ENVELOPE, "data": {"many": [{"n": n} for n in range(20_000)]}}
-    with pytest.raises(FilterFailed, match=f"spent their budget .*{spent}"):
-        filter_matches(expression, envelope)
+    data = {"many": [{"n": n} for n in range(20_000)], "s": "x" * 1_000_000}
+    envelope = {**ENVELOPE, "data": data}
+    tracemalloc.start()
+    try:
+        with pytest.raises(FilterFailed, match=f"spent their budget .*{spent}"):
+            filter_matches(expression, envelope)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 16_000_000  # refused before it made what it asked for, not after
 
 
 def test_a_budget_is_shared_by_the_filters_it_is_given_to() -> None:
@@ -135,6 +153,16 @@ def test_a_budget_is_shared_by_the_filters_it_is_given_to() -> None:
             filter_matches(walk, envelope, budget)
     assert budget.steps == 0
     assert filter_matches(walk, envelope, FilterBudget())
+
+
+def test_filters_that_point_into_a_big_event_are_charged_what_they_make() -> None:
+    """Five filter projections over a 1 MB event, in one budget: each is charged the list
+    it makes, not the event it points into (they failed at the fifth: second review)."""
+    items = [{"k": n, "pad": "x" * 250} for n in range(4_000)]
+    envelope = {**ENVELOPE, "data": {"items": items}}
+    budget = FilterBudget()
+    for _ in range(5):
+        assert filter_matches("length(data.items[?k >= `0`]) > `0`", envelope, budget)
 
 
 @pytest.mark.parametrize("nested", ["(" * 500 + "a" + ")" * 500, "!" * 1000 + "a"])

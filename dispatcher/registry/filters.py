@@ -1,0 +1,166 @@
+"""A callback's JMESPath filter, evaluated on an event within a budget.
+
+A filter is short (`MAX_FILTER_LENGTH`), but what it makes need not be: each stage of
+`join('', [@, @])` doubles a string, a chain of `[@, @]` stands for a tree of 2^n leaves
+that `to_string` or `==` would walk, a few joins and `to_number` make an integer of 4,300
+digits, and a filter projection walks a big event once per mention. Unbounded, one event
+could fill a worker's memory or hold its event loop for minutes. So the filters of one
+owner's callbacks (a project's; the platform-wide ones') share a `FilterBudget` per event
+(per chunk of a fan-out, `DISPATCHER_FAN_OUT_CHUNK` callbacks):
+
+- steps: the nodes of the expressions visited (a filter projection visits a few per
+  element);
+- units: what they make, each value as it is made (a list or an object: its length; a
+  string: its length, 12 per character when not ASCII, as `to_string` may escape it; a
+  number: its digits), and, before a call that walks or copies its arguments
+  (`to_string`, `contains`, `join`, `merge`, `==` and `!=` of lists or objects), the whole
+  of what it would walk or make, shared parts counted each time they are reached.
+
+Past either, the filter fails as any filter that raises does, and so do that owner's next
+ones on the event; other owners' budgets are whole (`dispatcher.worker.controls`).
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import jmespath
+from jmespath.functions import Functions
+from jmespath.visitor import Options, TreeInterpreter
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Mapping
+
+    from jmespath.parser import ParsedResult
+
+__all__ = ["FILTER_STEPS", "FILTER_UNITS", "FilterBudget", "FilterFailed", "compile_filter",
+           "filter_matches"]  # fmt: skip
+
+FILTER_UNITS = 4_000_000  # about 4 MB of text
+FILTER_STEPS = 100_000  # about 60 ms of a worker's event loop
+_FUNCTIONS = Functions()  # one instance for every evaluation
+_OPTIONS = Options(custom_functions=_FUNCTIONS)
+_SPENT = "the filters of this callback's owner spent their budget on this event (over {what})"
+# what makes a new value, charged its size as it is made
+_MAKES = frozenset(
+    ("function_expression", "multi_select_list", "multi_select_dict", "projection",
+     "value_projection", "filter_projection", "flatten", "slice")
+)  # fmt: skip
+_WALKS = frozenset(("to_string", "contains"))  # charged the whole of their arguments first
+
+
+class FilterFailed(Exception):
+    """A filter that raised on an event: the event is not delivered to that callback."""
+
+
+@functools.lru_cache(maxsize=4096)
+def compile_filter(expression: str) -> ParsedResult:
+    """The compiled expression (compiled once per process)."""
+    return jmespath.compile(expression)
+
+
+@dataclass(slots=True)
+class FilterBudget:
+    """What the filters of one owner's callbacks may still spend on one event together."""
+
+    steps: int = FILTER_STEPS
+    units: int = FILTER_UNITS
+
+
+def _size(value: object) -> int:
+    """A value's own size, what making it cost (not what it points to)."""
+    if isinstance(value, str):
+        return len(value) if value.isascii() else 12 * len(value)
+    if isinstance(value, list | dict):
+        return len(value) + 1
+    if isinstance(value, bool) or value is None:
+        return 5
+    if isinstance(value, int):
+        return value.bit_length() * 3 // 10 + 2  # its decimal digits, and a sign
+    return 24 if isinstance(value, float) else 1
+
+
+class _Budgeted(TreeInterpreter):
+    """JMESPath's interpreter, spending a `FilterBudget` (see the module's doc)."""
+
+    def __init__(self, budget: FilterBudget) -> None:
+        super().__init__(_OPTIONS)
+        self.steps, self.units = budget.steps, budget.units
+        self._wholes: dict[int, tuple[object, int]] = {}  # id -> (the value kept, its whole)
+        self._methods: dict[str, Callable[..., Any]] = {}
+
+    def spend(self, units: int) -> None:
+        self.units -= units
+        if self.units < 0:
+            raise FilterFailed(_SPENT.format(what=f"{FILTER_UNITS:,} units"))
+
+    def visit(self, node: Any, *args: Any, **kwargs: Any) -> Any:
+        kind = node["type"]
+        method = self._methods.get(kind)
+        if method is None:  # Visitor.visit's lookup, inlined: this runs for every node
+            method = self._methods[kind] = getattr(self, f"visit_{kind}", self.default_visit)
+        self.steps -= 1
+        if self.steps < 0:
+            raise FilterFailed(_SPENT.format(what=f"{FILTER_STEPS:,} steps"))
+        result = method(node, *args, **kwargs)
+        if kind in _MAKES:
+            self.spend(_size(result))
+        return result
+
+    def visit_function_expression(self, node: Any, value: Any) -> Any:
+        args = [self.visit(child, value) for child in node["children"]]
+        name = node["value"]
+        if name in _WALKS:
+            self.spend(sum(self._whole(arg) for arg in args))
+        elif name == "join" and len(args) == 2 and isinstance(args[1], list):
+            self.spend(self._whole(args[1]) + _size(args[0]) * len(args[1]))
+        elif name == "merge":  # a copy of every argument's keys
+            self.spend(sum(_size(arg) for arg in args))
+        return _FUNCTIONS.call_function(name, args)
+
+    def visit_comparator(self, node: Any, value: Any) -> Any:
+        if node["value"] not in ("eq", "ne"):
+            return super().visit_comparator(node, value)  # numbers only
+        children = node["children"]
+        left, right = self.visit(children[0], value), self.visit(children[1], value)
+        if isinstance(left, list | dict) and isinstance(right, list | dict):
+            self.spend(min(self._whole(left), self._whole(right)))
+        return self.COMPARATOR_FUNC[node["value"]](left, right)
+
+    def _whole(self, value: object) -> int:
+        """The size of everything `value` holds, as a walk reaches it (a part held twice,
+        twice); each container summed once per evaluation."""
+        if not isinstance(value, list | dict):
+            return _size(value)
+        known = self._wholes.get(id(value))
+        if known is not None:
+            return known[1]
+        items = value.values() if isinstance(value, dict) else value
+        whole = _size(value) + sum(self._whole(item) for item in items)
+        if isinstance(value, dict):
+            whole += sum(_size(key) for key in value)
+        self._wholes[id(value)] = (value, whole)
+        return whole
+
+
+def filter_matches(
+    expression: str, envelope: Mapping[str, Any], budget: FilterBudget | None = None
+) -> bool:
+    """Whether `expression` is truthy on `envelope`; FilterFailed when it raises (a
+    function given the wrong type, an ordering of a string and a number, ...) or spends
+    more than is left of `budget` (a whole one when None; what it spends is taken off)."""
+    budget = FilterBudget() if budget is None else budget
+    interpreter = _Budgeted(budget)
+    try:
+        result = interpreter.visit(compile_filter(expression).parsed, envelope)
+    except FilterFailed:
+        raise
+    except Exception as exc:  # any error of the expression on this event: it fails alone
+        raise FilterFailed(f"{type(exc).__name__}: {exc}"[:500]) from exc
+    finally:
+        budget.steps, budget.units = max(interpreter.steps, 0), max(interpreter.units, 0)
+    if result is None or result is False:
+        return False
+    return not (isinstance(result, str | list | dict) and not result)
