@@ -7,8 +7,8 @@ import hmac
 from typing import Annotated, NamedTuple
 
 from fastapi import Depends, Header, Path, Query, Request
-from starlette.convertors import Convertor, register_url_convertor
 
+import dispatcher.path_ids  # noqa: F401  # the `id` path convertor, before the routes
 from dispatcher.auth import Role
 from dispatcher.errors import Forbidden, Unauthenticated
 from dispatcher.headers import MAX_AUTH_HEADER_NAME, MAX_AUTH_HEADER_VALUE, AuthHeader
@@ -45,22 +45,6 @@ __all__ = [
     "project_member",
 ]
 
-
-class _Id(Convertor[int]):
-    """A numeric id in a path: at most 19 digits (a 64-bit id). Starlette's `int` takes
-    any number of digits, and past 4,300 of them Python refuses to read them: a 500 before
-    any check (review). A longer id is no route: a 404 in the envelope."""
-
-    regex = "[0-9]{1,19}"
-
-    def convert(self, value: str) -> int:
-        return int(value)
-
-    def to_string(self, value: int) -> str:
-        return str(value)
-
-
-register_url_convertor("id", _Id())  # `/{callbackId:id}`
 
 # Bounded so that the offset, (page - 1) * pageSize, fits Redis' 64-bit integers.
 MAX_PAGE = 1_000_000_000

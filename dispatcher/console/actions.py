@@ -71,7 +71,7 @@ async def register(
     return redirect(page, _project(project_id), notice="registered", n=len(result.success_events))
 
 
-@router.post("/projects/{projectId}/callbacks/{callbackId:int}/secret")
+@router.post("/projects/{projectId}/callbacks/{callbackId:id}/secret")
 async def rotate(
     page: AdminForm,
     project_id: ProjectPath,
@@ -84,7 +84,7 @@ async def rotate(
     return redirect(page, _project(project_id), notice="rotated")
 
 
-@router.post("/projects/{projectId}/callbacks/{callbackId:int}/enable")
+@router.post("/projects/{projectId}/callbacks/{callbackId:id}/enable")
 async def enable(
     page: AdminForm, project_id: ProjectPath, callback_id: CallbackPath
 ) -> RedirectResponse:
@@ -92,7 +92,7 @@ async def enable(
     return redirect(page, _project(project_id), notice="enabled")
 
 
-@router.post("/projects/{projectId}/callbacks/{callbackId:int}/disable")
+@router.post("/projects/{projectId}/callbacks/{callbackId:id}/disable")
 async def disable(
     page: AdminForm,
     project_id: ProjectPath,
@@ -105,7 +105,7 @@ async def disable(
     return redirect(page, _project(project_id), notice="disabled")
 
 
-@router.post("/projects/{projectId}/history/{id:int}/redeliver")
+@router.post("/projects/{projectId}/history/{id:id}/redeliver")
 async def redeliver(
     page: AdminForm,
     project_id: ProjectPath,

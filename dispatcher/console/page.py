@@ -23,6 +23,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.responses import HTMLResponse, RedirectResponse, Response
 
+import dispatcher.path_ids  # noqa: F401  # the `id` path convertor, before the routes
 from dispatcher.auth import Role
 from dispatcher.console.csrf import FIELD, Csrf
 from dispatcher.errors import DispatcherError, Unauthenticated

@@ -121,7 +121,7 @@ async def history(
     return response
 
 
-@router.get("/projects/{projectId}/history/{id:int}")
+@router.get("/projects/{projectId}/history/{id:id}")
 async def record(
     page: MemberPage, project_id: ProjectPath, record_id: Annotated[int, Path(alias="id")]
 ) -> HTMLResponse:

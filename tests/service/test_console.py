@@ -248,6 +248,21 @@ async def test_history_form_bad_input_and_unknown_records_are_pages(
     assert paging.status_code == 400 and "bad parameter 'page'" in unescape(paging.text)
 
 
+async def test_an_id_of_any_length_is_a_404_not_a_500(api: httpx.AsyncClient) -> None:
+    """Past 4,300 digits Python refuses to read a number: these answered 500 (second
+    review)."""
+    long = "9" * 5000
+    for method, path in (
+        ("GET", f"{PROJECT}/history/{long}"),
+        ("POST", f"{PROJECT}/history/{long}/redeliver"),
+        ("POST", f"{PROJECT}/callbacks/{long}/enable"),
+        ("POST", f"{PROJECT}/callbacks/{long}/disable"),
+        ("POST", f"{PROJECT}/callbacks/{long}/secret"),
+    ):
+        response = await api.request(method, path)
+        assert response.status_code == 404, (method, path[:60], response.text[:200])
+
+
 async def test_redeliver_all_failed_of_a_window(
     api: httpx.AsyncClient, settings: Settings, redis: Redis, receiver: Receiver,
     run_worker: RunWorker,
