@@ -240,8 +240,9 @@ class _HostState:
 
 @dataclass
 class CircuitBreaker:
-    """Per-host breaker, per worker process: after `threshold` retryable failures in a row
-    a host is left alone for `cooldown` seconds; then one attempt probes it."""
+    """A breaker per circuit (the worker's: a project's host), per worker process: after
+    `threshold` retryable failures in a row a circuit is left alone for `cooldown` seconds;
+    then one attempt probes it."""
 
     threshold: int = 10
     cooldown: float = 30.0

@@ -66,8 +66,9 @@ CALLBACKS_DISABLED = Counter(
 DEFERRED = Counter(
     "dispatcher_deliveries_deferred_total",
     "Deliveries put back in the queue, no attempt spent: their callback was at its "
-    "maxPerSecond (rate) or maxInFlight (in_flight) limit, their host's circuit breaker was "
-    "open (circuit), or their project or host had no free share of the worker (share).",
+    "maxPerSecond (rate) or maxInFlight (in_flight) limit, their project's circuit breaker "
+    "for their host was open (circuit), or their project or host had no free share of the "
+    "worker (share).",
     ["reason"],
 )
 FILTERED = Counter(

@@ -237,10 +237,10 @@ class Settings(BaseSettings):
 
     # Endpoint health
     circuit_threshold: int = Field(
-        default=10, ge=1, description="Retryable failures in a row that open a host's breaker."
+        default=10, ge=1, description="Retryable failures in a row that open a breaker."
     )
     circuit_cooldown: float = Field(
-        default=30.0, ge=0, description="Seconds a host is left alone once its breaker opens."
+        default=30.0, ge=0, description="Seconds a breaker stays open (a project's, per host)."
     )
     disable_after_failures: int = Field(default=50, ge=1)
     disable_after_seconds: float = Field(default=12 * 3600, ge=0)

@@ -244,7 +244,8 @@ class Engine:
         self, job: DeliveryJob, target: CallbackTarget, number: int, then: Then
     ) -> None:
         host = target.destination.netloc
-        if wait := self.breaker.wait(host):  # not an attempt: try again once it may
+        circuit = f"{target.project_id}:{host}"  # a project's own: none trips another's
+        if wait := self.breaker.wait(circuit):  # not an attempt: try again once it may
             await self._defer(job, then, wait, "circuit")
             return
         slot = await self.shares.admit(job.emitter or job.project_id, host)
@@ -262,7 +263,7 @@ class Engine:
                 traced.end(result.outcome.value, result.status_code, result.error)
         finally:
             slot.release(time.monotonic() - started)
-        self.breaker.record(host, result.outcome is not Outcome.RETRY)
+        self.breaker.record(circuit, result.outcome is not Outcome.RETRY)
         delay = None
         if result.outcome is Outcome.RETRY:
             delay = next_delay(

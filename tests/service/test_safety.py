@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -20,6 +21,7 @@ from dispatcher.producer import Producer
 from dispatcher.registry import Registry
 from dispatcher.settings import Settings
 from dispatcher.tokens import TokenCipher
+from dispatcher.worker import create_worker
 from tests.helpers import (
     UID,
     Receiver,
@@ -28,6 +30,7 @@ from tests.helpers import (
     answer,
     app_client,
     make_settings,
+    until,
 )
 
 keys = Keys()  # today's key names (one shard)
@@ -267,6 +270,40 @@ async def test_open_breaker_defers_instead_of_burning_attempts(
     # delivery probes the host while the other waits: 12 cool-downs (2.4 s; both probing
     # made it 6)
     assert span >= 2200
+
+
+async def test_a_breaker_a_project_opens_holds_its_own_deliveries_only(
+    settings: Settings, redis: Redis, receiver: Receiver
+) -> None:
+    """`evil` registers a path of `demo`'s receiver that answers 500, and opens the breaker
+    for that host with two failures (the host's breaker, before: demo's delivery there then
+    waited out the cool-down, a minute here, review). demo's is sent at once; evil's next
+    waits."""
+    settings = settings.model_copy(
+        update={"circuit_threshold": 2, "circuit_cooldown": 60.0, "retry_schedule": ()}
+    )
+    evil = receiver.script("/evil", answer(500))
+    registry, producer = Registry(redis), Producer(settings, redis)
+    await registry.create("evil", evil, Event.BUILD_END, Region.DEVNET)
+    await registry.create("demo", receiver.url("/demo"), Event.BUILD_END, Region.DEVNET)
+    worker = create_worker(settings, poll_delay=0.01, handle_signals=False)
+    main = asyncio.create_task(worker.main())
+    try:
+        for _ in range(2):
+            await producer.emit("evil", "BUILD_END", {})
+
+        async def seen(path: str, count: int) -> bool:
+            return len(receiver.requests(path)) >= count
+
+        await until(lambda: seen("/evil", 2), 10, "evil's two failures")
+        await producer.emit("evil", "BUILD_END", {})
+        await producer.emit("demo", "BUILD_END", {})
+        await until(lambda: seen("/demo", 1), 10, "demo's delivery, not held by evil's breaker")
+        assert len(receiver.requests("/evil")) == 2  # its third waits for its breaker
+    finally:
+        worker.stop()
+        await main
+        await worker.close()
 
 
 # ---- poison jobs --------------------------------------------------------------------------
