@@ -243,12 +243,12 @@ class Engine:
     async def _attempt(
         self, job: DeliveryJob, target: CallbackTarget, number: int, then: Then
     ) -> None:
-        host = target.destination.netloc
-        circuit = f"{target.project_id}:{host}"  # a project's own: none trips another's
+        host, project = target.destination.netloc, job.emitter or job.project_id
+        circuit = f"{project}:{host}"  # the emitter's own: none trips another project's
         if wait := self.breaker.wait(circuit):  # not an attempt: try again once it may
             await self._defer(job, then, wait, "circuit")
             return
-        slot = await self.shares.admit(job.emitter or job.project_id, host)
+        slot = await self.shares.admit(project, host)
         if slot is None:  # its project or host holds its share of the worker: later
             await self._defer(job, then, self.shares.defer_s(host), "share")
             return

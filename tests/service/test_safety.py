@@ -9,6 +9,7 @@ from typing import Any
 import httpx
 import orjson
 import pytest
+from aiohttp import web
 from redis.asyncio import Redis
 from structlog.testing import capture_logs
 
@@ -16,7 +17,7 @@ from dispatcher.api import create_app
 from dispatcher.embedded import EmbeddedRedis
 from dispatcher.health import CircuitBreaker
 from dispatcher.keys import Keys
-from dispatcher.models import Event, Region
+from dispatcher.models import PLATFORM_PROJECT, Event, Region
 from dispatcher.producer import Producer
 from dispatcher.registry import Registry
 from dispatcher.settings import Settings
@@ -272,20 +273,31 @@ async def test_open_breaker_defers_instead_of_burning_attempts(
     assert span >= 2200
 
 
+@pytest.mark.parametrize("platform", [False, True], ids=["its own callback", "platform-wide"])
 async def test_a_breaker_a_project_opens_holds_its_own_deliveries_only(
-    settings: Settings, redis: Redis, receiver: Receiver
+    settings: Settings, redis: Redis, receiver: Receiver, platform: bool
 ) -> None:
-    """`evil` registers a path of `demo`'s receiver that answers 500, and opens the breaker
-    for that host with two failures (the host's breaker, before: demo's delivery there then
-    waited out the cool-down, a minute here, review). demo's is sent at once; evil's next
-    waits."""
+    """`evil` makes a host of `demo`'s receiver answer 500 twice, which opens a breaker:
+    through a path of its own callback, or through its events to a platform-wide callback
+    that fails on them (the host's breaker, then the platform callback's owner's, before:
+    demo's delivery there waited out the cool-down, a minute here; reviews). demo's is sent
+    at once; evil's next waits."""
     settings = settings.model_copy(
         update={"circuit_threshold": 2, "circuit_cooldown": 60.0, "retry_schedule": ()}
     )
-    evil = receiver.script("/evil", answer(500))
+
+    async def fails_for_evil(request: web.Request) -> web.StreamResponse:
+        evils = orjson.loads(await request.read())["projectId"] == "evil"
+        return web.Response(status=500 if evils else 200)
+
+    evil = receiver.script("/evil", fails_for_evil)
     registry, producer = Registry(redis), Producer(settings, redis)
-    await registry.create("evil", evil, Event.BUILD_END, Region.DEVNET)
-    await registry.create("demo", receiver.url("/demo"), Event.BUILD_END, Region.DEVNET)
+    if platform:  # one callback, both projects' events: "/evil" counts them all
+        await registry.create(PLATFORM_PROJECT, evil, Event.BUILD_END, Region.DEVNET)
+    else:
+        await registry.create("evil", evil, Event.BUILD_END, Region.DEVNET)
+        await registry.create("demo", receiver.url("/demo"), Event.BUILD_END, Region.DEVNET)
+    demo = "/evil" if platform else "/demo"
     worker = create_worker(settings, poll_delay=0.01, handle_signals=False)
     main = asyncio.create_task(worker.main())
     try:
@@ -298,8 +310,9 @@ async def test_a_breaker_a_project_opens_holds_its_own_deliveries_only(
         await until(lambda: seen("/evil", 2), 10, "evil's two failures")
         await producer.emit("evil", "BUILD_END", {})
         await producer.emit("demo", "BUILD_END", {})
-        await until(lambda: seen("/demo", 1), 10, "demo's delivery, not held by evil's breaker")
-        assert len(receiver.requests("/evil")) == 2  # its third waits for its breaker
+        await until(lambda: seen(demo, 3 if platform else 1), 10, "demo's, not held by evil")
+        projects = [orjson.loads(r.body)["projectId"] for r in receiver.requests("/evil")]
+        assert projects.count("evil") == 2  # its third waits for its breaker
     finally:
         worker.stop()
         await main
