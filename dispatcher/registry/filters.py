@@ -12,9 +12,12 @@ owner's callbacks (a project's; the platform-wide ones') share a `FilterBudget` 
   element);
 - units: what they make, each value as it is made (a list or an object: its length; a
   string: its length, 12 per character when not ASCII, as `to_string` may escape it; a
-  number: its digits), and, before a call that walks or copies its arguments
-  (`to_string`, `contains`, `join`, `merge`, `==` and `!=` of lists or objects), the whole
-  of what it would walk or make, shared parts counted each time they are reached.
+  number: its digits);
+- before a call that walks, compares or copies its arguments (`to_string`, `contains`,
+  `join`, `merge`, `sort`, `max`, `min` and their `_by` forms, `starts_with`,
+  `ends_with`, and the comparisons of strings, lists or objects), a walk of them: a step
+  per value reached and its size in units, a part reached twice counted twice, the walk
+  itself stopping once either runs out.
 
 Past either, the filter fails as any filter that raises does, and so do that owner's next
 ones on the event; other owners' budgets are whole (`dispatcher.worker.controls`).
@@ -42,13 +45,19 @@ FILTER_UNITS = 4_000_000  # about 4 MB of text
 FILTER_STEPS = 100_000  # about 60 ms of a worker's event loop
 _FUNCTIONS = Functions()  # one instance for every evaluation
 _OPTIONS = Options(custom_functions=_FUNCTIONS)
+_CONTAINERS, _NUMBERS, _READ_WHOLE = (list, dict), (int, float), (str, list, dict)  # tuples:
+# faster than `list | dict` to test against, which is built anew each time it is evaluated
 _SPENT = "the filters of this callback's owner spent their budget on this event (over {what})"
 # what makes a new value, charged its size as it is made
 _MAKES = frozenset(
     ("function_expression", "multi_select_list", "multi_select_dict", "projection",
      "value_projection", "filter_projection", "flatten", "slice")
 )  # fmt: skip
-_WALKS = frozenset(("to_string", "contains"))  # charged the whole of their arguments first
+# charged a walk of their arguments first (they read them whole, or compare strings)
+_WALKS = frozenset(
+    ("to_string", "contains", "join", "sort", "max", "min", "sort_by", "max_by", "min_by",
+     "starts_with", "ends_with")
+)  # fmt: skip
 
 
 class FilterFailed(Exception):
@@ -73,7 +82,7 @@ def _size(value: object) -> int:
     """A value's own size, what making it cost (not what it points to)."""
     if isinstance(value, str):
         return len(value) if value.isascii() else 12 * len(value)
-    if isinstance(value, list | dict):
+    if isinstance(value, _CONTAINERS):
         return len(value) + 1
     if isinstance(value, bool) or value is None:
         return 5
@@ -82,13 +91,17 @@ def _size(value: object) -> int:
     return 24 if isinstance(value, float) else 1
 
 
+def _ordered(value: object) -> bool:
+    """Whether `<` and the rest may compare `value` (a number, not a boolean, or a string)."""
+    return isinstance(value, str) or (isinstance(value, _NUMBERS) and not isinstance(value, bool))
+
+
 class _Budgeted(TreeInterpreter):
     """JMESPath's interpreter, spending a `FilterBudget` (see the module's doc)."""
 
     def __init__(self, budget: FilterBudget) -> None:
         super().__init__(_OPTIONS)
         self.steps, self.units = budget.steps, budget.units
-        self._wholes: dict[int, tuple[object, int]] = {}  # id -> (the value kept, its whole)
         self._methods: dict[str, Callable[..., Any]] = {}
 
     def spend(self, units: int) -> None:
@@ -96,14 +109,17 @@ class _Budgeted(TreeInterpreter):
         if self.units < 0:
             raise FilterFailed(_SPENT.format(what=f"{FILTER_UNITS:,} units"))
 
+    def step(self) -> None:
+        self.steps -= 1
+        if self.steps < 0:
+            raise FilterFailed(_SPENT.format(what=f"{FILTER_STEPS:,} steps"))
+
     def visit(self, node: Any, *args: Any, **kwargs: Any) -> Any:
         kind = node["type"]
         method = self._methods.get(kind)
         if method is None:  # Visitor.visit's lookup, inlined: this runs for every node
             method = self._methods[kind] = getattr(self, f"visit_{kind}", self.default_visit)
-        self.steps -= 1
-        if self.steps < 0:
-            raise FilterFailed(_SPENT.format(what=f"{FILTER_STEPS:,} steps"))
+        self.step()
         result = method(node, *args, **kwargs)
         if kind in _MAKES:
             self.spend(_size(result))
@@ -113,36 +129,48 @@ class _Budgeted(TreeInterpreter):
         args = [self.visit(child, value) for child in node["children"]]
         name = node["value"]
         if name in _WALKS:
-            self.spend(sum(self._whole(arg) for arg in args))
-        elif name == "join" and len(args) == 2 and isinstance(args[1], list):
-            self.spend(self._whole(args[1]) + _size(args[0]) * len(args[1]))
+            for arg in args:
+                self.walk(arg)
+        if name == "join" and len(args) == 2 and isinstance(args[1], list):
+            self.spend(_size(args[0]) * len(args[1]))  # the separators
         elif name == "merge":  # a copy of every argument's keys
             self.spend(sum(_size(arg) for arg in args))
         return _FUNCTIONS.call_function(name, args)
 
     def visit_comparator(self, node: Any, value: Any) -> Any:
-        if node["value"] not in ("eq", "ne"):
-            return super().visit_comparator(node, value)  # numbers only
         children = node["children"]
         left, right = self.visit(children[0], value), self.visit(children[1], value)
-        if isinstance(left, list | dict) and isinstance(right, list | dict):
-            self.spend(min(self._whole(left), self._whole(right)))
+        if isinstance(left, _READ_WHOLE) and isinstance(right, _READ_WHOLE):
+            self.walk(left)  # what comparing them may read (strings are ordered too)
+        if node["value"] not in ("eq", "ne") and not (_ordered(left) and _ordered(right)):
+            return None  # as JMESPath's interpreter: `<` and the rest, numbers and strings
         return self.COMPARATOR_FUNC[node["value"]](left, right)
 
-    def _whole(self, value: object) -> int:
-        """The size of everything `value` holds, as a walk reaches it (a part held twice,
-        twice); each container summed once per evaluation."""
-        if not isinstance(value, list | dict):
-            return _size(value)
-        known = self._wholes.get(id(value))
-        if known is not None:
-            return known[1]
-        items = value.values() if isinstance(value, dict) else value
-        whole = _size(value) + sum(self._whole(item) for item in items)
-        if isinstance(value, dict):
-            whole += sum(_size(key) for key in value)
-        self._wholes[id(value)] = (value, whole)
-        return whole
+    def walk(self, value: object) -> None:
+        """Charge what reading `value` whole reaches: a step and its size per value (this
+        runs for every value reached: the charges are inlined, and the stack never holds
+        more values than the steps left could reach)."""
+        steps, units, stack = self.steps, self.units, [value]
+        try:
+            while stack:
+                item = stack.pop()
+                steps -= 1
+                if isinstance(item, _CONTAINERS):
+                    if len(item) > steps:  # more than the steps left can reach: over
+                        steps = -1
+                    elif isinstance(item, list):
+                        units -= len(item) + 1
+                        stack.extend(item)
+                    else:
+                        units -= len(item) + 1 + sum(_size(key) for key in item)
+                        stack.extend(item.values())
+                else:
+                    units -= _size(item)
+                if steps < 0 or units < 0:
+                    what = f"{FILTER_STEPS:,} steps" if steps < 0 else f"{FILTER_UNITS:,} units"
+                    raise FilterFailed(_SPENT.format(what=what))
+        finally:
+            self.steps, self.units = steps, units
 
 
 def filter_matches(
@@ -163,4 +191,4 @@ def filter_matches(
         budget.steps, budget.units = max(interpreter.steps, 0), max(interpreter.units, 0)
     if result is None or result is False:
         return False
-    return not (isinstance(result, str | list | dict) and not result)
+    return not (isinstance(result, _READ_WHOLE) and not result)

@@ -105,10 +105,10 @@ DOUBLED = "[@,@]" + "|[@,@]" * 60  # a list of 2^61 leaves, 61 lists in memory
 @pytest.mark.parametrize(
     ("expression", "spent"),
     [
-        ("to_string(@)" + "|join('',[@,@])" * 67, "units"),  # 2^67 times the event
-        (DOUBLED + "|to_string(@)", "units"),
-        (f"({DOUBLED}) == ({DOUBLED})", "units"),  # == walks both trees
-        (f"contains({DOUBLED}, `1`)", "units"),
+        ("data.s" + "|join('',[@,@])" * 67, "units"),  # 2^67 times 1 MB
+        (DOUBLED + "|to_string(@)", "steps"),
+        (f"({DOUBLED}) == ({DOUBLED})", "steps"),  # == walks both trees
+        (f"contains({DOUBLED}, `1`)", "steps"),
         (" || ".join(["data.many[?n == `-1`]"] * 10), "steps"),  # 10 walks of 20,000
         # an integer of 4,300 digits, 16^3 times in a list: to_string would write 17 MB
         # in one call (second review)
@@ -120,15 +120,37 @@ DOUBLED = "[@,@]" + "|[@,@]" * 60  # a list of 2^61 leaves, 61 lists in memory
         ),
         ("join(join('', [data.s, data.s, data.s, data.s]), [data.s, data.s, data.s])", "units"),
         ("join('', [" + ", ".join(["data.s"] * 40) + "])", "units"),  # 40 MB in one call
+        # 200 distinct equal strings of 1 MB, sorted: compared byte by byte (third review)
+        (
+            "[data.s, join('', [data.s, ''])]|[@,@,@,@,@,@,@,@,@,@]|[]|[@,@,@,@,@,@,@,@,@,@]|[]"
+            "|length(sort(@))",
+            "units",
+        ),
+        ("contains(data.empties, 'x')", "steps"),  # the walk itself is charged as it goes
     ],
-    ids=["join", "to_string", "equality", "contains", "walks", "digits", "separator", "mentions"],
+    ids=[
+        "join",
+        "to_string",
+        "equality",
+        "contains",
+        "walks",
+        "digits",
+        "separator",
+        "mentions",
+        "sort",
+        "a long walk",
+    ],
 )
 def test_a_filter_that_would_cost_without_end_spends_its_budget_and_fails(
     expression: str, spent: str
 ) -> None:
     """Each of these was accepted and would fill memory or hold the worker's loop for good
-    (review); each fails within its budget (about 60 ms of steps at most)."""
-    data = {"many": [{"n": n} for n in range(20_000)], "s": "x" * 1_000_000}
+    (reviews); each fails within its budget (about 60 ms of steps at most)."""
+    data = {
+        "many": [{"n": n} for n in range(20_000)],
+        "s": "x" * 1_000_000,
+        "empties": [[] for _ in range(300_000)],
+    }
     envelope = {**ENVELOPE, "data": data}
     tracemalloc.start()
     try:
