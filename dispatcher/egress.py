@@ -351,6 +351,9 @@ class Client:
             limit=settings.max_connections,
             limit_per_host=settings.max_per_host,  # the worker's shares keep below it
             resolver=GuardedResolver(self.policy) if self.proxy is None else None,
+            # each connection's lookup its own, counted as its owner's (`lookups`): aiohttp's
+            # cache shares one lookup of a host among callers, held by the first's owner
+            use_dns_cache=False,
             ssl=settings.verify_tls,
             keepalive_timeout=30,
         )

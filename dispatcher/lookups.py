@@ -8,7 +8,10 @@ lookup whose attempt timed out keeps its thread until the resolver gives up, sec
 tens of seconds later. So an owner's lookup holds its place here until its thread returns,
 not until its caller stops waiting. The owner is `OWNER` in the caller's context (the
 callback's project, set by the worker per attempt and by the API per registration); ""
-when unset. `LOOKUP_THREADS` is what the processes give the pools (`serve`).
+when unset. `LOOKUP_THREADS` is what the processes give the pools (`serve`). The HTTP
+clients keep no DNS cache of their own (aiohttp's shares one lookup of a host among its
+callers, and the first caller's owner would hold the others): each new connection looks
+its host up, as its owner.
 """
 
 from __future__ import annotations
@@ -29,7 +32,8 @@ T = TypeVar("T")
 
 OWNER: ContextVar[str] = ContextVar("lookup_owner", default="")
 PER_OWNER = 4  # lookups in flight per owner (running, or their thread not back yet)
-LOOKUP_THREADS = 64  # the pools' threads: 16 owners' worth of hung lookups
+# the pools' threads: libuv gives lookups half of them, so 16 owners' worth of hung lookups
+LOOKUP_THREADS = 128
 
 
 @dataclass
