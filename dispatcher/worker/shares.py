@@ -22,13 +22,15 @@ the progress ids after it); an attempt's is the project that emitted the event.
 from __future__ import annotations
 
 import asyncio
+import heapq
+import itertools
 import random
 from collections import Counter, OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable
+    from collections.abc import Iterable, Iterator
 
 __all__ = ["Shares", "Slot", "project_of"]
 
@@ -71,6 +73,17 @@ class _Counts:
             del self.held[key]
 
 
+class _Line(deque["asyncio.Future[Slot | None]"]):
+    """One project's attempts to one host waiting for a slot, oldest first; `since`: where
+    the line stands among all lines (the order they began in)."""
+
+    __slots__ = ("since",)
+
+    def __init__(self, since: int) -> None:
+        super().__init__()
+        self.since = since
+
+
 class Slot:
     """An admitted attempt's hold on its project's and its host's shares."""
 
@@ -96,9 +109,9 @@ class Shares:
         self._asked: tuple[int, dict[str, int]] = (-1, {})  # the last claim's budgets
         self.projects = _Counts(slots)
         self.hosts = _Counts(slots if fair else 1 << 30, max_per_host)
-        # project -> host -> futures of attempts waiting for a slot, oldest first
-        self._waiting: OrderedDict[str, OrderedDict[str, deque[asyncio.Future[Slot | None]]]]
-        self._waiting = OrderedDict()
+        # project -> host -> its attempts waiting for a slot there, oldest first
+        self._waiting: dict[str, dict[str, _Line]] = {}
+        self._lines = itertools.count()  # the order lines began in, across projects
         self._answer_s: OrderedDict[str, float] = OrderedDict()  # per host, smoothed
 
     # ---- jobs ---------------------------------------------------------------------------
@@ -172,8 +185,10 @@ class Shares:
             return None
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Slot | None] = loop.create_future()
-        hosts = self._waiting.setdefault(project, OrderedDict())
-        hosts.setdefault(host, deque()).append(future)
+        lines = self._waiting.setdefault(project, {})
+        if (line := lines.get(host)) is None:
+            line = lines[host] = _Line(next(self._lines))
+        line.append(future)
         timer = loop.call_later(wait, self._expire, project, host, future)
         try:
             return await future
@@ -209,32 +224,45 @@ class Shares:
         self.hosts.give(slot.host)
         if seconds:
             self._remember(slot.host, seconds)
-        for project, hosts in list(self._waiting.items()):
-            self._wake(project, hosts)
-            if not hosts:
-                del self._waiting[project]
+        self._wake()
 
-    def _wake(
-        self, project: str, hosts: OrderedDict[str, deque[asyncio.Future[Slot | None]]]
-    ) -> None:
-        """Admit `project`'s waiting attempts that fit now, oldest host first. A project at
-        its share is passed over at once, and one with room stops looking once it is full
-        again: a project waiting on thousands of hosts costs a release no more than one
-        waiting on a few (it cost each release of any project a look at each of them)."""
-        if self.fair and self.projects.room(project) <= 0:
-            return
+    def _wake(self) -> None:
+        """Admit the waiting attempts that fit now, the oldest line first across projects
+        (a line: one project's attempts to one host). A project at its share is passed over
+        in one look, and is looked at no more once its room runs out: a project waiting on
+        thousands of hosts costs a release no more than one waiting on a few (each release,
+        of any project, looked at every line: review)."""
+        heap: list[tuple[int, str, str, _Line, Iterator[tuple[str, _Line]]]] = []
+        for project, lines in self._waiting.items():
+            self._next_line(heap, project, iter(lines.items()))
         emptied = []
-        for host, queue in hosts.items():
-            while queue and self._admits(project, host):
-                future = queue.popleft()
+        while heap:
+            _, project, host, line, rest = heapq.heappop(heap)
+            while line and self._admits(project, host):
+                future = line.popleft()
                 if not future.done():
                     future.set_result(self._take(project, host))
-            if not queue:
-                emptied.append(host)
-            if self.fair and self.projects.room(project) <= 0:
-                break
-        for host in emptied:
-            del hosts[host]
+            if not line:
+                emptied.append((project, host))
+            self._next_line(heap, project, rest)
+        for project, host in emptied:
+            lines = self._waiting[project]
+            del lines[host]
+            if not lines:
+                del self._waiting[project]
+
+    def _next_line(
+        self,
+        heap: list[tuple[int, str, str, _Line, Iterator[tuple[str, _Line]]]],
+        project: str,
+        rest: Iterator[tuple[str, _Line]],
+    ) -> None:
+        """`project`'s next line onto the heap, unless it is at its share."""
+        if self.fair and self.projects.room(project) <= 0:
+            return
+        for host, line in rest:
+            heapq.heappush(heap, (line.since, project, host, line, rest))
+            return
 
     # ---- deferral -----------------------------------------------------------------------
 

@@ -237,3 +237,25 @@ async def test_a_project_waiting_on_many_hosts_costs_anothers_release_nothing() 
         w.cancel()
     await asyncio.gather(*waiting[1:], return_exceptions=True)
     assert not shares._waiting  # nothing left behind
+
+
+async def test_a_freed_host_goes_to_the_line_that_waited_longest() -> None:
+    """P1 waits for host A, then P2 for host B, then P1 for B; B frees: P2's turn. Served
+    project by project, P1 took it, and a project with a backlog anywhere took every slot
+    a shared host freed (review)."""
+    shares = Shares(40, 1)
+    a, b = await shares.admit("p0", "a"), await shares.admit("p0", "b")
+    assert a is not None and b is not None
+    p1_a = asyncio.ensure_future(shares.admit("p1", "a"))
+    p2_b = asyncio.ensure_future(shares.admit("p2", "b"))
+    p1_b = asyncio.ensure_future(shares.admit("p1", "b"))
+    await asyncio.sleep(0)
+    shares.release(b, 0.0)
+    await asyncio.sleep(0)
+    assert p2_b.done() and p2_b.result() is not None
+    assert not p1_a.done() and not p1_b.done()
+    shares.release(a, 0.0)
+    await asyncio.sleep(0)
+    assert p1_a.done() and not p1_b.done()
+    p1_b.cancel()
+    await asyncio.gather(p1_b, return_exceptions=True)
