@@ -277,15 +277,13 @@ class Services:
             project_id, url, name, start_ms=start_ms, end_ms=end_ms
         )
         async for record in failures:
-            if record.request_body_truncated or record.callback_id is None:
+            unsendable = record.request_body_truncated or record.callback_id is None
+            if unsendable or record.delivery_id is None or record.delivery_id in seen:
                 continue
-            if record.delivery_id is not None:
-                if record.delivery_id in seen:
-                    continue
-                seen.add(record.delivery_id)
-                newest = (await self.attempts(record))[0]
-                if not (newest.final and newest.status is DeliveryStatus.FAILED):
-                    continue
+            seen.add(record.delivery_id)
+            newest = await self.history.attempts(record.delivery_id, project_id, limit=1)
+            if newest and not (newest[0].final and newest[0].status is DeliveryStatus.FAILED):
+                continue
             batch.append(self.producer.redelivery_job(record))
             if len(batch) >= REDELIVER_BATCH:
                 await flush()

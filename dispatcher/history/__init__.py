@@ -101,9 +101,15 @@ class HistoryStore(Protocol):
         """The latest attempts after which their delivery gave up, newest first."""
 
     async def attempts(
-        self, delivery_id: str, project_id: str, *, now_ms: int | None = None
+        self,
+        delivery_id: str,
+        project_id: str,
+        *,
+        now_ms: int | None = None,
+        limit: int = MAX_ATTEMPTS_SHOWN,
     ) -> list[HistoryRecord]:
-        """Every attempt of one delivery within the retention, newest first."""
+        """The attempts of one delivery within the retention, newest first (`limit` of
+        them at most)."""
 
     async def recent(
         self,

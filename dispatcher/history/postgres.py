@@ -224,12 +224,15 @@ class PostgresHistory:
         return _records(await self._fetch(DEAD_SQL, project_id, self._cutoff(None), limit))
 
     async def attempts(
-        self, delivery_id: str, project_id: str, *, now_ms: int | None = None
+        self,
+        delivery_id: str,
+        project_id: str,
+        *,
+        now_ms: int | None = None,
+        limit: int = window.MAX_ATTEMPTS_SHOWN,
     ) -> list[HistoryRecord]:
-        """Every attempt of one delivery within the retention, newest first."""
-        rows = await self._fetch(
-            ATTEMPTS_SQL, delivery_id, project_id, self._cutoff(now_ms), window.MAX_ATTEMPTS_SHOWN
-        )
+        """The attempts of one delivery within the retention, newest first."""
+        rows = await self._fetch(ATTEMPTS_SQL, delivery_id, project_id, self._cutoff(now_ms), limit)
         return _records(rows)
 
     async def recent(

@@ -270,12 +270,17 @@ class RedisHistory:
         return await self._latest(key, limit)
 
     async def attempts(
-        self, delivery_id: str, project_id: str, *, now_ms: int | None = None
+        self,
+        delivery_id: str,
+        project_id: str,
+        *,
+        now_ms: int | None = None,
+        limit: int = MAX_ATTEMPTS_SHOWN,
     ) -> list[HistoryRecord]:
-        """Every attempt of one delivery still within the retention (its retries and
+        """The attempts of one delivery still within the retention (its retries and
         redeliveries), newest first, in one round trip."""
         now = clock.now_ms() if now_ms is None else now_ms
-        found = await self._latest(self.keys.history_attempts(delivery_id), MAX_ATTEMPTS_SHOWN)
+        found = await self._latest(self.keys.history_attempts(delivery_id), limit)
         cutoff = now - self.settings.retention_ms
         found.sort(key=lambda r: (r.created_time, r.id), reverse=True)
         return [r for r in found if r.project_id == project_id and r.created_time >= cutoff]
