@@ -27,10 +27,12 @@ def event_job(
     event_id: str | None = None,
     *,
     trace: TraceContext | None = None,
+    max_bytes: int | None = None,
 ) -> EventJob:
     """A checked event: a known name, a project id, a JSON object the queue can hold (no
-    NaN or Infinity, which JSON has no words for), an event id (when given) of 1-128
-    letters, digits and `_.:-`, each matched whole. `trace`: the trace it continues."""
+    NaN or Infinity, which JSON has no words for) of at most `max_bytes` as JSON, an event
+    id (when given) of 1-128 letters, digits and `_.:-`, each matched whole. `trace`: the
+    trace it continues."""
     check_project_id(project_id)
     if data is None:
         data = {}
@@ -45,6 +47,12 @@ def event_job(
         encoded = orjson.dumps(data)
     except orjson.JSONEncodeError as exc:
         raise InvalidInput(f"data cannot be queued: {exc}", param="data") from None
+    if max_bytes is not None and len(encoded) > max_bytes:
+        raise InvalidInput(
+            f"data is {len(encoded):,} bytes as JSON; at most {max_bytes:,} (an event's "
+            "data travels in full in each of its retries, to each callback)",
+            param="data",
+        )
     # orjson writes NaN and Infinity as null: look for them only where a null was written
     if b"null" in encoded and _non_finite(data):
         raise InvalidInput(
@@ -72,7 +80,9 @@ def _non_finite(value: Any) -> bool:
     return False
 
 
-def wire_event_job(project_id: str, entry: Any, trace: TraceContext | None = None) -> EventJob:
+def wire_event_job(
+    project_id: str, entry: Any, trace: TraceContext | None = None, max_bytes: int | None = None
+) -> EventJob:
     """`event_job` of an event as HTTP producers send it: `{"event", "data", "eventId"?}`
     decoded from JSON, so anything may be in it."""
     if not isinstance(entry, dict):
@@ -82,4 +92,5 @@ def wire_event_job(project_id: str, entry: Any, trace: TraceContext | None = Non
         raise InvalidInput("'event' is required: an event name", param="event")
     if event_id is not None and not isinstance(event_id, str):
         raise InvalidInput("eventId must be a string", param="eventId")
-    return event_job(project_id, event, entry.get("data"), event_id, trace=trace)
+    data = entry.get("data")
+    return event_job(project_id, event, data, event_id, trace=trace, max_bytes=max_bytes)

@@ -82,6 +82,7 @@ class Producer:
         shard: Shard | None = None,
     ) -> None:
         self.settings = settings
+        self._largest = settings.api_max_body_bytes  # an event's data, as JSON, at most
         self._owns_redis = redis is None
         self._lanes: list[_Lane] = []
         self._placement = Placement(1)
@@ -147,7 +148,9 @@ class Producer:
         """
         lane = self._lane(project_id)
         with tracing.emitting() as emission:
-            job = event_job(project_id, event, data, event_id, trace=emission.trace)
+            job = event_job(
+                project_id, event, data, event_id, trace=emission.trace, max_bytes=self._largest
+            )
             emission.emitted(project_id, [job.id])
             await self._patiently(
                 lambda: lane.batcher.execute(lambda pipe: lane.queue.push(pipe, job))
@@ -166,7 +169,9 @@ class Producer:
         emitting the same list again is safe (what is still queued is not queued twice).
         The current OpenTelemetry context, when there is one, goes with every event."""
         with tracing.emitting() as emission:
-            jobs = [event_job(*event, trace=emission.trace) for event in events]
+            jobs = [
+                event_job(*event, trace=emission.trace, max_bytes=self._largest) for event in events
+            ]
             emission.emitted(jobs[0].project_id if jobs else "", [job.id for job in jobs])
             await self.enqueue(jobs)
         return [job.id for job in jobs]
@@ -187,7 +192,7 @@ class Producer:
                     outcomes.append(entry)
                     continue
                 try:
-                    job = wire_event_job(project_id, entry, emission.trace)
+                    job = wire_event_job(project_id, entry, emission.trace, self._largest)
                 except InvalidInput as exc:
                     outcomes.append(exc)
                     continue

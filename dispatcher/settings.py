@@ -129,7 +129,7 @@ class Settings(BaseSettings):
     api_max_body_bytes: int = Field(
         default=1024 * 1024,
         ge=1024,
-        description="Largest request body of every route but the batch emit route (bytes).",
+        description="Largest request body (the batch route's aside) and event data (bytes).",
     )
     emit_batch_max_events: int = Field(
         default=1000, ge=1, le=100_000, description="Most events in one batch emit request."

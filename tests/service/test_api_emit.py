@@ -13,6 +13,8 @@ import pytest
 import uvicorn
 from redis.asyncio import Redis
 
+from dispatcher.errors import InvalidInput
+from dispatcher.producer import Producer
 from dispatcher.serve import api_config
 from dispatcher.settings import Settings
 from tests.helpers import UID, Receiver, RunWorker, app_client, free_port, until
@@ -200,6 +202,25 @@ async def test_the_batch_route_has_a_body_limit_of_its_own(
     documented = document["paths"]["/{apigwType}/v4/projects/{projectId}/events/batch"]
     schema = documented["post"]["requestBody"]["content"]["application/json"]["schema"]
     assert schema["maxItems"] == 3
+
+
+async def test_an_event_whose_data_is_over_the_limit_is_refused_alone(
+    settings: Settings, redis: Redis
+) -> None:
+    """One event's data is at most `DISPATCHER_API_MAX_BODY_BYTES` as JSON on every route:
+    a batch took 8 MB events, each copied in full into every retry to every callback
+    (review). The others of the batch are queued; `emit()` refuses it too."""
+    small = settings.model_copy(update={"api_max_body_bytes": 2048})
+    fits = {"event": "BUILD_END", "data": {"pad": "x" * 1500}}
+    over = {"event": "BUILD_END", "data": {"pad": "x" * 2100}}
+    async with app_client(small, redis) as api:
+        answer = (await api.post(BATCH, json=[fits, over, fits], headers=UID)).json()
+    assert answer["data"]["accepted"] == 2
+    [refused] = [r["error"] for r in answer["data"]["results"] if r["error"]]
+    assert refused.startswith("events[1]: data is 2,") and "at most 2,048" in refused
+    assert len(await queued_ids(redis, settings)) == 2
+    with pytest.raises(InvalidInput, match="at most 2,048"):
+        await Producer(small, redis).emit("demo", "BUILD_END", {"pad": "x" * 2100})
 
 
 async def test_event_ids_are_idempotent_across_batches_and_routes(
