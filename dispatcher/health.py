@@ -246,6 +246,7 @@ class CircuitBreaker:
 
     threshold: int = 10
     cooldown: float = 30.0
+    most: int = 100_000  # circuits kept (projects x hosts failing); the oldest go first
     _hosts: dict[str, _HostState] = field(default_factory=dict)
 
     def wait(self, host: str, now: float | None = None) -> float:
@@ -267,7 +268,11 @@ class CircuitBreaker:
         if ok:
             self._hosts.pop(host, None)
             return False
-        state = self._hosts.setdefault(host, _HostState())
+        state = self._hosts.get(host)
+        if state is None:
+            state = self._hosts[host] = _HostState()
+            if len(self._hosts) > self.most:
+                del self._hosts[next(iter(self._hosts))]
         state.failures += 1
         if state.failures == self.threshold:  # the threshold reached, or the probe failed
             state.open_until = (time.monotonic() if now is None else now) + self.cooldown
