@@ -13,11 +13,12 @@ owner's callbacks (a project's; the platform-wide ones') share a `FilterBudget` 
 - units: what they make, each value as it is made (a list or an object: its length; a
   string: its length, 12 per character when not ASCII, as `to_string` may escape it; a
   number: its digits);
-- before a call that walks, compares or copies its arguments (`to_string`, `contains`,
-  `join`, `merge`, `sort`, `max`, `min` and their `_by` forms, `starts_with`,
-  `ends_with`, and the comparisons of strings, lists or objects), a walk of them: a step
-  per value reached and its size in units, a part reached twice counted twice, the walk
-  itself stopping once either runs out.
+- before a call that walks, compares or copies its arguments (`to_string`, its strings
+  counted as it may escape them, `contains`, `join`, `merge`, `sort`, `max`, `min` and
+  their `_by` forms, `sum`, `avg`, `starts_with`, `ends_with`; `==` of two values of one
+  length, `<` of two strings up to the shorter), a walk of them: a step per value reached
+  and its size in units, a part reached twice counted twice, the walk itself stopping
+  once either runs out.
 
 Past either, the filter fails as any filter that raises does, and so do that owner's next
 ones on the event; other owners' budgets are whole (`dispatcher.worker.controls`).
@@ -56,7 +57,7 @@ _MAKES = frozenset(
 # charged a walk of their arguments first (they read them whole, or compare strings)
 _WALKS = frozenset(
     ("to_string", "contains", "join", "sort", "max", "min", "sort_by", "max_by", "min_by",
-     "starts_with", "ends_with")
+     "starts_with", "ends_with", "sum", "avg")
 )  # fmt: skip
 
 
@@ -82,6 +83,20 @@ def _size(value: object) -> int:
     """A value's own size, what making it cost (not what it points to)."""
     if isinstance(value, str):
         return len(value) if value.isascii() else 12 * len(value)
+    return _other_size(value)
+
+
+def _printed(value: object) -> int:
+    """`_size`, a string counted as `to_string` may print it: 6 per character when it holds
+    a control character (`\\u0001`), 2 when only quotes and backslashes are escaped."""
+    if isinstance(value, str):
+        if not value.isascii():
+            return 12 * len(value)
+        return 2 * len(value) if value.isprintable() else 6 * len(value)
+    return _other_size(value)
+
+
+def _other_size(value: object) -> int:
     if isinstance(value, _CONTAINERS):
         return len(value) + 1
     if isinstance(value, bool) or value is None:
@@ -130,7 +145,7 @@ class _Budgeted(TreeInterpreter):
         name = node["value"]
         if name in _WALKS:
             for arg in args:
-                self.walk(arg)
+                self.walk(arg, _printed if name == "to_string" else _size)
         if name == "join" and len(args) == 2 and isinstance(args[1], list):
             self.spend(_size(args[0]) * len(args[1]))  # the separators
         elif name == "merge":  # a copy of every argument's keys
@@ -140,13 +155,19 @@ class _Budgeted(TreeInterpreter):
     def visit_comparator(self, node: Any, value: Any) -> Any:
         children = node["children"]
         left, right = self.visit(children[0], value), self.visit(children[1], value)
-        if isinstance(left, _READ_WHOLE) and isinstance(right, _READ_WHOLE):
-            self.walk(left)  # what comparing them may read (strings are ordered too)
-        if node["value"] not in ("eq", "ne") and not (_ordered(left) and _ordered(right)):
+        op = node["value"]
+        if op in ("eq", "ne"):  # Python compares lengths first: equal ones are read whole
+            if type(left) is type(right) and isinstance(left, _READ_WHOLE):
+                if len(left) == len(right):
+                    self.walk(left)
+            return self.COMPARATOR_FUNC[op](left, right)
+        if not (_ordered(left) and _ordered(right)):
             return None  # as JMESPath's interpreter: `<` and the rest, numbers and strings
-        return self.COMPARATOR_FUNC[node["value"]](left, right)
+        if isinstance(left, str) and isinstance(right, str):  # read up to the shorter
+            self.spend(min(len(left), len(right)))
+        return self.COMPARATOR_FUNC[op](left, right)
 
-    def walk(self, value: object) -> None:
+    def walk(self, value: object, size: Callable[[object], int] = _size) -> None:
         """Charge what reading `value` whole reaches: a step and its size per value (this
         runs for every value reached: the charges are inlined, and the stack never holds
         more values than the steps left could reach)."""
@@ -162,10 +183,10 @@ class _Budgeted(TreeInterpreter):
                         units -= len(item) + 1
                         stack.extend(item)
                     else:
-                        units -= len(item) + 1 + sum(_size(key) for key in item)
+                        units -= len(item) + 1 + sum(size(key) for key in item)
                         stack.extend(item.values())
                 else:
-                    units -= _size(item)
+                    units -= size(item)
                 if steps < 0 or units < 0:
                     what = f"{FILTER_STEPS:,} steps" if steps < 0 else f"{FILTER_UNITS:,} units"
                     raise FilterFailed(_SPENT.format(what=what))

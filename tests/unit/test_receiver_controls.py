@@ -106,7 +106,7 @@ DOUBLED = "[@,@]" + "|[@,@]" * 60  # a list of 2^61 leaves, 61 lists in memory
     ("expression", "spent"),
     [
         ("data.s" + "|join('',[@,@])" * 67, "units"),  # 2^67 times 1 MB
-        (DOUBLED + "|to_string(@)", "steps"),
+        (DOUBLED + "|to_string(@)", "(steps|units)"),  # its leaves are the event
         (f"({DOUBLED}) == ({DOUBLED})", "steps"),  # == walks both trees
         (f"contains({DOUBLED}, `1`)", "steps"),
         (" || ".join(["data.many[?n == `-1`]"] * 10), "steps"),  # 10 walks of 20,000
@@ -127,6 +127,8 @@ DOUBLED = "[@,@]" + "|[@,@]" * 60  # a list of 2^61 leaves, 61 lists in memory
             "units",
         ),
         ("contains(data.empties, 'x')", "steps"),  # the walk itself is charged as it goes
+        ("[" + ", ".join(["sum(data.zeros)"] * 100) + "]", "steps"),  # 3.6 s (fourth review)
+        ("to_string([" + ", ".join(["data.c"] * 22) + "])", "units"),  # \u0001: 6 bytes each
     ],
     ids=[
         "join",
@@ -139,6 +141,8 @@ DOUBLED = "[@,@]" + "|[@,@]" * 60  # a list of 2^61 leaves, 61 lists in memory
         "mentions",
         "sort",
         "a long walk",
+        "sums",
+        "escapes",
     ],
 )
 def test_a_filter_that_would_cost_without_end_spends_its_budget_and_fails(
@@ -150,6 +154,8 @@ def test_a_filter_that_would_cost_without_end_spends_its_budget_and_fails(
         "many": [{"n": n} for n in range(20_000)],
         "s": "x" * 1_000_000,
         "empties": [[] for _ in range(300_000)],
+        "zeros": [0] * 500_000,
+        "c": "\x01" * 180_000,  # 22 of them: within the budget at 1 unit a character
     }
     envelope = {**ENVELOPE, "data": data}
     tracemalloc.start()
@@ -185,6 +191,21 @@ def test_filters_that_point_into_a_big_event_are_charged_what_they_make() -> Non
     budget = FilterBudget()
     for _ in range(5):
         assert filter_matches("length(data.items[?k >= `0`]) > `0`", envelope, budget)
+
+
+def test_a_comparison_costs_the_same_either_way_round() -> None:
+    """`==` and `!=` read values of different lengths no further than their lengths, and
+    `<` two strings up to the shorter: a big list or string against a short one costs next
+    to nothing, whichever side it is on (the left one was walked: fourth review)."""
+    envelope = {
+        **ENVELOPE,
+        "data": {"items": [{"k": n} for n in range(60_000)], "s": "x" * 900_000},
+    }
+    budget = FilterBudget()
+    for expression in ("data.items != `[]`", "`[]` != data.items", "data.s != ''", "'' != data.s",
+                       "data.s > 'a'", "'a' < data.s"):  # fmt: skip
+        assert filter_matches(expression, envelope, budget), expression
+    assert budget.steps > FilterBudget().steps - 100 and budget.units > FilterBudget().units - 10
 
 
 @pytest.mark.parametrize("nested", ["(" * 500 + "a" + ")" * 500, "!" * 1000 + "a"])
