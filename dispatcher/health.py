@@ -4,6 +4,7 @@ callback is disabled, with its reason), and a short circuit breaker per host."""
 from __future__ import annotations
 
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -246,8 +247,8 @@ class CircuitBreaker:
 
     threshold: int = 10
     cooldown: float = 30.0
-    most: int = 100_000  # circuits kept (projects x hosts failing); the oldest go first
-    _hosts: dict[str, _HostState] = field(default_factory=dict)
+    most: int = 100_000  # circuits kept (projects x hosts failing); the least recent go
+    _hosts: OrderedDict[str, _HostState] = field(default_factory=OrderedDict)
 
     def wait(self, host: str, now: float | None = None) -> float:
         """Seconds until `host` may be tried again (0 when it may be tried now). Once the
@@ -272,7 +273,9 @@ class CircuitBreaker:
         if state is None:
             state = self._hosts[host] = _HostState()
             if len(self._hosts) > self.most:
-                del self._hosts[next(iter(self._hosts))]
+                self._hosts.popitem(last=False)  # the one that failed least recently
+        else:
+            self._hosts.move_to_end(host)
         state.failures += 1
         if state.failures == self.threshold:  # the threshold reached, or the probe failed
             state.open_until = (time.monotonic() if now is None else now) + self.cooldown

@@ -249,13 +249,16 @@ def test_circuit_breaker_opens_cools_down_and_half_opens() -> None:
 
 def test_a_breaker_keeps_a_bounded_number_of_circuits() -> None:
     """A circuit per emitting project and host, failing for good, was kept for ever: the
-    oldest goes once `most` are kept (review)."""
+    one that failed least recently goes once `most` are kept (reviews)."""
     breaker = CircuitBreaker(threshold=2, cooldown=10, most=3)
-    for circuit in ("p1:a", "p2:a", "p3:a", "p4:a"):
+    for circuit in ("p1:a", "p2:a", "p3:a"):
         breaker.record(circuit, ok=False, now=0)
         breaker.record(circuit, ok=False, now=0)
-    assert breaker.wait("p1:a", now=1) == 0  # forgotten: the oldest
-    assert all(breaker.wait(c, now=1) > 0 for c in ("p2:a", "p3:a", "p4:a"))
+    breaker.record("p1:a", ok=False, now=0)  # failed again: the most recent now
+    breaker.record("p4:a", ok=False, now=0)
+    breaker.record("p4:a", ok=False, now=0)
+    assert breaker.wait("p2:a", now=1) == 0  # forgotten: the one that failed least recently
+    assert all(breaker.wait(c, now=1) > 0 for c in ("p1:a", "p3:a", "p4:a"))
 
 
 async def test_open_breaker_defers_instead_of_burning_attempts(
