@@ -73,15 +73,11 @@ class _Counts:
             del self.held[key]
 
 
-class _Line(deque["asyncio.Future[Slot | None]"]):
-    """One project's attempts to one host waiting for a slot, oldest first; `since`: where
-    the line stands among all lines (the order they began in)."""
+class _Line(deque["tuple[int, asyncio.Future[Slot | None]]"]):
+    """One project's attempts to one host waiting for a slot, oldest first, each with the
+    place it took among all attempts waiting (the order they began to wait in)."""
 
-    __slots__ = ("since",)
-
-    def __init__(self, since: int) -> None:
-        super().__init__()
-        self.since = since
+    __slots__ = ()
 
 
 class Slot:
@@ -111,7 +107,7 @@ class Shares:
         self.hosts = _Counts(slots if fair else 1 << 30, max_per_host)
         # project -> host -> its attempts waiting for a slot there, oldest first
         self._waiting: dict[str, dict[str, _Line]] = {}
-        self._lines = itertools.count()  # the order lines began in, across projects
+        self._order = itertools.count()  # the order attempts began to wait in
         self._answer_s: OrderedDict[str, float] = OrderedDict()  # per host, smoothed
 
     # ---- jobs ---------------------------------------------------------------------------
@@ -186,9 +182,8 @@ class Shares:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Slot | None] = loop.create_future()
         lines = self._waiting.setdefault(project, {})
-        if (line := lines.get(host)) is None:
-            line = lines[host] = _Line(next(self._lines))
-        line.append(future)
+        line = lines.get(host) or lines.setdefault(host, _Line())
+        line.append((next(self._order), future))
         timer = loop.call_later(wait, self._expire, project, host, future)
         try:
             return await future
@@ -207,15 +202,17 @@ class Shares:
             self._forget(project, host, future)
 
     def _forget(self, project: str, host: str, future: asyncio.Future[Slot | None]) -> None:
-        """`future` out of its queue (`release` takes the admitted ones out itself)."""
-        hosts = self._waiting.get(project)
-        if hosts is None or (queue := hosts.get(host)) is None:
+        """`future` out of its line (`release` takes the admitted ones out itself)."""
+        lines = self._waiting.get(project)
+        if lines is None or (line := lines.get(host)) is None:
             return
-        if future in queue:
-            queue.remove(future)
-        if not queue:
-            del hosts[host]
-            if not hosts:
+        for entry in line:
+            if entry[1] is future:
+                line.remove(entry)
+                break
+        if not line:
+            del lines[host]
+            if not lines:
                 del self._waiting[project]
 
     def release(self, slot: Slot, seconds: float) -> None:
@@ -227,22 +224,25 @@ class Shares:
         self._wake()
 
     def _wake(self) -> None:
-        """Admit the waiting attempts that fit now, the oldest line first across projects
-        (a line: one project's attempts to one host). A project at its share is passed over
-        in one look, and is looked at no more once its room runs out: a project waiting on
-        thousands of hosts costs a release no more than one waiting on a few (each release,
-        of any project, looked at every line: review)."""
+        """Admit the waiting attempts that fit now, the one that began to wait first first,
+        across projects (each project offers its lines, one project's attempts to one host,
+        one at a time). A project at its share is passed over in one look, and is looked at
+        no more once its room runs out: a project waiting on thousands of hosts costs a
+        release no more than one waiting on a few (each release, of any project, looked at
+        every line: review)."""
         heap: list[tuple[int, str, str, _Line, Iterator[tuple[str, _Line]]]] = []
         for project, lines in self._waiting.items():
             self._next_line(heap, project, iter(lines.items()))
         emptied = []
         while heap:
             _, project, host, line, rest = heapq.heappop(heap)
-            while line and self._admits(project, host):
-                future = line.popleft()
+            if self._admits(project, host):
+                _, future = line.popleft()
                 if not future.done():
                     future.set_result(self._take(project, host))
-            if not line:
+                if line:  # its next attempt, in its turn
+                    heapq.heappush(heap, (line[0][0], project, host, line, rest))
+                    continue
                 emptied.append((project, host))
             self._next_line(heap, project, rest)
         for project, host in emptied:
@@ -261,7 +261,7 @@ class Shares:
         if self.fair and self.projects.room(project) <= 0:
             return
         for host, line in rest:
-            heapq.heappush(heap, (line.since, project, host, line, rest))
+            heapq.heappush(heap, (line[0][0], project, host, line, rest))
             return
 
     # ---- deferral -----------------------------------------------------------------------

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 
 from dispatcher.worker.served import NARROW_BUDGET, WIDE_BUDGET, WIDE_SCAN_S, Served
-from dispatcher.worker.shares import Shares, project_of
+from dispatcher.worker.shares import Shares, Slot, project_of
 
 
 def test_a_job_id_names_its_project_before_the_first_separator() -> None:
@@ -259,3 +259,28 @@ async def test_a_freed_host_goes_to_the_line_that_waited_longest() -> None:
     assert p1_a.done() and not p1_b.done()
     p1_b.cancel()
     await asyncio.gather(p1_b, return_exceptions=True)
+
+
+async def test_a_project_always_waiting_on_a_host_does_not_keep_it_from_the_others() -> None:
+    """X waits twice for host h, then Y once, then X again: as h frees, X, X, Y, X. The
+    line kept its place as long as it held an attempt, and X, never without one, took
+    every slot h freed (fourth review)."""
+    shares = Shares(40, 1)
+    held = await shares.admit("p0", "h")
+    assert held is not None
+    waits: list[tuple[str, asyncio.Future[Slot | None]]] = []
+    for project in ("x", "x", "y", "x"):
+        waits.append((project, asyncio.ensure_future(shares.admit(project, "h"))))
+        await asyncio.sleep(0)
+    order: list[str] = []
+    slot = held
+    for _ in range(4):
+        shares.release(slot, 0.0)
+        await asyncio.sleep(0)
+        [(project, done)] = [(p, w) for p, w in waits if w.done()]
+        waits.remove((project, done))
+        order.append(project)
+        admitted = done.result()
+        assert admitted is not None
+        slot = admitted
+    assert order == ["x", "x", "y", "x"]
