@@ -14,11 +14,12 @@ owner's callbacks (a project's; the platform-wide ones') share a `FilterBudget` 
   string: its length, 12 per character when not ASCII, as `to_string` may escape it; a
   number: its digits);
 - before a call that walks, compares or copies its arguments (`to_string`, its strings
-  counted as it may escape them, `contains`, `join`, `merge`, `sort`, `max`, `min` and
-  their `_by` forms, `sum`, `avg`, `starts_with`, `ends_with`; `==` of two values of one
-  length, `<` of two strings up to the shorter), a walk of them: a step per value reached
-  and its size in units, a part reached twice counted twice, the walk itself stopping
-  once either runs out.
+  counted as it may escape them, `contains`, `join`, `sort`, `max`, `min` and their `_by`
+  forms, `sum`, `avg`, `to_number`, `starts_with`, `ends_with`), a walk of them: a step
+  per value reached and its size in units, a part reached twice counted twice, the walk
+  itself stopping once either runs out; `==` and `!=`, the two side by side as far as
+  their types and lengths agree; `<` of two strings, up to the shorter; `merge`, 50 units
+  a key it copies; a flatten, a step per element it goes through.
 
 Past either, the filter fails as any filter that raises does, and so do that owner's next
 ones on the event; other owners' budgets are whole (`dispatcher.worker.controls`).
@@ -57,7 +58,7 @@ _MAKES = frozenset(
 # charged a walk of their arguments first (they read them whole, or compare strings)
 _WALKS = frozenset(
     ("to_string", "contains", "join", "sort", "max", "min", "sort_by", "max_by", "min_by",
-     "starts_with", "ends_with", "sum", "avg")
+     "starts_with", "ends_with", "sum", "avg", "to_number")
 )  # fmt: skip
 
 
@@ -148,24 +149,63 @@ class _Budgeted(TreeInterpreter):
                 self.walk(arg, _printed if name == "to_string" else _size)
         if name == "join" and len(args) == 2 and isinstance(args[1], list):
             self.spend(_size(args[0]) * len(args[1]))  # the separators
-        elif name == "merge":  # a copy of every argument's keys
-            self.spend(sum(_size(arg) for arg in args))
+        elif name == "merge":  # a copy of every argument's keys, about 50 bytes each
+            self.spend(50 * sum(_size(arg) for arg in args))
         return _FUNCTIONS.call_function(name, args)
 
     def visit_comparator(self, node: Any, value: Any) -> Any:
         children = node["children"]
         left, right = self.visit(children[0], value), self.visit(children[1], value)
         op = node["value"]
-        if op in ("eq", "ne"):  # Python compares lengths first: equal ones are read whole
-            if type(left) is type(right) and isinstance(left, _READ_WHOLE):
-                if len(left) == len(right):
-                    self.walk(left)
+        if op in ("eq", "ne"):
+            self.compared(left, right)
             return self.COMPARATOR_FUNC[op](left, right)
         if not (_ordered(left) and _ordered(right)):
             return None  # as JMESPath's interpreter: `<` and the rest, numbers and strings
         if isinstance(left, str) and isinstance(right, str):  # read up to the shorter
             self.spend(min(len(left), len(right)))
         return self.COMPARATOR_FUNC[op](left, right)
+
+    def visit_flatten(self, node: Any, value: Any) -> Any:
+        """JMESPath's flatten, a step per element it goes through (it made nothing of
+        empty lists, and charged nothing for going through them)."""
+        base = self.visit(node["children"][0], value)
+        if not isinstance(base, list):
+            return None
+        self.steps -= len(base)
+        self.step()
+        merged: list[Any] = []
+        for element in base:
+            if isinstance(element, list):
+                merged.extend(element)
+            else:
+                merged.append(element)
+        return merged
+
+    def compared(self, left: object, right: object) -> None:
+        """Charge what `==` of the two may read, whichever side is written first: the two
+        side by side, a step per pair, as far as their types and lengths agree (Python's
+        comparison stops where they differ) and no further than the shorter string."""
+        stack: list[tuple[Any, Any]] = [(left, right)]
+        steps, units = self.steps, self.units
+        try:
+            while stack:
+                a, b = stack.pop()
+                steps -= 1
+                if type(a) is type(b) and isinstance(a, _READ_WHOLE) and len(a) == len(b):
+                    if isinstance(a, str):
+                        units -= len(a)
+                    elif len(a) > steps:
+                        steps = -1
+                    elif isinstance(a, list):
+                        stack.extend(zip(a, b, strict=True))
+                    else:
+                        stack.extend((a[k], b[k]) for k in a if k in b)
+                if steps < 0 or units < 0:
+                    what = f"{FILTER_STEPS:,} steps" if steps < 0 else f"{FILTER_UNITS:,} units"
+                    raise FilterFailed(_SPENT.format(what=what))
+        finally:
+            self.steps, self.units = steps, units
 
     def walk(self, value: object, size: Callable[[object], int] = _size) -> None:
         """Charge what reading `value` whole reaches: a step and its size per value (this

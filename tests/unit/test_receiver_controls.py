@@ -129,6 +129,10 @@ DOUBLED = "[@,@]" + "|[@,@]" * 60  # a list of 2^61 leaves, 61 lists in memory
         ("contains(data.empties, 'x')", "steps"),  # the walk itself is charged as it goes
         ("[" + ", ".join(["sum(data.zeros)"] * 100) + "]", "steps"),  # 3.6 s (fourth review)
         ("to_string([" + ", ".join(["data.c"] * 22) + "])", "units"),  # \u0001: 6 bytes each
+        # fifth review: flattening 300,000 empty lists made nothing, and cost no step
+        (" || ".join(["data.empties[]"] * 100), "steps"),
+        ("[" + ", ".join(["to_number(data.s)"] * 50) + "]", "units"),  # int() reads it all
+        ("length([" + ", ".join(["merge(data.o)"] * 30) + "])", "units"),  # 50 bytes a key
     ],
     ids=[
         "join",
@@ -143,6 +147,9 @@ DOUBLED = "[@,@]" + "|[@,@]" * 60  # a list of 2^61 leaves, 61 lists in memory
         "a long walk",
         "sums",
         "escapes",
+        "flattens",
+        "to_number",
+        "merges",
     ],
 )
 def test_a_filter_that_would_cost_without_end_spends_its_budget_and_fails(
@@ -156,6 +163,7 @@ def test_a_filter_that_would_cost_without_end_spends_its_budget_and_fails(
         "empties": [[] for _ in range(300_000)],
         "zeros": [0] * 500_000,
         "c": "\x01" * 180_000,  # 22 of them: within the budget at 1 unit a character
+        "o": {str(n): 0 for n in range(40_000)},
     }
     envelope = {**ENVELOPE, "data": data}
     tracemalloc.start()
@@ -196,14 +204,14 @@ def test_filters_that_point_into_a_big_event_are_charged_what_they_make() -> Non
 def test_a_comparison_costs_the_same_either_way_round() -> None:
     """`==` and `!=` read values of different lengths no further than their lengths, and
     `<` two strings up to the shorter: a big list or string against a short one costs next
-    to nothing, whichever side it is on (the left one was walked: fourth review)."""
-    envelope = {
-        **ENVELOPE,
-        "data": {"items": [{"k": n} for n in range(60_000)], "s": "x" * 900_000},
-    }
+    to nothing, whichever side it is on (the left one was walked: fourth and fifth
+    reviews)."""
+    big = {"items": [{"k": n} for n in range(60_000)], "s": "x" * 900_000}
+    envelope = {**ENVELOPE, "data": {**big, "a": [[0] * 150_000], "b": [1]}}
     budget = FilterBudget()
     for expression in ("data.items != `[]`", "`[]` != data.items", "data.s != ''", "'' != data.s",
-                       "data.s > 'a'", "'a' < data.s"):  # fmt: skip
+                       "data.s > 'a'", "'a' < data.s", "data.a != data.b",
+                       "data.b != data.a"):  # fmt: skip
         assert filter_matches(expression, envelope, budget), expression
     assert budget.steps > FilterBudget().steps - 100 and budget.units > FilterBudget().units - 10
 
