@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable, Iterator
+    from collections.abc import Iterable
 
 __all__ = ["Shares", "Slot", "project_of"]
 
@@ -224,45 +224,35 @@ class Shares:
         self._wake()
 
     def _wake(self) -> None:
-        """Admit the waiting attempts that fit now, the one that began to wait first first,
-        across projects (each project offers its lines, one project's attempts to one host,
-        one at a time). A project at its share is passed over in one look, and is looked at
-        no more once its room runs out: a project waiting on thousands of hosts costs a
-        release no more than one waiting on a few (each release, of any project, looked at
-        every line: review)."""
-        heap: list[tuple[int, str, str, _Line, Iterator[tuple[str, _Line]]]] = []
+        """Admit the waiting attempts that fit now, the one that began to wait first first
+        (a heap of the lines, one project's attempts to one host, by their heads). A
+        project at its share is passed over in one look; one with room offers all its
+        lines, which are only those its hosts hold back (a line that could go has gone), so
+        at most one per full host: a project waiting on thousands of hosts costs a release
+        no more than one waiting on a few (each release, of any project, looked at every
+        line: review)."""
+        heap: list[tuple[int, str, str, _Line]] = []
         for project, lines in self._waiting.items():
-            self._next_line(heap, project, iter(lines.items()))
+            if not self.fair or self.projects.room(project) > 0:
+                heap.extend((line[0][0], project, host, line) for host, line in lines.items())
+        heapq.heapify(heap)
         emptied = []
         while heap:
-            _, project, host, line, rest = heapq.heappop(heap)
-            if self._admits(project, host):
-                _, future = line.popleft()
-                if not future.done():
-                    future.set_result(self._take(project, host))
-                if line:  # its next attempt, in its turn
-                    heapq.heappush(heap, (line[0][0], project, host, line, rest))
-                    continue
+            _, project, host, line = heapq.heappop(heap)
+            if not self._admits(project, host):
+                continue  # its host, or now its project, is full: it waits on
+            _, future = line.popleft()
+            if not future.done():
+                future.set_result(self._take(project, host))
+            if line:  # its next attempt, in its turn
+                heapq.heappush(heap, (line[0][0], project, host, line))
+            else:
                 emptied.append((project, host))
-            self._next_line(heap, project, rest)
         for project, host in emptied:
             lines = self._waiting[project]
             del lines[host]
             if not lines:
                 del self._waiting[project]
-
-    def _next_line(
-        self,
-        heap: list[tuple[int, str, str, _Line, Iterator[tuple[str, _Line]]]],
-        project: str,
-        rest: Iterator[tuple[str, _Line]],
-    ) -> None:
-        """`project`'s next line onto the heap, unless it is at its share."""
-        if self.fair and self.projects.room(project) <= 0:
-            return
-        for host, line in rest:
-            heapq.heappush(heap, (line[0][0], project, host, line, rest))
-            return
 
     # ---- deferral -----------------------------------------------------------------------
 

@@ -284,3 +284,28 @@ async def test_a_project_always_waiting_on_a_host_does_not_keep_it_from_the_othe
         assert admitted is not None
         slot = admitted
     assert order == ["x", "x", "y", "x"]
+
+
+async def test_a_projects_older_attempt_to_another_host_is_not_passed_over() -> None:
+    """P, held to one slot, waits for host a, then b, then a again: as its slot frees, a, b,
+    a. Each project offered one line at a time, and its first line, always refilled, kept
+    the older attempt to b waiting until it gave up (fifth review)."""
+    shares = Shares(4, 10)
+    q, p = await shares.admit("q", "x"), await shares.admit("p", "x")  # two busy: 1 slot each
+    assert q is not None and p is not None
+    waits: list[tuple[str, asyncio.Future[Slot | None]]] = []
+    for host in ("a", "b", "a"):
+        waits.append((host, asyncio.ensure_future(shares.admit("p", host))))
+        await asyncio.sleep(0)
+    order: list[str] = []
+    slot = p
+    for _ in range(3):
+        shares.release(slot, 0.0)
+        await asyncio.sleep(0)
+        [(host, done)] = [(h, w) for h, w in waits if w.done()]
+        waits.remove((host, done))
+        order.append(host)
+        admitted = done.result()
+        assert admitted is not None
+        slot = admitted
+    assert order == ["a", "b", "a"]
