@@ -239,24 +239,30 @@ class _HostState:
     open_until: float = 0.0
 
 
+Circuit = tuple[str, str]  # (project, host): a project's own, none trips another's
+
+
 @dataclass
 class CircuitBreaker:
-    """A breaker per circuit (the worker's: a project's host), per worker process: after
-    `threshold` retryable failures in a row a circuit is left alone for `cooldown` seconds;
-    then one attempt probes it."""
+    """A breaker per circuit (a project's host), per worker process: after `threshold`
+    retryable failures in a row a circuit is left alone for `cooldown` seconds; then one
+    attempt probes it. A project keeps at most `most` circuits, the one used least
+    recently going first: one failing on many hosts forgets its own, never another's."""
 
     threshold: int = 10
     cooldown: float = 30.0
-    most: int = 100_000  # circuits kept (projects x hosts failing); the least recent go
-    _hosts: OrderedDict[str, _HostState] = field(default_factory=OrderedDict)
+    most: int = 1_000
+    _projects: dict[str, OrderedDict[str, _HostState]] = field(default_factory=dict)
 
-    def wait(self, host: str, now: float | None = None) -> float:
-        """Seconds until `host` may be tried again (0 when it may be tried now). Once the
-        cool-down is over, one caller gets 0 and probes; the others wait for its answer
+    def wait(self, circuit: Circuit, now: float | None = None) -> float:
+        """Seconds until `circuit` may be tried again (0 when it may be tried now). Once
+        the cool-down is over, one caller gets 0 and probes; the others wait for its answer
         (a success closes the breaker) or another cool-down."""
-        state = self._hosts.get(host)
-        if state is None or state.open_until == 0.0:
+        project, host = circuit
+        hosts = self._projects.get(project)
+        if hosts is None or (state := hosts.get(host)) is None or state.open_until == 0.0:
             return 0.0
+        hosts.move_to_end(host)  # used now
         now = time.monotonic() if now is None else now
         if (remaining := state.open_until - now) > 0:
             return remaining
@@ -264,18 +270,23 @@ class CircuitBreaker:
         state.failures = self.threshold - 1
         return 0.0
 
-    def record(self, host: str, ok: bool, now: float | None = None) -> bool:
+    def record(self, circuit: Circuit, ok: bool, now: float | None = None) -> bool:
         """Note an attempt's result; True when this failure opened the breaker."""
+        project, host = circuit
+        hosts = self._projects.get(project)
         if ok:
-            self._hosts.pop(host, None)
+            if hosts is not None and hosts.pop(host, None) is not None and not hosts:
+                del self._projects[project]
             return False
-        state = self._hosts.get(host)
+        if hosts is None:
+            hosts = self._projects[project] = OrderedDict()
+        state = hosts.get(host)
         if state is None:
-            state = self._hosts[host] = _HostState()
-            if len(self._hosts) > self.most:
-                self._hosts.popitem(last=False)  # the one that failed least recently
+            state = hosts[host] = _HostState()
+            if len(hosts) > self.most:
+                hosts.popitem(last=False)  # its circuit used least recently
         else:
-            self._hosts.move_to_end(host)
+            hosts.move_to_end(host)
         state.failures += 1
         if state.failures == self.threshold:  # the threshold reached, or the probe failed
             state.open_until = (time.monotonic() if now is None else now) + self.cooldown

@@ -244,7 +244,7 @@ class Engine:
         self, job: DeliveryJob, target: CallbackTarget, number: int, then: Then
     ) -> None:
         host, project = target.destination.netloc, job.emitter or job.project_id
-        circuit = f"{project}:{host}"  # the emitter's own: none trips another project's
+        circuit = (project, host)  # the emitter's own: none trips another project's
         if wait := self.breaker.wait(circuit):  # not an attempt: try again once it may
             await self._defer(job, then, wait, "circuit")
             return

@@ -235,30 +235,34 @@ async def test_the_time_threshold_holds_back_disabling(
 
 def test_circuit_breaker_opens_cools_down_and_half_opens() -> None:
     breaker = CircuitBreaker(threshold=3, cooldown=10)
-    assert [breaker.record("h", ok=False, now=0) for _ in range(3)] == [False, False, True]
-    assert breaker.wait("h", now=1) == pytest.approx(9)
-    assert breaker.wait("other", now=1) == 0
-    assert breaker.wait("h", now=11) == 0  # half-open: one probe
-    assert breaker.wait("h", now=11.5) > 0  # the others wait for its answer
-    assert breaker.record("h", ok=False, now=11) is True  # the probe failed: open again
-    assert breaker.wait("h", now=12) == pytest.approx(9)
-    breaker.wait("h", now=30)
-    breaker.record("h", ok=True)
-    assert breaker.wait("h", now=30) == 0
+    assert [breaker.record(("p", "h"), ok=False, now=0) for _ in range(3)] == [False, False, True]
+    assert breaker.wait(("p", "h"), now=1) == pytest.approx(9)
+    assert breaker.wait(("p", "other"), now=1) == 0
+    assert breaker.wait(("p", "h"), now=11) == 0  # half-open: one probe
+    assert breaker.wait(("p", "h"), now=11.5) > 0  # the others wait for its answer
+    assert breaker.record(("p", "h"), ok=False, now=11) is True  # the probe failed: open again
+    assert breaker.wait(("p", "h"), now=12) == pytest.approx(9)
+    breaker.wait(("p", "h"), now=30)
+    breaker.record(("p", "h"), ok=True)
+    assert breaker.wait(("p", "h"), now=30) == 0
 
 
-def test_a_breaker_keeps_a_bounded_number_of_circuits() -> None:
-    """A circuit per emitting project and host, failing for good, was kept for ever: the
-    one that failed least recently goes once `most` are kept (reviews)."""
+def test_a_breaker_keeps_a_bounded_number_of_circuits_per_project() -> None:
+    """A circuit per emitting project and host, failing for good, was kept for ever: a
+    project keeps `most`, the one used least recently going first (an open breaker that
+    deliveries wait on is used), and never pushes out another project's (reviews)."""
     breaker = CircuitBreaker(threshold=2, cooldown=10, most=3)
-    for circuit in ("p1:a", "p2:a", "p3:a"):
-        breaker.record(circuit, ok=False, now=0)
-        breaker.record(circuit, ok=False, now=0)
-    breaker.record("p1:a", ok=False, now=0)  # failed again: the most recent now
-    breaker.record("p4:a", ok=False, now=0)
-    breaker.record("p4:a", ok=False, now=0)
-    assert breaker.wait("p2:a", now=1) == 0  # forgotten: the one that failed least recently
-    assert all(breaker.wait(c, now=1) > 0 for c in ("p1:a", "p3:a", "p4:a"))
+    for host in ("a", "b", "c"):
+        breaker.record(("evil", host), ok=False, now=0)
+        breaker.record(("evil", host), ok=False, now=0)
+    breaker.record(("demo", "a"), ok=False, now=0)
+    breaker.record(("demo", "a"), ok=False, now=0)
+    assert breaker.wait(("evil", "a"), now=1) > 0  # waited on: used most recently
+    for host in ("d", "e"):  # evil's new circuits push out its own least used: b, c
+        breaker.record(("evil", host), ok=False, now=0)
+    assert breaker.wait(("evil", "b"), now=1) == 0 and breaker.wait(("evil", "c"), now=1) == 0
+    assert breaker.wait(("evil", "a"), now=1) > 0
+    assert breaker.wait(("demo", "a"), now=1) > 0  # another project's: untouched
 
 
 async def test_open_breaker_defers_instead_of_burning_attempts(
