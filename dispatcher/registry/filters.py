@@ -17,9 +17,9 @@ owner's callbacks (a project's; the platform-wide ones') share a `FilterBudget` 
   counted as it may escape them, `contains`, `join`, `sort`, `max`, `min` and their `_by`
   forms, `sum`, `avg`, `to_number`, `starts_with`, `ends_with`), a walk of them: a step
   per value reached and its size in units, a part reached twice counted twice, the walk
-  itself stopping once either runs out; `==` and `!=`, the two side by side as far as
-  their types and lengths agree; `<` of two strings, up to the shorter; `merge`, 50 units
-  a key it copies; a flatten, a step per element it goes through.
+  itself stopping once either runs out; `==` and `!=`, done here a pair at a time as
+  Python does them, a step a pair; `<` of two strings, up to the shorter; `merge`, 50
+  units a key it copies; a flatten, a step per element it goes through.
 
 Past either, the filter fails as any filter that raises does, and so do that owner's next
 ones on the event; other owners' budgets are whole (`dispatcher.worker.controls`).
@@ -36,7 +36,7 @@ from jmespath.functions import Functions
 from jmespath.visitor import Options, TreeInterpreter
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Mapping
+    from collections.abc import Callable, Iterator, Mapping
 
     from jmespath.parser import ParsedResult
 
@@ -49,6 +49,7 @@ _FUNCTIONS = Functions()  # one instance for every evaluation
 _OPTIONS = Options(custom_functions=_FUNCTIONS)
 _CONTAINERS, _NUMBERS, _READ_WHOLE = (list, dict), (int, float), (str, list, dict)  # tuples:
 # faster than `list | dict` to test against, which is built anew each time it is evaluated
+_MISSING = object()  # `equal`'s mark for a dict key the other dict lacks
 _SPENT = "the filters of this callback's owner spent their budget on this event (over {what})"
 # what makes a new value, charged its size as it is made
 _MAKES = frozenset(
@@ -107,6 +108,14 @@ def _other_size(value: object) -> int:
     return 24 if isinstance(value, float) else 1
 
 
+def _number_and_bool(left: object, right: object) -> bool:
+    """JMESPath's special case of `==`: 0 or 1 against a boolean is never equal."""
+    for number, other in ((left, right), (right, left)):
+        if _ordered(number) and not isinstance(number, str) and number in (0, 1):
+            return isinstance(other, bool)
+    return False
+
+
 def _ordered(value: object) -> bool:
     """Whether `<` and the rest may compare `value` (a number, not a boolean, or a string)."""
     return isinstance(value, str) or (isinstance(value, _NUMBERS) and not isinstance(value, bool))
@@ -157,9 +166,9 @@ class _Budgeted(TreeInterpreter):
         children = node["children"]
         left, right = self.visit(children[0], value), self.visit(children[1], value)
         op = node["value"]
-        if op in ("eq", "ne"):
-            self.compared(left, right)
-            return self.COMPARATOR_FUNC[op](left, right)
+        if op in ("eq", "ne"):  # JMESPath's: 0 and 1 are not false and true
+            same = not _number_and_bool(left, right) and self.equal(left, right)
+            return same if op == "eq" else not same
         if not (_ordered(left) and _ordered(right)):
             return None  # as JMESPath's interpreter: `<` and the rest, numbers and strings
         if isinstance(left, str) and isinstance(right, str):  # read up to the shorter
@@ -182,30 +191,37 @@ class _Budgeted(TreeInterpreter):
                 merged.append(element)
         return merged
 
-    def compared(self, left: object, right: object) -> None:
-        """Charge what `==` of the two may read, whichever side is written first: the two
-        side by side, a step per pair, as far as their types and lengths agree (Python's
-        comparison stops where they differ) and no further than the shorter string."""
-        stack: list[tuple[Any, Any]] = [(left, right)]
-        steps, units = self.steps, self.units
-        try:
-            while stack:
-                a, b = stack.pop()
-                steps -= 1
-                if type(a) is type(b) and isinstance(a, _READ_WHOLE) and len(a) == len(b):
-                    if isinstance(a, str):
-                        units -= len(a)
-                    elif len(a) > steps:
-                        steps = -1
-                    elif isinstance(a, list):
-                        stack.extend(zip(a, b, strict=True))
-                    else:
-                        stack.extend((a[k], b[k]) for k in a if k in b)
-                if steps < 0 or units < 0:
-                    what = f"{FILTER_STEPS:,} steps" if steps < 0 else f"{FILTER_UNITS:,} units"
-                    raise FilterFailed(_SPENT.format(what=what))
-        finally:
-            self.steps, self.units = steps, units
+    def equal(self, left: object, right: object) -> bool:
+        """Python's `==` of the two, done here a pair at a time as Python does it: the same
+        object is equal, lengths first, a list's items and a dict's keys in order, stopping
+        at the first difference. Each pair costs a step as it is compared, each string its
+        length: what it costs is what it reads, whichever side is written first."""
+        stack: list[Iterator[Any]] = [iter(((left, right),))]
+        while stack:
+            pair = next(stack[-1], None)
+            if pair is None:
+                stack.pop()
+                continue
+            self.step()
+            if pair is _MISSING:  # a key of one dict the other lacks
+                return False
+            a, b = pair
+            if a is b:
+                continue
+            if isinstance(a, list) and isinstance(b, list):
+                if len(a) != len(b):
+                    return False
+                stack.append(zip(a, b, strict=True))
+            elif isinstance(a, dict) and isinstance(b, dict):
+                if len(a) != len(b):
+                    return False
+                stack.append((a[k], b[k]) if k in b else _MISSING for k in a)
+            else:
+                if isinstance(a, str) and isinstance(b, str) and len(a) == len(b):
+                    self.spend(len(a))
+                if a != b:
+                    return False
+        return True
 
     def walk(self, value: object, size: Callable[[object], int] = _size) -> None:
         """Charge what reading `value` whole reaches: a step and its size per value (this
