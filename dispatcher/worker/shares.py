@@ -107,6 +107,9 @@ class Shares:
         self.hosts = _Counts(slots if fair else 1 << 30, max_per_host)
         # project -> host -> its attempts waiting for a slot there, oldest first
         self._waiting: dict[str, dict[str, _Line]] = {}
+        # project -> its lines by their heads' order, (order, host); an entry whose line's
+        # head has changed since is stale, and dropped when it comes up
+        self._heads: dict[str, list[tuple[int, str]]] = {}
         self._order = itertools.count()  # the order attempts began to wait in
         self._answer_s: OrderedDict[str, float] = OrderedDict()  # per host, smoothed
 
@@ -184,6 +187,8 @@ class Shares:
         lines = self._waiting.setdefault(project, {})
         line = lines.get(host) or lines.setdefault(host, _Line())
         line.append((next(self._order), future))
+        if len(line) == 1:  # a new head
+            heapq.heappush(self._heads.setdefault(project, []), (line[0][0], host))
         timer = loop.call_later(wait, self._expire, project, host, future)
         try:
             return await future
@@ -206,14 +211,21 @@ class Shares:
         lines = self._waiting.get(project)
         if lines is None or (line := lines.get(host)) is None:
             return
-        for entry in line:
+        for index, entry in enumerate(line):
             if entry[1] is future:
-                line.remove(entry)
+                del line[index]
+                if index == 0 and line:  # a new head
+                    heapq.heappush(self._heads[project], (line[0][0], host))
                 break
         if not line:
-            del lines[host]
-            if not lines:
-                del self._waiting[project]
+            self._drop(project, host)
+
+    def _drop(self, project: str, host: str) -> None:
+        """An emptied line goes (its project's entries with it, when it was the last)."""
+        lines = self._waiting[project]
+        del lines[host]
+        if not lines:
+            del self._waiting[project], self._heads[project]
 
     def release(self, slot: Slot, seconds: float) -> None:
         """`slot`'s attempt is over: its shares go to the attempts waiting that fit now."""
@@ -224,35 +236,51 @@ class Shares:
         self._wake()
 
     def _wake(self) -> None:
-        """Admit the waiting attempts that fit now, the one that began to wait first first
-        (a heap of the lines, one project's attempts to one host, by their heads). A
-        project at its share is passed over in one look; one with room offers all its
-        lines, which are only those its hosts hold back (a line that could go has gone), so
-        at most one per full host: a project waiting on thousands of hosts costs a release
-        no more than one waiting on a few (each release, of any project, looked at every
-        line: review)."""
-        heap: list[tuple[int, str, str, _Line]] = []
-        for project, lines in self._waiting.items():
-            if not self.fair or self.projects.room(project) > 0:
-                heap.extend((line[0][0], project, host, line) for host, line in lines.items())
-        heapq.heapify(heap)
-        emptied = []
-        while heap:
-            _, project, host, line = heapq.heappop(heap)
-            if not self._admits(project, host):
-                continue  # its host, or now its project, is full: it waits on
-            _, future = line.popleft()
-            if not future.done():
-                future.set_result(self._take(project, host))
-            if line:  # its next attempt, in its turn
-                heapq.heappush(heap, (line[0][0], project, host, line))
-            else:
-                emptied.append((project, host))
-        for project, host in emptied:
-            lines = self._waiting[project]
-            del lines[host]
-            if not lines:
-                del self._waiting[project]
+        """Admit the waiting attempts that fit now, the one that began to wait first first,
+        across projects and hosts: a heap of the projects with room, each by its oldest
+        head, over each project's heap of its lines (one project's attempts to one host).
+        A project at its share is passed over in one look and is looked at no more once its
+        room runs out, and a line whose host is full is set aside until the next release:
+        a release costs the attempts it admits and the full hosts it meets, however many
+        hosts a project waits for (each release, of any project, looked at every line: the
+        reviews)."""
+        ready: list[tuple[int, str]] = []
+        for project in self._waiting:
+            self._ready(ready, project)
+        aside: list[tuple[str, tuple[int, str]]] = []
+        while ready:
+            _, project = heapq.heappop(ready)
+            order, host = heapq.heappop(self._heads[project])
+            if self._admits(project, host):
+                line = self._waiting[project][host]
+                _, future = line.popleft()
+                if not future.done():
+                    future.set_result(self._take(project, host))
+                if line:
+                    heapq.heappush(self._heads[project], (line[0][0], host))
+                else:
+                    self._drop(project, host)
+            else:  # its host is full (or its project, now): it waits for the next release
+                aside.append((project, (order, host)))
+            if project in self._waiting:
+                self._ready(ready, project)
+        for project, entry in aside:
+            if project in self._heads:
+                heapq.heappush(self._heads[project], entry)
+
+    def _ready(self, ready: list[tuple[int, str]], project: str) -> None:
+        """`project` onto `ready` by its oldest head, unless it is at its share (its stale
+        entries go on the way)."""
+        if self.fair and self.projects.room(project) <= 0:
+            return
+        heads, lines = self._heads[project], self._waiting[project]
+        while heads:
+            order, host = heads[0]
+            line = lines.get(host)
+            if line and line[0][0] == order:
+                heapq.heappush(ready, (order, project))
+                return
+            heapq.heappop(heads)
 
     # ---- deferral -----------------------------------------------------------------------
 
