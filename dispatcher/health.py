@@ -246,13 +246,18 @@ Circuit = tuple[str, str]  # (project, host): a project's own, none trips anothe
 class CircuitBreaker:
     """A breaker per circuit (a project's host), per worker process: after `threshold`
     retryable failures in a row a circuit is left alone for `cooldown` seconds; then one
-    attempt probes it. A project keeps at most `most` circuits, the one used least
-    recently going first: one failing on many hosts forgets its own, never another's."""
+    attempt probes it (one turned away before it is sent, by its project's share, records
+    nothing: the circuit waits another cool-down). A project keeps at most `most`
+    circuits, and all of them together at most `total`, the one used least recently going
+    first from the project that keeps the most: one failing on many hosts forgets its own,
+    never another's first."""
 
     threshold: int = 10
     cooldown: float = 30.0
     most: int = 1_000
+    total: int = 100_000
     _projects: dict[str, OrderedDict[str, _HostState]] = field(default_factory=dict)
+    _kept: int = 0
 
     def wait(self, circuit: Circuit, now: float | None = None) -> float:
         """Seconds until `circuit` may be tried again (0 when it may be tried now). Once
@@ -275,16 +280,21 @@ class CircuitBreaker:
         project, host = circuit
         hosts = self._projects.get(project)
         if ok:
-            if hosts is not None and hosts.pop(host, None) is not None and not hosts:
-                del self._projects[project]
+            if hosts is not None and hosts.pop(host, None) is not None:
+                self._kept -= 1
+                if not hosts:
+                    del self._projects[project]
             return False
         if hosts is None:
             hosts = self._projects[project] = OrderedDict()
         state = hosts.get(host)
         if state is None:
             state = hosts[host] = _HostState()
+            self._kept += 1
             if len(hosts) > self.most:
-                hosts.popitem(last=False)  # its circuit used least recently
+                self._forget_one(project)
+            elif self._kept > self.total:
+                self._forget_one(max(self._projects, key=lambda p: len(self._projects[p])))
         else:
             hosts.move_to_end(host)
         state.failures += 1
@@ -292,3 +302,11 @@ class CircuitBreaker:
             state.open_until = (time.monotonic() if now is None else now) + self.cooldown
             return True
         return False
+
+    def _forget_one(self, project: str) -> None:
+        """`project`'s circuit used least recently goes."""
+        hosts = self._projects[project]
+        hosts.popitem(last=False)
+        self._kept -= 1
+        if not hosts:
+            del self._projects[project]

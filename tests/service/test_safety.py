@@ -263,6 +263,12 @@ def test_a_breaker_keeps_a_bounded_number_of_circuits_per_project() -> None:
     assert breaker.wait(("evil", "b"), now=1) == 0 and breaker.wait(("evil", "c"), now=1) == 0
     assert breaker.wait(("evil", "a"), now=1) > 0
     assert breaker.wait(("demo", "a"), now=1) > 0  # another project's: untouched
+    # all of them together: the project keeping the most gives one up (sixth review)
+    total = CircuitBreaker(threshold=1, cooldown=10, most=10, total=4)
+    for circuit in (("evil", "a"), ("evil", "b"), ("evil", "c"), ("demo", "a"), ("new", "a")):
+        total.record(circuit, ok=False, now=0)
+    assert total.wait(("evil", "a"), now=1) == 0  # evil's least used
+    assert all(total.wait(c, now=1) > 0 for c in (("demo", "a"), ("new", "a"), ("evil", "c")))
 
 
 async def test_open_breaker_defers_instead_of_burning_attempts(
