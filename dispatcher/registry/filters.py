@@ -43,7 +43,7 @@ if TYPE_CHECKING:
 __all__ = ["FILTER_STEPS", "FILTER_UNITS", "FilterBudget", "FilterFailed", "compile_filter",
            "filter_matches"]  # fmt: skip
 
-FILTER_UNITS = 4_000_000  # about 4 MB of text
+FILTER_UNITS = 4_000_000  # about 4 MB of text, 32 MB of list items (a pointer each)
 FILTER_STEPS = 100_000  # about 60 ms of a worker's event loop
 _FUNCTIONS = Functions()  # one instance for every evaluation
 _OPTIONS = Options(custom_functions=_FUNCTIONS)
