@@ -192,11 +192,13 @@ class _Budgeted(TreeInterpreter):
         return merged
 
     def equal(self, left: object, right: object) -> bool:
-        """Python's `==` of the two, done here a pair at a time as Python does it: the same
-        object is equal, lengths first, a list's items and a dict's keys in order, stopping
-        at the first difference. Each pair costs a step as it is compared, each string its
-        length: what it costs is what it reads, whichever side is written first."""
+        """Python's `==` of the two, done here a pair at a time as Python does it: lengths
+        first, a list's items and a dict's keys in order, an item the same object as its
+        pair equal (not the two values themselves: `NaN` is not equal to itself), stopping
+        at the first difference. Each pair costs a step as it is compared, each string (a
+        key too) its length: what it costs is what it reads, whichever side comes first."""
         stack: list[Iterator[Any]] = [iter(((left, right),))]
+        top = True
         while stack:
             pair = next(stack[-1], None)
             if pair is None:
@@ -206,8 +208,9 @@ class _Budgeted(TreeInterpreter):
             if pair is _MISSING:  # a key of one dict the other lacks
                 return False
             a, b = pair
-            if a is b:
+            if a is b and not top:
                 continue
+            top = False
             if isinstance(a, list) and isinstance(b, list):
                 if len(a) != len(b):
                     return False
@@ -215,13 +218,20 @@ class _Budgeted(TreeInterpreter):
             elif isinstance(a, dict) and isinstance(b, dict):
                 if len(a) != len(b):
                     return False
-                stack.append((a[k], b[k]) if k in b else _MISSING for k in a)
+                stack.append(self._dict_pairs(a, b))
             else:
                 if isinstance(a, str) and isinstance(b, str) and len(a) == len(b):
                     self.spend(len(a))
                 if a != b:
                     return False
         return True
+
+    def _dict_pairs(self, a: dict[str, Any], b: dict[str, Any]) -> Iterator[Any]:
+        """The value pairs of two dicts, key by key in `a`'s order, each key charged its
+        length (it is compared to find its pair); `_MISSING` for one `b` lacks."""
+        for key in a:
+            self.spend(len(key))
+            yield (a[key], b[key]) if key in b else _MISSING
 
     def walk(self, value: object, size: Callable[[object], int] = _size) -> None:
         """Charge what reading `value` whole reaches: a step and its size per value (this
