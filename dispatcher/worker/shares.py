@@ -188,7 +188,8 @@ class Shares:
         line = lines.get(host) or lines.setdefault(host, _Line())
         line.append((next(self._order), future))
         if len(line) == 1:  # a new head
-            heapq.heappush(self._heads.setdefault(project, []), (line[0][0], host))
+            self._heads.setdefault(project, [])
+            self._offer(project, host, line)
         timer = loop.call_later(wait, self._expire, project, host, future)
         try:
             return await future
@@ -215,10 +216,19 @@ class Shares:
             if entry[1] is future:
                 del line[index]
                 if index == 0 and line:  # a new head
-                    heapq.heappush(self._heads[project], (line[0][0], host))
+                    self._offer(project, host, line)
                 break
         if not line:
             self._drop(project, host)
+
+    def _offer(self, project: str, host: str, line: _Line) -> None:
+        """`line`'s head onto its project's heap; the heap is rebuilt from the lines when
+        stale entries outnumber them (a project at its share drops none as they come up)."""
+        heads, lines = self._heads[project], self._waiting[project]
+        heapq.heappush(heads, (line[0][0], host))
+        if len(heads) > 2 * len(lines) + 16:
+            heads[:] = [(waiting[0][0], name) for name, waiting in lines.items()]
+            heapq.heapify(heads)
 
     def _drop(self, project: str, host: str) -> None:
         """An emptied line goes (its project's entries with it, when it was the last)."""
@@ -257,7 +267,7 @@ class Shares:
                 if not future.done():
                     future.set_result(self._take(project, host))
                 if line:
-                    heapq.heappush(self._heads[project], (line[0][0], host))
+                    self._offer(project, host, line)
                 else:
                     self._drop(project, host)
             else:  # its host is full (or its project, now): it waits for the next release

@@ -330,3 +330,26 @@ async def test_a_project_given_room_for_one_looks_at_one_of_its_waiting_hosts() 
         w.cancel()
     await asyncio.gather(*waiting[1:], return_exceptions=True)
     assert not shares._waiting and not shares._heads  # nothing left behind
+
+
+async def test_a_project_at_its_share_keeps_no_more_heap_entries_than_lines() -> None:
+    """While P holds its share, 2,000 pairs of attempts to one host begin to wait and give
+    up, the first first: each new head left an entry in P's heap, none of them dropped
+    until P had room again (seventh review); the heap is rebuilt from the lines instead."""
+    shares = Shares(4, 10)
+    held = [await shares.admit("p", f"x{n}") for n in range(2)]  # alone: half the slots
+    assert all(held)
+    long = asyncio.ensure_future(shares.admit("p", "h0"))
+    await asyncio.sleep(0)
+    for _ in range(2000):
+        first = asyncio.ensure_future(shares.admit("p", "h1"))
+        second = asyncio.ensure_future(shares.admit("p", "h1"))
+        await asyncio.sleep(0)
+        first.cancel()
+        await asyncio.gather(first, return_exceptions=True)
+        second.cancel()
+        await asyncio.gather(second, return_exceptions=True)
+    assert len(shares._heads["p"]) <= 2 * len(shares._waiting["p"]) + 16
+    long.cancel()
+    await asyncio.gather(long, return_exceptions=True)
+    assert not shares._heads and not shares._waiting
