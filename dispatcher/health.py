@@ -248,16 +248,16 @@ class CircuitBreaker:
     retryable failures in a row a circuit is left alone for `cooldown` seconds; then one
     attempt probes it (one turned away before it is sent, by its project's share, records
     nothing: the circuit waits another cool-down). A project keeps at most `most`
-    circuits, and all of them together at most `total`, the one used least recently going
-    first from the project that keeps the most: one failing on many hosts forgets its own,
-    never another's first."""
+    circuits, its own used least recently going first, and all of them together at most
+    `total`, the one used least recently of all going first: one project failing on many
+    hosts forgets its own, and it takes `total` / `most` of them to push out another's."""
 
     threshold: int = 10
     cooldown: float = 30.0
     most: int = 1_000
     total: int = 100_000
     _projects: dict[str, OrderedDict[str, _HostState]] = field(default_factory=dict)
-    _kept: int = 0
+    _used: OrderedDict[Circuit, None] = field(default_factory=OrderedDict)  # all, by use
 
     def wait(self, circuit: Circuit, now: float | None = None) -> float:
         """Seconds until `circuit` may be tried again (0 when it may be tried now). Once
@@ -267,7 +267,7 @@ class CircuitBreaker:
         hosts = self._projects.get(project)
         if hosts is None or (state := hosts.get(host)) is None or state.open_until == 0.0:
             return 0.0
-        hosts.move_to_end(host)  # used now
+        self._use(circuit, hosts)
         now = time.monotonic() if now is None else now
         if (remaining := state.open_until - now) > 0:
             return remaining
@@ -280,33 +280,34 @@ class CircuitBreaker:
         project, host = circuit
         hosts = self._projects.get(project)
         if ok:
-            if hosts is not None and hosts.pop(host, None) is not None:
-                self._kept -= 1
-                if not hosts:
-                    del self._projects[project]
+            if hosts is not None and host in hosts:
+                self._forget(circuit)
             return False
         if hosts is None:
             hosts = self._projects[project] = OrderedDict()
         state = hosts.get(host)
         if state is None:
             state = hosts[host] = _HostState()
-            self._kept += 1
+            self._used[circuit] = None
             if len(hosts) > self.most:
-                self._forget_one(project)
-            elif self._kept > self.total:
-                self._forget_one(max(self._projects, key=lambda p: len(self._projects[p])))
+                self._forget((project, next(iter(hosts))))  # its own used least recently
+            elif len(self._used) > self.total:
+                self._forget(next(iter(self._used)))  # the one used least recently of all
         else:
-            hosts.move_to_end(host)
+            self._use(circuit, hosts)
         state.failures += 1
         if state.failures == self.threshold:  # the threshold reached, or the probe failed
             state.open_until = (time.monotonic() if now is None else now) + self.cooldown
             return True
         return False
 
-    def _forget_one(self, project: str) -> None:
-        """`project`'s circuit used least recently goes."""
+    def _use(self, circuit: Circuit, hosts: OrderedDict[str, _HostState]) -> None:
+        hosts.move_to_end(circuit[1])
+        self._used.move_to_end(circuit)
+
+    def _forget(self, circuit: Circuit) -> None:
+        project, host = circuit
         hosts = self._projects[project]
-        hosts.popitem(last=False)
-        self._kept -= 1
+        del hosts[host], self._used[circuit]
         if not hosts:
             del self._projects[project]

@@ -263,7 +263,7 @@ def test_a_breaker_keeps_a_bounded_number_of_circuits_per_project() -> None:
     assert breaker.wait(("evil", "b"), now=1) == 0 and breaker.wait(("evil", "c"), now=1) == 0
     assert breaker.wait(("evil", "a"), now=1) > 0
     assert breaker.wait(("demo", "a"), now=1) > 0  # another project's: untouched
-    # all of them together: the project keeping the most gives one up (sixth review)
+    # all of them together: the one used least recently of all goes (sixth, seventh reviews)
     total = CircuitBreaker(threshold=1, cooldown=10, most=10, total=4)
     for circuit in (("evil", "a"), ("evil", "b"), ("evil", "c"), ("demo", "a"), ("new", "a")):
         total.record(circuit, ok=False, now=0)
