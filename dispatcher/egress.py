@@ -210,6 +210,11 @@ class AddressPolicy:
         self.check_port(port)
         if (ip := _literal_ip(host)) is not None:
             self.check_address(ip, host)
+            if isinstance(ip, ipaddress.IPv4Address) and host != str(ip):  # aiohttp refuses
+                raise InvalidUrl(  # `2130706433`, `127.1`, `010.0.0.1`, `8.8.8.8.` to send
+                    f"host {host!r} is an IPv4 address written another way; write it {ip}",
+                    param="url",
+                )
 
     def refusal(self, url: str) -> str | None:
         """Why `check_url` refuses `url`, or None (see `refusal_at`)."""

@@ -307,6 +307,15 @@ async def test_an_address_in_other_digits_is_checked_as_the_one_connected_to(
         await AddressPolicy(allow_internal=allow_internal).check_resolved(f"http://{host}/")
 
 
+@pytest.mark.parametrize("host", ["134744072", "8.8.2056", "010.8.8.8", "0x8.8.8.8", "8.8.8.8."])
+def test_an_ipv4_address_written_another_way_is_refused_with_its_usual_form(host: str) -> None:
+    """aiohttp refuses to send to them (`is not a canonical IPv4 address`), so each
+    delivery failed; the registration was accepted (review)."""
+    refusal = AddressPolicy().refusal(f"http://{host}/")
+    assert refusal is not None and "write it 8.8.8.8" in refusal, refusal
+    assert AddressPolicy().refusal("http://8.8.8.8/") is None
+
+
 def test_internal_targets_stay_an_operator_choice() -> None:
     for host in ("10.0.0.5", "127.0.0.1", "[::ffff:10.0.0.5]", "100.64.0.1", "[fd00::1]"):
         assert AddressPolicy(allow_internal=True).refusal(f"http://{host}/") is None, host
