@@ -17,14 +17,13 @@ its host up, as its owner.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import weakref
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, TypeVar
 
 if TYPE_CHECKING:
-    from collections.abc import Awaitable, Callable, Iterator
+    from collections.abc import Awaitable, Callable
 
 __all__ = ["LOOKUP_THREADS", "OWNER", "PER_OWNER", "bounded", "owned"]
 
@@ -51,14 +50,20 @@ _GATES: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, _Gate]] =
 )
 
 
-@contextlib.contextmanager
-def owned(owner: str) -> Iterator[None]:
-    """The lookups made inside count as `owner`'s."""
-    token = OWNER.set(owner)
-    try:
-        yield
-    finally:
-        OWNER.reset(token)
+class owned:  # lower case: used as a function, `with owned(project):`
+    """The lookups made inside count as `owner`'s (a class, not a generator: the worker
+    enters one per attempt)."""
+
+    __slots__ = ("_owner", "_token")
+
+    def __init__(self, owner: str) -> None:
+        self._owner = owner
+
+    def __enter__(self) -> None:
+        self._token = OWNER.set(self._owner)
+
+    def __exit__(self, *_: object) -> None:
+        OWNER.reset(self._token)
 
 
 async def bounded(lookup: Callable[[], Awaitable[T]]) -> T:

@@ -41,7 +41,7 @@ from dispatcher.errors import InvalidUrl, describe
 from dispatcher.headers import unsendable
 from dispatcher.health import CircuitBreaker
 from dispatcher.jobs import BadJob, DeliveryJob, EventJob
-from dispatcher.lookups import OWNER
+from dispatcher.lookups import owned
 from dispatcher.models import Region
 from dispatcher.registry.match import Matches
 from dispatcher.stats import AttemptStats
@@ -353,8 +353,7 @@ class Engine:
         )
         if problem is not None:  # stored by an older version: nothing goes out
             return Attempted(AttemptResult.unsent(problem), [])
-        owner = OWNER.set(target.project_id)  # its name lookups count as its owner's
-        try:
+        with owned(target.project_id):  # its name lookups count as its owner's
             try:
                 refused = await self._refusal(target)
             except Exception as exc:
@@ -364,8 +363,6 @@ class Engine:
                 target.secret_token, target.previous_token, target.auth_header, trace_headers,
             )  # fmt: skip
             return await attempt(self.clients[target.region], self.limits, out, refused=refused)
-        finally:
-            OWNER.reset(owner)
 
     async def _refusal(self, target: CallbackTarget) -> AttemptResult | None:
         """The egress policy's answer for the callback's address: None when it may go."""
