@@ -254,10 +254,8 @@ class AddressPolicy:
 
 
 def _host_port(url: str) -> tuple[str, int]:
-    """`connect_target`, its malformed URLs refused; a port `urlsplit` cannot read (`+22`,
-    full-width digits, both of which yarl reads) is malformed too."""
+    """`connect_target`, its malformed URLs refused."""
     try:
-        urlsplit(url).port  # noqa: B018  # raises on a port it cannot read
         return connect_target(url)
     except ValueError as exc:
         raise InvalidUrl(f"url is malformed: {exc}", param="url") from None
@@ -268,7 +266,9 @@ def connect_target(url: str) -> tuple[str, int]:
     """The host and port a request to `url` connects to: yarl's parse, the one aiohttp
     makes (NFKC-normalised and IDNA-encoded: a host spelled in full-width or segmented
     digits is 127.0.0.1 to it, where `urlsplit` keeps it as spelled). The policy checks
-    this host, never another parse's. Raises ValueError when yarl cannot parse `url`."""
+    this host, never another parse's. Raises ValueError when yarl cannot parse `url`, or
+    `urlsplit` cannot read its port (`+22`, full-width digits: yarl reads both)."""
+    urlsplit(url).port  # noqa: B018  # raises on a port it cannot read
     target = URL(url)
     port = target.port
     return target.raw_host or "", port if port is not None else (

@@ -111,7 +111,6 @@ def destination(url: str) -> Destination:
         return Destination(problem or f"url is malformed: {exc}", "", "", 0)
     netloc, hostname = parts.netloc, parts.hostname or ""
     try:
-        parts.port  # noqa: B018  # raises on a port it cannot read (`+22`, full-width digits)
         hostname, port = connect_target(url)  # what the policy must check: what aiohttp uses
     except ValueError as exc:
         return Destination(problem or f"url is malformed: {exc}", netloc, hostname, 0)

@@ -316,6 +316,16 @@ def test_an_ipv4_address_written_another_way_is_refused_with_its_usual_form(host
     assert AddressPolicy().refusal("http://8.8.8.8/") is None
 
 
+@pytest.mark.parametrize("port", ["+22", "\uff12\uff12"])
+def test_a_port_urlsplit_cannot_read_is_malformed_though_yarl_reads_it(port: str) -> None:
+    """yarl reads `+22` and full-width digits as port 22: the URL is malformed, at
+    registration and at delivery, rather than checked (or sent) as something else."""
+    url = f"http://example.com:{port}/"
+    with pytest.raises(InvalidInput, match="url is malformed"):
+        AddressPolicy().check_url(url)
+    assert (destination(url).problem or "").startswith("url is malformed")
+
+
 def test_internal_targets_stay_an_operator_choice() -> None:
     for host in ("10.0.0.5", "127.0.0.1", "[::ffff:10.0.0.5]", "100.64.0.1", "[fd00::1]"):
         assert AddressPolicy(allow_internal=True).refusal(f"http://{host}/") is None, host
