@@ -108,17 +108,28 @@ def _other_size(value: object) -> int:
     return 24 if isinstance(value, float) else 1
 
 
+def _spent(*, steps: bool) -> FilterFailed:
+    """The failure of a filter that spent what was left of its budget."""
+    what = f"{FILTER_STEPS:,} steps" if steps else f"{FILTER_UNITS:,} units"
+    return FilterFailed(_SPENT.format(what=what))
+
+
+def _number(value: object) -> bool:
+    """A number, as JMESPath has them (not a boolean)."""
+    return isinstance(value, _NUMBERS) and not isinstance(value, bool)
+
+
 def _number_and_bool(left: object, right: object) -> bool:
     """JMESPath's special case of `==`: 0 or 1 against a boolean is never equal."""
     for number, other in ((left, right), (right, left)):
-        if _ordered(number) and not isinstance(number, str) and number in (0, 1):
+        if _number(number) and number in (0, 1):
             return isinstance(other, bool)
     return False
 
 
 def _ordered(value: object) -> bool:
-    """Whether `<` and the rest may compare `value` (a number, not a boolean, or a string)."""
-    return isinstance(value, str) or (isinstance(value, _NUMBERS) and not isinstance(value, bool))
+    """Whether `<` and the rest may compare `value` (a number or a string)."""
+    return isinstance(value, str) or _number(value)
 
 
 class _Budgeted(TreeInterpreter):
@@ -132,12 +143,12 @@ class _Budgeted(TreeInterpreter):
     def spend(self, units: int) -> None:
         self.units -= units
         if self.units < 0:
-            raise FilterFailed(_SPENT.format(what=f"{FILTER_UNITS:,} units"))
+            raise _spent(steps=False)
 
     def step(self) -> None:
         self.steps -= 1
         if self.steps < 0:
-            raise FilterFailed(_SPENT.format(what=f"{FILTER_STEPS:,} steps"))
+            raise _spent(steps=True)
 
     def visit(self, node: Any, *args: Any, **kwargs: Any) -> Any:
         kind = node["type"]
@@ -254,8 +265,7 @@ class _Budgeted(TreeInterpreter):
                 else:
                     units -= size(item)
                 if steps < 0 or units < 0:
-                    what = f"{FILTER_STEPS:,} steps" if steps < 0 else f"{FILTER_UNITS:,} units"
-                    raise FilterFailed(_SPENT.format(what=what))
+                    raise _spent(steps=steps < 0)
         finally:
             self.steps, self.units = steps, units
 
