@@ -266,11 +266,7 @@ async def test_a_move_that_died_after_its_flip_is_finished_by_the_next(
         assert await Mover(router, said.append, settle_s=0.3).rebalance() == 1
         await run_burst(settings)
         home, away = (new, old) if hashed else (old, new)
-        now = now_ms()
-        page = await home.history.query(
-            project, url, "BUILD_END", start_ms=now - 600_000, end_ms=now + 60_000
-        )
-        assert sorted(str(r.event_id) for r in page.records) == sorted([first, second])
+        assert sorted(await recorded(home, project, url)) == sorted([first, second])
         assert len(receiver.requests("/hook")) == 2
         assert (await home.callbacks(project)).count == 1
         assert not await holds(away, project)
@@ -528,6 +524,16 @@ async def queued_on(old: Services, new: Services, job_id: str) -> None:
     await old.redis.zadd(old.keys.QUEUE, {job_id: now_ms()})
 
 
+async def recorded(services: Services, project: str, url: str) -> list[str]:
+    """The event ids of the project's records to `url` on that shard (the last ten
+    minutes: one page)."""
+    now = now_ms()
+    page = await services.history.query(
+        project, url, "BUILD_END", start_ms=now - 600_000, end_ms=now + 60_000
+    )
+    return [str(r.event_id) for r in page.records]
+
+
 async def run_burst(settings: Settings) -> None:
     """A burst worker over every shard, until their queues are empty."""
     worker = create_worker(settings, burst=True, poll_delay=0.01, handle_signals=False)
@@ -613,11 +619,7 @@ async def test_a_move_that_died_before_its_flip_is_undone_by_a_move_to_a_third_s
                 await Mover(router, said.append).move(project, 2, came_from=0)
             assert await Mover(router, said.append, settle_s=0.3).move(project, 2)
             await run_burst(settings)
-            now = now_ms()
-            page = await two.history.query(
-                project, url, "BUILD_END", start_ms=now - 600_000, end_ms=now + 60_000
-            )
-            assert sorted(str(r.event_id) for r in page.records) == sorted([first, second])
+            assert sorted(await recorded(two, project, url)) == sorted([first, second])
             assert len(receiver.requests("/hook")) == 2
             assert (await two.callbacks(project)).count == 1
             assert not await holds(zero, project) and not await holds(one, project)
@@ -660,11 +662,7 @@ async def test_the_operator_says_where_a_move_of_the_version_before_came_from(
             assert await mover.move(project, 1, came_from=0)
             await run_burst(settings)
             assert len(receiver.requests("/hook")) == 1
-            now = now_ms()
-            page = await one.history.query(
-                project, url, "BUILD_END", start_ms=now - 600_000, end_ms=now + 60_000
-            )
-            assert [str(r.event_id) for r in page.records] == [event]
+            assert await recorded(one, project, url) == [event]
             assert not await holds(zero, project) and await hold_source(one, project) is None
             assert await holds(two, project)  # a stale copy is left alone
             with pytest.raises(InvalidInput, match="no move of it died after its flip"):
