@@ -268,22 +268,8 @@ async def test_a_project_always_waiting_on_a_host_does_not_keep_it_from_the_othe
     shares = Shares(40, 1)
     held = await shares.admit("p0", "h")
     assert held is not None
-    waits: list[tuple[str, asyncio.Future[Slot | None]]] = []
-    for project in ("x", "x", "y", "x"):
-        waits.append((project, asyncio.ensure_future(shares.admit(project, "h"))))
-        await asyncio.sleep(0)
-    order: list[str] = []
-    slot = held
-    for _ in range(4):
-        shares.release(slot, 0.0)
-        await asyncio.sleep(0)
-        [(project, done)] = [(p, w) for p, w in waits if w.done()]
-        waits.remove((project, done))
-        order.append(project)
-        admitted = done.result()
-        assert admitted is not None
-        slot = admitted
-    assert order == ["x", "x", "y", "x"]
+    waits = [(project, "h") for project in ("x", "x", "y", "x")]
+    assert await served_in_turn(shares, held, waits) == waits
 
 
 async def test_a_projects_older_attempt_to_another_host_is_not_passed_over() -> None:
@@ -293,22 +279,8 @@ async def test_a_projects_older_attempt_to_another_host_is_not_passed_over() -> 
     shares = Shares(4, 10)
     q, p = await shares.admit("q", "x"), await shares.admit("p", "x")  # two busy: 1 slot each
     assert q is not None and p is not None
-    waits: list[tuple[str, asyncio.Future[Slot | None]]] = []
-    for host in ("a", "b", "a"):
-        waits.append((host, asyncio.ensure_future(shares.admit("p", host))))
-        await asyncio.sleep(0)
-    order: list[str] = []
-    slot = p
-    for _ in range(3):
-        shares.release(slot, 0.0)
-        await asyncio.sleep(0)
-        [(host, done)] = [(h, w) for h, w in waits if w.done()]
-        waits.remove((host, done))
-        order.append(host)
-        admitted = done.result()
-        assert admitted is not None
-        slot = admitted
-    assert order == ["a", "b", "a"]
+    waits = [("p", host) for host in ("a", "b", "a")]
+    assert await served_in_turn(shares, p, waits) == waits
 
 
 async def test_a_project_given_room_for_one_looks_at_one_of_its_waiting_hosts() -> None:
@@ -353,3 +325,26 @@ async def test_a_project_at_its_share_keeps_no_more_heap_entries_than_lines() ->
     long.cancel()
     await asyncio.gather(long, return_exceptions=True)
     assert not shares._heads and not shares._waiting
+
+
+async def served_in_turn(
+    shares: Shares, held: Slot, waits: list[tuple[str, str]]
+) -> list[tuple[str, str]]:
+    """Each (project, host) of `waits` begins to wait, in that order; then `held` is
+    released, and each slot admitted in its turn: the (project, host) of each, in the
+    order they were admitted."""
+    waiting = []
+    for project, host in waits:
+        waiting.append(((project, host), asyncio.ensure_future(shares.admit(project, host))))
+        await asyncio.sleep(0)
+    order, slot = [], held
+    for _ in waits:
+        shares.release(slot, 0.0)
+        await asyncio.sleep(0)
+        [(who, done)] = [(who, w) for who, w in waiting if w.done()]
+        waiting.remove((who, done))
+        order.append(who)
+        admitted = done.result()
+        assert admitted is not None
+        slot = admitted
+    return order
