@@ -2,19 +2,16 @@
 
 from __future__ import annotations
 
-import ipaddress
-import re
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from dispatcher.cluster import is_cluster_url, parse_cluster_url
-from dispatcher.failover import is_sentinel_url, parse_sentinel_url
 from dispatcher.models import Region
+from dispatcher.setting_urls import one_redis, proxy_problem
 from dispatcher.tokens import TokenCipher
 
 __all__ = ["EMBEDDED", "Settings"]
@@ -265,7 +262,7 @@ class Settings(BaseSettings):
             return None
         if is_cluster_url(value):
             parse_cluster_url(value)
-        elif not _one_redis(value):
+        elif not one_redis(value):
             raise ValueError(
                 "must start with redis://, rediss://, unix://, redis+sentinel://, "
                 "rediss+sentinel://, redis+cluster:// or rediss+cluster://"
@@ -278,7 +275,7 @@ class Settings(BaseSettings):
         if not value:
             return None
         for url in value:
-            if not _one_redis(url):
+            if not one_redis(url):
                 raise ValueError(
                     "each shard must be a redis://, rediss://, unix://, redis+sentinel:// or "
                     "rediss+sentinel:// URL (a Redis Cluster goes in DISPATCHER_REDIS_URL)"
@@ -298,7 +295,7 @@ class Settings(BaseSettings):
     @classmethod
     def _proxy_urls(cls, value: dict[Region, str]) -> dict[Region, str]:
         for region, url in value.items():
-            if (why := _not_a_proxy(url)) is not None:  # the URL is not echoed: it may
+            if (why := proxy_problem(url)) is not None:  # the URL is not echoed: it may
                 raise ValueError(f"the proxy of {region}: {why}")  # hold a password
         return value
 
@@ -364,35 +361,3 @@ class Settings(BaseSettings):
     @property
     def max_attempts(self) -> int:
         return len(self.retry_schedule) + 1
-
-
-def _not_a_proxy(url: str) -> str | None:
-    """Why `url` cannot be an egress proxy's URL (http:// or https://, a host, maybe a
-    port and credentials, nothing else), or None. Checked at start: a mistyped proxy would
-    otherwise fail every delivery of its region."""
-    try:
-        parts = urlsplit(url)
-        parts.port  # noqa: B018 (a port that is not a number raises)
-    except ValueError:
-        return "not a URL, or its port is not a number"
-    if parts.scheme not in ("http", "https"):
-        return "must start with http:// or https://, e.g. http://proxy.internal:3128"
-    if not parts.hostname:
-        return "names no host"
-    try:  # 127.1, 2130706433: the client refuses an address not written a.b.c.d
-        if re.fullmatch(r"[0-9.]+|0[xX][0-9a-fA-F.]*", parts.hostname):
-            ipaddress.IPv4Address(parts.hostname)
-    except ValueError:
-        return "an IPv4 address must be written as four numbers, a.b.c.d"
-    if parts.path not in ("", "/") or parts.query or parts.fragment:
-        return "must hold no path, query or fragment"
-    return None
-
-
-def _one_redis(url: str) -> bool:
-    """Whether `url` names one Redis (a server, or the master of a Sentinel group); a
-    malformed Sentinel URL raises, saying what is wrong."""
-    if is_sentinel_url(url):
-        parse_sentinel_url(url)
-        return True
-    return url.startswith(("redis://", "rediss://", "unix://"))

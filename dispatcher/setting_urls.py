@@ -1,0 +1,45 @@
+"""What a setting's URL must be: one Redis (a server, or the master of a Sentinel group),
+an egress proxy. Checked when `Settings` are read, so a mistyped URL stops a process at
+start with a message that names the problem, never the URL (it may hold a password)."""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from urllib.parse import urlsplit
+
+from dispatcher.failover import is_sentinel_url, parse_sentinel_url
+
+__all__ = ["one_redis", "proxy_problem"]
+
+
+def proxy_problem(url: str) -> str | None:
+    """Why `url` cannot be an egress proxy's URL (http:// or https://, a host, maybe a
+    port and credentials, nothing else), or None. Checked at start: a mistyped proxy would
+    otherwise fail every delivery of its region."""
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 (a port that is not a number raises)
+    except ValueError:
+        return "not a URL, or its port is not a number"
+    if parts.scheme not in ("http", "https"):
+        return "must start with http:// or https://, e.g. http://proxy.internal:3128"
+    if not parts.hostname:
+        return "names no host"
+    try:  # 127.1, 2130706433: the client refuses an address not written a.b.c.d
+        if re.fullmatch(r"[0-9.]+|0[xX][0-9a-fA-F.]*", parts.hostname):
+            ipaddress.IPv4Address(parts.hostname)
+    except ValueError:
+        return "an IPv4 address must be written as four numbers, a.b.c.d"
+    if parts.path not in ("", "/") or parts.query or parts.fragment:
+        return "must hold no path, query or fragment"
+    return None
+
+
+def one_redis(url: str) -> bool:
+    """Whether `url` names one Redis (a server, or the master of a Sentinel group); a
+    malformed Sentinel URL raises, saying what is wrong."""
+    if is_sentinel_url(url):
+        parse_sentinel_url(url)
+        return True
+    return url.startswith(("redis://", "rediss://", "unix://"))
