@@ -11,6 +11,7 @@
     ├── Unauthenticated             401  no X-DEVOPS-UID, or a wrong gateway/operator token
     ├── Forbidden                   403  authenticated but not allowed
     ├── NotFound                    404  unknown callback or history record
+    ├── LimitReached                409  a project at its limit of callbacks
     ├── PayloadTooLarge             413  request body beyond the limit
     └── Unavailable                 503  Redis unreachable; try again
         └── NotReplicated           fewer replicas than DISPATCHER_REDIS_MIN_REPLICAS
@@ -34,6 +35,7 @@ __all__ = [
     "InvalidSetting",
     "InvalidTime",
     "InvalidUrl",
+    "LimitReached",
     "NotFound",
     "NotReplicated",
     "PayloadTooLarge",
@@ -97,6 +99,13 @@ class NotFound(DispatcherError):
     """The callback or history record does not exist (in this project)."""
 
     http_status = 404
+
+
+class LimitReached(DispatcherError):
+    """A new callback past its project's limit (`DISPATCHER_MAX_CALLBACKS_PER_PROJECT`): a
+    conflict with what the project already has, undone by deleting one."""
+
+    http_status = 409
 
 
 class PayloadTooLarge(DispatcherError):

@@ -71,7 +71,13 @@ class Services:
         self.shard = shard = shard or Shard.single(settings.queue_name)
         self.keys = keys = shard.keys
         floor = shard.id_floor
-        self.registry = Registry(redis, settings.token_cipher(), keys, id_floor=floor)
+        self.registry = Registry(
+            redis,
+            settings.token_cipher(),
+            keys,
+            id_floor=floor,
+            limit=settings.max_callbacks_per_project,
+        )
         self.history = open_history(settings, redis, keys, floor)
         self.health = Health(redis, self.registry, settings)
         self.queue = Queue(redis, keys)

@@ -137,6 +137,13 @@ class Settings(BaseSettings):
         description="Largest body of the batch emit route (bytes).",
     )
 
+    max_callbacks_per_project: int = Field(
+        default=10_000,
+        ge=0,
+        description="Callbacks a project may have, its pipelines' included (enabled or not); "
+        "registering a new one past it is refused (409); 0: no limit.",
+    )
+
     # Worker
     worker_max_jobs: int = Field(default=200, ge=1, description="Jobs run at once per worker.")
     poll_delay: float = Field(default=0.02, gt=0, le=5, description="Queue poll interval (s).")

@@ -38,8 +38,11 @@ class Upsert:
     creator: str
     options: Options
 
-    def script(self, k: Keys, event: Event, now_ms: int, id_floor: int) -> UpsertCallback:
-        """The write of this registration for `event` (see `scripts.UpsertCallback`)."""
+    def script(
+        self, k: Keys, event: Event, now_ms: int, id_floor: int, limit: int
+    ) -> UpsertCallback:
+        """The write of this registration for `event` (see `scripts.UpsertCallback`), a new
+        callback refused when its project already holds `limit` (0: no limit)."""
         scope = keys.scope(self.project_id, self.pipeline_id)
         listings = [k.project_callbacks(self.project_id)]
         if self.pipeline_id:
@@ -60,6 +63,7 @@ class Upsert:
             health_prefix=k.HEALTH_PREFIX,
             filter_errors_prefix=k.FILTER_ERRORS_PREFIX,
             id_floor=id_floor,
+            limit=limit,
             ordered="1" if self.options.order_by else "0",  # from now on, events numbered
             once=len(once) // 2,
             values=[*once, *every],

@@ -55,11 +55,13 @@ end
 class UpsertCallback(Script):
     """Creates the callback registered as `field` in its scope's `unique` hash (its id
     taken from `counter`, at least `id_floor`: see `dispatcher/shard.py`; it joins each of
-    `listings`, its project's first), or updates it: `values` holds `once` field/value
-    pairs written when it is created, then the pairs every registration writes
-    (`rows.Upsert`). Re-enables it, clears its failure count (and `failing` mark) and
-    filter errors, and puts it in or out of its project's `ordered_flag` set (`ordered`);
-    bumps the project's registry `version`. Returns {id, 1 when created}."""
+    `listings`, its project's first, unless that already holds `limit` callbacks: 0 is
+    no limit), or updates it: `values` holds `once` field/value pairs written when it is
+    created, then the pairs every registration writes (`rows.Upsert`). Re-enables it,
+    clears its failure count (and `failing` mark) and filter errors, and puts it in or out
+    of its project's `ordered_flag` set (`ordered`); bumps the project's registry
+    `version`. Returns {id, 1 when created}, or {0, 0} when the callback is new and its
+    project is at its limit (nothing written)."""
 
     LUA = (
         ORDERED
@@ -67,6 +69,8 @@ class UpsertCallback(Script):
 local id = redis.call('HGET', unique, field)
 local created = 0
 if not id then
+  local most = tonumber(limit)
+  if most > 0 and redis.call('ZCARD', listings[1]) >= most then return {0, 0} end
   if tonumber(redis.call('GET', counter) or '0') < tonumber(id_floor) then
     redis.call('SET', counter, id_floor)
   end
@@ -108,6 +112,7 @@ return {tonumber(id), created}
     health_prefix: str
     filter_errors_prefix: str
     id_floor: int
+    limit: int
     ordered: str
     once: int
     values: ArgList

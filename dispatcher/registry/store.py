@@ -9,7 +9,7 @@ import structlog
 
 from dispatcher import keys
 from dispatcher.clock import now_ms
-from dispatcher.errors import InvalidEvent, InvalidInput, NotFound
+from dispatcher.errors import InvalidEvent, InvalidInput, LimitReached, NotFound
 from dispatcher.headers import check_auth_header
 from dispatcher.keys import Keys
 from dispatcher.lua import run_pipeline
@@ -60,11 +60,13 @@ class Registry:
         keys: Keys | None = None,
         *,
         id_floor: int = 0,
+        limit: int = 0,
     ) -> None:
         self.redis = redis
         self.cipher = cipher
         self.keys = keys or Keys()
         self.id_floor = id_floor  # new callbacks' ids start above it (the shard's range)
+        self.limit = limit  # callbacks a project may have (0: no limit)
 
     async def create(
         self,
@@ -91,6 +93,8 @@ class Registry:
         parsed = check_event(parse_event(event) if isinstance(event, str) else event, level)
         upsert = self._checked(level, registration)
         (callback_id, created), *_ = await self._upsert_many(upsert, [parsed])
+        if not callback_id:
+            raise LimitReached(self._full(registration.project_id))
         return callback_id, created
 
     async def register_batch(self, registration: Registration, events: str) -> CreateCallBackResult:
@@ -106,9 +110,20 @@ class Registry:
                 valid.append(check_event(event, level))
             except InvalidEvent as exc:
                 failed[event.value] = exc.message
-        if valid:
-            await self._upsert_many(upsert, valid)
-        return CreateCallBackResult(success_events=[e.value for e in valid], failure_events=failed)
+        done = []
+        written = await self._upsert_many(upsert, valid)
+        for event, (callback_id, _) in zip(valid, written, strict=True):
+            if callback_id:
+                done.append(event.value)
+            else:
+                failed[event.value] = self._full(registration.project_id)
+        return CreateCallBackResult(success_events=done, failure_events=failed)
+
+    def _full(self, project_id: str) -> str:
+        return (
+            f"project {project_id} has {self.limit} callbacks, its limit "
+            "(DISPATCHER_MAX_CALLBACKS_PER_PROJECT): delete one to register another"
+        )
 
     def _checked(self, level: Level, r: Registration) -> Upsert:
         """A registration once every parameter is valid, its secrets encrypted."""
@@ -126,11 +141,15 @@ class Registry:
         )
 
     async def _upsert_many(self, upsert: Upsert, events: list[Event]) -> list[tuple[int, bool]]:
+        """(id, created) of each event's callback; id 0 for a new one its project had no
+        room for."""
+        if not events:
+            return []
         now = now_ms()
 
         def upsert_all(pipe: Pipeline) -> None:
             for event in events:
-                upsert.script(self.keys, event, now, self.id_floor).queue_on(pipe)
+                upsert.script(self.keys, event, now, self.id_floor, self.limit).queue_on(pipe)
 
         results: list[list[int]] = await run_pipeline(self.redis, upsert_all)
         return [(int(cid), bool(created)) for cid, created in results[: len(events)]]

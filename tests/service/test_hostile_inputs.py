@@ -352,6 +352,55 @@ async def test_a_repeated_operator_token_is_refused(redis_server: Any, redis: Re
     assert twice.status_code == 401 and "once" in twice.json()["message"]
 
 
+# ---- a project's callbacks are bounded; the bound is its own ------------------------------
+
+
+async def test_a_project_at_its_callback_limit_is_refused_alone(
+    redis_server: Any, redis: Redis
+) -> None:
+    """Every callback costs Redis memory and a place in each of its events' fan-out: a
+    project registering without end would fill the Redis every project shares."""
+    settings = make_settings(redis_server.url, max_callbacks_per_project=3)
+    form = {"event": "BUILD_END", "region": "DEVNET"}
+    pipeline = "/apigw/v4/projects/demo/pipelines/p1/callbacks"
+    async with app_client(settings, redis, headers=UID) as client:
+        for n in range(2):
+            new = await client.post(CALLBACKS, params={**form, "url": f"http://127.0.0.1:9/{n}"})
+            assert new.json()["data"] is True
+        third = await client.post(pipeline, params={**form, "url": "http://127.0.0.1:9/p"})
+        assert third.json()["data"] is True  # a pipeline's callbacks are its project's
+        fourth = await client.post(CALLBACKS, params={**form, "url": "http://127.0.0.1:9/4"})
+        batch = await client.post(
+            f"{CALLBACKS}/batch",
+            params={**form, "event": "BUILD_START,BUILD_END", "url": "http://127.0.0.1:9/0"},
+        )
+        again = await client.post(CALLBACKS, params={**form, "url": "http://127.0.0.1:9/0"})
+        other = await client.post(
+            CALLBACKS.replace("demo", "other"), params={**form, "url": "http://127.0.0.1:9/4"}
+        )
+        listed = (await client.get(CALLBACKS)).json()["data"]
+        cid = next(c["id"] for c in listed["records"] if c["url"].endswith("/1"))
+        assert (await client.delete(f"{CALLBACKS}/{cid}")).json()["data"] is True
+        after = await client.post(CALLBACKS, params={**form, "url": "http://127.0.0.1:9/4"})
+
+    assert fourth.status_code == 409
+    assert fourth.json() == {
+        "data": None,
+        "status": 409,
+        "message": "project demo has 3 callbacks, its limit (DISPATCHER_MAX_CALLBACKS_PER_"
+        "PROJECT): delete one to register another",
+    }
+    outcome = batch.json()["data"]  # BUILD_END of /0 exists: an update, not a new one
+    assert outcome["successEvents"] == ["BUILD_END"]
+    assert list(outcome["failureEvents"]) == ["BUILD_START"]
+    assert "its limit" in outcome["failureEvents"]["BUILD_START"]
+    assert again.json()["data"] is True  # registering again is an update
+    assert listed["count"] == 3
+    assert other.json()["data"] is True  # another project's limit is its own
+    assert after.json()["data"] is True  # deleting one makes room
+    assert await redis.zcard(keys.project_callbacks("demo")) == 3
+
+
 # ---- webhook-signature is masked, in every store and page ---------------------------------
 
 
