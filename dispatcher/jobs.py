@@ -200,9 +200,12 @@ class DeliveryJob:
         return cls(delivery_id, progress_id, event.id, owner or event.project_id, event.event,
                    body, callback_id, emitter=event.project_id, trace=trace)  # fmt: skip
 
-    def redelivery(self, record_id: int) -> DeliveryJob:
-        """The same request again under a fresh progress id (same delivery id)."""
-        progress_id = f"{self.delivery_id}:redeliver:{uuid.uuid4().hex[:12]}"
+    def redelivery(self, record_id: int, *, after: int | None = None) -> DeliveryJob:
+        """The same request again (same delivery id) under a fresh progress id, or, `after`
+        the delivery's attempt of that record id, under the one id of the redelivery that
+        follows it (queued once: `Queue.push_many`)."""
+        mark = uuid.uuid4().hex[:12] if after is None else f"after-{after}"
+        progress_id = f"{self.delivery_id}:redeliver:{mark}"
         return DeliveryJob(self.delivery_id, progress_id, self.event_id, self.project_id,
                            self.event, self.body, self.callback_id, record_id,
                            self.emitter, self.trace)  # fmt: skip

@@ -65,7 +65,9 @@ Deliveries
     dispatcher:deliveries:dropped             LIST deliveries ended without an attempt (last 1000)
     dispatcher:pushed:{token}                 STRING one worker write's push of a delivery's
                                               job was made (TTL: the job's): sent again, the
-                                              write queues nothing (queue.Push)
+                                              write queues nothing (queue.Push); or, the
+                                              token a redelivery's job id, the nonce of the
+                                              call that queued it (queue.PushMany)
 Workers and statistics
     dispatcher:workers:{host}:{pid}           STRING heartbeat of a live worker (TTL 30 s)
     dispatcher:workers                        ZSET heartbeat keys by their last beat (ms), so

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+import uuid
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
@@ -28,6 +29,7 @@ from dispatcher.topology import close_all, connect_shards, shards_of
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
+    from redis.asyncio.client import Pipeline
 
     from dispatcher.models import HistoryRecord
     from dispatcher.settings import Settings
@@ -47,8 +49,9 @@ class _Jobs(NamedTuple):
 EVENTS = _Jobs("the events", "Emitting again with the same event ids is safe.")
 REDELIVERIES = _Jobs(
     "the redeliveries",
-    "Asking again may send a request twice if the first ask was queued: look at the "
-    "delivery's attempts first.",
+    "Asking again for a window's failures sends none twice (its count leaves out what the "
+    "first ask queued); asking again for one record may send it twice if the first ask "
+    "was queued: look at the delivery's attempts first.",
 )
 # what waiting for Redis looks like: its errors, no answer within the wait, or too few
 # replicas confirming (DISPATCHER_REDIS_MIN_REPLICAS); and a full Redis (a reply error)
@@ -83,6 +86,8 @@ class Producer:
     ) -> None:
         self.settings = settings
         self._largest = settings.api_max_body_bytes  # an event's data, as JSON, at most
+        # a redelivery's id is queued once while its progress mark may last
+        self._once_ms = 2000 * settings.progress_ttl
         self._owns_redis = redis is None
         self._lanes: list[_Lane] = []
         self._placement = Placement(1)
@@ -173,7 +178,7 @@ class Producer:
                 event_job(*event, trace=emission.trace, max_bytes=self._largest) for event in events
             ]
             emission.emitted(jobs[0].project_id if jobs else "", [job.id for job in jobs])
-            await self.enqueue(jobs)
+            await self._enqueue(jobs)
         return [job.id for job in jobs]
 
     async def emit_each(
@@ -199,37 +204,41 @@ class Producer:
                 jobs.append(job)
                 outcomes.append(job.id)
             emission.emitted(project_id, [job.id for job in jobs])
-            await self.enqueue(jobs)
+            await self._enqueue(jobs)
         return outcomes
 
-    async def enqueue(self, jobs: Sequence[EventJob]) -> None:
-        """Queue checked events, one round trip per shard they go to, the shards at once
-        (an id already queued stays as it is)."""
+    async def _enqueue(self, jobs: Sequence[EventJob]) -> None:
+        """Queue events the emit methods checked (the only way in: a job built by hand
+        would skip the checks), one round trip per shard they go to, the shards at once (an
+        id already queued stays as it is)."""
         await self._push(jobs, EVENTS)
         metrics.EVENTS_EMITTED.inc(len(jobs))
 
-    async def requeue(self, jobs: Sequence[DeliveryJob]) -> None:
-        """Queue deliveries (redeliveries of recorded requests) as `enqueue` queues events."""
-        await self._push(jobs, REDELIVERIES)
+    async def requeue(self, jobs: Sequence[DeliveryJob]) -> int:
+        """Queue deliveries (redeliveries of recorded requests) as `_enqueue` queues events;
+        returns how many were queued (a job id queued once is not queued again)."""
+        answers = await self._push(jobs, REDELIVERIES)
+        return sum(queued for shard in answers for chunk in shard for queued in chunk)
 
-    async def _push(self, jobs: Sequence[Job], kind: _Jobs) -> None:
+    async def _push(self, jobs: Sequence[Job], kind: _Jobs) -> list[list[Any]]:
         """The one way jobs are queued: grouped by the shard of their project, every group
-        in one round trip, Redis waited out (`_patiently`)."""
+        in one round trip, Redis waited out (`_patiently`); returns each group's answers."""
         by_lane: dict[int, tuple[_Lane, list[Job]]] = {}
         for job in jobs:
             lane = self._lane(job.project_id)
             by_lane.setdefault(id(lane), (lane, []))[1].append(job)
-        await asyncio.gather(
+        return await asyncio.gather(
             *(self._push_many(lane, mine, kind) for lane, mine in by_lane.values())
         )
 
-    async def _push_many(self, lane: _Lane, jobs: list[Job], kind: _Jobs) -> None:
-        queue = lane.queue
-        await self._patiently(
-            lambda: run_replicated(
-                queue.redis, lambda pipe: queue.push_many(pipe, jobs), lane.replication
-            ),
-            kind,
+    async def _push_many(self, lane: _Lane, jobs: list[Job], kind: _Jobs) -> list[Any]:
+        queue, mine = lane.queue, uuid.uuid4().hex  # a try again knows its first's pushes
+
+        def push(pipe: Pipeline) -> None:
+            queue.push_many(pipe, jobs, nonce=mine, once_ms=self._once_ms)
+
+        return await self._patiently(
+            lambda: run_replicated(queue.redis, push, lane.replication), kind
         )
 
     async def _patiently(self, enqueue: Callable[[], Awaitable[T]], kind: _Jobs = EVENTS) -> T:
@@ -261,10 +270,12 @@ class Producer:
             delay = min(1.0, delay * 2)
 
     @staticmethod
-    def redelivery_job(record: HistoryRecord) -> DeliveryJob:
+    def redelivery_job(record: HistoryRecord, *, after: int | None = None) -> DeliveryJob:
         """The job that sends a recorded request again: same body (as it was, even from an
         older version) and delivery id (for the receiver's de-duplication), a fresh
-        progress id, the callback's current token, the emitter its body names."""
+        progress id (or the one of the redelivery that follows the delivery's attempt
+        `after`: `DeliveryJob.redelivery`), the callback's current token, the emitter its
+        body names."""
         if record.callback_id is None or record.delivery_id is None:
             raise InvalidInput(f"history record {record.id} cannot be redelivered: no callback")
         if record.request_body_truncated:
@@ -283,7 +294,7 @@ class Producer:
             emitter=_emitter_of(record),
             trace=tracing.TraceContext.read(record.model_dump(include=_TRACE_FIELDS)),
         )
-        return original.redelivery(record.id)
+        return original.redelivery(record.id, after=after)
 
     async def redeliver(self, record: HistoryRecord) -> str:
         """Queue `redelivery_job(record)`; returns its job id."""

@@ -55,18 +55,26 @@ class Push(Script):
 @dataclass
 class PushMany(Script):
     """Queues many jobs, due at `score_ms`, their bytes kept `ttl_ms` past it: `jobs` holds
-    their keys, `items` each one's bytes and id. One call for many jobs: per job, the
-    command packing and the script call were most of what enqueueing a batch cost. Returns
-    1 (queued) or 0 (there already) per job."""
+    each one's key and its `pushed` key, `items` each one's bytes and id. One call for many
+    jobs: per job, the command packing and the script call were most of what enqueueing a
+    batch cost. A job id is queued once while its `pushed` key lasts (`once_ms`), even
+    after its job has ended; the key holds the `nonce` of the call that queued it. Returns
+    per job 1 (queued, by this call or by one with the same nonce: a try again after a
+    lost answer) or 0 (queued before)."""
 
     LUA = """
     local queued = {}
-    for i, job in ipairs(jobs) do
-      if redis.call('SET', job, items[2 * i - 1], 'NX', 'PX', ttl_ms) then
-        redis.call('ZADD', queue, score_ms, items[2 * i])
-        queued[i] = 1
+    for i = 1, #jobs / 2 do
+      local job, pushed = jobs[2 * i - 1], jobs[2 * i]
+      if redis.call('SET', pushed, nonce, 'NX', 'PX', once_ms) then
+        if redis.call('SET', job, items[2 * i - 1], 'NX', 'PX', ttl_ms) then
+          redis.call('ZADD', queue, score_ms, items[2 * i])
+          queued[i] = 1
+        else
+          queued[i] = 0
+        end
       else
-        queued[i] = 0
+        queued[i] = redis.call('GET', pushed) == nonce and 1 or 0
       end
     end
     return queued
@@ -75,6 +83,8 @@ class PushMany(Script):
     jobs: KeyList
     score_ms: int
     ttl_ms: int
+    once_ms: int
+    nonce: str
     items: ArgList
 
 
@@ -107,11 +117,20 @@ class Queue:
             ttl_ms=score - now + expires_extra_ms,
         ).queue_on(pipe)
 
-    def push_many(self, pipe: Pipeline, jobs: Sequence[Job]) -> None:
+    def push_many(
+        self,
+        pipe: Pipeline,
+        jobs: Sequence[Job],
+        *,
+        nonce: str = "",
+        once_ms: int = expires_extra_ms,
+    ) -> None:
         """Queue the enqueue of `jobs`, due now, on `pipe`: one command per `PUSH_CHUNK` jobs
         (so that Redis serves others between them), each answering with a list of 1 for a
         job queued, 0 for one whose id was there already. Events are numbered in their
-        order when their project is ordered (`dispatcher.sequence`)."""
+        order when their project is ordered (`dispatcher.sequence`); any other job's id is
+        queued once in `once_ms`, even after its job has ended, `nonce` telling a try again
+        of this push from another (`PushMany`)."""
         now = now_ms()
         if all(isinstance(job, EventJob) for job in jobs):
             events = [job for job in jobs if isinstance(job, EventJob)]
@@ -123,9 +142,15 @@ class Queue:
             chunk = jobs[start : start + PUSH_CHUNK]
             PushMany(
                 queue=self.queue_name,
-                jobs=[self.keys.arq_job(job.job_id) for job in chunk],
+                jobs=[
+                    key
+                    for job in chunk
+                    for key in (self.keys.arq_job(job.job_id), self.keys.pushed(job.job_id))
+                ],
                 score_ms=now,
                 ttl_ms=expires_extra_ms,
+                once_ms=once_ms,
+                nonce=nonce,
                 items=[item for job in chunk for item in (encode(job, now), job.job_id)],
             ).queue_on(pipe)
 

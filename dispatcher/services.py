@@ -265,37 +265,57 @@ class Services:
         failure: not one redelivered since that succeeded or is retried); returns how
         many were queued. A record whose body was truncated is skipped (it cannot be sent
         as it was). Each call used to send every failure of the window again, a
-        redelivery's own failure included: twice as many each time (review)."""
+        redelivery's own failure included: twice as many each time (review). A delivery's
+        redelivery after its newest attempt has one job id, queued once (`Queue.push_many`):
+        calls at once, or one that reads a history not yet shipped to PostgreSQL, send it
+        once; the next is queued once its own attempt shows in the history. A delivery
+        whose callback is disabled or deleted is left out: its redelivery would be
+        dropped, with no attempt to show, and hold its place."""
         name, start_ms, end_ms = self._window(event, start_time, end_time)
-        batch: list[DeliveryJob] = []
-        queued = 0
-        seen: set[str] = set()  # deliveries looked at (the window's newest failure first)
-
-        async def flush() -> None:
-            nonlocal queued
-            await self.producer.requeue(batch)
-            queued += len(batch)
-            if on_queued is not None:
-                on_queued(len(batch))
-            batch.clear()
-
         failures = self.history.final_failures(
             project_id, url, name, start_ms=start_ms, end_ms=end_ms
         )
-        async for record in failures:
-            unsendable = record.request_body_truncated or record.callback_id is None
-            if unsendable or record.delivery_id is None or record.delivery_id in seen:
-                continue
-            seen.add(record.delivery_id)
-            newest = await self.history.attempts(record.delivery_id, project_id, limit=1)
-            if newest and not (newest[0].final and newest[0].status is DeliveryStatus.FAILED):
-                continue
-            batch.append(self.producer.redelivery_job(record))
+        batch: list[DeliveryJob] = []
+        queued = 0
+
+        async def flush() -> None:
+            nonlocal queued
+            sent = await self.producer.requeue(batch)
+            queued += sent
+            if on_queued is not None:
+                on_queued(sent)
+            batch.clear()
+
+        async for job in self._redeliveries(project_id, failures):
+            batch.append(job)
             if len(batch) >= REDELIVER_BATCH:
                 await flush()
         if batch:
             await flush()
         return queued
+
+    async def _redeliveries(
+        self, project_id: str, failures: AsyncIterator[HistoryRecord]
+    ) -> AsyncIterator[DeliveryJob]:
+        """The redelivery of each delivery of `failures` (final failures, newest first) that
+        `redeliver_failed` sends again, once."""
+        seen: set[str] = set()  # deliveries looked at (the window's newest failure first)
+        live: dict[int, bool] = {}  # callbacks enabled or not, each read once
+        async for record in failures:
+            callback_id, delivery_id = record.callback_id, record.delivery_id
+            if record.request_body_truncated or callback_id is None or delivery_id is None:
+                continue  # it cannot be sent as it was
+            if delivery_id in seen:
+                continue
+            seen.add(delivery_id)
+            newest = await self.history.attempts(delivery_id, project_id, limit=1)
+            if newest and not (newest[0].final and newest[0].status is DeliveryStatus.FAILED):
+                continue
+            if callback_id not in live:
+                live[callback_id] = await self.registry.target(callback_id) is not None
+            if live[callback_id]:
+                after = newest[0].id if newest else record.id
+                yield self.producer.redelivery_job(record, after=after)
 
     async def recent(
         self,

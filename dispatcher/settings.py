@@ -368,3 +368,8 @@ class Settings(BaseSettings):
     @property
     def max_attempts(self) -> int:
         return len(self.retry_schedule) + 1
+
+    @property
+    def progress_ttl(self) -> int:
+        """Seconds a delivery's progress mark lasts: a day, or twice its retries' delays."""
+        return int(max(86_400, 2 * sum(self.retry_schedule)))

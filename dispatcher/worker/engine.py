@@ -93,7 +93,7 @@ class Engine:
             self.clients, self.stats = shared.clients, shared.stats
         self.controls = Controls(settings, self.keys, self.reads, writer)
         self.limits = Limits.of(settings)
-        self.progress_ttl = int(max(86_400, 2 * sum(settings.retry_schedule)))
+        self.progress_ttl = settings.progress_ttl
         self.lanes = Lanes(  # ordered callbacks
             self.keys,
             writer,

@@ -15,6 +15,8 @@ from dispatcher.clock import now_ms
 from dispatcher.connections import connect
 from dispatcher.embedded import EmbeddedRedis
 from dispatcher.keys import Keys, project_scoped
+from dispatcher.models import Event, Region
+from dispatcher.registry import Registry
 
 keys = Keys()  # today's key names (one shard)
 
@@ -207,13 +209,17 @@ def test_bulk_redeliver_and_sweep(cli: CliRunner, redis_server: EmbeddedRedis) -
     async def seed() -> None:
         redis = connect(settings)
         history = RedisHistory(redis, settings, keys)
+        callback_id, _ = await Registry(redis).create(  # a redelivery needs its callback
+            "p", "https://e.com/h", Event.BUILD_END, Region.DEVNET
+        )
         for i, (status, final) in enumerate(
             [("FAILED", True), ("FAILED", False), ("SUCCESS", True), ("FAILED", True)]
         ):
             await history.add({
                 "projectId": "p", "callBackUrl": "https://e.com/h", "events": "BUILD_END",
                 "status": status, "final": final, "startTime": now, "endTime": now,
-                "createdTime": now - i, "callbackId": 1, "deliveryId": f"evt_{i}.1",
+                "createdTime": now - i, "callbackId": callback_id,
+                "deliveryId": f"evt_{i}.1",
                 "eventId": f"evt_{i}", "requestBody": "{}",
             })  # fmt: skip
         await history.add({

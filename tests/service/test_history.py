@@ -4,6 +4,7 @@ Redis store and against the PostgreSQL store (records shipped from the stream fi
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from datetime import datetime
 from typing import Any
@@ -12,6 +13,7 @@ from zoneinfo import ZoneInfo
 import httpx
 import pytest
 from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from dispatcher.api import create_app
 from dispatcher.auth import Role, Roles
@@ -24,6 +26,7 @@ from dispatcher.keys import Keys
 from dispatcher.models import DeliveryStatus, Event, HistoryPage, Region
 from dispatcher.producer import Producer
 from dispatcher.registry import Registry
+from dispatcher.replication import run_replicated
 from dispatcher.services import Services
 from dispatcher.settings import Settings
 from tests.helpers import UID, Receiver, RunWorker, answer, make_settings, ship_all
@@ -324,6 +327,87 @@ async def test_window_redelivery_sends_each_failed_delivery_once_and_not_one_tha
     assert await retry_window() == 3
     assert await retry_window() == 0  # each succeeded since
     assert len(receiver.requests()) == 12
+
+
+async def failed_for_good(
+    settings: Settings, redis: Redis, receiver: Receiver, run_worker: RunWorker, n: int
+) -> tuple[str, int]:
+    """`n` deliveries of a demo callback that failed for good (a 404, no retries), their
+    records in the history; its receiver answers 200 from then on. Returns its URL and id."""
+    url = receiver.script("/hook", answer(404))
+    callback_id, _ = await Registry(redis).create("demo", url, Event.BUILD_END, Region.DEVNET)
+    await Producer(settings, redis).emit_many([("demo", "BUILD_END", {"n": i}) for i in range(n)])
+    await run_worker(settings.model_copy(update={"retry_schedule": ()}))
+    await ship_all(settings, redis)
+    receiver.script("/hook", answer(200))
+    return url, callback_id
+
+
+async def test_window_redeliveries_at_once_send_each_failure_once(
+    settings: Settings,
+    redis: Redis,
+    api: httpx.AsyncClient,
+    receiver: Receiver,
+    run_worker: RunWorker,
+) -> None:
+    """Two calls before a worker takes the first one's jobs (two people, or a retried
+    request) queued each failure twice, and the receiver got it twice (review)."""
+    url, _ = await failed_for_good(settings, redis, receiver, run_worker, 3)
+    params = {"url": url, "event": "BUILD_END"}
+    calls = await asyncio.gather(
+        *(api.post(f"{V3}/retry", params=params, headers=UID) for _ in range(2))
+    )
+    later = await api.post(f"{V3}/retry", params=params, headers=UID)
+    await run_worker()
+    assert sorted(c.json()["data"]["queued"] for c in calls) == [0, 3]
+    assert later.json()["data"]["queued"] == 0
+    assert len(receiver.requests()) == 6  # 3 failures, each sent again once
+
+
+async def test_window_redelivery_leaves_out_a_disabled_callback_until_it_is_enabled(
+    settings: Settings, redis: Redis, receiver: Receiver, run_worker: RunWorker
+) -> None:
+    """A disabled callback's redeliveries were queued and dropped with no attempt to show,
+    and the one id of each then held its place for a day: enabled again, its failures
+    could not be sent again (review)."""
+    url, callback_id = await failed_for_good(settings, redis, receiver, run_worker, 2)
+    registry = Registry(redis)
+    async with Services.open(settings, redis) as services:
+        await registry.set_enabled(callback_id, False, "paused by an admin")
+        disabled = await services.redeliver_failed("demo", url, "BUILD_END")
+        await run_worker()
+        await registry.set_enabled(callback_id, True)
+        enabled = await services.redeliver_failed("demo", url, "BUILD_END")
+        await run_worker()
+    assert (disabled, enabled) == (0, 2)
+    assert len(receiver.requests()) == 4
+
+
+async def test_a_window_redelivery_whose_answer_was_lost_is_counted_as_queued(
+    settings: Settings,
+    redis: Redis,
+    receiver: Receiver,
+    run_worker: RunWorker,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The producer tries again when Redis' answer is lost; the jobs its first try queued
+    were then counted as queued before: 0 (review)."""
+    url, _ = await failed_for_good(settings, redis, receiver, run_worker, 2)
+    tries: list[int] = []
+
+    async def answer_lost_once(*args: Any) -> list[Any]:
+        answers = await run_replicated(*args)
+        tries.append(len(answers))
+        if len(tries) == 1:
+            raise RedisConnectionError("the answer was lost")
+        return answers
+
+    monkeypatch.setattr("dispatcher.producer.run_replicated", answer_lost_once)
+    async with Services.open(settings, redis) as services:
+        queued = await services.redeliver_failed("demo", url, "BUILD_END")
+    await run_worker()
+    assert (len(tries), queued) == (2, 2)
+    assert len(receiver.requests()) == 4
 
 
 async def test_window_redelivery_is_for_admins_dead_letters_for_members(

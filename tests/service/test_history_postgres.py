@@ -37,7 +37,16 @@ from dispatcher.registry import Registry
 from dispatcher.services import Services
 from dispatcher.settings import Settings
 from dispatcher.worker import create_worker
-from tests.helpers import Receiver, app_client, hang, make_settings, ship_all, until
+from tests.helpers import (
+    Receiver,
+    RunWorker,
+    answer,
+    app_client,
+    hang,
+    make_settings,
+    ship_all,
+    until,
+)
 
 keys = Keys()  # today's key names (one shard)
 
@@ -480,3 +489,33 @@ async def test_entries_of_older_workers_are_found_by_their_status(
     )
     await history.close()
     assert [r.id for r in found.records] == [json_only["id"], failed["id"]]
+
+
+async def test_a_window_redelivery_not_yet_shipped_is_not_sent_again(
+    redis_server: EmbeddedRedis,
+    pg_url: str,
+    redis: Redis,
+    receiver: Receiver,
+    run_worker: RunWorker,
+) -> None:
+    """PostgreSQL shows a redelivery's failure once it is shipped: a call between its
+    attempt and its shipment found the failure it had redelivered still the newest, and
+    sent it again (review)."""
+    settings = make_settings(
+        redis_server.url, history_url=pg_url, history_ship=False, retry_schedule=()
+    )
+    url = receiver.script("/hook", answer(404))
+    await Registry(redis).create("demo", url, Event.BUILD_END, Region.DEVNET)
+    await Producer(settings, redis).emit_many([("demo", "BUILD_END", {"n": i}) for i in range(2)])
+    await run_worker(settings)
+    await ship_all(settings, redis)
+    async with Services.open(settings, redis) as services:
+        first = await services.redeliver_failed("demo", url, "BUILD_END")
+        await run_worker(settings)  # the redeliveries fail; their records wait to be shipped
+        unshipped = await services.redeliver_failed("demo", url, "BUILD_END")
+        await run_worker(settings)
+        await ship_all(settings, redis)
+        shipped = await services.redeliver_failed("demo", url, "BUILD_END")
+        await run_worker(settings)
+    assert (first, unshipped, shipped) == (2, 0, 2)  # then their own failures, once each
+    assert len(receiver.requests()) == 6
