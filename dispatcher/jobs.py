@@ -10,7 +10,8 @@ and the queue's sorted set scores each job id by when it is due (epoch ms). Two 
   same job, its cursor the last callback id done, is due again for the next chunk.
 - `deliver(DeliveryJob)`: a retry or a redelivery of one delivery, job id = its progress id
   (for retries `{delivery id}@{emittedAt}`: one emission's, so that an event id emitted
-  again once its event ended starts over under ids of its own; a fresh id per redelivery).
+  again once its event ended starts over under ids of its own; a fresh id per redelivery of
+  one record, and one id per delivery and newest attempt for a window's: `redelivery`).
 
 Either carries the W3C trace context its attempts continue (`traceparent`, `tracestate`:
 see `dispatcher.tracing`), absent when there is none.

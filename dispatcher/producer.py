@@ -214,13 +214,16 @@ class Producer:
         await self._push(jobs, EVENTS)
         metrics.EVENTS_EMITTED.inc(len(jobs))
 
-    async def requeue(self, jobs: Sequence[DeliveryJob]) -> int:
+    async def requeue(self, jobs: Sequence[DeliveryJob], *, once: bool = False) -> int:
         """Queue deliveries (redeliveries of recorded requests) as `_enqueue` queues events;
-        returns how many were queued (a job id queued once is not queued again)."""
-        answers = await self._push(jobs, REDELIVERIES)
+        returns how many were queued. `once`: a job id queued before, while its progress
+        could last, is not queued again (a window's redeliveries)."""
+        answers = await self._push(jobs, REDELIVERIES, once=once)
         return sum(queued for shard in answers for chunk in shard for queued in chunk)
 
-    async def _push(self, jobs: Sequence[Job], kind: _Jobs) -> list[list[Any]]:
+    async def _push(
+        self, jobs: Sequence[Job], kind: _Jobs, *, once: bool = False
+    ) -> list[list[Any]]:
         """The one way jobs are queued: grouped by the shard of their project, every group
         in one round trip, Redis waited out (`_patiently`); returns each group's answers."""
         by_lane: dict[int, tuple[_Lane, list[Job]]] = {}
@@ -228,14 +231,15 @@ class Producer:
             lane = self._lane(job.project_id)
             by_lane.setdefault(id(lane), (lane, []))[1].append(job)
         return await asyncio.gather(
-            *(self._push_many(lane, mine, kind) for lane, mine in by_lane.values())
+            *(self._push_many(lane, mine, kind, once) for lane, mine in by_lane.values())
         )
 
-    async def _push_many(self, lane: _Lane, jobs: list[Job], kind: _Jobs) -> list[Any]:
+    async def _push_many(self, lane: _Lane, jobs: list[Job], kind: _Jobs, once: bool) -> list[Any]:
         queue, mine = lane.queue, uuid.uuid4().hex  # a try again knows its first's pushes
+        once_ms = self._once_ms if once else 0
 
         def push(pipe: Pipeline) -> None:
-            queue.push_many(pipe, jobs, nonce=mine, once_ms=self._once_ms)
+            queue.push_many(pipe, jobs, nonce=mine, once_ms=once_ms)
 
         return await self._patiently(
             lambda: run_replicated(queue.redis, push, lane.replication), kind

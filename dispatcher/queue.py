@@ -57,16 +57,17 @@ class PushMany(Script):
     """Queues many jobs, due at `score_ms`, their bytes kept `ttl_ms` past it: `jobs` holds
     each one's key and its `pushed` key, `items` each one's bytes and id. One call for many
     jobs: per job, the command packing and the script call were most of what enqueueing a
-    batch cost. A job id is queued once while its `pushed` key lasts (`once_ms`), even
-    after its job has ended; the key holds the `nonce` of the call that queued it. Returns
-    per job 1 (queued, by this call or by one with the same nonce: a try again after a
-    lost answer) or 0 (queued before)."""
+    batch cost. With `once_ms` (0: none), a job id is queued once while its `pushed` key
+    lasts, even after its job has ended; the key holds the `nonce` of the call that queued
+    it. Returns per job 1 (queued, by this call or by one with the same nonce: a try again
+    after a lost answer) or 0 (queued before)."""
 
     LUA = """
     local queued = {}
+    local once = tonumber(once_ms) > 0
     for i = 1, #jobs / 2 do
       local job, pushed = jobs[2 * i - 1], jobs[2 * i]
-      if redis.call('SET', pushed, nonce, 'NX', 'PX', once_ms) then
+      if not once or redis.call('SET', pushed, nonce, 'NX', 'PX', once_ms) then
         if redis.call('SET', job, items[2 * i - 1], 'NX', 'PX', ttl_ms) then
           redis.call('ZADD', queue, score_ms, items[2 * i])
           queued[i] = 1
@@ -123,14 +124,14 @@ class Queue:
         jobs: Sequence[Job],
         *,
         nonce: str = "",
-        once_ms: int = expires_extra_ms,
+        once_ms: int = 0,
     ) -> None:
         """Queue the enqueue of `jobs`, due now, on `pipe`: one command per `PUSH_CHUNK` jobs
         (so that Redis serves others between them), each answering with a list of 1 for a
         job queued, 0 for one whose id was there already. Events are numbered in their
-        order when their project is ordered (`dispatcher.sequence`); any other job's id is
-        queued once in `once_ms`, even after its job has ended, `nonce` telling a try again
-        of this push from another (`PushMany`)."""
+        order when their project is ordered (`dispatcher.sequence`); with `once_ms`, any
+        other job's id is queued once in that time, even after its job has ended, `nonce`
+        telling a try again of this push from another (`PushMany`)."""
         now = now_ms()
         if all(isinstance(job, EventJob) for job in jobs):
             events = [job for job in jobs if isinstance(job, EventJob)]

@@ -280,7 +280,7 @@ class Services:
 
         async def flush() -> None:
             nonlocal queued
-            sent = await self.producer.requeue(batch)
+            sent = await self.producer.requeue(batch, once=True)
             queued += sent
             if on_queued is not None:
                 on_queued(sent)

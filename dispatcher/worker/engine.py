@@ -215,7 +215,10 @@ class Engine:
             keep_entry(pipe, self.keys.DROPPED, {"deliveryId": job.delivery_id, "reason": reason,
                                             "callbackId": job.callback_id,
                                             "projectId": job.project_id})  # fmt: skip
-            pipe.set(self.keys.delivery(job.progress_id), DONE, ex=self.progress_ttl)
+            if job.redelivery_of is None:
+                pipe.set(self.keys.delivery(job.progress_id), DONE, ex=self.progress_ttl)
+            else:  # nothing of it to show: its id is free again, as if never queued
+                pipe.delete(self.keys.delivery(job.progress_id), self.keys.pushed(job.job_id))
             then(pipe, None)
 
         self.lanes.landed(await self.writer.commit(write))  # a lane's next delivery: now

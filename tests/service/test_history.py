@@ -368,8 +368,9 @@ async def test_window_redelivery_leaves_out_a_disabled_callback_until_it_is_enab
     settings: Settings, redis: Redis, receiver: Receiver, run_worker: RunWorker
 ) -> None:
     """A disabled callback's redeliveries were queued and dropped with no attempt to show,
-    and the one id of each then held its place for a day: enabled again, its failures
-    could not be sent again (review)."""
+    and the one id of each then held its place for days: enabled again, its failures
+    could not be sent again (review). Disabled when asked, they are left out; disabled
+    after, their drop frees their ids."""
     url, callback_id = await failed_for_good(settings, redis, receiver, run_worker, 2)
     registry = Registry(redis)
     async with Services.open(settings, redis) as services:
@@ -377,10 +378,14 @@ async def test_window_redelivery_leaves_out_a_disabled_callback_until_it_is_enab
         disabled = await services.redeliver_failed("demo", url, "BUILD_END")
         await run_worker()
         await registry.set_enabled(callback_id, True)
+        dropped = await services.redeliver_failed("demo", url, "BUILD_END")
+        await registry.set_enabled(callback_id, False, "paused before a worker took them")
+        await run_worker()
+        await registry.set_enabled(callback_id, True)
         enabled = await services.redeliver_failed("demo", url, "BUILD_END")
         await run_worker()
-    assert (disabled, enabled) == (0, 2)
-    assert len(receiver.requests()) == 4
+    assert (disabled, dropped, enabled) == (0, 2, 2)
+    assert len(receiver.requests()) == 4  # 2 failures, then each redelivery once
 
 
 async def test_a_window_redelivery_whose_answer_was_lost_is_counted_as_queued(
