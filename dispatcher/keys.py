@@ -25,9 +25,13 @@ Receiver controls (fleet-wide limits of one callback; each key expires when idle
                                               last second, scored by its start (ms)
     dispatcher:limit:{id}:running             ZSET slots of the requests in flight, scored by
                                               when the slot lapses (a dead worker's lapse)
-    dispatcher:limit:{id}:line                ZSET job ids waiting for their turn, by arrival
+    dispatcher:limit:{id}:line                ZSET job ids waiting for their turn, by their
+                                              emitter's turn (arrival, for one emitter)
     dispatcher:limit:{id}:seen                ZSET the same ids, scored by when they leave the
                                               line unless they come back (a job gone for good)
+    dispatcher:limit:{id}:turns               HASH each emitting project's last turn taken
+                                              in the line; ':' (no project id holds one): the
+                                              starts made from the line
 Ordered delivery (callbacks with `orderBy`; see dispatcher/worker/lanes.py)
     dispatcher:lanes:ordered:{project}        SET ids of the project's (DEVOPS_ALL_PROJECT:
                                               every project's) ordered callbacks: while it has
@@ -299,9 +303,9 @@ class Keys:
         return f"{self.FILTER_ERRORS_PREFIX}{callback_id}"
 
     def limits(self, callback_id: int | str) -> list[str]:
-        """The keys of a callback's limits: starts, running, line, seen (see above)."""
+        """The keys of a callback's limits: starts, running, line, seen, turns (see above)."""
         base = f"{self._limit_prefix}{callback_id}{SEP}"
-        return [f"{base}starts", f"{base}running", f"{base}line", f"{base}seen"]
+        return [f"{base}starts", f"{base}running", f"{base}line", f"{base}seen", f"{base}turns"]
 
     def lanes_ordered(self, project_id: str) -> str:
         return f"{self.LANES_ORDERED_PREFIX}{project_id}"

@@ -14,11 +14,15 @@ read pipeline as one call):
   own write gives the slot back (`Release`, in the same pipeline as its record: with the
   batch's other releases, after their records, when the delivery ends there), whatever
   its outcome, and a run that raises gives it back through the writer;
-- a line: deliveries that could not start wait their turn in arrival order, so a newcomer
-  cannot overtake them. A waiting delivery returns to the queue as a job due when its turn
-  should come (no attempt spent, no record): the start that frees its place plus a second,
-  or, for a slot, until a `Release` makes the first ones in line due at once. A delivery
-  that does not come back in time (its job ended otherwise) leaves the line by itself.
+- a line: deliveries that could not start wait their turn, so a newcomer cannot overtake
+  them. Turns are taken per emitting project, one after another (start-time fair queueing:
+  a delivery's turn is one past its emitter's last, and at least the starts made from the
+  line so far): one project's deliveries come in arrival order, and a project flooding a
+  platform-wide callback waits behind its own backlog while another's deliveries take the
+  next turns. A waiting delivery returns to the queue as a job due when its turn should
+  come (no attempt spent, no record): the start that frees its place plus a second, or,
+  for a slot, until a `Release` makes the first ones in line due at once. A delivery that
+  does not come back in time (its job ended otherwise) leaves the line by itself.
 """
 
 from __future__ import annotations
@@ -56,10 +60,10 @@ log = structlog.get_logger("dispatcher.worker")
 @dataclass
 class Admit(Script):
     """Takes a start and a slot for a delivery when the callback's limits let it start now
-    (returns 0), else puts it in line: {ms to wait, 1 when a slot (not the rate) holds it}.
-    The keys are `keys.limits(callback)`; `per_second` and `in_flight` are the limits (0:
-    none), `slot_ms` a slot's lease, `keep_ms` how long a waiting job keeps its place past
-    its expected turn, `min_wait_ms` the smallest wait."""
+    (returns 0), else puts it in line at its `emitter`'s next turn: {ms to wait, 1 when a
+    slot (not the rate) holds it}. The keys are `keys.limits(callback)`; `per_second` and
+    `in_flight` are the limits (0: none), `slot_ms` a slot's lease, `keep_ms` how long a
+    waiting job keeps its place past its expected turn, `min_wait_ms` the smallest wait."""
 
     TOGETHER = True  # the admits of a read pipeline are one call (`Batcher.together`)
     LUA = (
@@ -87,7 +91,12 @@ class Admit(Script):
       holding = redis.call('ZCARD', running)
       room = math.min(room, cap - holding)
     end
-    local ahead = rank or waiting
+    local ahead, turn = rank or 0, false
+    if not rank and waiting > 0 then  -- a newcomer: ahead of it, the turns before its own
+      local taken = redis.call('HMGET', turns, ':', emitter)
+      turn = math.max(tonumber(taken[1] or 0), tonumber(taken[2] or 0)) + 1
+      ahead = redis.call('ZCOUNT', line, '-inf', '(' .. turn)
+    end
     if ahead < room then
       if rate > 0 then
         redis.call('ZADD', starts, now, token)
@@ -100,6 +109,10 @@ class Admit(Script):
       if rank then
         redis.call('ZREM', line, job)
         redis.call('ZREM', seen, job)
+      end
+      if waiting > 0 then
+        redis.call('HINCRBY', turns, ':', 1)
+        if turn then redis.call('HSET', turns, emitter, turn) end
       end
       return 0
     end
@@ -118,10 +131,17 @@ class Admit(Script):
       wait = math.max(wait, math.min(250 * turns, tonumber(slot_ms)))
       by_slot = 1
     end
-    if not rank then redis.call('ZADD', line, now, job) end
+    if not rank then
+      if not turn then  -- the first in line
+        local taken = redis.call('HMGET', turns, ':', emitter)
+        turn = math.max(tonumber(taken[1] or 0), tonumber(taken[2] or 0)) + 1
+      end
+      redis.call('ZADD', line, turn, job)
+      redis.call('HSET', turns, emitter, turn)
+    end
     local keep = wait + tonumber(keep_ms)
     redis.call('ZADD', seen, now + keep, job)
-    for _, key in ipairs({line, seen}) do
+    for _, key in ipairs({line, seen, turns}) do
       if redis.call('PTTL', key) < keep then redis.call('PEXPIRE', key, keep) end
     end
     return {wait, by_slot}
@@ -131,10 +151,12 @@ class Admit(Script):
     running: Key
     line: Key
     seen: Key
+    turns: Key
     per_second: int
     in_flight: int
     token: str
     job: str
+    emitter: str
     slot_ms: int
     keep_ms: int
     min_wait_ms: int
@@ -243,16 +265,18 @@ class Controls:
         delivery: back in the queue, due when its turn should come (no attempt)."""
         options = target.options
         slot = f"{self._prefix}{next(self._count)}"
-        starts, running, line, seen = self.keys.limits(target.id)
+        starts, running, line, seen, turns = self.keys.limits(target.id)
         admit = Admit(
             starts=starts,
             running=running,
             line=line,
             seen=seen,
+            turns=turns,
             per_second=options.max_per_second or 0,
             in_flight=options.max_in_flight or 0,
             token=slot,
             job=job.job_id,
+            emitter=job.emitter,
             slot_ms=self.slot_ms,
             keep_ms=self.keep_ms,
             min_wait_ms=MIN_WAIT_MS,
@@ -293,7 +317,7 @@ class Controls:
         await put_off(wait, reason)
 
     def _release_script(self, target: CallbackTarget, slot: str) -> Release:
-        _, running, line, _ = self.keys.limits(target.id)
+        _, running, line, _, _ = self.keys.limits(target.id)
         return Release(
             running=running,
             line=line,

@@ -299,6 +299,49 @@ async def test_max_in_flight_is_what_the_receiver_sees_and_waiting_spends_no_att
     assert not await redis.exists(keys.limits(1)[1])  # every slot given back
 
 
+async def test_a_project_flooding_a_platform_callback_waits_behind_its_own_backlog(
+    settings: Settings, redis: Redis, run_worker: RunWorker, receiver: Receiver
+) -> None:
+    """A platform-wide callback's line was first come, first served across the projects
+    emitting to it: 30 events of one project queued ahead made another's 2 wait for all
+    30 (review). Turns are taken per project now, so the quiet project's come next."""
+    url = receiver.url("/platform")
+    await Registry(redis).create(
+        PLATFORM_PROJECT, url, Event.BUILD_END, Region.DEVNET, options=Options(max_in_flight=1)
+    )
+    producer = Producer(settings, redis)
+    await producer.emit_many([("flood", "BUILD_END", {"n": i}) for i in range(30)])
+    await producer.emit_many([("quiet", "BUILD_END", {"n": i}) for i in range(2)])
+    await run_worker()
+    emitters = [seen.headers["X-DEVOPS-PROJECT-ID"] for seen in receiver.requests("/platform")]
+    assert sorted(emitters) == ["flood"] * 30 + ["quiet"] * 2  # each once
+    quiet = [n for n, emitter in enumerate(emitters) if emitter == "quiet"]
+    assert max(quiet) < 8, emitters  # not behind the flood's 30 (its 31st and 32nd)
+
+
+async def test_the_line_takes_turns_per_project_and_keeps_each_ones_order(redis: Redis) -> None:
+    """With one slot held: a project's deliveries wait in the order they came, and another
+    project's first takes the turn after the first one waiting, not the last."""
+    starts, running, line, seen, turns = keys.limits(7)
+
+    async def admit(job: str, emitter: str) -> Any:
+        return await Admit(
+            starts=starts, running=running, line=line, seen=seen, turns=turns, per_second=0,
+            in_flight=1, token=f"slot-{job}", job=job, emitter=emitter, slot_ms=60_000,
+            keep_ms=60_000, min_wait_ms=50,
+        ).run(redis)  # fmt: skip
+
+    assert await admit("a1", "projA") == 0  # the slot
+    for job, emitter in [("a2", "projA"), ("a3", "projA"), ("b1", "projB"), ("a4", "projA")]:
+        assert await admit(job, emitter) != 0
+    assert await redis.zrange(line, 0, -1) == [b"a2", b"b1", b"a3", b"a4"]
+    assert await admit("a3", "projA") != 0  # back before its turn: it keeps its place
+    await redis.zrem(running, "slot-a1")  # a1's slot given back
+    assert await admit("b2", "projB") != 0  # a newcomer: behind the turns before its own
+    assert await admit("a2", "projA") == 0  # the first in line starts
+    assert await redis.zrange(line, 0, -1) == [b"b1", b"a3", b"b2", b"a4"]
+
+
 async def test_a_batchs_slot_releases_run_together_and_its_records_end_their_jobs(
     api: httpx.AsyncClient,
     redis: Redis,
