@@ -31,7 +31,7 @@ Receiver controls (fleet-wide limits of one callback; each key expires when idle
                                               line unless they come back (a job gone for good)
     dispatcher:limit:{id}:turns               HASH each emitting project's last turn taken
                                               in the line; ':' (no project id holds one): the
-                                              starts made from the line
+                                              turn started last
 Ordered delivery (callbacks with `orderBy`; see dispatcher/worker/lanes.py)
     dispatcher:lanes:ordered:{project}        SET ids of the project's (DEVOPS_ALL_PROJECT:
                                               every project's) ordered callbacks: while it has

@@ -14,15 +14,15 @@ read pipeline as one call):
   own write gives the slot back (`Release`, in the same pipeline as its record: with the
   batch's other releases, after their records, when the delivery ends there), whatever
   its outcome, and a run that raises gives it back through the writer;
-- a line: deliveries that could not start wait their turn, so a newcomer cannot overtake
-  them. Turns are taken per emitting project, one after another (start-time fair queueing:
-  a delivery's turn is one past its emitter's last, and at least the starts made from the
-  line so far): one project's deliveries come in arrival order, and a project flooding a
-  platform-wide callback waits behind its own backlog while another's deliveries take the
-  next turns. A waiting delivery returns to the queue as a job due when its turn should
-  come (no attempt spent, no record): the start that frees its place plus a second, or,
-  for a slot, until a `Release` makes the first ones in line due at once. A delivery that
-  does not come back in time (its job ended otherwise) leaves the line by itself.
+- a line: deliveries that could not start wait their turn, taken per emitting project
+  (start-time fair queueing): a delivery's turn is one past the later of its project's last
+  and the turn started last. So a project's own newcomer never overtakes it, and projects
+  flooding a platform-wide callback wait behind their own backlogs while another's
+  deliveries take the next turns. A waiting delivery returns to the queue as a job due
+  when its turn should come (no attempt spent, no record): the start that frees its place
+  plus a second, or, for a slot, until a `Release` makes the first ones in line due at
+  once. A delivery that does not come back in time (its job ended otherwise) leaves the
+  line by itself.
 """
 
 from __future__ import annotations
@@ -69,9 +69,13 @@ class Admit(Script):
     LUA = (
         REDIS_NOW_MS
         + """
+    local function next_turn()  -- one past the turn started last, and past its project's
+      local taken = redis.call('HMGET', turns, ':', emitter)
+      return math.max(tonumber(taken[1] or 0), tonumber(taken[2] or 0)) + 1
+    end
     local now = redis_now_ms()
     local rate, cap = tonumber(per_second), tonumber(in_flight)
-    local waiting, rank = redis.call('ZCARD', line), false
+    local waiting, rank, turn = redis.call('ZCARD', line), false, false
     if waiting > 0 then
       local gone = redis.call('ZRANGEBYSCORE', seen, '-inf', now, 'LIMIT', 0, 500)
       if #gone > 0 then
@@ -79,6 +83,13 @@ class Admit(Script):
         redis.call('ZREM', seen, unpack(gone))
       end
       rank = redis.call('ZRANK', line, job)
+      if rank then
+        turn = tonumber(redis.call('ZSCORE', line, job))
+        if turn > 1e12 then  -- put in line by a version before turns (by arrival, in ms)
+          redis.call('ZREM', line, job)
+          waiting, rank, turn = waiting - 1, false, false
+        end
+      end
     end
     local room, started, holding = math.huge, 0, 0
     if rate > 0 then
@@ -91,10 +102,9 @@ class Admit(Script):
       holding = redis.call('ZCARD', running)
       room = math.min(room, cap - holding)
     end
-    local ahead, turn = rank or 0, false
+    local ahead = rank or 0
     if not rank and waiting > 0 then  -- a newcomer: ahead of it, the turns before its own
-      local taken = redis.call('HMGET', turns, ':', emitter)
-      turn = math.max(tonumber(taken[1] or 0), tonumber(taken[2] or 0)) + 1
+      turn = next_turn()
       ahead = redis.call('ZCOUNT', line, '-inf', '(' .. turn)
     end
     if ahead < room then
@@ -110,9 +120,12 @@ class Admit(Script):
         redis.call('ZREM', line, job)
         redis.call('ZREM', seen, job)
       end
-      if waiting > 0 then
-        redis.call('HINCRBY', turns, ':', 1)
-        if turn then redis.call('HSET', turns, emitter, turn) end
+      if turn then  -- started from the line or past it: the line's clock is its turn
+        if turn > tonumber(redis.call('HGET', turns, ':') or 0) then
+          redis.call('HSET', turns, ':', turn)
+        end
+        if not rank then redis.call('HSET', turns, emitter, turn) end
+        if redis.call('PTTL', turns) < 0 then redis.call('PEXPIRE', turns, keep_ms) end
       end
       return 0
     end
@@ -127,15 +140,12 @@ class Admit(Script):
       end
     end
     if cap > 0 and cap - holding <= ahead then
-      local turns = math.floor((ahead - (cap - holding)) / cap) + 1
-      wait = math.max(wait, math.min(250 * turns, tonumber(slot_ms)))
+      local rounds = math.floor((ahead - (cap - holding)) / cap) + 1
+      wait = math.max(wait, math.min(250 * rounds, tonumber(slot_ms)))
       by_slot = 1
     end
     if not rank then
-      if not turn then  -- the first in line
-        local taken = redis.call('HMGET', turns, ':', emitter)
-        turn = math.max(tonumber(taken[1] or 0), tonumber(taken[2] or 0)) + 1
-      end
+      turn = turn or next_turn()  -- the first in line has none yet
       redis.call('ZADD', line, turn, job)
       redis.call('HSET', turns, emitter, turn)
     end

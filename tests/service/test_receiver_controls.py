@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import base64
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import httpx
@@ -319,10 +319,10 @@ async def test_a_project_flooding_a_platform_callback_waits_behind_its_own_backl
     assert max(quiet) < 8, emitters  # not behind the flood's 30 (its 31st and 32nd)
 
 
-async def test_the_line_takes_turns_per_project_and_keeps_each_ones_order(redis: Redis) -> None:
-    """With one slot held: a project's deliveries wait in the order they came, and another
-    project's first takes the turn after the first one waiting, not the last."""
-    starts, running, line, seen, turns = keys.limits(7)
+def admitting(redis: Redis, callback_id: int) -> Callable[[str, str], Awaitable[Any]]:
+    """`Admit` of one job of a project to a callback allowing one request in flight (its
+    slot named after the job), as a worker runs it."""
+    starts, running, line, seen, turns = keys.limits(callback_id)
 
     async def admit(job: str, emitter: str) -> Any:
         return await Admit(
@@ -331,6 +331,15 @@ async def test_the_line_takes_turns_per_project_and_keeps_each_ones_order(redis:
             keep_ms=60_000, min_wait_ms=50,
         ).run(redis)  # fmt: skip
 
+    return admit
+
+
+async def test_the_line_takes_turns_per_project_and_keeps_each_ones_order(redis: Redis) -> None:
+    """With one slot held: a project's deliveries wait in the order they came, and another
+    project's first takes the turn after the first one waiting, not the last (turns that
+    tie go by job id)."""
+    admit = admitting(redis, 7)
+    _, running, line, _, _ = keys.limits(7)
     assert await admit("a1", "projA") == 0  # the slot
     for job, emitter in [("a2", "projA"), ("a3", "projA"), ("b1", "projB"), ("a4", "projA")]:
         assert await admit(job, emitter) != 0
@@ -340,6 +349,45 @@ async def test_the_line_takes_turns_per_project_and_keeps_each_ones_order(redis:
     assert await admit("b2", "projB") != 0  # a newcomer: behind the turns before its own
     assert await admit("a2", "projA") == 0  # the first in line starts
     assert await redis.zrange(line, 0, -1) == [b"b1", b"a3", b"b2", b"a4"]
+
+
+async def test_projects_flooding_at_once_each_wait_behind_their_own_backlog(
+    redis: Redis,
+) -> None:
+    """Two projects with 20 deliveries each waiting, 10 of them started: a third project's
+    newcomer takes the next turn. The line's clock once counted starts, not turns, and ran
+    ahead by the number of projects flooding: the newcomer went behind 10 (review)."""
+    admit = admitting(redis, 8)
+    _, running, line, _, _ = keys.limits(8)
+    assert await admit("a0", "projA") == 0
+    held = "slot-a0"
+    for emitter in ("projA", "projB"):
+        for n in range(1, 21):
+            assert await admit(f"{emitter[-1].lower()}{n:02}", emitter) != 0
+    for _ in range(10):  # a start at each slot given back: the first in line
+        await redis.zrem(running, held)
+        [first] = await redis.zrange(line, 0, 0)
+        assert await admit(first.decode(), f"proj{first.decode()[0].upper()}") == 0
+        held = f"slot-{first.decode()}"
+    assert await admit("q01", "projQ") != 0
+    assert await redis.zrank(line, "q01") == 2  # behind a06 and b06, whose turn it shares
+
+
+async def test_a_delivery_lined_up_by_the_version_before_turns_takes_a_turn(
+    redis: Redis,
+) -> None:
+    """The version before scored the line by arrival (epoch ms): such an entry sorted
+    behind every turn, and waited while newcomers kept coming (review)."""
+    admit = admitting(redis, 9)
+    _, _, line, seen, _ = keys.limits(9)
+    assert await admit("a1", "projA") == 0
+    await redis.zadd(line, {"old": now_ms()})  # its place, as that version wrote it
+    await redis.zadd(seen, {"old": now_ms() + 60_000})
+    for job in ("b1", "b2", "b3"):
+        assert await admit(job, "projB") != 0
+    assert await redis.zrange(line, 0, -1) == [b"b1", b"b2", b"b3", b"old"]
+    assert await admit("old", "projC") != 0  # back: it takes its project's next turn
+    assert await redis.zrange(line, 0, -1) == [b"b1", b"old", b"b2", b"b3"]
 
 
 async def test_a_batchs_slot_releases_run_together_and_its_records_end_their_jobs(
