@@ -348,7 +348,7 @@ async def test_a_slot_is_given_back_once_its_write_lands_or_again_when_it_did_no
     async def put_off(wait: float, reason: str) -> None:
         raise AssertionError("admitted: never put off here")
 
-    job = SimpleNamespace(job_id="demo:1", delivery_id="d", project_id="demo")
+    job = SimpleNamespace(job_id="demo:1", delivery_id="d", project_id="demo", emitter="demo")
     with contextlib.suppress(ConnectionError):
         await controls.admitted(job, target, _Ends(), attempt, put_off)  # type: ignore[arg-type]
     assert len(submitted) == given_back
