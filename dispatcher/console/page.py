@@ -24,7 +24,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.responses import HTMLResponse, RedirectResponse, Response
 
 import dispatcher.path_ids  # noqa: F401  # the `id` path convertor, before the routes
-from dispatcher.auth import Role
+from dispatcher.auth import ALL_PROJECTS, Role
 from dispatcher.console.csrf import FIELD, Csrf
 from dispatcher.errors import DispatcherError, Unauthenticated
 from dispatcher.history import format_ms
@@ -39,6 +39,7 @@ __all__ = [
     "ConsoleRoute",
     "MemberPage",
     "Page",
+    "PlatformPage",
     "ProjectPath",
     "Templates",
     "redirect",
@@ -219,6 +220,13 @@ async def _any_page(request: Request, router: RouterDep, uid: Caller) -> Page:
     return Page(request, router, uid)
 
 
+async def _platform_page(request: Request, router: RouterDep, uid: Caller) -> Page:
+    """A page of the whole service (every project's lanes, failing callbacks, workers): for
+    a member of every project (a role on `*`), as the operator's views are."""
+    await router.home.roles.require(ALL_PROJECTS, uid, Role.MEMBER)
+    return Page(request, router, uid)
+
+
 async def _member_page(
     request: Request, router: RouterDep, uid: Caller, project_id: ProjectPath
 ) -> Page:
@@ -240,6 +248,7 @@ async def _admin_form(
 
 
 AnyPage = Annotated[Page, Depends(_any_page)]
+PlatformPage = Annotated[Page, Depends(_platform_page)]
 MemberPage = Annotated[Page, Depends(_member_page)]
 AdminForm = Annotated[Page, Depends(_admin_form)]
 

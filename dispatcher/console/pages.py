@@ -17,6 +17,7 @@ from dispatcher.console.page import (
     AnyPage,
     ConsoleRoute,
     MemberPage,
+    PlatformPage,
     ProjectPath,
     redirect,
 )
@@ -189,9 +190,9 @@ async def dead_letters(
 
 
 @router.get("/status")
-async def status(page: AnyPage) -> HTMLResponse:
+async def status(page: PlatformPage) -> HTMLResponse:
     """Queue, workers, and the attempts of the last hour and day: the service's, not one
-    project's."""
+    project's (for a member of `*`: it names every project's blocked lanes)."""
     found = await views.status(page.router)
     tz = page.services.settings.tz
     spans = [_span(found.hour, tz, "hour", "minute"), _span(found.day, tz, "day", "10 minutes")]

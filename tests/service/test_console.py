@@ -202,6 +202,20 @@ async def test_members_look_and_admins_act(
     assert (await strict.get("/console/status")).status_code == 401
 
 
+async def test_the_status_page_is_for_members_of_every_project(
+    strict: httpx.AsyncClient, strict_settings: Settings, redis: Redis
+) -> None:
+    """It names every project's blocked ordered lanes (their keys are event data), failing
+    callbacks and the fleet's hosts: anyone the gateway named could read them (review)."""
+    roles = Roles(redis, strict_settings, keys)
+    await roles.grant("demo", "ada", Role.ADMIN)
+    await roles.grant("*", "ops", Role.MEMBER)
+    ada = await strict.get("/console/status", headers={"X-DEVOPS-UID": "ada"})
+    ops = await strict.get("/console/status", headers={"X-DEVOPS-UID": "ops"})
+    assert ada.status_code == 403 and "needs the member role in project &#39;*&#39;" in ada.text
+    assert ops.status_code == 200 and "<title>Status" in ops.text
+
+
 async def test_open_access_lets_a_browser_without_identity_act(
     api: httpx.AsyncClient, redis: Redis
 ) -> None:
