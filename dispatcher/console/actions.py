@@ -63,7 +63,7 @@ async def register(
     registration = Registration(
         project_id, url, region, page.uid, secret_token or None, pipeline, options=options
     )
-    result = await page.services.register_batch(registration, event)
+    result = await page.writing.register_batch(registration, event)
     if result.failure_events:
         refused = "; ".join(f"{name}: {why}" for name, why in result.failure_events.items())
         done = ", ".join(result.success_events) or "none"
@@ -80,7 +80,7 @@ async def rotate(
     overlap_hours: Annotated[float, Form(alias="overlapHours", ge=0, le=168)] = 24,
 ) -> RedirectResponse:
     """Rotate the callback's secret token, the old one signing beside it for a while."""
-    await page.services.rotate_secret(callback_id, project_id, secret_token, overlap_hours)
+    await page.writing.rotate_secret(callback_id, project_id, secret_token, overlap_hours)
     return redirect(page, _project(project_id), notice="rotated")
 
 
@@ -88,7 +88,7 @@ async def rotate(
 async def enable(
     page: AdminForm, project_id: ProjectPath, callback_id: CallbackPath
 ) -> RedirectResponse:
-    await page.services.enable(callback_id, project_id=project_id)
+    await page.writing.enable(callback_id, project_id=project_id)
     return redirect(page, _project(project_id), notice="enabled")
 
 
@@ -99,7 +99,7 @@ async def disable(
     callback_id: CallbackPath,
     reason: Annotated[str, Form(max_length=500)] = "",
 ) -> RedirectResponse:
-    await page.services.disable(
+    await page.writing.disable(
         callback_id, by=page.uid, reason=reason.strip() or None, project_id=project_id
     )
     return redirect(page, _project(project_id), notice="disabled")

@@ -5,6 +5,7 @@ views, a worker's fair turns, and the guard against a reordered list."""
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -18,7 +19,9 @@ from dispatcher.api import create_app
 from dispatcher.embedded import EmbeddedRedis
 from dispatcher.errors import InvalidSetting
 from dispatcher.history.shipper import Shipper
+from dispatcher.keys import Keys
 from dispatcher.models import PLATFORM_PROJECT, DeliveryStatus, Region
+from dispatcher.placement import MOVING, rendezvous
 from dispatcher.producer import Producer
 from dispatcher.registry import Registration
 from dispatcher.settings import Settings
@@ -372,3 +375,39 @@ async def test_cancel_all_ends_a_task_that_swallows_its_first_cancel() -> None:
     async with asyncio.timeout(5):
         await cancel_all([task])
     assert task.cancelled() and swallowed == 1
+
+
+async def test_the_consoles_forms_refuse_changes_while_a_project_moves(
+    shard_servers: list[EmbeddedRedis],
+) -> None:
+    """The console's forms wrote to a moving project's old shard, which the move then
+    cleared: a rotation of a leaked secret, or a disable, answered done and was lost
+    (review). They answer 503, as the API does, and change nothing."""
+    settings = await two_servers(shard_servers)
+    on = rendezvous("victim", 2)
+    base = "/apigw/v4/projects/victim/callbacks"
+    async with api_of(settings) as api:
+        registered = await api.post(
+            base, params={"event": "BUILD_END", "region": "DEVNET", "url": "https://e.com/h"},
+            headers=UID,
+        )  # fmt: skip
+        assert registered.json()["data"] is True
+        [callback] = (await ok(await api.get(base, headers=UID)))["records"]
+    home = sync_redis.Redis.from_url(shard_servers[0].url)
+    home.hset(Keys().PLACEMENT, "victim", f"{on}{MOVING}{1 - on}")  # a move under way
+    home.incr(Keys().PLACEMENT_VERSION)
+    home.close()
+    page = f"/console/projects/victim/callbacks/{callback['id']}"
+    async with api_of(settings) as api:
+        form = await api.get("/console/projects/victim", headers=UID)
+        token = re.search(r'name="csrf_token" value="([^"]+)"', form.text)
+        assert token, form.text
+        data = {"csrf_token": token.group(1), "secretToken": "new-secret", "reason": "leaked"}
+        answers = [
+            await api.post(f"{page}/{action}", data=data, headers=UID)
+            for action in ("secret", "disable")
+        ]
+        [after] = (await ok(await api.get(base, headers=UID)))["records"]
+    assert [a.status_code for a in answers] == [503, 503]
+    assert all("is moving to another shard" in a.text for a in answers)
+    assert after["enabled"] is True and after["rotationEndTime"] is None
