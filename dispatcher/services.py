@@ -8,7 +8,9 @@ so every front end gets it.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import weakref
 from typing import TYPE_CHECKING
 
 import structlog
@@ -58,7 +60,8 @@ DEFAULT_OVERLAP_HOURS = 24.0  # Svix's: the old secret stays valid for a day
 MAX_OVERLAP_HOURS = 168.0
 # how far back "Recent deliveries" looks: the last hour, day, or the whole retention
 RECENT_WITHIN = {"1h": 3_600_000, "1d": 86_400_000, "all": None}
-RECENT_URLS_MAX = 1000  # URLs of a project's callbacks a project-wide listing covers
+# URLs of a project's callbacks a project-wide listing covers: each costs two index reads
+RECENT_URLS_MAX = 100
 
 
 class Services:
@@ -88,6 +91,10 @@ class Services:
         shared = None if settings.redis_min_replicas else self.batcher
         self.producer = Producer(settings, redis, batcher=shared, shard=shard)
         self.policies = {region: policy_for(settings, region) for region in Region}
+        # each project's every-URL listing (`recent`): one at a time, gone when none runs
+        self._listing: weakref.WeakValueDictionary[str, asyncio.Lock] = (
+            weakref.WeakValueDictionary()
+        )
 
     @classmethod
     @contextlib.asynccontextmanager
@@ -335,18 +342,16 @@ class Services:
             raise InvalidInput(f"within must be one of {', '.join(RECENT_WITHIN)}", param="within")
         wanted = parse_status(status) if status else None
         cursor = Cursor.parse(before) if before else None
-        urls = [url] if url else await self._urls(project_id)
-        now, span = now_ms(), RECENT_WITHIN[within]
-        start_ms = 0 if span is None else now - span
-        return await self.history.recent(
-            project_id,
-            urls,
-            start_ms=start_ms,
-            end_ms=now,
-            status=wanted,
-            before=cursor,
-            limit=limit,
-        )
+        # every URL: up to 200 index reads, so one such listing of a project at a time here
+        gate = self._listing.setdefault(project_id, asyncio.Lock()) if url is None else None
+        async with gate or contextlib.nullcontext():
+            urls = [url] if url is not None else await self._urls(project_id)
+            now, span = now_ms(), RECENT_WITHIN[within]
+            start_ms = 0 if span is None else now - span
+            return await self.history.recent(
+                project_id, urls, start_ms=start_ms, end_ms=now, status=wanted,
+                before=cursor, limit=limit,
+            )  # fmt: skip
 
     async def _urls(self, project_id: str) -> list[str]:
         """The distinct URLs of a project's callbacks (its pipelines' included)."""

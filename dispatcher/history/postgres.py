@@ -25,7 +25,7 @@ from dispatcher.history.ids import RecordIds
 from dispatcher.history.redis import parse_records
 from dispatcher.history.schema import DAY_MS, drop_expired, ensure_partitions
 from dispatcher.history.stream import streamed
-from dispatcher.history.window import Cursor, Recent
+from dispatcher.history.window import Cursor, Recent, unknown_record
 from dispatcher.lua import run_pipeline
 from dispatcher.models import DeliveryStatus, HistoryPage
 
@@ -210,10 +210,8 @@ class PostgresHistory:
 
     async def get(self, record_id: int, project_id: str | None = None) -> HistoryRecord:
         rows = await self._fetch(GET_SQL, record_id, self._cutoff(None))
-        if not rows:
-            raise NotFound(f"history record {record_id} not found")
-        if project_id is not None and rows[0]["project_id"] != project_id:
-            raise NotFound(f"history record {record_id} not found in project {project_id}")
+        if not rows or project_id not in (None, rows[0]["project_id"]):
+            raise NotFound(unknown_record(record_id, project_id))
         return _records(rows)[0]
 
     async def dead(self, project_id: str | None = None, limit: int = 50) -> list[HistoryRecord]:

@@ -22,7 +22,13 @@ from dispatcher import clock, keys
 from dispatcher.errors import NotFound
 from dispatcher.history.ids import RecordIds
 from dispatcher.history.redis_record import Record, record_script
-from dispatcher.history.window import MAX_ATTEMPTS_SHOWN, Cursor, Recent, check_page
+from dispatcher.history.window import (
+    MAX_ATTEMPTS_SHOWN,
+    Cursor,
+    Recent,
+    check_page,
+    unknown_record,
+)
 from dispatcher.lua import Key, Script, run_pipeline
 from dispatcher.models import DeliveryStatus, HistoryPage, HistoryRecord
 
@@ -256,11 +262,9 @@ class RedisHistory:
 
     async def get(self, record_id: int, project_id: str | None = None) -> HistoryRecord:
         raw = await self.redis.get(self.keys.history_record(record_id))
-        if raw is None:
-            raise NotFound(f"history record {record_id} not found")
-        record = HistoryRecord.model_validate_json(raw)
-        if project_id is not None and record.project_id != project_id:
-            raise NotFound(f"history record {record_id} not found in project {project_id}")
+        record = None if raw is None else HistoryRecord.model_validate_json(raw)
+        if record is None or project_id not in (None, record.project_id):
+            raise NotFound(unknown_record(record_id, project_id))
         return record
 
     async def dead(self, project_id: str | None = None, limit: int = 50) -> list[HistoryRecord]:

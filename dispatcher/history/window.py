@@ -24,6 +24,7 @@ __all__ = [
     "format_ms",
     "parse_window",
     "truncate",
+    "unknown_record",
 ]
 
 TIME_FORMAT = "%Y-%m-%d %H:%M:%S"
@@ -133,3 +134,11 @@ class Recent:
         shown = newest_first[:limit]
         more = len(newest_first) > limit
         return cls(shown, Cursor.of(shown[-1]) if more and shown else None)
+
+
+def unknown_record(record_id: int, project_id: str | None) -> str:
+    """The 404 of a record that is not there, or is another project's: the same words, so
+    that no project learns which ids another's records hold."""
+    return f"history record {record_id} not found" + (
+        f" in project {project_id}" if project_id else ""
+    )

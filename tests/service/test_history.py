@@ -20,14 +20,14 @@ from dispatcher.auth import Role, Roles
 from dispatcher.clock import now_ms
 from dispatcher.embedded import EmbeddedRedis
 from dispatcher.errors import NotFound
-from dispatcher.history import HistoryStore, open_history, parse_window
+from dispatcher.history import HistoryStore, Recent, open_history, parse_window
 from dispatcher.history.record import AttemptRecord
 from dispatcher.keys import Keys
 from dispatcher.models import DeliveryStatus, Event, HistoryPage, Region
 from dispatcher.producer import Producer
 from dispatcher.registry import Registry
 from dispatcher.replication import run_replicated
-from dispatcher.services import Services
+from dispatcher.services import RECENT_URLS_MAX, Services
 from dispatcher.settings import Settings
 from tests.helpers import UID, Receiver, RunWorker, answer, make_settings, ship_all
 
@@ -267,6 +267,25 @@ async def test_redelivery_of_unknown_record_is_404(api: httpx.AsyncClient) -> No
     assert response.status_code == 404 and response.json()["status"] == 404
 
 
+async def test_another_projects_record_is_not_found_as_one_that_is_not_there(
+    api: httpx.AsyncClient, settings: Settings, redis: Redis
+) -> None:
+    """The 404s differed ("... not found in project demo" for another project's record):
+    a project could learn which ids other projects' records hold (review)."""
+    history = open_history(settings, redis, keys)
+    theirs = await history.add({**record(now_ms()), "projectId": "other"})
+    await history.close()
+    await ship_all(settings, redis)
+    answers = [
+        (await api.post(f"{V3}/{record_id}/retry", headers=UID)).json()["message"]
+        for record_id in (theirs, theirs + 1000)
+    ]
+    assert answers == [
+        f"history record {theirs} not found in project demo",
+        f"history record {theirs + 1000} not found in project demo",
+    ]
+
+
 async def test_dead_letters_and_redelivery_of_a_windows_failures(
     settings: Settings,
     redis: Redis,
@@ -474,6 +493,40 @@ async def add_all(redis: Redis, settings: Settings, records: list[AttemptRecord]
         await history.close()
     await ship_all(settings, redis)
     return ids
+
+
+async def test_a_projects_every_url_listing_is_bounded_and_one_at_a_time(
+    settings: Settings, redis: Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ "Recent deliveries" of every URL read up to 1,000 URLs, two indexes each, for a
+    page of 50, as many at once as a member asked: a project of 1,000 URLs loaded the Redis
+    every project shares (review). Now 100 URLs, one such listing of a project at a time."""
+    registry = Registry(redis)
+    for n in range(RECENT_URLS_MAX + 20):
+        await registry.create("demo", f"https://e.com/{n}", Event.BUILD_END, Region.DEVNET)
+    asked: list[tuple[str, int]] = []
+    listings = {"running": 0, "most": 0}  # demo's every-URL listings at once
+    async with Services.open(settings, redis) as services:
+        real = services.history.recent
+
+        async def counted(project_id: str, urls: list[str], **window: Any) -> Recent:
+            asked.append((project_id, len(urls)))
+            every = project_id == "demo" and len(urls) > 1
+            listings["running"] += every
+            listings["most"] = max(listings["most"], listings["running"])
+            try:
+                await asyncio.sleep(0.05)
+                return await real(project_id, urls, **window)
+            finally:
+                listings["running"] -= every
+
+        monkeypatch.setattr(services.history, "recent", counted)
+        await asyncio.gather(
+            *(services.recent(project) for project in ("demo", "demo", "demo", "other")),
+            *(services.recent("demo", url=f"https://e.com/{n}") for n in range(2)),
+        )
+    assert sorted(asked) == [("demo", 1)] * 2 + [("demo", RECENT_URLS_MAX)] * 3 + [("other", 0)]
+    assert listings["most"] == 1
 
 
 async def test_recent_deliveries_of_a_url_across_its_events(
