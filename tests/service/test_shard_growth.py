@@ -328,9 +328,9 @@ async def test_a_lease_is_renewed_while_its_move_runs_and_given_back(
     """Held past its length, a mover's lease is still its own (renewed meanwhile); given
     back when the move ends."""
     async with Router.open(two_empty_shards(shard_servers)) as router:
-        lease = MoveLease(router.home, "p", "one", lease_s=4.0)
+        lease = MoveLease(router.home, "p", "one", lease_s=2.0)
         async with lease.held():
-            await asyncio.sleep(5.0)
+            await asyncio.sleep(2.5)
             assert await router.home.redis.get(lease.key) == b"one"
             lease.alive()
             await lease.fence()
