@@ -9,7 +9,7 @@ and `mark_ordered`'s conversion of an old flag. Those get the prefixes and separ
 Every script that changes what `Match` reads of a project's callbacks (a hash's fields, a
 match set, an upsert hash) bumps the project's registry version (`dispatcher:cb:version:`)
 in the same script: a worker's cached match of the project holds while it stands
-(`registry.match.Matches`)."""
+(`registry.matches.Matches`)."""
 
 from __future__ import annotations
 

@@ -51,7 +51,7 @@ class Claim(Script):
     `shares` pairs of a project and how many more it may take (a job's project is its id up
     to `sep`). A due id whose data is gone comes back with `false` data (and leaves the
     queue), so the worker can record it. A claimed job comes with the registry version its
-    event would be matched at (`registry.match.Matches`): the versions of the `platform`
+    event would be matched at (`registry.matches.Matches`): the versions of the `platform`
     project and of its own (0 when none), space-separated, read once per project; false
     when its id names no project. The ids are found here, so their keys are made here too,
     from the prefixes given. Returns {id, data, claims, version} rows."""

@@ -43,7 +43,7 @@ from dispatcher.health import CircuitBreaker
 from dispatcher.jobs import BadJob, DeliveryJob, EventJob
 from dispatcher.lookups import owned
 from dispatcher.models import Region
-from dispatcher.registry.match import Matches
+from dispatcher.registry.matches import Matches
 from dispatcher.stats import AttemptStats
 from dispatcher.worker.controls import Controls
 from dispatcher.worker.lanes import Lanes, Sending

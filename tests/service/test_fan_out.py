@@ -19,7 +19,8 @@ from dispatcher.models import PLATFORM_PROJECT, Event, Level, Region
 from dispatcher.producer import Producer
 from dispatcher.queue import Queue
 from dispatcher.registry import Registry
-from dispatcher.registry.match import ChunkQuery, Matches
+from dispatcher.registry.match import ChunkQuery
+from dispatcher.registry.matches import Matches
 from dispatcher.settings import Settings
 from dispatcher.worker.claims import Claims
 from tests.helpers import Receiver, RunWorker, make_settings

@@ -1,5 +1,5 @@
 """A worker keeps the chunks of callbacks it matched, under the registry version its claim
-read (`registry.match.Matches`): every write that changes what the match reads bumps the
+read (`registry.matches.Matches`): every write that changes what the match reads bumps the
 version, so the very next event sees the change, while an unchanged registry is not read
 again."""
 

@@ -1,4 +1,4 @@
-"""The chunks a worker keeps (`registry.match.Matches`): by version, age and size."""
+"""The chunks a worker keeps (`registry.matches.Matches`): by version, age and size."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ from prometheus_client import REGISTRY
 
 from dispatcher.keys import Keys
 from dispatcher.models import Region
-from dispatcher.registry.match import MAX_AHEAD, CallbackTarget, Chunk, ChunkQuery, Matches
+from dispatcher.registry.match import CallbackTarget, Chunk, ChunkQuery
+from dispatcher.registry.matches import MAX_AHEAD, Matches
 
 
 def query(project: str = "demo", after: int = 0, pipeline: object = None) -> ChunkQuery:
@@ -57,6 +58,24 @@ def test_a_kept_chunk_lapses_after_its_age(monkeypatch: pytest.MonkeyPatch) -> N
     assert matches.get(query(), b"1 1") is not None
     monkeypatch.setattr(time, "monotonic", lambda: now + 11)
     assert matches.get(query(), b"1 1") is None
+
+
+def test_one_projects_chunks_push_out_its_own_first() -> None:
+    """A project emitting with a new pipeline id each time (a new chunk each) pushed every
+    other project's chunks out of the worker's 4,096 (review): now its own go first, past
+    its share of the chunks or of the callbacks."""
+    matches = Matches(max_entries=8, max_targets=100, project_entries=3, project_targets=5)
+    matches.put(query("quiet"), b"1 1", chunk(1))
+    for n in range(20):
+        matches.put(query("noisy", pipeline=f"p{n}"), b"1 1", chunk(2))
+    assert matches.get(query("quiet"), b"1 1") is not None
+    kept = [n for n in range(20) if matches.get(query("noisy", pipeline=f"p{n}"), b"1 1")]
+    assert kept == [17, 18, 19]  # its 3 most recent
+    matches.put(query("wide"), b"1 1", chunk(*range(10, 14)))  # 4 callbacks
+    matches.put(query("wide", after=13), b"1 1", chunk(14, 15))  # 6 in all: its first goes
+    assert matches.get(query("wide"), b"1 1") is None
+    assert matches.get(query("wide", after=13), b"1 1") is not None
+    assert matches.get(query("quiet"), b"1 1") is not None
 
 
 def test_the_least_recently_used_chunks_go_first_past_either_bound() -> None:
