@@ -86,7 +86,7 @@ class Producer:
     ) -> None:
         self.settings = settings
         self._largest = settings.api_max_body_bytes  # an event's data, as JSON, at most
-        # a redelivery's id is queued once while its progress mark may last
+        # a window redelivery's id is queued once in twice its progress mark's life
         self._once_ms = 2000 * settings.progress_ttl
         self._owns_redis = redis is None
         self._lanes: list[_Lane] = []

@@ -59,23 +59,24 @@ class PushMany(Script):
     jobs: per job, the command packing and the script call were most of what enqueueing a
     batch cost. With `once_ms` (0: none), a job id is queued once while its `pushed` key
     lasts, even after its job has ended; the key holds the `nonce` of the call that queued
-    it. Returns per job 1 (queued, by this call or by one with the same nonce: a try again
-    after a lost answer) or 0 (queued before)."""
+    it, and is taken only when the job is not there (a job still ending keeps it free).
+    Returns per job 1 (queued, by this call or by one with the same nonce: a try again
+    after a lost answer) or 0 (there, or queued before)."""
 
     LUA = """
     local queued = {}
     local once = tonumber(once_ms) > 0
     for i = 1, #jobs / 2 do
       local job, pushed = jobs[2 * i - 1], jobs[2 * i]
-      if not once or redis.call('SET', pushed, nonce, 'NX', 'PX', once_ms) then
-        if redis.call('SET', job, items[2 * i - 1], 'NX', 'PX', ttl_ms) then
-          redis.call('ZADD', queue, score_ms, items[2 * i])
-          queued[i] = 1
-        else
-          queued[i] = 0
-        end
+      if once and redis.call('GET', pushed) == nonce then
+        queued[i] = 1  -- this call's own, its answer lost
+      elseif redis.call('EXISTS', job) == 1
+          or (once and not redis.call('SET', pushed, nonce, 'NX', 'PX', once_ms)) then
+        queued[i] = 0  -- there, or queued before: the key is left as it is
       else
-        queued[i] = redis.call('GET', pushed) == nonce and 1 or 0
+        redis.call('SET', job, items[2 * i - 1], 'PX', ttl_ms)
+        redis.call('ZADD', queue, score_ms, items[2 * i])
+        queued[i] = 1
       end
     end
     return queued

@@ -315,14 +315,14 @@ class Services:
             if delivery_id in seen:
                 continue
             seen.add(delivery_id)
+            if callback_id not in live:  # disabled or deleted: its redelivery would drop
+                live[callback_id] = await self.registry.target(callback_id) is not None
+            if not live[callback_id]:
+                continue
             newest = await self.history.attempts(delivery_id, project_id, limit=1)
             if newest and not (newest[0].final and newest[0].status is DeliveryStatus.FAILED):
                 continue
-            if callback_id not in live:
-                live[callback_id] = await self.registry.target(callback_id) is not None
-            if live[callback_id]:
-                after = newest[0].id if newest else record.id
-                yield self.producer.redelivery_job(record, after=after)
+            yield self.producer.redelivery_job(record, after=newest[0].id if newest else record.id)
 
     async def recent(
         self,

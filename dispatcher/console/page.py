@@ -37,9 +37,9 @@ __all__ = [
     "AdminForm",
     "AnyPage",
     "ConsoleRoute",
+    "EveryProjectPage",
     "MemberPage",
     "Page",
-    "PlatformPage",
     "ProjectPath",
     "Templates",
     "redirect",
@@ -220,7 +220,7 @@ async def _any_page(request: Request, router: RouterDep, uid: Caller) -> Page:
     return Page(request, router, uid)
 
 
-async def _platform_page(request: Request, router: RouterDep, uid: Caller) -> Page:
+async def _every_project_page(request: Request, router: RouterDep, uid: Caller) -> Page:
     """A page of the whole service (every project's lanes, failing callbacks, workers): for
     a member of every project (a role on `*`), as the operator's views are."""
     await router.home.roles.require(ALL_PROJECTS, uid, Role.MEMBER)
@@ -248,7 +248,7 @@ async def _admin_form(
 
 
 AnyPage = Annotated[Page, Depends(_any_page)]
-PlatformPage = Annotated[Page, Depends(_platform_page)]
+EveryProjectPage = Annotated[Page, Depends(_every_project_page)]
 MemberPage = Annotated[Page, Depends(_member_page)]
 AdminForm = Annotated[Page, Depends(_admin_form)]
 

@@ -16,8 +16,8 @@ from dispatcher.console.page import (
     PREFIX,
     AnyPage,
     ConsoleRoute,
+    EveryProjectPage,
     MemberPage,
-    PlatformPage,
     ProjectPath,
     redirect,
 )
@@ -190,7 +190,7 @@ async def dead_letters(
 
 
 @router.get("/status")
-async def status(page: PlatformPage) -> HTMLResponse:
+async def status(page: EveryProjectPage) -> HTMLResponse:
     """Queue, workers, and the attempts of the last hour and day: the service's, not one
     project's (for a member of `*`: it names every project's blocked lanes)."""
     found = await views.status(page.router)

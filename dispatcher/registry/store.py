@@ -121,7 +121,7 @@ class Registry:
 
     def _full(self, project_id: str) -> str:
         return (
-            f"project {project_id} has {self.limit} callbacks, its limit "
+            f"project {project_id} is at its limit of {self.limit} callbacks "
             "(DISPATCHER_MAX_CALLBACKS_PER_PROJECT): delete one to register another"
         )
 

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from dispatcher import metrics
 from dispatcher.errors import NotFound
+from dispatcher.history.window import unknown_record
 from dispatcher.models import PLATFORM_PROJECT, HistoryPage
 from dispatcher.status import Lanes, count_live_workers, read_lanes
 
@@ -167,7 +168,7 @@ async def holder(router: Router, record_id: int, project_id: str | None) -> Serv
         except NotFound:
             continue
         return services
-    raise NotFound(f"history record {record_id} not found")
+    raise NotFound(unknown_record(record_id, project_id))
 
 
 async def redeliver_failed(

@@ -217,7 +217,7 @@ class Engine:
                                             "projectId": job.project_id})  # fmt: skip
             if job.redelivery_of is None:
                 pipe.set(self.keys.delivery(job.progress_id), DONE, ex=self.progress_ttl)
-            else:  # nothing of it to show: its id is free again, as if never queued
+            else:  # its id is free again for a window redelivery, as if never queued
                 pipe.delete(self.keys.delivery(job.progress_id), self.keys.pushed(job.job_id))
             then(pipe, None)
 

@@ -174,9 +174,9 @@ class Served:
 
         def write(pipe: Pipeline) -> None:
             keep_entry(pipe, self.keys.DROPPED, {"jobId": claimed.job_id, "reason": reason})
-            pipe.delete(self.keys.pushed(claimed.job_id))  # a redelivery's id: free again
             if finish:
                 self.claims.finish(pipe, claimed.job_id)
+            pipe.delete(self.keys.pushed(claimed.job_id))  # a redelivery's id: free again
 
         await self.writer.commit(write)
         metrics.DROPPED.labels(reason="job").inc()

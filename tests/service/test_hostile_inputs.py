@@ -387,8 +387,8 @@ async def test_a_project_at_its_callback_limit_is_refused_alone(
     assert fourth.json() == {
         "data": None,
         "status": 409,
-        "message": "project demo has 3 callbacks, its limit (DISPATCHER_MAX_CALLBACKS_PER_"
-        "PROJECT): delete one to register another",
+        "message": "project demo is at its limit of 3 callbacks (DISPATCHER_MAX_CALLBACKS_"
+        "PER_PROJECT): delete one to register another",
     }
     outcome = batch.json()["data"]  # BUILD_END of /0 exists: an update, not a new one
     assert outcome["successEvents"] == ["BUILD_END"]

@@ -8,9 +8,10 @@ from redis.asyncio import Redis
 
 from dispatcher.clock import now_ms
 from dispatcher.history.record import AttemptRecord
-from dispatcher.jobs import EventJob
+from dispatcher.jobs import DeliveryJob, EventJob
 from dispatcher.keys import Keys, callback_unique_field, history_member
 from dispatcher.keys import scope as scope_of
+from dispatcher.lua import run_pipeline
 from dispatcher.models import PLATFORM_PROJECT, Event, Region
 from dispatcher.queue import Queue
 from dispatcher.services import Services
@@ -147,3 +148,27 @@ async def test_pipeline_and_platform_callbacks_use_the_names_keys_py_builds(
     assert await present(redis) == {keys.CALLBACK_SEQ} | versions
     assert await registry.upgrade() == 0
     assert await present(redis) == {keys.CALLBACK_SEQ, keys.CALLBACKS_LAYOUT} | versions
+
+
+async def test_a_window_redeliverys_id_is_taken_only_once_its_job_is_gone(
+    redis: Redis,
+) -> None:
+    """The queued-once key was taken before the job's key was looked at: a window call
+    landing while a dropped redelivery's job was still ending queued nothing and held the
+    id for days (review). A try again of the same call still counts what it queued."""
+    job = DeliveryJob("demo:e.1", "demo:e.1:redeliver:after-5", "e", "demo", "BUILD_END",
+                      b"{}", 1, 5, "demo")  # fmt: skip
+    queue, k = Queue(redis, keys), keys.arq_job(job.job_id)
+
+    async def push(nonce: str) -> list[int]:
+        [answer] = await run_pipeline(
+            redis, lambda pipe: queue.push_many(pipe, [job], nonce=nonce, once_ms=60_000)
+        )
+        return list(answer)
+
+    await redis.set(k, b"ending")  # its job, still ending
+    assert await push("first") == [0]
+    assert not await redis.exists(keys.pushed(job.job_id))
+    await redis.delete(k)
+    assert [await push("second"), await push("second"), await push("third")] == [[1], [1], [0]]
+    assert await redis.zcard(keys.QUEUE) == 1
