@@ -402,12 +402,16 @@ async def test_the_consoles_forms_refuse_changes_while_a_project_moves(
         form = await api.get("/console/projects/victim", headers=UID)
         token = re.search(r'name="csrf_token" value="([^"]+)"', form.text)
         assert token, form.text
-        data = {"csrf_token": token.group(1), "secretToken": "new-secret", "reason": "leaked"}
+        data = {"csrf_token": token.group(1), "secretToken": "new-secret", "reason": "leaked",
+                "url": "https://e.com/new", "event": "BUILD_START"}  # fmt: skip
         answers = [
-            await api.post(f"{page}/{action}", data=data, headers=UID)
-            for action in ("secret", "disable")
-        ]
-        [after] = (await ok(await api.get(base, headers=UID)))["records"]
-    assert [a.status_code for a in answers] == [503, 503]
+            await api.post(path, data=data, headers=UID)
+            for path in (f"{page}/secret", f"{page}/disable", f"{page}/enable",
+                         "/console/projects/victim/callbacks")
+        ]  # fmt: skip
+        after = (await ok(await api.get(base, headers=UID)))["records"]
+    assert [a.status_code for a in answers] == [503] * 4
     assert all("is moving to another shard" in a.text for a in answers)
-    assert after["enabled"] is True and after["rotationEndTime"] is None
+    assert [(cb["enabled"], cb["rotationEndTime"], cb["url"]) for cb in after] == [
+        (True, None, "https://e.com/h")
+    ]
