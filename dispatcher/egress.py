@@ -35,7 +35,7 @@ from aiohttp.resolver import DefaultResolver
 from yarl import URL
 
 from dispatcher.errors import AddressRefused, InvalidUrl
-from dispatcher.lookups import bounded
+from dispatcher.lookups import Names, bounded
 from dispatcher.models import Region
 
 if TYPE_CHECKING:
@@ -291,6 +291,7 @@ class GuardedResolver(AbstractResolver):
     def __init__(self, policy: AddressPolicy) -> None:
         self.policy = policy
         self._inner = DefaultResolver()
+        self._names: Names[list[ResolveResult]] = Names()  # each owner's, apart
 
     async def resolve(
         self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
@@ -300,7 +301,9 @@ class GuardedResolver(AbstractResolver):
             self.policy.check_port(port)
         except InvalidUrl as exc:
             raise AddressRefused(exc.message) from exc
-        results = await bounded(lambda: self._inner.resolve(host, port, family))
+        results = await self._names.get(
+            (host, port, family), lambda: self._inner.resolve(host, port, family)
+        )
         allowed: list[ResolveResult] = []
         refusal: InvalidUrl | None = None
         for result in results:
@@ -356,8 +359,8 @@ class Client:
             limit=settings.max_connections,
             limit_per_host=settings.max_per_host,  # the worker's shares keep below it
             resolver=GuardedResolver(self.policy) if self.proxy is None else None,
-            # each connection's lookup its own, counted as its owner's (`lookups`): aiohttp's
-            # cache shares one lookup of a host among callers, held by the first's owner
+            # lookups counted and kept as their owner's (`lookups.Names`): aiohttp's cache
+            # shares one lookup of a host among callers, held by the first's owner
             use_dns_cache=False,
             ssl=settings.verify_tls,
             keepalive_timeout=30,

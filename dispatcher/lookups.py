@@ -10,22 +10,26 @@ not until its caller stops waiting. The owner is `OWNER` in the caller's context
 callback's project, set by the worker per attempt and by the API per registration); ""
 when unset. `LOOKUP_THREADS` is what the processes give the pools (`serve`). The HTTP
 clients keep no DNS cache of their own (aiohttp's shares one lookup of a host among its
-callers, and the first caller's owner would hold the others): each new connection looks
-its host up, as its owner.
+callers, and the first caller's owner would hold the others); `Names` keeps each owner's
+answers apart: an owner's lookups of one name at once are one lookup, its answer kept a
+few seconds for that owner alone.
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 import weakref
+from collections import OrderedDict
+from collections.abc import Hashable
 from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
 
-__all__ = ["LOOKUP_THREADS", "OWNER", "PER_OWNER", "bounded", "owned"]
+__all__ = ["LOOKUP_THREADS", "OWNER", "PER_OWNER", "Names", "bounded", "owned"]
 
 T = TypeVar("T")
 
@@ -94,3 +98,73 @@ def _leave(gates: dict[str, _Gate], owner: str, gate: _Gate) -> None:
     gate.users -= 1
     if gate.users == 0 and gates.get(owner) is gate:
         del gates[owner]
+
+
+@dataclass
+class _Running:
+    """A lookup under way and how many callers wait for it."""
+
+    task: asyncio.Future[Any]
+    waiting: int = 0
+
+
+@dataclass
+class _Answers:
+    """One owner's answers (each with when it lapses, least recently used first) and its
+    lookups under way."""
+
+    kept: OrderedDict[Hashable, tuple[float, Any]] = field(default_factory=OrderedDict)
+    running: dict[Hashable, _Running] = field(default_factory=dict)
+
+
+class Names(Generic[T]):
+    """Each owner's answers to its lookups, kept `ttl` seconds (aiohttp's cache keeps them
+    10): at most `per_owner` names an owner, `owners` owners, the least recently used going
+    first. An owner's lookups of one name at once are one lookup (`bounded`, as that
+    owner's); no answer and no lookup is ever shared with another owner. A failed lookup
+    is not kept; one whose callers all stopped waiting is called off (`bounded`: a lookup
+    already running keeps its place until it ends)."""
+
+    def __init__(self, ttl: float = 10.0, per_owner: int = 32, owners: int = 2048) -> None:
+        self.ttl, self.per_owner, self.owners = ttl, per_owner, owners
+        self._answers: OrderedDict[str, _Answers] = OrderedDict()
+
+    async def get(self, name: Hashable, lookup: Callable[[], Awaitable[T]]) -> T:
+        """The owner's answer for `name`: kept, under way, or `lookup()`'s."""
+        owner = OWNER.get()
+        mine = self._answers.get(owner)
+        if mine is None:
+            mine = self._answers[owner] = _Answers()
+            if len(self._answers) > self.owners:
+                self._answers.popitem(last=False)
+        self._answers.move_to_end(owner)
+        kept = mine.kept.get(name)
+        if kept is not None and kept[0] > time.monotonic():
+            mine.kept.move_to_end(name)
+            answer: T = kept[1]
+            return answer
+        running = mine.running.get(name)
+        if running is None:
+            running = mine.running[name] = _Running(asyncio.ensure_future(bounded(lookup)))
+            running.task.add_done_callback(lambda task: self._done(mine, name, task))
+        running.waiting += 1
+        try:
+            answer = await asyncio.shield(running.task)  # one caller stops: not the others
+        finally:
+            running.waiting -= 1
+            if running.waiting == 0 and not running.task.done():  # called off, gone at once:
+                if mine.running.get(name) is running:  # a caller next joins a new one
+                    del mine.running[name]
+                running.task.cancel()
+        return answer
+
+    def _done(self, mine: _Answers, name: Hashable, task: asyncio.Future[Any]) -> None:
+        running = mine.running.get(name)
+        if running is not None and running.task is task:  # not a lookup made since
+            del mine.running[name]
+        if task.cancelled() or task.exception() is not None:  # retrieved: no one may wait
+            return
+        mine.kept[name] = (time.monotonic() + self.ttl, task.result())
+        mine.kept.move_to_end(name)
+        while len(mine.kept) > self.per_owner:
+            mine.kept.popitem(last=False)

@@ -249,8 +249,9 @@ async def test_a_direct_region_connects_to_the_very_address_its_resolver_checked
     """`pinned.test` answers ::1 to the first lookup and 127.0.0.1 to every later one; a
     receiver listens on each, on the same port. The delivery reaches ::1: aiohttp asked the
     checking resolver once and connected to its answer (a second lookup, by happy eyeballs
-    or anything else, would have reached 127.0.0.1). The clients keep no DNS cache: each
-    new connection's lookup is checked, and is its owner's (`dispatcher.lookups`)."""
+    or anything else, would have reached 127.0.0.1). The clients keep no DNS cache of
+    aiohttp's: each lookup, and each answer kept, is its owner's (`dispatcher.lookups`),
+    and its addresses are checked on every connection."""
     settings = make_settings(redis_server.url)  # both addresses allowed: only pinning decides
     first, later = Receiver(), Receiver()
     port = free_port()
