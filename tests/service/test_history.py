@@ -11,6 +11,7 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 import httpx
+import orjson
 import pytest
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -405,6 +406,27 @@ async def test_window_redelivery_leaves_out_a_disabled_callback_until_it_is_enab
         await run_worker()
     assert (disabled, dropped, enabled) == (0, 2, 2)
     assert len(receiver.requests()) == 4  # 2 failures, then each redelivery once
+
+
+async def test_a_window_redelivery_whose_job_expired_unsent_can_be_asked_again(
+    settings: Settings, redis: Redis, receiver: Receiver, run_worker: RunWorker
+) -> None:
+    """A job whose data expired before it ran is dropped on record without an attempt;
+    a window redelivery's kept its queued-once key, so asking again sent nothing for days
+    (review). The drop frees it."""
+    url, _ = await failed_for_good(settings, redis, receiver, run_worker, 1)
+    async with Services.open(settings, redis) as services:
+        first = await services.redeliver_failed("demo", url, "BUILD_END")
+        [job_id] = await redis.zrange(keys.QUEUE, 0, -1)
+        await redis.delete(keys.arq_job(job_id.decode()))  # its data expired before it ran
+        await run_worker()
+        again = await services.redeliver_failed("demo", url, "BUILD_END")
+        await run_worker()
+    entries = await redis.lrange(keys.DROPPED, 0, -1)  # type: ignore[misc]  # sync|async
+    dropped = [orjson.loads(entry) for entry in entries]
+    assert (first, again) == (1, 1)
+    assert [entry["reason"] for entry in dropped] == ["job data expired before it ran"]
+    assert len(receiver.requests()) == 2  # its failure, then the redelivery asked again
 
 
 async def test_a_window_redelivery_whose_answer_was_lost_is_counted_as_queued(
