@@ -80,6 +80,7 @@ _NOBODY = {
     "role": None,
     "is_admin": False,
     "open_access": False,
+    "sees_status": False,
     "notice": None,
     "section": None,
     "timezone": "",
@@ -205,6 +206,8 @@ class Page:
                 "role": self.role.value if self.role else None,
                 "is_admin": self.is_admin,
                 "open_access": self.services.settings.open_access,
+                # the status page's link, for those it lets in (`EveryProjectPage`)
+                "sees_status": await home.roles.effective(ALL_PROJECTS, self.uid) is not None,
                 "csrf_field": FIELD,
                 "csrf_token": await csrf.token(),
                 "notice": notice,

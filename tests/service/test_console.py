@@ -212,6 +212,10 @@ async def test_the_status_page_is_for_members_of_every_project(
     await roles.grant("*", "ops", Role.MEMBER)
     ada = await strict.get("/console/status", headers={"X-DEVOPS-UID": "ada"})
     ops = await strict.get("/console/status", headers={"X-DEVOPS-UID": "ops"})
+    for uid, shown in (("ada", False), ("ops", True)):  # the link, for those it lets in
+        for path in (PROJECT, "/console"):
+            page = await strict.get(path, headers={"X-DEVOPS-UID": uid})
+            assert ('href="/console/status"' in page.text) is shown, (uid, path)
     assert ada.status_code == 403 and "needs the member role in project &#39;*&#39;" in ada.text
     assert ops.status_code == 200 and "<title>Status" in ops.text
 
