@@ -4,7 +4,6 @@ callback is disabled, with its reason), and a short circuit breaker per host."""
 from __future__ import annotations
 
 import time
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -13,6 +12,7 @@ import structlog
 from dispatcher import clock, metrics
 from dispatcher.keys import SEP
 from dispatcher.lua import Key, Script, run_pipeline
+from dispatcher.recency import OwnedLRU
 from dispatcher.registry.scripts import DISABLE
 
 if TYPE_CHECKING:
@@ -256,18 +256,19 @@ class CircuitBreaker:
     cooldown: float = 30.0
     most: int = 1_000
     total: int = 100_000
-    _projects: dict[str, OrderedDict[str, _HostState]] = field(default_factory=dict)
-    _used: OrderedDict[Circuit, None] = field(default_factory=OrderedDict)  # all, by use
+    _circuits: OwnedLRU[str, _HostState] = field(init=False)  # per project, by host
+
+    def __post_init__(self) -> None:
+        self._circuits = OwnedLRU(most=self.most, total=self.total)
 
     def wait(self, circuit: Circuit, now: float | None = None) -> float:
         """Seconds until `circuit` may be tried again (0 when it may be tried now). Once
         the cool-down is over, one caller gets 0 and probes; the others wait for its answer
         (a success closes the breaker) or another cool-down."""
-        project, host = circuit
-        hosts = self._projects.get(project)
-        if hosts is None or (state := hosts.get(host)) is None or state.open_until == 0.0:
+        state = self._circuits.find(*circuit)
+        if state is None or state.open_until == 0.0:
             return 0.0
-        self._use(circuit, hosts)
+        self._circuits.touch(*circuit)
         now = time.monotonic() if now is None else now
         if (remaining := state.open_until - now) > 0:
             return remaining
@@ -277,37 +278,17 @@ class CircuitBreaker:
 
     def record(self, circuit: Circuit, ok: bool, now: float | None = None) -> bool:
         """Note an attempt's result; True when this failure opened the breaker."""
-        project, host = circuit
-        hosts = self._projects.get(project)
         if ok:
-            if hosts is not None and host in hosts:
-                self._forget(circuit)
+            self._circuits.pop(*circuit)
             return False
-        if hosts is None:
-            hosts = self._projects[project] = OrderedDict()
-        state = hosts.get(host)
+        state = self._circuits.find(*circuit)
         if state is None:
-            state = hosts[host] = _HostState()
-            self._used[circuit] = None
-            if len(hosts) > self.most:
-                self._forget((project, next(iter(hosts))))  # its own used least recently
-            elif len(self._used) > self.total:
-                self._forget(next(iter(self._used)))  # the one used least recently of all
+            state = _HostState()
+            self._circuits.put(*circuit, state)
         else:
-            self._use(circuit, hosts)
+            self._circuits.touch(*circuit)
         state.failures += 1
         if state.failures == self.threshold:  # the threshold reached, or the probe failed
             state.open_until = (time.monotonic() if now is None else now) + self.cooldown
             return True
         return False
-
-    def _use(self, circuit: Circuit, hosts: OrderedDict[str, _HostState]) -> None:
-        hosts.move_to_end(circuit[1])
-        self._used.move_to_end(circuit)
-
-    def _forget(self, circuit: Circuit) -> None:
-        project, host = circuit
-        hosts = self._projects[project]
-        del hosts[host], self._used[circuit]
-        if not hosts:
-            del self._projects[project]

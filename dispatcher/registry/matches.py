@@ -16,10 +16,10 @@ import functools
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 from dispatcher import metrics
+from dispatcher.recency import OwnedLRU
 from dispatcher.registry.match import Chunk, ChunkQuery
 from dispatcher.stopping import retrieved
 
@@ -28,7 +28,7 @@ __all__ = ["MAX_AHEAD", "Matches"]
 ReadChunk = Callable[[ChunkQuery], Awaitable[Chunk]]
 # A chunk's read under way: the version it is for, the monotonic time its age ends, the read.
 Reading = tuple[bytes | None, float, "asyncio.Task[Chunk]"]
-Kept = tuple[bytes, float, Chunk, str]  # a kept chunk: version, age's end, it, its project
+Kept = tuple[bytes, float, Chunk]  # a kept chunk: its version, its age's end, it
 MAX_AHEAD = 64  # chunks read ahead and not asked for yet (another worker took their job)
 
 
@@ -41,22 +41,24 @@ class Matches:
     most `project_entries` and `project_targets`, its own least recently used going first
     (one project's random pipeline ids cannot push out the others' chunks). A chunk with
     a rotated token still signing is not kept: its overlap ends by the clock, not by a
-    write. A chunk read
-    ahead (the next of a fan-out, while this one's attempts run) waits for its run under
-    the same rules, `MAX_AHEAD` at most. Runs that miss the same chunk at the same
-    version while its read is under way wait for that read (a burst of one project's
-    events after a registry write reads its chunk once, not once per event)."""
+    write (`recency.OwnedLRU` keeps them). A chunk read ahead (the next of a fan-out, while
+    this one's attempts run) waits for its run under the same rules, `MAX_AHEAD` at most.
+    Runs that miss the same chunk at the same version while its read is under way wait for
+    that read (a burst of one project's events after a registry write reads its chunk
+    once, not once per event)."""
 
     def __init__(
         self, max_entries: int = 4096, max_targets: int = 50_000, max_age_s: float = 10.0,
         *, project_entries: int = 512, project_targets: int = 12_500,
     ) -> None:  # fmt: skip
-        self.max_entries, self.max_targets = max_entries, max_targets
-        self.project_entries, self.project_targets = project_entries, project_targets
         self.max_age_s = max_age_s
-        self._chunks: OrderedDict[tuple[object, ...], Kept] = OrderedDict()
-        self._targets = 0
-        self._projects: dict[str, _Owned] = {}  # each emitting project's kept chunks
+        # kept chunks by emitting project, weighed by their callbacks
+        self._chunks: OwnedLRU[tuple[object, ...], Kept] = OwnedLRU(
+            most=project_entries,
+            total=max_entries,
+            most_weight=project_targets,
+            total_weight=max_targets,
+        )
         self._kept, self._read, self._shared = (
             metrics.MATCHES.labels(source=s) for s in ("kept", "read", "shared")
         )
@@ -120,7 +122,8 @@ class Matches:
         so not read ahead either)."""
         key = query.key
         if version is None or any(
-            _good(entry, version) for entry in (self._chunks.get(key), self._ahead.get(key))
+            _good(entry, version)
+            for entry in (self._chunks.find(query.project_id, key), self._ahead.get(key))
         ):
             return
         self._ahead.pop(key, None)  # stale: dropped
@@ -141,11 +144,10 @@ class Matches:
 
     def get(self, query: ChunkQuery, version: bytes | None) -> Chunk | None:
         """The chunk `query` reads, when kept at `version` (None: unknown, never kept)."""
-        found = self._chunks.get(query.key) if version is not None else None
+        found = self._chunks.find(query.project_id, query.key) if version is not None else None
         if found is None or not _good(found, version):
             return None
-        self._chunks.move_to_end(query.key)
-        self._projects[found[3]].keys.move_to_end(query.key)
+        self._chunks.touch(query.project_id, query.key)
         return found[2]
 
     def put(
@@ -157,39 +159,8 @@ class Matches:
         until = now + self.max_age_s if until is None else until
         if version is None or _signs_twice(chunk) or until <= now:
             return
-        key, project = query.key, query.project_id
-        self._drop(key)
-        self._chunks[key] = (version, until, chunk, project)
-        self._targets += len(chunk.targets)
-        mine = self._projects.setdefault(project, _Owned())
-        mine.keys[key] = None
-        mine.targets += len(chunk.targets)
-        while len(mine.keys) > self.project_entries or mine.targets > self.project_targets:
-            self._drop(next(iter(mine.keys)))
-        while len(self._chunks) > self.max_entries or self._targets > self.max_targets:
-            self._drop(next(iter(self._chunks)))
-
-    def _drop(self, key: tuple[object, ...]) -> None:
-        """Forget the chunk kept under `key`, if any."""
-        kept = self._chunks.pop(key, None)
-        if kept is None:
-            return
-        _, _, dropped, project = kept
-        self._targets -= len(dropped.targets)
-        mine = self._projects[project]
-        del mine.keys[key]
-        mine.targets -= len(dropped.targets)
-        if not mine.keys:
-            del self._projects[project]
-
-
-@dataclass
-class _Owned:
-    """One emitting project's kept chunks: their keys, least recently used first, and how
-    many callbacks they hold."""
-
-    keys: OrderedDict[tuple[object, ...], None] = field(default_factory=OrderedDict)
-    targets: int = 0
+        kept = (version, until, chunk)
+        self._chunks.put(query.project_id, query.key, kept, weight=len(chunk.targets))
 
 
 def _good(entry: tuple[Any, ...] | None, version: bytes | None) -> bool:
