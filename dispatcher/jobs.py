@@ -175,6 +175,9 @@ class DeliveryJob:
     order_key: str | None = None
     order_note: str | None = None
     lane: str | None = None
+    # its event's body kept once for the event's retries (`dispatcher.bodies`): the key's
+    # scope, `{project}:{event id}@{emittedAt}`; the job's bytes then hold no body
+    body_of: str | None = None
 
     function = DELIVER
 
@@ -190,16 +193,24 @@ class DeliveryJob:
         body: bytes,
         owner: str | None = None,
         trace: TraceContext | None = None,
+        *,
+        shared: bool = False,
     ) -> DeliveryJob:
         """The delivery of `event` to one callback (delivery id `{event's job id}.{callback
         id}`: `{project}:{event id}.{callback id}`; progress id, that `@{emittedAt}`: its
         marks and retry are this emission's). `owner` is the callback's project, where its
         history goes, when not the event's (a platform-wide callback's); `trace`, what its
-        attempts continue."""
+        attempts continue; `shared`: its retry refers to the body the event's other
+        retries share (an emission's: an event job that does not say when it was emitted
+        keeps its body in its retries)."""
         delivery_id = f"{event.job_id}.{callback_id}"
         progress_id = f"{delivery_id}@{event.emitted_at}" if event.emitted_at else delivery_id
+        body_of = None
+        if shared and event.emitted_at:
+            body_of = f"{project_scoped(event.project_id, event.id)}@{event.emitted_at}"
         return cls(delivery_id, progress_id, event.id, owner or event.project_id, event.event,
-                   body, callback_id, emitter=event.project_id, trace=trace)  # fmt: skip
+                   body, callback_id, emitter=event.project_id, trace=trace,
+                   body_of=body_of)  # fmt: skip
 
     def redelivery(self, record_id: int, *, after: int | None = None) -> DeliveryJob:
         """The same request again (same delivery id) under a fresh progress id, or, `after`
@@ -218,11 +229,14 @@ class DeliveryJob:
             "eventId": self.event_id,
             "projectId": self.project_id,
             "event": self.event,
-            "body": self.body.decode(),
             "callbackId": self.callback_id,
             "redeliveryOf": self.redelivery_of,
             "emitter": self.emitter,
         }
+        if self.body_of is None:
+            wire["body"] = self.body.decode()
+        else:
+            wire["bodyOf"] = self.body_of
         if self.trace is not None:
             wire.update(self.trace.fields())
         if self.order_key is not None:
@@ -239,7 +253,8 @@ class DeliveryJob:
             raise BadJob("delivery payload is not an object")
         try:
             callback_id = int(payload["callbackId"])
-            body = payload["body"]
+            body_of = _optional_text(payload, "bodyOf")
+            body = "" if body_of is not None else payload["body"]
             if not isinstance(body, str):
                 raise TypeError("body is not a string")
             redelivery_of = payload.get("redeliveryOf")
@@ -258,6 +273,7 @@ class DeliveryJob:
                 order_key=_optional_text(payload, "orderKey"),
                 order_note=_optional_text(payload, "orderNote"),
                 lane=_optional_text(payload, "lane"),
+                body_of=body_of,
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise BadJob(f"delivery payload is malformed: {exc!r}") from None

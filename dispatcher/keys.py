@@ -250,7 +250,7 @@ class Keys:
         self.HISTORY_ATTEMPTS_PREFIX = f"{base}:history:attempts:"
         self.HISTORY_STREAM = f"{base}:history:stream"
         self.DELIVERY_PREFIX, self.PUSHED_PREFIX = f"{base}:delivery:", f"{base}:pushed:"
-        self.CONSOLE_CSRF_KEY = f"{base}:console:csrf-key"
+        self.BODY_PREFIX, self.CONSOLE_CSRF_KEY = f"{base}:body:", f"{base}:console:csrf-key"
         self.REPLICATION_MARK = f"{base}:replication:mark"
         self.WORKERS_PREFIX = f"{base}:workers:"
         self.WORKERS_LIVE = f"{base}:workers"

@@ -12,8 +12,9 @@ from typing import TYPE_CHECKING
 
 from arq.constants import expires_extra_ms
 
+from dispatcher.bodies import KEEP_BODY, body_key
 from dispatcher.clock import now_ms
-from dispatcher.jobs import EventJob, Job, encode
+from dispatcher.jobs import DeliveryJob, EventJob, Job, encode
 from dispatcher.lua import ArgList, Key, KeyList, Script, run_pipeline
 from dispatcher.sequence import push_events
 
@@ -33,23 +34,33 @@ class Push(Script):
     """Queues one job, due at `score_ms`, its bytes kept `ttl_ms`. Returns 1, or 0 when
     that job id was there already, or when this push was made before (`once`, a key of
     its own; the `job` key again for a push that may be made again): a write sent again
-    after the job it queued has run and ended must not queue that job once more."""
+    after the job it queued has run and ended must not queue that job once more. A job
+    that refers to its event's body (`dispatcher.bodies`) takes its reference to it at
+    `body` in the same call (`shared`: the bytes; the `job` key again for one that holds
+    its own)."""
 
-    LUA = """
+    LUA = (
+        "local keep_ms = ttl_ms"
+        + KEEP_BODY
+        + """
     if once ~= job and not redis.call('SET', once, 1, 'NX', 'PX', ttl_ms) then return 0 end
     if redis.call('SET', job, data, 'NX', 'PX', ttl_ms) then
       redis.call('ZADD', queue, score_ms, job_id)
+      if body ~= job then keep_body() end
       return 1
     end
     return 0
     """
+    )
     job: Key
     queue: Key
     once: Key
+    body: Key
     data: bytes
     score_ms: int
     job_id: str
     ttl_ms: int
+    shared: bytes = b""
 
 
 @dataclass
@@ -109,14 +120,17 @@ class Queue:
             return
         score = now + int(defer_s * 1000)
         key = self.keys.arq_job(job.job_id)
+        shared = job if isinstance(job, DeliveryJob) and job.body_of is not None else None
         Push(
             job=key,
             queue=self.queue_name,
             once=self.keys.pushed(once) if once else key,
+            body=key if shared is None else body_key(self.keys, shared),
             data=encode(job, now),
             score_ms=score,
             job_id=job.job_id,
             ttl_ms=score - now + expires_extra_ms,
+            shared=b"" if shared is None else shared.body,
         ).queue_on(pipe)
 
     def push_many(

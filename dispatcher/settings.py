@@ -181,6 +181,11 @@ class Settings(BaseSettings):
     )
     retry_jitter: float = Field(default=0.2, ge=0, lt=1, description="±fraction of each delay.")
     retry_after_cap: float = Field(default=3600, ge=0, description="Largest Retry-After honoured.")
+    shared_bodies: bool = Field(
+        default=True,
+        description="An event's retries share one copy of its body in Redis (bodies of 1 KiB "
+        "and more). Off while workers that predate it still run: they cannot read such retries.",
+    )
     region_proxies: dict[Region, str] = Field(
         default_factory=dict, description='Egress proxy per region, e.g. {"IDC": "http://p:3128"}.'
     )

@@ -33,12 +33,12 @@ new shard names the old one). A move elsewhere undoes one that died before its f
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from dispatcher.auth import ALL_PROJECTS
+from dispatcher.bodies import Carried
 from dispatcher.errors import InvalidInput, Unavailable
 from dispatcher.history.redis import RedisHistory
 from dispatcher.lua import run_pipeline
@@ -349,13 +349,16 @@ class Mover:
         """Move one queued job as it was `read`: True when moved, False when a worker holds
         it or it changed since (looked at again on the next pass), None when it stays
         (`unless_begun`: it began here)."""
-        got = await self._take(src, job_id, read, unless_begun)
+        got = await TakeJob.of(src.keys, job_id, self.token, LEASE_S, read, unless_begun).run(
+            src.redis
+        )
         if got == b"stays":
             return None
         if not got:
             return False
         data, due, ttl = got
-        k = src.keys
+        k, ttl_ms = src.keys, max(int(ttl), 1)
+        carried = await Carried.read(src.redis, k, data)  # a retry's kept body goes along
         async with src.redis.pipeline(transaction=False) as pipe:  # its mark, as long as it has
             pipe.get(k.delivery(job_id))
             pipe.pttl(k.delivery(job_id))
@@ -363,33 +366,18 @@ class Mover:
 
         def place(pipe: Pipeline) -> None:
             d = dst.keys
-            PlaceJob(
-                queue=d.QUEUE,
-                job=d.arq_job(job_id),
-                job_id=job_id,
-                data=data,
-                due_ms=due,
-                ttl_ms=max(int(ttl), 1),
-            ).queue_on(pipe)
+            PlaceJob(d.QUEUE, d.arq_job(job_id), job_id, data, due, ttl_ms).queue_on(pipe)
             if progress is not None:  # (its write time stays readable: see worker.marks)
                 ex, px = (None, progress_ms) if progress_ms > 0 else (86_400, None)
                 pipe.set(d.delivery(job_id), progress, ex=ex, px=px, nx=True)
+            if carried is not None:
+                carried.keep(pipe, d, ttl_ms)
+
+        def leave(pipe: Pipeline) -> None:
+            claims.finish(pipe, job_id)
+            if carried is not None:
+                carried.release(pipe, k)
 
         await run_pipeline(dst.redis, place)
-        await run_pipeline(src.redis, lambda pipe: claims.finish(pipe, job_id))
+        await run_pipeline(src.redis, leave)
         return True
-
-    async def _take(self, src: Services, job_id: str, read: bytes, unless_begun: bool) -> Any:
-        """`TakeJob`'s answer for `job_id` on `src`, as it was `read`."""
-        k = src.keys
-        return await TakeJob(
-            queue=k.QUEUE,
-            lease=k.ARQ_IN_PROGRESS_PREFIX + job_id,
-            job=k.arq_job(job_id),
-            claims=k.ARQ_RETRY_PREFIX + job_id,
-            token=self.token,
-            job_id=job_id,
-            lease_ms=int(LEASE_S * 1000),
-            read=hashlib.sha1(read).hexdigest(),
-            unless_begun="1" if unless_begun else "0",
-        ).run(src.redis)

@@ -4,11 +4,16 @@ it on the new one (`PlaceJob`)."""
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from dispatcher.jobs import FAN_OUT, BadJob, decode
 from dispatcher.lua import Key, Script
 from dispatcher.models import PLATFORM_PROJECT
+
+if TYPE_CHECKING:
+    from dispatcher.keys import Keys
 
 __all__ = ["MOVE", "STAY", "UNLESS_BEGUN", "PlaceJob", "TakeJob", "where_to"]
 
@@ -39,6 +44,23 @@ class TakeJob(Script):
     lease_ms: int
     read: str
     unless_begun: str
+
+    @classmethod
+    def of(
+        cls, keys: Keys, job_id: str, token: str, lease_s: float, read: bytes, unless_begun: bool
+    ) -> TakeJob:
+        """The take of `job_id` on the shard of `keys`, as it was `read`."""
+        return cls(
+            queue=keys.QUEUE,
+            lease=keys.ARQ_IN_PROGRESS_PREFIX + job_id,
+            job=keys.arq_job(job_id),
+            claims=keys.ARQ_RETRY_PREFIX + job_id,
+            token=token,
+            job_id=job_id,
+            lease_ms=int(lease_s * 1000),
+            read=hashlib.sha1(read).hexdigest(),
+            unless_begun="1" if unless_begun else "0",
+        )
 
 
 @dataclass

@@ -26,6 +26,7 @@ import structlog
 from dispatcher import metrics, tracing
 from dispatcher.backoff import next_delay
 from dispatcher.batch import Batcher
+from dispatcher.bodies import SHARED_MIN_BYTES
 from dispatcher.delivery import (
     Attempted,
     AttemptResult,
@@ -156,10 +157,12 @@ class Engine:
             body = encode_body(event.event, event.project_id, event.data)
         except orjson.JSONEncodeError as exc:  # queued by another client: never sendable
             raise BadJob(f"the event's data cannot be encoded: {exc}") from None
+        shared = self.settings.shared_bodies and len(body) >= SHARED_MIN_BYTES  # its retries'
         pending = [
-            (DeliveryJob.first(event, target.id, body, target.project_id, carried), target)
+            (DeliveryJob.first(event, target.id, body, target.project_id, carried, shared=shared),
+             target)
             for target in targets
-        ]
+        ]  # fmt: skip
         if rerun:  # what the run before handled is left to the job it queued
             lane_of = functools.partial(self.lanes.lane_of, event)
             marked = await read_marks(

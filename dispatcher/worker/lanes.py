@@ -363,7 +363,9 @@ class LaneStep(Step):
 
 def _in_lane(job: DeliveryJob, target: CallbackTarget, path: str, key: str) -> DeliveryJob:
     """`job` in its lane: the deliveries to its callback's URL (every event it is
-    registered for there with the same `orderBy`) of its project's events with `key`."""
+    registered for there with the same `orderBy`) of its project's events with `key`. It
+    keeps its body in its job: a lane parks its jobs out of the queue, with no time to
+    live, and hands them over outside a claim (`dispatcher.bodies`)."""
     project = job.emitter or job.project_id
     lane = lane_id(target.project_id, target.url, path, project, key)
-    return dataclasses.replace(job, order_key=key, lane=lane)
+    return dataclasses.replace(job, order_key=key, lane=lane, body_of=None)

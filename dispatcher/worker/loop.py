@@ -329,8 +329,7 @@ class Worker:
                 self.running.pop((run.index, claimed.job_id), None)
                 self._wake()
         else:
-            job = DeliveryJob.from_wire(wire.payload, claimed.job_id)
-            await run.engine.deliver(job, run.next_step(claimed.job_id))
+            await run.deliver(claimed, DeliveryJob.from_wire(wire.payload, claimed.job_id))
 
     async def _renew(self) -> None:
         for run in self.served:

@@ -13,11 +13,11 @@ from typing import TYPE_CHECKING, Any
 import structlog
 from redis.exceptions import RedisError
 
-from dispatcher import metrics
+from dispatcher import bodies, metrics
 from dispatcher.connections import REDIS_ERRORS, redis_full
 from dispatcher.errors import InvalidSetting
 from dispatcher.jobs import DELIVER, BadJob, DeliveryJob, decode
-from dispatcher.worker.claims import Claims
+from dispatcher.worker.claims import JOB_KEY_EXTRA_MS, Claims
 from dispatcher.worker.engine import Engine
 from dispatcher.worker.record import keep_entry
 from dispatcher.worker.steps import ChunkEnd, NextStep
@@ -138,6 +138,27 @@ class Served:
         )
         with contextlib.suppress(Exception):  # refused for good: logged by the writer
             await self.put_back(job_id, delay)
+
+    async def deliver(self, claimed: Claimed, job: DeliveryJob) -> None:
+        """A `deliver` job's run, with the body it refers to when it holds none of its own
+        (`dispatcher.bodies`; gone, the job is dropped on record), which it gives back once
+        the job has ended (a release that fails leaves the body to its time to live)."""
+        found = await bodies.read(self.services.redis, self.keys, job, self.body_wait_ms)
+        if found is None:
+            await self.drop(claimed, "the event's body kept for its retries is gone")
+            return
+        await self.engine.deliver(found, self.next_step(claimed.job_id))
+        if found.body_of is not None:
+            with contextlib.suppress(*CLAIM_ERRORS):
+                await self.writer.commit(lambda pipe: bodies.release(pipe, self.keys, found))
+
+    @property
+    def body_wait_ms(self) -> int:
+        """The longest a run may put its job off by, the job's time to live with it: its
+        next attempt's delay (a Retry-After at most), a run's time, and a day (arq's)."""
+        settings = self.services.settings
+        wait_s = max(settings.progress_ttl, settings.retry_after_cap)
+        return int((wait_s + settings.effective_job_timeout) * 1000) + JOB_KEY_EXTRA_MS
 
     def next_step(self, job_id: str) -> Then:
         """After a `deliver` job's attempt: back in the queue for the next one, or done."""

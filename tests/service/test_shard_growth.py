@@ -15,15 +15,20 @@ import orjson
 import pytest
 import redis as sync_redis
 
+from dispatcher import bodies
 from dispatcher.auth import Role
+from dispatcher.bodies import body_key
 from dispatcher.clock import now_ms
 from dispatcher.embedded import EmbeddedRedis
 from dispatcher.errors import InvalidInput, Unavailable
 from dispatcher.history.moving import copy_project, forget_project
 from dispatcher.history.redis import RedisHistory
+from dispatcher.jobs import DeliveryJob, EventJob
+from dispatcher.lua import run_pipeline
 from dispatcher.models import Region
 from dispatcher.placement import Placed, rendezvous
 from dispatcher.producer import Producer
+from dispatcher.queue import Queue
 from dispatcher.registry import Registration
 from dispatcher.services import Services
 from dispatcher.settings import Settings
@@ -155,6 +160,27 @@ async def test_a_moved_jobs_progress_mark_keeps_its_expiry(
         assert await dst.redis.get(dst.keys.delivery(job_id)) == b"1"
         assert 990_000 < await dst.redis.pttl(dst.keys.delivery(job_id)) <= 1_000_000
         assert await dst.redis.zscore(dst.keys.QUEUE, job_id) is not None
+
+
+async def test_a_moved_retry_takes_the_body_it_refers_to(
+    shard_servers: list[EmbeddedRedis],
+) -> None:
+    """A retry that refers to its event's kept body (`dispatcher.bodies`) finds it on the
+    new shard, its reference given back on the old one (the last out: the body goes)."""
+    async with Router.open(two_empty_shards(shard_servers)) as router:
+        src, dst = router.shards
+        event = EventJob(id="e", project_id="mv", event="BUILD_END", emitted_at=now_ms())
+        body = b"{" + b" " * 2_000 + b"}"
+        job = DeliveryJob.first(event, 1, body, shared=True)
+        await run_pipeline(src.redis, lambda pipe: Queue(src.redis, src.keys).push(pipe, job))
+        mover = Mover(router, lambda _: None)
+        read = await src.redis.get(src.keys.arq_job(job.job_id))
+        claims = Claims(src.redis, src.keys, mover.token, LEASE_S)
+        assert await mover._move_job(src, dst, claims, job.job_id, read, unless_begun=False)
+        assert await src.redis.exists(body_key(src.keys, job)) == 0
+        found = await bodies.read(dst.redis, dst.keys, job, 1_000)
+        assert found is not None and found.body == body
+        assert await dst.redis.hexists(body_key(dst.keys, job), job.job_id)  # type: ignore[misc]
 
 
 class FirstPassThenDue(Mover):

@@ -35,3 +35,20 @@ def test_the_delivery_id_is_read_back_from_any_progress_id() -> None:
     assert delivery_of("team@x:e.3") == "team@x:e.3"  # a project id may hold '@'
     assert delivery_of("team@x:e.3@17") == "team@x:e.3"
     assert delivery_of("p:e.3:redeliver:9f2c0e1a7b3d") == "p:e.3:redeliver:9f2c0e1a7b3d"
+
+
+def test_a_retry_refers_to_its_emissions_body_kept_once() -> None:
+    """`shared`: the job's bytes name the event's kept body (`dispatcher.bodies`) instead
+    of holding it; an event that does not say when it was emitted keeps its body in its
+    retries (its emissions could not be told apart), and so does a redelivery."""
+    event = EventJob(id="build-7", project_id="team@x", event="BUILD_END", emitted_at=1234)
+    job = DeliveryJob.first(event, 42, b'{"big": 1}', shared=True)
+    wire = job.to_wire()
+    assert wire["bodyOf"] == job.body_of == "team@x:build-7@1234" and "body" not in wire
+    read = DeliveryJob.from_wire(wire, job.job_id)
+    assert (read.body_of, read.body) == (job.body_of, b"")
+    assert DeliveryJob.from_wire(DeliveryJob.first(event, 42, b"{}").to_wire()).body == b"{}"
+    undated = EventJob(id="build-7", project_id="team@x", event="BUILD_END")
+    assert DeliveryJob.first(undated, 42, b"{}", shared=True).body_of is None
+    again = job.redelivery(9)
+    assert again.body_of is None and again.to_wire()["body"] == '{"big": 1}'

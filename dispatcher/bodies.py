@@ -1,0 +1,161 @@
+"""An event's request body, kept once in Redis for all of its deliveries' retries.
+
+A delivery waiting for its next attempt is a job on the queue. Its body is the event's,
+the same bytes for every callback of the event, so a job that held its own copy parked
+callbacks x event size in the Redis every project shares (10,000 x 1 MiB for one event at
+the defaults). A first attempt's retry instead refers to its event's body (`bodyOf` in its
+bytes, `DeliveryJob.body_of`), kept at `dispatcher:body:{project}:{event id}@{emittedAt}`:
+a hash of the bytes (field `body`) and of the ids of the jobs that refer to them, one
+field each.
+
+- The push of a retry job (`dispatcher.queue.Push`) adds its reference in the same script,
+  the bytes too when they are not there yet, so the job never exists without them.
+- A run reads them with its job (`read`), which also keeps them as long as the job may
+  live: the job's own time to live, plus its longest wait before the next run.
+- A job that ended gives its reference back (`release`): the last one out deletes the
+  bytes. A release checks that the job is gone, so it is safe from any path, at any time;
+  a release missed (a worker killed between the job's end and it) leaves the bytes to
+  their time to live.
+
+Bodies under `SHARED_MIN_BYTES` stay in their jobs (a reference costs about as much), and
+so do ordered deliveries (parked in their lanes out of the queue) and redeliveries (each
+is a request of its own, from its record). `DISPATCHER_SHARED_BODIES=false` keeps every
+body in its job: a worker of a version before this one cannot read a job without its body
+(it records it as poison), so a fleet being rolled to this version keeps it off until no
+worker of the version before is left.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from dispatcher.jobs import DELIVER, BadJob, DeliveryJob, decode
+from dispatcher.lua import Key, Script
+
+if TYPE_CHECKING:
+    from redis.asyncio import Redis
+    from redis.asyncio.client import Pipeline
+
+    from dispatcher.keys import Keys
+
+__all__ = ["KEEP_BODY", "SHARED_MIN_BYTES", "Carried", "body_key", "read", "release"]
+
+SHARED_MIN_BYTES = 1024
+
+# A Lua function over the names a script declares for a kept body (key `body`; arguments
+# `job_id`, `shared`: the bytes, `keep_ms`): the job's reference, the bytes when they are
+# not there yet, and a time to live of at least `keep_ms`.
+KEEP_BODY = """
+local function keep_body()
+  redis.call('HSETNX', body, 'body', shared)
+  redis.call('HSET', body, job_id, 1)
+  if redis.call('PTTL', body) < tonumber(keep_ms) then
+    redis.call('PEXPIRE', body, keep_ms)
+  end
+end
+"""
+
+
+def body_key(keys: Keys, job: DeliveryJob) -> str:
+    """Where the body `job` refers to is kept (on the shard of `keys`)."""
+    return f"{keys.BODY_PREFIX}{job.body_of}"
+
+
+@dataclass
+class Keep(Script):
+    """The reference of a job (`job_id`) to the body kept at `body` (`shared`, the bytes,
+    stored when not there yet), kept at least `keep_ms`. For a job that was placed without
+    a push (a shard move)."""
+
+    LUA = KEEP_BODY + "keep_body() return 1"
+    body: Key
+    job_id: str
+    shared: bytes
+    keep_ms: int
+
+
+@dataclass
+class Read(Script):
+    """The bytes kept at `body` (false when gone), kept from now on at least as long as
+    the `job` lives plus `wait_ms` (the longest a run may put the job off by, which also
+    moves the job's time to live)."""
+
+    LUA = """
+    local bytes = redis.call('HGET', body, 'body')
+    if bytes then
+      local keep = redis.call('PTTL', job) + tonumber(wait_ms)
+      if redis.call('PTTL', body) < keep then redis.call('PEXPIRE', body, keep) end
+    end
+    return bytes
+    """
+    body: Key
+    job: Key
+    wait_ms: int
+
+
+@dataclass
+class Release(Script):
+    """`job_id` gives back its reference to the body at `body`, unless its `job` is still
+    there; the last reference out deletes the bytes. Returns 1 when the bytes went."""
+
+    LUA = """
+    if redis.call('EXISTS', job) == 1 then return 0 end
+    redis.call('HDEL', body, job_id)
+    if redis.call('HLEN', body) > 1 then return 0 end
+    redis.call('DEL', body)
+    return 1
+    """
+    body: Key
+    job: Key
+    job_id: str
+
+
+async def read(redis: Redis, keys: Keys, job: DeliveryJob, wait_ms: int) -> DeliveryJob | None:
+    """`job` with the body it refers to (as it is when it holds its own); None when that
+    body is gone. `wait_ms`: see `Read`."""
+    if job.body_of is None:
+        return job
+    job_key = keys.arq_job(job.job_id)
+    found = await Read(body_key(keys, job), job_key, wait_ms).run(redis)
+    return None if found is None else dataclasses.replace(job, body=found)
+
+
+def release(pipe: Pipeline, keys: Keys, job: DeliveryJob) -> None:
+    """Queue the release of `job`'s reference to its body (see `Release`), if it has one."""
+    if job.body_of is not None:
+        Release(body_key(keys, job), keys.arq_job(job.job_id), job.job_id).queue_on(pipe)
+
+
+@dataclass(frozen=True, slots=True)
+class Carried:
+    """The body a retry job refers to, as a shard move carries the job: read on the old
+    shard (`shared`; None when gone there: the job is then dropped on record where it
+    runs), kept for the job on the new one, given back on the old one once it left."""
+
+    job: DeliveryJob
+    shared: bytes | None
+
+    @classmethod
+    async def read(cls, redis: Redis, keys: Keys, raw: bytes) -> Carried | None:
+        """What the job stored as `raw` carries along; None for a job that refers to no
+        kept body."""
+        try:
+            wire = decode(raw)
+            job = DeliveryJob.from_wire(wire.payload) if wire.function == DELIVER else None
+        except BadJob:
+            return None
+        if job is None or job.body_of is None:
+            return None
+        shared = await redis.hget(body_key(keys, job), "body")  # type: ignore[misc]  # sync|async
+        return cls(job, shared)
+
+    def keep(self, pipe: Pipeline, keys: Keys, keep_ms: int) -> None:
+        """Queue the job's reference to the body on the shard of `keys`."""
+        if self.shared is not None:
+            Keep(body_key(keys, self.job), self.job.job_id, self.shared, keep_ms).queue_on(pipe)
+
+    def release(self, pipe: Pipeline, keys: Keys) -> None:
+        """Queue the release of the job's reference on the shard of `keys`."""
+        release(pipe, keys, self.job)

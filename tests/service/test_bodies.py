@@ -1,0 +1,182 @@
+"""An event's body kept once for its retries (`dispatcher.bodies`): real Redis, real burst
+workers, a real receiver on 127.0.0.1."""
+
+from __future__ import annotations
+
+import orjson
+from redis.asyncio import Redis
+
+from dispatcher import bodies
+from dispatcher.bodies import body_key
+from dispatcher.clock import now_ms
+from dispatcher.delivery import encode_body
+from dispatcher.jobs import DeliveryJob, EventJob, decode
+from dispatcher.keys import Keys
+from dispatcher.models import Event, Region
+from dispatcher.producer import Producer
+from dispatcher.queue import Queue
+from dispatcher.registry import Options, Registry
+from dispatcher.settings import Settings
+from tests.helpers import Receiver, RunWorker, answer, make_settings
+
+keys = Keys()
+BIG = {"log": "x" * 8_000}  # an event body well over SHARED_MIN_BYTES
+
+
+async def fail_once(redis: Redis, receiver: Receiver, paths: list[str], project: str) -> None:
+    """Callbacks of `project` at `paths`, each failing its first request, then answering."""
+    for path in paths:
+        url = receiver.script(path, answer(500), answer(200))
+        await Registry(redis).create(project, url, Event.BUILD_END, Region.DEVNET, "s3cret")
+
+
+async def retry_jobs(redis: Redis, settings: Settings) -> dict[str, bytes]:
+    """The queued jobs' bytes by id."""
+    ids = [i.decode() for i in await redis.zrange(settings.queue_name, 0, -1)]
+    datas = await redis.mget([keys.arq_job(i) for i in ids])
+    return {i: d for i, d in zip(ids, datas, strict=True) if d is not None}
+
+
+async def body_keys(redis: Redis) -> list[str]:
+    return sorted(key.decode() for key in await redis.keys(keys.BODY_PREFIX + "*"))
+
+
+async def test_an_events_retries_share_one_copy_of_its_body(
+    settings: Settings, redis: Redis, receiver: Receiver, run_worker: RunWorker
+) -> None:
+    """Twenty failing callbacks of an 8 KB event park one copy of the body, not twenty;
+    each retry sends the body byte for byte, and the last one out deletes it."""
+    paths = [f"/cb{n}" for n in range(20)]
+    await fail_once(redis, receiver, paths, "demo")
+    slow = make_settings(settings.redis_url or "", retry_schedule=(0.3,))
+    await Producer(slow, redis).emit("demo", "BUILD_END", BIG)
+    await run_worker(slow, max_burst_jobs=1)  # the fan-out only: every first attempt fails
+
+    jobs = await retry_jobs(redis, slow)
+    assert len(jobs) == 20
+    for data in jobs.values():
+        payload = decode(data).payload
+        assert "body" not in payload and payload["bodyOf"].startswith("demo:evt_")
+        assert len(data) < 1_000
+    [kept] = await body_keys(redis)
+    stored = await redis.hgetall(kept)  # type: ignore[misc]  # sync|async
+    assert sorted(k.decode() for k in stored if k != b"body") == sorted(jobs)
+    assert stored[b"body"] == encode_body("BUILD_END", "demo", BIG)
+    assert await redis.pttl(kept) >= min([await redis.pttl(keys.arq_job(i)) for i in jobs])
+
+    await run_worker(slow)
+    for path in paths:
+        first, second = receiver.requests(path)
+        assert second.body == first.body == stored[b"body"]
+    assert await body_keys(redis) == []  # the last retry out deleted it
+    assert await redis.zcard(slow.queue_name) == 0
+
+
+async def test_a_small_body_or_sharing_turned_off_keeps_the_body_in_each_retry(
+    settings: Settings, redis: Redis, receiver: Receiver, run_worker: RunWorker
+) -> None:
+    """Under 1 KiB a reference costs about what the body does; with DISPATCHER_SHARED_BODIES
+    off (a fleet still running workers that predate it) no retry refers to a kept body."""
+    await fail_once(redis, receiver, ["/a", "/b"], "demo")
+    for data, shared in (({"buildId": "b-1"}, True), (BIG, False)):
+        slow = make_settings(settings.redis_url or "", retry_schedule=(0.3,), shared_bodies=shared)
+        await Producer(slow, redis).emit("demo", "BUILD_END", data)
+        await run_worker(slow, max_burst_jobs=1)
+        jobs = await retry_jobs(redis, slow)
+        assert len(jobs) == 2
+        for raw in jobs.values():
+            payload = decode(raw).payload
+            assert "bodyOf" not in payload
+            assert orjson.loads(payload["body"])["data"] == data
+        assert await body_keys(redis) == []
+        await run_worker(slow)
+        assert await redis.zcard(slow.queue_name) == 0
+        for path in ("/a", "/b"):
+            receiver.scripts[path] = [answer(500), answer(200)]
+    assert len(receiver.requests("/a")) == 4
+
+
+async def test_a_retry_whose_kept_body_is_gone_is_dropped_on_record(
+    settings: Settings, redis: Redis, receiver: Receiver, run_worker: RunWorker
+) -> None:
+    """Gone (a Redis that lost it), the body is not sent as nothing: the retry ends as a
+    recorded drop, and the event's other retries still go."""
+    await fail_once(redis, receiver, ["/a", "/b"], "demo")
+    slow = make_settings(settings.redis_url or "", retry_schedule=(0.3,))
+    await Producer(slow, redis).emit("demo", "BUILD_END", BIG)
+    await run_worker(slow, max_burst_jobs=1)
+    jobs = await retry_jobs(redis, slow)
+    [kept] = await body_keys(redis)
+    await redis.delete(kept)
+    await run_worker(slow)
+    assert [len(receiver.requests(p)) for p in ("/a", "/b")] == [1, 1]  # no retry sent
+    drops = [orjson.loads(e) for e in await redis.lrange(keys.DROPPED, 0, -1)]  # type: ignore[misc]
+    assert sorted(d["jobId"] for d in drops) == sorted(jobs)
+    assert {d["reason"] for d in drops} == {"the event's body kept for its retries is gone"}
+    assert await redis.zcard(slow.queue_name) == 0
+
+
+async def test_two_projects_events_of_one_id_and_time_keep_their_own_bodies(
+    settings: Settings, redis: Redis, receiver: Receiver, run_worker: RunWorker
+) -> None:
+    """A project names its own event ids: another project's event of the same id, emitted
+    the same millisecond, keeps a body of its own, and each retry sends its own event."""
+    emitted = now_ms()
+    queue = Queue(redis, keys)
+    for project in ("alpha", "beta"):
+        await fail_once(redis, receiver, [f"/{project}"], project)
+        data = {"owner": project, **BIG}
+        event = EventJob(
+            id="evt_same", project_id=project, event="BUILD_END", data=data, emitted_at=emitted
+        )
+        assert await queue.enqueue(event)
+    slow = make_settings(settings.redis_url or "", retry_schedule=(0.3,))
+    await run_worker(slow, max_burst_jobs=2)
+    assert len(await body_keys(redis)) == 2
+    await run_worker(slow)
+    for project in ("alpha", "beta"):
+        sent = [orjson.loads(s.body)["data"]["owner"] for s in receiver.requests(f"/{project}")]
+        assert sent == [project, project]
+
+
+async def test_a_kept_body_outlives_the_jobs_that_refer_to_it(
+    settings: Settings, redis: Redis, receiver: Receiver, run_worker: RunWorker
+) -> None:
+    """A run that reads the body keeps it at least its job's time to live plus the
+    longest the run may put the job off by; a release while the job is queued keeps it."""
+    await fail_once(redis, receiver, ["/a"], "demo")
+    slow = make_settings(settings.redis_url or "", retry_schedule=(0.3,))
+    await Producer(slow, redis).emit("demo", "BUILD_END", BIG)
+    await run_worker(slow, max_burst_jobs=1)
+    [job_id] = await retry_jobs(redis, slow)
+    [kept] = await body_keys(redis)
+    job = DeliveryJob.from_wire(decode(await redis.get(keys.arq_job(job_id))).payload, job_id)
+    assert body_key(keys, job) == kept
+    await redis.pexpire(kept, 1_000)
+    found = await bodies.read(redis, keys, job, 3_600_000)
+    assert found is not None and found.body == encode_body("BUILD_END", "demo", BIG)
+    assert await redis.pttl(kept) > await redis.pttl(keys.arq_job(job_id)) + 3_500_000
+    async with redis.pipeline(transaction=False) as pipe:
+        bodies.release(pipe, keys, job)
+        assert await pipe.execute() == [0]  # its job is still queued: kept
+    assert await redis.hexists(body_key(keys, job), job_id)  # type: ignore[misc]  # sync|async
+
+
+async def test_an_ordered_callbacks_big_events_keep_their_bodies_in_their_jobs(
+    settings: Settings, redis: Redis, receiver: Receiver, run_worker: RunWorker
+) -> None:
+    """A lane parks its deliveries out of the queue and hands them over outside a claim:
+    they keep their bodies in their jobs, and each one sends its own event whole, in
+    order, behind a head that fails before it succeeds."""
+    url = receiver.script("/lane", answer(500), answer(500), answer(200))
+    await Registry(redis).create(
+        "demo", url, Event.BUILD_END, Region.DEVNET, "s3cret", options=Options(order_by="buildId")
+    )
+    events = [("demo", "BUILD_END", {"buildId": "b-1", "step": s, **BIG}) for s in range(3)]
+    await Producer(settings, redis).emit_many(events)
+    await run_worker(max_burst_jobs=3)  # the fan-outs: the head fails, the others park
+    assert await body_keys(redis) == []
+    await run_worker()
+    sent = [orjson.loads(s.body)["data"] for s in receiver.requests("/lane")]
+    assert [d["step"] for d in sent] == [0, 0, 0, 1, 2]
+    assert all(d["log"] == BIG["log"] for d in sent)
