@@ -186,17 +186,19 @@ class Served:
 
     async def drop(self, claimed: Claimed, reason: str, *, finish: bool = True) -> None:
         """End a job without running it, on record (an ordered delivery's drop releases its
-        lane, in the same write)."""
-        ordered = _ordered(claimed)
-        if finish and ordered is not None:
-            then = self.engine.lanes.releasing(ordered, self.next_step(claimed.job_id))
-            await self.engine.drop(ordered, reason, then)
+        lane, a retry's its reference to a kept body, in the same write)."""
+        delivery = _delivery(claimed)
+        if finish and delivery is not None and delivery.lane is not None:
+            then = self.engine.lanes.releasing(delivery, self.next_step(claimed.job_id))
+            await self.engine.drop(delivery, reason, then)
             return
 
         def write(pipe: Pipeline) -> None:
             keep_entry(pipe, self.keys.DROPPED, {"jobId": claimed.job_id, "reason": reason})
             if finish:
                 self.claims.finish(pipe, claimed.job_id)
+                if delivery is not None:
+                    bodies.release(pipe, self.keys, delivery)
             pipe.delete(self.keys.pushed(claimed.job_id))  # a redelivery's id: free again
 
         await self.writer.commit(write)
@@ -209,8 +211,8 @@ def retry_in(claims: int) -> float:
     return min(60.0, 0.5 * 2.0 ** min(claims, 7))
 
 
-def _ordered(claimed: Claimed) -> DeliveryJob | None:
-    """The ordered delivery a job holds, if it holds one."""
+def _delivery(claimed: Claimed) -> DeliveryJob | None:
+    """The delivery a job holds, if it holds one (its body unread)."""
     try:
         wire = decode(claimed.data or b"")
         job = (
@@ -220,7 +222,7 @@ def _ordered(claimed: Claimed) -> DeliveryJob | None:
         )
     except BadJob:
         return None
-    return job if job is not None and job.lane is not None else None
+    return job
 
 
 def given_shards(shards: list[Services], wanted: list[int] | None) -> list[Services]:

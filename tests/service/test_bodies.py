@@ -180,3 +180,22 @@ async def test_an_ordered_callbacks_big_events_keep_their_bodies_in_their_jobs(
     sent = [orjson.loads(s.body)["data"] for s in receiver.requests("/lane")]
     assert [d["step"] for d in sent] == [0, 0, 0, 1, 2]
     assert all(d["log"] == BIG["log"] for d in sent)
+
+
+async def test_a_retry_dropped_unrun_gives_back_its_body(
+    settings: Settings, redis: Redis, receiver: Receiver, run_worker: RunWorker
+) -> None:
+    """A retry dropped without a run (claimed too often: it killed its workers) ends on
+    record and gives its reference back, so its event's body goes with its last retry
+    rather than days later."""
+    await fail_once(redis, receiver, ["/a", "/b"], "demo")
+    slow = make_settings(settings.redis_url or "", retry_schedule=(0.3,))
+    await Producer(slow, redis).emit("demo", "BUILD_END", BIG)
+    await run_worker(slow, max_burst_jobs=1)
+    jobs = sorted(await retry_jobs(redis, slow))
+    for job_id in jobs:  # as if each had been claimed 30 times already
+        await redis.set(keys.ARQ_RETRY_PREFIX + job_id, 30, ex=3_600)
+    await run_worker(slow)
+    drops = [orjson.loads(e) for e in await redis.lrange(keys.DROPPED, 0, -1)]  # type: ignore[misc]
+    assert sorted(d["jobId"] for d in drops) == jobs
+    assert await body_keys(redis) == []
