@@ -57,6 +57,7 @@ class Sizes:
     history_pg_hot: int  # ... of which the queried (url, event) holds
     ship_records: int
     lag_s: float
+    retry_callbacks: int  # failing callbacks of the retry-bodies scenario's one event
 
     @classmethod
     def pick(cls, quick: bool) -> Sizes:
@@ -67,14 +68,14 @@ class Sizes:
                 batch_repeats=5, http_emit=3_000, http_batches=10, fault_deliveries=4_000,
                 latency_s=5.0, memory_early=2_000, memory_late=20_000, history_total=100_000,
                 history_rounds=150, history_pg_total=200_000, history_pg_hot=100_000,
-                ship_records=50_000, lag_s=5.0,
+                ship_records=50_000, lag_s=5.0, retry_callbacks=200,
             )  # fmt: skip
         return cls(
             deliveries=6_000, repeats=3, ceiling=20_000, emit=20_000, emit_repeats=3,
             batch_repeats=7, http_emit=10_000, http_batches=20, fault_deliveries=8_000,
             latency_s=20.0, memory_early=10_000, memory_late=100_000, history_total=1_000_000,
             history_rounds=300, history_pg_total=2_000_000, history_pg_hot=1_000_000,
-            ship_records=200_000, lag_s=20.0,
+            ship_records=200_000, lag_s=20.0, retry_callbacks=1_000,
         )  # fmt: skip
 
 
