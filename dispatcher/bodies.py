@@ -12,10 +12,11 @@ field each.
   the bytes too when they are not there yet, so the job never exists without them.
 - A run reads them with its job (`read`), which also keeps them as long as the job may
   live: the job's own time to live, plus its longest wait before the next run.
-- A job that ended gives its reference back (`release`): the last one out deletes the
-  bytes. A release checks that the job is gone, so it is safe from any path, at any time;
-  a release missed (a worker killed between the job's end and it) leaves the bytes to
-  their time to live.
+- After each run of a job, whatever it did, it gives its reference back (`release`) if
+  the job has ended: the last one out deletes the bytes. A release checks that the job is
+  gone, so it is safe from any path, at any time; finding the job still there (due again,
+  put off), it keeps the bytes as long as the job may live now. A release missed (a
+  worker killed between the job's end and it) leaves the bytes to their time to live.
 
 Bodies under `SHARED_MIN_BYTES` stay in their jobs (a reference costs about as much), and
 so do ordered deliveries (parked in their lanes out of the queue) and redeliveries (each
@@ -64,19 +65,6 @@ def body_key(keys: Keys, job: DeliveryJob) -> str:
 
 
 @dataclass
-class Keep(Script):
-    """The reference of a job (`job_id`) to the body kept at `body` (`shared`, the bytes,
-    stored when not there yet), kept at least `keep_ms`. For a job that was placed without
-    a push (a shard move)."""
-
-    LUA = KEEP_BODY + "keep_body() return 1"
-    body: Key
-    job_id: str
-    shared: bytes
-    keep_ms: int
-
-
-@dataclass
 class Read(Script):
     """The bytes kept at `body` (false when gone), kept from now on at least as long as
     the `job` lives plus `wait_ms` (the longest a run may put the job off by, which also
@@ -98,10 +86,15 @@ class Read(Script):
 @dataclass
 class Release(Script):
     """`job_id` gives back its reference to the body at `body`, unless its `job` is still
-    there; the last reference out deletes the bytes. Returns 1 when the bytes went."""
+    there: then the body is kept at least as long as the job lives plus `keep_ms`. The
+    last reference out deletes the bytes. Returns 1 when the bytes went."""
 
     LUA = """
-    if redis.call('EXISTS', job) == 1 then return 0 end
+    if redis.call('EXISTS', job) == 1 then
+      local keep = redis.call('PTTL', job) + tonumber(keep_ms)
+      if redis.call('PTTL', body) < keep then redis.call('PEXPIRE', body, keep) end
+      return 0
+    end
     redis.call('HDEL', body, job_id)
     if redis.call('HLEN', body) > 1 then return 0 end
     redis.call('DEL', body)
@@ -110,6 +103,7 @@ class Release(Script):
     body: Key
     job: Key
     job_id: str
+    keep_ms: int
 
 
 async def read(redis: Redis, keys: Keys, job: DeliveryJob, wait_ms: int) -> DeliveryJob | None:
@@ -122,17 +116,20 @@ async def read(redis: Redis, keys: Keys, job: DeliveryJob, wait_ms: int) -> Deli
     return None if found is None else dataclasses.replace(job, body=found)
 
 
-def release(pipe: Pipeline, keys: Keys, job: DeliveryJob) -> None:
-    """Queue the release of `job`'s reference to its body (see `Release`), if it has one."""
+def release(pipe: Pipeline, keys: Keys, job: DeliveryJob, keep_ms: int = 0) -> None:
+    """Queue the release of `job`'s reference to its body (see `Release`), if it has one;
+    `keep_ms`: how long past the job the body stays while the job is there."""
     if job.body_of is not None:
-        Release(body_key(keys, job), keys.arq_job(job.job_id), job.job_id).queue_on(pipe)
+        job_key = keys.arq_job(job.job_id)
+        Release(body_key(keys, job), job_key, job.job_id, keep_ms).queue_on(pipe)
 
 
 @dataclass(frozen=True, slots=True)
 class Carried:
     """The body a retry job refers to, as a shard move carries the job: read on the old
     shard (`shared`; None when gone there: the job is then dropped on record where it
-    runs), kept for the job on the new one, given back on the old one once it left."""
+    runs), kept for the job on the new one (by the script that places it), given back on
+    the old one once it left."""
 
     job: DeliveryJob
     shared: bytes | None
@@ -151,10 +148,9 @@ class Carried:
         shared = await redis.hget(body_key(keys, job), "body")  # type: ignore[misc]  # sync|async
         return cls(job, shared)
 
-    def keep(self, pipe: Pipeline, keys: Keys, keep_ms: int) -> None:
-        """Queue the job's reference to the body on the shard of `keys`."""
-        if self.shared is not None:
-            Keep(body_key(keys, self.job), self.job.job_id, self.shared, keep_ms).queue_on(pipe)
+    def placed(self, keys: Keys) -> tuple[str, bytes] | None:
+        """Where the placing script keeps the body on the shard of `keys`, and its bytes."""
+        return None if self.shared is None else (body_key(keys, self.job), self.shared)
 
     def release(self, pipe: Pipeline, keys: Keys) -> None:
         """Queue the release of the job's reference on the shard of `keys`."""

@@ -216,6 +216,8 @@ class DeliveryJob:
         """The same request again (same delivery id) under a fresh progress id, or, `after`
         the delivery's attempt of that record id, under the one id of the redelivery that
         follows it (queued once: `Queue.push_many`)."""
+        if self.body_of is not None and not self.body:  # read back, its body never read
+            raise ValueError(f"{self.job_id}: a redelivery of a job without its kept body")
         mark = uuid.uuid4().hex[:12] if after is None else f"after-{after}"
         progress_id = f"{self.delivery_id}:redeliver:{mark}"
         return DeliveryJob(self.delivery_id, progress_id, self.event_id, self.project_id,
@@ -253,12 +255,17 @@ class DeliveryJob:
             raise BadJob("delivery payload is not an object")
         try:
             callback_id = int(payload["callbackId"])
+            project_id = _text(payload, "projectId")
             body_of = _optional_text(payload, "bodyOf")
             body = "" if body_of is not None else payload["body"]
+            emitter = _emitter(payload.get("emitter"), project_id)
+            if body_of is not None and not body_of.startswith(
+                project_scoped(emitter, payload.get("eventId") or "") + "@"
+            ):  # its own event's body, never another's
+                raise ValueError(f"bodyOf {body_of!r} is not its event's")
             if not isinstance(body, str):
                 raise TypeError("body is not a string")
             redelivery_of = payload.get("redeliveryOf")
-            project_id = _text(payload, "projectId")
             return cls(
                 delivery_id=_text(payload, "deliveryId"),
                 progress_id=payload.get("progressId") or job_id or payload["deliveryId"],
@@ -268,7 +275,7 @@ class DeliveryJob:
                 body=body.encode(),
                 callback_id=callback_id,
                 redelivery_of=None if redelivery_of is None else int(redelivery_of),
-                emitter=_emitter(payload.get("emitter"), project_id),
+                emitter=emitter,
                 trace=TraceContext.read(payload) if "traceparent" in payload else None,
                 order_key=_optional_text(payload, "orderKey"),
                 order_note=_optional_text(payload, "orderNote"),

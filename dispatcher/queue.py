@@ -121,6 +121,8 @@ class Queue:
         score = now + int(defer_s * 1000)
         key = self.keys.arq_job(job.job_id)
         shared = job if isinstance(job, DeliveryJob) and job.body_of is not None else None
+        if shared is not None and not shared.body:  # read back, its body never read
+            raise ValueError(f"{job.job_id}: a retry that refers to a kept body, without it")
         Push(
             job=key,
             queue=self.queue_name,

@@ -365,13 +365,12 @@ class Mover:
             progress, progress_ms = await pipe.execute()
 
         def place(pipe: Pipeline) -> None:
-            d = dst.keys
-            PlaceJob(d.QUEUE, d.arq_job(job_id), job_id, data, due, ttl_ms).queue_on(pipe)
+            d, job_key = dst.keys, dst.keys.arq_job(job_id)
+            body, shared = (carried and carried.placed(d)) or (job_key, b"")
+            PlaceJob(d.QUEUE, job_key, body, job_id, data, due, ttl_ms, shared).queue_on(pipe)
             if progress is not None:  # (its write time stays readable: see worker.marks)
                 ex, px = (None, progress_ms) if progress_ms > 0 else (86_400, None)
                 pipe.set(d.delivery(job_id), progress, ex=ex, px=px, nx=True)
-            if carried is not None:
-                carried.keep(pipe, d, ttl_ms)
 
         def leave(pipe: Pipeline) -> None:
             claims.finish(pipe, job_id)

@@ -8,6 +8,7 @@ import hashlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from dispatcher.bodies import KEEP_BODY
 from dispatcher.jobs import FAN_OUT, BadJob, decode
 from dispatcher.lua import Key, Script
 from dispatcher.models import PLATFORM_PROJECT
@@ -65,20 +66,29 @@ class TakeJob(Script):
 
 @dataclass
 class PlaceJob(Script):
-    """Queues a moved job (kept as it is when that id is queued already)."""
+    """Queues a moved job (kept as it is when that id is queued already), and its
+    reference to the body it refers to at `body` (`shared`: the bytes; the `job` key again
+    for one that holds its own: `dispatcher.bodies`)."""
 
-    LUA = """
+    LUA = (
+        "local keep_ms = ttl_ms"
+        + KEEP_BODY
+        + """
     if redis.call('ZSCORE', queue, job_id) then return 0 end
     redis.call('SET', job, data, 'PX', ttl_ms)
     redis.call('ZADD', queue, due_ms, job_id)
+    if body ~= job then keep_body() end
     return 1
     """
+    )
     queue: Key
     job: Key
+    body: Key
     job_id: str
     data: bytes
     due_ms: bytes
     ttl_ms: int
+    shared: bytes = b""
 
 
 MOVE, STAY, UNLESS_BEGUN = "move", "stay", "move unless begun"

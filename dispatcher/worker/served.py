@@ -141,16 +141,19 @@ class Served:
 
     async def deliver(self, claimed: Claimed, job: DeliveryJob) -> None:
         """A `deliver` job's run, with the body it refers to when it holds none of its own
-        (`dispatcher.bodies`; gone, the job is dropped on record), which it gives back once
-        the job has ended (a release that fails leaves the body to its time to live)."""
-        found = await bodies.read(self.services.redis, self.keys, job, self.body_wait_ms)
+        (`dispatcher.bodies`; gone, the job is dropped on record). After the run, however
+        it ended (a timeout, a cancel), the release follows its writes: it gives the body
+        back if the job has ended, else keeps it as long as the job may live now."""
+        wait_ms = self.body_wait_ms
+        found = await bodies.read(self.services.redis, self.keys, job, wait_ms)
         if found is None:
             await self.drop(claimed, "the event's body kept for its retries is gone")
             return
-        await self.engine.deliver(found, self.next_step(claimed.job_id))
-        if found.body_of is not None:
-            with contextlib.suppress(*CLAIM_ERRORS):
-                await self.writer.commit(lambda pipe: bodies.release(pipe, self.keys, found))
+        try:
+            await self.engine.deliver(found, self.next_step(claimed.job_id))
+        finally:
+            if found.body_of is not None:  # not waited for: the writer logs a refusal
+                self.writer.submit(lambda pipe: bodies.release(pipe, self.keys, found, wait_ms))
 
     @property
     def body_wait_ms(self) -> int:

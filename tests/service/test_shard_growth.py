@@ -182,6 +182,20 @@ async def test_a_moved_retry_takes_the_body_it_refers_to(
         assert found is not None and found.body == body
         assert await dst.redis.hexists(body_key(dst.keys, job), job.job_id)  # type: ignore[misc]
 
+        # another retry of the event: its copy already on the new shard (a move done
+        # before) is kept as it is and takes no reference; the old shard's body stays
+        # for the event's retry still there
+        moving, staying = (DeliveryJob.first(event, n, body, shared=True) for n in (2, 3))
+        for shard, jobs in ((src, (moving, staying)), (dst, (moving,))):
+            queue = Queue(shard.redis, shard.keys)
+            for one in jobs:
+                await queue.enqueue(one)
+        await dst.redis.hdel(body_key(dst.keys, moving), moving.job_id)  # type: ignore[misc]
+        read = await src.redis.get(src.keys.arq_job(moving.job_id))
+        assert await mover._move_job(src, dst, claims, moving.job_id, read, unless_begun=False)
+        assert not await dst.redis.hexists(body_key(dst.keys, moving), moving.job_id)  # type: ignore[misc]
+        assert await src.redis.hget(body_key(src.keys, staying), "body") == body  # type: ignore[misc]
+
 
 class FirstPassThenDue(Mover):
     """A mover that makes `job_id` due, wherever it is queued, once its first pass over the

@@ -3,7 +3,12 @@ id, its mark's key, its lane entry), and the delivery id is read back from it.""
 
 from __future__ import annotations
 
-from dispatcher.jobs import DeliveryJob, EventJob, delivery_of
+import pytest
+from redis.asyncio import Redis
+
+from dispatcher.jobs import BadJob, DeliveryJob, EventJob, delivery_of
+from dispatcher.keys import Keys
+from dispatcher.queue import Queue
 
 
 def test_a_first_deliverys_progress_id_names_its_emission() -> None:
@@ -52,3 +57,19 @@ def test_a_retry_refers_to_its_emissions_body_kept_once() -> None:
     assert DeliveryJob.first(undated, 42, b"{}", shared=True).body_of is None
     again = job.redelivery(9)
     assert again.body_of is None and again.to_wire()["body"] == '{"big": 1}'
+
+
+def test_a_retry_read_back_names_its_own_events_body_and_is_never_sent_on_as_it_is() -> None:
+    """A job's `bodyOf` must name its own event's body (`{emitter}:{event id}@...`), so a
+    job can never be made to send another project's; a retry read back without its body
+    read cannot be queued again or redelivered (it would send an empty body)."""
+    event = EventJob(id="build-7", project_id="p", event="BUILD_END", emitted_at=1234)
+    wire = DeliveryJob.first(event, 42, b'{"big": 1}', shared=True).to_wire()
+    for forged in ("other:build-7@1234", "p:build-77@1234", "p:build-7"):
+        with pytest.raises(BadJob):
+            DeliveryJob.from_wire({**wire, "bodyOf": forged}, "p:build-7.42@1234")
+    read = DeliveryJob.from_wire(wire, "p:build-7.42@1234")
+    with pytest.raises(ValueError, match="kept body"):
+        read.redelivery(9)
+    with pytest.raises(ValueError, match="kept body"):
+        Queue(Redis(), Keys()).push(Redis().pipeline(), read, defer_s=1)
