@@ -40,13 +40,16 @@ class Answer:
 @dataclass
 class FlakyReceiver:
     """Answers 500 to `fail` of the requests, resets the connection on `reset` of them, and
-    sleeps 0 to `max_delay` seconds before answering; 200 otherwise. Seeded: reproducible."""
+    sleeps 0 to `max_delay` seconds before answering; 200 otherwise. Seeded: reproducible.
+    `wrong_bodies`: the delivery ids of requests whose body is not JSON, or whose data
+    names (`id`) another event than the delivery's."""
 
     fail: float = 0.0
     reset: float = 0.0
     max_delay: float = 0.0
     seed: int = 7
     answers: list[Answer] = field(default_factory=list)
+    wrong_bodies: list[str] = field(default_factory=list)
     base: str = ""
 
     def __post_init__(self) -> None:
@@ -57,11 +60,13 @@ class FlakyReceiver:
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         arrived = now_ms()
-        await request.read()
+        body = await request.read()
         roll, delay = self.rng.random(), self.rng.uniform(0, self.max_delay)
         if delay:
             await asyncio.sleep(delay)
         delivery_id = request.headers.get("webhook-id") or request.headers["X-DEVOPS-DELIVERY-ID"]
+        if not _names_its_event(body, delivery_id):
+            self.wrong_bodies.append(delivery_id)
         if roll < self.reset:
             self.answers.append(Answer(delivery_id, arrived, now_ms(), "reset"))
             transport = request.transport
@@ -76,6 +81,17 @@ class FlakyReceiver:
 
     def answered_2xx(self) -> set[str]:
         return {a.delivery_id for a in self.answers if a.answer == 200}
+
+
+def _names_its_event(body: bytes, delivery_id: str) -> bool:
+    """Whether `body` is the JSON of the event `delivery_id` names (`{project}:{event
+    id}.{callback id}`), as far as its data says (`id`)."""
+    try:
+        data = orjson.loads(body)["data"]
+    except (orjson.JSONDecodeError, KeyError, TypeError):
+        return False
+    event_id = delivery_id.partition(":")[2].rpartition(".")[0]
+    return "id" not in data or data["id"] == event_id
 
 
 @asynccontextmanager
@@ -111,18 +127,21 @@ class Verdict:
     abandoned: set[str] = field(default_factory=set)
     false_failed: list[HistoryRecord] = field(default_factory=list)
     unrecorded: set[str] = field(default_factory=set)
+    wrong_bodies: list[str] = field(default_factory=list)  # sent without their event's
     seen: dict[int, list[int | str]] = field(default_factory=dict)  # answers in a record's time
 
     def assert_nothing_lost(self) -> None:
-        assert not (self.lost or self.abandoned or self.false_failed or self.unrecorded), (
-            self.summary()
-        )
+        assert not (
+            self.lost or self.abandoned or self.false_failed or self.unrecorded
+            or self.wrong_bodies
+        ), self.summary()  # fmt: skip
 
     def summary(self) -> str:
         return (
             f"{len(self.expected)} deliveries: lost {len(self.lost)}, abandoned "
             f"{len(self.abandoned)}, 2xx recorded as failed {len(self.false_failed)}, "
-            f"delivered without a record {len(self.unrecorded)}"
+            f"delivered without a record {len(self.unrecorded)}, sent without their "
+            f"event's body {len(self.wrong_bodies)}"
             + "".join(
                 f"\n  record {r.id} of {r.delivery_id} (attempt {r.attempt}, "
                 f"{r.start_time}..{r.end_time} ms): FAILED {r.error_msg!r}, "
@@ -139,7 +158,7 @@ async def judge(
     """Every expected delivery must have ended: a SUCCESS record, a final FAILED record, or
     a recorded drop. A FAILED record is false when, during its attempt, the receiver
     answered that delivery with a 2xx."""
-    verdict = Verdict(expected)
+    verdict = Verdict(expected, wrong_bodies=list(receiver.wrong_bodies))
     drops = await redis.lrange(keys.DROPPED, 0, -1)  # type: ignore[misc]  # sync|async
     dropped = {orjson.loads(e).get("deliveryId") for e in drops}
     by_delivery: dict[str, list[HistoryRecord]] = {}

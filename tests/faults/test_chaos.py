@@ -37,6 +37,7 @@ keys = Keys()  # today's key names (one shard)
 pytestmark = pytest.mark.timeout(150)
 
 PROJECT = "chaos"
+PAD = "x" * 1_500
 
 
 @dataclass
@@ -135,7 +136,8 @@ async def emit_through_the_api(
     settings: Settings, redis: Redis, count: int, every_s: float
 ) -> list[str]:
     """`count` events through the real emit route, each retried (same event id) until the
-    route takes it; returns the event ids."""
+    route takes it; returns the event ids. Each event's data is over 1 KiB, so that its
+    retries share its body kept in Redis (`dispatcher.bodies`) through the faults."""
     app = create_app(settings, redis)
     ids = [f"evt_chaos_{i}" for i in range(count)]
     async with app.router.lifespan_context(app):
@@ -145,7 +147,8 @@ async def emit_through_the_api(
                 for _ in range(20):
                     answer = await api.post(
                         f"/apigw/v4/projects/{PROJECT}/events", headers=UID,
-                        json={"event": "BUILD_END", "data": {"id": event_id}, "eventId": event_id},
+                        json={"event": "BUILD_END", "data": {"id": event_id, "pad": PAD},
+                              "eventId": event_id},
                     )  # fmt: skip
                     if answer.status_code == 200:
                         break
