@@ -207,7 +207,7 @@ class DeliveryJob:
         progress_id = f"{delivery_id}@{event.emitted_at}" if event.emitted_at else delivery_id
         body_of = None
         if shared and event.emitted_at:
-            body_of = f"{project_scoped(event.project_id, event.id)}@{event.emitted_at}"
+            body_of = _body_of(event.project_id, event.id, progress_id)
         return cls(delivery_id, progress_id, event.id, owner or event.project_id, event.event,
                    body, callback_id, emitter=event.project_id, trace=trace,
                    body_of=body_of)  # fmt: skip
@@ -259,16 +259,18 @@ class DeliveryJob:
             body_of = _optional_text(payload, "bodyOf")
             body = "" if body_of is not None else payload["body"]
             emitter = _emitter(payload.get("emitter"), project_id)
-            if body_of is not None and not body_of.startswith(
-                project_scoped(emitter, payload.get("eventId") or "") + "@"
-            ):  # its own event's body, never another's
-                raise ValueError(f"bodyOf {body_of!r} is not its event's")
+            progress_id = payload.get("progressId") or job_id or payload["deliveryId"]
+            if body_of is not None and (
+                body_of != _body_of(emitter, payload.get("eventId") or "", progress_id)
+                or payload.get("lane") is not None  # a lane hands its jobs on unread
+            ):  # its own emission's body, never another's
+                raise ValueError(f"bodyOf {body_of!r} is not its emission's")
             if not isinstance(body, str):
                 raise TypeError("body is not a string")
             redelivery_of = payload.get("redeliveryOf")
             return cls(
                 delivery_id=_text(payload, "deliveryId"),
-                progress_id=payload.get("progressId") or job_id or payload["deliveryId"],
+                progress_id=progress_id,
                 event_id=payload.get("eventId") or "",
                 project_id=project_id,
                 event=_text(payload, "event"),
@@ -284,6 +286,12 @@ class DeliveryJob:
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise BadJob(f"delivery payload is malformed: {exc!r}") from None
+
+
+def _body_of(emitter: str, event_id: str, progress_id: str) -> str:
+    """The scope of the body an emission's retries share (`dispatcher.bodies`):
+    `{emitter}:{event id}@{emittedAt}`, the emission's as its progress id ends."""
+    return f"{project_scoped(emitter, event_id)}@{progress_id.rpartition('@')[2]}"
 
 
 def _optional_text(payload: dict[str, Any], name: str) -> str | None:

@@ -156,6 +156,8 @@ class Queue:
                 part = events[start : start + PUSH_CHUNK]
                 push_events(pipe, self.keys, part, [encode(job, now) for job in part], now)
             return
+        if any(isinstance(job, DeliveryJob) and job.body_of is not None for job in jobs):
+            raise ValueError("a retry that refers to a kept body is pushed alone (`push`)")
         for start in range(0, len(jobs), PUSH_CHUNK):
             chunk = jobs[start : start + PUSH_CHUNK]
             PushMany(

@@ -211,8 +211,9 @@ class Engine:
         else:
             await self.attempt(job, target, int(progress or 0) + 1, then)
 
-    async def drop(self, job: DeliveryJob, reason: str, then: Then) -> None:
-        """End a delivery without an attempt, on record (`dispatcher:deliveries:dropped`)."""
+    async def drop(self, job: DeliveryJob, reason: str, then: Then, kind: str = "callback") -> None:
+        """End a delivery without an attempt, on record (`dispatcher:deliveries:dropped`;
+        `kind`: the metric's label)."""
 
         def write(pipe: Pipeline) -> None:
             keep_entry(pipe, self.keys.DROPPED, {"deliveryId": job.delivery_id, "reason": reason,
@@ -225,7 +226,7 @@ class Engine:
             then(pipe, None)
 
         self.lanes.landed(await self.writer.commit(write))  # a lane's next delivery: now
-        metrics.DROPPED.labels(reason="callback").inc()
+        metrics.DROPPED.labels(reason=kind).inc()
         log.info(
             "delivery.dropped",
             delivery_id=job.delivery_id,

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -146,14 +147,25 @@ class Served:
         back if the job has ended, else keeps it as long as the job may live now."""
         wait_ms = self.body_wait_ms
         found = await bodies.read(self.services.redis, self.keys, job, wait_ms)
-        if found is None:
-            await self.drop(claimed, "the event's body kept for its retries is gone")
+        if found is None:  # the delivery's end, on record (its body is gone with its refs)
+            then = self.next_step(claimed.job_id)
+            await self.engine.drop(
+                job, "the event's body kept for its retries is gone", then, "body"
+            )
             return
+        kept = None  # a job put off (for days, in a long line) keeps its body as long
+        if found.body_of is not None:  # in the same write
+            kept = functools.partial(bodies.release, keys=self.keys, job=found, keep_ms=wait_ms)
         try:
-            await self.engine.deliver(found, self.next_step(claimed.job_id))
+            await self.engine.deliver(found, NextStep(self.claims, claimed.job_id, kept))
         finally:
-            if found.body_of is not None:  # not waited for: the writer logs a refusal
-                self.writer.submit(lambda pipe: bodies.release(pipe, self.keys, found, wait_ms))
+            if found.body_of is not None:
+                self.release(found, wait_ms)
+
+    def release(self, job: DeliveryJob, keep_ms: int) -> None:
+        """The release of `job`'s kept body after its run (see `bodies.release`): not
+        waited for, the writer logs a refusal."""
+        self.writer.submit(lambda pipe: bodies.release(pipe, self.keys, job, keep_ms))
 
     @property
     def body_wait_ms(self) -> int:
@@ -193,7 +205,7 @@ class Served:
         delivery = _delivery(claimed)
         if finish and delivery is not None and delivery.lane is not None:
             then = self.engine.lanes.releasing(delivery, self.next_step(claimed.job_id))
-            await self.engine.drop(delivery, reason, then)
+            await self.engine.drop(delivery, reason, then, "job")
             return
 
         def write(pipe: Pipeline) -> None:

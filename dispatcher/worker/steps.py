@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from redis.asyncio.client import Pipeline
 
     from dispatcher.ending import JobEnd
@@ -53,16 +55,21 @@ class Step:
 
 @dataclass(frozen=True, slots=True)
 class NextStep(Step):
-    """After a `deliver` job's attempt: back in the queue for the next one, or done."""
+    """After a `deliver` job's attempt: back in the queue for the next one, or done.
+    `kept`: what follows the job's return in the same write (a kept body's time to live
+    raised with the job's: `dispatcher.bodies`)."""
 
     claims: Claims
     job_id: str
+    kept: Callable[[Pipeline], None] | None = None
 
     def __call__(self, pipe: Pipeline, delay: float | None) -> None:
         if delay is None:
             self.claims.finish(pipe, self.job_id)
         else:
             self.claims.again(pipe, self.job_id, delay, next_attempt=True)
+            if self.kept is not None:
+                self.kept(pipe)
 
     def job_end(self, delay: float | None) -> JobEnd | None:
         return self.claims.job_end(self.job_id) if delay is None else None

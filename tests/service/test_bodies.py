@@ -3,6 +3,8 @@ workers, a real receiver on 127.0.0.1."""
 
 from __future__ import annotations
 
+import asyncio
+
 import orjson
 import pytest
 from redis.asyncio import Redis
@@ -19,6 +21,7 @@ from dispatcher.queue import Queue
 from dispatcher.registry import Options, Registry
 from dispatcher.settings import Settings
 from dispatcher.worker import Engine
+from dispatcher.worker.served import Served
 from dispatcher.worker.writer import Then
 from tests.helpers import Receiver, RunWorker, answer, make_settings
 
@@ -102,21 +105,30 @@ async def test_a_small_body_or_sharing_turned_off_keeps_the_body_in_each_retry(
 async def test_a_retry_whose_kept_body_is_gone_is_dropped_on_record(
     settings: Settings, redis: Redis, receiver: Receiver, run_worker: RunWorker
 ) -> None:
-    """Gone (a Redis that lost it), the body is not sent as nothing: the retry ends as a
-    recorded drop, and the event's other retries still go."""
+    """Gone (a Redis that lost it), the body is not sent as nothing: each retry that
+    referred to it ends as a recorded drop naming its delivery, which is marked done;
+    another event's retries, whose body is there, still go."""
     await fail_once(redis, receiver, ["/a", "/b"], "demo")
     slow = make_settings(settings.redis_url or "", retry_schedule=(0.3,))
-    await Producer(slow, redis).emit("demo", "BUILD_END", BIG)
+    lost = await Producer(slow, redis).emit("demo", "BUILD_END", BIG)
     await run_worker(slow, max_burst_jobs=1)
-    jobs = await retry_jobs(redis, slow)
     [kept] = await body_keys(redis)
     await redis.delete(kept)
+    for path in ("/a", "/b"):
+        receiver.scripts[path] = [answer(500), answer(200)]
+    await Producer(slow, redis).emit("demo", "BUILD_END", {**BIG, "n": 2})
     await run_worker(slow)
-    assert [len(receiver.requests(p)) for p in ("/a", "/b")] == [1, 1]  # no retry sent
+    sent = [
+        orjson.loads(s.body)["data"].get("n") for p in ("/a", "/b") for s in receiver.requests(p)
+    ]
+    assert sorted(sent, key=str) == [2, 2, 2, 2, None, None]  # the lost body's: no retry
     drops = [orjson.loads(e) for e in await redis.lrange(keys.DROPPED, 0, -1)]  # type: ignore[misc]
-    assert sorted(d["jobId"] for d in drops) == sorted(jobs)
+    assert sorted(d["deliveryId"].rpartition(".")[0] for d in drops) == [f"demo:{lost}"] * 2
     assert {d["reason"] for d in drops} == {"the event's body kept for its retries is gone"}
+    marks = await redis.keys(keys.DELIVERY_PREFIX + f"demo:{lost}.*")
+    assert len(marks) == 2 and set(await redis.mget(marks)) == {b"done"}
     assert await redis.zcard(slow.queue_name) == 0
+    assert await body_keys(redis) == []
 
 
 async def test_two_projects_events_of_one_id_and_time_keep_their_own_bodies(
@@ -234,3 +246,33 @@ async def test_a_run_that_fails_after_its_job_ended_still_gives_back_its_body(
     assert len(receiver.requests("/a")) == 2
     assert await redis.zcard(slow.queue_name) == 0
     assert await body_keys(redis) == []
+
+
+async def test_a_retry_put_off_for_days_keeps_its_body_in_the_same_write(
+    settings: Settings,
+    redis: Redis,
+    receiver: Receiver,
+    run_worker: RunWorker,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A run that puts its job off for longer than a read keeps the body (a rate-limited
+    callback's long line: its wait has no cap) raises the body's time to live in the write
+    that puts the job off, so the body outlives the job even when the release after the
+    run is lost (a worker killed before it)."""
+    await fail_once(redis, receiver, ["/a"], "demo")
+    slow = make_settings(settings.redis_url or "", retry_schedule=(0.3,))
+    await Producer(slow, redis).emit("demo", "BUILD_END", BIG)
+    await run_worker(slow, max_burst_jobs=1)
+    [job_id] = await retry_jobs(redis, slow)
+    await asyncio.sleep(0.35)  # due
+
+    async def puts_off(engine: Engine, job: DeliveryJob, then: Then) -> None:
+        await engine._defer(job, then, 5 * 86_400, "share")
+
+    monkeypatch.setattr(Engine, "deliver", puts_off)
+    monkeypatch.setattr(Served, "release", lambda *_: None)  # lost
+    await run_worker(slow, max_burst_jobs=1)
+    job_ttl = await redis.pttl(keys.arq_job(job_id))
+    assert job_ttl > 5 * 86_400_000
+    [kept] = await body_keys(redis)
+    assert await redis.pttl(kept) > job_ttl

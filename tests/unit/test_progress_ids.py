@@ -60,14 +60,17 @@ def test_a_retry_refers_to_its_emissions_body_kept_once() -> None:
 
 
 def test_a_retry_read_back_names_its_own_events_body_and_is_never_sent_on_as_it_is() -> None:
-    """A job's `bodyOf` must name its own event's body (`{emitter}:{event id}@...`), so a
-    job can never be made to send another project's; a retry read back without its body
-    read cannot be queued again or redelivered (it would send an empty body)."""
+    """A job's `bodyOf` must name its own emission's body (`{emitter}:{event
+    id}@{emittedAt}`), so a job can never be made to send another project's or event's; a
+    retry read back without its body read cannot be queued again or redelivered (it would
+    send an empty body)."""
     event = EventJob(id="build-7", project_id="p", event="BUILD_END", emitted_at=1234)
     wire = DeliveryJob.first(event, 42, b'{"big": 1}', shared=True).to_wire()
-    for forged in ("other:build-7@1234", "p:build-77@1234", "p:build-7"):
+    for forged in ("other:build-7@1234", "p:build-77@1234", "p:build-7", "p:build-7@99"):
         with pytest.raises(BadJob):
             DeliveryJob.from_wire({**wire, "bodyOf": forged}, "p:build-7.42@1234")
+    with pytest.raises(BadJob):  # a lane hands its jobs on without reading a kept body
+        DeliveryJob.from_wire({**wire, "lane": "l1"}, "p:build-7.42@1234")
     read = DeliveryJob.from_wire(wire, "p:build-7.42@1234")
     with pytest.raises(ValueError, match="kept body"):
         read.redelivery(9)
