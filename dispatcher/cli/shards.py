@@ -13,6 +13,7 @@ from dispatcher.connections import shown
 from dispatcher.keys import target_slot
 from dispatcher.shards.move import Mover
 from dispatcher.shards.router import Router
+from dispatcher.shards.stale import forget_copy
 
 __all__ = ["shards_app"]
 
@@ -93,6 +94,18 @@ def shards_move(
     place it there explicitly, under load."""
     on_router(lambda router: Mover(router, _say).move(project, to, came_from))
     console.print(f"{project} is on shard {to}")
+
+
+@shards_app.command("forget")
+def shards_forget(
+    project: Annotated[str, typer.Argument(help="Project id")],
+    shard: Annotated[int, typer.Option(help="The shard whose stale copy of it to remove")],
+) -> None:
+    """Remove a stale copy of a project (callbacks, roles, Redis history) from a shard it
+    does not live on: what a move of the version before left when several shards held it
+    (refused on the shard it lives on, while it moves, and while that shard runs its jobs)."""
+    if on_router(lambda router: forget_copy(router, project, shard, _say)):
+        console.print(f"{project}: shard {shard} holds nothing of it now")
 
 
 @shards_app.command("sync")

@@ -17,7 +17,7 @@ if TYPE_CHECKING:
 
     from dispatcher.services import Services
 
-__all__ = ["forget", "holds", "projects_on"]
+__all__ = ["forget", "glob_escaped", "holds", "projects_on"]
 
 
 async def projects_on(services: Services) -> set[str]:
@@ -36,13 +36,13 @@ async def holds(services: Services, project: str) -> bool:
     k = services.keys
     if await services.redis.exists(k.project_callbacks(project), k.roles(project)):
         return True
-    of_project = _glob_escaped(f"{k.HISTORY_INDEX_PREFIX}{project}:") + "*"
+    of_project = glob_escaped(f"{k.HISTORY_INDEX_PREFIX}{project}:") + "*"
     async for _ in services.redis.sscan_iter(k.HISTORY_INDEXES, match=of_project, count=1000):
         return True
     return False
 
 
-def _glob_escaped(text: str) -> str:
+def glob_escaped(text: str) -> str:
     """`text` matched literally by a Redis glob pattern."""
     return re.sub(r"([\\*?\[\]])", r"\\\1", text)
 

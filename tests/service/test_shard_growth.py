@@ -33,10 +33,11 @@ from dispatcher.registry import Registration
 from dispatcher.services import Services
 from dispatcher.settings import Settings
 from dispatcher.shards.holdings import holds
-from dispatcher.shards.lanes import hold, hold_source
+from dispatcher.shards.lanes import hold, hold_source, let_go
 from dispatcher.shards.lease import MoveLease
 from dispatcher.shards.move import LEASE_S, Mover
 from dispatcher.shards.router import Router
+from dispatcher.shards.stale import forget_copy
 from dispatcher.worker import create_worker
 from dispatcher.worker.claims import Claims
 from tests.helpers import Receiver, make_settings, until
@@ -726,3 +727,48 @@ async def three_shards(
         yield [server.url for server in servers]
     finally:
         third.stop()
+
+
+async def test_the_operator_forgets_a_stale_copy_and_nothing_else(
+    shard_servers: list[EmbeddedRedis], receiver: Receiver, tmp_path: Path
+) -> None:
+    """`dispatcher shards forget P --shard N` removes P's stale copy on shard N (callbacks,
+    roles) and nothing of P where it lives. Refused: the shard it lives on, a shard not
+    listed, while N still has a job of it queued, while it moves, and while a move of it
+    that died after its flip is unfinished (the copy may be where that move came from)."""
+    async with three_shards(shard_servers, tmp_path) as urls:
+        settings = make_settings(urls[0], redis_shards=urls, placement_refresh=0.05)
+        project, url = PROJECTS[0], receiver.url("/hook")
+        registration = Registration(project, url, Region.DEVNET, "t")
+        async with Router.open(settings) as router:
+            zero, _, two = router.shards
+            await router.placement.write(project, Placed(0))
+            for services in (zero, two):  # shard 2's: a stale copy
+                await services.register(registration, "BUILD_END")
+                await services.roles.grant(project, "alice", Role.ADMIN)
+            said: list[str] = []
+            for shard, says in ((0, "lives on shard 0"), (3, "no shard 3")):
+                with pytest.raises(InvalidInput, match=says):
+                    await forget_copy(router, project, shard, said.append)
+            await two.redis.zadd(two.keys.QUEUE, {f"{project}:evt_left": now_ms()})
+            with pytest.raises(Unavailable, match="still runs 1 of its job"):
+                await forget_copy(router, project, 2, said.append)
+            await two.redis.zrem(two.keys.QUEUE, f"{project}:evt_left")
+            await router.placement.write(project, Placed(0, 1))
+            with pytest.raises(InvalidInput, match=r"is moving \(shard 0 -> 1\)"):
+                await forget_copy(router, project, 2, said.append)
+            await router.placement.write(project, Placed(0))
+            await hold(zero, project, 2)  # a move 2 -> 0 died after its flip
+            with pytest.raises(InvalidInput, match="died after its flip"):
+                await forget_copy(router, project, 2, said.append)
+            await let_go(zero, project)
+            assert await holds(two, project)  # every refusal left it
+            assert await forget_copy(router, project, 2, said.append)
+            assert not await holds(two, project)
+            assert (await zero.callbacks(project)).count == 1
+            assert await zero.roles.list(project) == {"alice": Role.ADMIN}
+            assert not await forget_copy(router, project, 1, said.append)  # nothing there
+            assert said == [
+                f"{project}: its copy on shard 2 is gone (it lives on shard 0)",
+                f"{project}: shard 1 holds nothing of it",
+            ]

@@ -53,3 +53,21 @@ def test_grow_then_move_a_project_with_the_cli(
     assert shards.exit_code == 0 and "not yet" not in shards.output
     status = cli.invoke(app, ["status"])
     assert status.exit_code == 0 and "queue: jobs due" in status.output
+
+
+def test_forget_removes_a_stale_copy_with_the_cli(
+    cli: CliRunner, shard_servers: list[EmbeddedRedis]
+) -> None:
+    """`shards forget` removes a copy from a shard the project does not live on, and
+    refuses the shard it lives on, in a message, not a stack trace."""
+    project = next(f"cli-{n}" for n in range(100) if rendezvous(f"cli-{n}", 1) == 0)
+    on = [redis_py.Redis.from_url(server.url) for server in shard_servers]
+    for r in on:  # its roles on both: shard 1's is a stale copy (one shard in use)
+        r.hset(KEYS.roles(project), "alice", "ADMIN")
+    refused = cli.invoke(app, ["shards", "forget", project, "--shard", "0"])
+    assert refused.exit_code != 0 and "lives on shard 0" in refused.output
+    assert "Traceback" not in refused.output
+    forgot = cli.invoke(app, ["shards", "forget", project, "--shard", "1"])
+    assert forgot.exit_code == 0, forgot.output
+    assert f"{project}: shard 1 holds nothing of it now" in forgot.output
+    assert [bool(r.exists(KEYS.roles(project))) for r in on] == [True, False]
