@@ -239,7 +239,7 @@ class Keys:
         self.HEALTH_PREFIX, self.HEALTH_FAILING = f"{base}:health:", f"{base}:health:failing"
         self.CALLBACKS_DISABLED = f"{base}:cb:disabled"
         self.ROLES_PREFIX = f"{base}:roles:"
-        self.HISTORY_SEQ = f"{base}:history:seq"
+        self.HISTORY_SEQ, self.HISTORY_BODY_PREFIX = f"{base}:history:seq", f"{base}:history:body:"
         self.HISTORY_SEQ_SERVER = f"{base}:history:seq:server"
         self.HISTORY_RECORD_PREFIX = f"{base}:history:rec:"
         self.HISTORY_INDEXES = f"{base}:history:indexes"

@@ -183,8 +183,8 @@ class Settings(BaseSettings):
     retry_after_cap: float = Field(default=3600, ge=0, description="Largest Retry-After honoured.")
     shared_bodies: bool = Field(
         default=True,
-        description="An event's retries share one copy of its body in Redis (bodies of 1 KiB "
-        "and more). Off while workers that predate it still run: they cannot read such retries.",
+        description="An event's retries and Redis history records share one copy of its body "
+        "(bodies of 1 KiB and more). Off while processes that predate it still run.",
     )
     region_proxies: dict[Region, str] = Field(
         default_factory=dict, description='Egress proxy per region, e.g. {"IDC": "http://p:3128"}.'

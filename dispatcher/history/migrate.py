@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 from dispatcher.clock import now_ms
 from dispatcher.history import database
+from dispatcher.history.kept import with_bodies
 from dispatcher.history.loader import Loader, Row, parse_row
 
 if TYPE_CHECKING:
@@ -41,12 +42,12 @@ async def migrate(
         async for name in redis.scan_iter(match=keys.HISTORY_RECORD_PREFIX + "*", count=SCAN_COUNT):
             names.append(name)
             if len(names) >= SCAN_COUNT:
-                n, new = await _copy(redis, loader, names, dead, cutoff)
+                n, new = await _copy(redis, keys, loader, names, dead, cutoff)
                 read, stored, names = read + n, stored + new, []
                 if on_batch is not None:
                     on_batch(n)
         if names:
-            n, new = await _copy(redis, loader, names, dead, cutoff)
+            n, new = await _copy(redis, keys, loader, names, dead, cutoff)
             read, stored = read + n, stored + new
             if on_batch is not None:
                 on_batch(n)
@@ -56,10 +57,10 @@ async def migrate(
 
 
 async def _copy(
-    redis: Redis, loader: Loader, names: list[bytes], dead: set[int], cutoff: int
+    redis: Redis, keys: Keys, loader: Loader, names: list[bytes], dead: set[int], cutoff: int
 ) -> tuple[int, int]:
     rows: list[Row] = []
-    for raw in await redis.mget(names):
+    for raw in await with_bodies(redis, keys, await redis.mget(names)):  # each one whole
         if raw is None:  # expired since the scan
             continue
         row = parse_row(raw)

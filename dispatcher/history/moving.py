@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 
 import orjson
 
+from dispatcher.history.kept import with_bodies
 from dispatcher.history.redis import RedisHistory, Sweep
 from dispatcher.lua import run_pipeline
 
@@ -44,6 +45,7 @@ async def _records(
             start += PAGE
             ids = [int(m) for m in members if m.isdigit()]  # not the index's mark
             raws = await redis.mget([keys.history_record(i) for i in ids]) if ids else []
+            raws = await with_bodies(redis, keys, raws)  # the new shard keeps them again
             records = [orjson.loads(raw) for raw in raws if raw]
             yield [(record, int(record["id"]) in dead) for record in records]
 

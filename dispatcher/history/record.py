@@ -45,3 +45,4 @@ class AttemptRecord(TypedDict, total=False):
     tracestate: str
     orderKey: str  # ordered delivery: its lane's key (see dispatcher.worker.lanes)
     orderNote: str  # its callback orders, this event went unordered: why
+    requestBodyOf: str  # its emission's body, which the Redis store keeps once (`kept`)

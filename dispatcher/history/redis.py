@@ -21,6 +21,7 @@ from pydantic import TypeAdapter
 from dispatcher import clock, keys
 from dispatcher.errors import NotFound
 from dispatcher.history.ids import RecordIds
+from dispatcher.history.kept import with_bodies
 from dispatcher.history.redis_record import Record, record_script
 from dispatcher.history.window import (
     MAX_ATTEMPTS_SHOWN,
@@ -251,7 +252,7 @@ class RedisHistory:
         index = self.keys.history_index(project_id, event, url)
         offset, prefix = (page - 1) * page_size, self.keys.HISTORY_RECORD_PREFIX
         total, raws = await Page(index, start_ms, end_ms, offset, page_size, prefix).run(self.redis)
-        records = parse_records(raws)
+        records = parse_records(await with_bodies(self.redis, self.keys, raws))
         return HistoryPage(
             records=records,
             count=int(total),
@@ -261,7 +262,8 @@ class RedisHistory:
         )
 
     async def get(self, record_id: int, project_id: str | None = None) -> HistoryRecord:
-        raw = await self.redis.get(self.keys.history_record(record_id))
+        key = self.keys.history_record(record_id)
+        [raw] = await with_bodies(self.redis, self.keys, [await self.redis.get(key)])
         record = None if raw is None else HistoryRecord.model_validate_json(raw)
         if record is None or project_id not in (None, record.project_id):
             raise NotFound(unknown_record(record_id, project_id))
@@ -291,7 +293,7 @@ class RedisHistory:
 
     async def _latest(self, key: str, limit: int) -> list[HistoryRecord]:
         raws = await Latest(key, limit, self.keys.HISTORY_RECORD_PREFIX).run(self.redis)
-        return parse_records(raws)
+        return parse_records(await with_bodies(self.redis, self.keys, raws))
 
     async def recent(
         self,
@@ -330,7 +332,7 @@ class RedisHistory:
         found.sort(reverse=True)
         ids = [record_id for _, record_id in found[: limit + 1]]
         raws = await self.redis.mget([self.keys.history_record(i) for i in ids]) if ids else []
-        return Recent.of(parse_records(raws), limit)
+        return Recent.of(parse_records(await with_bodies(self.redis, self.keys, raws)), limit)
 
     async def final_failures(
         self, project_id: str, url: str, event: str, *, start_ms: int, end_ms: int

@@ -11,6 +11,7 @@ import orjson
 
 from dispatcher import keys as key_names
 from dispatcher.ending import END_JOB, NO_ENDING, NO_JOB, SET_MARK
+from dispatcher.history.kept import KEEP_RECORD_BODY, stored
 from dispatcher.lua import Key, Script
 from dispatcher.models import DeliveryStatus
 
@@ -21,7 +22,9 @@ if TYPE_CHECKING:
 
 __all__ = ["Record", "record_script"]
 
-_RECORD_LUA = """
+_RECORD_LUA = (
+    KEEP_RECORD_BODY
+    + """
 redis.call('SET', record, json, 'EX', ttl)
 if redis.call('ZADD', index, created, member, '+inf', '~') == 2 then  -- a new index
   redis.call('SADD', indexes, index)
@@ -45,6 +48,7 @@ if job_id ~= '' and end_job() == 1 then return 1 end
 if mark ~= '' then set_mark() end
 return 1
 """
+)
 
 
 @dataclass
@@ -54,7 +58,8 @@ class Record(Script):
     `indexes` the sweep walks (joined by a new index only: an index holds a mark, the
     member `~` scored +inf, so the `ZADD` that creates it says so, adding two members),
     the dead letters when its delivery gave up (`gave_up` '1'),
-    and the delivery's attempts when the record `named` ('1') one. Then what the attempt
+    and the delivery's attempts when the record `named` ('1') one; its emission's body at
+    `body` (`request_body`) when it names one (`history.kept`). Then what the attempt
     ends with (`dispatcher.ending`): the job's end (`job_id` not empty), else, or when
     another worker holds the job, the progress `mark` (when not empty). Every write is
     idempotent, so a pipeline whose answer was lost can be sent again. Keys it is not
@@ -76,6 +81,7 @@ class Record(Script):
     dead_keys: Key
     attempts: Key
     url_index: Key
+    body: Key
     progress: Key
     queue: Key
     lease: Key
@@ -92,6 +98,7 @@ class Record(Script):
     mark_ttl: int
     token: str
     job_id: str
+    request_body: str
 
 
 def record_script(
@@ -104,6 +111,7 @@ def record_script(
     ending = ending or NO_ENDING
     end = ending.job or NO_JOB
     here = keys.history_record(record["id"])
+    doc, body = stored(record)
     return Record(
         here,
         keys.history_index(project_id, record["events"], url),
@@ -113,12 +121,13 @@ def record_script(
         keys.HISTORY_DEAD_KEYS,
         keys.history_attempts(delivery_id),
         keys.history_url_index(project_id, url, record["status"] != DeliveryStatus.SUCCESS),
+        keys.HISTORY_BODY_PREFIX + record["requestBodyOf"] if body else here,
         ending.progress or here,
         end.queue or here,
         end.lease or here,
         end.job or here,
         end.claims or here,
-        orjson.dumps(record),
+        orjson.dumps(doc),
         record["createdTime"],
         ttl,
         key_names.history_member(record["id"]),
@@ -129,4 +138,5 @@ def record_script(
         ending.ttl,
         end.token,
         end.job_id,
+        body,
     )

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 import orjson
 
 from dispatcher.ending import END_JOB, NO_ENDING, NO_JOB, SET_MARK
+from dispatcher.history.kept import BODY_OF
 from dispatcher.lua import Key, Script
 
 if TYPE_CHECKING:
@@ -26,7 +27,7 @@ def stream_fields(record: AttemptRecord, dead: bool) -> dict[str, Field]:
     it is stored and counted by (its id, time, project, event, URL, delivery id and status),
     so that neither the shipper nor PostgreSQL has to read the JSON."""
     return {
-        "r": orjson.dumps(record),
+        "r": orjson.dumps(record if BODY_OF not in record else _whole(record)),
         "d": b"1" if dead else b"0",
         "t": record["createdTime"],
         "i": record["id"],
@@ -36,6 +37,11 @@ def stream_fields(record: AttemptRecord, dead: bool) -> dict[str, Field]:
         "v": record.get("deliveryId") or "",
         "s": record["status"],
     }
+
+
+def _whole(record: AttemptRecord) -> dict[str, object]:
+    """A record as PostgreSQL keeps it: whole, its body its own (`history.kept`)."""
+    return {name: value for name, value in record.items() if name != BODY_OF}
 
 
 @dataclass

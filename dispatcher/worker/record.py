@@ -79,6 +79,8 @@ def attempt_record(
         record["orderKey"] = job.order_key
     if job.order_note is not None:  # its callback orders, this event went unordered: why
         record["orderNote"] = job.order_note
+    if job.body_of is not None:  # its emission's body, kept once (`history.kept`)
+        record["requestBodyOf"] = job.body_of
     return record
 
 

@@ -13,6 +13,7 @@ from dispatcher import bodies
 from dispatcher.bodies import body_key
 from dispatcher.clock import now_ms
 from dispatcher.delivery import encode_body
+from dispatcher.history.redis import RedisHistory
 from dispatcher.jobs import DeliveryJob, EventJob, decode
 from dispatcher.keys import Keys
 from dispatcher.models import Event, Region
@@ -276,3 +277,46 @@ async def test_a_retry_put_off_for_days_keeps_its_body_in_the_same_write(
     assert job_ttl > 5 * 86_400_000
     [kept] = await body_keys(redis)
     assert await redis.pttl(kept) > job_ttl
+
+
+async def test_the_redis_history_keeps_an_emissions_body_once_and_serves_records_whole(
+    settings: Settings, redis: Redis, receiver: Receiver, run_worker: RunWorker
+) -> None:
+    """Five callbacks of an 8 KB event, each failing twice then answering: fifteen records
+    keep one copy of the body, lasting as long as the newest of them; the history read
+    back (a page, one record, a delivery's attempts, a URL's recent deliveries, the dead
+    letters) serves each record with its body, as it was sent."""
+    paths = [f"/r{n}" for n in range(5)]
+    for path in paths:
+        url = receiver.script(path, answer(500), answer(500), answer(200))
+        await Registry(redis).create("demo", url, Event.BUILD_END, Region.DEVNET, "s3cret")
+    last = receiver.script("/dead", answer(500))
+    await Registry(redis).create("demo", last, Event.BUILD_END, Region.DEVNET, "s3cret")
+    slow = make_settings(
+        settings.redis_url or "", retry_schedule=(0.05, 0.05), circuit_threshold=1_000
+    )  # one host: its breaker would put the retries off
+    await Producer(slow, redis).emit("demo", "BUILD_END", BIG)
+    await run_worker(slow)
+    sent = encode_body("BUILD_END", "demo", BIG)
+    [kept] = [k.decode() for k in await redis.keys(keys.HISTORY_BODY_PREFIX + "*")]
+    assert (await redis.get(kept)) == sent
+    names = await redis.keys(keys.HISTORY_RECORD_PREFIX + "*")
+    raws = [raw for raw in await redis.mget(names) if raw is not None]
+    assert len(raws) == 18 and all(len(raw) < 2_000 for raw in raws)  # none holds the body
+    assert await redis.pttl(kept) >= max([await redis.pttl(name) for name in names])
+
+    history, now = RedisHistory(redis, slow, keys), now_ms()
+    start, end = now - 60_000, now + 1_000
+    found = []
+    for path in [*paths, "/dead"]:
+        url = receiver.url(path)
+        found += (await history.query("demo", url, "BUILD_END", start_ms=start, end_ms=end)).records
+    assert len(found) == 18
+    one = await history.get(found[0].id, "demo")
+    attempts = await history.attempts(found[0].delivery_id or "", "demo")
+    urls = [receiver.url(p) for p in paths]
+    recent = await history.recent("demo", urls, start_ms=start, end_ms=end)
+    dead = await history.dead("demo")
+    for record in [*found, one, *attempts, *recent.records, *dead]:
+        assert record.request_body == sent.decode()
+    assert len(attempts) == 3 and len(dead) == 1 and recent.records

@@ -51,6 +51,7 @@ from tests.helpers import (
 keys = Keys()  # today's key names (one shard)
 
 URL = "http://127.0.0.1:9000/hook"
+KEPT = '{"log": "' + "x" * 2_000 + '"}'  # a body the Redis store keeps once (history.kept)
 
 
 def record(created: int, n: int, **extra: Any) -> AttemptRecord:
@@ -320,7 +321,14 @@ def test_history_migrate_copies_the_redis_history(
         await redis.flushdb()
         history = RedisHistory(redis, redis_settings, keys)
         ids = [await history.add(record(now - 3000 + n, n)) for n in range(2500)]
-        failed = record(now - 1, 9999, status="FAILED", final=True)
+        failed = record(
+            now - 1,
+            9999,
+            status="FAILED",
+            final=True,
+            requestBody=KEPT,
+            requestBodyOf="demo:evt_9999@1",
+        )  # its body kept apart: migrated whole
         ids.append(await history.add(failed, dead=True))
         await redis.aclose()
         return ids
@@ -346,6 +354,7 @@ def test_history_migrate_copies_the_redis_history(
     page, dead = asyncio.run(read())
     assert page.count == 2501 and page.records[0].id == max(ids)
     assert [r.id for r in dead] == [ids[-1]]
+    assert dead[0].request_body == KEPT
 
 
 async def test_an_unreachable_database_is_a_503_with_a_message(

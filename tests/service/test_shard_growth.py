@@ -198,6 +198,28 @@ async def test_a_moved_retry_takes_the_body_it_refers_to(
         assert await src.redis.hget(body_key(src.keys, staying), "body") == body  # type: ignore[misc]
 
 
+async def test_a_moved_projects_history_keeps_its_bodies_apart_on_the_new_shard(
+    shard_servers: list[EmbeddedRedis],
+) -> None:
+    """A record whose body the Redis store keeps once for its emission (`history.kept`)
+    is copied with its body: served whole on the new shard, kept apart there too."""
+    async with Router.open(two_empty_shards(shard_servers)) as router:
+        src, dst = router.shards
+        body = '{"log": "' + "x" * 2_000 + '"}'
+        assert isinstance(src.history, RedisHistory) and isinstance(dst.history, RedisHistory)
+        record_id = await src.history.add({
+            "projectId": "mv", "callBackUrl": "http://127.0.0.1:9/h", "events": "BUILD_END",
+            "status": "SUCCESS", "createdTime": now_ms(), "startTime": 1, "endTime": 2,
+            "requestBody": body,
+            "requestBodyOf": "mv:e@1", "deliveryId": "mv:e.1",
+        })  # fmt: skip
+        assert await copy_project(src.history, dst.history, "mv", lambda: None) == 1
+        assert (await dst.history.get(record_id, "mv")).request_body == body
+        stored = await dst.redis.get(dst.keys.history_record(record_id))
+        assert stored is not None and b'requestBody"' not in stored
+        assert await dst.redis.get(dst.keys.HISTORY_BODY_PREFIX + "mv:e@1") == body.encode()
+
+
 class FirstPassThenDue(Mover):
     """A mover that makes `job_id` due, wherever it is queued, once its first pass over the
     old shard's queue has decided where it goes (so that no worker runs it before)."""

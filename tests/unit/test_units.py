@@ -11,6 +11,7 @@ import random
 from types import ModuleType
 from typing import Any
 
+import orjson
 import pytest
 from redis.asyncio.connection import Connection
 from redis.exceptions import DataError
@@ -21,6 +22,8 @@ from dispatcher.backoff import next_delay, parse_retry_after
 from dispatcher.delivery import Outcome, classify
 from dispatcher.failover import primary_connection_class
 from dispatcher.headers import request_headers, sign
+from dispatcher.history.record import AttemptRecord
+from dispatcher.history.stream import stream_fields
 
 
 @pytest.mark.parametrize("module", [backoff, settings])
@@ -112,3 +115,16 @@ def test_a_value_hiredis_does_not_take_is_refused_as_redis_py_refuses_it() -> No
     ours = primary_connection_class(Connection)()
     with pytest.raises(DataError):
         ours.pack_command("SET", "k", None)  # type: ignore[arg-type]  # the point
+
+
+def test_postgresql_history_keeps_each_record_whole() -> None:
+    """A record naming its emission's kept body (`history.kept`) goes to PostgreSQL whole:
+    its stream entry holds its body and not the name."""
+    doc: AttemptRecord = {
+        "id": 7, "projectId": "p", "callBackUrl": "http://127.0.0.1:1/h", "events": "BUILD_END",
+        "status": "FAILED", "createdTime": 1, "requestBody": "x" * 2_000, "requestBodyOf": "p:e@1",
+    }  # fmt: skip
+    raw = stream_fields(doc, False)["r"]
+    assert isinstance(raw, bytes)
+    shipped = orjson.loads(raw)
+    assert shipped["requestBody"] == "x" * 2_000 and "requestBodyOf" not in shipped
