@@ -8,10 +8,10 @@ event of ~64 KiB of data, and one worker process (non-burst, the bench's `worker
 until the fan-out's first attempts are done and every retry waits on the queue (retry
 delay 600 s; the host's circuit breaker opens only past `retry_callbacks` failures, so
 it puts no first attempt off). The figure is Redis `used_memory` then less before the
-emit, per callback. The worker's history records keep no request body in either mode
-(`DISPATCHER_MAX_REQUEST_BODY=0`): with the default they would hold a copy each in Redis
-history whatever the mode (PostgreSQL history ships them out), and the figure is what the
-retries park. The details give `MEMORY USAGE` of the queued jobs and of the kept body.
+emit, per callback: the retries' jobs and the first attempts' records in the Redis history
+(each keeping up to `DISPATCHER_MAX_REQUEST_BODY`, 64 KiB, of its body, or naming the body
+the Redis history keeps once: `dispatcher.history.kept`). The details give `MEMORY USAGE`
+of the queued jobs and of the kept body.
 """
 
 from __future__ import annotations
@@ -88,7 +88,6 @@ async def _one(bench: Bench, shared: bool, callbacks: int, port: int) -> dict[st
     env = {
         "DISPATCHER_SHARED_BODIES": "true" if shared else "false",
         "DISPATCHER_RETRY_SCHEDULE": orjson.dumps([RETRY_DELAY_S]).decode(),
-        "DISPATCHER_MAX_REQUEST_BODY": "0",
         # every callback is on one host: its breaker would put most first attempts off
         "DISPATCHER_CIRCUIT_THRESHOLD": str(callbacks + 1),
     }
