@@ -5,11 +5,13 @@ is the event's, the same for every callback and attempt, so an event of 1 MiB wh
 10,000 callbacks failed 7 times each kept 70,000 copies of 64 KiB in the Redis history for
 the retention. A record of a delivery whose retries share its event's body
 (`dispatcher.bodies`: `requestBodyOf`, the emission's scope) stores no body of its own:
-its script keeps the body once at `dispatcher:history:body:{scope}` and gives it the
-record's time to live, which every later record of the emission renews, so the body
-outlives each of them. Reading records puts the bodies back (`with_bodies`): the records
-served are as they always were. (PostgreSQL history keeps each record whole: the stream
-ships it out of Redis.)
+its script keeps the body once at `dispatcher:history:body:{scope}#{length}` (the body as
+the record keeps it, cut to `DISPATCHER_MAX_REQUEST_BODY`: a prefix of the emission's, so
+its length tells it) and gives it the record's time to live, which every later record of
+the emission raises, so the body outlives each of them. Reading records puts the bodies
+back (`with_bodies`): the records served are as they always were. A body found gone is
+served empty and marked not kept whole (`requestBodyTruncated`), so that no redelivery
+sends it. (PostgreSQL history keeps each record whole: the stream ships it out of Redis.)
 """
 
 from __future__ import annotations
@@ -33,8 +35,9 @@ _MARK = b'"requestBodyOf":'
 # `ttl`; `record`: the record's own key, standing for "no body kept"): the body stored
 # once, and lasting at least the record's `ttl`.
 KEEP_RECORD_BODY = """
-if body ~= record and not redis.call('SET', body, request_body, 'EX', ttl, 'NX') then
-  redis.call('EXPIRE', body, ttl)
+if body ~= record and not redis.call('SET', body, request_body, 'EX', ttl, 'NX')
+    and redis.call('PTTL', body) < tonumber(ttl) * 1000 then
+  redis.call('EXPIRE', body, ttl)  -- raised, never cut (another process's retention)
 end
 """
 
@@ -69,6 +72,9 @@ async def with_bodies(
         scope = doc.get(BODY_OF)
         if isinstance(scope, str):
             body = bodies.get(scope)
-            doc["requestBody"] = "" if body is None else body.decode(errors="replace")
+            if body is None:  # gone (a Redis that lost it): shown as not kept whole, so
+                doc["requestBody"], doc["requestBodyTruncated"] = "", True  # never resent
+            else:
+                doc["requestBody"] = body.decode(errors="replace")
             out[i] = orjson.dumps(doc)
     return out

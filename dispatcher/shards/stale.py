@@ -11,6 +11,8 @@ from typing import TYPE_CHECKING
 
 from dispatcher.auth import ALL_PROJECTS
 from dispatcher.errors import InvalidInput, Unavailable
+from dispatcher.history.moving import copy_project
+from dispatcher.history.redis import RedisHistory
 from dispatcher.models import PLATFORM_PROJECT
 from dispatcher.shards.holdings import forget, glob_escaped, holds
 from dispatcher.shards.lanes import hold_source, lanes_left
@@ -28,11 +30,13 @@ __all__ = ["forget_copy"]
 async def forget_copy(
     router: Router, project: str, index: int, say: Callable[[str], None] = print
 ) -> bool:
-    """Remove `project`'s copy from shard `index`, where it does not live; returns whether
-    that shard held any of it. Refused: the shard it lives on; a project moving, or whose
-    move died after its flip (`dispatcher shards move` finishes or undoes it, and the copy
-    may be where that move came from); a shard where jobs or lanes of it are left (they
-    run there: forget the copy once they end)."""
+    """Remove `project`'s copy from shard `index`, where it does not live, its Redis
+    history copied first to where it lives; returns whether that shard held any of it.
+    Refused: the shard it lives on; a project whose own shard holds nothing of it (the
+    copy may be its only one); a project moving, or whose move died after its flip
+    (`dispatcher shards move` finishes or undoes it, and the copy may be where that move
+    came from); a shard where jobs or lanes of it are left (they run there: forget the
+    copy once they end)."""
     if project in (PLATFORM_PROJECT, ALL_PROJECTS) or ":" in project:
         raise InvalidInput(f"{project!r} is not a project that lives on one shard")
     if not 0 <= index < len(router.shards):
@@ -40,23 +44,7 @@ async def forget_copy(
     token = f"forget:{time.time_ns()}"
     lease = MoveLease(router.home, project, token, lease_s=router.settings.move_lease, say=say)
     async with lease.held():
-        placement = router.placement
-        await placement.load()
-        placed = placement.explicit.get(project)
-        if placed is not None and placed.moving_to is not None:
-            raise InvalidInput(
-                f"{project} is moving (shard {placed.index} -> {placed.moving_to}): finish "
-                f"or undo that first (dispatcher shards move {project} --to N)"
-            )
-        home = placed.index if placed is not None else placement.shard_of(project)
-        if index == home:
-            raise InvalidInput(f"{project} lives on shard {index}: that is no stale copy")
-        if await hold_source(router.shards[home], project) is not None:
-            raise InvalidInput(
-                f"{project}: a move of it to shard {home} died after its flip: finish it "
-                f"first (dispatcher shards move {project} --to {home}); shard {index} may "
-                "be where it came from"
-            )
+        home = await _where_it_lives(router, project, index)
         stale = router.shards[index]
         if left := await _left_on(stale, project):
             raise Unavailable(
@@ -67,9 +55,51 @@ async def forget_copy(
             say(f"{project}: shard {index} holds nothing of it")
             return False
         await lease.fence()
+        await _keep_history(stale, router.shards[home], project, lease.alive)
         await forget(stale, project, lease.alive)
         say(f"{project}: its copy on shard {index} is gone (it lives on shard {home})")
         return True
+
+
+async def _keep_history(
+    stale: Services, home: Services, project: str, alive: Callable[[], None]
+) -> None:
+    """Copy the stale copy's Redis history where the project lives first: records its
+    leftover jobs wrote there are its own (a record there already is written again as it
+    is)."""
+    if isinstance(stale.history, RedisHistory) and isinstance(home.history, RedisHistory):
+        await copy_project(stale.history, home.history, project, alive)
+
+
+async def _where_it_lives(router: Router, project: str, index: int) -> int:
+    """The shard `project` lives on, once it is sure that shard `index` can only hold a
+    stale copy of it (see `forget_copy`'s refusals)."""
+    placement = router.placement
+    await placement.load()
+    placed = placement.explicit.get(project)
+    if placed is not None and placed.moving_to is not None:
+        raise InvalidInput(
+            f"{project} is moving (shard {placed.index} -> {placed.moving_to}): finish "
+            f"or undo that first (dispatcher shards move {project} --to N)"
+        )
+    home = placed.index if placed is not None else placement.shard_of(project)
+    if index == home:
+        raise InvalidInput(f"{project} lives on shard {index}: that is no stale copy")
+    if home >= len(router.shards):
+        raise Unavailable(f"{project} is placed on shard {home}, which is not listed")
+    if not await holds(router.shards[home], project):
+        raise InvalidInput(
+            f"{project}: shard {home}, where it lives, holds nothing of it: the copy on "
+            f"shard {index} may be its only one (to keep it: dispatcher shards move "
+            f"{project} --to {index})"
+        )
+    if await hold_source(router.shards[home], project) is not None:
+        raise InvalidInput(
+            f"{project}: a move of it to shard {home} died after its flip: finish it "
+            f"first (dispatcher shards move {project} --to {home}); shard {index} may "
+            "be where it came from"
+        )
+    return home
 
 
 async def _left_on(services: Services, project: str) -> int:

@@ -79,8 +79,8 @@ def attempt_record(
         record["orderKey"] = job.order_key
     if job.order_note is not None:  # its callback orders, this event went unordered: why
         record["orderNote"] = job.order_note
-    if job.body_of is not None:  # its emission's body, kept once (`history.kept`)
-        record["requestBodyOf"] = job.body_of
+    if job.body_of is not None and body_text:  # its emission's body, kept once (`kept`)
+        record["requestBodyOf"] = f"{job.body_of}#{len(body_text)}"
     return record
 
 

@@ -13,6 +13,7 @@ from dispatcher import bodies
 from dispatcher.bodies import body_key
 from dispatcher.clock import now_ms
 from dispatcher.delivery import encode_body
+from dispatcher.errors import InvalidInput
 from dispatcher.history.redis import RedisHistory
 from dispatcher.jobs import DeliveryJob, EventJob, decode
 from dispatcher.keys import Keys
@@ -282,10 +283,10 @@ async def test_a_retry_put_off_for_days_keeps_its_body_in_the_same_write(
 async def test_the_redis_history_keeps_an_emissions_body_once_and_serves_records_whole(
     settings: Settings, redis: Redis, receiver: Receiver, run_worker: RunWorker
 ) -> None:
-    """Five callbacks of an 8 KB event, each failing twice then answering: fifteen records
-    keep one copy of the body, lasting as long as the newest of them; the history read
-    back (a page, one record, a delivery's attempts, a URL's recent deliveries, the dead
-    letters) serves each record with its body, as it was sent."""
+    """Six callbacks of an 8 KB event, five failing twice then answering and one failing
+    for good: eighteen records keep one copy of the body, lasting as long as the newest of
+    them; the history read back (a page, one record, a delivery's attempts, a URL's
+    recent deliveries, the dead letters) serves each record with its body, as sent."""
     paths = [f"/r{n}" for n in range(5)]
     for path in paths:
         url = receiver.script(path, answer(500), answer(500), answer(200))
@@ -320,3 +321,40 @@ async def test_the_redis_history_keeps_an_emissions_body_once_and_serves_records
     for record in [*found, one, *attempts, *recent.records, *dead]:
         assert record.request_body == sent.decode()
     assert len(attempts) == 3 and len(dead) == 1 and recent.records
+
+
+async def test_a_records_kept_body_is_the_one_it_kept_and_never_cut_short(
+    settings: Settings, redis: Redis, receiver: Receiver, run_worker: RunWorker
+) -> None:
+    """A record keeps its body as it kept it: attempts of one emission written under
+    another `DISPATCHER_MAX_REQUEST_BODY` each read back their own (cut, or whole); a
+    record written with a shorter retention does not cut the body's time to live short;
+    a body found gone is served empty and not kept whole, so it is never redelivered."""
+    url = receiver.script("/a", answer(500), answer(500), answer(200))
+    await Registry(redis).create("demo", url, Event.BUILD_END, Region.DEVNET, "s3cret")
+    base = settings.redis_url or ""
+    cut = make_settings(base, retry_schedule=(0.3, 0.3), max_request_body=2048)
+    await Producer(cut, redis).emit("demo", "BUILD_END", BIG)
+    await run_worker(cut, max_burst_jobs=1)  # attempt 1, its body cut to 2 KiB
+    await run_worker(make_settings(base, retry_schedule=(0.3, 0.3)), max_burst_jobs=1)
+    await asyncio.sleep(0.35)  # attempt 2 (whole, kept 7 days); attempt 3 kept 1 day:
+    short = make_settings(base, retry_schedule=(0.3, 0.3), history_retention_days=1)
+    await run_worker(short)
+    sent = encode_body("BUILD_END", "demo", BIG).decode()
+    history, now = RedisHistory(redis, short, keys), now_ms()
+    page = await history.query("demo", url, "BUILD_END", start_ms=now - 60_000,
+                               end_ms=now + 1_000)  # fmt: skip
+    third, second, first = page.records
+    assert (first.request_body, first.request_body_truncated) == (sent[:2048], True)
+    for record in (second, third):
+        assert (record.request_body, record.request_body_truncated) == (sent, False)
+    kept = sorted(k.decode() for k in await redis.keys(keys.HISTORY_BODY_PREFIX + "*"))
+    assert sorted(k.rpartition("#")[2] for k in kept) == sorted([str(len(sent)), "2048"])
+    [whole] = [k for k in kept if k.endswith(f"#{len(sent)}")]
+    assert await redis.ttl(whole) > 6 * 86_400  # attempt 2's 7 days, not attempt 3's one
+
+    await redis.delete(whole)  # gone (a Redis that lost it)
+    gone = await history.get(third.id, "demo")
+    assert (gone.request_body, gone.request_body_truncated) == ("", True)
+    with pytest.raises(InvalidInput, match="truncated"):
+        await Producer(short, redis).redeliver(gone)

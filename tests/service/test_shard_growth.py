@@ -755,9 +755,11 @@ async def test_the_operator_forgets_a_stale_copy_and_nothing_else(
     shard_servers: list[EmbeddedRedis], receiver: Receiver, tmp_path: Path
 ) -> None:
     """`dispatcher shards forget P --shard N` removes P's stale copy on shard N (callbacks,
-    roles) and nothing of P where it lives. Refused: the shard it lives on, a shard not
-    listed, while N still has a job of it queued, while it moves, and while a move of it
-    that died after its flip is unfinished (the copy may be where that move came from)."""
+    roles, Redis history, a record only it had copied first to where P lives) and nothing
+    of P where it lives. Refused: the shard it lives on, a shard not listed, a copy that
+    may be P's only one (its own shard holds nothing), while N still has a job of it
+    queued, while it moves, and while a move of it that died after its flip is unfinished
+    (the copy may be where that move came from)."""
     async with three_shards(shard_servers, tmp_path) as urls:
         settings = make_settings(urls[0], redis_shards=urls, placement_refresh=0.05)
         project, url = PROJECTS[0], receiver.url("/hook")
@@ -765,10 +767,18 @@ async def test_the_operator_forgets_a_stale_copy_and_nothing_else(
         async with Router.open(settings) as router:
             zero, _, two = router.shards
             await router.placement.write(project, Placed(0))
-            for services in (zero, two):  # shard 2's: a stale copy
-                await services.register(registration, "BUILD_END")
-                await services.roles.grant(project, "alice", Role.ADMIN)
+            await two.register(registration, "BUILD_END")  # a stale copy
+            await two.roles.grant(project, "alice", Role.ADMIN)
             said: list[str] = []
+            with pytest.raises(InvalidInput, match="holds nothing of it: the copy on shard 2"):
+                await forget_copy(router, project, 2, said.append)  # its only copy
+            await zero.register(registration, "BUILD_END")
+            await zero.roles.grant(project, "alice", Role.ADMIN)
+            assert isinstance(two.history, RedisHistory)
+            left = await two.history.add({  # a record only the stale copy has
+                "projectId": project, "callBackUrl": url, "events": "BUILD_END",
+                "status": "SUCCESS", "createdTime": now_ms(), "startTime": 1, "endTime": 2,
+            })  # fmt: skip
             for shard, says in ((0, "lives on shard 0"), (3, "no shard 3")):
                 with pytest.raises(InvalidInput, match=says):
                     await forget_copy(router, project, shard, said.append)
@@ -789,6 +799,7 @@ async def test_the_operator_forgets_a_stale_copy_and_nothing_else(
             assert not await holds(two, project)
             assert (await zero.callbacks(project)).count == 1
             assert await zero.roles.list(project) == {"alice": Role.ADMIN}
+            assert (await zero.history.get(left, project)).id == left  # kept where it lives
             assert not await forget_copy(router, project, 1, said.append)  # nothing there
             assert said == [
                 f"{project}: its copy on shard 2 is gone (it lives on shard 0)",
