@@ -21,9 +21,10 @@ field each.
 Bodies under `SHARED_MIN_BYTES` stay in their jobs (a reference costs about as much), and
 so do ordered deliveries (parked in their lanes out of the queue) and redeliveries (each
 is a request of its own, from its record). `DISPATCHER_SHARED_BODIES=false` keeps every
-body in its job: a worker of a version before this one cannot read a job without its body
-(it records it as poison), so a fleet being rolled to this version keeps it off until no
-worker of the version before is left.
+body in its job (and in its Redis history records: `dispatcher.history.kept`): a worker of
+a version before this one cannot read a job without its body (it records it as poison),
+nor an API process a record without it, so a fleet being rolled to this version keeps it
+off until no process of the version before is left.
 """
 
 from __future__ import annotations

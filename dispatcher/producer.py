@@ -285,7 +285,7 @@ class Producer:
         if record.request_body_truncated:
             raise InvalidInput(
                 f"history record {record.id} cannot be redelivered: its stored body was "
-                "truncated (raise DISPATCHER_MAX_REQUEST_BODY)"
+                "truncated (raise DISPATCHER_MAX_REQUEST_BODY), or lost from Redis"
             )
         original = DeliveryJob(
             delivery_id=record.delivery_id,

@@ -101,9 +101,11 @@ def shards_forget(
     project: Annotated[str, typer.Argument(help="Project id")],
     shard: Annotated[int, typer.Option(help="The shard whose stale copy of it to remove")],
 ) -> None:
-    """Remove a stale copy of a project (callbacks, roles, Redis history) from a shard it
-    does not live on: what a move of the version before left when several shards held it
-    (refused on the shard it lives on, while it moves, and while that shard runs its jobs)."""
+    """Remove a stale copy of a project (callbacks, roles, Redis history, its records
+    copied first to where it lives) from a shard it does not live on: what a move of the
+    version before left when several shards held it. Refused on the shard it lives on,
+    when its own shard holds nothing of it, while that shard runs its jobs, while it
+    moves, and while a move of it that died after its flip is unfinished."""
     if on_router(lambda router: forget_copy(router, project, shard, _say)):
         console.print(f"{project}: shard {shard} holds nothing of it now")
 

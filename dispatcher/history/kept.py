@@ -4,11 +4,11 @@ An attempt's record keeps its request body (up to `DISPATCHER_MAX_REQUEST_BODY`)
 is the event's, the same for every callback and attempt, so an event of 1 MiB whose
 10,000 callbacks failed 7 times each kept 70,000 copies of 64 KiB in the Redis history for
 the retention. A record of a delivery whose retries share its event's body
-(`dispatcher.bodies`: `requestBodyOf`, the emission's scope) stores no body of its own:
+(`dispatcher.bodies`; `requestBodyOf`: `{scope}#{length}`) stores no body of its own:
 its script keeps the body once at `dispatcher:history:body:{scope}#{length}` (the body as
 the record keeps it, cut to `DISPATCHER_MAX_REQUEST_BODY`: a prefix of the emission's, so
-its length tells it) and gives it the record's time to live, which every later record of
-the emission raises, so the body outlives each of them. Reading records puts the bodies
+its length tells it) and gives it the record's time to live, which every later record
+naming it raises, so the body outlives each of them. Reading records puts the bodies
 back (`with_bodies`): the records served are as they always were. A body found gone is
 served empty and marked not kept whole (`requestBodyTruncated`), so that no redelivery
 sends it. (PostgreSQL history keeps each record whole: the stream ships it out of Redis.)
@@ -53,11 +53,12 @@ def stored(record: Mapping[str, Any]) -> tuple[Mapping[str, Any], str]:
 
 
 async def with_bodies(
-    redis: Redis, keys: Keys, raws: Sequence[bytes | None]
+    redis: Redis, keys: Keys, raws: Sequence[bytes | None], *, keep_name: bool = True
 ) -> Sequence[bytes | None]:
     """`raws` (stored records) with the bodies they name put back (`requestBody`; the
     name stays, which readers ignore and a copy to another shard keeps the body apart
-    by), in one round trip for them all; as they are when none names one (no round trip)."""
+    by; `keep_name` False drops it: a copy to PostgreSQL), in one round trip for them all; as
+    they are when none names one (no round trip)."""
     named = [i for i, raw in enumerate(raws) if raw is not None and _MARK in raw]
     if not named:
         return raws
@@ -76,5 +77,7 @@ async def with_bodies(
                 doc["requestBody"], doc["requestBodyTruncated"] = "", True  # never resent
             else:
                 doc["requestBody"] = body.decode(errors="replace")
+            if not keep_name:
+                del doc[BODY_OF]
             out[i] = orjson.dumps(doc)
     return out

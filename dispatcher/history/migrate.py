@@ -60,7 +60,7 @@ async def _copy(
     redis: Redis, keys: Keys, loader: Loader, names: list[bytes], dead: set[int], cutoff: int
 ) -> tuple[int, int]:
     rows: list[Row] = []
-    for raw in await with_bodies(redis, keys, await redis.mget(names)):  # each one whole
+    for raw in await with_bodies(redis, keys, await redis.mget(names), keep_name=False):
         if raw is None:  # expired since the scan
             continue
         row = parse_row(raw)

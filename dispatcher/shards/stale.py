@@ -87,17 +87,17 @@ async def _where_it_lives(router: Router, project: str, index: int) -> int:
         raise InvalidInput(f"{project} lives on shard {index}: that is no stale copy")
     if home >= len(router.shards):
         raise Unavailable(f"{project} is placed on shard {home}, which is not listed")
-    if not await holds(router.shards[home], project):
-        raise InvalidInput(
-            f"{project}: shard {home}, where it lives, holds nothing of it: the copy on "
-            f"shard {index} may be its only one (to keep it: dispatcher shards move "
-            f"{project} --to {index})"
-        )
     if await hold_source(router.shards[home], project) is not None:
         raise InvalidInput(
             f"{project}: a move of it to shard {home} died after its flip: finish it "
             f"first (dispatcher shards move {project} --to {home}); shard {index} may "
             "be where it came from"
+        )
+    if not await holds(router.shards[home], project):
+        raise InvalidInput(
+            f"{project}: shard {home}, where it lives, holds nothing of it: the copy on "
+            f"shard {index} may be its only one (to keep it: dispatcher shards move "
+            f"{project} --to {index})"
         )
     return home
 

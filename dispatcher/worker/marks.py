@@ -83,7 +83,7 @@ async def read_marks(
         mark = old if old and ttl_ms > 0 and written >= event.emitted_at + SKEW_MS else None
         if mark or in_lane:
             job, target, _ = marked[n]
-            job = dataclasses.replace(job, progress_id=job.delivery_id)
+            job = dataclasses.replace(job, progress_id=job.delivery_id, body_of=None)
             marked[n] = (job, target, mark)
             if old and not mark:  # an emission's before, under the id it goes on with
                 stale.append(keys.delivery(job.delivery_id))

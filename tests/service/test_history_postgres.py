@@ -349,6 +349,10 @@ def test_history_migrate_copies_the_redis_history(
         dead = await history.dead("demo")
         await history.close()
         await redis.aclose()
+        conn = await asyncpg.connect(pg_settings.history_url)
+        doc = await conn.fetchval("SELECT doc FROM history_attempts WHERE id = $1", ids[-1])
+        await conn.close()
+        assert "requestBodyOf" not in orjson.loads(doc)  # whole: named by nothing
         return page, dead
 
     page, dead = asyncio.run(read())
