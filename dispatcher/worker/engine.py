@@ -157,7 +157,8 @@ class Engine:
             body = encode_body(event.event, event.project_id, event.data)
         except orjson.JSONEncodeError as exc:  # queued by another client: never sendable
             raise BadJob(f"the event's data cannot be encoded: {exc}") from None
-        shared = self.settings.shared_bodies and len(body) >= SHARED_MIN_BYTES  # its retries'
+        shared = len(targets) > 1 and len(body) >= SHARED_MIN_BYTES  # (a chunk's only one: no
+        shared = shared and self.settings.shared_bodies  # one to share with, a key of its own)
         pending = [
             (DeliveryJob.first(event, target.id, body, target.project_id, carried, shared=shared),
              target)

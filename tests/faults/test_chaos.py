@@ -190,9 +190,10 @@ async def at(started: float, second: float, action: Callable[[], None]) -> None:
 
 
 async def test_redis_paused_longer_than_the_job_timeout_loses_nothing(tmp_path: Path) -> None:
-    """SIGSTOP Redis for 6 s under a worker whose job timeout is 3 s, with retries of 80
-    deliveries in flight to a receiver answering 500: each ends in a final FAILED record
-    (arq's own worker deleted timed-out retry jobs: 46 of 80 were lost this way)."""
+    """SIGSTOP Redis for 6 s under a worker whose job timeout is 3 s, with retries of 160
+    deliveries in flight (80 events of over 1 KiB to two callbacks, so their retries share
+    their bodies) to a receiver answering 500: each ends in a final FAILED record (arq's
+    own worker deleted timed-out retry jobs: 46 of 80, to one callback, were lost)."""
     receiver = FlakyReceiver(fail=1.0, max_delay=0.5)
     env = {"DISPATCHER_JOB_TIMEOUT": "3", "DISPATCHER_RETRY_SCHEDULE": "[0.3, 0.3]",
            "DISPATCHER_CIRCUIT_THRESHOLD": "1000",
@@ -201,7 +202,7 @@ async def test_redis_paused_longer_than_the_job_timeout_loses_nothing(tmp_path: 
         settings = make_settings(crew.url)
         redis = connect(settings)
         try:
-            paths = await register(redis, receiver, ["/hook"])
+            paths = await register(redis, receiver, ["/hook", "/hook-2"])  # bodies shared
             await crew.ready(redis)
             events = [(PROJECT, "BUILD_END", {"n": i, "id": f"evt_pause_{i}", "pad": PAD},
                        f"evt_pause_{i}") for i in range(80)]  # fmt: skip
