@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from dispatcher.jobs import DELIVER, BadJob, DeliveryJob, decode
-from dispatcher.lua import Key, Script
+from dispatcher.lua import KEEP_AT_LEAST, Key, Script
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
@@ -49,15 +49,16 @@ SHARED_MIN_BYTES = 1024
 # A Lua function over the names a script declares for a kept body (key `body`; arguments
 # `job_id`, `shared`: the bytes, `keep_ms`): the job's reference, the bytes when they are
 # not there yet, and a time to live of at least `keep_ms`.
-KEEP_BODY = """
+KEEP_BODY = (
+    KEEP_AT_LEAST
+    + """
 local function keep_body()
   redis.call('HSETNX', body, 'body', shared)
   redis.call('HSET', body, job_id, 1)
-  if redis.call('PTTL', body) < tonumber(keep_ms) then
-    redis.call('PEXPIRE', body, keep_ms)
-  end
+  keep_at_least(body, tonumber(keep_ms))
 end
 """
+)
 
 
 def body_key(keys: Keys, job: DeliveryJob) -> str:
@@ -71,14 +72,14 @@ class Read(Script):
     the `job` lives plus `wait_ms` (the longest a run may put the job off by, which also
     moves the job's time to live)."""
 
-    LUA = """
+    LUA = (
+        KEEP_AT_LEAST
+        + """
     local bytes = redis.call('HGET', body, 'body')
-    if bytes then
-      local keep = redis.call('PTTL', job) + tonumber(wait_ms)
-      if redis.call('PTTL', body) < keep then redis.call('PEXPIRE', body, keep) end
-    end
+    if bytes then keep_at_least(body, redis.call('PTTL', job) + tonumber(wait_ms)) end
     return bytes
     """
+    )
     body: Key
     job: Key
     wait_ms: int
@@ -90,10 +91,11 @@ class Release(Script):
     there: then the body is kept at least as long as the job lives plus `keep_ms`. The
     last reference out deletes the bytes. Returns 1 when the bytes went."""
 
-    LUA = """
+    LUA = (
+        KEEP_AT_LEAST
+        + """
     if redis.call('EXISTS', job) == 1 then
-      local keep = redis.call('PTTL', job) + tonumber(keep_ms)
-      if redis.call('PTTL', body) < keep then redis.call('PEXPIRE', body, keep) end
+      keep_at_least(body, redis.call('PTTL', job) + tonumber(keep_ms))
       return 0
     end
     redis.call('HDEL', body, job_id)
@@ -101,6 +103,7 @@ class Release(Script):
     redis.call('DEL', body)
     return 1
     """
+    )
     body: Key
     job: Key
     job_id: str

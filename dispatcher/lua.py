@@ -44,7 +44,16 @@ if TYPE_CHECKING:
     from redis.asyncio import Redis
     from redis.asyncio.client import Pipeline
 
-__all__ = ["REDIS_NOW_MS", "ArgList", "Key", "KeyList", "Lua", "Script", "run_pipeline"]
+__all__ = [
+    "KEEP_AT_LEAST",
+    "REDIS_NOW_MS",
+    "ArgList",
+    "Key",
+    "KeyList",
+    "Lua",
+    "Script",
+    "run_pipeline",
+]
 
 Arg = str | bytes | int | float
 
@@ -55,6 +64,15 @@ REDIS_NOW_MS = """
 local function redis_now_ms()
   local t = redis.call('TIME')
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+"""
+
+# A Lua function a script prepends to its own: `key` kept at least `ms` from now, its time
+# to live raised when shorter, never cut (a key kept once for many others that each need it
+# so long: `dispatcher.bodies`, `dispatcher.history.kept`).
+KEEP_AT_LEAST = """
+local function keep_at_least(key, ms)
+  if redis.call('PTTL', key) < ms then redis.call('PEXPIRE', key, ms) end
 end
 """
 

@@ -21,6 +21,8 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
+from dispatcher.lua import KEEP_AT_LEAST
+
 if TYPE_CHECKING:
     from redis.asyncio import Redis
 
@@ -34,12 +36,14 @@ _MARK = b'"requestBodyOf":'
 # Lua over the names the record's script declares (key `body`, arguments `request_body`,
 # `ttl`; `record`: the record's own key, standing for "no body kept"): the body stored
 # once, and lasting at least the record's `ttl`.
-KEEP_RECORD_BODY = """
-if body ~= record and not redis.call('SET', body, request_body, 'EX', ttl, 'NX')
-    and redis.call('PTTL', body) < tonumber(ttl) * 1000 then
-  redis.call('EXPIRE', body, ttl)  -- raised, never cut (another process's retention)
+KEEP_RECORD_BODY = (
+    KEEP_AT_LEAST
+    + """
+if body ~= record and not redis.call('SET', body, request_body, 'EX', ttl, 'NX') then
+  keep_at_least(body, tonumber(ttl) * 1000)  -- never cut (another process's retention)
 end
 """
+)
 
 
 def stored(record: Mapping[str, Any]) -> tuple[Mapping[str, Any], str]:
