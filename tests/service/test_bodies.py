@@ -38,6 +38,19 @@ async def fail_once(redis: Redis, receiver: Receiver, paths: list[str], project:
         await Registry(redis).create(project, url, Event.BUILD_END, Region.DEVNET, "s3cret")
 
 
+async def park_retries(
+    settings: Settings, redis: Redis, receiver: Receiver, run_worker: RunWorker, paths: list[str]
+) -> tuple[Settings, str]:
+    """Callbacks of "demo" at `paths` failing once, a big event to them, and the fan-out
+    run alone: every first attempt failed, every retry waits (0.3 s). Returns the settings
+    of those retries and the event's id."""
+    await fail_once(redis, receiver, paths, "demo")
+    slow = make_settings(settings.redis_url or "", retry_schedule=(0.3,))
+    event_id = await Producer(slow, redis).emit("demo", "BUILD_END", BIG)
+    await run_worker(slow, max_burst_jobs=1)
+    return slow, event_id
+
+
 async def retry_jobs(redis: Redis, settings: Settings) -> dict[str, bytes]:
     """The queued jobs' bytes by id."""
     ids = [i.decode() for i in await redis.zrange(settings.queue_name, 0, -1)]
@@ -55,10 +68,7 @@ async def test_an_events_retries_share_one_copy_of_its_body(
     """Twenty failing callbacks of an 8 KB event park one copy of the body, not twenty;
     each retry sends the body byte for byte, and the last one out deletes it."""
     paths = [f"/cb{n}" for n in range(20)]
-    await fail_once(redis, receiver, paths, "demo")
-    slow = make_settings(settings.redis_url or "", retry_schedule=(0.3,))
-    await Producer(slow, redis).emit("demo", "BUILD_END", BIG)
-    await run_worker(slow, max_burst_jobs=1)  # the fan-out only: every first attempt fails
+    slow, _ = await park_retries(settings, redis, receiver, run_worker, paths)
 
     jobs = await retry_jobs(redis, slow)
     assert len(jobs) == 20
@@ -110,10 +120,7 @@ async def test_a_retry_whose_kept_body_is_gone_is_dropped_on_record(
     """Gone (a Redis that lost it), the body is not sent as nothing: each retry that
     referred to it ends as a recorded drop naming its delivery, which is marked done;
     another event's retries, whose body is there, still go."""
-    await fail_once(redis, receiver, ["/a", "/b"], "demo")
-    slow = make_settings(settings.redis_url or "", retry_schedule=(0.3,))
-    lost = await Producer(slow, redis).emit("demo", "BUILD_END", BIG)
-    await run_worker(slow, max_burst_jobs=1)
+    slow, lost = await park_retries(settings, redis, receiver, run_worker, ["/a", "/b"])
     [kept] = await body_keys(redis)
     await redis.delete(kept)
     for path in ("/a", "/b"):
@@ -162,10 +169,7 @@ async def test_a_kept_body_outlives_the_jobs_that_refer_to_it(
     """A run that reads the body keeps it at least its job's time to live plus the
     longest the run may put the job off by; the release after a run that put its job off
     for longer than that (a long line of a rate-limited callback) keeps it past the job."""
-    await fail_once(redis, receiver, ["/a", "/b"], "demo")
-    slow = make_settings(settings.redis_url or "", retry_schedule=(0.3,))
-    await Producer(slow, redis).emit("demo", "BUILD_END", BIG)
-    await run_worker(slow, max_burst_jobs=1)
+    slow, _ = await park_retries(settings, redis, receiver, run_worker, ["/a", "/b"])
     job_id = sorted(await retry_jobs(redis, slow))[0]
     [kept] = await body_keys(redis)
     job = DeliveryJob.from_wire(decode(await redis.get(keys.arq_job(job_id))).payload, job_id)
@@ -209,10 +213,7 @@ async def test_a_retry_dropped_unrun_gives_back_its_body(
     """A retry dropped without a run (claimed too often: it killed its workers) ends on
     record and gives its reference back, so its event's body goes with its last retry
     rather than days later."""
-    await fail_once(redis, receiver, ["/a", "/b"], "demo")
-    slow = make_settings(settings.redis_url or "", retry_schedule=(0.3,))
-    await Producer(slow, redis).emit("demo", "BUILD_END", BIG)
-    await run_worker(slow, max_burst_jobs=1)
+    slow, _ = await park_retries(settings, redis, receiver, run_worker, ["/a", "/b"])
     jobs = sorted(await retry_jobs(redis, slow))
     for job_id in jobs:  # as if each had been claimed 30 times already
         await redis.set(keys.ARQ_RETRY_PREFIX + job_id, 30, ex=3_600)
@@ -232,10 +233,7 @@ async def test_a_run_that_fails_after_its_job_ended_still_gives_back_its_body(
     """A run that raises (or times out, or is cancelled) once its job's end is written
     still releases its reference: one reference left behind would keep the whole event's
     body for days."""
-    await fail_once(redis, receiver, ["/a", "/b"], "demo")
-    slow = make_settings(settings.redis_url or "", retry_schedule=(0.3,))
-    await Producer(slow, redis).emit("demo", "BUILD_END", BIG)
-    await run_worker(slow, max_burst_jobs=1)
+    slow, _ = await park_retries(settings, redis, receiver, run_worker, ["/a", "/b"])
     assert len(await body_keys(redis)) == 1
     delivered = Engine.deliver
 
@@ -261,10 +259,7 @@ async def test_a_retry_put_off_for_days_keeps_its_body_in_the_same_write(
     callback's long line: its wait has no cap) raises the body's time to live in the write
     that puts the job off, so the body outlives the job even when the release after the
     run is lost (a worker killed before it)."""
-    await fail_once(redis, receiver, ["/a", "/b"], "demo")
-    slow = make_settings(settings.redis_url or "", retry_schedule=(0.3,))
-    await Producer(slow, redis).emit("demo", "BUILD_END", BIG)
-    await run_worker(slow, max_burst_jobs=1)
+    slow, _ = await park_retries(settings, redis, receiver, run_worker, ["/a", "/b"])
     job_ids = await retry_jobs(redis, slow)
     await asyncio.sleep(0.35)  # due
 
@@ -367,10 +362,7 @@ async def test_an_event_to_one_callback_keeps_its_body_in_its_job_and_record(
 ) -> None:
     """A fan-out chunk's only delivery has no one to share its body with: its retry and
     its records keep the body as before, and no key of its own is made for it."""
-    await fail_once(redis, receiver, ["/only"], "demo")
-    slow = make_settings(settings.redis_url or "", retry_schedule=(0.3,))
-    await Producer(slow, redis).emit("demo", "BUILD_END", BIG)
-    await run_worker(slow, max_burst_jobs=1)
+    slow, _ = await park_retries(settings, redis, receiver, run_worker, ["/only"])
     [raw] = (await retry_jobs(redis, slow)).values()
     assert "body" in decode(raw).payload and "bodyOf" not in decode(raw).payload
     await run_worker(slow)
