@@ -157,8 +157,9 @@ class Engine:
             body = encode_body(event.event, event.project_id, event.data)
         except orjson.JSONEncodeError as exc:  # queued by another client: never sendable
             raise BadJob(f"the event's data cannot be encoded: {exc}") from None
-        shared = len(targets) > 1 and len(body) >= SHARED_MIN_BYTES  # (a chunk's only one: no
-        shared = shared and self.settings.shared_bodies  # one to share with, a key of its own)
+        shared = (  # its retries' and records' body kept once (a chunk's only one: none to
+            self.settings.shared_bodies and len(targets) > 1 and len(body) >= SHARED_MIN_BYTES
+        )  # share with, so no key of its own)
         pending = [
             (DeliveryJob.first(event, target.id, body, target.project_id, carried, shared=shared),
              target)
