@@ -337,9 +337,30 @@ class EmitRequest(_Model):
 
 
 class RedeliveryResult(_Model):
-    """What redelivering a window queued."""
+    """What redelivering a window queued, and the window's final failures it did not."""
 
     queued: int
+    already_queued: int = Field(
+        default=0,
+        description="Deliveries whose redelivery an earlier call queued (its attempt not in "
+        "the history yet): not queued again.",
+    )
+    body_not_kept: int = Field(
+        default=0,
+        description="Deliveries left out: no record of theirs keeps the request body whole "
+        "(cut at the recording limit, or lost), so none can be sent as it was.",
+    )
+    callback_gone: int = Field(
+        default=0, description="Deliveries left out: their callback is disabled or deleted."
+    )
+
+    def __add__(self, other: RedeliveryResult) -> RedeliveryResult:
+        return RedeliveryResult(
+            queued=self.queued + other.queued,
+            already_queued=self.already_queued + other.already_queued,
+            body_not_kept=self.body_not_kept + other.body_not_kept,
+            callback_gone=self.callback_gone + other.callback_gone,
+        )
 
 
 class EmitResult(_Model):

@@ -24,9 +24,10 @@ from dispatcher.errors import InvalidInput
 from dispatcher.health import Health
 from dispatcher.history import Cursor, open_history, parse_window
 from dispatcher.lookups import owned
-from dispatcher.models import DeliveryStatus, Region, parse_event, parse_status
+from dispatcher.models import Region, parse_event, parse_status
 from dispatcher.producer import Producer
 from dispatcher.queue import Queue
+from dispatcher.redelivery import redeliver_window
 from dispatcher.registry import Registry, validate_url
 from dispatcher.shard import Shard
 from dispatcher.status import read_status
@@ -38,7 +39,6 @@ if TYPE_CHECKING:
 
     from dispatcher.headers import AuthHeader
     from dispatcher.history import Recent
-    from dispatcher.jobs import DeliveryJob
     from dispatcher.models import (
         Callback,
         CallbackPage,
@@ -46,6 +46,7 @@ if TYPE_CHECKING:
         Event,
         HistoryPage,
         HistoryRecord,
+        RedeliveryResult,
     )
     from dispatcher.registry import Registration
     from dispatcher.settings import Settings
@@ -55,7 +56,6 @@ __all__ = ["DEFAULT_OVERLAP_HOURS", "MAX_OVERLAP_HOURS", "Services"]
 
 log = structlog.get_logger("dispatcher.services")
 
-REDELIVER_BATCH = 100
 DEFAULT_OVERLAP_HOURS = 24.0  # Svix's: the old secret stays valid for a day
 MAX_OVERLAP_HOURS = 168.0
 # how far back "Recent deliveries" looks: the last hour, day, or the whole retention
@@ -266,63 +266,16 @@ class Services:
         end_time: str | None = None,
         *,
         on_queued: Callable[[int], None] | None = None,
-    ) -> int:
-        """Send again every delivery of a window that finally failed (its newest failure of
-        the window, once, and only while that delivery's newest attempt anywhere is a final
-        failure: not one redelivered since that succeeded or is retried); returns how
-        many were queued. A record whose body was truncated is skipped (it cannot be sent
-        as it was). Each call used to send every failure of the window again, a
-        redelivery's own failure included: twice as many each time (review). A delivery's
-        redelivery after its newest attempt has one job id, queued once (`Queue.push_many`):
-        calls at once, or one that reads a history not yet shipped to PostgreSQL, send it
-        once; the next is queued once its own attempt shows in the history. A delivery
-        whose callback is disabled or deleted is left out: its redelivery would be
-        dropped, with no attempt to show, and hold its place."""
+    ) -> RedeliveryResult:
+        """Send again every delivery of a window that finally failed, once
+        (`dispatcher.redelivery`); returns what was queued and what was left out."""
         name, start_ms, end_ms = self._window(event, start_time, end_time)
         failures = self.history.final_failures(
             project_id, url, name, start_ms=start_ms, end_ms=end_ms
         )
-        batch: list[DeliveryJob] = []
-        queued = 0
-
-        async def flush() -> None:
-            nonlocal queued
-            sent = await self.producer.requeue(batch, once=True)
-            queued += sent
-            if on_queued is not None:
-                on_queued(sent)
-            batch.clear()
-
-        async for job in self._redeliveries(project_id, failures):
-            batch.append(job)
-            if len(batch) >= REDELIVER_BATCH:
-                await flush()
-        if batch:
-            await flush()
-        return queued
-
-    async def _redeliveries(
-        self, project_id: str, failures: AsyncIterator[HistoryRecord]
-    ) -> AsyncIterator[DeliveryJob]:
-        """The redelivery of each delivery of `failures` (final failures, newest first) that
-        `redeliver_failed` sends again, once."""
-        seen: set[str] = set()  # deliveries looked at (the window's newest failure first)
-        live: dict[int, bool] = {}  # callbacks enabled or not, each read once
-        async for record in failures:
-            callback_id, delivery_id = record.callback_id, record.delivery_id
-            if record.request_body_truncated or callback_id is None or delivery_id is None:
-                continue  # it cannot be sent as it was
-            if delivery_id in seen:
-                continue
-            seen.add(delivery_id)
-            if callback_id not in live:  # disabled or deleted: its redelivery would drop
-                live[callback_id] = await self.registry.target(callback_id) is not None
-            if not live[callback_id]:
-                continue
-            newest = await self.history.attempts(delivery_id, project_id, limit=1)
-            if newest and not (newest[0].final and newest[0].status is DeliveryStatus.FAILED):
-                continue
-            yield self.producer.redelivery_job(record, after=newest[0].id if newest else record.id)
+        return await redeliver_window(
+            self.history, self.registry, self.producer, project_id, failures, on_queued
+        )
 
     async def recent(
         self,

@@ -79,9 +79,10 @@ async def redeliver_failed(
     end_time: EndQuery = None,
 ) -> Result[RedeliveryResult]:
     """Send again every delivery of the window that finally failed (project admins);
-    the window has the history query's rules. Returns how many were queued."""
-    queued = await views.redeliver_failed(router, project_id, url, event, start_time, end_time)
-    return Result[RedeliveryResult](data=RedeliveryResult(queued=queued))
+    the window has the history query's rules. Returns how many were queued, and how many
+    were not and why."""
+    result = await views.redeliver_failed(router, project_id, url, event, start_time, end_time)
+    return Result[RedeliveryResult](data=result)
 
 
 @routes.get("/callbacks/history/dead-letters", response_model=Result[list[HistoryRecord]])

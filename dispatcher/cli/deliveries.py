@@ -21,6 +21,7 @@ from dispatcher.cli.common import (
     on_router,
     records_table,
 )
+from dispatcher.models import RedeliveryResult
 from dispatcher.shards import views
 from dispatcher.shards.router import Router
 from dispatcher.stats import duration
@@ -87,13 +88,24 @@ def redeliver(
         err.print("give a record id, or --project, --url and --event (and a window)")
         raise typer.Exit(2)
 
-    async def window(router: Router) -> int:
+    async def window(router: Router) -> RedeliveryResult:
         with counting("redelivering", "queued") as advance:
             return await views.redeliver_failed(
                 router, project, url, event, since, until, on_queued=advance
             )
 
-    console.print(f"queued {on_router(window)} redeliveries")
+    result = on_router(window)
+    console.print(f"queued {result.queued} redeliveries")
+    for count, what in (
+        (
+            result.already_queued,
+            "already queued by an earlier call (not in the history yet), not again",
+        ),
+        (result.body_not_kept, "left out: request body not kept whole (cut, or lost)"),
+        (result.callback_gone, "left out: callback disabled or deleted"),
+    ):
+        if count:
+            console.print(f"{count} {what}")
 
 
 @app.command()

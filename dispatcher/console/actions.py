@@ -128,9 +128,10 @@ async def redeliver_failed(
     end_time: Annotated[str, Form(alias="endTime", max_length=32)] = "",
 ) -> RedirectResponse:
     """Every delivery of the window that finally failed, sent again."""
-    queued = await page.services.redeliver_failed(
+    done = await page.services.redeliver_failed(
         project_id, url, event, start_time or None, end_time or None
     )
+    left = done.already_queued + done.body_not_kept + done.callback_gone
     return redirect(
         page,
         _project(project_id) + "/history",
@@ -138,6 +139,9 @@ async def redeliver_failed(
         event=event,
         startTime=start_time,
         endTime=end_time,
-        notice="queued" if queued else "none-queued",
-        n=queued,
+        notice="window" if left else "queued" if done.queued else "none-queued",
+        n=done.queued,
+        again=done.already_queued,
+        cut=done.body_not_kept,
+        gone=done.callback_gone,
     )

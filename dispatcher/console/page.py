@@ -67,11 +67,15 @@ NOTICES = {
     "attempts once a worker has sent it.",
     "queued": "{n} failed deliveries of this window were queued again.",
     "none-queued": "No delivery of this window had finally failed: nothing was queued.",
+    "window": "{n} failed deliveries of this window were queued again; {again} already "
+    "queued by an earlier call, not again; left out: {cut} whose request body was not kept "
+    "whole (cut, or lost), {gone} whose callback is disabled or deleted.",
     "registered": "Registered for {n} event(s).",
     "rotated": "Secret rotated: the new token is in use; see the list for how long the old "
     "one still signs.",
 }
 
+_COUNTS = ("n", "again", "cut", "gone")  # the numbers a notice may show (digits only)
 
 # what the layout shows of the caller when a page knows nothing of them (an error page)
 _NOBODY = {
@@ -181,11 +185,11 @@ class Page:
     def _notice(self) -> str | None:
         params = self.request.query_params
         text = NOTICES.get(params.get("notice", ""))
-        count = params.get("n", "")
-        return (
-            text.format(n=count if count.isdecimal() and len(count) < 10 else "Some")
-            if text
-            else None
+        if not text:
+            return None
+        counts = {name: params.get(name, "") for name in _COUNTS}
+        return text.format(
+            **{k: v if v.isdecimal() and len(v) < 10 else "Some" for k, v in counts.items()}
         )
 
     async def render(

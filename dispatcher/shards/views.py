@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 from dispatcher import metrics
 from dispatcher.errors import NotFound
 from dispatcher.history.window import unknown_record
-from dispatcher.models import PLATFORM_PROJECT, HistoryPage
+from dispatcher.models import PLATFORM_PROJECT, HistoryPage, RedeliveryResult
 from dispatcher.status import Lanes, count_live_workers, read_lanes
 
 if TYPE_CHECKING:
@@ -180,15 +180,15 @@ async def redeliver_failed(
     end_time: str | None = None,
     *,
     on_queued: Callable[[int], None] | None = None,
-) -> int:
+) -> RedeliveryResult:
     """`Services.redeliver_failed` on the project's shard (on each, for the platform's)."""
     shards = router.shards if _spread(router, project_id) else [router.of(project_id)]
-    queued = 0
+    result = RedeliveryResult(queued=0)
     for services in shards:
-        queued += await services.redeliver_failed(
+        result += await services.redeliver_failed(
             project_id, url, event, start_time, end_time, on_queued=on_queued
         )
-    return queued
+    return result
 
 
 async def fleet_gauges(router: Router) -> None:

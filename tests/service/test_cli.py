@@ -224,6 +224,12 @@ def test_bulk_redeliver_and_sweep(cli: CliRunner, redis_server: EmbeddedRedis) -
             })  # fmt: skip
         await history.add({
             "projectId": "p", "callBackUrl": "https://e.com/h", "events": "BUILD_END",
+            "status": "FAILED", "final": True, "startTime": now, "endTime": now,
+            "createdTime": now - 9, "callbackId": callback_id, "deliveryId": "evt_cut.1",
+            "eventId": "evt_cut", "requestBody": "{", "requestBodyTruncated": True,
+        })  # fmt: skip
+        await history.add({
+            "projectId": "p", "callBackUrl": "https://e.com/h", "events": "BUILD_END",
             "status": "SUCCESS", "startTime": 0, "endTime": 0, "createdTime": 1000,
         })  # fmt: skip
         await redis.aclose()
@@ -235,6 +241,7 @@ def test_bulk_redeliver_and_sweep(cli: CliRunner, redis_server: EmbeddedRedis) -
     )
     assert result.exit_code == 0, result.output
     assert "queued 2 redeliveries" in result.output
+    assert "1 left out: request body not kept whole (cut, or lost)" in result.output
     client = redis_py.Redis.from_url(redis_server.url)
     queued = [k for k in client.scan_iter(keys.ARQ_JOB_PREFIX + "*") if b"redeliver" in k]
     client.close()

@@ -300,6 +300,26 @@ async def test_redeliver_all_failed_of_a_window(
     assert len(receiver.requests()) == 2
 
 
+async def test_redeliver_failed_says_what_it_left_out(
+    api: httpx.AsyncClient, settings: Settings, redis: Redis, receiver: Receiver,
+    run_worker: RunWorker,
+) -> None:  # fmt: skip
+    """A window whose failures were all left out (their callback disabled) said "No
+    delivery of this window had finally failed", while the dead letters listed them."""
+    url = await failed_delivery(settings, redis, receiver, run_worker)
+    await Registry(redis).set_enabled(1, False, "paused")
+    history = await api.get(f"{PROJECT}/history", params={"url": url, "event": "BUILD_END"})
+    done = await api.post(
+        f"{PROJECT}/history/redeliver-failed",
+        data={"csrf_token": token_of(history.text), "url": url, "event": "BUILD_END"},
+    )
+    shown = unescape((await api.get(done.headers["location"])).text)
+    assert "0 failed deliveries of this window were queued again" in shown
+    assert "left out: 0 whose request body was not kept whole (cut, or lost), 1 whose " in shown
+    forged = await api.get(f"{PROJECT}/history", params={"notice": "window", "cut": "<b>x"})
+    assert "left out: Some whose request body" in forged.text  # digits only, else "Some"
+
+
 async def test_status_page_charts_the_last_hour_and_day(
     api: httpx.AsyncClient, redis: Redis
 ) -> None:

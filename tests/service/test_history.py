@@ -309,7 +309,8 @@ async def test_dead_letters_and_redelivery_of_a_windows_failures(
 
     receiver.script("/hook", answer(200))
     retried = await api.post(f"{V3}/retry", params={"url": url, "event": "BUILD_END"}, headers=UID)
-    assert retried.json() == {"data": {"queued": 3}, "message": None, "status": 0}
+    queued = {"queued": 3, "alreadyQueued": 0, "bodyNotKept": 0, "callbackGone": 0}
+    assert retried.json() == {"data": queued, "message": None, "status": 0}
     await run_worker()
     again = receiver.requests()[4:]  # after the 4 first attempts
     assert sorted(s.headers["webhook-id"].split(".")[0] for s in again) == sorted(
@@ -379,8 +380,11 @@ async def test_window_redeliveries_at_once_send_each_failure_once(
     )
     later = await api.post(f"{V3}/retry", params=params, headers=UID)
     await run_worker()
-    assert sorted(c.json()["data"]["queued"] for c in calls) == [0, 3]
-    assert later.json()["data"]["queued"] == 0
+    counts = sorted((c.json()["data"]["queued"], c.json()["data"]["alreadyQueued"]) for c in calls)
+    assert counts == [(0, 3), (3, 0)]
+    assert later.json()["data"] == {
+        "queued": 0, "alreadyQueued": 3, "bodyNotKept": 0, "callbackGone": 0
+    }  # fmt: skip
     assert len(receiver.requests()) == 6  # 3 failures, each sent again once
 
 
@@ -404,8 +408,36 @@ async def test_window_redelivery_leaves_out_a_disabled_callback_until_it_is_enab
         await registry.set_enabled(callback_id, True)
         enabled = await services.redeliver_failed("demo", url, "BUILD_END")
         await run_worker()
-    assert (disabled, dropped, enabled) == (0, 2, 2)
+    assert (disabled.queued, dropped.queued, enabled.queued) == (0, 2, 2)
+    assert (disabled.callback_gone, dropped.callback_gone) == (2, 0)  # said, not silent
     assert len(receiver.requests()) == 4  # 2 failures, then each redelivery once
+
+
+async def test_a_window_redelivery_counts_a_body_not_kept_and_sends_an_older_whole_one(
+    settings: Settings, redis: Redis, receiver: Receiver, run_worker: RunWorker
+) -> None:
+    """A failure whose record cut its body was left out without a word: the call said
+    `queued: 0` and the console "no delivery of this window had finally failed" (the
+    dead letters listed it). It is counted now; a delivery whose newest failure was cut but
+    an older one kept whole is still sent, with the whole body."""
+    url = receiver.script("/hook", answer(404))
+    await Registry(redis).create("demo", url, Event.BUILD_END, Region.DEVNET)
+    producer = Producer(settings, redis)
+    whole = settings.model_copy(update={"retry_schedule": ()})
+    cut = whole.model_copy(update={"max_request_body": 200})
+    await producer.emit("demo", "BUILD_END", {"pad": "w" * 600})
+    await run_worker(whole)  # its record keeps the body whole
+    await producer.emit("demo", "BUILD_END", {"pad": "c" * 600})
+    await run_worker(cut)  # its record cuts it
+    async with Services.open(settings, redis) as services:
+        first = await services.redeliver_failed("demo", url, "BUILD_END")
+        await run_worker(cut)  # the redelivery fails again, its record cut
+        second = await services.redeliver_failed("demo", url, "BUILD_END")
+        await run_worker(cut)
+    assert (first.queued, first.body_not_kept) == (1, 1)
+    assert (second.queued, second.body_not_kept) == (1, 1)  # the older whole record, sent
+    bodies = [orjson.loads(seen.body)["data"]["pad"][0] for seen in receiver.requests()]
+    assert sorted(bodies) == ["c", "w", "w", "w"]  # each "w" whole, never a cut one
 
 
 async def test_a_window_redelivery_whose_job_expired_unsent_can_be_asked_again(
@@ -424,7 +456,7 @@ async def test_a_window_redelivery_whose_job_expired_unsent_can_be_asked_again(
         await run_worker()
     entries = await redis.lrange(keys.DROPPED, 0, -1)  # type: ignore[misc]  # sync|async
     dropped = [orjson.loads(entry) for entry in entries]
-    assert (first, again) == (1, 1)
+    assert (first.queued, again.queued) == (1, 1)
     assert [entry["reason"] for entry in dropped] == ["job data expired before it ran"]
     assert len(receiver.requests()) == 2  # its failure, then the redelivery asked again
 
@@ -453,7 +485,7 @@ async def test_a_window_redelivery_whose_answer_was_lost_is_counted_as_queued(
     async with Services.open(settings, redis) as services:
         queued = await services.redeliver_failed("demo", url, "BUILD_END")
     await run_worker()
-    assert (tries, queued) == (2, 2)
+    assert (tries, queued.queued, queued.already_queued) == (2, 2, 0)
     assert len(receiver.requests()) == 4
 
 
