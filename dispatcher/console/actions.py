@@ -15,6 +15,7 @@ from dispatcher.console.page import PREFIX, AdminForm, ConsoleRoute, ProjectPath
 from dispatcher.errors import InvalidInput
 from dispatcher.models import Region
 from dispatcher.registry import Options, Registration
+from dispatcher.shards import views
 
 __all__ = ["router"]
 
@@ -128,8 +129,8 @@ async def redeliver_failed(
     end_time: Annotated[str, Form(alias="endTime", max_length=32)] = "",
 ) -> RedirectResponse:
     """Every delivery of the window that finally failed, sent again."""
-    done = await page.services.redeliver_failed(
-        project_id, url, event, start_time or None, end_time or None
+    done = await views.redeliver_failed(
+        page.router, project_id, url, event, start_time or None, end_time or None
     )
     left = done.already_queued + done.body_not_kept + done.callback_gone
     return redirect(

@@ -15,9 +15,10 @@ import dataclasses
 from typing import TYPE_CHECKING, Any
 
 from dispatcher import metrics
-from dispatcher.errors import NotFound
+from dispatcher.errors import NotFound, Unavailable
 from dispatcher.history.window import unknown_record
 from dispatcher.models import PLATFORM_PROJECT, HistoryPage, RedeliveryResult
+from dispatcher.shards.lanes import hold_source
 from dispatcher.status import Lanes, count_live_workers, read_lanes
 
 if TYPE_CHECKING:
@@ -181,8 +182,17 @@ async def redeliver_failed(
     *,
     on_queued: Callable[[int], None] | None = None,
 ) -> RedeliveryResult:
-    """`Services.redeliver_failed` on the project's shard (on each, for the platform's)."""
+    """`Services.redeliver_failed` on the project's shard (on each, for the platform's).
+    Refused (Unavailable) while the project moves to its shard: until the move's last
+    history copy, that shard does not see what was redelivered on the old one (its
+    attempts, its queued-once keys), and would send it again."""
     shards = router.shards if _spread(router, project_id) else [router.of(project_id)]
+    if router.sharded and await hold_source(shards[0], project_id) is not None:
+        raise Unavailable(
+            f"project {project_id!r} is moving to another shard: a window's redelivery waits "
+            "until its history is copied; try again in a minute (single records can be "
+            "redelivered meanwhile)"
+        )
     result = RedeliveryResult(queued=0)
     for services in shards:
         result += await services.redeliver_failed(

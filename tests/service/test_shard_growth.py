@@ -32,6 +32,7 @@ from dispatcher.queue import Queue
 from dispatcher.registry import Registration
 from dispatcher.services import Services
 from dispatcher.settings import Settings
+from dispatcher.shards import views
 from dispatcher.shards.holdings import holds
 from dispatcher.shards.lanes import hold, hold_source, let_go
 from dispatcher.shards.lease import MoveLease
@@ -518,6 +519,24 @@ async def dead_before(dead: Mover, project: str, *, flipped: bool, legacy: bool 
     if flipped:
         await router.placement.write(project, Placed(1))
         await dead.settle()
+
+
+async def test_a_window_redelivery_waits_while_its_project_moves_to_its_shard(
+    shard_servers: list[EmbeddedRedis], receiver: Receiver
+) -> None:
+    """After a move's flip and before its last history copy, the new shard sees neither
+    the old shard's newest attempts nor its queued-once keys: a window's redelivery there
+    could send again what was just redelivered (the README listed it as not covered). It
+    is refused with a clear error until the move lets the project's shard go."""
+    project = next(p for p in PROJECTS if rendezvous(p, 2) == 0)
+    url = receiver.url("/hook")
+    async with registered_on_0(shard_servers, receiver, project) as router:
+        dead = Mover(router, lambda _: None, settle_s=0.3)
+        await dead_before(dead, project, flipped=True)
+        with pytest.raises(Unavailable, match="moving to another shard: a window's redelivery"):
+            await views.redeliver_failed(router, project, url, "BUILD_END")
+        await let_go(router.shards[1], project)
+        assert (await views.redeliver_failed(router, project, url, "BUILD_END")).queued == 0
 
 
 async def test_a_move_to_where_a_project_is_leaves_its_data_elsewhere_alone(
