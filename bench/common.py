@@ -10,6 +10,8 @@ import socket
 from pathlib import Path
 from typing import Any
 
+import orjson
+
 from dispatcher.delivery import Attempted, AttemptResult, Outcome, encode_body
 from dispatcher.headers import mask_headers, request_headers
 from dispatcher.history.record import AttemptRecord
@@ -70,6 +72,13 @@ def event_data(n: int, emit_t: float | None = None) -> dict[str, Any]:
     if emit_t is not None:
         data["emit_t"] = emit_t
     return data
+
+
+def padded(data: dict[str, Any], size: int) -> dict[str, Any]:
+    """`data` with a `log` string that brings its JSON to about `size` bytes (as it is when
+    it is as big already)."""
+    room = size - len(orjson.dumps(data)) - len(',"log":""')
+    return data | {"log": "x" * room} if room > 0 else data
 
 
 def record_template() -> AttemptRecord:

@@ -9,7 +9,7 @@ import os
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from bench.common import (
     EVENT,
@@ -19,6 +19,7 @@ from bench.common import (
     cpu_seconds,
     event_data,
     machine_busy_seconds,
+    padded,
 )
 from bench.procs import BenchError, Receiver, WorkerProcess
 from bench.report import Row
@@ -115,6 +116,13 @@ async def register_callbacks(
         ))  # fmt: skip
 
 
+def _data(n: int, lanes: int, data_bytes: int) -> dict[str, Any]:
+    """The `n`th queued event's data: with a `lane` of `lanes` values when `lanes`, padded
+    to about `data_bytes` of JSON when `data_bytes`."""
+    data = event_data(n) | ({"lane": f"k-{n % lanes}"} if lanes else {})
+    return padded(data, data_bytes) if data_bytes else data
+
+
 class Bench:
     """Shared state: the Redis URL and connection, the receiver, the sizes, the worker-rate
     runs done so far (by label)."""
@@ -152,14 +160,15 @@ class Bench:
             await self.sink.stop()
 
     async def _worker_env(self, spec: WorkerSpec) -> dict[str, str]:
-        """The `OTEL_*` variables of `spec`'s workers: an OTLP endpoint when it exports
-        (a second receiver process, answering 200 to every batch of spans)."""
+        """The variables of `spec`'s workers: its own (`spec.env`), and an OTLP endpoint
+        when it exports (a second receiver process, answering 200 to every batch of spans)."""
+        env = dict(spec.env)
         if not spec.export:
-            return {}
+            return env
         if self.sink is None:
             self.sink = Receiver()
             await self.sink.start()
-        return {"OTEL_EXPORTER_OTLP_ENDPOINT": self.sink.base}
+        return env | {"OTEL_EXPORTER_OTLP_ENDPOINT": self.sink.base}
 
     def runs(self, spec: WorkerSpec) -> list[WorkerRun]:
         """The repeats of `spec` (after `worker_block`)."""
@@ -167,11 +176,11 @@ class Bench:
 
     async def prepare(
         self, callbacks: int, events: int, options: Options | None = None, *,
-        traced: bool = False, lanes: int = 0,
+        traced: bool = False, lanes: int = 0, data_bytes: int = 0,
     ) -> None:  # fmt: skip
         """An empty Redis, `callbacks` callbacks on (PROJECT, EVENT) with `options`, `events`
         queued (each with `BENCH_TRACEPARENT` when `traced`; with a `lane` of `lanes` values
-        when `lanes`)."""
+        when `lanes`; its data padded to about `data_bytes` of JSON when `data_bytes`)."""
         await self.r.flushdb()
         await register_callbacks(self.r, self.receiver.base, callbacks, options)
         self._mem_base = await self._used_memory()
@@ -180,7 +189,7 @@ class Bench:
         with tracing.received(context):
             for start in range(0, events, 1000):
                 batch = [
-                    (PROJECT, EVENT, event_data(i) | ({"lane": f"k-{i % lanes}"} if lanes else {}))
+                    (PROJECT, EVENT, _data(i, lanes, data_bytes))
                     for i in range(start, min(events, start + 1000))
                 ]
                 await producer.emit_many(batch)
@@ -233,7 +242,8 @@ class Bench:
                 for _ in range(spec.workers)
             )),
             self.prepare(
-                spec.callbacks, events, spec.options, traced=spec.traced, lanes=spec.lanes
+                spec.callbacks, events, spec.options, traced=spec.traced, lanes=spec.lanes,
+                data_bytes=spec.data_bytes,
             ),
         )  # fmt: skip
         return list(started)

@@ -85,6 +85,8 @@ def _num(value: float | None, unit: str) -> str:
         return f"{value:,.1f} {unit}"
     if unit == "x":
         return f"{value:.2f}x"
+    if not unit and value < 100 and value != int(value):  # e.g. commands per delivery
+        return f"{value:.1f}"
     return f"{value:,.0f}{unit}" if unit.startswith("/") else f"{value:,.0f} {unit}"
 
 

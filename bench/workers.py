@@ -26,6 +26,8 @@ class WorkerSpec:
     traced: bool = False  # every event queued with a W3C traceparent (`BENCH_TRACEPARENT`)
     export: bool = False  # spans exported over OTLP/HTTP (to `Bench.sink`, a receiver process)
     lanes: int = 0  # events carry `"lane": "k-<n % lanes>"` (for `orderBy`), when > 0
+    data_bytes: int = 0  # events' data padded to about this many bytes of JSON, when > 0
+    env: tuple[tuple[str, str], ...] = ()  # the worker processes' own variables, e.g. settings
 
     def event_count(self, deliveries: int) -> int:
         """Events to queue for a run of about `deliveries` deliveries."""
@@ -36,6 +38,7 @@ class WorkerSpec:
 NOOP = WorkerSpec("noop", kind="noop")
 THROUGHPUT = WorkerSpec("throughput")
 THROUGHPUT_PG = WorkerSpec("throughput_pg", postgres_history=True)
+FAN_OUT = WorkerSpec("fan_out", callbacks=10)
 # what a CI's emitter inside a trace sends with every event
 BENCH_TRACEPARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
 

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 from bench.harness import Scenario
 from bench.procs import BenchError, WorkerProcess
 from bench.report import Row, ratio_row
-from bench.workers import THROUGHPUT, WorkerSpec, median_run, summary
+from bench.workers import FAN_OUT, THROUGHPUT, WorkerSpec, median_run, summary
 from dispatcher.settings import Settings
 
 if TYPE_CHECKING:
@@ -25,7 +25,6 @@ LEASE_S = 2.0  # the crash run's lease: the second worker takes over within it
 CHUNK: int = Settings.model_fields["fan_out_chunk"].default
 MAX_GROWTH_MIB = 50
 
-FAN_OUT = WorkerSpec("fan_out", callbacks=10)
 FAN_OUT_WIDE = WorkerSpec("fan_out_wide", callbacks=WIDE, events=1)
 
 

@@ -19,37 +19,54 @@ REDIS_HISTORY_TARGET = 10
 PG_HISTORY_TARGET = 6
 
 
-def _rows(label: str, run: WorkerRun, noop: WorkerRun, target: int) -> list[Row]:
-    mine, arq = run.per_delivery(), noop.per_delivery()
-    by_name = {k: round(v / run.deliveries, 2) for k, (v, _) in run.redis_by_command.items()}
-    us_by_name = {k: round(us / run.deliveries, 2) for k, (_, us) in run.redis_by_command.items()}
+def cost_rows(
+    scenario: str, label: str, run: WorkerRun, baseline: str, base: WorkerRun,
+    target: float | None = None,
+) -> list[Row]:  # fmt: skip
+    """Redis commands and Redis CPU per delivery of `run` (`INFO commandstats`,
+    `used_cpu_*`) against `base`'s, named `baseline`; `target` bounds the commands (else
+    both report). The details give the commands and their µs by name, `base`'s too."""
+    mine, theirs = run.per_delivery(), base.per_delivery()
     commands = mine["redis_commands"]
     return [
         Row(
-            "redis cost", f"Redis commands per delivery, {label}", commands, "",
-            "arq no-op worker, per job", arq["redis_commands"],
-            commands / arq["redis_commands"] if arq["redis_commands"] else None,
-            f"<= {target}", commands <= target, shown=f"{commands:.1f}",
-            details={"by_command": dict(sorted(by_name.items(), key=lambda kv: -kv[1]))},
+            scenario, f"Redis commands per delivery, {label}", commands, "",
+            baseline, theirs["redis_commands"],
+            commands / theirs["redis_commands"] if theirs["redis_commands"] else None,
+            f"<= {target:g}" if target is not None else "report",
+            commands <= target if target is not None else None, shown=f"{commands:.1f}",
+            details={"by_command": _by_name(run, 0), "baseline_by_command": _by_name(base, 0)},
         ),
         Row(
-            "redis cost", f"Redis CPU per delivery, {label}", mine["redis_cpu_us"], "µs",
-            "arq no-op worker, per job", arq["redis_cpu_us"],
-            mine["redis_cpu_us"] / arq["redis_cpu_us"] if arq["redis_cpu_us"] else None,
+            scenario, f"Redis CPU per delivery, {label}", mine["redis_cpu_us"], "µs",
+            baseline, theirs["redis_cpu_us"],
+            mine["redis_cpu_us"] / theirs["redis_cpu_us"] if theirs["redis_cpu_us"] else None,
             details={
                 "command_us": round(mine["redis_command_us"], 1),
-                "us_by_command": dict(sorted(us_by_name.items(), key=lambda kv: -kv[1])),
+                "us_by_command": _by_name(run, 1),
+                "baseline_command_us": round(theirs["redis_command_us"], 1),
             },
         ),
     ]  # fmt: skip
 
 
+def _by_name(run: WorkerRun, field: int) -> dict[str, float]:
+    """`INFO commandstats` per delivery by command name, largest first: calls (`field` 0)
+    or µs (1)."""
+    per = {name: round(v[field] / run.deliveries, 2) for name, v in run.redis_by_command.items()}
+    return dict(sorted(per.items(), key=lambda kv: -kv[1]))
+
+
 async def run(bench: Bench) -> list[Row]:
     await bench.worker_block()
     noop = median_run(bench.runs(NOOP))
-    rows = _rows("Redis history", median_run(bench.runs(THROUGHPUT)), noop, REDIS_HISTORY_TARGET)
+    arq = "arq no-op worker, per job"
+    redis = median_run(bench.runs(THROUGHPUT))
     pg = median_run(bench.runs(THROUGHPUT_PG))
-    return rows + _rows("PostgreSQL history", pg, noop, PG_HISTORY_TARGET)
+    return [
+        *cost_rows("redis cost", "Redis history", redis, arq, noop, REDIS_HISTORY_TARGET),
+        *cost_rows("redis cost", "PostgreSQL history", pg, arq, noop, PG_HISTORY_TARGET),
+    ]
 
 
 SCENARIO = Scenario("redis-cost", run, worker_runs=(NOOP, THROUGHPUT, THROUGHPUT_PG), postgres=True)
