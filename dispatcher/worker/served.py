@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -144,7 +143,8 @@ class Served:
         """A `deliver` job's run, with the body it refers to when it holds none of its own
         (`dispatcher.bodies`; gone, the job is dropped on record). After the run, however
         it ended (a timeout, a cancel), the release follows its writes: it gives the body
-        back if the job has ended, else keeps it as long as the job may live now."""
+        back if the job has ended, else keeps it as long as the job may live now; a run
+        that put its job back did that in the same write, and sends none after."""
         wait_ms = self.body_wait_ms
         found = await bodies.read(self.services.redis, self.keys, job, wait_ms)
         if found is None:  # the delivery's end, on record (its body is gone with its refs)
@@ -153,13 +153,21 @@ class Served:
                 job, "the event's body kept for its retries is gone", then, "body"
             )
             return
-        kept = None  # a job put off (for days, in a long line) keeps its body as long
-        if found.body_of is not None:  # in the same write
-            kept = functools.partial(bodies.release, keys=self.keys, job=found, keep_ms=wait_ms)
+        kept: list[bool] = []  # whether a write put the job back with its body kept
+
+        def keep(pipe: Pipeline) -> None:
+            """A job put off (for days, in a long line) keeps its body as long, in the
+            same write: that is its release, not made again after the run."""
+            bodies.release(pipe, self.keys, found, wait_ms)
+            kept.append(True)
+
+        shared = found.body_of is not None
         try:
-            await self.engine.deliver(found, NextStep(self.claims, claimed.job_id, kept))
+            await self.engine.deliver(
+                found, NextStep(self.claims, claimed.job_id, keep if shared else None)
+            )
         finally:
-            if found.body_of is not None:
+            if shared and not kept:
                 self.release(found, wait_ms)
 
     def release(self, job: DeliveryJob, keep_ms: int) -> None:

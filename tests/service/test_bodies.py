@@ -275,6 +275,38 @@ async def test_a_retry_put_off_for_days_keeps_its_body_in_the_same_write(
     assert await redis.pttl(kept) > job_ttl
 
 
+async def test_a_run_that_puts_its_job_back_keeps_its_body_in_that_write_alone(
+    settings: Settings,
+    redis: Redis,
+    receiver: Receiver,
+    run_worker: RunWorker,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A retry put back for its next attempt keeps its body in the write that puts it
+    back; it then also sent a release after the run, which only did that again (a script
+    call per run put back). Two callbacks failing twice: one release after each job's end,
+    none after a run put back; every retry still sends the body, and the last one out
+    deletes it."""
+    for path in ("/a", "/b"):
+        url = receiver.script(path, answer(500), answer(500), answer(200))
+        await Registry(redis).create("demo", url, Event.BUILD_END, Region.DEVNET, "s3cret")
+    slow = make_settings(settings.redis_url or "", retry_schedule=(0.2, 0.2))
+    await Producer(slow, redis).emit("demo", "BUILD_END", BIG)
+    released: list[str] = []
+    release = Served.release
+
+    def counted(served: Served, job: DeliveryJob, keep_ms: int) -> None:
+        released.append(job.job_id)
+        release(served, job, keep_ms)
+
+    monkeypatch.setattr(Served, "release", counted)
+    await run_worker(slow)
+    sent = [orjson.loads(seen.body)["data"] for p in ("/a", "/b") for seen in receiver.requests(p)]
+    assert sent == [BIG] * 6
+    assert len(released) == len(set(released)) == 2  # one per retry job, at its end
+    assert await body_keys(redis) == []
+
+
 async def test_the_redis_history_keeps_an_emissions_body_once_and_serves_records_whole(
     settings: Settings, redis: Redis, receiver: Receiver, run_worker: RunWorker
 ) -> None:
