@@ -347,8 +347,9 @@ class RedeliveryResult(_Model):
     )
     body_not_kept: int = Field(
         default=0,
-        description="Deliveries left out: no record of theirs keeps the request body whole "
-        "(cut at the recording limit, or lost), so none can be sent as it was.",
+        description="Deliveries left out: no record of theirs in the window keeps the "
+        "request body whole (cut at the recording limit, or lost), so none can be sent as "
+        "it was (an older one outside the window may).",
     )
     callback_gone: int = Field(
         default=0, description="Deliveries left out: their callback is disabled or deleted."

@@ -7,32 +7,37 @@ retried. Each call used to send every failure of the window again, a redelivery'
 failure included: twice as many each time (review). A delivery's redelivery after its
 newest attempt has one job id, queued once (`Queue.push_many`): calls at once, or one that
 reads a history not yet shipped to PostgreSQL, send it once; the next is queued once its
-own attempt shows in the history. Left out, and counted:
+own attempt shows in the history. Left out, and counted when the delivery still needs
+sending (its newest attempt anywhere a final failure):
 
-- a record whose request body was not kept whole (cut at `DISPATCHER_MAX_REQUEST_BODY`, or
-  its kept body lost): it cannot be sent as it was;
+- a delivery none of whose records in the window keeps its request body whole (cut at
+  `DISPATCHER_MAX_REQUEST_BODY`, or its kept body lost): it cannot be sent as it was (an
+  older record outside the window may keep it: a wider window, or that record by id);
 - a delivery whose callback is disabled or deleted: its redelivery would be dropped, with
   no attempt to show, and hold its place.
 """
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from dispatcher.models import DeliveryStatus, RedeliveryResult
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Callable
-
     from dispatcher.history import HistoryStore
     from dispatcher.jobs import DeliveryJob
     from dispatcher.models import HistoryRecord
     from dispatcher.producer import Producer
     from dispatcher.registry import Registry
 
-__all__ = ["redeliver_window"]
+__all__ = ["Check", "redeliver_window"]
 
 BATCH = 100  # redeliveries queued per round trip
+
+
+Check = Callable[[RedeliveryResult], Awaitable[None]]  # raises to stop before a batch
 
 
 async def redeliver_window(
@@ -41,60 +46,81 @@ async def redeliver_window(
     producer: Producer,
     project_id: str,
     failures: AsyncIterator[HistoryRecord],
+    *,
     on_queued: Callable[[int], None] | None = None,
+    check: Check | None = None,
 ) -> RedeliveryResult:
     """Queue the redelivery of each delivery of `failures` (a window's final failures,
-    newest first) that may be sent again; `on_queued` hears each batch's count."""
-    result = RedeliveryResult(queued=0)
+    newest first) that may be sent again; `on_queued` hears each batch's count, `check`
+    (given what was done so far) may stop the call before each batch by raising."""
+    window = _Window(history, registry, producer, project_id)
     batch: list[DeliveryJob] = []
 
     async def flush() -> None:
+        if check is not None:
+            await check(window.result)
         sent = await producer.requeue(batch, once=True)
-        result.queued += sent
-        result.already_queued += len(batch) - sent
+        window.result.queued += sent
+        window.result.already_queued += len(batch) - sent
         if on_queued is not None:
             on_queued(sent)
         batch.clear()
 
-    async for job in _redeliveries(history, registry, producer, project_id, failures, result):
+    async for job in window.redeliveries(failures):
         batch.append(job)
         if len(batch) >= BATCH:
             await flush()
     if batch:
         await flush()
-    return result
+    return window.result
 
 
-async def _redeliveries(
-    history: HistoryStore,
-    registry: Registry,
-    producer: Producer,
-    project_id: str,
-    failures: AsyncIterator[HistoryRecord],
-    result: RedeliveryResult,
-) -> AsyncIterator[DeliveryJob]:
-    """The redelivery of each delivery of `failures` that is sent again, once; what is left
-    out is counted in `result`."""
-    seen: set[str] = set()  # deliveries looked at (the window's newest failure first)
-    cut: set[str] = set()  # deliveries with a record not kept whole (an older one may be)
-    live: dict[int, bool] = {}  # callbacks enabled or not, each read once
-    async for record in failures:
-        callback_id, delivery_id = record.callback_id, record.delivery_id
-        if callback_id is None or delivery_id is None:
-            continue  # not a delivery's record: nothing to send it again as
-        if record.request_body_truncated:
-            cut.add(delivery_id)
-            continue
-        if delivery_id in seen:
-            continue
-        seen.add(delivery_id)
-        if callback_id not in live:  # disabled or deleted: its redelivery would drop
-            live[callback_id] = await registry.target(callback_id) is not None
-        if not live[callback_id]:
-            result.callback_gone += 1
-            continue
-        newest = await history.attempts(delivery_id, project_id, limit=1)
-        if newest and not (newest[0].final and newest[0].status is DeliveryStatus.FAILED):
-            continue
-        yield producer.redelivery_job(record, after=newest[0].id if newest else record.id)
-    result.body_not_kept = len(cut - seen)
+@dataclass
+class _Window:
+    """One window's redelivery, and what it left out (`result`)."""
+
+    history: HistoryStore
+    registry: Registry
+    producer: Producer
+    project_id: str
+    result: RedeliveryResult = field(default_factory=lambda: RedeliveryResult(queued=0))
+    live: dict[int, bool] = field(default_factory=dict)  # callbacks enabled, read once
+
+    async def redeliveries(
+        self, failures: AsyncIterator[HistoryRecord]
+    ) -> AsyncIterator[DeliveryJob]:
+        """The redelivery of each delivery of `failures` that is sent again, once."""
+        seen: set[str] = set()  # deliveries looked at (the window's newest failure first)
+        cut: set[str] = set()  # with a record not kept whole (an older one may be)
+        async for record in failures:
+            callback_id, delivery_id = record.callback_id, record.delivery_id
+            if callback_id is None or delivery_id is None:
+                continue  # not a delivery's record: nothing to send it again as
+            if record.request_body_truncated:
+                cut.add(delivery_id)
+                continue
+            if delivery_id in seen:
+                continue
+            seen.add(delivery_id)
+            failed, newest = await self._failed(delivery_id)
+            if not failed:
+                continue  # redelivered since: it succeeded, or is being retried
+            if not await self._live(callback_id):  # its redelivery would be dropped
+                self.result.callback_gone += 1
+                continue
+            yield self.producer.redelivery_job(record, after=newest or record.id)
+        for delivery_id in cut - seen:  # none of its records here kept the body whole
+            self.result.body_not_kept += (await self._failed(delivery_id))[0]
+
+    async def _failed(self, delivery_id: str) -> tuple[bool, int | None]:
+        """Whether the delivery's newest attempt anywhere is a final failure (or none is
+        found), and that attempt's id."""
+        newest = await self.history.attempts(delivery_id, self.project_id, limit=1)
+        if not newest:
+            return True, None
+        return newest[0].final and newest[0].status is DeliveryStatus.FAILED, newest[0].id
+
+    async def _live(self, callback_id: int) -> bool:
+        if callback_id not in self.live:
+            self.live[callback_id] = await self.registry.target(callback_id) is not None
+        return self.live[callback_id]

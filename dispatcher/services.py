@@ -48,6 +48,7 @@ if TYPE_CHECKING:
         HistoryRecord,
         RedeliveryResult,
     )
+    from dispatcher.redelivery import Check
     from dispatcher.registry import Registration
     from dispatcher.settings import Settings
     from dispatcher.status import Status
@@ -266,6 +267,7 @@ class Services:
         end_time: str | None = None,
         *,
         on_queued: Callable[[int], None] | None = None,
+        check: Check | None = None,
     ) -> RedeliveryResult:
         """Send again every delivery of a window that finally failed, once
         (`dispatcher.redelivery`); returns what was queued and what was left out."""
@@ -274,7 +276,13 @@ class Services:
             project_id, url, name, start_ms=start_ms, end_ms=end_ms
         )
         return await redeliver_window(
-            self.history, self.registry, self.producer, project_id, failures, on_queued
+            self.history,
+            self.registry,
+            self.producer,
+            project_id,
+            failures,
+            on_queued=on_queued,
+            check=check,
         )
 
     async def recent(

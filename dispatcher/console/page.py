@@ -189,7 +189,10 @@ class Page:
             return None
         counts = {name: params.get(name, "") for name in _COUNTS}
         return text.format(
-            **{k: v if v.isdecimal() and len(v) < 10 else "Some" for k, v in counts.items()}
+            **{
+                k: v if v.isascii() and v.isdigit() and len(v) < 10 else "Some"
+                for k, v in counts.items()
+            }
         )
 
     async def render(

@@ -359,10 +359,11 @@ class Mover:
         data, due, ttl = got
         k, ttl_ms = src.keys, max(int(ttl), 1)
         carried = await Carried.read(src.redis, k, data)  # a retry's kept body goes along
-        async with src.redis.pipeline(transaction=False) as pipe:  # its mark, as long as it has
-            pipe.get(k.delivery(job_id))
-            pipe.pttl(k.delivery(job_id))
-            progress, progress_ms = await pipe.execute()
+        async with src.redis.pipeline(transaction=False) as pipe:  # its mark, and a window
+            for key in (k.delivery(job_id), k.pushed(job_id)):  # redelivery's queued-once
+                pipe.get(key)  # key, as long as they have
+                pipe.pttl(key)
+            progress, progress_ms, pushed, pushed_ms = await pipe.execute()
 
         def place(pipe: Pipeline) -> None:
             d, job_key = dst.keys, dst.keys.arq_job(job_id)
@@ -371,6 +372,8 @@ class Mover:
             if progress is not None:  # (its write time stays readable: see worker.marks)
                 ex, px = (None, progress_ms) if progress_ms > 0 else (86_400, None)
                 pipe.set(d.delivery(job_id), progress, ex=ex, px=px, nx=True)
+            if pushed is not None and pushed_ms > 0:
+                pipe.set(d.pushed(job_id), pushed, px=pushed_ms, nx=True)
 
         def leave(pipe: Pipeline) -> None:
             claims.finish(pipe, job_id)

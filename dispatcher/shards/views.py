@@ -183,22 +183,51 @@ async def redeliver_failed(
     on_queued: Callable[[int], None] | None = None,
 ) -> RedeliveryResult:
     """`Services.redeliver_failed` on the project's shard (on each, for the platform's).
-    Refused (Unavailable) while the project moves to its shard: until the move's last
-    history copy, that shard does not see what was redelivered on the old one (its
-    attempts, its queued-once keys), and would send it again."""
-    shards = router.shards if _spread(router, project_id) else [router.of(project_id)]
-    if router.sharded and await hold_source(shards[0], project_id) is not None:
+    Refused (Unavailable) while the project moves, checked again before each batch:
+    until the move's last history copy, its new shard does not see what was redelivered on
+    the old one (its attempts, its queued-once keys), and would send it again, and what the
+    old shard queues after the move's drain is not moved."""
+    if _spread(router, project_id):  # the platform's: never moved
+        result = RedeliveryResult(queued=0)
+        for services in router.shards:
+            result += await services.redeliver_failed(
+                project_id, url, event, start_time, end_time, on_queued=on_queued
+            )
+        return result
+    services = router.of(project_id)
+
+    async def still(done: RedeliveryResult | None = None) -> None:
+        if router.sharded:
+            await _not_moving(router, services, project_id, done)
+
+    await still()
+    return await services.redeliver_failed(
+        project_id, url, event, start_time, end_time, on_queued=on_queued, check=still
+    )
+
+
+async def _not_moving(
+    router: Router, services: Services, project_id: str, done: RedeliveryResult | None
+) -> None:
+    """Unavailable while `project_id` moves (or its placement moved off `services`'
+    shard), or a move of it to that shard is not finished."""
+    here = router.of(project_id) is services and not router.placement.moving(project_id)
+    if here and await hold_source(services, project_id) is None:
+        return
+    so_far = "" if done is None else f" ({done.queued} queued before it stopped)"
+    home = router.home
+    if here and not await home.redis.exists(home.keys.move_lease(project_id)):
+        at = router.shards.index(services)
         raise Unavailable(
-            f"project {project_id!r} is moving to another shard: a window's redelivery waits "
-            "until its history is copied; try again in a minute (single records can be "
-            "redelivered meanwhile)"
+            f"project {project_id!r}: a move of it to shard {at} died after its flip; "
+            f"finish it (dispatcher shards move {project_id} --to {at}), then redeliver"
+            f" the window{so_far}"
         )
-    result = RedeliveryResult(queued=0)
-    for services in shards:
-        result += await services.redeliver_failed(
-            project_id, url, event, start_time, end_time, on_queued=on_queued
-        )
-    return result
+    raise Unavailable(
+        f"project {project_id!r} is moving to another shard: a window's redelivery waits for "
+        f"the move's end; try again in a minute (single records can be redelivered "
+        f"meanwhile){so_far}"
+    )
 
 
 async def fleet_gauges(router: Router) -> None:

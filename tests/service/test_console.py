@@ -316,8 +316,11 @@ async def test_redeliver_failed_says_what_it_left_out(
     shown = unescape((await api.get(done.headers["location"])).text)
     assert "0 failed deliveries of this window were queued again" in shown
     assert "left out: 0 whose request body was not kept whole (cut, or lost), 1 whose " in shown
-    forged = await api.get(f"{PROJECT}/history", params={"notice": "window", "cut": "<b>x"})
-    assert "left out: Some whose request body" in forged.text  # digits only, else "Some"
+    forged = await api.get(
+        f"{PROJECT}/history", params={"notice": "window", "cut": "<b>x", "gone": "١٢"}
+    )
+    assert "left out: Some whose request body" in forged.text  # ASCII digits, else "Some"
+    assert "Some whose callback is disabled" in forged.text
 
 
 async def test_status_page_charts_the_last_hour_and_day(

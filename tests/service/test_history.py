@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from datetime import datetime
-from typing import Any
+from typing import Any, cast
 from zoneinfo import ZoneInfo
 
 import httpx
@@ -438,6 +438,32 @@ async def test_a_window_redelivery_counts_a_body_not_kept_and_sends_an_older_who
     assert (second.queued, second.body_not_kept) == (1, 1)  # the older whole record, sent
     bodies = [orjson.loads(seen.body)["data"]["pad"][0] for seen in receiver.requests()]
     assert sorted(bodies) == ["c", "w", "w", "w"]  # each "w" whole, never a cut one
+
+
+async def test_a_window_redelivery_counts_only_deliveries_that_still_failed(
+    settings: Settings, redis: Redis
+) -> None:
+    """A failure redelivered since with success was counted as left out when its callback
+    was disabled after, or when its record in the window was cut (review): it needs
+    nothing. Counted: a delivery whose newest attempt is still a final failure."""
+    registry = Registry(redis)
+    callback_id, _ = await registry.create("demo", URL, Event.BUILD_END, Region.DEVNET)
+    now = now_ms()
+
+    def attempt(n: int, ago: int, status: str, **more: Any) -> AttemptRecord:
+        shape = {"status": status, "final": True, "callbackId": callback_id, **more}
+        return cast("AttemptRecord", {**record(now - ago, n=n), **shape})
+
+    await add_all(redis, settings, [
+        attempt(1, 50, "FAILED", requestBodyTruncated=True), attempt(1, 40, "SUCCESS"),
+        attempt(2, 30, "FAILED"), attempt(2, 20, "SUCCESS"),
+        attempt(3, 10, "FAILED", requestBodyTruncated=True),  # cut, still failed
+        attempt(4, 5, "FAILED"),  # whole, still failed: its callback is disabled
+    ])  # fmt: skip
+    await registry.set_enabled(callback_id, False, "paused")
+    async with Services.open(settings, redis) as services:
+        done = await services.redeliver_failed("demo", URL, "BUILD_END")
+    assert (done.queued, done.body_not_kept, done.callback_gone) == (0, 1, 1)
 
 
 async def test_a_window_redelivery_whose_job_expired_unsent_can_be_asked_again(

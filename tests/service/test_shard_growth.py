@@ -41,7 +41,7 @@ from dispatcher.shards.router import Router
 from dispatcher.shards.stale import forget_copy
 from dispatcher.worker import create_worker
 from dispatcher.worker.claims import Claims
-from tests.helpers import Receiver, make_settings, until
+from tests.helpers import Receiver, answer, make_settings, until
 
 PROJECTS = [f"grow-{n}" for n in range(8)]
 
@@ -157,11 +157,16 @@ async def test_a_moved_jobs_progress_mark_keeps_its_expiry(
         await src.redis.set(src.keys.arq_job(job_id), b"{}", px=60_000)
         await src.redis.zadd(src.keys.QUEUE, {job_id: now_ms()})
         await src.redis.set(src.keys.delivery(job_id), "1", ex=1_000)
+        await src.redis.set(src.keys.pushed(job_id), "nonce", ex=2_000)  # queued once
         claims = Claims(src.redis, src.keys, mover.token, LEASE_S)
         assert await mover._move_job(src, dst, claims, job_id, b"{}", unless_begun=False)
         assert await dst.redis.get(dst.keys.delivery(job_id)) == b"1"
         assert 990_000 < await dst.redis.pttl(dst.keys.delivery(job_id)) <= 1_000_000
         assert await dst.redis.zscore(dst.keys.QUEUE, job_id) is not None
+        # a window redelivery's queued-once key goes along: one asked on the new shard
+        # before its attempt is shipped to PostgreSQL history queued it again (review)
+        assert await dst.redis.get(dst.keys.pushed(job_id)) == b"nonce"
+        assert 1_990_000 < await dst.redis.pttl(dst.keys.pushed(job_id)) <= 2_000_000
 
 
 async def test_a_moved_retry_takes_the_body_it_refers_to(
@@ -532,11 +537,42 @@ async def test_a_window_redelivery_waits_while_its_project_moves_to_its_shard(
     url = receiver.url("/hook")
     async with registered_on_0(shard_servers, receiver, project) as router:
         dead = Mover(router, lambda _: None, settle_s=0.3)
+        await router.placement.write(project, Placed(0, 1))  # the move's start
+        await dead.settle()
+        with pytest.raises(Unavailable, match="is moving to another shard: a window's"):
+            await views.redeliver_failed(router, project, url, "BUILD_END")
         await dead_before(dead, project, flipped=True)
-        with pytest.raises(Unavailable, match="moving to another shard: a window's redelivery"):
+        with pytest.raises(Unavailable, match="is moving to another shard: a window's"):
+            await views.redeliver_failed(router, project, url, "BUILD_END")  # its lease on
+        await lapsed(router, project)  # the mover died: the operator is told what to run
+        with pytest.raises(Unavailable, match=rf"died after its flip; finish it \(dispatcher "
+                           rf"shards move {project} --to 1\)"):  # fmt: skip
             await views.redeliver_failed(router, project, url, "BUILD_END")
         await let_go(router.shards[1], project)
         assert (await views.redeliver_failed(router, project, url, "BUILD_END")).queued == 0
+
+
+async def test_a_window_redelivery_stops_before_its_next_batch_once_a_move_begins(
+    shard_servers: list[EmbeddedRedis], receiver: Receiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A long window call that began before a move went on queueing on the old shard
+    after the move's drain, where nothing moves it again (review): each batch checks."""
+    project = next(p for p in PROJECTS if rendezvous(p, 2) == 0)
+    settings = two_empty_shards(shard_servers).model_copy(update={"retry_schedule": ()})
+    url = receiver.script("/hook", answer(404))
+    async with Router.open(settings) as router:
+        await router.shards[0].register(Registration(project, url, Region.DEVNET, "t"), "BUILD_END")
+        async with Producer(settings) as producer:
+            await producer.emit_many([(project, "BUILD_END", {"n": n}) for n in range(2)])
+        await run_burst(settings)
+        monkeypatch.setattr("dispatcher.redelivery.BATCH", 1)
+
+        def a_move_begins(_: int) -> None:
+            router.placement.explicit[project] = Placed(0, 1)
+
+        with pytest.raises(Unavailable, match=r"\(1 queued before it stopped\)$"):
+            await views.redeliver_failed(router, project, url, "BUILD_END", on_queued=a_move_begins)
+        assert await router.shards[0].redis.zcard(settings.queue_name) == 1
 
 
 async def test_a_move_to_where_a_project_is_leaves_its_data_elsewhere_alone(
