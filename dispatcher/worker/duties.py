@@ -22,9 +22,8 @@ import structlog
 from dispatcher import metrics
 from dispatcher.clock import now_ms
 from dispatcher.connections import REDIS_ERRORS, redis_full
-from dispatcher.lua import run_pipeline
+from dispatcher.lua import Key, Script, run_pipeline
 from dispatcher.status import write_heartbeat
-from dispatcher.worker.lane_scripts import Unblock
 
 if TYPE_CHECKING:
     from dispatcher.services import Services
@@ -175,3 +174,24 @@ class Duties:
                 pipe.delete(self.heartbeat_key)
                 pipe.zrem(self.keys.WORKERS_LIVE, self.heartbeat_key)
                 await pipe.execute()
+
+
+@dataclass
+class Unblock(Script):
+    """The `count` oldest blocked lanes, those empty listed no more (a late copy of a retry's
+    write, its answer lost, lists the lane of a head that has ended since). A lane is
+    listed by its head's retry, and its head leaves it last: an empty lane is blocked by
+    nothing. Answers how many it took off the list."""
+
+    LUA = """
+local taken = 0
+for _, lane in ipairs(redis.call('ZRANGE', blocked, 0, count - 1)) do
+  if redis.call('EXISTS', lane) == 0 then
+    redis.call('ZREM', blocked, lane)
+    taken = taken + 1
+  end
+end
+return taken
+"""
+    blocked: Key
+    count: int

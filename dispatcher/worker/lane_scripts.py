@@ -1,8 +1,8 @@
 """The Lua scripts of ordered delivery (see `lanes.py`): `Enter` at fan-out, `Head` before a
-queued delivery's attempt, `Release` with a delivery's end, `Unblock` in the sweep. Each is
-a typed `Script` that names its keys and arguments once, its keys made by
-`dispatcher.keys`; only `Release` and `Unblock` read keys they find inside Lua (the next
-delivery's; the blocked lanes')."""
+queued delivery's attempt, `Release` with a delivery's end (the sweep's `Unblock` is in
+`duties.py`). Each is a typed `Script` that names its keys and arguments once, its keys
+made by `dispatcher.keys`; only `Release` reads keys it finds inside Lua (the next
+delivery's)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     from dispatcher.ending import JobEnd
     from dispatcher.keys import Keys
 
-__all__ = ["NEXT_TAG", "Enter", "Head", "Release", "Unblock"]
+__all__ = ["NEXT_TAG", "Enter", "Head", "Release"]
 
 NEXT_TAG = b"lane:next"  # the first item of RELEASE's answer when it took the next delivery
 
@@ -363,24 +363,3 @@ return {'lane:next', id, data, redis.call('GET', progress_prefix .. id) or '',
             progress_prefix=keys.DELIVERY_PREFIX,
             callback_prefix=keys.CALLBACK_PREFIX,
         )
-
-
-@dataclass
-class Unblock(Script):
-    """The `count` oldest blocked lanes, those empty listed no more (a late copy of a retry's
-    write, its answer lost, lists the lane of a head that has ended since). A lane is
-    listed by its head's retry, and its head leaves it last: an empty lane is blocked by
-    nothing. Answers how many it took off the list."""
-
-    LUA = """
-local taken = 0
-for _, lane in ipairs(redis.call('ZRANGE', blocked, 0, count - 1)) do
-  if redis.call('EXISTS', lane) == 0 then
-    redis.call('ZREM', blocked, lane)
-    taken = taken + 1
-  end
-end
-return taken
-"""
-    blocked: Key
-    count: int
