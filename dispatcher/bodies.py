@@ -18,9 +18,14 @@ field each.
   put off), it keeps the bytes as long as the job may live now. A release missed (a
   worker killed between the job's end and it) leaves the bytes to their time to live.
 
-Bodies under `SHARED_MIN_BYTES` stay in their jobs (a reference costs about as much), and
-so do ordered deliveries (parked in their lanes out of the queue) and redeliveries (each
-is a request of its own, from its record). `DISPATCHER_SHARED_BODIES=false` keeps every
+Ordered deliveries (`dispatcher.worker.lanes`) refer to a copy of their own, kept apart
+(`lane:`): a lane parks its jobs out of the queue with no time to live, so `Enter` and
+`Head` keep the body of a parked one for ever too, and each reference is given back by
+the lane's release, in the write that ends its job (a crash cannot lose it); the last one
+out deletes the bytes. A lane's next delivery that a release hands over is read with its
+body before its attempt. Bodies under `SHARED_MIN_BYTES` stay in their jobs (a reference
+costs about as much), and so do redeliveries (each is a request of its own, from its
+record). `DISPATCHER_SHARED_BODIES=false` keeps every
 body in its job (and in its Redis history records: `dispatcher.history.kept`): a worker of
 a version before this one cannot read a job without its body (it records it as poison),
 nor an API process a record without it, so a fleet being rolled to this version keeps it
@@ -45,15 +50,19 @@ if TYPE_CHECKING:
 __all__ = ["KEEP_BODY", "SHARED_MIN_BYTES", "Carried", "body_key", "read", "release"]
 
 SHARED_MIN_BYTES = 1024
+LANE = "lane:"  # the kept bodies of ordered deliveries: `body_key`
 
 # A Lua function over the names a script declares for a kept body (key `body`; arguments
 # `job_id`, `shared`: the bytes, `keep_ms`): the job's reference, the bytes when they are
-# not there yet, and a time to live of at least `keep_ms`.
+# not there yet, and a time to live of at least `keep_ms` (none when it has none: parked
+# ordered deliveries refer to it).
 KEEP_BODY = (
     KEEP_AT_LEAST
     + """
 local function keep_body()
-  redis.call('HSETNX', body, 'body', shared)
+  if redis.call('HSETNX', body, 'body', shared) == 1 then
+    redis.call('PEXPIRE', body, tonumber(keep_ms))
+  end
   redis.call('HSET', body, job_id, 1)
   keep_at_least(body, tonumber(keep_ms))
 end
@@ -62,8 +71,11 @@ end
 
 
 def body_key(keys: Keys, job: DeliveryJob) -> str:
-    """Where the body `job` refers to is kept (on the shard of `keys`)."""
-    return f"{keys.BODY_PREFIX}{job.body_of}"
+    """Where the body `job` refers to is kept (on the shard of `keys`): an ordered
+    delivery's (`lane:`) apart from the unordered retries' one, as each of its references
+    ends in its lane's release, in the write that ends its job (it may be kept for ever)."""
+    kind = "" if job.lane is None else LANE
+    return f"{keys.BODY_PREFIX}{kind}{job.body_of}"
 
 
 @dataclass

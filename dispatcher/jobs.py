@@ -260,9 +260,8 @@ class DeliveryJob:
             body = "" if body_of is not None else payload["body"]
             emitter = _emitter(payload.get("emitter"), project_id)
             progress_id = payload.get("progressId") or job_id or payload["deliveryId"]
-            if body_of is not None and (
-                body_of != _body_of(emitter, payload.get("eventId") or "", progress_id)
-                or payload.get("lane") is not None  # a lane hands its jobs on unread
+            if body_of is not None and body_of != _body_of(
+                emitter, payload.get("eventId") or "", progress_id
             ):  # its own emission's body, never another's
                 raise ValueError(f"bodyOf {body_of!r} is not its emission's")
             if not isinstance(body, str):

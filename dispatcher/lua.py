@@ -69,10 +69,12 @@ end
 
 # A Lua function a script prepends to its own: `key` kept at least `ms` from now, its time
 # to live raised when shorter, never cut (a key kept once for many others that each need it
-# so long: `dispatcher.bodies`, `dispatcher.history.kept`).
+# so long: `dispatcher.bodies`, `dispatcher.history.kept`); a key kept for ever (no time to
+# live: a body an ordered delivery's parked job refers to) stays so.
 KEEP_AT_LEAST = """
 local function keep_at_least(key, ms)
-  if redis.call('PTTL', key) < ms then redis.call('PEXPIRE', key, ms) end
+  local left = redis.call('PTTL', key)
+  if left ~= -1 and left < ms then redis.call('PEXPIRE', key, ms) end
 end
 """
 

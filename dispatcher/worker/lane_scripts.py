@@ -104,6 +104,11 @@ for i = 1, #parked / 2 do
       out[#out + 1] = 1
     else
       redis.call('SET', job, parked[2 * i], 'NX')
+      if shared ~= '' then  -- the event's body, kept once for its parked jobs, for ever
+        redis.call('HSETNX', body, 'body', shared)
+        redis.call('HSET', body, id, 1)
+        redis.call('PERSIST', body)
+      end
       redis.call('SET', progress, 0, 'NX', 'EX', progress_ttl)
       if head == id then
         redis.call('ZADD', queue, 'NX', recheck_ms, id)
@@ -138,6 +143,7 @@ return out
     lease: Key
     job: Key
     claims: Key
+    body: Key
     deliveries: KeyList
     event_id: str
     progress_ttl: int
@@ -146,6 +152,7 @@ return out
     now_ms: int
     token: str
     job_id: str
+    shared: bytes
     parked: ArgList
 
     @classmethod
@@ -161,11 +168,15 @@ return out
         recheck_ms: int,
         last: bool,
         end: JobEnd | None = None,
+        body: tuple[str, bytes] | None = None,
     ) -> Enter:
         """`event_job_id`'s deliveries joining their lanes: `parked` holds each one's
-        lane, id and job bytes; `end`, its fan-out job's end when none is attempted now."""
+        lane, id and job bytes; `end`, its fan-out job's end when none is attempted now;
+        `body`, where its event's body is kept for them, and its bytes, when they refer
+        to it (`dispatcher.bodies`)."""
         end = end or NO_JOB
         pending = keys.lanes_pending(project_id)
+        kept, shared = body or (pending, b"")
         return cls(
             pending=pending,
             queue=keys.QUEUE,
@@ -175,6 +186,7 @@ return out
             lease=end.lease or pending,  # (no job: keys the script leaves alone)
             job=end.job or pending,
             claims=end.claims or pending,
+            body=kept,
             deliveries=[
                 key
                 for lane, delivery_id, _ in parked
@@ -187,6 +199,7 @@ return out
             now_ms=now_ms,
             token=end.token,
             job_id=end.job_id,
+            shared=shared,
             parked=[item for _, delivery_id, job in parked for item in (delivery_id, job)],
         )
 
@@ -209,6 +222,8 @@ if redis.call('ZRANGE', lane, 0, 0)[1] ~= job_id then
   redis.call('ZREM', queue, job_id)
   redis.call('DEL', lease, claims)
   redis.call('ZREM', waiting, job_id)
+  redis.call('PERSIST', job)  -- parked as `Enter` parks: kept for ever, and its body
+  if body ~= job then redis.call('PERSIST', body) end
   return 0
 end
 if clear(hold, pending, queue, tonumber(seq)) then
@@ -230,15 +245,25 @@ return 2
     claims: Key
     waiting: Key
     hold: Key
+    job: Key
+    body: Key
     job_id: str
     recheck_ms: int
     held_ms: int
 
     @classmethod
     def of(
-        cls, keys: Keys, lane: str, project_id: str, job_id: str, recheck_ms: int, held_ms: int
+        cls,
+        keys: Keys,
+        lane: str,
+        project_id: str,
+        job_id: str,
+        recheck_ms: int,
+        held_ms: int,
+        body: str | None = None,
     ) -> Head:
-        """The check of `job_id`, a delivery of `project_id`'s events in `lane`."""
+        """The check of `job_id`, of `project_id`'s events in `lane` (`body`: its body's)."""
+        job = keys.arq_job(job_id)
         return cls(
             lane=lane,
             pending=keys.lanes_pending(project_id),
@@ -247,6 +272,8 @@ return 2
             claims=keys.ARQ_RETRY_PREFIX + job_id,
             waiting=keys.lanes_waiting(project_id),
             hold=keys.lanes_hold(project_id),
+            job=job,
+            body=body or job,
             job_id=job_id,
             recheck_ms=recheck_ms,
             held_ms=held_ms,
@@ -276,6 +303,10 @@ local owner = redis.call('GET', lease)
 if not owner or owner == token then
   redis.call('DEL', job, lease, claims)
   redis.call('ZREM', queue, job_id)
+  if body ~= lane then  -- its reference to its event's kept body: the last one deletes it
+    redis.call('HDEL', body, job_id)
+    if redis.call('HLEN', body) <= 1 then redis.call('DEL', body) end
+  end
 end
 local nxt = redis.call('ZRANGE', lane, 0, 0, 'WITHSCORES')
 if #nxt == 0 then return 0 end
@@ -314,6 +345,7 @@ return {'lane:next', id, data, redis.call('GET', progress_prefix .. id) or '',
     claims: Key
     waiting: Key
     hold: Key
+    body: Key
     delivery_id: str
     job_id: str
     token: str
@@ -338,9 +370,11 @@ return {'lane:next', id, data, redis.call('GET', progress_prefix .. id) or '',
         now_ms: int,
         recheck_ms: int,
         end: JobEnd | None = None,
+        body: str | None = None,
     ) -> Release:
         """The release of `delivery_id`, of `project_id`'s events, from `lane`, with the
-        end of its job, or of the job `end` names (its fan-out's)."""
+        end of its job, or of the job `end` names (its fan-out's), and its job's
+        reference to the `body` it refers to."""
         job_id = delivery_id if end is None else end.job_id
         return cls(
             lane=lane,
@@ -352,6 +386,7 @@ return {'lane:next', id, data, redis.call('GET', progress_prefix .. id) or '',
             claims=keys.ARQ_RETRY_PREFIX + job_id if end is None else end.claims,
             waiting=keys.lanes_waiting(project_id),
             hold=keys.lanes_hold(project_id),
+            body=body or lane,
             delivery_id=delivery_id,
             job_id=job_id,
             token=token,

@@ -32,7 +32,8 @@ the lane is then *blocked*, listed in `LANES_BLOCKED` by when, until the head en
 delivery run twice (its worker killed mid-attempt) repeats the head of its lane, never a
 delivery behind it. An event whose data has no value at the path is delivered unordered,
 and its records say so (`orderNote`), as are events queued before the callback was ordered.
-Redeliveries of past records bypass lanes.
+Redeliveries of past records bypass lanes. An event's ordered deliveries keep its body
+once, for ever while parked, not in each job (`dispatcher.bodies`).
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from dispatcher.bodies import body_key, read
 from dispatcher.clock import now_ms
 from dispatcher.jobs import BadJob, DeliveryJob, decode, encode
 from dispatcher.keys import lane_id
@@ -68,6 +70,7 @@ HELD_RECHECK_S = 1.0  # a head whose project is moving here, its old lanes still
 NO_KEY = "unordered: the event's data has no value at orderBy {path!r}"
 NOT_NUMBERED = "unordered: the event was queued before its callback was ordered"
 GONE = "callback deleted or disabled"
+BODY_GONE = "the event's body kept for its ordered deliveries is gone"
 KEPT_TARGETS = 1024  # the lanes' next deliveries' targets a worker keeps (see `_target`)
 TOGETHER_ENTRIES = 10  # a fan-out chunk's entries at most, to run with others' (50 a call)
 _FIELDS = [name.encode() for name in TARGET_FIELDS]  # what a lane's next delivery needs
@@ -93,7 +96,7 @@ class Sending:
     a callback's secrets are read."""
 
     attempt: Callable[[DeliveryJob, CallbackTarget, int, Then], Awaitable[None]]
-    drop: Callable[[DeliveryJob, str, Then], Awaitable[None]]
+    drop: Callable[[DeliveryJob, str, Then, str], Awaitable[None]]  # (..., the metric's kind)
     decrypt: Decrypt
 
 
@@ -167,6 +170,7 @@ class Lanes:
             recheck_ms=stamp + int(RECHECK_S * 1000),
             last=last,
             end=job_end,
+            body=_kept(self.keys, ordered[0][0]),
         )
         if len(ordered) <= TOGETHER_ENTRIES:  # with the batch's other entries: one call
             answer = await self.writer.together(enter)
@@ -237,6 +241,7 @@ class Lanes:
             job_id,
             recheck_ms=stamp + int(RECHECK_S * 1000),
             held_ms=stamp + int(HELD_RECHECK_S * 1000),
+            body=None if job.body_of is None else body_key(self.keys, job),
         )
         (verdict,) = await self.writer.commit(head.queue_on)
         return self.releasing(job, then) if verdict == 1 else None
@@ -272,6 +277,7 @@ class Lanes:
             now_ms=stamp,
             recheck_ms=stamp + int(RECHECK_S * 1000),
             end=end,
+            body=None if job.body_of is None or end is not None else body_key(self.keys, job),
         )
 
     def landed(self, answer: list[Any]) -> None:
@@ -300,9 +306,11 @@ class Lanes:
             if progress == b"done":  # it ended, its release was lost (a crash mid-write)
                 self.landed(await self.writer.commit(lambda pipe: then(pipe, None)))
             elif target is None:
-                await self.sending.drop(job, GONE, then)
+                await self.sending.drop(job, GONE, then, "callback")
+            elif (found := await read(self.writer.redis, self.keys, job, 0)) is None:
+                await self.sending.drop(job, BODY_GONE, then, "body")  # never sent empty
             else:
-                await self.sending.attempt(job, target, int(progress or 0) + 1, then)
+                await self.sending.attempt(found, target, int(progress or 0) + 1, then)
 
         adopt.spawn(job.job_id, work)
 
@@ -363,9 +371,14 @@ class LaneStep(Step):
 
 def _in_lane(job: DeliveryJob, target: CallbackTarget, path: str, key: str) -> DeliveryJob:
     """`job` in its lane: the deliveries to its callback's URL (every event it is
-    registered for there with the same `orderBy`) of its project's events with `key`. It
-    keeps its body in its job: a lane parks its jobs out of the queue, with no time to
-    live, and hands them over outside a claim (`dispatcher.bodies`)."""
+    registered for there with the same `orderBy`) of its project's events with `key`. A
+    body its event's deliveries share is kept apart for the lanes (`bodies.body_key`)."""
     project = job.emitter or job.project_id
     lane = lane_id(target.project_id, target.url, path, project, key)
-    return dataclasses.replace(job, order_key=key, lane=lane, body_of=None)
+    return dataclasses.replace(job, order_key=key, lane=lane)
+
+
+def _kept(keys: Keys, job: DeliveryJob) -> tuple[str, bytes] | None:
+    """Where an event's body is kept for its parked deliveries, and its bytes, when they
+    refer to it (all of one chunk do, or none)."""
+    return None if job.body_of is None else (body_key(keys, job), job.body)

@@ -5,7 +5,9 @@ workers, each SIGKILLed once and replaced, Redis paused (SIGSTOP) for longer tha
 and Redis SIGKILLed and restarted (AOF `always`) while events are emitted. Two callbacks
 get the same events: one `orderBy=buildId`, one unordered. On the ordered one, each build's
 first successful arrivals are in emit order; on the unordered one the same check fails
-(so it can); on both nothing is lost."""
+(so it can); on both nothing is lost. The events are over 1 KiB, so each one's body is
+kept once for its parked deliveries and retries (`dispatcher.bodies`): every request
+carries its event's whole data, and no body kept for the lanes is left at the end."""
 
 from __future__ import annotations
 
@@ -34,6 +36,7 @@ keys = Keys()
 pytestmark = pytest.mark.timeout(120)
 
 BUILDS, STEPS = 24, 8
+PAD = "x" * 1_100  # over 1 KiB: an event's body is kept once for its deliveries' jobs
 ENV = {
     "DISPATCHER_LEASE_SECONDS": "2",
     "DISPATCHER_CIRCUIT_THRESHOLD": "100000",  # the receiver fails half the attempts
@@ -50,10 +53,16 @@ class FirstFails(FlakyReceiver):
 
     tried: dict[str, int] = field(default_factory=dict)
     arrivals: list[tuple[str, str, int]] = field(default_factory=list)
+    bodies_whole: bool = True  # every request carried its event's whole data
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         arrived = _ms()
-        data = orjson.loads(await request.read())["data"]
+        try:
+            data = orjson.loads(await request.read())["data"]
+        except (orjson.JSONDecodeError, KeyError, TypeError):  # sent without its body
+            self.bodies_whole = False
+            return web.Response(status=400)
+        self.bodies_whole &= data.get("log") == PAD
         delivery_id = request.headers["X-DEVOPS-DELIVERY-ID"]
         tries = self.tried[delivery_id] = self.tried.get(delivery_id, 0) + 1
         status = 200 if tries > (3 if data["step"] == 0 else 1) else 500
@@ -114,7 +123,8 @@ async def test_each_build_arrives_in_order_through_kills_a_paused_and_a_restarte
                         await asyncio.to_thread(faults[start])
                     batch = events[start : start + BUILDS // 2]
                     await producer.emit_many([
-                        (PROJECT, "BUILD_END", {"buildId": f"b{b}", "step": s}, f"e{s}-{b}")
+                        (PROJECT, "BUILD_END", {"buildId": f"b{b}", "step": s, "log": PAD},
+                         f"e{s}-{b}")
                         for s, b in batch
                     ])  # fmt: skip
                     await asyncio.sleep(0.05)
@@ -133,5 +143,10 @@ async def test_each_build_arrives_in_order_through_kills_a_paused_and_a_restarte
             # succeeds about 0.6 s after it is emitted, step 1 about 0.2 s)
             assert receiver.out_of_order("/plain") != []
             assert not await redis.keys(f"{keys.LANE_PREFIX}*"), "a lane was left behind"
+            # each event's body was kept once for its lanes, and the last one out took it
+            assert receiver.bodies_whole, "a request came without its event's body"
+            assert not await redis.keys(f"{keys.BODY_PREFIX}lane:*"), "a lane's body was left"
+            stats = await redis.info("commandstats")  # since the restart: parked bodies kept
+            assert stats.get("cmdstat_persist", {}).get("calls", 0) > 0, "no body kept parked"
         finally:
             await redis.aclose()

@@ -23,6 +23,7 @@ from dispatcher.queue import Queue
 from dispatcher.registry import Options, Registry
 from dispatcher.settings import Settings
 from dispatcher.worker import Engine
+from dispatcher.worker.lane_scripts import Enter, Head
 from dispatcher.worker.served import Served
 from dispatcher.worker.writer import Then
 from tests.helpers import Receiver, RunWorker, answer, make_settings
@@ -187,24 +188,100 @@ async def test_a_kept_body_outlives_the_jobs_that_refer_to_it(
     assert await redis.pttl(kept) > five_days + 50_000
 
 
-async def test_an_ordered_callbacks_big_events_keep_their_bodies_in_their_jobs(
-    settings: Settings, redis: Redis, receiver: Receiver, run_worker: RunWorker
+async def park_in_lanes(
+    settings: Settings, redis: Redis, receiver: Receiver, run_worker: RunWorker, paths: list[str]
 ) -> None:
-    """A lane parks its deliveries out of the queue and hands them over outside a claim:
-    they keep their bodies in their jobs, and each one sends its own event whole, in
-    order, behind a head that fails before it succeeds."""
-    url = receiver.script("/lane", answer(500), answer(500), answer(200))
-    await Registry(redis).create(
-        "demo", url, Event.BUILD_END, Region.DEVNET, "s3cret", options=Options(order_by="buildId")
-    )
+    """Callbacks of "demo" at `paths` ordered by `buildId`, failing twice then answering;
+    three big events of one build (steps 0 to 2), and their fan-outs run alone: each
+    lane's head (step 0) failed, the others are parked."""
+    for path in paths:
+        url = receiver.script(path, answer(500), answer(500), answer(200))
+        await Registry(redis).create(
+            "demo", url, Event.BUILD_END, Region.DEVNET, "s3cret",
+            options=Options(order_by="buildId"),
+        )  # fmt: skip
     events = [("demo", "BUILD_END", {"buildId": "b-1", "step": s, **BIG}) for s in range(3)]
     await Producer(settings, redis).emit_many(events)
-    await run_worker(max_burst_jobs=3)  # the fan-outs: the head fails, the others park
-    assert await body_keys(redis) == []
+    await run_worker(max_burst_jobs=3)
+
+
+async def test_an_ordered_events_parked_deliveries_share_one_copy_of_its_body(
+    settings: Settings, redis: Redis, receiver: Receiver, run_worker: RunWorker
+) -> None:
+    """A lane parks its deliveries out of the queue, with no time to live: each parked
+    job held its event's whole body, callbacks x event size per event (a project's
+    ordered callbacks behind a failing head). Now an event's parked deliveries and its
+    heads' retries refer to one copy, kept apart for the lanes and for ever while parked;
+    each delivery sends its own event whole, in order (the next one taken by a release,
+    or claimed), and the last one out deletes each copy."""
+    paths = ["/lane1", "/lane2"]
+    await park_in_lanes(settings, redis, receiver, run_worker, paths)
+    kept = await body_keys(redis)
+    assert len(kept) == 3 and all(k.startswith(keys.BODY_PREFIX + "lane:demo:") for k in kept)
+    ttls = sorted([await redis.pttl(k) for k in kept])
+    assert ttls[:2] == [-1, -1] and ttls[2] > 0  # the parked ones' for ever; the heads' retries
+    for key in kept:
+        stored = await redis.hgetall(key)  # type: ignore[misc]  # sync|async
+        assert len(stored) == 3 and stored[b"body"].endswith(BIG["log"].encode() + b'"}}')
+    jobs = await redis.mget([keys.arq_job(k.decode()) for k in await redis.hkeys(kept[0])  # type: ignore[misc]
+                             if k != b"body"])  # fmt: skip
+    assert all(j is not None and len(j) < 1_000 and b"bodyOf" in j for j in jobs)
     await run_worker()
-    sent = [orjson.loads(s.body)["data"] for s in receiver.requests("/lane")]
-    assert [d["step"] for d in sent] == [0, 0, 0, 1, 2]
-    assert all(d["log"] == BIG["log"] for d in sent)
+    for path in paths:
+        sent = [orjson.loads(s.body)["data"] for s in receiver.requests(path)]
+        assert [d["step"] for d in sent] == [0, 0, 0, 1, 2]
+        assert all(d["log"] == BIG["log"] for d in sent)
+    assert await body_keys(redis) == []
+
+
+async def test_a_parked_delivery_whose_kept_body_is_gone_is_dropped_and_its_lane_goes_on(
+    settings: Settings, redis: Redis, receiver: Receiver, run_worker: RunWorker
+) -> None:
+    """A lane's next delivery whose body is gone (a Redis that lost it) is never sent
+    empty: it ends as a recorded drop naming it, and the lane goes on with the next."""
+    await park_in_lanes(settings, redis, receiver, run_worker, ["/lane1", "/lane2"])
+    for key in await body_keys(redis):
+        if (await redis.hget(key, "body") or b"").find(b'"step":1') >= 0:  # type: ignore[misc]
+            await redis.delete(key)
+    await run_worker()
+    for path in ("/lane1", "/lane2"):
+        sent = [orjson.loads(s.body)["data"]["step"] for s in receiver.requests(path)]
+        assert sent == [0, 0, 0, 2]
+    drops = [orjson.loads(e) for e in await redis.lrange(keys.DROPPED, 0, -1)]  # type: ignore[misc]
+    assert sorted(d["deliveryId"][-2:] for d in drops) == [".1", ".2"]
+    assert {d["reason"] for d in drops} == {
+        "the event's body kept for its ordered deliveries is gone"
+    }
+    assert await body_keys(redis) == []
+
+
+async def test_a_parked_deliverys_body_is_kept_for_ever_as_its_job(redis: Redis) -> None:
+    """A lane parks a delivery with no time to live, so its body must have none either:
+    kept first with one for a head's retry (the event's delivery in another lane), it
+    would expire under a delivery parked for longer. `Enter` parks it for ever; so does
+    `Head`, which parks a queued job again (a lower-numbered delivery joined its lane),
+    the job too (a retry's, with a time to live: parked, it would expire); and a read or a
+    release never gives such a body a time to live."""
+    body = keys.BODY_PREFIX + "lane:demo:evt_1@5"
+    await redis.hset(body, mapping={"body": "x" * 2_000, "demo:evt_1.1@5": 1})  # type: ignore[misc]
+    await redis.pexpire(body, 60_000)  # a head's retry's, in the lane of callback 1
+    await redis.zadd(keys.lanes_pending("demo"), {"demo:evt_1": 1})
+    await redis.zadd("lane-2", {"demo:evt_0.2@4": 0})  # callback 2's lane: an earlier head
+    enter = Enter.of(keys, "demo", "demo:evt_1", [("lane-2", "demo:evt_1.2@5", b"{}")],
+                     progress_ttl=60, now_ms=now_ms(), recheck_ms=now_ms(), last=True,
+                     body=(body, b"x" * 2_000))  # fmt: skip
+    assert (await enter.run(redis))[0] == 0  # parked
+    assert await redis.pttl(body) == -1 and await redis.hget(body, "demo:evt_1.2@5") == b"1"  # type: ignore[misc]
+    await redis.pexpire(body, 60_000)
+    job = keys.arq_job("demo:evt_1.1@5")
+    await redis.set(job, b"{}", px=60_000)  # callback 1's retry, queued; then parked again
+    await redis.zadd("lane-1", {"demo:evt_0.1@4": 0, "demo:evt_1.1@5": 1})
+    head = Head.of(keys, "lane-1", "demo", "demo:evt_1.1@5", now_ms(), now_ms(), body=body)
+    assert await head.run(redis) == 0
+    assert (await redis.pttl(job), await redis.pttl(body)) == (-1, -1)
+    assert await bodies.Read(body, job, 60_000).run(redis)
+    await bodies.Release(body, job, "demo:evt_1.1@5", 60_000).run(redis)
+    assert await redis.pttl(body) == -1
 
 
 async def test_a_retry_dropped_unrun_gives_back_its_body(

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 from redis.asyncio import Redis
 
+from dispatcher.bodies import body_key
 from dispatcher.jobs import BadJob, DeliveryJob, EventJob, delivery_of
 from dispatcher.keys import Keys
 from dispatcher.queue import Queue
@@ -69,8 +70,12 @@ def test_a_retry_read_back_names_its_own_events_body_and_is_never_sent_on_as_it_
     for forged in ("other:build-7@1234", "p:build-77@1234", "p:build-7", "p:build-7@99"):
         with pytest.raises(BadJob):
             DeliveryJob.from_wire({**wire, "bodyOf": forged}, "p:build-7.42@1234")
-    with pytest.raises(BadJob):  # a lane hands its jobs on without reading a kept body
-        DeliveryJob.from_wire({**wire, "lane": "l1"}, "p:build-7.42@1234")
+    laned = DeliveryJob.from_wire({**wire, "lane": "l1"}, "p:build-7.42@1234")
+    assert body_key(Keys(), laned) == Keys().BODY_PREFIX + "lane:p:build-7@1234"  # apart
+    with pytest.raises(BadJob):  # a lane's job too names its own emission's body
+        DeliveryJob.from_wire(
+            {**wire, "lane": "l1", "bodyOf": "other:build-7@1234"}, "p:build-7.42@1234"
+        )
     read = DeliveryJob.from_wire(wire, "p:build-7.42@1234")
     with pytest.raises(ValueError, match="kept body"):
         read.redelivery(9)
