@@ -29,6 +29,7 @@ from bench.report import Row, ratio_row
 from dispatcher.jobs import decode
 from dispatcher.keys import Keys
 from dispatcher.producer import Producer
+from dispatcher.registry import Options
 
 if TYPE_CHECKING:
     from bench.harness import Bench
@@ -57,9 +58,13 @@ async def _parked(bench: Bench, keys: Keys, callbacks: int, within: float) -> No
     raise BenchError(f"retry-bodies: {queued} queued ({due} due) of {callbacks} retries")
 
 
-async def _key_bytes(bench: Bench, keys: Keys) -> dict[str, Any]:
-    """What the queued jobs and the kept bodies are, in `MEMORY USAGE` and bytes."""
+async def _key_bytes(bench: Bench, keys: Keys, ordered: bool = False) -> dict[str, Any]:
+    """What the queued jobs (`ordered`: the parked ones) and the kept bodies are, in
+    `MEMORY USAGE` and bytes."""
     ids = [i.decode() for i in await bench.r.zrange(keys.QUEUE, 0, -1)]
+    if ordered:  # the jobs parked behind the heads: the lanes' other members
+        lanes = [k.decode() for k in await bench.r.keys(keys.LANE_PREFIX + "*")]
+        ids = [m.decode() for lane in lanes for m in await bench.r.zrange(lane, 1, -1)]
     bodies = [k.decode() for k in await bench.r.keys(keys.BODY_PREFIX + "*")]
     async with bench.r.pipeline(transaction=False) as pipe:
         for job_id in ids:
@@ -81,9 +86,13 @@ async def _key_bytes(bench: Bench, keys: Keys) -> dict[str, Any]:
     }
 
 
-async def _one(bench: Bench, shared: bool, callbacks: int, port: int) -> dict[str, Any]:
-    """Redis bytes one event's `callbacks` failing first attempts leave queued."""
-    mode = "shared" if shared else "inline"
+async def _one(
+    bench: Bench, shared: bool, callbacks: int, port: int, *, ordered: bool = False
+) -> dict[str, Any]:
+    """Redis bytes one event's `callbacks` failing first attempts leave queued; `ordered`:
+    its deliveries parked behind each lane's head (an event before it, failed and waiting
+    for its retry), callbacks ordered by `lane`."""
+    mode = ("ordered-" if ordered else "") + ("shared" if shared else "inline")
     keys = Keys(bench.settings.queue_name)
     env = {
         "DISPATCHER_SHARED_BODIES": "true" if shared else "false",
@@ -92,15 +101,20 @@ async def _one(bench: Bench, shared: bool, callbacks: int, port: int) -> dict[st
         "DISPATCHER_CIRCUIT_THRESHOLD": str(callbacks + 1),
     }
     await bench.r.flushdb()
-    await register_callbacks(bench.r, f"http://127.0.0.1:{port}", callbacks)
+    options = Options(order_by="lane") if ordered else None
+    await register_callbacks(bench.r, f"http://127.0.0.1:{port}", callbacks, options)
     worker = await WorkerProcess.start(
         bench.url, burst=False, log_path=bench.logs / f"retry-bodies-{mode}.log", env=env
     )
+    producer = Producer(bench.settings, bench.r)
     try:
-        before = int((await bench.r.info("memory"))["used_memory"])
-        await Producer(bench.settings, bench.r).emit(PROJECT, EVENT, _big_event())
-        started = time.monotonic()
         worker.go()
+        if ordered:  # the heads: a small event's deliveries, failed, their retries waiting
+            await producer.emit(PROJECT, EVENT, event_data(1) | {"lane": "k"})
+            await _parked(bench, keys, callbacks, within=30 + callbacks / 50)
+        before = int((await bench.r.info("memory"))["used_memory"])
+        started = time.monotonic()
+        await producer.emit(PROJECT, EVENT, _big_event() | {"lane": "k"})
         await _parked(bench, keys, callbacks, within=30 + callbacks / 50)
         seconds = time.monotonic() - started
         worker.stop()
@@ -108,15 +122,18 @@ async def _one(bench: Bench, shared: bool, callbacks: int, port: int) -> dict[st
     finally:
         await worker.kill()
     after = int((await bench.r.info("memory"))["used_memory"])
-    found = await _key_bytes(bench, keys)
-    expected = (1, 0) if shared else (0, callbacks)
+    found = await _key_bytes(bench, keys, ordered)
+    _check(mode, found, (1, 0) if shared else (0, callbacks))
+    await bench.r.flushdb()
+    return {"used_memory_bytes": after - before, "seconds": round(seconds, 2), **found}
+
+
+def _check(mode: str, found: dict[str, Any], expected: tuple[int, int]) -> None:
     if (found["body_keys"], found["retries_with_body"]) != expected:
         raise BenchError(
             f"retry-bodies ({mode}): {found['body_keys']} kept bodies and "
             f"{found['retries_with_body']} retries holding a body, expected {expected}"
         )
-    await bench.r.flushdb()
-    return {"used_memory_bytes": after - before, "seconds": round(seconds, 2), **found}
 
 
 async def run(bench: Bench) -> list[Row]:
@@ -124,8 +141,11 @@ async def run(bench: Bench) -> list[Row]:
     port = free_port()  # nothing listens there: every attempt is refused, then retried
     shared = await _one(bench, True, callbacks, port)
     inline = await _one(bench, False, callbacks, port)
+    lanes = await _one(bench, True, callbacks, port, ordered=True)
+    lanes_inline = await _one(bench, False, callbacks, port, ordered=True)
     details = {"callbacks": callbacks, "data_bytes": DATA_BYTES, "shared": shared,
-               "inline": inline}  # fmt: skip
+               "inline": inline, "ordered_shared": lanes,
+               "ordered_inline": lanes_inline}  # fmt: skip
     mib = 1024 * 1024
     return [
         ratio_row(
@@ -142,6 +162,14 @@ async def run(bench: Bench) -> list[Row]:
             "shared bodies",
             shared["used_memory_bytes"] / mib, "MiB",
             "bodies in each job", inline["used_memory_bytes"] / mib,
+        ),
+        ratio_row(
+            "retry-bodies",
+            f"Redis bytes parked per ordered callback behind a failing head, shared bodies "
+            f"(one ~64 KiB event, {callbacks:,} lanes)",
+            lanes["used_memory_bytes"] / callbacks, "B",
+            "the same, bodies in each job", lanes_inline["used_memory_bytes"] / callbacks,
+            maximum=MAXIMUM,
         ),
     ]  # fmt: skip
 
