@@ -19,17 +19,18 @@ field each.
   worker killed between the job's end and it) leaves the bytes to their time to live.
 
 Ordered deliveries (`dispatcher.worker.lanes`) refer to a copy of their own, kept apart
-(`lane:`): a lane parks its jobs out of the queue with no time to live, so `Enter` and
+(`LANE`): a lane parks its jobs out of the queue with no time to live, so `Enter` and
 `Head` keep the body of a parked one for ever too, and each reference is given back by
 the lane's release, in the write that ends its job (a crash cannot lose it); the last one
-out deletes the bytes. A lane's next delivery that a release hands over is read with its
-body before its attempt. Bodies under `SHARED_MIN_BYTES` stay in their jobs (a reference
-costs about as much), and so do redeliveries (each is a request of its own, from its
-record). `DISPATCHER_SHARED_BODIES=false` keeps every
-body in its job (and in its Redis history records: `dispatcher.history.kept`): a worker of
-a version before this one cannot read a job without its body (it records it as poison),
-nor an API process a record without it, so a fleet being rolled to this version keeps it
-off until no process of the version before is left.
+out deletes the bytes, and the sweep gives back a reference whose job went another way
+(`sweep_lanes`). A delivery reads its body once its lane's turn has come. Bodies under
+`SHARED_MIN_BYTES` stay in their jobs (a reference costs about as much), and so do
+redeliveries (each is a request of its own, from its record).
+`DISPATCHER_SHARED_BODIES=false` keeps every body in its job (and in its Redis history
+records: `dispatcher.history.kept`): a worker of a version before this one cannot read a
+job without its body (it records it as poison), nor an API process a record without it,
+so a fleet being rolled to this version keeps it off until no process of the version
+before is left.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from dispatcher.jobs import DELIVER, BadJob, DeliveryJob, decode
-from dispatcher.lua import KEEP_AT_LEAST, Key, Script
+from dispatcher.lua import KEEP_AT_LEAST, Key, KeyList, Script
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
@@ -47,10 +48,19 @@ if TYPE_CHECKING:
 
     from dispatcher.keys import Keys
 
-__all__ = ["KEEP_BODY", "SHARED_MIN_BYTES", "Carried", "body_key", "read", "release"]
+__all__ = [
+    "KEEP_BODY",
+    "SHARED_MIN_BYTES",
+    "Carried",
+    "body_key",
+    "read",
+    "release",
+    "sweep_lanes",
+]
 
 SHARED_MIN_BYTES = 1024
-LANE = "lane:"  # the kept bodies of ordered deliveries: `body_key`
+LANE = ":lane:"  # the kept bodies of ordered deliveries (no project id holds a `:`)
+GONE = "the event's body kept for its deliveries is gone"
 
 # A Lua function over the names a script declares for a kept body (key `body`; arguments
 # `job_id`, `shared`: the bytes, `keep_ms`): the job's reference, the bytes when they are
@@ -171,3 +181,37 @@ class Carried:
     def release(self, pipe: Pipeline, keys: Keys) -> None:
         """Queue the release of the job's reference on the shard of `keys`."""
         release(pipe, keys, self.job)
+
+
+@dataclass
+class Dangling(Script):
+    """The references in the ordered deliveries' kept `bodies` whose job is gone, given
+    back (a job that ended without its lane's release: a poison job, or one that expired),
+    and a body none refers to any more deleted. Safe: every reference is written in the
+    script that writes its job. Answers how many references went."""
+
+    LUA = """
+local gone = 0
+for _, body in ipairs(bodies) do
+  for _, ref in ipairs(redis.call('HKEYS', body)) do
+    if ref ~= 'body' and redis.call('EXISTS', job_prefix .. ref) == 0 then
+      redis.call('HDEL', body, ref)
+      gone = gone + 1
+    end
+  end
+  if redis.call('HLEN', body) <= 1 then redis.call('DEL', body) end
+end
+return gone
+"""
+    bodies: KeyList
+    job_prefix: str
+
+
+async def sweep_lanes(redis: Redis, keys: Keys, cursor: int, count: int) -> tuple[int, int]:
+    """One `SCAN` page (from `cursor`, about `count` keys) of the ordered deliveries' kept
+    bodies, their dangling references given back (`Dangling`); returns the next cursor
+    (0: the pass is over) and how many references went."""
+    cursor, found = await redis.scan(cursor, match=f"{keys.BODY_PREFIX}{LANE}*", count=count)
+    names = [name.decode() for name in found]
+    gone = await Dangling(names, keys.ARQ_JOB_PREFIX).run(redis) if names else 0
+    return int(cursor), int(gone)

@@ -31,12 +31,20 @@ if TYPE_CHECKING:
 
     from dispatcher.jobs import EventJob
     from dispatcher.keys import Keys
+    from dispatcher.settings import Settings
 
 __all__ = ["Budgets", "Claimed", "Claims", "Finish"]
 
 Budgets = tuple[int, dict[str, int]]  # jobs a new project may take (-1: any), each busy one's
 RETRY_KEY_TTL_S = 88_400  # arq's
 JOB_KEY_EXTRA_MS = 86_400_000  # a job's data outlives its due time by a day (arq's rule)
+
+
+def body_wait_ms(settings: Settings) -> int:
+    """The longest a run may put its job off by, the job's time to live with it: its next
+    attempt's delay (a Retry-After at most), a run's time, and a day (arq's)."""
+    wait_s = max(settings.progress_ttl, settings.retry_after_cap)
+    return int((wait_s + settings.effective_job_timeout) * 1000) + JOB_KEY_EXTRA_MS
 
 
 @dataclass

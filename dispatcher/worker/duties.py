@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from dispatcher import metrics
+from dispatcher import bodies, metrics
 from dispatcher.clock import now_ms
 from dispatcher.connections import REDIS_ERRORS, redis_full
 from dispatcher.lua import Key, Script, run_pipeline
@@ -81,6 +81,7 @@ class Duties:
         self.redis = home.redis
         self.keys = home.keys
         self.shards = shards
+        self.lane_bodies: dict[int, int] = {}  # each shard's SCAN cursor over them
         self.stats = stats
         self.token = token
         self.counts = counts
@@ -136,7 +137,8 @@ class Duties:
     async def sweeps(self) -> None:
         """The sweep of each shard, once per 5 minutes by one worker of the fleet: history
         retention (PostgreSQL: day partitions made ahead, expired ones dropped), and empty
-        lanes off the blocked list (`Unblock`)."""
+        lanes off the blocked list (`Unblock`), a page of the ordered deliveries' kept bodies
+        rid of the references of jobs gone (`bodies.sweep_lanes`)."""
         while True:
             slot = now_ms() // 1000 // SWEEP_EVERY_S
             for shard in self.shards:
@@ -155,6 +157,11 @@ class Duties:
                 unblock = Unblock(blocked=shard.keys.LANES_BLOCKED, count=UNBLOCK_AT_MOST)
                 if unblocked := await unblock.run(shard.redis):
                     log.info("lanes.unblocked", lanes=unblocked, shard=index)
+                cursor = self.lane_bodies.get(index, 0)  # a page a sweep, on from the last
+                cursor, gone = await bodies.sweep_lanes(shard.redis, shard.keys, cursor, 100)
+                self.lane_bodies[index] = cursor
+                if gone:
+                    log.warning("bodies.dangling_released", references=gone, shard=index)
         except Exception as exc:  # Redis away, a bug
             log.warning("lanes.sweep_failed", error=repr(exc), shard=index)
         if not taken:

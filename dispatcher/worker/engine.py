@@ -8,8 +8,7 @@ id = the delivery's progress id, one emission's). An attempt ends in one write
 history record, the delivery's progress, endpoint health, and what comes next for the
 delivery (a `deliver` job, or the `deliver` job's own return to the queue or end; for a
 fan-out chunk of one attempt, the fan-out job's end too). A worker killed at any point
-loses nothing: an unwritten attempt is made again, with the same delivery id for the
-receiver to de-duplicate.
+loses nothing: an unwritten attempt is made again, same delivery id (receivers de-duplicate).
 """
 
 from __future__ import annotations
@@ -23,10 +22,9 @@ from urllib.parse import urlsplit
 import orjson
 import structlog
 
-from dispatcher import metrics, tracing
+from dispatcher import bodies, metrics, tracing
 from dispatcher.backoff import next_delay
 from dispatcher.batch import Batcher
-from dispatcher.bodies import SHARED_MIN_BYTES
 from dispatcher.delivery import (
     Attempted,
     AttemptResult,
@@ -46,6 +44,7 @@ from dispatcher.lookups import owned
 from dispatcher.models import Region
 from dispatcher.registry.matches import Matches
 from dispatcher.stats import AttemptStats
+from dispatcher.worker.claims import body_wait_ms
 from dispatcher.worker.controls import Controls
 from dispatcher.worker.lanes import Lanes, Sending
 from dispatcher.worker.marks import read_marks
@@ -94,7 +93,7 @@ class Engine:
             self.clients, self.stats = shared.clients, shared.stats
         self.controls = Controls(settings, self.keys, self.reads, writer)
         self.limits = Limits.of(settings)
-        self.progress_ttl = settings.progress_ttl
+        self.progress_ttl, self.body_wait_ms = settings.progress_ttl, body_wait_ms(settings)
         self.lanes = Lanes(  # ordered callbacks
             self.keys,
             writer,
@@ -157,9 +156,8 @@ class Engine:
             body = encode_body(event.event, event.project_id, event.data)
         except orjson.JSONEncodeError as exc:  # queued by another client: never sendable
             raise BadJob(f"the event's data cannot be encoded: {exc}") from None
-        shared = (  # its retries' and records' body kept once (a chunk's only one: none to
-            self.settings.shared_bodies and len(targets) > 1 and len(body) >= SHARED_MIN_BYTES
-        )  # share with, so no key of its own)
+        big = len(body) >= bodies.SHARED_MIN_BYTES  # its retries' and records' body kept once
+        shared = self.settings.shared_bodies and len(targets) > 1 and big  # (not a chunk's one)
         pending = [
             (DeliveryJob.first(event, target.id, body, target.project_id, carried, shared=shared),
              target)
@@ -202,16 +200,19 @@ class Engine:
             if turn is None:
                 return
             then = turn
-        progress, target = await asyncio.gather(
+        progress, target, found = await asyncio.gather(  # (its lane's turn come: read once)
             self.services.redis.get(self.keys.delivery(job.progress_id)),
             self.services.registry.target(job.callback_id),
+            bodies.read(self.services.redis, self.keys, job, self.body_wait_ms),
         )
         if progress == DONE:  # a run that ended the delivery, then lost its job's end
             self.lanes.landed(await self.writer.commit(lambda pipe: then(pipe, None)))
         elif target is None:
             await self.drop(job, "callback deleted or disabled", then)
+        elif found is None:  # the body it refers to is gone: never sent empty
+            await self.drop(job, bodies.GONE, then, "body")
         else:
-            await self.attempt(job, target, int(progress or 0) + 1, then)
+            await self.attempt(found, target, int(progress or 0) + 1, then)
 
     async def drop(self, job: DeliveryJob, reason: str, then: Then, kind: str = "callback") -> None:
         """End a delivery without an attempt, on record (`dispatcher:deliveries:dropped`;

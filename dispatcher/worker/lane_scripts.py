@@ -6,7 +6,7 @@ delivery's)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -87,9 +87,9 @@ end
 seq = tonumber(seq)
 local free = clear(hold, pending, queue, seq)
 local out = {}
-for i = 1, #parked / 2 do
+for i = 1, #parked / 3 do
   local lane, job, progress = deliveries[3 * i - 2], deliveries[3 * i - 1], deliveries[3 * i]
-  local id = parked[2 * i - 1]
+  local id = parked[3 * i - 2]
   if redis.call('EXISTS', progress) == 1 then
     out[#out + 1] = 3  -- entered before: this write sent again late, or another run's
   else
@@ -103,8 +103,8 @@ for i = 1, #parked / 2 do
     if head == id and free then
       out[#out + 1] = 1
     else
-      redis.call('SET', job, parked[2 * i], 'NX')
-      if shared ~= '' then  -- the event's body, kept once for its parked jobs, for ever
+      redis.call('SET', job, parked[3 * i - 1], 'NX')
+      if parked[3 * i] == '1' then  -- the event's body, kept once for its parked jobs, for ever
         redis.call('HSETNX', body, 'body', shared)
         redis.call('HSET', body, id, 1)
         redis.call('PERSIST', body)
@@ -169,11 +169,11 @@ return out
         last: bool,
         end: JobEnd | None = None,
         body: tuple[str, bytes] | None = None,
+        refers: Collection[str] = (),
     ) -> Enter:
         """`event_job_id`'s deliveries joining their lanes: `parked` holds each one's
         lane, id and job bytes; `end`, its fan-out job's end when none is attempted now;
-        `body`, where its event's body is kept for them, and its bytes, when they refer
-        to it (`dispatcher.bodies`)."""
+        `body`, where its event's body is kept for those of `refers`, and its bytes."""
         end = end or NO_JOB
         pending = keys.lanes_pending(project_id)
         kept, shared = body or (pending, b"")
@@ -200,7 +200,7 @@ return out
             token=end.token,
             job_id=end.job_id,
             shared=shared,
-            parked=[item for _, delivery_id, job in parked for item in (delivery_id, job)],
+            parked=[x for _, d, j in parked for x in (d, j, "1" if d in refers else "0")],
         )
 
 

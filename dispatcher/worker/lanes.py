@@ -44,6 +44,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from dispatcher.bodies import GONE as BODY_GONE
 from dispatcher.bodies import body_key, read
 from dispatcher.clock import now_ms
 from dispatcher.jobs import BadJob, DeliveryJob, decode, encode
@@ -70,7 +71,6 @@ HELD_RECHECK_S = 1.0  # a head whose project is moving here, its old lanes still
 NO_KEY = "unordered: the event's data has no value at orderBy {path!r}"
 NOT_NUMBERED = "unordered: the event was queued before its callback was ordered"
 GONE = "callback deleted or disabled"
-BODY_GONE = "the event's body kept for its ordered deliveries is gone"
 KEPT_TARGETS = 1024  # the lanes' next deliveries' targets a worker keeps (see `_target`)
 TOGETHER_ENTRIES = 10  # a fan-out chunk's entries at most, to run with others' (50 a call)
 _FIELDS = [name.encode() for name in TARGET_FIELDS]  # what a lane's next delivery needs
@@ -170,7 +170,8 @@ class Lanes:
             recheck_ms=stamp + int(RECHECK_S * 1000),
             last=last,
             end=job_end,
-            body=_kept(self.keys, ordered[0][0]),
+            body=_kept(self.keys, [job for job, _ in ordered]),
+            refers={job.job_id for job, _ in ordered if job.body_of is not None},
         )
         if len(ordered) <= TOGETHER_ENTRIES:  # with the batch's other entries: one call
             answer = await self.writer.together(enter)
@@ -378,7 +379,8 @@ def _in_lane(job: DeliveryJob, target: CallbackTarget, path: str, key: str) -> D
     return dataclasses.replace(job, order_key=key, lane=lane)
 
 
-def _kept(keys: Keys, job: DeliveryJob) -> tuple[str, bytes] | None:
-    """Where an event's body is kept for its parked deliveries, and its bytes, when they
-    refer to it (all of one chunk do, or none)."""
-    return None if job.body_of is None else (body_key(keys, job), job.body)
+def _kept(keys: Keys, jobs: list[DeliveryJob]) -> tuple[str, bytes] | None:
+    """Where an event's body is kept for its parked deliveries, and its bytes, when any
+    refers to it (a re-run's delivery under its old id does not: `worker.marks`)."""
+    job = next((job for job in jobs if job.body_of is not None), None)
+    return None if job is None else (body_key(keys, job), job.body)

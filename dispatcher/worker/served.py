@@ -17,7 +17,7 @@ from dispatcher import bodies, metrics
 from dispatcher.connections import REDIS_ERRORS, redis_full
 from dispatcher.errors import InvalidSetting
 from dispatcher.jobs import DELIVER, BadJob, DeliveryJob, decode
-from dispatcher.worker.claims import JOB_KEY_EXTRA_MS, Claims
+from dispatcher.worker.claims import Claims
 from dispatcher.worker.engine import Engine
 from dispatcher.worker.record import keep_entry
 from dispatcher.worker.steps import ChunkEnd, NextStep
@@ -141,47 +141,33 @@ class Served:
 
     async def deliver(self, claimed: Claimed, job: DeliveryJob) -> None:
         """A `deliver` job's run, with the body it refers to when it holds none of its own
-        (`dispatcher.bodies`; gone, the job is dropped on record). After the run, however
-        it ended (a timeout, a cancel), the release follows its writes: it gives the body
-        back if the job has ended, else keeps it as long as the job may live now; a run
-        that put its job back did that in the same write, and sends none after."""
-        wait_ms = self.body_wait_ms
-        found = await bodies.read(self.services.redis, self.keys, job, wait_ms)
-        if found is None:  # the delivery's end, on record (its body is gone with its refs)
-            then = self.next_step(claimed.job_id)
-            await self.engine.drop(
-                job, "the event's body kept for its retries is gone", then, "body"
-            )
-            return
+        (`dispatcher.bodies`, read by `Engine.deliver` once its lane's turn has come; gone,
+        the job is dropped on record). After the run, however it ended (a timeout, a
+        cancel), the release follows its writes: it gives the body back if the job has
+        ended, else keeps it as long as the job may live now; a run that put its job back
+        did that in the same write, and sends none after."""
+        wait_ms = self.engine.body_wait_ms
         kept: list[bool] = []  # whether a write put the job back with its body kept
 
         def keep(pipe: Pipeline) -> None:
             """A job put off (for days, in a long line) keeps its body as long, in the
             same write: that is its release, not made again after the run."""
-            bodies.release(pipe, self.keys, found, wait_ms)
+            bodies.release(pipe, self.keys, job, wait_ms)
             kept.append(True)
 
-        shared = found.body_of is not None
+        shared = job.body_of is not None
         try:
             await self.engine.deliver(
-                found, NextStep(self.claims, claimed.job_id, keep if shared else None)
+                job, NextStep(self.claims, claimed.job_id, keep if shared else None)
             )
         finally:
             if shared and not kept:
-                self.release(found, wait_ms)
+                self.release(job, wait_ms)
 
     def release(self, job: DeliveryJob, keep_ms: int) -> None:
         """The release of `job`'s kept body after its run (see `bodies.release`): not
         waited for, the writer logs a refusal."""
         self.writer.submit(lambda pipe: bodies.release(pipe, self.keys, job, keep_ms))
-
-    @property
-    def body_wait_ms(self) -> int:
-        """The longest a run may put its job off by, the job's time to live with it: its
-        next attempt's delay (a Retry-After at most), a run's time, and a day (arq's)."""
-        settings = self.services.settings
-        wait_s = max(settings.progress_ttl, settings.retry_after_cap)
-        return int((wait_s + settings.effective_job_timeout) * 1000) + JOB_KEY_EXTRA_MS
 
     def next_step(self, job_id: str) -> Then:
         """After a `deliver` job's attempt: back in the queue for the next one, or done."""

@@ -145,7 +145,7 @@ async def test_each_build_arrives_in_order_through_kills_a_paused_and_a_restarte
             assert not await redis.keys(f"{keys.LANE_PREFIX}*"), "a lane was left behind"
             # each event's body was kept once for its lanes, and the last one out took it
             assert receiver.bodies_whole, "a request came without its event's body"
-            assert not await redis.keys(f"{keys.BODY_PREFIX}lane:*"), "a lane's body was left"
+            assert not await redis.keys(f"{keys.BODY_PREFIX}:lane:*"), "a lane's body was left"
             stats = await redis.info("commandstats")  # since the restart: parked bodies kept
             assert stats.get("cmdstat_persist", {}).get("calls", 0) > 0, "no body kept parked"
         finally:

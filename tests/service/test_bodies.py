@@ -21,8 +21,11 @@ from dispatcher.models import Event, Region
 from dispatcher.producer import Producer
 from dispatcher.queue import Queue
 from dispatcher.registry import Options, Registry
+from dispatcher.services import Services
 from dispatcher.settings import Settings
+from dispatcher.stats import AttemptStats
 from dispatcher.worker import Engine
+from dispatcher.worker.duties import Counts, Duties
 from dispatcher.worker.lane_scripts import Enter, Head
 from dispatcher.worker.served import Served
 from dispatcher.worker.writer import Then
@@ -134,7 +137,7 @@ async def test_a_retry_whose_kept_body_is_gone_is_dropped_on_record(
     assert sorted(sent, key=str) == [2, 2, 2, 2, None, None]  # the lost body's: no retry
     drops = [orjson.loads(e) for e in await redis.lrange(keys.DROPPED, 0, -1)]  # type: ignore[misc]
     assert sorted(d["deliveryId"].rpartition(".")[0] for d in drops) == [f"demo:{lost}"] * 2
-    assert {d["reason"] for d in drops} == {"the event's body kept for its retries is gone"}
+    assert {d["reason"] for d in drops} == {bodies.GONE}
     marks = await redis.keys(keys.DELIVERY_PREFIX + f"demo:{lost}.*")
     assert len(marks) == 2 and set(await redis.mget(marks)) == {b"done"}
     assert await redis.zcard(slow.queue_name) == 0
@@ -217,7 +220,7 @@ async def test_an_ordered_events_parked_deliveries_share_one_copy_of_its_body(
     paths = ["/lane1", "/lane2"]
     await park_in_lanes(settings, redis, receiver, run_worker, paths)
     kept = await body_keys(redis)
-    assert len(kept) == 3 and all(k.startswith(keys.BODY_PREFIX + "lane:demo:") for k in kept)
+    assert len(kept) == 3 and all(k.startswith(keys.BODY_PREFIX + ":lane:demo:") for k in kept)
     ttls = sorted([await redis.pttl(k) for k in kept])
     assert ttls[:2] == [-1, -1] and ttls[2] > 0  # the parked ones' for ever; the heads' retries
     for key in kept:
@@ -234,25 +237,31 @@ async def test_an_ordered_events_parked_deliveries_share_one_copy_of_its_body(
     assert await body_keys(redis) == []
 
 
-async def test_a_parked_delivery_whose_kept_body_is_gone_is_dropped_and_its_lane_goes_on(
-    settings: Settings, redis: Redis, receiver: Receiver, run_worker: RunWorker
+@pytest.mark.parametrize(("step", "sent"), [(1, [0, 0, 0, 2]), (0, [0, 1, 1, 2])])
+async def test_an_ordered_delivery_whose_kept_body_is_gone_is_dropped_and_its_lane_goes_on(
+    settings: Settings,
+    redis: Redis,
+    receiver: Receiver,
+    run_worker: RunWorker,
+    step: int,
+    sent: list[int],
 ) -> None:
-    """A lane's next delivery whose body is gone (a Redis that lost it) is never sent
-    empty: it ends as a recorded drop naming it, and the lane goes on with the next."""
+    """A lane's delivery whose body is gone (a Redis that lost it) is never sent empty: it
+    ends as a recorded drop naming it, and the lane goes on with the next: a parked one
+    (step 1) that a release hands over, or a head's retry (step 0) claimed from the queue,
+    whose drop ended its job without releasing its lane, which then stopped for good
+    (review)."""
     await park_in_lanes(settings, redis, receiver, run_worker, ["/lane1", "/lane2"])
     for key in await body_keys(redis):
-        if (await redis.hget(key, "body") or b"").find(b'"step":1') >= 0:  # type: ignore[misc]
+        if (await redis.hget(key, "body") or b"").find(f'"step":{step}'.encode()) >= 0:  # type: ignore[misc]
             await redis.delete(key)
     await run_worker()
     for path in ("/lane1", "/lane2"):
-        sent = [orjson.loads(s.body)["data"]["step"] for s in receiver.requests(path)]
-        assert sent == [0, 0, 0, 2]
+        assert [orjson.loads(s.body)["data"]["step"] for s in receiver.requests(path)] == sent
     drops = [orjson.loads(e) for e in await redis.lrange(keys.DROPPED, 0, -1)]  # type: ignore[misc]
     assert sorted(d["deliveryId"][-2:] for d in drops) == [".1", ".2"]
-    assert {d["reason"] for d in drops} == {
-        "the event's body kept for its ordered deliveries is gone"
-    }
-    assert await body_keys(redis) == []
+    assert {d["reason"] for d in drops} == {bodies.GONE}
+    assert await body_keys(redis) == [] and not await redis.keys(keys.LANE_PREFIX + "*")
 
 
 async def test_a_parked_deliverys_body_is_kept_for_ever_as_its_job(redis: Redis) -> None:
@@ -262,16 +271,20 @@ async def test_a_parked_deliverys_body_is_kept_for_ever_as_its_job(redis: Redis)
     `Head`, which parks a queued job again (a lower-numbered delivery joined its lane),
     the job too (a retry's, with a time to live: parked, it would expire); and a read or a
     release never gives such a body a time to live."""
-    body = keys.BODY_PREFIX + "lane:demo:evt_1@5"
+    body = keys.BODY_PREFIX + ":lane:demo:evt_1@5"
     await redis.hset(body, mapping={"body": "x" * 2_000, "demo:evt_1.1@5": 1})  # type: ignore[misc]
     await redis.pexpire(body, 60_000)  # a head's retry's, in the lane of callback 1
     await redis.zadd(keys.lanes_pending("demo"), {"demo:evt_1": 1})
-    await redis.zadd("lane-2", {"demo:evt_0.2@4": 0})  # callback 2's lane: an earlier head
-    enter = Enter.of(keys, "demo", "demo:evt_1", [("lane-2", "demo:evt_1.2@5", b"{}")],
-                     progress_ttl=60, now_ms=now_ms(), recheck_ms=now_ms(), last=True,
-                     body=(body, b"x" * 2_000))  # fmt: skip
-    assert (await enter.run(redis))[0] == 0  # parked
-    assert await redis.pttl(body) == -1 and await redis.hget(body, "demo:evt_1.2@5") == b"1"  # type: ignore[misc]
+    for lane in ("lane-2", "lane-3"):  # callbacks 2 and 3's lanes: an earlier head each
+        await redis.zadd(lane, {f"demo:evt_0.{lane[-1]}@4": 0})
+    parked = [(f"lane-{n}", f"demo:evt_1.{n}@5", b"{}") for n in (2, 3)]
+    enter = Enter.of(keys, "demo", "demo:evt_1", parked, progress_ttl=60, now_ms=now_ms(),
+                     recheck_ms=now_ms(), last=True, body=(body, b"x" * 2_000),
+                     refers={"demo:evt_1.2@5"})  # fmt: skip
+    assert (await enter.run(redis))[:2] == [0, 0]  # both parked; 3 holds its body (a re-run's
+    assert await redis.pttl(body) == -1  # delivery under its old id: worker.marks)
+    refs = await redis.hmget(body, ["demo:evt_1.2@5", "demo:evt_1.3@5"])  # type: ignore[misc]
+    assert refs == [b"1", None]
     await redis.pexpire(body, 60_000)
     job = keys.arq_job("demo:evt_1.1@5")
     await redis.set(job, b"{}", px=60_000)  # callback 1's retry, queued; then parked again
@@ -282,6 +295,32 @@ async def test_a_parked_deliverys_body_is_kept_for_ever_as_its_job(redis: Redis)
     assert await bodies.Read(body, job, 60_000).run(redis)
     await bodies.Release(body, job, "demo:evt_1.1@5", 60_000).run(redis)
     assert await redis.pttl(body) == -1
+
+
+async def test_the_sweep_gives_back_what_jobs_gone_without_their_lanes_release_held(
+    redis: Redis, settings: Settings
+) -> None:
+    """An ordered delivery's body is kept for ever while parked, so a reference whose job
+    ended without its lane's release (a poison job, a job that expired) kept the bytes for
+    ever. The sweep gives such references back and deletes a body none refers to; it
+    leaves alone a live job's and the unordered retries' bodies (they have a TTL)."""
+    lane_body, other = keys.BODY_PREFIX + ":lane:demo:e@1", keys.BODY_PREFIX + "demo:e@1"
+    for key in (lane_body, other):
+        await redis.hset(key, mapping={"body": "x", "demo:e.1@1": 1, "demo:e.2@1": 1})  # type: ignore[misc]
+    await redis.set(keys.arq_job("demo:e.1@1"), b"{}")  # parked; demo:e.2@1's job is gone
+    cursor, gone = 0, 0
+    while True:
+        cursor, n = await bodies.sweep_lanes(redis, keys, cursor, 100)
+        gone += n
+        if not cursor:
+            break
+    assert gone == 1 and await redis.hkeys(lane_body) == [b"body", b"demo:e.1@1"]  # type: ignore[misc]
+    assert await redis.hlen(other) == 3  # type: ignore[misc]
+    await redis.delete(keys.arq_job("demo:e.1@1"))
+    home = Services(settings, redis)  # the fleet's sweep (one worker, every 5 minutes)
+    duties = Duties(settings, home, [home], AttemptStats(), "t", lambda: Counts(0, 0, 0))
+    await duties._sweep(home, slot=1)
+    assert not await redis.exists(lane_body)
 
 
 async def test_a_retry_dropped_unrun_gives_back_its_body(

@@ -71,7 +71,7 @@ def test_a_retry_read_back_names_its_own_events_body_and_is_never_sent_on_as_it_
         with pytest.raises(BadJob):
             DeliveryJob.from_wire({**wire, "bodyOf": forged}, "p:build-7.42@1234")
     laned = DeliveryJob.from_wire({**wire, "lane": "l1"}, "p:build-7.42@1234")
-    assert body_key(Keys(), laned) == Keys().BODY_PREFIX + "lane:p:build-7@1234"  # apart
+    assert body_key(Keys(), laned) == Keys().BODY_PREFIX + ":lane:p:build-7@1234"  # apart
     with pytest.raises(BadJob):  # a lane's job too names its own emission's body
         DeliveryJob.from_wire(
             {**wire, "lane": "l1", "bodyOf": "other:build-7@1234"}, "p:build-7.42@1234"
