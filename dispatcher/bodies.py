@@ -49,6 +49,7 @@ if TYPE_CHECKING:
     from dispatcher.keys import Keys
 
 __all__ = [
+    "GIVE_BACK",
     "KEEP_BODY",
     "SHARED_MIN_BYTES",
     "Carried",
@@ -72,12 +73,25 @@ KEEP_BODY = (
 local function keep_body()
   if redis.call('HSETNX', body, 'body', shared) == 1 then
     redis.call('PEXPIRE', body, tonumber(keep_ms))
+  else
+    keep_at_least(body, tonumber(keep_ms))
   end
   redis.call('HSET', body, job_id, 1)
-  keep_at_least(body, tonumber(keep_ms))
 end
 """
 )
+
+# A Lua function: `ref` gives back its reference to the kept body `body`; the last one out
+# deletes the bytes (returns 1 then). The unordered retries' release (`Release`) and a
+# lane's (`lane_scripts.Release`, in the write that ends the job) share it.
+GIVE_BACK = """
+local function give_back(body, ref)
+  redis.call('HDEL', body, ref)
+  if redis.call('HLEN', body) > 1 then return 0 end
+  redis.call('DEL', body)
+  return 1
+end
+"""
 
 
 def body_key(keys: Keys, job: DeliveryJob) -> str:
@@ -115,15 +129,13 @@ class Release(Script):
 
     LUA = (
         KEEP_AT_LEAST
+        + GIVE_BACK
         + """
     if redis.call('EXISTS', job) == 1 then
       keep_at_least(body, redis.call('PTTL', job) + tonumber(keep_ms))
       return 0
     end
-    redis.call('HDEL', body, job_id)
-    if redis.call('HLEN', body) > 1 then return 0 end
-    redis.call('DEL', body)
-    return 1
+    return give_back(body, job_id)
     """
     )
     body: Key

@@ -10,6 +10,7 @@ from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from dispatcher.bodies import GIVE_BACK
 from dispatcher.ending import END_JOB, NO_JOB
 from dispatcher.lua import ArgList, Key, KeyList, Script
 
@@ -296,6 +297,7 @@ class Release(Script):
 
     LUA = (
         _CLEAR
+        + GIVE_BACK
         + """
 redis.call('ZREM', lane, delivery_id)
 redis.call('ZREM', blocked, lane)
@@ -303,10 +305,7 @@ local owner = redis.call('GET', lease)
 if not owner or owner == token then
   redis.call('DEL', job, lease, claims)
   redis.call('ZREM', queue, job_id)
-  if body ~= lane then  -- its reference to its event's kept body: the last one deletes it
-    redis.call('HDEL', body, job_id)
-    if redis.call('HLEN', body) <= 1 then redis.call('DEL', body) end
-  end
+  if body ~= lane then give_back(body, job_id) end  -- its reference to its event's body
 end
 local nxt = redis.call('ZRANGE', lane, 0, 0, 'WITHSCORES')
 if #nxt == 0 then return 0 end
