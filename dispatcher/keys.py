@@ -95,6 +95,10 @@ History
                                               (ok) or FAILED attempts, every event, by
                                               createdTime; the sweep trims them with the
                                               (project, event, url) indexes of the same URL
+    dispatcher:history:failed:{project}       ZSET the same of every FAILED attempt of the
+                                              project, every URL and event (trimmed alike)
+    dispatcher:history:layout                 STRING 2 once the failed indexes above were
+                                              filled from the URLs' (`redis_upkeep.upgrade`)
     dispatcher:history:dead                   ZSET ids of records whose delivery gave up, by time
     dispatcher:history:dead:{project}         ZSET the same, one project's
     dispatcher:history:dead-keys              SET every per-project dead-letter key (for the sweep)
@@ -141,7 +145,8 @@ import hashlib
 
 from arq.constants import health_check_key_suffix, in_progress_key_prefix, job_key_prefix
 from arq.constants import retry_key_prefix as arq_retry_key_prefix
-from redis.crc import key_slot
+
+from dispatcher.slots import cluster_tag
 
 __all__ = [
     "HISTORY_ID_WIDTH",
@@ -160,7 +165,6 @@ SEP = ":"
 UNIQUE_SEP = " "
 # history ids are zero-padded in the index so that equal times order by id
 HISTORY_ID_WIDTH = 15
-CLUSTER_SLOTS = 16384
 LANE_KEY_MAX = 200  # a longer orderBy value names its lane by its hash
 
 
@@ -199,25 +203,6 @@ def _url_hash(url: str) -> str:
     return hashlib.blake2b(url.encode(), digest_size=16).hexdigest()
 
 
-@functools.cache
-def cluster_tag(index: int) -> str:
-    """The hash tag of shard `index` on a Redis Cluster, `d<index>.<k>`: the first `k` that
-    puts it in slot `target_slot(index)`, so that the shards spread over the slot range
-    (and, with it, over the masters) whatever their number."""
-    wanted = target_slot(index)
-    for k in range(1_000_000):
-        tag = f"d{index}.{k}"
-        if key_slot(tag.encode()) == wanted:
-            return tag
-    raise AssertionError(f"no tag for slot {wanted}")  # pragma: no cover: CRC16 covers all
-
-
-def target_slot(index: int) -> int:
-    """Shard `index`'s slot: `index` bit-reversed over the 14 bits of a slot number (0,
-    8192, 4096, 12288, ...), so that the first n shards halve the range again and again."""
-    return int(f"{index:014b}"[::-1], 2) if index < CLUSTER_SLOTS else index % CLUSTER_SLOTS
-
-
 class Keys:
     """Every key name of one shard: today's names, after the shard's namespace (`""` for
     a server of its own; a Redis Cluster hash tag `{...}` for a shard of a cluster)."""
@@ -239,15 +224,13 @@ class Keys:
         self.HEALTH_PREFIX, self.HEALTH_FAILING = f"{base}:health:", f"{base}:health:failing"
         self.CALLBACKS_DISABLED = f"{base}:cb:disabled"
         self.ROLES_PREFIX = f"{base}:roles:"
-        self.HISTORY_SEQ, self.HISTORY_BODY_PREFIX = f"{base}:history:seq", f"{base}:history:body:"
-        self.HISTORY_SEQ_SERVER = f"{base}:history:seq:server"
-        self.HISTORY_RECORD_PREFIX = f"{base}:history:rec:"
-        self.HISTORY_INDEXES = f"{base}:history:indexes"
-        self.HISTORY_INDEX_PREFIX = f"{base}:history:idx:"
-        self.HISTORY_URL_PREFIX = f"{base}:history:url:"
-        self.HISTORY_DEAD = f"{base}:history:dead"
-        self.HISTORY_DEAD_KEYS = f"{base}:history:dead-keys"
-        self.HISTORY_ATTEMPTS_PREFIX = f"{base}:history:attempts:"
+        h = f"{base}:history"
+        self.HISTORY_SEQ, self.HISTORY_BODY_PREFIX = f"{h}:seq", f"{h}:body:"
+        self.HISTORY_SEQ_SERVER, self.HISTORY_RECORD_PREFIX = f"{h}:seq:server", f"{h}:rec:"
+        self.HISTORY_INDEXES, self.HISTORY_INDEX_PREFIX = f"{h}:indexes", f"{h}:idx:"
+        self.HISTORY_URL_PREFIX, self.HISTORY_FAILED_PREFIX = f"{h}:url:", f"{h}:failed:"
+        self.HISTORY_DEAD, self.HISTORY_DEAD_KEYS = f"{h}:dead", f"{h}:dead-keys"
+        self.HISTORY_ATTEMPTS_PREFIX, self.HISTORY_LAYOUT = f"{h}:attempts:", f"{h}:layout"
         self.HISTORY_STREAM = f"{base}:history:stream"
         self.DELIVERY_PREFIX, self.PUSHED_PREFIX = f"{base}:delivery:", f"{base}:pushed:"
         self.BODY_PREFIX, self.CONSOLE_CSRF_KEY = f"{base}:body:", f"{base}:console:csrf-key"
@@ -360,12 +343,19 @@ class Keys:
         status = "failed" if failed else "ok"
         return f"{self.HISTORY_URL_PREFIX}{project_id}{SEP}{url_hash}{SEP}{status}"
 
-    def history_url_indexes_of(self, index: str) -> tuple[str, str]:
-        """The URL indexes (ok, failed) holding the records of a (project, event, url)
-        index: the project may hold a separator, the event and the hash do not."""
+    def history_failed(self, project_id: str) -> str:
+        """A project's failed attempts of every event and URL."""
+        return f"{self.HISTORY_FAILED_PREFIX}{project_id}"
+
+    def history_indexes_of(self, index: str) -> tuple[str, str, str]:
+        """The other indexes holding the records of a (project, event, url) index: the
+        URL's (ok, failed) and the project's failures. The project may hold a separator,
+        the event and the hash do not."""
         project_id, _event, url_hash = index.removeprefix(self.HISTORY_INDEX_PREFIX).rsplit(SEP, 2)
-        return self._url_index(project_id, url_hash, False), self._url_index(
-            project_id, url_hash, True
+        return (
+            self._url_index(project_id, url_hash, False),
+            self._url_index(project_id, url_hash, True),
+            self.history_failed(project_id),
         )
 
     def history_dead(self, project_id: str) -> str:

@@ -24,7 +24,7 @@ from dispatcher.errors import InvalidInput
 from dispatcher.health import Health
 from dispatcher.history import Cursor, open_history, parse_window
 from dispatcher.lookups import owned
-from dispatcher.models import Region, parse_event, parse_status
+from dispatcher.models import DeliveryStatus, Region, parse_event, parse_status
 from dispatcher.producer import Producer
 from dispatcher.queue import Queue
 from dispatcher.redelivery import redeliver_window
@@ -297,18 +297,23 @@ class Services:
     ) -> Recent:
         """The newest attempts of one callback URL across its events (its "Recent
         deliveries"), or of every URL of the project's callbacks (the first
-        `RECENT_URLS_MAX`), of one status (`SUCCESS`, `FAILED`) when given, within the last
-        hour (`1h`), day (`1d`) or the retention (`all`), older than the cursor `before`."""
+        `RECENT_URLS_MAX`; its failures: every URL it has history of, one index), of one
+        status (`SUCCESS`, `FAILED`) when given, within the last hour (`1h`), day (`1d`)
+        or the retention (`all`), older than the cursor `before`."""
         if within not in RECENT_WITHIN:
             raise InvalidInput(f"within must be one of {', '.join(RECENT_WITHIN)}", param="within")
         wanted = parse_status(status) if status else None
         cursor = Cursor.parse(before) if before else None
+        now, span = now_ms(), RECENT_WITHIN[within]
+        start_ms = 0 if span is None else now - span
+        if url is None and wanted is DeliveryStatus.FAILED:
+            return await self.history.failures(
+                project_id, start_ms=start_ms, end_ms=now, before=cursor, limit=limit
+            )
         # every URL: up to 200 index reads, so one such listing of a project at a time here
         gate = self._listing.setdefault(project_id, asyncio.Lock()) if url is None else None
         async with gate or contextlib.nullcontext():
             urls = [url] if url is not None else await self._urls(project_id)
-            now, span = now_ms(), RECENT_WITHIN[within]
-            start_ms = 0 if span is None else now - span
             return await self.history.recent(
                 project_id, urls, start_ms=start_ms, end_ms=now, status=wanted,
                 before=cursor, limit=limit,
@@ -339,6 +344,7 @@ class Services:
         Redis could not be reached (try again later)."""
         try:
             await self.registry.upgrade()
+            await self.history.upgrade()
         except REDIS_ERRORS as exc:
             log.warning("registry.upgrade_postponed", error=str(exc))
             return False

@@ -10,10 +10,10 @@ from rich.table import Table
 from dispatcher.cli.common import console, err, on_router
 from dispatcher.cluster import masters_of
 from dispatcher.connections import shown
-from dispatcher.keys import target_slot
 from dispatcher.shards.move import Mover
 from dispatcher.shards.router import Router
 from dispatcher.shards.stale import forget_copy
+from dispatcher.slots import target_slot
 
 __all__ = ["shards_app"]
 

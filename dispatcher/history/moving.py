@@ -11,7 +11,8 @@ from typing import TYPE_CHECKING
 import orjson
 
 from dispatcher.history.kept import with_bodies
-from dispatcher.history.redis import RedisHistory, Sweep
+from dispatcher.history.redis import RedisHistory
+from dispatcher.history.redis_upkeep import Sweep
 from dispatcher.lua import run_pipeline
 
 if TYPE_CHECKING:

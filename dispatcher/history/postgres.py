@@ -89,6 +89,17 @@ SELECT r.doc FROM history_pairs p CROSS JOIN LATERAL (
  WHERE p.project_id = $1 AND p.url = ANY($2::text[])
  ORDER BY r.created_ms DESC, r.id DESC LIMIT $7
 """
+# A project's newest failed attempts, every URL and event: the same read over all its pairs.
+# $1 project $2 start ms $3 end ms $4, $5 the cursor $6 limit.
+FAILURES_SQL = """
+SELECT r.doc FROM history_pairs p CROSS JOIN LATERAL (
+    SELECT a.doc, a.created_ms, a.id FROM history_attempts a
+     WHERE a.pair_id = p.pair_id AND a.created_ms BETWEEN $2 AND $3
+       AND (a.created_ms, a.id) < ($4, $5) AND a.failed
+     ORDER BY a.created_ms DESC, a.id DESC LIMIT $6) r
+ WHERE p.project_id = $1
+ ORDER BY r.created_ms DESC, r.id DESC LIMIT $6
+"""
 RECENT_BY_STATUS = {
     None: RECENT_SQL.format(status=""),
     DeliveryStatus.FAILED: RECENT_SQL.format(status="AND a.failed"),
@@ -256,6 +267,24 @@ class PostgresHistory:
         )
         return Recent.of(_records(rows), limit)
 
+    async def failures(
+        self,
+        project_id: str,
+        *,
+        start_ms: int,
+        end_ms: int,
+        before: Cursor | None = None,
+        limit: int = 50,
+        now_ms: int | None = None,
+    ) -> Recent:
+        """The project's newest failed attempts, every URL and event, in one statement."""
+        start_ms = max(start_ms, self._cutoff(now_ms))
+        after = (end_ms + 1, 0) if before is None else min((end_ms + 1, 0), tuple(before))
+        if start_ms > end_ms:
+            return Recent([], None)
+        rows = await self._fetch(FAILURES_SQL, project_id, start_ms, end_ms, *after, limit + 1)
+        return Recent.of(_records(rows), limit)
+
     async def final_failures(
         self, project_id: str, url: str, event: str, *, start_ms: int, end_ms: int
     ) -> AsyncIterator[HistoryRecord]:
@@ -295,6 +324,10 @@ class PostgresHistory:
         if on_batch is not None:
             on_batch(len(dropped))
         return len(dropped)
+
+    async def upgrade(self) -> int:
+        """Nothing here: the schema's migrations are `dispatcher db upgrade`'s."""
+        return 0
 
     async def close(self) -> None:
         if self._pool is not None:

@@ -6,13 +6,14 @@ Layout (see keys.py): each record is a JSON string with a TTL backstop; one sort
 (project, event, url) indexes record ids by createdTime, so the seed's query is a range
 read (ZCOUNT + ZREVRANGEBYSCORE + MGET in one script), never a scan. Each index also holds
 a mark, the member `~` scored +inf, so that the write that creates it knows (see
-`redis_record.Record`); no read by time range sees it.
+`redis_record.Record`); no read by time range sees it. A URL's attempts of every event
+are indexed by status too, and a project's failed attempts of every URL (its console's
+"Failures, last hour"). The sweep and the layout upgrade are `redis_upkeep`'s.
 """
 
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -23,6 +24,7 @@ from dispatcher.errors import NotFound
 from dispatcher.history.ids import RecordIds
 from dispatcher.history.kept import with_bodies
 from dispatcher.history.redis_record import Record, record_script
+from dispatcher.history.redis_upkeep import sweep, upgrade
 from dispatcher.history.window import (
     MAX_ATTEMPTS_SHOWN,
     Cursor,
@@ -44,7 +46,7 @@ if TYPE_CHECKING:
     from dispatcher.keys import Keys
     from dispatcher.settings import Settings
 
-__all__ = ["RECORDS", "RedisHistory", "Sweep", "parse_records"]
+__all__ = ["RECORDS", "RedisHistory", "parse_records"]
 
 RECORDS = TypeAdapter(list[HistoryRecord])
 # Records outlive the retention by this much, so the sweep (not the TTL) decides, and a
@@ -83,55 +85,11 @@ class Page(Script):
 
 
 @dataclass
-class Sweep(Script):
-    """Removes the records of `index` up to `cutoff_ms` (at most `batch`), from it and from
-    the URL's two indexes (`url_ok`, `url_failed`), and the index from `indexes` once only
-    its mark (`~`, scored +inf: see `Record`) is left, or nothing (an index written before
-    the mark). Record keys are made from the ids found (`record_prefix`). Returns how many
-    records it removed."""
-
-    LUA = """
-    local ids = {}
-    for _, m in ipairs(redis.call('ZRANGEBYSCORE', index, '-inf', cutoff_ms, 'LIMIT', 0, batch)) do
-      local id = string.match(m, '^0*(%d+)$')
-      if id then
-        redis.call('DEL', record_prefix .. id)
-        ids[#ids + 1] = m
-      end
-    end
-    if #ids > 0 then
-      redis.call('ZREM', index, unpack(ids))
-      redis.call('ZREM', url_ok, unpack(ids))
-      redis.call('ZREM', url_failed, unpack(ids))
-    end
-    local left = redis.call('ZCARD', index)
-    if left == 0 or (left == 1 and redis.call('ZSCORE', index, '~')) then
-      redis.call('DEL', index)
-      redis.call('SREM', indexes, index)
-    end
-    return #ids
-    """
-    index: Key
-    indexes: Key
-    url_ok: Key
-    url_failed: Key
-    cutoff_ms: int | str
-    batch: int
-    record_prefix: str
-
-    @classmethod
-    def of(cls, keys: Keys, index: str, cutoff_ms: int | str, batch: int) -> Sweep:
-        """The sweep of `index` (a project, event and URL's) up to `cutoff_ms`."""
-        url_ok, url_failed = keys.history_url_indexes_of(index)
-        prefix = keys.HISTORY_RECORD_PREFIX
-        return cls(index, keys.HISTORY_INDEXES, url_ok, url_failed, cutoff_ms, batch, prefix)
-
-
-@dataclass
 class Newest(Script):
-    """The newest `count` members of a URL's index of one status in [`oldest_ms`,
-    `newest_ms`], after those at `newest_ms` from the `excluded` one up (a cursor: its
-    record and those before it were shown; '' for none), with their scores."""
+    """The newest `count` members of an index by time (a URL's of one status, or the
+    project's failures) in [`oldest_ms`, `newest_ms`], after those at `newest_ms` from the
+    `excluded` one up (a cursor: its record and those before it were shown; '' for
+    none), with their scores."""
 
     LUA = """
     local skip = 0
@@ -202,6 +160,10 @@ class RedisHistory:
 
     async def close(self) -> None:
         """Nothing of its own to close (the Redis pool is the caller's)."""
+
+    async def upgrade(self) -> int:
+        """Bring the stored records to this version's layout (`redis_upkeep.upgrade`)."""
+        return await upgrade(self.redis, self.keys)
 
     def recording(
         self, record: AttemptRecord, *, dead: bool = False, ending: Ending | None = None
@@ -307,16 +269,41 @@ class RedisHistory:
         limit: int = 50,
         now_ms: int | None = None,
     ) -> Recent:
-        """The newest attempts to any of `urls`: the newest `limit` + 1 of each URL index
-        in one round trip (one index per URL and status), merged, and their records in a
-        second one."""
+        """The newest attempts to any of `urls` (one index per URL and status)."""
+        failed = [False, True] if status is None else [status is DeliveryStatus.FAILED]
+        indexes = [self.keys.history_url_index(project_id, url, f) for url in urls for f in failed]
+        return await self._newest(indexes, start_ms, end_ms, before, limit, now_ms)
+
+    async def failures(
+        self,
+        project_id: str,
+        *,
+        start_ms: int,
+        end_ms: int,
+        before: Cursor | None = None,
+        limit: int = 50,
+        now_ms: int | None = None,
+    ) -> Recent:
+        """The project's newest failed attempts, every URL and event: one index."""
+        index = self.keys.history_failed(project_id)
+        return await self._newest([index], start_ms, end_ms, before, limit, now_ms)
+
+    async def _newest(
+        self,
+        indexes: list[str],
+        start_ms: int,
+        end_ms: int,
+        before: Cursor | None,
+        limit: int,
+        now_ms: int | None,
+    ) -> Recent:
+        """The newest `limit` + 1 of each index in the window, older than `before`, in one
+        round trip, merged, and their records in a second one."""
         now = clock.now_ms() if now_ms is None else now_ms
         start_ms = max(start_ms, now - self.settings.retention_ms)
         newest, excluded = end_ms, ""
         if before is not None and before.created_ms <= end_ms:
             newest, excluded = before.created_ms, keys.history_member(before.id)
-        failed = [False, True] if status is None else [status is DeliveryStatus.FAILED]
-        indexes = [self.keys.history_url_index(project_id, url, f) for url in urls for f in failed]
         if start_ms > newest or not indexes:
             return Recent([], None)
 
@@ -364,37 +351,10 @@ class RedisHistory:
         max_seconds: float | None = None,
         on_batch: Callable[[int], None] | None = None,
     ) -> int:
-        """Remove records older than the retention, their index entries and emptied
-        indexes, `sweep_batch` records per Redis call, until done or a bound is reached
-        (the next sweep goes on). Returns how many were removed."""
-        now = clock.now_ms() if now_ms is None else now_ms
-        deadline = None if max_seconds is None else time.monotonic() + max_seconds
-
-        def bounded() -> bool:
-            return (max_batches is not None and batches >= max_batches) or (
-                deadline is not None and time.monotonic() >= deadline
-            )
-
-        cutoff = now - self.settings.retention_ms
-        batch = self.settings.sweep_batch
-        removed = batches = 0
-        async for index in self.redis.sscan_iter(self.keys.HISTORY_INDEXES, count=100):
-            sweep = Sweep.of(self.keys, index.decode(), cutoff, batch)
-            while True:
-                n = int(await sweep.run(self.redis))
-                removed += n
-                batches += 1
-                if on_batch is not None:
-                    on_batch(n)
-                if n < batch or bounded():
-                    break
-            if bounded():
-                break
-        dead_keys = [
-            key async for key in self.redis.sscan_iter(self.keys.HISTORY_DEAD_KEYS, count=100)
-        ]
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for key in [self.keys.HISTORY_DEAD.encode(), *dead_keys]:
-                pipe.zremrangebyscore(key, "-inf", cutoff)
-            await pipe.execute()
-        return removed
+        """Remove records older than the retention, `sweep_batch` a Redis call, until done
+        or a bound is reached (`redis_upkeep.sweep`); returns how many were removed."""
+        cutoff = (clock.now_ms() if now_ms is None else now_ms) - self.settings.retention_ms
+        return await sweep(
+            self.redis, self.keys, cutoff, self.settings.sweep_batch,
+            max_batches=max_batches, max_seconds=max_seconds, on_batch=on_batch,
+        )  # fmt: skip

@@ -30,6 +30,7 @@ if redis.call('ZADD', index, created, member, '+inf', '~') == 2 then  -- a new i
   redis.call('SADD', indexes, index)
 end
 redis.call('ZADD', url_index, created, member)
+if failed == '1' then redis.call('ZADD', failures, created, member) end
 if gave_up == '1' then
   redis.call('ZADD', dead_all, created, record_id)
   redis.call('ZADD', dead, created, record_id)
@@ -54,7 +55,8 @@ return 1
 @dataclass
 class Record(Script):
     """One attempt's record (`json`, its id included) and its indexes: by (project, event,
-    url) and by the URL's status (`index`, `url_index`, scored by `created` ms), the set of
+    url), by the URL's status (`index`, `url_index`, scored by `created` ms) and, when it
+    `failed` ('1'), by the project's `failures` (every URL's and event's), the set of
     `indexes` the sweep walks (joined by a new index only: an index holds a mark, the
     member `~` scored +inf, so the `ZADD` that creates it says so, adding two members),
     the dead letters when its delivery gave up (`gave_up` '1'),
@@ -81,6 +83,7 @@ class Record(Script):
     dead_keys: Key
     attempts: Key
     url_index: Key
+    failures: Key
     body: Key
     progress: Key
     queue: Key
@@ -91,6 +94,7 @@ class Record(Script):
     created: int
     ttl: int
     member: str
+    failed: str
     gave_up: str
     record_id: int
     named: str
@@ -112,6 +116,7 @@ def record_script(
     end = ending.job or NO_JOB
     here = keys.history_record(record["id"])
     doc, body = stored(record)
+    failed = record["status"] != DeliveryStatus.SUCCESS
     return Record(
         here,
         keys.history_index(project_id, record["events"], url),
@@ -120,7 +125,8 @@ def record_script(
         keys.history_dead(project_id),
         keys.HISTORY_DEAD_KEYS,
         keys.history_attempts(delivery_id),
-        keys.history_url_index(project_id, url, record["status"] != DeliveryStatus.SUCCESS),
+        keys.history_url_index(project_id, url, failed),
+        keys.history_failed(project_id) if failed else here,
         keys.HISTORY_BODY_PREFIX + record["requestBodyOf"] if body else here,
         ending.progress or here,
         end.queue or here,
@@ -131,6 +137,7 @@ def record_script(
         record["createdTime"],
         ttl,
         key_names.history_member(record["id"]),
+        "1" if failed else "0",
         "1" if dead else "0",
         record["id"],
         "1" if delivery_id else "0",

@@ -674,6 +674,76 @@ async def test_recent_deliveries_of_a_url_across_its_events(
     ).records == []
 
 
+async def test_a_projects_failures_are_every_failed_attempt_of_any_url_it_recorded(
+    redis: Redis, settings: Settings, store: HistoryStore
+) -> None:
+    """ "Failures, last hour" read the first 100 URLs of the project's callbacks: a project
+    of more missed the others' failures. It now reads every failed attempt the project
+    recorded, whatever its URL and event, and no other project's."""
+    now = now_ms()
+    gone = "http://127.0.0.1:9000/removed"  # a URL no callback holds now
+    shapes = [  # (ms ago, url, event, status, project)
+        (9000, URL, "BUILD_END", "FAILED", "demo"),
+        (8000, gone, "BUILD_START", "FAILED", "demo"),
+        (7000, URL, "BUILD_END", "SUCCESS", "demo"),
+        (6000, URL, "BUILD_END", "FAILED", "demo2"),  # its id starts with demo's
+        (5000, gone, "BUILD_END", "FAILED", "demo"),
+        (5000, URL, "BUILD_STAGE_END", "FAILED", "demo"),  # the same millisecond
+        (4000, URL, "BUILD_END", "FAILED", "elsewhere"),
+        (3000, URL, "BUILD_END", "SUCCESS", "demo"),
+    ]
+    records: list[AttemptRecord] = [
+        {**record(now - ago, url=url, event=event, n=i), "status": status, "projectId": project}
+        for i, (ago, url, event, status, project) in enumerate(shapes)
+    ]
+    ids = await add_all(redis, settings, records)
+    mine = [
+        i
+        for _, i in sorted(
+            ((r["createdTime"], i) for i, r in zip(ids, records, strict=True)
+             if r["projectId"] == "demo" and r["status"] == "FAILED"),
+            reverse=True,
+        )
+    ]  # fmt: skip
+    start, end = now - 60_000, now
+
+    found = await store.failures("demo", start_ms=start, end_ms=end)
+    assert [r.id for r in found.records] == mine and found.next is None
+    assert {r.call_back_url for r in found.records} == {URL, gone}
+    seen, before = [], None
+    for _ in range(10):  # page by page, the tie included: each once, in order
+        page = await store.failures("demo", before=before, limit=2, start_ms=start, end_ms=end)
+        seen += [r.id for r in page.records]
+        if page.next is None:
+            break
+        before = page.next
+    assert seen == mine
+    narrow = await store.failures("demo", start_ms=now - 8500, end_ms=now - 4500)
+    assert [r.id for r in narrow.records] == mine[:3]
+    assert [
+        r.project_id for r in (await store.failures("demo2", start_ms=start, end_ms=end)).records
+    ] == ["demo2"]
+    assert (await store.failures("nobody", start_ms=start, end_ms=end)).records == []
+
+
+async def test_failures_of_the_last_hour_cover_a_project_of_more_than_100_urls(
+    settings: Settings, redis: Redis
+) -> None:
+    """The console's "Failures, last hour" of a project past the every-URL listing's 100
+    URLs: the failure of its last URL is listed, and no registry page is read for it."""
+    registry = Registry(redis)
+    for n in range(RECENT_URLS_MAX + 20):
+        await registry.create("demo", f"https://e.com/{n}", Event.BUILD_END, Region.DEVNET)
+    last = f"https://e.com/{RECENT_URLS_MAX + 19}"
+    failed: AttemptRecord = {**record(now_ms(), url=last), "status": "FAILED"}
+    (failed_id,) = await add_all(redis, settings, [failed])
+    async with Services.open(settings, redis) as services:
+        listed = await services.recent("demo", status="FAILED", within="1h")
+        unfiltered = await services.recent("demo", within="1h")
+    assert [r.id for r in listed.records] == [failed_id]
+    assert unfiltered.records == []  # the first 100 URLs only: the limit this lifts
+
+
 async def test_a_signature_stored_by_an_older_version_is_masked_when_read(
     settings: Settings, redis: Redis, api: httpx.AsyncClient
 ) -> None:

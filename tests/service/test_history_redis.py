@@ -7,8 +7,10 @@ from redis.asyncio import Redis
 
 from dispatcher.clock import now_ms
 from dispatcher.embedded import EmbeddedRedis
+from dispatcher.history.moving import forget_project
 from dispatcher.history.redis import RedisHistory
 from dispatcher.keys import Keys
+from dispatcher.services import Services
 from dispatcher.settings import Settings
 from tests.helpers import make_settings
 from tests.service.test_history import URL, fill, record
@@ -106,3 +108,53 @@ async def test_only_the_write_that_creates_an_index_adds_it_to_the_sweeps_set(
     assert not await redis.sismember(keys.HISTORY_INDEXES, index)  # type: ignore[misc]  # sync|async
     await history.add(record(now + settings.retention_ms))  # the index again: in the set
     assert await redis.sismember(keys.HISTORY_INDEXES, index)  # type: ignore[misc]  # sync|async
+
+
+async def test_a_projects_failures_index_is_swept_with_its_records_and_forgotten(
+    redis: Redis, settings: Settings
+) -> None:
+    """The project's failures index loses what the retention sweep removes, and the
+    shard move's forget empties it; a success never enters it."""
+    history = RedisHistory(redis, settings, keys)
+    now, day = now_ms(), 86_400_000
+    failed = [{**record(t, n=i), "status": "FAILED"} for i, t in enumerate([now - 8 * day, now])]
+    old_id, new_id = [await history.add(r) for r in failed]  # type: ignore[arg-type]
+    await history.add(record(now - 1000, n=3))
+    index = keys.history_failed("demo")
+    assert [int(m) for m in await redis.zrange(index, 0, -1)] == [old_id, new_id]
+    assert await history.sweep(now_ms=now) == 1
+    assert [int(m) for m in await redis.zrange(index, 0, -1)] == [new_id]
+    await forget_project(history, "demo", lambda: None)
+    assert not await redis.exists(index)
+
+
+async def test_the_layout_upgrade_fills_the_failures_index_from_the_urls_once(
+    redis: Redis, settings: Settings
+) -> None:
+    """Failures recorded by a version before the project's failures index are in their
+    URLs' failed indexes only: the upgrade (run at every start) adds them, once."""
+    history = RedisHistory(redis, settings, keys)
+    now = now_ms()
+    other_url = "http://127.0.0.1:9000/other"
+    written = [
+        {**record(now - 3000, n=1), "status": "FAILED"},
+        {**record(now - 2000, n=2, url=other_url, event="BUILD_START"), "status": "FAILED"},
+        {**record(now - 1000, n=3), "projectId": "elsewhere", "status": "FAILED"},
+        record(now - 500, n=4),
+    ]
+    ids = [await history.add(r) for r in written]  # type: ignore[arg-type]
+    for project in ("demo", "elsewhere"):  # as a version before wrote them
+        await redis.delete(keys.history_failed(project))
+    assert await history.upgrade() == 3  # three URL indexes read (demo's two, elsewhere's)
+    assert await redis.get(keys.HISTORY_LAYOUT) == b"2"
+    await redis.delete(keys.HISTORY_LAYOUT, keys.history_failed("demo"))
+    async with Services.open(settings, redis) as services:
+        assert await services.upgrade()  # what the API and each worker run at start
+    assert await redis.get(keys.HISTORY_LAYOUT) == b"2"
+    found = await history.failures("demo", start_ms=now - 60_000, end_ms=now)
+    assert [r.id for r in found.records] == [ids[1], ids[0]]
+    mine = await history.failures("elsewhere", start_ms=now - 60_000, end_ms=now)
+    assert [r.id for r in mine.records] == [ids[2]]
+    await redis.delete(keys.history_failed("demo"))
+    assert await history.upgrade() == 0  # done: the next start reads nothing
+    assert not await redis.exists(keys.history_failed("demo"))

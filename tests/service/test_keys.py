@@ -71,15 +71,20 @@ async def test_scripts_and_keys_py_build_the_same_names(settings: Settings, redi
         keys.history_dead("demo"),
         keys.HISTORY_DEAD_KEYS,
         keys.history_url_index("demo", URL, failed=True),
+        keys.history_failed("demo"),
     }
     assert await present(redis) == registered | history
     # the sweep finds a URL's indexes from each of its (event, url) indexes
-    assert keys.history_url_indexes_of(index) == (
+    assert keys.history_indexes_of(index) == (
         keys.history_url_index("demo", URL, failed=False),
         keys.history_url_index("demo", URL, failed=True),
+        keys.history_failed("demo"),
     )
     weird = keys.history_index("a:b", "BUILD_END", URL)  # a separator in the project id
-    assert keys.history_url_indexes_of(weird)[1] == keys.history_url_index("a:b", URL, True)
+    assert keys.history_indexes_of(weird)[1:] == (
+        keys.history_url_index("a:b", URL, True),
+        keys.history_failed("a:b"),
+    )
     # the record's member, and the index's mark (+inf: no time range reads it)
     assert await redis.zrange(index, 0, -1) == [history_member(record_id).encode(), b"~"]
     dead_keys = await redis.smembers(keys.HISTORY_DEAD_KEYS)  # type: ignore[misc]  # sync|async

@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 from redis.crc import key_slot
 
-from dispatcher.keys import Keys, cluster_tag, target_slot
+from dispatcher.keys import Keys
 from dispatcher.placement import Placed, Placement, rendezvous
 from dispatcher.shard import ID_SPAN, Shard
+from dispatcher.slots import cluster_tag, target_slot
 
 PROJECTS = [f"project-{n}" for n in range(3000)]
 

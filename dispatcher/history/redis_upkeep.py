@@ -1,0 +1,139 @@
+"""The Redis store's upkeep: the retention sweep (`sweep`, and `Sweep`, which the shard
+moves' `forget_project` runs too) and the layout upgrade (`upgrade`)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from dispatcher.lua import Key, Script, run_pipeline
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from redis.asyncio import Redis
+    from redis.asyncio.client import Pipeline
+
+    from dispatcher.keys import Keys
+
+__all__ = ["LAYOUT", "Sweep", "sweep", "upgrade"]
+
+# The layout of the Redis history: 2 has the project's failures index, filled by `upgrade`
+# from the URLs' failed indexes for the records written before it.
+LAYOUT = b"2"
+
+
+@dataclass
+class Sweep(Script):
+    """Removes the records of `index` up to `cutoff_ms` (at most `batch`), from it, from
+    the URL's two indexes (`url_ok`, `url_failed`) and from the project's `failures`, and
+    the index from `indexes` once only its mark (`~`, scored +inf: see `Record`) is left,
+    or nothing (an index written before the mark). Record keys are made from the ids found
+    (`record_prefix`). Returns how many records it removed."""
+
+    LUA = """
+    local ids = {}
+    for _, m in ipairs(redis.call('ZRANGEBYSCORE', index, '-inf', cutoff_ms, 'LIMIT', 0, batch)) do
+      local id = string.match(m, '^0*(%d+)$')
+      if id then
+        redis.call('DEL', record_prefix .. id)
+        ids[#ids + 1] = m
+      end
+    end
+    if #ids > 0 then
+      redis.call('ZREM', index, unpack(ids))
+      redis.call('ZREM', url_ok, unpack(ids))
+      redis.call('ZREM', url_failed, unpack(ids))
+      redis.call('ZREM', failures, unpack(ids))
+    end
+    local left = redis.call('ZCARD', index)
+    if left == 0 or (left == 1 and redis.call('ZSCORE', index, '~')) then
+      redis.call('DEL', index)
+      redis.call('SREM', indexes, index)
+    end
+    return #ids
+    """
+    index: Key
+    indexes: Key
+    url_ok: Key
+    url_failed: Key
+    failures: Key
+    cutoff_ms: int | str
+    batch: int
+    record_prefix: str
+
+    @classmethod
+    def of(cls, keys: Keys, index: str, cutoff_ms: int | str, batch: int) -> Sweep:
+        """The sweep of `index` (a project, event and URL's) up to `cutoff_ms`."""
+        url_ok, url_failed, failures = keys.history_indexes_of(index)
+        prefix = keys.HISTORY_RECORD_PREFIX
+        return cls(
+            index, keys.HISTORY_INDEXES, url_ok, url_failed, failures, cutoff_ms, batch, prefix
+        )
+
+
+async def sweep(
+    redis: Redis,
+    keys: Keys,
+    cutoff_ms: int,
+    batch: int,
+    *,
+    max_batches: int | None = None,
+    max_seconds: float | None = None,
+    on_batch: Callable[[int], None] | None = None,
+) -> int:
+    """Remove the records written before `cutoff_ms`, their index entries and emptied
+    indexes, `batch` records per Redis call, until done or a bound is reached (the next
+    sweep goes on); then the dead letters before it. Returns how many were removed."""
+    deadline = None if max_seconds is None else time.monotonic() + max_seconds
+
+    def bounded() -> bool:
+        return (max_batches is not None and batches >= max_batches) or (
+            deadline is not None and time.monotonic() >= deadline
+        )
+
+    removed = batches = 0
+    async for index in redis.sscan_iter(keys.HISTORY_INDEXES, count=100):
+        script = Sweep.of(keys, index.decode(), cutoff_ms, batch)
+        while True:
+            n = int(await script.run(redis))
+            removed += n
+            batches += 1
+            if on_batch is not None:
+                on_batch(n)
+            if n < batch or bounded():
+                break
+        if bounded():
+            break
+    dead_keys = [key async for key in redis.sscan_iter(keys.HISTORY_DEAD_KEYS, count=100)]
+    async with redis.pipeline(transaction=False) as pipe:
+        for key in [keys.HISTORY_DEAD.encode(), *dead_keys]:
+            pipe.zremrangebyscore(key, "-inf", cutoff_ms)
+        await pipe.execute()
+    return removed
+
+
+async def upgrade(redis: Redis, keys: Keys) -> int:
+    """Bring the Redis history to `LAYOUT`: each project's failures index gets the failed
+    attempts of its URLs' indexes (written before it had one), 500 URLs a round trip. Safe
+    to run by many processes at once, and again (a union). Returns how many URL indexes
+    it read."""
+    if await redis.get(keys.HISTORY_LAYOUT) == LAYOUT:
+        return 0
+    merged: dict[str, str] = {}  # a URL's failed index -> its project's failures
+    async for index in redis.sscan_iter(keys.HISTORY_INDEXES, count=500):
+        _, url_failed, failures = keys.history_indexes_of(index.decode())
+        merged[url_failed] = failures
+    pairs = list(merged.items())
+    for start in range(0, len(pairs), 500):
+
+        def union(
+            pipe: Pipeline, batch: list[tuple[str, str]] = pairs[start : start + 500]
+        ) -> None:
+            for source, into in batch:
+                pipe.zunionstore(into, [into, source], aggregate="MAX")
+
+        await run_pipeline(redis, union)
+    await redis.set(keys.HISTORY_LAYOUT, LAYOUT)
+    return len(pairs)
