@@ -96,9 +96,11 @@ History
                                               createdTime; the sweep trims them with the
                                               (project, event, url) indexes of the same URL
     dispatcher:history:failed:{project}       ZSET the same of every FAILED attempt of the
-                                              project, every URL and event (trimmed alike)
+                                              project, every URL and event (trimmed by time;
+                                              TTL of its latest record)
     dispatcher:history:layout                 STRING 2 once the failed indexes above were
-                                              filled from the URLs' (`redis_upkeep.upgrade`)
+                                              filled from the URLs' ("scan:{cursor}" until
+                                              then: `redis_upkeep.backfill`)
     dispatcher:history:dead                   ZSET ids of records whose delivery gave up, by time
     dispatcher:history:dead:{project}         ZSET the same, one project's
     dispatcher:history:dead-keys              SET every per-project dead-letter key (for the sweep)
@@ -127,8 +129,8 @@ Shards (see dispatcher/shards/): a shard is a key namespace on one Redis. With o
 or on each server of `DISPATCHER_REDIS_SHARDS`, the namespace is empty: the names above,
 exactly. On a Redis Cluster, shard n's namespace is a hash tag, `{d<n>.<k>}`, put in front
 of every name above (arq's included), so that every key of a shard, and every key a script
-builds from a prefix, hashes to that shard's one slot (`Keys.tag` picks `k` so that the
-shards' slots spread evenly over the slot range). Besides:
+builds from a prefix, hashes to that shard's one slot (`slots.cluster_tag` picks `k` so
+that the shards' slots spread evenly over the slot range). Besides:
     dispatcher:shard                          STRING this shard's position in the list
                                               (set at start-up; guards against a reorder)
     dispatcher:placement                      HASH project -> shard index: the explicit

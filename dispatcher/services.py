@@ -304,9 +304,10 @@ class Services:
             raise InvalidInput(f"within must be one of {', '.join(RECENT_WITHIN)}", param="within")
         wanted = parse_status(status) if status else None
         cursor = Cursor.parse(before) if before else None
-        now, span = now_ms(), RECENT_WITHIN[within]
-        start_ms = 0 if span is None else now - span
+        span = RECENT_WITHIN[within]
         if url is None and wanted is DeliveryStatus.FAILED:
+            now = now_ms()
+            start_ms = 0 if span is None else now - span
             return await self.history.failures(
                 project_id, start_ms=start_ms, end_ms=now, before=cursor, limit=limit
             )
@@ -314,6 +315,8 @@ class Services:
         gate = self._listing.setdefault(project_id, asyncio.Lock()) if url is None else None
         async with gate or contextlib.nullcontext():
             urls = [url] if url is not None else await self._urls(project_id)
+            now = now_ms()
+            start_ms = 0 if span is None else now - span
             return await self.history.recent(
                 project_id, urls, start_ms=start_ms, end_ms=now, status=wanted,
                 before=cursor, limit=limit,
@@ -344,7 +347,6 @@ class Services:
         Redis could not be reached (try again later)."""
         try:
             await self.registry.upgrade()
-            await self.history.upgrade()
         except REDIS_ERRORS as exc:
             log.warning("registry.upgrade_postponed", error=str(exc))
             return False

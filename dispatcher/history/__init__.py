@@ -140,10 +140,6 @@ class HistoryStore(Protocol):
         """The project's newest failed attempts, every URL and event (removed callbacks'
         included), in the window and older than `before`; newest first."""
 
-    async def upgrade(self) -> int:
-        """Bring the stored records to this version's layout; safe to run again and by
-        many processes at once. Returns how many things it changed."""
-
     def final_failures(
         self, project_id: str, url: str, event: str, *, start_ms: int, end_ms: int
     ) -> AsyncIterator[HistoryRecord]:

@@ -89,16 +89,12 @@ SELECT r.doc FROM history_pairs p CROSS JOIN LATERAL (
  WHERE p.project_id = $1 AND p.url = ANY($2::text[])
  ORDER BY r.created_ms DESC, r.id DESC LIMIT $7
 """
-# A project's newest failed attempts, every URL and event: the same read over all its pairs.
+# A project's newest failed attempts, every URL and event: one range of its partial index.
 # $1 project $2 start ms $3 end ms $4, $5 the cursor $6 limit.
 FAILURES_SQL = """
-SELECT r.doc FROM history_pairs p CROSS JOIN LATERAL (
-    SELECT a.doc, a.created_ms, a.id FROM history_attempts a
-     WHERE a.pair_id = p.pair_id AND a.created_ms BETWEEN $2 AND $3
-       AND (a.created_ms, a.id) < ($4, $5) AND a.failed
-     ORDER BY a.created_ms DESC, a.id DESC LIMIT $6) r
- WHERE p.project_id = $1
- ORDER BY r.created_ms DESC, r.id DESC LIMIT $6
+SELECT doc FROM history_attempts
+ WHERE project_id = $1 AND failed AND created_ms BETWEEN $2 AND $3 AND (created_ms, id) < ($4, $5)
+ ORDER BY created_ms DESC, id DESC LIMIT $6
 """
 RECENT_BY_STATUS = {
     None: RECENT_SQL.format(status=""),
@@ -324,10 +320,6 @@ class PostgresHistory:
         if on_batch is not None:
             on_batch(len(dropped))
         return len(dropped)
-
-    async def upgrade(self) -> int:
-        """Nothing here: the schema's migrations are `dispatcher db upgrade`'s."""
-        return 0
 
     async def close(self) -> None:
         if self._pool is not None:

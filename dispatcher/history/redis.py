@@ -24,7 +24,7 @@ from dispatcher.errors import NotFound
 from dispatcher.history.ids import RecordIds
 from dispatcher.history.kept import with_bodies
 from dispatcher.history.redis_record import Record, record_script
-from dispatcher.history.redis_upkeep import sweep, upgrade
+from dispatcher.history.redis_upkeep import sweep
 from dispatcher.history.window import (
     MAX_ATTEMPTS_SHOWN,
     Cursor,
@@ -149,6 +149,7 @@ class RedisHistory:
         self.settings = settings
         self.keys = keys
         self._ids = RecordIds(redis, keys, id_floor)
+        self._ttl_s = settings.retention_ms // 1000 + _TTL_MARGIN_S  # a record's
 
     async def assign_ids(self, records: Iterable[AttemptRecord]) -> None:
         """Give each record without an `id` a new one (see `RecordIds`)."""
@@ -161,18 +162,13 @@ class RedisHistory:
     async def close(self) -> None:
         """Nothing of its own to close (the Redis pool is the caller's)."""
 
-    async def upgrade(self) -> int:
-        """Bring the stored records to this version's layout (`redis_upkeep.upgrade`)."""
-        return await upgrade(self.redis, self.keys)
-
     def recording(
         self, record: AttemptRecord, *, dead: bool = False, ending: Ending | None = None
     ) -> Record:
         """The script that writes one record (id assigned, the seed's fields, camelCase)
         with its indexes, and what its attempt ends with (`ending`); writing it twice
         stores it once."""
-        ttl = self.settings.retention_ms // 1000 + _TTL_MARGIN_S
-        return record_script(self.keys, record, ttl, dead, ending)
+        return record_script(self.keys, record, self._ttl_s, dead, ending)
 
     def record(
         self,
@@ -355,6 +351,6 @@ class RedisHistory:
         or a bound is reached (`redis_upkeep.sweep`); returns how many were removed."""
         cutoff = (clock.now_ms() if now_ms is None else now_ms) - self.settings.retention_ms
         return await sweep(
-            self.redis, self.keys, cutoff, self.settings.sweep_batch,
+            self.redis, self.keys, cutoff, self.settings.sweep_batch, self._ttl_s,
             max_batches=max_batches, max_seconds=max_seconds, on_batch=on_batch,
         )  # fmt: skip

@@ -30,7 +30,10 @@ if redis.call('ZADD', index, created, member, '+inf', '~') == 2 then  -- a new i
   redis.call('SADD', indexes, index)
 end
 redis.call('ZADD', url_index, created, member)
-if failed == '1' then redis.call('ZADD', failures, created, member) end
+if failed == '1' then
+  redis.call('ZADD', failures, created, member)
+  redis.call('EXPIRE', failures, ttl)  -- gone with its last record, whoever sweeps
+end
 if gave_up == '1' then
   redis.call('ZADD', dead_all, created, record_id)
   redis.call('ZADD', dead, created, record_id)

@@ -7,30 +7,31 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from dispatcher.lua import Key, Script, run_pipeline
+from dispatcher.lua import Key, Script
 
 if TYPE_CHECKING:
     from collections.abc import Callable
 
     from redis.asyncio import Redis
-    from redis.asyncio.client import Pipeline
 
     from dispatcher.keys import Keys
 
-__all__ = ["LAYOUT", "Sweep", "sweep", "upgrade"]
+__all__ = ["LAYOUT", "Backfill", "Sweep", "backfill", "sweep"]
 
-# The layout of the Redis history: 2 has the project's failures index, filled by `upgrade`
-# from the URLs' failed indexes for the records written before it.
+# The layout of the Redis history: 2 has the projects' failures indexes, filled from their
+# URLs' failed indexes for the records written before them (`backfill`).
 LAYOUT = b"2"
+_SCAN = b"scan:"  # the layout key while the backfill goes on: where its scan stopped
 
 
 @dataclass
 class Sweep(Script):
-    """Removes the records of `index` up to `cutoff_ms` (at most `batch`), from it, from
-    the URL's two indexes (`url_ok`, `url_failed`) and from the project's `failures`, and
-    the index from `indexes` once only its mark (`~`, scored +inf: see `Record`) is left,
-    or nothing (an index written before the mark). Record keys are made from the ids found
-    (`record_prefix`). Returns how many records it removed."""
+    """Removes the records of `index` up to `cutoff_ms` (at most `batch`), from it and
+    from the URL's two indexes (`url_ok`, `url_failed`), and the index from `indexes` once
+    only its mark (`~`, scored +inf: see `Record`) is left, or nothing (an index written
+    before the mark); and whatever the project's `failures` hold up to `cutoff_ms` (a
+    sweep of a version before this one left them there). Record keys are made from the
+    ids found (`record_prefix`). Returns how many records it removed."""
 
     LUA = """
     local ids = {}
@@ -45,8 +46,8 @@ class Sweep(Script):
       redis.call('ZREM', index, unpack(ids))
       redis.call('ZREM', url_ok, unpack(ids))
       redis.call('ZREM', url_failed, unpack(ids))
-      redis.call('ZREM', failures, unpack(ids))
     end
+    redis.call('ZREMRANGEBYSCORE', failures, '-inf', cutoff_ms)  -- whoever wrote them
     local left = redis.call('ZCARD', index)
     if left == 0 or (left == 1 and redis.call('ZSCORE', index, '~')) then
       redis.call('DEL', index)
@@ -73,11 +74,64 @@ class Sweep(Script):
         )
 
 
+@dataclass
+class Backfill(Script):
+    """Adds to the project's `failures` (kept `ttl` seconds) up to `batch` members of a
+    URL's failed index (`source`) after `cutoff_ms`, from `offset` on (paged by rank: no
+    walk past the offset). Returns how many."""
+
+    LUA = """
+    local first = redis.call('ZCOUNT', source, '-inf', cutoff_ms) + tonumber(offset)
+    local found = redis.call('ZRANGE', source, first, first + tonumber(batch) - 1, 'WITHSCORES')
+    if #found == 0 then return 0 end
+    local args = {}
+    for i = 1, #found, 2 do args[#args + 1] = found[i + 1]; args[#args + 1] = found[i] end
+    redis.call('ZADD', failures, unpack(args))
+    redis.call('EXPIRE', failures, ttl)
+    return #found / 2
+    """
+    source: Key
+    failures: Key
+    cutoff_ms: int
+    offset: int
+    batch: int
+    ttl: int
+
+
+async def backfill(
+    redis: Redis, keys: Keys, cutoff_ms: int, ttl_s: int, bounded: Callable[[], bool]
+) -> bool:
+    """Fill the projects' failures indexes with the failed attempts their URLs' indexes
+    hold (written before them), a page of the indexes' set at a time, from where the last
+    call stopped (the layout key holds the scan's cursor, then `LAYOUT`), until done or
+    `bounded()`. Additive and idempotent: many processes may run it at once. Returns
+    whether it is done."""
+    state = await redis.get(keys.HISTORY_LAYOUT) or b""
+    if state == LAYOUT:
+        return True
+    cursor = int(state.removeprefix(_SCAN) or 0) if state.startswith(_SCAN) else 0
+    while True:
+        cursor, page = await redis.sscan(keys.HISTORY_INDEXES, cursor, count=100)
+        for source, failures in {keys.history_indexes_of(i.decode())[1:] for i in page}:
+            offset = 0
+            while n := int(
+                await Backfill(source, failures, cutoff_ms, offset, 500, ttl_s).run(redis)
+            ):
+                offset += n
+        state = LAYOUT if cursor == 0 else _SCAN + str(cursor).encode()
+        await redis.set(keys.HISTORY_LAYOUT, state)
+        if cursor == 0:
+            return True
+        if bounded():
+            return False
+
+
 async def sweep(
     redis: Redis,
     keys: Keys,
     cutoff_ms: int,
     batch: int,
+    ttl_s: int,
     *,
     max_batches: int | None = None,
     max_seconds: float | None = None,
@@ -85,7 +139,8 @@ async def sweep(
 ) -> int:
     """Remove the records written before `cutoff_ms`, their index entries and emptied
     indexes, `batch` records per Redis call, until done or a bound is reached (the next
-    sweep goes on); then the dead letters before it. Returns how many were removed."""
+    sweep goes on); then the dead letters before it. The `backfill` goes first, until
+    done (`ttl_s`: the records'). Returns how many were removed."""
     deadline = None if max_seconds is None else time.monotonic() + max_seconds
 
     def bounded() -> bool:
@@ -94,6 +149,8 @@ async def sweep(
         )
 
     removed = batches = 0
+    if not await backfill(redis, keys, cutoff_ms, ttl_s, bounded):
+        return 0
     async for index in redis.sscan_iter(keys.HISTORY_INDEXES, count=100):
         script = Sweep.of(keys, index.decode(), cutoff_ms, batch)
         while True:
@@ -112,28 +169,3 @@ async def sweep(
             pipe.zremrangebyscore(key, "-inf", cutoff_ms)
         await pipe.execute()
     return removed
-
-
-async def upgrade(redis: Redis, keys: Keys) -> int:
-    """Bring the Redis history to `LAYOUT`: each project's failures index gets the failed
-    attempts of its URLs' indexes (written before it had one), 500 URLs a round trip. Safe
-    to run by many processes at once, and again (a union). Returns how many URL indexes
-    it read."""
-    if await redis.get(keys.HISTORY_LAYOUT) == LAYOUT:
-        return 0
-    merged: dict[str, str] = {}  # a URL's failed index -> its project's failures
-    async for index in redis.sscan_iter(keys.HISTORY_INDEXES, count=500):
-        _, url_failed, failures = keys.history_indexes_of(index.decode())
-        merged[url_failed] = failures
-    pairs = list(merged.items())
-    for start in range(0, len(pairs), 500):
-
-        def union(
-            pipe: Pipeline, batch: list[tuple[str, str]] = pairs[start : start + 500]
-        ) -> None:
-            for source, into in batch:
-                pipe.zunionstore(into, [into, source], aggregate="MAX")
-
-        await run_pipeline(redis, union)
-    await redis.set(keys.HISTORY_LAYOUT, LAYOUT)
-    return len(pairs)

@@ -97,7 +97,16 @@ CREATE INDEX history_attempts_failed ON history_attempts (pair_id, created_ms DE
 CREATE INDEX history_pairs_url ON history_pairs (project_id, url);
 """
 
-MIGRATIONS: list[tuple[int, str]] = [(1, _TABLES), (2, LOCATE_FUNCTIONS), (3, _FAILED)]
+# A project's failures of every URL ("Failures, last hour"): one index range, whatever
+# the number of its (event, url) pairs.
+_PROJECT_FAILED = """
+CREATE INDEX history_attempts_project_failed
+  ON history_attempts (project_id, created_ms DESC, id DESC) WHERE failed;
+"""
+
+MIGRATIONS: list[tuple[int, str]] = [
+    (1, _TABLES), (2, LOCATE_FUNCTIONS), (3, _FAILED), (4, _PROJECT_FAILED)
+]  # fmt: skip
 
 
 async def upgrade(conn: Conn) -> list[int]:

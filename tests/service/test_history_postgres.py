@@ -102,7 +102,7 @@ async def catalog(conn: asyncpg.Connection) -> list[Any]:
 async def test_migrations_run_twice_are_a_no_op(fresh_db: str, pg_server: EmbeddedPostgres) -> None:
     conn = await asyncpg.connect(fresh_db)
     try:
-        assert await upgrade(conn) == [1, 2, 3]
+        assert await upgrade(conn) == [1, 2, 3, 4]
         before = await catalog(conn)
         assert await upgrade(conn) == []
         assert await catalog(conn) == before
@@ -112,7 +112,7 @@ async def test_migrations_run_twice_are_a_no_op(fresh_db: str, pg_server: Embedd
         await conn.execute("DROP FUNCTION history_locate, history_minute_of")
         sessions = [await asyncpg.connect(fresh_db) for _ in range(3)]
         results = await asyncio.gather(*(upgrade(s) for s in sessions))
-        assert sorted(results) == [[], [], [1, 2, 3]]
+        assert sorted(results) == [[], [], [1, 2, 3, 4]]
         assert await catalog(conn) == before
         for session in sessions:
             await session.close()
@@ -126,9 +126,9 @@ def test_db_upgrade_command_twice(
     monkeypatch.setenv("DISPATCHER_REDIS_URL", redis_server.url)
     monkeypatch.setenv("DISPATCHER_HISTORY_URL", fresh_db)
     first = CliRunner().invoke(app, ["db", "upgrade"])
-    assert first.exit_code == 0 and "applied migrations 1, 2, 3: version 3" in first.output
+    assert first.exit_code == 0 and "applied migrations 1, 2, 3, 4: version 4" in first.output
     second = CliRunner().invoke(app, ["db", "upgrade"])
-    assert second.exit_code == 0 and "up to date: version 3" in second.output
+    assert second.exit_code == 0 and "up to date: version 4" in second.output
 
 
 async def test_retention_drops_a_days_partition_and_nothing_newer(

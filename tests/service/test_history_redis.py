@@ -3,6 +3,9 @@ PostgreSQL store drops whole day partitions: tests/service/test_history_postgres
 
 from __future__ import annotations
 
+from typing import Any
+
+import pytest
 from redis.asyncio import Redis
 
 from dispatcher.clock import now_ms
@@ -10,7 +13,6 @@ from dispatcher.embedded import EmbeddedRedis
 from dispatcher.history.moving import forget_project
 from dispatcher.history.redis import RedisHistory
 from dispatcher.keys import Keys
-from dispatcher.services import Services
 from dispatcher.settings import Settings
 from tests.helpers import make_settings
 from tests.service.test_history import URL, fill, record
@@ -114,7 +116,8 @@ async def test_a_projects_failures_index_is_swept_with_its_records_and_forgotten
     redis: Redis, settings: Settings
 ) -> None:
     """The project's failures index loses what the retention sweep removes, and the
-    shard move's forget empties it; a success never enters it."""
+    shard move's forget empties it; a success never enters it; it expires with its last
+    record's retention, whatever sweeps or not."""
     history = RedisHistory(redis, settings, keys)
     now, day = now_ms(), 86_400_000
     failed = [{**record(t, n=i), "status": "FAILED"} for i, t in enumerate([now - 8 * day, now])]
@@ -122,39 +125,59 @@ async def test_a_projects_failures_index_is_swept_with_its_records_and_forgotten
     await history.add(record(now - 1000, n=3))
     index = keys.history_failed("demo")
     assert [int(m) for m in await redis.zrange(index, 0, -1)] == [old_id, new_id]
+    assert 0 < await redis.ttl(index) <= settings.retention_ms // 1000 + day  # with its last
     assert await history.sweep(now_ms=now) == 1
     assert [int(m) for m in await redis.zrange(index, 0, -1)] == [new_id]
     await forget_project(history, "demo", lambda: None)
     assert not await redis.exists(index)
 
 
-async def test_the_layout_upgrade_fills_the_failures_index_from_the_urls_once(
-    redis: Redis, settings: Settings
+async def test_the_sweep_fills_the_failures_indexes_from_the_urls_once_bit_by_bit(
+    redis: Redis, settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Failures recorded by a version before the project's failures index are in their
-    URLs' failed indexes only: the upgrade (run at every start) adds them, once."""
+    """Failures recorded by a version before the projects' failures indexes are in their
+    URLs' failed indexes only: the sweep adds them, a page of the index set a run, going on
+    where the last run stopped, then never again; and it trims what a sweep of that
+    version left in the failures index."""
     history = RedisHistory(redis, settings, keys)
-    now = now_ms()
-    other_url = "http://127.0.0.1:9000/other"
+    now, day = now_ms(), 86_400_000
     written = [
         {**record(now - 3000, n=1), "status": "FAILED"},
-        {**record(now - 2000, n=2, url=other_url, event="BUILD_START"), "status": "FAILED"},
+        {**record(now - 2000, n=2, url=URL + "/b", event="BUILD_START"), "status": "FAILED"},
         {**record(now - 1000, n=3), "projectId": "elsewhere", "status": "FAILED"},
         record(now - 500, n=4),
+        *(
+            {**record(now - 400, n=5 + i, url=f"{URL}/{i}"), "projectId": "many"}
+            for i in range(300)
+        ),
     ]
     ids = [await history.add(r) for r in written]  # type: ignore[arg-type]
     for project in ("demo", "elsewhere"):  # as a version before wrote them
         await redis.delete(keys.history_failed(project))
-    assert await history.upgrade() == 3  # three URL indexes read (demo's two, elsewhere's)
-    assert await redis.get(keys.HISTORY_LAYOUT) == b"2"
-    await redis.delete(keys.HISTORY_LAYOUT, keys.history_failed("demo"))
-    async with Services.open(settings, redis) as services:
-        assert await services.upgrade()  # what the API and each worker run at start
+    await redis.zadd(keys.history_failed("demo"), {"000000000000999": now - 8 * day})  # left
+    await redis.delete(keys.HISTORY_LAYOUT)
+
+    assert await history.sweep(now_ms=now, max_seconds=0) == 0  # one page of 303 indexes
+    state = await redis.get(keys.HISTORY_LAYOUT)
+    assert state is not None and state.startswith(b"scan:")
+    cursors: list[int] = []
+    real_sscan = redis.sscan
+
+    async def sscan(name: str, cursor: int = 0, **kw: Any) -> Any:
+        cursors.append(cursor)
+        return await real_sscan(name, cursor, **kw)
+
+    monkeypatch.setattr(redis, "sscan", sscan)
+    assert await history.sweep(now_ms=now) == 0  # on from there, done: nothing old to remove
+    assert cursors[0] == int(state.removeprefix(b"scan:")) != 0
     assert await redis.get(keys.HISTORY_LAYOUT) == b"2"
     found = await history.failures("demo", start_ms=now - 60_000, end_ms=now)
     assert [r.id for r in found.records] == [ids[1], ids[0]]
+    assert [int(m) for m in await redis.zrange(keys.history_failed("demo"), 0, -1)] == ids[:2]
+    assert 0 < await redis.ttl(keys.history_failed("demo")) <= settings.retention_ms // 1000 + day
     mine = await history.failures("elsewhere", start_ms=now - 60_000, end_ms=now)
     assert [r.id for r in mine.records] == [ids[2]]
+    assert not await redis.exists(keys.history_failed("many"))  # no failure there
     await redis.delete(keys.history_failed("demo"))
-    assert await history.upgrade() == 0  # done: the next start reads nothing
+    await history.sweep(now_ms=now)  # done: the next sweeps copy nothing again
     assert not await redis.exists(keys.history_failed("demo"))
