@@ -22,7 +22,7 @@ from dispatcher.connections import REDIS_ERRORS, connect
 from dispatcher.egress import policy_for
 from dispatcher.errors import InvalidInput
 from dispatcher.health import Health
-from dispatcher.history import Cursor, open_history, parse_window
+from dispatcher.history import Cursor, Recent, open_history, parse_window
 from dispatcher.lookups import owned
 from dispatcher.models import DeliveryStatus, Region, parse_event, parse_status
 from dispatcher.producer import Producer
@@ -38,7 +38,6 @@ if TYPE_CHECKING:
     from redis.asyncio import Redis
 
     from dispatcher.headers import AuthHeader
-    from dispatcher.history import Recent
     from dispatcher.models import (
         Callback,
         CallbackPage,
@@ -296,31 +295,34 @@ class Services:
         limit: int = 50,
     ) -> Recent:
         """The newest attempts of one callback URL across its events (its "Recent
-        deliveries"), or of every URL of the project's callbacks (the first
-        `RECENT_URLS_MAX`; its failures: every URL it has history of, one index), of one
-        status (`SUCCESS`, `FAILED`) when given, within the last hour (`1h`), day (`1d`)
-        or the retention (`all`), older than the cursor `before`."""
+        deliveries"), or of every URL of the project: its failures of any URL it has
+        history of (one index), its successes of the first `RECENT_URLS_MAX` URLs of its
+        callbacks; of one status (`SUCCESS`, `FAILED`) when given, within the last hour
+        (`1h`), day (`1d`) or the retention (`all`), older than the cursor `before`."""
         if within not in RECENT_WITHIN:
             raise InvalidInput(f"within must be one of {', '.join(RECENT_WITHIN)}", param="within")
         wanted = parse_status(status) if status else None
         cursor = Cursor.parse(before) if before else None
-        span = RECENT_WITHIN[within]
-        if url is None and wanted is DeliveryStatus.FAILED:
-            now = now_ms()
-            start_ms = 0 if span is None else now - span
-            return await self.history.failures(
-                project_id, start_ms=start_ms, end_ms=now, before=cursor, limit=limit
-            )
-        # every URL: up to 200 index reads, so one such listing of a project at a time here
-        gate = self._listing.setdefault(project_id, asyncio.Lock()) if url is None else None
-        async with gate or contextlib.nullcontext():
-            urls = [url] if url is not None else await self._urls(project_id)
-            now = now_ms()
-            start_ms = 0 if span is None else now - span
+        now, span = now_ms(), RECENT_WITHIN[within]
+        window = {"start_ms": 0 if span is None else now - span, "end_ms": now}
+        if url is not None:
             return await self.history.recent(
-                project_id, urls, start_ms=start_ms, end_ms=now, status=wanted,
-                before=cursor, limit=limit,
-            )  # fmt: skip
+                project_id, [url], status=wanted, before=cursor, limit=limit, **window
+            )
+        pages = []
+        if wanted is not DeliveryStatus.SUCCESS:
+            found = await self.history.failures(project_id, before=cursor, limit=limit, **window)
+            pages.append(found)
+        if wanted is not DeliveryStatus.FAILED:
+            # every URL's successes: up to 100 index reads, so one at a time per project
+            async with self._listing.setdefault(project_id, asyncio.Lock()):
+                urls = await self._urls(project_id)
+                found = await self.history.recent(
+                    project_id, urls, status=DeliveryStatus.SUCCESS, before=cursor,
+                    limit=limit, **window,
+                )  # fmt: skip
+            pages.append(found)
+        return Recent.merged(pages, limit)
 
     async def _urls(self, project_id: str) -> list[str]:
         """The distinct URLs of a project's callbacks (its pipelines' included)."""

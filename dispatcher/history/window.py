@@ -135,6 +135,20 @@ class Recent:
         more = len(newest_first) > limit
         return cls(shown, Cursor.of(shown[-1]) if more and shown else None)
 
+    @classmethod
+    def merged(cls, pages: list[Recent], limit: int) -> Recent:
+        """One page of `limit` of pages of distinct records read after the same cursor:
+        the newest of them all, and a next page when any held more."""
+        both = sorted(
+            (r for page in pages for r in page.records),
+            key=lambda r: (r.created_time, r.id),
+            reverse=True,
+        )
+        page = cls.of(both, limit)
+        if page.next is None and any(p.next for p in pages) and page.records:
+            return cls(page.records, Cursor.of(page.records[-1]))
+        return page
+
 
 def unknown_record(record_id: int, project_id: str | None) -> str:
     """The 404 of a record that is not there, or is another project's: the same words, so

@@ -730,18 +730,34 @@ async def test_failures_of_the_last_hour_cover_a_project_of_more_than_100_urls(
     settings: Settings, redis: Redis
 ) -> None:
     """The console's "Failures, last hour" of a project past the every-URL listing's 100
-    URLs: the failure of its last URL is listed, and no registry page is read for it."""
+    URLs: the failure of its last URL is listed, and no registry page is read for it. The
+    every-URL listing of all statuses shows it too, beside the successes of the first 100
+    URLs (not those of the others), page by page."""
     registry = Registry(redis)
     for n in range(RECENT_URLS_MAX + 20):
         await registry.create("demo", f"https://e.com/{n}", Event.BUILD_END, Region.DEVNET)
-    last = f"https://e.com/{RECENT_URLS_MAX + 19}"
-    failed: AttemptRecord = {**record(now_ms(), url=last), "status": "FAILED"}
-    (failed_id,) = await add_all(redis, settings, [failed])
+    last, now = f"https://e.com/{RECENT_URLS_MAX + 19}", now_ms()
+    oldest, failed_id, first_ok, last_ok = await add_all(redis, settings, [
+        {**record(now - 4000, url="https://e.com/5", n=4), "status": "FAILED"},
+        {**record(now - 3000, url=last, n=1), "status": "FAILED"},
+        record(now - 2000, url="https://e.com/0", n=2),
+        record(now - 1000, url=last, n=3),  # past the first 100 URLs: not listed
+    ])  # fmt: skip
     async with Services.open(settings, redis) as services:
-        listed = await services.recent("demo", status="FAILED", within="1h")
-        unfiltered = await services.recent("demo", within="1h")
-    assert [r.id for r in listed.records] == [failed_id]
-    assert unfiltered.records == []  # the first 100 URLs only: the limit this lifts
+        failures = await services.recent("demo", status="FAILED", within="1h")
+        every = await services.recent("demo", within="1h")
+        ok = await services.recent("demo", status="SUCCESS", within="1h")
+        seen, before = [], None
+        for _ in range(5):
+            page = await services.recent("demo", within="1h", limit=1, before=before)
+            seen += [r.id for r in page.records]
+            if page.next is None:
+                break
+            before = str(page.next)
+    assert [r.id for r in failures.records] == [failed_id, oldest]
+    assert [r.id for r in every.records] == [first_ok, failed_id, oldest] and every.next is None
+    assert [r.id for r in ok.records] == [first_ok] and last_ok not in seen
+    assert seen == [first_ok, failed_id, oldest]  # the last two: failures alone, more after
 
 
 async def test_a_signature_stored_by_an_older_version_is_masked_when_read(
