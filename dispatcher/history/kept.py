@@ -28,10 +28,10 @@ if TYPE_CHECKING:
 
     from dispatcher.keys import Keys
 
-__all__ = ["BODY_MARK", "BODY_OF", "KEEP_RECORD_BODY", "stored", "with_bodies"]
+__all__ = ["BODY_OF", "KEEP_RECORD_BODY", "stored", "with_bodies"]
 
 BODY_OF = "requestBodyOf"
-BODY_MARK = b'"requestBodyOf":'  # in a stored record that names one
+_MARK = b'"requestBodyOf":'
 
 # Lua over the names the record's script declares (key `body`, arguments `request_body`,
 # `ttl`; `record`: the record's own key, standing for "no body kept"): the body stored
@@ -63,7 +63,7 @@ async def with_bodies(
     name stays, which readers ignore and a copy to another shard keeps the body apart
     by; `keep_name` False drops it: a copy to PostgreSQL), in one round trip for them all; as
     they are when none names one (no round trip)."""
-    named = [i for i, raw in enumerate(raws) if raw is not None and BODY_MARK in raw]
+    named = [i for i, raw in enumerate(raws) if raw is not None and _MARK in raw]
     if not named:
         return raws
     docs = {i: orjson.loads(raws[i] or b"{}") for i in named}

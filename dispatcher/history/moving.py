@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 import orjson
 
-from dispatcher.history.kept import BODY_MARK, BODY_OF, with_bodies
+from dispatcher.history.kept import with_bodies
 from dispatcher.history.redis import RedisHistory
 from dispatcher.history.redis_upkeep import Sweep
 from dispatcher.lua import run_pipeline
@@ -51,18 +51,6 @@ async def _records(
             yield [(record, int(record["id"]) in dead) for record in records]
 
 
-async def _kept_bodies(history: RedisHistory, index: str) -> set[str]:
-    """The keys of the bodies kept apart that the first `PAGE` records of `index` name."""
-    keys, redis = history.keys, history.redis
-    members = await redis.zrangebyscore(index, "-inf", "+inf", start=0, num=PAGE)
-    ids = [int(m) for m in members if m.isdigit()]  # not the index's mark
-    found: set[str] = set()
-    for raw in await redis.mget([keys.history_record(i) for i in ids]) if ids else []:
-        if raw and BODY_MARK in raw and isinstance(of := orjson.loads(raw).get(BODY_OF), str):
-            found.add(keys.HISTORY_BODY_PREFIX + of)
-    return found
-
-
 async def copy_project(
     source: RedisHistory, target: RedisHistory, project_id: str, alive: Callable[[], None]
 ) -> int:
@@ -82,24 +70,18 @@ async def copy_project(
 
 
 async def forget_project(history: RedisHistory, project_id: str, alive: Callable[[], None]) -> int:
-    """Remove every record of the project, its indexes, dead letters and the bodies its
-    records kept apart (`history.kept`: its own emissions', read from each page before
-    its removal); returns how many records. (A delivery's attempts index expires with its
-    records.) `alive` is checked before each page's removal."""
+    """Remove every record of the project, its indexes and dead letters; returns how many
+    records. (A delivery's attempts index expires with its records.) `alive` is checked
+    before each page's removal."""
     keys, redis, removed = history.keys, history.redis, 0
-    bodies: set[str] = set()
     for index in await _indexes(history, project_id):
         sweep = Sweep.of(keys, index, "+inf", PAGE)
         while True:
             alive()
-            bodies |= await _kept_bodies(history, index)  # of the page the sweep takes next
             if not (n := int(await sweep.run(redis))):
                 break
             removed += n
     alive()
-    names = sorted(bodies)
-    for start in range(0, len(names), PAGE):
-        await redis.delete(*names[start : start + PAGE])
     dead_key = keys.history_dead(project_id)
     ids = await redis.zrange(dead_key, 0, -1)
 
