@@ -98,9 +98,9 @@ History
     dispatcher:history:failed:{project}       ZSET the same of every FAILED attempt of the
                                               project, every URL and event (trimmed by time;
                                               TTL of its latest record)
-    dispatcher:history:layout                 STRING 2 once the failed indexes above were
-                                              filled from the URLs' ("scan:{cursor}" until
-                                              then: `redis_upkeep.backfill`)
+    dispatcher:history:failed-since           STRING when (ms) the first process writing the
+                                              index above started: a window before it reads
+                                              the URLs' failed indexes too
     dispatcher:history:dead                   ZSET ids of records whose delivery gave up, by time
     dispatcher:history:dead:{project}         ZSET the same, one project's
     dispatcher:history:dead-keys              SET every per-project dead-letter key (for the sweep)
@@ -232,7 +232,8 @@ class Keys:
         self.HISTORY_INDEXES, self.HISTORY_INDEX_PREFIX = f"{h}:indexes", f"{h}:idx:"
         self.HISTORY_URL_PREFIX, self.HISTORY_FAILED_PREFIX = f"{h}:url:", f"{h}:failed:"
         self.HISTORY_DEAD, self.HISTORY_DEAD_KEYS = f"{h}:dead", f"{h}:dead-keys"
-        self.HISTORY_ATTEMPTS_PREFIX, self.HISTORY_LAYOUT = f"{h}:attempts:", f"{h}:layout"
+        self.HISTORY_ATTEMPTS_PREFIX = f"{h}:attempts:"
+        self.HISTORY_FAILED_SINCE = f"{h}:failed-since"
         self.HISTORY_STREAM = f"{base}:history:stream"
         self.DELIVERY_PREFIX, self.PUSHED_PREFIX = f"{base}:delivery:", f"{base}:pushed:"
         self.BODY_PREFIX, self.CONSOLE_CSRF_KEY = f"{base}:body:", f"{base}:console:csrf-key"

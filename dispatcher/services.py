@@ -296,9 +296,10 @@ class Services:
     ) -> Recent:
         """The newest attempts of one callback URL across its events (its "Recent
         deliveries"), or of every URL of the project: its failures of any URL it has
-        history of (one index), its successes of the first `RECENT_URLS_MAX` URLs of its
-        callbacks; of one status (`SUCCESS`, `FAILED`) when given, within the last hour
-        (`1h`), day (`1d`) or the retention (`all`), older than the cursor `before`."""
+        history of (one index; before it held them all, the first URLs' too), its
+        successes of the first `RECENT_URLS_MAX` URLs of its callbacks; of one status
+        (`SUCCESS`, `FAILED`) when given, within the last hour (`1h`), day (`1d`) or the
+        retention (`all`), older than the cursor `before`."""
         if within not in RECENT_WITHIN:
             raise InvalidInput(f"within must be one of {', '.join(RECENT_WITHIN)}", param="within")
         wanted = parse_status(status) if status else None
@@ -309,18 +310,21 @@ class Services:
             return await self.history.recent(
                 project_id, [url], status=wanted, before=cursor, limit=limit, **window
             )
-        pages = []
-        if wanted is not DeliveryStatus.SUCCESS:
-            found = await self.history.failures(project_id, before=cursor, limit=limit, **window)
-            pages.append(found)
-        if wanted is not DeliveryStatus.FAILED:
-            # every URL's successes: up to 100 index reads, so one at a time per project
+        pages, kinds = [], set(DeliveryStatus) if wanted is None else {wanted}
+        if DeliveryStatus.FAILED in kinds:
+            pages.append(
+                await self.history.failures(project_id, before=cursor, limit=limit, **window)
+            )
+            since = await self.history.failures_since()
+            if since is not None and window["start_ms"] >= since:
+                kinds.discard(DeliveryStatus.FAILED)  # the project's index holds them all
+        if kinds:  # the first URLs' own indexes: up to 200 reads, one listing at a time
+            status = next(iter(kinds)) if len(kinds) == 1 else None
             async with self._listing.setdefault(project_id, asyncio.Lock()):
                 urls = await self._urls(project_id)
                 found = await self.history.recent(
-                    project_id, urls, status=DeliveryStatus.SUCCESS, before=cursor,
-                    limit=limit, **window,
-                )  # fmt: skip
+                    project_id, urls, status=status, before=cursor, limit=limit, **window
+                )
             pages.append(found)
         return Recent.merged(pages, limit)
 
@@ -349,6 +353,7 @@ class Services:
         Redis could not be reached (try again later)."""
         try:
             await self.registry.upgrade()
+            await self.history.failures_since()  # recorded by the first process of a version
         except REDIS_ERRORS as exc:
             log.warning("registry.upgrade_postponed", error=str(exc))
             return False

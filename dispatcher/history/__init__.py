@@ -140,6 +140,10 @@ class HistoryStore(Protocol):
         """The project's newest failed attempts, every URL and event (removed callbacks'
         included), in the window and older than `before`; newest first."""
 
+    async def failures_since(self) -> int | None:
+        """Since when (ms) `failures` finds every failed attempt (None: unknown); before,
+        only the URLs' own listings (`recent`) do."""
+
     def final_failures(
         self, project_id: str, url: str, event: str, *, start_ms: int, end_ms: int
     ) -> AsyncIterator[HistoryRecord]:

@@ -8,7 +8,7 @@ read (ZCOUNT + ZREVRANGEBYSCORE + MGET in one script), never a scan. Each index 
 a mark, the member `~` scored +inf, so that the write that creates it knows (see
 `redis_record.Record`); no read by time range sees it. A URL's attempts of every event
 are indexed by status too, and a project's failed attempts of every URL (its console's
-"Failures, last hour"). The sweep and the layout upgrade are `redis_upkeep`'s.
+"Failures, last hour"). The sweep is `redis_upkeep`'s.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from dispatcher.errors import NotFound
 from dispatcher.history.ids import RecordIds
 from dispatcher.history.kept import with_bodies
 from dispatcher.history.redis_record import Record, record_script
-from dispatcher.history.redis_upkeep import sweep
+from dispatcher.history.redis_upkeep import failures_since, sweep
 from dispatcher.history.window import (
     MAX_ATTEMPTS_SHOWN,
     Cursor,
@@ -284,6 +284,11 @@ class RedisHistory:
         index = self.keys.history_failed(project_id)
         return await self._newest([index], start_ms, end_ms, before, limit, now_ms)
 
+    async def failures_since(self) -> int | None:
+        """Since when the project's failures index holds every failed attempt (see
+        `redis_upkeep.failures_since`); None: unknown."""
+        return await failures_since(self.redis, self.keys, clock.now_ms())
+
     async def _newest(
         self,
         indexes: list[str],
@@ -351,6 +356,6 @@ class RedisHistory:
         or a bound is reached (`redis_upkeep.sweep`); returns how many were removed."""
         cutoff = (clock.now_ms() if now_ms is None else now_ms) - self.settings.retention_ms
         return await sweep(
-            self.redis, self.keys, cutoff, self.settings.sweep_batch, self._ttl_s,
+            self.redis, self.keys, cutoff, self.settings.sweep_batch,
             max_batches=max_batches, max_seconds=max_seconds, on_batch=on_batch,
         )  # fmt: skip

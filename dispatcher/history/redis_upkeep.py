@@ -1,11 +1,15 @@
 """The Redis store's upkeep: the retention sweep (`sweep`, and `Sweep`, which the shard
-moves' `forget_project` runs too) and the layout upgrade (`upgrade`)."""
+moves' `forget_project` runs too), and since when the projects' failures indexes hold
+every failed attempt (`failures_since`)."""
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
+
+import structlog
+from redis.exceptions import ResponseError
 
 from dispatcher.lua import Key, Script
 
@@ -16,12 +20,9 @@ if TYPE_CHECKING:
 
     from dispatcher.keys import Keys
 
-__all__ = ["LAYOUT", "Backfill", "Sweep", "backfill", "sweep"]
+__all__ = ["Sweep", "failures_since", "sweep"]
 
-# The layout of the Redis history: 2 has the projects' failures indexes, filled from their
-# URLs' failed indexes for the records written before them (`backfill`).
-LAYOUT = b"2"
-_SCAN = b"scan:"  # the layout key while the backfill goes on: where its scan stopped
+log = structlog.get_logger(__name__)
 
 
 @dataclass
@@ -74,64 +75,11 @@ class Sweep(Script):
         )
 
 
-@dataclass
-class Backfill(Script):
-    """Adds to the project's `failures` (kept `ttl` seconds) up to `batch` members of a
-    URL's failed index (`source`) after `cutoff_ms`, from `offset` on (paged by rank: no
-    walk past the offset). Returns how many."""
-
-    LUA = """
-    local first = redis.call('ZCOUNT', source, '-inf', cutoff_ms) + tonumber(offset)
-    local found = redis.call('ZRANGE', source, first, first + tonumber(batch) - 1, 'WITHSCORES')
-    if #found == 0 then return 0 end
-    local args = {}
-    for i = 1, #found, 2 do args[#args + 1] = found[i + 1]; args[#args + 1] = found[i] end
-    redis.call('ZADD', failures, unpack(args))
-    redis.call('EXPIRE', failures, ttl)
-    return #found / 2
-    """
-    source: Key
-    failures: Key
-    cutoff_ms: int
-    offset: int
-    batch: int
-    ttl: int
-
-
-async def backfill(
-    redis: Redis, keys: Keys, cutoff_ms: int, ttl_s: int, bounded: Callable[[], bool]
-) -> bool:
-    """Fill the projects' failures indexes with the failed attempts their URLs' indexes
-    hold (written before them), a page of the indexes' set at a time, from where the last
-    call stopped (the layout key holds the scan's cursor, then `LAYOUT`), until done or
-    `bounded()`. Additive and idempotent: many processes may run it at once. Returns
-    whether it is done."""
-    state = await redis.get(keys.HISTORY_LAYOUT) or b""
-    if state == LAYOUT:
-        return True
-    cursor = int(state.removeprefix(_SCAN) or 0) if state.startswith(_SCAN) else 0
-    while True:
-        cursor, page = await redis.sscan(keys.HISTORY_INDEXES, cursor, count=100)
-        for source, failures in {keys.history_indexes_of(i.decode())[1:] for i in page}:
-            offset = 0
-            while n := int(
-                await Backfill(source, failures, cutoff_ms, offset, 500, ttl_s).run(redis)
-            ):
-                offset += n
-        state = LAYOUT if cursor == 0 else _SCAN + str(cursor).encode()
-        await redis.set(keys.HISTORY_LAYOUT, state)
-        if cursor == 0:
-            return True
-        if bounded():
-            return False
-
-
 async def sweep(
     redis: Redis,
     keys: Keys,
     cutoff_ms: int,
     batch: int,
-    ttl_s: int,
     *,
     max_batches: int | None = None,
     max_seconds: float | None = None,
@@ -139,8 +87,7 @@ async def sweep(
 ) -> int:
     """Remove the records written before `cutoff_ms`, their index entries and emptied
     indexes, `batch` records per Redis call, until done or a bound is reached (the next
-    sweep goes on); then the dead letters before it. The `backfill` goes first, until
-    done (`ttl_s`: the records'). Returns how many were removed."""
+    sweep goes on); then the dead letters before it. Returns how many were removed."""
     deadline = None if max_seconds is None else time.monotonic() + max_seconds
 
     def bounded() -> bool:
@@ -149,8 +96,6 @@ async def sweep(
         )
 
     removed = batches = 0
-    if not await backfill(redis, keys, cutoff_ms, ttl_s, bounded):
-        return 0
     async for index in redis.sscan_iter(keys.HISTORY_INDEXES, count=100):
         script = Sweep.of(keys, index.decode(), cutoff_ms, batch)
         while True:
@@ -169,3 +114,18 @@ async def sweep(
             pipe.zremrangebyscore(key, "-inf", cutoff_ms)
         await pipe.execute()
     return removed
+
+
+async def failures_since(redis: Redis, keys: Keys, now_ms: int) -> int | None:
+    """Since when (ms) the projects' failures indexes hold every failed attempt on this
+    shard: the first start of a version that writes them, which this records (`now_ms`)
+    when none did. None when Redis refused to record it (full): unknown."""
+    since = await redis.get(keys.HISTORY_FAILED_SINCE)
+    if since is None:
+        try:
+            await redis.set(keys.HISTORY_FAILED_SINCE, now_ms, nx=True)
+        except ResponseError as exc:  # full (noeviction): the readers read the URLs too
+            log.warning("history.failures_since_unset", error=str(exc))
+            return None
+        since = await redis.get(keys.HISTORY_FAILED_SINCE)
+    return None if since is None else int(since)

@@ -45,6 +45,9 @@ __all__ = [
 DAY_MS = 86_400_000
 LOCK_TIMEOUT_MS = 2000
 _LOCK = 0x6469_7370_6873_7431  # the migrations' advisory lock: "disphst1"
+# A migration's statements may build an index over the whole history: not the connection's
+# command timeout (DISPATCHER_HISTORY_TIMEOUT, seconds) but an hour.
+MIGRATION_TIMEOUT_S = 3600
 PARENTS = ("history_attempts", "history_counts")
 
 _TABLES = """
@@ -125,7 +128,7 @@ async def upgrade(conn: Conn) -> list[int]:
             if version in done:
                 continue
             async with conn.transaction():  # the DDL and its version row, or neither
-                await conn.execute(sql)
+                await conn.execute(sql, timeout=MIGRATION_TIMEOUT_S)
                 await conn.execute("INSERT INTO history_schema (version) VALUES ($1)", version)
             applied.append(version)
     finally:

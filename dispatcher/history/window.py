@@ -137,13 +137,10 @@ class Recent:
 
     @classmethod
     def merged(cls, pages: list[Recent], limit: int) -> Recent:
-        """One page of `limit` of pages of distinct records read after the same cursor:
-        the newest of them all, and a next page when any held more."""
-        both = sorted(
-            (r for page in pages for r in page.records),
-            key=lambda r: (r.created_time, r.id),
-            reverse=True,
-        )
+        """One page of `limit` of pages read after the same cursor (a record in several
+        shown once): the newest of them all, and a next page when any held more."""
+        seen = {r.id: r for page in pages for r in page.records}
+        both = sorted(seen.values(), key=lambda r: (r.created_time, r.id), reverse=True)
         page = cls.of(both, limit)
         if page.next is None and any(p.next for p in pages) and page.records:
             return cls(page.records, Cursor.of(page.records[-1]))

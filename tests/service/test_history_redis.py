@@ -10,9 +10,13 @@ from redis.asyncio import Redis
 
 from dispatcher.clock import now_ms
 from dispatcher.embedded import EmbeddedRedis
+from dispatcher.history import Recent
 from dispatcher.history.moving import forget_project
 from dispatcher.history.redis import RedisHistory
-from dispatcher.keys import Keys
+from dispatcher.keys import Keys, history_member
+from dispatcher.models import Event, Region
+from dispatcher.registry import Registry
+from dispatcher.services import Services
 from dispatcher.settings import Settings
 from tests.helpers import make_settings
 from tests.service.test_history import URL, fill, record
@@ -132,52 +136,43 @@ async def test_a_projects_failures_index_is_swept_with_its_records_and_forgotten
     assert not await redis.exists(index)
 
 
-async def test_the_sweep_fills_the_failures_indexes_from_the_urls_once_bit_by_bit(
+async def test_failures_from_before_the_projects_index_are_found_through_their_urls(
     redis: Redis, settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Failures recorded by a version before the projects' failures indexes are in their
-    URLs' failed indexes only: the sweep adds them, a page of the index set a run, going on
-    where the last run stopped, then never again; and it trims what a sweep of that
-    version left in the failures index."""
+    """A version before wrote failures in their URLs' indexes only. A listing whose window
+    starts before this version's first process (`failures-since`, recorded at start)
+    reads the first URLs' failed indexes too, each record once; one that starts after
+    reads the project's index alone. The sweep trims what a sweep of the version before
+    left in the project's index."""
+    registry = Registry(redis)
+    for url in (URL, URL + "/b"):
+        await registry.create("demo", url, Event.BUILD_END, Region.DEVNET)
     history = RedisHistory(redis, settings, keys)
     now, day = now_ms(), 86_400_000
-    written = [
-        {**record(now - 3000, n=1), "status": "FAILED"},
-        {**record(now - 2000, n=2, url=URL + "/b", event="BUILD_START"), "status": "FAILED"},
-        {**record(now - 1000, n=3), "projectId": "elsewhere", "status": "FAILED"},
-        record(now - 500, n=4),
-        *(
-            {**record(now - 400, n=5 + i, url=f"{URL}/{i}"), "projectId": "many"}
-            for i in range(300)
-        ),
-    ]
-    ids = [await history.add(r) for r in written]  # type: ignore[arg-type]
-    for project in ("demo", "elsewhere"):  # as a version before wrote them
-        await redis.delete(keys.history_failed(project))
-    await redis.zadd(keys.history_failed("demo"), {"000000000000999": now - 8 * day})  # left
-    await redis.delete(keys.HISTORY_LAYOUT)
+    old = await history.add({**record(now - 3000, n=1), "status": "FAILED"})
+    new = await history.add({**record(now - 1000, n=2, url=URL + "/b"), "status": "FAILED"})
+    await redis.zrem(keys.history_failed("demo"), history_member(old))  # as it was written
+    await redis.zadd(keys.history_failed("demo"), {history_member(999): now - 8 * day})
+    await redis.delete(keys.HISTORY_FAILED_SINCE)
+    async with Services.open(settings, redis) as services:
+        assert await services.upgrade()  # what the API and each worker run at start
+        since = int(await redis.get(keys.HISTORY_FAILED_SINCE) or 0)
+        assert now <= since <= now_ms()
+        found = await services.recent("demo", status="FAILED", within="1h")
+        assert [r.id for r in found.records] == [new, old]
+        every = await services.recent("demo", within="1h")
+        assert [r.id for r in every.records] == [new, old]
 
-    assert await history.sweep(now_ms=now, max_seconds=0) == 0  # one page of 303 indexes
-    state = await redis.get(keys.HISTORY_LAYOUT)
-    assert state is not None and state.startswith(b"scan:")
-    cursors: list[int] = []
-    real_sscan = redis.sscan
+        urls_read: list[int] = []
+        real = services.history.recent
 
-    async def sscan(name: str, cursor: int = 0, **kw: Any) -> Any:
-        cursors.append(cursor)
-        return await real_sscan(name, cursor, **kw)
+        async def counted(project_id: str, urls: list[str], **window: Any) -> Recent:
+            urls_read.append(len(urls))
+            return await real(project_id, urls, **window)
 
-    monkeypatch.setattr(redis, "sscan", sscan)
-    assert await history.sweep(now_ms=now) == 0  # on from there, done: nothing old to remove
-    assert cursors[0] == int(state.removeprefix(b"scan:")) != 0
-    assert await redis.get(keys.HISTORY_LAYOUT) == b"2"
-    found = await history.failures("demo", start_ms=now - 60_000, end_ms=now)
-    assert [r.id for r in found.records] == [ids[1], ids[0]]
-    assert [int(m) for m in await redis.zrange(keys.history_failed("demo"), 0, -1)] == ids[:2]
-    assert 0 < await redis.ttl(keys.history_failed("demo")) <= settings.retention_ms // 1000 + day
-    mine = await history.failures("elsewhere", start_ms=now - 60_000, end_ms=now)
-    assert [r.id for r in mine.records] == [ids[2]]
-    assert not await redis.exists(keys.history_failed("many"))  # no failure there
-    await redis.delete(keys.history_failed("demo"))
-    await history.sweep(now_ms=now)  # done: the next sweeps copy nothing again
-    assert not await redis.exists(keys.history_failed("demo"))
+        monkeypatch.setattr(services.history, "recent", counted)
+        await redis.set(keys.HISTORY_FAILED_SINCE, now - 3_600_000 - 60_000)  # long before
+        found = await services.recent("demo", status="FAILED", within="1h")
+        assert [r.id for r in found.records] == [new] and urls_read == []
+    assert await history.sweep(now_ms=now) == 0
+    assert [int(m) for m in await redis.zrange(keys.history_failed("demo"), 0, -1)] == [new]
