@@ -98,9 +98,9 @@ History
     dispatcher:history:failed:{project}       ZSET the same of every FAILED attempt of the
                                               project, every URL and event (trimmed by time;
                                               TTL of its latest record)
-    dispatcher:history:failed-since           STRING when (ms) the first process writing the
-                                              index above started: a window before it reads
-                                              the URLs' failed indexes too
+    dispatcher:history:failed-since           STRING since when (ms) the index above holds
+                                              every failure: past the last worker seen that
+                                              writes none (`redis_upkeep.note_writers`)
     dispatcher:history:dead                   ZSET ids of records whose delivery gave up, by time
     dispatcher:history:dead:{project}         ZSET the same, one project's
     dispatcher:history:dead-keys              SET every per-project dead-letter key (for the sweep)

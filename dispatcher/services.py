@@ -60,7 +60,8 @@ DEFAULT_OVERLAP_HOURS = 24.0  # Svix's: the old secret stays valid for a day
 MAX_OVERLAP_HOURS = 168.0
 # how far back "Recent deliveries" looks: the last hour, day, or the whole retention
 RECENT_WITHIN = {"1h": 3_600_000, "1d": 86_400_000, "all": None}
-# URLs of a project's callbacks a project-wide listing covers: each costs two index reads
+# URLs of a project's callbacks whose successes a project-wide listing reads (an index read
+# each; their failures too while the failures index does not hold them all)
 RECENT_URLS_MAX = 100
 
 
@@ -316,7 +317,8 @@ class Services:
                 await self.history.failures(project_id, before=cursor, limit=limit, **window)
             )
             since = await self.history.failures_since()
-            if since is not None and window["start_ms"] >= since:
+            start = max(window["start_ms"], now - self.settings.retention_ms)
+            if since is not None and start >= since:
                 kinds.discard(DeliveryStatus.FAILED)  # the project's index holds them all
         if kinds:  # the first URLs' own indexes: up to 200 reads, one listing at a time
             status = next(iter(kinds)) if len(kinds) == 1 else None
@@ -353,7 +355,6 @@ class Services:
         Redis could not be reached (try again later)."""
         try:
             await self.registry.upgrade()
-            await self.history.failures_since()  # recorded by the first process of a version
         except REDIS_ERRORS as exc:
             log.warning("registry.upgrade_postponed", error=str(exc))
             return False

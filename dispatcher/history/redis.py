@@ -287,7 +287,7 @@ class RedisHistory:
     async def failures_since(self) -> int | None:
         """Since when the project's failures index holds every failed attempt (see
         `redis_upkeep.failures_since`); None: unknown."""
-        return await failures_since(self.redis, self.keys, clock.now_ms())
+        return await failures_since(self.redis, self.keys)
 
     async def _newest(
         self,

@@ -1,15 +1,12 @@
 """The Redis store's upkeep: the retention sweep (`sweep`, and `Sweep`, which the shard
 moves' `forget_project` runs too), and since when the projects' failures indexes hold
-every failed attempt (`failures_since`)."""
+every failed attempt (`failures_since`, kept by the workers: `note_writers`)."""
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
-
-import structlog
-from redis.exceptions import ResponseError
 
 from dispatcher.lua import Key, Script
 
@@ -20,9 +17,9 @@ if TYPE_CHECKING:
 
     from dispatcher.keys import Keys
 
-__all__ = ["Sweep", "failures_since", "sweep"]
+__all__ = ["WRITERS_MARGIN_MS", "Sweep", "failures_since", "note_writers", "sweep"]
 
-log = structlog.get_logger(__name__)
+WRITERS_MARGIN_MS = 60_000
 
 
 @dataclass
@@ -116,16 +113,18 @@ async def sweep(
     return removed
 
 
-async def failures_since(redis: Redis, keys: Keys, now_ms: int) -> int | None:
+async def failures_since(redis: Redis, keys: Keys) -> int | None:
     """Since when (ms) the projects' failures indexes hold every failed attempt on this
-    shard: the first start of a version that writes them, which this records (`now_ms`)
-    when none did. None when Redis refused to record it (full): unknown."""
+    shard (`note_writers` keeps it); None: unknown."""
     since = await redis.get(keys.HISTORY_FAILED_SINCE)
-    if since is None:
-        try:
-            await redis.set(keys.HISTORY_FAILED_SINCE, now_ms, nx=True)
-        except ResponseError as exc:  # full (noeviction): the readers read the URLs too
-            log.warning("history.failures_since_unset", error=str(exc))
-            return None
-        since = await redis.get(keys.HISTORY_FAILED_SINCE)
     return None if since is None else int(since)
+
+
+async def note_writers(redis: Redis, keys: Keys, now_ms: int, *, old: bool) -> None:
+    """Move `failures_since` past `now_ms` when a worker of a version that writes no
+    failures index is alive (`old`), or set it there when none is set: a margin of
+    `WRITERS_MARGIN_MS` covers the next look and the clocks' skew."""
+    since = await failures_since(redis, keys)
+    at = now_ms + WRITERS_MARGIN_MS
+    if since is None or (old and since < at):
+        await redis.set(keys.HISTORY_FAILED_SINCE, at)

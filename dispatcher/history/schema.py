@@ -117,7 +117,7 @@ async def upgrade(conn: Conn) -> list[int]:
     advisory lock throughout: even `CREATE TABLE IF NOT EXISTS` fails when two sessions
     run it at once (a unique violation in pg_type), so nothing runs outside the lock."""
     applied: list[int] = []
-    await conn.execute("SELECT pg_advisory_lock($1)", _LOCK)
+    await conn.execute("SELECT pg_advisory_lock($1)", _LOCK, timeout=MIGRATION_TIMEOUT_S)
     try:
         await conn.execute(
             "CREATE TABLE IF NOT EXISTS history_schema"
