@@ -98,9 +98,6 @@ History
     dispatcher:history:failed:{project}       ZSET the same of every FAILED attempt of the
                                               project, every URL and event (trimmed by time;
                                               TTL of its latest record)
-    dispatcher:history:failed-since           STRING since when (ms) the index above holds
-                                              every failure: past the last worker seen that
-                                              writes none (`redis_upkeep.note_writers`)
     dispatcher:history:dead                   ZSET ids of records whose delivery gave up, by time
     dispatcher:history:dead:{project}         ZSET the same, one project's
     dispatcher:history:dead-keys              SET every per-project dead-letter key (for the sweep)
@@ -233,7 +230,6 @@ class Keys:
         self.HISTORY_URL_PREFIX, self.HISTORY_FAILED_PREFIX = f"{h}:url:", f"{h}:failed:"
         self.HISTORY_DEAD, self.HISTORY_DEAD_KEYS = f"{h}:dead", f"{h}:dead-keys"
         self.HISTORY_ATTEMPTS_PREFIX = f"{h}:attempts:"
-        self.HISTORY_FAILED_SINCE = f"{h}:failed-since"
         self.HISTORY_STREAM = f"{base}:history:stream"
         self.DELIVERY_PREFIX, self.PUSHED_PREFIX = f"{base}:delivery:", f"{base}:pushed:"
         self.BODY_PREFIX, self.CONSOLE_CSRF_KEY = f"{base}:body:", f"{base}:console:csrf-key"

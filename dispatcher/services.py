@@ -60,8 +60,7 @@ DEFAULT_OVERLAP_HOURS = 24.0  # Svix's: the old secret stays valid for a day
 MAX_OVERLAP_HOURS = 168.0
 # how far back "Recent deliveries" looks: the last hour, day, or the whole retention
 RECENT_WITHIN = {"1h": 3_600_000, "1d": 86_400_000, "all": None}
-# URLs of a project's callbacks whose successes a project-wide listing reads (an index read
-# each; their failures too while the failures index does not hold them all)
+# URLs of a project's callbacks a project-wide listing reads: each costs two index reads
 RECENT_URLS_MAX = 100
 
 
@@ -296,11 +295,10 @@ class Services:
         limit: int = 50,
     ) -> Recent:
         """The newest attempts of one callback URL across its events (its "Recent
-        deliveries"), or of every URL of the project: its failures of any URL it has
-        history of (one index; before it held them all, the first URLs' too), its
-        successes of the first `RECENT_URLS_MAX` URLs of its callbacks; of one status
-        (`SUCCESS`, `FAILED`) when given, within the last hour (`1h`), day (`1d`) or the
-        retention (`all`), older than the cursor `before`."""
+        deliveries"), or of every URL of the project: those of the first
+        `RECENT_URLS_MAX` URLs of its callbacks, and its failures of any URL (one index);
+        of one status (`SUCCESS`, `FAILED`) when given, within the last hour (`1h`), day
+        (`1d`) or the retention (`all`), older than the cursor `before`."""
         if within not in RECENT_WITHIN:
             raise InvalidInput(f"within must be one of {', '.join(RECENT_WITHIN)}", param="within")
         wanted = parse_status(status) if status else None
@@ -311,23 +309,19 @@ class Services:
             return await self.history.recent(
                 project_id, [url], status=wanted, before=cursor, limit=limit, **window
             )
-        pages, kinds = [], set(DeliveryStatus) if wanted is None else {wanted}
-        if DeliveryStatus.FAILED in kinds:
+        pages = []
+        if wanted is not DeliveryStatus.SUCCESS:  # every URL's: the project's failures index
             pages.append(
                 await self.history.failures(project_id, before=cursor, limit=limit, **window)
             )
-            since = await self.history.failures_since()
-            start = max(window["start_ms"], now - self.settings.retention_ms)
-            if since is not None and start >= since:
-                kinds.discard(DeliveryStatus.FAILED)  # the project's index holds them all
-        if kinds:  # the first URLs' own indexes: up to 200 reads, one listing at a time
-            status = next(iter(kinds)) if len(kinds) == 1 else None
-            async with self._listing.setdefault(project_id, asyncio.Lock()):
-                urls = await self._urls(project_id)
-                found = await self.history.recent(
-                    project_id, urls, status=status, before=cursor, limit=limit, **window
-                )
-            pages.append(found)
+        # and the first URLs' own indexes, as before that index (what a version before wrote
+        # there only): up to 200 reads, so one such listing of a project at a time here
+        async with self._listing.setdefault(project_id, asyncio.Lock()):
+            urls = await self._urls(project_id)
+            found = await self.history.recent(
+                project_id, urls, status=wanted, before=cursor, limit=limit, **window
+            )
+        pages.append(found)
         return Recent.merged(pages, limit)
 
     async def _urls(self, project_id: str) -> list[str]:

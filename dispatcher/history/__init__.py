@@ -138,11 +138,8 @@ class HistoryStore(Protocol):
         now_ms: int | None = None,
     ) -> Recent:
         """The project's newest failed attempts, every URL and event (removed callbacks'
-        included), in the window and older than `before`; newest first."""
-
-    async def failures_since(self) -> int | None:
-        """Since when (ms) `failures` finds every failed attempt (None: unknown); before,
-        only the URLs' own listings (`recent`) do."""
+        included; with Redis history, those recorded by this version on), in the window
+        and older than `before`; newest first."""
 
     def final_failures(
         self, project_id: str, url: str, event: str, *, start_ms: int, end_ms: int

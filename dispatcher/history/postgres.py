@@ -96,9 +96,6 @@ SELECT doc FROM history_attempts
  WHERE project_id = $1 AND failed AND created_ms BETWEEN $2 AND $3 AND (created_ms, id) < ($4, $5)
  ORDER BY created_ms DESC, id DESC LIMIT $6
 """
-SCHEMA_3_SQL = """
-SELECT (extract(epoch FROM applied_at) * 1000)::bigint AS ms FROM history_schema WHERE version = 3
-"""
 RECENT_BY_STATUS = {
     None: RECENT_SQL.format(status=""),
     DeliveryStatus.FAILED: RECENT_SQL.format(status="AND a.failed"),
@@ -118,7 +115,6 @@ class PostgresHistory:
         self._ids = RecordIds(redis, keys, id_floor)
         self._pool: asyncpg.Pool | None = None
         self._pool_lock = asyncio.Lock()
-        self._failures_since: int | None = None
 
     # ---- writes ------------------------------------------------------------------------
 
@@ -284,15 +280,6 @@ class PostgresHistory:
             return Recent([], None)
         rows = await self._fetch(FAILURES_SQL, project_id, start_ms, end_ms, *after, limit + 1)
         return Recent.of(_records(rows), limit)
-
-    async def failures_since(self) -> int | None:
-        """Since when rows say whether they failed: schema version 3's migration (rows
-        shipped before have no status; a listing of a window that starts before reads
-        them unfiltered too). Read once."""
-        if self._failures_since is None:
-            found = await self._fetch(SCHEMA_3_SQL)
-            self._failures_since = int(found[0]["ms"]) if found else 0
-        return self._failures_since
 
     async def final_failures(
         self, project_id: str, url: str, event: str, *, start_ms: int, end_ms: int

@@ -24,7 +24,7 @@ from dispatcher.errors import NotFound
 from dispatcher.history.ids import RecordIds
 from dispatcher.history.kept import with_bodies
 from dispatcher.history.redis_record import Record, record_script
-from dispatcher.history.redis_upkeep import failures_since, sweep
+from dispatcher.history.redis_upkeep import sweep
 from dispatcher.history.window import (
     MAX_ATTEMPTS_SHOWN,
     Cursor,
@@ -283,11 +283,6 @@ class RedisHistory:
         """The project's newest failed attempts, every URL and event: one index."""
         index = self.keys.history_failed(project_id)
         return await self._newest([index], start_ms, end_ms, before, limit, now_ms)
-
-    async def failures_since(self) -> int | None:
-        """Since when the project's failures index holds every failed attempt (see
-        `redis_upkeep.failures_since`); None: unknown."""
-        return await failures_since(self.redis, self.keys)
 
     async def _newest(
         self,

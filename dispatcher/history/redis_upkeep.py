@@ -1,6 +1,5 @@
 """The Redis store's upkeep: the retention sweep (`sweep`, and `Sweep`, which the shard
-moves' `forget_project` runs too), and since when the projects' failures indexes hold
-every failed attempt (`failures_since`, kept by the workers: `note_writers`)."""
+moves' `forget_project` runs too)."""
 
 from __future__ import annotations
 
@@ -17,9 +16,7 @@ if TYPE_CHECKING:
 
     from dispatcher.keys import Keys
 
-__all__ = ["WRITERS_MARGIN_MS", "Sweep", "failures_since", "note_writers", "sweep"]
-
-WRITERS_MARGIN_MS = 60_000
+__all__ = ["Sweep", "sweep"]
 
 
 @dataclass
@@ -111,20 +108,3 @@ async def sweep(
             pipe.zremrangebyscore(key, "-inf", cutoff_ms)
         await pipe.execute()
     return removed
-
-
-async def failures_since(redis: Redis, keys: Keys) -> int | None:
-    """Since when (ms) the projects' failures indexes hold every failed attempt on this
-    shard (`note_writers` keeps it); None: unknown."""
-    since = await redis.get(keys.HISTORY_FAILED_SINCE)
-    return None if since is None else int(since)
-
-
-async def note_writers(redis: Redis, keys: Keys, now_ms: int, *, old: bool) -> None:
-    """Move `failures_since` past `now_ms` when a worker of a version that writes no
-    failures index is alive (`old`), or set it there when none is set: a margin of
-    `WRITERS_MARGIN_MS` covers the next look and the clocks' skew."""
-    since = await failures_since(redis, keys)
-    at = now_ms + WRITERS_MARGIN_MS
-    if since is None or (old and since < at):
-        await redis.set(keys.HISTORY_FAILED_SINCE, at)

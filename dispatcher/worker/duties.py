@@ -22,10 +22,8 @@ import structlog
 from dispatcher import bodies, metrics
 from dispatcher.clock import now_ms
 from dispatcher.connections import REDIS_ERRORS, redis_full
-from dispatcher.history.redis import RedisHistory
-from dispatcher.history.redis_upkeep import note_writers
 from dispatcher.lua import Key, Script, run_pipeline
-from dispatcher.status import live_workers, write_heartbeat
+from dispatcher.status import write_heartbeat
 
 if TYPE_CHECKING:
     from dispatcher.services import Services
@@ -39,7 +37,6 @@ log = structlog.get_logger("dispatcher.worker")
 HEARTBEAT_S = 5.0
 HEALTH_CHECK_S = 10.0  # arq's health-check key, for `arq --check`
 SWEEP_EVERY_S = 300
-INDEXES_FAILURES = "indexesFailures"  # a heartbeat's: it writes the projects' failures indexes
 UNBLOCK_AT_MOST = 1000  # the oldest blocked lanes the sweep looks at
 
 
@@ -97,7 +94,6 @@ class Duties:
         return [
             asyncio.create_task(every(HEARTBEAT_S, self.heartbeat)),
             asyncio.create_task(every(HEALTH_CHECK_S, self.health_check)),
-            asyncio.create_task(every(HEALTH_CHECK_S, self.writers)),
             asyncio.create_task(self.sweeps()),
         ]
 
@@ -110,7 +106,6 @@ class Duties:
             "pid": os.getpid(),
             "started": self.started_ms,
             "seen": now,
-            INDEXES_FAILURES: True,  # what `writers` looks for
         }
         try:
             answers = await run_pipeline(
@@ -138,15 +133,6 @@ class Duties:
             int((HEALTH_CHECK_S + 1) * 1000),
             info.encode(),
         )
-
-    async def writers(self) -> None:
-        """Keep each shard's `failures_since` past the last moment a worker of a version
-        that writes no failures index (its heartbeat does not say it does) was seen alive:
-        a failures listing whose window starts before reads the URLs' indexes too."""
-        old = any(not w.get(INDEXES_FAILURES) for w in await live_workers(self.redis, self.keys))
-        for shard in self.shards:
-            if isinstance(shard.history, RedisHistory):
-                await note_writers(shard.redis, shard.keys, now_ms(), old=old)
 
     async def sweeps(self) -> None:
         """The sweep of each shard, once per 5 minutes by one worker of the fleet: history

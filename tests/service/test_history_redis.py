@@ -5,23 +5,17 @@ from __future__ import annotations
 
 from typing import Any
 
-import pytest
 from redis.asyncio import Redis
 
 from dispatcher.clock import now_ms
 from dispatcher.embedded import EmbeddedRedis
-from dispatcher.history import Recent
 from dispatcher.history.moving import forget_project
 from dispatcher.history.redis import RedisHistory
-from dispatcher.history.redis_upkeep import WRITERS_MARGIN_MS
 from dispatcher.keys import Keys, history_member
 from dispatcher.models import Event, Region
 from dispatcher.registry import Registry
 from dispatcher.services import Services
 from dispatcher.settings import Settings
-from dispatcher.stats import AttemptStats
-from dispatcher.status import write_heartbeat
-from dispatcher.worker.duties import Counts, Duties
 from tests.helpers import make_settings
 from tests.service.test_history import URL, fill, record
 
@@ -145,14 +139,12 @@ async def test_a_projects_failures_index_is_swept_with_its_records_and_forgotten
 
 
 async def test_failures_from_before_the_projects_index_are_found_through_their_urls(
-    redis: Redis, settings: Settings, monkeypatch: pytest.MonkeyPatch
+    redis: Redis, settings: Settings
 ) -> None:
-    """A version before wrote failures in their URLs' indexes only. Until the workers say
-    since when the project's index holds them all (`failed-since`), and for a window that
-    starts before, the every-URL listings read the first URLs' failed indexes too, each
-    record once; a window after it (or a retention that began after it) reads the
-    project's index alone. The sweep trims what a sweep of the version before left in the
-    project's index."""
+    """A version before wrote failures in their URLs' indexes only: the every-URL listings
+    read the first URLs' indexes beside the project's failures index, as before it, each
+    record shown once. The sweep trims what a sweep of that version left in the project's
+    index."""
     registry = Registry(redis)
     for url in (URL, URL + "/b"):
         await registry.create("demo", url, Event.BUILD_END, Region.DEVNET)
@@ -160,55 +152,16 @@ async def test_failures_from_before_the_projects_index_are_found_through_their_u
     now, day = now_ms(), 86_400_000
     old = await history.add({**record(now - 3000, n=1), "status": "FAILED"})
     new = await history.add({**record(now - 1000, n=2, url=URL + "/b"), "status": "FAILED"})
+    ok = await history.add(record(now - 2000, n=3))
     await redis.zrem(keys.history_failed("demo"), history_member(old))  # as it was written
     await redis.zadd(keys.history_failed("demo"), {history_member(999): now - 8 * day})
-    urls_read: list[int] = []
     async with Services.open(settings, redis) as services:
-        real = services.history.recent
-
-        async def counted(project_id: str, urls: list[str], **window: Any) -> Recent:
-            urls_read.append(len(urls))
-            return await real(project_id, urls, **window)
-
-        monkeypatch.setattr(services.history, "recent", counted)
 
         async def listed(**query: Any) -> list[int]:
             return [r.id for r in (await services.recent("demo", **query)).records]
 
-        assert await redis.get(keys.HISTORY_FAILED_SINCE) is None  # no worker said yet
-        assert await listed(status="FAILED", within="1h") == [new, old] and urls_read == [2]
-        assert await listed(within="1h") == [new, old]
-        await redis.set(keys.HISTORY_FAILED_SINCE, now - 2000)  # a window from before it
         assert await listed(status="FAILED", within="1h") == [new, old]
-        urls_read.clear()
-        await redis.set(keys.HISTORY_FAILED_SINCE, now - 3_600_000 - 60_000)  # long before
-        assert await listed(status="FAILED", within="1h") == [new] and urls_read == []
-        await redis.set(keys.HISTORY_FAILED_SINCE, now - settings.retention_ms - 60_000)
-        assert await listed(status="FAILED", within="all") == [new] and urls_read == []
+        assert await listed(within="all") == [new, ok, old]
+        assert await listed(status="SUCCESS") == [ok]
     assert await history.sweep(now_ms=now) == 0
     assert [int(m) for m in await redis.zrange(keys.history_failed("demo"), 0, -1)] == [new]
-
-
-async def test_the_workers_keep_failed_since_past_any_worker_of_a_version_before(
-    redis: Redis, settings: Settings
-) -> None:
-    """A worker sets when the failures indexes began on each shard it serves if none did,
-    and moves it on while a live worker's heartbeat does not say it writes them (a version
-    before, in a rolling upgrade or a rollback); never back."""
-    home = Services(settings, redis)
-    duties = Duties(settings, home, [home], AttemptStats(), "t", lambda: Counts(0, 0, 0))
-    await duties.heartbeat()
-    before = now_ms()
-    await duties.writers()
-    first = int(await redis.get(keys.HISTORY_FAILED_SINCE) or 0)
-    assert before + WRITERS_MARGIN_MS <= first <= now_ms() + WRITERS_MARGIN_MS
-    await redis.set(keys.HISTORY_FAILED_SINCE, first - 10_000)
-    await duties.writers()  # only workers that write them: left where it is
-    assert int(await redis.get(keys.HISTORY_FAILED_SINCE) or 0) == first - 10_000
-    old = {"host": "old", "pid": 7, "seen": now_ms()}  # a version before's heartbeat
-    async with redis.pipeline(transaction=False) as pipe:
-        write_heartbeat(pipe, keys, keys.worker("old", 7), old, now_ms())
-        await pipe.execute()
-    before = now_ms()
-    await duties.writers()
-    assert int(await redis.get(keys.HISTORY_FAILED_SINCE) or 0) >= before + WRITERS_MARGIN_MS
