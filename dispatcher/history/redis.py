@@ -294,7 +294,9 @@ class RedisHistory:
         now_ms: int | None,
     ) -> Recent:
         """The newest `limit` + 1 of each index in the window, older than `before`, in one
-        round trip, merged, and their records in a second one."""
+        round trip, merged, and the records of the first `limit` in a second one; a next
+        page when there were more entries (a record gone before its entry, evicted from a
+        full Redis, leaves its page short, not the listing cut)."""
         now = clock.now_ms() if now_ms is None else now_ms
         start_ms = max(start_ms, now - self.settings.retention_ms)
         newest, excluded = end_ms, ""
@@ -313,9 +315,11 @@ class RedisHistory:
                 (int(float(ms)), int(m)) for m, ms in zip(reply[::2], reply[1::2], strict=True)
             )
         found.sort(reverse=True)
-        ids = [record_id for _, record_id in found[: limit + 1]]
-        raws = await self.redis.mget([self.keys.history_record(i) for i in ids]) if ids else []
-        return Recent.of(parse_records(await with_bodies(self.redis, self.keys, raws)), limit)
+        shown = found[:limit]  # the next page starts after the last of these, record or not
+        keys_of = [self.keys.history_record(record_id) for _, record_id in shown]
+        raws = await self.redis.mget(keys_of) if keys_of else []
+        records = parse_records(await with_bodies(self.redis, self.keys, raws))
+        return Recent(records, Cursor(*shown[-1]) if len(found) > limit and shown else None)
 
     async def final_failures(
         self, project_id: str, url: str, event: str, *, start_ms: int, end_ms: int

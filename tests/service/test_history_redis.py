@@ -165,3 +165,27 @@ async def test_failures_from_before_the_projects_index_are_found_through_their_u
         assert await listed(status="SUCCESS") == [ok]
     assert await history.sweep(now_ms=now) == 0
     assert [int(m) for m in await redis.zrange(keys.history_failed("demo"), 0, -1)] == [new]
+
+
+async def test_a_record_gone_before_its_index_entry_leaves_its_page_short_not_the_listing_cut(
+    redis: Redis, settings: Settings
+) -> None:
+    """A record evicted from a full Redis before the sweep took its index entries: the
+    "Recent deliveries" pages went on from the records read, so a page whose records were
+    gone had no "Older" link and the older attempts were never shown. They go on from the
+    index entries now."""
+    history = RedisHistory(redis, settings, keys)
+    now = now_ms()
+    first, gone, last = [await history.add(record(now - 3000 + i * 1000, n=i)) for i in range(3)]
+    await redis.delete(keys.history_record(gone))
+    seen, before, pages = [], None, 0
+    for _ in range(5):
+        page = await history.recent(
+            "demo", [URL], start_ms=now - 60_000, end_ms=now, before=before, limit=1
+        )
+        seen += [r.id for r in page.records]
+        pages += 1
+        if page.next is None:
+            break
+        before = page.next
+    assert seen == [last, first] and pages == 3
