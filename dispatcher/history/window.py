@@ -138,13 +138,17 @@ class Recent:
     @classmethod
     def merged(cls, pages: list[Recent], limit: int) -> Recent:
         """One page of `limit` of pages read after the same cursor (a record in several
-        shown once): the newest of them all, and a next page when any held more."""
+        shown once). A page that has more stops at its `next` (its last entry; its records
+        may be fewer, one gone before its entry): the merged page holds nothing older
+        than the newest of those, so none of that page's next entries is passed over, and
+        goes on from its last record, or from that entry."""
+        horizon = max((p.next for p in pages if p.next is not None), default=None)
         seen = {r.id: r for page in pages for r in page.records}
-        both = sorted(seen.values(), key=lambda r: (r.created_time, r.id), reverse=True)
-        page = cls.of(both, limit)
-        if page.next is None and any(p.next for p in pages) and page.records:
-            return cls(page.records, Cursor.of(page.records[-1]))
-        return page
+        newest = sorted(seen.values(), key=lambda r: (r.created_time, r.id), reverse=True)
+        if horizon is not None:
+            newest = [r for r in newest if (r.created_time, r.id) >= horizon]
+        shown = newest[:limit]
+        return cls(shown, Cursor.of(shown[-1]) if len(newest) > limit else horizon)
 
 
 def unknown_record(record_id: int, project_id: str | None) -> str:
