@@ -70,9 +70,9 @@ async def copy_project(
 
 
 async def forget_project(history: RedisHistory, project_id: str, alive: Callable[[], None]) -> int:
-    """Remove every record of the project, its indexes and dead letters; returns how many
-    records. (A delivery's attempts index expires with its records.) `alive` is checked
-    before each page's removal."""
+    """Remove every record of the project, its indexes (its failures index too, whatever
+    it holds) and dead letters; returns how many records. (A delivery's attempts index
+    expires with its records.) `alive` is checked before each page's removal."""
     keys, redis, removed = history.keys, history.redis, 0
     for index in await _indexes(history, project_id):
         sweep = Sweep.of(keys, index, "+inf", PAGE)
@@ -88,7 +88,7 @@ async def forget_project(history: RedisHistory, project_id: str, alive: Callable
     def drop_dead(pipe: Pipeline) -> None:
         if ids:
             pipe.zrem(keys.HISTORY_DEAD, *ids)
-        pipe.delete(dead_key)
+        pipe.delete(dead_key, keys.history_failed(project_id))
         pipe.srem(keys.HISTORY_DEAD_KEYS, dead_key)
 
     await run_pipeline(redis, drop_dead)

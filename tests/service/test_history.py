@@ -601,12 +601,21 @@ async def test_a_projects_every_url_listing_is_bounded_and_one_at_a_time(
             finally:
                 listings["running"] -= every
 
+        real_failures = services.history.failures
+        failures_read: list[str] = []
+
+        async def failures(project_id: str, **window: Any) -> Recent:
+            failures_read.append(project_id)
+            return await real_failures(project_id, **window)
+
         monkeypatch.setattr(services.history, "recent", counted)
+        monkeypatch.setattr(services.history, "failures", failures)
         await asyncio.gather(
             *(services.recent(project) for project in ("demo", "demo", "demo", "other")),
             *(services.recent("demo", url=f"https://e.com/{n}") for n in range(2)),
         )
     assert sorted(asked) == [("demo", 1)] * 2 + [("demo", RECENT_URLS_MAX)] * 3 + [("other", 0)]
+    assert sorted(failures_read) == ["demo"] * 3 + ["other"]  # one read each, every URL
     assert listings["most"] == 1
     assert not services._listing  # each project's lock goes with its last listing
 

@@ -136,6 +136,10 @@ async def test_a_projects_failures_index_is_swept_with_its_records_and_forgotten
     assert [int(m) for m in await redis.zrange(index, 0, -1)] == [new_id]
     await forget_project(history, "demo", lambda: None)
     assert not await redis.exists(index)
+    ghost = keys.history_failed("ghost")  # left by a sweep of a version before, no index
+    await redis.zadd(ghost, {history_member(5): now})
+    assert await forget_project(history, "ghost", lambda: None) == 0
+    assert not await redis.exists(ghost)
 
 
 async def test_failures_from_before_the_projects_index_are_found_through_their_urls(
