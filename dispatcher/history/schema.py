@@ -1,7 +1,8 @@
 """The PostgreSQL history's schema: versioned migrations and day partitions.
 
 `upgrade(conn)` applies the missing migrations in order, each in its own transaction with
-its version row, under a session advisory lock: it is idempotent and safe when several
+its version row (or, for an index built CONCURRENTLY, outside one and safe to run again),
+under a session advisory lock: it is idempotent and safe when several
 processes run it at once (`dispatcher db upgrade`, `dispatcher run`). Migrations are
 append-only: a released one is never edited, a change is a new version.
 
@@ -22,6 +23,8 @@ rather than queue every reader behind a long query.
 
 from __future__ import annotations
 
+import asyncio
+import time
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
@@ -30,6 +33,8 @@ import asyncpg
 from dispatcher.history.locate import LOCATE_FUNCTIONS
 
 if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable
+
     from dispatcher.history.database import Conn
 
 __all__ = [
@@ -48,6 +53,8 @@ _LOCK = 0x6469_7370_6873_7431  # the migrations' advisory lock: "disphst1"
 # A migration's statements may build an index over the whole history: not the connection's
 # command timeout (DISPATCHER_HISTORY_TIMEOUT, seconds) but an hour.
 MIGRATION_TIMEOUT_S = 3600
+_VERSION_ROW = "INSERT INTO history_schema (version) VALUES ($1)"
+_LOCK_POLL_S = 0.2
 PARENTS = ("history_attempts", "history_counts")
 
 _TABLES = """
@@ -100,15 +107,44 @@ CREATE INDEX history_attempts_failed ON history_attempts (pair_id, created_ms DE
 CREATE INDEX history_pairs_url ON history_pairs (project_id, url);
 """
 
-# A project's failures of every URL ("Failures, last hour"): one index range, whatever
-# the number of its (event, url) pairs.
-_PROJECT_FAILED = """
-CREATE INDEX history_attempts_project_failed
-  ON history_attempts (project_id, created_ms DESC, id DESC) WHERE failed;
+# A project's failures of every URL ("Failures, last hour"): one index range per day,
+# whatever the number of its (event, url) pairs.
+_PROJECT_FAILED = "(project_id, created_ms DESC, id DESC) WHERE failed"
+# The day partitions of history_attempts with no index attached to the project's failures'.
+UNINDEXED_SQL = """
+SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
+ WHERE i.inhparent = 'history_attempts'::regclass AND NOT EXISTS (
+   SELECT 1 FROM pg_index x JOIN pg_inherits xi ON xi.inhrelid = x.indexrelid
+    WHERE x.indrelid = c.oid AND xi.inhparent = 'history_attempts_project_failed'::regclass)
+ ORDER BY c.relname
 """
 
-MIGRATIONS: list[tuple[int, str]] = [
-    (1, _TABLES), (2, LOCATE_FUNCTIONS), (3, _FAILED), (4, _PROJECT_FAILED)
+
+async def _project_failed(conn: Conn) -> None:
+    """Version 4, outside a transaction, so that the shipper's inserts go on: the index
+    made on the parent alone, then each day partition's built CONCURRENTLY and attached
+    (a partition made meanwhile gets its own with it). Run again after a crash, it goes
+    on: a partition's build left behind (invalid, or not attached) is made again."""
+    await conn.execute(
+        "CREATE INDEX IF NOT EXISTS history_attempts_project_failed"
+        f" ON ONLY history_attempts {_PROJECT_FAILED}"
+    )
+    for row in await conn.fetch(UNINDEXED_SQL):
+        index = f"{row['relname']}_project_failed"
+        await conn.execute(f'DROP INDEX CONCURRENTLY IF EXISTS "{index}"')
+        await conn.execute(
+            f'CREATE INDEX CONCURRENTLY "{index}" ON "{row["relname"]}" {_PROJECT_FAILED}',
+            timeout=MIGRATION_TIMEOUT_S,
+        )
+        await conn.execute(
+            f'ALTER INDEX history_attempts_project_failed ATTACH PARTITION "{index}"'
+        )
+
+
+# A step is SQL run in one transaction with its version row, or (when it must not hold its
+# locks that long) a function run outside one, which must be safe to run again.
+MIGRATIONS: list[tuple[int, str | Callable[[Conn], Awaitable[None]]]] = [
+    (1, _TABLES), (2, LOCATE_FUNCTIONS), (3, _FAILED), (4, _project_failed)
 ]  # fmt: skip
 
 
@@ -117,23 +153,38 @@ async def upgrade(conn: Conn) -> list[int]:
     advisory lock throughout: even `CREATE TABLE IF NOT EXISTS` fails when two sessions
     run it at once (a unique violation in pg_type), so nothing runs outside the lock."""
     applied: list[int] = []
-    await conn.execute("SELECT pg_advisory_lock($1)", _LOCK, timeout=MIGRATION_TIMEOUT_S)
+    await _lock(conn)
     try:
         await conn.execute(
             "CREATE TABLE IF NOT EXISTS history_schema"
             " (version int PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"
         )
         done = {r["version"] for r in await conn.fetch("SELECT version FROM history_schema")}
-        for version, sql in MIGRATIONS:
+        for version, step in MIGRATIONS:
             if version in done:
                 continue
-            async with conn.transaction():  # the DDL and its version row, or neither
-                await conn.execute(sql, timeout=MIGRATION_TIMEOUT_S)
-                await conn.execute("INSERT INTO history_schema (version) VALUES ($1)", version)
+            if isinstance(step, str):
+                async with conn.transaction():  # the DDL and its version row, or neither
+                    await conn.execute(step, timeout=MIGRATION_TIMEOUT_S)
+                    await conn.execute(_VERSION_ROW, version)
+            else:  # its work, then its row: a crash between runs it again
+                await step(conn)
+                await conn.execute(_VERSION_ROW, version)
             applied.append(version)
     finally:
         await conn.execute("SELECT pg_advisory_unlock($1)", _LOCK)
     return applied
+
+
+async def _lock(conn: Conn) -> None:
+    """Take the migrations' lock, waiting as long as a migration may run: by asking again
+    and again, never inside a statement (its snapshot would hold up the CONCURRENTLY build
+    of the session that has the lock, while that session held up this one: a deadlock)."""
+    deadline = time.monotonic() + MIGRATION_TIMEOUT_S
+    while not await conn.fetchval("SELECT pg_try_advisory_lock($1)", _LOCK):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"another process held the migrations' lock {MIGRATION_TIMEOUT_S} s")
+        await asyncio.sleep(_LOCK_POLL_S)
 
 
 async def schema_version(conn: Conn) -> int:

@@ -21,7 +21,7 @@ from dispatcher.cli import app
 from dispatcher.clock import now_ms
 from dispatcher.embedded import FAST, EmbeddedPostgres, EmbeddedRedis
 from dispatcher.errors import Unavailable
-from dispatcher.history import open_history
+from dispatcher.history import open_history, schema
 from dispatcher.history.loader import Loader, parse_row
 from dispatcher.history.postgres import PostgresHistory
 from dispatcher.history.record import AttemptRecord
@@ -116,6 +116,53 @@ async def test_migrations_run_twice_are_a_no_op(fresh_db: str, pg_server: Embedd
         assert await catalog(conn) == before
         for session in sessions:
             await session.close()
+    finally:
+        await conn.close()
+
+
+async def test_version_4_builds_each_day_partitions_index_and_goes_on_after_a_crash(
+    fresh_db: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The project's failures index is built partition by partition, CONCURRENTLY and
+    outside a transaction (a build over the whole history held the shipper's inserts): on
+    a history at version 3 with day partitions, each gets its index attached, the parent's
+    is valid, a day made after has its own; a build a crash left invalid is made again."""
+    conn = await asyncpg.connect(fresh_db)
+    try:
+        monkeypatch.setattr(schema, "MIGRATIONS", schema.MIGRATIONS[:3])
+        assert await upgrade(conn) == [1, 2, 3]
+        now = now_ms()
+        await ensure_partitions(conn, now - DAY_MS, now + DAY_MS)
+        days = [
+            name for name, _, _ in await partitions(conn) if name.startswith("history_attempts_")
+        ]
+        assert len(days) == 3
+        monkeypatch.undo()
+        # a crash's leftover on the first day: an index made but never attached
+        await conn.execute(f'CREATE INDEX "{days[0]}_project_failed" ON "{days[0]}" (id)')
+        assert await upgrade(conn) == [4]
+        assert await conn.fetch(schema.UNINDEXED_SQL) == []
+        valid = "SELECT indisvalid FROM pg_index WHERE indexrelid = $1::regclass"
+        assert await conn.fetchval(valid, "history_attempts_project_failed")
+        made = await conn.fetchval("SELECT indexdef FROM pg_indexes WHERE indexname = $1",
+                                   f"{days[0]}_project_failed")  # fmt: skip
+        assert "project_id" in made and "WHERE failed" in made
+        await ensure_partitions(conn, now + 2 * DAY_MS, now + 2 * DAY_MS)
+        assert await conn.fetch(schema.UNINDEXED_SQL) == []  # a day made after: its own
+        assert await upgrade(conn) == []
+        # again from three sessions at once, the others waiting for the lock while one
+        # builds: a session waiting inside a statement held a snapshot that CONCURRENTLY
+        # waits for, while it waited for the lock (a deadlock)
+        await conn.execute("DROP INDEX history_attempts_project_failed")
+        await conn.execute("DELETE FROM history_schema WHERE version = 4")
+        sessions = [await asyncpg.connect(fresh_db) for _ in range(3)]
+        try:
+            results = await asyncio.gather(*(upgrade(s) for s in sessions))
+        finally:
+            for session in sessions:
+                await session.close()
+        assert sorted(results) == [[], [], [4]]
+        assert await conn.fetch(schema.UNINDEXED_SQL) == []
     finally:
         await conn.close()
 
