@@ -24,11 +24,11 @@ rather than queue every reader behind a long query.
 from __future__ import annotations
 
 import asyncio
-import time
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
 import asyncpg
+import structlog
 
 from dispatcher.history.locate import LOCATE_FUNCTIONS
 
@@ -46,6 +46,8 @@ __all__ = [
     "schema_version",
     "upgrade",
 ]
+
+log = structlog.get_logger(__name__)
 
 DAY_MS = 86_400_000
 LOCK_TIMEOUT_MS = 2000
@@ -110,13 +112,22 @@ CREATE INDEX history_pairs_url ON history_pairs (project_id, url);
 # A project's failures of every URL ("Failures, last hour"): one index range per day,
 # whatever the number of its (event, url) pairs.
 _PROJECT_FAILED = "(project_id, created_ms DESC, id DESC) WHERE failed"
-# The day partitions of history_attempts with no index attached to the project's failures'.
+# The day partitions of history_attempts with no index attached to the project's
+# failures', newest first (the last hour's first, and the next to expire last).
 UNINDEXED_SQL = """
 SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
  WHERE i.inhparent = 'history_attempts'::regclass AND NOT EXISTS (
    SELECT 1 FROM pg_index x JOIN pg_inherits xi ON xi.inhrelid = x.indexrelid
     WHERE x.indrelid = c.oid AND xi.inhparent = 'history_attempts_project_failed'::regclass)
- ORDER BY c.relname
+ ORDER BY c.relname DESC
+"""
+# A partition's index of that name, left by a run a crash stopped: valid or not, and how.
+_LEFT_SQL = """
+SELECT x.indisvalid AS valid, pg_get_indexdef(x.indexrelid) AS made FROM pg_index x
+ WHERE x.indexrelid = to_regclass($1)
+"""
+_PARENT_VALID_SQL = """
+SELECT indisvalid FROM pg_index WHERE indexrelid = 'history_attempts_project_failed'::regclass
 """
 
 
@@ -124,21 +135,38 @@ async def _project_failed(conn: Conn) -> None:
     """Version 4, outside a transaction, so that the shipper's inserts go on: the index
     made on the parent alone, then each day partition's built CONCURRENTLY and attached
     (a partition made meanwhile gets its own with it). Run again after a crash, it goes
-    on: a partition's build left behind (invalid, or not attached) is made again."""
-    await conn.execute(
+    on: a partition's finished build is attached, one left invalid is made again."""
+    await _run(
+        conn,
         "CREATE INDEX IF NOT EXISTS history_attempts_project_failed"
-        f" ON ONLY history_attempts {_PROJECT_FAILED}"
+        f" ON ONLY history_attempts {_PROJECT_FAILED}",
     )
     for row in await conn.fetch(UNINDEXED_SQL):
-        index = f"{row['relname']}_project_failed"
-        await conn.execute(f'DROP INDEX CONCURRENTLY IF EXISTS "{index}"')
-        await conn.execute(
-            f'CREATE INDEX CONCURRENTLY "{index}" ON "{row["relname"]}" {_PROJECT_FAILED}',
-            timeout=MIGRATION_TIMEOUT_S,
+        await _index_day(conn, row["relname"])
+    if not await conn.fetchval(_PARENT_VALID_SQL):  # every day has its own, none attached now
+        raise RuntimeError(
+            "history_attempts_project_failed is invalid though every day partition has its"
+            " index: DROP INDEX history_attempts_project_failed, then `dispatcher db upgrade`"
         )
-        await conn.execute(
-            f'ALTER INDEX history_attempts_project_failed ATTACH PARTITION "{index}"'
-        )
+
+
+async def _index_day(conn: Conn, table: str) -> None:
+    """One day partition's index of the project's failures, built (unless a run before
+    finished it) and attached; nothing when the day is dropped meanwhile (retention)."""
+    index = f"{table}_project_failed"
+    try:
+        left = await conn.fetchrow(_LEFT_SQL, index)
+        if left is None or not left["valid"] or _PROJECT_FAILED not in left["made"]:
+            await _run(conn, f'DROP INDEX CONCURRENTLY IF EXISTS "{index}"')
+            await _run(conn, f'CREATE INDEX CONCURRENTLY "{index}" ON "{table}" {_PROJECT_FAILED}')
+        await _run(conn, f'ALTER INDEX history_attempts_project_failed ATTACH PARTITION "{index}"')
+    except asyncpg.UndefinedTableError:
+        if not await conn.fetchval("SELECT to_regclass($1) IS NULL", table):
+            raise
+
+
+async def _run(conn: Conn, sql: str) -> None:
+    await conn.execute(sql, timeout=MIGRATION_TIMEOUT_S)
 
 
 # A step is SQL run in one transaction with its version row, or (when it must not hold its
@@ -177,14 +205,16 @@ async def upgrade(conn: Conn) -> list[int]:
 
 
 async def _lock(conn: Conn) -> None:
-    """Take the migrations' lock, waiting as long as a migration may run: by asking again
-    and again, never inside a statement (its snapshot would hold up the CONCURRENTLY build
-    of the session that has the lock, while that session held up this one: a deadlock)."""
-    deadline = time.monotonic() + MIGRATION_TIMEOUT_S
+    """Take the migrations' lock, waiting as long as another process holds it (a
+    migration may run for hours: version 4 builds an index per day), by asking again and
+    again, never inside a statement: its snapshot would hold up the CONCURRENTLY build of
+    the session that has the lock, while that session held up this one (a deadlock)."""
+    waited = 0.0
     while not await conn.fetchval("SELECT pg_try_advisory_lock($1)", _LOCK):
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"another process held the migrations' lock {MIGRATION_TIMEOUT_S} s")
+        if waited % 30 < _LOCK_POLL_S:
+            log.info("history.migrations_waiting", seconds=round(waited))
         await asyncio.sleep(_LOCK_POLL_S)
+        waited += _LOCK_POLL_S
 
 
 async def schema_version(conn: Conn) -> int:

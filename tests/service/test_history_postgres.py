@@ -125,28 +125,65 @@ async def test_version_4_builds_each_day_partitions_index_and_goes_on_after_a_cr
 ) -> None:
     """The project's failures index is built partition by partition, CONCURRENTLY and
     outside a transaction (a build over the whole history held the shipper's inserts): on
-    a history at version 3 with day partitions, each gets its index attached, the parent's
-    is valid, a day made after has its own; a build a crash left invalid is made again."""
+    a history at version 3 with day partitions, each gets its index attached and the
+    parent's is valid. A run a crash stopped goes on: the parent made alone (invalid), a
+    day's build finished but not attached (attached as it is), a day's build stopped or
+    failed (invalid: made again), and an index of that name that is not this one (made
+    again). A day made after has its own; three sessions at once apply it once."""
     conn = await asyncpg.connect(fresh_db)
     try:
         monkeypatch.setattr(schema, "MIGRATIONS", schema.MIGRATIONS[:3])
         assert await upgrade(conn) == [1, 2, 3]
         now = now_ms()
-        await ensure_partitions(conn, now - DAY_MS, now + DAY_MS)
-        days = [
-            name for name, _, _ in await partitions(conn) if name.startswith("history_attempts_")
-        ]
-        assert len(days) == 3
+        await ensure_partitions(conn, now - 2 * DAY_MS, now + DAY_MS)
+        made_days = await partitions(conn)
+        days = [(n, low) for n, low, _ in made_days if n.startswith("history_attempts_")]
+        assert len(days) == 4
         monkeypatch.undo()
-        # a crash's leftover on the first day: an index made but never attached
-        await conn.execute(f'CREATE INDEX "{days[0]}_project_failed" ON "{days[0]}" (id)')
+        (failed_day, low), (stopped_day, _), (finished_day, _), (other_day, _) = days
+        await conn.execute(  # the crash's state: the parent alone, then three days' leftovers
+            "CREATE INDEX history_attempts_project_failed ON ONLY history_attempts"
+            " (project_id, created_ms DESC, id DESC) WHERE failed"
+        )
+        await conn.execute(
+            f'CREATE INDEX "{finished_day}_project_failed" ON "{finished_day}"'
+            " (project_id, created_ms DESC, id DESC) WHERE failed"
+        )
+        finished = await conn.fetchval("SELECT $1::regclass::oid", f"{finished_day}_project_failed")
+        await conn.execute(f'CREATE INDEX "{other_day}_project_failed" ON "{other_day}" (id)')
+        await conn.execute(  # a build stopped (killed) before its end: invalid, as it would be
+            f'CREATE INDEX "{stopped_day}_project_failed" ON "{stopped_day}"'
+            " (project_id, created_ms DESC, id DESC) WHERE failed"
+        )
+        await conn.execute(
+            "UPDATE pg_index SET indisvalid = false WHERE indexrelid = $1::regclass",
+            f"{stopped_day}_project_failed",
+        )
+        for n in range(2):  # a build that fails half-way leaves its index invalid
+            await conn.execute(
+                "INSERT INTO history_attempts (id, created_ms, pair_id, project_id, dead, doc)"
+                " VALUES ($1, $2, 1, 'p', false, '{}')", n, low + 1,
+            )  # fmt: skip
+        with pytest.raises(asyncpg.UniqueViolationError):
+            await conn.execute(
+                f'CREATE UNIQUE INDEX CONCURRENTLY "{failed_day}_project_failed"'
+                f' ON "{failed_day}" (project_id)'
+            )
+        valid = "SELECT indisvalid FROM pg_index WHERE indexrelid = $1::regclass"
+        assert not await conn.fetchval(valid, f"{failed_day}_project_failed")
+        assert not await conn.fetchval(valid, "history_attempts_project_failed")
+
         assert await upgrade(conn) == [4]
         assert await conn.fetch(schema.UNINDEXED_SQL) == []
-        valid = "SELECT indisvalid FROM pg_index WHERE indexrelid = $1::regclass"
         assert await conn.fetchval(valid, "history_attempts_project_failed")
-        made = await conn.fetchval("SELECT indexdef FROM pg_indexes WHERE indexname = $1",
-                                   f"{days[0]}_project_failed")  # fmt: skip
-        assert "project_id" in made and "WHERE failed" in made
+        for day in (failed_day, stopped_day, other_day):
+            made = await conn.fetchval("SELECT indexdef FROM pg_indexes WHERE indexname = $1",
+                                       f"{day}_project_failed")  # fmt: skip
+            assert made.endswith("(project_id, created_ms DESC, id DESC) WHERE failed"), made
+        assert (
+            await conn.fetchval("SELECT $1::regclass::oid", f"{finished_day}_project_failed")
+            == finished
+        )  # attached as it was, not built again
         await ensure_partitions(conn, now + 2 * DAY_MS, now + 2 * DAY_MS)
         assert await conn.fetch(schema.UNINDEXED_SQL) == []  # a day made after: its own
         assert await upgrade(conn) == []
