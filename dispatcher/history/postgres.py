@@ -254,14 +254,10 @@ class PostgresHistory:
     ) -> Recent:
         """The newest attempts to any of `urls`, in one statement. Rows shipped before
         schema version 3 have no status column and show only unfiltered."""
-        start_ms = max(start_ms, self._cutoff(now_ms))
-        after = (end_ms + 1, 0) if before is None else min((end_ms + 1, 0), tuple(before))
-        if start_ms > end_ms or not urls:
+        if not urls:
             return Recent([], None)
-        rows = await self._fetch(
-            RECENT_BY_STATUS[status], project_id, list(urls), start_ms, end_ms, *after, limit + 1
-        )
-        return Recent.of(_records(rows), limit)
+        sql, head = RECENT_BY_STATUS[status], (project_id, list(urls))
+        return await self._newest(sql, head, start_ms, end_ms, before, limit, now_ms)
 
     async def failures(
         self,
@@ -274,11 +270,26 @@ class PostgresHistory:
         now_ms: int | None = None,
     ) -> Recent:
         """The project's newest failed attempts, every URL and event, in one statement."""
+        head = (project_id,)
+        return await self._newest(FAILURES_SQL, head, start_ms, end_ms, before, limit, now_ms)
+
+    async def _newest(
+        self,
+        sql: str,
+        head: tuple[Any, ...],
+        start_ms: int,
+        end_ms: int,
+        before: Cursor | None,
+        limit: int,
+        now_ms: int | None,
+    ) -> Recent:
+        """The newest `limit` rows of a keyset-paged `sql` (arguments: `head`, then the
+        window within the retention, the cursor's (ms, id), the row count)."""
         start_ms = max(start_ms, self._cutoff(now_ms))
         after = (end_ms + 1, 0) if before is None else min((end_ms + 1, 0), tuple(before))
         if start_ms > end_ms:
             return Recent([], None)
-        rows = await self._fetch(FAILURES_SQL, project_id, start_ms, end_ms, *after, limit + 1)
+        rows = await self._fetch(sql, *head, start_ms, end_ms, *after, limit + 1)
         return Recent.of(_records(rows), limit)
 
     async def final_failures(

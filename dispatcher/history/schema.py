@@ -57,6 +57,7 @@ _LOCK = 0x6469_7370_6873_7431  # the migrations' advisory lock: "disphst1"
 MIGRATION_TIMEOUT_S = 3600
 _VERSION_ROW = "INSERT INTO history_schema (version) VALUES ($1)"
 _LOCK_POLL_S = 0.2
+_LOCK_POLLS_LOGGED = 150  # a wait for the lock is logged every 30 s
 PARENTS = ("history_attempts", "history_counts")
 
 _TABLES = """
@@ -193,7 +194,7 @@ async def upgrade(conn: Conn) -> list[int]:
                 continue
             if isinstance(step, str):
                 async with conn.transaction():  # the DDL and its version row, or neither
-                    await conn.execute(step, timeout=MIGRATION_TIMEOUT_S)
+                    await _run(conn, step)
                     await conn.execute(_VERSION_ROW, version)
             else:  # its work, then its row: a crash between runs it again
                 await step(conn)
@@ -209,12 +210,12 @@ async def _lock(conn: Conn) -> None:
     migration may run for hours: version 4 builds an index per day), by asking again and
     again, never inside a statement: its snapshot would hold up the CONCURRENTLY build of
     the session that has the lock, while that session held up this one (a deadlock)."""
-    waited = 0.0
+    polls = 0
     while not await conn.fetchval("SELECT pg_try_advisory_lock($1)", _LOCK):
-        if waited % 30 < _LOCK_POLL_S:
-            log.info("history.migrations_waiting", seconds=round(waited))
+        if polls % _LOCK_POLLS_LOGGED == 0:  # the first wait, then every 30 s
+            log.info("history.migrations_waiting", seconds=round(polls * _LOCK_POLL_S))
         await asyncio.sleep(_LOCK_POLL_S)
-        waited += _LOCK_POLL_S
+        polls += 1
 
 
 async def schema_version(conn: Conn) -> int:

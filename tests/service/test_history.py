@@ -5,7 +5,7 @@ Redis store and against the PostgreSQL store (records shipped from the stream fi
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from datetime import datetime
 from typing import Any, cast
 from zoneinfo import ZoneInfo
@@ -576,6 +576,30 @@ async def add_all(redis: Redis, settings: Settings, records: list[AttemptRecord]
     return ids
 
 
+# A record's shape: (ms ago, url, event, status, project)
+Shape = tuple[int, str, str, str, str]
+
+
+async def add_shapes(
+    redis: Redis, settings: Settings, now: int, shapes: list[Shape]
+) -> list[tuple[AttemptRecord, int]]:
+    """Records of these shapes (the n-th's delivery `evt_n.1`) written, each with its id."""
+    records: list[AttemptRecord] = [
+        {**record(now - ago, url=url, event=event, n=i), "status": status, "projectId": project}
+        for i, (ago, url, event, status, project) in enumerate(shapes)
+    ]
+    return list(zip(records, await add_all(redis, settings, records), strict=True))
+
+
+def newest_first(
+    written: list[tuple[AttemptRecord, int]], keep: Callable[[AttemptRecord], bool]
+) -> list[int]:
+    """The ids of the records `keep` keeps, newest first (ties: the higher id first)."""
+    return [
+        i for _, i in sorted(((r["createdTime"], i) for r, i in written if keep(r)), reverse=True)
+    ]
+
+
 async def test_a_projects_every_url_listing_is_bounded_and_one_at_a_time(
     settings: Settings, redis: Redis, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -625,7 +649,7 @@ async def test_recent_deliveries_of_a_url_across_its_events(
 ) -> None:
     now = now_ms()
     other = "http://127.0.0.1:9000/other"
-    shapes = [  # (ms ago, url, event, status, project)
+    shapes: list[Shape] = [
         (9000, URL, "BUILD_END", "SUCCESS", "demo"),
         (8000, URL, "BUILD_START", "FAILED", "demo"),
         (7000, other, "BUILD_END", "FAILED", "demo"),
@@ -635,18 +659,9 @@ async def test_recent_deliveries_of_a_url_across_its_events(
         (5000, URL, "BUILD_STAGE_END", "SUCCESS", "demo"),
         (4000, URL, "BUILD_END", "FAILED", "demo"),
     ]
-    records: list[AttemptRecord] = [
-        {**record(now - ago, url=url, event=event, n=i), "status": status, "projectId": project}
-        for i, (ago, url, event, status, project) in enumerate(shapes)
-    ]
-    ids = await add_all(redis, settings, records)
+    written = await add_shapes(redis, settings, now, shapes)
     start, end = now - 60_000, now
-    newest_first = sorted(
-        (r["createdTime"], i)
-        for i, r in zip(ids, records, strict=True)
-        if r["callBackUrl"] == URL and r["projectId"] == "demo"
-    )[::-1]
-    mine = [i for _, i in newest_first]
+    mine = newest_first(written, lambda r: r["callBackUrl"] == URL and r["projectId"] == "demo")
 
     found = await store.recent("demo", [URL], start_ms=start, end_ms=end)
     assert [r.id for r in found.records] == mine and found.next is None
@@ -691,7 +706,7 @@ async def test_a_projects_failures_are_every_failed_attempt_of_any_url_it_record
     recorded, whatever its URL and event, and no other project's."""
     now = now_ms()
     gone = "http://127.0.0.1:9000/removed"  # a URL no callback holds now
-    shapes = [  # (ms ago, url, event, status, project)
+    shapes: list[Shape] = [
         (9000, URL, "BUILD_END", "FAILED", "demo"),
         (8000, gone, "BUILD_START", "FAILED", "demo"),
         (7000, URL, "BUILD_END", "SUCCESS", "demo"),
@@ -701,19 +716,8 @@ async def test_a_projects_failures_are_every_failed_attempt_of_any_url_it_record
         (4000, URL, "BUILD_END", "FAILED", "elsewhere"),
         (3000, URL, "BUILD_END", "SUCCESS", "demo"),
     ]
-    records: list[AttemptRecord] = [
-        {**record(now - ago, url=url, event=event, n=i), "status": status, "projectId": project}
-        for i, (ago, url, event, status, project) in enumerate(shapes)
-    ]
-    ids = await add_all(redis, settings, records)
-    mine = [
-        i
-        for _, i in sorted(
-            ((r["createdTime"], i) for i, r in zip(ids, records, strict=True)
-             if r["projectId"] == "demo" and r["status"] == "FAILED"),
-            reverse=True,
-        )
-    ]  # fmt: skip
+    written = await add_shapes(redis, settings, now, shapes)
+    mine = newest_first(written, lambda r: r["projectId"] == "demo" and r["status"] == "FAILED")
     start, end = now - 60_000, now
 
     found = await store.failures("demo", start_ms=start, end_ms=end)
