@@ -50,28 +50,40 @@ def body_wait_ms(settings: Settings) -> int:
 @dataclass
 class Claim(Script):
     """Up to `want` due jobs (due by Redis's clock, as the leases lapse by it) without a
-    live lease, oldest first, the ids in `mine` (newline-separated) passed over, looking
-    at `budget` queue entries at most: each one's lease set for `token` (NX: a live one is
-    left alone) and its score moved to the lease's end (out of the due range while it
-    runs), its data read, its claim counted (the first claim creates the count with its
-    ttl, one command), all in one round trip. A job of a project that has taken its share
-    is left in the queue, untouched: `newcomer` jobs for a project not named (-1: any),
-    `shares` pairs of a project and how many more it may take (a job's project is its id up
-    to `sep`). A due id whose data is gone comes back with `false` data (and leaves the
-    queue), so the worker can record it. A claimed job comes with the registry version its
-    event would be matched at (`registry.matches.Matches`): the versions of the `platform`
-    project and of its own (0 when none), space-separated, read once per project; false
-    when its id names no project. The ids are found here, so their keys are made here too,
-    from the prefixes given. Returns {id, data, claims, version} rows."""
+    live lease, oldest first, in one round trip: each one's lease set for `token` (NX: a
+    live one is left alone), its score moved to the lease's end (out of the due range
+    while it runs), its data read, its claim counted (the first claim creates the count
+    with its ttl, one command). The ids in `mine` (newline-separated) are passed over. A
+    job of a project that has taken its share is left in the queue, untouched: `newcomer`
+    jobs for a project not named (-1: any), `shares` pairs of a project and how many more
+    it may take (a job's project is its id up to `sep`). The look stops (checked a page at
+    a time) past `budget` entries passed over, or past `scout` once no project it looks
+    for has room: one named with room (but the `quiet` ones, found with nothing due by an
+    earlier claim) or one taken here with room left; past that, only a project new to
+    this worker could take a job. A due id whose data is gone comes back with `false`
+    data (and leaves the queue), so the worker can record it. A claimed job comes with the
+    registry version its event would be matched at (`registry.matches.Matches`): the
+    versions of the `platform` project and of its own (0 when none), space-separated, read
+    once per project; false when its id names no project. The ids are found here, so
+    their keys are made here too, from the prefixes given. Returns {id, data, claims,
+    version} rows."""
 
     LUA = (
         REDIS_NOW_MS
         + """
     local want, limit, new = tonumber(want), tonumber(budget), tonumber(newcomer)
-    local left = {}
-    for i = 1, #shares, 2 do left[shares[i]] = tonumber(shares[i + 1]) end
-    local held = {}
+    local held, left, looked_for, open = {}, {}, {}, 0  -- open: projects looked on for
     for id in string.gmatch(mine, '[^\\n]+') do held[id] = true end
+    local function look_for(project)  -- past the scout while it may take more
+      local more = left[project] > 0
+      if more ~= (looked_for[project] or false) then open = open + (more and 1 or -1) end
+      looked_for[project] = more
+    end
+    for project in string.gmatch(quiet, '[^\\n]+') do looked_for[project] = false end
+    for i = 1, #shares, 2 do
+      left[shares[i]] = tonumber(shares[i + 1])
+      if looked_for[shares[i]] == nil then look_for(shares[i]) end
+    end
     local of_project = '^([^' .. sep .. ']+)' .. sep
     local now_ms = redis_now_ms()
     local leased_until = now_ms + tonumber(lease_ms)
@@ -88,7 +100,8 @@ class Claim(Script):
     local out = {}
     local offset = 0
     local page_size = want  -- as many as wanted: running jobs are not in the due range
-    while #out < want and offset < limit do
+    local scout_limit = new < 0 and limit or tonumber(scout)
+    while #out < want and offset < limit and (open > 0 or offset < scout_limit) do
       local page = redis.call('ZRANGEBYSCORE', queue, '-inf', now_ms, 'LIMIT', offset, page_size)
       if #page == 0 then break end
       local taken = 0  -- entries this page took out of the due range
@@ -99,7 +112,7 @@ class Claim(Script):
           -- still running here (its lease given up: its next chunk, its next attempt), or
           -- its project holds its share of this worker: left for later
         elseif redis.call('SET', lease_prefix .. id, token, 'PX', lease_ms, 'NX') then
-          if share then left[project] = share - 1 end
+          if share then left[project] = share - 1; look_for(project) end
           local data = redis.call('GET', job_prefix .. id)
           local claims = 1
           taken = taken + 1
@@ -132,6 +145,8 @@ class Claim(Script):
     claims_prefix: str
     claims_ttl_s: int
     budget: int
+    scout: int
+    quiet: str
     sep: str
     newcomer: int
     mine: str
@@ -274,14 +289,16 @@ class Claims:
         count: int,
         *,
         budget: int = 2000,
+        scout: int | None = None,
+        quiet: Iterable[str] = (),
         shares: Budgets = (-1, {}),
         mine: Iterable[str] = (),
     ) -> list[Claimed]:
-        """Up to `count` due jobs, in one round trip, looking at `budget` queue entries at
-        most. `mine`: the ids this worker runs, passed over without a command (a running
-        job is out of the due range, but for one whose run gave up its lease and has yet to
-        end). `shares`: how many jobs a project not named may take (-1: any), and how many more
-        each named one may (`Shares.claim_budgets`)."""
+        """Up to `count` due jobs in one round trip (`Claim`: `budget`, `scout`, by default
+        `budget`, and `quiet` bound its look). `mine`: the ids this worker runs, passed over
+        without a command (a running job is out of the due range, but for one whose run gave
+        up its lease and has yet to end). `shares`: how many jobs a project not named may
+        take (-1: any), and how many more each named one may (`Shares.claim_budgets`)."""
         newcomer, projects = shares
         rows = await Claim(
             queue=self.queue_name,
@@ -293,6 +310,8 @@ class Claims:
             claims_prefix=self.keys.ARQ_RETRY_PREFIX,
             claims_ttl_s=RETRY_KEY_TTL_S,
             budget=budget,
+            scout=budget if scout is None else scout,
+            quiet="\n".join(quiet),
             sep=SEP,
             newcomer=newcomer,
             mine="\n".join(mine),

@@ -20,6 +20,7 @@ from dispatcher.jobs import DELIVER, BadJob, DeliveryJob, decode
 from dispatcher.worker.claims import Claims
 from dispatcher.worker.engine import Engine
 from dispatcher.worker.record import keep_entry
+from dispatcher.worker.shares import project_of
 from dispatcher.worker.steps import ChunkEnd, NextStep
 from dispatcher.worker.writer import Then, Writer
 
@@ -36,10 +37,11 @@ __all__ = ["CLAIM_ERRORS", "Served", "given_shards"]
 log = structlog.get_logger("dispatcher.worker")
 
 BACKOFF_CAP_S = 2.0
-# While every project busy in the worker holds its full share, a claim can only take the
-# jobs of a project not busy yet: it then looks at one page of the queue, and at the whole
-# claim budget at most this often (paging through thousands of entries it may not take
-# was, per delivery, more Redis work than the delivery itself).
+# Once every project busy in the worker has taken its room, a claim can only take the
+# jobs of a project not busy yet: it looks for them no further than a page into the queue
+# (or than where the last room was filled), and as far as the whole claim budget at most
+# this often (paging through thousands of entries it may not take was, per delivery, more
+# Redis work than the delivery itself).
 WIDE_SCAN_S = 0.25
 NARROW_BUDGET, WIDE_BUDGET = 100, 2000
 # waited out while claiming: an outage, and any reply error (READONLY after a failover)
@@ -57,7 +59,8 @@ class Served:
     engine: Engine
     ready_at: float = 0.0
     backoff: float = field(default=0.0)
-    wide_at: float = 0.0  # monotonic time of the last claim that looked at the whole budget
+    wide_at: float = 0.0  # monotonic time of the last short claim that scouted the budget
+    dry: frozenset[str] = frozenset()  # busy projects with room found with nothing due
 
     @classmethod
     def build(cls, services: Services, token: str, *, shared: Engine | None = None) -> Served:
@@ -91,9 +94,12 @@ class Served:
         over `mine` (the ids this worker runs here). None when its Redis did not answer:
         the shard then waits out a growing pause (`failed`) while the others go on."""
         shares = self.engine.shares.claim_budgets()
-        budget = self.scan_budget(shares[1], time.monotonic())
+        now = time.monotonic()
+        scout, quiet = self.scout_budget(shares[1], now)
         try:
-            claimed = await self.claims.claim(share, budget=budget, shares=shares, mine=mine)
+            claimed = await self.claims.claim(
+                share, budget=WIDE_BUDGET, scout=scout, quiet=quiet, shares=shares, mine=mine
+            )
         except CLAIM_ERRORS as exc:
             if full := redis_full(exc):
                 metrics.REDIS_FULL.labels(refused="claim").inc()
@@ -102,15 +108,31 @@ class Served:
                         retry_in_s=round(retry, 2), shard=self.index)  # fmt: skip
             return None
         self.answered()
+        self.scanned(shares[1], scout, share, claimed, now)
         return claimed
 
-    def scan_budget(self, busy: dict[str, int], now: float) -> int:
-        """How many queue entries the next claim looks at, given what each busy project
-        may still take (`Shares.claim_budgets`)."""
-        if not busy or any(more > 0 for more in busy.values()) or now - self.wide_at >= WIDE_SCAN_S:
-            self.wide_at = now
-            return WIDE_BUDGET
-        return NARROW_BUDGET
+    def scout_budget(self, busy: dict[str, int], now: float) -> tuple[int, frozenset[str]]:
+        """How far the next claim looks for a project not busy here yet, once the busy ones
+        (`Shares.claim_budgets`) have taken their room, and which busy ones it does not
+        look for past that (`quiet`: found with nothing due): the whole budget and none
+        while nothing is busy and once per `WIDE_SCAN_S`, a page the rest of the time."""
+        if not busy or now - self.wide_at >= WIDE_SCAN_S:
+            return WIDE_BUDGET, frozenset()
+        return NARROW_BUDGET, self.dry & busy.keys()
+
+    def scanned(
+        self, busy: dict[str, int], scout: int, asked: int, claimed: list[Claimed], now: float
+    ) -> None:
+        """After a claim: one that came back short looked as far as it could for each busy
+        project it looked for (`Claim`), so one with room that took nothing has nothing
+        due (dry until the next wide claim), and a wide one found every project new here."""
+        took = {project_of(job.job_id) for job in claimed}
+        if len(claimed) < asked:
+            if scout == WIDE_BUDGET:
+                self.wide_at = now
+            self.dry = frozenset(p for p, more in busy.items() if more > 0 and p not in took)
+        else:
+            self.dry = self.dry.difference(took)
 
     # ---- a job's ends on this shard ------------------------------------------------------
 

@@ -1,0 +1,129 @@
+"""How far a claim looks into the queue, on a real Redis: as far as its budget for the
+busy projects with room, a page (its scout) for a project new to the worker, since one
+project's backlog at its share must neither hide another's jobs nor cost every claim a
+walk through thousands of entries it may not take."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from types import SimpleNamespace
+from typing import TYPE_CHECKING, cast
+
+from redis.asyncio import Redis
+
+from dispatcher.jobs import EventJob
+from dispatcher.keys import Keys
+from dispatcher.queue import Queue
+from dispatcher.settings import Settings
+from dispatcher.worker.claims import Claims
+from dispatcher.worker.served import Served
+from dispatcher.worker.shares import Shares
+
+if TYPE_CHECKING:
+    from dispatcher.worker.engine import Engine
+
+
+async def enqueue(
+    redis: Redis, settings: Settings, project: str, count: int, name: str = "evt"
+) -> list[str]:
+    """`count` jobs of `project`, each due a little after the one before; their ids."""
+    queue = Queue(redis, Keys(settings.queue_name))
+    for i in range(count):
+        await queue.enqueue(EventJob(f"{name}_{i}", project, "BUILD_END"))
+        await asyncio.sleep(0.001)
+    return [f"{project}:{name}_{i}" for i in range(count)]
+
+
+def claims_of(redis: Redis, settings: Settings) -> Claims:
+    return Claims(redis, Keys(settings.queue_name), "worker-a", lease_s=10)
+
+
+async def test_a_claim_fills_a_busy_projects_room_past_its_scout_and_scouts_no_further(
+    settings: Settings, redis: Redis
+) -> None:
+    """Once the projects with room have taken theirs, a claim looks at `scout` entries
+    for a project new to the worker, not at its whole budget: projA's backlog (at its
+    share) hides projC's job from a narrow scout, not from a wide one; projB, busy with
+    room, is found behind the same backlog by the narrow one."""
+    await enqueue(redis, settings, "projA", 150)
+    await enqueue(redis, settings, "projB", 2)
+    await enqueue(redis, settings, "projA", 150, name="more")
+    await enqueue(redis, settings, "projC", 1)
+    claims = claims_of(redis, settings)
+    took = await claims.claim(10, scout=20, shares=(1, {"projA": 3, "projB": 0}))
+    assert [c.job_id for c in took] == ["projA:evt_0", "projA:evt_1", "projA:evt_2"]
+    took = await claims.claim(10, scout=20, shares=(1, {"projA": 0, "projB": 2}))
+    assert sorted(c.job_id for c in took) == ["projB:evt_0", "projB:evt_1"]
+    took = await claims.claim(10, scout=2000, shares=(1, {"projA": 0, "projB": 0}))
+    assert [c.job_id for c in took] == ["projC:evt_0"]
+
+
+async def test_a_project_a_claim_finds_new_has_its_room_filled_past_the_scout(
+    settings: Settings, redis: Redis
+) -> None:
+    """A project new to the worker, found by the scout, may take `newcomer` jobs: the same
+    claim looks on for the rest of them, past the scout, as it does for a busy one's, and
+    no further once they are taken (projD, a page behind, is left to a later claim)."""
+    await enqueue(redis, settings, "projC", 1)
+    await enqueue(redis, settings, "projA", 150)
+    await enqueue(redis, settings, "projC", 1, name="more")
+    await enqueue(redis, settings, "projA", 120, name="more")
+    await enqueue(redis, settings, "projD", 1)
+    took = await claims_of(redis, settings).claim(10, scout=20, shares=(2, {"projA": 0}))
+    assert [c.job_id for c in took] == ["projC:evt_0", "projC:more_0"]
+
+
+async def test_a_quiet_project_is_looked_for_no_further_than_the_scout(
+    settings: Settings, redis: Redis
+) -> None:
+    """A busy project with room that an earlier claim found with nothing due (`quiet`) is
+    not looked for through another project's backlog: its job behind projA's is left to
+    the next wide claim; named but not quiet, it is found."""
+    await enqueue(redis, settings, "projA", 150)
+    await enqueue(redis, settings, "projB", 1)
+    claims = claims_of(redis, settings)
+    shares = (1, {"projA": 0, "projB": 2})
+    assert await claims.claim(10, scout=20, quiet=["projB"], shares=shares) == []
+    took = await claims.claim(10, scout=20, shares=shares)
+    assert [c.job_id for c in took] == ["projB:evt_0"]
+
+
+async def test_without_fair_shares_a_claim_looks_past_its_scout(
+    settings: Settings, redis: Redis
+) -> None:
+    """With fair shares off (newcomer -1) any project may take any job: the scout, which
+    only bounds the search for a new project, does not stop the claim."""
+    running = await enqueue(redis, settings, "projA", 30)
+    await enqueue(redis, settings, "projA", 1, name="more")
+    took = await claims_of(redis, settings).claim(10, scout=5, mine=running)
+    assert [c.job_id for c in took] == ["projA:more_0"]
+
+
+async def test_a_workers_claim_finds_a_busy_projects_job_behind_a_page_of_others(
+    settings: Settings, redis: Redis
+) -> None:
+    """Through `Served.claim`, between its wide looks: projB (busy, with room) has a job
+    behind 150 of projA's (at its share), found at once; projC's, a page further (a
+    project not busy here), waits for the next wide look, after which projB, found with
+    nothing more, is looked for no further than a page until the look after."""
+    await enqueue(redis, settings, "projA", 150)
+    await enqueue(redis, settings, "projB", 1)
+    await enqueue(redis, settings, "projA", 120, name="more")
+    await enqueue(redis, settings, "projC", 1)
+    shares = Shares(slots=6, max_per_host=100)  # projA and projB busy: a share of 2
+    for job_id in ("projA:r0", "projA:r1", "projB:r0"):
+        shares.job_started(job_id)
+    served = Served.__new__(Served)
+    served.claims = claims_of(redis, settings)
+    served.engine = cast("Engine", SimpleNamespace(shares=shares))
+    served.wide_at = time.monotonic()  # just looked wide
+    took = await served.claim(10, [], poll_delay=0.02)
+    assert took is not None
+    assert [c.job_id for c in took] == ["projB:evt_0"]
+    assert served.dry == frozenset()  # it took one: it may have more
+    served.wide_at -= 1  # a wide look is due
+    took = await served.claim(10, [], poll_delay=0.02)
+    assert took is not None
+    assert [c.job_id for c in took] == ["projC:evt_0"]
+    assert served.dry == frozenset({"projB"})  # room left (it holds 1 of 2 here), nothing due
