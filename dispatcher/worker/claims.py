@@ -58,15 +58,14 @@ class Claim(Script):
     jobs for a project not named (-1: any), `shares` pairs of a project and how many more
     it may take (a job's project is its id up to `sep`). The look stops (checked a page at
     a time) past `budget` entries passed over, or past `scout` once no project it looks
-    for has room: one named with room (but the `quiet` ones, found with nothing due by an
-    earlier claim) or one taken here with room left; past that, only a project new to
-    this worker could take a job. A due id whose data is gone comes back with `false`
-    data (and leaves the queue), so the worker can record it. A claimed job comes with the
-    registry version its event would be matched at (`registry.matches.Matches`): the
-    versions of the `platform` project and of its own (0 when none), space-separated, read
-    once per project; false when its id names no project. The ids are found here, so
-    their keys are made here too, from the prefixes given. Returns {id, data, claims,
-    version} rows."""
+    for has room: one named with room, or one taken here with room left; past that, only
+    a project new to this worker could take a job. A due id whose data is gone comes back
+    with `false` data (and leaves the queue), so the worker can record it. A claimed job
+    comes with the registry version its event would be matched at
+    (`registry.matches.Matches`): the versions of the `platform` project and of its own (0
+    when none), space-separated, read once per project; false when its id names no
+    project. The ids are found here, so their keys are made here too, from the prefixes
+    given. Returns {id, data, claims, version} rows."""
 
     LUA = (
         REDIS_NOW_MS
@@ -79,10 +78,9 @@ class Claim(Script):
       if more ~= (looked_for[project] or false) then open = open + (more and 1 or -1) end
       looked_for[project] = more
     end
-    for project in string.gmatch(quiet, '[^\\n]+') do looked_for[project] = false end
     for i = 1, #shares, 2 do
       left[shares[i]] = tonumber(shares[i + 1])
-      if looked_for[shares[i]] == nil then look_for(shares[i]) end
+      look_for(shares[i])
     end
     local of_project = '^([^' .. sep .. ']+)' .. sep
     local now_ms = redis_now_ms()
@@ -146,7 +144,6 @@ class Claim(Script):
     claims_ttl_s: int
     budget: int
     scout: int
-    quiet: str
     sep: str
     newcomer: int
     mine: str
@@ -290,12 +287,11 @@ class Claims:
         *,
         budget: int = 2000,
         scout: int | None = None,
-        quiet: Iterable[str] = (),
         shares: Budgets = (-1, {}),
         mine: Iterable[str] = (),
     ) -> list[Claimed]:
         """Up to `count` due jobs in one round trip (`Claim`: `budget`, `scout`, by default
-        `budget`, and `quiet` bound its look). `mine`: the ids this worker runs, passed over
+        `budget`, bound its look). `mine`: the ids this worker runs, passed over
         without a command (a running job is out of the due range, but for one whose run gave
         up its lease and has yet to end). `shares`: how many jobs a project not named may
         take (-1: any), and how many more each named one may (`Shares.claim_budgets`)."""
@@ -311,7 +307,6 @@ class Claims:
             claims_ttl_s=RETRY_KEY_TTL_S,
             budget=budget,
             scout=budget if scout is None else scout,
-            quiet="\n".join(quiet),
             sep=SEP,
             newcomer=newcomer,
             mine="\n".join(mine),

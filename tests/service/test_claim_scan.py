@@ -74,21 +74,6 @@ async def test_a_project_a_claim_finds_new_has_its_room_filled_past_the_scout(
     assert [c.job_id for c in took] == ["projC:evt_0", "projC:more_0"]
 
 
-async def test_a_quiet_project_is_looked_for_no_further_than_the_scout(
-    settings: Settings, redis: Redis
-) -> None:
-    """A busy project with room that an earlier claim found with nothing due (`quiet`) is
-    not looked for through another project's backlog: its job behind projA's is left to
-    the next wide claim; named but not quiet, it is found."""
-    await enqueue(redis, settings, "projA", 150)
-    await enqueue(redis, settings, "projB", 1)
-    claims = claims_of(redis, settings)
-    shares = (1, {"projA": 0, "projB": 2})
-    assert await claims.claim(10, scout=20, quiet=["projB"], shares=shares) == []
-    took = await claims.claim(10, scout=20, shares=shares)
-    assert [c.job_id for c in took] == ["projB:evt_0"]
-
-
 async def test_without_fair_shares_a_claim_looks_past_its_scout(
     settings: Settings, redis: Redis
 ) -> None:
@@ -105,8 +90,9 @@ async def test_a_workers_claim_finds_a_busy_projects_job_behind_a_page_of_others
 ) -> None:
     """Through `Served.claim`, between its wide looks: projB (busy, with room) has a job
     behind 150 of projA's (at its share), found at once; projC's, a page further (a
-    project not busy here), waits for the next wide look, after which projB, found with
-    nothing more, is looked for no further than a page until the look after."""
+    project not busy here), waits for the next wide look. A wide look that came back
+    short counts (projD waits for the next), one that filled its share does not (projE is
+    found by the claim after it)."""
     await enqueue(redis, settings, "projA", 150)
     await enqueue(redis, settings, "projB", 1)
     await enqueue(redis, settings, "projA", 120, name="more")
@@ -117,13 +103,20 @@ async def test_a_workers_claim_finds_a_busy_projects_job_behind_a_page_of_others
     served = Served.__new__(Served)
     served.claims = claims_of(redis, settings)
     served.engine = cast("Engine", SimpleNamespace(shares=shares))
+
+    async def claim(share: int) -> list[str]:
+        took = await served.claim(share, [], poll_delay=0.02)
+        assert took is not None
+        return [c.job_id for c in took]
+
     served.wide_at = time.monotonic()  # just looked wide
-    took = await served.claim(10, [], poll_delay=0.02)
-    assert took is not None
-    assert [c.job_id for c in took] == ["projB:evt_0"]
-    assert served.dry == frozenset()  # it took one: it may have more
+    assert await claim(10) == ["projB:evt_0"]
+    shares.job_started("projB:evt_0")  # projB at its share now too
     served.wide_at -= 1  # a wide look is due
-    took = await served.claim(10, [], poll_delay=0.02)
-    assert took is not None
-    assert [c.job_id for c in took] == ["projC:evt_0"]
-    assert served.dry == frozenset({"projB"})  # room left (it holds 1 of 2 here), nothing due
+    assert await claim(10) == ["projC:evt_0"]  # short: the next look is narrow
+    await enqueue(redis, settings, "projD", 1)
+    await enqueue(redis, settings, "projE", 1)
+    assert await claim(10) == []
+    served.wide_at -= 1
+    assert await claim(1) == ["projD:evt_0"]  # its share filled: still wide
+    assert await claim(10) == ["projE:evt_0"]
