@@ -58,14 +58,16 @@ class Claim(Script):
     jobs for a project not named (-1: any), `shares` pairs of a project and how many more
     it may take (a job's project is its id up to `sep`). The look stops (checked a page at
     a time) past `budget` entries passed over, or past `scout` once no project it looks
-    for has room: one named with room, or one taken here with room left; past that, only
-    a project new to this worker could take a job. A due id whose data is gone comes back
-    with `false` data (and leaves the queue), so the worker can record it. A claimed job
-    comes with the registry version its event would be matched at
-    (`registry.matches.Matches`): the versions of the `platform` project and of its own (0
-    when none), space-separated, read once per project; false when its id names no
-    project. The ids are found here, so their keys are made here too, from the prefixes
-    given. Returns {id, data, claims, version} rows."""
+    for has room (one named with room, or one taken here with room left): past that only
+    a project new to this worker could take a job, so it ends with the newest page of the
+    due range (oldest first), where one's jobs come due behind any backlog (unless it saw
+    the whole range, or shares are off). A due id whose data is gone comes back with
+    `false` data (and leaves the queue), so the worker can record it. A claimed job comes
+    with the registry version its event would be matched at (`registry.matches.Matches`):
+    the versions of the `platform` project and of its own (0 when none), space-separated,
+    read once per project; false when its id names no project. The ids are found here, so
+    their keys are made here too, from the prefixes given. Returns {id, data, claims,
+    version} rows."""
 
     LUA = (
         REDIS_NOW_MS
@@ -96,40 +98,50 @@ class Claim(Script):
       return versions[project]
     end
     local out = {}
-    local offset = 0
-    local page_size = want  -- as many as wanted: running jobs are not in the due range
+    local function claim(id)  -- true when `id` left the due range (claimed, or gone)
+      local project = not held[id] and string.match(id, of_project)
+      local share = new >= 0 and project and (left[project] or new)
+      -- still running here (its lease given up: its next chunk, its next attempt), or its
+      -- project holds its share of this worker: left for later
+      if held[id] or (share and share <= 0) then return false end
+      if not redis.call('SET', lease_prefix .. id, token, 'PX', lease_ms, 'NX') then
+        return false
+      end
+      if share then left[project] = share - 1; look_for(project) end
+      local data, claims = redis.call('GET', job_prefix .. id), 1
+      if not data then
+        redis.call('DEL', lease_prefix .. id)
+        redis.call('ZREM', queue, id)
+        claims = 0
+      else
+        redis.call('ZADD', queue, 'XX', leased_until, id)
+        if not redis.call('SET', claims_prefix .. id, 1, 'EX', claims_ttl_s, 'NX') then
+          claims = redis.call('INCR', claims_prefix .. id)  -- claimed before: ttl runs on
+        end
+      end
+      out[#out + 1] = {id, data, claims, data and version_of(project)}
+      return true
+    end
+    local offset, page_size, ended = 0, want, false  -- as many as wanted at first
     local scout_limit = new < 0 and limit or tonumber(scout)
     while #out < want and offset < limit and (open > 0 or offset < scout_limit) do
       local page = redis.call('ZRANGEBYSCORE', queue, '-inf', now_ms, 'LIMIT', offset, page_size)
-      if #page == 0 then break end
       local taken = 0  -- entries this page took out of the due range
       for _, id in ipairs(page) do
-        local project = not held[id] and string.match(id, of_project)
-        local share = new >= 0 and project and (left[project] or new)
-        if held[id] or (share and share <= 0) then
-          -- still running here (its lease given up: its next chunk, its next attempt), or
-          -- its project holds its share of this worker: left for later
-        elseif redis.call('SET', lease_prefix .. id, token, 'PX', lease_ms, 'NX') then
-          if share then left[project] = share - 1; look_for(project) end
-          local data = redis.call('GET', job_prefix .. id)
-          local claims = 1
-          taken = taken + 1
-          if not data then
-            redis.call('DEL', lease_prefix .. id)
-            redis.call('ZREM', queue, id)
-            claims = 0
-          else
-            redis.call('ZADD', queue, 'XX', leased_until, id)
-            if not redis.call('SET', claims_prefix .. id, 1, 'EX', claims_ttl_s, 'NX') then
-              claims = redis.call('INCR', claims_prefix .. id)  -- claimed before: ttl runs on
-            end
-          end
-          out[#out + 1] = {id, data, claims, data and version_of(project)}
-          if #out >= want then break end
-        end
+        if claim(id) then taken = taken + 1 end
+        if #out >= want then break end
       end
+      ended = #page < page_size
+      if ended then break end
       offset = offset + #page - taken
       page_size = math.max(want, 100)  -- fewer, longer pages past the jobs left alone
+    end
+    if #out < want and not ended and new >= 0 then  -- the newest due, oldest first
+      local page = redis.call('ZREVRANGEBYSCORE', queue, now_ms, '-inf', 'LIMIT', 0, 100)
+      for i = #page, 1, -1 do
+        claim(page[i])
+        if #out >= want then break end
+      end
     end
     return out
     """
@@ -369,17 +381,9 @@ class Claims:
         run failed (Redis, a timeout) and the same work is tried again."""
         delay_ms = int(delay_s * 1000)
         queue, lease, job, claims = self._keys(job_id)
-        Again(
-            queue=queue,
-            lease=lease,
-            job=job,
-            claims=claims,
-            token=self.token,
-            job_id=job_id,
-            due_ms=now_ms() + delay_ms,
-            ttl_ms=delay_ms + JOB_KEY_EXTRA_MS,
-            next_attempt="1" if next_attempt else "0",
-        ).queue_on(pipe)
+        due_ms, ttl_ms = now_ms() + delay_ms, delay_ms + JOB_KEY_EXTRA_MS
+        flag = "1" if next_attempt else "0"
+        Again(queue, lease, job, claims, self.token, job_id, due_ms, ttl_ms, flag).queue_on(pipe)
 
     async def release(self, job_ids: list[str]) -> None:
         """Give up the leases of `job_ids` now (shutdown), so another worker claims them at

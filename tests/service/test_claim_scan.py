@@ -27,11 +27,11 @@ if TYPE_CHECKING:
 async def enqueue(
     redis: Redis, settings: Settings, project: str, count: int, name: str = "evt"
 ) -> list[str]:
-    """`count` jobs of `project`, each due a little after the one before; their ids."""
+    """`count` jobs of `project`, due after the jobs enqueued before; their ids."""
+    await asyncio.sleep(0.002)  # a due time of their own (a tie goes by the id)
     queue = Queue(redis, Keys(settings.queue_name))
     for i in range(count):
         await queue.enqueue(EventJob(f"{name}_{i}", project, "BUILD_END"))
-        await asyncio.sleep(0.001)
     return [f"{project}:{name}_{i}" for i in range(count)]
 
 
@@ -44,12 +44,14 @@ async def test_a_claim_fills_a_busy_projects_room_past_its_scout_and_scouts_no_f
 ) -> None:
     """Once the projects with room have taken theirs, a claim looks at `scout` entries
     for a project new to the worker, not at its whole budget: projA's backlog (at its
-    share) hides projC's job from a narrow scout, not from a wide one; projB, busy with
-    room, is found behind the same backlog by the narrow one."""
+    share) hides projC's job (neither among the oldest due nor the newest) from a narrow
+    scout, not from a wide one; projB, busy with room, is found behind the same backlog by
+    the narrow one."""
     await enqueue(redis, settings, "projA", 150)
     await enqueue(redis, settings, "projB", 2)
     await enqueue(redis, settings, "projA", 150, name="more")
     await enqueue(redis, settings, "projC", 1)
+    await enqueue(redis, settings, "projA", 120, name="last")
     claims = claims_of(redis, settings)
     took = await claims.claim(10, scout=20, shares=(1, {"projA": 3, "projB": 0}))
     assert [c.job_id for c in took] == ["projA:evt_0", "projA:evt_1", "projA:evt_2"]
@@ -70,6 +72,7 @@ async def test_a_project_a_claim_finds_new_has_its_room_filled_past_the_scout(
     await enqueue(redis, settings, "projC", 1, name="more")
     await enqueue(redis, settings, "projA", 120, name="more")
     await enqueue(redis, settings, "projD", 1)
+    await enqueue(redis, settings, "projA", 120, name="last")
     took = await claims_of(redis, settings).claim(10, scout=20, shares=(2, {"projA": 0}))
     assert [c.job_id for c in took] == ["projC:evt_0", "projC:more_0"]
 
@@ -85,18 +88,52 @@ async def test_without_fair_shares_a_claim_looks_past_its_scout(
     assert [c.job_id for c in took] == ["projA:more_0"]
 
 
+async def test_a_project_new_here_whose_job_just_came_due_is_found_behind_any_backlog(
+    settings: Settings, redis: Redis
+) -> None:
+    """After the scout, a claim reads the newest page of the due range: a project not busy
+    here, whose job has just come due behind another's backlog longer than the claim's
+    whole budget, is found at once (the oldest of its jobs there first)."""
+    await enqueue(redis, settings, "projA", 150)
+    await enqueue(redis, settings, "projC", 2)
+    claims = claims_of(redis, settings)
+    took = await claims.claim(10, budget=50, scout=20, shares=(1, {"projA": 0}))
+    assert [c.job_id for c in took] == ["projC:evt_0"]
+
+
+async def newest_page_reads(redis: Redis) -> int:
+    stats = await redis.info("commandstats")
+    return int(stats.get("cmdstat_zrevrangebyscore", {}).get("calls", 0))
+
+
+async def test_a_claim_that_saw_the_whole_due_range_reads_no_newest_page(
+    settings: Settings, redis: Redis
+) -> None:
+    """The newest page is read only when the look stopped short of the end of the due
+    range: a claim that saw it all (a short queue) asks nothing more."""
+    await enqueue(redis, settings, "projA", 30)
+    claims = claims_of(redis, settings)
+    before = await newest_page_reads(redis)
+    assert len(await claims.claim(10, scout=50, shares=(2, {}))) == 2
+    assert await newest_page_reads(redis) == before
+    await enqueue(redis, settings, "projA", 200, name="more")
+    assert await claims.claim(10, scout=5, shares=(2, {"projA": 0})) == []
+    assert await newest_page_reads(redis) == before + 1
+
+
 async def test_a_workers_claim_finds_a_busy_projects_job_behind_a_page_of_others(
     settings: Settings, redis: Redis
 ) -> None:
     """Through `Served.claim`, between its wide looks: projB (busy, with room) has a job
-    behind 150 of projA's (at its share), found at once; projC's, a page further (a
-    project not busy here), waits for the next wide look. A wide look that came back
-    short counts (projD waits for the next), one that filled its share does not (projE is
-    found by the claim after it)."""
+    behind 150 of projA's (at its share), found at once; projC's, further (a project not
+    busy here, its job neither among the oldest due nor the newest), waits for the next
+    wide look. A wide look that came back short counts (projD waits for the next), one
+    that filled its share does not (projE is found by the claim after it)."""
     await enqueue(redis, settings, "projA", 150)
     await enqueue(redis, settings, "projB", 1)
     await enqueue(redis, settings, "projA", 120, name="more")
     await enqueue(redis, settings, "projC", 1)
+    await enqueue(redis, settings, "projA", 120, name="last")
     shares = Shares(slots=6, max_per_host=100)  # projA and projB busy: a share of 2
     for job_id in ("projA:r0", "projA:r1", "projB:r0"):
         shares.job_started(job_id)
@@ -116,6 +153,7 @@ async def test_a_workers_claim_finds_a_busy_projects_job_behind_a_page_of_others
     assert await claim(10) == ["projC:evt_0"]  # short: the next look is narrow
     await enqueue(redis, settings, "projD", 1)
     await enqueue(redis, settings, "projE", 1)
+    await enqueue(redis, settings, "projA", 120, name="after")
     assert await claim(10) == []
     served.wide_at -= 1
     assert await claim(1) == ["projD:evt_0"]  # its share filled: still wide
