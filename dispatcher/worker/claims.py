@@ -59,15 +59,16 @@ class Claim(Script):
     it may take (a job's project is its id up to `sep`). The look stops (checked a page at
     a time) past `budget` entries passed over, or past `scout` once no project it looks
     for has room (one named with room, or one taken here with room left): past that only
-    a project new to this worker could take a job, so it ends with the newest page of the
-    due range (oldest first), where one's jobs come due behind any backlog (unless it saw
-    the whole range, or shares are off). A due id whose data is gone comes back with
+    a project new to this worker could take a job. Stopped short of the due range's end
+    with fewer than `want`, it looks last at up to a page of what came due after
+    `since_ms` (this worker's last claim, by Redis's clock; 0: none): a project's jobs
+    that just came due behind any backlog. A due id whose data is gone comes back with
     `false` data (and leaves the queue), so the worker can record it. A claimed job comes
     with the registry version its event would be matched at (`registry.matches.Matches`):
     the versions of the `platform` project and of its own (0 when none), space-separated,
     read once per project; false when its id names no project. The ids are found here, so
-    their keys are made here too, from the prefixes given. Returns {id, data, claims,
-    version} rows."""
+    their keys are made here too, from the prefixes given. Returns Redis's time (ms) and
+    the {id, data, claims, version} rows."""
 
     LUA = (
         REDIS_NOW_MS
@@ -104,9 +105,7 @@ class Claim(Script):
       -- still running here (its lease given up: its next chunk, its next attempt), or its
       -- project holds its share of this worker: left for later
       if held[id] or (share and share <= 0) then return false end
-      if not redis.call('SET', lease_prefix .. id, token, 'PX', lease_ms, 'NX') then
-        return false
-      end
+      if not redis.call('SET', lease_prefix .. id, token, 'PX', lease_ms, 'NX') then return end
       if share then left[project] = share - 1; look_for(project) end
       local data, claims = redis.call('GET', job_prefix .. id), 1
       if not data then
@@ -136,14 +135,11 @@ class Claim(Script):
       offset = offset + #page - taken
       page_size = math.max(want, 100)  -- fewer, longer pages past the jobs left alone
     end
-    if #out < want and not ended and new >= 0 then  -- the newest due, oldest first
-      local page = redis.call('ZREVRANGEBYSCORE', queue, now_ms, '-inf', 'LIMIT', 0, 100)
-      for i = #page, 1, -1 do
-        claim(page[i])
-        if #out >= want then break end
-      end
+    if #out < want and not ended and tonumber(since_ms) > 0 then  -- what came due since
+      local page = redis.call('ZRANGEBYSCORE', queue, '(' .. since_ms, now_ms, 'LIMIT', 0, 100)
+      for _, id in ipairs(page) do if claim(id) and #out >= want then break end end
     end
-    return out
+    return {now_ms, out}
     """
     )
     queue: Key
@@ -156,6 +152,7 @@ class Claim(Script):
     claims_ttl_s: int
     budget: int
     scout: int
+    since_ms: int
     sep: str
     newcomer: int
     mine: str
@@ -292,6 +289,7 @@ class Claims:
         self.queue_name = keys.QUEUE
         self.token = token
         self.lease_ms = int(lease_s * 1000)
+        self.claimed_at_ms = 0  # by Redis's clock: the last claim's (0: none yet)
 
     async def claim(
         self,
@@ -308,7 +306,7 @@ class Claims:
         up its lease and has yet to end). `shares`: how many jobs a project not named may
         take (-1: any), and how many more each named one may (`Shares.claim_budgets`)."""
         newcomer, projects = shares
-        rows = await Claim(
+        claimed_at_ms, rows = await Claim(
             queue=self.queue_name,
             want=count,
             lease_ms=self.lease_ms,
@@ -319,6 +317,7 @@ class Claims:
             claims_ttl_s=RETRY_KEY_TTL_S,
             budget=budget,
             scout=budget if scout is None else scout,
+            since_ms=self.claimed_at_ms,
             sep=SEP,
             newcomer=newcomer,
             mine="\n".join(mine),
@@ -326,6 +325,7 @@ class Claims:
             platform=PLATFORM_PROJECT,
             shares=[item for pair in projects.items() for item in pair],
         ).run(self.redis)
+        self.claimed_at_ms = int(claimed_at_ms)
         return [
             Claimed(job_id.decode(), data or None, int(claims), version or None)
             for job_id, data, claims, version in rows

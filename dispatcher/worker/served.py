@@ -38,7 +38,7 @@ log = structlog.get_logger("dispatcher.worker")
 BACKOFF_CAP_S = 2.0
 # Once every project busy in the worker has taken its room, a claim can only take the
 # jobs of a project not busy yet: it looks for them no further than a page into the queue
-# (or than where the last room was filled) and in the newest page of the due range, and as
+# (or than where the last room was filled) and at what came due since its last claim, and as
 # far as the whole claim budget at most this often (paging through thousands of entries it
 # may not take was, per delivery, more Redis work than the delivery itself).
 WIDE_SCAN_S = 0.25

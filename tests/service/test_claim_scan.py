@@ -27,12 +27,13 @@ if TYPE_CHECKING:
 async def enqueue(
     redis: Redis, settings: Settings, project: str, count: int, name: str = "evt"
 ) -> list[str]:
-    """`count` jobs of `project`, due after the jobs enqueued before; their ids."""
+    """`count` jobs of `project`, due after the jobs enqueued before; their ids (padded:
+    the jobs enqueued within a millisecond go by their ids)."""
     await asyncio.sleep(0.002)  # a due time of their own (a tie goes by the id)
     queue = Queue(redis, Keys(settings.queue_name))
     for i in range(count):
-        await queue.enqueue(EventJob(f"{name}_{i}", project, "BUILD_END"))
-    return [f"{project}:{name}_{i}" for i in range(count)]
+        await queue.enqueue(EventJob(f"{name}_{i:03}", project, "BUILD_END"))
+    return [f"{project}:{name}_{i:03}" for i in range(count)]
 
 
 def claims_of(redis: Redis, settings: Settings) -> Claims:
@@ -54,11 +55,11 @@ async def test_a_claim_fills_a_busy_projects_room_past_its_scout_and_scouts_no_f
     await enqueue(redis, settings, "projA", 120, name="last")
     claims = claims_of(redis, settings)
     took = await claims.claim(10, scout=20, shares=(1, {"projA": 3, "projB": 0}))
-    assert [c.job_id for c in took] == ["projA:evt_0", "projA:evt_1", "projA:evt_2"]
+    assert [c.job_id for c in took] == ["projA:evt_000", "projA:evt_001", "projA:evt_002"]
     took = await claims.claim(10, scout=20, shares=(1, {"projA": 0, "projB": 2}))
-    assert sorted(c.job_id for c in took) == ["projB:evt_0", "projB:evt_1"]
+    assert sorted(c.job_id for c in took) == ["projB:evt_000", "projB:evt_001"]
     took = await claims.claim(10, scout=2000, shares=(1, {"projA": 0, "projB": 0}))
-    assert [c.job_id for c in took] == ["projC:evt_0"]
+    assert [c.job_id for c in took] == ["projC:evt_000"]
 
 
 async def test_a_project_a_claim_finds_new_has_its_room_filled_past_the_scout(
@@ -74,7 +75,7 @@ async def test_a_project_a_claim_finds_new_has_its_room_filled_past_the_scout(
     await enqueue(redis, settings, "projD", 1)
     await enqueue(redis, settings, "projA", 120, name="last")
     took = await claims_of(redis, settings).claim(10, scout=20, shares=(2, {"projA": 0}))
-    assert [c.job_id for c in took] == ["projC:evt_0", "projC:more_0"]
+    assert [c.job_id for c in took] == ["projC:evt_000", "projC:more_000"]
 
 
 async def test_without_fair_shares_a_claim_looks_past_its_scout(
@@ -85,40 +86,75 @@ async def test_without_fair_shares_a_claim_looks_past_its_scout(
     running = await enqueue(redis, settings, "projA", 30)
     await enqueue(redis, settings, "projA", 1, name="more")
     took = await claims_of(redis, settings).claim(10, scout=5, mine=running)
-    assert [c.job_id for c in took] == ["projA:more_0"]
+    assert [c.job_id for c in took] == ["projA:more_000"]
 
 
 async def test_a_project_new_here_whose_job_just_came_due_is_found_behind_any_backlog(
     settings: Settings, redis: Redis
 ) -> None:
-    """After the scout, a claim reads the newest page of the due range: a project not busy
-    here, whose job has just come due behind another's backlog longer than the claim's
-    whole budget, is found at once (the oldest of its jobs there first)."""
+    """A look stopped short reads last what came due since the worker's claim before: a
+    project not busy here, whose jobs have just come due behind another's backlog longer
+    than the claim's whole budget, is found at once (its oldest first)."""
     await enqueue(redis, settings, "projA", 150)
-    await enqueue(redis, settings, "projC", 2)
     claims = claims_of(redis, settings)
-    took = await claims.claim(10, budget=50, scout=20, shares=(1, {"projA": 0}))
-    assert [c.job_id for c in took] == ["projC:evt_0"]
+    shares = (1, {"projA": 0})
+    assert await claims.claim(10, budget=50, scout=20, shares=shares) == []  # none before
+    await enqueue(redis, settings, "projC", 2)
+    took = await claims.claim(10, budget=50, scout=20, shares=shares)
+    assert [c.job_id for c in took] == ["projC:evt_000"]
 
 
-async def newest_page_reads(redis: Redis) -> int:
+async def range_reads(redis: Redis) -> int:
     stats = await redis.info("commandstats")
-    return int(stats.get("cmdstat_zrevrangebyscore", {}).get("calls", 0))
+    return int(stats.get("cmdstat_zrangebyscore", {}).get("calls", 0))
 
 
-async def test_a_claim_that_saw_the_whole_due_range_reads_no_newest_page(
+async def test_a_claim_that_saw_the_whole_due_range_looks_at_nothing_more(
     settings: Settings, redis: Redis
 ) -> None:
-    """The newest page is read only when the look stopped short of the end of the due
-    range: a claim that saw it all (a short queue) asks nothing more."""
+    """What came due since the last claim is read only when the look stopped short of the
+    due range's end, and there was a claim before: the worker's first claim, stopped by
+    its scout, reads its page; one that saw it all (its second page short) asks nothing
+    more; one stopped by its scout reads one range more."""
     await enqueue(redis, settings, "projA", 30)
     claims = claims_of(redis, settings)
-    before = await newest_page_reads(redis)
+    before = await range_reads(redis)
+    assert await claims.claim(10, scout=5, shares=(2, {"projA": 0})) == []
+    assert await range_reads(redis) == before + 1  # a page of 10: none before it
     assert len(await claims.claim(10, scout=50, shares=(2, {}))) == 2
-    assert await newest_page_reads(redis) == before
+    assert await range_reads(redis) == before + 3  # a page of 10, then one of 100: short
     await enqueue(redis, settings, "projA", 200, name="more")
     assert await claims.claim(10, scout=5, shares=(2, {"projA": 0})) == []
-    assert await newest_page_reads(redis) == before + 1
+    assert await range_reads(redis) == before + 5  # a page of 10, then what came due
+
+
+async def test_what_came_due_keeps_to_the_shares_and_passes_over_the_workers_jobs(
+    settings: Settings, redis: Redis
+) -> None:
+    """What came due since the last claim is taken within the shares, passing over the
+    ids the worker runs: projC, at its share now, takes none of it, and the worker's own
+    job there is passed over. A look stopped by its budget (here, with fair shares off,
+    by the jobs the worker runs) reads it too."""
+    await enqueue(redis, settings, "projC", 1)
+    await enqueue(redis, settings, "projA", 150)
+    claims = claims_of(redis, settings)
+    assert [c.job_id for c in await claims.claim(1)] == ["projC:evt_000"]
+    [mine] = await enqueue(redis, settings, "projB", 1)
+    await enqueue(redis, settings, "projC", 1, name="more")
+    took = await claims.claim(10, scout=20, shares=(1, {"projA": 0, "projC": 0}), mine=[mine])
+    assert took == []
+    await enqueue(redis, settings, "projC", 1, name="last")
+    running = [f"projA:evt_{i:03}" for i in range(150)]
+    took = await claims.claim(10, budget=50, mine=[*running, mine])
+    assert [c.job_id for c in took] == ["projC:last_000"]
+
+
+async def backdate(redis: Redis, settings: Settings, job_ids: list[str], like: str) -> None:
+    """Make `job_ids` due when `like` is: in the middle of the due range."""
+    queue = Keys(settings.queue_name).QUEUE
+    score = await redis.zscore(queue, like)
+    assert score is not None
+    await redis.zadd(queue, dict.fromkeys(job_ids, float(score)))
 
 
 async def test_a_workers_claim_finds_a_busy_projects_job_behind_a_page_of_others(
@@ -147,14 +183,19 @@ async def test_a_workers_claim_finds_a_busy_projects_job_behind_a_page_of_others
         return [c.job_id for c in took]
 
     served.wide_at = time.monotonic()  # just looked wide
-    assert await claim(10) == ["projB:evt_0"]
-    shares.job_started("projB:evt_0")  # projB at its share now too
+    assert await claim(10) == ["projB:evt_000"]
+    shares.job_started("projB:evt_000")  # projB at its share now too
     served.wide_at -= 1  # a wide look is due
-    assert await claim(10) == ["projC:evt_0"]  # short: the next look is narrow
-    await enqueue(redis, settings, "projD", 1)
-    await enqueue(redis, settings, "projE", 1)
-    await enqueue(redis, settings, "projA", 120, name="after")
+    wide_at = served.wide_at
+    assert await claim(10) == ["projC:evt_000"]
+    assert served.wide_at > wide_at  # it came back short: it counts
+    later = [
+        *await enqueue(redis, settings, "projD", 1),
+        *await enqueue(redis, settings, "projE", 1),
+    ]
+    await backdate(redis, settings, later, like="projA:more_060")  # not just come due
+    served.wide_at = time.monotonic()  # as if the wide look were just now
     assert await claim(10) == []
     served.wide_at -= 1
-    assert await claim(1) == ["projD:evt_0"]  # its share filled: still wide
-    assert await claim(10) == ["projE:evt_0"]
+    assert await claim(1) == ["projD:evt_000"]  # its share filled: still wide
+    assert await claim(10) == ["projE:evt_000"]
