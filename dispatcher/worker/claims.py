@@ -38,6 +38,7 @@ __all__ = ["Budgets", "Claimed", "Claims", "Finish"]
 Budgets = tuple[int, dict[str, int]]  # jobs a new project may take (-1: any), each busy one's
 RETRY_KEY_TTL_S = 88_400  # arq's
 JOB_KEY_EXTRA_MS = 86_400_000  # a job's data outlives its due time by a day (arq's rule)
+JUST_DUE_SLACK_MS = 1000  # a claim's look at what just came due starts this long before
 
 
 def body_wait_ms(settings: Settings) -> int:
@@ -60,15 +61,17 @@ class Claim(Script):
     a time) past `budget` entries passed over, or past `scout` once no project it looks
     for has room (one named with room, or one taken here with room left): past that only
     a project new to this worker could take a job. Stopped short of the due range's end
-    with fewer than `want`, it looks last at up to a page of what came due after
-    `since_ms` (this worker's last claim, by Redis's clock; 0: none): a project's jobs
-    that just came due behind any backlog. A due id whose data is gone comes back with
-    `false` data (and leaves the queue), so the worker can record it. A claimed job comes
-    with the registry version its event would be matched at (`registry.matches.Matches`):
-    the versions of the `platform` project and of its own (0 when none), space-separated,
-    read once per project; false when its id names no project. The ids are found here, so
-    their keys are made here too, from the prefixes given. Returns Redis's time (ms) and
-    the {id, data, claims, version} rows."""
+    with fewer than `want`, it looks last at what just came due, where a project's jobs
+    come due behind any backlog: the newest page (oldest of it first) of the jobs due
+    from `slack_ms` before `since_ms` (this worker's last claim, by Redis's clock; 0:
+    none), since due times are the writers' clocks and reach Redis a little later. A due
+    id whose data is gone comes back with `false` data (and leaves the queue), so the
+    worker can record it. A claimed job comes with the registry version its event would
+    be matched at (`registry.matches.Matches`): the versions of the `platform` project
+    and of its own (0 when none), space-separated, read once per project; false when its
+    id names no project. The ids are found here, so their keys are made here too, from
+    the prefixes given. Returns Redis's time (ms) and the {id, data, claims, version}
+    rows."""
 
     LUA = (
         REDIS_NOW_MS
@@ -135,9 +138,10 @@ class Claim(Script):
       offset = offset + #page - taken
       page_size = math.max(want, 100)  -- fewer, longer pages past the jobs left alone
     end
-    if #out < want and not ended and tonumber(since_ms) > 0 then  -- what came due since
-      local page = redis.call('ZRANGEBYSCORE', queue, '(' .. since_ms, now_ms, 'LIMIT', 0, 100)
-      for _, id in ipairs(page) do if claim(id) and #out >= want then break end end
+    if #out < want and not ended and tonumber(since_ms) > 0 then  -- what just came due
+      local from = math.min(tonumber(since_ms), now_ms) - tonumber(slack_ms)
+      local page = redis.call('ZREVRANGEBYSCORE', queue, now_ms, from, 'LIMIT', 0, 100)
+      for i = #page, 1, -1 do if claim(page[i]) and #out >= want then break end end
     end
     return {now_ms, out}
     """
@@ -153,6 +157,7 @@ class Claim(Script):
     budget: int
     scout: int
     since_ms: int
+    slack_ms: int
     sep: str
     newcomer: int
     mine: str
@@ -300,11 +305,12 @@ class Claims:
         shares: Budgets = (-1, {}),
         mine: Iterable[str] = (),
     ) -> list[Claimed]:
-        """Up to `count` due jobs in one round trip (`Claim`: `budget`, `scout`, by default
-        `budget`, bound its look). `mine`: the ids this worker runs, passed over
-        without a command (a running job is out of the due range, but for one whose run gave
-        up its lease and has yet to end). `shares`: how many jobs a project not named may
-        take (-1: any), and how many more each named one may (`Shares.claim_budgets`)."""
+        """Up to `count` due jobs in one round trip (`Claim`; `scout` defaults to
+        `budget`; its `since_ms` is `claimed_at_ms`, which a failed claim's caller sets to
+        0). `mine`: the ids this worker runs, passed over without a command (a running job
+        is out of the due range, but for one whose run gave up its lease and has yet to
+        end). `shares`: how many jobs a project not named may take (-1: any), and how many
+        more each named one may (`Shares.claim_budgets`)."""
         newcomer, projects = shares
         claimed_at_ms, rows = await Claim(
             queue=self.queue_name,
@@ -318,6 +324,7 @@ class Claims:
             budget=budget,
             scout=budget if scout is None else scout,
             since_ms=self.claimed_at_ms,
+            slack_ms=JUST_DUE_SLACK_MS,
             sep=SEP,
             newcomer=newcomer,
             mine="\n".join(mine),
@@ -335,15 +342,9 @@ class Claims:
         """Extend the leases of `job_ids` that are still ours; returns how many were."""
         if not job_ids:
             return 0
-        return int(
-            await Renew(
-                self.queue_name,
-                self.lease_ms,
-                self.token,
-                self.keys.ARQ_IN_PROGRESS_PREFIX,
-                job_ids,
-            ).run(self.redis)
-        )
+        prefix = self.keys.ARQ_IN_PROGRESS_PREFIX
+        renew = Renew(self.queue_name, self.lease_ms, self.token, prefix, job_ids)
+        return int(await renew.run(self.redis))
 
     def _keys(self, job_id: str) -> tuple[str, str, str, str]:
         """A job's queue, lease, data and claim count keys."""

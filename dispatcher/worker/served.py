@@ -38,9 +38,10 @@ log = structlog.get_logger("dispatcher.worker")
 BACKOFF_CAP_S = 2.0
 # Once every project busy in the worker has taken its room, a claim can only take the
 # jobs of a project not busy yet: it looks for them no further than a page into the queue
-# (or than where the last room was filled) and at what came due since its last claim, and as
-# far as the whole claim budget at most this often (paging through thousands of entries it
-# may not take was, per delivery, more Redis work than the delivery itself).
+# (or than where the last room was filled) and at the newest page of what came due from a
+# second before its last claim on, and as far as the whole claim budget at most this often
+# (paging through thousands of entries it may not take was, per delivery, more Redis work
+# than the delivery itself).
 WIDE_SCAN_S = 0.25
 NARROW_BUDGET, WIDE_BUDGET = 100, 2000
 # waited out while claiming: an outage, and any reply error (READONLY after a failover)
@@ -102,6 +103,7 @@ class Served:
             if full := redis_full(exc):
                 metrics.REDIS_FULL.labels(refused="claim").inc()
             retry = self.failed(poll_delay)
+            self.claims.claimed_at_ms = 0  # its Redis may come back with another clock
             log.warning("worker.claim_failed", error=str(exc), redis_full=full,
                         retry_in_s=round(retry, 2), shard=self.index)  # fmt: skip
             return None

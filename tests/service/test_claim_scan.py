@@ -16,11 +16,12 @@ from dispatcher.jobs import EventJob
 from dispatcher.keys import Keys
 from dispatcher.queue import Queue
 from dispatcher.settings import Settings
-from dispatcher.worker.claims import Claims
+from dispatcher.worker.claims import JUST_DUE_SLACK_MS, Claims
 from dispatcher.worker.served import Served
 from dispatcher.worker.shares import Shares
 
 if TYPE_CHECKING:
+    from dispatcher.services import Services
     from dispatcher.worker.engine import Engine
 
 
@@ -92,21 +93,56 @@ async def test_without_fair_shares_a_claim_looks_past_its_scout(
 async def test_a_project_new_here_whose_job_just_came_due_is_found_behind_any_backlog(
     settings: Settings, redis: Redis
 ) -> None:
-    """A look stopped short reads last what came due since the worker's claim before: a
-    project not busy here, whose jobs have just come due behind another's backlog longer
-    than the claim's whole budget, is found at once (its oldest first)."""
+    """A look stopped short reads last what just came due: a project not busy here, whose
+    jobs have just come due behind another's backlog longer than the claim's whole
+    budget, is found at once (its oldest first), and so is one whose job was due a little
+    before the worker's claim before (the writer's clock, or its write on the way), but
+    not one due long before that (left to the wide look); a claim before by a clock
+    ahead of Redis's now counts as now."""
     await enqueue(redis, settings, "projA", 150)
+    queue = Keys(settings.queue_name).QUEUE
+    for job_id, score in await redis.zrange(queue, 0, -1, withscores=True):
+        await redis.zadd(queue, {job_id: score - 10_000})  # due for a while
     claims = claims_of(redis, settings)
     shares = (1, {"projA": 0})
     assert await claims.claim(10, budget=50, scout=20, shares=shares) == []  # none before
     await enqueue(redis, settings, "projC", 2)
     took = await claims.claim(10, budget=50, scout=20, shares=shares)
     assert [c.job_id for c in took] == ["projC:evt_000"]
+    [old, late] = await enqueue(redis, settings, "projD", 2)
+    since = claims.claimed_at_ms
+    await redis.zadd(queue, {old: since - JUST_DUE_SLACK_MS - 50})  # still behind projA's
+    await redis.zadd(queue, {late: since - JUST_DUE_SLACK_MS + 50})
+    took = await claims.claim(10, budget=50, scout=20, shares=(1, {"projA": 0, "projC": 0}))
+    assert [c.job_id for c in took] == [late]
+    claims.claimed_at_ms += 60_000  # a clock that ran ahead (Redis's, before a failover)
+    await enqueue(redis, settings, "projE", 1)
+    took = await claims.claim(10, budget=50, scout=20, shares=(1, {"projA": 0, "projC": 0}))
+    assert [c.job_id for c in took] == ["projE:evt_000"]
+
+
+async def test_a_failed_claim_forgets_the_time_of_the_one_before(
+    settings: Settings, redis: Redis
+) -> None:
+    """Redis may come back with another clock (a failover): after a claim that failed,
+    the next claim does not look for what just came due by the old one."""
+    served = Served.__new__(Served)
+    served.claims = claims_of(redis, settings)
+    served.engine = cast("Engine", SimpleNamespace(shares=Shares(slots=6, max_per_host=100)))
+    served.services = cast("Services", SimpleNamespace(shard=SimpleNamespace(index=0)))
+    assert await served.claim(10, [], poll_delay=0.02) == []
+    assert served.claims.claimed_at_ms > 0
+    await redis.set(Keys(settings.queue_name).QUEUE, "not a sorted set")  # a claim fails
+    assert await served.claim(10, [], poll_delay=0.02) is None
+    assert served.claims.claimed_at_ms == 0
 
 
 async def range_reads(redis: Redis) -> int:
     stats = await redis.info("commandstats")
-    return int(stats.get("cmdstat_zrangebyscore", {}).get("calls", 0))
+    return sum(
+        int(stats.get(f"cmdstat_{name}", {}).get("calls", 0))
+        for name in ("zrangebyscore", "zrevrangebyscore")
+    )
 
 
 async def test_a_claim_that_saw_the_whole_due_range_looks_at_nothing_more(
@@ -146,7 +182,7 @@ async def test_what_came_due_keeps_to_the_shares_and_passes_over_the_workers_job
     await enqueue(redis, settings, "projC", 1, name="last")
     running = [f"projA:evt_{i:03}" for i in range(150)]
     took = await claims.claim(10, budget=50, mine=[*running, mine])
-    assert [c.job_id for c in took] == ["projC:last_000"]
+    assert [c.job_id for c in took] == ["projC:more_000", "projC:last_000"]
 
 
 async def backdate(redis: Redis, settings: Settings, job_ids: list[str], like: str) -> None:
