@@ -11,6 +11,7 @@ from __future__ import annotations
 from bench.harness import Scenario
 from bench.scenarios import (
     ceiling,
+    claim_scan,
     controls,
     emit,
     fan_out,
@@ -42,6 +43,7 @@ __all__ = ["SCENARIOS"]
 SCENARIOS: list[Scenario] = [
     throughput.SCENARIO,
     redis_cost.SCENARIO,
+    claim_scan.SCENARIO,
     ceiling.SCENARIO,
     fan_out.SCENARIO,
     fan_out_bodies.SCENARIO,
