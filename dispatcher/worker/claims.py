@@ -54,23 +54,24 @@ class Claim(Script):
     live lease, oldest first, in one round trip: each one's lease set for `token` (NX: a
     live one is left alone), its score moved to the lease's end (out of the due range
     while it runs), its data read, its claim counted (the first claim creates the count
-    with its ttl). The ids in `mine` (newline-separated) are passed over, and so is a job
-    of a project that has taken its share: `newcomer` jobs for a project not named (-1:
-    any), `shares` pairs of a project and how many more it may take (a job's project is
-    its id up to `sep`). The look stops (checked a page at a time) past `budget` entries
-    passed over, or past `scout` once no project it looks for has room: one named with
-    room (but the `quiet` ones, found with nothing due by a claim before) or one taken
-    here with room left. Stopped short of the range's end with fewer than `want`, it
-    looks last at what just came due (where a new or quiet project's jobs come due,
-    behind any backlog): the newest page, oldest of it first, of the jobs due from
-    `slack_ms` before `since_ms` on (this worker's last claim, by Redis's clock; 0: none;
-    due times are the writers' clocks, and reach Redis a little later). A due id whose
-    data is gone comes back with `false` data (and leaves the queue), so the worker can
-    record it. A claimed job comes with the registry version its event would be matched
-    at (`registry.matches.Matches`): the `platform` project's and its own (0 when none),
-    space-separated, read once per project; false when its id names no project. Returns
-    Redis's time (ms) and the {id, data, claims, version} rows (the keys are made here,
-    from the prefixes given)."""
+    with its ttl, one command). The ids in `mine` (newline-separated) are passed over. A
+    job of a project that has taken its share is left in the queue, untouched: `newcomer`
+    jobs for a project not named (-1: any), `shares` pairs of a project and how many more
+    it may take (a job's project is its id up to `sep`). The look stops (checked a page at
+    a time) past `budget` entries passed over, or past `scout` once no project it looks
+    for has room (one named with room, or one taken here with room left): past that only
+    a project new to this worker could take a job. Stopped short of the due range's end
+    with fewer than `want`, it looks last at what just came due, where a project's jobs
+    come due behind any backlog: the newest page (oldest of it first) of the jobs due
+    from `slack_ms` before `since_ms` (this worker's last claim, by Redis's clock; 0:
+    none), since due times are the writers' clocks and reach Redis a little later. A due
+    id whose data is gone comes back with `false` data (and leaves the queue), so the
+    worker can record it. A claimed job comes with the registry version its event would
+    be matched at (`registry.matches.Matches`): the versions of the `platform` project
+    and of its own (0 when none), space-separated, read once per project; false when its
+    id names no project. The ids are found here, so their keys are made here too, from
+    the prefixes given. Returns Redis's time (ms) and the {id, data, claims, version}
+    rows."""
 
     LUA = (
         REDIS_NOW_MS
@@ -83,10 +84,9 @@ class Claim(Script):
       if more ~= (looked_for[project] or false) then open = open + (more and 1 or -1) end
       looked_for[project] = more
     end
-    for project in string.gmatch(quiet, '[^\\n]+') do looked_for[project] = false end
     for i = 1, #shares, 2 do
       left[shares[i]] = tonumber(shares[i + 1])
-      if looked_for[shares[i]] == nil then look_for(shares[i]) end
+      look_for(shares[i])
     end
     local of_project = '^([^' .. sep .. ']+)' .. sep
     local now_ms = redis_now_ms()
@@ -105,7 +105,8 @@ class Claim(Script):
     local function claim(id)  -- true when `id` left the due range (claimed, or gone)
       local project = not held[id] and string.match(id, of_project)
       local share = new >= 0 and project and (left[project] or new)
-      -- running here (its lease given up: a next chunk, attempt), or its project full here
+      -- still running here (its lease given up: its next chunk, its next attempt), or its
+      -- project holds its share of this worker: left for later
       if held[id] or (share and share <= 0) then return false end
       if not redis.call('SET', lease_prefix .. id, token, 'PX', lease_ms, 'NX') then return end
       if share then left[project] = share - 1; look_for(project) end
@@ -155,7 +156,6 @@ class Claim(Script):
     claims_ttl_s: int
     budget: int
     scout: int
-    quiet: str
     since_ms: int
     slack_ms: int
     sep: str
@@ -302,16 +302,15 @@ class Claims:
         *,
         budget: int = 2000,
         scout: int | None = None,
-        quiet: Iterable[str] = (),
         shares: Budgets = (-1, {}),
         mine: Iterable[str] = (),
     ) -> list[Claimed]:
         """Up to `count` due jobs in one round trip (`Claim`; `scout` defaults to
-        `budget`; `since_ms` is `claimed_at_ms`, which a failed claim's caller sets to 0).
-        `mine`: the ids this worker runs, passed over without a command (a running job is
-        out of the due range, but for one whose run gave up its lease and has yet to end).
-        `shares`: how many jobs a project not named may take (-1: any), and how many more
-        each named one may (`Shares.claim_budgets`)."""
+        `budget`; its `since_ms` is `claimed_at_ms`, which a failed claim's caller sets to
+        0). `mine`: the ids this worker runs, passed over without a command (a running job
+        is out of the due range, but for one whose run gave up its lease and has yet to
+        end). `shares`: how many jobs a project not named may take (-1: any), and how many
+        more each named one may (`Shares.claim_budgets`)."""
         newcomer, projects = shares
         claimed_at_ms, rows = await Claim(
             queue=self.queue_name,
@@ -324,7 +323,6 @@ class Claims:
             claims_ttl_s=RETRY_KEY_TTL_S,
             budget=budget,
             scout=budget if scout is None else scout,
-            quiet="\n".join(quiet),
             since_ms=self.claimed_at_ms,
             slack_ms=JUST_DUE_SLACK_MS,
             sep=SEP,
@@ -374,8 +372,9 @@ class Claims:
         read = hashlib.sha1(claimed.data or b"", usedforsecurity=False).hexdigest()
         queue, lease, job, claims = self._keys(claimed.job_id)
         data = encode(following, now)
-        args = (self.token, claimed.job_id, read, data, JOB_KEY_EXTRA_MS, now)
-        HandOver(queue, lease, job, claims, *args).queue_on(pipe)
+        HandOver(
+            queue, lease, job, claims, self.token, claimed.job_id, read, data, JOB_KEY_EXTRA_MS, now
+        ).queue_on(pipe)
 
     def again(self, pipe: Pipeline, job_id: str, delay_s: float, *, next_attempt: bool) -> None:
         """Queue the job's return to the queue, due in `delay_s`. `next_attempt`: it ran as

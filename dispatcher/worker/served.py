@@ -20,7 +20,6 @@ from dispatcher.jobs import DELIVER, BadJob, DeliveryJob, decode
 from dispatcher.worker.claims import Claims
 from dispatcher.worker.engine import Engine
 from dispatcher.worker.record import keep_entry
-from dispatcher.worker.shares import project_of
 from dispatcher.worker.steps import ChunkEnd, NextStep
 from dispatcher.worker.writer import Then, Writer
 
@@ -61,7 +60,6 @@ class Served:
     ready_at: float = 0.0
     backoff: float = field(default=0.0)
     wide_at: float = 0.0  # monotonic time of the last short claim that looked at the budget
-    dry: frozenset[str] = frozenset()  # busy projects with room found with nothing due
 
     @classmethod
     def build(cls, services: Services, token: str, *, shared: Engine | None = None) -> Served:
@@ -96,10 +94,10 @@ class Served:
         the shard then waits out a growing pause (`failed`) while the others go on."""
         shares = self.engine.shares.claim_budgets()
         now = time.monotonic()
-        scout, quiet = self.scout_budget(shares[1], now)
+        scout = self.scout_budget(shares[1], now)
         try:
             claimed = await self.claims.claim(
-                share, budget=WIDE_BUDGET, scout=scout, quiet=quiet, shares=shares, mine=mine
+                share, budget=WIDE_BUDGET, scout=scout, shares=shares, mine=mine
             )
         except CLAIM_ERRORS as exc:
             if full := redis_full(exc):
@@ -110,32 +108,19 @@ class Served:
                         retry_in_s=round(retry, 2), shard=self.index)  # fmt: skip
             return None
         self.answered()
-        self.scanned(shares[1], scout, share, claimed, now)
+        if scout == WIDE_BUDGET and len(claimed) < share:  # it looked as far as it could
+            self.wide_at = now
         return claimed
 
-    def scout_budget(self, busy: dict[str, int], now: float) -> tuple[int, frozenset[str]]:
+    def scout_budget(self, busy: dict[str, int], now: float) -> int:
         """How far the next claim looks for a project not busy here yet, once the busy ones
-        (`Shares.claim_budgets`) have taken their room, and the busy ones with room it
-        looks for no further (`quiet`: found with nothing due by the claim before; their
-        jobs come due where the claim looks last, `Claim`): the whole budget and none
-        while nothing is busy and once per `WIDE_SCAN_S`, a page the rest of the time."""
+        (`Shares.claim_budgets`) have taken their room: the whole budget while nothing is
+        busy and once per `WIDE_SCAN_S` (a claim that looked that far and came back
+        short), a page the rest of the time. (A busy project with room is looked for as
+        far as the whole budget in every claim.)"""
         if not busy or now - self.wide_at >= WIDE_SCAN_S:
-            return WIDE_BUDGET, frozenset()
-        return NARROW_BUDGET, self.dry & busy.keys()
-
-    def scanned(
-        self, busy: dict[str, int], scout: int, asked: int, claimed: list[Claimed], now: float
-    ) -> None:
-        """After a claim: one that came back short looked as far as the budget for every
-        busy project it looked for, so one with room that took nothing has nothing due
-        (quiet until the next wide look); a wide one found every project new here."""
-        took = {project_of(job.job_id) for job in claimed}
-        if len(claimed) < asked:
-            if scout == WIDE_BUDGET:
-                self.wide_at = now
-            self.dry = frozenset(p for p, more in busy.items() if more > 0 and p not in took)
-        else:
-            self.dry = self.dry.difference(took)
+            return WIDE_BUDGET
+        return NARROW_BUDGET
 
     # ---- a job's ends on this shard ------------------------------------------------------
 
