@@ -41,6 +41,19 @@ def claims_of(redis: Redis, settings: Settings) -> Claims:
     return Claims(redis, Keys(settings.queue_name), "worker-a", lease_s=10)
 
 
+def served_with(redis: Redis, settings: Settings, *running: str) -> Served:
+    """A shard as a worker serves it, its claims alone, with `running` jobs started: a
+    worker of 6 slots (two busy projects: a share of 2 each)."""
+    shares = Shares(slots=6, max_per_host=100)
+    for job_id in running:
+        shares.job_started(job_id)
+    served = Served.__new__(Served)
+    served.claims = claims_of(redis, settings)
+    served.engine = cast("Engine", SimpleNamespace(shares=shares))
+    served.services = cast("Services", SimpleNamespace(shard=SimpleNamespace(index=0)))
+    return served
+
+
 async def test_a_claim_fills_a_busy_projects_room_past_its_scout_and_scouts_no_further(
     settings: Settings, redis: Redis
 ) -> None:
@@ -126,10 +139,7 @@ async def test_a_failed_claim_forgets_the_time_of_the_one_before(
 ) -> None:
     """Redis may come back with another clock (a failover): after a claim that failed,
     the next claim does not look for what just came due by the old one."""
-    served = Served.__new__(Served)
-    served.claims = claims_of(redis, settings)
-    served.engine = cast("Engine", SimpleNamespace(shares=Shares(slots=6, max_per_host=100)))
-    served.services = cast("Services", SimpleNamespace(shard=SimpleNamespace(index=0)))
+    served = served_with(redis, settings)
     assert await served.claim(10, [], poll_delay=0.02) == []
     assert served.claims.claimed_at_ms > 0
     await redis.set(Keys(settings.queue_name).QUEUE, "not a sorted set")  # a claim fails
@@ -206,12 +216,7 @@ async def test_a_workers_claim_finds_a_busy_projects_job_behind_a_page_of_others
     await enqueue(redis, settings, "projA", 120, name="more")
     await enqueue(redis, settings, "projC", 1)
     await enqueue(redis, settings, "projA", 120, name="last")
-    shares = Shares(slots=6, max_per_host=100)  # projA and projB busy: a share of 2
-    for job_id in ("projA:r0", "projA:r1", "projB:r0"):
-        shares.job_started(job_id)
-    served = Served.__new__(Served)
-    served.claims = claims_of(redis, settings)
-    served.engine = cast("Engine", SimpleNamespace(shares=shares))
+    served = served_with(redis, settings, "projA:r0", "projA:r1", "projB:r0")
 
     async def claim(share: int) -> list[str]:
         took = await served.claim(share, [], poll_delay=0.02)
@@ -220,7 +225,7 @@ async def test_a_workers_claim_finds_a_busy_projects_job_behind_a_page_of_others
 
     served.wide_at = time.monotonic()  # just looked wide
     assert await claim(10) == ["projB:evt_000"]
-    shares.job_started("projB:evt_000")  # projB at its share now too
+    served.engine.shares.job_started("projB:evt_000")  # projB at its share now too
     served.wide_at -= 1  # a wide look is due
     wide_at = served.wide_at
     assert await claim(10) == ["projC:evt_000"]
