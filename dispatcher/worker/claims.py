@@ -306,12 +306,13 @@ class Claims:
         mine: Iterable[str] = (),
     ) -> list[Claimed]:
         """Up to `count` due jobs in one round trip (`Claim`; `scout` defaults to
-        `budget`; its `since_ms` is `claimed_at_ms`, which a failed claim's caller sets to
-        0). `mine`: the ids this worker runs, passed over without a command (a running job
-        is out of the due range, but for one whose run gave up its lease and has yet to
-        end). `shares`: how many jobs a project not named may take (-1: any), and how many
-        more each named one may (`Shares.claim_budgets`)."""
+        `budget`; `since_ms` is `claimed_at_ms`, 0 after a failed claim: Redis may come back
+        with another clock). `mine`: the ids this worker runs, passed over without a
+        command (a running job is out of the due range, but for one whose run gave up its
+        lease and has yet to end). `shares`: how many jobs a project not named may take
+        (-1: any), and how many more each named one may (`Shares.claim_budgets`)."""
         newcomer, projects = shares
+        self.claimed_at_ms, since_ms = 0, self.claimed_at_ms
         claimed_at_ms, rows = await Claim(
             queue=self.queue_name,
             want=count,
@@ -323,7 +324,7 @@ class Claims:
             claims_ttl_s=RETRY_KEY_TTL_S,
             budget=budget,
             scout=budget if scout is None else scout,
-            since_ms=self.claimed_at_ms,
+            since_ms=since_ms,
             slack_ms=JUST_DUE_SLACK_MS,
             sep=SEP,
             newcomer=newcomer,

@@ -103,7 +103,6 @@ class Served:
             if full := redis_full(exc):
                 metrics.REDIS_FULL.labels(refused="claim").inc()
             retry = self.failed(poll_delay)
-            self.claims.claimed_at_ms = 0  # its Redis may come back with another clock
             log.warning("worker.claim_failed", error=str(exc), redis_full=full,
                         retry_in_s=round(retry, 2), shard=self.index)  # fmt: skip
             return None
