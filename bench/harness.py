@@ -209,7 +209,7 @@ class Bench:
         info = await self.r.info("cpu")
         return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
 
-    async def _commandstats(self) -> tuple[int, int, dict[str, tuple[int, int]]]:
+    async def commandstats(self) -> tuple[int, int, dict[str, tuple[int, int]]]:
         """Commands Redis ran since the stats were reset (a script's inner calls count
         too), the time inside them (µs), and both by command name (a script's time holds
         its inner calls' time)."""
@@ -269,7 +269,7 @@ class Bench:
             for proc in procs:
                 await proc.kill()
         stats = await self.receiver.stats()
-        calls, usec, by_name = await self._commandstats()
+        calls, usec, by_name = await self.commandstats()
         expected = deliveries if spec.kind == "dispatcher" else 0
         if stats["count"] != expected:
             raise BenchError(f"{spec.label}: receiver saw {stats['count']} of {expected} requests")

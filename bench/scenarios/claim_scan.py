@@ -38,21 +38,21 @@ async def _run(bench: Bench, scout: int) -> dict[str, float]:
     jobs = [EventJob(f"e{i:05}", "lone", "BUILD_END") for i in range(BACKLOG)]
     await run_pipeline(bench.r, lambda pipe: queue.push_many(pipe, jobs))
     claims = Claims(bench.r, keys, "bench", lease_s=600)
-    before = await bench.r.info("commandstats")
+    _, _, before = await bench.commandstats()
     taken = 0
     for _ in range(CLAIMS):
         got = await claims.claim(100, budget=WIDE_BUDGET, scout=scout, shares=(66, {"lone": ROOM}))
         taken += len(got)
-    after = await bench.r.info("commandstats")
+    _, _, after = await bench.commandstats()
     if taken != CLAIMS * ROOM:
         raise BenchError(f"claimed {taken} jobs, not {CLAIMS * ROOM}")
 
-    def grew(name: str, field: str) -> float:
-        return float(after.get(name, {}).get(field, 0) - before.get(name, {}).get(field, 0))
+    def grew(name: str, field: int) -> float:  # field 0: calls, 1: µs
+        return float(after.get(name, (0, 0))[field] - before.get(name, (0, 0))[field])
 
     return {
-        "us_per_job": grew("cmdstat_evalsha", "usec") / taken,
-        "pages_per_claim": grew("cmdstat_zrangebyscore", "calls") / CLAIMS,
+        "us_per_job": grew("evalsha", 1) / taken,
+        "pages_per_claim": grew("zrangebyscore", 0) / CLAIMS,
     }
 
 
