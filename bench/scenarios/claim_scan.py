@@ -2,8 +2,13 @@
 that project has room for a few jobs a claim (a lone project at its share: the throughput
 run's shape). The claims look for a project new to the worker a page deep, as `Served`
 asks between its wide looks, against the same claims looking 2,000 entries deep, as
-every claim did while a busy project had room. Timed by Redis itself (`INFO
-commandstats`: the script's µs, its inner calls included), runs interleaved."""
+every claim did while a busy project had room. And the same backlog at its share, due
+for 10 s, beside a busy project with room and nothing due: looked for only in what came
+due since the claim before (`quiet`, as `Served` asks once a claim found it with nothing
+due) against looked for 2,000 deep; and the quiet claims right as the whole backlog came
+due (a burst, read whole up to the budget while a quiet project has room). Timed by Redis
+itself (`INFO commandstats`: the script's µs, its inner calls included), runs
+interleaved."""
 
 from __future__ import annotations
 
@@ -29,54 +34,82 @@ CLAIMS = 60  # per run
 REPEATS = 5
 
 
-async def _run(bench: Bench, scout: int) -> dict[str, float]:
-    """Redis µs per job claimed and queue pages per claim, `CLAIMS` claims of a fresh
-    backlog with `scout`."""
+async def _run(
+    bench: Bench, scout: int, room: int, idle: str = "", *, due_for_ms: int = 0
+) -> dict[str, float]:
+    """Redis µs per claim and queue pages per claim, `CLAIMS` claims of a fresh backlog
+    (due `due_for_ms` before the claims) with `scout`, its project given `room` a claim;
+    `idle`: beside a busy project with room and nothing due, "quiet" or "looked for"."""
     await bench.r.flushdb()
     keys = Keys(bench.settings.queue_name)
     queue = Queue(bench.r, keys)
     jobs = [EventJob(f"e{i:05}", "lone", "BUILD_END") for i in range(BACKLOG)]
     await run_pipeline(bench.r, lambda pipe: queue.push_many(pipe, jobs))
+    if due_for_ms:
+        due = await bench.r.zrange(keys.QUEUE, 0, -1, withscores=True)
+        await bench.r.zadd(keys.QUEUE, {job: score - due_for_ms for job, score in due})
     claims = Claims(bench.r, keys, "bench", lease_s=600)
     _, _, before = await bench.commandstats()
     taken = 0
     for _ in range(CLAIMS):
-        got = await claims.claim(100, budget=WIDE_BUDGET, scout=scout, shares=(66, {"lone": ROOM}))
+        busy = {"lone": room, "idle": 5} if idle else {"lone": room}
+        quiet = ["idle"] if idle == "quiet" else []
+        got = await claims.claim(
+            100, budget=WIDE_BUDGET, scout=scout, quiet=quiet, shares=(66, busy)
+        )
         taken += len(got)
     _, _, after = await bench.commandstats()
-    if taken != CLAIMS * ROOM:
-        raise BenchError(f"claimed {taken} jobs, not {CLAIMS * ROOM}")
+    if taken != CLAIMS * room:
+        raise BenchError(f"claimed {taken} jobs, not {CLAIMS * room}")
 
     def grew(name: str, field: int) -> float:  # field 0: calls, 1: µs
         return float(after.get(name, (0, 0))[field] - before.get(name, (0, 0))[field])
 
     return {
-        "us_per_job": grew("evalsha", 1) / taken,
+        "us_per_claim": grew("evalsha", 1) / CLAIMS,
         "pages_per_claim": grew("zrangebyscore", 0) / CLAIMS,
     }
 
 
 async def run(bench: Bench) -> list[Row]:
-    narrow: list[dict[str, float]] = []
-    wide: list[dict[str, float]] = []
+    names = ("narrow", "wide", "quiet", "idle", "burst")
+    runs: dict[str, list[dict[str, float]]] = {name: [] for name in names}
     for _ in range(REPEATS):
-        narrow.append(await _run(bench, NARROW_BUDGET))
-        wide.append(await _run(bench, WIDE_BUDGET))
+        runs["narrow"].append(await _run(bench, NARROW_BUDGET, ROOM))
+        runs["wide"].append(await _run(bench, WIDE_BUDGET, ROOM))
+        runs["quiet"].append(await _run(bench, NARROW_BUDGET, 0, "quiet", due_for_ms=10_000))
+        runs["idle"].append(await _run(bench, NARROW_BUDGET, 0, "looked for", due_for_ms=10_000))
+        runs["burst"].append(await _run(bench, NARROW_BUDGET, 0, "quiet"))
     await bench.r.flushdb()
 
-    def median(runs: list[dict[str, float]], key: str) -> float:
-        return statistics.median(run[key] for run in runs)
+    def median(name: str, key: str = "us_per_claim") -> float:
+        return statistics.median(run[key] for run in runs[name])
+
+    def pages(name: str, base: str) -> dict[str, object]:
+        return {
+            "pages_per_claim": median(name, "pages_per_claim"),
+            "baseline_pages_per_claim": median(base, "pages_per_claim"),
+            "runs": runs[name],
+            "baseline_runs": runs[base],
+        }
 
     return [
         ratio_row(
             "claim-scan", f"Redis µs per job claimed, a lone project's backlog of {BACKLOG:,}",
-            median(narrow, "us_per_job"),
-            "µs", "every claim 2,000 entries deep", median(wide, "us_per_job"), maximum=0.5,
-            details={
-                "pages_per_claim": median(narrow, "pages_per_claim"),
-                "baseline_pages_per_claim": median(wide, "pages_per_claim"),
-                "runs": narrow, "baseline_runs": wide,
-            },
+            median("narrow") / ROOM, "µs", "every claim 2,000 entries deep",
+            median("wide") / ROOM, maximum=0.5, details=pages("narrow", "wide"),
+        ),
+        ratio_row(
+            "claim-scan", "Redis µs per claim, that backlog due for 10 s, at its share, "
+            "beside a busy project with room and nothing due", median("quiet"), "µs",
+            "the same, the busy project looked for 2,000 entries deep", median("idle"),
+            maximum=0.5, details=pages("quiet", "idle"),
+        ),
+        ratio_row(
+            "claim-scan", "the same as the whole backlog just came due (a burst: read "
+            "whole while a quiet project has room)", median("burst"), "µs",
+            "the busy project looked for 2,000 entries deep", median("idle"),
+            details=pages("burst", "idle"),
         ),
     ]  # fmt: skip
 

@@ -22,6 +22,7 @@ from dispatcher.jobs import encode
 from dispatcher.keys import SEP
 from dispatcher.lua import REDIS_NOW_MS, ArgList, Key, Script, run_pipeline
 from dispatcher.models import PLATFORM_PROJECT
+from dispatcher.worker.claim_script import JUST_DUE_SLACK_MS, Claim
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
@@ -38,7 +39,6 @@ __all__ = ["Budgets", "Claimed", "Claims", "Finish"]
 Budgets = tuple[int, dict[str, int]]  # jobs a new project may take (-1: any), each busy one's
 RETRY_KEY_TTL_S = 88_400  # arq's
 JOB_KEY_EXTRA_MS = 86_400_000  # a job's data outlives its due time by a day (arq's rule)
-JUST_DUE_SLACK_MS = 1000  # a claim's look at what just came due starts this long before
 
 
 def body_wait_ms(settings: Settings) -> int:
@@ -46,124 +46,6 @@ def body_wait_ms(settings: Settings) -> int:
     attempt's delay (a Retry-After at most), a run's time, and a day (arq's)."""
     wait_s = max(settings.progress_ttl, settings.retry_after_cap)
     return int((wait_s + settings.effective_job_timeout) * 1000) + JOB_KEY_EXTRA_MS
-
-
-@dataclass
-class Claim(Script):
-    """Up to `want` due jobs (due by Redis's clock, as the leases lapse by it) without a
-    live lease, oldest first, in one round trip: each one's lease set for `token` (NX: a
-    live one is left alone), its score moved to the lease's end (out of the due range
-    while it runs), its data read, its claim counted (the first claim creates the count
-    with its ttl, one command). The ids in `mine` (newline-separated) are passed over. A
-    job of a project that has taken its share is left in the queue, untouched: `newcomer`
-    jobs for a project not named (-1: any), `shares` pairs of a project and how many more
-    it may take (a job's project is its id up to `sep`). The look stops (checked a page at
-    a time) past `budget` entries passed over, or past `scout` once no project it looks
-    for has room (one named with room, or one taken here with room left): past that only
-    a project new to this worker could take a job. Stopped short of the due range's end
-    with fewer than `want`, it looks last at what just came due, where a project's jobs
-    come due behind any backlog: the newest page (oldest of it first) of the jobs due
-    from `slack_ms` before `since_ms` (this worker's last claim, by Redis's clock; 0:
-    none), since due times are the writers' clocks and reach Redis a little later. A due
-    id whose data is gone comes back with `false` data (and leaves the queue), so the
-    worker can record it. A claimed job comes with the registry version its event would
-    be matched at (`registry.matches.Matches`): the versions of the `platform` project
-    and of its own (0 when none), space-separated, read once per project; false when its
-    id names no project. The ids are found here, so their keys are made here too, from
-    the prefixes given. Returns Redis's time (ms) and the {id, data, claims, version}
-    rows."""
-
-    LUA = (
-        REDIS_NOW_MS
-        + """
-    local want, limit, new = tonumber(want), tonumber(budget), tonumber(newcomer)
-    local held, left, looked_for, open = {}, {}, {}, 0  -- open: projects looked on for
-    for id in string.gmatch(mine, '[^\\n]+') do held[id] = true end
-    local function look_for(project)  -- past the scout while it may take more
-      local more = left[project] > 0
-      if more ~= (looked_for[project] or false) then open = open + (more and 1 or -1) end
-      looked_for[project] = more
-    end
-    for i = 1, #shares, 2 do
-      left[shares[i]] = tonumber(shares[i + 1])
-      look_for(shares[i])
-    end
-    local of_project = '^([^' .. sep .. ']+)' .. sep
-    local now_ms = redis_now_ms()
-    local leased_until = now_ms + tonumber(lease_ms)
-    local versions, platform_version = {}, nil
-    local function version_of(project)
-      if not project then return false end
-      if not versions[project] then
-        platform_version = platform_version or redis.call('GET', version_prefix .. platform) or '0'
-        versions[project] = platform_version .. ' '
-          .. (redis.call('GET', version_prefix .. project) or '0')
-      end
-      return versions[project]
-    end
-    local out = {}
-    local function claim(id)  -- true when `id` left the due range (claimed, or gone)
-      local project = not held[id] and string.match(id, of_project)
-      local share = new >= 0 and project and (left[project] or new)
-      -- still running here (its lease given up: its next chunk, its next attempt), or its
-      -- project holds its share of this worker: left for later
-      if held[id] or (share and share <= 0) then return false end
-      if not redis.call('SET', lease_prefix .. id, token, 'PX', lease_ms, 'NX') then return end
-      if share then left[project] = share - 1; look_for(project) end
-      local data, claims = redis.call('GET', job_prefix .. id), 1
-      if not data then
-        redis.call('DEL', lease_prefix .. id)
-        redis.call('ZREM', queue, id)
-        claims = 0
-      else
-        redis.call('ZADD', queue, 'XX', leased_until, id)
-        if not redis.call('SET', claims_prefix .. id, 1, 'EX', claims_ttl_s, 'NX') then
-          claims = redis.call('INCR', claims_prefix .. id)  -- claimed before: ttl runs on
-        end
-      end
-      out[#out + 1] = {id, data, claims, data and version_of(project)}
-      return true
-    end
-    local offset, page_size, ended = 0, want, false  -- as many as wanted at first
-    local scout_limit = new < 0 and limit or tonumber(scout)
-    while #out < want and offset < limit and (open > 0 or offset < scout_limit) do
-      local page = redis.call('ZRANGEBYSCORE', queue, '-inf', now_ms, 'LIMIT', offset, page_size)
-      local taken = 0  -- entries this page took out of the due range
-      for _, id in ipairs(page) do
-        if claim(id) then taken = taken + 1 end
-        if #out >= want then break end
-      end
-      ended = #page < page_size
-      if ended then break end
-      offset = offset + #page - taken
-      page_size = math.max(want, 100)  -- fewer, longer pages past the jobs left alone
-    end
-    if #out < want and not ended and tonumber(since_ms) > 0 then  -- what just came due
-      local from = math.min(tonumber(since_ms), now_ms) - tonumber(slack_ms)
-      local page = redis.call('ZREVRANGEBYSCORE', queue, now_ms, from, 'LIMIT', 0, 100)
-      for i = #page, 1, -1 do if claim(page[i]) and #out >= want then break end end
-    end
-    return {now_ms, out}
-    """
-    )
-    queue: Key
-    want: int
-    lease_ms: int
-    token: str
-    lease_prefix: str
-    job_prefix: str
-    claims_prefix: str
-    claims_ttl_s: int
-    budget: int
-    scout: int
-    since_ms: int
-    slack_ms: int
-    sep: str
-    newcomer: int
-    mine: str
-    version_prefix: str
-    platform: str
-    shares: ArgList
 
 
 @dataclass
@@ -302,6 +184,7 @@ class Claims:
         *,
         budget: int = 2000,
         scout: int | None = None,
+        quiet: Iterable[str] = (),
         shares: Budgets = (-1, {}),
         mine: Iterable[str] = (),
     ) -> list[Claimed]:
@@ -324,6 +207,7 @@ class Claims:
             claims_ttl_s=RETRY_KEY_TTL_S,
             budget=budget,
             scout=budget if scout is None else scout,
+            quiet="\n".join(quiet),
             since_ms=since_ms,
             slack_ms=JUST_DUE_SLACK_MS,
             sep=SEP,
@@ -373,9 +257,8 @@ class Claims:
         read = hashlib.sha1(claimed.data or b"", usedforsecurity=False).hexdigest()
         queue, lease, job, claims = self._keys(claimed.job_id)
         data = encode(following, now)
-        HandOver(
-            queue, lease, job, claims, self.token, claimed.job_id, read, data, JOB_KEY_EXTRA_MS, now
-        ).queue_on(pipe)
+        args = (self.token, claimed.job_id, read, data, JOB_KEY_EXTRA_MS, now)
+        HandOver(queue, lease, job, claims, *args).queue_on(pipe)
 
     def again(self, pipe: Pipeline, job_id: str, delay_s: float, *, next_attempt: bool) -> None:
         """Queue the job's return to the queue, due in `delay_s`. `next_attempt`: it ran as

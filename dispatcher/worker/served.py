@@ -20,6 +20,7 @@ from dispatcher.jobs import DELIVER, BadJob, DeliveryJob, decode
 from dispatcher.worker.claims import Claims
 from dispatcher.worker.engine import Engine
 from dispatcher.worker.record import keep_entry
+from dispatcher.worker.shares import project_of
 from dispatcher.worker.steps import ChunkEnd, NextStep
 from dispatcher.worker.writer import Then, Writer
 
@@ -37,11 +38,12 @@ log = structlog.get_logger("dispatcher.worker")
 
 BACKOFF_CAP_S = 2.0
 # Once every project busy in the worker has taken its room, a claim can only take the
-# jobs of a project not busy yet: it looks for them no further than a page into the queue
-# (or than where the last room was filled) and at the newest page of what came due from a
-# second before its last claim on, and as far as the whole claim budget at most this often
-# (paging through thousands of entries it may not take was, per delivery, more Redis work
-# than the delivery itself).
+# jobs of a project not busy yet, or of a busy one with room found with nothing due (quiet):
+# it looks for them no further than a page into the queue (or than where the last room was
+# filled) and in what came due from a second before its last claim on (its newest page; all
+# of it while a quiet project has room), and as far as the whole claim budget at most this
+# often (paging through thousands of entries it may not take was, per delivery, more Redis
+# work than the delivery itself).
 WIDE_SCAN_S = 0.25
 NARROW_BUDGET, WIDE_BUDGET = 100, 2000
 # waited out while claiming: an outage, and any reply error (READONLY after a failover)
@@ -60,6 +62,7 @@ class Served:
     ready_at: float = 0.0
     backoff: float = field(default=0.0)
     wide_at: float = 0.0  # monotonic time of the last short claim that looked at the budget
+    dry: frozenset[str] = frozenset()  # busy projects with room found with nothing due
 
     @classmethod
     def build(cls, services: Services, token: str, *, shared: Engine | None = None) -> Served:
@@ -94,10 +97,10 @@ class Served:
         the shard then waits out a growing pause (`failed`) while the others go on."""
         shares = self.engine.shares.claim_budgets()
         now = time.monotonic()
-        scout = self.scout_budget(shares[1], now)
+        scout, quiet = self.scout_budget(shares[1], now)
         try:
             claimed = await self.claims.claim(
-                share, budget=WIDE_BUDGET, scout=scout, shares=shares, mine=mine
+                share, budget=WIDE_BUDGET, scout=scout, quiet=quiet, shares=shares, mine=mine
             )
         except CLAIM_ERRORS as exc:
             if full := redis_full(exc):
@@ -107,19 +110,32 @@ class Served:
                         retry_in_s=round(retry, 2), shard=self.index)  # fmt: skip
             return None
         self.answered()
-        if scout == WIDE_BUDGET and len(claimed) < share:  # it looked as far as it could
-            self.wide_at = now
+        self.scanned(shares[1], scout, share, claimed, now)
         return claimed
 
-    def scout_budget(self, busy: dict[str, int], now: float) -> int:
+    def scout_budget(self, busy: dict[str, int], now: float) -> tuple[int, frozenset[str]]:
         """How far the next claim looks for a project not busy here yet, once the busy ones
-        (`Shares.claim_budgets`) have taken their room: the whole budget while nothing is
-        busy and once per `WIDE_SCAN_S` (a claim that looked that far and came back
-        short), a page the rest of the time. (A busy project with room is looked for as
-        far as the whole budget in every claim.)"""
+        (`Shares.claim_budgets`) have taken their room, and the busy ones with room it
+        looks for only in what came due since the claim before (`quiet`: found with
+        nothing due by a claim before; `Claim`): the whole budget and none while nothing
+        is busy and once per `WIDE_SCAN_S`, a page the rest of the time."""
         if not busy or now - self.wide_at >= WIDE_SCAN_S:
-            return WIDE_BUDGET
-        return NARROW_BUDGET
+            return WIDE_BUDGET, frozenset()
+        return NARROW_BUDGET, self.dry & busy.keys()
+
+    def scanned(
+        self, busy: dict[str, int], scout: int, asked: int, claimed: list[Claimed], now: float
+    ) -> None:
+        """After a claim: one that came back short looked as far as the budget for every
+        busy project it looked for, so one with room that took nothing has nothing due
+        (quiet until the next wide look); a wide one found every project new here."""
+        took = {project_of(job.job_id) for job in claimed}
+        if len(claimed) < asked:
+            if scout == WIDE_BUDGET:
+                self.wide_at = now
+            self.dry = frozenset(p for p, more in busy.items() if more > 0 and p not in took)
+        else:
+            self.dry = self.dry.difference(took)
 
     # ---- a job's ends on this shard ------------------------------------------------------
 

@@ -16,13 +16,22 @@ from dispatcher.jobs import EventJob
 from dispatcher.keys import Keys
 from dispatcher.queue import Queue
 from dispatcher.settings import Settings
-from dispatcher.worker.claims import JUST_DUE_SLACK_MS, Claims
+from dispatcher.worker.claim_script import JUST_DUE_SLACK_MS
+from dispatcher.worker.claims import Claims
 from dispatcher.worker.served import Served
 from dispatcher.worker.shares import Shares
 
 if TYPE_CHECKING:
     from dispatcher.services import Services
     from dispatcher.worker.engine import Engine
+
+
+async def due_for_a_while(redis: Redis, settings: Settings) -> str:
+    """Every queued job due 10 s earlier (long before anything just came due); the queue."""
+    queue = Keys(settings.queue_name).QUEUE
+    for job_id, score in await redis.zrange(queue, 0, -1, withscores=True):
+        await redis.zadd(queue, {job_id: score - 10_000})
+    return queue
 
 
 async def enqueue(
@@ -113,9 +122,7 @@ async def test_a_project_new_here_whose_job_just_came_due_is_found_behind_any_ba
     not one due long before that (left to the wide look); a claim before by a clock
     ahead of Redis's now counts as now."""
     await enqueue(redis, settings, "projA", 150)
-    queue = Keys(settings.queue_name).QUEUE
-    for job_id, score in await redis.zrange(queue, 0, -1, withscores=True):
-        await redis.zadd(queue, {job_id: score - 10_000})  # due for a while
+    queue = await due_for_a_while(redis, settings)
     claims = claims_of(redis, settings)
     shares = (1, {"projA": 0})
     assert await claims.claim(10, budget=50, scout=20, shares=shares) == []  # none before
@@ -203,6 +210,51 @@ async def backdate(redis: Redis, settings: Settings, job_ids: list[str], like: s
     await redis.zadd(queue, dict.fromkeys(job_ids, float(score)))
 
 
+async def test_a_quiet_project_is_looked_for_only_where_its_jobs_come_due(
+    settings: Settings, redis: Redis
+) -> None:
+    """A busy project with room that a claim before found with nothing due (`quiet`) is
+    not looked for through another's backlog: its job in the middle of projA's is left to
+    the next wide look (named but not quiet, it is found); one of its jobs that just came
+    due is found at once."""
+    await enqueue(redis, settings, "projA", 150)
+    await enqueue(redis, settings, "projA", 150, name="more")
+    [middle] = await enqueue(redis, settings, "projB", 1)
+    await backdate(redis, settings, [middle], like="projA:evt_120")
+    claims = claims_of(redis, settings)
+    shares = (1, {"projA": 0, "projB": 2})
+    assert await claims.claim(10, scout=20, quiet=["projB"], shares=shares) == []
+    assert [c.job_id for c in await claims.claim(10, scout=20, shares=shares)] == [middle]
+    [just] = await enqueue(redis, settings, "projB", 1, name="new")
+    took = await claims.claim(10, scout=20, quiet=["projB"], shares=shares)
+    assert [c.job_id for c in took] == [just]
+
+
+async def test_a_quiet_projects_jobs_are_found_in_a_burst_that_just_came_due(
+    settings: Settings, redis: Redis
+) -> None:
+    """While a quiet project has room, what just came due is read whole, oldest first, a
+    page at a time: its jobs among pages of projA's that came due with them are found (the
+    newest page alone holds none of them), as many as its room, and the read stops once
+    its room is filled. The budget bounds that read too: one that runs out first finds
+    none of them."""
+    await enqueue(redis, settings, "projA", 150)
+    await due_for_a_while(redis, settings)
+    claims = claims_of(redis, settings)
+    shares = (1, {"projA": 0, "projB": 2})
+    assert await claims.claim(10, scout=20, quiet=["projB"], shares=shares) == []
+    await enqueue(redis, settings, "projA", 150, name="burst")
+    [first] = await enqueue(redis, settings, "projB", 1)
+    await enqueue(redis, settings, "projA", 150, name="mid")
+    [second, _] = await enqueue(redis, settings, "projB", 2, name="more")
+    await enqueue(redis, settings, "projA", 150, name="after")
+    assert await claims.claim(10, budget=210, scout=20, quiet=["projB"], shares=shares) == []
+    before = await range_reads(redis)
+    took = await claims.claim(10, scout=20, quiet=["projB"], shares=shares)
+    assert [c.job_id for c in took] == [first, second]
+    assert await range_reads(redis) == before + 6  # 10 and 100 oldest, then 4 pages of 100
+
+
 async def test_a_workers_claim_finds_a_busy_projects_job_behind_a_page_of_others(
     settings: Settings, redis: Redis
 ) -> None:
@@ -240,3 +292,23 @@ async def test_a_workers_claim_finds_a_busy_projects_job_behind_a_page_of_others
     served.wide_at -= 1
     assert await claim(1) == ["projD:evt_000"]  # its share filled: still wide
     assert await claim(10) == ["projE:evt_000"]
+
+
+async def test_a_workers_claim_looks_for_a_quiet_project_no_further_than_a_page(
+    settings: Settings, redis: Redis
+) -> None:
+    """Through `Served.claim`: projF, busy with room, has nothing due at a wide look, so
+    the claims after it look for projF no further than a page; its job in the middle of
+    projA's backlog waits for the next wide look."""
+    await enqueue(redis, settings, "projA", 150)
+    await due_for_a_while(redis, settings)
+    served = served_with(redis, settings, "projA:r0", "projA:r1", "projF:r0")
+    assert await served.claim(10, [], poll_delay=0.02) == []  # wide: projF has none due
+    assert served.dry == frozenset({"projF"})
+    [job] = await enqueue(redis, settings, "projF", 1)
+    await backdate(redis, settings, [job], like="projA:evt_120")
+    assert await served.claim(10, [], poll_delay=0.02) == []
+    served.wide_at -= 1
+    took = await served.claim(10, [], poll_delay=0.02)
+    assert took is not None
+    assert [c.job_id for c in took] == [job]

@@ -1,0 +1,158 @@
+"""The claim script: how far a claim looks into the queue, and for whom (`Claim`).
+
+A claim reads the due range oldest first, passing over the jobs of projects at their
+share, and stops once no project it looks for can take more. It looks for a busy
+project with room through the whole budget, for a project new to the worker a page deep,
+and for a busy project with room that a claim before found with nothing due (`quiet`)
+only where a job comes due: in what came due since the claim before, read whole (up to
+the budget), so a burst of another's jobs coming due together cannot hide its job.
+`dispatcher.worker.served.Served` decides the budget, the scout and who is quiet.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from dispatcher.lua import REDIS_NOW_MS, ArgList, Key, Script
+
+__all__ = ["JUST_DUE_SLACK_MS", "Claim"]
+
+JUST_DUE_SLACK_MS = 1000  # a claim's look at what just came due starts this long before
+
+
+@dataclass
+class Claim(Script):
+    """Up to `want` due jobs (due by Redis's clock, as the leases lapse by it) without a
+    live lease, oldest first, in one round trip: each one's lease set for `token` (NX: a
+    live one is left alone), its score moved to the lease's end (out of the due range
+    while it runs), its data read, its claim counted (the first claim creates the count
+    with its ttl). The ids in `mine` (newline-separated) are passed over, and so is a job
+    of a project that has taken its share: `newcomer` jobs for a project not named (-1:
+    any), `shares` pairs of a project and how many more it may take (a job's project is
+    its id up to `sep`).
+
+    The look stops (checked a page at a time) past `budget` entries passed over, or past
+    `scout` once no project it looks for has room (one named with room, or one taken here
+    with room left): past that only a project new to this worker could take a job. The
+    `quiet` ones (named with room, found with nothing due by a claim before) are looked
+    for only in what just came due. Stopped short of the range's end with fewer than
+    `want`, the claim looks last at the jobs due from `slack_ms` before `since_ms` on
+    (this worker's last claim, by Redis's clock; 0: none; due times are the writers'
+    clocks and reach Redis a little later), where a new or quiet project's jobs come due
+    behind any backlog: all of them, oldest first, while a quiet project has room (the
+    budget counts them too); else only the newest page, oldest of it first.
+
+    A due id whose data is gone comes back with `false` data (and leaves the queue), so
+    the worker can record it. A claimed job comes with the registry version its event
+    would be matched at (`registry.matches.Matches`): the `platform` project's and its
+    own (0 when none), space-separated, read once per project; false when its id names no
+    project. Returns Redis's time (ms) and the {id, data, claims, version} rows (the keys
+    are made here, from the prefixes given)."""
+
+    LUA = (
+        REDIS_NOW_MS
+        + """
+    local want, limit, new = tonumber(want), tonumber(budget), tonumber(newcomer)
+    local held, left, looked_for, open = {}, {}, {}, 0  -- open: projects looked on for
+    local near_of, near = {}, 0  -- near: quiet projects with room, looked for in the new
+    for id in string.gmatch(mine, '[^\\n]+') do held[id] = true end
+    local function look_for(project)  -- past the scout while it may take more
+      local more = left[project] > 0
+      if more ~= (looked_for[project] or false) then open = open + (more and 1 or -1) end
+      looked_for[project] = more
+    end
+    for project in string.gmatch(quiet, '[^\\n]+') do near_of[project] = false end
+    for i = 1, #shares, 2 do
+      local project = shares[i]
+      left[project] = tonumber(shares[i + 1])
+      if near_of[project] == nil then look_for(project)
+      elseif left[project] > 0 then near_of[project] = true; near = near + 1 end
+    end
+    local of_project = '^([^' .. sep .. ']+)' .. sep
+    local now_ms = redis_now_ms()
+    local leased_until = now_ms + tonumber(lease_ms)
+    local versions, platform_version = {}, nil
+    local function version_of(project)
+      if not project then return false end
+      if not versions[project] then
+        platform_version = platform_version or redis.call('GET', version_prefix .. platform) or '0'
+        versions[project] = platform_version .. ' '
+          .. (redis.call('GET', version_prefix .. project) or '0')
+      end
+      return versions[project]
+    end
+    local out = {}
+    local function claim(id)  -- true when `id` left the due range (claimed, or gone)
+      local project = not held[id] and string.match(id, of_project)
+      local share = new >= 0 and project and (left[project] or new)
+      -- running here (its lease given up: a next chunk, attempt), or its project full here
+      if held[id] or (share and share <= 0) then return false end
+      if not redis.call('SET', lease_prefix .. id, token, 'PX', lease_ms, 'NX') then return end
+      if share then
+        if near_of[project] then near_of[project] = false; near = near - 1 end
+        left[project] = share - 1
+        look_for(project)
+      end
+      local data, claims = redis.call('GET', job_prefix .. id), 1
+      if not data then
+        redis.call('DEL', lease_prefix .. id)
+        redis.call('ZREM', queue, id)
+        claims = 0
+      else
+        redis.call('ZADD', queue, 'XX', leased_until, id)
+        if not redis.call('SET', claims_prefix .. id, 1, 'EX', claims_ttl_s, 'NX') then
+          claims = redis.call('INCR', claims_prefix .. id)  -- claimed before: ttl runs on
+        end
+      end
+      out[#out + 1] = {id, data, claims, data and version_of(project)}
+      return true
+    end
+    local looked = 0  -- entries passed over, in every look: at most the budget
+    local function page_through(from, page_size, more)  -- true at the range's end
+      local offset = 0
+      while #out < want and looked < limit and more() do
+        local page = redis.call('ZRANGEBYSCORE', queue, from, now_ms, 'LIMIT', offset, page_size)
+        local taken = 0  -- entries this page took out of the due range
+        for _, id in ipairs(page) do
+          if claim(id) then taken = taken + 1 end
+          if #out >= want then break end
+        end
+        if #page < page_size then return true end
+        offset, looked = offset + #page - taken, looked + #page - taken
+        page_size = math.max(want, 100)  -- fewer, longer pages past the jobs left alone
+      end
+      return false
+    end
+    local scout_limit = new < 0 and limit or tonumber(scout)
+    local ended = page_through('-inf', want, function() return open > 0 or looked < scout_limit end)
+    if #out < want and not ended and tonumber(since_ms) > 0 then  -- what just came due
+      local from = math.min(tonumber(since_ms), now_ms) - tonumber(slack_ms)
+      if near > 0 then
+        page_through(from, 100, function() return near > 0 or open > 0 end)
+      else
+        local page = redis.call('ZREVRANGEBYSCORE', queue, now_ms, from, 'LIMIT', 0, 100)
+        for i = #page, 1, -1 do if claim(page[i]) and #out >= want then break end end
+      end
+    end
+    return {now_ms, out}
+    """
+    )
+    queue: Key
+    want: int
+    lease_ms: int
+    token: str
+    lease_prefix: str
+    job_prefix: str
+    claims_prefix: str
+    claims_ttl_s: int
+    budget: int
+    scout: int
+    quiet: str
+    since_ms: int
+    slack_ms: int
+    sep: str
+    newcomer: int
+    mine: str
+    version_prefix: str
+    platform: str
+    shares: ArgList
