@@ -4,7 +4,7 @@ A claim reads the due range oldest first, passing over the jobs of projects at t
 share, and stops once no project it looks for can take more. It looks for a busy
 project with room through the whole budget, for a project new to the worker a page deep,
 and for a busy project with room that a claim before found with nothing due (`quiet`)
-only where a job comes due: in what came due since the claim before, read whole (up to
+only where a job comes due: in what came due since the claim before, read whole (within
 the budget), so a burst of another's jobs coming due together cannot hide its job.
 `dispatcher.worker.served.Served` decides the budget, the scout and who is quiet.
 """
@@ -35,12 +35,14 @@ class Claim(Script):
     `scout` once no project it looks for has room (one named with room, or one taken here
     with room left): past that only a project new to this worker could take a job. The
     `quiet` ones (named with room, found with nothing due by a claim before) are looked
-    for only in what just came due. Stopped short of the range's end with fewer than
-    `want`, the claim looks last at the jobs due from `slack_ms` before `since_ms` on
-    (this worker's last claim, by Redis's clock; 0: none; due times are the writers'
+    for only in what just came due (but by a claim with no claim before, `since_ms` 0,
+    which looks for them as for any busy one). Stopped short of the range's end with
+    fewer than `want`, the claim looks last at the jobs due from `slack_ms` before
+    `since_ms` on (this worker's last claim, by Redis's clock; due times are the writers'
     clocks and reach Redis a little later), where a new or quiet project's jobs come due
-    behind any backlog: all of them, oldest first, while a quiet project has room (the
-    budget counts them too); else only the newest page, oldest of it first.
+    behind any backlog: while a quiet project has room, all of them, oldest first, within
+    what is left of the budget; then, unless that read reached their end, their newest
+    page, oldest of it first.
 
     A due id whose data is gone comes back with `false` data (and leaves the queue), so
     the worker can record it. A claimed job comes with the registry version its event
@@ -61,7 +63,10 @@ class Claim(Script):
       if more ~= (looked_for[project] or false) then open = open + (more and 1 or -1) end
       looked_for[project] = more
     end
-    for project in string.gmatch(quiet, '[^\\n]+') do near_of[project] = false end
+    local since = tonumber(since_ms)  -- 0: no claim before, no look at what came due
+    if since > 0 then  -- else the quiet are looked for as any busy project
+      for project in string.gmatch(quiet, '[^\\n]+') do near_of[project] = false end
+    end
     for i = 1, #shares, 2 do
       local project = shares[i]
       left[project] = tonumber(shares[i + 1])
@@ -125,11 +130,10 @@ class Claim(Script):
     end
     local scout_limit = new < 0 and limit or tonumber(scout)
     local ended = page_through('-inf', want, function() return open > 0 or looked < scout_limit end)
-    if #out < want and not ended and tonumber(since_ms) > 0 then  -- what just came due
-      local from = math.min(tonumber(since_ms), now_ms) - tonumber(slack_ms)
-      if near > 0 then
-        page_through(from, 100, function() return near > 0 or open > 0 end)
-      else
+    if #out < want and not ended and since > 0 then  -- what just came due
+      local from = math.min(since, now_ms) - tonumber(slack_ms)
+      local whole = near > 0 and page_through(from, 100, function() return near + open > 0 end)
+      if #out < want and not whole then  -- its newest page, oldest of it first
         local page = redis.call('ZREVRANGEBYSCORE', queue, now_ms, from, 'LIMIT', 0, 100)
         for i = #page, 1, -1 do if claim(page[i]) and #out >= want then break end end
       end

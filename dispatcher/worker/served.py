@@ -126,9 +126,11 @@ class Served:
     def scanned(
         self, busy: dict[str, int], scout: int, asked: int, claimed: list[Claimed], now: float
     ) -> None:
-        """After a claim: one that came back short looked as far as the budget for every
-        busy project it looked for, so one with room that took nothing has nothing due
-        (quiet until the next wide look); a wide one found every project new here."""
+        """After a claim: one that came back short looked for every busy project with
+        room through the due range (as far as the budget) or in what just came due, so
+        one that took nothing has nothing due there (quiet: looked for only in what comes
+        due, until it takes a job or the next wide look); a wide one found every project
+        new here."""
         took = {project_of(job.job_id) for job in claimed}
         if len(claimed) < asked:
             if scout == WIDE_BUDGET:

@@ -1,5 +1,6 @@
 """How far a claim looks into the queue, on a real Redis: as far as its budget for the
-busy projects with room, a page (its scout) for a project new to the worker, since one
+busy projects with room, a page (its scout) for a project new to the worker, what just
+came due for those and for the quiet (busy, with room, found with nothing due), since one
 project's backlog at its share must neither hide another's jobs nor cost every claim a
 walk through thousands of entries it may not take."""
 
@@ -214,20 +215,50 @@ async def test_a_quiet_project_is_looked_for_only_where_its_jobs_come_due(
     settings: Settings, redis: Redis
 ) -> None:
     """A busy project with room that a claim before found with nothing due (`quiet`) is
-    not looked for through another's backlog: its job in the middle of projA's is left to
-    the next wide look (named but not quiet, it is found); one of its jobs that just came
-    due is found at once."""
+    not looked for through another's backlog: its job in the middle of projA's, due for a
+    while, is left to the next wide look (named but not quiet, it is found); one of its
+    jobs that just came due is found at once. A claim with no claim before (so no look at
+    what came due: a worker's first, or one after a failed claim) looks for it as for any
+    busy project."""
     await enqueue(redis, settings, "projA", 150)
     await enqueue(redis, settings, "projA", 150, name="more")
-    [middle] = await enqueue(redis, settings, "projB", 1)
-    await backdate(redis, settings, [middle], like="projA:evt_120")
+    middle = await enqueue(redis, settings, "projB", 2)
+    await backdate(redis, settings, middle, like="projA:evt_120")
+    await due_for_a_while(redis, settings)
     claims = claims_of(redis, settings)
-    shares = (1, {"projA": 0, "projB": 2})
+    shares = (1, {"projA": 0, "projB": 1})
+    took = await claims.claim(10, scout=20, quiet=["projB"], shares=shares)
+    assert [c.job_id for c in took] == middle[:1]  # no claim before
     assert await claims.claim(10, scout=20, quiet=["projB"], shares=shares) == []
-    assert [c.job_id for c in await claims.claim(10, scout=20, shares=shares)] == [middle]
+    assert [c.job_id for c in await claims.claim(10, scout=20, shares=shares)] == middle[1:]
     [just] = await enqueue(redis, settings, "projB", 1, name="new")
     took = await claims.claim(10, scout=20, quiet=["projB"], shares=shares)
     assert [c.job_id for c in took] == [just]
+
+
+async def test_what_came_due_ends_with_its_newest_page_unless_read_whole(
+    settings: Settings, redis: Redis
+) -> None:
+    """A project new here finds its job at the newest end of what just came due though a
+    quiet project has room: the read of what came due stops once the quiet one's room is
+    filled, or finds the budget spent (here by projD, busy with room, looked for through
+    the backlog), and its newest page is read then."""
+    await enqueue(redis, settings, "projA", 150)
+    await due_for_a_while(redis, settings)
+    claims = claims_of(redis, settings)
+    shares = (1, {"projA": 0, "projB": 1})
+    assert await claims.claim(10, scout=20, quiet=["projB"], shares=shares) == []
+    [quiet_job] = await enqueue(redis, settings, "projB", 1)
+    await enqueue(redis, settings, "projA", 150, name="burst")
+    [new_job] = await enqueue(redis, settings, "projC", 1)
+    took = await claims.claim(10, scout=20, quiet=["projB"], shares=shares)
+    assert [c.job_id for c in took] == [quiet_job, new_job]
+    await enqueue(redis, settings, "projB", 1, name="more")
+    await enqueue(redis, settings, "projA", 150, name="again")
+    [newer] = await enqueue(redis, settings, "projE", 1)
+    shares = (1, {"projA": 0, "projB": 1, "projD": 1})
+    took = await claims.claim(10, budget=150, scout=20, quiet=["projB"], shares=shares)
+    assert [c.job_id for c in took] == [newer]  # projB's, behind 150, waits
 
 
 async def test_a_quiet_projects_jobs_are_found_in_a_burst_that_just_came_due(
@@ -236,7 +267,7 @@ async def test_a_quiet_projects_jobs_are_found_in_a_burst_that_just_came_due(
     """While a quiet project has room, what just came due is read whole, oldest first, a
     page at a time: its jobs among pages of projA's that came due with them are found (the
     newest page alone holds none of them), as many as its room, and the read stops once
-    its room is filled. The budget bounds that read too: one that runs out first finds
+    its room is filled (the newest page is read then, for a project new here). The budget bounds that read too: one that runs out first finds
     none of them."""
     await enqueue(redis, settings, "projA", 150)
     await due_for_a_while(redis, settings)
@@ -247,12 +278,12 @@ async def test_a_quiet_projects_jobs_are_found_in_a_burst_that_just_came_due(
     [first] = await enqueue(redis, settings, "projB", 1)
     await enqueue(redis, settings, "projA", 150, name="mid")
     [second, _] = await enqueue(redis, settings, "projB", 2, name="more")
-    await enqueue(redis, settings, "projA", 150, name="after")
+    await enqueue(redis, settings, "projA", 250, name="after")
     assert await claims.claim(10, budget=210, scout=20, quiet=["projB"], shares=shares) == []
     before = await range_reads(redis)
     took = await claims.claim(10, scout=20, quiet=["projB"], shares=shares)
     assert [c.job_id for c in took] == [first, second]
-    assert await range_reads(redis) == before + 6  # 10 and 100 oldest, then 4 pages of 100
+    assert await range_reads(redis) == before + 7  # 10, 100 oldest; 4 pages of 100; newest
 
 
 async def test_a_workers_claim_finds_a_busy_projects_job_behind_a_page_of_others(

@@ -195,8 +195,8 @@ def test_a_claim_scouts_one_page_for_new_projects_but_once_in_a_while() -> None:
     """Past the busy projects' room, only a project not busy yet could take a job: the
     whole claim budget is looked at for one once per `WIDE_SCAN_S`, one page the rest of
     the time, whether the busy projects have room or not (the claim script looks for
-    theirs as far as the budget; a wide look counts once it came back short:
-    `tests/service/test_claim_scan.py`)."""
+    theirs as far as the budget, but for the quiet ones; a wide look counts once it came
+    back short: `tests/service/test_claim_scan.py`)."""
     served = Served.__new__(Served)  # no shard needed: the budget is arithmetic
     served.wide_at, served.dry = 100.0, frozenset()
     none: frozenset[str] = frozenset()
