@@ -5,8 +5,12 @@ share, and stops once no project it looks for can take more. It looks for a busy
 project with room through the whole budget, for a project new to the worker a page deep,
 and for a busy project with room that a claim before found with nothing due (`quiet`)
 only where a job comes due: in what came due since the claim before, read whole (within
-the budget), so a burst of another's jobs coming due together cannot hide its job.
-`dispatcher.worker.served.Served` decides the budget, the scout and who is quiet.
+the budget), so a burst of another's jobs coming due together (up to that) cannot hide
+its job. And
+now and then (a wide look) it also looks a step further than the budget, a step further
+each time, so a job deep in another's backlog is found before that backlog drains.
+`dispatcher.worker.served.Served` decides the budget, the scout, the sweep and who is
+quiet.
 """
 
 from __future__ import annotations
@@ -15,9 +19,10 @@ from dataclasses import dataclass
 
 from dispatcher.lua import REDIS_NOW_MS, ArgList, Key, Script
 
-__all__ = ["JUST_DUE_SLACK_MS", "Claim"]
+__all__ = ["JUST_DUE_SLACK_MS", "SWEEP_ENTRIES", "Claim"]
 
 JUST_DUE_SLACK_MS = 1000  # a claim's look at what just came due starts this long before
+SWEEP_ENTRIES = 500  # how much further past its budget each sweeping claim looks
 
 
 @dataclass
@@ -44,12 +49,19 @@ class Claim(Script):
     what is left of the budget; then, unless that read reached their end, their newest
     page, oldest of it first.
 
+    A claim with a `sweep` (an offset into the due range; -1: none) that the budget
+    stopped short of the range's end looks `sweep_size` entries further, from that offset
+    (or from where it stopped, if further), for any project with room: one after another,
+    such claims sweep the range past the budget, so no job there waits for the backlog
+    ahead of it to drain. It returns the offset the next one starts at (0 once the range's
+    end was reached).
+
     A due id whose data is gone comes back with `false` data (and leaves the queue), so
     the worker can record it. A claimed job comes with the registry version its event
     would be matched at (`registry.matches.Matches`): the `platform` project's and its
     own (0 when none), space-separated, read once per project; false when its id names no
-    project. Returns Redis's time (ms) and the {id, data, claims, version} rows (the keys
-    are made here, from the prefixes given)."""
+    project. Returns Redis's time (ms), the {id, data, claims, version} rows (the keys are
+    made here, from the prefixes given) and where the next sweep starts."""
 
     LUA = (
         REDIS_NOW_MS
@@ -112,33 +124,59 @@ class Claim(Script):
       out[#out + 1] = {id, data, claims, data and version_of(project)}
       return true
     end
-    local looked = 0  -- entries passed over, in every look: at most the budget
-    local function page_through(from, page_size, more)  -- true at the range's end
-      local offset = 0
-      while #out < want and looked < limit and more() do
-        local page = redis.call('ZRANGEBYSCORE', queue, from, now_ms, 'LIMIT', offset, page_size)
+    local looked = 0  -- entries passed over, in every look
+    local due  -- the due range's length, counted once a look goes deep
+    local function page(from, offset, size)  -- `size` due entries, `offset` in from `from`
+      if offset < 500 then  -- near the start, walking to the offset costs little
+        return redis.call('ZRANGEBYSCORE', queue, from, now_ms, 'LIMIT', offset, size)
+      end
+      due = due or redis.call('ZCOUNT', queue, '-inf', now_ms)  -- deeper, go by rank
+      local first = from == '-inf' and 0 or redis.call('ZCOUNT', queue, '-inf', '(' .. from)
+      first = first + offset
+      local last = math.min(first + size, due) - 1
+      return first <= last and redis.call('ZRANGE', queue, first, last) or {}
+    end
+    local function page_through(from, offset, page_size, more)
+      -- pages on from `offset` while fewer than `want` and more(); returns whether it
+      -- reached the range's end, and the offset it stopped at
+      while #out < want and more() do
+        local ids = page(from, offset, page_size)
         local taken = 0  -- entries this page took out of the due range
-        for _, id in ipairs(page) do
+        for _, id in ipairs(ids) do
           if claim(id) then taken = taken + 1 end
           if #out >= want then break end
         end
-        if #page < page_size then return true end
-        offset, looked = offset + #page - taken, looked + #page - taken
+        if due then due = due - taken end
+        if #ids < page_size then return #out < want, offset end
+        offset, looked = offset + #ids - taken, looked + #ids - taken
         page_size = math.max(want, 100)  -- fewer, longer pages past the jobs left alone
       end
-      return false
+      return false, offset
     end
     local scout_limit = new < 0 and limit or tonumber(scout)
-    local ended = page_through('-inf', want, function() return open > 0 or looked < scout_limit end)
+    local ended, at = page_through('-inf', 0, want, function()
+      return looked < limit and (open > 0 or looked < scout_limit)
+    end)
+    local swept = tonumber(sweep)  -- where the sweep starts (-1: no sweep in this claim)
+    if ended then
+      swept = math.min(swept, 0)
+    elseif swept >= 0 and #out < want then  -- past the budget, a step further each time
+      local start, till = math.max(swept, at), looked + tonumber(sweep_size)
+      local reached
+      reached, swept = page_through('-inf', start, 100, function() return looked < till end)
+      if reached then swept, ended = 0, start == at end
+    end
     if #out < want and not ended and since > 0 then  -- what just came due
       local from = math.min(since, now_ms) - tonumber(slack_ms)
-      local whole = near > 0 and page_through(from, 100, function() return near + open > 0 end)
+      local whole = near > 0 and page_through(from, 0, 100, function()
+        return looked < limit and near + open > 0
+      end)
       if #out < want and not whole then  -- its newest page, oldest of it first
         local page = redis.call('ZREVRANGEBYSCORE', queue, now_ms, from, 'LIMIT', 0, 100)
         for i = #page, 1, -1 do if claim(page[i]) and #out >= want then break end end
       end
     end
-    return {now_ms, out}
+    return {now_ms, out, swept}
     """
     )
     queue: Key
@@ -151,6 +189,8 @@ class Claim(Script):
     claims_ttl_s: int
     budget: int
     scout: int
+    sweep: int
+    sweep_size: int
     quiet: str
     since_ms: int
     slack_ms: int

@@ -22,7 +22,7 @@ from dispatcher.jobs import encode
 from dispatcher.keys import SEP
 from dispatcher.lua import REDIS_NOW_MS, ArgList, Key, Script, run_pipeline
 from dispatcher.models import PLATFORM_PROJECT
-from dispatcher.worker.claim_script import JUST_DUE_SLACK_MS, Claim
+from dispatcher.worker.claim_script import JUST_DUE_SLACK_MS, SWEEP_ENTRIES, Claim
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
@@ -177,6 +177,7 @@ class Claims:
         self.token = token
         self.lease_ms = int(lease_s * 1000)
         self.claimed_at_ms = 0  # by Redis's clock: the last claim's (0: none yet)
+        self.sweep_at = 0  # where in the due range the next sweeping claim looks on from
 
     async def claim(
         self,
@@ -184,19 +185,21 @@ class Claims:
         *,
         budget: int = 2000,
         scout: int | None = None,
+        sweep: bool = False,
         quiet: Iterable[str] = (),
         shares: Budgets = (-1, {}),
         mine: Iterable[str] = (),
     ) -> list[Claimed]:
-        """Up to `count` due jobs in one round trip (`Claim`; `scout` defaults to
-        `budget`; `since_ms` is `claimed_at_ms`, 0 after a failed claim: Redis may come back
-        with another clock). `mine`: the ids this worker runs, passed over without a
-        command (a running job is out of the due range, but for one whose run gave up its
-        lease and has yet to end). `shares`: how many jobs a project not named may take
-        (-1: any), and how many more each named one may (`Shares.claim_budgets`)."""
+        """Up to `count` due jobs in one round trip (`Claim`; `scout` defaults to `budget`;
+        `since_ms` is `claimed_at_ms`, 0 after a failed claim: Redis may come back with
+        another clock). `sweep`: look `SWEEP_ENTRIES` past the budget from `sweep_at`, and
+        move it on. `quiet`: busy projects looked for only in what came due. `mine`: ids
+        this worker runs, passed over without a command (a run that gave up its lease and
+        has yet to end). `shares`: how many jobs a project not named may take (-1: any),
+        and how many more each named one may (`Shares.claim_budgets`)."""
         newcomer, projects = shares
         self.claimed_at_ms, since_ms = 0, self.claimed_at_ms
-        claimed_at_ms, rows = await Claim(
+        claimed_at_ms, rows, swept = await Claim(
             queue=self.queue_name,
             want=count,
             lease_ms=self.lease_ms,
@@ -207,6 +210,8 @@ class Claims:
             claims_ttl_s=RETRY_KEY_TTL_S,
             budget=budget,
             scout=budget if scout is None else scout,
+            sweep=self.sweep_at if sweep else -1,
+            sweep_size=SWEEP_ENTRIES,
             quiet="\n".join(quiet),
             since_ms=since_ms,
             slack_ms=JUST_DUE_SLACK_MS,
@@ -218,6 +223,8 @@ class Claims:
             shares=[item for pair in projects.items() for item in pair],
         ).run(self.redis)
         self.claimed_at_ms = int(claimed_at_ms)
+        if sweep:
+            self.sweep_at = int(swept)
         return [
             Claimed(job_id.decode(), data or None, int(claims), version or None)
             for job_id, data, claims, version in rows
@@ -257,8 +264,9 @@ class Claims:
         read = hashlib.sha1(claimed.data or b"", usedforsecurity=False).hexdigest()
         queue, lease, job, claims = self._keys(claimed.job_id)
         data = encode(following, now)
-        args = (self.token, claimed.job_id, read, data, JOB_KEY_EXTRA_MS, now)
-        HandOver(queue, lease, job, claims, *args).queue_on(pipe)
+        HandOver(
+            queue, lease, job, claims, self.token, claimed.job_id, read, data, JOB_KEY_EXTRA_MS, now
+        ).queue_on(pipe)
 
     def again(self, pipe: Pipeline, job_id: str, delay_s: float, *, next_attempt: bool) -> None:
         """Queue the job's return to the queue, due in `delay_s`. `next_attempt`: it ran as

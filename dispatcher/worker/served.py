@@ -41,9 +41,9 @@ BACKOFF_CAP_S = 2.0
 # jobs of a project not busy yet, or of a busy one with room found with nothing due (quiet):
 # it looks for them no further than a page into the queue (or than where the last room was
 # filled) and in what came due from a second before its last claim on (its newest page; all
-# of it while a quiet project has room), and as far as the whole claim budget at most this
-# often (paging through thousands of entries it may not take was, per delivery, more Redis
-# work than the delivery itself).
+# of it while a quiet project has room), and as far as the whole claim budget, and a sweep
+# step past it, at most this often (paging through thousands of entries it may not take
+# was, per delivery, more Redis work than the delivery itself).
 WIDE_SCAN_S = 0.25
 NARROW_BUDGET, WIDE_BUDGET = 100, 2000
 # waited out while claiming: an outage, and any reply error (READONLY after a failover)
@@ -62,7 +62,7 @@ class Served:
     ready_at: float = 0.0
     backoff: float = field(default=0.0)
     wide_at: float = 0.0  # monotonic time of the last short claim that looked at the budget
-    dry: frozenset[str] = frozenset()  # busy projects with room found with nothing due
+    quiet: frozenset[str] = frozenset()  # busy projects with room found with nothing due
 
     @classmethod
     def build(cls, services: Services, token: str, *, shared: Engine | None = None) -> Served:
@@ -97,11 +97,12 @@ class Served:
         the shard then waits out a growing pause (`failed`) while the others go on."""
         shares = self.engine.shares.claim_budgets()
         now = time.monotonic()
-        scout, quiet = self.scout_budget(shares[1], now)
+        scout, quiet = self.reach(shares[1], now)
         try:
             claimed = await self.claims.claim(
-                share, budget=WIDE_BUDGET, scout=scout, quiet=quiet, shares=shares, mine=mine
-            )
+                share, budget=WIDE_BUDGET, scout=scout, sweep=scout == WIDE_BUDGET,
+                quiet=quiet, shares=shares, mine=mine,
+            )  # fmt: skip
         except CLAIM_ERRORS as exc:
             if full := redis_full(exc):
                 metrics.REDIS_FULL.labels(refused="claim").inc()
@@ -113,15 +114,15 @@ class Served:
         self.scanned(shares[1], scout, share, claimed, now)
         return claimed
 
-    def scout_budget(self, busy: dict[str, int], now: float) -> tuple[int, frozenset[str]]:
-        """How far the next claim looks for a project not busy here yet, once the busy ones
-        (`Shares.claim_budgets`) have taken their room, and the busy ones with room it
-        looks for only in what came due since the claim before (`quiet`: found with
-        nothing due by a claim before; `Claim`): the whole budget and none while nothing
-        is busy and once per `WIDE_SCAN_S`, a page the rest of the time."""
+    def reach(self, busy: dict[str, int], now: float) -> tuple[int, frozenset[str]]:
+        """The next claim's reach: how far it looks for a project not busy here yet once
+        the busy ones (`Shares.claim_budgets`) have taken their room, and which busy ones
+        with room it looks for only in what came due (`quiet`, `Claim`). A wide look (the
+        whole budget, a sweep step past it, no one quiet) while nothing is busy and once
+        per `WIDE_SCAN_S`; a page the rest of the time."""
         if not busy or now - self.wide_at >= WIDE_SCAN_S:
             return WIDE_BUDGET, frozenset()
-        return NARROW_BUDGET, self.dry & busy.keys()
+        return NARROW_BUDGET, self.quiet & busy.keys()
 
     def scanned(
         self, busy: dict[str, int], scout: int, asked: int, claimed: list[Claimed], now: float
@@ -135,9 +136,9 @@ class Served:
         if len(claimed) < asked:
             if scout == WIDE_BUDGET:
                 self.wide_at = now
-            self.dry = frozenset(p for p, more in busy.items() if more > 0 and p not in took)
+            self.quiet = frozenset(p for p, more in busy.items() if more > 0 and p not in took)
         else:
-            self.dry = self.dry.difference(took)
+            self.quiet = self.quiet.difference(took)
 
     # ---- a job's ends on this shard ------------------------------------------------------
 

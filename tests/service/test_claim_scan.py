@@ -15,11 +15,12 @@ from redis.asyncio import Redis
 
 from dispatcher.jobs import EventJob
 from dispatcher.keys import Keys
+from dispatcher.lua import run_pipeline
 from dispatcher.queue import Queue
 from dispatcher.settings import Settings
-from dispatcher.worker.claim_script import JUST_DUE_SLACK_MS
+from dispatcher.worker.claim_script import JUST_DUE_SLACK_MS, SWEEP_ENTRIES
 from dispatcher.worker.claims import Claims
-from dispatcher.worker.served import Served
+from dispatcher.worker.served import WIDE_BUDGET, Served
 from dispatcher.worker.shares import Shares
 
 if TYPE_CHECKING:
@@ -159,7 +160,7 @@ async def range_reads(redis: Redis) -> int:
     stats = await redis.info("commandstats")
     return sum(
         int(stats.get(f"cmdstat_{name}", {}).get("calls", 0))
-        for name in ("zrangebyscore", "zrevrangebyscore")
+        for name in ("zrange", "zrangebyscore", "zrevrangebyscore")
     )
 
 
@@ -267,13 +268,15 @@ async def test_a_quiet_projects_jobs_are_found_in_a_burst_that_just_came_due(
     """While a quiet project has room, what just came due is read whole, oldest first, a
     page at a time: its jobs among pages of projA's that came due with them are found (the
     newest page alone holds none of them), as many as its room, and the read stops once
-    its room is filled (the newest page is read then, for a project new here). The budget bounds that read too: one that runs out first finds
-    none of them."""
+    its room is filled (the newest page is read then, for a project new here). The budget
+    bounds that read too: one that runs out first finds none of them. (Each claim looks
+    from the first claim's time, however long the writes took.)"""
     await enqueue(redis, settings, "projA", 150)
     await due_for_a_while(redis, settings)
     claims = claims_of(redis, settings)
     shares = (1, {"projA": 0, "projB": 2})
     assert await claims.claim(10, scout=20, quiet=["projB"], shares=shares) == []
+    since = claims.claimed_at_ms
     await enqueue(redis, settings, "projA", 150, name="burst")
     [first] = await enqueue(redis, settings, "projB", 1)
     await enqueue(redis, settings, "projA", 150, name="mid")
@@ -281,6 +284,7 @@ async def test_a_quiet_projects_jobs_are_found_in_a_burst_that_just_came_due(
     await enqueue(redis, settings, "projA", 250, name="after")
     assert await claims.claim(10, budget=210, scout=20, quiet=["projB"], shares=shares) == []
     before = await range_reads(redis)
+    claims.claimed_at_ms = since
     took = await claims.claim(10, scout=20, quiet=["projB"], shares=shares)
     assert [c.job_id for c in took] == [first, second]
     assert await range_reads(redis) == before + 7  # 10, 100 oldest; 4 pages of 100; newest
@@ -335,11 +339,131 @@ async def test_a_workers_claim_looks_for_a_quiet_project_no_further_than_a_page(
     await due_for_a_while(redis, settings)
     served = served_with(redis, settings, "projA:r0", "projA:r1", "projF:r0")
     assert await served.claim(10, [], poll_delay=0.02) == []  # wide: projF has none due
-    assert served.dry == frozenset({"projF"})
+    assert served.quiet == frozenset({"projF"})
     [job] = await enqueue(redis, settings, "projF", 1)
     await backdate(redis, settings, [job], like="projA:evt_120")
+    served.wide_at = time.monotonic()  # as if the wide look were just now
     assert await served.claim(10, [], poll_delay=0.02) == []
     served.wide_at -= 1
     took = await served.claim(10, [], poll_delay=0.02)
     assert took is not None
     assert [c.job_id for c in took] == [job]
+
+
+async def backlog(redis: Redis, settings: Settings, project: str, count: int) -> None:
+    """`count` jobs of `project` (`{project}:e0000`, ...) in one round trip."""
+    queue = Queue(redis, Keys(settings.queue_name))
+    jobs = [EventJob(f"e{i:04}", project, "BUILD_END") for i in range(count)]
+    await run_pipeline(redis, lambda pipe: queue.push_many(pipe, jobs))
+
+
+async def test_sweeping_claims_find_a_job_past_the_budget_a_step_further_each(
+    settings: Settings, redis: Redis
+) -> None:
+    """A job deeper in the due range than a claim's budget, behind jobs no one may take
+    (projA at its share) and long due, is found by the claims that sweep: each looks
+    `SWEEP_ENTRIES` past the budget, from where the one before stopped; one that reached
+    the range's end has the next start again at the oldest. A claim that does not sweep
+    leaves the place alone."""
+    await backlog(redis, settings, "projA", 1500)
+    [deep] = await enqueue(redis, settings, "projC", 1)
+    await backdate(redis, settings, [deep], like="projA:e1300")
+    await due_for_a_while(redis, settings)
+    claims = claims_of(redis, settings)
+    shares = (1, {"projA": 0})
+    assert await claims.claim(10, budget=100, sweep=True, shares=shares) == []
+    assert claims.sweep_at == 110 + SWEEP_ENTRIES  # pages of 10 and 100, then the sweep's
+    assert await claims.claim(10, budget=100, shares=shares) == []
+    assert claims.sweep_at == 110 + SWEEP_ENTRIES
+    assert await claims.claim(10, budget=100, sweep=True, shares=shares) == []
+    took = await claims.claim(10, budget=100, sweep=True, shares=shares)
+    assert [c.job_id for c in took] == [deep]
+    assert claims.sweep_at == 0
+
+
+async def test_a_workers_wide_looks_sweep_and_its_narrow_ones_do_not(
+    settings: Settings, redis: Redis
+) -> None:
+    """Through `Served.claim`: a wide look steps the sweep on past the whole budget (and
+    finds projC's job there, deeper than 2,000 entries of projA's backlog), a narrow one
+    leaves it where it was."""
+    await backlog(redis, settings, "projA", 2700)
+    [deep] = await enqueue(redis, settings, "projC", 1)
+    await backdate(redis, settings, [deep], like="projA:e2600")
+    await due_for_a_while(redis, settings)
+    served = served_with(redis, settings, "projA:r0", "projA:r1", "projB:r0")
+
+    async def claim() -> list[str]:
+        took = await served.claim(10, [], poll_delay=0.02)
+        assert took is not None
+        return [c.job_id for c in took]
+
+    assert await claim() == []  # wide
+    swept = served.claims.sweep_at
+    assert swept > WIDE_BUDGET
+    assert await claim() == []  # narrow: just looked wide
+    assert served.claims.sweep_at == swept
+    served.wide_at -= 1
+    assert await claim() == [deep]
+
+
+async def test_a_sweeping_claim_that_saw_the_whole_range_starts_the_next_at_the_oldest(
+    settings: Settings, redis: Redis
+) -> None:
+    """A sweeping claim that went on from where the budget stopped it to the range's end
+    saw all of it: it reads nothing of what came due, and the next sweep starts at the
+    oldest; so does the next after one whose budget alone saw the whole range."""
+    await backlog(redis, settings, "projA", 300)
+    await due_for_a_while(redis, settings)
+    claims = claims_of(redis, settings)
+    shares = (1, {"projA": 0})
+    assert await claims.claim(10, budget=100, shares=shares) == []  # a claim before
+    claims.sweep_at = 50
+    before = await range_reads(redis)
+    assert await claims.claim(10, budget=100, sweep=True, shares=shares) == []
+    assert await range_reads(redis) == before + 4  # pages of 10 and 100, the sweep's two
+    assert claims.sweep_at == 0
+    claims.sweep_at = 1000  # further than the range now reaches
+    assert await claims.claim(10, budget=1000, sweep=True, shares=shares) == []
+    assert claims.sweep_at == 0
+
+
+async def test_a_quiet_projects_job_deep_in_what_came_due_is_found_by_rank(
+    settings: Settings, redis: Redis
+) -> None:
+    """Deep in what came due (past the first pages, read by rank, not walked to), a quiet
+    project's job is found behind 700 of projA's that came due with it, neither among the
+    oldest due nor the newest."""
+    await enqueue(redis, settings, "projA", 150)
+    await due_for_a_while(redis, settings)
+    claims = claims_of(redis, settings)
+    shares = (1, {"projA": 0, "projB": 1})
+    assert await claims.claim(10, scout=20, quiet=["projB"], shares=shares) == []
+    since = claims.claimed_at_ms
+    await backlog(redis, settings, "projA", 700)
+    [deep] = await enqueue(redis, settings, "projB", 1)
+    await enqueue(redis, settings, "projA", 150, name="after")
+    claims.claimed_at_ms = since
+    before = await range_reads(redis)
+    took = await claims.claim(10, scout=20, quiet=["projB"], shares=shares)
+    assert [c.job_id for c in took] == [deep]
+    assert await range_reads(redis) == before + 11  # 10 and 100 oldest, 8 pages, newest
+
+
+async def test_a_look_by_rank_keeps_to_the_due_range_as_it_takes_jobs(
+    settings: Settings, redis: Redis
+) -> None:
+    """Deep in the due range (read by rank), each job taken leaves the range: a job due
+    in 3 s (before the taken jobs' leases end, so ranked between them and the range) is
+    left alone though its project has room."""
+    await backlog(redis, settings, "projA", 600)
+    taken = await enqueue(redis, settings, "projB", 3)
+    await enqueue(redis, settings, "projA", 97, name="tail")
+    queue = await due_for_a_while(redis, settings)
+    [later] = await enqueue(redis, settings, "projB", 1, name="later")
+    score = await redis.zscore(queue, later)
+    assert score is not None
+    await redis.zadd(queue, {later: score + 3000})
+    claims = claims_of(redis, settings)
+    took = await claims.claim(10, shares=(1, {"projA": 0, "projB": 4}))
+    assert [c.job_id for c in took] == taken

@@ -198,32 +198,34 @@ def test_a_claim_scouts_one_page_for_new_projects_but_once_in_a_while() -> None:
     theirs as far as the budget, but for the quiet ones; a wide look counts once it came
     back short: `tests/service/test_claim_scan.py`)."""
     served = Served.__new__(Served)  # no shard needed: the budget is arithmetic
-    served.wide_at, served.dry = 100.0, frozenset()
+    served.wide_at, served.quiet = 100.0, frozenset()
     none: frozenset[str] = frozenset()
     wide, narrow = (WIDE_BUDGET, none), (NARROW_BUDGET, none)
-    assert served.scout_budget({"projA": 0}, now=100.1) == narrow
-    assert served.scout_budget({"projA": 0, "projB": 3}, now=100.1) == narrow
-    assert served.scout_budget({}, now=100.15) == wide  # nothing busy: anything goes
-    assert served.scout_budget({"projA": 0}, now=100.2) == narrow
-    assert served.scout_budget({"projA": 0}, now=100 + WIDE_SCAN_S) == wide
+    assert served.reach({"projA": 0}, now=100.1) == narrow
+    assert served.reach({"projA": 0, "projB": 3}, now=100.1) == narrow
+    assert served.reach({}, now=100.15) == wide  # nothing busy: anything goes
+    assert served.reach({"projA": 0}, now=100.2) == narrow
+    assert served.reach({"projA": 0}, now=100 + WIDE_SCAN_S) == wide
 
 
 def test_a_busy_project_found_with_nothing_due_is_quiet_until_the_next_wide_look() -> None:
-    """A short claim looked as far as its budget for every busy project with room: one
-    that took nothing has nothing due, and is looked for no further than a page (and what
-    just came due) until the next wide look; one that takes a job, in any claim, is looked
-    for again. A wide look counts once it came back short."""
+    """A short claim looked for every busy project with room as far as it could: one that
+    took nothing had nothing due there, and is quiet (looked for only in what just came
+    due, and a page deep) until the next wide look, which passes no quiet ones; one that
+    takes a job, in any claim, is looked for again. A wide look counts once it came back
+    short."""
     served = Served.__new__(Served)
-    served.wide_at, served.dry = 0.0, frozenset()
+    served.wide_at, served.quiet = 0.0, frozenset()
     busy = {"projA": 0, "projB": 3, "projC": 2}
     served.scanned(busy, WIDE_BUDGET, 10, [Claimed("projC:e0", b"{}", 1)], now=100.0)
-    assert served.scout_budget(busy, now=100.1) == (NARROW_BUDGET, frozenset({"projB"}))
-    assert served.scout_budget({"projA": 0}, now=100.1) == (NARROW_BUDGET, frozenset())
+    assert served.reach(busy, now=100.1) == (NARROW_BUDGET, frozenset({"projB"}))
+    assert served.reach(busy, now=100 + WIDE_SCAN_S) == (WIDE_BUDGET, frozenset())  # wide
+    assert served.reach({"projA": 0}, now=100.1) == (NARROW_BUDGET, frozenset())
     full = [Claimed(f"projB:e{i}", b"{}", 1) for i in range(3)]
     served.scanned(busy, NARROW_BUDGET, 3, full, now=100.1)  # projB took: not quiet
-    assert served.scout_budget(busy, now=100.2) == (NARROW_BUDGET, frozenset())
+    assert served.reach(busy, now=100.2) == (NARROW_BUDGET, frozenset())
     served.scanned(busy, WIDE_BUDGET, 3, full, now=100 + WIDE_SCAN_S)  # full: not counted
-    assert served.scout_budget(busy, now=100.01 + WIDE_SCAN_S) == (WIDE_BUDGET, frozenset())
+    assert served.reach(busy, now=100.01 + WIDE_SCAN_S) == (WIDE_BUDGET, frozenset())
 
 
 class _Counting(Shares):
