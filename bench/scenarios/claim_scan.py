@@ -6,7 +6,8 @@ every claim did while a busy project had room. And the same backlog at its share
 for 10 s, beside a busy project with room and nothing due: looked for only in what came
 due since the claim before (`quiet`, as `Served` asks once a claim found it with nothing
 due) against looked for 2,000 deep; and the quiet claims right as the whole backlog came
-due (a burst, read whole up to the budget while a quiet project has room). Each run's
+due (a burst, read whole up to the budget while a quiet project has room); and the wide
+claims with their sweep step past the budget against without. Each run's
 claims follow a claim before them, untimed. Timed by Redis itself (`INFO commandstats`:
 the script's µs, its inner calls included), runs interleaved."""
 
@@ -42,11 +43,13 @@ async def _run(
     *,
     quiet: bool = False,
     due_for_ms: int = 0,
+    sweep: bool = False,
 ) -> dict[str, float]:
     """Redis µs per claim and queue pages per claim, `CLAIMS` claims of a fresh backlog
     (due `due_for_ms` before the claims) with `scout`, its project given `room` a claim,
     after a claim before them (untimed: a worker's first claim has no claim before);
-    `idle`: beside a busy project with room and nothing due, `quiet` or not."""  # fmt: skip
+    `idle`: beside a busy project with room and nothing due, `quiet` or not; `sweep`: with
+    a sweep step past the budget."""
     await bench.r.flushdb()
     keys = Keys(bench.settings.queue_name)
     queue = Queue(bench.r, keys)
@@ -61,7 +64,12 @@ async def _run(
 
     async def claim() -> int:
         got = await claims.claim(
-            100, budget=WIDE_BUDGET, scout=scout, quiet=quiet_ones, shares=(66, busy)
+            100,
+            budget=WIDE_BUDGET,
+            scout=scout,
+            sweep=sweep,
+            quiet=quiet_ones,
+            shares=(66, busy),
         )
         return len(got)
 
@@ -79,16 +87,20 @@ async def _run(
 
     return {
         "us_per_claim": grew("evalsha", 1) / CLAIMS,
-        "pages_per_claim": (grew("zrange", 0) + grew("zrevrangebyscore", 0)) / CLAIMS,
+        "pages_per_claim": sum(
+            grew(name, 0) for name in ("zrange", "zrangebyscore", "zrevrangebyscore")
+        )
+        / CLAIMS,
     }
 
 
 async def run(bench: Bench) -> list[Row]:
-    names = ("narrow", "wide", "quiet", "idle", "burst")
+    names = ("narrow", "wide", "sweep", "quiet", "idle", "burst")
     runs: dict[str, list[dict[str, float]]] = {name: [] for name in names}
     for _ in range(REPEATS):
         runs["narrow"].append(await _run(bench, NARROW_BUDGET, ROOM))
         runs["wide"].append(await _run(bench, WIDE_BUDGET, ROOM))
+        runs["sweep"].append(await _run(bench, WIDE_BUDGET, ROOM, sweep=True))
         quiet = await _run(bench, NARROW_BUDGET, 0, True, quiet=True, due_for_ms=10_000)
         runs["quiet"].append(quiet)
         runs["idle"].append(await _run(bench, NARROW_BUDGET, 0, True, due_for_ms=10_000))
@@ -111,6 +123,12 @@ async def run(bench: Bench) -> list[Row]:
             "claim-scan", f"Redis µs per job claimed, a lone project's backlog of {BACKLOG:,}",
             median("narrow") / ROOM, "µs", "every claim 2,000 entries deep",
             median("wide") / ROOM, maximum=0.5, details=pages("narrow", "wide"),
+        ),
+        ratio_row(
+            "claim-scan", "Redis µs per wide claim of that backlog, its sweep step (500 "
+            "entries past the 2,000) included", median("sweep"), "µs",
+            "the same claims without the step", median("wide"),
+            details=pages("sweep", "wide"),
         ),
         ratio_row(
             "claim-scan", "Redis µs per claim, that backlog due for 10 s, at its share, "

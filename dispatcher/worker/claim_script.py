@@ -50,18 +50,20 @@ class Claim(Script):
     page, oldest of it first.
 
     A claim with a `sweep` (an offset into the due range; -1: none) that the budget
-    stopped short of the range's end looks `sweep_size` entries further, from that offset
-    (or from where it stopped, if further), for any project with room: one after another,
-    such claims sweep the range past the budget, so no job there waits for the backlog
-    ahead of it to drain. It returns the offset the next one starts at (0 once the range's
-    end was reached).
+    stopped short of the range's end looks `sweep_size` entries further, for any project
+    with room: from just past `sweep_after` (the entry the sweep before passed over last)
+    while that is still due, else from that offset, and never before where the budget
+    stopped it. One after another, such claims sweep the range past the budget, so no job
+    there waits for the backlog ahead of it to drain. It returns where the next one starts:
+    an offset and the entry it passed over last (0 and '' once it reached the range's
+    end).
 
     A due id whose data is gone comes back with `false` data (and leaves the queue), so
     the worker can record it. A claimed job comes with the registry version its event
     would be matched at (`registry.matches.Matches`): the `platform` project's and its
     own (0 when none), space-separated, read once per project; false when its id names no
     project. Returns Redis's time (ms), the {id, data, claims, version} rows (the keys are
-    made here, from the prefixes given) and where the next sweep starts."""
+    made here, from the prefixes given) and where the next sweep starts (two values)."""
 
     LUA = (
         REDIS_NOW_MS
@@ -136,19 +138,21 @@ class Claim(Script):
       local last = math.min(first + size, due) - 1
       return first <= last and redis.call('ZRANGE', queue, first, last) or {}
     end
+    local passed  -- the last entry a look passed over (left in the due range)
     local function page_through(from, offset, page_size, more)
       -- pages on from `offset` while fewer than `want` and more(); returns whether it
       -- reached the range's end, and the offset it stopped at
       while #out < want and more() do
         local ids = page(from, offset, page_size)
-        local taken = 0  -- entries this page took out of the due range
+        local seen, taken = 0, 0  -- entries this page looked at; those it took out of the range
         for _, id in ipairs(ids) do
-          if claim(id) then taken = taken + 1 end
+          seen = seen + 1
+          if claim(id) then taken = taken + 1 else passed = id end
           if #out >= want then break end
         end
         if due then due = due - taken end
+        offset, looked = offset + seen - taken, looked + seen - taken
         if #ids < page_size then return #out < want, offset end
-        offset, looked = offset + #ids - taken, looked + #ids - taken
         page_size = math.max(want, 100)  -- fewer, longer pages past the jobs left alone
       end
       return false, offset
@@ -157,14 +161,20 @@ class Claim(Script):
     local ended, at = page_through('-inf', 0, want, function()
       return looked < limit and (open > 0 or looked < scout_limit)
     end)
-    local swept = tonumber(sweep)  -- where the sweep starts (-1: no sweep in this claim)
+    local swept, anchor = tonumber(sweep), ''  -- where the sweep starts (-1: no sweep here)
     if ended then
       swept = math.min(swept, 0)
     elseif swept >= 0 and #out < want then  -- past the budget, a step further each time
+      if sweep_after ~= '' then  -- on from the entry the sweep before passed over last
+        due = due or redis.call('ZCOUNT', queue, '-inf', now_ms)
+        local rank = redis.call('ZRANK', queue, sweep_after)
+        if rank and rank < due then swept = rank + 1 end  -- still due: where it is now
+      end
       local start, till = math.max(swept, at), looked + tonumber(sweep_size)
       local reached
+      passed = nil
       reached, swept = page_through('-inf', start, 100, function() return looked < till end)
-      if reached then swept, ended = 0, start == at end
+      if reached then swept, ended = 0, start == at else anchor = passed or sweep_after end
     end
     if #out < want and not ended and since > 0 then  -- what just came due
       local from = math.min(since, now_ms) - tonumber(slack_ms)
@@ -176,7 +186,7 @@ class Claim(Script):
         for i = #page, 1, -1 do if claim(page[i]) and #out >= want then break end end
       end
     end
-    return {now_ms, out, swept}
+    return {now_ms, out, swept, anchor}
     """
     )
     queue: Key
@@ -190,6 +200,7 @@ class Claim(Script):
     budget: int
     scout: int
     sweep: int
+    sweep_after: str
     sweep_size: int
     quiet: str
     since_ms: int

@@ -177,7 +177,7 @@ class Claims:
         self.token = token
         self.lease_ms = int(lease_s * 1000)
         self.claimed_at_ms = 0  # by Redis's clock: the last claim's (0: none yet)
-        self.sweep_at = 0  # where in the due range the next sweeping claim looks on from
+        self.sweep_at, self.sweep_after = 0, ""  # where the next sweeping claim looks on
 
     async def claim(
         self,
@@ -190,16 +190,14 @@ class Claims:
         shares: Budgets = (-1, {}),
         mine: Iterable[str] = (),
     ) -> list[Claimed]:
-        """Up to `count` due jobs in one round trip (`Claim`; `scout` defaults to `budget`;
-        `since_ms` is `claimed_at_ms`, 0 after a failed claim: Redis may come back with
-        another clock). `sweep`: look `SWEEP_ENTRIES` past the budget from `sweep_at`, and
-        move it on. `quiet`: busy projects looked for only in what came due. `mine`: ids
-        this worker runs, passed over without a command (a run that gave up its lease and
-        has yet to end). `shares`: how many jobs a project not named may take (-1: any),
-        and how many more each named one may (`Shares.claim_budgets`)."""
+        """Up to `count` due jobs in one round trip, as `Claim` looks for them (`scout`
+        defaults to `budget`; `since_ms` is `claimed_at_ms`, 0 after a failed claim: Redis
+        may come back with another clock; a `sweep` goes on from `sweep_at`/`sweep_after`
+        and moves them on). `quiet`, `shares` (`Shares.claim_budgets`) and `mine` (the ids
+        this worker runs) are `Claim`'s."""
         newcomer, projects = shares
         self.claimed_at_ms, since_ms = 0, self.claimed_at_ms
-        claimed_at_ms, rows, swept = await Claim(
+        claimed_at_ms, rows, swept, after = await Claim(
             queue=self.queue_name,
             want=count,
             lease_ms=self.lease_ms,
@@ -211,6 +209,7 @@ class Claims:
             budget=budget,
             scout=budget if scout is None else scout,
             sweep=self.sweep_at if sweep else -1,
+            sweep_after=self.sweep_after if sweep else "",
             sweep_size=SWEEP_ENTRIES,
             quiet="\n".join(quiet),
             since_ms=since_ms,
@@ -224,7 +223,7 @@ class Claims:
         ).run(self.redis)
         self.claimed_at_ms = int(claimed_at_ms)
         if sweep:
-            self.sweep_at = int(swept)
+            self.sweep_at, self.sweep_after = int(swept), after.decode()
         return [
             Claimed(job_id.decode(), data or None, int(claims), version or None)
             for job_id, data, claims, version in rows

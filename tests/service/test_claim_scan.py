@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, cast
 
 from redis.asyncio import Redis
 
+from dispatcher.clock import now_ms
 from dispatcher.jobs import EventJob
 from dispatcher.keys import Keys
 from dispatcher.lua import run_pipeline
@@ -351,10 +352,15 @@ async def test_a_workers_claim_looks_for_a_quiet_project_no_further_than_a_page(
 
 
 async def backlog(redis: Redis, settings: Settings, project: str, count: int) -> None:
-    """`count` jobs of `project` (`{project}:e0000`, ...) in one round trip."""
-    queue = Queue(redis, Keys(settings.queue_name))
+    """`count` jobs of `project` (`{project}:e0000`, ...), due a millisecond apart."""
+    keys = Keys(settings.queue_name)
+    queue = Queue(redis, keys)
     jobs = [EventJob(f"e{i:04}", project, "BUILD_END") for i in range(count)]
     await run_pipeline(redis, lambda pipe: queue.push_many(pipe, jobs))
+    first = await redis.zscore(keys.QUEUE, f"{project}:e0000")
+    assert first is not None
+    spread = {f"{project}:e{i:04}": first - count + i for i in range(count)}
+    await redis.zadd(keys.QUEUE, spread)
 
 
 async def test_sweeping_claims_find_a_job_past_the_budget_a_step_further_each(
@@ -362,9 +368,10 @@ async def test_sweeping_claims_find_a_job_past_the_budget_a_step_further_each(
 ) -> None:
     """A job deeper in the due range than a claim's budget, behind jobs no one may take
     (projA at its share) and long due, is found by the claims that sweep: each looks
-    `SWEEP_ENTRIES` past the budget, from where the one before stopped; one that reached
-    the range's end has the next start again at the oldest. A claim that does not sweep
-    leaves the place alone."""
+    `SWEEP_ENTRIES` past the budget, from where the one before stopped (its offset, when
+    the entry it passed over last has left the due range since); one that reached the
+    range's end has the next start again. A claim that does not sweep leaves the place
+    alone."""
     await backlog(redis, settings, "projA", 1500)
     [deep] = await enqueue(redis, settings, "projC", 1)
     await backdate(redis, settings, [deep], like="projA:e1300")
@@ -375,7 +382,10 @@ async def test_sweeping_claims_find_a_job_past_the_budget_a_step_further_each(
     assert claims.sweep_at == 110 + SWEEP_ENTRIES  # pages of 10 and 100, then the sweep's
     assert await claims.claim(10, budget=100, shares=shares) == []
     assert claims.sweep_at == 110 + SWEEP_ENTRIES
+    queue = Keys(settings.queue_name).QUEUE
+    await redis.zadd(queue, {claims.sweep_after: now_ms() + 60_000})  # running elsewhere
     assert await claims.claim(10, budget=100, sweep=True, shares=shares) == []
+    assert claims.sweep_at == 110 + 2 * SWEEP_ENTRIES
     took = await claims.claim(10, budget=100, sweep=True, shares=shares)
     assert [c.job_id for c in took] == [deep]
     assert claims.sweep_at == 0
@@ -401,7 +411,8 @@ async def test_a_workers_wide_looks_sweep_and_its_narrow_ones_do_not(
     assert await claim() == []  # wide
     swept = served.claims.sweep_at
     assert swept > WIDE_BUDGET
-    assert await claim() == []  # narrow: just looked wide
+    served.wide_at = time.monotonic()  # as if the wide look were just now
+    assert await claim() == []  # narrow
     assert served.claims.sweep_at == swept
     served.wide_at -= 1
     assert await claim() == [deep]
@@ -424,6 +435,10 @@ async def test_a_sweeping_claim_that_saw_the_whole_range_starts_the_next_at_the_
     assert await range_reads(redis) == before + 4  # pages of 10 and 100, the sweep's two
     assert claims.sweep_at == 0
     claims.sweep_at = 1000  # further than the range now reaches
+    before = await range_reads(redis)
+    assert await claims.claim(10, budget=100, sweep=True, shares=shares) == []
+    assert claims.sweep_at == 0
+    assert await range_reads(redis) == before + 3  # 10, 100, the newest (the sweep's: none)
     assert await claims.claim(10, budget=1000, sweep=True, shares=shares) == []
     assert claims.sweep_at == 0
 
@@ -467,3 +482,22 @@ async def test_a_look_by_rank_keeps_to_the_due_range_as_it_takes_jobs(
     claims = claims_of(redis, settings)
     took = await claims.claim(10, shares=(1, {"projA": 0, "projB": 4}))
     assert [c.job_id for c in took] == taken
+
+
+async def test_a_sweep_goes_on_from_the_entry_it_passed_last_though_the_range_moved(
+    settings: Settings, redis: Redis
+) -> None:
+    """Between two sweeping claims, 300 jobs ahead of the sweep leave the queue (another
+    worker ended them): the next sweep goes on right past the entry the one before passed
+    over last, where that entry is now, not from its old offset (which now lies 300
+    entries further on, past projC's job)."""
+    await backlog(redis, settings, "projA", 1500)
+    [deep] = await enqueue(redis, settings, "projC", 1)
+    await backdate(redis, settings, [deep], like="projA:e0700")
+    claims = claims_of(redis, settings)
+    shares = (1, {"projA": 0})
+    assert await claims.claim(10, budget=100, sweep=True, shares=shares) == []
+    assert claims.sweep_after == "projA:e0609"
+    await redis.zrem(Keys(settings.queue_name).QUEUE, *(f"projA:e{i:04}" for i in range(300)))
+    took = await claims.claim(10, budget=100, sweep=True, shares=shares)
+    assert [c.job_id for c in took] == [deep]
