@@ -6,9 +6,8 @@ project with room through the whole budget, for a project new to the worker a pa
 and for a busy project with room that a claim before found with nothing due (`quiet`)
 only where a job comes due: in what came due since the claim before, read whole (within
 the budget), so a burst of another's jobs coming due together (up to that) cannot hide
-its job. And
-now and then (a wide look) it also looks a step further than the budget, a step further
-each time, so a job deep in another's backlog is found before that backlog drains.
+its job. And now and then (a wide look) it also looks a step further than the budget, a
+step further each time, so a job deep in another's backlog is found before that backlog drains.
 `dispatcher.worker.served.Served` decides the budget, the scout, the sweep and who is
 quiet.
 """
@@ -127,14 +126,15 @@ class Claim(Script):
       return true
     end
     local looked = 0  -- entries passed over, in every look
-    local due  -- the due range's length, counted once a look goes deep
+    local due, ranks = nil, {['-inf'] = 0}  -- counted once a look goes deep
     local function page(from, offset, size)  -- `size` due entries, `offset` in from `from`
       if offset < 500 then  -- near the start, walking to the offset costs little
         return redis.call('ZRANGEBYSCORE', queue, from, now_ms, 'LIMIT', offset, size)
       end
       due = due or redis.call('ZCOUNT', queue, '-inf', now_ms)  -- deeper, go by rank
-      local first = from == '-inf' and 0 or redis.call('ZCOUNT', queue, '-inf', '(' .. from)
-      first = first + offset
+      -- (what a look takes leaves for after now: the entries before `from` stay as counted)
+      ranks[from] = ranks[from] or redis.call('ZCOUNT', queue, '-inf', '(' .. from)
+      local first = ranks[from] + offset
       local last = math.min(first + size, due) - 1
       return first <= last and redis.call('ZRANGE', queue, first, last) or {}
     end
@@ -161,9 +161,9 @@ class Claim(Script):
     local ended, at = page_through('-inf', 0, want, function()
       return looked < limit and (open > 0 or looked < scout_limit)
     end)
-    local swept, anchor = tonumber(sweep), ''  -- where the sweep starts (-1: no sweep here)
+    local swept, anchor = tonumber(sweep), sweep_after  -- where the sweep starts (-1: none)
     if ended then
-      swept = math.min(swept, 0)
+      swept, anchor = math.min(swept, 0), ''
     elseif swept >= 0 and #out < want then  -- past the budget, a step further each time
       if sweep_after ~= '' then  -- on from the entry the sweep before passed over last
         due = due or redis.call('ZCOUNT', queue, '-inf', now_ms)
@@ -174,7 +174,7 @@ class Claim(Script):
       local reached
       passed = nil
       reached, swept = page_through('-inf', start, 100, function() return looked < till end)
-      if reached then swept, ended = 0, start == at else anchor = passed or sweep_after end
+      if reached then swept, ended, anchor = 0, start == at, '' else anchor = passed or anchor end
     end
     if #out < want and not ended and since > 0 then  -- what just came due
       local from = math.min(since, now_ms) - tonumber(slack_ms)

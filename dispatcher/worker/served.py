@@ -122,7 +122,7 @@ class Served:
         per `WIDE_SCAN_S`; a page the rest of the time."""
         if not busy or now - self.wide_at >= WIDE_SCAN_S:
             return WIDE_BUDGET, frozenset()
-        return NARROW_BUDGET, self.quiet & busy.keys()
+        return NARROW_BUDGET, self.quiet.intersection(busy)
 
     def scanned(
         self, busy: dict[str, int], scout: int, asked: int, claimed: list[Claimed], now: float

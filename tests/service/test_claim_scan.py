@@ -311,10 +311,10 @@ async def test_a_workers_claim_finds_a_busy_projects_job_behind_a_page_of_others
         assert took is not None
         return [c.job_id for c in took]
 
-    served.wide_at = time.monotonic()  # just looked wide
+    served.wide_at = time.monotonic() + 60  # just looked wide
     assert await claim(10) == ["projB:evt_000"]
     served.engine.shares.job_started("projB:evt_000")  # projB at its share now too
-    served.wide_at -= 1  # a wide look is due
+    served.wide_at = 0.0  # a wide look is due
     wide_at = served.wide_at
     assert await claim(10) == ["projC:evt_000"]
     assert served.wide_at > wide_at  # it came back short: it counts
@@ -323,9 +323,9 @@ async def test_a_workers_claim_finds_a_busy_projects_job_behind_a_page_of_others
         *await enqueue(redis, settings, "projE", 1),
     ]
     await backdate(redis, settings, later, like="projA:more_060")  # not just come due
-    served.wide_at = time.monotonic()  # as if the wide look were just now
+    served.wide_at = time.monotonic() + 60  # as if the wide look were just now
     assert await claim(10) == []
-    served.wide_at -= 1
+    served.wide_at = 0.0  # a wide look is due
     assert await claim(1) == ["projD:evt_000"]  # its share filled: still wide
     assert await claim(10) == ["projE:evt_000"]
 
@@ -343,9 +343,9 @@ async def test_a_workers_claim_looks_for_a_quiet_project_no_further_than_a_page(
     assert served.quiet == frozenset({"projF"})
     [job] = await enqueue(redis, settings, "projF", 1)
     await backdate(redis, settings, [job], like="projA:evt_120")
-    served.wide_at = time.monotonic()  # as if the wide look were just now
+    served.wide_at = time.monotonic() + 60  # as if the wide look were just now
     assert await served.claim(10, [], poll_delay=0.02) == []
-    served.wide_at -= 1
+    served.wide_at = 0.0  # a wide look is due
     took = await served.claim(10, [], poll_delay=0.02)
     assert took is not None
     assert [c.job_id for c in took] == [job]
@@ -411,19 +411,20 @@ async def test_a_workers_wide_looks_sweep_and_its_narrow_ones_do_not(
     assert await claim() == []  # wide
     swept = served.claims.sweep_at
     assert swept > WIDE_BUDGET
-    served.wide_at = time.monotonic()  # as if the wide look were just now
+    served.wide_at = time.monotonic() + 60  # as if the wide look were just now
     assert await claim() == []  # narrow
     assert served.claims.sweep_at == swept
-    served.wide_at -= 1
+    served.wide_at = 0.0  # a wide look is due
     assert await claim() == [deep]
 
 
-async def test_a_sweeping_claim_that_saw_the_whole_range_starts_the_next_at_the_oldest(
+async def test_a_sweeping_claim_that_saw_the_whole_range_starts_the_next_again(
     settings: Settings, redis: Redis
 ) -> None:
     """A sweeping claim that went on from where the budget stopped it to the range's end
-    saw all of it: it reads nothing of what came due, and the next sweep starts at the
-    oldest; so does the next after one whose budget alone saw the whole range."""
+    saw all of it: it reads nothing of what came due, and the next sweep starts again
+    (where the budget ends); so does one that started past the range's end, and the next
+    after one whose budget alone saw the whole range."""
     await backlog(redis, settings, "projA", 300)
     await due_for_a_while(redis, settings)
     claims = claims_of(redis, settings)
@@ -439,6 +440,7 @@ async def test_a_sweeping_claim_that_saw_the_whole_range_starts_the_next_at_the_
     assert await claims.claim(10, budget=100, sweep=True, shares=shares) == []
     assert claims.sweep_at == 0
     assert await range_reads(redis) == before + 3  # 10, 100, the newest (the sweep's: none)
+    claims.sweep_at = 50
     assert await claims.claim(10, budget=1000, sweep=True, shares=shares) == []
     assert claims.sweep_at == 0
 
@@ -490,13 +492,19 @@ async def test_a_sweep_goes_on_from_the_entry_it_passed_last_though_the_range_mo
     """Between two sweeping claims, 300 jobs ahead of the sweep leave the queue (another
     worker ended them): the next sweep goes on right past the entry the one before passed
     over last, where that entry is now, not from its old offset (which now lies 300
-    entries further on, past projC's job)."""
+    entries further on, past projC's job). A wide claim filled before its sweep keeps
+    that entry for the next."""
     await backlog(redis, settings, "projA", 1500)
     [deep] = await enqueue(redis, settings, "projC", 1)
     await backdate(redis, settings, [deep], like="projA:e0700")
     claims = claims_of(redis, settings)
     shares = (1, {"projA": 0})
     assert await claims.claim(10, budget=100, sweep=True, shares=shares) == []
+    assert claims.sweep_after == "projA:e0609"
+    [first] = await enqueue(redis, settings, "projD", 1)
+    await backdate(redis, settings, [first], like="projA:e0000")
+    took = await claims.claim(1, budget=100, sweep=True, shares=shares)  # full: no sweep
+    assert [c.job_id for c in took] == [first]
     assert claims.sweep_after == "projA:e0609"
     await redis.zrem(Keys(settings.queue_name).QUEUE, *(f"projA:e{i:04}" for i in range(300)))
     took = await claims.claim(10, budget=100, sweep=True, shares=shares)
