@@ -7,9 +7,9 @@ and for a busy project with room that a claim before found with nothing due (`qu
 only where a job comes due: in what came due since the claim before, read whole (within
 the budget), so a burst of another's jobs coming due together (up to that) cannot hide
 its job. And now and then (a wide look) it also looks a step further than the budget, a
-step further each time, so a job deep in another's backlog is found before that backlog drains.
-`dispatcher.worker.served.Served` decides the budget, the scout, the sweep and who is
-quiet.
+step further each time, so a job deep in another's backlog is found before that backlog
+drains. `dispatcher.worker.served.Served` decides the budget, the scout, the sweep and who
+is quiet.
 """
 
 from __future__ import annotations
@@ -126,12 +126,17 @@ class Claim(Script):
       return true
     end
     local looked = 0  -- entries passed over, in every look
+    local PAGE = 100  -- entries a page reads (but a look's first: `want`)
     local due, ranks = nil, {['-inf'] = 0}  -- counted once a look goes deep
+    local function due_count()  -- the due range's length now
+      due = due or redis.call('ZCOUNT', queue, '-inf', now_ms)
+      return due
+    end
     local function page(from, offset, size)  -- `size` due entries, `offset` in from `from`
-      if offset < 500 then  -- near the start, walking to the offset costs little
+      if offset < 5 * PAGE then  -- near the start, walking to the offset costs little
         return redis.call('ZRANGEBYSCORE', queue, from, now_ms, 'LIMIT', offset, size)
       end
-      due = due or redis.call('ZCOUNT', queue, '-inf', now_ms)  -- deeper, go by rank
+      due_count()  -- deeper, go by rank
       -- (what a look takes leaves for after now: the entries before `from` stay as counted)
       ranks[from] = ranks[from] or redis.call('ZCOUNT', queue, '-inf', '(' .. from)
       local first = ranks[from] + offset
@@ -153,7 +158,7 @@ class Claim(Script):
         if due then due = due - taken end
         offset, looked = offset + seen - taken, looked + seen - taken
         if #ids < page_size then return #out < want, offset end
-        page_size = math.max(want, 100)  -- fewer, longer pages past the jobs left alone
+        page_size = math.max(want, PAGE)  -- fewer, longer pages past the jobs left alone
       end
       return false, offset
     end
@@ -166,23 +171,22 @@ class Claim(Script):
       swept, anchor = math.min(swept, 0), ''
     elseif swept >= 0 and #out < want then  -- past the budget, a step further each time
       if sweep_after ~= '' then  -- on from the entry the sweep before passed over last
-        due = due or redis.call('ZCOUNT', queue, '-inf', now_ms)
         local rank = redis.call('ZRANK', queue, sweep_after)
-        if rank and rank < due then swept = rank + 1 end  -- still due: where it is now
+        if rank and rank < due_count() then swept = rank + 1 end  -- still due: where it is now
       end
       local start, till = math.max(swept, at), looked + tonumber(sweep_size)
       local reached
       passed = nil
-      reached, swept = page_through('-inf', start, 100, function() return looked < till end)
+      reached, swept = page_through('-inf', start, PAGE, function() return looked < till end)
       if reached then swept, ended, anchor = 0, start == at, '' else anchor = passed or anchor end
     end
     if #out < want and not ended and since > 0 then  -- what just came due
       local from = math.min(since, now_ms) - tonumber(slack_ms)
-      local whole = near > 0 and page_through(from, 0, 100, function()
+      local whole = near > 0 and page_through(from, 0, PAGE, function()
         return looked < limit and near + open > 0
       end)
       if #out < want and not whole then  -- its newest page, oldest of it first
-        local page = redis.call('ZREVRANGEBYSCORE', queue, now_ms, from, 'LIMIT', 0, 100)
+        local page = redis.call('ZREVRANGEBYSCORE', queue, now_ms, from, 'LIMIT', 0, PAGE)
         for i = #page, 1, -1 do if claim(page[i]) and #out >= want then break end end
       end
     end
