@@ -20,7 +20,7 @@ from dispatcher.lua import run_pipeline
 from dispatcher.queue import Queue
 from dispatcher.settings import Settings
 from dispatcher.worker.claim_script import JUST_DUE_SLACK_MS, SWEEP_ENTRIES
-from dispatcher.worker.claims import Claims
+from dispatcher.worker.claims import Budgets, Claims
 from dispatcher.worker.served import WIDE_BUDGET, Served
 from dispatcher.worker.shares import Shares
 
@@ -51,6 +51,18 @@ async def enqueue(
 
 def claims_of(redis: Redis, settings: Settings) -> Claims:
     return Claims(redis, Keys(settings.queue_name), "worker-a", lease_s=10)
+
+
+async def claimed_once_beside_a_backlog(
+    redis: Redis, settings: Settings, shares: Budgets
+) -> Claims:
+    """A worker's claims after one claim (so they look at what came due since it) that
+    took nothing of projA's 150 jobs, due for a while, with projB quiet."""
+    await enqueue(redis, settings, "projA", 150)
+    await due_for_a_while(redis, settings)
+    claims = claims_of(redis, settings)
+    assert await claims.claim(10, scout=20, quiet=["projB"], shares=shares) == []
+    return claims
 
 
 def served_with(redis: Redis, settings: Settings, *running: str) -> Served:
@@ -245,11 +257,8 @@ async def test_what_came_due_ends_with_its_newest_page_unless_read_whole(
     quiet project has room: the read of what came due stops once the quiet one's room is
     filled, or finds the budget spent (here by projD, busy with room, looked for through
     the backlog), and its newest page is read then."""
-    await enqueue(redis, settings, "projA", 150)
-    await due_for_a_while(redis, settings)
-    claims = claims_of(redis, settings)
     shares = (1, {"projA": 0, "projB": 1})
-    assert await claims.claim(10, scout=20, quiet=["projB"], shares=shares) == []
+    claims = await claimed_once_beside_a_backlog(redis, settings, shares)
     [quiet_job] = await enqueue(redis, settings, "projB", 1)
     await enqueue(redis, settings, "projA", 150, name="burst")
     [new_job] = await enqueue(redis, settings, "projC", 1)
@@ -272,11 +281,8 @@ async def test_a_quiet_projects_jobs_are_found_in_a_burst_that_just_came_due(
     its room is filled (the newest page is read then, for a project new here). The budget
     bounds that read too: one that runs out first finds none of them. (Each claim looks
     from the first claim's time, however long the writes took.)"""
-    await enqueue(redis, settings, "projA", 150)
-    await due_for_a_while(redis, settings)
-    claims = claims_of(redis, settings)
     shares = (1, {"projA": 0, "projB": 2})
-    assert await claims.claim(10, scout=20, quiet=["projB"], shares=shares) == []
+    claims = await claimed_once_beside_a_backlog(redis, settings, shares)
     since = claims.claimed_at_ms
     await enqueue(redis, settings, "projA", 150, name="burst")
     [first] = await enqueue(redis, settings, "projB", 1)
@@ -451,11 +457,8 @@ async def test_a_quiet_projects_job_deep_in_what_came_due_is_found_by_rank(
     """Deep in what came due (past the first pages, read by rank, not walked to), a quiet
     project's job is found behind 700 of projA's that came due with it, neither among the
     oldest due nor the newest."""
-    await enqueue(redis, settings, "projA", 150)
-    await due_for_a_while(redis, settings)
-    claims = claims_of(redis, settings)
     shares = (1, {"projA": 0, "projB": 1})
-    assert await claims.claim(10, scout=20, quiet=["projB"], shares=shares) == []
+    claims = await claimed_once_beside_a_backlog(redis, settings, shares)
     since = claims.claimed_at_ms
     await backlog(redis, settings, "projA", 700)
     [deep] = await enqueue(redis, settings, "projB", 1)
