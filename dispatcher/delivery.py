@@ -182,12 +182,11 @@ def _parsed(url: str) -> URL:
 
 
 @functools.lru_cache(maxsize=16)
-def _timeout(connect_timeout: float, total_timeout: float) -> aiohttp.ClientTimeout:
-    """Connecting (the pool's wait included) and each read bounded; the whole exchange is
-    bounded by `send` itself."""
-    return aiohttp.ClientTimeout(
-        total=None, connect=total_timeout, sock_connect=connect_timeout, sock_read=total_timeout
-    )
+def _timeout(connect_timeout: float) -> aiohttp.ClientTimeout:
+    """A new connection's connect (and TLS handshake) bounded. The whole exchange (the
+    pool's wait, the resolution, each read) is bounded by `send` itself, with one timer:
+    aiohttp's own `connect` and `sock_read` would start two or three more per request."""
+    return aiohttp.ClientTimeout(total=None, connect=None, sock_connect=connect_timeout)
 
 
 def _names(exc: aiohttp.InvalidURL, target: URL) -> bool:
@@ -227,9 +226,7 @@ async def send(
     answer = _Answer()
     try:
         async with asyncio.timeout(total_timeout):
-            async with client.post(
-                target, body, headers, _timeout(connect_timeout, total_timeout)
-            ) as response:
+            async with client.post(target, body, headers, _timeout(connect_timeout)) as response:
                 await answer.read(response, max_response_body)
     except Exception as exc:  # a receiver can make anything raise: it ends as a result
         error = _error_text(exc, (connect_timeout, total_timeout))

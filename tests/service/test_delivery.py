@@ -181,6 +181,33 @@ async def test_hanging_receiver_is_cut_at_the_timeout_and_retried(
     assert 250 <= (recs[0].duration_ms or 0) < 2000
 
 
+async def test_a_receiver_dripping_its_answer_is_cut_at_the_total_timeout(
+    redis_server: EmbeddedRedis, redis: Redis, receiver: Receiver, run_worker: RunWorker
+) -> None:
+    """Its status comes at once, then one byte every 50 ms for 10 s: no single read waits
+    long, so only the attempt's one overall timer (`delivery.send`'s) can end it."""
+
+    async def drip(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(status=200)
+        await response.prepare(request)
+        try:
+            for _ in range(200):
+                await response.write(b"x")
+                await asyncio.sleep(0.05)
+        except (ConnectionResetError, ConnectionError):
+            pass
+        return response
+
+    settings = make_settings(redis_server.url, total_timeout=0.3, connect_timeout=0.3)
+    url = receiver.script("/hook", drip)
+    await register(redis, url)
+    await emit(settings, redis)
+    await run_worker(settings)
+    [rec] = await records(redis, settings, url)
+    assert rec.response_code == 200 and "timed out after 0.3s" in (rec.error_msg or "")
+    assert 250 <= (rec.duration_ms or 0) < 2000
+
+
 async def test_retry_after_is_honoured(
     settings: Settings, redis: Redis, receiver: Receiver, run_worker: RunWorker
 ) -> None:
