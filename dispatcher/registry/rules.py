@@ -93,11 +93,13 @@ def url_problem(url: str) -> str | None:
 class Destination(NamedTuple):
     """What an attempt needs of a callback's URL, read once per callback (not per
     attempt): why nothing may be sent to it (`url_problem`, or a URL that cannot be
-    parsed), its `netloc` (the key of its host's share and circuit), and the host name
-    and port the egress policy checks."""
+    parsed), its `host` (the key of its host's share and circuit: the host and port it
+    connects to, as the client pools its connections, however the URL spells them; its
+    netloc when it cannot be parsed), and the host name and port the egress policy
+    checks."""
 
     problem: str | None
-    netloc: str
+    host: str
     hostname: str
     port: int
 
@@ -116,7 +118,8 @@ def destination(url: str) -> Destination:
         return Destination(problem or f"url is malformed: {exc}", netloc, hostname, 0)
     if not hostname:
         problem = problem or "url has no host"
-    return Destination(problem, netloc, hostname, port)
+    host = f"[{hostname}]:{port}" if ":" in hostname else f"{hostname}:{port}"
+    return Destination(problem, host, hostname, port)
 
 
 def _is_id(value: str) -> bool:

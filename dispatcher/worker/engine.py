@@ -253,7 +253,7 @@ class Engine:
     async def _attempt(
         self, job: DeliveryJob, target: CallbackTarget, number: int, then: Then
     ) -> None:
-        host, project = target.destination.netloc, job.emitter or job.project_id
+        host, project = target.destination.host, job.emitter or job.project_id
         circuit = (project, host)  # the emitter's own: none trips another project's
         if wait := self.breaker.wait(circuit):  # not an attempt: try again once it may
             await self._defer(job, then, wait, "circuit")

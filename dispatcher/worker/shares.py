@@ -3,8 +3,11 @@
 A worker has `DISPATCHER_WORKER_MAX_JOBS` slots, for jobs and for HTTP attempts in flight.
 When `n` projects are busy in a worker, each may hold at most `slots // (n + 1)` of them
 (half while it is alone), so one share is always free for a project that arrives; hosts
-get the same rule, and never more than `DISPATCHER_MAX_PER_HOST` attempts each. Nothing
-here touches Redis, and nothing costs a round trip:
+get the same rule, and never more than `DISPATCHER_MAX_PER_HOST` attempts each. The
+projects calling one host split its share, an eighth of it (at least one) kept free for
+the next (`HOST_RESERVE`): with `n` busy on it, each may hold `(share - reserve) // n`, so
+a project's slow endpoint on a host others call too (a shared SaaS host) cannot hold all
+of its slots. Nothing here touches Redis, and nothing costs a round trip:
 
 - claims: the claim script is told how many more jobs each busy project may take (and
   what a project not busy yet may take), and leaves the others' jobs in the queue, due,
@@ -38,6 +41,7 @@ SLOW_S = 1.0  # a host that usually takes this long to answer is waited for in t
 WAIT_S = 5.0  # an attempt to a faster host waits at most this long for a slot in memory
 DEFER_MIN_S, DEFER_MAX_S = 0.5, 10.0
 KEPT_HOSTS = 10_000  # hosts whose answer time is remembered
+HOST_RESERVE = 8  # of a host's share, this part (at least 1) is left to projects not on it
 
 
 def project_of(job_id: str) -> str | None:
@@ -105,6 +109,7 @@ class Shares:
         self._asked: tuple[int, dict[str, int]] = (-1, {})  # the last claim's budgets
         self.projects = _Counts(slots)
         self.hosts = _Counts(slots if fair else 1 << 30, max_per_host)
+        self.on_host: dict[str, _Counts] = {}  # per host, the attempts of each project there
         # project -> host -> its attempts waiting for a slot there, oldest first
         self._waiting: dict[str, dict[str, _Line]] = {}
         # project -> its lines by their heads' order, (order, host); an entry whose line's
@@ -166,11 +171,24 @@ class Shares:
     # ---- attempts -----------------------------------------------------------------------
 
     def _admits(self, project: str, host: str) -> bool:
-        return self.hosts.room(host) > 0 and (not self.fair or self.projects.room(project) > 0)
+        if self.hosts.room(host) <= 0:
+            return False
+        return not self.fair or (self.projects.room(project) > 0 and self._on_room(project, host))
+
+    def _on_room(self, project: str, host: str) -> bool:
+        """Whether `project` may hold one more of `host`'s share: one when it holds none
+        there yet, else up to `(share - reserve) // n` with `n` projects busy on it."""
+        on = self.on_host.get(host)
+        if on is None or (held := on.held.get(project, 0)) == 0:
+            return True
+        share = self.hosts.limit(host)
+        kept = share - max(1, share // HOST_RESERVE)
+        return held < max(1, kept // len(on.held))
 
     def _take(self, project: str, host: str) -> Slot:
         self.projects.take(project)
         self.hosts.take(host)
+        self.on_host.setdefault(host, _Counts(0)).take(project)
         return Slot(self, project, host)
 
     async def admit(self, project: str, host: str, wait: float = WAIT_S) -> Slot | None:
@@ -241,6 +259,10 @@ class Shares:
         """`slot`'s attempt is over: its shares go to the attempts waiting that fit now."""
         self.projects.give(slot.project)
         self.hosts.give(slot.host)
+        on = self.on_host[slot.host]
+        on.give(slot.project)
+        if not on.held:
+            del self.on_host[slot.host]
         if seconds:
             self._remember(slot.host, seconds)
         self._wake()

@@ -104,3 +104,49 @@ async def test_a_slow_neighbour_holds_only_its_share_and_the_victim_is_served_at
         [record] = await all_records(redis, settings, url, "projB")
         assert record.status.value == "SUCCESS" and record.attempt == 1, record
     assert all(w.poll() is None for w in workers), log.read_text()[-3000:]
+
+
+async def test_a_slow_neighbour_on_a_host_the_victim_calls_too_leaves_it_a_slot(
+    settings: Settings, redis: Redis, workers: list[subprocess.Popen[bytes]], tmp_path: Path
+) -> None:
+    """A shared host (a SaaS one, say): projB's event goes to 10 callbacks on its slow
+    paths (4 s each), projA's to its fast path, the same host and port. projB alone there
+    holds 7 of the host's 8 slots (an eighth kept for the next project), so projA's
+    events, emitted while projB's requests are in flight, arrive before the slow paths
+    have answered once (projB held all 8, and its queued attempts got the freed ones
+    first); projB's other deliveries wait, each made once, as attempt 1."""
+    slow, fast = Slow(), Receiver()
+
+    async def either(request: web.Request) -> web.StreamResponse:
+        return await (slow.handle if request.path.startswith("/slow") else fast.handle)(request)
+
+    registry = Registry(redis)
+    async with serving(either) as base:
+        slow_urls = [f"{base}/slow/b{i}" for i in range(10)]
+        for url in slow_urls:
+            await registry.create("projB", url, Event.BUILD_END, Region.DEVNET)
+        await registry.create("projA", f"{base}/fast", Event.BUILD_END, Region.DEVNET)
+        log = tmp_path / "worker.log"
+        workers.append(start_worker(settings.redis_url or "", log, **SETTINGS))
+        producer = Producer(settings, redis)
+        await producer.emit("projB", "BUILD_END", {}, event_id="noisy")
+
+        async def crowded() -> bool:
+            return slow.held >= 7
+
+        await until(crowded, 20, "projB's requests in flight")
+        for n in range(3):
+            await producer.emit("projA", "BUILD_END", {"n": n}, event_id=f"victim-{n}")
+        await fast.wait_for(3, "/fast", within=SLOW_S * 3)
+        victim_done = max(seen.at for seen in fast.requests("/fast"))
+        assert victim_done < min(slow.answered, default=float("inf")), "projA waited"
+        assert slow.peak <= 7, slow.peak
+
+        async def neighbour_done() -> bool:
+            return all([await all_records(redis, settings, url, "projB") for url in slow_urls])
+
+        await until(neighbour_done, 60, "every projB delivery recorded")
+    for url in slow_urls:
+        [record] = await all_records(redis, settings, url, "projB")
+        assert record.status.value == "SUCCESS" and record.attempt == 1, record
+    assert all(w.poll() is None for w in workers), log.read_text()[-3000:]

@@ -233,8 +233,17 @@ def test_urls_without_problems_pass() -> None:
 def test_a_destination_is_what_the_attempt_keys_and_checks_on() -> None:
     """One parse of a callback's URL: its share's and circuit's key, the host and port the
     egress policy checks (the scheme's port when none is given), and its problem."""
-    assert destination("http://H.example:8080/p?q") == (None, "H.example:8080", "h.example", 8080)
-    assert destination("https://[::1]/x") == (None, "[::1]", "::1", 443)
+    assert destination("http://H.example:8080/p?q") == (None, "h.example:8080", "h.example", 8080)
+    assert destination("https://[::1]/x") == (None, "[::1]:443", "::1", 443)
+    # one host however it is spelled: one share, one circuit, as one connection pool
+    full_width = "".join(chr(ord(c) + 0xFEE0) for c in "hooks")  # NFKC: hooks
+    spellings = (
+        "http://HOOKS.example/a",
+        "http://hooks.example:80/b",
+        f"http://{full_width}.example/",
+    )
+    assert {destination(url).host for url in spellings} == {"hooks.example:80"}
+    assert destination("https://hooks.example/").host == "hooks.example:443"
     assert destination("http://h.example/a%1Bb").problem == url_problem("http://h.example/a%1Bb")
     for url, netloc in (("http://[::1/x", ""), ("http://h.example:99999/", "h.example:99999"),
                         ("http://h.example:port/", "h.example:port")):  # fmt: skip

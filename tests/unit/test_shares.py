@@ -31,6 +31,26 @@ async def test_a_host_is_capped_whatever_project_calls_it() -> None:
     assert await shares.admit("p9", "fast:80", wait=0) is not None
 
 
+async def test_projects_on_one_host_split_it_and_an_eighth_stays_free_for_the_next() -> None:
+    """projB's slow endpoint on a host projA calls too (a shared SaaS host): alone there
+    it holds 56 of the host's 64, projA is admitted at once, and as projB's attempts end
+    it gets back no more than half of the 56 while projA is busy there."""
+    shares = Shares(slots=200, max_per_host=64)
+    held = [slot for _ in range(64) if (slot := await shares.admit("projB", "saas:443", 0))]
+    assert len(held) == 56  # 64 - 64 // 8
+    victims = [slot for _ in range(20) if (slot := await shares.admit("projA", "saas:443", 0))]
+    assert len(victims) == 8  # the host's 64 are all held now
+    for slot in held[:28]:
+        slot.release(5.0)
+    assert await shares.admit("projB", "saas:443", wait=0) is None  # 28: (64 - 8) // 2
+    more = [slot for _ in range(40) if (slot := await shares.admit("projA", "saas:443", 0))]
+    assert len(victims) + len(more) == 28
+    assert await shares.admit("projB", "other:443", wait=0) is not None  # its other hosts
+    for slot in held[28:] + victims + more:
+        slot.release(0.1)
+    assert shares.on_host == {"other:443": shares.on_host["other:443"]}
+
+
 async def test_without_fair_share_only_the_host_cap_holds() -> None:
     shares = Shares(slots=4, max_per_host=3, fair=False)
     admitted = [await shares.admit("projB", f"h{i % 2}:80", wait=0) for i in range(8)]
