@@ -31,29 +31,45 @@ SETTINGS = {  # a small worker, so that a few slow callbacks are a crowd
 
 
 @dataclass
+class Held:
+    """How many requests some receivers hold at once, and the most they held."""
+
+    now: int = 0
+    peak: int = 0
+
+    def enter(self) -> None:
+        self.now += 1
+        self.peak = max(self.peak, self.now)
+
+
+@dataclass
 class Slow:
-    """A receiver that answers after `SLOW_S`, counting what it holds at once."""
+    """A receiver that answers after `SLOW_S`, counting what it holds at once, alone and
+    with the others sharing its `crowd`."""
 
     base: str = ""
     held: int = 0
     peak: int = 0
     answered: list[float] = field(default_factory=list)
+    crowd: Held = field(default_factory=Held)
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         await request.read()
         self.held += 1
         self.peak = max(self.peak, self.held)
+        self.crowd.enter()
         try:
             await asyncio.sleep(SLOW_S)
         finally:
             self.held -= 1
+            self.crowd.now -= 1
         self.answered.append(time.monotonic())
         return web.Response(text="slow")
 
 
 @asynccontextmanager
-async def slow_receiver() -> AsyncIterator[Slow]:
-    slow = Slow()
+async def slow_receiver(crowd: Held) -> AsyncIterator[Slow]:
+    slow = Slow(crowd=crowd)
     async with serving(slow.handle) as base:
         slow.base = base
         yield slow
@@ -71,8 +87,8 @@ async def test_a_slow_neighbour_holds_only_its_share_and_the_victim_is_served_at
     requests are in flight, all arrive before the slow hosts have answered once: projB holds
     at most its share of the worker (10 of 20 slots) and 8 per host, the rest of its
     deliveries wait in the queue, and each is then made once, as attempt 1."""
-    registry = Registry(redis)
-    async with slow_receiver() as one, slow_receiver() as two:
+    registry, both = Registry(redis), Held()
+    async with slow_receiver(both) as one, slow_receiver(both) as two:
         slow_urls = [f"{slow.base}/b{i}" for slow in (one, two) for i in range(10)]
         for url in slow_urls:
             await registry.create("projB", url, Event.BUILD_END, Region.DEVNET)
@@ -94,6 +110,7 @@ async def test_a_slow_neighbour_holds_only_its_share_and_the_victim_is_served_at
         first_slow_answer = min(one.answered + two.answered, default=float("inf"))
         assert victim_done < first_slow_answer, "projA waited for projB's slow receivers"
         assert one.peak <= 8 and two.peak <= 8, (one.peak, two.peak)
+        assert both.peak <= 10, both.peak  # projB's share of the worker's 20
 
         async def neighbour_done() -> bool:
             ended = [await all_records(redis, settings, url, "projB") for url in slow_urls]
