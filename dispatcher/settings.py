@@ -215,7 +215,11 @@ class Settings(BaseSettings):
 
     # History
     max_request_body: int = Field(default=64 * 1024, ge=0, description="Bytes stored per request.")
-    max_response_body: int = Field(default=20_000, ge=0, description="Bytes kept of a response.")
+    max_response_body: int = Field(
+        default=20_000,
+        ge=0,
+        description="Bytes read of a response, and the bytes it may take in its record's JSON.",
+    )
     history_retention_days: float = Field(default=7, gt=0)
     history_max_page_size: int = Field(default=100, ge=1)
     sweep_batch: int = Field(default=500, ge=1, description="Records removed per retention step.")
