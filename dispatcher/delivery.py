@@ -19,6 +19,7 @@ from dispatcher.backoff import parse_retry_after
 from dispatcher.clock import now_ms
 from dispatcher.errors import AddressRefused, describe
 from dispatcher.headers import AuthHeader, mask_headers, request_headers
+from dispatcher.history.window import truncate_json
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
@@ -262,7 +263,8 @@ class _Answer:
 
     async def read(self, response: aiohttp.ClientResponse, limit: int) -> None:
         """The status, then `Retry-After`, then at most `limit` bytes of the body (the
-        rest is never read into memory)."""
+        rest is never read into memory), kept as far as it takes at most `limit` bytes in
+        the record (`truncate_json`: a control character read as 1 byte is stored as 6)."""
         self.status = response.status
         self.retry_after = parse_retry_after(response.headers.get("retry-after"))
         chunks: list[bytes] = []
@@ -274,8 +276,9 @@ class _Answer:
             if size > limit:
                 truncated = True
                 break
-        self.text = b"".join(chunks)[:limit].decode("utf-8", errors="replace")
-        if truncated:
+        text = b"".join(chunks)[:limit].decode("utf-8", errors="replace")
+        self.text, cut = truncate_json(text, limit)
+        if truncated or cut:
             self.text += f"... [truncated at {limit} bytes]"
 
     def result(self, outcome: Outcome, error: str | None, started: int) -> AttemptResult:

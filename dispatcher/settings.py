@@ -152,7 +152,11 @@ class Settings(BaseSettings):
         default=None,
         gt=0,
         description="Seconds one job may run (default: total_timeout + 15); a job that runs "
-        "longer is stopped and run again later, never dropped.",
+        "longer is stopped and put back in the queue with backoff, its deliveries tried again "
+        "under the same delivery ids. A job claimed 25 times without ending (timed out, failed "
+        "or its lease lapsed each time; a scheduled retry counts anew) is then dropped, on "
+        "record in dispatcher:deliveries:dropped; a fan_out job's entry names only the event's "
+        "job, and the callbacks it had not attempted get no record.",
     )
     lease_seconds: float = Field(
         default=10.0,
@@ -215,7 +219,11 @@ class Settings(BaseSettings):
 
     # History
     max_request_body: int = Field(default=64 * 1024, ge=0, description="Bytes stored per request.")
-    max_response_body: int = Field(default=20_000, ge=0, description="Bytes kept of a response.")
+    max_response_body: int = Field(
+        default=20_000,
+        ge=0,
+        description="Bytes read of a response, and the bytes it may take in its record's JSON.",
+    )
     history_retention_days: float = Field(default=7, gt=0)
     history_max_page_size: int = Field(default=100, ge=1)
     sweep_batch: int = Field(default=500, ge=1, description="Records removed per retention step.")

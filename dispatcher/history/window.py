@@ -1,5 +1,6 @@
 """What both history backends share and that touches no store: the query's time window, the
-time format people read, body truncation, and the cursor of a newest-first listing."""
+time format people read, body truncation (by UTF-8 size, and by the size a body takes
+in a stored record's JSON), and the cursor of a newest-first listing."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import re
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, NamedTuple
+
+import orjson
 
 from dispatcher.errors import InvalidInput, InvalidTime
 
@@ -22,8 +25,10 @@ __all__ = [
     "Recent",
     "check_page",
     "format_ms",
+    "json_size",
     "parse_window",
     "truncate",
+    "truncate_json",
     "unknown_record",
 ]
 
@@ -92,6 +97,34 @@ def truncate(text: str, limit: int) -> tuple[str, bool]:
     if len(raw) <= limit:
         return text, False
     return raw[:limit].decode("utf-8", errors="ignore"), True
+
+
+def json_size(text: str) -> int:
+    """The bytes `text` takes in a JSON string as the stores write it (orjson: UTF-8, with
+    `"`, `\\` and control characters escaped), its quotes aside."""
+    return len(orjson.dumps(text)) - 2
+
+
+def truncate_json(text: str, limit: int) -> tuple[str, bool]:
+    """`text` (decoded, so no lone surrogate), or its longest start that takes at most
+    `limit` bytes in a stored record (`json_size`), and whether it was cut. A character
+    takes 1 to 6 bytes there (U+0001 is `\\u0001`, U+FFFD 3 bytes of UTF-8), so text read
+    as `limit` bytes can take 6 times as many. Text that cannot outgrow `limit` is not
+    encoded; other text is encoded once (printable ASCII without `"` or `\\`: a copy)."""
+    if len(text) * 6 <= limit:  # fits, whatever its characters are
+        return text, False
+    encoded = orjson.dumps(text)  # b'"' + the text's bytes + b'"'
+    if len(encoded) - 2 <= limit:
+        return text, False
+    # Cut at `limit` bytes, or up to 5 before: a cut inside an escape (`\u0001`: 6 bytes)
+    # or inside a character's UTF-8 bytes is no JSON string; the first cut that is one is
+    # the longest start that fits.
+    for end in range(limit + 1, max(limit - 5, 0), -1):
+        try:
+            return orjson.loads(encoded[:end] + b'"'), True
+        except orjson.JSONDecodeError:
+            continue
+    raise AssertionError("unreachable: one of 6 cuts in a row is between characters")
 
 
 _CURSOR = re.compile(r"^(\d{1,15})-(\d{1,18})$")

@@ -11,7 +11,9 @@ arq client and arq's health check read and write) and owns the lifecycle instead
   its jobs end (`shares.py`), not a poll interval later;
 - a job ends only by its own writes (a record and what follows it), which wait in memory
   until Redis takes them (`writer.py`); a failed, timed-out or cancelled run puts the job
-  back in the queue, never drops it;
+  back in the queue with backoff, and a job claimed `MAX_CLAIMS` times without ending is
+  dropped on its next claim, on record (a `fan_out` job's entry names the event's job
+  alone: the callbacks it had not attempted get no record);
 - a Redis error anywhere is waited out with backoff inside the loop; nothing blocks the
   event loop, so HTTP attempts in flight finish on time.
 

@@ -20,19 +20,45 @@ def test_first_lines_give_the_two_commands(repo_root: Path) -> None:
     assert any(line.startswith("make test") for line in head)
 
 
+# A test the README cites: `path` or `path::name` in full, or `…::name`, which continues the
+# path cited last before it: in a table, in the same cell; in prose, anywhere above.
+CITED = re.compile(r"`(tests/(?:\w+/)?test_\w+\.py)(?:::(\w+))?`|`…::(\w+)`")
+
+
+def wrong_citations(readme: str, repo_root: Path) -> list[str]:
+    """Each citation of a file or test that does not exist, by its line."""
+    sources: dict[str, str] = {}
+
+    def defines(path: str, test: str) -> bool:
+        if path not in sources:
+            sources[path] = (repo_root / path).read_text() if (repo_root / path).is_file() else ""
+        return f"def {test}(" in sources[path]
+
+    wrong = []
+    last = ""  # the path cited last, in prose or in a table
+    for number, line in enumerate(readme.splitlines(), 1):
+        table = line.startswith("|")
+        for part in line.split("|") if table else [line]:
+            here = ""  # the path cited last in this cell
+            for path, test, short in CITED.findall(part):
+                if path:
+                    last = here = path
+                    if not (repo_root / path).is_file():
+                        wrong.append(f"line {number}: {path} does not exist")
+                    elif test and not defines(path, test):
+                        wrong.append(f"line {number}: {path}::{test} does not exist")
+                elif not (cited := here if table else last):
+                    wrong.append(f"line {number}: …::{short} has no path cited before it")
+                elif not defines(cited, short):
+                    wrong.append(f"line {number}: …::{short} is not in {cited}")
+    return wrong
+
+
 def test_every_test_the_readme_names_exists(repo_root: Path) -> None:
     readme = (repo_root / "README.md").read_text()
-    named = re.findall(r"`(tests/(?:\w+/)?test_\w+\.py)(?:::(\w+))?`", readme)
-    assert named
-    for path, test in named:
-        source = (repo_root / path).read_text()
-        if test:
-            assert f"def {test}(" in source, f"{path}::{test} does not exist"
-    # "…::name" continues the file named just before it in the same table cell
-    for cell in re.findall(r"\| ([^|]*…::[^|]*) \|", readme):
-        files = re.findall(r"(tests/(?:\w+/)?test_\w+\.py)::", cell)
-        for short in re.findall(r"…::(test_\w+)", cell):
-            assert any(f"def {short}(" in (repo_root / f).read_text() for f in files), short
+    assert CITED.search(readme)
+    wrong = wrong_citations(readme, repo_root)
+    assert not wrong, "\n".join(wrong)
 
 
 def test_the_code_map_matches_the_tree(repo_root: Path) -> None:

@@ -11,12 +11,14 @@ from typing import Any
 import httpx
 import orjson
 import pytest
+from aiohttp import web
 from redis.asyncio import Redis
 from structlog.testing import capture_logs
 
 from dispatcher.clock import now_ms
 from dispatcher.errors import InvalidInput
 from dispatcher.history.redis import RedisHistory
+from dispatcher.history.window import json_size
 from dispatcher.keys import Keys
 from dispatcher.models import Event, HistoryRecord, Region
 from dispatcher.producer import Producer
@@ -235,6 +237,61 @@ async def test_a_retry_after_that_is_neither_digits_nor_a_date_is_ignored(
         "SUCCESS" if status == 200 else "FAILED"
     )
     assert len(receiver.requests("/ok")) == 1
+
+
+@pytest.mark.parametrize(
+    "body",
+    [b"\x01" * 20_000, b"\xff" * 20_000, b'"' * 20_000, b"\xc3\xa9\\\n\x1b" * 4_000],
+    ids=["control", "invalid-utf8", "quotes", "mixed"],
+)
+async def test_a_receivers_answer_is_stored_within_the_limit_whatever_its_bytes(
+    settings: Settings, redis: Redis, receiver: Receiver, run_worker: RunWorker, body: bytes
+) -> None:
+    """20,000 bytes read, each stored as up to 6 (`\\u0001`; `\\xff` as U+FFFD, 3): records
+    of 120,844 / 60,844 / 40,844 / 48,844 bytes here, per attempt, in the Redis every tenant
+    shares. Now the body takes at most the limit plus its mark, the record ~870 more."""
+    limit = settings.max_response_body
+    mark = f"... [truncated at {limit} bytes]"
+    assert len(body) == limit
+
+    async def hostile(request: web.Request) -> web.StreamResponse:
+        return web.Response(status=503, body=body)
+
+    url = receiver.script("/hostile", hostile)
+    await Registry(redis).create("demo", url, Event.BUILD_END, Region.DEVNET)
+    await Producer(settings, redis).emit("demo", "BUILD_END", {})
+    await run_worker()
+    attempts = await records(redis, settings, url)
+    assert len(attempts) == 4 and attempts[-1].final  # every retry's record as bounded
+    for record in attempts:
+        raw = await redis.get(keys.history_record(record.id))
+        doc = orjson.loads(raw)
+        bodyless = len(orjson.dumps({**doc, "responseBody": ""}))
+        assert len(raw) - bodyless <= limit + 40, len(raw) - bodyless  # the body's share
+        assert len(raw) < limit + 1_000, len(raw)  # the record in all
+        kept = doc["responseBody"].removesuffix(mark)
+        assert kept != doc["responseBody"] and body.decode(errors="replace").startswith(kept)
+        assert limit - 6 < json_size(kept) <= limit  # as much as fits
+
+
+async def test_a_receivers_answer_within_the_limit_is_stored_as_it_came(
+    settings: Settings, redis: Redis, receiver: Receiver, run_worker: RunWorker
+) -> None:
+    """Printable ASCII of exactly the limit, and a short answer with quotes, lines and
+    non-ASCII: stored unchanged, no mark."""
+    limit = settings.max_response_body
+    answers = {
+        "/full": "x" * limit,
+        "/json": '{"ok": true, "message": "d\u00e9j\u00e0 re\u00e7u"}\n\t\u4e2d\u6587 \\ "done"',
+    }
+    for path, text in answers.items():
+        url = receiver.script(path, answer(200, text))
+        await Registry(redis).create("demo", url, Event.BUILD_END, Region.DEVNET)
+    await Producer(settings, redis).emit("demo", "BUILD_END", {})
+    await run_worker()
+    for path, text in answers.items():
+        [record] = await records(redis, settings, receiver.url(path))
+        assert record.response_body == text
 
 
 @pytest.mark.parametrize(

@@ -1,12 +1,14 @@
 """Hostile input, without Redis or a network: an attempt's branches when something raises
 (a stand-in HTTP client), the checks of tokens, URLs, event ids and data, the address
-policy's cloud-metadata rules, and masking on read."""
+policy's cloud-metadata rules, masking on read, and the cut of a receiver's answer to what
+it takes in a record."""
 
 from __future__ import annotations
 
 import base64
 import contextlib
 import ipaddress
+import random
 from collections.abc import AsyncIterator, Callable, Mapping
 from types import SimpleNamespace
 from typing import Any
@@ -23,6 +25,7 @@ from dispatcher.egress import AddressPolicy
 from dispatcher.errors import InvalidInput, describe
 from dispatcher.events import event_job
 from dispatcher.headers import check_header_value, unsendable
+from dispatcher.history.window import json_size, truncate_json
 from dispatcher.models import HistoryRecord, Region
 from dispatcher.registry import CallbackTarget
 from dispatcher.registry.rules import check_token, destination, url_problem, validate_url
@@ -385,3 +388,20 @@ def test_history_masks_secret_headers_on_read() -> None:
         ],
     })  # fmt: skip
     assert [h.value for h in record.request_headers] == ["******"] * 3 + ["evt_1.1"]
+
+
+def test_an_answer_is_cut_to_the_longest_start_that_fits_in_the_record() -> None:
+    """Whatever its characters (each takes 1 to 6 bytes in a record's JSON), the text kept
+    is a start of the answer, takes at most the limit, and one more character would not
+    fit; what fits is not cut."""
+    alphabet = 'a"\\\x01\n\x7f\u00e9\ufffd\U0001f600u0'
+    rng = random.Random(7)
+    for _ in range(5000):
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randrange(40)))
+        limit = rng.randrange(60)
+        kept, cut = truncate_json(text, limit)
+        assert text.startswith(kept) and json_size(kept) <= limit, (text, limit)
+        assert cut == (kept != text)
+        assert not cut or json_size(text[: len(kept) + 1]) > limit, (text, limit)
+    assert truncate_json("x" * 20_000, 20_000) == ("x" * 20_000, False)
+    assert truncate_json("\x01" * 20_000, 20_000) == ("\x01" * 3_333, True)
