@@ -30,7 +30,17 @@ from dispatcher.models import Event, Region
 from dispatcher.producer import Producer
 from dispatcher.registry import Registry
 from dispatcher.settings import Settings
-from tests.helpers import UID, Receiver, RunWorker, make_settings, start_worker, stop, until
+from tests.helpers import (
+    UID,
+    Receiver,
+    RunWorker,
+    answer,
+    hang,
+    make_settings,
+    start_worker,
+    stop,
+    until,
+)
 
 keys = Keys()  # today's key names (one shard)
 
@@ -270,3 +280,33 @@ async def test_sigterm_lets_running_deliveries_finish_and_loses_nothing(
     assert {s.headers["X-DEVOPS-DELIVERY-ID"].split(".")[0] for s in receiver.requests()} == {
         f"demo:{i}" for i in ids
     }
+
+
+async def test_sigterm_puts_back_at_once_what_the_grace_cuts_short(
+    settings: Settings,
+    redis: Redis,
+    receiver: Receiver,
+    run_worker: RunWorker,
+    workers: list[subprocess.Popen[bytes]],
+    tmp_path: Path,
+) -> None:
+    """The receiver holds the first request 5 s, past the worker's 0.5 s grace; leases
+    last a minute, so only a put-back makes the job due again before the burst worker
+    after it gives up (30 s): the same delivery, then a SUCCESS record."""
+    url = receiver.script("/hook", hang(5), answer(200))
+    await Registry(redis).create("demo", url, Event.BUILD_END, Region.DEVNET)
+    [event_id] = await Producer(settings, redis).emit_many([("demo", "BUILD_END", {})])
+    held = {"DISPATCHER_SHUTDOWN_GRACE": "0.5", "DISPATCHER_LEASE_SECONDS": "60",
+            "DISPATCHER_TOTAL_TIMEOUT": "10", "DISPATCHER_JOB_TIMEOUT": "20"}  # fmt: skip
+    workers.append(start_worker(settings.redis_url or "", tmp_path / "w.log", **held))
+    await receiver.wait_for(1, within=15)
+    workers[0].send_signal(signal.SIGTERM)
+    await asyncio.to_thread(workers[0].wait, 15)
+    assert workers[0].returncode == 0
+    await run_worker(make_settings(settings.redis_url or "", lease_seconds=60))
+    sent = [s.headers["X-DEVOPS-DELIVERY-ID"] for s in receiver.requests()]
+    assert len(sent) == 2 and sent[0] == sent[1] and sent[0].startswith(f"demo:{event_id}.")
+    history = RedisHistory(redis, settings, keys)
+    now = now_ms()
+    page = await history.query("demo", url, "BUILD_END", start_ms=now - 60_000, end_ms=now + 1000)
+    assert [(r.delivery_id, r.status.value) for r in page.records] == [(sent[0], "SUCCESS")]
