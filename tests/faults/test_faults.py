@@ -283,13 +283,9 @@ async def test_sigterm_lets_running_deliveries_finish_and_loses_nothing(
 
 
 async def test_sigterm_puts_back_at_once_what_the_grace_cuts_short(
-    settings: Settings,
-    redis: Redis,
-    receiver: Receiver,
-    run_worker: RunWorker,
-    workers: list[subprocess.Popen[bytes]],
-    tmp_path: Path,
-) -> None:
+    settings: Settings, redis: Redis, receiver: Receiver, run_worker: RunWorker,
+    workers: list[subprocess.Popen[bytes]], tmp_path: Path,
+) -> None:  # fmt: skip
     """The receiver holds the first request 5 s, past the worker's 0.5 s grace; leases
     last a minute, so only a put-back makes the job due again before the burst worker
     after it gives up (30 s): the same delivery, then a SUCCESS record."""
