@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 import aiohttp
+import structlog
 from aiohttp.abc import AbstractResolver, ResolveResult
 from aiohttp.resolver import DefaultResolver
 from yarl import URL
@@ -44,7 +45,7 @@ from dispatcher.addresses import (
     literal_ip,
 )
 from dispatcher.errors import AddressRefused, InvalidUrl
-from dispatcher.lookups import Names, bounded
+from dispatcher.lookups import OWNER, Names, bounded
 from dispatcher.models import Region
 
 if TYPE_CHECKING:
@@ -61,6 +62,8 @@ __all__ = [
     "connect_target",
     "policy_for",
 ]
+
+log = structlog.get_logger("dispatcher.egress")
 
 DANGEROUS_PORTS = frozenset((
     19, 21, 22, 23, 25, 53, 110, 111, 135, 137, 139, 143, 445, 465,
@@ -97,27 +100,34 @@ class AddressPolicy:
             )
 
     def check_address(self, ip: IPAddress, host: str) -> None:
+        """Refuses `ip`, `host`'s address, unless the policy allows it. For a name, the
+        message says what kind of address it resolves to, never the address: that is the
+        platform's DNS, not the tenant's to map (`refused_name` logs it for the operator)."""
         if isinstance(ip, ipaddress.IPv6Address) and (v4 := embedded_ipv4(ip)) is not None:
             ip = v4
+        if (what := self._refused(ip)) is None:
+            return
+        if literal_ip(host) is None:
+            raise InvalidUrl(f"host {host_name(host)!r} resolves to {what}", param="url")
+        raise InvalidUrl(f"{host} -> {ip} is {what}", param="url")
+
+    def _refused(self, ip: IPAddress) -> str | None:
+        """What kind of refused address `ip` is, or None."""
         if ip in METADATA_ADDRESSES:
-            raise InvalidUrl(
-                f"{host} -> {ip} is a cloud metadata address: refused in every region",
-                param="url",
-            )
+            return "a cloud metadata address: refused in every region"
         if any(ip in network for network in LINK_LOCAL):
-            raise InvalidUrl(
-                f"{host} -> {ip} is a link-local address, where cloud metadata services "
-                "answer: refused in every region",
-                param="url",
+            return (
+                "a link-local address, where cloud metadata services answer: refused in "
+                "every region"
             )
         if ip.is_unspecified:
-            raise InvalidUrl(f"{host} -> {ip} is not a valid destination", param="url")
+            return "an unspecified address, not a valid destination"
         if not self.allow_internal and is_internal(ip):
-            raise InvalidUrl(
-                f"{host} -> {ip} is an internal address; the operator must allow internal "
-                "targets for this region (DISPATCHER_ALLOW_INTERNAL_REGIONS)",
-                param="url",
+            return (
+                "an internal address; the operator must allow internal targets for this "
+                "region (DISPATCHER_ALLOW_INTERNAL_REGIONS)"
             )
+        return None
 
     def check_url(self, url: str) -> None:
         """The checks that need no DNS: host name, literal address, port."""
@@ -169,7 +179,22 @@ class AddressPolicy:
                 ) from None
             raise
         for info in infos:
-            self.check_address(ipaddress.ip_address(info[4][0]), host)
+            ip = ipaddress.ip_address(info[4][0])
+            try:
+                self.check_address(ip, host)
+            except InvalidUrl as exc:
+                refused_name(host, ip, exc)
+                raise
+
+
+def refused_name(host: str, ip: IPAddress, refusal: InvalidUrl) -> None:
+    """The operator's log line of a host refused for the address it resolved to, with that
+    address, which the tenant's message leaves out (none for a literal address)."""
+    if literal_ip(host) is None:
+        log.warning(
+            "egress.refused", host=host_name(host), address=str(ip), project=OWNER.get(),
+            refusal=refusal.message,
+        )  # fmt: skip
 
 
 def _host_port(url: str) -> tuple[str, int]:
@@ -224,16 +249,18 @@ class GuardedResolver(AbstractResolver):
             (host, port, family), lambda: self._inner.resolve(host, port, family)
         )
         allowed: list[ResolveResult] = []
-        refusal: InvalidUrl | None = None
+        refusal: tuple[IPAddress, InvalidUrl] | None = None
         for result in results:
+            ip = ipaddress.ip_address(result["host"])
             try:
-                self.policy.check_address(ipaddress.ip_address(result["host"]), host)
+                self.policy.check_address(ip, host)
             except InvalidUrl as exc:
-                refusal = exc
+                refusal = ip, exc
                 continue
             allowed.append(result)
         if refusal is not None and not allowed:
-            raise AddressRefused(refusal.message)
+            refused_name(host, *refusal)
+            raise AddressRefused(refusal[1].message)
         if not allowed:
             raise OSError(f"{host} did not resolve")
         return allowed
