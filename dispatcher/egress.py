@@ -23,19 +23,29 @@ import asyncio
 import base64
 import functools
 import ipaddress
-import re
 import socket
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 import aiohttp
+import structlog
 from aiohttp.abc import AbstractResolver, ResolveResult
 from aiohttp.resolver import DefaultResolver
 from yarl import URL
 
+from dispatcher.addresses import (
+    LINK_LOCAL,
+    METADATA_ADDRESSES,
+    METADATA_HOSTS,
+    IPAddress,
+    embedded_ipv4,
+    host_name,
+    is_internal,
+    literal_ip,
+)
 from dispatcher.errors import AddressRefused, InvalidUrl
-from dispatcher.lookups import Names, bounded
+from dispatcher.lookups import OWNER, Names, bounded
 from dispatcher.models import Region
 
 if TYPE_CHECKING:
@@ -53,101 +63,13 @@ __all__ = [
     "policy_for",
 ]
 
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+log = structlog.get_logger("dispatcher.egress")
 
-# Names of cloud metadata services (each with its subdomains), compared without trailing
-# dots, in lower case, IDNA-decoded.
-METADATA_HOSTS = (
-    "metadata",
-    "metadata.google.internal",  # GCP
-    "metadata.goog",  # GCP
-    "metadata.azure.com",  # Azure
-    "metadata.tencentyun.com",  # Tencent Cloud
-    "instance-data",  # AWS
-    "instance-data.ec2.internal",  # AWS
-    "api.metadata.cloud.ibm.com",  # IBM Cloud
-    "metadata.platformequinix.com",  # Equinix Metal
-    "metadata.packet.net",  # Equinix Metal (formerly Packet)
-)
-METADATA_ADDRESSES = frozenset(
-    ipaddress.ip_address(a)
-    for a in (
-        "168.63.129.16",  # Azure WireServer
-        "192.0.0.192",  # Oracle Cloud (classic)
-        "100.100.100.200",  # Alibaba Cloud
-        "fd00:ec2::254",  # AWS over IPv6 (metadata)
-        "fd00:ec2::253",  # AWS over IPv6 (DNS)
-    )
-)
-# Link-local: 169.254.169.254 (AWS, GCP, Azure, OpenStack, ...), 169.254.169.253 (AWS DNS),
-# 169.254.170.2 (ECS task credentials) and their IPv6 counterparts all live there.
-LINK_LOCAL = (ipaddress.ip_network("169.254.0.0/16"), ipaddress.ip_network("fe80::/10"))
-NAT64 = ipaddress.ip_network("64:ff9b::/96")
 DANGEROUS_PORTS = frozenset((
     19, 21, 22, 23, 25, 53, 110, 111, 135, 137, 139, 143, 445, 465,
     587, 993, 995, 1433, 1521, 1883, 2049, 2375, 2376, 2379, 3306, 3389, 4222, 5432,
     5672, 5984, 6379, 6380, 8500, 9042, 9200, 9300, 11211, 15672, 26379, 27017,
 ))  # fmt: skip
-
-
-SHARED_ADDRESS_SPACE = ipaddress.ip_network("100.64.0.0/10")  # carrier-grade NAT
-_NUMERIC_HOST = re.compile(r"[0-9a-fA-FxX.]+")
-
-
-def _is_internal(ip: IPAddress) -> bool:
-    return (
-        ip.is_loopback
-        or ip.is_private
-        or ip.is_link_local
-        or ip.is_multicast
-        or ip.is_reserved
-        or ip in SHARED_ADDRESS_SPACE
-    )
-
-
-def _embedded_ipv4(ip: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
-    """The IPv4 address an IPv6 address carries to (mapped, compatible, NAT64, 6to4,
-    Teredo), if any: the packets end up there."""
-    if ip.ipv4_mapped is not None:
-        return ip.ipv4_mapped
-    if ip.sixtofour is not None:
-        return ip.sixtofour
-    if ip.teredo is not None:
-        return ip.teredo[1]
-    value = int(ip)
-    if value >> 32 == 0 and value > 1:  # IPv4-compatible, ::a.b.c.d (not :: or ::1)
-        return ipaddress.IPv4Address(value)
-    if ip in NAT64:
-        return ipaddress.IPv4Address(value & 0xFFFFFFFF)
-    return None
-
-
-def _literal_ip(host: str) -> IPAddress | None:
-    """The address `host` spells, in any notation resolvers accept (`2852039166`,
-    `0xa9.0xfe.0xa9.0xfe`, `169.254.43518`, `127.0.0.1.`), or None for a name."""
-    host = host.strip("[]").rstrip(".")
-    try:
-        return ipaddress.ip_address(host)
-    except ValueError:
-        pass
-    if _NUMERIC_HOST.fullmatch(host):
-        try:
-            return ipaddress.IPv4Address(socket.inet_aton(host))
-        except OSError:
-            return None
-    return None
-
-
-def _host_name(host: str) -> str:
-    """A host name as resolvers see it: lower case, no trailing dots, IDNA-decoded (so
-    that `metadata。google。internal` is `metadata.google.internal`)."""
-    name = host.strip("[]").rstrip(".").lower()
-    if not name.isascii():
-        try:
-            name = name.encode("idna").decode("ascii").rstrip(".").lower()
-        except UnicodeError:
-            return name
-    return name
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,7 +85,7 @@ class AddressPolicy:
             )
 
     def check_host(self, host: str) -> None:
-        name = _host_name(host)
+        name = host_name(host)
         if any(name == known or name.endswith("." + known) for known in METADATA_HOSTS):
             raise InvalidUrl(
                 f"host {name!r} is a cloud metadata service: refused in every region",
@@ -178,27 +100,34 @@ class AddressPolicy:
             )
 
     def check_address(self, ip: IPAddress, host: str) -> None:
-        if isinstance(ip, ipaddress.IPv6Address) and (v4 := _embedded_ipv4(ip)) is not None:
+        """Refuses `ip`, `host`'s address, unless the policy allows it. For a name, the
+        message says what kind of address it resolves to, never the address: that is the
+        platform's DNS, not the tenant's to map (`refused_name` logs it for the operator)."""
+        if isinstance(ip, ipaddress.IPv6Address) and (v4 := embedded_ipv4(ip)) is not None:
             ip = v4
+        if (what := self._refused(ip)) is None:
+            return
+        if literal_ip(host) is None:
+            raise InvalidUrl(f"host {host_name(host)!r} resolves to {what}", param="url")
+        raise InvalidUrl(f"{host} -> {ip} is {what}", param="url")
+
+    def _refused(self, ip: IPAddress) -> str | None:
+        """What kind of refused address `ip` is, or None."""
         if ip in METADATA_ADDRESSES:
-            raise InvalidUrl(
-                f"{host} -> {ip} is a cloud metadata address: refused in every region",
-                param="url",
-            )
+            return "a cloud metadata address: refused in every region"
         if any(ip in network for network in LINK_LOCAL):
-            raise InvalidUrl(
-                f"{host} -> {ip} is a link-local address, where cloud metadata services "
-                "answer: refused in every region",
-                param="url",
+            return (
+                "a link-local address, where cloud metadata services answer: refused in "
+                "every region"
             )
         if ip.is_unspecified:
-            raise InvalidUrl(f"{host} -> {ip} is not a valid destination", param="url")
-        if not self.allow_internal and _is_internal(ip):
-            raise InvalidUrl(
-                f"{host} -> {ip} is an internal address; the operator must allow internal "
-                "targets for this region (DISPATCHER_ALLOW_INTERNAL_REGIONS)",
-                param="url",
+            return "an unspecified address, not a valid destination"
+        if not self.allow_internal and is_internal(ip):
+            return (
+                "an internal address; the operator must allow internal targets for this "
+                "region (DISPATCHER_ALLOW_INTERNAL_REGIONS)"
             )
+        return None
 
     def check_url(self, url: str) -> None:
         """The checks that need no DNS: host name, literal address, port."""
@@ -208,7 +137,7 @@ class AddressPolicy:
     def check_origin(self, host: str, port: int) -> None:
         self.check_host(host)
         self.check_port(port)
-        if (ip := _literal_ip(host)) is not None:
+        if (ip := literal_ip(host)) is not None:
             self.check_address(ip, host)
             if isinstance(ip, ipaddress.IPv4Address) and host != str(ip):  # aiohttp refuses
                 raise InvalidUrl(  # `2130706433`, `127.1`, `010.0.0.1`, `8.8.8.8.` to send
@@ -242,7 +171,7 @@ class AddressPolicy:
                 return
             if isinstance(exc, socket.gaierror) and exc.errno != socket.EAI_AGAIN:
                 raise InvalidUrl(
-                    f"host {_host_name(host)!r} does not resolve from the worker "
+                    f"host {host_name(host)!r} does not resolve from the worker "
                     f"({exc.strerror}), so its address cannot be checked; the region's "
                     "proxy would resolve it unchecked (DISPATCHER_PROXY_ENFORCED_REGIONS "
                     "declares a proxy that enforces the address policy itself)",
@@ -250,7 +179,22 @@ class AddressPolicy:
                 ) from None
             raise
         for info in infos:
-            self.check_address(ipaddress.ip_address(info[4][0]), host)
+            ip = ipaddress.ip_address(info[4][0])
+            try:
+                self.check_address(ip, host)
+            except InvalidUrl as exc:
+                refused_name(host, ip, exc)
+                raise
+
+
+def refused_name(host: str, ip: IPAddress, refusal: InvalidUrl) -> None:
+    """The operator's log line of a host refused for the address it resolved to, with that
+    address, which the tenant's message leaves out (none for a literal address)."""
+    if literal_ip(host) is None:
+        log.warning(
+            "egress.refused", host=host_name(host), address=str(ip), project=OWNER.get(),
+            refusal=refusal.message,
+        )  # fmt: skip
 
 
 def _host_port(url: str) -> tuple[str, int]:
@@ -305,16 +249,18 @@ class GuardedResolver(AbstractResolver):
             (host, port, family), lambda: self._inner.resolve(host, port, family)
         )
         allowed: list[ResolveResult] = []
-        refusal: InvalidUrl | None = None
+        refusal: tuple[IPAddress, InvalidUrl] | None = None
         for result in results:
+            ip = ipaddress.ip_address(result["host"])
             try:
-                self.policy.check_address(ipaddress.ip_address(result["host"]), host)
+                self.policy.check_address(ip, host)
             except InvalidUrl as exc:
-                refusal = exc
+                refusal = ip, exc
                 continue
             allowed.append(result)
         if refusal is not None and not allowed:
-            raise AddressRefused(refusal.message)
+            refused_name(host, *refusal)
+            raise AddressRefused(refusal[1].message)
         if not allowed:
             raise OSError(f"{host} did not resolve")
         return allowed

@@ -17,7 +17,17 @@ from dispatcher.models import EVENT_ID, check_project_id, parse_event
 if TYPE_CHECKING:
     from dispatcher.tracing import TraceContext
 
-__all__ = ["event_job", "wire_event_job"]
+__all__ = ["MAX_DATA_DEPTH", "event_job", "wire_event_job"]
+
+# How deep `data` may nest objects and arrays (`data` itself is the first level). orjson
+# writes at most 254 (`_ORJSON_MAX_DEPTH`), and the worker sends `data` inside its envelope,
+# one level more: data accepted at 254 levels was queued, then never sent (the fan-out's
+# body failed to encode: a poison job, no delivery, no record). 128 leaves room for that
+# and more, and is below what the batch route's parser reads (200 with the array and the
+# event), so every route gives the same answer.
+MAX_DATA_DEPTH = 128
+_ORJSON_MAX_DEPTH = 254
+_SPARE_DEPTH = _ORJSON_MAX_DEPTH - MAX_DATA_DEPTH
 
 
 def event_job(
@@ -30,7 +40,8 @@ def event_job(
     max_bytes: int | None = None,
 ) -> EventJob:
     """A checked event: a known name, a project id, a JSON object the queue can hold (no
-    NaN or Infinity, which JSON has no words for) of at most `max_bytes` as JSON, an event
+    NaN or Infinity, which JSON has no words for; nested at most `MAX_DATA_DEPTH` levels)
+    of at most `max_bytes` as JSON, an event
     id (when given) of 1-128 letters, digits and `_.:-`, each matched whole. `trace`: the
     trace it continues."""
     check_project_id(project_id)
@@ -43,10 +54,7 @@ def event_job(
             "eventId must be 1-128 letters, digits, '_', '.', ':' or '-'", param="eventId"
         )
     data = dict(data)
-    try:  # what the queue's JSON cannot hold (integers beyond 64 bits, deep nesting)
-        encoded = orjson.dumps(data)
-    except orjson.JSONEncodeError as exc:
-        raise InvalidInput(f"data cannot be queued: {exc}", param="data") from None
+    encoded = _encoded(data)
     if max_bytes is not None and len(encoded) > max_bytes:
         raise InvalidInput(
             f"data is {len(encoded):,} bytes as JSON; at most {max_bytes:,} (an event's "
@@ -68,6 +76,26 @@ def event_job(
         trace=trace,
         data_json=encoded,
     )
+
+
+def _encoded(data: dict[str, Any]) -> bytes:
+    """`data` as JSON, or InvalidInput for what the queue's JSON cannot hold (integers
+    beyond 64 bits) or what the worker could not send: nested past `MAX_DATA_DEPTH`. Its
+    depth is checked by the same encoding, inside the levels `data` may not use: orjson
+    writes at most `_ORJSON_MAX_DEPTH` objects and arrays in one another."""
+    wrapped: Any = data
+    for _ in range(_SPARE_DEPTH):
+        wrapped = [wrapped]
+    try:
+        return orjson.dumps(wrapped)[_SPARE_DEPTH:-_SPARE_DEPTH]
+    except orjson.JSONEncodeError as exc:
+        if "recursion" in str(exc).lower():
+            raise InvalidInput(
+                f"data is nested too deeply: at most {MAX_DATA_DEPTH} levels of objects and "
+                "arrays in one another (data itself is the first)",
+                param="data",
+            ) from None
+        raise InvalidInput(f"data cannot be queued: {exc}", param="data") from None
 
 
 def _non_finite(value: Any) -> bool:

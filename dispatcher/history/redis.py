@@ -112,14 +112,19 @@ class Newest(Script):
 class Latest(Script):
     """The latest `limit` records of `ids` (a zset of record ids by time: dead letters; or
     a delivery's attempts, a string of ids, see `Record`), newest first (of the attempts:
-    the last written first). Record keys are made from the ids read (`record_prefix`)."""
+    the last written first). Record keys are made from the ids read (`record_prefix`).
+    Of a string, only its end is read: `limit` ids of up to 20 digits and their spaces
+    (a string written before it was bounded may be long); the first id read is left out
+    when it may be cut (the read is full and starts inside an id)."""
 
     LUA = """
     local found = {}
-    local written = redis.pcall('GET', ids)
+    local span = tonumber(limit) * 21
+    local written = redis.pcall('GETRANGE', ids, -span, -1)
     if type(written) == 'string' then
       local all = {}
       for id in string.gmatch(written, '%d+') do all[#all + 1] = id end
+      if #written == span and string.sub(written, 1, 1) ~= ' ' then table.remove(all, 1) end
       for i = #all, math.max(1, #all - tonumber(limit) + 1), -1 do found[#found + 1] = all[i] end
     elseif type(written) == 'table' then
       found = redis.call('ZREVRANGE', ids, 0, tonumber(limit) - 1)

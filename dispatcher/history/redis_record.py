@@ -12,6 +12,7 @@ import orjson
 from dispatcher import keys as key_names
 from dispatcher.ending import END_JOB, NO_ENDING, NO_JOB, SET_MARK
 from dispatcher.history.kept import KEEP_RECORD_BODY, stored
+from dispatcher.history.window import MAX_ATTEMPTS_SHOWN
 from dispatcher.lua import Key, Script
 from dispatcher.models import DeliveryStatus
 
@@ -20,10 +21,30 @@ if TYPE_CHECKING:
     from dispatcher.history.record import AttemptRecord
     from dispatcher.keys import Keys
 
-__all__ = ["Record", "record_script"]
+__all__ = ["ATTEMPTS_KEPT", "Record", "record_script"]
+
+# the record ids a delivery's attempts key keeps, the newest: as many as are shown
+ATTEMPTS_KEPT = MAX_ATTEMPTS_SHOWN
+
+# A delivery's attempts keep the newest `ATTEMPTS_KEPT` record ids (`Record`): appended
+# while fewer, else the oldest ones cut; an id older than every one kept (a pipeline sent
+# again after that many newer records) is not added back.
+_ADD_ATTEMPT = f"""
+local function add_attempt(ids)
+  local held = select(2, string.gsub(ids, ' ', ' ')) + 1
+  if held < {ATTEMPTS_KEPT} then
+    redis.call('APPEND', attempts, ' ' .. record_id)
+  elseif tonumber(record_id) > tonumber(string.match(ids, '^%d+')) then
+    local at = 0
+    for _ = 1, held - {ATTEMPTS_KEPT} + 1 do at = string.find(ids, ' ', at + 1, true) end
+    redis.call('SET', attempts, string.sub(ids, at + 1) .. ' ' .. record_id)
+  end
+end
+"""
 
 _RECORD_LUA = (
     KEEP_RECORD_BODY
+    + _ADD_ATTEMPT
     + """
 redis.call('SET', record, json, 'EX', ttl)
 if redis.call('ZADD', index, created, member, '+inf', '~') == 2 then  -- a new index
@@ -44,7 +65,7 @@ if named == '1' and not redis.call('SET', attempts, record_id, 'EX', ttl, 'NX') 
   if type(ids) == 'table' then
     redis.call('ZADD', attempts, created, record_id)
   elseif not string.find(' ' .. ids .. ' ', ' ' .. record_id .. ' ', 1, true) then
-    redis.call('APPEND', attempts, ' ' .. record_id)
+    add_attempt(ids)
   end
   redis.call('EXPIRE', attempts, ttl)
 end
@@ -71,10 +92,14 @@ class Record(Script):
     given are the `record` key again (Redis Cluster refuses a script whose keys span hash
     slots, and every key of a shard shares its slot).
 
-    A delivery's attempts: its record ids in the order written, space-separated, in one
-    string with the TTL of its latest record, so its first attempt (most deliveries' only
-    one) is one SET NX EX. Written before this layout, the key is a ZSET of the ids by
-    createdTime (GET fails on it): that one goes on as it was."""
+    A delivery's attempts: its newest `ATTEMPTS_KEPT` record ids in the order written,
+    space-separated, in one string with the TTL of its latest record, so its first attempt
+    (most deliveries' only one) is one SET NX EX, and each later one reads and writes at
+    most that many ids (a delivery id is the same on every redelivery and on every
+    emission of its event id again, so a project could grow it without end: each write
+    copied it whole). Record ids only increase, so the check that a record sent again is
+    not listed twice needs only the newest. Written before this layout, the key is a ZSET
+    of the ids by createdTime (GET fails on it): that one goes on as it was."""
 
     LUA = END_JOB + SET_MARK + _RECORD_LUA
     TOGETHER = True  # a worker's batch of records is one call (`Writer`)

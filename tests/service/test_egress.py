@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 from aiohttp import web
 from redis.asyncio import Redis
+from structlog.testing import capture_logs
 
 from dispatcher import lookups
 from dispatcher.embedded import EmbeddedRedis
@@ -226,7 +227,45 @@ async def test_a_name_rebound_after_registration_is_refused_at_connect(
     assert given == ["93.184.215.14", "127.0.0.1"]
     [record] = await all_records(redis, settings, url)
     assert record.final and "refused" in (record.error_msg or "")
-    assert "127.0.0.1 is an internal address" in (record.error_msg or "")
+    assert "host 'rebind.test' resolves to an internal address" in (record.error_msg or "")
+
+
+async def test_a_name_refused_for_its_address_never_shows_the_address(
+    redis_server: EmbeddedRedis, redis: Redis, receiver: Receiver, run_worker: RunWorker,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    """`vault.corp.internal -> 10.20.30.40 is an internal address` told any project admin
+    what the platform's DNS answers for its internal names, at registration (400) and in a
+    refused attempt's record. Both say what kind of address the name resolves to; the
+    operator's log line alone has the address."""
+    settings = make_settings(redis_server.url, allow_internal_regions=[])
+    rebinding(monkeypatch, "vault.corp.internal", ["10.20.30.40"])
+    rebinding(monkeypatch, "rebind.test", ["93.184.215.14", "10.20.30.41"])
+    url = receiver.url().replace("127.0.0.1", "rebind.test")
+    with capture_logs() as logs:
+        async with app_client(settings, redis) as client:
+            refused, created = [
+                await client.post(
+                    CALLBACKS,
+                    params={"event": "BUILD_END", "url": u, "region": "DEVNET"},
+                    headers=UID,
+                )
+                for u in ("http://vault.corp.internal/", url)
+            ]
+        await Producer(settings, redis).emit("demo", "BUILD_END", {})
+        await run_worker(settings)
+    assert refused.status_code == 400 and refused.json()["data"] is None
+    assert "host 'vault.corp.internal' resolves to an internal address" in refused.text
+    assert created.json()["data"] is True, created.text
+    [record] = await all_records(redis, settings, url)
+    assert record.final and record.error_msg is not None
+    assert record.error_msg.startswith("refused: host 'rebind.test' resolves to an internal")
+    assert "10.20.30.40" not in refused.text and "10.20.30.41" not in record.model_dump_json()
+    lines = [line for line in logs if line["event"] == "egress.refused"]
+    logged = [(line["host"], line["address"], line["project"]) for line in lines]
+    assert logged == [("vault.corp.internal", "10.20.30.40", "demo"),
+                      ("rebind.test", "10.20.30.41", "demo")]  # fmt: skip
+    assert {line["log_level"] for line in lines} == {"warning"}
 
 
 @asynccontextmanager

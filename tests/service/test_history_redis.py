@@ -11,6 +11,7 @@ from dispatcher.clock import now_ms
 from dispatcher.embedded import EmbeddedRedis
 from dispatcher.history.moving import forget_project
 from dispatcher.history.redis import RedisHistory
+from dispatcher.history.redis_record import ATTEMPTS_KEPT
 from dispatcher.keys import Keys, history_member
 from dispatcher.models import Event, Region
 from dispatcher.registry import Registry
@@ -87,6 +88,37 @@ async def test_a_deliverys_attempts_are_one_string_and_a_zset_of_before_still_re
     assert await redis.zrange(zset, 0, -1) == [str(old_id).encode(), str(later).encode()]
     found = await history.attempts("evt_2.1", "demo")
     assert [r.id for r in found] == [later, old_id]
+
+
+async def test_a_deliverys_attempts_keep_the_newest_ids_only(
+    redis: Redis, settings: Settings
+) -> None:
+    """A delivery id is the same on every redelivery and every emission of its event id
+    again, so a project could grow its attempts key without end (each record copied it
+    whole: quadratic work on the Redis every project shares). It keeps the newest
+    `ATTEMPTS_KEPT` ids, in the order written; a record sent again is listed once; a key
+    written long before it was bounded is read by its end and cut by its next write."""
+    history = RedisHistory(redis, settings, keys)
+    key, now, many = keys.history_attempts("evt_1.1"), now_ms(), ATTEMPTS_KEPT * 5 // 2
+    written = [record(now - many + i, n=1) for i in range(many)]
+    ids = [await history.add(r) for r in written]
+    assert await redis.get(key) == " ".join(map(str, ids[-ATTEMPTS_KEPT:])).encode()
+    await history.add(written[-1])  # a pipeline sent again: its id is there
+    await history.add(written[0])  # one sent again after 249 newer: older than all kept
+    assert await redis.get(key) == " ".join(map(str, ids[-ATTEMPTS_KEPT:])).encode()
+    found = await history.attempts("evt_1.1", "demo")
+    assert [r.id for r in found] == ids[: -ATTEMPTS_KEPT - 1 : -1]
+    assert [r.id for r in await history.attempts("evt_1.1", "demo", limit=1)] == [ids[-1]]
+
+    sharded = RedisHistory(redis, settings, keys, id_floor=10**15)  # ids of 16 digits
+    key = keys.history_attempts("evt_2.1")
+    last = [await sharded.add(record(now - 3 + i, n=2)) for i in range(3)]
+    long = " ".join(str(10**15 - 5000 + i) for i in range(5000))  # grown before the bound
+    await redis.set(key, long + " " + " ".join(map(str, last)), ex=600)
+    assert [r.id for r in await sharded.attempts("evt_2.1", "demo")] == last[::-1]
+    newer = await sharded.add(record(now, n=2))
+    kept = (await redis.get(key)).split()
+    assert len(kept) == ATTEMPTS_KEPT and kept[-4:] == [str(i).encode() for i in [*last, newer]]
 
 
 async def test_only_the_write_that_creates_an_index_adds_it_to_the_sweeps_set(

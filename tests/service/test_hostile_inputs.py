@@ -17,6 +17,7 @@ from structlog.testing import capture_logs
 
 from dispatcher.clock import now_ms
 from dispatcher.errors import InvalidInput
+from dispatcher.events import MAX_DATA_DEPTH
 from dispatcher.history.redis import RedisHistory
 from dispatcher.history.window import json_size
 from dispatcher.keys import Keys
@@ -370,6 +371,82 @@ async def test_python_producers_refuse_nan_too(settings: Settings, redis: Redis)
     with pytest.raises(InvalidInput, match="NaN"):
         await producer.emit_many([("demo", "BUILD_END", {"a": [float("inf")]})])
     assert await producer.emit("demo", "BUILD_END", {"a": None, "b": 1.5}) != ""
+
+
+# ---- data nested past what the worker can send ----------------------------------------
+
+
+def nested(levels: int) -> dict[str, Any]:
+    """`data` of `levels` objects and arrays in one another (itself the first)."""
+    inner: Any = "end"
+    for n in range(levels - 1):
+        inner = [inner] if n % 2 else {"k": inner}
+    return {"d": inner}
+
+
+@pytest.mark.parametrize("levels", [MAX_DATA_DEPTH + 1, 254])
+async def test_data_nested_past_the_limit_is_refused_by_the_routes(
+    settings: Settings, redis: Redis, api: httpx.AsyncClient, levels: int
+) -> None:
+    """Data 254 levels deep (253 below `data`) was answered `queued`, then never sent: the
+    worker's body puts it in its envelope, one level more than orjson writes (a poison
+    job, no delivery, no record)."""
+    single = await api.post(
+        EVENTS, json={"event": "BUILD_END", "data": nested(levels)}, headers=UID
+    )
+    assert single.status_code == 400, single.text
+    body = single.json()
+    assert body["data"] is None and body["status"] != 0
+    assert "data is nested too deeply: at most 128 levels" in body["message"]
+    assert await redis.zcard(settings.queue_name) == 0
+    if levels > 190:  # the batch route's parser reads no deeper: its own 400, as before
+        return
+    events = [{"event": "BUILD_END", "data": nested(levels)}, {"event": "BUILD_END", "data": {}}]
+    batch = await api.post(EVENTS + "/batch", json=events, headers=UID)
+    lines = b"\n".join(orjson.dumps(event) for event in events)
+    streamed = await api.post(
+        EVENTS + "/batch", content=lines, headers={**UID, "Content-Type": "application/x-ndjson"}
+    )
+    for answered, where in ((batch, "events[0]"), (streamed, "line 1")):
+        data = answered.json()["data"]
+        assert (data["accepted"], data["failed"]) == (1, 1), answered.text
+        assert data["results"][0]["error"].startswith(f"{where}: data is nested too deeply")
+    assert await redis.zcard(settings.queue_name) == 2  # the other event of each
+
+
+async def test_python_producers_refuse_data_nested_past_the_limit(
+    settings: Settings, redis: Redis
+) -> None:
+    producer = Producer(settings, redis)
+    for levels in (MAX_DATA_DEPTH + 1, 254, 5000):
+        with pytest.raises(InvalidInput, match="nested too deeply") as refused:
+            await producer.emit("demo", "BUILD_END", nested(levels))
+        assert refused.value.param == "data"
+    with pytest.raises(InvalidInput, match="nested too deeply"):
+        await producer.emit_many([("demo", "BUILD_END", nested(MAX_DATA_DEPTH + 1))])
+    [outcome] = await producer.emit_each(
+        "demo", [{"event": "BUILD_END", "data": nested(MAX_DATA_DEPTH + 1)}]
+    )
+    assert isinstance(outcome, InvalidInput) and outcome.param == "data"
+    assert await redis.zcard(settings.queue_name) == 0
+
+
+async def test_data_nested_to_the_limit_is_delivered_whole(
+    settings: Settings, redis: Redis, receiver: Receiver, run_worker: RunWorker,
+    api: httpx.AsyncClient,
+) -> None:  # fmt: skip
+    await Registry(redis).create("demo", receiver.url(), Event.BUILD_END, Region.DEVNET)
+    deepest = nested(MAX_DATA_DEPTH)
+    routed = await api.post(EVENTS, json={"event": "BUILD_END", "data": deepest}, headers=UID)
+    assert routed.status_code == 200, routed.text
+    await Producer(settings, redis).emit("demo", "BUILD_END", deepest)
+    await run_worker()
+    seen = receiver.requests()
+    assert [orjson.loads(s.body)["data"] for s in seen] == [deepest, deepest]
+    assert [r.status.value for r in await records(redis, settings, receiver.url())] == [
+        "SUCCESS",
+        "SUCCESS",
+    ]
 
 
 # ---- identity headers are given once ----------------------------------------------------
