@@ -52,23 +52,25 @@ def body_wait_ms(settings: Settings) -> int:
 class Renew(Script):
     """Extends the leases of `job_ids` still held by `token` to `lease_ms` from now (Redis's
     clock), and their scores in the `queue` with them (unless a job is due later: its next
-    attempt); returns how many were. The ids are the claim's, so their lease keys are made
-    here (`lease_prefix`)."""
+    attempt); returns the ids that were not (lost: lapsed, and perhaps another worker's
+    now; or ended meanwhile). The ids are the claim's, so their lease keys are made here
+    (`lease_prefix`)."""
 
     LUA = (
         REDIS_NOW_MS
         + """
-    local n = 0
+    local lost = {}
     local until_ms = redis_now_ms() + tonumber(lease_ms)
     for _, id in ipairs(job_ids) do
       local lease = lease_prefix .. id
       if redis.call('GET', lease) == token then
         redis.call('PEXPIRE', lease, lease_ms)
         redis.call('ZADD', queue, 'XX', 'GT', until_ms, id)
-        n = n + 1
+      else
+        lost[#lost + 1] = id
       end
     end
-    return n
+    return lost
     """
     )
     queue: Key
@@ -229,13 +231,13 @@ class Claims:
             for job_id, data, claims, version in rows
         ]
 
-    async def renew(self, job_ids: list[str]) -> int:
-        """Extend the leases of `job_ids` that are still ours; returns how many were."""
+    async def renew(self, job_ids: list[str]) -> set[str]:
+        """Extend the leases of `job_ids` that are still ours; returns the others' ids."""
         if not job_ids:
-            return 0
+            return set()
         prefix = self.keys.ARQ_IN_PROGRESS_PREFIX
         renew = Renew(self.queue_name, self.lease_ms, self.token, prefix, job_ids)
-        return int(await renew.run(self.redis))
+        return {job_id.decode() for job_id in await renew.run(self.redis)}
 
     def _keys(self, job_id: str) -> tuple[str, str, str, str]:
         """A job's queue, lease, data and claim count keys."""

@@ -46,6 +46,7 @@ from dispatcher.registry.matches import Matches
 from dispatcher.stats import AttemptStats
 from dispatcher.worker.claims import body_wait_ms
 from dispatcher.worker.controls import Controls
+from dispatcher.worker.fence import Fence
 from dispatcher.worker.lanes import Lanes, Sending
 from dispatcher.worker.marks import read_marks
 from dispatcher.worker.record import attempt_record, disabled, keep_entry, observe
@@ -94,6 +95,7 @@ class Engine:
         self.controls = Controls(settings, self.keys, self.reads, writer)
         self.limits = Limits.of(settings)
         self.progress_ttl, self.body_wait_ms = settings.progress_ttl, body_wait_ms(settings)
+        self.fence = Fence(None, settings.lease_seconds)  # a worker's: its leases (`fence.py`)
         self.lanes = Lanes(  # ordered callbacks
             self.keys,
             writer,
@@ -264,6 +266,7 @@ class Engine:
             return
         started = time.monotonic()
         try:
+            await self.fence.check()  # its job's lease still ours (after a pause: another's?)
             with tracing.attempt(job.trace, url=target.url, number=number,
                                  delivery_id=job.delivery_id, event_id=job.event_id,
                                  project_id=job.emitter or job.project_id,
@@ -302,14 +305,9 @@ class Engine:
         metrics.DEFERRED.labels(reason=why).inc()
 
     async def _write(
-        self,
-        job: DeliveryJob,
-        target: CallbackTarget,
-        record: AttemptRecord,
-        result: AttemptResult,
-        delay: float | None,
-        then: Then,
-    ) -> None:
+        self, job: DeliveryJob, target: CallbackTarget, record: AttemptRecord,
+        result: AttemptResult, delay: float | None, then: Then,
+    ) -> None:  # fmt: skip
         """The attempt's one write, in the writer's next pipeline: the callback's health, its
         record with the delivery's progress and the job's end when nothing else follows (one
         script), then what else does (`then`: `steps.py`). A delivery that ends here with no

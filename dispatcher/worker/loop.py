@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import functools
 import os
 import signal
@@ -46,6 +47,7 @@ from dispatcher.services import Services
 from dispatcher.shard import Shard
 from dispatcher.stopping import cancel_all
 from dispatcher.topology import close_all, connect_shards, shards_of
+from dispatcher.worker import fence
 from dispatcher.worker.duties import Counts, Duties, every
 from dispatcher.worker.lanes import Adopt
 from dispatcher.worker.served import CLAIM_ERRORS, Served, given_shards
@@ -108,6 +110,7 @@ class Worker:
         for run in self.served:  # a lane's next delivery, taken by a release: run it here
             spawn = functools.partial(self._adopt, run)
             run.engine.lanes.adopt = Adopt(self.token, spawn, run.next_step)
+            run.engine.fence.held = functools.partial(self._held, run)
         self.shipping = Shipping([run.services for run in self.served])
         self.duties = Duties(settings, every_shard[0], [run.services for run in self.served],
                              self.engine.stats, self.token, self._counts)  # fmt: skip
@@ -268,7 +271,10 @@ class Worker:
     def _spawn(self, run: Served, job_id: str, running: Coroutine[Any, Any, None]) -> None:
         self.jobs_started += 1
         run.engine.shares.job_started(job_id)
-        task = asyncio.create_task(running)
+        run.engine.fence.started(job_id)
+        context = contextvars.copy_context()  # its attempts check the job's lease (`fence`)
+        context.run(fence.running.set, job_id)
+        task = asyncio.create_task(running, context=context)
         key = (run.index, job_id)
         self.running[key] = task
         task.add_done_callback(lambda done: self._ended(run, key, done))
@@ -311,6 +317,8 @@ class Worker:
             self.jobs_complete += 1
         except BadJob:
             raise
+        except fence.LeaseLost as exc:  # paused past its lease: the job is another's now
+            log.warning("worker.job_left", job_id=job_id, reason=str(exc))
         except Exception as exc:
             self.jobs_failed += 1
             await run.failed_run(job_id, claims, describe(exc, trusted=CLAIM_ERRORS))
@@ -336,7 +344,7 @@ class Worker:
     async def _renew(self) -> None:
         for run in self.served:
             try:
-                await run.claims.renew(self._held(run))
+                await run.engine.fence.renew()
             except REDIS_ERRORS as exc:  # that shard is away: the others' leases go on
                 log.debug("worker.renew_failed", shard=run.index, error=str(exc))
 

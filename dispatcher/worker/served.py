@@ -19,6 +19,7 @@ from dispatcher.errors import InvalidSetting
 from dispatcher.jobs import DELIVER, BadJob, DeliveryJob, decode
 from dispatcher.worker.claims import Claims
 from dispatcher.worker.engine import Engine
+from dispatcher.worker.fence import Fence
 from dispatcher.worker.record import keep_entry
 from dispatcher.worker.shares import project_of
 from dispatcher.worker.steps import ChunkEnd, NextStep
@@ -69,7 +70,9 @@ class Served:
         """A shard's machinery; `shared`: an engine of another shard to share HTTP with."""
         writer = Writer(services.redis, services.history.assign_ids)
         claims = Claims(services.redis, services.keys, token, services.settings.lease_seconds)
-        return cls(services, writer, claims, Engine(services, writer, shared=shared))
+        engine = Engine(services, writer, shared=shared)
+        engine.fence = Fence(claims, services.settings.lease_seconds)
+        return cls(services, writer, claims, engine)
 
     @property
     def index(self) -> int:
