@@ -125,23 +125,28 @@ class Verdict:
     ended: set[str] = field(default_factory=set)
     lost: set[str] = field(default_factory=set)
     abandoned: set[str] = field(default_factory=set)
+    dropped: dict[str, str] = field(default_factory=dict)  # by a drop no test allows: why
     false_failed: list[HistoryRecord] = field(default_factory=list)
-    unrecorded: set[str] = field(default_factory=set)
+    unrecorded: set[str] = field(default_factory=set)  # answered 2xx, no SUCCESS record
     wrong_bodies: list[str] = field(default_factory=list)  # sent without their event's
     seen: dict[int, list[int | str]] = field(default_factory=dict)  # answers in a record's time
 
     def assert_nothing_lost(self) -> None:
         assert not (
-            self.lost or self.abandoned or self.false_failed or self.unrecorded
-            or self.wrong_bodies
+            self.lost or self.abandoned or self.dropped or self.false_failed
+            or self.unrecorded or self.wrong_bodies
         ), self.summary()  # fmt: skip
 
     def summary(self) -> str:
         return (
             f"{len(self.expected)} deliveries: lost {len(self.lost)}, abandoned "
-            f"{len(self.abandoned)}, 2xx recorded as failed {len(self.false_failed)}, "
-            f"delivered without a record {len(self.unrecorded)}, sent without their "
-            f"event's body {len(self.wrong_bodies)}"
+            f"{len(self.abandoned)}, dropped {len(self.dropped)}, 2xx recorded as failed "
+            f"{len(self.false_failed)}, answered 2xx without a SUCCESS record "
+            f"{len(self.unrecorded)}, sent without their event's body {len(self.wrong_bodies)}"
+            + "".join(
+                f"\n  {delivery_id} dropped: {reason!r}"
+                for delivery_id, reason in sorted(self.dropped.items())[:5]
+            )
             + "".join(
                 f"\n  record {r.id} of {r.delivery_id} (attempt {r.attempt}, "
                 f"{r.start_time}..{r.end_time} ms): FAILED {r.error_msg!r}, "
@@ -151,16 +156,28 @@ class Verdict:
         )
 
 
+async def drop_reasons(redis: Redis) -> dict[str, set[str]]:
+    """The dropped list's reasons for each delivery it names (by its `deliveryId`, or by its
+    job's id: a delivery's job id is its progress id)."""
+    reasons: dict[str, set[str]] = {}
+    for entry in await redis.lrange(keys.DROPPED, 0, -1):  # type: ignore[misc]  # sync|async
+        drop = orjson.loads(entry)
+        named = drop.get("deliveryId") or delivery_of(drop.get("jobId") or "")
+        reasons.setdefault(named, set()).add(drop.get("reason") or "")
+    return reasons
+
+
 async def judge(
     redis: Redis, records: list[HistoryRecord], expected: set[str], receiver: FlakyReceiver,
-    settings: Settings,
+    settings: Settings, allowed_drops: frozenset[str] = frozenset(),
 ) -> Verdict:  # fmt: skip
     """Every expected delivery must have ended: a SUCCESS record, a final FAILED record, or
-    a recorded drop. A FAILED record is false when, during its attempt, the receiver
-    answered that delivery with a 2xx."""
+    a recorded drop whose reason is in `allowed_drops` (a test that deletes or disables
+    callbacks allows theirs; by default no drop is an ending: DESIGN's "Job lifecycle").
+    Every delivery the receiver answered 2xx must have a SUCCESS record. A FAILED record is
+    false when, during its attempt, the receiver answered that delivery with a 2xx."""
     verdict = Verdict(expected, wrong_bodies=list(receiver.wrong_bodies))
-    drops = await redis.lrange(keys.DROPPED, 0, -1)  # type: ignore[misc]  # sync|async
-    dropped = {orjson.loads(e).get("deliveryId") for e in drops}
+    dropped = await drop_reasons(redis)
     by_delivery: dict[str, list[HistoryRecord]] = {}
     for record in records:
         by_delivery.setdefault(record.delivery_id or "", []).append(record)
@@ -168,14 +185,30 @@ async def judge(
     queued = {delivery_of(m.decode()) for m in await redis.zrange(settings.queue_name, 0, -1)}
     for delivery_id in expected:
         mine = by_delivery.get(delivery_id, [])
+        drops = dropped.get(delivery_id, set())
         if any(r.status is DeliveryStatus.SUCCESS or r.final for r in mine) or (
-            delivery_id in dropped
+            drops & allowed_drops
         ):
             verdict.ended.add(delivery_id)
+        elif drops:  # on record, but no test allows it: as lost as any
+            verdict.dropped[delivery_id] = "; ".join(sorted(drops))
         elif mine and delivery_id not in queued:
             verdict.abandoned.add(delivery_id)
         else:
             verdict.lost.add(delivery_id)
+    verdict.false_failed, verdict.seen = _false_failures(records, receiver)
+    succeeded = {r.delivery_id for r in records if r.status is DeliveryStatus.SUCCESS}
+    verdict.unrecorded = receiver.answered_2xx() - succeeded
+    return verdict
+
+
+def _false_failures(
+    records: list[HistoryRecord], receiver: FlakyReceiver
+) -> tuple[list[HistoryRecord], dict[int, list[int | str]]]:
+    """The FAILED records of attempts the receiver answered 2xx, and nothing else, while
+    they ran; with the answers it gave meanwhile."""
+    false_failed: list[HistoryRecord] = []
+    seen: dict[int, list[int | str]] = {}
     for record in records:
         if record.status is not DeliveryStatus.FAILED:
             continue
@@ -189,7 +222,6 @@ async def judge(
         # Two attempts of one delivery can overlap (a failover lost a lease: the README's
         # "may repeat"): a FAILED record is the non-2xx answer's when one came meanwhile.
         if 200 in during and all(answer == 200 for answer in during):
-            verdict.false_failed.append(record)
-            verdict.seen[record.id] = during
-    verdict.unrecorded = receiver.answered_2xx() - set(by_delivery)
-    return verdict
+            false_failed.append(record)
+            seen[record.id] = during
+    return false_failed, seen
