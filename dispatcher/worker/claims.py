@@ -52,25 +52,28 @@ def body_wait_ms(settings: Settings) -> int:
 class Renew(Script):
     """Extends the leases of `job_ids` still held by `token` to `lease_ms` from now (Redis's
     clock), and their scores in the `queue` with them (unless a job is due later: its next
-    attempt); returns the ids that were not (lost: lapsed, and perhaps another worker's
-    now; or ended meanwhile). The ids are the claim's, so their lease keys are made here
-    (`lease_prefix`)."""
+    attempt); returns the ids that were not, in two lists: those another worker holds
+    now, and those with no lease (it lapsed, or the job ended or moved on meanwhile). The
+    ids are the claim's, so their lease keys are made here (`lease_prefix`)."""
 
     LUA = (
         REDIS_NOW_MS
         + """
-    local lost = {}
+    local taken, gone = {}, {}
     local until_ms = redis_now_ms() + tonumber(lease_ms)
     for _, id in ipairs(job_ids) do
       local lease = lease_prefix .. id
-      if redis.call('GET', lease) == token then
+      local holder = redis.call('GET', lease)
+      if holder == token then
         redis.call('PEXPIRE', lease, lease_ms)
         redis.call('ZADD', queue, 'XX', 'GT', until_ms, id)
+      elseif holder then
+        taken[#taken + 1] = id
       else
-        lost[#lost + 1] = id
+        gone[#gone + 1] = id
       end
     end
-    return lost
+    return {taken, gone}
     """
     )
     queue: Key
@@ -231,13 +234,15 @@ class Claims:
             for job_id, data, claims, version in rows
         ]
 
-    async def renew(self, job_ids: list[str]) -> set[str]:
-        """Extend the leases of `job_ids` that are still ours; returns the others' ids."""
+    async def renew(self, job_ids: list[str]) -> tuple[set[str], set[str]]:
+        """Extend the leases of `job_ids` that are still ours; returns the others' ids:
+        those another worker holds, and those with no lease."""
         if not job_ids:
-            return set()
+            return set(), set()
         prefix = self.keys.ARQ_IN_PROGRESS_PREFIX
         renew = Renew(self.queue_name, self.lease_ms, self.token, prefix, job_ids)
-        return {job_id.decode() for job_id in await renew.run(self.redis)}
+        taken, gone = await renew.run(self.redis)
+        return {job.decode() for job in taken}, {job.decode() for job in gone}
 
     def _keys(self, job_id: str) -> tuple[str, str, str, str]:
         """A job's queue, lease, data and claim count keys."""

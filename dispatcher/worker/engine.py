@@ -264,9 +264,10 @@ class Engine:
         if slot is None:  # its project or host holds its share of the worker: later
             await self._defer(job, then, self.shares.defer_s(host), "share")
             return
-        started = time.monotonic()
+        started = 0.0  # the request's start: only its time is the host's answer time
         try:
             await self.fence.check()  # its job's lease still ours (after a pause: another's?)
+            started = time.monotonic()
             with tracing.attempt(job.trace, url=target.url, number=number,
                                  delivery_id=job.delivery_id, event_id=job.event_id,
                                  project_id=job.emitter or job.project_id,
@@ -275,7 +276,7 @@ class Engine:
                 result = done.result
                 traced.end(result.outcome.value, result.status_code, result.error)
         finally:
-            slot.release(time.monotonic() - started)
+            slot.release(time.monotonic() - started if started else 0.0)
         self.breaker.record(circuit, result.outcome is not Outcome.RETRY)
         delay = None
         if result.outcome is Outcome.RETRY:

@@ -2,15 +2,17 @@
 
 A job's lease lapses in Redis `DISPATCHER_LEASE_SECONDS` after it was last renewed, and
 another worker may then take the job. A worker that was paused meanwhile (SIGSTOP, a
-frozen VM, a long stall) knows nothing of it: on waking, its jobs would go on sending
-what their new holders send too. So before each attempt starts (`Fence.check`) the
-worker asks whether it renewed its leases lately (the renewal sent within two thirds of
-a lease: every lease it then held lasts at least a third longer, and a job claimed since
-holds a lease newer still). When it has not, the attempt waits for a renewal, which
-answers which leases were lost; a job whose lease was lost starts no more attempts
-(`LeaseLost`) and leaves the job to its new holder. When Redis cannot answer that
-renewal, the attempt goes on, as it did before: the lease question cannot be settled,
-and the attempt's record waits for Redis all the same.
+long stall, a VM frozen while its wall clock went on) knows nothing of it: on waking,
+its jobs would go on sending what their new holders send too. So before each attempt
+starts (`Fence.check`) the worker asks whether it renewed its leases lately: a renewal
+sent within two thirds of a lease, by its monotonic clock and by its wall clock, vouches
+for every lease it then held for a third of a lease more, and a job claimed since holds
+a newer lease still. When it has not, the attempt waits for a renewal sent now (a round
+sent before the pause answers for then), which answers whose leases are not ours any
+more; such a job starts no more attempts (`LeaseLost`) and is left to its new holder.
+When Redis does not answer that renewal within `CONFIRM_WAIT_S` (away, slow, refusing),
+the attempt goes on, as it did before: the lease question cannot be settled, and the
+attempt's record waits for Redis all the same.
 
 A fence is per shard (a worker's leases on one shard are renewed together); the job an
 attempt belongs to is the one its task runs (`running`, set where the worker starts it).
@@ -24,6 +26,7 @@ import time
 from typing import TYPE_CHECKING
 
 import structlog
+from redis.exceptions import RedisError
 
 from dispatcher.connections import REDIS_ERRORS
 
@@ -32,20 +35,23 @@ if TYPE_CHECKING:
 
     from dispatcher.worker.claims import Claims
 
-__all__ = ["FRESH", "Fence", "LeaseLost", "running"]
+__all__ = ["CONFIRM_WAIT_S", "FRESH", "Fence", "LeaseLost", "running"]
 
 log = structlog.get_logger("dispatcher.worker")
 
 FRESH = 2 / 3  # of a lease: a renewal sent this recently vouches for every lease held
+CONFIRM_WAIT_S = 1.0  # an attempt waits this long at most for its leases' renewal
+# a renewal that did not answer (in time): Redis away, slow, refusing (full, read-only)
+UNSETTLED: tuple[type[Exception], ...] = (TimeoutError, RedisError, *REDIS_ERRORS)
 # the job the current task runs (its id), set by the worker where it starts the task
 running: contextvars.ContextVar[str | None] = contextvars.ContextVar("running", default=None)
 
 
 class LeaseLost(Exception):
-    """The job's lease lapsed and went to another worker: it starts no more attempts."""
+    """The job's lease lapsed, or went to another worker: it starts no more attempts."""
 
     def __init__(self, job_id: str) -> None:
-        super().__init__(f"job {job_id}: its lease lapsed and another worker holds it")
+        super().__init__(f"job {job_id}: its lease lapsed, and another worker may hold it")
         self.job_id = job_id
 
 
@@ -61,9 +67,16 @@ class Fence:
         self.claims = claims
         self.held = held
         self.fresh_s = lease_s * FRESH
-        self.confirmed = time.monotonic()  # when the last renewal that answered was sent
-        self.lost: set[str] = set()  # jobs whose lease another worker took
+        self.confirmed = (time.monotonic(), time.time())  # the last answered renewal's send
+        self.lost: set[str] = set()  # jobs running here whose lease is not ours any more
+        self._rounds = 0  # renewals sent
+        self._started: dict[str, int] = {}  # job -> renewals sent before it started here
         self._round: asyncio.Future[None] | None = None
+
+    def stale(self) -> bool:
+        """Whether the last answered renewal was sent too long ago to vouch for a lease."""
+        mono, wall = self.confirmed
+        return max(time.monotonic() - mono, time.time() - wall) >= self.fresh_s
 
     async def renew(self) -> None:
         """Extend the leases of the jobs held; one renewal at a time, shared by whoever
@@ -75,11 +88,16 @@ class Fence:
 
     async def _renew(self) -> None:
         assert self.claims is not None
-        sent = time.monotonic()
-        lost = await self.claims.renew(self.held())
-        if lost:
-            log.warning("worker.leases_lost", jobs=sorted(lost)[:20], count=len(lost))
-        self.lost = lost  # of the jobs still running here
+        sent, self._rounds = (time.monotonic(), time.time()), self._rounds + 1
+        number = self._rounds
+        taken, gone = await self.claims.renew(self.held())
+        if taken:  # another worker holds them: this one was stalled past its leases
+            log.warning("worker.leases_lost", jobs=sorted(taken)[:20], count=len(taken))
+        started = self._started
+        # a job started here since the round was sent (claimed again) holds a lease anew
+        self.lost = {job for job in taken | gone if started.get(job, 0) < number}
+        held = set(self.held())
+        self._started = {job: n for job, n in started.items() if job in held}
         self.confirmed = sent
 
     def _over(self, done: asyncio.Future[None]) -> None:
@@ -89,17 +107,21 @@ class Fence:
 
     async def check(self) -> None:
         """Before an attempt of the job this task runs starts: returns when its lease is
-        ours, raises `LeaseLost` when another worker holds it."""
+        ours (or Redis cannot say), raises `LeaseLost` when it is not."""
         if self.claims is None:
             return
-        if time.monotonic() - self.confirmed >= self.fresh_s:
+        for _ in range(2):  # a round sent before a pause answers for then: one sent now
+            if not self.stale():
+                break
             try:
-                await self.renew()
-            except REDIS_ERRORS as exc:  # unsettled: the attempt goes on, as before
-                log.debug("worker.lease_unconfirmed", error=str(exc))
+                await asyncio.wait_for(self.renew(), CONFIRM_WAIT_S)
+            except UNSETTLED as exc:  # the attempt goes on, as it did before
+                log.debug("worker.lease_unconfirmed", error=str(exc) or type(exc).__name__)
+                break
         if self.lost and (job_id := running.get()) in self.lost:
             raise LeaseLost(job_id)
 
     def started(self, job_id: str) -> None:
-        """`job_id` runs (again) under a lease of this worker's."""
+        """`job_id` runs (again) here, under a lease of this worker's."""
         self.lost.discard(job_id)
+        self._started[job_id] = self._rounds

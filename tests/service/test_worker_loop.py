@@ -89,7 +89,7 @@ async def test_a_running_job_is_out_of_the_due_range_until_its_lease_lapses(
     assert await claims.claim(10) == []
     await asyncio.sleep(0.2)
     ids = [first.job_id] + [c.job_id for c in rest]
-    assert await claims.renew(ids) == set()  # none lost: their scores move with their leases
+    assert await claims.renew(ids) == (set(), set())  # all ours: scores move with the leases
     await asyncio.sleep(0.2)  # past the first lease's end, within the renewed one's
     assert await claims.claim(10) == []
     other = Claims(redis, Keys(settings.queue_name), "worker-b", lease_s=10)
@@ -158,16 +158,17 @@ async def test_a_lapsed_lease_passes_the_job_on_and_only_its_holder_ends_it(
     first = Claims(redis, Keys(settings.queue_name), "worker-a", lease_s=0.2)
     second = Claims(redis, Keys(settings.queue_name), "worker-b", lease_s=10)
     [job] = await first.claim(10)
-    assert await first.renew([job.job_id]) == set()
+    assert await first.renew([job.job_id]) == (set(), set())
     await asyncio.sleep(0.3)  # worker-a stopped renewing (killed, paused)
     [again] = await second.claim(10)
     assert (again.job_id, again.claims) == (job.job_id, 2)
-    assert await first.renew([job.job_id]) == {job.job_id}
+    assert await first.renew([job.job_id]) == ({job.job_id}, set())  # worker-b's now
     assert await run(redis, lambda pipe: first.finish(pipe, job.job_id)) == [0]
     assert await redis.zcard(settings.queue_name) == 1  # left to worker-b
     assert await run(redis, lambda pipe: second.finish(pipe, job.job_id)) == [1]
     assert await redis.zcard(settings.queue_name) == 0
     assert not await redis.exists(keys.arq_job(job.job_id))
+    assert await first.renew([job.job_id]) == (set(), {job.job_id})  # ended: no lease
 
 
 async def test_a_failed_run_goes_back_but_never_earlier_than_its_next_attempt(
