@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -50,6 +51,7 @@ if TYPE_CHECKING:
     from dispatcher.keys import Keys
     from dispatcher.registry import CallbackTarget
     from dispatcher.settings import Settings
+    from dispatcher.worker.shares import Shares
     from dispatcher.worker.writer import Then, Writer
 
 __all__ = ["Admit", "Controls", "Release", "Releasing"]
@@ -209,7 +211,11 @@ class Controls:
     """The filter and the limits of one worker process, over its shared reads (`reads`)
     and its writer."""
 
-    def __init__(self, settings: Settings, keys: Keys, reads: Batcher, writer: Writer) -> None:
+    def __init__(
+        self, settings: Settings, keys: Keys, reads: Batcher, writer: Writer,
+        shares: Shares | None = None,
+    ) -> None:  # fmt: skip
+        self.shares = shares  # told the loop's time filters take, per project (its pace)
         self.reads = reads
         self.writer = writer
         self.keys = keys
@@ -225,11 +231,12 @@ class Controls:
     def select(self, event: EventJob, targets: list[CallbackTarget]) -> list[CallbackTarget]:
         """The targets whose filter lets `event` through (those without one, all). A filter
         that raises fails alone: counted for its callback, logged, the event not sent; so
-        does one past what its owner's filters may spend on the event (`FilterBudget`)."""
+        does one past what its owner's filters may spend on the event (`FilterBudget`).
+        The time they take is the event's project's, against its pace (`Shares.filtered`)."""
         if all(target.options.filter is None for target in targets):
             return targets
         envelope = {"event": event.event, "projectId": event.project_id, "data": event.data}
-        kept = []
+        kept, started = [], time.perf_counter()
         budgets: dict[str, FilterBudget] = {}  # per owner: one's filters never spend another's
         for target in targets:
             expression = target.options.filter
@@ -241,6 +248,8 @@ class Controls:
                     metrics.FILTERED.labels(result="skipped").inc()
             except FilterFailed as exc:
                 self._filter_failed(event, target, str(exc))
+        if self.shares is not None:  # the event's project pays, whoever owns the filters
+            self.shares.filtered(event.project_id, time.perf_counter() - started)
         return kept
 
     def _filter_failed(self, event: EventJob, target: CallbackTarget, error: str) -> None:

@@ -92,7 +92,7 @@ class Engine:
         else:  # one process's HTTP pools, breaker, slots and statistics, whatever the shard
             self.breaker, self.shares = shared.breaker, shared.shares
             self.clients, self.stats = shared.clients, shared.stats
-        self.controls = Controls(settings, self.keys, self.reads, writer)
+        self.controls = Controls(settings, self.keys, self.reads, writer, self.shares)
         self.limits = Limits.of(settings)
         self.progress_ttl, self.body_wait_ms = settings.progress_ttl, body_wait_ms(settings)
         self.fence = Fence(None, settings.lease_seconds)  # a worker's: its leases (`fence.py`)

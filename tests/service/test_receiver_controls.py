@@ -6,6 +6,7 @@ processes, and a killed worker's slot: tests/faults/test_receiver_limits.py.)"""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -30,6 +31,7 @@ from dispatcher.registry import Options, Registration, Registry
 from dispatcher.services import Services
 from dispatcher.settings import Settings
 from dispatcher.tokens import TokenCipher
+from dispatcher.worker import create_worker
 from dispatcher.worker.claims import Finish
 from dispatcher.worker.controls import Admit, Release
 from tests.helpers import Overlap, Receiver, RunWorker, app_client, make_settings
@@ -191,6 +193,33 @@ async def test_a_filter_that_would_build_without_end_fails_alone(
     listed = (await ok(await api.get(CALLBACKS, headers=ALICE)))["records"]
     evil = next(cb for cb in listed if cb["url"].endswith("/evil"))
     assert evil["filterErrors"] == 1 and "spent their budget" in evil["filterLastError"]
+
+
+async def test_a_project_whose_filters_take_the_loop_waits_in_the_queue_for_a_while(
+    redis: Redis, settings: Settings, receiver: Receiver
+) -> None:
+    """demo's callback has a filter that walks 20,000 items of every event (about 25 ms
+    of the loop each, within its budget). After 16 of demo's events, a real worker's claim
+    leaves demo's due jobs in the queue and takes another project's: the filters run on
+    one project's events take at most a quarter of a worker's loop (past a second's
+    worth), not all of it."""
+    walk = "length(data.items[?n < `0`]) > `0`"  # false: none is delivered
+    registry = Registry(redis)
+    await registry.create("demo", receiver.url("/evil"), Event.BUILD_END, Region.DEVNET,
+                          options=Options(filter=walk))  # fmt: skip
+    await registry.create("other", receiver.url("/plain"), Event.BUILD_END, Region.DEVNET)
+    producer = Producer(settings, redis)
+    items = [{"n": n} for n in range(20_000)]
+    await producer.emit_many([("demo", "BUILD_END", {"items": items})] * 16)
+    worker = create_worker(settings, burst=True, poll_delay=0.01, handle_signals=False)
+    try:
+        await asyncio.wait_for(worker.main(), timeout=30)
+        await producer.emit_many([(p, "BUILD_END", {"n": 9}) for p in ("demo", "other")])
+        claimed = await worker.served[0].claim(10, [], 0.01)
+    finally:
+        await worker.close()
+    assert [job.job_id.split(":")[0] for job in claimed or []] == ["other"]
+    assert not receiver.requests("/evil")
 
 
 async def test_a_rotation_signs_with_both_secrets_until_the_overlap_ends(

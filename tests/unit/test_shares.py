@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import time
+
+import pytest
 
 from dispatcher.worker.claims import Claimed
 from dispatcher.worker.served import NARROW_BUDGET, WIDE_BUDGET, WIDE_SCAN_S, Served
@@ -49,6 +52,33 @@ async def test_projects_on_one_host_split_it_and_an_eighth_stays_free_for_the_ne
     for slot in held[28:] + victims + more:
         slot.release(0.1)
     assert shares.on_host == {"other:443": shares.on_host["other:443"]}
+
+
+def test_a_project_whose_filters_owe_the_loop_is_left_in_the_queue_until_paid_back(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Filters run on projB's events took 0.2 s, then 0.3 s more: 0.5 s owed, paid back at
+    a quarter of a second a second, so a second (past the second's worth it may owe) with
+    no claim for it; a short claim then is not a reason to claim again at once."""
+    clock = [1000.0]
+    monkeypatch.setattr(time, "monotonic", lambda: clock[0])
+    shares = Shares(slots=100, max_per_host=10)
+    shares.filtered("projB", 0.2)
+    assert shares.claim_budgets() == (50, {})  # within its share
+    shares.filtered("projB", 0.3)
+    assert shares.claim_budgets() == (50, {"projB": 0})
+    assert not shares.claim_fell_short([])
+    clock[0] += 0.9
+    assert shares.claim_budgets() == (50, {"projB": 0})
+    clock[0] += 0.2
+    assert shares.claim_budgets() == (50, {})
+    shares.filtered("projB", 0.02)  # 0.225 owed now, and this: within a second's worth
+    assert shares.claim_budgets() == (50, {})
+    shares.filtered("projB", 0.1)  # 0.345: paced again, until it is down to 0.25
+    clock[0] += 0.37
+    assert shares.claim_budgets() == (50, {"projB": 0})
+    clock[0] += 0.02
+    assert shares.claim_budgets() == (50, {})
 
 
 async def test_without_fair_share_only_the_host_cap_holds() -> None:
