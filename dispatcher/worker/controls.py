@@ -238,18 +238,20 @@ class Controls:
         envelope = {"event": event.event, "projectId": event.project_id, "data": event.data}
         kept, started = [], time.perf_counter()
         budgets: dict[str, FilterBudget] = {}  # per owner: one's filters never spend another's
-        for target in targets:
-            expression = target.options.filter
-            budget = budgets.setdefault(target.project_id, FilterBudget())
-            try:
-                if expression is None or filter_matches(expression, envelope, budget):
-                    kept.append(target)
-                else:
-                    metrics.FILTERED.labels(result="skipped").inc()
-            except FilterFailed as exc:
-                self._filter_failed(event, target, str(exc))
-        if self.shares is not None:  # the event's project pays, whoever owns the filters
-            self.shares.filtered(event.project_id, time.perf_counter() - started)
+        try:
+            for target in targets:
+                expression = target.options.filter
+                budget = budgets.setdefault(target.project_id, FilterBudget())
+                try:
+                    if expression is None or filter_matches(expression, envelope, budget):
+                        kept.append(target)
+                    else:
+                        metrics.FILTERED.labels(result="skipped").inc()
+                except FilterFailed as exc:
+                    self._filter_failed(event, target, str(exc))
+        finally:
+            if self.shares is not None:  # the event's project pays, whoever owns the filters
+                self.shares.filtered(event.project_id, time.perf_counter() - started)
         return kept
 
     def _filter_failed(self, event: EventJob, target: CallbackTarget, error: str) -> None:

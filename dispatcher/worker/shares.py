@@ -28,10 +28,11 @@ import asyncio
 import heapq
 import itertools
 import random
-import time
 from collections import Counter, OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
+
+from dispatcher.worker.pace import FilterPace
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
@@ -42,9 +43,6 @@ SLOW_S = 1.0  # a host that usually takes this long to answer is waited for in t
 WAIT_S = 5.0  # an attempt to a faster host waits at most this long for a slot in memory
 DEFER_MIN_S, DEFER_MAX_S = 0.5, 10.0
 KEPT_HOSTS = 10_000  # hosts whose answer time is remembered
-# of a worker's event loop, what the filters run on one project's events may take: past a
-# second's worth owed, its jobs wait in the queue until the debt is down to that
-FILTER_SHARE = 0.25
 HOST_RESERVE = 8  # of a host's share, this part (at least 1) is left to projects not on it
 
 
@@ -121,8 +119,8 @@ class Shares:
         self._heads: dict[str, list[tuple[int, str]]] = {}
         self._order = itertools.count()  # the order attempts began to wait in
         self._answer_s: OrderedDict[str, float] = OrderedDict()  # per host, smoothed
-        self._filtering: dict[str, tuple[float, float]] = {}  # project -> (owed s, when)
-        self._paced: dict[str, float] = {}  # project -> until when its jobs wait (monotonic)
+        self.pace = FilterPace()  # costly filters' time on the loop, per project
+        self._paced: set[str] = set()  # held back by their filters' pace at the last claim
 
     # ---- jobs ---------------------------------------------------------------------------
 
@@ -152,7 +150,7 @@ class Shares:
         allowed = {p: budgets.get(p, newcomer) for p in {*budgets, *taken}}
         spent = {p for p, most in allowed.items() if 0 <= most <= taken[p]}  # -1: any number
         at_share = {p for p in self.jobs.held if self.jobs.room(p) <= 0}
-        self._full |= (spent | at_share) - self._paced.keys()  # not held back by a share
+        self._full |= (spent | at_share) - self._paced  # not held back by a share of slots
         return self._freed()
 
     def _freed(self) -> bool:
@@ -171,32 +169,18 @@ class Shares:
             return -1, {}
         newcomer = max(1, self.jobs.slots // (len(self.jobs.held) + 2))
         budgets = {p: max(0, self.jobs.room(p)) for p in self.jobs.held}
-        budgets.update(dict.fromkeys(self._pacing(), 0))
+        paced = self.pace.budgets(self.jobs.held)  # costly filters: their share of the loop
+        self._paced = {p for p, most in paced.items() if most < budgets.get(p, newcomer)}
+        for project in self._paced:
+            budgets[project] = paced[project]
         self._asked = (newcomer, budgets)
         return newcomer, budgets
 
-    # ---- filters' pace ------------------------------------------------------------------
-
     def filtered(self, project: str, seconds: float) -> None:
-        """Filters run on `project`'s event took `seconds` of the loop: owed, and paid
-        back at `FILTER_SHARE` a second; past a second's worth owed, the claims leave its
-        jobs in the queue (due, for another worker or later) until it is down to that."""
-        now = time.monotonic()
-        owed, at = self._filtering.get(project, (0.0, now))
-        owed = max(0.0, owed - (now - at) * FILTER_SHARE) + seconds
-        if owed > FILTER_SHARE:
-            self._paced[project] = now + (owed - FILTER_SHARE) / FILTER_SHARE
-        self._filtering[project] = (owed, now)
-        if len(self._filtering) > KEPT_HOSTS:  # those paid back go
-            self._filtering = {p: (o, t) for p, (o, t) in self._filtering.items()
-                               if o > (now - t) * FILTER_SHARE}  # fmt: skip
-
-    def _pacing(self) -> list[str]:
-        """The projects whose filters' debt keeps their jobs in the queue now."""
-        now = time.monotonic()
-        for project in [p for p, until in self._paced.items() if until <= now]:
-            del self._paced[project]
-        return list(self._paced)
+        """Filters run on `project`'s event took `seconds` of the loop (`pace.py`; with
+        fair shares off, nothing holds a project back, and this is not kept)."""
+        if self.fair:
+            self.pace.filtered(project, seconds)
 
     # ---- attempts -----------------------------------------------------------------------
 

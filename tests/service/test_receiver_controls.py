@@ -199,10 +199,10 @@ async def test_a_project_whose_filters_take_the_loop_waits_in_the_queue_for_a_wh
     redis: Redis, settings: Settings, receiver: Receiver
 ) -> None:
     """demo's callback has a filter that walks 20,000 items of every event (about 25 ms
-    of the loop each, within its budget). After 16 of demo's events, a real worker's claim
-    leaves demo's due jobs in the queue and takes another project's: the filters run on
-    one project's events take at most a quarter of a worker's loop (past a second's
-    worth), not all of it."""
+    of the loop each, within its budget). After 32 of demo's events, while another
+    project is busy in the worker, a real worker's claim leaves demo's due jobs in the
+    queue and takes the other's: the filters run on one project's events take at most
+    their share of the loop (a quarter), not all of it."""
     walk = "length(data.items[?n < `0`]) > `0`"  # false: none is delivered
     registry = Registry(redis)
     await registry.create("demo", receiver.url("/evil"), Event.BUILD_END, Region.DEVNET,
@@ -210,11 +210,12 @@ async def test_a_project_whose_filters_take_the_loop_waits_in_the_queue_for_a_wh
     await registry.create("other", receiver.url("/plain"), Event.BUILD_END, Region.DEVNET)
     producer = Producer(settings, redis)
     items = [{"n": n} for n in range(20_000)]
-    await producer.emit_many([("demo", "BUILD_END", {"items": items})] * 16)
+    await producer.emit_many([("demo", "BUILD_END", {"items": items})] * 32)
     worker = create_worker(settings, burst=True, poll_delay=0.01, handle_signals=False)
     try:
         await asyncio.wait_for(worker.main(), timeout=30)
         await producer.emit_many([(p, "BUILD_END", {"n": 9}) for p in ("demo", "other")])
+        worker.served[0].engine.shares.job_started("other:busy")  # a job of its runs here
         claimed = await worker.served[0].claim(10, [], 0.01)
     finally:
         await worker.close()

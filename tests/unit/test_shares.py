@@ -54,31 +54,40 @@ async def test_projects_on_one_host_split_it_and_an_eighth_stays_free_for_the_ne
     assert shares.on_host == {"other:443": shares.on_host["other:443"]}
 
 
-def test_a_project_whose_filters_owe_the_loop_is_left_in_the_queue_until_paid_back(
+def test_costly_filters_start_only_what_their_share_of_the_loop_has_room_for(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """Filters run on projB's events took 0.2 s, then 0.3 s more: 0.5 s owed, paid back at
-    a quarter of a second a second, so a second (past the second's worth it may owe) with
-    no claim for it; a short claim then is not a reason to claim again at once."""
+    """projB's filters take 60 ms an event. Alone, nothing holds it back; once projA is
+    busy here, projB may start as many jobs as its quarter of the loop has room for: none
+    while its ten events' 0.6 s are owed, then 4 (0.25 s / 60 ms) once paid back, never
+    100 at once. A short claim is no reason to claim again for it. Cheap filters (under a
+    millisecond) are never counted; two costly projects get a sixth each."""
     clock = [1000.0]
     monkeypatch.setattr(time, "monotonic", lambda: clock[0])
-    shares = Shares(slots=100, max_per_host=10)
-    shares.filtered("projB", 0.2)
-    assert shares.claim_budgets() == (50, {})  # within its share
-    shares.filtered("projB", 0.3)
-    assert shares.claim_budgets() == (50, {"projB": 0})
+    shares = Shares(slots=200, max_per_host=10)
+    for _ in range(10):
+        shares.filtered("projB", 0.06)
+    assert shares.claim_budgets() == (100, {})  # alone here
+    shares.job_started("projA:1")
+    assert shares.claim_budgets() == (66, {"projA": 99, "projB": 0})
     assert not shares.claim_fell_short([])
-    clock[0] += 0.9
-    assert shares.claim_budgets() == (50, {"projB": 0})
-    clock[0] += 0.2
-    assert shares.claim_budgets() == (50, {})
-    shares.filtered("projB", 0.02)  # 0.225 owed now, and this: within a second's worth
-    assert shares.claim_budgets() == (50, {})
-    shares.filtered("projB", 0.1)  # 0.345: paced again, until it is down to 0.25
-    clock[0] += 0.37
-    assert shares.claim_budgets() == (50, {"projB": 0})
-    clock[0] += 0.02
-    assert shares.claim_budgets() == (50, {})
+    clock[0] += 1.5  # 0.375 s paid back: 0.225 owed
+    assert shares.claim_budgets()[1]["projB"] == 0
+    clock[0] += 1.0
+    assert shares.claim_budgets()[1]["projB"] == 4
+    shares.filtered("projB", 0.06)  # what it owed is paid back: 0.06 now
+    assert shares.claim_budgets()[1]["projB"] == 3
+    shares.filtered("projC", 0.0005)  # cheap
+    shares.filtered("projD", 0.05)
+    assert shares.pace.share() == pytest.approx(0.5 / 3)
+    assert set(shares.claim_budgets()[1]) == {"projA", "projB", "projD"}
+    stalled = Shares(slots=200, max_per_host=10)
+    stalled.job_started("projA:1")
+    stalled.filtered("projE", 5.0)  # the loop stalled meanwhile (a collection): 0.1 at most
+    assert stalled.claim_budgets()[1]["projE"] == 1  # (0.25 - 0.1) / 0.1
+    unfair = Shares(slots=200, max_per_host=10, fair=False)
+    unfair.filtered("projB", 0.06)
+    assert unfair.pace.share() == 0.5 and unfair.claim_budgets() == (-1, {})  # none kept
 
 
 async def test_without_fair_share_only_the_host_cap_holds() -> None:
