@@ -26,15 +26,16 @@ __all__ = ["ATTEMPTS_KEPT", "Record", "record_script"]
 # the record ids a delivery's attempts key keeps, the newest: as many as are shown
 ATTEMPTS_KEPT = MAX_ATTEMPTS_SHOWN
 
-# A delivery's attempts keep the newest `ATTEMPTS_KEPT` record ids (`Record`): appended
-# while fewer, else the oldest ones cut; an id older than every one kept (a pipeline sent
-# again after that many newer records) is not added back.
+# A delivery's attempts keep the newest `ATTEMPTS_KEPT` record ids (`Record`), in the
+# order written: appended while fewer, else the oldest ones cut. (Ids do not increase in
+# that order: each worker takes them in blocks. So a record sent again after that many
+# newer ones, its id cut meanwhile, is listed again, as the newest.)
 _ADD_ATTEMPT = f"""
 local function add_attempt(ids)
   local held = select(2, string.gsub(ids, ' ', ' ')) + 1
   if held < {ATTEMPTS_KEPT} then
     redis.call('APPEND', attempts, ' ' .. record_id)
-  elseif tonumber(record_id) > tonumber(string.match(ids, '^%d+')) then
+  else
     local at = 0
     for _ = 1, held - {ATTEMPTS_KEPT} + 1 do at = string.find(ids, ' ', at + 1, true) end
     redis.call('SET', attempts, string.sub(ids, at + 1) .. ' ' .. record_id)
@@ -97,9 +98,9 @@ class Record(Script):
     (most deliveries' only one) is one SET NX EX, and each later one reads and writes at
     most that many ids (a delivery id is the same on every redelivery and on every
     emission of its event id again, so a project could grow it without end: each write
-    copied it whole). Record ids only increase, so the check that a record sent again is
-    not listed twice needs only the newest. Written before this layout, the key is a ZSET
-    of the ids by createdTime (GET fails on it): that one goes on as it was."""
+    copied it whole). A record sent again is not listed twice while its id is kept.
+    Written before this layout, the key is a ZSET of the ids by createdTime (GET fails on
+    it): that one goes on as it was."""
 
     LUA = END_JOB + SET_MARK + _RECORD_LUA
     TOGETHER = True  # a worker's batch of records is one call (`Writer`)

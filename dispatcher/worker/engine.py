@@ -245,7 +245,8 @@ class Engine:
         """Attempt `number` of `job`, recorded, and what follows it, in one write. A
         callback with limits is admitted first (`controls.py`): over them, the delivery
         waits in the queue without spending an attempt."""
-        if target.options.limited:
+        if target.options.limited:  # its lease checked before a fleet-wide start is taken
+            await self.fence.check()
             attempt = functools.partial(self._attempt, job, target, number)
             put_off = functools.partial(self._defer, job, then)
             await self.controls.admitted(job, target, then, attempt, put_off)

@@ -110,11 +110,13 @@ class Fence:
         ours (or Redis cannot say), raises `LeaseLost` when it is not."""
         if self.claims is None:
             return
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + CONFIRM_WAIT_S  # for both rounds together
         for _ in range(2):  # a round sent before a pause answers for then: one sent now
             if not self.stale():
                 break
             try:
-                await asyncio.wait_for(self.renew(), CONFIRM_WAIT_S)
+                await asyncio.wait_for(self.renew(), max(0.0, deadline - loop.time()))
             except UNSETTLED as exc:  # the attempt goes on, as it did before
                 log.debug("worker.lease_unconfirmed", error=str(exc) or type(exc).__name__)
                 break

@@ -150,7 +150,7 @@ class Shares:
         allowed = {p: budgets.get(p, newcomer) for p in {*budgets, *taken}}
         spent = {p for p, most in allowed.items() if 0 <= most <= taken[p]}  # -1: any number
         at_share = {p for p in self.jobs.held if self.jobs.room(p) <= 0}
-        self._full |= (spent | at_share) - self._paced  # not held back by a share of slots
+        self._full |= (spent - self._paced) | at_share  # not held back by filters' pace
         return self._freed()
 
     def _freed(self) -> bool:

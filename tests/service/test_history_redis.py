@@ -96,19 +96,26 @@ async def test_a_deliverys_attempts_keep_the_newest_ids_only(
     """A delivery id is the same on every redelivery and every emission of its event id
     again, so a project could grow its attempts key without end (each record copied it
     whole: quadratic work on the Redis every project shares). It keeps the newest
-    `ATTEMPTS_KEPT` ids, in the order written; a record sent again is listed once; a key
+    `ATTEMPTS_KEPT` ids, in the order written (another worker's attempt may have a lower
+    id: each takes ids in blocks); a record sent again while kept is listed once; a key
     written long before it was bounded is read by its end and cut by its next write."""
-    history = RedisHistory(redis, settings, keys)
+    history = RedisHistory(redis, settings, keys, id_floor=10**6)  # room for lower ids
     key, now, many = keys.history_attempts("evt_1.1"), now_ms(), ATTEMPTS_KEPT * 5 // 2
     written = [record(now - many + i, n=1) for i in range(many)]
     ids = [await history.add(r) for r in written]
     assert await redis.get(key) == " ".join(map(str, ids[-ATTEMPTS_KEPT:])).encode()
     await history.add(written[-1])  # a pipeline sent again: its id is there
-    await history.add(written[0])  # one sent again after 249 newer: older than all kept
     assert await redis.get(key) == " ".join(map(str, ids[-ATTEMPTS_KEPT:])).encode()
     found = await history.attempts("evt_1.1", "demo")
     assert [r.id for r in found] == ids[: -ATTEMPTS_KEPT - 1 : -1]
     assert [r.id for r in await history.attempts("evt_1.1", "demo", limit=1)] == [ids[-1]]
+    other = record(now + 1, n=1)  # another worker's attempt, from its block of lower ids
+    other["id"] = ids[0] - 10
+    await history.add(other)
+    kept = (await redis.get(key)).split()
+    assert len(kept) == ATTEMPTS_KEPT
+    assert kept[-2:] == [str(ids[-1]).encode(), str(other["id"]).encode()]
+    assert [r.id for r in await history.attempts("evt_1.1", "demo", limit=1)] == [other["id"]]
 
     sharded = RedisHistory(redis, settings, keys, id_floor=10**15)  # ids of 16 digits
     key = keys.history_attempts("evt_2.1")
