@@ -15,6 +15,7 @@ __all__ = [
     "IPAddress",
     "embedded_ipv4",
     "host_name",
+    "host_port",
     "is_internal",
     "literal_ip",
 ]
@@ -108,3 +109,8 @@ def host_name(host: str) -> str:
         except UnicodeError:
             return name
     return name
+
+
+def host_port(host: str, port: int) -> str:
+    """`host:port` as written in a URL: an IPv6 address in brackets (`[::1]:443`)."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

@@ -45,6 +45,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ReadOnlyError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from dispatcher.addresses import host_port
 from dispatcher.errors import InvalidSetting
 
 __all__ = [
@@ -228,7 +229,7 @@ def _master_and_db(path: str) -> tuple[str, int]:
 
 
 def _addresses(sentinels: tuple[tuple[str, int], ...] | list[tuple[str, int]]) -> str:
-    return ", ".join(f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in sentinels)
+    return ", ".join(host_port(host, port) for host, port in sentinels)
 
 
 class _Sentinels(Sentinel):

@@ -7,6 +7,7 @@ import re
 from typing import NamedTuple
 from urllib.parse import urlsplit
 
+from dispatcher.addresses import host_port
 from dispatcher.egress import connect_target
 from dispatcher.errors import InvalidEvent, InvalidInput, InvalidUrl
 from dispatcher.headers import check_header_value
@@ -118,8 +119,7 @@ def destination(url: str) -> Destination:
         return Destination(problem or f"url is malformed: {exc}", netloc, hostname, 0)
     if not hostname:
         problem = problem or "url has no host"
-    host = f"[{hostname}]:{port}" if ":" in hostname else f"{hostname}:{port}"
-    return Destination(problem, host, hostname, port)
+    return Destination(problem, host_port(hostname, port), hostname, port)
 
 
 def _is_id(value: str) -> bool:
