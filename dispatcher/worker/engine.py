@@ -17,7 +17,6 @@ import asyncio
 import functools
 import time
 from typing import TYPE_CHECKING
-from urllib.parse import urlsplit
 
 import orjson
 import structlog
@@ -25,31 +24,22 @@ import structlog
 from dispatcher import bodies, metrics, tracing
 from dispatcher.backoff import next_delay
 from dispatcher.batch import Batcher
-from dispatcher.delivery import (
-    Attempted,
-    AttemptResult,
-    Limits,
-    Outcome,
-    Outgoing,
-    attempt,
-    encode_body,
-)
+from dispatcher.delivery import Attempted, AttemptResult, Outcome, encode_body
 from dispatcher.egress import Client
 from dispatcher.ending import Ending
-from dispatcher.errors import InvalidUrl, describe
-from dispatcher.headers import unsendable
 from dispatcher.health import CircuitBreaker
 from dispatcher.jobs import BadJob, DeliveryJob, EventJob
-from dispatcher.lookups import owned
 from dispatcher.models import Region
 from dispatcher.registry.matches import Matches
 from dispatcher.stats import AttemptStats
+from dispatcher.worker import unending
 from dispatcher.worker.claims import body_wait_ms
 from dispatcher.worker.controls import Controls
 from dispatcher.worker.fence import Fence
 from dispatcher.worker.lanes import Lanes, Sending
 from dispatcher.worker.marks import read_marks
 from dispatcher.worker.record import attempt_record, disabled, keep_entry, observe
+from dispatcher.worker.sender import Sender
 from dispatcher.worker.shares import Shares
 from dispatcher.worker.steps import FirstRetry, Step
 
@@ -93,7 +83,7 @@ class Engine:
             self.breaker, self.shares = shared.breaker, shared.shares
             self.clients, self.stats = shared.clients, shared.stats
         self.controls = Controls(settings, self.keys, self.reads, writer, self.shares)
-        self.limits = Limits.of(settings)
+        self.sender = Sender(settings, services.policies, self.clients)
         self.progress_ttl, self.body_wait_ms = settings.progress_ttl, body_wait_ms(settings)
         self.fence = Fence(None, settings.lease_seconds)  # a worker's: its leases (`fence.py`)
         self.lanes = Lanes(  # ordered callbacks
@@ -244,8 +234,13 @@ class Engine:
     ) -> None:
         """Attempt `number` of `job`, recorded, and what follows it, in one write. A
         callback with limits is admitted first (`controls.py`): over them, the delivery
-        waits in the queue without spending an attempt."""
-        if target.options.limited:  # its lease checked before a fleet-wide start is taken
+        waits in the queue without spending an attempt. A run that gives up (`unending.py`)
+        sends nothing: the delivery ends FAILED."""
+        if (why := unending.giving_up.get()) is not None:
+            await self.fence.check()  # its job still ours: not another worker's to end
+            done = Attempted(AttemptResult.unsent(why), [])
+            await self._settle(job, target, number, done, then, judged=False)
+        elif target.options.limited:  # its lease checked before a fleet-wide start is taken
             await self.fence.check()
             attempt = functools.partial(self._attempt, job, target, number)
             put_off = functools.partial(self._defer, job, then)
@@ -273,13 +268,21 @@ class Engine:
                                  delivery_id=job.delivery_id, event_id=job.event_id,
                                  project_id=job.emitter or job.project_id,
                                  callback_id=target.id) as traced:  # fmt: skip
-                done = await self._request(job, target, traced.headers)
+                done = await self.sender.send(job, target, traced.headers)
                 result = done.result
                 traced.end(result.outcome.value, result.status_code, result.error)
         finally:
             slot.release(time.monotonic() - started if started else 0.0)
         self.breaker.record(circuit, result.outcome is not Outcome.RETRY)
-        delay = None
+        await self._settle(job, target, number, done, then)
+
+    async def _settle(
+        self, job: DeliveryJob, target: CallbackTarget, number: int, done: Attempted,
+        then: Then, *, judged: bool = True,
+    ) -> None:  # fmt: skip
+        """What came of an attempt: its record, its next step, and (`judged`) the
+        callback's health, in its write; its metrics and log line."""
+        result, delay = done.result, None
         if result.outcome is Outcome.RETRY:
             delay = next_delay(
                 self.settings.retry_schedule,
@@ -291,7 +294,7 @@ class Engine:
         record = attempt_record(job, target, number, done, delay is None, self.settings)
         observe(job, target, number, result, delay)
         self.stats.count(result.outcome.value, result.duration_ms)
-        await self._write(job, target, record, result, delay, then)
+        await self._write(job, target, record, result, delay, then, judged)
 
     async def _defer(self, job: DeliveryJob, then: Then, delay: float, why: str) -> None:
         """Not an attempt: back to the queue, due in `delay` s. Its progress is marked
@@ -308,7 +311,7 @@ class Engine:
 
     async def _write(
         self, job: DeliveryJob, target: CallbackTarget, record: AttemptRecord,
-        result: AttemptResult, delay: float | None, then: Then,
+        result: AttemptResult, delay: float | None, then: Then, judged: bool,
     ) -> None:  # fmt: skip
         """The attempt's one write, in the writer's next pipeline: the callback's health, its
         record with the delivery's progress and the job's end when nothing else follows (one
@@ -339,7 +342,7 @@ class Engine:
         lead = functools.partial(recording, record, dead=failed_for_good, ending=ending)
         written = self.writer.submit(write, (record,), lead if joint else None, tail)
         counted = None
-        if failed_for_good and outcome is not Outcome.GONE:
+        if failed_for_good and outcome is not Outcome.GONE and judged:
             error, created = result.error or "failed", record["createdTime"]
             counted = self.writer.submit(  # its id: given by the time this is queued
                 lambda pipe: health.queue_failed(pipe, target.id, error, created, record["id"])
@@ -351,50 +354,5 @@ class Engine:
         elif outcome is Outcome.GONE:
             disabled(target.id, "gone", GONE_REASON)
 
-    async def _request(
-        self, job: DeliveryJob, target: CallbackTarget, trace_headers: dict[str, str]
-    ) -> Attempted:
-        """The attempt and what came of it. What cannot be sent, or raises while being
-        checked, fails this delivery alone, for good: retrying it would fail the same way."""
-        problem = (
-            target.problem
-            or target.destination.problem
-            or unsendable(target.secret_token, target.auth_header)
-        )
-        if problem is not None:  # stored by an older version: nothing goes out
-            return Attempted(AttemptResult.unsent(problem), [])
-        with owned(target.project_id):  # its name lookups count as its owner's
-            try:
-                refused = await self._refusal(target)
-            except Exception as exc:
-                refused = AttemptResult.unsent(f"the request could not be sent: {describe(exc)}")
-            out = Outgoing(
-                target.url, job.body, job.event, job.delivery_id, job.emitter,
-                target.secret_token, target.previous_token, target.auth_header, trace_headers,
-            )  # fmt: skip
-            return await attempt(self.clients[target.region], self.limits, out, refused=refused)
-
-    async def _refusal(self, target: CallbackTarget) -> AttemptResult | None:
-        """The egress policy's answer for the callback's address: None when it may go."""
-        policy = self.services.policies[target.region]
-        # Literal addresses, ports and metadata names: the resolver never sees them.
-        refusal = policy.refusal_at(target.destination.hostname, target.destination.port)
-        if refusal is None and target.region in self.settings.region_proxies:
-            # Through a proxy the proxy resolves the host: check its addresses ourselves.
-            enforced = target.region in self.settings.proxy_enforced_regions
-            try:
-                await policy.check_resolved(target.url, must_resolve=not enforced)
-            except InvalidUrl as exc:
-                refusal = exc.message
-            except OSError as exc:  # a temporary lookup failure: try again later
-                return _unresolved(target.url, exc)
-        return None if refusal is None else AttemptResult.unsent(f"refused: {refusal}")
-
 
 GONE_REASON = "the receiver answered 410 Gone"
-
-
-def _unresolved(url: str, exc: OSError) -> AttemptResult:
-    """An attempt that sent nothing because the host's lookup failed for now: retried."""
-    error = f"could not resolve host {urlsplit(url).hostname}: {exc.strerror or 'lookup failed'}"
-    return AttemptResult.unsent(error, Outcome.RETRY)

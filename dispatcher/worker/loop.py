@@ -11,9 +11,8 @@ arq client and arq's health check read and write) and owns the lifecycle instead
   its jobs end (`shares.py`), not a poll interval later;
 - a job ends only by its own writes (a record and what follows it), which wait in memory
   until Redis takes them (`writer.py`); a failed, timed-out or cancelled run puts the job
-  back in the queue with backoff, and a job claimed `MAX_CLAIMS` times without ending is
-  dropped on its next claim, on record (a `fan_out` job's entry names the event's job
-  alone: the callbacks it had not attempted get no record);
+  back in the queue with backoff, and a job claimed too often without ending gives up: its
+  deliveries end as final FAILED records, unsent (`unending.py`);
 - a Redis error anywhere is waited out with backoff inside the loop; nothing blocks the
   event loop, so HTTP attempts in flight finish on time.
 
@@ -47,7 +46,7 @@ from dispatcher.services import Services
 from dispatcher.shard import Shard
 from dispatcher.stopping import cancel_all
 from dispatcher.topology import close_all, connect_shards, shards_of
-from dispatcher.worker import fence
+from dispatcher.worker import fence, unending
 from dispatcher.worker.duties import Counts, Duties, every
 from dispatcher.worker.lanes import Adopt
 from dispatcher.worker.served import CLAIM_ERRORS, Served, given_shards
@@ -63,9 +62,9 @@ __all__ = ["Worker", "create_worker"]
 
 log = structlog.get_logger("dispatcher.worker")
 
-MAX_CLAIMS = 25  # a job claimed this often without ending is dropped, on record
 # a running job: the shard it was claimed on, and its id there
 JobKey = tuple[int, str]
+Job = Coroutine[Any, Any, None]  # a job's run, as its task runs it
 
 
 class Worker:
@@ -99,13 +98,9 @@ class Worker:
         for services in given_shards(every_shard, settings.worker_shards):
             first = self.served[0].engine if self.served else None
             self.served.append(Served.build(services, self.token, shared=first))
-        # the first shard served: what a single-shard worker's tools and tests look at
-        self.redis, self.services = self.served[0].services.redis, self.served[0].services
-        self.writer, self.claims, self.engine = (
-            self.served[0].writer,
-            self.served[0].claims,
-            self.served[0].engine,
-        )
+        head = self.served[0]  # the first shard served: what a one-shard worker's tools see
+        self.redis, self.services = head.services.redis, head.services
+        self.writer, self.claims, self.engine = head.writer, head.claims, head.engine
         self._all = every_shard
         for run in self.served:  # a lane's next delivery, taken by a release: run it here
             spawn = functools.partial(self._adopt, run)
@@ -257,7 +252,8 @@ class Worker:
     # ---- one job ------------------------------------------------------------------------
 
     def _start(self, run: Served, claimed: Claimed) -> None:
-        self._spawn(run, claimed.job_id, self._run(run, claimed))
+        gives_up = unending.reason(claimed.claims)
+        self._spawn(run, claimed.job_id, self._run(run, claimed), gives_up)
 
     def _adopt(self, run: Served, job_id: str, work: Callable[[], Awaitable[None]]) -> None:
         """Run `work`, the attempt of a job this worker took outside a claim (a lane's next
@@ -268,12 +264,16 @@ class Worker:
             return
         self._spawn(run, job_id, self._guarded(run, job_id, 1, work))
 
-    def _spawn(self, run: Served, job_id: str, running: Coroutine[Any, Any, None]) -> None:
+    def _spawn(self, run: Served, job_id: str, running: Job, gives_up: str | None = None) -> None:
+        """Run a job's task. Its context is its own, whoever starts it (another job's
+        release): its attempts check its lease (`fence`), and end unsent when it gives up
+        (`unending`, `gives_up` the reason), none of the starter's."""
         self.jobs_started += 1
         run.engine.shares.job_started(job_id)
         run.engine.fence.started(job_id)
-        context = contextvars.copy_context()  # its attempts check the job's lease (`fence`)
+        context = contextvars.copy_context()
         context.run(fence.running.set, job_id)
+        context.run(unending.giving_up.set, gives_up)
         task = asyncio.create_task(running, context=context)
         key = (run.index, job_id)
         self.running[key] = task
@@ -291,7 +291,7 @@ class Worker:
         if claimed.data is None:  # its data expired before anyone ran it (arq's rule)
             await run.drop(claimed, "job data expired before it ran", finish=False)
             return
-        if claimed.claims > MAX_CLAIMS:
+        if unending.dropped(claimed.claims):  # its giving up failed too
             await run.drop(claimed, f"claimed {claimed.claims} times without ending")
             return
         data = claimed.data
