@@ -1,6 +1,6 @@
 """What the fault tests share: a receiver that misbehaves on purpose and remembers what it
-answered, and the verdict on a run (was any delivery lost, abandoned, or recorded as a
-failure while the receiver had answered 2xx?)."""
+answered, and the verdict on a run (was any delivery lost, abandoned, ended two ways, or
+recorded as a failure while the receiver had answered 2xx?)."""
 
 from __future__ import annotations
 
@@ -126,6 +126,8 @@ class Verdict:
     lost: set[str] = field(default_factory=set)
     abandoned: set[str] = field(default_factory=set)
     dropped: dict[str, str] = field(default_factory=dict)  # by a drop no test allows: why
+    # ended, and dropped besides for a reason no test allows: two endings of one delivery
+    strays: dict[str, str] = field(default_factory=dict)
     false_failed: list[HistoryRecord] = field(default_factory=list)
     unrecorded: set[str] = field(default_factory=set)  # answered 2xx, no SUCCESS record
     wrong_bodies: list[str] = field(default_factory=list)  # sent without their event's
@@ -133,19 +135,24 @@ class Verdict:
 
     def assert_nothing_lost(self) -> None:
         assert not (
-            self.lost or self.abandoned or self.dropped or self.false_failed
+            self.lost or self.abandoned or self.dropped or self.strays or self.false_failed
             or self.unrecorded or self.wrong_bodies
         ), self.summary()  # fmt: skip
 
     def summary(self) -> str:
         return (
             f"{len(self.expected)} deliveries: lost {len(self.lost)}, abandoned "
-            f"{len(self.abandoned)}, dropped {len(self.dropped)}, 2xx recorded as failed "
+            f"{len(self.abandoned)}, dropped {len(self.dropped)}, ended and dropped besides "
+            f"{len(self.strays)}, 2xx recorded as failed "
             f"{len(self.false_failed)}, answered 2xx without a SUCCESS record "
             f"{len(self.unrecorded)}, sent without their event's body {len(self.wrong_bodies)}"
             + "".join(
                 f"\n  {delivery_id} dropped: {reason!r}"
                 for delivery_id, reason in sorted(self.dropped.items())[:5]
+            )
+            + "".join(
+                f"\n  {delivery_id} ended, and dropped besides: {reason!r}"
+                for delivery_id, reason in sorted(self.strays.items())[:5]
             )
             + "".join(
                 f"\n  record {r.id} of {r.delivery_id} (attempt {r.attempt}, "
@@ -174,8 +181,10 @@ async def judge(
     """Every expected delivery must have ended: a SUCCESS record, a final FAILED record, or
     a recorded drop whose reason is in `allowed_drops` (a test that deletes or disables
     callbacks allows theirs; by default no drop is an ending: DESIGN's "Job lifecycle").
-    Every delivery the receiver answered 2xx must have a SUCCESS record. A FAILED record is
-    false when, during its attempt, the receiver answered that delivery with a 2xx."""
+    One that ended so and was dropped besides, for a reason not allowed, is a stray: it
+    was ended two ways (two workers, one delivery). Every delivery the receiver answered
+    2xx must have a SUCCESS record. A FAILED record is false when, during its attempt, the
+    receiver answered that delivery with a 2xx."""
     verdict = Verdict(expected, wrong_bodies=list(receiver.wrong_bodies))
     dropped = await drop_reasons(redis)
     by_delivery: dict[str, list[HistoryRecord]] = {}
@@ -190,6 +199,8 @@ async def judge(
             drops & allowed_drops
         ):
             verdict.ended.add(delivery_id)
+            if strays := drops - allowed_drops:  # ended, and ended again otherwise
+                verdict.strays[delivery_id] = "; ".join(sorted(strays))
         elif drops:  # on record, but no test allows it: as lost as any
             verdict.dropped[delivery_id] = "; ".join(sorted(drops))
         elif mine and delivery_id not in queued:
