@@ -35,7 +35,7 @@ BUCKETS: tuple[tuple[str, str], ...] = (
     ("Batcher._flush", "read pipelines (callback match of many jobs)"),
     ("Batcher._flush_soon", "read pipelines (callback match of many jobs)"),
     ("send", "HTTP POST (aiohttp) incl. response read"),
-    ("Engine._refusal", "egress policy check of the callback's address"),
+    ("Sender._refusal", "egress policy check of the callback's address"),
     ("mask_headers", "headers masked for the record"),
     ("attempt", "delivery.attempt: building the request"),
     ("Engine._write", "attempt write (queue, wait for the commit)"),

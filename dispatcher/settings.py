@@ -154,9 +154,10 @@ class Settings(BaseSettings):
         description="Seconds one job may run (default: total_timeout + 15); a job that runs "
         "longer is stopped and put back in the queue with backoff, its deliveries tried again "
         "under the same delivery ids. A job claimed 25 times without ending (timed out, failed "
-        "or its lease lapsed each time; a scheduled retry counts anew) is then dropped, on "
-        "record in dispatcher:deliveries:dropped; a fan_out job's entry names only the event's "
-        "job, and the callbacks it had not attempted get no record.",
+        "or its lease lapsed each time; a scheduled retry counts anew) gives up: its run sends "
+        "nothing and ends each delivery it holds with a final FAILED record saying why. One "
+        "whose giving up fails too, 3 claims more, is dropped on record in "
+        "dispatcher:deliveries:dropped.",
     )
     lease_seconds: float = Field(
         default=10.0,

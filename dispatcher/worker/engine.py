@@ -239,7 +239,7 @@ class Engine:
         if (why := unending.giving_up.get()) is not None:
             await self.fence.check()  # its job still ours: not another worker's to end
             done = Attempted(AttemptResult.unsent(why), [])
-            await self._settle(job, target, number, done, then, judged=False)
+            await self._settle(job, target, number, done, then, given_up=True)
         elif target.options.limited:  # its lease checked before a fleet-wide start is taken
             await self.fence.check()
             attempt = functools.partial(self._attempt, job, target, number)
@@ -278,10 +278,11 @@ class Engine:
 
     async def _settle(
         self, job: DeliveryJob, target: CallbackTarget, number: int, done: Attempted,
-        then: Then, *, judged: bool = True,
+        then: Then, *, given_up: bool = False,
     ) -> None:  # fmt: skip
-        """What came of an attempt: its record, its next step, and (`judged`) the
-        callback's health, in its write; its metrics and log line."""
+        """What came of an attempt: its record, its next step and the callback's health, in
+        its write; its metrics and log line. A delivery `given_up` (`unending.py`) was not
+        sent: neither the callback's health nor attempt times count it."""
         result, delay = done.result, None
         if result.outcome is Outcome.RETRY:
             delay = next_delay(
@@ -292,9 +293,10 @@ class Engine:
                 retry_after_cap=self.settings.retry_after_cap,
             )
         record = attempt_record(job, target, number, done, delay is None, self.settings)
-        observe(job, target, number, result, delay)
-        self.stats.count(result.outcome.value, result.duration_ms)
-        await self._write(job, target, record, result, delay, then, judged)
+        observe(job, target, number, result, delay, timed=not given_up)
+        if not given_up:
+            self.stats.count(result.outcome.value, result.duration_ms)
+        await self._write(job, target, record, result, delay, then, judged=not given_up)
 
     async def _defer(self, job: DeliveryJob, then: Then, delay: float, why: str) -> None:
         """Not an attempt: back to the queue, due in `delay` s. Its progress is marked
@@ -311,7 +313,7 @@ class Engine:
 
     async def _write(
         self, job: DeliveryJob, target: CallbackTarget, record: AttemptRecord,
-        result: AttemptResult, delay: float | None, then: Then, judged: bool,
+        result: AttemptResult, delay: float | None, then: Then, *, judged: bool,
     ) -> None:  # fmt: skip
         """The attempt's one write, in the writer's next pipeline: the callback's health, its
         record with the delivery's progress and the job's end when nothing else follows (one

@@ -116,6 +116,7 @@ class Worker:
         self._room: asyncio.Event | None = None
         self._due: asyncio.Event | None = None  # set when this worker queued a job due now
         self._closed = False
+        self._context = contextvars.Context()  # a job's task starts from it (`main`'s)
 
     # ---- running ------------------------------------------------------------------------
 
@@ -143,6 +144,7 @@ class Worker:
             start_http_server(self.settings.worker_metrics_port, addr=self.settings.api_host)
         log.info("worker.started", queue=self.settings.queue_name, max_jobs=self.max_jobs,
                  token=self.token, shards=[run.index for run in self.served])  # fmt: skip
+        self._context = contextvars.copy_context()
         try:
             await self._claim_loop()
         finally:
@@ -265,13 +267,13 @@ class Worker:
         self._spawn(run, job_id, self._guarded(run, job_id, 1, work))
 
     def _spawn(self, run: Served, job_id: str, running: Job, gives_up: str | None = None) -> None:
-        """Run a job's task. Its context is its own, whoever starts it (another job's
-        release): its attempts check its lease (`fence`), and end unsent when it gives up
-        (`unending`, `gives_up` the reason), none of the starter's."""
+        """Run a job's task in a context of its own (the worker's at its start, not its
+        starter's: another job's log fields, span or giving up): its attempts check its
+        lease (`fence`), and end unsent when it gives up (`unending`, `gives_up` why)."""
         self.jobs_started += 1
         run.engine.shares.job_started(job_id)
         run.engine.fence.started(job_id)
-        context = contextvars.copy_context()
+        context = self._context.copy()
         context.run(fence.running.set, job_id)
         context.run(unending.giving_up.set, gives_up)
         task = asyncio.create_task(running, context=context)

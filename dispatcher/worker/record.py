@@ -112,10 +112,14 @@ def observe(
     number: int,
     result: AttemptResult,
     delay: float | None,
+    *,
+    timed: bool = True,
 ) -> None:
-    """The attempt's metrics and its one canonical log line."""
+    """The attempt's metrics and its one canonical log line (`timed`: its duration is an
+    attempt's, not that of one given up unsent)."""
     _delivered(result.outcome.value, job.event).inc()
-    metrics.ATTEMPT_SECONDS.observe(result.duration_ms / 1000)
+    if timed:
+        metrics.ATTEMPT_SECONDS.observe(result.duration_ms / 1000)
     metrics.HISTORY_RECORDS.inc()
     if delay is not None:
         metrics.RETRIES.inc()

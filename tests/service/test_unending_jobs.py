@@ -20,12 +20,16 @@ keys = Keys()  # today's key names (one shard)
 GAVE_UP = "not sent: its job was claimed 26 times without ending"
 
 
-async def callbacks(redis: Redis, receiver: Receiver, *paths: str) -> list[tuple[str, int]]:
+async def callbacks(
+    redis: Redis, receiver: Receiver, *paths: str, options: Options | None = None
+) -> list[tuple[str, int]]:
     """A BUILD_END callback of project demo for each path: (url, callback id)."""
     made = []
     for path in paths:
         url = receiver.script(path, answer(200))
-        callback_id, _ = await Registry(redis).create("demo", url, Event.BUILD_END, Region.DEVNET)
+        callback_id, _ = await Registry(redis).create(
+            "demo", url, Event.BUILD_END, Region.DEVNET, options=options
+        )
         made.append((url, callback_id))
     return made
 
@@ -51,8 +55,13 @@ async def test_a_fan_out_claimed_25_times_ends_its_deliveries_as_failed_records(
     settings: Settings, redis: Redis, receiver: Receiver, run_worker: RunWorker
 ) -> None:
     """Nothing is sent; each callback gets its final FAILED record (in the dead-letter view,
-    for its owner to redeliver), not counted against its health; the job ends, no drop."""
-    made = await callbacks(redis, receiver, "/a", "/b")
+    for its owner to redeliver), not counted against its health nor taking a start of its
+    limits; the job ends, no drop."""
+    limited = Options(max_per_second=1, max_in_flight=1)
+    made = [
+        *await callbacks(redis, receiver, "/a"),
+        *await callbacks(redis, receiver, "/b", options=limited),
+    ]
     event_id = await Producer(settings, redis).emit("demo", "BUILD_END", {"n": 1})
     await claimed_before(redis, f"demo:{event_id}", MAX_CLAIMS)
     await run_worker()
@@ -60,6 +69,7 @@ async def test_a_fan_out_claimed_25_times_ends_its_deliveries_as_failed_records(
     for url, callback_id in made:
         assert given_up(await all_records(redis, settings, url), attempt=1), url
         assert not await redis.exists(keys.health(callback_id))  # no failure counted
+        assert not await redis.exists(*keys.limits(callback_id))  # no start taken
     dead = await RedisHistory(redis, settings, keys).dead("demo")
     assert {r.callback_id for r in dead} == {callback_id for _, callback_id in made}
     assert await redis.llen(keys.DROPPED) == 0  # type: ignore[misc]  # sync|async
