@@ -1,8 +1,8 @@
 """The Lua scripts of ordered delivery (see `lanes.py`): `Enter` at fan-out, `Head` before a
 queued delivery's attempt, `Release` with a delivery's end (the sweep's `Unblock` is in
 `duties.py`). Each is a typed `Script` that names its keys and arguments once, its keys
-made by `dispatcher.keys`; only `Release` reads keys it finds inside Lua (the next
-delivery's)."""
+made by `dispatcher.keys`, but those of a delivery found inside Lua (the next one, a head
+parked again), made there from the prefixes given."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from dispatcher.bodies import GIVE_BACK
+from dispatcher.bodies import GIVE_BACK, LANE
 from dispatcher.ending import END_JOB, NO_JOB
 from dispatcher.lua import ArgList, Key, KeyList, Script
 
@@ -23,9 +23,8 @@ __all__ = ["NEXT_TAG", "Enter", "Head", "Release"]
 NEXT_TAG = b"lane:next"  # the first item of RELEASE's answer when it took the next delivery
 
 # Whether no event of the project numbered below `seq` may still add to a lane: none in
-# its pending set (events whose last chunk has not entered its lanes yet) still queued,
-# and the project's lanes not held (it is moving here: see `dispatcher.shards.lanes`).
-# Those that have left the queue are dropped on the way.
+# its pending set (its last chunk not in its lanes yet) still queued (those gone from the
+# queue are dropped on the way), its lanes not held (moving here: `dispatcher.shards.lanes`).
 _CLEAR = """
 local function clear(hold, pending, queue, seq)
   if redis.call('EXISTS', hold) == 1 then return false end
@@ -57,20 +56,20 @@ end
 
 @dataclass
 class Enter(Script):
-    """An event's ordered deliveries join their lanes (`deliveries`: each one's lane, the
-    key of the job it is parked as, and of its progress mark; `parked`: each one's id and
-    job bytes, in the same order). The event's number is its entry in the project's
-    pending set; on its `last` chunk ('1') it moves to the ready set, and the heads that
-    waited for it (and no earlier event) are due at `now_ms`. With a `job_id` (the fan-out
-    job, whose last chunk this is and holds nothing but these deliveries), that job ends
-    here when none of them is attempted now (see `dispatcher.ending`). Answers false when
-    the event has no number (queued before the callback was ordered), else per delivery: 1
-    attempt it now, 0 parked behind its lane's head (its job stored out of the queue, its
-    progress marked "0"), 2 a head waiting for its earlier events (its job due at
-    `recheck_ms` unless woken before), 3 left alone: it has a progress mark, so it entered
-    before (this write sent again late, after its delivery was attempted, perhaps ended
-    and released; or another run's write); then how many waiting heads it woke, then 1 if
-    the job ended. Runs together (a batch's fan-outs' entries, one call)."""
+    """An event's ordered deliveries join their lanes (`deliveries`: each one's lane, job
+    key and progress mark's; `parked`: each one's id and job bytes). The event's number is
+    its entry in the project's pending set; on its `last` chunk ('1') it moves to the ready
+    set, and the heads that waited for it (and no earlier event) are due at `now_ms`. With
+    a `job_id` (the fan-out job, whose last chunk this is and holds nothing but these
+    deliveries), that job ends here when none is attempted now (`dispatcher.ending`). A
+    head that waited and heads its lane no more is parked again: kept for ever, as `Head`
+    parks. Answers false when the event has no number (queued before the callback was
+    ordered), else per delivery: 1 attempt it now, 0 parked behind its lane's head (its job
+    stored out of the queue, its progress marked "0"), 2 a head waiting for its earlier
+    events (due at `recheck_ms` unless woken before), 3 left alone: it has a progress mark,
+    so it entered before (this write sent again late, after its delivery was attempted,
+    perhaps ended and released; or another run's); then how many waiting heads it woke,
+    then 1 if the job ended. Runs together (a batch's fan-outs' entries, one call)."""
 
     TOGETHER = True
     LUA = (
@@ -100,6 +99,9 @@ for i = 1, #parked / 3 do
     if before and before ~= head then  -- a head that waited is one no more: parked again
       redis.call('ZREM', queue, before)
       redis.call('ZREM', waiting, before)
+      redis.call('PERSIST', job_prefix .. before)  -- kept for ever (put back: a day to live)
+      local kept = lane_body .. string.gsub(before, '%.%d+@(%d+)$', '@%1')  -- its body's key
+      if redis.call('HEXISTS', kept, before) == 1 then redis.call('PERSIST', kept) end
     end
     if head == id and free then
       out[#out + 1] = 1
@@ -154,6 +156,8 @@ return out
     token: str
     job_id: str
     shared: bytes
+    job_prefix: str  # (a head parked again: its job's key, and its kept body's)
+    lane_body: str
     parked: ArgList
 
     @classmethod
@@ -172,9 +176,8 @@ return out
         body: tuple[str, bytes] | None = None,
         refers: Collection[str] = (),
     ) -> Enter:
-        """`event_job_id`'s deliveries joining their lanes: `parked` holds each one's
-        lane, id and job bytes; `end`, its fan-out job's end when none is attempted now;
-        `body`, where its event's body is kept for those of `refers`, and its bytes."""
+        """`event_job_id`'s deliveries joining their lanes (`parked`: each one's lane, id,
+        job bytes); `end`, its fan-out job's end; `body`, its kept body's key and bytes."""
         end = end or NO_JOB
         pending = keys.lanes_pending(project_id)
         kept, shared = body or (pending, b"")
@@ -201,6 +204,8 @@ return out
             token=end.token,
             job_id=end.job_id,
             shared=shared,
+            job_prefix=keys.ARQ_JOB_PREFIX,
+            lane_body=keys.BODY_PREFIX + LANE,
             parked=[x for _, d, j in parked for x in (d, j, "1" if d in refers else "0")],
         )
 
@@ -290,10 +295,7 @@ class Release(Script):
     now): queued under its lease, answered as `[NEXT_TAG, id, job bytes, progress, its
     callback's hash as HGETALL answers]` (its callback is the one its delivery id ends
     with; its `failing` mark says whether it has failures on record). Safe to run again.
-
-    The next delivery is found inside the script, so the keys of its job, lease and
-    progress and of its callback are made there, from the prefixes given
-    (`job_prefix`, ...): no other key is."""
+    The next delivery's keys (its job's, lease's, progress', callback's) are made inside."""
 
     LUA = (
         _CLEAR
@@ -371,9 +373,8 @@ return {'lane:next', id, data, redis.call('GET', progress_prefix .. id) or '',
         end: JobEnd | None = None,
         body: str | None = None,
     ) -> Release:
-        """The release of `delivery_id`, of `project_id`'s events, from `lane`, with the
-        end of its job, or of the job `end` names (its fan-out's), and its job's
-        reference to the `body` it refers to."""
+        """`delivery_id`'s release from `lane` (of `project_id`'s events), with its job's
+        end, or that of the job `end` names (its fan-out's), and its reference to `body`."""
         job_id = delivery_id if end is None else end.job_id
         return cls(
             lane=lane,

@@ -8,6 +8,7 @@ SIGKILLs and a Redis restart: tests/faults/test_ordered_faults.py.)"""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -19,13 +20,16 @@ from aiohttp import web
 from redis.asyncio import Redis
 from typer.testing import CliRunner
 
+from dispatcher.bodies import body_key
 from dispatcher.cli import app
 from dispatcher.clock import now_ms
 from dispatcher.embedded import EmbeddedRedis
+from dispatcher.jobs import DeliveryJob, EventJob
 from dispatcher.keys import Keys, lane_id
 from dispatcher.lua import Script
 from dispatcher.models import Event, HistoryRecord, Region
 from dispatcher.producer import Producer
+from dispatcher.queue import Queue
 from dispatcher.registry import CallbackTarget, Options, Registry
 from dispatcher.registry.match import TARGET_FIELDS
 from dispatcher.registry.options import order_key
@@ -623,3 +627,99 @@ async def test_a_re_run_releases_what_its_run_before_ended_before_its_entries_ru
     assert numbers(receiver, "/b") == [("b", 0), ("b", 1)]
     assert not await redis.keys(f"{keys.LANE_PREFIX}*")
     assert await redis.zcard(settings.queue_name) == 0
+
+
+async def test_a_waiting_head_parked_again_is_kept_for_ever_and_sent_in_its_turn(
+    redis: Redis,
+    redis_server: EmbeddedRedis,
+    receiver: Receiver,
+    run_worker: RunWorker,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A head waiting for an earlier event (e1's, while e0 is still to fan out) whose run
+    failed (the Head script ran, its answer was lost) was put back with a day to live, as
+    any failed run's job is (`Claims.again`). e0's delivery then joins the lane ahead of
+    it and parks it again: out of the queue, it must be kept for ever, as `Head` keeps a
+    job it parks. It kept its day: once the lane's new head had held the lane that long,
+    e1's delivery was gone, its lane's release found nothing, and the lane stopped for
+    good, e1 never sent nor recorded (review)."""
+    slow = make_settings(redis_server.url, retry_schedule=(60.0,))
+    failing = True
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        step = orjson.loads(await request.read())["data"]["step"]
+        return web.Response(status=500 if failing and step == 0 else 200)
+
+    url = receiver.script("/hook", handler)
+    ordered = Options(order_by="buildId")
+    await Registry(redis).create("demo", url, Event.BUILD_END, Region.DEVNET, options=ordered)
+    await Producer(slow, redis).emit_many(
+        [("demo", "BUILD_END", {"buildId": "b", "step": s}, f"e{s}") for s in range(2)]
+    )
+    far = now_ms() + 3_600_000
+    await redis.zadd(keys.QUEUE, {"demo:e0": far})  # e0 fans out later (queued: pending)
+    await run_worker(slow, max_burst_jobs=1)  # e1's fan-out: its delivery waits for e0
+    lane = keys.lane(lane_id("demo", url, "buildId", "demo", "b"))
+    (waiting,) = await redis.zrange(lane, 0, -1)
+    job = keys.arq_job(waiting.decode())
+    assert await redis.zscore(keys.lanes_waiting("demo"), waiting) is not None
+    assert await redis.pttl(job) == -1
+    real = Lanes.claimed
+
+    async def answer_lost(lanes: Lanes, *args: Any) -> Any:
+        await real(lanes, *args)
+        raise redis_py.ConnectionError("the answer was lost")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(Lanes, "claimed", answer_lost)
+        await run_worker(slow, max_burst_jobs=1)  # its look at its turn fails: put back
+    assert await redis.pttl(job) > 0  # a day (and the put-back's delay) to live
+    await redis.zadd(keys.QUEUE, {waiting: far}, xx=True)  # not looked at before e0's turn
+    await redis.zadd(keys.QUEUE, {"demo:e0": 0})
+    await run_worker(slow, max_burst_jobs=1)  # e0's fan-out: its delivery heads the lane
+    head, parked = await redis.zrange(lane, 0, -1)
+    assert head.startswith(b"demo:e0.") and parked == waiting
+    assert await redis.zscore(keys.QUEUE, waiting) is None
+    assert await redis.zscore(keys.lanes_waiting("demo"), waiting) is None
+    assert await redis.pttl(job) == -1  # parked again: kept for ever
+    # A day on (e0's head retried all that time, its receiver away): what lived a day is
+    # gone (the parked delivery's progress mark; its job, had it kept a time to live)
+    for key in (job, keys.delivery(waiting.decode())):
+        if 0 < await redis.pttl(key) <= 86_400_000 + 60_000:
+            await redis.pexpire(key, 1)
+    failing = False
+    await redis.zadd(keys.QUEUE, {head: 0}, xx=True)  # e0's retry, due now: it succeeds
+    await run_worker(slow)
+    assert numbers(receiver) == [("b", 0), ("b", 0), ("b", 1)]
+    ends = [(r.event_id, r.status.value, r.final) for r in await all_records(redis, slow, url)]
+    assert ends == [("e0", "FAILED", False), ("e0", "SUCCESS", True), ("e1", "SUCCESS", True)]
+    assert not await redis.keys(f"{keys.LANE_PREFIX}*")
+
+
+async def test_enter_keeps_a_head_it_parks_again_for_ever_with_its_kept_body(
+    redis: Redis,
+) -> None:
+    """A lane's head whose retry is queued (its job and the body it refers to kept a day
+    past its due time, as `Queue.push` keeps a retry) is parked again when an earlier
+    event's delivery joins the lane ahead of it (that event's fan-out run again, matching
+    a callback registered since its run before): `Enter` keeps the job and its kept body
+    for ever, as `Head` parks, so that neither expires while the lane is held."""
+    project = "persist"
+    event = EventJob(id="e2", project_id=project, event="BUILD_END", emitted_at=5)
+    retry = dataclasses.replace(
+        DeliveryJob.first(event, 1, b"x" * 2048, shared=True), order_key="b", lane="l"
+    )
+    await Queue(redis, keys).enqueue(retry, defer_s=5)
+    job, kept = keys.arq_job(retry.job_id), body_key(keys, retry)
+    assert await redis.pttl(job) > 0 and await redis.pttl(kept) > 0
+    lane = keys.lane("l")
+    await redis.zadd(lane, {retry.job_id: 2})
+    await redis.zadd(keys.lanes_pending(project), {"persist:e1": 1})
+    earlier = "persist:e1.1@4"
+    enter = Enter.of(keys, project, "persist:e1", [(lane, earlier, b"{}")], progress_ttl=60,
+                     now_ms=now_ms(), recheck_ms=now_ms(), last=True)  # fmt: skip
+    *verdicts, _woken, _ended = await enter.run(redis)
+    assert verdicts == [1]  # the earlier one heads the lane: attempted now
+    assert await redis.zrange(lane, 0, -1) == [earlier.encode(), retry.job_id.encode()]
+    assert await redis.zscore(keys.QUEUE, retry.job_id) is None
+    assert await redis.pttl(job) == -1 and await redis.pttl(kept) == -1
