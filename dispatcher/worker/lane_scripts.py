@@ -216,30 +216,31 @@ class Head(Script):
     lane's head, its earlier events all in their lanes; or no longer in its lane: ended
     already), 0 when it was parked (out of the queue, its lease and claim count gone), 2
     when it waits shortly for its earlier events (due again at `recheck_ms`), 3 when it
-    waits for the project's move to end, its lanes on the old shard (due at `held_ms`);
-    a job that waits is back in the queue, its lease and claim count gone."""
+    waits for the project's move to end, its lanes on the old shard (due at `held_ms`); a
+    job that waits is back in the queue, its lease and claim count gone, kept for ever."""
 
     LUA = (
         _CLEAR
         + """
 local seq = redis.call('ZSCORE', lane, job_id)
 if not seq then return 1 end
-if redis.call('ZRANGE', lane, 0, 0)[1] ~= job_id then
-  redis.call('ZREM', queue, job_id)
-  redis.call('DEL', lease, claims)
-  redis.call('ZREM', waiting, job_id)
-  redis.call('PERSIST', job)  -- parked as `Enter` parks: kept for ever, and its body
-  if body ~= job then redis.call('PERSIST', body) end
-  return 0
-end
-if clear(hold, pending, queue, tonumber(seq)) then
+local parked = redis.call('ZRANGE', lane, 0, 0)[1] ~= job_id
+if not parked and clear(hold, pending, queue, tonumber(seq)) then
   redis.call('ZREM', waiting, job_id)
   return 1
+end
+-- it waits: kept for ever, as `Enter` parks, and its body (a failed run's put-back: a day)
+redis.call('PERSIST', job)
+if body ~= job then redis.call('PERSIST', body) end
+redis.call('DEL', lease, claims)
+if parked then
+  redis.call('ZREM', queue, job_id)
+  redis.call('ZREM', waiting, job_id)
+  return 0
 end
 redis.call('ZADD', waiting, seq, job_id)
 local held = redis.call('EXISTS', hold) == 1
 redis.call('ZADD', queue, held and held_ms or recheck_ms, job_id)
-redis.call('DEL', lease, claims)
 if held then return 3 end
 return 2
 """
@@ -293,9 +294,8 @@ class Release(Script):
     only first attempt it was), and the lane's next delivery, when its earlier events
     are all in their lanes, is taken by `token`'s worker ('' leaves it to the queue, due
     now): queued under its lease, answered as `[NEXT_TAG, id, job bytes, progress, its
-    callback's hash as HGETALL answers]` (its callback is the one its delivery id ends
-    with; its `failing` mark says whether it has failures on record). Safe to run again.
-    The next delivery's keys (its job's, lease's, progress', callback's) are made inside."""
+    callback's hash as HGETALL answers]` (the callback its id ends with, its `failing` mark
+    its failures on record; its keys made inside). Safe to run again."""
 
     LUA = (
         _CLEAR

@@ -41,7 +41,7 @@ from dispatcher.stats import AttemptStats
 from dispatcher.status import read_lanes
 from dispatcher.worker.claims import Claims
 from dispatcher.worker.duties import Counts, Duties
-from dispatcher.worker.lane_scripts import Enter, Release
+from dispatcher.worker.lane_scripts import Enter, Head, Release
 from dispatcher.worker.lanes import TOGETHER_ENTRIES, Lanes, Sending
 from dispatcher.worker.writer import Writer
 from tests.helpers import (
@@ -723,3 +723,28 @@ async def test_enter_keeps_a_head_it_parks_again_for_ever_with_its_kept_body(
     assert await redis.zrange(lane, 0, -1) == [earlier.encode(), retry.job_id.encode()]
     assert await redis.zscore(keys.QUEUE, retry.job_id) is None
     assert await redis.pttl(job) == -1 and await redis.pttl(kept) == -1
+
+
+@pytest.mark.parametrize("held", [False, True])
+async def test_a_head_that_waits_is_kept_for_ever_though_a_failed_run_gave_it_a_day(
+    redis: Redis, held: bool
+) -> None:
+    """A head whose earlier event is still to fan out (answer 2), or whose project is
+    moving here (3), waits in the queue; a failed run before had put its job back with a
+    day to live (`Claims.again`), and so had it its kept body. Waiting longer than that (an
+    earlier event's fan-out held up, a move's hold), the job expired in the queue, was
+    dropped unrun and stopped its lane: `Head` keeps what waits for ever, as it parks."""
+    project, job_id = "waits", "waits:e1.1@5"
+    job, body = keys.arq_job(job_id), keys.BODY_PREFIX + ":lane:waits:e1@5"
+    await redis.set(job, b"{}", px=86_400_000)
+    await redis.hset(body, mapping={"body": "x", job_id: 1})  # type: ignore[misc]
+    await redis.pexpire(body, 86_400_000)
+    await redis.zadd("lane-w", {job_id: 2})
+    await redis.zadd(keys.lanes_pending(project), {"waits:e0": 1})  # e0: still to fan out
+    await redis.zadd(keys.QUEUE, {"waits:e0": now_ms() + 60_000, job_id: 0})
+    if held:
+        await redis.set(keys.lanes_hold(project), 1)
+    head = Head.of(keys, "lane-w", project, job_id, now_ms() + 50, now_ms() + 500, body=body)
+    assert await head.run(redis) == (3 if held else 2)
+    assert (await redis.pttl(job), await redis.pttl(body)) == (-1, -1)
+    assert await redis.zscore(keys.QUEUE, job_id) is not None  # back in the queue, waiting
