@@ -108,6 +108,13 @@ class LimitReached(DispatcherError):
     http_status = 409
 
 
+class CallbackGone(DispatcherError):
+    """A redelivery of a record whose callback is disabled or deleted: it would be dropped
+    unsent, with no attempt to show (enable it, or register its URL again, first)."""
+
+    http_status = 409
+
+
 class PayloadTooLarge(DispatcherError):
     """A request body beyond the configured limit."""
 

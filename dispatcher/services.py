@@ -20,7 +20,7 @@ from dispatcher.batch import Batcher
 from dispatcher.clock import now_ms
 from dispatcher.connections import REDIS_ERRORS, connect
 from dispatcher.egress import policy_for
-from dispatcher.errors import InvalidInput
+from dispatcher.errors import CallbackGone, InvalidInput
 from dispatcher.health import Health
 from dispatcher.history import Cursor, Recent, open_history, parse_window
 from dispatcher.lookups import owned
@@ -226,7 +226,7 @@ class Services:
         name, start_ms, end_ms = self._window(event, start_time, end_time)
         return await self.history.query(
             project_id,
-            url,
+            searched(url),
             name,
             start_ms=start_ms,
             end_ms=end_ms,
@@ -253,8 +253,16 @@ class Services:
         return await self.history.attempts(record.delivery_id, record.project_id)
 
     async def redeliver(self, record_id: int, project_id: str | None = None) -> str:
-        """Send one recorded request again; returns the job id."""
+        """Send one recorded request again; returns the job id. Refused when its callback
+        is disabled or deleted: the worker would drop it unsent (as the window's leaves
+        such records out)."""
         record = await self.history.get(record_id, project_id)
+        callback_id = record.callback_id
+        if callback_id is not None and await self.registry.target(callback_id) is None:
+            raise CallbackGone(
+                f"callback {callback_id} of history record {record_id} is disabled or "
+                "deleted: enable it (or register its URL again) before redelivering"
+            )
         return await self.producer.redeliver(record)
 
     async def redeliver_failed(
@@ -272,7 +280,7 @@ class Services:
         (`dispatcher.redelivery`); returns what was queued and what was left out."""
         name, start_ms, end_ms = self._window(event, start_time, end_time)
         failures = self.history.final_failures(
-            project_id, url, name, start_ms=start_ms, end_ms=end_ms
+            project_id, searched(url), name, start_ms=start_ms, end_ms=end_ms
         )
         return await redeliver_window(
             self.history,
@@ -307,7 +315,7 @@ class Services:
         window = {"start_ms": 0 if span is None else now - span, "end_ms": now}
         if url is not None:
             return await self.history.recent(
-                project_id, [url], status=wanted, before=cursor, limit=limit, **window
+                project_id, [searched(url)], status=wanted, before=cursor, limit=limit, **window
             )
         pages = []
         if wanted is not DeliveryStatus.SUCCESS:  # every URL's: the project's failures index
@@ -357,3 +365,11 @@ class Services:
     async def status(self) -> Status:
         """Queue depth and age, live workers, failing and disabled callbacks, the last hour."""
         return await read_status(self.redis, self.keys, self.queue, self.health)
+
+
+def searched(url: str) -> str:
+    """A URL to look history up by, as given: any text, but a NUL (no callback's URL holds
+    one, and PostgreSQL refuses it in text: a 500 there, an empty page in Redis)."""
+    if "\x00" in url:
+        raise InvalidInput("url must not contain a NUL character", param="url")
+    return url

@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 
     from dispatcher.settings import Settings
 
-__all__ = ["UNGATED", "Limits", "RequestId", "identity_refusal"]
+__all__ = ["UNGATED", "Limits", "RequestId", "cross_site_refusal", "identity_refusal"]
 
 MAX_QUERY_BYTES = 8 * 1024
 # Probes and the Prometheus scrape come from inside the cluster, not through the gateway.
@@ -29,6 +29,11 @@ UNGATED = frozenset({"/healthz", "/readyz", "/metrics"})
 # Who calls, and the credentials that vouch for it: each given once, or the request is
 # refused with this code (a gateway that appends its header would let a caller pick).
 ONCE = {b"x-devops-uid": 400, b"x-devops-gateway-token": 401, b"x-devops-operator-token": 401}
+# What another site's page may send without asking first (a form, a no-cors fetch): not
+# taken by the API's routes that change something (`cross_site_refusal`).
+CHANGES = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+FORM_TYPES = frozenset({"application/x-www-form-urlencoded", "multipart/form-data", "text/plain"})
+CONSOLE = "/console"
 
 
 class RequestId:
@@ -109,6 +114,8 @@ class Limits:
         if (refused := identity_refusal(scope["headers"])) is not None:
             return refused
         headers = Headers(scope=scope)
+        if (refused := cross_site_refusal(scope, headers)) is not None:
+            return refused
         length = headers.get("content-length")
         if length is not None and (not length.isdigit() or int(length) > limit):
             return envelope(413, too_large(limit))
@@ -134,6 +141,23 @@ def identity_refusal(headers: list[tuple[bytes, bytes]]) -> ASGIApp | None:
     if any(name == b"x-devops-uid" and b"," in value for name, value in given):
         return envelope(
             400, "header X-DEVOPS-UID names more than one user (a ','): send one user name"
+        )
+    return None
+
+
+def cross_site_refusal(scope: Scope, headers: Headers) -> ASGIApp | None:
+    """A 403 for a change asked by another site's page (`Sec-Fetch-Site`, as browsers send
+    it), a 415 for a change sent as a form or plain text: what such a page may send without
+    asking first, carrying the gateway's cookie (cross-site request forgery). The API takes
+    JSON or no body; the console's forms carry a token of their own. None otherwise."""
+    if scope["method"] not in CHANGES or scope["path"].startswith(CONSOLE):
+        return None
+    if headers.get("sec-fetch-site") in ("cross-site", "same-site"):
+        return envelope(403, "a change asked by another site's page is refused (Sec-Fetch-Site)")
+    media = headers.get("content-type", "").partition(";")[0].strip().lower()
+    if media in FORM_TYPES:
+        return envelope(
+            415, f"Content-Type {media} is not taken: send application/json, or no body"
         )
     return None
 

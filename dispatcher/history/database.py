@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, TypeAlias
 import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 
-from dispatcher.errors import Unavailable
+from dispatcher.errors import InvalidInput, Unavailable
 from dispatcher.settings import EMBEDDED
 
 if TYPE_CHECKING:
@@ -79,9 +79,12 @@ async def create_pool(settings: Settings) -> asyncpg.Pool:
 
 @contextlib.contextmanager
 def unavailable() -> Iterator[None]:
-    """Turn an outage or a missing schema into `Unavailable` (503)."""
+    """Turn an outage or a missing schema into `Unavailable` (503), a value PostgreSQL
+    cannot take (a NUL in text, past a bigint) into `InvalidInput` (400)."""
     try:
         yield
+    except asyncpg.DataError as exc:
+        raise InvalidInput(f"a value the history database cannot take: {exc}") from exc
     except SCHEMA_MISSING as exc:
         raise Unavailable(
             f"the history database has no (or an old) schema: run `dispatcher db upgrade` ({exc})"

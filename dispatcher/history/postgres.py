@@ -56,6 +56,7 @@ SELECT w.total, r.doc
      ORDER BY a.created_ms DESC, a.id DESC OFFSET w.skip LIMIT $7) r ON true
 """
 GET_SQL = "SELECT doc, project_id FROM history_attempts WHERE id = $1 AND created_ms >= $2"
+MAX_ID = 2**63 - 1  # a record id is a bigint
 DEAD_SQL = """
 SELECT doc FROM history_attempts WHERE project_id = $1 AND dead AND created_ms >= $2
  ORDER BY created_ms DESC, id DESC LIMIT $3
@@ -216,6 +217,8 @@ class PostgresHistory:
         )
 
     async def get(self, record_id: int, project_id: str | None = None) -> HistoryRecord:
+        if record_id > MAX_ID:  # no such id (a path takes 19 digits): not a bigint's error
+            raise NotFound(unknown_record(record_id, project_id))
         rows = await self._fetch(GET_SQL, record_id, self._cutoff(None))
         if not rows or project_id not in (None, rows[0]["project_id"]):
             raise NotFound(unknown_record(record_id, project_id))

@@ -20,7 +20,7 @@ from dispatcher.api import create_app
 from dispatcher.auth import Role, Roles
 from dispatcher.clock import now_ms
 from dispatcher.embedded import EmbeddedRedis
-from dispatcher.errors import NotFound
+from dispatcher.errors import InvalidInput, NotFound
 from dispatcher.history import HistoryStore, Recent, open_history, parse_window
 from dispatcher.history.record import AttemptRecord
 from dispatcher.keys import Keys
@@ -829,3 +829,57 @@ async def test_redelivery_of_an_older_record_sends_its_stored_body_as_it_was(
     [seen] = receiver.requests()
     assert seen.body == b'{"event":"BUILD_END","data":{"n":1}}'
     assert seen.headers["X-DEVOPS-PROJECT-ID"] == "demo"
+
+
+async def test_a_nul_in_the_url_is_a_400_on_both_backends(
+    settings: Settings, redis: Redis, api: httpx.AsyncClient
+) -> None:
+    """No callback's URL holds a NUL, and PostgreSQL refuses one in text: it was a 500
+    there (an empty page in Redis), asked for a page, a window's redelivery or a URL's
+    recent deliveries (hostile-input review)."""
+    params = {"url": "http://127.0.0.1:9000/\x00", "event": "BUILD_END"}
+    asked = [
+        await api.get(V3, params=params, headers=UID),
+        await api.post(f"{V4}/retry", params=params, headers=UID),
+    ]
+    for response in asked:
+        body = response.json()
+        assert (response.status_code, body["status"]) == (400, 400), body
+        assert body["message"] == "url must not contain a NUL character"
+    async with Services.open(settings, redis) as services:
+        with pytest.raises(InvalidInput, match="NUL"):
+            await services.recent("demo", url=params["url"])
+
+
+async def test_an_id_past_a_bigint_is_a_404_on_both_backends(api: httpx.AsyncClient) -> None:
+    """A path takes 19 digits; past 2**63 - 1, PostgreSQL's bigint refused the id: a 500
+    where any other unknown id is a 404 (hostile-input review)."""
+    for record_id in (2**63 - 1, 2**63, 9_999_999_999_999_999_999):
+        response = await api.post(f"{V3}/{record_id}/retry", headers=UID)
+        assert (response.status_code, response.json()["status"]) == (404, 404), record_id
+
+
+async def test_redelivering_a_record_of_a_disabled_callback_is_refused(
+    settings: Settings, redis: Redis, api: httpx.AsyncClient, receiver: Receiver,
+    run_worker: RunWorker,
+) -> None:  # fmt: skip
+    """It was answered as queued, then dropped by the worker unsent: no attempt to show
+    for a 200 (the window's redelivery leaves such records out). Enabled again, it goes."""
+    url = receiver.script("/hook", answer(404), answer(200))
+    callback_id, _ = await Registry(redis).create("demo", url, Event.BUILD_END, Region.DEVNET)
+    await Producer(settings, redis).emit("demo", "BUILD_END", {})
+    await run_worker()
+    await ship_all(settings, redis)
+    [first] = (await api.get(V3, params={"url": url, "event": "BUILD_END"}, headers=UID)).json()[
+        "data"
+    ]["records"]
+    await Registry(redis).set_enabled(callback_id, False, "paused")
+    refused = await api.post(f"{V3}/{first['id']}/retry", headers=UID)
+    assert (refused.status_code, refused.json()["status"]) == (409, 409)
+    assert f"callback {callback_id} of history record {first['id']}" in refused.json()["message"]
+    assert await redis.zcard(settings.queue_name) == 0  # nothing queued
+    await Registry(redis).set_enabled(callback_id, True)
+    queued = await api.post(f"{V3}/{first['id']}/retry", headers=UID)
+    assert queued.json()["status"] == 0
+    await run_worker()
+    assert [s.path for s in receiver.seen] == ["/hook", "/hook"]

@@ -25,7 +25,9 @@ from dispatcher.history.ids import ID_BLOCK, ID_GAP, RecordIds
 from dispatcher.history.record import AttemptRecord
 from dispatcher.history.redis import RedisHistory
 from dispatcher.keys import Keys, project_scoped
+from dispatcher.models import Event, Region
 from dispatcher.producer import Producer
+from dispatcher.registry import Registry
 from dispatcher.settings import Settings
 from tests.helpers import UID, app_client, free_port, make_settings
 
@@ -155,6 +157,9 @@ async def test_without_the_replicas_it_asks_for_an_emit_answers_503(
     with pytest.raises(Unavailable, match=r"0 of 1 replicas .* same event ids is safe"):
         await Producer(strict, redis).emit("demo", "BUILD_END", {}, event_id="e1")
     now = now_ms()
+    callback_id, _ = await Registry(redis).create(
+        "demo", "https://e.com/h", Event.BUILD_END, Region.DEVNET
+    )  # enabled: its record's redelivery is not refused for a callback gone
     record_id = await RedisHistory(redis, settings, keys).add(
         {
             "projectId": "demo",
@@ -164,8 +169,8 @@ async def test_without_the_replicas_it_asks_for_an_emit_answers_503(
             "startTime": now,
             "endTime": now,
             "createdTime": now,
-            "callbackId": 1,
-            "deliveryId": "e0.1",
+            "callbackId": callback_id,
+            "deliveryId": f"e0.{callback_id}",
             "eventId": "e0",
         }
     )
