@@ -95,6 +95,9 @@ class Services:
         self._listing: weakref.WeakValueDictionary[str, asyncio.Lock] = (
             weakref.WeakValueDictionary()
         )
+        self._redelivering: weakref.WeakValueDictionary[str, asyncio.Lock] = (
+            weakref.WeakValueDictionary()
+        )  # each project's window redeliveries (`redeliver_failed`): one at a time
 
     @classmethod
     @contextlib.asynccontextmanager
@@ -282,15 +285,17 @@ class Services:
         failures = self.history.final_failures(
             project_id, searched(url), name, start_ms=start_ms, end_ms=end_ms
         )
-        return await redeliver_window(
-            self.history,
-            self.registry,
-            self.producer,
-            project_id,
-            failures,
-            on_queued=on_queued,
-            check=check,
-        )
+        # each reads its window's every record: one of a project's at a time here
+        async with self._redelivering.setdefault(project_id, asyncio.Lock()):
+            return await redeliver_window(
+                self.history,
+                self.registry,
+                self.producer,
+                project_id,
+                failures,
+                on_queued=on_queued,
+                check=check,
+            )
 
     async def recent(
         self,

@@ -77,6 +77,10 @@ def parse_window(
         start_at = (end_at or today).replace(hour=0, minute=0, second=0)
     end_ms = _to_ms(end_at) + 999 if end_at else _to_ms(today + timedelta(days=1)) - 1
     start_ms = _to_ms(start_at)
+    if end_ms < start_ms and end is None:  # the window's end: today's
+        raise InvalidTime(
+            f"startTime ({start}) is after the end of today: give an endTime", param="startTime"
+        )
     if end_ms < start_ms:
         raise InvalidTime(f"endTime ({end}) is before startTime ({start})", param="endTime")
     return start_ms, end_ms

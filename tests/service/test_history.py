@@ -185,6 +185,10 @@ def test_window_defaults() -> None:
     assert parse_window("2024-05-01 00:00:00", None, utc, now=now)[0] == ms(
         "2024-05-01 00:00:00", utc
     )
+    with pytest.raises(
+        InvalidInput, match=r"startTime \(2024-05-03 00:00:00\) is after the end of today"
+    ):
+        parse_window("2024-05-03 00:00:00", None, SHANGHAI, now=now)  # it said "endTime (None)"
 
 
 async def test_only_the_asked_url_and_event_are_returned(
@@ -386,6 +390,35 @@ async def test_window_redeliveries_at_once_send_each_failure_once(
         "queued": 0, "alreadyQueued": 3, "bodyNotKept": 0, "callbackGone": 0
     }  # fmt: skip
     assert len(receiver.requests()) == 6  # 3 failures, each sent again once
+
+
+async def test_a_projects_window_redeliveries_walk_their_windows_one_at_a_time(
+    settings: Settings, redis: Redis, receiver: Receiver, run_worker: RunWorker
+) -> None:
+    """Each reads every record of its window (successes too, with their bodies): a
+    project's admin asking for many at once had as many walks share Redis and the API
+    process with everyone else's requests (review). Another project's is not held up."""
+    url, _ = await failed_for_good(settings, redis, receiver, run_worker, 2)
+    walks: list[str] = []
+    async with Services.open(settings, redis) as services:
+        read = services.history.final_failures
+
+        def traced(project_id: str, *args: Any, **kwargs: Any) -> AsyncIterator[Any]:
+            async def walk() -> AsyncIterator[Any]:
+                walks.append(f"{project_id} in")
+                async for record in read(project_id, *args, **kwargs):
+                    await asyncio.sleep(0.01)  # a walk that takes a while
+                    yield record
+                walks.append(f"{project_id} out")
+
+            return walk()
+
+        services.history.final_failures = traced  # type: ignore[method-assign]
+        asked = [("demo", url), ("demo", url), ("other", url)]
+        await asyncio.gather(*(services.redeliver_failed(p, u, "BUILD_END") for p, u in asked))
+    first = walks.index("demo out")
+    assert walks[first + 1 :].count("demo in") == 1  # the second began after the first ended
+    assert walks.index("other in") < walks.index("demo out")  # not behind demo's
 
 
 async def test_window_redelivery_leaves_out_a_disabled_callback_until_it_is_enabled(
