@@ -33,14 +33,14 @@ from dispatcher.registry import Registration
 from dispatcher.services import Services
 from dispatcher.settings import Settings
 from dispatcher.shards import views
+from dispatcher.shards.drain import Drain
 from dispatcher.shards.holdings import holds
 from dispatcher.shards.lanes import hold, hold_source, let_go
 from dispatcher.shards.lease import MoveLease
-from dispatcher.shards.move import LEASE_S, Mover
+from dispatcher.shards.move import Mover
 from dispatcher.shards.router import Router
 from dispatcher.shards.stale import forget_copy
 from dispatcher.worker import create_worker
-from dispatcher.worker.claims import Claims
 from tests.helpers import Receiver, answer, make_settings, until
 
 PROJECTS = [f"grow-{n}" for n in range(8)]
@@ -158,8 +158,8 @@ async def test_a_moved_jobs_progress_mark_keeps_its_expiry(
         await src.redis.zadd(src.keys.QUEUE, {job_id: now_ms()})
         await src.redis.set(src.keys.delivery(job_id), "1", ex=1_000)
         await src.redis.set(src.keys.pushed(job_id), "nonce", ex=2_000)  # queued once
-        claims = Claims(src.redis, src.keys, mover.token, LEASE_S)
-        assert await mover._move_job(src, dst, claims, job_id, b"{}", unless_begun=False)
+        drain = mover.drain_of(src, dst, "mv", lambda: None)
+        assert await drain.move_job(job_id, b"{}", unless_begun=False)
         assert await dst.redis.get(dst.keys.delivery(job_id)) == b"1"
         assert 990_000 < await dst.redis.pttl(dst.keys.delivery(job_id)) <= 1_000_000
         assert await dst.redis.zscore(dst.keys.QUEUE, job_id) is not None
@@ -182,8 +182,8 @@ async def test_a_moved_retry_takes_the_body_it_refers_to(
         await run_pipeline(src.redis, lambda pipe: Queue(src.redis, src.keys).push(pipe, job))
         mover = Mover(router, lambda _: None)
         read = await src.redis.get(src.keys.arq_job(job.job_id))
-        claims = Claims(src.redis, src.keys, mover.token, LEASE_S)
-        assert await mover._move_job(src, dst, claims, job.job_id, read, unless_begun=False)
+        drain = mover.drain_of(src, dst, "mv", lambda: None)
+        assert await drain.move_job(job.job_id, read, unless_begun=False)
         assert await src.redis.exists(body_key(src.keys, job)) == 0
         found = await bodies.read(dst.redis, dst.keys, job, 1_000)
         assert found is not None and found.body == body
@@ -199,7 +199,7 @@ async def test_a_moved_retry_takes_the_body_it_refers_to(
                 await queue.enqueue(one)
         await dst.redis.hdel(body_key(dst.keys, moving), moving.job_id)  # type: ignore[misc]
         read = await src.redis.get(src.keys.arq_job(moving.job_id))
-        assert await mover._move_job(src, dst, claims, moving.job_id, read, unless_begun=False)
+        assert await drain.move_job(moving.job_id, read, unless_begun=False)
         assert not await dst.redis.hexists(body_key(dst.keys, moving), moving.job_id)  # type: ignore[misc]
         assert await src.redis.hget(body_key(src.keys, staying), "body") == body  # type: ignore[misc]
 
@@ -232,13 +232,19 @@ class FirstPassThenDue(Mover):
 
     job_id = ""
 
-    async def _move_jobs(
+    def drain_of(
         self, src: Services, dst: Services, project: str, alive: Callable[[], None]
-    ) -> tuple[int, int, int]:
-        found = await super()._move_jobs(src, dst, project, alive)
-        for shard in (src, dst):
-            await shard.redis.zadd(shard.keys.QUEUE, {self.job_id: now_ms()}, xx=True, lt=True)
-        return found
+    ) -> Drain:
+        job_id = self.job_id
+
+        class ThenDue(Drain):
+            async def one_pass(self) -> tuple[int, int, int]:
+                found = await super().one_pass()
+                for shard in (self.src, self.dst):
+                    await shard.redis.zadd(shard.keys.QUEUE, {job_id: now_ms()}, xx=True, lt=True)
+                return found
+
+        return ThenDue(src, dst, project, self.token, alive, self.say, self.settle_s)
 
 
 @pytest.mark.parametrize("began", ["claimed", "a re-run's chunk"])
@@ -600,16 +606,15 @@ async def test_a_job_is_moved_only_as_it_was_read_and_an_event_that_began_stays(
     meanwhile) stays (review: both were read before the take)."""
     async with Router.open(two_empty_shards(shard_servers)) as router:
         src, dst = router.shards
-        mover = Mover(router, lambda _: None)
-        claims = Claims(src.redis, src.keys, mover.token, LEASE_S)
+        drain = Mover(router, lambda _: None).drain_of(src, dst, "mv", lambda: None)
         job_id = "mv:e"
         await src.redis.set(src.keys.arq_job(job_id), b"now", px=60_000)
         await src.redis.zadd(src.keys.QUEUE, {job_id: now_ms()})
-        assert await mover._move_job(src, dst, claims, job_id, b"then", unless_begun=False) is False
+        assert await drain.move_job(job_id, b"then", unless_begun=False) is False
         await src.redis.set(src.keys.ARQ_RETRY_PREFIX + job_id, 1)
-        assert await mover._move_job(src, dst, claims, job_id, b"now", unless_begun=True) is None
+        assert await drain.move_job(job_id, b"now", unless_begun=True) is None
         assert not await src.redis.exists(src.keys.ARQ_IN_PROGRESS_PREFIX + job_id)
-        assert await mover._move_job(src, dst, claims, job_id, b"now", unless_begun=False) is True
+        assert await drain.move_job(job_id, b"now", unless_begun=False) is True
         assert await dst.redis.get(dst.keys.arq_job(job_id)) == b"now"
 
 
