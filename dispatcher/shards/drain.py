@@ -2,14 +2,18 @@
 on its old shard are taken across one at a time until none is left and none came for a
 settle.
 
-One job moves in three writes on two shards, so that it is never on neither:
+One job moves in three writes on two shards, so that it is never on neither, nor run on
+both while its mover lives:
   1. it is taken on the old shard under the mover's lease (`TakeJob`): no worker there
      claims it meanwhile;
   2. a copy is queued on the new shard *held* by the mover (`PlaceJob`): no worker there
      runs it yet; with `DISPATCHER_REDIS_MIN_REPLICAS`, it is on that many replicas
      before step 3 (`dispatcher.replication`);
-  3. the job leaves the old shard (unless another worker holds it), and the copy is let
-     run (`FreeHeld`, due when the job was).
+  3. the job leaves the old shard while the mover's lease there is still its own
+     (`DropHeld`: no worker took it since), and the copy is let run (`FreeHeld`, due when
+     the job was). A mover paused past that lease finds a worker took the job: it
+     removes the copy while it still holds it (held twice the lease), and looks at the
+     job again on the next pass.
 A copy its replicas did not confirm is removed, and the job given back on the old shard
 (its workers run it at once): the move stops (NotReplicated), nothing removed there. A
 mover that dies between 2 and 3 leaves the job on both shards: it runs on the old one
@@ -41,7 +45,6 @@ from dispatcher.shards.queued import (
     TakeJob,
     where_to,
 )
-from dispatcher.worker.claims import Claims
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -169,7 +172,7 @@ class Drain:
 
     async def move_job(self, job_id: str, read: bytes, *, unless_begun: bool) -> bool | None:
         """Move one queued job as it was `read`: True when moved, False when a worker holds
-        it or it changed since (looked at again on the next pass),
+        it or took it meanwhile, or it changed since (looked at again on the next pass),
         None when it stays (`unless_begun`: it began here)."""
         taken = await self.take(job_id, read, unless_begun=unless_begun)
         return await self.carry(taken) if isinstance(taken, Taken) else taken
@@ -203,12 +206,19 @@ class Drain:
         )
 
     async def carry(self, taken: Taken) -> bool:
-        """Steps 2 and 3: True (the job moved)."""
+        """Steps 2 and 3: True when the job moved, False when a worker on the old shard took
+        it since it was taken (its copy on the new shard removed)."""
         placed = await self.place(taken)
-        await self._leave(taken)
-        if placed:
-            await self._let_run(self.dst, taken)
-        return True
+        if await self._leave(taken):
+            if placed:
+                await self._let_run(self.dst, taken)
+            return True
+        if placed and not await self._drop_copy(taken):
+            self.say(
+                f"{self.project}: job {taken.job_id} runs on both shards: its mover was "
+                "paused past its hold of it on the new shard"
+            )
+        return False
 
     async def place(self, taken: Taken) -> bool:
         """Step 2: the held copy, confirmed by the replicas; False when that job id was
@@ -250,18 +260,17 @@ class Drain:
             values=[value for _, value, _ in marks],
         )
 
-    async def _leave(self, taken: Taken) -> None:
-        """The job removed from the old shard, with its reference to a kept body (unless
-        another worker holds it now)."""
+    async def _leave(self, taken: Taken) -> bool:
+        """The job removed from the old shard (with its reference to a kept body) while the
+        mover's lease there is its own; False when a worker took it since."""
         k = self.src.keys
-        claims = Claims(self.src.redis, k, self.token, self.lease_s)
 
         def queue(pipe: Pipeline) -> None:
-            claims.finish(pipe, taken.job_id)
-            if taken.carried is not None:
+            self._held(k, taken, []).queue_on(pipe)
+            if taken.carried is not None:  # given back only once the job is gone
                 taken.carried.release(pipe, k)
 
-        await run_pipeline(self.src.redis, queue)
+        return bool((await run_pipeline(self.src.redis, queue))[0])
 
     async def _drop_copy(self, taken: Taken) -> bool:
         """The copy removed from the new shard, with the marks written with it, while the
