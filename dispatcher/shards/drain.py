@@ -1,6 +1,8 @@
 """Step 4 of a move (`dispatcher.shards.move`): the drain. The moving project's jobs queued
 on its old shard are taken across one at a time until none is left and none came for a
-settle.
+settle, and not before the last event a producer may still queue there has come
+(`late_pushes_s`: a producer routes an event by the placement it last read, and tries
+that shard again for up to `DISPATCHER_EMIT_WAIT`).
 
 One job moves in three writes on two shards, so that it is never on neither, nor run on
 both while its mover lives:
@@ -53,14 +55,23 @@ if TYPE_CHECKING:
 
     from dispatcher.keys import Keys
     from dispatcher.services import Services
+    from dispatcher.settings import Settings
 
-__all__ = ["LEASE_S", "Drain", "Taken", "confirmed"]
+__all__ = ["LEASE_S", "Drain", "Taken", "confirmed", "late_pushes_s"]
 
 PAGE = 500
 LEASE_S = 30.0  # a job the mover takes is leased this long on the old shard
 HOLD_FACTOR = 2  # and its copy held this many times as long on the new one
 SAY_EVERY_S = 10.0  # how often a move waiting for jobs to finish on the old shard says so
 NO_TTL_MARK_MS = 86_400_000  # a progress mark without a time to live goes with a day
+
+
+def late_pushes_s(settings: Settings) -> float:
+    """How long after a move's flip an event may still be queued on the old shard: a
+    producer that routed it by the placement it read before the flip (read again every
+    `DISPATCHER_PLACEMENT_REFRESH`) tries that shard for up to `DISPATCHER_EMIT_WAIT`,
+    its last try's write answered within `DISPATCHER_REDIS_TIMEOUT`."""
+    return settings.placement_refresh + settings.emit_wait + settings.redis_timeout
 
 
 async def confirmed(services: Services, what: str) -> None:
@@ -111,7 +122,7 @@ class Taken:
 class Drain:
     """Step 4 of `project`'s move from `src` to `dst` (see the module's doc), by the mover
     `token`; `alive` raises to stop it (the mover's lease). It ends once no job was found
-    for `quiet_s`."""
+    for `quiet_s`, and not before `until` (monotonic)."""
 
     src: Services
     dst: Services
@@ -120,6 +131,7 @@ class Drain:
     alive: Callable[[], None]
     say: Callable[[str], None] = print
     quiet_s: float = 0.0
+    until: float = 0.0
     lease_s: float = LEASE_S
     hold_s: float = 0.0  # (0: `HOLD_FACTOR` times `lease_s`)
     replication: Replication | None = field(init=False)
@@ -139,7 +151,7 @@ class Drain:
             now = time.monotonic()
             if found or staying:
                 quiet_since = now
-            elif now - quiet_since >= self.quiet_s:
+            elif now - quiet_since >= self.quiet_s and now >= self.until:
                 # a lane's head is always in the queue (or its fan-out is): none left there
                 # means no lane left; a lane without one would wait here, and say so
                 if not (staying := await lanes_left(self.src, self.project)):

@@ -16,13 +16,14 @@ moved.
   3. flip its placement, and wait again: from now on its events are queued on the new
      shard, where its callbacks are;
   4. drain (`dispatcher.shards.drain`): its jobs still queued on the old shard (retries,
-     events queued just before the flip) are taken one at a time under a lease, written
-     to the new shard, then removed from the old (a job a worker holds is left to finish,
-     and looked at again); its ordered deliveries are not moved but finish there, in order,
+     events queued just before the flip, or late by a producer's retries) are taken one
+     at a time under a lease, written to the new shard, then removed from the old (a job
+     a worker holds, or took from a mover paused past its lease, is left to finish, and
+     looked at again); its ordered deliveries are not moved but finish there, in order,
      while its lanes on the new shard wait (`dispatcher.shards.lanes`), and so do the
      events whose fan-out began there (a run died, or a re-run goes on: what it sent is
      marked there, and read by its re-run); until none is left and none came for a
-     settle;
+     settle, and the last push a producer may still make there is past;
   5. copy the history written meanwhile, remove the project from the old shard, and let
      its lanes on the new one go.
 With `DISPATCHER_REDIS_MIN_REPLICAS`, what it wrote to a shard is on that many replicas
@@ -48,7 +49,7 @@ from dispatcher.history.redis import RedisHistory
 from dispatcher.models import PLATFORM_PROJECT
 from dispatcher.placement import Placed, rendezvous
 from dispatcher.registry.copies import callback_ids, put_rows, read_rows
-from dispatcher.shards.drain import Drain, confirmed
+from dispatcher.shards.drain import Drain, confirmed, late_pushes_s
 from dispatcher.shards.holdings import forget, holds, projects_on
 from dispatcher.shards.lanes import hold, hold_source, let_go
 from dispatcher.shards.lease import MoveLease
@@ -72,10 +73,13 @@ class Mover:
     say: Callable[[str], None] = print
     settle_s: float = 0.0
     token: str = field(default_factory=lambda: f"mover:{time.time_ns()}")
+    late_s: float = 0.0  # a drain ends no sooner after the flip (`drain.late_pushes_s`)
 
     def __post_init__(self) -> None:
         if not self.settle_s:
             self.settle_s = SETTLE_REFRESHES * self.router.settings.placement_refresh
+        if not self.late_s:
+            self.late_s = late_pushes_s(self.router.settings)
 
     async def grow(self) -> list[str]:
         """Put every listed shard in use; returns the projects pinned where they are."""
@@ -192,9 +196,10 @@ class Mover:
         await self._copy(src, dst, project, lease.alive)
         await confirmed(dst, f"{project}'s hold, callbacks, roles and history")
         await self._place(lease, project, Placed(target))
+        flipped = time.monotonic()
         await self.settle()
         await lease.fence()
-        await self._finish(src, dst, project, source, lease)
+        await self._finish(src, dst, project, source, lease, flipped)
 
     async def _place(self, lease: MoveLease, project: str, placed: Placed | None) -> None:
         """Write the project's placement while this mover holds its `lease`, confirmed by
@@ -242,7 +247,8 @@ class Mover:
             )
         for index in olds:
             self.say(f"{project}: finishing its move from shard {index}")
-            await self._finish(self.router.shards[index], dst, project, index, lease)
+            flipped = time.monotonic()  # or before: the late pushes are waited for from now
+            await self._finish(self.router.shards[index], dst, project, index, lease, flipped)
         lease.alive()
         await let_go(dst, project)
         return bool(olds)
@@ -260,11 +266,18 @@ class Mover:
         await asyncio.sleep(self.settle_s)
 
     async def _finish(
-        self, src: Services, dst: Services, project: str, source: int, lease: MoveLease
+        self,
+        src: Services,
+        dst: Services,
+        project: str,
+        source: int,
+        lease: MoveLease,
+        flipped: float,
     ) -> None:
-        """After the flip: drain the old shard, copy the history written meanwhile, clean
-        it, each once the new shard's replicas confirmed."""
-        moved = await self.drain_of(src, dst, project, lease.alive).run()
+        """After the flip (at `flipped`, monotonic): drain the old shard, copy the history
+        written meanwhile, clean it, each once the new shard's replicas confirmed."""
+        drain = self.drain_of(src, dst, project, lease.alive, until=flipped + self.late_s)
+        moved = await drain.run()
         self.say(f"{project}: {moved} queued job(s) moved; cleaning shard {source}")
         await self._copy_history(src, dst, project, lease.alive)
         await confirmed(dst, f"{project}'s history")
@@ -272,10 +285,15 @@ class Mover:
         await forget(src, project, lease.alive)
 
     def drain_of(
-        self, src: Services, dst: Services, project: str, alive: Callable[[], None]
+        self,
+        src: Services,
+        dst: Services,
+        project: str,
+        alive: Callable[[], None],
+        until: float = 0.0,
     ) -> Drain:
         """The drain of `project`'s jobs from `src` to `dst` (step 4) by this mover."""
-        return Drain(src, dst, project, self.token, alive, self.say, self.settle_s)
+        return Drain(src, dst, project, self.token, alive, self.say, self.settle_s, until)
 
     async def _copy(
         self, src: Services, dst: Services, project: str, alive: Callable[[], None]

@@ -1,8 +1,10 @@
 """A move's drain (`dispatcher.shards.drain`) on two real shards: a mover paused past its
-lease on a job leaves that job to the worker that took it, on one shard only."""
+lease on a job leaves that job to the worker that took it, on one shard only; and a drain
+waits for the events a producer may still queue on the old shard after the flip."""
 
 from __future__ import annotations
 
+import asyncio
 from typing import Literal
 
 import pytest
@@ -11,12 +13,17 @@ import redis as sync_redis
 from dispatcher.clock import now_ms
 from dispatcher.embedded import EmbeddedRedis
 from dispatcher.lua import run_pipeline
+from dispatcher.models import Region
+from dispatcher.producer import Producer
+from dispatcher.registry import Registration
 from dispatcher.services import Services
 from dispatcher.settings import Settings
 from dispatcher.shards.drain import Drain, Taken
+from dispatcher.shards.move import SETTLE_REFRESHES, Mover
 from dispatcher.shards.router import Router
+from dispatcher.worker import create_worker
 from dispatcher.worker.claims import Claims
-from tests.helpers import make_settings, until
+from tests.helpers import Receiver, make_settings, until
 
 JOB_ID = "mv:e.1@5"
 PAUSED_LEASE_S = 0.2  # the mover's lease on a job it takes, lapsed in its pause
@@ -125,3 +132,68 @@ async def test_a_moved_job_is_held_on_the_new_shard_until_it_left_the_old_one(
         assert await dst.redis.zscore(dst.keys.QUEUE, JOB_ID) == due
         assert [claimed.job_id for claimed in await worker.claim(1)] == [JOB_ID]
         assert await _where(src) == (False, None)
+
+
+def test_a_drain_waits_as_long_as_a_producer_may_retry_on_the_old_shard() -> None:
+    """How long after its flip a move waits before it cleans the old shard: a producer
+    routes by the placement it last read (every `DISPATCHER_PLACEMENT_REFRESH`) and tries
+    that shard again for up to `DISPATCHER_EMIT_WAIT`, its last write answered within
+    `DISPATCHER_REDIS_TIMEOUT`. With a long emit wait that is far past the two settles a
+    drain took before (three refreshes each)."""
+    from dispatcher.shards.drain import late_pushes_s
+
+    settings = Settings(
+        redis_url="redis://127.0.0.1:1/0", placement_refresh=0.5, emit_wait=7, redis_timeout=3
+    )
+    assert late_pushes_s(settings) == 0.5 + 7 + 3
+    assert late_pushes_s(settings) > 2 * SETTLE_REFRESHES * settings.placement_refresh
+
+
+class LatePush(Mover):
+    """A mover during whose drain, well past the settles it took before, a producer that
+    routes by the placement from before the flip emits `event` (`late_by` s after it)."""
+
+    late_by = 0.0
+    producer: Producer | None = None
+    emitted: list[str]
+
+    async def _finish(self, *args: object, **kwargs: object) -> None:
+        async def late() -> None:
+            await asyncio.sleep(self.late_by)
+            assert self.producer is not None
+            self.emitted += await self.producer.emit_many([("mv", "BUILD_END", {"late": True})])
+
+        emitting = asyncio.create_task(late())
+        await super()._finish(*args, **kwargs)  # type: ignore[arg-type]
+        await emitting
+
+
+async def test_a_drain_waits_for_the_pushes_a_producer_may_still_make(
+    shard_servers: list[EmbeddedRedis], receiver: Receiver
+) -> None:
+    """A producer queues an event of the moving project on the old shard after the flip,
+    later than the drain's quiet settle (its retries there, by the placement it read
+    before: here, one it never read again). The drain waits `late_s` past the flip before
+    it ends, so the event is moved and delivered on the new shard. Before, the drain ended
+    a settle after it found none, the old shard was cleaned, and the late event found no
+    callback there: no delivery, no record."""
+    settings = two_empty_shards(shard_servers)
+    async with Router.open(settings) as router:
+        registration = Registration("mv", receiver.url("/hook"), Region.DEVNET, "t")
+        await router.shards[0].register(registration, "BUILD_END")
+        stale = settings.model_copy(update={"placement_refresh": 60})
+        async with Producer(stale) as producer:  # routes "mv" to shard 0 throughout
+            mover = LatePush(router, lambda _: None, settle_s=0.1, late_s=3.0)
+            mover.producer, mover.late_by, mover.emitted = producer, 1.0, []
+            await mover.move("mv", 1)
+        old, new = router.shards
+        assert await old.redis.zcard(old.keys.QUEUE) == 0
+        worker = create_worker(settings, burst=True, poll_delay=0.01, handle_signals=False)
+        try:
+            await asyncio.wait_for(worker.main(), 30)
+        finally:
+            await worker.close()
+        assert len(mover.emitted) == 1
+        (delivered,) = receiver.requests("/hook")
+        assert b'"late":true' in delivered.body
+        assert (await new.callbacks("mv")).count == 1
