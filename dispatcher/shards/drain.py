@@ -57,12 +57,13 @@ if TYPE_CHECKING:
     from dispatcher.services import Services
     from dispatcher.settings import Settings
 
-__all__ = ["LEASE_S", "Drain", "Taken", "confirmed", "late_pushes_s"]
+__all__ = ["LEASE_S", "STOPPED", "Drain", "Taken", "confirmed", "late_pushes_s"]
 
 PAGE = 500
 LEASE_S = 30.0  # a job the mover takes is leased this long on the old shard
 HOLD_FACTOR = 2  # and its copy held this many times as long on the new one
 SAY_EVERY_S = 10.0  # how often a move waiting for jobs to finish on the old shard says so
+STOPPED = "the move stopped with nothing of the project removed from its old shard"
 NO_TTL_MARK_MS = 86_400_000  # a progress mark without a time to live goes with a day
 
 
@@ -74,20 +75,19 @@ def late_pushes_s(settings: Settings) -> float:
     return settings.placement_refresh + settings.emit_wait + settings.redis_timeout
 
 
-async def confirmed(services: Services, what: str) -> None:
+async def confirmed(services: Services, what: str, then: str = STOPPED) -> None:
     """What the mover wrote to `services`' shard so far, on as many of its replicas as
-    `DISPATCHER_REDIS_MIN_REPLICAS` says, before it goes on; NotReplicated (saying `what`)
-    otherwise."""
+    `DISPATCHER_REDIS_MIN_REPLICAS` says, before it goes on; NotReplicated otherwise,
+    saying `what` was not confirmed, and `then` what that leaves."""
     try:
         await confirm(services.redis, Replication.of(services.settings, services.keys))
     except NotReplicated as exc:
-        raise _unconfirmed(exc, f"shard {services.shard.index}: {what}") from exc
+        raise _unconfirmed(exc, f"shard {services.shard.index}: {what}", then) from exc
 
 
-def _unconfirmed(exc: NotReplicated, what: str) -> NotReplicated:
+def _unconfirmed(exc: NotReplicated, what: str, then: str = STOPPED) -> NotReplicated:
     return NotReplicated(
-        f"{what} not confirmed ({exc.message}): the move stopped, nothing of the project "
-        "was removed from its old shard; move it again once the replicas are back",
+        f"{what} not confirmed ({exc.message}): {then}; run it again once the replicas are back",
         confirmed=exc.confirmed,
         wanted=exc.wanted,
     )

@@ -49,7 +49,7 @@ from dispatcher.history.redis import RedisHistory
 from dispatcher.models import PLATFORM_PROJECT
 from dispatcher.placement import Placed, rendezvous
 from dispatcher.registry.copies import callback_ids, put_rows, read_rows
-from dispatcher.shards.drain import Drain, confirmed, late_pushes_s
+from dispatcher.shards.drain import STOPPED, Drain, confirmed, late_pushes_s
 from dispatcher.shards.holdings import forget, holds, projects_on
 from dispatcher.shards.lanes import hold, hold_source, let_go
 from dispatcher.shards.lease import MoveLease
@@ -97,7 +97,8 @@ class Mover:
                 await placement.write(project, Placed(home))
                 pinned.append(project)
         await placement.write_counts(new, None)
-        await confirmed(self.router.home, "the placements")  # the pins with it: a prefix
+        # the pins with the counts (a replica holds a prefix of the master's writes)
+        await confirmed(self.router.home, "the placements", "they are on its master alone")
         await self.settle()
         await self.sync()
         self.say(f"{new} shards in use; {len(pinned)} project(s) pinned, to move: rebalance")
@@ -181,7 +182,8 @@ class Mover:
         lease.alive()
         await let_go(self.router.shards[target], project)
         hashed = rendezvous(project, placement.active) == target
-        await self._place(lease, project, None if hashed else Placed(target))
+        done = "the move is done, its last placement on the home shard's master alone"
+        await self._place(lease, project, None if hashed else Placed(target), done)
         self.say(f"{project}: on shard {target}")
         return moved
 
@@ -201,13 +203,17 @@ class Mover:
         await lease.fence()
         await self._finish(src, dst, project, source, lease, flipped)
 
-    async def _place(self, lease: MoveLease, project: str, placed: Placed | None) -> None:
+    async def _place(
+        self, lease: MoveLease, project: str, placed: Placed | None, then: str = STOPPED
+    ) -> None:
         """Write the project's placement while this mover holds its `lease`, confirmed by
-        the home shard's replicas (`DISPATCHER_REDIS_MIN_REPLICAS`)."""
+        the home shard's replicas (`DISPATCHER_REDIS_MIN_REPLICAS`: `then` says what a
+        write they do not confirm leaves)."""
         lease.alive()
         if not await self.router.placement.write(project, placed, lease=(lease.key, lease.token)):
             raise Unavailable(f"{project}: this mover lost its lease: its placement stays")
-        await confirmed(self.router.home, f"{project}'s placement ({placed or 'by the hash'})")
+        what = f"{project}'s placement ({placed or 'by the hash'})"
+        await confirmed(self.router.home, what, then)
 
     async def _finish_dead(
         self, project: str, current: int, lease: MoveLease, said: int | None = None

@@ -57,7 +57,7 @@ async def forget_copy(
             return False
         await lease.fence()
         await _keep_history(stale, router.shards[home], project, lease.alive)
-        await confirmed(router.shards[home], f"{project}'s history")  # before it goes here
+        await confirmed(router.shards[home], f"{project}'s history", "the stale copy stays")
         await forget(stale, project, lease.alive)
         say(f"{project}: its copy on shard {index} is gone (it lives on shard {home})")
         return True
