@@ -15,6 +15,9 @@ holds a prefix of what the master wrote, so a failover leaves either both or a j
 queued, whose attempt is made again (same delivery id) and recorded then. Waiting would
 only stop deliveries whenever a replica is away (after a failover, until the old master
 is back), for fewer repeats.
+
+A shard move's writes are waited for (`confirm`, `dispatcher.shards.drain`): what it writes
+to the new shard replaces what it then removes from the old one.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ if TYPE_CHECKING:
     from dispatcher.keys import Keys
     from dispatcher.settings import Settings
 
-__all__ = ["WAIT_CAP_S", "Replication", "run_replicated"]
+__all__ = ["WAIT_CAP_S", "Replication", "confirm", "run_replicated"]
 
 WAIT_CAP_S = 1.0  # one WAIT's bound; a producer tries again until DISPATCHER_EMIT_WAIT
 SETTING = "DISPATCHER_REDIS_MIN_REPLICAS"
@@ -92,3 +95,10 @@ async def run_replicated(
     answers = await run_pipeline(redis, queue_and_wait)
     replication.check(answers)
     return answers[:-2]
+
+
+async def confirm(redis: Redis, replication: Replication | None) -> None:
+    """Wait until `replication`'s replicas hold every write the master held so far, by any
+    connection (the mark and WAIT alone); NotReplicated otherwise. Nothing without one."""
+    if replication is not None:
+        await run_replicated(redis, lambda _: None, replication)

@@ -15,15 +15,21 @@ moved.
   2. copy its callbacks (ids kept) and roles to the new shard, and its Redis history;
   3. flip its placement, and wait again: from now on its events are queued on the new
      shard, where its callbacks are;
-  4. drain: its jobs still queued on the old shard (retries, events queued just before
-     the flip) are taken one at a time under a lease, written to the new shard, then
-     removed from the old (a job a worker holds is left to finish, and looked at again);
-     its ordered deliveries are not moved but finish there, in order, while its lanes on
-     the new shard wait (`dispatcher.shards.lanes`), and so do the events whose fan-out
-     began there (a run died, or a re-run goes on: what it sent is marked there, and read
-     by its re-run); until none is left and none came for a settle;
+  4. drain (`dispatcher.shards.drain`): its jobs still queued on the old shard (retries,
+     events queued just before the flip, or late by a producer's retries) are taken one
+     at a time under a lease, written to the new shard, then removed from the old (a job
+     a worker holds, or took from a mover paused past its lease, is left to finish, and
+     looked at again); its ordered deliveries are not moved but finish there, in order,
+     while its lanes on the new shard wait (`dispatcher.shards.lanes`), and so do the
+     events whose fan-out began there (a run died, or a re-run goes on: what it sent is
+     marked there, and read by its re-run); until none is left and none came for a
+     settle, and the last push a producer may still make there is past;
   5. copy the history written meanwhile, remove the project from the old shard, and let
      its lanes on the new one go.
+With `DISPATCHER_REDIS_MIN_REPLICAS`, what it wrote to a shard is on that many replicas
+before a step relies on it: the copies (2) before the flip, each placement, each moved job
+before it leaves the old shard, the history before the old shard is cleaned; else the move
+stops (NotReplicated) with nothing of the project removed from the old shard.
 A mover that dies leaves a job under its lease, which lapses: the job runs on the old
 shard as well, under the same delivery id (at least once, never lost). Moving again
 finishes the move: from its start before the flip, from step 4 after it (the hold on the
@@ -38,23 +44,18 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from dispatcher.auth import ALL_PROJECTS
-from dispatcher.bodies import Carried
 from dispatcher.errors import InvalidInput, Unavailable
 from dispatcher.history.redis import RedisHistory
-from dispatcher.lua import run_pipeline
 from dispatcher.models import PLATFORM_PROJECT
 from dispatcher.placement import Placed, rendezvous
 from dispatcher.registry.copies import callback_ids, put_rows, read_rows
+from dispatcher.shards.drain import STOPPED, Drain, confirmed, late_pushes_s
 from dispatcher.shards.holdings import forget, holds, projects_on
-from dispatcher.shards.lanes import hold, hold_source, lanes_left, let_go, ordered_on
+from dispatcher.shards.lanes import hold, hold_source, let_go
 from dispatcher.shards.lease import MoveLease
-from dispatcher.shards.queued import MOVE, STAY, UNLESS_BEGUN, PlaceJob, TakeJob, where_to
-from dispatcher.worker.claims import Claims
 
 if TYPE_CHECKING:
     from collections.abc import Callable
-
-    from redis.asyncio.client import Pipeline
 
     from dispatcher.services import Services
     from dispatcher.shards.router import Router
@@ -62,9 +63,6 @@ if TYPE_CHECKING:
 __all__ = ["Mover"]
 
 SETTLE_REFRESHES = 3
-PAGE = 500
-LEASE_S = 30.0
-SAY_EVERY_S = 10.0  # how often a move waiting for jobs to finish on the old shard says so
 
 
 @dataclass
@@ -75,10 +73,13 @@ class Mover:
     say: Callable[[str], None] = print
     settle_s: float = 0.0
     token: str = field(default_factory=lambda: f"mover:{time.time_ns()}")
+    late_s: float = 0.0  # a drain ends no sooner after the flip (`drain.late_pushes_s`)
 
     def __post_init__(self) -> None:
         if not self.settle_s:
             self.settle_s = SETTLE_REFRESHES * self.router.settings.placement_refresh
+        if not self.late_s:
+            self.late_s = late_pushes_s(self.router.settings)
 
     async def grow(self) -> list[str]:
         """Put every listed shard in use; returns the projects pinned where they are."""
@@ -96,6 +97,8 @@ class Mover:
                 await placement.write(project, Placed(home))
                 pinned.append(project)
         await placement.write_counts(new, None)
+        # the pins with the counts (a replica holds a prefix of the master's writes)
+        await confirmed(self.router.home, "the placements", "they are on its master alone")
         await self.settle()
         await self.sync()
         self.say(f"{new} shards in use; {len(pinned)} project(s) pinned, to move: rebalance")
@@ -179,7 +182,8 @@ class Mover:
         lease.alive()
         await let_go(self.router.shards[target], project)
         hashed = rendezvous(project, placement.active) == target
-        await self._place(lease, project, None if hashed else Placed(target))
+        done = "the move is done, its last placement on the home shard's master alone"
+        await self._place(lease, project, None if hashed else Placed(target), done)
         self.say(f"{project}: on shard {target}")
         return moved
 
@@ -192,16 +196,24 @@ class Mover:
         await lease.fence()
         await hold(dst, project, source)
         await self._copy(src, dst, project, lease.alive)
+        await confirmed(dst, f"{project}'s hold, callbacks, roles and history")
         await self._place(lease, project, Placed(target))
+        flipped = time.monotonic()
         await self.settle()
         await lease.fence()
-        await self._finish(src, dst, project, source, lease)
+        await self._finish(src, dst, project, source, lease, flipped)
 
-    async def _place(self, lease: MoveLease, project: str, placed: Placed | None) -> None:
-        """Write the project's placement while this mover holds its `lease`."""
+    async def _place(
+        self, lease: MoveLease, project: str, placed: Placed | None, then: str = STOPPED
+    ) -> None:
+        """Write the project's placement while this mover holds its `lease`, confirmed by
+        the home shard's replicas (`DISPATCHER_REDIS_MIN_REPLICAS`: `then` says what a
+        write they do not confirm leaves)."""
         lease.alive()
         if not await self.router.placement.write(project, placed, lease=(lease.key, lease.token)):
             raise Unavailable(f"{project}: this mover lost its lease: its placement stays")
+        what = f"{project}'s placement ({placed or 'by the hash'})"
+        await confirmed(self.router.home, what, then)
 
     async def _finish_dead(
         self, project: str, current: int, lease: MoveLease, said: int | None = None
@@ -241,7 +253,8 @@ class Mover:
             )
         for index in olds:
             self.say(f"{project}: finishing its move from shard {index}")
-            await self._finish(self.router.shards[index], dst, project, index, lease)
+            flipped = time.monotonic()  # or before: the late pushes are waited for from now
+            await self._finish(self.router.shards[index], dst, project, index, lease, flipped)
         lease.alive()
         await let_go(dst, project)
         return bool(olds)
@@ -259,14 +272,34 @@ class Mover:
         await asyncio.sleep(self.settle_s)
 
     async def _finish(
-        self, src: Services, dst: Services, project: str, source: int, lease: MoveLease
+        self,
+        src: Services,
+        dst: Services,
+        project: str,
+        source: int,
+        lease: MoveLease,
+        flipped: float,
     ) -> None:
-        """After the flip: drain the old shard, copy the history written meanwhile, clean."""
-        moved = await self._drain(src, dst, project, lease.alive)
+        """After the flip (at `flipped`, monotonic): drain the old shard, copy the history
+        written meanwhile, clean it, each once the new shard's replicas confirmed."""
+        drain = self.drain_of(src, dst, project, lease.alive, until=flipped + self.late_s)
+        moved = await drain.run()
         self.say(f"{project}: {moved} queued job(s) moved; cleaning shard {source}")
         await self._copy_history(src, dst, project, lease.alive)
+        await confirmed(dst, f"{project}'s history")
         await lease.fence()
         await forget(src, project, lease.alive)
+
+    def drain_of(
+        self,
+        src: Services,
+        dst: Services,
+        project: str,
+        alive: Callable[[], None],
+        until: float = 0.0,
+    ) -> Drain:
+        """The drain of `project`'s jobs from `src` to `dst` (step 4) by this mover."""
+        return Drain(src, dst, project, self.token, alive, self.say, self.settle_s, until)
 
     async def _copy(
         self, src: Services, dst: Services, project: str, alive: Callable[[], None]
@@ -289,97 +322,3 @@ class Mover:
             from dispatcher.history.moving import copy_project
 
             await copy_project(src.history, dst.history, project, alive)
-
-    async def _drain(
-        self, src: Services, dst: Services, project: str, alive: Callable[[], None]
-    ) -> int:
-        """Move the project's queued jobs, and wait for those that stay (`queued.where_to`)
-        to end on the old shard, until none is left and none came for a settle."""
-        moved, quiet_since, said = 0, time.monotonic(), time.monotonic()
-        while True:
-            alive()
-            found, taken, staying = await self._move_jobs(src, dst, project, alive)
-            moved += taken
-            if found or staying:
-                quiet_since = time.monotonic()
-            elif time.monotonic() - quiet_since >= self.settle_s:
-                # a lane's head is always in the queue (or its fan-out is): none left there
-                # means no lane left; a lane without one would wait here, and say so
-                if not (staying := await lanes_left(src, project)):
-                    return moved
-            if staying and time.monotonic() - said >= SAY_EVERY_S:
-                said = time.monotonic()
-                self.say(f"{project}: waiting for {staying} job(s) or lane(s) to end there")
-            await asyncio.sleep(min(0.2 if found or not staying else 1.0, self.settle_s))
-
-    async def _move_jobs(
-        self, src: Services, dst: Services, project: str, alive: Callable[[], None]
-    ) -> tuple[int, int, int]:
-        """One pass over the old shard's queue: (the project's jobs seen, those moved, those
-        left to finish there: see `queued.where_to`)."""
-        claims = Claims(src.redis, src.keys, self.token, LEASE_S)
-        ordered = await ordered_on(src, project)
-        seen = taken = staying = start = 0
-        while ids := await src.redis.zrange(src.keys.QUEUE, start, start + PAGE - 1):
-            start += PAGE
-            datas = await src.redis.mget([src.keys.arq_job(i.decode()) for i in ids])
-            for raw_id, data in zip(ids, datas, strict=True):
-                where = "" if data is None else where_to(data, project, ordered)
-                moved = None
-                if where in (MOVE, UNLESS_BEGUN):
-                    alive()
-                    moved = await self._move_job(
-                        src, dst, claims, raw_id.decode(), data, unless_begun=where == UNLESS_BEGUN
-                    )
-                    seen += moved is not None
-                    taken += moved is True
-                staying += where == STAY or (where == UNLESS_BEGUN and moved is None)
-        return seen, taken, staying
-
-    async def _move_job(
-        self,
-        src: Services,
-        dst: Services,
-        claims: Claims,
-        job_id: str,
-        read: bytes,
-        *,
-        unless_begun: bool,
-    ) -> bool | None:
-        """Move one queued job as it was `read`: True when moved, False when a worker holds
-        it or it changed since (looked at again on the next pass), None when it stays
-        (`unless_begun`: it began here)."""
-        got = await TakeJob.of(src.keys, job_id, self.token, LEASE_S, read, unless_begun).run(
-            src.redis
-        )
-        if got == b"stays":
-            return None
-        if not got:
-            return False
-        data, due, ttl = got
-        k, ttl_ms = src.keys, max(int(ttl), 1)
-        carried = await Carried.read(src.redis, k, data)  # a retry's kept body goes along
-        async with src.redis.pipeline(transaction=False) as pipe:  # its mark, and a window
-            for key in (k.delivery(job_id), k.pushed(job_id)):  # redelivery's queued-once
-                pipe.get(key)  # key, as long as they have
-                pipe.pttl(key)
-            progress, progress_ms, pushed, pushed_ms = await pipe.execute()
-
-        def place(pipe: Pipeline) -> None:
-            d, job_key = dst.keys, dst.keys.arq_job(job_id)
-            body, shared = (carried and carried.placed(d)) or (job_key, b"")
-            PlaceJob(d.QUEUE, job_key, body, job_id, data, due, ttl_ms, shared).queue_on(pipe)
-            if progress is not None:  # (its write time stays readable: see worker.marks)
-                ex, px = (None, progress_ms) if progress_ms > 0 else (86_400, None)
-                pipe.set(d.delivery(job_id), progress, ex=ex, px=px, nx=True)
-            if pushed is not None and pushed_ms > 0:
-                pipe.set(d.pushed(job_id), pushed, px=pushed_ms, nx=True)
-
-        def leave(pipe: Pipeline) -> None:
-            claims.finish(pipe, job_id)
-            if carried is not None:
-                carried.release(pipe, k)
-
-        await run_pipeline(dst.redis, place)
-        await run_pipeline(src.redis, leave)
-        return True

@@ -1,6 +1,8 @@
 """A moving project's jobs queued on its old shard: where each one goes (`where_to`), and
-the scripts that take one from the old shard under the mover's lease (`TakeJob`) and queue
-it on the new one (`PlaceJob`)."""
+the scripts that take one from the old shard under the mover's lease (`TakeJob`), queue a
+copy of it on the new one held by the mover (`PlaceJob`), then, on either shard, remove it
+while the mover still holds it there (`DropHeld`) or let it run (`FreeHeld`). See
+`dispatcher.shards.drain`."""
 
 from __future__ import annotations
 
@@ -10,13 +12,22 @@ from typing import TYPE_CHECKING
 
 from dispatcher.bodies import KEEP_BODY
 from dispatcher.jobs import FAN_OUT, BadJob, decode
-from dispatcher.lua import Key, Script
+from dispatcher.lua import REDIS_NOW_MS, ArgList, Key, KeyList, Script
 from dispatcher.models import PLATFORM_PROJECT
 
 if TYPE_CHECKING:
     from dispatcher.keys import Keys
 
-__all__ = ["MOVE", "STAY", "UNLESS_BEGUN", "PlaceJob", "TakeJob", "where_to"]
+__all__ = [
+    "MOVE",
+    "STAY",
+    "UNLESS_BEGUN",
+    "DropHeld",
+    "FreeHeld",
+    "PlaceJob",
+    "TakeJob",
+    "where_to",
+]
 
 
 @dataclass
@@ -66,29 +77,82 @@ class TakeJob(Script):
 
 @dataclass
 class PlaceJob(Script):
-    """Queues a moved job (kept as it is when that id is queued already), and its
-    reference to the body it refers to at `body` (`shared`: the bytes; the `job` key again
-    for one that holds its own: `dispatcher.bodies`)."""
+    """Queues a moved job *held* by the mover: its `lease` set to `token` for `hold_ms`
+    and its score the later of its due time and the hold's end (Redis's clock), so that no
+    worker claims it until `FreeHeld` lets it run (or the hold lapses: its mover died);
+    with its reference to the body it refers to at `body` (`shared`: the bytes; the `job`
+    key again for one that holds its own: `dispatcher.bodies`). Returns 1; 0, writing
+    nothing, when that id is queued already (that job is kept as it is)."""
 
     LUA = (
         "local keep_ms = ttl_ms"
         + KEEP_BODY
+        + REDIS_NOW_MS
         + """
     if redis.call('ZSCORE', queue, job_id) then return 0 end
     redis.call('SET', job, data, 'PX', ttl_ms)
-    redis.call('ZADD', queue, due_ms, job_id)
+    redis.call('SET', lease, token, 'PX', hold_ms)
+    local held_until = redis_now_ms() + tonumber(hold_ms)
+    redis.call('ZADD', queue, math.max(tonumber(due_ms), held_until), job_id)
     if body ~= job then keep_body() end
     return 1
     """
     )
     queue: Key
     job: Key
+    lease: Key
     body: Key
     job_id: str
     data: bytes
     due_ms: bytes
     ttl_ms: int
+    token: str
+    hold_ms: int
     shared: bytes = b""
+
+
+@dataclass
+class DropHeld(Script):
+    """While the job's `lease` holds `token` (the mover's: no worker has taken it since),
+    removes the job: its queue entry, data, lease and claim count, and each of `marks`
+    whose value is still the one in `values` (what the mover wrote with it). Returns 1,
+    else 0 (the job is left as it is)."""
+
+    LUA = """
+    if redis.call('GET', lease) ~= token then return 0 end
+    redis.call('DEL', lease, job, claims)
+    redis.call('ZREM', queue, job_id)
+    for i, mark in ipairs(marks) do
+      if redis.call('GET', mark) == values[i] then redis.call('DEL', mark) end
+    end
+    return 1
+    """
+    queue: Key
+    lease: Key
+    job: Key
+    claims: Key
+    marks: KeyList
+    token: str
+    job_id: str
+    values: ArgList
+
+
+@dataclass
+class FreeHeld(Script):
+    """While the job's `lease` holds `token`, gives it up: the job is due at `due_ms`
+    (a worker claims it then). Returns 1, else 0."""
+
+    LUA = """
+    if redis.call('GET', lease) ~= token then return 0 end
+    redis.call('DEL', lease)
+    redis.call('ZADD', queue, 'XX', due_ms, job_id)
+    return 1
+    """
+    queue: Key
+    lease: Key
+    token: str
+    job_id: str
+    due_ms: bytes
 
 
 MOVE, STAY, UNLESS_BEGUN = "move", "stay", "move unless begun"

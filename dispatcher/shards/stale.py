@@ -14,6 +14,7 @@ from dispatcher.errors import InvalidInput, Unavailable
 from dispatcher.history.moving import copy_project
 from dispatcher.history.redis import RedisHistory
 from dispatcher.models import PLATFORM_PROJECT
+from dispatcher.shards.drain import confirmed
 from dispatcher.shards.holdings import forget, glob_escaped, holds
 from dispatcher.shards.lanes import hold_source, lanes_left
 from dispatcher.shards.lease import MoveLease
@@ -56,6 +57,7 @@ async def forget_copy(
             return False
         await lease.fence()
         await _keep_history(stale, router.shards[home], project, lease.alive)
+        await confirmed(router.shards[home], f"{project}'s history", "the stale copy stays")
         await forget(stale, project, lease.alive)
         say(f"{project}: its copy on shard {index} is gone (it lives on shard {home})")
         return True

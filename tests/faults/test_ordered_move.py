@@ -82,7 +82,7 @@ async def test_a_moved_project_keeps_its_lanes_order_and_loses_nothing(
     try:
         step = await _emit_steps(two, emitted, 0, lambda step: step < 4)  # old shard's lanes
         async with Router.open(two) as router:
-            mover = Mover(router, lambda _: None, settle_s=0.3)
+            mover = Mover(router, lambda _: None, settle_s=0.3, late_s=0.3)
             assert await mover.grow() == [PROJECT]
             moving = asyncio.create_task(mover.rebalance())
             # during the move (at most 16 steps: each lane delivers ~3 a second, one after

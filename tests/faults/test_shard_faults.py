@@ -241,7 +241,9 @@ async def _movers_shards(
     shard_servers: list[EmbeddedRedis],
 ) -> tuple[list[str], Settings, dict[str, str]]:
     """The two shards emptied and in use: their URLs, settings, and the environment of
-    the processes (a mover settles 3 s at each step; its lease lasts 4 s)."""
+    the processes (a mover settles 3 s at each step; its lease lasts 4 s; the fleet's
+    producers wait 1 s, as the test's do, so a drain waits 7 s past its flip for their
+    late pushes)."""
     for server in shard_servers:
         sync_redis.Redis.from_url(server.url).flushall()
     urls = [server.url for server in shard_servers]
@@ -250,6 +252,7 @@ async def _movers_shards(
         "DISPATCHER_REDIS_SHARDS": json.dumps(urls),
         "DISPATCHER_PLACEMENT_REFRESH": "1",
         "DISPATCHER_MOVE_LEASE": "4",
+        "DISPATCHER_EMIT_WAIT": "1",
     }
     return urls, settings, env
 

@@ -33,17 +33,20 @@ from dispatcher.registry import Registration
 from dispatcher.services import Services
 from dispatcher.settings import Settings
 from dispatcher.shards import views
+from dispatcher.shards.drain import Drain
 from dispatcher.shards.holdings import holds
 from dispatcher.shards.lanes import hold, hold_source, let_go
 from dispatcher.shards.lease import MoveLease
-from dispatcher.shards.move import LEASE_S, Mover
+from dispatcher.shards.move import Mover
 from dispatcher.shards.router import Router
 from dispatcher.shards.stale import forget_copy
 from dispatcher.worker import create_worker
-from dispatcher.worker.claims import Claims
 from tests.helpers import Receiver, answer, make_settings, until
 
 PROJECTS = [f"grow-{n}" for n in range(8)]
+# a drain's wait for late pushes after its flip: the tests' producers are not late (what a
+# fleet's settings make of it: `test_a_drain_waits_for_the_pushes_a_producer_may_still_make`)
+LATE_S = 0.3
 
 
 async def test_adding_a_shard_moves_projects_under_load_and_loses_nothing(
@@ -71,7 +74,7 @@ async def test_adding_a_shard_moves_projects_under_load_and_loses_nothing(
     try:
         async with Router.open(two) as router:  # the longer list, on every process
             assert {router.of(p).shard.index for p in PROJECTS} == {0}  # not in use yet
-            mover = Mover(router, lambda _: None, settle_s=0.3)
+            mover = Mover(router, lambda _: None, settle_s=0.3, late_s=LATE_S)
             pinned = await mover.grow()
             assert sorted(pinned) == sorted(moving)
             moved = asyncio.create_task(mover.rebalance())
@@ -158,8 +161,8 @@ async def test_a_moved_jobs_progress_mark_keeps_its_expiry(
         await src.redis.zadd(src.keys.QUEUE, {job_id: now_ms()})
         await src.redis.set(src.keys.delivery(job_id), "1", ex=1_000)
         await src.redis.set(src.keys.pushed(job_id), "nonce", ex=2_000)  # queued once
-        claims = Claims(src.redis, src.keys, mover.token, LEASE_S)
-        assert await mover._move_job(src, dst, claims, job_id, b"{}", unless_begun=False)
+        drain = mover.drain_of(src, dst, "mv", lambda: None)
+        assert await drain.move_job(job_id, b"{}", unless_begun=False)
         assert await dst.redis.get(dst.keys.delivery(job_id)) == b"1"
         assert 990_000 < await dst.redis.pttl(dst.keys.delivery(job_id)) <= 1_000_000
         assert await dst.redis.zscore(dst.keys.QUEUE, job_id) is not None
@@ -182,8 +185,8 @@ async def test_a_moved_retry_takes_the_body_it_refers_to(
         await run_pipeline(src.redis, lambda pipe: Queue(src.redis, src.keys).push(pipe, job))
         mover = Mover(router, lambda _: None)
         read = await src.redis.get(src.keys.arq_job(job.job_id))
-        claims = Claims(src.redis, src.keys, mover.token, LEASE_S)
-        assert await mover._move_job(src, dst, claims, job.job_id, read, unless_begun=False)
+        drain = mover.drain_of(src, dst, "mv", lambda: None)
+        assert await drain.move_job(job.job_id, read, unless_begun=False)
         assert await src.redis.exists(body_key(src.keys, job)) == 0
         found = await bodies.read(dst.redis, dst.keys, job, 1_000)
         assert found is not None and found.body == body
@@ -199,7 +202,7 @@ async def test_a_moved_retry_takes_the_body_it_refers_to(
                 await queue.enqueue(one)
         await dst.redis.hdel(body_key(dst.keys, moving), moving.job_id)  # type: ignore[misc]
         read = await src.redis.get(src.keys.arq_job(moving.job_id))
-        assert await mover._move_job(src, dst, claims, moving.job_id, read, unless_begun=False)
+        assert await drain.move_job(moving.job_id, read, unless_begun=False)
         assert not await dst.redis.hexists(body_key(dst.keys, moving), moving.job_id)  # type: ignore[misc]
         assert await src.redis.hget(body_key(src.keys, staying), "body") == body  # type: ignore[misc]
 
@@ -232,13 +235,24 @@ class FirstPassThenDue(Mover):
 
     job_id = ""
 
-    async def _move_jobs(
-        self, src: Services, dst: Services, project: str, alive: Callable[[], None]
-    ) -> tuple[int, int, int]:
-        found = await super()._move_jobs(src, dst, project, alive)
-        for shard in (src, dst):
-            await shard.redis.zadd(shard.keys.QUEUE, {self.job_id: now_ms()}, xx=True, lt=True)
-        return found
+    def drain_of(
+        self,
+        src: Services,
+        dst: Services,
+        project: str,
+        alive: Callable[[], None],
+        until: float = 0.0,
+    ) -> Drain:
+        job_id = self.job_id
+
+        class ThenDue(Drain):
+            async def one_pass(self) -> tuple[int, int, int]:
+                found = await super().one_pass()
+                for shard in (self.src, self.dst):
+                    await shard.redis.zadd(shard.keys.QUEUE, {job_id: now_ms()}, xx=True, lt=True)
+                return found
+
+        return ThenDue(src, dst, project, self.token, alive, self.say, self.settle_s, until)
 
 
 @pytest.mark.parametrize("began", ["claimed", "a re-run's chunk"])
@@ -273,7 +287,7 @@ async def test_an_event_whose_fan_out_began_finishes_on_its_old_shard(
             wire["a"][0]["rerun"] = True
             await src.redis.set(src.keys.arq_job(job_id), orjson.dumps(wire), keepttl=True)
         await src.redis.zadd(src.keys.QUEUE, {job_id: now_ms() + 3_600_000})
-        mover = FirstPassThenDue(router, lambda _: None, settle_s=0.3)
+        mover = FirstPassThenDue(router, lambda _: None, settle_s=0.3, late_s=LATE_S)
         mover.job_id = job_id
         worker = create_worker(settings, poll_delay=0.01, handle_signals=False)
         delivering = asyncio.create_task(worker.main())
@@ -319,7 +333,7 @@ async def test_a_move_that_died_after_its_flip_is_finished_by_the_next(
         await old.register(Registration(project, url, Region.DEVNET, "t"), "BUILD_END")
         async with Producer(settings) as producer:
             (first,) = await producer.emit_many([(project, "BUILD_END", {"n": 1})])
-        dead = Mover(router, lambda _: None, settle_s=0.3)
+        dead = Mover(router, lambda _: None, settle_s=0.3, late_s=LATE_S)
         assert await dead.grow() == ([project] if hashed else [])  # pinned where its data is
         await dead_before(dead, project, flipped=True, legacy=legacy)
         await run_burst(settings)
@@ -332,7 +346,7 @@ async def test_a_move_that_died_after_its_flip_is_finished_by_the_next(
             await Mover(router, said.append, settle_s=0.3).rebalance()  # its lease is on
         assert said[0].startswith(f"not moved: {project}: another move of it is under way")
         await lapsed(router, project)
-        assert await Mover(router, said.append, settle_s=0.3).rebalance() == 1
+        assert await Mover(router, said.append, settle_s=0.3, late_s=LATE_S).rebalance() == 1
         await run_burst(settings)
         home, away = (new, old) if hashed else (old, new)
         assert sorted(await recorded(home, project, url)) == sorted([first, second])
@@ -353,12 +367,12 @@ async def test_a_move_that_died_before_its_flip_is_undone_by_a_move_elsewhere(
     project = next(p for p in PROJECTS if rendezvous(p, 2) == 0)
     async with registered_on_0(shard_servers, receiver, project) as router:
         old, new = router.shards
-        dead = Mover(router, lambda _: None, settle_s=0.3)
+        dead = Mover(router, lambda _: None, settle_s=0.3, late_s=LATE_S)
         await dead_before(dead, project, flipped=False)
         assert (await new.callbacks(project)).count == 1  # its copy
         said: list[str] = []
         await lapsed(router, project)
-        await Mover(router, said.append, settle_s=0.3).move(project, 0)
+        await Mover(router, said.append, settle_s=0.3, late_s=LATE_S).move(project, 0)
         assert not await holds(new, project) and await hold_source(new, project) is None
         assert (await old.callbacks(project)).count == 1
         assert said[0] == f"{project}: undoing its move to shard 1"
@@ -536,7 +550,7 @@ async def test_a_window_redelivery_waits_while_its_project_moves_to_its_shard(
     project = next(p for p in PROJECTS if rendezvous(p, 2) == 0)
     url = receiver.url("/hook")
     async with registered_on_0(shard_servers, receiver, project) as router:
-        dead = Mover(router, lambda _: None, settle_s=0.3)
+        dead = Mover(router, lambda _: None, settle_s=0.3, late_s=LATE_S)
         await router.placement.write(project, Placed(0, 1))  # the move's start
         await dead.settle()
         with pytest.raises(Unavailable, match="is moving to another shard: a window's"):
@@ -586,7 +600,7 @@ async def test_a_move_to_where_a_project_is_leaves_its_data_elsewhere_alone(
         old, _ = router.shards
         await router.placement.write(project, Placed(1))
         said: list[str] = []
-        await Mover(router, said.append, settle_s=0.3).move(project, 1)
+        await Mover(router, said.append, settle_s=0.3, late_s=LATE_S).move(project, 1)
         assert (await old.callbacks(project)).count == 1
         assert said == [f"{project}: on shard 1"]
 
@@ -600,16 +614,15 @@ async def test_a_job_is_moved_only_as_it_was_read_and_an_event_that_began_stays(
     meanwhile) stays (review: both were read before the take)."""
     async with Router.open(two_empty_shards(shard_servers)) as router:
         src, dst = router.shards
-        mover = Mover(router, lambda _: None)
-        claims = Claims(src.redis, src.keys, mover.token, LEASE_S)
+        drain = Mover(router, lambda _: None).drain_of(src, dst, "mv", lambda: None)
         job_id = "mv:e"
         await src.redis.set(src.keys.arq_job(job_id), b"now", px=60_000)
         await src.redis.zadd(src.keys.QUEUE, {job_id: now_ms()})
-        assert await mover._move_job(src, dst, claims, job_id, b"then", unless_begun=False) is False
+        assert await drain.move_job(job_id, b"then", unless_begun=False) is False
         await src.redis.set(src.keys.ARQ_RETRY_PREFIX + job_id, 1)
-        assert await mover._move_job(src, dst, claims, job_id, b"now", unless_begun=True) is None
+        assert await drain.move_job(job_id, b"now", unless_begun=True) is None
         assert not await src.redis.exists(src.keys.ARQ_IN_PROGRESS_PREFIX + job_id)
-        assert await mover._move_job(src, dst, claims, job_id, b"now", unless_begun=False) is True
+        assert await drain.move_job(job_id, b"now", unless_begun=False) is True
         assert await dst.redis.get(dst.keys.arq_job(job_id)) == b"now"
 
 
@@ -721,7 +734,7 @@ async def test_a_move_that_died_before_its_flip_is_undone_by_a_move_to_a_third_s
             async with Producer(settings) as producer:
                 (first,) = await producer.emit_many([(project, "BUILD_END", {"n": 1})])
             await run_burst(settings)
-            dead = Mover(router, lambda _: None, settle_s=0.3)
+            dead = Mover(router, lambda _: None, settle_s=0.3, late_s=LATE_S)
             await router.home.redis.set(router.home.keys.move_lease(project), dead.token, px=60_000)
             await router.placement.write(project, Placed(0, 1))
             await dead.settle()
@@ -734,8 +747,8 @@ async def test_a_move_that_died_before_its_flip_is_undone_by_a_move_to_a_third_s
             await lapsed(router, project)
             said: list[str] = []
             with pytest.raises(InvalidInput, match="died before its flip"):
-                await Mover(router, said.append).move(project, 2, came_from=0)
-            assert await Mover(router, said.append, settle_s=0.3).move(project, 2)
+                await Mover(router, said.append, late_s=LATE_S).move(project, 2, came_from=0)
+            assert await Mover(router, said.append, settle_s=0.3, late_s=LATE_S).move(project, 2)
             await run_burst(settings)
             assert sorted(await recorded(two, project, url)) == sorted([first, second])
             assert len(receiver.requests("/hook")) == 2
@@ -769,7 +782,7 @@ async def test_the_operator_says_where_a_move_of_the_version_before_came_from(
             await router.placement.write(project, Placed(1))  # the flip; then it died
             await one.redis.set(one.keys.lanes_hold(project), "1")
             await Mover(router, lambda _: None)._copy(zero, one, project, lambda: None)
-            mover = Mover(router, lambda _: None, settle_s=0.3)
+            mover = Mover(router, lambda _: None, settle_s=0.3, late_s=LATE_S)
             for wrong, says in ((2, r"not one of \[0\]"), (1, "not one of"), (3, "no shard 3")):
                 with pytest.raises(InvalidInput, match=says):
                     await mover.move(project, 1, came_from=wrong)

@@ -26,6 +26,9 @@ def cli(shard_servers: list[EmbeddedRedis], monkeypatch: pytest.MonkeyPatch) -> 
     monkeypatch.delenv("DISPATCHER_REDIS_URL", raising=False)
     monkeypatch.setenv("DISPATCHER_REDIS_SHARDS", json.dumps(urls))
     monkeypatch.setenv("DISPATCHER_PLACEMENT_REFRESH", "0.05")
+    # a move's drain waits this fleet's late pushes (refresh + emit wait + Redis timeout)
+    monkeypatch.setenv("DISPATCHER_EMIT_WAIT", "0.5")
+    monkeypatch.setenv("DISPATCHER_REDIS_TIMEOUT", "1")
     yield CliRunner()
 
 

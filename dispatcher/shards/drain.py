@@ -1,0 +1,303 @@
+"""Step 4 of a move (`dispatcher.shards.move`): the drain. The moving project's jobs queued
+on its old shard are taken across one at a time until none is left and none came for a
+settle, and not before the last event a producer may still queue there has come
+(`late_pushes_s`: a producer routes an event by the placement it last read, and tries
+that shard again for up to `DISPATCHER_EMIT_WAIT`).
+
+One job moves in three writes on two shards, so that it is never on neither, nor run on
+both while its mover lives:
+  1. it is taken on the old shard under the mover's lease (`TakeJob`): no worker there
+     claims it meanwhile;
+  2. a copy is queued on the new shard *held* by the mover (`PlaceJob`): no worker there
+     runs it yet; with `DISPATCHER_REDIS_MIN_REPLICAS`, it is on that many replicas
+     before step 3 (`dispatcher.replication`);
+  3. the job leaves the old shard while the mover's lease there is still its own
+     (`DropHeld`: no worker took it since), and the copy is let run (`FreeHeld`, due when
+     the job was). A mover paused past that lease finds a worker took the job: it
+     removes the copy while it still holds it (held twice the lease), and looks at the
+     job again on the next pass.
+A copy its replicas did not confirm is removed, and the job given back on the old shard
+(its workers run it at once): the move stops (NotReplicated), nothing removed there. A
+mover that dies between 2 and 3 leaves the job on both shards: it runs on the old one
+once the lease lapses, and on the new one once the hold does (at least once, under the
+same delivery id).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Literal
+
+from dispatcher.bodies import Carried
+from dispatcher.connections import REDIS_ERRORS
+from dispatcher.errors import NotReplicated
+from dispatcher.lua import run_pipeline
+from dispatcher.replication import Replication, confirm, run_replicated
+from dispatcher.shards.lanes import lanes_left, ordered_on
+from dispatcher.shards.queued import (
+    MOVE,
+    STAY,
+    UNLESS_BEGUN,
+    DropHeld,
+    FreeHeld,
+    PlaceJob,
+    TakeJob,
+    where_to,
+)
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from redis.asyncio.client import Pipeline
+
+    from dispatcher.keys import Keys
+    from dispatcher.services import Services
+    from dispatcher.settings import Settings
+
+__all__ = ["LEASE_S", "STOPPED", "Drain", "Taken", "confirmed", "late_pushes_s"]
+
+PAGE = 500
+LEASE_S = 30.0  # a job the mover takes is leased this long on the old shard
+HOLD_FACTOR = 2  # and its copy held this many times as long on the new one
+SAY_EVERY_S = 10.0  # how often a move waiting for jobs to finish on the old shard says so
+STOPPED = "the move stopped with nothing of the project removed from its old shard"
+NO_TTL_MARK_MS = 86_400_000  # a progress mark without a time to live goes with a day
+
+
+def late_pushes_s(settings: Settings) -> float:
+    """How long after a move's flip an event may still be queued on the old shard: a
+    producer that routed it by the placement it read before the flip (read again every
+    `DISPATCHER_PLACEMENT_REFRESH`) tries that shard for up to `DISPATCHER_EMIT_WAIT`,
+    its last try's write answered within `DISPATCHER_REDIS_TIMEOUT`."""
+    return settings.placement_refresh + settings.emit_wait + settings.redis_timeout
+
+
+async def confirmed(services: Services, what: str, then: str = STOPPED) -> None:
+    """What the mover wrote to `services`' shard so far, on as many of its replicas as
+    `DISPATCHER_REDIS_MIN_REPLICAS` says, before it goes on; NotReplicated otherwise,
+    saying `what` was not confirmed, and `then` what that leaves."""
+    try:
+        await confirm(services.redis, Replication.of(services.settings, services.keys))
+    except NotReplicated as exc:
+        raise _unconfirmed(exc, f"shard {services.shard.index}: {what}", then) from exc
+
+
+def _unconfirmed(exc: NotReplicated, what: str, then: str = STOPPED) -> NotReplicated:
+    return NotReplicated(
+        f"{what} not confirmed ({exc.message}): {then}; run it again once the replicas are back",
+        confirmed=exc.confirmed,
+        wanted=exc.wanted,
+    )
+
+
+@dataclass
+class Taken:
+    """A job the mover took on the old shard, as it was there: its bytes, due time and
+    time to live, the kept body it refers to (it goes along), and its marks (`marks`)."""
+
+    job_id: str
+    data: bytes
+    due: bytes
+    ttl_ms: int
+    carried: Carried | None
+    progress: tuple[bytes, int] | None = None  # its progress mark and that mark's ms left
+    pushed: tuple[bytes, int] | None = None  # a window redelivery's queued-once key, too
+
+    def marks(self, keys: Keys) -> list[tuple[str, bytes, int]]:
+        """Its marks on the shard of `keys`: key, value, ms to keep (the mark's write time
+        stays readable: see `worker.marks`)."""
+        found = []
+        if self.progress is not None:
+            value, ms = self.progress
+            found.append((keys.delivery(self.job_id), value, ms if ms > 0 else NO_TTL_MARK_MS))
+        if self.pushed is not None and self.pushed[1] > 0:
+            found.append((keys.pushed(self.job_id), *self.pushed))
+        return found
+
+
+@dataclass
+class Drain:
+    """Step 4 of `project`'s move from `src` to `dst` (see the module's doc), by the mover
+    `token`; `alive` raises to stop it (the mover's lease). It ends once no job was found
+    for `quiet_s`, and not before `until` (monotonic)."""
+
+    src: Services
+    dst: Services
+    project: str
+    token: str
+    alive: Callable[[], None]
+    say: Callable[[str], None] = print
+    quiet_s: float = 0.0
+    until: float = 0.0
+    lease_s: float = LEASE_S
+    hold_s: float = 0.0  # (0: `HOLD_FACTOR` times `lease_s`)
+    replication: Replication | None = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.replication = Replication.of(self.dst.settings, self.dst.keys)
+        self.hold_s = self.hold_s or HOLD_FACTOR * self.lease_s
+
+    async def run(self) -> int:
+        """Move the project's queued jobs, and wait for those that stay (`queued.where_to`)
+        to end on the old shard; returns how many moved."""
+        moved, quiet_since, said = 0, time.monotonic(), time.monotonic()
+        while True:
+            self.alive()
+            found, taken, staying = await self.one_pass()
+            moved += taken
+            now = time.monotonic()
+            if found or staying:
+                quiet_since = now
+            elif now - quiet_since >= self.quiet_s and now >= self.until:
+                # a lane's head is always in the queue (or its fan-out is): none left there
+                # means no lane left; a lane without one would wait here, and say so
+                if not (staying := await lanes_left(self.src, self.project)):
+                    return moved
+            if staying and now - said >= SAY_EVERY_S:
+                said = now
+                self.say(f"{self.project}: waiting for {staying} job(s) or lane(s) to end there")
+            await asyncio.sleep(min(0.2 if found or not staying else 1.0, self.quiet_s))
+
+    async def one_pass(self) -> tuple[int, int, int]:
+        """One pass over the old shard's queue: (the project's jobs seen, those moved, those
+        left to finish there: see `queued.where_to`)."""
+        src, project = self.src, self.project
+        ordered = await ordered_on(src, project)
+        seen = taken = staying = start = 0
+        while ids := await src.redis.zrange(src.keys.QUEUE, start, start + PAGE - 1):
+            start += PAGE
+            datas = await src.redis.mget([src.keys.arq_job(i.decode()) for i in ids])
+            for raw_id, data in zip(ids, datas, strict=True):
+                where = "" if data is None else where_to(data, project, ordered)
+                moved = None
+                if where in (MOVE, UNLESS_BEGUN):
+                    self.alive()
+                    unless_begun = where == UNLESS_BEGUN
+                    moved = await self.move_job(raw_id.decode(), data, unless_begun=unless_begun)
+                    seen += moved is not None
+                    taken += moved is True
+                staying += where == STAY or (where == UNLESS_BEGUN and moved is None)
+        return seen, taken, staying
+
+    async def move_job(self, job_id: str, read: bytes, *, unless_begun: bool) -> bool | None:
+        """Move one queued job as it was `read`: True when moved, False when a worker holds
+        it or took it meanwhile, or it changed since (looked at again on the next pass),
+        None when it stays (`unless_begun`: it began here)."""
+        taken = await self.take(job_id, read, unless_begun=unless_begun)
+        return await self.carry(taken) if isinstance(taken, Taken) else taken
+
+    async def take(
+        self, job_id: str, read: bytes, *, unless_begun: bool = False
+    ) -> Taken | Literal[False] | None:
+        """Step 1 (see `move_job` for False and None)."""
+        src, k = self.src, self.src.keys
+        take = TakeJob.of(k, job_id, self.token, self.lease_s, read, unless_begun)
+        got = await take.run(src.redis)
+        if got == b"stays":
+            return None
+        if not got:
+            return False
+        data, due, ttl = got
+        carried = await Carried.read(src.redis, k, data)  # a retry's kept body goes along
+        async with src.redis.pipeline(transaction=False) as pipe:
+            for key in (k.delivery(job_id), k.pushed(job_id)):
+                pipe.get(key)
+                pipe.pttl(key)
+            progress, progress_ms, pushed, pushed_ms = await pipe.execute()
+        return Taken(
+            job_id,
+            data,
+            due,
+            max(int(ttl), 1),
+            carried,
+            None if progress is None else (progress, int(progress_ms)),
+            None if pushed is None else (pushed, int(pushed_ms)),
+        )
+
+    async def carry(self, taken: Taken) -> bool:
+        """Steps 2 and 3: True when the job moved, False when a worker on the old shard took
+        it since it was taken (its copy on the new shard removed)."""
+        placed = await self.place(taken)
+        if await self._leave(taken):
+            if placed:
+                await self._let_run(self.dst, taken)
+            return True
+        if placed and not await self._drop_copy(taken):
+            self.say(
+                f"{self.project}: job {taken.job_id} runs on both shards: its mover was "
+                "paused past its hold of it on the new shard"
+            )
+        return False
+
+    async def place(self, taken: Taken) -> bool:
+        """Step 2: the held copy, confirmed by the replicas; False when that job id was
+        queued there already (kept as it is). NotReplicated: its copy is removed, and the
+        job given back on the old shard."""
+        d, job_id = self.dst.keys, taken.job_id
+
+        def queue(pipe: Pipeline) -> None:
+            job_key = d.arq_job(job_id)
+            body, shared = (taken.carried and taken.carried.placed(d)) or (job_key, b"")
+            lease, hold_ms = d.ARQ_IN_PROGRESS_PREFIX + job_id, int(self.hold_s * 1000)
+            PlaceJob(
+                d.QUEUE, job_key, lease, body, job_id, taken.data, taken.due, taken.ttl_ms,
+                self.token, hold_ms, shared,
+            ).queue_on(pipe)  # fmt: skip
+            for key, value, ms in taken.marks(d):
+                pipe.set(key, value, px=ms, nx=True)
+
+        try:
+            answers = await run_replicated(self.dst.redis, queue, self.replication)
+        except NotReplicated as exc:
+            with contextlib.suppress(*REDIS_ERRORS):  # (else both lapse: at least once)
+                await self._drop_copy(taken)
+                await self._let_run(self.src, taken)
+            what = f"shard {self.dst.shard.index}: {self.project}'s job {job_id}"
+            raise _unconfirmed(exc, what) from exc
+        return bool(answers[0])
+
+    def _held(self, keys: Keys, taken: Taken, marks: list[tuple[str, bytes, int]]) -> DropHeld:
+        job_id = taken.job_id
+        return DropHeld(
+            queue=keys.QUEUE,
+            lease=keys.ARQ_IN_PROGRESS_PREFIX + job_id,
+            job=keys.arq_job(job_id),
+            claims=keys.ARQ_RETRY_PREFIX + job_id,
+            marks=[key for key, _, _ in marks],
+            token=self.token,
+            job_id=job_id,
+            values=[value for _, value, _ in marks],
+        )
+
+    async def _leave(self, taken: Taken) -> bool:
+        """The job removed from the old shard (with its reference to a kept body) while the
+        mover's lease there is its own; False when a worker took it since."""
+        k = self.src.keys
+
+        def queue(pipe: Pipeline) -> None:
+            self._held(k, taken, []).queue_on(pipe)
+            if taken.carried is not None:  # given back only once the job is gone
+                taken.carried.release(pipe, k)
+
+        return bool((await run_pipeline(self.src.redis, queue))[0])
+
+    async def _drop_copy(self, taken: Taken) -> bool:
+        """The copy removed from the new shard, with the marks written with it, while the
+        mover holds it there; False when a worker there took it (its hold lapsed)."""
+        d = self.dst.keys
+
+        def queue(pipe: Pipeline) -> None:
+            self._held(d, taken, taken.marks(d)).queue_on(pipe)
+            if taken.carried is not None:
+                taken.carried.release(pipe, d)
+
+        return bool((await run_pipeline(self.dst.redis, queue))[0])
+
+    async def _let_run(self, services: Services, taken: Taken) -> None:
+        """The mover gives up its hold of the job on `services`' shard: due as it was."""
+        k = services.keys
+        lease = k.ARQ_IN_PROGRESS_PREFIX + taken.job_id
+        await FreeHeld(k.QUEUE, lease, self.token, taken.job_id, taken.due).run(services.redis)

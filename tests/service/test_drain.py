@@ -1,0 +1,199 @@
+"""A move's drain (`dispatcher.shards.drain`) on two real shards: a mover paused past its
+lease on a job leaves that job to the worker that took it, on one shard only; and a drain
+waits for the events a producer may still queue on the old shard after the flip."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Literal
+
+import pytest
+import redis as sync_redis
+
+from dispatcher.clock import now_ms
+from dispatcher.embedded import EmbeddedRedis
+from dispatcher.lua import run_pipeline
+from dispatcher.models import Region
+from dispatcher.producer import Producer
+from dispatcher.registry import Registration
+from dispatcher.services import Services
+from dispatcher.settings import Settings
+from dispatcher.shards.drain import Drain, Taken
+from dispatcher.shards.move import SETTLE_REFRESHES, Mover
+from dispatcher.shards.router import Router
+from dispatcher.worker import create_worker
+from dispatcher.worker.claims import Claims
+from tests.helpers import Receiver, make_settings, until
+
+JOB_ID = "mv:e.1@5"
+PAUSED_LEASE_S = 0.2  # the mover's lease on a job it takes, lapsed in its pause
+HOLD_S = 30.0  # its hold of the copy on the new shard, not
+
+
+def two_empty_shards(shard_servers: list[EmbeddedRedis], **overrides: object) -> Settings:
+    for server in shard_servers:
+        sync_redis.Redis.from_url(server.url).flushall()
+    urls = [server.url for server in shard_servers]
+    return make_settings(urls[0], redis_shards=urls, placement_refresh=0.05, **overrides)
+
+
+class Paused(Drain):
+    """A drain whose mover is paused past its lease on the job it took, `at` a step of its
+    move, while a worker of the old shard claims the job (and, `ended`, runs and ends it)."""
+
+    at: Literal["take", "place"] = "take"
+    ended = False
+
+    async def take(
+        self, job_id: str, read: bytes, *, unless_begun: bool = False
+    ) -> Taken | Literal[False] | None:
+        taken = await super().take(job_id, read, unless_begun=unless_begun)
+        if self.at == "take":
+            await self.pause()
+        return taken
+
+    async def place(self, taken: Taken) -> bool:
+        placed = await super().place(taken)
+        if self.at == "place":
+            await self.pause()
+        return placed
+
+    async def pause(self) -> None:
+        src, lease = self.src, self.src.keys.ARQ_IN_PROGRESS_PREFIX + JOB_ID
+
+        async def lapsed() -> bool:
+            return not await src.redis.exists(lease)
+
+        await until(lapsed, 10, "the mover's lease on the job to lapse")
+        worker = Claims(src.redis, src.keys, "worker", lease_s=30)
+        assert [claimed.job_id for claimed in await worker.claim(1)] == [JOB_ID]
+        if self.ended:
+            await run_pipeline(src.redis, lambda pipe: worker.finish(pipe, JOB_ID))
+
+
+async def _where(services: Services) -> tuple[bool, bytes | None]:
+    """Whether the job is queued on the shard, and who holds its lease there."""
+    k = services.keys
+    queued = await services.redis.zscore(k.QUEUE, JOB_ID) is not None
+    return queued, await services.redis.get(k.ARQ_IN_PROGRESS_PREFIX + JOB_ID)
+
+
+@pytest.mark.parametrize("at", ["take", "place"])
+@pytest.mark.parametrize("ended", [False, True], ids=["worker holds it", "worker ended it"])
+async def test_a_mover_paused_past_its_lease_leaves_the_job_to_the_worker_that_took_it(
+    shard_servers: list[EmbeddedRedis], at: Literal["take", "place"], ended: bool
+) -> None:
+    """The mover takes a job on the old shard, then is paused past its lease on it: right
+    after its take, or after it queued its copy on the new shard. A worker of the old
+    shard claims the job meanwhile (and runs and ends it, or still holds it). The mover,
+    resumed, finds its lease gone as it removes the job from the old shard: it leaves
+    the job to that worker and removes its copy from the new shard, which no worker there
+    could take (held by the mover). The job runs on one shard only. Before, the mover
+    queued the copy and ignored its removal's answer (0 while the worker holds the job, 1
+    once the job ended there): the job ran on both shards."""
+    async with Router.open(two_empty_shards(shard_servers)) as router:
+        src, dst = router.shards
+        await src.redis.set(src.keys.arq_job(JOB_ID), b"{}", px=60_000)
+        await src.redis.zadd(src.keys.QUEUE, {JOB_ID: now_ms()})
+        await src.redis.set(src.keys.delivery(JOB_ID), "1", ex=1_000)
+        drain = Paused(src, dst, "mv", "mover", lambda: None, lease_s=PAUSED_LEASE_S, hold_s=HOLD_S)
+        drain.at, drain.ended = at, ended
+        assert await drain.move_job(JOB_ID, b"{}", unless_begun=False) is False
+        assert await _where(dst) == (False, None)  # no copy on the new shard
+        assert not await dst.redis.exists(dst.keys.arq_job(JOB_ID), dst.keys.delivery(JOB_ID))
+        assert await _where(src) == ((False, None) if ended else (True, b"worker"))
+
+
+async def test_a_moved_job_is_held_on_the_new_shard_until_it_left_the_old_one(
+    shard_servers: list[EmbeddedRedis],
+) -> None:
+    """The copy the mover queues on the new shard is not due (its workers cannot claim it)
+    until the job has left the old shard: then it is due when the job was."""
+    async with Router.open(two_empty_shards(shard_servers)) as router:
+        src, dst = router.shards
+        due = now_ms() - 1_000
+        await src.redis.set(src.keys.arq_job(JOB_ID), b"{}", px=60_000)
+        await src.redis.zadd(src.keys.QUEUE, {JOB_ID: due})
+        seen: list[tuple[float | None, bytes | None]] = []
+
+        class Watched(Drain):
+            async def place(self, taken: Taken) -> bool:
+                placed = await super().place(taken)
+                k = self.dst.keys
+                held = await self.dst.redis.zscore(k.QUEUE, JOB_ID)
+                seen.append((held, await self.dst.redis.get(k.ARQ_IN_PROGRESS_PREFIX + JOB_ID)))
+                return placed
+
+        drain = Watched(src, dst, "mv", "mover", lambda: None)
+        assert await drain.move_job(JOB_ID, b"{}", unless_begun=False) is True
+        ((held, holder),) = seen
+        assert held is not None and held > now_ms() and holder == b"mover"
+        worker = Claims(dst.redis, dst.keys, "worker", lease_s=30)
+        assert await dst.redis.zscore(dst.keys.QUEUE, JOB_ID) == due
+        assert [claimed.job_id for claimed in await worker.claim(1)] == [JOB_ID]
+        assert await _where(src) == (False, None)
+
+
+def test_a_drain_waits_as_long_as_a_producer_may_retry_on_the_old_shard() -> None:
+    """How long after its flip a move waits before it cleans the old shard: a producer
+    routes by the placement it last read (every `DISPATCHER_PLACEMENT_REFRESH`) and tries
+    that shard again for up to `DISPATCHER_EMIT_WAIT`, its last write answered within
+    `DISPATCHER_REDIS_TIMEOUT`. With a long emit wait that is far past the two settles a
+    drain took before (three refreshes each)."""
+    from dispatcher.shards.drain import late_pushes_s
+
+    settings = Settings(
+        redis_url="redis://127.0.0.1:1/0", placement_refresh=0.5, emit_wait=7, redis_timeout=3
+    )
+    assert late_pushes_s(settings) == 0.5 + 7 + 3
+    assert late_pushes_s(settings) > 2 * SETTLE_REFRESHES * settings.placement_refresh
+
+
+class LatePush(Mover):
+    """A mover during whose drain, well past the settles it took before, a producer that
+    routes by the placement from before the flip emits `event` (`late_by` s after it)."""
+
+    late_by = 0.0
+    producer: Producer | None = None
+    emitted: list[str]
+
+    async def _finish(self, *args: object, **kwargs: object) -> None:
+        async def late() -> None:
+            await asyncio.sleep(self.late_by)
+            assert self.producer is not None
+            self.emitted += await self.producer.emit_many([("mv", "BUILD_END", {"late": True})])
+
+        emitting = asyncio.create_task(late())
+        await super()._finish(*args, **kwargs)  # type: ignore[arg-type]
+        await emitting
+
+
+async def test_a_drain_waits_for_the_pushes_a_producer_may_still_make(
+    shard_servers: list[EmbeddedRedis], receiver: Receiver
+) -> None:
+    """A producer queues an event of the moving project on the old shard after the flip,
+    later than the drain's quiet settle (its retries there, by the placement it read
+    before: here, one it never read again). The drain waits `late_s` past the flip before
+    it ends, so the event is moved and delivered on the new shard. Before, the drain ended
+    a settle after it found none, the old shard was cleaned, and the late event found no
+    callback there: no delivery, no record."""
+    settings = two_empty_shards(shard_servers)
+    async with Router.open(settings) as router:
+        registration = Registration("mv", receiver.url("/hook"), Region.DEVNET, "t")
+        await router.shards[0].register(registration, "BUILD_END")
+        stale = settings.model_copy(update={"placement_refresh": 60})
+        async with Producer(stale) as producer:  # routes "mv" to shard 0 throughout
+            mover = LatePush(router, lambda _: None, settle_s=0.1, late_s=3.0)
+            mover.producer, mover.late_by, mover.emitted = producer, 1.0, []
+            await mover.move("mv", 1)
+        old, new = router.shards
+        assert await old.redis.zcard(old.keys.QUEUE) == 0
+        worker = create_worker(settings, burst=True, poll_delay=0.01, handle_signals=False)
+        try:
+            await asyncio.wait_for(worker.main(), 30)
+        finally:
+            await worker.close()
+        assert len(mover.emitted) == 1
+        (delivered,) = receiver.requests("/hook")
+        assert b'"late":true' in delivered.body
+        assert (await new.callbacks("mv")).count == 1
