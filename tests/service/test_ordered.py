@@ -17,6 +17,7 @@ import orjson
 import pytest
 import redis as redis_py
 from aiohttp import web
+from prometheus_client import REGISTRY
 from redis.asyncio import Redis
 from typer.testing import CliRunner
 
@@ -748,3 +749,89 @@ async def test_a_head_that_waits_is_kept_for_ever_though_a_failed_run_gave_it_a_
     assert await head.run(redis) == (3 if held else 2)
     assert (await redis.pttl(job), await redis.pttl(body)) == (-1, -1)
     assert await redis.zscore(keys.QUEUE, job_id) is not None  # back in the queue, waiting
+
+
+GONE_REASON = "job data gone when its lane's turn came"
+
+
+def dropped_jobs() -> float:
+    return REGISTRY.get_sample_value("dispatcher_deliveries_dropped_total", {"reason": "job"}) or 0
+
+
+async def drops(redis: Redis) -> list[tuple[str, str]]:
+    """(jobId, reason) of each recorded drop, newest first."""
+    entries = await redis.lrange(keys.DROPPED, 0, -1)  # type: ignore[misc]  # sync|async
+    return [(d.get("jobId"), d["reason"]) for d in map(orjson.loads, entries)]
+
+
+async def held_lane(
+    redis: Redis, slow: Settings, receiver: Receiver, run_worker: RunWorker, steps: int
+) -> tuple[dict[str, bool], str, list[str]]:
+    """Build b's `steps` events to an ordered callback whose first attempt of step 0 fails
+    (its retry due in a minute), the others parked behind it: the receiver's switch, the
+    lane, its members (progress ids, in order)."""
+    failing = {"on": True}
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        step = orjson.loads(await request.read())["data"]["step"]
+        return web.Response(status=500 if failing["on"] and step == 0 else 200)
+
+    url = receiver.script("/hook", handler)
+    ordered = Options(order_by="buildId")
+    await Registry(redis).create("demo", url, Event.BUILD_END, Region.DEVNET, options=ordered)
+    await Producer(slow, redis).emit_many(
+        [("demo", "BUILD_END", {"buildId": "b", "step": s}, f"e{s}") for s in range(steps)]
+    )
+    await run_worker(slow, max_burst_jobs=steps)  # the fan-outs: step 0 failed, the rest parked
+    lane = keys.lane(lane_id("demo", url, "buildId", "demo", "b"))
+    members = [member.decode() for member in await redis.zrange(lane, 0, -1)]
+    assert [m.partition(".")[0] for m in members] == [f"demo:e{s}" for s in range(steps)]
+    return failing, lane, members
+
+
+async def test_a_lanes_next_delivery_whose_job_is_gone_is_dropped_and_the_lane_goes_on(
+    redis: Redis, redis_server: EmbeddedRedis, receiver: Receiver, run_worker: RunWorker
+) -> None:
+    """Step 1's parked job is gone (an operator deleted it; an expiry of an earlier
+    version): when step 0 ends, the release passes over it as a recorded drop and hands
+    the lane to step 2. It used to find no data, leave step 1 at the head, and the lane
+    stopped for good: step 2 and every later event of the build never sent (review)."""
+    slow = make_settings(redis_server.url, retry_schedule=(60.0,))
+    failing, lane, (head, gone, _) = await held_lane(redis, slow, receiver, run_worker, 3)
+    await redis.delete(keys.arq_job(gone))
+    before = dropped_jobs()
+    failing["on"] = False
+    await redis.zadd(keys.QUEUE, {head: 0}, xx=True)  # step 0's retry, due now: it succeeds
+    await run_worker(slow)
+    assert numbers(receiver) == [("b", 0), ("b", 0), ("b", 2)]
+    ends = [
+        (r.event_id, r.status.value, r.final)
+        for r in await all_records(redis, slow, receiver.url("/hook"))
+    ]
+    assert ends == [("e0", "FAILED", False), ("e0", "SUCCESS", True), ("e2", "SUCCESS", True)]
+    assert await drops(redis) == [(gone, GONE_REASON)]
+    assert dropped_jobs() == before + 1
+    assert not await redis.exists(lane) and not await redis.zcard(keys.QUEUE)
+
+
+async def test_a_release_waits_for_a_next_delivery_its_events_fan_out_still_runs(
+    redis: Redis,
+) -> None:
+    """A lane's member with no job of its own may be one its event's fan-out attempts now
+    (a head when it entered, an earlier event's delivery put ahead of it since): the
+    release leaves it to that fan-out, whose attempt releases it. Once the event's job is
+    gone too, its turn can never come: the release drops it on record and goes on."""
+    lane, first, running, after = keys.lane("l"), "p:e1.1@5", "p:e2.1@6", "p:e3.1@7"
+    await redis.zadd(lane, {first: 1, running: 2, after: 3})
+    await redis.set(keys.arq_job("p:e2"), b"{}")  # e2's fan-out job: it runs
+    await redis.set(keys.arq_job(after), b"{}")  # parked
+    release = Release.of(keys, lane, "p", first, token="", lease_ms=1000, now_ms=5,
+                         recheck_ms=5)  # fmt: skip
+    assert await release.run(redis) == 0
+    assert await redis.zrange(lane, 0, -1) == [running.encode(), after.encode()]
+    assert not await redis.llen(keys.DROPPED)  # type: ignore[misc]  # sync|async
+    await redis.delete(keys.arq_job("p:e2"))  # its fan-out ended (dropped, say): gone
+    assert await release.run(redis) == [b"lane:skipped", 1]
+    assert await redis.zrange(lane, 0, -1) == [after.encode()]
+    assert await redis.zscore(keys.QUEUE, after) == 5  # due now, its turn's check to come
+    assert await drops(redis) == [(running, GONE_REASON)]
