@@ -478,17 +478,21 @@ async def test_the_sweep_takes_a_lane_whose_head_ended_off_the_blocked_list(
 ) -> None:
     """A late copy of a retry's write (its answer lost, sent again once the head ended and
     left its lane) lists the lane as blocked again, with nothing to block it. The fleet's
-    sweep takes an empty lane off the list, and leaves one whose head still holds it."""
+    sweep takes an empty lane off the list, and leaves one whose head still holds it (its
+    retry due later, its job there: not made due, nothing dropped)."""
     held, emptied = (
         keys.lane(lane_id("sweep", "http://127.0.0.1:9/", "buildId", "sweep", key))
         for key in ("a", "b")
     )
     await redis.zadd(held, {"sweep:e1.1@5": 1})
+    await redis.set(keys.arq_job("sweep:e1.1@5"), b"{}")
+    due = now_ms() + 60_000
+    await redis.zadd(keys.QUEUE, {"sweep:e1.1@5": due})
     await redis.zadd(keys.LANES_BLOCKED, {emptied: now_ms() - 900_000, held: now_ms()})
-    home = Services(settings, redis)
-    duties = Duties(settings, home, [home], AttemptStats(), "t", lambda: Counts(0, 0, 0))
-    await duties._sweep(home, slot=1)
+    await sweep(redis, settings)
     assert await redis.zrange(keys.LANES_BLOCKED, 0, -1) == [held.encode()]
+    assert await redis.zscore(keys.QUEUE, "sweep:e1.1@5") == due
+    assert not await redis.llen(keys.DROPPED)  # type: ignore[misc]  # sync|async
     lanes = await read_lanes(redis, keys)
     assert lanes.blocked == 1 and lanes.oldest_s < 60  # the alert's 10 minutes: not reached
     assert [lane.head for lane in lanes.shown] == ["sweep:e1.1"]
@@ -789,6 +793,13 @@ async def held_lane(
     return failing, lane, members
 
 
+async def sweep(redis: Redis, settings: Settings) -> None:
+    """The fleet's sweep of the one shard (one worker's turn, every 5 minutes)."""
+    home = Services(settings, redis)
+    duties = Duties(settings, home, [home], AttemptStats(), "t", lambda: Counts(0, 0, 0))
+    await duties._sweep(home, slot=1)
+
+
 async def test_a_lanes_next_delivery_whose_job_is_gone_is_dropped_and_the_lane_goes_on(
     redis: Redis, redis_server: EmbeddedRedis, receiver: Receiver, run_worker: RunWorker
 ) -> None:
@@ -812,6 +823,58 @@ async def test_a_lanes_next_delivery_whose_job_is_gone_is_dropped_and_the_lane_g
     assert await drops(redis) == [(gone, GONE_REASON)]
     assert dropped_jobs() == before + 1
     assert not await redis.exists(lane) and not await redis.zcard(keys.QUEUE)
+
+
+async def test_a_heads_job_gone_in_the_queue_is_dropped_by_the_sweep_and_its_lane_goes_on(
+    redis: Redis, redis_server: EmbeddedRedis, receiver: Receiver, run_worker: RunWorker
+) -> None:
+    """Step 0's retry waits in the queue with a day to live past its due time (arq's
+    rule, `Queue.push`); the fleet away longer, its data expires there. Claimed with no
+    data, it is dropped unrun, but that drop cannot name its lane (it is in the gone
+    bytes), so no release ran: the lane stopped for good behind it, step 1 never sent.
+    The fleet's sweep finds the lane (on the blocked list: its head retried), drops the
+    head on record and step 1 is due at once."""
+    slow = make_settings(redis_server.url, retry_schedule=(60.0,))
+    _, lane, (head, parked) = await held_lane(redis, slow, receiver, run_worker, 2)
+    assert await redis.zscore(keys.LANES_BLOCKED, lane) is not None
+    await redis.delete(keys.arq_job(head))  # expired: a day past its due time
+    await redis.zadd(keys.QUEUE, {head: 0}, xx=True)  # the fleet is back
+    await run_worker(slow)
+    assert await drops(redis) == [(head, "job data expired before it ran")]
+    assert await redis.zrange(lane, 0, -1) == [head.encode(), parked.encode()]  # held
+    before = dropped_jobs()
+    await sweep(redis, slow)
+    assert await drops(redis) == [(head, GONE_REASON), (head, "job data expired before it ran")]
+    assert dropped_jobs() == before + 1
+    assert await redis.zscore(keys.LANES_BLOCKED, lane) is None
+    await run_worker(slow)
+    assert numbers(receiver) == [("b", 0), ("b", 1)]
+    assert not await redis.exists(lane)
+
+
+async def test_a_poisoned_lane_member_is_dropped_by_the_sweep_and_its_lane_goes_on(
+    redis: Redis, redis_server: EmbeddedRedis, receiver: Receiver, run_worker: RunWorker
+) -> None:
+    """Step 1's job cannot be read (an older worker's, bytes damaged): step 0's release
+    takes it, its worker leaves it to its lease, and the claim after records it as poison
+    and ends the job, which cannot name its lane: the lane stopped for good, unlisted as
+    blocked (its head never retried). The fleet's sweep walks every lane a page at a
+    time: it drops step 1 on record, and step 2 is due at once."""
+    slow = make_settings(redis_server.url, retry_schedule=(60.0,), lease_seconds=1)
+    failing, lane, (head, poisoned, last) = await held_lane(redis, slow, receiver, run_worker, 3)
+    await redis.set(keys.arq_job(poisoned), b"\x80not a job")
+    failing["on"] = False
+    await redis.zadd(keys.QUEUE, {head: 0}, xx=True)
+    await run_worker(slow)  # step 0 sent; step 1 taken, left to its lease, then poison
+    poison = [orjson.loads(p)["jobId"] for p in await redis.lrange(keys.POISON_JOBS, 0, -1)]  # type: ignore[misc]
+    assert poison == [poisoned]
+    assert await redis.zrange(lane, 0, -1) == [poisoned.encode(), last.encode()]
+    assert await redis.zscore(keys.LANES_BLOCKED, lane) is None
+    await sweep(redis, slow)
+    assert await drops(redis) == [(poisoned, GONE_REASON)]
+    await run_worker(slow)
+    assert numbers(receiver) == [("b", 0), ("b", 0), ("b", 2)]
+    assert not await redis.exists(lane)
 
 
 async def test_a_release_waits_for_a_next_delivery_its_events_fan_out_still_runs(
