@@ -93,8 +93,8 @@ QUEUE_OLDEST_SECONDS = Gauge(
 DROPPED = Counter(
     "dispatcher_deliveries_dropped_total",
     "Deliveries ended without an attempt, recorded in dispatcher:deliveries:dropped "
-    "(callback deleted or disabled, job data expired, a job that kept failing, a retry's "
-    "kept body gone).",
+    "(callback deleted or disabled, job data expired or gone at its lane's turn, a job that "
+    "kept failing, a retry's kept body gone).",
     ["reason"],
 )
 PENDING_WRITES = Gauge(

@@ -1,6 +1,6 @@
 """A worker process's periodic duties besides running jobs: its heartbeat (with the attempt
-statistics), arq's health-check key, and the fleet's sweep (history retention, and the
-blocked-lanes list kept true).
+statistics), arq's health-check key, and the fleet's sweep (history retention, the
+blocked-lanes list kept true, lanes stopped behind a head whose job is gone let go on).
 
 Each duty runs on its own timer; a failure of one (Redis or PostgreSQL away, or a bug) is
 logged and tried again at its next turn, and never stops another.
@@ -22,10 +22,14 @@ import structlog
 from dispatcher import bodies, metrics
 from dispatcher.clock import now_ms
 from dispatcher.connections import REDIS_ERRORS, redis_full
-from dispatcher.lua import Key, Script, run_pipeline
+from dispatcher.lua import Key, KeyList, Script, run_pipeline
 from dispatcher.status import write_heartbeat
+from dispatcher.worker.lane_lua import FIRST_THERE
 
 if TYPE_CHECKING:
+    from redis.asyncio import Redis
+
+    from dispatcher.keys import Keys
     from dispatcher.services import Services
     from dispatcher.settings import Settings
     from dispatcher.stats import AttemptStats
@@ -38,6 +42,7 @@ HEARTBEAT_S = 5.0
 HEALTH_CHECK_S = 10.0  # arq's health-check key, for `arq --check`
 SWEEP_EVERY_S = 300
 UNBLOCK_AT_MOST = 1000  # the oldest blocked lanes the sweep looks at
+LANES_PAGE = 1000  # the keys a sweep's SCAN page over every lane reads (about)
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,7 +86,8 @@ class Duties:
         self.redis = home.redis
         self.keys = home.keys
         self.shards = shards
-        self.lane_bodies: dict[int, int] = {}  # each shard's SCAN cursor over them
+        self.lanes: dict[int, int] = {}  # each shard's SCAN cursor over its lanes
+        self.lane_bodies: dict[int, int] = {}  # ... over its lanes' kept bodies
         self.stats = stats
         self.token = token
         self.counts = counts
@@ -136,9 +142,10 @@ class Duties:
 
     async def sweeps(self) -> None:
         """The sweep of each shard, once per 5 minutes by one worker of the fleet: history
-        retention (PostgreSQL: day partitions made ahead, expired ones dropped), and empty
-        lanes off the blocked list (`Unblock`), a page of the ordered deliveries' kept bodies
-        rid of the references of jobs gone (`bodies.sweep_lanes`)."""
+        retention (PostgreSQL: day partitions made ahead, expired ones dropped), empty
+        lanes off the blocked list and lanes whose head's job is gone on their way
+        (`Unblock`: the blocked ones, a page of every lane), a page of the ordered
+        deliveries' kept bodies rid of the references of jobs gone (`bodies.sweep_lanes`)."""
         while True:
             slot = now_ms() // 1000 // SWEEP_EVERY_S
             for shard in self.shards:
@@ -154,9 +161,14 @@ class Duties:
             cron = shard.keys.cron("sweep", slot)
             taken = bool(await shard.redis.set(cron, self.token, nx=True, ex=2 * SWEEP_EVERY_S))
             if taken:
-                unblock = Unblock(blocked=shard.keys.LANES_BLOCKED, count=UNBLOCK_AT_MOST)
-                if unblocked := await unblock.run(shard.redis):
+                cursor = self.lanes.get(index, 0)  # a page a sweep, on from the last
+                cursor, unblocked, dropped = await sweep_lanes(shard.redis, shard.keys, cursor)
+                self.lanes[index] = cursor
+                if unblocked:
                     log.info("lanes.unblocked", lanes=unblocked, shard=index)
+                if dropped:
+                    metrics.DROPPED.labels(reason="job").inc(dropped)
+                    log.error("lanes.gone_dropped", deliveries=dropped, shard=index)
                 cursor = self.lane_bodies.get(index, 0)  # a page a sweep, on from the last
                 cursor, gone = await bodies.sweep_lanes(shard.redis, shard.keys, cursor, 100)
                 self.lane_bodies[index] = cursor
@@ -185,20 +197,52 @@ class Duties:
 
 @dataclass
 class Unblock(Script):
-    """The `count` oldest blocked lanes, those empty listed no more (a late copy of a retry's
-    write, its answer lost, lists the lane of a head that has ended since). A lane is
-    listed by its head's retry, and its head leaves it last: an empty lane is blocked by
-    nothing. Answers how many it took off the list."""
+    """The `count` oldest blocked lanes and `lanes` (a page of every lane): one empty is
+    listed no more (a late copy of a retry's write, its answer lost, lists the lane of a
+    head that has ended since; a lane is listed by its head's retry, and its head leaves
+    it last: an empty lane is blocked by nothing). One whose head's job is gone (expired
+    in the queue, deleted, ended as poison: nothing would ever release it) goes on: such
+    heads are dropped on record (`lane_lua.FIRST_THERE`), the lane is listed no more and
+    its first delivery with a job is due now (its turn's check, `Head`, tells whether it
+    goes or waits). Answers how many lanes it took off the list, how many it dropped."""
 
-    LUA = """
+    LUA = (
+        FIRST_THERE
+        + """
 local taken = 0
-for _, lane in ipairs(redis.call('ZRANGE', blocked, 0, count - 1)) do
+local function look(lane)
   if redis.call('EXISTS', lane) == 0 then
+    taken = taken + redis.call('ZREM', blocked, lane)
+    return
+  end
+  local before = skipped
+  local first = first_there(lane, 'EXISTS')
+  if skipped > before then
     redis.call('ZREM', blocked, lane)
-    taken = taken + 1
+    if first then redis.call('ZADD', queue, 'NX', now_ms, first[1]) end
   end
 end
-return taken
+for _, lane in ipairs(redis.call('ZRANGE', blocked, 0, count - 1)) do look(lane) end
+for _, lane in ipairs(lanes) do look(lane) end
+return {taken, skipped}
 """
+    )
     blocked: Key
+    queue: Key
+    dropped: Key
+    lanes: KeyList
     count: int
+    job_prefix: str
+    now_ms: int
+
+
+async def sweep_lanes(redis: Redis, keys: Keys, cursor: int) -> tuple[int, int, int]:
+    """The lanes' part of a shard's sweep (`Unblock`): its oldest blocked lanes and a
+    `SCAN` page of every lane, from `cursor`. Returns the next cursor (0: the pass is
+    over), how many lanes it took off the blocked list and how many deliveries it dropped."""
+    cursor, found = await redis.scan(cursor, match=f"{keys.LANE_PREFIX}*", count=LANES_PAGE)
+    unblock = Unblock(keys.LANES_BLOCKED, keys.QUEUE, keys.DROPPED,
+                      [name.decode() for name in found], UNBLOCK_AT_MOST, keys.ARQ_JOB_PREFIX,
+                      now_ms())  # fmt: skip
+    taken, dropped = await unblock.run(redis)
+    return int(cursor), int(taken), int(dropped)

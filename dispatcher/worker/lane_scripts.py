@@ -13,45 +13,16 @@ from typing import TYPE_CHECKING
 from dispatcher.bodies import GIVE_BACK, LANE
 from dispatcher.ending import END_JOB, NO_JOB
 from dispatcher.lua import ArgList, Key, KeyList, Script
+from dispatcher.worker.lane_lua import CLEAR, FIRST_THERE
 
 if TYPE_CHECKING:
     from dispatcher.ending import JobEnd
     from dispatcher.keys import Keys
 
-__all__ = ["NEXT_TAG", "Enter", "Head", "Release"]
+__all__ = ["NEXT_TAG", "SKIPPED_TAG", "Enter", "Head", "Release"]
 
 NEXT_TAG = b"lane:next"  # the first item of RELEASE's answer when it took the next delivery
-
-# Whether no event of the project numbered below `seq` may still add to a lane: none in
-# its pending set (its last chunk not in its lanes yet) still queued (those gone from the
-# queue are dropped on the way), its lanes not held (moving here: `dispatcher.shards.lanes`).
-_CLEAR = """
-local function clear(hold, pending, queue, seq)
-  if redis.call('EXISTS', hold) == 1 then return false end
-  for _ = 1, 100 do
-    local low = redis.call('ZRANGE', pending, 0, 0, 'WITHSCORES')
-    if #low == 0 or tonumber(low[2]) >= seq then return true end
-    if redis.call('ZSCORE', queue, low[1]) then return false end
-    redis.call('ZREM', pending, low[1])
-  end
-  return false
-end
-
-local function wake(hold, pending, queue, waiting, now)
-  if redis.call('EXISTS', hold) == 1 then return 0 end
-  local floor = '-inf'
-  for _ = 1, 100 do
-    local low = redis.call('ZRANGE', pending, 0, 0, 'WITHSCORES')
-    if #low == 0 then floor = '+inf' break end
-    if redis.call('ZSCORE', queue, low[1]) then floor = low[2] break end
-    redis.call('ZREM', pending, low[1])
-  end
-  local ids = redis.call('ZRANGEBYSCORE', waiting, '-inf', floor, 'LIMIT', 0, 100)
-  for _, id in ipairs(ids) do redis.call('ZADD', queue, 'LT', now, id) end
-  if #ids > 0 then redis.call('ZREM', waiting, unpack(ids)) end
-  return #ids
-end
-"""
+SKIPPED_TAG = b"lane:skipped"  # ... when it took none, but dropped some whose job was gone
 
 
 @dataclass
@@ -73,7 +44,7 @@ class Enter(Script):
 
     TOGETHER = True
     LUA = (
-        _CLEAR
+        CLEAR
         + END_JOB
         + """
 local seq = redis.call('ZSCORE', pending, event_id)
@@ -220,7 +191,7 @@ class Head(Script):
     job that waits is back in the queue, its lease and claim count gone, kept for ever."""
 
     LUA = (
-        _CLEAR
+        CLEAR
         + """
 local seq = redis.call('ZSCORE', lane, job_id)
 if not seq then return 1 end
@@ -294,13 +265,18 @@ class Release(Script):
     only first attempt it was), and the lane's next delivery, when its earlier events
     are all in their lanes, is taken by `token`'s worker ('' leaves it to the queue, due
     now): queued under its lease, answered as `[NEXT_TAG, id, job bytes, progress, its
-    callback's hash as HGETALL answers]` (the callback its id ends with, its `failing` mark
-    its failures on record; its keys made inside). Safe to run again."""
+    callback's hash as HGETALL answers, skipped]` (the callback its id ends with, its
+    `failing` mark its failures on record; its keys made inside). Those ahead of it whose
+    job is gone leave the lane as recorded drops (`lane_lua.FIRST_THERE`): `skipped` of
+    them; a release that takes none answers 0, or `[SKIPPED_TAG, skipped]` when it
+    dropped some. Safe to run again."""
 
     LUA = (
-        _CLEAR
+        CLEAR
         + GIVE_BACK
+        + FIRST_THERE
         + """
+local function none() return skipped > 0 and {'lane:skipped', skipped} or 0 end
 redis.call('ZREM', lane, delivery_id)
 redis.call('ZREM', blocked, lane)
 local owner = redis.call('GET', lease)
@@ -309,31 +285,29 @@ if not owner or owner == token then
   redis.call('ZREM', queue, job_id)
   if body ~= lane then give_back(body, job_id) end  -- its reference to its event's body
 end
-local nxt = redis.call('ZRANGE', lane, 0, 0, 'WITHSCORES')
-if #nxt == 0 then return 0 end
+local nxt, data = first_there(lane, 'GET')
+if not nxt then return none() end
 local id = nxt[1]
-local data = redis.call('GET', job_prefix .. id)
-if not data then return 0 end
 if redis.call('EXISTS', lease_prefix .. id) == 1 then
   -- leased: its holder runs it, or (killed) lets it go when the lease lapses: it must be
   -- in the queue then (a head put aside while leased is not)
   redis.call('ZADD', queue, 'NX', now_ms, id)
-  return 0
+  return none()
 end
 if not clear(hold, pending, queue, tonumber(nxt[2])) then
   redis.call('ZADD', queue, 'LT', recheck_ms, id)
   redis.call('ZADD', waiting, nxt[2], id)
-  return 0
+  return none()
 end
 if token == '' then
   redis.call('ZADD', queue, 'LT', now_ms, id)
-  return 0
+  return none()
 end
 redis.call('ZADD', queue, now_ms, id)
 redis.call('SET', lease_prefix .. id, token, 'PX', lease_ms)
 local callback = string.match(id, '%.(%d+)@?%d*$')  -- {delivery id}@{emittedAt}
 return {'lane:next', id, data, redis.call('GET', progress_prefix .. id) or '',
-        redis.call('HGETALL', callback_prefix .. callback)}
+        redis.call('HGETALL', callback_prefix .. callback), skipped}
 """
     )
     TOGETHER = True  # a worker's batch of releases is one call (`Writer`)
@@ -347,6 +321,7 @@ return {'lane:next', id, data, redis.call('GET', progress_prefix .. id) or '',
     waiting: Key
     hold: Key
     body: Key
+    dropped: Key
     delivery_id: str
     job_id: str
     token: str
@@ -387,6 +362,7 @@ return {'lane:next', id, data, redis.call('GET', progress_prefix .. id) or '',
             waiting=keys.lanes_waiting(project_id),
             hold=keys.lanes_hold(project_id),
             body=body or lane,
+            dropped=keys.DROPPED,
             delivery_id=delivery_id,
             job_id=job_id,
             token=token,

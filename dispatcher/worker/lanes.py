@@ -44,6 +44,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from dispatcher import metrics
 from dispatcher.bodies import GONE as BODY_GONE
 from dispatcher.bodies import body_key, read
 from dispatcher.clock import now_ms
@@ -51,7 +52,7 @@ from dispatcher.jobs import BadJob, DeliveryJob, decode, encode
 from dispatcher.keys import lane_id
 from dispatcher.registry.match import TARGET_FIELDS, CallbackTarget
 from dispatcher.registry.options import order_key
-from dispatcher.worker.lane_scripts import NEXT_TAG, Enter, Head, Release
+from dispatcher.worker.lane_scripts import NEXT_TAG, SKIPPED_TAG, Enter, Head, Release
 from dispatcher.worker.steps import ChunkEnd, Step
 
 if TYPE_CHECKING:
@@ -214,7 +215,8 @@ class Lanes:
             for job, target, mark in marked
             if mark == b"done" and (joined := self._joined(event, job, target)) is not None
         ]
-        await asyncio.gather(*releases)
+        for answer in await asyncio.gather(*releases):
+            self.landed(answer)  # (none taken: counts what they dropped)
 
     @staticmethod
     def _joined(event: EventJob, job: DeliveryJob, target: CallbackTarget) -> DeliveryJob | None:
@@ -282,13 +284,17 @@ class Lanes:
         )
 
     def landed(self, answer: list[Any]) -> None:
-        """After a write: each next delivery a release in it took starts now."""
+        """After a write: each next delivery a release in it took starts now; those it
+        dropped, their job gone (`lane_lua.FIRST_THERE`), are counted."""
         for item in answer:
-            if isinstance(item, list) and item and item[0] == NEXT_TAG:
-                self._take(item)
+            if isinstance(item, list) and item and item[0] in (NEXT_TAG, SKIPPED_TAG):
+                if item[-1]:
+                    metrics.DROPPED.labels(reason="job").inc(int(item[-1]))
+                if item[0] == NEXT_TAG:
+                    self._take(item)
 
     def _take(self, taken: list[Any]) -> None:
-        _, job_id, raw, progress, pairs = taken
+        _, job_id, raw, progress, pairs, _ = taken
         adopt = self.adopt
         try:
             job = DeliveryJob.from_wire(decode(raw).payload, job_id.decode())

@@ -17,6 +17,7 @@ import orjson
 import pytest
 import redis as redis_py
 from aiohttp import web
+from prometheus_client import REGISTRY
 from redis.asyncio import Redis
 from typer.testing import CliRunner
 
@@ -477,17 +478,21 @@ async def test_the_sweep_takes_a_lane_whose_head_ended_off_the_blocked_list(
 ) -> None:
     """A late copy of a retry's write (its answer lost, sent again once the head ended and
     left its lane) lists the lane as blocked again, with nothing to block it. The fleet's
-    sweep takes an empty lane off the list, and leaves one whose head still holds it."""
+    sweep takes an empty lane off the list, and leaves one whose head still holds it (its
+    retry due later, its job there: not made due, nothing dropped)."""
     held, emptied = (
         keys.lane(lane_id("sweep", "http://127.0.0.1:9/", "buildId", "sweep", key))
         for key in ("a", "b")
     )
     await redis.zadd(held, {"sweep:e1.1@5": 1})
+    await redis.set(keys.arq_job("sweep:e1.1@5"), b"{}")
+    due = now_ms() + 60_000
+    await redis.zadd(keys.QUEUE, {"sweep:e1.1@5": due})
     await redis.zadd(keys.LANES_BLOCKED, {emptied: now_ms() - 900_000, held: now_ms()})
-    home = Services(settings, redis)
-    duties = Duties(settings, home, [home], AttemptStats(), "t", lambda: Counts(0, 0, 0))
-    await duties._sweep(home, slot=1)
+    await sweep(redis, settings)
     assert await redis.zrange(keys.LANES_BLOCKED, 0, -1) == [held.encode()]
+    assert await redis.zscore(keys.QUEUE, "sweep:e1.1@5") == due
+    assert not await redis.llen(keys.DROPPED)  # type: ignore[misc]  # sync|async
     lanes = await read_lanes(redis, keys)
     assert lanes.blocked == 1 and lanes.oldest_s < 60  # the alert's 10 minutes: not reached
     assert [lane.head for lane in lanes.shown] == ["sweep:e1.1"]
@@ -748,3 +753,148 @@ async def test_a_head_that_waits_is_kept_for_ever_though_a_failed_run_gave_it_a_
     assert await head.run(redis) == (3 if held else 2)
     assert (await redis.pttl(job), await redis.pttl(body)) == (-1, -1)
     assert await redis.zscore(keys.QUEUE, job_id) is not None  # back in the queue, waiting
+
+
+GONE_REASON = "job data gone when its lane's turn came"
+
+
+def dropped_jobs() -> float:
+    return REGISTRY.get_sample_value("dispatcher_deliveries_dropped_total", {"reason": "job"}) or 0
+
+
+async def drops(redis: Redis) -> list[tuple[str, str]]:
+    """(jobId, reason) of each recorded drop, newest first."""
+    entries = await redis.lrange(keys.DROPPED, 0, -1)  # type: ignore[misc]  # sync|async
+    return [(d.get("jobId"), d["reason"]) for d in map(orjson.loads, entries)]
+
+
+async def held_lane(
+    redis: Redis, slow: Settings, receiver: Receiver, run_worker: RunWorker, steps: int
+) -> tuple[dict[str, bool], str, list[str]]:
+    """Build b's `steps` events to an ordered callback whose first attempt of step 0 fails
+    (its retry due in a minute), the others parked behind it: the receiver's switch, the
+    lane, its members (progress ids, in order)."""
+    failing = {"on": True}
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        step = orjson.loads(await request.read())["data"]["step"]
+        return web.Response(status=500 if failing["on"] and step == 0 else 200)
+
+    url = receiver.script("/hook", handler)
+    ordered = Options(order_by="buildId")
+    await Registry(redis).create("demo", url, Event.BUILD_END, Region.DEVNET, options=ordered)
+    await Producer(slow, redis).emit_many(
+        [("demo", "BUILD_END", {"buildId": "b", "step": s}, f"e{s}") for s in range(steps)]
+    )
+    await run_worker(slow, max_burst_jobs=steps)  # the fan-outs: step 0 failed, the rest parked
+    lane = keys.lane(lane_id("demo", url, "buildId", "demo", "b"))
+    members = [member.decode() for member in await redis.zrange(lane, 0, -1)]
+    assert [m.partition(".")[0] for m in members] == [f"demo:e{s}" for s in range(steps)]
+    return failing, lane, members
+
+
+async def sweep(redis: Redis, settings: Settings) -> None:
+    """The fleet's sweep of the one shard (one worker's turn, every 5 minutes)."""
+    home = Services(settings, redis)
+    duties = Duties(settings, home, [home], AttemptStats(), "t", lambda: Counts(0, 0, 0))
+    await duties._sweep(home, slot=1)
+
+
+async def test_a_lanes_next_delivery_whose_job_is_gone_is_dropped_and_the_lane_goes_on(
+    redis: Redis, redis_server: EmbeddedRedis, receiver: Receiver, run_worker: RunWorker
+) -> None:
+    """Step 1's parked job is gone (an operator deleted it; an expiry of an earlier
+    version): when step 0 ends, the release passes over it as a recorded drop and hands
+    the lane to step 2. It used to find no data, leave step 1 at the head, and the lane
+    stopped for good: step 2 and every later event of the build never sent (review)."""
+    slow = make_settings(redis_server.url, retry_schedule=(60.0,))
+    failing, lane, (head, gone, _) = await held_lane(redis, slow, receiver, run_worker, 3)
+    await redis.delete(keys.arq_job(gone))
+    before = dropped_jobs()
+    failing["on"] = False
+    await redis.zadd(keys.QUEUE, {head: 0}, xx=True)  # step 0's retry, due now: it succeeds
+    await run_worker(slow)
+    assert numbers(receiver) == [("b", 0), ("b", 0), ("b", 2)]
+    ends = [
+        (r.event_id, r.status.value, r.final)
+        for r in await all_records(redis, slow, receiver.url("/hook"))
+    ]
+    assert ends == [("e0", "FAILED", False), ("e0", "SUCCESS", True), ("e2", "SUCCESS", True)]
+    assert await drops(redis) == [(gone, GONE_REASON)]
+    assert dropped_jobs() == before + 1
+    assert not await redis.exists(lane) and not await redis.zcard(keys.QUEUE)
+
+
+async def test_a_heads_job_gone_in_the_queue_is_dropped_by_the_sweep_and_its_lane_goes_on(
+    redis: Redis, redis_server: EmbeddedRedis, receiver: Receiver, run_worker: RunWorker
+) -> None:
+    """Step 0's retry waits in the queue with a day to live past its due time (arq's
+    rule, `Queue.push`); the fleet away longer, its data expires there. Claimed with no
+    data, it is dropped unrun, but that drop cannot name its lane (it is in the gone
+    bytes), so no release ran: the lane stopped for good behind it, step 1 never sent.
+    The fleet's sweep finds the lane (on the blocked list: its head retried), drops the
+    head on record and step 1 is due at once."""
+    slow = make_settings(redis_server.url, retry_schedule=(60.0,))
+    _, lane, (head, parked) = await held_lane(redis, slow, receiver, run_worker, 2)
+    assert await redis.zscore(keys.LANES_BLOCKED, lane) is not None
+    await redis.delete(keys.arq_job(head))  # expired: a day past its due time
+    await redis.zadd(keys.QUEUE, {head: 0}, xx=True)  # the fleet is back
+    await run_worker(slow)
+    assert await drops(redis) == [(head, "job data expired before it ran")]
+    assert await redis.zrange(lane, 0, -1) == [head.encode(), parked.encode()]  # held
+    before = dropped_jobs()
+    await sweep(redis, slow)
+    assert await drops(redis) == [(head, GONE_REASON), (head, "job data expired before it ran")]
+    assert dropped_jobs() == before + 1
+    assert await redis.zscore(keys.LANES_BLOCKED, lane) is None
+    await run_worker(slow)
+    assert numbers(receiver) == [("b", 0), ("b", 1)]
+    assert not await redis.exists(lane)
+
+
+async def test_a_poisoned_lane_member_is_dropped_by_the_sweep_and_its_lane_goes_on(
+    redis: Redis, redis_server: EmbeddedRedis, receiver: Receiver, run_worker: RunWorker
+) -> None:
+    """Step 1's job cannot be read (an older worker's, bytes damaged): step 0's release
+    takes it, its worker leaves it to its lease, and the claim after records it as poison
+    and ends the job, which cannot name its lane: the lane stopped for good, unlisted as
+    blocked (its head never retried). The fleet's sweep walks every lane a page at a
+    time: it drops step 1 on record, and step 2 is due at once."""
+    slow = make_settings(redis_server.url, retry_schedule=(60.0,), lease_seconds=1)
+    failing, lane, (head, poisoned, last) = await held_lane(redis, slow, receiver, run_worker, 3)
+    await redis.set(keys.arq_job(poisoned), b"\x80not a job")
+    failing["on"] = False
+    await redis.zadd(keys.QUEUE, {head: 0}, xx=True)
+    await run_worker(slow)  # step 0 sent; step 1 taken, left to its lease, then poison
+    poison = [orjson.loads(p)["jobId"] for p in await redis.lrange(keys.POISON_JOBS, 0, -1)]  # type: ignore[misc]
+    assert poison == [poisoned]
+    assert await redis.zrange(lane, 0, -1) == [poisoned.encode(), last.encode()]
+    assert await redis.zscore(keys.LANES_BLOCKED, lane) is None
+    await sweep(redis, slow)
+    assert await drops(redis) == [(poisoned, GONE_REASON)]
+    await run_worker(slow)
+    assert numbers(receiver) == [("b", 0), ("b", 0), ("b", 2)]
+    assert not await redis.exists(lane)
+
+
+async def test_a_release_waits_for_a_next_delivery_its_events_fan_out_still_runs(
+    redis: Redis,
+) -> None:
+    """A lane's member with no job of its own may be one its event's fan-out attempts now
+    (a head when it entered, an earlier event's delivery put ahead of it since): the
+    release leaves it to that fan-out, whose attempt releases it. Once the event's job is
+    gone too, its turn can never come: the release drops it on record and goes on."""
+    lane, first, running, after = keys.lane("l"), "p:e1.1@5", "p:e2.1@6", "p:e3.1@7"
+    await redis.zadd(lane, {first: 1, running: 2, after: 3})
+    await redis.set(keys.arq_job("p:e2"), b"{}")  # e2's fan-out job: it runs
+    await redis.set(keys.arq_job(after), b"{}")  # parked
+    release = Release.of(keys, lane, "p", first, token="", lease_ms=1000, now_ms=5,
+                         recheck_ms=5)  # fmt: skip
+    assert await release.run(redis) == 0
+    assert await redis.zrange(lane, 0, -1) == [running.encode(), after.encode()]
+    assert not await redis.llen(keys.DROPPED)  # type: ignore[misc]  # sync|async
+    await redis.delete(keys.arq_job("p:e2"))  # its fan-out ended (dropped, say): gone
+    assert await release.run(redis) == [b"lane:skipped", 1]
+    assert await redis.zrange(lane, 0, -1) == [after.encode()]
+    assert await redis.zscore(keys.QUEUE, after) == 5  # due now, its turn's check to come
+    assert await drops(redis) == [(running, GONE_REASON)]

@@ -1,0 +1,80 @@
+"""Lua functions the lanes' scripts share (`lane_scripts.py`; the sweep's `Unblock`, in
+`duties.py`): whether a head's earlier events are all in their lanes (`CLEAR`), and a
+lane's first delivery whose job is there, those before it whose job is gone passed over
+as recorded drops (`FIRST_THERE`)."""
+
+from __future__ import annotations
+
+import json
+
+from dispatcher.worker.record import KEPT_ENTRIES
+
+__all__ = ["CLEAR", "FIRST_THERE", "GONE"]
+
+GONE = "job data gone when its lane's turn came"
+
+# Whether no event of the project numbered below `seq` may still add to a lane: none in
+# its pending set (its last chunk not in its lanes yet) still queued (those gone from the
+# queue are dropped on the way), its lanes not held (moving here: `dispatcher.shards.lanes`).
+CLEAR = """
+local function clear(hold, pending, queue, seq)
+  if redis.call('EXISTS', hold) == 1 then return false end
+  for _ = 1, 100 do
+    local low = redis.call('ZRANGE', pending, 0, 0, 'WITHSCORES')
+    if #low == 0 or tonumber(low[2]) >= seq then return true end
+    if redis.call('ZSCORE', queue, low[1]) then return false end
+    redis.call('ZREM', pending, low[1])
+  end
+  return false
+end
+
+local function wake(hold, pending, queue, waiting, now)
+  if redis.call('EXISTS', hold) == 1 then return 0 end
+  local floor = '-inf'
+  for _ = 1, 100 do
+    local low = redis.call('ZRANGE', pending, 0, 0, 'WITHSCORES')
+    if #low == 0 then floor = '+inf' break end
+    if redis.call('ZSCORE', queue, low[1]) then floor = low[2] break end
+    redis.call('ZREM', pending, low[1])
+  end
+  local ids = redis.call('ZRANGEBYSCORE', waiting, '-inf', floor, 'LIMIT', 0, 100)
+  for _, id in ipairs(ids) do redis.call('ZADD', queue, 'LT', now, id) end
+  if #ids > 0 then redis.call('ZREM', waiting, unpack(ids)) end
+  return #ids
+end
+"""
+
+# `lane`'s first member ({id, score}) whose job is there, and what `read` (GET: its
+# bytes; EXISTS) answered of it. A member before it whose job is gone (deleted, expired,
+# ended as poison: its turn can never come) leaves the lane and the queue, on record in
+# `dropped` (as `record.keep_entry` writes), counted in `skipped`; unless its event's
+# job is there: that fan-out attempts it (a delivery it attempts has no job of its own),
+# and releases it. Nothing (nil) when the lane is empty, its first member is such a one,
+# or past 100 gone in a row. Names the script declares: `queue`, `dropped`, `job_prefix`,
+# `now_ms`.
+FIRST_THERE = (
+    f"local kept_entries, gone = {KEPT_ENTRIES}, {json.dumps(GONE)}\n"
+    + """
+local skipped = 0
+local function first_there(lane, read)
+  for _ = 1, 100 do
+    local first = redis.call('ZRANGE', lane, 0, 0, 'WITHSCORES')
+    if #first == 0 then return nil end
+    local id = first[1]
+    local there = redis.call(read, job_prefix .. id)
+    if there and there ~= 0 then return first, there end
+    -- its event's job: the id without '.{callback id}@{emittedAt}'
+    if redis.call('EXISTS', job_prefix .. string.gsub(id, '%.%d+@?%d*$', '')) == 1 then
+      return nil
+    end
+    redis.call('ZREM', lane, id)
+    redis.call('ZREM', queue, id)
+    local entry = {jobId = id, reason = gone, at = tonumber(now_ms)}
+    redis.call('LPUSH', dropped, cjson.encode(entry))
+    redis.call('LTRIM', dropped, 0, kept_entries - 1)
+    skipped = skipped + 1
+  end
+  return nil
+end
+"""
+)
