@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import structlog
 
 from dispatcher import bodies, metrics
+from dispatcher.bodies import GIVE_BACK
 from dispatcher.clock import now_ms
 from dispatcher.connections import REDIS_ERRORS, redis_full
 from dispatcher.lua import Key, KeyList, Script, run_pipeline
@@ -162,7 +163,9 @@ class Duties:
             taken = bool(await shard.redis.set(cron, self.token, nx=True, ex=2 * SWEEP_EVERY_S))
             if taken:
                 cursor = self.lanes.get(index, 0)  # a page a sweep, on from the last
-                cursor, unblocked, dropped = await sweep_lanes(shard.redis, shard.keys, cursor)
+                cursor, unblocked, dropped = await sweep_lanes(
+                    shard.redis, shard.keys, cursor, self.settings.progress_ttl
+                )
                 self.lanes[index] = cursor
                 if unblocked:
                     log.info("lanes.unblocked", lanes=unblocked, shard=index)
@@ -207,7 +210,8 @@ class Unblock(Script):
     goes or waits). Answers how many lanes it took off the list, how many it dropped."""
 
     LUA = (
-        FIRST_THERE
+        GIVE_BACK
+        + FIRST_THERE
         + """
 local taken = 0
 local function look(lane)
@@ -233,16 +237,39 @@ return {taken, skipped}
     lanes: KeyList
     count: int
     job_prefix: str
+    lease_prefix: str
+    progress_prefix: str
+    progress_ttl: int
+    waiting_prefix: str
+    lane_body: str
     now_ms: int
 
 
-async def sweep_lanes(redis: Redis, keys: Keys, cursor: int) -> tuple[int, int, int]:
+async def sweep_lanes(
+    redis: Redis, keys: Keys, cursor: int, progress_ttl: int
+) -> tuple[int, int, int]:
     """The lanes' part of a shard's sweep (`Unblock`): its oldest blocked lanes and a
     `SCAN` page of every lane, from `cursor`. Returns the next cursor (0: the pass is
     over), how many lanes it took off the blocked list and how many deliveries it dropped."""
     cursor, found = await redis.scan(cursor, match=f"{keys.LANE_PREFIX}*", count=LANES_PAGE)
-    unblock = Unblock(keys.LANES_BLOCKED, keys.QUEUE, keys.DROPPED,
-                      [name.decode() for name in found], UNBLOCK_AT_MOST, keys.ARQ_JOB_PREFIX,
-                      now_ms())  # fmt: skip
-    taken, dropped = await unblock.run(redis)
+    lanes = [name.decode() for name in found]
+    taken, dropped = await unblock(keys, lanes, UNBLOCK_AT_MOST, progress_ttl).run(redis)
     return int(cursor), int(taken), int(dropped)
+
+
+def unblock(keys: Keys, lanes: list[str], count: int, progress_ttl: int) -> Unblock:
+    """`Unblock` of `lanes` and the `count` oldest blocked lanes of the shard of `keys`."""
+    return Unblock(
+        blocked=keys.LANES_BLOCKED,
+        queue=keys.QUEUE,
+        dropped=keys.DROPPED,
+        lanes=lanes,
+        count=count,
+        job_prefix=keys.ARQ_JOB_PREFIX,
+        lease_prefix=keys.ARQ_IN_PROGRESS_PREFIX,
+        progress_prefix=keys.DELIVERY_PREFIX,
+        progress_ttl=progress_ttl,
+        waiting_prefix=keys.LANES_WAITING_PREFIX,
+        lane_body=keys.BODY_PREFIX + bodies.LANE,
+        now_ms=now_ms(),
+    )

@@ -47,15 +47,36 @@ end
 # `lane`'s first member ({id, score}) whose job is there, and what `read` (GET: its
 # bytes; EXISTS) answered of it. A member before it whose job is gone (deleted, expired,
 # ended as poison: its turn can never come) leaves the lane and the queue, on record in
-# `dropped` (as `record.keep_entry` writes), counted in `skipped`; unless its event's
-# job is there: that fan-out attempts it (a delivery it attempts has no job of its own),
-# and releases it. Nothing (nil) when the lane is empty, its first member is such a one,
-# or past 100 gone in a row. Names the script declares: `queue`, `dropped`, `job_prefix`,
+# `dropped` (as `record.keep_entry` writes), counted in `skipped`: marked done (a late
+# copy of its `Enter` leaves it out), off its project's waiting set, its reference to its
+# kept body given back (`bodies.GIVE_BACK`, which the script includes first). Unless it
+# or its event's job (the fan-out, which attempts it: a delivery it attempts has no job
+# of its own, and releases it) is alive: its job there, leased (a worker runs it: a
+# claim does not extend a job's data, which may expire while its attempt runs) or in the
+# queue (its claim ends it). Nothing (nil) when the lane is empty, its first member is
+# such a one, or past 100 gone in a row. Only a member whose job is gone costs more than
+# the one read. Names the script declares: `queue`, `dropped`, `job_prefix`,
+# `lease_prefix`, `progress_prefix`, `progress_ttl`, `waiting_prefix`, `lane_body`,
 # `now_ms`.
 FIRST_THERE = (
     f"local kept_entries, gone = {KEPT_ENTRIES}, {json.dumps(GONE)}\n"
     + """
 local skipped = 0
+local function alive(id)
+  return redis.call('EXISTS', job_prefix .. id, lease_prefix .. id) > 0
+    or redis.call('ZSCORE', queue, id)
+end
+local function drop(lane, id)
+  redis.call('ZREM', lane, id)
+  redis.call('ZREM', queue, id)
+  redis.call('SET', progress_prefix .. id, 'done', 'EX', progress_ttl)
+  redis.call('ZREM', waiting_prefix .. string.match(id, '^[^:]*'), id)
+  give_back(lane_body .. string.gsub(id, '%.%d+@(%d+)$', '@%1'), id)  -- its body's key
+  local entry = {jobId = id, reason = gone, at = tonumber(now_ms)}
+  redis.call('LPUSH', dropped, cjson.encode(entry))
+  redis.call('LTRIM', dropped, 0, kept_entries - 1)
+  skipped = skipped + 1
+end
 local function first_there(lane, read)
   for _ = 1, 100 do
     local first = redis.call('ZRANGE', lane, 0, 0, 'WITHSCORES')
@@ -63,16 +84,9 @@ local function first_there(lane, read)
     local id = first[1]
     local there = redis.call(read, job_prefix .. id)
     if there and there ~= 0 then return first, there end
-    -- its event's job: the id without '.{callback id}@{emittedAt}'
-    if redis.call('EXISTS', job_prefix .. string.gsub(id, '%.%d+@?%d*$', '')) == 1 then
-      return nil
-    end
-    redis.call('ZREM', lane, id)
-    redis.call('ZREM', queue, id)
-    local entry = {jobId = id, reason = gone, at = tonumber(now_ms)}
-    redis.call('LPUSH', dropped, cjson.encode(entry))
-    redis.call('LTRIM', dropped, 0, kept_entries - 1)
-    skipped = skipped + 1
+    -- alive, or its event's job: the id without '.{callback id}@{emittedAt}'
+    if alive(id) or alive(string.gsub(id, '%.%d+@?%d*$', '')) then return nil end
+    drop(lane, id)
   end
   return nil
 end

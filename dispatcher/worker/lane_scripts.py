@@ -331,6 +331,9 @@ return {'lane:next', id, data, redis.call('GET', progress_prefix .. id) or '',
     job_prefix: str
     lease_prefix: str
     progress_prefix: str
+    progress_ttl: int
+    waiting_prefix: str
+    lane_body: str
     callback_prefix: str
 
     @classmethod
@@ -345,6 +348,7 @@ return {'lane:next', id, data, redis.call('GET', progress_prefix .. id) or '',
         lease_ms: int,
         now_ms: int,
         recheck_ms: int,
+        progress_ttl: int,
         end: JobEnd | None = None,
         body: str | None = None,
     ) -> Release:
@@ -372,5 +376,8 @@ return {'lane:next', id, data, redis.call('GET', progress_prefix .. id) or '',
             job_prefix=keys.ARQ_JOB_PREFIX,
             lease_prefix=keys.ARQ_IN_PROGRESS_PREFIX,
             progress_prefix=keys.DELIVERY_PREFIX,
+            progress_ttl=progress_ttl,
+            waiting_prefix=keys.LANES_WAITING_PREFIX,
+            lane_body=keys.BODY_PREFIX + LANE,
             callback_prefix=keys.CALLBACK_PREFIX,
         )

@@ -279,6 +279,7 @@ class Lanes:
             lease_ms=self.lease_ms,
             now_ms=stamp,
             recheck_ms=stamp + int(RECHECK_S * 1000),
+            progress_ttl=self.progress_ttl,
             end=end,
             body=None if job.body_of is None or end is not None else body_key(self.keys, job),
         )

@@ -769,15 +769,24 @@ async def drops(redis: Redis) -> list[tuple[str, str]]:
 
 
 async def held_lane(
-    redis: Redis, slow: Settings, receiver: Receiver, run_worker: RunWorker, steps: int
+    redis: Redis,
+    slow: Settings,
+    receiver: Receiver,
+    run_worker: RunWorker,
+    steps: int,
+    gate: tuple[asyncio.Event, asyncio.Event] | None = None,
 ) -> tuple[dict[str, bool], str, list[str]]:
     """Build b's `steps` events to an ordered callback whose first attempt of step 0 fails
     (its retry due in a minute), the others parked behind it: the receiver's switch, the
-    lane, its members (progress ids, in order)."""
+    lane, its members (progress ids, in order). With a `gate` (arrived, go), step 0's
+    request once the switch is off sets `arrived` and is answered once `go` is set."""
     failing = {"on": True}
 
     async def handler(request: web.Request) -> web.StreamResponse:
         step = orjson.loads(await request.read())["data"]["step"]
+        if gate is not None and not failing["on"] and step == 0:
+            gate[0].set()
+            await gate[1].wait()
         return web.Response(status=500 if failing["on"] and step == 0 else 200)
 
     url = receiver.script("/hook", handler)
@@ -793,11 +802,11 @@ async def held_lane(
     return failing, lane, members
 
 
-async def sweep(redis: Redis, settings: Settings) -> None:
+async def sweep(redis: Redis, settings: Settings, slot: int = 1) -> None:
     """The fleet's sweep of the one shard (one worker's turn, every 5 minutes)."""
     home = Services(settings, redis)
     duties = Duties(settings, home, [home], AttemptStats(), "t", lambda: Counts(0, 0, 0))
-    await duties._sweep(home, slot=1)
+    await duties._sweep(home, slot=slot)
 
 
 async def test_a_lanes_next_delivery_whose_job_is_gone_is_dropped_and_the_lane_goes_on(
@@ -889,7 +898,7 @@ async def test_a_release_waits_for_a_next_delivery_its_events_fan_out_still_runs
     await redis.set(keys.arq_job("p:e2"), b"{}")  # e2's fan-out job: it runs
     await redis.set(keys.arq_job(after), b"{}")  # parked
     release = Release.of(keys, lane, "p", first, token="", lease_ms=1000, now_ms=5,
-                         recheck_ms=5)  # fmt: skip
+                         recheck_ms=5, progress_ttl=600)  # fmt: skip
     assert await release.run(redis) == 0
     assert await redis.zrange(lane, 0, -1) == [running.encode(), after.encode()]
     assert not await redis.llen(keys.DROPPED)  # type: ignore[misc]  # sync|async
@@ -898,3 +907,89 @@ async def test_a_release_waits_for_a_next_delivery_its_events_fan_out_still_runs
     assert await redis.zrange(lane, 0, -1) == [after.encode()]
     assert await redis.zscore(keys.QUEUE, after) == 5  # due now, its turn's check to come
     assert await drops(redis) == [(running, GONE_REASON)]
+
+
+async def test_a_heads_attempt_in_flight_is_not_dropped_when_its_job_data_expires(
+    redis: Redis, redis_server: EmbeddedRedis, receiver: Receiver, run_worker: RunWorker
+) -> None:
+    """A claim does not extend a job's data: step 0's retry, claimed just before its day
+    past its due time ends, has its data expire while its request is in flight. The
+    fleet's sweep used to find its job gone (and its event's), drop it on record and make
+    step 1 due: step 0 then succeeded too (a success and a drop), step 1 sent while step 0
+    was in flight (review). Its lease says it runs: the sweep leaves it, and its release
+    hands the lane to step 1 once it ends."""
+    arrived, go = asyncio.Event(), asyncio.Event()
+    slow = make_settings(redis_server.url, retry_schedule=(60.0,))
+    failing, lane, (head, parked) = await held_lane(
+        redis, slow, receiver, run_worker, 2, gate=(arrived, go)
+    )
+    failing["on"] = False
+    await redis.zadd(keys.QUEUE, {head: 0}, xx=True)
+    worker = asyncio.ensure_future(run_worker(slow))
+    try:
+        await asyncio.wait_for(arrived.wait(), 30)  # step 0's request is in flight
+        await redis.delete(keys.arq_job(head))  # its data's day is over
+        await sweep(redis, slow)
+        assert await drops(redis) == []
+        assert await redis.zrange(lane, 0, -1) == [head.encode(), parked.encode()]
+        assert await redis.zscore(keys.QUEUE, parked) is None  # step 1 still parked
+    finally:
+        go.set()
+        await worker
+    assert numbers(receiver) == [("b", 0), ("b", 0), ("b", 1)]
+    found = await all_records(redis, slow, receiver.url("/hook"))
+    ends = [(r.event_id, r.status.value) for r in found]
+    assert ends == [("e0", "FAILED"), ("e0", "SUCCESS"), ("e1", "SUCCESS")]
+    assert await drops(redis) == [] and not await redis.exists(lane)
+
+
+@pytest.mark.parametrize("alive", ["leased", "queued", "fan-out leased", "fan-out queued"])
+async def test_the_sweep_leaves_a_head_without_job_data_that_is_leased_or_queued(
+    redis: Redis, settings: Settings, alive: str
+) -> None:
+    """A head with no job data is alive while its lease (or its event's fan-out job's)
+    says a worker runs it, or while it is in the queue (its claim ends it): the sweep
+    drops nothing and queues nothing behind it. Once neither holds, it is dropped."""
+    lane, head, after = keys.lane("alive"), "p:e1.1@5", "p:e2.1@6"
+    await redis.zadd(lane, {head: 1, after: 2})
+    await redis.set(keys.arq_job(after), b"{}")
+    holder = head if alive in ("leased", "queued") else "p:e1"
+    if alive.endswith("leased"):
+        await redis.set(keys.ARQ_IN_PROGRESS_PREFIX + holder, "w")
+    else:
+        await redis.zadd(keys.QUEUE, {holder: now_ms() + 60_000})
+    await sweep(redis, settings)
+    assert await drops(redis) == []
+    assert await redis.zscore(keys.QUEUE, after) is None
+    await redis.delete(keys.ARQ_IN_PROGRESS_PREFIX + holder)
+    await redis.zrem(keys.QUEUE, holder)
+    await sweep(redis, settings, slot=2)
+    assert await drops(redis) == [(head, GONE_REASON)]
+    assert await redis.zscore(keys.QUEUE, after) is not None
+
+
+async def test_a_dropped_member_is_done_off_the_waiting_set_and_gives_back_its_body(
+    redis: Redis,
+) -> None:
+    """A member a release drops (its job gone) is marked done, so a late copy of its
+    event's `Enter` leaves it out of its lane; it leaves its project's waiting set (no
+    later wake-up finds it) and gives back its reference to its event's kept body (the
+    last one out: the body goes)."""
+    lane, first, gone, after = keys.lane("l"), "p:e1.1@5", "p:e2.1@6", "p:e3.1@7"
+    await redis.zadd(lane, {first: 1, gone: 2, after: 3})
+    await redis.set(keys.arq_job(after), b"{}")
+    await redis.zadd(keys.lanes_waiting("p"), {gone: 2})
+    body = keys.BODY_PREFIX + ":lane:p:e2@6"
+    await redis.hset(body, mapping={"body": "x", gone: 1})  # type: ignore[misc]
+    release = Release.of(keys, lane, "p", first, token="", lease_ms=1000, now_ms=5,
+                         recheck_ms=5, progress_ttl=600)  # fmt: skip
+    assert await release.run(redis) == [b"lane:skipped", 1]
+    assert await redis.get(keys.delivery(gone)) == b"done"
+    assert 0 < await redis.ttl(keys.delivery(gone)) <= 600
+    assert await redis.zscore(keys.lanes_waiting("p"), gone) is None
+    assert not await redis.exists(body)
+    await redis.zadd(keys.lanes_ready("p"), {"p:e2": 2})  # its event's entry, sent again late
+    enter = Enter.of(keys, "p", "p:e2", [(lane, gone, b"{}")], progress_ttl=600, now_ms=5,
+                     recheck_ms=5, last=True)  # fmt: skip
+    assert (await enter.run(redis))[0] == 3  # left alone
+    assert await redis.zrange(lane, 0, -1) == [after.encode()]
