@@ -39,6 +39,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from dispatcher.cluster import scan_shard
 from dispatcher.jobs import DELIVER, BadJob, DeliveryJob, decode
 from dispatcher.lua import KEEP_AT_LEAST, Key, KeyList, Script
 
@@ -220,10 +221,12 @@ return gone
 
 
 async def sweep_lanes(redis: Redis, keys: Keys, cursor: int, count: int) -> tuple[int, int]:
-    """One `SCAN` page (from `cursor`, about `count` keys) of the ordered deliveries' kept
-    bodies, their dangling references given back (`Dangling`); returns the next cursor
-    (0: the pass is over) and how many references went."""
-    cursor, found = await redis.scan(cursor, match=f"{keys.BODY_PREFIX}{LANE}*", count=count)
+    """One `SCAN` page (from `cursor`, about `count` keys; on a cluster, of the shard's
+    node: `cluster.scan_shard`) of the ordered deliveries' kept bodies, their dangling
+    references given back (`Dangling`); returns the next cursor (0: the pass is over) and
+    how many references went."""
+    match = f"{keys.BODY_PREFIX}{LANE}*"
+    cursor, found = await scan_shard(redis, keys.QUEUE, cursor, match, count)
     names = [name.decode() for name in found]
     gone = await Dangling(names, keys.ARQ_JOB_PREFIX).run(redis) if names else 0
     return int(cursor), int(gone)

@@ -21,7 +21,14 @@ from dispatcher.errors import InvalidSetting
 if TYPE_CHECKING:
     from redis.asyncio import Redis
 
-__all__ = ["CLUSTER_SCHEMES", "ClusterUrl", "cluster_client", "is_cluster_url", "parse_cluster_url"]
+__all__ = [
+    "CLUSTER_SCHEMES",
+    "ClusterUrl",
+    "cluster_client",
+    "is_cluster_url",
+    "parse_cluster_url",
+    "scan_shard",
+]
 
 CLUSTER_SCHEMES = ("redis+cluster", "rediss+cluster")
 SETTING = "DISPATCHER_REDIS_URL"
@@ -93,3 +100,18 @@ async def masters_of(client: Redis, slots: list[int]) -> list[str]:
         node = cluster.nodes_manager.get_node_from_slot(slot)
         found.append(f"{node.host}:{node.port}")
     return found
+
+
+async def scan_shard(
+    redis: Redis, key: str, cursor: int, match: str, count: int
+) -> tuple[int, list[bytes]]:
+    """One `SCAN` page (from `cursor`, about `count` keys) of the shard that holds `key`:
+    on a cluster, of the master that owns its slot (a shard's keys all share it; a
+    cluster client's `SCAN` goes to every master and answers a cursor per node)."""
+    if isinstance(redis, RedisCluster):
+        client = cast(Any, redis)
+        node = client.get_node_from_key(key)
+        cursors, found = await client.scan(cursor, match=match, count=count, target_nodes=node)
+        return int(cursors[node.name]), list(found)
+    cursor, found = await redis.scan(cursor, match=match, count=count)
+    return int(cursor), list(found)

@@ -82,6 +82,8 @@ Workers and statistics
                                               day's 10-minute slots, TTL 25 h)
     dispatcher:jobs:poison                    LIST undecodable jobs, newest first (last 1000)
     dispatcher:cron:{name}:{slot}             STRING who runs a periodic task this slot (TTL)
+    dispatcher:cron:{name}:cursor             STRING where the fleet's sweep's SCAN (lanes,
+                                              lane-bodies) goes on, whichever worker runs it
 History
     dispatcher:history:seq                    INCR counter of record ids
     dispatcher:history:seq:server             STRING run id of the Redis server that handed
@@ -376,6 +378,9 @@ class Keys:
 
     def cron(self, name: str, slot: int) -> str:
         return f"{self._cron_prefix}{name}{SEP}{slot}"
+
+    def sweep_cursor(self, name: str) -> str:
+        return f"{self._cron_prefix}{name}{SEP}cursor"
 
     def arq_job(self, job_id: str) -> str:
         return f"{self.ARQ_JOB_PREFIX}{job_id}"

@@ -22,6 +22,7 @@ import structlog
 from dispatcher import bodies, metrics
 from dispatcher.bodies import GIVE_BACK
 from dispatcher.clock import now_ms
+from dispatcher.cluster import scan_shard
 from dispatcher.connections import REDIS_ERRORS, redis_full
 from dispatcher.lua import Key, KeyList, Script, run_pipeline
 from dispatcher.status import write_heartbeat
@@ -87,8 +88,6 @@ class Duties:
         self.redis = home.redis
         self.keys = home.keys
         self.shards = shards
-        self.lanes: dict[int, int] = {}  # each shard's SCAN cursor over its lanes
-        self.lane_bodies: dict[int, int] = {}  # ... over its lanes' kept bodies
         self.stats = stats
         self.token = token
         self.counts = counts
@@ -162,19 +161,15 @@ class Duties:
             cron = shard.keys.cron("sweep", slot)
             taken = bool(await shard.redis.set(cron, self.token, nx=True, ex=2 * SWEEP_EVERY_S))
             if taken:
-                cursor = self.lanes.get(index, 0)  # a page a sweep, on from the last
-                cursor, unblocked, dropped = await sweep_lanes(
-                    shard.redis, shard.keys, cursor, self.settings.progress_ttl
-                )
-                self.lanes[index] = cursor
+                ttl = self.settings.progress_ttl
+                unblock = unblock_script(shard.keys, [], UNBLOCK_AT_MOST, ttl)
+                unblocked, dropped = await unblock.run(shard.redis)  # apart from any scan
                 if unblocked:
                     log.info("lanes.unblocked", lanes=unblocked, shard=index)
-                if dropped:
-                    metrics.DROPPED.labels(reason="job").inc(dropped)
-                    log.error("lanes.gone_dropped", deliveries=dropped, shard=index)
-                cursor = self.lane_bodies.get(index, 0)  # a page a sweep, on from the last
-                cursor, gone = await bodies.sweep_lanes(shard.redis, shard.keys, cursor, 100)
-                self.lane_bodies[index] = cursor
+                gone_dropped(dropped, index)
+                dropped = await paged(shard.redis, shard.keys, "lanes", LanesPage(ttl))
+                gone_dropped(dropped, index)
+                gone = await paged(shard.redis, shard.keys, "lane-bodies", bodies_page)
                 if gone:
                     log.warning("bodies.dangling_released", references=gone, shard=index)
         except Exception as exc:  # Redis away, a bug
@@ -226,7 +221,9 @@ local function look(lane)
     if first then redis.call('ZADD', queue, 'NX', now_ms, first[1]) end
   end
 end
-for _, lane in ipairs(redis.call('ZRANGE', blocked, 0, count - 1)) do look(lane) end
+if tonumber(count) > 0 then
+  for _, lane in ipairs(redis.call('ZRANGE', blocked, 0, count - 1)) do look(lane) end
+end
 for _, lane in ipairs(lanes) do look(lane) end
 return {taken, skipped}
 """
@@ -245,19 +242,49 @@ return {taken, skipped}
     now_ms: int
 
 
-async def sweep_lanes(
-    redis: Redis, keys: Keys, cursor: int, progress_ttl: int
-) -> tuple[int, int, int]:
-    """The lanes' part of a shard's sweep (`Unblock`): its oldest blocked lanes and a
-    `SCAN` page of every lane, from `cursor`. Returns the next cursor (0: the pass is
-    over), how many lanes it took off the blocked list and how many deliveries it dropped."""
-    cursor, found = await redis.scan(cursor, match=f"{keys.LANE_PREFIX}*", count=LANES_PAGE)
-    lanes = [name.decode() for name in found]
-    taken, dropped = await unblock(keys, lanes, UNBLOCK_AT_MOST, progress_ttl).run(redis)
-    return int(cursor), int(taken), int(dropped)
+def gone_dropped(dropped: int, index: int) -> None:
+    """The sweep's drops of lane members whose job is gone, counted and logged."""
+    if dropped:
+        metrics.DROPPED.labels(reason="job").inc(dropped)
+        log.error("lanes.gone_dropped", deliveries=dropped, shard=index)
 
 
-def unblock(keys: Keys, lanes: list[str], count: int, progress_ttl: int) -> Unblock:
+@dataclass(frozen=True, slots=True)
+class LanesPage:
+    """A `SCAN` page of every lane of a shard (about `LANES_PAGE` keys), through `Unblock`
+    (`progress_ttl`: a dropped member's done mark's): the next cursor, how many it dropped."""
+
+    progress_ttl: int
+
+    async def __call__(self, redis: Redis, keys: Keys, cursor: int) -> tuple[int, int]:
+        match = f"{keys.LANE_PREFIX}*"
+        cursor, found = await scan_shard(redis, keys.QUEUE, cursor, match, LANES_PAGE)
+        lanes = [name.decode() for name in found]
+        if not lanes:
+            return cursor, 0
+        _, dropped = await unblock_script(keys, lanes, 0, self.progress_ttl).run(redis)
+        return cursor, int(dropped)
+
+
+async def bodies_page(redis: Redis, keys: Keys, cursor: int) -> tuple[int, int]:
+    """A page of the lanes' kept bodies rid of dangling references (`bodies.sweep_lanes`)."""
+    return await bodies.sweep_lanes(redis, keys, cursor, 100)
+
+
+Page = Callable[["Redis", "Keys", int], Awaitable[tuple[int, int]]]
+
+
+async def paged(redis: Redis, keys: Keys, name: str, page: Page) -> int:
+    """`page` of the shard of `keys` from the cursor of its pass `name`, kept in Redis
+    (whichever worker's sweep comes next goes on from it; a day without a sweep starts
+    over); returns what `page` counted."""
+    key = keys.sweep_cursor(name)
+    cursor, counted = await page(redis, keys, int(await redis.get(key) or 0))
+    await redis.set(key, cursor, ex=86_400)
+    return counted
+
+
+def unblock_script(keys: Keys, lanes: list[str], count: int, progress_ttl: int) -> Unblock:
     """`Unblock` of `lanes` and the `count` oldest blocked lanes of the shard of `keys`."""
     return Unblock(
         blocked=keys.LANES_BLOCKED,

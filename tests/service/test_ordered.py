@@ -40,11 +40,14 @@ from dispatcher.shards import views
 from dispatcher.shards.router import Router
 from dispatcher.stats import AttemptStats
 from dispatcher.status import read_lanes
+from dispatcher.topology import close_all, connect_shards, shards_of
+from dispatcher.worker import duties as duties_module
 from dispatcher.worker.claims import Claims
 from dispatcher.worker.duties import Counts, Duties
 from dispatcher.worker.lane_scripts import Enter, Head, Release
 from dispatcher.worker.lanes import TOGETHER_ENTRIES, Lanes, Sending
 from dispatcher.worker.writer import Writer
+from tests.cluster import LocalCluster
 from tests.helpers import (
     Handler,
     Receiver,
@@ -993,3 +996,72 @@ async def test_a_dropped_member_is_done_off_the_waiting_set_and_gives_back_its_b
                      recheck_ms=5, last=True)  # fmt: skip
     assert (await enter.run(redis))[0] == 3  # left alone
     assert await redis.zrange(lane, 0, -1) == [after.encode()]
+
+
+async def test_the_sweep_of_a_cluster_shard_unblocks_drops_and_gives_back(
+    redis_cluster: LocalCluster,
+) -> None:
+    """On a Redis Cluster, `SCAN` goes to every master and answers a cursor per node: the
+    sweep's `int(cursor)` raised after its lanes' script, so its drops were never counted
+    nor logged, its pass never went past the first page, and the kept bodies' dangling
+    references were never given back there (review). Each shard's keys share one hash
+    slot: the sweep scans the node that owns it."""
+    redis_cluster.flush()
+    settings = make_settings(redis_cluster.url, redis_cluster_shards=4)
+    shards = shards_of(settings)[1:3]  # two shards, on two masters
+    clients = connect_shards(settings, shards)
+    try:
+        for shard, client in zip(shards, clients, strict=True):
+            await gone_heads(client, shard.keys)
+        for shard, client in zip(shards, clients, strict=True):
+            k, before = shard.keys, dropped_jobs()
+            services = Services(settings, client, shard)
+            stats = AttemptStats()
+            duties = Duties(settings, services, [services], stats, "t", lambda: Counts(0, 0, 0))
+            await duties._sweep(services, slot=1)
+            found = await client.lrange(k.DROPPED, 0, -1)  # type: ignore[misc]  # sync|async
+            assert sorted(orjson.loads(d)["jobId"] for d in found) == ["p:e1.1@5", "p:e3.2@7"]
+            assert dropped_jobs() == before + 2
+            assert not await client.zcard(k.LANES_BLOCKED)
+            assert await client.zscore(k.QUEUE, "p:e2.1@6") is not None
+            assert await client.zscore(k.QUEUE, "p:e4.2@8") is not None
+            assert not await client.exists(k.BODY_PREFIX + ":lane:p:e9@9")
+    finally:
+        await close_all(clients)
+
+
+async def gone_heads(redis: Redis, k: Keys) -> None:
+    """A blocked lane and an unlisted one, each with a head whose job is gone and a parked
+    delivery behind it; an empty lane listed as blocked; a kept body whose job is gone."""
+    listed, unlisted = k.lane("listed"), k.lane("unlisted")
+    await redis.zadd(listed, {"p:e1.1@5": 1, "p:e2.1@6": 2})
+    await redis.zadd(unlisted, {"p:e3.2@7": 1, "p:e4.2@8": 2})
+    for parked in ("p:e2.1@6", "p:e4.2@8"):
+        await redis.set(k.arq_job(parked), b"{}")
+    await redis.zadd(k.LANES_BLOCKED, {listed: 1, k.lane("empty"): 2})
+    body = k.BODY_PREFIX + ":lane:p:e9@9"
+    await redis.hset(body, mapping={"body": "x", "p:e9.1@9": 1})  # type: ignore[misc]
+
+
+async def test_the_workers_sweeps_go_on_with_one_pass_over_the_lanes(
+    redis: Redis, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The sweep reads a page of every lane a turn, on from where the last one stopped;
+    the turns go to whichever worker takes them, each sweep here a new worker's. The
+    cursor was each process's own, starting at 0 in a new one: a pass might never reach
+    the keyspace's end, and a stopped lane unlisted as blocked never be found (review).
+    It is kept in Redis, per shard: the workers' sweeps make one pass together, and it
+    finds every lane."""
+    monkeypatch.setattr(duties_module, "LANES_PAGE", 5)
+    lanes = [keys.lane(f"many{n}") for n in range(60)]
+    for n, lane in enumerate(lanes):
+        await redis.zadd(lane, {f"p:e{n}.1@5": 1})  # its head's job gone, unlisted
+    sweeps = 0
+    for slot in range(1, 200):
+        await sweep(redis, settings, slot=slot)  # each a new Duties: another worker's turn
+        sweeps += 1
+        if await redis.get(keys.sweep_cursor("lanes")) in (None, b"0"):
+            break
+    assert sweeps > 1  # more than one page: a pass shared by the sweeps
+    assert not [lane for lane in lanes if await redis.exists(lane)]
+    assert len(await drops(redis)) == len(lanes)
