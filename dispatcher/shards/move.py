@@ -73,12 +73,14 @@ class Mover:
     say: Callable[[str], None] = print
     settle_s: float = 0.0
     token: str = field(default_factory=lambda: f"mover:{time.time_ns()}")
-    late_s: float = 0.0  # a drain ends no sooner after the flip (`drain.late_pushes_s`)
+    # a drain ends no sooner than this after the flip; None: `drain.late_pushes_s` (what
+    # the settings say), 0: it waits for no late push
+    late_s: float | None = None
 
     def __post_init__(self) -> None:
         if not self.settle_s:
             self.settle_s = SETTLE_REFRESHES * self.router.settings.placement_refresh
-        if not self.late_s:
+        if self.late_s is None:
             self.late_s = late_pushes_s(self.router.settings)
 
     async def grow(self) -> list[str]:
@@ -282,7 +284,8 @@ class Mover:
     ) -> None:
         """After the flip (at `flipped`, monotonic): drain the old shard, copy the history
         written meanwhile, clean it, each once the new shard's replicas confirmed."""
-        drain = self.drain_of(src, dst, project, lease.alive, until=flipped + self.late_s)
+        late_s = self.late_s or 0.0  # (set by now: see `__post_init__`)
+        drain = self.drain_of(src, dst, project, lease.alive, until=flipped + late_s)
         moved = await drain.run()
         self.say(f"{project}: {moved} queued job(s) moved; cleaning shard {source}")
         await self._copy_history(src, dst, project, lease.alive)

@@ -149,6 +149,20 @@ def test_a_drain_waits_as_long_as_a_producer_may_retry_on_the_old_shard() -> Non
     assert late_pushes_s(settings) > 2 * SETTLE_REFRESHES * settings.placement_refresh
 
 
+async def test_a_mover_told_to_wait_for_no_late_push_waits_for_none(
+    shard_servers: list[EmbeddedRedis],
+) -> None:
+    """`late_s=0` switches the wait for late pushes off (a fleet whose producers never
+    retry on a shard); left out, it is what the settings say. Before, 0 was taken for
+    "left out" and the mover waited the settings' bound all the same."""
+    from dispatcher.shards.drain import late_pushes_s
+
+    settings = two_empty_shards(shard_servers, emit_wait=7)
+    async with Router.open(settings) as router:
+        assert Mover(router, lambda _: None, late_s=0).late_s == 0
+        assert Mover(router, lambda _: None).late_s == late_pushes_s(settings) > 7
+
+
 class LatePush(Mover):
     """A mover during whose drain, well past the settles it took before, a producer that
     routes by the placement from before the flip emits `event` (`late_by` s after it)."""
