@@ -9,18 +9,21 @@ both while its mover lives:
   1. it is taken on the old shard under the mover's lease (`TakeJob`): no worker there
      claims it meanwhile;
   2. a copy is queued on the new shard *held* by the mover (`PlaceJob`): no worker there
-     runs it yet; with `DISPATCHER_REDIS_MIN_REPLICAS`, it is on that many replicas
+     runs it yet. A copy of it there held by another mover (paused past its lease while
+     this one took the move over) is written over, this one's now: that mover no longer
+     removes it. With `DISPATCHER_REDIS_MIN_REPLICAS`, it is on that many replicas
      before step 3 (`dispatcher.replication`);
   3. the job leaves the old shard while the mover's lease there is still its own
      (`DropHeld`: no worker took it since), and the copy is let run (`FreeHeld`, due when
      the job was). A mover paused past that lease finds a worker took the job: it
-     removes the copy while it still holds it (held twice the lease), and looks at the
-     job again on the next pass.
+     removes the copy while it still holds it (held twice the lease) and its lease on the
+     project is still its own (`fence`: else another mover may have moved the job, the
+     copy its only one), and looks at the job again on the next pass.
 A copy its replicas did not confirm is removed, and the job given back on the old shard
 (its workers run it at once): the move stops (NotReplicated), nothing removed there. A
-mover that dies between 2 and 3 leaves the job on both shards: it runs on the old one
-once the lease lapses, and on the new one once the hold does (at least once, under the
-same delivery id).
+mover that dies between 2 and 3, or stops there (its lease lost), leaves the job on both
+shards: it runs on the old one once the lease lapses, and on the new one once the hold
+does (at least once, under the same delivery id); never on neither.
 """
 
 from __future__ import annotations
@@ -49,7 +52,7 @@ from dispatcher.shards.queued import (
 )
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Awaitable, Callable
 
     from redis.asyncio.client import Pipeline
 
@@ -63,6 +66,7 @@ PAGE = 500
 LEASE_S = 30.0  # a job the mover takes is leased this long on the old shard
 HOLD_FACTOR = 2  # and its copy held this many times as long on the new one
 SAY_EVERY_S = 10.0  # how often a move waiting for jobs to finish on the old shard says so
+TOOK_OVER = 2  # `PlaceJob`'s answer: the copy was held by another mover
 STOPPED = "the move stopped with nothing of the project removed from its old shard"
 NO_TTL_MARK_MS = 86_400_000  # a progress mark without a time to live goes with a day
 
@@ -121,8 +125,10 @@ class Taken:
 @dataclass
 class Drain:
     """Step 4 of `project`'s move from `src` to `dst` (see the module's doc), by the mover
-    `token`; `alive` raises to stop it (the mover's lease). It ends once no job was found
-    for `quiet_s`, and not before `until` (monotonic)."""
+    `token` (`queued.MOVER` and more); `alive` raises to stop it (the mover's lease, by its
+    clock), and so does `fence` (the lease still its own in Redis; None: `alive`), checked
+    before the mover removes a copy. It ends once no job was found for `quiet_s`, and not
+    before `until` (monotonic)."""
 
     src: Services
     dst: Services
@@ -134,6 +140,7 @@ class Drain:
     until: float = 0.0
     lease_s: float = LEASE_S
     hold_s: float = 0.0  # (0: `HOLD_FACTOR` times `lease_s`)
+    fence: Callable[[], Awaitable[None]] | None = None
     replication: Replication | None = field(init=False)
 
     def __post_init__(self) -> None:
@@ -220,22 +227,32 @@ class Drain:
     async def carry(self, taken: Taken) -> bool:
         """Steps 2 and 3: True when the job moved, False when a worker on the old shard took
         it since it was taken (its copy on the new shard removed)."""
+        self.alive()  # a mover that lost its lease places nothing (another may move it)
         placed = await self.place(taken)
         if await self._leave(taken):
             if placed:
                 await self._let_run(self.dst, taken)
             return True
-        if placed and not await self._drop_copy(taken):
-            self.say(
-                f"{self.project}: job {taken.job_id} runs on both shards: its mover was "
-                "paused past its hold of it on the new shard"
-            )
+        if placed:
+            await self._fence()  # else another mover may have moved the job: the copy stays
+            if not await self._drop_copy(taken):
+                self.say(
+                    f"{self.project}: job {taken.job_id}: its copy on the new shard is no "
+                    "longer this mover's (its hold lapsed, or another mover took it over): "
+                    "it may run on both shards"
+                )
         return False
+
+    async def _fence(self) -> None:
+        if self.fence is None:
+            self.alive()
+        else:
+            await self.fence()
 
     async def place(self, taken: Taken) -> bool:
         """Step 2: the held copy, confirmed by the replicas; False when that job id was
-        queued there already (kept as it is). NotReplicated: its copy is removed, and the
-        job given back on the old shard."""
+        queued there already and not held by a mover (kept as it is: `PlaceJob`).
+        NotReplicated: its copy is removed, and the job given back on the old shard."""
         d, job_id = self.dst.keys, taken.job_id
 
         def queue(pipe: Pipeline) -> None:
@@ -257,6 +274,11 @@ class Drain:
                 await self._let_run(self.src, taken)
             what = f"shard {self.dst.shard.index}: {self.project}'s job {job_id}"
             raise _unconfirmed(exc, what) from exc
+        if answers[0] == TOOK_OVER:
+            self.say(
+                f"{self.project}: job {job_id}: its copy on the new shard, held by another "
+                "mover (paused past its lease), is this mover's now"
+            )
         return bool(answers[0])
 
     def _held(self, keys: Keys, taken: Taken, marks: list[tuple[str, bytes, int]]) -> DropHeld:

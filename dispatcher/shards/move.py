@@ -53,9 +53,10 @@ from dispatcher.shards.drain import STOPPED, Drain, confirmed, late_pushes_s
 from dispatcher.shards.holdings import forget, holds, projects_on
 from dispatcher.shards.lanes import hold, hold_source, let_go
 from dispatcher.shards.lease import MoveLease
+from dispatcher.shards.queued import MOVER
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Awaitable, Callable
 
     from dispatcher.services import Services
     from dispatcher.shards.router import Router
@@ -72,7 +73,7 @@ class Mover:
     router: Router
     say: Callable[[str], None] = print
     settle_s: float = 0.0
-    token: str = field(default_factory=lambda: f"mover:{time.time_ns()}")
+    token: str = field(default_factory=lambda: f"{MOVER}{time.time_ns()}")
     # a drain ends no sooner than this after the flip; None: `drain.late_pushes_s` (what
     # the settings say), 0: it waits for no late push
     late_s: float | None = None
@@ -285,7 +286,7 @@ class Mover:
         """After the flip (at `flipped`, monotonic): drain the old shard, copy the history
         written meanwhile, clean it, each once the new shard's replicas confirmed."""
         late_s = self.late_s or 0.0  # (set by now: see `__post_init__`)
-        drain = self.drain_of(src, dst, project, lease.alive, until=flipped + late_s)
+        drain = self.drain_of(src, dst, project, lease.alive, flipped + late_s, lease.fence)
         moved = await drain.run()
         self.say(f"{project}: {moved} queued job(s) moved; cleaning shard {source}")
         await self._copy_history(src, dst, project, lease.alive)
@@ -300,9 +301,13 @@ class Mover:
         project: str,
         alive: Callable[[], None],
         until: float = 0.0,
+        fence: Callable[[], Awaitable[None]] | None = None,
     ) -> Drain:
-        """The drain of `project`'s jobs from `src` to `dst` (step 4) by this mover."""
-        return Drain(src, dst, project, self.token, alive, self.say, self.settle_s, until)
+        """The drain of `project`'s jobs from `src` to `dst` (step 4) by this mover (see
+        `Drain` for `alive`, `until` and `fence`)."""
+        return Drain(
+            src, dst, project, self.token, alive, self.say, self.settle_s, until, fence=fence
+        )
 
     async def _copy(
         self, src: Services, dst: Services, project: str, alive: Callable[[], None]

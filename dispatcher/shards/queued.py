@@ -18,8 +18,13 @@ from dispatcher.models import PLATFORM_PROJECT
 if TYPE_CHECKING:
     from dispatcher.keys import Keys
 
+# What a mover's token starts with (`PlaceJob`); a worker's is its host's name and more,
+# and no host name holds a '/'.
+MOVER = "mover/"
+
 __all__ = [
     "MOVE",
+    "MOVER",
     "STAY",
     "UNLESS_BEGUN",
     "DropHeld",
@@ -82,20 +87,32 @@ class PlaceJob(Script):
     worker claims it until `FreeHeld` lets it run (or the hold lapses: its mover died);
     with its reference to the body it refers to at `body` (`shared`: the bytes; the `job`
     key again for one that holds its own: `dispatcher.bodies`). Returns 1; 0, writing
-    nothing, when that id is queued already (that job is kept as it is)."""
+    nothing, when that id is queued already and not held by a mover (that job is kept as
+    it is: a worker runs it, or may). Queued already held by a mover, it is written over
+    (its hold now this one's): 1 when the hold was `token`'s own (this write sent again,
+    its first answer lost), 2 when another mover's (`movers`: what every mover's token
+    starts with), paused past its lease on the old shard while this one took the job
+    there: that mover finds it taken, and removes it no more."""
 
     LUA = (
         "local keep_ms = ttl_ms"
         + KEEP_BODY
         + REDIS_NOW_MS
         + """
-    if redis.call('ZSCORE', queue, job_id) then return 0 end
+    local answer, holder = 1, redis.call('GET', lease)
+    if redis.call('ZSCORE', queue, job_id) then
+      if not holder then return 0 end
+      if holder ~= token then
+        if string.sub(holder, 1, #movers) ~= movers then return 0 end
+        answer = 2
+      end
+    end
     redis.call('SET', job, data, 'PX', ttl_ms)
     redis.call('SET', lease, token, 'PX', hold_ms)
     local held_until = redis_now_ms() + tonumber(hold_ms)
     redis.call('ZADD', queue, math.max(tonumber(due_ms), held_until), job_id)
     if body ~= job then keep_body() end
-    return 1
+    return answer
     """
     )
     queue: Key
@@ -109,6 +126,7 @@ class PlaceJob(Script):
     token: str
     hold_ms: int
     shared: bytes = b""
+    movers: str = MOVER
 
 
 @dataclass
