@@ -20,10 +20,18 @@ both while its mover lives:
      project is still its own (`fence`: else another mover may have moved the job, the
      copy its only one), and looks at the job again on the next pass.
 A copy its replicas did not confirm is removed, and the job given back on the old shard
-(its workers run it at once): the move stops (NotReplicated), nothing removed there. A
-mover that dies between 2 and 3, or stops there (its lease lost), leaves the job on both
-shards: it runs on the old one once the lease lapses, and on the new one once the hold
-does (at least once, under the same delivery id); never on neither.
+(its workers run it at once): the move stops (NotReplicated). Each write answers as it did
+when redis-py sends it again, its first answer lost (`TakeJob` and `PlaceJob` find the
+mover's own lease or hold; `DropHeld` leaves the mover's word that it removed the job). A
+write that fails (Redis unreachable through redis-py's tries) leaves the job to the next
+pass: after a failed take or placement it is under the mover's lease on the old shard,
+taken again then; a failed removal, or letting the copy run, is made again then
+(`Drain.unsettled`), the copy held meanwhile, as it may be the only one.
+
+A mover stopped mid-job (it died, it lost its lease, or its move stopped on an error)
+leaves that job on one shard or both, never on neither: on the old one, run there once
+the mover's lease lapses (30 s), and/or its copy on the new one, run once the hold does
+(60 s): at least once, under the same delivery id.
 """
 
 from __future__ import annotations
@@ -142,6 +150,8 @@ class Drain:
     hold_s: float = 0.0  # (0: `HOLD_FACTOR` times `lease_s`)
     fence: Callable[[], Awaitable[None]] | None = None
     replication: Replication | None = field(init=False)
+    # the jobs Redis kept from settling (`settle`), and whether their copy was placed
+    unsettled: dict[str, tuple[Taken, bool]] = field(init=False, default_factory=dict)
 
     def __post_init__(self) -> None:
         self.replication = Replication.of(self.dst.settings, self.dst.keys)
@@ -172,8 +182,9 @@ class Drain:
         """One pass over the old shard's queue: (the project's jobs seen, those moved, those
         left to finish there: see `queued.where_to`)."""
         src, project = self.src, self.project
+        seen, taken = await self.resettle()
         ordered = await ordered_on(src, project)
-        seen = taken = staying = start = 0
+        staying = start = 0
         while ids := await src.redis.zrange(src.keys.QUEUE, start, start + PAGE - 1):
             start += PAGE
             datas = await src.redis.mget([src.keys.arq_job(i.decode()) for i in ids])
@@ -226,22 +237,50 @@ class Drain:
 
     async def carry(self, taken: Taken) -> bool:
         """Steps 2 and 3: True when the job moved, False when a worker on the old shard took
-        it since it was taken (its copy on the new shard removed)."""
+        it since it was taken (its copy on the new shard removed), or Redis failed as it
+        was placed (it is under the mover's lease on the old shard, where the next pass
+        takes it again: `TakeJob`) or settled (the next pass settles it: `settle`)."""
         self.alive()  # a mover that lost its lease places nothing (another may move it)
-        placed = await self.place(taken)
-        if await self._leave(taken):
-            if placed:
-                await self._let_run(self.dst, taken)
-            return True
-        if placed:
-            await self._fence()  # else another mover may have moved the job: the copy stays
-            if not await self._drop_copy(taken):
-                self.say(
-                    f"{self.project}: job {taken.job_id}: its copy on the new shard is no "
-                    "longer this mover's (its hold lapsed, or another mover took it over): "
-                    "it may run on both shards"
-                )
-        return False
+        try:
+            placed = await self.place(taken)
+        except REDIS_ERRORS as exc:
+            self.say(f"{self.project}: job {taken.job_id} not placed ({exc!r}): next pass")
+            return False
+        return await self.settle(taken, placed)
+
+    async def settle(self, taken: Taken, placed: bool) -> bool:
+        """Step 3: the job leaves the old shard and its copy is let run (True), or, a worker
+        there having taken it, the copy is removed (False). Redis failing meanwhile, the
+        job is kept `unsettled` (False) and settled on the next pass: the copy stays held
+        meanwhile, as it may be the only one (these writes may be made again: `DropHeld`
+        answers as it did, and `FreeHeld` frees the copy once)."""
+        try:
+            if moved := await self._leave(taken):
+                if placed:
+                    await self._let_run(self.dst, taken)
+            elif placed:
+                await self._fence()  # else another mover may have moved the job: copy stays
+                if not await self._drop_copy(taken):
+                    self.say(
+                        f"{self.project}: job {taken.job_id}: its copy on the new shard is no "
+                        "longer this mover's (its hold lapsed, or another mover took it "
+                        "over): it may run on both shards"
+                    )
+        except REDIS_ERRORS as exc:
+            self.unsettled[taken.job_id] = (taken, placed)
+            self.say(f"{self.project}: job {taken.job_id} not settled ({exc!r}): next pass")
+            return False
+        self.unsettled.pop(taken.job_id, None)
+        return moved
+
+    async def resettle(self) -> tuple[int, int]:
+        """The jobs Redis kept a pass before from settling, settled (`settle`): (how many,
+        how many moved)."""
+        moved, tried = 0, list(self.unsettled.values())
+        for taken, placed in tried:
+            self.alive()
+            moved += await self.settle(taken, placed)
+        return len(tried), moved
 
     async def _fence(self) -> None:
         if self.fence is None:
@@ -288,9 +327,11 @@ class Drain:
             lease=keys.ARQ_IN_PROGRESS_PREFIX + job_id,
             job=keys.arq_job(job_id),
             claims=keys.ARQ_RETRY_PREFIX + job_id,
+            left=keys.left(job_id),
             marks=[key for key, _, _ in marks],
             token=self.token,
             job_id=job_id,
+            left_ms=int(self.hold_s * 1000),
             values=[value for _, value, _ in marks],
         )
 

@@ -230,34 +230,6 @@ async def test_a_paused_mover_stops_before_it_removes_a_copy_another_mover_moved
         assert [claimed.job_id for claimed in await worker.claim(1)] == [JOB_ID]
 
 
-class PlacedTwice(Drain):
-    """A drain whose placement is sent twice, the first answer lost (as redis-py sends a
-    pipeline again when its connection failed after the first send landed)."""
-
-    async def place(self, taken: Taken) -> bool:
-        await super().place(taken)
-        return await super().place(taken)
-
-
-async def test_a_placement_sent_again_lets_the_copy_run(
-    shard_servers: list[EmbeddedRedis],
-) -> None:
-    """The copy's placement lands, its answer is lost, and it is sent again: the copy is
-    there, held by this same mover, which counts it placed and lets it run once the job
-    left the old shard: due when the job was. Before, the second answer said the id was
-    queued already, and the copy stayed held (not due) until its hold lapsed (60 s)."""
-    async with Router.open(two_empty_shards(shard_servers)) as router:
-        src, dst = router.shards
-        due = now_ms() - 1_000
-        await src.redis.set(src.keys.arq_job(JOB_ID), b"{}", px=60_000)
-        await src.redis.zadd(src.keys.QUEUE, {JOB_ID: due})
-        drain = PlacedTwice(src, dst, "mv", MOVER + "a", lambda: None)
-        assert await drain.move_job(JOB_ID, b"{}", unless_begun=False) is True
-        assert await _where(src) == (False, None)
-        assert await _where(dst) == (True, None)
-        assert await dst.redis.zscore(dst.keys.QUEUE, JOB_ID) == due
-
-
 async def test_a_moved_job_is_held_on_the_new_shard_until_it_left_the_old_one(
     shard_servers: list[EmbeddedRedis],
 ) -> None:
