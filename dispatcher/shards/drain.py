@@ -20,13 +20,14 @@ both while its mover lives:
      project is still its own (`fence`: else another mover may have moved the job, the
      copy its only one), and looks at the job again on the next pass.
 A copy its replicas did not confirm is removed, and the job given back on the old shard
-(its workers run it at once): the move stops (NotReplicated). Each write answers as it did
-when redis-py sends it again, its first answer lost (`TakeJob` and `PlaceJob` find the
-mover's own lease or hold; `DropHeld` leaves the mover's word that it removed the job). A
-write that fails (Redis unreachable through redis-py's tries) leaves the job to the next
-pass: after a failed take or placement it is under the mover's lease on the old shard,
-taken again then; a failed removal, or letting the copy run, is made again then
-(`Drain.unsettled`), the copy held meanwhile, as it may be the only one.
+(its workers run it at once): the move stops (NotReplicated: `STOPPED_FLIPPED` says what
+it leaves). Each write answers as it did when redis-py sends it again, its first answer
+lost (`TakeJob` and `PlaceJob` find the mover's own lease or hold; `DropHeld` leaves the
+mover's word that it removed the job). A write that fails (Redis unreachable through
+redis-py's tries) leaves the job to the next pass: after a failed take or placement it is
+under the mover's lease on the old shard, taken again then; a failed removal, or letting
+the copy run, is made again then (`Drain.unsettled`), the copy held meanwhile, as it may
+be the only one.
 
 A mover stopped mid-job (it died, it lost its lease, or its move stopped on an error)
 leaves that job on one shard or both, never on neither: on the old one, run there once
@@ -68,14 +69,31 @@ if TYPE_CHECKING:
     from dispatcher.services import Services
     from dispatcher.settings import Settings
 
-__all__ = ["LEASE_S", "STOPPED", "Drain", "Taken", "confirmed", "late_pushes_s"]
+__all__ = [
+    "LEASE_S",
+    "STOPPED",
+    "STOPPED_FLIPPED",
+    "Drain",
+    "Taken",
+    "confirmed",
+    "late_pushes_s",
+]
 
 PAGE = 500
 LEASE_S = 30.0  # a job the mover takes is leased this long on the old shard
 HOLD_FACTOR = 2  # and its copy held this many times as long on the new one
 SAY_EVERY_S = 10.0  # how often a move waiting for jobs to finish on the old shard says so
 TOOK_OVER = 2  # `PlaceJob`'s answer: the copy was held by another mover
-STOPPED = "the move stopped with nothing of the project removed from its old shard"
+# What a write the replicas did not confirm leaves: before a move's flip, and after it
+STOPPED = (
+    "the move stopped before its flip, nothing of the project removed from its old shard "
+    "(its callbacks and roles frozen until the move is run again)"
+)
+STOPPED_FLIPPED = (
+    "the move stopped after its flip: of the project, only the queued jobs moved so far "
+    "left its old shard (each confirmed on the new one), the rest is still there; its "
+    "ordered deliveries on the new shard wait (their lanes held) until the move is finished"
+)
 NO_TTL_MARK_MS = 86_400_000  # a progress mark without a time to live goes with a day
 
 
@@ -87,17 +105,17 @@ def late_pushes_s(settings: Settings) -> float:
     return settings.placement_refresh + settings.emit_wait + settings.redis_timeout
 
 
-async def confirmed(services: Services, what: str, then: str = STOPPED) -> None:
+async def confirmed(services: Services, what: str, then: str) -> None:
     """What the mover wrote to `services`' shard so far, on as many of its replicas as
     `DISPATCHER_REDIS_MIN_REPLICAS` says, before it goes on; NotReplicated otherwise,
-    saying `what` was not confirmed, and `then` what that leaves."""
+    saying `what` was not confirmed, and `then` what that leaves (`STOPPED`, ...)."""
     try:
         await confirm(services.redis, Replication.of(services.settings, services.keys))
     except NotReplicated as exc:
         raise _unconfirmed(exc, f"shard {services.shard.index}: {what}", then) from exc
 
 
-def _unconfirmed(exc: NotReplicated, what: str, then: str = STOPPED) -> NotReplicated:
+def _unconfirmed(exc: NotReplicated, what: str, then: str) -> NotReplicated:
     return NotReplicated(
         f"{what} not confirmed ({exc.message}): {then}; run it again once the replicas are back",
         confirmed=exc.confirmed,
@@ -312,7 +330,7 @@ class Drain:
                 await self._drop_copy(taken)
                 await self._let_run(self.src, taken)
             what = f"shard {self.dst.shard.index}: {self.project}'s job {job_id}"
-            raise _unconfirmed(exc, what) from exc
+            raise _unconfirmed(exc, what, STOPPED_FLIPPED) from exc
         if answers[0] == TOOK_OVER:
             self.say(
                 f"{self.project}: job {job_id}: its copy on the new shard, held by another "

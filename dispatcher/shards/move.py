@@ -29,7 +29,10 @@ moved.
 With `DISPATCHER_REDIS_MIN_REPLICAS`, what it wrote to a shard is on that many replicas
 before a step relies on it: the copies (2) before the flip, each placement, each moved job
 before it leaves the old shard, the history before the old shard is cleaned; else the move
-stops (NotReplicated) with nothing of the project removed from the old shard.
+stops (NotReplicated). Before the flip nothing of the project is removed from the old shard
+(its callbacks and roles stay frozen until the move is run again); after it, only the
+queued jobs moved so far have left it (each on the new shard's replicas first), and its
+lanes on the new shard stay held (its ordered deliveries wait) until the move is finished.
 A mover that dies leaves a job under its lease, which lapses: the job runs on the old
 shard as well, under the same delivery id (at least once, never lost). Moving again
 finishes the move: from its start before the flip, from step 4 after it (the hold on the
@@ -49,7 +52,13 @@ from dispatcher.history.redis import RedisHistory
 from dispatcher.models import PLATFORM_PROJECT
 from dispatcher.placement import Placed, rendezvous
 from dispatcher.registry.copies import callback_ids, put_rows, read_rows
-from dispatcher.shards.drain import STOPPED, Drain, confirmed, late_pushes_s
+from dispatcher.shards.drain import (
+    STOPPED,
+    STOPPED_FLIPPED,
+    Drain,
+    confirmed,
+    late_pushes_s,
+)
 from dispatcher.shards.holdings import forget, holds, projects_on
 from dispatcher.shards.lanes import hold, hold_source, let_go
 from dispatcher.shards.lease import MoveLease
@@ -194,20 +203,20 @@ class Mover:
         """Steps 1 to 5 of the module's doc."""
         src, dst = self.router.shards[source], self.router.shards[target]
         self.say(f"{project}: shard {source} -> {target}: freezing its callbacks")
-        await self._place(lease, project, Placed(source, target))
+        await self._place(lease, project, Placed(source, target), STOPPED)
         await self.settle()
         await lease.fence()
         await hold(dst, project, source)
         await self._copy(src, dst, project, lease.alive)
-        await confirmed(dst, f"{project}'s hold, callbacks, roles and history")
-        await self._place(lease, project, Placed(target))
+        await confirmed(dst, f"{project}'s hold, callbacks, roles and history", STOPPED)
+        await self._place(lease, project, Placed(target), STOPPED_FLIPPED)
         flipped = time.monotonic()
         await self.settle()
         await lease.fence()
         await self._finish(src, dst, project, source, lease, flipped)
 
     async def _place(
-        self, lease: MoveLease, project: str, placed: Placed | None, then: str = STOPPED
+        self, lease: MoveLease, project: str, placed: Placed | None, then: str
     ) -> None:
         """Write the project's placement while this mover holds its `lease`, confirmed by
         the home shard's replicas (`DISPATCHER_REDIS_MIN_REPLICAS`: `then` says what a
@@ -290,7 +299,7 @@ class Mover:
         moved = await drain.run()
         self.say(f"{project}: {moved} queued job(s) moved; cleaning shard {source}")
         await self._copy_history(src, dst, project, lease.alive)
-        await confirmed(dst, f"{project}'s history")
+        await confirmed(dst, f"{project}'s history", STOPPED_FLIPPED)
         await lease.fence()
         await forget(src, project, lease.alive)
 
