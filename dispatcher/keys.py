@@ -137,6 +137,9 @@ that the shards' slots spread evenly over the slot range). Besides:
     dispatcher:placement:version              INCR bumped on every placement change
     dispatcher:placement:mover:{project}      STRING the token of the mover moving the
                                               project, with a TTL (home shard only)
+    dispatcher:left:{job id}                  STRING the token of the mover that removed a
+                                              job it held here (TTL: its hold's), so that
+                                              the removal sent again answers as it did
 """
 
 from __future__ import annotations
@@ -243,6 +246,7 @@ class Keys:
         self.SHARD = f"{base}:shard"
         self.PLACEMENT = f"{base}:placement"
         self.PLACEMENT_VERSION = f"{base}:placement:version"
+        self.LEFT_PREFIX = f"{base}:left:"
         self.LANES_ORDERED_PREFIX = f"{base}:lanes:ordered:"
         self.LANES_SEQ_PREFIX = f"{base}:lanes:seq:"
         self.LANES_PENDING_PREFIX = f"{base}:lanes:pending:"
@@ -309,6 +313,10 @@ class Keys:
     def move_lease(self, project_id: str) -> str:
         """On the home shard, while a mover moves the project: its token (one at a time)."""
         return f"{self.PLACEMENT}:mover:{project_id}"
+
+    def left(self, job_id: str) -> str:
+        """The mover's word that it removed a job it held here (`shards.queued.DropHeld`)."""
+        return f"{self.LEFT_PREFIX}{job_id}"
 
     def lanes_hold(self, project_id: str) -> str:
         """Set while the project moves here: its lanes wait for those of its old shard."""

@@ -9,18 +9,30 @@ both while its mover lives:
   1. it is taken on the old shard under the mover's lease (`TakeJob`): no worker there
      claims it meanwhile;
   2. a copy is queued on the new shard *held* by the mover (`PlaceJob`): no worker there
-     runs it yet; with `DISPATCHER_REDIS_MIN_REPLICAS`, it is on that many replicas
+     runs it yet. A copy of it there held by another mover (paused past its lease while
+     this one took the move over) is written over, this one's now: that mover no longer
+     removes it. With `DISPATCHER_REDIS_MIN_REPLICAS`, it is on that many replicas
      before step 3 (`dispatcher.replication`);
   3. the job leaves the old shard while the mover's lease there is still its own
      (`DropHeld`: no worker took it since), and the copy is let run (`FreeHeld`, due when
      the job was). A mover paused past that lease finds a worker took the job: it
-     removes the copy while it still holds it (held twice the lease), and looks at the
-     job again on the next pass.
+     removes the copy while it still holds it (held twice the lease) and its lease on the
+     project is still its own (`fence`: else another mover may have moved the job, the
+     copy its only one), and looks at the job again on the next pass.
 A copy its replicas did not confirm is removed, and the job given back on the old shard
-(its workers run it at once): the move stops (NotReplicated), nothing removed there. A
-mover that dies between 2 and 3 leaves the job on both shards: it runs on the old one
-once the lease lapses, and on the new one once the hold does (at least once, under the
-same delivery id).
+(its workers run it at once): the move stops (NotReplicated: `STOPPED_FLIPPED` says what
+it leaves). Each write answers as it did when redis-py sends it again, its first answer
+lost (`TakeJob` and `PlaceJob` find the mover's own lease or hold; `DropHeld` leaves the
+mover's word that it removed the job). A write that fails (Redis unreachable through
+redis-py's tries) leaves the job to the next pass: after a failed take or placement it is
+under the mover's lease on the old shard, taken again then; a failed removal, or letting
+the copy run, is made again then (`Drain.unsettled`), the copy held meanwhile, as it may
+be the only one.
+
+A mover stopped mid-job (it died, it lost its lease, or its move stopped on an error)
+leaves that job on one shard or both, never on neither: on the old one, run there once
+the mover's lease lapses (30 s), and/or its copy on the new one, run once the hold does
+(60 s): at least once, under the same delivery id.
 """
 
 from __future__ import annotations
@@ -49,7 +61,7 @@ from dispatcher.shards.queued import (
 )
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Awaitable, Callable
 
     from redis.asyncio.client import Pipeline
 
@@ -57,13 +69,31 @@ if TYPE_CHECKING:
     from dispatcher.services import Services
     from dispatcher.settings import Settings
 
-__all__ = ["LEASE_S", "STOPPED", "Drain", "Taken", "confirmed", "late_pushes_s"]
+__all__ = [
+    "LEASE_S",
+    "STOPPED",
+    "STOPPED_FLIPPED",
+    "Drain",
+    "Taken",
+    "confirmed",
+    "late_pushes_s",
+]
 
 PAGE = 500
 LEASE_S = 30.0  # a job the mover takes is leased this long on the old shard
 HOLD_FACTOR = 2  # and its copy held this many times as long on the new one
 SAY_EVERY_S = 10.0  # how often a move waiting for jobs to finish on the old shard says so
-STOPPED = "the move stopped with nothing of the project removed from its old shard"
+TOOK_OVER = 2  # `PlaceJob`'s answer: the copy was held by another mover
+# What a write the replicas did not confirm leaves: before a move's flip, and after it
+STOPPED = (
+    "the move stopped before its flip, nothing of the project removed from its old shard "
+    "(its callbacks and roles frozen until the move is run again)"
+)
+STOPPED_FLIPPED = (
+    "the move stopped after its flip: of the project, only the queued jobs moved so far "
+    "left its old shard (each confirmed on the new one), the rest is still there; its "
+    "ordered deliveries on the new shard wait (their lanes held) until the move is finished"
+)
 NO_TTL_MARK_MS = 86_400_000  # a progress mark without a time to live goes with a day
 
 
@@ -75,17 +105,17 @@ def late_pushes_s(settings: Settings) -> float:
     return settings.placement_refresh + settings.emit_wait + settings.redis_timeout
 
 
-async def confirmed(services: Services, what: str, then: str = STOPPED) -> None:
+async def confirmed(services: Services, what: str, then: str) -> None:
     """What the mover wrote to `services`' shard so far, on as many of its replicas as
     `DISPATCHER_REDIS_MIN_REPLICAS` says, before it goes on; NotReplicated otherwise,
-    saying `what` was not confirmed, and `then` what that leaves."""
+    saying `what` was not confirmed, and `then` what that leaves (`STOPPED`, ...)."""
     try:
         await confirm(services.redis, Replication.of(services.settings, services.keys))
     except NotReplicated as exc:
         raise _unconfirmed(exc, f"shard {services.shard.index}: {what}", then) from exc
 
 
-def _unconfirmed(exc: NotReplicated, what: str, then: str = STOPPED) -> NotReplicated:
+def _unconfirmed(exc: NotReplicated, what: str, then: str) -> NotReplicated:
     return NotReplicated(
         f"{what} not confirmed ({exc.message}): {then}; run it again once the replicas are back",
         confirmed=exc.confirmed,
@@ -121,8 +151,10 @@ class Taken:
 @dataclass
 class Drain:
     """Step 4 of `project`'s move from `src` to `dst` (see the module's doc), by the mover
-    `token`; `alive` raises to stop it (the mover's lease). It ends once no job was found
-    for `quiet_s`, and not before `until` (monotonic)."""
+    `token` (`queued.MOVER` and more); `alive` raises to stop it (the mover's lease, by its
+    clock), and so does `fence` (the lease still its own in Redis; None: `alive`), checked
+    before the mover removes a copy. It ends once no job was found for `quiet_s`, and not
+    before `until` (monotonic)."""
 
     src: Services
     dst: Services
@@ -134,7 +166,10 @@ class Drain:
     until: float = 0.0
     lease_s: float = LEASE_S
     hold_s: float = 0.0  # (0: `HOLD_FACTOR` times `lease_s`)
+    fence: Callable[[], Awaitable[None]] | None = None
     replication: Replication | None = field(init=False)
+    # the jobs Redis kept from settling (`settle`), and whether their copy was placed
+    unsettled: dict[str, tuple[Taken, bool]] = field(init=False, default_factory=dict)
 
     def __post_init__(self) -> None:
         self.replication = Replication.of(self.dst.settings, self.dst.keys)
@@ -165,8 +200,9 @@ class Drain:
         """One pass over the old shard's queue: (the project's jobs seen, those moved, those
         left to finish there: see `queued.where_to`)."""
         src, project = self.src, self.project
+        seen, taken = await self.resettle()
         ordered = await ordered_on(src, project)
-        seen = taken = staying = start = 0
+        staying = start = 0
         while ids := await src.redis.zrange(src.keys.QUEUE, start, start + PAGE - 1):
             start += PAGE
             datas = await src.redis.mget([src.keys.arq_job(i.decode()) for i in ids])
@@ -219,23 +255,61 @@ class Drain:
 
     async def carry(self, taken: Taken) -> bool:
         """Steps 2 and 3: True when the job moved, False when a worker on the old shard took
-        it since it was taken (its copy on the new shard removed)."""
-        placed = await self.place(taken)
-        if await self._leave(taken):
-            if placed:
-                await self._let_run(self.dst, taken)
-            return True
-        if placed and not await self._drop_copy(taken):
-            self.say(
-                f"{self.project}: job {taken.job_id} runs on both shards: its mover was "
-                "paused past its hold of it on the new shard"
-            )
-        return False
+        it since it was taken (its copy on the new shard removed), or Redis failed as it
+        was placed (it is under the mover's lease on the old shard, where the next pass
+        takes it again: `TakeJob`) or settled (the next pass settles it: `settle`)."""
+        self.alive()  # a mover that lost its lease places nothing (another may move it)
+        try:
+            placed = await self.place(taken)
+        except REDIS_ERRORS as exc:
+            self.say(f"{self.project}: job {taken.job_id} not placed ({exc!r}): next pass")
+            return False
+        return await self.settle(taken, placed)
+
+    async def settle(self, taken: Taken, placed: bool) -> bool:
+        """Step 3: the job leaves the old shard and its copy is let run (True), or, a worker
+        there having taken it, the copy is removed (False). Redis failing meanwhile, the
+        job is kept `unsettled` (False) and settled on the next pass: the copy stays held
+        meanwhile, as it may be the only one (these writes may be made again: `DropHeld`
+        answers as it did, and `FreeHeld` frees the copy once)."""
+        try:
+            if moved := await self._leave(taken):
+                if placed:
+                    await self._let_run(self.dst, taken)
+            elif placed:
+                await self._fence()  # else another mover may have moved the job: copy stays
+                if not await self._drop_copy(taken):
+                    self.say(
+                        f"{self.project}: job {taken.job_id}: its copy on the new shard is no "
+                        "longer this mover's (its hold lapsed, or another mover took it "
+                        "over): it may run on both shards"
+                    )
+        except REDIS_ERRORS as exc:
+            self.unsettled[taken.job_id] = (taken, placed)
+            self.say(f"{self.project}: job {taken.job_id} not settled ({exc!r}): next pass")
+            return False
+        self.unsettled.pop(taken.job_id, None)
+        return moved
+
+    async def resettle(self) -> tuple[int, int]:
+        """The jobs Redis kept a pass before from settling, settled (`settle`): (how many,
+        how many moved)."""
+        moved, tried = 0, list(self.unsettled.values())
+        for taken, placed in tried:
+            self.alive()
+            moved += await self.settle(taken, placed)
+        return len(tried), moved
+
+    async def _fence(self) -> None:
+        if self.fence is None:
+            self.alive()
+        else:
+            await self.fence()
 
     async def place(self, taken: Taken) -> bool:
         """Step 2: the held copy, confirmed by the replicas; False when that job id was
-        queued there already (kept as it is). NotReplicated: its copy is removed, and the
-        job given back on the old shard."""
+        queued there already and not held by a mover (kept as it is: `PlaceJob`).
+        NotReplicated: its copy is removed, and the job given back on the old shard."""
         d, job_id = self.dst.keys, taken.job_id
 
         def queue(pipe: Pipeline) -> None:
@@ -256,7 +330,12 @@ class Drain:
                 await self._drop_copy(taken)
                 await self._let_run(self.src, taken)
             what = f"shard {self.dst.shard.index}: {self.project}'s job {job_id}"
-            raise _unconfirmed(exc, what) from exc
+            raise _unconfirmed(exc, what, STOPPED_FLIPPED) from exc
+        if answers[0] == TOOK_OVER:
+            self.say(
+                f"{self.project}: job {job_id}: its copy on the new shard, held by another "
+                "mover (paused past its lease), is this mover's now"
+            )
         return bool(answers[0])
 
     def _held(self, keys: Keys, taken: Taken, marks: list[tuple[str, bytes, int]]) -> DropHeld:
@@ -266,9 +345,11 @@ class Drain:
             lease=keys.ARQ_IN_PROGRESS_PREFIX + job_id,
             job=keys.arq_job(job_id),
             claims=keys.ARQ_RETRY_PREFIX + job_id,
+            left=keys.left(job_id),
             marks=[key for key, _, _ in marks],
             token=self.token,
             job_id=job_id,
+            left_ms=int(self.hold_s * 1000),
             values=[value for _, value, _ in marks],
         )
 

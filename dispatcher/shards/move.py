@@ -29,7 +29,10 @@ moved.
 With `DISPATCHER_REDIS_MIN_REPLICAS`, what it wrote to a shard is on that many replicas
 before a step relies on it: the copies (2) before the flip, each placement, each moved job
 before it leaves the old shard, the history before the old shard is cleaned; else the move
-stops (NotReplicated) with nothing of the project removed from the old shard.
+stops (NotReplicated). Before the flip nothing of the project is removed from the old shard
+(its callbacks and roles stay frozen until the move is run again); after it, only the
+queued jobs moved so far have left it (each on the new shard's replicas first), and its
+lanes on the new shard stay held (its ordered deliveries wait) until the move is finished.
 A mover that dies leaves a job under its lease, which lapses: the job runs on the old
 shard as well, under the same delivery id (at least once, never lost). Moving again
 finishes the move: from its start before the flip, from step 4 after it (the hold on the
@@ -49,13 +52,20 @@ from dispatcher.history.redis import RedisHistory
 from dispatcher.models import PLATFORM_PROJECT
 from dispatcher.placement import Placed, rendezvous
 from dispatcher.registry.copies import callback_ids, put_rows, read_rows
-from dispatcher.shards.drain import STOPPED, Drain, confirmed, late_pushes_s
+from dispatcher.shards.drain import (
+    STOPPED,
+    STOPPED_FLIPPED,
+    Drain,
+    confirmed,
+    late_pushes_s,
+)
 from dispatcher.shards.holdings import forget, holds, projects_on
 from dispatcher.shards.lanes import hold, hold_source, let_go
 from dispatcher.shards.lease import MoveLease
+from dispatcher.shards.queued import MOVER
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Awaitable, Callable
 
     from dispatcher.services import Services
     from dispatcher.shards.router import Router
@@ -72,13 +82,15 @@ class Mover:
     router: Router
     say: Callable[[str], None] = print
     settle_s: float = 0.0
-    token: str = field(default_factory=lambda: f"mover:{time.time_ns()}")
-    late_s: float = 0.0  # a drain ends no sooner after the flip (`drain.late_pushes_s`)
+    token: str = field(default_factory=lambda: f"{MOVER}{time.time_ns()}")
+    # a drain ends no sooner than this after the flip; None: `drain.late_pushes_s` (what
+    # the settings say), 0: it waits for no late push
+    late_s: float | None = None
 
     def __post_init__(self) -> None:
         if not self.settle_s:
             self.settle_s = SETTLE_REFRESHES * self.router.settings.placement_refresh
-        if not self.late_s:
+        if self.late_s is None:
             self.late_s = late_pushes_s(self.router.settings)
 
     async def grow(self) -> list[str]:
@@ -191,20 +203,20 @@ class Mover:
         """Steps 1 to 5 of the module's doc."""
         src, dst = self.router.shards[source], self.router.shards[target]
         self.say(f"{project}: shard {source} -> {target}: freezing its callbacks")
-        await self._place(lease, project, Placed(source, target))
+        await self._place(lease, project, Placed(source, target), STOPPED)
         await self.settle()
         await lease.fence()
         await hold(dst, project, source)
         await self._copy(src, dst, project, lease.alive)
-        await confirmed(dst, f"{project}'s hold, callbacks, roles and history")
-        await self._place(lease, project, Placed(target))
+        await confirmed(dst, f"{project}'s hold, callbacks, roles and history", STOPPED)
+        await self._place(lease, project, Placed(target), STOPPED_FLIPPED)
         flipped = time.monotonic()
         await self.settle()
         await lease.fence()
         await self._finish(src, dst, project, source, lease, flipped)
 
     async def _place(
-        self, lease: MoveLease, project: str, placed: Placed | None, then: str = STOPPED
+        self, lease: MoveLease, project: str, placed: Placed | None, then: str
     ) -> None:
         """Write the project's placement while this mover holds its `lease`, confirmed by
         the home shard's replicas (`DISPATCHER_REDIS_MIN_REPLICAS`: `then` says what a
@@ -282,11 +294,12 @@ class Mover:
     ) -> None:
         """After the flip (at `flipped`, monotonic): drain the old shard, copy the history
         written meanwhile, clean it, each once the new shard's replicas confirmed."""
-        drain = self.drain_of(src, dst, project, lease.alive, until=flipped + self.late_s)
+        late_s = self.late_s or 0.0  # (set by now: see `__post_init__`)
+        drain = self.drain_of(src, dst, project, lease.alive, flipped + late_s, lease.fence)
         moved = await drain.run()
         self.say(f"{project}: {moved} queued job(s) moved; cleaning shard {source}")
         await self._copy_history(src, dst, project, lease.alive)
-        await confirmed(dst, f"{project}'s history")
+        await confirmed(dst, f"{project}'s history", STOPPED_FLIPPED)
         await lease.fence()
         await forget(src, project, lease.alive)
 
@@ -297,9 +310,13 @@ class Mover:
         project: str,
         alive: Callable[[], None],
         until: float = 0.0,
+        fence: Callable[[], Awaitable[None]] | None = None,
     ) -> Drain:
-        """The drain of `project`'s jobs from `src` to `dst` (step 4) by this mover."""
-        return Drain(src, dst, project, self.token, alive, self.say, self.settle_s, until)
+        """The drain of `project`'s jobs from `src` to `dst` (step 4) by this mover (see
+        `Drain` for `alive`, `until` and `fence`)."""
+        return Drain(
+            src, dst, project, self.token, alive, self.say, self.settle_s, until, fence=fence
+        )
 
     async def _copy(
         self, src: Services, dst: Services, project: str, alive: Callable[[], None]

@@ -18,8 +18,13 @@ from dispatcher.models import PLATFORM_PROJECT
 if TYPE_CHECKING:
     from dispatcher.keys import Keys
 
+# What a mover's token starts with (`PlaceJob`); a worker's is its host's name and more,
+# and no host name holds a '/'.
+MOVER = "mover/"
+
 __all__ = [
     "MOVE",
+    "MOVER",
     "STAY",
     "UNLESS_BEGUN",
     "DropHeld",
@@ -32,25 +37,30 @@ __all__ = [
 
 @dataclass
 class TakeJob(Script):
-    """Takes a queued job nobody holds, as the mover read it (`read`: the SHA-1 of its
+    """Takes a queued job nobody else holds, as the mover read it (`read`: the SHA-1 of its
     bytes then): sets the mover's lease on it and returns {data, due ms, data ttl ms}; nil
-    when a worker holds it, it is gone or it changed (a worker ran it meanwhile: looked at
-    again); 'stays' when `unless_begun` ('1': an event to fan out) and its `claims` are
-    counted: a run of it began here."""
+    when a worker (or another mover) holds it, it is gone or it changed (a worker ran it
+    meanwhile: looked at again); 'stays' when `unless_begun` ('1': an event to fan out) and
+    its `claims` are counted: a run of it began here. A job under `token`'s own lease
+    (this take sent again, its first answer lost) is taken again. Taken, the word of a
+    mover that removed it before (`left`: `DropHeld`) goes."""
 
     LUA = """
-    if redis.call('EXISTS', lease) == 1 then return false end
+    local holder = redis.call('GET', lease)
+    if holder and holder ~= token then return false end
     local data = redis.call('GET', job)
     local due = redis.call('ZSCORE', queue, job_id)
     if not data or not due or redis.sha1hex(data) ~= read then return false end
     if unless_begun == '1' and redis.call('EXISTS', claims) == 1 then return 'stays' end
     redis.call('SET', lease, token, 'PX', lease_ms)
+    redis.call('DEL', left)
     return {data, due, redis.call('PTTL', job)}
     """
     queue: Key
     lease: Key
     job: Key
     claims: Key
+    left: Key
     token: str
     job_id: str
     lease_ms: int
@@ -67,6 +77,7 @@ class TakeJob(Script):
             lease=keys.ARQ_IN_PROGRESS_PREFIX + job_id,
             job=keys.arq_job(job_id),
             claims=keys.ARQ_RETRY_PREFIX + job_id,
+            left=keys.left(job_id),
             token=token,
             job_id=job_id,
             lease_ms=int(lease_s * 1000),
@@ -82,20 +93,32 @@ class PlaceJob(Script):
     worker claims it until `FreeHeld` lets it run (or the hold lapses: its mover died);
     with its reference to the body it refers to at `body` (`shared`: the bytes; the `job`
     key again for one that holds its own: `dispatcher.bodies`). Returns 1; 0, writing
-    nothing, when that id is queued already (that job is kept as it is)."""
+    nothing, when that id is queued already and not held by a mover (that job is kept as
+    it is: a worker runs it, or may). Queued already held by a mover, it is written over
+    (its hold now this one's): 1 when the hold was `token`'s own (this write sent again,
+    its first answer lost), 2 when another mover's (`movers`: what every mover's token
+    starts with), paused past its lease on the old shard while this one took the job
+    there: that mover finds it taken, and removes it no more."""
 
     LUA = (
         "local keep_ms = ttl_ms"
         + KEEP_BODY
         + REDIS_NOW_MS
         + """
-    if redis.call('ZSCORE', queue, job_id) then return 0 end
+    local answer, holder = 1, redis.call('GET', lease)
+    if redis.call('ZSCORE', queue, job_id) then
+      if not holder then return 0 end
+      if holder ~= token then
+        if string.sub(holder, 1, #movers) ~= movers then return 0 end
+        answer = 2
+      end
+    end
     redis.call('SET', job, data, 'PX', ttl_ms)
     redis.call('SET', lease, token, 'PX', hold_ms)
     local held_until = redis_now_ms() + tonumber(hold_ms)
     redis.call('ZADD', queue, math.max(tonumber(due_ms), held_until), job_id)
     if body ~= job then keep_body() end
-    return 1
+    return answer
     """
     )
     queue: Key
@@ -109,31 +132,40 @@ class PlaceJob(Script):
     token: str
     hold_ms: int
     shared: bytes = b""
+    movers: str = MOVER
 
 
 @dataclass
 class DropHeld(Script):
     """While the job's `lease` holds `token` (the mover's: no worker has taken it since),
     removes the job: its queue entry, data, lease and claim count, and each of `marks`
-    whose value is still the one in `values` (what the mover wrote with it). Returns 1,
-    else 0 (the job is left as it is)."""
+    whose value is still the one in `values` (what the mover wrote with it), and says so
+    at `left` (`token`, kept `left_ms`). Returns 1, else 0 (the job is left as it is); 1
+    again when `left` says this mover removed it (this write sent again, its first answer
+    lost: redis-py sends a pipeline again when its connection fails)."""
 
     LUA = """
-    if redis.call('GET', lease) ~= token then return 0 end
+    if redis.call('GET', lease) ~= token then
+      if redis.call('GET', left) == token then return 1 end
+      return 0
+    end
     redis.call('DEL', lease, job, claims)
     redis.call('ZREM', queue, job_id)
     for i, mark in ipairs(marks) do
       if redis.call('GET', mark) == values[i] then redis.call('DEL', mark) end
     end
+    redis.call('SET', left, token, 'PX', left_ms)
     return 1
     """
     queue: Key
     lease: Key
     job: Key
     claims: Key
+    left: Key
     marks: KeyList
     token: str
     job_id: str
+    left_ms: int
     values: ArgList
 
 

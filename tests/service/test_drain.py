@@ -12,6 +12,7 @@ import redis as sync_redis
 
 from dispatcher.clock import now_ms
 from dispatcher.embedded import EmbeddedRedis
+from dispatcher.errors import Unavailable
 from dispatcher.lua import run_pipeline
 from dispatcher.models import Region
 from dispatcher.producer import Producer
@@ -20,6 +21,7 @@ from dispatcher.services import Services
 from dispatcher.settings import Settings
 from dispatcher.shards.drain import Drain, Taken
 from dispatcher.shards.move import SETTLE_REFRESHES, Mover
+from dispatcher.shards.queued import MOVER
 from dispatcher.shards.router import Router
 from dispatcher.worker import create_worker
 from dispatcher.worker.claims import Claims
@@ -104,6 +106,130 @@ async def test_a_mover_paused_past_its_lease_leaves_the_job_to_the_worker_that_t
         assert await _where(src) == ((False, None) if ended else (True, b"worker"))
 
 
+async def _lapsed(services: Services) -> None:
+    """Until the lease on the job lapsed on the shard of `services`."""
+    lease = services.keys.ARQ_IN_PROGRESS_PREFIX + JOB_ID
+
+    async def gone() -> bool:
+        return not await services.redis.exists(lease)
+
+    await until(gone, 10, "the lease on the job to lapse")
+
+
+async def _lease_lost() -> None:
+    raise Unavailable("mv: this mover stopped: another mover took the lease")
+
+
+class Overtaken(Drain):
+    """Mover A, paused once it queued its copy on the new shard, past its lease on the job
+    on the old shard; meanwhile mover `next` (the project's lease lapsed, it took the move
+    over) moves that job."""
+
+    next: Drain
+
+    async def place(self, taken: Taken) -> bool:
+        placed = await super().place(taken)
+        await _lapsed(self.src)
+        assert await self.next.move_job(JOB_ID, b"{}", unless_begun=False) is True
+        return placed
+
+
+@pytest.mark.parametrize("fenced", [False, True], ids=["its lease seems kept", "lease lost"])
+async def test_a_mover_that_took_a_move_over_takes_over_the_copy_a_paused_one_holds(
+    shard_servers: list[EmbeddedRedis], fenced: bool
+) -> None:
+    """Mover A takes a job on the old shard and queues its copy on the new one, held, then
+    is paused past its lease on the job. Mover B, which took the move over, takes the job
+    on the old shard, finds A's copy held on the new one and takes that hold over, then
+    removes the job from the old shard and lets the copy run. A, resumed, finds the job
+    gone from the old shard: it stops before it removes its copy (its lease lost), or,
+    its lease seemingly kept, finds the copy no longer its own. The job is queued on the
+    new shard, free to run: on one shard, never on neither. Before, B's placement kept
+    A's copy as it was (A's), and A removed it: the job was on neither shard."""
+    async with Router.open(two_empty_shards(shard_servers)) as router:
+        src, dst = router.shards
+        await src.redis.set(src.keys.arq_job(JOB_ID), b"{}", px=60_000)
+        await src.redis.zadd(src.keys.QUEUE, {JOB_ID: now_ms()})
+        said: list[str] = []
+        a = Overtaken(src, dst, "mv", MOVER + "a", lambda: None, said.append, lease_s=0.2)
+        a.hold_s, a.fence = HOLD_S, _lease_lost if fenced else None
+        a.next = Drain(src, dst, "mv", MOVER + "b", lambda: None, said.append)
+        if fenced:
+            with pytest.raises(Unavailable, match="another mover took the lease"):
+                await a.move_job(JOB_ID, b"{}", unless_begun=False)
+        else:
+            assert await a.move_job(JOB_ID, b"{}", unless_begun=False) is False
+        assert await _where(src) == (False, None)
+        assert await _where(dst) == (True, None)  # let run by B
+        assert await dst.redis.get(dst.keys.arq_job(JOB_ID)) == b"{}"
+        worker = Claims(dst.redis, dst.keys, "worker", lease_s=30)
+        assert [claimed.job_id for claimed in await worker.claim(1)] == [JOB_ID]
+        assert said[0] == (
+            f"mv: job {JOB_ID}: its copy on the new shard, held by another mover (paused past "
+            "its lease), is this mover's now"
+        )
+
+
+class Resumes(Drain):
+    """Mover A, paused once it took the job, past its lease on it; meanwhile mover `next`
+    takes the job and queues its copy, then is paused itself (until `go`), and A resumes."""
+
+    next: Drain
+    go: asyncio.Event
+    next_moved: asyncio.Task[bool | None]
+
+    async def take(
+        self, job_id: str, read: bytes, *, unless_begun: bool = False
+    ) -> Taken | Literal[False] | None:
+        taken = await super().take(job_id, read, unless_begun=unless_begun)
+        await _lapsed(self.src)
+        placed = asyncio.Event()
+        go = self.go
+
+        class PausedOncePlaced(Drain):
+            async def place(self, taken: Taken) -> bool:
+                answer = await super().place(taken)
+                placed.set()
+                await go.wait()
+                return answer
+
+        b = self.next
+        paused = PausedOncePlaced(b.src, b.dst, b.project, b.token, b.alive, b.say)
+        self.next_moved = asyncio.create_task(paused.move_job(job_id, read, unless_begun=False))
+        await placed.wait()
+        return taken
+
+
+async def test_a_paused_mover_stops_before_it_removes_a_copy_another_mover_moved(
+    shard_servers: list[EmbeddedRedis],
+) -> None:
+    """The other way round: mover A is paused past its lease on a job it took, mover B
+    takes the job and queues its copy on the new shard, and is paused in turn before it
+    removes the job from the old shard; A resumes and queues its copy over B's (a hold of
+    another mover's: this one's now), then finds the job no longer its own on the old
+    shard. Its lease lost, it stops before it removes the copy, which B's move needs: B
+    removes the job from the old shard, and the copy, held by A, runs once A's hold
+    lapses (here: ended at once). On one shard, never on neither (without the check of
+    A's lease, A removed the copy: the job was on neither)."""
+    async with Router.open(two_empty_shards(shard_servers)) as router:
+        src, dst = router.shards
+        await src.redis.set(src.keys.arq_job(JOB_ID), b"{}", px=60_000)
+        await src.redis.zadd(src.keys.QUEUE, {JOB_ID: now_ms()})
+        a = Resumes(src, dst, "mv", MOVER + "a", lambda: None, lease_s=0.2, hold_s=HOLD_S)
+        a.fence, a.go = _lease_lost, asyncio.Event()
+        a.next = Drain(src, dst, "mv", MOVER + "b", lambda: None, lambda _: None)
+        with pytest.raises(Unavailable, match="another mover took the lease"):
+            await a.move_job(JOB_ID, b"{}", unless_begun=False)
+        assert await _where(dst) == (True, (MOVER + "a").encode())
+        a.go.set()
+        assert await a.next_moved is True
+        assert await _where(src) == (False, None)
+        await dst.redis.delete(dst.keys.ARQ_IN_PROGRESS_PREFIX + JOB_ID)  # A's hold lapses:
+        await dst.redis.zadd(dst.keys.QUEUE, {JOB_ID: now_ms()}, xx=True)  # its lease, its end
+        worker = Claims(dst.redis, dst.keys, "worker", lease_s=30)
+        assert [claimed.job_id for claimed in await worker.claim(1)] == [JOB_ID]
+
+
 async def test_a_moved_job_is_held_on_the_new_shard_until_it_left_the_old_one(
     shard_servers: list[EmbeddedRedis],
 ) -> None:
@@ -147,6 +273,20 @@ def test_a_drain_waits_as_long_as_a_producer_may_retry_on_the_old_shard() -> Non
     )
     assert late_pushes_s(settings) == 0.5 + 7 + 3
     assert late_pushes_s(settings) > 2 * SETTLE_REFRESHES * settings.placement_refresh
+
+
+async def test_a_mover_told_to_wait_for_no_late_push_waits_for_none(
+    shard_servers: list[EmbeddedRedis],
+) -> None:
+    """`late_s=0` switches the wait for late pushes off (a fleet whose producers never
+    retry on a shard); left out, it is what the settings say. Before, 0 was taken for
+    "left out" and the mover waited the settings' bound all the same."""
+    from dispatcher.shards.drain import late_pushes_s
+
+    settings = two_empty_shards(shard_servers, emit_wait=7)
+    async with Router.open(settings) as router:
+        assert Mover(router, lambda _: None, late_s=0).late_s == 0
+        assert Mover(router, lambda _: None).late_s == late_pushes_s(settings) > 7
 
 
 class LatePush(Mover):

@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import orjson
@@ -242,6 +242,7 @@ class FirstPassThenDue(Mover):
         project: str,
         alive: Callable[[], None],
         until: float = 0.0,
+        fence: Callable[[], Awaitable[None]] | None = None,
     ) -> Drain:
         job_id = self.job_id
 
@@ -252,7 +253,9 @@ class FirstPassThenDue(Mover):
                     await shard.redis.zadd(shard.keys.QUEUE, {job_id: now_ms()}, xx=True, lt=True)
                 return found
 
-        return ThenDue(src, dst, project, self.token, alive, self.say, self.settle_s, until)
+        return ThenDue(
+            src, dst, project, self.token, alive, self.say, self.settle_s, until, fence=fence
+        )
 
 
 @pytest.mark.parametrize("began", ["claimed", "a re-run's chunk"])
