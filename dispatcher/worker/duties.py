@@ -26,7 +26,7 @@ from dispatcher.cluster import scan_shard
 from dispatcher.connections import REDIS_ERRORS, redis_full
 from dispatcher.lua import Key, KeyList, Script, run_pipeline
 from dispatcher.status import write_heartbeat
-from dispatcher.worker.lane_lua import FIRST_THERE
+from dispatcher.worker.lane_lua import FIRST_THERE, first_there_names
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
@@ -292,11 +292,6 @@ def unblock_script(keys: Keys, lanes: list[str], count: int, progress_ttl: int) 
         dropped=keys.DROPPED,
         lanes=lanes,
         count=count,
-        job_prefix=keys.ARQ_JOB_PREFIX,
-        lease_prefix=keys.ARQ_IN_PROGRESS_PREFIX,
-        progress_prefix=keys.DELIVERY_PREFIX,
-        progress_ttl=progress_ttl,
-        waiting_prefix=keys.LANES_WAITING_PREFIX,
-        lane_body=keys.BODY_PREFIX + bodies.LANE,
         now_ms=now_ms(),
+        **first_there_names(keys, progress_ttl),
     )

@@ -6,10 +6,15 @@ as recorded drops (`FIRST_THERE`)."""
 from __future__ import annotations
 
 import json
+from typing import TYPE_CHECKING, Any
 
+from dispatcher.bodies import LANE
 from dispatcher.worker.record import KEPT_ENTRIES
 
-__all__ = ["CLEAR", "FIRST_THERE", "GONE"]
+if TYPE_CHECKING:
+    from dispatcher.keys import Keys
+
+__all__ = ["CLEAR", "FIRST_THERE", "GONE", "first_there_names"]
 
 GONE = "job data gone when its lane's turn came"
 
@@ -92,3 +97,16 @@ local function first_there(lane, read)
 end
 """
 )
+
+
+def first_there_names(keys: Keys, progress_ttl: int) -> dict[str, Any]:
+    """The prefixes and mark TTL `FIRST_THERE` reads, of the shard of `keys`: what each
+    script that runs it declares besides `queue`, `dropped` and `now_ms`."""
+    return {
+        "job_prefix": keys.ARQ_JOB_PREFIX,
+        "lease_prefix": keys.ARQ_IN_PROGRESS_PREFIX,
+        "progress_prefix": keys.DELIVERY_PREFIX,
+        "progress_ttl": progress_ttl,
+        "waiting_prefix": keys.LANES_WAITING_PREFIX,
+        "lane_body": keys.BODY_PREFIX + LANE,
+    }

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 from dispatcher.bodies import GIVE_BACK, LANE
 from dispatcher.ending import END_JOB, NO_JOB
 from dispatcher.lua import ArgList, Key, KeyList, Script
-from dispatcher.worker.lane_lua import CLEAR, FIRST_THERE
+from dispatcher.worker.lane_lua import CLEAR, FIRST_THERE, first_there_names
 
 if TYPE_CHECKING:
     from dispatcher.ending import JobEnd
@@ -373,11 +373,6 @@ return {'lane:next', id, data, redis.call('GET', progress_prefix .. id) or '',
             lease_ms=lease_ms,
             now_ms=now_ms,
             recheck_ms=recheck_ms,
-            job_prefix=keys.ARQ_JOB_PREFIX,
-            lease_prefix=keys.ARQ_IN_PROGRESS_PREFIX,
-            progress_prefix=keys.DELIVERY_PREFIX,
-            progress_ttl=progress_ttl,
-            waiting_prefix=keys.LANES_WAITING_PREFIX,
-            lane_body=keys.BODY_PREFIX + LANE,
             callback_prefix=keys.CALLBACK_PREFIX,
+            **first_there_names(keys, progress_ttl),
         )
