@@ -57,6 +57,7 @@ from dispatcher.shards.queued import (
     FreeHeld,
     PlaceJob,
     TakeJob,
+    job_keys,
     where_to,
 )
 
@@ -341,11 +342,7 @@ class Drain:
     def _held(self, keys: Keys, taken: Taken, marks: list[tuple[str, bytes, int]]) -> DropHeld:
         job_id = taken.job_id
         return DropHeld(
-            queue=keys.QUEUE,
-            lease=keys.ARQ_IN_PROGRESS_PREFIX + job_id,
-            job=keys.arq_job(job_id),
-            claims=keys.ARQ_RETRY_PREFIX + job_id,
-            left=keys.left(job_id),
+            **job_keys(keys, job_id),
             marks=[key for key, _, _ in marks],
             token=self.token,
             job_id=job_id,

@@ -31,8 +31,21 @@ __all__ = [
     "FreeHeld",
     "PlaceJob",
     "TakeJob",
+    "job_keys",
     "where_to",
 ]
+
+
+def job_keys(keys: Keys, job_id: str) -> dict[str, str]:
+    """A moved job's keys on the shard of `keys`, as `TakeJob` and `DropHeld` name them:
+    its queue, lease, data, claim count, and the mark of its removal (`left`)."""
+    return {
+        "queue": keys.QUEUE,
+        "lease": keys.ARQ_IN_PROGRESS_PREFIX + job_id,
+        "job": keys.arq_job(job_id),
+        "claims": keys.ARQ_RETRY_PREFIX + job_id,
+        "left": keys.left(job_id),
+    }
 
 
 @dataclass
@@ -73,11 +86,7 @@ class TakeJob(Script):
     ) -> TakeJob:
         """The take of `job_id` on the shard of `keys`, as it was `read`."""
         return cls(
-            queue=keys.QUEUE,
-            lease=keys.ARQ_IN_PROGRESS_PREFIX + job_id,
-            job=keys.arq_job(job_id),
-            claims=keys.ARQ_RETRY_PREFIX + job_id,
-            left=keys.left(job_id),
+            **job_keys(keys, job_id),
             token=token,
             job_id=job_id,
             lease_ms=int(lease_s * 1000),
