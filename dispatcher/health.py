@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from dispatcher.registry import Registry
     from dispatcher.settings import Settings
 
-__all__ = ["CircuitBreaker", "Failing", "Health"]
+__all__ = ["CircuitBreaker", "Failing", "FilterError", "Health"]
 
 log = structlog.get_logger("dispatcher.health")
 
@@ -48,7 +48,9 @@ end
 class Failed(Script):
     """Counts one final failure of callback `callback_id` at `now_ms` (`last_error`: its
     error; `record_id`: the failed attempt's record, '' when none: counting the same
-    record twice counts it once), and marks its hash `failing` (`MARK`). Past
+    record twice counts it once), and marks its hash `failing` (`MARK`); a callback
+    deleted meanwhile (its attempt was in flight) counts nothing: no health comes back
+    for a callback that is gone. Past
     `disable_after` failures *and* `disable_after_ms` since the first, the callback is
     disabled (`registry.scripts.DISABLE`, which finds its match set inside Redis, from its
     hash: hence the match prefix and separator).
@@ -58,6 +60,7 @@ class Failed(Script):
         DISABLE
         + MARK
         + """
+if redis.call('EXISTS', callback) == 0 then return {0, tonumber(now_ms)} end  -- deleted
 if record_id ~= '' and redis.call('HGET', health, 'lastRecord') == record_id then
   local row = redis.call('HMGET', health, 'failures', 'since')
   return {tonumber(row[1]), tonumber(row[2])}
@@ -119,20 +122,46 @@ return 1
 class FailingRows(Script):
     """The first `limit` callbacks with failures on record, oldest failure first, as {id,
     failures, since, last error} rows. Their ids are read inside Redis, so their health
-    hashes' keys are made there (`health_prefix`)."""
+    hashes' and callbacks' keys are made there (`health_prefix`, `callback_prefix`). What
+    a deleted callback left (written before a failure checked that its callback exists)
+    is removed as it is met, and so is an entry without health."""
 
     LUA = """
     local ids = redis.call('ZRANGE', failing, 0, tonumber(limit) - 1)
     local out = {}
     for _, id in ipairs(ids) do
       local row = redis.call('HMGET', health_prefix .. id, 'failures', 'since', 'lastError')
-      if row[1] then out[#out + 1] = {id, row[1], row[2], row[3]} end
+      if row[1] and redis.call('EXISTS', callback_prefix .. id) == 1 then
+        out[#out + 1] = {id, row[1], row[2], row[3]}
+      else
+        redis.call('DEL', health_prefix .. id)
+        redis.call('ZREM', failing, id)
+      end
     end
     return out
     """
     failing: Key
     health_prefix: str
+    callback_prefix: str
     limit: int
+
+
+@dataclass
+class FilterError(Script):
+    """One more failure of callback `callback`'s filter (`error` its message, at `now_ms`),
+    counted on `errors` while the callback exists: a delete that lands between the match
+    and this write leaves nothing behind."""
+
+    LUA = """
+    if redis.call('EXISTS', callback) == 0 then return 0 end
+    redis.call('HINCRBY', errors, 'n', 1)
+    redis.call('HSET', errors, 'lastError', error, 'lastAt', now_ms)
+    return 1
+    """
+    errors: Key
+    callback: Key
+    error: str
+    now_ms: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,7 +196,8 @@ class Health:
 
     async def failing(self, limit: int = 1000) -> list[Failing]:
         """Callbacks whose last deliveries failed, most failures first (one round trip)."""
-        rows = await FailingRows(self.keys.HEALTH_FAILING, self.keys.HEALTH_PREFIX, limit).run(
+        k = self.keys
+        rows = await FailingRows(k.HEALTH_FAILING, k.HEALTH_PREFIX, k.CALLBACK_PREFIX, limit).run(
             self.redis
         )
         found = [

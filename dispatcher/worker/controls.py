@@ -38,6 +38,7 @@ import structlog
 
 from dispatcher import metrics
 from dispatcher.clock import now_ms
+from dispatcher.health import FilterError
 from dispatcher.lua import REDIS_NOW_MS, Key, Script
 from dispatcher.registry.filters import FilterBudget, FilterFailed, filter_matches
 from dispatcher.worker.steps import Step
@@ -263,13 +264,10 @@ class Controls:
             event_type=event.event,
             error=error,
         )
-        key = self.keys.filter_errors(target.id)
-
-        def count(pipe: Pipeline) -> None:
-            pipe.hincrby(key, "n", 1)
-            pipe.hset(key, mapping={"lastError": error, "lastAt": now_ms()})
-
-        self.writer.submit(count)  # rides along with the next attempts' writes
+        count = FilterError(
+            self.keys.filter_errors(target.id), self.keys.callback(target.id), error, now_ms()
+        )
+        self.writer.submit(count.queue_on)  # rides along with the next attempts' writes
 
     # ---- the limits ----------------------------------------------------------------------
 

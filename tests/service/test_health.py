@@ -3,16 +3,21 @@ pipeline, that also disables the callback past the thresholds (a count and a spa
 
 from __future__ import annotations
 
+import asyncio
+
+from aiohttp import web
 from redis.asyncio import Redis
 from structlog.testing import capture_logs
 
 from dispatcher.embedded import EmbeddedRedis
-from dispatcher.health import Health
+from dispatcher.health import FilterError, Health
 from dispatcher.keys import Keys
 from dispatcher.lua import run_pipeline
 from dispatcher.models import Event, Region
+from dispatcher.producer import Producer
 from dispatcher.registry import Registry
-from tests.helpers import make_settings
+from dispatcher.settings import Settings
+from tests.helpers import Receiver, RunWorker, make_settings
 
 keys = Keys()  # today's key names (one shard)
 
@@ -83,3 +88,78 @@ async def test_the_match_knows_failures_on_record_from_the_callbacks_mark(
     await registry.delete("demo", callback_id)
     await run_pipeline(redis, lambda pipe: health.succeeded(pipe, callback_id))
     assert not await redis.exists(keys.callback(callback_id))
+
+
+async def test_a_callback_deleted_while_its_attempt_is_in_flight_leaves_no_health_behind(
+    redis: Redis, settings: Settings, receiver: Receiver, run_worker: RunWorker
+) -> None:
+    """A final failure whose callback was deleted while its request was in flight counts
+    nothing: its health hash and its place among the failing callbacks went with it, and
+    came back for good (no TTL, the id never used again), pushing real failing callbacks
+    out of the oldest-first status listings (review)."""
+    arrived, go = asyncio.Event(), asyncio.Event()
+
+    async def held_then_refused(request: web.Request) -> web.StreamResponse:
+        arrived.set()
+        await go.wait()
+        return web.Response(status=400, text="no")
+
+    registry = Registry(redis)
+    url = receiver.script("/held", held_then_refused)
+    callback_id, _ = await registry.create("demo", url, Event.BUILD_END, Region.DEVNET)
+    await Producer(settings, redis).emit("demo", "BUILD_END", {"n": 1})
+    worker = asyncio.ensure_future(run_worker())
+    try:
+        await asyncio.wait_for(arrived.wait(), 30)
+        await registry.delete("demo", callback_id)
+        assert not await redis.exists(keys.callback(callback_id))
+    finally:
+        go.set()
+        await worker
+    assert len(receiver.requests("/held")) == 1
+    assert not await redis.exists(keys.health(callback_id), keys.callback(callback_id))
+    assert await redis.zscore(keys.HEALTH_FAILING, str(callback_id)) is None
+    assert await Health(redis, registry, settings).failing() == []
+
+
+async def test_the_failing_listing_clears_what_deleted_callbacks_left(
+    redis: Redis, settings: Settings
+) -> None:
+    """Health a deleted callback left behind (before its final failures checked that it
+    exists) is cleared by the first listing that meets it: listed no more, its keys gone;
+    a callback still there is listed as before."""
+    registry = Registry(redis)
+    health = Health(redis, registry, settings)
+    kept, _ = await registry.create("demo", "https://e.com/h", Event.BUILD_END, Region.DEVNET)
+    await health.failed(kept, "HTTP 500", now_ms=2_000)
+    ghost = kept + 1000
+    await redis.hset(keys.health(ghost), mapping={"failures": 3, "since": 1_000})  # type: ignore[misc]
+    await redis.zadd(keys.HEALTH_FAILING, {str(ghost): 1_000, "7777": 500})
+    assert [f.callback_id for f in await health.failing()] == [kept]
+    assert not await redis.exists(keys.health(ghost))
+    assert await redis.zrange(keys.HEALTH_FAILING, 0, -1) == [str(kept).encode()]
+
+
+async def test_a_filters_failure_counts_only_while_its_callback_exists(
+    redis: Redis, settings: Settings
+) -> None:
+    """A filter's failure is counted on its callback while it exists; one whose callback
+    was deleted meanwhile (between the match and the write) leaves no count behind."""
+    registry = Registry(redis)
+    callback_id, _ = await registry.create("demo", "https://e.com/h", Event.BUILD_END,
+                                           Region.DEVNET)  # fmt: skip
+    errors = keys.filter_errors(callback_id)
+
+    async def fail() -> int:
+        count = FilterError(errors, keys.callback(callback_id), "length() of a number", 5)
+        return int(await count.run(redis))
+
+    assert await fail() == 1
+    assert await redis.hgetall(errors) == {  # type: ignore[misc]  # sync|async
+        b"n": b"1",
+        b"lastError": b"length() of a number",
+        b"lastAt": b"5",
+    }
+    await registry.delete("demo", callback_id)
+    assert await fail() == 0
+    assert not await redis.exists(errors)
