@@ -29,6 +29,7 @@ from dispatcher.producer import Producer
 from dispatcher.queue import Queue
 from dispatcher.redelivery import redeliver_window
 from dispatcher.registry import Registry, validate_url
+from dispatcher.registry.rules import checked_reason
 from dispatcher.shard import Shard
 from dispatcher.status import read_status
 
@@ -204,9 +205,10 @@ class Services:
     async def disable(
         self, callback_id: int, *, by: str, reason: str | None = None, project_id: str | None = None
     ) -> None:
-        """Disable a callback; the reason shown in the list says who did it when none is given."""
+        """Disable a callback; the reason shown in the list says who did it when none is given
+        (one with control characters is refused)."""
         await self.registry.set_enabled(
-            callback_id, False, reason or f"disabled by {by}", project_id=project_id
+            callback_id, False, checked_reason(reason) or f"disabled by {by}", project_id=project_id
         )
 
     async def enable(self, callback_id: int, *, project_id: str | None = None) -> None:

@@ -10,7 +10,15 @@ from rich.table import Table
 
 from dispatcher.auth import Role
 from dispatcher.catalogue import CATALOGUE
-from dispatcher.cli.common import CLI_USER, console, err, fmt_ms, load_settings, on_router
+from dispatcher.cli.common import (
+    CLI_USER,
+    console,
+    err,
+    fmt_ms,
+    load_settings,
+    on_router,
+    tagged,
+)
 from dispatcher.headers import AuthHeader
 from dispatcher.models import PLATFORM_PROJECT, Callback, Region
 from dispatcher.registry import Options, Registration
@@ -41,7 +49,7 @@ PipelineOption = Annotated[str | None, typer.Option(help="Pipeline id: that pipe
 def _owner(project: str | None, all_projects: bool) -> str:
     """The project whose callbacks a command is about: --project, or the platform's."""
     if all_projects == (project is not None):
-        err.print("[red]error[/red]: give --project P or --all-projects (one of them)")
+        err.print(tagged("error", "red", ": give --project P or --all-projects (one of them)"))
         raise typer.Exit(2)
     return PLATFORM_PROJECT if all_projects else str(project)
 
@@ -52,7 +60,7 @@ def _auth_header(spec: str | None) -> AuthHeader | None:
         return None
     name, colon, value = spec.partition(":")
     if not colon:
-        err.print("[red]error[/red]: --auth-header takes 'Name: value'")
+        err.print(tagged("error", "red", ": --auth-header takes 'Name: value'"))
         raise typer.Exit(2)
     return name.strip(), value.strip()
 
@@ -185,9 +193,9 @@ def callbacks_add(
         )
     )
     for name in result.success_events:
-        console.print(f"[green]registered[/green] {name}")
+        console.print(tagged("registered", "green", f" {name}"))
     for name, reason in result.failure_events.items():
-        err.print(f"[red]refused[/red] {name}: {reason}")
+        err.print(tagged("refused", "red", f" {name}: {reason}"))
     if result.failure_events:
         raise typer.Exit(1)
 

@@ -11,6 +11,7 @@ import typer
 from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from dispatcher.connections import REDIS_ERRORS
 from dispatcher.embedded import EmbeddedPostgres, EmbeddedRedis
@@ -34,6 +35,7 @@ __all__ = [
     "on_router",
     "records_table",
     "run_async",
+    "tagged",
     "with_history_url",
     "with_redis_url",
 ]
@@ -47,8 +49,16 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-console = Console()
-err = Console(stderr=True)
+# No markup or emoji codes: what the CLI prints holds what projects and receivers wrote
+# (URLs, reasons, filters, errors, lane keys), which Rich would read as its own markup ("[/]"
+# stops the command, "[link=…]" disguises a link). Its own colours go through `tagged`.
+console = Console(markup=False, emoji=False)
+err = Console(stderr=True, markup=False, emoji=False)
+
+
+def tagged(tag: str, style: str, rest: str = "") -> Text:
+    """`tag` in `style`, then `rest` as it is."""
+    return Text.assemble((tag, style), rest)
 
 
 def load_settings(**overrides: Any) -> Settings:
@@ -58,7 +68,7 @@ def load_settings(**overrides: Any) -> Settings:
     except ValidationError as exc:
         for error in exc.errors():
             name = "DISPATCHER_" + "_".join(str(p) for p in error["loc"]).upper()
-            err.print(f"[red]configuration error[/red] {name}: {error['msg']}")
+            err.print(tagged("configuration error", "red", f" {name}: {error['msg']}"))
         raise typer.Exit(2) from None
 
 
@@ -70,8 +80,12 @@ def with_redis_url(settings: Settings) -> Settings:
     running = EmbeddedRedis(settings.data_dir).running_url()
     if running is None:
         err.print(
-            "[red]no Redis[/red]: set DISPATCHER_REDIS_URL, or start `dispatcher run` (its "
-            f"embedded Redis in {settings.data_dir} is found automatically)"
+            tagged(
+                "no Redis",
+                "red",
+                ": set DISPATCHER_REDIS_URL, or start `dispatcher run` (its "
+                f"embedded Redis in {settings.data_dir} is found automatically)",
+            )
         )
         raise typer.Exit(2)
     return settings.model_copy(update={"redis_url": running})
@@ -84,10 +98,10 @@ def checked(settings: Settings) -> Settings:
     try:
         warnings = asyncio.run(check_shards(settings))
     except InvalidSetting as exc:
-        err.print(f"[red]configuration error[/red] {exc.param}: {exc.message}")
+        err.print(tagged("configuration error", "red", f" {exc.param}: {exc.message}"))
         raise typer.Exit(2) from None
     for warning in warnings:
-        err.print(f"[yellow]warning[/yellow]: {warning}")
+        err.print(tagged("warning", "yellow", f": {warning}"))
     return settings
 
 
@@ -105,8 +119,12 @@ def with_history_url(settings: Settings) -> Settings:
     running = embedded_postgres(settings).running_url()
     if running is None:
         err.print(
-            "[red]no embedded PostgreSQL[/red]: start `dispatcher run` with "
-            f"DISPATCHER_HISTORY_URL=embedded (its data in {settings.data_dir}) first"
+            tagged(
+                "no embedded PostgreSQL",
+                "red",
+                ": start `dispatcher run` with "
+                f"DISPATCHER_HISTORY_URL=embedded (its data in {settings.data_dir}) first",
+            )
         )
         raise typer.Exit(2)
     return settings.model_copy(update={"history_url": running})
@@ -116,10 +134,10 @@ def run_async(factory: Callable[[], Coroutine[Any, Any, T]]) -> T:
     try:
         return asyncio.run(factory())
     except DispatcherError as exc:
-        err.print(f"[red]error[/red]: {exc.message}")
+        err.print(tagged("error", "red", f": {exc.message}"))
         raise typer.Exit(1) from None
     except REDIS_ERRORS as exc:
-        err.print(f"[red]Redis unreachable[/red]: {exc}")
+        err.print(tagged("Redis unreachable", "red", f": {exc}"))
         raise typer.Exit(1) from None
 
 

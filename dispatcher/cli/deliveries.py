@@ -20,6 +20,7 @@ from dispatcher.cli.common import (
     load_settings,
     on_router,
     records_table,
+    tagged,
 )
 from dispatcher.models import RedeliveryResult
 from dispatcher.shards import views
@@ -32,10 +33,10 @@ def _parse_data(data: str) -> dict[str, Any]:
         raw = Path(data[1:]).read_bytes() if data.startswith("@") else data.encode()
         value = orjson.loads(raw)
     except (OSError, orjson.JSONDecodeError) as exc:
-        err.print(f"[red]--data[/red] is not valid JSON (or @file): {exc}")
+        err.print(tagged("--data", "red", f" is not valid JSON (or @file): {exc}"))
         raise typer.Exit(2) from None
     if not isinstance(value, dict):
-        err.print("[red]--data[/red] must be a JSON object")
+        err.print(tagged("--data", "red", " must be a JSON object"))
         raise typer.Exit(2)
     return value
 

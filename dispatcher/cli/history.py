@@ -17,6 +17,7 @@ from dispatcher.cli.common import (
     on_router,
     records_table,
     run_async,
+    tagged,
     with_redis_url,
 )
 from dispatcher.history import database
@@ -67,7 +68,9 @@ def history(
 def _postgres_settings() -> Settings:
     settings = with_redis_url(load_settings())
     if not settings.history_url:
-        err.print("[red]no PostgreSQL history[/red]: set DISPATCHER_HISTORY_URL=postgresql://...")
+        err.print(
+            tagged("no PostgreSQL history", "red", ": set DISPATCHER_HISTORY_URL=postgresql://...")
+        )
         raise typer.Exit(2)
     return settings
 

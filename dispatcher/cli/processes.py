@@ -19,6 +19,7 @@ from dispatcher.cli.common import (
     embedded_postgres,
     err,
     load_settings,
+    tagged,
     with_history_url,
     with_redis_url,
 )
@@ -87,7 +88,7 @@ def _history(settings: Settings, servers: contextlib.ExitStack) -> Settings:
         try:
             url = servers.enter_context(postgres).url
         except (OSError, RuntimeError, subprocess.CalledProcessError) as exc:
-            err.print(f"[red]the embedded PostgreSQL did not start[/red]: {exc}")
+            err.print(tagged("the embedded PostgreSQL did not start", "red", f": {exc}"))
             raise typer.Exit(1) from None
         settings = settings.model_copy(update={"history_url": url})
         where = f" {url}  (embedded, data in {postgres.data_dir})"

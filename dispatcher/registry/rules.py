@@ -21,6 +21,7 @@ __all__ = [
     "check_event",
     "check_scope",
     "check_token",
+    "checked_reason",
     "destination",
     "is_pipeline_id",
     "level_of",
@@ -64,15 +65,29 @@ def validate_url(url: str) -> str:
 
 # C0 controls, DEL, C1 controls, Unicode format characters (bidi overrides, zero-width),
 # and the percent-encoded C0, DEL and C1 (UTF-8: %C2%80-%C2%9F).
-_CONTROL = re.compile(
-    "[\x00-\x1f\x7f-\x9f\xad\u061c\u180e\u200b-\u200f\u202a-\u202e\u2060-\u206f"
-    "\ufeff\ufff9-\ufffb]|%(?:[01][0-9A-Fa-f]|7[Ff]|[Cc]2%[89][0-9A-Fa-f])"
+_RAW_CONTROL = (
+    "[\x00-\x1f\x7f-\x9f\xad\u061c\u180e\u200b-\u200f\u202a-\u202e\u2060-\u206f\ufeff\ufff9-\ufffb]"
 )
+_CONTROL = re.compile(_RAW_CONTROL + "|%(?:[01][0-9A-Fa-f]|7[Ff]|[Cc]2%[89][0-9A-Fa-f])")
+_TEXT_CONTROL = re.compile(_RAW_CONTROL)
 CREDENTIALS_REFUSED = (
     "url must not hold credentials (user:password@host): a URL is stored in clear and shown "
     "to every member of the project and in logs; send them in a header instead "
     "(authHeaderName=Authorization&authHeaderValue=...)"
 )
+
+
+def checked_reason(reason: str | None) -> str | None:
+    """A disabled reason as given, refused when it holds control characters (CR, LF,
+    ESC, NUL, bidi overrides, …): it is shown to the project's members and operators in
+    the console, the CLI and logs, as it is."""
+    if reason is not None and _TEXT_CONTROL.search(reason):
+        raise InvalidInput(
+            "reason must not hold control characters (CR, LF, ESC, NUL, bidi overrides, …): "
+            "it is shown as it is in the console, the CLI and logs",
+            param="reason",
+        )
+    return reason
 
 
 def url_problem(url: str) -> str | None:

@@ -188,6 +188,21 @@ async def test_delete_and_enable_disable(api: httpx.AsyncClient, redis: Redis) -
     assert fresh["id"] != cb["id"]
 
 
+@pytest.mark.parametrize("reason", ["maint\r\nX-Forged: 1", "\x1b[2J", "a\x00b", "\u202eevil"])
+async def test_a_disabled_reason_with_control_characters_is_refused(
+    api: httpx.AsyncClient, reason: str
+) -> None:
+    """A reason is shown as it is (console, CLI, logs): control characters in it are
+    refused with a 400 naming `reason`, as in a URL; the callback stays as it was."""
+    await create(api)
+    [cb] = (await api.get(BASE, headers=UID)).json()["data"]["records"]
+    refused = await api.put(f"{BASE}/{cb['id']}/disable", params={"reason": reason}, headers=UID)
+    assert refused.status_code == 400, refused.text
+    assert "reason" in refused.json()["message"]
+    shown = (await api.get(f"{BASE}/{cb['id']}", headers=UID)).json()["data"]
+    assert (shown["enabled"], shown["disabledReason"]) == (True, None)
+
+
 async def test_other_projects_callbacks_are_not_found(api: httpx.AsyncClient) -> None:
     await create(api)
     [cb] = (await api.get(BASE, headers=UID)).json()["data"]["records"]

@@ -305,3 +305,18 @@ def test_db_upgrade_without_postgres_has_nothing_to_do(cli: CliRunner) -> None:
     """Deploy files run it unconditionally (an init container, ExecStartPre)."""
     result = cli.invoke(app, ["db", "upgrade"])
     assert result.exit_code == 0 and "nothing to upgrade" in result.output
+
+
+def test_what_projects_wrote_is_printed_as_it_is(cli: CliRunner) -> None:
+    """A reason or a filter a project wrote is printed as it is, never read as the
+    terminal's markup: "[/]" stopped `callbacks list` with a MarkupError (review), and a
+    `[link=…]` would have shown the operator a disguised link."""
+    added = cli.invoke(app, ["callbacks", "add", "--project", "p", "--url",
+                             "https://example.com/h", "--event", "BUILD_END",
+                             "--filter", "data.x == '[/ops]'"])  # fmt: skip
+    assert added.exit_code == 0, added.output
+    reason = "[/] [link=https://evil.example]ops[/link] :warning:"
+    assert cli.invoke(app, ["callbacks", "disable", "1", "--reason", reason]).exit_code == 0
+    listed = cli.invoke(app, ["callbacks", "list", "--project", "p"], env={"COLUMNS": "400"})
+    assert listed.exit_code == 0, listed.output
+    assert reason in listed.output and "data.x == '[/ops]'" in listed.output
