@@ -26,6 +26,7 @@ from dispatcher.models import (
 from dispatcher.registry.match import TARGET_FIELDS, CallbackTarget, ChunkQuery
 from dispatcher.registry.options import NO_OPTIONS, Options
 from dispatcher.registry.registration import Registration
+from dispatcher.registry.rotation import rotate_all
 from dispatcher.registry.rows import Upsert, to_callback
 from dispatcher.registry.rules import check_event, check_scope, check_token, validate_url
 from dispatcher.registry.scripts import DeleteCallback, RotateToken, SetEnabled, UpgradeMatchSet
@@ -166,23 +167,10 @@ class Registry:
 
     async def rotate_tokens(self) -> int:
         """Re-encrypt every stored secret (tokens and auth header values) with the cipher's
-        first key; returns how many."""
+        first key; returns how many (one changed meanwhile is left as it was changed)."""
         if self.cipher is None:
             raise InvalidInput("no DISPATCHER_TOKEN_KEYS configured: nothing to rotate with")
-        rotated = 0
-        prefix = self.keys.CALLBACK_PREFIX.encode()
-        async for key in self.redis.scan_iter(match=f"{self.keys.CALLBACK_PREFIX}*", count=500):
-            if not key[len(prefix) :].isdigit():  # not a callback: an index of them
-                continue
-            fields = ["secretToken", "previousToken", "authHeaderValue"]
-            stored = await self.redis.hmget(key, fields)  # type: ignore[misc]  # sync|async
-            new = {
-                f: self.cipher.rotate(v.decode()) for f, v in zip(fields, stored, strict=True) if v
-            }
-            if new:
-                await self.redis.hset(key, mapping=new)  # type: ignore[misc]
-                rotated += len(new)
-        return rotated
+        return await rotate_all(self.redis, self.keys, self.cipher)
 
     async def rotate_secret(
         self,

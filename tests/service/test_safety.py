@@ -9,6 +9,7 @@ from typing import Any
 import httpx
 import orjson
 import pytest
+import redis as redis_py
 from aiohttp import web
 from redis.asyncio import Redis
 from structlog.testing import capture_logs
@@ -62,6 +63,46 @@ async def test_tokens_are_encrypted_at_rest_and_rotate(
     await run_worker(only_new)
     [seen] = receiver.requests()
     assert seen.headers["X-DEVOPS-WEBHOOK-TOKEN"] == "plain-secret"
+
+
+@pytest.mark.parametrize("meanwhile", ["rotated", "deleted"])
+async def test_a_key_rotation_never_undoes_what_changed_while_it_ran(
+    redis_server: EmbeddedRedis, redis: Redis, meanwhile: str
+) -> None:
+    """A key rotation reads a callback's secrets, re-encrypts them and writes them back:
+    a secret rotation or a delete that lands in between wins. The rotation wrote what it
+    had read over it: the project's admin rotated away a leaked token and got it back
+    (answered 200), and a deleted callback's encrypted secret came back, listed nowhere
+    (review)."""
+    old_key, new_key = TokenCipher.new_key(), TokenCipher.new_key()
+    old = make_settings(redis_server.url, token_keys=old_key).token_cipher()
+    registry = Registry(redis, old)
+    callback_id, _ = await registry.create(
+        "demo", "https://e.com/h", Event.BUILD_END, Region.DEVNET, "LEAKED-old"
+    )
+    key = keys.callback(callback_id)
+    cipher = make_settings(redis_server.url, token_keys=f"{new_key},{old_key}").token_cipher()
+    assert old is not None and cipher is not None
+    rotate, admin = cipher.rotate, redis_py.Redis.from_url(redis_server.url)
+
+    def rotate_while_the_admin_acts(stored: str) -> str:
+        """The admin's change lands between the rotation's read and its write."""
+        if meanwhile == "rotated":
+            admin.hset(key, "secretToken", old.encrypt("FRESH-new"))
+        else:
+            admin.delete(key)
+        return rotate(stored)
+
+    cipher.rotate = rotate_while_the_admin_acts  # type: ignore[method-assign]
+    try:
+        await Registry(redis, cipher).rotate_tokens()
+    finally:
+        admin.close()
+    if meanwhile == "rotated":
+        target = await Registry(redis, cipher).target(callback_id)
+        assert target is not None and target.secret_token == "FRESH-new"
+    else:
+        assert not await redis.exists(key)
 
 
 def test_a_malformed_token_key_fails_at_start() -> None:
