@@ -385,5 +385,8 @@ class Settings(BaseSettings):
 
     @property
     def progress_ttl(self) -> int:
-        """Seconds a delivery's progress mark lasts: a day, or twice its retries' delays."""
-        return int(max(86_400, 2 * sum(self.retry_schedule)))
+        """Seconds a delivery's progress mark lasts: a day, or twice its retries' delays, or
+        twice the longest Retry-After honoured (the longest wait between two attempts:
+        the mark, its attempt count, must outlive it, or a receiver answering `503` with
+        that wait would start the count again, retried for ever)."""
+        return int(max(86_400, 2 * sum(self.retry_schedule), 2 * self.retry_after_cap))

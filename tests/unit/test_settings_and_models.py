@@ -79,6 +79,27 @@ def test_proxy_urls_with_a_scheme_are_taken() -> None:
     assert Settings(region_proxies=proxies).region_proxies[Region.OSS] == proxies["OSS"]
 
 
+@pytest.mark.parametrize(
+    ("overrides", "at_least"),
+    [
+        ({}, 86_400),
+        ({"retry_schedule": (40_000.0, 40_000.0)}, 160_000),
+        ({"retry_after_cap": 172_800}, 345_600),  # a receiver may ask for two days
+    ],
+)
+def test_a_deliverys_progress_outlives_its_longest_wait(
+    overrides: dict[str, object], at_least: int
+) -> None:
+    """The progress mark (a delivery's attempt count) lasts past the longest wait between
+    two attempts, a Retry-After at the cap included: with a cap past a day, a receiver
+    answering `503 Retry-After: <cap>` outlived the mark, and the count started again
+    each time, never reaching its last attempt (review)."""
+    settings = Settings(**overrides)  # type: ignore[arg-type]
+    assert settings.progress_ttl == at_least
+    longest = max([*settings.retry_schedule, settings.retry_after_cap])
+    assert settings.progress_ttl > longest
+
+
 def test_the_eighteen_events_and_three_regions() -> None:
     assert len(Event) == 18 and Event("BUILD_TASK_PAUSE") is Event.BUILD_TASK_PAUSE
     assert [r.value for r in Region] == ["DEVNET", "OSS", "IDC"]
