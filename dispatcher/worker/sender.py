@@ -1,5 +1,6 @@
 """What goes out for an attempt: the callback checked (what an older version stored, the
-egress policy for its address), then the request sent with its region's client.
+egress policy for its address), then the request sent with its region's client, both
+within the attempt's total timeout (a proxy region's own lookup of the host included).
 
 What cannot be sent, or raises while being checked, fails that delivery alone, for good
 (retrying it would fail the same way); a host whose lookup fails for now is tried again.
@@ -7,6 +8,9 @@ What cannot be sent, or raises while being checked, fails that delivery alone, f
 
 from __future__ import annotations
 
+import asyncio
+import time
+from dataclasses import replace
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
@@ -48,16 +52,21 @@ class Sender:
         )
         if problem is not None:  # stored by an older version: nothing goes out
             return Attempted(AttemptResult.unsent(problem), [])
+        limits, started = self.limits, time.monotonic()
         with owned(target.project_id):  # its name lookups count as its owner's
             try:
                 refused = await self._refusal(target)
             except Exception as exc:
                 refused = AttemptResult.unsent(f"the request could not be sent: {describe(exc)}")
+            if refused is None and target.region in self.settings.region_proxies:
+                spent = time.monotonic() - started  # its lookup: within the total timeout
+                left = round(max(limits.total_timeout - spent, 0.01), 2)
+                limits = replace(limits, total_timeout=left)
             out = Outgoing(
                 target.url, job.body, job.event, job.delivery_id, job.emitter,
                 target.secret_token, target.previous_token, target.auth_header, trace_headers,
             )  # fmt: skip
-            return await attempt(self.clients[target.region], self.limits, out, refused=refused)
+            return await attempt(self.clients[target.region], limits, out, refused=refused)
 
     async def _refusal(self, target: CallbackTarget) -> AttemptResult | None:
         """The egress policy's answer for the callback's address: None when it may go."""
@@ -67,8 +76,12 @@ class Sender:
         if refusal is None and target.region in self.settings.region_proxies:
             # Through a proxy the proxy resolves the host: check its addresses ourselves.
             enforced = target.region in self.settings.proxy_enforced_regions
+            total = self.limits.total_timeout
             try:
-                await policy.check_resolved(target.url, must_resolve=not enforced)
+                async with asyncio.timeout(total):  # within the attempt's (`send`)
+                    await policy.check_resolved(target.url, must_resolve=not enforced)
+            except TimeoutError:  # a hung resolver: try again later
+                return _unresolved(target.url, OSError(0, f"timed out after {total:g}s"))
             except InvalidUrl as exc:
                 refusal = exc.message
             except OSError as exc:  # a temporary lookup failure: try again later

@@ -33,6 +33,7 @@ from tests.helpers import (
     all_records,
     app_client,
     free_port,
+    hang,
     make_settings,
     proxying,
     until,
@@ -109,6 +110,75 @@ async def test_a_proxy_region_refuses_what_the_worker_cannot_check(
         assert record.final and record.status.value == "FAILED", url
         assert (record.error_msg or "").startswith("refused: "), (url, record.error_msg)
         assert why in (record.error_msg or ""), (url, record.error_msg)
+
+
+async def test_a_proxy_regions_own_lookup_counts_within_the_attempts_total_timeout(
+    redis_server: EmbeddedRedis, redis: Redis, run_worker: RunWorker,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    """Through a proxy the worker looks the host up itself (to check its addresses) before
+    the request: a resolver that hangs counts within the attempt's total timeout, and the
+    attempt ends as retried, saying so. The lookup ran outside it: as long as the resolver
+    took (a 25 s lookup, a 25 s attempt; its chunk ran into the job timeout), its
+    `maxInFlight` slot lapsing meanwhile (review)."""
+    loop = asyncio.get_running_loop()
+
+    async def hanging(host: Any, port: Any, *args: Any, **kwargs: Any) -> AddrInfo:
+        await asyncio.sleep(5)  # past the total timeout, then no answer
+        raise socket.gaierror(socket.EAI_AGAIN, FAILURES[socket.EAI_AGAIN])
+
+    monkeypatch.setattr(loop, "getaddrinfo", hanging)
+    async with proxying() as proxy:
+        settings = make_settings(
+            redis_server.url,
+            region_proxies={"OSS": proxy.url},
+            total_timeout=1.0,
+            connect_timeout=1.0,
+            retry_schedule=(),
+        )
+        url = "http://slow-resolver.example:8080/hook"
+        await Registry(redis).create("demo", url, Event.BUILD_END, Region.OSS)
+        await Producer(settings, redis).emit("demo", "BUILD_END", {})
+        await run_worker(settings)
+    assert proxy.asked == []
+    [record] = await all_records(redis, settings, url)
+    assert record.final and record.error_msg == (
+        "could not resolve host slow-resolver.example: timed out after 1s"
+    )
+
+
+async def test_a_proxy_regions_lookup_and_request_share_one_total_timeout(
+    redis_server: EmbeddedRedis, redis: Redis, receiver: Receiver, run_worker: RunWorker,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    """A slow lookup (0.7 s) leaves the request what remains of the total (1 s): a receiver
+    taking 0.7 s more is past it, the attempt timed out, as a receiver taking 1.4 s is."""
+    loop, real = asyncio.get_running_loop(), asyncio.get_running_loop().getaddrinfo
+
+    async def slow(host: Any, port: Any, *args: Any, **kwargs: Any) -> AddrInfo:
+        if host != "slow.corp":
+            return await real(host, port, *args, **kwargs)
+        await asyncio.sleep(0.7)
+        return [(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", ("127.0.0.1", 0))]
+
+    monkeypatch.setattr(loop, "getaddrinfo", slow)
+    port = int(receiver.base.rsplit(":", 1)[1])
+    receiver.script("/hook", hang(0.7))
+    async with proxying({"slow.corp": "127.0.0.1"}) as proxy:
+        settings = make_settings(
+            redis_server.url,
+            region_proxies={"OSS": proxy.url},
+            allow_internal_regions=["OSS"],
+            total_timeout=1.0,
+            connect_timeout=1.0,
+            retry_schedule=(),
+        )
+        url = f"http://slow.corp:{port}/hook"
+        await Registry(redis).create("demo", url, Event.BUILD_END, Region.OSS)
+        await Producer(settings, redis).emit("demo", "BUILD_END", {})
+        await run_worker(settings)
+    [record] = await all_records(redis, settings, url)
+    assert record.final and (record.error_msg or "").startswith("timed out after")
 
 
 async def test_a_proxy_declared_enforcing_gets_the_names_the_worker_cannot_resolve(
