@@ -19,10 +19,10 @@ from typing import TYPE_CHECKING, Any
 
 from dispatcher import keys
 from dispatcher.clock import now_ms
+from dispatcher.lua import ArgList, KeyList, Script
 from dispatcher.models import PLATFORM_PROJECT, Region
 from dispatcher.registry.options import NO_OPTIONS, Options
 from dispatcher.registry.rules import Destination, destination, is_pipeline_id
-from dispatcher.registry.scripts import Match
 
 if TYPE_CHECKING:
     from redis.asyncio.client import Pipeline
@@ -35,6 +35,7 @@ __all__ = [
     "CallbackTarget",
     "Chunk",
     "ChunkQuery",
+    "Match",
     "event_scopes",
     "read_secrets",
 ]
@@ -146,6 +147,63 @@ def event_scopes(project_id: str, pipeline_id: object = None) -> list[tuple[str,
     if is_pipeline_id(pipeline_id):
         scopes.append((keys.scope(project_id, str(pipeline_id)), project_id))
     return scopes
+
+
+@dataclass
+class Match(Script):
+    """The chunk of an event's callbacks after callback id `after`: the `size` smallest
+    ids after it over all levels (`levels`: the match zsets of the event's levels,
+    broadest first: platform, project, pipeline; then the upsert hashes of the same
+    levels), less the disabled ones and those whose URL a broader level sends the same
+    event to (one delivery per URL; a level without callbacks is not asked, and is known
+    to have none at cursor 0 when its range is empty, or else by one EXISTS a chunk).
+    `fields` names the hash fields a delivery needs (`match.TARGET_FIELDS`: 'url' and
+    'enabled' first); `field_prefix` is the upsert field's start ("{event} "). The ids are
+    found here, so their hashes' keys are made here (`callback_prefix`). Returns {next
+    cursor ('' when nothing follows), rows}; a row is {id, level index, the values}."""
+
+    LUA = """
+local n = #levels / 2
+local size = tonumber(size)
+local found = {}
+local more = false
+local empty = {}  -- levels without callbacks: no URL of theirs to give way to
+for lvl = 1, n do
+  local ids = redis.call('ZRANGEBYSCORE', levels[lvl], '(' .. after, '+inf', 'LIMIT', 0, size)
+  if #ids == size then more = true end
+  empty[lvl] = #ids == 0 and (after == '0' or redis.call('EXISTS', levels[lvl]) == 0)
+  for _, id in ipairs(ids) do found[#found + 1] = {tonumber(id), id, lvl} end
+end
+table.sort(found, function(a, b) return a[1] < b[1] end)
+if #found > size then more = true end
+local taken = math.min(#found, size)
+local rows = {}
+for i = 1, taken do
+  local id, lvl = found[i][2], found[i][3]
+  local values = redis.call('HMGET', callback_prefix .. id, unpack(fields))
+  local keep = values[1] and values[2] == '1'
+  for broader = 1, lvl - 1 do
+    if keep and not empty[broader] then
+      local other = redis.call('HGET', levels[n + broader], field_prefix .. values[1])
+      if other and redis.call('ZSCORE', levels[broader], other) then keep = false end
+    end
+  end
+  if keep then
+    local row = {id, lvl}
+    for j = 1, #fields do row[j + 2] = values[j] end
+    rows[#rows + 1] = row
+  end
+end
+local next_after = ''
+if more and taken > 0 then next_after = found[taken][2] end
+return {next_after, rows}
+"""
+    levels: KeyList
+    after: int
+    size: int
+    callback_prefix: str
+    field_prefix: str
+    fields: ArgList
 
 
 class ChunkQuery:
