@@ -128,7 +128,7 @@ class Engine:
             chunk = await self.matches.chunk(query, version, self._read_chunk)
             if chunk.after is not None:  # read while this chunk's attempts run
                 self.matches.read_ahead(query.following(chunk.after), version, self._read_chunk)
-            targets = self.filters.select(event, chunk.targets)  # the callbacks' filters
+            targets = self.filters.select(event, chunk.targets, chunk.shadows)  # the filters
             if targets:
                 await self._first_attempts(event, targets, rerun, carried, end, chunk.after)
         return chunk.after
