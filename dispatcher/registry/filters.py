@@ -22,7 +22,7 @@ owner's callbacks (a project's; the platform-wide ones') share a `FilterBudget` 
   units a key it copies; a flatten, a step per element it goes through.
 
 Past either, the filter fails as any filter that raises does, and so do that owner's next
-ones on the event; other owners' budgets are whole (`dispatcher.worker.controls`).
+ones on the event; other owners' budgets are whole (`dispatcher.worker.filtering`).
 """
 
 from __future__ import annotations

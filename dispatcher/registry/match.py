@@ -5,7 +5,10 @@ the platform-wide callbacks (project `DEVOPS_ALL_PROJECT`), P's own, and X's. Ea
 enabled callbacks of the event are a sorted set scored by callback id, so a fan-out reads
 the first `size` ids after a cursor over all three in one script, and the next chunk starts
 after the last id it read. A URL that two levels send the same event to gets it once, from
-the broader level (a project admin cannot displace an operator's delivery).
+the broadest level that takes it (a project admin cannot displace an operator's delivery):
+a narrower level's callback is left out when a broader one to its URL is enabled without a
+filter, and comes *shadowed* when every such broader one has a filter (`Chunk.shadows`),
+for the fan-out to drop once one of those filters takes the event (`worker.filtering`).
 
 A worker keeps the chunks it read (`registry.matches.Matches`).
 """
@@ -13,16 +16,17 @@ A worker keeps the chunks it read (`registry.matches.Matches`).
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
 from dispatcher import keys
 from dispatcher.clock import now_ms
+from dispatcher.lua import ArgList, KeyList, Script
 from dispatcher.models import PLATFORM_PROJECT, Region
 from dispatcher.registry.options import NO_OPTIONS, Options
 from dispatcher.registry.rules import Destination, destination, is_pipeline_id
-from dispatcher.registry.scripts import Match
 
 if TYPE_CHECKING:
     from redis.asyncio.client import Pipeline
@@ -31,10 +35,14 @@ if TYPE_CHECKING:
     from dispatcher.keys import Keys
 
 __all__ = [
+    "NO_SHADOWS",
     "TARGET_FIELDS",
     "CallbackTarget",
     "Chunk",
     "ChunkQuery",
+    "Match",
+    "Shadow",
+    "Shadows",
     "event_scopes",
     "read_secrets",
 ]
@@ -76,6 +84,7 @@ TARGET_FIELDS = (
     "previousTokenUntil",
     *Options.FIELDS,
 )
+FILTER_FIELD = Options.FIELDS[2]  # a broader callback's filter, which the match reads too
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,11 +140,28 @@ class CallbackTarget:
 
 
 @dataclass(frozen=True, slots=True)
+class Shadow:
+    """A broader level's callback to a target's URL, for the same event, enabled and with a
+    filter: the target gets an event only when no such filter takes it. The broader one may
+    be in another chunk, so its filter comes along."""
+
+    callback_id: int
+    filter: str
+
+
+Shadows = Mapping[int, tuple[Shadow, ...]]  # a chunk's shadowed targets' shadows, by target id
+NO_SHADOWS: Shadows = MappingProxyType({})
+
+
+@dataclass(frozen=True, slots=True)
 class Chunk:
-    """One chunk of an event's callbacks; `after` is where the next starts (None: none)."""
+    """One chunk of an event's callbacks; `after` is where the next starts (None: none).
+    `shadows`: those of its targets a filtered broader callback shadows, each's shadows
+    broadest first (empty in the common case: no URL at two levels with a filter)."""
 
     targets: list[CallbackTarget]
     after: int | None
+    shadows: Shadows = field(default_factory=lambda: NO_SHADOWS)  # (a mapping: unhashable)
 
 
 def event_scopes(project_id: str, pipeline_id: object = None) -> list[tuple[str, str]]:
@@ -146,6 +172,79 @@ def event_scopes(project_id: str, pipeline_id: object = None) -> list[tuple[str,
     if is_pipeline_id(pipeline_id):
         scopes.append((keys.scope(project_id, str(pipeline_id)), project_id))
     return scopes
+
+
+@dataclass
+class Match(Script):
+    """The chunk of an event's callbacks after callback id `after`: the `size` smallest
+    ids after it over all levels (`levels`: the match zsets of the event's levels,
+    broadest first: platform, project, pipeline; then the upsert hashes of the same
+    levels), less the disabled ones and those whose URL a broader level sends the same
+    event to without a filter (one delivery per URL; a level without callbacks is not
+    asked, and is known to have none at cursor 0 when its range is empty, or else by one
+    EXISTS a chunk). One whose URL only broader callbacks with a filter (`filter_field`)
+    send the event to is kept, shadowed by them. `fields` names the hash fields a delivery
+    needs (`match.TARGET_FIELDS`: 'url' and 'enabled' first); `field_prefix` is the upsert
+    field's start ("{event} "). The ids are found here, so their hashes' keys are made here
+    (`callback_prefix`). Returns {next cursor ('' when nothing follows), rows, shadows}; a
+    row is {id, level index, the values}; `shadows` holds {id, broader id, its filter} for
+    each shadow of a row, broadest first."""
+
+    LUA = """
+local n = #levels / 2
+local size = tonumber(size)
+local found = {}
+local more = false
+local empty = {}  -- levels without callbacks: no URL of theirs to give way to
+for lvl = 1, n do
+  local ids = redis.call('ZRANGEBYSCORE', levels[lvl], '(' .. after, '+inf', 'LIMIT', 0, size)
+  if #ids == size then more = true end
+  empty[lvl] = #ids == 0 and (after == '0' or redis.call('EXISTS', levels[lvl]) == 0)
+  for _, id in ipairs(ids) do found[#found + 1] = {tonumber(id), id, lvl} end
+end
+table.sort(found, function(a, b) return a[1] < b[1] end)
+if #found > size then more = true end
+local taken = math.min(#found, size)
+local rows, shadows = {}, {}
+for i = 1, taken do
+  local id, lvl = found[i][2], found[i][3]
+  local values = redis.call('HMGET', callback_prefix .. id, unpack(fields))
+  local keep = values[1] and values[2] == '1'
+  local over = nil  -- the broader callbacks to its URL with a filter: {id, filter} each
+  for broader = 1, lvl - 1 do
+    if keep and not empty[broader] then
+      local other = redis.call('HGET', levels[n + broader], field_prefix .. values[1])
+      if other and redis.call('ZSCORE', levels[broader], other) then
+        local filter = redis.call('HGET', callback_prefix .. other, filter_field)
+        if not filter or filter == '' then keep = false
+        else over = over or {}; over[#over + 1] = {other, filter} end
+      end
+    end
+  end
+  if keep then
+    local row = {id, lvl}
+    for j = 1, #fields do row[j + 2] = values[j] end
+    rows[#rows + 1] = row
+    if over then
+      for _, shadow in ipairs(over) do
+        shadows[#shadows + 1] = id
+        shadows[#shadows + 1] = shadow[1]
+        shadows[#shadows + 1] = shadow[2]
+      end
+    end
+  end
+end
+local next_after = ''
+if more and taken > 0 then next_after = found[taken][2] end
+return {next_after, rows, shadows}
+"""
+    levels: KeyList
+    after: int
+    size: int
+    callback_prefix: str
+    field_prefix: str
+    filter_field: str
+    fields: ArgList
 
 
 class ChunkQuery:
@@ -190,12 +289,14 @@ class ChunkQuery:
             size=self.size,
             callback_prefix=self.keys.CALLBACK_PREFIX,
             field_prefix=keys.callback_unique_field(self.event, ""),
+            filter_field=FILTER_FIELD,
             fields=TARGET_FIELDS,
         ).queue_on(pipe)
 
     def read(self, answer: list[Any]) -> Chunk:
-        after, rows = answer
-        return Chunk([self._target(row) for row in rows], int(after) if after else None)
+        after, rows, shadowed = answer
+        targets = [self._target(row) for row in rows]
+        return Chunk(targets, int(after) if after else None, _shadows(shadowed))
 
     def _target(self, row: list[Any]) -> CallbackTarget:
         cid, level, *values = row
@@ -205,3 +306,14 @@ class ChunkQuery:
             self.decrypt,
             owner=self.scopes[int(level) - 1][1],
         )
+
+
+def _shadows(flat: list[Any]) -> Shadows:
+    """The shadows of a chunk's targets, from the match's {id, broader id, filter} triples."""
+    if not flat:
+        return NO_SHADOWS
+    found: dict[int, tuple[Shadow, ...]] = {}
+    for i in range(0, len(flat), 3):
+        cid = int(flat[i])
+        found[cid] = (*found.get(cid, ()), Shadow(int(flat[i + 1]), flat[i + 2].decode()))
+    return found

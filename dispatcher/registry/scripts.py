@@ -1,15 +1,15 @@
 """The registry's Lua scripts, each a typed `Script` naming its keys and arguments. Keys
 are made in Python (`dispatcher.keys`) but where a script reads the id or the scope that
-names one inside Redis: `UpsertCallback` (a new callback's id is taken there), `Match`
+names one inside Redis: `UpsertCallback` (a new callback's id is taken there), `match.Match`
 (the ids it finds), `DISABLE`/`SetEnabled` (a callback's match set, by the scope and event
 its hash holds: they run in the worker's write pipeline, where nothing can be read first)
 and `mark_ordered`'s conversion of an old flag. Those get the prefixes and separators from
 `dispatcher.keys` (`tests/service/test_keys.py` checks both sides agree).
 
-Every script that changes what `Match` reads of a project's callbacks (a hash's fields, a
-match set, an upsert hash) bumps the project's registry version (`dispatcher:cb:version:`)
-in the same script: a worker's cached match of the project holds while it stands
-(`registry.matches.Matches`)."""
+Every script that changes what `match.Match` reads of a project's callbacks (a hash's
+fields, a match set, an upsert hash) bumps the project's registry version
+(`dispatcher:cb:version:`) in the same script: a worker's cached match of the project holds
+while it stands (`registry.matches.Matches`)."""
 
 from __future__ import annotations
 
@@ -25,7 +25,6 @@ if TYPE_CHECKING:
 __all__ = [
     "DISABLE",
     "DeleteCallback",
-    "Match",
     "PutCallback",
     "RotateToken",
     "SetEnabled",
@@ -116,63 +115,6 @@ return {tonumber(id), created}
     ordered: str
     once: int
     values: ArgList
-
-
-@dataclass
-class Match(Script):
-    """The chunk of an event's callbacks after callback id `after`: the `size` smallest
-    ids after it over all levels (`levels`: the match zsets of the event's levels,
-    broadest first: platform, project, pipeline; then the upsert hashes of the same
-    levels), less the disabled ones and those whose URL a broader level sends the same
-    event to (one delivery per URL; a level without callbacks is not asked, and is known
-    to have none at cursor 0 when its range is empty, or else by one EXISTS a chunk).
-    `fields` names the hash fields a delivery needs (`match.TARGET_FIELDS`: 'url' and
-    'enabled' first); `field_prefix` is the upsert field's start ("{event} "). The ids are
-    found here, so their hashes' keys are made here (`callback_prefix`). Returns {next
-    cursor ('' when nothing follows), rows}; a row is {id, level index, the values}."""
-
-    LUA = """
-local n = #levels / 2
-local size = tonumber(size)
-local found = {}
-local more = false
-local empty = {}  -- levels without callbacks: no URL of theirs to give way to
-for lvl = 1, n do
-  local ids = redis.call('ZRANGEBYSCORE', levels[lvl], '(' .. after, '+inf', 'LIMIT', 0, size)
-  if #ids == size then more = true end
-  empty[lvl] = #ids == 0 and (after == '0' or redis.call('EXISTS', levels[lvl]) == 0)
-  for _, id in ipairs(ids) do found[#found + 1] = {tonumber(id), id, lvl} end
-end
-table.sort(found, function(a, b) return a[1] < b[1] end)
-if #found > size then more = true end
-local taken = math.min(#found, size)
-local rows = {}
-for i = 1, taken do
-  local id, lvl = found[i][2], found[i][3]
-  local values = redis.call('HMGET', callback_prefix .. id, unpack(fields))
-  local keep = values[1] and values[2] == '1'
-  for broader = 1, lvl - 1 do
-    if keep and not empty[broader] then
-      local other = redis.call('HGET', levels[n + broader], field_prefix .. values[1])
-      if other and redis.call('ZSCORE', levels[broader], other) then keep = false end
-    end
-  end
-  if keep then
-    local row = {id, lvl}
-    for j = 1, #fields do row[j + 2] = values[j] end
-    rows[#rows + 1] = row
-  end
-end
-local next_after = ''
-if more and taken > 0 then next_after = found[taken][2] end
-return {next_after, rows}
-"""
-    levels: KeyList
-    after: int
-    size: int
-    callback_prefix: str
-    field_prefix: str
-    fields: ArgList
 
 
 # A Lua function, the disabling of a callback (also what `health.py` runs past the failure

@@ -218,7 +218,9 @@ class Registry:
     async def match(
         self, project_id: str, event: str, *, pipeline_id: object = None
     ) -> list[CallbackTarget]:
-        """Every callback an event goes to, chunk by chunk (for tools and tests)."""
+        """Every callback an event may go to, chunk by chunk, before the filters: those a
+        broader callback with a filter shadows included (`Chunk.shadows`; for tools and
+        tests)."""
         found: list[CallbackTarget] = []
         after: int | None = 0
         while after is not None:

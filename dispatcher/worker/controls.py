@@ -1,5 +1,6 @@
-"""Receiver controls in the worker: a callback's filter at fan-out, its limits around each
-attempt (`maxPerSecond`, `maxInFlight`), shared by every worker of the fleet through Redis.
+"""Receiver controls in the worker: a callback's limits around each attempt (`maxPerSecond`,
+`maxInFlight`), shared by every worker of the fleet through Redis (its filter, at fan-out:
+`filtering.py`).
 
 The options come with the callback's row (the match script's, or `Registry.target`'s), so
 a callback without limits costs no Redis command here. One with limits is *admitted*
@@ -29,18 +30,13 @@ from __future__ import annotations
 
 import itertools
 import os
-import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import structlog
 
-from dispatcher import metrics
-from dispatcher.clock import now_ms
-from dispatcher.health import FilterError
 from dispatcher.lua import REDIS_NOW_MS, Key, Script
-from dispatcher.registry.filters import FilterBudget, FilterFailed, filter_matches
 from dispatcher.worker.steps import Step
 
 if TYPE_CHECKING:
@@ -48,11 +44,10 @@ if TYPE_CHECKING:
 
     from dispatcher.batch import Batcher
     from dispatcher.ending import JobEnd
-    from dispatcher.jobs import DeliveryJob, EventJob
+    from dispatcher.jobs import DeliveryJob
     from dispatcher.keys import Keys
     from dispatcher.registry import CallbackTarget
     from dispatcher.settings import Settings
-    from dispatcher.worker.shares import Shares
     from dispatcher.worker.writer import Then, Writer
 
 __all__ = ["Admit", "Controls", "Release", "Releasing"]
@@ -209,14 +204,9 @@ SLOT_MARGIN_S = 5.0  # a slot outlives its attempt's total timeout by this much
 
 
 class Controls:
-    """The filter and the limits of one worker process, over its shared reads (`reads`)
-    and its writer."""
+    """The limits of one worker process, over its shared reads (`reads`) and its writer."""
 
-    def __init__(
-        self, settings: Settings, keys: Keys, reads: Batcher, writer: Writer,
-        shares: Shares | None = None,
-    ) -> None:  # fmt: skip
-        self.shares = shares  # told the loop's time filters take, per project (its pace)
+    def __init__(self, settings: Settings, keys: Keys, reads: Batcher, writer: Writer) -> None:
         self.reads = reads
         self.writer = writer
         self.keys = keys
@@ -226,50 +216,6 @@ class Controls:
         # slot tokens: unique across the fleet (a random prefix per process), cheap to make
         self._prefix = os.urandom(6).hex() + ":"
         self._count = itertools.count()
-
-    # ---- the filter ----------------------------------------------------------------------
-
-    def select(self, event: EventJob, targets: list[CallbackTarget]) -> list[CallbackTarget]:
-        """The targets whose filter lets `event` through (those without one, all). A filter
-        that raises fails alone: counted for its callback, logged, the event not sent; so
-        does one past what its owner's filters may spend on the event (`FilterBudget`).
-        The time they take is the event's project's, against its pace (`Shares.filtered`)."""
-        if all(target.options.filter is None for target in targets):
-            return targets
-        envelope = {"event": event.event, "projectId": event.project_id, "data": event.data}
-        kept, started = [], time.perf_counter()
-        budgets: dict[str, FilterBudget] = {}  # per owner: one's filters never spend another's
-        try:
-            for target in targets:
-                expression = target.options.filter
-                budget = budgets.setdefault(target.project_id, FilterBudget())
-                try:
-                    if expression is None or filter_matches(expression, envelope, budget):
-                        kept.append(target)
-                    else:
-                        metrics.FILTERED.labels(result="skipped").inc()
-                except FilterFailed as exc:
-                    self._filter_failed(event, target, str(exc))
-        finally:
-            if self.shares is not None:  # the event's project pays, whoever owns the filters
-                self.shares.filtered(event.project_id, time.perf_counter() - started)
-        return kept
-
-    def _filter_failed(self, event: EventJob, target: CallbackTarget, error: str) -> None:
-        metrics.FILTERED.labels(result="error").inc()
-        log.warning(
-            "delivery.filter_failed",
-            event_id=event.id,
-            callback_id=target.id,
-            event_type=event.event,
-            error=error,
-        )
-        count = FilterError(
-            self.keys.filter_errors(target.id), self.keys.callback(target.id), error, now_ms()
-        )
-        self.writer.submit(count.queue_on)  # rides along with the next attempts' writes
-
-    # ---- the limits ----------------------------------------------------------------------
 
     async def admitted(
         self,

@@ -36,6 +36,7 @@ from dispatcher.worker import unending
 from dispatcher.worker.claims import body_wait_ms
 from dispatcher.worker.controls import Controls
 from dispatcher.worker.fence import Fence
+from dispatcher.worker.filtering import Filters
 from dispatcher.worker.lanes import Lanes, Sending
 from dispatcher.worker.marks import read_marks
 from dispatcher.worker.record import attempt_record, disabled, keep_entry, observe
@@ -82,7 +83,8 @@ class Engine:
         else:  # one process's HTTP pools, breaker, slots and statistics, whatever the shard
             self.breaker, self.shares = shared.breaker, shared.shares
             self.clients, self.stats = shared.clients, shared.stats
-        self.controls = Controls(settings, self.keys, self.reads, writer, self.shares)
+        self.controls = Controls(settings, self.keys, self.reads, writer)
+        self.filters = Filters(self.keys, writer, self.shares)
         self.sender = Sender(settings, services.policies, self.clients)
         self.progress_ttl, self.body_wait_ms = settings.progress_ttl, body_wait_ms(settings)
         self.fence = Fence(None, settings.lease_seconds)  # a worker's: its leases (`fence.py`)
@@ -126,7 +128,7 @@ class Engine:
             chunk = await self.matches.chunk(query, version, self._read_chunk)
             if chunk.after is not None:  # read while this chunk's attempts run
                 self.matches.read_ahead(query.following(chunk.after), version, self._read_chunk)
-            targets = self.controls.select(event, chunk.targets)  # the callbacks' filters
+            targets = self.filters.select(event, chunk.targets, chunk.shadows)  # the filters
             if targets:
                 await self._first_attempts(event, targets, rerun, carried, end, chunk.after)
         return chunk.after

@@ -16,7 +16,7 @@ from dispatcher.keys import Keys
 from dispatcher.lua import run_pipeline
 from dispatcher.models import PLATFORM_PROJECT, Event, Region
 from dispatcher.producer import Producer
-from dispatcher.registry import Registry
+from dispatcher.registry import Options, Registry
 from dispatcher.registry.copies import queue_put
 from dispatcher.services import Services
 from dispatcher.settings import Settings
@@ -148,6 +148,38 @@ async def test_a_kept_match_shows_each_registry_change_on_the_next_event(
     receiver.seen.clear()
     await emit()
     assert paths() == ["/b"]
+
+
+async def test_a_kept_match_shows_a_broader_callbacks_filter_change_to_the_url_it_shadows(
+    settings: Settings, redis: Redis, receiver: Receiver, running: None
+) -> None:
+    """A URL at the platform and at demo: the chunk kept for demo's events carries the
+    platform callback's filter with demo's (shadowed) callback; the platform callback's
+    registration again, whose filter changes, shows on the next event."""
+    registry, producer, url = Registry(redis), Producer(settings, redis), receiver.url("/same")
+    await registry.create("demo", url, Event.BUILD_END, Region.DEVNET, "demo")
+
+    async def platform(expression: str | None) -> None:
+        await registry.create(PLATFORM_PROJECT, url, Event.BUILD_END, Region.DEVNET, "all",
+                              options=Options(filter=expression))  # fmt: skip
+
+    async def sender(status: str) -> str:
+        receiver.seen.clear()
+        await producer.emit("demo", "BUILD_END", {"status": status})
+        await until(lambda: _drained(redis, settings), 10, f"the {status} event delivered")
+        [seen] = receiver.requests("/same")
+        return seen.headers[TOKEN_HEADER]
+
+    await platform("data.status == 'FAILED'")
+    assert await sender("OK") == "demo"
+    kept = REGISTRY.get_sample_value("dispatcher_matches_total", {"source": "kept"}) or 0
+    assert [await sender("FAILED"), await sender("OK")] == ["all", "demo"]
+    now = REGISTRY.get_sample_value("dispatcher_matches_total", {"source": "kept"}) or 0
+    assert now == kept + 2  # both from the chunk kept, shadow and all
+    await platform(None)  # no filter: the platform's callback takes every event
+    assert await sender("OK") == "all"
+    await platform("data.status == 'OK'")
+    assert [await sender("OK"), await sender("FAILED")] == ["all", "demo"]
 
 
 async def test_a_kept_match_sees_a_callbacks_failures_so_its_next_success_resets_them(

@@ -194,6 +194,94 @@ async def test_a_url_registered_at_two_levels_receives_each_event_once(
     assert len(await history(redis, op_settings, "demo", url, "BUILD_END")) == 1
 
 
+# A URL registered at two levels for one event: (broader route, narrower route, what the
+# event's data holds besides its status).
+SHADOWS = {
+    "platform-project": (PLATFORM, project("projA"), {}),
+    "project-pipeline": (project("projA"), pipeline("projA", "p1"), {"pipelineId": "p1"}),
+}
+ONLY_FAILED = "data.status == 'FAILED'"
+
+
+def chunked(chunk: int | None, settings: Settings) -> Settings:
+    """`settings` with fan-out chunks of `chunk` callbacks (None: as they are)."""
+    return (
+        make_settings(settings.redis_url or "", operator_token=OP_TOKEN, fan_out_chunk=chunk)
+        if chunk
+        else settings
+    )
+
+
+async def shadowed_delivery(
+    op_api: httpx.AsyncClient, redis: Redis, settings: Settings, receiver: Receiver,
+    run_worker: RunWorker, pair: str, status: str, *, chunk: int | None,
+) -> tuple[str, list[HistoryRecord]]:  # fmt: skip
+    """The broader level of `pair` filters on FAILED, the narrower one takes everything;
+    `chunk` 1 puts them in chunks of their own, the narrower one read first. Emits one
+    event of `status`: the token of the one request the URL gets, and projA's records."""
+    broader, narrower, extra = SHADOWS[pair]
+    url = receiver.url("/same")
+    registered = [(narrower, "narrow", {}), (broader, "broad", {"filter": ONLY_FAILED})]
+    for route, token, more in registered if chunk else reversed(registered):
+        await add(op_api, route, url, secretToken=token, **more)
+    await Producer(settings, redis).emit("projA", "BUILD_END", {**extra, "status": status})
+    await run_worker(chunked(chunk, settings))
+    [seen] = receiver.requests("/same")
+    return seen.headers["X-DEVOPS-WEBHOOK-TOKEN"], await history(
+        redis, settings, "projA", url, "BUILD_END"
+    )
+
+
+@pytest.mark.parametrize("chunk", [None, 1], ids=["one-chunk", "chunk-each"])
+@pytest.mark.parametrize("pair", list(SHADOWS))
+@pytest.mark.parametrize("status", ["SUCCEEDED", "FAILED"], ids=["skipped", "taken"])
+async def test_a_url_at_two_levels_gets_an_event_from_the_broader_one_only_if_its_filter_takes_it(
+    op_api: httpx.AsyncClient, redis: Redis, op_settings: Settings, receiver: Receiver,
+    run_worker: RunWorker, pair: str, chunk: int | None, status: str,
+) -> None:  # fmt: skip
+    token, records = await shadowed_delivery(
+        op_api, redis, op_settings, receiver, run_worker, pair, status, chunk=chunk
+    )
+    if status == "FAILED":  # the broader callback's filter takes it: one request, its own
+        assert token == "broad"
+        assert len(records) == (1 if pair == "project-pipeline" else 0)  # the platform's: its own
+        return
+    assert token == "narrow"  # the broader callback does not take it: the narrower one does
+    [record] = records
+    assert record.status.value == "SUCCESS"
+    [narrower] = (await ok(await op_api.get(SHADOWS[pair][1], headers=ALICE)))["records"]
+    assert record.callback_id == narrower["id"]  # on the narrower callback's history
+
+
+@pytest.mark.parametrize("chunk", [None, 1], ids=["one-chunk", "chunk-each"])
+async def test_a_url_at_three_levels_gets_each_event_from_the_broadest_that_takes_it(
+    op_api: httpx.AsyncClient, redis: Redis, op_settings: Settings, receiver: Receiver,
+    run_worker: RunWorker, chunk: int | None,
+) -> None:  # fmt: skip
+    """The platform's filter takes FAILED and fails on the rest (`abs` of a string), the
+    project's takes ABORTED, the pipeline's everything: each event reaches the URL once."""
+    url = receiver.url("/same")
+    levels = [
+        (pipeline("projA", "p1"), "pipe", {}),
+        (project("projA"), "proj", {"filter": "data.status == 'ABORTED'"}),
+        (PLATFORM, "plat", {"filter": "data.status == 'FAILED' || abs(data.status) > `0`"}),
+    ]  # narrowest first: the lowest ids, read first when each is a chunk of its own
+    for route, token, more in levels if chunk else reversed(levels):
+        await add(op_api, route, url, secretToken=token, **more)
+    producer = Producer(op_settings, redis)
+    for status in ("FAILED", "ABORTED", "SUCCEEDED"):
+        await producer.emit("projA", "BUILD_END", {"pipelineId": "p1", "status": status})
+    await run_worker(chunked(chunk, op_settings))
+    got = {
+        orjson.loads(seen.body)["data"]["status"]: seen.headers["X-DEVOPS-WEBHOOK-TOKEN"]
+        for seen in receiver.requests("/same")
+    }
+    assert len(receiver.requests("/same")) == 3
+    assert got == {"FAILED": "plat", "ABORTED": "proj", "SUCCEEDED": "pipe"}
+    [platform_cb] = (await ok(await op_api.get(PLATFORM, headers=OPERATOR)))["records"]
+    assert platform_cb["filterErrors"] == 2  # counted once an event, where it was its own
+
+
 async def test_the_custom_auth_header_arrives_is_masked_and_never_shown(
     redis_server: EmbeddedRedis, redis: Redis, receiver: Receiver, run_worker: RunWorker
 ) -> None:

@@ -25,8 +25,10 @@ from dispatcher.keys import Keys
 from dispatcher.models import PROJECT_EVENTS, Event, Level, Region
 from dispatcher.registry import CallbackTarget, Options
 from dispatcher.registry.filters import FilterBudget, FilterFailed, filter_matches
+from dispatcher.registry.match import Shadow
 from dispatcher.settings import Settings
 from dispatcher.worker.controls import Controls, Release
+from dispatcher.worker.filtering import Filters
 from dispatcher.worker.steps import Step
 
 ENVELOPE = {
@@ -268,6 +270,30 @@ def test_equality_answers_as_plain_jmespath() -> None:
 def test_a_filter_nested_past_the_parsers_reach_is_refused(nested: str) -> None:
     with pytest.raises(InvalidInput, match="nested too deeply"):
         Options(filter=nested).checked()
+
+
+def test_a_shadowed_target_is_dropped_only_when_one_of_its_shadows_takes_the_event() -> None:
+    submitted: list[Any] = []
+    filters = Filters(Keys(), SimpleNamespace(submit=submitted.append))  # type: ignore[arg-type]
+    event: Any = SimpleNamespace(id="e", event="BUILD_END", project_id="p", data={"s": "OK"})
+
+    def target(cid: int, expression: str | None = None) -> CallbackTarget:
+        return CallbackTarget(cid, "http://h.example/", Region.OSS, "t", project_id="p",
+                              options=Options(filter=expression))  # fmt: skip
+
+    plain = [target(1), target(2)]
+    assert filters.select(event, plain) is plain  # no filter, no shadow: as it came
+    failed, ok, fails = "data.s == 'FAILED'", "data.s == 'OK'", "abs(data.s)"
+    chunk = [target(1), target(2), target(3, failed), target(4, ok), target(5, fails)]
+    shadows = {
+        1: (Shadow(3, failed),),  # in the chunk, skips it: 1 goes
+        2: (Shadow(4, ok),),  # in the chunk, takes it: 2 does not
+        6: (Shadow(9, ok),),  # in another chunk, takes it
+        7: (Shadow(8, failed), Shadow(5, fails)),  # one skips, one fails on it: 7 goes
+    }
+    chunk += [target(6), target(7)]
+    assert [t.id for t in filters.select(event, chunk, shadows)] == [1, 4, 7]
+    assert len(submitted) == 1  # 5's failure, counted once: where it is a target
 
 
 def test_during_a_rotation_both_secrets_sign_and_the_token_header_is_the_new_one() -> None:
