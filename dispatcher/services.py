@@ -61,8 +61,10 @@ DEFAULT_OVERLAP_HOURS = 24.0  # Svix's: the old secret stays valid for a day
 MAX_OVERLAP_HOURS = 168.0
 # how far back "Recent deliveries" looks: the last hour, day, or the whole retention
 RECENT_WITHIN = {"1h": 3_600_000, "1d": 86_400_000, "all": None}
-# URLs of a project's callbacks a project-wide listing reads: each costs two index reads
+# URLs of a project's callbacks a project-wide listing reads: each costs two index reads;
+# found among its first callbacks (many callbacks can share one URL)
 RECENT_URLS_MAX = 100
+RECENT_CALLBACKS_READ = 1_000
 
 
 class Services:
@@ -340,10 +342,12 @@ class Services:
         return Recent.merged(pages, limit)
 
     async def _urls(self, project_id: str) -> list[str]:
-        """The distinct URLs of a project's callbacks (its pipelines' included)."""
+        """The distinct URLs of a project's callbacks (its pipelines' included), the first
+        `RECENT_URLS_MAX` among its first `RECENT_CALLBACKS_READ` callbacks."""
         urls: dict[str, None] = {}
         size, page = self.settings.history_max_page_size, 1
-        while len(urls) < RECENT_URLS_MAX:
+        pages = max(1, RECENT_CALLBACKS_READ // size)
+        while len(urls) < RECENT_URLS_MAX and page <= pages:
             found = await self.registry.list(project_id, page, size)
             urls.update(dict.fromkeys(cb.url for cb in found.records))
             if page >= found.total_pages:

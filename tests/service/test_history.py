@@ -28,7 +28,7 @@ from dispatcher.models import DeliveryStatus, Event, HistoryPage, Region
 from dispatcher.producer import Producer
 from dispatcher.registry import Registry
 from dispatcher.replication import run_replicated
-from dispatcher.services import RECENT_URLS_MAX, Services
+from dispatcher.services import RECENT_CALLBACKS_READ, RECENT_URLS_MAX, Services
 from dispatcher.settings import Settings
 from tests.helpers import UID, Receiver, RunWorker, answer, make_settings, ship_all
 
@@ -675,6 +675,31 @@ async def test_a_projects_every_url_listing_is_bounded_and_one_at_a_time(
     assert sorted(failures_read) == ["demo"] * 3 + ["other"]  # one read each, every URL
     assert listings["most"] == 1
     assert not services._listing  # each project's lock goes with its last listing
+
+
+async def test_the_every_url_listing_reads_a_bounded_number_of_callbacks(
+    settings: Settings, redis: Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A project whose callbacks share few URLs (one URL, a callback per pipeline) made the
+    every-URL listing read every callback looking for 100 distinct URLs: 10,000
+    callbacks, 101 registry pages on each view (review). It looks among the first 1,000."""
+    registry = Registry(redis)
+    for n in range(RECENT_CALLBACKS_READ + 50):
+        await registry.create("demo", "https://e.com/one", Event.BUILD_END, Region.DEVNET,
+                              pipeline_id=f"pipe-{n}")  # fmt: skip
+    await registry.create("demo", "https://e.com/two", Event.BUILD_START, Region.DEVNET)
+    read: list[int] = []
+    async with Services.open(settings, redis) as services:
+        real = services.registry.list
+
+        async def counted(project_id: str, page: int, size: int, **kw: Any) -> Any:
+            found = await real(project_id, page, size, **kw)
+            read.append(len(found.records))
+            return found
+
+        monkeypatch.setattr(services.registry, "list", counted)
+        assert await services._urls("demo") == ["https://e.com/one"]
+    assert sum(read) == RECENT_CALLBACKS_READ
 
 
 async def test_recent_deliveries_of_a_url_across_its_events(
