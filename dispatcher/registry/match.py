@@ -147,6 +147,7 @@ class Shadow:
 
     callback_id: int
     filter: str
+    owner: str  # whose filter it is: its re-run spends its owner's budget, no other's
 
 
 Shadows = Mapping[int, tuple[Shadow, ...]]  # a chunk's shadowed targets' shadows, by target id
@@ -187,8 +188,8 @@ class Match(Script):
     needs (`match.TARGET_FIELDS`: 'url' and 'enabled' first); `field_prefix` is the upsert
     field's start ("{event} "). The ids are found here, so their hashes' keys are made here
     (`callback_prefix`). Returns {next cursor ('' when nothing follows), rows, shadows}; a
-    row is {id, level index, the values}; `shadows` holds {id, broader id, its filter} for
-    each shadow of a row, broadest first."""
+    row is {id, level index, the values}; `shadows` holds {id, broader id, its filter, its
+    level index} for each shadow of a row, broadest first."""
 
     LUA = """
 local n = #levels / 2
@@ -210,14 +211,14 @@ for i = 1, taken do
   local id, lvl = found[i][2], found[i][3]
   local values = redis.call('HMGET', callback_prefix .. id, unpack(fields))
   local keep = values[1] and values[2] == '1'
-  local over = nil  -- the broader callbacks to its URL with a filter: {id, filter} each
+  local over = nil  -- the broader callbacks to its URL with a filter: {id, filter, level}
   for broader = 1, lvl - 1 do
     if keep and not empty[broader] then
       local other = redis.call('HGET', levels[n + broader], field_prefix .. values[1])
       if other and redis.call('ZSCORE', levels[broader], other) then
         local filter = redis.call('HGET', callback_prefix .. other, filter_field)
         if not filter or filter == '' then keep = false
-        else over = over or {}; over[#over + 1] = {other, filter} end
+        else over = over or {}; over[#over + 1] = {other, filter, broader} end
       end
     end
   end
@@ -230,6 +231,7 @@ for i = 1, taken do
         shadows[#shadows + 1] = id
         shadows[#shadows + 1] = shadow[1]
         shadows[#shadows + 1] = shadow[2]
+        shadows[#shadows + 1] = shadow[3]
       end
     end
   end
@@ -296,7 +298,19 @@ class ChunkQuery:
     def read(self, answer: list[Any]) -> Chunk:
         after, rows, shadowed = answer
         targets = [self._target(row) for row in rows]
-        return Chunk(targets, int(after) if after else None, _shadows(shadowed))
+        return Chunk(targets, int(after) if after else None, self._shadows(shadowed))
+
+    def _shadows(self, flat: list[Any]) -> Shadows:
+        """The shadows of the chunk's targets, from the match's {id, broader id, filter,
+        level} quadruples, each with its level's owner."""
+        if not flat:
+            return NO_SHADOWS
+        found: dict[int, tuple[Shadow, ...]] = {}
+        for i in range(0, len(flat), 4):
+            cid, owner = int(flat[i]), self.scopes[int(flat[i + 3]) - 1][1]
+            shadow = Shadow(int(flat[i + 1]), flat[i + 2].decode(), owner)
+            found[cid] = (*found.get(cid, ()), shadow)
+        return found
 
     def _target(self, row: list[Any]) -> CallbackTarget:
         cid, level, *values = row
@@ -306,14 +320,3 @@ class ChunkQuery:
             self.decrypt,
             owner=self.scopes[int(level) - 1][1],
         )
-
-
-def _shadows(flat: list[Any]) -> Shadows:
-    """The shadows of a chunk's targets, from the match's {id, broader id, filter} triples."""
-    if not flat:
-        return NO_SHADOWS
-    found: dict[int, tuple[Shadow, ...]] = {}
-    for i in range(0, len(flat), 3):
-        cid = int(flat[i])
-        found[cid] = (*found.get(cid, ()), Shadow(int(flat[i + 1]), flat[i + 2].decode()))
-    return found

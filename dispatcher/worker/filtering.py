@@ -7,8 +7,10 @@ One delivery per URL: a target a broader level's callback to the same URL shadow
 with a filter: without, the match leaves the target out) is dropped when that callback's
 filter takes the event, and gets the event when none of its shadows' filters does. A
 shadow in the chunk counts as its own filter decided; one in another chunk has its filter
-run again here, on the shadowed target's owner's budget (its failure is counted where the
-callback is a target, not here)."""
+run again here, on its own owner's budget (never the shadowed target's owner's: a project
+could drain its own budget to make the operator's filter fail, or learn from its own
+filters' failures what the operator's spent; its failure is counted where the callback is
+a target, not here)."""
 
 from __future__ import annotations
 
@@ -71,7 +73,7 @@ class Filters:
             for target in order:
                 budget = budgets.setdefault(target.project_id, FilterBudget())
                 over = shadows.get(target.id) if shadows else None
-                if over is None or not _shadowed(over, envelope, budget, taken, others):
+                if over is None or not _shadowed(over, envelope, budgets, taken, others):
                     taken[target.id] = self._lets_through(event, target, envelope, budget)
         finally:
             if self.shares is not None:  # the event's project pays, whoever owns the filters
@@ -107,16 +109,18 @@ class Filters:
 
 
 def _shadowed(
-    over: tuple[Shadow, ...], envelope: Envelope, budget: FilterBudget,
+    over: tuple[Shadow, ...], envelope: Envelope, budgets: dict[str, FilterBudget],
     taken: dict[int, bool], others: dict[int, bool],
 ) -> bool:  # fmt: skip
     """Whether one of a target's shadows (`over`, broadest first) takes the event: as its
     own filter decided in this chunk (`taken`), or, in another chunk, as its filter does
-    run here on `budget` (`others` keeps the answer; a failure is no take)."""
+    run here on its owner's budget (`budgets`; `others` keeps the answer; a failure is no
+    take)."""
     for shadow in over:
         took = taken.get(shadow.callback_id, others.get(shadow.callback_id))
         if took is None:
             try:
+                budget = budgets.setdefault(shadow.owner, FilterBudget())
                 took = filter_matches(shadow.filter, envelope, budget)
             except FilterFailed:
                 took = False

@@ -22,7 +22,7 @@ from dispatcher.ending import JobEnd
 from dispatcher.errors import InvalidInput
 from dispatcher.headers import request_headers
 from dispatcher.keys import Keys
-from dispatcher.models import PROJECT_EVENTS, Event, Level, Region
+from dispatcher.models import PLATFORM_PROJECT, PROJECT_EVENTS, Event, Level, Region
 from dispatcher.registry import CallbackTarget, Options
 from dispatcher.registry.filters import FilterBudget, FilterFailed, filter_matches
 from dispatcher.registry.match import Shadow
@@ -286,14 +286,43 @@ def test_a_shadowed_target_is_dropped_only_when_one_of_its_shadows_takes_the_eve
     failed, ok, fails = "data.s == 'FAILED'", "data.s == 'OK'", "abs(data.s)"
     chunk = [target(1), target(2), target(3, failed), target(4, ok), target(5, fails)]
     shadows = {
-        1: (Shadow(3, failed),),  # in the chunk, skips it: 1 goes
-        2: (Shadow(4, ok),),  # in the chunk, takes it: 2 does not
-        6: (Shadow(9, ok),),  # in another chunk, takes it
-        7: (Shadow(8, failed), Shadow(5, fails)),  # one skips, one fails on it: 7 goes
+        1: (Shadow(3, failed, "op"),),  # in the chunk, skips it: 1 goes
+        2: (Shadow(4, ok, "op"),),  # in the chunk, takes it: 2 does not
+        6: (Shadow(9, ok, "op"),),  # in another chunk, takes it
+        7: (Shadow(8, failed, "op"), Shadow(5, fails, "op")),  # one skips, one fails on it: 7 goes
     }
     chunk += [target(6), target(7)]
     assert [t.id for t in filters.select(event, chunk, shadows)] == [1, 4, 7]
     assert len(submitted) == 1  # 5's failure, counted once: where it is a target
+
+
+def test_a_shadows_filter_run_again_spends_its_owners_budget_not_the_targets() -> None:
+    """A shadow in another chunk has its filter run again where its target is: on its own
+    owner's budget. It ran on the target's owner's: the operator's costly filter spent the
+    project's budget (the project's own filter then failed, the URL got nothing), and a
+    project that spent its own budget first made the operator's filter fail (taken as no
+    take: the URL got the event twice), or learnt what it spent (review)."""
+    submitted: list[Any] = []
+    filters = Filters(Keys(), SimpleNamespace(submit=submitted.append))  # type: ignore[arg-type]
+
+    def target(cid: int, expression: str | None = None) -> CallbackTarget:
+        return CallbackTarget(cid, "http://h.example/", Region.OSS, "t", project_id="p",
+                              options=Options(filter=expression))  # fmt: skip
+
+    walk = "length(data.items[?@ == `-1`])"  # a walk of every item: costly
+
+    def event(items: int) -> Any:
+        data = {"status": "OK", "items": list(range(items))}
+        return SimpleNamespace(id="e", event="BUILD_END", project_id="p", data=data)
+
+    # the operator's costly filter skips it; the project's own costly filter takes it
+    over = {2: (Shadow(9, walk + " > `0`", PLATFORM_PROJECT),)}
+    got = filters.select(event(15_000), [target(2, walk + " == `0`")], over)
+    assert [t.id for t in got] == [2] and submitted == []
+    # the project spends its budget on its own filter; the operator's cheap one still takes it
+    over = {2: (Shadow(9, "data.status == 'OK'", PLATFORM_PROJECT),)}
+    got = filters.select(event(30_000), [target(1, walk + " == `0`"), target(2)], over)
+    assert [t.id for t in got] == []
 
 
 def test_during_a_rotation_both_secrets_sign_and_the_token_header_is_the_new_one() -> None:
