@@ -1,0 +1,117 @@
+"""What a hostile receiver answers ends as a bounded, recorded attempt that leaks nothing and
+holds up no one else. Real Redis, real burst workers, real receivers on 127.0.0.1 (raw
+sockets where aiohttp's server would not say what is wanted)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+
+from redis.asyncio import Redis
+
+from dispatcher.clock import now_ms
+from dispatcher.history.redis import RedisHistory
+from dispatcher.keys import Keys
+from dispatcher.models import Event, HistoryRecord, Region
+from dispatcher.producer import Producer
+from dispatcher.registry import Registry
+from dispatcher.settings import Settings
+from tests.helpers import Receiver, RunWorker
+
+keys = Keys()  # today's key names (one shard)
+
+
+async def records(
+    redis: Redis, settings: Settings, url: str, project: str = "demo"
+) -> list[HistoryRecord]:
+    now = now_ms()
+    page = await RedisHistory(redis, settings, keys).query(
+        project, url, "BUILD_END", start_ms=now - 60_000, end_ms=now + 60_000, page_size=100
+    )
+    return list(reversed(page.records))  # oldest first
+
+
+# ---- a raw-socket receiver ------------------------------------------------------------
+
+EARLY_HINTS = b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\n\r\n"
+OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok"
+
+
+@dataclass
+class RawReceiver:
+    """Answers each connection's request by its path: `/endless` with 103 Early Hints for
+    ever (never a status), `/hints-N` with N of them and then a 200 (the connection then
+    closed). `events` tells, in
+    order, each connection's request (`open /path`) and its end (`closed /path`: the peer
+    closed or reset it)."""
+
+    base: str = ""
+    events: list[str] = field(default_factory=list)
+
+    def of(self, path: str) -> list[str]:
+        return [event.split()[0] for event in self.events if event.split()[1] == path]
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        path = "?"
+        try:
+            head = await reader.readuntil(b"\r\n\r\n")
+            path = head.split(b" ", 2)[1].decode()
+            self.events.append(f"open {path}")
+            if path.startswith("/hints-"):
+                writer.write(EARLY_HINTS * int(path.removeprefix("/hints-")) + OK)
+                await writer.drain()
+                return
+            while True:  # as fast as the peer reads, for ever
+                writer.write(EARLY_HINTS * 1000)
+                await writer.drain()
+                await asyncio.sleep(0)
+        except (OSError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            self.events.append(f"closed {path}")
+            writer.close()
+
+
+@asynccontextmanager
+async def raw_receiver() -> AsyncIterator[RawReceiver]:
+    receiver = RawReceiver()
+    server = await asyncio.start_server(receiver.handle, "127.0.0.1", 0)
+    receiver.base = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    async with server:
+        yield receiver
+        server.close()
+
+
+# ---- informational answers --------------------------------------------------------------
+
+
+async def test_endless_informational_answers_end_the_attempt_at_the_cap(
+    settings: Settings, redis: Redis, receiver: Receiver, run_worker: RunWorker
+) -> None:
+    """aiohttp skips 1xx answers one after another with no cap, without yielding while they
+    are buffered: a receiver streaming `103 Early Hints` held the worker's loop (every
+    project's deliveries) at 100% CPU, its memory growing, until the total timeout."""
+    settings = settings.model_copy(update={"retry_schedule": (0.05,)})
+    cap = "the receiver sent more than 8 informational (1xx) answers"
+    async with raw_receiver() as hostile:
+        urls = [hostile.base + path for path in ("/endless", "/hints-8", "/hints-9")]
+        for url in [*urls, receiver.url()]:
+            await Registry(redis).create("demo", url, Event.BUILD_END, Region.DEVNET)
+        await Producer(settings, redis).emit("demo", "BUILD_END", {})
+        await run_worker(settings)
+        endless, eight, nine = [await records(redis, settings, url) for url in urls]
+
+    for attempts in (endless, nine):  # retried like any protocol error, each saying why
+        assert [(r.status.value, r.response_code, r.final) for r in attempts] == [
+            ("FAILED", None, False),
+            ("FAILED", None, True),
+        ]
+        assert all(cap in (r.error_msg or "") for r in attempts), attempts
+    [fine] = eight  # 8 informational answers, then the status: as usual
+    assert (fine.status.value, fine.response_code, fine.response_body) == ("SUCCESS", 200, "ok")
+    [other] = await records(redis, settings, receiver.url())
+    assert other.status.value == "SUCCESS"
+    # each attempt on a connection of its own, closed by the worker before the next opened
+    assert hostile.of("/endless") == hostile.of("/hints-9") == ["open", "closed"] * 2
