@@ -324,7 +324,8 @@ def policy_for(settings: Settings, region: Region) -> AddressPolicy:
 class Client:
     """One region's long-lived HTTP client for deliveries: an aiohttp session (made on
     first use, inside the running loop) with the region's proxy and address policy. It
-    never follows redirects, never decompresses, and keeps connections alive 30 s.
+    never follows redirects, never decompresses, keeps no cookies, and keeps connections
+    alive 30 s.
 
     Deliveries use aiohttp directly: httpx's request and response models (its header
     objects above all) cost as much CPU as aiohttp's whole exchange (bench/README.md)."""
@@ -358,7 +359,13 @@ class Client:
             keepalive_timeout=30,
         )
         return aiohttp.ClientSession(
-            connector=connector, auto_decompress=False, proxy=self.proxy, response_class=_Response
+            connector=connector,
+            auto_decompress=False,
+            proxy=self.proxy,
+            response_class=_Response,
+            # no cookies kept: one jar is every project's (a cookie set for one went with
+            # another's deliveries to its host), and what it sent no record would show
+            cookie_jar=aiohttp.DummyCookieJar(),
         )
 
     def post(

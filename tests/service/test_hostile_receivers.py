@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
+from aiohttp import web
 from redis.asyncio import Redis
 
 from dispatcher.clock import now_ms
@@ -18,9 +19,10 @@ from dispatcher.models import Event, HistoryRecord, Region
 from dispatcher.producer import Producer
 from dispatcher.registry import Registry
 from dispatcher.settings import Settings
-from tests.helpers import Receiver, RunWorker
+from tests.helpers import Receiver, RunWorker, until
 
 keys = Keys()  # today's key names (one shard)
+PROJECT = "X-DEVOPS-PROJECT-ID"
 
 
 async def records(
@@ -31,6 +33,10 @@ async def records(
         project, url, "BUILD_END", start_ms=now - 60_000, end_ms=now + 60_000, page_size=100
     )
     return list(reversed(page.records))  # oldest first
+
+
+async def recorded(redis: Redis, settings: Settings, url: str, project: str) -> bool:
+    return bool(await records(redis, settings, url, project))
 
 
 # ---- a raw-socket receiver ------------------------------------------------------------
@@ -115,3 +121,41 @@ async def test_endless_informational_answers_end_the_attempt_at_the_cap(
     assert other.status.value == "SUCCESS"
     # each attempt on a connection of its own, closed by the worker before the next opened
     assert hostile.of("/endless") == hostile.of("/hints-9") == ["open", "closed"] * 2
+
+
+# ---- cookies ----------------------------------------------------------------------------
+
+
+async def test_a_cookie_a_receiver_sets_rides_on_no_later_request(
+    settings: Settings, redis: Redis, receiver: Receiver, run_worker: RunWorker
+) -> None:
+    """The region's client kept one cookie jar for every project: a cookie set in an answer
+    to projA's delivery went with projB's deliveries to that host (`Domain=` a parent
+    domain: to its other hosts too), and no record showed it. Here every answer sets one,
+    each project's first is a 503, and projB's is given once projA's answer is recorded:
+    each retry follows both projects' cookies."""
+    url = receiver.url().replace("127.0.0.1", "localhost")  # a name: the jar took no address's
+
+    async def hook(request: web.Request) -> web.StreamResponse:
+        project = request.headers[PROJECT]
+        first = [seen.headers[PROJECT] for seen in receiver.requests()].count(project) == 1
+        if project == "projB" and first:
+            await until(lambda: recorded(redis, settings, url, "projA"), 5, "projA's record")
+        answered = web.Response(status=503 if first else 200, text="ok")
+        answered.set_cookie("session", f"{project}-session", max_age=86400)
+        return answered
+
+    receiver.script("/hook", hook)
+    for project in ("projA", "projB"):
+        await Registry(redis).create(project, url, Event.BUILD_END, Region.DEVNET)
+    producer = Producer(settings, redis)
+    for project in ("projA", "projB"):
+        await producer.emit(project, "BUILD_END", {})
+    await run_worker()
+
+    seen = receiver.requests()
+    assert sorted(s.headers[PROJECT] for s in seen) == ["projA", "projA", "projB", "projB"]
+    assert [s.headers.get("Cookie") for s in seen] == [None] * 4
+    for project in ("projA", "projB"):
+        attempts = await records(redis, settings, url, project)
+        assert [r.response_code for r in attempts] == [503, 200]
