@@ -18,11 +18,17 @@ from yarl import URL
 from dispatcher.backoff import parse_retry_after
 from dispatcher.clock import now_ms
 from dispatcher.errors import AddressRefused, describe
-from dispatcher.headers import AuthHeader, mask_headers, request_headers
+from dispatcher.headers import (
+    AuthHeader,
+    mask_headers,
+    mask_secrets,
+    request_headers,
+    sent_secrets,
+)
 from dispatcher.history.window import truncate_json
 
 if TYPE_CHECKING:
-    from collections.abc import Mapping
+    from collections.abc import Mapping, Sequence
     from contextlib import AbstractAsyncContextManager
 
     from dispatcher.history.record import HeaderRow
@@ -212,8 +218,10 @@ async def send(
     connect_timeout: float,
     total_timeout: float,
     max_response_body: int,
+    secrets: Sequence[str] = (),
 ) -> AttemptResult:
-    """POST once, bounded by `total_timeout` overall and `max_response_body` bytes read.
+    """POST once, bounded by `total_timeout` overall and `max_response_body` bytes read,
+    `secrets` masked in what the receiver answered and in the error (`mask_secrets`).
     Whatever goes wrong ends as a result, never an exception: a request that cannot be
     built fails for good; a failure on the wire is judged by the answer when one came, and
     is retried when none did (but for an address the policy refuses)."""
@@ -228,9 +236,9 @@ async def send(
     try:
         async with asyncio.timeout(total_timeout):
             async with client.post(target, body, headers, _timeout(connect_timeout)) as response:
-                await answer.read(response, max_response_body)
+                await answer.read(response, max_response_body, secrets)
     except Exception as exc:  # a receiver can make anything raise: it ends as a result
-        error = _error_text(exc, (connect_timeout, total_timeout))
+        error = mask_secrets(_error_text(exc, (connect_timeout, total_timeout)), secrets)
         if answer.status is not None:  # the answer came, reading it failed: judge the answer
             return answer.result(classify(answer.status), error, started)
         if (refusal := _refused(exc)) is not None:  # retrying cannot help
@@ -261,10 +269,13 @@ class _Answer:
     text: str | None = None
     retry_after: float | None = None
 
-    async def read(self, response: aiohttp.ClientResponse, limit: int) -> None:
+    async def read(
+        self, response: aiohttp.ClientResponse, limit: int, secrets: Sequence[str]
+    ) -> None:
         """The status, then `Retry-After`, then at most `limit` bytes of the body (the
-        rest is never read into memory), kept as far as it takes at most `limit` bytes in
-        the record (`truncate_json`: a control character read as 1 byte is stored as 6)."""
+        rest is never read into memory), `secrets` masked, kept as far as it takes at most
+        `limit` bytes in the record (`truncate_json`: a control character read as 1 byte
+        is stored as 6)."""
         self.status = response.status
         self.retry_after = parse_retry_after(response.headers.get("retry-after"))
         chunks: list[bytes] = []
@@ -277,7 +288,7 @@ class _Answer:
                 truncated = True
                 break
         text = b"".join(chunks)[:limit].decode("utf-8", errors="replace")
-        self.text, cut = truncate_json(text, limit)
+        self.text, cut = truncate_json(mask_secrets(text, secrets) if text else text, limit)
         if truncated or cut:
             self.text += f"... [truncated at {limit} bytes]"
 
@@ -312,6 +323,7 @@ async def attempt(
         )
         if out.extra:
             headers.update(out.extra)
+        secrets = sent_secrets(headers, out.previous_token, out.auth_header)
         result = refused or await send(
             client,
             out.url,
@@ -320,6 +332,7 @@ async def attempt(
             connect_timeout=limits.connect_timeout,
             total_timeout=limits.total_timeout,
             max_response_body=limits.max_response_body,
+            secrets=secrets,
         )
     except Exception as exc:
         result = AttemptResult.unsent(f"the request could not be sent: {describe(exc)}")

@@ -49,7 +49,7 @@ OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok"
 class RawReceiver:
     """Answers each connection's request by its path: `/endless` with 103 Early Hints for
     ever (never a status), `/hints-N` with N of them and then a 200 (the connection then
-    closed). `events` tells, in
+    closed), `/echo-status` with a bad status line quoting its token. `events` tells, in
     order, each connection's request (`open /path`) and its end (`closed /path`: the peer
     closed or reset it)."""
 
@@ -65,6 +65,11 @@ class RawReceiver:
             head = await reader.readuntil(b"\r\n\r\n")
             path = head.split(b" ", 2)[1].decode()
             self.events.append(f"open {path}")
+            if path == "/echo-status":  # the token quoted in a status line aiohttp refuses
+                token = head.partition(b"X-DEVOPS-WEBHOOK-TOKEN: ")[2].partition(b"\r")[0]
+                writer.write(b"HTTP/1.1 2OO " + token + b"\r\n\r\n")
+                await writer.drain()
+                return
             if path.startswith("/hints-"):
                 writer.write(EARLY_HINTS * int(path.removeprefix("/hints-")) + OK)
                 await writer.drain()
@@ -159,3 +164,56 @@ async def test_a_cookie_a_receiver_sets_rides_on_no_later_request(
     for project in ("projA", "projB"):
         attempts = await records(redis, settings, url, project)
         assert [r.response_code for r in attempts] == [503, 200]
+
+
+# ---- what a receiver echoes -------------------------------------------------------------
+
+OLD_TOKEN, NEW_TOKEN = "old-secret-token-1", 'new-"secret"-token-2'  # `"`: JSON escapes it
+BEARER = "bearer-credential-3"
+
+
+async def test_secrets_a_receiver_echoes_are_masked_in_the_record(
+    settings: Settings, redis: Redis, receiver: Receiver, run_worker: RunWorker
+) -> None:
+    """A receiver echoing its request (httpbin, a debug page, "401 invalid Bearer …") put
+    the callback's token, the previous one during a rotation, its auth header's value and
+    the signatures into the record's responseBody, which every member reads; a bad status
+    line quoting the token put it in errorMsg. Both are masked now, as the headers are."""
+
+    async def echo(request: web.Request) -> web.StreamResponse:
+        signatures = request.headers["webhook-signature"].split()
+        said = {
+            "headers": dict(request.headers),
+            "signatures": signatures,
+            "macs": [signature.partition(",")[2] for signature in signatures],
+            "error": f"invalid Bearer {BEARER}; expected token {OLD_TOKEN}",
+        }
+        return web.json_response(said, status=401)
+
+    url = receiver.script("/echo", echo)
+    async with raw_receiver() as hostile:
+        bad_status = hostile.base + "/echo-status"
+        registry = Registry(redis)
+        for target in (url, bad_status):
+            callback_id, _ = await registry.create(
+                "demo", target, Event.BUILD_END, Region.DEVNET, OLD_TOKEN,
+                auth_header=("Authorization", f"Bearer {BEARER}"),
+            )  # fmt: skip
+            await registry.rotate_secret(callback_id, "demo", NEW_TOKEN, 3600)
+        await Producer(settings, redis).emit("demo", "BUILD_END", {})
+        await run_worker()
+        [echoed] = await records(redis, settings, url)
+        quoted = await records(redis, settings, bad_status)  # retried: no answer came
+
+    [seen] = receiver.requests("/echo")
+    sent = seen.headers["webhook-signature"]
+    assert seen.headers["X-DEVOPS-WEBHOOK-TOKEN"] == NEW_TOKEN and len(sent.split()) == 2
+    secrets = [OLD_TOKEN, NEW_TOKEN, BEARER, sent, *(s.partition(",")[2] for s in sent.split())]
+    body = echoed.response_body or ""
+    assert echoed.response_code == 401 and body.count("******") >= 7, body
+    assert '"invalid ******; expected token ******"' in body  # the rest as it came
+    assert '"Content-Type": "application/json"' in body
+    assert not [s for s in secrets if s in body or s.replace('"', '\\"') in body], body
+    errors = [record.error_msg or "" for record in quoted]
+    assert len(errors) == settings.max_attempts and all("******" in e for e in errors), errors
+    assert not [s for s in secrets for e in errors if s in e], errors
