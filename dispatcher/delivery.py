@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import aiohttp
 import orjson
+from aiohttp.http_exceptions import HttpProcessingError
 from yarl import URL
 
 from dispatcher.backoff import parse_retry_after
@@ -28,7 +29,7 @@ from dispatcher.headers import (
 from dispatcher.history.window import truncate_json
 
 if TYPE_CHECKING:
-    from collections.abc import Mapping, Sequence
+    from collections.abc import Iterator, Mapping, Sequence
     from contextlib import AbstractAsyncContextManager
 
     from dispatcher.history.record import HeaderRow
@@ -144,24 +145,45 @@ def classify(status_code: int) -> Outcome:
     return Outcome.FAILED
 
 
-def _refused(exc: BaseException | None) -> AddressRefused | None:
-    """The policy refusal behind a client error, however deeply the client wrapped it."""
-    seen = 0
-    while exc is not None and seen < 10:
-        if isinstance(exc, AddressRefused):
-            return exc
+def _chain(exc: BaseException | None) -> Iterator[BaseException]:
+    """`exc` and what it was raised from, however deeply the client wrapped it (at most
+    ten deep)."""
+    for _ in range(10):
+        if exc is None:
+            return
+        yield exc
         exc = exc.__cause__ or exc.__context__
-        seen += 1
-    return None
 
 
-# The client's own errors: their messages speak of hosts, addresses and sockets.
+def _refused(exc: BaseException) -> AddressRefused | None:
+    """The policy refusal behind a client error."""
+    return next((e for e in _chain(exc) if isinstance(e, AddressRefused)), None)
+
+
+# The client's own errors: their messages speak of hosts, addresses and sockets; but those
+# of a malformed answer quote it (`_malformed`).
 _NETWORK_ERRORS = (aiohttp.ClientError, OSError)
 _BAD_PROXY = "the region's proxy URL is not valid (DISPATCHER_REGION_PROXIES)"
+MAX_ERROR = 300  # characters of an error text: a record's, a log line's, a lastError's
+
+
+def _malformed(exc: BaseException) -> str | None:
+    """What to say of an answer the client's HTTP parser refused: a fixed reason and the
+    parser's name for what was wrong (`BadStatusLine`, `ContentLengthError`), never its
+    message, which quotes up to 8 KB of the answer; None for any other error."""
+    parsed = [type(e).__name__ for e in _chain(exc) if isinstance(e, HttpProcessingError)]
+    if not parsed:
+        return None
+    what = f" ({parsed[-1]})" if parsed[-1] != "HttpProcessingError" else ""
+    if isinstance(exc, aiohttp.ClientPayloadError):
+        return f"{type(exc).__name__}: the answer's body is cut short or malformed{what}"
+    return f"{type(exc).__name__}: the answer is not HTTP the client accepts{what}"
 
 
 def _error_text(exc: BaseException, timeouts: tuple[float, float]) -> str:
     """What went wrong, said as what happened, holding no secret."""
+    if (malformed := _malformed(exc)) is not None:
+        return malformed
     if isinstance(exc, aiohttp.ClientConnectorError):
         why = exc.os_error.strerror or exc.os_error
         if isinstance(exc, aiohttp.ClientConnectorDNSError):
@@ -172,6 +194,14 @@ def _error_text(exc: BaseException, timeouts: tuple[float, float]) -> str:
     if isinstance(exc, TimeoutError):
         return f"timed out after {timeouts[1]:g}s" + (f" ({exc})" if str(exc) else "")
     return describe(exc, trusted=_NETWORK_ERRORS)
+
+
+def _one_line(text: str) -> str:
+    """An error text as records and log lines keep it: control characters escaped, at most
+    `MAX_ERROR` characters (what a client error's message quotes, from a peer say)."""
+    if not text.isprintable():
+        text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+    return text if len(text) <= MAX_ERROR else text[:MAX_ERROR] + "... [cut]"
 
 
 class Poster(Protocol):
@@ -238,7 +268,7 @@ async def send(
             async with client.post(target, body, headers, _timeout(connect_timeout)) as response:
                 await answer.read(response, max_response_body, secrets)
     except Exception as exc:  # a receiver can make anything raise: it ends as a result
-        error = mask_secrets(_error_text(exc, (connect_timeout, total_timeout)), secrets)
+        error = _one_line(mask_secrets(_error_text(exc, (connect_timeout, total_timeout)), secrets))
         if answer.status is not None:  # the answer came, reading it failed: judge the answer
             return answer.result(classify(answer.status), error, started)
         if (refusal := _refused(exc)) is not None:  # retrying cannot help

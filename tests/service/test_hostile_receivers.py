@@ -42,6 +42,13 @@ async def recorded(redis: Redis, settings: Settings, url: str, project: str) -> 
 # ---- a raw-socket receiver ------------------------------------------------------------
 
 EARLY_HINTS = b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\n\r\n"
+LONG = b"Z" * 7000 + b"\n\x1b[31m" + b"Z" * 100
+BAD_ANSWERS = {  # what aiohttp refuses, quoting it (8 KB of it) in its error's message
+    "/status-line": b"HTTP/1.1 2OO " + LONG + b"\r\n\r\n",
+    "/header": b"HTTP/1.1 200 OK\r\nX\x00" + LONG + b": 1\r\n\r\n",
+    "/chunk": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + LONG + b"\r\n\r\n",
+    "/cut-short": b"HTTP/1.1 503 X\r\nContent-Length: 100000\r\n\r\n" + LONG,
+}
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok"
 
 
@@ -49,7 +56,8 @@ OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok"
 class RawReceiver:
     """Answers each connection's request by its path: `/endless` with 103 Early Hints for
     ever (never a status), `/hints-N` with N of them and then a 200 (the connection then
-    closed), `/echo-status` with a bad status line quoting its token. `events` tells, in
+    closed), `/echo-status` with a bad status line quoting its token, a path of
+    `BAD_ANSWERS` with its answer. `events` tells, in
     order, each connection's request (`open /path`) and its end (`closed /path`: the peer
     closed or reset it)."""
 
@@ -68,6 +76,10 @@ class RawReceiver:
             if path == "/echo-status":  # the token quoted in a status line aiohttp refuses
                 token = head.partition(b"X-DEVOPS-WEBHOOK-TOKEN: ")[2].partition(b"\r")[0]
                 writer.write(b"HTTP/1.1 2OO " + token + b"\r\n\r\n")
+                await writer.drain()
+                return
+            if path in BAD_ANSWERS:
+                writer.write(BAD_ANSWERS[path])
                 await writer.drain()
                 return
             if path.startswith("/hints-"):
@@ -178,7 +190,8 @@ async def test_secrets_a_receiver_echoes_are_masked_in_the_record(
     """A receiver echoing its request (httpbin, a debug page, "401 invalid Bearer …") put
     the callback's token, the previous one during a rotation, its auth header's value and
     the signatures into the record's responseBody, which every member reads; a bad status
-    line quoting the token put it in errorMsg. Both are masked now, as the headers are."""
+    line quoting the token put it in errorMsg. They are masked now, as the headers are (an
+    error text no longer quotes an answer at all, and is masked all the same)."""
 
     async def echo(request: web.Request) -> web.StreamResponse:
         signatures = request.headers["webhook-signature"].split()
@@ -215,5 +228,40 @@ async def test_secrets_a_receiver_echoes_are_masked_in_the_record(
     assert '"Content-Type": "application/json"' in body
     assert not [s for s in secrets if s in body or s.replace('"', '\\"') in body], body
     errors = [record.error_msg or "" for record in quoted]
-    assert len(errors) == settings.max_attempts and all("******" in e for e in errors), errors
+    assert len(errors) == settings.max_attempts and all("BadStatusLine" in e for e in errors)
     assert not [s for s in secrets for e in errors if s in e], errors
+
+
+# ---- error texts ------------------------------------------------------------------------
+
+
+async def test_an_answer_the_client_refuses_is_recorded_in_a_short_line_of_our_own(
+    settings: Settings, redis: Redis, run_worker: RunWorker
+) -> None:
+    """aiohttp's message for a bad status line, header or chunk quotes what it choked on:
+    `HTTP/1.1 2OO ` and 7,000 characters gave a 7,147-character errorMsg with line breaks,
+    in the record, the log line, the callback's lastError and a disable reason. Now the
+    error's type, a fixed reason and the parser's name for what was wrong."""
+    settings = settings.model_copy(update={"retry_schedule": ()})
+    async with raw_receiver() as hostile:
+        for path in BAD_ANSWERS:
+            await Registry(redis).create(
+                "demo", hostile.base + path, Event.BUILD_END, Region.DEVNET
+            )
+        await Producer(settings, redis).emit("demo", "BUILD_END", {})
+        await run_worker(settings)
+        got = {path: await records(redis, settings, hostile.base + path) for path in BAD_ANSWERS}
+
+    said = {
+        path: [(r.response_code, r.error_msg) for r in attempts] for path, attempts in got.items()
+    }
+    not_http = "ClientResponseError: the answer is not HTTP the client accepts"
+    assert said == {
+        "/status-line": [(None, f"{not_http} (BadStatusLine)")],
+        "/header": [(None, f"{not_http} (BadHttpMessage)")],
+        "/chunk": [(None, f"{not_http} (BadHttpMessage)")],
+        "/cut-short": [
+            (503, "ClientPayloadError: the answer's body is cut short or malformed "
+             "(ContentLengthError)")
+        ],
+    }  # fmt: skip

@@ -1,10 +1,16 @@
 """What `mask_secrets` does to a receiver's answer: each secret the attempt sent masked, as
-sent and as JSON escapes it; a short one only where it stands alone."""
+sent and as JSON escapes it; a short one only where it stands alone; in an error text too."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import AsyncIterator
+from typing import Any
 
+import aiohttp
+
+from dispatcher.delivery import send
 from dispatcher.headers import mask_secrets, request_headers, sent_secrets
 
 
@@ -33,3 +39,25 @@ def test_a_short_secret_is_masked_only_where_it_stands_alone() -> None:
     assert mask_secrets(text, secrets) == (
         '{"token": "******", "runner": "pytest", "auth": "Bearer ******", "tests": 3}'
     )
+
+
+async def test_a_secret_in_a_client_errors_message_is_masked() -> None:
+    """No client error met today quotes an answer (`tests/service/test_hostile_receivers.py`),
+    but one whose message did would not reach the record with a secret in it."""
+    token = "token-0123456789"
+
+    class Raising:
+        def post(self, *args: Any) -> Any:
+            @contextlib.asynccontextmanager
+            async def response() -> AsyncIterator[Any]:
+                raise aiohttp.ClientOSError(f"the peer said: bad token {token}")
+                yield
+
+            return response()
+
+    result = await send(
+        Raising(), "http://receiver.example/hook", b"{}", {"X-DEVOPS-WEBHOOK-TOKEN": token},
+        connect_timeout=1, total_timeout=2, max_response_body=100,
+        secrets=sent_secrets({"X-DEVOPS-WEBHOOK-TOKEN": token}),
+    )  # fmt: skip
+    assert result.error == "ClientOSError: the peer said: bad token ******"
