@@ -53,7 +53,7 @@ class Outcome(enum.StrEnum):
     """What one attempt means for the delivery."""
 
     SUCCESS = "success"  # 2xx
-    RETRY = "retry"  # connection error, timeout, 408, 429, 5xx: try again later
+    RETRY = "retry"  # connection or protocol error, timeout, 408, 429, 5xx: try again later
     FAILED = "failed"  # any other answer (3xx, 4xx): final
     GONE = "gone"  # 410: final, and the callback is disabled at once
 
@@ -135,14 +135,25 @@ def encode_body(event: str, project_id: str, data: Mapping[str, Any]) -> bytes:
 
 
 def classify(status_code: int) -> Outcome:
-    """2xx succeeds; 408, 429 and 5xx are retried; 410 disables; the rest is final."""
+    """2xx succeeds; 408, 429 and 5xx are retried; 410 disables; other 3xx and 4xx are
+    final. A status no request ends with (101, a switch nobody asked for; 600 to 999) is a
+    protocol error, retried like an answer that is not HTTP."""
     if 200 <= status_code < 300:
         return Outcome.SUCCESS
     if status_code == 410:
         return Outcome.GONE
-    if status_code in (408, 429) or status_code >= 500:
-        return Outcome.RETRY
-    return Outcome.FAILED
+    if 300 <= status_code < 500 and status_code not in (408, 429):
+        return Outcome.FAILED
+    return Outcome.RETRY
+
+
+def _verdict(status: int) -> str:
+    """What `errorMsg` says of an answer that did not succeed."""
+    if 300 <= status < 400:
+        return f"HTTP {status}: redirects are not followed"
+    if not 200 <= status < 600:
+        return f"HTTP {status}: not a final status (200-599): a protocol error, retried"
+    return f"HTTP {status}"
 
 
 def _chain(exc: BaseException | None) -> Iterator[BaseException]:
@@ -285,10 +296,7 @@ async def send(
     status = answer.status
     assert status is not None
     outcome = classify(status)
-    verdict = None if outcome is Outcome.SUCCESS else f"HTTP {status}"
-    if 300 <= status < 400:
-        verdict = f"HTTP {status}: redirects are not followed"
-    return answer.result(outcome, verdict, started)
+    return answer.result(outcome, None if outcome is Outcome.SUCCESS else _verdict(status), started)
 
 
 @dataclass(slots=True)

@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
+import pytest
 from aiohttp import web
 from redis.asyncio import Redis
 
@@ -49,6 +50,7 @@ BAD_ANSWERS = {  # what aiohttp refuses, quoting it (8 KB of it) in its error's 
     "/chunk": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + LONG + b"\r\n\r\n",
     "/cut-short": b"HTTP/1.1 503 X\r\nContent-Length: 100000\r\n\r\n" + LONG,
 }
+CLOSE = b"Content-Length: 0\r\nConnection: close"
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok"
 
 
@@ -56,8 +58,8 @@ OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok"
 class RawReceiver:
     """Answers each connection's request by its path: `/endless` with 103 Early Hints for
     ever (never a status), `/hints-N` with N of them and then a 200 (the connection then
-    closed), `/echo-status` with a bad status line quoting its token, a path of
-    `BAD_ANSWERS` with its answer. `events` tells, in
+    closed), `/status-N` with status N and no body, `/echo-status` with a bad status line
+    quoting its token, a path of `BAD_ANSWERS` with its answer. `events` tells, in
     order, each connection's request (`open /path`) and its end (`closed /path`: the peer
     closed or reset it)."""
 
@@ -80,6 +82,12 @@ class RawReceiver:
                 return
             if path in BAD_ANSWERS:
                 writer.write(BAD_ANSWERS[path])
+                await writer.drain()
+                return
+            if path.startswith("/status-"):
+                status = path.removeprefix("/status-").encode()
+                framing = b"Upgrade: x\r\nConnection: Upgrade" if status == b"101" else CLOSE
+                writer.write(b"HTTP/1.1 " + status + b" X\r\n" + framing + b"\r\n\r\n")
                 await writer.drain()
                 return
             if path.startswith("/hints-"):
@@ -265,3 +273,35 @@ async def test_an_answer_the_client_refuses_is_recorded_in_a_short_line_of_our_o
              "(ContentLengthError)")
         ],
     }  # fmt: skip
+
+
+# ---- statuses ---------------------------------------------------------------------------
+
+NOT_FINAL = "not a final status (200-599): a protocol error, retried"
+
+
+@pytest.mark.parametrize(
+    ("status", "errors"),
+    [
+        (101, [f"HTTP 101: {NOT_FINAL}"] * 2),  # a protocol switch nobody asked for
+        (600, [f"HTTP 600: {NOT_FINAL}"] * 2),
+        (999, [f"HTTP 999: {NOT_FINAL}"] * 2),
+        (599, ["HTTP 599"] * 2),  # 5xx: retried
+        (499, ["HTTP 499"]),  # 4xx: final
+        (204, [None]),
+    ],
+)
+async def test_a_status_outside_200_599_is_a_protocol_error_and_retried(
+    settings: Settings, redis: Redis, run_worker: RunWorker, status: int, errors: list[str]
+) -> None:
+    """600-999 were retried as 5xx (the code read `>= 500`), 101 was final as a 4xx; the
+    README said neither. Now any status a request cannot end with is a protocol error."""
+    settings = settings.model_copy(update={"retry_schedule": (0.05,)})
+    async with raw_receiver() as hostile:
+        url = f"{hostile.base}/status-{status}"
+        await Registry(redis).create("demo", url, Event.BUILD_END, Region.DEVNET)
+        await Producer(settings, redis).emit("demo", "BUILD_END", {})
+        await run_worker(settings)
+        attempts = await records(redis, settings, url)
+    assert [(r.response_code, r.error_msg) for r in attempts] == [(status, e) for e in errors]
+    assert [r.final for r in attempts] == [False] * (len(errors) - 1) + [True]
