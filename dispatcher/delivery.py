@@ -13,16 +13,23 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import aiohttp
 import orjson
+from aiohttp.http_exceptions import HttpProcessingError
 from yarl import URL
 
 from dispatcher.backoff import parse_retry_after
 from dispatcher.clock import now_ms
 from dispatcher.errors import AddressRefused, describe
-from dispatcher.headers import AuthHeader, mask_headers, request_headers
+from dispatcher.headers import (
+    AuthHeader,
+    mask_headers,
+    mask_secrets,
+    request_headers,
+    sent_secrets,
+)
 from dispatcher.history.window import truncate_json
 
 if TYPE_CHECKING:
-    from collections.abc import Mapping
+    from collections.abc import Iterator, Mapping, Sequence
     from contextlib import AbstractAsyncContextManager
 
     from dispatcher.history.record import HeaderRow
@@ -46,7 +53,7 @@ class Outcome(enum.StrEnum):
     """What one attempt means for the delivery."""
 
     SUCCESS = "success"  # 2xx
-    RETRY = "retry"  # connection error, timeout, 408, 429, 5xx: try again later
+    RETRY = "retry"  # connection or protocol error, timeout, 408, 429, 5xx: try again later
     FAILED = "failed"  # any other answer (3xx, 4xx): final
     GONE = "gone"  # 410: final, and the callback is disabled at once
 
@@ -128,34 +135,66 @@ def encode_body(event: str, project_id: str, data: Mapping[str, Any]) -> bytes:
 
 
 def classify(status_code: int) -> Outcome:
-    """2xx succeeds; 408, 429 and 5xx are retried; 410 disables; the rest is final."""
+    """2xx succeeds; 408, 429 and 5xx are retried; 410 disables; other 3xx and 4xx are
+    final. A status no request ends with (101, a switch nobody asked for; 600 to 999) is a
+    protocol error, retried like an answer that is not HTTP."""
     if 200 <= status_code < 300:
         return Outcome.SUCCESS
     if status_code == 410:
         return Outcome.GONE
-    if status_code in (408, 429) or status_code >= 500:
-        return Outcome.RETRY
-    return Outcome.FAILED
+    if 300 <= status_code < 500 and status_code not in (408, 429):
+        return Outcome.FAILED
+    return Outcome.RETRY
 
 
-def _refused(exc: BaseException | None) -> AddressRefused | None:
-    """The policy refusal behind a client error, however deeply the client wrapped it."""
-    seen = 0
-    while exc is not None and seen < 10:
-        if isinstance(exc, AddressRefused):
-            return exc
+def _verdict(status: int) -> str:
+    """What `errorMsg` says of an answer that did not succeed."""
+    if 300 <= status < 400:
+        return f"HTTP {status}: redirects are not followed"
+    if not 200 <= status < 600:
+        return f"HTTP {status}: not a final status (200-599): a protocol error, retried"
+    return f"HTTP {status}"
+
+
+def _chain(exc: BaseException | None) -> Iterator[BaseException]:
+    """`exc` and what it was raised from, however deeply the client wrapped it (at most
+    ten deep)."""
+    for _ in range(10):
+        if exc is None:
+            return
+        yield exc
         exc = exc.__cause__ or exc.__context__
-        seen += 1
-    return None
 
 
-# The client's own errors: their messages speak of hosts, addresses and sockets.
+def _refused(exc: BaseException) -> AddressRefused | None:
+    """The policy refusal behind a client error."""
+    return next((e for e in _chain(exc) if isinstance(e, AddressRefused)), None)
+
+
+# The client's own errors: their messages speak of hosts, addresses and sockets; but those
+# of a malformed answer quote it (`_malformed`).
 _NETWORK_ERRORS = (aiohttp.ClientError, OSError)
 _BAD_PROXY = "the region's proxy URL is not valid (DISPATCHER_REGION_PROXIES)"
+MAX_ERROR = 300  # characters of an error text: a record's, a log line's, a lastError's
+
+
+def _malformed(exc: BaseException) -> str | None:
+    """What to say of an answer the client's HTTP parser refused: a fixed reason and the
+    parser's name for what was wrong (`BadStatusLine`, `ContentLengthError`), never its
+    message, which quotes up to 8 KB of the answer; None for any other error."""
+    parsed = [type(e).__name__ for e in _chain(exc) if isinstance(e, HttpProcessingError)]
+    if not parsed:
+        return None
+    what = f" ({parsed[-1]})" if parsed[-1] != "HttpProcessingError" else ""
+    if isinstance(exc, aiohttp.ClientPayloadError):
+        return f"{type(exc).__name__}: the answer's body is cut short or malformed{what}"
+    return f"{type(exc).__name__}: the answer is not HTTP the client accepts{what}"
 
 
 def _error_text(exc: BaseException, timeouts: tuple[float, float]) -> str:
     """What went wrong, said as what happened, holding no secret."""
+    if (malformed := _malformed(exc)) is not None:
+        return malformed
     if isinstance(exc, aiohttp.ClientConnectorError):
         why = exc.os_error.strerror or exc.os_error
         if isinstance(exc, aiohttp.ClientConnectorDNSError):
@@ -166,6 +205,14 @@ def _error_text(exc: BaseException, timeouts: tuple[float, float]) -> str:
     if isinstance(exc, TimeoutError):
         return f"timed out after {timeouts[1]:g}s" + (f" ({exc})" if str(exc) else "")
     return describe(exc, trusted=_NETWORK_ERRORS)
+
+
+def _one_line(text: str) -> str:
+    """An error text as records and log lines keep it: control characters escaped, at most
+    `MAX_ERROR` characters (what a client error's message quotes, from a peer say)."""
+    if not text.isprintable():
+        text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+    return text if len(text) <= MAX_ERROR else text[:MAX_ERROR] + "... [cut]"
 
 
 class Poster(Protocol):
@@ -212,8 +259,10 @@ async def send(
     connect_timeout: float,
     total_timeout: float,
     max_response_body: int,
+    secrets: Sequence[str] = (),
 ) -> AttemptResult:
-    """POST once, bounded by `total_timeout` overall and `max_response_body` bytes read.
+    """POST once, bounded by `total_timeout` overall and `max_response_body` bytes read,
+    `secrets` masked in what the receiver answered and in the error (`mask_secrets`).
     Whatever goes wrong ends as a result, never an exception: a request that cannot be
     built fails for good; a failure on the wire is judged by the answer when one came, and
     is retried when none did (but for an address the policy refuses)."""
@@ -228,9 +277,9 @@ async def send(
     try:
         async with asyncio.timeout(total_timeout):
             async with client.post(target, body, headers, _timeout(connect_timeout)) as response:
-                await answer.read(response, max_response_body)
+                await answer.read(response, max_response_body, secrets)
     except Exception as exc:  # a receiver can make anything raise: it ends as a result
-        error = _error_text(exc, (connect_timeout, total_timeout))
+        error = _one_line(mask_secrets(_error_text(exc, (connect_timeout, total_timeout)), secrets))
         if answer.status is not None:  # the answer came, reading it failed: judge the answer
             return answer.result(classify(answer.status), error, started)
         if (refusal := _refused(exc)) is not None:  # retrying cannot help
@@ -247,10 +296,7 @@ async def send(
     status = answer.status
     assert status is not None
     outcome = classify(status)
-    verdict = None if outcome is Outcome.SUCCESS else f"HTTP {status}"
-    if 300 <= status < 400:
-        verdict = f"HTTP {status}: redirects are not followed"
-    return answer.result(outcome, verdict, started)
+    return answer.result(outcome, None if outcome is Outcome.SUCCESS else _verdict(status), started)
 
 
 @dataclass(slots=True)
@@ -261,10 +307,13 @@ class _Answer:
     text: str | None = None
     retry_after: float | None = None
 
-    async def read(self, response: aiohttp.ClientResponse, limit: int) -> None:
+    async def read(
+        self, response: aiohttp.ClientResponse, limit: int, secrets: Sequence[str]
+    ) -> None:
         """The status, then `Retry-After`, then at most `limit` bytes of the body (the
-        rest is never read into memory), kept as far as it takes at most `limit` bytes in
-        the record (`truncate_json`: a control character read as 1 byte is stored as 6)."""
+        rest is never read into memory), `secrets` masked, kept as far as it takes at most
+        `limit` bytes in the record (`truncate_json`: a control character read as 1 byte
+        is stored as 6)."""
         self.status = response.status
         self.retry_after = parse_retry_after(response.headers.get("retry-after"))
         chunks: list[bytes] = []
@@ -277,7 +326,7 @@ class _Answer:
                 truncated = True
                 break
         text = b"".join(chunks)[:limit].decode("utf-8", errors="replace")
-        self.text, cut = truncate_json(text, limit)
+        self.text, cut = truncate_json(mask_secrets(text, secrets) if text else text, limit)
         if truncated or cut:
             self.text += f"... [truncated at {limit} bytes]"
 
@@ -312,6 +361,7 @@ async def attempt(
         )
         if out.extra:
             headers.update(out.extra)
+        secrets = sent_secrets(headers, out.previous_token, out.auth_header)
         result = refused or await send(
             client,
             out.url,
@@ -320,6 +370,7 @@ async def attempt(
             connect_timeout=limits.connect_timeout,
             total_timeout=limits.total_timeout,
             max_response_body=limits.max_response_body,
+            secrets=secrets,
         )
     except Exception as exc:
         result = AttemptResult.unsent(f"the request could not be sent: {describe(exc)}")

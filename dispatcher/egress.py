@@ -52,6 +52,10 @@ if TYPE_CHECKING:
     from collections.abc import Mapping
     from contextlib import AbstractAsyncContextManager
 
+    from aiohttp.connector import Connection
+    from aiohttp.http import RawResponseMessage
+    from aiohttp.streams import StreamReader
+
     from dispatcher.settings import Settings
 
 __all__ = [
@@ -269,6 +273,48 @@ class GuardedResolver(AbstractResolver):
         await self._inner.close()
 
 
+MAX_INFORMATIONAL = 8  # 1xx answers a request may get before its status
+
+
+class TooManyInformational(aiohttp.ClientError):
+    """The receiver sent more informational (1xx) answers than a request may get."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            f"the receiver sent more than {MAX_INFORMATIONAL} informational (1xx) answers"
+        )
+
+
+class _Response(aiohttp.ClientResponse):
+    """aiohttp's response, its informational answers capped. `start` skips 1xx answers one
+    after another, without end, and without yielding while they are buffered: a receiver
+    streaming `103 Early Hints` held the worker's loop (every project's deliveries) until
+    the total timeout. Each message `start` reads is counted on the way (the connection's
+    `read`, wrapped for that call alone); past the cap it raises, and aiohttp closes the
+    connection."""
+
+    async def start(self, connection: Connection) -> aiohttp.ClientResponse:
+        protocol = connection.protocol
+        if protocol is None:  # aiohttp's own start says what is wrong
+            return await super().start(connection)
+        read, seen = protocol.read, 0
+
+        async def counted() -> tuple[RawResponseMessage, StreamReader]:
+            nonlocal seen
+            message, payload = await read()
+            if 100 <= message.code < 200 and message.code != 101:  # what `start` skips
+                seen += 1
+                if seen > MAX_INFORMATIONAL:
+                    raise TooManyInformational
+            return message, payload
+
+        protocol.read = counted  # type: ignore[method-assign]
+        try:
+            return await super().start(connection)
+        finally:
+            del protocol.read
+
+
 def policy_for(settings: Settings, region: Region) -> AddressPolicy:
     """The policy of `region`: internal targets only where the operator allowed them."""
     allowed = settings.dev_mode or region in settings.allow_internal_regions
@@ -278,7 +324,8 @@ def policy_for(settings: Settings, region: Region) -> AddressPolicy:
 class Client:
     """One region's long-lived HTTP client for deliveries: an aiohttp session (made on
     first use, inside the running loop) with the region's proxy and address policy. It
-    never follows redirects, never decompresses, and keeps connections alive 30 s.
+    never follows redirects, never decompresses, keeps no cookies, and keeps connections
+    alive 30 s.
 
     Deliveries use aiohttp directly: httpx's request and response models (its header
     objects above all) cost as much CPU as aiohttp's whole exchange (bench/README.md)."""
@@ -311,7 +358,15 @@ class Client:
             ssl=settings.verify_tls,
             keepalive_timeout=30,
         )
-        return aiohttp.ClientSession(connector=connector, auto_decompress=False, proxy=self.proxy)
+        return aiohttp.ClientSession(
+            connector=connector,
+            auto_decompress=False,
+            proxy=self.proxy,
+            response_class=_Response,
+            # no cookies kept: one jar is every project's (a cookie set for one went with
+            # another's deliveries to its host), and what it sent no record would show
+            cookie_jar=aiohttp.DummyCookieJar(),
+        )
 
     def post(
         self, url: URL, body: bytes, headers: Mapping[str, str], timeout: aiohttp.ClientTimeout

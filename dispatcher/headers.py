@@ -14,7 +14,7 @@ from dispatcher.errors import InvalidInput
 from dispatcher.models import MASK, SECRET_HEADERS
 
 if TYPE_CHECKING:
-    from collections.abc import Mapping
+    from collections.abc import Mapping, Sequence
 
     from dispatcher.history.record import HeaderRow
 
@@ -29,7 +29,9 @@ __all__ = [
     "check_auth_header",
     "check_header_value",
     "mask_headers",
+    "mask_secrets",
     "request_headers",
+    "sent_secrets",
     "sign",
     "unsendable",
 ]
@@ -197,3 +199,38 @@ def mask_headers(
         {"name": name, "value": MASK if name.lower() in secret else value}
         for name, value in headers.items()
     ]
+
+
+def sent_secrets(
+    headers: Mapping[str, str], previous_token: str = "", auth_header: AuthHeader | None = None
+) -> list[str]:
+    """What `mask_secrets` masks for an attempt: the secrets it sent (the token and the
+    previous one, the custom auth header's value and then its credentials after a scheme
+    such as `Bearer `, each signature and its MAC), each also as JSON escapes it; the
+    longest first (a secret may hold another: the previous token the new one)."""
+    found = [headers.get(TOKEN_HEADER, ""), previous_token]
+    if auth_header is not None:
+        found += auth_header[1], auth_header[1].partition(" ")[2]
+    for signature in headers.get("webhook-signature", "").split():
+        found += signature, signature[3:]  # `v1,` and the MAC
+    found += [s.replace("\\", "\\\\").replace('"', '\\"') for s in found if '"' in s or "\\" in s]
+    return sorted(filter(None, found), key=len, reverse=True)
+
+
+SHORT_SECRET = 8  # shorter secrets are masked only where they stand alone
+
+
+def mask_secrets(text: str, secrets: Sequence[str]) -> str:
+    """`text` (what a receiver answered, an error) with each of `secrets` masked: one `in`
+    per secret when none is there. One shorter than `SHORT_SECRET` is masked only where no
+    letter or digit touches it: inside words, masking would garble the text and give the
+    secret away by the gaps it leaves."""
+    for secret in secrets:
+        if secret not in text:
+            continue
+        if len(secret) >= SHORT_SECRET:
+            text = text.replace(secret, MASK)
+        else:
+            alone = rf"(?<![A-Za-z0-9]){re.escape(secret)}(?![A-Za-z0-9])"
+            text = re.sub(alone, MASK, text)
+    return text

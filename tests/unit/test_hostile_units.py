@@ -20,7 +20,7 @@ from yarl import URL
 
 from dispatcher import egress
 from dispatcher.backoff import parse_retry_after
-from dispatcher.delivery import AttemptResult, Outcome, send
+from dispatcher.delivery import MAX_ERROR, AttemptResult, Outcome, send
 from dispatcher.egress import AddressPolicy
 from dispatcher.errors import InvalidInput, describe
 from dispatcher.events import event_job
@@ -68,6 +68,20 @@ async def test_anything_the_client_raises_ends_as_a_result_without_its_message()
     result = await attempt(Client(explode))
     assert result.outcome is Outcome.RETRY and result.error is not None
     assert result.error.startswith("RuntimeError at ") and SECRET not in result.error
+
+
+async def test_a_client_errors_message_is_kept_on_one_short_line() -> None:
+    """A message no branch names (the client's own words, trusted) may still quote what a
+    peer said: kept to `MAX_ERROR` characters, control characters escaped."""
+
+    def explode() -> None:
+        raise aiohttp.ClientOSError("peer said:\n\x1b[31m" + "Z" * 5000)
+
+    result = await attempt(Client(explode))
+    assert result.outcome is Outcome.RETRY and result.error is not None
+    assert result.error.startswith("ClientOSError: peer said:\\n\\x1b[31mZZZ")
+    assert result.error.endswith("Z... [cut]") and len(result.error) == MAX_ERROR + 9
+    assert result.error.isprintable()
 
 
 async def test_an_answer_whose_reading_raises_is_judged_by_its_status() -> None:

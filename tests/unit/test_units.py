@@ -68,6 +68,7 @@ def test_retry_after_as_a_date() -> None:
         (401, Outcome.FAILED), (404, Outcome.FAILED), (408, Outcome.RETRY),
         (410, Outcome.GONE), (429, Outcome.RETRY), (500, Outcome.RETRY),
         (502, Outcome.RETRY), (503, Outcome.RETRY), (599, Outcome.RETRY),
+        (101, Outcome.RETRY), (600, Outcome.RETRY), (999, Outcome.RETRY),  # protocol errors
     ],
 )  # fmt: skip
 def test_classify(code: int, outcome: Outcome) -> None:
