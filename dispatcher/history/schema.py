@@ -8,7 +8,8 @@ append-only: a released one is never edited, a change is a new version.
 
 Tables
     history_schema     version -> applied_at
-    history_pairs      (project_id, event, url) -> pair_id; never deleted
+    history_pairs      (project_id, event, url) -> pair_id, unique by the URL's hash
+                       (since version 5); never deleted
     history_attempts   one row per attempt, RANGE-partitioned by UTC day on created_ms;
                        `doc` is the record's JSON as the API returns it; `failed` its
                        status (since version 3)
@@ -132,6 +133,28 @@ SELECT indisvalid FROM pg_index WHERE indexrelid = 'history_attempts_project_fai
 """
 
 
+# A pair is found by its URL's hash (sha256 of its UTF-8 bytes), the URL kept unindexed:
+# a btree entry holds at most 2,704 bytes, and a URL the registry took could be longer
+# (2,048 characters of up to four bytes): its pair's insert failed, and with it every
+# batch of the shipper (review). The trigger fills the hash in on every insert, an older
+# version's during a rolling upgrade too.
+_URL_HASH = """
+CREATE FUNCTION history_url_hash(url text) RETURNS bytea
+LANGUAGE sql STABLE PARALLEL SAFE AS $fn$ SELECT sha256(convert_to(url, 'UTF8')) $fn$;
+CREATE FUNCTION history_pairs_hashed() RETURNS trigger LANGUAGE plpgsql AS $fn$
+BEGIN NEW.url_hash := history_url_hash(NEW.url); RETURN NEW; END $fn$;
+ALTER TABLE history_pairs ADD COLUMN url_hash bytea;
+UPDATE history_pairs SET url_hash = history_url_hash(url);
+ALTER TABLE history_pairs ALTER COLUMN url_hash SET NOT NULL,
+  DROP CONSTRAINT history_pairs_project_id_event_url_key,
+  ADD CONSTRAINT history_pairs_url_hash_key UNIQUE (project_id, event, url_hash);
+DROP INDEX history_pairs_url;
+CREATE INDEX history_pairs_url_hash ON history_pairs (project_id, url_hash);
+CREATE TRIGGER history_pairs_hashed BEFORE INSERT OR UPDATE OF url ON history_pairs
+  FOR EACH ROW EXECUTE FUNCTION history_pairs_hashed();
+"""
+
+
 async def _project_failed(conn: Conn) -> None:
     """Version 4, outside a transaction, so that the shipper's inserts go on: the index
     made on the parent alone, then each day partition's built CONCURRENTLY and attached
@@ -173,7 +196,7 @@ async def _run(conn: Conn, sql: str) -> None:
 # A step is SQL run in one transaction with its version row, or (when it must not hold its
 # locks that long) a function run outside one, which must be safe to run again.
 MIGRATIONS: list[tuple[int, str | Callable[[Conn], Awaitable[None]]]] = [
-    (1, _TABLES), (2, LOCATE_FUNCTIONS), (3, _FAILED), (4, _project_failed)
+    (1, _TABLES), (2, LOCATE_FUNCTIONS), (3, _FAILED), (4, _project_failed), (5, _URL_HASH)
 ]  # fmt: skip
 
 

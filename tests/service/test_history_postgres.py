@@ -102,17 +102,18 @@ async def catalog(conn: asyncpg.Connection) -> list[Any]:
 async def test_migrations_run_twice_are_a_no_op(fresh_db: str, pg_server: EmbeddedPostgres) -> None:
     conn = await asyncpg.connect(fresh_db)
     try:
-        assert await upgrade(conn) == [1, 2, 3, 4]
+        assert await upgrade(conn) == [1, 2, 3, 4, 5]
         before = await catalog(conn)
         assert await upgrade(conn) == []
         assert await catalog(conn) == before
         # at once from three sessions (every process may run it at start): applied once
         await conn.execute("DROP TABLE history_pairs, history_attempts, history_counts,"
                            " history_shipped, history_schema CASCADE")  # fmt: skip
-        await conn.execute("DROP FUNCTION history_locate, history_minute_of")
+        await conn.execute("DROP FUNCTION history_locate, history_minute_of, history_url_hash,"
+                           " history_pairs_hashed")  # fmt: skip
         sessions = [await asyncpg.connect(fresh_db) for _ in range(3)]
         results = await asyncio.gather(*(upgrade(s) for s in sessions))
-        assert sorted(results) == [[], [], [1, 2, 3, 4]]
+        assert sorted(results) == [[], [], [1, 2, 3, 4, 5]]
         assert await catalog(conn) == before
         for session in sessions:
             await session.close()
@@ -173,7 +174,7 @@ async def test_version_4_builds_each_day_partitions_index_and_goes_on_after_a_cr
         assert not await conn.fetchval(valid, f"{failed_day}_project_failed")
         assert not await conn.fetchval(valid, "history_attempts_project_failed")
 
-        assert await upgrade(conn) == [4]
+        assert await upgrade(conn) == [4, 5]
         assert await conn.fetch(schema.UNINDEXED_SQL) == []
         assert await conn.fetchval(valid, "history_attempts_project_failed")
         for day in (failed_day, stopped_day, other_day):
@@ -204,15 +205,60 @@ async def test_version_4_builds_each_day_partitions_index_and_goes_on_after_a_cr
         await conn.close()
 
 
+async def test_version_5_finds_the_pairs_stored_before_it_by_their_urls_hash(
+    fresh_db: str, redis_server: EmbeddedRedis, redis: Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A history of version 4 (pairs unique by their URL): version 5 gives each pair its
+    URL's hash, so what was stored before is found by every read, and a record shipped
+    after it for the same pair joins it (no second pair)."""
+    conn = await asyncpg.connect(fresh_db)
+    monkeypatch.setattr(schema, "MIGRATIONS", schema.MIGRATIONS[:4])
+    now = now_ms()
+    try:
+        assert await upgrade(conn) == [1, 2, 3, 4]
+        await ensure_partitions(conn, now, now)
+        pair = await conn.fetchval(  # as version 4's shipper stored it
+            "INSERT INTO history_pairs (project_id, event, url)"
+            " VALUES ('demo', 'BUILD_END', $1) RETURNING pair_id", URL,
+        )  # fmt: skip
+        before = {"id": 7, **record(now - 20, 7, status="FAILED", final=True)}
+        await conn.execute(
+            "INSERT INTO history_attempts (id, created_ms, pair_id, project_id, delivery_id,"
+            " dead, failed, doc) VALUES (7, $1, $2, 'demo', 'evt_7.1', true, true, $3)",
+            now - 20, pair, orjson.dumps(before).decode(),
+        )  # fmt: skip
+        await conn.execute(
+            "INSERT INTO history_counts (pair_id, span, bucket_ms, n)"
+            " SELECT $1, s, $2::bigint - $2::bigint % s, 1 FROM unnest('{60000,3600000}'::int[]) s",
+            pair, now - 20,
+        )  # fmt: skip
+        monkeypatch.undo()
+        assert await upgrade(conn) == [5]
+        settings = make_settings(redis_server.url, history_url=fresh_db)
+        history = open_history(settings, redis, keys)
+        after = await history.add(record(now - 10, 8))
+        assert await ship_all(settings, redis) == 1
+        window: dict[str, Any] = {"start_ms": now - 60_000, "end_ms": now}
+        page = await history.query("demo", URL, "BUILD_END", **window)
+        recent = await history.recent("demo", [URL], **window)
+        finals = [r.id async for r in history.final_failures("demo", URL, "BUILD_END", **window)]
+        await history.close()
+        assert (page.count, [r.id for r in page.records]) == (2, [after, 7])
+        assert [r.id for r in recent.records] == [after, 7] and finals == [7]
+        assert await conn.fetchval("SELECT count(*) FROM history_pairs") == 1
+    finally:
+        await conn.close()
+
+
 def test_db_upgrade_command_twice(
     fresh_db: str, redis_server: EmbeddedRedis, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("DISPATCHER_REDIS_URL", redis_server.url)
     monkeypatch.setenv("DISPATCHER_HISTORY_URL", fresh_db)
     first = CliRunner().invoke(app, ["db", "upgrade"])
-    assert first.exit_code == 0 and "applied migrations 1, 2, 3, 4: version 4" in first.output
+    assert first.exit_code == 0 and "applied migrations 1, 2, 3, 4, 5: version 5" in first.output
     second = CliRunner().invoke(app, ["db", "upgrade"])
-    assert second.exit_code == 0 and "up to date: version 4" in second.output
+    assert second.exit_code == 0 and "up to date: version 5" in second.output
 
 
 async def test_retention_drops_a_days_partition_and_nothing_newer(
@@ -565,6 +611,48 @@ async def test_an_entry_that_is_no_record_does_not_stop_the_others(
     page = await history.query("demo", URL, "BUILD_END", start_ms=now - 60_000, end_ms=now)
     await history.close()
     assert page.count == 2 and await redis.xlen(keys.HISTORY_STREAM) == 0
+
+
+# 678 characters of four bytes (CJK Extension B, at random: nothing to compress): 2,731
+# bytes of UTF-8 that fit the API's 8 KB query string percent-encoded, past the 2,704 bytes
+# a btree entry of PostgreSQL holds
+_RNG = random.Random(2)
+LONG_PATH = [chr(_RNG.randrange(0x20000, 0x2A6DF)) for _ in range(678)]
+LONG_URL = "http://127.0.0.1:9/" + "".join(LONG_PATH)
+
+
+async def test_a_url_past_a_btree_entry_stops_no_ones_shipping_and_is_found(
+    pg_settings: Settings, redis: Redis
+) -> None:
+    """A pair was unique by (project, event, url) and indexed by (project, url): a URL of
+    678 four-byte characters (the registry counted characters) was too big for the
+    index, the shipper's batch failed at every try, every project's records waited, and
+    past the backlog limit the workers stopped claiming (review). Pairs are keyed by the
+    URL's hash: its records are stored and found by every read, from a worker's entry and
+    from an older worker's (the JSON only), and the other project's are stored beside."""
+    now = now_ms()
+    history = PostgresHistory(redis, pg_settings, keys)
+    long = {"projectId": "attacker", "callBackUrl": LONG_URL, "status": "FAILED", "final": True}
+    first = await history.add(record(now - 30, 1, **long), dead=True)
+    older = record(now - 20, 2, **long)  # an older worker's entry: the JSON only
+    await history.assign_ids([older])
+    await redis.xadd(keys.HISTORY_STREAM, {"r": orjson.dumps(older), "d": b"0"})
+    victim = await history.add(record(now - 10, 3))
+    try:
+        assert await ship_all(pg_settings, redis) == 3
+        assert await redis.xlen(keys.HISTORY_STREAM) == 0
+        assert (await history.get(victim, "demo")).id == victim
+        window: dict[str, Any] = {"start_ms": now - 60_000, "end_ms": now}
+        page = await history.query("attacker", LONG_URL, "BUILD_END", **window)
+        assert (page.count, [r.id for r in page.records]) == (2, [older["id"], first])
+        recent = await history.recent("attacker", [LONG_URL, URL], **window)
+        assert [r.id for r in recent.records] == [older["id"], first]
+        finals = [r.id async for r in history.final_failures("attacker", LONG_URL, "BUILD_END",
+                                                             **window)]  # fmt: skip
+        assert finals == [first]
+        assert [r.id for r in await history.dead("attacker")] == [first]
+    finally:
+        await history.close()
 
 
 async def test_entries_of_older_workers_are_found_by_their_status(
