@@ -188,6 +188,13 @@ class Loader:
         )
         return int(await self.conn.fetchval(_INSERT_STAGED))
 
+    async def insert_one(self, row: Row) -> int:
+        """`insert` of one row, the staging table emptied after it: rows stored one by one
+        under savepoints of one transaction would pile up there until its commit."""
+        stored = await self.insert([row])
+        await self.conn.execute("DELETE FROM history_staging")
+        return stored
+
     async def store(self, rows: list[Row]) -> int:
         """`prepare` and `insert` in a transaction of their own."""
         await self.prepare(rows)
