@@ -917,6 +917,38 @@ async def test_a_url_no_callback_can_have_is_a_400_and_reads_keep_no_url(
     assert keys_module._url_hash.cache_info().currsize == kept + written
 
 
+async def test_a_record_past_the_retention_is_not_opened_listed_or_redelivered(
+    api: httpx.AsyncClient, settings: Settings, redis: Redis, store: HistoryStore
+) -> None:
+    """Records past the retention are hidden from every read at once: the Redis store's
+    page and attempts hid one an hour past it, but it could still be opened, listed as a
+    dead letter and redelivered until the sweep took it (review)."""
+    now = now_ms()
+    old = now - settings.retention_ms - 3_600_000
+    history = open_history(settings, redis, keys)
+    stale = await history.add({**record(old, n=1), "status": "FAILED", "final": True}, dead=True)
+    await ship_all(settings, redis, now_ms=old + 1000)  # PostgreSQL: shipped in its time
+    fresh = await history.add(
+        {**record(now - 9, n=2), "status": "FAILED", "final": True}, dead=True
+    )
+    await history.close()
+    await ship_all(settings, redis)
+    for limit in (50, 1):
+        dead = await api.get(f"{V4_BASE}/callbacks/history/dead-letters?limit={limit}", headers=UID)
+        assert [r["id"] for r in dead.json()["data"]] == [fresh]
+    assert [r.id for r in await store.dead()] == [fresh]  # every project's
+    retried = await api.post(f"{V3}/{stale}/retry", headers=UID)
+    assert (retried.status_code, retried.json()["status"]) == (404, 404)
+    assert retried.json()["message"] == f"history record {stale} not found in project demo"
+    pages = [
+        await api.get(f"/console/projects/demo/history/{n}", headers=UID) for n in (stale, fresh)
+    ]
+    assert [page.status_code for page in pages] == [404, 200]
+    with pytest.raises(NotFound):
+        await store.get(stale)
+    assert await redis.zcard(settings.queue_name) == 0  # nothing redelivered
+
+
 async def test_an_id_past_a_bigint_is_a_404_on_both_backends(api: httpx.AsyncClient) -> None:
     """A path takes 19 digits; past 2**63 - 1, PostgreSQL's bigint refused the id: a 500
     where any other unknown id is a 404 (hostile-input review)."""
