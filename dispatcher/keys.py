@@ -202,7 +202,7 @@ def history_member(record_id: int) -> str:
     return f"{record_id:0{HISTORY_ID_WIDTH}d}"
 
 
-@functools.lru_cache(maxsize=16_384)  # callback URLs repeat: two per record, each hashed once
+@functools.lru_cache(maxsize=16_384)  # the worker's writes (`kept`): URLs repeat, two a record
 def _url_hash(url: str) -> str:
     return hashlib.blake2b(url.encode(), digest_size=16).hexdigest()
 
@@ -341,12 +341,15 @@ class Keys:
     def history_record(self, record_id: int | str) -> str:
         return f"{self.HISTORY_RECORD_PREFIX}{record_id}"
 
-    def history_index(self, project_id: str, event: str, url: str) -> str:
-        return f"{self.HISTORY_INDEX_PREFIX}{project_id}{SEP}{event}{SEP}{_url_hash(url)}"
+    def history_index(self, project_id: str, event: str, url: str, kept: bool = False) -> str:
+        hashed = (_url_hash if kept else _url_hash.__wrapped__)(url)  # see history_url_index
+        return f"{self.HISTORY_INDEX_PREFIX}{project_id}{SEP}{event}{SEP}{hashed}"
 
-    def history_url_index(self, project_id: str, url: str, failed: bool) -> str:
-        """A URL's attempts of every event, its failed or its successful ones."""
-        return self._url_index(project_id, _url_hash(url), failed)
+    def history_url_index(self, project_id: str, url: str, failed: bool, kept: bool = False) -> str:
+        """A URL's attempts of every event, failed or not. `kept`: its hash is kept (the
+        worker's writes); a read's URL is its caller's choice (up to 8 KB): never kept."""
+        hashed = (_url_hash if kept else _url_hash.__wrapped__)(url)
+        return self._url_index(project_id, hashed, failed)
 
     def _url_index(self, project_id: str, url_hash: str, failed: bool) -> str:
         status = "failed" if failed else "ok"

@@ -22,6 +22,7 @@ __all__ = [
     "HISTORY_BACKLOG",
     "HISTORY_BACKLOG_AGE",
     "HISTORY_RECORDS",
+    "HISTORY_SET_ASIDE",
     "HISTORY_SHIPPED",
     "HISTORY_SHIP_FAILURES",
     "LANES_BLOCKED",
@@ -120,6 +121,11 @@ HISTORY_BACKLOG_AGE = Gauge(
 )
 HISTORY_SHIPPED = Counter(
     "dispatcher_history_shipped_total", "History records this process shipped to PostgreSQL."
+)
+HISTORY_SET_ASIDE = Counter(
+    "dispatcher_history_set_aside_total",
+    "History records the shipper could not store in PostgreSQL (refused alone, or no record), "
+    "kept in history_set_aside with why.",
 )
 HISTORY_SHIP_FAILURES = Counter(
     "dispatcher_history_ship_failures_total",

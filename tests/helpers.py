@@ -84,7 +84,8 @@ def on_postgres(url: str, what: str) -> None:
                 await upgrade(conn)
             else:
                 await conn.execute(
-                    "TRUNCATE history_attempts, history_counts, history_pairs, history_shipped"
+                    "TRUNCATE history_attempts, history_counts, history_pairs, history_shipped,"
+                    " history_set_aside"
                 )
         finally:
             await conn.close()

@@ -13,7 +13,7 @@ from dispatcher.auth import Role
 from dispatcher.errors import Forbidden, Unauthenticated
 from dispatcher.headers import MAX_AUTH_HEADER_NAME, MAX_AUTH_HEADER_VALUE, AuthHeader
 from dispatcher.models import PLATFORM_PROJECT, ApigwType, Region
-from dispatcher.registry import Options, Registration
+from dispatcher.registry import MAX_URL_LENGTH, Options, Registration
 from dispatcher.registry.options import MAX_FILTER_LENGTH, MAX_IN_FLIGHT, MAX_PER_SECOND
 from dispatcher.services import Services
 from dispatcher.shards.router import Router
@@ -23,6 +23,7 @@ __all__ = [
     "Admin",
     "AuthHeaderQuery",
     "Caller",
+    "HistoryUrlQuery",
     "Member",
     "Operator",
     "OptionsQuery",
@@ -51,6 +52,11 @@ MAX_PAGE = 1_000_000_000
 
 ProjectPath = Annotated[str, Path(alias="projectId", min_length=1, max_length=128)]
 UrlQuery = Annotated[str, Query(alias="url", description="The callback URL")]
+# A URL history is asked for: longer than any callback's can be (no version took more than
+# 2,048 characters), it can match nothing, and is a 400 rather than a read.
+HistoryUrlQuery = Annotated[
+    str, Query(alias="url", max_length=MAX_URL_LENGTH, description="The callback URL")
+]
 RegionQuery = Annotated[Region, Query(alias="region")]
 TokenQuery = Annotated[
     str | None,

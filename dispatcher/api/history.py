@@ -11,12 +11,12 @@ from fastapi import APIRouter, Depends, Path, Query, params
 from dispatcher.api.callbacks import V4
 from dispatcher.api.deps import (
     Admin,
+    HistoryUrlQuery,
     Member,
     PageQuery,
     PageSizeQuery,
     ProjectPath,
     RouterDep,
-    UrlQuery,
     apigw,
 )
 from dispatcher.models import HistoryPage, HistoryRecord, RedeliveryResult, Result
@@ -41,7 +41,7 @@ async def callback_history(
     router: RouterDep,
     project_id: ProjectPath,
     uid: Member,
-    url: UrlQuery,
+    url: HistoryUrlQuery,
     event: EventQuery,
     start_time: StartQuery = None,
     end_time: EndQuery = None,
@@ -73,7 +73,7 @@ async def redeliver_failed(
     router: RouterDep,
     project_id: ProjectPath,
     uid: Admin,
-    url: UrlQuery,
+    url: HistoryUrlQuery,
     event: EventQuery,
     start_time: StartQuery = None,
     end_time: EndQuery = None,

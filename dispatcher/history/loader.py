@@ -59,7 +59,8 @@ SELECT DISTINCT project_id, event, url FROM history_parsed ON CONFLICT DO NOTHIN
 _FROM_STAGING = f"SELECT {', '.join(COLUMNS)} FROM history_staging"
 _FROM_PARSED = """
 SELECT r.id, r.created_ms, p.pair_id, r.project_id, r.delivery_id, r.dead, r.failed, r.doc
-  FROM history_parsed r JOIN history_pairs p USING (project_id, event, url)"""
+  FROM history_parsed r JOIN history_pairs p ON p.project_id = r.project_id
+   AND p.event = r.event AND p.url_hash = history_url_hash(r.url)"""
 # The source's rows not stored yet, and their counts; returns how many were new.
 _INSERT_FROM = """
 WITH fresh AS (
@@ -82,10 +83,12 @@ _UPSERT_PAIRS = """
 INSERT INTO history_pairs (project_id, event, url)
 SELECT * FROM unnest($1::text[], $2::text[], $3::text[]) ON CONFLICT DO NOTHING
 """
+# A pair by its URL's hash (schema version 5; the insert's trigger fills it in).
 _SELECT_PAIRS = """
-SELECT p.pair_id, p.project_id, p.event, p.url FROM history_pairs p
-  JOIN unnest($1::text[], $2::text[], $3::text[]) AS k(project_id, event, url)
- USING (project_id, event, url)
+SELECT p.pair_id, k.project_id, k.event, k.url
+  FROM unnest($1::text[], $2::text[], $3::text[]) AS k(project_id, event, url)
+  JOIN history_pairs p ON p.project_id = k.project_id AND p.event = k.event
+   AND p.url_hash = history_url_hash(k.url)
 """
 
 
@@ -184,6 +187,13 @@ class Loader:
             columns=COLUMNS,
         )
         return int(await self.conn.fetchval(_INSERT_STAGED))
+
+    async def insert_one(self, row: Row) -> int:
+        """`insert` of one row, the staging table emptied after it: rows stored one by one
+        under savepoints of one transaction would pile up there until its commit."""
+        stored = await self.insert([row])
+        await self.conn.execute("DELETE FROM history_staging")
+        return stored
 
     async def store(self, rows: list[Row]) -> int:
         """`prepare` and `insert` in a transaction of their own."""

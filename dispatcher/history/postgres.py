@@ -45,9 +45,12 @@ if TYPE_CHECKING:
 
 __all__ = ["PostgresHistory"]
 
+# A pair is found by its URL's hash (schema version 5), never by the URL: a URL may be
+# longer than a btree entry.
 # $1 project $2 event $3 url $4 start ms $5 end ms $6 offset $7 limit
 PAGE_SQL = """
-WITH p AS (SELECT pair_id FROM history_pairs WHERE project_id = $1 AND event = $2 AND url = $3),
+WITH p AS (SELECT pair_id FROM history_pairs
+            WHERE project_id = $1 AND event = $2 AND url_hash = history_url_hash($3)),
      w AS (SELECT p.pair_id, l.* FROM p, history_locate(p.pair_id, $4, $5, $6, $7) l)
 SELECT w.total, r.doc
   FROM w LEFT JOIN LATERAL (
@@ -73,7 +76,7 @@ SELECT doc FROM history_attempts WHERE delivery_id = $1 AND project_id = $2 AND 
 FAILED_SQL = """
 SELECT a.doc, a.created_ms, a.id FROM history_attempts a
  WHERE a.pair_id = (SELECT pair_id FROM history_pairs
-                     WHERE project_id = $1 AND event = $2 AND url = $3)
+                     WHERE project_id = $1 AND event = $2 AND url_hash = history_url_hash($3))
    AND a.dead AND a.created_ms BETWEEN $4 AND $5 AND (a.created_ms, a.id) < ($6, $7)
  ORDER BY a.created_ms DESC, a.id DESC LIMIT $8
 """
@@ -87,7 +90,8 @@ SELECT r.doc FROM history_pairs p CROSS JOIN LATERAL (
      WHERE a.pair_id = p.pair_id AND a.created_ms BETWEEN $3 AND $4
        AND (a.created_ms, a.id) < ($5, $6) {status}
      ORDER BY a.created_ms DESC, a.id DESC LIMIT $7) r
- WHERE p.project_id = $1 AND p.url = ANY($2::text[])
+ WHERE p.project_id = $1
+   AND p.url_hash = ANY(ARRAY(SELECT history_url_hash(u) FROM unnest($2::text[]) u))
  ORDER BY r.created_ms DESC, r.id DESC LIMIT $7
 """
 # A project's newest failed attempts, every URL and event: one range of its partial index.

@@ -208,8 +208,7 @@ class RedisHistory:
         """One page of the window, newest first. Records past the retention are not shown,
         even before the sweep has removed them, so `count` stays exact."""
         page_size = check_page(page, page_size, self.settings.history_max_page_size)
-        now = clock.now_ms() if now_ms is None else now_ms
-        start_ms = max(start_ms, now - self.settings.retention_ms)
+        start_ms = max(start_ms, self._cutoff(now_ms))
         if start_ms > end_ms:
             return HistoryPage(records=[], count=0, total_pages=0, page_size=page_size, page=page)
         index = self.keys.history_index(project_id, event, url)
@@ -224,19 +223,30 @@ class RedisHistory:
             page=page,
         )
 
+    def _cutoff(self, now_ms: int | None = None) -> int:
+        """The oldest time a read shows: what is past the retention is hidden at once, even
+        before the sweep removes it (its key lives a day longer)."""
+        return (clock.now_ms() if now_ms is None else now_ms) - self.settings.retention_ms
+
     async def get(self, record_id: int, project_id: str | None = None) -> HistoryRecord:
         key = self.keys.history_record(record_id)
         [raw] = await with_bodies(self.redis, self.keys, [await self.redis.get(key)])
         record = None if raw is None else HistoryRecord.model_validate_json(raw)
-        if record is None or project_id not in (None, record.project_id):
+        if (
+            record is None
+            or project_id not in (None, record.project_id)
+            or record.created_time < self._cutoff()
+        ):
             raise NotFound(unknown_record(record_id, project_id))
         return record
 
     async def dead(self, project_id: str | None = None, limit: int = 50) -> list[HistoryRecord]:
         """The latest attempts after which a delivery gave up (the dead-letter view), of one
-        project or of all, newest first, in one round trip."""
+        project or of all, newest first, in one round trip; within the retention (the
+        index is by time: those past it are the last read)."""
         key = self.keys.HISTORY_DEAD if project_id is None else self.keys.history_dead(project_id)
-        return await self._latest(key, limit)
+        cutoff = self._cutoff()
+        return [r for r in await self._latest(key, limit) if r.created_time >= cutoff]
 
     async def attempts(
         self,
@@ -248,9 +258,8 @@ class RedisHistory:
     ) -> list[HistoryRecord]:
         """The attempts of one delivery still within the retention (its retries and
         redeliveries), newest first, in one round trip."""
-        now = clock.now_ms() if now_ms is None else now_ms
         found = await self._latest(self.keys.history_attempts(delivery_id), limit)
-        cutoff = now - self.settings.retention_ms
+        cutoff = self._cutoff(now_ms)
         found.sort(key=lambda r: (r.created_time, r.id), reverse=True)
         return [r for r in found if r.project_id == project_id and r.created_time >= cutoff]
 
@@ -302,8 +311,7 @@ class RedisHistory:
         round trip, merged, and the records of the first `limit` in a second one; a next
         page when there were more entries (a record gone before its entry, evicted from a
         full Redis, leaves its page short, not the listing cut)."""
-        now = clock.now_ms() if now_ms is None else now_ms
-        start_ms = max(start_ms, now - self.settings.retention_ms)
+        start_ms = max(start_ms, self._cutoff(now_ms))
         newest, excluded = end_ms, ""
         if before is not None and before.created_ms <= end_ms:
             newest, excluded = before.created_ms, keys.history_member(before.id)
@@ -358,8 +366,7 @@ class RedisHistory:
     ) -> int:
         """Remove records older than the retention, `sweep_batch` a Redis call, until done
         or a bound is reached (`redis_upkeep.sweep`); returns how many were removed."""
-        cutoff = (clock.now_ms() if now_ms is None else now_ms) - self.settings.retention_ms
         return await sweep(
-            self.redis, self.keys, cutoff, self.settings.sweep_batch,
+            self.redis, self.keys, self._cutoff(now_ms), self.settings.sweep_batch,
             max_batches=max_batches, max_seconds=max_seconds, on_batch=on_batch,
         )  # fmt: skip

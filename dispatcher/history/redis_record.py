@@ -148,13 +148,13 @@ def record_script(
     failed = record["status"] != DeliveryStatus.SUCCESS
     return Record(
         here,
-        keys.history_index(project_id, record["events"], url),
+        keys.history_index(project_id, record["events"], url, kept=True),
         keys.HISTORY_INDEXES,
         keys.HISTORY_DEAD,
         keys.history_dead(project_id),
         keys.HISTORY_DEAD_KEYS,
         keys.history_attempts(delivery_id),
-        keys.history_url_index(project_id, url, failed),
+        keys.history_url_index(project_id, url, failed, kept=True),
         keys.history_failed(project_id) if failed else here,
         keys.HISTORY_BODY_PREFIX + record["requestBodyOf"] if body else here,
         ending.progress or here,

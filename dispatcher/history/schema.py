@@ -8,15 +8,19 @@ append-only: a released one is never edited, a change is a new version.
 
 Tables
     history_schema     version -> applied_at
-    history_pairs      (project_id, event, url) -> pair_id; never deleted
+    history_pairs      (project_id, event, url) -> pair_id, unique by the URL's hash
+                       (since version 5); never deleted
     history_attempts   one row per attempt, RANGE-partitioned by UTC day on created_ms;
                        `doc` is the record's JSON as the API returns it; `failed` its
                        status (since version 3)
     history_counts     exact per-pair counts per minute and per hour, partitioned by day on
                        bucket_ms, written in the shipper's transaction with the rows
     history_shipped    the shipper's watermark: the last stream id committed
+    history_set_aside  stream entries the shipper could not store, with why (version 6;
+                       `entries.py`), kept for the retention
 
-Retention drops whole day partitions (`drop_expired`), never DELETEs. Both DDL statements
+Retention drops whole day partitions (`drop_expired`), never DELETEs records (only the
+rare set-aside entries are deleted, by their time). Both DDL statements
 lock the parent table, so they run with a lock timeout and are retried at the next sweep
 rather than queue every reader behind a long query.
 """
@@ -132,6 +136,44 @@ SELECT indisvalid FROM pg_index WHERE indexrelid = 'history_attempts_project_fai
 """
 
 
+# A pair is found by its URL's hash (sha256 of its UTF-8 bytes), the URL kept unindexed:
+# a btree entry holds at most 2,704 bytes, and a URL the registry took could be longer
+# (2,048 characters of up to four bytes): its pair's insert failed, and with it every
+# batch of the shipper (review). The trigger fills the hash in on every insert, an older
+# version's during a rolling upgrade too.
+_URL_HASH = """
+CREATE FUNCTION history_url_hash(url text) RETURNS bytea
+LANGUAGE sql STABLE PARALLEL SAFE AS $fn$ SELECT sha256(convert_to(url, 'UTF8')) $fn$;
+CREATE FUNCTION history_pairs_hashed() RETURNS trigger LANGUAGE plpgsql AS $fn$
+BEGIN NEW.url_hash := history_url_hash(NEW.url); RETURN NEW; END $fn$;
+ALTER TABLE history_pairs ADD COLUMN url_hash bytea;
+UPDATE history_pairs SET url_hash = history_url_hash(url);
+ALTER TABLE history_pairs ALTER COLUMN url_hash SET NOT NULL,
+  DROP CONSTRAINT history_pairs_project_id_event_url_key,
+  ADD CONSTRAINT history_pairs_url_hash_key UNIQUE (project_id, event, url_hash);
+DROP INDEX history_pairs_url;
+CREATE INDEX history_pairs_url_hash ON history_pairs (project_id, url_hash);
+CREATE TRIGGER history_pairs_hashed BEFORE INSERT OR UPDATE OF url ON history_pairs
+  FOR EACH ROW EXECUTE FUNCTION history_pairs_hashed();
+"""
+
+
+# What the shipper could not store (refused alone by PostgreSQL, or no record), kept for
+# the operator with why (`entries.py`); found by its stream id, nothing else indexed.
+_SET_ASIDE = """
+CREATE TABLE history_set_aside (
+  stream       text NOT NULL,   -- the stream's name (its row in history_shipped)
+  stream_id    text NOT NULL,   -- the entry's id in it
+  record_id    text,            -- the record's id and project, when they could be read
+  project_id   text,
+  error        text NOT NULL,   -- why it was set aside
+  entry        bytea NOT NULL,  -- the record's JSON as written (or the entry's fields)
+  set_aside_at timestamptz NOT NULL DEFAULT now(),
+  PRIMARY KEY (stream, stream_id)
+);
+"""
+
+
 async def _project_failed(conn: Conn) -> None:
     """Version 4, outside a transaction, so that the shipper's inserts go on: the index
     made on the parent alone, then each day partition's built CONCURRENTLY and attached
@@ -173,7 +215,8 @@ async def _run(conn: Conn, sql: str) -> None:
 # A step is SQL run in one transaction with its version row, or (when it must not hold its
 # locks that long) a function run outside one, which must be safe to run again.
 MIGRATIONS: list[tuple[int, str | Callable[[Conn], Awaitable[None]]]] = [
-    (1, _TABLES), (2, LOCATE_FUNCTIONS), (3, _FAILED), (4, _project_failed)
+    (1, _TABLES), (2, LOCATE_FUNCTIONS), (3, _FAILED), (4, _project_failed), (5, _URL_HASH),
+    (6, _SET_ASIDE),
 ]  # fmt: skip
 
 
@@ -273,8 +316,13 @@ async def partitions(conn: Conn) -> list[tuple[str, int, int]]:
 async def drop_expired(conn: Conn, cutoff_ms: int) -> list[str]:
     """Drop the day partitions wholly older than `cutoff_ms` (now - retention); returns
     their names. Reads clamp their window to the cutoff, so what a day that is partly
-    past it still holds is never shown, and counts stay exact."""
+    past it still holds is never shown, and counts stay exact. The entries set aside
+    before the cutoff are deleted (a few rows, no partitions)."""
     dropped: list[str] = []
+    await conn.execute(
+        "DELETE FROM history_set_aside WHERE set_aside_at < to_timestamp($1::bigint / 1000.0)",
+        cutoff_ms,
+    )
     for name, _, high in await partitions(conn):
         if high <= cutoff_ms:
             async with conn.transaction():

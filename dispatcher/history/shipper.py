@@ -9,6 +9,12 @@ One batch:
      move the watermark to the batch's last stream id; COMMIT;
   4. only then XTRIM the stream up to the watermark.
 
+A batch that fails for one entry's own sake (its data, an integrity rule, a limit such as an
+index entry's size) is stored again entry by entry, in one transaction still, and each
+entry refused alone is set aside (`entries.py`: kept in `history_set_aside` with why, in the
+same transaction, then logged and counted), as is an entry that is no record: one entry
+never holds the others back.
+
 Nothing is lost or stored twice: rows, counts and watermark commit together. Dying before
 the COMMIT leaves everything in the stream; dying after it but before the trim leaves
 entries that the watermark filters. A COMMIT whose answer was lost is settled by reading
@@ -28,14 +34,24 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any
 
-import asyncpg
 import structlog
 
 from dispatcher import clock, metrics
 from dispatcher.connections import REDIS_ERRORS
 from dispatcher.history import database
+from dispatcher.history.entries import (
+    ENTRY_ERRORS,
+    Aside,
+    Entry,
+    StreamId,
+    read_entries,
+    report,
+    set_aside,
+    sid_of,
+    sid_text,
+)
 from dispatcher.history.loader import Loader, Pair, Row, parse_row
 from dispatcher.history.schema import DAY_MS
 from dispatcher.lua import Key, Script
@@ -43,6 +59,7 @@ from dispatcher.shard import ID_SPAN, Shard
 from dispatcher.stopping import cancel_all
 
 if TYPE_CHECKING:
+    import asyncpg
     from redis.asyncio import Redis
 
     from dispatcher.settings import Settings
@@ -59,7 +76,6 @@ STANDBY_S = 2.0  # how often a shipper without the lock asks for it again
 # this much later at most.
 GATHER_S = 0.25
 BACKOFF_CAP_S = 5.0  # a reconnect at least this often: shipping resumes soon after an outage
-StreamId = tuple[int, int]
 
 
 @dataclass
@@ -74,45 +90,6 @@ class SeedIds(Script):
     """
     counter: Key
     top: int
-
-
-class Entry(NamedTuple):
-    """A stream entry: its id, the record's time, whether its delivery gave up, its JSON,
-    and the record as a row when the entry carries its columns (entries of older workers
-    carry the JSON only)."""
-
-    sid: StreamId
-    created_ms: int
-    dead: bool
-    doc: bytes
-    row: Row | None = None
-
-
-def _row(fields: dict[bytes, bytes], at: int, dead: bool, doc: bytes) -> Row:
-    """The row an entry's own columns describe (the status read from the JSON when the
-    entry is an older worker's, which did not carry it)."""
-    pair = (fields[b"p"].decode(), fields[b"e"].decode(), fields[b"u"].decode())
-    status = fields.get(b"s")
-    failed = parse_row(doc).failed if status is None else status == b"FAILED"
-    return Row(
-        int(fields[b"i"]),
-        at,
-        pair,
-        fields.get(b"v", b"").decode() or None,
-        dead,
-        doc.decode(),
-        failed,
-    )
-
-
-def _sid(raw: bytes | str) -> StreamId:
-    text = raw.decode() if isinstance(raw, bytes) else raw
-    ms, _, seq = text.partition("-")
-    return int(ms), int(seq or 0)
-
-
-def _text(sid: StreamId) -> str:
-    return f"{sid[0]}-{sid[1]}"
 
 
 class Shipper:
@@ -161,7 +138,7 @@ class Shipper:
             " ON CONFLICT DO NOTHING",
             self.name,
         )
-        self.watermark = _sid(
+        self.watermark = sid_of(
             await self.conn.fetchval(
                 "SELECT last_id FROM history_shipped WHERE stream = $1", self.name
             )
@@ -186,12 +163,12 @@ class Shipper:
         if not await self.redis.exists(self.stream):
             return
         info = await self.redis.xinfo_stream(self.stream)
-        if _sid(info["last-generated-id"]) >= self.watermark:
+        if sid_of(info["last-generated-id"]) >= self.watermark:
             return
         assert self.conn is not None
         log.error(
             "history.stream_reset",
-            watermark=_text(self.watermark),
+            watermark=sid_text(self.watermark),
             last_id=str(info["last-generated-id"]),
         )
         await self.conn.execute(
@@ -224,15 +201,16 @@ class Shipper:
             return 0
         now = clock.now_ms() if now_ms is None else now_ms
         oldest, newest = now - self.settings.retention_ms, now + DAY_MS
-        batch = [e for e in self._entries(entries) if oldest <= e.created_ms <= newest]
-        if len(batch) < len(entries):
-            self.skipped += len(entries) - len(batch)
+        readable, aside = read_entries(entries)
+        batch = [e for e in readable if oldest <= e.created_ms <= newest]
+        if len(batch) < len(readable):
+            self.skipped += len(readable) - len(batch)
             log.warning(
                 "history.ship_skipped",
-                records=len(entries) - len(batch),
-                reason="unreadable, past the retention, or in the future",
+                records=len(readable) - len(batch),
+                reason="past the retention, or in the future",
             )
-        stored = await self._commit(batch, _sid(entries[-1][0]))
+        stored = await self._commit(batch, sid_of(entries[-1][0]), aside)
         await self._trim()
         self.shipped += stored
         metrics.HISTORY_SHIPPED.inc(stored)
@@ -242,7 +220,7 @@ class Shipper:
         """XREAD after the watermark; a blocking one gives way to `stop` (a cancelled read
         costs only its connection)."""
         read = self.redis.xread(
-            {self.stream: _text(self.watermark)},
+            {self.stream: sid_text(self.watermark)},
             count=self.settings.history_ship_batch,
             block=block_ms,
         )
@@ -257,50 +235,58 @@ class Shipper:
             return None
         return reading.result()
 
-    def _entries(self, raw: list[tuple[bytes, dict[bytes, bytes]]]) -> list[Entry]:
-        entries = []
-        for raw_sid, fields in raw:
-            try:
-                doc, dead = fields[b"r"], fields.get(b"d") == b"1"
-                at = int(fields[b"t"]) if b"t" in fields else parse_row(doc).created_ms
-                row = _row(fields, at, dead, doc) if b"i" in fields else None
-            except (KeyError, TypeError, ValueError) as exc:  # JSONDecodeError is a ValueError
-                log.error("history.ship_unreadable", stream_id=raw_sid.decode(), error=repr(exc))
-                continue
-            entries.append(Entry(_sid(raw_sid), at, dead, doc, row))
-        return entries
-
-    async def _commit(self, batch: list[Entry], last: StreamId) -> int:
-        """Store the entries after the committed watermark and move it to `last` (or keep
-        it, when another shipper got further); returns how many records were new. A batch
-        holding an entry that is no record is stored again entry by entry, without it."""
+    async def _commit(
+        self, batch: list[Entry], last: StreamId, aside: list[Aside] | None = None
+    ) -> int:
+        """Store the entries after the committed watermark, set `aside` aside, and move
+        the watermark to `last` (or keep it, when another shipper got further); returns how
+        many records were new. A batch failing for an entry's own sake (`ENTRY_ERRORS`) is
+        stored again entry by entry."""
         assert self.loader is not None
+        aside = aside or []
         rows = [(entry.sid, entry.row) for entry in batch if entry.row is not None]
         try:
             if len(rows) == len(batch):  # the columns came with the entries: no JSON read
                 await self.loader.prepare(row for _, row in rows)
-                return await self._transaction(batch, last, parsed=rows)
+                return await self._transaction(batch, last, parsed=rows, aside=aside)
             await self.loader.prepare_days(entry.created_ms for entry in batch)
-            return await self._transaction(batch, last, parsed=None)
-        except (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError) as exc:
-            log.error("history.ship_unreadable", error=repr(exc), records=len(batch))
-        parsed = []
+            return await self._transaction(batch, last, parsed=None, aside=aside)
+        except ENTRY_ERRORS as exc:
+            log.warning("history.ship_entry_by_entry", error=repr(exc), records=len(batch))
+        return await self._one_by_one(batch, last, aside)
+
+    async def _one_by_one(self, batch: list[Entry], last: StreamId, aside: list[Aside]) -> int:
+        """The batch again, each entry alone: its row (read from the JSON when the entry
+        did not carry it) and its pair outside the transaction, then its insert under a
+        savepoint; an entry that fails alone is set aside."""
+        assert self.loader is not None
+        aside, ready = list(aside), []
         for entry in batch:
+            row = entry.row
             try:
-                parsed.append((entry.sid, parse_row(entry.doc, entry.dead)))
-            except (KeyError, TypeError, ValueError) as exc:
-                log.error("history.ship_unreadable", stream_id=_text(entry.sid), error=repr(exc))
-        await self.loader.prepare(row for _, row in parsed)
-        return await self._transaction(batch, last, parsed=parsed)
+                row = row or parse_row(entry.doc, entry.dead)
+                await self.loader.prepare([row])
+            except (KeyError, TypeError, *ENTRY_ERRORS) as exc:
+                aside.append(Aside.of(entry.sid, entry.doc, exc, row))
+                continue
+            ready.append((entry.sid, row))
+        return await self._transaction(batch, last, parsed=ready, aside=aside, alone=True)
 
     async def _transaction(
-        self, batch: list[Entry], last: StreamId, *, parsed: list[tuple[StreamId, Row]] | None
+        self,
+        batch: list[Entry],
+        last: StreamId,
+        *,
+        parsed: list[tuple[StreamId, Row]] | None,
+        aside: list[Aside],
+        alone: bool = False,
     ) -> int:
         """One transaction: the watermark row locked, the entries after it stored (as JSON,
-        or as `parsed` rows), the watermark moved."""
+        or as `parsed` rows; `alone`: each under a savepoint, those refused set aside), the
+        entries set aside kept, the watermark moved; then what was set aside reported."""
         assert self.conn is not None and self.loader is not None
         async with self.conn.transaction():
-            done = _sid(
+            done = sid_of(
                 await self.conn.fetchval(
                     "SELECT last_id FROM history_shipped WHERE stream = $1 FOR UPDATE", self.name
                 )
@@ -308,17 +294,34 @@ class Shipper:
             if parsed is None:
                 records = [(e.dead, e.doc.decode()) for e in batch if e.sid > done]
                 stored = await self.loader.insert_raw(records)
+            elif alone:
+                stored = await self._each([(s, row) for s, row in parsed if s > done], aside)
             else:
                 stored = await self.loader.insert([row for sid, row in parsed if sid > done])
+            kept = await set_aside(self.conn, self.name, [a for a in aside if a.sid > done])
             if last > done:
                 await self.conn.execute(
                     "UPDATE history_shipped SET last_id = $2, shipped = shipped + $3"
                     " WHERE stream = $1",
                     self.name,
-                    _text(last),
+                    sid_text(last),
                     stored,
                 )
         self.watermark = max(last, done)
+        report(self.name, kept)
+        return stored
+
+    async def _each(self, rows: list[tuple[StreamId, Row]], aside: list[Aside]) -> int:
+        """Inside the transaction: each row under a savepoint of its own; one refused is
+        undone alone and added to `aside`. Returns how many were new."""
+        assert self.conn is not None and self.loader is not None
+        stored = 0
+        for sid, row in rows:
+            try:
+                async with self.conn.transaction():
+                    stored += await self.loader.insert_one(row)
+            except ENTRY_ERRORS as exc:
+                aside.append(Aside.of(sid, row.doc.encode(), exc, row))
         return stored
 
     async def drain(self, *, now_ms: int | None = None) -> int:

@@ -16,6 +16,7 @@ import pytest
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 
+from dispatcher import keys as keys_module
 from dispatcher.api import create_app
 from dispatcher.auth import Role, Roles
 from dispatcher.clock import now_ms
@@ -907,6 +908,70 @@ async def test_a_nul_in_the_url_is_a_400_on_both_backends(
     async with Services.open(settings, redis) as services:
         with pytest.raises(InvalidInput, match="NUL"):
             await services.recent("demo", url=params["url"])
+
+
+async def test_a_url_no_callback_can_have_is_a_400_and_reads_keep_no_url(
+    api: httpx.AsyncClient, settings: Settings, redis: Redis
+) -> None:
+    """Every history read hashed its `url` through a cache of 16,384 URLs, and the
+    parameter had no limit but the 8 KB query string: distinct long URLs kept ~129 MiB in
+    each API process (review). A URL longer than any callback's (2,048 characters) is a
+    400 naming `url`; a read hashes the URL it is asked for without keeping it (the cache
+    is the worker's, for the URLs it writes records of)."""
+    kept = keys_module._url_hash.cache_info().currsize
+    for n in range(20):
+        params = {"url": f"http://x.example/{n}/" + "a" * 4000, "event": "BUILD_END"}
+        for response in (
+            await api.get(V3, params=params, headers=UID),
+            await api.post(f"{V4}/retry", params=params, headers=UID),
+        ):
+            body = response.json()
+            assert (response.status_code, body["status"]) == (400, 400), body
+            assert "'url'" in body["message"] and "2048 characters" in body["message"]
+        params["url"] = f"http://x.example/{n:04d}/".ljust(2048, "a")  # any callback's length
+        page = await api.get(V3, params=params, headers=UID)
+        assert (page.status_code, page.json()["data"]["count"]) == (200, 0)
+        retried = await api.post(f"{V4}/retry", params=params, headers=UID)
+        assert retried.json()["data"]["queued"] == 0
+        deliveries = await api.get("/console/projects/demo/deliveries",
+                                   params={"url": params["url"]}, headers=UID)  # fmt: skip
+        assert deliveries.status_code == 200
+    assert keys_module._url_hash.cache_info().currsize == kept
+    await fill(redis, settings, [now_ms()], url=f"http://x.example/{id(api)}/written")
+    written = 0 if settings.history_url else 1  # the Redis store's write: its URL's hash kept
+    assert keys_module._url_hash.cache_info().currsize == kept + written
+
+
+async def test_a_record_past_the_retention_is_not_opened_listed_or_redelivered(
+    api: httpx.AsyncClient, settings: Settings, redis: Redis, store: HistoryStore
+) -> None:
+    """Records past the retention are hidden from every read at once: the Redis store's
+    page and attempts hid one an hour past it, but it could still be opened, listed as a
+    dead letter and redelivered until the sweep took it (review)."""
+    now = now_ms()
+    old = now - settings.retention_ms - 3_600_000
+    history = open_history(settings, redis, keys)
+    stale = await history.add({**record(old, n=1), "status": "FAILED", "final": True}, dead=True)
+    await ship_all(settings, redis, now_ms=old + 1000)  # PostgreSQL: shipped in its time
+    fresh = await history.add(
+        {**record(now - 9, n=2), "status": "FAILED", "final": True}, dead=True
+    )
+    await history.close()
+    await ship_all(settings, redis)
+    for limit in (50, 1):
+        dead = await api.get(f"{V4_BASE}/callbacks/history/dead-letters?limit={limit}", headers=UID)
+        assert [r["id"] for r in dead.json()["data"]] == [fresh]
+    assert [r.id for r in await store.dead()] == [fresh]  # every project's
+    retried = await api.post(f"{V3}/{stale}/retry", headers=UID)
+    assert (retried.status_code, retried.json()["status"]) == (404, 404)
+    assert retried.json()["message"] == f"history record {stale} not found in project demo"
+    pages = [
+        await api.get(f"/console/projects/demo/history/{n}", headers=UID) for n in (stale, fresh)
+    ]
+    assert [page.status_code for page in pages] == [404, 200]
+    with pytest.raises(NotFound):
+        await store.get(stale)
+    assert await redis.zcard(settings.queue_name) == 0  # nothing redelivered
 
 
 async def test_an_id_past_a_bigint_is_a_404_on_both_backends(api: httpx.AsyncClient) -> None:

@@ -14,7 +14,9 @@ from typing import Any
 import asyncpg
 import orjson
 import pytest
+from prometheus_client import REGISTRY
 from redis.asyncio import Redis
+from structlog.testing import capture_logs
 from typer.testing import CliRunner
 
 from dispatcher.cli import app
@@ -22,6 +24,7 @@ from dispatcher.clock import now_ms
 from dispatcher.embedded import FAST, EmbeddedPostgres, EmbeddedRedis
 from dispatcher.errors import Unavailable
 from dispatcher.history import open_history, schema
+from dispatcher.history.entries import read_entries
 from dispatcher.history.loader import Loader, parse_row
 from dispatcher.history.postgres import PostgresHistory
 from dispatcher.history.record import AttemptRecord
@@ -102,17 +105,19 @@ async def catalog(conn: asyncpg.Connection) -> list[Any]:
 async def test_migrations_run_twice_are_a_no_op(fresh_db: str, pg_server: EmbeddedPostgres) -> None:
     conn = await asyncpg.connect(fresh_db)
     try:
-        assert await upgrade(conn) == [1, 2, 3, 4]
+        assert await upgrade(conn) == [1, 2, 3, 4, 5, 6]
         before = await catalog(conn)
         assert await upgrade(conn) == []
         assert await catalog(conn) == before
         # at once from three sessions (every process may run it at start): applied once
         await conn.execute("DROP TABLE history_pairs, history_attempts, history_counts,"
-                           " history_shipped, history_schema CASCADE")  # fmt: skip
-        await conn.execute("DROP FUNCTION history_locate, history_minute_of")
+                           " history_shipped, history_set_aside, history_schema"
+                           " CASCADE")  # fmt: skip
+        await conn.execute("DROP FUNCTION history_locate, history_minute_of, history_url_hash,"
+                           " history_pairs_hashed")  # fmt: skip
         sessions = [await asyncpg.connect(fresh_db) for _ in range(3)]
         results = await asyncio.gather(*(upgrade(s) for s in sessions))
-        assert sorted(results) == [[], [], [1, 2, 3, 4]]
+        assert sorted(results) == [[], [], [1, 2, 3, 4, 5, 6]]
         assert await catalog(conn) == before
         for session in sessions:
             await session.close()
@@ -173,7 +178,7 @@ async def test_version_4_builds_each_day_partitions_index_and_goes_on_after_a_cr
         assert not await conn.fetchval(valid, f"{failed_day}_project_failed")
         assert not await conn.fetchval(valid, "history_attempts_project_failed")
 
-        assert await upgrade(conn) == [4]
+        assert await upgrade(conn) == [4, 5, 6]
         assert await conn.fetch(schema.UNINDEXED_SQL) == []
         assert await conn.fetchval(valid, "history_attempts_project_failed")
         for day in (failed_day, stopped_day, other_day):
@@ -204,15 +209,60 @@ async def test_version_4_builds_each_day_partitions_index_and_goes_on_after_a_cr
         await conn.close()
 
 
+async def test_version_5_finds_the_pairs_stored_before_it_by_their_urls_hash(
+    fresh_db: str, redis_server: EmbeddedRedis, redis: Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A history of version 4 (pairs unique by their URL): version 5 gives each pair its
+    URL's hash, so what was stored before is found by every read, and a record shipped
+    after it for the same pair joins it (no second pair)."""
+    conn = await asyncpg.connect(fresh_db)
+    monkeypatch.setattr(schema, "MIGRATIONS", schema.MIGRATIONS[:4])
+    now = now_ms()
+    try:
+        assert await upgrade(conn) == [1, 2, 3, 4]
+        await ensure_partitions(conn, now, now)
+        pair = await conn.fetchval(  # as version 4's shipper stored it
+            "INSERT INTO history_pairs (project_id, event, url)"
+            " VALUES ('demo', 'BUILD_END', $1) RETURNING pair_id", URL,
+        )  # fmt: skip
+        before = {"id": 7, **record(now - 20, 7, status="FAILED", final=True)}
+        await conn.execute(
+            "INSERT INTO history_attempts (id, created_ms, pair_id, project_id, delivery_id,"
+            " dead, failed, doc) VALUES (7, $1, $2, 'demo', 'evt_7.1', true, true, $3)",
+            now - 20, pair, orjson.dumps(before).decode(),
+        )  # fmt: skip
+        await conn.execute(
+            "INSERT INTO history_counts (pair_id, span, bucket_ms, n)"
+            " SELECT $1, s, $2::bigint - $2::bigint % s, 1 FROM unnest('{60000,3600000}'::int[]) s",
+            pair, now - 20,
+        )  # fmt: skip
+        monkeypatch.undo()
+        assert await upgrade(conn) == [5, 6]
+        settings = make_settings(redis_server.url, history_url=fresh_db)
+        history = open_history(settings, redis, keys)
+        after = await history.add(record(now - 10, 8))
+        assert await ship_all(settings, redis) == 1
+        window: dict[str, Any] = {"start_ms": now - 60_000, "end_ms": now}
+        page = await history.query("demo", URL, "BUILD_END", **window)
+        recent = await history.recent("demo", [URL], **window)
+        finals = [r.id async for r in history.final_failures("demo", URL, "BUILD_END", **window)]
+        await history.close()
+        assert (page.count, [r.id for r in page.records]) == (2, [after, 7])
+        assert [r.id for r in recent.records] == [after, 7] and finals == [7]
+        assert await conn.fetchval("SELECT count(*) FROM history_pairs") == 1
+    finally:
+        await conn.close()
+
+
 def test_db_upgrade_command_twice(
     fresh_db: str, redis_server: EmbeddedRedis, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("DISPATCHER_REDIS_URL", redis_server.url)
     monkeypatch.setenv("DISPATCHER_HISTORY_URL", fresh_db)
     first = CliRunner().invoke(app, ["db", "upgrade"])
-    assert first.exit_code == 0 and "applied migrations 1, 2, 3, 4: version 4" in first.output
+    assert first.exit_code == 0 and "applied migrations 1, 2, 3, 4, 5, 6: version 6" in first.output
     second = CliRunner().invoke(app, ["db", "upgrade"])
-    assert second.exit_code == 0 and "up to date: version 4" in second.output
+    assert second.exit_code == 0 and "up to date: version 6" in second.output
 
 
 async def test_retention_drops_a_days_partition_and_nothing_newer(
@@ -335,7 +385,7 @@ async def test_a_shipper_dead_between_commit_and_trim_ships_nothing_twice(
     dying = Shipper(redis, pg_settings, elect=False)
     await dying.open()
     entries = (await redis.xread({keys.HISTORY_STREAM: "0-0"}))[0][1]
-    batch = dying._entries(entries)
+    batch, _ = read_entries(entries)
     assert await dying._commit(batch, batch[-1].sid) == 10  # committed, then "killed"
     await dying.close()
     assert await redis.xlen(keys.HISTORY_STREAM) == 10  # never trimmed
@@ -552,8 +602,8 @@ def test_history_ship_drain_command(
 async def test_an_entry_that_is_no_record_does_not_stop_the_others(
     pg_settings: Settings, redis: Redis
 ) -> None:
-    """Something else on the stream (a bug, a hand-made XADD): logged and left out; the
-    records around it are stored."""
+    """Something else on the stream (a bug, a hand-made XADD): logged and set aside (in
+    `history_set_aside`, as it came); the records around it are stored."""
     now = now_ms()
     history = open_history(pg_settings, redis, keys)
     await history.add(record(now - 30, 1))
@@ -565,6 +615,119 @@ async def test_an_entry_that_is_no_record_does_not_stop_the_others(
     page = await history.query("demo", URL, "BUILD_END", start_ms=now - 60_000, end_ms=now)
     await history.close()
     assert page.count == 2 and await redis.xlen(keys.HISTORY_STREAM) == 0
+    kept = await set_aside(pg_settings.history_url)
+    assert [(r[0], r[1], r[3]) for r in kept] == [
+        ("5", None, b'{"id": 5, "createdTime": 1}'),
+        (None, None, b"not json"),
+        (None, None, b'{"x":"no record field"}'),
+    ]
+
+
+# 678 characters of four bytes (CJK Extension B, at random: nothing to compress): 2,731
+# bytes of UTF-8 that fit the API's 8 KB query string percent-encoded, past the 2,704 bytes
+# a btree entry of PostgreSQL holds
+_RNG = random.Random(2)
+LONG_PATH = [chr(_RNG.randrange(0x20000, 0x2A6DF)) for _ in range(678)]
+LONG_URL = "http://127.0.0.1:9/" + "".join(LONG_PATH)
+
+
+async def test_a_url_past_a_btree_entry_stops_no_ones_shipping_and_is_found(
+    pg_settings: Settings, redis: Redis
+) -> None:
+    """A pair was unique by (project, event, url) and indexed by (project, url): a URL of
+    678 four-byte characters (the registry counted characters) was too big for the
+    index, the shipper's batch failed at every try, every project's records waited, and
+    past the backlog limit the workers stopped claiming (review). Pairs are keyed by the
+    URL's hash: its records are stored and found by every read, from a worker's entry and
+    from an older worker's (the JSON only), and the other project's are stored beside."""
+    now = now_ms()
+    history = PostgresHistory(redis, pg_settings, keys)
+    long = {"projectId": "attacker", "callBackUrl": LONG_URL, "status": "FAILED", "final": True}
+    first = await history.add(record(now - 30, 1, **long), dead=True)
+    older = record(now - 20, 2, **long)  # an older worker's entry: the JSON only
+    await history.assign_ids([older])
+    await redis.xadd(keys.HISTORY_STREAM, {"r": orjson.dumps(older), "d": b"0"})
+    victim = await history.add(record(now - 10, 3))
+    try:
+        assert await ship_all(pg_settings, redis) == 3
+        assert await redis.xlen(keys.HISTORY_STREAM) == 0
+        assert (await history.get(victim, "demo")).id == victim
+        window: dict[str, Any] = {"start_ms": now - 60_000, "end_ms": now}
+        page = await history.query("attacker", LONG_URL, "BUILD_END", **window)
+        assert (page.count, [r.id for r in page.records]) == (2, [older["id"], first])
+        recent = await history.recent("attacker", [LONG_URL, URL], **window)
+        assert [r.id for r in recent.records] == [older["id"], first]
+        finals = [r.id async for r in history.final_failures("attacker", LONG_URL, "BUILD_END",
+                                                             **window)]  # fmt: skip
+        assert finals == [first]
+        assert [r.id for r in await history.dead("attacker")] == [first]
+    finally:
+        await history.close()
+
+
+async def set_aside(url: str | None) -> list[tuple[Any, ...]]:
+    """(record id, project, error) of each entry the shipper set aside, in stream order."""
+    conn = await asyncpg.connect(url or "")
+    try:
+        rows = await conn.fetch(
+            "SELECT record_id, project_id, error, entry FROM history_set_aside"
+            " ORDER BY split_part(stream_id, '-', 1)::bigint, split_part(stream_id, '-', 2)::bigint"
+        )
+    finally:
+        await conn.close()
+    return [(r["record_id"], r["project_id"], r["error"], bytes(r["entry"])) for r in rows]
+
+
+async def test_an_entry_postgresql_refuses_alone_is_set_aside_and_the_others_shipped(
+    pg_settings: Settings, redis: Redis
+) -> None:
+    """One entry that PostgreSQL refuses failed its whole batch, which the shipper tried
+    again for ever (it caught data and integrity errors only, and read the same entries
+    again): every project's records waited (review). A batch failing for an entry's own
+    reason (its data, an integrity rule, a limit such as an index entry's size, a value the
+    driver cannot send) is stored again entry by entry; an entry refused alone is set
+    aside in `history_set_aside` with why, logged with its project and record id, and
+    counted; the others are stored, the stream trimmed, and nothing is set aside twice. What
+    is set aside is kept for the retention."""
+    now = now_ms()
+    history = PostgresHistory(redis, pg_settings, keys)
+    first = await history.add(record(now - 50, 1))
+    long_delivery = "".join(LONG_PATH)  # past a btree entry of the delivery id's index
+    too_long = await history.add(record(now - 40, 2, projectId="p1", deliveryId=long_delivery))
+    nul = record(now - 30, 3, projectId="p\x002")  # an older worker's entry: the JSON only
+    await history.assign_ids([nul])
+    await redis.xadd(keys.HISTORY_STREAM, {"r": orjson.dumps(nul), "d": b"0"})
+    past_bigint = {**record(now - 20, 4, projectId="p3"), "id": 2**63}
+    await redis.xadd(keys.HISTORY_STREAM, stream_fields(past_bigint, False))  # type: ignore[arg-type]
+    last = await history.add(record(now - 10, 5))
+    before = REGISTRY.get_sample_value("dispatcher_history_set_aside_total") or 0
+    try:
+        with capture_logs() as logs:
+            assert await ship_all(pg_settings, redis) == 2
+        assert await redis.xlen(keys.HISTORY_STREAM) == 0
+        page = await history.query("demo", URL, "BUILD_END", start_ms=now - 60_000, end_ms=now)
+        assert [r.id for r in page.records] == [last, first]
+    finally:
+        await history.close()
+    kept = await set_aside(pg_settings.history_url)
+    assert [(r[0], r[1]) for r in kept] == [
+        (str(too_long), "p1"), (str(nul["id"]), "p\ufffd2"), (str(2**63), "p3")
+    ]  # fmt: skip
+    assert "index row size" in kept[0][2] and long_delivery.encode() in kept[0][3]
+    assert kept[1][3] == orjson.dumps(nul)  # the entry as the worker wrote it
+    said = [e for e in logs if e["event"] == "history.ship_set_aside"]
+    assert [(e["project_id"], e["record_id"]) for e in said] == [(r[1], r[0]) for r in kept]
+    assert REGISTRY.get_sample_value("dispatcher_history_set_aside_total") == before + 3
+    assert await ship_all(pg_settings, redis) == 0
+    assert len(await set_aside(pg_settings.history_url)) == 3
+    conn = await asyncpg.connect(pg_settings.history_url or "")  # kept for the retention
+    await conn.execute("UPDATE history_set_aside SET set_aside_at = now() - interval '8 days'"
+                       " WHERE record_id = $1", str(too_long))  # fmt: skip
+    await conn.close()
+    history = PostgresHistory(redis, pg_settings, keys)
+    await history.sweep()
+    await history.close()
+    assert [r[0] for r in await set_aside(pg_settings.history_url)] == [str(nul["id"]), str(2**63)]
 
 
 async def test_entries_of_older_workers_are_found_by_their_status(
