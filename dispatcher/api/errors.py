@@ -1,6 +1,7 @@
 """The envelope of every error: `{data: null, message, status}` with the HTTP code as
 `status`: 400 bad input, 401 no identity, 403 not allowed, 404 unknown id, 409 a limit
-reached, 413 too large, 503 Redis unreachable or full, 500 a bug (never a stack trace)."""
+reached or an event id naming another event still queued, 413 too large, 503 Redis
+unreachable or full, 500 a bug (never a stack trace)."""
 
 from __future__ import annotations
 

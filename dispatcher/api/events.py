@@ -20,7 +20,7 @@ from pydantic_core import from_json
 from dispatcher import tracing
 from dispatcher.api.callbacks import V4
 from dispatcher.api.deps import Admin, ProjectPath, RouterDep, apigw
-from dispatcher.errors import InvalidInput, PayloadTooLarge
+from dispatcher.errors import DispatcherError, InvalidInput, PayloadTooLarge
 from dispatcher.models import EmitBatchResult, EmitRequest, EmitResult, Result
 
 if TYPE_CHECKING:
@@ -42,8 +42,9 @@ async def emit_event(
     request: Request, router: RouterDep, project_id: ProjectPath, uid: Admin, body: EmitRequest
 ) -> Response:
     """Emit an event; returns at once with its id (delivery happens later). An `eventId`
-    of your own makes the call idempotent while that event is queued. A W3C `traceparent`
-    (and `tracestate`) header goes with the event to every delivery request."""
+    of your own makes the call idempotent while that event is queued: the same event again
+    is answered as queued, another event (name or data) under that id is a 409. A W3C
+    `traceparent` (and `tracestate`) header goes with the event to every delivery request."""
     with tracing.received(request.headers):
         event_id = await router.of(project_id).producer.emit(
             project_id, body.event.value, body.data, event_id=body.event_id
@@ -57,9 +58,10 @@ async def emit_batch(
     """Emit many events in one request, queued in one round trip: a JSON array of
     `{"event", "data", "eventId"?}`, or the same objects one a line with `Content-Type:
     application/x-ndjson`. An entry that cannot be queued (an unknown event, a `data` that
-    is not an object, a line that is not JSON) is refused alone, with its reason; the
-    others are queued all the same. `data.results` has one outcome per event, in order.
-    A W3C `traceparent` (and `tracestate`) header goes with every event of the batch."""
+    is not an object, a line that is not JSON, an `eventId` that names another event still
+    queued) is refused alone, with its reason; the others are queued all the same.
+    `data.results` has one outcome per event, in order. A W3C `traceparent` (and
+    `tracestate`) header goes with every event of the batch."""
     media_type = request.headers.get("content-type", "").partition(";")[0].strip().lower()
     ndjson = media_type == NDJSON
     entries = read_events(
@@ -70,11 +72,11 @@ async def emit_batch(
         outcomes = await producer.emit_each(project_id, [value for _, value in entries])
     results: list[dict[str, str | None]] = []
     for (where, _), outcome in zip(entries, outcomes, strict=True):
-        if isinstance(outcome, InvalidInput):
+        if isinstance(outcome, DispatcherError):
             results.append({"eventId": None, "error": f"{where}: {outcome.message}"})
         else:
             results.append({"eventId": outcome, "error": None})
-    failed = sum(isinstance(outcome, InvalidInput) for outcome in outcomes)
+    failed = sum(isinstance(outcome, DispatcherError) for outcome in outcomes)
     message = f"{failed} of {len(outcomes)} events refused; see data.results" if failed else None
     data = {"accepted": len(outcomes) - failed, "failed": failed, "results": results}
     return answer(data, message)
