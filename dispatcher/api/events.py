@@ -6,10 +6,17 @@ serialisation: the route's model still documents the answer, which is all it is 
 A batch is decoded with pydantic-core's parser, which keeps integers beyond 64 bits as they
 are (orjson would turn them into floats, changing the producer's data), so such data is
 refused by the queue's check like on the single route; it also bounds the nesting depth.
+Its entries are counted before they are read: an NDJSON body's lines are found by a search
+(blank runs skipped whole), one past the limit at most; a JSON array that may hold many more
+values than the events it may carry is read entry by entry by the standard library's
+scanner (integers kept too, NaN refused), one past the limit at most. An 8 MiB body of `{}`
+entries cost ~470 ms of the event loop and +429 MiB before it was refused.
 """
 
 from __future__ import annotations
 
+import json
+import re
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -30,6 +37,13 @@ __all__ = ["BATCH_PATH", "NDJSON", "read_events", "router"]
 
 BATCH_PATH = f"{V4}/events/batch"
 NDJSON = "application/x-ndjson"
+# a byte that is not whitespace (what `bytes.strip` strips): a line holding one is not blank
+_VISIBLE = re.compile(rb"\S")
+_SPACE = re.compile(r"[ \t\n\r]*")  # JSON's whitespace
+# A JSON array is read whole when it holds at most this many values and keys a permitted
+# event (its commas and opening brackets, counted in its bytes, bound them): a batch of CI
+# events has ~30; past it, entry by entry (`_entries`)
+_VALUES_PER_EVENT = 100
 
 
 def answer(data: dict[str, Any], message: str | None = None) -> Response:
@@ -85,22 +99,91 @@ async def emit_batch(
 def read_events(body: bytes, *, ndjson: bool, limit: int) -> list[tuple[str, Any]]:
     """The events of a batch body, each with where it stands (`events[3]`, `line 4`) for
     messages. A line that is not JSON becomes an `InvalidInput` in its place. A body that
-    holds no event is a 400; one with more than `limit` a 413."""
+    holds no event is a 400; one with more than `limit` a 413, found having read at most
+    one entry past `limit`."""
     if ndjson:  # counted before any line is parsed
-        lines = [(n, line) for n, line in enumerate(body.split(b"\n"), start=1) if line.strip()]
+        lines = _lines(body, limit)
         _check_count(len(lines), limit)
         return [(f"line {n}", _json_line(line)) for n, line in lines]
+    events = _array(body, limit)
+    _check_count(len(events), limit)
+    return [(f"events[{i}]", event) for i, event in enumerate(events)]
+
+
+def _lines(body: bytes, limit: int) -> list[tuple[int, bytes]]:
+    """The non-blank lines of `body`, each with its number, `limit` + 1 at most (enough to
+    refuse it): found by searching for the next byte that is not whitespace, never by
+    splitting the body into its lines."""
+    lines: list[tuple[int, bytes]] = []
+    start, number = 0, 1  # where the next line begins, and its number
+    while len(lines) <= limit and (found := _VISIBLE.search(body, start)) is not None:
+        newline = body.rfind(b"\n", start, found.start())
+        begins = start if newline < 0 else newline + 1
+        number += body.count(b"\n", start, begins)
+        ends = body.find(b"\n", found.start())
+        ends = len(body) if ends < 0 else ends
+        lines.append((number, body[begins:ends]))
+        start, number = ends + 1, number + 1
+    return lines
+
+
+def _array(body: bytes, limit: int) -> list[Any]:
+    """The entries of a JSON array body (a 400 when it is not one): read whole when it
+    cannot hold many more values than `limit` events have, else `_entries`."""
+    if body.count(b",") + body.count(b"[") + body.count(b"{") > _VALUES_PER_EVENT * limit:
+        return _entries(body, limit)
     try:
         events = from_json(body, allow_inf_nan=False)
     except ValueError as exc:
         raise InvalidInput(f"body is not JSON: {exc}", param="body") from None
     if not isinstance(events, list):
-        raise InvalidInput(
-            f"body must be a JSON array of events (or NDJSON, with Content-Type: {NDJSON})",
-            param="body",
-        )
-    _check_count(len(events), limit)
-    return [(f"events[{i}]", event) for i, event in enumerate(events)]
+        raise _not_an_array()
+    return events
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+_DECODER = json.JSONDecoder(parse_constant=_no_constant)
+
+
+def _entries(body: bytes, limit: int) -> list[Any]:
+    """The entries of a JSON array body read one by one, `limit` + 1 at most (enough to
+    refuse it): each entry is built, never those after the one past `limit`."""
+    try:
+        text = body.decode()
+        at = _skip(text, 0)
+        if text[at : at + 1] != "[":
+            raise _not_an_array()
+        events: list[Any] = []
+        at = _skip(text, at + 1)
+        while text[at : at + 1] != "]" and len(events) <= limit:
+            if events:
+                if text[at : at + 1] != ",":
+                    raise ValueError(f"expected ',' or ']' at char {at}")
+                at = _skip(text, at + 1)
+            event, at = _DECODER.raw_decode(text, at)
+            events.append(event)
+            at = _skip(text, at)
+        if len(events) <= limit and _skip(text, at + 1) != len(text):
+            raise ValueError(f"extra data after the array at char {at + 1}")
+    except (ValueError, RecursionError) as exc:
+        raise InvalidInput(f"body is not JSON: {exc}", param="body") from None
+    return events
+
+
+def _skip(text: str, at: int) -> int:
+    """Where the JSON whitespace at `at` of `text` ends."""
+    found = _SPACE.match(text, at)
+    return at if found is None else found.end()
+
+
+def _not_an_array() -> InvalidInput:
+    return InvalidInput(
+        f"body must be a JSON array of events (or NDJSON, with Content-Type: {NDJSON})",
+        param="body",
+    )
 
 
 def _check_count(count: int, limit: int) -> None:
@@ -108,7 +191,7 @@ def _check_count(count: int, limit: int) -> None:
         raise InvalidInput("body holds no event", param="body")
     if count > limit:
         raise PayloadTooLarge(
-            f"batch of {count} events; at most {limit} per request (send several)"
+            f"batch of more than {limit} events; at most {limit} per request (send several)"
         )
 
 
