@@ -21,8 +21,14 @@ from arq.connections import RedisSettings
 from redis.asyncio import ConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
+from redis.exceptions import (
+    ClusterDownError,
+    OutOfMemoryError,
+    ReadOnlyError,
+    ResponseError,
+    TryAgainError,
+)
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import OutOfMemoryError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from dispatcher.cluster import cluster_client, is_cluster_url, parse_cluster_url
@@ -40,6 +46,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "REDIS_ERRORS",
+    "TRANSIENT_REPLIES",
     "connect",
     "policy",
     "preflight",
@@ -47,6 +54,7 @@ __all__ = [
     "redis_settings",
     "require_url",
     "shown",
+    "transient_reply",
 ]
 
 # What a Redis outage looks like to a caller: refused, reset, timed out, LOADING (a
@@ -60,7 +68,33 @@ REDIS_ERRORS: tuple[type[Exception], ...] = (
 )
 
 
+# Replies that mean "not now" rather than "never", waited out as outages by every caller
+# (producers up to DISPATCHER_EMIT_WAIT, a worker's writes until they land): Redis loading
+# its data, busy with a script past its time limit (another client's, or a sweep's), full
+# (`maxmemory`), unable to persist (MISCONF), a demoted or replica-less master, a cluster
+# whose slot is moving or that is down.
+TRANSIENT_REPLIES = ("LOADING", "BUSY", "OOM", "MISCONF", "READONLY", "MASTERDOWN",
+                     "NOREPLICAS", "TRYAGAIN", "CLUSTERDOWN")  # fmt: skip
+# redis-py's classes for some of them (it drops the code from their messages)
+_TRANSIENT_CLASSES = (OutOfMemoryError, ReadOnlyError, TryAgainError, ClusterDownError)
+
 _PASSWORD = re.compile(r"(://[^/@]*?:)[^/@]*@")
+
+
+def transient_reply(exc: BaseException) -> bool:
+    """Whether `exc` is a reply of `TRANSIENT_REPLIES`: one redis-py has a class for, one
+    whose message begins with its code (after what a pipeline that raised prefixes it with:
+    `Command # 1 (…) of pipeline caused error: ('BUSY …',)`), or a script's error quoting it
+    (Redis 6 wraps a command's refusal: `… -OOM command not allowed …`). A refused or lost
+    connection is not a reply (`REDIS_ERRORS`)."""
+    if isinstance(exc, _TRANSIENT_CLASSES):
+        return True
+    if not isinstance(exc, ResponseError):
+        return False
+    prefix, _, reply = str(exc).rpartition(" of pipeline caused error: ")
+    reply = reply.lstrip("('\"") if prefix else reply
+    first = reply.partition(" ")[0]
+    return first in TRANSIENT_REPLIES or any(f"-{code} " in reply for code in TRANSIENT_REPLIES)
 
 
 def redis_full(exc: BaseException) -> bool:

@@ -15,7 +15,7 @@ from redis.exceptions import ResponseError
 
 from dispatcher import metrics, tracing
 from dispatcher.batch import Batcher
-from dispatcher.connections import REDIS_ERRORS, redis_full
+from dispatcher.connections import REDIS_ERRORS, redis_full, transient_reply
 from dispatcher.errors import DispatcherError, InvalidInput, NotReplicated, Unavailable
 from dispatcher.events import EventIdReused, event_job, wire_event_job
 from dispatcher.jobs import DeliveryJob, EventJob, Job
@@ -55,7 +55,8 @@ REDELIVERIES = _Jobs(
     "was queued: look at the delivery's attempts first.",
 )
 # what waiting for Redis looks like: its errors, no answer within the wait, or too few
-# replicas confirming (DISPATCHER_REDIS_MIN_REPLICAS); and a full Redis (a reply error)
+# replicas confirming (DISPATCHER_REDIS_MIN_REPLICAS); and a reply that means "not now"
+# (a reply error: full, busy with a script, ...: `connections.transient_reply`)
 _UNANSWERED: tuple[type[Exception], ...] = (*REDIS_ERRORS, TimeoutError, NotReplicated)
 _WAITED_OUT: tuple[type[Exception], ...] = (*_UNANSWERED, ResponseError)
 
@@ -266,8 +267,9 @@ class Producer:
         )
 
     async def _patiently(self, enqueue: Callable[[], Awaitable[T]], kind: _Jobs = EVENTS) -> T:
-        """Run `enqueue`, waiting out a Redis that does not answer, or is full (at
-        `maxmemory`), for up to `DISPATCHER_EMIT_WAIT` seconds. Enqueueing is idempotent (a
+        """Run `enqueue`, waiting out a Redis that does not answer, or answers "not now"
+        (full at `maxmemory`, busy with a script, ...: `connections.TRANSIENT_REPLIES`), for
+        up to `DISPATCHER_EMIT_WAIT` seconds. Enqueueing is idempotent (a
         job id already queued is left alone), so a try whose answer was lost, or that Redis
         took only in part, can be made again. `kind`: what the error calls the jobs."""
         deadline = time.monotonic() + self.settings.emit_wait
@@ -279,7 +281,7 @@ class Producer:
                 async with asyncio.timeout(max(left, 0.001)):
                     return await enqueue()
             except _WAITED_OUT as exc:
-                if not isinstance(exc, _UNANSWERED) and not redis_full(exc):
+                if not isinstance(exc, _UNANSWERED) and not transient_reply(exc):
                     raise
                 if isinstance(exc, NotReplicated):
                     shortfall = exc
@@ -339,6 +341,8 @@ def _unanswered(exc: Exception, jobs: str) -> str:
             f"Redis is full (maxmemory reached, writes refused); {jobs} may not be queued, "
             "or only some of them"
         )
+    if isinstance(exc, ResponseError):  # another "not now"
+        return f"Redis answers 'not now' ({exc}); {jobs} may not be queued, or only some of them"
     return f"Redis is unreachable ({str(exc) or type(exc).__name__}); {jobs} may not be queued"
 
 
