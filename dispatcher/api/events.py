@@ -28,7 +28,13 @@ from dispatcher import tracing
 from dispatcher.api.callbacks import V4
 from dispatcher.api.deps import Admin, ProjectPath, RouterDep, apigw
 from dispatcher.errors import DispatcherError, InvalidInput, PayloadTooLarge
-from dispatcher.models import EmitBatchResult, EmitRequest, EmitResult, Result
+from dispatcher.models import (
+    EmitBatchResult,
+    EmitRequest,
+    EmitResult,
+    Result,
+    check_project_id,
+)
 
 if TYPE_CHECKING:
     from dispatcher.settings import Settings
@@ -75,7 +81,9 @@ async def emit_batch(
     is not an object, a line that is not JSON, an `eventId` that names another event still
     queued) is refused alone, with its reason; the others are queued all the same.
     `data.results` has one outcome per event, in order. A W3C `traceparent` (and
-    `tracestate`) header goes with every event of the batch."""
+    `tracestate`) header goes with every event of the batch. A project id that cannot emit
+    is a 400, as on the single route, before the body is read."""
+    check_project_id(project_id)
     media_type = request.headers.get("content-type", "").partition(";")[0].strip().lower()
     ndjson = media_type == NDJSON
     entries = read_events(
