@@ -12,7 +12,7 @@ import orjson
 
 from dispatcher.clock import now_ms
 from dispatcher.errors import DispatcherError, InvalidInput
-from dispatcher.jobs import EventJob, new_event_id
+from dispatcher.jobs import REDELIVERY, EventJob, new_event_id
 from dispatcher.models import EVENT_ID, check_project_id, parse_event
 
 if TYPE_CHECKING:
@@ -67,17 +67,15 @@ def event_job(
     """A checked event: a known name, a project id, a JSON object the queue can hold (no
     NaN or Infinity, which JSON has no words for; nested at most `MAX_DATA_DEPTH` levels)
     of at most `max_bytes` as JSON, an event
-    id (when given) of 1-128 letters, digits and `_.:-`, each matched whole. `trace`: the
-    trace it continues."""
+    id (when given) of 1-128 letters, digits and `_.:-`, each matched whole, without
+    `:redeliver:`. `trace`: the trace it continues."""
     check_project_id(project_id)
     if data is None:
         data = {}
     if not isinstance(data, Mapping):
         raise InvalidInput("data must be a JSON object", param="data")
-    if event_id is not None and not EVENT_ID.fullmatch(event_id):
-        raise InvalidInput(
-            "eventId must be 1-128 letters, digits, '_', '.', ':' or '-'", param="eventId"
-        )
+    if event_id is not None:
+        _check_event_id(event_id)
     data = dict(data)
     encoded = _encoded(data)
     if max_bytes is not None and len(encoded) > max_bytes:
@@ -103,6 +101,18 @@ def event_job(
         data_json=encoded,
         digest=_digest(name, data),
     )
+
+
+def _check_event_id(event_id: str) -> None:
+    if not EVENT_ID.fullmatch(event_id):
+        raise InvalidInput(
+            "eventId must be 1-128 letters, digits, '_', '.', ':' or '-'", param="eventId"
+        )
+    if REDELIVERY in event_id:  # its fan-out's job id could be a redelivery's
+        raise InvalidInput(
+            f"eventId must not hold '{REDELIVERY}': it names redeliveries' jobs",
+            param="eventId",
+        )
 
 
 def _digest(event: str, data: dict[str, Any]) -> str:

@@ -47,6 +47,7 @@ __all__ = [
     "DELIVER",
     "DIGEST_LEAD",
     "FAN_OUT",
+    "REDELIVERY",
     "BadJob",
     "DeliveryJob",
     "EventJob",
@@ -62,6 +63,9 @@ __all__ = [
 FAN_OUT = "fan_out"
 DELIVER = "deliver"
 SCOPED = "project"  # an event job's `ids`: its job and delivery ids are scoped by project
+# What a redelivery's progress id (its job id) holds after its delivery id; no event id may
+# hold it (`dispatcher.events`), or a fan-out's job id could be a redelivery's
+REDELIVERY = ":redeliver:"
 _WIRE_FIELDS = ("f", "a", "k", "et")
 
 
@@ -226,7 +230,7 @@ class DeliveryJob:
         if self.body_of is not None and not self.body:  # read back, its body never read
             raise ValueError(f"{self.job_id}: a redelivery of a job without its kept body")
         mark = uuid.uuid4().hex[:12] if after is None else f"after-{after}"
-        progress_id = f"{self.delivery_id}:redeliver:{mark}"
+        progress_id = f"{self.delivery_id}{REDELIVERY}{mark}"
         return DeliveryJob(self.delivery_id, progress_id, self.event_id, self.project_id,
                            self.event, self.body, self.callback_id, record_id,
                            self.emitter, self.trace)  # fmt: skip

@@ -10,8 +10,9 @@ import pytest
 from redis.asyncio import Redis
 
 from dispatcher.clock import now_ms
+from dispatcher.errors import InvalidInput
 from dispatcher.events import EventIdReused, event_job
-from dispatcher.jobs import EventJob, decode, encode
+from dispatcher.jobs import DeliveryJob, EventJob, decode, encode
 from dispatcher.keys import Keys, lane_id
 from dispatcher.models import PLATFORM_PROJECT, Event, Region
 from dispatcher.producer import Producer
@@ -275,3 +276,31 @@ def test_an_events_digest_leads_its_job_through_every_chunk() -> None:
     assert encode(read.continued(7, rerun=True))[:80] == head
     assert event_job("projA", "BUILD_END", {"b": [2], "a": 1}).digest == job.digest
     assert event_job("projA", "BUILD_START", {"a": 1, "b": [2]}).digest != job.digest
+
+
+async def test_an_event_id_cannot_name_a_redeliverys_job(
+    settings: Settings, redis: Redis, api: httpx.AsyncClient
+) -> None:
+    """Event id `X.7:redeliver:after-5812` made projA's fan-out job id that of the window
+    redelivery of delivery `projA:X.7` (platform callback 7) after its attempt 5812, which
+    was then counted `alreadyQueued` and never sent (review). An event id holding
+    `:redeliver:` is refused on every path; jobs queued before stay readable."""
+    producer = Producer(settings, redis)
+    for taken in ("X.7:redeliver:after-5812", "X.7:redeliver:9f2c0e1a7b3d", "a:redeliver:b"):
+        with pytest.raises(InvalidInput, match="redeliver") as refused:
+            await producer.emit("projA", "BUILD_START", {}, event_id=taken)
+        assert refused.value.param == "eventId"
+        with pytest.raises(InvalidInput, match="redeliver"):
+            await producer.emit_many([("projA", "BUILD_START", {}, taken)])
+        entry = {"event": "BUILD_START", "eventId": taken}
+        single = await api.post(EVENTS, json=entry, headers=UID)
+        assert single.status_code == 400 and "eventId" in single.json()["message"]
+        batch = (await api.post(f"{EVENTS}/batch", json=[entry], headers=UID)).json()
+        assert batch["data"]["results"][0]["error"].startswith("events[0]: eventId must not")
+    assert await redis.zcard(settings.queue_name) == 0
+    original = DeliveryJob("projA:X.7", "projA:X.7", "X", PLATFORM_PROJECT, "BUILD_END", b"{}", 7)
+    assert await producer.requeue([original.redelivery(5812, after=5812)], once=True) == 1
+    for alike in ("X.7:redeliver", "redeliver:after-5812", "X.7:REDELIVER:after-1"):
+        assert await producer.emit("projA", "BUILD_START", {}, event_id=alike) == alike
+    wire = decode(encode(EventJob("X.7:redeliver:after-1", "projA", "BUILD_END"))).payload
+    assert EventJob.from_wire(wire).job_id == "projA:X.7:redeliver:after-1"  # still read
