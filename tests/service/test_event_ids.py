@@ -268,14 +268,17 @@ async def test_an_event_queued_by_the_version_before_is_taken_as_the_same(
 def test_an_events_digest_leads_its_job_through_every_chunk() -> None:
     """The queue's script reads the digest at the head of the job's bytes (a range of them,
     whatever the data's size), so it must lead them as emitted and once handed over to the
-    next chunk by a worker; data of the same keys in another order has the same digest."""
+    next chunk by a worker; data of the same keys in another order has the same digest. An
+    event given a fresh id has none (no other event has its id): it costs nothing more."""
     job = event_job("projA", "BUILD_END", {"a": 1, "b": [2]}, "b-1")
     head = encode(job)[:80]
     assert head.startswith(b'{"t":null,"f":"fan_out","a":[{"digest":"' + job.digest.encode())
     read = EventJob.from_wire(decode(encode(job)).payload)
     assert encode(read.continued(7, rerun=True))[:80] == head
-    assert event_job("projA", "BUILD_END", {"b": [2], "a": 1}).digest == job.digest
-    assert event_job("projA", "BUILD_START", {"a": 1, "b": [2]}).digest != job.digest
+    assert event_job("projA", "BUILD_END", {"b": [2], "a": 1}, "b-1").digest == job.digest
+    assert event_job("projA", "BUILD_START", {"a": 1, "b": [2]}, "b-1").digest != job.digest
+    fresh = event_job("projA", "BUILD_END", {"a": 1})  # its id names no other event
+    assert fresh.digest == "" and encode(fresh).startswith(b'{"t":null,"f":"fan_out","a":[{"id":')
 
 
 async def test_an_event_id_cannot_name_a_redeliverys_job(
