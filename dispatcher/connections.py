@@ -21,8 +21,14 @@ from arq.connections import RedisSettings
 from redis.asyncio import ConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
+from redis.exceptions import (
+    ClusterDownError,
+    OutOfMemoryError,
+    ReadOnlyError,
+    ResponseError,
+    TryAgainError,
+)
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import OutOfMemoryError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from dispatcher.cluster import cluster_client, is_cluster_url, parse_cluster_url
@@ -40,6 +46,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "REDIS_ERRORS",
+    "TRANSIENT_REPLIES",
     "connect",
     "policy",
     "preflight",
@@ -47,6 +54,7 @@ __all__ = [
     "redis_settings",
     "require_url",
     "shown",
+    "transient_reply",
 ]
 
 # What a Redis outage looks like to a caller: refused, reset, timed out, LOADING (a
@@ -60,7 +68,33 @@ REDIS_ERRORS: tuple[type[Exception], ...] = (
 )
 
 
+# Replies that mean "not now" rather than "never", waited out as outages by every caller
+# (producers up to DISPATCHER_EMIT_WAIT, a worker's writes until they land): Redis loading
+# its data, busy with a script past its time limit (another client's, or a sweep's), full
+# (`maxmemory`), unable to persist (MISCONF), a demoted or replica-less master, a cluster
+# whose slot is moving or that is down.
+TRANSIENT_REPLIES = ("LOADING", "BUSY", "OOM", "MISCONF", "READONLY", "MASTERDOWN",
+                     "NOREPLICAS", "TRYAGAIN", "CLUSTERDOWN")  # fmt: skip
+# redis-py's classes for some of them (it drops the code from their messages)
+_TRANSIENT_CLASSES = (OutOfMemoryError, ReadOnlyError, TryAgainError, ClusterDownError)
+
 _PASSWORD = re.compile(r"(://[^/@]*?:)[^/@]*@")
+
+
+def transient_reply(exc: BaseException) -> bool:
+    """Whether `exc` is a reply of `TRANSIENT_REPLIES`: one redis-py has a class for, one
+    whose message begins with its code (after what a pipeline that raised prefixes it with:
+    `Command # 1 (…) of pipeline caused error: ('BUSY …',)`), or a script's error quoting it
+    (Redis 6 wraps a command's refusal: `… -OOM command not allowed …`). A refused or lost
+    connection is not a reply (`REDIS_ERRORS`)."""
+    if isinstance(exc, _TRANSIENT_CLASSES):
+        return True
+    if not isinstance(exc, ResponseError):
+        return False
+    prefix, _, reply = str(exc).rpartition(" of pipeline caused error: ")
+    reply = reply.lstrip("('\"") if prefix else reply
+    first = reply.partition(" ")[0]
+    return first in TRANSIENT_REPLIES or any(f"-{code} " in reply for code in TRANSIENT_REPLIES)
 
 
 def redis_full(exc: BaseException) -> bool:
@@ -144,10 +178,17 @@ def redis_settings(settings: Settings, url: str | None = None) -> RedisSettings:
 async def preflight(settings: Settings, url: str | None = None) -> list[str]:
     """What a process checks when it starts, of `url` (by default `DISPATCHER_REDIS_URL`):
     with a sentinel URL, that a sentinel answers and knows the master; with
-    `DISPATCHER_REDIS_MIN_REPLICAS` > 0, that the master has that many replicas.
-    InvalidSetting (naming the setting) when not; returns warnings (a replica down). A
-    Redis that does not answer is an outage, waited out as ever, not a wrong setting."""
+    `DISPATCHER_REDIS_MIN_REPLICAS` > 0, that the master has that many replicas; that it
+    keeps its keys when full (`_keeps_keys`). InvalidSetting (naming the setting) when
+    not; returns warnings (a replica down). A Redis that does not answer is an outage,
+    waited out as ever, not a wrong setting."""
     target = require_url(settings, url)
+    warnings = await _replicas(settings, target)
+    return warnings + await _keeps_keys(settings, target)
+
+
+async def _replicas(settings: Settings, target: str) -> list[str]:
+    """The topology's part of `preflight`: sentinels, and the replicas asked for."""
     wanted = settings.redis_min_replicas
     if is_cluster_url(target):
         if wanted:
@@ -175,5 +216,36 @@ async def preflight(settings: Settings, url: str | None = None) -> list[str]:
             f"{wanted} replica(s) must confirm every emit, but the Redis of "
             f"DISPATCHER_REDIS_URL has {replicas} connected",
             param="DISPATCHER_REDIS_MIN_REPLICAS",
+        )
+    return []
+
+
+async def _keeps_keys(settings: Settings, target: str) -> list[str]:
+    """InvalidSetting (`maxmemory-policy`) unless the Redis of `target` (each node of a
+    cluster) keeps its keys when full: `noeviction`. Under any other policy a full Redis
+    evicts keys, the queue's jobs first under a `volatile-*` one (they carry a time to
+    live): accepted events dropped as "job data expired". Read from INFO (managed Redis
+    answer it, not always CONFIG GET); a warning when it cannot be read."""
+    cluster = is_cluster_url(target)
+    redis = connect(settings, target)
+    try:  # a cluster's every node (its client asks one by default), each answer by name
+        info = await redis.info("memory", **({"target_nodes": "all"} if cluster else {}))
+    except REDIS_ERRORS:
+        return []  # an outage: waited out by whoever uses it
+    except ResponseError as exc:  # INFO refused (an ACL): this check cannot be made
+        return [f"the maxmemory-policy of {shown(target)} could not be read ({exc})"]
+    finally:
+        await redis.aclose()
+    nodes = info.values() if cluster else [info]
+    evicting = sorted({str(node.get("maxmemory_policy", "noeviction")) for node in nodes})
+    evicting = [name for name in evicting if name != "noeviction"]
+    if evicting:
+        raise InvalidSetting(
+            f"the Redis at {shown(target)} evicts keys when full (maxmemory-policy "
+            f"{', '.join(evicting)}): it would drop queued events. Set maxmemory-policy "
+            "noeviction (CONFIG SET maxmemory-policy noeviction and its configuration file; "
+            "on a managed Redis, its parameter group); a full Redis is then an outage that "
+            "emits and workers wait out, not lost data",
+            param="maxmemory-policy",
         )
     return []

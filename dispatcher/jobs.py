@@ -45,7 +45,9 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DELIVER",
+    "DIGEST_LEAD",
     "FAN_OUT",
+    "REDELIVERY",
     "BadJob",
     "DeliveryJob",
     "EventJob",
@@ -61,6 +63,9 @@ __all__ = [
 FAN_OUT = "fan_out"
 DELIVER = "deliver"
 SCOPED = "project"  # an event job's `ids`: its job and delivery ids are scoped by project
+# What a redelivery's progress id (its job id) holds after its delivery id; no event id may
+# hold it (`dispatcher.events`), or a fan-out's job id could be a redelivery's
+REDELIVERY = ":redeliver:"
 _WIRE_FIELDS = ("f", "a", "k", "et")
 
 
@@ -104,6 +109,10 @@ class EventJob:
     # `data` as JSON when the producer has it already (it checked the data by encoding
     # it): the job's bytes embed it rather than encoding the data again
     data_json: bytes | None = field(default=None, compare=False, repr=False)
+    # what tells this event from another under its id (`dispatcher.events`): it leads the
+    # job's bytes (`DIGEST_LEAD`), where the queue's script reads it; '' for none (a job
+    # of a version before, or built by hand)
+    digest: str = ""
 
     function = FAN_OUT
 
@@ -123,8 +132,12 @@ class EventJob:
 
     def to_wire(self) -> dict[str, Any]:
         data = self.data if self.data_json is None else orjson.Fragment(self.data_json)
-        wire = {"id": self.id, "projectId": self.project_id, "event": self.event,
-                "data": data, "emittedAt": self.emitted_at}  # fmt: skip
+        if self.digest:  # first, where the queue's script reads it
+            wire = {"digest": self.digest, "id": self.id, "projectId": self.project_id,
+                    "event": self.event, "data": data, "emittedAt": self.emitted_at}  # fmt: skip
+        else:
+            wire = {"id": self.id, "projectId": self.project_id, "event": self.event,
+                    "data": data, "emittedAt": self.emitted_at}  # fmt: skip
         if self.after:
             wire["after"] = self.after
         if self.trace is not None:
@@ -154,6 +167,7 @@ class EventJob:
             trace=TraceContext.read(payload) if "traceparent" in payload else None,
             scoped=payload.get("ids") == SCOPED,
             rerun=payload.get("rerun") is True,
+            digest=digest if isinstance(digest := payload.get("digest"), str) else "",
         )
 
 
@@ -219,7 +233,7 @@ class DeliveryJob:
         if self.body_of is not None and not self.body:  # read back, its body never read
             raise ValueError(f"{self.job_id}: a redelivery of a job without its kept body")
         mark = uuid.uuid4().hex[:12] if after is None else f"after-{after}"
-        progress_id = f"{self.delivery_id}:redeliver:{mark}"
+        progress_id = f"{self.delivery_id}{REDELIVERY}{mark}"
         return DeliveryJob(self.delivery_id, progress_id, self.event_id, self.project_id,
                            self.event, self.body, self.callback_id, record_id,
                            self.emitter, self.trace)  # fmt: skip
@@ -320,8 +334,12 @@ class WireJob:
     enqueued_ms: int
 
 
+# How an event job's bytes begin when it has a digest (`EventJob.digest`), which follows
+DIGEST_LEAD = '{"t":null,"f":"fan_out","a":[{"digest":"'
+
+
 def encode(job: Job, enqueued_ms: int | None = None) -> bytes:
-    """arq's job format, JSON-encoded."""
+    """arq's job format, JSON-encoded (an event's digest first: `DIGEST_LEAD`)."""
     et = now_ms() if enqueued_ms is None else enqueued_ms
     return orjson.dumps({"t": None, "f": job.function, "a": [job.to_wire()], "k": {}, "et": et})
 

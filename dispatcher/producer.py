@@ -15,15 +15,16 @@ from redis.exceptions import ResponseError
 
 from dispatcher import metrics, tracing
 from dispatcher.batch import Batcher
-from dispatcher.connections import REDIS_ERRORS, redis_full
-from dispatcher.errors import InvalidInput, NotReplicated, Unavailable
-from dispatcher.events import event_job, wire_event_job
+from dispatcher.connections import REDIS_ERRORS, redis_full, transient_reply
+from dispatcher.errors import DispatcherError, InvalidInput, NotReplicated, Unavailable
+from dispatcher.events import EventIdReused, event_job, wire_event_job
 from dispatcher.jobs import DeliveryJob, EventJob, Job
 from dispatcher.keys import Keys
 from dispatcher.models import PLATFORM_PROJECT
 from dispatcher.placement import Placement, kept_fresh
 from dispatcher.queue import Queue
 from dispatcher.replication import Replication, run_replicated
+from dispatcher.sequence import REUSED
 from dispatcher.shard import Shard
 from dispatcher.topology import close_all, connect_shards, shards_of
 
@@ -54,7 +55,8 @@ REDELIVERIES = _Jobs(
     "was queued: look at the delivery's attempts first.",
 )
 # what waiting for Redis looks like: its errors, no answer within the wait, or too few
-# replicas confirming (DISPATCHER_REDIS_MIN_REPLICAS); and a full Redis (a reply error)
+# replicas confirming (DISPATCHER_REDIS_MIN_REPLICAS); and a reply that means "not now"
+# (a reply error: full, busy with a script, ...: `connections.transient_reply`)
 _UNANSWERED: tuple[type[Exception], ...] = (*REDIS_ERRORS, TimeoutError, NotReplicated)
 _WAITED_OUT: tuple[type[Exception], ...] = (*_UNANSWERED, ResponseError)
 
@@ -148,7 +150,9 @@ class Producer:
     ) -> str:
         """Queue one event for every matching callback; returns its event id.
 
-        An `event_id` of your own makes the call idempotent while that event is queued.
+        An `event_id` of your own makes the call idempotent while that event is queued:
+        the same event (name and data) again is the one queued; another one under that id
+        is refused (`EventIdReused`, nothing queued).
         The current OpenTelemetry context, when there is one, goes with the event.
         """
         lane = self._lane(project_id)
@@ -157,9 +161,11 @@ class Producer:
                 project_id, event, data, event_id, trace=emission.trace, max_bytes=self._largest
             )
             emission.emitted(project_id, [job.id])
-            await self._patiently(
+            (answer,) = await self._patiently(
                 lambda: lane.batcher.execute(lambda pipe: lane.queue.push(pipe, job))
             )
+        if answer == REUSED:
+            raise EventIdReused([job])
         metrics.EVENTS_EMITTED.inc()
         return job.id
 
@@ -171,26 +177,32 @@ class Producer:
     ) -> list[str]:
         """Queue many `(project_id, event, data[, event_id])` in one round trip; returns
         their ids. Every event is checked before any is queued. With event ids of your own,
-        emitting the same list again is safe (what is still queued is not queued twice).
-        The current OpenTelemetry context, when there is one, goes with every event."""
+        emitting the same list again is safe (what is still queued is not queued twice); an
+        id that names another event still queued is refused: `EventIdReused`, raised once
+        the others are queued. The current OpenTelemetry context, when there is one, goes
+        with every event."""
         with tracing.emitting() as emission:
             jobs = [
                 event_job(*event, trace=emission.trace, max_bytes=self._largest) for event in events
             ]
             emission.emitted(jobs[0].project_id if jobs else "", [job.id for job in jobs])
-            await self._enqueue(jobs)
+            refused = await self._enqueue(jobs)
+        if refused:
+            raise EventIdReused([jobs[i] for i in refused], queued=len(jobs) - len(refused))
         return [job.id for job in jobs]
 
     async def emit_each(
         self, project_id: str, entries: Sequence[Any | InvalidInput]
-    ) -> list[str | InvalidInput]:
+    ) -> list[str | DispatcherError]:
         """Queue every well-formed `{"event", "data", "eventId"?}` of `entries` in one round
         trip, whatever the others hold; returns, in order, each one's event id or why it was
         refused (an `InvalidInput` among `entries`, say a line that could not be read,
-        stands for itself). An `eventId` already queued is not queued again. The current
+        stands for itself). An `eventId` already queued is not queued again: the same event
+        is answered with its id, another one with `EventIdReused`. The current
         OpenTelemetry context, when there is one, goes with every event."""
-        outcomes: list[str | InvalidInput] = []
+        outcomes: list[str | DispatcherError] = []
         jobs: list[EventJob] = []
+        places: list[int] = []  # each job's in `outcomes`
         with tracing.emitting() as emission:
             for entry in entries:
                 if isinstance(entry, InvalidInput):
@@ -201,38 +213,47 @@ class Producer:
                 except InvalidInput as exc:
                     outcomes.append(exc)
                     continue
+                places.append(len(outcomes))
                 jobs.append(job)
                 outcomes.append(job.id)
             emission.emitted(project_id, [job.id for job in jobs])
-            await self._enqueue(jobs)
+            for refused in await self._enqueue(jobs):
+                outcomes[places[refused]] = EventIdReused([jobs[refused]])
         return outcomes
 
-    async def _enqueue(self, jobs: Sequence[EventJob]) -> None:
+    async def _enqueue(self, jobs: Sequence[EventJob]) -> list[int]:
         """Queue events the emit methods checked (the only way in: a job built by hand
         would skip the checks), one round trip per shard they go to, the shards at once (an
-        id already queued stays as it is)."""
-        await self._push(jobs, EVENTS)
-        metrics.EVENTS_EMITTED.inc(len(jobs))
+        id already queued stays as it is); returns the places in `jobs` of those refused,
+        their ids naming other events still queued."""
+        answers = await self._push(jobs, EVENTS)
+        refused = [place for place, answer in enumerate(answers) if answer == REUSED]
+        metrics.EVENTS_EMITTED.inc(len(jobs) - len(refused))
+        return refused
 
     async def requeue(self, jobs: Sequence[DeliveryJob], *, once: bool = False) -> int:
         """Queue deliveries (redeliveries of recorded requests) as `_enqueue` queues events;
         returns how many were queued. `once`: a job id queued before, while its progress
         could last, is not queued again (a window's redeliveries)."""
-        answers = await self._push(jobs, REDELIVERIES, once=once)
-        return sum(queued for shard in answers for chunk in shard for queued in chunk)
+        return sum(await self._push(jobs, REDELIVERIES, once=once))
 
-    async def _push(
-        self, jobs: Sequence[Job], kind: _Jobs, *, once: bool = False
-    ) -> list[list[Any]]:
+    async def _push(self, jobs: Sequence[Job], kind: _Jobs, *, once: bool = False) -> list[int]:
         """The one way jobs are queued: grouped by the shard of their project, every group
-        in one round trip, Redis waited out (`_patiently`); returns each group's answers."""
-        by_lane: dict[int, tuple[_Lane, list[Job]]] = {}
-        for job in jobs:
+        in one round trip, Redis waited out (`_patiently`); returns each job's answer (1
+        queued, 0 there already, `REUSED`), in the order of `jobs`."""
+        by_lane: dict[int, tuple[_Lane, list[int]]] = {}
+        for place, job in enumerate(jobs):
             lane = self._lane(job.project_id)
-            by_lane.setdefault(id(lane), (lane, []))[1].append(job)
-        return await asyncio.gather(
-            *(self._push_many(lane, mine, kind, once) for lane, mine in by_lane.values())
+            by_lane.setdefault(id(lane), (lane, []))[1].append(place)
+        groups = list(by_lane.values())
+        answers = await asyncio.gather(
+            *(self._push_many(lane, [jobs[i] for i in mine], kind, once) for lane, mine in groups)
         )
+        each = [0] * len(jobs)
+        for (_, mine), chunks in zip(groups, answers, strict=True):
+            for place, answer in zip(mine, (a for chunk in chunks for a in chunk), strict=True):
+                each[place] = answer
+        return each
 
     async def _push_many(self, lane: _Lane, jobs: list[Job], kind: _Jobs, once: bool) -> list[Any]:
         queue, mine = lane.queue, uuid.uuid4().hex  # a try again knows its first's pushes
@@ -246,8 +267,9 @@ class Producer:
         )
 
     async def _patiently(self, enqueue: Callable[[], Awaitable[T]], kind: _Jobs = EVENTS) -> T:
-        """Run `enqueue`, waiting out a Redis that does not answer, or is full (at
-        `maxmemory`), for up to `DISPATCHER_EMIT_WAIT` seconds. Enqueueing is idempotent (a
+        """Run `enqueue`, waiting out a Redis that does not answer, or answers "not now"
+        (full at `maxmemory`, busy with a script, ...: `connections.TRANSIENT_REPLIES`), for
+        up to `DISPATCHER_EMIT_WAIT` seconds. Enqueueing is idempotent (a
         job id already queued is left alone), so a try whose answer was lost, or that Redis
         took only in part, can be made again. `kind`: what the error calls the jobs."""
         deadline = time.monotonic() + self.settings.emit_wait
@@ -259,7 +281,7 @@ class Producer:
                 async with asyncio.timeout(max(left, 0.001)):
                     return await enqueue()
             except _WAITED_OUT as exc:
-                if not isinstance(exc, _UNANSWERED) and not redis_full(exc):
+                if not isinstance(exc, _UNANSWERED) and not transient_reply(exc):
                     raise
                 if isinstance(exc, NotReplicated):
                     shortfall = exc
@@ -319,6 +341,8 @@ def _unanswered(exc: Exception, jobs: str) -> str:
             f"Redis is full (maxmemory reached, writes refused); {jobs} may not be queued, "
             "or only some of them"
         )
+    if isinstance(exc, ResponseError):  # another "not now"
+        return f"Redis answers 'not now' ({exc}); {jobs} may not be queued, or only some of them"
     return f"Redis is unreachable ({str(exc) or type(exc).__name__}); {jobs} may not be queued"
 
 

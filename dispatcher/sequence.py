@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from arq.constants import expires_extra_ms
 
+from dispatcher.jobs import DIGEST_LEAD
 from dispatcher.lua import ArgList, Key, KeyList, Script
 from dispatcher.models import PLATFORM_PROJECT
 
@@ -29,7 +30,11 @@ if TYPE_CHECKING:
 
     from dispatcher.keys import Keys
 
-__all__ = ["push_events"]
+__all__ = ["REUSED", "push_events"]
+
+# A job's answer when its id names another event still queued (not queued); 1: queued, 0:
+# the same event is queued (or a job of a version before, which has no digest to compare)
+REUSED = 2
 
 
 class Queued(Protocol):
@@ -41,6 +46,9 @@ class Queued(Protocol):
     @property
     def job_id(self) -> str: ...
 
+    @property
+    def digest(self) -> str: ...
+
 
 @dataclass
 class PushEvents(Script):
@@ -48,17 +56,23 @@ class PushEvents(Script):
     of a project that is ordered (its flag or the platform's set) is numbered and filed in
     its project's pending set. `keys` holds, for each of the `projects` projects, its
     ordered flag, sequence, pending and ready sets, then each job's key; `jobs` holds, per
-    job, its bytes, its id and its project's place (1..`projects`). A job id already
-    queued is left alone. Returns 1 (queued) or 0 (there already) per job: a list, or
-    that one number when `alone` is '1'."""
+    job, its bytes, its id, its project's place (1..`projects`) and its digest ('' for
+    none). A job id already queued is left alone. Returns per job 1 (queued), 0 (there
+    already: the same event, or one without a digest) or `REUSED` (there already: another
+    event, whose digest, at the head of its bytes, differs): a list, or that one number
+    when `alone` is '1'. Reading the digest costs a `GETRANGE` of its bytes' head, only
+    for an id already queued."""
 
-    LUA = """
+    LUA = (
+        f"local lead = '{DIGEST_LEAD}'"
+        + """
     local n = tonumber(projects)
     local ordered = {}
     for p = 1, n do ordered[p] = redis.call('EXISTS', platform_ordered, keys[4 * p - 3]) > 0 end
     local queued, added = {}, {}
-    for i = 1, #jobs / 3 do
-      local data, id, p = jobs[3 * i - 2], jobs[3 * i - 1], tonumber(jobs[3 * i])
+    for i = 1, #jobs / 4 do
+      local data, id, p, digest = jobs[4 * i - 3], jobs[4 * i - 2], tonumber(jobs[4 * i - 1]),
+        jobs[4 * i]
       if redis.call('SET', keys[4 * n + i], data, 'NX', 'PX', expiry_ms) then
         redis.call('ZADD', queue, score_ms, id)
         if ordered[p] then
@@ -68,7 +82,16 @@ class PushEvents(Script):
         end
         queued[#queued + 1] = 1
       else
-        queued[#queued + 1] = 0
+        local answer = 0
+        if digest ~= '' then
+          local head = redis.call('GETRANGE', keys[4 * n + i], 0, #lead + #digest - 1)
+          if head ~= lead .. digest and string.sub(head, 1, #lead) == lead then
+            answer = """
+        + str(REUSED)
+        + """
+          end
+        end
+        queued[#queued + 1] = answer
       end
     end
     for p, count in pairs(added) do
@@ -81,6 +104,7 @@ class PushEvents(Script):
     if alone == '1' then return queued[1] end
     return queued
     """
+    )
     queue: Key
     platform_ordered: Key
     keys: KeyList
@@ -101,8 +125,8 @@ def push_events(
     alone: bool = False,
 ) -> None:
     """Queue one command on `pipe` that enqueues `jobs` (their bytes `encoded`), due now,
-    each numbered when its project is ordered. Its answer: 1 or 0 per job, in a list, or
-    (`alone`: one job) that number."""
+    each numbered when its project is ordered. Its answer: 1, 0 or `REUSED` per job, in a
+    list, or (`alone`: one job) that number."""
     projects: dict[str, int] = {}
     for job in jobs:
         projects.setdefault(job.project_id, len(projects) + 1)
@@ -127,6 +151,6 @@ def push_events(
         jobs=[
             item
             for job, data in zip(jobs, encoded, strict=True)
-            for item in (data, job.job_id, projects[job.project_id])
+            for item in (data, job.job_id, projects[job.project_id], job.digest)
         ],
     ).queue_on(pipe)

@@ -1,6 +1,7 @@
 """The envelope of every error: `{data: null, message, status}` with the HTTP code as
 `status`: 400 bad input, 401 no identity, 403 not allowed, 404 unknown id, 409 a limit
-reached, 413 too large, 503 Redis unreachable or full, 500 a bug (never a stack trace)."""
+reached or an event id naming another event still queued, 413 too large, 503 Redis
+unreachable, full or answering "not now", 500 a bug (never a stack trace)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from dispatcher.connections import redis_full
+from dispatcher.connections import redis_full, transient_reply
 from dispatcher.errors import DispatcherError
 
 if TYPE_CHECKING:
@@ -28,6 +29,7 @@ log = structlog.get_logger("dispatcher.api")
 REQUEST_ID_KEY = "dispatcher.request_id"
 REDIS_DOWN = "storage (Redis) is unreachable; retry in a few seconds"
 REDIS_FULL = "storage (Redis) is full (maxmemory reached) and refuses writes; retry later"
+REDIS_BUSY = "storage (Redis) answers 'not now' (busy, loading, ...); retry in a few seconds"
 
 
 def envelope(status: int, message: str) -> JSONResponse:
@@ -80,11 +82,15 @@ async def _redis_down(request: Request, exc: Exception) -> JSONResponse:
 
 
 async def _redis_refused(request: Request, exc: Exception) -> JSONResponse:
-    """A reply error: a full Redis is an outage (503); any other is a bug."""
-    if not redis_full(exc):
-        return await _unexpected(request, exc)
-    log.warning("api.redis_full", path=request.url.path, error=str(exc))
-    return envelope(503, REDIS_FULL)
+    """A reply error: one that means "not now" (a full Redis, one busy with a script, ...:
+    `connections.transient_reply`) is an outage (503); any other is a bug."""
+    if redis_full(exc):
+        log.warning("api.redis_full", path=request.url.path, error=str(exc))
+        return envelope(503, REDIS_FULL)
+    if transient_reply(exc):
+        log.warning("api.redis_not_now", path=request.url.path, error=str(exc))
+        return envelope(503, REDIS_BUSY)
+    return await _unexpected(request, exc)
 
 
 async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

@@ -11,7 +11,7 @@ from dispatcher.addresses import host_port
 from dispatcher.egress import connect_target
 from dispatcher.errors import InvalidEvent, InvalidInput, InvalidUrl
 from dispatcher.headers import check_header_value
-from dispatcher.models import PLATFORM_PROJECT, PROJECT_EVENTS, Event, Level
+from dispatcher.models import PLATFORM_PROJECT, PROJECT_EVENTS, PROJECT_ID, Event, Level
 
 __all__ = [
     "MAX_ID_LENGTH",
@@ -159,10 +159,13 @@ def level_of(project_id: str, pipeline_id: str | None) -> Level:
 
 
 def check_scope(project_id: str, pipeline_id: str | None) -> Level:
-    """The level of (project, pipeline), once both ids can be stored."""
-    if not _is_id(project_id):
+    """The level of (project, pipeline), once both ids can be stored, and the project's
+    can emit (emit's rule, `models.PROJECT_ID`: no callback no event can reach). Only a
+    registration checks it: what an older version stored under another id is still read
+    and deleted."""
+    if not PROJECT_ID.fullmatch(project_id):
         raise InvalidInput(
-            "projectId must be 1-128 characters without spaces or ':'", param="projectId"
+            "projectId must be 1-128 visible ASCII characters without ':'", param="projectId"
         )
     if pipeline_id is not None and not _is_id(pipeline_id):
         raise InvalidInput(

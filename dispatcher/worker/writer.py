@@ -31,11 +31,10 @@ from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import structlog
-from redis.exceptions import ReadOnlyError, ResponseError
 
 from dispatcher import metrics
 from dispatcher.batch import Batcher, Pending, QueueCommands, leads_of
-from dispatcher.connections import REDIS_ERRORS, redis_full
+from dispatcher.connections import REDIS_ERRORS, redis_full, transient_reply
 from dispatcher.stopping import cancel_all
 
 if TYPE_CHECKING:
@@ -55,8 +54,6 @@ Then = Callable[["Pipeline", "float | None"], None]
 log = structlog.get_logger("dispatcher.worker")
 
 Prepare = Callable[[Iterable["AttemptRecord"]], Awaitable[None]]
-# Replies that mean "not now" rather than "never": the batch is sent again.
-TRANSIENT_REPLIES = ("LOADING", "READONLY", "OOM", "MASTERDOWN", "BUSY", "TRYAGAIN", "NOREPLICAS")
 
 
 class _Transient(Exception):
@@ -67,15 +64,9 @@ RETRYABLE: tuple[type[Exception], ...] = (*REDIS_ERRORS, _Transient)
 
 
 def _transient(result: Any) -> bool:
-    """Whether a command's answer asks to try again later. redis-py drops the reply's code
-    from the message of the errors it has a class for (OOM, READONLY); a script's error on
-    Redis 6 quotes the code (`... -OOM command not allowed ...`)."""
-    if isinstance(result, (*REDIS_ERRORS, ReadOnlyError)) or redis_full(result):
-        return True
-    if not isinstance(result, ResponseError):
-        return False
-    text = str(result)
-    return text.startswith(TRANSIENT_REPLIES) or any(f"-{c} " in text for c in TRANSIENT_REPLIES)
+    """Whether a command's answer asks to try again later: an outage, or a reply that
+    means "not now" (`connections.TRANSIENT_REPLIES`: the batch is sent again)."""
+    return isinstance(result, REDIS_ERRORS) or transient_reply(result)
 
 
 class Writer(Batcher):

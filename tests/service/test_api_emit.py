@@ -4,6 +4,8 @@ fail alone, the limits answer in the envelope, event ids are idempotent."""
 from __future__ import annotations
 
 import asyncio
+import json
+import tracemalloc
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -13,7 +15,8 @@ import pytest
 import uvicorn
 from redis.asyncio import Redis
 
-from dispatcher.errors import InvalidInput
+from dispatcher.api.events import read_events
+from dispatcher.errors import InvalidInput, PayloadTooLarge
 from dispatcher.producer import Producer
 from dispatcher.serve import api_config
 from dispatcher.settings import Settings
@@ -167,12 +170,84 @@ async def test_oversized_batches_are_413s_and_queue_nothing(
     assert response.status_code == 413
     assert response.json() == {
         "data": None,
-        "message": "batch of 1001 events; at most 1000 per request (send several)",
+        "message": "batch of more than 1000 events; at most 1000 per request (send several)",
         "status": 413,
     }
     lines = b"\n".join([b'{"event": "BUILD_END"}'] * 1001)
     assert (await api.post(BATCH, content=lines, headers=NDJSON)).status_code == 413
     assert await queued_ids(redis, settings) == []
+
+
+EIGHT_MIB = 8 * 1024 * 1024
+TOO_MANY = "batch of more than 1000 events; at most 1000 per request (send several)"
+
+
+@pytest.mark.parametrize(
+    ("content", "ndjson", "status", "message"),
+    [
+        (b"{}\n" * (EIGHT_MIB // 3 - 1), True, 413, TOO_MANY),
+        (b"[" + b"{}," * (EIGHT_MIB // 3 - 2) + b"{}]", False, 413, TOO_MANY),
+        (b"[" + b"[]," * (EIGHT_MIB // 3 - 2) + b"[]]", False, 413, TOO_MANY),
+        (b" \t\n" * (EIGHT_MIB // 3 - 1), True, 400, "body holds no event"),
+    ],
+    ids=["ndjson-lines", "array-of-objects", "array-of-arrays", "blank-lines"],
+)
+async def test_a_batch_is_counted_before_its_entries_are_read(
+    api: httpx.AsyncClient,
+    redis: Redis,
+    settings: Settings,
+    content: bytes,
+    ndjson: bool,
+    status: int,
+    message: str,
+) -> None:
+    """8 MiB of `{}` lines took ~470 ms of the event loop and +429 MiB to be refused: every
+    entry was read before they were counted (review; an array of `{}` cost ~110 ms and
+    +210 MiB). Counted first, each is refused having read at most one entry past the limit:
+    its peak of memory is a few copies of the body, not an object per entry."""
+    headers = NDJSON if ndjson else {**UID, "Content-Type": "application/json"}
+    tracemalloc.start()
+    try:
+        response = await api.post(BATCH, content=content, headers=headers)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 6 * EIGHT_MIB, f"peak {peak / 2**20:.0f} MiB"
+    assert response.status_code == status
+    assert response.json() == {"data": None, "message": message, "status": status}
+    assert await queued_ids(redis, settings) == []
+
+
+def test_a_body_of_many_values_is_read_entry_by_entry_with_the_same_answers() -> None:
+    """Past 100 values and keys per event it may carry, a JSON array is read entry by entry
+    (to count them first): the same entries and refusals as read whole; NDJSON lines keep
+    their numbers past blank ones."""
+    entry = {"event": "BUILD_END", "data": {"n": list(range(150)), "big": 2**70, "s": ",[{"}}
+    body = json.dumps([entry, entry], indent=1).encode()
+    bad = {
+        "cut short": body[:-1],
+        "extra data": body + b" x",
+        "no comma": body.replace(b"},\n {", b"}\n {", 1),
+        "NaN": body.replace(b"149", b"NaN"),
+        "a trailing comma": body[:-1] + b",]",
+        "too deep": b"[" * 5000 + b"]" * 5000,
+    }
+    for limit in (2, 1000):  # entry by entry (over 200 values), whole
+        assert read_events(body, ndjson=False, limit=limit) == [
+            ("events[0]", entry), ("events[1]", entry)
+        ]  # fmt: skip
+        for name, content in bad.items():
+            with pytest.raises(InvalidInput, match=r"^body is not JSON: ") as refused:
+                read_events(content, ndjson=False, limit=limit)
+            assert refused.value.param == "body", name
+        with pytest.raises(InvalidInput, match=r"^body must be a JSON array"):
+            read_events(json.dumps({"events": [entry] * 2}).encode(), ndjson=False, limit=limit)
+    with pytest.raises(PayloadTooLarge, match=r"^batch of more than 2 events"):
+        read_events(json.dumps([entry] * 3).encode(), ndjson=False, limit=2)
+    lines = b'\n \r\n{"event": "BUILD_END"}\r\n\t\n{"event": "BUILD_START"}'
+    assert read_events(lines, ndjson=True, limit=2) == [
+        ("line 3", {"event": "BUILD_END"}), ("line 5", {"event": "BUILD_START"})
+    ]  # fmt: skip
 
 
 async def test_the_batch_route_has_a_body_limit_of_its_own(

@@ -1,12 +1,21 @@
-"""The embedded redis-server: starts on a free port, keeps data across restarts, stops."""
+"""The embedded redis-server: starts on a free port, keeps data across restarts, stops,
+and keeps its keys when full; a Redis that would evict them stops every process at start."""
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
+import pytest
 import redis as redis_py
+from typer.testing import CliRunner
 
+from dispatcher.cli import app
+from dispatcher.connections import preflight
 from dispatcher.embedded import EmbeddedRedis, find_redis_server
+from dispatcher.errors import InvalidSetting
+from tests.cluster import LocalCluster
+from tests.helpers import make_settings
 
 
 def test_binary_is_found() -> None:
@@ -37,3 +46,53 @@ def test_data_survives_a_restart_and_a_running_server_is_reused(tmp_path: Path) 
         client.close()
     finally:
         second.stop()
+
+
+def test_the_embedded_and_the_tests_servers_keep_their_keys_when_full(
+    redis_server: EmbeddedRedis,
+    shard_servers: list[EmbeddedRedis],
+    redis_cluster: LocalCluster,
+    tmp_path: Path,
+) -> None:
+    """`maxmemory-policy noeviction`, what the start-up check asks for: the embedded server
+    of `dispatcher run`, the tests' servers (their shards' and cluster's too)."""
+    with EmbeddedRedis(tmp_path) as embedded:
+        for server in (embedded, redis_server, *shard_servers):
+            client = redis_py.Redis.from_url(server.url)
+            assert client.config_get("maxmemory-policy") == {"maxmemory-policy": "noeviction"}
+            client.close()
+            assert asyncio.run(preflight(make_settings(server.url))) == []
+    cluster = make_settings(redis_cluster.url)
+    assert asyncio.run(preflight(cluster)) == []
+    last = redis_py.Redis(port=redis_cluster.ports[-1])  # each node is asked, not just one
+    try:
+        last.config_set("maxmemory-policy", "allkeys-lru")
+        with pytest.raises(InvalidSetting, match="maxmemory-policy allkeys-lru"):
+            asyncio.run(preflight(cluster))
+    finally:
+        last.config_set("maxmemory-policy", "noeviction")
+        last.close()
+
+
+@pytest.mark.parametrize("policy", ["volatile-lru", "allkeys-lfu"])
+def test_a_redis_that_evicts_keys_stops_every_process_at_start(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, policy: str
+) -> None:
+    """Under `volatile-lru` a full Redis evicted the queue's jobs (they carry a time to
+    live): accepted events were dropped as "job data expired" (review). The start-up check
+    (API, worker, every command) reads `maxmemory_policy` (INFO, readable on managed Redis)
+    and refuses anything but `noeviction`, naming the setting."""
+    with EmbeddedRedis(tmp_path, persist=False) as server:
+        url = server.url
+        client = redis_py.Redis.from_url(url)
+        client.config_set("maxmemory-policy", policy)
+        client.close()
+        with pytest.raises(InvalidSetting, match=f"maxmemory-policy {policy}") as refused:
+            asyncio.run(preflight(make_settings(url)))
+        assert refused.value.param == "maxmemory-policy"
+        assert "noeviction" in refused.value.message
+        monkeypatch.setenv("DISPATCHER_REDIS_URL", url)
+        result = CliRunner().invoke(app, ["worker"])
+    output = " ".join(result.output.split())
+    assert result.exit_code == 2 and "Traceback" not in output, output
+    assert f"configuration error maxmemory-policy: the Redis at {url}" in output

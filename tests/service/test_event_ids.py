@@ -4,20 +4,26 @@ version before keeps working."""
 
 from __future__ import annotations
 
+import httpx
 import orjson
 import pytest
 from redis.asyncio import Redis
 
 from dispatcher.clock import now_ms
+from dispatcher.errors import InvalidInput
+from dispatcher.events import EventIdReused, event_job
+from dispatcher.jobs import DeliveryJob, EventJob, decode, encode
 from dispatcher.keys import Keys, lane_id
 from dispatcher.models import PLATFORM_PROJECT, Event, Region
 from dispatcher.producer import Producer
 from dispatcher.registry import Options, Registry
 from dispatcher.services import Services
 from dispatcher.settings import Settings
-from tests.helpers import Receiver, RunWorker, all_records, answer
+from tests.helpers import UID, Receiver, RunWorker, all_records, answer
 
 keys = Keys()  # today's key names (one shard)
+EVENTS = "/apigw/v4/projects/projA/events"
+NDJSON = {**UID, "Content-Type": "application/x-ndjson"}
 
 
 async def register(redis: Redis, project: str, url: str) -> int:
@@ -159,3 +165,145 @@ async def test_an_ordered_head_the_version_before_entered_goes_on_under_its_deli
     assert [s.headers["webhook-id"] for s in receiver.requests("/ordered")] == [delivery_id]
     assert not await redis.exists(lane)
     assert await redis.zcard(settings.queue_name) == 0
+
+
+async def test_an_event_id_reused_for_another_event_is_refused_while_it_is_queued(
+    api: httpx.AsyncClient, redis: Redis, receiver: Receiver, run_worker: RunWorker
+) -> None:
+    """A producer whose event ids are its build ids: BUILD_END under `b-42` while its
+    BUILD_START is queued was answered `queued` and dropped, with no trace (review). It is a
+    409 naming eventId; the same event again (a retry, its data's keys in any order) is the
+    one queued; once that event has ended, the id names a new emission."""
+    for event in (Event.BUILD_START, Event.BUILD_END):
+        await Registry(redis).create("projA", receiver.url(), event, Region.DEVNET, "t")
+    start = {"event": "BUILD_START", "eventId": "b-42", "data": {"buildId": "b-42", "n": 1}}
+    end = {"event": "BUILD_END", "eventId": "b-42", "data": {"buildId": "b-42", "n": 1}}
+    assert (await api.post(EVENTS, json=start, headers=UID)).status_code == 200
+    for other in (end, {**start, "data": {"buildId": "b-42", "n": 2}}):
+        refused = await api.post(EVENTS, json=other, headers=UID)
+        assert refused.status_code == 409
+        body = refused.json()
+        assert body["status"] == 409 and body["data"] is None
+        assert body["message"].startswith("eventId 'b-42' names another event of projA")
+    retry = {**start, "data": {"n": 1, "buildId": "b-42"}}
+    again = await api.post(EVENTS, json=retry, headers=UID)
+    assert again.json()["data"] == {"eventId": "b-42", "queued": True}
+    await run_worker()
+    assert [s.headers["X-DEVOPS-EVENT"] for s in receiver.requests()] == ["BUILD_START"]
+    assert (await api.post(EVENTS, json=end, headers=UID)).status_code == 200  # ended: free
+    await run_worker()
+    assert [s.headers["X-DEVOPS-EVENT"] for s in receiver.requests()][1:] == ["BUILD_END"]
+
+
+async def test_a_batch_refuses_alone_an_entry_whose_event_id_names_another_event(
+    api: httpx.AsyncClient, redis: Redis, settings: Settings
+) -> None:
+    """On both batch bodies: an entry under a queued event's id (or under the id of an entry
+    before it) with another event or data fails alone, in the failure list."""
+    queued = {"event": "BUILD_START", "eventId": "b-7", "data": {"n": 1}}
+    assert (await api.post(EVENTS, json=queued, headers=UID)).status_code == 200
+    batch = [
+        queued,  # the same event: taken as the one queued
+        {"event": "BUILD_END", "eventId": "b-7", "data": {"n": 1}},
+        {"event": "BUILD_END", "eventId": "b-8"},
+        {"event": "BUILD_START", "eventId": "b-8"},
+    ]
+    array = (await api.post(f"{EVENTS}/batch", json=batch, headers=UID)).json()
+    lines = b"\n".join(orjson.dumps(entry) for entry in batch)
+    streamed = (await api.post(f"{EVENTS}/batch", content=lines, headers=NDJSON)).json()
+    for body, names in ((array, ("events[1]", "events[3]")), (streamed, ("line 2", "line 4"))):
+        data = body["data"]
+        assert (data["accepted"], data["failed"]) == (2, 2)
+        assert body["message"] == "2 of 4 events refused; see data.results"
+        assert [r["eventId"] for r in data["results"]] == ["b-7", None, "b-8", None]
+        for place, where, reused in zip((1, 3), names, ("b-7", "b-8"), strict=True):
+            error = data["results"][place]["error"]
+            assert error.startswith(f"{where}: eventId '{reused}' names another event of projA")
+    queue = [i.decode() for i in await redis.zrange(settings.queue_name, 0, -1)]
+    assert sorted(queue) == ["projA:b-7", "projA:b-8"]
+
+
+async def test_python_producers_refuse_an_event_id_reused_for_another_event(
+    settings: Settings, redis: Redis
+) -> None:
+    """`emit` and `emit_many` raise `EventIdReused` (a 409) naming the ids, after queueing
+    the others; `emit_each` returns it in the refused entry's place."""
+    producer = Producer(settings, redis)
+    await producer.emit("projA", "BUILD_START", {"n": 1}, event_id="b-1")
+    with pytest.raises(EventIdReused, match=r"^eventId 'b-1' names another event") as raised:
+        await producer.emit("projA", "BUILD_END", {"n": 1}, event_id="b-1")
+    assert raised.value.http_status == 409 and raised.value.event_ids == ["b-1"]
+    assert await producer.emit("projA", "BUILD_START", {"n": 1}, event_id="b-1") == "b-1"
+    with pytest.raises(EventIdReused, match=r"the other 2 events are queued$") as raised:
+        await producer.emit_many(
+            [
+                ("projA", "BUILD_END", {}, "b-1"),
+                ("projA", "BUILD_END", {}, "b-2"),
+                ("projA", "BUILD_START", {"n": 1}, "b-1"),
+            ]
+        )
+    assert raised.value.event_ids == ["b-1"]
+    entries = [{"event": "BUILD_END", "eventId": "b-2"}, {"event": "BUILD_END", "eventId": "b-1"}]
+    first, second = await producer.emit_each("projA", entries)
+    assert first == "b-2" and isinstance(second, EventIdReused)
+    queue = [i.decode() for i in await redis.zrange(settings.queue_name, 0, -1)]
+    assert sorted(queue) == ["projA:b-1", "projA:b-2"]
+
+
+async def test_an_event_queued_by_the_version_before_is_taken_as_the_same(
+    settings: Settings, redis: Redis
+) -> None:
+    """A job queued before events had a digest cannot be compared: an emit of its id is
+    answered as before (the event queued, not queued again), whatever it holds."""
+    payload = {"id": "old-9", "projectId": "projA", "event": "BUILD_START", "data": {"n": 1},
+               "emittedAt": now_ms(), "ids": "project"}  # fmt: skip
+    old = orjson.dumps({"t": None, "f": "fan_out", "a": [payload], "k": {}, "et": now_ms()})
+    await redis.set(keys.arq_job("projA:old-9"), old)
+    await redis.zadd(settings.queue_name, {"projA:old-9": now_ms()})
+    producer = Producer(settings, redis)
+    assert await producer.emit("projA", "BUILD_END", {"n": 2}, event_id="old-9") == "old-9"
+    assert await redis.get(keys.arq_job("projA:old-9")) == old
+
+
+def test_an_events_digest_leads_its_job_through_every_chunk() -> None:
+    """The queue's script reads the digest at the head of the job's bytes (a range of them,
+    whatever the data's size), so it must lead them as emitted and once handed over to the
+    next chunk by a worker; data of the same keys in another order has the same digest. An
+    event given a fresh id has none (no other event has its id): it costs nothing more."""
+    job = event_job("projA", "BUILD_END", {"a": 1, "b": [2]}, "b-1")
+    head = encode(job)[:80]
+    assert head.startswith(b'{"t":null,"f":"fan_out","a":[{"digest":"' + job.digest.encode())
+    read = EventJob.from_wire(decode(encode(job)).payload)
+    assert encode(read.continued(7, rerun=True))[:80] == head
+    assert event_job("projA", "BUILD_END", {"b": [2], "a": 1}, "b-1").digest == job.digest
+    assert event_job("projA", "BUILD_START", {"a": 1, "b": [2]}, "b-1").digest != job.digest
+    fresh = event_job("projA", "BUILD_END", {"a": 1})  # its id names no other event
+    assert fresh.digest == "" and encode(fresh).startswith(b'{"t":null,"f":"fan_out","a":[{"id":')
+
+
+async def test_an_event_id_cannot_name_a_redeliverys_job(
+    settings: Settings, redis: Redis, api: httpx.AsyncClient
+) -> None:
+    """Event id `X.7:redeliver:after-5812` made projA's fan-out job id that of the window
+    redelivery of delivery `projA:X.7` (platform callback 7) after its attempt 5812, which
+    was then counted `alreadyQueued` and never sent (review). An event id holding
+    `:redeliver:` is refused on every path; jobs queued before stay readable."""
+    producer = Producer(settings, redis)
+    for taken in ("X.7:redeliver:after-5812", "X.7:redeliver:9f2c0e1a7b3d", "a:redeliver:b"):
+        with pytest.raises(InvalidInput, match="redeliver") as refused:
+            await producer.emit("projA", "BUILD_START", {}, event_id=taken)
+        assert refused.value.param == "eventId"
+        with pytest.raises(InvalidInput, match="redeliver"):
+            await producer.emit_many([("projA", "BUILD_START", {}, taken)])
+        entry = {"event": "BUILD_START", "eventId": taken}
+        single = await api.post(EVENTS, json=entry, headers=UID)
+        assert single.status_code == 400 and "eventId" in single.json()["message"]
+        batch = (await api.post(f"{EVENTS}/batch", json=[entry], headers=UID)).json()
+        assert batch["data"]["results"][0]["error"].startswith("events[0]: eventId must not")
+    assert await redis.zcard(settings.queue_name) == 0
+    original = DeliveryJob("projA:X.7", "projA:X.7", "X", PLATFORM_PROJECT, "BUILD_END", b"{}", 7)
+    assert await producer.requeue([original.redelivery(5812, after=5812)], once=True) == 1
+    for alike in ("X.7:redeliver", "redeliver:after-5812", "X.7:REDELIVER:after-1"):
+        assert await producer.emit("projA", "BUILD_START", {}, event_id=alike) == alike
+    wire = decode(encode(EventJob("X.7:redeliver:after-1", "projA", "BUILD_END"))).payload
+    assert EventJob.from_wire(wire).job_id == "projA:X.7:redeliver:after-1"  # still read

@@ -22,9 +22,9 @@ from dispatcher.events import MAX_DATA_DEPTH
 from dispatcher.history.redis import RedisHistory
 from dispatcher.history.window import json_size
 from dispatcher.keys import Keys
-from dispatcher.models import Event, HistoryRecord, Region
+from dispatcher.models import Event, HistoryRecord, Level, Region
 from dispatcher.producer import Producer
-from dispatcher.registry import Registry
+from dispatcher.registry import Registration, Registry
 from dispatcher.settings import Settings
 from tests.helpers import (
     UID,
@@ -586,3 +586,50 @@ async def test_the_signature_is_masked_in_history_and_on_the_attempt_page(
     )  # fmt: skip
     for text in (page.text, routed.text):
         assert "******" in text and signature not in text and signature[3:20] not in text
+
+
+# ---- project ids that can never emit ----------------------------------------------------
+
+
+@pytest.mark.parametrize("project", ["proj%20x", "proj%C3%A9", "a%3Ab", "p%1B%5B31m"])
+async def test_a_project_id_that_can_never_emit_is_a_400_on_both_emit_routes(
+    api: httpx.AsyncClient, redis: Redis, settings: Settings, project: str
+) -> None:
+    """The batch route answered 200 with every entry failed for a project id that emit can
+    never accept, where the single route answers 400 (review): both are a 400 naming
+    projectId, before the body is read."""
+    path = f"/apigw/v4/projects/{project}/events"
+    single = await api.post(path, json={"event": "BUILD_END"}, headers=UID)
+    batch = await api.post(f"{path}/batch", json=[{"event": "BUILD_END"}] * 2, headers=UID)
+    unread = await api.post(f"{path}/batch", content=b"not even JSON", headers=UID)
+    for answered in (single, batch, unread):
+        assert answered.status_code == 400, answered.text
+        assert answered.json() == single.json()
+    assert single.json()["message"].startswith("projectId must be 1-128 visible ASCII")
+    assert await redis.zcard(settings.queue_name) == 0
+
+
+async def test_registration_refuses_a_project_id_that_can_never_emit(
+    api: httpx.AsyncClient, redis: Redis
+) -> None:
+    """Registration took `projé`, whose callbacks no event can ever reach (emit refuses its
+    id; review): it follows emit's rule now. A callback an older version stored under such an
+    id is still listed, shown and deleted."""
+    params = {"event": "BUILD_END", "region": "DEVNET", "url": "http://127.0.0.1:9/hook"}
+    for project in ("proj%C3%A9", "p%00x", "p%1Bx"):
+        for route in ("callbacks", "callbacks/batch", "pipelines/p1/callbacks"):
+            path = f"/apigw/v4/projects/{project}/{route}"
+            refused = await api.post(path, params=params, headers=UID)
+            assert refused.status_code == 400, (path, refused.text)
+            assert "projectId must be 1-128 visible ASCII" in refused.json()["message"]
+    registry = Registry(redis)
+    older = Registration("projé", "http://127.0.0.1:9/hook", Region.DEVNET, "alice")
+    [(stored, _)] = await registry._upsert_many(  # as an older version stored it
+        registry._checked(Level.PROJECT, older), [Event.BUILD_END]
+    )
+    listed = await api.get("/apigw/v4/projects/proj%C3%A9/callbacks", headers=UID)
+    assert [c["id"] for c in listed.json()["data"]["records"]] == [stored]
+    one = f"/apigw/v4/projects/proj%C3%A9/callbacks/{stored}"
+    assert (await api.get(one, headers=UID)).status_code == 200
+    assert (await api.delete(one, headers=UID)).status_code == 200
+    assert (await api.get(one, headers=UID)).status_code == 404

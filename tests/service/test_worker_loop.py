@@ -9,11 +9,13 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
+import httpx
 import orjson
 import pytest
 from aiohttp import web
 from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
+from redis.exceptions import ResponseError
 
 from dispatcher.clock import now_ms
 from dispatcher.connections import connect
@@ -34,7 +36,16 @@ from dispatcher.settings import Settings
 from dispatcher.worker import create_worker
 from dispatcher.worker.claims import Claims
 from dispatcher.worker.writer import Writer
-from tests.helpers import Receiver, RunWorker, answer, command, make_settings
+from tests.helpers import (
+    UID,
+    Receiver,
+    RunWorker,
+    answer,
+    app_client,
+    command,
+    make_settings,
+    until,
+)
 
 keys = Keys()  # today's key names (one shard)
 
@@ -436,6 +447,62 @@ async def test_a_producer_says_redis_is_unreachable_after_its_wait() -> None:
     async with Producer(settings) as producer:
         with pytest.raises(Unavailable, match=r"Redis is unreachable .* same event ids is safe"):
             await producer.emit("demo", "BUILD_END", {}, event_id="evt_x")
+
+
+# Another client's script that spins for ARGV[1] ms (Redis' clock)
+SPIN = """
+local t = redis.call('TIME')
+local stop = t[1] * 1000 + t[2] / 1000 + tonumber(ARGV[1])
+repeat t = redis.call('TIME') until t[1] * 1000 + t[2] / 1000 >= stop
+return 1
+"""
+
+
+@pytest.mark.parametrize("wait", [5.0, 0.3])
+async def test_an_emit_waits_out_a_busy_redis_and_never_answers_500(
+    own_redis: EmbeddedRedis, wait: float
+) -> None:
+    """Another client's script past `lua-time-limit` (100 ms here) makes Redis answer BUSY
+    to every other command until it ends (~2 s): emits answered 500, reads too (review).
+    Emits made meanwhile wait it out, as they wait out an outage: queued when
+    DISPATCHER_EMIT_WAIT outlasts the script, else 503 / `Unavailable` saying that emitting
+    again is safe; a read answers 503."""
+    settings = make_settings(own_redis.url, emit_wait=wait)
+    redis, spinner, probe = connect(settings), Redis.from_url(own_redis.url), connect(settings)
+
+    async def busy() -> bool:
+        try:
+            await probe.ping()
+        except ResponseError as exc:
+            return str(exc).startswith("BUSY")
+        return False
+
+    try:
+        await redis.config_set("lua-time-limit", 100)
+        async with app_client(settings, redis) as api:
+            spinning = asyncio.create_task(spinner.eval(SPIN, 0, 2000))
+            await until(busy, 5, "Redis answers BUSY")
+            emits = (
+                api.post("/apigw/v4/projects/demo/events", json={"event": "BUILD_END",
+                         "eventId": "e-1"}, headers=UID),
+                Producer(settings, redis).emit("demo", "BUILD_END", {}, event_id="e-2"),
+                api.get("/apigw/v4/projects/demo/callbacks", headers=UID),
+            )  # fmt: skip
+            http, python, read = await asyncio.gather(*emits, return_exceptions=True)
+            await spinning
+        queued = await redis.exists(keys.arq_job("demo:e-1"), keys.arq_job("demo:e-2"))
+    finally:
+        await asyncio.gather(redis.aclose(), spinner.aclose(), probe.aclose())
+    assert isinstance(read, httpx.Response) and read.status_code == 503, read
+    assert isinstance(http, httpx.Response)
+    if wait > 2:
+        assert http.status_code == 200, http.text
+        assert (python, queued) == ("e-2", 2)
+    else:
+        assert http.status_code == 503, http.text
+        assert http.json()["data"] is None
+        assert http.json()["message"].endswith("Emitting again with the same event ids is safe.")
+        assert isinstance(python, Unavailable) and "BUSY" in python.message
 
 
 async def test_a_write_that_cannot_be_built_fails_alone(settings: Settings, redis: Redis) -> None:

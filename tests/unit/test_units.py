@@ -14,11 +14,19 @@ from typing import Any
 import orjson
 import pytest
 from redis.asyncio.connection import Connection
-from redis.exceptions import DataError
+from redis.exceptions import (
+    ClusterDownError,
+    DataError,
+    OutOfMemoryError,
+    ReadOnlyError,
+    ResponseError,
+    TryAgainError,
+)
 from standardwebhooks import Webhook
 
 from dispatcher import backoff, settings
 from dispatcher.backoff import next_delay, parse_retry_after
+from dispatcher.connections import transient_reply
 from dispatcher.delivery import Outcome, classify
 from dispatcher.failover import primary_connection_class
 from dispatcher.headers import request_headers, sign
@@ -129,3 +137,33 @@ def test_postgresql_history_keeps_each_record_whole() -> None:
     assert isinstance(raw, bytes)
     shipped = orjson.loads(raw)
     assert shipped["requestBody"] == "x" * 2_000 and "requestBodyOf" not in shipped
+
+
+PIPELINE = "Command # 1 (SET k -BUSY x) of pipeline caused error: "
+
+
+@pytest.mark.parametrize(
+    ("reply", "transient"),
+    [
+        (ResponseError("BUSY Redis is busy running a script. You can only call SCRIPT KILL"), True),
+        (ResponseError("MISCONF Redis is configured to save RDB snapshots, but it's …"), True),
+        (ResponseError("LOADING Redis is loading the dataset in memory"), True),
+        (ResponseError("NOREPLICAS Not enough good replicas to write."), True),
+        (ResponseError(PIPELINE + "('BUSY Redis is busy running a script.',)"), True),
+        (ResponseError("ERR Error running script (call to f_1): @user_script:1: -OOM …"), True),
+        (OutOfMemoryError("command not allowed when used memory > 'maxmemory'."), True),
+        (ReadOnlyError("You can't write against a read only replica."), True),
+        (TryAgainError("Multiple keys request during rehashing of slot"), True),  # type: ignore[no-untyped-call]
+        (ClusterDownError("The cluster is down"), True),  # type: ignore[no-untyped-call]
+        (ResponseError("BUSYKEY Target key name already exists."), False),
+        (ResponseError("WRONGTYPE Operation against a key holding the wrong kind of value"), False),
+        (ResponseError("ERR unknown command 'NOPE'"), False),
+        (ResponseError(PIPELINE + "('ERR syntax error',)"), False),  # its command is no reply
+        (ConnectionError("refused"), False),  # an outage, not a reply: `REDIS_ERRORS`
+    ],
+)
+def test_a_reply_that_means_not_now_is_told_from_one_that_means_never(
+    reply: Exception, transient: bool
+) -> None:
+    """The producers, the API and the worker's writes share this: what they wait out."""
+    assert transient_reply(reply) is transient
