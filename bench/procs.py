@@ -226,7 +226,9 @@ class ApiProcess:
         port = free_port()
         environ = {
             **os.environ, "DISPATCHER_REDIS_URL": redis_url, "DISPATCHER_API_HOST": "127.0.0.1",
-            "DISPATCHER_API_PORT": str(port), "DISPATCHER_LOG_LEVEL": "WARNING", **env,
+            "DISPATCHER_API_PORT": str(port), "DISPATCHER_LOG_LEVEL": "WARNING",
+            "DISPATCHER_EMIT_PROJECT_RATE": "0",  # the routes' speed, one project sending all
+            **env,
         }  # fmt: skip
         log = log_path.open("wb")
         process = await _spawn(["-m", "dispatcher", "api"], stderr=log, env=environ)

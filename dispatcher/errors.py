@@ -39,6 +39,7 @@ __all__ = [
     "NotFound",
     "NotReplicated",
     "PayloadTooLarge",
+    "TooManyRequests",
     "Unauthenticated",
     "Unavailable",
     "describe",
@@ -119,6 +120,17 @@ class PayloadTooLarge(DispatcherError):
     """A request body beyond the configured limit."""
 
     http_status = 413
+
+
+class TooManyRequests(DispatcherError):
+    """A project past its share of a rate (its emits' bytes); `retry_after`: the seconds
+    until the request would be taken."""
+
+    http_status = 429
+
+    def __init__(self, message: str, *, retry_after: float) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 class Unavailable(DispatcherError):

@@ -132,10 +132,12 @@ class Settings(BaseSettings):
         default=1000, ge=1, le=100_000, description="Most events in one batch emit request."
     )
     emit_batch_max_bytes: int = Field(
-        default=8 * 1024 * 1024,
-        ge=1024,
-        description="Largest body of the batch emit route (bytes).",
+        default=8 * 1024 * 1024, ge=1024, description="Largest body of the batch emit route."
     )
+    # what one project's HTTP emits may queue per API process: bytes a second (0: no limit),
+    # and at once (`api.pacing`)
+    emit_project_rate: int = Field(default=8 * 1024 * 1024, ge=0)
+    emit_project_burst: int = Field(default=64 * 1024 * 1024, ge=1024)
 
     max_callbacks_per_project: int = Field(
         default=10_000,
@@ -353,6 +355,12 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"proxy_enforced_regions names {', '.join(unproxied)}, which region_proxies "
                 "gives no proxy"
+            )
+        largest = max(self.api_max_body_bytes, self.emit_batch_max_bytes)
+        if self.emit_project_rate and self.emit_project_burst < largest:
+            raise ValueError(
+                f"emit_project_burst ({self.emit_project_burst}) must hold the largest body an "
+                f"emit route takes ({largest} bytes)"
             )
         if self.redis_min_replicas and self.redis_url is None:
             raise ValueError(

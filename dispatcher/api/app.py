@@ -24,6 +24,7 @@ from dispatcher.api import (
 )
 from dispatcher.api.errors import install_error_handlers
 from dispatcher.api.middleware import Limits, RequestId
+from dispatcher.api.pacing import EmitPace
 from dispatcher.shards.router import Router
 
 if TYPE_CHECKING:
@@ -44,6 +45,7 @@ def create_app(settings: Settings, redis: Redis | None = None) -> FastAPI:
         async with Router.open(settings, redis) as router:
             await router.upgrade()
             app.state.router = router
+            app.state.emit_pace = EmitPace.of(settings)
             yield
 
     app = FastAPIOffline(

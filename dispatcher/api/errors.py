@@ -5,6 +5,7 @@ unreachable, full or answering "not now", 500 a bug (never a stack trace)."""
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING, cast
 
 import structlog
@@ -16,7 +17,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from dispatcher.connections import redis_full, transient_reply
-from dispatcher.errors import DispatcherError
+from dispatcher.errors import DispatcherError, TooManyRequests
 
 if TYPE_CHECKING:
     from fastapi import FastAPI, Request
@@ -54,7 +55,10 @@ def validation_message(exc: RequestValidationError) -> str:
 # Starlette passes each handler the exception class it was registered for.
 async def _domain_error(request: Request, error: Exception) -> JSONResponse:
     exc = cast(DispatcherError, error)
-    return envelope(exc.http_status, exc.message)
+    response = envelope(exc.http_status, exc.message)
+    if isinstance(exc, TooManyRequests):
+        response.headers["Retry-After"] = str(math.ceil(exc.retry_after))
+    return response
 
 
 async def _http_error(request: Request, error: Exception) -> JSONResponse:

@@ -27,6 +27,7 @@ from pydantic_core import from_json
 from dispatcher import tracing
 from dispatcher.api.callbacks import V4
 from dispatcher.api.deps import Admin, ProjectPath, RouterDep, apigw
+from dispatcher.api.pacing import Paced
 from dispatcher.errors import DispatcherError, InvalidInput, PayloadTooLarge
 from dispatcher.models import (
     EmitBatchResult,
@@ -59,7 +60,12 @@ def answer(data: dict[str, Any], message: str | None = None) -> Response:
 
 
 async def emit_event(
-    request: Request, router: RouterDep, project_id: ProjectPath, uid: Admin, body: EmitRequest
+    request: Request,
+    router: RouterDep,
+    project_id: ProjectPath,
+    uid: Admin,
+    paced: Paced,
+    body: EmitRequest,
 ) -> Response:
     """Emit an event; returns at once with its id (delivery happens later). An `eventId`
     of your own makes the call idempotent while that event is queued: the same event again
@@ -73,7 +79,7 @@ async def emit_event(
 
 
 async def emit_batch(
-    request: Request, router: RouterDep, project_id: ProjectPath, uid: Admin
+    request: Request, router: RouterDep, project_id: ProjectPath, uid: Admin, paced: Paced
 ) -> Response:
     """Emit many events in one request, queued in one round trip: a JSON array of
     `{"event", "data", "eventId"?}`, or the same objects one a line with `Content-Type:

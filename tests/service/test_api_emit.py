@@ -16,11 +16,13 @@ import uvicorn
 from redis.asyncio import Redis
 
 from dispatcher.api.events import read_events
+from dispatcher.api.pacing import EmitPace
+from dispatcher.embedded import EmbeddedRedis
 from dispatcher.errors import InvalidInput, PayloadTooLarge
 from dispatcher.producer import Producer
 from dispatcher.serve import api_config
 from dispatcher.settings import Settings
-from tests.helpers import UID, Receiver, RunWorker, app_client, free_port, until
+from tests.helpers import UID, Receiver, RunWorker, app_client, free_port, make_settings, until
 
 EVENTS = "/apigw/v4/projects/demo/events"
 BATCH = f"{EVENTS}/batch"
@@ -379,3 +381,53 @@ async def test_an_h2c_upgrade_offer_is_ignored_as_the_jdk_client_sends_it(
     assert [status for status, _ in answers] == [200, 200], answers
     assert [body["data"]["accepted"] for _, body in answers] == [1, 1]
     assert await redis.zcard(settings.queue_name) == 2
+
+
+async def test_a_project_emitting_past_its_rate_is_refused_alone(
+    redis_server: EmbeddedRedis, redis: Redis
+) -> None:
+    """One project's HTTP emits may queue `DISPATCHER_EMIT_PROJECT_RATE` bytes a second
+    (in bursts): past it, each request is a 429 with Retry-After and nothing of it queued,
+    on both routes, while another project emits as usual. Nothing bounded them: a project
+    sending 1 MiB events faster than its receivers took them filled the Redis every project
+    shares in seconds, and the others' emits got 503s (review)."""
+    settings = make_settings(
+        redis_server.url,
+        api_max_body_bytes=16 * 1024,
+        emit_batch_max_bytes=32 * 1024,
+        emit_project_rate=1024,
+        emit_project_burst=32 * 1024,
+    )
+    event = {"event": "BUILD_END", "data": {"blob": "x" * 8000}}
+    async with app_client(settings, redis) as api:
+        answers = []
+        for _ in range(10):  # 32 KiB of burst: four such events, a fifth past it
+            answers.append(await api.post(EVENTS, json=event, headers=UID))
+            if answers[-1].status_code != 200:
+                break
+        refused = answers[-1]
+        assert refused.status_code == 429, [a.status_code for a in answers]
+        assert int(refused.headers["Retry-After"]) >= 1
+        body = refused.json()
+        assert body["status"] == 429 and body["data"] is None
+        assert "DISPATCHER_EMIT_PROJECT_RATE" in body["message"]
+        assert len(await queued_ids(redis, settings)) == len(answers) - 1
+        assert (await api.post(BATCH, json=[event], headers=UID)).status_code == 429
+        other = "/apigw/v4/projects/other/events"
+        assert (await api.post(other, json=event, headers=UID)).status_code == 200
+        assert (await api.post(f"{other}/batch", json=[event], headers=UID)).status_code == 200
+    queued = [j for j in await redis.zrange(settings.queue_name, 0, -1) if j.startswith(b"demo:")]
+    assert len(queued) == len(answers) - 1  # demo's: no more
+
+
+def test_a_projects_emit_bucket_refills_at_its_rate_and_forgets_the_least_recent() -> None:
+    """The bucket: a burst, then the rate; a refusal spends nothing and says how long to
+    wait; the projects seen least recently are forgotten past `most` (a full bucket again)."""
+    pace = EmitPace(rate=1000, burst=4000, most=2)
+    assert pace.take("a", 3000, now=0) == 0
+    assert pace.take("a", 2000, now=0) == pytest.approx(1.0)  # 1000 left, 1000 short
+    assert pace.take("a", 2000, now=1) == 0  # refilled 1000 in a second
+    assert pace.take("a", 100, now=1) == pytest.approx(0.1)
+    assert pace.take("b", 4000, now=1) == 0
+    assert pace.take("c", 4000, now=1) == 0  # three projects: a, seen least recently, goes
+    assert pace.take("a", 4000, now=1) == 0
