@@ -116,22 +116,27 @@ class Aside(NamedTuple):
     @classmethod
     def of_fields(cls, sid: StreamId, fields: dict[bytes, bytes], exc: BaseException) -> Aside:
         """An entry that is no record (no JSON, or no time): its record's JSON when it
-        has one, else its fields as a JSON object."""
-        if b"r" in fields:
-            return cls.of(sid, fields[b"r"], exc)
+        has one, else its fields as a JSON object; its record id and project from its
+        columns when it has them, else from the JSON."""
         shown = {k.decode(errors="replace"): v.decode(errors="replace") for k, v in fields.items()}
-        return cls.of(sid, orjson.dumps(shown), exc)
+        entry = fields[b"r"] if b"r" in fields else orjson.dumps(shown)
+        record_id, project_id = _whose(entry)
+        if "i" in shown:
+            record_id, project_id = shown["i"], shown.get("p")
+        return cls(sid, _text(repr(exc)), entry, _shown(record_id), _shown(project_id))
 
 
 def read_entries(raw: list[tuple[bytes, dict[bytes, bytes]]]) -> tuple[list[Entry], list[Aside]]:
-    """XREAD's entries as `Entry`s, and those to set aside as no record."""
+    """XREAD's entries as `Entry`s, and those to set aside as no record. Reading an entry
+    asks nothing of the database: whatever it raises is that entry's own (an exception
+    let through failed the batch at every try, and held every project's records back)."""
     entries, aside = [], []
     for raw_sid, fields in raw:
         try:
             doc, dead = fields[b"r"], fields.get(b"d") == b"1"
             at = int(fields[b"t"]) if b"t" in fields else parse_row(doc).created_ms
             row = _row(fields, at, dead, doc) if b"i" in fields else None
-        except (KeyError, TypeError, ValueError) as exc:  # JSONDecodeError is a ValueError
+        except Exception as exc:  # the entry's own, whatever it is
             aside.append(Aside.of_fields(sid_of(raw_sid), fields, exc))
             continue
         entries.append(Entry(sid_of(raw_sid), at, dead, doc, row))

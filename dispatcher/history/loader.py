@@ -92,6 +92,10 @@ SELECT p.pair_id, k.project_id, k.event, k.url
 """
 
 
+_JSON_KIND = {list: "an array", str: "a string", int: "a number", float: "a number",
+              bool: "a boolean", type(None): "null"}  # fmt: skip
+
+
 class Row(NamedTuple):
     """One record as stored."""
 
@@ -106,8 +110,11 @@ class Row(NamedTuple):
 
 def parse_row(raw: bytes, dead: bool | None = None) -> Row:
     """A stored record's JSON as a row; `dead` defaults to "final and FAILED". Raises
-    ValueError (or KeyError, TypeError) when it is not a record."""
+    ValueError (or KeyError, TypeError) when it is not a record: JSON that is no object
+    (null, a list, a string, a number) too."""
     rec = orjson.loads(raw)
+    if not isinstance(rec, dict):
+        raise ValueError(f"not a record: its JSON is no object ({_JSON_KIND[type(rec)]})")
     if dead is None:
         dead = bool(rec.get("final")) and rec.get("status") == "FAILED"
     pair = (str(rec["projectId"]), str(rec["events"]), str(rec["callBackUrl"]))

@@ -258,15 +258,18 @@ class Shipper:
     async def _one_by_one(self, batch: list[Entry], last: StreamId, aside: list[Aside]) -> int:
         """The batch again, each entry alone: its row (read from the JSON when the entry
         did not carry it) and its pair outside the transaction, then its insert under a
-        savepoint; an entry that fails alone is set aside."""
+        savepoint; an entry that is no record, or that fails alone, is set aside."""
         assert self.loader is not None
         aside, ready = list(aside), []
         for entry in batch:
-            row = entry.row
             try:
-                row = row or parse_row(entry.doc, entry.dead)
+                row = entry.row or parse_row(entry.doc, entry.dead)
+            except Exception as exc:  # reading asks nothing of the database
+                aside.append(Aside.of(entry.sid, entry.doc, exc))
+                continue
+            try:
                 await self.loader.prepare([row])
-            except (KeyError, TypeError, *ENTRY_ERRORS) as exc:
+            except ENTRY_ERRORS as exc:
                 aside.append(Aside.of(entry.sid, entry.doc, exc, row))
                 continue
             ready.append((entry.sid, row))

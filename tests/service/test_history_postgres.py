@@ -603,13 +603,24 @@ async def test_an_entry_that_is_no_record_does_not_stop_the_others(
     pg_settings: Settings, redis: Redis
 ) -> None:
     """Something else on the stream (a bug, a hand-made XADD): logged and set aside (in
-    `history_set_aside`, as it came); the records around it are stored."""
+    `history_set_aside`, as it came); the records around it are stored. JSON that is no
+    object (null, a list, a string, a number, in an older worker's entry or with columns
+    but no status) made the reading of the record raise AttributeError, which nothing
+    caught: the same batch was tried again for ever, every project's records waited, and
+    at the backlog limit the workers stopped claiming (review)."""
     now = now_ms()
     history = open_history(pg_settings, redis, keys)
     await history.add(record(now - 30, 1))
     await redis.xadd(keys.HISTORY_STREAM, {"r": b'{"id": 5, "createdTime": 1}', "t": str(now)})
     await redis.xadd(keys.HISTORY_STREAM, {"r": b"not json", "t": str(now)})
     await redis.xadd(keys.HISTORY_STREAM, {"x": b"no record field"})
+    no_object = [b"null", b"[]", b'"x"', b"5"]
+    for doc in no_object:  # an older worker's entry: the JSON only
+        await redis.xadd(keys.HISTORY_STREAM, {"r": doc, "d": b"0"})
+    no_status = {"r": "[1]", "d": "0", "t": str(now), "i": "6", "p": "p6", "e": "BUILD_END",
+                 "u": URL, "v": ""}  # fmt: skip
+    await redis.xadd(keys.HISTORY_STREAM, no_status)  # type: ignore[arg-type]
+    await redis.xadd(keys.HISTORY_STREAM, {"r": b"[]", "d": b"0", "t": str(now)})  # time only
     await history.add(record(now - 10, 2))
     assert await ship_all(pg_settings, redis) == 2
     page = await history.query("demo", URL, "BUILD_END", start_ms=now - 60_000, end_ms=now)
@@ -620,7 +631,11 @@ async def test_an_entry_that_is_no_record_does_not_stop_the_others(
         ("5", None, b'{"id": 5, "createdTime": 1}'),
         (None, None, b"not json"),
         (None, None, b'{"x":"no record field"}'),
+        *((None, None, doc) for doc in no_object),
+        ("6", "p6", b"[1]"),
+        (None, None, b"[]"),
     ]
+    assert all("not a record" in r[2] for r in kept[3:]), kept
 
 
 # 678 characters of four bytes (CJK Extension B, at random: nothing to compress): 2,731
