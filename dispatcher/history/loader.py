@@ -152,18 +152,25 @@ class Loader:
         await self.prepare_days(row.created_ms for row in rows)
         await self._temporary(_STAGING)
 
+    async def prepare_raw(self, created_ms: Iterable[int]) -> None:
+        """Outside the batch's transaction: the partitions of the records' days, the
+        tables of `insert_raw`."""
+        await self.prepare_days(created_ms)
+        await self._temporary(_RAW_TABLES)
+
     async def _temporary(self, sql: str) -> None:
+        """Outside a transaction: made inside one, a rollback would drop the tables this
+        connection counts as made (the next batch failed as if the schema were missing)."""
         if sql not in self._made:
             await self.conn.execute(sql)
             self._made.add(sql)
 
     async def insert_raw(self, records: list[tuple[bool, str]]) -> int:
-        """Inside the caller's transaction, after `prepare_days`: (dead, JSON) records
+        """Inside the caller's transaction, after `prepare_raw`: (dead, JSON) records
         stored as `insert` would; returns how many were new. Raises `asyncpg.DataError` or
         `asyncpg.IntegrityConstraintViolationError` when one of them is not a record."""
         if not records:
             return 0
-        await self._temporary(_RAW_TABLES)
         await self.conn.copy_records_to_table(
             "history_raw", records=records, columns=("dead", "doc")
         )

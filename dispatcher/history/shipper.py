@@ -249,7 +249,7 @@ class Shipper:
             if len(rows) == len(batch):  # the columns came with the entries: no JSON read
                 await self.loader.prepare(row for _, row in rows)
                 return await self._transaction(batch, last, parsed=rows, aside=aside)
-            await self.loader.prepare_days(entry.created_ms for entry in batch)
+            await self.loader.prepare_raw(entry.created_ms for entry in batch)
             return await self._transaction(batch, last, parsed=None, aside=aside)
         except ENTRY_ERRORS as exc:
             log.warning("history.ship_entry_by_entry", error=repr(exc), records=len(batch))

@@ -745,6 +745,36 @@ async def test_an_entry_postgresql_refuses_alone_is_set_aside_and_the_others_shi
     assert [r[0] for r in await set_aside(pg_settings.history_url)] == [str(nul["id"]), str(2**63)]
 
 
+async def test_a_batch_after_an_older_workers_entry_set_aside_is_shipped(
+    pg_settings: Settings, redis: Redis
+) -> None:
+    """Entries of older workers (the JSON only) go through temporary tables made on the
+    shipper's connection at their first batch. They were made inside that batch's
+    transaction but counted as made at once: a batch set aside in part rolled its first
+    try back, tables with it, and the next such batch failed as if the schema were missing,
+    until the shipper reconnected (review)."""
+    now = now_ms()
+    history = PostgresHistory(redis, pg_settings, keys)
+
+    async def older(rec: AttemptRecord) -> int:
+        await history.assign_ids([rec])
+        await redis.xadd(keys.HISTORY_STREAM, {"r": orjson.dumps(rec), "d": b"0"})
+        return int(rec["id"])
+
+    await older(record(now - 50, 1))
+    refused = await older(record(now - 40, 2, projectId="p\x002"))  # a NUL: refused
+    shipper = Shipper(redis, pg_settings, elect=False)
+    await shipper.open()
+    try:
+        assert await shipper.ship_once() == 1
+        assert [r[0] for r in await set_aside(pg_settings.history_url)] == [str(refused)]
+        await older(record(now - 30, 3))
+        assert await shipper.ship_once() == 1
+    finally:
+        await shipper.close()
+        await history.close()
+
+
 async def test_entries_of_older_workers_are_found_by_their_status(
     pg_settings: Settings, redis: Redis
 ) -> None:
