@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING
 import asyncpg
 import structlog
 
+from dispatcher.history.database import SchemaBehind
 from dispatcher.history.locate import LOCATE_FUNCTIONS
 
 if TYPE_CHECKING:
@@ -47,6 +48,7 @@ __all__ = [
     "drop_expired",
     "ensure_partitions",
     "partitions",
+    "require_latest",
     "schema_version",
     "upgrade",
 ]
@@ -266,6 +268,15 @@ async def schema_version(conn: Conn) -> int:
     if not await conn.fetchval("SELECT to_regclass('history_schema') IS NOT NULL"):
         return 0
     return int(await conn.fetchval("SELECT coalesce(max(version), 0) FROM history_schema"))
+
+
+async def require_latest(conn: Conn) -> None:
+    """Raise `SchemaBehind` (a 503 saying to run `dispatcher db upgrade`) when the schema
+    is older than this version's latest migration: its statements would fail one by one
+    (a column not there: a 500)."""
+    version, latest = await schema_version(conn), MIGRATIONS[-1][0]
+    if version < latest:
+        raise SchemaBehind(f"the history schema is version {version}, this version needs {latest}")
 
 
 def day_suffix(day: int) -> str:

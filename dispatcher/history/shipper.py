@@ -53,7 +53,7 @@ from dispatcher.history.entries import (
     sid_text,
 )
 from dispatcher.history.loader import Loader, Pair, Row, parse_row
-from dispatcher.history.schema import DAY_MS
+from dispatcher.history.schema import DAY_MS, require_latest
 from dispatcher.lua import Key, Script
 from dispatcher.shard import ID_SPAN, Shard
 from dispatcher.stopping import cancel_all
@@ -125,9 +125,11 @@ class Shipper:
     async def open(self) -> bool:
         """Connect (once), and (electing) take the lock; True when this shipper may ship.
         Reads the watermark, trims what an earlier shipper committed but did not trim, and
-        keeps Redis' id counter above every stored id."""
+        keeps Redis' id counter above every stored id. A schema older than this version
+        raises `SchemaBehind` (logged with the hint to upgrade)."""
         if self.conn is None:
             self.conn = await database.connect(self.settings)
+            await require_latest(self.conn)
         if self.elect and not await self.conn.fetchval(
             "SELECT pg_try_advisory_lock($1)", self.lock
         ):

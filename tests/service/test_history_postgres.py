@@ -41,6 +41,7 @@ from dispatcher.services import Services
 from dispatcher.settings import Settings
 from dispatcher.worker import create_worker
 from tests.helpers import (
+    UID,
     Receiver,
     RunWorker,
     answer,
@@ -506,6 +507,49 @@ async def test_an_unreachable_database_is_a_503_with_a_message(
             await services.history_page("demo", URL, "BUILD_END")
         with pytest.raises(Unavailable):
             await services.dead_letters("demo")
+
+
+async def test_a_schema_older_than_this_version_is_a_503_saying_to_upgrade(
+    fresh_db: str, redis_server: EmbeddedRedis, redis: Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """This version's code on a database at version 4 (`dispatcher db upgrade` not run):
+    reads looked pairs up by a column version 5 adds, and answered 500 with a stack trace
+    (UndefinedColumnError), the shipper failing the same way with no hint (review). The
+    version is checked once per pool and at each shipper's start: a history page is a 503
+    naming `dispatcher db upgrade`, and the shipper's failure says so too."""
+    monkeypatch.setattr(schema, "MIGRATIONS", schema.MIGRATIONS[:4])
+    conn = await asyncpg.connect(fresh_db)
+    try:
+        assert await upgrade(conn) == [1, 2, 3, 4]
+    finally:
+        await conn.close()
+    monkeypatch.undo()
+    settings = make_settings(redis_server.url, history_url=fresh_db)
+    async with app_client(settings, redis) as api:
+        page = await api.get(
+            "/ms/openapi/api/apigw/v3/projects/demo/callbacks/history",
+            params={"url": URL, "event": "BUILD_END"},
+            headers=UID,
+        )
+    assert page.status_code == 503, page.text
+    assert "version 4" in page.text and "`dispatcher db upgrade`" in page.text
+    history = open_history(settings, redis, keys)
+    await history.add(record(now_ms() - 10, 1))
+    await history.close()
+    stop = asyncio.Event()
+    shipper = Shipper(redis, settings, elect=False, stop=stop)
+    with capture_logs() as logs:
+        running = asyncio.create_task(shipper.run(drain_on_stop=False))
+
+        async def failed() -> bool:
+            return any(e["event"] == "history.ship_failed" for e in logs)
+
+        await until(failed, 10, "the shipper failed")
+        stop.set()
+        await running
+    said = next(e for e in logs if e["event"] == "history.ship_failed")
+    assert said["hint"] == "run `dispatcher db upgrade`" and "version 4" in said["error"], said
+    assert await redis.xlen(keys.HISTORY_STREAM) == 1  # waits for the upgrade
 
 
 async def test_past_the_backlog_limit_workers_wait_and_nothing_is_lost(
