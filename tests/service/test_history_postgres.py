@@ -9,6 +9,7 @@ import asyncio
 import random
 import uuid
 from collections.abc import AsyncIterator
+from hashlib import md5
 from typing import Any
 
 import asyncpg
@@ -23,7 +24,7 @@ from dispatcher.cli import app
 from dispatcher.clock import now_ms
 from dispatcher.embedded import FAST, EmbeddedPostgres, EmbeddedRedis
 from dispatcher.errors import Unavailable
-from dispatcher.history import open_history, schema
+from dispatcher.history import online, open_history, schema
 from dispatcher.history.entries import read_entries
 from dispatcher.history.loader import Loader, parse_row
 from dispatcher.history.postgres import PostgresHistory
@@ -180,7 +181,7 @@ async def test_version_4_builds_each_day_partitions_index_and_goes_on_after_a_cr
         assert not await conn.fetchval(valid, "history_attempts_project_failed")
 
         assert await upgrade(conn) == [4, 5, 6]
-        assert await conn.fetch(schema.UNINDEXED_SQL) == []
+        assert await conn.fetch(online.UNINDEXED_SQL) == []
         assert await conn.fetchval(valid, "history_attempts_project_failed")
         for day in (failed_day, stopped_day, other_day):
             made = await conn.fetchval("SELECT indexdef FROM pg_indexes WHERE indexname = $1",
@@ -191,7 +192,7 @@ async def test_version_4_builds_each_day_partitions_index_and_goes_on_after_a_cr
             == finished
         )  # attached as it was, not built again
         await ensure_partitions(conn, now + 2 * DAY_MS, now + 2 * DAY_MS)
-        assert await conn.fetch(schema.UNINDEXED_SQL) == []  # a day made after: its own
+        assert await conn.fetch(online.UNINDEXED_SQL) == []  # a day made after: its own
         assert await upgrade(conn) == []
         # again from three sessions at once, the others waiting for the lock while one
         # builds: a session waiting inside a statement held a snapshot that CONCURRENTLY
@@ -205,7 +206,7 @@ async def test_version_4_builds_each_day_partitions_index_and_goes_on_after_a_cr
             for session in sessions:
                 await session.close()
         assert sorted(results) == [[], [], [4]]
-        assert await conn.fetch(schema.UNINDEXED_SQL) == []
+        assert await conn.fetch(online.UNINDEXED_SQL) == []
     finally:
         await conn.close()
 
@@ -253,6 +254,157 @@ async def test_version_5_finds_the_pairs_stored_before_it_by_their_urls_hash(
         assert await conn.fetchval("SELECT count(*) FROM history_pairs") == 1
     finally:
         await conn.close()
+
+
+async def at_version_4(url: str, pairs: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The database at `url` at version 4, holding `pairs` pairs (as version 4 stored them:
+    500 projects, URLs of ~90 characters)."""
+    monkeypatch.setattr(schema, "MIGRATIONS", schema.MIGRATIONS[:4])
+    conn = await asyncpg.connect(url)
+    try:
+        assert await upgrade(conn) == [1, 2, 3, 4]
+        await conn.execute(
+            "INSERT INTO history_pairs (project_id, event, url)"
+            " SELECT 'p' || (g % 500), 'BUILD_END', 'https://hooks.example-' || (g % 500)"
+            "  || '.com/callbacks/' || md5(g::text) || '?tenant=' || g"
+            f" FROM generate_series(1, {pairs}) g"
+        )
+        await conn.execute("VACUUM ANALYZE history_pairs")
+    finally:
+        await conn.close()
+    monkeypatch.undo()
+
+
+PAIRS_SHAPE = """
+SELECT 'index', c.relname, x.indisvalid, pg_get_indexdef(c.oid)
+  FROM pg_index x JOIN pg_class c ON c.oid = x.indexrelid
+ WHERE x.indrelid = 'history_pairs'::regclass
+UNION ALL
+SELECT 'constraint', conname, convalidated, pg_get_constraintdef(oid)
+  FROM pg_constraint WHERE conrelid = 'history_pairs'::regclass
+UNION ALL
+SELECT 'column', attname, attnotnull, format_type(atttypid, atttypmod)
+  FROM pg_attribute WHERE attrelid = 'history_pairs'::regclass AND attnum > 0
+UNION ALL
+SELECT 'trigger', tgname, tgenabled = 'O', pg_get_triggerdef(oid)
+  FROM pg_trigger WHERE tgrelid = 'history_pairs'::regclass
+ ORDER BY 1, 2
+"""
+
+
+async def test_version_5_never_holds_pair_lookups_or_inserts_for_long(
+    fresh_db: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Version 5 hashed every pair in one transaction (ALTER TABLE, an UPDATE of every
+    row, SET NOT NULL, a unique constraint and an index, none concurrent): the table was
+    locked throughout, and a lookup of a pair waited 21 s on 1,000,000 pairs (tmpfs; every
+    history read a 503 meanwhile), an hour's statement cap away from rolled back and
+    started again at every start (review). It runs as version 4 does, step by step: the
+    locks it takes are held for catalog changes only, the rows hashed in committed batches,
+    the indexes built CONCURRENTLY. On 200,000 pairs (the old migration held the table
+    ~4 s here), an older version's lookups by URL and its inserts of new pairs go on
+    throughout; each may take 2 s, a bound no lookup of an indexed pair reaches unless
+    held by a lock (far above a loaded machine's jitter, far below the old hold)."""
+    await at_version_4(fresh_db, 200_000, monkeypatch)
+    reader = await asyncpg.connect(fresh_db, server_settings={"statement_timeout": "2000"})
+    migrating = await asyncpg.connect(fresh_db)
+    done = asyncio.Event()
+    lookups = 0
+
+    async def look_up() -> None:
+        nonlocal lookups
+        while not done.is_set():
+            n, g = lookups, lookups * 7 % 200_000 + 1  # one of those stored before
+            url = (
+                f"https://hooks.example-{g % 500}.com/callbacks/{md5(str(g).encode()).hexdigest()}"
+            )
+            assert await reader.fetchval(
+                "SELECT pair_id FROM history_pairs WHERE project_id = $1 AND event = $2"
+                " AND url = $3", f"p{g % 500}", "BUILD_END", f"{url}?tenant={g}",
+            ) is not None  # fmt: skip
+            await reader.execute(  # a pair an older worker's shipper adds meanwhile
+                "INSERT INTO history_pairs (project_id, event, url) VALUES ($1, 'BUILD_END', $2)"
+                " ON CONFLICT DO NOTHING", "new", f"http://new/{n}",
+            )  # fmt: skip
+            lookups += 1
+            await asyncio.sleep(0.01)
+
+    try:
+        looking = asyncio.create_task(look_up())
+        await asyncio.sleep(0.2)
+        try:
+            assert await upgrade(migrating) == [v for v, _ in schema.MIGRATIONS[4:]]
+        finally:
+            done.set()
+            await looking  # a lookup held past 2 s raises QueryCanceledError here
+        assert lookups > 10
+        assert await migrating.fetchval(
+            "SELECT count(*) FROM history_pairs WHERE url_hash = history_url_hash(url)"
+        ) == 200_000 + lookups  # fmt: skip
+    finally:
+        await reader.close()
+        await migrating.close()
+
+
+async def test_version_5_run_again_after_a_crash_ends_as_a_fresh_build(
+    fresh_db: str, pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Version 5 stopped after its first step (the hash column, its function and trigger)
+    and with what index builds a crash stopped leave (invalid indexes of its indexes'
+    names, one of them not its definition): an older version's insert meanwhile is hashed
+    by the trigger, and run again, it ends at the latest version with every index and
+    constraint valid, `history_pairs` as a database built fresh has it (and as version 5
+    in one transaction left it: unique by the hash, the URL unindexed)."""
+    await at_version_4(fresh_db, 1000, monkeypatch)
+    conn = await asyncpg.connect(fresh_db)
+    try:
+
+        async def killed(_: object) -> None:
+            raise RuntimeError("killed")
+
+        monkeypatch.setattr(online, "_backfill", killed)
+        with pytest.raises(RuntimeError, match="killed"):
+            await upgrade(conn)
+        monkeypatch.undo()
+        assert await schema.schema_version(conn) == 4
+        await conn.execute(  # an older version's shipper, meanwhile
+            "INSERT INTO history_pairs (project_id, event, url) VALUES ('p1', 'BUILD_END', 'x')"
+        )
+        with pytest.raises(asyncpg.UniqueViolationError):  # a build that failed half-way
+            await conn.execute(
+                "CREATE UNIQUE INDEX CONCURRENTLY history_pairs_url_hash_key"
+                " ON history_pairs (event)"
+            )
+        await conn.execute(  # a build killed before its end: invalid, as it would be
+            "CREATE INDEX history_pairs_url_hash ON history_pairs (project_id, url_hash)"
+        )
+        await conn.execute(
+            "UPDATE pg_index SET indisvalid = false"
+            " WHERE indexrelid = 'history_pairs_url_hash'::regclass"
+        )
+        assert await upgrade(conn) == [v for v, _ in schema.MIGRATIONS[4:]]
+        shape = [tuple(r) for r in await conn.fetch(PAIRS_SHAPE)]
+        assert await conn.fetchval(
+            "SELECT count(*) FROM history_pairs WHERE url_hash = history_url_hash(url)"
+        ) == 1001  # fmt: skip
+    finally:
+        await conn.close()
+    fresh = await asyncpg.connect(pg_url)  # the session's database: built fresh
+    try:
+        assert shape == [tuple(r) for r in await fresh.fetch(PAIRS_SHAPE)]
+    finally:
+        await fresh.close()
+    assert all(valid for kind, _, valid, _ in shape if kind != "trigger")
+    named = [(kind, name) for kind, name, _, _ in shape if kind != "column"]
+    assert [n for n in named if not n[1].endswith("_not_null")] == [  # PostgreSQL 18's too
+        ("constraint", "history_pairs_pkey"),
+        ("constraint", "history_pairs_url_hash_key"),
+        ("index", "history_pairs_pkey"),
+        ("index", "history_pairs_url_hash"),
+        ("index", "history_pairs_url_hash_key"),
+        ("trigger", "history_pairs_hashed"),
+    ]
+    assert ("column", "url_hash", True, "bytea") in shape  # NOT NULL
 
 
 def test_db_upgrade_command_twice(
