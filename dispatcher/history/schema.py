@@ -18,7 +18,8 @@ Tables
                        bucket_ms, written in the shipper's transaction with the rows
     history_shipped    the shipper's watermark: the last stream id committed
     history_set_aside  stream entries the shipper could not store, with why (version 6;
-                       `entries.py`), kept for the retention
+                       `entries.py`), kept for the retention; each entry's fields as the
+                       worker wrote them since version 7 (to ship one again)
 
 Retention drops whole day partitions (`drop_expired`), never DELETEs records (only the
 rare set-aside entries are deleted, by their time). Both DDL statements
@@ -130,11 +131,17 @@ CREATE TABLE history_set_aside (
 """
 
 
+# The entry's fields as the worker wrote them (a JSON object, in their order), beside the
+# record's JSON: what is appended to the stream again to ship it. NULL
+# for what was set aside before.
+_SET_ASIDE_FIELDS = "ALTER TABLE history_set_aside ADD COLUMN fields bytea"
+
+
 # A step is SQL run in one transaction with its version row, or (when it must not hold its
 # locks that long) a function run outside one, which must be safe to run again.
 MIGRATIONS: list[tuple[int, str | Callable[[Conn], Awaitable[None]]]] = [
     (1, _TABLES), (2, LOCATE_FUNCTIONS), (3, _FAILED), (4, project_failed), (5, url_hash),
-    (6, _SET_ASIDE),
+    (6, _SET_ASIDE), (7, _SET_ASIDE_FIELDS),
 ]  # fmt: skip
 
 

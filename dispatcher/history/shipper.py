@@ -246,7 +246,7 @@ class Shipper:
         stored again entry by entry."""
         assert self.loader is not None
         aside = aside or []
-        rows = [(entry.sid, entry.row) for entry in batch if entry.row is not None]
+        rows = [(entry, entry.row) for entry in batch if entry.row is not None]
         try:
             if len(rows) == len(batch):  # the columns came with the entries: no JSON read
                 await self.loader.prepare(row for _, row in rows)
@@ -267,14 +267,14 @@ class Shipper:
             try:
                 row = entry.row or parse_row(entry.doc, entry.dead)
             except Exception as exc:  # reading asks nothing of the database
-                aside.append(Aside.of(entry.sid, entry.doc, exc))
+                aside.append(Aside.of(entry, exc))
                 continue
             try:
                 await self.loader.prepare([row])
             except ENTRY_ERRORS as exc:
-                aside.append(Aside.of(entry.sid, entry.doc, exc, row))
+                aside.append(Aside.of(entry, exc, row))
                 continue
-            ready.append((entry.sid, row))
+            ready.append((entry, row))
         return await self._transaction(batch, last, parsed=ready, aside=aside, alone=True)
 
     async def _transaction(
@@ -282,7 +282,7 @@ class Shipper:
         batch: list[Entry],
         last: StreamId,
         *,
-        parsed: list[tuple[StreamId, Row]] | None,
+        parsed: list[tuple[Entry, Row]] | None,
         aside: list[Aside],
         alone: bool = False,
     ) -> int:
@@ -300,9 +300,9 @@ class Shipper:
                 records = [(e.dead, e.doc.decode()) for e in batch if e.sid > done]
                 stored = await self.loader.insert_raw(records)
             elif alone:
-                stored = await self._each([(s, row) for s, row in parsed if s > done], aside)
+                stored = await self._each([(e, row) for e, row in parsed if e.sid > done], aside)
             else:
-                stored = await self.loader.insert([row for sid, row in parsed if sid > done])
+                stored = await self.loader.insert([row for e, row in parsed if e.sid > done])
             kept = await set_aside(self.conn, self.name, [a for a in aside if a.sid > done])
             if last > done:
                 await self.conn.execute(
@@ -316,17 +316,17 @@ class Shipper:
         report(self.name, kept)
         return stored
 
-    async def _each(self, rows: list[tuple[StreamId, Row]], aside: list[Aside]) -> int:
+    async def _each(self, rows: list[tuple[Entry, Row]], aside: list[Aside]) -> int:
         """Inside the transaction: each row under a savepoint of its own; one refused is
         undone alone and added to `aside`. Returns how many were new."""
         assert self.conn is not None and self.loader is not None
         stored = 0
-        for sid, row in rows:
+        for entry, row in rows:
             try:
                 async with self.conn.transaction():
                     stored += await self.loader.insert_one(row)
             except ENTRY_ERRORS as exc:
-                aside.append(Aside.of(sid, row.doc.encode(), exc, row))
+                aside.append(Aside.of(entry, exc, row))
         return stored
 
     async def drain(self, *, now_ms: int | None = None) -> int:

@@ -107,7 +107,7 @@ async def catalog(conn: asyncpg.Connection) -> list[Any]:
 async def test_migrations_run_twice_are_a_no_op(fresh_db: str, pg_server: EmbeddedPostgres) -> None:
     conn = await asyncpg.connect(fresh_db)
     try:
-        assert await upgrade(conn) == [1, 2, 3, 4, 5, 6]
+        assert await upgrade(conn) == [1, 2, 3, 4, 5, 6, 7]
         before = await catalog(conn)
         assert await upgrade(conn) == []
         assert await catalog(conn) == before
@@ -119,7 +119,7 @@ async def test_migrations_run_twice_are_a_no_op(fresh_db: str, pg_server: Embedd
                            " history_pairs_hashed")  # fmt: skip
         sessions = [await asyncpg.connect(fresh_db) for _ in range(3)]
         results = await asyncio.gather(*(upgrade(s) for s in sessions))
-        assert sorted(results) == [[], [], [1, 2, 3, 4, 5, 6]]
+        assert sorted(results) == [[], [], [1, 2, 3, 4, 5, 6, 7]]
         assert await catalog(conn) == before
         for session in sessions:
             await session.close()
@@ -180,7 +180,7 @@ async def test_version_4_builds_each_day_partitions_index_and_goes_on_after_a_cr
         assert not await conn.fetchval(valid, f"{failed_day}_project_failed")
         assert not await conn.fetchval(valid, "history_attempts_project_failed")
 
-        assert await upgrade(conn) == [4, 5, 6]
+        assert await upgrade(conn) == [4, 5, 6, 7]
         assert await conn.fetch(online.UNINDEXED_SQL) == []
         assert await conn.fetchval(valid, "history_attempts_project_failed")
         for day in (failed_day, stopped_day, other_day):
@@ -239,7 +239,7 @@ async def test_version_5_finds_the_pairs_stored_before_it_by_their_urls_hash(
             pair, now - 20,
         )  # fmt: skip
         monkeypatch.undo()
-        assert await upgrade(conn) == [5, 6]
+        assert await upgrade(conn) == [5, 6, 7]
         settings = make_settings(redis_server.url, history_url=fresh_db)
         history = open_history(settings, redis, keys)
         after = await history.add(record(now - 10, 8))
@@ -413,9 +413,11 @@ def test_db_upgrade_command_twice(
     monkeypatch.setenv("DISPATCHER_REDIS_URL", redis_server.url)
     monkeypatch.setenv("DISPATCHER_HISTORY_URL", fresh_db)
     first = CliRunner().invoke(app, ["db", "upgrade"])
-    assert first.exit_code == 0 and "applied migrations 1, 2, 3, 4, 5, 6: version 6" in first.output
+    assert (
+        first.exit_code == 0 and "applied migrations 1, 2, 3, 4, 5, 6, 7: version 7" in first.output
+    )
     second = CliRunner().invoke(app, ["db", "upgrade"])
-    assert second.exit_code == 0 and "up to date: version 6" in second.output
+    assert second.exit_code == 0 and "up to date: version 7" in second.output
 
 
 async def test_retention_drops_a_days_partition_and_nothing_newer(
@@ -818,11 +820,13 @@ async def test_an_entry_that_is_no_record_does_not_stop_the_others(
     await redis.xadd(keys.HISTORY_STREAM, no_status)  # type: ignore[arg-type]
     await redis.xadd(keys.HISTORY_STREAM, {"r": b"[]", "d": b"0", "t": str(now)})  # time only
     await history.add(record(now - 10, 2))
+    wrote = await written(redis)
     assert await ship_all(pg_settings, redis) == 2
     page = await history.query("demo", URL, "BUILD_END", start_ms=now - 60_000, end_ms=now)
     await history.close()
     assert page.count == 2 and await redis.xlen(keys.HISTORY_STREAM) == 0
     kept = await set_aside(pg_settings.history_url)
+    assert [r[4] for r in kept] == wrote[1:-1]  # each entry's fields, as they came
     assert [(r[0], r[1], r[3]) for r in kept] == [
         ("5", None, b'{"id": 5, "createdTime": 1}'),
         (None, None, b"not json"),
@@ -877,16 +881,26 @@ async def test_a_url_past_a_btree_entry_stops_no_ones_shipping_and_is_found(
 
 
 async def set_aside(url: str | None) -> list[tuple[Any, ...]]:
-    """(record id, project, error) of each entry the shipper set aside, in stream order."""
+    """(record id, project, error, record JSON, the entry's fields) of each entry the
+    shipper set aside, in stream order."""
     conn = await asyncpg.connect(url or "")
     try:
         rows = await conn.fetch(
-            "SELECT record_id, project_id, error, entry FROM history_set_aside"
+            "SELECT record_id, project_id, error, entry, fields FROM history_set_aside"
             " ORDER BY split_part(stream_id, '-', 1)::bigint, split_part(stream_id, '-', 2)::bigint"
         )
     finally:
         await conn.close()
-    return [(r["record_id"], r["project_id"], r["error"], bytes(r["entry"])) for r in rows]
+    return [
+        (r["record_id"], r["project_id"], r["error"], bytes(r["entry"]), orjson.loads(r["fields"]))
+        for r in rows
+    ]
+
+
+async def written(redis: Redis) -> list[dict[str, str]]:
+    """The fields of each entry of the stream, as the workers wrote them."""
+    entries = await redis.xrange(keys.HISTORY_STREAM)
+    return [{k.decode(): v.decode() for k, v in fields.items()} for _, fields in entries]
 
 
 async def test_an_entry_postgresql_refuses_alone_is_set_aside_and_the_others_shipped(
@@ -911,6 +925,7 @@ async def test_an_entry_postgresql_refuses_alone_is_set_aside_and_the_others_shi
     past_bigint = {**record(now - 20, 4, projectId="p3"), "id": 2**63}
     await redis.xadd(keys.HISTORY_STREAM, stream_fields(past_bigint, False))  # type: ignore[arg-type]
     last = await history.add(record(now - 10, 5))
+    wrote = await written(redis)
     before = REGISTRY.get_sample_value("dispatcher_history_set_aside_total") or 0
     try:
         with capture_logs() as logs:
@@ -925,7 +940,8 @@ async def test_an_entry_postgresql_refuses_alone_is_set_aside_and_the_others_shi
         (str(too_long), "p1"), (str(nul["id"]), "p\ufffd2"), (str(2**63), "p3")
     ]  # fmt: skip
     assert "index row size" in kept[0][2] and long_delivery.encode() in kept[0][3]
-    assert kept[1][3] == orjson.dumps(nul)  # the entry as the worker wrote it
+    assert kept[1][3] == orjson.dumps(nul)  # the record's JSON as the worker wrote it
+    assert [r[4] for r in kept] == wrote[1:4]  # and the whole entry, every field
     said = [e for e in logs if e["event"] == "history.ship_set_aside"]
     assert [(e["project_id"], e["record_id"]) for e in said] == [(r[1], r[0]) for r in kept]
     assert REGISTRY.get_sample_value("dispatcher_history_set_aside_total") == before + 3
