@@ -892,9 +892,12 @@ async def set_aside(url: str | None) -> list[tuple[Any, ...]]:
     finally:
         await conn.close()
     return [
-        (r["record_id"], r["project_id"], r["error"], bytes(r["entry"]), orjson.loads(r["fields"]))
+        (
+            r["record_id"], r["project_id"], r["error"], bytes(r["entry"]),
+            None if r["fields"] is None else orjson.loads(r["fields"]),
+        )
         for r in rows
-    ]
+    ]  # fmt: skip
 
 
 async def written(redis: Redis) -> list[dict[str, str]]:
@@ -985,6 +988,70 @@ async def test_a_batch_after_an_older_workers_entry_set_aside_is_shipped(
     finally:
         await shipper.close()
         await history.close()
+
+
+def test_an_entry_set_aside_is_listed_and_shipped_again_once_fixed(
+    fresh_db: str, redis_server: EmbeddedRedis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What was set aside was easy to miss, and nothing said how to ship it once its cause
+    was fixed (review). `dispatcher history set-aside list` shows each entry (here refused
+    by a rule an operator added by mistake) with why; once the rule is gone, `retry`
+    appends its fields to the stream again as the worker wrote them, its dead-letter flag
+    with them, and the shipper stores it. A row set aside before version 7 (the record's
+    JSON only) is listed as such and left."""
+    settings = make_settings(redis_server.url, history_url=fresh_db)
+    now = now_ms()
+
+    async def on_db(sql: str, *args: Any) -> None:
+        conn = await asyncpg.connect(fresh_db)
+        try:
+            await upgrade(conn)
+            await conn.execute(sql, *args)
+        finally:
+            await conn.close()
+
+    async def seed() -> int:
+        await on_db("ALTER TABLE history_attempts ADD CONSTRAINT no_p9 CHECK (project_id <> 'p9')")
+        await on_db(
+            "INSERT INTO history_set_aside (stream, stream_id, error, entry)"
+            " VALUES ($1, '1-0', 'an older refusal', '{}')",
+            keys.HISTORY_STREAM,
+        )
+        redis = Redis.from_url(redis_server.url)
+        await redis.flushdb()
+        history = PostgresHistory(redis, settings, keys)
+        dead = record(now - 10, 1, projectId="p9", status="FAILED", final=True)
+        refused = await history.add(dead, dead=True)
+        await history.add(record(now - 5, 2))
+        assert await ship_all(settings, redis) == 1
+        await history.close()
+        await redis.aclose()
+        return refused
+
+    async def shipped() -> list[int]:
+        redis = Redis.from_url(redis_server.url)
+        history = PostgresHistory(redis, settings, keys)
+        try:
+            assert await ship_all(settings, redis) == 1
+            return [r.id for r in await history.dead("p9")]
+        finally:
+            await history.close()
+            await redis.aclose()
+
+    refused = asyncio.run(seed())
+    monkeypatch.setenv("DISPATCHER_REDIS_URL", redis_server.url)
+    monkeypatch.setenv("DISPATCHER_HISTORY_URL", fresh_db)
+    listed = CliRunner().invoke(app, ["history", "set-aside", "list"])
+    assert listed.exit_code == 0, listed.output
+    assert str(refused) in listed.output and '"no_p9"' in listed.output
+    assert "an older refusal (before version 7" in listed.output and "2 entries" in listed.output
+    assert CliRunner().invoke(app, ["history", "set-aside", "retry"]).exit_code == 2
+    asyncio.run(on_db("ALTER TABLE history_attempts DROP CONSTRAINT no_p9"))  # the fix
+    again = CliRunner().invoke(app, ["history", "set-aside", "retry", "--all"])
+    assert again.exit_code == 0 and "1 entries" in again.output, again.output
+    assert asyncio.run(shipped()) == [refused]
+    left = asyncio.run(set_aside(fresh_db))
+    assert [(r[2], r[4]) for r in left] == [("an older refusal", None)]
 
 
 async def test_entries_of_older_workers_are_found_by_their_status(
