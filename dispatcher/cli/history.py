@@ -1,5 +1,5 @@
-"""`history` (the seed query, and its `ship` and `migrate` commands) and `db` (the
-PostgreSQL history's schema)."""
+"""`history` (the seed query, and its `ship`, `migrate` and `set-aside` commands) and `db`
+(the PostgreSQL history's schema)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import signal
 from typing import Annotated
 
 import typer
+from rich.table import Table
 
 from dispatcher.cli.common import (
     console,
@@ -20,7 +21,7 @@ from dispatcher.cli.common import (
     tagged,
     with_redis_url,
 )
-from dispatcher.history import database
+from dispatcher.history import database, set_aside
 from dispatcher.history.migrate import migrate
 from dispatcher.history.schema import MIGRATIONS, schema_version, upgrade
 from dispatcher.history.shipper import Shipper
@@ -35,6 +36,11 @@ history_app = typer.Typer(
     invoke_without_command=True,
 )
 db_app = typer.Typer(help="The PostgreSQL history's schema.", no_args_is_help=True)
+set_aside_app = typer.Typer(
+    help="PostgreSQL history: stream entries the shipper could not store (history_set_aside).",
+    no_args_is_help=True,
+)
+history_app.add_typer(set_aside_app, name="set-aside")
 
 
 @history_app.callback()
@@ -139,6 +145,67 @@ def migrate_command() -> None:
 
     read, stored = run_async(go)
     console.print(f"copied {stored} records ({read - stored} were there already)")
+
+
+@set_aside_app.command("list")
+def set_aside_list(
+    project: Annotated[str | None, typer.Option(help="Project id")] = None,
+    limit: Annotated[int, typer.Option(help="At most this many, oldest first")] = 100,
+) -> None:
+    """The entries set aside, oldest first, with why."""
+    settings = _postgres_settings()
+
+    async def go() -> list[set_aside.SetAside]:
+        with database.unavailable():
+            conn = await database.connect(settings)
+            try:
+                return await set_aside.listed(conn, project, limit)
+            finally:
+                await conn.close()
+
+    rows = run_async(go)
+    table = Table("stream id", "record", "project", "set aside", "error")
+    for row in rows:
+        kept = "" if row.whole else " (before version 7: the record's JSON only, not retried)"
+        table.add_row(
+            row.stream_id, row.record_id or "", row.project_id or "",
+            row.set_aside_at.isoformat(timespec="seconds"), row.error + kept,
+        )  # fmt: skip
+    console.print(table)
+    console.print(f"{len(rows)} entries")
+
+
+@set_aside_app.command("retry")
+def set_aside_retry(
+    stream_ids: Annotated[list[str] | None, typer.Argument(help="Stream ids (from `list`)")] = None,
+    every: Annotated[bool, typer.Option("--all", help="Every entry set aside")] = False,
+) -> None:
+    """Ship entries set aside again, once what refused them is fixed: their fields are
+    appended to their stream as the worker wrote them (refused again: set aside again)."""
+    if not stream_ids and not every:
+        err.print("give the stream ids of the entries (see `list`), or --all")
+        raise typer.Exit(2)
+    settings = _postgres_settings()
+
+    async def go() -> list[str]:
+        shards = shards_of(settings)
+        clients = connect_shards(settings, shards)
+        streams = {
+            shard.stream_name: (client, shard.keys.HISTORY_STREAM)
+            for shard, client in zip(shards, clients, strict=True)
+        }
+        try:
+            with database.unavailable():
+                conn = await database.connect(settings)
+                try:
+                    return await set_aside.retry(conn, streams, None if every else stream_ids)
+                finally:
+                    await conn.close()
+        finally:
+            await close_all(clients)
+
+    again = run_async(go)
+    console.print(f"appended {len(again)} entries to the history stream again: shipped next")
 
 
 def upgrade_schema(settings: Settings) -> tuple[list[int], int]:

@@ -18,7 +18,15 @@ from dispatcher.settings import EMBEDDED
 if TYPE_CHECKING:
     from dispatcher.settings import Settings
 
-__all__ = ["OUTAGE", "SCHEMA_MISSING", "Conn", "connect", "create_pool", "unavailable"]
+__all__ = [
+    "OUTAGE",
+    "SCHEMA_MISSING",
+    "Conn",
+    "SchemaBehind",
+    "connect",
+    "create_pool",
+    "unavailable",
+]
 
 # A connection of its own, or one lent by a pool.
 Conn: TypeAlias = asyncpg.Connection | PoolConnectionProxy
@@ -32,9 +40,20 @@ OUTAGE: tuple[type[BaseException], ...] = (
     asyncpg.PostgresConnectionError,
     asyncpg.OperatorInterventionError,
 )
+
+
+class SchemaBehind(Exception):
+    """The history database's schema is older than this version's code needs (checked
+    once per pool and at each shipper's start: `schema.require_latest`)."""
+
+
+# A schema older than the code: found by the version check, or by a statement that names
+# what a later migration adds (a table, a function, a column).
 SCHEMA_MISSING: tuple[type[BaseException], ...] = (
+    SchemaBehind,
     asyncpg.UndefinedTableError,
     asyncpg.UndefinedFunctionError,
+    asyncpg.UndefinedColumnError,
 )
 # The server finds a vanished client within ~1 min (the OS default is 2 h): a shipper cut
 # off by the network must not hold the shipping lock that long.

@@ -3,11 +3,11 @@
 An entry PostgreSQL refuses for its own sake (its data, an integrity rule, a limit such as
 an index entry's size, a value the driver cannot send), or that is no record at all, would
 fail its batch at every try and hold every project's records back. The shipper sets each
-such entry aside: a row of `history_set_aside` (schema version 6: the entry as the worker
-wrote it, and why), written in the batch's own transaction with the watermark, then a log
-line (`history.ship_set_aside`, naming the project and the record id) and
-`dispatcher_history_set_aside_total`. The rows are kept for the retention, like records
-(`schema.drop_expired`).
+such entry aside: a row of `history_set_aside` (schema version 6: the record's JSON and
+why; version 7: the entry's fields too, as the worker wrote them), written in the batch's
+own transaction with the watermark, then a log line (`history.ship_set_aside`, naming the
+project and the record id) and `dispatcher_history_set_aside_total`. The rows are kept
+for the retention, like records (`schema.drop_expired`).
 """
 
 from __future__ import annotations
@@ -51,8 +51,9 @@ ENTRY_ERRORS = (
     ValueError,
 )
 _INSERT = """
-INSERT INTO history_set_aside (stream, stream_id, record_id, project_id, error, entry)
-SELECT $1, * FROM unnest($2::text[], $3::text[], $4::text[], $5::text[], $6::bytea[])
+INSERT INTO history_set_aside (stream, stream_id, record_id, project_id, error, entry, fields)
+SELECT $1, * FROM unnest($2::text[], $3::text[], $4::text[], $5::text[], $6::bytea[],
+                         $7::bytea[])
 ON CONFLICT DO NOTHING RETURNING stream_id
 """
 _SHOWN = 200  # characters kept of an id or a project read from a refused entry
@@ -70,13 +71,14 @@ def sid_text(sid: StreamId) -> str:
 
 class Entry(NamedTuple):
     """A stream entry: its id, the record's time, whether its delivery gave up, its JSON,
-    and the record as a row when the entry carries its columns (entries of older workers
-    carry the JSON only)."""
+    its fields as the worker wrote them, and the record as a row when the entry carries
+    its columns (entries of older workers carry the JSON only)."""
 
     sid: StreamId
     created_ms: int
     dead: bool
     doc: bytes
+    fields: dict[bytes, bytes]
     row: Row | None = None
 
 
@@ -98,43 +100,59 @@ def _row(fields: dict[bytes, bytes], at: int, dead: bool, doc: bytes) -> Row:
 
 
 class Aside(NamedTuple):
-    """An entry set aside: its stream id, why, what it held, and whose it is when known."""
+    """An entry set aside: its stream id, why, the record's JSON (or the entry's fields
+    when it has none), the entry's fields as a JSON object (what is
+    appended to the stream again to ship it), and whose it is when known."""
 
     sid: StreamId
     error: str
     entry: bytes
+    fields: bytes
     record_id: str | None
     project_id: str | None
 
     @classmethod
-    def of(cls, sid: StreamId, entry: bytes, exc: BaseException, row: Row | None = None) -> Aside:
-        """`entry` (the record's JSON, or the entry's fields) set aside for `exc`; its
-        record id and project from `row`, else from the JSON when it can be read."""
-        record_id, project_id = _whose(entry) if row is None else (row.id, row.pair[0])
-        return cls(sid, _text(repr(exc)), entry, _shown(record_id), _shown(project_id))
+    def of(cls, entry: Entry, exc: BaseException, row: Row | None = None) -> Aside:
+        """`entry` set aside for `exc`; its record id and project from `row`, else from
+        the JSON when it can be read."""
+        record_id, project_id = _whose(entry.doc) if row is None else (row.id, row.pair[0])
+        return cls(entry.sid, _text(repr(exc)), entry.doc, orjson.dumps(_decoded(entry.fields)),
+                   _shown(record_id), _shown(project_id))  # fmt: skip
 
     @classmethod
     def of_fields(cls, sid: StreamId, fields: dict[bytes, bytes], exc: BaseException) -> Aside:
         """An entry that is no record (no JSON, or no time): its record's JSON when it
-        has one, else its fields as a JSON object."""
-        if b"r" in fields:
-            return cls.of(sid, fields[b"r"], exc)
-        shown = {k.decode(errors="replace"): v.decode(errors="replace") for k, v in fields.items()}
-        return cls.of(sid, orjson.dumps(shown), exc)
+        has one, else its fields as a JSON object; its record id and project from its
+        columns when it has them, else from the JSON."""
+        decoded = _decoded(fields)
+        shown = orjson.dumps(decoded)
+        entry = fields.get(b"r", shown)
+        record_id, project_id = _whose(entry)
+        if "i" in decoded:
+            record_id, project_id = decoded["i"], decoded.get("p")
+        return cls(sid, _text(repr(exc)), entry, shown, _shown(record_id), _shown(project_id))
+
+
+def _decoded(fields: dict[bytes, bytes]) -> dict[str, str]:
+    """An entry's fields as text, in their order (a byte that is not UTF-8, which no worker
+    writes, as U+FFFD)."""
+    return {k.decode(errors="replace"): v.decode(errors="replace") for k, v in fields.items()}
 
 
 def read_entries(raw: list[tuple[bytes, dict[bytes, bytes]]]) -> tuple[list[Entry], list[Aside]]:
-    """XREAD's entries as `Entry`s, and those to set aside as no record."""
+    """XREAD's entries as `Entry`s, and those to set aside as no record. Reading an entry
+    asks nothing of the database: whatever it raises is that entry's own (an exception
+    let through failed the batch at every try, and held every project's records back)."""
     entries, aside = [], []
     for raw_sid, fields in raw:
         try:
             doc, dead = fields[b"r"], fields.get(b"d") == b"1"
             at = int(fields[b"t"]) if b"t" in fields else parse_row(doc).created_ms
             row = _row(fields, at, dead, doc) if b"i" in fields else None
-        except (KeyError, TypeError, ValueError) as exc:  # JSONDecodeError is a ValueError
+        except Exception as exc:  # the entry's own, whatever it is
             aside.append(Aside.of_fields(sid_of(raw_sid), fields, exc))
             continue
-        entries.append(Entry(sid_of(raw_sid), at, dead, doc, row))
+        entries.append(Entry(sid_of(raw_sid), at, dead, doc, fields, row))
     return entries, aside
 
 
@@ -162,8 +180,8 @@ async def set_aside(conn: Conn, stream: str, entries: list[Aside]) -> list[Aside
         return []
     ids = [sid_text(a.sid) for a in entries]
     columns = [[a.record_id for a in entries], [a.project_id for a in entries]]
-    errors, kept = [a.error for a in entries], [a.entry for a in entries]
-    new = {r[0] for r in await conn.fetch(_INSERT, stream, ids, *columns, errors, kept)}
+    kept = [[a.error for a in entries], [a.entry for a in entries], [a.fields for a in entries]]
+    new = {r[0] for r in await conn.fetch(_INSERT, stream, ids, *columns, *kept)}
     return sorted(a for a in entries if sid_text(a.sid) in new)
 
 

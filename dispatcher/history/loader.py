@@ -92,6 +92,10 @@ SELECT p.pair_id, k.project_id, k.event, k.url
 """
 
 
+_JSON_KIND = {list: "an array", str: "a string", int: "a number", float: "a number",
+              bool: "a boolean", type(None): "null"}  # fmt: skip
+
+
 class Row(NamedTuple):
     """One record as stored."""
 
@@ -106,8 +110,11 @@ class Row(NamedTuple):
 
 def parse_row(raw: bytes, dead: bool | None = None) -> Row:
     """A stored record's JSON as a row; `dead` defaults to "final and FAILED". Raises
-    ValueError (or KeyError, TypeError) when it is not a record."""
+    ValueError (or KeyError, TypeError) when it is not a record: JSON that is no object
+    (null, a list, a string, a number) too."""
     rec = orjson.loads(raw)
+    if not isinstance(rec, dict):
+        raise ValueError(f"not a record: its JSON is no object ({_JSON_KIND[type(rec)]})")
     if dead is None:
         dead = bool(rec.get("final")) and rec.get("status") == "FAILED"
     pair = (str(rec["projectId"]), str(rec["events"]), str(rec["callBackUrl"]))
@@ -145,18 +152,25 @@ class Loader:
         await self.prepare_days(row.created_ms for row in rows)
         await self._temporary(_STAGING)
 
+    async def prepare_raw(self, created_ms: Iterable[int]) -> None:
+        """Outside the batch's transaction: the partitions of the records' days, the
+        tables of `insert_raw`."""
+        await self.prepare_days(created_ms)
+        await self._temporary(_RAW_TABLES)
+
     async def _temporary(self, sql: str) -> None:
+        """Outside a transaction: made inside one, a rollback would drop the tables this
+        connection counts as made (the next batch failed as if the schema were missing)."""
         if sql not in self._made:
             await self.conn.execute(sql)
             self._made.add(sql)
 
     async def insert_raw(self, records: list[tuple[bool, str]]) -> int:
-        """Inside the caller's transaction, after `prepare_days`: (dead, JSON) records
+        """Inside the caller's transaction, after `prepare_raw`: (dead, JSON) records
         stored as `insert` would; returns how many were new. Raises `asyncpg.DataError` or
         `asyncpg.IntegrityConstraintViolationError` when one of them is not a record."""
         if not records:
             return 0
-        await self._temporary(_RAW_TABLES)
         await self.conn.copy_records_to_table(
             "history_raw", records=records, columns=("dead", "doc")
         )

@@ -23,7 +23,7 @@ from dispatcher.errors import NotFound
 from dispatcher.history import database, window
 from dispatcher.history.ids import RecordIds
 from dispatcher.history.redis import parse_records
-from dispatcher.history.schema import DAY_MS, drop_expired, ensure_partitions
+from dispatcher.history.schema import DAY_MS, drop_expired, ensure_partitions, require_latest
 from dispatcher.history.stream import streamed
 from dispatcher.history.window import Cursor, Recent, unknown_record
 from dispatcher.lua import run_pipeline
@@ -166,12 +166,19 @@ class PostgresHistory:
     # ---- reads -------------------------------------------------------------------------
 
     async def pool(self) -> asyncpg.Pool:
-        """The process's pool, made at first use (an outage: `Unavailable`, and the next
-        call tries again)."""
+        """The process's pool, made at first use, its schema checked (an outage or an
+        older schema: `Unavailable`, and the next call tries again)."""
         async with self._pool_lock:
             if self._pool is None:
                 with database.unavailable():
-                    self._pool = await database.create_pool(self.settings)
+                    pool = await database.create_pool(self.settings)
+                    try:
+                        async with pool.acquire() as conn:
+                            await require_latest(conn)
+                    except BaseException:
+                        pool.terminate()
+                        raise
+                    self._pool = pool
             return self._pool
 
     async def _fetch(self, sql: str, *args: Any) -> list[asyncpg.Record]:

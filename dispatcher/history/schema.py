@@ -1,10 +1,11 @@
 """The PostgreSQL history's schema: versioned migrations and day partitions.
 
 `upgrade(conn)` applies the missing migrations in order, each in its own transaction with
-its version row (or, for an index built CONCURRENTLY, outside one and safe to run again),
-under a session advisory lock: it is idempotent and safe when several
-processes run it at once (`dispatcher db upgrade`, `dispatcher run`). Migrations are
-append-only: a released one is never edited, a change is a new version.
+its version row (or, when that would hold a table too long, step by step outside one and
+safe to run again: `online.py`), under a session advisory lock: it is idempotent and safe
+when several processes run it at once (`dispatcher db upgrade`, `dispatcher run`).
+Migrations are append-only: a released one is never edited, a change is a new version
+(version 5 was made to run step by step, ending in the schema it made in one transaction).
 
 Tables
     history_schema     version -> applied_at
@@ -17,7 +18,8 @@ Tables
                        bucket_ms, written in the shipper's transaction with the rows
     history_shipped    the shipper's watermark: the last stream id committed
     history_set_aside  stream entries the shipper could not store, with why (version 6;
-                       `entries.py`), kept for the retention
+                       `entries.py`), kept for the retention; each entry's fields as the
+                       worker wrote them since version 7 (to ship one again)
 
 Retention drops whole day partitions (`drop_expired`), never DELETEs records (only the
 rare set-aside entries are deleted, by their time). Both DDL statements
@@ -34,7 +36,9 @@ from typing import TYPE_CHECKING
 import asyncpg
 import structlog
 
+from dispatcher.history.database import SchemaBehind
 from dispatcher.history.locate import LOCATE_FUNCTIONS
+from dispatcher.history.online import LOCK_TIMEOUT_MS, project_failed, run, url_hash
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
@@ -47,6 +51,7 @@ __all__ = [
     "drop_expired",
     "ensure_partitions",
     "partitions",
+    "require_latest",
     "schema_version",
     "upgrade",
 ]
@@ -54,11 +59,7 @@ __all__ = [
 log = structlog.get_logger(__name__)
 
 DAY_MS = 86_400_000
-LOCK_TIMEOUT_MS = 2000
 _LOCK = 0x6469_7370_6873_7431  # the migrations' advisory lock: "disphst1"
-# A migration's statements may build an index over the whole history: not the connection's
-# command timeout (DISPATCHER_HISTORY_TIMEOUT, seconds) but an hour.
-MIGRATION_TIMEOUT_S = 3600
 _VERSION_ROW = "INSERT INTO history_schema (version) VALUES ($1)"
 _LOCK_POLL_S = 0.2
 _LOCK_POLLS_LOGGED = 150  # a wait for the lock is logged every 30 s
@@ -114,50 +115,6 @@ CREATE INDEX history_attempts_failed ON history_attempts (pair_id, created_ms DE
 CREATE INDEX history_pairs_url ON history_pairs (project_id, url);
 """
 
-# A project's failures of every URL ("Failures, last hour"): one index range per day,
-# whatever the number of its (event, url) pairs.
-_PROJECT_FAILED = "(project_id, created_ms DESC, id DESC) WHERE failed"
-# The day partitions of history_attempts with no index attached to the project's
-# failures', newest first (the last hour's first, and the next to expire last).
-UNINDEXED_SQL = """
-SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
- WHERE i.inhparent = 'history_attempts'::regclass AND NOT EXISTS (
-   SELECT 1 FROM pg_index x JOIN pg_inherits xi ON xi.inhrelid = x.indexrelid
-    WHERE x.indrelid = c.oid AND xi.inhparent = 'history_attempts_project_failed'::regclass)
- ORDER BY c.relname DESC
-"""
-# A partition's index of that name, left by a run a crash stopped: valid or not, and how.
-_LEFT_SQL = """
-SELECT x.indisvalid AS valid, pg_get_indexdef(x.indexrelid) AS made FROM pg_index x
- WHERE x.indexrelid = to_regclass($1)
-"""
-_PARENT_VALID_SQL = """
-SELECT indisvalid FROM pg_index WHERE indexrelid = 'history_attempts_project_failed'::regclass
-"""
-
-
-# A pair is found by its URL's hash (sha256 of its UTF-8 bytes), the URL kept unindexed:
-# a btree entry holds at most 2,704 bytes, and a URL the registry took could be longer
-# (2,048 characters of up to four bytes): its pair's insert failed, and with it every
-# batch of the shipper (review). The trigger fills the hash in on every insert, an older
-# version's during a rolling upgrade too.
-_URL_HASH = """
-CREATE FUNCTION history_url_hash(url text) RETURNS bytea
-LANGUAGE sql STABLE PARALLEL SAFE AS $fn$ SELECT sha256(convert_to(url, 'UTF8')) $fn$;
-CREATE FUNCTION history_pairs_hashed() RETURNS trigger LANGUAGE plpgsql AS $fn$
-BEGIN NEW.url_hash := history_url_hash(NEW.url); RETURN NEW; END $fn$;
-ALTER TABLE history_pairs ADD COLUMN url_hash bytea;
-UPDATE history_pairs SET url_hash = history_url_hash(url);
-ALTER TABLE history_pairs ALTER COLUMN url_hash SET NOT NULL,
-  DROP CONSTRAINT history_pairs_project_id_event_url_key,
-  ADD CONSTRAINT history_pairs_url_hash_key UNIQUE (project_id, event, url_hash);
-DROP INDEX history_pairs_url;
-CREATE INDEX history_pairs_url_hash ON history_pairs (project_id, url_hash);
-CREATE TRIGGER history_pairs_hashed BEFORE INSERT OR UPDATE OF url ON history_pairs
-  FOR EACH ROW EXECUTE FUNCTION history_pairs_hashed();
-"""
-
-
 # What the shipper could not store (refused alone by PostgreSQL, or no record), kept for
 # the operator with why (`entries.py`); found by its stream id, nothing else indexed.
 _SET_ASIDE = """
@@ -174,49 +131,17 @@ CREATE TABLE history_set_aside (
 """
 
 
-async def _project_failed(conn: Conn) -> None:
-    """Version 4, outside a transaction, so that the shipper's inserts go on: the index
-    made on the parent alone, then each day partition's built CONCURRENTLY and attached
-    (a partition made meanwhile gets its own with it). Run again after a crash, it goes
-    on: a partition's finished build is attached, one left invalid is made again."""
-    await _run(
-        conn,
-        "CREATE INDEX IF NOT EXISTS history_attempts_project_failed"
-        f" ON ONLY history_attempts {_PROJECT_FAILED}",
-    )
-    for row in await conn.fetch(UNINDEXED_SQL):
-        await _index_day(conn, row["relname"])
-    if not await conn.fetchval(_PARENT_VALID_SQL):  # every day has its own, none attached now
-        raise RuntimeError(
-            "history_attempts_project_failed is invalid though every day partition has its"
-            " index: DROP INDEX history_attempts_project_failed, then `dispatcher db upgrade`"
-        )
-
-
-async def _index_day(conn: Conn, table: str) -> None:
-    """One day partition's index of the project's failures, built (unless a run before
-    finished it) and attached; nothing when the day is dropped meanwhile (retention)."""
-    index = f"{table}_project_failed"
-    try:
-        left = await conn.fetchrow(_LEFT_SQL, index)
-        if left is None or not left["valid"] or _PROJECT_FAILED not in left["made"]:
-            await _run(conn, f'DROP INDEX CONCURRENTLY IF EXISTS "{index}"')
-            await _run(conn, f'CREATE INDEX CONCURRENTLY "{index}" ON "{table}" {_PROJECT_FAILED}')
-        await _run(conn, f'ALTER INDEX history_attempts_project_failed ATTACH PARTITION "{index}"')
-    except asyncpg.UndefinedTableError:
-        if not await conn.fetchval("SELECT to_regclass($1) IS NULL", table):
-            raise
-
-
-async def _run(conn: Conn, sql: str) -> None:
-    await conn.execute(sql, timeout=MIGRATION_TIMEOUT_S)
+# The entry's fields as the worker wrote them (a JSON object, in their order), beside the
+# record's JSON: what is appended to the stream again to ship it. NULL
+# for what was set aside before.
+_SET_ASIDE_FIELDS = "ALTER TABLE history_set_aside ADD COLUMN fields bytea"
 
 
 # A step is SQL run in one transaction with its version row, or (when it must not hold its
 # locks that long) a function run outside one, which must be safe to run again.
 MIGRATIONS: list[tuple[int, str | Callable[[Conn], Awaitable[None]]]] = [
-    (1, _TABLES), (2, LOCATE_FUNCTIONS), (3, _FAILED), (4, _project_failed), (5, _URL_HASH),
-    (6, _SET_ASIDE),
+    (1, _TABLES), (2, LOCATE_FUNCTIONS), (3, _FAILED), (4, project_failed), (5, url_hash),
+    (6, _SET_ASIDE), (7, _SET_ASIDE_FIELDS),
 ]  # fmt: skip
 
 
@@ -237,7 +162,7 @@ async def upgrade(conn: Conn) -> list[int]:
                 continue
             if isinstance(step, str):
                 async with conn.transaction():  # the DDL and its version row, or neither
-                    await _run(conn, step)
+                    await run(conn, step)
                     await conn.execute(_VERSION_ROW, version)
             else:  # its work, then its row: a crash between runs it again
                 await step(conn)
@@ -266,6 +191,15 @@ async def schema_version(conn: Conn) -> int:
     if not await conn.fetchval("SELECT to_regclass('history_schema') IS NOT NULL"):
         return 0
     return int(await conn.fetchval("SELECT coalesce(max(version), 0) FROM history_schema"))
+
+
+async def require_latest(conn: Conn) -> None:
+    """Raise `SchemaBehind` (a 503 saying to run `dispatcher db upgrade`) when the schema
+    is older than this version's latest migration: its statements would fail one by one
+    (a column not there: a 500)."""
+    version, latest = await schema_version(conn), MIGRATIONS[-1][0]
+    if version < latest:
+        raise SchemaBehind(f"the history schema is version {version}, this version needs {latest}")
 
 
 def day_suffix(day: int) -> str:

@@ -53,7 +53,7 @@ from dispatcher.history.entries import (
     sid_text,
 )
 from dispatcher.history.loader import Loader, Pair, Row, parse_row
-from dispatcher.history.schema import DAY_MS
+from dispatcher.history.schema import DAY_MS, require_latest
 from dispatcher.lua import Key, Script
 from dispatcher.shard import ID_SPAN, Shard
 from dispatcher.stopping import cancel_all
@@ -125,9 +125,11 @@ class Shipper:
     async def open(self) -> bool:
         """Connect (once), and (electing) take the lock; True when this shipper may ship.
         Reads the watermark, trims what an earlier shipper committed but did not trim, and
-        keeps Redis' id counter above every stored id."""
+        keeps Redis' id counter above every stored id. A schema older than this version
+        raises `SchemaBehind` (logged with the hint to upgrade)."""
         if self.conn is None:
             self.conn = await database.connect(self.settings)
+            await require_latest(self.conn)
         if self.elect and not await self.conn.fetchval(
             "SELECT pg_try_advisory_lock($1)", self.lock
         ):
@@ -244,12 +246,12 @@ class Shipper:
         stored again entry by entry."""
         assert self.loader is not None
         aside = aside or []
-        rows = [(entry.sid, entry.row) for entry in batch if entry.row is not None]
+        rows = [(entry, entry.row) for entry in batch if entry.row is not None]
         try:
             if len(rows) == len(batch):  # the columns came with the entries: no JSON read
                 await self.loader.prepare(row for _, row in rows)
                 return await self._transaction(batch, last, parsed=rows, aside=aside)
-            await self.loader.prepare_days(entry.created_ms for entry in batch)
+            await self.loader.prepare_raw(entry.created_ms for entry in batch)
             return await self._transaction(batch, last, parsed=None, aside=aside)
         except ENTRY_ERRORS as exc:
             log.warning("history.ship_entry_by_entry", error=repr(exc), records=len(batch))
@@ -258,18 +260,21 @@ class Shipper:
     async def _one_by_one(self, batch: list[Entry], last: StreamId, aside: list[Aside]) -> int:
         """The batch again, each entry alone: its row (read from the JSON when the entry
         did not carry it) and its pair outside the transaction, then its insert under a
-        savepoint; an entry that fails alone is set aside."""
+        savepoint; an entry that is no record, or that fails alone, is set aside."""
         assert self.loader is not None
         aside, ready = list(aside), []
         for entry in batch:
-            row = entry.row
             try:
-                row = row or parse_row(entry.doc, entry.dead)
-                await self.loader.prepare([row])
-            except (KeyError, TypeError, *ENTRY_ERRORS) as exc:
-                aside.append(Aside.of(entry.sid, entry.doc, exc, row))
+                row = entry.row or parse_row(entry.doc, entry.dead)
+            except Exception as exc:  # reading asks nothing of the database
+                aside.append(Aside.of(entry, exc))
                 continue
-            ready.append((entry.sid, row))
+            try:
+                await self.loader.prepare([row])
+            except ENTRY_ERRORS as exc:
+                aside.append(Aside.of(entry, exc, row))
+                continue
+            ready.append((entry, row))
         return await self._transaction(batch, last, parsed=ready, aside=aside, alone=True)
 
     async def _transaction(
@@ -277,7 +282,7 @@ class Shipper:
         batch: list[Entry],
         last: StreamId,
         *,
-        parsed: list[tuple[StreamId, Row]] | None,
+        parsed: list[tuple[Entry, Row]] | None,
         aside: list[Aside],
         alone: bool = False,
     ) -> int:
@@ -295,9 +300,9 @@ class Shipper:
                 records = [(e.dead, e.doc.decode()) for e in batch if e.sid > done]
                 stored = await self.loader.insert_raw(records)
             elif alone:
-                stored = await self._each([(s, row) for s, row in parsed if s > done], aside)
+                stored = await self._each([(e, row) for e, row in parsed if e.sid > done], aside)
             else:
-                stored = await self.loader.insert([row for sid, row in parsed if sid > done])
+                stored = await self.loader.insert([row for e, row in parsed if e.sid > done])
             kept = await set_aside(self.conn, self.name, [a for a in aside if a.sid > done])
             if last > done:
                 await self.conn.execute(
@@ -311,17 +316,17 @@ class Shipper:
         report(self.name, kept)
         return stored
 
-    async def _each(self, rows: list[tuple[StreamId, Row]], aside: list[Aside]) -> int:
+    async def _each(self, rows: list[tuple[Entry, Row]], aside: list[Aside]) -> int:
         """Inside the transaction: each row under a savepoint of its own; one refused is
         undone alone and added to `aside`. Returns how many were new."""
         assert self.conn is not None and self.loader is not None
         stored = 0
-        for sid, row in rows:
+        for entry, row in rows:
             try:
                 async with self.conn.transaction():
                     stored += await self.loader.insert_one(row)
             except ENTRY_ERRORS as exc:
-                aside.append(Aside.of(sid, row.doc.encode(), exc, row))
+                aside.append(Aside.of(entry, exc, row))
         return stored
 
     async def drain(self, *, now_ms: int | None = None) -> int:

@@ -9,6 +9,7 @@ import asyncio
 import random
 import uuid
 from collections.abc import AsyncIterator
+from hashlib import md5
 from typing import Any
 
 import asyncpg
@@ -23,7 +24,7 @@ from dispatcher.cli import app
 from dispatcher.clock import now_ms
 from dispatcher.embedded import FAST, EmbeddedPostgres, EmbeddedRedis
 from dispatcher.errors import Unavailable
-from dispatcher.history import open_history, schema
+from dispatcher.history import online, open_history, schema
 from dispatcher.history.entries import read_entries
 from dispatcher.history.loader import Loader, parse_row
 from dispatcher.history.postgres import PostgresHistory
@@ -41,6 +42,7 @@ from dispatcher.services import Services
 from dispatcher.settings import Settings
 from dispatcher.worker import create_worker
 from tests.helpers import (
+    UID,
     Receiver,
     RunWorker,
     answer,
@@ -105,7 +107,7 @@ async def catalog(conn: asyncpg.Connection) -> list[Any]:
 async def test_migrations_run_twice_are_a_no_op(fresh_db: str, pg_server: EmbeddedPostgres) -> None:
     conn = await asyncpg.connect(fresh_db)
     try:
-        assert await upgrade(conn) == [1, 2, 3, 4, 5, 6]
+        assert await upgrade(conn) == [1, 2, 3, 4, 5, 6, 7]
         before = await catalog(conn)
         assert await upgrade(conn) == []
         assert await catalog(conn) == before
@@ -117,7 +119,7 @@ async def test_migrations_run_twice_are_a_no_op(fresh_db: str, pg_server: Embedd
                            " history_pairs_hashed")  # fmt: skip
         sessions = [await asyncpg.connect(fresh_db) for _ in range(3)]
         results = await asyncio.gather(*(upgrade(s) for s in sessions))
-        assert sorted(results) == [[], [], [1, 2, 3, 4, 5, 6]]
+        assert sorted(results) == [[], [], [1, 2, 3, 4, 5, 6, 7]]
         assert await catalog(conn) == before
         for session in sessions:
             await session.close()
@@ -178,8 +180,8 @@ async def test_version_4_builds_each_day_partitions_index_and_goes_on_after_a_cr
         assert not await conn.fetchval(valid, f"{failed_day}_project_failed")
         assert not await conn.fetchval(valid, "history_attempts_project_failed")
 
-        assert await upgrade(conn) == [4, 5, 6]
-        assert await conn.fetch(schema.UNINDEXED_SQL) == []
+        assert await upgrade(conn) == [4, 5, 6, 7]
+        assert await conn.fetch(online.UNINDEXED_SQL) == []
         assert await conn.fetchval(valid, "history_attempts_project_failed")
         for day in (failed_day, stopped_day, other_day):
             made = await conn.fetchval("SELECT indexdef FROM pg_indexes WHERE indexname = $1",
@@ -190,7 +192,7 @@ async def test_version_4_builds_each_day_partitions_index_and_goes_on_after_a_cr
             == finished
         )  # attached as it was, not built again
         await ensure_partitions(conn, now + 2 * DAY_MS, now + 2 * DAY_MS)
-        assert await conn.fetch(schema.UNINDEXED_SQL) == []  # a day made after: its own
+        assert await conn.fetch(online.UNINDEXED_SQL) == []  # a day made after: its own
         assert await upgrade(conn) == []
         # again from three sessions at once, the others waiting for the lock while one
         # builds: a session waiting inside a statement held a snapshot that CONCURRENTLY
@@ -204,7 +206,7 @@ async def test_version_4_builds_each_day_partitions_index_and_goes_on_after_a_cr
             for session in sessions:
                 await session.close()
         assert sorted(results) == [[], [], [4]]
-        assert await conn.fetch(schema.UNINDEXED_SQL) == []
+        assert await conn.fetch(online.UNINDEXED_SQL) == []
     finally:
         await conn.close()
 
@@ -237,7 +239,7 @@ async def test_version_5_finds_the_pairs_stored_before_it_by_their_urls_hash(
             pair, now - 20,
         )  # fmt: skip
         monkeypatch.undo()
-        assert await upgrade(conn) == [5, 6]
+        assert await upgrade(conn) == [5, 6, 7]
         settings = make_settings(redis_server.url, history_url=fresh_db)
         history = open_history(settings, redis, keys)
         after = await history.add(record(now - 10, 8))
@@ -254,15 +256,168 @@ async def test_version_5_finds_the_pairs_stored_before_it_by_their_urls_hash(
         await conn.close()
 
 
+async def at_version_4(url: str, pairs: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The database at `url` at version 4, holding `pairs` pairs (as version 4 stored them:
+    500 projects, URLs of ~90 characters)."""
+    monkeypatch.setattr(schema, "MIGRATIONS", schema.MIGRATIONS[:4])
+    conn = await asyncpg.connect(url)
+    try:
+        assert await upgrade(conn) == [1, 2, 3, 4]
+        await conn.execute(
+            "INSERT INTO history_pairs (project_id, event, url)"
+            " SELECT 'p' || (g % 500), 'BUILD_END', 'https://hooks.example-' || (g % 500)"
+            "  || '.com/callbacks/' || md5(g::text) || '?tenant=' || g"
+            f" FROM generate_series(1, {pairs}) g"
+        )
+        await conn.execute("VACUUM ANALYZE history_pairs")
+    finally:
+        await conn.close()
+    monkeypatch.undo()
+
+
+PAIRS_SHAPE = """
+SELECT 'index', c.relname, x.indisvalid, pg_get_indexdef(c.oid)
+  FROM pg_index x JOIN pg_class c ON c.oid = x.indexrelid
+ WHERE x.indrelid = 'history_pairs'::regclass
+UNION ALL
+SELECT 'constraint', conname, convalidated, pg_get_constraintdef(oid)
+  FROM pg_constraint WHERE conrelid = 'history_pairs'::regclass
+UNION ALL
+SELECT 'column', attname, attnotnull, format_type(atttypid, atttypmod)
+  FROM pg_attribute WHERE attrelid = 'history_pairs'::regclass AND attnum > 0
+UNION ALL
+SELECT 'trigger', tgname, tgenabled = 'O', pg_get_triggerdef(oid)
+  FROM pg_trigger WHERE tgrelid = 'history_pairs'::regclass
+ ORDER BY 1, 2
+"""
+
+
+async def test_version_5_never_holds_pair_lookups_or_inserts_for_long(
+    fresh_db: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Version 5 hashed every pair in one transaction (ALTER TABLE, an UPDATE of every
+    row, SET NOT NULL, a unique constraint and an index, none concurrent): the table was
+    locked throughout, and a lookup of a pair waited 21 s on 1,000,000 pairs (tmpfs; every
+    history read a 503 meanwhile), an hour's statement cap away from rolled back and
+    started again at every start (review). It runs as version 4 does, step by step: the
+    locks it takes are held for catalog changes only, the rows hashed in committed batches,
+    the indexes built CONCURRENTLY. On 200,000 pairs (the old migration held the table
+    ~4 s here), an older version's lookups by URL and its inserts of new pairs go on
+    throughout; each may take 2 s, a bound no lookup of an indexed pair reaches unless
+    held by a lock (far above a loaded machine's jitter, far below the old hold)."""
+    await at_version_4(fresh_db, 200_000, monkeypatch)
+    reader = await asyncpg.connect(fresh_db, server_settings={"statement_timeout": "2000"})
+    migrating = await asyncpg.connect(fresh_db)
+    done = asyncio.Event()
+    lookups = 0
+
+    async def look_up() -> None:
+        nonlocal lookups
+        while not done.is_set():
+            n, g = lookups, lookups * 7 % 200_000 + 1  # one of those stored before
+            url = (
+                f"https://hooks.example-{g % 500}.com/callbacks/{md5(str(g).encode()).hexdigest()}"
+            )
+            assert await reader.fetchval(
+                "SELECT pair_id FROM history_pairs WHERE project_id = $1 AND event = $2"
+                " AND url = $3", f"p{g % 500}", "BUILD_END", f"{url}?tenant={g}",
+            ) is not None  # fmt: skip
+            await reader.execute(  # a pair an older worker's shipper adds meanwhile
+                "INSERT INTO history_pairs (project_id, event, url) VALUES ($1, 'BUILD_END', $2)"
+                " ON CONFLICT DO NOTHING", "new", f"http://new/{n}",
+            )  # fmt: skip
+            lookups += 1
+            await asyncio.sleep(0.01)
+
+    try:
+        looking = asyncio.create_task(look_up())
+        await asyncio.sleep(0.2)
+        try:
+            assert await upgrade(migrating) == [v for v, _ in schema.MIGRATIONS[4:]]
+        finally:
+            done.set()
+            await looking  # a lookup held past 2 s raises QueryCanceledError here
+        assert lookups > 10
+        assert await migrating.fetchval(
+            "SELECT count(*) FROM history_pairs WHERE url_hash = history_url_hash(url)"
+        ) == 200_000 + lookups  # fmt: skip
+    finally:
+        await reader.close()
+        await migrating.close()
+
+
+async def test_version_5_run_again_after_a_crash_ends_as_a_fresh_build(
+    fresh_db: str, pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Version 5 stopped after its first step (the hash column, its function and trigger)
+    and with what index builds a crash stopped leave (invalid indexes of its indexes'
+    names, one of them not its definition): an older version's insert meanwhile is hashed
+    by the trigger, and run again, it ends at the latest version with every index and
+    constraint valid, `history_pairs` as a database built fresh has it (and as version 5
+    in one transaction left it: unique by the hash, the URL unindexed)."""
+    await at_version_4(fresh_db, 1000, monkeypatch)
+    conn = await asyncpg.connect(fresh_db)
+    try:
+
+        async def killed(_: object) -> None:
+            raise RuntimeError("killed")
+
+        monkeypatch.setattr(online, "_backfill", killed)
+        with pytest.raises(RuntimeError, match="killed"):
+            await upgrade(conn)
+        monkeypatch.undo()
+        assert await schema.schema_version(conn) == 4
+        await conn.execute(  # an older version's shipper, meanwhile
+            "INSERT INTO history_pairs (project_id, event, url) VALUES ('p1', 'BUILD_END', 'x')"
+        )
+        with pytest.raises(asyncpg.UniqueViolationError):  # a build that failed half-way
+            await conn.execute(
+                "CREATE UNIQUE INDEX CONCURRENTLY history_pairs_url_hash_key"
+                " ON history_pairs (event)"
+            )
+        await conn.execute(  # a build killed before its end: invalid, as it would be
+            "CREATE INDEX history_pairs_url_hash ON history_pairs (project_id, url_hash)"
+        )
+        await conn.execute(
+            "UPDATE pg_index SET indisvalid = false"
+            " WHERE indexrelid = 'history_pairs_url_hash'::regclass"
+        )
+        assert await upgrade(conn) == [v for v, _ in schema.MIGRATIONS[4:]]
+        shape = [tuple(r) for r in await conn.fetch(PAIRS_SHAPE)]
+        assert await conn.fetchval(
+            "SELECT count(*) FROM history_pairs WHERE url_hash = history_url_hash(url)"
+        ) == 1001  # fmt: skip
+    finally:
+        await conn.close()
+    fresh = await asyncpg.connect(pg_url)  # the session's database: built fresh
+    try:
+        assert shape == [tuple(r) for r in await fresh.fetch(PAIRS_SHAPE)]
+    finally:
+        await fresh.close()
+    assert all(valid for kind, _, valid, _ in shape if kind != "trigger")
+    named = [(kind, name) for kind, name, _, _ in shape if kind != "column"]
+    assert [n for n in named if not n[1].endswith("_not_null")] == [  # PostgreSQL 18's too
+        ("constraint", "history_pairs_pkey"),
+        ("constraint", "history_pairs_url_hash_key"),
+        ("index", "history_pairs_pkey"),
+        ("index", "history_pairs_url_hash"),
+        ("index", "history_pairs_url_hash_key"),
+        ("trigger", "history_pairs_hashed"),
+    ]
+    assert ("column", "url_hash", True, "bytea") in shape  # NOT NULL
+
+
 def test_db_upgrade_command_twice(
     fresh_db: str, redis_server: EmbeddedRedis, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("DISPATCHER_REDIS_URL", redis_server.url)
     monkeypatch.setenv("DISPATCHER_HISTORY_URL", fresh_db)
     first = CliRunner().invoke(app, ["db", "upgrade"])
-    assert first.exit_code == 0 and "applied migrations 1, 2, 3, 4, 5, 6: version 6" in first.output
+    assert (
+        first.exit_code == 0 and "applied migrations 1, 2, 3, 4, 5, 6, 7: version 7" in first.output
+    )
     second = CliRunner().invoke(app, ["db", "upgrade"])
-    assert second.exit_code == 0 and "up to date: version 6" in second.output
+    assert second.exit_code == 0 and "up to date: version 7" in second.output
 
 
 async def test_retention_drops_a_days_partition_and_nothing_newer(
@@ -508,6 +663,49 @@ async def test_an_unreachable_database_is_a_503_with_a_message(
             await services.dead_letters("demo")
 
 
+async def test_a_schema_older_than_this_version_is_a_503_saying_to_upgrade(
+    fresh_db: str, redis_server: EmbeddedRedis, redis: Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """This version's code on a database at version 4 (`dispatcher db upgrade` not run):
+    reads looked pairs up by a column version 5 adds, and answered 500 with a stack trace
+    (UndefinedColumnError), the shipper failing the same way with no hint (review). The
+    version is checked once per pool and at each shipper's start: a history page is a 503
+    naming `dispatcher db upgrade`, and the shipper's failure says so too."""
+    monkeypatch.setattr(schema, "MIGRATIONS", schema.MIGRATIONS[:4])
+    conn = await asyncpg.connect(fresh_db)
+    try:
+        assert await upgrade(conn) == [1, 2, 3, 4]
+    finally:
+        await conn.close()
+    monkeypatch.undo()
+    settings = make_settings(redis_server.url, history_url=fresh_db)
+    async with app_client(settings, redis) as api:
+        page = await api.get(
+            "/ms/openapi/api/apigw/v3/projects/demo/callbacks/history",
+            params={"url": URL, "event": "BUILD_END"},
+            headers=UID,
+        )
+    assert page.status_code == 503, page.text
+    assert "version 4" in page.text and "`dispatcher db upgrade`" in page.text
+    history = open_history(settings, redis, keys)
+    await history.add(record(now_ms() - 10, 1))
+    await history.close()
+    stop = asyncio.Event()
+    shipper = Shipper(redis, settings, elect=False, stop=stop)
+    with capture_logs() as logs:
+        running = asyncio.create_task(shipper.run(drain_on_stop=False))
+
+        async def failed() -> bool:
+            return any(e["event"] == "history.ship_failed" for e in logs)
+
+        await until(failed, 10, "the shipper failed")
+        stop.set()
+        await running
+    said = next(e for e in logs if e["event"] == "history.ship_failed")
+    assert said["hint"] == "run `dispatcher db upgrade`" and "version 4" in said["error"], said
+    assert await redis.xlen(keys.HISTORY_STREAM) == 1  # waits for the upgrade
+
+
 async def test_past_the_backlog_limit_workers_wait_and_nothing_is_lost(
     redis_server: EmbeddedRedis, pg_url: str, redis: Redis, receiver: Receiver
 ) -> None:
@@ -603,24 +801,41 @@ async def test_an_entry_that_is_no_record_does_not_stop_the_others(
     pg_settings: Settings, redis: Redis
 ) -> None:
     """Something else on the stream (a bug, a hand-made XADD): logged and set aside (in
-    `history_set_aside`, as it came); the records around it are stored."""
+    `history_set_aside`, as it came); the records around it are stored. JSON that is no
+    object (null, a list, a string, a number, in an older worker's entry or with columns
+    but no status) made the reading of the record raise AttributeError, which nothing
+    caught: the same batch was tried again for ever, every project's records waited, and
+    at the backlog limit the workers stopped claiming (review)."""
     now = now_ms()
     history = open_history(pg_settings, redis, keys)
     await history.add(record(now - 30, 1))
     await redis.xadd(keys.HISTORY_STREAM, {"r": b'{"id": 5, "createdTime": 1}', "t": str(now)})
     await redis.xadd(keys.HISTORY_STREAM, {"r": b"not json", "t": str(now)})
     await redis.xadd(keys.HISTORY_STREAM, {"x": b"no record field"})
+    no_object = [b"null", b"[]", b'"x"', b"5"]
+    for doc in no_object:  # an older worker's entry: the JSON only
+        await redis.xadd(keys.HISTORY_STREAM, {"r": doc, "d": b"0"})
+    no_status = {"r": "[1]", "d": "0", "t": str(now), "i": "6", "p": "p6", "e": "BUILD_END",
+                 "u": URL, "v": ""}  # fmt: skip
+    await redis.xadd(keys.HISTORY_STREAM, no_status)  # type: ignore[arg-type]
+    await redis.xadd(keys.HISTORY_STREAM, {"r": b"[]", "d": b"0", "t": str(now)})  # time only
     await history.add(record(now - 10, 2))
+    wrote = await written(redis)
     assert await ship_all(pg_settings, redis) == 2
     page = await history.query("demo", URL, "BUILD_END", start_ms=now - 60_000, end_ms=now)
     await history.close()
     assert page.count == 2 and await redis.xlen(keys.HISTORY_STREAM) == 0
     kept = await set_aside(pg_settings.history_url)
+    assert [r[4] for r in kept] == wrote[1:-1]  # each entry's fields, as they came
     assert [(r[0], r[1], r[3]) for r in kept] == [
         ("5", None, b'{"id": 5, "createdTime": 1}'),
         (None, None, b"not json"),
         (None, None, b'{"x":"no record field"}'),
+        *((None, None, doc) for doc in no_object),
+        ("6", "p6", b"[1]"),
+        (None, None, b"[]"),
     ]
+    assert all("not a record" in r[2] for r in kept[3:]), kept
 
 
 # 678 characters of four bytes (CJK Extension B, at random: nothing to compress): 2,731
@@ -666,16 +881,29 @@ async def test_a_url_past_a_btree_entry_stops_no_ones_shipping_and_is_found(
 
 
 async def set_aside(url: str | None) -> list[tuple[Any, ...]]:
-    """(record id, project, error) of each entry the shipper set aside, in stream order."""
+    """(record id, project, error, record JSON, the entry's fields) of each entry the
+    shipper set aside, in stream order."""
     conn = await asyncpg.connect(url or "")
     try:
         rows = await conn.fetch(
-            "SELECT record_id, project_id, error, entry FROM history_set_aside"
+            "SELECT record_id, project_id, error, entry, fields FROM history_set_aside"
             " ORDER BY split_part(stream_id, '-', 1)::bigint, split_part(stream_id, '-', 2)::bigint"
         )
     finally:
         await conn.close()
-    return [(r["record_id"], r["project_id"], r["error"], bytes(r["entry"])) for r in rows]
+    return [
+        (
+            r["record_id"], r["project_id"], r["error"], bytes(r["entry"]),
+            None if r["fields"] is None else orjson.loads(r["fields"]),
+        )
+        for r in rows
+    ]  # fmt: skip
+
+
+async def written(redis: Redis) -> list[dict[str, str]]:
+    """The fields of each entry of the stream, as the workers wrote them."""
+    entries = await redis.xrange(keys.HISTORY_STREAM)
+    return [{k.decode(): v.decode() for k, v in fields.items()} for _, fields in entries]
 
 
 async def test_an_entry_postgresql_refuses_alone_is_set_aside_and_the_others_shipped(
@@ -700,6 +928,7 @@ async def test_an_entry_postgresql_refuses_alone_is_set_aside_and_the_others_shi
     past_bigint = {**record(now - 20, 4, projectId="p3"), "id": 2**63}
     await redis.xadd(keys.HISTORY_STREAM, stream_fields(past_bigint, False))  # type: ignore[arg-type]
     last = await history.add(record(now - 10, 5))
+    wrote = await written(redis)
     before = REGISTRY.get_sample_value("dispatcher_history_set_aside_total") or 0
     try:
         with capture_logs() as logs:
@@ -714,7 +943,8 @@ async def test_an_entry_postgresql_refuses_alone_is_set_aside_and_the_others_shi
         (str(too_long), "p1"), (str(nul["id"]), "p\ufffd2"), (str(2**63), "p3")
     ]  # fmt: skip
     assert "index row size" in kept[0][2] and long_delivery.encode() in kept[0][3]
-    assert kept[1][3] == orjson.dumps(nul)  # the entry as the worker wrote it
+    assert kept[1][3] == orjson.dumps(nul)  # the record's JSON as the worker wrote it
+    assert [r[4] for r in kept] == wrote[1:4]  # and the whole entry, every field
     said = [e for e in logs if e["event"] == "history.ship_set_aside"]
     assert [(e["project_id"], e["record_id"]) for e in said] == [(r[1], r[0]) for r in kept]
     assert REGISTRY.get_sample_value("dispatcher_history_set_aside_total") == before + 3
@@ -728,6 +958,100 @@ async def test_an_entry_postgresql_refuses_alone_is_set_aside_and_the_others_shi
     await history.sweep()
     await history.close()
     assert [r[0] for r in await set_aside(pg_settings.history_url)] == [str(nul["id"]), str(2**63)]
+
+
+async def test_a_batch_after_an_older_workers_entry_set_aside_is_shipped(
+    pg_settings: Settings, redis: Redis
+) -> None:
+    """Entries of older workers (the JSON only) go through temporary tables made on the
+    shipper's connection at their first batch. They were made inside that batch's
+    transaction but counted as made at once: a batch set aside in part rolled its first
+    try back, tables with it, and the next such batch failed as if the schema were missing,
+    until the shipper reconnected (review)."""
+    now = now_ms()
+    history = PostgresHistory(redis, pg_settings, keys)
+
+    async def older(rec: AttemptRecord) -> int:
+        await history.assign_ids([rec])
+        await redis.xadd(keys.HISTORY_STREAM, {"r": orjson.dumps(rec), "d": b"0"})
+        return int(rec["id"])
+
+    await older(record(now - 50, 1))
+    refused = await older(record(now - 40, 2, projectId="p\x002"))  # a NUL: refused
+    shipper = Shipper(redis, pg_settings, elect=False)
+    await shipper.open()
+    try:
+        assert await shipper.ship_once() == 1
+        assert [r[0] for r in await set_aside(pg_settings.history_url)] == [str(refused)]
+        await older(record(now - 30, 3))
+        assert await shipper.ship_once() == 1
+    finally:
+        await shipper.close()
+        await history.close()
+
+
+def test_an_entry_set_aside_is_listed_and_shipped_again_once_fixed(
+    fresh_db: str, redis_server: EmbeddedRedis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What was set aside was easy to miss, and nothing said how to ship it once its cause
+    was fixed (review). `dispatcher history set-aside list` shows each entry (here refused
+    by a rule an operator added by mistake) with why; once the rule is gone, `retry`
+    appends its fields to the stream again as the worker wrote them, its dead-letter flag
+    with them, and the shipper stores it. A row set aside before version 7 (the record's
+    JSON only) is listed as such and left."""
+    settings = make_settings(redis_server.url, history_url=fresh_db)
+    now = now_ms()
+
+    async def on_db(sql: str, *args: Any) -> None:
+        conn = await asyncpg.connect(fresh_db)
+        try:
+            await upgrade(conn)
+            await conn.execute(sql, *args)
+        finally:
+            await conn.close()
+
+    async def seed() -> int:
+        await on_db("ALTER TABLE history_attempts ADD CONSTRAINT no_p9 CHECK (project_id <> 'p9')")
+        await on_db(
+            "INSERT INTO history_set_aside (stream, stream_id, error, entry)"
+            " VALUES ($1, '1-0', 'an older refusal', '{}')",
+            keys.HISTORY_STREAM,
+        )
+        redis = Redis.from_url(redis_server.url)
+        await redis.flushdb()
+        history = PostgresHistory(redis, settings, keys)
+        dead = record(now - 10, 1, projectId="p9", status="FAILED", final=True)
+        refused = await history.add(dead, dead=True)
+        await history.add(record(now - 5, 2))
+        assert await ship_all(settings, redis) == 1
+        await history.close()
+        await redis.aclose()
+        return refused
+
+    async def shipped() -> list[int]:
+        redis = Redis.from_url(redis_server.url)
+        history = PostgresHistory(redis, settings, keys)
+        try:
+            assert await ship_all(settings, redis) == 1
+            return [r.id for r in await history.dead("p9")]
+        finally:
+            await history.close()
+            await redis.aclose()
+
+    refused = asyncio.run(seed())
+    monkeypatch.setenv("DISPATCHER_REDIS_URL", redis_server.url)
+    monkeypatch.setenv("DISPATCHER_HISTORY_URL", fresh_db)
+    listed = CliRunner().invoke(app, ["history", "set-aside", "list"])
+    assert listed.exit_code == 0, listed.output
+    assert str(refused) in listed.output and '"no_p9"' in listed.output
+    assert "an older refusal (before version 7" in listed.output and "2 entries" in listed.output
+    assert CliRunner().invoke(app, ["history", "set-aside", "retry"]).exit_code == 2
+    asyncio.run(on_db("ALTER TABLE history_attempts DROP CONSTRAINT no_p9"))  # the fix
+    again = CliRunner().invoke(app, ["history", "set-aside", "retry", "--all"])
+    assert again.exit_code == 0 and "1 entries" in again.output, again.output
+    assert asyncio.run(shipped()) == [refused]
+    left = asyncio.run(set_aside(fresh_db))
+    assert [(r[2], r[4]) for r in left] == [("an older refusal", None)]
 
 
 async def test_entries_of_older_workers_are_found_by_their_status(
