@@ -27,7 +27,7 @@ from pydantic_core import from_json
 from dispatcher import tracing
 from dispatcher.api.callbacks import V4
 from dispatcher.api.deps import Admin, ProjectPath, RouterDep, apigw
-from dispatcher.api.pacing import Paced
+from dispatcher.api.pacing import Paced, pace_events
 from dispatcher.errors import DispatcherError, InvalidInput, PayloadTooLarge
 from dispatcher.models import (
     EmitBatchResult,
@@ -95,6 +95,7 @@ async def emit_batch(
     entries = read_events(
         await request.body(), ndjson=ndjson, limit=router.settings.emit_batch_max_events
     )
+    pace_events(request, project_id, len(entries))
     producer = router.of(project_id).producer
     with tracing.received(request.headers):
         outcomes = await producer.emit_each(project_id, [value for _, value in entries])

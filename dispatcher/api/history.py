@@ -19,6 +19,7 @@ from dispatcher.api.deps import (
     RouterDep,
     apigw,
 )
+from dispatcher.api.pacing import PacedRedelivery
 from dispatcher.models import HistoryPage, HistoryRecord, RedeliveryResult, Result
 from dispatcher.shards import views
 
@@ -61,6 +62,7 @@ async def redeliver(
     router: RouterDep,
     project_id: ProjectPath,
     uid: Admin,
+    paced: PacedRedelivery,
     record_id: Annotated[int, Path(alias="id")],
 ) -> Result[str]:
     """Send a recorded request again (project admins): same body and delivery id,

@@ -1,7 +1,8 @@
 """What one project's HTTP emits may queue, per API process: a token bucket of bytes per
 project (`EmitPace`), refilled at `DISPATCHER_EMIT_PROJECT_RATE` bytes a second up to
-`DISPATCHER_EMIT_PROJECT_BURST`; each emit request costs its body's bytes (1 KiB at
-least: a flood of tiny events costs Redis more than their bytes). Past it the request is a
+`DISPATCHER_EMIT_PROJECT_BURST`; each emit request costs its body's bytes, 1 KiB an event
+at least (a flood of tiny events costs Redis more than their bytes), and each single
+redelivery what it may queue (`DISPATCHER_MAX_REQUEST_BODY`). Past it the request is a
 429 with `Retry-After`, and nothing of it is queued: one project cannot fill the Redis every
 project shares faster than that, whatever its events' size, while others emit as usual.
 Python producers (the platform's own code) are not paced."""
@@ -23,7 +24,7 @@ from dispatcher.models import check_project_id
 if TYPE_CHECKING:
     from dispatcher.settings import Settings
 
-__all__ = ["SMALLEST_COST", "EmitPace", "Paced"]
+__all__ = ["SMALLEST_COST", "EmitPace", "Paced", "PacedRedelivery", "pace_events"]
 
 SMALLEST_COST = 1024  # bytes an emit request costs at least
 
@@ -38,15 +39,23 @@ class EmitPace:
     """Per project, the bytes its emits may still queue now; the `most` projects seen last
     are kept (one forgotten starts again with a full bucket)."""
 
-    def __init__(self, rate: float, burst: float, most: int = 10_000) -> None:
+    def __init__(
+        self, rate: float, burst: float, most: int = 10_000, redelivery_cost: int = SMALLEST_COST
+    ) -> None:
         self.rate, self.burst, self.most = rate, burst, most
+        self.redelivery_cost = redelivery_cost  # what one redelivery may queue
         self._buckets: OrderedDict[str, _Bucket] = OrderedDict()
 
     @classmethod
     def of(cls, settings: Settings) -> EmitPace | None:
         """The pace `settings` ask for; None when it is off (a rate of 0)."""
-        rate = settings.emit_project_rate
-        return cls(rate, settings.emit_project_burst) if rate else None
+        rate, cost = settings.emit_project_rate, max(settings.max_request_body, SMALLEST_COST)
+        return cls(rate, settings.emit_project_burst, redelivery_cost=cost) if rate else None
+
+    def give_back(self, project_id: str, cost: int) -> None:
+        """Return `cost` bytes spent by a request refused after all."""
+        if (bucket := self._buckets.get(project_id)) is not None:
+            bucket.tokens = min(self.burst, bucket.tokens + cost)
 
     def take(self, project_id: str, cost: int, now: float | None = None) -> float:
         """Spend `cost` bytes of the project's bucket: 0 when taken, else the seconds until
@@ -64,22 +73,56 @@ class EmitPace:
         return (cost - bucket.tokens) / self.rate
 
 
+def _pace(request: Request) -> EmitPace | None:
+    return getattr(request.app.state, "emit_pace", None)
+
+
+def _refused(pace: EmitPace, project_id: str, wait: float) -> TooManyRequests:
+    return TooManyRequests(
+        f"project {project_id} emits faster than its share: "
+        f"{pace.rate:,.0f} bytes a second (DISPATCHER_EMIT_PROJECT_RATE, in bursts of "
+        f"{pace.burst:,.0f}); nothing of this request was queued, send it again in "
+        f"{math.ceil(wait)} s",
+        retry_after=wait,
+    )
+
+
 async def _paced(request: Request, project_id: ProjectPath) -> None:
     """Spend the request's bytes from its project's bucket, or refuse it (429); a project
     id that cannot emit is its 400 first."""
-    pace: EmitPace | None = getattr(request.app.state, "emit_pace", None)
+    pace = _pace(request)
     if pace is None:
         return
     check_project_id(project_id)
-    wait = pace.take(project_id, max(len(await request.body()), SMALLEST_COST))
-    if wait:
-        raise TooManyRequests(
-            f"project {project_id} emits faster than its share: "
-            f"{pace.rate:,.0f} bytes a second (DISPATCHER_EMIT_PROJECT_RATE, in bursts of "
-            f"{pace.burst:,.0f}); nothing of this request was queued, send it again in "
-            f"{math.ceil(wait)} s",
-            retry_after=wait,
-        )
+    cost = max(len(await request.body()), SMALLEST_COST)
+    if wait := pace.take(project_id, cost):
+        raise _refused(pace, project_id, wait)
+    request.state.emit_spent = cost
+
+
+def pace_events(request: Request, project_id: str, events: int) -> None:
+    """Once a batch is counted: spend what its `events` cost past its bytes (1 KiB each at
+    least: 1,000 tiny events in 32 KB of body make 1,000 jobs, ~0.5 MB of Redis), or refuse
+    it, the bytes it spent given back (a 429 spends nothing)."""
+    pace = _pace(request)
+    if pace is None:
+        return
+    spent = getattr(request.state, "emit_spent", 0)
+    more = events * SMALLEST_COST - spent
+    if more > 0 and (wait := pace.take(project_id, more)):
+        pace.give_back(project_id, spent)
+        raise _refused(pace, project_id, wait)
+
+
+async def _paced_redelivery(request: Request, project_id: ProjectPath) -> None:
+    """Spend what one redelivery may queue (its recorded body, at most
+    `DISPATCHER_MAX_REQUEST_BODY`) from its project's bucket, or refuse it (429): a
+    redelivery queues a new job each time, so one recorded request sent again in a loop
+    filled Redis at 36 MiB/s past the emit routes' share (review)."""
+    pace = _pace(request)
+    if pace is not None and (wait := pace.take(project_id, pace.redelivery_cost)):
+        raise _refused(pace, project_id, wait)
 
 
 Paced = Annotated[None, Depends(_paced)]
+PacedRedelivery = Annotated[None, Depends(_paced_redelivery)]

@@ -11,6 +11,7 @@ from urllib.parse import quote
 from fastapi import APIRouter, Form, Path
 from starlette.responses import RedirectResponse
 
+from dispatcher.api.pacing import PacedRedelivery
 from dispatcher.console.page import PREFIX, AdminForm, ConsoleRoute, ProjectPath, redirect
 from dispatcher.errors import InvalidInput
 from dispatcher.models import Region
@@ -110,6 +111,7 @@ async def disable(
 async def redeliver(
     page: AdminForm,
     project_id: ProjectPath,
+    paced: PacedRedelivery,
     record_id: RecordPath,
     back: Annotated[Literal["record", "dead-letters"], Form()] = "record",
 ) -> RedirectResponse:

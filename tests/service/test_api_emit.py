@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import tracemalloc
 from collections.abc import AsyncIterator
 from typing import Any
@@ -19,10 +20,22 @@ from dispatcher.api.events import read_events
 from dispatcher.api.pacing import EmitPace
 from dispatcher.embedded import EmbeddedRedis
 from dispatcher.errors import InvalidInput, PayloadTooLarge
+from dispatcher.models import Event, Region
 from dispatcher.producer import Producer
+from dispatcher.registry import Registry
 from dispatcher.serve import api_config
 from dispatcher.settings import Settings
-from tests.helpers import UID, Receiver, RunWorker, app_client, free_port, make_settings, until
+from tests.helpers import (
+    UID,
+    Receiver,
+    RunWorker,
+    all_records,
+    answer,
+    app_client,
+    free_port,
+    make_settings,
+    until,
+)
 
 EVENTS = "/apigw/v4/projects/demo/events"
 BATCH = f"{EVENTS}/batch"
@@ -383,6 +396,13 @@ async def test_an_h2c_upgrade_offer_is_ignored_as_the_jdk_client_sends_it(
     assert await redis.zcard(settings.queue_name) == 2
 
 
+def paced(url: str, **overrides: Any) -> Settings:
+    """Settings whose emit routes take bodies of 16 KiB (batches 32 KiB) and give each
+    project 1 KiB a second of its share, in bursts of `emit_project_burst`."""
+    return make_settings(url, api_max_body_bytes=16 * 1024, emit_batch_max_bytes=32 * 1024,
+                         emit_project_rate=1024, **overrides)  # fmt: skip
+
+
 async def test_a_project_emitting_past_its_rate_is_refused_alone(
     redis_server: EmbeddedRedis, redis: Redis
 ) -> None:
@@ -391,13 +411,7 @@ async def test_a_project_emitting_past_its_rate_is_refused_alone(
     on both routes, while another project emits as usual. Nothing bounded them: a project
     sending 1 MiB events faster than its receivers took them filled the Redis every project
     shares in seconds, and the others' emits got 503s (review)."""
-    settings = make_settings(
-        redis_server.url,
-        api_max_body_bytes=16 * 1024,
-        emit_batch_max_bytes=32 * 1024,
-        emit_project_rate=1024,
-        emit_project_burst=32 * 1024,
-    )
+    settings = paced(redis_server.url, emit_project_burst=32 * 1024)
     event = {"event": "BUILD_END", "data": {"blob": "x" * 8000}}
     async with app_client(settings, redis) as api:
         answers = []
@@ -422,7 +436,8 @@ async def test_a_project_emitting_past_its_rate_is_refused_alone(
 
 def test_a_projects_emit_bucket_refills_at_its_rate_and_forgets_the_least_recent() -> None:
     """The bucket: a burst, then the rate; a refusal spends nothing and says how long to
-    wait; the projects seen least recently are forgotten past `most` (a full bucket again)."""
+    wait; the projects seen least recently are forgotten past `most` (a full bucket again);
+    what a request refused after it spent is given back."""
     pace = EmitPace(rate=1000, burst=4000, most=2)
     assert pace.take("a", 3000, now=0) == 0
     assert pace.take("a", 2000, now=0) == pytest.approx(1.0)  # 1000 left, 1000 short
@@ -431,3 +446,54 @@ def test_a_projects_emit_bucket_refills_at_its_rate_and_forgets_the_least_recent
     assert pace.take("b", 4000, now=1) == 0
     assert pace.take("c", 4000, now=1) == 0  # three projects: a, seen least recently, goes
     assert pace.take("a", 4000, now=1) == 0
+    pace.give_back("a", 1500)  # a request refused after it spent: its bytes back
+    assert pace.take("a", 1500, now=1) == 0
+    assert pace.take("a", 1, now=1) > 0
+
+
+async def test_a_batch_of_tiny_events_costs_its_events_not_only_its_bytes(
+    redis_server: EmbeddedRedis, redis: Redis
+) -> None:
+    """A batch costs 1 KiB an event at least, as single emits do: 1,000 tiny events in 32
+    KB of body made 1,000 jobs (~0.5 MB of Redis) for a 32 KB charge, 16 times what was
+    counted (review). A batch refused here queues nothing and spends nothing."""
+    settings = paced(redis_server.url, emit_project_burst=64 * 1024)
+    lines = b"\n".join([b'{"event": "BUILD_END", "data": {}}'] * 30)  # ~1 KB of body
+    async with app_client(settings, redis) as api:
+        codes = [(await api.post(BATCH, content=lines, headers=NDJSON)).status_code for _ in "abc"]
+    assert codes == [200, 200, 429]  # 30 KiB each, 64 KiB in all
+    assert len(await queued_ids(redis, settings)) == 60
+
+
+async def test_a_redelivery_costs_what_it_may_queue(
+    redis_server: EmbeddedRedis, redis: Redis, receiver: Receiver, run_worker: RunWorker
+) -> None:
+    """A single redelivery queues a new job each time (its body up to
+    `DISPATCHER_MAX_REQUEST_BODY`): one recorded request sent again in a loop filled Redis
+    at 36 MiB/s, nothing charged (review). Each costs that much of its project's share, on
+    the API's route and the console's."""
+    settings = paced(
+        redis_server.url,
+        emit_project_burst=64 * 1024,
+        max_request_body=30 * 1024,
+        retry_schedule=(),
+    )
+    receiver.script("/hook", answer(400))
+    await Registry(redis).create("demo", receiver.url("/hook"), Event.BUILD_END, Region.DEVNET)
+    await Producer(settings, redis).emit("demo", "BUILD_END", {"n": 1})
+    await run_worker(settings)
+    [record] = await all_records(redis, settings, receiver.url("/hook"))
+    retry = f"/apigw/v4/projects/demo/callbacks/history/{record.id}/retry"
+    async with app_client(settings, redis) as api:
+        codes = [(await api.post(retry, headers=UID)).status_code for _ in "abc"]
+        form = (await api.get("/console/projects/demo", headers=UID)).text
+        token = re.search(r'name="csrf_token" value="([^"]+)"', form)
+        assert token is not None
+        console = await api.post(
+            f"/console/projects/demo/history/{record.id}/redeliver",
+            data={"csrf_token": token[1]},
+            headers=UID,
+        )
+    assert codes == [200, 200, 429]
+    assert console.status_code == 429 and "DISPATCHER_EMIT_PROJECT_RATE" in console.text
+    assert await redis.zcard(settings.queue_name) == 2
