@@ -22,21 +22,36 @@ SECRET_FIELDS = ("secretToken", "previousToken", "authHeaderValue")
 
 @dataclass
 class Reencrypt(Script):
-    """The new ciphertexts of `callback`'s secrets: `changes` holds (field, as read, new)
-    triples, each written only while the field still holds what was read (a secret
-    rotation or a delete that landed since the read wins: a deleted callback's field
-    holds nothing). Returns how many were written."""
+    """The new ciphertexts of `callback`'s secrets: `changes` holds (as read, new) pairs;
+    each of its `SECRET_FIELDS` that holds a value as read gets its new ciphertext,
+    whichever field it was read from (a secret rotation that landed since the read moved
+    the token to `previousToken`: it is re-encrypted there; a delete leaves nothing to
+    write). Returns
+    {fields written, fields holding a value that was not read (written since)}."""
 
-    LUA = """
-local written = 0
-for i = 1, #changes, 3 do
-  if redis.call('HGET', callback, changes[i]) == changes[i + 1] then
-    redis.call('HSET', callback, changes[i], changes[i + 2])
-    written = written + 1
+    LUA = (
+        "local fields = {'"
+        + "', '".join(SECRET_FIELDS)
+        + """'}
+local written, unread = 0, 0
+for _, field in ipairs(fields) do
+  local now = redis.call('HGET', callback, field)
+  if now and now ~= '' then
+    local new = nil
+    for i = 1, #changes, 2 do
+      if changes[i] == now then new = changes[i + 1] end
+    end
+    if new then
+      redis.call('HSET', callback, field, new)
+      written = written + 1
+    else
+      unread = unread + 1
+    end
   end
 end
-return written
+return {written, unread}
 """
+    )
     callback: Key
     changes: ArgList
 
@@ -46,15 +61,23 @@ async def rotate_all(redis: Redis, keys: Keys, cipher: TokenCipher) -> int:
     rotated = 0
     prefix = keys.CALLBACK_PREFIX.encode()
     async for key in redis.scan_iter(match=f"{keys.CALLBACK_PREFIX}*", count=500):
-        if not key[len(prefix) :].isdigit():  # not a callback: an index of them
-            continue
+        if key[len(prefix) :].isdigit():  # else not a callback: an index of them
+            rotated += await _rotate_one(redis, key.decode(), cipher)
+    return rotated
+
+
+async def _rotate_one(redis: Redis, key: str, cipher: TokenCipher, tries: int = 5) -> int:
+    """Re-encrypt one callback's secrets; read again while one changed since its read (a
+    value written meanwhile may be under the old key: a platform copy's, say)."""
+    rotated = 0
+    for _ in range(tries):
         stored = await redis.hmget(key, list(SECRET_FIELDS))  # type: ignore[misc]  # sync|async
-        changes = [
-            part
-            for name, value in zip(SECRET_FIELDS, stored, strict=True)
-            if value
-            for part in (name, value.decode(), cipher.rotate(value.decode()))
-        ]
-        if changes:
-            rotated += int(await Reencrypt(key.decode(), changes).run(redis))
+        read = {value.decode() for value in stored if value}
+        changes = [part for value in read for part in (value, cipher.rotate(value))]
+        if not changes:
+            break
+        written, unread = await Reencrypt(key, changes).run(redis)
+        rotated += int(written)
+        if not unread:
+            break
     return rotated
