@@ -5,6 +5,7 @@ callback's own auth header and secrets follow to be sendable, and how history sh
 from __future__ import annotations
 
 import base64
+import functools
 import hmac
 import re
 import time
@@ -206,31 +207,73 @@ def sent_secrets(
 ) -> list[str]:
     """What `mask_secrets` masks for an attempt: the secrets it sent (the token and the
     previous one, the custom auth header's value and then its credentials after a scheme
-    such as `Bearer `, each signature and its MAC), each also as JSON escapes it; the
-    longest first (a secret may hold another: the previous token the new one)."""
+    such as `Bearer `, each signature and its MAC), as sent."""
     found = [headers.get(TOKEN_HEADER, ""), previous_token]
     if auth_header is not None:
         found += auth_header[1], auth_header[1].partition(" ")[2]
     for signature in headers.get("webhook-signature", "").split():
         found += signature, signature[3:]  # `v1,` and the MAC
-    found += [s.replace("\\", "\\\\").replace('"', '\\"') for s in found if '"' in s or "\\" in s]
-    return sorted(filter(None, found), key=len, reverse=True)
+    return [secret for secret in found if secret]
 
 
 SHORT_SECRET = 8  # shorter secrets are masked only where they stand alone
 
 
 def mask_secrets(text: str, secrets: Sequence[str]) -> str:
-    """`text` (what a receiver answered, an error) with each of `secrets` masked: one `in`
-    per secret when none is there. One shorter than `SHORT_SECRET` is masked only where no
-    letter or digit touches it: inside words, masking would garble the text and give the
-    secret away by the gaps it leaves."""
-    for secret in secrets:
-        if secret not in text:
-            continue
-        if len(secret) >= SHORT_SECRET:
+    """`text` (what a receiver answered, an error) with each of `secrets` masked, as sent
+    and as encoders escape it (`_pattern`), the longest first (a secret may hold another:
+    the previous token the new one). When none is there, one `in` per secret no longer
+    than `text`: of a run of its letters and digits, which every form keeps (`_anchor`).
+    One shorter than `SHORT_SECRET` is masked only where no letter or digit touches it:
+    inside words, masking would garble the text and give the secret away by its gaps."""
+    size = len(text)
+    found = [secret for secret in secrets if len(secret) <= size and _anchor(secret) in text]
+    if not found:
+        return text
+    for secret in sorted(found, key=len, reverse=True):
+        if len(secret) >= SHORT_SECRET and secret in text:
             text = text.replace(secret, MASK)
-        else:
-            alone = rf"(?<![A-Za-z0-9]){re.escape(secret)}(?![A-Za-z0-9])"
-            text = re.sub(alone, MASK, text)
+        if _anchor(secret) in text:  # escaped, or short: the pattern
+            text = _pattern(secret).sub(MASK, text)
     return text
+
+
+_LONG_RUN = re.compile(r"[A-Za-z0-9]{8,}")
+_RUN = re.compile(r"[A-Za-z0-9]+")
+# What a character other than a letter or digit may be written as, besides itself: after a
+# backslash (JSON's `\/` and `\"`), as a `\u` escape in either case (Go's `\u0026`, .NET's
+# `\u002B`), as an HTML character reference (`&quot;`, `&#39;`, `&#039;`, `&#x27;`). At
+# most `ESCAPED_WIDTH` characters each.
+_NAMED = {'"': "|&quot;", "&": "|&amp;", "<": "|&lt;", ">": "|&gt;", "'": "|&apos;", "\t": r"|\\t"}
+ESCAPED_WIDTH = 8
+
+
+@functools.lru_cache(maxsize=4096)
+def _anchor(secret: str) -> str:
+    """A run of `secret`'s ASCII letters and digits, which no encoder escapes: the whole
+    secret when it is nothing else, else its first run of 8 or more, else its longest."""
+    if secret.isascii() and secret.isalnum():
+        return secret
+    if (run := _LONG_RUN.search(secret)) is not None:
+        return run.group()
+    return max(_RUN.findall(secret), key=len, default="")
+
+
+def _escaped(c: str) -> str:
+    """A pattern of `c`, a character other than a letter or digit, as any form it may take."""
+    code, named = ord(c), _NAMED.get(c, "")
+    literal = re.escape(c)
+    return (
+        rf"(?:{literal}|\\{literal}|(?i:\\u{code:04x}|&#x0{{0,2}}{code:x};)"
+        rf"|&#0{{0,2}}{code};{named})"
+    )
+
+
+@functools.lru_cache(maxsize=256)
+def _pattern(secret: str) -> re.Pattern[str]:
+    """Every form of `secret`: its letters and digits as they are, each other character
+    as `_escaped` says; standing alone when shorter than `SHORT_SECRET`."""
+    forms = "".join(c if c.isascii() and c.isalnum() else _escaped(c) for c in secret)
+    if len(secret) < SHORT_SECRET:
+        forms = rf"(?<![A-Za-z0-9]){forms}(?![A-Za-z0-9])"
+    return re.compile(forms)

@@ -5,9 +5,12 @@ sockets where aiohttp's server would not say what is wanted)."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+import html
+import json
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 import pytest
 from aiohttp import web
@@ -238,6 +241,60 @@ async def test_secrets_a_receiver_echoes_are_masked_in_the_record(
     errors = [record.error_msg or "" for record in quoted]
     assert len(errors) == settings.max_attempts and all("BadStatusLine" in e for e in errors)
     assert not [s for s in secrets for e in errors if s in e], errors
+
+
+ESCAPED_TOKEN = "tok-0123456789abcdefXYZ/+&<>'\"=end"  # a character of each kind escaped
+CREDENTIAL = "cred/0123456789+abcdef=="  # base64, as a MAC is: `/` and `+`
+
+
+def php(said: dict[str, str]) -> str:  # json_encode: `/` as `\\/`
+    return json.dumps(said).replace("/", "\\/")
+
+
+def go(said: dict[str, str]) -> str:  # encoding/json: `&<>` as `\\u0026`, `\\u003c`, `\\u003e`
+    escaped = json.dumps(said).replace("&", "\\u0026")
+    return escaped.replace("<", "\\u003c").replace(">", "\\u003e")
+
+
+def page(said: dict[str, str]) -> str:  # a debug page's HTML
+    return "".join(f"<dt>{html.escape(k)}<dd>{html.escape(v)}" for k, v in said.items())
+
+
+ENCODERS = {"/php": php, "/go": go, "/html": page}
+
+
+async def test_secrets_a_receiver_echoes_escaped_are_masked_in_the_record(
+    settings: Settings, redis: Redis, receiver: Receiver, run_worker: RunWorker
+) -> None:
+    """A receiver's framework escapes what it echoes: PHP writes `/` as `\\/`, Go `&<>` as
+    `\\u0026`…, an HTML page `"` as `&quot;`. Only JSON's `\\"` and `\\\\` were looked for,
+    so the token, the auth header's value and the signature went to the record in clear."""
+
+    def echo(encode: Callable[[dict[str, str]], str]) -> Callable[[web.Request], Any]:
+        async def answer(request: web.Request) -> web.StreamResponse:
+            return web.Response(status=401, text=encode(dict(request.headers)))
+
+        return answer
+
+    urls = {path: receiver.script(path, echo(encode)) for path, encode in ENCODERS.items()}
+    for url in urls.values():
+        await Registry(redis).create(
+            "demo", url, Event.BUILD_END, Region.DEVNET, ESCAPED_TOKEN,
+            auth_header=("Authorization", f"Bearer {CREDENTIAL}"),
+        )  # fmt: skip
+    await Producer(settings, redis).emit("demo", "BUILD_END", {})
+    await run_worker()
+
+    for path, url in urls.items():
+        [seen] = receiver.requests(path)
+        signature = seen.headers["webhook-signature"]
+        secrets = [ESCAPED_TOKEN, f"Bearer {CREDENTIAL}", CREDENTIAL, signature, signature[3:]]
+        [record] = await records(redis, settings, url)
+        body = record.response_body or ""
+        # JSON still (the masks are inside its strings), and the HTML page, read back
+        read = html.unescape(body) if path == "/html" else " ".join(json.loads(body).values())
+        assert not [secret for secret in secrets if secret in read], body
+        assert read.count("******") == 3 and "BUILD_END" in read, body
 
 
 # ---- error texts ------------------------------------------------------------------------
