@@ -21,8 +21,10 @@ from dispatcher.clock import now_ms
 from dispatcher.errors import AddressRefused, describe
 from dispatcher.headers import (
     AuthHeader,
+    mask_cut,
     mask_headers,
     mask_secrets,
+    past_cut,
     request_headers,
     sent_secrets,
 )
@@ -310,30 +312,40 @@ class _Answer:
     async def read(
         self, response: aiohttp.ClientResponse, limit: int, secrets: Sequence[str]
     ) -> None:
-        """The status, then `Retry-After`, then at most `limit` bytes of the body (the
-        rest is never read into memory), `secrets` masked, kept as far as it takes at most
-        `limit` bytes in the record (`truncate_json`: a control character read as 1 byte
-        is stored as 6)."""
+        """The status, then `Retry-After`, then at most `limit` bytes of the body, `secrets`
+        masked, kept as far as it takes at most `limit` bytes in the record (`truncate_json`:
+        a control character read as 1 byte is stored as 6). A longer body is read on as far
+        as the widest form of the longest secret (`mask_cut`), the rest never into memory."""
         self.status = response.status
         self.retry_after = parse_retry_after(response.headers.get("retry-after"))
-        chunks: list[bytes] = []
-        size = 0
-        truncated = False
-        async for chunk in response.content.iter_any():
-            chunks.append(chunk)
-            size += len(chunk)
-            if size > limit:
-                truncated = True
-                break
-        text = b"".join(chunks)[:limit].decode("utf-8", errors="replace")
-        self.text, cut = truncate_json(mask_secrets(text, secrets) if text else text, limit)
-        if truncated or cut:
+        body = await _read(response.content, limit)
+        if len(body) > limit:
+            if (wanted := limit + past_cut(secrets) - len(body)) > 0:
+                body += await _read(response.content, wanted)
+            text = mask_cut(body, limit, secrets)
+        else:
+            text = body.decode("utf-8", errors="replace")
+            text = mask_secrets(text, secrets) if text else text
+        self.text, cut = truncate_json(text, limit)
+        if len(body) > limit or cut:
             self.text += f"... [truncated at {limit} bytes]"
 
     def result(self, outcome: Outcome, error: str | None, started: int) -> AttemptResult:
         return AttemptResult(
             outcome, self.status, self.text, error, self.retry_after, started, now_ms()
         )
+
+
+async def _read(content: aiohttp.StreamReader, limit: int) -> bytes:
+    """What `content` holds, read until there is more than `limit` bytes or it ends."""
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in content.iter_any():
+        chunks.append(chunk)
+        size += len(chunk)
+        if size > limit:
+            break
+    return b"".join(chunks)
 
 
 async def attempt(

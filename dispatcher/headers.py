@@ -5,6 +5,7 @@ callback's own auth header and secrets follow to be sendable, and how history sh
 from __future__ import annotations
 
 import base64
+import codecs
 import functools
 import hmac
 import re
@@ -29,6 +30,7 @@ __all__ = [
     "AuthHeader",
     "check_auth_header",
     "check_header_value",
+    "mask_cut",
     "mask_headers",
     "mask_secrets",
     "request_headers",
@@ -236,6 +238,29 @@ def mask_secrets(text: str, secrets: Sequence[str]) -> str:
         if _anchor(secret) in text:  # escaped, or short: the pattern
             text = _pattern(secret).sub(MASK, text)
     return text
+
+
+def mask_cut(body: bytes, limit: int, secrets: Sequence[str]) -> str:
+    """The first `limit` bytes of `body` decoded (a character they cut left out), with
+    `secrets` masked, and one across the cut too: `body` goes on past the cut as far as the
+    widest form of the longest secret (`past_cut`), so a secret the cut falls inside is
+    masked whole there, and what is kept ends where that mask begins."""
+    decoder = codecs.getincrementaldecoder("utf-8")("replace")
+    head = decoder.decode(body[:limit])
+    whole = mask_secrets(head + decoder.decode(body[limit:], final=True), secrets)
+    head = mask_secrets(head, secrets)
+    if whole.startswith(head):
+        return head
+    same, differs = 0, min(len(head), len(whole))  # their longest common start, by halves
+    while same < differs:
+        middle = (same + differs + 1) // 2
+        same, differs = (middle, differs) if whole[:middle] == head[:middle] else (same, middle - 1)
+    return head[:same] + MASK
+
+
+def past_cut(secrets: Sequence[str]) -> int:
+    """How far `mask_cut` wants to read past a cut: the widest form of the longest secret."""
+    return ESCAPED_WIDTH * max(map(len, secrets), default=0)
 
 
 _LONG_RUN = re.compile(r"[A-Za-z0-9]{8,}")

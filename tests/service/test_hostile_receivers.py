@@ -297,6 +297,39 @@ async def test_secrets_a_receiver_echoes_escaped_are_masked_in_the_record(
         assert read.count("******") == 3 and "BUILD_END" in read, body
 
 
+async def test_a_secret_across_the_read_limit_is_masked_whole(
+    settings: Settings, redis: Redis, receiver: Receiver, run_worker: RunWorker
+) -> None:
+    """The body was cut to the read limit, then masked: a secret across the cut kept its
+    start, so a member choosing the size of a payload the receiver echoes read the token
+    but its last character. Here the cut falls inside the token as sent, and inside its
+    `\\/` as PHP writes it."""
+    limit = settings.max_response_body
+    escaped = ESCAPED_TOKEN.replace("/", "\\/")
+    padding = {"/plain": limit - 11, "/php": limit - escaped.index("/")}  # the cut's place
+
+    def echo(path: str) -> Callable[[web.Request], Any]:
+        async def answer(request: web.Request) -> web.StreamResponse:
+            token = request.headers["X-DEVOPS-WEBHOOK-TOKEN"]
+            token = token.replace("/", "\\/") if path == "/php" else token
+            return web.Response(status=401, text="x" * padding[path] + token + " and more")
+
+        return answer
+
+    urls = {path: receiver.script(path, echo(path)) for path in padding}
+    for url in urls.values():
+        await Registry(redis).create("demo", url, Event.BUILD_END, Region.DEVNET, ESCAPED_TOKEN)
+    await Producer(settings, redis).emit("demo", "BUILD_END", {})
+    await run_worker()
+
+    for path, url in urls.items():
+        [record] = await records(redis, settings, url)
+        body = record.response_body or ""
+        kept = body.removesuffix(f"... [truncated at {limit} bytes]")
+        assert kept != body and kept.startswith("x" * padding[path] + "******"), body[-80:]
+        assert "tok-" not in kept, body[-80:]
+
+
 # ---- error texts ------------------------------------------------------------------------
 
 

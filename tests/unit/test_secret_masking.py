@@ -14,7 +14,7 @@ import aiohttp
 import pytest
 
 from dispatcher.delivery import send
-from dispatcher.headers import mask_secrets, request_headers, sent_secrets
+from dispatcher.headers import mask_cut, mask_secrets, request_headers, sent_secrets
 
 
 def test_every_secret_sent_is_masked_as_sent_and_json_escaped() -> None:
@@ -115,3 +115,25 @@ async def test_a_secret_in_a_client_errors_message_is_masked() -> None:
         secrets=sent_secrets({"X-DEVOPS-WEBHOOK-TOKEN": token}),
     )  # fmt: skip
     assert result.error == "ClientOSError: the peer said: bad token ******"
+
+
+@pytest.mark.parametrize("encode", [str, *ENCODERS])
+@pytest.mark.parametrize("at", [4, 10, 24, 25, 26, 30])
+def test_a_secret_across_the_cut_leaves_nothing_of_itself(encode: Any, at: int) -> None:
+    """`mask_cut` keeps `limit` bytes of what was read past them: a secret (in any form)
+    that the cut falls inside is masked whole, where it began."""
+    form = encode(TOKEN).strip('"')  # JSON's quotes are not the secret's
+    limit = 100
+    text = "x" * (limit - at) + form + " and more"
+    kept = mask_cut(text.encode(), limit, [TOKEN])
+    assert kept == "x" * (limit - at) + "******", kept
+    assert mask_cut(text.encode(), limit - at, [TOKEN]) == "x" * (limit - at)
+
+
+def test_what_the_cut_keeps_is_as_it_came_when_no_secret_is_across_it() -> None:
+    """A character across the cut (its UTF-8 bytes apart) is left out, and a secret
+    wholly before the cut is masked as anywhere."""
+    body = ("é" * 40 + " " + TOKEN + " " + "é" * 40).encode()
+    for after in range(20):  # bytes kept after the token and a space: 10 "é", a cut one
+        kept = mask_cut(body, len(TOKEN) + 82 + after, [TOKEN])
+        assert kept == "é" * 40 + " ****** " + "é" * (after // 2)
