@@ -174,9 +174,11 @@ def _refused(exc: BaseException) -> AddressRefused | None:
 
 
 # The client's own errors: their messages speak of hosts, addresses and sockets; but those
-# of a malformed answer quote it (`_malformed`).
+# of a malformed answer quote it (`_malformed`), and a server's disconnection holds the
+# answer's head (said in our words; `describe` keeps no message that is not words).
 _NETWORK_ERRORS = (aiohttp.ClientError, OSError)
 _BAD_PROXY = "the region's proxy URL is not valid (DISPATCHER_REGION_PROXIES)"
+_CLOSED = "the receiver closed the connection before its answer was complete"
 MAX_ERROR = 300  # characters of an error text: a record's, a log line's, a lastError's
 
 
@@ -206,6 +208,8 @@ def _error_text(exc: BaseException, timeouts: tuple[float, float]) -> str:
         return f"timed out connecting after {timeouts[0]:g}s"
     if isinstance(exc, TimeoutError):
         return f"timed out after {timeouts[1]:g}s" + (f" ({exc})" if str(exc) else "")
+    if isinstance(exc, aiohttp.ServerDisconnectedError):  # its text: the head it had read
+        return f"{type(exc).__name__}: {_CLOSED}"
     return describe(exc, trusted=_NETWORK_ERRORS)
 
 

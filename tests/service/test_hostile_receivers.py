@@ -83,6 +83,9 @@ class RawReceiver:
                 writer.write(b"HTTP/1.1 2OO " + token + b"\r\n\r\n")
                 await writer.drain()
                 return
+            if path == "/cut-head":
+                self.cut(head, writer)
+                return
             if path in BAD_ANSWERS:
                 writer.write(BAD_ANSWERS[path])
                 await writer.drain()
@@ -106,6 +109,10 @@ class RawReceiver:
         finally:
             self.events.append(f"closed {path}")
             writer.close()
+
+    def cut(self, head: bytes, writer: asyncio.StreamWriter) -> None:
+        token = head.partition(b"X-DEVOPS-WEBHOOK-TOKEN: ")[2].partition(b"\r")[0]
+        writer.write(b"HTTP/1.1 200 OK\r\nX-Echo: " + token + b"\r\nX-Note: see evil.example\r\n")
 
 
 @asynccontextmanager
@@ -363,6 +370,29 @@ async def test_an_answer_the_client_refuses_is_recorded_in_a_short_line_of_our_o
              "(ContentLengthError)")
         ],
     }  # fmt: skip
+
+
+async def test_a_connection_closed_inside_the_answers_head_is_said_in_our_words(
+    settings: Settings, redis: Redis, run_worker: RunWorker
+) -> None:
+    """aiohttp's `ServerDisconnectedError` holds the message it had parsed, and its text is
+    that message's repr: the receiver's reason phrase and header values (the token it
+    echoed, a note of its own) in errorMsg, the log line, lastError and a disable reason;
+    a token holding both `'` and `"` was not even masked there, its quotes escaped."""
+    settings = settings.model_copy(update={"retry_schedule": ()})
+    token = "ab'cd\"ef-0123456789"
+    async with raw_receiver() as hostile:
+        url = hostile.base + "/cut-head"
+        await Registry(redis).create("demo", url, Event.BUILD_END, Region.DEVNET, token)
+        await Producer(settings, redis).emit("demo", "BUILD_END", {})
+        await run_worker(settings)
+        [record] = await records(redis, settings, url)
+
+    assert (record.response_code, record.error_msg) == (
+        None,
+        "ServerDisconnectedError: the receiver closed the connection before its answer was "
+        "complete",
+    )
 
 
 # ---- statuses ---------------------------------------------------------------------------
