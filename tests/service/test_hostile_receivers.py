@@ -5,6 +5,7 @@ sockets where aiohttp's server would not say what is wanted)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import html
 import json
 from collections.abc import AsyncIterator, Callable
@@ -54,6 +55,7 @@ BAD_ANSWERS = {  # what aiohttp refuses, quoting it (8 KB of it) in its error's 
     "/cut-short": b"HTTP/1.1 503 X\r\nContent-Length: 100000\r\n\r\n" + LONG,
 }
 CLOSE = b"Content-Length: 0\r\nConnection: close"
+BARE_101 = b"HTTP/1.1 101 Switching Protocols\r\n\r\n"  # no Upgrade: aiohttp keeps it alive
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok"
 
 
@@ -64,7 +66,10 @@ class RawReceiver:
     closed), `/status-N` with status N and no body, `/echo-status` with a bad status line
     quoting its token, a path of `BAD_ANSWERS` with its answer. `events` tells, in
     order, each connection's request (`open /path`) and its end (`closed /path`: the peer
-    closed or reset it)."""
+    closed or reset it). `/bare-101` answers a 101 with no `Upgrade` and then takes
+    whatever else comes on the connection as the switched protocol (`after /bare-101 …`:
+    what came); `/cut-head` sends a status line and a header quoting the token, then
+    closes."""
 
     base: str = ""
     events: list[str] = field(default_factory=list)
@@ -78,6 +83,9 @@ class RawReceiver:
             head = await reader.readuntil(b"\r\n\r\n")
             path = head.split(b" ", 2)[1].decode()
             self.events.append(f"open {path}")
+            if path == "/bare-101":
+                await self.switch(head, reader, writer)
+                return
             if path == "/echo-status":  # the token quoted in a status line aiohttp refuses
                 token = head.partition(b"X-DEVOPS-WEBHOOK-TOKEN: ")[2].partition(b"\r")[0]
                 writer.write(b"HTTP/1.1 2OO " + token + b"\r\n\r\n")
@@ -113,6 +121,16 @@ class RawReceiver:
     def cut(self, head: bytes, writer: asyncio.StreamWriter) -> None:
         token = head.partition(b"X-DEVOPS-WEBHOOK-TOKEN: ")[2].partition(b"\r")[0]
         writer.write(b"HTTP/1.1 200 OK\r\nX-Echo: " + token + b"\r\nX-Note: see evil.example\r\n")
+
+    async def switch(
+        self, head: bytes, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        await reader.readexactly(int(head.partition(b"Content-Length: ")[2].partition(b"\r")[0]))
+        writer.write(BARE_101)
+        await writer.drain()
+        with contextlib.suppress(TimeoutError):  # until the peer closes, or 5 s
+            while data := await asyncio.wait_for(reader.read(65536), 5):
+                self.events.append(f"after /bare-101 {data[:200]!r}")
 
 
 @asynccontextmanager
@@ -425,3 +443,31 @@ async def test_a_status_outside_200_599_is_a_protocol_error_and_retried(
         attempts = await records(redis, settings, url)
     assert [(r.response_code, r.error_msg) for r in attempts] == [(status, e) for e in errors]
     assert [r.final for r in attempts] == [False] * (len(errors) - 1) + [True]
+
+
+async def test_a_connection_that_answered_101_carries_no_other_request(
+    settings: Settings, redis: Redis, run_worker: RunWorker
+) -> None:
+    """A bare `101 Switching Protocols` (no `Upgrade` header) left the connection in the
+    client's pool: the next delivery to that host and port (projB's as likely as projA's
+    own retry) was written into what the receiver had switched to another protocol, its
+    token and signature with it, and failed as `ServerDisconnectedError`. A connection that
+    answered a status outside 200-599 is closed now. projA's 101 and projB's 503 are both
+    retried after 50 ms, and every request goes on a connection of its own."""
+    settings = settings.model_copy(update={"retry_schedule": (0.05,)})
+    async with raw_receiver() as hostile:
+        urls = {"projA": hostile.base + "/bare-101", "projB": hostile.base + "/status-503"}
+        for project, url in urls.items():
+            await Registry(redis).create(project, url, Event.BUILD_END, Region.DEVNET, project * 3)
+        for project in urls:
+            await Producer(settings, redis).emit(project, "BUILD_END", {})
+        await run_worker(settings)
+        said = {p: [(r.response_code, r.error_msg) for r in await records(redis, settings, u, p)]
+                for p, u in urls.items()}  # fmt: skip
+
+    assert [event for event in hostile.events if event.startswith("after")] == []
+    assert said == {
+        "projA": [(101, f"HTTP 101: {NOT_FINAL}")] * 2,
+        "projB": [(503, "HTTP 503")] * 2,
+    }
+    assert hostile.of("/bare-101") == ["open", "closed"] * 2
