@@ -233,18 +233,25 @@ def mask_secrets(text: str, secrets: Sequence[str]) -> str:
     if not found:
         return text
     for secret in sorted(found, key=len, reverse=True):
-        if len(secret) >= SHORT_SECRET and secret in text:
+        if _whole(secret) and secret in text:
             text = text.replace(secret, MASK)
         if _anchor(secret) in text:  # escaped, or short: the pattern
             text = _pattern(secret).sub(MASK, text)
     return text
 
 
+def _whole(secret: str) -> bool:
+    """Whether `secret` as sent is a whole form wherever it stands, so that replacing it
+    leaves nothing of an escape behind: long enough, and no escape of its first character
+    ends with it (`\\/`), nor one of its last begins with it (`&amp;`, `\\\\`)."""
+    return len(secret) >= SHORT_SECRET and secret[0].isalnum() and secret[-1] not in "&\\"
+
+
 def mask_cut(body: bytes, limit: int, secrets: Sequence[str]) -> str:
     """The first `limit` bytes of `body` decoded (a character they cut left out), with
     `secrets` masked, and one across the cut too: `body` goes on past the cut as far as the
     widest form of the longest secret (`past_cut`), so a secret the cut falls inside is
-    masked whole there, and what is kept ends where that mask begins."""
+    masked whole there, and what is kept ends with a mask where the two part."""
     decoder = codecs.getincrementaldecoder("utf-8")("replace")
     head = decoder.decode(body[:limit])
     whole = mask_secrets(head + decoder.decode(body[limit:], final=True), secrets)
@@ -255,7 +262,7 @@ def mask_cut(body: bytes, limit: int, secrets: Sequence[str]) -> str:
     while same < differs:
         middle = (same + differs + 1) // 2
         same, differs = (middle, differs) if whole[:middle] == head[:middle] else (same, middle - 1)
-    return head[:same] + MASK
+    return head[:same] if head[:same].endswith(MASK) else head[:same] + MASK
 
 
 def past_cut(secrets: Sequence[str]) -> int:
@@ -288,9 +295,9 @@ def _escaped(c: str) -> str:
     """A pattern of `c`, a character other than a letter or digit, as any form it may take."""
     code, named = ord(c), _NAMED.get(c, "")
     literal = re.escape(c)
-    return (
-        rf"(?:{literal}|\\{literal}|(?i:\\u{code:04x}|&#x0{{0,2}}{code:x};)"
-        rf"|&#0{{0,2}}{code};{named})"
+    return (  # the escapes first: the last character's `&amp;` masked whole, not its `&`
+        rf"(?:\\{literal}|(?i:\\u{code:04x}|&#x0{{0,2}}{code:x};)|&#0{{0,2}}{code};"
+        rf"{named}|{literal})"
     )
 
 
