@@ -208,13 +208,14 @@ def sent_secrets(
     headers: Mapping[str, str], previous_token: str = "", auth_header: AuthHeader | None = None
 ) -> list[str]:
     """What `mask_secrets` masks for an attempt: the secrets it sent (the token and the
-    previous one, the custom auth header's value and then its credentials after a scheme
-    such as `Bearer `, each signature and its MAC), as sent."""
+    previous one, the credentials after a scheme such as `Bearer ` and then the custom auth
+    header's whole value, each signature's MAC and then the signature), as sent: each that
+    holds another just after it."""
     found = [headers.get(TOKEN_HEADER, ""), previous_token]
     if auth_header is not None:
-        found += auth_header[1], auth_header[1].partition(" ")[2]
+        found += auth_header[1].partition(" ")[2], auth_header[1]
     for signature in headers.get("webhook-signature", "").split():
-        found += signature, signature[3:]  # `v1,` and the MAC
+        found += signature[3:], signature  # the MAC, and with `v1,`
     return [secret for secret in found if secret]
 
 
@@ -225,11 +226,19 @@ def mask_secrets(text: str, secrets: Sequence[str]) -> str:
     """`text` (what a receiver answered, an error) with each of `secrets` masked, as sent
     and as encoders escape it (`_pattern`), the longest first (a secret may hold another:
     the previous token the new one). When none is there, one `in` per secret no longer
-    than `text`: of a run of its letters and digits, which every form keeps (`_anchor`).
+    than `text`: of a run of its letters and digits, which every form keeps (`_anchor`);
+    one that holds the secret before it (`sent_secrets`) is there only if that one is.
     One shorter than `SHORT_SECRET` is masked only where no letter or digit touches it:
     inside words, masking would garble the text and give the secret away by its gaps."""
-    size = len(text)
-    found = [secret for secret in secrets if len(secret) <= size and _anchor(secret) in text]
+    size, found, inner, there = len(text), [], "", False
+    for secret in secrets:
+        if len(secret) > size:
+            continue
+        if not (inner and inner in secret):
+            there = _anchor(secret) in text
+        if there:
+            found.append(secret)
+        inner = secret
     if not found:
         return text
     for secret in sorted(found, key=len, reverse=True):
