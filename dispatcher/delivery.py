@@ -138,8 +138,8 @@ def encode_body(event: str, project_id: str, data: Mapping[str, Any]) -> bytes:
 
 def classify(status_code: int) -> Outcome:
     """2xx succeeds; 408, 429 and 5xx are retried; 410 disables; other 3xx and 4xx are
-    final. A status no request ends with (101, a switch nobody asked for; 600 to 999) is a
-    protocol error, retried like an answer that is not HTTP."""
+    final. A status no request ends with (below 100; 101, a switch nobody asked for; 600 to
+    999) is a protocol error, retried like an answer that is not HTTP."""
     if 200 <= status_code < 300:
         return Outcome.SUCCESS
     if status_code == 410:

@@ -422,6 +422,7 @@ NOT_FINAL = "not a final status (200-599): a protocol error, retried"
     ("status", "errors"),
     [
         (101, [f"HTTP 101: {NOT_FINAL}"] * 2),  # a protocol switch nobody asked for
+        (99, [f"HTTP 99: {NOT_FINAL}"] * 2),  # `099`: below any status
         (600, [f"HTTP 600: {NOT_FINAL}"] * 2),
         (999, [f"HTTP 999: {NOT_FINAL}"] * 2),
         (599, ["HTTP 599"] * 2),  # 5xx: retried
@@ -436,7 +437,7 @@ async def test_a_status_outside_200_599_is_a_protocol_error_and_retried(
     README said neither. Now any status a request cannot end with is a protocol error."""
     settings = settings.model_copy(update={"retry_schedule": (0.05,)})
     async with raw_receiver() as hostile:
-        url = f"{hostile.base}/status-{status}"
+        url = f"{hostile.base}/status-{status:03}"
         await Registry(redis).create("demo", url, Event.BUILD_END, Region.DEVNET)
         await Producer(settings, redis).emit("demo", "BUILD_END", {})
         await run_worker(settings)
