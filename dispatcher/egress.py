@@ -297,9 +297,9 @@ class _Response(aiohttp.ClientResponse):
     that host and port, another project's too, was written into the switched protocol."""
 
     async def start(self, connection: Connection) -> aiohttp.ClientResponse:
-        if connection.protocol is None:  # aiohttp's own start says what is wrong
+        if (handler := connection.protocol) is None:  # aiohttp's own start says what's wrong
             return await super().start(connection)
-        protocol: ResponseHandler = connection.protocol
+        protocol: ResponseHandler = handler  # (a property: read once)
         read, seen = protocol.read, 0
 
         async def counted() -> tuple[RawResponseMessage, StreamReader]:
