@@ -21,8 +21,10 @@ from dispatcher.clock import now_ms
 from dispatcher.errors import AddressRefused, describe
 from dispatcher.headers import (
     AuthHeader,
+    mask_cut,
     mask_headers,
     mask_secrets,
+    past_cut,
     request_headers,
     sent_secrets,
 )
@@ -136,8 +138,8 @@ def encode_body(event: str, project_id: str, data: Mapping[str, Any]) -> bytes:
 
 def classify(status_code: int) -> Outcome:
     """2xx succeeds; 408, 429 and 5xx are retried; 410 disables; other 3xx and 4xx are
-    final. A status no request ends with (101, a switch nobody asked for; 600 to 999) is a
-    protocol error, retried like an answer that is not HTTP."""
+    final. A status no request ends with (below 100; 101, a switch nobody asked for; 600 to
+    999) is a protocol error, retried like an answer that is not HTTP."""
     if 200 <= status_code < 300:
         return Outcome.SUCCESS
     if status_code == 410:
@@ -172,9 +174,11 @@ def _refused(exc: BaseException) -> AddressRefused | None:
 
 
 # The client's own errors: their messages speak of hosts, addresses and sockets; but those
-# of a malformed answer quote it (`_malformed`).
+# of a malformed answer quote it (`_malformed`), and a server's disconnection holds the
+# answer's head (said in our words; `describe` keeps no message that is not words).
 _NETWORK_ERRORS = (aiohttp.ClientError, OSError)
 _BAD_PROXY = "the region's proxy URL is not valid (DISPATCHER_REGION_PROXIES)"
+_CLOSED = "the receiver closed the connection before its answer was complete"
 MAX_ERROR = 300  # characters of an error text: a record's, a log line's, a lastError's
 
 
@@ -204,6 +208,8 @@ def _error_text(exc: BaseException, timeouts: tuple[float, float]) -> str:
         return f"timed out connecting after {timeouts[0]:g}s"
     if isinstance(exc, TimeoutError):
         return f"timed out after {timeouts[1]:g}s" + (f" ({exc})" if str(exc) else "")
+    if isinstance(exc, aiohttp.ServerDisconnectedError):  # its text: the head it had read
+        return f"{type(exc).__name__}: {_CLOSED}"
     return describe(exc, trusted=_NETWORK_ERRORS)
 
 
@@ -310,30 +316,40 @@ class _Answer:
     async def read(
         self, response: aiohttp.ClientResponse, limit: int, secrets: Sequence[str]
     ) -> None:
-        """The status, then `Retry-After`, then at most `limit` bytes of the body (the
-        rest is never read into memory), `secrets` masked, kept as far as it takes at most
-        `limit` bytes in the record (`truncate_json`: a control character read as 1 byte
-        is stored as 6)."""
+        """The status, then `Retry-After`, then at most `limit` bytes of the body, `secrets`
+        masked, kept as far as it takes at most `limit` bytes in the record (`truncate_json`:
+        a control character read as 1 byte is stored as 6). A longer body is read on as far
+        as the widest form of the longest secret (`mask_cut`), the rest never into memory."""
         self.status = response.status
         self.retry_after = parse_retry_after(response.headers.get("retry-after"))
-        chunks: list[bytes] = []
-        size = 0
-        truncated = False
-        async for chunk in response.content.iter_any():
-            chunks.append(chunk)
-            size += len(chunk)
-            if size > limit:
-                truncated = True
-                break
-        text = b"".join(chunks)[:limit].decode("utf-8", errors="replace")
-        self.text, cut = truncate_json(mask_secrets(text, secrets) if text else text, limit)
-        if truncated or cut:
+        body = await _read(response.content, limit)
+        if len(body) > limit:
+            if (wanted := limit + past_cut(secrets) - len(body)) > 0:
+                body += await _read(response.content, wanted)
+            text = mask_cut(body, limit, secrets)
+        else:
+            text = body.decode("utf-8", errors="replace")
+            text = mask_secrets(text, secrets) if text else text
+        self.text, cut = truncate_json(text, limit)
+        if len(body) > limit or cut:
             self.text += f"... [truncated at {limit} bytes]"
 
     def result(self, outcome: Outcome, error: str | None, started: int) -> AttemptResult:
         return AttemptResult(
             outcome, self.status, self.text, error, self.retry_after, started, now_ms()
         )
+
+
+async def _read(content: aiohttp.StreamReader, limit: int) -> bytes:
+    """What `content` holds, read until there is more than `limit` bytes or it ends."""
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in content.iter_any():
+        chunks.append(chunk)
+        size += len(chunk)
+        if size > limit:
+            break
+    return b"".join(chunks)
 
 
 async def attempt(

@@ -52,6 +52,7 @@ if TYPE_CHECKING:
     from collections.abc import Mapping
     from contextlib import AbstractAsyncContextManager
 
+    from aiohttp.client_proto import ResponseHandler
     from aiohttp.connector import Connection
     from aiohttp.http import RawResponseMessage
     from aiohttp.streams import StreamReader
@@ -286,26 +287,32 @@ class TooManyInformational(aiohttp.ClientError):
 
 
 class _Response(aiohttp.ClientResponse):
-    """aiohttp's response, its informational answers capped. `start` skips 1xx answers one
-    after another, without end, and without yielding while they are buffered: a receiver
-    streaming `103 Early Hints` held the worker's loop (every project's deliveries) until
-    the total timeout. Each message `start` reads is counted on the way (the connection's
-    `read`, wrapped for that call alone); past the cap it raises, and aiohttp closes the
-    connection."""
+    """aiohttp's response, its informational answers capped, its connection closed after a
+    status no request ends with. `start` skips 1xx answers one after another, without end
+    or yielding while they are buffered: a receiver streaming `103 Early Hints` held the
+    worker's loop until the total timeout. Each message `start` reads is seen on the way
+    (the connection's `read`, wrapped for that call alone): past the cap it raises, and
+    aiohttp closes the connection; a status outside 200-599 (a bare `101`, no `Upgrade`)
+    marks it to close when released: it went back to the pool, and the next delivery to
+    that host and port, another project's too, was written into the switched protocol."""
 
     async def start(self, connection: Connection) -> aiohttp.ClientResponse:
-        protocol = connection.protocol
-        if protocol is None:  # aiohttp's own start says what is wrong
+        if (handler := connection.protocol) is None:  # aiohttp's own start says what's wrong
             return await super().start(connection)
+        protocol: ResponseHandler = handler  # (a property: read once)
         read, seen = protocol.read, 0
 
         async def counted() -> tuple[RawResponseMessage, StreamReader]:
             nonlocal seen
             message, payload = await read()
+            if 200 <= message.code < 600:
+                return message, payload
             if 100 <= message.code < 200 and message.code != 101:  # what `start` skips
                 seen += 1
                 if seen > MAX_INFORMATIONAL:
                     raise TooManyInformational
+            else:  # the answer, released when its (empty) body ends: never to be reused
+                protocol.force_close()
             return message, payload
 
         protocol.read = counted  # type: ignore[method-assign]

@@ -157,11 +157,15 @@ class AddressRefused(OSError):
 
 def describe(exc: BaseException, *, trusted: tuple[type[BaseException], ...] = ()) -> str:
     """`exc` for a log line or a record: its type, its message only when the message is
-    ours (a `DispatcherError`) or of a kind in `trusted`, else where it was raised. Other
-    code's messages may quote the value they choked on (a header holding a secret token,
-    say), so they never reach a log line; `repr(exc)` never does either."""
+    ours (a `DispatcherError`) or of a kind in `trusted` and made of strings and numbers
+    only, else where it was raised. Other code's messages may quote the value they choked
+    on (a header holding a secret token, say), so they never reach a log line; `repr(exc)`
+    never does either, nor the repr of an object a trusted error holds (aiohttp's
+    `ServerDisconnectedError` holds the answer's head it had parsed)."""
     name = type(exc).__name__
-    if isinstance(exc, (DispatcherError, *trusted)):
+    if isinstance(exc, DispatcherError) or (
+        isinstance(exc, trusted) and all(isinstance(arg, str | int) for arg in exc.args)
+    ):
         return f"{name}: {exc}" if str(exc) else name
     frames = traceback.extract_tb(exc.__traceback__)
     return f"{name} at {Path(frames[-1].filename).name}:{frames[-1].lineno}" if frames else name

@@ -5,6 +5,8 @@ callback's own auth header and secrets follow to be sendable, and how history sh
 from __future__ import annotations
 
 import base64
+import codecs
+import functools
 import hmac
 import re
 import time
@@ -28,6 +30,7 @@ __all__ = [
     "AuthHeader",
     "check_auth_header",
     "check_header_value",
+    "mask_cut",
     "mask_headers",
     "mask_secrets",
     "request_headers",
@@ -205,32 +208,113 @@ def sent_secrets(
     headers: Mapping[str, str], previous_token: str = "", auth_header: AuthHeader | None = None
 ) -> list[str]:
     """What `mask_secrets` masks for an attempt: the secrets it sent (the token and the
-    previous one, the custom auth header's value and then its credentials after a scheme
-    such as `Bearer `, each signature and its MAC), each also as JSON escapes it; the
-    longest first (a secret may hold another: the previous token the new one)."""
+    previous one, the credentials after a scheme such as `Bearer ` and then the custom auth
+    header's whole value, each signature's MAC and then the signature), as sent: each that
+    holds another just after it."""
     found = [headers.get(TOKEN_HEADER, ""), previous_token]
     if auth_header is not None:
-        found += auth_header[1], auth_header[1].partition(" ")[2]
+        found += auth_header[1].partition(" ")[2], auth_header[1]
     for signature in headers.get("webhook-signature", "").split():
-        found += signature, signature[3:]  # `v1,` and the MAC
-    found += [s.replace("\\", "\\\\").replace('"', '\\"') for s in found if '"' in s or "\\" in s]
-    return sorted(filter(None, found), key=len, reverse=True)
+        found += signature[3:], signature  # the MAC, and with `v1,`
+    return [secret for secret in found if secret]
 
 
 SHORT_SECRET = 8  # shorter secrets are masked only where they stand alone
 
 
 def mask_secrets(text: str, secrets: Sequence[str]) -> str:
-    """`text` (what a receiver answered, an error) with each of `secrets` masked: one `in`
-    per secret when none is there. One shorter than `SHORT_SECRET` is masked only where no
-    letter or digit touches it: inside words, masking would garble the text and give the
-    secret away by the gaps it leaves."""
+    """`text` (what a receiver answered, an error) with each of `secrets` masked, as sent
+    and as encoders escape it (`_pattern`), the longest first (a secret may hold another:
+    the previous token the new one). When none is there, one `in` per secret no longer
+    than `text`: of a run of its letters and digits, which every form keeps (`_anchor`);
+    one that holds the secret before it (`sent_secrets`) is there only if that one is.
+    One shorter than `SHORT_SECRET` is masked only where no letter or digit touches it:
+    inside words, masking would garble the text and give the secret away by its gaps."""
+    size, found, inner, there = len(text), [], "", False
     for secret in secrets:
-        if secret not in text:
+        if len(secret) > size:
             continue
-        if len(secret) >= SHORT_SECRET:
+        if not (inner and inner in secret):
+            there = _anchor(secret) in text
+        if there:
+            found.append(secret)
+        inner = secret
+    if not found:
+        return text
+    for secret in sorted(found, key=len, reverse=True):
+        if _whole(secret) and secret in text:
             text = text.replace(secret, MASK)
-        else:
-            alone = rf"(?<![A-Za-z0-9]){re.escape(secret)}(?![A-Za-z0-9])"
-            text = re.sub(alone, MASK, text)
+        if _anchor(secret) in text:  # escaped, or short: the pattern
+            text = _pattern(secret).sub(MASK, text)
     return text
+
+
+def _whole(secret: str) -> bool:
+    """Whether `secret` as sent is a whole form wherever it stands, so that replacing it
+    leaves nothing of an escape behind: long enough, and no escape of its first character
+    ends with it (`\\/`), nor one of its last begins with it (`&amp;`, `\\\\`)."""
+    return len(secret) >= SHORT_SECRET and secret[0].isalnum() and secret[-1] not in "&\\"
+
+
+def mask_cut(body: bytes, limit: int, secrets: Sequence[str]) -> str:
+    """The first `limit` bytes of `body` decoded (a character they cut left out), with
+    `secrets` masked, and one across the cut too: `body` goes on past the cut as far as the
+    widest form of the longest secret (`past_cut`), so a secret the cut falls inside is
+    masked whole there, and what is kept ends with a mask where the two part."""
+    decoder = codecs.getincrementaldecoder("utf-8")("replace")
+    head = decoder.decode(body[:limit])
+    whole = mask_secrets(head + decoder.decode(body[limit:], final=True), secrets)
+    head = mask_secrets(head, secrets)
+    if whole.startswith(head):
+        return head
+    same, differs = 0, min(len(head), len(whole))  # their longest common start, by halves
+    while same < differs:
+        middle = (same + differs + 1) // 2
+        same, differs = (middle, differs) if whole[:middle] == head[:middle] else (same, middle - 1)
+    return head[:same] if head[:same].endswith(MASK) else head[:same] + MASK
+
+
+def past_cut(secrets: Sequence[str]) -> int:
+    """How far `mask_cut` wants to read past a cut: the widest form of the longest secret."""
+    return ESCAPED_WIDTH * max(map(len, secrets), default=0)
+
+
+_LONG_RUN = re.compile(r"[A-Za-z0-9]{8,}")
+_RUN = re.compile(r"[A-Za-z0-9]+")
+# What a character other than a letter or digit may be written as, besides itself: after a
+# backslash (JSON's `\/` and `\"`), as a `\u` escape in either case (Go's `\u0026`, .NET's
+# `\u002B`), as an HTML character reference (`&quot;`, `&#39;`, `&#039;`, `&#x27;`). At
+# most `ESCAPED_WIDTH` characters each.
+_NAMED = {'"': "|&quot;", "&": "|&amp;", "<": "|&lt;", ">": "|&gt;", "'": "|&apos;", "\t": r"|\\t"}
+ESCAPED_WIDTH = 8
+
+
+@functools.lru_cache(maxsize=4096)
+def _anchor(secret: str) -> str:
+    """A run of `secret`'s ASCII letters and digits, which no encoder escapes: the whole
+    secret when it is nothing else, else its first run of 8 or more, else its longest."""
+    if secret.isascii() and secret.isalnum():
+        return secret
+    if (run := _LONG_RUN.search(secret)) is not None:
+        return run.group()
+    return max(_RUN.findall(secret), key=len, default="")
+
+
+def _escaped(c: str) -> str:
+    """A pattern of `c`, a character other than a letter or digit, as any form it may take."""
+    code, named = ord(c), _NAMED.get(c, "")
+    literal = re.escape(c)
+    return (  # the escapes first: the last character's `&amp;` masked whole, not its `&`
+        rf"(?:\\{literal}|(?i:\\u{code:04x}|&#x0{{0,2}}{code:x};)|&#0{{0,2}}{code};"
+        rf"{named}|{literal})"
+    )
+
+
+@functools.lru_cache(maxsize=256)
+def _pattern(secret: str) -> re.Pattern[str]:
+    """Every form of `secret`: its letters and digits as they are, each other character
+    as `_escaped` says; standing alone when shorter than `SHORT_SECRET`."""
+    forms = "".join(c if c.isascii() and c.isalnum() else _escaped(c) for c in secret)
+    if len(secret) < SHORT_SECRET:
+        forms = rf"(?<![A-Za-z0-9]){forms}(?![A-Za-z0-9])"
+    return re.compile(forms)

@@ -225,7 +225,7 @@ class Settings(BaseSettings):
     max_response_body: int = Field(
         default=20_000,
         ge=0,
-        description="Bytes read of a response, and the bytes it may take in its record's JSON.",
+        description="Bytes kept of a response, and the bytes it may take in its record's JSON.",
     )
     history_retention_days: float = Field(default=7, gt=0)
     history_max_page_size: int = Field(default=100, ge=1)

@@ -5,9 +5,13 @@ sockets where aiohttp's server would not say what is wanted)."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+import contextlib
+import html
+import json
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 import pytest
 from aiohttp import web
@@ -51,6 +55,7 @@ BAD_ANSWERS = {  # what aiohttp refuses, quoting it (8 KB of it) in its error's 
     "/cut-short": b"HTTP/1.1 503 X\r\nContent-Length: 100000\r\n\r\n" + LONG,
 }
 CLOSE = b"Content-Length: 0\r\nConnection: close"
+BARE_101 = b"HTTP/1.1 101 Switching Protocols\r\n\r\n"  # no Upgrade: aiohttp keeps it alive
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok"
 
 
@@ -61,7 +66,10 @@ class RawReceiver:
     closed), `/status-N` with status N and no body, `/echo-status` with a bad status line
     quoting its token, a path of `BAD_ANSWERS` with its answer. `events` tells, in
     order, each connection's request (`open /path`) and its end (`closed /path`: the peer
-    closed or reset it)."""
+    closed or reset it). `/bare-101` answers a 101 with no `Upgrade` and then takes
+    whatever else comes on the connection as the switched protocol (`after /bare-101 …`:
+    what came); `/cut-head` sends a status line and a header quoting the token, then
+    closes."""
 
     base: str = ""
     events: list[str] = field(default_factory=list)
@@ -75,10 +83,16 @@ class RawReceiver:
             head = await reader.readuntil(b"\r\n\r\n")
             path = head.split(b" ", 2)[1].decode()
             self.events.append(f"open {path}")
+            if path == "/bare-101":
+                await self.switch(head, reader, writer)
+                return
             if path == "/echo-status":  # the token quoted in a status line aiohttp refuses
                 token = head.partition(b"X-DEVOPS-WEBHOOK-TOKEN: ")[2].partition(b"\r")[0]
                 writer.write(b"HTTP/1.1 2OO " + token + b"\r\n\r\n")
                 await writer.drain()
+                return
+            if path == "/cut-head":
+                self.cut(head, writer)
                 return
             if path in BAD_ANSWERS:
                 writer.write(BAD_ANSWERS[path])
@@ -103,6 +117,20 @@ class RawReceiver:
         finally:
             self.events.append(f"closed {path}")
             writer.close()
+
+    def cut(self, head: bytes, writer: asyncio.StreamWriter) -> None:
+        token = head.partition(b"X-DEVOPS-WEBHOOK-TOKEN: ")[2].partition(b"\r")[0]
+        writer.write(b"HTTP/1.1 200 OK\r\nX-Echo: " + token + b"\r\nX-Note: see evil.example\r\n")
+
+    async def switch(
+        self, head: bytes, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        await reader.readexactly(int(head.partition(b"Content-Length: ")[2].partition(b"\r")[0]))
+        writer.write(BARE_101)
+        await writer.drain()
+        with contextlib.suppress(TimeoutError):  # until the peer closes, or 5 s
+            while data := await asyncio.wait_for(reader.read(65536), 5):
+                self.events.append(f"after /bare-101 {data[:200]!r}")
 
 
 @asynccontextmanager
@@ -240,6 +268,93 @@ async def test_secrets_a_receiver_echoes_are_masked_in_the_record(
     assert not [s for s in secrets for e in errors if s in e], errors
 
 
+ESCAPED_TOKEN = "tok-0123456789abcdefXYZ/+&<>'\"=end"  # a character of each kind escaped
+CREDENTIAL = "cred/0123456789+abcdef=="  # base64, as a MAC is: `/` and `+`
+
+
+def php(said: dict[str, str]) -> str:  # json_encode: `/` as `\\/`
+    return json.dumps(said).replace("/", "\\/")
+
+
+def go(said: dict[str, str]) -> str:  # encoding/json: `&<>` as `\\u0026`, `\\u003c`, `\\u003e`
+    escaped = json.dumps(said).replace("&", "\\u0026")
+    return escaped.replace("<", "\\u003c").replace(">", "\\u003e")
+
+
+def page(said: dict[str, str]) -> str:  # a debug page's HTML
+    return "".join(f"<dt>{html.escape(k)}<dd>{html.escape(v)}" for k, v in said.items())
+
+
+ENCODERS = {"/php": php, "/go": go, "/html": page}
+
+
+async def test_secrets_a_receiver_echoes_escaped_are_masked_in_the_record(
+    settings: Settings, redis: Redis, receiver: Receiver, run_worker: RunWorker
+) -> None:
+    """A receiver's framework escapes what it echoes: PHP writes `/` as `\\/`, Go `&<>` as
+    `\\u0026`…, an HTML page `"` as `&quot;`. Only JSON's `\\"` and `\\\\` were looked for,
+    so the token, the auth header's value and the signature went to the record in clear."""
+
+    def echo(encode: Callable[[dict[str, str]], str]) -> Callable[[web.Request], Any]:
+        async def answer(request: web.Request) -> web.StreamResponse:
+            return web.Response(status=401, text=encode(dict(request.headers)))
+
+        return answer
+
+    urls = {path: receiver.script(path, echo(encode)) for path, encode in ENCODERS.items()}
+    for url in urls.values():
+        await Registry(redis).create(
+            "demo", url, Event.BUILD_END, Region.DEVNET, ESCAPED_TOKEN,
+            auth_header=("Authorization", f"Bearer {CREDENTIAL}"),
+        )  # fmt: skip
+    await Producer(settings, redis).emit("demo", "BUILD_END", {})
+    await run_worker()
+
+    for path, url in urls.items():
+        [seen] = receiver.requests(path)
+        signature = seen.headers["webhook-signature"]
+        secrets = [ESCAPED_TOKEN, f"Bearer {CREDENTIAL}", CREDENTIAL, signature, signature[3:]]
+        [record] = await records(redis, settings, url)
+        body = record.response_body or ""
+        # JSON still (the masks are inside its strings), and the HTML page, read back
+        read = html.unescape(body) if path == "/html" else " ".join(json.loads(body).values())
+        assert not [secret for secret in secrets if secret in read], body
+        assert read.count("******") == 3 and "BUILD_END" in read, body
+
+
+async def test_a_secret_across_the_read_limit_is_masked_whole(
+    settings: Settings, redis: Redis, receiver: Receiver, run_worker: RunWorker
+) -> None:
+    """The body was cut to the read limit, then masked: a secret across the cut kept its
+    start, so a member choosing the size of a payload the receiver echoes read the token
+    but its last character. Here the cut falls inside the token as sent, and inside its
+    `\\/` as PHP writes it."""
+    limit = settings.max_response_body
+    escaped = ESCAPED_TOKEN.replace("/", "\\/")
+    padding = {"/plain": limit - 11, "/php": limit - escaped.index("/")}  # the cut's place
+
+    def echo(path: str) -> Callable[[web.Request], Any]:
+        async def answer(request: web.Request) -> web.StreamResponse:
+            token = request.headers["X-DEVOPS-WEBHOOK-TOKEN"]
+            token = token.replace("/", "\\/") if path == "/php" else token
+            return web.Response(status=401, text="x" * padding[path] + token + " and more")
+
+        return answer
+
+    urls = {path: receiver.script(path, echo(path)) for path in padding}
+    for url in urls.values():
+        await Registry(redis).create("demo", url, Event.BUILD_END, Region.DEVNET, ESCAPED_TOKEN)
+    await Producer(settings, redis).emit("demo", "BUILD_END", {})
+    await run_worker()
+
+    for path, url in urls.items():
+        [record] = await records(redis, settings, url)
+        body = record.response_body or ""
+        kept = body.removesuffix(f"... [truncated at {limit} bytes]")
+        assert kept != body and kept.startswith("x" * padding[path] + "******"), body[-80:]
+        assert "tok-" not in kept, body[-80:]
+
+
 # ---- error texts ------------------------------------------------------------------------
 
 
@@ -275,6 +390,29 @@ async def test_an_answer_the_client_refuses_is_recorded_in_a_short_line_of_our_o
     }  # fmt: skip
 
 
+async def test_a_connection_closed_inside_the_answers_head_is_said_in_our_words(
+    settings: Settings, redis: Redis, run_worker: RunWorker
+) -> None:
+    """aiohttp's `ServerDisconnectedError` holds the message it had parsed, and its text is
+    that message's repr: the receiver's reason phrase and header values (the token it
+    echoed, a note of its own) in errorMsg, the log line, lastError and a disable reason;
+    a token holding both `'` and `"` was not even masked there, its quotes escaped."""
+    settings = settings.model_copy(update={"retry_schedule": ()})
+    token = "ab'cd\"ef-0123456789"
+    async with raw_receiver() as hostile:
+        url = hostile.base + "/cut-head"
+        await Registry(redis).create("demo", url, Event.BUILD_END, Region.DEVNET, token)
+        await Producer(settings, redis).emit("demo", "BUILD_END", {})
+        await run_worker(settings)
+        [record] = await records(redis, settings, url)
+
+    assert (record.response_code, record.error_msg) == (
+        None,
+        "ServerDisconnectedError: the receiver closed the connection before its answer was "
+        "complete",
+    )
+
+
 # ---- statuses ---------------------------------------------------------------------------
 
 NOT_FINAL = "not a final status (200-599): a protocol error, retried"
@@ -284,6 +422,7 @@ NOT_FINAL = "not a final status (200-599): a protocol error, retried"
     ("status", "errors"),
     [
         (101, [f"HTTP 101: {NOT_FINAL}"] * 2),  # a protocol switch nobody asked for
+        (99, [f"HTTP 99: {NOT_FINAL}"] * 2),  # `099`: below any status
         (600, [f"HTTP 600: {NOT_FINAL}"] * 2),
         (999, [f"HTTP 999: {NOT_FINAL}"] * 2),
         (599, ["HTTP 599"] * 2),  # 5xx: retried
@@ -298,10 +437,38 @@ async def test_a_status_outside_200_599_is_a_protocol_error_and_retried(
     README said neither. Now any status a request cannot end with is a protocol error."""
     settings = settings.model_copy(update={"retry_schedule": (0.05,)})
     async with raw_receiver() as hostile:
-        url = f"{hostile.base}/status-{status}"
+        url = f"{hostile.base}/status-{status:03}"
         await Registry(redis).create("demo", url, Event.BUILD_END, Region.DEVNET)
         await Producer(settings, redis).emit("demo", "BUILD_END", {})
         await run_worker(settings)
         attempts = await records(redis, settings, url)
     assert [(r.response_code, r.error_msg) for r in attempts] == [(status, e) for e in errors]
     assert [r.final for r in attempts] == [False] * (len(errors) - 1) + [True]
+
+
+async def test_a_connection_that_answered_101_carries_no_other_request(
+    settings: Settings, redis: Redis, run_worker: RunWorker
+) -> None:
+    """A bare `101 Switching Protocols` (no `Upgrade` header) left the connection in the
+    client's pool: the next delivery to that host and port (projB's as likely as projA's
+    own retry) was written into what the receiver had switched to another protocol, its
+    token and signature with it, and failed as `ServerDisconnectedError`. A connection that
+    answered a status outside 200-599 is closed now. projA's 101 and projB's 503 are both
+    retried after 50 ms, and every request goes on a connection of its own."""
+    settings = settings.model_copy(update={"retry_schedule": (0.05,)})
+    async with raw_receiver() as hostile:
+        urls = {"projA": hostile.base + "/bare-101", "projB": hostile.base + "/status-503"}
+        for project, url in urls.items():
+            await Registry(redis).create(project, url, Event.BUILD_END, Region.DEVNET, project * 3)
+        for project in urls:
+            await Producer(settings, redis).emit(project, "BUILD_END", {})
+        await run_worker(settings)
+        said = {p: [(r.response_code, r.error_msg) for r in await records(redis, settings, u, p)]
+                for p, u in urls.items()}  # fmt: skip
+
+    assert [event for event in hostile.events if event.startswith("after")] == []
+    assert said == {
+        "projA": [(101, f"HTTP 101: {NOT_FINAL}")] * 2,
+        "projB": [(503, "HTTP 503")] * 2,
+    }
+    assert hostile.of("/bare-101") == ["open", "closed"] * 2

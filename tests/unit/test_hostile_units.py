@@ -15,7 +15,9 @@ from typing import Any
 
 import aiohttp
 import pytest
-from multidict import CIMultiDict
+from aiohttp.http import HttpVersion11
+from aiohttp.http_parser import RawResponseMessage
+from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from dispatcher import egress
@@ -82,6 +84,38 @@ async def test_a_client_errors_message_is_kept_on_one_short_line() -> None:
     assert result.error.startswith("ClientOSError: peer said:\\n\\x1b[31mZZZ")
     assert result.error.endswith("Z... [cut]") and len(result.error) == MAX_ERROR + 9
     assert result.error.isprintable()
+
+
+CLOSED = "ServerDisconnectedError: the receiver closed the connection before its answer was"
+HEAD = RawResponseMessage(  # what aiohttp had parsed of an answer when the peer closed
+    HttpVersion11, 200, SECRET, CIMultiDictProxy(CIMultiDict({"X-Echo": SECRET})),
+    ((b"X-Echo", SECRET.encode()),), False, None, False, False,
+)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("error", "said"),
+    [
+        (aiohttp.ServerDisconnectedError(HEAD), CLOSED),
+        (aiohttp.ServerDisconnectedError(), CLOSED),
+        (aiohttp.ClientOSError(SimpleNamespace(said=SECRET)), "ClientOSError at "),
+        (aiohttp.ClientOSError(104, "Connection reset by peer"), "ClientOSError: [Errno 104] Conn"),
+    ],
+)
+async def test_a_client_errors_message_is_kept_only_when_it_is_made_of_words(
+    error: Exception, said: str
+) -> None:
+    """A client error's message is its `args`: what is not a string (or a number), such as
+    the message a `ServerDisconnectedError` holds, says the answer (its reason phrase, its
+    header values, quoted by `repr`, where masking could not find a token holding both
+    quotes). That error is said in fixed words; another one by its type and place."""
+
+    def explode() -> None:
+        raise error
+
+    result = await attempt(Client(explode))
+    assert result.outcome is Outcome.RETRY and result.error is not None
+    assert result.error.startswith(said) and SECRET not in result.error, result.error
 
 
 async def test_an_answer_whose_reading_raises_is_judged_by_its_status() -> None:

@@ -1,17 +1,20 @@
 """What `mask_secrets` does to a receiver's answer: each secret the attempt sent masked, as
-sent and as JSON escapes it; a short one only where it stands alone; in an error text too."""
+sent and as JSON and HTML escape it; a short one only where it stands alone; in an error text
+too."""
 
 from __future__ import annotations
 
 import contextlib
+import html
 import json
 from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
+import pytest
 
 from dispatcher.delivery import send
-from dispatcher.headers import mask_secrets, request_headers, sent_secrets
+from dispatcher.headers import mask_cut, mask_secrets, request_headers, sent_secrets
 
 
 def test_every_secret_sent_is_masked_as_sent_and_json_escaped() -> None:
@@ -29,6 +32,72 @@ def test_every_secret_sent_is_masked_as_sent_and_json_escaped() -> None:
         assert secret not in masked and json.dumps(secret)[1:-1] not in masked
     assert json.loads(masked)["headers"]["X-DEVOPS-EVENT"] == "BUILD_END"  # the rest as it was
     assert mask_secrets("nothing to hide", secrets) == "nothing to hide"
+
+
+TOKEN = "tok-0123456789abcdefXYZ/+&<>'\"=end"  # what encoders escape, one of each
+CREDENTIAL = "/cred0123456789+abcdef=&"  # escaped at either end: `\\/`, `&amp;`
+
+
+def php(text: str) -> str:  # json_encode: `/` as `\/`
+    return json.dumps(text).replace("/", "\\/")
+
+
+def go(text: str) -> str:  # encoding/json: `&<>` as `\u0026`, `\u003c`, `\u003e`
+    return json.dumps(text).replace("&", "\\u0026").replace("<", "\\u003c").replace(">", "\\u003e")
+
+
+def dotnet(text: str) -> str:  # System.Text.Json: `+`, `'`, `"`, `&<>` as `\u002B` ...
+    escaped = json.dumps(text)[1:-1].replace('\\"', '"')
+    for c in "+'\"&<>":
+        escaped = escaped.replace(c, f"\\u{ord(c):04X}")
+    return f'"{escaped}"'
+
+
+def numeric(text: str) -> str:  # HTML with numeric references, as PHP and Go write some
+    return html.escape(text).replace("&#x27;", "&#039;").replace("&quot;", "&#34;")
+
+
+ENCODERS = [php, go, dotnet, html.escape, numeric]
+
+
+@pytest.mark.parametrize("encode", ENCODERS)
+def test_a_secret_is_masked_as_json_and_html_encoders_escape_it(encode: Any) -> None:
+    """One escaped form was looked for (`\\"` and `\\\\`): PHP writes `/` as `\\/`, Go `&<>`
+    as `\\u0026`..., .NET `+` and `'` too, an HTML page `"` as `&quot;`. The token and the
+    signature's MAC (base64: `/` and `+` about half the time) went to the record in clear."""
+    auth = ("Authorization", f"Bearer {CREDENTIAL}")
+    headers = request_headers(
+        event="BUILD_END", delivery_id="p:e.1", body=b"{}", token=TOKEN, user_agent="t",
+        auth_header=auth,
+    )  # fmt: skip
+    secrets = [TOKEN, auth[1], CREDENTIAL, headers["webhook-signature"]]
+    secrets.append(secrets[-1][3:])
+    echoed = "\n".join(f"<p>{name}: {encode(secret)}</p>" for name, secret in enumerate(secrets))
+    masked = mask_secrets(echoed, sent_secrets(headers, "", auth))
+    assert masked == "\n".join(f"<p>{name}: {encode('******')}</p>" for name in range(5))
+
+
+@pytest.mark.parametrize("encode", ENCODERS)
+def test_a_secret_another_holds_is_masked_alone(encode: Any) -> None:
+    """The MAC without its signature, the credentials without their scheme: a secret is
+    looked for whether or not the one holding it is there."""
+    auth = ("Authorization", f"Bearer {CREDENTIAL}")
+    headers = request_headers(
+        event="BUILD_END", delivery_id="p:e.1", body=b"{}", token=TOKEN, user_agent="t",
+        auth_header=auth,
+    )  # fmt: skip
+    secrets = sent_secrets(headers, "", auth)
+    for inner in (CREDENTIAL, headers["webhook-signature"][3:]):
+        assert mask_secrets(f"<p>{encode(inner)}</p>", secrets) == f"<p>{encode('******')}</p>"
+
+
+def test_an_escape_of_another_text_is_left_as_it_came() -> None:
+    """What looks like a secret but is not one of its forms stays: another character in
+    its place, an escape of another character, a part of it."""
+    secrets = sent_secrets({"X-DEVOPS-WEBHOOK-TOKEN": TOKEN})
+    text = html.escape(TOKEN.replace("&", "+")) + " " + json.dumps(TOKEN[:-1]) + " " + TOKEN[4:]
+    text += " " + TOKEN.replace("/", "\\u002e")
+    assert mask_secrets(text, secrets) == text
 
 
 def test_a_short_secret_is_masked_only_where_it_stands_alone() -> None:
@@ -61,3 +130,25 @@ async def test_a_secret_in_a_client_errors_message_is_masked() -> None:
         secrets=sent_secrets({"X-DEVOPS-WEBHOOK-TOKEN": token}),
     )  # fmt: skip
     assert result.error == "ClientOSError: the peer said: bad token ******"
+
+
+@pytest.mark.parametrize("encode", [str, *ENCODERS])
+@pytest.mark.parametrize("secret", [TOKEN, CREDENTIAL])
+def test_a_secret_across_the_cut_leaves_nothing_of_itself(encode: Any, secret: str) -> None:
+    """`mask_cut` keeps `limit` bytes of what was read past them: a secret (in any form)
+    that the cut falls inside, wherever, is masked whole, where it began."""
+    form = encode(secret).strip('"')  # JSON's quotes are not the secret's
+    limit = 100
+    for at in range(len(form) + 1):  # characters of the form before the cut
+        text = "x" * (limit - at) + form + " and more"
+        kept = mask_cut(text.encode(), limit, [secret])
+        assert kept == "x" * (limit - at) + ("******" if at else ""), (at, kept)
+
+
+def test_what_the_cut_keeps_is_as_it_came_when_no_secret_is_across_it() -> None:
+    """A character across the cut (its UTF-8 bytes apart) is left out, and a secret
+    wholly before the cut is masked as anywhere."""
+    body = ("é" * 40 + " " + TOKEN + " " + "é" * 40).encode()
+    for after in range(20):  # bytes kept after the token and a space: 10 "é", a cut one
+        kept = mask_cut(body, len(TOKEN) + 82 + after, [TOKEN])
+        assert kept == "é" * 40 + " ****** " + "é" * (after // 2)
