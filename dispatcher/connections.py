@@ -15,10 +15,11 @@ connection: the next one goes to the master.
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from arq.connections import RedisSettings
 from redis.asyncio import ConnectionPool, Redis
+from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import (
@@ -226,17 +227,15 @@ async def _keeps_keys(settings: Settings, target: str) -> list[str]:
     evicts keys, the queue's jobs first under a `volatile-*` one (they carry a time to
     live): accepted events dropped as "job data expired". Read from INFO (managed Redis
     answer it, not always CONFIG GET); a warning when it cannot be read."""
-    cluster = is_cluster_url(target)
     redis = connect(settings, target)
-    try:  # a cluster's every node (its client asks one by default), each answer by name
-        info = await redis.info("memory", **({"target_nodes": "all"} if cluster else {}))
+    try:
+        nodes = await _memory(redis, is_cluster_url(target))
     except REDIS_ERRORS:
         return []  # an outage: waited out by whoever uses it
     except ResponseError as exc:  # INFO refused (an ACL): this check cannot be made
         return [f"the maxmemory-policy of {shown(target)} could not be read ({exc})"]
     finally:
         await redis.aclose()
-    nodes = info.values() if cluster else [info]
     evicting = sorted({str(node.get("maxmemory_policy", "noeviction")) for node in nodes})
     evicting = [name for name in evicting if name != "noeviction"]
     if evicting:
@@ -249,3 +248,14 @@ async def _keeps_keys(settings: Settings, target: str) -> list[str]:
             param="maxmemory-policy",
         )
     return []
+
+
+async def _memory(redis: Redis, cluster: bool) -> list[dict[str, Any]]:
+    """`INFO memory` of the server, or of each node of a cluster (masters and replicas),
+    asked one by one: asked for all its nodes at once, redis-py's cluster client answers
+    one node's reply as it is rather than one per node (a cluster of one node)."""
+    if not cluster:
+        return [await redis.info("memory")]
+    client = cast("RedisCluster", redis)
+    await client.initialize()  # its nodes are known once it has asked one
+    return [await client.info("memory", target_nodes=node) for node in client.get_nodes()]

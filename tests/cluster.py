@@ -1,6 +1,7 @@
 """Real shard topologies for tests: a 3-master Redis Cluster on 127.0.0.1 (redis-server
-with `--cluster-enabled yes`, slots given out by `redis-cli --cluster create`), and the
-settings of each topology the shard tests run on."""
+with `--cluster-enabled yes`, slots given out by `redis-cli --cluster create`; a cluster of
+one node takes them all with `CLUSTER ADDSLOTSRANGE`), and the settings of each topology
+the shard tests run on."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ __all__ = ["LocalCluster", "grown"]
 
 
 class LocalCluster:
-    """Three masters, no replicas, each with a third of the slots."""
+    """Three masters (or `masters`), no replicas, each with its share of the slots."""
 
     def __init__(self, data_dir: Path, masters: int = 3) -> None:
         self.data_dir = data_dir
@@ -35,6 +36,12 @@ class LocalCluster:
     def start(self, within: float = 20.0) -> str:
         self.ports = [self._node(port, within) for port in self.ports]
         nodes = [f"127.0.0.1:{port}" for port in self.ports]
+        if len(nodes) == 1:  # `--cluster create` wants three masters at least
+            node = redis.Redis(host="127.0.0.1", port=self.ports[0], socket_timeout=5)
+            node.cluster("ADDSLOTSRANGE", "0", "16383")
+            node.close()
+            self._wait(self._ok, within, "cluster_state:ok")
+            return self.url
         subprocess.run(
             [str(Path(_server()).with_name("redis-cli")), "--cluster", "create",
              *nodes, "--cluster-replicas", "0", "--cluster-yes"],

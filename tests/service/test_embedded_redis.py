@@ -96,3 +96,32 @@ def test_a_redis_that_evicts_keys_stops_every_process_at_start(
     output = " ".join(result.output.split())
     assert result.exit_code == 2 and "Traceback" not in output, output
     assert f"configuration error maxmemory-policy: the Redis at {url}" in output
+
+
+def test_a_cluster_of_one_node_is_checked_like_any_other(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A Redis Cluster of one master holding every slot: asked for `INFO memory` on all
+    its nodes, redis-py's cluster client answers the one node's reply itself, not one per
+    node. The check read that reply as one entry per node and raised AttributeError: the
+    API, the worker and every command stopped with a traceback (review). Each node is
+    asked in turn: passed under `noeviction`, refused naming `maxmemory-policy` under
+    `volatile-lru`."""
+    cluster = LocalCluster(tmp_path, masters=1)
+    try:
+        url = cluster.start()
+        assert asyncio.run(preflight(make_settings(url))) == []
+        node = redis_py.Redis(port=cluster.ports[0])
+        node.config_set("maxmemory", 100 * 2**20)
+        node.config_set("maxmemory-policy", "volatile-lru")
+        node.close()
+        with pytest.raises(InvalidSetting, match="maxmemory-policy volatile-lru") as refused:
+            asyncio.run(preflight(make_settings(url)))
+        assert refused.value.param == "maxmemory-policy"
+        monkeypatch.setenv("DISPATCHER_REDIS_URL", url)
+        result = CliRunner().invoke(app, ["worker"])
+    finally:
+        cluster.stop()
+    output = " ".join(result.output.split())
+    assert result.exit_code == 2 and "Traceback" not in output, output
+    assert "configuration error maxmemory-policy: the Redis at" in output
