@@ -92,6 +92,38 @@ class LocalCluster:
         for port in self.ports:
             redis.Redis(host="127.0.0.1", port=port, socket_timeout=5).flushall()
 
+    def add_replica(self, within: float = 20.0) -> int:
+        """One more node, a replica of the first master, once the cluster lists it (in
+        `CLUSTER SLOTS`, what clients learn the nodes from); its port."""
+        port = self._node(_cluster_port(), within)
+        first = redis.Redis(host="127.0.0.1", port=self.ports[0], socket_timeout=5)
+        node = redis.Redis(host="127.0.0.1", port=port, socket_timeout=5)
+        # the replica syncs at once (5 s by default), and its offset, which must not be 0 for
+        # CLUSTER SLOTS to list it, moves within a second (10 s: the master's pings)
+        first.config_set("repl-diskless-sync-delay", 0)
+        first.config_set("repl-ping-replica-period", 1)
+        node.cluster("MEET", "127.0.0.1", str(self.ports[0]))
+        master = first.cluster("MYID")
+        master = master.decode() if isinstance(master, bytes) else str(master)
+
+        def replicates() -> bool:  # (refused until the node knows the master)
+            return bool(node.cluster("REPLICATE", master))
+
+        def listed() -> bool:
+            slots: list[list[object]] = first.cluster("SLOTS")  # type: ignore[assignment]
+            return any(len(entry) > 3 for entry in slots)  # a master, then its replicas
+
+        self._wait(replicates, within, "the replica to know its master")
+        self._wait(listed, within, "the replica in CLUSTER SLOTS")
+        first.close()
+        node.close()
+        return port
+
+    def kill(self, index: int) -> None:
+        """Node `index` gone (SIGKILL): its port refuses connections."""
+        self._processes[index].kill()
+        self._processes[index].wait(timeout=10)
+
     def stop(self) -> None:
         for process in self._processes:
             if process.poll() is None:
