@@ -87,10 +87,7 @@ def test_a_redis_that_evicts_keys_stops_every_process_at_start(
     setting."""
     with EmbeddedRedis(tmp_path, persist=False) as server:
         url = server.url
-        client = redis_py.Redis.from_url(url)
-        client.config_set("maxmemory", 100 * 2**20)
-        client.config_set("maxmemory-policy", policy)
-        client.close()
+        _evicting(redis_py.Redis.from_url(url), policy)
         with pytest.raises(InvalidSetting, match=f"maxmemory-policy {policy}") as refused:
             asyncio.run(preflight(make_settings(url)))
         assert refused.value.param == "maxmemory-policy"
@@ -115,10 +112,7 @@ def test_a_cluster_of_one_node_is_checked_like_any_other(
     try:
         url = cluster.start()
         assert asyncio.run(preflight(make_settings(url))) == []
-        node = redis_py.Redis(port=cluster.ports[0])
-        node.config_set("maxmemory", 100 * 2**20)
-        node.config_set("maxmemory-policy", "volatile-lru")
-        node.close()
+        _evicting(redis_py.Redis(port=cluster.ports[0]), "volatile-lru")
         with pytest.raises(InvalidSetting, match="maxmemory-policy volatile-lru") as refused:
             asyncio.run(preflight(make_settings(url)))
         assert refused.value.param == "maxmemory-policy"
@@ -159,10 +153,7 @@ def test_a_cluster_node_that_does_not_answer_is_named_in_a_warning(tmp_path: Pat
         down = f"127.0.0.1:{cluster.ports[2]}"
         assert warning.startswith(f"node {down} of {url} did not answer"), warning
         assert "maxmemory-policy not checked" in warning
-        node = redis_py.Redis(port=cluster.ports[1])
-        node.config_set("maxmemory", 100 * 2**20)
-        node.config_set("maxmemory-policy", "allkeys-lru")
-        node.close()
+        _evicting(redis_py.Redis(port=cluster.ports[1]), "allkeys-lru")
         with pytest.raises(InvalidSetting, match="maxmemory-policy allkeys-lru"):
             asyncio.run(preflight(make_settings(url)))
     finally:
@@ -175,11 +166,15 @@ def test_a_cluster_replica_that_would_evict_keys_stops_every_process(tmp_path: P
     cluster = LocalCluster(tmp_path, masters=1)
     try:
         url = cluster.start()
-        replica = redis_py.Redis(port=cluster.add_replica())
-        replica.config_set("maxmemory", 100 * 2**20)
-        replica.config_set("maxmemory-policy", "allkeys-lru")
-        replica.close()
+        _evicting(redis_py.Redis(port=cluster.add_replica()), "allkeys-lru")
         with pytest.raises(InvalidSetting, match="maxmemory-policy allkeys-lru"):
             asyncio.run(preflight(make_settings(url)))
     finally:
         cluster.stop()
+
+
+def _evicting(client: redis_py.Redis, policy: str) -> None:
+    """The Redis of `client` evicts keys under `policy` once it holds 100 MiB."""
+    client.config_set("maxmemory", 100 * 2**20)
+    client.config_set("maxmemory-policy", policy)
+    client.close()
