@@ -15,10 +15,11 @@ connection: the next one goes to the master.
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from arq.connections import RedisSettings
 from redis.asyncio import ConnectionPool, Redis
+from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import (
@@ -221,31 +222,74 @@ async def _replicas(settings: Settings, target: str) -> list[str]:
 
 
 async def _keeps_keys(settings: Settings, target: str) -> list[str]:
-    """InvalidSetting (`maxmemory-policy`) unless the Redis of `target` (each node of a
-    cluster) keeps its keys when full: `noeviction`. Under any other policy a full Redis
-    evicts keys, the queue's jobs first under a `volatile-*` one (they carry a time to
-    live): accepted events dropped as "job data expired". Read from INFO (managed Redis
-    answer it, not always CONFIG GET); a warning when it cannot be read."""
-    cluster = is_cluster_url(target)
+    """InvalidSetting (`maxmemory-policy`) unless the Redis of `target` keeps its keys when
+    full: `noeviction`. Under any other policy a full Redis evicts keys, the queue's jobs
+    first under a `volatile-*` one (they carry a time to live): accepted events dropped as
+    "job data expired". Without a `maxmemory` (0: no limit) Redis never evicts: a warning,
+    as it would once a limit is set. Asked: the server, the master a sentinel URL names
+    now (not its replicas), each node of a cluster (masters and replicas: a node that does
+    not answer is a warning naming it). Read from INFO (managed Redis answer it, not
+    always CONFIG GET); a warning when it cannot be read."""
     redis = connect(settings, target)
-    try:  # a cluster's every node (its client asks one by default), each answer by name
-        info = await redis.info("memory", **({"target_nodes": "all"} if cluster else {}))
+    try:
+        nodes, warnings = await _memory(redis, target)
     except REDIS_ERRORS:
         return []  # an outage: waited out by whoever uses it
     except ResponseError as exc:  # INFO refused (an ACL): this check cannot be made
         return [f"the maxmemory-policy of {shown(target)} could not be read ({exc})"]
     finally:
         await redis.aclose()
-    nodes = info.values() if cluster else [info]
-    evicting = sorted({str(node.get("maxmemory_policy", "noeviction")) for node in nodes})
-    evicting = [name for name in evicting if name != "noeviction"]
+    evicting: set[str] = set()  # the policies that evict keys: under a limit,
+    unlimited: set[str] = set()  # and without one
+    for node in nodes:
+        if (policy := str(node.get("maxmemory_policy", "noeviction"))) != "noeviction":
+            (evicting if int(node.get("maxmemory", 0)) > 0 else unlimited).add(policy)
     if evicting:
         raise InvalidSetting(
             f"the Redis at {shown(target)} evicts keys when full (maxmemory-policy "
-            f"{', '.join(evicting)}): it would drop queued events. Set maxmemory-policy "
-            "noeviction (CONFIG SET maxmemory-policy noeviction and its configuration file; "
-            "on a managed Redis, its parameter group); a full Redis is then an outage that "
-            "emits and workers wait out, not lost data",
+            f"{', '.join(sorted(evicting))}): it would drop queued events. Set "
+            f"maxmemory-policy {_NOEVICTION}; a full Redis is then an outage that emits and "
+            "workers wait out, not lost data",
             param="maxmemory-policy",
         )
-    return []
+    if unlimited:
+        warnings.append(
+            f"the Redis at {shown(target)} has no maxmemory limit: it never evicts keys now, "
+            f"but under maxmemory-policy {', '.join(sorted(unlimited))} it would drop "
+            f"queued events once a limit is set. Set maxmemory-policy {_NOEVICTION}"
+        )
+    return warnings
+
+
+_NOEVICTION = (
+    "noeviction (CONFIG SET maxmemory-policy noeviction and its configuration file; on a "
+    "managed Redis, its parameter group)"
+)
+
+
+async def _memory(redis: Redis, target: str) -> tuple[list[dict[str, Any]], list[str]]:
+    """`INFO memory` of the server, or of each node of a cluster (masters and replicas),
+    asked one by one (asked for all its nodes at once, redis-py's cluster client answers
+    one node's reply as it is rather than one per node: a cluster of one node); with a
+    warning for each node that does not answer, or refuses INFO."""
+    if not is_cluster_url(target):
+        return [await redis.info("memory")], []
+    client = cast("RedisCluster", redis)
+    await client.initialize()  # its nodes are known once it has asked one
+    found, warnings = [], []
+    for name in [node.name for node in client.get_nodes()]:
+        await client.initialize()  # (again once a node failed: the client was reset)
+        if (node := client.get_node(node_name=name)) is None:
+            continue  # no longer in the cluster
+        try:
+            found.append(await client.info("memory", target_nodes=node))
+        except REDIS_ERRORS as exc:
+            warnings.append(
+                f"node {name} of {shown(target)} did not answer ({exc}): its "
+                "maxmemory-policy not checked"
+            )
+        except ResponseError as exc:  # INFO refused (an ACL)
+            warnings.append(
+                f"the maxmemory-policy of node {name} of {shown(target)} could not be read ({exc})"
+            )
+    return found, warnings

@@ -34,11 +34,22 @@ _SPARE_DEPTH = _ORJSON_MAX_DEPTH - MAX_DATA_DEPTH
 class EventIdReused(DispatcherError):
     """Events whose ids name other events of their projects still queued (another event
     name, or other data): not queued (`event_ids`, in order). The same event again (a
-    producer's retry) is not this: it is the event queued, answered as such. A 409."""
+    producer's retry) is not this: it is the event queued, answered as such. A 409.
+
+    `outcomes` has one entry per event of the call, in its order: the id of each event
+    queued (or queued already, the same event), None for each refused; `refused` has the
+    places of those. From `emit_many`, which raises it once the others are queued, it is
+    the only way to the ids it gave events emitted without one (emitting the list again
+    would queue those again, under new ids); from `emit` and `emit_each`, `[None]`."""
 
     http_status = 409
 
-    def __init__(self, refused: Sequence[EventJob], queued: int = 0) -> None:
+    def __init__(
+        self,
+        refused: Sequence[EventJob],
+        queued: int = 0,
+        outcomes: Sequence[str | None] | None = None,
+    ) -> None:
         named = ", ".join(f"'{job.id}'" for job in refused[:5])
         if len(refused) > 5:
             named += f" (and {len(refused) - 5} more)"
@@ -53,6 +64,10 @@ class EventIdReused(DispatcherError):
         super().__init__(message)
         self.param = "eventId"
         self.event_ids = [job.id for job in refused]
+        self.outcomes: list[str | None] = (
+            [None] * len(refused) if outcomes is None else list(outcomes)
+        )
+        self.refused = [place for place, outcome in enumerate(self.outcomes) if outcome is None]
 
 
 def event_job(

@@ -179,8 +179,8 @@ class Producer:
         their ids. Every event is checked before any is queued. With event ids of your own,
         emitting the same list again is safe (what is still queued is not queued twice); an
         id that names another event still queued is refused: `EventIdReused`, raised once
-        the others are queued. The current OpenTelemetry context, when there is one, goes
-        with every event."""
+        the others are queued, with each event's id or refusal in its `outcomes`. The
+        current OpenTelemetry context, when there is one, goes with every event."""
         with tracing.emitting() as emission:
             jobs = [
                 event_job(*event, trace=emission.trace, max_bytes=self._largest) for event in events
@@ -188,7 +188,9 @@ class Producer:
             emission.emitted(jobs[0].project_id if jobs else "", [job.id for job in jobs])
             refused = await self._enqueue(jobs)
         if refused:
-            raise EventIdReused([jobs[i] for i in refused], queued=len(jobs) - len(refused))
+            skipped = set(refused)
+            outcomes = [None if i in skipped else job.id for i, job in enumerate(jobs)]
+            raise EventIdReused([jobs[i] for i in refused], len(jobs) - len(refused), outcomes)
         return [job.id for job in jobs]
 
     async def emit_each(

@@ -1,6 +1,7 @@
 """Real shard topologies for tests: a 3-master Redis Cluster on 127.0.0.1 (redis-server
-with `--cluster-enabled yes`, slots given out by `redis-cli --cluster create`), and the
-settings of each topology the shard tests run on."""
+with `--cluster-enabled yes`, slots given out by `redis-cli --cluster create`; a cluster of
+one node takes them all with `CLUSTER ADDSLOTSRANGE`), and the settings of each topology
+the shard tests run on."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ __all__ = ["LocalCluster", "grown"]
 
 
 class LocalCluster:
-    """Three masters, no replicas, each with a third of the slots."""
+    """Three masters (or `masters`), no replicas, each with its share of the slots."""
 
     def __init__(self, data_dir: Path, masters: int = 3) -> None:
         self.data_dir = data_dir
@@ -35,6 +36,12 @@ class LocalCluster:
     def start(self, within: float = 20.0) -> str:
         self.ports = [self._node(port, within) for port in self.ports]
         nodes = [f"127.0.0.1:{port}" for port in self.ports]
+        if len(nodes) == 1:  # `--cluster create` wants three masters at least
+            node = redis.Redis(host="127.0.0.1", port=self.ports[0], socket_timeout=5)
+            node.cluster("ADDSLOTSRANGE", "0", "16383")
+            node.close()
+            self._wait(self._ok, within, "cluster_state:ok")
+            return self.url
         subprocess.run(
             [str(Path(_server()).with_name("redis-cli")), "--cluster", "create",
              *nodes, "--cluster-replicas", "0", "--cluster-yes"],
@@ -84,6 +91,38 @@ class LocalCluster:
         """Empty every master (tests start from nothing)."""
         for port in self.ports:
             redis.Redis(host="127.0.0.1", port=port, socket_timeout=5).flushall()
+
+    def add_replica(self, within: float = 20.0) -> int:
+        """One more node, a replica of the first master, once the cluster lists it (in
+        `CLUSTER SLOTS`, what clients learn the nodes from); its port."""
+        port = self._node(_cluster_port(), within)
+        first = redis.Redis(host="127.0.0.1", port=self.ports[0], socket_timeout=5)
+        node = redis.Redis(host="127.0.0.1", port=port, socket_timeout=5)
+        # the replica syncs at once (5 s by default), and its offset, which must not be 0 for
+        # CLUSTER SLOTS to list it, moves within a second (10 s: the master's pings)
+        first.config_set("repl-diskless-sync-delay", 0)
+        first.config_set("repl-ping-replica-period", 1)
+        node.cluster("MEET", "127.0.0.1", str(self.ports[0]))
+        master = first.cluster("MYID")
+        master = master.decode() if isinstance(master, bytes) else str(master)
+
+        def replicates() -> bool:  # (refused until the node knows the master)
+            return bool(node.cluster("REPLICATE", master))
+
+        def listed() -> bool:
+            slots: list[list[object]] = first.cluster("SLOTS")  # type: ignore[assignment]
+            return any(len(entry) > 3 for entry in slots)  # a master, then its replicas
+
+        self._wait(replicates, within, "the replica to know its master")
+        self._wait(listed, within, "the replica in CLUSTER SLOTS")
+        first.close()
+        node.close()
+        return port
+
+    def kill(self, index: int) -> None:
+        """Node `index` gone (SIGKILL): its port refuses connections."""
+        self._processes[index].kill()
+        self._processes[index].wait(timeout=10)
 
     def stop(self) -> None:
         for process in self._processes:

@@ -51,6 +51,7 @@ from dispatcher.replication import Replication, confirm, run_replicated
 from dispatcher.shards.lanes import lanes_left, ordered_on
 from dispatcher.shards.queued import (
     MOVE,
+    OTHER_EVENT,
     STAY,
     UNLESS_BEGUN,
     DropHeld,
@@ -171,6 +172,7 @@ class Drain:
     replication: Replication | None = field(init=False)
     # the jobs Redis kept from settling (`settle`), and whether their copy was placed
     unsettled: dict[str, tuple[Taken, bool]] = field(init=False, default_factory=dict)
+    kept: set[str] = field(init=False, default_factory=set)  # the ids of events that `stay`
 
     def __post_init__(self) -> None:
         self.replication = Replication.of(self.dst.settings, self.dst.keys)
@@ -209,6 +211,7 @@ class Drain:
             datas = await src.redis.mget([src.keys.arq_job(i.decode()) for i in ids])
             for raw_id, data in zip(ids, datas, strict=True):
                 where = "" if data is None else where_to(data, project, ordered)
+                where = STAY if where and raw_id.decode() in self.kept else where
                 moved = None
                 if where in (MOVE, UNLESS_BEGUN):
                     self.alive()
@@ -222,7 +225,8 @@ class Drain:
     async def move_job(self, job_id: str, read: bytes, *, unless_begun: bool) -> bool | None:
         """Move one queued job as it was `read`: True when moved, False when a worker holds
         it or took it meanwhile, or it changed since (looked at again on the next pass),
-        None when it stays (`unless_begun`: it began here)."""
+        None when it stays (`unless_begun`: it began here; or another event holds its id on
+        the new shard: `stay`)."""
         taken = await self.take(job_id, read, unless_begun=unless_begun)
         return await self.carry(taken) if isinstance(taken, Taken) else taken
 
@@ -254,18 +258,32 @@ class Drain:
             None if pushed is None else (pushed, int(pushed_ms)),
         )
 
-    async def carry(self, taken: Taken) -> bool:
+    async def carry(self, taken: Taken) -> bool | None:
         """Steps 2 and 3: True when the job moved, False when a worker on the old shard took
         it since it was taken (its copy on the new shard removed), or Redis failed as it
         was placed (it is under the mover's lease on the old shard, where the next pass
-        takes it again: `TakeJob`) or settled (the next pass settles it: `settle`)."""
+        takes it again: `TakeJob`) or settled (the next pass settles it: `settle`); None:
+        `stay`."""
         self.alive()  # a mover that lost its lease places nothing (another may move it)
         try:
             placed = await self.place(taken)
         except REDIS_ERRORS as exc:
             self.say(f"{self.project}: job {taken.job_id} not placed ({exc!r}): next pass")
             return False
-        return await self.settle(taken, placed)
+        if placed is not None:
+            return await self.settle(taken, placed)
+        await self.stay(taken)
+        return None
+
+    async def stay(self, taken: Taken) -> None:
+        """Another event has the id of the one taken on the new shard (emitted there after
+        the flip, or this one here by the placement from before it): this one runs on the
+        old shard (its lease lapses if Redis fails), left as an event whose fan-out began."""
+        self.kept.add(taken.job_id)
+        said = f"{self.project}: job {taken.job_id}: another event has its id on the new shard"
+        self.say(f"{said}: it runs on the old one")
+        with contextlib.suppress(*REDIS_ERRORS):
+            await self._let_run(self.src, taken)
 
     async def settle(self, taken: Taken, placed: bool) -> bool:
         """Step 3: the job leaves the old shard and its copy is let run (True), or, a worker
@@ -307,10 +325,11 @@ class Drain:
         else:
             await self.fence()
 
-    async def place(self, taken: Taken) -> bool:
+    async def place(self, taken: Taken) -> bool | None:
         """Step 2: the held copy, confirmed by the replicas; False when that job id was
-        queued there already and not held by a mover (kept as it is: `PlaceJob`).
-        NotReplicated: its copy is removed, and the job given back on the old shard."""
+        queued there already and not held by a mover (kept as it is: `PlaceJob`), None when
+        that job is another event (`OTHER_EVENT`). NotReplicated: its copy is removed, and
+        the job given back on the old shard."""
         d, job_id = self.dst.keys, taken.job_id
 
         def queue(pipe: Pipeline) -> None:
@@ -337,7 +356,7 @@ class Drain:
                 f"{self.project}: job {job_id}: its copy on the new shard, held by another "
                 "mover (paused past its lease), is this mover's now"
             )
-        return bool(answers[0])
+        return None if answers[0] == OTHER_EVENT else bool(answers[0])
 
     def _held(self, keys: Keys, taken: Taken, marks: list[tuple[str, bytes, int]]) -> DropHeld:
         job_id = taken.job_id

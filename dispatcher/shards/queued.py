@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from dispatcher.bodies import KEEP_BODY
-from dispatcher.jobs import FAN_OUT, BadJob, decode
+from dispatcher.jobs import DIGEST_LEAD, FAN_OUT, BadJob, decode
 from dispatcher.lua import REDIS_NOW_MS, ArgList, Key, KeyList, Script
 from dispatcher.models import PLATFORM_PROJECT
 
@@ -21,10 +21,13 @@ if TYPE_CHECKING:
 # What a mover's token starts with (`PlaceJob`); a worker's is its host's name and more,
 # and no host name holds a '/'.
 MOVER = "mover/"
+# `PlaceJob`'s answer when the job queued under that id on the new shard is another event
+OTHER_EVENT = 3
 
 __all__ = [
     "MOVE",
     "MOVER",
+    "OTHER_EVENT",
     "STAY",
     "UNLESS_BEGUN",
     "DropHeld",
@@ -101,24 +104,37 @@ class PlaceJob(Script):
     and its score the later of its due time and the hold's end (Redis's clock), so that no
     worker claims it until `FreeHeld` lets it run (or the hold lapses: its mover died);
     with its reference to the body it refers to at `body` (`shared`: the bytes; the `job`
-    key again for one that holds its own: `dispatcher.bodies`). Returns 1; 0, writing
-    nothing, when that id is queued already and not held by a mover (that job is kept as
-    it is: a worker runs it, or may). Queued already held by a mover, it is written over
-    (its hold now this one's): 1 when the hold was `token`'s own (this write sent again,
-    its first answer lost), 2 when another mover's (`movers`: what every mover's token
-    starts with), paused past its lease on the old shard while this one took the job
-    there: that mover finds it taken, and removes it no more."""
+    key again for one that holds its own: `dispatcher.bodies`). Returns 1. That id queued
+    already and not held by a mover, it writes nothing (that job is kept as it is: a
+    worker runs it, or may) and returns 0, or `OTHER_EVENT` when that job is another
+    event: both jobs' bytes lead with a digest (`jobs.DIGEST_LEAD`: events emitted with
+    ids of their own) and the two differ (a job without one: 0). Queued already held by a
+    mover, it is written over (its hold now this one's): 1 when the hold was `token`'s own
+    (this write sent again, its first answer lost), 2 when another mover's (`movers`: what
+    every mover's token starts with), paused past its lease on the old shard while this
+    one took the job there: that mover finds it taken, and removes it no more."""
 
     LUA = (
-        "local keep_ms = ttl_ms"
+        f"local lead = '{DIGEST_LEAD}'\n"
+        + "local keep_ms = ttl_ms"
         + KEEP_BODY
         + REDIS_NOW_MS
         + """
+    local function kept()  -- the job there kept: 0, or OTHER_EVENT when it is another event
+      local ends = string.sub(data, 1, #lead) == lead and string.find(data, '"', #lead + 1, true)
+      if not ends then return 0 end
+      local there = redis.call('GETRANGE', job, 0, ends - 1)
+      if string.sub(there, 1, #lead) ~= lead or there == string.sub(data, 1, ends) then
+        return 0
+      end
+      return """
+        + str(OTHER_EVENT)
+        + """
+    end
     local answer, holder = 1, redis.call('GET', lease)
     if redis.call('ZSCORE', queue, job_id) then
-      if not holder then return 0 end
       if holder ~= token then
-        if string.sub(holder, 1, #movers) ~= movers then return 0 end
+        if not holder or string.sub(holder, 1, #movers) ~= movers then return kept() end
         answer = 2
       end
     end

@@ -233,10 +233,10 @@ async def test_a_batch_is_counted_before_its_entries_are_read(
     assert await queued_ids(redis, settings) == []
 
 
-def test_a_body_of_many_values_is_read_entry_by_entry_with_the_same_answers() -> None:
-    """Past 100 values and keys per event it may carry, a JSON array is read entry by entry
-    (to count them first): the same entries and refusals as read whole; NDJSON lines keep
-    their numbers past blank ones."""
+def test_a_body_of_many_values_is_counted_then_read_as_any_other() -> None:
+    """Past 100 values and keys per event it may carry, a JSON array's entries are counted
+    one by one first, then, within the limit, it is read whole: the same entries and
+    refusals as any body; NDJSON lines keep their numbers past blank ones."""
     entry = {"event": "BUILD_END", "data": {"n": list(range(150)), "big": 2**70, "s": ",[{"}}
     body = json.dumps([entry, entry], indent=1).encode()
     bad = {
@@ -247,7 +247,7 @@ def test_a_body_of_many_values_is_read_entry_by_entry_with_the_same_answers() ->
         "a trailing comma": body[:-1] + b",]",
         "too deep": b"[" * 5000 + b"]" * 5000,
     }
-    for limit in (2, 1000):  # entry by entry (over 200 values), whole
+    for limit in (2, 1000):  # counted first (over 200 values), not
         assert read_events(body, ndjson=False, limit=limit) == [
             ("events[0]", entry), ("events[1]", entry)
         ]  # fmt: skip
@@ -263,6 +263,28 @@ def test_a_body_of_many_values_is_read_entry_by_entry_with_the_same_answers() ->
     assert read_events(lines, ndjson=True, limit=2) == [
         ("line 3", {"event": "BUILD_END"}), ("line 5", {"event": "BUILD_START"})
     ]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "data",
+    ['{"s": "\\ud800"}', '{"\\udc00": 1}', '{"a": ' * 250 + "1" + "}" * 250],
+    ids=["a lone surrogate", "one in a key", "250 levels deep"],
+)
+def test_a_batch_within_the_limit_is_read_alike_however_many_values_it_holds(
+    data: str,
+) -> None:
+    """An entry the parser refuses (a lone surrogate escape, nesting past its 200 levels)
+    refuses the body whatever else it holds. Before, once the body held more values than
+    100 per event it may carry, it was read by the standard library's scanner, which takes
+    them: the same entry was queued, or refused alone later, depending on the padding of
+    another entry (review). That scanner now only counts the entries of such a body."""
+    pad = json.dumps(list(range(400)))  # 400 values: past 100 per event of 3
+    for padding in ("[]", pad):
+        body = f'[{{"event": "BUILD_END", "data": {data}}}, {{"event": "BUILD_END", "data": '
+        body += f'{{"p": {padding}}}}}]'
+        with pytest.raises(InvalidInput, match=r"^body is not JSON: ") as refused:
+            read_events(body.encode(), ndjson=False, limit=3)
+        assert refused.value.param == "body"
 
 
 async def test_the_batch_route_has_a_body_limit_of_its_own(

@@ -1,6 +1,7 @@
 """A move's drain (`dispatcher.shards.drain`) on two real shards: a mover paused past its
-lease on a job leaves that job to the worker that took it, on one shard only; and a drain
-waits for the events a producer may still queue on the old shard after the flip."""
+lease on a job leaves that job to the worker that took it, on one shard only; a drain
+waits for the events a producer may still queue on the old shard after the flip; and an
+event whose id another event holds on the new shard stays on the old one."""
 
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ import redis as sync_redis
 from dispatcher.clock import now_ms
 from dispatcher.embedded import EmbeddedRedis
 from dispatcher.errors import Unavailable
+from dispatcher.events import event_job
+from dispatcher.jobs import EventJob
 from dispatcher.lua import run_pipeline
 from dispatcher.models import Region
 from dispatcher.producer import Producer
@@ -54,7 +57,7 @@ class Paused(Drain):
             await self.pause()
         return taken
 
-    async def place(self, taken: Taken) -> bool:
+    async def place(self, taken: Taken) -> bool | None:
         placed = await super().place(taken)
         if self.at == "place":
             await self.pause()
@@ -127,7 +130,7 @@ class Overtaken(Drain):
 
     next: Drain
 
-    async def place(self, taken: Taken) -> bool:
+    async def place(self, taken: Taken) -> bool | None:
         placed = await super().place(taken)
         await _lapsed(self.src)
         assert await self.next.move_job(JOB_ID, b"{}", unless_begun=False) is True
@@ -187,7 +190,7 @@ class Resumes(Drain):
         go = self.go
 
         class PausedOncePlaced(Drain):
-            async def place(self, taken: Taken) -> bool:
+            async def place(self, taken: Taken) -> bool | None:
                 answer = await super().place(taken)
                 placed.set()
                 await go.wait()
@@ -243,7 +246,7 @@ async def test_a_moved_job_is_held_on_the_new_shard_until_it_left_the_old_one(
         seen: list[tuple[float | None, bytes | None]] = []
 
         class Watched(Drain):
-            async def place(self, taken: Taken) -> bool:
+            async def place(self, taken: Taken) -> bool | None:
                 placed = await super().place(taken)
                 k = self.dst.keys
                 held = await self.dst.redis.zscore(k.QUEUE, JOB_ID)
@@ -337,3 +340,90 @@ async def test_a_drain_waits_for_the_pushes_a_producer_may_still_make(
         (delivered,) = receiver.requests("/hook")
         assert b'"late":true' in delivered.body
         assert (await new.callbacks("mv")).count == 1
+
+
+async def _queued(services: Services, job: EventJob) -> None:
+    """`job` emitted on the shard of `services` (as a producer routing it there does)."""
+    (answer,) = await run_pipeline(services.redis, lambda pipe: services.queue.push(pipe, job))
+    assert answer == 1
+
+
+@pytest.mark.parametrize("stale", [False, True], ids=["new shard's after flip", "stale producer"])
+async def test_an_event_whose_id_another_event_holds_on_the_new_shard_stays_on_the_old_one(
+    shard_servers: list[EmbeddedRedis], receiver: Receiver, stale: bool
+) -> None:
+    """Event A (`BUILD_START` under `build-42`) is queued on the project's old shard; after
+    the flip a producer emits another event, B (`BUILD_END`), under the same id, queued on
+    the new shard: it has no A there to compare with. Or the other way round: A moved,
+    and B is queued on the old shard by a producer that still routes by the placement
+    from before the flip (`stale`). The mover finds the id queued on the new shard, and
+    the head of that job (its digest: `jobs.DIGEST_LEAD`) another event's: the job it took
+    is let run on the old shard, as an event whose fan-out began there is, and a pass
+    after it leaves it there. Both events are delivered. Before, the mover's placement
+    kept the new shard's job and answered as if the job were there already, the mover
+    removed its event from the old shard anyway, and the move counted it moved: an
+    acknowledged event gone, with no record, log or metric (review)."""
+    settings = two_empty_shards(shard_servers)
+    async with Router.open(settings) as router:
+        src, dst = router.shards
+        for shard in (src, dst):  # the callbacks, on the new shard as a move copies them
+            for name in ("BUILD_START", "BUILD_END"):
+                await shard.register(
+                    Registration("mv", receiver.url("/hook"), Region.DEVNET, "t"), name
+                )
+        a = event_job("mv", "BUILD_START", {"build": 42}, "build-42")
+        b = event_job("mv", "BUILD_END", {"build": 42, "ok": True}, "build-42")
+        old, new = (b, a) if stale else (a, b)
+        await _queued(src, old)
+        await _queued(dst, new)
+        said: list[str] = []
+        drain = Drain(src, dst, "mv", MOVER + "a", lambda: None, said.append)
+        read = await src.redis.get(src.keys.arq_job(old.job_id))
+        assert read is not None
+        assert await drain.move_job(old.job_id, read, unless_begun=True) is None
+        assert await drain.one_pass() == (0, 0, 1)  # left there, waited for
+        assert await src.redis.get(src.keys.arq_job(old.job_id)) == read
+        assert await _where_job(src, old.job_id) == (True, None)  # free to run there
+        assert said == [
+            f"mv: job {old.job_id}: another event has its id on the new shard: it runs on the "
+            "old one"
+        ]
+        worker = create_worker(settings, burst=True, poll_delay=0.01, handle_signals=False)
+        try:
+            await asyncio.wait_for(worker.main(), 30)
+        finally:
+            await worker.close()
+    bodies = sorted(seen.body for seen in receiver.requests("/hook"))
+    assert len(bodies) == 2, bodies
+    assert b'"BUILD_END"' in bodies[0] + bodies[1] and b'"BUILD_START"' in bodies[0] + bodies[1]
+
+
+async def _where_job(services: Services, job_id: str) -> tuple[bool, bytes | None]:
+    k = services.keys
+    queued = await services.redis.zscore(k.QUEUE, job_id) is not None
+    return queued, await services.redis.get(k.ARQ_IN_PROGRESS_PREFIX + job_id)
+
+
+async def test_the_same_event_on_both_shards_or_one_without_a_digest_moves_as_before(
+    shard_servers: list[EmbeddedRedis],
+) -> None:
+    """The same event under its id on both shards (name and data: a producer's retry after
+    the flip), or a job without a digest on either (queued by the version before; an event
+    given a fresh id has none either): the new shard's job is kept, the old one's leaves,
+    moved, as before."""
+    async with Router.open(two_empty_shards(shard_servers)) as router:
+        src, dst = router.shards
+        same = event_job("mv", "BUILD_START", {"build": 1}, "build-1")
+        digested = event_job("mv", "BUILD_START", {"build": 2}, "build-2")
+        undigested = EventJob(id="build-2", project_id="mv", event="BUILD_END", emitted_at=1)
+        for old, new in ((same, same), (digested, undigested), (undigested, digested)):
+            await _queued(src, old)
+            await _queued(dst, new)
+            read = await src.redis.get(src.keys.arq_job(old.job_id))
+            assert read is not None
+            drain = Drain(src, dst, "mv", MOVER + "a", lambda: None)
+            assert await drain.move_job(old.job_id, read, unless_begun=True) is True
+            assert await _where_job(src, old.job_id) == (False, None)
+            assert await _where_job(dst, new.job_id) == (True, None)
+            await dst.redis.delete(dst.keys.arq_job(new.job_id))
+            await dst.redis.zrem(dst.keys.QUEUE, new.job_id)

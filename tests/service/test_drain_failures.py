@@ -182,7 +182,7 @@ class LinkBackAfter(Drain):
     links: list[Link]
     on = 0
 
-    async def place(self, taken: Taken) -> bool:
+    async def place(self, taken: Taken) -> bool | None:
         try:
             return await super().place(taken)
         finally:

@@ -66,11 +66,13 @@ def test_the_embedded_and_the_tests_servers_keep_their_keys_when_full(
     assert asyncio.run(preflight(cluster)) == []
     last = redis_py.Redis(port=redis_cluster.ports[-1])  # each node is asked, not just one
     try:
+        last.config_set("maxmemory", 100 * 2**20)
         last.config_set("maxmemory-policy", "allkeys-lru")
         with pytest.raises(InvalidSetting, match="maxmemory-policy allkeys-lru"):
             asyncio.run(preflight(cluster))
     finally:
         last.config_set("maxmemory-policy", "noeviction")
+        last.config_set("maxmemory", 0)
         last.close()
 
 
@@ -81,12 +83,11 @@ def test_a_redis_that_evicts_keys_stops_every_process_at_start(
     """Under `volatile-lru` a full Redis evicted the queue's jobs (they carry a time to
     live): accepted events were dropped as "job data expired" (review). The start-up check
     (API, worker, every command) reads `maxmemory_policy` (INFO, readable on managed Redis)
-    and refuses anything but `noeviction`, naming the setting."""
+    and refuses anything but `noeviction` once Redis has a `maxmemory`, naming the
+    setting."""
     with EmbeddedRedis(tmp_path, persist=False) as server:
         url = server.url
-        client = redis_py.Redis.from_url(url)
-        client.config_set("maxmemory-policy", policy)
-        client.close()
+        _evicting(redis_py.Redis.from_url(url), policy)
         with pytest.raises(InvalidSetting, match=f"maxmemory-policy {policy}") as refused:
             asyncio.run(preflight(make_settings(url)))
         assert refused.value.param == "maxmemory-policy"
@@ -96,3 +97,84 @@ def test_a_redis_that_evicts_keys_stops_every_process_at_start(
     output = " ".join(result.output.split())
     assert result.exit_code == 2 and "Traceback" not in output, output
     assert f"configuration error maxmemory-policy: the Redis at {url}" in output
+
+
+def test_a_cluster_of_one_node_is_checked_like_any_other(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A Redis Cluster of one master holding every slot: asked for `INFO memory` on all
+    its nodes, redis-py's cluster client answers the one node's reply itself, not one per
+    node. The check read that reply as one entry per node and raised AttributeError: the
+    API, the worker and every command stopped with a traceback (review). Each node is
+    asked in turn: passed under `noeviction`, refused naming `maxmemory-policy` under
+    `volatile-lru`."""
+    cluster = LocalCluster(tmp_path, masters=1)
+    try:
+        url = cluster.start()
+        assert asyncio.run(preflight(make_settings(url))) == []
+        _evicting(redis_py.Redis(port=cluster.ports[0]), "volatile-lru")
+        with pytest.raises(InvalidSetting, match="maxmemory-policy volatile-lru") as refused:
+            asyncio.run(preflight(make_settings(url)))
+        assert refused.value.param == "maxmemory-policy"
+        monkeypatch.setenv("DISPATCHER_REDIS_URL", url)
+        result = CliRunner().invoke(app, ["worker"])
+    finally:
+        cluster.stop()
+    output = " ".join(result.output.split())
+    assert result.exit_code == 2 and "Traceback" not in output, output
+    assert "configuration error maxmemory-policy: the Redis at" in output
+
+
+def test_a_redis_without_a_memory_limit_that_would_evict_is_a_warning(tmp_path: Path) -> None:
+    """`maxmemory 0` (no limit: Redis never evicts) under `volatile-lru`: a warning that
+    it would evict once a limit is set, saying to set `noeviction`, not a refusal (review:
+    it stopped every process, though nothing could be evicted). Set a limit, it stops them."""
+    with EmbeddedRedis(tmp_path, persist=False) as server:
+        client = redis_py.Redis.from_url(server.url)
+        client.config_set("maxmemory-policy", "volatile-lru")
+        (warning,) = asyncio.run(preflight(make_settings(server.url)))
+        assert warning.startswith(f"the Redis at {server.url} has no maxmemory limit: ")
+        assert "maxmemory-policy volatile-lru" in warning and "noeviction" in warning
+        client.config_set("maxmemory", 100 * 2**20)
+        client.close()
+        with pytest.raises(InvalidSetting, match="maxmemory-policy volatile-lru"):
+            asyncio.run(preflight(make_settings(server.url)))
+
+
+def test_a_cluster_node_that_does_not_answer_is_named_in_a_warning(tmp_path: Path) -> None:
+    """Each node of a cluster is asked (masters and replicas); one that does not answer is
+    a warning naming it, and the others are checked all the same (review: any node down
+    and the check passed in silence, checking none)."""
+    cluster = LocalCluster(tmp_path)
+    try:
+        url = cluster.start()
+        cluster.kill(2)  # (not the first: redis-py's client cannot start without it)
+        (warning,) = asyncio.run(preflight(make_settings(url)))
+        down = f"127.0.0.1:{cluster.ports[2]}"
+        assert warning.startswith(f"node {down} of {url} did not answer"), warning
+        assert "maxmemory-policy not checked" in warning
+        _evicting(redis_py.Redis(port=cluster.ports[1]), "allkeys-lru")
+        with pytest.raises(InvalidSetting, match="maxmemory-policy allkeys-lru"):
+            asyncio.run(preflight(make_settings(url)))
+    finally:
+        cluster.stop()
+
+
+def test_a_cluster_replica_that_would_evict_keys_stops_every_process(tmp_path: Path) -> None:
+    """The replicas of a cluster are asked too (a failover makes one a master): one under
+    `allkeys-lru` with a limit is refused like a master."""
+    cluster = LocalCluster(tmp_path, masters=1)
+    try:
+        url = cluster.start()
+        _evicting(redis_py.Redis(port=cluster.add_replica()), "allkeys-lru")
+        with pytest.raises(InvalidSetting, match="maxmemory-policy allkeys-lru"):
+            asyncio.run(preflight(make_settings(url)))
+    finally:
+        cluster.stop()
+
+
+def _evicting(client: redis_py.Redis, policy: str) -> None:
+    """The Redis of `client` evicts keys under `policy` once it holds 100 MiB."""
+    client.config_set("maxmemory", 100 * 2**20)
+    client.config_set("maxmemory-policy", policy)
+    client.close()

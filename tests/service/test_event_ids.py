@@ -250,6 +250,32 @@ async def test_python_producers_refuse_an_event_id_reused_for_another_event(
     assert sorted(queue) == ["projA:b-1", "projA:b-2"]
 
 
+async def test_emit_many_says_what_it_queued_when_it_refuses_an_event_id(
+    settings: Settings, redis: Redis
+) -> None:
+    """`emit_many` raises `EventIdReused` once it has queued the others: the exception
+    holds each event's outcome in the list's order, the id of each one queued (a fresh
+    id included, which nothing else gives back) and None where refused (`refused`: their
+    places). Before, it named only the refused ids: a caller could not tell the generated
+    ids of what was queued, and a retry of the list queued those events again under new
+    ids, duplicates no receiver could tell apart (review)."""
+    producer = Producer(settings, redis)
+    with pytest.raises(EventIdReused) as raised:
+        await producer.emit_many(
+            [
+                ("projA", "BUILD_END", {}, None),
+                ("projA", "BUILD_END", {"a": 1}, "X"),
+                ("projA", "BUILD_END", {"a": 2}, "X"),
+            ]
+        )
+    fresh, reused, refused = raised.value.outcomes
+    assert fresh is not None and fresh.startswith("evt_")
+    assert (reused, refused, raised.value.refused) == ("X", None, [2])
+    assert raised.value.event_ids == ["X"]
+    queue = [i.decode() for i in await redis.zrange(settings.queue_name, 0, -1)]
+    assert sorted(queue) == sorted([f"projA:{fresh}", "projA:X"])
+
+
 async def test_an_event_queued_by_the_version_before_is_taken_as_the_same(
     settings: Settings, redis: Redis
 ) -> None:
