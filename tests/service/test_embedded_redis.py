@@ -141,38 +141,6 @@ def test_a_redis_without_a_memory_limit_that_would_evict_is_a_warning(tmp_path: 
             asyncio.run(preflight(make_settings(server.url)))
 
 
-def test_a_cluster_node_that_does_not_answer_is_named_in_a_warning(tmp_path: Path) -> None:
-    """Each node of a cluster is asked (masters and replicas); one that does not answer is
-    a warning naming it, and the others are checked all the same (review: any node down
-    and the check passed in silence, checking none)."""
-    cluster = LocalCluster(tmp_path)
-    try:
-        url = cluster.start()
-        cluster.kill(2)  # (not the first: redis-py's client cannot start without it)
-        (warning,) = asyncio.run(preflight(make_settings(url)))
-        down = f"127.0.0.1:{cluster.ports[2]}"
-        assert warning.startswith(f"node {down} of {url} did not answer"), warning
-        assert "maxmemory-policy not checked" in warning
-        _evicting(redis_py.Redis(port=cluster.ports[1]), "allkeys-lru")
-        with pytest.raises(InvalidSetting, match="maxmemory-policy allkeys-lru"):
-            asyncio.run(preflight(make_settings(url)))
-    finally:
-        cluster.stop()
-
-
-def test_a_cluster_replica_that_would_evict_keys_stops_every_process(tmp_path: Path) -> None:
-    """The replicas of a cluster are asked too (a failover makes one a master): one under
-    `allkeys-lru` with a limit is refused like a master."""
-    cluster = LocalCluster(tmp_path, masters=1)
-    try:
-        url = cluster.start()
-        _evicting(redis_py.Redis(port=cluster.add_replica()), "allkeys-lru")
-        with pytest.raises(InvalidSetting, match="maxmemory-policy allkeys-lru"):
-            asyncio.run(preflight(make_settings(url)))
-    finally:
-        cluster.stop()
-
-
 def _evicting(client: redis_py.Redis, policy: str) -> None:
     """The Redis of `client` evicts keys under `policy` once it holds 100 MiB."""
     client.config_set("maxmemory", 100 * 2**20)

@@ -9,7 +9,6 @@ import asyncio
 import random
 import uuid
 from collections.abc import AsyncIterator
-from hashlib import md5
 from typing import Any
 
 import asyncpg
@@ -290,60 +289,6 @@ SELECT 'trigger', tgname, tgenabled = 'O', pg_get_triggerdef(oid)
   FROM pg_trigger WHERE tgrelid = 'history_pairs'::regclass
  ORDER BY 1, 2
 """
-
-
-async def test_version_5_never_holds_pair_lookups_or_inserts_for_long(
-    fresh_db: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Version 5 hashed every pair in one transaction (ALTER TABLE, an UPDATE of every
-    row, SET NOT NULL, a unique constraint and an index, none concurrent): the table was
-    locked throughout, and a lookup of a pair waited 21 s on 1,000,000 pairs (tmpfs; every
-    history read a 503 meanwhile), an hour's statement cap away from rolled back and
-    started again at every start (review). It runs as version 4 does, step by step: the
-    locks it takes are held for catalog changes only, the rows hashed in committed batches,
-    the indexes built CONCURRENTLY. On 200,000 pairs (the old migration held the table
-    ~4 s here), an older version's lookups by URL and its inserts of new pairs go on
-    throughout; each may take 2 s, a bound no lookup of an indexed pair reaches unless
-    held by a lock (far above a loaded machine's jitter, far below the old hold)."""
-    await at_version_4(fresh_db, 200_000, monkeypatch)
-    reader = await asyncpg.connect(fresh_db, server_settings={"statement_timeout": "2000"})
-    migrating = await asyncpg.connect(fresh_db)
-    done = asyncio.Event()
-    lookups = 0
-
-    async def look_up() -> None:
-        nonlocal lookups
-        while not done.is_set():
-            n, g = lookups, lookups * 7 % 200_000 + 1  # one of those stored before
-            url = (
-                f"https://hooks.example-{g % 500}.com/callbacks/{md5(str(g).encode()).hexdigest()}"
-            )
-            assert await reader.fetchval(
-                "SELECT pair_id FROM history_pairs WHERE project_id = $1 AND event = $2"
-                " AND url = $3", f"p{g % 500}", "BUILD_END", f"{url}?tenant={g}",
-            ) is not None  # fmt: skip
-            await reader.execute(  # a pair an older worker's shipper adds meanwhile
-                "INSERT INTO history_pairs (project_id, event, url) VALUES ($1, 'BUILD_END', $2)"
-                " ON CONFLICT DO NOTHING", "new", f"http://new/{n}",
-            )  # fmt: skip
-            lookups += 1
-            await asyncio.sleep(0.01)
-
-    try:
-        looking = asyncio.create_task(look_up())
-        await asyncio.sleep(0.2)
-        try:
-            assert await upgrade(migrating) == [v for v, _ in schema.MIGRATIONS[4:]]
-        finally:
-            done.set()
-            await looking  # a lookup held past 2 s raises QueryCanceledError here
-        assert lookups > 10
-        assert await migrating.fetchval(
-            "SELECT count(*) FROM history_pairs WHERE url_hash = history_url_hash(url)"
-        ) == 200_000 + lookups  # fmt: skip
-    finally:
-        await reader.close()
-        await migrating.close()
 
 
 async def test_version_5_run_again_after_a_crash_ends_as_a_fresh_build(
