@@ -112,7 +112,10 @@ class PlaceJob(Script):
     mover, it is written over (its hold now this one's): 1 when the hold was `token`'s own
     (this write sent again, its first answer lost), 2 when another mover's (`movers`: what
     every mover's token starts with), paused past its lease on the old shard while this
-    one took the job there: that mover finds it taken, and removes it no more."""
+    one took the job there: that mover finds it taken, and removes it no more; but a held
+    copy of another event (its digest, as above) is never written over: `OTHER_EVENT` (a
+    job this mover moved but could not settle, then another event queued under its id on
+    the old shard by a stale producer: it was written over, the first one lost)."""
 
     LUA = (
         f"local lead = '{DIGEST_LEAD}'\n"
@@ -133,10 +136,12 @@ class PlaceJob(Script):
     end
     local answer, holder = 1, redis.call('GET', lease)
     if redis.call('ZSCORE', queue, job_id) then
+      local other = kept()
       if holder ~= token then
-        if not holder or string.sub(holder, 1, #movers) ~= movers then return kept() end
+        if not holder or string.sub(holder, 1, #movers) ~= movers then return other end
         answer = 2
       end
+      if other ~= 0 then return other end  -- a held copy of another event: never over it
     end
     redis.call('SET', job, data, 'PX', ttl_ms)
     redis.call('SET', lease, token, 'PX', hold_ms)

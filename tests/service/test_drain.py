@@ -15,7 +15,7 @@ from dispatcher.clock import now_ms
 from dispatcher.embedded import EmbeddedRedis
 from dispatcher.errors import Unavailable
 from dispatcher.events import event_job
-from dispatcher.jobs import EventJob
+from dispatcher.jobs import EventJob, encode
 from dispatcher.lua import run_pipeline
 from dispatcher.models import Region
 from dispatcher.producer import Producer
@@ -24,7 +24,7 @@ from dispatcher.services import Services
 from dispatcher.settings import Settings
 from dispatcher.shards.drain import Drain, Taken
 from dispatcher.shards.move import SETTLE_REFRESHES, Mover
-from dispatcher.shards.queued import MOVER
+from dispatcher.shards.queued import MOVER, OTHER_EVENT, PlaceJob
 from dispatcher.shards.router import Router
 from dispatcher.worker import create_worker
 from dispatcher.worker.claims import Claims
@@ -427,3 +427,31 @@ async def test_the_same_event_on_both_shards_or_one_without_a_digest_moves_as_be
             assert await _where_job(dst, new.job_id) == (True, None)
             await dst.redis.delete(dst.keys.arq_job(new.job_id))
             await dst.redis.zrem(dst.keys.QUEUE, new.job_id)
+
+
+@pytest.mark.parametrize("holder", ["this mover", "another mover"])
+async def test_a_held_copy_of_another_event_is_never_written_over(
+    shard_servers: list[EmbeddedRedis], holder: str
+) -> None:
+    """A copy on the new shard held by a mover (this one's, not settled: Redis failed as it
+    was let run; or another's, paused) and another event under its id placed there (queued
+    on the old shard by a stale producer once the first had left it): `PlaceJob` answers
+    `OTHER_EVENT`, the held copy kept. It wrote the other event over it, the first lost
+    (review); the same event again is written as before (a placement sent again)."""
+    settings = two_empty_shards(shard_servers)
+    async with Router.open(settings) as router:
+        dst = router.shards[1]
+        d = dst.keys
+        a = event_job("mv", "BUILD_START", {"build": 42}, "build-42")
+        b = event_job("mv", "BUILD_END", {"build": 42, "ok": True}, "build-42")
+
+        def place(job: EventJob, token: str) -> PlaceJob:
+            key = d.arq_job(job.job_id)
+            return PlaceJob(d.QUEUE, key, d.ARQ_IN_PROGRESS_PREFIX + job.job_id, key,
+                            job.job_id, encode(job, 1), b"0", 60_000, token, 30_000)  # fmt: skip
+
+        assert await place(a, MOVER + "a").run(dst.redis) == 1
+        placing = MOVER + ("a" if holder == "this mover" else "b")
+        assert await place(b, placing).run(dst.redis) == OTHER_EVENT
+        assert await dst.redis.get(d.arq_job(a.job_id)) == encode(a, 1)
+        assert await place(a, placing).run(dst.redis) == (1 if holder == "this mover" else 2)
