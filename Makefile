@@ -4,9 +4,10 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PY_DIRS := dispatcher tests $(wildcard bench)
-# pytest-xdist workers for the unit, service and repository tiers (0: one process). The
-# fault and browser tiers always run in one: they kill, pause and time real processes.
-WORKERS ?= 2
+# pytest-xdist workers for the unit, service and repository tiers (0: one process): three
+# on two cores, as the tests wait on real servers much of their time. The fault and
+# browser tiers always run in one: they kill, pause and time real processes.
+WORKERS ?= 3
 FAST_TIERS := tests/unit tests/service tests/repo
 
 .PHONY: run test test-fast test-faults lint fmt typecheck pytest screenshots bench bench-quick deploy-check clean

@@ -49,51 +49,6 @@ PROJECTS = [f"grow-{n}" for n in range(8)]
 LATE_S = 0.3
 
 
-async def test_adding_a_shard_moves_projects_under_load_and_loses_nothing(
-    shard_servers: list[EmbeddedRedis], receiver: Receiver
-) -> None:
-    for server in shard_servers:
-        sync_redis.Redis.from_url(server.url).flushall()
-    urls = [server.url for server in shard_servers]
-    one = make_settings(urls[0], placement_refresh=0.05)
-    two = make_settings(urls[0], redis_shards=urls, placement_refresh=0.05)
-    moving = [p for p in PROJECTS if rendezvous(p, 2) == 1]
-    assert moving and len(moving) < len(PROJECTS)
-    emitted: list[str] = []
-    async with Router.open(one) as router:  # today: one Redis
-        for project in PROJECTS:
-            registration = Registration(project, receiver.url(f"/{project}"), Region.DEVNET, "t")
-            await router.of(project).register(registration, "BUILD_END")
-            await router.of(project).roles.grant(project, "alice", Role.ADMIN)
-        async with Producer(one) as producer:
-            emitted += await producer.emit_many([(p, "BUILD_END", {"n": -1}) for p in PROJECTS])
-    worker = create_worker(two, poll_delay=0.01, handle_signals=False)
-    delivering = asyncio.create_task(worker.main())
-    stop = asyncio.Event()
-    load = asyncio.create_task(_emit_until(two, stop, emitted))
-    try:
-        async with Router.open(two) as router:  # the longer list, on every process
-            assert {router.of(p).shard.index for p in PROJECTS} == {0}  # not in use yet
-            mover = Mover(router, lambda _: None, settle_s=0.3, late_s=LATE_S)
-            pinned = await mover.grow()
-            assert sorted(pinned) == sorted(moving)
-            moved = asyncio.create_task(mover.rebalance())
-            await until(lambda: _frozen(router, moving[0]), 10, "a move freezing a project")
-            assert await moved == len(moving)
-            assert router.placement.explicit == {}  # every project where the hash puts it
-            stop.set()
-            await load
-            await until(lambda: _all_recorded(router, emitted, receiver), 30, "every event")
-            for project in moving:
-                await _only_on_new_shard(router, project)
-    finally:
-        stop.set()
-        worker.stop()
-        await asyncio.wait_for(delivering, 20)
-        await worker.close()
-    assert len(emitted) > 5 * len(PROJECTS), "the load ran during the move"
-
-
 async def _emit_until(settings: Settings, stop: asyncio.Event, emitted: list[str]) -> None:
     """Every project's event every 20 ms, through a producer of the longer list (which
     reads the placements as a process of the fleet would)."""
