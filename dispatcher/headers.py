@@ -246,7 +246,7 @@ def mask_secrets(text: str, secrets: Sequence[str]) -> str:
     for secret in sorted(found, key=len, reverse=True):
         if _whole(secret) and secret in text:
             text = text.replace(secret, MASK)
-        if sum(not c.isalnum() for c in secret) > MOST_ESCAPABLE:
+        if "\\" in secret or sum(not c.isalnum() for c in secret) > MOST_ESCAPABLE:
             for form in _forms(secret):  # too many to try each escape of each: the common
                 text = text.replace(form, MASK)  # encoders' forms, each in one linear pass
         elif _anchor(secret) in text:  # escaped, or short: the pattern
@@ -254,7 +254,8 @@ def mask_secrets(text: str, secrets: Sequence[str]) -> str:
     return text
 
 
-# A secret holding more characters that encoders escape than this is masked in the forms
+# A secret holding more characters that encoders escape than this, or a backslash (its
+# two forms, `\\` and `\\\\`, make a run of them match in 2^n ways), is masked in the forms
 # common encoders give it (`_forms`), not in every mix of escapes (`_pattern`): the
 # pattern's scan costs the text's length times those characters, and a project chooses its
 # secrets (an auth header value of 4,096 slashes made each attempt take 2.7 s of the
@@ -267,14 +268,22 @@ MOST_ESCAPABLE = 12
 @functools.lru_cache(maxsize=256)
 def _forms(secret: str) -> tuple[str, ...]:
     """`secret` as sent and as JSON (standard, PHP's `\\/`, Go's `\\u0026` for `&<>`,
-    .NET's `\\u002B` for `+&<>'"`) and HTML (`html.escape`) write it."""
+    .NET's `\\u002B` for `+&<>'"` and the backtick, Gson's `\\u003d` for `=&<>'`) and HTML
+    write it (`&<>` escaped, each quote as itself or any of its references)."""
     standard = json.dumps(secret)[1:-1]
     go = standard.replace("&", "\\u0026").replace("<", "\\u003c").replace(">", "\\u003e")
-    dotnet = standard.replace('\\"', "\\u0022")
-    for c in "+&<>'":
+    dotnet, gson = standard.replace('\\"', "\\u0022"), standard
+    for c in "+&<>'`":
         dotnet = dotnet.replace(c, f"\\u{ord(c):04X}")
-    found = (secret, standard, standard.replace("/", "\\/"), go, dotnet, html.escape(secret))
-    return tuple(form for form in dict.fromkeys(found) if form)
+    for c in "=&<>'":
+        gson = gson.replace(c, f"\\u{ord(c):04x}")
+    found = [secret, standard, standard.replace("/", "\\/"), go, dotnet, gson]
+    bare = html.escape(secret, quote=False)  # then each way HTML writes the quotes
+    for single in ("&#x27;", "&#39;", "&#039;", "&apos;", "'"):
+        for double in ("&quot;", "&#34;", '"'):
+            found.append(bare.replace("'", single).replace('"', double))
+    # the longest first: a form may end with another (JSON's `\\\\` run ends with a `\\` one)
+    return tuple(sorted((form for form in dict.fromkeys(found) if form), key=len, reverse=True))
 
 
 def _whole(secret: str) -> bool:
