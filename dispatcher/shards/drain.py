@@ -209,14 +209,14 @@ class Drain:
         while ids := await src.redis.zrange(src.keys.QUEUE, start, start + PAGE - 1):
             start += PAGE
             datas = await src.redis.mget([src.keys.arq_job(i.decode()) for i in ids])
-            for raw_id, data in zip(ids, datas, strict=True):
+            for job_id, data in zip([i.decode() for i in ids], datas, strict=True):
                 where = "" if data is None else where_to(data, project, ordered)
-                where = STAY if where and raw_id.decode() in self.kept else where
+                held = job_id in self.kept or job_id in self.unsettled  # (left to `resettle`)
+                where = STAY if where and held else where
                 moved = None
                 if where in (MOVE, UNLESS_BEGUN):
                     self.alive()
-                    unless_begun = where == UNLESS_BEGUN
-                    moved = await self.move_job(raw_id.decode(), data, unless_begun=unless_begun)
+                    moved = await self.move_job(job_id, data, unless_begun=where == UNLESS_BEGUN)
                     seen += moved is not None
                     taken += moved is True
                 staying += where == STAY or (where == UNLESS_BEGUN and moved is None)

@@ -455,3 +455,53 @@ async def test_a_held_copy_of_another_event_is_never_written_over(
         assert await place(b, placing).run(dst.redis) == OTHER_EVENT
         assert await dst.redis.get(d.arq_job(a.job_id)) == encode(a, 1)
         assert await place(a, placing).run(dst.redis) == (1 if holder == "this mover" else 2)
+
+
+class _Flaky(Drain):
+    """A drain whose Redis fails as it lets the new shard's copy run (`let_run` times)
+    and as it places a copy (`place_fails` times)."""
+
+    let_run = 0
+    place_fails = 0
+
+    async def _let_run(self, services: Services, taken: Taken) -> None:
+        if services is self.dst and self.let_run:
+            self.let_run -= 1
+            raise sync_redis.ConnectionError("injected: the new shard away as the copy is freed")
+        await super()._let_run(services, taken)
+
+    async def place(self, taken: Taken) -> bool | None:
+        if self.place_fails:
+            self.place_fails -= 1
+            raise sync_redis.ConnectionError("injected: the new shard away as a copy is placed")
+        return await super().place(taken)
+
+
+@pytest.mark.parametrize("b_placed", [True, False], ids=["B placed", "B's placement fails"])
+async def test_another_event_under_an_unsettled_jobs_id_waits_for_it_to_settle(
+    shard_servers: list[EmbeddedRedis], b_placed: bool
+) -> None:
+    """A left the old shard, but letting its copy run on the new one failed (unsettled,
+    held there); a stale producer then queues B under A's id on the old shard. The drain
+    took B: its take cleared A's removal mark, and A's resettling, finding neither its
+    lease nor its mark, removed A's copy (A on neither shard); or, B's placement failing,
+    A's resettling removed B, under the mover's lease, as if it were A (review). An id
+    of a job not settled is left until it is: A settles on the new shard, B is on the old
+    one, each once."""
+    settings = two_empty_shards(shard_servers)
+    async with Router.open(settings) as router:
+        src, dst = router.shards
+        a = event_job("mv", "BUILD_START", {"build": 42}, "build-42")
+        b = event_job("mv", "BUILD_END", {"build": 42, "ok": True}, "build-42")
+        await _queued(src, a)
+        drain = _Flaky(src, dst, "mv", MOVER + "a", lambda: None, lambda _: None)
+        drain.let_run = 2  # the settle of pass 1, the resettle of pass 2
+        await drain.one_pass()
+        await _queued(src, b)  # a stale producer
+        drain.place_fails = 0 if b_placed else 1
+        for _ in range(3):
+            await drain.one_pass()
+        held_a = await dst.redis.get(dst.keys.arq_job(a.job_id))
+        held_b = await src.redis.get(src.keys.arq_job(b.job_id))
+    assert held_a is not None and b'"BUILD_START"' in held_a
+    assert held_b is not None and b'"BUILD_END"' in held_b
