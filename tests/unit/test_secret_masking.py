@@ -210,3 +210,15 @@ def test_a_secret_holding_a_backslash_is_never_masked_by_the_pattern(
     assert mask_secrets(flood + "a", [secret]) == flood + "a"
     for form in (secret, json.dumps(secret)[1:-1]):
         assert mask_secrets(f"x{form}y", [secret]) == f"x{MASK}y"
+
+
+def test_forms_standing_over_one_another_are_masked_whole() -> None:
+    """The forms of a secret are found in the text as it came and masked as one where they
+    overlap or touch: replaced one after another, PHP's form of `/abcdefgh+<\\` (the
+    longest, first), found where the secret as sent ended and its PHP form began, left the
+    one as sent standing but its last character (review)."""
+    secret = "/abcdefgh+<\\"
+    php = json.dumps(secret)[1:-1].replace("/", "\\/")
+    assert mask_secrets(secret + php, [secret]) == MASK
+    assert mask_secrets(f"a {secret} b {php} c", [secret]) == f"a {MASK} b {MASK} c"
+    assert mask_secrets("nothing of it", [secret]) == "nothing of it"
