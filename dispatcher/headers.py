@@ -244,11 +244,12 @@ def mask_secrets(text: str, secrets: Sequence[str]) -> str:
     if not found:
         return text
     for secret in sorted(found, key=len, reverse=True):
+        if "\\" in secret or sum(not c.isalnum() for c in secret) > MOST_ESCAPABLE:
+            text = _mask_forms(text, _forms(secret))  # as sent too: too many mixes to try
+            continue
         if _whole(secret) and secret in text:
             text = text.replace(secret, MASK)
-        if "\\" in secret or sum(not c.isalnum() for c in secret) > MOST_ESCAPABLE:
-            text = _mask_forms(text, _forms(secret))  # too many to try each mix of escapes
-        elif _anchor(secret) in text:  # escaped, or short: the pattern
+        if _anchor(secret) in text:  # escaped, or short: the pattern
             text = _pattern(secret).sub(MASK, text)
     return text
 
