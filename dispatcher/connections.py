@@ -48,6 +48,7 @@ if TYPE_CHECKING:
     from dispatcher.settings import Settings
 
 __all__ = [
+    "NO_ANSWER",
     "REDIS_ERRORS",
     "TRANSIENT_REPLIES",
     "connect",
@@ -301,7 +302,8 @@ async def _memory(
     return found, warnings
 
 
-_NO_ANSWER: tuple[type[Exception], ...] = (*REDIS_ERRORS, ResponseError)  # or INFO refused
+# Away, or answering with a refusal (NOAUTH, an ACL refusing INFO, ...)
+NO_ANSWER: tuple[type[Exception], ...] = (*REDIS_ERRORS, ResponseError)
 
 
 async def _with_replicas(
@@ -320,7 +322,7 @@ async def _with_replicas(
         try:
             async with asyncio.timeout(settings.redis_timeout):  # not the retries' sum
                 found.append(await replica.info("memory"))
-        except _NO_ANSWER as exc:
+        except NO_ANSWER as exc:
             warnings.append(
                 f"replica {name} of {parsed.describe()} did not answer INFO ({exc}): {unchecked}"
             )
