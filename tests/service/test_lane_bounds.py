@@ -1,7 +1,7 @@
 """Ordered delivery's bounds on a real Redis, real burst workers and a real receiver: a
 long orderBy value is carried by its hash, not whole in each job and record of its
-event's deliveries (its lanes as distinct as ever). (The semantics:
-tests/service/test_ordered.py.)"""
+event's deliveries (its lanes as distinct as ever), and a moved project's waiting heads
+are let go a page at a time. (The semantics: tests/service/test_ordered.py.)"""
 
 from __future__ import annotations
 
@@ -10,13 +10,17 @@ from typing import Any
 
 import httpx
 import orjson
+import pytest
 from aiohttp import web
 from redis.asyncio import Redis
 
 from dispatcher.jobs import DELIVER, decode
 from dispatcher.keys import LANE_KEY_MAX, Keys
 from dispatcher.producer import Producer
+from dispatcher.services import Services
 from dispatcher.settings import Settings
+from dispatcher.shards import lanes as shard_lanes
+from dispatcher.shards.lanes import hold, hold_source, let_go
 from tests.helpers import Receiver, RunWorker, all_records, until
 from tests.service.test_ordered import numbers
 from tests.service.test_receiver_controls import ALICE, CALLBACKS, ok, params
@@ -110,3 +114,31 @@ async def test_a_long_order_by_value_is_carried_by_its_hash_and_keeps_its_lanes(
 def shown(sizes: dict[Any, int]) -> dict[str, int]:
     """Sizes by key, a long key cut short."""
     return {str(key)[:40]: size for key, size in sizes.items()}
+
+
+async def test_letting_a_moved_projects_lanes_go_makes_every_waiting_head_due_page_by_page(
+    settings: Settings, redis: Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    services = Services(settings, redis)
+    k = services.keys
+    heads = {f"demo:e{i}.1@1700000000000": i for i in range(25)}
+    later = 2**50  # each waits in the queue for the move (`lanes.HELD_RECHECK_S`)
+    await redis.zadd(k.lanes_waiting("demo"), heads)
+    await redis.zadd(k.QUEUE, dict.fromkeys(heads, later))
+    await hold(services, "demo", 0)
+    pages: list[int] = []
+    run = shard_lanes.LetGo.run
+
+    async def counted(script: shard_lanes.LetGo, redis: Redis) -> Any:
+        pages.append(answer := await run(script, redis))
+        if len(pages) == 1:  # lifted by the first page; held again (moved here again)
+            assert await hold_source(services, "demo") is None
+            await hold(services, "demo", 1)
+        return answer
+
+    monkeypatch.setattr(shard_lanes.LetGo, "run", counted)
+    assert await let_go(services, "demo", page=10) == 25
+    assert pages == [10, 10, 5]  # one script call a page, never more than its size
+    assert await redis.zcount(k.QUEUE, "-inf", later - 1) == 25  # every head due now
+    assert await redis.zcard(k.lanes_waiting("demo")) == 0
+    assert await hold_source(services, "demo") == 1  # the later pages left the new hold
