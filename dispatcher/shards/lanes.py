@@ -33,6 +33,7 @@ __all__ = ["hold", "hold_source", "lanes_left", "let_go", "ordered_on"]
 
 HELD_FROM = "from:"  # a hold's value: the shard the project comes from
 LET_GO_PAGE = 1000  # the waiting heads a hold's lift makes due in one script call
+LET_GO_PAGES = 10_000  # then left to their rechecks: a fleet putting heads back as fast
 
 
 @dataclass
@@ -79,9 +80,11 @@ async def let_go(services: Services, project_id: str, *, page: int = LET_GO_PAGE
     heads held its shard's Redis 2.14 s). A head no page has reached yet is not stuck:
     each waits in the queue, looked at again within `worker.lanes.HELD_RECHECK_S`, and
     no hold stops it once lifted; a hold set again meanwhile (the project moved here
-    again by another mover) is not lifted by the later pages."""
+    again by another mover) is not lifted by the later pages. At most `LET_GO_PAGES`
+    pages: workers putting waiting heads back as fast as the pages take them would keep
+    every page full."""
     k, released, lift = services.keys, 0, 1
-    while True:
+    for _ in range(LET_GO_PAGES):
         done = LetGo(
             hold=k.lanes_hold(project_id),
             waiting=k.lanes_waiting(project_id),
@@ -93,7 +96,8 @@ async def let_go(services: Services, project_id: str, *, page: int = LET_GO_PAGE
         count = int(await done.run(services.redis))
         released, lift = released + count, 0
         if count < page:
-            return released
+            break
+    return released
 
 
 async def ordered_on(services: Services, project_id: str) -> bool:
