@@ -7,7 +7,8 @@ the lease's end, renewed with it: a running job is out of the due range, so a cl
 only jobs it may take, however many the fleet runs. A worker that dies stops renewing, so
 its jobs are due, and claimed again, within a lease. Every step that ends a claim checks
 the lease first: a worker that lost its lease (it was paused, or Redis was) leaves the job
-to whoever holds it now. `arq:retry:{id}` counts the claims of a job, as arq does.
+to whoever holds it now, and a job's end needs the lease to be its own (lapsed, the job is
+left to the next claim). `arq:retry:{id}` counts the claims of a job, as arq does.
 """
 
 from __future__ import annotations
@@ -93,8 +94,10 @@ class Renew(Script):
 @dataclass
 class Finish(Script):
     """Removes the job from the `queue` with its `lease`, data (`job`) and `claims` count,
-    unless another worker holds its lease now. Returns 1 when done, 0 when left to that
-    worker. (The record's script ends a job with the same Lua: `dispatcher.ending`.)"""
+    when its lease is this run's (`token`). Returns 1 when done, 0 when left: to another
+    worker that holds it, or to the next claim (the lease lapsed; or the job ended and its
+    id was queued anew). (The record's script ends a job with the same Lua:
+    `dispatcher.ending`.)"""
 
     LUA = END_JOB + "return end_job()"
     queue: Key
