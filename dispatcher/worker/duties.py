@@ -239,6 +239,7 @@ return {taken, skipped}
     progress_ttl: int
     waiting_prefix: str
     lane_body: str
+    dropped_prefix: str
     now_ms: int
 
 

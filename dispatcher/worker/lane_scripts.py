@@ -334,6 +334,7 @@ return {'lane:next', id, data, redis.call('GET', progress_prefix .. id) or '',
     progress_ttl: int
     waiting_prefix: str
     lane_body: str
+    dropped_prefix: str
     callback_prefix: str
 
     @classmethod

@@ -20,7 +20,7 @@ from dispatcher.jobs import DELIVER, BadJob, DeliveryJob, decode
 from dispatcher.worker.claims import Claims
 from dispatcher.worker.engine import Engine
 from dispatcher.worker.fence import Fence
-from dispatcher.worker.record import keep_entry
+from dispatcher.worker.record import keep_drop, keep_entry
 from dispatcher.worker.shares import project_of
 from dispatcher.worker.steps import ChunkEnd, NextStep
 from dispatcher.worker.writer import Then, Writer
@@ -226,15 +226,18 @@ class Served:
 
     async def drop(self, claimed: Claimed, reason: str, *, finish: bool = True) -> None:
         """End a job without running it, on record (an ordered delivery's drop releases its
-        lane, a retry's its reference to a kept body, in the same write)."""
+        lane, a retry's its reference to a kept body, in the same write), in its project's
+        list of drops: its delivery's (the callback owner's), or the one its id names."""
         delivery = _delivery(claimed)
         if finish and delivery is not None and delivery.lane is not None:
             then = self.engine.lanes.releasing(delivery, self.next_step(claimed.job_id))
             await self.engine.drop(delivery, reason, then, "job")
             return
 
+        project = project_of(claimed.job_id) if delivery is None else delivery.project_id
+
         def write(pipe: Pipeline) -> None:
-            keep_entry(pipe, self.keys.DROPPED, {"jobId": claimed.job_id, "reason": reason})
+            keep_drop(pipe, self.keys, project, {"jobId": claimed.job_id, "reason": reason})
             if finish:
                 self.claims.finish(pipe, claimed.job_id)
                 if delivery is not None:
