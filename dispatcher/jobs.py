@@ -200,6 +200,13 @@ class DeliveryJob:
     def job_id(self) -> str:
         return self.progress_id
 
+    @property
+    def event_project(self) -> str:
+        """The project whose event it delivers: its emitter; unknown (a platform-wide
+        callback's job of a version that did not name it), its callback's project. Its
+        lane is of that project, and its drops are filed under it (`record.keep_drop`)."""
+        return self.emitter or self.project_id
+
     @classmethod
     def first(
         cls,

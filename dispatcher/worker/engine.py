@@ -209,12 +209,12 @@ class Engine:
             await self.attempt(found, target, int(progress or 0) + 1, then)
 
     async def drop(self, job: DeliveryJob, reason: str, then: Then, kind: str = "callback") -> None:
-        """End a delivery without an attempt, on record in its project's list of drops (its
-        callback owner's: where its history goes; `record.keep_drop`); `kind`: the metric's
-        label."""
+        """End a delivery without an attempt, on record in its project's list of drops
+        (`record.keep_drop`): the project whose event it was (`DeliveryJob.event_project`),
+        as its lane's drops; `kind`: the metric's label."""
 
         def write(pipe: Pipeline) -> None:
-            keep_drop(pipe, self.keys, job.project_id, {"deliveryId": job.delivery_id,
+            keep_drop(pipe, self.keys, job.event_project, {"deliveryId": job.delivery_id,
                       "reason": reason, "callbackId": job.callback_id,
                       "projectId": job.project_id})  # fmt: skip
             if job.redelivery_of is None:

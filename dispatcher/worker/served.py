@@ -227,14 +227,15 @@ class Served:
     async def drop(self, claimed: Claimed, reason: str, *, finish: bool = True) -> None:
         """End a job without running it, on record (an ordered delivery's drop releases its
         lane, a retry's its reference to a kept body, in the same write), in its project's
-        list of drops: its delivery's (the callback owner's), or the one its id names."""
+        list of drops: its delivery's (`DeliveryJob.event_project`), or the one its id
+        names."""
         delivery = _delivery(claimed)
         if finish and delivery is not None and delivery.lane is not None:
             then = self.engine.lanes.releasing(delivery, self.next_step(claimed.job_id))
             await self.engine.drop(delivery, reason, then, "job")
             return
 
-        project = project_of(claimed.job_id) if delivery is None else delivery.project_id
+        project = project_of(claimed.job_id) if delivery is None else delivery.event_project
 
         def write(pipe: Pipeline) -> None:
             keep_drop(pipe, self.keys, project, {"jobId": claimed.job_id, "reason": reason})

@@ -4,6 +4,7 @@ drops out of the record. Real Redis, real burst workers."""
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import orjson
@@ -13,7 +14,7 @@ from dispatcher.embedded import EmbeddedRedis
 from dispatcher.jobs import DeliveryJob
 from dispatcher.keys import Keys
 from dispatcher.lua import run_pipeline
-from dispatcher.models import Region
+from dispatcher.models import PLATFORM_PROJECT, Region
 from dispatcher.queue import Queue
 from dispatcher.registry import Registration
 from dispatcher.settings import Settings
@@ -68,26 +69,27 @@ async def test_a_projects_drops_never_push_out_anothers(
     assert len(recent) == KEPT_ENTRIES and {d["projectId"] for d in recent} == {"flood"}
 
 
-async def test_a_drop_goes_to_its_callback_owners_list_or_to_the_project_its_id_names(
+async def test_a_platform_callbacks_drops_go_to_each_emitting_projects_list(
     settings: Settings, redis: Redis, run_worker: RunWorker
 ) -> None:
-    """A platform-wide callback's drop is its owner's (where its history goes), not the
-    emitting project's; a job dropped unread (its data expired) is the project's its id
-    names; a job id that names none goes to every project's list alone."""
-    await queue(redis, retries("emitter", 1, owner="platform"))
+    """A platform-wide callback's drop goes to the list of the project whose event it was
+    (its emitter: where its lane's drops go, moved with it), so one project's flood of
+    drops to such a callback pushes out no other's. They went to the callback owner's,
+    `DEVOPS_ALL_PROJECT`'s, one list every emitting project shared (review). A job of a
+    version that did not name its emitter goes to the owner's."""
+    await queue(redis, retries("victim", 1, owner=PLATFORM_PROJECT))
     await run_worker()
-    assert [d["deliveryId"] for d in await drops(redis, keys.dropped("platform"))] == [
-        "emitter:e0.999"
-    ]
-    assert await redis.exists(keys.dropped("emitter")) == 0
-    for job_id in ("lost:e1.5@1", "unscoped.5"):  # queued, their data gone
-        await redis.zadd(settings.queue_name, {job_id: 1})
+    await queue(redis, retries("flood", KEPT_ENTRIES + 1, owner=PLATFORM_PROJECT))
     await run_worker()
-    assert [d["jobId"] for d in await drops(redis, keys.dropped("lost"))] == ["lost:e1.5@1"]
-    recent = {d.get("jobId") or d.get("deliveryId") for d in await drops(redis, keys.DROPPED)}
-    assert recent == {"lost:e1.5@1", "unscoped.5", "emitter:e0.999"}
-    lists = {k.decode() async for k in redis.scan_iter(keys.DROPPED_PREFIX + "*")}
-    assert lists == {keys.dropped("platform"), keys.dropped("lost")}
+    [kept] = await drops(redis, keys.dropped("victim"))
+    assert kept["deliveryId"] == "victim:e0.999" and kept["projectId"] == PLATFORM_PROJECT
+    assert len(await drops(redis, keys.dropped("flood"))) == KEPT_ENTRIES
+    assert not await redis.exists(keys.dropped(PLATFORM_PROJECT))
+    [older] = retries("older", 1, owner=PLATFORM_PROJECT)
+    await queue(redis, [dataclasses.replace(older, emitter="")])  # its emitter unknown
+    await run_worker()
+    [unnamed] = await drops(redis, keys.dropped(PLATFORM_PROJECT))
+    assert unnamed["deliveryId"] == "older:e0.999"
 
 
 async def test_a_moved_projects_drops_go_with_it(
