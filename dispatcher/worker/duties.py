@@ -243,6 +243,7 @@ return {taken, skipped}
     waiting_prefix: str
     lane_body: str
     dropped_prefix: str
+    lane_prefix: str
     now_ms: int
 
 

@@ -52,8 +52,9 @@ end
 # `lane`'s first member ({id, score}) whose job is there, and what `read` (GET: its
 # bytes; EXISTS) answered of it. A member before it whose job is gone (deleted, expired,
 # ended as poison: its turn can never come) leaves the lane and the queue, on record in
-# the drops of the project its id names and in `dropped` (as `record.keep_drop` writes
-# them), counted in `skipped`: marked done (a late copy of its `Enter` leaves it out),
+# the drops of the project the lane is of (its deliveries' event's, as the engine files
+# their drops: `DeliveryJob.event_project`) and in `dropped` (as `record.keep_drop`
+# writes them), counted in `skipped`: marked done (a late copy of its `Enter` leaves it out),
 # off its project's waiting set, its reference to its kept body given back
 # (`bodies.GIVE_BACK`, which the script includes first). Unless it or its event's job
 # (the fan-out, which attempts it: a delivery it attempts has no job of its own, and
@@ -62,7 +63,7 @@ end
 # it). Nothing (nil) when the lane is empty, its first member is such a one, or past 100
 # gone in a row. Only a member whose job is gone costs more than the one read. Names the
 # script declares: `queue`, `dropped`, `job_prefix`, `lease_prefix`, `progress_prefix`,
-# `progress_ttl`, `waiting_prefix`, `lane_body`, `dropped_prefix`, `now_ms`.
+# `progress_ttl`, `waiting_prefix`, `lane_body`, `dropped_prefix`, `lane_prefix`, `now_ms`.
 FIRST_THERE = (
     f"local kept_entries, gone = {KEPT_ENTRIES}, {json.dumps(GONE)}\n"
     + f"local drops_kept_s = {DROPS_KEPT_S}\n"
@@ -83,8 +84,10 @@ local function drop(lane, id)
   redis.call('ZREM', waiting_prefix .. string.match(id, '^[^:]*'), id)
   give_back(lane_body .. string.gsub(id, '%.%d+@(%d+)$', '@%1'), id)  -- its body's key
   local entry = cjson.encode({jobId = id, reason = gone, at = tonumber(now_ms)})
-  local project = string.match(id, '^([^:]*):')
-  if project and project ~= '' then
+  -- the lane's project ({prefix}{receiver}:{project}:{key}), not its id's first part:
+  -- an id of a version before scoped ids is the event id, which may hold ':'
+  local project = string.match(string.sub(lane, #lane_prefix + 1), '^[^:]*:([^:]+):')
+  if project then
     keep_drop(dropped_prefix .. project, entry)
     redis.call('EXPIRE', dropped_prefix .. project, drops_kept_s)
   end
@@ -119,4 +122,5 @@ def first_there_names(keys: Keys, progress_ttl: int) -> dict[str, Any]:
         "waiting_prefix": keys.LANES_WAITING_PREFIX,
         "lane_body": keys.BODY_PREFIX + LANE,
         "dropped_prefix": keys.DROPPED_PREFIX,
+        "lane_prefix": keys.LANE_PREFIX,
     }

@@ -154,11 +154,13 @@ def keep_entry(pipe: Pipeline, key: str, entry: dict[str, Any]) -> None:
 
 def keep_drop(pipe: Pipeline, keys: Keys, project_id: str | None, entry: dict[str, Any]) -> None:
     """Queue a drop's entry at the head of its project's list, the record of its drops,
-    where no other project's drops push it out (`project_id` None: a job id naming none),
-    and of the shard's list of every project's, best-effort: a project whose retries are
-    dropped by the thousand (its callback deleted) pushes the others' out of that one. As
-    `FIRST_THERE` (`lane_lua.py`) writes it. A drop costs three commands more than its
-    entry in one list did; a delivery that is attempted, none."""
+    where no other project's drops push it out (`project_id`: the project whose event it
+    was, `DeliveryJob.event_project`; None: no project for sure, a job unread whose id
+    may be a version before's: `jobs.retry_project`), and of the shard's list of every
+    project's, best-effort: a project whose retries are dropped by the thousand (its
+    callback deleted) pushes the others' out of that one. As `FIRST_THERE`
+    (`lane_lua.py`) writes it. A drop costs three commands more than its entry in one
+    list did; a delivery that is attempted, none."""
     raw = orjson.dumps({**entry, "at": now_ms()})
     if project_id:
         own = keys.dropped(project_id)

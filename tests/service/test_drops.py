@@ -11,8 +11,8 @@ import orjson
 from redis.asyncio import Redis
 
 from dispatcher.embedded import EmbeddedRedis
-from dispatcher.jobs import DeliveryJob
-from dispatcher.keys import Keys
+from dispatcher.jobs import DeliveryJob, EventJob, encode
+from dispatcher.keys import Keys, lane_id
 from dispatcher.lua import run_pipeline
 from dispatcher.models import PLATFORM_PROJECT, Region
 from dispatcher.queue import Queue
@@ -23,6 +23,7 @@ from dispatcher.shards.router import Router
 from dispatcher.worker.record import DROPS_KEPT_S, KEPT_ENTRIES
 from tests.helpers import Receiver, RunWorker
 from tests.service.test_drain import two_empty_shards
+from tests.service.test_ordered import sweep
 
 keys = Keys()  # today's key names (one shard)
 GONE_CALLBACK = 999  # no callback has this id: its retries are dropped when due
@@ -90,6 +91,52 @@ async def test_a_platform_callbacks_drops_go_to_each_emitting_projects_list(
     await run_worker()
     [unnamed] = await drops(redis, keys.dropped(PLATFORM_PROJECT))
     assert unnamed["deliveryId"] == "older:e0.999"
+
+
+async def test_a_jobs_drop_names_a_project_only_as_its_data_or_a_retrys_id_says(
+    settings: Settings, redis: Redis, run_worker: RunWorker
+) -> None:
+    """A job dropped unread (its data expired) goes to the list of the project its id
+    names only when the id is a retry's of today, `{project}:{event id}.{callback
+    id}@{emittedAt}`; else to every project's list alone. A version before scoped ids
+    named jobs by the event id alone, which may hold `:`: its `victim:x` (a fan-out),
+    `victim:x.5` (a retry) and redeliveries were filed under project victim (review). A
+    job dropped with its data (claimed too often) goes to its event's project."""
+    unread = ["lost:e1.5@1", "victim:x", "victim:x.5", "victim:y.5:redeliver:0123456789ab"]
+    for job_id in [*unread, "unscoped.5"]:  # queued, their data gone
+        await redis.zadd(settings.queue_name, {job_id: 1})
+    legacy = EventJob("victim:z", "emitter", "BUILD_END", scoped=False)  # that version's
+    await redis.set(keys.arq_job(legacy.job_id), encode(legacy))
+    await redis.set(keys.ARQ_RETRY_PREFIX + legacy.job_id, 30, ex=3_600)  # claimed 30 times
+    await redis.zadd(settings.queue_name, {legacy.job_id: 1})
+    await run_worker()
+    assert [d["jobId"] for d in await drops(redis, keys.dropped("lost"))] == ["lost:e1.5@1"]
+    assert [d["jobId"] for d in await drops(redis, keys.dropped("emitter"))] == ["victim:z"]
+    lists = {k.decode() async for k in redis.scan_iter(keys.DROPPED_PREFIX + "*")}
+    assert lists == {keys.dropped("lost"), keys.dropped("emitter")}
+    recent = {d["jobId"] for d in await drops(redis, keys.DROPPED)}
+    assert recent == {*unread, "unscoped.5", "victim:z"}
+
+
+async def test_a_lane_members_drop_goes_to_its_lanes_project(
+    settings: Settings, redis: Redis
+) -> None:
+    """A lane's member whose job is gone leaves it on record in the drops of the project
+    its lane is of (the emitter: a platform-wide callback's lanes are per emitting
+    project), as its delivery's other drops. It went to the project its id's text before
+    the first `:` named: `victim`, for the retry of event `victim:x` of a version before
+    scoped ids, in project attacker's lane (review)."""
+    url = "http://127.0.0.1:9/"
+    attackers = keys.lane(lane_id("attacker", url, "buildId", "attacker", "b"))
+    platform = keys.lane(lane_id(PLATFORM_PROJECT, url, "buildId", "em", "b"))
+    await redis.zadd(attackers, {"victim:x.1@5": 1})
+    await redis.zadd(platform, {"em:e1.2@5": 1})
+    await redis.zadd(keys.LANES_BLOCKED, {attackers: 1, platform: 2})
+    await sweep(redis, settings)
+    assert [d["jobId"] for d in await drops(redis, keys.dropped("attacker"))] == ["victim:x.1@5"]
+    assert [d["jobId"] for d in await drops(redis, keys.dropped("em"))] == ["em:e1.2@5"]
+    assert not await redis.exists(keys.dropped("victim"))
+    assert len(await drops(redis, keys.DROPPED)) == 2
 
 
 async def test_a_moved_projects_drops_go_with_it(

@@ -1034,9 +1034,10 @@ async def test_the_sweep_of_a_cluster_shard_unblocks_drops_and_gives_back(
 
 
 async def gone_heads(redis: Redis, k: Keys) -> None:
-    """A blocked lane and an unlisted one, each with a head whose job is gone and a parked
-    delivery behind it; an empty lane listed as blocked; a kept body whose job is gone."""
-    listed, unlisted = k.lane("listed"), k.lane("unlisted")
+    """A blocked lane and an unlisted one of project p's, each with a head whose job is
+    gone and a parked delivery behind it; an empty lane listed as blocked; a kept body
+    whose job is gone."""
+    listed, unlisted = (k.lane(lane_id("p", "http://x/", "o", "p", n)) for n in ("1", "2"))
     await redis.zadd(listed, {"p:e1.1@5": 1, "p:e2.1@6": 2})
     await redis.zadd(unlisted, {"p:e3.2@7": 1, "p:e4.2@8": 2})
     for parked in ("p:e2.1@6", "p:e4.2@8"):
