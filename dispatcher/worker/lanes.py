@@ -383,8 +383,7 @@ def _in_lane(job: DeliveryJob, target: CallbackTarget, path: str, key: str) -> D
     body its event's deliveries share is kept apart for the lanes (`bodies.body_key`). The
     job and its records carry the key as the lane names it (its id's last part: past
     `keys.LANE_KEY_MAX` characters, `#` and its hash), not whole in each of them."""
-    project = job.emitter or job.project_id
-    lane = lane_id(target.project_id, target.url, path, project, key)
+    lane = lane_id(target.project_id, target.url, path, job.event_project, key)
     return dataclasses.replace(job, order_key=lane.split(SEP, 2)[2], lane=lane)
 
 
