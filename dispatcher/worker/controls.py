@@ -175,7 +175,7 @@ class Release(Script):
     """Gives a slot back and makes the first jobs in line due now, as many as slots are
     free (`in_flight`: the callback's limit) and, with a rate (`per_second`), as many as
     may start in this second: woken past the rate, each was claimed, refused by `Admit` and
-    put back (a callback at 50/s with 1,000 slots: ~780 such round trips a second, 2.5×
+    put back (a callback at 50/s with 1,000 slots: ~780 such round trips a second, 2.2 times
     the scripts; review). The rest wake when `Admit` said their turn comes."""
 
     TOGETHER = True  # a batch's releases are one call, after its records (`Writer`)
