@@ -201,7 +201,7 @@ class DeliveryJob:
     emitter: str = ""  # the project that emitted the event ('' when unknown)
     trace: TraceContext | None = None  # what its attempts continue (see dispatcher.tracing)
     # ordered delivery (see dispatcher.worker.lanes): its lane, its key (a long one by its
-    # hash: `keys.lane_id`), or why it has none
+    # hash: `lane_ids.lane_id`), or why it has none
     order_key: str | None = None
     order_note: str | None = None
     lane: str | None = None

@@ -160,7 +160,6 @@ __all__ = [
     "UNIQUE_SEP",
     "Keys",
     "history_member",
-    "lane_id",
     "project_scoped",
     "scope",
 ]
@@ -171,7 +170,6 @@ SEP = ":"
 UNIQUE_SEP = " "
 # history ids are zero-padded in the index so that equal times order by id
 HISTORY_ID_WIDTH = 15
-LANE_KEY_MAX = 200  # a longer orderBy value names its lane by its hash
 
 
 def project_scoped(project_id: str, local_id: str) -> str:
@@ -187,16 +185,6 @@ def scope(project_id: str, pipeline_id: str | None = None) -> str:
 
 def callback_unique_field(event: str, url: str) -> str:
     return f"{event}{UNIQUE_SEP}{url}"
-
-
-def lane_id(owner: str, url: str, order_by: str, project_id: str, key: str) -> str:
-    """The lane of the deliveries to `url` (registered by `owner` with `order_by`, for any
-    event) of `project_id`'s events whose key is `key` (a long key by its hash):
-    `{receiver hash}:{project}:{key}`."""
-    receiver = hashlib.blake2b(f"{owner}\n{url}\n{order_by}".encode(), digest_size=8).hexdigest()
-    if len(key) > LANE_KEY_MAX:
-        key = "#" + hashlib.blake2b(key.encode(), digest_size=16).hexdigest()
-    return f"{receiver}{SEP}{project_id}{SEP}{key}"
 
 
 def history_member(record_id: int) -> str:

@@ -12,7 +12,8 @@ from redis.asyncio import Redis
 
 from dispatcher.embedded import EmbeddedRedis
 from dispatcher.jobs import DeliveryJob, EventJob, encode
-from dispatcher.keys import Keys, lane_id
+from dispatcher.keys import Keys
+from dispatcher.lane_ids import lane_id
 from dispatcher.lua import run_pipeline
 from dispatcher.models import PLATFORM_PROJECT, Region
 from dispatcher.queue import Queue

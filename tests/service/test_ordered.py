@@ -26,7 +26,8 @@ from dispatcher.cli import app
 from dispatcher.clock import now_ms
 from dispatcher.embedded import EmbeddedRedis
 from dispatcher.jobs import DeliveryJob, EventJob
-from dispatcher.keys import Keys, lane_id
+from dispatcher.keys import Keys
+from dispatcher.lane_ids import lane_id
 from dispatcher.lua import Script
 from dispatcher.models import Event, HistoryRecord, Region
 from dispatcher.producer import Producer
