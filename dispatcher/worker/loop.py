@@ -17,10 +17,11 @@ arq client and arq's health check read and write) and owns the lifecycle instead
   event loop, so HTTP attempts in flight finish on time.
 
 With shards (see `dispatcher.shards`) a worker serves each shard it is given (every one by
-default, `DISPATCHER_WORKER_SHARDS`) in turn: each turn claims at most a batch from the
-next shard, so the shards share its slots fairly, and a shard that does not answer waits
-out its own backoff while the others go on. Each shard has its own claims and writer
-(`served.py`): a job's writes go to its own shard.
+default, `DISPATCHER_WORKER_SHARDS`) in turn (`turns.py`): each turn claims at most a batch
+from the next shard, so the shards share its slots fairly, and a shard that does not answer
+(within a second: frozen, or gone quiet) waits out its own backoff while the others go on.
+Each shard has its own claims, writer and lease renewals (`served.py`): a job's writes go to
+its own shard, and no shard's leases wait for another's.
 """
 
 from __future__ import annotations
@@ -32,7 +33,6 @@ import functools
 import os
 import signal
 import socket
-import time
 import uuid
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import TYPE_CHECKING, Any
@@ -51,6 +51,7 @@ from dispatcher.worker.duties import Counts, Duties, every
 from dispatcher.worker.lanes import Adopt
 from dispatcher.worker.served import CLAIM_ERRORS, Served, given_shards
 from dispatcher.worker.shipping import Shipping
+from dispatcher.worker.turns import Turns, claim_wait
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
@@ -110,7 +111,7 @@ class Worker:
         self.duties = Duties(settings, every_shard[0], [run.services for run in self.served],
                              self.engine.stats, self.token, self._counts)  # fmt: skip
         self.running: dict[JobKey, asyncio.Task[None]] = {}
-        self._turn = 0
+        self.turns = Turns(self.served, claim_wait(settings), self._late)
         self.jobs_started = self.jobs_complete = self.jobs_failed = 0
         self._stop: asyncio.Event | None = None
         self._room: asyncio.Event | None = None
@@ -133,10 +134,8 @@ class Worker:
             loop = asyncio.get_running_loop()
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.add_signal_handler(sig, self.stop)
-        background = [
-            asyncio.create_task(every(self.settings.lease_seconds / 3, self._renew)),
-            *self.duties.start(),
-        ]
+        renewals = [every(self.settings.lease_seconds / 3, run.renew) for run in self.served]
+        background = [*map(asyncio.create_task, renewals), *self.duties.start()]
         self.shipping.start()
         if self.settings.worker_metrics_port is not None:
             from prometheus_client import start_http_server
@@ -165,15 +164,15 @@ class Worker:
             if room < min(self.claim_batch, self.max_jobs) and self.running:
                 await self._wait_for_room()
                 continue
-            run = self._next_ready()
+            run = self.turns.next_ready()
             if run is None or self._held_back(run):
                 await self._pause(self.poll_delay)
                 continue
             # one shard: all the room; several: a batch each in turn (a fair share)
             share = room if len(self.served) == 1 else min(room, self.claim_batch)
             self._due.clear()
-            claimed = await run.claim(share, self._held(run), self.poll_delay)
-            if claimed is None:  # its Redis did not answer: that shard backs off
+            claimed = await self.turns.claim(run, share, self._held(run), self.poll_delay)
+            if claimed is None:  # its Redis did not answer (in turn): that shard backs off
                 continue
             for job in claimed:
                 self._start(run, job)
@@ -187,16 +186,6 @@ class Worker:
             if dry >= len(self.served):  # nothing more is due now, on any shard
                 dry = 0
                 await self._idle()
-
-    def _next_ready(self) -> Served | None:
-        """The next shard in turn whose claims are not backing off (None: none is)."""
-        now = time.monotonic()
-        for _ in range(len(self.served)):
-            run = self.served[self._turn % len(self.served)]
-            self._turn += 1
-            if run.ready(now):
-                return run
-        return None
 
     def _held_back(self, run: Served) -> bool:
         """Whether to claim nothing from `run`'s shard now: too many writes wait, its
@@ -256,6 +245,16 @@ class Worker:
     def _start(self, run: Served, claimed: Claimed) -> None:
         gives_up = unending.reason(claimed.claims)
         self._spawn(run, claimed.job_id, self._run(run, claimed), gives_up)
+
+    def _late(self, run: Served, claimed: list[Claimed]) -> None:
+        """The jobs of a claim that answered after its turn (`Turns`): run as any others,
+        or put back at once when the worker stops."""
+        for job in claimed:
+            if self._stop is not None and self._stop.is_set():
+                run.put_back(job.job_id, 0)
+            else:
+                self._start(run, job)
+        self._wake()
 
     def _adopt(self, run: Served, job_id: str, work: Callable[[], Awaitable[None]]) -> None:
         """Run `work`, the attempt of a job this worker took outside a claim (a lane's next
@@ -343,13 +342,6 @@ class Worker:
         else:
             await run.deliver(claimed, DeliveryJob.from_wire(wire.payload, claimed.job_id))
 
-    async def _renew(self) -> None:
-        for run in self.served:
-            try:
-                await run.engine.fence.renew()
-            except REDIS_ERRORS as exc:  # that shard is away: the others' leases go on
-                log.debug("worker.renew_failed", shard=run.index, error=str(exc))
-
     def _held(self, run: Served) -> list[str]:
         """The ids of the jobs this worker runs on `run`'s shard."""
         return [job_id for index, job_id in self.running if index == run.index]
@@ -363,6 +355,7 @@ class Worker:
         """Let running jobs finish (up to the grace), put the others back at once, write
         what waits, then stop the background tasks."""
         grace = self.settings.shutdown_grace
+        await self.turns.stop()  # claims still out: given up
         if self.running:
             _, late = await asyncio.wait(list(self.running.values()), timeout=grace)
             late_keys = [key for key, task in self.running.items() if task in late]

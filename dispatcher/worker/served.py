@@ -94,6 +94,15 @@ class Served:
     def answered(self) -> None:
         self.backoff, self.ready_at = 0.0, 0.0
 
+    async def renew(self) -> None:
+        """Extend this worker's leases on this shard. Each shard's renewals run on their
+        own (`every`, a task per shard): one whose Redis does not answer (redis-py waits
+        ~4 socket timeouts) lets no lease on another lapse meanwhile."""
+        try:
+            await self.engine.fence.renew()
+        except REDIS_ERRORS as exc:  # this shard is away: the others' leases go on
+            log.debug("worker.renew_failed", shard=self.index, error=str(exc))
+
     async def claim(self, share: int, mine: list[str], poll_delay: float) -> list[Claimed] | None:
         """Up to `share` due jobs of this shard, within the projects' fair shares, passing
         over `mine` (the ids this worker runs here). None when its Redis did not answer:
