@@ -79,7 +79,11 @@ class Turns:
         if len(self.served) == 1:
             return await run.claim(share, mine, poll_delay)
         claim = asyncio.ensure_future(run.claim(share, mine, poll_delay))
-        done, _ = await asyncio.wait({claim}, timeout=self.wait_s)
+        try:
+            done, _ = await asyncio.wait({claim}, timeout=self.wait_s)
+        except asyncio.CancelledError:  # the loop itself is stopped: its claim with it
+            claim.cancel()
+            raise
         if done:
             return claim.result()
         self.pending[run.index] = claim
