@@ -14,6 +14,7 @@ connection: the next one goes to the master.
 
 from __future__ import annotations
 
+import asyncio
 import re
 from typing import TYPE_CHECKING, Any, cast
 
@@ -39,6 +40,7 @@ from dispatcher.failover import (
     is_sentinel_url,
     parse_sentinel_url,
     primary_connection_class,
+    replica_clients,
     sentinel_client,
 )
 
@@ -46,6 +48,7 @@ if TYPE_CHECKING:
     from dispatcher.settings import Settings
 
 __all__ = [
+    "NO_ANSWER",
     "REDIS_ERRORS",
     "TRANSIENT_REPLIES",
     "connect",
@@ -232,7 +235,7 @@ async def _keeps_keys(settings: Settings, target: str) -> list[str]:
     always CONFIG GET); a warning when it cannot be read."""
     redis = connect(settings, target)
     try:
-        nodes, warnings = await _memory(redis, target)
+        nodes, warnings = await _memory(redis, target, settings)
     except REDIS_ERRORS:
         return []  # an outage: waited out by whoever uses it
     except ResponseError as exc:  # INFO refused (an ACL): this check cannot be made
@@ -267,11 +270,15 @@ _NOEVICTION = (
 )
 
 
-async def _memory(redis: Redis, target: str) -> tuple[list[dict[str, Any]], list[str]]:
+async def _memory(
+    redis: Redis, target: str, settings: Settings
+) -> tuple[list[dict[str, Any]], list[str]]:
     """`INFO memory` of the server, or of each node of a cluster (masters and replicas),
     asked one by one (asked for all its nodes at once, redis-py's cluster client answers
     one node's reply as it is rather than one per node: a cluster of one node); with a
     warning for each node that does not answer, or refuses INFO."""
+    if is_sentinel_url(target):
+        return await _with_replicas(redis, target, settings)
     if not is_cluster_url(target):
         return [await redis.info("memory")], []
     client = cast("RedisCluster", redis)
@@ -292,4 +299,33 @@ async def _memory(redis: Redis, target: str) -> tuple[list[dict[str, Any]], list
             warnings.append(
                 f"the maxmemory-policy of node {name} of {shown(target)} could not be read ({exc})"
             )
+    return found, warnings
+
+
+# Away, or answering with a refusal (NOAUTH, an ACL refusing INFO, ...)
+NO_ANSWER: tuple[type[Exception], ...] = (*REDIS_ERRORS, ResponseError)
+
+
+async def _with_replicas(
+    redis: Redis, target: str, settings: Settings
+) -> tuple[list[dict[str, Any]], list[str]]:
+    """`INFO memory` of a sentinel URL's master and of each replica the sentinels list: a
+    failover promotes one, and an evicting one would then drop queued events; a warning
+    for each replica that is down or does not answer INFO within `DISPATCHER_REDIS_TIMEOUT`
+    (a paused one would hold a start through every retry of every connection: ~8 s at 0.3)."""
+    found, warnings = [await redis.info("memory")], []
+    parsed, unchecked = parse_sentinel_url(target), "its maxmemory-policy not checked"
+    for name, replica in await replica_clients(parsed, policy(settings), _sentinels(settings)):
+        if replica is None:
+            warnings.append(f"replica {name} of {parsed.describe()} is down: {unchecked}")
+            continue
+        try:
+            async with asyncio.timeout(settings.redis_timeout):  # not the retries' sum
+                found.append(await replica.info("memory"))
+        except NO_ANSWER as exc:
+            warnings.append(
+                f"replica {name} of {parsed.describe()} did not answer INFO ({exc}): {unchecked}"
+            )
+        finally:
+            await replica.aclose()
     return found, warnings

@@ -57,6 +57,7 @@ __all__ = [
     "is_sentinel_url",
     "parse_sentinel_url",
     "primary_connection_class",
+    "replica_clients",
     "sentinel_client",
 ]
 
@@ -344,6 +345,22 @@ async def _ask_sentinels(
         return list(seen)
     finally:
         await asyncio.gather(*(s.aclose() for s in sentinels.sentinels))
+
+
+async def replica_clients(
+    target: SentinelUrl, policy: dict[str, Any], password: str | None
+) -> list[tuple[str, Redis | None]]:
+    """Each replica of `target`'s master as the sentinels see it now, by its `host:port`,
+    with a client (the master's options: credentials, TLS, timeouts), or None when the
+    sentinels hold it down: a failover promotes one of them."""
+    found: list[tuple[str, Redis | None]] = []
+    options: dict[str, Any] = {**policy, **target.options, **({"ssl": True} if target.tls else {})}
+    for replica in await _ask_sentinels(target, policy, password, replicas=True):
+        host, port = str(replica["ip"]), int(replica["port"])
+        down = replica["is_sdown"] or replica["is_odown"] or replica["is_disconnected"]
+        client = None if down else Redis(host=host, port=port, **options)
+        found.append((host_port(host, port), client))
+    return found
 
 
 def _refuse_unless_known(

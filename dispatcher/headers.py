@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 from dispatcher.errors import InvalidInput
 from dispatcher.models import MASK, SECRET_HEADERS
+from dispatcher.tokens import PREFIX as ENCRYPTED_PREFIX
 
 if TYPE_CHECKING:
     from collections.abc import Mapping, Sequence
@@ -121,11 +122,18 @@ def check_header_value(value: str, param: str, limit: int) -> str:
     """A secret that goes out as a header value (`secretToken`, `authHeaderValue`), checked
     at registration: visible ASCII, spaces only between characters, at most `limit`
     characters. Anything else could never be sent (non-ASCII), or would forge headers
-    (CR, LF) or be cut by the receiver (NUL, spaces at either end)."""
+    (CR, LF) or be cut by the receiver (NUL, spaces at either end). Nor may it start as a
+    secret stored encrypted does (`fernet:`): while `DISPATCHER_TOKEN_KEYS` is unset values
+    are stored as given, and one such made every later rotation stop at it (review)."""
     if len(value) > limit or not _HEADER_VALUE.fullmatch(value):
         raise InvalidInput(
             f"{param} must be printable ASCII (visible characters, spaces only between "
             f"them), without line breaks or control characters, at most {limit} characters",
+            param=param,
+        )
+    if value.startswith(ENCRYPTED_PREFIX):
+        raise InvalidInput(
+            f"{param} must not start with {ENCRYPTED_PREFIX!r}: secrets stored encrypted do",
             param=param,
         )
     return value

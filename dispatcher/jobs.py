@@ -185,7 +185,8 @@ class DeliveryJob:
     redelivery_of: int | None = None
     emitter: str = ""  # the project that emitted the event ('' when unknown)
     trace: TraceContext | None = None  # what its attempts continue (see dispatcher.tracing)
-    # ordered delivery (see dispatcher.worker.lanes): its lane, its key, or why it has none
+    # ordered delivery (see dispatcher.worker.lanes): its lane, its key (a long one by its
+    # hash: `keys.lane_id`), or why it has none
     order_key: str | None = None
     order_note: str | None = None
     lane: str | None = None

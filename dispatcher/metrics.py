@@ -33,6 +33,7 @@ __all__ = [
     "QUEUE_DEPTH",
     "QUEUE_OLDEST_SECONDS",
     "REDIS_FULL",
+    "REDIS_FULLEST",
     "REDIS_MAX_MEMORY",
     "REDIS_UP",
     "REDIS_USED_MEMORY",
@@ -150,6 +151,11 @@ REDIS_USED_MEMORY = Gauge(
 REDIS_MAX_MEMORY = Gauge(
     "dispatcher_redis_maxmemory_bytes",
     "Redis' maxmemory, 0 when it has no limit (INFO memory; read at scrape).",
+)
+REDIS_FULLEST = Gauge(
+    "dispatcher_redis_memory_fullest_ratio",
+    "used_memory / maxmemory of the fullest Redis (shard server or cluster node) that has a "
+    "limit, 0 when none has one (read at scrape): one shard full among empty ones shows.",
 )
 LANES_BLOCKED = Gauge(
     "dispatcher_lanes_blocked",

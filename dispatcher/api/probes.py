@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from redis.asyncio import Redis
 
 from dispatcher import metrics
 from dispatcher.api.deps import RouterDep
 from dispatcher.api.errors import envelope
-from dispatcher.connections import REDIS_ERRORS
+from dispatcher.connections import NO_ANSWER, REDIS_ERRORS
 from dispatcher.shards import views
 
 __all__ = ["router"]
@@ -25,14 +28,26 @@ async def healthz() -> dict[str, str]:
 
 @router.get("/readyz")
 async def readyz(router: RouterDep) -> JSONResponse:
-    """Redis answers; 503 otherwise."""
-    for services in router.shards:
-        try:
-            await services.redis.ping()
-        except REDIS_ERRORS as exc:
-            where = f" (shard {services.shard.index})" if router.sharded else ""
-            return envelope(503, f"Redis unreachable{where}: {exc}")
-    return JSONResponse({"data": "ready", "message": None, "status": 0})
+    """Ready while a shard's Redis answers: every shard asked at once, each within
+    `DISPATCHER_REDIS_TIMEOUT`; 503 when none does. A shard that does not answer is named in
+    the message (its projects get 503s from their routes): not-ready on any shard down took
+    every API process out of service, the other shards' projects with them (review). The
+    message is fixed, no error text: the route answers anyone."""
+    bound = router.settings.redis_timeout
+    answers = await asyncio.gather(*(_answers(s.redis, bound) for s in router.shards))
+    down = [s.shard.index for s, up in zip(router.shards, answers, strict=True) if not up]
+    if len(down) == len(answers):
+        return envelope(503, "Redis unreachable" + (" (every shard)" if router.sharded else ""))
+    message = f"Redis unreachable on shard(s) {', '.join(map(str, down))}" if down else None
+    return JSONResponse({"data": "ready", "message": message, "status": 0})
+
+
+async def _answers(redis: Redis, bound: float) -> bool:
+    try:
+        async with asyncio.timeout(bound):  # not the retries' sum
+            return bool(await redis.ping())
+    except NO_ANSWER:  # TimeoutError among them; or a refusal (NOAUTH, ...)
+        return False
 
 
 @router.get("/metrics", response_class=PlainTextResponse)

@@ -23,10 +23,9 @@ from dispatcher.cli.common import (
     with_history_url,
     with_redis_url,
 )
-from dispatcher.connections import REDIS_ERRORS, shown
+from dispatcher.connections import shown
 from dispatcher.embedded import EmbeddedRedis
 from dispatcher.settings import EMBEDDED, Settings
-from dispatcher.topology import shards_of
 
 
 def _listen(host: str | None, port: int | None) -> dict[str, Any]:
@@ -120,37 +119,40 @@ def api(
 @app.command()
 def worker(
     check: Annotated[
-        bool, typer.Option("--check", help="Exit 0 if a worker on this host is alive (probes)")
+        bool,
+        typer.Option("--check", help="Exit 0 if a worker on this host is alive (probes)"),
     ] = False,
+    fresh: Annotated[
+        float,
+        typer.Option(
+            "--fresh",
+            min=6.0,
+            help="With --check: a worker is alive when its event loop "
+            "turned within these seconds (it marks every 5 s)",
+        ),
+    ] = 30.0,
 ) -> None:
     """A delivery worker. Run any number, on any hosts, against one Redis."""
     from dispatcher.logs import configure_logging
     from dispatcher.serve import install_uvloop, work
 
-    settings = with_history_url(with_redis_url(load_settings()))
     if check:
-        raise typer.Exit(_check_worker(settings, socket.gethostname()))
+        raise typer.Exit(_check_worker(socket.gethostname(), fresh))
+    settings = with_history_url(with_redis_url(load_settings()))
     configure_logging(settings)
     tracing.setup()
     install_uvloop()
     work(settings)
 
 
-def _check_worker(settings: Settings, host: str) -> int:
-    """0 when a worker on `host` has a fresh heartbeat; fails fast when Redis is away."""
-    from dispatcher.connections import connect
-    from dispatcher.status import live_workers
+def _check_worker(host: str, fresh: float) -> int:
+    """0 while a worker on `host` turned its event loop within `fresh` seconds
+    (`worker.liveness`): Redis is not asked, since a restart cures no Redis outage."""
+    from dispatcher.worker.liveness import alive_here
 
-    async def go() -> int:
-        redis = connect(settings.model_copy(update={"redis_timeout": 2.0}))
-        try:
-            alive = await live_workers(redis, shards_of(settings)[0].keys, host)
-        except REDIS_ERRORS as exc:
-            err.print(f"Redis unreachable: {exc}")
-            return 1
-        finally:
-            await redis.aclose()
-        console.print(f"{len(alive)} live worker(s) on {host}")
-        return 0 if alive else 1
-
-    return asyncio.run(go())
+    pids = alive_here(fresh)
+    console.print(
+        f"{len(pids)} live worker(s) on {host} (event loop turned within {fresh:g} s)"
+        + (f": pid {', '.join(map(str, pids))}" if pids else "")
+    )
+    return 0 if pids else 1

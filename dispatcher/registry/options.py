@@ -26,6 +26,7 @@ from jmespath.functions import Functions
 
 from dispatcher.errors import InvalidInput
 from dispatcher.registry.filters import compile_filter
+from dispatcher.registry.rules import checked_text
 
 if TYPE_CHECKING:
     from collections.abc import Mapping, Sequence
@@ -157,9 +158,10 @@ def order_key(path: str, data: Mapping[str, Any]) -> str | None:
 
 def check_filter(expression: str) -> None:
     """InvalidInput naming `filter`, with the parser's message, unless it compiles and
-    calls only JMESPath's own functions."""
+    calls only JMESPath's own functions, and holds no control characters (`checked_text`)."""
     if len(expression) > MAX_FILTER_LENGTH:
         raise InvalidInput(f"filter is longer than {MAX_FILTER_LENGTH} characters", param="filter")
+    checked_text(expression, "filter")
     try:
         compiled = compile_filter(expression)
     except jmespath_errors.JMESPathError as exc:

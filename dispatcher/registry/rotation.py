@@ -7,6 +7,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import structlog
+from cryptography.fernet import InvalidToken
+
 from dispatcher.lua import ArgList, Key, Script
 
 if TYPE_CHECKING:
@@ -18,6 +21,8 @@ if TYPE_CHECKING:
 __all__ = ["SECRET_FIELDS", "Reencrypt", "rotate_all"]
 
 SECRET_FIELDS = ("secretToken", "previousToken", "authHeaderValue")
+
+log = structlog.get_logger("dispatcher.registry")
 
 
 @dataclass
@@ -73,7 +78,9 @@ async def _rotate_one(redis: Redis, key: str, cipher: TokenCipher, tries: int = 
     for _ in range(tries):
         stored = await redis.hmget(key, list(SECRET_FIELDS))  # type: ignore[misc]  # sync|async
         read = {value.decode() for value in stored if value}
-        changes = [part for value in read for part in (value, cipher.rotate(value))]
+        changes = [
+            part for value in read if (new := _rotated(key, value, cipher)) for part in (value, new)
+        ]
         if not changes:
             break
         written, unread = await Reencrypt(key, changes).run(redis)
@@ -81,3 +88,15 @@ async def _rotate_one(redis: Redis, key: str, cipher: TokenCipher, tries: int = 
         if not unread:
             break
     return rotated
+
+
+def _rotated(key: str, value: str, cipher: TokenCipher) -> str | None:
+    """`value` under the first key, or None (logged) when no key decrypts it: a value that
+    only looks encrypted (stored as given while no key was set), or one under a key dropped
+    since. It stays as it is and the rotation goes on: it stopped there with a traceback,
+    every callback after it left under the old key, at every run again (review)."""
+    try:
+        return cipher.rotate(value)
+    except InvalidToken:
+        log.warning("tokens.rotate_unreadable", callback=key, reason="no key decrypts it")
+        return None

@@ -86,13 +86,21 @@ def checked_reason(reason: str | None) -> str | None:
     """A disabled reason as given, refused when it holds control characters (CR, LF,
     ESC, NUL, bidi overrides, …): it is shown to the project's members and operators in
     the console, the CLI and logs, as it is."""
-    if reason is not None and _TEXT_CONTROL.search(reason):
+    return reason if reason is None else checked_text(reason, "reason")
+
+
+def checked_text(text: str, param: str) -> str:
+    """`text` a project chose and people are shown as it is (a reason, a pipeline id, a
+    filter), refused when it holds control characters: ESC in a pipeline id or a filter
+    cleared the operator's screen or retitled the terminal in `dispatcher callbacks list`
+    (review)."""
+    if _TEXT_CONTROL.search(text):
         raise InvalidInput(
-            "reason must not hold control characters (CR, LF, ESC, NUL, bidi overrides, …): "
+            f"{param} must not hold control characters (CR, LF, ESC, NUL, bidi overrides, …): "
             "it is shown as it is in the console, the CLI and logs",
-            param="reason",
+            param=param,
         )
-    return reason
+    return text
 
 
 def url_problem(url: str) -> str | None:
@@ -171,6 +179,8 @@ def check_scope(project_id: str, pipeline_id: str | None) -> Level:
         raise InvalidInput(
             "pipelineId must be 1-128 characters without spaces or ':'", param="pipelineId"
         )
+    if pipeline_id is not None:
+        checked_text(pipeline_id, "pipelineId")
     if pipeline_id is not None and project_id == PLATFORM_PROJECT:
         raise InvalidInput(
             f"platform-wide callbacks ({PLATFORM_PROJECT}) cannot be pipeline callbacks",

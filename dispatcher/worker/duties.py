@@ -26,6 +26,7 @@ from dispatcher.cluster import scan_shard
 from dispatcher.connections import REDIS_ERRORS, redis_full
 from dispatcher.lua import Key, KeyList, Script, run_pipeline
 from dispatcher.status import write_heartbeat
+from dispatcher.worker import liveness
 from dispatcher.worker.lane_lua import FIRST_THERE, first_there_names
 
 if TYPE_CHECKING:
@@ -98,6 +99,7 @@ class Duties:
         self.started_ms = now_ms()
         metrics.WORKER_JOBS_RUNNING.set_function(lambda: self.counts().running)
         return [
+            asyncio.create_task(every(liveness.MARK_S, liveness.mark_alive)),  # the probe's
             asyncio.create_task(every(HEARTBEAT_S, self.heartbeat)),
             asyncio.create_task(every(HEALTH_CHECK_S, self.health_check)),
             asyncio.create_task(self.sweeps()),
@@ -185,6 +187,7 @@ class Duties:
 
     async def last_words(self) -> None:
         """On the way out: the last statistics, and no heartbeat left behind."""
+        liveness.forget()
         with contextlib.suppress(*REDIS_ERRORS):
             await self.stats.flush(self.redis, self.keys)
             async with self.redis.pipeline(transaction=False) as pipe:

@@ -49,7 +49,7 @@ from dispatcher.bodies import GONE as BODY_GONE
 from dispatcher.bodies import body_key, read
 from dispatcher.clock import now_ms
 from dispatcher.jobs import BadJob, DeliveryJob, decode, encode
-from dispatcher.keys import lane_id
+from dispatcher.keys import SEP, lane_id
 from dispatcher.registry.match import TARGET_FIELDS, CallbackTarget
 from dispatcher.registry.options import order_key
 from dispatcher.worker.lane_scripts import NEXT_TAG, SKIPPED_TAG, Enter, Head, Release
@@ -380,10 +380,12 @@ class LaneStep(Step):
 def _in_lane(job: DeliveryJob, target: CallbackTarget, path: str, key: str) -> DeliveryJob:
     """`job` in its lane: the deliveries to its callback's URL (every event it is
     registered for there with the same `orderBy`) of its project's events with `key`. A
-    body its event's deliveries share is kept apart for the lanes (`bodies.body_key`)."""
+    body its event's deliveries share is kept apart for the lanes (`bodies.body_key`). The
+    job and its records carry the key as the lane names it (its id's last part: past
+    `keys.LANE_KEY_MAX` characters, `#` and its hash), not whole in each of them."""
     project = job.emitter or job.project_id
     lane = lane_id(target.project_id, target.url, path, project, key)
-    return dataclasses.replace(job, order_key=key, lane=lane)
+    return dataclasses.replace(job, order_key=lane.split(SEP, 2)[2], lane=lane)
 
 
 def _kept(keys: Keys, jobs: list[DeliveryJob]) -> tuple[str, bytes] | None:

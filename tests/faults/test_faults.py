@@ -229,23 +229,45 @@ async def test_a_gigabyte_answer_does_not_grow_the_worker(
     assert record.status.value == "SUCCESS" and "truncated" in (record.response_body or "")
 
 
-def test_worker_check_sees_a_live_worker(
-    settings: Settings, workers: list[subprocess.Popen[bytes]], tmp_path: Path
-) -> None:
-    env = {**os.environ, "DISPATCHER_REDIS_URL": settings.redis_url or ""}
-    check = [sys.executable, "-m", "dispatcher", "worker", "--check"]
-    client = __import__("redis").Redis.from_url(settings.redis_url)
-    client.flushdb()
-    client.close()
-    assert subprocess.run(check, env=env, capture_output=True, timeout=30).returncode == 1
-    workers.append(start_worker(settings.redis_url or "", tmp_path / "w.log"))
-    deadline = time.monotonic() + 15
-    while subprocess.run(check, env=env, capture_output=True, timeout=30).returncode != 0:
-        assert time.monotonic() < deadline, "worker --check never saw the worker"
-        time.sleep(0.2)
-    stop(workers[0])
-    result = subprocess.run(check, env=env, capture_output=True, timeout=30)
-    assert result.returncode == 1  # a cleanly stopped worker removes its heartbeat
+def test_worker_check_follows_the_loop_not_redis(tmp_path: Path) -> None:
+    """`worker --check` (the liveness probe) passes while the worker's event loop turns,
+    Redis paused included (a restart cures no Redis outage: the probe asked Redis before,
+    and failed every pod through one), fails once the worker itself is paused, and at once
+    after a clean stop (its mark removed)."""
+    marks = tmp_path / "tmp"
+    marks.mkdir()
+    env = {**os.environ, "TMPDIR": str(marks)}
+    check = [sys.executable, "-m", "dispatcher", "worker", "--check", "--fresh", "7"]
+
+    def passes() -> bool:
+        return subprocess.run(check, env=env, capture_output=True, timeout=30).returncode == 0
+
+    def until(wanted: bool, what: str) -> None:
+        deadline = time.monotonic() + 30
+        while passes() is not wanted:
+            assert time.monotonic() < deadline, what
+            time.sleep(0.3)
+
+    with EmbeddedRedis(tmp_path / "redis", persist=False) as server:
+        assert not passes()
+        worker = start_worker(server.url, tmp_path / "w.log", TMPDIR=str(marks))
+        try:
+            until(True, "worker --check never saw the worker")
+            os.kill(server.pid, signal.SIGSTOP)
+            try:
+                time.sleep(8)  # past --fresh: a mark made meanwhile, Redis away
+                assert passes(), "the probe failed while only Redis was paused"
+            finally:
+                os.kill(server.pid, signal.SIGCONT)
+            worker.send_signal(signal.SIGSTOP)
+            try:
+                until(False, "worker --check passed for a paused worker")
+            finally:
+                worker.send_signal(signal.SIGCONT)
+            until(True, "worker --check did not see the worker resume")
+        finally:
+            stop(worker)
+        assert not passes()  # a cleanly stopped worker removes its mark
 
 
 async def test_sigterm_lets_running_deliveries_finish_and_loses_nothing(

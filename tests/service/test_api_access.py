@@ -181,6 +181,7 @@ async def test_readiness_fails_when_redis_is_unreachable(settings: Settings) -> 
         async with httpx.AsyncClient(transport=transport, base_url="http://d") as client:
             ready = await client.get("/readyz")
             assert ready.status_code == 503 and ready.json()["status"] == 503
+            assert ready.json()["message"] == "Redis unreachable"  # no address, no error text
             listed = await client.get(CALLBACKS, headers=UID)
             assert listed.status_code == 503
             assert listed.json() == {
@@ -189,6 +190,25 @@ async def test_readiness_fails_when_redis_is_unreachable(settings: Settings) -> 
                 "status": 503,
             }
     await nowhere.aclose()
+
+
+async def test_readiness_holds_while_one_shard_answers(settings: Settings) -> None:
+    """One shard away: ready, the shard named (its projects get 503s from their routes);
+    not-ready took every API process out of service, every shard's projects with it. The
+    message names no address or error text (anyone may ask)."""
+    shards = [settings.redis_url or "", "redis://127.0.0.1:1/0"]
+    sharded = settings.model_copy(update={"redis_shards": shards, "redis_timeout": 0.5})
+    app = create_app(sharded)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://d") as client:
+            ready = await client.get("/readyz")
+    assert ready.status_code == 200, ready.text
+    assert ready.json() == {
+        "data": "ready",
+        "message": "Redis unreachable on shard(s) 1",
+        "status": 0,
+    }
 
 
 async def test_oversized_query_string_is_refused(api: httpx.AsyncClient) -> None:

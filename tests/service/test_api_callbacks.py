@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from urllib.parse import quote
+
 import httpx
 import pytest
 from redis.asyncio import Redis
@@ -201,6 +203,24 @@ async def test_a_disabled_reason_with_control_characters_is_refused(
     assert "reason" in refused.json()["message"]
     shown = (await api.get(f"{BASE}/{cb['id']}", headers=UID)).json()["data"]
     assert (shown["enabled"], shown["disabledReason"]) == (True, None)
+
+
+@pytest.mark.parametrize("text", ["\x1b[2J\x1b]0;pwned\x07", "a\x00b", "\u202eevil", "x\u200by"])
+async def test_a_pipeline_id_or_filter_with_control_characters_is_refused(
+    api: httpx.AsyncClient, text: str
+) -> None:
+    """A pipeline id and a filter are shown as they are (console, CLI, logs): with ESC in
+    them `dispatcher callbacks list` cleared the operator's screen and retitled the
+    terminal (review). Both are a 400 naming them, and nothing is stored."""
+    pipeline = quote(f"p1{text}", safe="")
+    where = f"/apigw-user/v4/projects/demo/pipelines/{pipeline}/callbacks"
+    params = {"event": "BUILD_END", "region": "DEVNET", "url": "https://e.com/h"}
+    refused = await api.post(where, params=params, headers=UID)
+    assert refused.status_code == 400 and "pipelineId" in refused.json()["message"], refused.text
+    with_filter = {**params, "filter": f"data.x == '{text}'"}
+    refused = await api.post(BASE, params=with_filter, headers=UID)
+    assert refused.status_code == 400 and "filter" in refused.json()["message"], refused.text
+    assert (await api.get(BASE, headers=UID)).json()["data"]["records"] == []
 
 
 async def test_other_projects_callbacks_are_not_found(api: httpx.AsyncClient) -> None:

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -141,8 +144,25 @@ def test_without_redis_the_cli_says_what_to_do(
     assert result.exit_code == 2 and "DISPATCHER_REDIS_URL" in result.output
 
 
-def test_worker_check_fails_when_no_worker_is_alive(cli: CliRunner) -> None:
+def test_worker_check_reads_this_hosts_marks_not_redis(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """`worker --check` passes on a fresh mark of a worker of this host and fails on none
+    or a stale one, without a Redis setting at all (`worker.liveness`)."""
+    monkeypatch.delenv("DISPATCHER_REDIS_URL", raising=False)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    cli = CliRunner()
     assert cli.invoke(app, ["worker", "--check"]).exit_code == 1
+    marks = tmp_path / "dispatcher-workers"
+    marks.mkdir()
+    (marks / "4242.alive").touch()
+    (marks / "notapid.alive").touch()
+    result = cli.invoke(app, ["worker", "--check"])
+    assert result.exit_code == 0 and "1 live worker(s)" in result.output and "4242" in result.output
+    stale = time.time() - 31
+    os.utime(marks / "4242.alive", (stale, stale))
+    assert cli.invoke(app, ["worker", "--check"]).exit_code == 1
+    assert cli.invoke(app, ["worker", "--check", "--fresh", "60"]).exit_code == 0
 
 
 def _seed_status(url: str) -> None:

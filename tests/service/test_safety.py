@@ -124,6 +124,39 @@ async def test_a_key_rotation_never_undoes_what_changed_while_it_ran(
         assert target.previous_token == "LEAKED-old"
 
 
+async def test_a_secret_that_looks_encrypted_is_refused_and_never_stops_a_rotation(
+    redis_server: EmbeddedRedis, redis: Redis, api: httpx.AsyncClient
+) -> None:
+    """`fernet:…` as a project's token or auth header value is a 400: while no key is set
+    secrets are stored as given, and such a one stopped `dispatcher tokens rotate` with a
+    traceback, every callback after it left in clear, at every run (review). One stored
+    before is left as it is and logged; the rotation goes on to the others."""
+    base = {"event": "BUILD_END", "region": "DEVNET", "url": "https://e.com/h"}
+    for extra in (
+        {"secretToken": "fernet:poison"},
+        {"authHeaderName": "X-Key", "authHeaderValue": "fernet:poison"},
+    ):
+        refused = await api.post(CALLBACKS, params={**base, **extra}, headers=UID)
+        assert refused.status_code == 400, refused.text
+        assert "must not start with 'fernet:'" in refused.json()["message"]
+    plain = Registry(redis)  # no key: stored as given, as an older version stored this one
+    poisoned, _ = await plain.create(
+        "demo", "https://e.com/a", Event.BUILD_END, Region.DEVNET, "plain-one"
+    )
+    await redis.hset(keys.callback(poisoned), "secretToken", "fernet:poison")  # type: ignore[misc]
+    after, _ = await plain.create(
+        "demo", "https://e.com/b", Event.BUILD_END, Region.DEVNET, "plain-two"
+    )
+    cipher = make_settings(redis_server.url, token_keys=TokenCipher.new_key()).token_cipher()
+    with capture_logs() as logs:
+        assert await Registry(redis, cipher).rotate_tokens() == 1
+    assert [e["callback"] for e in logs if e["event"] == "tokens.rotate_unreadable"] == [
+        keys.callback(poisoned)
+    ]
+    stored = await redis.hget(keys.callback(after), "secretToken")  # type: ignore[misc]
+    assert stored is not None and stored.startswith(b"fernet:") and b"plain-two" not in stored
+
+
 def test_a_malformed_token_key_fails_at_start() -> None:
     with pytest.raises(ValueError, match="Fernet keys"):
         Settings(token_keys="not-a-key")
@@ -427,6 +460,30 @@ async def test_poison_jobs_are_recorded_and_dropped(
     assert any("not JSON" in p["problem"] for p in poisoned)
     problems = [e for e in logs if e["event"] == "job.poison"]
     assert {e["job_id"] for e in problems} == {"garbage", "bad-shape", "bad-deliver"}
+
+
+async def test_a_job_id_that_is_not_utf8_is_set_aside_and_the_others_run(
+    settings: Settings, redis: Redis, run_worker: RunWorker, receiver: Receiver
+) -> None:
+    """Another client's job whose id is not UTF-8, claimed with good ones: recorded as
+    poison (its id escaped) and removed with its keys, the others delivered. Its id's
+    decode raised out of the worker's loop, the batch left leased, every worker after it
+    dying the same way (review)."""
+    await Registry(redis).create("demo", receiver.url("/ok"), Event.BUILD_END, Region.DEVNET, "t")
+    producer = Producer(settings, redis)
+    for n in range(5):
+        await producer.emit("demo", "BUILD_END", {"n": n})
+    bad = b"demo:e\xff"
+    wire: dict[str, Any] = {"t": None, "f": "fan_out", "a": [{}], "k": {}, "et": 0}
+    await redis.set(keys.ARQ_JOB_PREFIX.encode() + bad, orjson.dumps(wire))
+    await redis.zadd(settings.queue_name, {bad: 0})
+    await run_worker()
+    assert len(receiver.requests("/ok")) == 5
+    assert await redis.zcard(settings.queue_name) == 0
+    assert not await redis.exists(keys.ARQ_JOB_PREFIX.encode() + bad)
+    assert [k async for k in redis.scan_iter(match=keys.ARQ_IN_PROGRESS_PREFIX + "*")] == []
+    [entry] = [orjson.loads(p) for p in await redis.lrange(keys.POISON_JOBS, 0, -1)]  # type: ignore[misc]
+    assert (entry["jobId"], entry["problem"]) == ("demo:e\\xff", "its id is not UTF-8")
 
 
 # ---- operator route -----------------------------------------------------------------------

@@ -5,6 +5,7 @@ answers as a replica is a lost connection, not an error reply."""
 
 from __future__ import annotations
 
+import signal
 import socket
 import time
 from pathlib import Path
@@ -108,6 +109,40 @@ def test_a_setting_that_cannot_work_stops_a_command_with_its_name(
         monkeypatch, DISPATCHER_REDIS_URL=group.url, DISPATCHER_REDIS_MIN_REPLICAS="2"
     )
     assert "configuration error DISPATCHER_REDIS_MIN_REPLICAS" in too_few and "has 1" in too_few
+
+
+async def test_an_evicting_replica_stops_a_process_before_a_failover_promotes_it(
+    group: SentinelGroup,
+) -> None:
+    """The start-up check asks each replica the sentinels list, not only today's master: a
+    failover would make an evicting replica the master, dropping queued events when full.
+    A replica the sentinels hold down is a warning naming it."""
+    settings = make_settings(group.url)
+    (port,) = [port for port in group.nodes if port != group.master_port()]
+    replica = on_replica(group)
+    try:
+        await replica.config_set("maxmemory", "1gb")
+        await replica.config_set("maxmemory-policy", "volatile-lru")
+        with pytest.raises(InvalidSetting, match="maxmemory-policy volatile-lru") as caught:
+            await preflight(settings)
+        assert caught.value.param == "maxmemory-policy"
+        await replica.config_set("maxmemory-policy", "noeviction")
+        assert await preflight(settings) == []
+    finally:
+        await replica.config_set("maxmemory", "0")
+        await replica.aclose()
+    group.signal(port, signal.SIGSTOP)
+    try:  # not answering, then (down-after-milliseconds later) held down by the sentinels
+        quick = settings.model_copy(update={"redis_timeout": 0.3})
+        seen = [await preflight(quick)]
+        while "is down" not in seen[-1][0] and len(seen) < 20:
+            seen.append(await preflight(quick))
+    finally:
+        group.signal(port, signal.SIGCONT)
+    for (warning,) in seen:
+        assert f"replica 127.0.0.1:{port} of master 'dispatcher'" in warning, warning
+        assert warning.endswith("its maxmemory-policy not checked"), warning
+    assert "did not answer INFO" in seen[0][0] and "is down" in seen[-1][0], seen
 
 
 async def test_a_plain_url_to_a_replica_is_a_lost_connection(group: SentinelGroup) -> None:
