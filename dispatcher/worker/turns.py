@@ -5,11 +5,22 @@ A shard whose Redis does not answer must not hold the turns up: redis-py waits a
 Redis (SIGSTOP, a host gone quiet) out for its socket timeout four times over (~20 s with
 the default `DISPATCHER_REDIS_TIMEOUT` of 5 s) before it raises. So with several shards a
 claim is waited for at most `wait_s`; one that has not answered by then is left to answer
-(not cancelled: a frozen Redis runs what it was sent once it resumes, and a claim
-cancelled here would lease it jobs nobody runs, for a lease). Until it has, its shard is
-not claimed from again, and the others take the turns; its jobs then go to `late`, to run
-as any others (a batch over the worker's `max_jobs` at most: the room was counted when it
-was sent). With one shard there is no other to hold up: the claim is awaited as it is.
+(not cancelled: a frozen Redis runs what it was sent once it resumes, and the jobs of a
+claim cancelled here would be leased to this worker with nobody running them, until
+their leases lapse). Until it has, its shard is not claimed from again, and the others
+take the turns; its jobs then go to `late`, to run as any others, whatever room is left
+then (the room and the writes waiting were checked when the claim was sent, not again):
+each shard with a claim out may take the worker a claim batch over its `max_jobs`. With
+one shard there is no other to hold up: the claim is awaited as it is.
+
+Not cancelling does not make every job leased run: redis-py sends a command again after
+each socket timeout (3 more times, `connections.policy`) and a frozen Redis runs every
+copy once it resumes. The jobs of the copy still awaited then run; the other copies'
+(up to 4 batches, when the last one timed out too and the claim failed) stay leased to
+this worker, which knows nothing of them, until their leases lapse
+(`DISPATCHER_LEASE_SECONDS`), and are then claimed again by any worker: late, not lost
+(each such claim counted). So it is with one shard too, and was before the shards took
+turns.
 """
 
 from __future__ import annotations
