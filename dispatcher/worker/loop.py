@@ -63,11 +63,18 @@ if TYPE_CHECKING:
     from dispatcher.settings import Settings
     from dispatcher.worker.claims import Claimed
 
-__all__ = ["Worker", "create_worker"]
+__all__ = ["Worker", "create_worker", "stop_budget"]
 
 log = structlog.get_logger("dispatcher.worker")
 
 Job = Coroutine[Any, Any, None]  # a job's run, as its task runs it
+
+
+def stop_budget(settings: Settings) -> float:
+    """The most a worker's stop takes after SIGTERM (`Worker._wind_down`): twice the grace,
+    a second each for the writes and the shipping, and the goodbye's Redis timeout. Every
+    deployment's stop timeout is above it (`deploy/`)."""
+    return 2 * settings.shutdown_grace + 2.0 + settings.redis_timeout
 
 
 class Worker:
@@ -346,8 +353,13 @@ class Worker:
 
     async def _wind_down(self, background: list[asyncio.Task[None]]) -> None:
         """Let running jobs finish (up to the grace), put the others back at once, write
-        what waits, then stop the background tasks."""
-        grace = self.settings.shutdown_grace
+        what waits and ship what is left within the rest of twice the grace (a second each
+        at least), then stop the background tasks and say goodbye within the Redis
+        timeout: the whole stop fits `stop_budget`. Each step took up to the grace of its
+        own, three graces and the goodbye's retries in all, past the 60 s a deployment
+        gives before SIGKILL (review)."""
+        grace, clock = self.settings.shutdown_grace, asyncio.get_running_loop().time
+        ends = clock() + 2 * grace
         await self.turns.stop()  # claims still out: given up
         if self.running:
             _, late = await asyncio.wait(list(self.running.values()), timeout=grace)
@@ -357,14 +369,16 @@ class Worker:
             for index, job_id in late_keys:
                 by_index[index].put_back(job_id, 0)
         try:
-            async with asyncio.timeout(max(grace, 1.0)):
+            async with asyncio.timeout(max(ends - clock(), 1.0)):
                 await asyncio.gather(*(run.writer.drain() for run in self.served))
         except TimeoutError:  # Redis is away: their jobs are still queued, and run again
             pending = sum(run.writer.pending for run in self.served)
             log.error("worker.writes_unsaved", pending=pending)
-        await self.shipping.stop(within=max(grace, 1.0))
+        await self.shipping.stop(within=max(ends - clock(), 1.0))
         await cancel_all(background)
-        await self.duties.last_words()
+        with contextlib.suppress(TimeoutError):  # Redis away: its heartbeat lapses
+            async with asyncio.timeout(self.settings.redis_timeout):
+                await self.duties.last_words()
         log.info("worker.stopped", complete=self.jobs_complete, failed=self.jobs_failed)
 
     async def close(self) -> None:
