@@ -163,13 +163,15 @@ class Again(Script):
 @dataclass(frozen=True, slots=True)
 class Claimed:
     """A job this worker now holds: its id, stored bytes (None: its data was gone), how
-    many times it was claimed (1 on the first run), and the registry version its
-    project's events are matched at now (None: unknown)."""
+    many times it was claimed (1 on the first run), the registry version its project's
+    events are matched at now (None: unknown), and whether it is a fan-out whose event
+    holds its project's lanes (`pending`: numbered, its last chunk not in them yet)."""
 
     job_id: str
     data: bytes | None
     claims: int
     registry_version: bytes | None = None
+    pending: bool = False
 
 
 class Claims:
@@ -224,14 +226,15 @@ class Claims:
             mine="\n".join(mine),
             version_prefix=self.keys.REGISTRY_VERSION_PREFIX,
             platform=PLATFORM_PROJECT,
+            pending_prefix=self.keys.LANES_PENDING_PREFIX,
             shares=[item for pair in projects.items() for item in pair],
         ).run(self.redis)
         self.claimed_at_ms = int(claimed_at_ms)
         if sweep:
             self.sweep_at, self.sweep_after = int(swept), after.decode()
         return [
-            Claimed(job_id.decode(), data or None, int(claims), version or None)
-            for job_id, data, claims, version in rows
+            Claimed(job_id.decode(), data or None, int(claims), version or None, pending == 1)
+            for job_id, data, claims, version, pending in rows
         ]
 
     async def renew(self, job_ids: list[str]) -> tuple[set[str], set[str]]:

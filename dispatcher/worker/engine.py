@@ -131,6 +131,8 @@ class Engine:
             targets = self.filters.select(event, chunk.targets, chunk.shadows)  # the filters
             if targets:
                 await self._first_attempts(event, targets, rerun, carried, end, chunk.after)
+            elif chunk.after is None and end is not None and end.pending:
+                await self.lanes.ready(event, end)  # its project's lanes go on now
         return chunk.after
 
     async def _read_chunk(self, query: ChunkQuery) -> Chunk:
@@ -172,6 +174,7 @@ class Engine:
             pending,
             lambda job: FirstRetry(queue, job, end if one else None, after),
             last=after is None,
+            holding=end is not None and end.pending,
             end=end if after is None else None,
         )
         if len(now) == 1:

@@ -10,6 +10,7 @@ from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from dispatcher import clock
 from dispatcher.bodies import GIVE_BACK, LANE
 from dispatcher.ending import END_JOB, NO_JOB
 from dispatcher.lua import ArgList, Key, KeyList, Script
@@ -30,7 +31,8 @@ class Enter(Script):
     """An event's ordered deliveries join their lanes (`deliveries`: each one's lane, job
     key and progress mark's; `parked`: each one's id and job bytes). The event's number is
     its entry in the project's pending set; on its `last` chunk ('1') it moves to the ready
-    set, and the heads that waited for it (and no earlier event) are due at `now_ms`. With
+    set, and the heads that waited for it (and no earlier event) are due at `now_ms` (a
+    last chunk with no ordered delivery enters none: it does only that). With
     a `job_id` (the fan-out job, whose last chunk this is and holds nothing but these
     deliveries), that job ends here when none is attempted now (`dispatcher.ending`). A
     head that waited and heads its lane no more is parked again: kept for ever, as `Head`
@@ -186,9 +188,12 @@ class Head(Script):
     """Whether a queued delivery's turn has come. Answers 1 when it may be attempted (its
     lane's head, its earlier events all in their lanes; or no longer in its lane: ended
     already), 0 when it was parked (out of the queue, its lease and claim count gone), 2
-    when it waits shortly for its earlier events (due again at `recheck_ms`), 3 when it
-    waits for the project's move to end, its lanes on the old shard (due at `held_ms`); a
-    job that waits is back in the queue, its lease and claim count gone, kept for ever."""
+    when it waits for its earlier events (due again at `recheck_ms`, unless the event it
+    waits for wakes it before), 3 when it waits for the project's move to end, its lanes
+    on the old shard (due at `held_ms`); a job that waits is back in the queue, its lease
+    and claim count gone, kept for ever. A head that may go wakes up to 100 of its
+    project's waiting heads numbered no higher (due at `now_ms`): their earlier events
+    are in their lanes too (a wake-up takes 100 at a time, these take the rest)."""
 
     LUA = (
         CLEAR
@@ -198,6 +203,9 @@ if not seq then return 1 end
 local parked = redis.call('ZRANGE', lane, 0, 0)[1] ~= job_id
 if not parked and clear(hold, pending, queue, tonumber(seq)) then
   redis.call('ZREM', waiting, job_id)
+  local also = redis.call('ZRANGEBYSCORE', waiting, '-inf', seq, 'LIMIT', 0, 100)
+  for _, id in ipairs(also) do redis.call('ZADD', queue, 'LT', now_ms, id) end
+  if #also > 0 then redis.call('ZREM', waiting, unpack(also)) end
   return 1
 end
 -- it waits: kept for ever, as `Enter` parks, and its body (a failed run's put-back: a day)
@@ -228,6 +236,7 @@ return 2
     job_id: str
     recheck_ms: int
     held_ms: int
+    now_ms: int
 
     @classmethod
     def of(
@@ -239,8 +248,10 @@ return 2
         recheck_ms: int,
         held_ms: int,
         body: str | None = None,
+        now_ms: int | None = None,
     ) -> Head:
-        """The check of `job_id`, of `project_id`'s events in `lane` (`body`: its body's)."""
+        """The check of `job_id`, of `project_id`'s events in `lane` (`body`: its body's;
+        `now_ms`, by default the clock's)."""
         job = keys.arq_job(job_id)
         return cls(
             lane=lane,
@@ -255,6 +266,7 @@ return 2
             job_id=job_id,
             recheck_ms=recheck_ms,
             held_ms=held_ms,
+            now_ms=clock.now_ms() if now_ms is None else now_ms,
         )
 
 

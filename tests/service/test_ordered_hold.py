@@ -1,0 +1,176 @@
+"""An event with no ordered delivery does not hold its project's lanes while its first
+attempts run (review finding), over a real Redis, real burst workers and a real receiver:
+an unordered delivery of event 1 (the project's callback, the platform's, or an ordered
+callback's for an event without the key) is held by its receiver until event 1's ordered
+successors have all arrived, or a generous deadline. Before the fix they arrived only
+after it: event 1 stayed in its project's pending set until its fan-out job ended, and
+every later head waited for it (re-checked every 50 ms). Also the scripts' parts: an
+event whose last chunk matched nothing lets the lanes go, a head that goes on wakes the
+heads waiting with it, and a waiting head looks again less often the longer it waits."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+
+import orjson
+import pytest
+from aiohttp import web
+from redis.asyncio import Redis
+
+from dispatcher.clock import now_ms
+from dispatcher.embedded import EmbeddedRedis
+from dispatcher.jobs import DeliveryJob
+from dispatcher.keys import Keys
+from dispatcher.models import PLATFORM_PROJECT, Event, Region
+from dispatcher.producer import Producer
+from dispatcher.registry import Options, Registry
+from dispatcher.settings import Settings
+from dispatcher.worker import lanes
+from dispatcher.worker.claims import Claims
+from dispatcher.worker.lane_scripts import Enter, Head
+from dispatcher.worker.lanes import RECHECK_MAX_S, RECHECK_S
+from tests.helpers import Receiver, RunWorker, make_settings
+
+keys = Keys()
+HOLD_S = 20.0  # how long the slow receiver waits for the ordered arrivals at most
+BUILDS, STEPS = 5, 2  # the ordered events after event 1: each build's steps, in one lane
+
+
+@dataclass
+class Slow:
+    """A receiver path that answers once `want` requests reached `path`, or after
+    `HOLD_S`; `seen_then`: how many had reached it when it answered."""
+
+    receiver: Receiver
+    want: int
+    path: str = "/hook"
+    seen_then: list[int] = field(default_factory=list)
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        deadline = time.monotonic() + HOLD_S
+        while len(self.receiver.requests(self.path)) < self.want:
+            if time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.01)
+        self.seen_then.append(len(self.receiver.requests(self.path)))
+        return web.Response(text="ok")
+
+
+@pytest.mark.parametrize("first", ["unordered", "platform", "keyless"])
+async def test_an_event_with_no_ordered_delivery_does_not_hold_its_projects_lanes(
+    redis_server: EmbeddedRedis, redis: Redis, receiver: Receiver, run_worker: RunWorker, first: str
+) -> None:
+    """Event 1 of project demo goes, unordered, to a receiver that answers only once the
+    ordered deliveries of demo's later events (5 builds of 2 steps, one lane a build) have
+    all arrived, or after 20 s: they arrive while its attempt is in flight, each build's
+    steps in order. `first`: event 1's callback is demo's and unordered, the platform's and
+    unordered, or ordered by a key event 1's data lacks."""
+    settings = make_settings(redis_server.url, total_timeout=HOLD_S + 10)
+    registry, ordered = Registry(redis), Options(order_by="buildId")
+    slow = Slow(receiver, BUILDS * STEPS)
+    url = receiver.script("/slow", slow.handle)
+    owner = PLATFORM_PROJECT if first == "platform" else "demo"
+    options = ordered if first == "keyless" else None
+    await registry.create(owner, url, Event.BUILD_START, Region.DEVNET, options=options)
+    hook = receiver.url("/hook")
+    await registry.create("demo", hook, Event.BUILD_END, Region.DEVNET, options=ordered)
+    producer = Producer(settings, redis)
+    await producer.emit("demo", "BUILD_START", {"step": 0})  # event 1: no buildId
+    later = [
+        ("demo", "BUILD_END", {"buildId": f"b-{b}", "step": s})
+        for s in range(STEPS)
+        for b in range(BUILDS)
+    ]
+    await producer.emit_many(later)
+    await run_worker(settings)
+    assert slow.seen_then == [BUILDS * STEPS]  # all arrived while event 1's attempt ran
+    arrived = [orjson.loads(seen.body)["data"] for seen in receiver.requests("/hook")]
+    for b in range(BUILDS):
+        assert [d["step"] for d in arrived if d["buildId"] == f"b-{b}"] == list(range(STEPS))
+    assert not await redis.zcard(keys.lanes_pending("demo"))
+    assert not await redis.keys(f"{keys.LANE_PREFIX}*")
+
+
+async def test_a_claim_says_which_fan_outs_hold_their_projects_lanes(
+    redis: Redis, settings: Settings, receiver: Receiver, run_worker: RunWorker
+) -> None:
+    """A claimed fan-out of a numbered event (its project has an ordered callback) is
+    `pending`, one of another project is not; an event of the numbered project that
+    matches no callback at all still lets its lanes go at its last chunk (`Lanes.ready`):
+    it is in the ready set, and its job ended in that script."""
+    ordered = Options(order_by="buildId")
+    hook = receiver.url("/hook")
+    await Registry(redis).create("demo", hook, Event.BUILD_END, Region.DEVNET, options=ordered)
+    producer = Producer(settings, redis)
+    await producer.emit("demo", "BUILD_START", {"step": 0}, event_id="nothing-matches")
+    await producer.emit("other", "BUILD_START", {"step": 0}, event_id="not-numbered")
+    claims = Claims(redis, keys, "worker-a", lease_s=10)
+    claimed = {c.job_id: c.pending for c in await claims.claim(10)}
+    assert claimed == {"demo:nothing-matches": True, "other:not-numbered": False}
+    await claims.release(list(claimed))  # (due now again, for the worker)
+    await run_worker()
+    assert await redis.zrange(keys.lanes_ready("demo"), 0, -1) == [b"demo:nothing-matches"]
+    assert not await redis.zcard(keys.lanes_pending("demo"))
+    assert not await redis.zcard(keys.QUEUE)
+
+
+async def test_an_entry_of_no_delivery_lets_the_lanes_go_and_wakes_their_heads(
+    redis: Redis,
+) -> None:
+    """What a last chunk with nothing ordered runs before its attempts: the event moves
+    from its project's pending set to the ready set, and the head that waited for it is
+    due now (no longer at its next look)."""
+    project, event_job, head = "none", "none:evt_1", "none:evt_2.1@1"
+    stamp, far = now_ms(), now_ms() + 60_000
+    await redis.zadd(keys.QUEUE, {event_job: stamp, head: far})
+    await redis.zadd(keys.lanes_pending(project), {event_job: 1})
+    await redis.zadd(keys.lanes_waiting(project), {head: 2})
+    enter = Enter.of(
+        keys, project, event_job, [], progress_ttl=60, now_ms=stamp, recheck_ms=stamp, last=True
+    )
+    assert await enter.run(redis) == [1, 0]  # one head woken; no job end given
+    assert await redis.zrange(keys.lanes_ready(project), 0, -1) == [event_job.encode()]
+    assert not await redis.zcard(keys.lanes_pending(project))
+    assert await redis.zscore(keys.QUEUE, head) == stamp
+    assert not await redis.zcard(keys.lanes_waiting(project))
+
+
+async def test_a_head_that_goes_on_wakes_the_heads_that_waited_with_it(redis: Redis) -> None:
+    """A wake-up takes 100 waiting heads at a time: a head that finds its earlier events
+    in their lanes wakes those of its project waiting with it, numbered no higher (their
+    earlier events are in too), rather than leave them to their next look; one numbered
+    higher, which may wait for another event, waits on."""
+    project, lane, head = "chain", keys.lane("chain-lane"), "chain:evt_5.1@1"
+    lower, also, higher = "chain:evt_3.2@1", "chain:evt_4.3@1", "chain:evt_7.4@1"
+    stamp, far = now_ms(), now_ms() + 60_000
+    await redis.zadd(lane, {head: 5})
+    await redis.set(keys.arq_job(head), b"{}")
+    await redis.zadd(keys.QUEUE, {head: stamp, lower: far, also: far, higher: far})
+    await redis.zadd(keys.lanes_waiting(project), {lower: 3, also: 4, higher: 7})
+    check = Head.of(keys, lane, project, head, stamp + 50, stamp + 1000, now_ms=stamp)
+    assert await check.run(redis) == 1
+    due = [await redis.zscore(keys.QUEUE, job_id) for job_id in (lower, also, higher)]
+    assert due == [stamp, stamp, far]
+    assert await redis.zrange(keys.lanes_waiting(project), 0, -1) == [higher.encode()]
+
+
+def test_a_waiting_head_looks_again_less_often_the_longer_it_waits() -> None:
+    """The next look of a head that waits for its earlier events: after a quarter of its
+    event's age, from 50 ms to 5 s; over a hold of 8 s, 13 looks, not 160 (every 50 ms,
+    as before). An id without its emission (a version before's) looks after 50 ms."""
+    emitted = 1_700_000_000_000
+    job = DeliveryJob("demo:e.1", f"demo:e.1@{emitted}", "e", "demo", "BUILD_END", b"", 1)
+
+    def delay(waited_ms: int) -> int:
+        return lanes._recheck_at(job, emitted + waited_ms) - (emitted + waited_ms)
+
+    least, most = int(RECHECK_S * 1000), int(RECHECK_MAX_S * 1000)
+    assert (delay(0), delay(1000), delay(60_000), delay(-5000)) == (least, 500, most, least)
+    waited, looks = 0, 0
+    while waited < 8000:
+        waited, looks = waited + delay(waited), looks + 1
+    assert looks == 13
+    old = DeliveryJob("demo:e.1", "demo:e.1", "e", "demo", "BUILD_END", b"", 1)
+    assert lanes._recheck_at(old, emitted) == emitted + least
