@@ -131,8 +131,8 @@ class Engine:
             targets = self.filters.select(event, chunk.targets, chunk.shadows)  # the filters
             if targets:
                 await self._first_attempts(event, targets, rerun, carried, end, chunk.after)
-            elif chunk.after is None and end is not None and end.pending:
-                await self.lanes.ready(event, end)  # its project's lanes go on now
+            elif end is not None and end.pending:  # its project's lanes may go on now
+                await self.lanes.ready(event, chunk.after, end if chunk.after is None else None)
         return chunk.after
 
     async def _read_chunk(self, query: ChunkQuery) -> Chunk:
@@ -173,7 +173,7 @@ class Engine:
             event,
             pending,
             lambda job: FirstRetry(queue, job, end if one else None, after),
-            last=after is None,
+            after=after,
             holding=end is not None and end.pending,
             end=end if after is None else None,
         )

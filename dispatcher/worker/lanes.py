@@ -7,7 +7,7 @@ lane is a sorted set of deliveries' progress ids (`{delivery id}@{emittedAt}`) s
 their event's number, which Redis gave the event when it queued it (`dispatcher.sequence`).
 Its lowest member, the *head*, is the one delivery of the lane that may be attempted; the
 others wait, their `deliver` jobs parked (stored, out of the queue). Three scripts keep it
-(`lane_scripts.py`):
+(`lane_scripts.py`, `lane_release.py`):
 
 - enter, at fan-out, before any attempt (one call per chunk of the event's callbacks that
   has an ordered delivery, and one for the last chunk of a pending event that has none,
@@ -55,9 +55,10 @@ from dispatcher.bodies import body_key, read
 from dispatcher.clock import now_ms
 from dispatcher.jobs import BadJob, DeliveryJob, decode, encode
 from dispatcher.keys import lane_id
-from dispatcher.registry.match import TARGET_FIELDS, CallbackTarget
+from dispatcher.registry.match import TARGET_FIELDS, CallbackTarget, event_scopes
 from dispatcher.registry.options import order_key
-from dispatcher.worker.lane_scripts import NEXT_TAG, SKIPPED_TAG, Enter, Head, Release
+from dispatcher.worker.lane_release import NEXT_TAG, SKIPPED_TAG, Release
+from dispatcher.worker.lane_scripts import LATE, Enter, Head
 from dispatcher.worker.steps import ChunkEnd, LaneStep
 
 if TYPE_CHECKING:
@@ -133,17 +134,18 @@ class Lanes:
         pending: list[tuple[DeliveryJob, CallbackTarget]],
         then_of: Callable[[DeliveryJob], Then],
         *,
-        last: bool = True,
+        after: int | None = None,
         holding: bool = False,
         end: ChunkEnd | None = None,
     ) -> list[Attempt]:
         """The first attempts of a fan-out's chunk to make now: every unordered delivery,
         and each ordered one that heads its lane (the others are parked, in one write).
-        `last`: the event's last chunk (no more of its deliveries will join a lane); `end`,
-        its job's end, which the parking write takes when no attempt is made now.
-        `holding`: the event holds its project's lanes (`Claimed.pending`): its last chunk
-        lets them go before its attempts, though none of it is ordered (one script, run
-        with the batch's other entries), not once its slowest attempt has ended."""
+        `after`: where the event's next chunk starts (None: this is its last, no more of
+        its deliveries will join a lane); `end`, its job's end, which the parking write
+        takes when no attempt is made now. `holding`: the event holds its project's lanes
+        (`Claimed.pending`): it lets them go before this chunk's attempts, though none of
+        them is ordered (one script, run with the batch's other entries), when this is its
+        last chunk or no ordered callback of its event lies beyond `after`."""
         now: list[Attempt] = []
         ordered: list[tuple[DeliveryJob, CallbackTarget]] = []
         for job, target in pending:
@@ -156,25 +158,24 @@ class Lanes:
                 now.append((job, target, then_of(job)))
             else:
                 ordered.append((_in_lane(job, target, path, key), target))
-        if ordered or (last and holding):
-            now += await self._enter(event, ordered, then_of, last, None if now else end)
+        if ordered or holding:
+            now += await self._enter(event, ordered, then_of, after, None if now else end)
         return now
 
-    async def ready(self, event: EventJob, end: ChunkEnd) -> None:
-        """The last chunk of an event that holds its project's lanes matched no callback:
-        the event lets them go (and its job ends), as `enter` has it."""
-        await self._enter(event, [], _unused, True, end)
+    async def ready(self, event: EventJob, after: int | None, end: ChunkEnd | None) -> None:
+        """A chunk of an event that holds its project's lanes matched no callback: the
+        event lets them go when `enter` would (and its job ends with its last chunk)."""
+        await self._enter(event, [], _unused, after, end)
 
     async def _enter(
         self,
         event: EventJob,
         ordered: list[tuple[DeliveryJob, CallbackTarget]],
         then_of: Callable[[DeliveryJob], Then],
-        last: bool,
+        after: int | None,
         end: ChunkEnd | None,
     ) -> list[Attempt]:
         stamp = now_ms()
-        job_end = None if end is None else end.job_end(None)
         enter = Enter.of(
             self.keys,
             event.project_id,
@@ -183,35 +184,36 @@ class Lanes:
             progress_ttl=self.progress_ttl,
             now_ms=stamp,
             recheck_ms=stamp + int(RECHECK_S * 1000),
-            last=last,
-            end=job_end,
+            last=after is None,
+            end=None if end is None else end.job_end(None),
             body=_kept(self.keys, [job for job, _ in ordered]),
             refers={job.job_id for job, _ in ordered if job.body_of is not None},
+            beyond=None if after is None else (self._levels(event), after),
         )
         if len(ordered) <= TOGETHER_ENTRIES:  # with the batch's other entries: one call
             answer = await self.writer.together(enter)
         else:  # a big chunk's, alone: a joint call of many would hold Redis too long
             (answer,) = await self.writer.commit(enter.queue_on)
         if answer is None:  # queued before the callback was ordered: no number
-            if end is not None:
-                end.written = False
-            return [
-                (note, target, then_of(note))
-                for job, target in ordered
-                for note in [
-                    dataclasses.replace(job, order_key=None, lane=None, order_note=NOT_NUMBERED)
-                ]
-            ]
+            answer = [LATE] * len(ordered) + [0, 0]
         *verdicts, woken, ended = answer
         if end is not None and not ended:  # attempts made now carry it, or the job loop
             end.written = False
         if woken:  # heads that waited for this event are due now: the loop claims them
             self.released += 1
-        return [
-            (job, target, self.releasing(job, then_of(job), then_at_end=True))
-            for (job, target), verdict in zip(ordered, verdicts, strict=True)
-            if verdict == 1
-        ]
+        now: list[Attempt] = []
+        for (job, target), verdict in zip(ordered, verdicts, strict=True):
+            if verdict == 1:
+                now.append((job, target, self.releasing(job, then_of(job), then_at_end=True)))
+            elif verdict == LATE:  # ordered since: goes as any delivery of an event before
+                late = dataclasses.replace(job, order_key=None, lane=None, order_note=NOT_NUMBERED)
+                now.append((late, target, then_of(late)))
+        return now
+
+    def _levels(self, event: EventJob) -> list[str]:
+        """The match sets of the callbacks `event` goes to, at each level (`registry.match`)."""
+        scopes = event_scopes(event.project_id, event.pipeline_id)
+        return [self.keys.match(scope, event.event) for scope, _ in scopes]
 
     def lane_of(self, event: EventJob, job: DeliveryJob, target: CallbackTarget) -> str | None:
         """The key of the lane `job` (of `event`, to `target`) joins; None: unordered."""

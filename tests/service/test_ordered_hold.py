@@ -21,6 +21,7 @@ from redis.asyncio import Redis
 
 from dispatcher.clock import now_ms
 from dispatcher.embedded import EmbeddedRedis
+from dispatcher.ending import JobEnd
 from dispatcher.jobs import DeliveryJob
 from dispatcher.keys import Keys
 from dispatcher.models import PLATFORM_PROJECT, Event, Region
@@ -29,9 +30,9 @@ from dispatcher.registry import Options, Registry
 from dispatcher.settings import Settings
 from dispatcher.worker import lanes
 from dispatcher.worker.claims import Claims
-from dispatcher.worker.lane_scripts import Enter, Head
+from dispatcher.worker.lane_scripts import LATE, Enter, Head
 from dispatcher.worker.lanes import RECHECK_MAX_S, RECHECK_S
-from tests.helpers import Receiver, RunWorker, make_settings
+from tests.helpers import Receiver, RunWorker, hang, make_settings
 
 keys = Keys()
 HOLD_S = 20.0  # how long the slow receiver waits for the ordered arrivals at most
@@ -58,7 +59,33 @@ class Slow:
         return web.Response(text="ok")
 
 
-@pytest.mark.parametrize("first", ["unordered", "platform", "keyless"])
+def entry(
+    project: str,
+    event_job: str,
+    parked: list[tuple[str, str, bytes]],
+    *,
+    last: bool,
+    stamp: int | None = None,
+    end: JobEnd | None = None,
+    beyond: tuple[list[str], int] | None = None,
+) -> Enter:
+    """`Enter` of `event_job`'s `parked` deliveries, due now."""
+    stamp = now_ms() if stamp is None else stamp
+    return Enter.of(
+        keys,
+        project,
+        event_job,
+        parked,
+        progress_ttl=60,
+        now_ms=stamp,
+        recheck_ms=stamp,
+        last=last,
+        end=end,
+        beyond=beyond,
+    )
+
+
+@pytest.mark.parametrize("first", ["unordered", "platform", "keyless", "chunked"])
 async def test_an_event_with_no_ordered_delivery_does_not_hold_its_projects_lanes(
     redis_server: EmbeddedRedis, redis: Redis, receiver: Receiver, run_worker: RunWorker, first: str
 ) -> None:
@@ -66,14 +93,18 @@ async def test_an_event_with_no_ordered_delivery_does_not_hold_its_projects_lane
     ordered deliveries of demo's later events (5 builds of 2 steps, one lane a build) have
     all arrived, or after 20 s: they arrive while its attempt is in flight, each build's
     steps in order. `first`: event 1's callback is demo's and unordered, the platform's and
-    unordered, or ordered by a key event 1's data lacks."""
-    settings = make_settings(redis_server.url, total_timeout=HOLD_S + 10)
+    unordered, ordered by a key event 1's data lacks, or demo's and unordered, the first
+    of two chunks (one callback a chunk), the second unordered too."""
+    chunk = 1 if first == "chunked" else 500
+    settings = make_settings(redis_server.url, total_timeout=HOLD_S + 10, fan_out_chunk=chunk)
     registry, ordered = Registry(redis), Options(order_by="buildId")
     slow = Slow(receiver, BUILDS * STEPS)
     url = receiver.script("/slow", slow.handle)
     owner = PLATFORM_PROJECT if first == "platform" else "demo"
     options = ordered if first == "keyless" else None
     await registry.create(owner, url, Event.BUILD_START, Region.DEVNET, options=options)
+    if first == "chunked":
+        await registry.create("demo", receiver.url("/next"), Event.BUILD_START, Region.DEVNET)
     hook = receiver.url("/hook")
     await registry.create("demo", hook, Event.BUILD_END, Region.DEVNET, options=ordered)
     producer = Producer(settings, redis)
@@ -91,6 +122,93 @@ async def test_an_event_with_no_ordered_delivery_does_not_hold_its_projects_lane
         assert [d["step"] for d in arrived if d["buildId"] == f"b-{b}"] == list(range(STEPS))
     assert not await redis.zcard(keys.lanes_pending("demo"))
     assert not await redis.keys(f"{keys.LANE_PREFIX}*")
+    assert len(receiver.requests("/next")) == (first == "chunked")
+
+
+async def test_an_event_whose_later_chunk_is_ordered_holds_the_lanes_until_it_entered(
+    redis_server: EmbeddedRedis, redis: Redis, receiver: Receiver, run_worker: RunWorker
+) -> None:
+    """The guarantee kept: event 1 of build b goes to a receiver that answers after 1 s in
+    its first chunk, and to /hook, ordered by build, in its second; event 2 of build b
+    goes to /hook too (the same lane). Event 1's first chunk lets nothing go, so event 2
+    arrives after event 1 (it would arrive first, were event 1 ready at its first chunk)."""
+    settings = make_settings(redis_server.url, total_timeout=5, fan_out_chunk=1)
+    registry, ordered = Registry(redis), Options(order_by="buildId")
+    slow = receiver.script("/slow", hang(1.0))
+    await registry.create("demo", slow, Event.BUILD_START, Region.DEVNET)
+    hook = receiver.url("/hook")
+    for event in (Event.BUILD_START, Event.BUILD_END):
+        await registry.create("demo", hook, event, Region.DEVNET, options=ordered)
+    producer = Producer(settings, redis)
+    await producer.emit("demo", "BUILD_START", {"buildId": "b", "step": 0})
+    await producer.emit("demo", "BUILD_END", {"buildId": "b", "step": 1})
+    await run_worker(settings)
+    arrived = [orjson.loads(seen.body)["data"]["step"] for seen in receiver.requests("/hook")]
+    assert arrived == [0, 1]
+    assert len(receiver.requests("/slow")) == 1
+
+
+async def test_a_chunk_lets_the_lanes_go_when_no_ordered_callback_of_its_event_follows(
+    redis: Redis,
+) -> None:
+    """`Enter` of a chunk before the last (none of its deliveries ordered): the event moves
+    to the ready set unless an ordered callback (the project's or the platform's) that its
+    event goes to (in one of its levels' match sets) comes after the chunk; one of another
+    event, or before the chunk, does not count. A flag of a version before (not a set)
+    keeps the event pending (not known)."""
+    project, event_job = "look", "look:evt_1"
+    own, platform = keys.match("look", "BUILD_START"), keys.match(PLATFORM_PROJECT, "BUILD_START")
+    other = keys.match("look", "BUILD_END")
+    await redis.zadd(keys.QUEUE, {event_job: now_ms()})
+    await redis.zadd(own, {"3": 3, "9": 9})
+    await redis.zadd(platform, {"5": 5})
+    await redis.zadd(other, {"12": 12})
+
+    async def ready_after(after: int) -> bool:
+        await redis.delete(keys.lanes_ready(project))
+        await redis.zadd(keys.lanes_pending(project), {event_job: 1})
+        await entry(project, event_job, [], last=False, beyond=([platform, own], after)).run(redis)
+        return bool(await redis.zscore(keys.lanes_ready(project), event_job))
+
+    await redis.sadd(keys.lanes_ordered(project), "3", "12")  # type: ignore[misc]  # sync|async
+    # (3 comes before the chunk's end; 12 is another event's)
+    assert await ready_after(4)
+    await redis.sadd(keys.lanes_ordered(PLATFORM_PROJECT), "5")  # type: ignore[misc]
+    assert not await ready_after(4)
+    assert await ready_after(5)
+    await redis.sadd(keys.lanes_ordered(project), "9")  # type: ignore[misc]
+    assert not await ready_after(5)
+    assert await ready_after(9)
+    await redis.delete(keys.lanes_ordered(project))
+    await redis.set(keys.lanes_ordered(project), "1")  # a version before's flag
+    assert not await ready_after(9)
+
+
+async def test_a_delivery_ordered_after_its_event_let_the_lanes_go_is_sent_unordered(
+    redis: Redis,
+) -> None:
+    """An event ready at a chunk before its last (no ordered callback after it then), whose
+    later chunk finds a callback ordered since: that delivery is not put behind later
+    events in its lane (they may have gone already): it is attempted now, unordered (`LATE`,
+    and the fan-out's job is left to it). One of the same event in its lane already (its
+    entry sent again) is entered as before."""
+    project, event_job, lane = "late", "late:evt_1", keys.lane("late-lane")
+    stamp = now_ms()
+    await redis.zadd(keys.lanes_ready(project), {event_job: 1})
+    await redis.zadd(lane, {"late:evt_2.7@1": 2})  # a later event's, in the lane already
+    claims = Claims(redis, keys, "worker-a", lease_s=10)
+    await redis.zadd(keys.QUEUE, {event_job: stamp})
+    await redis.set(keys.arq_job(event_job), b"{}")
+    [claimed] = await claims.claim(1)
+    new, again = "late:evt_1.7@1", "late:evt_1.8@1"
+    await redis.zadd(keys.lane("late-other"), {again: 1})
+    entries = [(lane, new, b"{}"), (keys.lane("late-other"), again, b"{}")]
+    enter = entry(project, event_job, entries, last=True, end=claims.job_end(claimed.job_id))
+    *verdicts, _woken, ended = await enter.run(redis)
+    assert (verdicts, ended) == ([LATE, 1], 0)
+    assert await redis.zrange(lane, 0, -1) == [b"late:evt_2.7@1"]
+    assert not await redis.exists(keys.delivery(new))
+    assert await redis.zscore(keys.QUEUE, event_job) is not None  # left to the attempts
 
 
 async def test_a_claim_says_which_fan_outs_hold_their_projects_lanes(
@@ -127,9 +245,7 @@ async def test_an_entry_of_no_delivery_lets_the_lanes_go_and_wakes_their_heads(
     await redis.zadd(keys.QUEUE, {event_job: stamp, head: far})
     await redis.zadd(keys.lanes_pending(project), {event_job: 1})
     await redis.zadd(keys.lanes_waiting(project), {head: 2})
-    enter = Enter.of(
-        keys, project, event_job, [], progress_ttl=60, now_ms=stamp, recheck_ms=stamp, last=True
-    )
+    enter = entry(project, event_job, [], last=True, stamp=stamp)
     assert await enter.run(redis) == [1, 0]  # one head woken; no job end given
     assert await redis.zrange(keys.lanes_ready(project), 0, -1) == [event_job.encode()]
     assert not await redis.zcard(keys.lanes_pending(project))
