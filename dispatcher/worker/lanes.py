@@ -10,14 +10,14 @@ others wait, their `deliver` jobs parked (stored, out of the queue). Three scrip
 (`lane_scripts.py`, `lane_release.py`):
 
 - enter, at fan-out, before any attempt (one call per chunk of the event's callbacks that
-  has an ordered delivery, and one for the last chunk of a pending event that has none,
-  as its claim said: `Claimed.pending`): each ordered delivery joins its lane; a head is
-  attempted at once, inside the fan-out, as any delivery is; the others are parked. A
-  head waits while an event of its project numbered lower may still add a delivery to a
-  lane: one in the project's *pending* set (its last chunk has not entered its lanes)
-  still queued. That event's last chunk moves it to the *ready* set before its attempts,
-  and wakes the heads that waited for it; their jobs look again meanwhile after half
-  their event's age (50 ms to 5 s: `_recheck_at`), for one that never comes (dropped).
+  has an ordered delivery, or whose event is pending, as its claim said: `Claimed.pending`):
+  each ordered delivery joins its lane; a head is attempted at once, inside the fan-out,
+  as any delivery is; the others are parked. A head waits while an event of its project
+  numbered lower may still add a delivery to a lane: one in the project's *pending* set
+  still queued. That event's last chunk, or an earlier one after which none of its
+  event's callbacks is ordered, moves it to the *ready* set before its attempts, and
+  wakes the heads that waited for it; their jobs look again meanwhile after half their
+  event's age (50 ms to 5 s: `_recheck_at`), for one that never comes (dropped).
 - head, before a queued `deliver` job's attempt: a job that is no longer its lane's head
   (a lower-numbered delivery joined after it was queued) is parked again; one whose
   earlier events are still being fanned out waits; one that goes on wakes its project's
