@@ -5,9 +5,16 @@ An attempt's write is one script of the history store (see `dispatcher.history`)
 record, then the job's end (`END_JOB`, the same Lua as the worker's own end of a job), so
 the two land together or not at all. A delivery whose job ends there needs no progress
 mark: nothing runs it again. The mark is written when the job goes on (the next attempt
-reads its number, a fan-out's re-run skips the deliveries it marks), and when another
-worker holds the job's lease now (that worker then finds the delivery done, and ends the
-job without another attempt).
+reads its number, a fan-out's re-run skips the deliveries it marks), and when the job's
+lease is not this run's now: another worker holds it, or it lapsed and no one took it yet
+(whoever claims the job then finds the delivery done, and ends the job without another
+attempt).
+
+A run ends only the job it holds: a job id names a new job once the one a run claimed has
+ended (a fan-out's is `{project}:{event id}`, and an event id may be emitted again), and a
+run paused past its lease, or a write sent again after its answer was lost, would end that
+new one, still queued or between chunks and so under no lease (review: an accepted event
+lost, with no record or drop). `tests/service/test_job_ends.py`.
 """
 
 from __future__ import annotations
@@ -17,12 +24,13 @@ from dataclasses import dataclass
 __all__ = ["END_JOB", "NO_ENDING", "NO_JOB", "SET_MARK", "Ending", "JobEnd"]
 
 # A Lua function over the names a script declares for a `JobEnd` (keys queue, lease, job,
-# claims; arguments token, job_id): the job leaves the queue with its keys, unless another
-# worker holds its lease now. Returns 1 when it ended, 0 when left to that worker.
+# claims; arguments token, job_id): the job leaves the queue with its keys when its lease is
+# this run's (`token`). Returns 1 when it ended, 0 when left: to another worker that holds
+# it, or to the next claim when the lease lapsed (its run paused past it; or the job this
+# run claimed ended and the id names another, queued anew).
 END_JOB = """
 local function end_job()
-  local owner = redis.call('GET', lease)
-  if owner and owner ~= token then return 0 end
+  if redis.call('GET', lease) ~= token then return 0 end
   redis.call('DEL', lease, job, claims)
   redis.call('ZREM', queue, job_id)
   return 1
@@ -60,7 +68,7 @@ class JobEnd:
 class Ending:
     """What follows a record in its script: the delivery's progress `mark` (attempts made,
     or "done") at `progress` for `ttl` seconds, and the job's end when the delivery ends
-    there (`job`; the mark is then written only if another worker holds the job)."""
+    there (`job`; the mark is then written only if the job's lease is not this run's)."""
 
     progress: str
     mark: str

@@ -33,6 +33,7 @@ __all__ = [
     "QUEUE_DEPTH",
     "QUEUE_OLDEST_SECONDS",
     "REDIS_FULL",
+    "REDIS_FULLEST",
     "REDIS_MAX_MEMORY",
     "REDIS_UP",
     "REDIS_USED_MEMORY",
@@ -93,9 +94,9 @@ QUEUE_OLDEST_SECONDS = Gauge(
 )
 DROPPED = Counter(
     "dispatcher_deliveries_dropped_total",
-    "Deliveries ended without an attempt, recorded in dispatcher:deliveries:dropped "
-    "(callback deleted or disabled, job data expired or gone at its lane's turn, a job that "
-    "kept failing, a retry's kept body gone).",
+    "Deliveries ended without an attempt, recorded in their project's "
+    "dispatcher:deliveries:dropped:{project} (callback deleted or disabled, job data expired "
+    "or gone at its lane's turn, a job that kept failing, a retry's kept body gone).",
     ["reason"],
 )
 PENDING_WRITES = Gauge(
@@ -150,6 +151,11 @@ REDIS_USED_MEMORY = Gauge(
 REDIS_MAX_MEMORY = Gauge(
     "dispatcher_redis_maxmemory_bytes",
     "Redis' maxmemory, 0 when it has no limit (INFO memory; read at scrape).",
+)
+REDIS_FULLEST = Gauge(
+    "dispatcher_redis_memory_fullest_ratio",
+    "used_memory / maxmemory of the fullest Redis (shard server or cluster node) that has a "
+    "limit, 0 when none has one (read at scrape): one shard full among empty ones shows.",
 )
 LANES_BLOCKED = Gauge(
     "dispatcher_lanes_blocked",

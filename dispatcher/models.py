@@ -238,7 +238,8 @@ class HistoryRecord(_Model):
     # the W3C trace context the delivery continues (its event's, or the fan-out's span)
     traceparent: str | None = None
     tracestate: str | None = None
-    # ordered delivery: the lane's key (the value of its callback's orderBy), or, for an
+    # ordered delivery: the lane's key (the value of its callback's orderBy; past 200
+    # characters, `#` and its hash, as the lane names it: `lane_ids.lane_id`), or, for an
     # ordered callback's delivery that went unordered, why
     order_key: str | None = None
     order_note: str | None = None

@@ -88,7 +88,8 @@ class Record(Script):
     and the delivery's attempts when the record `named` ('1') one; its emission's body at
     `body` (`request_body`) when it names one (`history.kept`). Then what the attempt
     ends with (`dispatcher.ending`): the job's end (`job_id` not empty), else, or when
-    another worker holds the job, the progress `mark` (when not empty). Every write is
+    the job's lease is not the run's (another worker's, or lapsed), the progress `mark`
+    (when not empty). Every write is
     idempotent, so a pipeline whose answer was lost can be sent again. Keys it is not
     given are the `record` key again (Redis Cluster refuses a script whose keys span hash
     slots, and every key of a shard shares its slot).

@@ -48,8 +48,9 @@ def _whole(record: AttemptRecord) -> dict[str, object]:
 class StreamRecord(Script):
     """Appends a record to the `stream` (the fields of `stream_fields`, by their names),
     then what its attempt ends with (`dispatcher.ending`): the job's end (`job_id` not
-    empty), else, or when another worker holds the job (it then finds the delivery done),
-    the progress `mark` (when not empty). Sent twice, the record is appended twice, and
+    empty), else, or when the job's lease is not the run's (another worker's, or lapsed:
+    the job's next run then finds the delivery done), the progress `mark` (when not
+    empty). Sent twice, the record is appended twice, and
     stored once (the shipper skips an id it already has). Keys it is not given are the
     `stream` key again (as `Record`'s are its own)."""
 

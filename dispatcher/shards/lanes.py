@@ -32,23 +32,30 @@ if TYPE_CHECKING:
 __all__ = ["hold", "hold_source", "lanes_left", "let_go", "ordered_on"]
 
 HELD_FROM = "from:"  # a hold's value: the shard the project comes from
+LET_GO_PAGE = 1000  # the waiting heads a hold's lift makes due in one script call
+LET_GO_PAGES = 10_000  # then left to their rechecks: a fleet putting heads back as fast
 
 
 @dataclass
 class LetGo(Script):
-    """Lifts a project's hold; the heads that waited for it are due at `now_ms`. Returns
-    how many."""
+    """Lifts a project's hold (`lift`: the first page's call only); the first `page` heads
+    that waited for it are due at `now_ms`, off its waiting set (as a lane's earlier
+    events' end wakes them: `lane_lua.wake`). Returns how many: fewer than `page`, the
+    last page."""
 
     LUA = """
-    redis.call('DEL', hold)
-    local ids = redis.call('ZRANGE', waiting, 0, -1)
+    if lift == '1' then redis.call('DEL', hold) end
+    local ids = redis.call('ZRANGE', waiting, 0, tonumber(page) - 1)
     for _, id in ipairs(ids) do redis.call('ZADD', queue, 'LT', now_ms, id) end
+    if #ids > 0 then redis.call('ZREM', waiting, unpack(ids)) end
     return #ids
     """
     hold: Key
     waiting: Key
     queue: Key
     now_ms: int
+    page: int
+    lift: int
 
 
 async def hold(services: Services, project_id: str, source: int) -> None:
@@ -66,16 +73,31 @@ async def hold_source(services: Services, project_id: str) -> int | None:
     return int(source) if value.startswith(HELD_FROM.encode()) and source.isdigit() else -1
 
 
-async def let_go(services: Services, project_id: str) -> int:
-    """The project's lanes on this shard go on; returns how many heads were waiting."""
-    k = services.keys
-    done = LetGo(
-        hold=k.lanes_hold(project_id),
-        waiting=k.lanes_waiting(project_id),
-        queue=k.QUEUE,
-        now_ms=now_ms(),
-    )
-    return int(await done.run(services.redis))
+async def let_go(services: Services, project_id: str, *, page: int = LET_GO_PAGE) -> int:
+    """The project's lanes on this shard go on; returns how many heads were waiting. The
+    first call lifts the hold; the waiting heads are made due `page` at a time, one script
+    call each, until a page comes back short (all at once, a project's million waiting
+    heads held its shard's Redis 2.14 s). A head no page has reached yet is not stuck:
+    each waits in the queue, looked at again within `worker.lanes.HELD_RECHECK_S`, and
+    no hold stops it once lifted; a hold set again meanwhile (the project moved here
+    again by another mover) is not lifted by the later pages. At most `LET_GO_PAGES`
+    pages: workers putting waiting heads back as fast as the pages take them would keep
+    every page full."""
+    k, released, lift = services.keys, 0, 1
+    for _ in range(LET_GO_PAGES):
+        done = LetGo(
+            hold=k.lanes_hold(project_id),
+            waiting=k.lanes_waiting(project_id),
+            queue=k.QUEUE,
+            now_ms=now_ms(),
+            page=page,
+            lift=lift,
+        )
+        count = int(await done.run(services.redis))
+        released, lift = released + count, 0
+        if count < page:
+            break
+    return released
 
 
 async def ordered_on(services: Services, project_id: str) -> bool:

@@ -232,7 +232,7 @@ async def _not_moving(
 
 async def fleet_gauges(router: Router) -> None:
     """The fleet's gauges of `/metrics`: queues, history backlogs and Redis memory added
-    up over the shards, the live workers (from the home shard)."""
+    up over the shards, the fullest Redis, the live workers (from the home shard)."""
     depth = age = waiting = oldest = used = most = 0.0
     lanes: list[Lanes] = []
     for services in router.shards:
@@ -241,10 +241,12 @@ async def fleet_gauges(router: Router) -> None:
         backlog, backlog_age = await services.history.backlog()
         depth, age = depth + due, max(age, due_age)
         waiting, oldest = waiting + backlog, max(oldest, backlog_age)
+    fullest = 0.0  # summed, one shard full among empty ones hid behind the others (review)
     for services in _servers(router):
         for memory in _per_node(await services.redis.info("memory")):
-            used += int(memory.get("used_memory", 0))
-            most += int(memory.get("maxmemory", 0))
+            node_used, limit = int(memory.get("used_memory", 0)), int(memory.get("maxmemory", 0))
+            used, most = used + node_used, most + limit
+            fullest = max(fullest, node_used / limit if limit else 0.0)
     metrics.QUEUE_DEPTH.set(depth)
     metrics.QUEUE_OLDEST_SECONDS.set(age)
     metrics.HISTORY_BACKLOG.set(waiting)
@@ -252,6 +254,7 @@ async def fleet_gauges(router: Router) -> None:
     metrics.WORKERS_LIVE.set(await count_live_workers(router.home.redis, router.home.keys))
     metrics.REDIS_USED_MEMORY.set(used)
     metrics.REDIS_MAX_MEMORY.set(most)
+    metrics.REDIS_FULLEST.set(fullest)
     blocked = merged_lanes(lanes)
     metrics.LANES_BLOCKED.set(blocked.blocked)
     metrics.LANES_BLOCKED_OLDEST_SECONDS.set(blocked.oldest_s)

@@ -7,7 +7,8 @@ the lease's end, renewed with it: a running job is out of the due range, so a cl
 only jobs it may take, however many the fleet runs. A worker that dies stops renewing, so
 its jobs are due, and claimed again, within a lease. Every step that ends a claim checks
 the lease first: a worker that lost its lease (it was paused, or Redis was) leaves the job
-to whoever holds it now. `arq:retry:{id}` counts the claims of a job, as arq does.
+to whoever holds it now, and a job's end needs the lease to be its own (lapsed, the job is
+left to the next claim). `arq:retry:{id}` counts the claims of a job, as arq does.
 """
 
 from __future__ import annotations
@@ -16,6 +17,9 @@ import hashlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import structlog
+
+from dispatcher import metrics
 from dispatcher.clock import now_ms
 from dispatcher.ending import END_JOB, JobEnd
 from dispatcher.jobs import encode
@@ -23,6 +27,7 @@ from dispatcher.keys import SEP
 from dispatcher.lua import REDIS_NOW_MS, ArgList, Key, Script, run_pipeline
 from dispatcher.models import PLATFORM_PROJECT
 from dispatcher.worker.claim_script import JUST_DUE_SLACK_MS, SWEEP_ENTRIES, Claim
+from dispatcher.worker.record import keep_entry
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
@@ -39,6 +44,9 @@ __all__ = ["Budgets", "Claimed", "Claims", "Finish"]
 Budgets = tuple[int, dict[str, int]]  # jobs a new project may take (-1: any), each busy one's
 RETRY_KEY_TTL_S = 88_400  # arq's
 JOB_KEY_EXTRA_MS = 86_400_000  # a job's data outlives its due time by a day (arq's rule)
+NOT_UTF8 = "its id is not UTF-8"
+
+log = structlog.get_logger("dispatcher.worker")
 
 
 def body_wait_ms(settings: Settings) -> int:
@@ -86,8 +94,10 @@ class Renew(Script):
 @dataclass
 class Finish(Script):
     """Removes the job from the `queue` with its `lease`, data (`job`) and `claims` count,
-    unless another worker holds its lease now. Returns 1 when done, 0 when left to that
-    worker. (The record's script ends a job with the same Lua: `dispatcher.ending`.)"""
+    when its lease is this run's (`token`). Returns 1 when done, 0 when left: to another
+    worker that holds it, or to the next claim (the lease lapsed; or the job ended and its
+    id was queued anew). (The record's script ends a job with the same Lua:
+    `dispatcher.ending`.)"""
 
     LUA = END_JOB + "return end_job()"
     queue: Key
@@ -232,10 +242,41 @@ class Claims:
         self.claimed_at_ms = int(claimed_at_ms)
         if sweep:
             self.sweep_at, self.sweep_after = int(swept), after.decode()
-        return [
-            Claimed(job_id.decode(), data or None, int(claims), version or None, pending == 1)
-            for job_id, data, claims, version, pending in rows
-        ]
+        return await self._named(rows)
+
+    async def _named(self, rows: list[list[bytes]]) -> list[Claimed]:
+        """The claimed jobs, less those whose id cannot be named (`_set_aside`)."""
+        found, unnamed = [], []
+        for job_id, data, claims, version, pending in rows:
+            try:
+                name = job_id.decode()
+            except UnicodeDecodeError:
+                unnamed.append(job_id)
+                continue
+            found.append(
+                Claimed(name, data or None, int(claims), version or None, int(pending) == 1)
+            )
+        if unnamed:
+            await self._set_aside(unnamed)
+        return found
+
+    async def _set_aside(self, job_ids: list[bytes]) -> None:
+        """Jobs whose id is not UTF-8 (another client's: a producer of ours refuses such
+        an id) cannot be named in the worker's `str` ids: recorded as poison (the id shown
+        escaped) and removed with their keys by their bytes. Decoded, such an id raised out
+        of the worker's loop, the claim's whole batch left leased, and every worker that
+        claimed it again died the same way (review)."""
+
+        def write(pipe: Pipeline) -> None:
+            for raw in job_ids:
+                entry = {"jobId": raw.decode(errors="backslashreplace"), "problem": NOT_UTF8}
+                keep_entry(pipe, self.keys.POISON_JOBS, entry)
+                pipe.zrem(self.queue_name, raw)
+                pipe.delete(*(prefix.encode() + raw for prefix in self._prefixes()))
+
+        await run_pipeline(self.redis, write)
+        metrics.POISON_JOBS.inc(len(job_ids))
+        log.error("job.poison", job_ids=[repr(raw) for raw in job_ids], problem=NOT_UTF8)
 
     async def renew(self, job_ids: list[str]) -> tuple[set[str], set[str]]:
         """Extend the leases of `job_ids` that are still ours; returns the others' ids:
@@ -249,12 +290,13 @@ class Claims:
 
     def _keys(self, job_id: str) -> tuple[str, str, str, str]:
         """A job's queue, lease, data and claim count keys."""
-        return (
-            self.queue_name,
-            self.keys.ARQ_IN_PROGRESS_PREFIX + job_id,
-            self.keys.ARQ_JOB_PREFIX + job_id,
-            self.keys.ARQ_RETRY_PREFIX + job_id,
-        )
+        lease, job, claims = (prefix + job_id for prefix in self._prefixes())
+        return self.queue_name, lease, job, claims
+
+    def _prefixes(self) -> tuple[str, str, str]:
+        """What a job's lease, data and claim count keys are named by, before its id."""
+        keys = self.keys
+        return keys.ARQ_IN_PROGRESS_PREFIX, keys.ARQ_JOB_PREFIX, keys.ARQ_RETRY_PREFIX
 
     def job_end(self, job_id: str) -> JobEnd:
         """The end of a job, as a script carries it (`Finish`, or an attempt's record)."""

@@ -26,7 +26,8 @@ SKIPPED_TAG = b"lane:skipped"  # ... when it took none, but dropped some whose j
 class Release(Script):
     """One delivery's end in its lane: it leaves its lane, its job ends unless another
     worker holds it (`job_id`: the delivery's own, if it is one, or the fan-out job whose
-    only first attempt it was), and the lane's next delivery, when its earlier events
+    only first attempt it was: that one only when its lease is `token`'s, as
+    `dispatcher.ending` ends a job), and the lane's next delivery, when its earlier events
     are all in their lanes, is taken by `token`'s worker ('' leaves it to the queue, due
     now): queued under its lease, answered as `[NEXT_TAG, id, job bytes, progress, its
     callback's hash as HGETALL answers, skipped]` (the callback its id ends with, its
@@ -44,7 +45,7 @@ local function none() return skipped > 0 and {'lane:skipped', skipped} or 0 end
 redis.call('ZREM', lane, delivery_id)
 redis.call('ZREM', blocked, lane)
 local owner = redis.call('GET', lease)
-if not owner or owner == token then
+if owner == token or (not owner and job_id == delivery_id) then
   redis.call('DEL', job, lease, claims)
   redis.call('ZREM', queue, job_id)
   if body ~= lane then give_back(body, job_id) end  -- its reference to its event's body
@@ -98,6 +99,8 @@ return {'lane:next', id, data, redis.call('GET', progress_prefix .. id) or '',
     progress_ttl: int
     waiting_prefix: str
     lane_body: str
+    dropped_prefix: str
+    lane_prefix: str
     callback_prefix: str
 
     @classmethod

@@ -2,7 +2,7 @@
 
 A callback registered with `orderBy` (see `registry.options`) has one *lane* per value of
 that path in its events' data, shared by the callbacks of the same URL, owner and path
-(one per event, as the batch route makes them), per emitting project (`keys.lane_id`). A
+(one per event, as the batch route makes them), per emitting project (`lane_ids.lane_id`). A
 lane is a sorted set of deliveries' progress ids (`{delivery id}@{emittedAt}`) scored by
 their event's number, which Redis gave the event when it queued it (`dispatcher.sequence`).
 Its lowest member, the *head*, is the one delivery of the lane that may be attempted; the
@@ -54,7 +54,8 @@ from dispatcher.bodies import GONE as BODY_GONE
 from dispatcher.bodies import body_key, read
 from dispatcher.clock import now_ms
 from dispatcher.jobs import BadJob, DeliveryJob, decode, encode
-from dispatcher.keys import lane_id
+from dispatcher.keys import SEP
+from dispatcher.lane_ids import lane_id
 from dispatcher.registry.match import TARGET_FIELDS, CallbackTarget, event_scopes
 from dispatcher.registry.options import order_key
 from dispatcher.worker.lane_release import NEXT_TAG, SKIPPED_TAG, Release
@@ -375,10 +376,11 @@ def _unused(job: DeliveryJob) -> Then:
 def _in_lane(job: DeliveryJob, target: CallbackTarget, path: str, key: str) -> DeliveryJob:
     """`job` in its lane: the deliveries to its callback's URL (every event it is
     registered for there with the same `orderBy`) of its project's events with `key`. A
-    body its event's deliveries share is kept apart for the lanes (`bodies.body_key`)."""
-    project = job.emitter or job.project_id
-    lane = lane_id(target.project_id, target.url, path, project, key)
-    return dataclasses.replace(job, order_key=key, lane=lane)
+    body its event's deliveries share is kept apart for the lanes (`bodies.body_key`). The
+    job and its records carry the key as the lane names it (its id's last part: past
+    `lane_ids.LANE_KEY_MAX` characters, `#` and its hash), not whole in each of them."""
+    lane = lane_id(target.project_id, target.url, path, job.event_project, key)
+    return dataclasses.replace(job, order_key=lane.split(SEP, 2)[2], lane=lane)
 
 
 def _kept(keys: Keys, jobs: list[DeliveryJob]) -> tuple[str, bytes] | None:

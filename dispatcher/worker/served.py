@@ -16,11 +16,11 @@ from redis.exceptions import RedisError
 from dispatcher import bodies, metrics
 from dispatcher.connections import REDIS_ERRORS, redis_full
 from dispatcher.errors import InvalidSetting
-from dispatcher.jobs import DELIVER, BadJob, DeliveryJob, decode
+from dispatcher.jobs import DELIVER, FAN_OUT, DeliveryJob, EventJob, decode, retry_project
 from dispatcher.worker.claims import Claims
 from dispatcher.worker.engine import Engine
 from dispatcher.worker.fence import Fence
-from dispatcher.worker.record import keep_entry
+from dispatcher.worker.record import keep_drop, keep_entry
 from dispatcher.worker.shares import project_of
 from dispatcher.worker.steps import ChunkEnd, NextStep
 from dispatcher.worker.writer import Then, Writer
@@ -226,15 +226,16 @@ class Served:
 
     async def drop(self, claimed: Claimed, reason: str, *, finish: bool = True) -> None:
         """End a job without running it, on record (an ordered delivery's drop releases its
-        lane, a retry's its reference to a kept body, in the same write)."""
-        delivery = _delivery(claimed)
+        lane, a retry's its reference to a kept body, in the same write), in its project's
+        list of drops (`_held`)."""
+        delivery, project = _held(claimed)
         if finish and delivery is not None and delivery.lane is not None:
             then = self.engine.lanes.releasing(delivery, self.next_step(claimed.job_id))
             await self.engine.drop(delivery, reason, then, "job")
             return
 
         def write(pipe: Pipeline) -> None:
-            keep_entry(pipe, self.keys.DROPPED, {"jobId": claimed.job_id, "reason": reason})
+            keep_drop(pipe, self.keys, project, {"jobId": claimed.job_id, "reason": reason})
             if finish:
                 self.claims.finish(pipe, claimed.job_id)
                 if delivery is not None:
@@ -251,18 +252,21 @@ def retry_in(claims: int) -> float:
     return min(60.0, 0.5 * 2.0 ** min(claims, 7))
 
 
-def _delivery(claimed: Claimed) -> DeliveryJob | None:
-    """The delivery a job holds, if it holds one (its body unread)."""
+def _held(claimed: Claimed) -> tuple[DeliveryJob | None, str | None]:
+    """The delivery a job holds, if it holds one (its body unread), and the project whose
+    list of drops its drop goes to: its delivery's event's (`DeliveryJob.event_project`),
+    a fan-out's event's, or, the job unread, the one a retry's id of today names
+    (`jobs.retry_project`); None: no project for sure (every project's list alone)."""
     try:
         wire = decode(claimed.data or b"")
-        job = (
-            DeliveryJob.from_wire(wire.payload, claimed.job_id)
-            if wire.function == DELIVER
-            else None
-        )
-    except BadJob:
-        return None
-    return job
+        if wire.function == DELIVER:
+            job = DeliveryJob.from_wire(wire.payload, claimed.job_id)
+            return job, job.event_project
+        if wire.function == FAN_OUT:
+            return None, EventJob.from_wire(wire.payload).project_id
+    except (TypeError, ValueError):  # BadJob, or an event's field of the wrong type
+        pass
+    return None, retry_project(claimed.job_id)
 
 
 def given_shards(shards: list[Services], wanted: list[int] | None) -> list[Services]:

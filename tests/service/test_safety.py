@@ -462,6 +462,30 @@ async def test_poison_jobs_are_recorded_and_dropped(
     assert {e["job_id"] for e in problems} == {"garbage", "bad-shape", "bad-deliver"}
 
 
+async def test_a_job_id_that_is_not_utf8_is_set_aside_and_the_others_run(
+    settings: Settings, redis: Redis, run_worker: RunWorker, receiver: Receiver
+) -> None:
+    """Another client's job whose id is not UTF-8, claimed with good ones: recorded as
+    poison (its id escaped) and removed with its keys, the others delivered. Its id's
+    decode raised out of the worker's loop, the batch left leased, every worker after it
+    dying the same way (review)."""
+    await Registry(redis).create("demo", receiver.url("/ok"), Event.BUILD_END, Region.DEVNET, "t")
+    producer = Producer(settings, redis)
+    for n in range(5):
+        await producer.emit("demo", "BUILD_END", {"n": n})
+    bad = b"demo:e\xff"
+    wire: dict[str, Any] = {"t": None, "f": "fan_out", "a": [{}], "k": {}, "et": 0}
+    await redis.set(keys.ARQ_JOB_PREFIX.encode() + bad, orjson.dumps(wire))
+    await redis.zadd(settings.queue_name, {bad: 0})
+    await run_worker()
+    assert len(receiver.requests("/ok")) == 5
+    assert await redis.zcard(settings.queue_name) == 0
+    assert not await redis.exists(keys.ARQ_JOB_PREFIX.encode() + bad)
+    assert [k async for k in redis.scan_iter(match=keys.ARQ_IN_PROGRESS_PREFIX + "*")] == []
+    [entry] = [orjson.loads(p) for p in await redis.lrange(keys.POISON_JOBS, 0, -1)]  # type: ignore[misc]
+    assert (entry["jobId"], entry["problem"]) == ("demo:e\\xff", "its id is not UTF-8")
+
+
 # ---- operator route -----------------------------------------------------------------------
 
 

@@ -6,14 +6,18 @@ from __future__ import annotations
 
 import asyncio
 import time
+from pathlib import Path
 
 import httpx
 import pytest
+import redis as redis_py
 from prometheus_client import REGISTRY
 from redis.asyncio import Redis
 
+from dispatcher.api import create_app
 from dispatcher.clock import now_ms
 from dispatcher.connections import REDIS_ERRORS
+from dispatcher.embedded import EmbeddedRedis
 from dispatcher.keys import Keys
 from dispatcher.services import Services
 from dispatcher.settings import Settings
@@ -111,6 +115,34 @@ async def test_live_workers_come_from_the_heartbeat_index(redis: Redis, settings
         )
         await pipe.execute()
     assert await redis.zrange(keys.WORKERS_LIVE, 0, -1) == [keys.worker("c", 3).encode()]
+
+
+async def test_the_fullest_redis_is_measured_alone_not_in_the_fleets_sum(
+    settings: Settings, tmp_path: Path
+) -> None:
+    """Two shards: one with a limit twice its use, one with a limit far above it. The fullest
+    is ~0.5; the fleet's sums (what the alert divided) read ~0 and never fired."""
+    with (
+        EmbeddedRedis(tmp_path / "a", persist=False) as roomy,
+        EmbeddedRedis(tmp_path / "b", persist=False) as tight,
+    ):
+        for server, limit in ((roomy, lambda used: 100 * 2**30), (tight, lambda used: 2 * used)):
+            node = redis_py.Redis.from_url(server.url)
+            used = int(node.info("memory")["used_memory"])  # type: ignore[index]  # sync|async
+            node.config_set("maxmemory", limit(used))
+            node.close()
+        shards = [roomy.url, tight.url]
+        sharded = settings.model_copy(update={"redis_url": roomy.url, "redis_shards": shards})
+        app = create_app(sharded)
+        async with app.router.lifespan_context(app):
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://d") as client:
+                text = (await client.get("/metrics")).text
+    summed = gauge(text, "dispatcher_redis_used_memory_bytes") / gauge(
+        text, "dispatcher_redis_maxmemory_bytes"
+    )
+    assert summed < 0.01
+    assert 0.3 < gauge(text, "dispatcher_redis_memory_fullest_ratio") < 0.8
 
 
 async def test_metrics_carry_the_fleets_gauges_and_answer_without_redis(

@@ -1,0 +1,164 @@
+"""A run ends only the job it claimed (`dispatcher.ending`), on a real Redis with real
+claims, a real receiver and real burst workers: a worker paused past its lease, or a write
+of its sent again late, ends no job its lease does not hold now. A fan-out job's id is
+`{project}:{event id}`, and an event id emitted again once its event ended names a new job,
+which no lease holds while it is queued: the late end used to delete it (review)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+from collections.abc import Coroutine
+from typing import Any
+
+import pytest
+from redis.asyncio import Redis
+
+from dispatcher.clock import now_ms
+from dispatcher.ending import Ending
+from dispatcher.history.postgres import PostgresHistory
+from dispatcher.history.record import AttemptRecord
+from dispatcher.history.redis import RedisHistory
+from dispatcher.jobs import EventJob, decode
+from dispatcher.keys import Keys
+from dispatcher.lua import run_pipeline
+from dispatcher.models import Event, Region
+from dispatcher.producer import Producer
+from dispatcher.registry import Registry
+from dispatcher.services import Services
+from dispatcher.settings import Settings
+from dispatcher.worker import Engine
+from dispatcher.worker.claims import Claimed, Claims
+from dispatcher.worker.fence import Fence, running
+from dispatcher.worker.lane_release import Release
+from dispatcher.worker.steps import ChunkEnd
+from dispatcher.worker.writer import Writer
+from tests.helpers import Overlap, Receiver, RunWorker, all_records
+
+keys = Keys()  # today's key names (one shard)
+JOB_ID = "demo:e1"  # the fan-out job of event e1, emitted twice
+LATE_ENDS = ["finish", "redis record", "postgres record", "lane release"]
+
+
+async def register(redis: Redis, url: str) -> int:
+    callback_id, _ = await Registry(redis).create("demo", url, Event.BUILD_END, Region.DEVNET, "t")
+    return callback_id
+
+
+def attempt_record() -> AttemptRecord:
+    now = now_ms()
+    return {"projectId": "demo", "callBackUrl": "http://127.0.0.1:1/h", "events": "BUILD_END",
+            "status": "SUCCESS", "startTime": now, "endTime": now, "createdTime": now}  # fmt: skip
+
+
+async def late_end(how: str, redis: Redis, settings: Settings, w: Claims, progress: str) -> Any:
+    """Worker w's end of the job it claimed, sent late: the job loop's own end (`Finish`),
+    an attempt's record that ends it (either store's script), or a lane's release that ends
+    its fan-out (its only first attempt's)."""
+    if how == "finish":
+        return await run_pipeline(redis, lambda pipe: w.finish(pipe, JOB_ID))
+    if how == "lane release":
+        stamp = now_ms()
+        return await Release.of(
+            keys, keys.lane("demo:late"), "demo", progress, token=w.token, lease_ms=10_000,
+            now_ms=stamp, recheck_ms=stamp + 1000, progress_ttl=60, end=w.job_end(JOB_ID),
+        ).run(redis)  # fmt: skip
+    store = RedisHistory if how == "redis record" else PostgresHistory
+    history, record = store(redis, settings, keys), attempt_record()
+    await history.assign_ids([record])
+    ending = Ending(keys.delivery(progress), "done", 60, w.job_end(JOB_ID))
+    return await run_pipeline(redis, lambda pipe: history.record(pipe, record, ending=ending))
+
+
+@pytest.mark.parametrize("how", LATE_ENDS)
+async def test_a_late_end_leaves_the_new_job_of_its_event_id_emitted_again(
+    settings: Settings, redis: Redis, receiver: Receiver, run_worker: RunWorker, how: str
+) -> None:
+    """Worker w claims event e1 and is paused past its lease; another worker takes the job,
+    delivers it and ends it; the producer emits e1 again (a new emission, queued); then w's
+    end goes out. The new job is left (no lease holds it: it used to be deleted, an
+    accepted event lost with no record, drop or poison entry) and is delivered; w's end
+    writes its delivery's mark, as when another worker holds the job."""
+    await register(redis, receiver.url())
+    producer = Producer(settings, redis)
+    assert await producer.emit("demo", "BUILD_END", {"n": 1}, event_id="e1") == "e1"
+    w = Claims(redis, keys, "worker-w", lease_s=0.2)
+    [claimed] = await w.claim(10)
+    progress = f"{JOB_ID}.1@{EventJob.from_wire(decode(claimed.data or b'').payload).emitted_at}"
+    await asyncio.sleep(0.3)  # w paused: its lease lapses
+    await run_worker()
+    assert len(receiver.requests()) == 1 and not await redis.exists(keys.arq_job(JOB_ID))
+    assert await producer.emit("demo", "BUILD_END", {"n": 1}, event_id="e1") == "e1"
+    queued = await redis.get(keys.arq_job(JOB_ID))
+
+    answer = await late_end(how, redis, settings, w, progress)
+    assert answer == ([0] if how == "finish" else [1] if how.endswith("record") else 0)
+    assert await redis.get(keys.arq_job(JOB_ID)) == queued  # left as queued
+    assert await redis.zscore(settings.queue_name, JOB_ID) is not None
+    if how.endswith("record"):
+        assert await redis.get(keys.delivery(progress)) == b"done"
+
+    await run_worker()
+    assert len(receiver.requests()) == 2  # the second emission delivered
+    assert [r.status.value for r in await all_records(redis, settings, receiver.url())] == [
+        "SUCCESS",
+        "SUCCESS",
+    ]
+    assert not await redis.exists(keys.DROPPED, keys.POISON_JOBS, keys.arq_job(JOB_ID))
+
+
+async def run_as(job_id: str, run: Coroutine[Any, Any, None]) -> None:
+    """`run` in a task that runs `job_id`, as the worker starts one (its fence's job)."""
+    context = contextvars.copy_context()
+    context.run(running.set, job_id)
+    await asyncio.create_task(run, context=context)
+
+
+async def run_chunk(services: Services, w: Claims, claimed: Claimed, event: EventJob) -> None:
+    """Worker w's run of its claimed fan-out job, as the job loop runs it: the chunk's
+    attempts, then the job's end (with the one attempt's record, or on its own)."""
+    engine = Engine(services, Writer(services.redis, services.history.assign_ids))
+    engine.fence = Fence(w, w.lease_ms / 1000, held=lambda: [claimed.job_id])
+    end = ChunkEnd(w, claimed, event)
+
+    async def run() -> None:
+        after = await engine.fan_out(event, rerun=end.rerun, end=end)
+        if not end.written:
+            await engine.writer.commit(lambda pipe: end(pipe, after))
+
+    try:
+        await run_as(claimed.job_id, run())
+    finally:
+        await engine.close()
+
+
+@pytest.mark.parametrize("callbacks", [1, 2])
+async def test_an_end_after_its_lease_lapsed_leaves_the_job_to_a_claim_that_sends_nothing(
+    settings: Settings, redis: Redis, receiver: Receiver, run_worker: RunWorker, callbacks: int
+) -> None:
+    """Worker w's attempts outlast its lease (nothing renews it: as a worker paused past
+    it), and no other worker took the job meanwhile. Its end (in its one attempt's record,
+    or on its own after the chunk's two) leaves the job, each delivery marked done; the
+    next worker claims it, finds every delivery done and ends it without sending again."""
+    slow = Overlap(1.5).handle  # answers after w's lease (1 s)
+    urls = [receiver.script(f"/slow-{n}", slow) for n in range(callbacks)]
+    ids = [await register(redis, url) for url in urls]
+    assert await Producer(settings, redis).emit("demo", "BUILD_END", event_id="e1") == "e1"
+    services = Services(settings, redis)
+    w = Claims(redis, keys, "worker-w", lease_s=1)
+    [claimed] = await w.claim(10)
+    wire = decode(claimed.data or b"")
+    event = EventJob.from_wire(wire.payload, wire.enqueued_ms)
+
+    await run_chunk(services, w, claimed, event)
+    assert len(receiver.seen) == callbacks
+    assert await redis.zscore(settings.queue_name, JOB_ID) is not None  # left: lapsed
+    marks = [keys.delivery(f"{JOB_ID}.{i}@{event.emitted_at}") for i in ids]
+    assert await redis.mget(marks) == [b"done"] * callbacks
+
+    await run_worker()
+    assert len(receiver.seen) == callbacks  # nothing sent again
+    assert not await redis.exists(keys.arq_job(JOB_ID), keys.DROPPED)
+    assert await redis.zcard(settings.queue_name) == 0
+    for url in urls:
+        assert len(await all_records(redis, settings, url)) == 1
