@@ -61,11 +61,8 @@ class Claim(Script):
     the worker can record it. A claimed job comes with the registry version its event
     would be matched at (`registry.matches.Matches`): the `platform` project's and its
     own (0 when none), space-separated, read once per project; false when its id names no
-    project; and 1 when its id is in its project's pending set (`pending_prefix`: the
-    fan-out of a numbered event whose last chunk is not in its lanes yet, `worker.lanes`),
-    else 0. Returns Redis's time (ms), the {id, data, claims, version, pending} rows (the
-    keys are made here, from the prefixes given) and where the next sweep starts (two
-    values)."""
+    project. Returns Redis's time (ms), the {id, data, claims, version} rows (the keys are
+    made here, from the prefixes given) and where the next sweep starts (two values)."""
 
     LUA = (
         REDIS_NOW_MS
@@ -125,9 +122,7 @@ class Claim(Script):
           claims = redis.call('INCR', claims_prefix .. id)  -- claimed before: ttl runs on
         end
       end
-      -- a fan-out whose event waits in its project's pending set (`worker.lanes`)
-      local numbered = data and project and redis.call('ZSCORE', pending_prefix .. project, id)
-      out[#out + 1] = {id, data, claims, data and version_of(project), numbered and 1 or 0}
+      out[#out + 1] = {id, data, claims, data and version_of(project)}
       return true
     end
     local looked = 0  -- entries passed over, in every look
@@ -219,5 +214,4 @@ class Claim(Script):
     mine: str
     version_prefix: str
     platform: str
-    pending_prefix: str
     shares: ArgList

@@ -173,15 +173,13 @@ class Again(Script):
 @dataclass(frozen=True, slots=True)
 class Claimed:
     """A job this worker now holds: its id, stored bytes (None: its data was gone), how
-    many times it was claimed (1 on the first run), the registry version its project's
-    events are matched at now (None: unknown), and whether it is a fan-out whose event
-    holds its project's lanes (`pending`: numbered, its last chunk not in them yet)."""
+    many times it was claimed (1 on the first run), and the registry version its
+    project's events are matched at now (None: unknown)."""
 
     job_id: str
     data: bytes | None
     claims: int
     registry_version: bytes | None = None
-    pending: bool = False
 
 
 class Claims:
@@ -236,7 +234,6 @@ class Claims:
             mine="\n".join(mine),
             version_prefix=self.keys.REGISTRY_VERSION_PREFIX,
             platform=PLATFORM_PROJECT,
-            pending_prefix=self.keys.LANES_PENDING_PREFIX,
             shares=[item for pair in projects.items() for item in pair],
         ).run(self.redis)
         self.claimed_at_ms = int(claimed_at_ms)
@@ -247,15 +244,11 @@ class Claims:
     async def _named(self, rows: list[list[bytes]]) -> list[Claimed]:
         """The claimed jobs, less those whose id cannot be named (`_set_aside`)."""
         found, unnamed = [], []
-        for job_id, data, claims, version, pending in rows:
+        for job_id, data, claims, version in rows:
             try:
-                name = job_id.decode()
+                found.append(Claimed(job_id.decode(), data or None, int(claims), version or None))
             except UnicodeDecodeError:
                 unnamed.append(job_id)
-                continue
-            found.append(
-                Claimed(name, data or None, int(claims), version or None, int(pending) == 1)
-            )
         if unnamed:
             await self._set_aside(unnamed)
         return found

@@ -10,7 +10,7 @@ others wait, their `deliver` jobs parked (stored, out of the queue). Three scrip
 (`lane_scripts.py`, `lane_release.py`):
 
 - enter, at fan-out, before any attempt (one call per chunk of the event's callbacks that
-  has an ordered delivery, or whose event is pending, as its claim said: `Claimed.pending`):
+  has an ordered delivery, or whose project numbers its events: `match.Chunk.numbered`):
   each ordered delivery joins its lane; a head is attempted at once, inside the fan-out,
   as any delivery is; the others are parked. A head waits while an event of its project
   numbered lower may still add a delivery to a lane: one in the project's *pending* set
@@ -143,10 +143,11 @@ class Lanes:
         and each ordered one that heads its lane (the others are parked, in one write).
         `after`: where the event's next chunk starts (None: this is its last, no more of
         its deliveries will join a lane); `end`, its job's end, which the parking write
-        takes when no attempt is made now. `holding`: the event holds its project's lanes
-        (`Claimed.pending`): it lets them go before this chunk's attempts, though none of
-        them is ordered (one script, run with the batch's other entries), when this is its
-        last chunk or no ordered callback of its event lies beyond `after`."""
+        takes when no attempt is made now. `holding`: the event may hold its project's
+        lanes (its project numbers events: `Chunk.numbered`); if it does (`Enter` looks),
+        it lets them go before this chunk's attempts, though none of them is ordered (one
+        script, run with the batch's other entries), when this is its last chunk or no
+        ordered callback of its event lies beyond `after`."""
         now: list[Attempt] = []
         ordered: list[tuple[DeliveryJob, CallbackTarget]] = []
         for job, target in pending:
@@ -164,8 +165,9 @@ class Lanes:
         return now
 
     async def ready(self, event: EventJob, after: int | None, end: ChunkEnd | None) -> None:
-        """A chunk of an event that holds its project's lanes matched no callback: the
-        event lets them go when `enter` would (and its job ends with its last chunk)."""
+        """A chunk of an event that may hold its project's lanes matched no callback:
+        the event lets them go when `enter` would (and its job ends with its last chunk
+        when it did, in that script)."""
         await self._enter(event, [], _unused, after, end)
 
     async def _enter(

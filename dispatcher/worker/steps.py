@@ -93,12 +93,6 @@ class ChunkEnd:
         self.written = False
 
     @property
-    def pending(self) -> bool:
-        """Whether the event holds its project's lanes (`Claimed.pending`): its last chunk
-        moves it to the ready set, though it puts nothing in a lane (`Lanes.enter`)."""
-        return self.claimed.pending
-
-    @property
     def rerun(self) -> bool:
         """Whether this chunk's run is a re-run (the job was claimed before, or a chunk
         before it ran again): it reads what was recorded, and so does the next chunk."""

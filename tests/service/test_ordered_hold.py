@@ -211,23 +211,43 @@ async def test_a_delivery_ordered_after_its_event_let_the_lanes_go_is_sent_unord
     assert await redis.zscore(keys.QUEUE, event_job) is not None  # left to the attempts
 
 
-async def test_a_claim_says_which_fan_outs_hold_their_projects_lanes(
+async def test_a_project_without_an_ordered_callback_pays_no_command_for_the_hold(
     redis: Redis, settings: Settings, receiver: Receiver, run_worker: RunWorker
 ) -> None:
-    """A claimed fan-out of a numbered event (its project has an ordered callback) is
-    `pending`, one of another project is not; an event of the numbered project that
-    matches no callback at all still lets its lanes go at its last chunk (`Lanes.ready`):
-    it is in the ready set, and its job ended in that script."""
+    """Whether a fan-out's event may hold its project's lanes is known from its chunk
+    (`Chunk.numbered`, kept with the match), not asked per delivery: 20 events of a
+    project with no ordered callback (another project has one) are claimed, fanned out
+    and delivered without a ZSCORE. The claim used to look each claimed job up in its
+    project's pending set (20 ZSCORE, one a delivery of every project: issue #20's count)."""
+    ordered = Options(order_by="buildId")
+    await Registry(redis).create("demo", receiver.url("/o"), Event.BUILD_END, Region.DEVNET,
+                                 options=ordered)  # fmt: skip
+    await Registry(redis).create("other", receiver.url(), Event.BUILD_END, Region.DEVNET)
+    await Producer(settings, redis).emit_many(
+        [("other", "BUILD_END", {"buildId": "b", "n": n}) for n in range(20)]
+    )
+    await redis.config_resetstat()
+    await run_worker()
+    assert len(receiver.requests()) == 20
+    stats = await redis.info("commandstats")
+    assert int(stats.get("cmdstat_zscore", {}).get("calls", 0)) == 0
+
+
+async def test_a_numbered_event_that_matches_no_callback_lets_its_lanes_go(
+    redis: Redis, settings: Settings, receiver: Receiver, run_worker: RunWorker
+) -> None:
+    """An event of a numbered project (it has an ordered callback) that matches no
+    callback at all still lets its lanes go at its last chunk (`Lanes.ready`, as its chunk
+    says its project numbers events): it is in the ready set, its job ended in that
+    script; an event of another project is never numbered."""
     ordered = Options(order_by="buildId")
     hook = receiver.url("/hook")
     await Registry(redis).create("demo", hook, Event.BUILD_END, Region.DEVNET, options=ordered)
     producer = Producer(settings, redis)
     await producer.emit("demo", "BUILD_START", {"step": 0}, event_id="nothing-matches")
     await producer.emit("other", "BUILD_START", {"step": 0}, event_id="not-numbered")
-    claims = Claims(redis, keys, "worker-a", lease_s=10)
-    claimed = {c.job_id: c.pending for c in await claims.claim(10)}
-    assert claimed == {"demo:nothing-matches": True, "other:not-numbered": False}
-    await claims.release(list(claimed))  # (due now again, for the worker)
+    assert await redis.zrange(keys.lanes_pending("demo"), 0, -1) == [b"demo:nothing-matches"]
+    assert not await redis.exists(keys.lanes_pending("other"))
     await run_worker()
     assert await redis.zrange(keys.lanes_ready("demo"), 0, -1) == [b"demo:nothing-matches"]
     assert not await redis.zcard(keys.lanes_pending("demo"))
@@ -273,7 +293,7 @@ async def test_a_head_that_goes_on_wakes_the_heads_that_waited_with_it(redis: Re
 
 
 def test_a_waiting_head_looks_again_less_often_the_longer_it_waits() -> None:
-    """The next look of a head that waits for its earlier events: after a quarter of its
+    """The next look of a head that waits for its earlier events: after half its
     event's age, from 50 ms to 5 s; over a hold of 8 s, 13 looks, not 160 (every 50 ms,
     as before). An id without its emission (a version before's) looks after 50 ms."""
     emitted = 1_700_000_000_000
