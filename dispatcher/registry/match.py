@@ -196,10 +196,10 @@ class Match(Script):
     field's start ("{event} "). The ids are found here, so their hashes' keys are made here
     (`callback_prefix`). Returns {next cursor ('' when nothing follows), rows, shadows,
     numbered}; a row is {id, level index, the values}; `shadows` holds {id, broader id,
-    its filter, its level index} for each shadow of a row, broadest first; `numbered` is 1
-    or 2 when the project's or the platform's set of ordered callbacks exists (`ordered`,
-    `platform_ordered`: one EXISTS a match, none a delivery, the match kept:
-    `Chunk.numbered`), else 0."""
+    its filter, its level index} for each shadow of a row, broadest first; `numbered`,
+    when `ask` is '1', is 1 or 2 when the project's or the platform's set of ordered
+    callbacks exists (`ordered`, `platform_ordered`), else 0 (`Chunk.numbered`: one
+    EXISTS per project and registry version a worker reads, `registry.matches`)."""
 
     LUA = """
 local n = #levels / 2
@@ -248,7 +248,9 @@ for i = 1, taken do
 end
 local next_after = ''
 if more and taken > 0 then next_after = found[taken][2] end
-return {next_after, rows, shadows, redis.call('EXISTS', ordered, platform_ordered)}
+local numbered = 0  -- asked only when the worker does not know it (`ChunkQuery.numbered`)
+if ask == '1' then numbered = redis.call('EXISTS', ordered, platform_ordered) end
+return {next_after, rows, shadows, numbered}
 """
     ordered: Key
     platform_ordered: Key
@@ -258,12 +260,15 @@ return {next_after, rows, shadows, redis.call('EXISTS', ordered, platform_ordere
     callback_prefix: str
     field_prefix: str
     filter_field: str
+    ask: str
     fields: ArgList
 
 
 class ChunkQuery:
     """The chunk of `size` callbacks after callback id `after`: queue it on a pipeline (a
-    Batcher's, say), then `read` its answer."""
+    Batcher's, say), then `read` its answer. `numbered`: whether the project numbers its
+    events, when known (`registry.matches.Matches`, under the registry version the chunk is
+    read for); None, the match reads it."""
 
     def __init__(
         self,
@@ -282,6 +287,7 @@ class ChunkQuery:
         self.event = event
         self.after = after
         self.size = size
+        self.numbered: bool | None = None
 
     def following(self, after: int) -> ChunkQuery:
         """The query of the chunk after callback id `after` (the next one)."""
@@ -306,6 +312,7 @@ class ChunkQuery:
             callback_prefix=self.keys.CALLBACK_PREFIX,
             field_prefix=keys.callback_unique_field(self.event, ""),
             filter_field=FILTER_FIELD,
+            ask="1" if self.numbered is None else "0",
             fields=TARGET_FIELDS,
         ).queue_on(pipe)
 
@@ -313,7 +320,8 @@ class ChunkQuery:
         after, rows, shadowed, numbered = answer
         targets = [self._target(row) for row in rows]
         shadows = self._shadows(shadowed)
-        return Chunk(targets, int(after) if after else None, shadows, numbered > 0)
+        known = numbered > 0 if self.numbered is None else self.numbered
+        return Chunk(targets, int(after) if after else None, shadows, known)
 
     def _shadows(self, flat: list[Any]) -> Shadows:
         """The shadows of the chunk's targets, from the match's {id, broader id, filter,
