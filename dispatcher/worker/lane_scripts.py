@@ -224,9 +224,11 @@ class Head(Script):
     when it waits for its earlier events (due again at `recheck_ms`, unless the event it
     waits for wakes it before), 3 when it waits for the project's move to end, its lanes
     on the old shard (due at `held_ms`); a job that waits is back in the queue, its lease
-    and claim count gone, kept for ever. A head that may go wakes up to 100 of its
-    project's waiting heads numbered no higher (due at `now_ms`): their earlier events
-    are in their lanes too (a wake-up takes 100 at a time, these take the rest)."""
+    and claim count gone, kept for ever. A head that may go wakes the next 100 of its
+    project's waiting heads whose earlier events are in their lanes (`wake`: numbered up
+    to the lowest event still pending, due at `now_ms`), so woken heads wake the rest in
+    turn; it woke only those numbered no higher than itself, and heads of more than 100
+    events behind one slow event waited for their own look, up to 5 s (review)."""
 
     LUA = (
         CLEAR
@@ -236,9 +238,7 @@ if not seq then return 1 end
 local parked = redis.call('ZRANGE', lane, 0, 0)[1] ~= job_id
 if not parked and clear(hold, pending, queue, tonumber(seq)) then
   redis.call('ZREM', waiting, job_id)
-  local also = redis.call('ZRANGEBYSCORE', waiting, '-inf', seq, 'LIMIT', 0, 100)
-  for _, id in ipairs(also) do redis.call('ZADD', queue, 'LT', now_ms, id) end
-  if #also > 0 then redis.call('ZREM', waiting, unpack(also)) end
+  wake(hold, pending, queue, waiting, now_ms)
   return 1
 end
 -- it waits: kept for ever, as `Enter` parks, and its body (a failed run's put-back: a day)

@@ -275,21 +275,53 @@ async def test_an_entry_of_no_delivery_lets_the_lanes_go_and_wakes_their_heads(
 
 async def test_a_head_that_goes_on_wakes_the_heads_that_waited_with_it(redis: Redis) -> None:
     """A wake-up takes 100 waiting heads at a time: a head that finds its earlier events
-    in their lanes wakes those of its project waiting with it, numbered no higher (their
-    earlier events are in too), rather than leave them to their next look; one numbered
-    higher, which may wait for another event, waits on."""
+    in their lanes wakes those of its project whose earlier events are in too (numbered up
+    to the lowest event still pending), rather than leave them to their next look; one
+    numbered higher, which waits for that event, waits on."""
     project, lane, head = "chain", keys.lane("chain-lane"), "chain:evt_5.1@1"
     lower, also, higher = "chain:evt_3.2@1", "chain:evt_4.3@1", "chain:evt_7.4@1"
     stamp, far = now_ms(), now_ms() + 60_000
     await redis.zadd(lane, {head: 5})
     await redis.set(keys.arq_job(head), b"{}")
     await redis.zadd(keys.QUEUE, {head: stamp, lower: far, also: far, higher: far})
+    await redis.zadd(keys.QUEUE, {"chain:evt_6": stamp})  # event 6, its fan-out under way
+    await redis.zadd(keys.lanes_pending(project), {"chain:evt_6": 6})
     await redis.zadd(keys.lanes_waiting(project), {lower: 3, also: 4, higher: 7})
     check = Head.of(keys, lane, project, head, stamp + 50, stamp + 1000, now_ms=stamp)
     assert await check.run(redis) == 1
     due = [await redis.zscore(keys.QUEUE, job_id) for job_id in (lower, also, higher)]
     assert due == [stamp, stamp, far]
     assert await redis.zrange(keys.lanes_waiting(project), 0, -1) == [higher.encode()]
+
+
+async def test_heads_of_more_than_a_wake_ups_worth_of_events_wake_one_another(
+    redis: Redis,
+) -> None:
+    """150 later events, each heading a lane of its own, wait behind one slow event: its
+    entry wakes 100, and each of those that goes on wakes the next, so none is left to
+    its own look (up to 5 s). A head woke only heads numbered no higher than itself, and
+    those of events 102-151 waited for their look (review)."""
+    project, event_job = "many", "many:evt_1"
+    stamp, far = now_ms(), now_ms() + 60_000
+    await redis.zadd(keys.QUEUE, {event_job: stamp})
+    await redis.zadd(keys.lanes_pending(project), {event_job: 1})
+    heads = [(f"many:evt_{n}.1@1", keys.lane(f"many-lane-{n}"), n) for n in range(2, 152)]
+    for head, lane, n in heads:
+        await redis.zadd(lane, {head: n})
+        await redis.set(keys.arq_job(head), b"{}")
+        await redis.zadd(keys.QUEUE, {head: far})
+        await redis.zadd(keys.lanes_waiting(project), {head: n})
+    assert await entry(project, event_job, [], last=True, stamp=stamp).run(redis) == [100, 0]
+    went: set[str] = set()
+    while due := [
+        h for h, _, _ in heads if h not in went and await redis.zscore(keys.QUEUE, h) == stamp
+    ]:
+        for head, lane, _ in heads:
+            if head in due:
+                check = Head.of(keys, lane, project, head, stamp + 50, stamp + 1000, now_ms=stamp)
+                assert await check.run(redis) == 1
+                went.add(head)
+    assert len(went) == 150 and not await redis.zcard(keys.lanes_waiting(project))
 
 
 def test_a_waiting_head_looks_again_less_often_the_longer_it_waits() -> None:
