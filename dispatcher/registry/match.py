@@ -10,7 +10,8 @@ a narrower level's callback is left out when a broader one to its URL is enabled
 filter, and comes *shadowed* when every such broader one has a filter (`Chunk.shadows`),
 for the fan-out to drop once one of those filters takes the event (`worker.filtering`).
 
-A worker keeps the chunks it read (`registry.matches.Matches`).
+A worker keeps the chunks it read (`registry.matches.Matches`), with whether the event's
+project numbers its events (`Chunk.numbered`: the lanes' hold, `worker.lanes`).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from dispatcher import keys
 from dispatcher.clock import now_ms
-from dispatcher.lua import ArgList, KeyList, Script
+from dispatcher.lua import ArgList, Key, KeyList, Script
 from dispatcher.models import PLATFORM_PROJECT, Region
 from dispatcher.registry.options import NO_OPTIONS, Options
 from dispatcher.registry.rules import Destination, destination, is_pipeline_id
@@ -158,11 +159,17 @@ NO_SHADOWS: Shadows = MappingProxyType({})
 class Chunk:
     """One chunk of an event's callbacks; `after` is where the next starts (None: none).
     `shadows`: those of its targets a filtered broader callback shadows, each's shadows
-    broadest first (empty in the common case: no URL at two levels with a filter)."""
+    broadest first (empty in the common case: no URL at two levels with a filter).
+    `numbered`: the event's project or the platform had an ordered callback when it was
+    read (`keys.lanes_ordered`, which the producer reads to number an event:
+    `dispatcher.sequence`), so the event may hold its project's lanes (`worker.lanes`).
+    Every write to those sets bumps their project's registry version, so a chunk kept
+    under the version a claim read says what the sets held since that version began."""
 
     targets: list[CallbackTarget]
     after: int | None
     shadows: Shadows = field(default_factory=lambda: NO_SHADOWS)  # (a mapping: unhashable)
+    numbered: bool = False
 
 
 def event_scopes(project_id: str, pipeline_id: object = None) -> list[tuple[str, str]]:
@@ -187,9 +194,12 @@ class Match(Script):
     send the event to is kept, shadowed by them. `fields` names the hash fields a delivery
     needs (`match.TARGET_FIELDS`: 'url' and 'enabled' first); `field_prefix` is the upsert
     field's start ("{event} "). The ids are found here, so their hashes' keys are made here
-    (`callback_prefix`). Returns {next cursor ('' when nothing follows), rows, shadows}; a
-    row is {id, level index, the values}; `shadows` holds {id, broader id, its filter, its
-    level index} for each shadow of a row, broadest first."""
+    (`callback_prefix`). Returns {next cursor ('' when nothing follows), rows, shadows,
+    numbered}; a row is {id, level index, the values}; `shadows` holds {id, broader id,
+    its filter, its level index} for each shadow of a row, broadest first; `numbered`,
+    when `ask` is '1', is 1 or 2 when the project's or the platform's set of ordered
+    callbacks exists (`ordered`, `platform_ordered`), else 0 (`Chunk.numbered`: one
+    EXISTS per project and registry version a worker reads, `registry.matches`)."""
 
     LUA = """
 local n = #levels / 2
@@ -238,20 +248,27 @@ for i = 1, taken do
 end
 local next_after = ''
 if more and taken > 0 then next_after = found[taken][2] end
-return {next_after, rows, shadows}
+local numbered = 0  -- asked only when the worker does not know it (`ChunkQuery.numbered`)
+if ask == '1' then numbered = redis.call('EXISTS', ordered, platform_ordered) end
+return {next_after, rows, shadows, numbered}
 """
+    ordered: Key
+    platform_ordered: Key
     levels: KeyList
     after: int
     size: int
     callback_prefix: str
     field_prefix: str
     filter_field: str
+    ask: str
     fields: ArgList
 
 
 class ChunkQuery:
     """The chunk of `size` callbacks after callback id `after`: queue it on a pipeline (a
-    Batcher's, say), then `read` its answer."""
+    Batcher's, say), then `read` its answer. `numbered`: whether the project numbers its
+    events, when known (`registry.matches.Matches`, under the registry version the chunk is
+    read for); None, the match reads it."""
 
     def __init__(
         self,
@@ -270,6 +287,7 @@ class ChunkQuery:
         self.event = event
         self.after = after
         self.size = size
+        self.numbered: bool | None = None
 
     def following(self, after: int) -> ChunkQuery:
         """The query of the chunk after callback id `after` (the next one)."""
@@ -285,6 +303,8 @@ class ChunkQuery:
     def queue_on(self, pipe: Pipeline) -> None:
         scopes = [scope for scope, _ in self.scopes]
         Match(
+            ordered=self.keys.lanes_ordered(self.project_id),
+            platform_ordered=self.keys.lanes_ordered(PLATFORM_PROJECT),
             levels=[self.keys.match(scope, self.event) for scope in scopes]
             + [self.keys.callback_unique(scope) for scope in scopes],
             after=self.after,
@@ -292,13 +312,16 @@ class ChunkQuery:
             callback_prefix=self.keys.CALLBACK_PREFIX,
             field_prefix=keys.callback_unique_field(self.event, ""),
             filter_field=FILTER_FIELD,
+            ask="1" if self.numbered is None else "0",
             fields=TARGET_FIELDS,
         ).queue_on(pipe)
 
     def read(self, answer: list[Any]) -> Chunk:
-        after, rows, shadowed = answer
+        after, rows, shadowed, numbered = answer
         targets = [self._target(row) for row in rows]
-        return Chunk(targets, int(after) if after else None, self._shadows(shadowed))
+        shadows = self._shadows(shadowed)
+        known = numbered > 0 if self.numbered is None else self.numbered
+        return Chunk(targets, int(after) if after else None, shadows, known)
 
     def _shadows(self, flat: list[Any]) -> Shadows:
         """The shadows of the chunk's targets, from the match's {id, broader id, filter,

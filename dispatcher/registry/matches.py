@@ -5,7 +5,11 @@ that changes what the match reads bumps in the same script (`registry.scripts`,
 event whose project's callbacks did not change since reads no callback from Redis. While
 the attempts of a fan-out's chunk run, the worker reads the next chunk (`read_ahead`), kept
 for the run that asks for it under the same rules: the job's next claim, most often this
-worker's, finds its callbacks read and their targets built.
+worker's, finds its callbacks read and their targets built. Whether a project numbers its
+events (`match.Chunk.numbered`: an ordered callback of its own or the platform's, which
+the same writes bump the versions of) is kept per project and version too, so the match
+asks it once per project and version, not once per chunk (97 pipelines' chunks of one
+project: one EXISTS, not 97).
 """
 
 from __future__ import annotations
@@ -29,6 +33,8 @@ ReadChunk = Callable[[ChunkQuery], Awaitable[Chunk]]
 # A chunk's read under way: the version it is for, the monotonic time its age ends, the read.
 Reading = tuple[bytes | None, float, "asyncio.Task[Chunk]"]
 Kept = tuple[bytes, float, Chunk]  # a kept chunk: its version, its age's end, it
+# a read that asks whether a project numbers its events: its version, age's end, answer
+Asking = tuple[bytes, float, "asyncio.Future[bool | None]"]
 MAX_AHEAD = 64  # chunks read ahead and not asked for yet (another worker took their job)
 
 
@@ -65,10 +71,15 @@ class Matches:
         # chunks being read (or read) ahead, by key: the version and clock they are good for
         self._ahead: OrderedDict[tuple[object, ...], Reading] = OrderedDict()
         self._reading: dict[tuple[object, ...], Reading] = {}  # read now, for runs waiting
+        # whether a project numbers its events: the version and clock it is good for
+        self._numbered: OrderedDict[str, tuple[bytes, float, bool]] = OrderedDict()
+        self._projects = max_entries  # projects whose flag is kept, at most
+        self._asking: dict[str, Asking] = {}  # the reads that ask it, by project
 
     async def chunk(self, query: ChunkQuery, version: bytes | None, read: ReadChunk) -> Chunk:
         """The chunk `query` reads: kept at `version`, read ahead at it, or `read` now; then
         kept (see `put`; a chunk read ahead, until its own read's age ends)."""
+        query.numbered = self.numbered(query.project_id, version)
         chunk = self.get(query, version)
         ahead = self._ahead.pop(query.key, None)  # (one not taken is dropped, not cancelled)
         if chunk is not None:
@@ -103,8 +114,9 @@ class Matches:
             return await read(query), time.monotonic()
         else:
             self._read.inc()
-            task = asyncio.ensure_future(read(query))
-            reading = (version, time.monotonic() + self.max_age_s, task)
+            until = time.monotonic() + self.max_age_s
+            task = asyncio.ensure_future(self._noted(read, query, version, until))
+            reading = (version, until, task)
             self._reading[key] = reading
             task.add_done_callback(functools.partial(self._read_done, key, reading))
         return await asyncio.shield(reading[2]), reading[1]  # a run stopped: the read goes on
@@ -127,11 +139,51 @@ class Matches:
         ):
             return
         self._ahead.pop(key, None)  # stale: dropped
-        task = asyncio.ensure_future(read(query))
+        query.numbered = self.numbered(query.project_id, version)
+        until = time.monotonic() + self.max_age_s
+        task = asyncio.ensure_future(self._noted(read, query, version, until))
         task.add_done_callback(retrieved)  # its error is its run's (who reads again)
-        self._ahead[key] = (version, time.monotonic() + self.max_age_s, task)
+        self._ahead[key] = (version, until, task)
         while len(self._ahead) > MAX_AHEAD:  # the oldest dropped
             self._ahead.popitem(last=False)
+
+    async def _noted(
+        self, read: ReadChunk, query: ChunkQuery, version: bytes, until: float
+    ) -> Chunk:
+        """`read` of `query`'s chunk at `version`; what it says of whether the project
+        numbers its events is kept until `until`, when the match read that. A read that
+        would ask while another asks at the same version waits for that one's answer
+        first (the chunks of a project's many pipelines, missed at once: one EXISTS)."""
+        project = query.project_id
+        asking = self._asking.get(project)
+        if query.numbered is None and asking is not None and _good(asking, version):
+            query.numbered = await asyncio.shield(asking[2])  # (None: it failed, so ask)
+        if query.numbered is not None:
+            return await read(query)
+        told: asyncio.Future[bool | None] = asyncio.get_running_loop().create_future()
+        self._asking[project] = (version, until, told)
+        try:
+            chunk = await read(query)
+            self._numbered[project] = (version, until, chunk.numbered)
+            self._numbered.move_to_end(project)
+            while len(self._numbered) > self._projects:  # the least recently used dropped
+                self._numbered.popitem(last=False)
+            told.set_result(chunk.numbered)
+            return chunk
+        finally:
+            if not told.done():
+                told.set_result(None)
+            if self._asking.get(project, (None, None, None))[2] is told:
+                del self._asking[project]
+
+    def numbered(self, project_id: str, version: bytes | None) -> bool | None:
+        """Whether `project_id` numbers its events, as read at `version` (None: unknown,
+        or read at another version, or longer ago than `max_age_s`)."""
+        found = self._numbered.get(project_id)
+        if found is None or not _good(found, version):
+            return None
+        self._numbered.move_to_end(project_id)
+        return found[2]
 
     def close(self) -> None:
         """Stop the reads ahead still running (the worker stops). Those dropped before are

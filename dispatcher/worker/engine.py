@@ -130,7 +130,9 @@ class Engine:
                 self.matches.read_ahead(query.following(chunk.after), version, self._read_chunk)
             targets = self.filters.select(event, chunk.targets, chunk.shadows)  # the filters
             if targets:
-                await self._first_attempts(event, targets, rerun, carried, end, chunk.after)
+                await self._first_attempts(event, targets, rerun, carried, end, chunk)
+            elif chunk.numbered:  # its project's lanes may go on now, if it holds them
+                await self.lanes.ready(event, chunk.after, end if chunk.after is None else None)
         return chunk.after
 
     async def _read_chunk(self, query: ChunkQuery) -> Chunk:
@@ -144,8 +146,9 @@ class Engine:
         rerun: bool,
         carried: tracing.TraceContext | None,
         end: ChunkEnd | None,
-        after: int | None,
+        chunk: Chunk,
     ) -> None:
+        after = chunk.after
         try:  # once for all callbacks
             body = encode_body(event.event, event.project_id, event.data)
         except orjson.JSONEncodeError as exc:  # queued by another client: never sendable
@@ -171,7 +174,8 @@ class Engine:
             event,
             pending,
             lambda job: FirstRetry(queue, job, end if one else None, after),
-            last=after is None,
+            after=after,
+            holding=chunk.numbered,
             end=end if after is None else None,
         )
         if len(now) == 1:

@@ -1,5 +1,6 @@
-"""Lua functions the lanes' scripts share (`lane_scripts.py`; the sweep's `Unblock`, in
-`duties.py`): whether a head's earlier events are all in their lanes (`CLEAR`), and a
+"""Lua functions the lanes' scripts share (`lane_scripts.py`, `lane_release.py`; the
+sweep's `Unblock`, in `duties.py`): whether a head's earlier events are all in their lanes
+(`CLEAR`), whether an event's next chunks have an ordered delivery (`NONE_AFTER`), and a
 lane's first delivery whose job is there, those before it whose job is gone passed over
 as recorded drops (`FIRST_THERE`)."""
 
@@ -14,7 +15,7 @@ from dispatcher.worker.record import DROPS_KEPT_S, KEPT_ENTRIES
 if TYPE_CHECKING:
     from dispatcher.keys import Keys
 
-__all__ = ["CLEAR", "FIRST_THERE", "GONE", "first_there_names"]
+__all__ = ["CLEAR", "FIRST_THERE", "GONE", "NONE_AFTER", "first_there_names"]
 
 GONE = "job data gone when its lane's turn came"
 
@@ -46,6 +47,29 @@ local function wake(hold, pending, queue, waiting, now)
   for _, id in ipairs(ids) do redis.call('ZADD', queue, 'LT', now, id) end
   if #ids > 0 then redis.call('ZREM', waiting, unpack(ids)) end
   return #ids
+end
+"""
+
+# Whether none of the ordered callbacks in `sets` (the project's and the platform's sets of
+# them) that an event goes to (in one of its `levels`' match sets) comes after callback id
+# `after`: the event's next chunks put nothing in a lane. Unknown (false) past 1,000 of
+# them, or for a flag of a version before (not a set).
+NONE_AFTER = """
+local function none_after(sets, levels, after)
+  for _, set in ipairs(sets) do
+    local kind = redis.call('TYPE', set).ok
+    if kind ~= 'none' and (kind ~= 'set' or redis.call('SCARD', set) > 1000) then
+      return false
+    end
+    for _, id in ipairs(kind == 'set' and redis.call('SMEMBERS', set) or {}) do
+      if tonumber(id) > after then
+        for _, level in ipairs(levels) do
+          if redis.call('ZSCORE', level, id) then return false end
+        end
+      end
+    end
+  end
+  return true
 end
 """
 

@@ -1,36 +1,39 @@
 """The Lua scripts of ordered delivery (see `lanes.py`): `Enter` at fan-out, `Head` before a
-queued delivery's attempt, `Release` with a delivery's end (the sweep's `Unblock` is in
-`duties.py`). Each is a typed `Script` that names its keys and arguments once, its keys
-made by `dispatcher.keys`, but those of a delivery found inside Lua (the next one, a head
-parked again), made there from the prefixes given."""
+queued delivery's attempt (`Release`, with a delivery's end, is in `lane_release.py`; the
+sweep's `Unblock` in `duties.py`). Each is a typed `Script` that names its keys and
+arguments once, its keys made by `dispatcher.keys`, but those of a delivery found inside
+Lua (a head parked again), made there from the prefixes given."""
 
 from __future__ import annotations
 
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from dispatcher.bodies import GIVE_BACK, LANE
+from dispatcher import clock
+from dispatcher.bodies import LANE
 from dispatcher.ending import END_JOB, NO_JOB
 from dispatcher.lua import ArgList, Key, KeyList, Script
-from dispatcher.worker.lane_lua import CLEAR, FIRST_THERE, first_there_names
+from dispatcher.models import PLATFORM_PROJECT
+from dispatcher.worker.lane_lua import CLEAR, NONE_AFTER
 
 if TYPE_CHECKING:
     from dispatcher.ending import JobEnd
     from dispatcher.keys import Keys
 
-__all__ = ["NEXT_TAG", "SKIPPED_TAG", "Enter", "Head", "Release"]
+__all__ = ["LATE", "Enter", "Head"]
 
-NEXT_TAG = b"lane:next"  # the first item of RELEASE's answer when it took the next delivery
-SKIPPED_TAG = b"lane:skipped"  # ... when it took none, but dropped some whose job was gone
+LATE = 4  # ENTER's answer for a delivery whose callback was ordered after its event's lanes
 
 
 @dataclass
 class Enter(Script):
     """An event's ordered deliveries join their lanes (`deliveries`: each one's lane, job
     key and progress mark's; `parked`: each one's id and job bytes). The event's number is
-    its entry in the project's pending set; on its `last` chunk ('1') it moves to the ready
-    set, and the heads that waited for it (and no earlier event) are due at `now_ms`. With
+    its entry in the project's pending set; on its `last` chunk ('1'), or one `after` which
+    none of its event's levels (`level1`..3) has an ordered callback (`NONE_AFTER`), it
+    moves to the ready set, and the heads that waited for it (and no earlier event) are due
+    at `now_ms` (a chunk with no ordered delivery enters none: it does only that). With
     a `job_id` (the fan-out job, whose last chunk this is and holds nothing but these
     deliveries), that job ends here when none is attempted now (`dispatcher.ending`). A
     head that waited and heads its lane no more is parked again: kept for ever, as `Head`
@@ -39,19 +42,24 @@ class Enter(Script):
     stored out of the queue, its progress marked "0"), 2 a head waiting for its earlier
     events (due at `recheck_ms` unless woken before), 3 left alone: it has a progress mark,
     so it entered before (this write sent again late, after its delivery was attempted,
-    perhaps ended and released; or another run's); then how many waiting heads it woke,
-    then 1 if the job ended. Runs together (a batch's fan-outs' entries, one call)."""
+    perhaps ended and released; or another run's), `LATE` attempt it now, unordered: the
+    event was in the ready set already and it is not in its lane (its callback was ordered
+    since the event let its lanes go); then how many waiting heads it woke, then 1 if the
+    job ended. Runs together (a batch's fan-outs' entries, one call)."""
 
     TOGETHER = True
     LUA = (
         CLEAR
         + END_JOB
+        + NONE_AFTER
         + """
-local seq = redis.call('ZSCORE', pending, event_id)
+local seq, late = redis.call('ZSCORE', pending, event_id), false
 if not seq then
-  seq = redis.call('ZSCORE', ready, event_id)
+  seq, late = redis.call('ZSCORE', ready, event_id), true
   if not seq then return false end
-elseif last == '1' then
+elseif last == '1' or (after ~= '' and none_after({ordered, platform_ordered},
+                                                   {level1, level2, level3}, tonumber(after))) then
+  last = '1'
   redis.call('ZREM', pending, event_id)
   redis.call('ZADD', ready, seq, event_id)
 end
@@ -63,6 +71,8 @@ for i = 1, #parked / 3 do
   local id = parked[3 * i - 2]
   if redis.call('EXISTS', progress) == 1 then
     out[#out + 1] = 3  -- entered before: this write sent again late, or another run's
+  elseif late and not redis.call('ZSCORE', lane, id) then
+    out[#out + 1] = 4  -- never entered, the lanes let go: ordered since
   else
     local before = redis.call('ZRANGE', lane, 0, 0)[1]
     redis.call('ZADD', lane, 'NX', seq, id)
@@ -100,7 +110,7 @@ local ended = 0
 if job_id ~= '' then
   ended = 1
   for i = 1, #out do
-    if out[i] == 1 then ended = 0 end
+    if out[i] == 1 or out[i] == 4 then ended = 0 end
   end
   if ended == 1 then ended = end_job() end
 end
@@ -118,6 +128,11 @@ return out
     job: Key
     claims: Key
     body: Key
+    ordered: Key
+    platform_ordered: Key
+    level1: Key
+    level2: Key
+    level3: Key
     deliveries: KeyList
     event_id: str
     progress_ttl: int
@@ -129,6 +144,7 @@ return out
     shared: bytes
     job_prefix: str  # (a head parked again: its job's key, and its kept body's)
     lane_body: str
+    after: str
     parked: ArgList
 
     @classmethod
@@ -146,11 +162,12 @@ return out
         end: JobEnd | None = None,
         body: tuple[str, bytes] | None = None,
         refers: Collection[str] = (),
+        beyond: tuple[Sequence[str], int] | None = None,
     ) -> Enter:
         """`event_job_id`'s deliveries joining their lanes (`parked`: each one's lane, id,
-        job bytes); `end`, its fan-out job's end; `body`, its kept body's key and bytes."""
-        end = end or NO_JOB
-        pending = keys.lanes_pending(project_id)
+        job bytes); `end`, its fan-out job's end; `body`, its kept body's key and bytes;
+        `beyond`, of a chunk before the last (`_beyond`)."""
+        end, pending = end or NO_JOB, keys.lanes_pending(project_id)
         kept, shared = body or (pending, b"")
         return cls(
             pending=pending,
@@ -162,6 +179,7 @@ return out
             job=end.job or pending,
             claims=end.claims or pending,
             body=kept,
+            **_beyond(keys, project_id, beyond),
             deliveries=[
                 key
                 for lane, delivery_id, _ in parked
@@ -181,14 +199,36 @@ return out
         )
 
 
+def _beyond(
+    keys: Keys, project_id: str, beyond: tuple[Sequence[str], int] | None
+) -> dict[str, Any]:
+    """What `Enter` reads of the ordered callbacks after a chunk (`beyond`: its event's
+    match sets, and where the next chunk starts; None for the last chunk)."""
+    levels, after = beyond or ([keys.lanes_pending(project_id)], "")
+    level1, level2, level3 = [*levels, levels[-1], levels[-1]][:3]  # (fewer: one read again)
+    return {
+        "ordered": keys.lanes_ordered(project_id),
+        "platform_ordered": keys.lanes_ordered(PLATFORM_PROJECT),
+        "level1": level1,
+        "level2": level2,
+        "level3": level3,
+        "after": str(after),
+    }
+
+
 @dataclass
 class Head(Script):
     """Whether a queued delivery's turn has come. Answers 1 when it may be attempted (its
     lane's head, its earlier events all in their lanes; or no longer in its lane: ended
     already), 0 when it was parked (out of the queue, its lease and claim count gone), 2
-    when it waits shortly for its earlier events (due again at `recheck_ms`), 3 when it
-    waits for the project's move to end, its lanes on the old shard (due at `held_ms`); a
-    job that waits is back in the queue, its lease and claim count gone, kept for ever."""
+    when it waits for its earlier events (due again at `recheck_ms`, unless the event it
+    waits for wakes it before), 3 when it waits for the project's move to end, its lanes
+    on the old shard (due at `held_ms`); a job that waits is back in the queue, its lease
+    and claim count gone, kept for ever. A head that may go wakes the next 100 of its
+    project's waiting heads whose earlier events are in their lanes (`wake`: numbered up
+    to the lowest event still pending, due at `now_ms`), so woken heads wake the rest in
+    turn; it woke only those numbered no higher than itself, and heads of more than 100
+    events behind one slow event waited for their own look, up to 5 s (review)."""
 
     LUA = (
         CLEAR
@@ -198,6 +238,7 @@ if not seq then return 1 end
 local parked = redis.call('ZRANGE', lane, 0, 0)[1] ~= job_id
 if not parked and clear(hold, pending, queue, tonumber(seq)) then
   redis.call('ZREM', waiting, job_id)
+  wake(hold, pending, queue, waiting, now_ms)
   return 1
 end
 -- it waits: kept for ever, as `Enter` parks, and its body (a failed run's put-back: a day)
@@ -228,6 +269,7 @@ return 2
     job_id: str
     recheck_ms: int
     held_ms: int
+    now_ms: int
 
     @classmethod
     def of(
@@ -239,8 +281,10 @@ return 2
         recheck_ms: int,
         held_ms: int,
         body: str | None = None,
+        now_ms: int | None = None,
     ) -> Head:
-        """The check of `job_id`, of `project_id`'s events in `lane` (`body`: its body's)."""
+        """The check of `job_id`, of `project_id`'s events in `lane` (`body`: its body's;
+        `now_ms`, by default the clock's)."""
         job = keys.arq_job(job_id)
         return cls(
             lane=lane,
@@ -255,127 +299,5 @@ return 2
             job_id=job_id,
             recheck_ms=recheck_ms,
             held_ms=held_ms,
-        )
-
-
-@dataclass
-class Release(Script):
-    """One delivery's end in its lane: it leaves its lane, its job ends unless another
-    worker holds it (`job_id`: the delivery's own, if it is one, or the fan-out job whose
-    only first attempt it was: that one only when its lease is `token`'s, as
-    `dispatcher.ending` ends a job), and the lane's next delivery, when its earlier events
-    are all in their lanes, is taken by `token`'s worker ('' leaves it to the queue, due
-    now): queued under its lease, answered as `[NEXT_TAG, id, job bytes, progress, its
-    callback's hash as HGETALL answers, skipped]` (the callback its id ends with, its
-    `failing` mark its failures on record; its keys made inside). Those ahead of it whose
-    job is gone leave the lane as recorded drops (`lane_lua.FIRST_THERE`): `skipped` of
-    them; a release that takes none answers 0, or `[SKIPPED_TAG, skipped]` when it
-    dropped some. Safe to run again."""
-
-    LUA = (
-        CLEAR
-        + GIVE_BACK
-        + FIRST_THERE
-        + """
-local function none() return skipped > 0 and {'lane:skipped', skipped} or 0 end
-redis.call('ZREM', lane, delivery_id)
-redis.call('ZREM', blocked, lane)
-local owner = redis.call('GET', lease)
-if owner == token or (not owner and job_id == delivery_id) then
-  redis.call('DEL', job, lease, claims)
-  redis.call('ZREM', queue, job_id)
-  if body ~= lane then give_back(body, job_id) end  -- its reference to its event's body
-end
-local nxt, data = first_there(lane, 'GET')
-if not nxt then return none() end
-local id = nxt[1]
-if redis.call('EXISTS', lease_prefix .. id) == 1 then
-  -- leased: its holder runs it, or (killed) lets it go when the lease lapses: it must be
-  -- in the queue then (a head put aside while leased is not)
-  redis.call('ZADD', queue, 'NX', now_ms, id)
-  return none()
-end
-if not clear(hold, pending, queue, tonumber(nxt[2])) then
-  redis.call('ZADD', queue, 'LT', recheck_ms, id)
-  redis.call('ZADD', waiting, nxt[2], id)
-  return none()
-end
-if token == '' then
-  redis.call('ZADD', queue, 'LT', now_ms, id)
-  return none()
-end
-redis.call('ZADD', queue, now_ms, id)
-redis.call('SET', lease_prefix .. id, token, 'PX', lease_ms)
-local callback = string.match(id, '%.(%d+)@?%d*$')  -- {delivery id}@{emittedAt}
-return {'lane:next', id, data, redis.call('GET', progress_prefix .. id) or '',
-        redis.call('HGETALL', callback_prefix .. callback), skipped}
-"""
-    )
-    TOGETHER = True  # a worker's batch of releases is one call (`Writer`)
-    lane: Key
-    queue: Key
-    blocked: Key
-    pending: Key
-    job: Key
-    lease: Key
-    claims: Key
-    waiting: Key
-    hold: Key
-    body: Key
-    dropped: Key
-    delivery_id: str
-    job_id: str
-    token: str
-    lease_ms: int
-    now_ms: int
-    recheck_ms: int
-    job_prefix: str
-    lease_prefix: str
-    progress_prefix: str
-    progress_ttl: int
-    waiting_prefix: str
-    lane_body: str
-    dropped_prefix: str
-    lane_prefix: str
-    callback_prefix: str
-
-    @classmethod
-    def of(
-        cls,
-        keys: Keys,
-        lane: str,
-        project_id: str,
-        delivery_id: str,
-        *,
-        token: str,
-        lease_ms: int,
-        now_ms: int,
-        recheck_ms: int,
-        progress_ttl: int,
-        end: JobEnd | None = None,
-        body: str | None = None,
-    ) -> Release:
-        """`delivery_id`'s release from `lane` (of `project_id`'s events), with its job's
-        end, or that of the job `end` names (its fan-out's), and its reference to `body`."""
-        job_id = delivery_id if end is None else end.job_id
-        return cls(
-            lane=lane,
-            queue=keys.QUEUE,
-            blocked=keys.LANES_BLOCKED,
-            pending=keys.lanes_pending(project_id),
-            job=keys.arq_job(job_id) if end is None else end.job,
-            lease=keys.ARQ_IN_PROGRESS_PREFIX + job_id if end is None else end.lease,
-            claims=keys.ARQ_RETRY_PREFIX + job_id if end is None else end.claims,
-            waiting=keys.lanes_waiting(project_id),
-            hold=keys.lanes_hold(project_id),
-            body=body or lane,
-            dropped=keys.DROPPED,
-            delivery_id=delivery_id,
-            job_id=job_id,
-            token=token,
-            lease_ms=lease_ms,
-            now_ms=now_ms,
-            recheck_ms=recheck_ms,
-            callback_prefix=keys.CALLBACK_PREFIX,
-            **first_there_names(keys, progress_ttl),
+            now_ms=clock.now_ms() if now_ms is None else now_ms,
         )

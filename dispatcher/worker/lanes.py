@@ -7,16 +7,21 @@ lane is a sorted set of deliveries' progress ids (`{delivery id}@{emittedAt}`) s
 their event's number, which Redis gave the event when it queued it (`dispatcher.sequence`).
 Its lowest member, the *head*, is the one delivery of the lane that may be attempted; the
 others wait, their `deliver` jobs parked (stored, out of the queue). Three scripts keep it
-(`lane_scripts.py`):
+(`lane_scripts.py`, `lane_release.py`):
 
-- enter, at fan-out, before any attempt (one call per chunk of the event's callbacks):
+- enter, at fan-out, before any attempt (one call per chunk of the event's callbacks that
+  has an ordered delivery, or whose project numbers its events: `match.Chunk.numbered`):
   each ordered delivery joins its lane; a head is attempted at once, inside the fan-out,
-  as any delivery is; the others are parked. A head waits (its job due again shortly) while
-  an event of its project numbered lower may still add a delivery to a lane: one in the
-  project's *pending* set (its last chunk has not entered its lanes) still queued.
+  as any delivery is; the others are parked. A head waits while an event of its project
+  numbered lower may still add a delivery to a lane: one in the project's *pending* set
+  still queued. That event's last chunk, or an earlier one after which none of its
+  event's callbacks is ordered, moves it to the *ready* set before its attempts, and
+  wakes the heads that waited for it; their jobs look again meanwhile after half their
+  event's age (50 ms to 5 s: `_recheck_at`), for one that never comes (dropped).
 - head, before a queued `deliver` job's attempt: a job that is no longer its lane's head
   (a lower-numbered delivery joined after it was queued) is parked again; one whose
-  earlier events are still being fanned out waits shortly.
+  earlier events are still being fanned out waits; one that goes on wakes its project's
+  heads waiting with it (numbered no higher: their earlier events are in their lanes).
 - release, queued on the pipeline that writes the delivery's end (its SUCCESS record, its
   final FAILED record, or its recorded drop), after them: the head leaves its lane, its job
   ends, and the lane's next delivery is taken for this worker (leased as a claimed job,
@@ -51,10 +56,11 @@ from dispatcher.clock import now_ms
 from dispatcher.jobs import BadJob, DeliveryJob, decode, encode
 from dispatcher.keys import SEP
 from dispatcher.lane_ids import lane_id
-from dispatcher.registry.match import TARGET_FIELDS, CallbackTarget
+from dispatcher.registry.match import TARGET_FIELDS, CallbackTarget, event_scopes
 from dispatcher.registry.options import order_key
-from dispatcher.worker.lane_scripts import NEXT_TAG, SKIPPED_TAG, Enter, Head, Release
-from dispatcher.worker.steps import ChunkEnd, Step
+from dispatcher.worker.lane_release import NEXT_TAG, SKIPPED_TAG, Release
+from dispatcher.worker.lane_scripts import LATE, Enter, Head
+from dispatcher.worker.steps import ChunkEnd, LaneStep
 
 if TYPE_CHECKING:
     from redis.asyncio.client import Pipeline
@@ -62,13 +68,13 @@ if TYPE_CHECKING:
     from dispatcher.ending import JobEnd
     from dispatcher.jobs import EventJob
     from dispatcher.keys import Keys
-    from dispatcher.lua import Script
     from dispatcher.worker.marks import Marked
     from dispatcher.worker.writer import Then, Writer
 
 __all__ = ["Adopt", "Lanes", "Sending"]
 
 RECHECK_S = 0.05  # a head whose earlier events are still being fanned out: looked at again
+RECHECK_MAX_S = 5.0  # ... after half its event's age, this at most (`_recheck_at`)
 HELD_RECHECK_S = 1.0  # a head whose project is moving here, its old lanes still busy
 NO_KEY = "unordered: the event's data has no value at orderBy {path!r}"
 NOT_NUMBERED = "unordered: the event was queued before its callback was ordered"
@@ -129,13 +135,19 @@ class Lanes:
         pending: list[tuple[DeliveryJob, CallbackTarget]],
         then_of: Callable[[DeliveryJob], Then],
         *,
-        last: bool = True,
+        after: int | None = None,
+        holding: bool = False,
         end: ChunkEnd | None = None,
     ) -> list[Attempt]:
         """The first attempts of a fan-out's chunk to make now: every unordered delivery,
         and each ordered one that heads its lane (the others are parked, in one write).
-        `last`: the event's last chunk (no more of its deliveries will join a lane); `end`,
-        its job's end, which the parking write takes when no attempt is made now."""
+        `after`: where the event's next chunk starts (None: this is its last, no more of
+        its deliveries will join a lane); `end`, its job's end, which the parking write
+        takes when no attempt is made now. `holding`: the event may hold its project's
+        lanes (its project numbers events: `Chunk.numbered`); if it does (`Enter` looks),
+        it lets them go before this chunk's attempts, though none of them is ordered (one
+        script, run with the batch's other entries), when this is its last chunk or no
+        ordered callback of its event lies beyond `after`."""
         now: list[Attempt] = []
         ordered: list[tuple[DeliveryJob, CallbackTarget]] = []
         for job, target in pending:
@@ -148,20 +160,25 @@ class Lanes:
                 now.append((job, target, then_of(job)))
             else:
                 ordered.append((_in_lane(job, target, path, key), target))
-        if ordered:
-            now += await self._enter(event, ordered, then_of, last, None if now else end)
+        if ordered or holding:
+            now += await self._enter(event, ordered, then_of, after, None if now else end)
         return now
+
+    async def ready(self, event: EventJob, after: int | None, end: ChunkEnd | None) -> None:
+        """A chunk of an event that may hold its project's lanes matched no callback:
+        the event lets them go when `enter` would (and its job ends with its last chunk
+        when it did, in that script)."""
+        await self._enter(event, [], _unused, after, end)
 
     async def _enter(
         self,
         event: EventJob,
         ordered: list[tuple[DeliveryJob, CallbackTarget]],
         then_of: Callable[[DeliveryJob], Then],
-        last: bool,
+        after: int | None,
         end: ChunkEnd | None,
     ) -> list[Attempt]:
         stamp = now_ms()
-        job_end = None if end is None else end.job_end(None)
         enter = Enter.of(
             self.keys,
             event.project_id,
@@ -170,35 +187,36 @@ class Lanes:
             progress_ttl=self.progress_ttl,
             now_ms=stamp,
             recheck_ms=stamp + int(RECHECK_S * 1000),
-            last=last,
-            end=job_end,
+            last=after is None,
+            end=None if end is None else end.job_end(None),
             body=_kept(self.keys, [job for job, _ in ordered]),
             refers={job.job_id for job, _ in ordered if job.body_of is not None},
+            beyond=None if after is None else (self._levels(event), after),
         )
         if len(ordered) <= TOGETHER_ENTRIES:  # with the batch's other entries: one call
             answer = await self.writer.together(enter)
         else:  # a big chunk's, alone: a joint call of many would hold Redis too long
             (answer,) = await self.writer.commit(enter.queue_on)
         if answer is None:  # queued before the callback was ordered: no number
-            if end is not None:
-                end.written = False
-            return [
-                (note, target, then_of(note))
-                for job, target in ordered
-                for note in [
-                    dataclasses.replace(job, order_key=None, lane=None, order_note=NOT_NUMBERED)
-                ]
-            ]
+            answer = [LATE] * len(ordered) + [0, 0]
         *verdicts, woken, ended = answer
         if end is not None and not ended:  # attempts made now carry it, or the job loop
             end.written = False
         if woken:  # heads that waited for this event are due now: the loop claims them
             self.released += 1
-        return [
-            (job, target, self.releasing(job, then_of(job), then_at_end=True))
-            for (job, target), verdict in zip(ordered, verdicts, strict=True)
-            if verdict == 1
-        ]
+        now: list[Attempt] = []
+        for (job, target), verdict in zip(ordered, verdicts, strict=True):
+            if verdict == 1:
+                now.append((job, target, self.releasing(job, then_of(job), then_at_end=True)))
+            elif verdict == LATE:  # ordered since: goes as any delivery of an event before
+                late = dataclasses.replace(job, order_key=None, lane=None, order_note=NOT_NUMBERED)
+                now.append((late, target, then_of(late)))
+        return now
+
+    def _levels(self, event: EventJob) -> list[str]:
+        """The match sets of the callbacks `event` goes to, at each level (`registry.match`)."""
+        scopes = event_scopes(event.project_id, event.pipeline_id)
+        return [self.keys.match(scope, event.event) for scope, _ in scopes]
 
     def lane_of(self, event: EventJob, job: DeliveryJob, target: CallbackTarget) -> str | None:
         """The key of the lane `job` (of `event`, to `target`) joins; None: unordered."""
@@ -243,9 +261,10 @@ class Lanes:
             lane,
             project,
             job_id,
-            recheck_ms=stamp + int(RECHECK_S * 1000),
+            recheck_ms=_recheck_at(job, stamp),
             held_ms=stamp + int(HELD_RECHECK_S * 1000),
             body=None if job.body_of is None else body_key(self.keys, job),
+            now_ms=stamp,
         )
         (verdict,) = await self.writer.commit(head.queue_on)
         return self.releasing(job, then) if verdict == 1 else None
@@ -340,42 +359,20 @@ class Lanes:
         return target
 
 
-@dataclass(frozen=True, slots=True)
-class LaneStep(Step):
-    """What follows an ordered delivery's attempt (see `Lanes.releasing`)."""
+def _recheck_at(job: DeliveryJob, now: int) -> int:
+    """When a queued head that waits for its earlier events looks again, unless one wakes
+    it first (`Enter` as the event it waits for enters its lanes, `Head` as a head that
+    waited for the same goes on): after half its event's age (its progress id's
+    `@{emittedAt}`), `RECHECK_S` at least, `RECHECK_MAX_S` at most. A backoff without
+    state, for a head nothing wakes (the event it waits for was dropped): a head held 8 s
+    looks 13 times, not 160 (every 50 ms)."""
+    _, at, emitted = job.progress_id.rpartition("@")
+    age = now - int(emitted) if at and emitted.isdigit() else 0
+    return now + min(max(age // 2, int(RECHECK_S * 1000)), int(RECHECK_MAX_S * 1000))
 
-    lanes: Lanes
-    job: DeliveryJob
-    then: Then
-    then_at_end: bool
 
-    def __call__(self, pipe: Pipeline, delay: float | None) -> None:
-        if delay is None:
-            # (the release checks the job's lease against the adopting worker's token)
-            end = self._end()
-            self.lanes.release(pipe, self.job, take=True, end=end)
-            if self.then_at_end and end is None:
-                self.then(pipe, None)
-        else:
-            lane = self.lanes.lane(self.job)
-            pipe.zadd(self.lanes.keys.LANES_BLOCKED, {lane: now_ms()}, nx=True)
-            self.then(pipe, delay)
-
-    def joint(self, delay: float | None) -> Script | None:
-        """The lane's release, when the delivery ended and that is all that follows."""
-        if delay is not None:
-            return None
-        end = self._end()
-        if self.then_at_end and end is None:
-            return None
-        return self.lanes.release_script(self.job, take=True, end=end)
-
-    def _end(self) -> JobEnd | None:
-        """The job `then` would end, when that is all it does (the release ends it)."""
-        then = self.then
-        if self.then_at_end and isinstance(then, Step) and self.lanes.adopt is not None:
-            return then.job_end(None)
-        return None
+def _unused(job: DeliveryJob) -> Then:
+    raise AssertionError("no delivery to step on")  # (`Lanes.ready` enters none)
 
 
 def _in_lane(job: DeliveryJob, target: CallbackTarget, path: str, key: str) -> DeliveryJob:

@@ -7,6 +7,8 @@ and no script of their own.
 - `ChunkEnd`: a fan-out job's, after a chunk: its end, or its move to the next chunk.
 - `FirstRetry`: after a fan-out's first attempt: its retry as a `deliver` job of its own,
   and the chunk's end when that attempt was the chunk's only one.
+- `LaneStep`: after an ordered delivery's attempt: its lane's release, or (a retry) the
+  lane marked blocked (`dispatcher.worker.lanes`).
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ import itertools
 import uuid
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
+
+from dispatcher.clock import now_ms
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -26,8 +30,10 @@ if TYPE_CHECKING:
     from dispatcher.lua import Script
     from dispatcher.queue import Queue
     from dispatcher.worker.claims import Claimed, Claims
+    from dispatcher.worker.lanes import Lanes
+    from dispatcher.worker.writer import Then
 
-__all__ = ["ChunkEnd", "FirstRetry", "NextStep", "Step"]
+__all__ = ["ChunkEnd", "FirstRetry", "LaneStep", "NextStep", "Step"]
 
 
 class Step:
@@ -135,3 +141,41 @@ class FirstRetry(Step):
         if delay is not None or self.end is None:
             return None
         return self.end.job_end(self.after)
+
+
+@dataclass(frozen=True, slots=True)
+class LaneStep(Step):
+    """What follows an ordered delivery's attempt (see `Lanes.releasing`)."""
+
+    lanes: Lanes
+    job: DeliveryJob
+    then: Then
+    then_at_end: bool
+
+    def __call__(self, pipe: Pipeline, delay: float | None) -> None:
+        if delay is None:
+            # (the release checks the job's lease against the adopting worker's token)
+            end = self._end()
+            self.lanes.release(pipe, self.job, take=True, end=end)
+            if self.then_at_end and end is None:
+                self.then(pipe, None)
+        else:
+            lane = self.lanes.lane(self.job)
+            pipe.zadd(self.lanes.keys.LANES_BLOCKED, {lane: now_ms()}, nx=True)
+            self.then(pipe, delay)
+
+    def joint(self, delay: float | None) -> Script | None:
+        """The lane's release, when the delivery ended and that is all that follows."""
+        if delay is not None:
+            return None
+        end = self._end()
+        if self.then_at_end and end is None:
+            return None
+        return self.lanes.release_script(self.job, take=True, end=end)
+
+    def _end(self) -> JobEnd | None:
+        """The job `then` would end, when that is all it does (the release ends it)."""
+        then = self.then
+        if self.then_at_end and isinstance(then, Step) and self.lanes.adopt is not None:
+            return then.job_end(None)
+        return None

@@ -30,7 +30,7 @@ from dispatcher.settings import Settings
 from dispatcher.worker import Engine
 from dispatcher.worker.claims import Claimed, Claims
 from dispatcher.worker.fence import Fence, running
-from dispatcher.worker.lane_scripts import Release
+from dispatcher.worker.lane_release import Release
 from dispatcher.worker.steps import ChunkEnd
 from dispatcher.worker.writer import Writer
 from tests.helpers import Overlap, Receiver, RunWorker, all_records

@@ -201,5 +201,40 @@ async def test_a_kept_match_sees_a_callbacks_failures_so_its_next_success_resets
     assert not await redis.exists(keys.health(cid))
 
 
+@pytest.mark.parametrize("owner", ["demo", PLATFORM_PROJECT])
+async def test_a_kept_match_says_whether_its_project_numbers_events_as_the_producer_did(
+    settings: Settings, redis: Redis, receiver: Receiver, running: None, owner: str
+) -> None:
+    """The chunk kept for demo's events says whether its events are numbered (an ordered
+    callback of demo's or the platform's: `Chunk.numbered`), which decides whether a
+    fan-out may hold demo's lanes, so it looks (`Enter`) without a command per delivery:
+    an ordered callback (of another event) registered, or made unordered, bumps the
+    version the kept chunk is under. Event 2, numbered, lets its lanes go at its fan-out
+    (pending to ready; a stale chunk would leave it pending); event 3, after the callback
+    is unordered again, is not numbered and its fan-out looks for nothing (no ZSCORE)."""
+    registry, producer = Registry(redis), Producer(settings, redis)
+    await registry.create("demo", receiver.url("/a"), Event.BUILD_END, Region.DEVNET, "t")
+
+    async def emit(n: int) -> None:
+        await producer.emit("demo", "BUILD_END", {"buildId": "b"}, event_id=f"e{n}")
+        await until(lambda: _drained(redis, settings), 10, f"event {n} delivered")
+
+    async def ordered(by: str | None) -> None:
+        await registry.create(owner, receiver.url("/o"), Event.BUILD_START, Region.DEVNET,
+                              "t", options=Options(order_by=by))  # fmt: skip
+
+    await emit(1)  # its chunk kept: demo's events not numbered
+    await ordered("buildId")
+    await emit(2)
+    assert await redis.zrange(keys.lanes_ready("demo"), 0, -1) == [b"demo:e2"]
+    assert not await redis.zcard(keys.lanes_pending("demo"))
+    await ordered(None)
+    await redis.config_resetstat()
+    await emit(3)
+    assert len(receiver.requests("/a")) == 3
+    stats = await redis.info("commandstats")
+    assert int(stats.get("cmdstat_zscore", {}).get("calls", 0)) == 0
+
+
 async def _drained(redis: Redis, settings: Settings) -> bool:
     return int(await redis.zcard(settings.queue_name)) == 0

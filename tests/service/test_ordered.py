@@ -45,7 +45,8 @@ from dispatcher.topology import close_all, connect_shards, shards_of
 from dispatcher.worker import duties as duties_module
 from dispatcher.worker.claims import Claims
 from dispatcher.worker.duties import Counts, Duties
-from dispatcher.worker.lane_scripts import Enter, Head, Release
+from dispatcher.worker.lane_release import Release
+from dispatcher.worker.lane_scripts import Enter, Head
 from dispatcher.worker.lanes import TOGETHER_ENTRIES, Lanes, Sending
 from dispatcher.worker.writer import Writer
 from tests.cluster import LocalCluster

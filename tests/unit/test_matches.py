@@ -261,3 +261,41 @@ async def test_a_chunk_read_ahead_ages_from_its_read_and_never_signs_with_an_old
     assert reads.reads == [20, 20, 30, 30]  # read again ahead, not at its run
     await matches.chunk(query(after=30), b"1 2", reads)
     assert reads.reads == [20, 20, 30, 30]
+
+
+async def test_whether_a_project_numbers_its_events_is_asked_once_per_version() -> None:
+    """The match reads whether the project numbers its events (`Chunk.numbered`) only when
+    the worker does not know it at the claim's version: one of a project's chunks asks,
+    its other chunks at that version (other pipelines', read at the same time or after;
+    the next one read ahead) are told; another version, another project or an unknown
+    version asks again; a read that asked and failed leaves the next one to ask."""
+    matches, asked = Matches(), list[tuple[str, int]]()
+
+    async def read(q: ChunkQuery) -> Chunk:
+        if q.numbered is None:
+            asked.append((q.project_id, q.after))
+        await asyncio.sleep(0)
+        if q.after == 7 and q.numbered is None:
+            raise ConnectionError("Redis went away")
+        return Chunk(chunk(q.after + 1).targets, None, numbered=q.numbered is None or q.numbered)
+
+    at_once = [matches.chunk(query(pipeline=f"p{n}"), b"1 1", read) for n in range(5)]
+    first = await asyncio.gather(*at_once)
+    piped = await matches.chunk(query(pipeline="p9"), b"1 1", read)
+    matches.read_ahead(query(after=5), b"1 1", read)
+    ahead = await matches.chunk(query(after=5), b"1 1", read)
+    assert {c.numbered for c in [*first, piped, ahead]} == {True}
+    assert asked == [("demo", 0)]
+    failed, after = await asyncio.gather(
+        matches.chunk(query("gone", after=7), b"1 1", read),
+        matches.chunk(query("gone", after=8), b"1 1", read),
+        return_exceptions=True,
+    )
+    assert isinstance(failed, ConnectionError) and isinstance(after, Chunk) and after.numbered
+    assert asked[1:] == [("gone", 7), ("gone", 8)]
+    del asked[1:]
+    await matches.chunk(query(pipeline="p2"), b"1 2", read)  # a registry write since
+    await matches.chunk(query("other", pipeline="p3"), b"1 2", read)
+    await matches.chunk(query(pipeline="p4"), None, read)  # unknown: never kept
+    assert asked[1:] == [("demo", 0), ("other", 0), ("demo", 0)]
+    assert matches.numbered("demo", b"1 2") is True and matches.numbered("demo", b"1 1") is None
