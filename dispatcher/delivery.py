@@ -19,16 +19,9 @@ from yarl import URL
 from dispatcher.backoff import parse_retry_after
 from dispatcher.clock import now_ms
 from dispatcher.errors import AddressRefused, describe
-from dispatcher.headers import (
-    AuthHeader,
-    mask_cut,
-    mask_headers,
-    mask_secrets,
-    past_cut,
-    request_headers,
-    sent_secrets,
-)
+from dispatcher.headers import AuthHeader, mask_headers, request_headers, sent_secrets
 from dispatcher.history.window import truncate_json
+from dispatcher.masking import mask_cut, mask_secrets, past_cut
 
 if TYPE_CHECKING:
     from collections.abc import Iterator, Mapping, Sequence
