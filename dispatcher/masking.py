@@ -1,6 +1,7 @@
 """What history keeps of a receiver's answer and an error: the secrets an attempt sent
-masked, as sent and as JSON and HTML encoders escape them. Nothing here sends anything
-(`delivery.py` does) or chooses the secrets (`headers.sent_secrets` does)."""
+masked, as sent and as JSON and HTML encoders escape them, within a budget of the loop's
+time (`MASKING_CPU`). Nothing here sends anything (`delivery.py` does) or chooses the
+secrets (`headers.sent_secrets` does)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import functools
 import html
 import json
 import re
+import time
 from typing import TYPE_CHECKING
 
 from dispatcher.models import MASK
@@ -16,19 +18,80 @@ from dispatcher.models import MASK
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
-__all__ = ["ESCAPED_WIDTH", "mask_cut", "mask_secrets", "past_cut"]
+__all__ = [
+    "ESCAPED_WIDTH",
+    "MASKING_CPU",
+    "WITHHELD",
+    "Budget",
+    "mask_cut",
+    "mask_secrets",
+    "past_cut",
+]
 
 SHORT_SECRET = 8  # shorter secrets are masked only where they stand alone
+# The CPU time of the worker's loop an attempt's masking may take (its answer's head and
+# whole, its error), looked at before each secret's scan, every `WINDOW` characters of a
+# pattern's and every 1,024 places of a form's. A project chooses its secrets and its
+# receiver the text, which can be made to match almost everywhere: 20 KB took ~5 ms a
+# secret, ~25 ms an attempt, ~50 ms past the read limit (review); an answer that a normal
+# receiver gives takes 1-200 us. Past it the text is withheld whole (`WITHHELD`): what is
+# left unmasked might hold a secret.
+MASKING_CPU = 0.005
+WITHHELD = f"[withheld: masking the secrets it may hold took over {MASKING_CPU * 1000:g} ms of CPU]"
+WINDOW = 4096
 
 
-def mask_secrets(text: str, secrets: Sequence[str]) -> str:
+class _Spent(Exception):
+    """An attempt's masking has taken its budget."""
+
+
+class Budget:
+    """The CPU time an attempt's masking may still take, spent by each text it masks:
+    this thread's (`time.thread_time`, ~0.2 us a look), so time the worker's process is
+    not running, or runs other threads, is not counted."""
+
+    __slots__ = ("_left", "_since")
+
+    def __init__(self) -> None:
+        self._left = MASKING_CPU
+        self._since = 0.0
+
+    def start(self) -> None:
+        self._since = time.thread_time()
+
+    def stop(self) -> None:
+        self._left -= time.thread_time() - self._since
+
+    def check(self) -> None:
+        """Raise `_Spent` once the time since `start` is all that was left."""
+        if time.thread_time() - self._since >= self._left:
+            raise _Spent
+
+
+def mask_secrets(text: str, secrets: Sequence[str], budget: Budget | None = None) -> str:
     """`text` (what a receiver answered, an error) with each of `secrets` masked, as sent
     and as encoders escape it (`_pattern`), the longest first (a secret may hold another:
     the previous token the new one). When none is there, one `in` per secret no longer
     than `text`: of a run of its letters and digits, which every form keeps (`_anchor`);
     one that holds the secret before it (`sent_secrets`) is there only if that one is.
     One shorter than `SHORT_SECRET` is masked only where no letter or digit touches it:
-    inside words, masking would garble the text and give the secret away by its gaps."""
+    inside words, masking would garble the text and give the secret away by its gaps.
+    `WITHHELD` instead once masking has taken `budget` (the attempt's; a new one if none)."""
+    found = _there(text, secrets)
+    if not found:
+        return text
+    budget = Budget() if budget is None else budget
+    budget.start()
+    try:
+        return _masked(text, found, budget)
+    except _Spent:
+        return WITHHELD
+    finally:
+        budget.stop()
+
+
+def _there(text: str, secrets: Sequence[str]) -> list[str]:
+    """Those of `secrets` whose `_anchor` is in `text`."""
     size, found, inner, there = len(text), [], "", False
     for secret in secrets:
         if len(secret) > size:
@@ -38,16 +101,22 @@ def mask_secrets(text: str, secrets: Sequence[str]) -> str:
         if there:
             found.append(secret)
         inner = secret
-    if not found:
-        return text
+    return found
+
+
+def _masked(text: str, found: list[str], budget: Budget) -> str:
+    """`text` with each of `found` masked, a look at `budget` before each scan (a secret
+    as sent is replaced without: one linear pass)."""
     for secret in sorted(found, key=len, reverse=True):
         if "\\" in secret or sum(not c.isalnum() for c in secret) > MOST_ESCAPABLE:
-            text = _mask_forms(text, _forms(secret))  # as sent too: too many mixes to try
+            budget.check()
+            text = _mask_forms(text, _forms(secret), budget)  # as sent too: too many mixes
             continue
         if _whole(secret) and secret in text:
             text = text.replace(secret, MASK)
         if _anchor(secret) in text:  # escaped, or short: the pattern
-            text = _pattern(secret).sub(MASK, text)
+            budget.check()
+            text = _scan(text, secret, budget)
     return text
 
 
@@ -83,24 +152,32 @@ def _forms(secret: str) -> tuple[str, ...]:
     return tuple(form for form in dict.fromkeys(found) if form)
 
 
-def _mask_forms(text: str, forms: Sequence[str]) -> str:
+def _mask_forms(text: str, forms: Sequence[str], budget: Budget) -> str:
     """`text` with every place any of `forms` stands masked, places that overlap or touch
     as one: found in the text as it came, each form in one linear pass, so no form's
     masking leaves part of another standing (one after another, PHP's `\\/abc\\\\`, found
-    first where the secret `/abc\\` as sent ended, left it but its last character)."""
-    spans = []
+    first where the secret `/abc\\` as sent ended, left it but its last character). A
+    look at `budget` every 1,024 places (a flood of a form's first character is one at
+    each: 20 KB of `/` took 5.6 ms for 13 of them) and after each form in a long text."""
+    spans: list[tuple[int, int]] = []
     for form in forms:
         at = text.find(form)
         while at >= 0:
             spans.append((at, at + len(form)))
+            if not len(spans) % 1024:
+                budget.check()
             at = text.find(form, at + 1)
+        if len(text) > WINDOW:
+            budget.check()
     if not spans:
         return text
     spans.sort()
     kept: list[str] = []
     done = 0  # the text kept so far ends here
     begin, end = spans[0]
-    for at, stop in spans[1:]:
+    for count, (at, stop) in enumerate(spans[1:], 1):
+        if not count % 1024:
+            budget.check()
         if at <= end:  # overlaps or touches the place being masked
             end = max(end, stop)
         else:
@@ -117,16 +194,20 @@ def _whole(secret: str) -> bool:
     return len(secret) >= SHORT_SECRET and secret[0].isalnum() and secret[-1] not in "&\\"
 
 
-def mask_cut(body: bytes, limit: int, secrets: Sequence[str]) -> str:
+def mask_cut(body: bytes, limit: int, secrets: Sequence[str], budget: Budget | None = None) -> str:
     """The first `limit` bytes of `body` decoded (a character they cut left out), with
     `secrets` masked, and one across the cut too: `body` goes on past the cut as far as the
     widest form of the longest secret (`past_cut`), so a secret the cut falls inside is
-    masked whole there, and what is kept ends with a mask where the two part."""
+    masked whole there, and what is kept ends with a mask where the two part. `WITHHELD`
+    when masking either takes `budget` (the attempt's; a new one if none) past its time."""
+    budget = Budget() if budget is None else budget
     decoder = codecs.getincrementaldecoder("utf-8")("replace")
     head = decoder.decode(body[:limit])
     past = body[limit : limit + past_cut(secrets)]  # a read may have brought much more
-    whole = mask_secrets(head + decoder.decode(past, final=True), secrets)
-    head = mask_secrets(head, secrets)
+    whole = mask_secrets(head + decoder.decode(past, final=True), secrets, budget)
+    head = mask_secrets(head, secrets, budget)
+    if WITHHELD in (whole, head):
+        return WITHHELD
     if whole.startswith(head):
         return head
     same, differs = 0, min(len(head), len(whole))  # their longest common start, by halves
@@ -139,6 +220,38 @@ def mask_cut(body: bytes, limit: int, secrets: Sequence[str]) -> str:
 def past_cut(secrets: Sequence[str]) -> int:
     """How far `mask_cut` wants to read past a cut: the widest form of the longest secret."""
     return ESCAPED_WIDTH * max(map(len, secrets), default=0)
+
+
+def _scan(text: str, secret: str, budget: Budget) -> str:
+    """`_pattern(secret).sub(MASK, text)`, with a look at `budget` before each `WINDOW`
+    characters: a match is taken where it starts inside the window, the search going past
+    the window's end as far as the widest form of the secret (`_reach`), so that a match
+    starting inside and the character after it (a short secret's pattern looks at it) are
+    in sight: one across the end is found whole, as `sub` finds it, and none else."""
+    pattern = _pattern(secret)
+    if len(text) <= WINDOW:
+        return pattern.sub(MASK, text)
+    kept: list[str] = []  # the text before `done`, masked
+    reach, done, at = _reach(secret), 0, 0
+    while at < len(text):
+        budget.check()
+        end = at + WINDOW
+        while at < end and (match := pattern.search(text, at, end + reach)):
+            if match.start() >= end:  # found again from the next window, if it is the first
+                break
+            kept += text[done : match.start()], MASK
+            done = at = match.end()
+        at = max(at, end)
+    return "".join(kept) + text[done:]
+
+
+def _reach(secret: str) -> int:
+    """How long a match of `_pattern(secret)` may be: the widest form of each character
+    (`&#x0026;`: `&#x00`, the hex digits and `;`; or `&#00`, the decimal ones and `;`)."""
+    return sum(
+        1 if c.isascii() and c.isalnum() else max(6 + len(f"{ord(c):x}"), 5 + len(str(ord(c))))
+        for c in secret
+    )
 
 
 _LONG_RUN = re.compile(r"[A-Za-z0-9]{8,}")

@@ -1,0 +1,150 @@
+"""The cap on an attempt's masking (`masking.MASKING_CPU`): a pattern's scan goes in windows
+and finds what one `sub` over the whole text finds; past the budget the text is withheld
+whole. No timing here: the budget is made nothing, or the clock a counter."""
+
+from __future__ import annotations
+
+import html
+import json
+import random
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from dispatcher import masking
+from dispatcher.headers import sent_secrets
+from dispatcher.masking import WITHHELD, Budget, mask_cut, mask_secrets
+from dispatcher.models import MASK
+
+# what a secret is made of: letters and digits, what encoders escape, non-ASCII (a form of
+# `😀` is 11 characters: `&#x001f600;`), a backslash (masked by forms, not by the pattern)
+LETTERS = "aZ9"
+OTHERS = "&/<>'\"=+-_ é😀"
+
+
+def forms(c: str) -> list[str]:
+    """Each way `_pattern` may find `c` written (a letter or digit only as itself)."""
+    if c.isascii() and c.isalnum():
+        return [c]
+    code = ord(c)
+    named = {'"': "&quot;", "&": "&amp;", "<": "&lt;", ">": "&gt;", "'": "&apos;"}
+    found = [c, "\\" + c, f"\\u{code:04x}", f"\\u{code:04X}", f"&#x{code:x};", f"&#X00{code:X};"]
+    found += [f"&#{code};", f"&#00{code};", named.get(c, c)]  # the widest: `&#X00` or `&#00`
+    return found
+
+
+def written(rng: random.Random, secret: str) -> str:
+    """`secret` in a mix of escapes, one chosen for each character; a third of the time
+    each character in its widest form (`&#x0026;`): as far as a match may reach."""
+    if rng.random() < 0.3:
+        return "".join(max(forms(c), key=len) for c in secret)
+    return "".join(rng.choice(forms(c)) for c in secret)
+
+
+def texts(rng: random.Random, secret: str) -> Iterator[str]:
+    """Texts to mask: the secret written in mixes of escapes, cut short, touching letters
+    (a short secret stands alone or not), amid other characters; floods of its first
+    characters escaped (matches almost everywhere, and their attempts at every place)."""
+    for _ in range(6):
+        parts = []
+        for _ in range(rng.randrange(1, 12)):
+            form = written(rng, secret)
+            parts.append(rng.choice([form, form, form[: rng.randrange(len(form) + 1)]]))
+            parts.append("".join(rng.choices(LETTERS + OTHERS + "; ", k=rng.randrange(4))))
+        yield "".join(parts)
+    head = written(rng, secret[: max(1, len(secret) // 2)])
+    yield head * rng.randrange(2, 40) + written(rng, secret)
+    yield (written(rng, secret) + rng.choice(["", "a", "&"])) * rng.randrange(2, 30)
+
+
+def secrets(rng: random.Random) -> Iterator[str]:
+    for _ in range(300):
+        length = rng.choice([1, 2, 3, 5, 7, 8, 9, 12, 20, 40])
+        secret = "".join(rng.choices(LETTERS + OTHERS, k=length))
+        if sum(not c.isalnum() for c in secret) <= masking.MOST_ESCAPABLE:  # else: by forms
+            yield secret
+    yield from ("a&" * 6 + "Zq8Zq8Zq8Zq8", "&a" * 12, "x&y", "😀" * 3, "é&é")
+
+
+def test_a_windowed_scan_masks_what_one_sub_over_the_text_does(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A pattern's scan looks at the budget every `WINDOW` characters: it takes a match
+    that starts inside the window, searching past the window's end as far as the widest
+    form of the secret and the character after it (`_reach`), and goes on after it. For
+    every text here, at every window from 1 character up, it masks just what one
+    `pattern.sub` over the whole text masks: a match across a window's end whole, a short
+    secret's where a letter touches it past the window's end not at all."""
+    monkeypatch.setattr(masking, "MASKING_CPU", float("inf"))
+    rng, across, cases = random.Random(20240611), 0, 0
+    for secret in secrets(rng):
+        pattern = masking._pattern(secret)
+        for text in texts(rng, secret):
+            expected = pattern.sub(MASK, text)
+            for window in (1, 2, 3, 5, 8, 13, 64, 4096):
+                monkeypatch.setattr(masking, "WINDOW", window)
+                assert masking._scan(text, secret, Budget()) == expected, (secret, text, window)
+                cases += 1
+                ends = range(window, len(text), window)  # the windows' ends
+                across += any(m.start() < e < m.end() for m in pattern.finditer(text) for e in ends)
+    assert cases > 10_000 and across > 5_000, (cases, across)
+    print(cases, across)  # matches across the edges
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "x" * 5000 + "a&amp;" * 6 + "Zq8Zq8Zq8Zq8 and more",  # the pattern's, in windows
+        "a&" * 3000 + html.escape("a&" * 6 + "Zq8Zq8Zq8Zq8"),
+        "x" * 10 + json.dumps(html.escape("a&" * 6 + "Zq8Zq8Zq8Zq8")),  # one `sub`
+    ],
+    ids=["windows", "flood", "short"],
+)
+def test_masking_past_its_budget_withholds_the_whole_text(
+    text: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A project chooses its secrets and its receiver the text, which can be made to match
+    almost everywhere: masking took ~5 ms of the worker's loop a secret on 20 KB, ~25 ms
+    an attempt, ~50 ms past the read limit, each other project's deliveries waiting
+    (review). Past its budget the text is withheld, nothing of it kept: the part not yet
+    masked might hold a secret. Made nothing here, so each scan is past it."""
+    secret = "a&" * 6 + "Zq8Zq8Zq8Zq8"
+    assert mask_secrets(text, [secret]) != WITHHELD  # within the budget: masked
+    assert secret not in mask_secrets(text, [secret])
+    monkeypatch.setattr(masking, "MASKING_CPU", 0.0)
+    assert mask_secrets(text, [secret]) == WITHHELD
+    assert mask_cut(text.encode(), len(text) - 5, [secret]) == WITHHELD  # cut in the secret
+    forms_secret = "/" * 13  # more than `MOST_ESCAPABLE`: masked in its common forms
+    assert mask_secrets("/" * 20_000, [forms_secret]) == WITHHELD
+
+
+def test_what_needs_no_scan_is_never_withheld(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A text that holds no secret is kept as it came, and one that holds them only as
+    sent is masked by `str.replace`, a linear pass: no budget to look at. A forms scan
+    with more than 1,024 places within its budget masks as before."""
+    token = "token-0123456789"
+    text = '{"headers": {"X-DEVOPS-WEBHOOK-TOKEN": "token-0123456789"}}'
+    monkeypatch.setattr(masking, "MASKING_CPU", 0.0)
+    assert mask_secrets("nothing to hide " * 2000, [token]) == "nothing to hide " * 2000
+    assert mask_secrets(text, sent_secrets({"X-DEVOPS-WEBHOOK-TOKEN": token})) == (
+        '{"headers": {"X-DEVOPS-WEBHOOK-TOKEN": "******"}}'
+    )
+    monkeypatch.setattr(masking, "MASKING_CPU", float("inf"))
+    flood = "x" + "/" * 5000 + "y" + "\\/" * 1500 + "z"
+    assert mask_secrets(flood, ["/" * 13]) == f"x{MASK}y{MASK}z"
+
+
+def test_an_attempts_texts_share_its_budget(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The budget is the attempt's, not each text's: its answer's head and whole
+    (`mask_cut`) and its error spend one. The clock here goes 1 ms on at each look: texts
+    that a new budget each masks are withheld once the one they share is spent."""
+    ticks = iter(range(1_000_000))
+    monkeypatch.setattr(time, "thread_time", lambda: next(ticks) / 1000)
+    secret = "a&" * 6 + "Zq8Zq8Zq8Zq8"
+    text = "x" * 10 + html.escape(secret)
+    assert [mask_secrets(text, [secret]) for _ in range(10)] == ["x" * 10 + MASK] * 10
+    budget = Budget()
+    said = [mask_secrets(text, [secret], budget) for _ in range(10)]
+    assert said[0] == "x" * 10 + MASK and said[-1] == WITHHELD, said
+    assert said.index(WITHHELD) == said.count("x" * 10 + MASK)  # withheld from then on
