@@ -33,12 +33,15 @@ SHORT_SECRET = 8  # shorter secrets are masked only where they stand alone
 # whole, its error), looked at before each secret's scan, every `WINDOW` characters of a
 # pattern's and every 1,024 places of a form's. A project chooses its secrets and its
 # receiver the text, which can be made to match almost everywhere: 20 KB took ~5 ms a
-# secret, ~25 ms an attempt, ~50 ms past the read limit (review); an answer that a normal
-# receiver gives takes 1-200 us. Past it the text is withheld whole (`WITHHELD`): what is
-# left unmasked might hold a secret.
+# secret, 14-25 ms an attempt, 27-50 ms past the read limit, every other project's
+# deliveries waiting (review). Past it the text is withheld whole (`WITHHELD`): what is
+# left unmasked might hold a secret. Such an attempt now takes 5-6 ms: the budget and the
+# step that passes it (a window's scan, up to ~1 ms; a 4,096-character secret's pattern
+# compiled, ~3 ms). A normal answer takes 1-90 us (20 KB echoing the secrets, one of them
+# escaped, 86 us), as it did: the clock (~0.2 us) is read only where a scan runs.
 MASKING_CPU = 0.005
 WITHHELD = f"[withheld: masking the secrets it may hold took over {MASKING_CPU * 1000:g} ms of CPU]"
-WINDOW = 4096
+WINDOW = 4096  # characters
 
 
 class _Spent(Exception):
@@ -126,9 +129,9 @@ def _masked(text: str, found: list[str], budget: Budget) -> str:
 # pattern's scan costs the text's length times those characters, and a project chooses its
 # secrets (an auth header value of 4,096 slashes made each attempt take 2.7 s of the
 # worker's loop, every project's deliveries waiting: review). At this many, 20 KB of text
-# made to match almost everywhere costs ~9 ms a secret at worst (a random token of 64
-# visible ASCII characters holds ~20 such characters; one of letters, digits and base64's,
-# a few).
+# made to match almost everywhere costs ~5 ms a secret at worst, and an attempt's masking
+# stops at `MASKING_CPU` (a random token of 64 visible ASCII characters holds ~20 such
+# characters; one of letters, digits and base64's, a few).
 MOST_ESCAPABLE = 12
 
 
