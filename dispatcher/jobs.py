@@ -29,6 +29,7 @@ never retries it.
 from __future__ import annotations
 
 import dataclasses
+import re
 import uuid
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -58,6 +59,7 @@ __all__ = [
     "job_deserializer",
     "job_serializer",
     "new_event_id",
+    "retry_project",
 ]
 
 FAN_OUT = "fan_out"
@@ -67,6 +69,7 @@ SCOPED = "project"  # an event job's `ids`: its job and delivery ids are scoped 
 # hold it (`dispatcher.events`), or a fan-out's job id could be a redelivery's
 REDELIVERY = ":redeliver:"
 _WIRE_FIELDS = ("f", "a", "k", "et")
+_RETRY_ID = re.compile(r"([^:]+):.+\.\d+@\d+", re.DOTALL)  # see `retry_project`
 
 
 class BadJob(ValueError):
@@ -82,6 +85,18 @@ def delivery_of(progress_id: str) -> str:
     one without the emission (a version before's) is its delivery id already."""
     delivery_id, at, emitted = progress_id.rpartition("@")
     return delivery_id if at and emitted.isdigit() else progress_id
+
+
+def retry_project(job_id: str) -> str | None:
+    """The project a retry's job id of today names (`{project}:{event id}.{callback
+    id}@{emittedAt}`: `_RETRY_ID`), else None. A version before scoped ids named a job by
+    its event id alone, which may hold `:` (event `victim:x`'s fan-out `victim:x`, its
+    retry `victim:x.5`, redeliveries `….5:redeliver:…`), so its ids look like today's
+    fan-out and redelivery ids; none of its ids ended with `@{emittedAt}`. (An event job
+    it queued that this version runs makes retries `{event id}.{callback id}@{emittedAt}`:
+    one of them whose event id holds `:`, its data expired, is taken for today's.)"""
+    found = _RETRY_ID.fullmatch(job_id)
+    return found[1] if found else None
 
 
 def _text(payload: dict[str, Any], name: str) -> str:
@@ -186,7 +201,7 @@ class DeliveryJob:
     emitter: str = ""  # the project that emitted the event ('' when unknown)
     trace: TraceContext | None = None  # what its attempts continue (see dispatcher.tracing)
     # ordered delivery (see dispatcher.worker.lanes): its lane, its key (a long one by its
-    # hash: `keys.lane_id`), or why it has none
+    # hash: `lane_ids.lane_id`), or why it has none
     order_key: str | None = None
     order_note: str | None = None
     lane: str | None = None
@@ -199,6 +214,13 @@ class DeliveryJob:
     @property
     def job_id(self) -> str:
         return self.progress_id
+
+    @property
+    def event_project(self) -> str:
+        """The project whose event it delivers: its emitter; unknown (a platform-wide
+        callback's job of a version that did not name it), its callback's project. Its
+        lane is of that project, and its drops are filed under it (`record.keep_drop`)."""
+        return self.emitter or self.project_id
 
     @classmethod
     def first(

@@ -66,7 +66,9 @@ Deliveries
     dispatcher:delivery:{progress id}         STRING attempts made, or "done" (dedupe, progress);
                                               none when the delivery's job ended with its
                                               record (gone, it needs no dedupe)
-    dispatcher:deliveries:dropped             LIST deliveries ended without an attempt (last 1000)
+    dispatcher:deliveries:dropped:{project}   LIST a project's deliveries ended without an
+                                              attempt (last 1000, TTL 30 days): the record
+    dispatcher:deliveries:dropped             LIST every project's, the last 1000: best-effort
     dispatcher:pushed:{token}                 STRING one worker write's push of a delivery's
                                               job was made (TTL: the job's): sent again, the
                                               write queues nothing (queue.Push); or, the
@@ -158,7 +160,6 @@ __all__ = [
     "UNIQUE_SEP",
     "Keys",
     "history_member",
-    "lane_id",
     "project_scoped",
     "scope",
 ]
@@ -169,7 +170,6 @@ SEP = ":"
 UNIQUE_SEP = " "
 # history ids are zero-padded in the index so that equal times order by id
 HISTORY_ID_WIDTH = 15
-LANE_KEY_MAX = 200  # a longer orderBy value names its lane by its hash
 
 
 def project_scoped(project_id: str, local_id: str) -> str:
@@ -185,16 +185,6 @@ def scope(project_id: str, pipeline_id: str | None = None) -> str:
 
 def callback_unique_field(event: str, url: str) -> str:
     return f"{event}{UNIQUE_SEP}{url}"
-
-
-def lane_id(owner: str, url: str, order_by: str, project_id: str, key: str) -> str:
-    """The lane of the deliveries to `url` (registered by `owner` with `order_by`, for any
-    event) of `project_id`'s events whose key is `key` (a long key by its hash):
-    `{receiver hash}:{project}:{key}`."""
-    receiver = hashlib.blake2b(f"{owner}\n{url}\n{order_by}".encode(), digest_size=8).hexdigest()
-    if len(key) > LANE_KEY_MAX:
-        key = "#" + hashlib.blake2b(key.encode(), digest_size=16).hexdigest()
-    return f"{receiver}{SEP}{project_id}{SEP}{key}"
 
 
 def history_member(record_id: int) -> str:
@@ -239,22 +229,17 @@ class Keys:
         self.DELIVERY_PREFIX, self.PUSHED_PREFIX = f"{base}:delivery:", f"{base}:pushed:"
         self.BODY_PREFIX, self.CONSOLE_CSRF_KEY = f"{base}:body:", f"{base}:console:csrf-key"
         self.REPLICATION_MARK = f"{base}:replication:mark"
-        self.WORKERS_PREFIX = f"{base}:workers:"
-        self.WORKERS_LIVE = f"{base}:workers"
-        self.POISON_JOBS = f"{base}:jobs:poison"
-        self.DROPPED = f"{base}:deliveries:dropped"
-        self.SHARD = f"{base}:shard"
-        self.PLACEMENT = f"{base}:placement"
+        self.WORKERS_PREFIX, self.WORKERS_LIVE = f"{base}:workers:", f"{base}:workers"
+        self.POISON_JOBS, self.DROPPED = f"{base}:jobs:poison", f"{base}:deliveries:dropped"
+        self.DROPPED_PREFIX = f"{self.DROPPED}{SEP}"  # a project's: `dropped`
+        self.SHARD, self.PLACEMENT = f"{base}:shard", f"{base}:placement"
         self.PLACEMENT_VERSION = f"{base}:placement:version"
         self.LEFT_PREFIX = f"{base}:left:"
-        self.LANES_ORDERED_PREFIX = f"{base}:lanes:ordered:"
-        self.LANES_SEQ_PREFIX = f"{base}:lanes:seq:"
-        self.LANES_PENDING_PREFIX = f"{base}:lanes:pending:"
-        self.LANES_READY_PREFIX = f"{base}:lanes:ready:"
-        self.LANES_WAITING_PREFIX = f"{base}:lanes:waiting:"
-        self.LANES_HOLD_PREFIX = f"{base}:lanes:hold:"
-        self.LANE_PREFIX = f"{base}:lane:"
-        self.LANES_BLOCKED = f"{base}:lanes:blocked"
+        lanes = f"{base}:lanes"
+        self.LANES_ORDERED_PREFIX, self.LANES_SEQ_PREFIX = f"{lanes}:ordered:", f"{lanes}:seq:"
+        self.LANES_PENDING_PREFIX, self.LANES_READY_PREFIX = f"{lanes}:pending:", f"{lanes}:ready:"
+        self.LANES_WAITING_PREFIX, self.LANES_HOLD_PREFIX = f"{lanes}:waiting:", f"{lanes}:hold:"
+        self.LANE_PREFIX, self.LANES_BLOCKED = f"{base}:lane:", f"{lanes}:blocked"
         self.ARQ_JOB_PREFIX: str = f"{ns}{job_key_prefix}"
         self.ARQ_IN_PROGRESS_PREFIX: str = f"{ns}{in_progress_key_prefix}"
         self.ARQ_RETRY_PREFIX: str = f"{ns}{arq_retry_key_prefix}"
@@ -331,6 +316,9 @@ class Keys:
 
     def health(self, callback_id: int | str) -> str:
         return f"{self.HEALTH_PREFIX}{callback_id}"
+
+    def dropped(self, project_id: str) -> str:
+        return f"{self.DROPPED_PREFIX}{project_id}"
 
     def delivery(self, progress_id: str) -> str:
         return f"{self.DELIVERY_PREFIX}{progress_id}"

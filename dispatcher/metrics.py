@@ -94,9 +94,9 @@ QUEUE_OLDEST_SECONDS = Gauge(
 )
 DROPPED = Counter(
     "dispatcher_deliveries_dropped_total",
-    "Deliveries ended without an attempt, recorded in dispatcher:deliveries:dropped "
-    "(callback deleted or disabled, job data expired or gone at its lane's turn, a job that "
-    "kept failing, a retry's kept body gone).",
+    "Deliveries ended without an attempt, recorded in their project's "
+    "dispatcher:deliveries:dropped:{project} (callback deleted or disabled, job data expired "
+    "or gone at its lane's turn, a job that kept failing, a retry's kept body gone).",
     ["reason"],
 )
 PENDING_WRITES = Gauge(

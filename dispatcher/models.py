@@ -239,7 +239,7 @@ class HistoryRecord(_Model):
     traceparent: str | None = None
     tracestate: str | None = None
     # ordered delivery: the lane's key (the value of its callback's orderBy; past 200
-    # characters, `#` and its hash, as the lane names it: `keys.lane_id`), or, for an
+    # characters, `#` and its hash, as the lane names it: `lane_ids.lane_id`), or, for an
     # ordered callback's delivery that went unordered, why
     order_key: str | None = None
     order_note: str | None = None

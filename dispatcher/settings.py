@@ -158,8 +158,8 @@ class Settings(BaseSettings):
         "under the same delivery ids. A job claimed 25 times without ending (timed out, failed "
         "or its lease lapsed each time; a scheduled retry counts anew) gives up: its run sends "
         "nothing and ends each delivery it holds with a final FAILED record saying why. One "
-        "whose giving up fails too, 3 claims more, is dropped on record in "
-        "dispatcher:deliveries:dropped.",
+        "whose giving up fails too, 3 claims more, is dropped on record in its project's "
+        "dispatcher:deliveries:dropped:{project}.",
     )
     lease_seconds: float = Field(
         default=10.0,

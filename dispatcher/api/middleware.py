@@ -6,6 +6,7 @@ from __future__ import annotations
 import hmac
 import uuid
 from typing import TYPE_CHECKING
+from urllib.parse import parse_qsl
 
 import structlog
 from starlette.datastructures import Headers, MutableHeaders
@@ -109,8 +110,11 @@ class Limits:
         await self.app(scope, receive_within_limit, send)
 
     def refusal(self, scope: Scope, limit: int) -> ASGIApp | None:
-        if len(scope.get("query_string", b"")) > MAX_QUERY_BYTES:
+        query = scope.get("query_string", b"")
+        if len(query) > MAX_QUERY_BYTES:
             return envelope(400, f"query string longer than {MAX_QUERY_BYTES} bytes")
+        if (twice := _repeated(query)) is not None:
+            return envelope(400, f"query parameter {twice} given more than once: send it once")
         if (refused := identity_refusal(scope["headers"])) is not None:
             return refused
         headers = Headers(scope=scope)
@@ -174,6 +178,21 @@ def _foreign(origin: str | None, headers: Headers) -> bool:
         return False
     host = headers.get("x-forwarded-host") or headers.get("host", "")
     return origin.partition("://")[2].lower() != host.split(",")[0].strip().lower()
+
+
+def _repeated(query: bytes) -> str | None:
+    """The first query parameter named twice, else None: no route takes a list, and the last
+    one given won in silence (`role=admin&role=member` stored `member`; review), where a
+    repeated identity header is refused. The name is shown escaped, at most 64 characters."""
+    if b"&" not in query:
+        return None
+    names = [name for name, _ in parse_qsl(query.decode("latin-1"), keep_blank_values=True)]
+    seen: set[str] = set()
+    for name in names:
+        if name in seen:
+            return repr(name[:64])
+        seen.add(name)
+    return None
 
 
 def too_large(limit: int) -> str:

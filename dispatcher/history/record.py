@@ -43,6 +43,6 @@ class AttemptRecord(TypedDict, total=False):
     redeliveryOf: int | None
     traceparent: str
     tracestate: str
-    orderKey: str  # ordered delivery: its lane's key, a long one by its hash (`keys.lane_id`)
+    orderKey: str  # ordered delivery: its lane's key, a long one by its hash (`lane_ids.lane_id`)
     orderNote: str  # its callback orders, this event went unordered: why
     requestBodyOf: str  # its emission's body, which the Redis store keeps once (`kept`)

@@ -1,5 +1,6 @@
 """What of a project one shard holds (its callbacks, roles and Redis history): which
-projects a shard holds, whether it holds one, and removing one from it (a move's end)."""
+projects a shard holds, whether it holds one, and removing one from it (a move's end,
+its drops first put with those on its new shard)."""
 
 from __future__ import annotations
 
@@ -9,15 +10,19 @@ from typing import TYPE_CHECKING
 from dispatcher.auth import ALL_PROJECTS
 from dispatcher.errors import NotFound
 from dispatcher.history.redis import RedisHistory
+from dispatcher.lua import run_pipeline
 from dispatcher.models import PLATFORM_PROJECT
 from dispatcher.registry.copies import callback_ids
+from dispatcher.worker.record import DROPS_KEPT_S, KEPT_ENTRIES
 
 if TYPE_CHECKING:
     from collections.abc import Callable
 
+    from redis.asyncio.client import Pipeline
+
     from dispatcher.services import Services
 
-__all__ = ["forget", "glob_escaped", "holds", "projects_on"]
+__all__ = ["copy_drops", "forget", "glob_escaped", "holds", "projects_on"]
 
 
 async def projects_on(services: Services) -> set[str]:
@@ -57,9 +62,28 @@ async def forget(services: Services, project: str, alive: Callable[[], None]) ->
         except NotFound:
             continue
     alive()
-    await services.redis.delete(services.keys.roles(project))
+    await services.redis.delete(services.keys.roles(project), services.keys.dropped(project))
     alive()
     if isinstance(services.history, RedisHistory):
         from dispatcher.history.moving import forget_project
 
         await forget_project(services.history, project, alive)
+
+
+async def copy_drops(src: Services, dst: Services, project: str) -> int:
+    """Put the project's drops on `src` after those on `dst` (made there since its flip),
+    but for those there already (copied by a move that died before it cleaned
+    `src`); returns how many. Its list stays as bounded, and expires as, on any shard."""
+    theirs = await src.redis.lrange(src.keys.dropped(project), 0, -1)  # type: ignore[misc]
+    key = dst.keys.dropped(project)
+    there = set(await dst.redis.lrange(key, 0, -1)) if theirs else set()  # type: ignore[misc]
+    new = [entry for entry in theirs if entry not in there]
+
+    def write(pipe: Pipeline) -> None:
+        pipe.rpush(key, *new)
+        pipe.ltrim(key, 0, KEPT_ENTRIES - 1)
+        pipe.expire(key, DROPS_KEPT_S)
+
+    if new:
+        await run_pipeline(dst.redis, write)
+    return len(new)

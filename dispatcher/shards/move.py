@@ -24,8 +24,9 @@ moved.
      events whose fan-out began there (a run died, or a re-run goes on: what it sent is
      marked there, and read by its re-run); until none is left and none came for a
      settle, and the last push a producer may still make there is past;
-  5. copy the history written meanwhile, remove the project from the old shard, and let
-     its lanes on the new one go.
+  5. copy the history written meanwhile and its drops (after those made on the new
+     shard since the flip), remove the project from the old shard, and let its lanes on
+     the new one go.
 With `DISPATCHER_REDIS_MIN_REPLICAS`, what it wrote to a shard is on that many replicas
 before a step relies on it: the copies (2) before the flip, each placement, each moved job
 before it leaves the old shard, the history before the old shard is cleaned; else the move
@@ -59,7 +60,7 @@ from dispatcher.shards.drain import (
     confirmed,
     late_pushes_s,
 )
-from dispatcher.shards.holdings import forget, holds, projects_on
+from dispatcher.shards.holdings import copy_drops, forget, holds, projects_on
 from dispatcher.shards.lanes import hold, hold_source, let_go
 from dispatcher.shards.lease import MoveLease
 from dispatcher.shards.queued import MOVER
@@ -298,8 +299,10 @@ class Mover:
         drain = self.drain_of(src, dst, project, lease.alive, flipped + late_s, lease.fence)
         moved = await drain.run()
         self.say(f"{project}: {moved} queued job(s) moved; cleaning shard {source}")
+        lease.alive()
+        await copy_drops(src, dst, project)  # none come there now: its jobs are all gone
         await self._copy_history(src, dst, project, lease.alive)
-        await confirmed(dst, f"{project}'s history", STOPPED_FLIPPED)
+        await confirmed(dst, f"{project}'s history and drops", STOPPED_FLIPPED)
         await lease.fence()
         await forget(src, project, lease.alive)
 

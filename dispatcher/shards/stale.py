@@ -15,7 +15,7 @@ from dispatcher.history.moving import copy_project
 from dispatcher.history.redis import RedisHistory
 from dispatcher.models import PLATFORM_PROJECT
 from dispatcher.shards.drain import confirmed
-from dispatcher.shards.holdings import forget, glob_escaped, holds
+from dispatcher.shards.holdings import copy_drops, forget, glob_escaped, holds
 from dispatcher.shards.lanes import hold_source, lanes_left
 from dispatcher.shards.lease import MoveLease
 
@@ -32,7 +32,8 @@ async def forget_copy(
     router: Router, project: str, index: int, say: Callable[[str], None] = print
 ) -> bool:
     """Remove `project`'s copy from shard `index`, where it does not live, its Redis
-    history copied first to where it lives; returns whether that shard held any of it.
+    history and its drops (after those where it lives) copied first to where it lives;
+    returns whether that shard held any of it.
     Refused: the shard it lives on; a project whose own shard holds nothing of it (the
     copy may be its only one); a project moving, or whose move died after its flip
     (`dispatcher shards move` finishes or undoes it, and the copy may be where that move
@@ -57,7 +58,11 @@ async def forget_copy(
             return False
         await lease.fence()
         await _keep_history(stale, router.shards[home], project, lease.alive)
-        await confirmed(router.shards[home], f"{project}'s history", "the stale copy stays")
+        lease.alive()
+        await copy_drops(stale, router.shards[home], project)  # `forget` deletes them
+        await confirmed(
+            router.shards[home], f"{project}'s history and drops", "the stale copy stays"
+        )
         await forget(stale, project, lease.alive)
         say(f"{project}: its copy on shard {index} is gone (it lives on shard {home})")
         return True

@@ -242,6 +242,8 @@ return {taken, skipped}
     progress_ttl: int
     waiting_prefix: str
     lane_body: str
+    dropped_prefix: str
+    lane_prefix: str
     now_ms: int
 
 

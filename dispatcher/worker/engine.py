@@ -39,7 +39,7 @@ from dispatcher.worker.fence import Fence
 from dispatcher.worker.filtering import Filters
 from dispatcher.worker.lanes import Lanes, Sending
 from dispatcher.worker.marks import read_marks
-from dispatcher.worker.record import attempt_record, disabled, keep_entry, observe
+from dispatcher.worker.record import attempt_record, disabled, keep_drop, observe
 from dispatcher.worker.sender import Sender
 from dispatcher.worker.shares import Shares
 from dispatcher.worker.steps import FirstRetry, Step
@@ -209,13 +209,14 @@ class Engine:
             await self.attempt(found, target, int(progress or 0) + 1, then)
 
     async def drop(self, job: DeliveryJob, reason: str, then: Then, kind: str = "callback") -> None:
-        """End a delivery without an attempt, on record (`dispatcher:deliveries:dropped`;
-        `kind`: the metric's label)."""
+        """End a delivery without an attempt, on record in its project's list of drops
+        (`record.keep_drop`): the project whose event it was (`DeliveryJob.event_project`),
+        as its lane's drops; `kind`: the metric's label."""
 
         def write(pipe: Pipeline) -> None:
-            keep_entry(pipe, self.keys.DROPPED, {"deliveryId": job.delivery_id, "reason": reason,
-                                            "callbackId": job.callback_id,
-                                            "projectId": job.project_id})  # fmt: skip
+            keep_drop(pipe, self.keys, job.event_project, {"deliveryId": job.delivery_id,
+                      "reason": reason, "callbackId": job.callback_id,
+                      "projectId": job.project_id})  # fmt: skip
             if job.redelivery_of is None:
                 pipe.set(self.keys.delivery(job.progress_id), DONE, ex=self.progress_ttl)
             else:  # its id is free again for a window redelivery, as if never queued

@@ -9,7 +9,7 @@ import json
 from typing import TYPE_CHECKING, Any
 
 from dispatcher.bodies import LANE
-from dispatcher.worker.record import KEPT_ENTRIES
+from dispatcher.worker.record import DROPS_KEPT_S, KEPT_ENTRIES
 
 if TYPE_CHECKING:
     from dispatcher.keys import Keys
@@ -52,20 +52,26 @@ end
 # `lane`'s first member ({id, score}) whose job is there, and what `read` (GET: its
 # bytes; EXISTS) answered of it. A member before it whose job is gone (deleted, expired,
 # ended as poison: its turn can never come) leaves the lane and the queue, on record in
-# `dropped` (as `record.keep_entry` writes), counted in `skipped`: marked done (a late
-# copy of its `Enter` leaves it out), off its project's waiting set, its reference to its
-# kept body given back (`bodies.GIVE_BACK`, which the script includes first). Unless it
-# or its event's job (the fan-out, which attempts it: a delivery it attempts has no job
-# of its own, and releases it) is alive: its job there, leased (a worker runs it: a
-# claim does not extend a job's data, which may expire while its attempt runs) or in the
-# queue (its claim ends it). Nothing (nil) when the lane is empty, its first member is
-# such a one, or past 100 gone in a row. Only a member whose job is gone costs more than
-# the one read. Names the script declares: `queue`, `dropped`, `job_prefix`,
-# `lease_prefix`, `progress_prefix`, `progress_ttl`, `waiting_prefix`, `lane_body`,
-# `now_ms`.
+# the drops of the project the lane is of (its deliveries' event's, as the engine files
+# their drops: `DeliveryJob.event_project`) and in `dropped` (as `record.keep_drop`
+# writes them), counted in `skipped`: marked done (a late copy of its `Enter` leaves it out),
+# off its project's waiting set, its reference to its kept body given back
+# (`bodies.GIVE_BACK`, which the script includes first). Unless it or its event's job
+# (the fan-out, which attempts it: a delivery it attempts has no job of its own, and
+# releases it) is alive: its job there, leased (a worker runs it: a claim does not extend
+# a job's data, which may expire while its attempt runs) or in the queue (its claim ends
+# it). Nothing (nil) when the lane is empty, its first member is such a one, or past 100
+# gone in a row. Only a member whose job is gone costs more than the one read. Names the
+# script declares: `queue`, `dropped`, `job_prefix`, `lease_prefix`, `progress_prefix`,
+# `progress_ttl`, `waiting_prefix`, `lane_body`, `dropped_prefix`, `lane_prefix`, `now_ms`.
 FIRST_THERE = (
     f"local kept_entries, gone = {KEPT_ENTRIES}, {json.dumps(GONE)}\n"
+    + f"local drops_kept_s = {DROPS_KEPT_S}\n"
     + """
+local function keep_drop(key, entry)
+  redis.call('LPUSH', key, entry)
+  redis.call('LTRIM', key, 0, kept_entries - 1)
+end
 local skipped = 0
 local function alive(id)
   return redis.call('EXISTS', job_prefix .. id, lease_prefix .. id) > 0
@@ -77,9 +83,15 @@ local function drop(lane, id)
   redis.call('SET', progress_prefix .. id, 'done', 'EX', progress_ttl)
   redis.call('ZREM', waiting_prefix .. string.match(id, '^[^:]*'), id)
   give_back(lane_body .. string.gsub(id, '%.%d+@(%d+)$', '@%1'), id)  -- its body's key
-  local entry = {jobId = id, reason = gone, at = tonumber(now_ms)}
-  redis.call('LPUSH', dropped, cjson.encode(entry))
-  redis.call('LTRIM', dropped, 0, kept_entries - 1)
+  local entry = cjson.encode({jobId = id, reason = gone, at = tonumber(now_ms)})
+  -- the lane's project ({prefix}{receiver}:{project}:{key}), not its id's first part:
+  -- an id of a version before scoped ids is the event id, which may hold ':'
+  local project = string.match(string.sub(lane, #lane_prefix + 1), '^[^:]*:([^:]+):')
+  if project then
+    keep_drop(dropped_prefix .. project, entry)
+    redis.call('EXPIRE', dropped_prefix .. project, drops_kept_s)
+  end
+  keep_drop(dropped, entry)
   skipped = skipped + 1
 end
 local function first_there(lane, read)
@@ -109,4 +121,6 @@ def first_there_names(keys: Keys, progress_ttl: int) -> dict[str, Any]:
         "progress_ttl": progress_ttl,
         "waiting_prefix": keys.LANES_WAITING_PREFIX,
         "lane_body": keys.BODY_PREFIX + LANE,
+        "dropped_prefix": keys.DROPPED_PREFIX,
+        "lane_prefix": keys.LANE_PREFIX,
     }

@@ -335,6 +335,8 @@ return {'lane:next', id, data, redis.call('GET', progress_prefix .. id) or '',
     progress_ttl: int
     waiting_prefix: str
     lane_body: str
+    dropped_prefix: str
+    lane_prefix: str
     callback_prefix: str
 
     @classmethod

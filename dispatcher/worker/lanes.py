@@ -2,7 +2,7 @@
 
 A callback registered with `orderBy` (see `registry.options`) has one *lane* per value of
 that path in its events' data, shared by the callbacks of the same URL, owner and path
-(one per event, as the batch route makes them), per emitting project (`keys.lane_id`). A
+(one per event, as the batch route makes them), per emitting project (`lane_ids.lane_id`). A
 lane is a sorted set of deliveries' progress ids (`{delivery id}@{emittedAt}`) scored by
 their event's number, which Redis gave the event when it queued it (`dispatcher.sequence`).
 Its lowest member, the *head*, is the one delivery of the lane that may be attempted; the
@@ -49,7 +49,8 @@ from dispatcher.bodies import GONE as BODY_GONE
 from dispatcher.bodies import body_key, read
 from dispatcher.clock import now_ms
 from dispatcher.jobs import BadJob, DeliveryJob, decode, encode
-from dispatcher.keys import SEP, lane_id
+from dispatcher.keys import SEP
+from dispatcher.lane_ids import lane_id
 from dispatcher.registry.match import TARGET_FIELDS, CallbackTarget
 from dispatcher.registry.options import order_key
 from dispatcher.worker.lane_scripts import NEXT_TAG, SKIPPED_TAG, Enter, Head, Release
@@ -382,9 +383,8 @@ def _in_lane(job: DeliveryJob, target: CallbackTarget, path: str, key: str) -> D
     registered for there with the same `orderBy`) of its project's events with `key`. A
     body its event's deliveries share is kept apart for the lanes (`bodies.body_key`). The
     job and its records carry the key as the lane names it (its id's last part: past
-    `keys.LANE_KEY_MAX` characters, `#` and its hash), not whole in each of them."""
-    project = job.emitter or job.project_id
-    lane = lane_id(target.project_id, target.url, path, project, key)
+    `lane_ids.LANE_KEY_MAX` characters, `#` and its hash), not whole in each of them."""
+    lane = lane_id(target.project_id, target.url, path, job.event_project, key)
     return dataclasses.replace(job, order_key=lane.split(SEP, 2)[2], lane=lane)
 
 

@@ -17,10 +17,14 @@ arq client and arq's health check read and write) and owns the lifecycle instead
   event loop, so HTTP attempts in flight finish on time.
 
 With shards (see `dispatcher.shards`) a worker serves each shard it is given (every one by
-default, `DISPATCHER_WORKER_SHARDS`) in turn: each turn claims at most a batch from the
-next shard, so the shards share its slots fairly, and a shard that does not answer waits
-out its own backoff while the others go on. Each shard has its own claims and writer
-(`served.py`): a job's writes go to its own shard.
+default, `DISPATCHER_WORKER_SHARDS`) in turn (`turns.py`): each turn claims at most a batch
+from the next shard, so the shards share its slots fairly, and a shard that does not answer
+(within a second: frozen, or gone quiet) waits out its own backoff while the others go on.
+Each shard has its own claims, writer and lease renewals (`served.py`): a job's writes go to
+its own shard, no shard's leases wait for another's, and a shard's claims stop on its own
+waiting writes only. A failed run whose put-back its shard does not take gives its slot up
+while it waits (`slots.py`): a frozen shard's jobs keep the others' slots no longer than
+the job timeout.
 """
 
 from __future__ import annotations
@@ -32,7 +36,6 @@ import functools
 import os
 import signal
 import socket
-import time
 import uuid
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import TYPE_CHECKING, Any
@@ -51,6 +54,8 @@ from dispatcher.worker.duties import Counts, Duties, every
 from dispatcher.worker.lanes import Adopt
 from dispatcher.worker.served import CLAIM_ERRORS, Served, given_shards
 from dispatcher.worker.shipping import Shipping
+from dispatcher.worker.slots import JobKey, Slots
+from dispatcher.worker.turns import Turns, claim_wait
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
@@ -58,13 +63,18 @@ if TYPE_CHECKING:
     from dispatcher.settings import Settings
     from dispatcher.worker.claims import Claimed
 
-__all__ = ["Worker", "create_worker"]
+__all__ = ["Worker", "create_worker", "stop_budget"]
 
 log = structlog.get_logger("dispatcher.worker")
 
-# a running job: the shard it was claimed on, and its id there
-JobKey = tuple[int, str]
 Job = Coroutine[Any, Any, None]  # a job's run, as its task runs it
+
+
+def stop_budget(settings: Settings) -> float:
+    """The most a worker's stop takes after SIGTERM (`Worker._wind_down`): twice the grace,
+    a second each for the writes and the shipping, and the goodbye's Redis timeout. Every
+    deployment's stop timeout is above it (`deploy/`)."""
+    return 2 * settings.shutdown_grace + 2.0 + settings.redis_timeout
 
 
 class Worker:
@@ -109,11 +119,11 @@ class Worker:
         self.shipping = Shipping([run.services for run in self.served])
         self.duties = Duties(settings, every_shard[0], [run.services for run in self.served],
                              self.engine.stats, self.token, self._counts)  # fmt: skip
-        self.running: dict[JobKey, asyncio.Task[None]] = {}
-        self._turn = 0
+        self.slots = Slots(self.max_jobs, self.claim_batch)
+        self.running = self.slots.running
+        self.turns = Turns(self.served, claim_wait(settings), self._late)
         self.jobs_started = self.jobs_complete = self.jobs_failed = 0
         self._stop: asyncio.Event | None = None
-        self._room: asyncio.Event | None = None
         self._due: asyncio.Event | None = None  # set when this worker queued a job due now
         self._closed = False
         self._context = contextvars.Context()  # a job's task starts from it (`main`'s)
@@ -122,21 +132,19 @@ class Worker:
 
     def stop(self) -> None:
         """Stop claiming; running jobs get `DISPATCHER_SHUTDOWN_GRACE` to finish."""
-        if self._stop is not None and self._room is not None:
+        if self._stop is not None:
             self._stop.set()
-            self._room.set()  # a loop waiting for room stops waiting
+            self.slots.open()  # a loop waiting for room stops waiting
         self._wake()
 
     async def main(self) -> None:
-        self._stop, self._room, self._due = asyncio.Event(), asyncio.Event(), asyncio.Event()
+        self._stop, self._due = asyncio.Event(), asyncio.Event()
         if self.handle_signals:
             loop = asyncio.get_running_loop()
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.add_signal_handler(sig, self.stop)
-        background = [
-            asyncio.create_task(every(self.settings.lease_seconds / 3, self._renew)),
-            *self.duties.start(),
-        ]
+        renewals = [every(self.settings.lease_seconds / 3, run.renew) for run in self.served]
+        background = [*map(asyncio.create_task, renewals), *self.duties.start()]
         self.shipping.start()
         if self.settings.worker_metrics_port is not None:
             from prometheus_client import start_http_server
@@ -161,19 +169,19 @@ class Worker:
         while not self._stop.is_set():
             if self.burst and await self._burst_done():
                 return
-            room = self.max_jobs - len(self.running)
+            room = self.slots.left()
             if room < min(self.claim_batch, self.max_jobs) and self.running:
-                await self._wait_for_room()
+                await self.slots.wait(self.poll_delay)  # until a batch's worth is free
                 continue
-            run = self._next_ready()
+            run = self.turns.next_ready()
             if run is None or self._held_back(run):
                 await self._pause(self.poll_delay)
                 continue
             # one shard: all the room; several: a batch each in turn (a fair share)
             share = room if len(self.served) == 1 else min(room, self.claim_batch)
             self._due.clear()
-            claimed = await run.claim(share, self._held(run), self.poll_delay)
-            if claimed is None:  # its Redis did not answer: that shard backs off
+            claimed = await self.turns.claim(run, share, self._held(run), self.poll_delay)
+            if claimed is None:  # its Redis did not answer (in turn): that shard backs off
                 continue
             for job in claimed:
                 self._start(run, job)
@@ -188,23 +196,12 @@ class Worker:
                 dry = 0
                 await self._idle()
 
-    def _next_ready(self) -> Served | None:
-        """The next shard in turn whose claims are not backing off (None: none is)."""
-        now = time.monotonic()
-        for _ in range(len(self.served)):
-            run = self.served[self._turn % len(self.served)]
-            self._turn += 1
-            if run.ready(now):
-                return run
-        return None
-
     def _held_back(self, run: Served) -> bool:
-        """Whether to claim nothing from `run`'s shard now: too many writes wait, its
-        Redis is away or full (its writes are stalled), the history's backlog is full, or
-        the burst is spent."""
-        pending = sum(served.writer.pending for served in self.served)
+        """Whether to claim nothing from `run`'s shard now: too many of its writes wait
+        (its own: a shard not answering stops no other's claims), its Redis is away or full
+        (its writes are stalled), the history's backlog is full, or the burst is spent."""
         return (
-            pending > self.max_pending_writes
+            run.writer.pending > self.max_pending_writes
             or run.writer.stalled
             or self.shipping.full
             or self._burst_spent()
@@ -225,13 +222,6 @@ class Worker:
         assert self._stop is not None
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._stop.wait(), seconds)
-
-    async def _wait_for_room(self) -> None:
-        """Until a batch's worth of slots is free (or a poll interval passed)."""
-        assert self._room is not None
-        self._room.clear()
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._room.wait(), self.poll_delay)
 
     def _burst_spent(self) -> bool:
         return 0 <= self.max_burst_jobs <= self.jobs_started
@@ -256,6 +246,16 @@ class Worker:
     def _start(self, run: Served, claimed: Claimed) -> None:
         gives_up = unending.reason(claimed.claims)
         self._spawn(run, claimed.job_id, self._run(run, claimed), gives_up)
+
+    def _late(self, run: Served, claimed: list[Claimed]) -> None:
+        """The jobs of a claim that answered after its turn (`Turns`): run as any others,
+        or put back at once when the worker stops."""
+        for job in claimed:
+            if self._stop is not None and self._stop.is_set():
+                run.put_back(job.job_id, 0)
+            else:
+                self._start(run, job)
+        self._wake()
 
     def _adopt(self, run: Served, job_id: str, work: Callable[[], Awaitable[None]]) -> None:
         """Run `work`, the attempt of a job this worker took outside a claim (a lane's next
@@ -284,10 +284,7 @@ class Worker:
     def _ended(self, run: Served, key: JobKey, task: asyncio.Task[None]) -> None:
         if run.engine.shares.job_ended(key[1]):  # a full project has room: claim for it
             self._wake()
-        if self.running.get(key) is task:  # not a new run of the same job (a fan-out's)
-            del self.running[key]
-        if self._room is not None and self.max_jobs - len(self.running) >= self.claim_batch:
-            self._room.set()
+        self.slots.ended(key, task)
 
     async def _run(self, run: Served, claimed: Claimed) -> None:
         if claimed.data is None:  # its data expired before anyone ran it (arq's rule)
@@ -323,7 +320,9 @@ class Worker:
             log.warning("worker.job_left", job_id=job_id, reason=str(exc))
         except Exception as exc:
             self.jobs_failed += 1
-            await run.failed_run(job_id, claims, describe(exc, trusted=CLAIM_ERRORS))
+            free = functools.partial(self.slots.free, (run.index, job_id))  # several shards
+            error = describe(exc, trusted=CLAIM_ERRORS)
+            await run.failed_run(job_id, claims, error, free if len(self.served) > 1 else None)
         finally:
             if run.engine.lanes.released != released:  # a lane's next delivery is due now
                 self._wake()
@@ -343,13 +342,6 @@ class Worker:
         else:
             await run.deliver(claimed, DeliveryJob.from_wire(wire.payload, claimed.job_id))
 
-    async def _renew(self) -> None:
-        for run in self.served:
-            try:
-                await run.engine.fence.renew()
-            except REDIS_ERRORS as exc:  # that shard is away: the others' leases go on
-                log.debug("worker.renew_failed", shard=run.index, error=str(exc))
-
     def _held(self, run: Served) -> list[str]:
         """The ids of the jobs this worker runs on `run`'s shard."""
         return [job_id for index, job_id in self.running if index == run.index]
@@ -361,8 +353,14 @@ class Worker:
 
     async def _wind_down(self, background: list[asyncio.Task[None]]) -> None:
         """Let running jobs finish (up to the grace), put the others back at once, write
-        what waits, then stop the background tasks."""
-        grace = self.settings.shutdown_grace
+        what waits and ship what is left within the rest of twice the grace (a second each
+        at least), then stop the background tasks and say goodbye within the Redis
+        timeout: the whole stop fits `stop_budget`. Each step took up to the grace of its
+        own, three graces and the goodbye's retries in all, past the 60 s a deployment
+        gives before SIGKILL (review)."""
+        grace, clock = self.settings.shutdown_grace, asyncio.get_running_loop().time
+        ends = clock() + 2 * grace
+        await self.turns.stop()  # claims still out: given up
         if self.running:
             _, late = await asyncio.wait(list(self.running.values()), timeout=grace)
             late_keys = [key for key, task in self.running.items() if task in late]
@@ -371,14 +369,16 @@ class Worker:
             for index, job_id in late_keys:
                 by_index[index].put_back(job_id, 0)
         try:
-            async with asyncio.timeout(max(grace, 1.0)):
+            async with asyncio.timeout(max(ends - clock(), 1.0)):
                 await asyncio.gather(*(run.writer.drain() for run in self.served))
         except TimeoutError:  # Redis is away: their jobs are still queued, and run again
             pending = sum(run.writer.pending for run in self.served)
             log.error("worker.writes_unsaved", pending=pending)
-        await self.shipping.stop(within=max(grace, 1.0))
+        await self.shipping.stop(within=max(ends - clock(), 1.0))
         await cancel_all(background)
-        await self.duties.last_words()
+        with contextlib.suppress(TimeoutError):  # Redis away: its heartbeat lapses
+            async with asyncio.timeout(self.settings.redis_timeout):
+                await self.duties.last_words()
         log.info("worker.stopped", complete=self.jobs_complete, failed=self.jobs_failed)
 
     async def close(self) -> None:

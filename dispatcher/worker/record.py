@@ -1,6 +1,7 @@
 """What an attempt leaves behind: its history record (shaped from the job, its callback
 and the attempt), its metrics and its one log line; and the entry a job or a delivery
-ended without an attempt leaves in an operator's list (poison jobs, drops)."""
+ended without an attempt leaves in an operator's list (poison jobs, drops: those kept per
+project, so that one project's drops never push another's out)."""
 
 from __future__ import annotations
 
@@ -24,12 +25,14 @@ if TYPE_CHECKING:
     from dispatcher.delivery import Attempted, AttemptResult
     from dispatcher.history.record import AttemptRecord
     from dispatcher.jobs import DeliveryJob
+    from dispatcher.keys import Keys
     from dispatcher.registry import CallbackTarget
     from dispatcher.settings import Settings
 
-__all__ = ["attempt_record", "disabled", "keep_entry", "observe"]
+__all__ = ["attempt_record", "disabled", "keep_drop", "keep_entry", "observe"]
 
-KEPT_ENTRIES = 1000  # newest entries kept in the poison and dropped lists
+KEPT_ENTRIES = 1000  # newest entries kept in the poison and dropped lists (each project's)
+DROPS_KEPT_S = 30 * 86_400  # a project's list of drops lasts this long after its latest
 
 log = structlog.get_logger("dispatcher.worker")
 _USERINFO = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*:[/\\]*).*@", re.DOTALL)  # after its scheme
@@ -144,6 +147,25 @@ def observe(
 
 
 def keep_entry(pipe: Pipeline, key: str, entry: dict[str, Any]) -> None:
-    """Queue `entry` at the head of a bounded operator list (poison jobs, drops)."""
+    """Queue `entry` at the head of a bounded operator list (poison jobs; drops: `keep_drop`)."""
     pipe.lpush(key, orjson.dumps({**entry, "at": now_ms()}))
     pipe.ltrim(key, 0, KEPT_ENTRIES - 1)
+
+
+def keep_drop(pipe: Pipeline, keys: Keys, project_id: str | None, entry: dict[str, Any]) -> None:
+    """Queue a drop's entry at the head of its project's list, the record of its drops,
+    where no other project's drops push it out (`project_id`: the project whose event it
+    was, `DeliveryJob.event_project`; None: no project for sure, a job unread whose id
+    may be a version before's: `jobs.retry_project`), and of the shard's list of every
+    project's, best-effort: a project whose retries are dropped by the thousand (its
+    callback deleted) pushes the others' out of that one. As `FIRST_THERE`
+    (`lane_lua.py`) writes it. A drop costs three commands more than its entry in one
+    list did; a delivery that is attempted, none."""
+    raw = orjson.dumps({**entry, "at": now_ms()})
+    if project_id:
+        own = keys.dropped(project_id)
+        pipe.lpush(own, raw)
+        pipe.ltrim(own, 0, KEPT_ENTRIES - 1)
+        pipe.expire(own, DROPS_KEPT_S)
+    pipe.lpush(keys.DROPPED, raw)
+    pipe.ltrim(keys.DROPPED, 0, KEPT_ENTRIES - 1)

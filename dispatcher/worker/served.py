@@ -16,16 +16,18 @@ from redis.exceptions import RedisError
 from dispatcher import bodies, metrics
 from dispatcher.connections import REDIS_ERRORS, redis_full
 from dispatcher.errors import InvalidSetting
-from dispatcher.jobs import DELIVER, BadJob, DeliveryJob, decode
+from dispatcher.jobs import DELIVER, FAN_OUT, DeliveryJob, EventJob, decode, retry_project
 from dispatcher.worker.claims import Claims
 from dispatcher.worker.engine import Engine
 from dispatcher.worker.fence import Fence
-from dispatcher.worker.record import keep_entry
+from dispatcher.worker.record import keep_drop, keep_entry
 from dispatcher.worker.shares import project_of
 from dispatcher.worker.steps import ChunkEnd, NextStep
 from dispatcher.worker.writer import Then, Writer
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from redis.asyncio.client import Pipeline
 
     from dispatcher.jobs import EventJob
@@ -33,7 +35,7 @@ if TYPE_CHECKING:
     from dispatcher.services import Services
     from dispatcher.worker.claims import Claimed
 
-__all__ = ["CLAIM_ERRORS", "Served", "given_shards"]
+__all__ = ["CLAIM_ERRORS", "PUT_BACK_WAIT_S", "Served", "given_shards"]
 
 log = structlog.get_logger("dispatcher.worker")
 
@@ -47,6 +49,7 @@ BACKOFF_CAP_S = 2.0
 # was, per delivery, more Redis work than the delivery itself).
 WIDE_SCAN_S = 0.25
 NARROW_BUDGET, WIDE_BUDGET = 100, 2000
+PUT_BACK_WAIT_S = 1.0  # a write answers in milliseconds: a failed run's slot is then freed
 # waited out while claiming: an outage, and any reply error (READONLY after a failover)
 CLAIM_ERRORS: tuple[type[Exception], ...] = (*REDIS_ERRORS, RedisError)
 
@@ -93,6 +96,15 @@ class Served:
 
     def answered(self) -> None:
         self.backoff, self.ready_at = 0.0, 0.0
+
+    async def renew(self) -> None:
+        """Extend this worker's leases on this shard. Each shard's renewals run on their
+        own (`every`, a task per shard): one whose Redis does not answer (redis-py waits
+        ~4 socket timeouts) lets no lease on another lapse meanwhile."""
+        try:
+            await self.engine.fence.renew()
+        except REDIS_ERRORS as exc:  # this shard is away: the others' leases go on
+            log.debug("worker.renew_failed", shard=self.index, error=str(exc))
 
     async def claim(self, share: int, mine: list[str], poll_delay: float) -> list[Claimed] | None:
         """Up to `share` due jobs of this shard, within the projects' fair shares, passing
@@ -153,11 +165,17 @@ class Served:
             lambda pipe: claims.again(pipe, job_id, delay, next_attempt=False)
         )
 
-    async def failed_run(self, job_id: str, claims: int, error: str) -> None:
+    async def failed_run(
+        self, job_id: str, claims: int, error: str, free: Callable[[], None] | None = None
+    ) -> None:
         """A run that failed (a timeout, Redis, a bug): its job is put back, to do the
-        same work again later. Held (its lease renewed) until Redis has taken the
-        put-back, and so every write the run queued before it: another worker claiming the
-        job before its writes landed (Redis away or full) would send its deliveries again."""
+        same work again later. Held (its lease renewed, passed over by this worker's
+        claims) until Redis has taken the put-back, and so every write the run queued
+        before it: another worker claiming the job before its writes landed (Redis away or
+        full) would send its deliveries again. `free` (several shards served) is called
+        when the put-back has not landed within `PUT_BACK_WAIT_S`: the job, which only
+        waits now, gives its slot to the other shards' jobs (its shard not answering, its
+        slot would hold them up for as long)."""
         delay = retry_in(claims)
         log.warning(
             "job.failed",
@@ -168,7 +186,12 @@ class Served:
             shard=self.index,
         )
         with contextlib.suppress(Exception):  # refused for good: logged by the writer
-            await self.put_back(job_id, delay)
+            back = self.put_back(job_id, delay)
+            if free is not None:
+                landed, _ = await asyncio.wait({back}, timeout=PUT_BACK_WAIT_S)
+                if not landed:
+                    free()
+            await back
 
     async def deliver(self, claimed: Claimed, job: DeliveryJob) -> None:
         """A `deliver` job's run, with the body it refers to when it holds none of its own
@@ -226,15 +249,16 @@ class Served:
 
     async def drop(self, claimed: Claimed, reason: str, *, finish: bool = True) -> None:
         """End a job without running it, on record (an ordered delivery's drop releases its
-        lane, a retry's its reference to a kept body, in the same write)."""
-        delivery = _delivery(claimed)
+        lane, a retry's its reference to a kept body, in the same write), in its project's
+        list of drops (`_held`)."""
+        delivery, project = _held(claimed)
         if finish and delivery is not None and delivery.lane is not None:
             then = self.engine.lanes.releasing(delivery, self.next_step(claimed.job_id))
             await self.engine.drop(delivery, reason, then, "job")
             return
 
         def write(pipe: Pipeline) -> None:
-            keep_entry(pipe, self.keys.DROPPED, {"jobId": claimed.job_id, "reason": reason})
+            keep_drop(pipe, self.keys, project, {"jobId": claimed.job_id, "reason": reason})
             if finish:
                 self.claims.finish(pipe, claimed.job_id)
                 if delivery is not None:
@@ -251,18 +275,21 @@ def retry_in(claims: int) -> float:
     return min(60.0, 0.5 * 2.0 ** min(claims, 7))
 
 
-def _delivery(claimed: Claimed) -> DeliveryJob | None:
-    """The delivery a job holds, if it holds one (its body unread)."""
+def _held(claimed: Claimed) -> tuple[DeliveryJob | None, str | None]:
+    """The delivery a job holds, if it holds one (its body unread), and the project whose
+    list of drops its drop goes to: its delivery's event's (`DeliveryJob.event_project`),
+    a fan-out's event's, or, the job unread, the one a retry's id of today names
+    (`jobs.retry_project`); None: no project for sure (every project's list alone)."""
     try:
         wire = decode(claimed.data or b"")
-        job = (
-            DeliveryJob.from_wire(wire.payload, claimed.job_id)
-            if wire.function == DELIVER
-            else None
-        )
-    except BadJob:
-        return None
-    return job
+        if wire.function == DELIVER:
+            job = DeliveryJob.from_wire(wire.payload, claimed.job_id)
+            return job, job.event_project
+        if wire.function == FAN_OUT:
+            return None, EventJob.from_wire(wire.payload).project_id
+    except (TypeError, ValueError):  # BadJob, or an event's field of the wrong type
+        pass
+    return None, retry_project(claimed.job_id)
 
 
 def given_shards(shards: list[Services], wanted: list[int] | None) -> list[Services]:

@@ -20,8 +20,8 @@ produced the writes never wait for them. A Redis at `maxmemory` (`OOM`, with
 every command is taken. This works because every write is idempotent (records carry
 their ids, jobs are keyed by id, leases are checked), so a batch whose answer was lost
 can be sent twice. What waits is bounded by the worker's slots and counted in
-`dispatcher_pending_writes`; the worker claims no new job while too much waits, or while
-Redis refuses its writes.
+`dispatcher_pending_writes`; the worker claims no new job from a shard while too much
+waits for it, or while it refuses its writes.
 """
 
 from __future__ import annotations

@@ -21,6 +21,7 @@ import yaml
 
 from dispatcher.failover import parse_sentinel_url
 from dispatcher.settings import Settings
+from dispatcher.worker.loop import stop_budget
 
 # Settings built from a mapping of DISPATCHER_* variables; `where` names it in messages.
 SettingsFromEnv = Callable[[Mapping[str, Any], str], Settings]
@@ -36,9 +37,7 @@ KUSTOMIZATION = K8S / "kustomization.yaml"
 
 YAML_FILES = sorted(p for p in DEPLOY.rglob("*") if p.suffix in (".yml", ".yaml"))
 MANIFEST_FILES = sorted(p for p in K8S.glob("*.y*ml") if p.name != KUSTOMIZATION.name)
-DEFAULT_STOP_BUDGET = float(
-    Settings.model_fields["shutdown_grace"].default + Settings.model_fields["total_timeout"].default
-)
+DEFAULT_GRACE = Settings.model_fields["shutdown_grace"].default
 
 
 def load_yaml(path: Path) -> list[Any]:
@@ -69,11 +68,6 @@ def settings_from_env(monkeypatch: pytest.MonkeyPatch) -> SettingsFromEnv:
         return Settings()
 
     return build
-
-
-def stop_budget(settings: Settings) -> float:
-    """What a stopping worker may use: the grace for running jobs, each bounded by the timeout."""
-    return settings.shutdown_grace + settings.total_timeout
 
 
 # ---- YAML ---------------------------------------------------------------------------------
@@ -553,12 +547,9 @@ def test_systemd_unit(name: str) -> None:
 
 def test_systemd_worker_outlives_its_grace() -> None:
     service = unit(UNITS["worker"])["Service"]
-    settings_budget = DEFAULT_STOP_BUDGET
     example = env_file(SYSTEMD / "env.example")
-    if "DISPATCHER_SHUTDOWN_GRACE" in example and "DISPATCHER_TOTAL_TIMEOUT" in example:
-        settings_budget = float(example["DISPATCHER_SHUTDOWN_GRACE"]) + float(
-            example["DISPATCHER_TOTAL_TIMEOUT"]
-        )
+    grace = float(example.get("DISPATCHER_SHUTDOWN_GRACE", DEFAULT_GRACE))
+    settings_budget = stop_budget(Settings.model_construct(shutdown_grace=grace))
     assert systemd_seconds(service["TimeoutStopSec"]) > settings_budget
     # A per-instance file, read after the shared one, so that its values win.
     files = list(directive_values(UNITS["worker"], "Service", "EnvironmentFile"))

@@ -211,6 +211,21 @@ async def test_readiness_holds_while_one_shard_answers(settings: Settings) -> No
     }
 
 
+async def test_a_query_parameter_given_twice_is_refused(api: httpx.AsyncClient) -> None:
+    """No route takes a list: the last value won in silence (`role=admin&role=member`
+    stored `member`; review). A 400 naming it, as a repeated identity header; nothing
+    is registered. Once each, and a value holding `&` escaped, go through."""
+    query = "event=BUILD_END&region=DEVNET&url=https://e.com/h&url=https://evil.example/h"
+    refused = await api.post(f"{CALLBACKS}?{query}", headers=UID)
+    assert refused.status_code == 400, refused.text
+    assert refused.json()["message"] == "query parameter 'url' given more than once: send it once"
+    assert (await api.get(CALLBACKS, headers=UID)).json()["data"]["records"] == []
+    spelled = "event=BUILD_END&region=DEVNET&url=https://e.com/h&ur%6C=https://evil.example/h"
+    assert (await api.post(f"{CALLBACKS}?{spelled}", headers=UID)).status_code == 400
+    once = "event=BUILD_END&region=DEVNET&url=https://e.com/h%3Fa%3D1%26url%3D2"
+    assert (await api.post(f"{CALLBACKS}?{once}", headers=UID)).json()["status"] == 0
+
+
 async def test_oversized_query_string_is_refused(api: httpx.AsyncClient) -> None:
     response = await api.get(CALLBACKS, params={"pad": "x" * 9000}, headers=UID)
     assert response.status_code == 400 and "query string longer" in response.json()["message"]

@@ -334,8 +334,9 @@ async def test_a_retry_dropped_unrun_gives_back_its_body(
     for job_id in jobs:  # as if each had been claimed 30 times already
         await redis.set(keys.ARQ_RETRY_PREFIX + job_id, 30, ex=3_600)
     await run_worker(slow)
-    drops = [orjson.loads(e) for e in await redis.lrange(keys.DROPPED, 0, -1)]  # type: ignore[misc]
-    assert sorted(d["jobId"] for d in drops) == jobs
+    for key in (keys.DROPPED, keys.dropped("demo")):  # every project's; demo's own
+        drops = [orjson.loads(e) for e in await redis.lrange(key, 0, -1)]  # type: ignore[misc]
+        assert sorted(d["jobId"] for d in drops) == jobs
     assert await body_keys(redis) == []
 
 

@@ -13,7 +13,8 @@ from dispatcher.clock import now_ms
 from dispatcher.errors import InvalidInput
 from dispatcher.events import EventIdReused, event_job
 from dispatcher.jobs import DeliveryJob, EventJob, decode, encode
-from dispatcher.keys import Keys, lane_id
+from dispatcher.keys import Keys
+from dispatcher.lane_ids import lane_id
 from dispatcher.models import PLATFORM_PROJECT, Event, Region
 from dispatcher.producer import Producer
 from dispatcher.registry import Options, Registry

@@ -15,7 +15,8 @@ from aiohttp import web
 from redis.asyncio import Redis
 
 from dispatcher.jobs import DELIVER, decode
-from dispatcher.keys import LANE_KEY_MAX, Keys
+from dispatcher.keys import Keys
+from dispatcher.lane_ids import LANE_KEY_MAX
 from dispatcher.producer import Producer
 from dispatcher.services import Services
 from dispatcher.settings import Settings

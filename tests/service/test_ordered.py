@@ -26,7 +26,8 @@ from dispatcher.cli import app
 from dispatcher.clock import now_ms
 from dispatcher.embedded import EmbeddedRedis
 from dispatcher.jobs import DeliveryJob, EventJob
-from dispatcher.keys import Keys, lane_id
+from dispatcher.keys import Keys
+from dispatcher.lane_ids import lane_id
 from dispatcher.lua import Script
 from dispatcher.models import Event, HistoryRecord, Region
 from dispatcher.producer import Producer
@@ -765,9 +766,10 @@ def dropped_jobs() -> float:
     return REGISTRY.get_sample_value("dispatcher_deliveries_dropped_total", {"reason": "job"}) or 0
 
 
-async def drops(redis: Redis) -> list[tuple[str, str]]:
-    """(jobId, reason) of each recorded drop, newest first."""
-    entries = await redis.lrange(keys.DROPPED, 0, -1)  # type: ignore[misc]  # sync|async
+async def drops(redis: Redis, key: str = keys.DROPPED) -> list[tuple[str, str]]:
+    """(jobId, reason) of each recorded drop (every project's, or those of one list),
+    newest first."""
+    entries = await redis.lrange(key, 0, -1)  # type: ignore[misc]  # sync|async
     return [(d.get("jobId"), d["reason"]) for d in map(orjson.loads, entries)]
 
 
@@ -833,6 +835,7 @@ async def test_a_lanes_next_delivery_whose_job_is_gone_is_dropped_and_the_lane_g
     ]
     assert ends == [("e0", "FAILED", False), ("e0", "SUCCESS", True), ("e2", "SUCCESS", True)]
     assert await drops(redis) == [(gone, GONE_REASON)]
+    assert await drops(redis, keys.dropped("demo")) == [(gone, GONE_REASON)]  # its project's
     assert dropped_jobs() == before + 1
     assert not await redis.exists(lane) and not await redis.zcard(keys.QUEUE)
 
@@ -1019,8 +1022,9 @@ async def test_the_sweep_of_a_cluster_shard_unblocks_drops_and_gives_back(
             stats = AttemptStats()
             duties = Duties(settings, services, [services], stats, "t", lambda: Counts(0, 0, 0))
             await duties._sweep(services, slot=1)
-            found = await client.lrange(k.DROPPED, 0, -1)  # type: ignore[misc]  # sync|async
-            assert sorted(orjson.loads(d)["jobId"] for d in found) == ["p:e1.1@5", "p:e3.2@7"]
+            for key in (k.DROPPED, k.dropped("p")):  # every project's, and p's own (its tag)
+                found = await client.lrange(key, 0, -1)  # type: ignore[misc]  # sync|async
+                assert sorted(orjson.loads(d)["jobId"] for d in found) == ["p:e1.1@5", "p:e3.2@7"]
             assert dropped_jobs() == before + 2
             assert not await client.zcard(k.LANES_BLOCKED)
             assert await client.zscore(k.QUEUE, "p:e2.1@6") is not None
@@ -1031,9 +1035,10 @@ async def test_the_sweep_of_a_cluster_shard_unblocks_drops_and_gives_back(
 
 
 async def gone_heads(redis: Redis, k: Keys) -> None:
-    """A blocked lane and an unlisted one, each with a head whose job is gone and a parked
-    delivery behind it; an empty lane listed as blocked; a kept body whose job is gone."""
-    listed, unlisted = k.lane("listed"), k.lane("unlisted")
+    """A blocked lane and an unlisted one of project p's, each with a head whose job is
+    gone and a parked delivery behind it; an empty lane listed as blocked; a kept body
+    whose job is gone."""
+    listed, unlisted = (k.lane(lane_id("p", "http://x/", "o", "p", n)) for n in ("1", "2"))
     await redis.zadd(listed, {"p:e1.1@5": 1, "p:e2.1@6": 2})
     await redis.zadd(unlisted, {"p:e3.2@7": 1, "p:e4.2@8": 2})
     for parked in ("p:e2.1@6", "p:e4.2@8"):

@@ -403,6 +403,38 @@ async def test_projects_flooding_at_once_each_wait_behind_their_own_backlog(
     assert await redis.zrank(line, "q01") == 2  # behind a06 and b06, whose turn it shares
 
 
+async def test_a_slot_given_back_wakes_no_more_than_the_rate_lets_start(redis: Redis) -> None:
+    """A callback at 2 a second with 10 slots: a slot given back while this second's starts
+    are taken wakes no one (each woken job was claimed, refused by `Admit` and put back:
+    a callback at 50/s with 1,000 slots made ~780 such round trips a second; review); with
+    one start left in the second it wakes one, the first in line."""
+    starts, running, line, _, _ = keys.limits(11)
+    later = now_ms() + 60_000
+    for n in range(5):
+        await redis.zadd(line, {f"j{n}": n + 1})
+        await redis.zadd(keys.QUEUE, {f"j{n}": later})
+
+    async def release(started: int) -> None:
+        await redis.delete(starts)
+        if started:
+            await redis.zadd(starts, {f"s{n}": now_ms() for n in range(started)})
+        await redis.zadd(running, {"slot": now_ms() + 60_000})
+        await Release(
+            starts=starts, running=running, line=line, queue=keys.QUEUE, token="slot",
+            in_flight=10, per_second=2,
+        ).run(redis)  # fmt: skip
+
+    await release(started=2)
+    assert {int(due) for _, due in await redis.zrange(keys.QUEUE, 0, -1, withscores=True)} == {
+        later
+    }
+    await release(started=1)
+    woken = [
+        job for job, due in await redis.zrange(keys.QUEUE, 0, -1, withscores=True) if due < later
+    ]
+    assert woken == [b"j0"]
+
+
 async def test_a_delivery_lined_up_by_the_version_before_turns_takes_a_turn(
     redis: Redis,
 ) -> None:

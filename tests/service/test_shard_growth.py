@@ -781,11 +781,12 @@ async def test_the_operator_forgets_a_stale_copy_and_nothing_else(
     shard_servers: list[EmbeddedRedis], receiver: Receiver, tmp_path: Path
 ) -> None:
     """`dispatcher shards forget P --shard N` removes P's stale copy on shard N (callbacks,
-    roles, Redis history, a record only it had copied first to where P lives) and nothing
-    of P where it lives. Refused: the shard it lives on, a shard not listed, a copy that
-    may be P's only one (its own shard holds nothing), while N still has a job of it
-    queued, while it moves, and while a move of it that died after its flip is unfinished
-    (the copy may be where that move came from)."""
+    roles, Redis history, a record only it had and its drops copied first to where P
+    lives, the drops after P's own there) and nothing of P where it lives. Refused: the
+    shard it lives on, a shard not listed, a copy that may be P's only one (its own shard
+    holds nothing), while N still has a job of it queued, while it moves, and while a move
+    of it that died after its flip is unfinished (the copy may be where that move came
+    from). Its drops there were deleted uncopied (review)."""
     async with three_shards(shard_servers, tmp_path) as urls:
         settings = make_settings(urls[0], redis_shards=urls, placement_refresh=0.05)
         project, url = PROJECTS[0], receiver.url("/hook")
@@ -805,6 +806,11 @@ async def test_the_operator_forgets_a_stale_copy_and_nothing_else(
                 "projectId": project, "callBackUrl": url, "events": "BUILD_END",
                 "status": "SUCCESS", "createdTime": now_ms(), "startTime": 1, "endTime": 2,
             })  # fmt: skip
+            drop = [
+                orjson.dumps({"deliveryId": f"{project}:e{n}.1", "reason": "r"}) for n in (1, 2)
+            ]
+            await zero.redis.rpush(zero.keys.dropped(project), drop[0])  # type: ignore[misc]
+            await two.redis.rpush(two.keys.dropped(project), drop[1])  # type: ignore[misc]
             for shard, says in ((0, "lives on shard 0"), (3, "no shard 3")):
                 with pytest.raises(InvalidInput, match=says):
                     await forget_copy(router, project, shard, said.append)
@@ -826,6 +832,8 @@ async def test_the_operator_forgets_a_stale_copy_and_nothing_else(
             assert (await zero.callbacks(project)).count == 1
             assert await zero.roles.list(project) == {"alice": Role.ADMIN}
             assert (await zero.history.get(left, project)).id == left  # kept where it lives
+            assert await zero.redis.lrange(zero.keys.dropped(project), 0, -1) == drop  # type: ignore[misc]
+            assert not await two.redis.exists(two.keys.dropped(project))
             assert not await forget_copy(router, project, 1, said.append)  # nothing there
             assert said == [
                 f"{project}: its copy on shard 2 is gone (it lives on shard 0)",

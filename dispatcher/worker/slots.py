@@ -1,0 +1,63 @@
+"""A worker's slots: `DISPATCHER_WORKER_MAX_JOBS` jobs run at once, each holding one.
+
+A job holds its slot until its task ends, except a failed run waiting for a put-back its
+shard has not taken (`Served.failed_run`, with several shards served): it gives its slot
+up (`free`) and stays running (its lease renewed, passed over by the worker's claims)
+until the put-back lands. Otherwise the jobs of a frozen shard, each waiting for its
+Redis, would keep every slot once they had filled them, and the other shards would claim
+nothing for as long as it stayed frozen.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+__all__ = ["JobKey", "Slots"]
+
+# a running job: the shard it was claimed on, and its id there
+JobKey = tuple[int, str]
+
+
+class Slots:
+    """The jobs running (`running`, by shard and id) and the room they leave; `wait`
+    returns once `batch` slots are free (or a poll interval passed)."""
+
+    def __init__(self, max_jobs: int, batch: int) -> None:
+        self.max_jobs = max_jobs
+        self.batch = batch
+        self.running: dict[JobKey, asyncio.Task[None]] = {}
+        self._freed: set[asyncio.Task[None]] = set()  # running, holding no slot
+        self._room = asyncio.Event()
+
+    def left(self) -> int:
+        """The slots free: one per job running, but for those freed."""
+        return self.max_jobs - len(self.running) + len(self._freed)
+
+    def ended(self, key: JobKey, task: asyncio.Task[None]) -> None:
+        """`task`, running job `key`, ended."""
+        if self.running.get(key) is task:  # not a new run of the same job (a fan-out's)
+            del self.running[key]
+        self._freed.discard(task)
+        self._roomy()
+
+    def free(self, key: JobKey) -> None:
+        """The job this task runs, `key`, gives its slot up (see the module)."""
+        task = asyncio.current_task()
+        if task is not None and self.running.get(key) is task:
+            self._freed.add(task)
+            self._roomy()
+
+    async def wait(self, within: float) -> None:
+        """Until a batch's worth of slots is free, `open` is called, or `within` passed."""
+        self._room = asyncio.Event()  # (one of the running loop's: a worker may run again)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._room.wait(), within)
+
+    def open(self) -> None:
+        """A `wait` ends now (the worker stops)."""
+        self._room.set()
+
+    def _roomy(self) -> None:
+        if self.left() >= self.batch:
+            self._room.set()
