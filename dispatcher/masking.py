@@ -19,7 +19,6 @@ if TYPE_CHECKING:
     from collections.abc import Sequence
 
 __all__ = [
-    "ESCAPED_WIDTH",
     "MASKING_CPU",
     "WITHHELD",
     "Budget",
@@ -111,7 +110,7 @@ def _masked(text: str, found: list[str], budget: Budget) -> str:
     """`text` with each of `found` masked, a look at `budget` before each scan (a secret
     as sent is replaced without: one linear pass)."""
     for secret in sorted(found, key=len, reverse=True):
-        if "\\" in secret or sum(not c.isalnum() for c in secret) > MOST_ESCAPABLE:
+        if _by_forms(secret):
             budget.check()
             text = _mask_forms(text, _forms(secret), budget)  # as sent too: too many mixes
             continue
@@ -123,7 +122,8 @@ def _masked(text: str, found: list[str], budget: Budget) -> str:
     return text
 
 
-# A secret holding more characters that encoders escape than this, or a backslash (its
+# A secret holding more characters that encoders escape than this (any but an ASCII letter
+# or digit: `_pattern` escapes every non-ASCII one, `é` as `&#233;`), or a backslash (its
 # two forms, `\\` and `\\\\`, make a run of them match in 2^n ways), is masked in the forms
 # common encoders give it (`_forms`), not in every mix of escapes (`_pattern`): the
 # pattern's scan costs the text's length times those characters, and a project chooses its
@@ -133,6 +133,13 @@ def _masked(text: str, found: list[str], budget: Budget) -> str:
 # stops at `MASKING_CPU` (a random token of 64 visible ASCII characters holds ~20 such
 # characters; one of letters, digits and base64's, a few).
 MOST_ESCAPABLE = 12
+_ESCAPABLE = re.compile(r"[^A-Za-z0-9]")
+
+
+@functools.lru_cache(maxsize=1024)
+def _by_forms(secret: str) -> bool:
+    """Whether `secret` is masked in its common forms (`_forms`), not by `_pattern`."""
+    return "\\" in secret or len(_ESCAPABLE.findall(secret)) > MOST_ESCAPABLE
 
 
 @functools.lru_cache(maxsize=256)
@@ -221,8 +228,8 @@ def mask_cut(body: bytes, limit: int, secrets: Sequence[str], budget: Budget | N
 
 
 def past_cut(secrets: Sequence[str]) -> int:
-    """How far `mask_cut` wants to read past a cut: the widest form of the longest secret."""
-    return ESCAPED_WIDTH * max(map(len, secrets), default=0)
+    """How far `mask_cut` wants to read past a cut: the widest form of any secret (`_reach`)."""
+    return max(map(_reach, secrets), default=0)
 
 
 def _scan(text: str, secret: str, budget: Budget) -> str:
@@ -248,13 +255,23 @@ def _scan(text: str, secret: str, budget: Budget) -> str:
     return "".join(kept) + text[done:]
 
 
+@functools.lru_cache(maxsize=1024)
 def _reach(secret: str) -> int:
-    """How long a match of `_pattern(secret)` may be: the widest form of each character
-    (`&#x0026;`: `&#x00`, the hex digits and `;`; or `&#00`, the decimal ones and `;`)."""
-    return sum(
-        1 if c.isascii() and c.isalnum() else max(6 + len(f"{ord(c):x}"), 5 + len(str(ord(c))))
-        for c in secret
-    )
+    """How long a form of `secret` may be, a match of `_pattern` or one of `_forms`: its
+    letters and digits and the widest form of each other character, at most 8 for ASCII
+    (`&#x0026;`); else `&#x00`, the hex digits and `;` (`&#x0020ac;`: 10), `&#00`, the
+    decimal ones and `;`, or JSON's pair of `\\u` escapes past U+FFFF (`\\ud83d\\ude00`).
+    A fixed 8 a character was too short for those at U+1000 and above."""
+    escapable = _ESCAPABLE.findall(secret)
+    if secret.isascii():
+        return len(secret) + 7 * len(escapable)
+    return len(secret) + sum(_width(c) - 1 for c in escapable)
+
+
+def _width(c: str) -> int:
+    """The widest form of `c`, a character other than an ASCII letter or digit."""
+    code = ord(c)
+    return max(6 + len(f"{code:x}"), 5 + len(str(code)), 12 if code > 0xFFFF else 0)
 
 
 _LONG_RUN = re.compile(r"[A-Za-z0-9]{8,}")
@@ -262,9 +279,8 @@ _RUN = re.compile(r"[A-Za-z0-9]+")
 # What a character other than a letter or digit may be written as, besides itself: after a
 # backslash (JSON's `\/` and `\"`), as a `\u` escape in either case (Go's `\u0026`, .NET's
 # `\u002B`), as an HTML character reference (`&quot;`, `&#39;`, `&#039;`, `&#x27;`). At
-# most `ESCAPED_WIDTH` characters each.
+# most `_width` characters each.
 _NAMED = {'"': "|&quot;", "&": "|&amp;", "<": "|&lt;", ">": "|&gt;", "'": "|&apos;", "\t": r"|\\t"}
-ESCAPED_WIDTH = 8
 
 
 @functools.lru_cache(maxsize=4096)
