@@ -8,7 +8,8 @@ import html
 import json
 import random
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -149,6 +150,121 @@ def test_an_attempts_texts_share_its_budget(monkeypatch: pytest.MonkeyPatch) -> 
     said = [mask_secrets(text, [secret], budget) for _ in range(10)]
     assert said[0] == "x" * 10 + MASK and said[-1] == WITHHELD, said
     assert said.index(WITHHELD) == said.count("x" * 10 + MASK)  # withheld from then on
+
+
+# ---- a forms search, by the characters it checks ---------------------------------------
+
+
+class Searched(str):
+    """A text that counts what its searches (`str.find`) look at: the characters from
+    where each starts to the place found (or to the end it was given), and the form's own,
+    each checked whole at a place found; and the clock looked at in between."""
+
+    searches: int
+    looked: int
+    looks: list[tuple[int, int]]
+
+    def find(self, form: str, start: Any = 0, end: Any = None, /) -> int:
+        found = super().find(form, start, end)
+        stop = len(self) if end is None else min(end, len(self))
+        self.searches += 1
+        self.looked += (stop if found < 0 else found) - start + len(form)
+        return found
+
+    def clock(self) -> float:
+        """`time.thread_time` of a clock that never moves: what was searched at each look."""
+        self.looks.append((self.searches, self.looked))
+        return 0.0
+
+
+@pytest.mark.parametrize(
+    ("secret", "answer"),
+    [
+        ('"' * 4096, "\\u0022" * 9000),  # .NET's form: 24,576 characters at each place
+        ("<" * 4096, "&lt;" * 14_000),
+        ("/" * 4096, "\\/" * 30_000),  # PHP's
+        ("\\", "\\" * 50_000),  # a search at each place, each of one character
+    ],
+    ids=["dotnet-quotes", "html-lt", "php-slashes", "backslashes"],
+)
+def test_a_forms_search_looks_at_the_budget_by_what_it_checks(
+    secret: str, answer: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A forms search looked at the budget every 1,024 places found, but each place is a
+    form checked whole: 1,024 places of .NET's `\\u0022` for an auth header value of 4,096
+    quotes were 25 M characters, 19 ms of the loop between two looks (the answer past the
+    read limit: 20 ms an attempt; `&lt;` 21 ms, PHP's `\\/` 12 ms; review). It now looks
+    once per `SEARCHED` characters searched or checked and `SEARCH` a search, each search
+    over the places of one `WINDOW`: between two looks, at most that and one search."""
+    text = Searched(answer)
+    text.searches, text.looked, text.looks = 0, 0, []
+    monkeypatch.setattr(masking, "time", SimpleNamespace(thread_time=text.clock))
+    masked = mask_secrets(text, sent_secrets({}, "", ("X-Auth", secret)))
+    assert masked != answer and not masked.strip(MASK), masked[:100]  # masked, all of it
+    looks = [(0, 0), *text.looks, (text.searches, text.looked)]
+    widest = max(map(len, masking._forms(secret)))
+    one_search = masking.WINDOW + 2 * widest
+    for (searches, looked), (then, before) in zip(looks[1:], looks, strict=False):
+        assert looked - before <= masking.SEARCHED + one_search, (looked - before, len(looks))
+        assert searches - then <= masking.SEARCHED // masking.SEARCH + 1, searches - then
+
+
+def reference_mask_forms(text: str, forms: Sequence[str]) -> str:
+    """`_mask_forms` as it was before its searches were counted (review): every place of
+    every form, sorted, those that overlap or touch masked as one."""
+    spans: list[tuple[int, int]] = []
+    for form in forms:
+        at = text.find(form)
+        while at >= 0:
+            spans.append((at, at + len(form)))
+            at = text.find(form, at + 1)
+    if not spans:
+        return text
+    spans.sort()
+    kept: list[str] = []
+    done = 0
+    begin, end = spans[0]
+    for at, stop in spans[1:]:
+        if at <= end:
+            end = max(end, stop)
+        else:
+            kept += text[done:begin], MASK
+            done, begin, end = end, at, stop
+    kept += text[done:begin], MASK, text[end:]
+    return "".join(kept)
+
+
+def forms_cases(rng: random.Random) -> Iterator[tuple[str, tuple[str, ...]]]:
+    """Texts and forms: a secret masked by its forms (a backslash, or more than
+    `MOST_ESCAPABLE` characters to escape) amid pieces of its forms, whole and cut, and
+    floods of them; and forms of a two-letter alphabet, whose places overlap and touch
+    almost everywhere (periodic: `abab` in `ababab...`)."""
+    for _ in range(150):
+        length = rng.choice([1, 2, 5, 13, 14, 20, 40])
+        secret = "".join(rng.choices("aZ9\\" + OTHERS, k=length))
+        if not masking._by_forms(secret):
+            secret += "\\"
+        forms = masking._forms(secret)
+        pieces = [form[: rng.randrange(1, len(form) + 1)] for form in forms] + list(forms)
+        yield "".join(rng.choices([*pieces, "x", " ", "\\", "&"], k=rng.randrange(1, 60))), forms
+        yield rng.choice(forms) * rng.randrange(1, 30) + rng.choice(["", "x", "\\"]), forms
+    for _ in range(300):
+        forms = tuple({"".join(rng.choices("ab", k=rng.randrange(1, 6))) for _ in range(3)})
+        yield "".join(rng.choices("ab", k=rng.randrange(0, 300))), forms
+
+
+def test_a_forms_search_masks_what_it_masked_before(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The forms' places, searched a window of places at a time and merged as found, mask
+    just what every place of every form sorted and merged did, at every window."""
+    monkeypatch.setattr(masking, "MASKING_CPU", float("inf"))
+    rng, cases = random.Random(20240612), 0
+    for text, forms in forms_cases(rng):
+        expected = reference_mask_forms(text, forms)
+        for window in (1, 2, 3, 7, 64, 4096):
+            monkeypatch.setattr(masking, "WINDOW", window)
+            assert masking._mask_forms(text, forms, Budget()) == expected, (text, forms, window)
+            cases += 1
+    assert cases > 3000, cases
 
 
 # ---- non-ASCII secrets ------------------------------------------
