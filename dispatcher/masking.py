@@ -272,7 +272,8 @@ def _scan(text: str, secret: str, budget: Budget) -> str:
     the window's end as far as the widest form of the secret (`_reach`), so that a match
     starting inside and the character after it (a short secret's pattern looks at it) are
     in sight: one across the end is found whole, as `sub` finds it, and none else."""
-    pattern = _pattern(secret)
+    pattern = _pattern(secret)  # compiled: ~2.5 ms for 4,096 characters, a step not cut
+    budget.check()  # else a text of one window was masked whatever the compiling took
     if len(text) <= WINDOW:
         return pattern.sub(MASK, text)
     kept: list[str] = []  # the text before `done`, masked
