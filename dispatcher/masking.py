@@ -30,15 +30,19 @@ __all__ = [
 
 SHORT_SECRET = 8  # shorter secrets are masked only where they stand alone
 # The CPU time of the worker's loop an attempt's masking may take (its answer's head and
-# whole, its error), looked at before each secret's scan, every `WINDOW` characters of a
-# pattern's and every 1,024 places of a form's. A project chooses its secrets and its
-# receiver the text, which can be made to match almost everywhere: 20 KB took ~5 ms a
-# secret, 14-25 ms an attempt, 27-50 ms past the read limit, every other project's
-# deliveries waiting (review). Past it the text is withheld whole (`WITHHELD`): what is
-# left unmasked might hold a secret. Such an attempt now takes 5-6 ms: the budget and the
-# step that passes it (a window's scan, up to ~1 ms; a 4,096-character secret's pattern
-# compiled, ~3 ms). A normal answer takes 1-90 us (20 KB echoing the secrets, one of them
-# escaped, 86 us), as it did: the clock (~0.2 us) is read only where a scan runs.
+# whole, its error), looked at before each secret's scan and after its pattern is compiled,
+# every `WINDOW` characters of a pattern's scan and every `SEARCHED` characters a forms
+# search looks at. A project chooses its secrets and its receiver the text, which can be
+# made to match almost everywhere: 20 KB took ~5 ms a secret, 14-25 ms an attempt, 27-50
+# ms past the read limit, every other project's deliveries waiting (review). Past it the
+# text is withheld whole (`WITHHELD`): what is left unmasked might hold a secret. Such an
+# attempt now takes 5.0-5.4 ms: the budget and the step that passes it (a window's scan, up
+# to ~0.6 ms; a forms search, ~0.15 ms; a 4,096-character secret's forms made, ~0.5 ms).
+# One step is not cut: compiling a secret's pattern, 2.1-2.8 ms for 4,096 characters (new
+# for each secret a project chooses), started with the budget all but spent: 7.65 ms at
+# worst measured. A normal answer takes what it did (2 KB echoing the secrets, ~20 us; 20 KB
+# with a random 64-character token, masked by its forms, ~0.5 ms): the clock (~0.2 us) is
+# read only where a scan runs.
 MASKING_CPU = 0.005
 WITHHELD = f"[withheld: masking the secrets it may hold took over {MASKING_CPU * 1000:g} ms of CPU]"
 WINDOW = 4096  # characters
@@ -52,7 +56,10 @@ class _Spent(Exception):
 class Budget:
     """The CPU time an attempt's masking may still take, spent by each text it masks:
     this thread's (`time.thread_time`, ~0.2 us a look), so time the worker's process is
-    not running, or runs other threads, is not counted."""
+    not running, or runs other threads, is not counted. A garbage collection that an
+    allocation inside masking starts is counted (a full one of a large heap can take tens
+    of ms): a normal answer may then, rarely, be withheld, its body lost and no secret
+    kept."""
 
     __slots__ = ("_left", "_since", "_work")
 
