@@ -36,13 +36,14 @@ SHORT_SECRET = 8  # shorter secrets are masked only where they stand alone
 # made to match almost everywhere: 20 KB took ~5 ms a secret, 14-25 ms an attempt, 27-50
 # ms past the read limit, every other project's deliveries waiting (review). Past it the
 # text is withheld whole (`WITHHELD`): what is left unmasked might hold a secret. Such an
-# attempt now takes 5.0-5.4 ms: the budget and the step that passes it (a window's scan, up
-# to ~0.6 ms; a forms search, ~0.15 ms; a 4,096-character secret's forms made, ~0.5 ms).
+# attempt now takes 5.0-5.5 ms: the budget and the step that passes it (a window's scan, up
+# to ~0.6 ms; a forms search, ~0.15 ms; a 4,096-character secret's forms made, ~0.5 ms; a
+# plain search of a text past a window, up to ~2 ms: `_searched`).
 # One step is not cut: compiling a secret's pattern, 2.1-2.8 ms for 4,096 characters (new
 # for each secret a project chooses), started with the budget all but spent: 7.65 ms at
-# worst measured. A normal answer takes what it did (2 KB echoing the secrets, ~20 us; 20 KB
-# with a random 64-character token, masked by its forms, ~0.5 ms): the clock (~0.2 us) is
-# read only where a scan runs.
+# worst measured. A normal answer takes about what it did (2 KB echoing the secrets, ~20 us;
+# 20 KB with a random 64-character token, masked by its forms, ~0.5 ms): the clock (~0.2
+# us) is read at the start and end, and before a scan or a search of a long text.
 MASKING_CPU = 0.005
 WITHHELD = f"[withheld: masking the secrets it may hold took over {MASKING_CPU * 1000:g} ms of CPU]"
 WINDOW = 4096  # characters
@@ -96,26 +97,26 @@ def mask_secrets(text: str, secrets: Sequence[str], budget: Budget | None = None
     One shorter than `SHORT_SECRET` is masked only where no letter or digit touches it:
     inside words, masking would garble the text and give the secret away by its gaps.
     `WITHHELD` instead once masking has taken `budget` (the attempt's; a new one if none)."""
-    found = _there(text, secrets)
-    if not found:
-        return text
     budget = Budget() if budget is None else budget
     budget.start()
     try:
-        return _masked(text, found, budget)
+        found = _there(text, secrets, budget)
+        return _masked(text, found, budget) if found else text
     except _Spent:
         return WITHHELD
     finally:
         budget.stop()
 
 
-def _there(text: str, secrets: Sequence[str]) -> list[str]:
-    """Those of `secrets` whose `_anchor` is in `text`."""
+def _there(text: str, secrets: Sequence[str], budget: Budget) -> list[str]:
+    """Those of `secrets` whose `_anchor` is in `text`, a look at `budget` before each
+    search of a text longer than a `WINDOW` (`_searched`)."""
     size, found, inner, there = len(text), [], "", False
     for secret in secrets:
         if len(secret) > size:
             continue
         if not (inner and inner in secret):
+            _searched(size, budget)
             there = _anchor(secret) in text
         if there:
             found.append(secret)
@@ -131,12 +132,26 @@ def _masked(text: str, found: list[str], budget: Budget) -> str:
             budget.check()
             text = _mask_forms(text, _forms(secret), budget)  # as sent too: too many mixes
             continue
+        _searched(len(text), budget)
         if _whole(secret) and secret in text:
+            _searched(len(text), budget)
             text = text.replace(secret, MASK)
+        _searched(len(text), budget)
         if _anchor(secret) in text:  # escaped, or short: the pattern
             budget.check()
             text = _scan(text, secret, budget)
     return text
+
+
+def _searched(size: int, budget: Budget) -> None:
+    """A look at `budget` before a plain search (`in`, `replace`) of a text of `size`
+    past a `WINDOW`: CPython's search of a needle under 100 characters in a text under
+    30,000 costs up to their product, and three secrets of 99 letters made to almost
+    match everywhere in 20 KB took 10.7 ms of such searches (21 ms with the read past the
+    cut), none of them looked at (review). One search is then the most past the budget
+    (~2 ms at worst); a short text's costs no look."""
+    if size > WINDOW:
+        budget.check()
 
 
 # A secret holding more characters that encoders escape than this (any but an ASCII letter
