@@ -19,16 +19,9 @@ from yarl import URL
 from dispatcher.backoff import parse_retry_after
 from dispatcher.clock import now_ms
 from dispatcher.errors import AddressRefused, describe
-from dispatcher.headers import (
-    AuthHeader,
-    mask_cut,
-    mask_headers,
-    mask_secrets,
-    past_cut,
-    request_headers,
-    sent_secrets,
-)
+from dispatcher.headers import AuthHeader, mask_headers, request_headers, sent_secrets
 from dispatcher.history.window import truncate_json
+from dispatcher.masking import Budget, mask_cut, mask_secrets, past_cut
 
 if TYPE_CHECKING:
     from collections.abc import Iterator, Mapping, Sequence
@@ -268,7 +261,8 @@ async def send(
     secrets: Sequence[str] = (),
 ) -> AttemptResult:
     """POST once, bounded by `total_timeout` overall and `max_response_body` bytes read,
-    `secrets` masked in what the receiver answered and in the error (`mask_secrets`).
+    `secrets` masked in what the receiver answered and in the error (`mask_secrets`), both
+    within one `Budget` of the loop's time (past it, the text is withheld).
     Whatever goes wrong ends as a result, never an exception: a request that cannot be
     built fails for good; a failure on the wire is judged by the answer when one came, and
     is retried when none did (but for an address the policy refuses)."""
@@ -279,13 +273,14 @@ async def send(
     except Exception as exc:  # retrying cannot help: the same request again would fail
         text = f"the request could not be built: {describe(exc)}"
         return AttemptResult.unsent(text, started_ms=started)
-    answer = _Answer()
+    answer, budget = _Answer(), Budget()
     try:
         async with asyncio.timeout(total_timeout):
             async with client.post(target, body, headers, _timeout(connect_timeout)) as response:
-                await answer.read(response, max_response_body, secrets)
+                await answer.read(response, max_response_body, secrets, budget)
     except Exception as exc:  # a receiver can make anything raise: it ends as a result
-        error = _one_line(mask_secrets(_error_text(exc, (connect_timeout, total_timeout)), secrets))
+        error = _error_text(exc, (connect_timeout, total_timeout))
+        error = _one_line(mask_secrets(error, secrets, budget))
         if answer.status is not None:  # the answer came, reading it failed: judge the answer
             return answer.result(classify(answer.status), error, started)
         if (refusal := _refused(exc)) is not None:  # retrying cannot help
@@ -314,7 +309,7 @@ class _Answer:
     retry_after: float | None = None
 
     async def read(
-        self, response: aiohttp.ClientResponse, limit: int, secrets: Sequence[str]
+        self, response: aiohttp.ClientResponse, limit: int, secrets: Sequence[str], budget: Budget
     ) -> None:
         """The status, then `Retry-After`, then at most `limit` bytes of the body, `secrets`
         masked, kept as far as it takes at most `limit` bytes in the record (`truncate_json`:
@@ -326,10 +321,10 @@ class _Answer:
         if len(body) > limit:
             if (wanted := limit + past_cut(secrets) - len(body)) > 0:
                 body += await _read(response.content, wanted)
-            text = mask_cut(body, limit, secrets)
+            text = mask_cut(body, limit, secrets, budget)
         else:
             text = body.decode("utf-8", errors="replace")
-            text = mask_secrets(text, secrets) if text else text
+            text = mask_secrets(text, secrets, budget) if text else text
         self.text, cut = truncate_json(text, limit)
         if len(body) > limit or cut:
             self.text += f"... [truncated at {limit} bytes]"

@@ -8,18 +8,22 @@ import asyncio
 import contextlib
 import html
 import json
+import re
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 from aiohttp import web
 from redis.asyncio import Redis
 
+from dispatcher import masking
 from dispatcher.clock import now_ms
 from dispatcher.history.redis import RedisHistory
 from dispatcher.keys import Keys
+from dispatcher.masking import WITHHELD
 from dispatcher.models import Event, HistoryRecord, Region
 from dispatcher.producer import Producer
 from dispatcher.registry import Registry
@@ -353,6 +357,98 @@ async def test_a_secret_across_the_read_limit_is_masked_whole(
         kept = body.removesuffix(f"... [truncated at {limit} bytes]")
         assert kept != body and kept.startswith("x" * padding[path] + "******"), body[-80:]
         assert "tok-" not in kept, body[-80:]
+
+
+FLOODED_TOKEN = "a&" * 6 + "Zq8Zq8Zq8Zq8"  # each `a&amp;` a match's start, as far as `Zq8`
+FLOODED_CREDENTIAL = "a<" * 6 + "Yw7Yw7Yw7Yw7"
+
+
+async def test_an_answer_that_masking_would_take_too_long_on_is_withheld(
+    settings: Settings,
+    redis: Redis,
+    receiver: Receiver,
+    run_worker: RunWorker,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A project chooses its secrets and its receiver the text: one made to match their
+    patterns almost everywhere took ~25 ms of the worker's loop an attempt on 20 KB and
+    ~50 ms past the read limit, every other project's deliveries waiting (review). An
+    attempt's masking now has a budget of the loop's time (`masking.MASKING_CPU`, 5 ms;
+    made nothing here, so that any scan is past it): past it the answer is withheld whole,
+    and no secret the attempt sent is anywhere in its record."""
+    monkeypatch.setattr(masking, "MASKING_CPU", 0.0)
+    settings = settings.model_copy(update={"retry_schedule": ()})
+    limit = settings.max_response_body
+    floods = {"/flood": limit // 12, "/flood-past-limit": limit // 5}  # `a&amp;`: 6 bytes
+
+    def echo(path: str) -> Callable[[web.Request], Any]:
+        async def answer(request: web.Request) -> web.StreamResponse:
+            said = [
+                html.escape(request.headers[name])
+                for name in ("X-DEVOPS-WEBHOOK-TOKEN", "Authorization")
+            ] + [php({"s": request.headers["webhook-signature"]})]
+            return web.Response(status=401, text=" ".join(said) + " " + "a&amp;" * floods[path])
+
+        return answer
+
+    urls = {path: receiver.script(path, echo(path)) for path in floods}
+    for url in urls.values():
+        await Registry(redis).create(
+            "demo", url, Event.BUILD_END, Region.DEVNET, FLOODED_TOKEN,
+            auth_header=("Authorization", f"Bearer {FLOODED_CREDENTIAL}"),
+        )  # fmt: skip
+    await Producer(settings, redis).emit("demo", "BUILD_END", {})
+    await run_worker(settings)
+
+    for path, url in urls.items():
+        [seen] = receiver.requests(path)
+        signature = seen.headers["webhook-signature"]
+        secrets = [FLOODED_TOKEN, FLOODED_CREDENTIAL, signature, signature[3:]]
+        [record] = await records(redis, settings, url)
+        cut = f"... [truncated at {limit} bytes]" if path == "/flood-past-limit" else ""
+        assert record.response_code == 401 and record.response_body == WITHHELD + cut
+        stored = record.model_dump_json()
+        forms = [html.escape(s) for s in secrets] + [json.dumps(s)[1:-1] for s in secrets]
+        forms += [form.replace("/", "\\/") for form in forms]  # as PHP's JSON
+        assert not [s for s in secrets + forms if s in stored], stored
+
+
+async def test_a_patterns_compiling_counts_in_the_budget_of_a_short_answer(
+    settings: Settings,
+    redis: Redis,
+    receiver: Receiver,
+    run_worker: RunWorker,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A secret found escaped is masked by its pattern, compiled first (~2.5 ms for one of
+    4,096 characters, new for each secret a project chooses), and the budget was looked at
+    before the compiling only: an answer of one window (4,096 characters) was then masked
+    in one `sub`, whatever the compiling took (review). The worker's clock here goes 6 ms
+    on at each compiling, past the budget: the answer is withheld, the token nowhere."""
+    clock = [0.0]
+    monkeypatch.setattr(masking, "time", SimpleNamespace(thread_time=lambda: clock[0]))
+    compile_pattern = masking._pattern
+
+    def compiling(secret: str) -> re.Pattern[str]:
+        clock[0] += 0.006
+        return compile_pattern(secret)
+
+    monkeypatch.setattr(masking, "_pattern", compiling)
+    settings = settings.model_copy(update={"retry_schedule": ()})
+
+    async def echo(request: web.Request) -> web.Response:
+        said = html.escape(request.headers["X-DEVOPS-WEBHOOK-TOKEN"])
+        return web.Response(status=401, text=f"invalid token {said}")
+
+    url = receiver.script("/compiling", echo)
+    await Registry(redis).create("demo", url, Event.BUILD_END, Region.DEVNET, FLOODED_TOKEN)
+    await Producer(settings, redis).emit("demo", "BUILD_END", {})
+    await run_worker(settings)
+
+    [record] = await records(redis, settings, url)
+    assert record.response_code == 401 and record.response_body == WITHHELD, record
+    stored = record.model_dump_json()
+    assert FLOODED_TOKEN not in stored and html.escape(FLOODED_TOKEN) not in stored
 
 
 # ---- error texts ------------------------------------------------------------------------

@@ -13,9 +13,10 @@ from typing import Any
 import aiohttp
 import pytest
 
-from dispatcher import headers
+from dispatcher import masking
 from dispatcher.delivery import send
-from dispatcher.headers import mask_cut, mask_secrets, request_headers, sent_secrets
+from dispatcher.headers import request_headers, sent_secrets
+from dispatcher.masking import mask_cut, mask_secrets
 from dispatcher.models import MASK
 
 
@@ -184,7 +185,7 @@ def test_a_secret_of_many_escapable_characters_is_masked_in_one_pass_per_form(
     def no_pattern(secret: str) -> Any:
         raise AssertionError(f"a pattern of {len(secret)} characters")
 
-    monkeypatch.setattr(headers, "_pattern", no_pattern)
+    monkeypatch.setattr(masking, "_pattern", no_pattern)
     secrets = sent_secrets({}, "", ("X-Auth", secret))
     echoed = "x" * 100 + encode(secret) + "y" * 100
     assert mask_secrets(echoed, secrets) == "x" * 100 + MASK + "y" * 100
@@ -204,7 +205,7 @@ def test_a_secret_holding_a_backslash_is_never_masked_by_the_pattern(
     def no_pattern(secret: str) -> Any:
         raise AssertionError(f"a pattern of {secret!r}")
 
-    monkeypatch.setattr(headers, "_pattern", no_pattern)
+    monkeypatch.setattr(masking, "_pattern", no_pattern)
     secret = "\\" * 12 + "a"
     flood = ("\\" * 24 + "b") * 800
     assert mask_secrets(flood + "a", [secret]) == flood + "a"
