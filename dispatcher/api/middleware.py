@@ -158,26 +158,12 @@ def cross_site_refusal(scope: Scope, headers: Headers) -> ASGIApp | None:
         return None
     if headers.get("sec-fetch-site") in ("cross-site", "same-site"):
         return envelope(403, "a change asked by another site's page is refused (Sec-Fetch-Site)")
-    if "sec-fetch-site" not in headers and _foreign(headers.get("origin"), headers):
-        return envelope(403, "a change asked by another site's page is refused (Origin)")
     media = headers.get("content-type", "").partition(";")[0].strip().lower()
     if media in FORM_TYPES:
         return envelope(
             415, f"Content-Type {media} is not taken: send application/json, or no body"
         )
     return None
-
-
-def _foreign(origin: str | None, headers: Headers) -> bool:
-    """Whether a browser without Fetch Metadata (Safari before 16.4, older web views) says
-    another origin's page asks (`Origin`, sent on every cross-origin POST, `null` from a
-    sandboxed or local page), its host not this one's (`X-Forwarded-Host` behind a proxy,
-    else `Host`). A bodiless `fetch(..., {mode: 'no-cors'})` carried the gateway's cookie
-    past the content-type check (review). No `Origin`: a client, not a page."""
-    if origin is None:
-        return False
-    host = headers.get("x-forwarded-host") or headers.get("host", "")
-    return origin.partition("://")[2].lower() != host.split(",")[0].strip().lower()
 
 
 def _repeated(query: bytes) -> str | None:

@@ -23,10 +23,6 @@ PARAMS = {"event": "BUILD_END", "region": "DEVNET", "url": "https://hooks.exampl
         ({"Content-Type": "application/x-www-form-urlencoded"}, 415),  # a form's post
         ({"Content-Type": "multipart/form-data; boundary=x"}, 415),
         ({"Content-Type": "text/plain;charset=UTF-8"}, 415),  # a no-cors fetch's
-        # a browser without Fetch Metadata: a bodiless no-cors fetch from another origin
-        ({"Origin": "https://evil.example"}, 403),
-        ({"Origin": "null"}, 403),  # a sandboxed or local page
-        ({"Origin": "https://evil.example", "X-Forwarded-Host": "d"}, 403),
     ],
 )
 async def test_a_change_another_sites_page_could_send_is_refused(
@@ -47,8 +43,6 @@ async def test_a_change_another_sites_page_could_send_is_refused(
         {"Content-Type": "application/json"},  # the seeds' header
         {"Sec-Fetch-Site": "same-origin", "Content-Type": "application/json"},
         {"Sec-Fetch-Site": "none"},  # typed in the address bar
-        {"Origin": "http://dispatcher"},  # this origin's page (the test client's host)
-        {"Origin": "https://api.example", "X-Forwarded-Host": "api.example"},  # via a proxy
     ],
 )
 async def test_a_clients_change_goes_through(
