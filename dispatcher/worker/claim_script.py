@@ -204,7 +204,7 @@ class Claim(Script):
     budget: int
     scout: int
     sweep: int
-    sweep_after: str
+    sweep_after: bytes
     sweep_size: int
     quiet: str
     since_ms: int

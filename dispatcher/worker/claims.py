@@ -192,7 +192,7 @@ class Claims:
         self.token = token
         self.lease_ms = int(lease_s * 1000)
         self.claimed_at_ms = 0  # by Redis's clock: the last claim's (0: none yet)
-        self.sweep_at, self.sweep_after = 0, ""  # where the next sweeping claim looks on
+        self.sweep_at, self.sweep_after = 0, b""  # where the next sweeping claim looks on
 
     async def claim(
         self,
@@ -224,7 +224,7 @@ class Claims:
             budget=budget,
             scout=budget if scout is None else scout,
             sweep=self.sweep_at if sweep else -1,
-            sweep_after=self.sweep_after if sweep else "",
+            sweep_after=self.sweep_after if sweep else b"",
             sweep_size=SWEEP_ENTRIES,
             quiet="\n".join(quiet),
             since_ms=since_ms,
@@ -238,7 +238,7 @@ class Claims:
         ).run(self.redis)
         self.claimed_at_ms = int(claimed_at_ms)
         if sweep:
-            self.sweep_at, self.sweep_after = int(swept), after.decode()
+            self.sweep_at, self.sweep_after = int(swept), after  # bytes: any id's, as it is
         return await self._named(rows)
 
     async def _named(self, rows: list[list[bytes]]) -> list[Claimed]:
