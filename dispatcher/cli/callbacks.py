@@ -6,12 +6,12 @@ from __future__ import annotations
 from typing import Annotated
 
 import typer
-from rich.table import Table
 
 from dispatcher.auth import Role
 from dispatcher.catalogue import CATALOGUE
 from dispatcher.cli.common import (
     CLI_USER,
+    Table,
     console,
     err,
     fmt_ms,

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from typing import Any, TypeVar
 
 import typer
 from pydantic import ValidationError
 from rich.console import Console
-from rich.table import Table
+from rich.table import Table as RichTable
 from rich.text import Text
 
 from dispatcher.connections import REDIS_ERRORS
@@ -24,6 +25,7 @@ from dispatcher.topology import check_shards
 
 __all__ = [
     "CLI_USER",
+    "Table",
     "app",
     "checked",
     "console",
@@ -35,6 +37,7 @@ __all__ = [
     "on_router",
     "records_table",
     "run_async",
+    "shown",
     "tagged",
     "with_history_url",
     "with_redis_url",
@@ -55,10 +58,29 @@ app = typer.Typer(
 console = Console(markup=False, emoji=False)
 err = Console(stderr=True, markup=False, emoji=False)
 
+# Control characters (C0, DEL, C1, bidi overrides, zero-width), shown escaped: a terminal
+# acts on ESC (clears the screen, retitles itself, hides rows), and registration refusing
+# them (a reason, a pipeline id, a filter) leaves what no one registers, such as a filter's
+# error quoting an event's value (`abs(data.x)` of "\x1b[2J": review).
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200b-\u200f\u202a-\u202e\u2060-\u206f\ufeff]")
+
+
+def shown(text: str) -> str:
+    r"""`text` with its control characters escaped (`\x1b`, `\u202e`), for a terminal."""
+    return _CONTROL.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), text)
+
+
+class Table(RichTable):
+    """Rich's table, its cells of text `shown`: they hold what projects and receivers
+    wrote."""
+
+    def add_row(self, *cells: Any, **options: Any) -> None:
+        super().add_row(*(shown(c) if isinstance(c, str) else c for c in cells), **options)
+
 
 def tagged(tag: str, style: str, rest: str = "") -> Text:
-    """`tag` in `style`, then `rest` as it is."""
-    return Text.assemble((tag, style), rest)
+    """`tag` in `style`, then `rest` as it is (its control characters escaped)."""
+    return Text.assemble((tag, style), shown(rest))
 
 
 def load_settings(**overrides: Any) -> Settings:

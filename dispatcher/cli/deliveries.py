@@ -8,10 +8,10 @@ from typing import Annotated, Any
 
 import orjson
 import typer
-from rich.table import Table
 
 from dispatcher import tracing
 from dispatcher.cli.common import (
+    Table,
     app,
     console,
     counting,

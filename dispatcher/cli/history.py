@@ -8,9 +8,9 @@ import signal
 from typing import Annotated
 
 import typer
-from rich.table import Table
 
 from dispatcher.cli.common import (
+    Table,
     console,
     counting,
     err,

@@ -5,9 +5,8 @@ from __future__ import annotations
 from typing import Annotated
 
 import typer
-from rich.table import Table
 
-from dispatcher.cli.common import console, err, on_router
+from dispatcher.cli.common import Table, console, err, on_router
 from dispatcher.cluster import masters_of
 from dispatcher.connections import shown
 from dispatcher.shards.move import Mover

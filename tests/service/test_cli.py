@@ -327,6 +327,24 @@ def test_db_upgrade_without_postgres_has_nothing_to_do(cli: CliRunner) -> None:
     assert result.exit_code == 0 and "nothing to upgrade" in result.output
 
 
+def test_control_characters_no_one_registered_are_printed_escaped(cli: CliRunner) -> None:
+    """A filter's error quotes the event's value that failed it (`abs(data.x)` of an event
+    whose x is "\\x1b[2J…"): registration refuses control characters, but this is written
+    by the worker, and `callbacks list` sent the ESC to the operator's terminal, clearing
+    the screen and retitling it (review). Every cell the CLI prints shows them escaped."""
+    added = cli.invoke(app, ["callbacks", "add", "--project", "p", "--url",
+                             "https://example.com/h", "--event", "BUILD_END",
+                             "--filter", "abs(data.x)"])  # fmt: skip
+    assert added.exit_code == 0, added.output
+    error = "invalid type for value: \x1b[2J\x1b]0;pwned\x07"
+    client = redis_py.Redis.from_url(os.environ["DISPATCHER_REDIS_URL"])
+    client.hset(keys.filter_errors(1), mapping={"n": 1, "lastError": error})
+    client.close()
+    listed = cli.invoke(app, ["callbacks", "list", "--project", "p"], env={"COLUMNS": "400"})
+    assert listed.exit_code == 0, listed.output
+    assert "\x1b" not in listed.output and "\\x1b[2J\\x1b]0;pwned\\x07" in listed.output
+
+
 def test_what_projects_wrote_is_printed_as_it_is(cli: CliRunner) -> None:
     """A reason or a filter a project wrote is printed as it is, never read as the
     terminal's markup: "[/]" stopped `callbacks list` with a MarkupError (review), and a
