@@ -244,12 +244,19 @@ async def _keeps_keys(settings: Settings, target: str) -> list[str]:
         await redis.aclose()
     evicting: set[str] = set()  # the policies that evict keys: under a limit,
     unlimited: set[str] = set()  # and without one
+    where: set[str] = set()  # the sentinel URL's replicas among the evicting
     for node in nodes:
-        if (policy := str(node.get("maxmemory_policy", "noeviction"))) != "noeviction":
-            (evicting if int(node.get("maxmemory", 0)) > 0 else unlimited).add(policy)
+        if (policy := str(node.get("maxmemory_policy", "noeviction"))) == "noeviction":
+            continue
+        limited = int(node.get("maxmemory", 0)) > 0
+        (evicting if limited else unlimited).add(policy)
+        where |= {node[REPLICA]} if limited and REPLICA in node else set()
     if evicting:
+        at = (
+            f" (its replica {', '.join(sorted(where))}, which a failover promotes)" if where else ""
+        )
         raise InvalidSetting(
-            f"the Redis at {shown(target)} evicts keys when full (maxmemory-policy "
+            f"the Redis at {shown(target)}{at} evicts keys when full (maxmemory-policy "
             f"{', '.join(sorted(evicting))}): it would drop queued events. Set "
             f"maxmemory-policy {_NOEVICTION}; a full Redis is then an outage that emits and "
             "workers wait out, not lost data",
@@ -302,6 +309,8 @@ async def _memory(
     return found, warnings
 
 
+REPLICA = "_replica"  # a sentinel URL's replica's INFO: its host:port, for the refusal
+
 # Away, or answering with a refusal (NOAUTH, an ACL refusing INFO, ...)
 NO_ANSWER: tuple[type[Exception], ...] = (*REDIS_ERRORS, ResponseError)
 
@@ -321,7 +330,7 @@ async def _with_replicas(
             continue
         try:
             async with asyncio.timeout(settings.redis_timeout):  # not the retries' sum
-                found.append(await replica.info("memory"))
+                found.append({**await replica.info("memory"), REPLICA: name})
         except NO_ANSWER as exc:
             warnings.append(
                 f"replica {name} of {parsed.describe()} did not answer INFO ({exc}): {unchecked}"

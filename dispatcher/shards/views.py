@@ -11,10 +11,12 @@ is in one database: those reads go there once.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 from typing import TYPE_CHECKING, Any
 
 from dispatcher import metrics
+from dispatcher.connections import REDIS_ERRORS
 from dispatcher.errors import NotFound, Unavailable
 from dispatcher.history.window import unknown_record
 from dispatcher.models import PLATFORM_PROJECT, HistoryPage, RedeliveryResult
@@ -75,7 +77,7 @@ def merged_lanes(found: list[Lanes]) -> Lanes:
     shown = sorted((lane for one in found for lane in one.shown), key=lambda lane: lane.since_ms)
     return Lanes(
         sum(one.blocked for one in found),
-        max(one.oldest_s for one in found),
+        max((one.oldest_s for one in found), default=0.0),
         tuple(shown[:LANES_SHOWN]),
     )
 
@@ -232,32 +234,65 @@ async def _not_moving(
 
 async def fleet_gauges(router: Router) -> None:
     """The fleet's gauges of `/metrics`: queues, history backlogs and Redis memory added
-    up over the shards, the fullest Redis, the live workers (from the home shard)."""
-    depth = age = waiting = oldest = used = most = 0.0
+    up over the shards, the fullest Redis, the live workers (from the home shard). A shard
+    that does not answer within `DISPATCHER_REDIS_TIMEOUT` is left out and the others'
+    are set, then its error is raised (`dispatcher_redis_up 0`): one shard away froze
+    every gauge, the others' fullest Redis with them (review). None answering, every
+    gauge keeps its last value."""
+    depth = age = waiting = oldest = 0.0
     lanes: list[Lanes] = []
+    away: list[Exception] = []
+    bound = router.settings.redis_timeout
     for services in router.shards:
-        lanes.append(await read_lanes(services.redis, services.keys, limit=1))
-        due, due_age = await services.queue.depth()
-        backlog, backlog_age = await services.history.backlog()
+        try:
+            async with asyncio.timeout(bound):
+                lanes.append(await read_lanes(services.redis, services.keys, limit=1))
+                due, due_age = await services.queue.depth()
+                backlog, backlog_age = await services.history.backlog()
+        except REDIS_ERRORS as exc:  # TimeoutError among them
+            away.append(exc)
+            continue
         depth, age = depth + due, max(age, due_age)
         waiting, oldest = waiting + backlog, max(oldest, backlog_age)
-    fullest = 0.0  # summed, one shard full among empty ones hid behind the others (review)
-    for services in _servers(router):
-        for memory in _per_node(await services.redis.info("memory")):
-            node_used, limit = int(memory.get("used_memory", 0)), int(memory.get("maxmemory", 0))
-            used, most = used + node_used, most + limit
-            fullest = max(fullest, node_used / limit if limit else 0.0)
+    used, most, fullest = await _memory(router, away)
+    if not lanes:  # no shard answered: the gauges keep their last values
+        raise away[0]
     metrics.QUEUE_DEPTH.set(depth)
     metrics.QUEUE_OLDEST_SECONDS.set(age)
     metrics.HISTORY_BACKLOG.set(waiting)
     metrics.HISTORY_BACKLOG_AGE.set(oldest)
-    metrics.WORKERS_LIVE.set(await count_live_workers(router.home.redis, router.home.keys))
+    with contextlib.suppress(*REDIS_ERRORS):  # the home shard away: counted in `away`
+        async with asyncio.timeout(bound):
+            live = await count_live_workers(router.home.redis, router.home.keys)
+            metrics.WORKERS_LIVE.set(live)
     metrics.REDIS_USED_MEMORY.set(used)
     metrics.REDIS_MAX_MEMORY.set(most)
     metrics.REDIS_FULLEST.set(fullest)
     blocked = merged_lanes(lanes)
     metrics.LANES_BLOCKED.set(blocked.blocked)
     metrics.LANES_BLOCKED_OLDEST_SECONDS.set(blocked.oldest_s)
+    if away:
+        raise away[0]
+
+
+async def _memory(router: Router, away: list[Exception]) -> tuple[int, int, float]:
+    """Redis' used memory and limits added up, and the fullest server's or node's share of
+    its limit (summed, one full among empty ones hid behind them: review); the error of
+    each that does not answer within the Redis timeout goes to `away`."""
+    used = most = 0
+    fullest = 0.0
+    for services in _servers(router):
+        try:
+            async with asyncio.timeout(router.settings.redis_timeout):
+                nodes = _per_node(await services.redis.info("memory"))
+        except REDIS_ERRORS as exc:
+            away.append(exc)
+            continue
+        for memory in nodes:
+            node_used, limit = int(memory.get("used_memory", 0)), int(memory.get("maxmemory", 0))
+            used, most = used + node_used, most + limit
+            fullest = max(fullest, node_used / limit if limit else 0.0)
+    return used, most, fullest
 
 
 def _per_node(info: dict[str, Any]) -> list[dict[str, Any]]:

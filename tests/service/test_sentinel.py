@@ -126,6 +126,7 @@ async def test_an_evicting_replica_stops_a_process_before_a_failover_promotes_it
         with pytest.raises(InvalidSetting, match="maxmemory-policy volatile-lru") as caught:
             await preflight(settings)
         assert caught.value.param == "maxmemory-policy"
+        assert f"(its replica 127.0.0.1:{port}, which a failover promotes)" in str(caught.value)
         await replica.config_set("maxmemory-policy", "noeviction")
         assert await preflight(settings) == []
     finally:

@@ -14,6 +14,7 @@ import redis as redis_py
 from prometheus_client import REGISTRY
 from redis.asyncio import Redis
 
+from dispatcher import metrics
 from dispatcher.api import create_app
 from dispatcher.clock import now_ms
 from dispatcher.connections import REDIS_ERRORS
@@ -121,7 +122,9 @@ async def test_the_fullest_redis_is_measured_alone_not_in_the_fleets_sum(
     settings: Settings, tmp_path: Path
 ) -> None:
     """Two shards: one with a limit twice its use, one with a limit far above it. The fullest
-    is ~0.5; the fleet's sums (what the alert divided) read ~0 and never fired."""
+    is ~0.5; the fleet's sums (what the alert divided) read ~0 and never fired. A third
+    shard between them does not answer: the others' gauges are set all the same, and
+    `dispatcher_redis_up` is 0 (one shard away froze every gauge: review)."""
     with (
         EmbeddedRedis(tmp_path / "a", persist=False) as roomy,
         EmbeddedRedis(tmp_path / "b", persist=False) as tight,
@@ -131,8 +134,11 @@ async def test_the_fullest_redis_is_measured_alone_not_in_the_fleets_sum(
             used = int(node.info("memory")["used_memory"])  # type: ignore[index]  # sync|async
             node.config_set("maxmemory", limit(used))
             node.close()
-        shards = [roomy.url, tight.url]
-        sharded = settings.model_copy(update={"redis_url": roomy.url, "redis_shards": shards})
+        shards = [roomy.url, "redis://127.0.0.1:1/0", tight.url]
+        sharded = settings.model_copy(
+            update={"redis_url": roomy.url, "redis_shards": shards, "redis_timeout": 0.5}
+        )
+        metrics.REDIS_FULLEST.set(-1)  # what a scrape that sets nothing would leave
         app = create_app(sharded)
         async with app.router.lifespan_context(app):
             transport = httpx.ASGITransport(app=app)
@@ -143,6 +149,7 @@ async def test_the_fullest_redis_is_measured_alone_not_in_the_fleets_sum(
     )
     assert summed < 0.01
     assert 0.3 < gauge(text, "dispatcher_redis_memory_fullest_ratio") < 0.8
+    assert gauge(text, "dispatcher_redis_up") == 0
 
 
 async def test_metrics_carry_the_fleets_gauges_and_answer_without_redis(
