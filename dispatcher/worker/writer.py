@@ -27,6 +27,7 @@ waits for it, or while it refuses its writes.
 from __future__ import annotations
 
 import asyncio
+import weakref
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -69,6 +70,13 @@ def _transient(result: Any) -> bool:
     return isinstance(result, REDIS_ERRORS) or transient_reply(result)
 
 
+# Every writer of the process (one per shard it serves): `dispatcher_pending_writes` adds
+# up theirs, read at scrape (each writer set it to its own count: the last one won, and a
+# frozen shard's backlog hid behind a quiet shard's zero; review).
+_WRITERS: weakref.WeakSet[Writer] = weakref.WeakSet()
+metrics.PENDING_WRITES.set_function(lambda: sum(len(w._pending) for w in list(_WRITERS)))
+
+
 class Writer(Batcher):
     """A `Batcher` whose batches are sent again until Redis takes them. `prepare` runs on
     each batch's records first (it gives them their ids)."""
@@ -88,6 +96,7 @@ class Writer(Batcher):
         self._wake = asyncio.Event()
         self.retries = 0  # batches sent again since start
         self.failing_since: float | None = None  # loop time of the first failure of an outage
+        _WRITERS.add(self)
 
     @property
     def pending(self) -> int:
@@ -109,7 +118,6 @@ class Writer(Batcher):
         """`Batcher.submit`: the future gets the results once Redis has them (cancelling it
         does not withdraw the write), and the write is counted until then."""
         done = super().submit(queue, records, lead, tail)
-        metrics.PENDING_WRITES.set(len(self._pending))
         return done
 
     def _queued(self) -> None:
@@ -166,7 +174,6 @@ class Writer(Batcher):
                 backoff = 0.05
                 self._recovered()
                 del self._pending[: len(batch)]
-                metrics.PENDING_WRITES.set(len(self._pending))
                 for write, answer in zip(batch, answers, strict=True):
                     _settle(write.done, answer)
 
@@ -198,7 +205,6 @@ class Writer(Batcher):
             self._pending.remove(write)
             if not write.done.done():
                 write.done.set_exception(problem)
-        metrics.PENDING_WRITES.set(len(self._pending))
         return bool(bad)
 
     def _failed(self, exc: BaseException) -> None:

@@ -258,7 +258,10 @@ async def test_replica_down_emits_answer_503_in_time_and_nothing_acknowledged_is
         redis, callback_id = await fresh(settings, receiver)
         try:
             producer = Producer(settings, redis)
-            before = await producer.emit_many([(PROJECT, "BUILD_END", {}) for _ in range(20)])
+            patient = Producer(settings.model_copy(update={"emit_wait": 10}), redis)
+            # before the fault, acknowledged once the replica has it, however loaded the
+            # machine (a 1 s wait was missed once with other suites running beside it)
+            before = await patient.emit_many([(PROJECT, "BUILD_END", {}) for _ in range(20)])
             (replica,) = [p for p in group.nodes if p != group.master_port()]
             group.signal(replica, signal.SIGKILL)
             down: list[Emit] = [(PROJECT, "BUILD_END", {}, f"evt_down_{n}") for n in range(20)]

@@ -4,6 +4,7 @@ that waits Redis out, timed-out runs, producers that ride out a restart."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -13,6 +14,7 @@ import httpx
 import orjson
 import pytest
 from aiohttp import web
+from prometheus_client import REGISTRY
 from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
 from redis.exceptions import ResponseError
@@ -502,7 +504,10 @@ async def test_an_emit_waits_out_a_busy_redis_and_never_answers_500(
         assert http.status_code == 503, http.text
         assert http.json()["data"] is None
         assert http.json()["message"].endswith("Emitting again with the same event ids is safe.")
-        assert isinstance(python, Unavailable) and "BUSY" in python.message
+        # the reply it waited out, or its own bound if no reply came within it (on a
+        # loaded machine, once): an outage either way, safe to emit again
+        assert isinstance(python, Unavailable), python
+        assert python.message.endswith("Emitting again with the same event ids is safe.")
 
 
 async def test_a_write_that_cannot_be_built_fails_alone(settings: Settings, redis: Redis) -> None:
@@ -524,3 +529,28 @@ async def test_a_write_that_cannot_be_built_fails_alone(settings: Settings, redi
         assert await writer.commit(command("GET", "after")) == [b"1"]
     finally:
         await writer.close()
+
+
+async def test_the_pending_writes_gauge_adds_up_every_shards_writer(
+    settings: Settings, redis: Redis
+) -> None:
+    """A worker has a writer per shard it serves: the gauge is their sum. Each set it to
+    its own count, so the last to write won: a frozen shard's backlog read 0 beside a
+    quiet shard's writer (review). Here one writer's Redis refuses (nothing there), the
+    other's takes its writes."""
+    away = connect(make_settings("redis://127.0.0.1:1/0", redis_timeout=0.2))
+    frozen = Writer(away, RedisHistory(away, settings, keys).assign_ids, backoff_cap=0.05)
+    quiet = Writer(redis, RedisHistory(redis, settings, keys).assign_ids)
+    try:
+        held = [frozen.submit(command("SET", f"held-{n}", 1)) for n in range(3)]
+        await asyncio.wait_for(quiet.submit(command("SET", "landed", 1)), 10)
+        assert (frozen.pending, quiet.pending) == (3, 0)
+        assert REGISTRY.get_sample_value("dispatcher_pending_writes") == 3
+        for write in held:
+            write.cancel()  # cancelling a caller withdraws no write: still counted
+        assert REGISTRY.get_sample_value("dispatcher_pending_writes") == 3
+    finally:
+        await quiet.close()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(frozen.close(), 2)
+        await away.aclose()
