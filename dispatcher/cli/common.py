@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import re
 from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from typing import Any, TypeVar
 
@@ -19,6 +18,7 @@ from dispatcher.embedded import EmbeddedPostgres, EmbeddedRedis
 from dispatcher.errors import DispatcherError, InvalidSetting
 from dispatcher.history import format_ms
 from dispatcher.models import HistoryRecord
+from dispatcher.registry.rules import TEXT_CONTROL
 from dispatcher.settings import EMBEDDED, Settings
 from dispatcher.shards.router import Router
 from dispatcher.topology import check_shards
@@ -58,16 +58,16 @@ app = typer.Typer(
 console = Console(markup=False, emoji=False)
 err = Console(stderr=True, markup=False, emoji=False)
 
-# Control characters (C0, DEL, C1, bidi overrides, zero-width), shown escaped: a terminal
-# acts on ESC (clears the screen, retitles itself, hides rows), and registration refusing
-# them (a reason, a pipeline id, a filter) leaves what no one registers, such as a filter's
-# error quoting an event's value (`abs(data.x)` of "\x1b[2J": review).
-_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200b-\u200f\u202a-\u202e\u2060-\u206f\ufeff]")
+# Control characters (`registry.rules.TEXT_CONTROL`: C0, DEL, C1, bidi overrides,
+# zero-width), shown escaped: a terminal acts on ESC (clears the screen, retitles itself,
+# hides rows), and registration refusing them (a reason, a pipeline id, a filter) leaves
+# what no one registers, such as a filter's error quoting an event's value (`abs(data.x)`
+# of "\x1b[2J": review).
 
 
 def shown(text: str) -> str:
     r"""`text` with its control characters escaped (`\x1b`, `\u202e`), for a terminal."""
-    return _CONTROL.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), text)
+    return TEXT_CONTROL.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), text)
 
 
 class Table(RichTable):

@@ -18,11 +18,13 @@ __all__ = [
     "MAX_TOKEN_LENGTH",
     "MAX_URL_BYTES",
     "MAX_URL_LENGTH",
+    "TEXT_CONTROL",
     "Destination",
     "check_event",
     "check_scope",
     "check_token",
     "checked_reason",
+    "checked_text",
     "destination",
     "is_pipeline_id",
     "level_of",
@@ -74,7 +76,7 @@ _RAW_CONTROL = (
     "[\x00-\x1f\x7f-\x9f\xad\u061c\u180e\u200b-\u200f\u202a-\u202e\u2060-\u206f\ufeff\ufff9-\ufffb]"
 )
 _CONTROL = re.compile(_RAW_CONTROL + "|%(?:[01][0-9A-Fa-f]|7[Ff]|[Cc]2%[89][0-9A-Fa-f])")
-_TEXT_CONTROL = re.compile(_RAW_CONTROL)
+TEXT_CONTROL = re.compile(_RAW_CONTROL)  # what people are shown as it is must not hold
 CREDENTIALS_REFUSED = (
     "url must not hold credentials (user:password@host): a URL is stored in clear and shown "
     "to every member of the project and in logs; send them in a header instead "
@@ -94,7 +96,7 @@ def checked_text(text: str, param: str) -> str:
     filter), refused when it holds control characters: ESC in a pipeline id or a filter
     cleared the operator's screen or retitled the terminal in `dispatcher callbacks list`
     (review)."""
-    if _TEXT_CONTROL.search(text):
+    if TEXT_CONTROL.search(text):
         raise InvalidInput(
             f"{param} must not hold control characters (CR, LF, ESC, NUL, bidi overrides, …): "
             "it is shown as it is in the console, the CLI and logs",
