@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -15,11 +16,13 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 from urllib.parse import urlsplit
 
 import asyncpg
 import httpx
+import pytest
 from aiohttp import web
 from multidict import CIMultiDict
 from redis.asyncio import Redis
@@ -335,3 +338,20 @@ def stop(process: subprocess.Popen[bytes]) -> None:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+
+def compiling_costs(monkeypatch: pytest.MonkeyPatch, seconds: float) -> None:
+    """Masking's clock (`masking.time.thread_time`) stands still but at each pattern's
+    compiling, which moves it on by `seconds`: what a long secret's compiling costs, seen
+    by the budget alone."""
+    from dispatcher import masking
+
+    clock = [0.0]
+    monkeypatch.setattr(masking, "time", SimpleNamespace(thread_time=lambda: clock[0]))
+    compile_pattern = masking._pattern
+
+    def compiling(secret: str) -> re.Pattern[str]:
+        clock[0] += seconds
+        return compile_pattern(secret)
+
+    monkeypatch.setattr(masking, "_pattern", compiling)

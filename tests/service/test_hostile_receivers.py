@@ -8,11 +8,9 @@ import asyncio
 import contextlib
 import html
 import json
-import re
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -28,7 +26,7 @@ from dispatcher.models import Event, HistoryRecord, Region
 from dispatcher.producer import Producer
 from dispatcher.registry import Registry
 from dispatcher.settings import Settings
-from tests.helpers import Receiver, RunWorker, until
+from tests.helpers import Receiver, RunWorker, compiling_costs, until
 
 keys = Keys()  # today's key names (one shard)
 PROJECT = "X-DEVOPS-PROJECT-ID"
@@ -425,15 +423,7 @@ async def test_a_patterns_compiling_counts_in_the_budget_of_a_short_answer(
     before the compiling only: an answer of one window (4,096 characters) was then masked
     in one `sub`, whatever the compiling took (review). The worker's clock here goes 6 ms
     on at each compiling, past the budget: the answer is withheld, the token nowhere."""
-    clock = [0.0]
-    monkeypatch.setattr(masking, "time", SimpleNamespace(thread_time=lambda: clock[0]))
-    compile_pattern = masking._pattern
-
-    def compiling(secret: str) -> re.Pattern[str]:
-        clock[0] += 0.006
-        return compile_pattern(secret)
-
-    monkeypatch.setattr(masking, "_pattern", compiling)
+    compiling_costs(monkeypatch, 0.006)
     settings = settings.model_copy(update={"retry_schedule": ()})
 
     async def echo(request: web.Request) -> web.Response:

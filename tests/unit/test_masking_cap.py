@@ -7,7 +7,6 @@ from __future__ import annotations
 import html
 import json
 import random
-import re
 import time
 from collections.abc import Iterator, Sequence
 from types import SimpleNamespace
@@ -19,6 +18,7 @@ from dispatcher import masking
 from dispatcher.headers import sent_secrets
 from dispatcher.masking import WITHHELD, Budget, mask_cut, mask_secrets
 from dispatcher.models import MASK
+from tests.helpers import compiling_costs
 
 # what a secret is made of: letters and digits, what encoders escape, non-ASCII (a form of
 # `😀` is 11 characters: `&#x001f600;`), a backslash (masked by forms, not by the pattern)
@@ -276,15 +276,7 @@ def test_a_patterns_compiling_is_counted_before_its_scan(monkeypatch: pytest.Mon
     the budget, and a text of one window (4,096 characters) was then masked with no other
     look: whatever the compiling took (review). The clock here goes 6 ms on at each
     compiling, past the budget: both a short text and a long one are withheld."""
-    clock = [0.0]
-    monkeypatch.setattr(masking, "time", SimpleNamespace(thread_time=lambda: clock[0]))
-    compile_pattern = masking._pattern
-
-    def compiling(secret: str) -> re.Pattern[str]:
-        clock[0] += 0.006
-        return compile_pattern(secret)
-
-    monkeypatch.setattr(masking, "_pattern", compiling)
+    compiling_costs(monkeypatch, 0.006)
     secret = "a&" * 6 + "Zq8Zq8Zq8Zq8"
     for text in ("x" * 10 + html.escape(secret), "x" * 5000 + html.escape(secret)):
         assert mask_secrets(text, [secret]) == WITHHELD
