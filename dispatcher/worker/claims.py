@@ -142,18 +142,19 @@ class HandOver(Script):
 class Again(Script):
     """Puts the job back in the queue, due at `due_ms` (its data kept `ttl_ms`), unless
     another worker holds its lease or it has ended. `next_attempt` '1': its next attempt is
-    due then, the claim count starts again; '0', after a failed run: due then unless
-    already due later by a write of its own (which gave up the lease: a job still leased
-    here is due at the lease's end only because it runs). Returns 1 when done."""
+    due then, the claim count starts again (a `deliver` job: its id, which names its
+    emission, is never queued again once it ended); '0', after a failed run or a stop:
+    only while its lease is this run's. Without one, the job is due already (its lease
+    lapsed), or due later by a write of its own (which gave up the lease), or it is a new
+    job: a fan-out's id is its event's, emitted again once it ended, and a late put-back
+    used to set that new emission a retry's delay late (review). Returns 1 when done."""
 
     LUA = """
     local owner = redis.call('GET', lease)
-    if owner and owner ~= token then return 0 end
+    if owner ~= token and (owner or next_attempt == '0') then return 0 end
     local due = redis.call('ZSCORE', queue, job_id)
     if not due then return 0 end
-    if next_attempt == '1' or owner or tonumber(due) < tonumber(due_ms) then
-      redis.call('ZADD', queue, due_ms, job_id)
-    end
+    redis.call('ZADD', queue, due_ms, job_id)
     redis.call('PEXPIRE', job, ttl_ms)
     redis.call('DEL', lease)
     if next_attempt == '1' then redis.call('DEL', claims) end

@@ -162,3 +162,29 @@ async def test_an_end_after_its_lease_lapsed_leaves_the_job_to_a_claim_that_send
     assert await redis.zcard(settings.queue_name) == 0
     for url in urls:
         assert len(await all_records(redis, settings, url)) == 1
+
+
+async def test_a_late_put_back_leaves_the_new_job_of_its_event_id_due(
+    settings: Settings, redis: Redis, receiver: Receiver, run_worker: RunWorker
+) -> None:
+    """Worker w claims event e1 and is paused past its lease; another worker delivers and
+    ends it; the producer emits e1 again; then w's run fails and puts its job back, due in
+    a minute (`Served.put_back`). The new emission is left due as it was queued: counting
+    the lapsed lease as w's used to set it a minute late (review)."""
+    await register(redis, receiver.url())
+    producer = Producer(settings, redis)
+    assert await producer.emit("demo", "BUILD_END", {"n": 1}, event_id="e1") == "e1"
+    w = Claims(redis, keys, "worker-w", lease_s=0.2)
+    assert len(await w.claim(10)) == 1
+    await asyncio.sleep(0.3)  # w paused: its lease lapses
+    await run_worker()
+    assert await producer.emit("demo", "BUILD_END", {"n": 1}, event_id="e1") == "e1"
+    due = await redis.zscore(settings.queue_name, JOB_ID)
+
+    answer = await run_pipeline(redis, lambda pipe: w.again(pipe, JOB_ID, 60, next_attempt=False))
+    assert answer == [0]
+    assert await redis.zscore(settings.queue_name, JOB_ID) == due  # still due now
+
+    await run_worker()
+    assert len(receiver.requests()) == 2  # the second emission delivered, not a minute on
+    assert not await redis.exists(keys.arq_job(JOB_ID), keys.DROPPED)

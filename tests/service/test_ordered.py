@@ -647,7 +647,7 @@ async def test_a_waiting_head_parked_again_is_kept_for_ever_and_sent_in_its_turn
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """A head waiting for an earlier event (e1's, while e0 is still to fan out) whose run
-    failed (the Head script ran, its answer was lost) was put back with a day to live, as
+    failed (its look at its turn never reached Redis) was put back with a day to live, as
     any failed run's job is (`Claims.again`). e0's delivery then joins the lane ahead of
     it and parks it again: out of the queue, it must be kept for ever, as `Head` keeps a
     job it parks. It kept its day: once the lane's new head had held the lane that long,
@@ -674,14 +674,12 @@ async def test_a_waiting_head_parked_again_is_kept_for_ever_and_sent_in_its_turn
     job = keys.arq_job(waiting.decode())
     assert await redis.zscore(keys.lanes_waiting("demo"), waiting) is not None
     assert await redis.pttl(job) == -1
-    real = Lanes.claimed
 
-    async def answer_lost(lanes: Lanes, *args: Any) -> Any:
-        await real(lanes, *args)
-        raise redis_py.ConnectionError("the answer was lost")
+    async def refused(lanes: Lanes, *args: Any) -> Any:
+        raise redis_py.ConnectionError("Redis went away")
 
     with monkeypatch.context() as patched:
-        patched.setattr(Lanes, "claimed", answer_lost)
+        patched.setattr(Lanes, "claimed", refused)
         await run_worker(slow, max_burst_jobs=1)  # its look at its turn fails: put back
     assert await redis.pttl(job) > 0  # a day (and the put-back's delay) to live
     await redis.zadd(keys.QUEUE, {waiting: far}, xx=True)  # not looked at before e0's turn
