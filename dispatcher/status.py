@@ -41,7 +41,8 @@ _FORGET_MS = 3_600_000  # heartbeats older than this leave the live-workers inde
 
 @dataclass(frozen=True, slots=True)
 class BlockedLane:
-    """An ordered lane whose head delivery was put back (a retry, a deferral): its head's
+    """An ordered lane whose head delivery was put back (a retry, a deferral) or waits for
+    an earlier event of its project (still to fan out) or for its project's move: its head's
     callback, the emitting project and the key, since when, its head (its delivery id), how
     many wait behind it."""
 
