@@ -12,6 +12,7 @@ import structlog
 from dispatcher import clock, metrics
 from dispatcher.keys import SEP
 from dispatcher.lua import Key, Script, run_pipeline
+from dispatcher.models import PLATFORM_PROJECT
 from dispatcher.recency import OwnedLRU
 from dispatcher.registry.scripts import DISABLE
 
@@ -32,13 +33,17 @@ log = structlog.get_logger("dispatcher.health")
 
 # A Lua function: the callback's `failing` mark set to `value` (unless its hash is gone);
 # when that changes it, its project's registry version is bumped (a cached match holds the
-# mark). Arguments: the hash's key, '1' or '0', the registry version prefix.
-MARK = """
+# mark). Not a platform-wide callback's: the platform's version is in every project's
+# cached matches, and one project's refused events taking turns with the others' accepted
+# ones flipped the mark each time, every worker then reading every project's matches
+# again (review). Its mark shows within a cached match's age (`Matches.max_age_s`).
+# Arguments: the hash's key, '1' or '0', the registry version prefix.
+MARK = f"""
 local function mark(callback, value, version_prefix)
   local row = redis.call('HMGET', callback, 'projectId', 'failing')
   if row[1] and row[2] ~= value then
     redis.call('HSET', callback, 'failing', value)
-    redis.call('INCR', version_prefix .. row[1])
+    if row[1] ~= '{PLATFORM_PROJECT}' then redis.call('INCR', version_prefix .. row[1]) end
   end
 end
 """

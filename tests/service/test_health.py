@@ -213,3 +213,29 @@ async def test_one_projects_failures_disable_only_a_callback_of_its_own(
     projects = [orjson.loads(r.body)["projectId"] for r in receiver.requests("/hook")]
     assert projects == ["evil"] * failures + ["demo"]
     assert await Health(redis, registry, settings).failing() == []  # demo's success reset it
+
+
+async def test_one_projects_failures_at_a_platform_callback_leave_every_projects_matches_cached(
+    settings: Settings, redis: Redis, receiver: Receiver, run_worker: RunWorker
+) -> None:
+    """`evil`'s refused events and demo's accepted ones take turns at a platform-wide
+    callback: its `failing` mark goes on and off with each. The platform's registry version
+    is left as it was: every flip bumped it, and every worker's cached matches of every
+    project were read again (evil could keep them all uncached; review). A worker sees the
+    mark within its cache's age (10 s), and demo's success still resets the count."""
+    settings = settings.model_copy(update={"retry_schedule": ()})
+
+    async def refuses_evil(request: web.Request) -> web.StreamResponse:
+        evils = orjson.loads(await request.read())["projectId"] == "evil"
+        return web.Response(status=400 if evils else 200)
+
+    url = receiver.script("/hook", refuses_evil)
+    registry, producer = Registry(redis), Producer(settings, redis)
+    await registry.create(PLATFORM_PROJECT, url, Event.BUILD_END, Region.DEVNET)
+    version = keys.REGISTRY_VERSION_PREFIX + PLATFORM_PROJECT
+    before = await redis.get(version)
+    for project in ["evil", "demo", "evil", "demo"]:
+        await producer.emit(project, "BUILD_END", {})
+        await run_worker(settings)  # a new worker: its cache is read at the mark's value
+    assert await redis.get(version) == before
+    assert await Health(redis, registry, settings).failing() == []  # demo's success reset it
