@@ -25,6 +25,7 @@ __all__ = [
     "HISTORY_SET_ASIDE",
     "HISTORY_SHIPPED",
     "HISTORY_SHIP_FAILURES",
+    "HISTORY_SWEEP_UNFINISHED",
     "LANES_BLOCKED",
     "LANES_BLOCKED_OLDEST_SECONDS",
     "MATCHES",
@@ -131,6 +132,12 @@ HISTORY_SET_ASIDE = Counter(
 HISTORY_SHIP_FAILURES = Counter(
     "dispatcher_history_ship_failures_total",
     "Shipments to PostgreSQL that failed (and are tried again).",
+)
+HISTORY_SWEEP_UNFINISHED = Counter(
+    "dispatcher_history_sweep_unfinished_total",
+    "Retention sweeps of the Redis history stopped by their time bound before the end of "
+    "their pass over the indexes (the next goes on from there; rising at every run: a pass "
+    "takes several).",
 )
 WORKERS_LIVE = Gauge(
     "dispatcher_workers_live",
