@@ -21,6 +21,7 @@ __all__ = [
     "FILTERED",
     "HISTORY_BACKLOG",
     "HISTORY_BACKLOG_AGE",
+    "HISTORY_BACKLOG_BYTES",
     "HISTORY_RECORDS",
     "HISTORY_SET_ASIDE",
     "HISTORY_SHIPPED",
@@ -120,6 +121,11 @@ HISTORY_BACKLOG = Gauge(
 HISTORY_BACKLOG_AGE = Gauge(
     "dispatcher_history_backlog_age_seconds",
     "Age of the oldest history record not yet in PostgreSQL (0 when none waits).",
+)
+HISTORY_BACKLOG_BYTES = Gauge(
+    "dispatcher_history_backlog_bytes",
+    "Bytes of Redis the history records waiting for PostgreSQL take (worker, every second; "
+    "past a share of maxmemory the worker claims nothing).",
 )
 HISTORY_SHIPPED = Counter(
     "dispatcher_history_shipped_total", "History records this process shipped to PostgreSQL."
