@@ -8,14 +8,16 @@ BACKLOG_LIMIT`'s 1,000,000 were ~150 GB of one tenant's, Redis full long before 
 The bytes are `MEMORY USAGE` of the stream with every node read (`SAMPLES 0`: a sample
 reads the oldest nodes only, and missed big records behind small ones: 150 MB read for
 447 MB). That costs Redis ~0.1 ms for 2,000 records of 150 KB, but 43 ms for 1,000,000 of
-1.3 KB (measured), so a worker reads them again only once `WALK_DUTY` times its last
-read's time has passed (at most 1 % of Redis' time a worker, `BACKLOG_EVERY_S` apart at
-best); in between they are the last read's bytes per record times the records now.
+1.3 KB (measured), so the fleet reads them once a while: the worker that finds no read
+kept (`{stream}:bytes`, "bytes records") and wins the walk (`{stream}:bytes:walk`, SET NX)
+reads them and keeps the answer in Redis for `WALK_DUTY` times the read's time (1 s at
+least): at most 1 % of Redis' time, however many workers check. In between every worker
+takes the kept read's bytes per record times the records now (one GET a check); one that
+lost the walk takes its own last answer meanwhile.
 """
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -33,18 +35,17 @@ MAXMEMORY_SHARE = 0.25
 # The stream's bound in a Redis with no maxmemory (1 GiB: ~800,000 records of 1.3 KB)
 NO_MAXMEMORY_BYTES = 1 << 30
 WALK_DUTY = 100
+WALK_LOCK_MS = 60_000  # a walk's claim (its worker killed mid-walk: another walks then)
 
 log = structlog.get_logger("dispatcher.worker")
 
 
 @dataclass
 class StreamBytes:
-    """One shard's stream, as this worker last read it."""
+    """One shard's stream, as this worker last knew it."""
 
-    at: float = -math.inf  # when (monotonic)
-    took: float = 0.0  # how long the read took
-    bytes: int = 0
-    count: int = 0  # how many records it held then
+    bytes: int = 0  # the last read's
+    count: int = 0  # how many records the stream held then
     refused: bool = False  # MEMORY USAGE or INFO refused (an ACL): no byte bound
 
     async def over(self, redis: Redis, stream: str, count: int) -> tuple[int, bool]:
@@ -60,13 +61,20 @@ class StreamBytes:
             return 0, False
 
     async def read(self, redis: Redis, stream: str, count: int) -> int:
-        """The bytes of `stream`, which holds `count` records now."""
-        start = time.monotonic()
-        if start - self.at < WALK_DUTY * self.took and self.count:
-            return self.bytes * count // self.count
-        self.bytes = int(await redis.memory_usage(stream, samples=0) or 0)
-        self.at, self.took, self.count = start, time.monotonic() - start, count
-        return self.bytes
+        """The bytes of `stream`, which holds `count` records now: the fleet's last read,
+        scaled to `count`, or one read now (see the module's doc)."""
+        kept, walk = f"{stream}:bytes", f"{stream}:bytes:walk"
+        if (shared := await redis.get(kept)) is not None:
+            self.bytes, self.count = (int(n) for n in shared.split())
+        elif await redis.set(walk, 1, nx=True, px=WALK_LOCK_MS):
+            start = time.monotonic()
+            self.bytes, self.count = int(await redis.memory_usage(stream, samples=0) or 0), count
+            kept_ms = max(1000, int(WALK_DUTY * (time.monotonic() - start) * 1000))
+            async with redis.pipeline(transaction=False) as pipe:
+                pipe.set(kept, f"{self.bytes} {count}", px=kept_ms)
+                pipe.delete(walk)
+                await pipe.execute()
+        return self.bytes * count // self.count if self.count else self.bytes
 
 
 async def bound(redis: Redis) -> int:

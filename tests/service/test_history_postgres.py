@@ -1151,3 +1151,28 @@ async def test_a_window_redelivery_not_yet_shipped_is_not_sent_again(
     counts = [(r.queued, r.already_queued) for r in (first, unshipped, shipped)]
     assert counts == [(2, 0), (0, 2), (2, 0)]  # then their own failures, once each
     assert len(receiver.requests()) == 6
+
+
+async def test_the_fleet_reads_the_streams_bytes_once_a_while_not_each_worker(
+    redis: Redis, pg_settings: Settings
+) -> None:
+    """Reading a stream's bytes whole holds Redis (43 ms for 1,000,000 records), and every
+    worker checks every second: each read them itself once 100 times its last read's time
+    had passed, so a fleet of 100 held Redis all the time. The read is now the fleet's: one
+    worker's, kept in Redis for that long, the others taking it (review of the branch)."""
+    history = open_history(pg_settings, redis, keys)
+    for n in range(20):
+        await history.add(record(now_ms() - 100, n + 1))
+    await history.close()
+
+    async def walks() -> int:
+        stats = await redis.info("commandstats")
+        found = stats.get("cmdstat_memory|usage") or stats.get("cmdstat_memory") or {}
+        return int(found.get("calls", 0))
+
+    before = await walks()
+    fleet = [backlog_bytes.StreamBytes() for _ in range(10)]  # ten workers' checks
+    sizes = [await one.read(redis, keys.HISTORY_STREAM, 20) for one in fleet]
+    assert await walks() - before == 1
+    held = await redis.memory_usage(keys.HISTORY_STREAM, samples=0)
+    assert sizes == [held] * 10
