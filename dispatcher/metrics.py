@@ -21,10 +21,12 @@ __all__ = [
     "FILTERED",
     "HISTORY_BACKLOG",
     "HISTORY_BACKLOG_AGE",
+    "HISTORY_BACKLOG_BYTES",
     "HISTORY_RECORDS",
     "HISTORY_SET_ASIDE",
     "HISTORY_SHIPPED",
     "HISTORY_SHIP_FAILURES",
+    "HISTORY_SWEEP_UNFINISHED",
     "LANES_BLOCKED",
     "LANES_BLOCKED_OLDEST_SECONDS",
     "MATCHES",
@@ -120,6 +122,11 @@ HISTORY_BACKLOG_AGE = Gauge(
     "dispatcher_history_backlog_age_seconds",
     "Age of the oldest history record not yet in PostgreSQL (0 when none waits).",
 )
+HISTORY_BACKLOG_BYTES = Gauge(
+    "dispatcher_history_backlog_bytes",
+    "Bytes of Redis the history records waiting for PostgreSQL take (worker, every second; "
+    "past a share of maxmemory the worker claims nothing).",
+)
 HISTORY_SHIPPED = Counter(
     "dispatcher_history_shipped_total", "History records this process shipped to PostgreSQL."
 )
@@ -131,6 +138,12 @@ HISTORY_SET_ASIDE = Counter(
 HISTORY_SHIP_FAILURES = Counter(
     "dispatcher_history_ship_failures_total",
     "Shipments to PostgreSQL that failed (and are tried again).",
+)
+HISTORY_SWEEP_UNFINISHED = Counter(
+    "dispatcher_history_sweep_unfinished_total",
+    "Retention sweeps of the Redis history stopped by their time bound before the end of "
+    "their pass over the indexes (the next goes on from there; rising at every run: a pass "
+    "takes several).",
 )
 WORKERS_LIVE = Gauge(
     "dispatcher_workers_live",
