@@ -41,6 +41,8 @@ __all__ = [
     "WORKERS_LIVE",
     "WORKER_HEARTBEAT",
     "WORKER_JOBS_RUNNING",
+    "WORKER_PROJECTS_LATE",
+    "WORKER_PROJECTS_SEEN",
     "WRITE_RETRIES",
 ]
 
@@ -141,6 +143,19 @@ WORKER_HEARTBEAT = Gauge(
     "When this worker last wrote its heartbeat to Redis (epoch seconds; stale: it cannot).",
 )
 WORKER_JOBS_RUNNING = Gauge("dispatcher_worker_jobs_running", "Jobs this worker runs now.")
+WORKER_PROJECTS_SEEN = Gauge(
+    "dispatcher_worker_projects_seen",
+    "Emitting projects this worker claimed a fan-out of in the last 5 minutes (the latest "
+    "10,000; read at scrape). Sum over the workers: a project several serve counts in each.",
+)
+WORKER_PROJECTS_LATE = Gauge(
+    "dispatcher_worker_projects_late",
+    "Of dispatcher_worker_projects_seen, those whose latest fan-out this worker claimed had "
+    "waited over `over` seconds (60, 600) since it was queued (read at scrape).",
+    ["over"],
+)
+for _over in ("60", "600"):  # exported from the start, 0 in every process but a worker's
+    WORKER_PROJECTS_LATE.labels(over=_over)
 REDIS_UP = Gauge(
     "dispatcher_redis_up",
     "1 when Redis answered this process (the API: at scrape; a worker: its last heartbeat).",
