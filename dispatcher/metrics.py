@@ -2,7 +2,8 @@
 
 The API serves them at `/metrics` and sets the fleet-wide gauges (queue, history backlog,
 live workers, Redis) when scraped; each worker serves its own on
-`DISPATCHER_WORKER_METRICS_PORT`. deploy/grafana/ and deploy/prometheus/ chart them and
+`DISPATCHER_WORKER_METRICS_PORT` (its own counts, `dispatcher_worker_*`, summed over the
+workers by the rules). deploy/grafana/ and deploy/prometheus/ chart them and
 alert on them (tests/repo/test_monitoring.py checks that every name they use is here).
 """
 
