@@ -2,7 +2,8 @@
 
 The API serves them at `/metrics` and sets the fleet-wide gauges (queue, history backlog,
 live workers, Redis) when scraped; each worker serves its own on
-`DISPATCHER_WORKER_METRICS_PORT`. deploy/grafana/ and deploy/prometheus/ chart them and
+`DISPATCHER_WORKER_METRICS_PORT` (its own counts, `dispatcher_worker_*`, summed over the
+workers by the rules). deploy/grafana/ and deploy/prometheus/ chart them and
 alert on them (tests/repo/test_monitoring.py checks that every name they use is here).
 """
 
@@ -43,6 +44,8 @@ __all__ = [
     "WORKERS_LIVE",
     "WORKER_HEARTBEAT",
     "WORKER_JOBS_RUNNING",
+    "WORKER_PROJECTS_LATE",
+    "WORKER_PROJECTS_SEEN",
     "WRITE_RETRIES",
 ]
 
@@ -154,6 +157,19 @@ WORKER_HEARTBEAT = Gauge(
     "When this worker last wrote its heartbeat to Redis (epoch seconds; stale: it cannot).",
 )
 WORKER_JOBS_RUNNING = Gauge("dispatcher_worker_jobs_running", "Jobs this worker runs now.")
+WORKER_PROJECTS_SEEN = Gauge(
+    "dispatcher_worker_projects_seen",
+    "Emitting projects this worker claimed a fan-out of in the last 5 minutes (the latest "
+    "10,000; read at scrape). Sum over the workers: a project several serve counts in each.",
+)
+WORKER_PROJECTS_LATE = Gauge(
+    "dispatcher_worker_projects_late",
+    "Of dispatcher_worker_projects_seen, those whose latest fan-out this worker claimed had "
+    "waited over `over` seconds (60, 600) since it was queued (read at scrape).",
+    ["over"],
+)
+for _over in ("60", "600"):  # exported from the start, 0 in every process but a worker's
+    WORKER_PROJECTS_LATE.labels(over=_over)
 REDIS_UP = Gauge(
     "dispatcher_redis_up",
     "1 when Redis answered this process (the API: at scrape; a worker: its last heartbeat).",
