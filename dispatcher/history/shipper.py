@@ -2,7 +2,8 @@
 
 One batch:
   1. XREAD up to `DISPATCHER_HISTORY_SHIP_BATCH` entries after the watermark (blocking
-     up to a second when there are none);
+     up to a second when there are none), in small reads and at most a few MB
+     (`ship_read.py`; fewer entries after a batch that failed);
   2. outside the transaction: pair ids and day partitions (`loader.py`);
   3. one transaction: lock the watermark row, drop the entries at or below it (another
      shipper committed them), COPY the rest, insert those not stored yet and count them,
@@ -33,7 +34,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import structlog
@@ -52,9 +52,10 @@ from dispatcher.history.entries import (
     sid_of,
     sid_text,
 )
+from dispatcher.history.ids import SeedIds
 from dispatcher.history.loader import Loader, Pair, Row, parse_row
 from dispatcher.history.schema import DAY_MS, require_latest
-from dispatcher.lua import Key, Script
+from dispatcher.history.ship_read import Limit, entry_bytes, read_count, read_more
 from dispatcher.shard import ID_SPAN, Shard
 from dispatcher.stopping import cancel_all
 
@@ -76,20 +77,6 @@ STANDBY_S = 2.0  # how often a shipper without the lock asks for it again
 # this much later at most.
 GATHER_S = 0.25
 BACKOFF_CAP_S = 5.0  # a reconnect at least this often: shipping resumes soon after an outage
-
-
-@dataclass
-class SeedIds(Script):
-    """Raises the record id `counter` to `top`, the largest id PostgreSQL holds: after a
-    Redis that lost its data, ids must not start again below those already stored."""
-
-    LUA = """
-    local current = tonumber(redis.call('GET', counter) or '0')
-    if current < tonumber(top) then redis.call('SET', counter, top) end
-    return 1
-    """
-    counter: Key
-    top: int
 
 
 class Shipper:
@@ -119,6 +106,9 @@ class Shipper:
         self.leading = False
         self.shipped = self.skipped = 0
         self.last_read = 0  # entries the last batch read
+        self.more = False  # whether the stream may hold more after them
+        self.limit = Limit(settings.history_ship_batch)  # entries of the next batch
+        self.each = 0  # bytes an entry, as last read (0: not known yet)
 
     # ---- one connection ----------------------------------------------------------------
 
@@ -196,9 +186,12 @@ class Shipper:
         """Ship one batch (waiting up to `block_ms` for one); returns the records stored.
         Records past the retention are skipped (their day may be gone; never shown)."""
         assert self.conn is not None and self.loader is not None, "open() first"
+        self.last_read = 0
         reply = await self._read(block_ms)
-        entries: list[tuple[bytes, dict[bytes, bytes]]] = reply[0][1] if reply else []
-        self.last_read = len(entries)
+        first = reply[0][1] if reply else []
+        entries, self.more = await read_more(self.redis, self.stream, first, self.limit.now)
+        self.last_read = len(entries)  # (what a failure halves)
+        self.each = entry_bytes(entries) or self.each
         if not entries:
             return 0
         now = clock.now_ms() if now_ms is None else now_ms
@@ -223,7 +216,7 @@ class Shipper:
         costs only its connection)."""
         read = self.redis.xread(
             {self.stream: sid_text(self.watermark)},
-            count=self.settings.history_ship_batch,
+            count=read_count(self.each, self.limit.now),
             block=block_ms,
         )
         if block_ms is None or self.stop is None:
@@ -353,10 +346,14 @@ class Shipper:
                         continue
                     await self.ship_once(block_ms=self._block_ms())
                     backoff = 0.5
-                    if 0 < self.last_read < self.settings.history_ship_batch:
+                    if self.last_read:
+                        self.limit.succeeded()
+                    if self.last_read and not self.more:
                         await _wait(stop, GATHER_S)
                 except Exception as exc:  # an outage, or anything else: never a silent stop
                     self._failed(exc, backoff)
+                    self.limit.failed(self.last_read)  # a batch too slow for the timeout: smaller
+                    self.last_read = 0
                     await self.close()
                     await _wait(stop, backoff)
                     backoff = min(BACKOFF_CAP_S, backoff * 2)
