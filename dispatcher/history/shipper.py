@@ -24,7 +24,8 @@ worker's pipeline sent again) is stored once, by its primary key.
 
 Who ships: any number of shippers may run at once (each worker, `dispatcher history ship`);
 one at a time holds a PostgreSQL advisory lock and ships, the others wait. A process that
-dies frees its lock with its connection, so another takes over within `STANDBY_S`.
+dies frees its lock with its connection, so another takes over within `STANDBY_S`; one
+frozen loses its session, and the lock, past `IDLE_S` idle (`ship_session.py`).
 
 A PostgreSQL outage stops only this loop, which backs off and tries again: the workers go
 on appending to the stream (its length is `dispatcher_history_backlog`).
@@ -56,6 +57,7 @@ from dispatcher.history.ids import SeedIds
 from dispatcher.history.loader import Loader, Pair, Row, parse_row
 from dispatcher.history.schema import DAY_MS, require_latest
 from dispatcher.history.ship_read import Limit, entry_bytes, read_count, read_more
+from dispatcher.history.ship_session import IDLE_S, Session
 from dispatcher.shard import ID_SPAN, Shard
 from dispatcher.stopping import cancel_all
 
@@ -90,6 +92,7 @@ class Shipper:
         *,
         elect: bool = True,
         stop: asyncio.Event | None = None,
+        idle_s: float = IDLE_S,
     ) -> None:
         self.redis = redis
         self.settings = settings
@@ -100,6 +103,7 @@ class Shipper:
         self.name = shard.stream_name  # its watermark's row in history_shipped
         self.lock = SHIP_LOCK + shard.index  # the shards' streams ship side by side
         self.conn: asyncpg.Connection | None = None
+        self.session = Session(idle_s)  # closed by the server past `idle_s` idle
         self.loader: Loader | None = None
         self.pairs: dict[Pair, int] = {}
         self.watermark: StreamId = (0, 0)
@@ -119,6 +123,7 @@ class Shipper:
         raises `SchemaBehind` (logged with the hint to upgrade)."""
         if self.conn is None:
             self.conn = await database.connect(self.settings)
+            await self.session.bound(self.conn)
             await require_latest(self.conn)
         if self.elect and not await self.conn.fetchval(
             "SELECT pg_try_advisory_lock($1)", self.lock
@@ -342,8 +347,10 @@ class Shipper:
             while not stop.is_set():
                 try:
                     if not self.leading and not await self.open():
-                        await _wait(stop, STANDBY_S)
+                        await _wait(stop, min(STANDBY_S, self.session.every))
                         continue
+                    assert self.conn is not None
+                    await self.session.keep(self.conn)  # a session idle is closed
                     await self.ship_once(block_ms=self._block_ms())
                     backoff = 0.5
                     if self.last_read:
