@@ -350,6 +350,7 @@ class Shipper:
                         await _wait(stop, min(STANDBY_S, self.session.every))
                         continue
                     assert self.conn is not None
+                    self.last_read = 0  # (a failed keep halves no batch that shipped)
                     await self.session.keep(self.conn)  # a session idle is closed
                     await self.ship_once(block_ms=self._block_ms())
                     backoff = 0.5
