@@ -63,6 +63,7 @@ from dispatcher.shards.drain import (
 from dispatcher.shards.holdings import copy_drops, forget, holds, projects_on
 from dispatcher.shards.lanes import hold, hold_source, let_go
 from dispatcher.shards.lease import MoveLease
+from dispatcher.shards.left import to_drain
 from dispatcher.shards.queued import MOVER
 
 if TYPE_CHECKING:
@@ -298,6 +299,9 @@ class Mover:
         late_s = self.late_s or 0.0  # (set by now: see `__post_init__`)
         drain = self.drain_of(src, dst, project, lease.alive, flipped + late_s, lease.fence)
         moved = await drain.run()
+        while left := await to_drain(src, project):  # none may be left where it is cleaned
+            self.say(f"{project}: {left} job(s) or lane(s) of it still on shard {source}")
+            moved += await drain.run()
         self.say(f"{project}: {moved} queued job(s) moved; cleaning shard {source}")
         lease.alive()
         await copy_drops(src, dst, project)  # none come there now: its jobs are all gone
