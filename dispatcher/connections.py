@@ -124,12 +124,17 @@ def shown(url: str) -> str:
 
 
 def policy(settings: Settings) -> dict[str, Any]:
-    """The options of every connection to Redis: timeouts, keepalive, retries."""
+    """The options of every connection to Redis: timeouts, keepalive, retries. No health
+    check (a PING before a command on a connection idle for a while): an idle connection
+    found dead is a lost connection like any other, which the retries reconnect once; and
+    with redis-py 5 a new connection's first command ran the check, whose PING to a Redis
+    that never answers timed out, whose retry reconnected, whose first command ran the
+    check...: a RecursionError after ~120 timeouts (`tests/service/test_silent_redis.py`)."""
     return {
         "socket_connect_timeout": settings.redis_timeout,
         "socket_timeout": settings.redis_timeout,
         "socket_keepalive": True,
-        "health_check_interval": 30,
+        "health_check_interval": 0,
         "retry": Retry(ExponentialBackoff(cap=0.5, base=0.05), retries=3),
         "retry_on_error": [RedisConnectionError, RedisTimeoutError, ConnectionResetError],
     }

@@ -9,12 +9,14 @@ in a `redis://` URL.
 
 redis-py's `SentinelConnectionPool` does the discovery: a connection asks the sentinels for
 the master when it (re)connects, idle connections are dropped when the master's address
-changes, and a `READONLY` reply (the master was demoted) drops the connection. Here a
-`MASTERDOWN` reply counts the same (redis-py lets it through as a plain reply error), so
-does a `READONLY` that Redis 6 wraps in a Lua script's error, and so it goes on a plain
-`redis://` URL too, for a managed Redis whose failover moves a DNS name: a connection left
-on the old master would otherwise answer `READONLY` for as long as it lives. `NOREPLICAS`
-(a master short of its `min-replicas-to-write`) is an outage to wait out as well.
+changes (here at once when the sentinels switch it, busy ones too: `master_switch`, for a
+master paused through its failover), and a `READONLY` reply (the master was demoted) drops
+the connection. Here a `MASTERDOWN` reply counts the same (redis-py lets it through as a
+plain reply error), so does a `READONLY` that Redis 6 wraps in a Lua script's error, and so
+it goes on a plain `redis://` URL too, for a managed Redis whose failover moves a DNS name:
+a connection left on the old master would otherwise answer `READONLY` for as long as it
+lives. `NOREPLICAS` (a master short of its `min-replicas-to-write`) is an outage to wait out
+as well.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from dispatcher.addresses import host_port
 from dispatcher.errors import InvalidSetting
+from dispatcher.master_switch import FollowingPool, FollowsSwitch
 
 __all__ = [
     "SENTINEL_SCHEMES",
@@ -133,11 +136,11 @@ class _PrimaryUnix(_FollowsMaster, _Packing, UnixDomainSocketConnection):
     pass
 
 
-class _SentinelPrimary(_FollowsMaster, _Packing, SentinelManagedConnection):
+class _SentinelPrimary(FollowsSwitch, _FollowsMaster, _Packing, SentinelManagedConnection):
     pass
 
 
-class _SentinelPrimarySSL(_FollowsMaster, _Packing, SentinelManagedSSLConnection):
+class _SentinelPrimarySSL(FollowsSwitch, _FollowsMaster, _Packing, SentinelManagedSSLConnection):
     pass
 
 
@@ -256,11 +259,14 @@ def _address_of(client: Redis) -> tuple[str, int]:
 
 
 class SentinelRedis(Redis):
-    """The master's client; closing it also closes its connections to the sentinels."""
+    """The master's client; closing it also stops its pool's following of the sentinels
+    and closes its connections to them."""
 
     async def aclose(self, close_connection_pool: bool | None = None) -> None:
-        await super().aclose(close_connection_pool)
         pool = self.connection_pool
+        if isinstance(pool, FollowingPool):
+            await pool.stop_following()
+        await super().aclose(close_connection_pool)
         if isinstance(pool, SentinelConnectionPool):
             await asyncio.gather(*(s.aclose() for s in pool.sentinel_manager.sentinels))
 
@@ -293,6 +299,7 @@ def sentinel_client(target: SentinelUrl, policy: dict[str, Any], password: str |
     client: Redis = sentinels_of(target, policy, password).master_for(
         target.master,
         redis_class=SentinelRedis,
+        connection_pool_class=FollowingPool,
         connection_class=_SentinelPrimarySSL if target.tls else _SentinelPrimary,
     )
     return client

@@ -382,6 +382,10 @@ class Keys:
         """`slot` is epoch seconds // `step_s`."""
         return f"{self._stats_prefix}{step_s}{SEP}{slot}"
 
+    def stats_flush(self, token: str) -> str:
+        """A flush of attempt statistics that was added (`stats.AttemptStats.flush`)."""
+        return f"{self._stats_prefix}flush{SEP}{token}"
+
     def cron(self, name: str, slot: int) -> str:
         return f"{self._cron_prefix}{name}{SEP}{slot}"
 

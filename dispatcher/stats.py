@@ -13,13 +13,17 @@ from __future__ import annotations
 import bisect
 import collections
 import time
+import uuid
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
+
+from dispatcher.lua import ArgList, Key, KeyList, Script, run_pipeline
 
 if TYPE_CHECKING:
     from collections.abc import Mapping, Sequence
 
     from redis.asyncio import Redis
+    from redis.asyncio.client import Pipeline
 
     from dispatcher.keys import Keys
 
@@ -74,12 +78,63 @@ def bucket_field(duration_ms: int) -> str:
     return _FIELDS[bisect.bisect_left(BOUNDS_MS, duration_ms)]
 
 
+FLUSH_MARK_S = 600  # how long Redis remembers a flush it added (`AddCounts`)
+
+
+@dataclass
+class AddCounts(Script):
+    """One flush's counts added to the spans' hashes (each kept its span's time), once:
+    `mark` names the flush, and a flush whose mark is there already adds nothing. So a
+    flush sent again (redis-py sends a pipeline again when its answer timed out, and a
+    paused Redis runs both once it resumes), or kept after an error although it ran, is
+    not counted twice. `counts`: for each hash, its time to live, how many fields, and
+    each field and count."""
+
+    LUA = """
+    if not redis.call('SET', mark, 1, 'NX', 'EX', mark_ttl) then return 0 end
+    local at = 1
+    for _, key in ipairs(hashes) do
+      local ttl, fields = counts[at], tonumber(counts[at + 1])
+      at = at + 2
+      for _ = 1, fields do
+        redis.call('HINCRBY', key, counts[at], counts[at + 1])
+        at = at + 2
+      end
+      redis.call('EXPIRE', key, ttl)
+    end
+    return 1
+    """
+    mark: Key
+    hashes: KeyList
+    mark_ttl: int
+    counts: ArgList
+
+
+def add_counts(keys: Keys, token: str, counts: Mapping[tuple[int, str], int]) -> AddCounts:
+    """The script that adds `counts` ((minute, field) -> n) under the flush `token`."""
+    fields: dict[str, list[tuple[str, int]]] = {}
+    ttls: dict[str, int] = {}
+    for span in SPANS:
+        for (minute, name), n in counts.items():
+            key = span.key(keys, minute * 60 // span.step_s)
+            fields.setdefault(key, []).append((name, n))
+            ttls[key] = span.ttl_s
+    flat: list[str | int] = []
+    for key, pairs in fields.items():
+        flat += [ttls[key], len(pairs)]
+        for name, n in pairs:
+            flat += [name, n]
+    return AddCounts(keys.stats_flush(token), list(fields), FLUSH_MARK_S, flat)
+
+
 class AttemptStats:
     """Attempts by (minute, outcome) and (minute, duration bucket), counted in memory and
     added to Redis every few seconds, so the hot path never waits for them."""
 
     def __init__(self) -> None:
         self.counts: collections.Counter[tuple[int, str]] = collections.Counter()
+        # flushes not known to be added, each with its token: sent again as they were
+        self.unsent: list[tuple[str, collections.Counter[tuple[int, str]]]] = []
 
     def count(self, outcome: str, duration_ms: int = 0) -> None:
         minute = time.time_ns() // 60_000_000_000
@@ -88,24 +143,21 @@ class AttemptStats:
 
     async def flush(self, redis: Redis, keys: Keys) -> None:
         """Add what was counted since the last flush to every span's hashes, in one round
-        trip; kept for the next flush when Redis fails."""
-        counts, self.counts = self.counts, collections.Counter()
-        if not counts:
+        trip, once (`AddCounts`); kept with its token for the next flush when Redis fails,
+        which sends it again beside its own."""
+        if self.counts:
+            self.unsent.append((uuid.uuid4().hex, self.counts))
+            self.counts = collections.Counter()
+        if not self.unsent:
             return
-        try:
-            async with redis.pipeline(transaction=False) as pipe:
-                for span in SPANS:
-                    touched = set()
-                    for (minute, name), n in counts.items():
-                        key = span.key(keys, minute * 60 // span.step_s)
-                        pipe.hincrby(key, name, n)
-                        touched.add(key)
-                    for key in touched:
-                        pipe.expire(key, span.ttl_s)
-                await pipe.execute()
-        except BaseException:
-            self.counts.update(counts)
-            raise
+        scripts = [add_counts(keys, token, counts) for token, counts in self.unsent]
+
+        def queue(pipe: Pipeline) -> None:
+            for script in scripts:
+                script.queue_on(pipe)
+
+        await run_pipeline(redis, queue)
+        del self.unsent[: len(scripts)]
 
 
 @dataclass(frozen=True, slots=True)

@@ -5,6 +5,8 @@ TTL), the index of live workers, and the fleet's gauges at `/metrics`."""
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import time
 from pathlib import Path
 
@@ -17,7 +19,7 @@ from redis.asyncio import Redis
 from dispatcher import metrics
 from dispatcher.api import create_app
 from dispatcher.clock import now_ms
-from dispatcher.connections import REDIS_ERRORS
+from dispatcher.connections import REDIS_ERRORS, connect
 from dispatcher.embedded import EmbeddedRedis
 from dispatcher.keys import Keys
 from dispatcher.services import Services
@@ -25,7 +27,7 @@ from dispatcher.settings import Settings
 from dispatcher.stats import DAY, HOUR, AttemptStats, read_series
 from dispatcher.status import count_live_workers, live_workers, write_heartbeat
 from dispatcher.worker.duties import Counts, Duties
-from tests.helpers import app_client
+from tests.helpers import app_client, make_settings, until
 
 keys = Keys()  # today's key names (one shard)
 
@@ -80,6 +82,39 @@ async def test_statistics_survive_a_flush_that_fails(redis: Redis) -> None:
     await stats.flush(redis, keys)
     (hour,) = await read_series(redis, keys, now_ms(), [HOUR])
     assert hour.totals == {"retry": 1}
+
+
+async def test_a_flush_that_ran_though_it_failed_is_not_counted_twice(tmp_path: Path) -> None:
+    """A flush sent to a paused Redis times out (its counts kept for the next flush), and
+    Redis runs it once it resumes; redis-py also sends a pipeline again when its answer
+    timed out, and both run. Each flush's token, which Redis keeps a while, makes the next
+    add nothing of it again (it counted 2 for 1)."""
+    await away_from_a_minute_boundary()
+    server = EmbeddedRedis(tmp_path, persist=False)
+    redis = connect(make_settings(server.start(), redis_timeout=0.3))  # retries, timeouts
+    try:
+        stats = AttemptStats()
+        stats.count("retry", 5)
+        await stats.flush(redis, keys)  # a connection in the pool; the script loaded
+        stats.count("success", 12)
+        os.kill(server.pid, signal.SIGSTOP)
+        try:
+            with pytest.raises(REDIS_ERRORS):
+                await stats.flush(redis, keys)
+        finally:
+            os.kill(server.pid, signal.SIGCONT)
+        hour = keys.stats(now_ms() // 60_000)
+
+        async def ran() -> bool:
+            return await redis.hget(hour, "success") is not None  # type: ignore[misc]
+
+        await until(ran, 10, "the paused flush run once Redis resumed")
+        await stats.flush(redis, keys)
+        assert await redis.hget(hour, "success") == b"1"  # type: ignore[misc]
+        assert stats.unsent == []
+    finally:
+        await redis.aclose()
+        server.stop()
 
 
 async def test_live_workers_come_from_the_heartbeat_index(redis: Redis, settings: Settings) -> None:

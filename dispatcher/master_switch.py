@@ -1,0 +1,173 @@
+"""Following the sentinels' `+switch-master` at once, so that no connection goes on with a
+master the sentinels replaced.
+
+redis-py asks the sentinels for the master only when a connection connects. A connection
+open to a master that stops answering without closing it (paused: SIGSTOP, a frozen VM, a
+stalled network) is kept by its pool through the failover, idle; once the old master
+answers again, and until the sentinels demote it (8 s and more), it takes that
+connection's commands as a master: emits acknowledged there (`DISPATCHER_REDIS_MIN_REPLICAS`
+0) were lost with its demotion, with 1 they answered 503 for as long while the new master
+was up, and a worker's claims and writes there were undone (its deliveries repeated).
+
+So each sentinel-backed pool, once used, runs a small task (`_follow`): subscribed to every
+sentinel's `+switch-master` (one connection to each), it learns of a failover as the
+sentinels make it, and it asks for the master (`SENTINEL MASTERS`) every
+`DISPATCHER_REDIS_TIMEOUT` (what a listener missed while its sentinel was away). On a new
+address, idle connections to the old one are closed, and one in use is closed before its
+next command, which raises `MasterMoved` (a lost connection: retried, on the master). A
+sentinel that fails or restarts is subscribed to again after a short pause. Nothing is
+added to any command sent to Redis.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import weakref
+from typing import Any
+
+import structlog
+from redis.asyncio.connection import AbstractConnection
+from redis.asyncio.sentinel import SentinelConnectionPool
+from redis.exceptions import ConnectionError as RedisConnectionError
+
+from dispatcher.addresses import host_port
+
+__all__ = ["SWITCH_MASTER", "FollowingPool", "FollowsSwitch", "MasterMoved"]
+
+log = structlog.get_logger(__name__)
+
+SWITCH_MASTER = "+switch-master"  # "<name> <old ip> <old port> <new ip> <new port>"
+PAUSE_S = 0.5  # after a sentinel failed, before the next one
+
+
+class MasterMoved(RedisConnectionError):
+    """The sentinels named another master than this connection's: it is closed, and the
+    command goes on a new connection (a lost connection to every caller)."""
+
+
+class FollowingPool(SentinelConnectionPool):
+    """A sentinel-backed pool of the master's connections that follows a failover at once
+    (the module's doc)."""
+
+    def __init__(self, service_name: str, sentinel_manager: Any, **kwargs: Any) -> None:
+        super().__init__(service_name, sentinel_manager, **kwargs)  # type: ignore[no-untyped-call]
+        self._follower: asyncio.Task[None] | None = None
+        self.recheck_s = float(kwargs.get("socket_timeout") or 5.0)
+
+    async def get_connection(self, *args: Any, **kwargs: Any) -> Any:
+        follower, loop = self._follower, asyncio.get_running_loop()
+        if follower is None or follower.done() or follower.get_loop() is not loop:
+            self._follower = loop.create_task(_follow(weakref.ref(self)))
+        return await super().get_connection(*args, **kwargs)
+
+    async def moved(self, address: tuple[str, int]) -> None:
+        """The sentinels name the master at `address`: idle connections elsewhere closed,
+        busy ones before their next command."""
+        if self.master_address == address:
+            return
+        if self.master_address is None:  # no connection made yet
+            self.master_address = address
+            return
+        log.warning(
+            "redis.master_switched",
+            master=self.service_name,
+            old=host_port(*self.master_address),
+            new=host_port(*address),
+        )
+        self.master_address = address
+        await self.disconnect(inuse_connections=False)
+
+    async def stop_following(self) -> None:
+        follower, self._follower = self._follower, None
+        if follower is not None and follower.get_loop() is asyncio.get_running_loop():
+            follower.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await follower
+
+
+class FollowsSwitch(AbstractConnection):
+    """Mixed into the master's connection class of a `FollowingPool`: before a command, a
+    connection to another node than the master its pool knows is closed (`MasterMoved`)."""
+
+    async def send_packed_command(self, command: Any, check_health: bool = True) -> None:
+        master = getattr(self, "connection_pool", None)
+        master = getattr(master, "master_address", None)
+        here = (getattr(self, "host", None), getattr(self, "port", None))
+        if master is not None and self.is_connected and here != master:
+            await self.disconnect()
+            raise MasterMoved(
+                f"{self._host_error()} is not the master now: the sentinels name "
+                f"{host_port(*master)}"
+            )
+        await super().send_packed_command(command, check_health)
+
+
+async def _follow(ref: weakref.ref[FollowingPool]) -> None:
+    """Until the pool is gone (or its client closed): a listener on each sentinel, and the
+    master asked for every `recheck_s` (what a listener missed while it reconnected)."""
+    if (pool := ref()) is None:
+        return
+    sentinels, every = list(pool.sentinel_manager.sentinels), pool.recheck_s
+    del pool  # (held only by the pool's client)
+    listeners = [asyncio.create_task(_listen(ref, sentinel, every)) for sentinel in sentinels]
+    try:
+        while True:
+            if not await _ask(ref):
+                return
+            await asyncio.sleep(every)
+    finally:
+        for listener in listeners:
+            listener.cancel()
+        await asyncio.gather(*listeners, return_exceptions=True)
+
+
+async def _listen(ref: weakref.ref[FollowingPool], sentinel: Any, every: float) -> None:
+    """Subscribed to `sentinel`'s `+switch-master`, again after a pause when it fails or
+    restarts. Every sentinel is listened to: the one that led the failover announces it
+    last (once the other replicas follow the new master: a second here), the others as
+    soon as it tells them its new configuration. Returns when the pool is gone."""
+    while ref() is not None:
+        pubsub = sentinel.pubsub()
+        try:
+            await pubsub.subscribe(SWITCH_MASTER)
+            while ref() is not None:
+                message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=every)
+                if message is not None:
+                    await _heard(ref, sentinel, message)
+        except Exception as exc:  # the sentinel failed, or answered nonsense: again later
+            log.debug("redis.sentinel_unheard", error=repr(exc))
+        finally:
+            with contextlib.suppress(Exception):
+                await pubsub.aclose()
+        await asyncio.sleep(PAUSE_S)
+
+
+async def _heard(ref: weakref.ref[FollowingPool], sentinel: Any, message: dict[str, Any]) -> None:
+    """A `+switch-master` of the pool's master followed, and the sentinel that said it
+    asked first from then on, by the pool's connections too (the others may name the old
+    master for a moment yet)."""
+    words = bytes(message.get("data") or b"").decode(errors="replace").split()
+    pool = ref()
+    if pool is None or len(words) != 5 or words[0] != pool.service_name:
+        return
+    if not words[4].isdigit():
+        return
+    sentinels = pool.sentinel_manager.sentinels
+    if sentinel in sentinels:
+        at = sentinels.index(sentinel)
+        sentinels[0], sentinels[at] = sentinels[at], sentinels[0]
+    await pool.moved((words[3], int(words[4])))
+
+
+async def _ask(ref: weakref.ref[FollowingPool]) -> bool:
+    """Follow the master the sentinels name now (none named: a failover under way, or no
+    sentinel answers: nothing to follow); False when the pool is gone."""
+    if (pool := ref()) is None:
+        return False
+    try:
+        address = await pool.sentinel_manager.discover_master(pool.service_name)
+    except RedisConnectionError:  # MasterNotFoundError
+        return True
+    await pool.moved((str(address[0]), int(address[1])))
+    return True
