@@ -89,7 +89,7 @@ async def test_a_flush_that_ran_though_it_failed_is_not_counted_twice(tmp_path: 
     Redis runs it once it resumes; redis-py also sends a pipeline again when its answer
     timed out, and both run. Each flush's token, which Redis keeps a while, makes the next
     add nothing of it again (it counted 2 for 1)."""
-    await away_from_a_minute_boundary(20)  # (Redis paused, timeouts: seconds on a busy machine)
+    await away_from_a_minute_boundary()
     server = EmbeddedRedis(tmp_path, persist=False)
     redis = connect(make_settings(server.start(), redis_timeout=0.3))  # retries, timeouts
     try:
