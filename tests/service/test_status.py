@@ -38,10 +38,10 @@ def gauge(text: str, name: str) -> float:
     return float(values[0])
 
 
-async def away_from_a_minute_boundary(margin_s: float = 1.5) -> None:
-    """So that what a test counts lands in the minute it then reads (within `margin_s`)."""
+async def away_from_a_minute_boundary() -> None:
+    """So that what a test counts lands in the minute it then reads."""
     second = time.time() % 60
-    if second > 60 - margin_s:
+    if second > 58.5:
         await asyncio.sleep(60.05 - second)
 
 
