@@ -109,7 +109,7 @@ async def sweep(
         if stopped is not None:  # by the bound: the next run goes on from there
             await redis.set(place, _Place.of(cursor, done + stopped), ex=_PLACE_TTL_S)
             metrics.HISTORY_SWEEP_UNFINISHED.inc()
-            log.warning("history.sweep_unfinished", removed=run.removed, key=keys.HISTORY_INDEXES)
+            log.info("history.sweep_unfinished", removed=run.removed, key=keys.HISTORY_INDEXES)
             break
         cursor, done = int(after), 0
         if not cursor:

@@ -18,6 +18,7 @@ lost the walk takes its own last answer meanwhile.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -68,7 +69,13 @@ class StreamBytes:
             self.bytes, self.count = (int(n) for n in shared.split())
         elif await redis.set(walk, 1, nx=True, px=WALK_LOCK_MS):
             start = time.monotonic()
-            self.bytes, self.count = int(await redis.memory_usage(stream, samples=0) or 0), count
+            try:
+                size = int(await redis.memory_usage(stream, samples=0) or 0)
+            except BaseException:  # (a refusal, an outage): the next check's worker walks
+                with contextlib.suppress(Exception):
+                    await redis.delete(walk)
+                raise
+            self.bytes, self.count = size, count
             kept_ms = max(1000, int(WALK_DUTY * (time.monotonic() - start) * 1000))
             async with redis.pipeline(transaction=False) as pipe:
                 pipe.set(kept, f"{self.bytes} {count}", px=kept_ms)

@@ -773,7 +773,8 @@ async def test_a_redis_that_refuses_memory_usage_leaves_the_record_count_bound(
     redis: Redis, redis_server: EmbeddedRedis
 ) -> None:
     """A user whose ACL denies MEMORY (a managed Redis may): no byte bound, said once; the
-    worker's backlog watch goes on (an error other than an outage ended it)."""
+    worker's backlog watch goes on (an error other than an outage ended it), and a read
+    that failed leaves the fleet's walk to the next check."""
     await redis.acl_setuser("nomem", enabled=True, passwords=["+pw"], keys=["*"], channels=["*"],
                             commands=["+@all", "-memory"])  # fmt: skip
     limited = Redis.from_url(redis_server.url.replace("redis://", "redis://nomem:pw@"))
@@ -783,6 +784,8 @@ async def test_a_redis_that_refuses_memory_usage_leaves_the_record_count_bound(
             assert await measured.over(limited, keys.HISTORY_STREAM, 3) == (0, False)
             assert await measured.over(limited, keys.HISTORY_STREAM, 3) == (0, False)
         assert [e["event"] for e in logs] == ["history.backlog_bytes_unread"]
+        # the walk it could not make is left to the next check (held 60 s before: review)
+        assert not await redis.exists(f"{keys.HISTORY_STREAM}:bytes:walk")
     finally:
         await limited.aclose()
         await redis.acl_deluser("nomem")
