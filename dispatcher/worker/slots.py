@@ -42,10 +42,12 @@ class Slots:
 
     def left(self) -> int:
         """The slots free: one per job running, but for those freed and those of a shard
-        whose writes are stuck."""
+        whose writes are stuck; never more than leave twice the slots' jobs running (shards
+        sticking one after another: each one's jobs, waiting, made room for the next's)."""
         stuck = {index for index, writer in self._writers.items() if writer.stuck()}
         waiting = [t for (i, _), t in self.running.items() if i in stuck] if stuck else []
-        return self.max_jobs - len(self.running) + len(self._freed.union(waiting))
+        free = self.max_jobs - len(self.running) + len(self._freed.union(waiting))
+        return min(free, 2 * self.max_jobs - len(self.running))
 
     def ended(self, key: JobKey, task: asyncio.Task[None]) -> None:
         """`task`, running job `key`, ended."""

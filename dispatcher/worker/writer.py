@@ -113,10 +113,14 @@ class Writer(Batcher):
         return (self.failing_since is not None and bool(self._pending)) or self.stuck()
 
     def stuck(self) -> bool:
-        """Whether the batch in flight was first sent `STUCK_S` ago or more (a write
-        answers in milliseconds)."""
+        """Whether writes wait and the batch in flight was first sent `STUCK_S` ago or more
+        (a write answers in milliseconds)."""
         since = self.sending_since
-        return since is not None and asyncio.get_running_loop().time() - since >= STUCK_S
+        return (
+            since is not None
+            and bool(self._pending)
+            and asyncio.get_running_loop().time() - since >= STUCK_S
+        )
 
     def submit(
         self,
@@ -178,6 +182,7 @@ class Writer(Batcher):
                         backoff = min(self.backoff_cap, backoff * 2)
                         continue
                     # a bug: it must not stop the writes behind it
+                    self.sending_since = None  # (the next batch is another)
                     if not self._weed_out(batch, exc):
                         log.exception("worker.write_failed", pending=len(self._pending))
                         await asyncio.sleep(self.backoff_cap)

@@ -36,6 +36,7 @@ from dispatcher.queue import Queue
 from dispatcher.registry import Registry
 from dispatcher.settings import Settings
 from dispatcher.worker import create_worker
+from dispatcher.worker import writer as writer_module
 from dispatcher.worker.claims import Claims
 from dispatcher.worker.writer import Writer
 from tests.helpers import (
@@ -527,6 +528,28 @@ async def test_a_write_that_cannot_be_built_fails_alone(settings: Settings, redi
             await bad
         assert await redis.exists("before", "after") == 2 and writer.pending == 0
         assert await writer.commit(command("GET", "after")) == [b"1"]
+    finally:
+        await writer.close()
+
+
+async def test_a_lone_write_that_cannot_be_built_leaves_its_shard_claiming(
+    settings: Settings, redis: Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A write whose code fails, alone in its batch, is weeded out: nothing is in flight
+    then, and the writer is not stalled. Its batch's start stayed as the time a batch had
+    been in flight since, so a second later the shard counted as stuck for good, its
+    claims held back, and nothing ever wrote to clear it (review)."""
+    monkeypatch.setattr(writer_module, "STUCK_S", 0.05)
+    writer = Writer(redis, RedisHistory(redis, settings, keys).assign_ids)
+
+    def broken(pipe: Pipeline) -> None:
+        raise KeyError("a field the write expected")
+
+    try:
+        with pytest.raises(KeyError):
+            await asyncio.wait_for(writer.submit(broken), 10)
+        await asyncio.sleep(0.2)
+        assert (writer.pending, writer.stuck(), writer.stalled) == (0, False, False)
     finally:
         await writer.close()
 
