@@ -16,12 +16,26 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from dispatcher.worker.served import Served
+from typing import Protocol
 
 __all__ = ["JobKey", "Slots"]
+
+
+class Writes(Protocol):
+    """What the slots ask of a shard's writer (`Writer.stuck`)."""
+
+    def stuck(self) -> bool: ...
+
+
+class Serves(Protocol):
+    """A shard served (`Served`): its index, and its writer."""
+
+    @property
+    def index(self) -> int: ...
+
+    @property
+    def writer(self) -> Writes: ...
+
 
 # a running job: the shard it was claimed on, and its id there
 JobKey = tuple[int, str]
@@ -31,7 +45,7 @@ class Slots:
     """The jobs running (`running`, by shard and id) and the room they leave; `wait`
     returns once `batch` slots are free (or a poll interval passed)."""
 
-    def __init__(self, max_jobs: int, batch: int, served: Sequence[Served] = ()) -> None:
+    def __init__(self, max_jobs: int, batch: int, served: Sequence[Serves] = ()) -> None:
         self.max_jobs = max_jobs
         self.batch = batch
         # with several shards served, each one's writer (whose batch stuck frees its jobs)

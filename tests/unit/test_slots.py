@@ -31,10 +31,13 @@ async def test_stuck_shards_free_their_jobs_slots_up_to_twice_the_slots() -> Non
     slots = Slots(4, 4, [StandInServed(i, w) for i, w in enumerate(writers)])
     waiting = asyncio.Event()
 
+    async def job() -> None:
+        await waiting.wait()
+
     def claim(shard: int, count: int) -> None:
         for _ in range(count):
             key = (shard, f"job-{len(slots.running)}")
-            slots.running[key] = asyncio.create_task(waiting.wait())
+            slots.running[key] = asyncio.create_task(job())
 
     try:
         claim(0, slots.left())
