@@ -63,7 +63,8 @@ Health
     dispatcher:health:{id}                    HASH consecutive final failures of one callback
     dispatcher:health:failing                 ZSET ids of callbacks with failures, by first failure
 Deliveries
-    dispatcher:delivery:{progress id}         STRING attempts made, or "done" (dedupe, progress);
+    dispatcher:delivery:{progress id}         STRING attempts made, or "done" (dedupe, progress;
+                                              "2w": the third waited for an open circuit);
                                               none when the delivery's job ended with its
                                               record (gone, it needs no dedupe)
     dispatcher:deliveries:dropped:{project}   LIST a project's deliveries ended without an

@@ -33,6 +33,7 @@ from dispatcher.models import Region
 from dispatcher.registry.matches import Matches
 from dispatcher.stats import AttemptStats
 from dispatcher.worker import unending
+from dispatcher.worker.circuit import OPEN, MarkWaited, next_attempt, wait_s
 from dispatcher.worker.claims import body_wait_ms
 from dispatcher.worker.controls import Controls
 from dispatcher.worker.fence import Fence
@@ -210,7 +211,8 @@ class Engine:
         elif found is None:  # the body it refers to is gone: never sent empty
             await self.drop(job, bodies.GONE, then, "body")
         else:
-            await self.attempt(found, target, int(progress or 0) + 1, then)
+            number, waited = next_attempt(progress)
+            await self.attempt(found, target, number, then, waited)
 
     async def drop(self, job: DeliveryJob, reason: str, then: Then, kind: str = "callback") -> None:
         """End a delivery without an attempt, on record in its project's list of drops
@@ -237,16 +239,21 @@ class Engine:
         )
 
     async def attempt(
-        self, job: DeliveryJob, target: CallbackTarget, number: int, then: Then
-    ) -> None:
-        """Attempt `number` of `job`, recorded, and what follows it, in one write. A
-        callback with limits is admitted first (`controls.py`): over them, the delivery
-        waits in the queue without spending an attempt. A run that gives up (`unending.py`)
-        sends nothing: the delivery ends FAILED."""
+        self, job: DeliveryJob, target: CallbackTarget, number: int, then: Then,
+        waited: bool = False,
+    ) -> None:  # fmt: skip
+        """Attempt `number` of `job`, recorded, and what follows it, in one write. While its
+        circuit is open it is put off, or made unsent once it `waited` so (`circuit.py`). A
+        callback with limits is admitted next (`controls.py`): over them, the delivery waits
+        in the queue without spending an attempt. A run that gives up (`unending.py`) sends
+        nothing: the delivery ends FAILED."""
+        circuit = (job.emitter or job.project_id, target.destination.host)  # (see `_attempt`)
         if (why := unending.giving_up.get()) is not None:
             await self.fence.check()  # its job still ours: not another worker's to end
             done = Attempted(AttemptResult.unsent(why), [])
             await self._settle(job, target, number, done, then, given_up=True)
+        elif wait := self.breaker.wait(circuit):  # local: before a fleet-wide start is taken
+            await self._circuit_open(job, target, number, then, wait, waited)
         elif target.options.limited:  # its lease checked before a fleet-wide start is taken
             await self.fence.check()
             attempt = functools.partial(self._attempt, job, target, number)
@@ -255,14 +262,26 @@ class Engine:
         else:
             await self._attempt(job, target, number, then)
 
+    async def _circuit_open(
+        self, job: DeliveryJob, target: CallbackTarget, number: int, then: Then,
+        wait: float, waited: bool,
+    ) -> None:  # fmt: skip
+        """Attempt `number` while its circuit is open, for `wait` s more (`circuit.py`): put
+        off, with its mark saying so; once it `waited` so, made without a request."""
+        if waited:
+            await self.fence.check()  # its job still ours: not another worker's attempt
+            done = Attempted(AttemptResult.unsent(OPEN, Outcome.RETRY), [])
+            await self._settle(job, target, number, done, then, waited=True)
+            return
+        made = str(number - 1)
+        mark = MarkWaited(self.keys.delivery(job.progress_id), made, self.progress_ttl)
+        await self._defer(job, then, wait_s(self.settings, number, wait), "circuit", mark)
+
     async def _attempt(
         self, job: DeliveryJob, target: CallbackTarget, number: int, then: Then
     ) -> None:
         host, project = target.destination.host, job.emitter or job.project_id
         circuit = (project, host)  # the emitter's own: none trips another project's
-        if wait := self.breaker.wait(circuit):  # not an attempt: try again once it may
-            await self._defer(job, then, wait, "circuit")
-            return
         slot = await self.shares.admit(project, host)
         if slot is None:  # its project or host holds its share of the worker: later
             await self._defer(job, then, self.shares.defer_s(host), "share")
@@ -285,11 +304,13 @@ class Engine:
 
     async def _settle(
         self, job: DeliveryJob, target: CallbackTarget, number: int, done: Attempted,
-        then: Then, *, given_up: bool = False,
+        then: Then, *, given_up: bool = False, waited: bool = False,
     ) -> None:  # fmt: skip
         """What came of an attempt: its record, its next step and the callback's health, in
         its write; its metrics and log line. A delivery `given_up` (`unending.py`) was not
-        sent: neither the callback's health nor attempt times count it."""
+        sent: neither the callback's health nor attempt times count it. One that `waited`
+        out its step under an open circuit (`circuit.py`) was not sent either: its next
+        attempt is due at once, and a final failure counts as any other."""
         result, delay = done.result, None
         if result.outcome is Outcome.RETRY:
             delay = next_delay(
@@ -299,20 +320,27 @@ class Engine:
                 retry_after=result.retry_after,
                 retry_after_cap=self.settings.retry_after_cap,
             )
+            delay = 0.0 if waited and delay is not None else delay
         record = attempt_record(job, target, number, done, delay is None, self.settings)
-        observe(job, target, number, result, delay, timed=not given_up)
-        if not given_up:
+        observe(job, target, number, result, delay, timed=not (given_up or waited))
+        if not (given_up or waited):
             self.stats.count(result.outcome.value, result.duration_ms)
         await self._write(job, target, record, result, delay, then, judged=not given_up)
 
-    async def _defer(self, job: DeliveryJob, then: Then, delay: float, why: str) -> None:
+    async def _defer(
+        self, job: DeliveryJob, then: Then, delay: float, why: str,
+        mark: MarkWaited | None = None,
+    ) -> None:  # fmt: skip
         """Not an attempt: back to the queue, due in `delay` s. Its progress is marked
-        when it has no mark, so a re-run of its fan-out leaves it to the job `then` queues (a
-        later attempt's count stays, and so does the "done" of a worker that ended it while
-        paused past its lease: that job ends it again with no attempt)."""
+        when it has no mark (or `mark`), so a re-run of its fan-out leaves it to the job
+        `then` queues (a later attempt's count stays, and so does the "done" of a worker that
+        ended it while paused past its lease: that job ends it again with no attempt)."""
 
         def write(pipe: Pipeline) -> None:
-            pipe.set(self.keys.delivery(job.progress_id), 0, nx=True, ex=self.progress_ttl)
+            if mark is None:
+                pipe.set(self.keys.delivery(job.progress_id), 0, nx=True, ex=self.progress_ttl)
+            else:
+                mark.queue_on(pipe)
             then(pipe, delay)
 
         await self.writer.commit(write)

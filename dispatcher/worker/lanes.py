@@ -58,6 +58,7 @@ from dispatcher.keys import SEP
 from dispatcher.lane_ids import lane_id
 from dispatcher.registry.match import TARGET_FIELDS, CallbackTarget, event_scopes
 from dispatcher.registry.options import order_key
+from dispatcher.worker.circuit import next_attempt
 from dispatcher.worker.lane_release import NEXT_TAG, SKIPPED_TAG, Release
 from dispatcher.worker.lane_scripts import LATE, Enter, Head
 from dispatcher.worker.steps import ChunkEnd, LaneStep
@@ -103,7 +104,7 @@ class Sending:
     """What the lanes need of the delivery engine: its attempt, its recorded drop, and how
     a callback's secrets are read."""
 
-    attempt: Callable[[DeliveryJob, CallbackTarget, int, Then], Awaitable[None]]
+    attempt: Callable[[DeliveryJob, CallbackTarget, int, Then, bool], Awaitable[None]]
     drop: Callable[[DeliveryJob, str, Then, str], Awaitable[None]]  # (..., the metric's kind)
     decrypt: Decrypt
 
@@ -338,7 +339,8 @@ class Lanes:
             elif (found := await read(self.writer.redis, self.keys, job, 0)) is None:
                 await self.sending.drop(job, BODY_GONE, then, "body")  # never sent empty
             else:
-                await self.sending.attempt(found, target, int(progress or 0) + 1, then)
+                number, waited = next_attempt(progress)
+                await self.sending.attempt(found, target, number, then, waited)
 
         adopt.spawn(job.job_id, work)
 

@@ -11,6 +11,7 @@ import orjson
 import pytest
 import redis as redis_py
 from aiohttp import web
+from prometheus_client import REGISTRY
 from redis.asyncio import Redis
 from structlog.testing import capture_logs
 
@@ -25,6 +26,7 @@ from dispatcher.registry import Registry
 from dispatcher.settings import Settings
 from dispatcher.tokens import TokenCipher
 from dispatcher.worker import create_worker
+from dispatcher.worker.circuit import OPEN
 from tests.helpers import (
     UID,
     Receiver,
@@ -37,6 +39,7 @@ from tests.helpers import (
 )
 
 keys = Keys()  # today's key names (one shard)
+DEFERRED = "dispatcher_deliveries_deferred_total"
 
 CALLBACKS = "/apigw/v4/projects/demo/callbacks"
 
@@ -364,9 +367,16 @@ def test_a_breaker_keeps_a_bounded_number_of_circuits_per_project() -> None:
     assert all(total.wait(c, now=1) > 0 for c in (("demo", "a"), ("new", "a"), ("evil", "c")))
 
 
-async def test_open_breaker_defers_instead_of_burning_attempts(
+async def test_an_open_breaker_puts_an_attempt_off_once_then_spends_it_unsent(
     redis_server: EmbeddedRedis, redis: Redis, run_worker: RunWorker
 ) -> None:
+    """Two deliveries to one dead host, its breaker open after two failures: an attempt
+    due while it is open is put off once (at least its next step, or until the circuit
+    may be probed: no record), and, the circuit still open when it comes back, recorded as
+    failed without a request. Each delivery makes its 7 attempts in order to its final
+    record, none twice. Before, every attempt was put off until it got through as a probe,
+    one a cool-down: the 14 attempts took 12 cool-downs, and a backlog's grew as its square
+    (`tests/service/test_circuit_backlog.py`)."""
     settings = make_settings(
         redis_server.url, circuit_threshold=2, circuit_cooldown=0.2,
         retry_schedule=(0.05,) * 6,
@@ -374,20 +384,20 @@ async def test_open_breaker_defers_instead_of_burning_attempts(
     url = "http://127.0.0.1:9/down"
     await Registry(redis).create("demo", url, Event.BUILD_END, Region.DEVNET)
     await Registry(redis).create("demo", url + "2", Event.BUILD_END, Region.DEVNET)
-    with capture_logs() as logs:
-        await Producer(settings, redis).emit("demo", "BUILD_END", {})
-        await run_worker(settings)
-    attempts = [e for e in logs if e["event"] == "delivery.attempt"]
-    assert len(attempts) == 14  # both deliveries still get their 7 attempts, none burnt
-    records = await all_records(redis, settings, url) + await all_records(
-        redis, settings, url + "2"
-    )
-    span = max(r.start_time for r in records) - min(r.start_time for r in records)
-    # without the breaker the 14 attempts run back to back within ~0.4 s; with it, every
-    # failure after the first two opens it for 0.2 s, and each time it half-opens one
-    # delivery probes the host while the other waits: 12 cool-downs (2.4 s; both probing
-    # made it 6)
-    assert span >= 2200
+    before = REGISTRY.get_sample_value(DEFERRED, {"reason": "circuit"}) or 0.0
+    await Producer(settings, redis).emit("demo", "BUILD_END", {})
+    await run_worker(settings)
+    deferred = (REGISTRY.get_sample_value(DEFERRED, {"reason": "circuit"}) or 0.0) - before
+    per_callback = [await all_records(redis, settings, u) for u in (url, url + "2")]
+    for mine in per_callback:
+        assert sorted(r.attempt for r in mine) == list(range(1, 8))
+        assert [r.final for r in mine if r.attempt == 7] == [True]
+    records = [r for mine in per_callback for r in mine]
+    unsent = [r for r in records if r.error_msg == OPEN]
+    sent = [r for r in records if r.error_msg != OPEN]
+    assert unsent and all(r.response_code is None and r.duration_ms == 0 for r in unsent)
+    assert len(sent) >= 2 and all("could not connect" in (r.error_msg or "") for r in sent)
+    assert len(unsent) <= deferred <= 14  # each unsent one put off first; none twice
 
 
 @pytest.mark.parametrize("platform", [False, True], ids=["its own callback", "platform-wide"])
