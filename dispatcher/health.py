@@ -276,9 +276,9 @@ Circuit = tuple[str, str]  # (project, host): a project's own, none trips anothe
 class CircuitBreaker:
     """A breaker per circuit (a project's host), per worker process: after `threshold`
     retryable failures in a row a circuit is left alone for `cooldown` seconds; then one
-    attempt probes it (one turned away before it is sent, by its project's share or its
-    callback's limits, records nothing: the circuit waits another cool-down). What an
-    attempt does while its circuit is open: `worker.circuit`. A project keeps at most `most`
+    attempt probes it (one turned away before it is sent, by its project's share, records
+    nothing: the circuit waits another cool-down). What an attempt does while its circuit
+    is open: `worker.circuit`. A project keeps at most `most`
     circuits, its own used least recently going first, and all of them together at most
     `total`, the one used least recently of all going first: one project failing on many
     hosts forgets its own, and it takes `total` / `most` of them to push out another's."""

@@ -242,25 +242,22 @@ class Engine:
         self, job: DeliveryJob, target: CallbackTarget, number: int, then: Then,
         waited: bool = False,
     ) -> None:  # fmt: skip
-        """Attempt `number` of `job`, recorded, and what follows it, in one write. While its
-        circuit is open it is put off, or made unsent once it `waited` so (`circuit.py`). A
-        callback with limits is admitted next (`controls.py`): over them, the delivery waits
-        in the queue without spending an attempt. A run that gives up (`unending.py`) sends
-        nothing: the delivery ends FAILED."""
-        circuit = (job.emitter or job.project_id, target.destination.host)  # (see `_attempt`)
+        """Attempt `number` of `job`, recorded, and what follows it, in one write. A
+        callback with limits is admitted first (`controls.py`): over them, the delivery
+        waits in the queue without spending an attempt. While its circuit is open it is put
+        off, or made unsent once it `waited` so (`circuit.py`). A run that gives up
+        (`unending.py`) sends nothing: the delivery ends FAILED."""
         if (why := unending.giving_up.get()) is not None:
             await self.fence.check()  # its job still ours: not another worker's to end
             done = Attempted(AttemptResult.unsent(why), [])
             await self._settle(job, target, number, done, then, given_up=True)
-        elif wait := self.breaker.wait(circuit):  # local: before a fleet-wide start is taken
-            await self._circuit_open(job, target, number, then, wait, waited)
         elif target.options.limited:  # its lease checked before a fleet-wide start is taken
             await self.fence.check()
-            attempt = functools.partial(self._attempt, job, target, number)
+            attempt = functools.partial(self._attempt, job, target, number, waited=waited)
             put_off = functools.partial(self._defer, job, then)
             await self.controls.admitted(job, target, then, attempt, put_off)
         else:
-            await self._attempt(job, target, number, then)
+            await self._attempt(job, target, number, then, waited)
 
     async def _circuit_open(
         self, job: DeliveryJob, target: CallbackTarget, number: int, then: Then,
@@ -278,10 +275,14 @@ class Engine:
         await self._defer(job, then, wait_s(self.settings, number, wait), "circuit", mark)
 
     async def _attempt(
-        self, job: DeliveryJob, target: CallbackTarget, number: int, then: Then
-    ) -> None:
+        self, job: DeliveryJob, target: CallbackTarget, number: int, then: Then,
+        waited: bool = False,
+    ) -> None:  # fmt: skip
         host, project = target.destination.host, job.emitter or job.project_id
         circuit = (project, host)  # the emitter's own: none trips another project's
+        if wait := self.breaker.wait(circuit):  # after its limits: it keeps no place in line
+            await self._circuit_open(job, target, number, then, wait, waited)
+            return
         slot = await self.shares.admit(project, host)
         if slot is None:  # its project or host holds its share of the worker: later
             await self._defer(job, then, self.shares.defer_s(host), "share")

@@ -3,7 +3,6 @@ final record, whatever the backlog (`dispatcher/worker/circuit.py`)."""
 
 from __future__ import annotations
 
-import asyncio
 from collections import defaultdict
 
 import pytest
@@ -15,11 +14,9 @@ from dispatcher.keys import Keys
 from dispatcher.models import Event, Region
 from dispatcher.producer import Producer
 from dispatcher.registry import Registry
-from dispatcher.registry.options import Options
 from dispatcher.settings import Settings
-from dispatcher.worker import create_worker
 from dispatcher.worker.circuit import OPEN, MarkWaited, next_attempt
-from tests.helpers import Receiver, RunWorker, all_records, until
+from tests.helpers import Receiver, RunWorker, all_records
 
 DEAD = "http://127.0.0.1:9/down"  # nothing listens: every request fails at once
 
@@ -112,41 +109,3 @@ async def test_the_waited_mark_never_goes_over_a_later_count_or_done(redis: Redi
             assert 0 < await redis.ttl(progress) <= 60
     marks = [None, b"0", b"0w", b"3w"]
     assert [next_attempt(m) for m in marks] == [(1, False), (1, False), (1, True), (4, True)]
-
-
-async def test_a_delivery_its_circuit_puts_off_spends_none_of_its_callbacks_limits(
-    settings: Settings, redis: Redis
-) -> None:
-    """The breaker (the worker's own, free) is asked before the callback's fleet-wide
-    limits: a delivery it puts off takes no `maxPerSecond` start and no `maxInFlight` slot.
-    Before, each was admitted first, so three put off behind one failure at one start a
-    second waited a second each for starts they then spent on nothing (review)."""
-    settings = settings.model_copy(
-        update={"circuit_threshold": 1, "circuit_cooldown": 60.0, "retry_schedule": ()}
-    )
-    options = Options(max_per_second=1, max_in_flight=1)
-    await Registry(redis).create("demo", DEAD, Event.BUILD_END, Region.DEVNET, options=options)
-    producer = Producer(settings, redis)
-    limited = {reason: deferrals(reason) for reason in ("rate", "in_flight")}
-    before = circuit_deferrals()
-    worker = create_worker(settings, poll_delay=0.01, handle_signals=False)
-    main = asyncio.create_task(worker.main())
-    try:
-        await producer.emit("demo", "BUILD_END", {})
-        await until(lambda: records_of(redis, settings, 1), 10, "the failure opening the circuit")
-        for _ in range(3):
-            await producer.emit("demo", "BUILD_END", {})
-
-        async def put_off() -> bool:
-            return circuit_deferrals() - before >= 3
-
-        await until(put_off, 10, "three put off by the circuit")
-        assert {reason: deferrals(reason) for reason in limited} == limited
-    finally:
-        worker.stop()
-        await main
-        await worker.close()
-
-
-async def records_of(redis: Redis, settings: Settings, count: int) -> bool:
-    return len(await all_records(redis, settings, DEAD)) >= count
