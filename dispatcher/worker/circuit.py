@@ -15,6 +15,11 @@ however many deliveries wait for the host; before, each went back due the moment
 circuit half-opened, one of them got through a cool-down, and the rest waited on for hours
 (review: 24 deliveries put off 694 times for a schedule of 0.1 s).
 
+A callback with limits admits the delivery first (`controls.py`): its put-off and its
+unsent attempt each take a start of the rate. Asked before, the breaker would turn away a
+delivery waiting its turn in the callback's line, and its place, held until it lapsed,
+would hold the other projects back.
+
 A worker of the version before reads a `w` mark as no number: its run fails, and the job is
 claimed again later, by an upgraded worker once the fleet is.
 """
