@@ -50,7 +50,7 @@ class Outcome(enum.StrEnum):
     SUCCESS = "success"  # 2xx
     RETRY = "retry"  # connection or protocol error, timeout, 408, 429, 5xx: try again later
     FAILED = "failed"  # any other answer (3xx, 4xx): final
-    GONE = "gone"  # 410: final, and the callback is disabled at once
+    GONE = "gone"  # 410: final, a project's callback disabled at once (never a platform one)
 
     @property
     def is_final(self) -> bool:
@@ -130,7 +130,7 @@ def encode_body(event: str, project_id: str, data: Mapping[str, Any]) -> bytes:
 
 
 def classify(status_code: int) -> Outcome:
-    """2xx succeeds; 408, 429 and 5xx are retried; 410 disables; other 3xx and 4xx are
+    """2xx succeeds; 408, 429 and 5xx are retried; 410 is gone; other 3xx and 4xx are
     final. A status no request ends with (below 100; 101, a switch nobody asked for; 600 to
     999) is a protocol error, retried like an answer that is not HTTP."""
     if 200 <= status_code < 300:

@@ -12,6 +12,7 @@ import structlog
 from dispatcher import clock, metrics
 from dispatcher.keys import SEP
 from dispatcher.lua import Key, Script, run_pipeline
+from dispatcher.models import PLATFORM_PROJECT
 from dispatcher.recency import OwnedLRU
 from dispatcher.registry.scripts import DISABLE
 
@@ -32,13 +33,17 @@ log = structlog.get_logger("dispatcher.health")
 
 # A Lua function: the callback's `failing` mark set to `value` (unless its hash is gone);
 # when that changes it, its project's registry version is bumped (a cached match holds the
-# mark). Arguments: the hash's key, '1' or '0', the registry version prefix.
-MARK = """
+# mark). Not a platform-wide callback's: the platform's version is in every project's
+# cached matches, and one project's refused events taking turns with the others' accepted
+# ones flipped the mark each time, every worker then reading every project's matches
+# again (review). Its mark shows within a cached match's age (`Matches.max_age_s`).
+# Arguments: the hash's key, '1' or '0', the registry version prefix.
+MARK = f"""
 local function mark(callback, value, version_prefix)
   local row = redis.call('HMGET', callback, 'projectId', 'failing')
   if row[1] and row[2] ~= value then
     redis.call('HSET', callback, 'failing', value)
-    redis.call('INCR', version_prefix .. row[1])
+    if row[1] ~= '{PLATFORM_PROJECT}' then redis.call('INCR', version_prefix .. row[1]) end
   end
 end
 """
@@ -53,7 +58,8 @@ class Failed(Script):
     for a callback that is gone. Past
     `disable_after` failures *and* `disable_after_ms` since the first, the callback is
     disabled (`registry.scripts.DISABLE`, which finds its match set inside Redis, from its
-    hash: hence the match prefix and separator).
+    hash: hence the match prefix and separator), unless `disables` is 0 (a platform-wide
+    callback's: counted and shown, never disabled by one project's failures).
     Returns {failures, since ms, the reason when this call disabled the callback}."""
 
     LUA = (
@@ -72,6 +78,7 @@ redis.call('HSET', health, 'lastError', last_error, 'lastRecord', record_id)
 local since = tonumber(redis.call('HGET', health, 'since'))
 redis.call('ZADD', failing, since, callback_id)
 local span = tonumber(now_ms) - since
+if tonumber(disables) == 0 then return {n, since} end
 if n < tonumber(disable_after) or span < tonumber(disable_after_ms) then return {n, since} end
 local reason = string.format(
   'disabled after %d consecutive failed deliveries over %.1f h; last error: %s',
@@ -92,6 +99,7 @@ return {n, since, reason}
     record_id: int | str
     disable_after: int
     disable_after_ms: int
+    disables: int
     match_prefix: str
     sep: str
     version_prefix: str
@@ -221,10 +229,15 @@ class Health:
         error: str,
         now_ms: int,
         record_id: int | None = None,
+        *,
+        emitter: str = "",
     ) -> None:
         """Queue the count of one final failure, and the callback's disabling when it
         passes the threshold (a count *and* a time span): one script, so the verdict and
-        the disabling are one write. Its answer goes to `judged`."""
+        the disabling are one write. Its answer goes to `judged`. `emitter`: the project
+        whose event failed at a platform-wide callback, which every project's events
+        reach: its failure is counted and named (`project evil: HTTP 400`), and never
+        disables the callback (no one project may turn it off for the others)."""
         k, settings = self.keys, self.settings
         Failed(
             health=k.health(callback_id),
@@ -232,11 +245,12 @@ class Health:
             callback=k.callback(callback_id),
             disabled=k.CALLBACKS_DISABLED,
             now_ms=now_ms,
-            last_error=error,
+            last_error=f"project {emitter}: {error}" if emitter else error,
             callback_id=callback_id,
             record_id="" if record_id is None else record_id,
             disable_after=settings.disable_after_failures,
             disable_after_ms=int(settings.disable_after_seconds * 1000),
+            disables=0 if emitter else 1,
             match_prefix=k.MATCH_PREFIX,
             sep=SEP,
             version_prefix=k.REGISTRY_VERSION_PREFIX,

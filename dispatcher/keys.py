@@ -86,7 +86,8 @@ Workers and statistics
     dispatcher:jobs:poison                    LIST undecodable jobs, newest first (last 1000)
     dispatcher:cron:{name}:{slot}             STRING who runs a periodic task this slot (TTL)
     dispatcher:cron:{name}:cursor             STRING where the fleet's sweep's SCAN (lanes,
-                                              lane-bodies) goes on, whichever worker runs it
+                                              lane-bodies, history) goes on, whichever
+                                              worker runs it
 History
     dispatcher:history:seq                    INCR counter of record ids
     dispatcher:history:seq:server             STRING run id of the Redis server that handed
@@ -94,6 +95,7 @@ History
     dispatcher:history:rec:{id}               STRING one record (JSON, id included)
     dispatcher:history:idx:{project}:{event}:{url hash}
                                               ZSET record ids (zero-padded) by createdTime ms
+                                              (the records' TTL, set by the sweep)
     dispatcher:history:indexes                SET every index key (what the retention sweep walks)
     dispatcher:history:url:{project}:{url hash}:{ok|failed}
                                               ZSET record ids (zero-padded) of one URL's SUCCESS

@@ -2,7 +2,8 @@
 
 The API serves them at `/metrics` and sets the fleet-wide gauges (queue, history backlog,
 live workers, Redis) when scraped; each worker serves its own on
-`DISPATCHER_WORKER_METRICS_PORT`. deploy/grafana/ and deploy/prometheus/ chart them and
+`DISPATCHER_WORKER_METRICS_PORT` (its own counts, `dispatcher_worker_*`, summed over the
+workers by the rules). deploy/grafana/ and deploy/prometheus/ chart them and
 alert on them (tests/repo/test_monitoring.py checks that every name they use is here).
 """
 
@@ -21,10 +22,12 @@ __all__ = [
     "FILTERED",
     "HISTORY_BACKLOG",
     "HISTORY_BACKLOG_AGE",
+    "HISTORY_BACKLOG_BYTES",
     "HISTORY_RECORDS",
     "HISTORY_SET_ASIDE",
     "HISTORY_SHIPPED",
     "HISTORY_SHIP_FAILURES",
+    "HISTORY_SWEEP_UNFINISHED",
     "LANES_BLOCKED",
     "LANES_BLOCKED_OLDEST_SECONDS",
     "MATCHES",
@@ -41,6 +44,8 @@ __all__ = [
     "WORKERS_LIVE",
     "WORKER_HEARTBEAT",
     "WORKER_JOBS_RUNNING",
+    "WORKER_PROJECTS_LATE",
+    "WORKER_PROJECTS_SEEN",
     "WRITE_RETRIES",
 ]
 
@@ -120,6 +125,11 @@ HISTORY_BACKLOG_AGE = Gauge(
     "dispatcher_history_backlog_age_seconds",
     "Age of the oldest history record not yet in PostgreSQL (0 when none waits).",
 )
+HISTORY_BACKLOG_BYTES = Gauge(
+    "dispatcher_history_backlog_bytes",
+    "Bytes of Redis the history records waiting for PostgreSQL take (worker, every second; "
+    "past a share of maxmemory the worker claims nothing).",
+)
 HISTORY_SHIPPED = Counter(
     "dispatcher_history_shipped_total", "History records this process shipped to PostgreSQL."
 )
@@ -132,6 +142,12 @@ HISTORY_SHIP_FAILURES = Counter(
     "dispatcher_history_ship_failures_total",
     "Shipments to PostgreSQL that failed (and are tried again).",
 )
+HISTORY_SWEEP_UNFINISHED = Counter(
+    "dispatcher_history_sweep_unfinished_total",
+    "Retention sweeps of the Redis history stopped by their time bound before the end of "
+    "their pass over the indexes (the next goes on from there; rising at every run: a pass "
+    "takes several).",
+)
 WORKERS_LIVE = Gauge(
     "dispatcher_workers_live",
     "Workers whose heartbeat is younger than 30 s (the API: at scrape; a worker: with its own).",
@@ -141,6 +157,19 @@ WORKER_HEARTBEAT = Gauge(
     "When this worker last wrote its heartbeat to Redis (epoch seconds; stale: it cannot).",
 )
 WORKER_JOBS_RUNNING = Gauge("dispatcher_worker_jobs_running", "Jobs this worker runs now.")
+WORKER_PROJECTS_SEEN = Gauge(
+    "dispatcher_worker_projects_seen",
+    "Emitting projects this worker claimed a fan-out of in the last 5 minutes (the latest "
+    "10,000; read at scrape). Sum over the workers: a project several serve counts in each.",
+)
+WORKER_PROJECTS_LATE = Gauge(
+    "dispatcher_worker_projects_late",
+    "Of dispatcher_worker_projects_seen, those whose latest fan-out this worker claimed had "
+    "waited over `over` seconds (60, 600) since it was queued (read at scrape).",
+    ["over"],
+)
+for _over in ("60", "600"):  # exported from the start, 0 in every process but a worker's
+    WORKER_PROJECTS_LATE.labels(over=_over)
 REDIS_UP = Gauge(
     "dispatcher_redis_up",
     "1 when Redis answered this process (the API: at scrape; a worker: its last heartbeat).",

@@ -183,10 +183,18 @@ class Queue:
 
     async def depth(self) -> tuple[int, float]:
         """Jobs due now, and the age in seconds of the oldest of them."""
+        due, age, _ = await self.oldest_due()
+        return due, age
+
+    async def oldest_due(self) -> tuple[int, float, str]:
+        """`depth`, and the id of the oldest due job ('' when none is due): it begins with
+        its project's id (`{project}:{event id}`, a retry's `…{callback id}@{emittedAt}`)."""
         now = now_ms()
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.zcount(self.queue_name, "-inf", now)
             pipe.zrange(self.queue_name, 0, 0, withscores=True)
             due, oldest = await pipe.execute()
-        age = max(0.0, (now - oldest[0][1]) / 1000) if due and oldest else 0.0
-        return int(due), age
+        if not (due and oldest):
+            return int(due), 0.0, ""
+        job_id = oldest[0][0].decode(errors="replace")
+        return int(due), max(0.0, (now - oldest[0][1]) / 1000), job_id

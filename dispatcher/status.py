@@ -41,7 +41,8 @@ _FORGET_MS = 3_600_000  # heartbeats older than this leave the live-workers inde
 
 @dataclass(frozen=True, slots=True)
 class BlockedLane:
-    """An ordered lane whose head delivery was put back (a retry, a deferral): its head's
+    """An ordered lane whose head delivery was put back (a retry, a deferral) or waits for
+    an earlier event of its project (still to fan out) or for its project's move: its head's
     callback, the emitting project and the key, since when, its head (its delivery id), how
     many wait behind it."""
 
@@ -72,6 +73,13 @@ class Status:
     hour: Series
     day: Series
     lanes: Lanes = Lanes()
+    oldest_due_job: str = ""  # its id, which begins with its project's ('' none due)
+
+    @property
+    def oldest_due_project(self) -> str:
+        """The project of the oldest due job (its id's head), '' when none is due."""
+        project, sep, _ = self.oldest_due_job.partition(":")
+        return project if sep else ""
 
     @property
     def last_hour(self) -> dict[str, int]:
@@ -151,7 +159,7 @@ async def read_status(
     redis: Redis, keys: Keys, queue: Queue, health: Health, *, now_ms: int | None = None
 ) -> Status:
     now = clock.now_ms() if now_ms is None else now_ms
-    due, oldest = await queue.depth()
+    due, oldest, oldest_job = await queue.oldest_due()
     hour, day = await read_series(redis, keys, now)
     return Status(
         queue_due=due,
@@ -162,4 +170,5 @@ async def read_status(
         hour=hour,
         day=day,
         lanes=await read_lanes(redis, keys, now_ms=now),
+        oldest_due_job=oldest_job,
     )

@@ -130,6 +130,9 @@ def status() -> None:
     table = Table("what", "value", show_header=False)
     table.add_row("queue: jobs due", str(st.queue_due))
     table.add_row("queue: oldest due (s)", f"{st.oldest_due_s:.1f}")
+    if st.oldest_due_job:  # one project's backlog, or the fleet's lateness: whose it is
+        table.add_row("queue: oldest due job", st.oldest_due_job)
+        table.add_row("queue: oldest due project", st.oldest_due_project or "?")
     table.add_row("workers alive", str(len(st.workers)))
     for w in st.workers:
         table.add_row("  worker", f"{w['host']} pid {w['pid']}")

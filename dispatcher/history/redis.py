@@ -50,7 +50,8 @@ __all__ = ["RECORDS", "RedisHistory", "parse_records"]
 
 RECORDS = TypeAdapter(list[HistoryRecord])
 # Records outlive the retention by this much, so the sweep (not the TTL) decides, and a
-# stopped sweep still cannot let Redis grow without bound.
+# stopped sweep still cannot let the records grow without bound (an index the sweep has
+# kept is given the same time to live: `redis_upkeep.Sweep`).
 _TTL_MARGIN_S = 86_400
 
 
@@ -365,8 +366,10 @@ class RedisHistory:
         on_batch: Callable[[int], None] | None = None,
     ) -> int:
         """Remove records older than the retention, `sweep_batch` a Redis call, until done
-        or a bound is reached (`redis_upkeep.sweep`); returns how many were removed."""
+        or a bound is reached (`redis_upkeep.sweep`: a bounded run goes on where the last
+        one stopped); returns how many were removed."""
         return await sweep(
             self.redis, self.keys, self._cutoff(now_ms), self.settings.sweep_batch,
-            max_batches=max_batches, max_seconds=max_seconds, on_batch=on_batch,
+            keep_s=self._ttl_s, max_batches=max_batches, max_seconds=max_seconds,
+            on_batch=on_batch,
         )  # fmt: skip

@@ -56,13 +56,15 @@ async def status(router: Router) -> Status:
     """`Services.status` of the home shard, with every shard's queue and callbacks."""
     found = await router.home.status()
     others = router.shards[1:]
-    depths = await asyncio.gather(*(s.queue.depth() for s in others))
+    depths = await asyncio.gather(*(s.queue.oldest_due() for s in others))
+    oldest = max([(found.oldest_due_s, found.oldest_due_job), *((a, j) for _, a, j in depths)])
     disabled = await asyncio.gather(*(s.redis.zcard(s.keys.CALLBACKS_DISABLED) for s in others))
     lanes = await asyncio.gather(*(read_lanes(s.redis, s.keys) for s in others))
     return dataclasses.replace(
         found,
-        queue_due=found.queue_due + sum(due for due, _ in depths),
-        oldest_due_s=max([found.oldest_due_s, *(age for _, age in depths)]),
+        queue_due=found.queue_due + sum(due for due, _, _ in depths),
+        oldest_due_s=oldest[0],
+        oldest_due_job=oldest[1],
         failing=await failing(router),
         disabled=found.disabled + sum(int(n) for n in disabled),
         lanes=merged_lanes([found.lanes, *lanes]),

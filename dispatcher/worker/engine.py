@@ -29,7 +29,7 @@ from dispatcher.egress import Client
 from dispatcher.ending import Ending
 from dispatcher.health import CircuitBreaker
 from dispatcher.jobs import BadJob, DeliveryJob, EventJob
-from dispatcher.models import Region
+from dispatcher.models import PLATFORM_PROJECT, Region
 from dispatcher.registry.matches import Matches
 from dispatcher.stats import AttemptStats
 from dispatcher.worker import unending
@@ -360,7 +360,10 @@ class Engine:
         failed_for_good = delay is None and outcome is not Outcome.SUCCESS
         registry, health = self.services.registry, self.services.health
         healed = outcome is Outcome.SUCCESS and target.failing
-        joint = delay is None and not healed and outcome is not Outcome.GONE
+        shared = target.project_id == PLATFORM_PROJECT  # no one emitter may disable it
+        emitter = (job.emitter or job.project_id) if shared else ""
+        gone = outcome is Outcome.GONE and not shared  # a 410 disables a project's own
+        joint = delay is None and not healed and not gone
         tail = then.joint(delay) if joint and isinstance(then, Step) else None  # asked first
         job_end = then.job_end(delay) if isinstance(then, Step) else None
         mark = DONE.decode() if delay is None else str(record["attempt"])
@@ -371,7 +374,7 @@ class Engine:
                 health.succeeded(pipe, target.id)
             if not joint:
                 self.services.history.record(pipe, record, dead=failed_for_good, ending=ending)
-            if outcome is Outcome.GONE:  # after the record: a failover keeps a pipeline's start
+            if gone:  # after the record: a failover keeps a pipeline's start
                 registry.queue_set_enabled(pipe, target.id, False, GONE_REASON)
             if job_end is None and tail is None:
                 then(pipe, delay)
@@ -380,16 +383,18 @@ class Engine:
         lead = functools.partial(recording, record, dead=failed_for_good, ending=ending)
         written = self.writer.submit(write, (record,), lead if joint else None, tail)
         counted = None
-        if failed_for_good and outcome is not Outcome.GONE and judged:
+        if failed_for_good and not gone and judged:
             error, created = result.error or "failed", record["createdTime"]
             counted = self.writer.submit(  # its id: given by the time this is queued
-                lambda pipe: health.queue_failed(pipe, target.id, error, created, record["id"])
+                lambda pipe: health.queue_failed(
+                    pipe, target.id, error, created, record["id"], emitter=emitter
+                )
             )
         self.lanes.landed(await asyncio.shield(written))  # a lane's next delivery: now
         if counted is not None:
             (reply,) = await asyncio.shield(counted)
             health.judged(target.id, reply)
-        elif outcome is Outcome.GONE:
+        elif gone:
             disabled(target.id, "gone", GONE_REASON)
 
 

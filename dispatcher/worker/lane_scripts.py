@@ -97,6 +97,7 @@ for i = 1, #parked / 3 do
       if head == id then
         redis.call('ZADD', queue, 'NX', recheck_ms, id)
         redis.call('ZADD', waiting, seq, id)
+        redis.call('ZADD', blocked, 'NX', now_ms, lane)  -- held: listed from its first wait
         out[#out + 1] = 2
       else
         out[#out + 1] = 0
@@ -124,6 +125,7 @@ return out
     ready: Key
     waiting: Key
     hold: Key
+    blocked: Key
     lease: Key
     job: Key
     claims: Key
@@ -175,6 +177,7 @@ return out
             ready=keys.lanes_ready(project_id),
             waiting=keys.lanes_waiting(project_id),
             hold=keys.lanes_hold(project_id),
+            blocked=keys.LANES_BLOCKED,
             lease=end.lease or pending,  # (no job: keys the script leaves alone)
             job=end.job or pending,
             claims=end.claims or pending,
@@ -251,6 +254,7 @@ if parked then
   return 0
 end
 redis.call('ZADD', waiting, seq, job_id)
+redis.call('ZADD', blocked, 'NX', now_ms, lane)  -- held: listed from its first wait
 local held = redis.call('EXISTS', hold) == 1
 redis.call('ZADD', queue, held and held_ms or recheck_ms, job_id)
 if held then return 3 end
@@ -264,6 +268,7 @@ return 2
     claims: Key
     waiting: Key
     hold: Key
+    blocked: Key
     job: Key
     body: Key
     job_id: str
@@ -294,6 +299,7 @@ return 2
             claims=keys.ARQ_RETRY_PREFIX + job_id,
             waiting=keys.lanes_waiting(project_id),
             hold=keys.lanes_hold(project_id),
+            blocked=keys.LANES_BLOCKED,
             job=job,
             body=body or job,
             job_id=job_id,

@@ -32,8 +32,10 @@ others wait, their `deliver` jobs parked (stored, out of the queue). Three scrip
   job's next run, which finds the delivery done; a taken delivery whose worker died is
   claimed again once its lease lapses.
 
-Retries and deferrals of the head hold its lane (its job waits in the queue as any other):
-the lane is then *blocked*, listed in `LANES_BLOCKED` by when, until the head ends. A
+Retries and deferrals of the head hold its lane (its job waits in the queue as any other),
+and so does a head waiting for its earlier events or its project's move: the lane is then
+*blocked*, listed in `LANES_BLOCKED` by when (the first wait or put-back), until the head
+ends. A
 delivery run twice (its worker killed mid-attempt) repeats the head of its lane, never a
 delivery behind it. An event whose data has no value at the path is delivered unordered,
 and its records say so (`orderNote`), as are events queued before the callback was ordered.

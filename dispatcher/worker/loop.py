@@ -49,7 +49,7 @@ from dispatcher.services import Services
 from dispatcher.shard import Shard
 from dispatcher.stopping import cancel_all
 from dispatcher.topology import close_all, connect_shards, shards_of
-from dispatcher.worker import fence, unending
+from dispatcher.worker import fence, lateness, unending
 from dispatcher.worker.duties import Counts, Duties, every
 from dispatcher.worker.lanes import Adopt
 from dispatcher.worker.served import CLAIM_ERRORS, Served, given_shards
@@ -244,8 +244,7 @@ class Worker:
     # ---- one job ------------------------------------------------------------------------
 
     def _start(self, run: Served, claimed: Claimed) -> None:
-        gives_up = unending.reason(claimed.claims)
-        self._spawn(run, claimed.job_id, self._run(run, claimed), gives_up)
+        self._spawn(run, claimed.job_id, self._run(run, claimed), unending.reason(claimed.claims))
 
     def _late(self, run: Served, claimed: list[Claimed]) -> None:
         """The jobs of a claim that answered after its turn (`Turns`): run as any others,
@@ -331,6 +330,7 @@ class Worker:
         if wire.function == FAN_OUT:
             event = EventJob.from_wire(wire.payload, wire.enqueued_ms)
             structlog.contextvars.bind_contextvars(event_id=event.id)
+            lateness.claimed(event.project_id, wire.enqueued_ms, claimed.claims)  # its wait
             end = run.chunk_end(claimed, event)
             version = claimed.registry_version if event.scoped else None  # its project's
             after = await run.engine.fan_out(event, rerun=end.rerun, end=end, version=version)

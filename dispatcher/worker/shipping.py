@@ -2,9 +2,11 @@
 
 Each worker runs a shipper (`DISPATCHER_HISTORY_SHIP`, on by default); one at a time in the
 fleet ships, the others stand by (see `dispatcher.history.shipper`). Every second the worker
-reads how many records wait in Redis: past `DISPATCHER_HISTORY_BACKLOG_LIMIT` it stops
-claiming jobs (deliveries wait in the queue, nothing is dropped and Redis does not fill)
-until the shipper has caught up. With the Redis backend all of this is idle.
+reads how many records wait in Redis and the bytes they take: past
+`DISPATCHER_HISTORY_BACKLOG_LIMIT` records, or past a share of the Redis' maxmemory
+(`backlog_bytes`), it stops claiming jobs (deliveries wait in the queue, nothing is dropped
+and the records do not fill Redis) until the shipper has caught up. With the Redis backend
+all of this is idle.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from dispatcher.connections import REDIS_ERRORS
 from dispatcher.history.postgres import PostgresHistory
 from dispatcher.history.shipper import Shipper
 from dispatcher.stopping import cancel_all
+from dispatcher.worker.backlog_bytes import StreamBytes
 
 if TYPE_CHECKING:
     from collections.abc import Coroutine
@@ -43,6 +46,7 @@ class Shipping:
         self.shards = shards
         self.enabled = isinstance(shards[0].history, PostgresHistory)
         self.full = False  # the backlog is past its limit: claim nothing
+        self._bytes = [StreamBytes() for _ in shards]
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._ship: asyncio.Task[None] | None = None
@@ -66,24 +70,31 @@ class Shipping:
 
     async def check(self) -> None:
         """Read the backlog (of every shard served); set the gauges and whether the worker
-        may claim (no shard's backlog past the limit: each is one Redis's memory)."""
-        waiting, age, worst = 0, 0.0, 0
-        for shard in self.shards:
+        may claim (no shard's backlog past the limit, in records or bytes: each is one
+        Redis's memory)."""
+        waiting, age, worst, held, over = 0, 0.0, 0, 0, False
+        for shard, measured in zip(self.shards, self._bytes, strict=True):
             count, oldest = await shard.history.backlog()
+            size, past = await measured.over(shard.redis, shard.keys.HISTORY_STREAM, count)
+            over = over or past
             waiting, age, worst = waiting + count, max(age, oldest), max(worst, count)
+            held += size
         metrics.HISTORY_BACKLOG.set(waiting)
         metrics.HISTORY_BACKLOG_AGE.set(age)
-        full = worst >= self.settings.history_backlog_limit
+        metrics.HISTORY_BACKLOG_BYTES.set(held)
+        full = over or worst >= self.settings.history_backlog_limit
         if full != self.full:
             if full:
                 log.error(
                     "history.backlog_full",
                     waiting=waiting,
+                    bytes=held,
                     oldest_s=round(age, 1),
                     limit=self.settings.history_backlog_limit,
+                    past_bytes_bound=over,
                 )
             else:
-                log.info("history.backlog_ok", waiting=waiting)
+                log.info("history.backlog_ok", waiting=waiting, bytes=held)
             self.full = full
 
     async def stop(self, within: float) -> None:

@@ -112,6 +112,7 @@ def test_the_main_alerts_pass_their_unit_tests() -> None:
     covered = set(re.findall(r"alertname: (\w+)", RULE_TESTS.read_text()))
     main = ["QueueBehind", "FailureRatioHigh", "NoLiveWorker", "RedisUnreachable"]
     main += ["RedisNearlyFull", "HistoryBacklog", "WorkerHeartbeatStale"]
+    main += ["QueueStalled", "ProjectBacklogOld"]
     assert {f"Dispatcher{name}" for name in main} <= covered
 
 

@@ -358,3 +358,24 @@ def test_what_projects_wrote_is_printed_as_it_is(cli: CliRunner) -> None:
     listed = cli.invoke(app, ["callbacks", "list", "--project", "p"], env={"COLUMNS": "400"})
     assert listed.exit_code == 0, listed.output
     assert reason in listed.output and "data.x == '[/ops]'" in listed.output
+
+
+def test_status_names_the_project_of_the_oldest_due_job(
+    cli: CliRunner, redis_server: EmbeddedRedis
+) -> None:
+    """DispatcherProjectBacklogOld sends the on-call here: whose is the old backlog."""
+    queue = redis_py.Redis.from_url(redis_server.url)
+    queue.flushdb()
+    now = now_ms()
+    queue.zadd(keys.QUEUE, {"quiet:evt_new": now, "flood:evt_old": now - 700_000})
+    queue.zadd(keys.QUEUE, {"later:evt_due_later": now + 60_000})
+    result = cli.invoke(app, ["status"])
+    assert result.exit_code == 0, result.output
+    rows = {
+        line.split("│")[1].strip(): line.split("│")[2].strip()
+        for line in result.output.splitlines()
+        if line.count("│") >= 3
+    }
+    assert rows["queue: jobs due"] == "2" and float(rows["queue: oldest due (s)"]) >= 700
+    assert rows["queue: oldest due job"] == "flood:evt_old"
+    assert rows["queue: oldest due project"] == "flood"

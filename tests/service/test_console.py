@@ -352,6 +352,15 @@ async def test_status_page_charts_the_last_hour_and_day(
     assert page.text.count("success 3, retry 1, failed 1; p50 42 ms, p99 4.9 s") == 2 * 5
     assert page.text.count("duration p50 42 ms, p99 4.9 s") == 2
     assert "No live worker" in page.text
+    assert "(project " not in page.text  # nothing due: no oldest job named
+
+
+async def test_the_status_page_names_the_project_of_the_oldest_due_job(
+    api: httpx.AsyncClient, redis: Redis
+) -> None:
+    await redis.zadd(keys.QUEUE, {"flood:evt_old": now_ms() - 700_000, "quiet:evt": now_ms()})
+    page = await api.get("/console/status")
+    assert page.status_code == 200 and "(project flood: flood:evt_old)" in page.text
 
 
 async def test_an_unreachable_redis_is_a_503_page(settings: Settings) -> None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 
+import orjson
+import pytest
 from aiohttp import web
 from redis.asyncio import Redis
 from structlog.testing import capture_logs
@@ -13,11 +15,11 @@ from dispatcher.embedded import EmbeddedRedis
 from dispatcher.health import FilterError, Health
 from dispatcher.keys import Keys
 from dispatcher.lua import run_pipeline
-from dispatcher.models import Event, Region
+from dispatcher.models import PLATFORM_PROJECT, Event, Region
 from dispatcher.producer import Producer
 from dispatcher.registry import Registry
 from dispatcher.settings import Settings
-from tests.helpers import Receiver, RunWorker, make_settings
+from tests.helpers import Receiver, RunWorker, all_records, make_settings
 
 keys = Keys()  # today's key names (one shard)
 
@@ -163,3 +165,77 @@ async def test_a_filters_failure_counts_only_while_its_callback_exists(
     await registry.delete("demo", callback_id)
     assert await fail() == 0
     assert not await redis.exists(errors)
+
+
+@pytest.mark.parametrize("platform", [True, False], ids=["platform", "project"])
+@pytest.mark.parametrize("status", [400, 410])
+async def test_one_projects_failures_disable_only_a_callback_of_its_own(
+    settings: Settings, redis: Redis, receiver: Receiver, run_worker: RunWorker,
+    platform: bool, status: int,
+) -> None:  # fmt: skip
+    """`evil`'s events end in final failures at a receiver that refuses them (its data:
+    400 three times, past the threshold; or one 410 Gone). A platform-wide callback, which
+    every project's events reach, is not disabled by them (before, it was: demo's later
+    event matched nothing, no delivery, no record, no drop; review): each of evil's
+    deliveries has its final FAILED record, the failures show in `failing` naming evil, and
+    demo's event is delivered. evil's own callback is disabled as before."""
+    settings = settings.model_copy(
+        update={"retry_schedule": (), "disable_after_failures": 3, "disable_after_seconds": 0}
+    )
+
+    async def refuses_evil(request: web.Request) -> web.StreamResponse:
+        evils = orjson.loads(await request.read())["projectId"] == "evil"
+        return web.Response(status=status if evils else 200)
+
+    url = receiver.script("/hook", refuses_evil)
+    registry, producer = Registry(redis), Producer(settings, redis)
+    owner = PLATFORM_PROJECT if platform else "evil"
+    callback_id, _ = await registry.create(owner, url, Event.BUILD_END, Region.DEVNET)
+    failures = 3 if status == 400 else 1
+    for _ in range(failures):
+        await producer.emit("evil", "BUILD_END", {})
+    await run_worker(settings)
+    records = await all_records(redis, settings, url, owner)
+    assert [(r.status.value, r.response_code, r.final) for r in records] == [
+        ("FAILED", status, True)
+    ] * failures
+    callback = await registry.get(callback_id)
+    if not platform:  # today's behaviour, unchanged
+        assert not callback.enabled
+        assert ("410" if status == 410 else "3 consecutive") in (callback.disabled_reason or "")
+        return
+    assert callback.enabled and callback.disabled_reason is None
+    (shown,) = await Health(redis, registry, settings).failing()
+    assert (shown.callback_id, shown.failures) == (callback_id, failures)
+    assert shown.last_error.startswith("project evil: ")
+    await producer.emit("demo", "BUILD_END", {})
+    await run_worker(settings)
+    projects = [orjson.loads(r.body)["projectId"] for r in receiver.requests("/hook")]
+    assert projects == ["evil"] * failures + ["demo"]
+    assert await Health(redis, registry, settings).failing() == []  # demo's success reset it
+
+
+async def test_one_projects_failures_at_a_platform_callback_leave_every_projects_matches_cached(
+    settings: Settings, redis: Redis, receiver: Receiver, run_worker: RunWorker
+) -> None:
+    """`evil`'s refused events and demo's accepted ones take turns at a platform-wide
+    callback: its `failing` mark goes on and off with each. The platform's registry version
+    is left as it was: every flip bumped it, and every worker's cached matches of every
+    project were read again (evil could keep them all uncached; review). A worker sees the
+    mark within its cache's age (10 s), and demo's success still resets the count."""
+    settings = settings.model_copy(update={"retry_schedule": ()})
+
+    async def refuses_evil(request: web.Request) -> web.StreamResponse:
+        evils = orjson.loads(await request.read())["projectId"] == "evil"
+        return web.Response(status=400 if evils else 200)
+
+    url = receiver.script("/hook", refuses_evil)
+    registry, producer = Registry(redis), Producer(settings, redis)
+    await registry.create(PLATFORM_PROJECT, url, Event.BUILD_END, Region.DEVNET)
+    version = keys.REGISTRY_VERSION_PREFIX + PLATFORM_PROJECT
+    before = await redis.get(version)
+    for project in ["evil", "demo", "evil", "demo"]:
+        await producer.emit(project, "BUILD_END", {})
+        await run_worker(settings)  # a new worker: its cache is read at the mark's value
+    assert await redis.get(version) == before
+    assert await Health(redis, registry, settings).failing() == []  # demo's success reset it

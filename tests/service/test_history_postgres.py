@@ -14,6 +14,7 @@ from typing import Any
 import asyncpg
 import orjson
 import pytest
+from aiohttp import web
 from prometheus_client import REGISTRY
 from redis.asyncio import Redis
 from structlog.testing import capture_logs
@@ -39,7 +40,8 @@ from dispatcher.producer import Producer
 from dispatcher.registry import Registry
 from dispatcher.services import Services
 from dispatcher.settings import Settings
-from dispatcher.worker import create_worker
+from dispatcher.worker import backlog_bytes, create_worker
+from dispatcher.worker.shipping import Shipping
 from tests.helpers import (
     UID,
     Receiver,
@@ -686,6 +688,106 @@ async def test_past_the_backlog_limit_workers_wait_and_nothing_is_lost(
     assert page.count == 20
 
 
+async def test_past_a_byte_bound_workers_wait_whatever_the_records_count(
+    redis_server: EmbeddedRedis,
+    pg_url: str,
+    redis: Redis,
+    receiver: Receiver,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The backlog bound counted records: 1,000,000 of ~1.3 KB, but a record of a big body
+    of backslashes and a 20 KB answer of quotes takes ~130 KB on the stream, so one
+    tenant's records filled Redis long before the count (every project's emits refused
+    then: review). Shipping off, a bound of 2 MB (a share of maxmemory; this Redis has
+    none): the worker stops claiming once the stream holds it, overshooting by what was
+    under way (two jobs at a time, each answered after 0.25 s), and resumes, losing
+    nothing, once the records are shipped."""
+    monkeypatch.setattr(backlog_bytes, "NO_MAXMEMORY_BYTES", 2_000_000)
+    settings = make_settings(redis_server.url, history_url=pg_url, history_ship=False,
+                             worker_max_jobs=2)  # fmt: skip
+
+    async def big_and_slow(request: web.Request) -> web.StreamResponse:
+        await asyncio.sleep(0.25)
+        return web.Response(text='"' * 10_000)
+
+    url = receiver.script("/hook", big_and_slow)
+    await Registry(redis).create("demo", url, Event.BUILD_END, Region.DEVNET)
+    events = [("demo", "BUILD_END", {"x": "\\" * 30_000, "n": i}) for i in range(40)]
+    await Producer(settings, redis).emit_many(events)
+    worker = create_worker(settings, poll_delay=0.01, handle_signals=False)
+    running = asyncio.create_task(worker.main())
+    try:
+
+        async def stopped_or_done() -> bool:
+            return worker.shipping.full or len(receiver.requests()) == 40
+
+        await until(stopped_or_done, 60, "the worker stopped claiming or delivered everything")
+        await asyncio.sleep(2)  # what was under way is written, the bound checked again
+        held, count = (
+            await redis.memory_usage(keys.HISTORY_STREAM, samples=0),
+            await redis.xlen(keys.HISTORY_STREAM),
+        )
+        assert worker.shipping.full and count < 40, (held, count)
+        assert held < 2_000_000 + 12 * held // count, (held, count)  # a second's and two more
+
+        async def everything_delivered() -> bool:
+            await ship_all(settings, redis)
+            return len(receiver.requests()) == 40
+
+        await until(everything_delivered, 60, "the worker resumed once the records were shipped")
+    finally:
+        worker.stop()
+        await asyncio.wait_for(running, 30)
+        await worker.close()
+    await ship_all(settings, redis)
+    history = open_history(settings, redis, keys)
+    now = now_ms()
+    page = await history.query("demo", url, "BUILD_END", start_ms=now - 60_000, end_ms=now)
+    await history.close()
+    assert page.count == 40
+
+
+async def test_the_byte_bound_is_a_share_of_maxmemory_and_the_bytes_a_metric(
+    redis: Redis, pg_settings: Settings
+) -> None:
+    """A quarter of the Redis' maxmemory (a gigabyte without one); the stream's bytes, read
+    whole, are the worker's gauge."""
+    assert await backlog_bytes.bound(redis) == backlog_bytes.NO_MAXMEMORY_BYTES
+    await redis.config_set("maxmemory", 400_000_000)
+    try:
+        assert await backlog_bytes.bound(redis) == 100_000_000
+    finally:
+        await redis.config_set("maxmemory", 0)
+    history = open_history(pg_settings, redis, keys)
+    await history.add(record(now_ms() - 100, 1))
+    await history.close()
+    async with Services.open(pg_settings, redis) as services:
+        shipping = Shipping([services])
+        await shipping.check()
+    held = await redis.memory_usage(keys.HISTORY_STREAM, samples=0)
+    assert REGISTRY.get_sample_value("dispatcher_history_backlog_bytes") == held
+    assert not shipping.full
+
+
+async def test_a_redis_that_refuses_memory_usage_leaves_the_record_count_bound(
+    redis: Redis, redis_server: EmbeddedRedis
+) -> None:
+    """A user whose ACL denies MEMORY (a managed Redis may): no byte bound, said once; the
+    worker's backlog watch goes on (an error other than an outage ended it)."""
+    await redis.acl_setuser("nomem", enabled=True, passwords=["+pw"], keys=["*"], channels=["*"],
+                            commands=["+@all", "-memory"])  # fmt: skip
+    limited = Redis.from_url(redis_server.url.replace("redis://", "redis://nomem:pw@"))
+    try:
+        measured = backlog_bytes.StreamBytes()
+        with capture_logs() as logs:
+            assert await measured.over(limited, keys.HISTORY_STREAM, 3) == (0, False)
+            assert await measured.over(limited, keys.HISTORY_STREAM, 3) == (0, False)
+        assert [e["event"] for e in logs] == ["history.backlog_bytes_unread"]
+    finally:
+        await limited.aclose()
+        await redis.acl_deluser("nomem")
+
+
 async def test_the_backlog_is_a_metric(pg_settings: Settings, redis: Redis) -> None:
     """What waits in Redis for PostgreSQL shows at /metrics (the alert's input)."""
     now = now_ms()
@@ -1049,3 +1151,28 @@ async def test_a_window_redelivery_not_yet_shipped_is_not_sent_again(
     counts = [(r.queued, r.already_queued) for r in (first, unshipped, shipped)]
     assert counts == [(2, 0), (0, 2), (2, 0)]  # then their own failures, once each
     assert len(receiver.requests()) == 6
+
+
+async def test_the_fleet_reads_the_streams_bytes_once_a_while_not_each_worker(
+    redis: Redis, pg_settings: Settings
+) -> None:
+    """Reading a stream's bytes whole holds Redis (43 ms for 1,000,000 records), and every
+    worker checks every second: each read them itself once 100 times its last read's time
+    had passed, so a fleet of 100 held Redis all the time. The read is now the fleet's: one
+    worker's, kept in Redis for that long, the others taking it (review of the branch)."""
+    history = open_history(pg_settings, redis, keys)
+    for n in range(20):
+        await history.add(record(now_ms() - 100, n + 1))
+    await history.close()
+
+    async def walks() -> int:
+        stats = await redis.info("commandstats")
+        found = stats.get("cmdstat_memory|usage") or stats.get("cmdstat_memory") or {}
+        return int(found.get("calls", 0))
+
+    before = await walks()
+    fleet = [backlog_bytes.StreamBytes() for _ in range(10)]  # ten workers' checks
+    sizes = [await one.read(redis, keys.HISTORY_STREAM, 20) for one in fleet]
+    assert await walks() - before == 1
+    held = await redis.memory_usage(keys.HISTORY_STREAM, samples=0)
+    assert sizes == [held] * 10

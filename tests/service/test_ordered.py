@@ -1069,3 +1069,39 @@ async def test_the_workers_sweeps_go_on_with_one_pass_over_the_lanes(
     assert sweeps > 1  # more than one page: a pass shared by the sweeps
     assert not [lane for lane in lanes if await redis.exists(lane)]
     assert len(await drops(redis)) == len(lanes)
+
+
+async def test_a_head_waiting_for_an_earlier_event_lists_its_lane_blocked_until_it_ends(
+    redis: Redis, redis_server: EmbeddedRedis, receiver: Receiver, run_worker: RunWorker
+) -> None:
+    """e1's delivery heads its lane but waits for e0, still queued (its fan-out due in an
+    hour: a backlog, a fan-out failing again and again). The lane is listed blocked from
+    its first wait (`Enter`'s, then `Head`'s at each look, the time kept), so `dispatcher
+    status` and `DispatcherLaneBlocked` see it; only a head's retries listed it, and a lane
+    held for hours by an earlier event was counted nowhere (review). Once e0 is fanned out
+    and both are delivered, the lane is listed no more."""
+    settings = make_settings(redis_server.url)
+    url = receiver.url()
+    ordered = Options(order_by="buildId")
+    await Registry(redis).create("demo", url, Event.BUILD_END, Region.DEVNET, options=ordered)
+    await Producer(settings, redis).emit_many(
+        [("demo", "BUILD_END", {"buildId": "b", "step": s}, f"e{s}") for s in range(2)]
+    )
+    await redis.zadd(keys.QUEUE, {"demo:e0": now_ms() + 3_600_000})  # e0 fans out later
+    await run_worker(settings, max_burst_jobs=1)  # e1's fan-out: its delivery waits (Enter)
+    lane = keys.lane(lane_id("demo", url, "buildId", "demo", "b"))
+    since = await redis.zscore(keys.LANES_BLOCKED, lane)
+    assert since is not None
+    (waiting,) = await redis.zrange(lane, 0, -1)
+    await redis.zadd(keys.QUEUE, {waiting: 0}, xx=True)  # its look at its turn, now
+    await run_worker(settings, max_burst_jobs=1)  # it waits again (Head)
+    assert await redis.zscore(keys.LANES_BLOCKED, lane) == since  # blocked since the first
+    lanes = await read_lanes(redis, keys)
+    assert (lanes.blocked, lanes.shown[0].head) == (1, waiting.decode().partition("@")[0])
+    assert not receiver.requests()
+
+    await redis.zadd(keys.QUEUE, {"demo:e0": 0}, xx=True)
+    await redis.zadd(keys.QUEUE, {waiting: now_ms() + 3_600_000}, xx=True)  # woken by e0
+    await run_worker(settings)
+    assert numbers(receiver) == [("b", 0), ("b", 1)]
+    assert not await redis.zcard(keys.LANES_BLOCKED)

@@ -11,6 +11,7 @@ import redis as redis_py
 from typer.testing import CliRunner
 
 from dispatcher.cli import app
+from dispatcher.clock import now_ms
 from dispatcher.embedded import EmbeddedRedis
 from dispatcher.keys import Keys
 from dispatcher.placement import rendezvous
@@ -74,3 +75,23 @@ def test_forget_removes_a_stale_copy_with_the_cli(
     assert forgot.exit_code == 0, forgot.output
     assert f"{project}: shard 1 holds nothing of it now" in forgot.output
     assert [bool(r.exists(KEYS.roles(project))) for r in on] == [True, False]
+
+
+def test_status_names_the_oldest_due_job_of_every_shard(
+    cli: CliRunner, shard_servers: list[EmbeddedRedis]
+) -> None:
+    """The oldest due job of the fleet is the second shard's: its project is named."""
+    assert cli.invoke(app, ["shards", "grow"]).exit_code == 0  # both in use
+    first, second = (redis_py.Redis.from_url(server.url) for server in shard_servers)
+    now = now_ms()
+    first.zadd(KEYS.QUEUE, {"quiet:evt_new": now - 5_000})
+    second.zadd(KEYS.QUEUE, {"flood:evt_old": now - 700_000, "other:evt_new": now})
+    status = cli.invoke(app, ["status"])
+    assert status.exit_code == 0, status.output
+    assert "flood:evt_old" in status.output and "quiet:evt_new" not in status.output
+    rows = dict(
+        (line.split("│")[1].strip(), line.split("│")[2].strip())
+        for line in status.output.splitlines()
+        if line.count("│") >= 3
+    )
+    assert rows["queue: jobs due"] == "3" and rows["queue: oldest due project"] == "flood"

@@ -1,0 +1,90 @@
+"""The history backlog in bytes (PostgreSQL history): what the stream of records waiting
+for PostgreSQL takes of a shard's Redis, and the bound past which workers stop claiming.
+
+The records' count alone did not bound Redis: a record takes ~1.3 KB, or ~150 KB (a body of
+backslashes, each escaped twice, and a 20 KB answer of quotes), so `DISPATCHER_HISTORY_
+BACKLOG_LIMIT`'s 1,000,000 were ~150 GB of one tenant's, Redis full long before (review).
+
+The bytes are `MEMORY USAGE` of the stream with every node read (`SAMPLES 0`: a sample
+reads the oldest nodes only, and missed big records behind small ones: 150 MB read for
+447 MB). That costs Redis ~0.1 ms for 2,000 records of 150 KB, but 43 ms for 1,000,000 of
+1.3 KB (measured), so the fleet reads them once a while: the worker that finds no read
+kept (`{stream}:bytes`, "bytes records") and wins the walk (`{stream}:bytes:walk`, SET NX)
+reads them and keeps the answer in Redis for `WALK_DUTY` times the read's time (1 s at
+least): at most 1 % of Redis' time, however many workers check. In between every worker
+takes the kept read's bytes per record times the records now (one GET a check); one that
+lost the walk takes its own last answer meanwhile.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import structlog
+from redis.exceptions import ResponseError
+
+if TYPE_CHECKING:
+    from redis.asyncio import Redis
+
+__all__ = ["MAXMEMORY_SHARE", "NO_MAXMEMORY_BYTES", "StreamBytes", "bound"]
+
+# The share of a Redis' maxmemory the stream may take: the queue and the rest keep the others
+MAXMEMORY_SHARE = 0.25
+# The stream's bound in a Redis with no maxmemory (1 GiB: ~800,000 records of 1.3 KB)
+NO_MAXMEMORY_BYTES = 1 << 30
+WALK_DUTY = 100
+WALK_LOCK_MS = 60_000  # a walk's claim (its worker killed mid-walk: another walks then)
+
+log = structlog.get_logger("dispatcher.worker")
+
+
+@dataclass
+class StreamBytes:
+    """One shard's stream, as this worker last knew it."""
+
+    bytes: int = 0  # the last read's
+    count: int = 0  # how many records the stream held then
+    refused: bool = False  # MEMORY USAGE or INFO refused (an ACL): no byte bound
+
+    async def over(self, redis: Redis, stream: str, count: int) -> tuple[int, bool]:
+        """The bytes of `stream`, which holds `count` records now, and whether they are past
+        the bound; (0, False) when Redis refuses to tell (logged once)."""
+        try:
+            size = await self.read(redis, stream, count)
+            return size, size >= await bound(redis)
+        except ResponseError as exc:
+            if not self.refused:
+                log.warning("history.backlog_bytes_unread", error=str(exc))
+            self.refused = True
+            return 0, False
+
+    async def read(self, redis: Redis, stream: str, count: int) -> int:
+        """The bytes of `stream`, which holds `count` records now: the fleet's last read,
+        scaled to `count`, or one read now (see the module's doc)."""
+        kept, walk = f"{stream}:bytes", f"{stream}:bytes:walk"
+        if (shared := await redis.get(kept)) is not None:
+            self.bytes, self.count = (int(n) for n in shared.split())
+        elif await redis.set(walk, 1, nx=True, px=WALK_LOCK_MS):
+            start = time.monotonic()
+            self.bytes, self.count = int(await redis.memory_usage(stream, samples=0) or 0), count
+            kept_ms = max(1000, int(WALK_DUTY * (time.monotonic() - start) * 1000))
+            async with redis.pipeline(transaction=False) as pipe:
+                pipe.set(kept, f"{self.bytes} {count}", px=kept_ms)
+                pipe.delete(walk)
+                await pipe.execute()
+        return self.bytes * count // self.count if self.count else self.bytes
+
+
+async def bound(redis: Redis) -> int:
+    """The stream's bytes past which workers stop claiming: `MAXMEMORY_SHARE` of the Redis'
+    maxmemory (of a cluster's nodes, the smallest), else `NO_MAXMEMORY_BYTES`."""
+    info: dict[str, Any] = await redis.info("memory")
+    nodes = [info] if "maxmemory" in info else [n for n in info.values() if isinstance(n, dict)]
+    limits = [int(node.get("maxmemory", 0)) for node in nodes]
+    return (
+        int(min(limit for limit in limits if limit) * MAXMEMORY_SHARE)
+        if any(limits)
+        else NO_MAXMEMORY_BYTES
+    )
