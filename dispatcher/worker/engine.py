@@ -270,8 +270,7 @@ class Engine:
             done = Attempted(AttemptResult.unsent(OPEN, Outcome.RETRY), [])
             await self._settle(job, target, number, done, then, waited=True)
             return
-        made = str(number - 1)
-        mark = MarkWaited(self.keys.delivery(job.progress_id), made, self.progress_ttl)
+        mark = MarkWaited(self.keys.delivery(job.progress_id), str(number - 1), self.progress_ttl)
         await self._defer(job, then, wait_s(self.settings, number, wait), "circuit", mark)
 
     async def _attempt(
