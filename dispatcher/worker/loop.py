@@ -22,9 +22,9 @@ from the next shard, so the shards share its slots fairly, and a shard that does
 (within a second: frozen, or gone quiet) waits out its own backoff while the others go on.
 Each shard has its own claims, writer and lease renewals (`served.py`): a job's writes go to
 its own shard, no shard's leases wait for another's, and a shard's claims stop on its own
-waiting writes only. A failed run whose put-back its shard does not take gives its slot up
-while it waits (`slots.py`): a frozen shard's jobs keep the others' slots no longer than
-the job timeout.
+waiting writes only. A failed run whose put-back its shard does not take, and a job whose
+shard's writes have been in flight for a second, give their slots up while they wait
+(`slots.py`): a frozen shard's jobs keep the others' slots for about a second.
 """
 
 from __future__ import annotations
@@ -119,7 +119,7 @@ class Worker:
         self.shipping = Shipping([run.services for run in self.served])
         self.duties = Duties(settings, every_shard[0], [run.services for run in self.served],
                              self.engine.stats, self.token, self._counts)  # fmt: skip
-        self.slots = Slots(self.max_jobs, self.claim_batch)
+        self.slots = Slots(self.max_jobs, self.claim_batch, self.served)
         self.running = self.slots.running
         self.turns = Turns(self.served, claim_wait(settings), self._late)
         self.jobs_started = self.jobs_complete = self.jobs_failed = 0

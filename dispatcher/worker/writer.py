@@ -55,6 +55,7 @@ Then = Callable[["Pipeline", "float | None"], None]
 log = structlog.get_logger("dispatcher.worker")
 
 Prepare = Callable[[Iterable["AttemptRecord"]], Awaitable[None]]
+STUCK_S = 1.0  # a batch in flight this long: its shard is paused or far too slow (`stuck`)
 
 
 class _Transient(Exception):
@@ -96,6 +97,7 @@ class Writer(Batcher):
         self._wake = asyncio.Event()
         self.retries = 0  # batches sent again since start
         self.failing_since: float | None = None  # loop time of the first failure of an outage
+        self.sending_since: float | None = None  # loop time the batch in flight was first sent
         _WRITERS.add(self)
 
     @property
@@ -105,8 +107,16 @@ class Writer(Batcher):
 
     @property
     def stalled(self) -> bool:
-        """Redis refuses the writes waiting now (away, or full): they are being sent again."""
-        return self.failing_since is not None and bool(self._pending)
+        """Redis refuses the writes waiting now (away, or full): they are being sent again;
+        or a batch has been in flight for `STUCK_S` (a paused Redis answers no error for
+        its socket timeout, four times over)."""
+        return (self.failing_since is not None and bool(self._pending)) or self.stuck()
+
+    def stuck(self) -> bool:
+        """Whether the batch in flight was first sent `STUCK_S` ago or more (a write
+        answers in milliseconds)."""
+        since = self.sending_since
+        return since is not None and asyncio.get_running_loop().time() - since >= STUCK_S
 
     def submit(
         self,
@@ -158,6 +168,7 @@ class Writer(Batcher):
                 await asyncio.sleep(self.window)  # let concurrent writers join the batch
             while self._pending:
                 batch = self._pending[: self.max_batch]
+                self.sending_since = self.sending_since or asyncio.get_running_loop().time()
                 try:
                     answers = await self._durably(batch)
                 except Exception as exc:
@@ -171,7 +182,7 @@ class Writer(Batcher):
                         log.exception("worker.write_failed", pending=len(self._pending))
                         await asyncio.sleep(self.backoff_cap)
                     continue
-                backoff = 0.05
+                backoff, self.sending_since = 0.05, None
                 self._recovered()
                 del self._pending[: len(batch)]
                 for write, answer in zip(batch, answers, strict=True):

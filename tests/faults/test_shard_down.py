@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import pytest
 import redis as sync_redis
 from aiohttp import web
 
@@ -116,24 +117,28 @@ async def test_a_frozen_shard_lets_no_lease_lapse_on_another(
     assert senders == ["first"], senders
 
 
+@pytest.mark.parametrize("job_timeout", ["5", "60"])
 async def test_a_frozen_shards_jobs_filling_the_slots_hold_up_no_other_shard(
     shard_servers: list[EmbeddedRedis],
     receiver: Receiver,
     workers: list[subprocess.Popen[bytes]],
     tmp_path: Path,
+    job_timeout: str,
 ) -> None:
     """A worker of 4 slots serving both shards (no fair share: one host may take every
     slot) runs 4 jobs of shard 0 (8 projects' events, their receiver answers in 2 s) when
-    shard 0 is frozen; 10 events are then queued on shard 1. The 4 runs time out (job
-    timeout 5 s) and their put-backs wait for shard 0, their slots given to shard 1: its 10
-    events are delivered while shard 0 is still frozen. Once it resumes, shard 0's 8 events
-    are delivered, each once (a timed-out job was not run again). (Before: a failed run
-    kept its slot until its put-back landed, so shard 0's 4 jobs kept them all: 0 of the 10
-    sent in 20 s.)"""
+    shard 0 is frozen; 10 events are then queued on shard 1. The 4 attempts are answered
+    and wait for their records' writes, a second in flight: their slots go to shard 1
+    (job timeout 60 s); or the 4 runs time out first (5 s) and their put-backs wait for
+    shard 0, their slots given up. Shard 1's 10 events are delivered while shard 0 is still
+    frozen. Once it resumes, shard 0's 8 events are delivered, each once (no job was run
+    again). (Before: a running job kept its slot until its job timeout, 30 s by default,
+    and a failed run until its put-back landed, so shard 0's 4 jobs kept them all: 0 of
+    the 10 sent in 20 s, either way.)"""
     urls, settings = await _two_shards(shard_servers)
     held = Overlap(2.0)
     env = _env(urls, DISPATCHER_WORKER_MAX_JOBS="4", DISPATCHER_FAIR_SHARE="false",
-               DISPATCHER_TOTAL_TIMEOUT="3", DISPATCHER_JOB_TIMEOUT="5")  # fmt: skip
+               DISPATCHER_TOTAL_TIMEOUT="3", DISPATCHER_JOB_TIMEOUT=job_timeout)  # fmt: skip
     async with Router.open(settings) as router, Producer(settings) as producer:
         zero = receiver.script("/zero", held.handle)
         on_0 = [p for p in (f"p{n}" for n in range(200)) if router.of(p).shard.index == 0][:8]
