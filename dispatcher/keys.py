@@ -218,6 +218,7 @@ class Keys:
         self.CALLBACKS_LAYOUT = f"{base}:cb:layout"
         self.FILTER_ERRORS_PREFIX = f"{base}:cb:filter-errors:"
         self.REGISTRY_VERSION_PREFIX = f"{base}:cb:version:"
+        self.CALLBACKS_FROZEN_PREFIX = f"{base}:cb:frozen:"  # `callbacks_frozen`
         self.HEALTH_PREFIX, self.HEALTH_FAILING = f"{base}:health:", f"{base}:health:failing"
         self.CALLBACKS_DISABLED = f"{base}:cb:disabled"
         self.ROLES_PREFIX = f"{base}:roles:"
@@ -301,6 +302,10 @@ class Keys:
     def move_lease(self, project_id: str) -> str:
         """On the home shard, while a mover moves the project: its token (one at a time)."""
         return f"{self.PLACEMENT}:mover:{project_id}"
+
+    def callbacks_frozen(self, project_id: str) -> str:
+        """Set while the project moves off this shard: its callbacks' writes are refused."""
+        return f"{self.CALLBACKS_FROZEN_PREFIX}{project_id}"
 
     def left(self, job_id: str) -> str:
         """The mover's word that it removed a job it held here (`shards.queued.DropHeld`)."""

@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from dispatcher.history.record import AttemptRecord
     from dispatcher.keys import Keys
 
-__all__ = ["ID_BLOCK", "ID_GAP", "RecordIds"]
+__all__ = ["ID_BLOCK", "ID_GAP", "RecordIds", "SeedIds"]
 
 # record ids reserved per round trip
 ID_BLOCK = 1000
@@ -89,3 +89,17 @@ class RecordIds:
                 self._ids.extend(range(last - block + 1, last + 1))
             for record in missing:
                 record["id"] = self._ids.popleft()
+
+
+@dataclass
+class SeedIds(Script):
+    """Raises the record id `counter` to `top`, the largest id PostgreSQL holds: after a
+    Redis that lost its data, ids must not start again below those already stored."""
+
+    LUA = """
+    local current = tonumber(redis.call('GET', counter) or '0')
+    if current < tonumber(top) then redis.call('SET', counter, top) end
+    return 1
+    """
+    counter: Key
+    top: int

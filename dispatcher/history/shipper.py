@@ -2,7 +2,8 @@
 
 One batch:
   1. XREAD up to `DISPATCHER_HISTORY_SHIP_BATCH` entries after the watermark (blocking
-     up to a second when there are none);
+     up to a second when there are none), in small reads and at most a few MB
+     (`ship_read.py`; fewer entries after a batch that failed);
   2. outside the transaction: pair ids and day partitions (`loader.py`);
   3. one transaction: lock the watermark row, drop the entries at or below it (another
      shipper committed them), COPY the rest, insert those not stored yet and count them,
@@ -23,7 +24,8 @@ worker's pipeline sent again) is stored once, by its primary key.
 
 Who ships: any number of shippers may run at once (each worker, `dispatcher history ship`);
 one at a time holds a PostgreSQL advisory lock and ships, the others wait. A process that
-dies frees its lock with its connection, so another takes over within `STANDBY_S`.
+dies frees its lock with its connection, so another takes over within `STANDBY_S`; one
+frozen loses its session, and the lock, past `IDLE_S` idle (`ship_session.py`).
 
 A PostgreSQL outage stops only this loop, which backs off and tries again: the workers go
 on appending to the stream (its length is `dispatcher_history_backlog`).
@@ -33,7 +35,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import structlog
@@ -52,9 +53,11 @@ from dispatcher.history.entries import (
     sid_of,
     sid_text,
 )
+from dispatcher.history.ids import SeedIds
 from dispatcher.history.loader import Loader, Pair, Row, parse_row
 from dispatcher.history.schema import DAY_MS, require_latest
-from dispatcher.lua import Key, Script
+from dispatcher.history.ship_read import Limit, entry_bytes, read_count, read_more
+from dispatcher.history.ship_session import IDLE_S, Session
 from dispatcher.shard import ID_SPAN, Shard
 from dispatcher.stopping import cancel_all
 
@@ -78,20 +81,6 @@ GATHER_S = 0.25
 BACKOFF_CAP_S = 5.0  # a reconnect at least this often: shipping resumes soon after an outage
 
 
-@dataclass
-class SeedIds(Script):
-    """Raises the record id `counter` to `top`, the largest id PostgreSQL holds: after a
-    Redis that lost its data, ids must not start again below those already stored."""
-
-    LUA = """
-    local current = tonumber(redis.call('GET', counter) or '0')
-    if current < tonumber(top) then redis.call('SET', counter, top) end
-    return 1
-    """
-    counter: Key
-    top: int
-
-
 class Shipper:
     """Ships `dispatcher:history:stream` to the database of `settings.history_url`."""
 
@@ -103,6 +92,7 @@ class Shipper:
         *,
         elect: bool = True,
         stop: asyncio.Event | None = None,
+        idle_s: float = IDLE_S,
     ) -> None:
         self.redis = redis
         self.settings = settings
@@ -113,12 +103,16 @@ class Shipper:
         self.name = shard.stream_name  # its watermark's row in history_shipped
         self.lock = SHIP_LOCK + shard.index  # the shards' streams ship side by side
         self.conn: asyncpg.Connection | None = None
+        self.session = Session(idle_s)  # closed by the server past `idle_s` idle
         self.loader: Loader | None = None
         self.pairs: dict[Pair, int] = {}
         self.watermark: StreamId = (0, 0)
         self.leading = False
         self.shipped = self.skipped = 0
         self.last_read = 0  # entries the last batch read
+        self.more = False  # whether the stream may hold more after them
+        self.limit = Limit(settings.history_ship_batch)  # entries of the next batch
+        self.each = 0  # bytes an entry, as last read (0: not known yet)
 
     # ---- one connection ----------------------------------------------------------------
 
@@ -129,6 +123,7 @@ class Shipper:
         raises `SchemaBehind` (logged with the hint to upgrade)."""
         if self.conn is None:
             self.conn = await database.connect(self.settings)
+            await self.session.bound(self.conn)
             await require_latest(self.conn)
         if self.elect and not await self.conn.fetchval(
             "SELECT pg_try_advisory_lock($1)", self.lock
@@ -196,9 +191,12 @@ class Shipper:
         """Ship one batch (waiting up to `block_ms` for one); returns the records stored.
         Records past the retention are skipped (their day may be gone; never shown)."""
         assert self.conn is not None and self.loader is not None, "open() first"
+        self.last_read = 0
         reply = await self._read(block_ms)
-        entries: list[tuple[bytes, dict[bytes, bytes]]] = reply[0][1] if reply else []
-        self.last_read = len(entries)
+        first = reply[0][1] if reply else []
+        entries, self.more = await read_more(self.redis, self.stream, first, self.limit.now)
+        self.last_read = len(entries)  # (what a failure halves)
+        self.each = entry_bytes(entries) or self.each
         if not entries:
             return 0
         now = clock.now_ms() if now_ms is None else now_ms
@@ -223,7 +221,7 @@ class Shipper:
         costs only its connection)."""
         read = self.redis.xread(
             {self.stream: sid_text(self.watermark)},
-            count=self.settings.history_ship_batch,
+            count=read_count(self.each, self.limit.now),
             block=block_ms,
         )
         if block_ms is None or self.stop is None:
@@ -349,14 +347,21 @@ class Shipper:
             while not stop.is_set():
                 try:
                     if not self.leading and not await self.open():
-                        await _wait(stop, STANDBY_S)
+                        await _wait(stop, min(STANDBY_S, self.session.every))
                         continue
+                    assert self.conn is not None
+                    self.last_read = 0  # (a failed keep halves no batch that shipped)
+                    await self.session.keep(self.conn)  # a session idle is closed
                     await self.ship_once(block_ms=self._block_ms())
                     backoff = 0.5
-                    if 0 < self.last_read < self.settings.history_ship_batch:
+                    if self.last_read:
+                        self.limit.succeeded()
+                    if self.last_read and not self.more:
                         await _wait(stop, GATHER_S)
                 except Exception as exc:  # an outage, or anything else: never a silent stop
                     self._failed(exc, backoff)
+                    self.limit.failed(self.last_read)  # a batch too slow for the timeout: smaller
+                    self.last_read = 0
                     await self.close()
                     await _wait(stop, backoff)
                     backoff = min(BACKOFF_CAP_S, backoff * 2)

@@ -56,6 +56,7 @@ class Upsert:
             failing=k.HEALTH_FAILING,
             ordered_flag=k.lanes_ordered(self.project_id),
             version=k.registry_version(self.project_id),
+            frozen=k.callbacks_frozen(self.project_id),
             listings=listings,
             field=keys.callback_unique_field(event.value, self.url),
             now_ms=now_ms,

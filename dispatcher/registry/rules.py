@@ -9,7 +9,7 @@ from urllib.parse import urlsplit
 
 from dispatcher.addresses import host_port
 from dispatcher.egress import connect_target
-from dispatcher.errors import InvalidEvent, InvalidInput, InvalidUrl
+from dispatcher.errors import InvalidEvent, InvalidInput, InvalidUrl, Unavailable
 from dispatcher.headers import check_header_value
 from dispatcher.models import PLATFORM_PROJECT, PROJECT_EVENTS, PROJECT_ID, Event, Level
 
@@ -28,6 +28,7 @@ __all__ = [
     "destination",
     "is_pipeline_id",
     "level_of",
+    "moving",
     "url_problem",
     "validate_url",
 ]
@@ -209,3 +210,11 @@ def check_token(token: str | None) -> str:
             f"secretToken is longer than {MAX_TOKEN_LENGTH} characters", param="secretToken"
         )
     return check_header_value(token, "secretToken", MAX_TOKEN_LENGTH) if token else token
+
+
+def moving(project_id: str) -> Unavailable:
+    """The refusal of a change of a project's callbacks while it moves off this shard."""
+    return Unavailable(
+        f"project {project_id!r} is moving to another shard: its callbacks cannot change "
+        "for a minute; try again (events are delivered meanwhile)"
+    )

@@ -9,7 +9,14 @@ and `mark_ordered`'s conversion of an old flag. Those get the prefixes and separ
 Every script that changes what `match.Match` reads of a project's callbacks (a hash's
 fields, a match set, an upsert hash) bumps the project's registry version
 (`dispatcher:cb:version:`) in the same script: a worker's cached match of the project holds
-while it stands (`registry.matches.Matches`)."""
+while it stands (`registry.matches.Matches`).
+
+The scripts of the callbacks' own changes (create or update, delete, rotate, enable or
+disable) write nothing and answer `FROZEN` while the project's `callbacks_frozen` mark is
+set: its mover sets it on the old shard before the move copies its callbacks
+(`dispatcher.shards.move`), so that a change that passed the front end's check of the
+placement before the freeze, and lands after the copy, is refused (503) rather than
+answered and then removed with the old shard's copy. The worker's writes never read it."""
 
 from __future__ import annotations
 
@@ -24,6 +31,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DISABLE",
+    "FROZEN",
     "DeleteCallback",
     "PutCallback",
     "RotateToken",
@@ -31,6 +39,8 @@ __all__ = [
     "UpgradeMatchSet",
     "UpsertCallback",
 ]
+
+FROZEN = -1  # a script's answer: the project's callbacks are frozen on this shard (a move)
 
 # A Lua function: a project's ordered callbacks (`flag`, the set of their ids, which the
 # enqueue script's EXISTS reads: an empty set has no key) with `id` in it when `ordered` is
@@ -60,10 +70,12 @@ class UpsertCallback(Script):
     clears its failure count (and `failing` mark) and filter errors, and puts it in or out
     of its project's `ordered_flag` set (`ordered`); bumps the project's registry
     `version`. Returns {id, 1 when created}, or {0, 0} when the callback is new and its
-    project is at its limit (nothing written)."""
+    project is at its limit, {`FROZEN`, 0} while its project is `frozen` (nothing
+    written)."""
 
     LUA = (
         ORDERED
+        + f"if redis.call('EXISTS', frozen) == 1 then return {{{FROZEN}, 0}} end"
         + """
 local id = redis.call('HGET', unique, field)
 local created = 0
@@ -104,6 +116,7 @@ return {tonumber(id), created}
     failing: Key
     ordered_flag: Key
     version: Key
+    frozen: Key
     listings: KeyList
     field: str
     now_ms: int
@@ -142,13 +155,20 @@ class SetEnabled(Script):
     """Enables (`enabled` '1': its failure count, and its `failing` mark, start again) or
     disables the callback whose hash is `callback`, with `reason`, unless it is missing or
     not `project_id`'s ('' = any). Its match set is found by its hash's scope and event
-    (`DISABLE`): this runs in the worker's write pipeline. Returns 0 when missing."""
+    (`DISABLE`): this runs in the worker's write pipeline. Returns 0 when missing,
+    `FROZEN` while its project's mark (`frozen_prefix` and its project: '' for none, the
+    worker's, which reads nothing more) is set."""
 
     LUA = (
         DISABLE
         + """
 local row = redis.call('HMGET', callback, 'projectId', 'event', 'id', 'pipelineId')
 if not row[1] or (project_id ~= '' and row[1] ~= project_id) then return 0 end
+if frozen_prefix ~= '' and redis.call('EXISTS', frozen_prefix .. row[1]) == 1 then
+  return """
+        + str(FROZEN)
+        + """
+end
 if enabled ~= '1' then
   return disable(callback, disabled, reason, now_ms, match_prefix, sep, version_prefix)
 end
@@ -175,6 +195,7 @@ return 1
     sep: str
     project_id: str
     version_prefix: str
+    frozen_prefix: str = ""
 
 
 @dataclass
@@ -183,9 +204,12 @@ class DeleteCallback(Script):
     no longer `project_id`'s: its hash, health and filter errors, its place in its scope's
     `unique` hash (`field`), its listings, match set, the disabled and failing sets, and
     its project's ordered set; bumps the project's registry `version`. The caller read its
-    scope and event first (they never change). Returns 0 when it was gone."""
+    scope and event first (they never change). Returns 0 when it was gone, `FROZEN` while
+    the project is `frozen` unless `mover` ('1': the move's own removal from its old
+    shard)."""
 
-    LUA = """
+    LUA = f"""
+    if mover ~= '1' and redis.call('EXISTS', frozen) == 1 then return {FROZEN} end
     if redis.call('HGET', callback, 'projectId') ~= project_id then return 0 end
     redis.call('DEL', callback, health, filter_errors)
     redis.call('HDEL', unique, field)
@@ -208,10 +232,12 @@ class DeleteCallback(Script):
     failing: Key
     ordered_flag: Key
     version: Key
+    frozen: Key
     listings: KeyList
     project_id: str
     callback_id: int
     field: str
+    mover: str = "0"
 
     @classmethod
     def of(
@@ -233,6 +259,7 @@ class DeleteCallback(Script):
             failing=k.HEALTH_FAILING,
             ordered_flag=k.lanes_ordered(project_id),
             version=k.registry_version(project_id),
+            frozen=k.callbacks_frozen(project_id),
             listings=listings,
             project_id=project_id,
             callback_id=callback_id,
@@ -246,9 +273,10 @@ class RotateToken(Script):
     `project_id`'s (of `pipeline_id`, '' = any of the project's); the current one becomes
     the previous one, signing until `until_ms`, unless there is none or the overlap is over
     ('' or past `now_ms`); bumps the project's registry `version`. Returns 0 when missing
-    or someone else's."""
+    or someone else's, `FROZEN` while the project is `frozen`."""
 
-    LUA = """
+    LUA = f"""
+    if redis.call('EXISTS', frozen) == 1 then return {FROZEN} end
     local row = redis.call('HMGET', callback, 'projectId', 'pipelineId', 'secretToken')
     if not row[1] or row[1] ~= project_id then return 0 end
     if pipeline_id ~= '' and (row[2] or '') ~= pipeline_id then return 0 end
@@ -263,6 +291,7 @@ class RotateToken(Script):
     """
     callback: Key
     version: Key
+    frozen: Key
     project_id: str
     pipeline_id: str
     token: str

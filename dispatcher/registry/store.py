@@ -23,12 +23,13 @@ from dispatcher.models import (
     parse_event,
     parse_events,
 )
+from dispatcher.registry import scripts
 from dispatcher.registry.match import TARGET_FIELDS, CallbackTarget, ChunkQuery
 from dispatcher.registry.options import NO_OPTIONS, Options
 from dispatcher.registry.registration import Registration
 from dispatcher.registry.rotation import rotate_all
 from dispatcher.registry.rows import Upsert, to_callback
-from dispatcher.registry.rules import check_event, check_scope, check_token, validate_url
+from dispatcher.registry.rules import check_event, check_scope, check_token, moving, validate_url
 from dispatcher.registry.scripts import DeleteCallback, RotateToken, SetEnabled, UpgradeMatchSet
 
 if TYPE_CHECKING:
@@ -94,6 +95,8 @@ class Registry:
         parsed = check_event(parse_event(event) if isinstance(event, str) else event, level)
         upsert = self._checked(level, registration)
         (callback_id, created), *_ = await self._upsert_many(upsert, [parsed])
+        if callback_id == scripts.FROZEN:
+            raise moving(registration.project_id)
         if not callback_id:
             raise LimitReached(self._full(registration.project_id))
         return callback_id, created
@@ -113,6 +116,8 @@ class Registry:
                 failed[event.value] = exc.message
         done = []
         written = await self._upsert_many(upsert, valid)
+        if any(callback_id == scripts.FROZEN for callback_id, _ in written):  # (the others: again)
+            raise moving(registration.project_id)
         for event, (callback_id, _) in zip(valid, written, strict=True):
             if callback_id:
                 done.append(event.value)
@@ -191,12 +196,15 @@ class Registry:
         done = await RotateToken(
             self.keys.callback(callback_id),
             self.keys.registry_version(project_id),
+            self.keys.callbacks_frozen(project_id),
             project_id,
             pipeline_id or "",
             self._encrypt(token),
             until,
             now,
         ).run(self.redis)
+        if done == scripts.FROZEN:
+            raise moving(project_id)
         if not done:
             raise NotFound(f"callback {callback_id} not found in {_where(project_id, pipeline_id)}")
 
@@ -300,9 +308,15 @@ class Registry:
         )
 
     async def delete(
-        self, project_id: str, callback_id: int, *, pipeline_id: str | None = None
+        self,
+        project_id: str,
+        callback_id: int,
+        *,
+        pipeline_id: str | None = None,
+        mover: bool = False,
     ) -> None:
-        """Delete one of the project's callbacks (of that pipeline, when one is named)."""
+        """Delete one of the project's callbacks (of that pipeline, when one is named);
+        `mover`: a move's removal from the old shard, which its freeze does not stop."""
         k = self.keys
         found = await self.redis.hmget(  # type: ignore[misc]  # sync|async
             k.callback(callback_id), ["projectId", "event", "url", "pipelineId"]
@@ -311,7 +325,10 @@ class Registry:
         done = owner == project_id and (not pipeline_id or pipeline == pipeline_id)
         if done:
             script = DeleteCallback.of(k, callback_id, project_id, pipeline, event, url)
+            script.mover = "1" if mover else "0"
             done = await script.run(self.redis)
+        if done == scripts.FROZEN:
+            raise moving(project_id)
         if not done:
             raise NotFound(f"callback {callback_id} not found in {_where(project_id, pipeline_id)}")
 
@@ -324,10 +341,12 @@ class Registry:
         project_id: str | None = None,
     ) -> None:
         """Enable, or disable with a reason. `project_id` restricts it to that project."""
+        queue = self.queue_set_enabled
         (done,) = await run_pipeline(
-            self.redis,
-            lambda pipe: self.queue_set_enabled(pipe, callback_id, enabled, reason, project_id),
+            self.redis, lambda pipe: queue(pipe, callback_id, enabled, reason, project_id, True)
         )
+        if done == scripts.FROZEN:
+            raise moving(project_id or "of the callback")
         if not done:
             raise NotFound(f"callback {callback_id} not found in {_where(project_id, None)}")
 
@@ -338,8 +357,10 @@ class Registry:
         enabled: bool,
         reason: str = "",
         project_id: str | None = None,
+        fenced: bool = False,
     ) -> None:
-        """`set_enabled` queued on a pipeline; its answer is 0 when the callback is missing."""
+        """`set_enabled` queued on a pipeline; its answer is 0 when the callback is missing
+        (`fenced`: `FROZEN` while its project moves off this shard; the worker's is not)."""
         k = self.keys
         SetEnabled(
             callback=k.callback(callback_id),
@@ -353,6 +374,7 @@ class Registry:
             sep=keys.SEP,
             project_id=project_id or "",
             version_prefix=k.REGISTRY_VERSION_PREFIX,
+            frozen_prefix=k.CALLBACKS_FROZEN_PREFIX if fenced else "",
         ).queue_on(pipe)
 
     async def upgrade(self) -> int:

@@ -49,6 +49,7 @@ from dispatcher.errors import NotReplicated
 from dispatcher.lua import run_pipeline
 from dispatcher.replication import Replication, confirm, run_replicated
 from dispatcher.shards.lanes import lanes_left, ordered_on
+from dispatcher.shards.left import Scan
 from dispatcher.shards.queued import (
     MOVE,
     OTHER_EVENT,
@@ -81,7 +82,6 @@ __all__ = [
     "late_pushes_s",
 ]
 
-PAGE = 500
 LEASE_S = 30.0  # a job the mover takes is leased this long on the old shard
 HOLD_FACTOR = 2  # and its copy held this many times as long on the new one
 SAY_EVERY_S = 10.0  # how often a move waiting for jobs to finish on the old shard says so
@@ -173,9 +173,11 @@ class Drain:
     # the jobs Redis kept from settling (`settle`), and whether their copy was placed
     unsettled: dict[str, tuple[Taken, bool]] = field(init=False, default_factory=dict)
     kept: set[str] = field(init=False, default_factory=set)  # the ids of events that `stay`
+    scan: Scan = field(init=False)
 
     def __post_init__(self) -> None:
         self.replication = Replication.of(self.dst.settings, self.dst.keys)
+        self.scan = Scan(self.src, self.project)
         self.hold_s = self.hold_s or HOLD_FACTOR * self.lease_s
 
     async def run(self) -> int:
@@ -184,12 +186,13 @@ class Drain:
         moved, quiet_since, said = 0, time.monotonic(), time.monotonic()
         while True:
             self.alive()
+            began = time.monotonic()  # a pass that ends it began once no push may come
             found, taken, staying = await self.one_pass()
             moved += taken
             now = time.monotonic()
             if found or staying:
                 quiet_since = now
-            elif now - quiet_since >= self.quiet_s and now >= self.until:
+            elif now - quiet_since >= self.quiet_s and began >= self.until:
                 # a lane's head is always in the queue (or its fan-out is): none left there
                 # means no lane left; a lane without one would wait here, and say so
                 if not (staying := await lanes_left(self.src, self.project)):
@@ -200,26 +203,21 @@ class Drain:
             await asyncio.sleep(min(0.2 if found or not staying else 1.0, self.quiet_s))
 
     async def one_pass(self) -> tuple[int, int, int]:
-        """One pass over the old shard's queue: (the project's jobs seen, those moved, those
-        left to finish there: see `queued.where_to`)."""
-        src, project = self.src, self.project
+        """One pass over the project's jobs on the old shard (`shards.left`): (those seen,
+        those moved, those left to finish there: see `queued.where_to`)."""
         seen, taken = await self.resettle()
-        ordered = await ordered_on(src, project)
-        staying = start = 0
-        while ids := await src.redis.zrange(src.keys.QUEUE, start, start + PAGE - 1):
-            start += PAGE
-            datas = await src.redis.mget([src.keys.arq_job(i.decode()) for i in ids])
-            for job_id, data in zip([i.decode() for i in ids], datas, strict=True):
-                where = "" if data is None else where_to(data, project, ordered)
-                held = job_id in self.kept or job_id in self.unsettled  # (left to `resettle`)
-                where = STAY if where and held else where
-                moved = None
-                if where in (MOVE, UNLESS_BEGUN):
-                    self.alive()
-                    moved = await self.move_job(job_id, data, unless_begun=where == UNLESS_BEGUN)
-                    seen += moved is not None
-                    taken += moved is True
-                staying += where == STAY or (where == UNLESS_BEGUN and moved is None)
+        ordered, staying = await ordered_on(self.src, self.project), 0
+        async for job_id, data in self.scan.jobs():  # (the project's alone: `shards.left`)
+            where = "" if data is None else where_to(data, self.project, ordered)
+            held = job_id in self.kept or job_id in self.unsettled  # (left to `resettle`)
+            where = STAY if where and held else where
+            moved = None
+            if where in (MOVE, UNLESS_BEGUN) and data is not None:
+                self.alive()
+                moved = await self.move_job(job_id, data, unless_begun=where == UNLESS_BEGUN)
+                seen += moved is not None
+                taken += moved is True
+            staying += where == STAY or (where == UNLESS_BEGUN and moved is None)
         return seen, taken, staying
 
     async def move_job(self, job_id: str, read: bytes, *, unless_begun: bool) -> bool | None:

@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 
     from dispatcher.services import Services
 
-__all__ = ["copy_drops", "forget", "glob_escaped", "holds", "projects_on"]
+__all__ = ["copy_drops", "forget", "glob_escaped", "holds", "projects_on", "thaw"]
 
 
 async def projects_on(services: Services) -> set[str]:
@@ -58,7 +58,7 @@ async def forget(services: Services, project: str, alive: Callable[[], None]) ->
     for callback_id in await callback_ids(services.registry, project):
         alive()
         try:
-            await services.registry.delete(project, callback_id)
+            await services.registry.delete(project, callback_id, mover=True)  # (frozen)
         except NotFound:
             continue
     alive()
@@ -87,3 +87,8 @@ async def copy_drops(src: Services, dst: Services, project: str) -> int:
     if new:
         await run_pipeline(dst.redis, write)
     return len(new)
+
+
+async def thaw(services: Services, project: str) -> None:
+    """Remove the freeze of the project's callbacks from this shard (a move's mark)."""
+    await services.redis.delete(services.keys.callbacks_frozen(project))

@@ -9,6 +9,10 @@ taken or gone and that, by the mover's own clock, its last renewal still leaves 
 of the lease (renewals failed, or the mover was paused); each write of the placement
 checks the token in the same script (`Placement.write`). What a stopped mover leaves is
 its move's to finish.
+
+A mover's marks on other shards (`mark`: the freeze of a project's callbacks on its old
+shard) hold its token and live as long as its lease: renewed with it, they lapse with it
+when the mover dies.
 """
 
 from __future__ import annotations
@@ -66,6 +70,7 @@ class MoveLease:
     clock: Callable[[], float] = time.monotonic  # the mover's own (a test's, paused)
     _until: float = field(default=0.0, init=False)  # monotonic: the last renewal's end
     _lost: str = field(default="", init=False)
+    _marks: dict[int, tuple[Services, str]] = field(default_factory=dict, init=False)
 
     @property
     def key(self) -> str:
@@ -110,6 +115,37 @@ class MoveLease:
             self._lost = _LOST[kept]
             raise Unavailable(f"{self.project}: this mover stopped: {self._lost}")
 
+    async def mark(self, services: Services, key: str) -> None:
+        """Set `key` on the shard of `services` to this mover's token, renewed with the
+        lease (one mark a shard)."""
+        await services.redis.set(key, self.token, px=self._ms())
+        self._marks[services.shard.index] = (services, key)
+
+    async def unmark(self, services: Services, left_s: float = 0.0) -> bool:
+        """This mover's mark on the shard of `services` renewed no more: kept `left_s`
+        from now (0: removed); False when it is not this mover's (it lapsed)."""
+        _, key = self._marks.pop(services.shard.index, (services, ""))
+        ms = int(left_s * 1000)
+        return bool(key) and await KeepLease(key, self.token, ms).run(services.redis) == 1
+
+    async def marked(self, services: Services) -> bool:
+        """Whether this mover's mark on the shard of `services` is still its own (renewed)."""
+        services, key = self._marks.get(services.shard.index, (services, ""))
+        return bool(key) and await KeepLease(key, self.token, self._ms()).run(services.redis) == 1
+
+    async def _keep_marks(self) -> None:
+        for services, _ in list(self._marks.values()):
+            kept: bool | Exception
+            try:
+                kept = await asyncio.wait_for(self.marked(services), self.lease_s / 8)
+            except RENEWAL_ERRORS as exc:
+                kept = exc
+            if kept is not True:
+                self.say(
+                    f"{self.project}: its mark on shard {services.shard.index} was not renewed "
+                    f"({kept!r}): the move stops before it relies on it"
+                )
+
     async def _renew(self) -> int:
         sent = self.clock()
         kept = int(await KeepLease(self.key, self.token, self._ms()).run(self.home.redis))
@@ -132,6 +168,7 @@ class MoveLease:
                 self._lost = _LOST[kept]
                 self.say(f"{self.project}: {self._lost}")
                 return
+            await self._keep_marks()
 
     def _ms(self) -> int:
         return int(self.lease_s * 1000)

@@ -11,7 +11,10 @@ moved.
 
 `move` (one project; `rebalance` every one placed explicitly, to where its hash says):
   1. freeze its callbacks and roles (placement `from>to`), and wait until every process
-     has seen it (`settle`: three placement refreshes);
+     has seen it (`settle`: three placement refreshes); its callbacks are frozen on the
+     old shard too (a mark its registry's writes refuse, kept with the mover's lease:
+     `registry.scripts`), so that a change that passed a process's check before the
+     freeze (its URL's host slow to resolve) and lands after the copy is refused;
   2. copy its callbacks (ids kept) and roles to the new shard, and its Redis history;
   3. flip its placement, and wait again: from now on its events are queued on the new
      shard, where its callbacks are;
@@ -26,7 +29,8 @@ moved.
      settle, and the last push a producer may still make there is past;
   5. copy the history written meanwhile and its drops (after those made on the new
      shard since the flip), remove the project from the old shard, and let its lanes on
-     the new one go.
+     the new one go. The freeze mark stays on the old shard `FROZEN_AFTER_S` (a change
+     slower still is refused there too); a move back removes it first.
 With `DISPATCHER_REDIS_MIN_REPLICAS`, what it wrote to a shard is on that many replicas
 before a step relies on it: the copies (2) before the flip, each placement, each moved job
 before it leaves the old shard, the history before the old shard is cleaned; else the move
@@ -60,9 +64,10 @@ from dispatcher.shards.drain import (
     confirmed,
     late_pushes_s,
 )
-from dispatcher.shards.holdings import copy_drops, forget, holds, projects_on
+from dispatcher.shards.holdings import copy_drops, forget, holds, projects_on, thaw
 from dispatcher.shards.lanes import hold, hold_source, let_go
 from dispatcher.shards.lease import MoveLease
+from dispatcher.shards.left import to_drain
 from dispatcher.shards.queued import MOVER
 
 if TYPE_CHECKING:
@@ -74,6 +79,7 @@ if TYPE_CHECKING:
 __all__ = ["Mover"]
 
 SETTLE_REFRESHES = 3
+FROZEN_AFTER_S = 600.0  # how long the freeze mark stays on the old shard after a move
 
 
 @dataclass
@@ -186,6 +192,7 @@ class Mover:
             )
         if placed is not None and placed.moving_to not in (None, target):
             await self._abandon(project, placed.moving_to, lease)
+            await thaw(self.router.shards[source], project)  # the dead mover's mark
             moved = True
         elif placed is None or placed.moving_to is None:
             moved = await self._finish_dead(project, source, lease, came_from)
@@ -205,6 +212,8 @@ class Mover:
         src, dst = self.router.shards[source], self.router.shards[target]
         self.say(f"{project}: shard {source} -> {target}: freezing its callbacks")
         await self._place(lease, project, Placed(source, target), STOPPED)
+        await lease.mark(src, src.keys.callbacks_frozen(project))
+        await thaw(dst, project)  # what a move away from it left
         await self.settle()
         await lease.fence()
         await hold(dst, project, source)
@@ -296,15 +305,26 @@ class Mover:
         """After the flip (at `flipped`, monotonic): drain the old shard, copy the history
         written meanwhile, clean it, each once the new shard's replicas confirmed."""
         late_s = self.late_s or 0.0  # (set by now: see `__post_init__`)
+        await lease.mark(src, src.keys.callbacks_frozen(project))  # (a dead move's: again)
         drain = self.drain_of(src, dst, project, lease.alive, flipped + late_s, lease.fence)
         moved = await drain.run()
+        while left := await to_drain(src, project):  # none may be left where it is cleaned
+            self.say(f"{project}: {left} job(s) or lane(s) of it still on shard {source}")
+            moved += await drain.run()
         self.say(f"{project}: {moved} queued job(s) moved; cleaning shard {source}")
         lease.alive()
         await copy_drops(src, dst, project)  # none come there now: its jobs are all gone
         await self._copy_history(src, dst, project, lease.alive)
         await confirmed(dst, f"{project}'s history and drops", STOPPED_FLIPPED)
         await lease.fence()
+        if not await lease.marked(src):
+            raise Unavailable(
+                f"{project}: the freeze of its callbacks on shard {source} lapsed (see above): "
+                f"a change made there since their copy is not on shard {dst.shard.index}; "
+                f"shard {source} is not cleaned (compare them, then move it again)"
+            )
         await forget(src, project, lease.alive)
+        await lease.unmark(src, FROZEN_AFTER_S)
 
     def drain_of(
         self,

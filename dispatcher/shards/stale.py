@@ -15,9 +15,10 @@ from dispatcher.history.moving import copy_project
 from dispatcher.history.redis import RedisHistory
 from dispatcher.models import PLATFORM_PROJECT
 from dispatcher.shards.drain import confirmed
-from dispatcher.shards.holdings import copy_drops, forget, glob_escaped, holds
-from dispatcher.shards.lanes import hold_source, lanes_left
+from dispatcher.shards.holdings import copy_drops, forget, holds
+from dispatcher.shards.lanes import hold_source
 from dispatcher.shards.lease import MoveLease
+from dispatcher.shards.left import left_on
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -48,7 +49,7 @@ async def forget_copy(
     async with lease.held():
         home = await _where_it_lives(router, project, index)
         stale = router.shards[index]
-        if left := await _left_on(stale, project):
+        if left := await left_on(stale, project):
             raise Unavailable(
                 f"{project}: shard {index} still runs {left} of its job(s) or lane(s): "
                 "forget the copy once they end"
@@ -107,12 +108,3 @@ async def _where_it_lives(router: Router, project: str, index: int) -> int:
             f"{project} --to {index})"
         )
     return home
-
-
-async def _left_on(services: Services, project: str) -> int:
-    """The project's jobs queued on a shard (its ids are `{project}:...`), and its lanes."""
-    of_project = glob_escaped(f"{project}:") + "*"
-    jobs = 0
-    async for _ in services.redis.zscan_iter(services.keys.QUEUE, match=of_project, count=1000):
-        jobs += 1
-    return jobs + await lanes_left(services, project)

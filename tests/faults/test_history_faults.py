@@ -1,28 +1,32 @@
 """The PostgreSQL history under faults, with real worker processes and a real PostgreSQL of
-the test's own: a worker SIGKILLed after its attempts and before their shipment, and
-PostgreSQL frozen (SIGSTOP, every process of it) for 20 s under load."""
+the test's own: a worker SIGKILLed after its attempts and before their shipment,
+PostgreSQL frozen (SIGSTOP, every process of it) for 20 s under load, and the shipper that
+holds the ship lock frozen (SIGSTOP) beside a standby one."""
 
 from __future__ import annotations
 
 import asyncio
 import signal
 import subprocess
+import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
 import asyncpg
 import pytest
 from redis.asyncio import Redis
 
+from dispatcher.clock import now_ms
 from dispatcher.embedded import FAST, EmbeddedPostgres
+from dispatcher.history import open_history
 from dispatcher.keys import Keys
 from dispatcher.models import Event, Region
 from dispatcher.producer import Producer
 from dispatcher.registry import Registry
 from dispatcher.settings import Settings
 from dispatcher.status import live_workers
-from tests.helpers import Receiver, on_postgres, start_worker, until
+from tests.helpers import Receiver, make_settings, on_postgres, start_worker, until
 
 keys = Keys()  # today's key names (one shard)
 
@@ -44,7 +48,7 @@ def event_of(delivery_id: str) -> str:
     return delivery_id.rsplit(".", 1)[0].partition(":")[2]
 
 
-async def stored(url: str) -> list[tuple[int, str, str]]:
+async def stored_rows(url: str) -> list[tuple[int, str, str]]:
     """(id, delivery id, status) of every stored attempt."""
     conn = await asyncpg.connect(url)
     try:
@@ -79,15 +83,15 @@ async def test_a_record_survives_a_worker_sigkill_between_the_attempt_and_the_sh
         workers[0].wait(timeout=5)
     finally:
         own_pg.signal(signal.SIGCONT)
-    assert await stored(own_pg.url) == []  # shipped nothing: all of it waits in Redis
+    assert await stored_rows(own_pg.url) == []  # shipped nothing: all of it waits in Redis
 
     workers.append(start_worker(settings.redis_url or "", log, **env))
 
     async def all_shipped() -> bool:
-        return len(await stored(own_pg.url)) >= 20
+        return len(await stored_rows(own_pg.url)) >= 20
 
     await until(all_shipped, 30, "the next worker shipped the killed one's records")
-    rows = await stored(own_pg.url)
+    rows = await stored_rows(own_pg.url)
     assert len(rows) == 20 and len({r[0] for r in rows}) == 20  # each once
     assert {r[1] for r in rows} == {f"demo:{event_id}.1" for event_id in ids}
     assert {r[2] for r in rows} == {"SUCCESS"}
@@ -141,9 +145,92 @@ async def test_postgres_stopped_for_20_s_under_load_loses_no_record_and_delays_n
     assert backlog_seen > 100  # the records waited in Redis meanwhile
 
     async def all_stored() -> bool:
-        return len(await stored(own_pg.url)) >= 300
+        return len(await stored_rows(own_pg.url)) >= 300
 
     await until(all_stored, 15, "every record shipped soon after PostgreSQL was back")
-    rows = await stored(own_pg.url)
+    rows = await stored_rows(own_pg.url)
     assert len(rows) == 300 and len({r[0] for r in rows}) == 300
     assert {event_of(r[1]) for r in rows} == set(emitted)
+
+
+# A shipper of its own, its session closed by the server past IDLE_S idle.
+IDLE_S = 4.0
+SHIPPER = f"""
+import asyncio, sys
+from redis.asyncio import Redis
+from dispatcher.history.shipper import Shipper
+from dispatcher.settings import Settings
+settings = Settings(redis_url=sys.argv[1], history_url=sys.argv[2])
+asyncio.run(Shipper(Redis.from_url(sys.argv[1]), settings, idle_s={IDLE_S}).run())
+"""
+
+
+async def sessions(url: str) -> tuple[int, int]:
+    """The shippers' sessions, and the advisory locks held."""
+    conn = await asyncpg.connect(url)
+    try:
+        return (
+            await conn.fetchval(
+                "SELECT count(*) FROM pg_stat_activity"
+                " WHERE application_name = 'callback-dispatcher'"
+            ),
+            await conn.fetchval(
+                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted"
+            ),
+        )
+    finally:
+        await conn.close()
+
+
+async def test_a_frozen_shipper_loses_its_lock_to_a_standby_and_ships_nothing_when_back(
+    settings: Settings, redis: Redis, own_pg: EmbeddedPostgres,
+    workers: list[subprocess.Popen[bytes]], tmp_path: Path,
+) -> None:  # fmt: skip
+    """The shipper holding the ship lock is frozen (SIGSTOP: a hung loop, a paused VM; its
+    kernel still answers TCP keepalives): its session, idle, is closed by the server, which
+    frees the lock, and the standby ships. It used to keep the lock for ever: nothing was
+    stored, and at the backlog limit every worker stopped claiming. Resumed, the old
+    leader finds its connection gone and stands by."""
+    history = open_history(make_settings(settings.redis_url or "", history_url=own_pg.url),
+                           redis, keys)  # fmt: skip
+    now = now_ms()
+    rec = {"projectId": "demo", "callBackUrl": "http://127.0.0.1:9/h", "events": "BUILD_END",
+           "status": "SUCCESS", "createdTime": now, "deliveryId": "evt.1"}  # fmt: skip
+
+    async def add(n: int) -> None:
+        await history.add({**rec, "createdTime": now + n, "deliveryId": f"evt_{n}.1"})  # type: ignore[typeddict-item]
+
+    def shipper() -> subprocess.Popen[bytes]:
+        with (tmp_path / "shippers.log").open("ab") as out:
+            args = [sys.executable, "-c", SHIPPER, settings.redis_url or "", own_pg.url]
+            return subprocess.Popen(args, stdout=out, stderr=out)
+
+    def stored(n: int) -> Callable[[], Awaitable[bool]]:
+        async def check() -> bool:
+            return len(await stored_rows(own_pg.url)) >= n
+
+        return check
+
+    workers.append(leader := shipper())
+    await add(1)
+    await until(stored(1), 30, "the first shipper ships")
+    workers.append(shipper())
+
+    async def both_connected() -> bool:
+        return (await sessions(own_pg.url)) == (2, 1)
+
+    await until(both_connected, 30, "the second shipper stands by")
+    leader.send_signal(signal.SIGSTOP)
+    try:
+        for n in range(2, 12):
+            await add(n)
+        await until(stored(11), 6 * IDLE_S, "the standby took the lock and shipped")
+    finally:
+        leader.send_signal(signal.SIGCONT)
+    await add(12)
+    await until(stored(12), 6 * IDLE_S, "shipping goes on with the old leader back")
+    assert leader.poll() is None, (tmp_path / "shippers.log").read_text()[-3000:]
+    assert (await sessions(own_pg.url))[1] == 1  # one leader
+    rows = await stored_rows(own_pg.url)
+    assert len(rows) == 12 and len({r[0] for r in rows}) == 12
+    await history.close()

@@ -1176,3 +1176,86 @@ async def test_the_fleet_reads_the_streams_bytes_once_a_while_not_each_worker(
     assert await walks() - before == 1
     held = await redis.memory_usage(keys.HISTORY_STREAM, samples=0)
     assert sizes == [held] * 10
+
+
+async def rows_of(url: str | None) -> dict[str, int]:
+    """Stored records by project."""
+    conn = await asyncpg.connect(url or "")
+    try:
+        rows = await conn.fetch(
+            "SELECT doc::json->>'projectId' AS project, count(*) AS n"
+            " FROM history_attempts GROUP BY 1"
+        )
+    finally:
+        await conn.close()
+    return {r["project"]: r["n"] for r in rows}
+
+
+async def test_a_projects_largest_records_stop_no_ones_shipping(
+    pg_settings: Settings, redis: Redis
+) -> None:
+    """Records at the size limit (a 64 KiB body of backslashes, doubled by JSON's escapes,
+    and a 20 KB response: ~151 KB an entry) made a batch of 2,000 entries 300 MB: one XREAD
+    held Redis for everyone, the COPY passed the history timeout, and the same batch was
+    tried again for ever while every project's records waited. Here 400 of them (60 MB)
+    and another project's small record behind them, under a history timeout of 0.25 s:
+    batches bounded by bytes (and halved after a failure) store them all."""
+    settings = pg_settings.model_copy(update={"history_timeout": 0.25})
+    now = now_ms()
+    history = open_history(settings, redis, keys)
+    big = {"projectId": "big", "requestBody": "\\" * 65_536, "responseBody": '"' * 10_000}
+    for n in range(400):
+        await history.add(record(now - 1_000 + n, n, **big))
+    await history.add(record(now, 400, projectId="small"))
+    await history.close()
+    first = (await redis.xrange(keys.HISTORY_STREAM, count=1))[0][1]
+    assert sum(len(k) + len(v) for k, v in first.items()) > 150_000  # at the size limit
+    stop = asyncio.Event()
+    running = asyncio.create_task(Shipper(redis, settings, stop=stop).run(drain_on_stop=False))
+    try:
+
+        async def both_stored() -> bool:
+            return await rows_of(settings.history_url) == {"big": 400, "small": 1}
+
+        await until(both_stored, 45, "the big records and the small one stored")
+    finally:
+        stop.set()
+        await asyncio.wait_for(running, 30)
+    assert await redis.xlen(keys.HISTORY_STREAM) == 0
+
+
+async def test_a_batch_that_fails_is_tried_smaller_down_to_one_entry(
+    pg_settings: Settings, redis: Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Whatever makes a batch too slow for the history timeout, the next after it holds
+    half its entries (down to 1; doubled back after each success): here every batch of more
+    than one entry times out, and the records are stored one at a time (the same batch was
+    tried again, whole, for ever)."""
+    now = now_ms()
+    history = open_history(pg_settings, redis, keys)
+    for n in range(5):
+        await history.add(record(now - 100 + n, n))
+    await history.close()
+    stop = asyncio.Event()
+    shipper = Shipper(redis, pg_settings, stop=stop)
+    commit = shipper._commit
+    tried: list[int] = []
+
+    async def too_slow_past_one(batch: Any, last: Any, aside: Any = None) -> int:
+        tried.append(len(batch))
+        if len(batch) > 1:
+            raise TimeoutError
+        return await commit(batch, last, aside)
+
+    monkeypatch.setattr(shipper, "_commit", too_slow_past_one)
+    running = asyncio.create_task(shipper.run(drain_on_stop=False))
+    try:
+
+        async def all_stored() -> bool:
+            return await rows_of(pg_settings.history_url) == {"demo": 5}
+
+        await until(all_stored, 30, "the records stored one at a time")
+    finally:
+        stop.set()
+        await asyncio.wait_for(running, 30)
+    assert tried[:3] == [5, 2, 1], tried  # then 2 again after a success, 1 after it failed
