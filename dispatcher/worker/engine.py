@@ -32,8 +32,8 @@ from dispatcher.jobs import BadJob, DeliveryJob, EventJob
 from dispatcher.models import PLATFORM_PROJECT, Region
 from dispatcher.registry.matches import Matches
 from dispatcher.stats import AttemptStats
+from dispatcher.worker import circuit as circuits
 from dispatcher.worker import unending
-from dispatcher.worker.circuit import OPEN, MarkWaited, next_attempt, wait_s
 from dispatcher.worker.claims import body_wait_ms
 from dispatcher.worker.controls import Controls
 from dispatcher.worker.fence import Fence
@@ -199,8 +199,9 @@ class Engine:
             if turn is None:
                 return
             then = turn
-        progress, target, found = await asyncio.gather(  # (its lane's turn come: read once)
-            self.services.redis.get(self.keys.delivery(job.progress_id)),
+        progress_key = self.keys.delivery(job.progress_id)  # and its circuit state beside it
+        (progress, waiting), target, found = await asyncio.gather(  # (read once: its turn come)
+            self.services.redis.mget(progress_key, circuits.waiting_key(progress_key)),
             self.services.registry.target(job.callback_id),
             bodies.read(self.services.redis, self.keys, job, self.body_wait_ms),
         )
@@ -211,8 +212,7 @@ class Engine:
         elif found is None:  # the body it refers to is gone: never sent empty
             await self.drop(job, bodies.GONE, then, "body")
         else:
-            number, waited = next_attempt(progress)
-            await self.attempt(found, target, number, then, waited)
+            await self.attempt(found, target, int(progress or 0) + 1, then, waiting)
 
     async def drop(self, job: DeliveryJob, reason: str, then: Then, kind: str = "callback") -> None:
         """End a delivery without an attempt, on record in its project's list of drops
@@ -240,47 +240,50 @@ class Engine:
 
     async def attempt(
         self, job: DeliveryJob, target: CallbackTarget, number: int, then: Then,
-        waited: bool = False,
+        waiting: bytes | None = None,
     ) -> None:  # fmt: skip
         """Attempt `number` of `job`, recorded, and what follows it, in one write. A
         callback with limits is admitted first (`controls.py`): over them, the delivery
         waits in the queue without spending an attempt. While its circuit is open it is put
-        off, or made unsent once it `waited` so (`circuit.py`). A run that gives up
-        (`unending.py`) sends nothing: the delivery ends FAILED."""
+        off (`waiting`: its state, `circuit.py`). A run that gives up (`unending.py`) sends
+        nothing: the delivery ends FAILED."""
         if (why := unending.giving_up.get()) is not None:
             await self.fence.check()  # its job still ours: not another worker's to end
             done = Attempted(AttemptResult.unsent(why), [])
             await self._settle(job, target, number, done, then, given_up=True)
         elif target.options.limited:  # its lease checked before a fleet-wide start is taken
             await self.fence.check()
-            attempt = functools.partial(self._attempt, job, target, number, waited=waited)
+            attempt = functools.partial(self._attempt, job, target, number, waiting=waiting)
             put_off = functools.partial(self._defer, job, then)
             await self.controls.admitted(job, target, then, attempt, put_off)
         else:
-            await self._attempt(job, target, number, then, waited)
+            await self._attempt(job, target, number, then, waiting)
 
     async def _circuit_open(
         self, job: DeliveryJob, target: CallbackTarget, number: int, then: Then,
-        wait: float, waited: bool,
+        put_off: tuple[float, str] | None,
     ) -> None:  # fmt: skip
-        """Attempt `number` while its circuit is open, for `wait` s more (`circuit.py`): put
-        off, with its mark saying so; once it `waited` so, made without a request."""
-        if waited:
-            await self.fence.check()  # its job still ours: not another worker's attempt
-            done = Attempted(AttemptResult.unsent(OPEN, Outcome.RETRY), [])
-            await self._settle(job, target, number, done, then, waited=True)
-            return
-        mark = MarkWaited(self.keys.delivery(job.progress_id), str(number - 1), self.progress_ttl)
-        await self._defer(job, then, wait_s(self.settings, number, wait), "circuit", mark)
+        """Attempt `number` while its circuit is open (`circuit.py`): `put_off` (how long, its
+        state after), or, put off past its schedule (None), ended unsent."""
+        if put_off is None:
+            await self.fence.check()  # its job still ours: not another worker's to end
+            done = Attempted(AttemptResult.unsent(circuits.ENDED), [])
+            await self._settle(job, target, number, done, then, given_up=True)
+        else:
+            progress = self.keys.delivery(job.progress_id)
+            state = circuits.PutOff.of(progress, number, put_off[1], self.progress_ttl)
+            await self._defer(job, then, put_off[0], "circuit", state)
 
     async def _attempt(
         self, job: DeliveryJob, target: CallbackTarget, number: int, then: Then,
-        waited: bool = False,
+        waiting: bytes | None = None,
     ) -> None:  # fmt: skip
         host, project = target.destination.host, job.emitter or job.project_id
         circuit = (project, host)  # the emitter's own: none trips another project's
-        if wait := self.breaker.wait(circuit):  # after its limits: it keeps no place in line
-            await self._circuit_open(job, target, number, then, wait, waited)
+        if wait := self.breaker.wait(circuit, target.id):  # after its limits: no place kept
+            failed = self.breaker.failed(circuit, target.id)  # (its own probe failed)
+            put_off = circuits.put_off(self.settings, number, wait, waiting, failed)
+            await self._circuit_open(job, target, number, then, put_off)
             return
         slot = await self.shares.admit(project, host)
         if slot is None:  # its project or host holds its share of the worker: later
@@ -299,18 +302,16 @@ class Engine:
                 traced.end(result.outcome.value, result.status_code, result.error)
         finally:
             slot.release(time.monotonic() - started if started else 0.0)
-        self.breaker.record(circuit, result.outcome is not Outcome.RETRY)
+        self.breaker.record(circuit, result.outcome is not Outcome.RETRY, target.id)
         await self._settle(job, target, number, done, then)
 
     async def _settle(
         self, job: DeliveryJob, target: CallbackTarget, number: int, done: Attempted,
-        then: Then, *, given_up: bool = False, waited: bool = False,
+        then: Then, *, given_up: bool = False,
     ) -> None:  # fmt: skip
         """What came of an attempt: its record, its next step and the callback's health, in
-        its write; its metrics and log line. A delivery `given_up` (`unending.py`) was not
-        sent: neither the callback's health nor attempt times count it. One that `waited`
-        out its step under an open circuit (`circuit.py`) was not sent either: its next
-        attempt is due at once, and a final failure counts as any other."""
+        its write; its metrics and log line. A delivery `given_up` (`unending.py`,
+        `circuit.py`) was not sent: neither the callback's health nor attempt times count it."""
         result, delay = done.result, None
         if result.outcome is Outcome.RETRY:
             delay = next_delay(
@@ -320,21 +321,20 @@ class Engine:
                 retry_after=result.retry_after,
                 retry_after_cap=self.settings.retry_after_cap,
             )
-            delay = 0.0 if waited and delay is not None else delay
         record = attempt_record(job, target, number, done, delay is None, self.settings)
-        observe(job, target, number, result, delay, timed=not (given_up or waited))
-        if not (given_up or waited):
+        observe(job, target, number, result, delay, timed=not given_up)
+        if not given_up:
             self.stats.count(result.outcome.value, result.duration_ms)
         await self._write(job, target, record, result, delay, then, judged=not given_up)
 
     async def _defer(
         self, job: DeliveryJob, then: Then, delay: float, why: str,
-        mark: MarkWaited | None = None,
+        mark: circuits.PutOff | None = None,
     ) -> None:  # fmt: skip
         """Not an attempt: back to the queue, due in `delay` s. Its progress is marked
-        when it has no mark (or `mark`), so a re-run of its fan-out leaves it to the job
-        `then` queues (a later attempt's count stays, and so does the "done" of a worker that
-        ended it while paused past its lease: that job ends it again with no attempt)."""
+        when it has no mark (by `mark`, with its circuit state), so a re-run of its fan-out
+        leaves it to the job `then` queues (a later attempt's count stays, and so does the
+        "done" of a worker that ended it while paused past its lease: that job ends it)."""
 
         def write(pipe: Pipeline) -> None:
             if mark is None:

@@ -60,7 +60,6 @@ from dispatcher.keys import SEP
 from dispatcher.lane_ids import lane_id
 from dispatcher.registry.match import TARGET_FIELDS, CallbackTarget, event_scopes
 from dispatcher.registry.options import order_key
-from dispatcher.worker.circuit import next_attempt
 from dispatcher.worker.lane_release import NEXT_TAG, SKIPPED_TAG, Release
 from dispatcher.worker.lane_scripts import LATE, Enter, Head
 from dispatcher.worker.steps import ChunkEnd, LaneStep
@@ -106,7 +105,7 @@ class Sending:
     """What the lanes need of the delivery engine: its attempt, its recorded drop, and how
     a callback's secrets are read."""
 
-    attempt: Callable[[DeliveryJob, CallbackTarget, int, Then, bool], Awaitable[None]]
+    attempt: Callable[[DeliveryJob, CallbackTarget, int, Then, bytes | None], Awaitable[None]]
     drop: Callable[[DeliveryJob, str, Then, str], Awaitable[None]]  # (..., the metric's kind)
     decrypt: Decrypt
 
@@ -318,7 +317,7 @@ class Lanes:
                     self._take(item)
 
     def _take(self, taken: list[Any]) -> None:
-        _, job_id, raw, progress, pairs, _ = taken
+        _, job_id, raw, progress, waiting, pairs, _ = taken
         adopt = self.adopt
         try:
             job = DeliveryJob.from_wire(decode(raw).payload, job_id.decode())
@@ -341,8 +340,8 @@ class Lanes:
             elif (found := await read(self.writer.redis, self.keys, job, 0)) is None:
                 await self.sending.drop(job, BODY_GONE, then, "body")  # never sent empty
             else:
-                number, waited = next_attempt(progress)
-                await self.sending.attempt(found, target, number, then, waited)
+                number, state = int(progress or 0) + 1, waiting or None  # ('': none)
+                await self.sending.attempt(found, target, number, then, state)
 
         adopt.spawn(job.job_id, work)
 
