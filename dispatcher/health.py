@@ -280,21 +280,32 @@ class Health:
 @dataclass(slots=True)
 class _HostState:
     failures: int = 0
-    open_until: float = 0.0
+    open_until: float = 0.0  # when the open circuit may be probed first (0: closed)
+    probes: dict[int, float] = field(default_factory=dict)  # per callback: its next probe
+    failed: set[int] = field(default_factory=set)  # callbacks that failed while it was open
 
 
 Circuit = tuple[str, str]  # (project, host): a project's own, none trips another's
+PROBING = 16  # callbacks of a circuit that probe it each on its own; the others share one
+SHARED = -1  # (the callback id the others probe under)
 
 
 @dataclass
 class CircuitBreaker:
     """A breaker per circuit (a project's host), per worker process: after `threshold`
-    retryable failures in a row a circuit is left alone for `cooldown` seconds; then one
-    attempt probes it (one turned away before it is sent, by its project's share, records
-    nothing: the circuit waits another cool-down). A project keeps at most `most`
-    circuits, its own used least recently going first, and all of them together at most
-    `total`, the one used least recently of all going first: one project failing on many
-    hosts forgets its own, and it takes `total` / `most` of them to push out another's."""
+    retryable failures in a row a circuit is left alone for `cooldown` seconds; then each
+    callback of the project there may probe it, once a cool-down (one probe at a time; at
+    most `PROBING` callbacks each on its own, the others sharing one). A probe that
+    succeeds closes the circuit; one that fails leaves its callback another cool-down,
+    not the others: a project's callback that fails there (its path answering 500) does
+    not stop another's probes on the same host, whose success closes the circuit (review:
+    `/good`'s deliveries waited behind `/bad`'s failed probes until they were spent). One
+    turned away before it is sent, by its project's share, records nothing: its callback
+    waits another cool-down. What an attempt does while its circuit is open:
+    `worker.circuit`. A project keeps at most `most` circuits, its own used least recently
+    going first, and all of them together at most `total`, the one used least recently of
+    all going first: one project failing on many hosts forgets its own, and it takes
+    `total` / `most` of them to push out another's."""
 
     threshold: int = 10
     cooldown: float = 30.0
@@ -305,23 +316,27 @@ class CircuitBreaker:
     def __post_init__(self) -> None:
         self._circuits = OwnedLRU(most=self.most, total=self.total)
 
-    def wait(self, circuit: Circuit, now: float | None = None) -> float:
-        """Seconds until `circuit` may be tried again (0 when it may be tried now). Once
-        the cool-down is over, one caller gets 0 and probes; the others wait for its answer
-        (a success closes the breaker) or another cool-down."""
+    def wait(self, circuit: Circuit, callback: int = SHARED, now: float | None = None) -> float:
+        """Seconds until `callback`'s attempt may be tried on `circuit` (0 when it may be
+        tried now). Once the cool-down is over, one caller of each callback gets 0 and
+        probes; its callback's others wait for its answer (a success closes the breaker) or
+        another cool-down."""
         state = self._circuits.find(*circuit)
         if state is None or state.open_until == 0.0:
             return 0.0
         self._circuits.touch(*circuit)
         now = time.monotonic() if now is None else now
-        if (remaining := state.open_until - now) > 0:
+        probes, key = state.probes, _probing(state, callback)
+        if (remaining := max(state.open_until, probes.get(key, 0.0)) - now) > 0:
             return remaining
-        state.open_until = now + self.cooldown  # half-open: this caller is the probe
-        state.failures = self.threshold - 1
+        probes[key] = now + self.cooldown  # this caller is its callback's probe
         return 0.0
 
-    def record(self, circuit: Circuit, ok: bool, now: float | None = None) -> bool:
-        """Note an attempt's result; True when this failure opened the breaker."""
+    def record(
+        self, circuit: Circuit, ok: bool, callback: int = SHARED, now: float | None = None
+    ) -> bool:
+        """Note an attempt's result; True when this failure opened the breaker or came while
+        it was open (a probe's: its `callback` waits another cool-down)."""
         if ok:
             self._circuits.pop(*circuit)
             return False
@@ -331,8 +346,27 @@ class CircuitBreaker:
             self._circuits.put(*circuit, state)
         else:
             self._circuits.touch(*circuit)
+        now = time.monotonic() if now is None else now
+        key = _probing(state, callback)
+        if state.open_until:  # open: a probe's failure, or an attempt sent before it opened
+            state.probes[key] = max(state.probes.get(key, 0.0), now + self.cooldown)
+            state.failed.add(key)
+            return True
         state.failures += 1
-        if state.failures == self.threshold:  # the threshold reached, or the probe failed
-            state.open_until = (time.monotonic() if now is None else now) + self.cooldown
+        if state.failures == self.threshold:
+            state.open_until = now + self.cooldown
+            state.failed.add(key)
             return True
         return False
+
+    def failed(self, circuit: Circuit, callback: int = SHARED) -> bool:
+        """Whether `callback`'s attempts failed on `circuit` while it was open (its probe,
+        or the failure that opened it): its host failing it, not only another callback."""
+        state = self._circuits.find(*circuit)
+        return state is not None and _probing(state, callback) in state.failed
+
+
+def _probing(state: _HostState, callback: int) -> int:
+    """The callback `callback` probes its circuit as: its own, or, past `PROBING` callbacks
+    with probes of their own, the one they share."""
+    return callback if callback in state.probes or len(state.probes) < PROBING else SHARED

@@ -66,6 +66,7 @@ Deliveries
     dispatcher:delivery:{progress id}         STRING attempts made, or "done" (dedupe, progress);
                                               none when the delivery's job ended with its
                                               record (gone, it needs no dedupe)
+    dispatcher:delivery:{progress id}:w       STRING its put-offs by an open circuit, beside it
     dispatcher:deliveries:dropped:{project}   LIST a project's deliveries ended without an
                                               attempt (last 1000, TTL 30 days): the record
     dispatcher:deliveries:dropped             LIST every project's, the last 1000: best-effort

@@ -10,11 +10,12 @@ read pipeline as one call):
 - starts: a sorted set of the starts of the last second; a start is admitted while fewer
   than `maxPerSecond` are in it (a sliding window: no second, wherever it begins, holds
   more);
-- in flight: a sorted set of slots scored by when they lapse (the attempt's total timeout
-  and a margin), so a worker killed mid-request cannot hold a slot for ever; the attempt's
-  own write gives the slot back (`Release`, in the same pipeline as its record: with the
-  batch's other releases, after their records, when the delivery ends there), whatever
-  its outcome, and a run that raises gives it back through the writer;
+- in flight: a sorted set of slots scored by when they lapse (its wait for a share of the
+  worker, the attempt's total timeout and a margin), so a worker killed mid-request
+  cannot hold a slot for ever; the attempt's own write gives the slot back (`Release`, in
+  the same pipeline as its record: with the batch's other releases, after their records,
+  when the delivery ends there), whatever its outcome, and a run that raises gives it back
+  through the writer;
 - a line: deliveries that could not start wait their turn, taken per emitting project
   (start-time fair queueing): a delivery's turn is one past the later of its project's last
   and the turn started last. So a project's own newcomer never overtakes it, and projects
@@ -37,6 +38,7 @@ from typing import TYPE_CHECKING
 import structlog
 
 from dispatcher.lua import REDIS_NOW_MS, Key, Script
+from dispatcher.worker.shares import WAIT_S
 from dispatcher.worker.steps import Step
 
 if TYPE_CHECKING:
@@ -208,7 +210,9 @@ class Release(Script):
 
 
 MIN_WAIT_MS = 50
-SLOT_MARGIN_S = 5.0  # a slot outlives its attempt's total timeout by this much
+# A slot outlives the longest its attempt may take by this much: the wait for its share of
+# the worker after it is admitted (`shares.WAIT_S`), then its request's total timeout.
+SLOT_MARGIN_S = 5.0
 
 
 class Controls:
@@ -219,7 +223,7 @@ class Controls:
         self.writer = writer
         self.keys = keys
         self.queue_name = keys.QUEUE
-        self.slot_ms = int((settings.total_timeout + SLOT_MARGIN_S) * 1000)
+        self.slot_ms = int((WAIT_S + settings.total_timeout + SLOT_MARGIN_S) * 1000)
         self.keep_ms = int((settings.lease_seconds + SLOT_MARGIN_S) * 1000)
         # slot tokens: unique across the fleet (a random prefix per process), cheap to make
         self._prefix = os.urandom(6).hex() + ":"

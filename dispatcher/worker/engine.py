@@ -32,6 +32,7 @@ from dispatcher.jobs import BadJob, DeliveryJob, EventJob
 from dispatcher.models import PLATFORM_PROJECT, Region
 from dispatcher.registry.matches import Matches
 from dispatcher.stats import AttemptStats
+from dispatcher.worker import circuit as circuits
 from dispatcher.worker import unending
 from dispatcher.worker.claims import body_wait_ms
 from dispatcher.worker.controls import Controls
@@ -198,8 +199,9 @@ class Engine:
             if turn is None:
                 return
             then = turn
-        progress, target, found = await asyncio.gather(  # (its lane's turn come: read once)
-            self.services.redis.get(self.keys.delivery(job.progress_id)),
+        progress_key = self.keys.delivery(job.progress_id)  # and its circuit state beside it
+        (progress, waiting), target, found = await asyncio.gather(  # (read once: its turn come)
+            self.services.redis.mget(progress_key, circuits.waiting_key(progress_key)),
             self.services.registry.target(job.callback_id),
             bodies.read(self.services.redis, self.keys, job, self.body_wait_ms),
         )
@@ -210,7 +212,7 @@ class Engine:
         elif found is None:  # the body it refers to is gone: never sent empty
             await self.drop(job, bodies.GONE, then, "body")
         else:
-            await self.attempt(found, target, int(progress or 0) + 1, then)
+            await self.attempt(found, target, int(progress or 0) + 1, then, waiting)
 
     async def drop(self, job: DeliveryJob, reason: str, then: Then, kind: str = "callback") -> None:
         """End a delivery without an attempt, on record in its project's list of drops
@@ -237,31 +239,51 @@ class Engine:
         )
 
     async def attempt(
-        self, job: DeliveryJob, target: CallbackTarget, number: int, then: Then
-    ) -> None:
+        self, job: DeliveryJob, target: CallbackTarget, number: int, then: Then,
+        waiting: bytes | None = None,
+    ) -> None:  # fmt: skip
         """Attempt `number` of `job`, recorded, and what follows it, in one write. A
         callback with limits is admitted first (`controls.py`): over them, the delivery
-        waits in the queue without spending an attempt. A run that gives up (`unending.py`)
-        sends nothing: the delivery ends FAILED."""
+        waits in the queue without spending an attempt. While its circuit is open it is put
+        off (`waiting`: its state, `circuit.py`). A run that gives up (`unending.py`) sends
+        nothing: the delivery ends FAILED."""
         if (why := unending.giving_up.get()) is not None:
             await self.fence.check()  # its job still ours: not another worker's to end
             done = Attempted(AttemptResult.unsent(why), [])
             await self._settle(job, target, number, done, then, given_up=True)
         elif target.options.limited:  # its lease checked before a fleet-wide start is taken
             await self.fence.check()
-            attempt = functools.partial(self._attempt, job, target, number)
+            attempt = functools.partial(self._attempt, job, target, number, waiting=waiting)
             put_off = functools.partial(self._defer, job, then)
             await self.controls.admitted(job, target, then, attempt, put_off)
         else:
-            await self._attempt(job, target, number, then)
+            await self._attempt(job, target, number, then, waiting)
+
+    async def _circuit_open(
+        self, job: DeliveryJob, target: CallbackTarget, number: int, then: Then,
+        put_off: tuple[float, str] | None,
+    ) -> None:  # fmt: skip
+        """Attempt `number` while its circuit is open (`circuit.py`): `put_off` (how long, its
+        state after), or, put off past its schedule (None), ended unsent."""
+        if put_off is None:
+            await self.fence.check()  # its job still ours: not another worker's to end
+            done = Attempted(AttemptResult.unsent(circuits.ENDED), [])
+            await self._settle(job, target, number, done, then, given_up=True)
+        else:
+            progress = self.keys.delivery(job.progress_id)
+            state = circuits.PutOff.of(progress, number, put_off[1], self.progress_ttl)
+            await self._defer(job, then, put_off[0], "circuit", state)
 
     async def _attempt(
-        self, job: DeliveryJob, target: CallbackTarget, number: int, then: Then
-    ) -> None:
+        self, job: DeliveryJob, target: CallbackTarget, number: int, then: Then,
+        waiting: bytes | None = None,
+    ) -> None:  # fmt: skip
         host, project = target.destination.host, job.emitter or job.project_id
         circuit = (project, host)  # the emitter's own: none trips another project's
-        if wait := self.breaker.wait(circuit):  # not an attempt: try again once it may
-            await self._defer(job, then, wait, "circuit")
+        if wait := self.breaker.wait(circuit, target.id):  # after its limits: no place kept
+            failed = self.breaker.failed(circuit, target.id)  # (its own probe failed)
+            put_off = circuits.put_off(self.settings, number, wait, waiting, failed)
+            await self._circuit_open(job, target, number, then, put_off)
             return
         slot = await self.shares.admit(project, host)
         if slot is None:  # its project or host holds its share of the worker: later
@@ -280,7 +302,7 @@ class Engine:
                 traced.end(result.outcome.value, result.status_code, result.error)
         finally:
             slot.release(time.monotonic() - started if started else 0.0)
-        self.breaker.record(circuit, result.outcome is not Outcome.RETRY)
+        self.breaker.record(circuit, result.outcome is not Outcome.RETRY, target.id)
         await self._settle(job, target, number, done, then)
 
     async def _settle(
@@ -288,8 +310,8 @@ class Engine:
         then: Then, *, given_up: bool = False,
     ) -> None:  # fmt: skip
         """What came of an attempt: its record, its next step and the callback's health, in
-        its write; its metrics and log line. A delivery `given_up` (`unending.py`) was not
-        sent: neither the callback's health nor attempt times count it."""
+        its write; its metrics and log line. A delivery `given_up` (`unending.py`,
+        `circuit.py`) was not sent: neither the callback's health nor attempt times count it."""
         result, delay = done.result, None
         if result.outcome is Outcome.RETRY:
             delay = next_delay(
@@ -305,14 +327,20 @@ class Engine:
             self.stats.count(result.outcome.value, result.duration_ms)
         await self._write(job, target, record, result, delay, then, judged=not given_up)
 
-    async def _defer(self, job: DeliveryJob, then: Then, delay: float, why: str) -> None:
+    async def _defer(
+        self, job: DeliveryJob, then: Then, delay: float, why: str,
+        mark: circuits.PutOff | None = None,
+    ) -> None:  # fmt: skip
         """Not an attempt: back to the queue, due in `delay` s. Its progress is marked
-        when it has no mark, so a re-run of its fan-out leaves it to the job `then` queues (a
-        later attempt's count stays, and so does the "done" of a worker that ended it while
-        paused past its lease: that job ends it again with no attempt)."""
+        when it has no mark (by `mark`, with its circuit state), so a re-run of its fan-out
+        leaves it to the job `then` queues (a later attempt's count stays, and so does the
+        "done" of a worker that ended it while paused past its lease: that job ends it)."""
 
         def write(pipe: Pipeline) -> None:
-            pipe.set(self.keys.delivery(job.progress_id), 0, nx=True, ex=self.progress_ttl)
+            if mark is None:
+                pipe.set(self.keys.delivery(job.progress_id), 0, nx=True, ex=self.progress_ttl)
+            else:
+                mark.queue_on(pipe)
             then(pipe, delay)
 
         await self.writer.commit(write)

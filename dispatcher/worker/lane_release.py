@@ -30,7 +30,8 @@ class Release(Script):
     `dispatcher.ending` ends a job), and the lane's next delivery, when its earlier events
     are all in their lanes, is taken by `token`'s worker ('' leaves it to the queue, due
     now): queued under its lease, answered as `[NEXT_TAG, id, job bytes, progress, its
-    callback's hash as HGETALL answers, skipped]` (the callback its id ends with, its
+    circuit state (`circuit.waiting_key`), its callback's hash as HGETALL answers,
+    skipped]` (the callback its id ends with, its
     `failing` mark its failures on record; its keys made inside). Those ahead of it whose
     job is gone leave the lane as recorded drops (`lane_lua.FIRST_THERE`): `skipped` of
     them; a release that takes none answers 0, or `[SKIPPED_TAG, skipped]` when it
@@ -71,7 +72,9 @@ end
 redis.call('ZADD', queue, now_ms, id)
 redis.call('SET', lease_prefix .. id, token, 'PX', lease_ms)
 local callback = string.match(id, '%.(%d+)@?%d*$')  -- {delivery id}@{emittedAt}
-return {'lane:next', id, data, redis.call('GET', progress_prefix .. id) or '',
+local progress = progress_prefix .. id
+return {'lane:next', id, data, redis.call('GET', progress) or '',
+        redis.call('GET', progress .. ':w') or '',
         redis.call('HGETALL', callback_prefix .. callback), skipped}
 """
     )

@@ -105,7 +105,7 @@ class Sending:
     """What the lanes need of the delivery engine: its attempt, its recorded drop, and how
     a callback's secrets are read."""
 
-    attempt: Callable[[DeliveryJob, CallbackTarget, int, Then], Awaitable[None]]
+    attempt: Callable[[DeliveryJob, CallbackTarget, int, Then, bytes | None], Awaitable[None]]
     drop: Callable[[DeliveryJob, str, Then, str], Awaitable[None]]  # (..., the metric's kind)
     decrypt: Decrypt
 
@@ -317,7 +317,7 @@ class Lanes:
                     self._take(item)
 
     def _take(self, taken: list[Any]) -> None:
-        _, job_id, raw, progress, pairs, _ = taken
+        _, job_id, raw, progress, waiting, pairs, _ = taken
         adopt = self.adopt
         try:
             job = DeliveryJob.from_wire(decode(raw).payload, job_id.decode())
@@ -340,7 +340,8 @@ class Lanes:
             elif (found := await read(self.writer.redis, self.keys, job, 0)) is None:
                 await self.sending.drop(job, BODY_GONE, then, "body")  # never sent empty
             else:
-                await self.sending.attempt(found, target, int(progress or 0) + 1, then)
+                number, state = int(progress or 0) + 1, waiting or None  # ('': none)
+                await self.sending.attempt(found, target, number, then, state)
 
         adopt.spawn(job.job_id, work)
 

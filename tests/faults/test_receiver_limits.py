@@ -111,7 +111,7 @@ async def test_a_killed_workers_slot_lapses(
     killed = time.monotonic()
     await _emit(settings, redis, 3)
     workers.append(start_worker(settings.redis_url or "", log, **lease))
-    # the slot lapses (total timeout 2 s + 5 s), then the three go, one at a time, and the
+    # the slot lapses (total timeout 2 s + 10 s), then the three go, one at a time, and the
     # killed worker's delivery is made again (same delivery id)
     await receiver.wait_for(5, "/one", within=25)
     assert time.monotonic() - killed > 4  # they waited for the slot; it was not just free

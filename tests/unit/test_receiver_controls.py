@@ -29,6 +29,7 @@ from dispatcher.registry.match import Shadow
 from dispatcher.settings import Settings
 from dispatcher.worker.controls import Controls, Release
 from dispatcher.worker.filtering import Filters
+from dispatcher.worker.shares import WAIT_S
 from dispatcher.worker.steps import Step
 
 ENVELOPE = {
@@ -408,3 +409,13 @@ async def test_a_slot_is_given_back_once_its_write_lands_or_again_when_it_did_no
         await controls.admitted(job, target, _Ends(), attempt, put_off)  # type: ignore[arg-type]
     assert len(submitted) == given_back
     assert all(isinstance(queue.__self__, Release) for queue in submitted)
+
+
+def test_a_slot_outlives_the_longest_an_admitted_attempt_takes() -> None:
+    """An admitted attempt may wait up to `shares.WAIT_S` for its share of the worker, then
+    its request up to the total timeout: its `maxInFlight` slot lapses only past both, so
+    no other delivery takes it while the request runs (it lapsed at the total timeout + 5 s,
+    the share's wait 5 s: review)."""
+    settings = Settings()
+    controls = Controls(settings, Keys(), SimpleNamespace(), SimpleNamespace())  # type: ignore[arg-type]
+    assert controls.slot_ms > (WAIT_S + settings.total_timeout) * 1000
