@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 import redis as sync_redis
 
+from dispatcher.auth import Role
 from dispatcher.errors import Unavailable
 from dispatcher.lua import run_pipeline
 from dispatcher.models import Region
@@ -163,3 +164,57 @@ async def test_the_freeze_stays_on_the_old_shard_after_a_move_and_a_move_back_li
             _registration("http://127.0.0.1:9/c"), "BUILD_END"
         )
         assert len(await _ids(src)) == 3
+
+
+async def test_a_role_change_that_lands_after_the_copy_is_refused_not_lost(
+    shard_servers: list[EmbeddedRedis],
+) -> None:
+    """A revoke passes the placement's check before a move freezes the project, and lands
+    on the old shard after the move copied its roles. It is refused (503, `try again`)
+    and alice keeps her role where the project now lives, as she had it: the answer says
+    what happened. Before, the revoke was answered as done, and alice kept her role on the
+    new shard (the copy took it before the revoke landed): she kept her access."""
+    async with Router.open(_two_empty_shards(shard_servers)) as router:
+        src, dst = router.shards
+        await src.register(_registration("http://127.0.0.1:9/a"), "BUILD_END")
+        await router.grant("mv", "alice", Role.MEMBER)
+        services = router.writing("mv")  # the placement's check passes: no move yet
+        moving = asyncio.create_task(
+            Mover(router, lambda _: None, settle_s=0.2, late_s=0).move("mv", 1)
+        )
+
+        async def copied() -> bool:
+            return bool(await dst.roles.list("mv"))
+
+        await until(copied, 30, "the move to copy the roles")
+        with pytest.raises(Unavailable, match=r"is moving to another shard.*try again") as exc:
+            await services.roles.revoke("mv", "alice")
+        assert exc.value.http_status == 503
+        await moving
+        assert await dst.roles.list("mv") == {"alice": Role.MEMBER}
+        assert await src.roles.list("mv") == {}
+
+
+async def test_every_change_of_a_frozen_projects_roles_is_refused_but_the_movers(
+    shard_servers: list[EmbeddedRedis],
+) -> None:
+    """While the mark is set, a grant and a revoke answer 503 and change nothing; the
+    mover's own copy (a grant it makes) and its removal of the project's roles are not
+    stopped. Without the mark, the same changes go through."""
+    async with Router.open(_two_empty_shards(shard_servers)) as router:
+        src = router.shards[0]
+        await src.roles.grant("mv", "alice", Role.MEMBER)
+        await src.redis.set(src.keys.callbacks_frozen("mv"), "mover/1")
+        with pytest.raises(Unavailable, match="is moving to another shard"):
+            await src.roles.grant("mv", "bob", Role.ADMIN)
+        with pytest.raises(Unavailable, match="is moving to another shard"):
+            await src.roles.grant("mv", "alice", Role.ADMIN)
+        with pytest.raises(Unavailable, match="is moving to another shard"):
+            await src.roles.revoke("mv", "alice")
+        assert await src.roles.list("mv") == {"alice": Role.MEMBER}
+        await src.roles.grant("mv", "carol", Role.ADMIN, mover=True)
+        assert await src.roles.list("mv") == {"alice": Role.MEMBER, "carol": Role.ADMIN}
+        await src.redis.delete(src.keys.callbacks_frozen("mv"))
+        await src.roles.grant("mv", "bob", Role.ADMIN)
+        assert await src.roles.revoke("mv", "alice")
+        assert await src.roles.list("mv") == {"bob": Role.ADMIN, "carol": Role.ADMIN}
