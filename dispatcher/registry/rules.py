@@ -213,8 +213,9 @@ def check_token(token: str | None) -> str:
 
 
 def moving(project_id: str) -> Unavailable:
-    """The refusal of a change of a project's callbacks while it moves off this shard."""
+    """The refusal of a change of a project's callbacks or roles while it moves off this
+    shard."""
     return Unavailable(
-        f"project {project_id!r} is moving to another shard: its callbacks cannot change "
-        "for a minute; try again (events are delivered meanwhile)"
+        f"project {project_id!r} is moving to another shard: its callbacks and roles cannot "
+        "change for a minute; try again (events are delivered meanwhile)"
     )

@@ -27,7 +27,7 @@ from dispatcher.registry import scripts
 from dispatcher.registry.match import TARGET_FIELDS, CallbackTarget, ChunkQuery
 from dispatcher.registry.options import NO_OPTIONS, Options
 from dispatcher.registry.registration import Registration
-from dispatcher.registry.rotation import rotate_all
+from dispatcher.registry.rotation import Rotated, rotate_all
 from dispatcher.registry.rows import Upsert, to_callback
 from dispatcher.registry.rules import check_event, check_scope, check_token, moving, validate_url
 from dispatcher.registry.scripts import DeleteCallback, RotateToken, SetEnabled, UpgradeMatchSet
@@ -170,9 +170,10 @@ class Registry:
         text = (stored or b"").decode()
         return self.cipher.decrypt(text) if self.cipher is not None and text else text
 
-    async def rotate_tokens(self) -> int:
+    async def rotate_tokens(self) -> Rotated:
         """Re-encrypt every stored secret (tokens and auth header values) with the cipher's
-        first key; returns how many (one changed meanwhile is left as it was changed)."""
+        first key; returns how many (one changed meanwhile is left as it was changed), and
+        how many callbacks of projects moving off this shard were skipped."""
         if self.cipher is None:
             raise InvalidInput("no DISPATCHER_TOKEN_KEYS configured: nothing to rotate with")
         return await rotate_all(self.redis, self.keys, self.cipher)

@@ -351,7 +351,7 @@ class Mover:
         await put_rows(dst.registry, [row for row in rows if row])
         for user, role in (await src.roles.list(project)).items():
             alive()
-            await dst.roles.grant(project, user, role)
+            await dst.roles.grant(project, user, role, mover=True)
         await self._copy_history(src, dst, project, alive)
 
     @staticmethod

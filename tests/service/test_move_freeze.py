@@ -13,12 +13,14 @@ from typing import TYPE_CHECKING, Any
 import pytest
 import redis as sync_redis
 
+from dispatcher.auth import Role
 from dispatcher.errors import Unavailable
 from dispatcher.lua import run_pipeline
 from dispatcher.models import Region
-from dispatcher.registry import Registration
+from dispatcher.registry import Registration, Registry
 from dispatcher.shards.move import Mover
 from dispatcher.shards.router import Router
+from dispatcher.tokens import TokenCipher
 from tests.helpers import make_settings, until
 
 if TYPE_CHECKING:
@@ -29,6 +31,7 @@ if TYPE_CHECKING:
     from dispatcher.settings import Settings
 
 SLOW_HOST = "slow.example"
+DEVNET = Region.DEVNET
 
 
 def _two_empty_shards(shard_servers: list[EmbeddedRedis]) -> Settings:
@@ -163,3 +166,99 @@ async def test_the_freeze_stays_on_the_old_shard_after_a_move_and_a_move_back_li
             _registration("http://127.0.0.1:9/c"), "BUILD_END"
         )
         assert len(await _ids(src)) == 3
+
+
+async def test_a_role_change_that_lands_after_the_copy_is_refused_not_lost(
+    shard_servers: list[EmbeddedRedis],
+) -> None:
+    """A revoke passes the placement's check before a move freezes the project, and lands
+    on the old shard after the move copied its roles. It is refused (503, `try again`)
+    and alice keeps her role where the project now lives, as she had it: the answer says
+    what happened. Before, the revoke was answered as done, and alice kept her role on the
+    new shard (the copy took it before the revoke landed): she kept her access."""
+    async with Router.open(_two_empty_shards(shard_servers)) as router:
+        src, dst = router.shards
+        await src.register(_registration("http://127.0.0.1:9/a"), "BUILD_END")
+        await router.grant("mv", "alice", Role.MEMBER)
+        services = router.writing("mv")  # the placement's check passes: no move yet
+        moving = asyncio.create_task(
+            Mover(router, lambda _: None, settle_s=0.2, late_s=0).move("mv", 1)
+        )
+
+        async def copied() -> bool:
+            return bool(await dst.roles.list("mv"))
+
+        await until(copied, 30, "the move to copy the roles")
+        with pytest.raises(Unavailable, match=r"is moving to another shard.*try again") as exc:
+            await services.roles.revoke("mv", "alice")
+        assert exc.value.http_status == 503
+        await moving
+        assert await dst.roles.list("mv") == {"alice": Role.MEMBER}
+        assert await src.roles.list("mv") == {}
+
+
+async def test_every_change_of_a_frozen_projects_roles_is_refused_but_the_movers(
+    shard_servers: list[EmbeddedRedis],
+) -> None:
+    """While the mark is set, a grant and a revoke answer 503 and change nothing; the
+    mover's own copy (a grant it makes) and its removal of the project's roles are not
+    stopped. Without the mark, the same changes go through."""
+    async with Router.open(_two_empty_shards(shard_servers)) as router:
+        src = router.shards[0]
+        await src.roles.grant("mv", "alice", Role.MEMBER)
+        await src.redis.set(src.keys.callbacks_frozen("mv"), "mover/1")
+        with pytest.raises(Unavailable, match="is moving to another shard"):
+            await src.roles.grant("mv", "bob", Role.ADMIN)
+        with pytest.raises(Unavailable, match="is moving to another shard"):
+            await src.roles.grant("mv", "alice", Role.ADMIN)
+        with pytest.raises(Unavailable, match="is moving to another shard"):
+            await src.roles.revoke("mv", "alice")
+        assert await src.roles.list("mv") == {"alice": Role.MEMBER}
+        await src.roles.grant("mv", "carol", Role.ADMIN, mover=True)
+        assert await src.roles.list("mv") == {"alice": Role.MEMBER, "carol": Role.ADMIN}
+        await src.redis.delete(src.keys.callbacks_frozen("mv"))
+        await src.roles.grant("mv", "bob", Role.ADMIN)
+        assert await src.roles.revoke("mv", "alice")
+        assert await src.roles.list("mv") == {"bob": Role.ADMIN, "carol": Role.ADMIN}
+
+
+async def test_a_key_rotation_skips_a_frozen_projects_callbacks_and_says_so(
+    shard_servers: list[EmbeddedRedis],
+) -> None:
+    """`dispatcher tokens rotate` leaves the callbacks of a project frozen on the shard (a
+    move may be copying them: what it read there goes to the new shard as it was read)
+    as they are, and counts them; the others are re-encrypted. Once the mark is gone, a
+    rotation takes them too. A mark left where the project's callbacks are gone (it moved
+    off the shard less than 10 minutes ago) is counted too. Before, it re-encrypted them
+    on the old shard while the move's copy, read before, landed on the new shard under
+    the key about to be retired, and nothing said so (review)."""
+    old_key, new_key = TokenCipher.new_key(), TokenCipher.new_key()
+    settings = _two_empty_shards(shard_servers)
+    async with Router.open(settings) as router:
+        src = router.shards[0]
+        old = make_settings(shard_servers[0].url, token_keys=old_key).token_cipher()
+        registry = Registry(src.redis, old, src.keys)
+        frozen = await registry.create("mv", "http://127.0.0.1:9/a", "BUILD_END", DEVNET, "s1")
+        other = await registry.create("kept", "http://127.0.0.1:9/b", "BUILD_END", DEVNET, "s2")
+        stored = await _tokens(src, frozen[0], other[0])
+        await src.redis.set(src.keys.callbacks_frozen("mv"), "mover/1")
+        both = make_settings(shard_servers[0].url, token_keys=f"{new_key},{old_key}")
+        rotating = Registry(src.redis, both.token_cipher(), src.keys)
+        assert await rotating.rotate_tokens() == (1, 1, 1)  # (re-encrypted, skipped, marks)
+        now = await _tokens(src, frozen[0], other[0])
+        assert (now[0] == stored[0], now[1] == stored[1]) == (True, False)
+        await src.redis.delete(src.keys.callbacks_frozen("mv"))
+        assert await rotating.rotate_tokens() == (2, 0, 0)
+        assert (await _tokens(src, frozen[0]))[0] != stored[0]
+        # a project moved off the shard (its callbacks gone) a minute ago: its mark stays,
+        # and its copy may have landed on the new shard after the rotation passed there
+        await src.redis.set(src.keys.callbacks_frozen("gone"), "mover/2", ex=540)
+        assert await rotating.rotate_tokens() == (2, 0, 1)
+
+
+async def _tokens(services: Services, *callback_ids: int) -> list[bytes | None]:
+    """The stored (encrypted) secret tokens of those callbacks."""
+    return [
+        await services.redis.hget(services.keys.callback(cid), "secretToken")  # type: ignore[misc]  # sync|async
+        for cid in callback_ids
+    ]

@@ -15,6 +15,7 @@ from dispatcher.clock import now_ms
 from dispatcher.embedded import EmbeddedRedis
 from dispatcher.keys import Keys
 from dispatcher.placement import rendezvous
+from dispatcher.tokens import TokenCipher
 
 KEYS = Keys()
 
@@ -75,6 +76,34 @@ def test_forget_removes_a_stale_copy_with_the_cli(
     assert forgot.exit_code == 0, forgot.output
     assert f"{project}: shard 1 holds nothing of it now" in forgot.output
     assert [bool(r.exists(KEYS.roles(project))) for r in on] == [True, False]
+
+
+def test_tokens_rotate_says_what_it_skipped_of_a_moving_project(
+    cli: CliRunner, shard_servers: list[EmbeddedRedis], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`tokens rotate` while a project moves off a shard (its `callbacks_frozen` mark set
+    there) leaves that project's callbacks under the old key, says how many and to run it
+    again once the moves end, and exits non-zero: the operator must not retire the old
+    key yet. Run again without the mark, it takes them."""
+    old_key, new_key = TokenCipher.new_key(), TokenCipher.new_key()
+    monkeypatch.setenv("DISPATCHER_TOKEN_KEYS", old_key)
+    add = ["callbacks", "add", "--url", "https://example.com/h", "--event", "BUILD_END",
+           "--region", "OSS", "--token", "s1", "--project"]  # fmt: skip
+    assert cli.invoke(app, [*add, "mv"]).exit_code == 0
+    assert cli.invoke(app, [*add, "kept"]).exit_code == 0
+    home = redis_py.Redis.from_url(shard_servers[0].url)
+    home.set(KEYS.callbacks_frozen("mv"), "mover/1")
+    monkeypatch.setenv("DISPATCHER_TOKEN_KEYS", f"{new_key},{old_key}")
+    rotated = cli.invoke(app, ["tokens", "rotate"])
+    assert rotated.exit_code != 0 and "re-encrypted 1 tokens" in rotated.output
+    assert (
+        "1 callbacks of moving projects skipped: run rotate again once the moves end"
+        in " ".join(rotated.output.split())
+    )
+    home.delete(KEYS.callbacks_frozen("mv"))
+    again = cli.invoke(app, ["tokens", "rotate"])
+    assert again.exit_code == 0 and "re-encrypted 2 tokens" in again.output, again.output
+    assert "skipped" not in again.output
 
 
 def test_status_names_the_oldest_due_job_of_every_shard(
