@@ -53,6 +53,7 @@ class FollowingPool(SentinelConnectionPool):
     def __init__(self, service_name: str, sentinel_manager: Any, **kwargs: Any) -> None:
         super().__init__(service_name, sentinel_manager, **kwargs)  # type: ignore[no-untyped-call]
         self._follower: asyncio.Task[None] | None = None
+        self.heard = 0  # `+switch-master` messages followed (an answer asked before is stale)
         self.recheck_s = float(kwargs.get("socket_timeout") or 5.0)
 
     async def get_connection(self, *args: Any, **kwargs: Any) -> Any:
@@ -157,17 +158,23 @@ async def _heard(ref: weakref.ref[FollowingPool], sentinel: Any, message: dict[s
     if sentinel in sentinels:
         at = sentinels.index(sentinel)
         sentinels[0], sentinels[at] = sentinels[at], sentinels[0]
+    pool.heard += 1
     await pool.moved((words[3], int(words[4])))
 
 
 async def _ask(ref: weakref.ref[FollowingPool]) -> bool:
     """Follow the master the sentinels name now (none named: a failover under way, or no
-    sentinel answers: nothing to follow); False when the pool is gone."""
+    sentinel answers: nothing to follow), unless a `+switch-master` was followed while the
+    question was out: its answer may predate the switch, and followed it would take the
+    pool back to the old master until the next question (review); False when the pool is
+    gone."""
     if (pool := ref()) is None:
         return False
+    heard = pool.heard
     try:
         address = await pool.sentinel_manager.discover_master(pool.service_name)
     except RedisConnectionError:  # MasterNotFoundError
         return True
-    await pool.moved((str(address[0]), int(address[1])))
+    if pool.heard == heard:  # else a switch heard meanwhile is newer than this answer
+        await pool.moved((str(address[0]), int(address[1])))
     return True
