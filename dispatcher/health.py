@@ -287,6 +287,7 @@ class _HostState:
 
 Circuit = tuple[str, str]  # (project, host): a project's own, none trips another's
 PROBING = 16  # callbacks of a circuit that probe it each on its own; the others share one
+FAILED_MOST = 1_000  # callbacks of a circuit remembered as failed there (the rest: as not)
 SHARED = -1  # (the callback id the others probe under)
 
 
@@ -299,7 +300,9 @@ class CircuitBreaker:
     succeeds closes the circuit; one that fails leaves its callback another cool-down,
     not the others: a project's callback that fails there (its path answering 500) does
     not stop another's probes on the same host, whose success closes the circuit (review:
-    `/good`'s deliveries waited behind `/bad`'s failed probes until they were spent). One
+    `/good`'s deliveries waited behind `/bad`'s failed probes until they were spent); a
+    callback that failed there takes the shared probe no more, and its failure is its own,
+    not its group's (`failed`). One
     turned away before it is sent, by its project's share, records nothing: its callback
     waits another cool-down. What an attempt does while its circuit is open:
     `worker.circuit`. A project keeps at most `most` circuits, its own used least recently
@@ -329,6 +332,8 @@ class CircuitBreaker:
         probes, key = state.probes, _probing(state, callback)
         if (remaining := max(state.open_until, probes.get(key, 0.0)) - now) > 0:
             return remaining
+        if key == SHARED != callback and callback in state.failed:
+            return self.cooldown  # the shared probe is for those that did not fail there
         probes[key] = now + self.cooldown  # this caller is its callback's probe
         return 0.0
 
@@ -350,12 +355,12 @@ class CircuitBreaker:
         key = _probing(state, callback)
         if state.open_until:  # open: a probe's failure, or an attempt sent before it opened
             state.probes[key] = max(state.probes.get(key, 0.0), now + self.cooldown)
-            state.failed.add(key)
+            _failed(state, callback)
             return True
         state.failures += 1
         if state.failures == self.threshold:
             state.open_until = now + self.cooldown
-            state.failed.add(key)
+            _failed(state, callback)
             return True
         return False
 
@@ -363,7 +368,15 @@ class CircuitBreaker:
         """Whether `callback`'s attempts failed on `circuit` while it was open (its probe,
         or the failure that opened it): its host failing it, not only another callback."""
         state = self._circuits.find(*circuit)
-        return state is not None and _probing(state, callback) in state.failed
+        return state is not None and callback in state.failed
+
+
+def _failed(state: _HostState, callback: int) -> None:
+    """`callback` failed on the open circuit: its own failure, never its probe group's (a
+    callback sharing the probe of the others took the blame for theirs, its deliveries
+    then ended unsent while its own path answered 200; review)."""
+    if len(state.failed) < FAILED_MOST:
+        state.failed.add(callback)
 
 
 def _probing(state: _HostState, callback: int) -> int:

@@ -215,9 +215,8 @@ class Engine:
             await self.attempt(found, target, int(progress or 0) + 1, then, waiting)
 
     async def drop(self, job: DeliveryJob, reason: str, then: Then, kind: str = "callback") -> None:
-        """End a delivery without an attempt, on record in its project's list of drops
-        (`record.keep_drop`): the project whose event it was (`DeliveryJob.event_project`),
-        as its lane's drops; `kind`: the metric's label."""
+        """End a delivery without an attempt, on record in the drops (`record.keep_drop`) of
+        the project whose event it was (`DeliveryJob.event_project`); `kind`: the metric's."""
 
         def write(pipe: Pipeline) -> None:
             keep_drop(pipe, self.keys, job.event_project, {"deliveryId": job.delivery_id,
@@ -226,7 +225,8 @@ class Engine:
             if job.redelivery_of is None:
                 pipe.set(self.keys.delivery(job.progress_id), DONE, ex=self.progress_ttl)
             else:  # its id is free again for a window redelivery, as if never queued
-                pipe.delete(self.keys.delivery(job.progress_id), self.keys.pushed(job.job_id))
+                mark = self.keys.delivery(job.progress_id)
+                pipe.delete(mark, circuits.waiting_key(mark), self.keys.pushed(job.job_id))
             then(pipe, None)
 
         self.lanes.landed(await self.writer.commit(write))  # a lane's next delivery: now

@@ -204,15 +204,19 @@ async def test_a_delivery_held_by_an_open_circuit_ends_once_unsent_after_its_sch
     assert ended >= 1
 
 
+@pytest.mark.parametrize("failing", [1, 20])
 async def test_a_healthy_callback_on_the_host_of_a_failing_one_is_sent_and_stays_enabled(
-    settings: Settings, redis: Redis, receiver: Receiver, run_worker: RunWorker
+    settings: Settings, redis: Redis, receiver: Receiver, run_worker: RunWorker, failing: int
 ) -> None:
     """demo's /bad answers 500, which opens demo's circuit to the host; /good, on the same
     host, answers 200. Each callback probes the circuit on its own, once a cool-down: /bad's
     failed probes do not hold /good's, whose success closes the circuit; /good's 3
     deliveries are all sent and succeed, and /good stays enabled (an unsent delivery never
     counts toward disabling). Before (review): /good's deliveries were spent unsent down to
-    a final FAILED, never sent once, and /good was disabled."""
+    a final FAILED, never sent once, and /good was disabled. With 20 failing callbacks, past
+    the 16 that probe each on its own, /good shares a probe with the rest: one that failed
+    takes it no more, and its failure is its own, not the group's (review of the fix: the
+    shared probe's failure counted as /good's, whose deliveries ended unsent)."""
     settings = settings.model_copy(
         update={"circuit_threshold": 2, "circuit_cooldown": 0.3, "retry_schedule": (0.05, 0.05),
                 "disable_after_failures": 1, "disable_after_seconds": 0}
@@ -224,7 +228,8 @@ async def test_a_healthy_callback_on_the_host_of_a_failing_one_is_sent_and_stays
     bad = receiver.script("/bad", fails)
     good = receiver.url("/good")  # answers 200 to every request
     registry = Registry(redis)
-    await registry.create("demo", bad, Event.BUILD_START, Region.DEVNET)
+    for n in range(failing):
+        await registry.create("demo", f"{bad}?n={n}", Event.BUILD_START, Region.DEVNET)
     good_id, _ = await registry.create("demo", good, Event.BUILD_END, Region.DEVNET)
     producer = Producer(settings, redis)
     for i in range(30):

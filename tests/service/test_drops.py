@@ -21,6 +21,7 @@ from dispatcher.registry import Registration
 from dispatcher.settings import Settings
 from dispatcher.shards.move import Mover
 from dispatcher.shards.router import Router
+from dispatcher.worker import circuit
 from dispatcher.worker.record import DROPS_KEPT_S, KEPT_ENTRIES
 from tests.helpers import Receiver, RunWorker
 from tests.service.test_drain import two_empty_shards
@@ -157,3 +158,22 @@ async def test_a_moved_projects_drops_go_with_it(
         assert await new.redis.lrange(new.keys.dropped("mv"), 0, -1) == entry[::-1]  # type: ignore[misc]
         assert 0 < await new.redis.ttl(new.keys.dropped("mv")) <= DROPS_KEPT_S
         assert await old.redis.exists(old.keys.dropped("mv")) == 0
+
+
+async def test_a_dropped_redelivery_leaves_no_circuit_state_for_its_id_queued_again(
+    settings: Settings, redis: Redis, run_worker: RunWorker
+) -> None:
+    """A window redelivery (its progress id fixed: `…:redeliver:after-{record}`) put off by
+    its circuit, then dropped (its callback deleted): the drop frees its id for the next
+    window redelivery, its mark gone, and now its circuit state beside the mark too. The
+    state stayed, and the next redelivery under that id found its put-offs spent and
+    ended unsent at once (review)."""
+    (retry,) = retries("demo", 1)
+    again = retry.redelivery(7, after=7)
+    mark = keys.delivery(again.progress_id)
+    await redis.set(circuit.waiting_key(mark), "1 9 9000.000")  # put off 9 times
+    await queue(redis, [again])
+    await run_worker()
+    [kept] = await drops(redis, keys.dropped("demo"))
+    assert kept["reason"] == "callback deleted or disabled"
+    assert not await redis.exists(mark, circuit.waiting_key(mark))
