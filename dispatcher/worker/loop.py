@@ -49,7 +49,7 @@ from dispatcher.services import Services
 from dispatcher.shard import Shard
 from dispatcher.stopping import cancel_all
 from dispatcher.topology import close_all, connect_shards, shards_of
-from dispatcher.worker import fence, lateness, unending
+from dispatcher.worker import fence, unending
 from dispatcher.worker.duties import Counts, Duties, every
 from dispatcher.worker.hold import held_back
 from dispatcher.worker.lanes import Adopt
@@ -325,7 +325,7 @@ class Worker:
         if wire.function == FAN_OUT:
             event = EventJob.from_wire(wire.payload, wire.enqueued_ms)
             structlog.contextvars.bind_contextvars(event_id=event.id)
-            lateness.claimed(event.project_id, wire.enqueued_ms, claimed.claims)  # its wait
+            self.duties.noted.claimed(event.project_id, wire.enqueued_ms, claimed.claims)
             end = run.chunk_end(claimed, event)
             version = claimed.registry_version if event.scoped else None  # its project's
             after = await run.engine.fan_out(event, rerun=end.rerun, end=end, version=version)
