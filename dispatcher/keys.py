@@ -83,6 +83,8 @@ Workers and statistics
                                               duration bucket ("ms:<bound>", "ms:inf") (TTL 2 h)
     dispatcher:stats:{step s}:{slot}          HASH the same per `step` seconds (600: the last
                                               day's 10-minute slots, TTL 25 h)
+    dispatcher:stats:projects:{kind}:{window} HLL projects with a fan-out claimed (seen), late
+                                              60/600 s (late:60, late:600) in 5 min (TTL 10 min)
     dispatcher:jobs:poison                    LIST undecodable jobs, newest first (last 1000)
     dispatcher:cron:{name}:{slot}             STRING who runs a periodic task this slot (TTL)
     dispatcher:cron:{name}:cursor             STRING where the fleet's sweep's SCAN (lanes,
@@ -207,8 +209,7 @@ class Keys:
     def __init__(self, queue_name: str = "dispatcher:queue", namespace: str = "") -> None:
         self.namespace = ns = namespace
         base = f"{ns}{PREFIX}"
-        self.QUEUE = f"{ns}{queue_name}"
-        self.CALLBACK_SEQ = f"{base}:cb:seq"
+        self.QUEUE, self.CALLBACK_SEQ = f"{ns}{queue_name}", f"{base}:cb:seq"
         # Prefixes for the Lua scripts, which build keys from ids they read inside Redis.
         self.CALLBACK_PREFIX = f"{base}:cb:"
         self.CALLBACK_UNIQUE_PREFIX = f"{base}:cb:uniq:"
@@ -220,16 +221,14 @@ class Keys:
         self.REGISTRY_VERSION_PREFIX = f"{base}:cb:version:"
         self.CALLBACKS_FROZEN_PREFIX = f"{base}:cb:frozen:"  # `callbacks_frozen`
         self.HEALTH_PREFIX, self.HEALTH_FAILING = f"{base}:health:", f"{base}:health:failing"
-        self.CALLBACKS_DISABLED = f"{base}:cb:disabled"
-        self.ROLES_PREFIX = f"{base}:roles:"
+        self.CALLBACKS_DISABLED, self.ROLES_PREFIX = f"{base}:cb:disabled", f"{base}:roles:"
         h = f"{base}:history"
         self.HISTORY_SEQ, self.HISTORY_BODY_PREFIX = f"{h}:seq", f"{h}:body:"
         self.HISTORY_SEQ_SERVER, self.HISTORY_RECORD_PREFIX = f"{h}:seq:server", f"{h}:rec:"
         self.HISTORY_INDEXES, self.HISTORY_INDEX_PREFIX = f"{h}:indexes", f"{h}:idx:"
         self.HISTORY_URL_PREFIX, self.HISTORY_FAILED_PREFIX = f"{h}:url:", f"{h}:failed:"
         self.HISTORY_DEAD, self.HISTORY_DEAD_KEYS = f"{h}:dead", f"{h}:dead-keys"
-        self.HISTORY_ATTEMPTS_PREFIX = f"{h}:attempts:"
-        self.HISTORY_STREAM = f"{base}:history:stream"
+        self.HISTORY_ATTEMPTS_PREFIX, self.HISTORY_STREAM = f"{h}:attempts:", f"{h}:stream"
         self.DELIVERY_PREFIX, self.PUSHED_PREFIX = f"{base}:delivery:", f"{base}:pushed:"
         self.BODY_PREFIX, self.CONSOLE_CSRF_KEY = f"{base}:body:", f"{base}:console:csrf-key"
         self.REPLICATION_MARK = f"{base}:replication:mark"
@@ -237,8 +236,7 @@ class Keys:
         self.POISON_JOBS, self.DROPPED = f"{base}:jobs:poison", f"{base}:deliveries:dropped"
         self.DROPPED_PREFIX = f"{self.DROPPED}{SEP}"  # a project's: `dropped`
         self.SHARD, self.PLACEMENT = f"{base}:shard", f"{base}:placement"
-        self.PLACEMENT_VERSION = f"{base}:placement:version"
-        self.LEFT_PREFIX = f"{base}:left:"
+        self.PLACEMENT_VERSION, self.LEFT_PREFIX = f"{base}:placement:version", f"{base}:left:"
         lanes = f"{base}:lanes"
         self.LANES_ORDERED_PREFIX, self.LANES_SEQ_PREFIX = f"{lanes}:ordered:", f"{lanes}:seq:"
         self.LANES_PENDING_PREFIX, self.LANES_READY_PREFIX = f"{lanes}:pending:", f"{lanes}:ready:"
@@ -382,6 +380,9 @@ class Keys:
     def stats_slot(self, step_s: int, slot: int) -> str:
         """`slot` is epoch seconds // `step_s`."""
         return f"{self._stats_prefix}{step_s}{SEP}{slot}"
+
+    def projects(self, kind: str, window: int) -> str:
+        return f"{self._stats_prefix}projects{SEP}{kind}{SEP}{window}"
 
     def stats_flush(self, token: str) -> str:
         """A flush of attempt statistics that was added (`stats.AttemptStats.flush`)."""

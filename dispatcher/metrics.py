@@ -35,6 +35,8 @@ __all__ = [
     "POISON_JOBS",
     "QUEUE_DEPTH",
     "QUEUE_OLDEST_SECONDS",
+    "QUEUE_PROJECTS_LATE",
+    "QUEUE_PROJECTS_SEEN",
     "REDIS_FULL",
     "REDIS_FULLEST",
     "REDIS_MAX_MEMORY",
@@ -44,8 +46,6 @@ __all__ = [
     "WORKERS_LIVE",
     "WORKER_HEARTBEAT",
     "WORKER_JOBS_RUNNING",
-    "WORKER_PROJECTS_LATE",
-    "WORKER_PROJECTS_SEEN",
     "WRITE_RETRIES",
 ]
 
@@ -97,6 +97,20 @@ QUEUE_DEPTH = Gauge("dispatcher_queue_depth", "Jobs due now in the queue (read a
 QUEUE_OLDEST_SECONDS = Gauge(
     "dispatcher_queue_oldest_job_age_seconds", "Age of the oldest job due (read at scrape)."
 )
+QUEUE_PROJECTS_SEEN = Gauge(
+    "dispatcher_queue_projects_seen",
+    "Distinct emitting projects a worker of the fleet claimed a fan-out of in the last 5 to "
+    "10 minutes, each counted once across the fleet (HyperLogLogs on the home shard, read "
+    "at scrape by the API; 0 in a worker).",
+)
+QUEUE_PROJECTS_LATE = Gauge(
+    "dispatcher_queue_projects_late",
+    "Of dispatcher_queue_projects_seen, those with a fan-out claimed after waiting over "
+    "`over` seconds (60, 600) since it was queued (read at scrape by the API).",
+    ["over"],
+)
+for _over in ("60", "600"):  # exported from the start, 0 in every process but the API's
+    QUEUE_PROJECTS_LATE.labels(over=_over)
 DROPPED = Counter(
     "dispatcher_deliveries_dropped_total",
     "Deliveries ended without an attempt, recorded in their project's "
@@ -157,19 +171,6 @@ WORKER_HEARTBEAT = Gauge(
     "When this worker last wrote its heartbeat to Redis (epoch seconds; stale: it cannot).",
 )
 WORKER_JOBS_RUNNING = Gauge("dispatcher_worker_jobs_running", "Jobs this worker runs now.")
-WORKER_PROJECTS_SEEN = Gauge(
-    "dispatcher_worker_projects_seen",
-    "Emitting projects this worker claimed a fan-out of in the last 5 minutes (the latest "
-    "10,000; read at scrape). Sum over the workers: a project several serve counts in each.",
-)
-WORKER_PROJECTS_LATE = Gauge(
-    "dispatcher_worker_projects_late",
-    "Of dispatcher_worker_projects_seen, those whose latest fan-out this worker claimed had "
-    "waited over `over` seconds (60, 600) since it was queued (read at scrape).",
-    ["over"],
-)
-for _over in ("60", "600"):  # exported from the start, 0 in every process but a worker's
-    WORKER_PROJECTS_LATE.labels(over=_over)
 REDIS_UP = Gauge(
     "dispatcher_redis_up",
     "1 when Redis answered this process (the API: at scrape; a worker: its last heartbeat).",

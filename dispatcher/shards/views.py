@@ -15,7 +15,7 @@ import contextlib
 import dataclasses
 from typing import TYPE_CHECKING, Any
 
-from dispatcher import metrics
+from dispatcher import lateness, metrics
 from dispatcher.connections import REDIS_ERRORS
 from dispatcher.errors import NotFound, Unavailable
 from dispatcher.history.window import unknown_record
@@ -236,7 +236,8 @@ async def _not_moving(
 
 async def fleet_gauges(router: Router) -> None:
     """The fleet's gauges of `/metrics`: queues, history backlogs and Redis memory added
-    up over the shards, the fullest Redis, the live workers (from the home shard). A shard
+    up over the shards, the fullest Redis, the live workers and the projects served late
+    (`lateness.py`; from the home shard). A shard
     that does not answer within `DISPATCHER_REDIS_TIMEOUT` is left out and the others'
     are set, then its error is raised (`dispatcher_redis_up 0`): one shard away froze
     every gauge, the others' fullest Redis with them (review). None answering, every
@@ -267,6 +268,7 @@ async def fleet_gauges(router: Router) -> None:
         async with asyncio.timeout(bound):
             live = await count_live_workers(router.home.redis, router.home.keys)
             metrics.WORKERS_LIVE.set(live)
+            await lateness.export(router.home.redis, router.home.keys)
     metrics.REDIS_USED_MEMORY.set(used)
     metrics.REDIS_MAX_MEMORY.set(most)
     metrics.REDIS_FULLEST.set(fullest)

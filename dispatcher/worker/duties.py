@@ -1,6 +1,7 @@
 """A worker process's periodic duties besides running jobs: its heartbeat (with the attempt
-statistics), arq's health-check key, and the fleet's sweep (history retention, the
-blocked-lanes list kept true, lanes stopped behind a head whose job is gone let go on).
+statistics and the projects of the fan-outs it claimed, `lateness.py`), arq's health-check
+key, and the fleet's sweep (history retention, the blocked-lanes list kept true, lanes
+stopped behind a head whose job is gone let go on).
 
 Each duty runs on its own timer; a failure of one (Redis or PostgreSQL away, or a bug) is
 logged and tried again at its next turn, and never stops another.
@@ -19,11 +20,12 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from dispatcher import bodies, metrics
+from dispatcher import bodies, lateness, metrics
 from dispatcher.bodies import GIVE_BACK
 from dispatcher.clock import now_ms
 from dispatcher.cluster import scan_shard
 from dispatcher.connections import REDIS_ERRORS, redis_full
+from dispatcher.lateness import Noted
 from dispatcher.lua import Key, KeyList, Script, run_pipeline
 from dispatcher.status import write_heartbeat
 from dispatcher.worker import liveness
@@ -31,6 +33,7 @@ from dispatcher.worker.lane_lua import FIRST_THERE, first_there_names
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
+    from redis.asyncio.client import Pipeline
 
     from dispatcher.keys import Keys
     from dispatcher.services import Services
@@ -94,6 +97,7 @@ class Duties:
         self.counts = counts
         self.started_ms = now_ms()
         self.heartbeat_key = self.keys.worker(socket.gethostname(), os.getpid())
+        self.noted = Noted()  # the projects of the fan-outs claimed: added with the heartbeat
 
     def start(self) -> list[asyncio.Task[None]]:
         self.started_ms = now_ms()
@@ -107,7 +111,8 @@ class Duties:
 
     async def heartbeat(self) -> None:
         """Tell `dispatcher status`, `dispatcher worker --check` and the metrics that this
-        process is alive, and add the attempt statistics."""
+        process is alive, add the projects of the fan-outs it claimed since to the fleet's
+        counts (`lateness.py`, in the same round trip) and the attempt statistics."""
         now = now_ms()
         value = {
             "host": socket.gethostname(),
@@ -115,12 +120,16 @@ class Duties:
             "started": self.started_ms,
             "seen": now,
         }
+        noted = self.noted.take()
+
+        def queue(pipe: Pipeline) -> None:
+            lateness.add(pipe, self.keys, noted, now)
+            write_heartbeat(pipe, self.keys, self.heartbeat_key, value, now)  # answers last
+
         try:
-            answers = await run_pipeline(
-                self.redis,
-                lambda pipe: write_heartbeat(pipe, self.keys, self.heartbeat_key, value, now),
-            )
+            answers = await run_pipeline(self.redis, queue)
         except REDIS_ERRORS:
+            self.noted.give_back(noted)  # for the next heartbeat
             metrics.REDIS_UP.set(0)
             raise
         metrics.REDIS_UP.set(1)
@@ -186,11 +195,13 @@ class Duties:
             log.warning("history.sweep_failed", error=repr(exc), shard=index)
 
     async def last_words(self) -> None:
-        """On the way out: the last statistics, and no heartbeat left behind."""
+        """On the way out: the last statistics and projects noted (a burst may end before
+        its next heartbeat), and no heartbeat left behind."""
         liveness.forget()
         with contextlib.suppress(*REDIS_ERRORS):
             await self.stats.flush(self.redis, self.keys)
             async with self.redis.pipeline(transaction=False) as pipe:
+                lateness.add(pipe, self.keys, self.noted.take(), now_ms())
                 pipe.delete(self.heartbeat_key)
                 pipe.zrem(self.keys.WORKERS_LIVE, self.heartbeat_key)
                 await pipe.execute()

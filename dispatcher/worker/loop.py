@@ -49,8 +49,9 @@ from dispatcher.services import Services
 from dispatcher.shard import Shard
 from dispatcher.stopping import cancel_all
 from dispatcher.topology import close_all, connect_shards, shards_of
-from dispatcher.worker import fence, lateness, unending
+from dispatcher.worker import fence, unending
 from dispatcher.worker.duties import Counts, Duties, every
+from dispatcher.worker.hold import held_back
 from dispatcher.worker.lanes import Adopt
 from dispatcher.worker.served import CLAIM_ERRORS, Served, given_shards
 from dispatcher.worker.shipping import Shipping
@@ -197,15 +198,8 @@ class Worker:
                 await self._idle()
 
     def _held_back(self, run: Served) -> bool:
-        """Whether to claim nothing from `run`'s shard now: too many of its writes wait
-        (its own: a shard not answering stops no other's claims), its Redis is away or full
-        (its writes are stalled), the history's backlog is full, or the burst is spent."""
-        return (
-            run.writer.pending > self.max_pending_writes
-            or run.writer.stalled
-            or self.shipping.full
-            or self._burst_spent()
-        )
+        """Whether to take no new work from `run`'s shard now (`hold.py`)."""
+        return held_back(run, self.max_pending_writes, self.shipping, self._burst_spent())
 
     async def _idle(self) -> None:
         """A poll interval, cut short when this worker queues a job due at once (the next
@@ -259,8 +253,9 @@ class Worker:
     def _adopt(self, run: Served, job_id: str, work: Callable[[], Awaitable[None]]) -> None:
         """Run `work`, the attempt of a job this worker took outside a claim (a lane's next
         delivery, leased to it by the release of the one before), as it runs a claimed
-        job: counted, its lease renewed, put back when it fails (or the worker stops)."""
-        if self._stop is not None and self._stop.is_set():
+        job: counted, its lease renewed, put back when it fails. Put back at once when the
+        worker stops or holds its claims on the shard back (`hold.py`)."""
+        if (self._stop is not None and self._stop.is_set()) or self._held_back(run):
             run.put_back(job_id, 0)
             return
         self._spawn(run, job_id, self._guarded(run, job_id, 1, work))
@@ -330,7 +325,7 @@ class Worker:
         if wire.function == FAN_OUT:
             event = EventJob.from_wire(wire.payload, wire.enqueued_ms)
             structlog.contextvars.bind_contextvars(event_id=event.id)
-            lateness.claimed(event.project_id, wire.enqueued_ms, claimed.claims)  # its wait
+            self.duties.noted.claimed(event.project_id, wire.enqueued_ms, claimed.claims)
             end = run.chunk_end(claimed, event)
             version = claimed.registry_version if event.scoped else None  # its project's
             after = await run.engine.fan_out(event, rerun=end.rerun, end=end, version=version)

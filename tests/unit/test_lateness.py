@@ -1,66 +1,80 @@
-"""A worker's per-project lateness (dispatcher/worker/lateness.py): each project's latest
-fan-out counts, projects not seen for 5 minutes are forgotten, at most `most` are kept,
-and a re-run's wait is no lateness."""
+"""What a worker notes of the fan-outs it claims (dispatcher/lateness.py): each project once
+a heartbeat, late when a fan-out of it waited over a threshold, a re-run's wait no
+lateness, at most `most` projects; what it adds to the fleet's counts; and the keys a
+count reads together share a Redis Cluster slot."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from typing import Any, cast
 
-import pytest
+from redis.crc import key_slot
 
 from dispatcher.clock import now_ms
-from dispatcher.worker.lateness import LATENESS, Lateness, claimed
+from dispatcher.keys import Keys
+from dispatcher.lateness import WINDOW_S, Noted, add
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
+def counts(noted: Noted) -> tuple[int, int, int]:
+    taken = noted.take()
+    return len(taken["seen"]), len(taken["late:60"]), len(taken["late:600"])
 
 
-def counts(late: Lateness) -> tuple[int, int, int]:
-    return late.seen(), late.late(60), late.late(600)
+def test_each_project_counts_once_and_late_when_a_fan_out_of_it_waited() -> None:
+    noted = Noted()
+    noted.note("flood", 700_000)
+    noted.note("flood", 5)  # still late this time: one of its fan-outs waited
+    noted.note("slow", 90_000)
+    noted.note("quiet", 10)
+    assert counts(noted) == (3, 2, 1)
+    assert counts(noted) == (0, 0, 0)  # taken: forgotten here
 
 
-def test_a_projects_latest_fan_out_counts_and_quiet_projects_are_forgotten() -> None:
-    clock = Clock()
-    late = Lateness(forget_s=300, clock=clock)
-    late.note("flood", 700_000)
-    late.note("slow", 90_000)
-    late.note("quiet", 10)
-    assert counts(late) == (3, 2, 1)
-    late.note("slow", 5)  # served on time now
-    assert counts(late) == (3, 1, 1)
-    clock.now += 200
-    late.note("flood", 800_000)
-    clock.now += 150  # "slow" and "quiet" unseen for 350 s, "flood" for 150 s
-    assert counts(late) == (1, 1, 1)
-    clock.now += 300
-    assert counts(late) == (0, 0, 0)
-
-
-def test_at_most_the_most_recently_seen_projects_are_kept() -> None:
-    late = Lateness(most=3, clock=Clock())
-    for n in range(5):
-        late.note(f"p{n}", 700_000 if n < 2 else 0)
-    assert counts(late) == (3, 0, 0)  # p0 and p1, the late ones, were the least recent
-
-
-@pytest.fixture
-def fresh() -> Iterator[None]:
-    LATENESS.clear()
-    yield
-    LATENESS.clear()
-
-
-@pytest.mark.usefixtures("fresh")
 def test_only_a_jobs_first_claim_counts() -> None:
     """A re-run was due again after a backoff (or a lapsed lease): its enqueue time says
     nothing of the fleet's lateness; a job of unknown enqueue time counts for nothing."""
-    claimed("rerun", now_ms() - 900_000, 2)
-    claimed("unknown", 0, 1)
-    assert counts(LATENESS) == (0, 0, 0)
-    claimed("first", now_ms() - 900_000, 1)
-    assert counts(LATENESS) == (1, 1, 1)
+    noted = Noted()
+    noted.claimed("rerun", now_ms() - 900_000, 2)
+    noted.claimed("unknown", 0, 1)
+    assert counts(noted) == (0, 0, 0)
+    noted.claimed("first", now_ms() - 900_000, 1)
+    assert counts(noted) == (1, 1, 1)
+
+
+def test_at_most_most_projects_are_noted_and_a_failed_write_gives_them_back() -> None:
+    noted = Noted(most=3)
+    for n in range(5):
+        noted.note(f"p{n}", 700_000 if n >= 3 else 0)
+    noted.note("p0", 700_000)  # one already noted still counts late
+    taken = noted.take()
+    assert taken["seen"] == {"p0", "p1", "p2"} and taken["late:600"] == {"p0"}
+    noted.note("p9", 0)
+    noted.give_back(taken)  # its heartbeat failed
+    assert counts(noted) == (4, 1, 1)
+
+
+class Pipe:
+    def __init__(self) -> None:
+        self.calls: list[tuple[Any, ...]] = []
+
+    def pfadd(self, *args: Any) -> None:
+        self.calls.append(("pfadd", *args))
+
+    def expire(self, *args: Any) -> None:
+        self.calls.append(("expire", *args))
+
+
+def test_a_heartbeat_adds_each_kind_to_its_window_expiring_two_windows_on() -> None:
+    keys, at_ms = Keys(), 1_000 * WINDOW_S * 7 + 5
+    pipe = Pipe()
+    add(cast(Any, pipe), keys, {"seen": {"a"}, "late:60": set(), "late:600": set()}, at_ms)
+    assert pipe.calls == [
+        ("pfadd", "dispatcher:stats:projects:seen:7", "a"),
+        ("expire", "dispatcher:stats:projects:seen:7", 2 * WINDOW_S),
+    ]
+
+
+def test_a_counts_two_windows_share_the_shards_cluster_slot() -> None:
+    keys = Keys.of_cluster_shard("dispatcher:queue", 3)
+    assert key_slot(keys.projects("seen", 7).encode()) == key_slot(
+        keys.projects("seen", 6).encode()
+    )
