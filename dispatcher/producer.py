@@ -239,6 +239,10 @@ class Producer:
         could last, is not queued again (a window's redeliveries)."""
         return sum(await self._push(jobs, REDELIVERIES, once=once))
 
+    async def requeue_each(self, jobs: Sequence[DeliveryJob], *, once: bool = False) -> list[bool]:
+        """`requeue`, saying of each job whether it was queued (not there already)."""
+        return [answer == 1 for answer in await self._push(jobs, REDELIVERIES, once=once)]
+
     async def _push(self, jobs: Sequence[Job], kind: _Jobs, *, once: bool = False) -> list[int]:
         """The one way jobs are queued: grouped by the shard of their project, every group
         in one round trip, Redis waited out (`_patiently`); returns each job's answer (1

@@ -15,13 +15,20 @@ sending (its newest attempt anywhere a final failure):
   older record outside the window may keep it: a wider window, or that record by id);
 - a delivery whose callback is disabled or deleted: its redelivery would be dropped, with
   no attempt to show, and hold its place.
+
+Paced (`Pace`: the project's emit share, `dispatcher.api.pacing`): each job is paid for
+(its body's bytes) before its batch is queued, and given back when it was there already;
+when the share runs out the call stops (`Pace.refused`, a 429 saying how many it queued),
+and calling again goes on (what it queued is there already: not queued, nor paid, again).
+It had no pace: one call queued a whole window of 64 KiB bodies (review). A batch is at
+most `BATCH` jobs and `BATCH_BYTES` of bodies.
 """
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from dispatcher.models import DeliveryStatus, RedeliveryResult
 
@@ -32,12 +39,27 @@ if TYPE_CHECKING:
     from dispatcher.producer import Producer
     from dispatcher.registry import Registry
 
-__all__ = ["Check", "redeliver_window"]
+__all__ = ["Check", "Pace", "redeliver_window"]
 
 BATCH = 100  # redeliveries queued per round trip
+BATCH_BYTES = 1 << 20  # and their bodies' bytes, at most (past one job)
 
 
 Check = Callable[[RedeliveryResult], Awaitable[None]]  # raises to stop before a batch
+
+
+class Pace(Protocol):
+    """A project's share of what it may queue: bodies' bytes paid for each job."""
+
+    def take(self, size: int) -> float:
+        """Pay for a job of `size` body bytes: 0 when paid, else the seconds until it
+        could be (nothing paid)."""
+
+    def give_back(self, size: int) -> None:
+        """Return what a job of `size` body bytes paid (it was not queued)."""
+
+    def refused(self, done: RedeliveryResult, wait: float) -> Exception:
+        """The error that stops the call, `done` queued so far, `wait` seconds to wait."""
 
 
 async def redeliver_window(
@@ -49,30 +71,60 @@ async def redeliver_window(
     *,
     on_queued: Callable[[int], None] | None = None,
     check: Check | None = None,
+    pace: Pace | None = None,
 ) -> RedeliveryResult:
     """Queue the redelivery of each delivery of `failures` (a window's final failures,
     newest first) that may be sent again; `on_queued` hears each batch's count, `check`
-    (given what was done so far) may stop the call before each batch by raising."""
+    (given what was done so far) may stop the call before each batch by raising, `pace`
+    pays for each job, and stops the call when it cannot."""
     window = _Window(history, registry, producer, project_id)
     batch: list[DeliveryJob] = []
 
     async def flush() -> None:
         if check is not None:
             await check(window.result)
-        sent = await producer.requeue(batch, once=True)
+        paid, wait = _pay(pace, batch)
+        answers = await producer.requeue_each(batch[:paid], once=True)
+        sent = sum(answers)
+        for job, queued in zip(batch, answers, strict=False):
+            if pace is not None and not queued:
+                pace.give_back(len(job.body))  # there already: paid for before
         window.result.queued += sent
-        window.result.already_queued += len(batch) - sent
+        window.result.already_queued += paid - sent
         if on_queued is not None:
             on_queued(sent)
         batch.clear()
+        if wait and pace is not None:
+            raise pace.refused(window.result, wait)
 
+    if pace is not None and (wait := _ready(pace)):  # nothing to pay with: walk nothing
+        raise pace.refused(window.result, wait)
     async for job in window.redeliveries(failures):
         batch.append(job)
-        if len(batch) >= BATCH:
+        if len(batch) >= BATCH or sum(len(j.body) for j in batch) >= BATCH_BYTES:
             await flush()
     if batch:
         await flush()
     return window.result
+
+
+def _ready(pace: Pace) -> float:
+    """The seconds until `pace` pays for the smallest job (0: now), nothing spent."""
+    if wait := pace.take(0):
+        return wait
+    pace.give_back(0)
+    return 0.0
+
+
+def _pay(pace: Pace | None, batch: list[DeliveryJob]) -> tuple[int, float]:
+    """How many of `batch`, from its first, `pace` paid for, and the seconds to wait
+    for the next (0: every one paid)."""
+    if pace is None:
+        return len(batch), 0.0
+    for paid, job in enumerate(batch):
+        if wait := pace.take(len(job.body)):
+            return paid, wait
+    return len(batch), 0.0
 
 
 @dataclass

@@ -48,7 +48,7 @@ if TYPE_CHECKING:
         HistoryRecord,
         RedeliveryResult,
     )
-    from dispatcher.redelivery import Check
+    from dispatcher.redelivery import Check, Pace
     from dispatcher.registry import Registration
     from dispatcher.settings import Settings
     from dispatcher.status import Status
@@ -282,6 +282,7 @@ class Services:
         *,
         on_queued: Callable[[int], None] | None = None,
         check: Check | None = None,
+        pace: Pace | None = None,
     ) -> RedeliveryResult:
         """Send again every delivery of a window that finally failed, once
         (`dispatcher.redelivery`); returns what was queued and what was left out."""
@@ -299,6 +300,7 @@ class Services:
                 failures,
                 on_queued=on_queued,
                 check=check,
+                pace=pace,
             )
 
     async def recent(

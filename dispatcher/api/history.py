@@ -19,7 +19,7 @@ from dispatcher.api.deps import (
     RouterDep,
     apigw,
 )
-from dispatcher.api.pacing import PacedRedelivery
+from dispatcher.api.pacing import PacedRedelivery, PacedWindow
 from dispatcher.models import HistoryPage, HistoryRecord, RedeliveryResult, Result
 from dispatcher.shards import views
 
@@ -75,6 +75,7 @@ async def redeliver_failed(
     router: RouterDep,
     project_id: ProjectPath,
     uid: Admin,
+    pace: PacedWindow,
     url: HistoryUrlQuery,
     event: EventQuery,
     start_time: StartQuery = None,
@@ -82,8 +83,11 @@ async def redeliver_failed(
 ) -> Result[RedeliveryResult]:
     """Send again every delivery of the window that finally failed (project admins);
     the window has the history query's rules. Returns how many were queued, and how many
-    were not and why."""
-    result = await views.redeliver_failed(router, project_id, url, event, start_time, end_time)
+    were not and why. Each job queued is paid for from the project's emit share: past it,
+    a 429 saying how many were queued; calling again goes on."""
+    result = await views.redeliver_failed(
+        router, project_id, url, event, start_time, end_time, pace=pace
+    )
     return Result[RedeliveryResult](data=result)
 
 

@@ -2,7 +2,8 @@
 project (`EmitPace`), refilled at `DISPATCHER_EMIT_PROJECT_RATE` bytes a second up to
 `DISPATCHER_EMIT_PROJECT_BURST`; each emit request costs its body's bytes, 1 KiB an event
 at least (a flood of tiny events costs Redis more than their bytes), and each single
-redelivery what it may queue (`DISPATCHER_MAX_REQUEST_BODY`). Past it the request is a
+redelivery what it may queue (`DISPATCHER_MAX_REQUEST_BODY`), each job a window's
+redelivery queues its body's bytes (`WindowPace`, `dispatcher.redelivery`). Past it the request is a
 429 with `Retry-After`, and nothing of it is queued: one project cannot fill the Redis every
 project shares faster than that, whatever its events' size, while others emit as usual.
 Python producers (the platform's own code) are not paced."""
@@ -22,9 +23,18 @@ from dispatcher.errors import TooManyRequests
 from dispatcher.models import check_project_id
 
 if TYPE_CHECKING:
+    from dispatcher.models import RedeliveryResult
     from dispatcher.settings import Settings
 
-__all__ = ["SMALLEST_COST", "EmitPace", "Paced", "PacedRedelivery", "pace_events"]
+__all__ = [
+    "SMALLEST_COST",
+    "EmitPace",
+    "Paced",
+    "PacedRedelivery",
+    "PacedWindow",
+    "WindowPace",
+    "pace_events",
+]
 
 SMALLEST_COST = 1024  # bytes an emit request costs at least
 
@@ -124,5 +134,38 @@ async def _paced_redelivery(request: Request, project_id: ProjectPath) -> None:
         raise _refused(pace, project_id, wait)
 
 
+@dataclass(slots=True)
+class WindowPace:
+    """A window's redelivery paid from its project's bucket (`redelivery.Pace`): each job
+    its body's bytes, 1 KiB at least."""
+
+    pace: EmitPace
+    project_id: str
+
+    def take(self, size: int) -> float:
+        return self.pace.take(self.project_id, max(size, SMALLEST_COST))
+
+    def give_back(self, size: int) -> None:
+        self.pace.give_back(self.project_id, max(size, SMALLEST_COST))
+
+    def refused(self, done: RedeliveryResult, wait: float) -> TooManyRequests:
+        pace, there = self.pace, f" ({done.already_queued} were queued already)"
+        return TooManyRequests(
+            f"project {self.project_id} redelivers faster than its share: "
+            f"{pace.rate:,.0f} bytes a second (DISPATCHER_EMIT_PROJECT_RATE, in bursts of "
+            f"{pace.burst:,.0f}); {done.queued} redeliveries of the window were queued"
+            f"{there if done.already_queued else ''} before it stopped; call again in "
+            f"{math.ceil(wait)} s to go on (a delivery is queued once: what is queued "
+            "is not queued, nor paid for, again)",
+            retry_after=wait,
+        )
+
+
+def _window_pace(request: Request, project_id: ProjectPath) -> WindowPace | None:
+    pace = _pace(request)
+    return None if pace is None else WindowPace(pace, project_id)
+
+
 Paced = Annotated[None, Depends(_paced)]
+PacedWindow = Annotated[WindowPace | None, Depends(_window_pace)]
 PacedRedelivery = Annotated[None, Depends(_paced_redelivery)]

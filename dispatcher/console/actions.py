@@ -11,7 +11,7 @@ from urllib.parse import quote
 from fastapi import APIRouter, Form, Path
 from starlette.responses import RedirectResponse
 
-from dispatcher.api.pacing import PacedRedelivery
+from dispatcher.api.pacing import PacedRedelivery, PacedWindow
 from dispatcher.console.page import PREFIX, AdminForm, ConsoleRoute, ProjectPath, redirect
 from dispatcher.errors import InvalidInput
 from dispatcher.models import Region
@@ -44,6 +44,7 @@ def _number(value: str, name: str) -> int | None:
 async def register(
     page: AdminForm,
     project_id: ProjectPath,
+    pace: PacedWindow,
     url: Field,
     event: Field,
     region: Annotated[Region, Form()] = Region.DEVNET,
@@ -125,14 +126,15 @@ async def redeliver(
 async def redeliver_failed(
     page: AdminForm,
     project_id: ProjectPath,
+    pace: PacedWindow,
     url: Field,
     event: Field,
     start_time: Annotated[str, Form(alias="startTime", max_length=32)] = "",
     end_time: Annotated[str, Form(alias="endTime", max_length=32)] = "",
 ) -> RedirectResponse:
-    """Every delivery of the window that finally failed, sent again."""
+    """Every delivery of the window that finally failed, sent again (paced as the API's)."""
     done = await views.redeliver_failed(
-        page.router, project_id, url, event, start_time or None, end_time or None
+        page.router, project_id, url, event, start_time or None, end_time or None, pace=pace
     )
     left = done.already_queued + done.body_not_kept + done.callback_gone
     return redirect(

@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 
     from dispatcher.health import Failing
     from dispatcher.models import HistoryRecord
+    from dispatcher.redelivery import Pace
     from dispatcher.services import Services
     from dispatcher.shards.router import Router
     from dispatcher.status import Status
@@ -185,6 +186,7 @@ async def redeliver_failed(
     end_time: str | None = None,
     *,
     on_queued: Callable[[int], None] | None = None,
+    pace: Pace | None = None,
 ) -> RedeliveryResult:
     """`Services.redeliver_failed` on the project's shard (on each, for the platform's).
     Refused (Unavailable) while the project moves, checked again before each batch:
@@ -195,7 +197,7 @@ async def redeliver_failed(
         result = RedeliveryResult(queued=0)
         for services in router.shards:
             result += await services.redeliver_failed(
-                project_id, url, event, start_time, end_time, on_queued=on_queued
+                project_id, url, event, start_time, end_time, on_queued=on_queued, pace=pace
             )
         return result
     services = router.of(project_id)
@@ -206,7 +208,7 @@ async def redeliver_failed(
 
     await still()
     return await services.redeliver_failed(
-        project_id, url, event, start_time, end_time, on_queued=on_queued, check=still
+        project_id, url, event, start_time, end_time, on_queued=on_queued, check=still, pace=pace
     )
 
 

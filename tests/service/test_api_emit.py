@@ -519,3 +519,48 @@ async def test_a_redelivery_costs_what_it_may_queue(
     assert codes == [200, 200, 429]
     assert console.status_code == 429 and "DISPATCHER_EMIT_PROJECT_RATE" in console.text
     assert await redis.zcard(settings.queue_name) == 2
+
+
+async def test_a_window_redelivery_costs_each_job_it_queues(
+    redis_server: EmbeddedRedis, redis: Redis, receiver: Receiver, run_worker: RunWorker
+) -> None:
+    """A window's redelivery costs each job it queues (its body's bytes, 1 KiB at least) of
+    its project's share, as a single one does: past it, the call stops and answers 429 in
+    the envelope, with Retry-After, saying how many it queued, on the API's route and the
+    console's. It had no pace: with 1 byte a second, each call queued every failure of
+    the window (60 jobs) while single redeliveries were refused (review)."""
+    settings = paced(redis_server.url, emit_project_burst=32 * 1024, retry_schedule=())
+    url = receiver.url("/hook")
+    receiver.script("/hook", answer(400))
+    await Registry(redis).create("demo", url, Event.BUILD_END, Region.DEVNET)
+    pad = "x" * 6000
+    await Producer(settings, redis).emit_many(
+        [("demo", "BUILD_END", {"n": n, "pad": pad}) for n in range(12)]
+    )
+    await run_worker(settings)
+    records = await all_records(redis, settings, url)
+    assert len(records) == 12
+    most = 32 * 1024 // min(len(r.request_body) for r in records)  # what the burst pays for
+    window = "/apigw/v4/projects/demo/callbacks/history/retry"
+    params = {"url": url, "event": "BUILD_END"}
+    async with app_client(settings, redis) as api:
+        refused = await api.post(window, params=params, headers=UID)
+        again = await api.post(window, params=params, headers=UID)
+        form = (await api.get("/console/projects/demo", headers=UID)).text
+        token = re.search(r'name="csrf_token" value="([^"]+)"', form)
+        assert token is not None
+        console = await api.post(
+            "/console/projects/demo/history/redeliver-failed",
+            data={"csrf_token": token[1], **params},
+            headers=UID,
+        )
+    queued = await redis.zcard(settings.queue_name)
+    assert refused.status_code == 429 and int(refused.headers["Retry-After"]) >= 1
+    body = refused.json()
+    assert body["status"] == 429 and body["data"] is None, body
+    assert "DISPATCHER_EMIT_PROJECT_RATE" in body["message"]
+    assert 1 <= queued <= most, (queued, most)
+    assert f"{queued} redeliveries of the window were queued" in body["message"], body
+    assert again.status_code == 429 and "0 redeliveries" in again.json()["message"]
+    assert console.status_code == 429 and "DISPATCHER_EMIT_PROJECT_RATE" in console.text
+    assert await redis.zcard(settings.queue_name) == queued  # no more
