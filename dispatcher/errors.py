@@ -111,7 +111,8 @@ class LimitReached(DispatcherError):
 
 class CallbackGone(DispatcherError):
     """A redelivery of a record whose callback is disabled or deleted: it would be dropped
-    unsent, with no attempt to show (enable it, or register its URL again, first)."""
+    unsent, with no attempt to show (a disabled one's can be once it is enabled; a deleted
+    one's cannot: a URL registered again is a new callback, which they do not name)."""
 
     http_status = 409
 

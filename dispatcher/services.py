@@ -261,14 +261,18 @@ class Services:
 
     async def redeliver(self, record_id: int, project_id: str | None = None) -> str:
         """Send one recorded request again; returns the job id. Refused when its callback
-        is disabled or deleted: the worker would drop it unsent (as the window's leaves
-        such records out)."""
+        is disabled (until it is enabled) or deleted (for good: a URL registered again is a
+        new callback, which the old records do not name): the worker would drop it unsent
+        (as the window's leaves such records out)."""
         record = await self.history.get(record_id, project_id)
         callback_id = record.callback_id
         if callback_id is not None and await self.registry.target(callback_id) is None:
+            whose = f"callback {callback_id} of history record {record_id}"
+            if await self.redis.exists(self.keys.callback(callback_id)):
+                raise CallbackGone(f"{whose} is disabled: enable it, then redeliver")
             raise CallbackGone(
-                f"callback {callback_id} of history record {record_id} is disabled or "
-                "deleted: enable it (or register its URL again) before redelivering"
+                f"{whose} is deleted: its records cannot be redelivered (a URL registered "
+                "again is a new callback, with a new id, which they do not name)"
             )
         return await self.producer.redeliver(record)
 

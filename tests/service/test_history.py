@@ -1006,3 +1006,30 @@ async def test_redelivering_a_record_of_a_disabled_callback_is_refused(
     assert queued.json()["status"] == 0
     await run_worker()
     assert [s.path for s in receiver.seen] == ["/hook", "/hook"]
+
+
+async def test_redelivering_a_record_of_a_deleted_callback_says_it_cannot_be(
+    settings: Settings, redis: Redis, api: httpx.AsyncClient, receiver: Receiver,
+    run_worker: RunWorker,
+) -> None:  # fmt: skip
+    """A deleted callback's records cannot be redelivered, and the 409 says so: it said
+    "enable it (or register its URL again)", but a URL registered again is a new callback
+    whose id the old records do not name, so they stayed refused for good (review)."""
+    url = receiver.script("/hook", answer(404))
+    callback_id, _ = await Registry(redis).create("demo", url, Event.BUILD_END, Region.DEVNET)
+    await Producer(settings, redis).emit("demo", "BUILD_END", {})
+    await run_worker()
+    await ship_all(settings, redis)
+    page = await api.get(V3, params={"url": url, "event": "BUILD_END"}, headers=UID)
+    [first] = page.json()["data"]["records"]
+    await Registry(redis).set_enabled(callback_id, False, "paused")
+    disabled = (await api.post(f"{V3}/{first['id']}/retry", headers=UID)).json()
+    assert disabled["status"] == 409 and "is disabled: enable it" in disabled["message"]
+    await Registry(redis).delete("demo", callback_id)
+    await Registry(redis).create("demo", url, Event.BUILD_END, Region.DEVNET)  # a new id
+    deleted = await api.post(f"{V3}/{first['id']}/retry", headers=UID)
+    assert deleted.status_code == 409, deleted.text
+    message = deleted.json()["message"]
+    assert f"callback {callback_id} of history record {first['id']} is deleted" in message
+    assert "cannot be redelivered" in message and "register" not in message.split("(")[0]
+    assert await redis.zcard(settings.queue_name) == 0
