@@ -23,6 +23,7 @@ from dispatcher import clock, keys
 from dispatcher.errors import NotFound
 from dispatcher.history.ids import RecordIds
 from dispatcher.history.kept import with_bodies
+from dispatcher.history.redis_failures import final_failures
 from dispatcher.history.redis_record import Record, record_script
 from dispatcher.history.redis_upkeep import sweep
 from dispatcher.history.window import (
@@ -338,24 +339,15 @@ class RedisHistory:
     async def final_failures(
         self, project_id: str, url: str, event: str, *, start_ms: int, end_ms: int
     ) -> AsyncIterator[HistoryRecord]:
-        """Every attempt of the window after which its delivery gave up, newest first."""
-        page = 1
-        while True:
-            found = await self.query(
-                project_id,
-                url,
-                event,
-                start_ms=start_ms,
-                end_ms=end_ms,
-                page=page,
-                page_size=self.settings.history_max_page_size,
-            )
-            for record in found.records:
-                if record.final and record.status is DeliveryStatus.FAILED:
-                    yield record
-            if page >= found.total_pages:
-                return
-            page += 1
+        """Every attempt of the window after which its delivery gave up, newest first;
+        read by id, no other record read (`redis_failures`)."""
+        start_ms = max(start_ms, self._cutoff(None))
+        if start_ms > end_ms:
+            return
+        window = (project_id, url, event, start_ms, end_ms)
+        found = final_failures(self.redis, self.keys, parse_records, window)
+        async for record in found:
+            yield record
 
     async def sweep(
         self,

@@ -282,3 +282,27 @@ async def test_a_record_gone_before_its_index_entry_leaves_its_page_short_not_th
             break
         before = page.next
     assert seen == [last, first] and pages == 3
+
+
+async def test_a_window_redelivery_reads_no_body_of_a_record_it_does_not_send(
+    redis: Redis, settings: Settings
+) -> None:
+    """A window's walk reads the ids of its records and which gave up (the project's dead
+    letters), never their bodies: only the final failures' records are read. It read every
+    record of the window with its body, 100 at a time, its successes too: 6,000 records of
+    60 KB for one failure took 2.9 s, MGETs of 6 MB that held other clients' commands 41
+    ms (review)."""
+    cid, _ = await Registry(redis).create("demo", URL, Event.BUILD_END, Region.DEVNET)
+    history, now, pad = RedisHistory(redis, settings, keys), now_ms(), "x" * 60_000
+    for n in range(60):
+        attempt = record(now - 1000 - n, n=n)
+        attempt["requestBody"], attempt["final"], attempt["callbackId"] = pad, True, cid
+        attempt["deliveryId"] = f"demo:e{n}.{cid}"
+        if n == 30:
+            attempt["status"], attempt["responseCode"] = "FAILED", 500
+        await history.add(attempt, dead=n == 30)
+    before = (await redis.info("stats"))["total_net_output_bytes"]
+    done = await Services(settings, redis).redeliver_failed("demo", URL, "BUILD_END")
+    read = (await redis.info("stats"))["total_net_output_bytes"] - before
+    assert done.queued == 1
+    assert read < 5 * len(pad), read  # the failure's record, its newest attempt: not 60
