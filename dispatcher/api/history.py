@@ -66,8 +66,9 @@ async def redeliver(
     record_id: Annotated[int, Path(alias="id")],
 ) -> Result[str]:
     """Send a recorded request again (project admins): same body and delivery id,
-    the callback's current token, new history records. Returns the job id."""
-    return Result[str](data=await router.of(project_id).redeliver(record_id, project_id))
+    the callback's current token, new history records. Returns the job id; a 503 while
+    the project moves to another shard."""
+    return Result[str](data=await views.redeliver(router, project_id, record_id))
 
 
 @routes.post("/callbacks/history/retry", response_model=Result[RedeliveryResult])

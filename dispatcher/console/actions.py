@@ -117,7 +117,7 @@ async def redeliver(
     back: Annotated[Literal["record", "dead-letters"], Form()] = "record",
 ) -> RedirectResponse:
     """Send the recorded request again; back to the attempt, or to the dead letters."""
-    await page.services.redeliver(record_id, project_id)
+    await views.redeliver(page.router, project_id, record_id)
     where = "/dead-letters" if back == "dead-letters" else f"/history/{record_id}"
     return redirect(page, _project(project_id) + where, notice="redelivered")
 

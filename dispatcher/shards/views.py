@@ -39,6 +39,7 @@ __all__ = [
     "fleet_gauges",
     "history_page",
     "holder",
+    "redeliver",
     "redeliver_failed",
     "status",
 ]
@@ -212,8 +213,21 @@ async def redeliver_failed(
     )
 
 
+async def redeliver(router: Router, project_id: str, record_id: int) -> str:
+    """`Services.redeliver` on the project's shard; refused (Unavailable) while the project
+    moves, as a window's redelivery is: it went on during a move, unchecked (review)."""
+    services = router.of(project_id)
+    if router.sharded and not _spread(router, project_id):
+        await _not_moving(router, services, project_id, None, "a record's redelivery")
+    return await services.redeliver(record_id, project_id)
+
+
 async def _not_moving(
-    router: Router, services: Services, project_id: str, done: RedeliveryResult | None
+    router: Router,
+    services: Services,
+    project_id: str,
+    done: RedeliveryResult | None,
+    what: str = "a window's redelivery",
 ) -> None:
     """Unavailable while `project_id` moves (or its placement moved off `services`'
     shard), or a move of it to that shard is not finished."""
@@ -227,12 +241,11 @@ async def _not_moving(
         raise Unavailable(
             f"project {project_id!r}: a move of it to shard {at} died after its flip; "
             f"finish it (dispatcher shards move {project_id} --to {at}), then redeliver"
-            f" the window{so_far}"
+            f"{so_far}"
         )
     raise Unavailable(
-        f"project {project_id!r} is moving to another shard: a window's redelivery waits for "
-        f"the move's end; try again in a minute (single records can be redelivered "
-        f"meanwhile){so_far}"
+        f"project {project_id!r} is moving to another shard: {what} waits for the move's "
+        f"end; try again in a minute{so_far}"
     )
 
 

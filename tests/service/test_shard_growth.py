@@ -513,6 +513,8 @@ async def test_a_window_redelivery_waits_while_its_project_moves_to_its_shard(
         await dead.settle()
         with pytest.raises(Unavailable, match="is moving to another shard: a window's"):
             await views.redeliver_failed(router, project, url, "BUILD_END")
+        with pytest.raises(Unavailable, match="moving to another shard: a record's redelivery"):
+            await views.redeliver(router, project, 1)  # it went on, unchecked (review)
         await dead_before(dead, project, flipped=True)
         with pytest.raises(Unavailable, match="is moving to another shard: a window's"):
             await views.redeliver_failed(router, project, url, "BUILD_END")  # its lease on
