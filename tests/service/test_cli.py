@@ -241,13 +241,13 @@ def test_bulk_redeliver_and_sweep(cli: CliRunner, redis_server: EmbeddedRedis) -
                 "createdTime": now - i, "callbackId": callback_id,
                 "deliveryId": f"evt_{i}.1",
                 "eventId": f"evt_{i}", "requestBody": "{}",
-            })  # fmt: skip
+            }, dead=status == "FAILED" and final)  # fmt: skip
         await history.add({
             "projectId": "p", "callBackUrl": "https://e.com/h", "events": "BUILD_END",
             "status": "FAILED", "final": True, "startTime": now, "endTime": now,
             "createdTime": now - 9, "callbackId": callback_id, "deliveryId": "evt_cut.1",
             "eventId": "evt_cut", "requestBody": "{", "requestBodyTruncated": True,
-        })  # fmt: skip
+        }, dead=True)  # fmt: skip
         await history.add({
             "projectId": "p", "callBackUrl": "https://e.com/h", "events": "BUILD_END",
             "status": "SUCCESS", "startTime": 0, "endTime": 0, "createdTime": 1000,
