@@ -129,7 +129,7 @@ def policy(settings: Settings) -> dict[str, Any]:
     found dead is a lost connection like any other, which the retries reconnect once; and
     with redis-py 5 a new connection's first command ran the check, whose PING to a Redis
     that never answers timed out, whose retry reconnected, whose first command ran the
-    check...: a RecursionError after ~120 timeouts (`tests/service/test_silent_redis.py`)."""
+    check...: a RecursionError after ~120 timeouts (`tests/faults/test_silent_redis.py`)."""
     return {
         "socket_connect_timeout": settings.redis_timeout,
         "socket_timeout": settings.redis_timeout,

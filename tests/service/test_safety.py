@@ -379,7 +379,7 @@ async def test_an_open_breaker_is_probed_by_each_callback_and_spends_no_attempt_
     one unsent final record once it has been put off past what was left of its schedule.
     The branch before spent each attempt due while the circuit was open unsent, one after
     the other (review: a healthy callback on the host of a failing one lost its
-    deliveries so: `tests/service/test_circuit_backlog.py`)."""
+    deliveries so: `tests/faults/test_circuit_backlog.py`)."""
     settings = make_settings(
         redis_server.url, circuit_threshold=2, circuit_cooldown=0.2,
         retry_schedule=(0.05,) * 6,
