@@ -333,7 +333,11 @@ class CircuitBreaker:
         if (remaining := max(state.open_until, probes.get(key, 0.0)) - now) > 0:
             return remaining
         if key == SHARED != callback and callback in state.failed:
-            return self.cooldown  # the shared probe is for those that did not fail there
+            # the shared probe is for those that did not fail there first: a failed one
+            # takes it once no other did for a cool-down past its due (none may be left)
+            due = max(state.open_until, probes.get(key, 0.0))
+            if (later := due + self.cooldown - now) > 0:
+                return later
         probes[key] = now + self.cooldown  # this caller is its callback's probe
         return 0.0
 

@@ -87,8 +87,12 @@ class Noted:
         return taken
 
     def give_back(self, taken: dict[str, set[str]]) -> None:
-        for kind, projects in taken.items():
-            self.projects[kind] |= projects
+        """What a failed heartbeat took, noted again as far as `most` allows, the latest
+        first (each failed round added up to `most` more: review)."""
+        passed = {p: sum(p in taken[kind] for kind in KINDS[1:]) for p in taken[SEEN]}
+        for project in sorted(passed, key=passed.__getitem__, reverse=True):
+            over = passed[project]  # the thresholds its wait passed, as `note` counts them
+            self.note(project, OVER_S[over - 1] * 1000 + 1 if over else 0)
 
 
 def add(pipe: Pipeline, keys: Keys, taken: dict[str, set[str]], at_ms: int) -> None:

@@ -48,8 +48,8 @@ def test_at_most_most_projects_are_noted_and_a_failed_write_gives_them_back() ->
     taken = noted.take()
     assert taken["seen"] == {"p0", "p1", "p2"} and taken["late:600"] == {"p0"}
     noted.note("p9", 0)
-    noted.give_back(taken)  # its heartbeat failed
-    assert counts(noted) == (4, 1, 1)
+    noted.give_back(taken)  # its heartbeat failed: within the bound, the late one first
+    assert counts(noted) == (3, 1, 1)
 
 
 class Pipe:
@@ -78,3 +78,18 @@ def test_a_counts_two_windows_share_the_shards_cluster_slot() -> None:
     assert key_slot(keys.projects("seen", 7).encode()) == key_slot(
         keys.projects("seen", 6).encode()
     )
+
+
+def test_what_failed_heartbeats_give_back_stays_within_the_bound() -> None:
+    """Heartbeats failing one after another (the home shard away): what each took is noted
+    again only as far as the bound, late ones still late. Each failed round added up to
+    the bound more, and the write that finally went through was one huge command (review)."""
+    noted = Noted(most=1000)
+    for heartbeat in range(20):
+        for n in range(5000):
+            noted.note(f"p{heartbeat}-{n}", 700_000 if n % 2 else 0)
+        noted.give_back(noted.take())  # its write failed
+    taken = noted.take()
+    assert len(taken["seen"]) == 1000
+    assert taken["late:600"] <= taken["late:60"] <= taken["seen"]
+    assert {p for p in taken["seen"] if int(p.rsplit("-", 1)[1]) % 2} == taken["late:600"]
