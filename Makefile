@@ -34,7 +34,7 @@ pytest: $(STAMP)
 	$(BIN)/pytest -n $(WORKERS) $(FAST_TIERS)
 	$(BIN)/pytest tests/faults tests/browser
 
-test-fast: $(STAMP)  ## the loop for every change: unit, service and repository tiers (< 90 s)
+test-fast: $(STAMP)  ## the loop for every change: unit, service and repository tiers (~100 s; aim < 90 s)
 	$(BIN)/pytest -q -n $(WORKERS) $(FAST_TIERS)
 
 test-faults: $(STAMP)  ## the fault tier: workers, Redis and PostgreSQL killed and paused
