@@ -24,6 +24,7 @@ from dispatcher.errors import NotFound
 from dispatcher.history.ids import RecordIds
 from dispatcher.history.kept import with_bodies
 from dispatcher.history.redis_failures import final_failures
+from dispatcher.history.redis_page import WINDOW_RANKS
 from dispatcher.history.redis_record import Record, record_script
 from dispatcher.history.redis_upkeep import sweep
 from dispatcher.history.window import (
@@ -59,15 +60,12 @@ _TTL_MARGIN_S = 86_400
 @dataclass
 class Page(Script):
     """One page of an `index` between `min_ms` and `max_ms`, newest first: {how many in
-    the window, the records}, `count` from `offset`. Paged by rank (O(log N)), not LIMIT
-    offset (which walks `offset` entries). The records' ids are found here, so their keys
-    are made here too (`record_prefix`)."""
+    the window, the records}, `count` from `offset` (`redis_page.WINDOW_RANKS`). The
+    records' ids are found here, so their keys are made here too (`record_prefix`)."""
 
-    LUA = """
-    local total = redis.call('ZCOUNT', index, min_ms, max_ms)
-    local above = redis.call('ZCOUNT', index, '(' .. max_ms, '+inf')
-    local first = above + tonumber(offset)
-    local last = math.min(above + total, first + tonumber(count)) - 1
+    LUA = (
+        WINDOW_RANKS
+        + """
     local ids = {}
     if first <= last then ids = redis.call('ZREVRANGE', index, first, last) end
     local recs = {}
@@ -78,6 +76,7 @@ class Page(Script):
     end
     return {total, recs}
     """
+    )
     index: Key
     min_ms: int
     max_ms: int

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from dispatcher.history.kept import with_bodies
+from dispatcher.history.redis_page import WINDOW_RANKS
 from dispatcher.lua import Key, Script
 from dispatcher.models import DeliveryStatus
 
@@ -35,13 +36,12 @@ RECORDS = 16  # records read a round trip
 @dataclass
 class DeadOfPage(Script):
     """One page of an `index` between `min_ms` and `max_ms`, newest first, by rank (as
-    `redis.Page`): {how many in the window, the ids of its records among `dead`}."""
+    `redis_page.WINDOW_RANKS`): {how many in the window, the ids of its records among
+    `dead`}."""
 
-    LUA = """
-    local total = redis.call('ZCOUNT', index, min_ms, max_ms)
-    local above = redis.call('ZCOUNT', index, '(' .. max_ms, '+inf')
-    local first = above + tonumber(offset)
-    local last = math.min(above + total, first + tonumber(count)) - 1
+    LUA = (
+        WINDOW_RANKS
+        + """
     local found = {}
     if first <= last then
       for _, m in ipairs(redis.call('ZREVRANGE', index, first, last)) do
@@ -51,6 +51,7 @@ class DeadOfPage(Script):
     end
     return {total, found}
     """
+    )
     index: Key
     dead: Key
     min_ms: int
