@@ -6,6 +6,8 @@ fault tier: it waits out a worker held back for seconds."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 
 import pytest
 from aiohttp import web
@@ -18,10 +20,46 @@ from dispatcher.keys import Keys
 from dispatcher.models import Event, Region
 from dispatcher.producer import Producer
 from dispatcher.registry import Registry
-from dispatcher.worker import backlog_bytes, create_worker
+from dispatcher.settings import Settings
+from dispatcher.worker import Worker, backlog_bytes, create_worker
 from tests.helpers import Receiver, hang, make_settings, ship_all, until
 
 keys = Keys()  # today's key names (one shard)
+
+
+@contextlib.asynccontextmanager
+async def running_worker(settings: Settings) -> AsyncIterator[Worker]:
+    """A worker running (not in burst mode) for the block, then stopped and closed."""
+    worker = create_worker(settings, poll_delay=0.01, handle_signals=False)
+    running = asyncio.create_task(worker.main())
+    try:
+        yield worker
+    finally:
+        worker.stop()
+        await asyncio.wait_for(running, 30)
+        await worker.close()
+
+
+async def shipped_until_delivered(
+    settings: Settings, redis: Redis, receiver: Receiver, count: int, *, within: float
+) -> None:
+    """Ship the records until the receiver has `count` requests (the worker resumed)."""
+
+    async def everything_delivered() -> bool:
+        await ship_all(settings, redis)
+        return len(receiver.requests()) == count
+
+    await until(everything_delivered, within, "the worker resumed once the records were shipped")
+
+
+async def stored(settings: Settings, redis: Redis, url: str) -> int:
+    """demo's BUILD_END records to `url` of the last minute, once all are shipped."""
+    await ship_all(settings, redis)
+    history = open_history(settings, redis, keys)
+    now = now_ms()
+    page = await history.query("demo", url, "BUILD_END", start_ms=now - 60_000, end_ms=now)
+    await history.close()
+    return page.count
 
 
 async def test_past_a_byte_bound_workers_wait_whatever_the_records_count(
@@ -50,9 +88,7 @@ async def test_past_a_byte_bound_workers_wait_whatever_the_records_count(
     await Registry(redis).create("demo", url, Event.BUILD_END, Region.DEVNET)
     events = [("demo", "BUILD_END", {"x": "\\" * 30_000, "n": i}) for i in range(40)]
     await Producer(settings, redis).emit_many(events)
-    worker = create_worker(settings, poll_delay=0.01, handle_signals=False)
-    running = asyncio.create_task(worker.main())
-    try:
+    async with running_worker(settings) as worker:
 
         async def stopped_or_done() -> bool:
             return worker.shipping.full or len(receiver.requests()) == 40
@@ -65,22 +101,8 @@ async def test_past_a_byte_bound_workers_wait_whatever_the_records_count(
         )
         assert worker.shipping.full and count < 40, (held, count)
         assert held < 2_000_000 + 12 * held // count, (held, count)  # a second's and two more
-
-        async def everything_delivered() -> bool:
-            await ship_all(settings, redis)
-            return len(receiver.requests()) == 40
-
-        await until(everything_delivered, 60, "the worker resumed once the records were shipped")
-    finally:
-        worker.stop()
-        await asyncio.wait_for(running, 30)
-        await worker.close()
-    await ship_all(settings, redis)
-    history = open_history(settings, redis, keys)
-    now = now_ms()
-    page = await history.query("demo", url, "BUILD_END", start_ms=now - 60_000, end_ms=now)
-    await history.close()
-    assert page.count == 40
+        await shipped_until_delivered(settings, redis, receiver, 40, within=60)
+    assert await stored(settings, redis, url) == 40
 
 
 async def test_past_the_backlog_limit_workers_wait_and_nothing_is_lost(
@@ -93,26 +115,10 @@ async def test_past_the_backlog_limit_workers_wait_and_nothing_is_lost(
     url = receiver.script("/hook", hang(0.1))
     await Registry(redis).create("demo", url, Event.BUILD_END, Region.DEVNET)
     await Producer(settings, redis).emit_many([("demo", "BUILD_END", {"n": i}) for i in range(20)])
-    worker = create_worker(settings, poll_delay=0.01, handle_signals=False)
-    running = asyncio.create_task(worker.main())
-    try:
+    async with running_worker(settings) as worker:
         await receiver.wait_for(6, within=10)
         await asyncio.sleep(1.5)  # 20 deliveries take 1 s at this pace, unpaused
         assert worker.shipping.full and len(receiver.requests()) < 20
         assert await redis.zcard(settings.queue_name) > 0  # the rest waits in the queue
-
-        async def everything_delivered() -> bool:
-            await ship_all(settings, redis)
-            return len(receiver.requests()) == 20
-
-        await until(everything_delivered, 30, "the worker resumed once the records were shipped")
-    finally:
-        worker.stop()
-        await asyncio.wait_for(running, 30)
-        await worker.close()
-    await ship_all(settings, redis)
-    history = open_history(settings, redis, keys)
-    now = now_ms()
-    page = await history.query("demo", url, "BUILD_END", start_ms=now - 60_000, end_ms=now)
-    await history.close()
-    assert page.count == 20
+        await shipped_until_delivered(settings, redis, receiver, 20, within=30)
+    assert await stored(settings, redis, url) == 20

@@ -196,15 +196,20 @@ def _seed_status(url: str) -> None:
     asyncio.run(go())
 
 
-def test_status_prints_the_figures(cli: CliRunner, redis_server: EmbeddedRedis) -> None:
-    _seed_status(redis_server.url)
+def status_rows(cli: CliRunner) -> dict[str, str]:
+    """`dispatcher status`'s table, figure by name (it must succeed)."""
     result = cli.invoke(app, ["status"])
     assert result.exit_code == 0, result.output
-    rows = {
+    return {
         line.split("│")[1].strip(): line.split("│")[2].strip()
         for line in result.output.splitlines()
         if line.count("│") >= 3
     }
+
+
+def test_status_prints_the_figures(cli: CliRunner, redis_server: EmbeddedRedis) -> None:
+    _seed_status(redis_server.url)
+    rows = status_rows(cli)
     assert rows["queue: jobs due"] == "3"
     assert rows["workers alive"] == "0"
     assert rows["callbacks failing"] == "1"
@@ -369,13 +374,7 @@ def test_status_names_the_project_of_the_oldest_due_job(
     now = now_ms()
     queue.zadd(keys.QUEUE, {"quiet:evt_new": now, "flood:evt_old": now - 700_000})
     queue.zadd(keys.QUEUE, {"later:evt_due_later": now + 60_000})
-    result = cli.invoke(app, ["status"])
-    assert result.exit_code == 0, result.output
-    rows = {
-        line.split("│")[1].strip(): line.split("│")[2].strip()
-        for line in result.output.splitlines()
-        if line.count("│") >= 3
-    }
+    rows = status_rows(cli)
     assert rows["queue: jobs due"] == "2" and float(rows["queue: oldest due (s)"]) >= 700
     assert rows["queue: oldest due job"] == "flood:evt_old"
     assert rows["queue: oldest due project"] == "flood"
