@@ -466,7 +466,7 @@ async def test_an_emit_waits_out_a_busy_redis_and_never_answers_500(
     own_redis: EmbeddedRedis, wait: float
 ) -> None:
     """Another client's script past `lua-time-limit` (100 ms here) makes Redis answer BUSY
-    to every other command until it ends (~2 s): emits answered 500, reads too (review).
+    to every other command until it ends (killed here): emits answered 500, reads too (review).
     Emits made meanwhile wait it out, as they wait out an outage: queued when
     DISPATCHER_EMIT_WAIT outlasts the script, else 503 / `Unavailable` saying that emitting
     again is safe; a read answers 503."""
@@ -483,16 +483,25 @@ async def test_an_emit_waits_out_a_busy_redis_and_never_answers_500(
     try:
         await redis.config_set("lua-time-limit", 100)
         async with app_client(settings, redis) as api:
-            spinning = asyncio.create_task(spinner.eval(SPIN, 0, 2000))
+            # the script spins until killed (20 s at most): the read is answered while Redis
+            # is busy however slow the machine (a 2 s script once ended before it was sent)
+            spinning = asyncio.create_task(spinner.eval(SPIN, 0, 20_000))
             await until(busy, 5, "Redis answers BUSY")
-            emits = (
-                api.post("/apigw/v4/projects/demo/events", json={"event": "BUILD_END",
-                         "eventId": "e-1"}, headers=UID),
-                Producer(settings, redis).emit("demo", "BUILD_END", {}, event_id="e-2"),
-                api.get("/apigw/v4/projects/demo/callbacks", headers=UID),
-            )  # fmt: skip
-            http, python, read = await asyncio.gather(*emits, return_exceptions=True)
-            await spinning
+            emits = [
+                asyncio.ensure_future(call)
+                for call in (
+                    api.post("/apigw/v4/projects/demo/events", json={"event": "BUILD_END",
+                             "eventId": "e-1"}, headers=UID),
+                    Producer(settings, redis).emit("demo", "BUILD_END", {}, event_id="e-2"),
+                    api.get("/apigw/v4/projects/demo/callbacks", headers=UID),
+                )
+            ]  # fmt: skip
+            read = (await asyncio.gather(emits[2], return_exceptions=True))[0]
+            if wait < 2:  # the emits give up within their wait, while the script still runs
+                await asyncio.wait(emits[:2])
+            await probe.script_kill()
+            await asyncio.gather(spinning, return_exceptions=True)  # "Script killed by user"
+            http, python = await asyncio.gather(*emits[:2], return_exceptions=True)
         queued = await redis.exists(keys.arq_job("demo:e-1"), keys.arq_job("demo:e-2"))
     finally:
         await asyncio.gather(redis.aclose(), spinner.aclose(), probe.aclose())
