@@ -12,8 +12,9 @@ from urllib.parse import urlsplit
 
 from opentelemetry import context as otel_context
 from opentelemetry import trace
-from opentelemetry.trace import SpanKind, Status, StatusCode
+from opentelemetry.trace import Link, SpanKind, Status, StatusCode
 
+from dispatcher.models import PLATFORM_PROJECT
 from dispatcher.tracing.context import SERVICE_NAME, TraceContext, state
 
 if TYPE_CHECKING:
@@ -149,11 +150,17 @@ def attempt(
     event_id: str,
     project_id: str,
     callback_id: int,
+    owner: str = "",
 ) -> Attempt:
-    """The trace of attempt `number` of a delivery that carries `carried` to `url`."""
+    """The trace of attempt `number` of a delivery that carries `carried` to `url`, a
+    callback of project `owner`. A platform-wide callback's receiver (the operator's, which
+    every project's events reach) is never put in the emitter's trace: it gets no
+    context when no span is recorded, else a new trace, its span linked to the emitter's
+    (never the emitter's `tracestate`, nor its sampling decision)."""
     tracer = state.tracer
+    platform = owner == PLATFORM_PROJECT
     if tracer is None:  # no span: the stored context goes out as it is
-        if carried is None or not state.propagate:
+        if carried is None or platform or not state.propagate:
             return _UNTRACED
         return Attempt(carried.fields())
     attributes: dict[str, str | int] = {
@@ -167,11 +174,26 @@ def attempt(
     }
     if number > 1:
         attributes["http.request.resend_count"] = number - 1
-    # without a context of its own, a new trace (never the current one of whatever runs it)
-    parent = otel_context.Context() if carried is None else carried.parent()
-    span = tracer.start_span("POST", context=parent, kind=SpanKind.CLIENT, attributes=attributes)
+    parent, links = _parent(carried, platform=platform)
+    span = tracer.start_span(
+        "POST", context=parent, kind=SpanKind.CLIENT, attributes=attributes, links=links
+    )
     sent = TraceContext.of(span.get_span_context())
     return Attempt(sent.fields() if sent is not None and state.propagate else {}, span)
+
+
+def _parent(
+    carried: TraceContext | None, *, platform: bool
+) -> tuple[otel_context.Context, list[Link]]:
+    """An attempt span's parent and links. Without a context of its own, a new trace (never
+    the current one of whatever runs it); a platform-wide callback's, a new trace linked
+    to the one carried."""
+    if carried is None:
+        return otel_context.Context(), []
+    if not platform:
+        return carried.parent(), []
+    emitter = trace.get_current_span(carried.parent()).get_span_context()
+    return otel_context.Context(), [Link(emitter)]
 
 
 _DEFAULT_PORTS = {"http": 80, "https": 443}
