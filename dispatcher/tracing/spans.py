@@ -15,6 +15,7 @@ from opentelemetry import trace
 from opentelemetry.trace import Link, SpanKind, Status, StatusCode
 
 from dispatcher.models import PLATFORM_PROJECT
+from dispatcher.redaction import REDACTED, redacted_url
 from dispatcher.tracing.context import SERVICE_NAME, TraceContext, state
 
 if TYPE_CHECKING:
@@ -202,22 +203,15 @@ _DEFAULT_PORTS = {"http": 80, "https": 443}
 @functools.lru_cache(maxsize=4096)
 def url_attributes(url: str) -> Mapping[str, str | int]:
     """A callback URL as span attributes (`url.full`, `url.scheme`, `server.address`,
-    `server.port`): credentials and every query value replaced by `REDACTED` (a token in a
-    query string stays out of traces), no fragment."""
+    `server.port`): `url.full` as a log line shows it (`redacted_url`: credentials and
+    every query value replaced by `REDACTED`, no fragment)."""
     try:
         parts = urlsplit(url)
         port = parts.port or _DEFAULT_PORTS.get(parts.scheme, 0)
     except ValueError:
-        return {"url.full": "REDACTED"}
-    netloc = parts.netloc.rpartition("@")[2]
-    if "@" in parts.netloc:
-        netloc = "REDACTED:REDACTED@" + netloc
-    query = "&".join(
-        item.partition("=")[0] + "=REDACTED" for item in parts.query.split("&") if item
-    )
-    full = parts._replace(netloc=netloc, query=query, fragment="").geturl()
+        return {"url.full": REDACTED}
     return {
-        "url.full": full,
+        "url.full": redacted_url(url) or REDACTED,
         "url.scheme": parts.scheme,
         "server.address": parts.hostname or "",
         "server.port": port,
