@@ -15,8 +15,8 @@ connection: the next one goes to the master.
 from __future__ import annotations
 
 import asyncio
-import re
 from typing import TYPE_CHECKING, Any, cast
+from urllib.parse import unquote_plus
 
 from arq.connections import RedisSettings
 from redis.asyncio import ConnectionPool, Redis
@@ -82,8 +82,6 @@ TRANSIENT_REPLIES = ("LOADING", "BUSY", "OOM", "MISCONF", "READONLY", "MASTERDOW
 # redis-py's classes for some of them (it drops the code from their messages)
 _TRANSIENT_CLASSES = (OutOfMemoryError, ReadOnlyError, TryAgainError, ClusterDownError)
 
-_PASSWORD = re.compile(r"(://[^/@]*?:)[^/@]*@")
-
 
 def transient_reply(exc: BaseException) -> bool:
     """Whether `exc` is a reply of `TRANSIENT_REPLIES`: one redis-py has a class for, one
@@ -119,8 +117,26 @@ def require_url(settings: Settings, url: str | None = None) -> str:
 
 
 def shown(url: str) -> str:
-    """`url` with its password masked, for logs and messages."""
-    return _PASSWORD.sub(r"\1***@", url)
+    """`url` for logs and messages, every password a client could read in it masked whole:
+    its user info's (all up to the last `@` before the query, as redis-py's parser splits
+    it, a `/` in the password included; a user name alone too: it may be meant as one),
+    and each query option's whose name holds `password` (`?password=`, `ssl_password`,
+    spelled in any case or percent-encoded). Any scheme: `redis://`, `rediss://`,
+    `unix://`, sentinel and cluster URLs."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        scheme, rest = "", url
+    head, question, query = rest.partition("?")
+    userinfo, at, hosts = head.rpartition("@")
+    if at and not head.startswith("/"):  # `unix:///a@b`: a path, no user info
+        user, colon, _ = userinfo.partition(":")
+        head = f"{user}:***@{hosts}" if colon else f"***@{hosts}"
+    options = [
+        f"{name}=***" if "password" in unquote_plus(name).lower() else option
+        for option in query.split("&")
+        for name in (option.partition("=")[0],)
+    ]
+    return f"{scheme}{sep}{head}{question}{'&'.join(options)}"
 
 
 def policy(settings: Settings) -> dict[str, Any]:

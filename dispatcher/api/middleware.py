@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import hmac
+import re
 import uuid
 from typing import TYPE_CHECKING
 from urllib.parse import parse_qsl
@@ -37,9 +38,14 @@ FORM_TYPES = frozenset({"application/x-www-form-urlencoded", "multipart/form-dat
 CONSOLE = "/console"
 
 
+# A caller's request id, taken as its first 64 characters when they are all of these: it
+# is bound to every log line of the request (a NEL, CSI or markup would reach them as sent).
+REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
+
+
 class RequestId:
-    """Binds the request's id (the caller's `X-Request-ID`, else a new one) to every log
-    line of the request and names it in the answer."""
+    """Binds the request's id (the caller's `X-Request-ID` when `REQUEST_ID` takes it, else
+    a new one) to every log line of the request and names it in the answer."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -48,7 +54,9 @@ class RequestId:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        request_id = (Headers(scope=scope).get("x-request-id") or uuid.uuid4().hex)[:64]
+        request_id = Headers(scope=scope).get("x-request-id", "")[:64]
+        if not REQUEST_ID.fullmatch(request_id):
+            request_id = uuid.uuid4().hex
         scope[REQUEST_ID_KEY] = request_id
 
         async def send_with_id(message: Message) -> None:

@@ -12,8 +12,10 @@ from urllib.parse import urlsplit
 
 from opentelemetry import context as otel_context
 from opentelemetry import trace
-from opentelemetry.trace import SpanKind, Status, StatusCode
+from opentelemetry.trace import Link, SpanKind, Status, StatusCode
 
+from dispatcher.models import PLATFORM_PROJECT
+from dispatcher.redaction import REDACTED, redacted_url
 from dispatcher.tracing.context import SERVICE_NAME, TraceContext, state
 
 if TYPE_CHECKING:
@@ -149,11 +151,17 @@ def attempt(
     event_id: str,
     project_id: str,
     callback_id: int,
+    owner: str = "",
 ) -> Attempt:
-    """The trace of attempt `number` of a delivery that carries `carried` to `url`."""
+    """The trace of attempt `number` of a delivery that carries `carried` to `url`, a
+    callback of project `owner`. A platform-wide callback's receiver (the operator's, which
+    every project's events reach) is never put in the emitter's trace: it gets no
+    context when no span is recorded, else a new trace, its span linked to the emitter's
+    (never the emitter's `tracestate`, nor its sampling decision)."""
     tracer = state.tracer
+    platform = owner == PLATFORM_PROJECT
     if tracer is None:  # no span: the stored context goes out as it is
-        if carried is None or not state.propagate:
+        if carried is None or platform or not state.propagate:
             return _UNTRACED
         return Attempt(carried.fields())
     attributes: dict[str, str | int] = {
@@ -167,11 +175,26 @@ def attempt(
     }
     if number > 1:
         attributes["http.request.resend_count"] = number - 1
-    # without a context of its own, a new trace (never the current one of whatever runs it)
-    parent = otel_context.Context() if carried is None else carried.parent()
-    span = tracer.start_span("POST", context=parent, kind=SpanKind.CLIENT, attributes=attributes)
+    parent, links = _parent(carried, platform=platform)
+    span = tracer.start_span(
+        "POST", context=parent, kind=SpanKind.CLIENT, attributes=attributes, links=links
+    )
     sent = TraceContext.of(span.get_span_context())
     return Attempt(sent.fields() if sent is not None and state.propagate else {}, span)
+
+
+def _parent(
+    carried: TraceContext | None, *, platform: bool
+) -> tuple[otel_context.Context, list[Link]]:
+    """An attempt span's parent and links. Without a context of its own, a new trace (never
+    the current one of whatever runs it); a platform-wide callback's, a new trace linked
+    to the one carried."""
+    if carried is None:
+        return otel_context.Context(), []
+    if not platform:
+        return carried.parent(), []
+    emitter = trace.get_current_span(carried.parent()).get_span_context()
+    return otel_context.Context(), [Link(emitter)]
 
 
 _DEFAULT_PORTS = {"http": 80, "https": 443}
@@ -180,22 +203,15 @@ _DEFAULT_PORTS = {"http": 80, "https": 443}
 @functools.lru_cache(maxsize=4096)
 def url_attributes(url: str) -> Mapping[str, str | int]:
     """A callback URL as span attributes (`url.full`, `url.scheme`, `server.address`,
-    `server.port`): credentials and every query value replaced by `REDACTED` (a token in a
-    query string stays out of traces), no fragment."""
+    `server.port`): `url.full` as a log line shows it (`redacted_url`: credentials and
+    every query value replaced by `REDACTED`, no fragment)."""
     try:
         parts = urlsplit(url)
         port = parts.port or _DEFAULT_PORTS.get(parts.scheme, 0)
     except ValueError:
-        return {"url.full": "REDACTED"}
-    netloc = parts.netloc.rpartition("@")[2]
-    if "@" in parts.netloc:
-        netloc = "REDACTED:REDACTED@" + netloc
-    query = "&".join(
-        item.partition("=")[0] + "=REDACTED" for item in parts.query.split("&") if item
-    )
-    full = parts._replace(netloc=netloc, query=query, fragment="").geturl()
+        return {"url.full": REDACTED}
     return {
-        "url.full": full,
+        "url.full": redacted_url(url) or REDACTED,
         "url.scheme": parts.scheme,
         "server.address": parts.hostname or "",
         "server.port": port,

@@ -293,9 +293,9 @@ class Engine:
         try:
             await self.fence.check()  # its job's lease still ours (after a pause: another's?)
             started = time.monotonic()
-            with tracing.attempt(job.trace, url=target.url, number=number,
-                                 delivery_id=job.delivery_id, event_id=job.event_id,
-                                 project_id=job.emitter or job.project_id,
+            with tracing.attempt(job.trace, url=target.url, owner=target.project_id,
+                                 number=number, delivery_id=job.delivery_id,
+                                 event_id=job.event_id, project_id=job.emitter or job.project_id,
                                  callback_id=target.id) as traced:  # fmt: skip
                 done = await self.sender.send(job, target, traced.headers)
                 result = done.result

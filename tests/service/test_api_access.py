@@ -248,6 +248,21 @@ async def test_every_answer_names_its_request_id(strict_api: httpx.AsyncClient) 
     assert mine.headers["X-Request-ID"] == "trace-42"
 
 
+async def test_a_request_id_is_taken_only_as_plain_text(strict_api: httpx.AsyncClient) -> None:
+    """Every log line of the request carries it: C1 controls (NEL, CSI), white space or
+    markup in it would reach them as they came; such an id is replaced by a new one."""
+    for kept in ("4bf92f35-77b3-4da6-a3ce-929d0e0e4736", "ci.build_7:step-2", "x" * 64):
+        answer = await strict_api.get("/healthz", headers={"X-Request-ID": kept})
+        assert answer.headers["X-Request-ID"] == kept
+    long = await strict_api.get("/healthz", headers={"X-Request-ID": "y" * 65})
+    assert long.headers["X-Request-ID"] == "y" * 64  # its first 64, as before
+    refused = (b'abc\x85{"level":"critical"}\x9b2J', b"a b", b"a\tb", b"<b>", b"a=1;b", b"\xc3\xa9")
+    for sent in refused:
+        answer = await strict_api.get("/healthz", headers=[(b"X-Request-ID", sent)])
+        given = answer.headers["X-Request-ID"]
+        assert len(given) == 32 and given.isalnum(), (sent, given)
+
+
 async def test_a_body_sent_without_its_length_is_held_to_the_limit(
     api: httpx.AsyncClient,
 ) -> None:

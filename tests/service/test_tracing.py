@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Iterator
+from contextlib import nullcontext
 from typing import Any
 
 import httpx
@@ -27,7 +28,7 @@ from dispatcher.cli import app
 from dispatcher.embedded import EmbeddedRedis
 from dispatcher.jobs import EventJob, decode
 from dispatcher.keys import Keys
-from dispatcher.models import Event, Region
+from dispatcher.models import PLATFORM_PROJECT, Event, Region
 from dispatcher.producer import Producer
 from dispatcher.queue import Queue
 from dispatcher.registry import Registry
@@ -254,6 +255,46 @@ async def test_an_event_without_a_context_gets_a_trace_when_spans_are_recorded(
     assert emit.parent is None and parent_id(fan_out) == emit.context.span_id  # a new trace
     one, two = (s.headers["traceparent"] for s in receiver.requests())
     assert trace_id(one) == trace_id(two) == f"{fan_out.context.trace_id:032x}"
+
+
+@pytest.mark.parametrize("exported", [False, True])
+async def test_a_platform_receiver_gets_a_trace_of_its_own(
+    http_api: httpx.AsyncClient,
+    redis: Redis,
+    receiver: Receiver,
+    run_worker: RunWorker,
+    exported: bool,
+) -> None:
+    """The operator's receiver is never put in a project's trace: the project's
+    `tracestate` and sampled flag stay with the project's own callbacks."""
+    await register(http_api, receiver.url("/own"))
+    await Registry(redis).create(PLATFORM_PROJECT, receiver.url("/ops"), "BUILD_END",
+                                 Region.DEVNET, "")  # fmt: skip
+    unsampled = f"00-{TRACE_ID}-00f067aa0ba902b7-00"
+    provider, exporter = TracerProvider(), InMemorySpanExporter()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    with tracing.recording(provider) if exported else nullcontext():
+        emitted = await http_api.post(
+            f"{PROJECT}/events", json={"event": "BUILD_END"},
+            headers={"traceparent": unsampled, "tracestate": "evil=anything"},
+        )  # fmt: skip
+        assert emitted.status_code == 200
+        await run_worker()
+    provider.shutdown()
+    own, ops = (receiver.requests(path)[0].headers for path in ("/own", "/ops"))
+    assert trace_id(own["traceparent"]) == TRACE_ID and own["tracestate"] == "evil=anything"
+    assert "tracestate" not in ops
+    if not exported:  # nothing recorded: the platform's request carries no context at all
+        assert (own["traceparent"], "traceparent" in ops) == (unsampled, False)
+        return
+    assert own["traceparent"].endswith("-00")  # the project's choice: its span not recorded
+    [posted] = [s for s in exporter.get_finished_spans() if s.name == "POST"]
+    context = posted.context
+    assert posted.parent is None and context.trace_flags.sampled  # a new trace, on its own
+    ids = f"00-{context.trace_id:032x}-{context.span_id:016x}-{context.trace_flags:02x}"
+    assert ops["traceparent"] == ids
+    [link] = posted.links  # to the project's trace, for the operator's eyes only
+    assert f"{link.context.trace_id:032x}" == TRACE_ID
 
 
 MALFORMED = [

@@ -21,7 +21,7 @@ from aiohttp.http_parser import RawResponseMessage
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
-from dispatcher import egress, lane_ids
+from dispatcher import egress, lane_ids, tracing
 from dispatcher.backoff import parse_retry_after
 from dispatcher.delivery import MAX_ERROR, AttemptResult, Outcome, send
 from dispatcher.egress import AddressPolicy
@@ -325,10 +325,14 @@ def test_a_log_line_never_shows_a_stored_urls_credentials(url: str) -> None:
     assert "S3cr3tPw" not in _loggable(target)
 
 
-def test_a_log_line_shows_a_good_url_as_it_is() -> None:
-    for url in ("http://h.example/users/a@b", "https://h.example/p?q=%20ok&r=a@b"):
+def test_a_log_line_shows_a_good_url_as_a_span_does() -> None:
+    for url, shown in (
+        ("http://h.example/users/a@b", "http://h.example/users/a@b"),
+        ("https://h.example/p?q=%20ok&r=a@b#f", "https://h.example/p?q=REDACTED&r=REDACTED"),
+    ):
         target = CallbackTarget(1, url, Region.OSS, "t")
-        assert target.destination.problem is None and _loggable(target) == url
+        assert target.destination.problem is None and _loggable(target) == shown
+        assert tracing.url_attributes(url)["url.full"] == shown
 
 
 @pytest.mark.parametrize("allow_internal", [False, True])

@@ -69,10 +69,28 @@ def test_min_replicas_needs_a_redis_of_its_own() -> None:
         Settings(redis_url="redis://h/0", redis_min_replicas=-1)
 
 
-def test_passwords_are_masked_where_urls_are_shown() -> None:
-    assert shown("redis://:pw@h:1/0") == "redis://:***@h:1/0"
-    assert shown("rediss+sentinel://u:p@a:1,b:2/m/0") == "rediss+sentinel://u:***@a:1,b:2/m/0"
-    assert shown("unix:///run/redis.sock") == "unix:///run/redis.sock"
+@pytest.mark.parametrize(
+    ("url", "masked"),
+    [
+        ("redis://:pw@h:1/0", "redis://:***@h:1/0"),
+        ("rediss+sentinel://u:p@a:1,b:2/m/0", "rediss+sentinel://u:***@a:1,b:2/m/0"),
+        ("redis+cluster://u:p@a:1,b:2", "redis+cluster://u:***@a:1,b:2"),
+        ("unix:///run/redis.sock", "unix:///run/redis.sock"),
+        ("redis://h:6379/0?db=2&decode_responses=1", "redis://h:6379/0?db=2&decode_responses=1"),
+        # what redis-py reads as a password too: every one masked whole
+        ("redis://:s3cret@ss@h/0", "redis://:***@h/0"),  # up to the last '@', as it splits
+        ("redis://u:s3cr/et@h/0", "redis://u:***@h/0"),  # a '/': no host redis-py can read
+        ("redis://s3cret@h/0", "redis://***@h/0"),  # a user name alone: too much, not less
+        ("redis://h/0?password=s3cret", "redis://h/0?password=***"),
+        ("rediss://h/0?db=1&Pass%77ord=s3cret&x=y", "rediss://h/0?db=1&Pass%77ord=***&x=y"),
+        ("unix:///run/redis.sock?password=s3cret", "unix:///run/redis.sock?password=***"),
+        ("unix://:s3cret@/run/redis.sock", "unix://:***@/run/redis.sock"),
+        ("redis+sentinel://a:1/m/0?sentinel_password=s3cret", "redis+sentinel://a:1/m/0?sentinel_password=***"),
+        ("rediss://h/0?ssl_password=s3cret#x", "rediss://h/0?ssl_password=***"),
+    ],
+)  # fmt: skip
+def test_passwords_are_masked_where_urls_are_shown(url: str, masked: str) -> None:
+    assert shown(url) == masked
 
 
 def test_arq_settings_of_a_sentinel_url_name_the_same_master() -> None:
