@@ -52,6 +52,7 @@ from dispatcher.topology import close_all, connect_shards, shards_of
 from dispatcher.worker import fence, unending
 from dispatcher.worker.duties import Counts, Duties, every
 from dispatcher.worker.hold import held_back
+from dispatcher.worker.idling import Idling
 from dispatcher.worker.lanes import Adopt
 from dispatcher.worker.served import CLAIM_ERRORS, Served, given_shards
 from dispatcher.worker.shipping import Shipping
@@ -123,6 +124,7 @@ class Worker:
         self.slots = Slots(self.max_jobs, self.claim_batch, self.served)
         self.running = self.slots.running
         self.turns = Turns(self.served, claim_wait(settings), self._late)
+        self.idling = Idling(self.poll_delay)
         self.jobs_started = self.jobs_complete = self.jobs_failed = 0
         self._stop: asyncio.Event | None = None
         self._due: asyncio.Event | None = None  # set when this worker queued a job due now
@@ -184,6 +186,7 @@ class Worker:
             claimed = await self.turns.claim(run, share, self._held(run), self.poll_delay)
             if claimed is None:  # its Redis did not answer (in turn): that shard backs off
                 continue
+            self.idling.found(len(claimed))
             for job in claimed:
                 self._start(run, job)
             short = len(claimed) < share
@@ -202,11 +205,11 @@ class Worker:
         return held_back(run, self.max_pending_writes, self.shipping, self._burst_spent())
 
     async def _idle(self) -> None:
-        """A poll interval, cut short when this worker queues a job due at once (the next
-        chunk of a fan-out) or stops."""
+        """A poll interval (longer once idle: `idling.py`), cut short when this worker
+        queues a job due at once (the next chunk of a fan-out) or stops."""
         assert self._due is not None
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._due.wait(), self.poll_delay)
+            await asyncio.wait_for(self._due.wait(), self.idling.wait_s())
 
     def _wake(self) -> None:
         if self._due is not None:

@@ -164,6 +164,36 @@ async def test_a_project_at_its_share_is_claimed_for_as_its_jobs_end_not_a_poll_
         await worker.close()
 
 
+async def claims_sent(redis: Redis) -> int:
+    """The scripts Redis has run (a worker's claim is one), as of before this INFO."""
+    return int((await redis.info("commandstats")).get("cmdstat_evalsha", {}).get("calls", 0))
+
+
+async def test_an_idle_worker_asks_for_jobs_a_few_times_a_second(
+    redis_server: EmbeddedRedis, redis: Redis, receiver: Receiver
+) -> None:
+    """An idle worker claimed every poll interval, ~45 claim scripts a second at its 20 ms
+    (135 commands): a thousand idle workers kept one Redis busy for nothing. After a quiet
+    second it asks every 0.2 s (`idling.py`), and an event emitted then is still sent."""
+    settings = make_settings(redis_server.url)
+    url = receiver.script("/hook", answer(200))
+    await Registry(redis).create("demo", url, Event.BUILD_END, Region.DEVNET, "t")
+    worker = create_worker(settings, poll_delay=0.02, handle_signals=False)
+    main = asyncio.create_task(worker.main())
+    try:
+        await asyncio.sleep(1.5)  # past its quiet second
+        before = await claims_sent(redis)
+        await asyncio.sleep(2)
+        claims = await claims_sent(redis) - before
+        await Producer(settings, redis).emit("demo", "BUILD_END", {}, event_id="after-quiet")
+        await receiver.wait_for(1, within=10)
+    finally:
+        worker.stop()
+        await main
+        await worker.close()
+    assert claims <= 20, f"{claims} scripts in 2 s of an idle worker (~10 expected, 90 before)"
+
+
 async def test_a_lapsed_lease_passes_the_job_on_and_only_its_holder_ends_it(
     settings: Settings, redis: Redis
 ) -> None:
