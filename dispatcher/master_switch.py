@@ -114,7 +114,7 @@ async def _follow(ref: weakref.ref[FollowingPool]) -> None:
     listeners = [asyncio.create_task(_listen(ref, sentinel, every)) for sentinel in sentinels]
     try:
         while True:
-            if not await _ask(ref):
+            if not await _ask(ref) or not _going_on(ref):
                 return
             await asyncio.sleep(every)
     finally:
@@ -128,11 +128,11 @@ async def _listen(ref: weakref.ref[FollowingPool], sentinel: Any, every: float) 
     restarts. Every sentinel is listened to: the one that led the failover announces it
     last (once the other replicas follow the new master: a second here), the others as
     soon as it tells them its new configuration. Returns when the pool is gone."""
-    while ref() is not None:
+    while _going_on(ref):
         pubsub = sentinel.pubsub()
         try:
             await pubsub.subscribe(SWITCH_MASTER)
-            while ref() is not None:
+            while _going_on(ref):
                 message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=every)
                 if message is not None:
                     await _heard(ref, sentinel, message)
@@ -142,6 +142,17 @@ async def _listen(ref: weakref.ref[FollowingPool], sentinel: Any, every: float) 
             with contextlib.suppress(Exception):
                 await pubsub.aclose()
         await asyncio.sleep(PAUSE_S)
+
+
+def _going_on(ref: weakref.ref[FollowingPool]) -> bool:
+    """Whether the pool is still there; CancelledError when this task was cancelled, the
+    cancellation lost: on Python 3.11 redis-py sends each command under `asyncio.wait_for`,
+    which drops a cancellation that comes as the send completes (the task went on, cancelled,
+    for good: a client's close waited for it forever, a loop's close too)."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
+    return ref() is not None
 
 
 async def _heard(ref: weakref.ref[FollowingPool], sentinel: Any, message: dict[str, Any]) -> None:
