@@ -16,7 +16,9 @@ sentinels make it, and it asks for the master (`SENTINEL MASTERS`) every
 address, idle connections to the old one are closed, and one in use is closed before its
 next command, which raises `MasterMoved` (a lost connection: retried, on the master). A
 sentinel that fails or restarts is subscribed to again after a short pause. Nothing is
-added to any command sent to Redis.
+added to any command sent to Redis. The task ends with the pool's close (`disconnect`, as
+the client's `aclose` does), and closes what it opened as it ends, cancelled too (a loop
+that closes cancels it).
 """
 
 from __future__ import annotations
@@ -79,9 +81,21 @@ class FollowingPool(SentinelConnectionPool):
         self.master_address = address
         await self.disconnect(inuse_connections=False)
 
+    async def disconnect(self, inuse_connections: bool = True) -> None:
+        """All the pool's connections (a client's close) closed once its follower is
+        stopped, and with it its connections to the sentinels; only the idle ones (a
+        switch), the follower going on."""
+        if inuse_connections:
+            await self.stop_following()
+        await super().disconnect(inuse_connections)
+
     async def stop_following(self) -> None:
+        """The follower cancelled and awaited: its listeners' connections and its idle ones
+        to the sentinels closed (`_follow`)."""
         follower, self._follower = self._follower, None
-        if follower is not None and follower.get_loop() is asyncio.get_running_loop():
+        if follower is None or follower is asyncio.current_task():
+            return
+        if follower.get_loop() is asyncio.get_running_loop():
             follower.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await follower
@@ -106,7 +120,9 @@ class FollowsSwitch(AbstractConnection):
 
 async def _follow(ref: weakref.ref[FollowingPool]) -> None:
     """Until the pool is gone (or its client closed): a listener on each sentinel, and the
-    master asked for every `recheck_s` (what a listener missed while it reconnected)."""
+    master asked for every `recheck_s` (what a listener missed while it reconnected). Ended
+    (cancelled too, as a loop that closes cancels it), its listeners' connections are closed
+    and the sentinels' idle ones (its questions'): a loop closed under it finds none open."""
     if (pool := ref()) is None:
         return
     sentinels, every = list(pool.sentinel_manager.sentinels), pool.recheck_s
@@ -121,6 +137,8 @@ async def _follow(ref: weakref.ref[FollowingPool]) -> None:
         for listener in listeners:
             listener.cancel()
         await asyncio.gather(*listeners, return_exceptions=True)
+        idle = (s.connection_pool.disconnect(inuse_connections=False) for s in sentinels)
+        await asyncio.gather(*idle, return_exceptions=True)
 
 
 async def _listen(ref: weakref.ref[FollowingPool], sentinel: Any, every: float) -> None:

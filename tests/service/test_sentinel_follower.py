@@ -1,10 +1,16 @@
 """A Sentinel-backed pool's follower (`dispatcher/master_switch.py`: a task listening to
-every sentinel's `+switch-master`, asking for the master now and then), on a real Sentinel
-group: a cancellation redis-py lost ends it all the same, and it leaves nothing open."""
+every sentinel's `+switch-master`, asking for the master now and then) leaves nothing open,
+on a real Sentinel group: whichever way it ends (the client closed, at once or in full swing;
+the pool disconnected; the loop closed under it; a command made while the client closes; a
+sentinel that drops the connection as it subscribes), no task of it runs on and no
+connection it opened is left for the garbage collector (a `ResourceWarning`: "unclosed
+Connection", a stream writer of a closed loop); and a cancellation redis-py lost ends it
+all the same."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import gc
 import sys
@@ -15,6 +21,7 @@ from typing import Any
 import pytest
 from redis.asyncio import Redis
 from redis.asyncio.connection import AbstractConnection
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from dispatcher.connections import connect
 from dispatcher.embedded import SentinelGroup
@@ -41,6 +48,108 @@ def client(url: str) -> tuple[Redis, FollowingPool]:
     return redis, pool
 
 
+async def in_full_swing(redis: Redis, pool: FollowingPool) -> None:
+    """A command made (the follower started), and a subscriber on every sentinel."""
+    await redis.ping()
+
+    async def subscribed() -> bool:
+        seen = [await s.client_list() for s in pool.sentinel_manager.sentinels]
+        return all(any(c.get("sub") == "1" for c in clients) for clients in seen)
+
+    await until(subscribed, 10, "a subscriber on every sentinel")
+
+
+async def closed(url: str) -> None:
+    redis, pool = client(url)
+    await in_full_swing(redis, pool)
+    await redis.aclose()
+    assert not following()
+
+
+async def closed_at_once(url: str) -> None:
+    """The close as the follower connects to the sentinels and subscribes."""
+    for turns in range(0, 30, 3):
+        redis, _ = client(url)
+        await redis.ping()
+        for _ in range(turns):
+            await asyncio.sleep(0)
+        await redis.aclose()
+        assert not following()
+
+
+async def disconnected(url: str) -> None:
+    """The pool disconnected (all its connections, as a client's close does), the client
+    left as it is."""
+    redis, pool = client(url)
+    await in_full_swing(redis, pool)
+    await pool.disconnect()
+    assert not following()
+
+
+async def loop_closed(url: str) -> None:
+    """The loop closes under the follower: the pool's own connections closed (idle ones,
+    the follower going on), and the client left as it is."""
+    redis, pool = client(url)
+    await in_full_swing(redis, pool)
+    await pool.disconnect(inuse_connections=False)
+
+
+async def command_while_closing(url: str) -> None:
+    """A command made while the client closes (its follower stopped, the pool not yet
+    disconnected) starts a follower again: it ends with the close. (The pool full, the
+    command is refused at once: the follower is all it starts, whichever ends first.)"""
+    redis, pool = client(url)
+    await in_full_swing(redis, pool)
+    held = await pool.get_connection()
+    pool.max_connections = 1
+    closing = asyncio.create_task(redis.aclose())
+    await asyncio.sleep(0)  # the close under way
+    with pytest.raises(RedisConnectionError, match="Too many connections"):
+        await redis.ping()
+    await pool.release(held)
+    await closing
+    assert not following()
+
+
+async def sentinel_drops_subscribers(url: str) -> None:
+    """A sentinel (listed first) that closes the connection on SUBSCRIBE, tried again by
+    its listener after its pause, then the close."""
+    subscribes: list[bytes] = []
+    writers: list[asyncio.StreamWriter] = []
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writers.append(writer)
+        with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError, ValueError):
+            while line := await reader.readline():
+                words = []
+                for _ in range(int(line[1:])):
+                    size = int((await reader.readline())[1:])
+                    words.append((await reader.readexactly(size + 2))[:-2].lower())
+                if words[0] == b"subscribe":
+                    subscribes.append(words[1])
+                    break
+                writer.write(b"*0\r\n" if words[0] == b"sentinel" else b"+OK\r\n")
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    redis, _ = client(url.replace("://", f"://127.0.0.1:{port},", 1))
+    await redis.ping()
+
+    async def tried_twice() -> bool:
+        return len(subscribes) >= 2
+
+    await until(tried_twice, 10, "the listener subscribing again after its pause")
+    await redis.aclose()
+    assert not following()
+    server.close()
+    for writer in writers:
+        writer.close()
+        with contextlib.suppress(ConnectionError):
+            await writer.wait_closed()
+    await server.wait_closed()
+
+
 def left_open(path: Path, url: str) -> list[str]:
     """The ResourceWarnings of what `path` left open, once its loop is closed (as the CLI's
     `asyncio.run` or a test's loop closes it: its tasks cancelled) and the garbage
@@ -51,6 +160,23 @@ def left_open(path: Path, url: str) -> list[str]:
         asyncio.run(path(url))
         gc.collect()
     return sorted({str(w.message) for w in seen if issubclass(w.category, ResourceWarning)})
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        closed,
+        closed_at_once,
+        disconnected,
+        loop_closed,
+        command_while_closing,
+        sentinel_drops_subscribers,
+    ],
+)
+def test_the_follower_leaves_no_task_and_no_connection_open(
+    sentinel_group: SentinelGroup, path: Path
+) -> None:
+    assert left_open(path, sentinel_group.url) == []
 
 
 SENDER: contextvars.ContextVar[asyncio.Task[Any] | None] = contextvars.ContextVar("sender")
