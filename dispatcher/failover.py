@@ -260,15 +260,18 @@ def _address_of(client: Redis) -> tuple[str, int]:
 
 class SentinelRedis(Redis):
     """The master's client; closing it also stops its pool's following of the sentinels
-    and closes its connections to them."""
+    (a follower a command started while it closed too) and closes its connections to
+    them, whatever closing the pool's connections raised."""
 
     async def aclose(self, close_connection_pool: bool | None = None) -> None:
         pool = self.connection_pool
-        if isinstance(pool, FollowingPool):
-            await pool.stop_following()
-        await super().aclose(close_connection_pool)
-        if isinstance(pool, SentinelConnectionPool):
-            await asyncio.gather(*(s.aclose() for s in pool.sentinel_manager.sentinels))
+        try:
+            await super().aclose(close_connection_pool)  # (the pool's disconnect stops it)
+        finally:
+            if isinstance(pool, FollowingPool):
+                await pool.stop_following()
+            if isinstance(pool, SentinelConnectionPool):
+                await asyncio.gather(*(s.aclose() for s in pool.sentinel_manager.sentinels))
 
 
 def sentinel_kwargs(

@@ -16,7 +16,9 @@ sentinels make it, and it asks for the master (`SENTINEL MASTERS`) every
 address, idle connections to the old one are closed, and one in use is closed before its
 next command, which raises `MasterMoved` (a lost connection: retried, on the master). A
 sentinel that fails or restarts is subscribed to again after a short pause. Nothing is
-added to any command sent to Redis.
+added to any command sent to Redis. The task ends with the pool's close (`disconnect`, as
+the client's `aclose` does), and closes what it opened as it ends, cancelled too (a loop
+that closes cancels it).
 """
 
 from __future__ import annotations
@@ -79,9 +81,21 @@ class FollowingPool(SentinelConnectionPool):
         self.master_address = address
         await self.disconnect(inuse_connections=False)
 
+    async def disconnect(self, inuse_connections: bool = True) -> None:
+        """All the pool's connections (a client's close) closed once its follower is
+        stopped, and with it its connections to the sentinels; only the idle ones (a
+        switch), the follower going on."""
+        if inuse_connections:
+            await self.stop_following()
+        await super().disconnect(inuse_connections)
+
     async def stop_following(self) -> None:
+        """The follower cancelled and awaited: its listeners' connections and its idle ones
+        to the sentinels closed (`_follow`)."""
         follower, self._follower = self._follower, None
-        if follower is not None and follower.get_loop() is asyncio.get_running_loop():
+        if follower is None or follower is asyncio.current_task():
+            return
+        if follower.get_loop() is asyncio.get_running_loop():
             follower.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await follower
@@ -106,7 +120,9 @@ class FollowsSwitch(AbstractConnection):
 
 async def _follow(ref: weakref.ref[FollowingPool]) -> None:
     """Until the pool is gone (or its client closed): a listener on each sentinel, and the
-    master asked for every `recheck_s` (what a listener missed while it reconnected)."""
+    master asked for every `recheck_s` (what a listener missed while it reconnected). Ended
+    (cancelled too, as a loop that closes cancels it), its listeners' connections are closed
+    and the sentinels' idle ones (its questions'): a loop closed under it finds none open."""
     if (pool := ref()) is None:
         return
     sentinels, every = list(pool.sentinel_manager.sentinels), pool.recheck_s
@@ -114,13 +130,15 @@ async def _follow(ref: weakref.ref[FollowingPool]) -> None:
     listeners = [asyncio.create_task(_listen(ref, sentinel, every)) for sentinel in sentinels]
     try:
         while True:
-            if not await _ask(ref):
+            if not await _ask(ref) or not _going_on(ref):
                 return
             await asyncio.sleep(every)
     finally:
         for listener in listeners:
             listener.cancel()
         await asyncio.gather(*listeners, return_exceptions=True)
+        idle = (s.connection_pool.disconnect(inuse_connections=False) for s in sentinels)
+        await asyncio.gather(*idle, return_exceptions=True)
 
 
 async def _listen(ref: weakref.ref[FollowingPool], sentinel: Any, every: float) -> None:
@@ -128,11 +146,11 @@ async def _listen(ref: weakref.ref[FollowingPool], sentinel: Any, every: float) 
     restarts. Every sentinel is listened to: the one that led the failover announces it
     last (once the other replicas follow the new master: a second here), the others as
     soon as it tells them its new configuration. Returns when the pool is gone."""
-    while ref() is not None:
+    while _going_on(ref):
         pubsub = sentinel.pubsub()
         try:
             await pubsub.subscribe(SWITCH_MASTER)
-            while ref() is not None:
+            while _going_on(ref):
                 message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=every)
                 if message is not None:
                     await _heard(ref, sentinel, message)
@@ -142,6 +160,17 @@ async def _listen(ref: weakref.ref[FollowingPool], sentinel: Any, every: float) 
             with contextlib.suppress(Exception):
                 await pubsub.aclose()
         await asyncio.sleep(PAUSE_S)
+
+
+def _going_on(ref: weakref.ref[FollowingPool]) -> bool:
+    """Whether the pool is still there; CancelledError when this task was cancelled, the
+    cancellation lost: on Python 3.11 redis-py sends each command under `asyncio.wait_for`,
+    which drops a cancellation that comes as the send completes (the task went on, cancelled,
+    for good: a client's close waited for it forever, a loop's close too)."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
+    return ref() is not None
 
 
 async def _heard(ref: weakref.ref[FollowingPool], sentinel: Any, message: dict[str, Any]) -> None:
