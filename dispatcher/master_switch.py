@@ -32,8 +32,10 @@ import structlog
 from redis.asyncio.connection import AbstractConnection
 from redis.asyncio.sentinel import SentinelConnectionPool
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
 
 from dispatcher.addresses import host_port
+from dispatcher.errors import describe
 
 __all__ = ["SWITCH_MASTER", "FollowingPool", "FollowsSwitch", "MasterMoved"]
 
@@ -95,10 +97,17 @@ class FollowingPool(SentinelConnectionPool):
         follower, self._follower = self._follower, None
         if follower is None or follower is asyncio.current_task():
             return
-        if follower.get_loop() is asyncio.get_running_loop():
-            follower.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await follower
+        if follower.get_loop() is not asyncio.get_running_loop():
+            return
+        follower.cancel()
+        try:
+            await follower
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if current is not None and current.cancelling():  # the closer's own: go on
+                raise
+        except Exception as exc:  # it died earlier (a sentinel's NOPERM): the close goes on
+            log.warning("sentinel.follower_failed", error=describe(exc))
 
 
 class FollowsSwitch(AbstractConnection):
@@ -202,8 +211,8 @@ async def _ask(ref: weakref.ref[FollowingPool]) -> bool:
     heard = pool.heard
     try:
         address = await pool.sentinel_manager.discover_master(pool.service_name)
-    except RedisConnectionError:  # MasterNotFoundError
-        return True
-    if pool.heard == heard:  # else a switch heard meanwhile is newer than this answer
-        await pool.moved((str(address[0]), int(address[1])))
+        if pool.heard == heard:  # else a switch heard meanwhile is newer than this answer
+            await pool.moved((str(address[0]), int(address[1])))
+    except RedisError as exc:  # none named (MasterNotFoundError), NOPERM, a timeout: again
+        log.debug("redis.sentinel_unasked", error=repr(exc))  # later (an end: no following)
     return True

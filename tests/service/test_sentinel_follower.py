@@ -22,6 +22,7 @@ import pytest
 from redis.asyncio import Redis
 from redis.asyncio.connection import AbstractConnection
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
 
 from dispatcher.connections import connect
 from dispatcher.embedded import SentinelGroup
@@ -225,3 +226,53 @@ def test_a_follower_whose_cancellation_was_lost_ends_all_the_same(
 
     assert left_open(cancellation_lost, sentinel_group.url) == []
     assert len(lost) == 4 or sys.version_info >= (3, 12)  # (3.12's wait_for loses none)
+
+
+def test_a_follower_whose_questions_are_refused_follows_on_and_closes(
+    sentinel_group: SentinelGroup, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A sentinel refusing `SENTINEL MASTERS` (an ACL's NOPERM) ended the follower with that
+    error (no following after it: the paused-master loss back), and the client's close then
+    raised it, its connections to the master left open. Refused, it asks again later."""
+    refused: list[asyncio.Task[Any]] = []
+
+    async def refusing(url: str) -> None:
+        redis, pool = client(url)
+        discover = pool.sentinel_manager.discover_master
+
+        async def refuse(name: str) -> Any:
+            if (task := asyncio.current_task()) is not None and follows(task):
+                refused.append(task)
+                raise ResponseError("NOPERM this user has no permissions to run 'sentinel'")
+            return await discover(name)
+
+        monkeypatch.setattr(pool.sentinel_manager, "discover_master", refuse)
+        async def asked_again() -> bool:
+            return len(refused) >= 2
+
+        await redis.ping()
+        await until(asked_again, 10, "the follower asking again once refused")
+        assert pool._follower is not None and not pool._follower.done()
+        await redis.aclose()
+
+    assert left_open(refusing, sentinel_group.url) == []
+
+
+def test_a_close_that_is_cancelled_is_cancelled(sentinel_group: SentinelGroup) -> None:
+    """The client's close waits for the follower; a cancellation of the closing task then
+    (a request cancelled while its producer closes) was swallowed with the follower's own:
+    the close returned as if not cancelled."""
+
+    async def cancelled_closes(url: str) -> None:
+        for turns in range(8):
+            redis, pool = client(url)
+            await in_full_swing(redis, pool)
+            closing = asyncio.create_task(redis.aclose())
+            for _ in range(turns):
+                await asyncio.sleep(0)
+            closing.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await closing
+            await redis.aclose()  # what the cancelled close left
+
+    assert left_open(cancelled_closes, sentinel_group.url) == []
