@@ -5,9 +5,11 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PY_DIRS := dispatcher tests $(wildcard bench)
 # pytest-xdist workers for the unit, service and repository tiers (0: one process): three
-# on two cores, as the tests wait on real servers much of their time. The fault and
-# browser tiers always run in one: they kill, pause and time real processes.
+# on two cores, as the tests wait on real servers much of their time. The fault tier runs
+# on two, a module to each (its processes wait out kills, pauses and restarts: ~0.5 of a
+# core in one process); the browser tier in one.
 WORKERS ?= 3
+FAULT_WORKERS ?= 2
 FAST_TIERS := tests/unit tests/service tests/repo
 
 .PHONY: run test test-fast test-faults lint fmt typecheck pytest screenshots bench bench-quick deploy-check clean
@@ -32,13 +34,14 @@ typecheck: $(STAMP)
 
 pytest: $(STAMP)
 	$(BIN)/pytest -n $(WORKERS) $(FAST_TIERS)
-	$(BIN)/pytest tests/faults tests/browser
+	$(BIN)/pytest -n $(FAULT_WORKERS) --dist loadfile tests/faults
+	$(BIN)/pytest tests/browser
 
 test-fast: $(STAMP)  ## the loop for every change: unit, service and repository tiers (~100 s; aim < 90 s)
 	$(BIN)/pytest -q -n $(WORKERS) $(FAST_TIERS)
 
 test-faults: $(STAMP)  ## the fault tier: workers, Redis and PostgreSQL killed and paused
-	$(BIN)/pytest -q tests/faults
+	$(BIN)/pytest -q -n $(FAULT_WORKERS) --dist loadfile tests/faults
 
 screenshots: $(STAMP)  ## refresh the README's console screenshots (docs/console/*.png)
 	DISPATCHER_SCREENSHOTS=1 $(BIN)/pytest tests/browser/test_console_browser.py -q
