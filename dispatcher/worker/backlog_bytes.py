@@ -14,6 +14,11 @@ reads them and keeps the answer in Redis for `WALK_DUTY` times the read's time (
 least): at most 1 % of Redis' time, however many workers check. In between every worker
 takes the kept read's bytes per record times the records now (one GET a check); one that
 lost the walk takes its own last answer meanwhile.
+
+An empty stream takes no read at all (0 bytes: the GET, the walk and `INFO` were sent every
+second for nothing by every idle worker), the bound (`INFO memory`) is read once in
+`BOUND_EVERY_S`, and a refusal (an ACL) is asked again after `REFUSED_WAIT_S`, twice as long
+after each refusal up to `REFUSED_WAIT_MAX_S` (it was asked every second).
 """
 
 from __future__ import annotations
@@ -37,6 +42,9 @@ MAXMEMORY_SHARE = 0.25
 NO_MAXMEMORY_BYTES = 1 << 30
 WALK_DUTY = 100
 WALK_LOCK_MS = 60_000  # a walk's claim (its worker killed mid-walk: another walks then)
+# maxmemory changes seldom (CONFIG SET): a new one is the bound within this many seconds
+BOUND_EVERY_S = 30.0
+REFUSED_WAIT_S, REFUSED_WAIT_MAX_S = 60.0, 960.0
 
 log = structlog.get_logger("dispatcher.worker")
 
@@ -48,18 +56,30 @@ class StreamBytes:
     bytes: int = 0  # the last read's
     count: int = 0  # how many records the stream held then
     refused: bool = False  # MEMORY USAGE or INFO refused (an ACL): no byte bound
+    limit: int = 0  # the bound, as last read (0: not yet)
+    _limit_until: float = 0.0  # when to read the bound again (monotonic)
+    _ask_after: float = 0.0  # refused: when to ask again (monotonic)
+    _refused_wait: float = REFUSED_WAIT_S
 
     async def over(self, redis: Redis, stream: str, count: int) -> tuple[int, bool]:
         """The bytes of `stream`, which holds `count` records now, and whether they are past
-        the bound; (0, False) when Redis refuses to tell (logged once)."""
+        the bound; (0, False) for an empty stream, with no command, and when Redis refuses
+        to tell (logged once; asked again after a wait that doubles)."""
+        now = time.monotonic()
+        if count == 0 or now < self._ask_after:
+            return 0, False
         try:
             size = await self.read(redis, stream, count)
-            return size, size >= await bound(redis)
+            if now >= self._limit_until:
+                self.limit, self._limit_until = await bound(redis), now + BOUND_EVERY_S
         except ResponseError as exc:
             if not self.refused:
                 log.warning("history.backlog_bytes_unread", error=str(exc))
-            self.refused = True
+            self.refused, self._ask_after = True, now + self._refused_wait
+            self._refused_wait = min(2 * self._refused_wait, REFUSED_WAIT_MAX_S)
             return 0, False
+        self.refused, self._refused_wait = False, REFUSED_WAIT_S
+        return size, size >= self.limit
 
     async def read(self, redis: Redis, stream: str, count: int) -> int:
         """The bytes of `stream`, which holds `count` records now: the fleet's last read,

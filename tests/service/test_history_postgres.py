@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import random
 import uuid
+from collections import Counter
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -673,26 +674,59 @@ async def test_the_byte_bound_is_a_share_of_maxmemory_and_the_bytes_a_metric(
     assert not shipping.full
 
 
+async def commands_run(redis: Redis) -> Counter[str]:
+    """How many times Redis ran or refused each command (a subcommand counted as its
+    command), as of before this INFO."""
+    ran: Counter[str] = Counter()
+    for name, stat in (await redis.info("commandstats")).items():
+        command = name.removeprefix("cmdstat_").split("|")[0]
+        ran[command] += int(stat["calls"]) + int(stat.get("rejected_calls", 0))
+    return ran
+
+
 async def test_a_redis_that_refuses_memory_usage_leaves_the_record_count_bound(
     redis: Redis, redis_server: EmbeddedRedis
 ) -> None:
     """A user whose ACL denies MEMORY (a managed Redis may): no byte bound, said once; the
     worker's backlog watch goes on (an error other than an outage ended it), and a read
-    that failed leaves the fleet's walk to the next check."""
+    that failed leaves the fleet's walk to the next check. Refused, it is not asked again
+    at the next check (it was every second) but a minute later, then twice as long."""
     await redis.acl_setuser("nomem", enabled=True, passwords=["+pw"], keys=["*"], channels=["*"],
                             commands=["+@all", "-memory"])  # fmt: skip
     limited = Redis.from_url(redis_server.url.replace("redis://", "redis://nomem:pw@"))
     try:
         measured = backlog_bytes.StreamBytes()
+        before = await commands_run(redis)
         with capture_logs() as logs:
             assert await measured.over(limited, keys.HISTORY_STREAM, 3) == (0, False)
             assert await measured.over(limited, keys.HISTORY_STREAM, 3) == (0, False)
         assert [e["event"] for e in logs] == ["history.backlog_bytes_unread"]
+        assert (await commands_run(redis))["memory"] == before["memory"] + 1
         # the walk it could not make is left to the next check (held 60 s before: review)
         assert not await redis.exists(f"{keys.HISTORY_STREAM}:bytes:walk")
     finally:
         await limited.aclose()
         await redis.acl_deluser("nomem")
+
+
+async def test_an_empty_stream_is_no_byte_read_and_the_bound_read_once_a_while(
+    redis: Redis, pg_settings: Settings
+) -> None:
+    """Every check of every worker read the bytes (a GET, the walk each time the fleet's
+    read had lapsed) and INFO memory, for an empty stream as for a full one (review). An
+    empty stream is 0 bytes with no command; the bound (INFO) is read once in 30 s."""
+    measured = backlog_bytes.StreamBytes()
+    before = await commands_run(redis)
+    assert await measured.over(redis, keys.HISTORY_STREAM, 0) == (0, False)
+    assert await commands_run(redis) - before == Counter(info=1)  # (the one that read before)
+    history = open_history(pg_settings, redis, keys)
+    await history.add(record(now_ms() - 100, 1))
+    await history.close()
+    before = await commands_run(redis)
+    for _ in range(3):
+        size, past = await measured.over(redis, keys.HISTORY_STREAM, 1)
+        assert size > 0 and not past
+    assert (await commands_run(redis))["info"] == before["info"] + 2  # the bound's, before's
 
 
 async def test_the_backlog_is_a_metric(pg_settings: Settings, redis: Redis) -> None:
@@ -1072,15 +1106,10 @@ async def test_the_fleet_reads_the_streams_bytes_once_a_while_not_each_worker(
         await history.add(record(now_ms() - 100, n + 1))
     await history.close()
 
-    async def walks() -> int:
-        stats = await redis.info("commandstats")
-        found = stats.get("cmdstat_memory|usage") or stats.get("cmdstat_memory") or {}
-        return int(found.get("calls", 0))
-
-    before = await walks()
+    before = await commands_run(redis)
     fleet = [backlog_bytes.StreamBytes() for _ in range(10)]  # ten workers' checks
     sizes = [await one.read(redis, keys.HISTORY_STREAM, 20) for one in fleet]
-    assert await walks() - before == 1
+    assert (await commands_run(redis))["memory"] - before["memory"] == 1
     held = await redis.memory_usage(keys.HISTORY_STREAM, samples=0)
     assert sizes == [held] * 10
 
