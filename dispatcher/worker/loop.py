@@ -265,6 +265,7 @@ class Worker:
         starter's: another job's log fields, span or giving up): its attempts check its
         lease (`fence`), and end unsent when it gives up (`unending`, `gives_up` why)."""
         self.jobs_started += 1
+        self.shipping.job_started()  # its records may near the backlog's bound: checked now
         run.engine.shares.job_started(job_id)
         run.engine.fence.started(job_id)
         context = self._context.copy()

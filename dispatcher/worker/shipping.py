@@ -7,6 +7,16 @@ reads how many records wait in Redis and the bytes they take: past
 (`backlog_bytes`), it stops claiming jobs (deliveries wait in the queue, nothing is dropped
 and the records do not fill Redis) until the shipper has caught up. With the Redis backend
 all of this is idle.
+
+An idle worker checks less often: after a check that found every backlog under half its
+bounds (so not past them), with no job started since the check before, it waits twice as
+long as before, up to `BACKLOG_IDLE_MAX_S` (every worker of an idle fleet read it every
+second, for nothing). The bound is what stops a worker's claims, and a worker that starts
+no job writes no record: the first job it starts wakes the watch for a check at once, and it
+checks every second while it starts jobs. So a worker idle for hours, the backlog past the
+bound meanwhile, starts the jobs of its first claim (and of any it makes within that check's
+round trip) and stops, where one checking every second went on claiming for up to a second
+on the answer before: a long wait never lets it claim on a stale answer.
 """
 
 from __future__ import annotations
@@ -34,7 +44,9 @@ __all__ = ["Shipping"]
 
 log = structlog.get_logger("dispatcher.worker")
 
-BACKLOG_EVERY_S = 1.0
+BACKLOG_EVERY_S = 1.0  # while the worker starts jobs, or a backlog nears a bound
+BACKLOG_IDLE_MAX_S = 8.0  # the longest wait of an idle worker's watch
+NEAR = 0.5  # a backlog past this share of a bound is checked every second
 
 
 class Shipping:
@@ -46,7 +58,10 @@ class Shipping:
         self.shards = shards
         self.enabled = isinstance(shards[0].history, PostgresHistory)
         self.full = False  # the backlog is past its limit: claim nothing
+        self.wait = BACKLOG_EVERY_S  # until the watch's next check
         self._bytes = [StreamBytes() for _ in shards]
+        self._started = False  # a job started since the last check
+        self._woken = asyncio.Event()
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._ship: asyncio.Task[None] | None = None
@@ -54,6 +69,7 @@ class Shipping:
     def start(self) -> None:
         if not self.enabled:
             return
+        self.wait, self._woken = BACKLOG_EVERY_S, asyncio.Event()  # (the running loop's)
         self._tasks.append(asyncio.create_task(self._watch()))
         if self.settings.history_ship:
             shippers = [
@@ -62,27 +78,40 @@ class Shipping:
             ]
             self._ship = asyncio.create_task(_all(shippers))
 
+    def job_started(self) -> None:
+        """The worker started a job (it will write records): check every second again,
+        and at once when the watch waits longer."""
+        self._started = True
+        if self.wait > BACKLOG_EVERY_S:
+            self._woken.set()
+
     async def _watch(self) -> None:
         while True:
+            calm = False
             with contextlib.suppress(*REDIS_ERRORS):
-                await self.check()
-            await asyncio.sleep(BACKLOG_EVERY_S)
+                calm = await self.check()
+            idle, self._started = calm and not self._started, False
+            self.wait = min(2 * self.wait, BACKLOG_IDLE_MAX_S) if idle else BACKLOG_EVERY_S
+            self._woken.clear()  # a job started during the check: counted just above
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._woken.wait(), self.wait)
 
-    async def check(self) -> None:
+    async def check(self) -> bool:
         """Read the backlog (of every shard served); set the gauges and whether the worker
         may claim (no shard's backlog past the limit, in records or bytes: each is one
-        Redis's memory)."""
-        waiting, age, worst, held, over = 0, 0.0, 0, 0, False
+        Redis's memory). Whether every backlog is under `NEAR` its bounds."""
+        waiting, age, worst, held, over, near = 0, 0.0, 0, 0, False, False
         for shard, measured in zip(self.shards, self._bytes, strict=True):
             count, oldest = await shard.history.backlog()
             size, past = await measured.over(shard.redis, shard.keys.HISTORY_STREAM, count)
-            over = over or past
+            over, near = over or past, near or size > NEAR * measured.limit
             waiting, age, worst = waiting + count, max(age, oldest), max(worst, count)
             held += size
         metrics.HISTORY_BACKLOG.set(waiting)
         metrics.HISTORY_BACKLOG_AGE.set(age)
         metrics.HISTORY_BACKLOG_BYTES.set(held)
         full = over or worst >= self.settings.history_backlog_limit
+        near = near or worst >= NEAR * self.settings.history_backlog_limit
         if full != self.full:
             if full:
                 log.error(
@@ -96,6 +125,7 @@ class Shipping:
             else:
                 log.info("history.backlog_ok", waiting=waiting, bytes=held)
             self.full = full
+        return not near
 
     async def stop(self, within: float) -> None:
         """Stop the shipper, which first ships what is left while it leads (at most
