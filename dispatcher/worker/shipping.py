@@ -17,19 +17,24 @@ checks every second while it starts jobs. So a worker idle for hours, the backlo
 bound meanwhile, starts the jobs of its first claim (and of any it makes within that check's
 round trip) and stops, where one checking every second went on claiming for up to a second
 on the answer before: a long wait never lets it claim on a stale answer.
+
+The watch outlives any error: an outage or a reply meaning "not now" (BUSY with a script,
+LOADING: `transient_reply`) leaves the last answer to the next check, any other (an ACL
+refusing XLEN) too, logged once until a check succeeds (a BUSY reply ended the watch for
+good, the worker held or unbounded from then on: review).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import structlog
 
 from dispatcher import metrics
-from dispatcher.connections import REDIS_ERRORS
-from dispatcher.history.postgres import PostgresHistory
+from dispatcher.connections import REDIS_ERRORS, transient_reply
+from dispatcher.history.postgres import PostgresHistory, backlog_of
 from dispatcher.history.shipper import Shipper
 from dispatcher.stopping import cancel_all
 from dispatcher.worker.backlog_bytes import StreamBytes
@@ -62,6 +67,7 @@ class Shipping:
         self._bytes = [StreamBytes() for _ in shards]
         self._started = False  # a job started since the last check
         self._woken = asyncio.Event()
+        self._failing = False  # a check's error said (once until a check succeeds)
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._ship: asyncio.Task[None] | None = None
@@ -87,14 +93,26 @@ class Shipping:
 
     async def _watch(self) -> None:
         while True:
-            calm = False
-            with contextlib.suppress(*REDIS_ERRORS):
-                calm = await self.check()
+            calm = await self._check()
             idle, self._started = calm and not self._started, False
             self.wait = min(2 * self.wait, BACKLOG_IDLE_MAX_S) if idle else BACKLOG_EVERY_S
             self._woken.clear()  # a job started during the check: counted just above
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._woken.wait(), self.wait)
+
+    async def _check(self) -> bool:
+        """`check`, its errors the next check's (see the module's doc); not calm then."""
+        try:
+            calm = await self.check()
+        except REDIS_ERRORS:
+            return False
+        except Exception as exc:  # the watch must not end: `full` would stay as it is
+            if not transient_reply(exc) and not self._failing:
+                log.error("history.backlog_unchecked", error=repr(exc))
+                self._failing = True
+            return False
+        self._failing = False
+        return calm
 
     async def check(self) -> bool:
         """Read the backlog (of every shard served); set the gauges and whether the worker
@@ -102,8 +120,9 @@ class Shipping:
         Redis's memory). Whether every backlog is under `NEAR` its bounds."""
         waiting, age, worst, held, over, near = 0, 0.0, 0, 0, False, False
         for shard, measured in zip(self.shards, self._bytes, strict=True):
-            count, oldest = await shard.history.backlog()
-            size, past = await measured.over(shard.redis, shard.keys.HISTORY_STREAM, count)
+            count, oldest, info = await _backlog(shard, measured)
+            stream = shard.keys.HISTORY_STREAM
+            size, past = await measured.over(shard.redis, stream, count, info)
             over, near = over or past, near or size > NEAR * measured.limit
             waiting, age, worst = waiting + count, max(age, oldest), max(worst, count)
             held += size
@@ -136,6 +155,20 @@ class Shipping:
                 await asyncio.wait_for(asyncio.shield(self._ship), within)
             await cancel_all([self._ship])
         await cancel_all(self._tasks)
+
+
+async def _backlog(shard: Services, measured: StreamBytes) -> tuple[int, float, Any]:
+    """A shard's records and the oldest one's age, and the bound's `INFO memory` reply
+    when it went with them (one round trip: `StreamBytes.ask_bound`), else None."""
+    history = cast("PostgresHistory", shard.history)
+    async with shard.redis.pipeline(transaction=False) as pipe:
+        history.ask_backlog(pipe)
+        asked = measured.ask_bound(pipe, shard.redis)
+        length, first, *info = await pipe.execute(raise_on_error=False)
+    for reply in (length, first):
+        if isinstance(reply, Exception):
+            raise reply
+    return (*backlog_of(length, first), info[0] if asked else None)
 
 
 async def _all(shippers: list[Coroutine[Any, Any, None]]) -> None:
