@@ -13,10 +13,13 @@ bounds (so not past them), with no job started since the check before, it waits 
 long as before, up to `BACKLOG_IDLE_MAX_S` (every worker of an idle fleet read it every
 second, for nothing). The bound is what stops a worker's claims, and a worker that starts
 no job writes no record: the first job it starts wakes the watch for a check at once, and it
-checks every second while it starts jobs. So a worker idle for hours, the backlog past the
-bound meanwhile, starts the jobs of its first claim (and of any it makes within that check's
-round trip) and stops, where one checking every second went on claiming for up to a second
-on the answer before: a long wait never lets it claim on a stale answer.
+checks every second while it starts jobs. Its answer may then be up to 8 s old, and an idle
+worker's claims ask every fraction of a second (a check before each would undo the wait):
+while the watch waits longer than a second, a claim takes one job (`share`), whose start
+wakes the check, and the next claim waits for that check (`fresh`, one round trip). So a
+worker idle for hours, the backlog past the bound meanwhile, starts one job on the old
+answer and stops, where its first claim took as many jobs as it had room for (200 by
+default: review), and one checking every second claimed for up to a second on the last.
 
 The watch outlives any error: an outage or a reply meaning "not now" (BUSY with a script,
 LOADING: `transient_reply`) leaves the last answer to the next check, any other (an ACL
@@ -67,6 +70,7 @@ class Shipping:
         self._bytes = [StreamBytes() for _ in shards]
         self._started = False  # a job started since the last check
         self._woken = asyncio.Event()
+        self._checked = asyncio.Event()  # set at the end of the watch's next check
         self._failing = False  # a check's error said (once until a check succeeds)
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
@@ -76,6 +80,7 @@ class Shipping:
         if not self.enabled:
             return
         self.wait, self._woken = BACKLOG_EVERY_S, asyncio.Event()  # (the running loop's)
+        self._checked = asyncio.Event()
         self._tasks.append(asyncio.create_task(self._watch()))
         if self.settings.history_ship:
             shippers = [
@@ -91,12 +96,27 @@ class Shipping:
         if self.wait > BACKLOG_EVERY_S:
             self._woken.set()
 
+    def share(self, share: int) -> int:
+        """A claim's jobs: one while the watch waits longer than a second (its answer may
+        be that old), else `share`."""
+        return 1 if self.wait > BACKLOG_EVERY_S else share
+
+    async def fresh(self) -> None:
+        """Before a claim: when a job started while the watch waited longer than a second
+        (it woke the watch), wait for that check's answer (one round trip; at most
+        `BACKLOG_IDLE_MAX_S`)."""
+        if self.wait > BACKLOG_EVERY_S and self._started:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._checked.wait(), BACKLOG_IDLE_MAX_S)
+
     async def _watch(self) -> None:
         while True:
             calm = await self._check()
             idle, self._started = calm and not self._started, False
             self.wait = min(2 * self.wait, BACKLOG_IDLE_MAX_S) if idle else BACKLOG_EVERY_S
             self._woken.clear()  # a job started during the check: counted just above
+            self._checked.set()  # (`fresh`)
+            self._checked = asyncio.Event()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._woken.wait(), self.wait)
 
