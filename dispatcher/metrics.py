@@ -141,8 +141,8 @@ HISTORY_BACKLOG_AGE = Gauge(
 )
 HISTORY_BACKLOG_BYTES = Gauge(
     "dispatcher_history_backlog_bytes",
-    "Bytes of Redis the history records waiting for PostgreSQL take (worker, every second; "
-    "past a share of maxmemory the worker claims nothing).",
+    "Bytes of Redis the history records waiting for PostgreSQL take (worker, every second, "
+    "up to every 8 s while idle; past a share of maxmemory the worker claims nothing).",
 )
 HISTORY_SHIPPED = Counter(
     "dispatcher_history_shipped_total", "History records this process shipped to PostgreSQL."

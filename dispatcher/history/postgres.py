@@ -43,7 +43,7 @@ if TYPE_CHECKING:
     from dispatcher.models import HistoryRecord
     from dispatcher.settings import Settings
 
-__all__ = ["PostgresHistory"]
+__all__ = ["PostgresHistory", "backlog_of"]
 
 # A pair is found by its URL's hash (schema version 5), never by the URL: a URL may be
 # longer than a btree entry.
@@ -155,13 +155,14 @@ class PostgresHistory:
     async def backlog(self) -> tuple[int, float]:
         """Records in the stream not yet shipped (and trimmed), and the oldest one's age."""
         async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.xlen(self.keys.HISTORY_STREAM)
-            pipe.xrange(self.keys.HISTORY_STREAM, count=1)
-            length, first = await pipe.execute()
-        if not first:
-            return int(length), 0.0
-        oldest_ms = int(first[0][0].split(b"-")[0])
-        return int(length), max(0.0, (clock.now_ms() - oldest_ms) / 1000)
+            self.ask_backlog(pipe)
+            return backlog_of(*await pipe.execute())
+
+    def ask_backlog(self, pipe: Pipeline) -> None:
+        """Queue `backlog`'s reads on `pipe` (a caller's, with reads of its own); their two
+        replies are `backlog_of`'s."""
+        pipe.xlen(self.keys.HISTORY_STREAM)
+        pipe.xrange(self.keys.HISTORY_STREAM, count=1)
 
     # ---- reads -------------------------------------------------------------------------
 
@@ -354,3 +355,11 @@ class PostgresHistory:
 
 def _records(rows: list[asyncpg.Record]) -> list[HistoryRecord]:
     return parse_records(row["doc"].encode() for row in rows if row["doc"] is not None)
+
+
+def backlog_of(length: Any, first: Any) -> tuple[int, float]:
+    """`PostgresHistory.backlog` from the replies `ask_backlog` queued."""
+    if not first:
+        return int(length), 0.0
+    oldest_ms = int(first[0][0].split(b"-")[0])
+    return int(length), max(0.0, (clock.now_ms() - oldest_ms) / 1000)

@@ -176,12 +176,13 @@ class Worker:
             if room < min(self.claim_batch, self.max_jobs) and self.running:
                 await self.slots.wait(self.poll_delay)  # until a batch's worth is free
                 continue
+            await self.shipping.fresh()  # the backlog's check an idle worker's job woke
             run = self.turns.next_ready()
             if run is None or self._held_back(run):
                 await self._pause(self.poll_delay)
                 continue
-            # one shard: all the room; several: a batch each in turn (a fair share)
-            share = room if len(self.served) == 1 else min(room, self.claim_batch)
+            # one shard: all the room; several: a batch each in turn; one on an old backlog answer
+            share = self.shipping.share(min(room, self.claim_batch) if self.served[1:] else room)
             self._due.clear()
             claimed = await self.turns.claim(run, share, self._held(run), self.poll_delay)
             if claimed is None:  # its Redis did not answer (in turn): that shard backs off
@@ -268,6 +269,7 @@ class Worker:
         starter's: another job's log fields, span or giving up): its attempts check its
         lease (`fence`), and end unsent when it gives up (`unending`, `gives_up` why)."""
         self.jobs_started += 1
+        self.shipping.job_started()  # its records may near the backlog's bound: checked now
         run.engine.shares.job_started(job_id)
         run.engine.fence.started(job_id)
         context = self._context.copy()

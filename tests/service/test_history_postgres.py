@@ -6,9 +6,12 @@ contract shared with the Redis store is in tests/service/test_history.py.)"""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import uuid
+from collections import Counter
 from collections.abc import AsyncIterator
+from types import SimpleNamespace
 from typing import Any
 
 import asyncpg
@@ -16,6 +19,7 @@ import orjson
 import pytest
 from prometheus_client import REGISTRY
 from redis.asyncio import Redis
+from redis.exceptions import ResponseError
 from structlog.testing import capture_logs
 from typer.testing import CliRunner
 
@@ -55,6 +59,8 @@ from tests.helpers import (
 keys = Keys()  # today's key names (one shard)
 
 URL = "http://127.0.0.1:9000/hook"
+# Another client's script: Redis answers BUSY past lua-time-limit, until SCRIPT KILL
+SPIN_UNTIL_KILLED = "while true do end"
 KEPT = '{"log": "' + "x" * 2_000 + '"}'  # a body the Redis store keeps once (history.kept)
 
 
@@ -673,26 +679,204 @@ async def test_the_byte_bound_is_a_share_of_maxmemory_and_the_bytes_a_metric(
     assert not shipping.full
 
 
+async def commands_run(redis: Redis) -> Counter[str]:
+    """How many times Redis ran or refused each command (a subcommand counted as its
+    command), as of before this INFO."""
+    ran: Counter[str] = Counter()
+    for name, stat in (await redis.info("commandstats")).items():
+        command = name.removeprefix("cmdstat_").split("|")[0]
+        ran[command] += int(stat["calls"]) + int(stat.get("rejected_calls", 0))
+    return ran
+
+
 async def test_a_redis_that_refuses_memory_usage_leaves_the_record_count_bound(
-    redis: Redis, redis_server: EmbeddedRedis
+    redis: Redis, redis_server: EmbeddedRedis, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A user whose ACL denies MEMORY (a managed Redis may): no byte bound, said once; the
     worker's backlog watch goes on (an error other than an outage ended it), and a read
-    that failed leaves the fleet's walk to the next check."""
+    that failed leaves the fleet's walk to the next check. Refused, it is not asked again
+    at the next check (it was every second) but a minute later, then twice as long, and
+    the bound is back once Redis answers."""
     await redis.acl_setuser("nomem", enabled=True, passwords=["+pw"], keys=["*"], channels=["*"],
                             commands=["+@all", "-memory"])  # fmt: skip
     limited = Redis.from_url(redis_server.url.replace("redis://", "redis://nomem:pw@"))
+    clock = [1000.0]
+    monkeypatch.setattr(backlog_bytes, "time", SimpleNamespace(monotonic=lambda: clock[0]))
+    measured = backlog_bytes.StreamBytes()
+
+    async def asked_after(seconds: float) -> int:
+        """MEMORY commands of a check `seconds` later."""
+        clock[0] += seconds
+        before = await commands_run(redis)
+        assert await measured.over(limited, keys.HISTORY_STREAM, 3) == (0, False)
+        return (await commands_run(redis))["memory"] - before["memory"]
+
     try:
-        measured = backlog_bytes.StreamBytes()
         with capture_logs() as logs:
-            assert await measured.over(limited, keys.HISTORY_STREAM, 3) == (0, False)
-            assert await measured.over(limited, keys.HISTORY_STREAM, 3) == (0, False)
+            assert [await asked_after(s) for s in (0, 1, 58.5, 0.5, 119.5, 0.5)] == [
+                1, 0, 0, 1, 0, 1]  # fmt: skip
         assert [e["event"] for e in logs] == ["history.backlog_bytes_unread"]
         # the walk it could not make is left to the next check (held 60 s before: review)
         assert not await redis.exists(f"{keys.HISTORY_STREAM}:bytes:walk")
+        await redis.acl_setuser("nomem", commands=["+memory"])
+        clock[0] += 240
+        assert await measured.over(limited, keys.HISTORY_STREAM, 3) == (0, False)  # no stream
+        assert not measured.refused and measured.limit == backlog_bytes.NO_MAXMEMORY_BYTES
     finally:
         await limited.aclose()
         await redis.acl_deluser("nomem")
+
+
+async def test_a_full_redis_keeps_the_byte_bound_and_is_asked_again_at_the_next_check(
+    redis: Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Redis at `maxmemory` refuses the walk's SET NX (OOM): not a refusal for good (an
+    ACL's) but "not now". The check keeps its last answer, past the bound, and reads again
+    at the next check: taken for a refusal, the bound was off for a minute (then up to
+    16), just when Redis was full (review)."""
+    monkeypatch.setattr(backlog_bytes, "MAXMEMORY_SHARE", 0.001)  # a bound of a few KB
+    for _ in range(10):
+        await redis.xadd(keys.HISTORY_STREAM, {"r": "x" * 100_000})
+    used = int((await redis.info("memory"))["used_memory"])
+    await redis.config_set("maxmemory", used + 10_000_000)
+    try:
+        measured = backlog_bytes.StreamBytes()
+        size, past = await measured.over(redis, keys.HISTORY_STREAM, 10)
+        assert size > 1_000_000 and past
+        await redis.delete(f"{keys.HISTORY_STREAM}:bytes")  # the fleet's read lapsed: a walk
+        await redis.config_set("maxmemory", used // 2)  # full: writes refused (OOM)
+        before = await commands_run(redis)
+        with capture_logs() as logs:
+            assert await measured.over(redis, keys.HISTORY_STREAM, 10) == (size, True)
+        assert (await commands_run(redis))["memory"] == before["memory"]  # the walk refused
+        assert not measured.refused and not logs, logs
+        await redis.config_set("maxmemory", used + 10_000_000)  # room again
+        assert await measured.over(redis, keys.HISTORY_STREAM, 10) == (size, True)
+        assert (await commands_run(redis))["memory"] == before["memory"] + 1  # asked at once
+    finally:
+        await redis.config_set("maxmemory", 0)
+
+
+async def test_an_empty_stream_is_no_byte_read_and_the_bound_comes_with_the_count(
+    redis: Redis, pg_settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every check of every worker read the bytes (a GET, the walk each time the fleet's
+    read had lapsed) and INFO memory, for an empty stream as for a full one (review). An
+    empty stream is its XLEN and XRANGE alone. With records, the bound (INFO memory) is
+    read at every check: in the round trip of XLEN and XRANGE from the second on (on its
+    own at the first, the check before found none), so a lowered maxmemory is the bound at
+    the next check (it was read once in 30 s: review)."""
+    alone = 0
+
+    async def bound(client: Redis) -> int:
+        nonlocal alone
+        alone += 1
+        return await read_bound(client)
+
+    read_bound = backlog_bytes.bound
+    monkeypatch.setattr(backlog_bytes, "bound", bound)
+    async with Services.open(pg_settings, redis) as services:
+        shipping = Shipping([services])
+        before = await commands_run(redis)
+        for _ in range(2):
+            await shipping.check()
+        assert await commands_run(redis) - before == Counter(xlen=2, xrange=2, info=1)  # (its own)
+        history = open_history(pg_settings, redis, keys)
+        await history.add(record(now_ms() - 100, 1))
+        await history.close()
+        before = await commands_run(redis)
+        for _ in range(3):
+            await shipping.check()
+        assert (await commands_run(redis))["info"] - before["info"] == 3 + 1  # (its own)
+        assert alone == 1 and not shipping.full  # two INFO went with the count
+        monkeypatch.setattr(backlog_bytes, "MAXMEMORY_SHARE", 0.000_001)  # a few bytes
+        used = int((await redis.info("memory"))["used_memory"])
+        await redis.config_set("maxmemory", used + 10_000_000)
+        try:
+            await shipping.check()
+        finally:
+            await redis.config_set("maxmemory", 0)
+        assert shipping.full
+
+
+@contextlib.asynccontextmanager
+async def watching(settings: Settings, redis: Redis) -> AsyncIterator[Shipping]:
+    """A worker's backlog watch (started, not shipping) reading with `redis`."""
+    async with Services.open(settings, redis) as services:
+        shipping = Shipping([services])
+        shipping.start()
+        try:
+            yield shipping
+        finally:
+            await shipping.stop(1)
+
+
+async def test_the_backlog_watch_outlives_a_busy_redis(
+    redis: Redis, redis_server: EmbeddedRedis, pg_url: str
+) -> None:
+    """Another client's script past `lua-time-limit` makes Redis answer BUSY: the watch's
+    XLEN got it, a ResponseError, and the watch ended for good, `full` frozen (a held
+    worker never claimed again; review). It is an outage to the watch: it checks again,
+    and goes on once the script is killed."""
+    settings = make_settings(redis_server.url, history_url=pg_url, history_ship=False,
+                             history_backlog_limit=1)  # fmt: skip
+    await redis.xadd(keys.HISTORY_STREAM, {"r": "x"})
+    spinner = Redis.from_url(redis_server.url)
+    await redis.config_set("lua-time-limit", 100)
+    try:
+        async with watching(settings, redis) as shipping:
+
+            async def full() -> bool:
+                return shipping.full
+
+            await until(full, 10, "the watch found the backlog at its limit")
+            spinning = asyncio.create_task(spinner.eval(SPIN_UNTIL_KILLED, 0))
+            await asyncio.sleep(2.5)  # (checks every second: held, so not idle)
+            await redis.script_kill()
+            with contextlib.suppress(ResponseError):
+                await spinning
+            await redis.delete(keys.HISTORY_STREAM)  # shipped meanwhile
+
+            async def resumed() -> bool:
+                return not shipping.full
+
+            await until(resumed, 10, "the watch went on after BUSY and found the stream empty")
+    finally:
+        await redis.config_set("lua-time-limit", 5000)
+        await spinner.aclose()
+
+
+async def test_the_backlog_watch_says_an_error_once_and_goes_on(
+    redis: Redis, redis_server: EmbeddedRedis, pg_url: str
+) -> None:
+    """An error that is no outage (an ACL refusing XLEN) ended the watch for good (review):
+    it is said once, and the watch checks again every second, working once XLEN is let."""
+    settings = make_settings(redis_server.url, history_url=pg_url, history_ship=False,
+                             history_backlog_limit=1)  # fmt: skip
+    await redis.xadd(keys.HISTORY_STREAM, {"r": "x"})
+    await redis.acl_setuser("noxlen", enabled=True, passwords=["+pw"], keys=["*"],
+                            channels=["*"], commands=["+@all", "-xlen"])  # fmt: skip
+    limited = Redis.from_url(redis_server.url.replace("redis://", "redis://noxlen:pw@"))
+    try:
+        with capture_logs() as logs:
+            async with watching(settings, limited) as shipping:
+                before = (await commands_run(redis))["xlen"]
+
+                async def refused_thrice() -> bool:
+                    return (await commands_run(redis))["xlen"] >= before + 3
+
+                await until(refused_thrice, 10, "the watch's XLEN refused three times")
+                await redis.acl_setuser("noxlen", commands=["+xlen"])
+
+                async def full() -> bool:
+                    return shipping.full
+
+                await until(full, 10, "the watch went on and found the backlog at its limit")
+        said = [e for e in logs if e["event"] == "history.backlog_unchecked"]
+        assert len(said) == 1 and "NoPermissionError" in said[0]["error"], said
+    finally:
+        await limited.aclose()
+        await redis.acl_deluser("noxlen")
 
 
 async def test_the_backlog_is_a_metric(pg_settings: Settings, redis: Redis) -> None:
@@ -1072,15 +1256,10 @@ async def test_the_fleet_reads_the_streams_bytes_once_a_while_not_each_worker(
         await history.add(record(now_ms() - 100, n + 1))
     await history.close()
 
-    async def walks() -> int:
-        stats = await redis.info("commandstats")
-        found = stats.get("cmdstat_memory|usage") or stats.get("cmdstat_memory") or {}
-        return int(found.get("calls", 0))
-
-    before = await walks()
+    before = await commands_run(redis)
     fleet = [backlog_bytes.StreamBytes() for _ in range(10)]  # ten workers' checks
     sizes = [await one.read(redis, keys.HISTORY_STREAM, 20) for one in fleet]
-    assert await walks() - before == 1
+    assert (await commands_run(redis))["memory"] - before["memory"] == 1
     held = await redis.memory_usage(keys.HISTORY_STREAM, samples=0)
     assert sizes == [held] * 10
 
