@@ -62,6 +62,9 @@ Roles
 Health
     dispatcher:health:{id}                    HASH consecutive final failures of one callback
     dispatcher:health:failing                 ZSET ids of callbacks with failures, by first failure
+    dispatcher:health:failing:{project}       ZSET the same of one project, by failures
+    dispatcher:health:failing-projects        ZSET projects with some, by their worst's failures
+    dispatcher:health:failing-indexed         STRING set once the two above hold every failing id
 Deliveries
     dispatcher:delivery:{progress id}         STRING attempts made, or "done" (dedupe, progress);
                                               none when the delivery's job ended with its
@@ -206,6 +209,9 @@ class Keys:
         self.REGISTRY_VERSION_PREFIX = f"{base}:cb:version:"
         self.CALLBACKS_FROZEN_PREFIX = f"{base}:cb:frozen:"  # `callbacks_frozen`
         self.HEALTH_PREFIX, self.HEALTH_FAILING = f"{base}:health:", f"{base}:health:failing"
+        self.HEALTH_FAILING_PREFIX = f"{self.HEALTH_FAILING}{SEP}"  # `failing_of`
+        self.HEALTH_FAILING_PROJECTS = f"{self.HEALTH_FAILING}-projects"
+        self.HEALTH_FAILING_INDEXED = f"{self.HEALTH_FAILING}-indexed"
         self.CALLBACKS_DISABLED, self.ROLES_PREFIX = f"{base}:cb:disabled", f"{base}:roles:"
         h = f"{base}:history"
         self.HISTORY_SEQ, self.HISTORY_BODY_PREFIX = f"{h}:seq", f"{h}:body:"
@@ -307,6 +313,9 @@ class Keys:
 
     def health(self, callback_id: int | str) -> str:
         return f"{self.HEALTH_PREFIX}{callback_id}"
+
+    def failing_of(self, project_id: str) -> str:
+        return f"{self.HEALTH_FAILING_PREFIX}{project_id}"
 
     def dropped(self, project_id: str) -> str:
         return f"{self.DROPPED_PREFIX}{project_id}"

@@ -370,10 +370,11 @@ class Services:
     # ---- operations --------------------------------------------------------------------
 
     async def upgrade(self) -> bool:
-        """Bring stored data to this version's layout (see `Registry.upgrade`); False when
-        Redis could not be reached (try again later)."""
+        """Bring stored data to this version's layout (`Registry.upgrade`, `Health.upgrade`);
+        False when Redis could not be reached (try again later)."""
         try:
             await self.registry.upgrade()
+            await self.health.upgrade()
         except REDIS_ERRORS as exc:
             log.warning("registry.upgrade_postponed", error=str(exc))
             return False

@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from dispatcher import keys
+from dispatcher.failing import failing_names
 from dispatcher.lua import run_pipeline
 from dispatcher.registry.scripts import PutCallback
 
@@ -55,7 +56,7 @@ def queue_put(registry: Registry, pipe: Pipeline, row: Row, *, reset: bool) -> N
         unique=k.callback_unique(scope),
         match=k.match(scope, row["event"]),
         disabled=k.CALLBACKS_DISABLED,
-        failing=k.HEALTH_FAILING,
+        **failing_names(k),
         health=k.health(cid),
         ordered_flag=k.lanes_ordered(project),  # its events (every project's) numbered
         version=k.registry_version(project),
