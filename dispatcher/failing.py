@@ -13,9 +13,9 @@ and sorted those: one project's 1,000 callbacks disabled for good hid every othe
 failing callbacks, and the count stopped at 1,000 (review).
 
 A worker of the version before (a rolling upgrade) writes the set alone: what it adds is
-indexed at start-up (`index_all`, once per shard) and by the fleet's sweep (`sweep_page`,
-10,000 entries every 5 minutes); what it removes leaves the project's set at the listing that
-meets it.
+indexed by the fleet's sweep (`sweep_page`, 10,000 entries every 5 minutes) and, until one
+pass over the whole set is done, at each process's start (`index_start`); what it removes
+leaves the project's set at the listing that meets it.
 """
 
 from __future__ import annotations
@@ -38,12 +38,13 @@ __all__ = [
     "ONE_PROJECT_MOST",
     "PROJECTS_SHOWN",
     "SHOWN_PER_PROJECT",
+    "SWEEP_NAME",
     "Failing",
     "FailingGroup",
     "FailingView",
     "failing_names",
-    "index_all",
     "index_page",
+    "index_start",
     "merged",
     "read",
     "sweep_page",
@@ -55,6 +56,7 @@ PLATFORM_READ = 1_000  # the platform's callbacks read on each shard (counted on
 ONE_PROJECT_MOST = 1_000  # the most a listing of one project shows
 INDEX_PAGE = 500  # the entries of the set one page of `index_page` asks `ZSCAN` for
 SWEEP_PAGES = 20  # the pages of it one sweep of the fleet's goes over (`sweep_page`)
+SWEEP_NAME = "failing"  # the sweep's pass over the set, whose cursor a start goes on from
 
 # Lua functions: callback `id` of `project` has `failures` consecutive failures since
 # `since` (`failing_on`), or none (`failing_off`; `project` false when unknown, its hash
@@ -121,6 +123,7 @@ class FailingView:
     total: int = 0
     projects: int = 0
     groups: tuple[FailingGroup, ...] = ()
+    indexed: bool = True  # False while what a version before wrote is indexed (not all shown)
 
     @property
     def shown(self) -> list[Failing]:
@@ -133,7 +136,8 @@ class ListFailing(Script):
     """The failing callbacks of `only` (a project; '' for the `projects_shown` projects with
     the most failures, and `platform`), `per_project` of each (`platform_rows` of its), the
     most failures first, as {id, failures, since, last error}, with each project's count,
-    and the counts of callbacks and projects: {total, projects, {{project, count, rows}}}.
+    and the counts of callbacks and projects: {total, projects, {{project, count, rows}},
+    1 once the set was indexed whole (`failing_indexed`), else 0}.
     An entry whose callback or health is gone is removed; one a version before took off the
     set leaves its project's set (each project read again, up to 3 times, when it had any)."""
 
@@ -179,11 +183,13 @@ for _, name in ipairs(names) do
   if name == platform and only == '' then k = tonumber(platform_rows) end
   groups[#groups + 1] = group(name, k)
 end
-return {redis.call('ZCARD', failing), redis.call('ZCARD', failing_projects), groups}
+return {redis.call('ZCARD', failing), redis.call('ZCARD', failing_projects), groups,
+        redis.call('EXISTS', failing_indexed)}
 """
     )
     failing: Key
     failing_projects: Key
+    failing_indexed: Key
     failing_prefix: str
     health_prefix: str
     callback_prefix: str
@@ -199,8 +205,9 @@ async def read(
 ) -> FailingView:
     """One shard's failing callbacks as `ListFailing` reads them (one round trip): of
     `project_id` (`rows` of them), or of the projects with the most failures."""
-    total, projects, groups = await ListFailing(
+    total, projects, groups, indexed = await ListFailing(
         **failing_names(keys),
+        failing_indexed=keys.HEALTH_FAILING_INDEXED,
         health_prefix=keys.HEALTH_PREFIX,
         callback_prefix=keys.CALLBACK_PREFIX,
         only=project_id or "",
@@ -210,7 +217,7 @@ async def read(
         platform_rows=PLATFORM_READ,
     ).run(redis)
     found = (_group(*one) for one in groups)
-    return FailingView(int(total), int(projects), tuple(g for g in found if g.count))
+    return FailingView(int(total), int(projects), tuple(g for g in found if g.count), indexed == 1)
 
 
 def _group(project: bytes, count: int, rows: list[list[Any]]) -> FailingGroup:
@@ -254,6 +261,7 @@ def merged(
         total=sum(v.total for v in found) - sum(twice.values()),
         projects=sum(v.projects for v in found) - again,
         groups=tuple(kept),
+        indexed=all(v.indexed for v in found),
     )
 
 
@@ -310,29 +318,29 @@ async def index_page(redis: Redis, keys: Keys, cursor: int) -> tuple[int, int]:
 
 
 async def sweep_page(redis: Redis, keys: Keys, cursor: int) -> tuple[int, int]:
-    """The fleet's sweep's share: up to `SWEEP_PAGES` pages of `index_page` from `cursor`
-    (10,000 entries: a set of 1,000,000 is gone over in ~8 hours), fewer at the set's end;
-    the next cursor, how many entries left the set."""
+    """Up to `SWEEP_PAGES` pages of `index_page` from `cursor` (10,000 entries), fewer at
+    the set's end, where a pass over the whole set is done (`HEALTH_FAILING_INDEXED`): the
+    fleet's sweep's share (a set of 1,000,000 gone over in ~8 hours); the next cursor, how
+    many entries left the set."""
     removed = 0
     for _ in range(SWEEP_PAGES):
         cursor, left = await index_page(redis, keys, cursor)
         removed += left
         if cursor == 0:
+            await redis.set(keys.HEALTH_FAILING_INDEXED, "1")
             break
     return cursor, removed
 
 
-async def index_all(redis: Redis, keys: Keys) -> int:
-    """Every entry of the shard's failing set indexed by project (`index_page` over the
-    whole set), unless done before; returns how many entries left the set. Safe to run
-    by many processes at once, and again."""
+async def index_start(redis: Redis, keys: Keys) -> int:
+    """At a process's start, until a pass over the whole set is done: `sweep_page` from
+    where the sweep is (a set of up to 10,000 entries is indexed whole by the first start;
+    a larger one over starts and sweeps, about 0.5 s each), never more, so that a start is
+    not held for long. Returns how many entries left the set. Safe to run by many
+    processes at once."""
     if await redis.exists(keys.HEALTH_FAILING_INDEXED):
         return 0
-    cursor, removed = 0, 0
-    while True:
-        cursor, left = await index_page(redis, keys, cursor)
-        removed += left
-        if cursor == 0:
-            break
-    await redis.set(keys.HEALTH_FAILING_INDEXED, "1")
+    key = keys.sweep_cursor(SWEEP_NAME)
+    cursor, removed = await sweep_page(redis, keys, int(await redis.get(key) or 0))
+    await redis.set(key, cursor, ex=86_400)  # as the sweep keeps it (`duties.paged`)
     return removed

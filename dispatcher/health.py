@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 import structlog
 
 from dispatcher import clock, metrics
-from dispatcher.failing import FAILING, FailingView, failing_names, index_all, merged
+from dispatcher.failing import FAILING, FailingView, failing_names, index_start, merged
 from dispatcher.failing import read as read_failing
 from dispatcher.keys import SEP
 from dispatcher.lua import Key, Script, run_pipeline
@@ -178,8 +178,8 @@ class Health:
         return merged([await read_failing(self.redis, self.keys)])
 
     async def upgrade(self) -> None:
-        """The failing callbacks indexed by project, once (`failing.index_all`)."""
-        if removed := await index_all(self.redis, self.keys):
+        """The failing callbacks indexed by project (`failing.index_start`)."""
+        if removed := await index_start(self.redis, self.keys):
             log.info("health.failing_indexed", removed=removed)
 
     async def failures(self, callback_ids: Sequence[int]) -> dict[int, int]:

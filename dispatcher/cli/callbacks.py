@@ -156,6 +156,8 @@ def callbacks_failing(
         if group.count > len(group.shown):
             table.add_row(group.project_id, "…", f"{group.count - len(group.shown)} more", "", "")
     console.print(table)
+    if not found.indexed:
+        console.print("what the version before wrote is being indexed: some may not show yet")
     if project:
         count = sum(group.count for group in found.groups)
         console.print(f"{count} failing callbacks of project {project} ({found.total} in all)")

@@ -185,7 +185,8 @@ class Duties:
                 gone = await paged(shard.redis, shard.keys, "lane-bodies", bodies_page)
                 if gone:
                     log.warning("bodies.dangling_released", references=gone, shard=index)
-                if left := await paged(shard.redis, shard.keys, "failing", failing.sweep_page):
+                left = await paged(shard.redis, shard.keys, failing.SWEEP_NAME, failing.sweep_page)
+                if left:
                     log.info("health.failing_indexed", removed=left, shard=index)
         except Exception as exc:  # Redis away, a bug
             log.warning("lanes.sweep_failed", error=repr(exc), shard=index)

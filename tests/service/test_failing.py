@@ -4,6 +4,7 @@ counts or clears a failure, and built from what a worker of the version before w
 
 from __future__ import annotations
 
+import pytest
 from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
 
@@ -139,9 +140,10 @@ async def test_what_a_version_before_wrote_is_listed_after_the_index(
     redis: Redis, settings: Settings
 ) -> None:
     """A rolling upgrade: the version before wrote the failing set alone. What it wrote
-    before is indexed by project at start-up (`Health.upgrade`, once); what it writes
-    after, by the fleet's sweep (`failing.sweep_page`); a callback it reset leaves its
-    project's listing at the first listing that meets it. Counted all along."""
+    before is indexed by project at start-up (`Health.upgrade`, until one pass over the
+    set is done); what it writes after, by the fleet's sweep (`failing.sweep_page`); a
+    callback it reset leaves its project's listing at the first listing that meets it.
+    Counted all along."""
     services = Services(settings, redis)
     registry, health = services.registry, services.health
     ids = []
@@ -156,9 +158,10 @@ async def test_what_a_version_before_wrote_is_listed_after_the_index(
 
     await failed_before(ids[0])
     found = await health.failing()
-    assert (found.total, found.shown) == (1, [])
+    assert (found.total, found.shown, found.indexed) == (1, [], False)
     await services.upgrade()
-    assert [f.callback_id for f in (await health.failing()).shown] == [ids[0]]
+    found = await health.failing()
+    assert ([f.callback_id for f in found.shown], found.indexed) == ([ids[0]], True)
 
     await failed_before(ids[1])  # a worker of the version before, after the upgrade
     await services.upgrade()  # done once
@@ -174,3 +177,38 @@ async def test_what_a_version_before_wrote_is_listed_after_the_index(
     found = await health.failing()
     assert ([f.callback_id for f in found.shown], found.total) == ([ids[1]], 1)
     assert (found.groups[0].count, found.projects) == (1, 1)
+
+
+async def test_a_start_indexes_a_bounded_share_of_a_large_set(
+    redis: Redis, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A failing set the version before grew large is indexed a share at each start (a
+    sweep's worth: here 2 pages of about 10 entries), so that no start is held for long;
+    the sweeps go on from where it stopped, until the whole set is done. Counted all
+    along."""
+    monkeypatch.setattr(failing, "INDEX_PAGE", 10)
+    monkeypatch.setattr(failing, "SWEEP_PAGES", 2)
+    services = Services(settings, redis)
+    async with redis.pipeline(transaction=False) as pipe:
+        for cid in range(1, 301):  # past what Redis keeps as one listpack (all in one page)
+            pipe.hset(keys.callback(cid), mapping={"id": cid, "projectId": "old"})
+            pipe.hset(keys.health(cid), mapping={"failures": 1, "since": cid})
+            pipe.zadd(keys.HEALTH_FAILING, {str(cid): cid})
+        await pipe.execute()
+
+    async def listed() -> int:
+        found = await services.health.failing()
+        assert found.total == 300
+        return found.groups[0].count if found.groups else 0
+
+    await services.upgrade()
+    first = await listed()
+    assert 0 < first < 100
+    duties = Duties(settings, services, [services], AttemptStats(), "t", lambda: Counts(0, 0, 0))
+    await duties._sweep(services, slot=1)
+    assert first < await listed() < 300
+    for slot in range(2, 100):
+        await duties._sweep(services, slot=slot)
+        if await redis.exists(keys.HEALTH_FAILING_INDEXED):
+            break
+    assert await listed() == 300
