@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import structlog
+from redis.exceptions import RedisError
 
 from dispatcher import clock, metrics
 from dispatcher.failing import FAILING, FailingView, failing_names, index_start, merged
@@ -178,8 +179,16 @@ class Health:
         return merged([await read_failing(self.redis, self.keys)])
 
     async def upgrade(self) -> None:
-        """The failing callbacks indexed by project (`failing.index_start`)."""
-        if removed := await index_start(self.redis, self.keys):
+        """The failing callbacks indexed by project (`failing.index_start`), as far as
+        Redis lets: refused (full, a replica, any error) or unreachable, the work is left to
+        the sweep (`Duties`), which does it anyway. It raised out of a worker's start (which
+        exited 1 on a full Redis) and the API's (review)."""
+        try:
+            removed = await index_start(self.redis, self.keys)
+        except (RedisError, OSError) as exc:  # any reply refused, or `REDIS_ERRORS`
+            log.warning("health.failing_index_postponed", error=str(exc))
+            return
+        if removed:
             log.info("health.failing_indexed", removed=removed)
 
     async def failures(self, callback_ids: Sequence[int]) -> dict[int, int]:
