@@ -12,10 +12,13 @@ few hundred entries, whatever the sets hold. It read the 1,000 oldest entries of
 and sorted those: one project's 1,000 callbacks disabled for good hid every other project's
 failing callbacks, and the count stopped at 1,000 (review).
 
-A worker of the version before (a rolling upgrade) writes the set alone: what it adds is
+A worker of the version before (a rolling upgrade) writes the set alone: what it added is
 indexed by the fleet's sweep (`sweep_page`, 10,000 entries every 5 minutes) and, until one
-pass over the whole set is done, at each process's start (`index_start`); what it removes
-leaves the project's set at the listing that meets it.
+pass over the whole set is done, at each process's start (`index_start`); after that pass,
+the sweep indexes only the entries first failing since the one before (`index_recent`:
+what such a worker adds has its first failure then), and while it meets some the listings
+say that not all may show; what such a worker removes leaves the project's set at the
+listing that meets it.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from dispatcher.clock import now_ms
 from dispatcher.lua import ArgList, Key, Script
 from dispatcher.models import PLATFORM_PROJECT
 
@@ -43,7 +47,7 @@ __all__ = [
     "FailingGroup",
     "FailingView",
     "failing_names",
-    "index_page",
+    "index_recent",
     "index_start",
     "merged",
     "read",
@@ -57,6 +61,8 @@ ONE_PROJECT_MOST = 1_000  # the most a listing of one project shows
 INDEX_PAGE = 500  # the entries of the set one page of `index_page` asks `ZSCAN` for
 SWEEP_PAGES = 20  # the pages of it one sweep of the fleet's goes over (`sweep_page`)
 SWEEP_NAME = "failing"  # the sweep's pass over the set, whose cursor a start goes on from
+RECENT_MARGIN_MS = 600_000  # once indexed, how far before the last sweep the next looks
+LATE_S = 900  # how long the listings say some may not show, after the sweep met such
 
 # Lua functions: callback `id` of `project` has `failures` consecutive failures since
 # `since` (`failing_on`), or none (`failing_off`; `project` false when unknown, its hash
@@ -123,7 +129,7 @@ class FailingView:
     total: int = 0
     projects: int = 0
     groups: tuple[FailingGroup, ...] = ()
-    indexed: bool = True  # False while what a version before wrote is indexed (not all shown)
+    indexed: bool = True  # False while what a version before wrote or writes is indexed
 
     @property
     def shown(self) -> list[Failing]:
@@ -137,7 +143,8 @@ class ListFailing(Script):
     the most failures, and `platform`), `per_project` of each (`platform_rows` of its), the
     most failures first, as {id, failures, since, last error}, with each project's count,
     and the counts of callbacks and projects: {total, projects, {{project, count, rows}},
-    1 once the set was indexed whole (`failing_indexed`), else 0}.
+    1 once the set was indexed whole (`failing_indexed`) and no sweep met what a version
+    before wrote lately (`failing_late`), else 0 or less}.
     An entry whose callback or health is gone is removed; one a version before took off the
     set leaves its project's set (each project read again, up to 3 times, when it had any)."""
 
@@ -183,13 +190,14 @@ for _, name in ipairs(names) do
   if name == platform and only == '' then k = tonumber(platform_rows) end
   groups[#groups + 1] = group(name, k)
 end
-return {redis.call('ZCARD', failing), redis.call('ZCARD', failing_projects), groups,
-        redis.call('EXISTS', failing_indexed)}
+local indexed = redis.call('EXISTS', failing_indexed) - redis.call('EXISTS', failing_late)
+return {redis.call('ZCARD', failing), redis.call('ZCARD', failing_projects), groups, indexed}
 """
     )
     failing: Key
     failing_projects: Key
     failing_indexed: Key
+    failing_late: Key
     failing_prefix: str
     health_prefix: str
     callback_prefix: str
@@ -208,6 +216,7 @@ async def read(
     total, projects, groups, indexed = await ListFailing(
         **failing_names(keys),
         failing_indexed=keys.HEALTH_FAILING_INDEXED,
+        failing_late=keys.HEALTH_FAILING_LATE,
         health_prefix=keys.HEALTH_PREFIX,
         callback_prefix=keys.CALLBACK_PREFIX,
         only=project_id or "",
@@ -271,19 +280,21 @@ def _worst(found: Iterable[Failing]) -> list[Failing]:
 
 @dataclass
 class Index(Script):
-    """Each of `ids` (a page of the failing set) still there is put in its project's set
+    """Each of `ids` (entries of the failing set) still there is put in its project's set
     with its failures on record (`FAILING`); one whose callback or health is gone leaves
-    the set, its health removed. Returns how many left."""
+    the set, its health removed. Returns {how many left, how many were in no project's set
+    yet (a version before wrote them)}."""
 
     LUA = (
         FAILING
         + """
-local removed = 0
+local removed, added = 0, 0
 for _, id in ipairs(ids) do
   local since = redis.call('ZSCORE', failing, id)
   local project = redis.call('HGET', callback_prefix .. id, 'projectId')
   local failures = redis.call('HGET', health_prefix .. id, 'failures')
   if since and project and failures then
+    if not redis.call('ZSCORE', failing_prefix .. project, id) then added = added + 1 end
     failing_on(project, id, failures, since)
   elseif since then
     redis.call('DEL', health_prefix .. id)
@@ -291,7 +302,7 @@ for _, id in ipairs(ids) do
     removed = removed + 1
   end
 end
-return removed
+return {removed, added}
 """
     )
     failing: Key
@@ -302,34 +313,65 @@ return removed
     ids: ArgList
 
 
-async def index_page(redis: Redis, keys: Keys, cursor: int) -> tuple[int, int]:
-    """A `ZSCAN` page of the shard's failing set from `cursor` (about `INDEX_PAGE`
-    entries), through `Index`: the next cursor, how many entries left the set."""
-    cursor, found = await redis.zscan(keys.HEALTH_FAILING, cursor, count=INDEX_PAGE)
-    if not found:
-        return int(cursor), 0
-    removed = await Index(
+async def _index(redis: Redis, keys: Keys, ids: Sequence[bytes]) -> tuple[int, int]:
+    """`Index` of `ids`: how many left the set, how many a version before wrote."""
+    if not ids:
+        return 0, 0
+    removed, added = await Index(
         **failing_names(keys),
         health_prefix=keys.HEALTH_PREFIX,
         callback_prefix=keys.CALLBACK_PREFIX,
-        ids=[member for member, _ in found],
+        ids=ids,
     ).run(redis)
-    return int(cursor), int(removed)
+    return int(removed), int(added)
 
 
 async def sweep_page(redis: Redis, keys: Keys, cursor: int) -> tuple[int, int]:
-    """Up to `SWEEP_PAGES` pages of `index_page` from `cursor` (10,000 entries), fewer at
-    the set's end, where a pass over the whole set is done (`HEALTH_FAILING_INDEXED`): the
-    fleet's sweep's share (a set of 1,000,000 gone over in ~8 hours); the next cursor, how
-    many entries left the set."""
+    """The fleet's sweep's share (`duties.paged`): until a pass over the whole set is done,
+    up to `SWEEP_PAGES` `ZSCAN` pages of about `INDEX_PAGE` entries from `cursor` (10,000
+    entries; a set of 1,000,000 gone over in ~8 hours) through `Index`; then
+    `index_recent`. The next cursor, how many entries left the set."""
+    if (since := await redis.get(keys.HEALTH_FAILING_INDEXED)) is not None:
+        return 0, await index_recent(redis, keys, int(since))
+    if cursor == 0:  # a pass begins: what is added from now on, it may not meet
+        await redis.set(keys.HEALTH_FAILING_PASS, now_ms(), nx=True)
     removed = 0
     for _ in range(SWEEP_PAGES):
-        cursor, left = await index_page(redis, keys, cursor)
-        removed += left
+        cursor, found = await redis.zscan(keys.HEALTH_FAILING, cursor, count=INDEX_PAGE)
+        removed += (await _index(redis, keys, [member for member, _ in found]))[0]
         if cursor == 0:
-            await redis.set(keys.HEALTH_FAILING_INDEXED, "1")
+            began = int(await redis.get(keys.HEALTH_FAILING_PASS) or 0)
+            await redis.set(keys.HEALTH_FAILING_INDEXED, max(0, began - RECENT_MARGIN_MS))
+            await redis.delete(keys.HEALTH_FAILING_PASS)
             break
-    return cursor, removed
+    return int(cursor), removed
+
+
+async def index_recent(redis: Redis, keys: Keys, since_ms: int) -> int:
+    """Once a pass over the whole set is done: `Index` of the entries whose first failure
+    is `since_ms` or later (what was added since the last sweep, a margin for clocks apart
+    included: 10,000 at most, the next sweep going on from there), and from where the next
+    one looks (`HEALTH_FAILING_INDEXED`). An entry a worker of the version before wrote
+    (in no project's set yet) marks the shard `HEALTH_FAILING_LATE` for `LATE_S`: the
+    listings say some may not show yet. Returns how many entries left the set. The sweep
+    went over the whole set each time, for ever: 20 `Index` calls of ~500 entries, 7-13 ms
+    each, every 5 minutes, for a set of callbacks failing for good (review)."""
+    now, most = now_ms(), SWEEP_PAGES * INDEX_PAGE
+    found = await redis.zrangebyscore(
+        keys.HEALTH_FAILING, since_ms, "+inf", start=0, num=most, withscores=True
+    )
+    removed = added = 0
+    for at in range(0, len(found), INDEX_PAGE):
+        left, new = await _index(redis, keys, [member for member, _ in found[at : at + INDEX_PAGE]])
+        removed, added = removed + left, added + new
+    if len(found) < most:
+        since_ms = max(since_ms, now - RECENT_MARGIN_MS)
+    else:  # more to go: from the last one read (past it, should 10,000 share one ms)
+        since_ms = max(since_ms + 1, int(found[-1][1]))
+    await redis.set(keys.HEALTH_FAILING_INDEXED, since_ms)
+    if added:
+        await redis.set(keys.HEALTH_FAILING_LATE, added, ex=LATE_S)
+    return removed
 
 
 async def index_start(redis: Redis, keys: Keys) -> int:

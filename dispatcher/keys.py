@@ -64,7 +64,10 @@ Health
     dispatcher:health:failing                 ZSET ids of callbacks with failures, by first failure
     dispatcher:health:failing:{project}       ZSET the same of one project, by failures
     dispatcher:health:failing-projects        ZSET projects with some, by their worst's failures
-    dispatcher:health:failing-indexed         STRING set once the two above hold every failing id
+    dispatcher:health:failing-indexed         STRING once the two above hold every id: from
+                                              which first failure (ms) the sweep looks
+    dispatcher:health:failing-pass            STRING when the sweep's pass over the set began
+    dispatcher:health:failing-late            STRING (15 min) a version before's entry met
 Deliveries
     dispatcher:delivery:{progress id}         STRING attempts made, or "done" (dedupe, progress);
                                               none when the delivery's job ended with its
@@ -212,6 +215,8 @@ class Keys:
         self.HEALTH_FAILING_PREFIX = f"{self.HEALTH_FAILING}{SEP}"  # `failing_of`
         self.HEALTH_FAILING_PROJECTS = f"{self.HEALTH_FAILING}-projects"
         self.HEALTH_FAILING_INDEXED = f"{self.HEALTH_FAILING}-indexed"
+        self.HEALTH_FAILING_PASS = f"{self.HEALTH_FAILING}-pass"
+        self.HEALTH_FAILING_LATE = f"{self.HEALTH_FAILING}-late"
         self.CALLBACKS_DISABLED, self.ROLES_PREFIX = f"{base}:cb:disabled", f"{base}:roles:"
         h = f"{base}:history"
         self.HISTORY_SEQ, self.HISTORY_BODY_PREFIX = f"{h}:seq", f"{h}:body:"

@@ -157,7 +157,10 @@ def callbacks_failing(
             table.add_row(group.project_id, "…", f"{group.count - len(group.shown)} more", "", "")
     console.print(table)
     if not found.indexed:
-        console.print("what the version before wrote is being indexed: some may not show yet")
+        console.print(
+            "what workers of the version before wrote or still write is being indexed "
+            "(by the sweep, every 5 minutes): some may not show yet"
+        )
     if project:
         count = sum(group.count for group in found.groups)
         console.print(f"{count} failing callbacks of project {project} ({found.total} in all)")
