@@ -140,7 +140,8 @@ class FailingView:
 @dataclass
 class ListFailing(Script):
     """The failing callbacks of `only` (a project; '' for the `projects_shown` projects with
-    the most failures, and `platform`), `per_project` of each (`platform_rows` of its), the
+    the most failures, and `platform`), `per_project` of each (of the platform's, at least
+    `platform_rows`: its callbacks fail on several shards, counted once by the ids read), the
     most failures first, as {id, failures, since, last error}, with each project's count,
     and the counts of callbacks and projects: {total, projects, {{project, count, rows}},
     1 once the set was indexed whole (`failing_indexed`) and no sweep met what a version
@@ -187,7 +188,7 @@ if only == '' then
 end
 for _, name in ipairs(names) do
   local k = tonumber(per_project)
-  if name == platform and only == '' then k = tonumber(platform_rows) end
+  if name == platform then k = math.max(k, tonumber(platform_rows)) end
   groups[#groups + 1] = group(name, k)
 end
 local indexed = redis.call('EXISTS', failing_indexed) - redis.call('EXISTS', failing_late)
