@@ -8,8 +8,11 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import structlog
+from redis.exceptions import RedisError
 
 from dispatcher import clock, metrics
+from dispatcher.failing import FAILING, FailingView, failing_names, index_start, merged
+from dispatcher.failing import read as read_failing
 from dispatcher.keys import SEP
 from dispatcher.lua import Key, Script, run_pipeline
 from dispatcher.models import PLATFORM_PROJECT
@@ -26,7 +29,7 @@ if TYPE_CHECKING:
     from dispatcher.registry import Registry
     from dispatcher.settings import Settings
 
-__all__ = ["CircuitBreaker", "Failing", "FilterError", "Health"]
+__all__ = ["CircuitBreaker", "FilterError", "Health"]
 
 log = structlog.get_logger("dispatcher.health")
 
@@ -53,18 +56,19 @@ end
 class Failed(Script):
     """Counts one final failure of callback `callback_id` at `now_ms` (`last_error`: its
     error; `record_id`: the failed attempt's record, '' when none: counting the same
-    record twice counts it once), and marks its hash `failing` (`MARK`); a callback
-    deleted meanwhile (its attempt was in flight) counts nothing: no health comes back
-    for a callback that is gone. Past
-    `disable_after` failures *and* `disable_after_ms` since the first, the callback is
-    disabled (`registry.scripts.DISABLE`, which finds its match set inside Redis, from its
-    hash: hence the match prefix and separator), unless `disables` is 0 (a platform-wide
-    callback's: counted and shown, never disabled by one project's failures).
+    record twice counts it once), marks its hash `failing` (`MARK`) and lists it among its
+    project's failing callbacks (`failing.FAILING`); a callback deleted meanwhile (its
+    attempt was in flight) counts nothing: no health comes back for a callback that is
+    gone. Past `disable_after` failures *and* `disable_after_ms` since the first, the
+    callback is disabled (`registry.scripts.DISABLE`, which finds its match set inside
+    Redis, from its hash: hence the match prefix and separator), unless `disables` is 0 (a
+    platform-wide callback's: counted and shown, never disabled by one project's failures).
     Returns {failures, since ms, the reason when this call disabled the callback}."""
 
     LUA = (
         DISABLE
         + MARK
+        + FAILING
         + """
 if redis.call('EXISTS', callback) == 0 then return {0, tonumber(now_ms)} end  -- deleted
 if record_id ~= '' and redis.call('HGET', health, 'lastRecord') == record_id then
@@ -76,7 +80,7 @@ mark(callback, '1', version_prefix)
 redis.call('HSETNX', health, 'since', now_ms)
 redis.call('HSET', health, 'lastError', last_error, 'lastRecord', record_id)
 local since = tonumber(redis.call('HGET', health, 'since'))
-redis.call('ZADD', failing, since, callback_id)
+failing_on(redis.call('HGET', callback, 'projectId'), callback_id, n, since)
 local span = tonumber(now_ms) - since
 if tonumber(disables) == 0 then return {n, since} end
 if n < tonumber(disable_after) or span < tonumber(disable_after_ms) then return {n, since} end
@@ -91,8 +95,10 @@ return {n, since, reason}
     )
     health: Key
     failing: Key
+    failing_projects: Key
     callback: Key
     disabled: Key
+    failing_prefix: str
     now_ms: int
     last_error: str
     callback_id: int
@@ -107,51 +113,26 @@ return {n, since, reason}
 
 @dataclass
 class Succeeded(Script):
-    """The reset after a success: no failures on record for `callback_id`, and its hash
-    says so (unless it is gone)."""
+    """The reset after a success: no failures on record for `callback_id` (listed among
+    the failing callbacks no more), and its hash says so (unless it is gone)."""
 
     LUA = (
         MARK
+        + FAILING
         + """
 redis.call('DEL', health)
-redis.call('ZREM', failing, callback_id)
+failing_off(redis.call('HGET', callback, 'projectId'), callback_id)
 mark(callback, '0', version_prefix)
 return 1
 """
     )
     health: Key
     failing: Key
+    failing_projects: Key
     callback: Key
+    failing_prefix: str
     callback_id: int
     version_prefix: str
-
-
-@dataclass
-class FailingRows(Script):
-    """The first `limit` callbacks with failures on record, oldest failure first, as {id,
-    failures, since, last error} rows. Their ids are read inside Redis, so their health
-    hashes' and callbacks' keys are made there (`health_prefix`, `callback_prefix`). What
-    a deleted callback left (written before a failure checked that its callback exists)
-    is removed as it is met, and so is an entry without health."""
-
-    LUA = """
-    local ids = redis.call('ZRANGE', failing, 0, tonumber(limit) - 1)
-    local out = {}
-    for _, id in ipairs(ids) do
-      local row = redis.call('HMGET', health_prefix .. id, 'failures', 'since', 'lastError')
-      if row[1] and redis.call('EXISTS', callback_prefix .. id) == 1 then
-        out[#out + 1] = {id, row[1], row[2], row[3]}
-      else
-        redis.call('DEL', health_prefix .. id)
-        redis.call('ZREM', failing, id)
-      end
-    end
-    return out
-    """
-    failing: Key
-    health_prefix: str
-    callback_prefix: str
-    limit: int
 
 
 @dataclass
@@ -172,16 +153,6 @@ class FilterError(Script):
     now_ms: int
 
 
-@dataclass(frozen=True, slots=True)
-class Failing:
-    """A callback with consecutive final failures (not yet disabled, or disabled)."""
-
-    callback_id: int
-    failures: int
-    since_ms: int
-    last_error: str
-
-
 class Health:
     """Counts each callback's consecutive final failures; any success resets the count."""
 
@@ -195,24 +166,30 @@ class Health:
         """Queue the reset on the caller's pipeline (no extra round trip)."""
         k = self.keys
         Succeeded(
-            k.health(callback_id),
-            k.HEALTH_FAILING,
-            k.callback(callback_id),
-            callback_id,
-            k.REGISTRY_VERSION_PREFIX,
+            health=k.health(callback_id),
+            callback=k.callback(callback_id),
+            callback_id=callback_id,
+            version_prefix=k.REGISTRY_VERSION_PREFIX,
+            **failing_names(k),
         ).queue_on(pipe)
 
-    async def failing(self, limit: int = 1000) -> list[Failing]:
-        """Callbacks whose last deliveries failed, most failures first (one round trip)."""
-        k = self.keys
-        rows = await FailingRows(k.HEALTH_FAILING, k.HEALTH_PREFIX, k.CALLBACK_PREFIX, limit).run(
-            self.redis
-        )
-        found = [
-            Failing(int(cid), int(n), int(since or 0), (error or b"").decode())
-            for cid, n, since, error in rows
-        ]
-        return sorted(found, key=lambda f: (-f.failures, f.callback_id))
+    async def failing(self) -> FailingView:
+        """Callbacks whose last deliveries failed, by project (`dispatcher.failing`): the
+        projects with the most failures first, the worst few of each (one round trip)."""
+        return merged([await read_failing(self.redis, self.keys)])
+
+    async def upgrade(self) -> None:
+        """The failing callbacks indexed by project (`failing.index_start`), as far as
+        Redis lets: refused (full, a replica, any error) or unreachable, the work is left to
+        the sweep (`Duties`), which does it anyway. It raised out of a worker's start (which
+        exited 1 on a full Redis) and the API's (review)."""
+        try:
+            removed = await index_start(self.redis, self.keys)
+        except (RedisError, OSError) as exc:  # any reply refused, or `REDIS_ERRORS`
+            log.warning("health.failing_index_postponed", error=str(exc))
+            return
+        if removed:
+            log.info("health.failing_indexed", removed=removed)
 
     async def failures(self, callback_ids: Sequence[int]) -> dict[int, int]:
         """Consecutive final failures of those callbacks that have some (one round trip)."""
@@ -241,9 +218,9 @@ class Health:
         k, settings = self.keys, self.settings
         Failed(
             health=k.health(callback_id),
-            failing=k.HEALTH_FAILING,
             callback=k.callback(callback_id),
             disabled=k.CALLBACKS_DISABLED,
+            **failing_names(k),
             now_ms=now_ms,
             last_error=f"project {emitter}: {error}" if emitter else error,
             callback_id=callback_id,

@@ -62,6 +62,12 @@ Roles
 Health
     dispatcher:health:{id}                    HASH consecutive final failures of one callback
     dispatcher:health:failing                 ZSET ids of callbacks with failures, by first failure
+    dispatcher:health:failing:{project}       ZSET the same of one project, by failures
+    dispatcher:health:failing-projects        ZSET projects with some, by their worst's failures
+    dispatcher:health:failing-indexed         STRING once the two above hold every id: from
+                                              which first failure (ms) the sweep looks
+    dispatcher:health:failing-pass            STRING when the sweep's pass over the set began
+    dispatcher:health:failing-late            STRING (15 min) a version before's entry met
 Deliveries
     dispatcher:delivery:{progress id}         STRING attempts made, or "done" (dedupe, progress);
                                               none when the delivery's job ended with its
@@ -206,6 +212,11 @@ class Keys:
         self.REGISTRY_VERSION_PREFIX = f"{base}:cb:version:"
         self.CALLBACKS_FROZEN_PREFIX = f"{base}:cb:frozen:"  # `callbacks_frozen`
         self.HEALTH_PREFIX, self.HEALTH_FAILING = f"{base}:health:", f"{base}:health:failing"
+        self.HEALTH_FAILING_PREFIX = f"{self.HEALTH_FAILING}{SEP}"  # `failing_of`
+        self.HEALTH_FAILING_PROJECTS = f"{self.HEALTH_FAILING}-projects"
+        self.HEALTH_FAILING_INDEXED = f"{self.HEALTH_FAILING}-indexed"
+        self.HEALTH_FAILING_PASS = f"{self.HEALTH_FAILING}-pass"
+        self.HEALTH_FAILING_LATE = f"{self.HEALTH_FAILING}-late"
         self.CALLBACKS_DISABLED, self.ROLES_PREFIX = f"{base}:cb:disabled", f"{base}:roles:"
         h = f"{base}:history"
         self.HISTORY_SEQ, self.HISTORY_BODY_PREFIX = f"{h}:seq", f"{h}:body:"
@@ -307,6 +318,9 @@ class Keys:
 
     def health(self, callback_id: int | str) -> str:
         return f"{self.HEALTH_PREFIX}{callback_id}"
+
+    def failing_of(self, project_id: str) -> str:
+        return f"{self.HEALTH_FAILING_PREFIX}{project_id}"
 
     def dropped(self, project_id: str) -> str:
         return f"{self.DROPPED_PREFIX}{project_id}"

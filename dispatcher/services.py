@@ -370,13 +370,15 @@ class Services:
     # ---- operations --------------------------------------------------------------------
 
     async def upgrade(self) -> bool:
-        """Bring stored data to this version's layout (see `Registry.upgrade`); False when
-        Redis could not be reached (try again later)."""
+        """Bring stored data to this version's layout (`Registry.upgrade`); False when
+        Redis could not be reached (try again later). Then index the failing callbacks as
+        far as Redis lets (`Health.upgrade`: never a reason to fail a start)."""
         try:
             await self.registry.upgrade()
         except REDIS_ERRORS as exc:
             log.warning("registry.upgrade_postponed", error=str(exc))
             return False
+        await self.health.upgrade()
         return True
 
     async def status(self) -> Status:

@@ -18,7 +18,8 @@ if TYPE_CHECKING:
     from redis.asyncio import Redis
     from redis.asyncio.client import Pipeline
 
-    from dispatcher.health import Failing, Health
+    from dispatcher.failing import FailingView
+    from dispatcher.health import Health
     from dispatcher.keys import Keys
     from dispatcher.queue import Queue
     from dispatcher.stats import Series
@@ -68,7 +69,7 @@ class Status:
     queue_due: int
     oldest_due_s: float
     workers: list[dict[str, Any]]
-    failing: list[Failing]
+    failing: FailingView
     disabled: int
     hour: Series
     day: Series

@@ -19,6 +19,7 @@ from dispatcher.cli.common import (
     on_router,
     tagged,
 )
+from dispatcher.failing import ONE_PROJECT_MOST, PROJECTS_SHOWN, SHOWN_PER_PROJECT
 from dispatcher.headers import AuthHeader
 from dispatcher.models import PLATFORM_PROJECT, Callback, Region
 from dispatcher.registry import Options, Registration
@@ -134,17 +135,42 @@ def _controls(cb: Callback) -> str:
 
 
 @callbacks_app.command("failing")
-def callbacks_failing() -> None:
-    """Callbacks whose latest deliveries failed (consecutive final failures)."""
+def callbacks_failing(
+    project: Annotated[
+        str | None, typer.Option(help="That project's failing callbacks, up to --limit")
+    ] = None,
+    limit: Annotated[
+        int, typer.Option(min=1, max=ONE_PROJECT_MOST, help="With --project: at most so many")
+    ] = 100,
+) -> None:
+    """Callbacks whose latest deliveries failed (consecutive final failures), by project:
+    the worst few of each of the projects with the most failures, or one project's."""
     settings = load_settings()
-    found = on_router(views.failing)
-    table = Table("id", "failures", "since", "last error")
-    for f in found:
-        table.add_row(
-            str(f.callback_id), str(f.failures), fmt_ms(f.since_ms, settings), f.last_error[:80]
-        )
+    rows = limit if project else SHOWN_PER_PROJECT
+    found = on_router(lambda router: views.failing(router, project, rows))
+    table = Table("project", "id", "failures", "since", "last error")
+    for group in found.groups:
+        for f in group.shown:
+            since, error = fmt_ms(f.since_ms, settings), f.last_error[:80]
+            table.add_row(group.project_id, str(f.callback_id), str(f.failures), since, error)
+        if group.count > len(group.shown):
+            table.add_row(group.project_id, "…", f"{group.count - len(group.shown)} more", "", "")
     console.print(table)
-    console.print(f"{len(found)} failing callbacks")
+    if not found.indexed:
+        console.print(
+            "what workers of the version before wrote or still write is being indexed "
+            "(by the sweep, every 5 minutes): some may not show yet"
+        )
+    if project:
+        count = sum(group.count for group in found.groups)
+        console.print(f"{count} failing callbacks of project {project} ({found.total} in all)")
+        return
+    console.print(f"{found.total} failing callbacks, of {found.projects} projects")
+    if found.projects > len(found.groups) or found.total > len(found.shown):
+        console.print(
+            f"shown: the worst {SHOWN_PER_PROJECT} of each of the {PROJECTS_SHOWN} projects "
+            "with the most failures; --project P lists one project's"
+        )
 
 
 # The receiver controls of `callbacks add` (see dispatcher/registry/options.py).

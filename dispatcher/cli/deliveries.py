@@ -136,7 +136,8 @@ def status() -> None:
     table.add_row("workers alive", str(len(st.workers)))
     for w in st.workers:
         table.add_row("  worker", f"{w['host']} pid {w['pid']}")
-    table.add_row("callbacks failing", str(len(st.failing)))
+    table.add_row("callbacks failing", str(st.failing.total))
+    table.add_row("callbacks failing: projects", str(st.failing.projects))
     table.add_row("callbacks disabled", str(st.disabled))
     table.add_row("ordered lanes blocked", str(st.lanes.blocked))
     for lane in st.lanes.shown:

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 
 from dispatcher import keys
 from dispatcher.clock import now_ms
+from dispatcher.failing import failing_names
 from dispatcher.models import Callback, Event, Level, Region
 from dispatcher.registry.options import Options
 from dispatcher.registry.rules import level_of
@@ -53,7 +54,7 @@ class Upsert:
             counter=k.CALLBACK_SEQ,
             match=k.match(scope, event.value),
             disabled=k.CALLBACKS_DISABLED,
-            failing=k.HEALTH_FAILING,
+            **failing_names(k),
             ordered_flag=k.lanes_ordered(self.project_id),
             version=k.registry_version(self.project_id),
             frozen=k.callbacks_frozen(self.project_id),

@@ -2,8 +2,9 @@
 are made in Python (`dispatcher.keys`) but where a script reads the id or the scope that
 names one inside Redis: `UpsertCallback` (a new callback's id is taken there), `match.Match`
 (the ids it finds), `DISABLE`/`SetEnabled` (a callback's match set, by the scope and event
-its hash holds: they run in the worker's write pipeline, where nothing can be read first)
-and `mark_ordered`'s conversion of an old flag. Those get the prefixes and separators from
+its hash holds: they run in the worker's write pipeline, where nothing can be read first),
+`mark_ordered`'s conversion of an old flag and `failing.FAILING` (a project's failing set,
+by the project its hash holds). Those get the prefixes and separators from
 `dispatcher.keys` (`tests/service/test_keys.py` checks both sides agree).
 
 Every script that changes what `match.Match` reads of a project's callbacks (a hash's
@@ -24,6 +25,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from dispatcher import keys
+from dispatcher.failing import FAILING, failing_names
 from dispatcher.lua import ArgList, Key, KeyList, Script
 
 if TYPE_CHECKING:
@@ -75,6 +77,7 @@ class UpsertCallback(Script):
 
     LUA = (
         ORDERED
+        + FAILING
         + f"if redis.call('EXISTS', frozen) == 1 then return {{{FROZEN}, 0}} end"
         + """
 local id = redis.call('HGET', unique, field)
@@ -103,7 +106,7 @@ redis.call('HSET', key, unpack(fields))
 redis.call('ZADD', match, id, id)
 redis.call('ZREM', disabled, id)
 redis.call('DEL', health_prefix .. id, filter_errors_prefix .. id)
-redis.call('ZREM', failing, id)
+failing_off(redis.call('HGET', key, 'projectId'), id)
 mark_ordered(ordered_flag, listings[1], callback_prefix, id, ordered)
 redis.call('INCR', version)
 return {tonumber(id), created}
@@ -114,12 +117,14 @@ return {tonumber(id), created}
     match: Key
     disabled: Key
     failing: Key
+    failing_projects: Key
     ordered_flag: Key
     version: Key
     frozen: Key
     listings: KeyList
     field: str
     now_ms: int
+    failing_prefix: str
     callback_prefix: str
     health_prefix: str
     filter_errors_prefix: str
@@ -161,6 +166,7 @@ class SetEnabled(Script):
 
     LUA = (
         DISABLE
+        + FAILING
         + """
 local row = redis.call('HMGET', callback, 'projectId', 'event', 'id', 'pipelineId')
 if not row[1] or (project_id ~= '' and row[1] ~= project_id) then return 0 end
@@ -179,7 +185,7 @@ redis.call('HSET', callback, 'enabled', '1', 'disabledReason', '', 'failing', '0
 redis.call('ZADD', match_prefix .. scope .. sep .. row[2], row[3], row[3])
 redis.call('ZREM', disabled, row[3])
 redis.call('DEL', health)
-redis.call('ZREM', failing, row[3])
+failing_off(row[1], row[3])
 redis.call('INCR', version_prefix .. row[1])
 return 1
 """
@@ -187,7 +193,9 @@ return 1
     callback: Key
     disabled: Key
     failing: Key
+    failing_projects: Key
     health: Key
+    failing_prefix: str
     enabled: str
     reason: str
     now_ms: int
@@ -208,7 +216,9 @@ class DeleteCallback(Script):
     the project is `frozen` unless `mover` ('1': the move's own removal from its old
     shard)."""
 
-    LUA = f"""
+    LUA = (
+        FAILING
+        + f"""
     if mover ~= '1' and redis.call('EXISTS', frozen) == 1 then return {FROZEN} end
     if redis.call('HGET', callback, 'projectId') ~= project_id then return 0 end
     redis.call('DEL', callback, health, filter_errors)
@@ -216,13 +226,14 @@ class DeleteCallback(Script):
     for _, listing in ipairs(listings) do redis.call('ZREM', listing, callback_id) end
     redis.call('ZREM', match, callback_id)
     redis.call('ZREM', disabled, callback_id)
-    redis.call('ZREM', failing, callback_id)
+    failing_off(project_id, callback_id)
     if redis.call('TYPE', ordered_flag).ok == 'set' then
       redis.call('SREM', ordered_flag, callback_id)
     end
     redis.call('INCR', version)
     return 1
     """
+    )
     callback: Key
     health: Key
     filter_errors: Key
@@ -230,6 +241,7 @@ class DeleteCallback(Script):
     match: Key
     disabled: Key
     failing: Key
+    failing_projects: Key
     ordered_flag: Key
     version: Key
     frozen: Key
@@ -237,6 +249,7 @@ class DeleteCallback(Script):
     project_id: str
     callback_id: int
     field: str
+    failing_prefix: str
     mover: str = "0"
 
     @classmethod
@@ -256,7 +269,6 @@ class DeleteCallback(Script):
             unique=k.callback_unique(scope),
             match=k.match(scope, event),
             disabled=k.CALLBACKS_DISABLED,
-            failing=k.HEALTH_FAILING,
             ordered_flag=k.lanes_ordered(project_id),
             version=k.registry_version(project_id),
             frozen=k.callbacks_frozen(project_id),
@@ -264,6 +276,7 @@ class DeleteCallback(Script):
             project_id=project_id,
             callback_id=callback_id,
             field=keys.callback_unique_field(event, url),
+            **failing_names(k),
         )
 
 
@@ -325,6 +338,7 @@ class PutCallback(Script):
 
     LUA = (
         ORDERED
+        + FAILING
         + """
 redis.call('DEL', callback)
 redis.call('HSET', callback, unpack(values))
@@ -340,7 +354,7 @@ else
 end
 if reset == '1' then
   redis.call('DEL', health)
-  redis.call('ZREM', failing, callback_id)
+  failing_off(redis.call('HGET', callback, 'projectId'), callback_id)
 end
 mark_ordered(ordered_flag, listings[1], callback_prefix, callback_id, ordered)
 redis.call('INCR', version)
@@ -352,11 +366,13 @@ return 1
     match: Key
     disabled: Key
     failing: Key
+    failing_projects: Key
     health: Key
     ordered_flag: Key
     version: Key
     listings: KeyList
     callback_id: str
+    failing_prefix: str
     field: str
     enabled: str
     updated_ms: str

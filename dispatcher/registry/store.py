@@ -10,6 +10,7 @@ import structlog
 from dispatcher import keys
 from dispatcher.clock import now_ms
 from dispatcher.errors import InvalidEvent, InvalidInput, LimitReached, NotFound
+from dispatcher.failing import failing_names
 from dispatcher.headers import check_auth_header
 from dispatcher.keys import Keys
 from dispatcher.lua import run_pipeline
@@ -366,7 +367,7 @@ class Registry:
         SetEnabled(
             callback=k.callback(callback_id),
             disabled=k.CALLBACKS_DISABLED,
-            failing=k.HEALTH_FAILING,
+            **failing_names(k),
             health=k.health(callback_id),
             enabled="1" if enabled else "0",
             reason=reason,

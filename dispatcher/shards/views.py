@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING, Any
 from dispatcher import lateness, metrics
 from dispatcher.connections import REDIS_ERRORS
 from dispatcher.errors import NotFound, Unavailable
+from dispatcher.failing import SHOWN_PER_PROJECT, merged
+from dispatcher.failing import read as read_failing
 from dispatcher.history.window import unknown_record
 from dispatcher.models import PLATFORM_PROJECT, HistoryPage, RedeliveryResult
 from dispatcher.shards.lanes import hold_source
@@ -26,7 +28,7 @@ from dispatcher.status import Lanes, count_live_workers, read_lanes
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-    from dispatcher.health import Failing
+    from dispatcher.failing import FailingView
     from dispatcher.models import HistoryRecord
     from dispatcher.redelivery import Pace
     from dispatcher.services import Services
@@ -86,16 +88,16 @@ def merged_lanes(found: list[Lanes]) -> Lanes:
     )
 
 
-async def failing(router: Router) -> list[Failing]:
-    """Callbacks whose last deliveries failed, over every shard (a platform-wide callback
-    failing on several shards once, with its worst count), most failures first."""
-    merged: dict[int, Failing] = {}
-    for found in await asyncio.gather(*(s.health.failing() for s in router.shards)):
-        for one in found:
-            seen = merged.get(one.callback_id)
-            if seen is None or one.failures > seen.failures:
-                merged[one.callback_id] = one
-    return sorted(merged.values(), key=lambda f: (-f.failures, f.callback_id))
+async def failing(
+    router: Router, project_id: str | None = None, rows: int = SHOWN_PER_PROJECT
+) -> FailingView:
+    """Callbacks whose last deliveries failed, over every shard, by project
+    (`dispatcher.failing`): the projects with the most failures first, the worst `rows`
+    of each; of `project_id` alone when given (every shard asked: a moving project's are
+    on two). A platform-wide callback failing on several shards is shown and counted once,
+    with its worst count."""
+    reads = (read_failing(s.redis, s.keys, project_id, rows) for s in router.shards)
+    return merged(await asyncio.gather(*reads), rows)
 
 
 async def dead_letters(

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from dispatcher import bodies, lateness, metrics
+from dispatcher import bodies, failing, lateness, metrics
 from dispatcher.bodies import GIVE_BACK
 from dispatcher.clock import now_ms
 from dispatcher.cluster import scan_shard
@@ -156,7 +156,9 @@ class Duties:
         retention (PostgreSQL: day partitions made ahead, expired ones dropped), empty
         lanes off the blocked list and lanes whose head's job is gone on their way
         (`Unblock`: the blocked ones, a page of every lane), a page of the ordered
-        deliveries' kept bodies rid of the references of jobs gone (`bodies.sweep_lanes`)."""
+        deliveries' kept bodies rid of the references of jobs gone (`bodies.sweep_lanes`),
+        pages of the failing callbacks indexed by project (`failing.sweep_page`: what a
+        worker of the version before added)."""
         while True:
             slot = now_ms() // 1000 // SWEEP_EVERY_S
             for shard in self.shards:
@@ -183,6 +185,9 @@ class Duties:
                 gone = await paged(shard.redis, shard.keys, "lane-bodies", bodies_page)
                 if gone:
                     log.warning("bodies.dangling_released", references=gone, shard=index)
+                left = await paged(shard.redis, shard.keys, failing.SWEEP_NAME, failing.sweep_page)
+                if left:
+                    log.info("health.failing_indexed", removed=left, shard=index)
         except Exception as exc:  # Redis away, a bug
             log.warning("lanes.sweep_failed", error=repr(exc), shard=index)
         if not taken:

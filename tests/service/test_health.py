@@ -121,15 +121,17 @@ async def test_a_callback_deleted_while_its_attempt_is_in_flight_leaves_no_healt
     assert len(receiver.requests("/held")) == 1
     assert not await redis.exists(keys.health(callback_id), keys.callback(callback_id))
     assert await redis.zscore(keys.HEALTH_FAILING, str(callback_id)) is None
-    assert await Health(redis, registry, settings).failing() == []
+    assert (await Health(redis, registry, settings).failing()).shown == []
 
 
 async def test_the_failing_listing_clears_what_deleted_callbacks_left(
     redis: Redis, settings: Settings
 ) -> None:
-    """Health a deleted callback left behind (before its final failures checked that it
-    exists) is cleared by the first listing that meets it: listed no more, its keys gone;
-    a callback still there is listed as before."""
+    """Health a deleted callback left behind (an earlier version counted its final failure
+    without checking that it exists) is cleared by the failing set's index at start-up
+    (`Health.upgrade`): listed and counted no more, its keys gone. One left in its
+    project's set (a version before deleted the callback) is cleared by the first listing
+    that meets it. A callback still there is listed as before."""
     registry = Registry(redis)
     health = Health(redis, registry, settings)
     kept, _ = await registry.create("demo", "https://e.com/h", Event.BUILD_END, Region.DEVNET)
@@ -137,9 +139,22 @@ async def test_the_failing_listing_clears_what_deleted_callbacks_left(
     ghost = kept + 1000
     await redis.hset(keys.health(ghost), mapping={"failures": 3, "since": 1_000})  # type: ignore[misc]
     await redis.zadd(keys.HEALTH_FAILING, {str(ghost): 1_000, "7777": 500})
-    assert [f.callback_id for f in await health.failing()] == [kept]
+    await health.upgrade()
+    found = await health.failing()
+    assert ([f.callback_id for f in found.shown], found.total) == ([kept], 1)
     assert not await redis.exists(keys.health(ghost))
     assert await redis.zrange(keys.HEALTH_FAILING, 0, -1) == [str(kept).encode()]
+
+    other, _ = await registry.create("demo", "https://e.com/o", Event.BUILD_END, Region.DEVNET)
+    for _ in range(3):  # the worst of demo's: read first
+        await health.failed(other, "HTTP 500", now_ms=3_000)
+    await redis.delete(keys.callback(other), keys.health(other))  # a version before's delete
+    await redis.zrem(keys.HEALTH_FAILING, str(other))
+    found = await health.failing()
+    assert ([f.callback_id for f in found.shown], found.total, found.projects) == ([kept], 1, 1)
+    assert found.groups[0].count == 1
+    assert await redis.zrange(keys.failing_of("demo"), 0, -1) == [str(kept).encode()]
+    assert await redis.zscore(keys.HEALTH_FAILING_PROJECTS, "demo") == 1.0
 
 
 async def test_a_filters_failure_counts_only_while_its_callback_exists(
@@ -205,14 +220,14 @@ async def test_one_projects_failures_disable_only_a_callback_of_its_own(
         assert ("410" if status == 410 else "3 consecutive") in (callback.disabled_reason or "")
         return
     assert callback.enabled and callback.disabled_reason is None
-    (shown,) = await Health(redis, registry, settings).failing()
+    (shown,) = (await Health(redis, registry, settings).failing()).shown
     assert (shown.callback_id, shown.failures) == (callback_id, failures)
     assert shown.last_error.startswith("project evil: ")
     await producer.emit("demo", "BUILD_END", {})
     await run_worker(settings)
     projects = [orjson.loads(r.body)["projectId"] for r in receiver.requests("/hook")]
     assert projects == ["evil"] * failures + ["demo"]
-    assert await Health(redis, registry, settings).failing() == []  # demo's success reset it
+    assert (await Health(redis, registry, settings).failing()).shown == []  # reset by demo's
 
 
 async def test_one_projects_failures_at_a_platform_callback_leave_every_projects_matches_cached(
@@ -238,4 +253,4 @@ async def test_one_projects_failures_at_a_platform_callback_leave_every_projects
         await producer.emit(project, "BUILD_END", {})
         await run_worker(settings)  # a new worker: its cache is read at the mark's value
     assert await redis.get(version) == before
-    assert await Health(redis, registry, settings).failing() == []  # demo's success reset it
+    assert (await Health(redis, registry, settings).failing()).shown == []  # reset by demo's

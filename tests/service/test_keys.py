@@ -46,6 +46,7 @@ async def test_scripts_and_keys_py_build_the_same_names(settings: Settings, redi
 
     await services.health.failed(callback_id, "HTTP 500")
     failing = {keys.health(callback_id), keys.HEALTH_FAILING}
+    failing |= {keys.failing_of("demo"), keys.HEALTH_FAILING_PROJECTS}
     assert await present(redis) == registered | failing
 
     await services.disable(callback_id, by="test")

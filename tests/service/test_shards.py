@@ -208,7 +208,7 @@ async def test_dead_letters_and_failing_callbacks_cover_every_shard(
         dead = await views.dead_letters(router)
         assert sorted(r.project_id for r in dead) == sorted(PROJECTS[:4])
         failing = await views.failing(router)
-        assert len(failing) == 4
+        assert (failing.total, failing.projects, len(failing.shown)) == (4, 4, 4)
         shards = {router.of(p).shard.index for p in PROJECTS[:4]}
         assert len(shards) >= 2
 
@@ -415,3 +415,28 @@ async def test_the_consoles_forms_refuse_changes_while_a_project_moves(
     assert [(cb["enabled"], cb["rotationEndTime"], cb["url"]) for cb in after] == [
         (True, None, "https://e.com/h")
     ]
+
+
+async def test_platform_callbacks_failing_on_two_shards_are_counted_once_in_a_short_listing(
+    shard_servers: list[EmbeddedRedis],
+) -> None:
+    """10 platform-wide callbacks failing on both shards: listed 5 at a time
+    (`--project DEVOPS_ALL_PROJECT --limit 5`), the count is 10. Each shard read the 5 it
+    showed, and the merge took the 10 it counted on each less those read twice: 15
+    (review)."""
+    settings = await two_servers(shard_servers)
+    async with Router.open(settings) as router:
+        ids = []
+        for n in range(10):
+            registration = Registration(
+                PLATFORM_PROJECT, f"https://p.example/{n}", Region.DEVNET, "t"
+            )
+            ids.append(await router.platform.register(registration, "BUILD_END"))
+        for shard in router.shards:
+            for times, cid in enumerate(ids, 1):
+                for _ in range(times):
+                    await shard.health.failed(cid, "HTTP 500")
+        found = await views.failing(router, PLATFORM_PROJECT, rows=5)
+        ((group,),) = [found.groups]
+        assert (group.count, len(group.shown), found.total) == (10, 5, 10)
+        assert [f.callback_id for f in group.shown] == ids[:-6:-1]  # the most failures
