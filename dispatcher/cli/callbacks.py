@@ -16,7 +16,9 @@ from dispatcher.cli.common import (
     err,
     fmt_ms,
     load_settings,
+    on_fleet,
     on_router,
+    partial_end,
     tagged,
 )
 from dispatcher.headers import AuthHeader
@@ -137,7 +139,7 @@ def _controls(cb: Callback) -> str:
 def callbacks_failing() -> None:
     """Callbacks whose latest deliveries failed (consecutive final failures)."""
     settings = load_settings()
-    found = on_router(views.failing)
+    found, silent = on_fleet(views.failing)
     table = Table("id", "failures", "since", "last error")
     for f in found:
         table.add_row(
@@ -145,6 +147,7 @@ def callbacks_failing() -> None:
         )
     console.print(table)
     console.print(f"{len(found)} failing callbacks")
+    partial_end(silent)
 
 
 # The receiver controls of `callbacks add` (see dispatcher/registry/options.py).
