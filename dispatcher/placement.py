@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING
 import structlog
 
 from dispatcher.connections import REDIS_ERRORS
+from dispatcher.errors import InvalidSetting, Unavailable
 from dispatcher.lua import Key, Script
 from dispatcher.stopping import cancel_all
 
@@ -90,13 +91,22 @@ class Placement:
         self.growing: int | None = None
         self.explicit: dict[str, Placed] = {}
         self.version: bytes | None = None
+        self.short: str | None = None  # why this process may not place projects (`load`)
 
     def shard_of(self, project_id: str) -> int:
-        """The shard that holds `project_id` now."""
+        """The shard that holds `project_id` now; Unavailable while the home shard says
+        more shards are in use than this process was given (`load`)."""
+        self.usable()
         placed = self.explicit.get(project_id)
         if placed is not None and placed.index < self.count:
             return placed.index
         return rendezvous(project_id, min(self.active, self.count))
+
+    def usable(self) -> None:
+        """Unavailable while the home shard says more shards are in use than this process
+        was given (`load`): it would place projects on the wrong shard."""
+        if self.short is not None:
+            raise Unavailable(self.short)
 
     def moving(self, project_id: str) -> bool:
         """Whether `project_id`'s callbacks and roles are frozen: a move of it is under way,
@@ -109,8 +119,12 @@ class Placement:
         )
 
     async def load(self) -> bool:
-        """Read the explicit placements when their version changed; True when it did."""
-        if self.redis is None or self.keys is None or self.count == 1:
+        """Read the explicit placements when their version changed; True when it did.
+        InvalidSetting when the home shard says more shards are in use than this process
+        was given (with one URL too, read once: its `run` never starts): it would hash the
+        projects over the shards it knows, and queue, read and change them on the wrong
+        one; `shard_of` refuses from then on."""
+        if self.redis is None or self.keys is None:
             return False
         version = await self.redis.get(self.keys.PLACEMENT_VERSION)
         if version == self.version and self.version is not None:
@@ -122,6 +136,13 @@ class Placement:
         self.growing = None if growing is None else int(growing)
         self.explicit = {project: Placed.parse(value) for project, value in found.items()}
         self.version = version if version is not None else b"0"
+        if self.active > self.count:
+            self.short = (
+                f"the home shard says {self.active} shards are in use, and this process was "
+                f"given {self.count}: list every one of them, in order, in "
+                "DISPATCHER_REDIS_SHARDS (or DISPATCHER_REDIS_CLUSTER_SHARDS)"
+            )
+            raise InvalidSetting(self.short, param="DISPATCHER_REDIS_SHARDS")
         return True
 
     async def run(self, every_s: float) -> None:
@@ -131,6 +152,10 @@ class Placement:
             try:
                 if await self.load():
                     log.info("shards.placement_loaded", explicit=len(self.explicit))
+                if self.count == 1:
+                    return  # read once (its start found the home shard down: `kept_fresh`)
+            except InvalidSetting as exc:
+                log.error("shards.too_few_shards", error=exc.message)
             except REDIS_ERRORS as exc:
                 log.warning("shards.placement_unread", error=str(exc))
 
@@ -203,9 +228,11 @@ class LeasedWrite(Script):
 async def kept_fresh(placement: Placement, every_s: float) -> AsyncIterator[Placement]:
     """`placement` loaded (a home shard that does not answer is waited for: routing by the
     hash alone could send a moved project's events where its callbacks are not), then
-    refreshed in the background until the block ends."""
+    refreshed in the background until the block ends. With one shard, the count alone is
+    read (`load`: InvalidSetting when more are in use), without waiting: a home shard that
+    does not answer is read in the background until it does."""
     delay = 0.1
-    while True:
+    while placement.count > 1:
         try:
             await placement.load()
             break
@@ -213,7 +240,12 @@ async def kept_fresh(placement: Placement, every_s: float) -> AsyncIterator[Plac
             log.warning("shards.placement_unread", error=str(exc), retry_in_s=delay)
             await asyncio.sleep(delay)
             delay = min(2.0, delay * 2)
-    task = asyncio.create_task(placement.run(every_s)) if placement.count > 1 else None
+    task = None
+    if placement.count == 1:  # no placement to wait for: the count is checked once
+        with contextlib.suppress(*REDIS_ERRORS):
+            await placement.load()
+    if placement.count > 1 or (placement.redis is not None and placement.version is None):
+        task = asyncio.create_task(placement.run(every_s))
     try:
         yield placement
     finally:

@@ -113,7 +113,11 @@ class Producer:
             ]
             self._placement = Placement(len(shards), clients[0], shards[0].keys)
             every = self.settings.placement_refresh
-            await stack.enter_async_context(kept_fresh(self._placement, every))
+            try:
+                await stack.enter_async_context(kept_fresh(self._placement, every))
+            except BaseException:  # too few shards listed (InvalidSetting), or cancelled
+                await self.close()
+                raise
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
@@ -128,6 +132,7 @@ class Producer:
         if not self._lanes:
             raise RuntimeError("Producer is not connected: use `async with Producer(...)`")
         if len(self._lanes) == 1:
+            self._placement.usable()
             return self._lanes[0]
         return self._lanes[self._placement.shard_of(project_id)]
 

@@ -64,7 +64,7 @@ class Settings(BaseSettings):
         gt=0,
         le=60,
         description="Seconds between a process's checks of the explicit placements of "
-        "projects (written by `dispatcher shards move`); with one shard, never read.",
+        "projects (written by `dispatcher shards move`); with one shard, read at start only.",
     )
     move_lease: float = Field(
         default=30.0, gt=0, le=600, description="Seconds a mover's lease on a project lasts."

@@ -80,21 +80,22 @@ async def close_all(clients: list[Redis]) -> None:
 async def check_shards(settings: Settings) -> list[str]:
     """What a process checks at start: each URL's `preflight`; then, with more than one
     shard, that each answering server sits at the position it had (a reordered list would
-    hand projects to the wrong shard), marking new ones and starting their id ranges.
-    InvalidSetting when not; returns warnings."""
+    hand projects to the wrong shard), marking new ones and starting their id ranges; and,
+    with one URL too, that the home shard does not say more shards are in use than listed
+    (a process given some of them would act on the wrong one). InvalidSetting when not;
+    returns warnings."""
     shards = shards_of(settings)
     warnings: list[str] = []
     for url in dict.fromkeys(shard.url for shard in shards):
         warnings += await preflight(settings, url)
-    if len(shards) == 1:
-        return warnings
     clients = connect_shards(settings, shards)
     try:
-        for shard, client in zip(shards, clients, strict=True):
-            warnings += await _claim(shard, client)
+        if len(shards) > 1:
+            for shard, client in zip(shards, clients, strict=True):
+                warnings += await _claim(shard, client)
         placement = Placement(len(shards), clients[0], shards[0].keys)
         with contextlib.suppress(*REDIS_ERRORS):
-            await placement.load()
+            await placement.load()  # InvalidSetting when too few are listed
             if placement.active < len(shards):
                 warnings.append(
                     f"{len(shards)} shards are listed, {placement.active} in use: run "

@@ -16,7 +16,9 @@ from dispatcher.cli.common import (
     err,
     fmt_ms,
     load_settings,
+    on_fleet,
     on_router,
+    partial_end,
     tagged,
 )
 from dispatcher.failing import ONE_PROJECT_MOST, PROJECTS_SHOWN, SHOWN_PER_PROJECT
@@ -147,7 +149,7 @@ def callbacks_failing(
     the worst few of each of the projects with the most failures, or one project's."""
     settings = load_settings()
     rows = limit if project else SHOWN_PER_PROJECT
-    found = on_router(lambda router: views.failing(router, project, rows))
+    found, silent = on_fleet(lambda router, silent: views.failing(router, project, rows, silent))
     table = Table("project", "id", "failures", "since", "last error")
     for group in found.groups:
         for f in group.shown:
@@ -164,6 +166,7 @@ def callbacks_failing(
     if project:
         count = sum(group.count for group in found.groups)
         console.print(f"{count} failing callbacks of project {project} ({found.total} in all)")
+        partial_end(silent)
         return
     console.print(f"{found.total} failing callbacks, of {found.projects} projects")
     if found.projects > len(found.groups) or found.total > len(found.shown):
@@ -171,6 +174,7 @@ def callbacks_failing(
             f"shown: the worst {SHOWN_PER_PROJECT} of each of the {PROJECTS_SHOWN} projects "
             "with the most failures; --project P lists one project's"
         )
+    partial_end(silent)
 
 
 # The receiver controls of `callbacks add` (see dispatcher/registry/options.py).

@@ -174,6 +174,31 @@ def on_router(body: Callable[[Router], Awaitable[T]]) -> T:
     return run_async(go)
 
 
+PARTIAL_EXIT = 3  # a fleet view printed without the shards that did not answer
+
+
+def on_fleet(body: Callable[[Router, list[int]], Awaitable[T]]) -> tuple[T, list[int]]:
+    """`on_router` for a view over every shard: `body` gets a list to add the positions of
+    the shards that did not answer to (`views.answers`); returns what it returned, and it."""
+    silent: list[int] = []
+    return on_router(lambda router: body(router, silent)), silent
+
+
+def partial_end(silent: list[int]) -> None:
+    """After a fleet view is printed: name the shards it lacks, and exit `PARTIAL_EXIT`."""
+    if silent:
+        shards = ", ".join(str(index) for index in sorted(silent))
+        err.print(
+            tagged(
+                "partial",
+                "yellow",
+                f": shard(s) {shards} did not answer within DISPATCHER_REDIS_TIMEOUT; "
+                f"shown: the others' (exit {PARTIAL_EXIT})",
+            )
+        )
+        raise typer.Exit(PARTIAL_EXIT)
+
+
 @contextlib.contextmanager
 def counting(doing: str, done: str) -> Iterator[Callable[[int], None]]:
     """A live line "doing: N done" while it runs; call what it yields with each step's count."""

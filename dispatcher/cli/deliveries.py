@@ -18,7 +18,9 @@ from dispatcher.cli.common import (
     err,
     fmt_ms,
     load_settings,
+    on_fleet,
     on_router,
+    partial_end,
     records_table,
     tagged,
 )
@@ -66,9 +68,10 @@ def dead(
 ) -> None:
     """Dead letters: the latest deliveries that gave up (their final attempt)."""
     settings = load_settings()
-    found = on_router(lambda r: views.dead_letters(r, project, limit))
+    found, silent = on_fleet(lambda r, silent: views.dead_letters(r, project, limit, silent))
     console.print(records_table(found, settings))
     console.print(f"{len(found)} dead letters")
+    partial_end(silent)
 
 
 @app.command()
@@ -126,7 +129,7 @@ def sweep() -> None:
 @app.command()
 def status() -> None:
     """Queue depth, live workers, failing and disabled callbacks, the last hour and day."""
-    st = on_router(views.status)
+    st, silent = on_fleet(views.status)
     table = Table("what", "value", show_header=False)
     table.add_row("queue: jobs due", str(st.queue_due))
     table.add_row("queue: oldest due (s)", f"{st.oldest_due_s:.1f}")
@@ -152,6 +155,7 @@ def status() -> None:
         percentiles = f"{duration(span.p50_ms)} / {duration(span.p99_ms)}"
         table.add_row(f"last {span.span.name}: attempt duration p50 / p99", percentiles)
     console.print(table)
+    partial_end(silent)
 
 
 async def _redeliver(router: Router, record_id: int) -> str:

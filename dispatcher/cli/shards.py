@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from dispatcher.cli.common import Table, console, err, on_router
+from dispatcher.cli.common import Table, console, err, on_fleet, on_router, partial_end
 from dispatcher.cluster import masters_of
 from dispatcher.connections import shown
+from dispatcher.shards import views
 from dispatcher.shards.move import Mover
 from dispatcher.shards.router import Router
 from dispatcher.shards.stale import forget_copy
 from dispatcher.slots import target_slot
+
+if TYPE_CHECKING:
+    from dispatcher.services import Services
 
 __all__ = ["shards_app"]
 
@@ -28,17 +32,18 @@ def _say(text: str) -> None:
 
 @shards_app.command("list")
 def shards_list() -> None:
-    """Each shard: where it is, its queue, the projects placed on it explicitly."""
+    """Each shard: where it is, its queue, the projects placed on it explicitly (a shard
+    that does not answer within DISPATCHER_REDIS_TIMEOUT is shown so, and the exit is 3)."""
 
-    async def go(router: Router) -> Table:
+    async def go(router: Router, silent: list[int]) -> Table:
         placement = router.placement
         table = Table("shard", "redis", "slot (master)", "in use", "jobs due", "pinned here")
         cluster = router.home.shard.cluster
         slots = [target_slot(s.shard.index) for s in router.shards] if cluster else []
         masters = await masters_of(router.home.redis, slots) if cluster else []
+        depths = dict(await views.answers(router, _depth, silent))
         for services in router.shards:
             index = services.shard.index
-            due, _ = await services.queue.depth()
             pinned = sum(p.index == index for p in placement.explicit.values())
             where = f"{slots[index]} ({masters[index]})" if cluster else "-"
             table.add_row(
@@ -46,12 +51,19 @@ def shards_list() -> None:
                 shown(services.shard.url),
                 where,
                 "yes" if index < placement.active else "not yet (grow)",
-                str(due),
+                str(depths[index]) if index in depths else "did not answer",
                 str(pinned),
             )
         return table
 
-    console.print(on_router(go))
+    table, silent = on_fleet(go)
+    console.print(table)
+    partial_end(silent)
+
+
+async def _depth(services: Services) -> tuple[int, int]:
+    due, _ = await services.queue.depth()
+    return services.shard.index, due
 
 
 @shards_app.command("grow")

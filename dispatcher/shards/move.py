@@ -4,8 +4,9 @@ under load, nothing lost (`dispatcher shards grow`, `rebalance`, `move`).
 `grow` (after the longer list is on every process; until then the new shards take no
 project): it freezes the callbacks and roles of the projects that the longer list would
 move (`:growing`), pins each one that has data to the shard the hash put it on (where its
-data and events are, whatever stale copy another shard holds), then puts the longer list in
-use and copies the platform-wide callbacks and the `*` roles to the new shards. New
+data and events are, whatever stale copy another shard holds), copies the platform-wide
+callbacks and the `*` roles to the new shards, then puts the longer list in use (and copies
+them once more: see `Mover.grow`). New
 projects go to the new shards from then on; the pinned ones stay where they are until
 moved.
 
@@ -102,11 +103,22 @@ class Mover:
             self.late_s = late_pushes_s(self.router.settings)
 
     async def grow(self) -> list[str]:
-        """Put every listed shard in use; returns the projects pinned where they are."""
+        """Put every listed shard in use; returns the projects pinned where they are.
+
+        The new shards get the platform-wide callbacks and the `*` roles before the longer
+        count is published (no project is placed on a shard without them: a grow stopped
+        before that is run again), and once more after every process has seen it (a change
+        made meanwhile by a process that did not write to the new shards). With nothing to
+        grow, it copies them again (a grow of the version before published the count first:
+        stopped there, the new shard was in use without them)."""
         placement = self.router.placement
         old, new = placement.active, placement.count
         if new <= old:
-            self.say(f"{old} shard(s) in use, {new} listed: nothing to grow")
+            copied = await self.sync()
+            self.say(
+                f"{old} shard(s) in use, {new} listed: nothing to grow; the platform-wide "
+                f"callbacks ({copied}) and `*` roles copied to every shard again"
+            )
             return []
         await placement.write_counts(old, new)
         await self.settle()  # every process now freezes the projects that would move
@@ -116,6 +128,15 @@ class Mover:
             if project not in placement.explicit and rendezvous(project, new) != home:
                 await placement.write(project, Placed(home))
                 pinned.append(project)
+        try:
+            await self.sync()
+        except Unavailable as exc:
+            raise Unavailable(
+                f"{exc.message}. The grow stopped before the new shards took any project "
+                f"({old} still in use): run it again once they answer"
+            ) from exc
+        for services in self.router.shards[old:new]:
+            await confirmed(services, "the platform-wide callbacks", "the count is unchanged")
         await placement.write_counts(new, None)
         # the pins with the counts (a replica holds a prefix of the master's writes)
         await confirmed(self.router.home, "the placements", "they are on its master alone")

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from dispatcher import lateness, metrics
 from dispatcher.connections import REDIS_ERRORS
@@ -26,7 +26,7 @@ from dispatcher.shards.lanes import hold_source
 from dispatcher.status import Lanes, count_live_workers, read_lanes
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Awaitable, Callable
 
     from dispatcher.failing import FailingView
     from dispatcher.models import HistoryRecord
@@ -36,6 +36,7 @@ if TYPE_CHECKING:
     from dispatcher.status import Status
 
 __all__ = [
+    "answers",
     "dead_letters",
     "failing",
     "fleet_gauges",
@@ -45,6 +46,8 @@ __all__ = [
     "redeliver_failed",
     "status",
 ]
+
+T = TypeVar("T")
 
 
 def _spread(router: Router, project_id: str | None) -> bool:
@@ -56,22 +59,66 @@ def _spread(router: Router, project_id: str | None) -> bool:
     )
 
 
-async def status(router: Router) -> Status:
-    """`Services.status` of the home shard, with every shard's queue and callbacks."""
+async def answers(
+    router: Router,
+    step: Callable[[Services], Awaitable[T]],
+    silent: list[int] | None,
+    shards: list[Services] | None = None,
+) -> list[T]:
+    """`step` on every shard (or `shards`) at once; with `silent`, each bounded by the
+    Redis timeout as a whole, and a shard that does not answer is left out, its position
+    added to `silent` (the operator's views show the others: one shard down made them
+    fail whole, review); without, its error is raised."""
+
+    bound = None if silent is None else router.settings.redis_timeout
+
+    async def one(services: Services) -> T:
+        async with asyncio.timeout(bound):
+            return await step(services)
+
+    asked = router.shards if shards is None else shards
+    found = await asyncio.gather(*(one(s) for s in asked), return_exceptions=silent is not None)
+    kept: list[T] = []
+    for services, result in zip(asked, found, strict=True):
+        if isinstance(result, REDIS_ERRORS):
+            assert silent is not None
+            silent.append(services.shard.index)
+        elif isinstance(result, BaseException):
+            raise result
+        else:
+            kept.append(result)
+    return kept
+
+
+async def status(router: Router, silent: list[int] | None = None) -> Status:
+    """`Services.status` of the home shard, with every shard's queue and callbacks (with
+    `silent`: those of the shards that answer, see `answers`)."""
     found = await router.home.status()
     others = router.shards[1:]
-    depths = await asyncio.gather(*(s.queue.oldest_due() for s in others))
-    oldest = max([(found.oldest_due_s, found.oldest_due_job), *((a, j) for _, a, j in depths)])
-    disabled = await asyncio.gather(*(s.redis.zcard(s.keys.CALLBACKS_DISABLED) for s in others))
-    lanes = await asyncio.gather(*(read_lanes(s.redis, s.keys) for s in others))
+
+    async def of_shard(s: Services) -> tuple[tuple[int, float, str], int, Lanes]:
+        depth = await s.queue.oldest_due()
+        return (
+            depth,
+            int(await s.redis.zcard(s.keys.CALLBACKS_DISABLED)),
+            await read_lanes(s.redis, s.keys),
+        )
+
+    each = await answers(router, of_shard, silent, others)
+    due = [(at, job) for (_, at, job), _, _ in each]
+    oldest = max([(found.oldest_due_s, found.oldest_due_job), *due])
+    late: list[int] | None = None if silent is None else []
+    failing_now = await failing(router, silent=late)
+    if silent is not None and late:
+        silent += [index for index in late if index not in silent]
     return dataclasses.replace(
         found,
-        queue_due=found.queue_due + sum(due for due, _, _ in depths),
+        queue_due=found.queue_due + sum(n for (n, _, _), _, _ in each),
         oldest_due_s=oldest[0],
         oldest_due_job=oldest[1],
-        failing=await failing(router),
-        disabled=found.disabled + sum(int(n) for n in disabled),
-        lanes=merged_lanes([found.lanes, *lanes]),
+        failing=failing_now,
+        disabled=found.disabled + sum(n for _, n, _ in each),
+        lanes=merged_lanes([found.lanes, *(lanes for _, _, lanes in each)]),
     )
 
 
@@ -89,24 +136,28 @@ def merged_lanes(found: list[Lanes]) -> Lanes:
 
 
 async def failing(
-    router: Router, project_id: str | None = None, rows: int = SHOWN_PER_PROJECT
+    router: Router,
+    project_id: str | None = None,
+    rows: int = SHOWN_PER_PROJECT,
+    silent: list[int] | None = None,
 ) -> FailingView:
     """Callbacks whose last deliveries failed, over every shard, by project
     (`dispatcher.failing`): the projects with the most failures first, the worst `rows`
     of each; of `project_id` alone when given (every shard asked: a moving project's are
     on two). A platform-wide callback failing on several shards is shown and counted once,
-    with its worst count."""
-    reads = (read_failing(s.redis, s.keys, project_id, rows) for s in router.shards)
-    return merged(await asyncio.gather(*reads), rows)
+    with its worst count (with `silent`: over the shards that answer, see `answers`)."""
+    found = await answers(router, lambda s: read_failing(s.redis, s.keys, project_id, rows), silent)
+    return merged(found, rows)
 
 
 async def dead_letters(
-    router: Router, project_id: str | None = None, limit: int = 50
+    router: Router, project_id: str | None = None, limit: int = 50, silent: list[int] | None = None
 ) -> list[HistoryRecord]:
-    """The latest deliveries that gave up, newest first (of one project, or all)."""
+    """The latest deliveries that gave up, newest first (of one project, or all; with
+    `silent`, of the shards that answer, see `answers`)."""
     if not _spread(router, project_id):
         return await router.of(project_id or PLATFORM_PROJECT).dead_letters(project_id, limit)
-    found = await asyncio.gather(*(s.dead_letters(project_id, limit) for s in router.shards))
+    found = await answers(router, lambda s: s.dead_letters(project_id, limit), silent)
     return _newest([r for records in found for r in records])[:limit]
 
 

@@ -1,0 +1,175 @@
+"""A fleet's shards as the operator grows them: a grow never places a project on a shard
+without the platform-wide callbacks and `*` roles (and one stopped is finished by the
+next), a process given fewer shards than are in use refuses to act, and the fleet views
+show the shards that answer when one does not."""
+
+from __future__ import annotations
+
+import json
+import socket
+from collections.abc import Iterator
+
+import pytest
+import redis as redis_py
+from typer.testing import CliRunner
+
+from dispatcher.auth import ALL_PROJECTS, Role
+from dispatcher.cli import app
+from dispatcher.embedded import EmbeddedRedis
+from dispatcher.errors import InvalidSetting, Unavailable
+from dispatcher.keys import Keys
+from dispatcher.models import PLATFORM_PROJECT, Region
+from dispatcher.placement import Placement
+from dispatcher.producer import Producer
+from dispatcher.registry import Registration
+from dispatcher.registry.copies import callback_ids
+from dispatcher.settings import Settings
+from dispatcher.shards.move import Mover
+from dispatcher.shards.router import Router
+from dispatcher.topology import check_shards
+from tests.helpers import make_settings, until
+from tests.service.test_shard_growth import two_empty_shards
+
+
+def _platform(url: str) -> Registration:
+    return Registration(PLATFORM_PROJECT, url, Region.DEVNET, "t")
+
+
+async def _on_new_shard(router: Router) -> tuple[int, dict[str, Role]]:
+    new = router.shards[1]
+    return len(await callback_ids(new.registry, PLATFORM_PROJECT)), await new.roles.list(
+        ALL_PROJECTS
+    )
+
+
+class _Watched(Mover):
+    """A mover that looks, at each of its waits, at what the home shard says is in use and
+    what the new shard holds; at its first, a platform-wide callback is added by a process
+    of the longer list and one by a process of the shorter (which writes to shard 0 only)."""
+
+    seen: list[tuple[int, int, dict[str, Role]]]
+    short: Settings
+
+    async def settle(self) -> None:
+        if not self.seen:
+            await self.router.platform.register(_platform("https://example.com/long"), "BUILD_END")
+            async with Router.open(self.short) as short:
+                await short.platform.register(_platform("https://example.com/short"), "BUILD_END")
+        fresh = Placement(2, self.router.home.redis, self.router.home.keys)
+        await fresh.load()
+        self.seen.append((fresh.active, *await _on_new_shard(self.router)))
+
+
+async def test_a_grow_copies_the_platform_callbacks_before_the_new_shard_takes_a_project(
+    shard_servers: list[EmbeddedRedis],
+) -> None:
+    """No wait of a grow sees the longer count in use while the new shard lacks the
+    platform-wide callbacks or `*` roles (it published the count first, then waited ~6 s,
+    then copied: a Ctrl-C meanwhile left the new shard in use, empty; review), and the
+    platform-wide callbacks added while it runs, by a process of either list, are there
+    at its end."""
+    settings = two_empty_shards(shard_servers)
+    async with Router.open(settings) as router:
+        await router.platform.register(_platform("https://example.com/all"), "BUILD_END")
+        await router.home.roles.grant(ALL_PROJECTS, "alice", Role.ADMIN)  # shard 0's only
+        mover = _Watched(router, lambda _: None, settle_s=0.01)
+        mover.seen, mover.short = [], make_settings(shard_servers[0].url)
+        await mover.grow()
+        in_use = [(callbacks, roles) for active, callbacks, roles in mover.seen if active == 2]
+        assert in_use and all(c >= 2 and roles == {"alice": Role.ADMIN} for c, roles in in_use)
+        assert (await _on_new_shard(router))[0] == 3
+
+
+async def test_grow_with_nothing_to_grow_copies_the_platform_callbacks_again(
+    shard_servers: list[EmbeddedRedis],
+) -> None:
+    """A grow of the version before stopped after publishing the count left the new shard
+    in use without the platform-wide callbacks; the next grow said "nothing to grow" and
+    copied nothing (review). It copies them now, and says so."""
+    settings = two_empty_shards(shard_servers)
+    async with Router.open(settings) as router:
+        await router.home.register(_platform("https://example.com/all"), "BUILD_END")
+        await router.home.roles.grant(ALL_PROJECTS, "alice", Role.ADMIN)
+        await router.placement.write_counts(2, None)  # where the stopped grow left it
+        said: list[str] = []
+        assert await Mover(router, said.append, settle_s=0.01).grow() == []
+        assert await _on_new_shard(router) == (1, {"alice": Role.ADMIN})
+        assert "nothing to grow" in said[0] and "copied to every shard again" in said[0]
+
+
+async def test_a_process_given_fewer_shards_than_are_in_use_refuses_to_act(
+    shard_servers: list[EmbeddedRedis],
+) -> None:
+    """With two shards in use, a process given shard 0 alone (one URL) hashed every project
+    onto it: `callbacks list` of a project of shard 1 showed none, and its emit was queued
+    on shard 0, where it matched no callback: lost, with no record (review). It refuses to
+    start now, naming DISPATCHER_REDIS_SHARDS; and one running when the count outgrows its
+    list refuses to place a project (503) from its next placement refresh on."""
+    settings = two_empty_shards(shard_servers)
+    async with Router.open(settings) as router:
+        await router.placement.write_counts(2, None)
+    alone = make_settings(shard_servers[0].url)
+    for opening in (Router.open(alone), Producer(alone)):
+        with pytest.raises(InvalidSetting, match=r"2 shards are in use.*given 1.*REDIS_SHARDS"):
+            async with opening:
+                pass
+    with pytest.raises(InvalidSetting, match="DISPATCHER_REDIS_SHARDS"):
+        await check_shards(alone)
+    async with Router.open(settings) as router, Producer(settings) as producer:
+        router.of("p1")
+        await Placement(2, router.home.redis, router.home.keys).write_counts(3, None)
+        await until(lambda: _refused(router.placement, producer), 5, "the refresh saw it")
+        with pytest.raises(Unavailable, match=r"3 shards are in use.*given 2"):
+            await producer.emit("p1", "BUILD_END", {})
+        with pytest.raises(Unavailable, match="REDIS_SHARDS"):
+            router.of("p1")
+
+
+async def _refused(placement: Placement, producer: Producer) -> bool:
+    return None not in (placement.short, producer._placement.short)
+
+
+def test_the_cli_given_fewer_shards_than_are_in_use_refuses_to_act(
+    shard_servers: list[EmbeddedRedis], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`callbacks list` with shard 0's URL alone, two shards in use: it showed none of a
+    project of shard 1, exit 0 (review); it stops now, naming the setting."""
+    for server in shard_servers:
+        redis_py.Redis.from_url(server.url).flushall()
+    redis_py.Redis.from_url(shard_servers[0].url).hset(Keys().PLACEMENT, ":count", "2")
+    monkeypatch.setenv("DISPATCHER_REDIS_URL", shard_servers[0].url)
+    monkeypatch.delenv("DISPATCHER_REDIS_SHARDS", raising=False)
+    listed = CliRunner().invoke(app, ["callbacks", "list", "--project", "p1"])
+    assert listed.exit_code == 2 and "DISPATCHER_REDIS_SHARDS" in listed.output
+    assert "2 shards are in use" in listed.output
+
+
+@pytest.fixture
+def silent_url() -> Iterator[str]:
+    """A Redis URL whose server takes connections and never answers (a hung shard)."""
+    with socket.socket() as listening:
+        listening.bind(("127.0.0.1", 0))
+        listening.listen(64)
+        yield f"redis://127.0.0.1:{listening.getsockname()[1]}/0"
+
+
+def test_the_fleet_views_show_the_shards_that_answer_and_name_the_silent_one(
+    shard_servers: list[EmbeddedRedis], silent_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`status`, `dead`, `callbacks failing` and `shards list` with shard 1 hung: each
+    prints the view of shard 0, names shard 1 and exits 3. They failed whole, with no view,
+    after ~18 s (review)."""
+    live = shard_servers[0].url
+    redis_py.Redis.from_url(live).flushall()
+    monkeypatch.delenv("DISPATCHER_REDIS_URL", raising=False)
+    monkeypatch.setenv("DISPATCHER_REDIS_SHARDS", json.dumps([live, silent_url]))
+    monkeypatch.setenv("DISPATCHER_REDIS_TIMEOUT", "0.5")
+    for command, shown in (
+        (["status"], "queue: jobs due"),
+        (["dead"], "0 dead letters"),
+        (["callbacks", "failing"], "0 failing callbacks"),
+        (["shards", "list"], "did not answer"),
+    ):
+        result = CliRunner().invoke(app, command)
+        assert result.exit_code == 3, (command, result.output)
+        assert shown in result.output and "shard(s) 1 did not answer" in result.output
