@@ -247,6 +247,7 @@ def test_a_follower_whose_questions_are_refused_follows_on_and_closes(
             return await discover(name)
 
         monkeypatch.setattr(pool.sentinel_manager, "discover_master", refuse)
+
         async def asked_again() -> bool:
             return len(refused) >= 2
 
