@@ -19,6 +19,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from dispatcher.api.probes import READY_BOUND
 from dispatcher.failover import parse_sentinel_url
 from dispatcher.settings import Settings
 from dispatcher.worker.loop import stop_budget
@@ -407,6 +408,62 @@ def test_prometheus_annotations_name_a_pod_port() -> None:
     data = config_data()
     assert str(data["DISPATCHER_WORKER_METRICS_PORT"]) in pod_ports(deployment("worker"))
     assert str(data["DISPATCHER_API_PORT"]) in pod_ports(deployment("api"))
+
+
+# The longest each probed endpoint takes, as its code documents it (seconds): /readyz asks
+# every shard at once within READY_BOUND; /healthz and `worker --check` ask nothing (a file).
+PROBE_BOUNDS = {"/readyz": READY_BOUND, "/healthz": 0.0, "dispatcher worker --check": 0.0}
+HTTP_MARGIN = 1.0  # the request's own time
+# A probe that starts a process: its imports (`dispatcher worker --check`: ~3 s on a busy
+# 2-core machine; `python -c "import urllib.request; ..."`: 0.1 s).
+PROCESS_MARGIN = {"dispatcher": 5.0, "python": 1.0}
+OTHERS = ("redis-cli", "pg_isready")  # Redis' and PostgreSQL's own checks
+
+
+def probe_bound(command: list[str]) -> float:
+    """The bound of what an exec probe or compose healthcheck runs, its process's start in."""
+    text = " ".join(command)
+    for endpoint, bound in PROBE_BOUNDS.items():
+        if endpoint in text:
+            inner = re.search(r"timeout=(\d+(?:\.\d+)?)", text)  # urllib's own, if any
+            if inner:
+                assert float(inner[1]) > bound + HTTP_MARGIN, f"{text}: its timeout is too short"
+                bound = float(inner[1])
+            [start] = [m for p, m in PROCESS_MARGIN.items() if p in command]
+            return bound + start
+    raise AssertionError(f"a probe of nothing PROBE_BOUNDS knows: {text}")
+
+
+def test_every_probe_outlasts_its_endpoints_bound() -> None:
+    """A probe whose timeout is shorter than the endpoint's answer fails on a healthy
+    process: /readyz waited 5 s for a frozen shard under a 3 s readiness probe, and every API
+    pod went NotReady (review)."""
+    checked = 0
+    for doc in of_kind("Deployment"):
+        for c in doc["spec"]["template"]["spec"]["containers"]:
+            for kind in ("readinessProbe", "livenessProbe", "startupProbe"):
+                probe = c.get(kind)
+                if probe is None:
+                    continue
+                timeout = probe.get("timeoutSeconds", 1)  # Kubernetes' default
+                if "httpGet" in probe:
+                    bound = PROBE_BOUNDS[probe["httpGet"]["path"]] + HTTP_MARGIN
+                else:
+                    bound = probe_bound(["dispatcher", *probe["exec"]["command"][1:]])
+                assert timeout > bound, f"{doc['metadata']['name']} {kind}: {timeout} s"
+                checked += 1
+    for path in (COMPOSE, COMPOSE_HA):
+        [doc] = load_yaml(path)
+        for name, service in doc["services"].items():
+            test = service.get("healthcheck", {}).get("test")
+            if test is None or any(other in as_argv(test) for other in OTHERS):
+                continue
+            timeout = duration_seconds(service["healthcheck"]["timeout"])
+            assert timeout > probe_bound(as_argv(test)), f"{rel(path)} {name}: {timeout} s"
+            checked += 1
+    for path in UNITS.values():
+        assert "WatchdogSec" not in path.read_text(), f"{rel(path)}: a probe to bound here"
+    assert checked >= 5
 
 
 def test_api_deployment_probes() -> None:
