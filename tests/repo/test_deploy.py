@@ -677,6 +677,24 @@ def test_compose_ha_adds_a_replica_and_three_sentinels_watching_the_master() -> 
         assert "resolve-hostnames yes" in script and "--sentinel" in script, name
 
 
+def test_every_redis_has_a_maxmemory_and_evicts_nothing() -> None:
+    """Without a maxmemory a full Redis grows until the host's OOM killer ends it, and the
+    DispatcherRedisNearlyFull alert has nothing to measure against. The HA file's `command`
+    replaced the base file's whole, and dropped its --maxmemory (review)."""
+    checked = 0
+    for path in (COMPOSE, COMPOSE_HA):
+        [doc] = load_yaml(path)
+        for name, service in doc["services"].items():
+            argv = as_argv(service.get("command") or [])
+            if not argv or argv[0] != "redis-server" or "--sentinel" in argv:
+                continue
+            flags = dict(zip(argv[1::2], argv[2::2], strict=False))
+            assert flags.get("--maxmemory", "").strip(), f"{rel(path)} {name}: no --maxmemory"
+            assert flags.get("--maxmemory-policy") == "noeviction", f"{rel(path)} {name}"
+            checked += 1
+    assert checked == 3  # redis, and the HA file's redis and redis-replica
+
+
 @pytest.mark.parametrize("name", ["migrate", "api", "worker"])
 def test_compose_ha_processes_find_the_master_through_the_sentinels(
     name: str, settings_from_env: SettingsFromEnv
