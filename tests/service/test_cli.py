@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shlex
 import tempfile
 import time
 from collections.abc import Iterator
@@ -95,6 +97,32 @@ def test_emit_queues_an_event(cli: CliRunner, redis_server: EmbeddedRedis, tmp_p
     event_id = result.output.strip()
     client = redis_py.Redis.from_url(redis_server.url)
     assert client.exists(keys.arq_job(project_scoped("p", event_id)))
+    client.close()
+
+
+def test_emit_unanswered_names_the_id_it_made_and_how_to_emit_it_again(
+    cli: CliRunner, redis_server: EmbeddedRedis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`emit` without --event-id, Redis refusing it until the wait ends (here: full): it
+    exited 1 saying emitting again with the same event ids is safe, but never printed the
+    id it made (review). It names it, with the command to repeat; that command, once Redis
+    takes writes again, queues the event under that id."""
+    monkeypatch.setenv("DISPATCHER_EMIT_WAIT", "0.2")
+    data = '{"buildId": "b 1"}'
+    client = redis_py.Redis.from_url(redis_server.url)
+    limit = str(client.config_get("maxmemory")["maxmemory"])  # type: ignore[index]
+    client.config_set("maxmemory", 1)  # full: every write refused (noeviction)
+    try:
+        failed = cli.invoke(app, ["emit", "--project", "p", "--event", "BUILD_END", "--data", data])
+    finally:
+        client.config_set("maxmemory", limit)
+    output = " ".join(failed.output.split())  # as the console wrapped it
+    assert failed.exit_code == 1 and "same event ids is safe" in output, output
+    found = re.search(r"event id (evt_\w+): (dispatcher emit .*--event-id \1)", output)
+    assert found, output
+    again = cli.invoke(app, shlex.split(found[2])[1:])
+    assert again.exit_code == 0 and again.output.strip() == found[1], again.output
+    assert client.exists(keys.arq_job(project_scoped("p", found[1])))
     client.close()
 
 
