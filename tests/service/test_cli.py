@@ -22,6 +22,7 @@ from dispatcher.embedded import EmbeddedRedis
 from dispatcher.keys import Keys, project_scoped
 from dispatcher.models import Event, Region
 from dispatcher.registry import Registry
+from dispatcher.tokens import TokenCipher
 
 keys = Keys()  # today's key names (one shard)
 
@@ -141,6 +142,27 @@ def test_emit_refuses_bad_input(cli: CliRunner, args: list[str], fragment: str) 
         base[flag] = value
     result = cli.invoke(app, ["emit", *[x for kv in base.items() for x in kv]])
     assert result.exit_code in (1, 2) and fragment in result.output
+
+
+def test_tokens_rotate_names_the_secrets_no_key_decrypts_and_fails(
+    cli: CliRunner, redis_server: EmbeddedRedis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A stored secret no key decrypts (here: one that only looks encrypted, stored as
+    given before keys were set) is left as it is; `tokens rotate` only logged it, printed
+    "re-encrypted N tokens" and exited 0, so the operator dropped the old key believing
+    all was done (review). It names the callback and exits 1."""
+    two = "--project p --url https://e.com/a --event BUILD_START,BUILD_END --token plain"
+    added = cli.invoke(app, ["callbacks", "add", *two.split()])
+    assert added.exit_code == 0, added.output
+    client = redis_py.Redis.from_url(redis_server.url)
+    client.hset(keys.callback(1), "secretToken", "fernet:poison")
+    client.close()
+    monkeypatch.setenv("DISPATCHER_TOKEN_KEYS", TokenCipher.new_key())
+    rotated = cli.invoke(app, ["tokens", "rotate"])
+    output = " ".join(rotated.output.split())  # as the console wrapped it
+    assert rotated.exit_code == 1, output
+    assert "re-encrypted 1 tokens" in output and "1 callback(s) hold a secret" in output
+    assert "callback 1;" in output
 
 
 def test_roles_grant_list_revoke(cli: CliRunner) -> None:
