@@ -15,9 +15,15 @@ from dispatcher.api.errors import envelope
 from dispatcher.connections import NO_ANSWER, REDIS_ERRORS
 from dispatcher.shards import views
 
-__all__ = ["router"]
+__all__ = ["READY_BOUND", "router"]
 
 router = APIRouter(tags=["operations"])
+
+# The longest /readyz takes (seconds): each shard's PING within it, every shard at once. Every
+# readiness probe's timeout in deploy/ exceeds it (tests/repo/test_deploy.py). Not
+# `DISPATCHER_REDIS_TIMEOUT` (5 s): one frozen shard made /readyz answer past the Kubernetes
+# probe's 3 s, and every API pod went NotReady (review).
+READY_BOUND = 1.5
 
 
 @router.get("/healthz")
@@ -29,11 +35,12 @@ async def healthz() -> dict[str, str]:
 @router.get("/readyz")
 async def readyz(router: RouterDep) -> JSONResponse:
     """Ready while a shard's Redis answers: every shard asked at once, each within
-    `DISPATCHER_REDIS_TIMEOUT`; 503 when none does. A shard that does not answer is named in
+    `READY_BOUND` (or `DISPATCHER_REDIS_TIMEOUT` when shorter), a silent one counted as
+    unreachable; 503 when none does. A shard that does not answer is named in
     the message (its projects get 503s from their routes): not-ready on any shard down took
     every API process out of service, the other shards' projects with them (review). The
     message is fixed, no error text: the route answers anyone."""
-    bound = router.settings.redis_timeout
+    bound = min(router.settings.redis_timeout, READY_BOUND)
     answers = await asyncio.gather(*(_answers(s.redis, bound) for s in router.shards))
     down = [s.shard.index for s, up in zip(router.shards, answers, strict=True) if not up]
     if len(down) == len(answers):

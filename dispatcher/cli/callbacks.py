@@ -335,12 +335,26 @@ def tokens_new_key() -> None:
 def tokens_rotate() -> None:
     """Re-encrypt every stored token with the first key of DISPATCHER_TOKEN_KEYS; the
     callbacks of projects moving between shards are skipped (exit 1, as while any moved in
-    the last 10 minutes: run it again once the moves end, before the old key is dropped)."""
+    the last 10 minutes: run it again once the moves end, before the old key is dropped).
+    A secret no key decrypts is left as it is, its callback named (exit 1)."""
     counts = on_router(lambda r: r.each(lambda s: s.registry.rotate_tokens()))
     console.print(f"re-encrypted {sum(c.rotated for c in counts)} tokens")
     skipped, moving = sum(c.skipped for c in counts), sum(c.moving for c in counts)
+    unreadable = [callback for c in counts for callback in c.unreadable]
     if skipped or moving:
         err.print(tagged("warning", "yellow", f": {_skipped(skipped, moving)}"))
+    if unreadable:
+        err.print(
+            tagged(
+                "error",
+                "red",
+                f": {len(unreadable)} callback(s) hold a secret no key of "
+                "DISPATCHER_TOKEN_KEYS decrypts, left as it is (stored as given before keys "
+                "were set, or under a key dropped since): callback "
+                f"{', '.join(unreadable)}; set their token or auth header again",
+            )
+        )
+    if skipped or moving or unreadable:
         raise typer.Exit(1)
 
 

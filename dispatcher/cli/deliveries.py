@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -24,6 +25,8 @@ from dispatcher.cli.common import (
     records_table,
     tagged,
 )
+from dispatcher.errors import Unavailable
+from dispatcher.jobs import new_event_id
 from dispatcher.models import RedeliveryResult
 from dispatcher.shards import views
 from dispatcher.shards.router import Router
@@ -51,14 +54,24 @@ def emit(
     event_id: Annotated[str | None, typer.Option(help="Idempotency key")] = None,
 ) -> None:
     """Queue one event for delivery; prints its event id. A W3C trace context in
-    TRACEPARENT (and TRACESTATE) of the environment goes with it to every receiver."""
+    TRACEPARENT (and TRACESTATE) of the environment goes with it to every receiver.
+    Without --event-id the command makes one, and names it when Redis does not answer in
+    time, with the command that emits the same event again safely."""
     payload = _parse_data(data)
+    chosen = event_id or new_event_id()
+
+    async def go(router: Router) -> str:
+        try:
+            return await router.of(project).producer.emit(project, event, payload, event_id=chosen)
+        except Unavailable:
+            if event_id is None:  # the caller knows an id of its own
+                again = ["dispatcher", "emit", "--project", project, "--event", event]
+                again += ["--data", data, "--event-id", chosen]
+                err.print(tagged("event id", "yellow", f" {chosen}: {shlex.join(again)}"))
+            raise
+
     with tracing.received(tracing.from_environment()):
-        console.print(
-            on_router(
-                lambda r: r.of(project).producer.emit(project, event, payload, event_id=event_id)
-            )
-        )
+        console.print(on_router(go))
 
 
 @app.command()

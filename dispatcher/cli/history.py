@@ -222,14 +222,54 @@ def upgrade_schema(settings: Settings) -> tuple[list[int], int]:
     return run_async(go)
 
 
+def _unreachable(settings: Settings) -> str | None:
+    """Why PostgreSQL cannot be reached now (refused, timed out, starting or shutting down),
+    or None when it answers. A refusal that is no outage (a wrong password, no such
+    database) is no reason: `upgrade_schema` meets it and fails, as without --if-reachable."""
+
+    async def go() -> str | None:
+        try:
+            conn = await database.connect(settings)
+        except database.OUTAGE as exc:
+            return f"{type(exc).__name__}: {exc}"
+        except Exception:  # reported by upgrade_schema's own connection
+            return None
+        await conn.close()
+        return None
+
+    return run_async(go)
+
+
 @db_app.command("upgrade")
-def db_upgrade() -> None:
+def db_upgrade(
+    if_reachable: Annotated[
+        bool,
+        typer.Option(
+            "--if-reachable",
+            help="Exit 0 with a warning when PostgreSQL is unreachable (a step before the API"
+            " starts: the API works without PostgreSQL); reachable, upgrade as without it",
+        ),
+    ] = False,
+) -> None:
     """Bring the history schema to the latest version (idempotent; safe to run at once
     from several processes). `dispatcher run` does it by itself. Without
-    DISPATCHER_HISTORY_URL there is nothing to do (history lives in Redis)."""
+    DISPATCHER_HISTORY_URL there is nothing to do (history lives in Redis). With
+    --if-reachable, an unreachable PostgreSQL is a warning, not a failure: the API starts,
+    and its history reads answer 503 (on a schema older than this version's, saying to
+    run this command) until PostgreSQL is back and the schema upgraded."""
     settings = load_settings()
     if not settings.history_url:
         console.print("history lives in Redis (no DISPATCHER_HISTORY_URL): nothing to upgrade")
+        return
+    if if_reachable and (why := _unreachable(settings)) is not None:
+        err.print(
+            tagged(
+                "warning",
+                "yellow",
+                f": PostgreSQL is unreachable ({why}): the schema is not upgraded; run"
+                " `dispatcher db upgrade` once it is back (history reads answer 503 meanwhile)",
+            )
+        )
         return
     applied, version = upgrade_schema(settings)
     if applied:

@@ -39,12 +39,14 @@ log = structlog.get_logger("dispatcher.registry")
 
 class Rotated(NamedTuple):
     """A rotation's counts: secrets re-encrypted, callbacks of moving projects skipped,
-    and projects frozen on the shard at its end (moving off it, or moved in the last 10
-    minutes)."""
+    projects frozen on the shard at its end (moving off it, or moved in the last 10
+    minutes), and the ids of the callbacks holding a secret no key decrypts (left as it
+    is: `_rotated`)."""
 
     rotated: int
     skipped: int
     moving: int
+    unreadable: tuple[str, ...] = ()
 
 
 @dataclass
@@ -91,31 +93,42 @@ async def rotate_all(redis: Redis, keys: Keys, cipher: TokenCipher) -> Rotated:
     callbacks of projects frozen here (moving) were skipped, and how many projects are
     frozen here at the end."""
     rotated = skipped = 0
+    unreadable: dict[str, None] = {}  # callback ids, in the order met
     prefix = keys.CALLBACK_PREFIX.encode()
     async for key in redis.scan_iter(match=f"{keys.CALLBACK_PREFIX}*", count=500):
         if key[len(prefix) :].isdigit():  # else not a callback: an index of them
-            done = await _rotate_one(redis, keys, key.decode(), cipher)
+            done = await _rotate_one(redis, keys, key.decode(), cipher, unreadable)
             rotated, skipped = rotated + max(done, 0), skipped + (done == FROZEN)
     moving = 0
     async for _ in redis.scan_iter(match=f"{keys.CALLBACKS_FROZEN_PREFIX}*", count=500):
         moving += 1
     if skipped or moving:
         log.warning("tokens.rotate_skipped", callbacks=skipped, moving_projects=moving)
-    return Rotated(rotated, skipped, moving)
+    return Rotated(rotated, skipped, moving, tuple(unreadable))
 
 
 async def _rotate_one(
-    redis: Redis, keys: Keys, key: str, cipher: TokenCipher, tries: int = 5
+    redis: Redis,
+    keys: Keys,
+    key: str,
+    cipher: TokenCipher,
+    unreadable: dict[str, None],
+    tries: int = 5,
 ) -> int:
     """Re-encrypt one callback's secrets (how many), or `FROZEN` when its project is frozen
     here; read again while one changed since its read (a value written meanwhile may be
-    under the old key: a platform copy's, say)."""
+    under the old key: a platform copy's, say). Its id goes into `unreadable` while a
+    secret of it is one no key decrypts."""
     rotated = 0
     for _ in range(tries):
         *stored, project = await redis.hmget(key, [*SECRET_FIELDS, "projectId"])  # type: ignore[misc]  # sync|async
         read = {value.decode() for value in stored if value}
+        unreadable.pop(key.removeprefix(keys.CALLBACK_PREFIX), None)  # as of this read
         changes = [
-            part for value in read if (new := _rotated(key, value, cipher)) for part in (value, new)
+            part
+            for value in read
+            if (new := _rotated(key, value, cipher, keys, unreadable))
+            for part in (value, new)
         ]
         if not changes or project is None:
             break
@@ -129,13 +142,18 @@ async def _rotate_one(
     return rotated
 
 
-def _rotated(key: str, value: str, cipher: TokenCipher) -> str | None:
-    """`value` under the first key, or None (logged) when no key decrypts it: a value that
-    only looks encrypted (stored as given while no key was set), or one under a key dropped
-    since. It stays as it is and the rotation goes on: it stopped there with a traceback,
-    every callback after it left under the old key, at every run again (review)."""
+def _rotated(
+    key: str, value: str, cipher: TokenCipher, keys: Keys, unreadable: dict[str, None]
+) -> str | None:
+    """`value` under the first key, or None (logged, and its callback's id put in
+    `unreadable`) when no key decrypts it: a value that only looks encrypted (stored as
+    given while no key was set), or one under a key dropped since. It stays as it is and
+    the rotation goes on: it stopped there with a traceback, every callback after it left
+    under the old key, at every run again (review); the CLI names them and exits 1 (it
+    said all was re-encrypted: review)."""
     try:
         return cipher.rotate(value)
     except InvalidToken:
         log.warning("tokens.rotate_unreadable", callback=key, reason="no key decrypts it")
+        unreadable[key.removeprefix(keys.CALLBACK_PREFIX)] = None
         return None

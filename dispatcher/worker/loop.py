@@ -141,7 +141,7 @@ class Worker:
         self._wake()
 
     async def main(self) -> None:
-        self._stop, self._due = asyncio.Event(), asyncio.Event()
+        self._stop, self._due = self.turns.stopping(), asyncio.Event()
         if self.handle_signals:
             loop = asyncio.get_running_loop()
             for sig in (signal.SIGINT, signal.SIGTERM):

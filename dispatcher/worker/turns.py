@@ -11,7 +11,15 @@ their leases lapse). Until it has, its shard is not claimed from again, and the 
 take the turns; its jobs then go to `late`, to run as any others, whatever room is left
 then (the room and the writes waiting were checked when the claim was sent, not again):
 each shard with a claim out may take the worker a claim batch over its `max_jobs`. With
-one shard there is no other to hold up: the claim is awaited as it is.
+one shard there is no other to hold up: the claim is awaited as it is, until it answers
+or the worker stops.
+
+A stop (`stopping()`'s event set) ends the wait for a claim at once, one shard or several:
+the claim is left out, as above, and given up by `stop` (its jobs come back within a
+lease). A claim that answers once the worker stops starts none of its jobs: they are put
+back. The one-shard wait went on after SIGTERM for the claim's retries (4 x the Redis
+timeout on a frozen Redis) before the stop's own budget began: 64.8 s measured, past the
+60 s a deployment gives before SIGKILL (review).
 
 Not cancelling does not make every job leased run: redis-py sends a command again after
 each socket timeout (3 more times, `connections.policy`) and a frozen Redis runs every
@@ -71,6 +79,13 @@ class Turns:
         self.late = late
         self.pending: dict[int, Claim] = {}  # shard index -> its claim, not answered in turn
         self._turn = 0
+        self._stopped = asyncio.Event()
+
+    def stopping(self) -> asyncio.Event:
+        """A fresh event (at each run of the worker's loop) whose setting is the worker's
+        stop: a claim's wait ends with it."""
+        self._stopped = asyncio.Event()
+        return self._stopped
 
     def next_ready(self) -> Served | None:
         """The next shard in turn whose claims are not backing off, nor still out (None:
@@ -86,22 +101,37 @@ class Turns:
     async def claim(
         self, run: Served, share: int, mine: list[str], poll_delay: float
     ) -> list[Claimed] | None:
-        """`run.claim`: its jobs, or None when its Redis did not answer (in turn)."""
-        if len(self.served) == 1:
-            return await run.claim(share, mine, poll_delay)
+        """`run.claim`: its jobs, or None when its Redis did not answer (in turn), or the
+        worker stopped (what it claimed then is put back)."""
         claim = asyncio.ensure_future(run.claim(share, mine, poll_delay))
+        stopped = asyncio.ensure_future(self._stopped.wait())
+        wait_s = self.wait_s if self.served[1:] else None  # one shard: none to hold up
         try:
-            done, _ = await asyncio.wait({claim}, timeout=self.wait_s)
+            await asyncio.wait(
+                {claim, stopped}, timeout=wait_s, return_when=asyncio.FIRST_COMPLETED
+            )
         except asyncio.CancelledError:  # the loop itself is stopped: its claim with it
             claim.cancel()
             raise
-        if done:
-            return claim.result()
+        finally:
+            stopped.cancel()
+        if claim.done():
+            claimed = claim.result()
+            if claimed and self._stopped.is_set():
+                self._put_back(run, claimed)
+                return None
+            return claimed
         self.pending[run.index] = claim
-        run.backoff = max(run.backoff, SLOW_BACKOFF_S)  # a failure then pauses longer
         claim.add_done_callback(functools.partial(self._answered, run))
-        log.warning("worker.claim_slow", shard=run.index, waited_s=self.wait_s)
+        if not self._stopped.is_set():
+            run.backoff = max(run.backoff, SLOW_BACKOFF_S)  # a failure then pauses longer
+            log.warning("worker.claim_slow", shard=run.index, waited_s=self.wait_s)
         return None
+
+    @staticmethod
+    def _put_back(run: Served, claimed: list[Claimed]) -> None:
+        for job in claimed:
+            run.put_back(job.job_id, 0)
 
     def _answered(self, run: Served, claim: Claim) -> None:
         """A claim that outlasted its turn ended: its jobs (if it took any) run now."""

@@ -19,6 +19,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from dispatcher.api.probes import READY_BOUND
 from dispatcher.failover import parse_sentinel_url
 from dispatcher.settings import Settings
 from dispatcher.worker.loop import stop_budget
@@ -268,10 +269,9 @@ def test_compose_keeps_the_history_in_postgres(settings_from_env: SettingsFromEn
     assert "ports" not in postgres, "PostgreSQL stays inside the compose network"
     migrate = services["migrate"]
     assert as_argv(migrate["command"]) == ["db", "upgrade"]
-    assert migrate["depends_on"]["postgres"]["condition"] == "service_healthy"
+    assert "postgres" in migrate["depends_on"]
     for name in ("api", "worker"):
         service = services[name]
-        assert service["depends_on"]["migrate"]["condition"] == "service_completed_successfully"
         settings = settings_from_env(service["environment"], f"compose {name}")
         assert settings.history_url is not None and "@postgres:5432/" in settings.history_url
 
@@ -409,6 +409,62 @@ def test_prometheus_annotations_name_a_pod_port() -> None:
     assert str(data["DISPATCHER_API_PORT"]) in pod_ports(deployment("api"))
 
 
+# The longest each probed endpoint takes, as its code documents it (seconds): /readyz asks
+# every shard at once within READY_BOUND; /healthz and `worker --check` ask nothing (a file).
+PROBE_BOUNDS = {"/readyz": READY_BOUND, "/healthz": 0.0, "dispatcher worker --check": 0.0}
+HTTP_MARGIN = 1.0  # the request's own time
+# A probe that starts a process: its imports (`dispatcher worker --check`: ~3 s on a busy
+# 2-core machine; `python -c "import urllib.request; ..."`: 0.1 s).
+PROCESS_MARGIN = {"dispatcher": 5.0, "python": 1.0}
+OTHERS = ("redis-cli", "pg_isready")  # Redis' and PostgreSQL's own checks
+
+
+def probe_bound(command: list[str]) -> float:
+    """The bound of what an exec probe or compose healthcheck runs, its process's start in."""
+    text = " ".join(command)
+    for endpoint, bound in PROBE_BOUNDS.items():
+        if endpoint in text:
+            inner = re.search(r"timeout=(\d+(?:\.\d+)?)", text)  # urllib's own, if any
+            if inner:
+                assert float(inner[1]) > bound + HTTP_MARGIN, f"{text}: its timeout is too short"
+                bound = float(inner[1])
+            [start] = [m for p, m in PROCESS_MARGIN.items() if p in command]
+            return bound + start
+    raise AssertionError(f"a probe of nothing PROBE_BOUNDS knows: {text}")
+
+
+def test_every_probe_outlasts_its_endpoints_bound() -> None:
+    """A probe whose timeout is shorter than the endpoint's answer fails on a healthy
+    process: /readyz waited 5 s for a frozen shard under a 3 s readiness probe, and every API
+    pod went NotReady (review)."""
+    checked = 0
+    for doc in of_kind("Deployment"):
+        for c in doc["spec"]["template"]["spec"]["containers"]:
+            for kind in ("readinessProbe", "livenessProbe", "startupProbe"):
+                probe = c.get(kind)
+                if probe is None:
+                    continue
+                timeout = probe.get("timeoutSeconds", 1)  # Kubernetes' default
+                if "httpGet" in probe:
+                    bound = PROBE_BOUNDS[probe["httpGet"]["path"]] + HTTP_MARGIN
+                else:
+                    bound = probe_bound(["dispatcher", *probe["exec"]["command"][1:]])
+                assert timeout > bound, f"{doc['metadata']['name']} {kind}: {timeout} s"
+                checked += 1
+    for path in (COMPOSE, COMPOSE_HA):
+        [doc] = load_yaml(path)
+        for name, service in doc["services"].items():
+            test = service.get("healthcheck", {}).get("test")
+            if test is None or any(other in as_argv(test) for other in OTHERS):
+                continue
+            timeout = duration_seconds(service["healthcheck"]["timeout"])
+            assert timeout > probe_bound(as_argv(test)), f"{rel(path)} {name}: {timeout} s"
+            checked += 1
+    for path in UNITS.values():
+        assert "WatchdogSec" not in path.read_text(), f"{rel(path)}: a probe to bound here"
+    assert checked >= 5
+
+
 def test_api_deployment_probes() -> None:
     api = container(deployment("api"))
     ports = pod_ports(deployment("api"))
@@ -437,11 +493,30 @@ def test_worker_deployment(settings_from_env: SettingsFromEnv) -> None:
 def test_the_api_pods_migrate_the_history_schema_first() -> None:
     api = deployment("api")
     [init] = api["spec"]["template"]["spec"]["initContainers"]
-    assert init["args"] == ["db", "upgrade"] and init["image"] == container(api)["image"]
+    assert init["args"][:2] == ["db", "upgrade"] and init["image"] == container(api)["image"]
     for doc in (api, deployment("worker")):
         env = {e["name"]: e for e in container(doc)["env"]}
         ref = env["DISPATCHER_HISTORY_URL"]["valueFrom"]["secretKeyRef"]
         assert ref["key"] == "history-url" and ref["optional"] is True  # absent: Redis
+
+
+def test_no_api_start_waits_for_postgres() -> None:
+    """The API works while PostgreSQL is away (history reads answer 503), but every
+    deployment ran `dispatcher db upgrade` before it, which fails then: an API restart
+    during a PostgreSQL outage crash-looped (review). The pre-start steps pass
+    --if-reachable (an outage is a warning; reachable, a failed upgrade still holds the API
+    back), and compose's `migrate` runs beside the API, retried until it succeeds."""
+    [init] = deployment("api")["spec"]["template"]["spec"]["initContainers"]
+    assert init["args"] == ["db", "upgrade", "--if-reachable"]
+    for path in UNITS.values():
+        for step in directive_values(path, "Service", "ExecStartPre"):
+            if " db upgrade" in step:
+                assert step.endswith(" db upgrade --if-reachable"), f"{rel(path)}: {step}"
+    services = compose()["services"]
+    for name, service in services.items():
+        assert "migrate" not in service.get("depends_on", {}), f"compose {name} waits for it"
+    assert services["migrate"]["restart"] == "on-failure"
+    assert services["migrate"]["depends_on"]["postgres"]["condition"] == "service_started"
 
 
 def test_hpa_scales_the_worker_deployment() -> None:
@@ -600,6 +675,24 @@ def test_compose_ha_adds_a_replica_and_three_sentinels_watching_the_master() -> 
         script = " ".join(as_argv(services[name]["command"]))
         assert "sentinel monitor dispatcher redis 6379 2" in script, name
         assert "resolve-hostnames yes" in script and "--sentinel" in script, name
+
+
+def test_every_redis_has_a_maxmemory_and_evicts_nothing() -> None:
+    """Without a maxmemory a full Redis grows until the host's OOM killer ends it, and the
+    DispatcherRedisNearlyFull alert has nothing to measure against. The HA file's `command`
+    replaced the base file's whole, and dropped its --maxmemory (review)."""
+    checked = 0
+    for path in (COMPOSE, COMPOSE_HA):
+        [doc] = load_yaml(path)
+        for name, service in doc["services"].items():
+            argv = as_argv(service.get("command") or [])
+            if not argv or argv[0] != "redis-server" or "--sentinel" in argv:
+                continue
+            flags = dict(zip(argv[1::2], argv[2::2], strict=False))
+            assert flags.get("--maxmemory", "").strip(), f"{rel(path)} {name}: no --maxmemory"
+            assert flags.get("--maxmemory-policy") == "noeviction", f"{rel(path)} {name}"
+            checked += 1
+    assert checked == 3  # redis, and the HA file's redis and redis-replica
 
 
 @pytest.mark.parametrize("name", ["migrate", "api", "worker"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -11,12 +12,13 @@ from prometheus_client import REGISTRY
 from redis.asyncio import Redis
 
 from dispatcher.api import create_app
+from dispatcher.api.probes import READY_BOUND
 from dispatcher.auth import ALL_PROJECTS, Role, Roles
 from dispatcher.embedded import EmbeddedRedis
 from dispatcher.keys import Keys
 from dispatcher.producer import Producer
 from dispatcher.settings import Settings
-from tests.helpers import UID, Receiver, RunWorker, make_settings
+from tests.helpers import UID, Receiver, RunWorker, free_port, make_settings
 
 keys = Keys()  # today's key names (one shard)
 
@@ -209,6 +211,38 @@ async def test_readiness_holds_while_one_shard_answers(settings: Settings) -> No
         "message": "Redis unreachable on shard(s) 1",
         "status": 0,
     }
+
+
+async def test_readiness_does_not_wait_out_a_frozen_shard(settings: Settings) -> None:
+    """A shard that takes connections and never answers (a Redis stopped with SIGSTOP):
+    /readyz waited `DISPATCHER_REDIS_TIMEOUT` (5 s) for it, past the Kubernetes probe's 3 s,
+    and every API pod went NotReady (review). It answers within `READY_BOUND`, the shard
+    named; here the Redis timeout is an hour, and the guard below is 20 times the bound."""
+
+    held: list[asyncio.StreamWriter] = []
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        held.append(writer)
+        await reader.read()  # takes the PING, answers nothing
+
+    port = free_port()
+    shards = [settings.redis_url or "", f"redis://127.0.0.1:{port}/0"]
+    sharded = settings.model_copy(update={"redis_shards": shards, "redis_timeout": 3600})
+    app = create_app(sharded)
+    async with app.router.lifespan_context(app):  # shard 1 refuses: a quick start
+        frozen = await asyncio.start_server(silent, "127.0.0.1", port)  # now it hangs
+        try:
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://d") as client:
+                async with asyncio.timeout(20 * READY_BOUND):  # a hang guard, not a timing
+                    ready = await client.get("/readyz")
+        finally:
+            frozen.close()
+            for writer in held:
+                writer.close()
+            await frozen.wait_closed()
+    assert ready.status_code == 200, ready.text
+    assert ready.json()["message"] == "Redis unreachable on shard(s) 1"
 
 
 async def test_a_query_parameter_given_twice_is_refused(api: httpx.AsyncClient) -> None:

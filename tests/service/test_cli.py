@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shlex
 import tempfile
 import time
 from collections.abc import Iterator
@@ -20,6 +22,7 @@ from dispatcher.embedded import EmbeddedRedis
 from dispatcher.keys import Keys, project_scoped
 from dispatcher.models import Event, Region
 from dispatcher.registry import Registry
+from dispatcher.tokens import TokenCipher
 
 keys = Keys()  # today's key names (one shard)
 
@@ -98,6 +101,32 @@ def test_emit_queues_an_event(cli: CliRunner, redis_server: EmbeddedRedis, tmp_p
     client.close()
 
 
+def test_emit_unanswered_names_the_id_it_made_and_how_to_emit_it_again(
+    cli: CliRunner, redis_server: EmbeddedRedis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`emit` without --event-id, Redis refusing it until the wait ends (here: full): it
+    exited 1 saying emitting again with the same event ids is safe, but never printed the
+    id it made (review). It names it, with the command to repeat; that command, once Redis
+    takes writes again, queues the event under that id."""
+    monkeypatch.setenv("DISPATCHER_EMIT_WAIT", "0.2")
+    data = '{"buildId": "b 1"}'
+    client = redis_py.Redis.from_url(redis_server.url)
+    limit = str(client.config_get("maxmemory")["maxmemory"])  # type: ignore[index]
+    client.config_set("maxmemory", 1)  # full: every write refused (noeviction)
+    try:
+        failed = cli.invoke(app, ["emit", "--project", "p", "--event", "BUILD_END", "--data", data])
+    finally:
+        client.config_set("maxmemory", limit)
+    output = " ".join(failed.output.split())  # as the console wrapped it
+    assert failed.exit_code == 1 and "same event ids is safe" in output, output
+    found = re.search(r"event id (evt_\w+): (dispatcher emit .*--event-id \1)", output)
+    assert found, output
+    again = cli.invoke(app, shlex.split(found[2])[1:])
+    assert again.exit_code == 0 and again.output.strip() == found[1], again.output
+    assert client.exists(keys.arq_job(project_scoped("p", found[1])))
+    client.close()
+
+
 @pytest.mark.parametrize(
     ("args", "fragment"),
     [
@@ -113,6 +142,27 @@ def test_emit_refuses_bad_input(cli: CliRunner, args: list[str], fragment: str) 
         base[flag] = value
     result = cli.invoke(app, ["emit", *[x for kv in base.items() for x in kv]])
     assert result.exit_code in (1, 2) and fragment in result.output
+
+
+def test_tokens_rotate_names_the_secrets_no_key_decrypts_and_fails(
+    cli: CliRunner, redis_server: EmbeddedRedis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A stored secret no key decrypts (here: one that only looks encrypted, stored as
+    given before keys were set) is left as it is; `tokens rotate` only logged it, printed
+    "re-encrypted N tokens" and exited 0, so the operator dropped the old key believing
+    all was done (review). It names the callback and exits 1."""
+    two = "--project p --url https://e.com/a --event BUILD_START,BUILD_END --token plain"
+    added = cli.invoke(app, ["callbacks", "add", *two.split()])
+    assert added.exit_code == 0, added.output
+    client = redis_py.Redis.from_url(redis_server.url)
+    client.hset(keys.callback(1), "secretToken", "fernet:poison")
+    client.close()
+    monkeypatch.setenv("DISPATCHER_TOKEN_KEYS", TokenCipher.new_key())
+    rotated = cli.invoke(app, ["tokens", "rotate"])
+    output = " ".join(rotated.output.split())  # as the console wrapped it
+    assert rotated.exit_code == 1, output
+    assert "re-encrypted 1 tokens" in output and "1 callback(s) hold a secret" in output
+    assert "callback 1;" in output
 
 
 def test_roles_grant_list_revoke(cli: CliRunner) -> None:

@@ -51,6 +51,7 @@ from tests.helpers import (
     RunWorker,
     answer,
     app_client,
+    free_port,
     make_settings,
     ship_all,
     until,
@@ -369,6 +370,30 @@ def test_db_upgrade_command_twice(
     )
     second = CliRunner().invoke(app, ["db", "upgrade"])
     assert second.exit_code == 0 and "up to date: version 7" in second.output
+
+
+def test_db_upgrade_if_reachable_lets_the_api_start_while_postgres_is_away(
+    fresh_db: str, redis_server: EmbeddedRedis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The API's pre-start step (an init container, systemd's ExecStartPre) ran `db
+    upgrade`, which exits 1 when PostgreSQL is unreachable: during an outage an API restart
+    crash-looped, though the API works without PostgreSQL (review). `--if-reachable` warns
+    and exits 0 then; PostgreSQL reachable, it upgrades as before, and a refusal that is no
+    outage (no such database) still fails."""
+    monkeypatch.setenv("DISPATCHER_REDIS_URL", redis_server.url)
+    monkeypatch.setenv("DISPATCHER_HISTORY_TIMEOUT", "2")
+    away = f"postgresql://dispatcher:x@127.0.0.1:{free_port()}/dispatcher"
+    monkeypatch.setenv("DISPATCHER_HISTORY_URL", away)
+    assert CliRunner().invoke(app, ["db", "upgrade"]).exit_code == 1
+    tolerant = CliRunner().invoke(app, ["db", "upgrade", "--if-reachable"])
+    assert tolerant.exit_code == 0, tolerant.output
+    assert "PostgreSQL is unreachable" in tolerant.output and "not upgraded" in tolerant.output
+    monkeypatch.setenv("DISPATCHER_HISTORY_URL", fresh_db)
+    done = CliRunner().invoke(app, ["db", "upgrade", "--if-reachable"])
+    assert done.exit_code == 0 and "applied migrations 1, 2, 3, 4, 5, 6, 7" in done.output
+    nowhere = fresh_db.rsplit("/", 1)[0] + "/no_such_database"
+    monkeypatch.setenv("DISPATCHER_HISTORY_URL", nowhere)
+    assert CliRunner().invoke(app, ["db", "upgrade", "--if-reachable"]).exit_code != 0
 
 
 async def test_retention_drops_a_days_partition_and_nothing_newer(

@@ -244,16 +244,16 @@ async def test_a_key_rotation_skips_a_frozen_projects_callbacks_and_says_so(
         await src.redis.set(src.keys.callbacks_frozen("mv"), "mover/1")
         both = make_settings(shard_servers[0].url, token_keys=f"{new_key},{old_key}")
         rotating = Registry(src.redis, both.token_cipher(), src.keys)
-        assert await rotating.rotate_tokens() == (1, 1, 1)  # (re-encrypted, skipped, marks)
+        assert await rotating.rotate_tokens() == (1, 1, 1, ())  # (re-encrypted, skipped, marks)
         now = await _tokens(src, frozen[0], other[0])
         assert (now[0] == stored[0], now[1] == stored[1]) == (True, False)
         await src.redis.delete(src.keys.callbacks_frozen("mv"))
-        assert await rotating.rotate_tokens() == (2, 0, 0)
+        assert await rotating.rotate_tokens() == (2, 0, 0, ())
         assert (await _tokens(src, frozen[0]))[0] != stored[0]
         # a project moved off the shard (its callbacks gone) a minute ago: its mark stays,
         # and its copy may have landed on the new shard after the rotation passed there
         await src.redis.set(src.keys.callbacks_frozen("gone"), "mover/2", ex=540)
-        assert await rotating.rotate_tokens() == (2, 0, 1)
+        assert await rotating.rotate_tokens() == (2, 0, 1, ())
 
 
 async def _tokens(services: Services, *callback_ids: int) -> list[bytes | None]:

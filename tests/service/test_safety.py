@@ -62,7 +62,7 @@ async def test_tokens_are_encrypted_at_rest_and_rotate(
     assert b"plain-secret" not in stored
 
     rotated = make_settings(redis_server.url, token_keys=f"{new_key},{old_key}")
-    assert await Registry(redis, rotated.token_cipher()).rotate_tokens() == (1, 0, 0)
+    assert await Registry(redis, rotated.token_cipher()).rotate_tokens() == (1, 0, 0, ())
     only_new = make_settings(redis_server.url, token_keys=new_key)
     await Producer(only_new, redis).emit("demo", "BUILD_END", {})
     await run_worker(only_new)
@@ -153,7 +153,7 @@ async def test_a_secret_that_looks_encrypted_is_refused_and_never_stops_a_rotati
     )
     cipher = make_settings(redis_server.url, token_keys=TokenCipher.new_key()).token_cipher()
     with capture_logs() as logs:
-        assert await Registry(redis, cipher).rotate_tokens() == (1, 0, 0)
+        assert await Registry(redis, cipher).rotate_tokens() == (1, 0, 0, (str(poisoned),))
     assert [e["callback"] for e in logs if e["event"] == "tokens.rotate_unreadable"] == [
         keys.callback(poisoned)
     ]
