@@ -600,6 +600,91 @@ async def test_a_moved_projects_failing_callbacks_stay_listed_with_their_counts(
         assert not await old.redis.zcard(old.keys.HEALTH_FAILING)
 
 
+async def test_a_moved_callbacks_count_settles_over_what_both_shards_counted(
+    shard_servers: list[EmbeddedRedis], receiver: Receiver
+) -> None:
+    """Between the copy and the drain's end a callback is delivered on both shards: after
+    the move its count is the copied one plus what each counted, or after a success on one
+    shard that shard's failures since (never more). A success on the old shard after the
+    copy was lost: the callback kept its copied 3 failures, and one more disabled it
+    (threshold 4) though its last delivery had succeeded (review)."""
+    project = next(p for p in PROJECTS if rendezvous(p, 2) == 0)
+    settings = two_empty_shards(shard_servers).model_copy(
+        update={"disable_after_failures": 4, "disable_after_seconds": 0}
+    )
+    async with Router.open(settings) as router:
+        old, new = router.shards
+        a, b, c, d = [
+            await old.register(
+                Registration(project, receiver.url(f"/{n}"), Region.DEVNET, "t"), "BUILD_END"
+            )
+            for n in range(4)
+        ]
+        for cid, n in ((a, 3), (b, 2), (d, 2)):
+            for _ in range(n):
+                await old.health.failed(cid, "HTTP 500")
+
+        class Racing(Mover):
+            async def _copy(self, src, dst, project, alive):  # type: ignore[no-untyped-def]
+                await super()._copy(src, dst, project, alive)
+                await run_pipeline(src.redis, lambda pipe: src.health.succeeded(pipe, a))
+                await src.health.failed(b, "HTTP 502")  # b: 2 copied, +1 on each shard
+                await dst.health.failed(b, "HTTP 503")
+                for _ in range(2):  # c: none copied, 2 on the old shard, a success on the new
+                    await src.health.failed(c, "HTTP 500")
+                await run_pipeline(dst.redis, lambda pipe: dst.health.succeeded(pipe, c))
+                await run_pipeline(dst.redis, lambda pipe: dst.health.succeeded(pipe, d))
+                await dst.health.failed(d, "HTTP 504")  # d: a success then 1 on the new
+                await src.health.failed(d, "HTTP 500")
+
+        await Racing(router, lambda _: None, settle_s=0.3, late_s=LATE_S).move(project, 1)
+        assert await new.health.failures([a, b, c, d]) == {b: 4, d: 1}
+        assert await new.redis.hget(new.keys.callback(a), "failing") == b"0"  # type: ignore[misc]
+        found = await views.failing(router, project)
+        ((group,),) = [found.groups]
+        assert [(f.callback_id, f.failures) for f in group.shown] == [(b, 4), (d, 1)]
+        assert not await new.health.failed(a, "HTTP 500")  # its first failure since
+        assert await new.health.failures([a]) == {a: 1}
+        assert not await new.redis.hexists(new.keys.health(b), "moved")  # type: ignore[misc]
+
+
+async def test_a_moving_projects_failing_callbacks_are_counted_once(
+    shard_servers: list[EmbeddedRedis], receiver: Receiver
+) -> None:
+    """While a project moves, both shards hold its failing callbacks: the fleet's views
+    count them on the shard its placement names alone. They were counted on both: 16 of
+    8 during the move (review)."""
+    project = next(p for p in PROJECTS if rendezvous(p, 2) == 0)
+    seen: list[tuple[int, int, int, int, int]] = []
+
+    async def counts(router: Router) -> tuple[int, int, int, int, int]:
+        found, one = await views.failing(router), await views.failing(router, project, 1000)
+        ((group,),) = [found.groups]
+        ((alone,),) = [one.groups]
+        return found.total, found.projects, group.count, alone.count, len(alone.shown)
+
+    async with Router.open(two_empty_shards(shard_servers)) as router:
+        old = router.shards[0]
+        for n in range(8):
+            cid = await old.register(
+                Registration(project, receiver.url(f"/{n}"), Region.DEVNET, "t"), "BUILD_END"
+            )
+            await old.health.failed(cid, "HTTP 500")
+
+        class Watching(Mover):
+            async def _copy(self, src, dst, project, alive):  # type: ignore[no-untyped-def]
+                await super()._copy(src, dst, project, alive)
+                seen.append(await counts(router))
+
+            async def _finish(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+                seen.append(await counts(router))  # flipped, not yet drained
+                await super()._finish(*args, **kwargs)
+
+        await Watching(router, lambda _: None, settle_s=0.3, late_s=LATE_S).move(project, 1)
+        seen.append(await counts(router))
+        assert seen == [(8, 1, 8, 8, 8)] * 3
+
+
 async def test_a_job_is_moved_only_as_it_was_read_and_an_event_that_began_stays(
     shard_servers: list[EmbeddedRedis],
 ) -> None:
