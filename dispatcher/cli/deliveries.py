@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import shlex
 from pathlib import Path
 from typing import Annotated, Any
@@ -65,9 +66,14 @@ def emit(
             return await router.of(project).producer.emit(project, event, payload, event_id=chosen)
         except Unavailable:
             if event_id is None:  # the caller knows an id of its own
+                # the data as parsed (a file's, a multi-line text's: one ASCII line), the
+                # command on a line of its own, never wrapped (pasted, a wrapped one ran
+                # its first line alone: an emit under a new id)
+                one_line = json.dumps(payload, separators=(",", ":"))
                 again = ["dispatcher", "emit", "--project", project, "--event", event]
-                again += ["--data", data, "--event-id", chosen]
-                err.print(tagged("event id", "yellow", f" {chosen}: {shlex.join(again)}"))
+                again += ["--data", one_line, "--event-id", chosen]
+                err.print(tagged("event id", "yellow", f" {chosen}; to emit it again:"))
+                err.print(shlex.join(again), soft_wrap=True, highlight=False)
             raise
 
     with tracing.received(tracing.from_environment()):

@@ -109,7 +109,7 @@ def test_emit_unanswered_names_the_id_it_made_and_how_to_emit_it_again(
     id it made (review). It names it, with the command to repeat; that command, once Redis
     takes writes again, queues the event under that id."""
     monkeypatch.setenv("DISPATCHER_EMIT_WAIT", "0.2")
-    data = '{"buildId": "b 1"}'
+    data = '{\n  "buildId": "b 1",\n  "note": "a text past the width of a terminal",\n  "n": 1\n}'
     client = redis_py.Redis.from_url(redis_server.url)
     limit = str(client.config_get("maxmemory")["maxmemory"])  # type: ignore[index]
     client.config_set("maxmemory", 1)  # full: every write refused (noeviction)
@@ -117,9 +117,13 @@ def test_emit_unanswered_names_the_id_it_made_and_how_to_emit_it_again(
         failed = cli.invoke(app, ["emit", "--project", "p", "--event", "BUILD_END", "--data", data])
     finally:
         client.config_set("maxmemory", limit)
-    output = " ".join(failed.output.split())  # as the console wrapped it
-    assert failed.exit_code == 1 and "same event ids is safe" in output, output
-    found = re.search(r"event id (evt_\w+): (dispatcher emit .*--event-id \1)", output)
+    output = failed.output
+    assert failed.exit_code == 1 and "same event ids is safe" in " ".join(output.split()), output
+    # the command on a line of its own, whole: pasted, it is what runs (a multi-line
+    # --data as one line; a wrapped command ran its first line alone, a new id)
+    found = re.search(
+        r"event id (evt_\w+); to emit it again:\n(dispatcher emit .*--event-id \1)\n", output
+    )
     assert found, output
     again = cli.invoke(app, shlex.split(found[2])[1:])
     assert again.exit_code == 0 and again.output.strip() == found[1], again.output
