@@ -31,7 +31,7 @@ from dispatcher.lua import ArgList, Key, Script
 from dispatcher.models import PLATFORM_PROJECT
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from collections.abc import Iterable, Sequence
 
     from redis.asyncio import Redis
 
@@ -49,6 +49,7 @@ __all__ = [
     "failing_names",
     "index_recent",
     "index_start",
+    "merged",
     "read",
     "sweep_page",
 ]
@@ -176,21 +177,9 @@ local function group(project, k)
   end
   return {project, redis.call('ZCARD', key), rows}
 end
-local away, less, fewer = {}, 0, 0
-for _, name in ipairs(elsewhere) do
-  if not away[name] and redis.call('ZSCORE', failing_projects, name) then
-    away[name] = true
-    less = less + redis.call('ZCARD', failing_prefix .. name)
-    fewer = fewer + 1
-  end
-end
 local groups, names = {}, {only}
 if only == '' then
-  names = {}
-  local shown = tonumber(projects_shown)
-  for _, name in ipairs(redis.call('ZREVRANGE', failing_projects, 0, shown + fewer - 1)) do
-    if not away[name] and #names < shown then names[#names + 1] = name end
-  end
+  names = redis.call('ZREVRANGE', failing_projects, 0, tonumber(projects_shown) - 1)
   local listed = false
   for _, name in ipairs(names) do listed = listed or name == platform end
   if not listed and redis.call('ZSCORE', failing_projects, platform) then
@@ -200,13 +189,10 @@ end
 for _, name in ipairs(names) do
   local k = tonumber(per_project)
   if name == platform then k = math.max(k, tonumber(platform_rows)) end
-  local one = group(name, k)
-  if away[name] then one[2] = 0 end
-  groups[#groups + 1] = one
+  groups[#groups + 1] = group(name, k)
 end
 local indexed = redis.call('EXISTS', failing_indexed) - redis.call('EXISTS', failing_late)
-local total = redis.call('ZCARD', failing) - less
-return {total, redis.call('ZCARD', failing_projects) - fewer, groups, indexed}
+return {redis.call('ZCARD', failing), redis.call('ZCARD', failing_projects), groups, indexed}
 """
     )
     failing: Key
@@ -221,20 +207,13 @@ return {total, redis.call('ZCARD', failing_projects) - fewer, groups, indexed}
     per_project: int
     platform: str
     platform_rows: int
-    elsewhere: ArgList
 
 
 async def read(
-    redis: Redis,
-    keys: Keys,
-    project_id: str | None = None,
-    rows: int = SHOWN_PER_PROJECT,
-    elsewhere: Sequence[str] = (),
+    redis: Redis, keys: Keys, project_id: str | None = None, rows: int = SHOWN_PER_PROJECT
 ) -> FailingView:
     """One shard's failing callbacks as `ListFailing` reads them (one round trip): of
-    `project_id` (`rows` of them), or of the projects with the most failures; those of the
-    projects `elsewhere` (placed on another shard) neither counted nor listed, but read
-    when `project_id` is one (its count 0)."""
+    `project_id` (`rows` of them), or of the projects with the most failures."""
     total, projects, groups, indexed = await ListFailing(
         **failing_names(keys),
         failing_indexed=keys.HEALTH_FAILING_INDEXED,
@@ -246,11 +225,9 @@ async def read(
         per_project=rows,
         platform=PLATFORM_PROJECT,
         platform_rows=PLATFORM_READ,
-        elsewhere=elsewhere,
     ).run(redis)
     found = (_group(*one) for one in groups)
-    kept = tuple(g for g in found if g.count or g.shown)
-    return FailingView(int(total), int(projects), kept, indexed == 1)
+    return FailingView(int(total), int(projects), tuple(g for g in found if g.count), indexed == 1)
 
 
 def _group(project: bytes, count: int, rows: list[list[Any]]) -> FailingGroup:
@@ -260,6 +237,46 @@ def _group(project: bytes, count: int, rows: list[list[Any]]) -> FailingGroup:
         for cid, n, since, error in rows
     )
     return FailingGroup(name, int(count), shown)
+
+
+def merged(
+    found: Sequence[FailingView], rows: int = SHOWN_PER_PROJECT, projects: int = PROJECTS_SHOWN
+) -> FailingView:
+    """Shards' views as one, `rows` of each project and the `projects` with the most
+    failures (and the platform's) shown: a callback read on several shards (a platform-wide
+    one fails on each) shown and counted once, with its worst count."""
+    best: dict[str, dict[int, Failing]] = {}
+    counted: dict[str, int] = {}
+    read_rows: dict[str, int] = {}
+    again = 0  # projects read on more than one shard
+    for group in (group for view in found for group in view.groups):
+        name = group.project_id
+        again += name in best
+        of = best.setdefault(name, {})
+        counted[name] = counted.get(name, 0) + group.count
+        read_rows[name] = read_rows.get(name, 0) + len(group.shown)
+        for one in group.shown:
+            seen = of.get(one.callback_id)
+            if seen is None or one.failures > seen.failures:
+                of[one.callback_id] = one
+    twice = {name: read_rows[name] - len(of) for name, of in best.items()}  # read again
+    groups = [
+        FailingGroup(name, counted[name] - twice[name], tuple(_worst(of.values())[:rows]))
+        for name, of in best.items()
+        if counted[name] - twice[name] > 0
+    ]
+    groups.sort(key=lambda g: (-max((f.failures for f in g.shown), default=0), g.project_id))
+    kept = [g for i, g in enumerate(groups) if i < projects or g.project_id == PLATFORM_PROJECT]
+    return FailingView(
+        total=sum(v.total for v in found) - sum(twice.values()),
+        projects=sum(v.projects for v in found) - again,
+        groups=tuple(kept),
+        indexed=all(v.indexed for v in found),
+    )
+
+
+def _worst(found: Iterable[Failing]) -> list[Failing]:
+    return sorted(found, key=lambda f: (-f.failures, f.callback_id))
 
 
 @dataclass

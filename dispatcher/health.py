@@ -11,9 +11,8 @@ import structlog
 from redis.exceptions import RedisError
 
 from dispatcher import clock, metrics
-from dispatcher.failing import FAILING, FailingView, failing_names, index_start
+from dispatcher.failing import FAILING, FailingView, failing_names, index_start, merged
 from dispatcher.failing import read as read_failing
-from dispatcher.failing_merge import merged
 from dispatcher.keys import SEP
 from dispatcher.lua import Key, Script, run_pipeline
 from dispatcher.models import PLATFORM_PROJECT

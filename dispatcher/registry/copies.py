@@ -25,11 +25,14 @@ __all__ = ["PutHealth", "callback_ids", "put_rows", "queue_put", "read_rows"]
 Row = dict[str, str]
 
 
-async def read_rows(registry: Registry, callback_ids: Sequence[int]) -> list[Row]:
-    """The stored hashes of callbacks (empty for one that is gone), in one round trip."""
+async def read_rows(
+    registry: Registry, callback_ids: Sequence[int], *, health: bool = False
+) -> list[Row]:
+    """The stored hashes of callbacks (empty for one that is gone), in one round trip;
+    with `health`, their failures on record instead (`dispatcher:health:{id}`)."""
     if not callback_ids:
         return []
-    key = registry.keys.callback
+    key = registry.keys.health if health else registry.keys.callback
 
     def read(pipe: Pipeline) -> None:
         for cid in callback_ids:
@@ -108,10 +111,9 @@ class PutHealth(Script):
     """A moved callback's failures on record as its old shard holds them (`values`, its
     health's field/value pairs; none: no failures), written after its hash (`PutCallback`):
     listed among its project's failing callbacks (`failing.FAILING`) and marked `failing`
-    (the next success resets them), or neither; its `health_moves.MOVED` mark kept. The
-    move copied the hashes alone: a moved project's failing callbacks left the failing
-    listings, those disabled for failing included, and their counts started again
-    (review)."""
+    (the next success resets them), or neither. The move copied the hashes alone: a moved
+    project's failing callbacks left the failing listings, those disabled for failing
+    included, and their counts started again (review)."""
 
     LUA = (
         FAILING

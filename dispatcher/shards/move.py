@@ -30,11 +30,9 @@ moved.
      marked there, and read by its re-run); until none is left and none came for a
      settle, and the last push a producer may still make there is past;
   5. copy the history written meanwhile and its drops (after those made on the new
-     shard since the flip), settle its callbacks' failures on record over the two
-     shards (`dispatcher.shards.health_moves`), remove the project from the old shard,
-     and let its lanes on the new one go. The freeze mark stays on the old shard
-     `FROZEN_AFTER_S` (a change slower still is refused there too); a move back removes
-     it first.
+     shard since the flip), remove the project from the old shard, and let its lanes on
+     the new one go. The freeze mark stays on the old shard `FROZEN_AFTER_S` (a change
+     slower still is refused there too); a move back removes it first.
 With `DISPATCHER_REDIS_MIN_REPLICAS`, what it wrote to a shard is on that many replicas
 before a step relies on it: the copies (2) before the flip, each placement, each moved job
 before it leaves the old shard, the history before the old shard is cleaned; else the move
@@ -68,7 +66,6 @@ from dispatcher.shards.drain import (
     confirmed,
     late_pushes_s,
 )
-from dispatcher.shards.health_moves import marked_health, settle_health
 from dispatcher.shards.holdings import copy_drops, forget, holds, projects_on, thaw
 from dispatcher.shards.lanes import hold, hold_source, let_go
 from dispatcher.shards.lease import MoveLease
@@ -339,7 +336,6 @@ class Mover:
         self.say(f"{project}: {moved} queued job(s) moved; cleaning shard {source}")
         lease.alive()
         await copy_drops(src, dst, project)  # none come there now: its jobs are all gone
-        await settle_health(src, dst, project, lease.alive)  # a success there since the copy
         await self._copy_history(src, dst, project, lease.alive)
         await confirmed(dst, f"{project}'s history and drops", STOPPED_FLIPPED)
         await lease.fence()
@@ -375,7 +371,7 @@ class Mover:
         lease)."""
         ids = await callback_ids(src.registry, project)
         rows = await read_rows(src.registry, ids)
-        health = await marked_health(src, ids)  # marked there too: `health_moves`
+        health = await read_rows(src.registry, ids, health=True)
         kept = [i for i, row in enumerate(rows) if row]
         alive()
         await put_rows(dst.registry, [rows[i] for i in kept], health=[health[i] for i in kept])

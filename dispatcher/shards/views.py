@@ -18,9 +18,8 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from dispatcher import lateness, metrics
 from dispatcher.connections import REDIS_ERRORS
 from dispatcher.errors import NotFound, Unavailable
-from dispatcher.failing import SHOWN_PER_PROJECT
+from dispatcher.failing import SHOWN_PER_PROJECT, merged
 from dispatcher.failing import read as read_failing
-from dispatcher.failing_merge import merged
 from dispatcher.history.window import unknown_record
 from dispatcher.models import PLATFORM_PROJECT, HistoryPage, RedeliveryResult
 from dispatcher.shards.lanes import hold_source
@@ -146,19 +145,9 @@ async def failing(
     (`dispatcher.failing`): the projects with the most failures first, the worst `rows`
     of each; of `project_id` alone when given (every shard asked: a moving project's are
     on two). A platform-wide callback failing on several shards is shown and counted once,
-    with its worst count (with `silent`: over the shards that answer, see `answers`); a
-    project placed explicitly (a moving one's are on two shards, both counted before:
-    review) counted on the shard its placement names alone (`failing.read`'s
-    `elsewhere`)."""
-    placed = [p for p in router.placement.explicit if p != PLATFORM_PROJECT]
-    if not router.sharded:
-        placed = []
-
-    def read(s: Services) -> Awaitable[FailingView]:
-        elsewhere = [p for p in placed if router.of(p) is not s]
-        return read_failing(s.redis, s.keys, project_id, rows, elsewhere)
-
-    return merged(await answers(router, read, silent), rows)
+    with its worst count (with `silent`: over the shards that answer, see `answers`)."""
+    found = await answers(router, lambda s: read_failing(s.redis, s.keys, project_id, rows), silent)
+    return merged(found, rows)
 
 
 async def dead_letters(

@@ -3,8 +3,7 @@ fails on each shard its events are delivered from, shown and counted once."""
 
 from __future__ import annotations
 
-from dispatcher.failing import Failing, FailingGroup, FailingView
-from dispatcher.failing_merge import merged
+from dispatcher.failing import Failing, FailingGroup, FailingView, merged
 from dispatcher.models import PLATFORM_PROJECT
 
 
