@@ -1,16 +1,14 @@
 """Callbacks copied between shards, ids kept: a platform-wide callback's copies (one on
 every shard), a moved project's callbacks. A copy is the callback's hash as stored (its
-secrets still encrypted) and its place in the listing, upsert and match keys; a moved
-project's, its failures on record too (`PutHealth`)."""
+secrets still encrypted) and its place in the listing, upsert and match keys."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from dispatcher import keys
-from dispatcher.failing import FAILING, failing_names
-from dispatcher.lua import ArgList, Key, Script, run_pipeline
+from dispatcher.failing import failing_names
+from dispatcher.lua import run_pipeline
 from dispatcher.registry.scripts import PutCallback
 
 if TYPE_CHECKING:
@@ -20,23 +18,19 @@ if TYPE_CHECKING:
 
     from dispatcher.registry.store import Registry
 
-__all__ = ["PutHealth", "callback_ids", "put_rows", "queue_put", "read_rows"]
+__all__ = ["callback_ids", "put_rows", "queue_put", "read_rows"]
 
 Row = dict[str, str]
 
 
-async def read_rows(
-    registry: Registry, callback_ids: Sequence[int], *, health: bool = False
-) -> list[Row]:
-    """The stored hashes of callbacks (empty for one that is gone), in one round trip;
-    with `health`, their failures on record instead (`dispatcher:health:{id}`)."""
+async def read_rows(registry: Registry, callback_ids: Sequence[int]) -> list[Row]:
+    """The stored hashes of callbacks (empty for one that is gone), in one round trip."""
     if not callback_ids:
         return []
-    key = registry.keys.health if health else registry.keys.callback
 
     def read(pipe: Pipeline) -> None:
         for cid in callback_ids:
-            pipe.hgetall(key(cid))
+            pipe.hgetall(registry.keys.callback(cid))
 
     answers = await run_pipeline(registry.redis, read)
     return [{k.decode(): v.decode() for k, v in raw.items()} for raw in answers]
@@ -78,67 +72,12 @@ def queue_put(registry: Registry, pipe: Pipeline, row: Row, *, reset: bool) -> N
     ).queue_on(pipe)
 
 
-async def put_rows(
-    registry: Registry,
-    rows: Sequence[Row],
-    *,
-    reset: bool = False,
-    health: Sequence[Row] | None = None,
-) -> None:
-    """Write `rows` (callbacks' hashes from another shard), ids kept, in one round trip;
-    `health` (a moved project's): each one's failures on record there, in the same order
-    (`PutHealth`)."""
-    k = registry.keys
+async def put_rows(registry: Registry, rows: Sequence[Row], *, reset: bool = False) -> None:
+    """Write `rows` (callbacks' hashes from another shard), ids kept, in one round trip."""
 
     def put_all(pipe: Pipeline) -> None:
-        for i, row in enumerate(rows):
+        for row in rows:
             queue_put(registry, pipe, row, reset=reset)
-            if health is not None:
-                PutHealth(
-                    health=k.health(row["id"]),
-                    callback=k.callback(row["id"]),
-                    **failing_names(k),
-                    callback_id=row["id"],
-                    values=[item for field in health[i].items() for item in field],
-                ).queue_on(pipe)
 
     if rows:
         await run_pipeline(registry.redis, put_all)
-
-
-@dataclass
-class PutHealth(Script):
-    """A moved callback's failures on record as its old shard holds them (`values`, its
-    health's field/value pairs; none: no failures), written after its hash (`PutCallback`):
-    listed among its project's failing callbacks (`failing.FAILING`) and marked `failing`
-    (the next success resets them), or neither. The move copied the hashes alone: a moved
-    project's failing callbacks left the failing listings, those disabled for failing
-    included, and their counts started again (review)."""
-
-    LUA = (
-        FAILING
-        + """
-local project = redis.call('HGET', callback, 'projectId')
-redis.call('DEL', health)
-if #values == 0 or not project then
-  failing_off(project, callback_id)
-  return 0
-end
-redis.call('HSET', health, unpack(values))
-local failures = redis.call('HGET', health, 'failures')
-if not failures then
-  failing_off(project, callback_id)
-  return 0
-end
-failing_on(project, callback_id, failures, redis.call('HGET', health, 'since') or 0)
-redis.call('HSET', callback, 'failing', '1')
-return 1
-"""
-    )
-    health: Key
-    callback: Key
-    failing: Key
-    failing_projects: Key
-    failing_prefix: str
-    callback_id: str
-    values: ArgList

@@ -16,8 +16,7 @@ moved.
      old shard too (a mark its registry's writes refuse, kept with the mover's lease:
      `registry.scripts`), so that a change that passed a process's check before the
      freeze (its URL's host slow to resolve) and lands after the copy is refused;
-  2. copy its callbacks (ids kept, their failures on record with them) and roles to the
-     new shard, and its Redis history;
+  2. copy its callbacks (ids kept) and roles to the new shard, and its Redis history;
   3. flip its placement, and wait again: from now on its events are queued on the new
      shard, where its callbacks are;
   4. drain (`dispatcher.shards.drain`): its jobs still queued on the old shard (retries,
@@ -366,15 +365,11 @@ class Mover:
     async def _copy(
         self, src: Services, dst: Services, project: str, alive: Callable[[], None]
     ) -> None:
-        """Copy the project's callbacks (their failures on record with them), roles and
-        Redis history, `alive` checked before each write (it raises to stop: the mover's
-        lease)."""
-        ids = await callback_ids(src.registry, project)
-        rows = await read_rows(src.registry, ids)
-        health = await read_rows(src.registry, ids, health=True)
-        kept = [i for i, row in enumerate(rows) if row]
+        """Copy the project's callbacks, roles and Redis history, `alive` checked before
+        each write (it raises to stop: the mover's lease)."""
+        rows = await read_rows(src.registry, await callback_ids(src.registry, project))
         alive()
-        await put_rows(dst.registry, [rows[i] for i in kept], health=[health[i] for i in kept])
+        await put_rows(dst.registry, [row for row in rows if row])
         for user, role in (await src.roles.list(project)).items():
             alive()
             await dst.roles.grant(project, user, role, mover=True)

@@ -565,41 +565,6 @@ async def test_a_move_to_where_a_project_is_leaves_its_data_elsewhere_alone(
         assert said == [f"{project}: on shard 1"]
 
 
-async def test_a_moved_projects_failing_callbacks_stay_listed_with_their_counts(
-    shard_servers: list[EmbeddedRedis], receiver: Receiver
-) -> None:
-    """A project's callbacks with failures on record (3 and 1; a third with none) move
-    with them: listed among the failing callbacks on the new shard, their counts going on
-    (the next failure is the 4th), marked failing (the next success resets them); nothing
-    of them is left on the old shard. The move copied the hashes alone: they left the
-    failing listings (one disabled for failing too) and their counts started again
-    (review)."""
-    project = next(p for p in PROJECTS if rendezvous(p, 2) == 0)
-    async with registered_on_0(shard_servers, receiver, project) as router:
-        old, new = router.shards
-        worst, once = [
-            await old.register(
-                Registration(project, receiver.url(path), Region.DEVNET, "t"), "BUILD_END"
-            )
-            for path in ("/a", "/b")
-        ]
-        for _ in range(3):
-            await old.health.failed(worst, "HTTP 500")
-        await old.health.failed(once, "HTTP 400")
-        await Mover(router, lambda _: None, settle_s=0.3, late_s=LATE_S).move(project, 1)
-        found = await views.failing(router, project)
-        assert (found.total, found.projects) == (2, 1)
-        ((group,),) = [found.groups]
-        assert [(f.callback_id, f.failures) for f in group.shown] == [(worst, 3), (once, 1)]
-        assert group.shown[1].last_error == "HTTP 400"
-        assert await new.redis.hget(new.keys.callback(worst), "failing") == b"1"  # type: ignore[misc]
-        assert (await new.health.failures([worst, once])) == {worst: 3, once: 1}
-        await new.health.failed(worst, "HTTP 500")
-        assert (await new.health.failures([worst])) == {worst: 4}
-        assert not await old.redis.exists(old.keys.health(worst), old.keys.failing_of(project))
-        assert not await old.redis.zcard(old.keys.HEALTH_FAILING)
-
-
 async def test_a_job_is_moved_only_as_it_was_read_and_an_event_that_began_stays(
     shard_servers: list[EmbeddedRedis],
 ) -> None:
