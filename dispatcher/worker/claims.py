@@ -144,20 +144,25 @@ class Again(Script):
     another worker holds its lease or it has ended. `next_attempt` '1': its next attempt is
     due then, the claim count starts again (a `deliver` job: its id, which names its
     emission, is never queued again once it ended); '0', after a failed run or a stop:
-    only while its lease is this run's. Without one, the job is due already (its lease
-    lapsed), or due later by a write of its own (which gave up the lease), or it is a new
-    job: a fan-out's id is its event's, emitted again once it ended, and a late put-back
-    used to set that new emission a retry's delay late (review). Returns 1 when done."""
+    only while its lease is this run's; 'unrun', a claimed job put back unstarted (its
+    worker stops): so too, and the claim that took it is not counted (`unending`).
+    Without one, the job is due already (its lease lapsed), or due later by a write of
+    its own (which gave up the lease), or it is a new job: a fan-out's id is its event's,
+    emitted again once it ended, and a late put-back used to set that new emission a
+    retry's delay late (review). Returns 1 when done."""
 
     LUA = """
     local owner = redis.call('GET', lease)
-    if owner ~= token and (owner or next_attempt == '0') then return 0 end
+    if owner ~= token and (owner or next_attempt ~= '1') then return 0 end
     local due = redis.call('ZSCORE', queue, job_id)
     if not due then return 0 end
     redis.call('ZADD', queue, due_ms, job_id)
     redis.call('PEXPIRE', job, ttl_ms)
     redis.call('DEL', lease)
-    if next_attempt == '1' then redis.call('DEL', claims) end
+    if next_attempt == '1' then redis.call('DEL', claims)
+    elseif next_attempt == 'unrun' and redis.call('DECR', claims) < 1 then
+      redis.call('DEL', claims)  -- its first claim (or the count gone): none left
+    end
     return 1
     """
     queue: Key
@@ -322,6 +327,13 @@ class Claims:
         due_ms, ttl_ms = now_ms() + delay_ms, delay_ms + JOB_KEY_EXTRA_MS
         flag = "1" if next_attempt else "0"
         Again(queue, lease, job, claims, self.token, job_id, due_ms, ttl_ms, flag).queue_on(pipe)
+
+    def unclaim(self, pipe: Pipeline, job_id: str) -> None:
+        """Queue the return of a job claimed but not started (the worker stops): due now,
+        the claim that took it not counted (`Again`'s 'unrun')."""
+        queue, lease, job, claims = self._keys(job_id)
+        Again(queue, lease, job, claims, self.token, job_id, now_ms(), JOB_KEY_EXTRA_MS,
+              "unrun").queue_on(pipe)  # fmt: skip
 
     async def release(self, job_ids: list[str]) -> None:
         """Give up the leases of `job_ids` now (shutdown), so another worker claims them at

@@ -54,7 +54,7 @@ from dispatcher.worker.duties import Counts, Duties, every
 from dispatcher.worker.hold import held_back
 from dispatcher.worker.idling import Idling
 from dispatcher.worker.lanes import Adopt
-from dispatcher.worker.served import CLAIM_ERRORS, Served, given_shards
+from dispatcher.worker.served import CLAIM_ERRORS, DATA_GONE, Served, given_shards
 from dispatcher.worker.shipping import Shipping
 from dispatcher.worker.slots import JobKey, Slots
 from dispatcher.worker.turns import Turns, claim_wait
@@ -245,13 +245,10 @@ class Worker:
         self._spawn(run, claimed.job_id, self._run(run, claimed), unending.reason(claimed.claims))
 
     def _late(self, run: Served, claimed: list[Claimed]) -> None:
-        """The jobs of a claim that answered after its turn (`Turns`): run as any others,
-        or put back at once when the worker stops."""
+        """The jobs of a claim that answered after its turn (`Turns`): run as any others
+        (once the worker stops, `Turns` gives them back)."""
         for job in claimed:
-            if self._stop is not None and self._stop.is_set():
-                run.put_back(job.job_id, 0)
-            else:
-                self._start(run, job)
+            self._start(run, job)
         self._wake()
 
     def _adopt(self, run: Served, job_id: str, work: Callable[[], Awaitable[None]]) -> None:
@@ -287,7 +284,7 @@ class Worker:
 
     async def _run(self, run: Served, claimed: Claimed) -> None:
         if claimed.data is None:  # its data expired before anyone ran it (arq's rule)
-            await run.drop(claimed, "job data expired before it ran", finish=False)
+            await run.drop(claimed, DATA_GONE, finish=False)
             return
         if unending.dropped(claimed.claims):  # its giving up failed too
             await run.drop(claimed, f"claimed {claimed.claims} times without ending")
@@ -360,7 +357,7 @@ class Worker:
         gives before SIGKILL (review)."""
         grace, clock = self.settings.shutdown_grace, asyncio.get_running_loop().time
         ends = clock() + 2 * grace
-        await self.turns.stop()  # claims still out: given up
+        await self.turns.stop(within=grace)  # claims still out: given back, or up
         if self.running:
             _, late = await asyncio.wait(list(self.running.values()), timeout=grace)
             late_keys = [key for key, task in self.running.items() if task in late]

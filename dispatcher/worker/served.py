@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -35,9 +36,11 @@ if TYPE_CHECKING:
     from dispatcher.services import Services
     from dispatcher.worker.claims import Claimed
 
-__all__ = ["CLAIM_ERRORS", "PUT_BACK_WAIT_S", "Served", "given_shards"]
+__all__ = ["CLAIM_ERRORS", "DATA_GONE", "PUT_BACK_WAIT_S", "Served", "given_shards"]
 
 log = structlog.get_logger("dispatcher.worker")
+
+DATA_GONE = "job data expired before it ran"  # a claimed id's data was gone (arq's rule)
 
 BACKOFF_CAP_S = 2.0
 # Once every project busy in the worker has taken its room, a claim can only take the
@@ -251,11 +254,16 @@ class Served:
         """End a job without running it, on record (an ordered delivery's drop releases its
         lane, a retry's its reference to a kept body, in the same write), in its project's
         list of drops (`_held`)."""
-        delivery, project = _held(claimed)
+        delivery, _ = _held(claimed)
         if finish and delivery is not None and delivery.lane is not None:
             then = self.engine.lanes.releasing(delivery, self.next_step(claimed.job_id))
             await self.engine.drop(delivery, reason, then, "job")
             return
+        await asyncio.shield(self._drop(claimed, reason, finish=finish))
+
+    def _drop(self, claimed: Claimed, reason: str, *, finish: bool) -> asyncio.Future[Any]:
+        """`drop`'s write, but a lane's release: queued (the future done once Redis has it)."""
+        delivery, project = _held(claimed)
 
         def write(pipe: Pipeline) -> None:
             keep_drop(pipe, self.keys, project, {"jobId": claimed.job_id, "reason": reason})
@@ -265,9 +273,21 @@ class Served:
                     bodies.release(pipe, self.keys, delivery)
             pipe.delete(self.keys.pushed(claimed.job_id))  # a redelivery's id: free again
 
-        await self.writer.commit(write)
+        done = self.writer.submit(write)
         metrics.DROPPED.labels(reason="job").inc()
         log.error("job.dropped", job_id=claimed.job_id, reason=reason, shard=self.index)
+        return done
+
+    def give_back(self, claimed: list[Claimed]) -> None:
+        """Jobs claimed and not started, the worker stopping: each due again at once, the
+        claim that took it not counted against it (`unending`: it ran nothing). One whose
+        data was gone (the claim took it out of the queue) is dropped on record, as its
+        run would have: a put-back found nothing to put back, and nothing said so."""
+        for job in claimed:
+            if job.data is None:
+                self._drop(job, DATA_GONE, finish=False)
+            else:
+                self.writer.submit(functools.partial(self.claims.unclaim, job_id=job.job_id))
 
 
 def retry_in(claims: int) -> float:

@@ -15,11 +15,14 @@ one shard there is no other to hold up: the claim is awaited as it is, until it 
 or the worker stops.
 
 A stop (`stopping()`'s event set) ends the wait for a claim at once, one shard or several:
-the claim is left out, as above, and given up by `stop` (its jobs come back within a
-lease). A claim that answers once the worker stops starts none of its jobs: they are put
-back. The one-shard wait went on after SIGTERM for the claim's retries (4 x the Redis
-timeout on a frozen Redis) before the stop's own budget began: 64.8 s measured, past the
-60 s a deployment gives before SIGKILL (review).
+the claim is left out, as above, and `stop` waits for it a turn's wait more (`wait_s`,
+within the grace): a claim that answers once the worker stops starts none of its jobs,
+they are given back at once (`Served.give_back`: due now, the claim not counted). One
+still out then is given up (its jobs come back within a lease). The one-shard wait went
+on after SIGTERM for the claim's retries (4 x the Redis timeout on a frozen Redis) before
+the stop's own budget began: 64.8 s measured, past the 60 s a deployment gives before
+SIGKILL (review); giving every claim out up at once left the jobs of one answering a
+moment later (a healthy Redis) leased to nobody for a lease (review).
 
 Not cancelling does not make every job leased run: redis-py sends a command again after
 each socket timeout (3 more times, `connections.policy`) and a frozen Redis runs every
@@ -118,7 +121,7 @@ class Turns:
         if claim.done():
             claimed = claim.result()
             if claimed and self._stopped.is_set():
-                self._put_back(run, claimed)
+                run.give_back(claimed)
                 return None
             return claimed
         self.pending[run.index] = claim
@@ -128,18 +131,24 @@ class Turns:
             log.warning("worker.claim_slow", shard=run.index, waited_s=self.wait_s)
         return None
 
-    @staticmethod
-    def _put_back(run: Served, claimed: list[Claimed]) -> None:
-        for job in claimed:
-            run.put_back(job.job_id, 0)
-
     def _answered(self, run: Served, claim: Claim) -> None:
-        """A claim that outlasted its turn ended: its jobs (if it took any) run now."""
+        """A claim that outlasted its turn ended: its jobs (if it took any) run now, or
+        are given back at once when the worker stops."""
         del self.pending[run.index]
-        if not claim.cancelled() and (claimed := claim.result()):
+        if claim.cancelled() or not (claimed := claim.result()):
+            return
+        if self._stopped.is_set():
+            run.give_back(claimed)
+        else:
             self.late(run, claimed)
 
-    async def stop(self) -> None:
-        """The worker stops: claims still out are given up (any jobs they took come back
-        within a lease, as a dead worker's)."""
+    async def stop(self, within: float) -> None:
+        """The worker stops: the claims still out are waited for up to `wait_s` (at most
+        `within`), and those that answer give their jobs back at once (`_answered`); the
+        rest are given up (any jobs they took come back within a lease, as a dead
+        worker's). Given up at once, a claim whose script had run but whose answer was on
+        its way (a healthy Redis) left its jobs leased with nobody running them, for a
+        lease, and counted a claim against each (review)."""
+        if self.pending:
+            await asyncio.wait(list(self.pending.values()), timeout=min(self.wait_s, within))
         await cancel_all(list(self.pending.values()))
