@@ -25,6 +25,7 @@ from dispatcher.api import (
 from dispatcher.api.errors import install_error_handlers
 from dispatcher.api.middleware import Limits, RequestId
 from dispatcher.api.pacing import EmitPace
+from dispatcher.history import heal
 from dispatcher.shards.router import Router
 
 if TYPE_CHECKING:
@@ -42,7 +43,8 @@ def create_app(settings: Settings, redis: Redis | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        async with Router.open(settings, redis) as router:
+        # The history schema upgraded once PostgreSQL answers (`dispatcher.history.heal`).
+        async with Router.open(settings, redis) as router, heal.keeping(settings):
             await router.upgrade()
             app.state.router = router
             app.state.emit_pace = EmitPace.of(settings)

@@ -255,8 +255,8 @@ def db_upgrade(
     from several processes). `dispatcher run` does it by itself. Without
     DISPATCHER_HISTORY_URL there is nothing to do (history lives in Redis). With
     --if-reachable, an unreachable PostgreSQL is a warning, not a failure: the API starts,
-    and its history reads answer 503 (on a schema older than this version's, saying to
-    run this command) until PostgreSQL is back and the schema upgraded."""
+    and its history reads answer 503 until PostgreSQL is back and the schema upgraded (the
+    API processes and the workers do it themselves then: `dispatcher.history.heal`)."""
     settings = load_settings()
     if not settings.history_url:
         console.print("history lives in Redis (no DISPATCHER_HISTORY_URL): nothing to upgrade")
@@ -266,8 +266,9 @@ def db_upgrade(
             tagged(
                 "warning",
                 "yellow",
-                f": PostgreSQL is unreachable ({why}): the schema is not upgraded; run"
-                " `dispatcher db upgrade` once it is back (history reads answer 503 meanwhile)",
+                f": PostgreSQL is unreachable ({why}): the schema is not upgraded now; the"
+                " API and the workers upgrade it once PostgreSQL is back (history reads answer"
+                " 503 meanwhile)",
             )
         )
         return

@@ -37,6 +37,7 @@ import structlog
 
 from dispatcher import metrics
 from dispatcher.connections import REDIS_ERRORS, transient_reply
+from dispatcher.history import heal
 from dispatcher.history.postgres import PostgresHistory, backlog_of
 from dispatcher.history.shipper import Shipper
 from dispatcher.stopping import cancel_all
@@ -82,6 +83,8 @@ class Shipping:
         self.wait, self._woken = BACKLOG_EVERY_S, asyncio.Event()  # (the running loop's)
         self._checked = asyncio.Event()
         self._tasks.append(asyncio.create_task(self._watch()))
+        # The schema upgraded once PostgreSQL answers, shipping or not (`history.heal`).
+        self._tasks.append(asyncio.create_task(heal.keep(self.settings)))
         if self.settings.history_ship:
             shippers = [
                 Shipper(shard.redis, self.settings, shard.shard, stop=self._stop).run()

@@ -646,14 +646,23 @@ async def test_a_schema_older_than_this_version_is_a_503_saying_to_upgrade(
     reads looked pairs up by a column version 5 adds, and answered 500 with a stack trace
     (UndefinedColumnError), the shipper failing the same way with no hint (review). The
     version is checked once per pool and at each shipper's start: a history page is a 503
-    naming `dispatcher db upgrade`, and the shipper's failure says so too."""
+    naming `dispatcher db upgrade`, and the shipper's failure says so too. (The API
+    upgrades it by itself, `dispatcher.history.heal`: here another process's migration holds
+    the migrations' lock meanwhile, so the schema stays behind for the test.)"""
     monkeypatch.setattr(schema, "MIGRATIONS", schema.MIGRATIONS[:4])
     conn = await asyncpg.connect(fresh_db)
     try:
         assert await upgrade(conn) == [1, 2, 3, 4]
+        monkeypatch.undo()
+        await conn.execute("SELECT pg_advisory_lock($1)", schema._LOCK)
+        await _behind_reads_and_shipper_say_to_upgrade(fresh_db, redis_server, redis)
     finally:
         await conn.close()
-    monkeypatch.undo()
+
+
+async def _behind_reads_and_shipper_say_to_upgrade(
+    fresh_db: str, redis_server: EmbeddedRedis, redis: Redis
+) -> None:
     settings = make_settings(redis_server.url, history_url=fresh_db)
     async with app_client(settings, redis) as api:
         page = await api.get(
