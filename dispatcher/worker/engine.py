@@ -331,10 +331,10 @@ class Engine:
         self, job: DeliveryJob, then: Then, delay: float, why: str,
         mark: circuits.PutOff | None = None,
     ) -> None:  # fmt: skip
-        """Not an attempt: back to the queue, due in `delay` s. Its progress is marked
-        when it has no mark (by `mark`, with its circuit state), so a re-run of its fan-out
-        leaves it to the job `then` queues (a later attempt's count stays, and so does the
-        "done" of a worker that ended it while paused past its lease: that job ends it)."""
+        """Not an attempt: back to the queue, due in `delay` s, its job still ours (a fan-out's
+        put-off queues a job its new holder may send too). Its progress is marked unless it has
+        a mark (a count, "done"; `mark`: with its circuit state), so a fan-out's re-run skips it."""
+        await self.fence.check()
 
         def write(pipe: Pipeline) -> None:
             if mark is None:

@@ -1,7 +1,7 @@
 """The fence before a callback's limits, on a real Redis with real claims and a real
 receiver: a worker paused past its job's lease takes no fleet-wide start, slot or turn
 for a job that is another worker's now, nor ends its deliveries giving up
-(`Engine.attempt`)."""
+(`Engine.attempt`), nor puts them off to the queue (`Engine._defer`)."""
 
 from __future__ import annotations
 
@@ -15,15 +15,17 @@ from redis.asyncio import Redis
 
 from dispatcher.clock import now_ms
 from dispatcher.delivery import encode_body
-from dispatcher.jobs import DeliveryJob, EventJob
+from dispatcher.jobs import DeliveryJob, EventJob, decode
 from dispatcher.models import Event, Region
+from dispatcher.producer import Producer
 from dispatcher.registry import Options, Registry
+from dispatcher.registry.rules import destination
 from dispatcher.services import Services
 from dispatcher.settings import Settings
 from dispatcher.worker import Engine
 from dispatcher.worker.claims import Claims
 from dispatcher.worker.fence import Fence, LeaseLost, running
-from dispatcher.worker.steps import NextStep
+from dispatcher.worker.steps import ChunkEnd, NextStep
 from dispatcher.worker.unending import giving_up, reason
 from dispatcher.worker.writer import Writer
 from tests.helpers import Receiver
@@ -31,7 +33,7 @@ from tests.helpers import Receiver
 PAUSED_LEASE_S = 0.2  # worker a's leases: lapsed after the test's pause of 0.3 s
 
 
-async def run_as(job_id: str, run: Coroutine[Any, Any, None], gives_up: str | None = None) -> None:
+async def run_as(job_id: str, run: Coroutine[Any, Any, Any], gives_up: str | None = None) -> None:
     """`run` in a task that runs `job_id`, as the worker starts one (its fence's job;
     `gives_up`: the reason its run ends its deliveries unsent, `unending`)."""
     context = contextvars.copy_context()
@@ -103,3 +105,38 @@ async def test_a_worker_paused_past_its_lease_does_not_end_anothers_delivery_giv
         assert await redis.zscore(settings.queue_name, taken.job_id) is not None  # b's still
     finally:
         await engine.close()
+
+
+async def test_a_worker_paused_past_its_lease_puts_off_nothing_of_a_fan_out_anothers_now(
+    settings: Settings, redis: Redis, receiver: Receiver
+) -> None:
+    """Worker a ran the fan-out of an event to two callbacks on a host whose circuit is open
+    in a (each attempt is put off to the queue, a delivery job of its own) when it was
+    paused past its lease, and worker b took the job. On waking, a's run puts nothing off
+    (`LeaseLost`): a delivery job it queued would be sent beside b's run of the chunk,
+    which may have read the deliveries' marks before a wrote them (under load, a resumed
+    worker sent 10-21 deliveries its successor sent too, each claimed from such a job)."""
+    urls = [receiver.url(f"/c{n}") for n in range(2)]
+    for url in urls:
+        await Registry(redis).create("demo", url, Event.BUILD_END, Region.DEVNET)
+    assert await Producer(settings, redis).emit("demo", "BUILD_END", event_id="e1") == "e1"
+    services = Services(settings, redis)
+    a = Claims(redis, services.keys, "worker-a", lease_s=PAUSED_LEASE_S)
+    [claimed] = await a.claim(10)
+    wire = decode(claimed.data or b"")
+    event = EventJob.from_wire(wire.payload, wire.enqueued_ms)
+    engine = Engine(services, Writer(redis, services.history.assign_ids))
+    engine.fence = Fence(a, PAUSED_LEASE_S, held=lambda: [claimed.job_id])
+    for _ in range(engine.breaker.threshold):  # the host failed in a: its circuit open
+        engine.breaker.record(("demo", destination(urls[0]).host), ok=False)
+    try:
+        await asyncio.sleep(0.3)  # a paused: its lease lapses, and b claims the job
+        [taken] = await Claims(redis, services.keys, "worker-b", lease_s=10).claim(10)
+        with pytest.raises(LeaseLost):
+            end = ChunkEnd(a, claimed, event)
+            await run_as(claimed.job_id, engine.fan_out(event, end=end))
+    finally:
+        await engine.close()
+    assert not receiver.seen
+    assert await redis.zrange(settings.queue_name, 0, -1) == [taken.job_id.encode()]  # b's
+    assert await redis.keys(services.keys.delivery("*")) == []  # no delivery marked
