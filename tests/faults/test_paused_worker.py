@@ -26,7 +26,9 @@ SETTINGS = {
     "DISPATCHER_LEASE_SECONDS": "2",
     "DISPATCHER_WORKER_MAX_JOBS": "8",  # 4 attempts at once: the chunk takes seconds
     "DISPATCHER_TOTAL_TIMEOUT": "5",
-    "DISPATCHER_JOB_TIMEOUT": "30",
+    # past the longest pause the test may make (its 60 s wait for the second worker): a
+    # run's timeout that lapses in the pause fires as it wakes (job.failed, not job_left)
+    "DISPATCHER_JOB_TIMEOUT": "120",
 }
 
 
