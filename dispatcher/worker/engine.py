@@ -103,13 +103,9 @@ class Engine:
             await asyncio.gather(*(client.aclose() for client in self.clients.values()))
 
     async def fan_out(
-        self,
-        event: EventJob,
-        *,
-        rerun: bool = False,
-        end: ChunkEnd | None = None,
+        self, event: EventJob, *, rerun: bool = False, end: ChunkEnd | None = None,
         version: bytes | None = None,
-    ) -> int | None:
+    ) -> int | None:  # fmt: skip
         """First attempts of one chunk of `event`'s deliveries: to the callbacks after
         `event.after`, at most `DISPATCHER_FAN_OUT_CHUNK` of them. Returns where the next
         chunk starts, or None when this was the last. A `rerun` (the job ran before and did
@@ -321,6 +317,9 @@ class Engine:
                 retry_after=result.retry_after,
                 retry_after_cap=self.settings.retry_after_cap,
             )
+            # the retry it queues (a fan-out's: a job of its own) only while its job is ours:
+            # an attempt in flight as the worker was paused past its lease is its holder's now
+            await self.fence.check()
         record = attempt_record(job, target, number, done, delay is None, self.settings)
         observe(job, target, number, result, delay, timed=not given_up)
         if not given_up:
