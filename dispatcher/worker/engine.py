@@ -103,13 +103,9 @@ class Engine:
             await asyncio.gather(*(client.aclose() for client in self.clients.values()))
 
     async def fan_out(
-        self,
-        event: EventJob,
-        *,
-        rerun: bool = False,
-        end: ChunkEnd | None = None,
+        self, event: EventJob, *, rerun: bool = False, end: ChunkEnd | None = None,
         version: bytes | None = None,
-    ) -> int | None:
+    ) -> int | None:  # fmt: skip
         """First attempts of one chunk of `event`'s deliveries: to the callbacks after
         `event.after`, at most `DISPATCHER_FAN_OUT_CHUNK` of them. Returns where the next
         chunk starts, or None when this was the last. A `rerun` (the job ran before and did
@@ -321,6 +317,9 @@ class Engine:
                 retry_after=result.retry_after,
                 retry_after_cap=self.settings.retry_after_cap,
             )
+            # the retry it queues (a fan-out's: a job of its own) only while its job is ours:
+            # an attempt in flight as the worker was paused past its lease is its holder's now
+            await self.fence.check()
         record = attempt_record(job, target, number, done, delay is None, self.settings)
         observe(job, target, number, result, delay, timed=not given_up)
         if not given_up:
@@ -331,10 +330,10 @@ class Engine:
         self, job: DeliveryJob, then: Then, delay: float, why: str,
         mark: circuits.PutOff | None = None,
     ) -> None:  # fmt: skip
-        """Not an attempt: back to the queue, due in `delay` s. Its progress is marked
-        when it has no mark (by `mark`, with its circuit state), so a re-run of its fan-out
-        leaves it to the job `then` queues (a later attempt's count stays, and so does the
-        "done" of a worker that ended it while paused past its lease: that job ends it)."""
+        """Not an attempt: back to the queue, due in `delay` s, its job still ours (a fan-out's
+        put-off queues a job its new holder may send too). Its progress is marked unless it has
+        a mark (a count, "done"; `mark`: with its circuit state), so a fan-out's re-run skips it."""
+        await self.fence.check()
 
         def write(pipe: Pipeline) -> None:
             if mark is None:

@@ -10,6 +10,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import pytest
 import redis as sync_redis
 from aiohttp import web
 
@@ -119,6 +120,7 @@ async def _succeeded(router: Router, projects: list[str], url: str) -> set[str |
     return found
 
 
+@pytest.mark.timeout(150)  # four processes and two moves of 3 s settles: near 60 s, loaded
 async def test_a_mover_paused_past_its_lease_stops_and_the_next_one_finishes_its_move(
     shard_servers: list[EmbeddedRedis],
     receiver: Receiver,
@@ -149,7 +151,13 @@ async def test_a_mover_paused_past_its_lease_stops_and_the_next_one_finishes_its
                 placed = router.placement.explicit.get(project)
                 return placed is not None and placed.moving_to == 1
 
-            await until(frozen, 20, "the first mover freezing the project")
+            async def settling() -> bool:  # its placement written, its freeze mark set
+                return await frozen() and bool(await router.shards[0].redis.exists(freeze))
+
+            # (not the placement alone: seen in Redis before its mover read the answer, paused
+            # then past its Redis timeout, it sends the write again on waking: lease gone)
+            freeze = router.shards[0].keys.callbacks_frozen(project)
+            await until(settling, 60, "the first mover freezing the project")
             first.send_signal(signal.SIGSTOP)  # in its settle, its lease held
             assert await frozen() and await hold_source(router.shards[1], project) is None
             lease = router.home.keys.move_lease(project)
