@@ -41,6 +41,22 @@ async def states(redis: Redis) -> dict[str, bytes]:
     return found
 
 
+async def dead_host_backlog(
+    settings: Settings, redis: Redis, count: int, cooldown: float, schedule: tuple[float, ...]
+) -> Settings:
+    """`count` events of demo's queued for its callback on the dead host; the settings to
+    deliver them with (a circuit that opens at the first failure, `cooldown`, `schedule`)."""
+    settings = settings.model_copy(
+        update={"circuit_threshold": 1, "circuit_cooldown": cooldown,
+                "retry_schedule": schedule, "retry_jitter": 0.2}
+    )  # fmt: skip
+    await Registry(redis).create("demo", DEAD, Event.BUILD_END, Region.DEVNET)
+    producer = Producer(settings, redis)
+    for i in range(count):
+        await producer.emit("demo", "BUILD_END", {"i": i})
+    return settings
+
+
 @pytest.mark.parametrize("backlog", [6, 24])
 async def test_a_backlog_behind_an_open_circuit_ends_on_its_schedule(
     settings: Settings, redis: Redis, run_worker: RunWorker, backlog: int
@@ -53,14 +69,7 @@ async def test_a_backlog_behind_an_open_circuit_ends_on_its_schedule(
     through: 6 deliveries were put off 50 times (8 each), 24 were put off 694 times (29
     each) and claimed 766 times, their last final record 15 s after the emit for a
     schedule of 0.1 s (review)."""
-    settings = settings.model_copy(
-        update={"circuit_threshold": 1, "circuit_cooldown": 0.3,
-                "retry_schedule": (0.05, 0.05), "retry_jitter": 0.2}
-    )  # fmt: skip
-    await Registry(redis).create("demo", DEAD, Event.BUILD_END, Region.DEVNET)
-    producer = Producer(settings, redis)
-    for i in range(backlog):
-        await producer.emit("demo", "BUILD_END", {"i": i})
+    settings = await dead_host_backlog(settings, redis, backlog, 0.3, (0.05, 0.05))
     before = circuit_deferrals()
     worker = await run_worker(settings)
     deferred = circuit_deferrals() - before
@@ -178,14 +187,7 @@ async def test_a_delivery_held_by_an_open_circuit_ends_once_unsent_after_its_sch
     attempt) ends with one final FAILED record without a request, none before it: no
     attempt is spent unsent on the way (before: every attempt due while the circuit was
     open was spent so, one after the other)."""
-    settings = settings.model_copy(
-        update={"circuit_threshold": 1, "circuit_cooldown": 0.1,
-                "retry_schedule": (0.1, 0.2), "retry_jitter": 0.2}
-    )  # fmt: skip
-    await Registry(redis).create("demo", DEAD, Event.BUILD_END, Region.DEVNET)
-    producer = Producer(settings, redis)
-    for i in range(4):
-        await producer.emit("demo", "BUILD_END", {"i": i})
+    settings = await dead_host_backlog(settings, redis, 4, 0.1, (0.1, 0.2))
     await run_worker(settings)
     records = await all_records(redis, settings, DEAD)
     waited = await states(redis)
