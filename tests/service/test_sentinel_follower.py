@@ -154,12 +154,17 @@ async def sentinel_drops_subscribers(url: str) -> None:
 def left_open(path: Path, url: str) -> list[str]:
     """The ResourceWarnings of what `path` left open, once its loop is closed (as the CLI's
     `asyncio.run` or a test's loop closes it: its tasks cancelled) and the garbage
-    collected."""
-    gc.collect()  # (what an earlier test left is not this one's)
-    with warnings.catch_warnings(record=True) as seen:
-        warnings.simplefilter("always", ResourceWarning)
-        asyncio.run(path(url))
-        gc.collect()
+    collected. What earlier tests left is frozen meanwhile: not this one's to collect (its
+    warnings would be counted here), nor walked by each collection (in a worker that ran
+    many tests, a full collection took about a second)."""
+    gc.freeze()
+    try:
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always", ResourceWarning)
+            asyncio.run(path(url))
+            gc.collect()
+    finally:
+        gc.unfreeze()
     return sorted({str(w.message) for w in seen if issubclass(w.category, ResourceWarning)})
 
 
