@@ -2,8 +2,9 @@
 history with request and response detail, redelivery, dead letters, status), served by
 the API process itself. Templates and styles ship in this package; no script, no CDN.
 
-`install` adds it to an app; the pages (`pages`) and forms (`actions`) call `Services`
-only, through the plumbing of `page` (caller, role, CSRF token from `csrf`, errors)."""
+An app serves its `ROUTERS` and `install`s the rest; the pages (`pages`) and forms
+(`actions`) call `Services` only, through the plumbing of `page` (caller, role, CSRF token
+from `csrf`, errors)."""
 
 from __future__ import annotations
 
@@ -19,14 +20,15 @@ if TYPE_CHECKING:
 
     from dispatcher.settings import Settings
 
-__all__ = ["install"]
+__all__ = ["ROUTERS", "install"]
+
+ROUTERS = (pages.router, actions.router)  # the console's pages and forms
 
 
 def install(app: FastAPI, settings: Settings) -> None:
-    """Serve the console (and its static files) from `app`."""
+    """Serve the console's static files from `app`, with what its pages need (its
+    `ROUTERS` come before)."""
     app.state.console_templates = Templates(settings.tz)
-    app.include_router(pages.router)
-    app.include_router(actions.router)
     app.mount(
         f"{PREFIX}/static",
         StaticFiles(packages=[("dispatcher.console", "static")]),
