@@ -14,14 +14,17 @@ is quiet.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 from dispatcher.lua import REDIS_NOW_MS, ArgList, Key, Script
+from dispatcher.worker.record import KEEP_DROP_LUA
 
-__all__ = ["JUST_DUE_SLACK_MS", "SWEEP_ENTRIES", "Claim"]
+__all__ = ["DATA_GONE", "JUST_DUE_SLACK_MS", "SWEEP_ENTRIES", "Claim"]
 
 JUST_DUE_SLACK_MS = 1000  # a claim's look at what just came due starts this long before
 SWEEP_ENTRIES = 500  # how much further past its budget each sweeping claim looks
+DATA_GONE = "job data expired before it ran"  # a claimed id's data was gone (arq's rule)
 
 
 @dataclass
@@ -57,15 +60,21 @@ class Claim(Script):
     an offset and the entry it passed over last (0 and '' once it reached the range's
     end).
 
-    A due id whose data is gone comes back with `false` data (and leaves the queue), so
-    the worker can record it. A claimed job comes with the registry version its event
-    would be matched at (`registry.matches.Matches`): the `platform` project's and its
-    own (0 when none), space-separated, read once per project; false when its id names no
-    project. Returns Redis's time (ms), the {id, data, claims, version} rows (the keys are
-    made here, from the prefixes given) and where the next sweep starts (two values)."""
+    A due id whose data is gone leaves the queue with its lease and redelivery mark, and
+    comes back with `false` data and a count of 1 once its drop is on record here, in the
+    same step (an id of ours: ASCII); 0 leaves the record to the worker (another client's
+    id, which may not be UTF-8). (The worker recorded every such drop after the claim's
+    answer: one it never read, stopped or killed, left no trace.) A claimed job comes
+    with the registry version its event would be matched at (`registry.matches.Matches`):
+    the `platform` project's and its own (0 when none), space-separated, read once per
+    project; false when its id names no project. Returns Redis's time (ms), the {id, data,
+    claims, version} rows (the keys are made here, from the prefixes given) and where the
+    next sweep starts (two values)."""
 
     LUA = (
         REDIS_NOW_MS
+        + KEEP_DROP_LUA
+        + f"local data_gone = {json.dumps(DATA_GONE)}\n"
         + """
     local want, limit, new = tonumber(want), tonumber(budget), tonumber(newcomer)
     local held, left, looked_for, open = {}, {}, {}, 0  -- open: projects looked on for
@@ -113,9 +122,14 @@ class Claim(Script):
       end
       local data, claims = redis.call('GET', job_prefix .. id), 1
       if not data then
-        redis.call('DEL', lease_prefix .. id)
+        redis.call('DEL', lease_prefix .. id, pushed_prefix .. id)
         redis.call('ZREM', queue, id)
         claims = 0
+        if not string.find(id, '[\\128-\\255]') then  -- a retry's id names its project
+          local entry = cjson.encode({jobId = id, reason = data_gone, at = now_ms})
+          keep_drop(string.match(id, '^([^:]+):.+%.%d+@%d+$'), entry)
+          claims = 1
+        end
       else
         redis.call('ZADD', queue, 'XX', leased_until, id)
         if not redis.call('SET', claims_prefix .. id, 1, 'EX', claims_ttl_s, 'NX') then
@@ -194,6 +208,7 @@ class Claim(Script):
     """
     )
     queue: Key
+    dropped: Key
     want: int
     lease_ms: int
     token: str
@@ -214,4 +229,6 @@ class Claim(Script):
     mine: str
     version_prefix: str
     platform: str
+    dropped_prefix: str
+    pushed_prefix: str
     shares: ArgList

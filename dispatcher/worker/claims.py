@@ -179,8 +179,9 @@ class Again(Script):
 @dataclass(frozen=True, slots=True)
 class Claimed:
     """A job this worker now holds: its id, stored bytes (None: its data was gone), how
-    many times it was claimed (1 on the first run), and the registry version its
-    project's events are matched at now (None: unknown)."""
+    many times it was claimed (1 on the first run; its data gone, 1 when its claim put
+    its drop on record, else 0), and the registry version its project's events are
+    matched at now (None: unknown)."""
 
     job_id: str
     data: bytes | None
@@ -220,6 +221,7 @@ class Claims:
         self.claimed_at_ms, since_ms = 0, self.claimed_at_ms
         claimed_at_ms, rows, swept, after = await Claim(
             queue=self.queue_name,
+            dropped=self.keys.DROPPED,
             want=count,
             lease_ms=self.lease_ms,
             token=self.token,
@@ -240,6 +242,8 @@ class Claims:
             mine="\n".join(mine),
             version_prefix=self.keys.REGISTRY_VERSION_PREFIX,
             platform=PLATFORM_PROJECT,
+            dropped_prefix=self.keys.DROPPED_PREFIX,
+            pushed_prefix=self.keys.PUSHED_PREFIX,
             shares=[item for pair in projects.items() for item in pair],
         ).run(self.redis)
         self.claimed_at_ms = int(claimed_at_ms)

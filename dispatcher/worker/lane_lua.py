@@ -10,7 +10,7 @@ import json
 from typing import TYPE_CHECKING, Any
 
 from dispatcher.bodies import LANE
-from dispatcher.worker.record import DROPS_KEPT_S, KEPT_ENTRIES
+from dispatcher.worker.record import KEEP_DROP_LUA
 
 if TYPE_CHECKING:
     from dispatcher.keys import Keys
@@ -89,13 +89,9 @@ end
 # script declares: `queue`, `dropped`, `job_prefix`, `lease_prefix`, `progress_prefix`,
 # `progress_ttl`, `waiting_prefix`, `lane_body`, `dropped_prefix`, `lane_prefix`, `now_ms`.
 FIRST_THERE = (
-    f"local kept_entries, gone = {KEPT_ENTRIES}, {json.dumps(GONE)}\n"
-    + f"local drops_kept_s = {DROPS_KEPT_S}\n"
+    f"local gone = {json.dumps(GONE)}\n"
+    + KEEP_DROP_LUA
     + """
-local function keep_drop(key, entry)
-  redis.call('LPUSH', key, entry)
-  redis.call('LTRIM', key, 0, kept_entries - 1)
-end
 local skipped = 0
 local function alive(id)
   return redis.call('EXISTS', job_prefix .. id, lease_prefix .. id) > 0
@@ -110,12 +106,7 @@ local function drop(lane, id)
   local entry = cjson.encode({jobId = id, reason = gone, at = tonumber(now_ms)})
   -- the lane's project ({prefix}{receiver}:{project}:{key}), not its id's first part:
   -- an id of a version before scoped ids is the event id, which may hold ':'
-  local project = string.match(string.sub(lane, #lane_prefix + 1), '^[^:]*:([^:]+):')
-  if project then
-    keep_drop(dropped_prefix .. project, entry)
-    redis.call('EXPIRE', dropped_prefix .. project, drops_kept_s)
-  end
-  keep_drop(dropped, entry)
+  keep_drop(string.match(string.sub(lane, #lane_prefix + 1), '^[^:]*:([^:]+):'), entry)
   skipped = skipped + 1
 end
 local function first_there(lane, read)

@@ -50,11 +50,12 @@ from dispatcher.shard import Shard
 from dispatcher.stopping import cancel_all
 from dispatcher.topology import close_all, connect_shards, shards_of
 from dispatcher.worker import fence, unending
+from dispatcher.worker.claim_script import DATA_GONE
 from dispatcher.worker.duties import Counts, Duties, every
 from dispatcher.worker.hold import held_back
 from dispatcher.worker.idling import Idling
 from dispatcher.worker.lanes import Adopt
-from dispatcher.worker.served import CLAIM_ERRORS, DATA_GONE, Served, given_shards
+from dispatcher.worker.served import CLAIM_ERRORS, Served, given_shards
 from dispatcher.worker.shipping import Shipping
 from dispatcher.worker.slots import JobKey, Slots
 from dispatcher.worker.turns import Turns, claim_wait

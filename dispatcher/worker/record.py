@@ -30,10 +30,23 @@ if TYPE_CHECKING:
     from dispatcher.registry import CallbackTarget
     from dispatcher.settings import Settings
 
-__all__ = ["attempt_record", "disabled", "keep_drop", "keep_entry", "observe"]
+__all__ = ["KEEP_DROP_LUA", "attempt_record", "disabled", "keep_drop", "keep_entry", "observe"]
 
 KEPT_ENTRIES = 1000  # newest entries kept in the poison and dropped lists (each project's)
 DROPS_KEPT_S = 30 * 86_400  # a project's list of drops lasts this long after its latest
+
+# `keep_drop` in a script: `keep_drop(project, entry)` (`project` false: the shard's list
+# alone), reading the shard's list at `dropped` and the projects' at `dropped_prefix`.
+KEEP_DROP_LUA = f"""
+local function keep_drop(project, entry)
+  local lists = project and {{dropped_prefix .. project, dropped}} or {{dropped}}
+  for _, list in ipairs(lists) do
+    redis.call('LPUSH', list, entry)
+    redis.call('LTRIM', list, 0, {KEPT_ENTRIES - 1})
+  end
+  if project then redis.call('EXPIRE', lists[1], {DROPS_KEPT_S}) end
+end
+"""
 
 log = structlog.get_logger("dispatcher.worker")
 _USERINFO = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*:[/\\]*).*@", re.DOTALL)  # after its scheme

@@ -18,6 +18,7 @@ from dispatcher import bodies, metrics
 from dispatcher.connections import REDIS_ERRORS, redis_full
 from dispatcher.errors import InvalidSetting
 from dispatcher.jobs import DELIVER, FAN_OUT, DeliveryJob, EventJob, decode, retry_project
+from dispatcher.worker.claim_script import DATA_GONE
 from dispatcher.worker.claims import Claims
 from dispatcher.worker.engine import Engine
 from dispatcher.worker.fence import Fence
@@ -36,11 +37,9 @@ if TYPE_CHECKING:
     from dispatcher.services import Services
     from dispatcher.worker.claims import Claimed
 
-__all__ = ["CLAIM_ERRORS", "DATA_GONE", "PUT_BACK_WAIT_S", "Served", "given_shards"]
+__all__ = ["CLAIM_ERRORS", "PUT_BACK_WAIT_S", "Served", "given_shards"]
 
 log = structlog.get_logger("dispatcher.worker")
-
-DATA_GONE = "job data expired before it ran"  # a claimed id's data was gone (arq's rule)
 
 BACKOFF_CAP_S = 2.0
 # Once every project busy in the worker has taken its room, a claim can only take the
@@ -259,10 +258,18 @@ class Served:
             then = self.engine.lanes.releasing(delivery, self.next_step(claimed.job_id))
             await self.engine.drop(delivery, reason, then, "job")
             return
-        await asyncio.shield(self._drop(claimed, reason, finish=finish))
+        done = self._drop(claimed, reason, finish=finish)
+        if done is not None:
+            await asyncio.shield(done)
 
-    def _drop(self, claimed: Claimed, reason: str, *, finish: bool) -> asyncio.Future[Any]:
-        """`drop`'s write, but a lane's release: queued (the future done once Redis has it)."""
+    def _drop(self, claimed: Claimed, reason: str, *, finish: bool) -> asyncio.Future[Any] | None:
+        """`drop`'s write, but a lane's release: queued (the future done once Redis has it;
+        None: no write, the drop of a job whose data was gone being on record by its claim,
+        `claim_script.Claim`)."""
+        metrics.DROPPED.labels(reason="job").inc()
+        log.error("job.dropped", job_id=claimed.job_id, reason=reason, shard=self.index)
+        if claimed.data is None and claimed.claims:
+            return None
         delivery, project = _held(claimed)
 
         def write(pipe: Pipeline) -> None:
@@ -273,16 +280,13 @@ class Served:
                     bodies.release(pipe, self.keys, delivery)
             pipe.delete(self.keys.pushed(claimed.job_id))  # a redelivery's id: free again
 
-        done = self.writer.submit(write)
-        metrics.DROPPED.labels(reason="job").inc()
-        log.error("job.dropped", job_id=claimed.job_id, reason=reason, shard=self.index)
-        return done
+        return self.writer.submit(write)
 
     def give_back(self, claimed: list[Claimed]) -> None:
         """Jobs claimed and not started, the worker stopping: each due again at once, the
         claim that took it not counted against it (`unending`: it ran nothing). One whose
-        data was gone (the claim took it out of the queue) is dropped on record, as its
-        run would have: a put-back found nothing to put back, and nothing said so."""
+        data was gone (the claim took it out of the queue) is dropped as its run would
+        have: a put-back found nothing to put back, and nothing said so."""
         for job in claimed:
             if job.data is None:
                 self._drop(job, DATA_GONE, finish=False)

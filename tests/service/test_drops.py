@@ -103,8 +103,11 @@ async def test_a_jobs_drop_names_a_project_only_as_its_data_or_a_retrys_id_says(
     id}@{emittedAt}`; else to every project's list alone. A version before scoped ids
     named jobs by the event id alone, which may hold `:`: its `victim:x` (a fan-out),
     `victim:x.5` (a retry) and redeliveries were filed under project victim (review). A
-    job dropped with its data (claimed too often) goes to its event's project."""
+    job dropped with its data (claimed too often) goes to its event's project. The claim
+    that finds the data gone files the drop (`claim_script.Claim`), but of an id not
+    ASCII (another client's), which the worker files: each once."""
     unread = ["lost:e1.5@1", "victim:x", "victim:x.5", "victim:y.5:redeliver:0123456789ab"]
+    unread.append("other:é.5@1")
     for job_id in [*unread, "unscoped.5"]:  # queued, their data gone
         await redis.zadd(settings.queue_name, {job_id: 1})
     legacy = EventJob("victim:z", "emitter", "BUILD_END", scoped=False)  # that version's
@@ -114,10 +117,11 @@ async def test_a_jobs_drop_names_a_project_only_as_its_data_or_a_retrys_id_says(
     await run_worker()
     assert [d["jobId"] for d in await drops(redis, keys.dropped("lost"))] == ["lost:e1.5@1"]
     assert [d["jobId"] for d in await drops(redis, keys.dropped("emitter"))] == ["victim:z"]
+    assert [d["jobId"] for d in await drops(redis, keys.dropped("other"))] == ["other:é.5@1"]
     lists = {k.decode() async for k in redis.scan_iter(keys.DROPPED_PREFIX + "*")}
-    assert lists == {keys.dropped("lost"), keys.dropped("emitter")}
-    recent = {d["jobId"] for d in await drops(redis, keys.DROPPED)}
-    assert recent == {*unread, "unscoped.5", "victim:z"}
+    assert lists == {keys.dropped(project) for project in ("lost", "emitter", "other")}
+    recent = sorted(d["jobId"] for d in await drops(redis, keys.DROPPED))
+    assert recent == sorted([*unread, "unscoped.5", "victim:z"])
 
 
 async def test_a_lane_members_drop_goes_to_its_lanes_project(
