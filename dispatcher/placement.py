@@ -48,6 +48,10 @@ log = structlog.get_logger("dispatcher.shards")
 MOVING = ">"
 COUNT = ":count"  # how many shards the hash runs over
 GROWING = ":growing"  # the count `dispatcher shards grow` is moving to
+UNREAD = (
+    "shard 0 has not answered: it says which shard holds each project, so none can be "
+    "placed (check the first URL of DISPATCHER_REDIS_SHARDS)"
+)
 
 
 def _score(index: int, project_id: str) -> bytes:
@@ -104,9 +108,12 @@ class Placement:
 
     def usable(self) -> None:
         """Unavailable while the home shard says more shards are in use than this process
-        was given (`load`): it would place projects on the wrong shard."""
+        was given (`load`), or, with more than one shard, has not been read yet
+        (`kept_fresh` without a wait): it would place projects on the wrong shard."""
         if self.short is not None:
             raise Unavailable(self.short)
+        if self.count > 1 and self.version is None:
+            raise Unavailable(UNREAD)
 
     def moving(self, project_id: str) -> bool:
         """Whether `project_id`'s callbacks and roles are frozen: a move of it is under way,
@@ -225,21 +232,24 @@ class LeasedWrite(Script):
 
 
 @contextlib.asynccontextmanager
-async def kept_fresh(placement: Placement, every_s: float) -> AsyncIterator[Placement]:
+async def kept_fresh(
+    placement: Placement, every_s: float, wait_s: float | None = None, *, unread_ok: bool = False
+) -> AsyncIterator[Placement]:
     """`placement` loaded (a home shard that does not answer is waited for: routing by the
     hash alone could send a moved project's events where its callbacks are not), then
     refreshed in the background until the block ends. With one shard, the count alone is
     read (`load`: InvalidSetting when more are in use), without waiting: a home shard that
-    does not answer is read in the background until it does."""
-    delay = 0.1
-    while placement.count > 1:
+    does not answer is read in the background until it does. `wait_s` bounds the wait
+    (None: until the home shard answers): past it, Unavailable, or with `unread_ok` the
+    block runs, the placement read in the background and unusable until then (a view of
+    every shard needs it only for a project's part)."""
+    if placement.count > 1:
         try:
-            await placement.load()
-            break
-        except REDIS_ERRORS as exc:
-            log.warning("shards.placement_unread", error=str(exc), retry_in_s=delay)
-            await asyncio.sleep(delay)
-            delay = min(2.0, delay * 2)
+            async with asyncio.timeout(wait_s):
+                await _loaded(placement)
+        except TimeoutError:
+            if not unread_ok:
+                raise Unavailable(f"{UNREAD} (waited {wait_s:g} s)") from None
     task = None
     if placement.count == 1:  # no placement to wait for: the count is checked once
         with contextlib.suppress(*REDIS_ERRORS):
@@ -251,3 +261,16 @@ async def kept_fresh(placement: Placement, every_s: float) -> AsyncIterator[Plac
     finally:
         if task is not None:
             await cancel_all([task])
+
+
+async def _loaded(placement: Placement) -> None:
+    """`placement` loaded, however long the home shard takes to answer."""
+    delay = 0.1
+    while True:
+        try:
+            await placement.load()
+            return
+        except REDIS_ERRORS as exc:
+            log.warning("shards.placement_unread", error=str(exc), retry_in_s=delay)
+            await asyncio.sleep(delay)
+            delay = min(2.0, delay * 2)

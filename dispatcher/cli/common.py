@@ -163,12 +163,15 @@ def run_async(factory: Callable[[], Coroutine[Any, Any, T]]) -> T:
         raise typer.Exit(1) from None
 
 
-def on_router(body: Callable[[Router], Awaitable[T]]) -> T:
-    """Run `body` with the router over the configured (or embedded) Redis's shards."""
+def on_router(body: Callable[[Router], Awaitable[T]], *, fleet: bool = False) -> T:
+    """Run `body` with the router over the configured (or embedded) Redis's shards, once
+    shard 0 says where each project is (waited for up to `DISPATCHER_REDIS_TIMEOUT`: an
+    operator is told, not left waiting); a `fleet` view of every shard goes on without."""
     settings = with_history_url(with_redis_url(load_settings()))
+    wait_s = settings.redis_timeout
 
     async def go() -> T:
-        async with Router.open(settings) as router:
+        async with Router.open(settings, home_wait_s=wait_s, unread_ok=fleet) as router:
             return await body(router)
 
     return run_async(go)
@@ -181,7 +184,7 @@ def on_fleet(body: Callable[[Router, list[int]], Awaitable[T]]) -> tuple[T, list
     """`on_router` for a view over every shard: `body` gets a list to add the positions of
     the shards that did not answer to (`views.answers`); returns what it returned, and it."""
     silent: list[int] = []
-    return on_router(lambda router: body(router, silent)), silent
+    return on_router(lambda router: body(router, silent), fleet=True), silent
 
 
 def partial_end(silent: list[int]) -> None:

@@ -48,9 +48,17 @@ class Router:
 
     @classmethod
     @contextlib.asynccontextmanager
-    async def open(cls, settings: Settings, redis: Redis | None = None) -> AsyncIterator[Router]:
+    async def open(
+        cls,
+        settings: Settings,
+        redis: Redis | None = None,
+        *,
+        home_wait_s: float | None = None,
+        unread_ok: bool = False,
+    ) -> AsyncIterator[Router]:
         """A router on every shard of `settings` (its clients closed at the end), or on the
-        one Redis client `redis` (left open)."""
+        one Redis client `redis` (left open). `home_wait_s` bounds the wait for shard 0's
+        placement, and `unread_ok` goes on without it (`placement.kept_fresh`)."""
         async with contextlib.AsyncExitStack() as stack:
             if redis is not None:
                 shards, clients = [Shard.single(settings.queue_name)], [redis]
@@ -65,7 +73,9 @@ class Router:
             for one in services:
                 stack.push_async_callback(one.close)
             placement = Placement(len(shards), clients[0], shards[0].keys)
-            await stack.enter_async_context(kept_fresh(placement, settings.placement_refresh))
+            every = settings.placement_refresh
+            fresh = kept_fresh(placement, every, home_wait_s, unread_ok=unread_ok)
+            await stack.enter_async_context(fresh)
             yield cls(settings, services, placement)
 
     @property

@@ -92,9 +92,15 @@ async def answers(
 
 async def status(router: Router, silent: list[int] | None = None) -> Status:
     """`Services.status` of the home shard, with every shard's queue and callbacks (with
-    `silent`: those of the shards that answer, see `answers`)."""
-    found = await router.home.status()
-    others = router.shards[1:]
+    `silent`: those of the shards that answer, see `answers`; the home shard silent, the
+    first that answers gives the rest, its live workers and attempts: the view failed
+    whole, review). Unavailable when none answers."""
+    found, others = None, router.shards
+    while found is None and others:
+        first, others = others[0], others[1:]
+        found = next(iter(await answers(router, _status, silent, [first])), None)
+    if found is None:
+        raise Unavailable("no shard answered within DISPATCHER_REDIS_TIMEOUT")
 
     async def of_shard(s: Services) -> tuple[tuple[int, float, str], int, Lanes]:
         depth = await s.queue.oldest_due()
@@ -377,3 +383,7 @@ def _per_node(info: dict[str, Any]) -> list[dict[str, Any]]:
 def _servers(router: Router) -> list[Services]:
     """One shard per Redis client (a cluster's INFO already covers its every node)."""
     return list({id(s.redis): s for s in router.shards}.values())
+
+
+async def _status(services: Services) -> Status:
+    return await services.status()

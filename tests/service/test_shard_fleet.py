@@ -5,6 +5,7 @@ show the shards that answer when one does not."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 from collections.abc import Iterator
@@ -159,17 +160,46 @@ def test_the_fleet_views_show_the_shards_that_answer_and_name_the_silent_one(
     """`status`, `dead`, `callbacks failing` and `shards list` with shard 1 hung: each
     prints the view of shard 0, names shard 1 and exits 3. They failed whole, with no view,
     after ~18 s (review)."""
-    live = shard_servers[0].url
-    redis_py.Redis.from_url(live).flushall()
+    _fleet_of(monkeypatch, shard_servers[0].url, silent_url)
+    _shown_without(1, (["shards", "list"], "did not answer"))
+    of_project = CliRunner().invoke(app, ["dead", "--project", "p1"])  # on shard 0
+    assert of_project.exit_code == 0 and "0 dead letters" in of_project.output
+
+
+def test_with_shard_0_silent_the_fleet_views_show_the_others_and_the_rest_say_why(
+    shard_servers: list[EmbeddedRedis], silent_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Shard 0 hung (it says which shard holds each project): every command waited for
+    it without end, `status` included (review). The fleet views show shard 1 and name
+    shard 0 (exit 3); a command about a project fails once DISPATCHER_REDIS_TIMEOUT has
+    passed, saying shard 0 did not answer (exit 1)."""
+    _fleet_of(monkeypatch, silent_url, shard_servers[1].url)
+    _shown_without(0)
+    listed = CliRunner().invoke(app, ["callbacks", "list", "--project", "p1"])
+    assert listed.exit_code == 1, listed.output
+    assert "shard 0 has not answered" in listed.output and "waited 0.5 s" in listed.output
+    of_project = CliRunner().invoke(app, ["dead", "--project", "p1"])  # placed by shard 0
+    assert of_project.exit_code == 1 and "shard 0 has not answered" in of_project.output
+
+
+def _fleet_of(monkeypatch: pytest.MonkeyPatch, *urls: str) -> None:
+    """The CLI on the shards at `urls` (the live ones emptied), a Redis timeout of 0.5 s."""
+    for url in urls:
+        with contextlib.suppress(redis_py.TimeoutError):
+            redis_py.Redis.from_url(url, socket_timeout=0.5).flushall()
     monkeypatch.delenv("DISPATCHER_REDIS_URL", raising=False)
-    monkeypatch.setenv("DISPATCHER_REDIS_SHARDS", json.dumps([live, silent_url]))
+    monkeypatch.setenv("DISPATCHER_REDIS_SHARDS", json.dumps(urls))
     monkeypatch.setenv("DISPATCHER_REDIS_TIMEOUT", "0.5")
+
+
+def _shown_without(silent: int, *more: tuple[list[str], str]) -> None:
+    """Each fleet view (and `more`) shows the others, names shard `silent` and exits 3."""
     for command, shown in (
         (["status"], "queue: jobs due"),
         (["dead"], "0 dead letters"),
         (["callbacks", "failing"], "0 failing callbacks"),
-        (["shards", "list"], "did not answer"),
+        *more,
     ):
         result = CliRunner().invoke(app, command)
         assert result.exit_code == 3, (command, result.output)
-        assert shown in result.output and "shard(s) 1 did not answer" in result.output
+        assert shown in result.output and f"shard(s) {silent} did not answer" in result.output
