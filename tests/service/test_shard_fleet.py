@@ -174,7 +174,7 @@ def test_with_shard_0_silent_the_fleet_views_show_the_others_and_the_rest_say_wh
     shard 0 (exit 3); a command about a project fails once DISPATCHER_REDIS_TIMEOUT has
     passed, saying shard 0 did not answer (exit 1)."""
     _fleet_of(monkeypatch, silent_url, shard_servers[1].url)
-    _shown_without(0)
+    _shown_without(0, (["shards", "list"], "did not answer"))
     listed = CliRunner().invoke(app, ["callbacks", "list", "--project", "p1"])
     assert listed.exit_code == 1, listed.output
     assert "shard 0 has not answered" in listed.output and "waited 0.5 s" in listed.output
