@@ -256,7 +256,8 @@ class Claims:
         found, unnamed = [], []
         for job_id, data, claims, version in rows:
             try:
-                found.append(Claimed(job_id.decode(), data or None, int(claims), version or None))
+                # (data None: gone, Lua's false; an empty string is data, and poison)
+                found.append(Claimed(job_id.decode(), data, int(claims), version or None))
             except UnicodeDecodeError:
                 unnamed.append(job_id)
         if unnamed:

@@ -454,8 +454,12 @@ async def test_a_breaker_a_project_opens_holds_its_own_deliveries_only(
 async def test_poison_jobs_are_recorded_and_dropped(
     settings: Settings, redis: Redis, run_worker: RunWorker
 ) -> None:
+    """Jobs that cannot be read, recorded as poison and removed. One whose data is empty
+    (another client's) was taken for one whose data was gone: claimed again each lease,
+    with no record (review)."""
     await redis.set(keys.ARQ_JOB_PREFIX + "garbage", b"\x80not json at all")
-    await redis.zadd(settings.queue_name, {"garbage": 1})
+    await redis.set(keys.ARQ_JOB_PREFIX + "demo:empty.5@1", b"")
+    await redis.zadd(settings.queue_name, {"garbage": 1, "demo:empty.5@1": 1})
     for job_id, function, payload in [
         ("bad-shape", "fan_out", {"id": "e1", "event": "BUILD_END"}),
         ("bad-deliver", "deliver", {"deliveryId": "x"}),
@@ -468,10 +472,12 @@ async def test_poison_jobs_are_recorded_and_dropped(
     assert await redis.zcard(settings.queue_name) == 0
     stored = await redis.lrange(keys.POISON_JOBS, 0, -1)  # type: ignore[misc]  # sync|async
     poisoned = [orjson.loads(p) for p in stored]
-    assert {p["jobId"] for p in poisoned} == {"garbage", "bad-shape", "bad-deliver"}
+    named = {"garbage", "demo:empty.5@1", "bad-shape", "bad-deliver"}
+    assert {p["jobId"] for p in poisoned} == named
     assert any("not JSON" in p["problem"] for p in poisoned)
     problems = [e for e in logs if e["event"] == "job.poison"]
-    assert {e["job_id"] for e in problems} == {"garbage", "bad-shape", "bad-deliver"}
+    assert {e["job_id"] for e in problems} == named
+    assert not await redis.exists(keys.DROPPED)
 
 
 async def test_a_job_id_that_is_not_utf8_is_set_aside_and_the_others_run(
