@@ -43,7 +43,7 @@ pytest: $(STAMP)
 	$(BIN)/pytest -n $(FAULT_WORKERS) --dist loadfile tests/faults
 	$(BIN)/pytest tests/browser
 
-test-fast: $(STAMP)  ## the loop for every change: unit, service and repository tiers (~140 s; aim < 90 s)
+test-fast: $(STAMP)  ## the loop for every change: unit, service and repository tiers (~90 s on 2 cores)
 	$(BIN)/pytest -q -n $(WORKERS) $(FAST_TIERS)
 
 test-faults: $(STAMP)  ## the fault tier: workers, Redis and PostgreSQL killed and paused
