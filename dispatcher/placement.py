@@ -108,11 +108,12 @@ class Placement:
 
     def usable(self) -> None:
         """Unavailable while the home shard says more shards are in use than this process
-        was given (`load`), or, with more than one shard, has not been read yet
-        (`kept_fresh` without a wait): it would place projects on the wrong shard."""
+        was given (`load`), or, with more than one shard, has not been read from it yet
+        (`kept_fresh` without a wait): it would place projects on the wrong shard. (One
+        made without a home shard, `redis` None, is what it is given.)"""
         if self.short is not None:
             raise Unavailable(self.short)
-        if self.count > 1 and self.version is None:
+        if self.count > 1 and self.redis is not None and self.version is None:
             raise Unavailable(UNREAD)
 
     def moving(self, project_id: str) -> bool:
