@@ -7,32 +7,38 @@ a queryable history.
     ...         await producer.emit("my-project", "BUILD_END", {"buildId": "b-1"})
 """
 
-from dispatcher.errors import (
-    DispatcherError,
-    Forbidden,
-    InvalidEvent,
-    InvalidInput,
-    InvalidTime,
-    InvalidUrl,
-    NotFound,
-    PayloadTooLarge,
-    Unauthenticated,
-    Unavailable,
-)
-from dispatcher.models import (
-    Callback,
-    CallBackHeader,
-    CreateCallBackResult,
-    DeliveryStatus,
-    Event,
-    HistoryPage,
-    HistoryRecord,
-    Level,
-    Region,
-    Result,
-)
-from dispatcher.producer import Producer, emit
-from dispatcher.settings import Settings
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from dispatcher.errors import (
+        DispatcherError,
+        Forbidden,
+        InvalidEvent,
+        InvalidInput,
+        InvalidTime,
+        InvalidUrl,
+        NotFound,
+        PayloadTooLarge,
+        Unauthenticated,
+        Unavailable,
+    )
+    from dispatcher.models import (
+        Callback,
+        CallBackHeader,
+        CreateCallBackResult,
+        DeliveryStatus,
+        Event,
+        HistoryPage,
+        HistoryRecord,
+        Level,
+        Region,
+        Result,
+    )
+    from dispatcher.producer import Producer, emit
+    from dispatcher.settings import Settings
 
 __version__ = "0.1.0"
 
@@ -62,3 +68,24 @@ __all__ = [
     "__version__",
     "emit",
 ]
+
+# Where each name is defined, imported on first use (PEP 562): a process that needs one
+# module of the package (the liveness probe, `dispatcher-alive`) does not load the rest.
+_MODULES = {
+    "dispatcher.errors": "DispatcherError Forbidden InvalidEvent InvalidInput InvalidTime "
+    "InvalidUrl NotFound PayloadTooLarge Unauthenticated Unavailable",
+    "dispatcher.models": "Callback CallBackHeader CreateCallBackResult DeliveryStatus Event "
+    "HistoryPage HistoryRecord Level Region Result",
+    "dispatcher.producer": "Producer emit",
+    "dispatcher.settings": "Settings",
+}
+_HOME = {name: module for module, names in _MODULES.items() for name in names.split()}
+
+
+def __getattr__(name: str) -> Any:
+    home = _HOME.get(name)
+    if home is None:
+        raise AttributeError(f"module 'dispatcher' has no attribute {name!r}")
+    value = getattr(importlib.import_module(home), name)
+    globals()[name] = value
+    return value

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import socket
 import subprocess
 from typing import Annotated, Any
 
@@ -137,7 +136,7 @@ def worker(
     from dispatcher.serve import install_uvloop, work
 
     if check:
-        raise typer.Exit(_check_worker(socket.gethostname(), fresh))
+        raise typer.Exit(_check_worker(fresh))
     settings = with_history_url(with_redis_url(load_settings()))
     configure_logging(settings)
     tracing.setup()
@@ -145,14 +144,11 @@ def worker(
     work(settings)
 
 
-def _check_worker(host: str, fresh: float) -> int:
-    """0 while a worker on `host` turned its event loop within `fresh` seconds
+def _check_worker(fresh: float) -> int:
+    """0 while a worker on this host turned its event loop within `fresh` seconds
     (`worker.liveness`): Redis is not asked, since a restart cures no Redis outage."""
-    from dispatcher.worker.liveness import alive_here
+    from dispatcher.worker.liveness import checked
 
-    pids = alive_here(fresh)
-    console.print(
-        f"{len(pids)} live worker(s) on {host} (event loop turned within {fresh:g} s)"
-        + (f": pid {', '.join(map(str, pids))}" if pids else "")
-    )
-    return 0 if pids else 1
+    status, said = checked(fresh)
+    console.print(said)
+    return status

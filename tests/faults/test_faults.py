@@ -231,7 +231,8 @@ async def test_a_gigabyte_answer_does_not_grow_the_worker(
 
 @pytest.mark.timeout(240)  # each probe starts a Python process: seconds on a loaded machine
 def test_worker_check_follows_the_loop_not_redis(tmp_path: Path) -> None:
-    """`worker --check` (the liveness probe) passes while the worker's event loop turns,
+    """`dispatcher-alive` (the liveness probe; `worker --check` is the same) passes while
+    the worker's event loop turns,
     Redis paused included (a restart cures no Redis outage: the probe asked Redis before,
     and failed every pod through one), fails once the worker itself is paused, and at once
     after a clean stop (its mark removed). (A mark is made every 5 s and `--fresh` is 7:
@@ -239,7 +240,7 @@ def test_worker_check_follows_the_loop_not_redis(tmp_path: Path) -> None:
     marks = tmp_path / "tmp"
     marks.mkdir()
     env = {**os.environ, "TMPDIR": str(marks)}
-    check = [sys.executable, "-m", "dispatcher", "worker", "--check", "--fresh", "7"]
+    check = [str(Path(sys.executable).parent / "dispatcher-alive"), "--fresh", "7"]
 
     def passes() -> bool:
         return subprocess.run(check, env=env, capture_output=True, timeout=30).returncode == 0

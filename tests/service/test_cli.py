@@ -6,6 +6,8 @@ import json
 import os
 import re
 import shlex
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -432,3 +434,26 @@ def test_status_names_the_project_of_the_oldest_due_job(
     assert rows["queue: jobs due"] == "2" and float(rows["queue: oldest due (s)"]) >= 700
     assert rows["queue: oldest due job"] == "flood:evt_old"
     assert rows["queue: oldest due project"] == "flood"
+
+
+def test_the_probe_script_checks_the_same_marks_and_loads_nothing_else(tmp_path: Path) -> None:
+    """`dispatcher-alive`, what deploy/'s liveness probes run, answers as `worker --check`
+    without loading the service: a probe every 30 s that loaded the CLI cost ~1.7 CPU-s."""
+    probe = Path(sys.executable).parent / "dispatcher-alive"
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([probe, *args], env=env, capture_output=True, text=True, timeout=30)
+
+    assert run().returncode == 1
+    (tmp_path / "dispatcher-workers").mkdir()
+    (tmp_path / "dispatcher-workers" / "4242.alive").touch()
+    alive = run("--fresh", "10")
+    assert alive.returncode == 0 and "1 live worker(s)" in alive.stdout and "4242" in alive.stdout
+    assert run("--fresh", "5").returncode == 2  # under a mark's period: refused
+    loaded = subprocess.run(
+        [sys.executable, "-c", "import sys, dispatcher.worker.liveness; print(*sys.modules)"],
+        capture_output=True, text=True, check=True, timeout=30,
+    ).stdout.split()  # fmt: skip
+    heavy = ("pydantic", "redis", "fastapi", "structlog", "httpx", "dispatcher.settings")
+    assert not [name for name in loaded if name.startswith(heavy)]
