@@ -129,9 +129,8 @@ class Placement:
     async def load(self) -> bool:
         """Read the explicit placements when their version changed; True when it did.
         InvalidSetting when the home shard says more shards are in use than this process
-        was given (with one URL too, read once: its `run` never starts): it would hash the
-        projects over the shards it knows, and queue, read and change them on the wrong
-        one; `shard_of` refuses from then on."""
+        was given (with one URL too): it would hash the projects over the shards it knows,
+        and queue, read and change them on the wrong one; `shard_of` refuses from then on."""
         if self.redis is None or self.keys is None:
             return False
         version = await self.redis.get(self.keys.PLACEMENT_VERSION)
@@ -160,8 +159,6 @@ class Placement:
             try:
                 if await self.load():
                     log.info("shards.placement_loaded", explicit=len(self.explicit))
-                if self.count == 1:
-                    return  # read once (its start found the home shard down: `kept_fresh`)
             except InvalidSetting as exc:
                 log.error("shards.too_few_shards", error=exc.message)
             except REDIS_ERRORS as exc:
@@ -240,7 +237,9 @@ async def kept_fresh(
     hash alone could send a moved project's events where its callbacks are not), then
     refreshed in the background until the block ends. With one shard, the count alone is
     read (`load`: InvalidSetting when more are in use), without waiting: a home shard that
-    does not answer is read in the background until it does. `wait_s` bounds the wait
+    does not answer is read in the background until it does, and then as with more (a
+    count that outgrows the one URL: `shard_of` refuses; it was read only at the start,
+    review). `wait_s` bounds the wait
     (None: until the home shard answers): past it, Unavailable, or with `unread_ok` the
     block runs, the placement read in the background and unusable until then (a view of
     every shard needs it only for a project's part)."""
@@ -252,10 +251,10 @@ async def kept_fresh(
             if not unread_ok:
                 raise Unavailable(f"{UNREAD} (waited {wait_s:g} s)") from None
     task = None
-    if placement.count == 1:  # no placement to wait for: the count is checked once
+    if placement.count == 1:  # no placement to wait for: the count is checked now
         with contextlib.suppress(*REDIS_ERRORS):
             await placement.load()
-    if placement.count > 1 or (placement.redis is not None and placement.version is None):
+    if placement.redis is not None:  # one URL too: the count may outgrow it (`load`)
         task = asyncio.create_task(placement.run(every_s))
     try:
         yield placement

@@ -105,7 +105,8 @@ async def test_a_process_given_fewer_shards_than_are_in_use_refuses_to_act(
     onto it: `callbacks list` of a project of shard 1 showed none, and its emit was queued
     on shard 0, where it matched no callback: lost, with no record (review). It refuses to
     start now, naming DISPATCHER_REDIS_SHARDS; and one running when the count outgrows its
-    list refuses to place a project (503) from its next placement refresh on."""
+    list refuses to place a project (503) from its next placement refresh on, one given a
+    single URL too (it read the count only at its start: review)."""
     settings = two_empty_shards(shard_servers)
     async with Router.open(settings) as router:
         await router.placement.write_counts(2, None)
@@ -124,6 +125,13 @@ async def test_a_process_given_fewer_shards_than_are_in_use_refuses_to_act(
             await producer.emit("p1", "BUILD_END", {})
         with pytest.raises(Unavailable, match="REDIS_SHARDS"):
             router.of("p1")
+        await Placement(2, router.home.redis, router.home.keys).write_counts(1, None)
+    async with Router.open(alone) as router, Producer(alone) as producer:  # one URL
+        router.of("p1")
+        await Placement(1, router.home.redis, router.home.keys).write_counts(2, None)
+        await until(lambda: _refused(router.placement, producer), 5, "the refresh saw it")
+        with pytest.raises(Unavailable, match=r"2 shards are in use.*given 1"):
+            await producer.emit("p1", "BUILD_END", {})
 
 
 async def _refused(placement: Placement, producer: Producer) -> bool:
