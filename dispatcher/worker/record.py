@@ -16,7 +16,7 @@ from dispatcher import metrics
 from dispatcher.clock import now_ms
 from dispatcher.delivery import Outcome
 from dispatcher.history import truncate
-from dispatcher.models import DeliveryStatus
+from dispatcher.models import PLATFORM_PROJECT, DeliveryStatus
 from dispatcher.redaction import redacted_url
 
 if TYPE_CHECKING:
@@ -90,7 +90,10 @@ def attempt_record(
         "requestBodyTruncated": body_truncated,
         "redeliveryOf": job.redelivery_of,
     }
-    if job.trace is not None:  # what a redelivery of this record continues
+    # What a redelivery of this record continues; but not the emitter's in a platform-wide
+    # callback's record: its attempt is in a trace of its own (`tracing.spans.attempt`), as
+    # its request headers show, and the emitter's context is the emitter's (review)
+    if job.trace is not None and target.project_id != PLATFORM_PROJECT:
         record.update(job.trace.fields())  # type: ignore[typeddict-item]
     if job.order_key is not None:  # delivered in its lane (see dispatcher.worker.lanes)
         record["orderKey"] = job.order_key

@@ -25,7 +25,9 @@ from typer.testing import CliRunner
 
 from dispatcher import tracing
 from dispatcher.cli import app
+from dispatcher.clock import now_ms
 from dispatcher.embedded import EmbeddedRedis
+from dispatcher.history import open_history
 from dispatcher.jobs import EventJob, decode
 from dispatcher.keys import Keys
 from dispatcher.models import PLATFORM_PROJECT, Event, Region
@@ -260,16 +262,19 @@ async def test_an_event_without_a_context_gets_a_trace_when_spans_are_recorded(
 @pytest.mark.parametrize("exported", [False, True])
 async def test_a_platform_receiver_gets_a_trace_of_its_own(
     http_api: httpx.AsyncClient,
+    settings: Settings,
     redis: Redis,
     receiver: Receiver,
     run_worker: RunWorker,
     exported: bool,
 ) -> None:
     """The operator's receiver is never put in a project's trace: the project's
-    `tracestate` and sampled flag stay with the project's own callbacks."""
-    await register(http_api, receiver.url("/own"))
-    await Registry(redis).create(PLATFORM_PROJECT, receiver.url("/ops"), "BUILD_END",
-                                 Region.DEVNET, "")  # fmt: skip
+    `tracestate` and sampled flag stay with the project's own callbacks, and so does its
+    context in the history records (the operator's records held the project's
+    `traceparent` and `tracestate`: review)."""
+    own_url, ops_url = receiver.url("/own"), receiver.url("/ops")
+    await register(http_api, own_url)
+    await Registry(redis).create(PLATFORM_PROJECT, ops_url, "BUILD_END", Region.DEVNET, "")
     unsampled = f"00-{TRACE_ID}-00f067aa0ba902b7-00"
     provider, exporter = TracerProvider(), InMemorySpanExporter()
     provider.add_span_processor(SimpleSpanProcessor(exporter))
@@ -284,6 +289,15 @@ async def test_a_platform_receiver_gets_a_trace_of_its_own(
     own, ops = (receiver.requests(path)[0].headers for path in ("/own", "/ops"))
     assert trace_id(own["traceparent"]) == TRACE_ID and own["tracestate"] == "evil=anything"
     assert "tracestate" not in ops
+    store = open_history(settings, redis, Keys(settings.queue_name))
+    window = {"start_ms": 0, "end_ms": now_ms() + 60_000}
+    try:
+        [mine] = (await store.query("demo", own_url, "BUILD_END", **window)).records
+        [theirs] = (await store.query(PLATFORM_PROJECT, ops_url, "BUILD_END", **window)).records
+    finally:
+        await store.close()
+    assert trace_id(mine.traceparent or "") == TRACE_ID and mine.tracestate == "evil=anything"
+    assert (theirs.traceparent, theirs.tracestate) == (None, None)
     if not exported:  # nothing recorded: the platform's request carries no context at all
         assert (own["traceparent"], "traceparent" in ops) == (unsampled, False)
         return
