@@ -16,10 +16,15 @@ __all__ = ["Engine", "Worker", "create_worker"]
 _HOME = {"Engine": "engine", "Worker": "loop", "create_worker": "loop"}
 
 
-def __getattr__(name: str) -> Any:
-    home = _HOME.get(name)
-    if home is None:
-        raise AttributeError(f"module 'dispatcher.worker' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"dispatcher.worker.{home}"), name)
-    globals()[name] = value
-    return value
+if not TYPE_CHECKING:  # (for type checkers, the imports above: a misspelt name is an error)
+
+    def __getattr__(name: str) -> Any:
+        home = _HOME.get(name)
+        if home is None:
+            raise AttributeError(f"module 'dispatcher.worker' has no attribute {name!r}")
+        value = getattr(importlib.import_module(f"dispatcher.worker.{home}"), name)
+        globals()[name] = value
+        return value
+
+    def __dir__() -> list[str]:
+        return sorted({*globals(), *__all__})
