@@ -99,8 +99,13 @@ class Placement:
 
     def shard_of(self, project_id: str) -> int:
         """The shard that holds `project_id` now; Unavailable while the home shard says
-        more shards are in use than this process was given (`load`)."""
+        more shards are in use than this process was given (`load`), or, with more than
+        one shard, has not been read from yet (`kept_fresh` without a wait: it would hash
+        projects over the wrong shards). (One made without a home shard, `redis` None, is
+        what it is given.)"""
         self.usable()
+        if self.count > 1 and self.redis is not None and self.version is None:
+            raise Unavailable(UNREAD)
         placed = self.explicit.get(project_id)
         if placed is not None and placed.index < self.count:
             return placed.index
@@ -108,13 +113,9 @@ class Placement:
 
     def usable(self) -> None:
         """Unavailable while the home shard says more shards are in use than this process
-        was given (`load`), or, with more than one shard, has not been read from it yet
-        (`kept_fresh` without a wait): it would place projects on the wrong shard. (One
-        made without a home shard, `redis` None, is what it is given.)"""
+        was given (`load`): it would place projects on the wrong shard."""
         if self.short is not None:
             raise Unavailable(self.short)
-        if self.count > 1 and self.redis is not None and self.version is None:
-            raise Unavailable(UNREAD)
 
     def moving(self, project_id: str) -> bool:
         """Whether `project_id`'s callbacks and roles are frozen: a move of it is under way,
@@ -241,8 +242,9 @@ async def kept_fresh(
     count that outgrows the one URL: `shard_of` refuses; it was read only at the start,
     review). `wait_s` bounds the wait
     (None: until the home shard answers): past it, Unavailable, or with `unread_ok` the
-    block runs, the placement read in the background and unusable until then (a view of
-    every shard needs it only for a project's part)."""
+    block runs with the placement unread, placing no project (a view of every shard needs
+    it only for a project's part)."""
+    unread = False
     if placement.count > 1:
         try:
             async with asyncio.timeout(wait_s):
@@ -250,11 +252,12 @@ async def kept_fresh(
         except TimeoutError:
             if not unread_ok:
                 raise Unavailable(f"{UNREAD} (waited {wait_s:g} s)") from None
+            unread = True  # (not read after: a view's short run, which would log its tries)
     task = None
     if placement.count == 1:  # no placement to wait for: the count is checked now
         with contextlib.suppress(*REDIS_ERRORS):
             await placement.load()
-    if placement.redis is not None:  # one URL too: the count may outgrow it (`load`)
+    if placement.redis is not None and not unread:  # one URL too: the count may grow (`load`)
         task = asyncio.create_task(placement.run(every_s))
     try:
         yield placement

@@ -145,6 +145,9 @@ def sweep() -> None:
     console.print(on_router(go))
 
 
+UNKNOWN = "? (shard 0 did not answer)"
+
+
 @app.command()
 def status() -> None:
     """Queue depth, live workers, failing and disabled callbacks, the last hour and day."""
@@ -155,7 +158,8 @@ def status() -> None:
     if st.oldest_due_job:  # one project's backlog, or the fleet's lateness: whose it is
         table.add_row("queue: oldest due job", st.oldest_due_job)
         table.add_row("queue: oldest due project", st.oldest_due_project or "?")
-    table.add_row("workers alive", str(len(st.workers)))
+    home = 0 not in silent  # (its heartbeats and statistics are shard 0's: else unknown)
+    table.add_row("workers alive", str(len(st.workers)) if home else UNKNOWN)
     for w in st.workers:
         table.add_row("  worker", f"{w['host']} pid {w['pid']}")
     table.add_row("callbacks failing", str(st.failing.total))
@@ -169,9 +173,10 @@ def status() -> None:
             f"head {lane.head}, {lane.waiting} waiting, since {since}",
         )
     for outcome in ("success", "retry", "failed", "gone"):
-        table.add_row(f"last hour: {outcome}", str(st.last_hour.get(outcome, 0)))
+        count = str(st.last_hour.get(outcome, 0)) if home else UNKNOWN
+        table.add_row(f"last hour: {outcome}", count)
     for span in (st.hour, st.day):
-        percentiles = f"{duration(span.p50_ms)} / {duration(span.p99_ms)}"
+        percentiles = f"{duration(span.p50_ms)} / {duration(span.p99_ms)}" if home else UNKNOWN
         table.add_row(f"last {span.span.name}: attempt duration p50 / p99", percentiles)
     console.print(table)
     partial_end(silent)

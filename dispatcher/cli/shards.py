@@ -33,7 +33,8 @@ def _say(text: str) -> None:
 @shards_app.command("list")
 def shards_list() -> None:
     """Each shard: where it is, its queue, the projects placed on it explicitly (a shard
-    that does not answer within DISPATCHER_REDIS_TIMEOUT is shown so, and the exit is 3)."""
+    that does not answer within DISPATCHER_REDIS_TIMEOUT is shown so, and the exit is 3;
+    shard 0 silent, what it says is `?`)."""
 
     async def go(router: Router, silent: list[int]) -> Table:
         placement = router.placement
@@ -42,17 +43,19 @@ def shards_list() -> None:
         slots = [target_slot(s.shard.index) for s in router.shards] if cluster else []
         masters = await masters_of(router.home.redis, slots) if cluster else []
         depths = dict(await views.answers(router, _depth, silent))
+        read = placement.version is not None  # (shard 0 silent: unread)
         for services in router.shards:
             index = services.shard.index
             pinned = sum(p.index == index for p in placement.explicit.values())
             where = f"{slots[index]} ({masters[index]})" if cluster else "-"
+            in_use = "yes" if index < placement.active else "not yet (grow)"
             table.add_row(
                 str(index),
                 shown(services.shard.url),
                 where,
-                "yes" if index < placement.active else "not yet (grow)",
+                in_use if read else "?",
                 str(depths[index]) if index in depths else "did not answer",
-                str(pinned),
+                str(pinned) if read else "?",
             )
         return table
 

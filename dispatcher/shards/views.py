@@ -49,6 +49,8 @@ __all__ = [
 
 T = TypeVar("T")
 
+NONE_ANSWERED = "no shard answered within DISPATCHER_REDIS_TIMEOUT"
+
 
 def _spread(router: Router, project_id: str | None) -> bool:
     """Whether `project_id`'s records (None: every project's) are on every shard's Redis."""
@@ -87,20 +89,23 @@ async def answers(
             raise result
         else:
             kept.append(result)
+    if shards is None and not kept:  # no view at all: not an empty one (review)
+        raise Unavailable(NONE_ANSWERED)
     return kept
 
 
 async def status(router: Router, silent: list[int] | None = None) -> Status:
     """`Services.status` of the home shard, with every shard's queue and callbacks (with
     `silent`: those of the shards that answer, see `answers`; the home shard silent, the
-    first that answers gives the rest, its live workers and attempts: the view failed
-    whole, review). Unavailable when none answers."""
+    first that answers gives the rest, the view failed whole: review. Its live workers and
+    attempts are then that shard's, none: the home shard holds them, so a caller shows
+    them as unknown). Unavailable when none answers."""
     found, others = None, router.shards
     while found is None and others:
         first, others = others[0], others[1:]
         found = next(iter(await answers(router, _status, silent, [first])), None)
     if found is None:
-        raise Unavailable("no shard answered within DISPATCHER_REDIS_TIMEOUT")
+        raise Unavailable(NONE_ANSWERED)
 
     async def of_shard(s: Services) -> tuple[tuple[int, float, str], int, Lanes]:
         depth = await s.queue.oldest_due()

@@ -179,29 +179,46 @@ def test_with_shard_0_silent_the_fleet_views_show_the_others_and_the_rest_say_wh
 ) -> None:
     """Shard 0 hung (it says which shard holds each project): every command waited for
     it without end, `status` included (review). The fleet views show shard 1 and name
-    shard 0 (exit 3); a command about a project fails once DISPATCHER_REDIS_TIMEOUT has
-    passed, saying shard 0 did not answer (exit 1)."""
+    shard 0 (exit 3), what only shard 0 knows shown as unknown, not as the others' none
+    (review: "workers alive 0"); a command about a project fails once
+    DISPATCHER_REDIS_TIMEOUT has passed, saying shard 0 did not answer (exit 1). No shard
+    answering, a view is no view (it printed an empty one: review)."""
     _fleet_of(monkeypatch, silent_url, shard_servers[1].url)
-    _shown_without(0, (["shards", "list"], "did not answer"))
+    shown = _shown_without(0, (["shards", "list"], "did not answer"))
+    for row in ("workers alive", "last hour: success", "last hour: attempt duration"):
+        [line] = [line for line in shown["status"].splitlines() if row in line]
+        assert "? (shard 0 did not answer)" in line, line
+    listing = shown["shards list"]
+    assert "not yet (grow)" not in listing and "?" in listing  # its placement unread
     listed = CliRunner().invoke(app, ["callbacks", "list", "--project", "p1"])
     assert listed.exit_code == 1, listed.output
-    assert "shard 0 has not answered" in listed.output and "waited 0.5 s" in listed.output
+    assert "shard 0 has not answered" in listed.output and "waited 0.25 s" in listed.output
     of_project = CliRunner().invoke(app, ["dead", "--project", "p1"])  # placed by shard 0
     assert of_project.exit_code == 1 and "shard 0 has not answered" in of_project.output
+    with socket.socket() as other:
+        other.bind(("127.0.0.1", 0))
+        other.listen(64)
+        silent_too = f"redis://127.0.0.1:{other.getsockname()[1]}/0"
+        monkeypatch.setenv("DISPATCHER_REDIS_SHARDS", json.dumps([silent_url, silent_too]))
+        for command in (["dead"], ["callbacks", "failing"], ["status"]):
+            nothing = CliRunner().invoke(app, command)
+            assert nothing.exit_code == 1 and "no shard answered" in nothing.output, command
 
 
 def _fleet_of(monkeypatch: pytest.MonkeyPatch, *urls: str) -> None:
-    """The CLI on the shards at `urls` (the live ones emptied), a Redis timeout of 0.5 s."""
+    """The CLI on the shards at `urls` (the live ones emptied), a Redis timeout of 0.25 s."""
     for url in urls:
         with contextlib.suppress(redis_py.TimeoutError):
             redis_py.Redis.from_url(url, socket_timeout=0.5).flushall()
     monkeypatch.delenv("DISPATCHER_REDIS_URL", raising=False)
     monkeypatch.setenv("DISPATCHER_REDIS_SHARDS", json.dumps(urls))
-    monkeypatch.setenv("DISPATCHER_REDIS_TIMEOUT", "0.5")
+    monkeypatch.setenv("DISPATCHER_REDIS_TIMEOUT", "0.25")
 
 
-def _shown_without(silent: int, *more: tuple[list[str], str]) -> None:
-    """Each fleet view (and `more`) shows the others, names shard `silent` and exits 3."""
+def _shown_without(silent: int, *more: tuple[list[str], str]) -> dict[str, str]:
+    """Each fleet view (and `more`) shows the others, names shard `silent` and exits 3;
+    returns what each printed, by command."""
+    printed = {}
     for command, shown in (
         (["status"], "queue: jobs due"),
         (["dead"], "0 dead letters"),
@@ -211,3 +228,18 @@ def _shown_without(silent: int, *more: tuple[list[str], str]) -> None:
         result = CliRunner().invoke(app, command)
         assert result.exit_code == 3, (command, result.output)
         assert shown in result.output and f"shard(s) {silent} did not answer" in result.output
+        printed[" ".join(command)] = result.output
+    return printed
+
+
+def test_with_shard_0_silent_the_postgresql_dead_letters_are_shown(
+    shard_servers: list[EmbeddedRedis], silent_url: str, pg_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    """With the PostgreSQL history every dead letter is in the database: `dead` shows
+    them with shard 0 silent (it refused: the platform's home is shard 0, whatever the
+    placement says, and placing it asked for the unread placement; review)."""
+    _fleet_of(monkeypatch, silent_url, shard_servers[1].url)
+    monkeypatch.setenv("DISPATCHER_HISTORY_URL", pg_url)
+    dead = CliRunner().invoke(app, ["dead"])
+    assert dead.exit_code == 0 and "0 dead letters" in dead.output, dead.output
