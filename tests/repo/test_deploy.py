@@ -19,6 +19,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
+import dispatcher
 from dispatcher.api.probes import READY_BOUND
 from dispatcher.failover import parse_sentinel_url
 from dispatcher.settings import Settings
@@ -339,6 +340,18 @@ def test_kustomization_lists_every_manifest() -> None:
     for doc in of_kind("Deployment"):
         for c in doc["spec"]["template"]["spec"]["containers"]:
             assert c["image"].split(":")[0] in images | {c["image"]}
+
+
+def test_the_deployed_image_is_this_versions(repo_root: Path) -> None:
+    """deploy/ runs what this version's image holds (its probe, `dispatcher-alive`, is
+    0.2.0's): the tags name this version, so no node runs an older image of the same tag."""
+    version = tomllib.loads((repo_root / "pyproject.toml").read_text())["project"]["version"]
+    assert dispatcher.__version__ == version
+    [kustomization] = load_yaml(KUSTOMIZATION)
+    assert {i.get("newTag") for i in kustomization["images"]} == {version}
+    [compose] = load_yaml(COMPOSE)
+    tags = {s["image"].rsplit(":", 1)[1] for s in compose["services"].values() if "image" in s}
+    assert tags >= {version} and not {t for t in tags if t.startswith("0.")} - {version}
 
 
 def test_deployment_selectors_match_their_pods() -> None:
