@@ -134,8 +134,9 @@ class Placement:
         and queue, read and change them on the wrong one; `shard_of` refuses from then on."""
         if self.redis is None or self.keys is None:
             return False
-        version = await self.redis.get(self.keys.PLACEMENT_VERSION)
-        if version == self.version and self.version is not None:
+        # (none written yet, the version is b"0": unchanged, not re-read every turn; review)
+        version = await self.redis.get(self.keys.PLACEMENT_VERSION) or b"0"
+        if version == self.version:
             return False
         raw: dict[bytes, bytes] = await self.redis.hgetall(self.keys.PLACEMENT)  # type: ignore[misc]
         found = {k.decode(): v.decode() for k, v in raw.items()}
@@ -143,7 +144,7 @@ class Placement:
         growing = found.pop(GROWING, None)
         self.growing = None if growing is None else int(growing)
         self.explicit = {project: Placed.parse(value) for project, value in found.items()}
-        self.version = version if version is not None else b"0"
+        self.version = version
         if self.active > self.count:
             self.short = (
                 f"the home shard says {self.active} shards are in use, and this process was "
@@ -154,16 +155,23 @@ class Placement:
         return True
 
     async def run(self, every_s: float) -> None:
-        """Keep the explicit placements fresh, for ever (a failed read waits a turn)."""
+        """Keep the explicit placements fresh, for ever (a failed read waits a turn; an
+        outage is logged as it begins and ends, not at each turn: review)."""
+        failing = False
         while True:
             await asyncio.sleep(every_s)
             try:
                 if await self.load():
                     log.info("shards.placement_loaded", explicit=len(self.explicit))
+                if failing:
+                    log.info("shards.placement_read_again")
+                failing = False
             except InvalidSetting as exc:
                 log.error("shards.too_few_shards", error=exc.message)
             except REDIS_ERRORS as exc:
-                log.warning("shards.placement_unread", error=str(exc))
+                if not failing:
+                    log.warning("shards.placement_unread", error=str(exc))
+                failing = True
 
     async def write(
         self, project_id: str, placed: Placed | None, *, lease: tuple[str, str] | None = None

@@ -64,7 +64,7 @@ class Settings(BaseSettings):
         gt=0,
         le=60,
         description="Seconds between a process's checks of the explicit placements of "
-        "projects (written by `dispatcher shards move`); with one shard, read at start only.",
+        "projects (written by `dispatcher shards move`) and of the shards in use.",
     )
     move_lease: float = Field(
         default=30.0, gt=0, le=600, description="Seconds a mover's lease on a project lasts."
@@ -218,7 +218,7 @@ class Settings(BaseSettings):
         "1/(n+1) of its slots, so a share is always free for the next; work over its share "
         "waits in the queue without being an attempt.",
     )
-    user_agent: str = "callback-dispatcher/0.1"
+    user_agent: str = "callback-dispatcher/0.2"
 
     # History
     max_request_body: int = Field(default=64 * 1024, ge=0, description="Bytes stored per request.")

@@ -75,6 +75,7 @@ class Status:
     day: Series
     lanes: Lanes = Lanes()
     oldest_due_job: str = ""  # its id, which begins with its project's ('' none due)
+    of_home: bool = True  # workers and attempts read from shard 0, which holds them
 
     @property
     def oldest_due_project(self) -> str:

@@ -158,7 +158,7 @@ def status() -> None:
     if st.oldest_due_job:  # one project's backlog, or the fleet's lateness: whose it is
         table.add_row("queue: oldest due job", st.oldest_due_job)
         table.add_row("queue: oldest due project", st.oldest_due_project or "?")
-    home = 0 not in silent  # (its heartbeats and statistics are shard 0's: else unknown)
+    home = st.of_home  # (its heartbeats and statistics are shard 0's: else unknown)
     table.add_row("workers alive", str(len(st.workers)) if home else UNKNOWN)
     for w in st.workers:
         table.add_row("  worker", f"{w['host']} pid {w['pid']}")

@@ -42,7 +42,8 @@ def shards_list() -> None:
         cluster = router.home.shard.cluster
         slots = [target_slot(s.shard.index) for s in router.shards] if cluster else []
         masters = await masters_of(router.home.redis, slots) if cluster else []
-        depths = dict(await views.answers(router, _depth, silent))
+        # (each shard named: with none answering, the list still shows where they are)
+        depths = dict(await views.answers(router, _depth, silent, router.shards))
         read = placement.version is not None  # (shard 0 silent: unread)
         for services in router.shards:
             index = services.shard.index

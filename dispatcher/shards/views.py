@@ -98,14 +98,15 @@ async def status(router: Router, silent: list[int] | None = None) -> Status:
     """`Services.status` of the home shard, with every shard's queue and callbacks (with
     `silent`: those of the shards that answer, see `answers`; the home shard silent, the
     first that answers gives the rest, the view failed whole: review. Its live workers and
-    attempts are then that shard's, none: the home shard holds them, so a caller shows
-    them as unknown). Unavailable when none answers."""
+    attempts are then that shard's, none, `of_home` False: the home shard holds them, so a
+    caller shows them as unknown). Unavailable when none answers."""
     found, others = None, router.shards
     while found is None and others:
         first, others = others[0], others[1:]
         found = next(iter(await answers(router, _status, silent, [first])), None)
     if found is None:
         raise Unavailable(NONE_ANSWERED)
+    found = dataclasses.replace(found, of_home=first is router.home)
 
     async def of_shard(s: Services) -> tuple[tuple[int, float, str], int, Lanes]:
         depth = await s.queue.oldest_due()

@@ -5,6 +5,7 @@ show the shards that answer when one does not."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import socket
@@ -12,6 +13,8 @@ from collections.abc import Iterator
 
 import pytest
 import redis as redis_py
+from redis.asyncio import Redis
+from structlog.testing import capture_logs
 from typer.testing import CliRunner
 
 from dispatcher.auth import ALL_PROJECTS, Role
@@ -27,6 +30,7 @@ from dispatcher.registry.copies import callback_ids
 from dispatcher.settings import Settings
 from dispatcher.shards.move import Mover
 from dispatcher.shards.router import Router
+from dispatcher.stopping import cancel_all
 from dispatcher.topology import check_shards
 from tests.helpers import make_settings, until
 from tests.service.test_shard_growth import two_empty_shards
@@ -203,6 +207,8 @@ def test_with_shard_0_silent_the_fleet_views_show_the_others_and_the_rest_say_wh
         for command in (["dead"], ["callbacks", "failing"], ["status"]):
             nothing = CliRunner().invoke(app, command)
             assert nothing.exit_code == 1 and "no shard answered" in nothing.output, command
+        every = CliRunner().invoke(app, ["shards", "list"])  # still where each one is
+        assert every.exit_code == 3 and every.output.count("did not answer") >= 2
 
 
 def _fleet_of(monkeypatch: pytest.MonkeyPatch, *urls: str) -> None:
@@ -243,3 +249,26 @@ def test_with_shard_0_silent_the_postgresql_dead_letters_are_shown(
     monkeypatch.setenv("DISPATCHER_HISTORY_URL", pg_url)
     dead = CliRunner().invoke(app, ["dead"])
     assert dead.exit_code == 0 and "0 dead letters" in dead.output, dead.output
+
+
+async def test_a_placement_is_read_again_only_once_changed_and_an_outage_said_once(
+    redis: Redis, silent_url: str
+) -> None:
+    """Every process reads the placement every 2 s (one URL too). One never written (a
+    single Redis's) was read whole at each turn, an info line each time; an outage was
+    logged at each turn (review). It is read again only once changed, and an outage is
+    said as it begins."""
+    placement = Placement(1, redis, Keys())
+    assert await placement.load() and not await placement.load()
+    await placement.write_counts(1, None)
+    assert await placement.load() and not await placement.load()
+    away = Redis.from_url(silent_url, socket_timeout=0.05)
+    try:
+        with capture_logs() as logs:
+            running = asyncio.create_task(Placement(1, away, Keys()).run(0.01))
+            await asyncio.sleep(0.5)
+            await cancel_all([running])
+    finally:
+        await away.aclose()
+    said = [entry["event"] for entry in logs]
+    assert said.count("shards.placement_unread") == 1, said
