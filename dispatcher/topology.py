@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -17,7 +16,6 @@ from typing import TYPE_CHECKING
 from dispatcher.cluster import is_cluster_url
 from dispatcher.connections import REDIS_ERRORS, connect, preflight, require_url, shown
 from dispatcher.errors import InvalidSetting
-from dispatcher.failover import is_sentinel_url
 from dispatcher.keys import Keys
 from dispatcher.lua import Key, Script
 from dispatcher.placement import Placement
@@ -85,59 +83,27 @@ async def check_shards(settings: Settings) -> list[str]:
     hand projects to the wrong shard), marking new ones and starting their id ranges; and,
     with one URL too, that the home shard does not say more shards are in use than listed
     (a process given some of them would act on the wrong one). InvalidSetting when not;
-    returns warnings. A server that does not answer a PING within the Redis timeout (all
-    asked at once) is named in a warning and checked no further: each check waited for it
-    in turn, ~5 timeouts before a CLI command began (review)."""
+    returns warnings."""
     shards = shards_of(settings)
-    urls = list(dict.fromkeys(shard.url for shard in shards))
-    why = dict(zip(urls, await asyncio.gather(*(_silence(settings, u) for u in urls)), strict=True))
-    warnings = [f"{s} ({shown(s.url)}) did not answer: {why[s.url]}" for s in shards if why[s.url]]
-    for url in urls:
-        warnings += [] if why[url] else await preflight(settings, url)
+    warnings: list[str] = []
+    for url in dict.fromkeys(shard.url for shard in shards):
+        warnings += await preflight(settings, url)
     clients = connect_shards(settings, shards)
     try:
         if len(shards) > 1:
             for shard, client in zip(shards, clients, strict=True):
-                warnings += [] if why[shard.url] else await _claim(shard, client)
-        if not why[shards[0].url]:
-            warnings += await _in_use(shards, clients[0])
+                warnings += await _claim(shard, client)
+        placement = Placement(len(shards), clients[0], shards[0].keys)
+        with contextlib.suppress(*REDIS_ERRORS):
+            await placement.load()  # InvalidSetting when too few are listed
+            if placement.active < len(shards):
+                warnings.append(
+                    f"{len(shards)} shards are listed, {placement.active} in use: run "
+                    "`dispatcher shards grow` once the list is on every process"
+                )
     finally:
         await close_all(clients)
     return warnings
-
-
-async def _in_use(shards: list[Shard], home: Redis) -> list[str]:
-    """A warning when fewer of `shards` are in use than listed; InvalidSetting when more
-    are (`Placement.load`)."""
-    placement = Placement(len(shards), home, shards[0].keys)
-    with contextlib.suppress(*REDIS_ERRORS):
-        await placement.load()
-        if placement.active < len(shards):
-            return [
-                f"{len(shards)} shards are listed, {placement.active} in use: run "
-                "`dispatcher shards grow` once the list is on every process"
-            ]
-    return []
-
-
-async def _silence(settings: Settings, url: str) -> str | None:
-    """None when the Redis at `url` answers a PING within the Redis timeout, else why not
-    (a Sentinel URL: None, its sentinels are `preflight`'s to check, a wrong master name
-    being a setting's error, not an outage)."""
-    if is_sentinel_url(url):
-        return None
-    client = connect(settings, url)
-    try:
-        async with asyncio.timeout(settings.redis_timeout):
-            await client.ping()
-    except _SILENT as exc:
-        return str(exc) or f"no answer within {settings.redis_timeout:g} s"
-    finally:
-        await client.aclose()
-    return None
-
-
-_SILENT: tuple[type[BaseException], ...] = (*REDIS_ERRORS, TimeoutError)
 
 
 async def _claim(shard: Shard, client: Redis) -> list[str]:

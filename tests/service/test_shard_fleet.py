@@ -17,10 +17,8 @@ from redis.asyncio import Redis
 from structlog.testing import capture_logs
 from typer.testing import CliRunner
 
-from dispatcher import topology
 from dispatcher.auth import ALL_PROJECTS, Role
 from dispatcher.cli import app
-from dispatcher.connections import preflight as preflight_of
 from dispatcher.embedded import EmbeddedRedis
 from dispatcher.errors import InvalidSetting, Unavailable
 from dispatcher.keys import Keys
@@ -274,28 +272,3 @@ async def test_a_placement_is_read_again_only_once_changed_and_an_outage_said_on
         await away.aclose()
     said = [entry["event"] for entry in logs]
     assert said.count("shards.placement_unread") == 1, said
-
-
-async def test_the_start_up_check_asks_a_silent_shard_once(
-    shard_servers: list[EmbeddedRedis], silent_url: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Every server is asked once at start (a PING, all at once); one that does not answer
-    is named and checked no further: each check waited for it in turn, about five Redis
-    timeouts before a CLI command began with shard 0 down (review)."""
-    live = shard_servers[1].url
-    settings = make_settings(silent_url, redis_shards=[silent_url, live], redis_timeout=0.25)
-    asked: list[str] = []
-    checked = preflight_of
-
-    async def preflight(settings: Settings, url: str | None = None) -> list[str]:
-        asked.append(str(url))
-        return await checked(settings, url)
-
-    monkeypatch.setattr(topology, "preflight", preflight)
-    warnings = await check_shards(settings)
-    assert asked == [live]
-    assert (
-        [w for w in warnings if "did not answer" in w]
-        == [w for w in warnings if w.startswith("shard 0")]
-        != []
-    )
