@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import structlog
+from redis.exceptions import RedisError
 
 from dispatcher.connections import REDIS_ERRORS
 from dispatcher.errors import InvalidSetting, Unavailable
@@ -48,6 +49,8 @@ log = structlog.get_logger("dispatcher.shards")
 MOVING = ">"
 COUNT = ":count"  # how many shards the hash runs over
 GROWING = ":growing"  # the count `dispatcher shards grow` is moving to
+# What a refresh waits a turn out: an outage, or any reply error
+UNREAD_ERRORS: tuple[type[Exception], ...] = (*REDIS_ERRORS, RedisError)
 UNREAD = (
     "shard 0 has not answered: it says which shard holds each project, so none can be "
     "placed (check the first URL of DISPATCHER_REDIS_SHARDS)"
@@ -156,7 +159,9 @@ class Placement:
 
     async def run(self, every_s: float) -> None:
         """Keep the explicit placements fresh, for ever (a failed read waits a turn; an
-        outage is logged as it begins and ends, not at each turn: review)."""
+        outage is logged as it begins and ends, not at each turn: review). A reply error
+        (BUSY: a script past its time limit) ended it for good, silently: the process never
+        saw a move or a grow again (review)."""
         failing = False
         while True:
             await asyncio.sleep(every_s)
@@ -168,7 +173,7 @@ class Placement:
                 failing = False
             except InvalidSetting as exc:
                 log.error("shards.too_few_shards", error=exc.message)
-            except REDIS_ERRORS as exc:
+            except UNREAD_ERRORS as exc:  # an outage, or a reply (BUSY, NOPERM): next turn
                 if not failing:
                     log.warning("shards.placement_unread", error=str(exc))
                 failing = True

@@ -272,3 +272,38 @@ async def test_a_placement_is_read_again_only_once_changed_and_an_outage_said_on
         await away.aclose()
     said = [entry["event"] for entry in logs]
     assert said.count("shards.placement_unread") == 1, said
+
+
+async def test_the_placement_refresh_outlives_a_busy_home_shard(
+    shard_servers: list[EmbeddedRedis],
+) -> None:
+    """A BUSY reply (a script past its time limit on shard 0) ended the refresh for good,
+    silently: the process never saw a move or a grow again (review). It waits a turn,
+    and sees what is written after."""
+    url = shard_servers[0].url
+    admin = redis_py.Redis.from_url(url)
+    admin.flushall()
+    admin.config_set("lua-time-limit", 100)
+    busy = "local t = redis.call('TIME')[1] while redis.call('TIME')[1] - t < 2 do end"
+    async with Redis.from_url(url) as redis:
+        placement = Placement(2, redis, Keys())
+        await placement.load()
+        refreshing = asyncio.create_task(placement.run(0.1))
+        spinning = asyncio.create_task(asyncio.to_thread(_quietly, url, busy))
+        try:
+            await spinning
+            assert not refreshing.done()
+            await placement.write_counts(2, None)
+            await until(lambda: _active(placement, 2), 5, "the refresh read the count")
+        finally:
+            await cancel_all([refreshing])
+            admin.config_set("lua-time-limit", 5000)
+
+
+def _quietly(url: str, script: str) -> None:
+    with contextlib.suppress(redis_py.RedisError):
+        redis_py.Redis.from_url(url).eval(script, 0)
+
+
+async def _active(placement: Placement, count: int) -> bool:
+    return placement.active == count
