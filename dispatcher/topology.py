@@ -91,6 +91,8 @@ async def check_shards(settings: Settings) -> list[str]:
     clients = connect_shards(settings, shards)
     try:
         if len(shards) > 1:
+            for shard, client in zip(shards, clients, strict=True):  # all read, then marked
+                _in_place(shard, await _mark_of(shard, client))
             for shard, client in zip(shards, clients, strict=True):
                 warnings += await _claim(shard, client)
         placement = Placement(len(shards), clients[0], shards[0].keys)
@@ -106,16 +108,33 @@ async def check_shards(settings: Settings) -> list[str]:
     return warnings
 
 
+async def _mark_of(shard: Shard, client: Redis) -> bytes | None:
+    """The position `shard`'s server was marked with (None: none yet, or no answer)."""
+    try:
+        marked: bytes | None = await client.get(shard.keys.SHARD)
+    except REDIS_ERRORS:  # an outage: `_claim` says so
+        return None
+    return marked
+
+
 async def _claim(shard: Shard, client: Redis) -> list[str]:
+    """Mark `shard`'s server with its position unless marked; InvalidSetting when it holds
+    another. The marks are all read first (`_in_place`): a list refused after it marked a
+    new server left that mark, and the corrected list was refused too (review)."""
     try:
         marked = await ClaimPosition(mark=shard.keys.SHARD, position=shard.index).run(client)
     except REDIS_ERRORS as exc:  # an outage, waited out by whoever uses it
         return [f"{shard} ({shown(shard.url)}) did not answer: {exc}"]
-    if int(marked) != shard.index:
+    _in_place(shard, marked)
+    return []
+
+
+def _in_place(shard: Shard, marked: bytes | int | None) -> None:
+    """InvalidSetting unless `shard`'s server is unmarked or marked with its position."""
+    if marked is not None and int(marked) != shard.index:
         raise InvalidSetting(
             f"the Redis at position {shard.index} ({shown(shard.url)}) holds shard "
             f"{int(marked)}: the list was reordered; shards keep their positions, and new ones "
             "go at the end",
             param="DISPATCHER_REDIS_SHARDS",
         )
-    return []

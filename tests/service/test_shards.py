@@ -8,6 +8,7 @@ import asyncio
 import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -281,6 +282,24 @@ async def test_a_reordered_list_of_shards_is_refused(shard_servers: list[Embedde
     with pytest.raises(InvalidSetting) as refused:
         await check_shards(make_settings(urls[1], redis_shards=urls[::-1]))
     assert refused.value.param == "DISPATCHER_REDIS_SHARDS"
+
+
+async def test_a_refused_list_leaves_no_mark_that_refuses_the_corrected_one(
+    shard_servers: list[EmbeddedRedis], tmp_path: Path
+) -> None:
+    """A new server listed before an old one: the list is refused as reordered. It marked
+    the new server first, so the corrected list (the new one last) was refused too until
+    someone deleted the mark by hand (review). The marks are all read before any is
+    written."""
+    for server in shard_servers:
+        sync_redis.Redis.from_url(server.url).flushall()
+    a, b = (server.url for server in shard_servers)
+    await check_shards(make_settings(a, redis_shards=[a, b]))
+    with EmbeddedRedis(tmp_path, persist=False) as new:
+        with pytest.raises(InvalidSetting, match="reordered"):
+            await check_shards(make_settings(a, redis_shards=[a, new.url, b]))
+        assert sync_redis.Redis.from_url(new.url).dbsize() == 0
+        await check_shards(make_settings(a, redis_shards=[a, b, new.url]))
 
 
 async def test_postgresql_history_takes_every_shards_stream_into_one_database(
