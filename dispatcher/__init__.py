@@ -9,8 +9,9 @@ a queryable history.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from dispatcher import lazy
 
 if TYPE_CHECKING:
     from dispatcher.errors import (
@@ -69,8 +70,7 @@ __all__ = [
     "emit",
 ]
 
-# Where each name is defined, imported on first use (PEP 562): a process that needs one
-# module of the package (the liveness probe, `dispatcher-alive`) does not load the rest.
+# Where each name is defined, imported on first use (`dispatcher.lazy`).
 _MODULES = {
     "dispatcher.errors": "DispatcherError Forbidden InvalidEvent InvalidInput InvalidTime "
     "InvalidUrl NotFound PayloadTooLarge Unauthenticated Unavailable",
@@ -83,14 +83,4 @@ _HOME = {name: module for module, names in _MODULES.items() for name in names.sp
 
 
 if not TYPE_CHECKING:  # (for type checkers, the imports above: a misspelt name is an error)
-
-    def __getattr__(name: str) -> Any:
-        home = _HOME.get(name)
-        if home is None:
-            raise AttributeError(f"module 'dispatcher' has no attribute {name!r}")
-        value = getattr(importlib.import_module(home), name)
-        globals()[name] = value
-        return value
-
-    def __dir__() -> list[str]:
-        return sorted({*globals(), *__all__})
+    __getattr__, __dir__ = lazy.exports(__name__, _HOME)

@@ -253,10 +253,9 @@ async def kept_fresh(
     read (`load`: InvalidSetting when more are in use), without waiting: a home shard that
     does not answer is read in the background until it does, and then as with more (a
     count that outgrows the one URL: `shard_of` refuses; it was read only at the start,
-    review). `wait_s` bounds the wait
-    (None: until the home shard answers): past it, Unavailable, or with `unread_ok` the
-    block runs with the placement unread, placing no project (a view of every shard needs
-    it only for a project's part)."""
+    review). `wait_s` bounds the wait (None: until the home shard answers): past it,
+    Unavailable, or with `unread_ok` the block runs with the placement unread, placing no
+    project (a view of every shard needs it only for a project's part)."""
     unread = False
     if placement.count > 1:
         try:

@@ -25,6 +25,7 @@ from dispatcher.cli.common import (
 from dispatcher.connections import shown
 from dispatcher.embedded import EmbeddedRedis
 from dispatcher.settings import EMBEDDED, Settings
+from dispatcher.worker.liveness import FRESH_MIN_S
 
 
 def _listen(host: str | None, port: int | None) -> dict[str, Any]:
@@ -125,7 +126,7 @@ def worker(
         float,
         typer.Option(
             "--fresh",
-            min=6.0,
+            min=FRESH_MIN_S,
             help="With --check: a worker is alive when its event loop "
             "turned within these seconds (it marks every 5 s)",
         ),

@@ -4,8 +4,9 @@ on first use (PEP 562), so the liveness probe (`liveness.py`) loads nothing else
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from dispatcher import lazy
 
 if TYPE_CHECKING:
     from dispatcher.worker.engine import Engine
@@ -13,18 +14,8 @@ if TYPE_CHECKING:
 
 __all__ = ["Engine", "Worker", "create_worker"]
 
-_HOME = {"Engine": "engine", "Worker": "loop", "create_worker": "loop"}
-
+_LOOP = "dispatcher.worker.loop"
+_HOME = {"Engine": "dispatcher.worker.engine", "Worker": _LOOP, "create_worker": _LOOP}
 
 if not TYPE_CHECKING:  # (for type checkers, the imports above: a misspelt name is an error)
-
-    def __getattr__(name: str) -> Any:
-        home = _HOME.get(name)
-        if home is None:
-            raise AttributeError(f"module 'dispatcher.worker' has no attribute {name!r}")
-        value = getattr(importlib.import_module(f"dispatcher.worker.{home}"), name)
-        globals()[name] = value
-        return value
-
-    def __dir__() -> list[str]:
-        return sorted({*globals(), *__all__})
+    __getattr__, __dir__ = lazy.exports(__name__, _HOME)

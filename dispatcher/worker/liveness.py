@@ -23,9 +23,10 @@ import tempfile
 import time
 from pathlib import Path
 
-__all__ = ["MARK_S", "alive_here", "checked", "forget", "main", "mark_alive"]
+__all__ = ["FRESH_MIN_S", "MARK_S", "alive_here", "checked", "forget", "main", "mark_alive"]
 
 MARK_S = 5.0
+FRESH_MIN_S = 6.0  # the least `--fresh`: a mark's period and then some
 
 
 def _folder() -> Path:
@@ -82,8 +83,10 @@ def main() -> None:
     )
     parser.add_argument("--fresh", type=float, default=30.0, help="seconds (at least 6)")
     fresh = parser.parse_args().fresh
-    if fresh < 6:
-        parser.error(f"--fresh must be at least 6 (a worker marks every {MARK_S:g} s)")
+    if fresh < FRESH_MIN_S:
+        parser.error(
+            f"--fresh must be at least {FRESH_MIN_S:g} (a worker marks every {MARK_S:g} s)"
+        )
     status, said = checked(fresh)
     print(said)
     raise SystemExit(status)
