@@ -21,22 +21,46 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["END_JOB", "NO_ENDING", "NO_JOB", "SET_MARK", "Ending", "JobEnd"]
+__all__ = ["ENDS", "END_JOB", "END_JOBS", "NO_ENDING", "NO_JOB", "SET_MARK", "Ending", "JobEnd"]
 
 # A Lua function over the names a script declares for a `JobEnd` (keys queue, lease, job,
 # claims; arguments token, job_id): the job leaves the queue with its keys when its lease is
 # this run's (`token`). Returns 1 when it ended, 0 when left: to another worker that holds
 # it, or to the next claim when the lease lapsed (its run paused past it; or the job this
-# run claimed ended and the id names another, queued anew).
+# run claimed ended and the id names another, queued anew). The keys go, and the ids leave
+# their queues, once every call of the script has run (`END_JOBS`, the script's `AFTER`,
+# with `ENDS` its `BEFORE`): one `DEL` and one `ZREM` for a batch's ends, where each cost
+# two commands. So nothing after an end in the same script may read that job's keys or its
+# place in the queue (the scripts that end jobs write none of them after: records, lane
+# entries); an end already made in it is one a later call does not make again.
+ENDS = "local ends = {seen = {}, keys = {}, queues = {}, ids = {}}"
 END_JOB = """
 local function end_job()
-  if redis.call('GET', lease) ~= token then return 0 end
-  redis.call('DEL', lease, job, claims)
-  redis.call('ZREM', queue, job_id)
+  if ends.seen[lease] or redis.call('GET', lease) ~= token then return 0 end
+  ends.seen[lease] = true
+  local keys, n = ends.keys, #ends.keys
+  keys[n + 1], keys[n + 2], keys[n + 3] = lease, job, claims
+  local ids = ends.ids[queue]
+  if not ids then
+    ids = {}
+    ends.ids[queue] = ids
+    ends.queues[#ends.queues + 1] = queue
+  end
+  ids[#ids + 1] = job_id
   return 1
 end
 """
-
+END_JOBS = """
+local function in_slices(command, key, items)  -- as many as Lua's unpack takes at once
+  for i = 1, #items, 1000 do
+    local last = math.min(i + 999, #items)
+    if key then redis.call(command, key, unpack(items, i, last))
+    else redis.call(command, unpack(items, i, last)) end
+  end
+end
+in_slices('DEL', nil, ends.keys)
+for _, queue in ipairs(ends.queues) do in_slices('ZREM', queue, ends.ids[queue]) end
+"""
 
 # A Lua function over the names a script declares for an `Ending` (key progress;
 # arguments mark, mark_ttl): the delivery's progress mark, never over "done". A mark is one

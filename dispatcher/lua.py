@@ -26,7 +26,9 @@ Key names are made in Python (`dispatcher.keys`) and given as keys, never built 
 
 A script class that sets `TOGETHER = True` may also run many of its calls as one
 (`queue_together`): one `EVALSHA` instead of one per call, its answer the list of theirs,
-each call's error in its place without stopping the others.
+each call's error in its place without stopping the others. Its `BEFORE` and `AFTER` run
+once around the calls (a single call's too): what each call put off to do once for them
+all, as `dispatcher.ending` ends their jobs in one `DEL` and one `ZREM`.
 """
 
 from __future__ import annotations
@@ -158,6 +160,8 @@ class Script:
 
     LUA: ClassVar[str]
     TOGETHER: ClassVar[bool] = False  # whether `queue_together` may run calls as one
+    BEFORE: ClassVar[str] = ""  # Lua run once before the body (every call's, together)
+    AFTER: ClassVar[str] = ""  # and once after it, whatever the body returned
     _lua: ClassVar[Lua]
     _keys: ClassVar[tuple[str, ...]]
     _args: ClassVar[tuple[str, ...]]
@@ -181,7 +185,7 @@ class Script:
         cls._lists = frozenset(n for n in names if _ListMark in marks[n])
         cls._readers = (cls._reader(cls._keys), cls._reader(cls._args))
         setup = [*_locals(cls, cls._keys, "KEYS"), *_locals(cls, cls._args, "ARGV")]
-        cls._lua = Lua("\n".join([*setup, textwrap.dedent(cls.LUA).strip(), ""]))
+        cls._lua = Lua(_alone(cls, setup))
         if cls.TOGETHER:
             cls._together = Lua(_together(cls))
 
@@ -248,6 +252,22 @@ def _locals(cls: type[Script], names: tuple[str, ...], table: str) -> list[str]:
     return lines
 
 
+def _alone(cls: type[Script], setup: list[str]) -> str:
+    """The Lua of one call: the body after its `setup` (the names read from KEYS and
+    ARGV); with an `AFTER`, the body is a function whose answer is returned after it."""
+    body = textwrap.dedent(cls.LUA).strip()
+    if not cls.AFTER:
+        return "\n".join([*_once(cls.BEFORE), *setup, body, ""])
+    return "\n".join([
+        *_once(cls.BEFORE), *setup, "local function one()", body, "end",
+        "local answer = one()", *_once(cls.AFTER), "return answer", "",
+    ])  # fmt: skip
+
+
+def _once(lua: str) -> list[str]:
+    return [textwrap.dedent(lua).strip()] if lua.strip() else []
+
+
 def _together(cls: type[Script]) -> str:
     """The Lua of `cls.queue_together`: the script's body as a function of its keys and
     arguments, called (protected) on each call's slice of KEYS and ARGV in turn. A script
@@ -273,6 +293,7 @@ def _together(cls: type[Script]) -> str:
     values += _slice(cls, cls._args, "ARGV", "at_arg", "arg_count", head)
     body = textwrap.dedent(cls.LUA).strip()
     return "\n".join([
+        *_once(cls.BEFORE),
         f"local function one({', '.join((*cls._keys, *cls._args))})",
         body,
         "end",
@@ -284,6 +305,7 @@ def _together(cls: type[Script]) -> str:
         "  out[#out + 1] = answer",
         *tail,
         "end",
+        *_once(cls.AFTER),
         "return out",
         "",
     ])  # fmt: skip

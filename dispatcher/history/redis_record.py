@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 import orjson
 
 from dispatcher import keys as key_names
-from dispatcher.ending import END_JOB, NO_ENDING, NO_JOB, SET_MARK
+from dispatcher.ending import END_JOB, END_JOBS, ENDS, NO_ENDING, NO_JOB, SET_MARK
 from dispatcher.history.kept import KEEP_RECORD_BODY, stored
 from dispatcher.history.window import MAX_ATTEMPTS_SHOWN
 from dispatcher.lua import Key, Script
@@ -105,6 +105,7 @@ class Record(Script):
 
     LUA = END_JOB + SET_MARK + _RECORD_LUA
     TOGETHER = True  # a worker's batch of records is one call (`Writer`)
+    BEFORE, AFTER = ENDS, END_JOBS  # its jobs end once every call ran
     record: Key
     index: Key
     indexes: Key

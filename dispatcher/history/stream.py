@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 import orjson
 
-from dispatcher.ending import END_JOB, NO_ENDING, NO_JOB, SET_MARK
+from dispatcher.ending import END_JOB, END_JOBS, ENDS, NO_ENDING, NO_JOB, SET_MARK
 from dispatcher.history.kept import BODY_OF
 from dispatcher.lua import Key, Script
 
@@ -66,6 +66,7 @@ class StreamRecord(Script):
     """
     )
     TOGETHER = True  # a worker's batch of records is one call (`Writer`)
+    BEFORE, AFTER = ENDS, END_JOBS  # its jobs end once every call ran
     stream: Key
     progress: Key
     queue: Key

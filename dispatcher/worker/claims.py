@@ -21,7 +21,7 @@ import structlog
 
 from dispatcher import metrics
 from dispatcher.clock import now_ms
-from dispatcher.ending import END_JOB, JobEnd
+from dispatcher.ending import END_JOB, END_JOBS, ENDS, JobEnd
 from dispatcher.jobs import encode
 from dispatcher.keys import SEP
 from dispatcher.lua import REDIS_NOW_MS, ArgList, Key, Script, run_pipeline
@@ -100,6 +100,7 @@ class Finish(Script):
     `dispatcher.ending`.)"""
 
     LUA = END_JOB + "return end_job()"
+    BEFORE, AFTER = ENDS, END_JOBS  # its jobs end once every call ran
     queue: Key
     lease: Key
     job: Key

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from dispatcher import clock
 from dispatcher.bodies import LANE
-from dispatcher.ending import END_JOB, NO_JOB
+from dispatcher.ending import END_JOB, END_JOBS, ENDS, NO_JOB
 from dispatcher.lua import ArgList, Key, KeyList, Script
 from dispatcher.models import PLATFORM_PROJECT
 from dispatcher.worker.lane_lua import CLEAR, NONE_AFTER
@@ -48,6 +48,7 @@ class Enter(Script):
     job ended. Runs together (a batch's fan-outs' entries, one call)."""
 
     TOGETHER = True
+    BEFORE, AFTER = ENDS, END_JOBS  # its jobs end once every call ran
     LUA = (
         CLEAR
         + END_JOB

@@ -15,10 +15,11 @@ import pytest
 from redis.asyncio import Redis
 
 from dispatcher.clock import now_ms
-from dispatcher.ending import Ending
+from dispatcher.ending import Ending, JobEnd
 from dispatcher.history.postgres import PostgresHistory
 from dispatcher.history.record import AttemptRecord
 from dispatcher.history.redis import RedisHistory
+from dispatcher.history.stream import StreamRecord, streamed
 from dispatcher.jobs import EventJob, decode
 from dispatcher.keys import Keys
 from dispatcher.lua import run_pipeline
@@ -188,3 +189,62 @@ async def test_a_late_put_back_leaves_the_new_job_of_its_event_id_due(
     await run_worker()
     assert len(receiver.requests()) == 2  # the second emission delivered, not a minute on
     assert not await redis.exists(keys.arq_job(JOB_ID), keys.DROPPED)
+
+
+def ends(queue: str, job_id: str, token: str, n: int) -> StreamRecord:
+    """An attempt's record (the PostgreSQL store's script) whose job ends with it: call `n`
+    marks its delivery's progress `p:{n}` when the job does not end."""
+    record: AttemptRecord = {**attempt_record(), "id": n}
+    job = JobEnd(queue, f"lease:{job_id}", f"job:{job_id}", f"claims:{job_id}", token, job_id)
+    return streamed("s", record, False, Ending(f"p:{n}", "done", 60, job))
+
+
+async def held(redis: Redis, job_id: str, token: str, queue: str = "q") -> None:
+    await redis.set(f"lease:{job_id}", token)
+    await redis.set(f"job:{job_id}", b"data")
+    await redis.set(f"claims:{job_id}", 1)
+    await redis.zadd(queue, {job_id: 1})
+
+
+async def test_a_batchs_ends_land_once_all_ran_each_job_ended_once(redis: Redis) -> None:
+    """Run together, the ends leave the queues once every call ran (`ENDS`, `END_JOBS`),
+    as each would alone: a job whose lease is this run's ends, once (the same end again in
+    the batch marks its progress, as after a `DEL`); a job another holds, or none, is left
+    whole, its progress marked."""
+    for job_id in ("a", "b", "c"):
+        await held(redis, job_id, "mine")
+    await held(redis, "d", "mine", queue="q2")  # another queue, in the same batch
+    await held(redis, "theirs", "other")
+    await redis.zadd("q", {"lapsed": 1})
+    await redis.set("job:lapsed", b"data")
+    named = ["a", "b", "a", "theirs", "lapsed", "d", "c"]
+    calls = [
+        ends("q2" if job_id == "d" else "q", job_id, "mine", n) for n, job_id in enumerate(named)
+    ]
+    (answers,) = await run_pipeline(redis, lambda pipe: StreamRecord.queue_together(pipe, calls))
+    assert answers == [1] * 7
+    assert [n for n in range(7) if await redis.get(f"p:{n}") == b"done"] == [2, 3, 4]
+    assert await redis.zrange("q", 0, -1) == [b"lapsed", b"theirs"]
+    assert await redis.zcard("q2") == 0
+    for gone in ("a", "b", "c", "d"):
+        assert await redis.exists(f"lease:{gone}", f"job:{gone}", f"claims:{gone}") == 0
+    assert await redis.get("lease:theirs") == b"other"
+    assert await redis.exists("job:theirs", "claims:theirs", "job:lapsed") == 3
+    assert await redis.xlen("s") == 7
+
+
+async def test_a_batch_ends_more_jobs_than_luas_unpack_takes_at_once(redis: Redis) -> None:
+    """3,000 ends (9,000 keys) in one call: they go in slices (Lua's `unpack` stops at
+    ~8,000 values; the writers' batches stay far under it, a script's caller need not)."""
+    pipe = redis.pipeline(transaction=False)
+    for n in range(3000):
+        pipe.set(f"lease:{n}", "mine")
+        pipe.set(f"job:{n}", b"d")
+        pipe.set(f"claims:{n}", 1)
+        pipe.zadd("q", {str(n): n})
+    await pipe.execute()
+    calls = [ends("q", str(n), "mine", n) for n in range(3000)]
+    (answers,) = await run_pipeline(redis, lambda pipe: StreamRecord.queue_together(pipe, calls))
+    assert answers == [1] * 3000
+    assert await redis.zcard("q") == 0
+    assert await redis.dbsize() == 1  # the stream
