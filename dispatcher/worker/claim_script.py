@@ -32,8 +32,9 @@ class Claim(Script):
     """Up to `want` due jobs (due by Redis's clock, as the leases lapse by it) without a
     live lease, oldest first, in one round trip: each one's lease set for `token` (NX: a
     live one is left alone), its score moved to the lease's end (out of the due range
-    while it runs), its data read, its claim counted (the first claim creates the count
-    with its ttl). The ids in `mine` (newline-separated) are passed over, and so is a job
+    while it runs: every claimed job's in one `ZADD` as the claim ends, so its looks see
+    the range as it began), its data read, its claim counted (the first claim creates the
+    count with its ttl). The ids in `mine` (newline-separated) are passed over, and so is a job
     of a project that has taken its share: `newcomer` jobs for a project not named (-1:
     any), `shares` pairs of a project and how many more it may take (a job's project is
     its id up to `sep`).
@@ -108,7 +109,7 @@ class Claim(Script):
       end
       return versions[project]
     end
-    local out = {}
+    local out, took = {}, {}  -- took: the ids claimed here (or gone), by id
     local function claim(id)  -- true when `id` left the due range (claimed, or gone)
       local project = not held[id] and string.match(id, of_project)
       local share = new >= 0 and project and (left[project] or new)
@@ -123,7 +124,6 @@ class Claim(Script):
       local data, claims = redis.call('GET', job_prefix .. id), 1
       if not data then
         redis.call('DEL', lease_prefix .. id, pushed_prefix .. id)
-        redis.call('ZREM', queue, id)
         claims = 0
         if not string.find(id, '[\\128-\\255]') then  -- a retry's id names its project
           local entry = cjson.encode({jobId = id, reason = data_gone, at = now_ms})
@@ -131,13 +131,26 @@ class Claim(Script):
           claims = 1
         end
       else
-        redis.call('ZADD', queue, 'XX', leased_until, id)
         if not redis.call('SET', claims_prefix .. id, 1, 'EX', claims_ttl_s, 'NX') then
           claims = redis.call('INCR', claims_prefix .. id)  -- claimed before: ttl runs on
         end
       end
       out[#out + 1] = {id, data, claims, data and version_of(project)}
+      took[id] = true
       return true
+    end
+    local function leave_range(rows, until_ms)  -- the claimed out of the due range, the gone out
+      local leased, gone = {}, {}
+      for _, row in ipairs(rows) do
+        if row[2] then leased[#leased + 1] = until_ms; leased[#leased + 1] = row[1]
+        else gone[#gone + 1] = row[1] end
+      end
+      for i = 1, #leased, 1000 do  -- as many as Lua's unpack takes at once
+        redis.call('ZADD', queue, 'XX', unpack(leased, i, math.min(i + 999, #leased)))
+      end
+      for i = 1, #gone, 1000 do
+        redis.call('ZREM', queue, unpack(gone, i, math.min(i + 999, #gone)))
+      end
     end
     local looked = 0  -- entries passed over, in every look
     local PAGE = 100  -- entries a page reads (but a look's first: `want`)
@@ -163,14 +176,13 @@ class Claim(Script):
       -- reached the range's end, and the offset it stopped at
       while #out < want and more() do
         local ids = page(from, offset, page_size)
-        local seen, taken = 0, 0  -- entries this page looked at; those it took out of the range
+        local seen, taken = 0, 0  -- entries this page looked at; those it took (or took before)
         for _, id in ipairs(ids) do
           seen = seen + 1
-          if claim(id) then taken = taken + 1 else passed = id end
+          if took[id] or claim(id) then taken = taken + 1 else passed = id end
           if #out >= want then break end
         end
-        if due then due = due - taken end
-        offset, looked = offset + seen - taken, looked + seen - taken
+        offset, looked = offset + seen, looked + seen - taken
         if #ids < page_size then return #out < want, offset end
         page_size = math.max(want, PAGE)  -- fewer, longer pages past the jobs left alone
       end
@@ -192,6 +204,7 @@ class Claim(Script):
       local reached
       passed = nil
       reached, swept = page_through('-inf', start, PAGE, function() return looked < till end)
+      swept = swept - #out  -- where it stopped once what this claim took left the range
       if reached then swept, ended, anchor = 0, start == at, '' else anchor = passed or anchor end
     end
     if #out < want and not ended and since > 0 then  -- what just came due
@@ -201,9 +214,12 @@ class Claim(Script):
       end)
       if #out < want and not whole then  -- its newest page, oldest of it first
         local page = redis.call('ZREVRANGEBYSCORE', queue, now_ms, from, 'LIMIT', 0, PAGE)
-        for i = #page, 1, -1 do if claim(page[i]) and #out >= want then break end end
+        for i = #page, 1, -1 do
+          if not took[page[i]] and claim(page[i]) and #out >= want then break end
+        end
       end
     end
+    leave_range(out, leased_until)
     return {now_ms, out, swept, anchor}
     """
     )

@@ -534,3 +534,40 @@ async def test_a_sweep_goes_on_from_an_entry_whose_id_is_not_utf8(
     assert claims.sweep_after == b"projA:e\xff"
     took = await claims.claim(10, budget=100, sweep=True, shares=shares)
     assert [c.job_id for c in took] == [deep]
+
+
+async def test_what_came_due_passes_over_what_the_claim_took_without_counting_it(
+    settings: Settings, redis: Redis
+) -> None:
+    """A claim moves the jobs it took out of the due range once, as it ends: its look at
+    what came due reads again those its first look took (projD's five), and passes them
+    by as taken, not as entries passed over against its budget. The first look passed
+    over 205 entries (150 long due, then 55 of the burst), the look at what came due 95
+    more in its first page: a budget of 301 reads the next page, with projB's job in it
+    (projD's five counted too, the budget was spent at 305)."""
+    shares = (1, {"projA": 0, "projB": 1, "projD": 5})
+    claims = await claimed_once_beside_a_backlog(redis, settings, shares)
+    busy = await enqueue(redis, settings, "projD", 5)
+    await enqueue(redis, settings, "projA", 150, name="burst")
+    [quiet_job] = await enqueue(redis, settings, "projB", 1)
+    await enqueue(redis, settings, "projA", 150, name="after")  # the newest page: none of it
+    took = await claims.claim(10, budget=301, scout=20, quiet=["projB"], shares=shares)
+    assert [c.job_id for c in took] == [*busy, quiet_job]
+
+
+async def test_a_sweep_that_took_jobs_leaves_the_next_where_the_range_is_now(
+    settings: Settings, redis: Redis
+) -> None:
+    """The place a sweep stopped at is an offset into the range as the next claim finds it:
+    without the jobs the sweep took, which leave the range as the claim ends. Here it took
+    projC's three and passed over six pages of 100 less them: 707 entries past the budget's
+    110, not 710."""
+    await backlog(redis, settings, "projA", 1500)
+    deep = await enqueue(redis, settings, "projC", 3)
+    await backdate(redis, settings, deep, like="projA:e0300")
+    await due_for_a_while(redis, settings)
+    claims = claims_of(redis, settings)
+    shares = (1, {"projA": 0, "projC": 3})
+    took = await claims.claim(10, budget=100, sweep=True, shares=shares)
+    assert [c.job_id for c in took] == deep
+    assert claims.sweep_at == 110 + 6 * 100 - 3
