@@ -32,7 +32,8 @@ __all__ = ["ENDS", "END_JOB", "END_JOBS", "NO_ENDING", "NO_JOB", "SET_MARK", "En
 # with `ENDS` its `BEFORE`): one `DEL` and one `ZREM` for a batch's ends, where each cost
 # two commands. So nothing after an end in the same script may read that job's keys or its
 # place in the queue (the scripts that end jobs write none of them after: records, lane
-# entries); an end already made in it is one a later call does not make again.
+# entries); an end already made in it is one a later call does not make again. A call that
+# fails after its end still ends its job, run alone or together (`lua.Script`).
 ENDS = "local ends = {seen = {}, keys = {}, queues = {}, ids = {}}"
 END_JOB = """
 local function end_job()
@@ -58,8 +59,8 @@ local function in_slices(command, key, items)  -- as many as Lua's unpack takes 
     else redis.call(command, unpack(items, i, last)) end
   end
 end
-in_slices('DEL', nil, ends.keys)
 for _, queue in ipairs(ends.queues) do in_slices('ZREM', queue, ends.ids[queue]) end
+in_slices('DEL', nil, ends.keys)  -- after: a failed ZREM leaves no queued job without data
 """
 
 # A Lua function over the names a script declares for an `Ending` (key progress;

@@ -221,7 +221,8 @@ class Script:
         """Queue `calls` (of this class, `TOGETHER`) on `pipe` as one script call, run in
         order in one go (so keep them few: Redis serves no one else meanwhile). Its answer
         is the list of theirs: a call that fails leaves its error in its place (what it
-        wrote before failing stays, as with a script of its own) and the next one runs."""
+        wrote before failing stays, as with a script of its own, and so does what it put
+        off to `AFTER`) and the next one runs."""
         if not cls.TOGETHER:
             raise TypeError(f"{cls.__name__} does not run together (TOGETHER is not set)")
         keys: list[Any] = []
@@ -254,13 +255,16 @@ def _locals(cls: type[Script], names: tuple[str, ...], table: str) -> list[str]:
 
 def _alone(cls: type[Script], setup: list[str]) -> str:
     """The Lua of one call: the body after its `setup` (the names read from KEYS and
-    ARGV); with an `AFTER`, the body is a function whose answer is returned after it."""
+    ARGV); with an `AFTER`, the body is a function whose answer (or error) is returned
+    after it: what a call put off lands though it failed after, as run together."""
     body = textwrap.dedent(cls.LUA).strip()
     if not cls.AFTER:
         return "\n".join([*_once(cls.BEFORE), *setup, body, ""])
     return "\n".join([
         *_once(cls.BEFORE), *setup, "local function one()", body, "end",
-        "local answer = one()", *_once(cls.AFTER), "return answer", "",
+        "local ok, answer = pcall(one)", *_once(cls.AFTER),
+        "if not ok and type(answer) ~= 'table' then answer = {err = tostring(answer)} end",
+        "return answer", "",
     ])  # fmt: skip
 
 
