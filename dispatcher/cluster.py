@@ -15,6 +15,9 @@ from typing import TYPE_CHECKING, Any, cast
 from urllib.parse import unquote, urlsplit
 
 from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisClusterException
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from dispatcher.errors import InvalidSetting
 
@@ -78,10 +81,30 @@ def parse_cluster_url(url: str) -> ClusterUrl:
     )
 
 
+# What redis-py's cluster client found when no node it was given answered
+_UNREACHABLE = (RedisConnectionError, RedisTimeoutError, ConnectionError, OSError)
+
+
+class _Cluster(RedisCluster):
+    """redis-py's cluster client, but a cluster none of whose nodes answers is an outage,
+    as a single Redis that does not answer: a `ConnectionError`, which every caller waits
+    out. redis-py raises its `RedisClusterException` then (its cause the last node's
+    connection error), which no caller took for an outage: a worker, the API and every
+    command stopped with a traceback (review)."""
+
+    async def initialize(self) -> RedisCluster:
+        try:
+            return await super().initialize()
+        except RedisClusterException as exc:
+            if isinstance(exc.__cause__, _UNREACHABLE):
+                raise RedisConnectionError(str(exc)) from exc
+            raise
+
+
 def cluster_client(target: ClusterUrl, policy: dict[str, Any]) -> Redis:
     """A client of the whole cluster, with the service's connection policy. Typed as a
     `Redis`: the service uses only what both have (commands, scripts, pipelines)."""
-    client = RedisCluster(
+    client = _Cluster(
         startup_nodes=[ClusterNode(host, port) for host, port in target.nodes],
         username=target.username,
         password=target.password,

@@ -15,8 +15,11 @@ import httpx
 import orjson
 import pytest
 import redis as sync_redis
+from typer.testing import CliRunner
 
 from dispatcher.api import create_app
+from dispatcher.cli import app
+from dispatcher.connections import REDIS_ERRORS, connect
 from dispatcher.embedded import EmbeddedRedis
 from dispatcher.errors import InvalidSetting
 from dispatcher.history.shipper import Shipper
@@ -33,7 +36,7 @@ from dispatcher.stopping import cancel_all
 from dispatcher.topology import check_shards
 from dispatcher.worker import create_worker
 from tests.cluster import LocalCluster, grown
-from tests.helpers import UID, Receiver, answer, make_settings
+from tests.helpers import UID, Receiver, answer, free_port, make_settings
 
 OP_TOKEN = "op-secret"
 OPERATOR = {"X-DEVOPS-OPERATOR-TOKEN": OP_TOKEN}
@@ -459,3 +462,34 @@ async def test_platform_callbacks_failing_on_two_shards_are_counted_once_in_a_sh
         ((group,),) = [found.groups]
         assert (group.count, len(group.shown), found.total) == (10, 5, 10)
         assert [f.callback_id for f in group.shown] == ids[:-6:-1]  # the most failures
+
+
+def no_cluster_answers() -> str:
+    """A cluster URL none of whose nodes listens (two ports found free, then left closed)."""
+    return f"redis+cluster://127.0.0.1:{free_port()},127.0.0.1:{free_port()}/"
+
+
+async def test_a_cluster_none_of_whose_nodes_answers_is_an_outage() -> None:
+    """Every caller waits out a `ConnectionError` (`connections.REDIS_ERRORS`): a cluster
+    none of whose nodes answers raises one, as a single Redis does. redis-py's own
+    `RedisClusterException` stopped a worker and the API with a traceback (review)."""
+    url = no_cluster_answers()
+    redis = connect(make_settings(url, redis_timeout=1), url)
+    try:
+        with pytest.raises(REDIS_ERRORS, match="Redis Cluster cannot be connected"):
+            await redis.ping()
+    finally:
+        await redis.aclose()
+
+
+@pytest.mark.parametrize("command", [["status"], ["shards", "list"]])
+def test_the_cli_names_a_cluster_none_of_whose_nodes_answers(
+    command: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A view of every shard says no shard answered (exit 1), with no traceback."""
+    monkeypatch.setenv("DISPATCHER_REDIS_URL", no_cluster_answers())
+    monkeypatch.setenv("DISPATCHER_REDIS_TIMEOUT", "1")
+    result = CliRunner().invoke(app, command)
+    assert isinstance(result.exception, SystemExit), result.exception
+    assert result.exit_code == 1
+    assert "no shard answered" in result.output or "Redis unreachable" in result.output
