@@ -6,12 +6,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import logging
 import os
 import signal
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
+import structlog
 import uvicorn
 
 from dispatcher.api import create_app
@@ -22,6 +24,8 @@ if TYPE_CHECKING:
     from dispatcher.settings import Settings
 
 __all__ = ["api_config", "install_uvloop", "lookup_pool", "serve", "work"]
+
+log = structlog.get_logger("dispatcher.api")
 
 
 def tune_gc() -> None:
@@ -93,6 +97,8 @@ async def serve(settings: Settings, *, with_worker: bool) -> None:
         await asyncio.wait([*tasks, waiter], return_when=asyncio.FIRST_COMPLETED)
         waiter.cancel()
         server.should_exit = True
+        if not server.started:
+            _stop_starting(tasks[0])
         if worker is not None:
             worker.stop()
         for task in tasks:
@@ -101,6 +107,18 @@ async def serve(settings: Settings, *, with_worker: bool) -> None:
     finally:
         if worker is not None:
             await worker.close()
+
+
+def _stop_starting(server: asyncio.Task[None]) -> None:
+    """Stop an API still starting: its start waits for the home shard's placement as long
+    as it takes, and heeds no `should_exit` (a SIGTERM then waited for Redis; review). Its
+    start is cancelled when the process ends, which uvicorn would log as a failed start,
+    with a traceback: it is not one."""
+    log.info("api.stopped_while_starting")
+    logging.getLogger("uvicorn.error").addFilter(
+        lambda record: "CancelledError" not in record.getMessage()
+    )
+    server.cancel()
 
 
 def work(settings: Settings) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -23,7 +24,7 @@ import pytest
 from dispatcher.connections import connect
 from dispatcher.embedded import EmbeddedPostgres, EmbeddedRedis
 from dispatcher.keys import Keys
-from tests.helpers import Receiver, free_port, make_settings, until
+from tests.helpers import Receiver, free_port, make_settings, start_process, stop, until
 
 keys = Keys()  # today's key names (one shard)
 
@@ -158,3 +159,31 @@ async def test_run_with_an_embedded_postgresql_history_reads_it_from_postgresql(
             await redis.aclose()
     assert f"history: PostgreSQL {pg_url}  (embedded" in run.output()
     assert EmbeddedPostgres(data_dir=data / "postgres").running_url() is None  # stopped
+
+
+@pytest.mark.parametrize("command", ["api", "run"])
+async def test_a_stop_while_the_start_waits_for_the_home_shard_ends_the_process(
+    tmp_path: Path, command: str
+) -> None:
+    """A process whose API is still starting (it waits for shard 0's placement as long as
+    shard 0 takes) ends on SIGTERM, saying so, with no traceback. It waited for Redis: a
+    stop, a rolling update, hung until SIGKILL (review)."""
+    silent = [f"redis://127.0.0.1:{free_port()}/0" for _ in range(2)]
+    log = tmp_path / "out.log"
+    process = start_process(
+        [command], silent[0], log, DISPATCHER_REDIS_SHARDS=json.dumps(silent),
+        DISPATCHER_API_PORT=str(free_port()), DISPATCHER_LOG_LEVEL="INFO",
+    )  # fmt: skip
+    try:
+
+        async def waiting() -> bool:
+            return "shards.placement_unread" in log.read_text()
+
+        await until(waiting, STARTS_WITHIN_S, "its start waiting for shard 0")
+        process.send_signal(signal.SIGTERM)
+        assert await asyncio.to_thread(process.wait, STARTS_WITHIN_S) == 0
+    finally:
+        stop(process)
+    out = log.read_text()
+    assert "api.stopped_while_starting" in out
+    assert "Traceback" not in out
