@@ -9,7 +9,7 @@ import asyncio
 import contextlib
 import json
 import socket
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 
 import pytest
 import redis as redis_py
@@ -23,7 +23,7 @@ from dispatcher.embedded import EmbeddedRedis
 from dispatcher.errors import InvalidSetting, Unavailable
 from dispatcher.keys import Keys
 from dispatcher.models import PLATFORM_PROJECT, Region
-from dispatcher.placement import Placement
+from dispatcher.placement import Placement, kept_fresh
 from dispatcher.producer import Producer
 from dispatcher.registry import Registration
 from dispatcher.registry.copies import callback_ids
@@ -281,23 +281,34 @@ async def test_the_placement_refresh_outlives_a_busy_home_shard(
     silently: the process never saw a move or a grow again (review). It waits a turn,
     and sees what is written after."""
     url = shard_servers[0].url
-    admin = redis_py.Redis.from_url(url)
-    admin.flushall()
-    admin.config_set("lua-time-limit", 100)
-    busy = "local t = redis.call('TIME')[1] while redis.call('TIME')[1] - t < 2 do end"
     async with Redis.from_url(url) as redis:
         placement = Placement(2, redis, Keys())
         await placement.load()
         refreshing = asyncio.create_task(placement.run(0.1))
-        spinning = asyncio.create_task(asyncio.to_thread(_quietly, url, busy))
         try:
-            await spinning
+            async with busy_for_2_s(url) as spinning:
+                await spinning
             assert not refreshing.done()
             await placement.write_counts(2, None)
             await until(lambda: _active(placement, 2), 5, "the refresh read the count")
         finally:
             await cancel_all([refreshing])
-            admin.config_set("lua-time-limit", 5000)
+
+
+@contextlib.asynccontextmanager
+async def busy_for_2_s(url: str) -> AsyncIterator[asyncio.Task[None]]:
+    """The Redis at `url`, emptied, runs a script for 2 s past its time limit (100 ms
+    here): every other client gets BUSY meanwhile. Yields the task that runs it."""
+    admin = redis_py.Redis.from_url(url)
+    admin.flushall()
+    admin.config_set("lua-time-limit", 100)
+    busy = "local t = redis.call('TIME')[1] while redis.call('TIME')[1] - t < 2 do end"
+    spinning = asyncio.create_task(asyncio.to_thread(_quietly, url, busy))
+    try:
+        yield spinning
+    finally:
+        await spinning
+        admin.config_set("lua-time-limit", 5000)
 
 
 def _quietly(url: str, script: str) -> None:
@@ -307,3 +318,29 @@ def _quietly(url: str, script: str) -> None:
 
 async def _active(placement: Placement, count: int) -> bool:
     return placement.active == count
+
+
+@pytest.mark.parametrize("count", [1, 2])
+async def test_a_start_waits_out_a_busy_home_shard(
+    shard_servers: list[EmbeddedRedis], count: int
+) -> None:
+    """A process that starts while shard 0 answers BUSY (a script past its time limit)
+    waits it out, as an outage, and reads the placement once it can (with one URL, its
+    count, in the background). The BUSY stopped the start (review)."""
+    url = shard_servers[0].url
+    async with Redis.from_url(url) as redis, busy_for_2_s(url):
+        await until(lambda: _busy(redis), 5, "shard 0 answering BUSY")
+        async with kept_fresh(Placement(count, redis, Keys()), 0.1) as placement:
+            await until(lambda: _read(placement), 5, "the placement read")
+
+
+async def _busy(redis: Redis) -> bool:
+    try:
+        await redis.ping()
+    except redis_py.ResponseError as exc:
+        return str(exc).startswith("BUSY")
+    return False
+
+
+async def _read(placement: Placement) -> bool:
+    return placement.version is not None
