@@ -120,7 +120,8 @@ async def status(router: Router, silent: list[int] | None = None) -> Status:
     due = [(at, job) for (_, at, job), _, _ in each]
     oldest = max([(found.oldest_due_s, found.oldest_due_job), *due])
     late: list[int] | None = None if silent is None else []
-    failing_now = await failing(router, silent=late)
+    answered = [s for s in router.shards if s.shard.index not in (silent or ())]
+    failing_now = await failing(router, silent=late, shards=answered)  # (asked once each)
     if silent is not None and late:
         silent += [index for index in late if index not in silent]
     return dataclasses.replace(
@@ -152,13 +153,16 @@ async def failing(
     project_id: str | None = None,
     rows: int = SHOWN_PER_PROJECT,
     silent: list[int] | None = None,
+    shards: list[Services] | None = None,
 ) -> FailingView:
-    """Callbacks whose last deliveries failed, over every shard, by project
+    """Callbacks whose last deliveries failed, over every shard (or `shards`), by project
     (`dispatcher.failing`): the projects with the most failures first, the worst `rows`
     of each; of `project_id` alone when given (every shard asked: a moving project's are
     on two). A platform-wide callback failing on several shards is shown and counted once,
     with its worst count (with `silent`: over the shards that answer, see `answers`)."""
-    found = await answers(router, lambda s: read_failing(s.redis, s.keys, project_id, rows), silent)
+    found = await answers(
+        router, lambda s: read_failing(s.redis, s.keys, project_id, rows), silent, shards
+    )
     return merged(found, rows)
 
 

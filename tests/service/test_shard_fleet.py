@@ -21,6 +21,7 @@ from dispatcher.auth import ALL_PROJECTS, Role
 from dispatcher.cli import app
 from dispatcher.embedded import EmbeddedRedis
 from dispatcher.errors import InvalidSetting, Unavailable
+from dispatcher.failing import read as read_failing
 from dispatcher.keys import Keys
 from dispatcher.models import PLATFORM_PROJECT, Region
 from dispatcher.placement import Placement, kept_fresh
@@ -28,6 +29,7 @@ from dispatcher.producer import Producer
 from dispatcher.registry import Registration
 from dispatcher.registry.copies import callback_ids
 from dispatcher.settings import Settings
+from dispatcher.shards import views
 from dispatcher.shards.move import Mover
 from dispatcher.shards.router import Router
 from dispatcher.stopping import cancel_all
@@ -344,3 +346,21 @@ async def _busy(redis: Redis) -> bool:
 
 async def _read(placement: Placement) -> bool:
     return placement.version is not None
+
+
+def test_status_asks_a_silent_shard_once(
+    shard_servers: list[EmbeddedRedis], silent_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`status` with shard 0 hung: its failing callbacks are read of the shards that
+    answered its status, not asked of shard 0 again (a second Redis timeout; review)."""
+    _fleet_of(monkeypatch, silent_url, shard_servers[1].url)
+    asked: list[int] = []
+
+    def reading(redis: Redis, keys: Keys, project_id: str | None, rows: int) -> object:
+        asked.append(redis.connection_pool.connection_kwargs["port"])
+        return read_failing(redis, keys, project_id, rows)
+
+    monkeypatch.setattr(views, "read_failing", reading)
+    result = CliRunner().invoke(app, ["status"])
+    assert result.exit_code == 3 and "shard(s) 0 did not answer" in result.output
+    assert asked == [shard_servers[1].port]
