@@ -88,11 +88,23 @@ _UNREACHABLE = (RedisConnectionError, RedisTimeoutError, ConnectionError, OSErro
 class _Cluster(RedisCluster):
     """redis-py's cluster client, but a cluster none of whose nodes answers is an outage,
     as a single Redis that does not answer: a `ConnectionError`, which every caller waits
-    out. redis-py raises its `RedisClusterException` then (its cause the last node's
-    connection error), which no caller took for an outage: a worker, the API and every
-    command stopped with a traceback (review)."""
+    out, until the cluster is back. redis-py raises its `RedisClusterException` then (its
+    cause the last node's connection error), which no caller took for an outage: a
+    worker, the API and every command stopped with a traceback (review). And it forgets
+    each node a command could not reach, so once every node had failed it had none left
+    to ask and stayed broken after the cluster came back (review): a client that starts
+    again starts from every node the URL lists."""
+
+    def __init__(self, *, startup_nodes: list[ClusterNode], **kwargs: Any) -> None:
+        super().__init__(startup_nodes=startup_nodes, **kwargs)
+        self._listed = [(node.host, node.port) for node in startup_nodes]
 
     async def initialize(self) -> RedisCluster:
+        if self._initialize:  # (reset after a failure: it starts from the nodes listed)
+            known = self.nodes_manager.startup_nodes
+            for host, port in self._listed:
+                node = ClusterNode(host, port, **self.connection_kwargs)
+                known.setdefault(node.name, node)
         try:
             return await super().initialize()
         except RedisClusterException as exc:
@@ -104,7 +116,7 @@ class _Cluster(RedisCluster):
 def cluster_client(target: ClusterUrl, policy: dict[str, Any]) -> Redis:
     """A client of the whole cluster, with the service's connection policy. Typed as a
     `Redis`: the service uses only what both have (commands, scripts, pipelines)."""
-    client = _Cluster(
+    client = _Cluster(  # type: ignore[abstract]  # (redis-py declares connection_pool so)
         startup_nodes=[ClusterNode(host, port) for host, port in target.nodes],
         username=target.username,
         password=target.password,
