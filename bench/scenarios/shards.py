@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import orjson
+from redis.asyncio import Redis
 
 from bench.common import EVENT, TOKEN, bench_settings, event_data
 from bench.harness import Scenario
@@ -99,12 +100,15 @@ async def _usage(redis: Redis) -> Cost:
     )
 
 
-async def _fill(bench: Bench, settings: Settings, events: int) -> list[str]:
+async def _fill(bench: Bench, settings: Settings, urls: list[str], events: int) -> list[str]:
     """Empty shards (every one in use), one project per shard with a callback on the
-    receiver, `events` queued over them evenly; returns the projects."""
+    receiver, `events` queued over them evenly; returns the projects. (Emptied before a
+    process opens them: the run before left two shards in use, which a process given one
+    URL refuses.)"""
+    for url in urls:
+        async with Redis.from_url(url) as shard:
+            await shard.flushdb()
     async with Router.open(settings) as router:
-        for services in router.shards:
-            await services.redis.flushdb()
         await Mover(router, lambda _: None, settle_s=0.001).grow()
         projects: dict[int, str] = {}
         for n in range(1000):
@@ -129,7 +133,7 @@ async def _run(bench: Bench, urls: list[str]) -> tuple[float, list[Cost]]:
     events = bench.sizes.deliveries
     listed = urls if len(urls) > 1 else None
     settings = bench_settings(urls[0], redis_shards=listed)
-    projects = await _fill(bench, settings, events)
+    projects = await _fill(bench, settings, urls, events)
     with shard_list(listed):
         procs = [
             await WorkerProcess.start(urls[0], log_path=bench.logs / f"shards-{len(urls)}.log")
