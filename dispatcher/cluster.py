@@ -10,6 +10,8 @@ many masters can share the work.
 
 from __future__ import annotations
 
+import asyncio
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 from urllib.parse import unquote, urlsplit
@@ -83,34 +85,55 @@ def parse_cluster_url(url: str) -> ClusterUrl:
 
 # What redis-py's cluster client found when no node it was given answered
 _UNREACHABLE = (RedisConnectionError, RedisTimeoutError, ConnectionError, OSError)
+# How redis-py says it reached no node (its cause the last node's error, or none: other
+# callers' failures took every node off its list meanwhile), or that the nodes that answered
+# serve no slot (the masters are away: a node the URL lists has left the cluster and
+# answers with none; review)
+_NO_CLUSTER = ("Redis Cluster cannot be connected", "All slots are not covered")
+AGAIN_AFTER_S = 1.0  # a start that found no node is not tried again sooner
 
 
 class _Cluster(RedisCluster):
     """redis-py's cluster client, but a cluster none of whose nodes answers is an outage,
     as a single Redis that does not answer: a `ConnectionError`, which every caller waits
     out, until the cluster is back. redis-py raises its `RedisClusterException` then (its
-    cause the last node's connection error), which no caller took for an outage: a
-    worker, the API and every command stopped with a traceback (review). And it forgets
-    each node a command could not reach, so once every node had failed it had none left
-    to ask and stayed broken after the cluster came back (review): a client that starts
-    again starts from every node the URL lists."""
+    cause the last node's connection error, or no slot served by the nodes that
+    answered), which no caller took for an outage: a worker, the API and every command
+    stopped with a traceback (review). And it forgets each node a command could not
+    reach, so once every node had failed it had none left to ask and stayed broken after
+    the cluster came back (review): a client that starts again starts from every node the
+    URL lists. A start that failed is not tried again for `AGAIN_AFTER_S`: the callers
+    waiting their turn get its error at once (each walked every node listed in turn,
+    so with the cluster hung the k-th waited k times its Redis timeouts; review)."""
 
     def __init__(self, *, startup_nodes: list[ClusterNode], **kwargs: Any) -> None:
         super().__init__(startup_nodes=startup_nodes, **kwargs)
         self._listed = [(node.host, node.port) for node in startup_nodes]
+        self._starting = asyncio.Lock()
+        self._failed: tuple[float, str] | None = None  # when the last start failed, why
 
     async def initialize(self) -> RedisCluster:
-        if self._initialize:  # (reset after a failure: it starts from the nodes listed)
-            known = self.nodes_manager.startup_nodes
+        if not self._initialize:
+            return self
+        async with self._starting:
+            if self._failed and time.monotonic() - self._failed[0] < AGAIN_AFTER_S:
+                raise RedisConnectionError(self._failed[1])
+            known = self.nodes_manager.startup_nodes  # (it starts from the nodes listed)
             for host, port in self._listed:
                 node = ClusterNode(host, port, **self.connection_kwargs)
                 known.setdefault(node.name, node)
-        try:
-            return await super().initialize()
-        except RedisClusterException as exc:
-            if isinstance(exc.__cause__, _UNREACHABLE):
+            try:
+                started = await super().initialize()
+            except RedisClusterException as exc:
+                if not str(exc).startswith(_NO_CLUSTER):
+                    raise
+                self._failed = (time.monotonic(), str(exc))
                 raise RedisConnectionError(str(exc)) from exc
-            raise
+            except _UNREACHABLE as exc:
+                self._failed = (time.monotonic(), str(exc))
+                raise
+            self._failed = None
+            return started
 
 
 def cluster_client(target: ClusterUrl, policy: dict[str, Any]) -> Redis:

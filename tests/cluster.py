@@ -124,6 +124,11 @@ class LocalCluster:
         self._processes[index].kill()
         self._processes[index].wait(timeout=10)
 
+    def stray_node(self, within: float = 20.0) -> int:
+        """One more node, in no cluster (as one `redis-cli --cluster del-node` removed: it
+        answers, serving no slot); its port. Stopped with the others."""
+        return self._node(_cluster_port(), within)
+
     def save(self) -> None:
         """Every node's data written to disk (`SAVE`): a restart keeps it."""
         for port in self.ports:
