@@ -86,10 +86,12 @@ def parse_cluster_url(url: str) -> ClusterUrl:
 # What redis-py's cluster client found when no node it was given answered
 _UNREACHABLE = (RedisConnectionError, RedisTimeoutError, ConnectionError, OSError)
 # How redis-py says it reached no node (its cause the last node's error, or none: other
-# callers' failures took every node off its list meanwhile), or that the nodes that answered
-# serve no slot (the masters are away: a node the URL lists has left the cluster and
-# answers with none; review)
-_NO_CLUSTER = ("Redis Cluster cannot be connected", "All slots are not covered")
+# callers' failures took every node off its list meanwhile; not a node that refused to
+# be a cluster's), or that the nodes that answered serve no slot at all (the masters are
+# away: a node the URL lists has left the cluster and answers with none; review). Slots
+# left unserved on purpose, or a Redis that is no cluster, stay errors (review).
+_NO_NODE = "Redis Cluster cannot be connected"
+_NO_SLOT = "All slots are not covered after query all startup_nodes. 0 of "
 AGAIN_AFTER_S = 1.0  # a start that found no node is not tried again sooner
 
 
@@ -125,7 +127,7 @@ class _Cluster(RedisCluster):
             try:
                 started = await super().initialize()
             except RedisClusterException as exc:
-                if not str(exc).startswith(_NO_CLUSTER):
+                if not _away(exc):
                     raise
                 self._failed = (time.monotonic(), str(exc))
                 raise RedisConnectionError(str(exc)) from exc
@@ -134,6 +136,14 @@ class _Cluster(RedisCluster):
                 raise
             self._failed = None
             return started
+
+
+def _away(exc: RedisClusterException) -> bool:
+    """Whether `exc`, from a start, says the cluster is away (an outage), not wrong."""
+    said, cause = str(exc), exc.__cause__
+    if said.startswith(_NO_NODE):
+        return cause is None or isinstance(cause, _UNREACHABLE)
+    return said.startswith(_NO_SLOT)
 
 
 def cluster_client(target: ClusterUrl, policy: dict[str, Any]) -> Redis:

@@ -11,9 +11,12 @@ import contextlib
 from pathlib import Path
 
 import pytest
+import redis as sync_redis
 from redis.asyncio.cluster import NodesManager
+from redis.exceptions import RedisClusterException
 
 from dispatcher.connections import REDIS_ERRORS, connect
+from dispatcher.embedded import EmbeddedRedis
 from dispatcher.models import Region
 from dispatcher.producer import Producer
 from dispatcher.registry import Registration
@@ -125,4 +128,29 @@ async def test_a_worker_waits_out_its_cluster_down_whole_and_delivers_once_back(
         assert worker.poll() is None
     finally:
         stop(worker)
+        cluster.stop()
+
+
+async def test_a_cluster_that_is_wrong_is_no_outage(
+    tmp_path: Path, redis_server: EmbeddedRedis
+) -> None:
+    """What will not mend by waiting stays an error, as it was: a cluster whose slots are
+    not all served (here on purpose), and a Redis that is no cluster (review: both were
+    taken for an outage, waited out for ever)."""
+    cluster = LocalCluster(tmp_path, masters=1)
+    url = cluster.start()
+    standalone = redis_server.url.replace("redis://", "redis+cluster://")
+    try:
+        node = sync_redis.Redis(host="127.0.0.1", port=cluster.ports[0], socket_timeout=5)
+        node.cluster("DELSLOTSRANGE", "100", "200")
+        node.close()
+        for wrong, said in ((url, "16283 of 16384 covered"), (standalone, "Cluster mode")):
+            redis = connect(make_settings(wrong, redis_timeout=1), wrong)
+            try:
+                with pytest.raises(RedisClusterException, match=said) as raised:
+                    await redis.ping()
+                assert not isinstance(raised.value, REDIS_ERRORS)
+            finally:
+                await redis.aclose()
+    finally:
         cluster.stop()
