@@ -58,6 +58,10 @@ async def _until_healthy(run: Run, process: asyncio.subprocess.Process) -> None:
         await asyncio.sleep(0.1)
 
 
+def _logged(log: Path) -> str:
+    return log.read_text()
+
+
 @contextlib.asynccontextmanager
 async def running(data_dir: Path, log: Path, **env: str) -> AsyncIterator[Run]:
     """`dispatcher run` in a subprocess, no DISPATCHER_* setting but its data folder, a free
@@ -78,7 +82,13 @@ async def running(data_dir: Path, log: Path, **env: str) -> AsyncIterator[Run]:
                 yield run
         finally:
             process.send_signal(signal.SIGINT)
-            await asyncio.wait_for(process.wait(), 30)
+            try:
+                await asyncio.wait_for(process.wait(), STARTS_WITHIN_S)
+            except TimeoutError:
+                process.kill()
+                raise AssertionError(
+                    f"no stop within {STARTS_WITHIN_S} s of SIGINT:\n{_logged(log)}"
+                ) from None
 
 
 async def register_and_emit(run: Run, receiver: Receiver) -> None:
@@ -96,7 +106,11 @@ async def register_and_emit(run: Run, receiver: Receiver) -> None:
         "--event", "BUILD_END", "--data", '{"buildId": "b-42"}',
         env=run.env, stderr=subprocess.PIPE, stdout=subprocess.PIPE,
     )  # fmt: skip
-    _, stderr = await asyncio.wait_for(emitted.communicate(), 30)
+    try:
+        _, stderr = await asyncio.wait_for(emitted.communicate(), STARTS_WITHIN_S)
+    except TimeoutError:
+        emitted.kill()
+        raise AssertionError(f"`dispatcher emit` hung; the run's log:\n{run.output()}") from None
     assert emitted.returncode == 0, stderr.decode()
     await receiver.wait_for(1, within=5)
     [seen] = receiver.requests()
@@ -126,6 +140,7 @@ def reachable_dir() -> Iterator[Path]:
     shutil.rmtree(root, ignore_errors=True)
 
 
+@pytest.mark.timeout(150)  # (past its own bounds, which say what the run logged; CI once hit 60)
 async def test_run_with_an_embedded_postgresql_history_reads_it_from_postgresql(
     reachable_dir: Path, receiver: Receiver
 ) -> None:
