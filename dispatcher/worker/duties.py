@@ -24,7 +24,7 @@ from dispatcher import bodies, failing, lateness, metrics
 from dispatcher.bodies import GIVE_BACK
 from dispatcher.clock import now_ms
 from dispatcher.cluster import scan_shard
-from dispatcher.connections import REDIS_ERRORS, redis_full
+from dispatcher.connections import REDIS_ERRORS, transient_reply
 from dispatcher.lateness import Noted
 from dispatcher.lua import Key, KeyList, Script, run_pipeline
 from dispatcher.status import write_heartbeat
@@ -61,14 +61,16 @@ class Counts:
 
 
 async def every(seconds: float, step: Callable[[], Awaitable[Any]]) -> None:
-    """`step`, then a pause of `seconds`, for ever; a failure is logged, not fatal."""
+    """`step`, then a pause of `seconds`, for ever; a failure is logged, not fatal: an
+    outage, or a reply that means "not now", in a line; anything else with its traceback
+    (a cluster's CLUSTERDOWN, down whole, logged one each turn: review)."""
     while True:
         try:
             await step()
         except REDIS_ERRORS as exc:
             log.debug("worker.background_failed", step=step.__name__, error=str(exc))
         except Exception as exc:  # a bug must not stop the heartbeat or the lease renewals
-            if redis_full(exc):  # an outage too: the next turn tries again
+            if transient_reply(exc):  # an outage too (full, BUSY, CLUSTERDOWN...): next turn
                 log.debug("worker.background_failed", step=step.__name__, error=str(exc))
             else:
                 log.exception("worker.background_failed", step=step.__name__)

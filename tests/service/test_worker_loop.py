@@ -17,7 +17,8 @@ from aiohttp import web
 from prometheus_client import REGISTRY
 from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
-from redis.exceptions import ResponseError
+from redis.exceptions import ClusterDownError, ResponseError
+from structlog.testing import capture_logs
 
 from dispatcher.clock import now_ms
 from dispatcher.connections import connect
@@ -35,9 +36,11 @@ from dispatcher.producer import Producer
 from dispatcher.queue import Queue
 from dispatcher.registry import Registry
 from dispatcher.settings import Settings
+from dispatcher.stopping import cancel_all
 from dispatcher.worker import create_worker, idling
 from dispatcher.worker import writer as writer_module
 from dispatcher.worker.claims import Claims
+from dispatcher.worker.duties import every
 from dispatcher.worker.writer import Writer
 from tests.helpers import (
     UID,
@@ -618,3 +621,35 @@ async def test_the_pending_writes_gauge_adds_up_every_shards_writer(
         with contextlib.suppress(Exception):
             await asyncio.wait_for(frozen.close(), 2)
         await away.aclose()
+
+
+@pytest.mark.parametrize(
+    ("failure", "traced"),
+    [(ClusterDownError("The cluster is down"), False),  # type: ignore[no-untyped-call]
+     (ResponseError("BUSY a script"), False),
+     (ResponseError("ERR a bug"), True), (ValueError("a bug"), True)],
+)  # fmt: skip
+async def test_a_background_step_logs_a_not_now_reply_in_a_line_and_a_bug_with_its_trace(
+    failure: Exception, traced: bool
+) -> None:
+    """A worker's background steps (heartbeat, health check, sweeps) go on after any
+    failure; a reply that means "not now" (a cluster down whole answers CLUSTERDOWN) is
+    an outage, logged in a line: it was logged with a traceback every turn (review)."""
+    turns = 0
+
+    async def health_check() -> None:
+        nonlocal turns
+        turns += 1
+        raise failure
+
+    with capture_logs() as logs:
+        task = asyncio.create_task(every(0.001, health_check))
+        await until(lambda: _turned(turns), 5, "two turns")
+        await cancel_all([task])
+    said = [entry for entry in logs if entry["event"] == "worker.background_failed"]
+    assert said and all(entry.get("exc_info", False) is traced for entry in said), said
+    assert all(entry["log_level"] == ("error" if traced else "debug") for entry in said)
+
+
+async def _turned(turns: int) -> bool:
+    return turns >= 2
