@@ -83,7 +83,8 @@ def parse_cluster_url(url: str) -> ClusterUrl:
     )
 
 
-# What redis-py's cluster client found when no node it was given answered
+# What redis-py's cluster client found when no node it was given answered (the outages of
+# `connections.REDIS_ERRORS`, which cannot be imported here: that module imports this one)
 _UNREACHABLE = (RedisConnectionError, RedisTimeoutError, ConnectionError, OSError)
 # How redis-py says it reached no node (its cause the last node's error, or none: other
 # callers' failures took every node off its list meanwhile; not a node that refused to

@@ -21,6 +21,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from dispatcher.lua import IN_SLICES
+
 __all__ = ["ENDS", "END_JOB", "END_JOBS", "NO_ENDING", "NO_JOB", "SET_MARK", "Ending", "JobEnd"]
 
 # A Lua function over the names a script declares for a `JobEnd` (keys queue, lease, job,
@@ -51,17 +53,13 @@ local function end_job()
   return 1
 end
 """
-END_JOBS = """
-local function in_slices(command, key, items)  -- as many as Lua's unpack takes at once
-  for i = 1, #items, 1000 do
-    local last = math.min(i + 999, #items)
-    if key then redis.call(command, key, unpack(items, i, last))
-    else redis.call(command, unpack(items, i, last)) end
-  end
-end
-for _, queue in ipairs(ends.queues) do in_slices('ZREM', queue, ends.ids[queue]) end
-in_slices('DEL', nil, ends.keys)  -- after: a failed ZREM leaves no queued job without data
+END_JOBS = (
+    IN_SLICES
+    + """
+for _, queue in ipairs(ends.queues) do in_slices({'ZREM', queue}, ends.ids[queue]) end
+in_slices({'DEL'}, ends.keys)  -- after: a failed ZREM leaves no queued job without data
 """
+)
 
 # A Lua function over the names a script declares for an `Ending` (key progress;
 # arguments mark, mark_ttl): the delivery's progress mark, never over "done". A mark is one

@@ -47,6 +47,7 @@ if TYPE_CHECKING:
     from redis.asyncio.client import Pipeline
 
 __all__ = [
+    "IN_SLICES",
     "KEEP_AT_LEAST",
     "REDIS_NOW_MS",
     "ArgList",
@@ -66,6 +67,19 @@ REDIS_NOW_MS = """
 local function redis_now_ms()
   local t = redis.call('TIME')
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+"""
+
+# A Lua function a script prepends to its own: `redis.call` of the command `head` (a table:
+# the command and its first arguments) with `items` after it, a slice of 1,000 at a time
+# (Lua's `unpack` takes about 8,000 values at once); a slice keeps pairs together.
+IN_SLICES = """
+local function in_slices(head, items)
+  for i = 1, #items, 1000 do
+    local call = {unpack(head)}
+    for j = i, math.min(i + 999, #items) do call[#call + 1] = items[j] end
+    redis.call(unpack(call))
+  end
 end
 """
 

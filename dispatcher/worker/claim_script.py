@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
-from dispatcher.lua import REDIS_NOW_MS, ArgList, Key, Script
+from dispatcher.lua import IN_SLICES, REDIS_NOW_MS, ArgList, Key, Script
 from dispatcher.worker.record import KEEP_DROP_LUA
 
 __all__ = ["DATA_GONE", "JUST_DUE_SLACK_MS", "SWEEP_ENTRIES", "Claim"]
@@ -74,6 +74,7 @@ class Claim(Script):
 
     LUA = (
         REDIS_NOW_MS
+        + IN_SLICES
         + KEEP_DROP_LUA
         + f"local data_gone = {json.dumps(DATA_GONE)}\n"
         + """
@@ -145,12 +146,8 @@ class Claim(Script):
         if row[2] then leased[#leased + 1] = until_ms; leased[#leased + 1] = row[1]
         else gone[#gone + 1] = row[1] end
       end
-      for i = 1, #leased, 1000 do  -- as many as Lua's unpack takes at once
-        redis.call('ZADD', queue, 'XX', unpack(leased, i, math.min(i + 999, #leased)))
-      end
-      for i = 1, #gone, 1000 do
-        redis.call('ZREM', queue, unpack(gone, i, math.min(i + 999, #gone)))
-      end
+      in_slices({'ZADD', queue, 'XX'}, leased)
+      in_slices({'ZREM', queue}, gone)
     end
     local looked = 0  -- entries passed over, in every look
     local PAGE = 100  -- entries a page reads (but a look's first: `want`)
