@@ -11,7 +11,7 @@ import os
 import signal
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import structlog
 import uvicorn
@@ -89,7 +89,8 @@ async def serve(settings: Settings, *, with_worker: bool) -> None:
     worker = create_worker(settings, handle_signals=False) if with_worker else None
     lookup_pool()
     tune_gc()
-    tasks = [asyncio.create_task(server.serve())]
+    api = asyncio.create_task(_serving(server))
+    tasks: list[asyncio.Task[Any]] = [api]
     if worker is not None:
         tasks.append(asyncio.create_task(worker.main()))
     waiter = asyncio.create_task(stop.wait())
@@ -97,8 +98,8 @@ async def serve(settings: Settings, *, with_worker: bool) -> None:
         await asyncio.wait([*tasks, waiter], return_when=asyncio.FIRST_COMPLETED)
         waiter.cancel()
         server.should_exit = True
-        if not server.started:
-            _stop_starting(tasks[0])
+        if not server.started and not api.done():
+            _stop_starting(api)
         if worker is not None:
             worker.stop()
         for task in tasks:
@@ -107,9 +108,23 @@ async def serve(settings: Settings, *, with_worker: bool) -> None:
     finally:
         if worker is not None:
             await worker.close()
+    if not api.cancelled() and (status := api.result()):
+        raise SystemExit(status)
 
 
-def _stop_starting(server: asyncio.Task[None]) -> None:
+async def _serving(server: uvicorn.Server) -> int:
+    """`server.serve()`; the status uvicorn exits the process with when it cannot start
+    (its port taken: it calls `sys.exit`), else 0. Raised in a task, `SystemExit` left the
+    event loop at once, the worker was cancelled in the middle of its stop, and with the
+    PostgreSQL history the process hung for good (review)."""
+    try:
+        await server.serve()
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else 1
+    return 0
+
+
+def _stop_starting(server: asyncio.Task[int]) -> None:
     """Stop an API still starting: its start waits for the home shard's placement as long
     as it takes, and heeds no `should_exit` (a SIGTERM then waited for Redis; review). Its
     start is cancelled when the process ends, which uvicorn would log as a failed start,

@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -58,6 +59,14 @@ async def _until_healthy(run: Run, process: asyncio.subprocess.Process) -> None:
         await asyncio.sleep(0.1)
 
 
+def _environ(data_dir: Path, port: int, **env: str) -> dict[str, str]:
+    """This process's environment but its DISPATCHER_* settings, with the data folder, the
+    API port and `env`."""
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("DISPATCHER_")}
+    environ.update(DISPATCHER_DATA_DIR=str(data_dir), DISPATCHER_API_PORT=str(port), **env)
+    return environ
+
+
 def _logged(log: Path) -> str:
     return log.read_text()
 
@@ -67,8 +76,7 @@ async def running(data_dir: Path, log: Path, **env: str) -> AsyncIterator[Run]:
     """`dispatcher run` in a subprocess, no DISPATCHER_* setting but its data folder, a free
     API port and `env`, until it answers /healthz; stopped with Ctrl+C (SIGINT)."""
     port = free_port()
-    environ = {k: v for k, v in os.environ.items() if not k.startswith("DISPATCHER_")}
-    environ.update(DISPATCHER_DATA_DIR=str(data_dir), DISPATCHER_API_PORT=str(port), **env)
+    environ = _environ(data_dir, port, **env)
     with log.open("wb") as out:
         process = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "dispatcher", "run", env=environ, stdout=out,
@@ -174,6 +182,32 @@ async def test_run_with_an_embedded_postgresql_history_reads_it_from_postgresql(
             await redis.aclose()
     assert f"history: PostgreSQL {pg_url}  (embedded" in run.output()
     assert EmbeddedPostgres(data_dir=data / "postgres").running_url() is None  # stopped
+
+
+async def test_a_run_whose_port_is_taken_stops_its_worker_and_exits(reachable_dir: Path) -> None:
+    """uvicorn exits the process when it cannot bind its port (`sys.exit`, status 3).
+    Raised in a task, that exit left the event loop at once and cancelled the worker in
+    the middle of its stop; with the PostgreSQL history the process hung for good (review:
+    a CI run whose port another test took). It exits with uvicorn's status, once its
+    worker stopped, and its embedded servers stop with it."""
+    data, log = reachable_dir / "data", reachable_dir / "run.log"
+    with socket.socket() as taken, log.open("wb") as out:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        environ = _environ(data, taken.getsockname()[1], DISPATCHER_HISTORY_URL="embedded")
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "dispatcher", "run", env=environ, stdout=out,
+            stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        try:
+            status = await asyncio.wait_for(process.wait(), STARTS_WITHIN_S)
+        except TimeoutError:
+            process.kill()
+            raise AssertionError(f"hung:\n{_logged(log)}") from None
+    assert status == 3, _logged(log)
+    assert "address already in use" in _logged(log) and "worker.stopped" in _logged(log)
+    assert EmbeddedRedis(data).running_url() is None
+    assert EmbeddedPostgres(data_dir=data / "postgres").running_url() is None
 
 
 @pytest.mark.parametrize("command", ["api", "run"])
