@@ -1,23 +1,31 @@
 """What a host or an address is, for the address policy (`dispatcher.egress`): the cloud
 metadata services' names and addresses, internal ranges, the IPv4 address an IPv6 one
-carries to, an address spelled as a host in any notation, a name as resolvers see it."""
+carries to, an address spelled as a host in any notation, a name as resolvers see it;
+and the host and port a callback's URL connects to (`connect_url`, `target_of`)."""
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 import socket
+from urllib.parse import urlsplit
+
+from yarl import URL
 
 __all__ = [
     "LINK_LOCAL",
     "METADATA_ADDRESSES",
     "METADATA_HOSTS",
     "IPAddress",
+    "connect_target",
+    "connect_url",
     "embedded_ipv4",
     "host_name",
     "host_port",
     "is_internal",
     "literal_ip",
+    "target_of",
 ]
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -114,3 +122,27 @@ def host_name(host: str) -> str:
 def host_port(host: str, port: int) -> str:
     """`host:port` as written in a URL: an IPv6 address in brackets (`[::1]:443`)."""
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+@functools.lru_cache(maxsize=4096)
+def connect_target(url: str) -> tuple[str, int]:
+    """The host and port a request to `url` connects to (`connect_url`)."""
+    return target_of(connect_url(url))
+
+
+def connect_url(url: str) -> URL:
+    """`url` as aiohttp reads it, a request's only parse: yarl's (NFKC-normalised and
+    IDNA-encoded: a host spelled in full-width or segmented digits is 127.0.0.1 to it,
+    where `urlsplit` keeps it as spelled). The policy checks its host (`target_of`), never
+    another parse's. Raises ValueError when yarl cannot parse `url`, or `urlsplit` cannot
+    read its port (`+22`, full-width digits: yarl reads both)."""
+    urlsplit(url).port  # noqa: B018  # raises on a port it cannot read
+    return URL(url)
+
+
+def target_of(target: URL) -> tuple[str, int]:
+    """The host and port a request to `target` connects to."""
+    port = target.port
+    return target.raw_host or "", port if port is not None else (
+        443 if target.scheme == "https" else 80
+    )

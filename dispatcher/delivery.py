@@ -100,9 +100,10 @@ class Limits:
 @dataclass(frozen=True, slots=True)
 class Outgoing:
     """One attempt's request: the body bytes as built once for the event, what signs and
-    names it, the callback's secrets, and extra headers (a trace context)."""
+    names it, the callback's secrets, and extra headers (a trace context). `url`: as
+    parsed once for the callback (`rules.Destination.target`), or as stored."""
 
-    url: str
+    url: str | URL
     body: bytes
     event: str
     delivery_id: str
@@ -251,7 +252,7 @@ def _check_headers(headers: Mapping[str, str]) -> None:
 
 async def send(
     client: Poster,
-    url: str,
+    url: str | URL,
     body: bytes,
     headers: Mapping[str, str],
     *,
@@ -268,7 +269,7 @@ async def send(
     is retried when none did (but for an address the policy refuses)."""
     started = now_ms()
     try:
-        target = _parsed(url)
+        target = url if isinstance(url, URL) else _parsed(url)
         _check_headers(headers)
     except Exception as exc:  # retrying cannot help: the same request again would fail
         text = f"the request could not be built: {describe(exc)}"

@@ -26,7 +26,6 @@ import ipaddress
 import socket
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
-from urllib.parse import urlsplit
 
 import aiohttp
 import structlog
@@ -39,6 +38,7 @@ from dispatcher.addresses import (
     METADATA_ADDRESSES,
     METADATA_HOSTS,
     IPAddress,
+    connect_target,
     embedded_ipv4,
     host_name,
     is_internal,
@@ -64,7 +64,6 @@ __all__ = [
     "AddressPolicy",
     "Client",
     "GuardedResolver",
-    "connect_target",
     "policy_for",
 ]
 
@@ -208,21 +207,6 @@ def _host_port(url: str) -> tuple[str, int]:
         return connect_target(url)
     except ValueError as exc:
         raise InvalidUrl(f"url is malformed: {exc}", param="url") from None
-
-
-@functools.lru_cache(maxsize=4096)
-def connect_target(url: str) -> tuple[str, int]:
-    """The host and port a request to `url` connects to: yarl's parse, the one aiohttp
-    makes (NFKC-normalised and IDNA-encoded: a host spelled in full-width or segmented
-    digits is 127.0.0.1 to it, where `urlsplit` keeps it as spelled). The policy checks
-    this host, never another parse's. Raises ValueError when yarl cannot parse `url`, or
-    `urlsplit` cannot read its port (`+22`, full-width digits: yarl reads both)."""
-    urlsplit(url).port  # noqa: B018  # raises on a port it cannot read
-    target = URL(url)
-    port = target.port
-    return target.raw_host or "", port if port is not None else (
-        443 if target.scheme == "https" else 80
-    )
 
 
 @functools.lru_cache(maxsize=4096)

@@ -4,14 +4,16 @@ ids, the token, which events a level takes. Pure checks, no Redis."""
 from __future__ import annotations
 
 import re
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 from urllib.parse import urlsplit
 
-from dispatcher.addresses import host_port
-from dispatcher.egress import connect_target
+from dispatcher.addresses import connect_url, host_port, target_of
 from dispatcher.errors import InvalidEvent, InvalidInput, InvalidUrl, Unavailable
 from dispatcher.headers import check_header_value
 from dispatcher.models import PLATFORM_PROJECT, PROJECT_EVENTS, PROJECT_ID, Event, Level
+
+if TYPE_CHECKING:
+    from yarl import URL
 
 __all__ = [
     "MAX_ID_LENGTH",
@@ -134,6 +136,7 @@ class Destination(NamedTuple):
     host: str
     hostname: str
     port: int
+    target: URL | None = None  # the URL as parsed once, what the request is sent to
 
 
 def destination(url: str) -> Destination:
@@ -145,12 +148,13 @@ def destination(url: str) -> Destination:
         return Destination(problem or f"url is malformed: {exc}", "", "", 0)
     netloc, hostname = parts.netloc, parts.hostname or ""
     try:
-        hostname, port = connect_target(url)  # what the policy must check: what aiohttp uses
+        target = connect_url(url)
+        hostname, port = target_of(target)  # what the policy must check: what aiohttp uses
     except ValueError as exc:
         return Destination(problem or f"url is malformed: {exc}", netloc, hostname, 0)
     if not hostname:
         problem = problem or "url has no host"
-    return Destination(problem, host_port(hostname, port), hostname, port)
+    return Destination(problem, host_port(hostname, port), hostname, port, target)
 
 
 def _is_id(value: str) -> bool:

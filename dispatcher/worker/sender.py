@@ -63,8 +63,9 @@ class Sender:
                 left = round(max(limits.total_timeout - spent, 0.01), 2)
                 limits = replace(limits, total_timeout=left)
             out = Outgoing(
-                target.url, job.body, job.event, job.delivery_id, job.emitter,
-                target.secret_token, target.previous_token, target.auth_header, trace_headers,
+                target.destination.target or target.url, job.body, job.event,
+                job.delivery_id, job.emitter, target.secret_token, target.previous_token,
+                target.auth_header, trace_headers,
             )  # fmt: skip
             return await attempt(self.clients[target.region], limits, out, refused=refused)
 
