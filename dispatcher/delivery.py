@@ -59,7 +59,9 @@ class Outcome(enum.StrEnum):
 
 @dataclass(slots=True)
 class AttemptResult:
-    """What happened on the wire. Times are epoch milliseconds."""
+    """What happened on the wire. Times are epoch milliseconds. `sent`: False when
+    nothing went out (refused, unresolved, unbuildable: `unsent`), so its duration is no
+    exchange's and stays out of the attempt times."""
 
     outcome: Outcome
     status_code: int | None
@@ -68,6 +70,7 @@ class AttemptResult:
     retry_after: float | None
     started_ms: int
     ended_ms: int
+    sent: bool = True
 
     @property
     def duration_ms(self) -> int:
@@ -79,7 +82,8 @@ class AttemptResult:
     ) -> AttemptResult:
         """An attempt that sent nothing: final (FAILED), or tried again (RETRY)."""
         now = now_ms()
-        return cls(outcome, None, None, error, None, now if started_ms is None else started_ms, now)
+        started = now if started_ms is None else started_ms
+        return cls(outcome, None, None, error, None, started, now, sent=False)
 
 
 @dataclass(frozen=True, slots=True)

@@ -17,10 +17,12 @@ import uuid
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+import structlog
+
 from dispatcher.lua import ArgList, Key, KeyList, Script, run_pipeline
 
 if TYPE_CHECKING:
-    from collections.abc import Mapping, Sequence
+    from collections.abc import Callable, Mapping, Sequence
 
     from redis.asyncio import Redis
     from redis.asyncio.client import Pipeline
@@ -39,6 +41,8 @@ __all__ = [
     "percentile",
     "read_series",
 ]
+
+log = structlog.get_logger("dispatcher.stats")
 
 # Upper bounds of the duration buckets, in ms; one more bucket holds everything longer.
 BOUNDS_MS: tuple[int, ...] = (
@@ -79,6 +83,9 @@ def bucket_field(duration_ms: int) -> str:
 
 
 FLUSH_MARK_S = 600  # how long Redis remembers a flush it added (`AddCounts`)
+# A flush unconfirmed this long after it was first sent is given up: its mark may be gone,
+# and sent again it could count twice (the margin: a pipeline's own time in flight).
+RESEND_WITHIN_S = FLUSH_MARK_S - 60
 
 
 @dataclass
@@ -131,26 +138,32 @@ class AttemptStats:
     """Attempts by (minute, outcome) and (minute, duration bucket), counted in memory and
     added to Redis every few seconds, so the hot path never waits for them."""
 
-    def __init__(self) -> None:
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self.counts: collections.Counter[tuple[int, str]] = collections.Counter()
-        # flushes not known to be added, each with its token: sent again as they were
-        self.unsent: list[tuple[str, collections.Counter[tuple[int, str]]]] = []
+        # flushes not known to be added, each with its token and when it was first sent:
+        # sent again as they were, within `RESEND_WITHIN_S`
+        self.unsent: list[tuple[str, collections.Counter[tuple[int, str]], float]] = []
+        self.clock = clock
 
-    def count(self, outcome: str, duration_ms: int = 0) -> None:
+    def count(self, outcome: str, duration_ms: int | None) -> None:
+        """One attempt, and its exchange's time unless it sent nothing (None)."""
         minute = time.time_ns() // 60_000_000_000
         self.counts[(minute, outcome)] += 1
-        self.counts[(minute, bucket_field(duration_ms))] += 1
+        if duration_ms is not None:
+            self.counts[(minute, bucket_field(duration_ms))] += 1
 
     async def flush(self, redis: Redis, keys: Keys) -> None:
         """Add what was counted since the last flush to every span's hashes, in one round
         trip, once (`AddCounts`); kept with its token for the next flush when Redis fails,
         which sends it again beside its own."""
+        now = self.clock()
         if self.counts:
-            self.unsent.append((uuid.uuid4().hex, self.counts))
+            self.unsent.append((uuid.uuid4().hex, self.counts, now))
             self.counts = collections.Counter()
+        self._give_up_stale(now)
         if not self.unsent:
             return
-        scripts = [add_counts(keys, token, counts) for token, counts in self.unsent]
+        scripts = [add_counts(keys, token, counts) for token, counts, _ in self.unsent]
 
         def queue(pipe: Pipeline) -> None:
             for script in scripts:
@@ -158,6 +171,17 @@ class AttemptStats:
 
         await run_pipeline(redis, queue)
         del self.unsent[: len(scripts)]
+
+    def _give_up_stale(self, now: float) -> None:
+        """Drop the flushes unconfirmed for `RESEND_WITHIN_S` (Redis away that long): the
+        status page misses their attempts rather than counting them twice."""
+        stale = [counts for _, counts, sent in self.unsent if now - sent >= RESEND_WITHIN_S]
+        if not stale:
+            return
+        self.unsent = [item for item in self.unsent if now - item[2] < RESEND_WITHIN_S]
+        attempts = sum(n for c in stale for (_, name), n in c.items() if name[:3] != "ms:")
+        log.warning("stats.flush_given_up", flushes=len(stale), attempts=attempts,
+                    reason="unconfirmed for longer than Redis remembers a flush")  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True)

@@ -306,8 +306,8 @@ class Engine:
         then: Then, *, given_up: bool = False,
     ) -> None:  # fmt: skip
         """What came of an attempt: its record, its next step and the callback's health, in
-        its write; its metrics and log line. A delivery `given_up` (`unending.py`,
-        `circuit.py`) was not sent: neither the callback's health nor attempt times count it."""
+        its write; its metrics and log line. The attempt times count only what went out;
+        the health, no delivery `given_up` (`unending.py`, `circuit.py`)."""
         result, delay = done.result, None
         if result.outcome is Outcome.RETRY:
             delay = next_delay(
@@ -321,9 +321,10 @@ class Engine:
             # an attempt in flight as the worker was paused past its lease is its holder's now
             await self.fence.check()
         record = attempt_record(job, target, number, done, delay is None, self.settings)
-        observe(job, target, number, result, delay, timed=not given_up)
+        timed = result.sent and not given_up  # an exchange's time: none when nothing went out
+        observe(job, target, number, result, delay, timed=timed)
         if not given_up:
-            self.stats.count(result.outcome.value, result.duration_ms)
+            self.stats.count(result.outcome.value, result.duration_ms if timed else None)
         await self._write(job, target, record, result, delay, then, judged=not given_up)
 
     async def _defer(
