@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import re
 from collections.abc import Iterator, Mapping
@@ -30,6 +31,7 @@ SERVICE_NAME = "callback-dispatcher"
 TRACEPARENT = "traceparent"
 TRACESTATE = "tracestate"
 MAX_TRACESTATE = 512  # W3C: 32 members; longer ones may be dropped by anyone on the way
+MAX_MEMBER = 128  # W3C: a tracestate cut to size loses its members longer than this first
 # version 00, as we write it: anything else read from a job or a record is dropped
 _TRACEPARENT = re.compile(r"00-(?!0{32})[0-9a-f]{32}-(?!0{16})[0-9a-f]{16}-[0-9a-f]{2}")
 _W3C = TraceContextTextMapPropagator()
@@ -72,9 +74,9 @@ class TraceContext:
             return None
         traceparent = (
             f"00-{span_context.trace_id:032x}-{span_context.span_id:016x}"
-            f"-{span_context.trace_flags:02x}"
+            f"-{span_context.trace_flags & 0xFF:02x}"
         )
-        tracestate = span_context.trace_state.to_header()
+        tracestate = _cut(span_context.trace_state.to_header())
         return cls(traceparent, tracestate if _sendable(tracestate) else "")
 
     def parent(self) -> otel_context.Context:
@@ -84,6 +86,30 @@ class TraceContext:
 
 def _sendable(tracestate: str) -> bool:
     return len(tracestate) <= MAX_TRACESTATE and tracestate.isascii() and tracestate.isprintable()
+
+
+def _cut(tracestate: str) -> str:
+    """A tracestate cut to `MAX_TRACESTATE` as W3C says: its members longer than
+    `MAX_MEMBER` dropped first, then from the end (it was dropped whole; review)."""
+    if len(tracestate) <= MAX_TRACESTATE:
+        return tracestate
+    members = [m for m in (m.strip(" \t") for m in tracestate.split(",")) if m]
+    members = [m for m in members if len(m) <= MAX_MEMBER]
+    while members and len(",".join(members)) > MAX_TRACESTATE:
+        members.pop()
+    return ",".join(members)
+
+
+class _QuietMembers(logging.Filter):
+    """OpenTelemetry logs a malformed tracestate member as it came, at WARNING: up to 8 KB
+    of an emitter's text per request in the operators' logs (review). The tracestate is
+    ignored all the same; only that line is dropped."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Member doesn't match")
+
+
+logging.getLogger("opentelemetry.trace.span").addFilter(_QuietMembers())
 
 
 @dataclass(slots=True)
@@ -99,7 +125,10 @@ state = _State()
 @contextlib.contextmanager
 def received(carrier: Mapping[str, str]) -> Iterator[None]:
     """The trace context of an incoming request's headers (or of `from_environment()`) as
-    the current context for the block; nothing when there is none or it is malformed."""
+    the current context for the block; nothing when there is none or it is malformed.
+    Headers that repeat (`getlist`, Starlette's) are read as W3C says: two traceparents
+    are no context, several tracestates are one list (the first alone was read; review)."""
+    carrier = _one(carrier)
     if not state.propagate or not carrier.get(TRACEPARENT):
         yield
         return
@@ -108,6 +137,17 @@ def received(carrier: Mapping[str, str]) -> Iterator[None]:
         yield
     finally:
         otel_context.detach(token)
+
+
+def _one(headers: Mapping[str, str]) -> Mapping[str, str]:
+    """`headers`' trace context as one value of each (`received`)."""
+    getlist = getattr(headers, "getlist", None)
+    if getlist is None:
+        return headers
+    parents, states = getlist(TRACEPARENT), getlist(TRACESTATE)
+    if len(parents) != 1:
+        return {}
+    return {TRACEPARENT: parents[0], TRACESTATE: ",".join(states)} if states else headers
 
 
 def from_environment(environ: Mapping[str, str] | None = None) -> dict[str, str]:

@@ -7,6 +7,7 @@ context is ignored."""
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator, Iterator
 from contextlib import nullcontext
 from typing import Any
@@ -352,6 +353,54 @@ async def test_a_malformed_traceparent_is_ignored(
     good = seen.pop(-1)
     assert good["traceparent"] == OTHER and "tracestate" not in good
     assert not [h for h in seen.values() if "traceparent" in h or "X-Evil" in h]
+
+
+async def test_repeated_long_and_malformed_trace_headers_are_read_as_w3c_says(
+    http_api: httpx.AsyncClient, receiver: Receiver, run_worker: RunWorker
+) -> None:
+    """Two traceparents are no context; two tracestates are one list (the first alone was
+    read); a tracestate over 512 characters loses its members over 128 characters first,
+    then from its end (it was dropped whole); and a malformed member is ignored without
+    OpenTelemetry's warning quoting it (up to 8 KB of an emitter's text in the logs). All
+    from the review."""
+    await register(http_api, receiver.url())
+    short = [f"m{i}=" + "x" * 20 for i in range(20)]  # 483 characters with "a=1,"
+    long_state = ",".join(["a=1", "big=" + "v" * 200, *short])
+    sent = {
+        0: [(b"traceparent", PARENT.encode()), (b"traceparent", OTHER.encode())],
+        1: [(b"traceparent", PARENT.encode()), (b"tracestate", b"a=1"), (b"tracestate", b"b=2")],
+        2: [(b"traceparent", PARENT.encode()), (b"tracestate", long_state.encode())],
+        3: [(b"traceparent", OTHER.encode()), (b"tracestate", b"EVIL<" + b"A" * 8000)],
+    }
+    quoted = Grab()
+    logging.getLogger("opentelemetry").addHandler(quoted)
+    try:
+        for n, headers in sent.items():
+            answered = await http_api.post(
+                f"{PROJECT}/events", json={"event": "BUILD_END", "data": {"n": n}},
+                headers=headers,
+            )  # fmt: skip
+            assert answered.status_code == 200, answered.text
+    finally:
+        logging.getLogger("opentelemetry").removeHandler(quoted)
+    assert not [line for line in quoted.lines if "EVIL" in line]
+    await run_worker()
+    seen = {orjson.loads(s.body)["data"]["n"]: s.headers for s in receiver.requests()}
+    assert "traceparent" not in seen[0]
+    assert (seen[1]["traceparent"], seen[1]["tracestate"]) == (PARENT, "a=1,b=2")
+    assert seen[2]["tracestate"] == ",".join(["a=1", *short])
+    assert seen[3]["traceparent"] == OTHER and "tracestate" not in seen[3]
+
+
+class Grab(logging.Handler):
+    """The messages of the log records it is given."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
 
 
 async def test_a_custom_auth_header_cannot_be_a_trace_header(http_api: httpx.AsyncClient) -> None:
