@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from dispatcher.models import PROJECT_EVENTS, Event, EventInfo, Level
+from dispatcher.models import PIPELINELESS_EVENTS, Event, EventInfo, Level
 
 __all__ = ["CATALOGUE"]
 
@@ -105,8 +105,8 @@ _EVENTS: dict[Event, tuple[str, dict[str, Any]]] = {
 
 
 def _levels(event: Event) -> list[Level]:
-    """Where a callback may subscribe to `event`: project events have no pipeline."""
-    if event in PROJECT_EVENTS:
+    """Where a callback may subscribe to `event`: project events name no pipeline."""
+    if event in PIPELINELESS_EVENTS:
         return [Level.PLATFORM, Level.PROJECT]
     return [Level.PLATFORM, Level.PROJECT, Level.PIPELINE]
 
@@ -115,7 +115,7 @@ CATALOGUE: list[EventInfo] = [
     EventInfo(
         event=event,
         levels=_levels(event),
-        about="project" if event in PROJECT_EVENTS else "pipeline",
+        about="project" if event in PIPELINELESS_EVENTS else "pipeline",
         emitted_by=_EVENTS[event][0],
         example=_EVENTS[event][1],
     )

@@ -15,6 +15,7 @@ __all__ = [
     "EVENT_ID",
     "EVENT_ID_PATTERN",
     "MASK",
+    "PIPELINELESS_EVENTS",
     "PLATFORM_PROJECT",
     "PROJECT_EVENTS",
     "PROJECT_ID",
@@ -92,6 +93,9 @@ PLATFORM_PROJECT = "DEVOPS_ALL_PROJECT"
 PROJECT_EVENTS = frozenset(
     {Event.PROJECT_CREATE, Event.PROJECT_UPDATE, Event.PROJECT_ENABLE, Event.PROJECT_DISABLE}
 )
+# Events whose data names no pipeline (`data.pipelineId`), so no pipeline's callback gets
+# them: the project events, and STREAM_ENABLED (CI turned on or off for a Git project).
+PIPELINELESS_EVENTS = PROJECT_EVENTS | {Event.STREAM_ENABLED}
 
 
 class Level(enum.StrEnum):

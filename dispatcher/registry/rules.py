@@ -10,7 +10,7 @@ from urllib.parse import urlsplit
 from dispatcher.addresses import connect_url, host_port, target_of
 from dispatcher.errors import InvalidEvent, InvalidInput, InvalidUrl, Unavailable
 from dispatcher.headers import check_header_value
-from dispatcher.models import PLATFORM_PROJECT, PROJECT_EVENTS, PROJECT_ID, Event, Level
+from dispatcher.models import PIPELINELESS_EVENTS, PLATFORM_PROJECT, PROJECT_ID, Event, Level
 
 if TYPE_CHECKING:
     from yarl import URL
@@ -197,10 +197,12 @@ def check_scope(project_id: str, pipeline_id: str | None) -> Level:
 
 
 def check_event(event: Event, level: Level) -> Event:
-    """Project events have no pipeline: a pipeline's callbacks never receive them."""
-    if level is Level.PIPELINE and event in PROJECT_EVENTS:
+    """Events whose data names no pipeline (`PIPELINELESS_EVENTS`): a pipeline's callbacks
+    never receive them, so none registers them (STREAM_ENABLED was taken, never sent)."""
+    if level is Level.PIPELINE and event in PIPELINELESS_EVENTS:
         raise InvalidEvent(
-            f"{event.value} is a project event: register it on the project, not a pipeline",
+            f"{event.value} is a project event (its data names no pipeline): register it "
+            "on the project, not a pipeline",
             param="event",
         )
     return event

@@ -22,7 +22,7 @@ from dispatcher.ending import JobEnd
 from dispatcher.errors import InvalidInput
 from dispatcher.headers import request_headers
 from dispatcher.keys import Keys
-from dispatcher.models import PLATFORM_PROJECT, PROJECT_EVENTS, Event, Level, Region
+from dispatcher.models import PIPELINELESS_EVENTS, PLATFORM_PROJECT, Event, Level, Region
 from dispatcher.registry import CallbackTarget, Options
 from dispatcher.registry.filters import FilterBudget, FilterFailed, filter_matches
 from dispatcher.registry.match import Shadow
@@ -352,7 +352,7 @@ def test_the_catalogue_lists_the_18_events_with_levels_and_examples() -> None:
     assert [info.event for info in CATALOGUE] == list(Event)
     for info in CATALOGUE:
         assert Level.PLATFORM in info.levels and info.emitted_by and info.example
-        assert (Level.PIPELINE in info.levels) == (info.event not in PROJECT_EVENTS)
+        assert (Level.PIPELINE in info.levels) == (info.event not in PIPELINELESS_EVENTS)
         assert info.example["projectId"] == "demo"
     build_end = next(info for info in CATALOGUE if info.event is Event.BUILD_END)
     assert {"pipelineId", "buildId", "buildNo", "status", "startTime", "endTime"} <= set(
