@@ -124,18 +124,21 @@ def host_port(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-@functools.lru_cache(maxsize=4096)
 def connect_target(url: str) -> tuple[str, int]:
     """The host and port a request to `url` connects to (`connect_url`)."""
     return target_of(connect_url(url))
 
 
+@functools.lru_cache(maxsize=16_384)  # about 20 MB at most
 def connect_url(url: str) -> URL:
     """`url` as aiohttp reads it, a request's only parse: yarl's (NFKC-normalised and
     IDNA-encoded: a host spelled in full-width or segmented digits is 127.0.0.1 to it,
     where `urlsplit` keeps it as spelled). The policy checks its host (`target_of`), never
-    another parse's. Raises ValueError when yarl cannot parse `url`, or `urlsplit` cannot
-    read its port (`+22`, full-width digits: yarl reads both)."""
+    another parse's, and the request is sent to this object. Raises ValueError when yarl
+    cannot parse `url`, or `urlsplit` cannot read its port (`+22`, full-width digits: yarl
+    reads both). Callback URLs repeat: each is parsed once while it is remembered (one
+    cache for the callback's `Destination` and its requests: each new URL was parsed
+    twice)."""
     urlsplit(url).port  # noqa: B018  # raises on a port it cannot read
     return URL(url)
 

@@ -16,6 +16,7 @@ import orjson
 from aiohttp.http_exceptions import HttpProcessingError
 from yarl import URL
 
+from dispatcher.addresses import connect_url
 from dispatcher.backoff import parse_retry_after
 from dispatcher.clock import now_ms
 from dispatcher.errors import AddressRefused, describe
@@ -104,10 +105,9 @@ class Limits:
 @dataclass(frozen=True, slots=True)
 class Outgoing:
     """One attempt's request: the body bytes as built once for the event, what signs and
-    names it, the callback's secrets, and extra headers (a trace context). `url`: as
-    parsed once for the callback (`rules.Destination.target`), or as stored."""
+    names it, the callback's secrets, and extra headers (a trace context)."""
 
-    url: str | URL
+    url: str
     body: bytes
     event: str
     delivery_id: str
@@ -227,12 +227,6 @@ class Poster(Protocol):
     ) -> AbstractAsyncContextManager[aiohttp.ClientResponse]: ...
 
 
-@functools.lru_cache(maxsize=16_384)  # about 10 MB at most
-def _parsed(url: str) -> URL:
-    """Callback URLs repeat: parse each once."""
-    return URL(url)
-
-
 @functools.lru_cache(maxsize=16)
 def _timeout(connect_timeout: float) -> aiohttp.ClientTimeout:
     """A new connection's connect (and TLS handshake) bounded. The whole exchange (the
@@ -256,7 +250,7 @@ def _check_headers(headers: Mapping[str, str]) -> None:
 
 async def send(
     client: Poster,
-    url: str | URL,
+    url: str,
     body: bytes,
     headers: Mapping[str, str],
     *,
@@ -273,7 +267,7 @@ async def send(
     is retried when none did (but for an address the policy refuses)."""
     started = now_ms()
     try:
-        target = url if isinstance(url, URL) else _parsed(url)
+        target = connect_url(url)  # the parse the egress check read (`rules.destination`)
         _check_headers(headers)
     except Exception as exc:  # retrying cannot help: the same request again would fail
         text = f"the request could not be built: {describe(exc)}"

@@ -4,16 +4,13 @@ ids, the token, which events a level takes. Pure checks, no Redis."""
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING, NamedTuple
+from typing import NamedTuple
 from urllib.parse import urlsplit
 
-from dispatcher.addresses import connect_url, host_port, target_of
+from dispatcher.addresses import connect_target, host_port
 from dispatcher.errors import InvalidEvent, InvalidInput, InvalidUrl, Unavailable
 from dispatcher.headers import check_header_value
 from dispatcher.models import PIPELINELESS_EVENTS, PLATFORM_PROJECT, PROJECT_ID, Event, Level
-
-if TYPE_CHECKING:
-    from yarl import URL
 
 __all__ = [
     "MAX_ID_LENGTH",
@@ -136,7 +133,6 @@ class Destination(NamedTuple):
     host: str
     hostname: str
     port: int
-    target: URL | None = None  # the URL as parsed once, what the request is sent to
 
 
 def destination(url: str) -> Destination:
@@ -148,13 +144,12 @@ def destination(url: str) -> Destination:
         return Destination(problem or f"url is malformed: {exc}", "", "", 0)
     netloc, hostname = parts.netloc, parts.hostname or ""
     try:
-        target = connect_url(url)
-        hostname, port = target_of(target)  # what the policy must check: what aiohttp uses
+        hostname, port = connect_target(url)  # what the policy must check: what aiohttp uses
     except ValueError as exc:
         return Destination(problem or f"url is malformed: {exc}", netloc, hostname, 0)
     if not hostname:
         problem = problem or "url has no host"
-    return Destination(problem, host_port(hostname, port), hostname, port, target)
+    return Destination(problem, host_port(hostname, port), hostname, port)
 
 
 def _is_id(value: str) -> bool:

@@ -63,9 +63,8 @@ class Sender:
                 left = round(max(limits.total_timeout - spent, 0.01), 2)
                 limits = replace(limits, total_timeout=left)
             out = Outgoing(
-                target.destination.target or target.url, job.body, job.event,
-                job.delivery_id, job.emitter, target.secret_token, target.previous_token,
-                target.auth_header, trace_headers,
+                target.url, job.body, job.event, job.delivery_id, job.emitter,
+                target.secret_token, target.previous_token, target.auth_header, trace_headers,
             )  # fmt: skip
             return await attempt(self.clients[target.region], limits, out, refused=refused)
 
