@@ -60,9 +60,10 @@ class Outcome(enum.StrEnum):
 
 @dataclass(slots=True)
 class AttemptResult:
-    """What happened on the wire. Times are epoch milliseconds. `sent`: False when
-    nothing went out (refused, unresolved, unbuildable: `unsent`), so its duration is no
-    exchange's and stays out of the attempt times."""
+    """What happened on the wire. Times are epoch milliseconds. `sent`: False when no
+    connection was tried (the address refused, the host unresolved, the request
+    unbuildable: `unsent`, and those `send` meets), so its duration is no exchange's and
+    stays out of the attempt times."""
 
     outcome: Outcome
     status_code: int | None
@@ -282,17 +283,18 @@ async def send(
         error = _one_line(mask_secrets(error, secrets, budget))
         if answer.status is not None:  # the answer came, reading it failed: judge the answer
             return answer.result(classify(answer.status), error, started)
+        # the ones below sent nothing (`AttemptResult.sent`): no connection was tried
         if (refusal := _refused(exc)) is not None:  # retrying cannot help
-            return answer.result(Outcome.FAILED, f"refused: {refusal}", started)
+            return answer.result(Outcome.FAILED, f"refused: {refusal}", started, sent=False)
         if isinstance(exc, aiohttp.InvalidURL) and not _names(exc, target):
             # another's URL, the region's proxy: the operator's to fix (unseen, it may
             # hold a password), and then the attempt is worth making again
-            return answer.result(Outcome.RETRY, _BAD_PROXY, started)
+            return answer.result(Outcome.RETRY, _BAD_PROXY, started, sent=False)
         if isinstance(exc, (aiohttp.InvalidURL, aiohttp.NonHttpUrlClientError)):
-            return answer.result(  # the callback's URL, or not http(s): it never will be sent
-                Outcome.FAILED, f"the request could not be built: {error}", started
-            )
-        return answer.result(Outcome.RETRY, error, started)
+            built = f"the request could not be built: {error}"  # it never will be sent
+            return answer.result(Outcome.FAILED, built, started, sent=False)
+        unresolved = isinstance(exc, aiohttp.ClientConnectorDNSError)  # the host's name
+        return answer.result(Outcome.RETRY, error, started, sent=not unresolved)
     status = answer.status
     assert status is not None
     outcome = classify(status)
@@ -328,9 +330,11 @@ class _Answer:
         if len(body) > limit or cut:
             self.text += f"... [truncated at {limit} bytes]"
 
-    def result(self, outcome: Outcome, error: str | None, started: int) -> AttemptResult:
+    def result(
+        self, outcome: Outcome, error: str | None, started: int, *, sent: bool = True
+    ) -> AttemptResult:
         return AttemptResult(
-            outcome, self.status, self.text, error, self.retry_after, started, now_ms()
+            outcome, self.status, self.text, error, self.retry_after, started, now_ms(), sent
         )
 
 

@@ -174,12 +174,14 @@ class AttemptStats:
 
     def _give_up_stale(self, now: float) -> None:
         """Drop the flushes unconfirmed for `RESEND_WITHIN_S` (Redis away that long): the
-        status page misses their attempts rather than counting them twice."""
+        status page may miss their attempts (unless they ran) but never counts them twice."""
         stale = [counts for _, counts, sent in self.unsent if now - sent >= RESEND_WITHIN_S]
         if not stale:
             return
         self.unsent = [item for item in self.unsent if now - item[2] < RESEND_WITHIN_S]
-        attempts = sum(n for c in stale for (_, name), n in c.items() if name[:3] != "ms:")
+        attempts = sum(
+            n for c in stale for (_, name), n in c.items() if not name.startswith(DURATION_FIELD)
+        )
         log.warning("stats.flush_given_up", flushes=len(stale), attempts=attempts,
                     reason="unconfirmed for longer than Redis remembers a flush")  # fmt: skip
 

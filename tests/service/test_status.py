@@ -22,6 +22,8 @@ from dispatcher import metrics
 from dispatcher.api import create_app
 from dispatcher.clock import now_ms
 from dispatcher.connections import REDIS_ERRORS, connect
+from dispatcher.delivery import Outcome, send
+from dispatcher.egress import Client
 from dispatcher.embedded import EmbeddedRedis
 from dispatcher.keys import Keys
 from dispatcher.models import Region
@@ -275,6 +277,31 @@ async def test_attempts_that_sent_nothing_stay_out_of_the_attempt_times(
     assert hour.totals == {"success": 5, "failed": 20}  # every attempt counted
     assert hour.p50_ms is not None and hour.p50_ms >= 150, hour.p50_ms  # only the exchanges'
     assert _attempt_seconds_count() - timed_before == 5
+
+
+@pytest.mark.parametrize(
+    ("url", "sent"),
+    [
+        ("http://localhost:8080/h", False),  # refused by the policy once resolved
+        ("http://no-such-host.invalid/h", False),  # its name does not resolve
+        ("ftp://h.example/h", False),  # a URL the client never sends
+        ("http://127.0.0.1:1/h", True),  # a connection tried, and refused: an exchange
+    ],
+)
+async def test_what_the_client_itself_never_sent_is_not_sent(url: str, sent: bool) -> None:
+    """The policy's resolver, the name lookup and the client's URL checks fail an attempt
+    before any connection, inside the client: those attempts sent nothing either (they
+    came back as sent, and counted in the attempt times; review)."""
+    internal = ["DEVNET"] if sent else []
+    client = Client(make_settings("redis://127.0.0.1:1/0", allow_internal_regions=internal),
+                    Region.DEVNET)  # fmt: skip
+    try:
+        result = await send(client, url, b"{}", {}, connect_timeout=2, total_timeout=5,
+                            max_response_body=100)  # fmt: skip
+    finally:
+        await client.aclose()
+    assert result.outcome is not Outcome.SUCCESS and result.status_code is None
+    assert result.sent is sent, result.error
 
 
 def _attempt_seconds_count() -> float:
