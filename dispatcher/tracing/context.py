@@ -90,13 +90,14 @@ def _sendable(tracestate: str) -> bool:
 
 def _cut(tracestate: str) -> str:
     """A tracestate cut to `MAX_TRACESTATE` as W3C says: its members longer than
-    `MAX_MEMBER` dropped first, then from the end (it was dropped whole; review)."""
+    `MAX_MEMBER` dropped first (the last first), then members from the end, each only
+    while it is too long (it was dropped whole; review)."""
     if len(tracestate) <= MAX_TRACESTATE:
         return tracestate
     members = [m for m in (m.strip(" \t") for m in tracestate.split(",")) if m]
-    members = [m for m in members if len(m) <= MAX_MEMBER]
-    while members and len(",".join(members)) > MAX_TRACESTATE:
-        members.pop()
+    while len(",".join(members)) > MAX_TRACESTATE:
+        long = [i for i, member in enumerate(members) if len(member) > MAX_MEMBER]
+        members.pop(long[-1] if long else -1)
     return ",".join(members)
 
 
