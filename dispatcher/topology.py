@@ -9,8 +9,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from dispatcher.cluster import is_cluster_url
@@ -26,7 +27,7 @@ if TYPE_CHECKING:
 
     from dispatcher.settings import Settings
 
-__all__ = ["check_shards", "close_all", "connect_shards", "shards_of"]
+__all__ = ["Checked", "check_shards", "close_all", "connect_shards", "shards_of"]
 
 
 @dataclass
@@ -77,35 +78,85 @@ async def close_all(clients: list[Redis]) -> None:
         await client.aclose()
 
 
-async def check_shards(settings: Settings) -> list[str]:
-    """What a process checks at start: each URL's `preflight`; then, with more than one
-    shard, that each answering server sits at the position it had (a reordered list would
-    hand projects to the wrong shard), marking new ones and starting their id ranges; and,
-    with one URL too, that the home shard does not say more shards are in use than listed
-    (a process given some of them would act on the wrong one). InvalidSetting when not;
-    returns warnings."""
+@dataclass
+class Checked:
+    """What the start-up check found: `warnings` to show, and the positions of the shards
+    whose Redis did not answer (`silent`: the check asked them nothing more)."""
+
+    warnings: list[str] = field(default_factory=list)
+    silent: list[int] = field(default_factory=list)
+
+
+async def check_shards(settings: Settings) -> Checked:
+    """What a process checks at start: each URL's `preflight`, side by side with a PING of
+    each (`DISPATCHER_REDIS_TIMEOUT`); then, of the servers that answered it (a silent one
+    is asked nothing more: each check waited its own timeouts for it, one after the other,
+    and a CLI command five before it said so), with more than one shard, that each sits at
+    the position it had (a reordered list would hand projects to the wrong shard), marking
+    new ones and starting their id ranges; and, with one URL too, that the home shard does
+    not say more shards are in use than listed (a process given some of them would act on
+    the wrong one). InvalidSetting when not."""
     shards = shards_of(settings)
-    warnings: list[str] = []
-    for url in dict.fromkeys(shard.url for shard in shards):
-        warnings += await preflight(settings, url)
+    urls = list(dict.fromkeys(shard.url for shard in shards))
+    answered, checks = await asyncio.gather(
+        _answering(settings, urls), asyncio.gather(*(preflight(settings, u) for u in urls))
+    )
+    live = {url for url, up in zip(urls, answered, strict=True) if up}
+    found = Checked(
+        [w for said in checks for w in said], [s.index for s in shards if s.url not in live]
+    )
+    for index in found.silent:
+        url = shown(shards[index].url)
+        which = f"{shards[index]} ({url})" if len(shards) > 1 else url
+        found.warnings.append(f"{which} did not answer within DISPATCHER_REDIS_TIMEOUT")
     clients = connect_shards(settings, shards)
+    asked = [(s, c) for s, c in zip(shards, clients, strict=True) if s.url in live]
     try:
         if len(shards) > 1:
-            for shard, client in zip(shards, clients, strict=True):  # all read, then marked
+            for shard, client in asked:  # all read, then marked
                 _in_place(shard, await _mark_of(shard, client))
-            for shard, client in zip(shards, clients, strict=True):
-                warnings += await _claim(shard, client)
-        placement = Placement(len(shards), clients[0], shards[0].keys)
-        with contextlib.suppress(*REDIS_ERRORS):
-            await placement.load()  # InvalidSetting when too few are listed
-            if placement.active < len(shards):
-                warnings.append(
-                    f"{len(shards)} shards are listed, {placement.active} in use: run "
-                    "`dispatcher shards grow` once the list is on every process"
-                )
+            for shard, client in asked:
+                found.warnings += await _claim(shard, client)
+        if shards[0].url in live:
+            found.warnings += await _in_use(shards, clients[0])
     finally:
         await close_all(clients)
-    return warnings
+    return found
+
+
+_NO_ANSWER: tuple[type[Exception], ...] = (*REDIS_ERRORS, TimeoutError)
+
+
+async def _answering(settings: Settings, urls: list[str]) -> list[bool]:
+    """Whether each URL's Redis answers a PING within the timeout (whatever the client's
+    retries), all asked at once."""
+
+    async def answers(url: str) -> bool:
+        redis = connect(settings, url)
+        try:
+            async with asyncio.timeout(settings.redis_timeout):
+                await redis.ping()
+        except _NO_ANSWER:
+            return False
+        finally:
+            await redis.aclose()
+        return True
+
+    return list(await asyncio.gather(*(answers(url) for url in urls)))
+
+
+async def _in_use(shards: list[Shard], home: Redis) -> list[str]:
+    """InvalidSetting when the home shard says more shards are in use than listed; a
+    warning when fewer are."""
+    placement = Placement(len(shards), home, shards[0].keys)
+    with contextlib.suppress(*REDIS_ERRORS):
+        await placement.load()  # InvalidSetting when too few are listed
+        if placement.active < len(shards):
+            return [
+                f"{len(shards)} shards are listed, {placement.active} in use: run "
+                "`dispatcher shards grow` once the list is on every process"
+            ]
+    return []
 
 
 async def _mark_of(shard: Shard, client: Redis) -> bytes | None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Awaitable, Callable, Coroutine, Iterator
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import typer
 from pydantic import ValidationError
@@ -14,14 +14,19 @@ from rich.table import Table as RichTable
 from rich.text import Text
 
 from dispatcher.connections import REDIS_ERRORS
+from dispatcher.connections import shown as redacted
 from dispatcher.embedded import EmbeddedPostgres, EmbeddedRedis
 from dispatcher.errors import DispatcherError, InvalidSetting
 from dispatcher.history import format_ms
 from dispatcher.models import HistoryRecord
+from dispatcher.placement import UNREAD
 from dispatcher.registry.rules import TEXT_CONTROL
 from dispatcher.settings import EMBEDDED, Settings
 from dispatcher.shards.router import Router
-from dispatcher.topology import check_shards
+from dispatcher.topology import check_shards, shards_of
+
+if TYPE_CHECKING:
+    from dispatcher.shard import Shard
 
 __all__ = [
     "CLI_USER",
@@ -116,15 +121,21 @@ def with_redis_url(settings: Settings) -> Settings:
 def checked(settings: Settings) -> Settings:
     """`settings` once `check_shards` found its Redis settings workable: one that cannot
     work (an unknown sentinel master, no sentinel answering, too few replicas, a reordered
-    list of shards) stops the command with a message naming it; warnings go to stderr."""
+    list of shards) stops the command with a message naming it; warnings go to stderr.
+    The shards that did not answer are kept for `on_router`."""
     try:
-        warnings = asyncio.run(check_shards(settings))
+        found = asyncio.run(check_shards(settings))
     except InvalidSetting as exc:
         err.print(tagged("configuration error", "red", f" {exc.param}: {exc.message}"))
         raise typer.Exit(2) from None
-    for warning in warnings:
+    for warning in found.warnings:
         err.print(tagged("warning", "yellow", f": {warning}"))
+    _silent[:] = found.silent
     return settings
+
+
+# the positions of the shards this command's start-up check found silent (`checked`)
+_silent: list[int] = []
 
 
 def embedded_postgres(settings: Settings) -> EmbeddedPostgres:
@@ -169,12 +180,26 @@ def on_router(body: Callable[[Router], Awaitable[T]], *, fleet: bool = False) ->
     operator is told, not left waiting); a `fleet` view of every shard goes on without."""
     settings = with_history_url(with_redis_url(load_settings()))
     wait_s = settings.redis_timeout
+    if 0 in _silent:  # found silent at start: not waited for again
+        if fleet:  # the others' view, without waiting for it
+            wait_s = 0.0
+        else:  # nothing to do without shard 0 (it says where each project is)
+            _home_silent(shards_of(settings))
 
     async def go() -> T:
         async with Router.open(settings, home_wait_s=wait_s, unread_ok=fleet) as router:
             return await body(router)
 
     return run_async(go)
+
+
+def _home_silent(shards: list[Shard]) -> NoReturn:
+    late = "did not answer within DISPATCHER_REDIS_TIMEOUT"
+    if len(shards) == 1:
+        err.print(tagged("Redis unreachable", "red", f": {redacted(shards[0].url)} {late}"))
+    else:
+        err.print(tagged("error", "red", f": {UNREAD} (it {late})"))
+    raise typer.Exit(1)
 
 
 PARTIAL_EXIT = 3  # a fleet view printed without the shards that did not answer

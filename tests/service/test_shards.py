@@ -33,7 +33,7 @@ from dispatcher.shard import ID_SPAN
 from dispatcher.shards import views
 from dispatcher.shards.router import Router
 from dispatcher.stopping import cancel_all
-from dispatcher.topology import check_shards
+from dispatcher.topology import Checked, check_shards
 from dispatcher.worker import create_worker
 from tests.cluster import LocalCluster, grown
 from tests.helpers import UID, Receiver, answer, free_port, make_settings
@@ -279,9 +279,9 @@ async def test_a_reordered_list_of_shards_is_refused(shard_servers: list[Embedde
         sync_redis.Redis.from_url(server.url).flushall()
     urls = [server.url for server in shard_servers]
     settings = make_settings(urls[0], redis_shards=urls)
-    (warning,) = await check_shards(settings)  # a new shard takes no project until grown
+    (warning,) = (await check_shards(settings)).warnings  # a new shard takes no project until grown
     assert "2 shards are listed, 1 in use" in warning
-    assert await check_shards(await grown(settings)) == []
+    assert await check_shards(await grown(settings)) == Checked()
     with pytest.raises(InvalidSetting) as refused:
         await check_shards(make_settings(urls[1], redis_shards=urls[::-1]))
     assert refused.value.param == "DISPATCHER_REDIS_SHARDS"
