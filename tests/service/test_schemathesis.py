@@ -44,7 +44,7 @@ from dispatcher.connections import connect
 from dispatcher.embedded import EmbeddedRedis
 from dispatcher.history.redis import RedisHistory
 from dispatcher.keys import Keys
-from dispatcher.models import PLATFORM_PROJECT, Event, Region
+from dispatcher.models import PIPELINELESS_EVENTS, PLATFORM_PROJECT, Event, Region
 from dispatcher.registry import Registry
 from dispatcher.settings import Settings
 from tests.helpers import make_settings
@@ -172,8 +172,9 @@ async def _seed(settings: Settings) -> None:
                 "callbackId": cid,
             })  # fmt: skip
         for project, pipeline in [(SEEDED_PROJECT, SEEDED_PIPELINE), (PLATFORM_PROJECT, None)]:
+            events = [e for e in Event if pipeline is None or e not in PIPELINELESS_EVENTS]
             for n in range(2 * SEEDED):
-                url, event = f"http://127.0.0.1:9/level{n}", list(Event)[n]
+                url, event = f"http://127.0.0.1:9/level{n}", events[n]
                 await registry.create(project, url, event, Region.DEVNET, pipeline_id=pipeline)
     finally:
         await redis.aclose()
