@@ -99,9 +99,14 @@ def load_settings(**overrides: Any) -> Settings:
         raise typer.Exit(2) from None
 
 
+# the positions of the shards this command's start-up check found silent (`checked`)
+_silent: list[int] = []
+
+
 def with_redis_url(settings: Settings) -> Settings:
     """DISPATCHER_REDIS_URL (checked, see `checked`), else the embedded Redis of a
     `dispatcher run` on this folder."""
+    _silent.clear()  # this command's (`checked`): one process may run several (tests)
     if settings.redis_url is not None:
         return checked(settings)
     running = EmbeddedRedis(settings.data_dir).running_url()
@@ -132,10 +137,6 @@ def checked(settings: Settings) -> Settings:
         err.print(tagged("warning", "yellow", f": {warning}"))
     _silent[:] = found.silent
     return settings
-
-
-# the positions of the shards this command's start-up check found silent (`checked`)
-_silent: list[int] = []
 
 
 def embedded_postgres(settings: Settings) -> EmbeddedPostgres:
