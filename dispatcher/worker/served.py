@@ -42,6 +42,7 @@ __all__ = ["CLAIM_ERRORS", "PUT_BACK_WAIT_S", "Served", "given_shards"]
 log = structlog.get_logger("dispatcher.worker")
 
 BACKOFF_CAP_S = 2.0
+SAID_AGAIN_S = 60.0  # a shard whose claims go on failing says so again this often
 # Once every project busy in the worker has taken its room, a claim can only take the
 # jobs of a project not busy yet, or of a busy one with room found with nothing due (quiet):
 # it looks for them no further than a page into the queue (or than where the last room was
@@ -69,6 +70,8 @@ class Served:
     backoff: float = field(default=0.0)
     wide_at: float = 0.0  # monotonic time of the last short claim that looked at the budget
     quiet: frozenset[str] = frozenset()  # busy projects with room found with nothing due
+    failing_since: float | None = None  # monotonic: its claims' first failure in a row
+    said_at: float = 0.0  # monotonic: when that was last logged
 
     @classmethod
     def build(cls, services: Services, token: str, *, shared: Engine | None = None) -> Served:
@@ -123,13 +126,29 @@ class Served:
         except CLAIM_ERRORS as exc:
             if full := redis_full(exc):
                 metrics.REDIS_FULL.labels(refused="claim").inc()
-            retry = self.failed(poll_delay)
-            log.warning("worker.claim_failed", error=str(exc), redis_full=full,
-                        retry_in_s=round(retry, 2), shard=self.index)  # fmt: skip
+            self._claim_failed(str(exc), full, self.failed(poll_delay))
             return None
         self.answered()
+        if self.failing_since is not None:
+            after_s = round(time.monotonic() - self.failing_since, 1)
+            log.info("worker.claim_resumed", shard=self.index, after_s=after_s)
+            self.failing_since = None
         self.scanned(shares[1], scout, share, claimed, now)
         return claimed
+
+    def _claim_failed(self, error: str, full: bool, retry: float) -> None:
+        """A failed claim, logged as its shard's outage begins and every `SAID_AGAIN_S`
+        while it lasts (each was, a line per shard every 2 s at most: a cluster's 8 shards
+        down, 240 lines a minute), then `worker.claim_resumed`."""
+        now = time.monotonic()
+        first = self.failing_since is None
+        if self.failing_since is None:
+            self.failing_since = now
+        if first or now - self.said_at >= SAID_AGAIN_S:
+            self.said_at = now
+            log.warning("worker.claim_failed", error=error, redis_full=full,
+                        retry_in_s=round(retry, 2), shard=self.index,
+                        failing_for_s=round(now - self.failing_since, 1))  # fmt: skip
 
     def reach(self, busy: dict[str, int], now: float) -> tuple[int, frozenset[str]]:
         """The next claim's reach: how far it looks for a project not busy here yet once

@@ -95,6 +95,8 @@ async def test_worker_killed_mid_delivery_loses_nothing(
 async def test_redis_restart_under_running_worker_and_api(
     tmp_path: Path, receiver: Receiver, workers: list[subprocess.Popen[bytes]]
 ) -> None:
+    """The worker's claims fail while Redis is down (a dozen times: its backoff grows to
+    2 s), said once as the outage begins, and once as it ends (a line each time: review)."""
     server = EmbeddedRedis(tmp_path / "redis", persist=True)
     url = server.start()
     port = server.port
@@ -102,7 +104,7 @@ async def test_redis_restart_under_running_worker_and_api(
     pool = connect(settings)
     try:
         await Registry(pool).create("demo", receiver.url(), Event.BUILD_END, Region.DEVNET)
-        workers.append(start_worker(url, tmp_path / "worker.log"))
+        workers.append(start_worker(url, tmp_path / "worker.log", DISPATCHER_LOG_LEVEL="INFO"))
         app = create_app(settings, pool)
         async with app.router.lifespan_context(app):
             transport = httpx.ASGITransport(app=app)
@@ -120,7 +122,7 @@ async def test_redis_restart_under_running_worker_and_api(
                 assert (body["status"], body["data"]) == (503, None)
                 assert "Redis is unreachable" in body["message"]
                 assert "same event ids is safe" in body["message"]
-                await asyncio.sleep(1)  # the worker polls a dead Redis meanwhile
+                await asyncio.sleep(3)  # the worker polls a dead Redis meanwhile
 
                 restarted = EmbeddedRedis(tmp_path / "redis", persist=True, port=port)
                 restarted.start()
@@ -133,6 +135,9 @@ async def test_redis_restart_under_running_worker_and_api(
                     stop(workers[0])
                 finally:
                     restarted.stop()
+        said = (tmp_path / "worker.log").read_text()
+        assert said.count('"worker.claim_failed"') == 1, said
+        assert said.count('"worker.claim_resumed"') == 1, said
     finally:
         await pool.aclose()
 
