@@ -3,6 +3,7 @@ the admin role, it answers with pages (not JSON), and /docs works without a CDN.
 
 from __future__ import annotations
 
+import asyncio
 import re
 from collections.abc import AsyncIterator
 from html import unescape
@@ -11,6 +12,7 @@ from typing import Any
 
 import httpx
 import pytest
+import uvicorn
 from itsdangerous import URLSafeTimedSerializer
 from redis.asyncio import Redis
 
@@ -24,9 +26,18 @@ from dispatcher.models import Event, Region
 from dispatcher.producer import Producer
 from dispatcher.queue import Queue
 from dispatcher.registry import Registry
+from dispatcher.serve import api_config
 from dispatcher.settings import Settings
 from dispatcher.stats import AttemptStats
-from tests.helpers import Receiver, RunWorker, answer, app_client, make_settings
+from tests.helpers import (
+    Receiver,
+    RunWorker,
+    answer,
+    app_client,
+    free_port,
+    make_settings,
+    until,
+)
 
 keys = Keys()  # today's key names (one shard)
 
@@ -450,3 +461,47 @@ async def test_recent_deliveries_page_through_older_attempts(
             break
         address = unescape(older.group(1))
     assert seen == ids and "← Newest" in page.text  # 50, then 10
+
+
+@pytest.mark.parametrize(
+    ("trusted", "forwarded", "secure"),
+    [
+        (None, False, False),  # plain HTTP: no Secure
+        (None, True, True),  # a TLS proxy on 127.0.0.1 (uvicorn's default trust): Secure
+        ("10.9.9.9", True, False),  # the same headers from a peer not trusted: ignored
+    ],
+)
+async def test_behind_a_tls_proxy_the_csrf_cookie_is_secure(
+    settings: Settings,
+    redis: Redis,
+    monkeypatch: pytest.MonkeyPatch,
+    trusted: str | None,
+    forwarded: bool,
+    secure: bool,
+) -> None:
+    """`dispatcher api` behind a proxy that ends TLS: the CSRF cookie is `Secure` when the
+    proxy says the browser came over HTTPS (`X-Forwarded-Proto`) and is trusted to say so
+    (`FORWARDED_ALLOW_IPS`, uvicorn's: 127.0.0.1 by default; the proxy's address when it
+    runs elsewhere). The README tells operators so; the test holds uvicorn to it."""
+    if trusted is None:
+        monkeypatch.delenv("FORWARDED_ALLOW_IPS", raising=False)
+    else:
+        monkeypatch.setenv("FORWARDED_ALLOW_IPS", trusted)
+    server = uvicorn.Server(api_config(settings.model_copy(update={"api_port": free_port()})))
+    serving = asyncio.create_task(server.serve())
+
+    async def started() -> bool:
+        return server.started
+
+    try:
+        await until(started, 10, "the API started")
+        headers = {"X-Forwarded-Proto": "https", "X-Forwarded-For": "203.0.113.9"}
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{server.config.port}") as web:
+            page = await web.get(PROJECT, headers=headers if forwarded else {})
+    finally:
+        server.should_exit = True
+        await serving
+    assert page.status_code == 200
+    cookie = page.headers["set-cookie"]
+    assert cookie.startswith(f"{COOKIE}=") and "httponly" in cookie.lower()
+    assert ("secure" in [part.strip().lower() for part in cookie.split(";")]) is secure, cookie
