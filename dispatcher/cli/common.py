@@ -196,7 +196,7 @@ def on_router(body: Callable[[Router], Awaitable[T]], *, fleet: bool = False) ->
 
 def _home_silent(shards: list[Shard]) -> NoReturn:
     late = "did not answer within DISPATCHER_REDIS_TIMEOUT"
-    if len(shards) == 1:
+    if all(shard.url == shards[0].url for shard in shards):  # one Redis, or one cluster
         err.print(tagged("Redis unreachable", "red", f": {redacted(shards[0].url)} {late}"))
     else:
         err.print(tagged("error", "red", f": {UNREAD} (it {late})"))

@@ -10,7 +10,14 @@ from urllib.parse import urlsplit
 from dispatcher.addresses import connect_target, host_port
 from dispatcher.errors import InvalidEvent, InvalidInput, InvalidUrl, Unavailable
 from dispatcher.headers import check_header_value
-from dispatcher.models import PIPELINELESS_EVENTS, PLATFORM_PROJECT, PROJECT_ID, Event, Level
+from dispatcher.models import (
+    PIPELINELESS_EVENTS,
+    PLATFORM_PROJECT,
+    PROJECT_EVENTS,
+    PROJECT_ID,
+    Event,
+    Level,
+)
 
 __all__ = [
     "MAX_ID_LENGTH",
@@ -193,11 +200,13 @@ def check_scope(project_id: str, pipeline_id: str | None) -> Level:
 
 def check_event(event: Event, level: Level) -> Event:
     """Events whose data names no pipeline (`PIPELINELESS_EVENTS`): a pipeline's callbacks
-    never receive them, so none registers them (STREAM_ENABLED was taken, never sent)."""
+    do not get them, so none registers them (STREAM_ENABLED was taken; sent only if an
+    emitter put a `pipelineId` in its data)."""
     if level is Level.PIPELINE and event in PIPELINELESS_EVENTS:
+        what = "a project event" if event in PROJECT_EVENTS else "about a Git project"
         raise InvalidEvent(
-            f"{event.value} is a project event (its data names no pipeline): register it "
-            "on the project, not a pipeline",
+            f"{event.value} is {what}, its data names no pipeline: register it on the "
+            "project, not a pipeline",
             param="event",
         )
     return event

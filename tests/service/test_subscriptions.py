@@ -156,18 +156,18 @@ async def test_a_pipeline_callback_gets_its_pipelines_builds_only(
 
 async def test_project_events_are_not_pipeline_subscriptions(op_api: httpx.AsyncClient) -> None:
     """Nor is STREAM_ENABLED, whose data names no pipeline: a pipeline's callback to it was
-    taken and never sent anything (review)."""
+    taken, and got nothing unless an emitter put a `pipelineId` in the data (review)."""
     url = "http://127.0.0.1:9/h"
     for event in ("PROJECT_UPDATE", "STREAM_ENABLED"):
         one = await op_api.post(pipeline("demo", "p1"), params=params(url, event),
                                 headers=ALICE)  # fmt: skip
-        assert one.status_code == 400 and "project event" in one.json()["message"]
+        assert one.status_code == 400 and "not a pipeline" in one.json()["message"]
     events = "BUILD_END,PROJECT_UPDATE,STREAM_ENABLED"
     batch = await ok(await op_api.post(f"{pipeline('demo', 'p1')}/batch",
                                        params=params(url, events), headers=ALICE))  # fmt: skip
     assert batch["successEvents"] == ["BUILD_END"]
     assert "project event" in batch["failureEvents"]["PROJECT_UPDATE"]
-    assert "project event" in batch["failureEvents"]["STREAM_ENABLED"]
+    assert "Git project" in batch["failureEvents"]["STREAM_ENABLED"]
     bad = await op_api.post(pipeline("demo", "a b"), params=params(url), headers=ALICE)
     assert bad.status_code == 400 and "pipelineId" in bad.json()["message"]
 
