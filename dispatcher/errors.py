@@ -23,6 +23,7 @@
 
 from __future__ import annotations
 
+import math
 import traceback
 from pathlib import Path
 
@@ -132,6 +133,11 @@ class TooManyRequests(DispatcherError):
     def __init__(self, message: str, *, retry_after: float) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+
+    @property
+    def headers(self) -> dict[str, str]:
+        """What its answer says (the API's and the console's): when to send it again."""
+        return {"Retry-After": str(math.ceil(self.retry_after))}
 
 
 class Unavailable(DispatcherError):

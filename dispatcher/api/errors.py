@@ -5,7 +5,6 @@ unreachable, full or answering "not now", 500 a bug (never a stack trace)."""
 
 from __future__ import annotations
 
-import math
 from typing import TYPE_CHECKING, cast
 
 import structlog
@@ -57,7 +56,7 @@ async def _domain_error(request: Request, error: Exception) -> JSONResponse:
     exc = cast(DispatcherError, error)
     response = envelope(exc.http_status, exc.message)
     if isinstance(exc, TooManyRequests):
-        response.headers["Retry-After"] = str(math.ceil(exc.retry_after))
+        response.headers.update(exc.headers)
     return response
 
 

@@ -26,7 +26,7 @@ from starlette.responses import HTMLResponse, RedirectResponse, Response
 import dispatcher.path_ids  # noqa: F401  # the `id` path convertor, before the routes
 from dispatcher.auth import ALL_PROJECTS, Role
 from dispatcher.console.csrf import FIELD, Csrf
-from dispatcher.errors import DispatcherError, Unauthenticated
+from dispatcher.errors import DispatcherError, TooManyRequests, Unauthenticated
 from dispatcher.history import format_ms
 from dispatcher.services import Services
 from dispatcher.shards.router import Router
@@ -281,6 +281,7 @@ def error_page(request: Request, status: int, message: str) -> HTMLResponse:
         401: "Who are you?",
         403: "Not allowed",
         404: "Not found",
+        429: "Too many requests",
         503: "Storage unreachable",
     }
     context = {"title": titles.get(status, "Error"), "status": status, "message": message}
@@ -298,7 +299,10 @@ class ConsoleRoute(APIRoute):
             try:
                 return await handler(request)
             except DispatcherError as exc:
-                return error_page(request, exc.http_status, exc.message)
+                page = error_page(request, exc.http_status, exc.message)
+                if isinstance(exc, TooManyRequests):  # when to send it again, as the API's
+                    page.headers.update(exc.headers)
+                return page
             except RequestValidationError as exc:
                 return error_page(request, 400, _problem(exc))
             except (RedisConnectionError, RedisTimeoutError) as exc:

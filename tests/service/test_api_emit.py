@@ -419,10 +419,11 @@ async def test_an_h2c_upgrade_offer_is_ignored_as_the_jdk_client_sends_it(
 
 
 def paced(url: str, **overrides: Any) -> Settings:
-    """Settings whose emit routes take bodies of 16 KiB (batches 32 KiB) and give each
-    project 1 KiB a second of its share, in bursts of `emit_project_burst`."""
+    """Settings whose emit routes take bodies of 16 KiB (batches 32 KiB, of 32 events) and
+    give each project 1 KiB a second of its share, in bursts of `emit_project_burst`."""
     return make_settings(url, api_max_body_bytes=16 * 1024, emit_batch_max_bytes=32 * 1024,
-                         emit_project_rate=1024, **overrides)  # fmt: skip
+                         emit_batch_max_events=32, emit_project_rate=1024,
+                         **overrides)  # fmt: skip
 
 
 async def test_a_project_emitting_past_its_rate_is_refused_alone(
@@ -518,6 +519,7 @@ async def test_a_redelivery_costs_what_it_may_queue(
         )
     assert codes == [200, 200, 429]
     assert console.status_code == 429 and "DISPATCHER_EMIT_PROJECT_RATE" in console.text
+    assert int(console.headers["Retry-After"]) >= 1  # as the API's (it had none: review)
     assert await redis.zcard(settings.queue_name) == 2
 
 
@@ -563,4 +565,5 @@ async def test_a_window_redelivery_costs_each_job_it_queues(
     assert f"{queued} redeliveries of the window were queued" in body["message"], body
     assert again.status_code == 429 and "0 redeliveries" in again.json()["message"]
     assert console.status_code == 429 and "DISPATCHER_EMIT_PROJECT_RATE" in console.text
+    assert int(console.headers["Retry-After"]) >= 1
     assert await redis.zcard(settings.queue_name) == queued  # no more

@@ -37,6 +37,8 @@ def test_settings_come_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> 
         ({"connect_timeout": 30, "total_timeout": 10}, "connect_timeout"),
         ({"api_port": 70000}, "65535"),
         ({"no_such_setting": 1}, "Extra inputs"),
+        # a batch of this many events costs the pace more than its burst: refused for ever
+        ({"emit_batch_max_events": 100_000}, "1 KiB an event: 102400000 bytes"),
     ],
 )
 def test_bad_settings_fail_with_a_clear_message(values: dict[str, object], fragment: str) -> None:
