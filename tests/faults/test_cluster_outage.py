@@ -124,7 +124,11 @@ async def test_a_worker_waits_out_its_cluster_down_whole_and_delivers_once_back(
         cluster.restart()
         async with Producer(settings) as producer:
             await producer.emit("p1", "BUILD_END", {"n": 2})
-        await receiver.wait_for(2, within=30)
+        try:
+            await receiver.wait_for(2, within=30)
+        except AssertionError as exc:  # what the worker said (it once failed in a full run)
+            said = (tmp_path / "worker.log").read_text()[-6000:]
+            raise AssertionError(f"{exc}; the worker's log ends:\n{said}") from None
         assert worker.poll() is None
     finally:
         stop(worker)
