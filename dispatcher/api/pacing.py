@@ -5,8 +5,9 @@ at least (a flood of tiny events costs Redis more than their bytes), and each si
 redelivery what it may queue (`DISPATCHER_MAX_REQUEST_BODY`), each job a window's
 redelivery queues its body's bytes (`WindowPace`, `dispatcher.redelivery`). Past it the request is a
 429 with `Retry-After`, and nothing of it is queued: one project cannot fill the Redis every
-project shares faster than that, whatever its events' size, while others emit as usual.
-Python producers (the platform's own code) are not paced."""
+project shares faster than that times the API processes, whatever its events' size, while
+others emit as usual. Python producers and `dispatcher emit` (the platform's own code and
+its operators, with Redis's address) are not paced."""
 
 from __future__ import annotations
 
