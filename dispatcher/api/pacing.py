@@ -20,10 +20,12 @@ from typing import TYPE_CHECKING, Annotated
 from fastapi import Depends, Request
 
 from dispatcher.api.deps import ProjectPath
-from dispatcher.errors import TooManyRequests
+from dispatcher.errors import DispatcherError, TooManyRequests
 from dispatcher.models import check_project_id
 
 if TYPE_CHECKING:
+    from collections.abc import AsyncIterator
+
     from dispatcher.models import RedeliveryResult
     from dispatcher.settings import Settings
 
@@ -125,14 +127,21 @@ def pace_events(request: Request, project_id: str, events: int) -> None:
         raise _refused(pace, project_id, wait)
 
 
-async def _paced_redelivery(request: Request, project_id: ProjectPath) -> None:
+async def _paced_redelivery(request: Request, project_id: ProjectPath) -> AsyncIterator[None]:
     """Spend what one redelivery may queue (its recorded body, at most
     `DISPATCHER_MAX_REQUEST_BODY`) from its project's bucket, or refuse it (429): a
     redelivery queues a new job each time, so one recorded request sent again in a loop
-    filled Redis at 36 MiB/s past the emit routes' share (review)."""
+    filled Redis at 36 MiB/s past the emit routes' share (review). One refused after all
+    (an unknown record, a disabled callback: it queued nothing) is given back (review)."""
     pace = _pace(request)
     if pace is not None and (wait := pace.take(project_id, pace.redelivery_cost)):
         raise _refused(pace, project_id, wait)
+    try:
+        yield
+    except DispatcherError:
+        if pace is not None:
+            pace.give_back(project_id, pace.redelivery_cost)
+        raise
 
 
 @dataclass(slots=True)

@@ -494,7 +494,8 @@ async def test_a_redelivery_costs_what_it_may_queue(
     """A single redelivery queues a new job each time (its body up to
     `DISPATCHER_MAX_REQUEST_BODY`): one recorded request sent again in a loop filled Redis
     at 36 MiB/s, nothing charged (review). Each costs that much of its project's share, on
-    the API's route and the console's."""
+    the API's route and the console's; one refused after all (an unknown record) is given
+    back (it paid: review)."""
     settings = paced(
         redis_server.url,
         emit_project_burst=64 * 1024,
@@ -507,7 +508,9 @@ async def test_a_redelivery_costs_what_it_may_queue(
     await run_worker(settings)
     [record] = await all_records(redis, settings, receiver.url("/hook"))
     retry = f"/apigw/v4/projects/demo/callbacks/history/{record.id}/retry"
+    unknown = f"/apigw/v4/projects/demo/callbacks/history/{record.id + 1000}/retry"
     async with app_client(settings, redis) as api:
+        assert [(await api.post(unknown, headers=UID)).status_code for _ in "abc"] == [404] * 3
         codes = [(await api.post(retry, headers=UID)).status_code for _ in "abc"]
         form = (await api.get("/console/projects/demo", headers=UID)).text
         token = re.search(r'name="csrf_token" value="([^"]+)"', form)
