@@ -190,7 +190,8 @@ class Producer:
             jobs = [
                 event_job(*event, trace=emission.trace, max_bytes=self._largest) for event in events
             ]
-            emission.emitted(jobs[0].project_id if jobs else "", [job.id for job in jobs])
+            projects = {job.project_id for job in jobs}  # a batch of several names none
+            emission.emitted(projects.pop() if len(projects) == 1 else "", [j.id for j in jobs])
             refused = await self._enqueue(jobs)
         if refused:
             skipped = set(refused)

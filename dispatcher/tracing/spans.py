@@ -36,10 +36,11 @@ class Emission:
         self.trace = context
 
     def emitted(self, project_id: str, event_ids: Sequence[str]) -> None:
-        """Name what was emitted on the span."""
+        """Name what was emitted on the span (its project: when one emitted it all)."""
         if self.span is None or not self.span.is_recording():
             return
-        self.span.set_attribute("dispatcher.project_id", project_id)
+        if project_id:
+            self.span.set_attribute("dispatcher.project_id", project_id)
         self.span.set_attribute("messaging.batch.message_count", len(event_ids))
         if len(event_ids) == 1:
             self.span.set_attribute("dispatcher.event_id", event_ids[0])

@@ -188,6 +188,21 @@ async def test_a_python_producer_inside_a_span_propagates_it(
     assert "traceparent" not in sent[3]
 
 
+async def test_a_batch_of_several_projects_names_none_on_its_emit_span(
+    settings: Settings, redis: Redis, spans: InMemorySpanExporter
+) -> None:
+    """An `emit_many` of two projects' events: its span names no project (it named the
+    first one's: review); a batch of one project's names it."""
+    producer = Producer(settings, redis)
+    await producer.emit_many(
+        [("a", "BUILD_END", {}), ("b", "BUILD_END", {}), ("b", "BUILD_END", {})]
+    )
+    await producer.emit_many([("b", "BUILD_END", {})] * 2)
+    mixed, alone = [span.attributes or {} for span in spans.get_finished_spans()]
+    assert "dispatcher.project_id" not in mixed and mixed["messaging.batch.message_count"] == 3
+    assert alone["dispatcher.project_id"] == "b"
+
+
 def parent_id(span: ReadableSpan) -> int | None:
     return None if span.parent is None else span.parent.span_id
 
