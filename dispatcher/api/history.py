@@ -19,7 +19,7 @@ from dispatcher.api.deps import (
     RouterDep,
     apigw,
 )
-from dispatcher.api.pacing import PacedRedelivery, PacedWindow
+from dispatcher.api.pacing import PacedRedelivery, PacedWindow, refunded
 from dispatcher.models import HistoryPage, HistoryRecord, RedeliveryResult, Result
 from dispatcher.shards import views
 
@@ -68,7 +68,8 @@ async def redeliver(
     """Send a recorded request again (project admins): same body and delivery id,
     the callback's current token, new history records. Returns the job id; a 503 while
     the project moves to another shard."""
-    return Result[str](data=await views.redeliver(router, project_id, record_id))
+    with refunded(paced):
+        return Result[str](data=await views.redeliver(router, project_id, record_id))
 
 
 @routes.post("/callbacks/history/retry", response_model=Result[RedeliveryResult])

@@ -11,6 +11,7 @@ its operators, with Redis's address) are not paced."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections import OrderedDict
@@ -20,11 +21,17 @@ from typing import TYPE_CHECKING, Annotated
 from fastapi import Depends, Request
 
 from dispatcher.api.deps import ProjectPath
-from dispatcher.errors import DispatcherError, TooManyRequests
+from dispatcher.errors import (
+    CallbackGone,
+    DispatcherError,
+    InvalidInput,
+    NotFound,
+    TooManyRequests,
+)
 from dispatcher.models import check_project_id
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator
+    from collections.abc import Iterator
 
     from dispatcher.models import RedeliveryResult
     from dispatcher.settings import Settings
@@ -35,8 +42,10 @@ __all__ = [
     "Paced",
     "PacedRedelivery",
     "PacedWindow",
+    "Paid",
     "WindowPace",
     "pace_events",
+    "refunded",
 ]
 
 SMALLEST_COST = 1024  # bytes an emit request costs at least
@@ -127,20 +136,40 @@ def pace_events(request: Request, project_id: str, events: int) -> None:
         raise _refused(pace, project_id, wait)
 
 
-async def _paced_redelivery(request: Request, project_id: ProjectPath) -> AsyncIterator[None]:
+@dataclass(slots=True)
+class Paid:
+    """What a single redelivery paid of its project's bucket (`refunded`)."""
+
+    pace: EmitPace
+    project_id: str
+
+
+# what refuses a redelivery before it queues anything: its cost is given back
+REFUNDED: tuple[type[DispatcherError], ...] = (NotFound, CallbackGone, InvalidInput)
+
+
+async def _paced_redelivery(request: Request, project_id: ProjectPath) -> Paid | None:
     """Spend what one redelivery may queue (its recorded body, at most
     `DISPATCHER_MAX_REQUEST_BODY`) from its project's bucket, or refuse it (429): a
     redelivery queues a new job each time, so one recorded request sent again in a loop
-    filled Redis at 36 MiB/s past the emit routes' share (review). One refused after all
-    (an unknown record, a disabled callback: it queued nothing) is given back (review)."""
+    filled Redis at 36 MiB/s past the emit routes' share (review)."""
     pace = _pace(request)
     if pace is not None and (wait := pace.take(project_id, pace.redelivery_cost)):
         raise _refused(pace, project_id, wait)
+    return None if pace is None else Paid(pace, project_id)
+
+
+@contextlib.contextmanager
+def refunded(paid: Paid | None) -> Iterator[None]:
+    """A redelivery refused before it queued anything (`REFUNDED`: an unknown record, a
+    deleted or disabled callback) gives back what it paid; any other error keeps it (an
+    outage after the push may have queued it: review). The route's own call, not a
+    dependency's exit: the console turns errors into pages before that (review)."""
     try:
         yield
-    except DispatcherError:
-        if pace is not None:
-            pace.give_back(project_id, pace.redelivery_cost)
+    except REFUNDED:
+        if paid is not None:
+            paid.pace.give_back(paid.project_id, paid.pace.redelivery_cost)
         raise
 
 
@@ -178,4 +207,4 @@ def _window_pace(request: Request, project_id: ProjectPath) -> WindowPace | None
 
 Paced = Annotated[None, Depends(_paced)]
 PacedWindow = Annotated[WindowPace | None, Depends(_window_pace)]
-PacedRedelivery = Annotated[None, Depends(_paced_redelivery)]
+PacedRedelivery = Annotated[Paid | None, Depends(_paced_redelivery)]

@@ -11,7 +11,7 @@ from urllib.parse import quote
 from fastapi import APIRouter, Form, Path
 from starlette.responses import RedirectResponse
 
-from dispatcher.api.pacing import PacedRedelivery, PacedWindow
+from dispatcher.api.pacing import PacedRedelivery, PacedWindow, refunded
 from dispatcher.console.page import PREFIX, AdminForm, ConsoleRoute, ProjectPath, redirect
 from dispatcher.errors import InvalidInput
 from dispatcher.models import Region
@@ -117,7 +117,8 @@ async def redeliver(
     back: Annotated[Literal["record", "dead-letters"], Form()] = "record",
 ) -> RedirectResponse:
     """Send the recorded request again; back to the attempt, or to the dead letters."""
-    await views.redeliver(page.router, project_id, record_id)
+    with refunded(paced):
+        await views.redeliver(page.router, project_id, record_id)
     where = "/dead-letters" if back == "dead-letters" else f"/history/{record_id}"
     return redirect(page, _project(project_id) + where, notice="redelivered")
 

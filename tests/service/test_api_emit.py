@@ -495,7 +495,7 @@ async def test_a_redelivery_costs_what_it_may_queue(
     `DISPATCHER_MAX_REQUEST_BODY`): one recorded request sent again in a loop filled Redis
     at 36 MiB/s, nothing charged (review). Each costs that much of its project's share, on
     the API's route and the console's; one refused after all (an unknown record) is given
-    back (it paid: review)."""
+    back, on both (it paid: review)."""
     settings = paced(
         redis_server.url,
         emit_project_burst=64 * 1024,
@@ -511,10 +511,17 @@ async def test_a_redelivery_costs_what_it_may_queue(
     unknown = f"/apigw/v4/projects/demo/callbacks/history/{record.id + 1000}/retry"
     async with app_client(settings, redis) as api:
         assert [(await api.post(unknown, headers=UID)).status_code for _ in "abc"] == [404] * 3
-        codes = [(await api.post(retry, headers=UID)).status_code for _ in "abc"]
         form = (await api.get("/console/projects/demo", headers=UID)).text
         token = re.search(r'name="csrf_token" value="([^"]+)"', form)
         assert token is not None
+        for _ in "abc":  # the console's: its route turns the error into a page first
+            missing = await api.post(
+                f"/console/projects/demo/history/{record.id + 1000}/redeliver",
+                data={"csrf_token": token[1]},
+                headers=UID,
+            )
+            assert missing.status_code == 404
+        codes = [(await api.post(retry, headers=UID)).status_code for _ in "abc"]
         console = await api.post(
             f"/console/projects/demo/history/{record.id}/redeliver",
             data={"csrf_token": token[1]},
@@ -523,6 +530,26 @@ async def test_a_redelivery_costs_what_it_may_queue(
     assert codes == [200, 200, 429]
     assert console.status_code == 429 and "DISPATCHER_EMIT_PROJECT_RATE" in console.text
     assert int(console.headers["Retry-After"]) >= 1  # as the API's (it had none: review)
+    assert await redis.zcard(settings.queue_name) == 2
+
+
+async def test_a_redelivery_an_outage_refuses_after_its_push_keeps_its_cost(
+    redis_server: EmbeddedRedis, redis: Redis, receiver: Receiver, run_worker: RunWorker
+) -> None:
+    """A redelivery whose push no replica confirmed (503: it may be queued) keeps what it
+    paid: a first version gave it back, and six calls queued six jobs past a burst of two
+    (review)."""
+    settings = paced(redis_server.url, emit_project_burst=64 * 1024,
+                     max_request_body=30 * 1024, retry_schedule=())  # fmt: skip
+    await Registry(redis).create("demo", receiver.url("/hook"), Event.BUILD_END, Region.DEVNET)
+    await Producer(settings, redis).emit("demo", "BUILD_END", {"n": 1})
+    await run_worker(settings)
+    [record] = await all_records(redis, settings, receiver.url("/hook"))
+    retry = f"/apigw/v4/projects/demo/callbacks/history/{record.id}/retry"
+    unconfirmed = settings.model_copy(update={"redis_min_replicas": 1, "emit_wait": 0.3})
+    async with app_client(unconfirmed, redis) as api:  # this Redis has no replica
+        codes = [(await api.post(retry, headers=UID)).status_code for _ in range(6)]
+    assert codes == [503, 503, 429, 429, 429, 429], codes
     assert await redis.zcard(settings.queue_name) == 2
 
 
