@@ -359,8 +359,9 @@ class Settings(BaseSettings):
         largest = max(self.api_max_body_bytes, self.emit_batch_max_bytes)
         largest = max(largest, 1024 * self.emit_batch_max_events)  # pacing.SMALLEST_COST each
         if self.emit_project_rate and self.emit_project_burst < largest:
-            raise ValueError(f"emit_project_burst ({self.emit_project_burst}) must hold the largest"
-                             f" emit (its body, or 1 KiB an event: {largest} bytes)")  # fmt: skip
+            raise ValueError(f"DISPATCHER_EMIT_PROJECT_BURST ({self.emit_project_burst}) must hold"
+                             " the largest emit (its body, or 1 KiB for each of DISPATCHER_EMIT"
+                             f"_BATCH_MAX_EVENTS: {largest} bytes)")  # fmt: skip
         if self.redis_min_replicas and self.redis_url is None:
             raise ValueError(
                 "DISPATCHER_REDIS_MIN_REPLICAS > 0 needs DISPATCHER_REDIS_URL: the embedded "

@@ -93,9 +93,10 @@ def load_settings(**overrides: Any) -> Settings:
     try:
         return Settings(**overrides)
     except ValidationError as exc:
-        for error in exc.errors():
-            name = "DISPATCHER_" + "_".join(str(p) for p in error["loc"]).upper()
-            err.print(tagged("configuration error", "red", f" {name}: {error['msg']}"))
+        for error in exc.errors():  # a check of several settings names them in its message
+            name = "_".join(str(p) for p in error["loc"]).upper()
+            where = f" DISPATCHER_{name}:" if name else ":"
+            err.print(tagged("configuration error", "red", f"{where} {error['msg']}"))
         raise typer.Exit(2) from None
 
 

@@ -71,7 +71,8 @@ class Served:
     wide_at: float = 0.0  # monotonic time of the last short claim that looked at the budget
     quiet: frozenset[str] = frozenset()  # busy projects with room found with nothing due
     failing_since: float | None = None  # monotonic: its claims' first failure in a row
-    said_at: float = 0.0  # monotonic: when that was last logged
+    said: tuple[float, bool] | None = None  # when a failure was last logged, and if full
+    outage_said: bool = False  # this run of failures was logged (its end is, then)
 
     @classmethod
     def build(cls, services: Services, token: str, *, shared: Engine | None = None) -> Served:
@@ -129,23 +130,24 @@ class Served:
             self._claim_failed(str(exc), full, self.failed(poll_delay))
             return None
         self.answered()
-        if self.failing_since is not None:
+        if self.failing_since is not None and self.outage_said:
             after_s = round(time.monotonic() - self.failing_since, 1)
             log.info("worker.claim_resumed", shard=self.index, after_s=after_s)
-            self.failing_since = None
+        self.failing_since, self.outage_said = None, False
         self.scanned(shares[1], scout, share, claimed, now)
         return claimed
 
     def _claim_failed(self, error: str, full: bool, retry: float) -> None:
-        """A failed claim, logged as its shard's outage begins and every `SAID_AGAIN_S`
-        while it lasts (each was, a line per shard every 2 s at most: a cluster's 8 shards
-        down, 240 lines a minute), then `worker.claim_resumed`."""
+        """A failed claim, logged as its shard's outage begins, every `SAID_AGAIN_S` while it
+        lasts, and when Redis starts or stops saying it is full; then `worker.claim_resumed`.
+        Each was a line, a shard's every 2 s at most (a cluster's 8 shards down: 240 a
+        minute). A shard whose claims fail now and then says so once a `SAID_AGAIN_S` at most
+        (each failure and each end was a line: review)."""
         now = time.monotonic()
-        first = self.failing_since is None
         if self.failing_since is None:
             self.failing_since = now
-        if first or now - self.said_at >= SAID_AGAIN_S:
-            self.said_at = now
+        if self.said is None or now - self.said[0] >= SAID_AGAIN_S or full != self.said[1]:
+            self.said, self.outage_said = (now, full), True
             log.warning("worker.claim_failed", error=error, redis_full=full,
                         retry_in_s=round(retry, 2), shard=self.index,
                         failing_for_s=round(now - self.failing_since, 1))  # fmt: skip

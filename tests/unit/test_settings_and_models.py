@@ -38,7 +38,7 @@ def test_settings_come_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> 
         ({"api_port": 70000}, "65535"),
         ({"no_such_setting": 1}, "Extra inputs"),
         # a batch of this many events costs the pace more than its burst: refused for ever
-        ({"emit_batch_max_events": 100_000}, "1 KiB an event: 102400000 bytes"),
+        ({"emit_batch_max_events": 100_000}, "MAX_EVENTS: 102400000 bytes"),
     ],
 )
 def test_bad_settings_fail_with_a_clear_message(values: dict[str, object], fragment: str) -> None:
@@ -51,6 +51,11 @@ def test_cli_reports_a_bad_setting_and_exits_2(monkeypatch: pytest.MonkeyPatch) 
     result = CliRunner().invoke(app, ["callbacks", "list", "--project", "p"])
     assert result.exit_code == 2
     assert "DISPATCHER_TIMEZONE" in result.output and "unknown time zone" in result.output
+    monkeypatch.delenv("DISPATCHER_TIMEZONE")
+    monkeypatch.setenv("DISPATCHER_EMIT_BATCH_MAX_EVENTS", "100000")  # a check of several
+    result = CliRunner().invoke(app, ["callbacks", "list", "--project", "p"])
+    assert result.exit_code == 2 and "DISPATCHER_:" not in result.output  # it said that
+    assert "DISPATCHER_EMIT_PROJECT_BURST" in " ".join(result.output.split()), result.output
 
 
 @pytest.mark.parametrize(
