@@ -197,3 +197,16 @@ LANES_BLOCKED_OLDEST_SECONDS = Gauge(
     "How long the longest-blocked ordered lane has waited for its head delivery to end, 0 "
     "when none is blocked (read at scrape).",
 )
+
+# Every series an alert's `increase()` reads exists from the start, at 0: a series born at
+# 1 (its first event) shows no increase, so the alert on a first dropped body or disabled
+# callback never fired (review). The values are those the code counts under.
+for _metric, _label, _values in (
+    (DROPPED, "reason", ("callback", "body", "job")),
+    (CALLBACKS_DISABLED, "reason", ("failing", "gone")),
+    (REDIS_FULL, "refused", ("claim", "write", "emit")),
+    (DEFERRED, "reason", ("rate", "in_flight", "circuit", "share")),
+    (FILTERED, "result", ("skipped", "error")),
+):
+    for _value in _values:
+        _metric.labels(**{_label: _value})
