@@ -13,7 +13,7 @@ from dispatcher import metrics
 from dispatcher.api.deps import RouterDep
 from dispatcher.api.errors import envelope
 from dispatcher.connections import NO_ANSWER, REDIS_ERRORS
-from dispatcher.shards import views
+from dispatcher.shards import gauges
 
 __all__ = ["READY_BOUND", "router"]
 
@@ -63,7 +63,7 @@ async def metrics_route(router: RouterDep) -> Response:
     history backlog, live workers and Redis' memory. Answered even when Redis is not
     (`dispatcher_redis_up 0`; the fleet's gauges keep their last values)."""
     try:
-        await views.fleet_gauges(router)
+        await gauges.fleet_gauges(router)
     except REDIS_ERRORS:
         metrics.REDIS_UP.set(0)
     else:

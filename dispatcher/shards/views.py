@@ -11,11 +11,9 @@ is in one database: those reads go there once.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
-from dispatcher import lateness, metrics
 from dispatcher.connections import REDIS_ERRORS
 from dispatcher.errors import NotFound, Unavailable
 from dispatcher.failing import SHOWN_PER_PROJECT, merged
@@ -23,7 +21,7 @@ from dispatcher.failing import read as read_failing
 from dispatcher.history.window import unknown_record
 from dispatcher.models import PLATFORM_PROJECT, HistoryPage, RedeliveryResult
 from dispatcher.shards.lanes import hold_source
-from dispatcher.status import Lanes, count_live_workers, read_lanes
+from dispatcher.status import Lanes, read_lanes
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
@@ -39,7 +37,6 @@ __all__ = [
     "answers",
     "dead_letters",
     "failing",
-    "fleet_gauges",
     "history_page",
     "holder",
     "redeliver",
@@ -316,83 +313,6 @@ async def _not_moving(
         f"project {project_id!r} is moving to another shard: {what} waits for the move's "
         f"end; try again in a minute{so_far}"
     )
-
-
-async def fleet_gauges(router: Router) -> None:
-    """The fleet's gauges of `/metrics`: queues, history backlogs and Redis memory added
-    up over the shards, the fullest Redis, the live workers and the projects served late
-    (`lateness.py`; from the home shard). A shard
-    that does not answer within `DISPATCHER_REDIS_TIMEOUT` is left out and the others'
-    are set, then its error is raised (`dispatcher_redis_up 0`): one shard away froze
-    every gauge, the others' fullest Redis with them (review). None answering, every
-    gauge keeps its last value."""
-    depth = age = waiting = oldest = 0.0
-    lanes: list[Lanes] = []
-    away: list[Exception] = []
-    bound = router.settings.redis_timeout
-    for services in router.shards:
-        try:
-            async with asyncio.timeout(bound):
-                lanes.append(await read_lanes(services.redis, services.keys, limit=1))
-                due, due_age = await services.queue.depth()
-                backlog, backlog_age = await services.history.backlog()
-        except REDIS_ERRORS as exc:  # TimeoutError among them
-            away.append(exc)
-            continue
-        depth, age = depth + due, max(age, due_age)
-        waiting, oldest = waiting + backlog, max(oldest, backlog_age)
-    used, most, fullest = await _memory(router, away)
-    if not lanes:  # no shard answered: the gauges keep their last values
-        raise away[0]
-    metrics.QUEUE_DEPTH.set(depth)
-    metrics.QUEUE_OLDEST_SECONDS.set(age)
-    metrics.HISTORY_BACKLOG.set(waiting)
-    metrics.HISTORY_BACKLOG_AGE.set(oldest)
-    with contextlib.suppress(*REDIS_ERRORS):  # the home shard away: counted in `away`
-        async with asyncio.timeout(bound):
-            live = await count_live_workers(router.home.redis, router.home.keys)
-            metrics.WORKERS_LIVE.set(live)
-            await lateness.export(router.home.redis, router.home.keys)
-    metrics.REDIS_USED_MEMORY.set(used)
-    metrics.REDIS_MAX_MEMORY.set(most)
-    metrics.REDIS_FULLEST.set(fullest)
-    blocked = merged_lanes(lanes)
-    metrics.LANES_BLOCKED.set(blocked.blocked)
-    metrics.LANES_BLOCKED_OLDEST_SECONDS.set(blocked.oldest_s)
-    if away:
-        raise away[0]
-
-
-async def _memory(router: Router, away: list[Exception]) -> tuple[int, int, float]:
-    """Redis' used memory and limits added up, and the fullest server's or node's share of
-    its limit (summed, one full among empty ones hid behind them: review); the error of
-    each that does not answer within the Redis timeout goes to `away`."""
-    used = most = 0
-    fullest = 0.0
-    for services in _servers(router):
-        try:
-            async with asyncio.timeout(router.settings.redis_timeout):
-                nodes = _per_node(await services.redis.info("memory"))
-        except REDIS_ERRORS as exc:
-            away.append(exc)
-            continue
-        for memory in nodes:
-            node_used, limit = int(memory.get("used_memory", 0)), int(memory.get("maxmemory", 0))
-            used, most = used + node_used, most + limit
-            fullest = max(fullest, node_used / limit if limit else 0.0)
-    return used, most, fullest
-
-
-def _per_node(info: dict[str, Any]) -> list[dict[str, Any]]:
-    """INFO's answer per server: a cluster client answers with one dict per node."""
-    if "used_memory" in info or not all(isinstance(v, dict) for v in info.values()):
-        return [info]
-    return list(info.values())
-
-
-def _servers(router: Router) -> list[Services]:
-    """One shard per Redis client (a cluster's INFO already covers its every node)."""
-    return list({id(s.redis): s for s in router.shards}.values())
 
 
 async def _status(services: Services) -> Status:

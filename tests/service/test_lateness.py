@@ -20,7 +20,7 @@ from dispatcher.producer import Producer
 from dispatcher.queue import Queue
 from dispatcher.registry import Registry
 from dispatcher.settings import Settings
-from dispatcher.shards import views
+from dispatcher.shards import gauges
 from dispatcher.shards.router import Router
 from dispatcher.worker import create_worker
 from tests.cluster import LocalCluster, grown
@@ -77,7 +77,7 @@ async def test_one_projects_old_backlog_counts_one_late_project_of_two(
     await run_worker()
     assert len(receiver.requests("/flood")) == 3 and len(receiver.requests("/quiet")) == 1
     async with Router.open(settings, redis) as router:
-        await views.fleet_gauges(router)
+        await gauges.fleet_gauges(router)
     assert fleet() == (2, 1, 1)
 
 
@@ -100,7 +100,7 @@ async def test_a_flooder_several_workers_serve_counts_once_across_the_fleet(
         await run_worker()  # a worker of its own
     assert len(receiver.requests("/flood")) == 2
     async with Router.open(settings, redis) as router:
-        await views.fleet_gauges(router)
+        await gauges.fleet_gauges(router)
     assert fleet() == (3, 1, 1)
 
 
@@ -115,7 +115,7 @@ async def test_the_fleets_counts_are_read_on_a_redis_cluster(redis_cluster: Loca
     async with Router.open(settings) as router:
         home, taken, now = router.home, noted.take(), now_ms()
         await run_pipeline(home.redis, lambda pipe: add(pipe, home.keys, taken, now))
-        await views.fleet_gauges(router)
+        await gauges.fleet_gauges(router)
     assert fleet() == (2, 1, 1)
 
 
@@ -133,5 +133,5 @@ async def test_a_heartbeat_adds_the_projects_noted_since_the_last_one(
     finally:
         await worker.close()
     async with Router.open(settings, redis) as router:
-        await views.fleet_gauges(router)
+        await gauges.fleet_gauges(router)
     assert fleet() == (2, 1, 1)

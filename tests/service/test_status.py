@@ -31,6 +31,8 @@ from dispatcher.producer import Producer
 from dispatcher.registry import Registry
 from dispatcher.services import Services
 from dispatcher.settings import Settings
+from dispatcher.shards import gauges
+from dispatcher.shards.router import Router
 from dispatcher.stats import DAY, HOUR, RESEND_WITHIN_S, AttemptStats, add_counts, read_series
 from dispatcher.status import count_live_workers, live_workers, write_heartbeat
 from dispatcher.worker.duties import Counts, Duties
@@ -307,3 +309,32 @@ async def test_what_the_client_itself_never_sent_is_not_sent(url: str, sent: boo
 def _attempt_seconds_count() -> float:
     value = REGISTRY.get_sample_value("dispatcher_delivery_attempt_seconds_count")
     return value or 0.0
+
+
+async def test_a_scrape_asks_every_shard_and_server_at_once(
+    settings: Settings, redis: Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`/metrics`' reads of the fleet (each shard's queue, lanes and backlog; each server's
+    memory; the home shard's workers and lateness) all start before the first one gives up
+    at the Redis timeout: a frozen Redis costs a scrape one timeout. They went one after
+    another, each within the timeout: 10 s with one Redis, Prometheus's own scrape timeout,
+    so the scrape failed and `dispatcher_redis_up` went stale (review)."""
+    began: list[str] = []
+    at_first_give_up: list[int] = []
+
+    async def hung(name: str) -> None:
+        began.append(name)
+        try:
+            await asyncio.sleep(60)
+        except asyncio.CancelledError:
+            at_first_give_up.append(len(began))
+            raise
+
+    monkeypatch.setattr(gauges, "_shard", lambda services: hung("shard"))
+    monkeypatch.setattr(gauges, "_memory", lambda services: hung("memory"))
+    monkeypatch.setattr(gauges, "_home", lambda redis, keys: hung("home"))
+    async with Router.open(settings.model_copy(update={"redis_timeout": 0.2}), redis) as router:
+        with pytest.raises(TimeoutError):
+            await gauges.fleet_gauges(router)
+    assert sorted(began) == ["home", "memory", "shard"]
+    assert at_first_give_up[0] == 3, at_first_give_up  # every read under way by then
