@@ -676,19 +676,35 @@ def test_systemd_analyze_verify(tmp_path: Path) -> None:
 
 
 def test_compose_ha_adds_a_replica_and_three_sentinels_watching_the_master() -> None:
+    """Each node and sentinel keeps its configuration file on its volume, written at its
+    first start only: Sentinel records a failover there. Written afresh at each start (and
+    the replica's role a flag), three sentinels restarted together watched the old master
+    again, and a promoted replica restarted copied it again (review)."""
     [ha] = load_yaml(COMPOSE_HA)
     services = ha["services"]
     for node in ("redis", "redis-replica"):
-        command = " ".join(as_argv(services[node]["command"]))
+        argv = as_argv(services[node]["command"])
+        command = " ".join(argv)
+        assert argv[:2] == ["redis-server", "/data/redis.conf"], node
         assert "--appendonly yes" in command and "--appendfsync everysec" in command, node
         assert f"--replica-announce-ip {node}" in command, node
-    assert "--replicaof redis 6379" in " ".join(as_argv(services["redis-replica"]["command"]))
+        assert "--replicaof" not in command, node  # a flag would undo a failover's rewrite
+        entry = " ".join(
+            as_argv(services[node].get("entrypoint") or ha["x-redis-node"]["entrypoint"])
+        )
+        assert "exec docker-entrypoint.sh" in entry, node  # Redis as the image's `redis` user
+        assert any(v.endswith(":/data") for v in services[node]["volumes"]), node
+    first = " ".join(as_argv(services["redis-replica"]["entrypoint"]))
+    assert '[ -f /data/redis.conf ] || echo "replicaof redis 6379" > /data/redis.conf' in first
     sentinels = sorted(name for name in services if name.startswith("sentinel-"))
     assert len(sentinels) == 3
     for name in sentinels:
         script = " ".join(as_argv(services[name]["command"]))
+        assert "[ -f /data/sentinel.conf ] || cat > /data/sentinel.conf" in script, name
         assert "sentinel monitor dispatcher redis 6379 2" in script, name
         assert "resolve-hostnames yes" in script and "--sentinel" in script, name
+        assert services[name]["volumes"] == [f"{name}-data:/data"], name
+        assert f"{name}-data" in ha["volumes"], name
 
 
 def test_every_redis_has_a_maxmemory_and_evicts_nothing() -> None:
@@ -702,6 +718,8 @@ def test_every_redis_has_a_maxmemory_and_evicts_nothing() -> None:
             argv = as_argv(service.get("command") or [])
             if not argv or argv[0] != "redis-server" or "--sentinel" in argv:
                 continue
+            if argv[1].endswith(".conf"):  # the node's own file first (the HA file's)
+                argv = argv[1:]
             flags = dict(zip(argv[1::2], argv[2::2], strict=False))
             assert flags.get("--maxmemory", "").strip(), f"{rel(path)} {name}: no --maxmemory"
             assert flags.get("--maxmemory-policy") == "noeviction", f"{rel(path)} {name}"
