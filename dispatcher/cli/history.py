@@ -23,7 +23,7 @@ from dispatcher.cli.common import (
 )
 from dispatcher.history import database, set_aside
 from dispatcher.history.migrate import migrate
-from dispatcher.history.schema import MIGRATIONS, schema_version, upgrade
+from dispatcher.history.schema import MIGRATIONS, Busy, schema_version, upgrade
 from dispatcher.history.shipper import Shipper
 from dispatcher.settings import Settings
 from dispatcher.shards import views
@@ -208,14 +208,15 @@ def set_aside_retry(
     console.print(f"appended {len(again)} entries to the history stream again: shipped next")
 
 
-def upgrade_schema(settings: Settings) -> tuple[list[int], int]:
-    """Apply the missing migrations; returns those applied and the version now."""
+def upgrade_schema(settings: Settings, *, wait: bool = True) -> tuple[list[int], int]:
+    """Apply the missing migrations; returns those applied and the version now (`Busy`
+    when not `wait` and another process is upgrading)."""
 
     async def go() -> tuple[list[int], int]:
         with database.unavailable():
             conn = await database.connect(settings)
             try:
-                return await upgrade(conn), await schema_version(conn)
+                return await upgrade(conn, wait=wait), await schema_version(conn)
             finally:
                 await conn.close()
 
@@ -246,8 +247,9 @@ def db_upgrade(
         bool,
         typer.Option(
             "--if-reachable",
-            help="Exit 0 with a warning when PostgreSQL is unreachable (a step before the API"
-            " starts: the API works without PostgreSQL); reachable, upgrade as without it",
+            help="Exit 0 with a warning when PostgreSQL is unreachable, or another process is"
+            " upgrading (a step before the API starts: the API works without PostgreSQL);"
+            " else upgrade as without it",
         ),
     ] = False,
 ) -> None:
@@ -272,7 +274,18 @@ def db_upgrade(
             )
         )
         return
-    applied, version = upgrade_schema(settings)
+    try:
+        applied, version = upgrade_schema(settings, wait=not if_reachable)
+    except Busy:  # a long migration under way (hours: an index a day): not waited for
+        err.print(
+            tagged(
+                "warning",
+                "yellow",
+                ": another process is upgrading the schema"
+                " now: not waited for; history reads answer 503 until it is done",
+            )
+        )
+        return
     if applied:
         console.print(f"applied migrations {', '.join(map(str, applied))}: version {version}")
     else:

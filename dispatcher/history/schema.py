@@ -145,12 +145,18 @@ MIGRATIONS: list[tuple[int, str | Callable[[Conn], Awaitable[None]]]] = [
 ]  # fmt: skip
 
 
-async def upgrade(conn: Conn) -> list[int]:
+class Busy(Exception):
+    """Another process holds the migrations' lock: it is upgrading (`upgrade(wait=False)`)."""
+
+
+async def upgrade(conn: Conn, *, wait: bool = True) -> list[int]:
     """Apply the missing migrations; returns the versions applied now. Holds a session
     advisory lock throughout: even `CREATE TABLE IF NOT EXISTS` fails when two sessions
-    run it at once (a unique violation in pg_type), so nothing runs outside the lock."""
+    run it at once (a unique violation in pg_type), so nothing runs outside the lock.
+    Not `wait`: `Busy` at once when another process holds it."""
     applied: list[int] = []
-    await _lock(conn)
+    if not await _lock(conn, wait=wait):
+        raise Busy("another process is upgrading the history schema")
     try:
         await conn.execute(
             "CREATE TABLE IF NOT EXISTS history_schema"
@@ -173,17 +179,21 @@ async def upgrade(conn: Conn) -> list[int]:
     return applied
 
 
-async def _lock(conn: Conn) -> None:
+async def _lock(conn: Conn, *, wait: bool = True) -> bool:
     """Take the migrations' lock, waiting as long as another process holds it (a
     migration may run for hours: version 4 builds an index per day), by asking again and
     again, never inside a statement: its snapshot would hold up the CONCURRENTLY build of
-    the session that has the lock, while that session held up this one (a deadlock)."""
+    the session that has the lock, while that session held up this one (a deadlock).
+    Not `wait`: False at once when another holds it."""
     polls = 0
     while not await conn.fetchval("SELECT pg_try_advisory_lock($1)", _LOCK):
+        if not wait:
+            return False
         if polls % _LOCK_POLLS_LOGGED == 0:  # the first wait, then every 30 s
             log.info("history.migrations_waiting", seconds=round(polls * _LOCK_POLL_S))
         await asyncio.sleep(_LOCK_POLL_S)
         polls += 1
+    return True
 
 
 async def schema_version(conn: Conn) -> int:

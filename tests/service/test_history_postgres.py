@@ -396,6 +396,29 @@ def test_db_upgrade_if_reachable_lets_the_api_start_while_postgres_is_away(
     assert CliRunner().invoke(app, ["db", "upgrade", "--if-reachable"]).exit_code != 0
 
 
+async def test_db_upgrade_if_reachable_does_not_wait_for_another_processs_upgrade(
+    fresh_db: str, redis_server: EmbeddedRedis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another process upgrading (a migration may run for hours: an index a day) holds the
+    migrations' lock: the API's pre-start step waited for it, and every API pod restarted
+    or rolled out meanwhile stayed in its init container (review). With --if-reachable it
+    warns and exits 0 (the API serves; history reads answer 503 until the schema is done)."""
+    monkeypatch.setenv("DISPATCHER_REDIS_URL", redis_server.url)
+    monkeypatch.setenv("DISPATCHER_HISTORY_URL", fresh_db)
+    holder = await asyncpg.connect(fresh_db)
+    try:
+        await holder.execute("SELECT pg_advisory_lock($1)", schema._LOCK)  # the migrations'
+        said = await asyncio.wait_for(
+            asyncio.to_thread(CliRunner().invoke, app, ["db", "upgrade", "--if-reachable"]), 30
+        )
+    finally:
+        await holder.close()
+    assert said.exit_code == 0, said.output
+    assert "another process is upgrading the schema" in " ".join(said.output.split())
+    done = await asyncio.to_thread(CliRunner().invoke, app, ["db", "upgrade", "--if-reachable"])
+    assert done.exit_code == 0 and "applied migrations 1," in done.output, done.output
+
+
 async def test_retention_drops_a_days_partition_and_nothing_newer(
     fresh_db: str, redis_server: EmbeddedRedis, redis: Redis
 ) -> None:
