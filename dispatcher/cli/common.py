@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Awaitable, Callable, Coroutine, Iterator
+import difflib
+import os
+from collections.abc import Awaitable, Callable, Coroutine, Iterator, Mapping
 from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import typer
@@ -83,13 +85,28 @@ class Table(RichTable):
         super().add_row(*(shown(c) if isinstance(c, str) else c for c in cells), **options)
 
 
+def misspelt(environ: Mapping[str, str]) -> list[tuple[str, str]]:
+    """The `DISPATCHER_*` variables of `environ` that no setting reads but one is spelt
+    like, each with it: pydantic-settings ignores them, so `DISPATCHER_SHUTDOWN_GRACEE=3`
+    left the grace at 20 s without a word (review). Others (`DISPATCHER_PG_BIN`) pass."""
+    settings = [f"DISPATCHER_{name.upper()}" for name in Settings.model_fields]
+    found = []
+    for name in sorted(n for n in environ if n.startswith("DISPATCHER_") and n not in settings):
+        if like := difflib.get_close_matches(name, settings, n=1, cutoff=0.85):
+            found.append((name, like[0]))
+    return found
+
+
 def tagged(tag: str, style: str, rest: str = "") -> Text:
     """`tag` in `style`, then `rest` as it is (its control characters escaped)."""
     return Text.assemble((tag, style), shown(rest))
 
 
 def load_settings(**overrides: Any) -> Settings:
-    """Settings from the environment; a bad value stops the command with a clear message."""
+    """Settings from the environment; a bad value stops the command with a clear message,
+    and a variable spelt like a setting but none is said (`misspelt`)."""
+    for name, like in misspelt(os.environ):
+        err.print(tagged("warning", "yellow", f": {name} is no setting, ignored (not {like}?)"))
     try:
         return Settings(**overrides)
     except ValidationError as exc:

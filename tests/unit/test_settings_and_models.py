@@ -7,6 +7,7 @@ from pydantic import ValidationError
 from typer.testing import CliRunner
 
 from dispatcher.cli import app
+from dispatcher.cli.common import misspelt
 from dispatcher.models import (
     CreateCallBackResult,
     Event,
@@ -56,6 +57,22 @@ def test_cli_reports_a_bad_setting_and_exits_2(monkeypatch: pytest.MonkeyPatch) 
     result = CliRunner().invoke(app, ["callbacks", "list", "--project", "p"])
     assert result.exit_code == 2 and "DISPATCHER_:" not in result.output  # it said that
     assert "DISPATCHER_EMIT_PROJECT_BURST" in " ".join(result.output.split()), result.output
+
+
+def test_a_misspelt_setting_is_said_not_silently_ignored(monkeypatch: pytest.MonkeyPatch) -> None:
+    """pydantic-settings ignores a `DISPATCHER_*` variable that names no setting:
+    `DISPATCHER_SHUTDOWN_GRACEE=3` left the grace at 20 s without a word (review). One spelt
+    like a setting is said at start; others (the embedded PostgreSQL's) pass."""
+    assert misspelt({"DISPATCHER_SHUTDOWN_GRACEE": "3", "DISPATCHER_PG_BIN": "/x"}) == [
+        ("DISPATCHER_SHUTDOWN_GRACEE", "DISPATCHER_SHUTDOWN_GRACE")
+    ]
+    monkeypatch.setenv("DISPATCHER_SHUTDOWN_GRACEE", "3")
+    monkeypatch.setenv("DISPATCHER_REDIS_URL", "redis://127.0.0.1:1/0")
+    monkeypatch.setenv("DISPATCHER_REDIS_TIMEOUT", "0.2")
+    said = " ".join(CliRunner().invoke(app, ["callbacks", "list", "--project", "p"]).output.split())
+    assert (
+        "DISPATCHER_SHUTDOWN_GRACEE is no setting, ignored (not DISPATCHER_SHUTDOWN_GRACE?)" in said
+    )
 
 
 @pytest.mark.parametrize(
