@@ -85,13 +85,20 @@ class Table(RichTable):
         super().add_row(*(shown(c) if isinstance(c, str) else c for c in cells), **options)
 
 
+_LINKS = ("tcp://", "udp://", "sctp://")  # what a Kubernetes service link's values start with
+
+
 def misspelt(environ: Mapping[str, str]) -> list[tuple[str, str]]:
     """The `DISPATCHER_*` variables of `environ` that no setting reads but one is spelt
     like, each with it: pydantic-settings ignores them, so `DISPATCHER_SHUTDOWN_GRACEE=3`
-    left the grace at 20 s without a word (review). Others (`DISPATCHER_PG_BIN`) pass."""
+    left the grace at 20 s without a word (review). Others (`DISPATCHER_PG_BIN`) pass, and
+    so do those Kubernetes makes of a Service named `dispatcher...` (`DISPATCHER_PORT=
+    tcp://...`, `..._SERVICE_HOST`, `..._PORT_8080_TCP`)."""
     settings = [f"DISPATCHER_{name.upper()}" for name in Settings.model_fields]
     found = []
     for name in sorted(n for n in environ if n.startswith("DISPATCHER_") and n not in settings):
+        if "_SERVICE_" in name or "_PORT_" in name or environ[name].startswith(_LINKS):
+            continue  # a service link's (its values are addresses)
         if like := difflib.get_close_matches(name, settings, n=1, cutoff=0.85):
             found.append((name, like[0]))
     return found
@@ -106,7 +113,8 @@ def load_settings(**overrides: Any) -> Settings:
     """Settings from the environment; a bad value stops the command with a clear message,
     and a variable spelt like a setting but none is said (`misspelt`)."""
     for name, like in misspelt(os.environ):
-        err.print(tagged("warning", "yellow", f": {name} is no setting, ignored (not {like}?)"))
+        said = f": {name} is no setting, ignored (not {like}?)"
+        err.print(tagged("warning", "yellow", said), soft_wrap=True)  # one line in a log
     try:
         return Settings(**overrides)
     except ValidationError as exc:

@@ -142,11 +142,14 @@ class Served:
         lasts, and when Redis starts or stops saying it is full; then `worker.claim_resumed`.
         Each was a line, a shard's every 2 s at most (a cluster's 8 shards down: 240 a
         minute). A shard whose claims fail now and then says so once a `SAID_AGAIN_S` at most
-        (each failure and each end was a line: review)."""
+        (each failure and each end was a line: review), so an outage that begins within
+        that of the last line said is first said when it is up (its `failing_for_s` says
+        since when)."""
         now = time.monotonic()
         if self.failing_since is None:
             self.failing_since = now
-        if self.said is None or now - self.said[0] >= SAID_AGAIN_S or full != self.said[1]:
+        newly_full = full and (self.said is None or not self.said[1])  # not full, then full
+        if self.said is None or now - self.said[0] >= SAID_AGAIN_S or newly_full:
             self.said, self.outage_said = (now, full), True
             log.warning("worker.claim_failed", error=error, redis_full=full,
                         retry_in_s=round(retry, 2), shard=self.index,

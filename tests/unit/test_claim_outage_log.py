@@ -64,3 +64,12 @@ async def test_claims_failing_now_and_then_are_said_once_a_minute(monkeypatch: A
     events = await said(run, 120, [1000.0], monkeypatch)
     assert events.count("worker.claim_failed") == 2, events
     assert events.count("worker.claim_resumed") == 2, events
+
+
+async def test_redis_full_and_away_in_turn_are_said_once_a_minute(monkeypatch: Any) -> None:
+    """Full, then away, then full again...: the first switch to full is said at once, the
+    next not again within the minute (each was: review)."""
+    down = RedisConnectionError("refused")
+    full = OutOfMemoryError("command not allowed when used memory > 'maxmemory'")
+    events = await said(shard([down, full] * 30), 60, [1000.0], monkeypatch)
+    assert events.count("worker.claim_failed") == 2, events

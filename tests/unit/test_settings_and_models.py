@@ -66,6 +66,14 @@ def test_a_misspelt_setting_is_said_not_silently_ignored(monkeypatch: pytest.Mon
     assert misspelt({"DISPATCHER_SHUTDOWN_GRACEE": "3", "DISPATCHER_PG_BIN": "/x"}) == [
         ("DISPATCHER_SHUTDOWN_GRACEE", "DISPATCHER_SHUTDOWN_GRACE")
     ]
+    links = {  # what Kubernetes sets for a Service named `dispatcher-redis` (review)
+        "DISPATCHER_REDIS_PORT": "tcp://10.0.0.7:6379",
+        "DISPATCHER_REDIS_SERVICE_PORT": "6379",
+        "DISPATCHER_REDIS_PORT_6379_TCP_ADDR": "10.0.0.7",
+    }
+    assert misspelt({**links, "DISPATCHER_REDIS_URLL": "redis://r:6379/0"}) == [
+        ("DISPATCHER_REDIS_URLL", "DISPATCHER_REDIS_URL")
+    ]
     monkeypatch.setenv("DISPATCHER_SHUTDOWN_GRACEE", "3")
     monkeypatch.setenv("DISPATCHER_REDIS_URL", "redis://127.0.0.1:1/0")
     monkeypatch.setenv("DISPATCHER_REDIS_TIMEOUT", "0.2")
