@@ -11,9 +11,20 @@ from functools import lru_cache
 
 from cryptography.fernet import Fernet, InvalidToken, MultiFernet
 
-__all__ = ["PREFIX", "TokenCipher"]
+__all__ = ["PREFIX", "NoKeys", "TokenCipher", "readable"]
 
 PREFIX = "fernet:"
+
+
+class NoKeys(ValueError):
+    """A stored secret is encrypted, and this process has no `DISPATCHER_TOKEN_KEYS`: it
+    sent the encrypted text as the token, and signed with it (review)."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            "the callback's secrets are encrypted, and this process has no "
+            "DISPATCHER_TOKEN_KEYS: give it the fleet's keys (retried meanwhile)"
+        )
 
 
 class TokenCipher:
@@ -64,3 +75,13 @@ class TokenCipher:
         if not stored.startswith(PREFIX):
             return self.encrypt(stored)
         return PREFIX + self._fernet.rotate(stored[len(PREFIX) :].encode()).decode()
+
+
+def readable(cipher: TokenCipher | None, stored: str) -> str:
+    """A stored secret as sent; `NoKeys` for an encrypted one while there is no cipher
+    (registration refuses the prefix in a token: no secret as given starts with it)."""
+    if cipher is None:
+        if stored.startswith(PREFIX):
+            raise NoKeys
+        return stored
+    return cipher.decrypt(stored) if stored else stored

@@ -28,6 +28,7 @@ from dispatcher.lua import ArgList, Key, KeyList, Script
 from dispatcher.models import PLATFORM_PROJECT, Region
 from dispatcher.registry.options import NO_OPTIONS, Options
 from dispatcher.registry.rules import Destination, destination, is_pipeline_id
+from dispatcher.tokens import NoKeys
 
 if TYPE_CHECKING:
     from redis.asyncio.client import Pipeline
@@ -50,8 +51,9 @@ __all__ = [
 
 Decrypt = Callable[[bytes | None], str]
 UNREADABLE = (
-    "the callback's secrets cannot be decrypted with DISPATCHER_TOKEN_KEYS (was the key "
-    "they were encrypted with dropped?): put the key back, or register the callback again"
+    "the callback's secrets cannot be decrypted with this process's DISPATCHER_TOKEN_KEYS: "
+    "the key they were encrypted with is not among them (a change of the keys rolling out, "
+    "or a key dropped): give every process that key (retried meanwhile)"
 )
 
 
@@ -64,6 +66,8 @@ def read_secrets(
     try:
         header = (name.decode(), decrypt(value)) if name else None
         return decrypt(token), header, None
+    except NoKeys as exc:
+        return "", None, str(exc)
     except ValueError:  # cannot decrypt, or not text
         return "", None, UNREADABLE
 

@@ -32,6 +32,7 @@ from dispatcher.registry.rotation import Rotated, rotate_all
 from dispatcher.registry.rows import Upsert, to_callback
 from dispatcher.registry.rules import check_event, check_scope, check_token, moving, validate_url
 from dispatcher.registry.scripts import DeleteCallback, RotateToken, SetEnabled, UpgradeMatchSet
+from dispatcher.tokens import readable
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -167,9 +168,8 @@ class Registry:
         return self.cipher.encrypt(secret) if self.cipher is not None and secret else secret
 
     def decrypt(self, stored: bytes | None) -> str:
-        """A stored secret (token, auth header value) as sent."""
-        text = (stored or b"").decode()
-        return self.cipher.decrypt(text) if self.cipher is not None and text else text
+        """A stored secret (token, auth header value) as sent (`tokens.readable`)."""
+        return readable(self.cipher, (stored or b"").decode())
 
     async def rotate_tokens(self) -> Rotated:
         """Re-encrypt every stored secret (tokens and auth header values) with the cipher's

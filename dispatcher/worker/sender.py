@@ -3,7 +3,9 @@ egress policy for its address), then the request sent with its region's client, 
 within the attempt's total timeout (a proxy region's own lookup of the host included).
 
 What cannot be sent, or raises while being checked, fails that delivery alone, for good
-(retrying it would fail the same way); a host whose lookup fails for now is tried again.
+(retrying it would fail the same way); a host whose lookup fails for now is tried again,
+and so is a callback whose secrets this process cannot read (a key it lacks: a change of
+`DISPATCHER_TOKEN_KEYS` rolling out; it failed for good, and counted toward disabling).
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ import time
 from dataclasses import replace
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
+
+import structlog
 
 from dispatcher.delivery import Attempted, AttemptResult, Limits, Outcome, Outgoing, attempt
 from dispatcher.errors import InvalidUrl, describe
@@ -27,6 +31,8 @@ if TYPE_CHECKING:
     from dispatcher.settings import Settings
 
 __all__ = ["Sender"]
+
+log = structlog.get_logger("dispatcher.worker")
 
 
 class Sender:
@@ -45,11 +51,11 @@ class Sender:
         self, job: DeliveryJob, target: CallbackTarget, trace_headers: dict[str, str]
     ) -> Attempted:
         """The attempt and what came of it."""
-        problem = (
-            target.problem
-            or target.destination.problem
-            or unsendable(target.secret_token, target.auth_header)
-        )
+        if target.problem is not None:  # its secrets unreadable here: a key rolling out
+            log.warning("delivery.secrets_unreadable", callback_id=target.id,
+                        delivery_id=job.delivery_id, problem=target.problem)  # fmt: skip
+            return Attempted(AttemptResult.unsent(target.problem, Outcome.RETRY), [])
+        problem = target.destination.problem or unsendable(target.secret_token, target.auth_header)
         if problem is not None:  # stored by an older version: nothing goes out
             return Attempted(AttemptResult.unsent(problem), [])
         limits, started = self.limits, time.monotonic()

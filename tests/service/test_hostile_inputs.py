@@ -230,6 +230,9 @@ async def test_a_non_ascii_token_fails_alone_in_a_worker_process_and_is_never_lo
 async def test_a_secret_that_cannot_be_decrypted_fails_its_delivery_alone(
     redis_server: Any, redis: Redis, receiver: Receiver, run_worker: RunWorker
 ) -> None:
+    """Its key is not among this worker's (a change of the keys rolling out, or a key
+    dropped): nothing goes out, and the delivery is retried on its schedule (it failed for
+    good at once, and counted toward disabling the callback: review); the others go on."""
     from dispatcher.tokens import TokenCipher
 
     dropped = TokenCipher([TokenCipher.new_key()])
@@ -241,9 +244,32 @@ async def test_a_secret_that_cannot_be_decrypted_fails_its_delivery_alone(
     await Producer(settings, redis).emit("demo", "BUILD_END", {})
     await run_worker(settings)
     assert [seen.path for seen in receiver.seen] == ["/ok"]
-    [record] = await records(redis, settings, bad)
-    assert record.status.value == "FAILED" and record.final
-    assert "DISPATCHER_TOKEN_KEYS" in (record.error_msg or "")
+    attempts = await records(redis, settings, bad)
+    assert len(attempts) == settings.max_attempts  # retried, then given up
+    assert [r.final for r in attempts].count(True) == 1
+    assert all("DISPATCHER_TOKEN_KEYS" in (r.error_msg or "") for r in attempts)
+
+
+async def test_a_worker_without_the_keys_never_sends_an_encrypted_token(
+    redis_server: Any, redis: Redis, receiver: Receiver, run_worker: RunWorker
+) -> None:
+    """A callback registered by an API with DISPATCHER_TOKEN_KEYS, delivered by a worker
+    without them (one Deployment or env file missing the variable): it sent the encrypted
+    text as the token and signed with it, and recorded a SUCCESS (review). Now nothing goes
+    out, and the record says what is missing."""
+    from dispatcher.tokens import TokenCipher
+
+    keyed = make_settings(redis_server.url, token_keys=TokenCipher.new_key())
+    registry = Registry(redis, cipher=keyed.token_cipher())
+    await registry.create("demo", receiver.url("/hook"), Event.BUILD_END, Region.DEVNET, "t0ken")
+    stored = await redis.hget(keys.callback(1), "secretToken")  # type: ignore[misc]
+    assert (stored or b"").startswith(b"fernet:")
+    unkeyed = make_settings(redis_server.url, retry_schedule=())
+    await Producer(unkeyed, redis).emit("demo", "BUILD_END", {})
+    await run_worker(unkeyed)
+    assert receiver.seen == []
+    [record] = await records(redis, unkeyed, receiver.url("/hook"))
+    assert "this process has no DISPATCHER_TOKEN_KEYS" in (record.error_msg or "")
 
 
 # ---- a receiver's answer --------------------------------------------------------------
