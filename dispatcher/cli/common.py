@@ -208,10 +208,11 @@ def on_router(body: Callable[[Router], Awaitable[T]], *, fleet: bool = False) ->
     settings = with_history_url(with_redis_url(load_settings()))
     wait_s = settings.redis_timeout
     if 0 in _silent:  # found silent at start: not waited for again
-        if fleet:  # the others' view, without waiting for it
-            wait_s = 0.0
+        shards = shards_of(settings)
+        if fleet or len(shards) == 1:  # the others' view; one Redis: every project on it
+            wait_s = 0.0  # (its command may need only PostgreSQL: a history page)
         else:  # nothing to do without shard 0 (it says where each project is)
-            _home_silent(shards_of(settings))
+            _home_silent(shards)
 
     async def go() -> T:
         async with Router.open(settings, home_wait_s=wait_s, unread_ok=fleet) as router:
