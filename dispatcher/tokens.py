@@ -33,13 +33,17 @@ class TokenCipher:
     def __init__(self, keys: list[str]) -> None:
         if not keys:
             raise ValueError("TokenCipher needs at least one Fernet key")
-        try:
-            self._fernet = MultiFernet([Fernet(key.strip().encode()) for key in keys])
-        except (ValueError, TypeError) as exc:
-            raise ValueError(
-                "DISPATCHER_TOKEN_KEYS must be Fernet keys (32 url-safe base64 bytes each; "
-                "make one with `dispatcher tokens new-key`)"
-            ) from exc
+        fernets = []
+        for position, key in enumerate(keys, 1):  # which one is wrong, never what it holds
+            try:
+                fernets.append(Fernet(key.strip().encode()))
+            except (ValueError, TypeError) as exc:
+                raise ValueError(
+                    f"DISPATCHER_TOKEN_KEYS must be Fernet keys: key {position} of {len(keys)}"
+                    f"{' is empty (a comma too many?)' if not key.strip() else ' is not one'}"
+                    " (32 url-safe base64 bytes; make one with `dispatcher tokens new-key`)"
+                ) from exc
+        self._fernet = MultiFernet(fernets)
         self.decrypt = lru_cache(maxsize=4096)(self._decrypt)  # one decryption per token
 
     @classmethod

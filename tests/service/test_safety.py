@@ -162,8 +162,13 @@ async def test_a_secret_that_looks_encrypted_is_refused_and_never_stops_a_rotati
 
 
 def test_a_malformed_token_key_fails_at_start() -> None:
-    with pytest.raises(ValueError, match="Fernet keys"):
+    """Saying which key of the list is wrong (it did not: review), never what it holds."""
+    with pytest.raises(ValueError, match="Fernet keys: key 1 of 1 is not one") as caught:
         Settings(token_keys="not-a-key")
+    assert "not-a-key" not in str(caught.value)
+    good = TokenCipher.new_key()
+    with pytest.raises(ValueError, match=r"key 2 of 2 is empty \(a comma too many\?\)"):
+        Settings(token_keys=f"{good},")
 
 
 async def test_secret_tokens_never_appear_in_responses_logs_or_history(
