@@ -23,6 +23,7 @@ from urllib.parse import urlsplit
 import asyncpg
 import httpx
 import pytest
+import uvicorn
 from aiohttp import web
 from multidict import CIMultiDict
 from redis.asyncio import Redis
@@ -35,6 +36,7 @@ from dispatcher.history.redis import RedisHistory
 from dispatcher.history.schema import upgrade
 from dispatcher.history.shipper import Shipper
 from dispatcher.keys import Keys
+from dispatcher.serve import api_config
 from dispatcher.settings import Settings
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -218,6 +220,24 @@ async def serving(handle: Handler) -> AsyncIterator[str]:
         yield f"http://127.0.0.1:{port}"
     finally:
         await runner.cleanup()
+
+
+@asynccontextmanager
+async def serving_api(settings: Settings) -> AsyncIterator[int]:
+    """`dispatcher api`'s own server (uvicorn, h11: `serve.api_config`) on a free port of
+    127.0.0.1, started; yields the port, and stops the server after."""
+    server = uvicorn.Server(api_config(settings.model_copy(update={"api_port": free_port()})))
+    serving = asyncio.create_task(server.serve())
+
+    async def started() -> bool:
+        return server.started
+
+    try:
+        await until(started, 10, "the API started")
+        yield server.config.port
+    finally:
+        server.should_exit = True
+        await serving
 
 
 @dataclass

@@ -13,7 +13,6 @@ from typing import Any
 import httpx
 import orjson
 import pytest
-import uvicorn
 from redis.asyncio import Redis
 
 from dispatcher.api.events import read_events
@@ -23,7 +22,6 @@ from dispatcher.errors import InvalidInput, PayloadTooLarge
 from dispatcher.models import Event, Region
 from dispatcher.producer import Producer
 from dispatcher.registry import Registry
-from dispatcher.serve import api_config
 from dispatcher.settings import Settings
 from tests.helpers import (
     UID,
@@ -32,9 +30,8 @@ from tests.helpers import (
     all_records,
     answer,
     app_client,
-    free_port,
     make_settings,
-    until,
+    serving_api,
 )
 
 EVENTS = "/apigw/v4/projects/demo/events"
@@ -388,8 +385,6 @@ async def test_an_h2c_upgrade_offer_is_ignored_as_the_jdk_client_sends_it(
 ) -> None:
     """Every stock JDK HttpClient offers `h2c` on a plain-http request; `dispatcher api`
     must answer it over HTTP/1.1 with the body read (uvicorn on httptools dropped it)."""
-    server = uvicorn.Server(api_config(settings.model_copy(update={"api_port": free_port()})))
-    serving = asyncio.create_task(server.serve())
     offer = [
         "Connection: Upgrade, HTTP2-Settings", "Upgrade: h2c",
         "HTTP2-Settings: AAEAAEAAAAIAAAAAAAMAAAAAAAQBAAAAAAUAAEAAAAYABgAA", "X-DEVOPS-UID: ci",
@@ -398,21 +393,13 @@ async def test_an_h2c_upgrade_offer_is_ignored_as_the_jdk_client_sends_it(
     lines = b'{"event": "BUILD_START"}\n'
     chunked = b"%x\r\n%s\r\n0\r\n\r\n" % (len(lines), lines)
 
-    async def started() -> bool:
-        return server.started
-
-    try:
-        await until(started, 10, "the API started")
-        port = server.config.port
+    async with serving_api(settings) as port:
         answers = [
             await raw_post(port, BATCH, [*offer, "Content-Type: application/json",
                                          f"Content-Length: {len(array)}"], array),
             await raw_post(port, BATCH, [*offer, "Content-Type: application/x-ndjson",
                                          "Transfer-Encoding: chunked"], chunked),
         ]  # fmt: skip
-    finally:
-        server.should_exit = True
-        await serving
     assert [status for status, _ in answers] == [200, 200], answers
     assert [body["data"]["accepted"] for _, body in answers] == [1, 1]
     assert await redis.zcard(settings.queue_name) == 2

@@ -3,7 +3,6 @@ the admin role, it answers with pages (not JSON), and /docs works without a CDN.
 
 from __future__ import annotations
 
-import asyncio
 import re
 from collections.abc import AsyncIterator
 from html import unescape
@@ -12,7 +11,6 @@ from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 from itsdangerous import URLSafeTimedSerializer
 from redis.asyncio import Redis
 
@@ -26,7 +24,6 @@ from dispatcher.models import Event, Region
 from dispatcher.producer import Producer
 from dispatcher.queue import Queue
 from dispatcher.registry import Registry
-from dispatcher.serve import api_config
 from dispatcher.settings import Settings
 from dispatcher.stats import AttemptStats
 from tests.helpers import (
@@ -34,9 +31,8 @@ from tests.helpers import (
     RunWorker,
     answer,
     app_client,
-    free_port,
     make_settings,
-    until,
+    serving_api,
 )
 
 keys = Keys()  # today's key names (one shard)
@@ -487,20 +483,10 @@ async def test_behind_a_tls_proxy_the_csrf_cookie_is_secure(
         monkeypatch.delenv("FORWARDED_ALLOW_IPS", raising=False)
     else:
         monkeypatch.setenv("FORWARDED_ALLOW_IPS", trusted)
-    server = uvicorn.Server(api_config(settings.model_copy(update={"api_port": free_port()})))
-    serving = asyncio.create_task(server.serve())
-
-    async def started() -> bool:
-        return server.started
-
-    try:
-        await until(started, 10, "the API started")
-        headers = {"X-Forwarded-Proto": "https", "X-Forwarded-For": "203.0.113.9"}
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{server.config.port}") as web:
+    headers = {"X-Forwarded-Proto": "https", "X-Forwarded-For": "203.0.113.9"}
+    async with serving_api(settings) as port:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as web:
             page = await web.get(PROJECT, headers=headers if forwarded else {})
-    finally:
-        server.should_exit = True
-        await serving
     assert page.status_code == 200
     cookie = page.headers["set-cookie"]
     assert cookie.startswith(f"{COOKIE}=") and "httponly" in cookie.lower()

@@ -6,7 +6,6 @@ context is ignored."""
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import AsyncIterator, Iterator
 from contextlib import nullcontext
@@ -16,7 +15,6 @@ import httpx
 import orjson
 import pytest
 import redis as redis_py
-import uvicorn
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -35,17 +33,15 @@ from dispatcher.models import PLATFORM_PROJECT, Event, Region
 from dispatcher.producer import Producer
 from dispatcher.queue import Queue
 from dispatcher.registry import Registry
-from dispatcher.serve import api_config
 from dispatcher.settings import Settings
 from tests.helpers import (
     UID,
     Receiver,
     RunWorker,
     answer,
-    free_port,
     make_settings,
+    serving_api,
     ship_all,
-    until,
 )
 
 keys = Keys()  # today's key names (one shard)
@@ -64,20 +60,10 @@ def trace_id(traceparent: str) -> str:
 @pytest.fixture
 async def http_api(settings: Settings, redis: Redis) -> AsyncIterator[httpx.AsyncClient]:
     """`dispatcher api`'s server (uvicorn, h11) on a free port of 127.0.0.1, and a client."""
-    server = uvicorn.Server(api_config(settings.model_copy(update={"api_port": free_port()})))
-    serving = asyncio.create_task(server.serve())
-
-    async def started() -> bool:
-        return server.started
-
-    try:
-        await until(started, 10, "the API started")
-        base = f"http://127.0.0.1:{server.config.port}"
+    async with serving_api(settings) as port:
+        base = f"http://127.0.0.1:{port}"
         async with httpx.AsyncClient(base_url=base, headers=UID) as client:
             yield client
-    finally:
-        server.should_exit = True
-        await serving
 
 
 @pytest.fixture
