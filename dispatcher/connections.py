@@ -59,6 +59,7 @@ __all__ = [
     "require_url",
     "shown",
     "transient_reply",
+    "waited_out",
 ]
 
 # What a Redis outage looks like to a caller: refused, reset, timed out, LOADING (a
@@ -97,6 +98,14 @@ def transient_reply(exc: BaseException) -> bool:
     reply = reply.lstrip("('\"") if prefix else reply
     first = reply.partition(" ")[0]
     return first in TRANSIENT_REPLIES or any(f"-{code} " in reply for code in TRANSIENT_REPLIES)
+
+
+def waited_out(answer: object) -> bool:
+    """Whether `answer` (an exception, or one command's answer in a pipeline's) is waited
+    out: an outage (`REDIS_ERRORS`), or a reply that means "not now" (`transient_reply`)."""
+    return isinstance(answer, REDIS_ERRORS) or (
+        isinstance(answer, BaseException) and transient_reply(answer)
+    )
 
 
 def redis_full(exc: BaseException) -> bool:

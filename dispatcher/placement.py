@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING
 import structlog
 from redis.exceptions import RedisError
 
-from dispatcher.connections import REDIS_ERRORS, transient_reply
+from dispatcher.connections import REDIS_ERRORS, waited_out
 from dispatcher.errors import InvalidSetting, Unavailable
 from dispatcher.lua import Key, Script
 from dispatcher.stopping import cancel_all
@@ -270,7 +270,7 @@ async def kept_fresh(
         try:
             await placement.load()
         except UNREAD_ERRORS as exc:  # (read in the background: an outage, BUSY, ...)
-            if not _waited_out(exc):
+            if not waited_out(exc):  # an outage, BUSY, LOADING: not NOPERM (the ACL)
                 raise
     if placement.redis is not None and not unread:  # one URL too: the count may grow (`load`)
         task = asyncio.create_task(placement.run(every_s))
@@ -289,15 +289,8 @@ async def _loaded(placement: Placement) -> None:
             await placement.load()
             return
         except UNREAD_ERRORS as exc:
-            if not _waited_out(exc):
+            if not waited_out(exc):
                 raise
             log.warning("shards.placement_unread", error=str(exc), retry_in_s=delay)
             await asyncio.sleep(delay)
             delay = min(2.0, delay * 2)
-
-
-def _waited_out(exc: Exception) -> bool:
-    """Whether a start waits `exc` out: an outage, or a reply that means "not now" (BUSY
-    from a script past its time limit, LOADING, ...: it stopped the start, review); not
-    one that will not change by itself (NOPERM: the ACL)."""
-    return isinstance(exc, REDIS_ERRORS) or transient_reply(exc)

@@ -24,7 +24,7 @@ from dispatcher import bodies, failing, lateness, metrics
 from dispatcher.bodies import GIVE_BACK
 from dispatcher.clock import now_ms
 from dispatcher.cluster import scan_shard
-from dispatcher.connections import REDIS_ERRORS, transient_reply
+from dispatcher.connections import REDIS_ERRORS, waited_out
 from dispatcher.lateness import Noted
 from dispatcher.lua import Key, KeyList, Script, run_pipeline
 from dispatcher.status import write_heartbeat
@@ -67,10 +67,8 @@ async def every(seconds: float, step: Callable[[], Awaitable[Any]]) -> None:
     while True:
         try:
             await step()
-        except REDIS_ERRORS as exc:
-            log.debug("worker.background_failed", step=step.__name__, error=str(exc))
         except Exception as exc:  # a bug must not stop the heartbeat or the lease renewals
-            if transient_reply(exc):  # an outage too (full, BUSY, CLUSTERDOWN...): next turn
+            if waited_out(exc):  # an outage (full, BUSY, CLUSTERDOWN...): next turn
                 log.debug("worker.background_failed", step=step.__name__, error=str(exc))
             else:
                 log.exception("worker.background_failed", step=step.__name__)

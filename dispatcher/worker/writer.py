@@ -35,7 +35,7 @@ import structlog
 
 from dispatcher import metrics
 from dispatcher.batch import Batcher, Pending, QueueCommands, leads_of
-from dispatcher.connections import REDIS_ERRORS, redis_full, transient_reply
+from dispatcher.connections import REDIS_ERRORS, redis_full, waited_out
 from dispatcher.stopping import cancel_all
 
 if TYPE_CHECKING:
@@ -63,12 +63,6 @@ class _Transient(Exception):
 
 
 RETRYABLE: tuple[type[Exception], ...] = (*REDIS_ERRORS, _Transient)
-
-
-def _transient(result: Any) -> bool:
-    """Whether a command's answer asks to try again later: an outage, or a reply that
-    means "not now" (`connections.TRANSIENT_REPLIES`: the batch is sent again)."""
-    return isinstance(result, REDIS_ERRORS) or transient_reply(result)
 
 
 # Every writer of the process (one per shard it serves): `dispatcher_pending_writes` adds
@@ -176,7 +170,7 @@ class Writer(Batcher):
                 try:
                     answers = await self._durably(batch)
                 except Exception as exc:
-                    if isinstance(exc, RETRYABLE) or _transient(exc):  # the ids' INCRBY too
+                    if isinstance(exc, RETRYABLE) or waited_out(exc):  # the ids' INCRBY too
                         self._failed(exc)
                         await asyncio.sleep(backoff)
                         backoff = min(self.backoff_cap, backoff * 2)
@@ -198,8 +192,8 @@ class Writer(Batcher):
         together; raises when a reply asks to try again later."""
         await self.prepare(record for write in batch for record in write.records)
         answers = await self._sent(batch)
-        if any(_transient(r) for answer in answers for r in answer):
-            first = next(r for a in answers for r in a if _transient(r))
+        if any(waited_out(r) for answer in answers for r in answer):
+            first = next(r for a in answers for r in a if waited_out(r))
             raise _Transient(str(first)) from first
         return answers
 
