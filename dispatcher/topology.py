@@ -125,9 +125,6 @@ async def check_shards(settings: Settings) -> Checked:
     return found
 
 
-_NO_ANSWER: tuple[type[Exception], ...] = (*REDIS_ERRORS, TimeoutError)
-
-
 async def _answering(settings: Settings, urls: list[str]) -> list[bool]:
     """Whether each URL's Redis answers a PING, all asked at once, each as any command
     (each step within the timeout: a sentinel that hangs, then one that answers, or a slow
@@ -137,7 +134,7 @@ async def _answering(settings: Settings, urls: list[str]) -> list[bool]:
         redis = connect(settings, url)
         try:
             await redis.ping()
-        except _NO_ANSWER:
+        except REDIS_ERRORS:  # (TimeoutError among them: an OSError)
             return False
         finally:
             await redis.aclose()

@@ -72,7 +72,6 @@ class Served:
     quiet: frozenset[str] = frozenset()  # busy projects with room found with nothing due
     failing_since: float | None = None  # monotonic: its claims' first failure in a row
     said: tuple[float, bool] | None = None  # when a failure was last logged, and if full
-    outage_said: bool = False  # this run of failures was logged (its end is, then)
 
     @classmethod
     def build(cls, services: Services, token: str, *, shared: Engine | None = None) -> Served:
@@ -130,16 +129,18 @@ class Served:
             self._claim_failed(str(exc), full, self.failed(poll_delay))
             return None
         self.answered()
-        if self.failing_since is not None and self.outage_said:
-            after_s = round(time.monotonic() - self.failing_since, 1)
-            log.info("worker.claim_resumed", shard=self.index, after_s=after_s)
-        self.failing_since, self.outage_said = None, False
+        since = self.failing_since
+        if since is not None and self.said is not None and self.said[0] >= since:  # said
+            log.info("worker.claim_resumed", shard=self.index,
+                     after_s=round(time.monotonic() - since, 1))  # fmt: skip
+        self.failing_since = None
         self.scanned(shares[1], scout, share, claimed, now)
         return claimed
 
     def _claim_failed(self, error: str, full: bool, retry: float) -> None:
         """A failed claim, logged as its shard's outage begins, every `SAID_AGAIN_S` while it
-        lasts, and when Redis starts or stops saying it is full; then `worker.claim_resumed`.
+        lasts, and when Redis starts saying it is full; then, if any was logged,
+        `worker.claim_resumed`.
         Each was a line, a shard's every 2 s at most (a cluster's 8 shards down: 240 a
         minute). A shard whose claims fail now and then says so once a `SAID_AGAIN_S` at most
         (each failure and each end was a line: review), so an outage that begins within
@@ -150,7 +151,7 @@ class Served:
             self.failing_since = now
         newly_full = full and (self.said is None or not self.said[1])  # not full, then full
         if self.said is None or now - self.said[0] >= SAID_AGAIN_S or newly_full:
-            self.said, self.outage_said = (now, full), True
+            self.said = (now, full)
             log.warning("worker.claim_failed", error=error, redis_full=full,
                         retry_in_s=round(retry, 2), shard=self.index,
                         failing_for_s=round(now - self.failing_since, 1))  # fmt: skip
