@@ -6,14 +6,19 @@ share (`worker/shares.py`) leaves a flooding project's jobs due, on purpose, whi
 other project is served at once, and the oldest due job is then the flooder's.
 
 Each worker notes the project of every fan-out job it claims, and whether that job had
-waited over 60 s and over 600 s since it was queued (its claim's time less its enqueue
-time, `et` in its bytes: no Redis command on the way of a delivery). With its heartbeat
-(every 5 s, on the home shard, in the same round trip: `worker/duties.py`) it adds the
-projects noted since to three HyperLogLogs of the current 5-minute window (`PFADD` to
-`Keys.projects`: `seen`, `late:60`, `late:600`; each expires two windows later), and
-forgets them. The API reads, at scrape, the distinct projects of this window and the one
-before (`PFCOUNT` of both: the last 5 to 10 minutes) into `dispatcher_queue_projects_seen`
-and `dispatcher_queue_projects_late{over}`; the critical alert compares them.
+waited over 60 s and over 600 s since it was queued (its claim's time, by Redis's clock as
+the claim script answers it, less its enqueue time, `et` in its bytes: no Redis command on
+the way of a delivery). With its heartbeat (every 5 s, on the home shard, in the same
+round trip: `worker/duties.py`) it adds the projects noted since to three HyperLogLogs of
+the 5-minute window of its latest claim noted (`PFADD` to `Keys.projects`: `seen`,
+`late:60`, `late:600`; each expires two windows later), and forgets them. The API reads,
+at scrape, the distinct projects of the window Redis's clock is in and of the one before
+(`PFCOUNT` of both: the last 5 to 10 minutes) into `dispatcher_queue_projects_seen` and
+`dispatcher_queue_projects_late{over}`; the critical alert compares them.
+
+Redis's clock, not the hosts': a worker's clock ahead by a minute counted every project it
+served late, and one 5 minutes off added to a window the API never read (review). A
+producer's clock still matters (the enqueue time is its), as it does for when a job is due.
 
 Each worker counted its own projects before, summed over the workers by the alert: every
 worker with room claims a flooding project's fan-outs, so the flooder counted once per
@@ -64,12 +69,16 @@ class Noted:
     def __init__(self, most: int = MOST) -> None:
         self.most = most
         self.projects: dict[str, set[str]] = {kind: set() for kind in KINDS}
+        self.at_ms = 0  # the latest claim noted, by Redis's clock: its window takes them
 
-    def claimed(self, project: str, enqueued_ms: int, claims: int) -> None:
+    def claimed(self, project: str, enqueued_ms: int, claims: int, at_ms: int) -> None:
         """A fan-out of `project` queued at `enqueued_ms` (its job's `et`; 0: unknown) and
-        claimed now, the `claims`-th time: noted on its first claim."""
+        claimed at `at_ms` (Redis's clock; 0: unknown, this host's then), the `claims`-th
+        time: noted on its first claim."""
         if claims == 1 and enqueued_ms > 0:
-            self.note(project, max(0, now_ms() - enqueued_ms))
+            at_ms = at_ms or now_ms()
+            self.at_ms = max(self.at_ms, at_ms)
+            self.note(project, max(0, at_ms - enqueued_ms))
 
     def note(self, project: str, waited_ms: int) -> None:
         """`project`'s fan-out, claimed now, had waited `waited_ms`."""
@@ -97,10 +106,11 @@ class Noted:
 
 def add(pipe: Pipeline, keys: Keys, taken: dict[str, set[str]], at_ms: int) -> None:
     """Queue the adds of `taken` (`Noted.take`) to the fleet's counts of the window of
-    `at_ms`, on the home shard."""
+    `at_ms` (`Noted.at_ms`; 0: this host's clock now), on the home shard."""
+    at = window(at_ms or now_ms())
     for kind, projects in taken.items():
         if projects:
-            key = keys.projects(kind, window(at_ms))
+            key = keys.projects(kind, at)
             pipe.pfadd(key, *projects)
             pipe.expire(key, 2 * WINDOW_S)
 
@@ -118,8 +128,10 @@ async def read(redis: Redis, keys: Keys, at_ms: int) -> dict[str, int]:
 
 
 async def export(redis: Redis, keys: Keys) -> None:
-    """Set the fleet's gauges (the API's, at scrape) from the home shard's counts."""
-    counts = await read(redis, keys, now_ms())
+    """Set the fleet's gauges (the API's, at scrape) from the home shard's counts of the
+    window its clock is in and the one before (a round trip more: its `TIME`)."""
+    seconds, micros = await redis.time()
+    counts = await read(redis, keys, seconds * 1000 + micros // 1000)
     metrics.QUEUE_PROJECTS_SEEN.set(counts[SEEN])
     for over in OVER_S:
         metrics.QUEUE_PROJECTS_LATE.labels(over=str(over)).set(counts[f"late:{over}"])

@@ -12,6 +12,7 @@ import orjson
 
 from dispatcher import clock
 from dispatcher.jobs import delivery_of
+from dispatcher.lua import REDIS_NOW_MS, Key, Script
 from dispatcher.stats import read_series
 
 if TYPE_CHECKING:
@@ -26,8 +27,10 @@ if TYPE_CHECKING:
 
 __all__ = [
     "HEARTBEAT_TTL_S",
+    "Beat",
     "BlockedLane",
     "Lanes",
+    "Live",
     "Status",
     "count_live_workers",
     "live_workers",
@@ -89,37 +92,67 @@ class Status:
         return self.hour.totals
 
 
-def write_heartbeat(
-    pipe: Pipeline, keys: Keys, key: str, value: dict[str, Any], now_ms: int
-) -> None:
-    """Queue a worker's heartbeat (its own key, with a TTL, and its entry in the index of
-    live workers, which readers range over instead of scanning the keyspace), then the
-    count of live workers: the pipeline's last answer."""
-    pipe.set(key, orjson.dumps(value), ex=HEARTBEAT_TTL_S)
-    pipe.zadd(keys.WORKERS_LIVE, {key: now_ms})
-    pipe.zremrangebyscore(keys.WORKERS_LIVE, "-inf", now_ms - _FORGET_MS)
-    pipe.zcount(keys.WORKERS_LIVE, _since(now_ms), "+inf")
+@dataclass
+class Beat(Script):
+    """A worker's heartbeat: its own key (`value`, kept `ttl_s`), and its entry in the index
+    of live workers (`live`), which readers range over instead of scanning the keyspace,
+    scored by Redis's clock; entries older than `forget_ms` leave the index. Returns how
+    many workers beat within `ttl_s`. Each worker's own clock scored it before: one 10
+    minutes behind was never counted live, and one ahead counted live an hour after it
+    died (review)."""
+
+    LUA = (
+        REDIS_NOW_MS
+        + """
+    local now = redis_now_ms()
+    redis.call('SET', beat, value, 'EX', ttl_s)
+    redis.call('ZADD', live, now, beat)
+    redis.call('ZREMRANGEBYSCORE', live, '-inf', now - tonumber(forget_ms))
+    return redis.call('ZCOUNT', live, '(' .. (now - tonumber(ttl_s) * 1000), '+inf')
+    """
+    )
+    beat: Key
+    live: Key
+    value: bytes
+    ttl_s: int
+    forget_ms: int
 
 
-def _since(now_ms: int | None) -> str:
-    now = clock.now_ms() if now_ms is None else now_ms
-    return f"({now - HEARTBEAT_TTL_S * 1000}"
+@dataclass
+class Live(Script):
+    """The workers that beat within `ttl_s`, by Redis's clock: the keys of their
+    heartbeats, or (`count` 1) how many."""
+
+    LUA = (
+        REDIS_NOW_MS
+        + """
+    local since = '(' .. (redis_now_ms() - tonumber(ttl_s) * 1000)
+    if count == '1' then return redis.call('ZCOUNT', live, since, '+inf') end
+    return redis.call('ZRANGEBYSCORE', live, since, '+inf')
+    """
+    )
+    live: Key
+    ttl_s: int
+    count: int
 
 
-async def live_workers(
-    redis: Redis, keys: Keys, host: str | None = None, *, now_ms: int | None = None
-) -> list[dict[str, Any]]:
+def write_heartbeat(pipe: Pipeline, keys: Keys, key: str, value: dict[str, Any]) -> None:
+    """Queue a worker's heartbeat (`Beat`); its answer is the count of live workers."""
+    Beat(key, keys.WORKERS_LIVE, orjson.dumps(value), HEARTBEAT_TTL_S, _FORGET_MS).queue_on(pipe)
+
+
+async def live_workers(redis: Redis, keys: Keys, host: str | None = None) -> list[dict[str, Any]]:
     """Heartbeats of live workers (all, or those of one host), in two round trips."""
-    found = await redis.zrangebyscore(keys.WORKERS_LIVE, _since(now_ms), "+inf")
+    found = await Live(keys.WORKERS_LIVE, HEARTBEAT_TTL_S, 0).run(redis)
     values = await redis.mget(found) if found else []
     workers = [orjson.loads(v) for v in values if v]
     mine = [w for w in workers if host is None or w["host"] == host]
     return sorted(mine, key=lambda w: (w["host"], w["pid"]))
 
 
-async def count_live_workers(redis: Redis, keys: Keys, *, now_ms: int | None = None) -> int:
-    """How many workers sent a heartbeat lately (one command)."""
-    return int(await redis.zcount(keys.WORKERS_LIVE, _since(now_ms), "+inf"))
+async def count_live_workers(redis: Redis, keys: Keys) -> int:
+    """How many workers sent a heartbeat lately (one round trip)."""
+    return int(await Live(keys.WORKERS_LIVE, HEARTBEAT_TTL_S, 1).run(redis))
 
 
 async def read_lanes(
@@ -166,7 +199,7 @@ async def read_status(
     return Status(
         queue_due=due,
         oldest_due_s=oldest,
-        workers=await live_workers(redis, keys, now_ms=now),
+        workers=await live_workers(redis, keys),
         failing=await health.failing(),
         disabled=int(await redis.zcard(health.keys.CALLBACKS_DISABLED)),
         hour=hour,

@@ -181,13 +181,14 @@ class Again(Script):
 class Claimed:
     """A job this worker now holds: its id, stored bytes (None: its data was gone), how
     many times it was claimed (1 on the first run; its data gone, 1 when its claim put
-    its drop on record, else 0), and the registry version its project's events are
-    matched at now (None: unknown)."""
+    its drop on record, else 0), the registry version its project's events are matched
+    at now (None: unknown), and when it was claimed, by Redis's clock (0: unknown)."""
 
     job_id: str
     data: bytes | None
     claims: int
     registry_version: bytes | None = None
+    at_ms: int = 0
 
 
 class Claims:
@@ -250,15 +251,16 @@ class Claims:
         self.claimed_at_ms = int(claimed_at_ms)
         if sweep:
             self.sweep_at, self.sweep_after = int(swept), after  # bytes: any id's, as it is
-        return await self._named(rows)
+        return await self._named(rows, self.claimed_at_ms)
 
-    async def _named(self, rows: list[list[bytes]]) -> list[Claimed]:
+    async def _named(self, rows: list[list[bytes]], at_ms: int) -> list[Claimed]:
         """The claimed jobs, less those whose id cannot be named (`_set_aside`)."""
         found, unnamed = [], []
         for job_id, data, claims, version in rows:
             try:
                 # (data None: gone, Lua's false; an empty string is data, and poison)
-                found.append(Claimed(job_id.decode(), data, int(claims), version or None))
+                claimed = Claimed(job_id.decode(), data, int(claims), version or None, at_ms)
+                found.append(claimed)
             except UnicodeDecodeError:
                 unnamed.append(job_id)
         if unnamed:

@@ -123,8 +123,8 @@ class Duties:
         noted = self.noted.take()
 
         def queue(pipe: Pipeline) -> None:
-            lateness.add(pipe, self.keys, noted, now)
-            write_heartbeat(pipe, self.keys, self.heartbeat_key, value, now)  # answers last
+            lateness.add(pipe, self.keys, noted, self.noted.at_ms)
+            write_heartbeat(pipe, self.keys, self.heartbeat_key, value)  # answers last
 
         try:
             answers = await run_pipeline(self.redis, queue)
@@ -206,7 +206,7 @@ class Duties:
         with contextlib.suppress(*REDIS_ERRORS):
             await self.stats.flush(self.redis, self.keys)
             async with self.redis.pipeline(transaction=False) as pipe:
-                lateness.add(pipe, self.keys, self.noted.take(), now_ms())
+                lateness.add(pipe, self.keys, self.noted.take(), self.noted.at_ms)
                 pipe.delete(self.heartbeat_key)
                 pipe.zrem(self.keys.WORKERS_LIVE, self.heartbeat_key)
                 await pipe.execute()

@@ -328,7 +328,8 @@ class Worker:
         if wire.function == FAN_OUT:
             event = EventJob.from_wire(wire.payload, wire.enqueued_ms)
             structlog.contextvars.bind_contextvars(event_id=event.id)
-            self.duties.noted.claimed(event.project_id, wire.enqueued_ms, claimed.claims)
+            noted = self.duties.noted
+            noted.claimed(event.project_id, wire.enqueued_ms, claimed.claims, claimed.at_ms)
             end = run.chunk_end(claimed, event)
             version = claimed.registry_version if event.scoped else None  # its project's
             after = await run.engine.fan_out(event, rerun=end.rerun, end=end, version=version)

@@ -10,6 +10,7 @@ import pytest
 from prometheus_client import REGISTRY
 from redis.asyncio import Redis
 
+from dispatcher import lateness
 from dispatcher import queue as queue_module
 from dispatcher.clock import now_ms
 from dispatcher.keys import Keys
@@ -22,7 +23,7 @@ from dispatcher.registry import Registry
 from dispatcher.settings import Settings
 from dispatcher.shards import gauges
 from dispatcher.shards.router import Router
-from dispatcher.worker import create_worker
+from dispatcher.worker import create_worker, duties
 from tests.cluster import LocalCluster, grown
 from tests.helpers import Receiver, RunWorker, make_settings
 
@@ -79,6 +80,29 @@ async def test_one_projects_old_backlog_counts_one_late_project_of_two(
     async with Router.open(settings, redis) as router:
         await gauges.fleet_gauges(router)
     assert fleet() == (2, 1, 1)
+
+
+async def test_a_worker_whose_clock_is_six_minutes_ahead_counts_by_redis_clock(
+    settings: Settings,
+    redis: Redis,
+    receiver: Receiver,
+    run_worker: RunWorker,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A real burst worker whose host clock is 6 minutes ahead claims a fan-out queued
+    now: the fleet saw 1 project, none late. By its own clock it waited 6 minutes, late
+    over 60 s, and was added to a window ahead of the one the API reads: 0 seen (review)."""
+    await register(redis, receiver, "skewed")
+    await emit(settings, redis, monkeypatch, "skewed", 0)
+    ahead = lambda: now_ms() + 360_000  # noqa: E731
+    monkeypatch.setattr(lateness, "now_ms", ahead)
+    monkeypatch.setattr(duties, "now_ms", ahead)
+    await run_worker()
+    monkeypatch.undo()
+    assert len(receiver.requests("/skewed")) == 1
+    async with Router.open(settings, redis) as router:
+        await gauges.fleet_gauges(router)
+    assert fleet() == (1, 0, 0)
 
 
 async def test_a_flooder_several_workers_serve_counts_once_across_the_fleet(

@@ -26,6 +26,7 @@ from dispatcher.delivery import Outcome, send
 from dispatcher.egress import Client
 from dispatcher.embedded import EmbeddedRedis
 from dispatcher.keys import Keys
+from dispatcher.lua import run_pipeline
 from dispatcher.models import Region
 from dispatcher.producer import Producer
 from dispatcher.registry import Registry
@@ -35,6 +36,7 @@ from dispatcher.shards import gauges
 from dispatcher.shards.router import Router
 from dispatcher.stats import DAY, HOUR, RESEND_WITHIN_S, AttemptStats, add_counts, read_series
 from dispatcher.status import count_live_workers, live_workers, write_heartbeat
+from dispatcher.worker import duties as duties_module
 from dispatcher.worker.duties import Counts, Duties
 from tests.helpers import Receiver, RunWorker, app_client, make_settings, until
 
@@ -162,20 +164,30 @@ async def test_a_flush_unconfirmed_past_the_marks_life_is_given_up_not_sent_twic
     await nowhere.aclose()
 
 
-async def test_live_workers_come_from_the_heartbeat_index(redis: Redis, settings: Settings) -> None:
-    now = now_ms()
-    async with redis.pipeline(transaction=False) as pipe:
-        write_heartbeat(pipe, keys, keys.worker("a", 1), {"host": "a", "pid": 1, "seen": now}, now)
-        stale = now - 45_000  # its key outlived its TTL here; the index still names it
-        write_heartbeat(
-            pipe, keys, keys.worker("b", 2), {"host": "b", "pid": 2, "seen": stale}, stale
-        )
-        await pipe.execute()
+async def beat(redis: Redis, host: str, pid: int, ago_ms: int = 0) -> None:
+    """A heartbeat of worker `host`/`pid`, its index entry moved `ago_ms` into the past."""
+    key = keys.worker(host, pid)
+    await run_pipeline(
+        redis, lambda pipe: write_heartbeat(pipe, keys, key, {"host": host, "pid": pid})
+    )
+    if ago_ms:
+        score = await redis.zscore(keys.WORKERS_LIVE, key)
+        assert score is not None
+        await redis.zadd(keys.WORKERS_LIVE, {key: score - ago_ms})
+
+
+async def test_live_workers_come_from_the_heartbeat_index(
+    redis: Redis, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await beat(redis, "a", 1)
+    await beat(redis, "b", 2, ago_ms=45_000)  # its key outlived its TTL here; the index names it
     assert [w["pid"] for w in await live_workers(redis, keys)] == [1]
     assert await count_live_workers(redis, keys) == 1
     assert await live_workers(redis, keys, "b") == []
 
-    # a real worker's duties: a beat, then gone with its last words
+    # a real worker's duties, its host's clock 10 minutes behind (the index is scored by
+    # Redis's: review): a beat, then gone with its last words
+    monkeypatch.setattr(duties_module, "now_ms", lambda: now_ms() - 600_000)
     home = Services(settings, redis)
     duties = Duties(settings, home, [home], AttemptStats(), "t", lambda: Counts(0, 0, 0))
     await duties.heartbeat()
@@ -183,19 +195,18 @@ async def test_live_workers_come_from_the_heartbeat_index(redis: Redis, settings
     # what the worker's own /metrics says of the fleet and of itself
     assert REGISTRY.get_sample_value("dispatcher_workers_live") == 2
     assert REGISTRY.get_sample_value("dispatcher_redis_up") == 1
-    beat = REGISTRY.get_sample_value("dispatcher_worker_heartbeat_timestamp_seconds")
-    assert beat is not None and abs(beat - time.time()) < 5
+    beat_s = REGISTRY.get_sample_value("dispatcher_worker_heartbeat_timestamp_seconds")
+    assert beat_s is not None and abs(beat_s - (time.time() - 600)) < 5
     await duties.last_words()
     assert await count_live_workers(redis, keys) == 1
     assert await redis.zscore(keys.WORKERS_LIVE, duties.heartbeat_key) is None
-    # an hour later the index forgets a worker that never said goodbye
-    later = now + 3_600_001
-    async with redis.pipeline(transaction=False) as pipe:
-        write_heartbeat(
-            pipe, keys, keys.worker("c", 3), {"host": "c", "pid": 3, "seen": later}, later
-        )
-        await pipe.execute()
-    assert await redis.zrange(keys.WORKERS_LIVE, 0, -1) == [keys.worker("c", 3).encode()]
+    # the index forgets a worker that never said goodbye an hour later
+    await beat(redis, "c", 3)
+    await beat(redis, "d", 4, ago_ms=3_600_001)
+    await beat(redis, "e", 5)  # its beat drops what is older than an hour
+    assert sorted(await redis.zrange(keys.WORKERS_LIVE, 0, -1)) == [
+        keys.worker(h, p).encode() for h, p in (("a", 1), ("b", 2), ("c", 3), ("e", 5))
+    ]
 
 
 async def test_the_fullest_redis_is_measured_alone_not_in_the_fleets_sum(

@@ -33,11 +33,23 @@ def test_only_a_jobs_first_claim_counts() -> None:
     """A re-run was due again after a backoff (or a lapsed lease): its enqueue time says
     nothing of the fleet's lateness; a job of unknown enqueue time counts for nothing."""
     noted = Noted()
-    noted.claimed("rerun", now_ms() - 900_000, 2)
-    noted.claimed("unknown", 0, 1)
+    noted.claimed("rerun", now_ms() - 900_000, 2, now_ms())
+    noted.claimed("unknown", 0, 1, now_ms())
     assert counts(noted) == (0, 0, 0)
-    noted.claimed("first", now_ms() - 900_000, 1)
+    noted.claimed("first", now_ms() - 900_000, 1, now_ms())
     assert counts(noted) == (1, 1, 1)
+
+
+def test_the_wait_is_counted_by_the_claims_clock_and_the_window_is_its() -> None:
+    """The claim's time is Redis's (the claim script answers it), not this host's: a fan-out
+    queued 30 s before its claim waited 30 s whatever this host's clock says, and the
+    latest claim noted chooses the window its adds go to (0: none noted, this host's)."""
+    noted = Noted()
+    noted.claimed("p", 1_000_000, 1, 1_030_000)
+    noted.claimed("q", 1_000_000, 1, 1_070_000)
+    noted.claimed("r", 1_000_000, 1, 1_010_000)
+    assert noted.at_ms == 1_070_000
+    assert counts(noted) == (3, 1, 0)
 
 
 def test_at_most_most_projects_are_noted_and_a_failed_write_gives_them_back() -> None:
