@@ -104,15 +104,21 @@ class Placement:
         """The shard that holds `project_id` now; Unavailable while the home shard says
         more shards are in use than this process was given (`load`), or, with more than
         one shard, has not been read from yet (`kept_fresh` without a wait: it would hash
-        projects over the wrong shards). (One made without a home shard, `redis` None, is
-        what it is given.)"""
+        projects over the wrong shards), or when the project was moved to a shard past
+        this process's list. (One made without a home shard, `redis` None, is what it is
+        given.)"""
         self.usable()
         if self.count > 1 and self.redis is not None and self.version is None:
             raise Unavailable(UNREAD)
         placed = self.explicit.get(project_id)
-        if placed is not None and placed.index < self.count:
-            return placed.index
-        return rendezvous(project_id, min(self.active, self.count))
+        if placed is None:
+            return rendezvous(project_id, min(self.active, self.count))
+        if placed.index >= self.count:  # it was hashed: its events went where nothing read
+            raise Unavailable(
+                f"project {project_id!r} was moved to shard {placed.index}, and this process "
+                f"was given {self.count} shard(s): give it the whole DISPATCHER_REDIS_SHARDS"
+            )
+        return placed.index
 
     def usable(self) -> None:
         """Unavailable while the home shard says more shards are in use than this process

@@ -131,10 +131,7 @@ class Producer:
     def _lane(self, project_id: str) -> _Lane:
         if not self._lanes:
             raise RuntimeError("Producer is not connected: use `async with Producer(...)`")
-        if len(self._lanes) == 1:
-            self._placement.usable()
-            return self._lanes[0]
-        return self._lanes[self._placement.shard_of(project_id)]
+        return self._lanes[self._placement.shard_of(project_id)]  # 0 of one, or refused
 
     def queue_of(self, project_id: str) -> Queue:
         """The queue of `project_id`'s shard."""

@@ -231,6 +231,11 @@ class Mover:
     async def _move_from(self, project: str, source: int, target: int, lease: MoveLease) -> None:
         """Steps 1 to 5 of the module's doc."""
         src, dst = self.router.shards[source], self.router.shards[target]
+        if target >= self.router.placement.active:  # `grow` not run yet
+            self.say(
+                f"{project}: shard {target} is not in use yet: a process given fewer shards "
+                f"refuses {project}'s events and changes (503) until it has the whole list"
+            )
         self.say(f"{project}: shard {source} -> {target}: freezing its callbacks")
         await self._place(lease, project, Placed(source, target), STOPPED)
         await lease.mark(src, src.keys.callbacks_frozen(project))

@@ -84,10 +84,10 @@ class Router:
 
     def of(self, project_id: str) -> Services:
         """The services of `project_id`'s shard (the home shard's for the platform's)."""
-        if len(self.shards) == 1 or project_id in (PLATFORM_PROJECT, ALL_PROJECTS):
+        if project_id in (PLATFORM_PROJECT, ALL_PROJECTS):
             self.placement.usable()
             return self.home
-        return self.shards[self.placement.shard_of(project_id)]
+        return self.shards[self.placement.shard_of(project_id)]  # 0 of one, or refused
 
     def writing(self, project_id: str) -> Services:
         """`of(project_id)` to change its callbacks or roles: Unavailable (503) while a move

@@ -841,3 +841,33 @@ async def test_the_operator_forgets_a_stale_copy_and_nothing_else(
                 f"{project}: its copy on shard 2 is gone (it lives on shard 0)",
                 f"{project}: shard 1 holds nothing of it",
             ]
+
+
+async def test_a_process_of_the_shorter_list_refuses_a_project_moved_past_it(
+    shard_servers: list[EmbeddedRedis], receiver: Receiver
+) -> None:
+    """A project moved to shard 1 before `grow` (which the README's first step of Growing
+    allows while processes still run with one URL): such a process refuses its events
+    (503, the emitter sends again) and says why. It hashed the project onto shard 0
+    instead, where the move had removed its callbacks: its events fanned out to nothing,
+    with no record and no drop (review)."""
+    settings = two_empty_shards(shard_servers)
+    one_url = make_settings(shard_servers[0].url, placement_refresh=0.05)
+    said: list[str] = []
+    async with Router.open(settings) as router:
+        src, _ = router.shards
+        assert router.placement.active == 1  # shard 1 listed, not in use
+        await src.register(
+            Registration("p1", receiver.url("/hook"), Region.DEVNET, "t"), "BUILD_END"
+        )
+        await Mover(router, said.append, settle_s=0.2, late_s=0.2).move("p1", 1)
+        assert any("not in use yet" in line for line in said)
+        async with Producer(one_url) as producer:  # a process not rolled out yet
+            with pytest.raises(Unavailable, match=r"moved to shard 1.*given 1 shard"):
+                await producer.emit("p1", "BUILD_END", {"n": 1})
+            await producer.emit("p2", "BUILD_END", {"n": 1})  # other projects go on
+        assert await src.redis.zcard(src.keys.QUEUE) == 1
+        async with Producer(settings) as producer:  # one given the whole list
+            await producer.emit("p1", "BUILD_END", {"n": 2})
+        await run_burst(settings)
+        assert [orjson.loads(r.body)["data"]["n"] for r in receiver.requests("/hook")] == [2]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 from redis.crc import key_slot
 
+from dispatcher.errors import Unavailable
 from dispatcher.keys import Keys
 from dispatcher.placement import Placed, Placement, rendezvous
 from dispatcher.shard import ID_SPAN, Shard
@@ -65,8 +66,9 @@ def test_an_explicit_placement_wins_and_a_move_freezes() -> None:
     placement.explicit[project] = Placed.parse("2>1")
     assert placement.shard_of(project) == 2 and placement.moving(project)
     assert str(Placed(2, 1)) == "2>1"
-    placement.explicit[project] = Placed(7)  # a shard no longer listed: the hash decides
-    assert placement.shard_of(project) == 0
+    placement.explicit[project] = Placed(7)  # past this process's list: refused, never
+    with pytest.raises(Unavailable, match="moved to shard 7"):  # hashed elsewhere (review)
+        placement.shard_of(project)
 
 
 @pytest.mark.parametrize("index", [0, 1, 5])
