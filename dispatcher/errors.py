@@ -43,6 +43,7 @@ __all__ = [
     "TooManyRequests",
     "Unauthenticated",
     "Unavailable",
+    "Unplaced",
     "describe",
 ]
 
@@ -144,6 +145,11 @@ class Unavailable(DispatcherError):
     """A dependency (Redis) cannot be reached; the request may be retried."""
 
     http_status = 503
+
+
+class Unplaced(Unavailable):
+    """A project's shard cannot be chosen now (it moves, or it was moved past this
+    process's list, or shard 0 has not said): refused before anything was done."""
 
 
 class NotReplicated(Unavailable):

@@ -31,7 +31,7 @@ import structlog
 from redis.exceptions import RedisError
 
 from dispatcher.connections import REDIS_ERRORS, waited_out
-from dispatcher.errors import InvalidSetting, Unavailable
+from dispatcher.errors import InvalidSetting, Unplaced
 from dispatcher.lua import Key, Script
 from dispatcher.stopping import cancel_all
 
@@ -109,12 +109,12 @@ class Placement:
         given.)"""
         self.usable()
         if self.count > 1 and self.redis is not None and self.version is None:
-            raise Unavailable(UNREAD)
+            raise Unplaced(UNREAD)
         placed = self.explicit.get(project_id)
         if placed is None:
             return rendezvous(project_id, min(self.active, self.count))
         if placed.index >= self.count:  # it was hashed: its events went where nothing read
-            raise Unavailable(
+            raise Unplaced(
                 f"project {project_id!r} was moved to shard {placed.index}, and this process "
                 f"was given {self.count} shard(s): give it the whole DISPATCHER_REDIS_SHARDS"
             )
@@ -124,7 +124,7 @@ class Placement:
         """Unavailable while the home shard says more shards are in use than this process
         was given (`load`): it would place projects on the wrong shard."""
         if self.short is not None:
-            raise Unavailable(self.short)
+            raise Unplaced(self.short)
 
     def moving(self, project_id: str) -> bool:
         """Whether `project_id`'s callbacks and roles are frozen: a move of it is under way,
@@ -269,7 +269,7 @@ async def kept_fresh(
                 await _loaded(placement)
         except TimeoutError:
             if not unread_ok:
-                raise Unavailable(f"{UNREAD} (waited {wait_s:g} s)") from None
+                raise Unplaced(f"{UNREAD} (waited {wait_s:g} s)") from None
             unread = True  # (not read after: a view's short run, which would log its tries)
     task = None
     if placement.count == 1:  # no placement to wait for: the count is checked now

@@ -27,6 +27,7 @@ from dispatcher.errors import (
     InvalidInput,
     NotFound,
     TooManyRequests,
+    Unplaced,
 )
 from dispatcher.models import check_project_id
 
@@ -82,6 +83,19 @@ class EmitPace:
     def take(self, project_id: str, cost: int, now: float | None = None) -> float:
         """Spend `cost` bytes of the project's bucket: 0 when taken, else the seconds until
         it holds them (nothing spent)."""
+        bucket = self._filled(project_id, now)
+        if bucket.tokens >= cost:
+            bucket.tokens -= cost
+            return 0.0
+        return (cost - bucket.tokens) / self.rate
+
+    def owe(self, project_id: str, cost: int, now: float | None = None) -> None:
+        """Spend `cost` bytes of the project's bucket whether it holds them or not: below
+        empty, its next request waits until they are paid back."""
+        self._filled(project_id, now).tokens -= cost
+
+    def _filled(self, project_id: str, now: float | None) -> _Bucket:
+        """The project's bucket, refilled to `now` (the most recently used)."""
         now = time.monotonic() if now is None else now
         bucket = self._buckets.pop(project_id, None) or _Bucket(self.burst, now)
         self._buckets[project_id] = bucket
@@ -89,10 +103,7 @@ class EmitPace:
             self._buckets.popitem(last=False)
         bucket.tokens = min(self.burst, bucket.tokens + (now - bucket.at) * self.rate)
         bucket.at = now
-        if bucket.tokens >= cost:
-            bucket.tokens -= cost
-            return 0.0
-        return (cost - bucket.tokens) / self.rate
+        return bucket
 
 
 def _pace(request: Request) -> EmitPace | None:
@@ -144,8 +155,9 @@ class Paid:
     project_id: str
 
 
-# what refuses a redelivery before it queues anything: its cost is given back
-REFUNDED: tuple[type[DispatcherError], ...] = (NotFound, CallbackGone, InvalidInput)
+# what refuses a redelivery before it queues anything: its cost is given back (Unplaced:
+# its project moves; the 503 says to try again in a minute, and each try cost a body: review)
+REFUNDED: tuple[type[DispatcherError], ...] = (NotFound, CallbackGone, InvalidInput, Unplaced)
 
 
 async def _paced_redelivery(request: Request, project_id: ProjectPath) -> Paid | None:
@@ -162,9 +174,10 @@ async def _paced_redelivery(request: Request, project_id: ProjectPath) -> Paid |
 @contextlib.contextmanager
 def refunded(paid: Paid | None) -> Iterator[None]:
     """A redelivery refused before it queued anything (`REFUNDED`: an unknown record, a
-    deleted or disabled callback) gives back what it paid; any other error keeps it (an
-    outage after the push may have queued it: review). The route's own call, not a
-    dependency's exit: the console turns errors into pages before that (review)."""
+    deleted or disabled callback, its project moving) gives back what it paid; any other
+    error keeps it (an outage after the push may have queued it: review). The route's own
+    call, not a dependency's exit: the console turns errors into pages before that
+    (review)."""
     try:
         yield
     except REFUNDED:
@@ -186,6 +199,9 @@ class WindowPace:
 
     def give_back(self, size: int) -> None:
         self.pace.give_back(self.project_id, max(size, SMALLEST_COST))
+
+    def owe(self, size: int) -> None:
+        self.pace.owe(self.project_id, size)
 
     def refused(self, done: RedeliveryResult, wait: float) -> TooManyRequests:
         pace, there = self.pace, f" ({done.already_queued} were queued already)"

@@ -15,7 +15,7 @@ import dataclasses
 from typing import TYPE_CHECKING, TypeVar
 
 from dispatcher.connections import REDIS_ERRORS
-from dispatcher.errors import NotFound, Unavailable
+from dispatcher.errors import NotFound, Unavailable, Unplaced
 from dispatcher.failing import SHOWN_PER_PROJECT, merged
 from dispatcher.failing import read as read_failing
 from dispatcher.history.window import unknown_record
@@ -304,12 +304,12 @@ async def _not_moving(
     home = router.home
     if here and not await home.redis.exists(home.keys.move_lease(project_id)):
         at = router.shards.index(services)
-        raise Unavailable(
+        raise Unplaced(
             f"project {project_id!r}: a move of it to shard {at} died after its flip; "
             f"finish it (dispatcher shards move {project_id} --to {at}), then redeliver"
             f"{so_far}"
         )
-    raise Unavailable(
+    raise Unplaced(
         f"project {project_id!r} is moving to another shard: {what} waits for the move's "
         f"end; try again in a minute{so_far}"
     )

@@ -36,7 +36,7 @@ from dispatcher.stopping import cancel_all
 from dispatcher.topology import Checked, check_shards
 from dispatcher.worker import create_worker
 from tests.cluster import LocalCluster, grown
-from tests.helpers import UID, Receiver, answer, free_port, make_settings
+from tests.helpers import UID, Receiver, all_records, answer, free_port, make_settings
 
 OP_TOKEN = "op-secret"
 OPERATOR = {"X-DEVOPS-OPERATOR-TOKEN": OP_TOKEN}
@@ -437,6 +437,57 @@ async def test_the_consoles_forms_refuse_changes_while_a_project_moves(
     assert [(cb["enabled"], cb["rotationEndTime"], cb["url"]) for cb in after] == [
         (True, None, "https://e.com/h")
     ]
+
+
+async def test_a_redelivery_refused_as_its_project_moves_gives_back_its_cost(
+    shard_servers: list[EmbeddedRedis], receiver: Receiver
+) -> None:
+    """A single redelivery refused because its project moves (503, before anything is
+    queued) gives back what it paid, on the API's route and the console's: each try again
+    "in a minute" cost a whole body of the project's share, and three left it refused (429)
+    once the move ended (review). Once moved, it is queued as paid for."""
+    settings = await two_servers(
+        shard_servers,
+        api_max_body_bytes=16 * 1024,
+        emit_batch_max_bytes=32 * 1024,
+        emit_batch_max_events=32,
+        emit_project_rate=1024,
+        emit_project_burst=64 * 1024,
+        max_request_body=30 * 1024,
+        retry_schedule=(),
+    )
+    on = rendezvous("victim", 2)
+    receiver.script("/hook", answer(400))
+    async with Router.open(settings) as router:
+        registration = Registration("victim", receiver.url("/hook"), Region.DEVNET, "t")
+        await router.of("victim").register(registration, "BUILD_END")
+    async with Producer(settings) as producer:
+        await producer.emit("victim", "BUILD_END", {"n": 1})
+    await drain(settings)
+    async with Router.open(settings) as router:
+        shard = router.of("victim").redis
+        [record] = await all_records(shard, settings, receiver.url("/hook"), "victim")
+    home = sync_redis.Redis.from_url(shard_servers[0].url)
+    home.hset(Keys().PLACEMENT, "victim", f"{on}{MOVING}{1 - on}")  # a move under way
+    home.incr(Keys().PLACEMENT_VERSION)
+    retry = f"/apigw/v4/projects/victim/callbacks/history/{record.id}/retry"
+    async with api_of(settings) as api:
+        form = (await api.get("/console/projects/victim", headers=UID)).text
+        token = re.search(r'name="csrf_token" value="([^"]+)"', form)
+        assert token is not None
+        console = f"/console/projects/victim/history/{record.id}/redeliver"
+        moving = [(await api.post(retry, headers=UID)).status_code for _ in "abc"]
+        moving += [
+            (await api.post(console, data={"csrf_token": token[1]}, headers=UID)).status_code
+            for _ in "abc"
+        ]
+        home.hdel(Keys().PLACEMENT, "victim")  # the move ended where it began
+        home.incr(Keys().PLACEMENT_VERSION)
+        home.close()
+        await asyncio.sleep(3 * settings.placement_refresh)
+        moved = [(await api.post(retry, headers=UID)).status_code for _ in "abc"]
+    assert moving == [503] * 6
+    assert moved == [200, 200, 429]
 
 
 async def test_platform_callbacks_failing_on_two_shards_are_counted_once_in_a_short_listing(
