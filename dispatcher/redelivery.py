@@ -20,8 +20,13 @@ Paced (`Pace`: the project's emit share, `dispatcher.api.pacing`): each job is p
 (its body's bytes) before its batch is queued, and given back when it was there already;
 when the share runs out the call stops (`Pace.refused`, a 429 saying how many it queued),
 and calling again goes on (what it queued is there already: not queued, nor paid, again).
-It had no pace: one call queued a whole window of 64 KiB bodies (review). A batch is at
-most `BATCH` jobs and `BATCH_BYTES` of bodies.
+Each record the walk read and left out (`LEFT_OUT_COST`: it read the record, and its
+delivery's newest attempt, bodies and all) is owed when the call ends, whether the share
+holds it or not: the project's next call waits it out (`Pace.owe`). Refused mid-walk, a
+call would walk the same records again each time and never pass them. It had no pace: one
+call queued a whole window of 64 KiB bodies (review); then the walk was free, and a window
+of 1,500 failures of a disabled callback, 40 KB each, made Redis send 116 MiB a call, call
+after call (review). A batch is at most `BATCH` jobs and `BATCH_BYTES` of bodies.
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ __all__ = ["Check", "Pace", "redeliver_window"]
 
 BATCH = 100  # redeliveries queued per round trip
 BATCH_BYTES = 1 << 20  # and their bodies' bytes, at most (past one job)
+LEFT_OUT_COST = 1024  # what a record read and left out costs: the least a job costs
 
 
 Check = Callable[[RedeliveryResult], Awaitable[None]]  # raises to stop before a batch
@@ -57,6 +63,10 @@ class Pace(Protocol):
 
     def give_back(self, size: int) -> None:
         """Return what a job of `size` body bytes paid (it was not queued)."""
+
+    def owe(self, size: int) -> None:
+        """Spend `size` bytes whether the share holds them or not (below empty, the next
+        call waits until it is paid back)."""
 
     def refused(self, done: RedeliveryResult, wait: float) -> Exception:
         """The error that stops the call, `done` queued so far, `wait` seconds to wait."""
@@ -99,12 +109,16 @@ async def redeliver_window(
 
     if pace is not None and (wait := _ready(pace)):  # nothing to pay with: walk nothing
         raise pace.refused(window.result, wait)
-    async for job in window.redeliveries(failures):
-        batch.append(job)
-        if len(batch) >= BATCH or sum(len(j.body) for j in batch) >= BATCH_BYTES:
+    try:
+        async for job in window.redeliveries(failures):
+            batch.append(job)
+            if len(batch) >= BATCH or sum(len(j.body) for j in batch) >= BATCH_BYTES:
+                await flush()
+        if batch:
             await flush()
-    if batch:
-        await flush()
+    finally:
+        if pace is not None and window.left_out:
+            pace.owe(window.left_out * LEFT_OUT_COST)
     return window.result
 
 
@@ -137,6 +151,7 @@ class _Window:
     project_id: str
     result: RedeliveryResult = field(default_factory=lambda: RedeliveryResult(queued=0))
     live: dict[int, bool] = field(default_factory=dict)  # callbacks enabled, read once
+    left_out: int = 0  # records read and left out (`LEFT_OUT_COST` each)
 
     async def redeliveries(
         self, failures: AsyncIterator[HistoryRecord]
@@ -145,24 +160,35 @@ class _Window:
         seen: set[str] = set()  # deliveries looked at (the window's newest failure first)
         cut: set[str] = set()  # with a record not kept whole (an older one may be)
         async for record in failures:
-            callback_id, delivery_id = record.callback_id, record.delivery_id
-            if callback_id is None or delivery_id is None:
-                continue  # not a delivery's record: nothing to send it again as
-            if record.request_body_truncated:
-                cut.add(delivery_id)
-                continue
-            if delivery_id in seen:
-                continue
-            seen.add(delivery_id)
-            failed, newest = await self._failed(delivery_id)
-            if not failed:
-                continue  # redelivered since: it succeeded, or is being retried
-            if not await self._live(callback_id):  # its redelivery would be dropped
-                self.result.callback_gone += 1
-                continue
-            yield self.producer.redelivery_job(record, after=newest or record.id)
+            job = await self._job(record, seen, cut)
+            if job is None:
+                self.left_out += 1
+            else:
+                yield job
         for delivery_id in cut - seen:  # none of its records here kept the body whole
+            self.left_out += 1
             self.result.body_not_kept += (await self._failed(delivery_id))[0]
+
+    async def _job(
+        self, record: HistoryRecord, seen: set[str], cut: set[str]
+    ) -> DeliveryJob | None:
+        """`record`'s delivery sent again, or None when it is left out."""
+        callback_id, delivery_id = record.callback_id, record.delivery_id
+        if callback_id is None or delivery_id is None:
+            return None  # not a delivery's record: nothing to send it again as
+        if record.request_body_truncated:
+            cut.add(delivery_id)
+            return None
+        if delivery_id in seen:
+            return None
+        seen.add(delivery_id)
+        failed, newest = await self._failed(delivery_id)
+        if not failed:
+            return None  # redelivered since: it succeeded, or is being retried
+        if not await self._live(callback_id):  # its redelivery would be dropped
+            self.result.callback_gone += 1
+            return None
+        return self.producer.redelivery_job(record, after=newest or record.id)
 
     async def _failed(self, delivery_id: str) -> tuple[bool, int | None]:
         """Whether the delivery's newest attempt anywhere is a final failure (or none is

@@ -5,7 +5,7 @@ calls one `Services` operation, and redirects (303) to the page it came from."""
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated
 from urllib.parse import quote
 
 from fastapi import APIRouter, Form, Path
@@ -114,10 +114,14 @@ async def redeliver(
     project_id: ProjectPath,
     paced: PacedRedelivery,
     record_id: RecordPath,
-    back: Annotated[Literal["record", "dead-letters"], Form()] = "record",
+    back: Annotated[str, Form()] = "record",
 ) -> RedirectResponse:
-    """Send the recorded request again; back to the attempt, or to the dead letters."""
+    """Send the recorded request again; back to the attempt, or to the dead letters.
+    (`back` is checked here, where a refusal gives back what the redelivery paid: as a
+    `Literal` it was refused after the charge, and kept it: review.)"""
     with refunded(paced):
+        if back not in ("record", "dead-letters"):
+            raise InvalidInput(f"back: {back!r} is not 'record' or 'dead-letters'")
         await views.redeliver(page.router, project_id, record_id)
     where = "/dead-letters" if back == "dead-letters" else f"/history/{record_id}"
     return redirect(page, _project(project_id) + where, notice="redelivered")

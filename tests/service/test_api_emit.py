@@ -8,7 +8,7 @@ import json
 import re
 import tracemalloc
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import httpx
 import orjson
@@ -17,6 +17,7 @@ from redis.asyncio import Redis
 
 from dispatcher.api.events import read_events
 from dispatcher.api.pacing import EmitPace
+from dispatcher.clock import now_ms
 from dispatcher.embedded import EmbeddedRedis
 from dispatcher.errors import InvalidInput, PayloadTooLarge
 from dispatcher.models import Event, Region
@@ -33,6 +34,10 @@ from tests.helpers import (
     make_settings,
     serving_api,
 )
+from tests.service.test_history import URL, add_all, record
+
+if TYPE_CHECKING:
+    from dispatcher.history.record import AttemptRecord
 
 EVENTS = "/apigw/v4/projects/demo/events"
 BATCH = f"{EVENTS}/batch"
@@ -481,8 +486,8 @@ async def test_a_redelivery_costs_what_it_may_queue(
     """A single redelivery queues a new job each time (its body up to
     `DISPATCHER_MAX_REQUEST_BODY`): one recorded request sent again in a loop filled Redis
     at 36 MiB/s, nothing charged (review). Each costs that much of its project's share, on
-    the API's route and the console's; one refused after all (an unknown record) is given
-    back, on both (it paid: review)."""
+    the API's route and the console's; one refused after all (an unknown record, a
+    malformed form) is given back, on both (it paid: review)."""
     settings = paced(
         redis_server.url,
         emit_project_burst=64 * 1024,
@@ -508,6 +513,12 @@ async def test_a_redelivery_costs_what_it_may_queue(
                 headers=UID,
             )
             assert missing.status_code == 404
+            malformed = await api.post(
+                f"/console/projects/demo/history/{record.id}/redeliver",
+                data={"csrf_token": token[1], "back": "nowhere"},
+                headers=UID,
+            )
+            assert malformed.status_code == 400
         codes = [(await api.post(retry, headers=UID)).status_code for _ in "abc"]
         console = await api.post(
             f"/console/projects/demo/history/{record.id}/redeliver",
@@ -584,3 +595,33 @@ async def test_a_window_redelivery_costs_each_job_it_queues(
     assert console.status_code == 429 and "DISPATCHER_EMIT_PROJECT_RATE" in console.text
     assert int(console.headers["Retry-After"]) >= 1
     assert await redis.zcard(settings.queue_name) == queued  # no more
+
+
+async def test_a_window_redeliverys_walk_costs_what_it_left_out(
+    redis_server: EmbeddedRedis, redis: Redis
+) -> None:
+    """A window's redelivery owes 1 KiB for each record it read and left out (here: 60
+    failures of a disabled callback), when the call ends: that call answers (nothing is
+    refused mid-walk, which would walk the same records each time), and the project's next
+    window or single redelivery waits the debt out (429). The walk was free: a window of
+    1,500 failures of 40 KB made Redis send 116 MiB a call, call after call (review)."""
+    settings = paced(redis_server.url, emit_project_burst=32 * 1024)
+    registry = Registry(redis)
+    callback_id, _ = await registry.create("demo", URL, Event.BUILD_END, Region.DEVNET)
+    now = now_ms()
+    failures = [{**record(now - 1000 + n, n=n), "status": "FAILED", "final": True,
+                 "callbackId": callback_id} for n in range(60)]  # fmt: skip
+    [first, *_] = await add_all(redis, settings, cast("list[AttemptRecord]", failures))
+    await registry.set_enabled(callback_id, False, "paused")
+    window = "/apigw/v4/projects/demo/callbacks/history/retry"
+    params = {"url": URL, "event": "BUILD_END"}
+    async with app_client(settings, redis) as api:
+        walked = await api.post(window, params=params, headers=UID)
+        again = await api.post(window, params=params, headers=UID)
+        await registry.set_enabled(callback_id, True)
+        single = await api.post(f"/apigw/v4/projects/demo/callbacks/history/{first}/retry",
+                                headers=UID)  # fmt: skip
+    assert walked.status_code == 200 and walked.json()["data"]["callbackGone"] == 60
+    assert again.status_code == 429 and int(again.headers["Retry-After"]) >= 28  # 60 - 32 KiB
+    assert single.status_code == 429
+    assert await redis.zcard(settings.queue_name) == 0
