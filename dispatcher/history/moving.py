@@ -1,8 +1,8 @@
 """A project's Redis history taken from one shard to another (`dispatcher shards move`):
-its records read page by page, written on the new shard by the store's own `record` (which
-builds every index again), then removed from the old shard like the retention sweep
-removes records. Record ids are unique over all shards, so a record copied twice is
-stored once."""
+its records read page by page (a scan of each index), written on the new shard by the
+store's own `record` (which builds every index again), then removed from the old shard like
+the retention sweep removes records. Record ids are unique over all shards, so a record
+copied twice is stored once."""
 
 from __future__ import annotations
 
@@ -37,15 +37,21 @@ async def _indexes(history: RedisHistory, project_id: str) -> list[str]:
 async def _records(
     history: RedisHistory, project_id: str
 ) -> AsyncIterator[list[tuple[AttemptRecord, bool]]]:
-    """The project's records, a page at a time, each with whether its delivery gave up."""
+    """The project's records, a page at a time, each with whether its delivery gave up.
+    Each index is read with ZSCAN, which returns every member that stays in it from the
+    scan's start to its end, whatever the old shard's retention sweep removes meanwhile (a
+    member met twice is copied twice, stored once). Read by position (ZRANGE, 500 a page),
+    a page began as many records late as the sweep had removed before it: those were never
+    read, and the move then removed them from the old shard, gone from both (review)."""
     keys, redis = history.keys, history.redis
     dead = {int(m) for m in await redis.zrange(keys.history_dead(project_id), 0, -1)}
     for index in await _indexes(history, project_id):
-        start = 0
-        while members := await redis.zrange(index, start, start + PAGE - 1):
-            start += PAGE
-            ids = [int(m) for m in members if m.isdigit()]  # not the index's mark
-            raws = await redis.mget([keys.history_record(i) for i in ids]) if ids else []
+        cursor: int | None = None
+        while cursor != 0:
+            cursor, scored = await redis.zscan(index, cursor or 0, count=PAGE)
+            if not (ids := [int(m) for m, _ in scored if m.isdigit()]):  # (the index's mark)
+                continue
+            raws = await redis.mget([keys.history_record(i) for i in ids])
             raws = await with_bodies(redis, keys, raws)  # the new shard keeps them again
             records = [orjson.loads(raw) for raw in raws if raw]
             yield [(record, int(record["id"]) in dead) for record in records]

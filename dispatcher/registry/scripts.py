@@ -17,7 +17,9 @@ disable) write nothing and answer `FROZEN` while the project's `callbacks_frozen
 set: its mover sets it on the old shard before the move copies its callbacks
 (`dispatcher.shards.move`), so that a change that passed the front end's check of the
 placement before the freeze, and lands after the copy, is refused (503) rather than
-answered and then removed with the old shard's copy. The worker's writes never read it."""
+answered and then removed with the old shard's copy. The worker's writes never read it:
+a callback it disables there after the copy is disabled on the new shard by the mover
+(`dispatcher.shards.disables`)."""
 
 from __future__ import annotations
 

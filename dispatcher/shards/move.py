@@ -28,10 +28,12 @@ moved.
      events whose fan-out began there (a run died, or a re-run goes on: what it sent is
      marked there, and read by its re-run); until none is left and none came for a
      settle, and the last push a producer may still make there is past;
-  5. copy the history written meanwhile and its drops (after those made on the new
-     shard since the flip), remove the project from the old shard, and let its lanes on
-     the new one go. The freeze mark stays on the old shard `FROZEN_AFTER_S` (a change
-     slower still is refused there too); a move back removes it first.
+  5. disable on the new shard the callbacks a worker disabled on the old one since their
+     copy (`dispatcher.shards.disables`), copy the history written meanwhile and its drops
+     (after those made on the new shard since the flip), remove the project from the old
+     shard, and let its lanes on the new one go. The freeze mark stays on the old shard
+     `FROZEN_AFTER_S` (a change slower still is refused there too); a move back removes it
+     first.
 With `DISPATCHER_REDIS_MIN_REPLICAS`, what it wrote to a shard is on that many replicas
 before a step relies on it: the copies (2) before the flip, each placement, each moved job
 before it leaves the old shard, the history before the old shard is cleaned; else the move
@@ -58,6 +60,7 @@ from dispatcher.history.redis import RedisHistory
 from dispatcher.models import PLATFORM_PROJECT
 from dispatcher.placement import Placed, rendezvous
 from dispatcher.registry.copies import callback_ids, put_rows, read_rows
+from dispatcher.shards.disables import carry_disables
 from dispatcher.shards.drain import (
     STOPPED,
     STOPPED_FLIPPED,
@@ -328,8 +331,9 @@ class Mover:
         lease: MoveLease,
         flipped: float,
     ) -> None:
-        """After the flip (at `flipped`, monotonic): drain the old shard, copy the history
-        written meanwhile, clean it, each once the new shard's replicas confirmed."""
+        """After the flip (at `flipped`, monotonic): drain the old shard, carry over the
+        disables made there since the copy, copy the history written meanwhile, clean it,
+        each once the new shard's replicas confirmed."""
         late_s = self.late_s or 0.0  # (set by now: see `__post_init__`)
         await lease.mark(src, src.keys.callbacks_frozen(project))  # (a dead move's: again)
         drain = self.drain_of(src, dst, project, lease.alive, flipped + late_s, lease.fence)
@@ -339,9 +343,11 @@ class Mover:
             moved += await drain.run()
         self.say(f"{project}: {moved} queued job(s) moved; cleaning shard {source}")
         lease.alive()
+        if carried := await carry_disables(src, dst, project):  # a worker's, since the copy
+            self.say(f"{project}: {carried} callback(s) disabled on shard {source} meanwhile")
         await copy_drops(src, dst, project)  # none come there now: its jobs are all gone
         await self._copy_history(src, dst, project, lease.alive)
-        await confirmed(dst, f"{project}'s history and drops", STOPPED_FLIPPED)
+        await confirmed(dst, f"{project}'s disables, history and drops", STOPPED_FLIPPED)
         await lease.fence()
         if not await lease.marked(src):
             raise Unavailable(

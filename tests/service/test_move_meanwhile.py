@@ -1,0 +1,173 @@
+"""What changes on a moving project's old shard while its move runs, and what the move
+makes of it, on two real shards: a worker disabling a callback the move has copied (the
+worker's writes do not read the move's freeze), the retention sweep removing the oldest
+records of an index the move is copying."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING, Any
+
+from dispatcher.clock import now_ms
+from dispatcher.history.moving import copy_project
+from dispatcher.history.redis import RedisHistory
+from dispatcher.models import Region
+from dispatcher.placement import rendezvous
+from dispatcher.producer import Producer
+from dispatcher.registry import Registration
+from dispatcher.registry.copies import put_rows, read_rows
+from dispatcher.shards.disables import carry_disables
+from dispatcher.shards.move import Mover
+from dispatcher.shards.router import Router
+from dispatcher.worker.engine import GONE_REASON
+from tests.helpers import Receiver, answer
+from tests.service.test_shard_growth import LATE_S, PROJECTS, run_burst, two_empty_shards
+
+if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable
+
+    import pytest
+
+    from dispatcher.embedded import EmbeddedRedis
+    from dispatcher.history.record import AttemptRecord
+    from dispatcher.models import Callback
+    from dispatcher.services import Services
+
+DEVNET = Region.DEVNET
+DAY_MS = 86_400_000
+URL = "http://127.0.0.1:9/h"
+
+
+class GoneAfterTheCopy(Mover):
+    """A mover right after whose copy of the callbacks (before its flip) an event of the
+    project is queued on the old shard (by a producer that routed it by the placement from
+    before) and delivered there: its receiver answers 410 Gone, and the worker disables
+    callback `callback_id` on the old shard (`gone`, as it is then)."""
+
+    callback_id = 0
+    gone: Callback | None = None
+
+    async def _copy(
+        self, src: Services, dst: Services, project: str, alive: Callable[[], None]
+    ) -> None:
+        await super()._copy(src, dst, project, alive)
+        settings = self.router.settings
+        async with Producer(settings, src.redis, shard=src.shard) as producer:
+            await producer.emit(project, "BUILD_END", {"n": 1})
+        await run_burst(settings)
+        self.gone = await src.callback(self.callback_id, project)
+
+
+async def test_a_callback_disabled_on_the_old_shard_during_a_move_stays_disabled(
+    shard_servers: list[EmbeddedRedis], receiver: Receiver
+) -> None:
+    """A receiver answers 410 Gone to an event delivered on the old shard after the move
+    copied the callbacks: the worker disables the callback there. The move disables it on
+    the new shard too, with the same reason and time, before it removes the old shard's
+    copy: the next event sends nothing to the receiver. Before, the new shard kept the
+    copy made before the 410, enabled, and delivered to the receiver again (review)."""
+    settings = two_empty_shards(shard_servers)
+    project = next(p for p in PROJECTS if rendezvous(p, 2) == 0)
+    url = receiver.script("/gone", *[answer(410)] * 3)
+    said: list[str] = []
+    async with Router.open(settings) as router:
+        src, dst = router.shards
+        registration = Registration(project, url, DEVNET, "t")
+        callback_id = await src.register(registration, "BUILD_END")
+        mover = GoneAfterTheCopy(router, said.append, settle_s=0.2, late_s=LATE_S)
+        mover.callback_id = callback_id
+        await mover.move(project, 1)
+        assert mover.gone is not None and mover.gone.disabled_reason == GONE_REASON
+        assert len(receiver.requests("/gone")) == 1
+        moved = await dst.callback(callback_id, project)
+        assert (moved.enabled, moved.disabled_reason) == (False, GONE_REASON)
+        assert moved.updated_time == mover.gone.updated_time
+        assert f"{project}: 1 callback(s) disabled on shard 0 meanwhile" in said
+        async with Producer(settings) as producer:
+            await producer.emit(project, "BUILD_END", {"n": 2})
+        await run_burst(settings)
+        assert len(receiver.requests("/gone")) == 1
+
+
+async def test_a_disable_is_carried_over_unless_the_new_shard_changed_the_callback_since(
+    shard_servers: list[EmbeddedRedis],
+) -> None:
+    """Of three callbacks copied to the new shard: one disabled on the old shard after
+    the copy is disabled on the new one (its reason and time kept); one disabled there too,
+    but enabled on the new shard since (after the flip, by its project's admin), stays
+    enabled: the later change stands; one disabled before the copy, copied disabled, is
+    left as it is. The match sets follow: only the enabled one is matched on the new
+    shard."""
+    async with Router.open(two_empty_shards(shard_servers)) as router:
+        src, dst = router.shards
+        registrations = [
+            Registration("mv", f"http://127.0.0.1:9/{n}", DEVNET, "t") for n in range(3)
+        ]
+        ids = [await src.register(registration, "BUILD_END") for registration in registrations]
+        carried, enabled_since, before = ids
+        await src.registry.set_enabled(before, False, "before the copy")
+        await asyncio.sleep(0.002)  # (each change in a millisecond of its own)
+        await put_rows(dst.registry, await read_rows(src.registry, ids))  # the move's copy
+        await asyncio.sleep(0.002)
+        for callback_id in (carried, enabled_since):
+            await src.registry.set_enabled(callback_id, False, GONE_REASON)
+        await asyncio.sleep(0.002)
+        await dst.enable(enabled_since, project_id="mv")
+        assert await carry_disables(src, dst, "mv") == 1
+        old, new = await src.callback(carried, "mv"), await dst.callback(carried, "mv")
+        assert (new.enabled, new.disabled_reason) == (False, GONE_REASON)
+        assert new.updated_time == old.updated_time
+        assert (await dst.callback(enabled_since, "mv")).enabled
+        assert (await dst.callback(before, "mv")).disabled_reason == "before the copy"
+        matched = await dst.redis.zrange(dst.keys.match("mv", "BUILD_END"), 0, -1)
+        assert matched == [str(enabled_since).encode()]
+
+
+def _record(created_ms: int) -> AttemptRecord:
+    return {
+        "projectId": "mv", "callBackUrl": URL, "events": "BUILD_END", "status": "SUCCESS",
+        "createdTime": created_ms, "startTime": created_ms, "endTime": created_ms,
+        "requestBody": "{}", "deliveryId": "mv:e.1",
+    }  # fmt: skip
+
+
+async def test_a_history_copy_misses_no_record_when_the_retention_sweep_runs_meanwhile(
+    shard_servers: list[EmbeddedRedis], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An index of 1,000 records, the 20 oldest past the retention; the old shard's
+    retention sweep (a cron job every 5 minutes) runs between two reads of the index by
+    the copy, and removes those 20. Every one of the 980 within the retention is copied.
+    Before, the copy read the index by position (ZRANGE start..start+499): its second page
+    began 20 records late, those 20 were never read, and the move then removed them from
+    the old shard: gone from both (review)."""
+    async with Router.open(two_empty_shards(shard_servers)) as router:
+        src, dst = router.shards
+        assert isinstance(src.history, RedisHistory) and isinstance(dst.history, RedisHistory)
+        now = now_ms()
+        for n in range(20):
+            await src.history.add(_record(now - 7 * DAY_MS - 60_000 + n))
+        for n in range(980):
+            await src.history.add(_record(now - DAY_MS + n))
+        real: Callable[..., Awaitable[Any]] = src.redis.execute_command
+        reads: list[str] = []
+        swept: list[int] = []
+
+        async def sweeping(*args: Any, **options: Any) -> Any:
+            """The sweep runs before the copy's second read of an index, whatever read."""
+            name = args[1] if len(args) > 1 else ""
+            if args[0] in ("ZRANGE", "ZSCAN", "ZRANGEBYSCORE") and str(name).startswith(
+                src.keys.HISTORY_INDEX_PREFIX
+            ):
+                reads.append(args[0])
+                if len(reads) == 2:
+                    swept.append(await src.history.sweep())
+            return await real(*args, **options)
+
+        monkeypatch.setattr(src.redis, "execute_command", sweeping)
+        await copy_project(src.history, dst.history, "mv", lambda: None)
+        monkeypatch.undo()
+        assert swept == [20]  # between two reads
+        page = await dst.history.query(
+            "mv", URL, "BUILD_END", start_ms=now - 2 * DAY_MS, end_ms=now, page=1, page_size=1
+        )
+        assert page.count == 980
