@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from dispatcher.cli.common import Table, console, err, on_fleet, on_router, partial_end
+from dispatcher.cli.common import Table, console, err, on_fleet, on_router, partial_end, tagged
 from dispatcher.cluster import masters_of
 from dispatcher.connections import shown
 from dispatcher.shards import views
@@ -16,6 +17,9 @@ from dispatcher.shards.stale import forget_copy
 from dispatcher.slots import target_slot
 
 if TYPE_CHECKING:
+    from collections.abc import Callable, Iterator
+
+    from dispatcher.placement import Placement
     from dispatcher.services import Services
 
 __all__ = ["shards_app"]
@@ -26,8 +30,31 @@ shards_app = typer.Typer(
 )
 
 
+_said: list[str] = []  # what the mover said last (a move stopped by Ctrl+C names it)
+
+
 def _say(text: str) -> None:
+    _said[:] = [text]
     err.print(text)
+
+
+@contextlib.contextmanager
+def _stopped_said(again: Callable[[], str]) -> Iterator[None]:
+    """A move stopped by Ctrl+C says where it stopped and what finishes it (`again()`: the
+    command). It ended with exit 130 and no word: the project stayed frozen, or its ordered
+    deliveries held, and nothing said so (review)."""
+    _said.clear()
+    try:
+        yield
+    except KeyboardInterrupt:
+        where = f" after: {_said[-1]}" if _said else ""
+        left = (
+            ". A move stopped before its flip leaves its project's callbacks and roles "
+            "frozen, one stopped after it its ordered deliveries held, until it is "
+            f"finished: run {again()} (`dispatcher shards list` names the moves under way)"
+        )
+        err.print(tagged("stopped", "red", where + left))
+        raise typer.Exit(130) from None
 
 
 @shards_app.command("list")
@@ -38,7 +65,9 @@ def shards_list() -> None:
 
     async def go(router: Router, silent: list[int]) -> Table:
         placement = router.placement
-        table = Table("shard", "redis", "slot (master)", "in use", "jobs due", "pinned here")
+        table = Table(
+            "shard", "redis", "slot (master)", "in use", "jobs due", "pinned here", "moving out"
+        )
         cluster = router.home.shard.cluster
         slots = [target_slot(s.shard.index) for s in router.shards] if cluster else []
         masters = await masters_of(router.home.redis, slots) if cluster else []
@@ -57,12 +86,22 @@ def shards_list() -> None:
                 in_use if read else "?",
                 str(depths[index]) if index in depths else "did not answer",
                 str(pinned) if read else "?",
+                _moving_out(placement, index) if read else "?",
             )
         return table
 
     table, silent = on_fleet(go)
     console.print(table)
     partial_end(silent)
+
+
+def _moving_out(placement: Placement, index: int, most: int = 3) -> str:
+    """The projects a move takes off shard `index` now (`P>1`), or that a move left so
+    when it stopped (run it again: review)."""
+    moving = sorted(f"{p}>{at.moving_to}" for p, at in placement.explicit.items()
+                    if at.index == index and at.moving_to is not None)  # fmt: skip
+    more = f" (+{len(moving) - most})" if len(moving) > most else ""
+    return ", ".join(moving[:most]) + more if moving else "-"
 
 
 async def _depth(services: Services) -> tuple[int, int]:
@@ -82,7 +121,8 @@ def shards_grow(
         pinned = await mover.grow()
         return await mover.rebalance() if rebalance else len(pinned)
 
-    count = on_router(go)
+    with _stopped_said(lambda: "`dispatcher shards grow` again"):
+        count = on_router(go)
     console.print(f"{count} project(s) {'moved' if rebalance else 'pinned'}")
 
 
@@ -90,7 +130,9 @@ def shards_grow(
 def shards_rebalance() -> None:
     """Move every project placed explicitly (pinned by `grow`, or by `move`) to where the
     hash puts it, finishing first any move of it that died."""
-    console.print(f"moved {on_router(lambda router: Mover(router, _say).rebalance())} project(s)")
+    with _stopped_said(lambda: "`dispatcher shards rebalance` again"):
+        moved = on_router(lambda router: Mover(router, _say).rebalance())
+    console.print(f"moved {moved} project(s)")
 
 
 @shards_app.command("move")
@@ -107,7 +149,8 @@ def shards_move(
 ) -> None:
     """Move one project (callbacks, roles, queued jobs, Redis history) to a shard and
     place it there explicitly, under load."""
-    on_router(lambda router: Mover(router, _say).move(project, to, came_from))
+    with _stopped_said(lambda: f"`dispatcher shards move {project} --to {to}` again"):
+        on_router(lambda router: Mover(router, _say).move(project, to, came_from))
     console.print(f"{project} is on shard {to}")
 
 

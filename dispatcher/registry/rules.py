@@ -227,5 +227,7 @@ def moving(project_id: str) -> Unavailable:
     shard."""
     return Unavailable(
         f"project {project_id!r} is moving to another shard: its callbacks and roles cannot "
-        "change for a minute; try again (events are delivered meanwhile)"
+        "change until the move ends, in a minute or so; try again (events are delivered "
+        "meanwhile). A move that stopped holds them until it is run again: `dispatcher "
+        "shards list` names it"
     )

@@ -14,9 +14,10 @@ import contextlib
 from typing import TYPE_CHECKING, TypeVar
 
 from dispatcher.auth import ALL_PROJECTS
-from dispatcher.errors import NotFound, Unavailable
+from dispatcher.errors import NotFound
 from dispatcher.models import PLATFORM_PROJECT
 from dispatcher.placement import Placement, kept_fresh
+from dispatcher.registry.rules import moving
 from dispatcher.services import Services
 from dispatcher.shard import Shard
 from dispatcher.shards.platform import PlatformCallbacks
@@ -93,10 +94,7 @@ class Router:
         """`of(project_id)` to change its callbacks or roles: Unavailable (503) while a move
         to another shard has frozen them."""
         if self.sharded and self.placement.moving(project_id):
-            raise Unavailable(
-                f"project {project_id!r} is moving to another shard: its callbacks and roles "
-                "cannot change for a minute; try again (events are delivered meanwhile)"
-            )
+            raise moving(project_id)
         return self.of(project_id)
 
     def callbacks(self, project_id: str, *, changing: bool = True) -> Services | PlatformCallbacks:

@@ -311,7 +311,8 @@ async def _not_moving(
         )
     raise Unplaced(
         f"project {project_id!r} is moving to another shard: {what} waits for the move's "
-        f"end; try again in a minute{so_far}"
+        "end; try again in a minute (a move that stopped is named by `dispatcher shards "
+        f"list`: run it again){so_far}"
     )
 
 

@@ -17,6 +17,7 @@ from aiohttp import web
 from dispatcher.auth import Role
 from dispatcher.clock import now_ms
 from dispatcher.embedded import EmbeddedRedis
+from dispatcher.errors import Unavailable
 from dispatcher.models import Region
 from dispatcher.placement import rendezvous
 from dispatcher.producer import Producer
@@ -337,3 +338,47 @@ async def test_adding_a_shard_moves_projects_under_load_and_loses_nothing(
         await asyncio.wait_for(delivering, 20)
         await worker.close()
     assert len(emitted) > 5 * len(PROJECTS), "the load ran during the move"
+
+
+async def test_a_mover_stopped_by_ctrl_c_says_what_it_left_and_the_list_names_it(
+    shard_servers: list[EmbeddedRedis],
+    receiver: Receiver,
+    workers: list[subprocess.Popen[bytes]],
+    tmp_path: Path,
+) -> None:
+    """`dispatcher shards move P --to 1` gets SIGINT (Ctrl+C) while its freeze settles: it
+    exits 130 saying where it stopped and the command that finishes it; `dispatcher shards
+    list` names the move under way, and a change of P's callbacks is refused saying so.
+    It exited 130 with no word, the list showed nothing, and the 503 said "for a minute"
+    for as long as no one ran the move again (review). Run again, the move finishes."""
+    urls, settings, env = await _movers_shards(shard_servers)
+    log, listed = tmp_path / "mover.log", tmp_path / "list.log"
+    async with Router.open(settings) as router:
+        project = next(p for p in (f"p{n}" for n in range(100)) if router.of(p).shard.index == 0)
+        registration = Registration(project, receiver.url("/hook"), Region.DEVNET, "test", "t")
+        await router.of(project).register(registration, "BUILD_END")
+        mover = start_process(["shards", "move", project, "--to", "1"], urls[0], log, **env)
+        workers.append(mover)
+        freeze = router.shards[0].keys.callbacks_frozen(project)
+
+        async def frozen() -> bool:
+            return bool(await router.shards[0].redis.exists(freeze))
+
+        await until(frozen, 60, "the mover freezing the project")
+        mover.send_signal(signal.SIGINT)
+        assert await asyncio.to_thread(mover.wait, 30) == 130
+        said = " ".join(log.read_text().split())
+        assert f"stopped after: {project}: shard 0 -> 1: freezing its callbacks" in said, said
+        assert f"run `dispatcher shards move {project} --to 1` again" in said, said
+        lister = start_process(["shards", "list"], urls[0], listed, **env)
+        assert await asyncio.to_thread(lister.wait, 30) == 0
+        assert f"{project}>1" in listed.read_text()
+        await router.placement.load()
+        with pytest.raises(Unavailable, match="A move that stopped holds them"):
+            await router.callbacks(project).register(registration, "BUILD_START")
+        again = start_process(["shards", "move", project, "--to", "1"], urls[0], log, **env)
+        workers.append(again)
+        assert await asyncio.to_thread(again.wait, 60) == 0
+        await router.placement.load()
+        assert router.of(project).shard.index == 1
+        assert (await router.shards[1].callbacks(project)).count == 1
