@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import subprocess
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -177,6 +178,16 @@ async def receiver() -> AsyncIterator[Receiver]:
     async with serving(recv.handle) as base:
         recv.base = base
         yield recv
+
+
+@pytest.fixture
+def silent() -> Iterator[int]:
+    """A port on 127.0.0.1 whose connections the kernel accepts (a listening socket's
+    backlog) and nobody ever reads or answers: a hung Redis."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(128)
+        yield listener.getsockname()[1]
 
 
 @pytest.fixture

@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import socket
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 
 import pytest
 
@@ -21,17 +20,6 @@ from dispatcher.topology import check_shards
 from tests.helpers import make_settings
 
 GUARD_S = 50  # a failure guard: the whole call fails long before it otherwise
-
-
-@pytest.fixture
-def silent() -> Iterator[int]:
-    """A port on 127.0.0.1 whose connections the kernel accepts (a listening socket's
-    backlog) and nobody ever reads or answers."""
-    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(128)
-    yield listener.getsockname()[1]
-    listener.close()
 
 
 def _bulk(value: object) -> bytes:

@@ -9,7 +9,7 @@ import asyncio
 import contextlib
 import json
 import socket
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 
 import pytest
 import redis as redis_py
@@ -160,12 +160,9 @@ def test_the_cli_given_fewer_shards_than_are_in_use_refuses_to_act(
 
 
 @pytest.fixture
-def silent_url() -> Iterator[str]:
+def silent_url(silent: int) -> str:
     """A Redis URL whose server takes connections and never answers (a hung shard)."""
-    with socket.socket() as listening:
-        listening.bind(("127.0.0.1", 0))
-        listening.listen(64)
-        yield f"redis://127.0.0.1:{listening.getsockname()[1]}/0"
+    return f"redis://127.0.0.1:{silent}/0"
 
 
 def test_the_fleet_views_show_the_shards_that_answer_and_name_the_silent_one(
