@@ -1,4 +1,4 @@
-"""The history's migrations that must not hold a table for long (versions 4 and 5): run
+"""The history's migrations that must not hold a table for long (versions 4, 5 and 8): run
 outside one transaction, step by step, so that reads and the shipper's writes go on, and
 each safe to run again after a crash (`schema.upgrade` runs them under its advisory lock
 and writes the version row once one returns).
@@ -25,6 +25,7 @@ __all__ = [
     "LOCK_TIMEOUT_MS",
     "MIGRATION_TIMEOUT_S",
     "UNINDEXED_SQL",
+    "delivery_newest",
     "project_failed",
     "run",
     "url_hash",
@@ -43,13 +44,13 @@ _BATCH = 10_000  # pairs hashed per committed UPDATE
 # A project's failures of every URL ("Failures, last hour"): one index range per day,
 # whatever the number of its (event, url) pairs.
 _PROJECT_FAILED = "(project_id, created_ms DESC, id DESC) WHERE failed"
-# The day partitions of history_attempts with no index attached to the project's
-# failures', newest first (the last hour's first, and the next to expire last).
+# The day partitions of history_attempts with no index attached to the parent index $1
+# (a name), newest first (the last hour's first, and the next to expire last).
 UNINDEXED_SQL = """
 SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
  WHERE i.inhparent = 'history_attempts'::regclass AND NOT EXISTS (
    SELECT 1 FROM pg_index x JOIN pg_inherits xi ON xi.inhrelid = x.indexrelid
-    WHERE x.indrelid = c.oid AND xi.inhparent = 'history_attempts_project_failed'::regclass)
+    WHERE x.indrelid = c.oid AND xi.inhparent = $1::regclass)
  ORDER BY c.relname DESC
 """
 # An index of that name, left by a run a crash stopped: valid or not, and how.
@@ -57,9 +58,7 @@ _LEFT_SQL = """
 SELECT x.indisvalid AS valid, x.indisunique AS is_unique, pg_get_indexdef(x.indexrelid) AS made
   FROM pg_index x WHERE x.indexrelid = to_regclass($1)
 """
-_PARENT_VALID_SQL = """
-SELECT indisvalid FROM pg_index WHERE indexrelid = 'history_attempts_project_failed'::regclass
-"""
+_PARENT_VALID_SQL = "SELECT indisvalid FROM pg_index WHERE indexrelid = $1::regclass"
 
 
 async def run(conn: Conn, sql: str, *args: object) -> None:
@@ -100,35 +99,52 @@ async def _locked(conn: Conn, sql: str) -> None:
             await asyncio.sleep(_LOCK_PAUSE_S)
 
 
-# ---- version 4 ---------------------------------------------------------------------------
+# ---- versions 4 and 8 --------------------------------------------------------------------
 
 
 async def project_failed(conn: Conn) -> None:
-    """Version 4: the index made on the parent alone, then each day partition's built
-    CONCURRENTLY and attached (a partition made meanwhile gets its own with it). Run
-    again after a crash, it goes on: a partition's finished build is attached, one left
-    invalid is made again."""
-    await run(
-        conn,
-        "CREATE INDEX IF NOT EXISTS history_attempts_project_failed"
-        f" ON ONLY history_attempts {_PROJECT_FAILED}",
-    )
-    for row in await conn.fetch(UNINDEXED_SQL):
-        await _index_day(conn, row["relname"])
-    if not await conn.fetchval(_PARENT_VALID_SQL):  # every day has its own, none attached now
+    """Version 4: the index of a project's failures of every URL, a day at a time
+    (`_partitioned_index`)."""
+    await _partitioned_index(conn, "history_attempts_project_failed", _PROJECT_FAILED)
+
+
+# A delivery's newest attempt, one index probe: the dead-letter view's test of each of its
+# entries (a later attempt of its delivery?), and a delivery's attempts newest first. It
+# holds the index on (delivery_id) it replaces: a delivery id is the same on every
+# emission of its event id again, whose attempts that index gave in no order.
+_DELIVERY_NEWEST = "(delivery_id, created_ms DESC, id DESC)"
+
+
+async def delivery_newest(conn: Conn) -> None:
+    """Version 8: the index of a delivery's attempts newest first, a day at a time
+    (`_partitioned_index`); then the index on (delivery_id) alone dropped (a catalog
+    change: `_locked`)."""
+    await _partitioned_index(conn, "history_attempts_delivery_newest", _DELIVERY_NEWEST)
+    await _locked(conn, "DROP INDEX IF EXISTS history_attempts_delivery")
+
+
+async def _partitioned_index(conn: Conn, name: str, columns: str) -> None:
+    """The index `name` of history_attempts on `columns`: made on the parent alone, then
+    each day partition's built CONCURRENTLY and attached (a partition made meanwhile gets
+    its own with it). Run again after a crash, it goes on: a partition's finished build
+    is attached, one left invalid is made again."""
+    await run(conn, f"CREATE INDEX IF NOT EXISTS {name} ON ONLY history_attempts {columns}")
+    for row in await conn.fetch(UNINDEXED_SQL, name):
+        await _index_day(conn, name, columns, row["relname"])
+    if not await conn.fetchval(_PARENT_VALID_SQL, name):  # every day has its own, none attached
         raise RuntimeError(
-            "history_attempts_project_failed is invalid though every day partition has its"
-            " index: DROP INDEX history_attempts_project_failed, then `dispatcher db upgrade`"
+            f"{name} is invalid though every day partition has its index: DROP INDEX {name},"
+            " then `dispatcher db upgrade`"
         )
 
 
-async def _index_day(conn: Conn, table: str) -> None:
-    """One day partition's index of the project's failures, built (unless a run before
+async def _index_day(conn: Conn, name: str, columns: str, table: str) -> None:
+    """One day partition's index of the parent index `name`, built (unless a run before
     finished it) and attached; nothing when the day is dropped meanwhile (retention)."""
-    index = f"{table}_project_failed"
+    index = f"{table}_{name.removeprefix('history_attempts_')}"
     try:
-        await _built(conn, index, table, _PROJECT_FAILED)
-        await run(conn, f'ALTER INDEX history_attempts_project_failed ATTACH PARTITION "{index}"')
+        await _built(conn, index, table, columns)
+        await run(conn, f'ALTER INDEX {name} ATTACH PARTITION "{index}"')
     except asyncpg.UndefinedTableError:
         if not await conn.fetchval("SELECT to_regclass($1) IS NULL", table):
             raise

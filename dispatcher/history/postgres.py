@@ -60,14 +60,23 @@ SELECT w.total, r.doc
 """
 GET_SQL = "SELECT doc, project_id FROM history_attempts WHERE id = $1 AND created_ms >= $2"
 MAX_ID = 2**63 - 1  # a record id is a bigint
-DEAD_SQL = """
-SELECT doc FROM history_attempts WHERE project_id = $1 AND dead AND created_ms >= $2
- ORDER BY created_ms DESC, id DESC LIMIT $3
+# The dead letters: the newest dead rows (a partial index of them), at most $3 looked at,
+# each kept when no later attempt of its delivery is (one probe of the index on
+# (delivery_id, created_ms, id), schema version 8): one row a delivery, its newest
+# attempt, none redelivered since. $1 oldest ms $2 limit $3 rows looked at {project}: the
+# project's ($4), or nothing (every project's).
+_DEAD = """
+SELECT d.doc FROM (
+  SELECT doc, project_id, delivery_id, created_ms, id FROM history_attempts
+   WHERE {project} dead AND created_ms >= $1 ORDER BY created_ms DESC, id DESC LIMIT $3) d
+ WHERE NOT EXISTS (
+   SELECT FROM history_attempts n
+    WHERE n.delivery_id = d.delivery_id AND n.project_id = d.project_id
+      AND n.created_ms >= d.created_ms AND (n.created_ms, n.id) > (d.created_ms, d.id))
+ ORDER BY d.created_ms DESC, d.id DESC LIMIT $2
 """
-DEAD_ALL_SQL = """
-SELECT doc FROM history_attempts WHERE dead AND created_ms >= $1
- ORDER BY created_ms DESC, id DESC LIMIT $2
-"""
+DEAD_SQL = _DEAD.format(project="project_id = $4 AND")
+DEAD_ALL_SQL = _DEAD.format(project="")
 ATTEMPTS_SQL = """
 SELECT doc FROM history_attempts WHERE delivery_id = $1 AND project_id = $2 AND created_ms >= $3
  ORDER BY created_ms DESC, id DESC LIMIT $4
@@ -237,11 +246,13 @@ class PostgresHistory:
         return _records(rows)[0]
 
     async def dead(self, project_id: str | None = None, limit: int = 50) -> list[HistoryRecord]:
-        """The latest attempts after which a delivery gave up, of one project or of all,
-        newest first (a partial index of the dead ones only)."""
+        """The latest deliveries that gave up, of one project or of all, newest first: one
+        row a delivery, its newest attempt, none redelivered since, in one statement (the
+        newest `DEAD_LETTERS_SCANNED` dead rows looked at, at most: `DEAD_SQL`)."""
+        head = (self._cutoff(None), limit, window.DEAD_LETTERS_SCANNED)
         if project_id is None:
-            return _records(await self._fetch(DEAD_ALL_SQL, self._cutoff(None), limit))
-        return _records(await self._fetch(DEAD_SQL, project_id, self._cutoff(None), limit))
+            return _records(await self._fetch(DEAD_ALL_SQL, *head))
+        return _records(await self._fetch(DEAD_SQL, *head, project_id))
 
     async def attempts(
         self,

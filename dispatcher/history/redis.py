@@ -23,6 +23,7 @@ from dispatcher import clock, keys
 from dispatcher.errors import NotFound
 from dispatcher.history.ids import RecordIds
 from dispatcher.history.kept import with_bodies
+from dispatcher.history.redis_dead import dead_letters
 from dispatcher.history.redis_failures import final_failures
 from dispatcher.history.redis_page import WINDOW_RANKS
 from dispatcher.history.redis_record import Record, record_script
@@ -111,9 +112,9 @@ class Newest(Script):
 
 @dataclass
 class Latest(Script):
-    """The latest `limit` records of `ids` (a zset of record ids by time: dead letters; or
-    a delivery's attempts, a string of ids, see `Record`), newest first (of the attempts:
-    the last written first). Record keys are made from the ids read (`record_prefix`).
+    """The latest `limit` records of a delivery's attempts `ids` (a string of ids, see
+    `Record`; or a zset of them by time, written before that layout), newest first (the
+    last written first). Record keys are made from the ids read (`record_prefix`).
     Of a string, only its end is read: `limit` ids of up to 20 digits and their spaces
     (a string written before it was bounded may be long); the first id read is left out
     when it may be cut (the read is full and starts inside an id)."""
@@ -242,12 +243,13 @@ class RedisHistory:
         return record
 
     async def dead(self, project_id: str | None = None, limit: int = 50) -> list[HistoryRecord]:
-        """The latest attempts after which a delivery gave up (the dead-letter view), of one
-        project or of all, newest first, in one round trip; within the retention (the
-        index is by time: those past it are the last read)."""
+        """The latest deliveries that gave up (the dead-letter view), of one project or of
+        all, newest first, within the retention: one entry a delivery, its newest attempt,
+        none redelivered since (`redis_dead`: two round trips, more when entries it looked
+        at were left out)."""
         key = self.keys.HISTORY_DEAD if project_id is None else self.keys.history_dead(project_id)
-        cutoff = self._cutoff()
-        return [r for r in await self._latest(key, limit) if r.created_time >= cutoff]
+        raws = await dead_letters(self.redis, self.keys, key, self._cutoff(), limit)
+        return parse_records(await with_bodies(self.redis, self.keys, raws))
 
     async def attempts(
         self,

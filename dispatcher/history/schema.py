@@ -13,7 +13,8 @@ Tables
                        (since version 5); never deleted
     history_attempts   one row per attempt, RANGE-partitioned by UTC day on created_ms;
                        `doc` is the record's JSON as the API returns it; `failed` its
-                       status (since version 3)
+                       status (since version 3); a delivery's attempts indexed newest
+                       first (since version 8: the dead letters' test of a later attempt)
     history_counts     exact per-pair counts per minute and per hour, partitioned by day on
                        bucket_ms, written in the shipper's transaction with the rows
     history_shipped    the shipper's watermark: the last stream id committed
@@ -38,7 +39,13 @@ import structlog
 
 from dispatcher.history.database import SchemaBehind
 from dispatcher.history.locate import LOCATE_FUNCTIONS
-from dispatcher.history.online import LOCK_TIMEOUT_MS, project_failed, run, url_hash
+from dispatcher.history.online import (
+    LOCK_TIMEOUT_MS,
+    delivery_newest,
+    project_failed,
+    run,
+    url_hash,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
@@ -141,7 +148,7 @@ _SET_ASIDE_FIELDS = "ALTER TABLE history_set_aside ADD COLUMN fields bytea"
 # locks that long) a function run outside one, which must be safe to run again.
 MIGRATIONS: list[tuple[int, str | Callable[[Conn], Awaitable[None]]]] = [
     (1, _TABLES), (2, LOCATE_FUNCTIONS), (3, _FAILED), (4, project_failed), (5, url_hash),
-    (6, _SET_ASIDE), (7, _SET_ASIDE_FIELDS),
+    (6, _SET_ASIDE), (7, _SET_ASIDE_FIELDS), (8, delivery_newest),
 ]  # fmt: skip
 
 

@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from dispatcher.models import HistoryRecord
 
 __all__ = [
+    "DEAD_LETTERS_SCANNED",
     "MAX_ATTEMPTS_SHOWN",
     "TIME_FORMAT",
     "Cursor",
@@ -36,6 +37,9 @@ TIME_FORMAT = "%Y-%m-%d %H:%M:%S"
 _TIME_PATTERN = re.compile(r"^\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2}$")
 # a delivery makes at most len(retry_schedule) + 1 attempts, plus one per redelivery
 MAX_ATTEMPTS_SHOWN = 100
+# The dead-letter view looks at this many of the newest attempts after which a delivery
+# gave up, at most, for its one entry a delivery (both stores; `redis_dead`, `postgres`)
+DEAD_LETTERS_SCANNED = 1_000
 
 
 def _to_ms(moment: datetime) -> int:

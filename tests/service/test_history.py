@@ -325,6 +325,73 @@ async def test_dead_letters_and_redelivery_of_a_windows_failures(
     assert [r["status"] for r in page.json()["data"]["records"]].count("SUCCESS") == 3
 
 
+async def test_dead_letters_list_each_delivery_once_and_not_one_redelivered_with_success(
+    settings: Settings,
+    redis: Redis,
+    api: httpx.AsyncClient,
+    receiver: Receiver,
+    run_worker: RunWorker,
+) -> None:
+    """The view listed a delivery once per final failure (three failed redeliveries: four
+    entries, pushing other deliveries past the limit) and one redelivered with success
+    since, as FAILED (review). Now each delivery once, as its newest attempt; none whose
+    newest attempt succeeded."""
+    url, _ = await failed_for_good(settings, redis, receiver, run_worker, 3)
+    view = f"{V4_BASE}/callbacks/history/dead-letters"
+    first = (await api.get(view, headers=UID)).json()["data"]
+    again, succeeded, left = sorted(first, key=lambda r: int(r["id"]))
+    receiver.script("/hook", answer(404), answer(404), answer(404), answer(200))
+    for _ in range(3):
+        await api.post(f"{V3}/{again['id']}/retry", headers=UID)
+        await run_worker(settings.model_copy(update={"retry_schedule": ()}))
+    await api.post(f"{V3}/{succeeded['id']}/retry", headers=UID)
+    await run_worker()
+    await ship_all(settings, redis)
+    attempts = (await api.get(V3, params={"url": url, "event": "BUILD_END"}, headers=UID)).json()
+    newest = max(
+        (r for r in attempts["data"]["records"] if r.get("redeliveryOf") == again["id"]),
+        key=lambda r: (r["createdTime"], r["id"]),
+    )
+    for limit in (50, 2):
+        dead = (await api.get(f"{view}?limit={limit}", headers=UID)).json()["data"]
+        assert [(r["deliveryId"], r["id"]) for r in dead] == [
+            (again["deliveryId"], newest["id"]),
+            (left["deliveryId"], left["id"]),
+        ]
+    assert dead[0]["final"] and dead[0]["status"] == "FAILED"
+
+
+async def test_dead_letters_leave_out_a_delivery_whose_newest_attempt_is_no_final_failure(
+    settings: Settings, redis: Redis, store: HistoryStore
+) -> None:
+    """One entry a delivery, its newest attempt, when that is a final failure: not one
+    retried since (its newest attempt a failure that is not final) nor one that succeeded
+    since; a delivery that gave up twice is listed once, as the later; one entry per
+    delivery within the limit, in every project's view too (review)."""
+    now = now_ms()
+    history = open_history(settings, redis, keys)
+
+    async def attempt(at: int, n: int, status: str = "FAILED", final: bool = True) -> int:
+        written: AttemptRecord = {**record(now - at, n=n), "status": status, "final": final}
+        return await history.add(written, dead=status == "FAILED" and final)
+
+    try:
+        await attempt(900, n=1)
+        await attempt(800, n=2)
+        twice = [await attempt(700, n=3), await attempt(600, n=3)]
+        once = await attempt(500, n=4)
+        await attempt(400, n=1, final=False)  # being retried
+        await attempt(300, n=2, status="SUCCESS")
+        gave_up_again = await attempt(200, n=3)
+    finally:
+        await history.close()
+    await ship_all(settings, redis)
+    assert [r.id for r in await store.dead("demo")] == [gave_up_again, once]
+    assert [r.id for r in await store.dead("demo", limit=2)] == [gave_up_again, once]
+    assert [r.id for r in await store.dead(limit=2)] == [gave_up_again, once]  # every project's
+    assert twice[0] not in [r.id for r in await store.dead()]
+
+
 async def test_window_redelivery_sends_each_failed_delivery_once_and_not_one_that_succeeded(
     settings: Settings,
     redis: Redis,

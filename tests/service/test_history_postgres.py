@@ -113,7 +113,7 @@ async def catalog(conn: asyncpg.Connection) -> list[Any]:
 async def test_migrations_run_twice_are_a_no_op(fresh_db: str, pg_server: EmbeddedPostgres) -> None:
     conn = await asyncpg.connect(fresh_db)
     try:
-        assert await upgrade(conn) == [1, 2, 3, 4, 5, 6, 7]
+        assert await upgrade(conn) == [1, 2, 3, 4, 5, 6, 7, 8]
         before = await catalog(conn)
         assert await upgrade(conn) == []
         assert await catalog(conn) == before
@@ -125,7 +125,7 @@ async def test_migrations_run_twice_are_a_no_op(fresh_db: str, pg_server: Embedd
                            " history_pairs_hashed")  # fmt: skip
         sessions = [await asyncpg.connect(fresh_db) for _ in range(3)]
         results = await asyncio.gather(*(upgrade(s) for s in sessions))
-        assert sorted(results) == [[], [], [1, 2, 3, 4, 5, 6, 7]]
+        assert sorted(results) == [[], [], [1, 2, 3, 4, 5, 6, 7, 8]]
         assert await catalog(conn) == before
         for session in sessions:
             await session.close()
@@ -186,8 +186,9 @@ async def test_version_4_builds_each_day_partitions_index_and_goes_on_after_a_cr
         assert not await conn.fetchval(valid, f"{failed_day}_project_failed")
         assert not await conn.fetchval(valid, "history_attempts_project_failed")
 
-        assert await upgrade(conn) == [4, 5, 6, 7]
-        assert await conn.fetch(online.UNINDEXED_SQL) == []
+        unindexed = (online.UNINDEXED_SQL, "history_attempts_project_failed")
+        assert await upgrade(conn) == [4, 5, 6, 7, 8]
+        assert await conn.fetch(*unindexed) == []
         assert await conn.fetchval(valid, "history_attempts_project_failed")
         for day in (failed_day, stopped_day, other_day):
             made = await conn.fetchval("SELECT indexdef FROM pg_indexes WHERE indexname = $1",
@@ -198,7 +199,7 @@ async def test_version_4_builds_each_day_partitions_index_and_goes_on_after_a_cr
             == finished
         )  # attached as it was, not built again
         await ensure_partitions(conn, now + 2 * DAY_MS, now + 2 * DAY_MS)
-        assert await conn.fetch(online.UNINDEXED_SQL) == []  # a day made after: its own
+        assert await conn.fetch(*unindexed) == []  # a day made after: its own
         assert await upgrade(conn) == []
         # again from three sessions at once, the others waiting for the lock while one
         # builds: a session waiting inside a statement held a snapshot that CONCURRENTLY
@@ -212,7 +213,32 @@ async def test_version_4_builds_each_day_partitions_index_and_goes_on_after_a_cr
             for session in sessions:
                 await session.close()
         assert sorted(results) == [[], [], [4]]
-        assert await conn.fetch(online.UNINDEXED_SQL) == []
+        assert await conn.fetch(*unindexed) == []
+    finally:
+        await conn.close()
+
+
+async def test_version_8_indexes_each_days_attempts_by_delivery_newest_first(
+    fresh_db: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The dead letters test each row for a later attempt of its delivery: version 8
+    builds that index (delivery id, time, id) day partition by day partition, as version
+    4 does, and drops the index on the delivery id alone it replaces."""
+    conn = await asyncpg.connect(fresh_db)
+    try:
+        monkeypatch.setattr(schema, "MIGRATIONS", schema.MIGRATIONS[:7])
+        assert await upgrade(conn) == [1, 2, 3, 4, 5, 6, 7]
+        monkeypatch.undo()
+        now = now_ms()
+        await ensure_partitions(conn, now - DAY_MS, now + DAY_MS)
+        assert await upgrade(conn) == [8]
+        unindexed = (online.UNINDEXED_SQL, "history_attempts_delivery_newest")
+        assert await conn.fetch(*unindexed) == []
+        valid = "SELECT indisvalid FROM pg_index WHERE indexrelid = $1::regclass"
+        assert await conn.fetchval(valid, "history_attempts_delivery_newest")
+        assert await conn.fetchval("SELECT to_regclass('history_attempts_delivery')") is None
+        await ensure_partitions(conn, now + 2 * DAY_MS, now + 2 * DAY_MS)
+        assert await conn.fetch(*unindexed) == []  # a day made after: its own
     finally:
         await conn.close()
 
@@ -245,7 +271,7 @@ async def test_version_5_finds_the_pairs_stored_before_it_by_their_urls_hash(
             pair, now - 20,
         )  # fmt: skip
         monkeypatch.undo()
-        assert await upgrade(conn) == [5, 6, 7]
+        assert await upgrade(conn) == [5, 6, 7, 8]
         settings = make_settings(redis_server.url, history_url=fresh_db)
         history = open_history(settings, redis, keys)
         after = await history.add(record(now - 10, 8))
@@ -366,10 +392,11 @@ def test_db_upgrade_command_twice(
     monkeypatch.setenv("DISPATCHER_HISTORY_URL", fresh_db)
     first = CliRunner().invoke(app, ["db", "upgrade"])
     assert (
-        first.exit_code == 0 and "applied migrations 1, 2, 3, 4, 5, 6, 7: version 7" in first.output
+        first.exit_code == 0
+        and "applied migrations 1, 2, 3, 4, 5, 6, 7, 8: version 8" in first.output
     )
     second = CliRunner().invoke(app, ["db", "upgrade"])
-    assert second.exit_code == 0 and "up to date: version 7" in second.output
+    assert second.exit_code == 0 and "up to date: version 8" in second.output
 
 
 def test_db_upgrade_if_reachable_lets_the_api_start_while_postgres_is_away(
@@ -390,7 +417,7 @@ def test_db_upgrade_if_reachable_lets_the_api_start_while_postgres_is_away(
     assert "PostgreSQL is unreachable" in tolerant.output and "not upgraded" in tolerant.output
     monkeypatch.setenv("DISPATCHER_HISTORY_URL", fresh_db)
     done = CliRunner().invoke(app, ["db", "upgrade", "--if-reachable"])
-    assert done.exit_code == 0 and "applied migrations 1, 2, 3, 4, 5, 6, 7" in done.output
+    assert done.exit_code == 0 and "applied migrations 1, 2, 3, 4, 5, 6, 7, 8" in done.output
     nowhere = fresh_db.rsplit("/", 1)[0] + "/no_such_database"
     monkeypatch.setenv("DISPATCHER_HISTORY_URL", nowhere)
     assert CliRunner().invoke(app, ["db", "upgrade", "--if-reachable"]).exit_code != 0

@@ -80,7 +80,7 @@ async def test_the_api_upgrades_a_schema_left_behind_once_postgres_is_back(
 
             await until(answers, 30, "history reads answer once PostgreSQL is back")
     assert await version_of(behind.url) == schema.MIGRATIONS[-1][0]
-    assert upgraded(logs) == [[5, 6, 7]], logs
+    assert upgraded(logs) == [[5, 6, 7, 8]], logs
     assert any(e["event"] == "history.schema_unchecked" for e in logs)  # said once, down
 
 
@@ -119,14 +119,14 @@ async def test_workers_upgrade_a_schema_left_behind_and_ship_once_postgres_is_ba
                 for shipping in workers:
                     await shipping.stop(1)
     assert await version_of(behind.url) == schema.MIGRATIONS[-1][0]
-    assert upgraded(logs) == [[5, 6, 7]], logs  # one of them; the other found it done
+    assert upgraded(logs) == [[5, 6, 7, 8]], logs  # one of them; the other found it done
     assert not [e for e in logs if e["event"] == "history.schema_upgrade_failed"]
 
 
 async def test_a_process_older_than_the_schema_leaves_it_as_it_is(
     pg_server: EmbeddedPostgres, redis_server: EmbeddedRedis, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A process of an older version (its latest migration 4) on a newer schema (7):
+    """A process of an older version (its latest migration 4) on a newer schema (8):
     nothing to do, nothing applied; and this version's, while another process's migration
     holds the lock, waits for it (asking again, never inside a statement) and then finds
     the schema done."""
@@ -140,17 +140,17 @@ async def test_a_process_older_than_the_schema_leaves_it_as_it_is(
     holder = await asyncpg.connect(pg_server.url)
     try:
         await holder.execute("SELECT pg_advisory_lock($1)", schema._LOCK)
-        await holder.execute("DELETE FROM history_schema WHERE version = 7")
+        await holder.execute("DELETE FROM history_schema WHERE version = 8")
         keeping = asyncio.create_task(heal.keep(settings))
         await asyncio.sleep(0.5)
         assert not keeping.done()  # waits for the lock
-        await holder.execute("INSERT INTO history_schema (version) VALUES (7)")
+        await holder.execute("INSERT INTO history_schema (version) VALUES (8)")
         await holder.execute("SELECT pg_advisory_unlock($1)", schema._LOCK)
         with capture_logs() as logs:
             await asyncio.wait_for(keeping, 10)
         assert upgraded(logs) == []  # the other process did it
     finally:
         await holder.execute(
-            "INSERT INTO history_schema (version) VALUES (7) ON CONFLICT DO NOTHING"
+            "INSERT INTO history_schema (version) VALUES (8) ON CONFLICT DO NOTHING"
         )
         await holder.close()
