@@ -410,6 +410,28 @@ async def failed_for_good(
     return url, callback_id
 
 
+async def test_the_url_a_callback_was_registered_with_finds_its_history_as_given(
+    settings: Settings,
+    redis: Redis,
+    api: httpx.AsyncClient,
+    receiver: Receiver,
+    run_worker: RunWorker,
+) -> None:
+    """A registration trims its URL; the history's reads took it as given, so the string a
+    callback was registered with, spaces around it, found nothing (review). The query, the
+    window's redelivery and the console's recent deliveries trim it the same way."""
+    url, _ = await failed_for_good(settings, redis, receiver, run_worker, 1)
+    given = f"  {url}\t"
+    page = await api.get(V3, params={"url": given, "event": "BUILD_END"}, headers=UID)
+    assert page.json()["data"]["count"] == 1
+    async with Services.open(settings, redis) as services:
+        recent = await services.recent("demo", url=given)
+    assert [r.call_back_url for r in recent.records] == [url]
+    retried = await api.post(f"{V4}/retry", params={"url": given, "event": "BUILD_END"},
+                             headers=UID)  # fmt: skip
+    assert retried.json()["data"]["queued"] == 1
+
+
 async def test_window_redeliveries_at_once_send_each_failure_once(
     settings: Settings,
     redis: Redis,
