@@ -150,6 +150,27 @@ async def test_paging_arithmetic(redis: Redis, settings: Settings, store: Histor
     assert capped.page_size == 100 and len(capped.records) == 45
 
 
+async def test_pages_of_a_window_whose_end_is_past_repeat_nothing_while_attempts_come(
+    redis: Redis, settings: Settings, store: HistoryStore
+) -> None:
+    """Pages count from the newest record (the seeds fix the parameters: no cursor): an
+    attempt recorded between two pages' reads moves every record one place down, and the
+    next page of a window still open repeats the last one shown (review). With its end
+    pinned in the past the window's records stay put, and its pages hold each once."""
+    now = now_ms()
+    await fill(redis, settings, [now - 10_000 + i for i in range(45)])
+    pinned = {"start_ms": now - 60_000, "end_ms": now - 1_000, "page_size": 20}
+    still_open = {**pinned, "end_ms": now + 60_000}
+    first = await store.query("demo", URL, "BUILD_END", page=1, **pinned)
+    first_open = await store.query("demo", URL, "BUILD_END", page=1, **still_open)
+    await fill(redis, settings, [now - 100])  # recorded meanwhile
+    second = await store.query("demo", URL, "BUILD_END", page=2, **pinned)
+    second_open = await store.query("demo", URL, "BUILD_END", page=2, **still_open)
+    shown = [r.id for r in first.records + second.records]
+    assert len(shown) == len(set(shown)) == 40 and second.count == 45
+    assert first_open.records[-1].id == second_open.records[0].id  # shown twice
+
+
 async def rewrite(redis: Redis, settings: Settings, record_id: int, **changes: Any) -> None:
     """A stored record's JSON changed in place (in the store that serves it)."""
     if not settings.history_url:
