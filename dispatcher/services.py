@@ -387,8 +387,10 @@ class Services:
 
 
 def searched(url: str) -> str:
-    """A URL to look history up by, as given: any text, but a NUL (no callback's URL holds
-    one, and PostgreSQL refuses it in text: a 500 there, an empty page in Redis)."""
+    """A URL to look history up by, trimmed as a registration trims it (`validate_url`), so
+    the URL a callback was registered with finds its records as given, spaces around it
+    included (it found nothing: review); any text, but a NUL (no callback's URL holds one,
+    and PostgreSQL refuses it in text: a 500 there, an empty page in Redis)."""
     if "\x00" in url:
         raise InvalidInput("url must not contain a NUL character", param="url")
-    return url
+    return url.strip()

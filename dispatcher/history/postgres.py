@@ -22,7 +22,6 @@ from dispatcher import clock
 from dispatcher.errors import NotFound
 from dispatcher.history import database, window
 from dispatcher.history.ids import RecordIds
-from dispatcher.history.redis import parse_records
 from dispatcher.history.schema import DAY_MS, drop_expired, ensure_partitions, require_latest
 from dispatcher.history.stream import streamed
 from dispatcher.history.window import Cursor, Recent, unknown_record
@@ -241,9 +240,10 @@ class PostgresHistory:
         if record_id > MAX_ID:  # no such id (a path takes 19 digits): not a bigint's error
             raise NotFound(unknown_record(record_id, project_id))
         rows = await self._fetch(GET_SQL, record_id, self._cutoff(None))
-        if not rows or project_id not in (None, rows[0]["project_id"]):
+        records = _records(rows)  # none when the model refuses it (`window.parse_record`)
+        if not records or project_id not in (None, rows[0]["project_id"]):
             raise NotFound(unknown_record(record_id, project_id))
-        return _records(rows)[0]
+        return records[0]
 
     async def dead(self, project_id: str | None = None, limit: int = 50) -> list[HistoryRecord]:
         """The latest deliveries that gave up, of one project or of all, newest first: one
@@ -365,7 +365,7 @@ class PostgresHistory:
 
 
 def _records(rows: list[asyncpg.Record]) -> list[HistoryRecord]:
-    return parse_records(row["doc"].encode() for row in rows if row["doc"] is not None)
+    return window.parse_records(row["doc"].encode() for row in rows if row["doc"] is not None)
 
 
 def backlog_of(length: Any, first: Any) -> tuple[int, float]:

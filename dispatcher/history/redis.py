@@ -17,8 +17,6 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from pydantic import TypeAdapter
-
 from dispatcher import clock, keys
 from dispatcher.errors import NotFound
 from dispatcher.history.ids import RecordIds
@@ -33,6 +31,8 @@ from dispatcher.history.window import (
     Cursor,
     Recent,
     check_page,
+    parse_record,
+    parse_records,
     unknown_record,
 )
 from dispatcher.lua import Key, Script, run_pipeline
@@ -49,9 +49,8 @@ if TYPE_CHECKING:
     from dispatcher.keys import Keys
     from dispatcher.settings import Settings
 
-__all__ = ["RECORDS", "RedisHistory", "parse_records"]
+__all__ = ["RedisHistory"]
 
-RECORDS = TypeAdapter(list[HistoryRecord])
 # Records outlive the retention by this much, so the sweep (not the TTL) decides, and a
 # stopped sweep still cannot let the records grow without bound (an index the sweep has
 # kept is given the same time to live: `redis_upkeep.Sweep`).
@@ -141,11 +140,6 @@ class Latest(Script):
     record_prefix: str
 
 
-def parse_records(raws: Iterable[bytes | None]) -> list[HistoryRecord]:
-    """Stored JSON records (missing ones skipped) in one pydantic pass."""
-    return RECORDS.validate_json(b"[" + b",".join(raw for raw in raws if raw) + b"]")
-
-
 class RedisHistory:
     """Attempt records in Redis."""
 
@@ -233,7 +227,7 @@ class RedisHistory:
     async def get(self, record_id: int, project_id: str | None = None) -> HistoryRecord:
         key = self.keys.history_record(record_id)
         [raw] = await with_bodies(self.redis, self.keys, [await self.redis.get(key)])
-        record = None if raw is None else HistoryRecord.model_validate_json(raw)
+        record = None if raw is None else parse_record(raw)
         if (
             record is None
             or project_id not in (None, record.project_id)

@@ -15,10 +15,10 @@ import dataclasses
 from typing import TYPE_CHECKING, TypeVar
 
 from dispatcher.connections import REDIS_ERRORS
-from dispatcher.errors import NotFound, Unavailable, Unplaced
+from dispatcher.errors import InvalidInput, NotFound, Unavailable, Unplaced
 from dispatcher.failing import SHOWN_PER_PROJECT, merged
 from dispatcher.failing import read as read_failing
-from dispatcher.history.window import unknown_record
+from dispatcher.history.window import check_page, unknown_record
 from dispatcher.models import PLATFORM_PROJECT, HistoryPage, RedeliveryResult
 from dispatcher.shards.lanes import hold_source
 from dispatcher.status import Lanes, read_lanes
@@ -47,6 +47,11 @@ __all__ = [
 T = TypeVar("T")
 
 NONE_ANSWERED = "no shard answered within DISPATCHER_REDIS_TIMEOUT"
+# The platform's history merged over the shards: a page is read as each shard's newest
+# records down to it, in memory (1.5-9 KB a record, ~150 KB at most), so how deep it may
+# go is bounded (page 50 of 20, page 10 of 100).
+SPREAD_DEPTH = 1_000
+Query = tuple[str, str, str, str | None, str | None]  # project, url, event, start, end
 
 
 def _spread(router: Router, project_id: str | None) -> bool:
@@ -189,42 +194,53 @@ async def history_page(
     page_size: int = 20,
 ) -> HistoryPage:
     """The seed's query, on the project's shard; for the platform-wide callbacks, merged
-    over every shard (each shard read up to the page asked for)."""
+    over every shard: each shard's count and first page read, then, unless the page is
+    past the end, each shard's newest records up to the page asked for (`SPREAD_DEPTH` at
+    most: a page deeper is a 400). `page` and `page_size` are checked as on one shard: a
+    page size of 0 divided by zero, and a page of 0 or less was an empty page (review)."""
     if not _spread(router, project_id):
         return await router.of(project_id).history_page(
             project_id, url, event, start_time, end_time, page, page_size
         )
-    size = min(page_size, router.settings.history_max_page_size)
-    wanted = page * size
-    pages = await asyncio.gather(
-        *(_first(s, wanted, project_id, url, event, start_time, end_time) for s in router.shards)
+    largest = router.settings.history_max_page_size
+    size = check_page(page, page_size, largest)
+    offset, wanted = (page - 1) * size, page * size
+    query: Query = (project_id, url, event, start_time, end_time)
+    firsts = await asyncio.gather(
+        *(s.history_page(*query, 1, min(wanted, largest)) for s in router.shards)
     )
-    count = sum(total for total, _ in pages)
-    merged = _newest([r for _, records in pages for r in records])
-    return HistoryPage(
-        records=merged[(page - 1) * size : wanted],
-        count=count,
-        total_pages=-(-count // size),
-        page_size=size,
-        page=page,
-    )
-
-
-async def _first(
-    services: Services, wanted: int, *query: str | None
-) -> tuple[int, list[HistoryRecord]]:
-    """The count of one shard's window, and its newest `wanted` records."""
-    project_id, url, event, start_time, end_time = query
-    assert project_id is not None and url is not None and event is not None
-    size, records, number = services.settings.history_max_page_size, [], 1
-    while True:
-        found = await services.history_page(
-            project_id, url, event, start_time, end_time, number, size
+    count, records = sum(first.count for first in firsts), []
+    if offset < count:
+        if wanted > (deepest := max(SPREAD_DEPTH, largest)):
+            raise InvalidInput(_too_deep(page, size, deepest), param="page")
+        found = await asyncio.gather(
+            *(
+                _newest_of(s, first, wanted, query)
+                for s, first in zip(router.shards, firsts, strict=True)
+            )
         )
-        records += found.records
-        if len(records) >= wanted or number >= found.total_pages:
-            return found.count, records[:wanted]
+        records = _newest([r for shard in found for r in shard])[offset:wanted]
+    return HistoryPage(
+        records=records, count=count, total_pages=-(-count // size), page_size=size, page=page
+    )
+
+
+def _too_deep(page: int, size: int, deepest: int) -> str:
+    return (
+        f"page {page} of {size} is past the newest {deepest} records that the "
+        "platform's history merges over the shards: narrow the window (startTime, endTime)"
+    )
+
+
+async def _newest_of(
+    services: Services, first: HistoryPage, wanted: int, query: Query
+) -> list[HistoryRecord]:
+    """One shard's newest `wanted` records of the window, `first` its first page."""
+    records, number = list(first.records), 1
+    while len(records) < wanted and number < first.total_pages:
         number += 1
+        records += (await services.history_page(*query, number, first.page_size)).records
+    return records[:wanted]
 
 
 async def holder(router: Router, record_id: int, project_id: str | None) -> Services:

@@ -10,11 +10,13 @@ from datetime import datetime
 from typing import Any, cast
 from zoneinfo import ZoneInfo
 
+import asyncpg
 import httpx
 import orjson
 import pytest
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
+from structlog.testing import capture_logs
 
 from dispatcher import keys as keys_module
 from dispatcher.api import create_app
@@ -146,6 +148,66 @@ async def test_paging_arithmetic(redis: Redis, settings: Settings, store: Histor
     assert created == sorted(created, reverse=True) and len(set(created)) == 45
     capped = await page(1, 1000)
     assert capped.page_size == 100 and len(capped.records) == 45
+
+
+async def test_pages_of_a_window_whose_end_is_past_repeat_nothing_while_attempts_come(
+    redis: Redis, settings: Settings, store: HistoryStore
+) -> None:
+    """Pages count from the newest record (the seeds fix the parameters: no cursor): an
+    attempt recorded between two pages' reads moves every record one place down, and the
+    next page of a window still open repeats the last one shown (review). With its end
+    pinned in the past the window's records stay put, and its pages hold each once."""
+    now = now_ms()
+    await fill(redis, settings, [now - 10_000 + i for i in range(45)])
+    pinned = {"start_ms": now - 60_000, "end_ms": now - 1_000, "page_size": 20}
+    still_open = {**pinned, "end_ms": now + 60_000}
+    first = await store.query("demo", URL, "BUILD_END", page=1, **pinned)
+    first_open = await store.query("demo", URL, "BUILD_END", page=1, **still_open)
+    await fill(redis, settings, [now - 100])  # recorded meanwhile
+    second = await store.query("demo", URL, "BUILD_END", page=2, **pinned)
+    second_open = await store.query("demo", URL, "BUILD_END", page=2, **still_open)
+    shown = [r.id for r in first.records + second.records]
+    assert len(shown) == len(set(shown)) == 40 and second.count == 45
+    assert first_open.records[-1].id == second_open.records[0].id  # shown twice
+
+
+async def rewrite(redis: Redis, settings: Settings, record_id: int, **changes: Any) -> None:
+    """A stored record's JSON changed in place (in the store that serves it)."""
+    if not settings.history_url:
+        key = keys.history_record(record_id)
+        await redis.set(key, orjson.dumps({**orjson.loads(await redis.get(key)), **changes}))
+        return
+    conn = await asyncpg.connect(settings.history_url)
+    try:
+        doc = orjson.loads(await conn.fetchval(DOC_SQL, record_id))
+        await conn.execute(REWRITE_SQL, record_id, orjson.dumps({**doc, **changes}).decode())
+    finally:
+        await conn.close()
+
+
+DOC_SQL = "SELECT doc FROM history_attempts WHERE id = $1"
+REWRITE_SQL = "UPDATE history_attempts SET doc = $2 WHERE id = $1"
+
+
+@pytest.mark.parametrize("refused", [{"status": "SKIPPED"}, {"startTime": None}])
+async def test_a_stored_record_the_model_refuses_is_left_out_and_its_page_shown(
+    api: httpx.AsyncClient, redis: Redis, settings: Settings, store: HistoryStore,
+    refused: dict[str, Any],
+) -> None:  # fmt: skip
+    now = now_ms()
+    ids = await fill(redis, settings, [now - 5000 + i for i in range(5)])
+    await rewrite(redis, settings, ids[2], requestBody="a-secret-body", **refused)
+    with capture_logs() as logs:
+        response = await api.get(V3, params={"url": URL, "event": "BUILD_END"}, headers=UID)
+        with pytest.raises(NotFound):
+            await store.get(ids[2], "demo")
+    assert response.status_code == 200  # it was a 500, on every page holding the record
+    data = response.json()["data"]
+    assert data["count"] == 5  # the count is of what is stored
+    assert [r["id"] for r in data["records"]] == [ids[4], ids[3], ids[1], ids[0]]
+    unreadable = [e for e in logs if e["event"] == "history.record_unreadable"]
+    assert unreadable and {e["record_id"] for e in unreadable} == {str(ids[2])}
+    assert unreadable[0]["fields"] == sorted(refused) and "a-secret-body" not in str(logs)
 
 
 async def test_window_is_inclusive_in_the_configured_time_zone(
@@ -434,6 +496,28 @@ async def failed_for_good(
     await ship_all(settings, redis)
     receiver.script("/hook", answer(200))
     return url, callback_id
+
+
+async def test_the_url_a_callback_was_registered_with_finds_its_history_as_given(
+    settings: Settings,
+    redis: Redis,
+    api: httpx.AsyncClient,
+    receiver: Receiver,
+    run_worker: RunWorker,
+) -> None:
+    """A registration trims its URL; the history's reads took it as given, so the string a
+    callback was registered with, spaces around it, found nothing (review). The query, the
+    window's redelivery and the console's recent deliveries trim it the same way."""
+    url, _ = await failed_for_good(settings, redis, receiver, run_worker, 1)
+    given = f"  {url}\t"
+    page = await api.get(V3, params={"url": given, "event": "BUILD_END"}, headers=UID)
+    assert page.json()["data"]["count"] == 1
+    async with Services.open(settings, redis) as services:
+        recent = await services.recent("demo", url=given)
+    assert [r.call_back_url for r in recent.records] == [url]
+    retried = await api.post(f"{V4}/retry", params={"url": given, "event": "BUILD_END"},
+                             headers=UID)  # fmt: skip
+    assert retried.json()["data"]["queued"] == 1
 
 
 async def test_window_redeliveries_at_once_send_each_failure_once(

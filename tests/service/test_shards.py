@@ -19,12 +19,14 @@ from typer.testing import CliRunner
 
 from dispatcher.api import create_app
 from dispatcher.cli import app
+from dispatcher.clock import now_ms
 from dispatcher.connections import REDIS_ERRORS, connect
 from dispatcher.embedded import EmbeddedRedis
-from dispatcher.errors import InvalidSetting
+from dispatcher.errors import InvalidInput, InvalidSetting
+from dispatcher.history.record import AttemptRecord
 from dispatcher.history.shipper import Shipper
 from dispatcher.keys import Keys
-from dispatcher.models import PLATFORM_PROJECT, DeliveryStatus, Region
+from dispatcher.models import PLATFORM_PROJECT, DeliveryStatus, HistoryPage, Region
 from dispatcher.placement import MOVING, rendezvous
 from dispatcher.producer import Producer
 from dispatcher.registry import Registration
@@ -37,6 +39,7 @@ from dispatcher.topology import Checked, check_shards
 from dispatcher.worker import create_worker
 from tests.cluster import LocalCluster, grown
 from tests.helpers import UID, Receiver, all_records, answer, free_port, make_settings
+from tests.service.test_history import URL, record
 
 OP_TOKEN = "op-secret"
 OPERATOR = {"X-DEVOPS-OPERATOR-TOKEN": OP_TOKEN}
@@ -513,6 +516,46 @@ async def test_platform_callbacks_failing_on_two_shards_are_counted_once_in_a_sh
         ((group,),) = [found.groups]
         assert (group.count, len(group.shown), found.total) == (10, 5, 10)
         assert [f.callback_id for f in group.shown] == ids[:-6:-1]  # the most failures
+
+
+async def test_the_platforms_merged_history_checks_its_page_and_bounds_its_depth(
+    shard_servers: list[EmbeddedRedis], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The platform's history merged over two shards (`dispatcher history --project
+    DEVOPS_ALL_PROJECT`) refuses a page or page size below 1 as one shard does: a page size
+    of 0 divided by zero, a page of 0 or less was an empty page (review). A page deeper than
+    `SPREAD_DEPTH` records (each shard's newest read down to it, in memory) is a 400; one
+    past the end is empty, with the count, whatever its depth."""
+    monkeypatch.setattr(views, "SPREAD_DEPTH", 6)
+    settings = await two_servers(shard_servers, history_max_page_size=3)
+    now = now_ms()
+    async with Router.open(settings) as router:
+        written = []
+        for i, services in enumerate(router.shards):
+            for n in range(5):
+                at = now - 10_000 + 10 * n + i
+                platform: AttemptRecord = {**record(at, n=n), "projectId": PLATFORM_PROJECT}
+                written.append((at, await services.history.add(platform)))
+        newest = [record_id for _, record_id in sorted(written, reverse=True)]
+
+        async def page(number: int, size: int = 3) -> HistoryPage:
+            return await views.history_page(
+                router, PLATFORM_PROJECT, URL, "BUILD_END", page=number, page_size=size
+            )
+
+        for number, size, param in [(0, 3, "page"), (-1, 3, "page"), (1, 0, "pageSize")]:
+            with pytest.raises(InvalidInput) as refused:
+                await page(number, size)
+            assert refused.value.param == param
+        first, second = await page(1, 20), await page(2)  # (20: capped to 3)
+        assert [r.id for r in first.records + second.records] == newest[:6]
+        assert (second.count, second.total_pages, second.page_size) == (10, 4, 3)
+        for deeper in (3, 4):  # records 7-9, 10: each shard's newest 9 or 12 read
+            with pytest.raises(InvalidInput, match="past the newest 6 records") as refused:
+                await page(deeper)
+            assert refused.value.param == "page"
+        past = await page(5)
+        assert (past.count, past.total_pages, past.records) == (10, 4, [])
 
 
 def no_cluster_answers() -> str:
