@@ -11,6 +11,7 @@ import struct
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import orjson
 from aiohttp import web
@@ -83,6 +84,18 @@ class FlakyReceiver:
         return {a.delivery_id for a in self.answers if a.answer == 200}
 
 
+def _trail(log: Path | None, delivery_ids: list[str], most: int = 30) -> str:
+    """The lines of `log` naming each of `delivery_ids` (the last `most` of each)."""
+    if log is None or not log.exists():
+        return ""
+    lines = log.read_text(errors="replace").splitlines()
+    return "".join(
+        f"\n--- {delivery_id} in {log.name}:\n"
+        + "\n".join([line for line in lines if delivery_id in line][-most:])
+        for delivery_id in delivery_ids
+    )
+
+
 def _names_its_event(body: bytes, delivery_id: str) -> bool:
     """Whether `body` is the JSON of the event `delivery_id` names (`{project}:{event
     id}.{callback id}`), as far as its data says (`id`)."""
@@ -133,11 +146,14 @@ class Verdict:
     wrong_bodies: list[str] = field(default_factory=list)  # sent without their event's
     seen: dict[int, list[int | str]] = field(default_factory=dict)  # answers in a record's time
 
-    def assert_nothing_lost(self) -> None:
-        assert not (
-            self.lost or self.abandoned or self.dropped or self.strays or self.false_failed
-            or self.unrecorded or self.wrong_bodies
-        ), self.summary()  # fmt: skip
+    def assert_nothing_lost(self, log: Path | None = None) -> None:
+        """Nothing lost; else the summary, and the lines of the workers' `log` that name
+        the first deliveries at fault (what they did is how the failure reads)."""
+        at_fault = sorted(
+            self.lost | self.abandoned | set(self.dropped) | set(self.strays)
+            | self.unrecorded | {r.delivery_id or "" for r in self.false_failed}
+        )  # fmt: skip
+        assert not (at_fault or self.wrong_bodies), self.summary() + _trail(log, at_fault[:3])
 
     def summary(self) -> str:
         return (

@@ -216,7 +216,7 @@ async def test_redis_paused_longer_than_the_job_timeout_loses_nothing(tmp_path: 
             os.kill(crew.server.pid, signal.SIGCONT)
             await quiesce(redis, settings, within=60)
             verdict, records = await verdict_of(redis, settings, receiver, paths, ids)
-            verdict.assert_nothing_lost()
+            verdict.assert_nothing_lost(tmp_path / "workers.log")
             assert await bodies_released(redis) > 0  # the retries shared their events' bodies
             finals = {r.delivery_id for r in records if r.final and r.status.value == "FAILED"}
             assert finals == verdict.expected, verdict.summary()
@@ -257,7 +257,7 @@ async def test_redis_restarts_under_workers_and_the_api_lose_nothing(tmp_path: P
             (5.0, lambda: crew.restart_redis(signal.SIGKILL, 1.0)),
         ]
         verdict, _ = await under_faults(crew, receiver, faults, count=80, every_s=0.08)
-        verdict.assert_nothing_lost()
+        verdict.assert_nothing_lost(tmp_path / "workers.log")
         assert crew.alive() == [True, True], (tmp_path / "workers.log").read_text()[-3000:]
 
 
@@ -286,7 +286,7 @@ async def test_chaos_workers_killed_and_paused_redis_restarted_flaky_receiver(
             (15.0, lambda: crew.kill_worker(1)),
         ]
         verdict, records = await under_faults(crew, receiver, faults, count=150, every_s=0.1)
-        verdict.assert_nothing_lost()
+        verdict.assert_nothing_lost(tmp_path / "workers.log")
         redis = connect(make_settings(crew.url))
         try:  # since the last restart: the emits go on 4 s past it, 1 in 4 retried
             assert await bodies_released(redis) > 0
