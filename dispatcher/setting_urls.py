@@ -1,6 +1,7 @@
-"""What a setting's URL must be: one Redis (a server, or the master of a Sentinel group),
-an egress proxy. Checked when `Settings` are read, so a mistyped URL stops a process at
-start with a message that names the problem, never the URL (it may hold a password)."""
+"""What a setting's URL must be: one Redis (a server, or the master of a Sentinel group), a
+Redis Cluster, a shard each, an egress proxy. Checked when `Settings` are read, so a
+mistyped URL stops a process at start with a message that names the problem, never the URL
+(it may hold a password)."""
 
 from __future__ import annotations
 
@@ -8,9 +9,10 @@ import ipaddress
 import re
 from urllib.parse import urlsplit
 
+from dispatcher.cluster import is_cluster_url, parse_cluster_url
 from dispatcher.failover import is_sentinel_url, parse_sentinel_url
 
-__all__ = ["one_redis", "proxy_problem"]
+__all__ = ["check_redis_url", "check_shard_urls", "one_redis", "proxy_problem"]
 
 
 def proxy_problem(url: str) -> str | None:
@@ -43,3 +45,28 @@ def one_redis(url: str) -> bool:
         parse_sentinel_url(url)
         return True
     return url.startswith(("redis://", "rediss://", "unix://"))
+
+
+def check_redis_url(url: str) -> None:
+    """Raise `ValueError` saying what is wrong unless `url` (DISPATCHER_REDIS_URL) names one
+    Redis or a Redis Cluster."""
+    if is_cluster_url(url):
+        parse_cluster_url(url)
+    elif not one_redis(url):
+        raise ValueError(
+            "must start with redis://, rediss://, unix://, redis+sentinel://, "
+            "rediss+sentinel://, redis+cluster:// or rediss+cluster://"
+        )
+
+
+def check_shard_urls(urls: list[str]) -> None:
+    """Raise `ValueError` saying what is wrong unless each of `urls` (DISPATCHER_REDIS_SHARDS)
+    names one Redis, a different one each."""
+    for url in urls:
+        if not one_redis(url):
+            raise ValueError(
+                "each shard must be a redis://, rediss://, unix://, redis+sentinel:// or "
+                "rediss+sentinel:// URL (a Redis Cluster goes in DISPATCHER_REDIS_URL)"
+            )
+    if len(set(urls)) < len(urls):
+        raise ValueError("a URL is listed twice: two shards cannot share one Redis")

@@ -9,9 +9,8 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from dispatcher.cluster import is_cluster_url, parse_cluster_url
 from dispatcher.models import Region
-from dispatcher.setting_urls import one_redis, proxy_problem
+from dispatcher.setting_urls import check_redis_url, check_shard_urls, proxy_problem
 from dispatcher.tokens import TokenCipher
 
 __all__ = ["EMBEDDED", "Settings"]
@@ -281,31 +280,16 @@ class Settings(BaseSettings):
     @field_validator("redis_url")
     @classmethod
     def _redis_scheme(cls, value: str | None) -> str | None:
-        if not value:
-            return None
-        if is_cluster_url(value):
-            parse_cluster_url(value)
-        elif not one_redis(value):
-            raise ValueError(
-                "must start with redis://, rediss://, unix://, redis+sentinel://, "
-                "rediss+sentinel://, redis+cluster:// or rediss+cluster://"
-            )
-        return value
+        if value:
+            check_redis_url(value)
+        return value or None
 
     @field_validator("redis_shards")
     @classmethod
     def _shard_urls(cls, value: list[str] | None) -> list[str] | None:
-        if not value:
-            return None
-        for url in value:
-            if not one_redis(url):
-                raise ValueError(
-                    "each shard must be a redis://, rediss://, unix://, redis+sentinel:// or "
-                    "rediss+sentinel:// URL (a Redis Cluster goes in DISPATCHER_REDIS_URL)"
-                )
-        if len(set(value)) < len(value):
-            raise ValueError("a URL is listed twice: two shards cannot share one Redis")
-        return value
+        if value:
+            check_shard_urls(value)
+        return value or None
 
     @field_validator("history_url")
     @classmethod
