@@ -12,7 +12,11 @@ from urllib.parse import urlsplit
 from dispatcher.cluster import is_cluster_url, parse_cluster_url
 from dispatcher.failover import is_sentinel_url, parse_sentinel_url
 
-__all__ = ["check_redis_url", "check_shard_urls", "one_redis", "proxy_problem"]
+__all__ = ["allowed_hosts", "check_redis_url", "check_shard_urls", "one_redis", "proxy_problem"]
+
+# A host as a browser writes it in Host: a name (letters, digits, `-`, `_`, dots) or an
+# address, an IPv6 one in brackets; `*`, any host.
+_HOST = re.compile(r"\*|[a-z0-9_-]+(?:\.[a-z0-9_-]+)*|\[[0-9a-f:.]+\]")
 
 
 def proxy_problem(url: str) -> str | None:
@@ -70,3 +74,20 @@ def check_shard_urls(urls: list[str]) -> None:
             )
     if len(set(urls)) < len(urls):
         raise ValueError("a URL is listed twice: two shards cannot share one Redis")
+
+
+def allowed_hosts(names: frozenset[str]) -> frozenset[str]:
+    """`names` (DISPATCHER_ALLOWED_HOSTS) as the API compares them with a request's Host
+    (`api.middleware.host_refusal`): lower case, without a trailing dot. Raise `ValueError`
+    for one that is not a host alone: with a scheme, a port or a path it would never match,
+    and the proxy it was meant for would be refused at every request."""
+    kept = set()
+    for name in names:
+        host = name.strip().lower().rstrip(".")
+        if not _HOST.fullmatch(host):
+            raise ValueError(
+                f"{name[:64]!r} is not a host name or address alone (no scheme, port or path; "
+                "an IPv6 address in brackets), e.g. dispatcher.example.com"
+            )
+        kept.add(host)
+    return frozenset(kept)

@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import functools
 import hmac
+import ipaddress
 import re
 import uuid
 from typing import TYPE_CHECKING
@@ -23,7 +25,14 @@ if TYPE_CHECKING:
 
     from dispatcher.settings import Settings
 
-__all__ = ["UNGATED", "Limits", "RequestId", "cross_site_refusal", "identity_refusal"]
+__all__ = [
+    "UNGATED",
+    "Limits",
+    "RequestId",
+    "cross_site_refusal",
+    "host_refusal",
+    "identity_refusal",
+]
 
 MAX_QUERY_BYTES = 8 * 1024
 # Probes and the Prometheus scrape come from inside the cluster, not through the gateway.
@@ -69,10 +78,11 @@ class RequestId:
 
 
 class Limits:
-    """Refuses what must not reach a route: an oversized query string (400), a body beyond
-    the route's limit (413: a declared length at once, a body sent without one as soon as
-    it grows past the limit), and, when a gateway token is configured, a request without
-    it (401). Every route takes `DISPATCHER_API_MAX_BODY_BYTES`, but those named in
+    """Refuses what must not reach a route: a request on a loopback address naming another
+    host (400, `host_refusal`), an oversized query string (400), a body beyond the route's
+    limit (413: a declared length at once, a body sent without one as soon as it grows past
+    the limit), and, when a gateway token is configured, a request without it (401). Every
+    route takes `DISPATCHER_API_MAX_BODY_BYTES`, but those named in
     `body_limits` (route path -> bytes)."""
 
     def __init__(
@@ -80,6 +90,7 @@ class Limits:
     ) -> None:
         self.app = app
         self.max_body_bytes = settings.api_max_body_bytes
+        self.allowed_hosts = settings.allowed_hosts
         self.route_limits = [
             (compile_path(path)[0], limit) for path, limit in (body_limits or {}).items()
         ]
@@ -118,6 +129,9 @@ class Limits:
         await self.app(scope, receive_within_limit, send)
 
     def refusal(self, scope: Scope, limit: int) -> ASGIApp | None:
+        headers = Headers(scope=scope)
+        if (refused := host_refusal(scope, headers, self.allowed_hosts)) is not None:
+            return refused
         query = scope.get("query_string", b"")
         if len(query) > MAX_QUERY_BYTES:
             return envelope(400, f"query string longer than {MAX_QUERY_BYTES} bytes")
@@ -125,7 +139,6 @@ class Limits:
             return envelope(400, f"query parameter {twice} given more than once: send it once")
         if (refused := identity_refusal(scope["headers"])) is not None:
             return refused
-        headers = Headers(scope=scope)
         if (refused := cross_site_refusal(scope, headers)) is not None:
             return refused
         length = headers.get("content-length")
@@ -136,6 +149,51 @@ class Limits:
             if not hmac.compare_digest(given, self.gateway_token):
                 return envelope(401, "missing or wrong X-DEVOPS-GATEWAY-TOKEN")
         return None
+
+
+def host_refusal(scope: Scope, headers: Headers, allowed: frozenset[str]) -> ASGIApp | None:
+    """A 400 for a request that came on a loopback address (the socket's: `scope["server"]`,
+    as uvicorn gives it) and names another host in its Host: a page whose name its owner
+    points at 127.0.0.1 after it loaded (DNS rebinding) is the console's own origin to the
+    browser, and read every page and posted the console's forms (as anyone, under the open
+    access of `dispatcher run`: review). `localhost`, the loopback addresses and `allowed`
+    (DISPATCHER_ALLOWED_HOSTS: a proxy on the same host that forwards its public Host) pass,
+    and so does every request on another address, where a rebound name cannot be told from
+    a real one (the gateway token guards those). None when it passes."""
+    server = scope.get("server")
+    if not server or not _loopback(str(server[0])):
+        return None
+    host = _host_name(headers.get("host", "localhost"))
+    if _loopback(host.strip("[]")) or host in allowed or "*" in allowed:
+        return None
+    return envelope(
+        400,
+        f"Host {host[:64]!r} is not answered on a loopback address (DNS rebinding): use "
+        "localhost or 127.0.0.1, or list the name in DISPATCHER_ALLOWED_HOSTS",
+    )
+
+
+def _host_name(host: str) -> str:
+    """The name or address in a Host header, lower case, without its port or a trailing
+    dot; an IPv6 address keeps its brackets (`[::1]`)."""
+    host = host.lower()
+    name = host[: host.find("]") + 1] if host.startswith("[") else host.partition(":")[0]
+    return name.rstrip(".")
+
+
+@functools.lru_cache(maxsize=256)
+def _loopback(host: str) -> bool:
+    """Whether `host` is `localhost` or a loopback address (127.0.0.0/8, ::1, or 127.x as
+    an IPv6 socket gives it, `::ffff:127.0.0.1`)."""
+    if host == "localhost":
+        return True
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped.is_loopback
+    return address.is_loopback
 
 
 def identity_refusal(headers: list[tuple[bytes, bytes]]) -> ASGIApp | None:
