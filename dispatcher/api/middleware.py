@@ -1,5 +1,5 @@
 """Plain ASGI middleware. `RequestId` is the outermost, so every answer carries
-`X-Request-ID`, the refusals of `Limits` included."""
+`X-Request-ID` and `ANSWER_HEADERS`, the refusals of `Limits` included."""
 
 from __future__ import annotations
 
@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from dispatcher.settings import Settings
 
 __all__ = [
+    "ANSWER_HEADERS",
     "UNGATED",
     "Limits",
     "RequestId",
@@ -52,9 +53,22 @@ CONSOLE = "/console"
 REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 
 
+# What every answer says unless its route said it (the console's pages send a stricter
+# Content-Security-Policy): no page of another site may frame it (Swagger UI at /docs and
+# ReDoc at /redoc could be framed under another site's page: review; the policy sets
+# nothing else, so their scripts and styles load as before), and no browser reads it as
+# another type than it says.
+ANSWER_HEADERS = (
+    (b"content-security-policy", b"frame-ancestors 'none'"),
+    (b"x-frame-options", b"DENY"),
+    (b"x-content-type-options", b"nosniff"),
+)
+
+
 class RequestId:
     """Binds the request's id (the caller's `X-Request-ID` when `REQUEST_ID` takes it, else
-    a new one) to every log line of the request and names it in the answer."""
+    a new one) to every log line of the request and names it in the answer, which also
+    carries each of `ANSWER_HEADERS` that its route did not set."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -70,7 +84,10 @@ class RequestId:
 
         async def send_with_id(message: Message) -> None:
             if message["type"] == "http.response.start":
-                MutableHeaders(scope=message)["X-Request-ID"] = request_id
+                headers = MutableHeaders(scope=message)
+                given = {name for name, _ in headers.raw}
+                headers.raw.extend(h for h in ANSWER_HEADERS if h[0] not in given)
+                headers["X-Request-ID"] = request_id
             await send(message)
 
         with structlog.contextvars.bound_contextvars(request_id=request_id):
