@@ -1,5 +1,5 @@
 """What history keeps of a receiver's answer and an error: the secrets an attempt sent
-masked, as sent and as JSON and HTML encoders escape them, within a budget of the loop's
+masked, as sent and as JSON, HTML and URL encoders escape them, within a budget of the loop's
 time (`MASKING_CPU`). Nothing here sends anything (`delivery.py` does) or chooses the
 secrets (`headers.sent_secrets` does)."""
 
@@ -13,6 +13,7 @@ import json
 import re
 import time
 from typing import TYPE_CHECKING
+from urllib.parse import quote, quote_plus
 
 from dispatcher.models import MASK
 
@@ -177,8 +178,10 @@ def _by_forms(secret: str) -> bool:
 @functools.lru_cache(maxsize=256)
 def _forms(secret: str) -> tuple[str, ...]:
     """`secret` as sent and as JSON (standard, PHP's `\\/`, Go's `\\u0026` for `&<>`,
-    .NET's `\\u002B` for `+&<>'"` and the backtick, Gson's `\\u003d` for `=&<>'`) and HTML
-    write it (`&<>` escaped, each quote as itself or any of its references)."""
+    .NET's `\\u002B` for `+&<>'"` and the backtick, Gson's `\\u003d` for `=&<>'`), HTML
+    (`&<>` escaped, each quote as itself or any of its references) and URLs write it (`%2F`
+    or `%2f` for each byte of UTF-8 but a letter, digit or `-._~`; a space as `%20` or `+`:
+    a receiver echoing a query or a form showed it to every member: review)."""
     standard = json.dumps(secret)[1:-1]
     go = standard.replace("&", "\\u0026").replace("<", "\\u003c").replace(">", "\\u003e")
     dotnet, gson = standard.replace('\\"', "\\u0022"), standard
@@ -191,7 +194,13 @@ def _forms(secret: str) -> tuple[str, ...]:
     for single in ("&#x27;", "&#39;", "&#039;", "&apos;", "'"):
         for double in ("&quot;", "&#34;", '"'):
             found.append(bare.replace("'", single).replace('"', double))
+    for encode in (quote, quote_plus):
+        url = encode(secret, safe="", errors="surrogatepass")
+        found += url, _HEX_ESCAPE.sub(lambda escape: escape.group().lower(), url)
     return tuple(form for form in dict.fromkeys(found) if form)
+
+
+_HEX_ESCAPE = re.compile(r"%[0-9A-F]{2}")
 
 
 def _mask_forms(text: str, forms: Sequence[str], budget: Budget) -> str:
@@ -227,19 +236,23 @@ SEARCH = 64
 def _places(text: str, form: str, budget: Budget) -> list[tuple[int, int]]:
     """Where `form` stands in `text`, places that overlap or touch merged as found, in
     order: each search over the starts of at most `WINDOW` places, `budget` told what it
-    looked at (the characters up to the place found, or to the window's end, the form's own
-    and `SEARCH`). Each place found is a form checked whole, so counting places was not
-    enough: 1,024 places of .NET's `\\u0022` for 4,096 quotes (24,576 characters each)
-    took 19 ms between two looks at the budget (review). A window keeps each search short:
-    one of a form under 100 characters over 30,000 that nearly match it everywhere (CPython
-    then compares at each place) took ~1 ms, over a window's ~0.13 ms."""
+    looked at (the characters up to the place found, or, when none is, to the window's end
+    and a form's width past it, and the form's own and `SEARCH`; counted to the window's
+    end only, the searches of URL's `%2F` for 4,096 slashes, 12,288 characters, looked at
+    55,903 characters between two looks). Each place found is a form checked whole, so
+    counting places was not enough: 1,024 places of .NET's `\\u0022` for 4,096 quotes
+    (24,576 characters each) took 19 ms between two looks at the budget (review). A window
+    keeps each search short: one of a form under 100 characters over 30,000 that nearly
+    match it everywhere (CPython then compares at each place) took ~1 ms, over a window's
+    ~0.13 ms."""
     runs: list[tuple[int, int]] = []
     width, at, last = len(form), 0, len(text) - len(form)  # the last place it may start at
     begin, end = -1, -1  # the run of places being merged
     while at <= last:
         stop = min(at + WINDOW, last + 1)  # the places searched: `at` up to `stop`
-        found = text.find(form, at, stop + width - 1)
-        budget.searched((stop if found < 0 else found) - at + width + SEARCH)
+        reach = stop + width - 1  # a search that finds nothing looks this far, not to `stop`
+        found = text.find(form, at, reach)
+        budget.searched((reach if found < 0 else found) - at + width + SEARCH)
         if found < 0:
             at = stop
         elif found <= end:
@@ -256,8 +269,8 @@ def _places(text: str, form: str, budget: Budget) -> list[tuple[int, int]]:
 def _whole(secret: str) -> bool:
     """Whether `secret` as sent is a whole form wherever it stands, so that replacing it
     leaves nothing of an escape behind: long enough, and no escape of its first character
-    ends with it (`\\/`), nor one of its last begins with it (`&amp;`, `\\\\`)."""
-    return len(secret) >= SHORT_SECRET and secret[0].isalnum() and secret[-1] not in "&\\"
+    ends with it (`\\/`), nor one of its last begins with it (`&amp;`, `\\\\`, `%25`)."""
+    return len(secret) >= SHORT_SECRET and secret[0].isalnum() and secret[-1] not in "&\\%"
 
 
 def mask_cut(body: bytes, limit: int, secrets: Sequence[str], budget: Budget | None = None) -> str:
@@ -335,7 +348,8 @@ _LONG_RUN = re.compile(r"[A-Za-z0-9]{8,}")
 _RUN = re.compile(r"[A-Za-z0-9]+")
 # What a character other than a letter or digit may be written as, besides itself: after a
 # backslash (JSON's `\/` and `\"`), as a `\u` escape in either case (Go's `\u0026`, .NET's
-# `\u002B`), as an HTML character reference (`&quot;`, `&#39;`, `&#039;`, `&#x27;`). At
+# `\u002B`), as an HTML character reference (`&quot;`, `&#39;`, `&#039;`, `&#x27;`), as the
+# URL escapes of its UTF-8 bytes in either case (`%2F`, `%c3%a9`), a space as `+` too. At
 # most `_width` characters each.
 _NAMED = {'"': "|&quot;", "&": "|&amp;", "<": "|&lt;", ">": "|&gt;", "'": "|&apos;", "\t": r"|\\t"}
 
@@ -353,10 +367,11 @@ def _anchor(secret: str) -> str:
 
 def _escaped(c: str) -> str:
     """A pattern of `c`, a character other than a letter or digit, as any form it may take."""
-    code, named = ord(c), _NAMED.get(c, "")
+    code, named = ord(c), _NAMED.get(c, "") + (r"|\+" if c == " " else "")
     literal = re.escape(c)
+    url = "".join(f"%{byte:02x}" for byte in c.encode(errors="surrogatepass"))
     return (  # the escapes first: the last character's `&amp;` masked whole, not its `&`
-        rf"(?:\\{literal}|(?i:\\u{code:04x}|&#x0{{0,2}}{code:x};)|&#0{{0,2}}{code};"
+        rf"(?:\\{literal}|(?i:\\u{code:04x}|&#x0{{0,2}}{code:x};|{url})|&#0{{0,2}}{code};"
         rf"{named}|{literal})"
     )
 

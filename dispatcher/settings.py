@@ -9,9 +9,8 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from dispatcher.cluster import is_cluster_url, parse_cluster_url
+from dispatcher import setting_urls
 from dispatcher.models import Region
-from dispatcher.setting_urls import one_redis, proxy_problem
 from dispatcher.tokens import TokenCipher
 
 __all__ = ["EMBEDDED", "Settings"]
@@ -122,6 +121,12 @@ class Settings(BaseSettings):
     )
     gateway_token: SecretStr | None = Field(
         default=None, description="When set, every API request must carry X-DEVOPS-GATEWAY-TOKEN."
+    )
+    allowed_hosts: frozenset[str] = Field(
+        default=frozenset(),
+        description="Host names (a JSON list; `*`: any) the API answers on a loopback address "
+        "besides localhost and the loopback addresses, which alone it answers there otherwise "
+        "(DNS rebinding): a TLS proxy on the same host that forwards its public Host.",
     )
     api_max_body_bytes: int = Field(
         default=1024 * 1024,
@@ -281,31 +286,21 @@ class Settings(BaseSettings):
     @field_validator("redis_url")
     @classmethod
     def _redis_scheme(cls, value: str | None) -> str | None:
-        if not value:
-            return None
-        if is_cluster_url(value):
-            parse_cluster_url(value)
-        elif not one_redis(value):
-            raise ValueError(
-                "must start with redis://, rediss://, unix://, redis+sentinel://, "
-                "rediss+sentinel://, redis+cluster:// or rediss+cluster://"
-            )
-        return value
+        if value:
+            setting_urls.check_redis_url(value)
+        return value or None
 
     @field_validator("redis_shards")
     @classmethod
     def _shard_urls(cls, value: list[str] | None) -> list[str] | None:
-        if not value:
-            return None
-        for url in value:
-            if not one_redis(url):
-                raise ValueError(
-                    "each shard must be a redis://, rediss://, unix://, redis+sentinel:// or "
-                    "rediss+sentinel:// URL (a Redis Cluster goes in DISPATCHER_REDIS_URL)"
-                )
-        if len(set(value)) < len(value):
-            raise ValueError("a URL is listed twice: two shards cannot share one Redis")
-        return value
+        if value:
+            setting_urls.check_shard_urls(value)
+        return value or None
+
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _host_names(cls, value: frozenset[str]) -> frozenset[str]:
+        return setting_urls.allowed_hosts(value)
 
     @field_validator("history_url")
     @classmethod
@@ -317,9 +312,9 @@ class Settings(BaseSettings):
     @field_validator("region_proxies")
     @classmethod
     def _proxy_urls(cls, value: dict[Region, str]) -> dict[Region, str]:
-        for region, url in value.items():
-            if (why := proxy_problem(url)) is not None:  # the URL is not echoed: it may
-                raise ValueError(f"the proxy of {region}: {why}")  # hold a password
+        for region, url in value.items():  # the URL is not echoed: it may hold a password
+            if (why := setting_urls.proxy_problem(url)) is not None:
+                raise ValueError(f"the proxy of {region}: {why}")
         return value
 
     @field_validator("retry_schedule")

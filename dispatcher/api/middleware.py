@@ -1,9 +1,11 @@
 """Plain ASGI middleware. `RequestId` is the outermost, so every answer carries
-`X-Request-ID`, the refusals of `Limits` included."""
+`X-Request-ID` and `ANSWER_HEADERS`, the refusals of `Limits` included."""
 
 from __future__ import annotations
 
+import functools
 import hmac
+import ipaddress
 import re
 import uuid
 from typing import TYPE_CHECKING
@@ -23,7 +25,15 @@ if TYPE_CHECKING:
 
     from dispatcher.settings import Settings
 
-__all__ = ["UNGATED", "Limits", "RequestId", "cross_site_refusal", "identity_refusal"]
+__all__ = [
+    "ANSWER_HEADERS",
+    "UNGATED",
+    "Limits",
+    "RequestId",
+    "cross_site_refusal",
+    "host_refusal",
+    "identity_refusal",
+]
 
 MAX_QUERY_BYTES = 8 * 1024
 # Probes and the Prometheus scrape come from inside the cluster, not through the gateway.
@@ -43,9 +53,22 @@ CONSOLE = "/console"
 REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 
 
+# What every answer says unless its route said it (the console's pages send a stricter
+# Content-Security-Policy): no page of another site may frame it (Swagger UI at /docs and
+# ReDoc at /redoc could be framed under another site's page: review; the policy sets
+# nothing else, so their scripts and styles load as before), and no browser reads it as
+# another type than it says.
+ANSWER_HEADERS = (
+    (b"content-security-policy", b"frame-ancestors 'none'"),
+    (b"x-frame-options", b"DENY"),
+    (b"x-content-type-options", b"nosniff"),
+)
+
+
 class RequestId:
     """Binds the request's id (the caller's `X-Request-ID` when `REQUEST_ID` takes it, else
-    a new one) to every log line of the request and names it in the answer."""
+    a new one) to every log line of the request and names it in the answer, which also
+    carries each of `ANSWER_HEADERS` that its route did not set."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -61,7 +84,10 @@ class RequestId:
 
         async def send_with_id(message: Message) -> None:
             if message["type"] == "http.response.start":
-                MutableHeaders(scope=message)["X-Request-ID"] = request_id
+                headers = MutableHeaders(scope=message)
+                given = {name for name, _ in headers.raw}
+                headers.raw.extend(h for h in ANSWER_HEADERS if h[0] not in given)
+                headers["X-Request-ID"] = request_id
             await send(message)
 
         with structlog.contextvars.bound_contextvars(request_id=request_id):
@@ -69,10 +95,11 @@ class RequestId:
 
 
 class Limits:
-    """Refuses what must not reach a route: an oversized query string (400), a body beyond
-    the route's limit (413: a declared length at once, a body sent without one as soon as
-    it grows past the limit), and, when a gateway token is configured, a request without
-    it (401). Every route takes `DISPATCHER_API_MAX_BODY_BYTES`, but those named in
+    """Refuses what must not reach a route: a request on a loopback address naming another
+    host (400, `host_refusal`), an oversized query string (400), a body beyond the route's
+    limit (413: a declared length at once, a body sent without one as soon as it grows past
+    the limit), and, when a gateway token is configured, a request without it (401). Every
+    route takes `DISPATCHER_API_MAX_BODY_BYTES`, but those named in
     `body_limits` (route path -> bytes)."""
 
     def __init__(
@@ -80,6 +107,7 @@ class Limits:
     ) -> None:
         self.app = app
         self.max_body_bytes = settings.api_max_body_bytes
+        self.allowed_hosts = settings.allowed_hosts
         self.route_limits = [
             (compile_path(path)[0], limit) for path, limit in (body_limits or {}).items()
         ]
@@ -118,6 +146,9 @@ class Limits:
         await self.app(scope, receive_within_limit, send)
 
     def refusal(self, scope: Scope, limit: int) -> ASGIApp | None:
+        headers = Headers(scope=scope)
+        if (refused := host_refusal(scope, headers, self.allowed_hosts)) is not None:
+            return refused
         query = scope.get("query_string", b"")
         if len(query) > MAX_QUERY_BYTES:
             return envelope(400, f"query string longer than {MAX_QUERY_BYTES} bytes")
@@ -125,7 +156,6 @@ class Limits:
             return envelope(400, f"query parameter {twice} given more than once: send it once")
         if (refused := identity_refusal(scope["headers"])) is not None:
             return refused
-        headers = Headers(scope=scope)
         if (refused := cross_site_refusal(scope, headers)) is not None:
             return refused
         length = headers.get("content-length")
@@ -136,6 +166,51 @@ class Limits:
             if not hmac.compare_digest(given, self.gateway_token):
                 return envelope(401, "missing or wrong X-DEVOPS-GATEWAY-TOKEN")
         return None
+
+
+def host_refusal(scope: Scope, headers: Headers, allowed: frozenset[str]) -> ASGIApp | None:
+    """A 400 for a request that came on a loopback address (the socket's: `scope["server"]`,
+    as uvicorn gives it) and names another host in its Host: a page whose name its owner
+    points at 127.0.0.1 after it loaded (DNS rebinding) is the console's own origin to the
+    browser, and read every page and posted the console's forms (as anyone, under the open
+    access of `dispatcher run`: review). `localhost`, the loopback addresses and `allowed`
+    (DISPATCHER_ALLOWED_HOSTS: a proxy on the same host that forwards its public Host) pass,
+    and so does every request on another address, where a rebound name cannot be told from
+    a real one (the gateway token guards those). None when it passes."""
+    server = scope.get("server")
+    if not server or not _loopback(str(server[0])):
+        return None
+    host = _host_name(headers.get("host", "localhost"))
+    if _loopback(host.strip("[]")) or host in allowed or "*" in allowed:
+        return None
+    return envelope(
+        400,
+        f"Host {host[:64]!r} is not answered on a loopback address (DNS rebinding): use "
+        "localhost or 127.0.0.1, or list the name in DISPATCHER_ALLOWED_HOSTS",
+    )
+
+
+def _host_name(host: str) -> str:
+    """The name or address in a Host header, lower case, without its port or a trailing
+    dot; an IPv6 address keeps its brackets (`[::1]`)."""
+    host = host.lower()
+    name = host[: host.find("]") + 1] if host.startswith("[") else host.partition(":")[0]
+    return name.rstrip(".")
+
+
+@functools.lru_cache(maxsize=256)
+def _loopback(host: str) -> bool:
+    """Whether `host` is `localhost` or a loopback address (127.0.0.0/8, ::1, or 127.x as
+    an IPv6 socket gives it, `::ffff:127.0.0.1`)."""
+    if host == "localhost":
+        return True
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped.is_loopback
+    return address.is_loopback
 
 
 def identity_refusal(headers: list[tuple[bytes, bytes]]) -> ASGIApp | None:

@@ -253,3 +253,37 @@ async def test_a_member_sees_the_attempt_but_cannot_redeliver(
         answer_without_uid = await page.goto(f"{base}/console/projects/demo")
         assert answer_without_uid is not None and answer_without_uid.status == 401
         await expect(page.get_by_role("alert")).to_contain_text("through the gateway")
+
+
+async def test_the_docs_render_and_no_other_site_may_frame_them(
+    browser: Browser, serve: Serve, settings: Settings, receiver: Receiver
+) -> None:
+    """Swagger UI and ReDoc run their own scripts under the API's headers (the policy only
+    forbids frames), and a page of another origin (the receiver's port) that frames them
+    gets nothing: both could be framed under another site's page (review)."""
+    async with serve(settings) as base:
+        page = await browser.new_page()
+        errors: list[str] = []
+        page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+        await page.goto(f"{base}/docs")
+        await expect(page.locator(".swagger-ui .info .title")).to_contain_text(
+            "callback-dispatcher"
+        )
+        await expect(page.locator(".opblock").first).to_be_visible()
+        await page.goto(f"{base}/redoc")
+        await expect(
+            page.get_by_role("heading", name=re.compile("callback-dispatcher"))
+        ).to_be_visible()
+        # nothing refused (ReDoc's bundle asks cdn.redoc.ly for its logo: not resolved here)
+        assert not [error for error in errors if "Refused" in error], errors
+
+        frames = "".join(f'<iframe src="{base}{path}"></iframe>' for path in ("/docs", "/redoc"))
+        html = {"Content-Type": "text/html"}
+        elsewhere = receiver.script("/framing", answer(200, frames, html))
+        await page.goto(elsewhere)
+        await asyncio.sleep(1)  # what a frame shows, it shows by now (the docs, above: ~0.3 s)
+        inner = [frame for frame in page.frames if frame != page.main_frame]
+        assert len(inner) == 2
+        for frame in inner:
+            assert await frame.locator(".swagger-ui, redoc, [role=heading]").count() == 0
+        assert any("frame-ancestors" in error for error in errors), errors

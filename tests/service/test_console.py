@@ -261,6 +261,31 @@ async def test_the_gateway_token_guards_the_console_and_the_docs(
             assert through.status_code == 200, path
 
 
+async def test_no_other_site_may_frame_the_docs_or_any_answer(api: httpx.AsyncClient) -> None:
+    """Swagger UI (/docs) and ReDoc (/redoc) could be framed under another site's page, and
+    no answer but the console's pages said `nosniff` (review). The docs keep their own
+    scripts and styles (the policy says nothing of them); the console keeps its stricter
+    policy, sent once."""
+    paths = ["/docs", "/redoc", "/openapi.json", "/docs-static/swagger-ui-bundle.js"]
+    paths += ["/docs-static/swagger-ui.css", "/healthz", "/apigw/v4/projects/demo/callbacks"]
+    paths += ["/no/such/route", "/console"]
+    for path in paths:
+        answer = await api.get(path)  # the callbacks' list without X-DEVOPS-UID: its 401
+        assert answer.headers["x-frame-options"] == "DENY", path
+        assert answer.headers["x-content-type-options"] == "nosniff", path
+        policies = answer.headers.get_list("content-security-policy")
+        assert len(policies) == 1 and "frame-ancestors 'none'" in policies[0], path
+    assert "default-src 'none'" in (await api.get("/console")).headers["content-security-policy"]
+    types = {"js": "text/javascript", "css": "text/css", "png": "image/png"}  # as nosniff asks
+    for page in ("/docs", "/redoc"):
+        assets = re.findall(r'(?:src|href)="(/docs-static/[^"]+)"', (await api.get(page)).text)
+        assert len(assets) >= 2, page
+        for asset in assets:
+            loaded = await api.get(asset)
+            assert loaded.status_code == 200, asset
+            assert loaded.headers["content-type"].startswith(types[asset.rpartition(".")[2]])
+
+
 async def test_history_form_bad_input_and_unknown_records_are_pages(
     api: httpx.AsyncClient,
 ) -> None:

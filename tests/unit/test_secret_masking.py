@@ -1,14 +1,16 @@
 """What `mask_secrets` does to a receiver's answer: each secret the attempt sent masked, as
-sent and as JSON and HTML escape it; a short one only where it stands alone; in an error text
-too."""
+sent and as JSON, HTML and URLs escape it; a short one only where it stands alone; in an error
+text too."""
 
 from __future__ import annotations
 
 import contextlib
 import html
 import json
+import re
 from collections.abc import AsyncIterator
 from typing import Any
+from urllib.parse import quote, quote_plus
 
 import aiohttp
 import pytest
@@ -223,3 +225,39 @@ def test_forms_standing_over_one_another_are_masked_whole() -> None:
     assert mask_secrets(secret + php, [secret]) == MASK
     assert mask_secrets(f"a {secret} b {php} c", [secret]) == f"a {MASK} b {MASK} c"
     assert mask_secrets("nothing of it", [secret]) == "nothing of it"
+
+
+def lower_hex(url: str) -> str:  # `%2f`, as some encoders write it
+    return re.sub("%[0-9A-F]{2}", lambda escape: escape.group().lower(), url)
+
+
+@pytest.mark.parametrize(
+    "encode",
+    [
+        lambda s: quote(s, safe=""),
+        lambda s: quote_plus(s, safe=""),
+        lambda s: lower_hex(quote(s, safe="")),
+        lambda s: lower_hex(quote_plus(s, safe="")),
+    ],
+    ids=["quote", "quote-plus", "quote-lower", "quote-plus-lower"],
+)
+@pytest.mark.parametrize(
+    "secret",
+    [
+        "tok/en+value==",  # the review's: by the pattern
+        "Bearer abc/def+ghi==",  # a space: `%20` or `+`
+        "pässwörd/0123 €",  # UTF-8 bytes escaped one by one
+        "tok/" + "/&<\"'= " * 4 + "end",  # more than MOST_ESCAPABLE: by its forms
+        "\\back\\slash%",  # a backslash: by its forms; `%` escaped at its end
+    ],
+    ids=["token", "auth-value", "non-ascii", "many-escapable", "backslash"],
+)
+def test_a_secret_is_masked_as_urls_encode_it(encode: Any, secret: str) -> None:
+    """A receiver echoing a query or a form it was sent (`token=tok%2Fen%2Bvalue%3D%3D`),
+    its hex digits in either case and a space as `+`, showed the secret to every member on
+    the attempt's page: only JSON's and HTML's escapes were looked for (review)."""
+    form = encode(secret)
+    assert form != secret
+    echoed = f"rejected: token={form}&other=1"
+    assert mask_secrets(echoed, [secret]) == f"rejected: token={MASK}&other=1"
+    assert mask_cut(echoed.encode(), len(echoed) - 12, [secret]) == f"rejected: token={MASK}"
