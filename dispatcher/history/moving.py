@@ -1,5 +1,5 @@
 """A project's Redis history taken from one shard to another (`dispatcher shards move`):
-its records read page by page (a scan of each index), written on the new shard by the
+its records read page by page (each index oldest first, by score), written on the new shard by the
 store's own `record` (which builds every index again), then removed from the old shard like
 the retention sweep removes records. Record ids are unique over all shards, so a record
 copied twice is stored once."""
@@ -18,6 +18,7 @@ from dispatcher.lua import run_pipeline
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Callable
 
+    from redis.asyncio import Redis
     from redis.asyncio.client import Pipeline
 
     from dispatcher.history.record import AttemptRecord
@@ -37,24 +38,42 @@ async def _indexes(history: RedisHistory, project_id: str) -> list[str]:
 async def _records(
     history: RedisHistory, project_id: str
 ) -> AsyncIterator[list[tuple[AttemptRecord, bool]]]:
-    """The project's records, a page at a time, each with whether its delivery gave up.
-    Each index is read with ZSCAN, which returns every member that stays in it from the
-    scan's start to its end, whatever the old shard's retention sweep removes meanwhile (a
-    member met twice is copied twice, stored once). Read by position (ZRANGE, 500 a page),
-    a page began as many records late as the sweep had removed before it: those were never
-    read, and the move then removed them from the old shard, gone from both (review)."""
+    """The project's records, a page at a time, oldest first in each index, each with
+    whether its delivery gave up."""
     keys, redis = history.keys, history.redis
     dead = {int(m) for m in await redis.zrange(keys.history_dead(project_id), 0, -1)}
     for index in await _indexes(history, project_id):
-        cursor: int | None = None
-        while cursor != 0:
-            cursor, scored = await redis.zscan(index, cursor or 0, count=PAGE)
-            if not (ids := [int(m) for m, _ in scored if m.isdigit()]):  # (the index's mark)
-                continue
+        async for ids in _oldest_first(redis, index):
             raws = await redis.mget([keys.history_record(i) for i in ids])
             raws = await with_bodies(redis, keys, raws)  # the new shard keeps them again
             records = [orjson.loads(raw) for raw in raws if raw]
             yield [(record, int(record["id"]) in dead) for record in records]
+
+
+async def _oldest_first(redis: Redis, index: str) -> AsyncIterator[list[int]]:
+    """The record ids of `index`, oldest first, a page at a time, each page read from the
+    score the one before ended at (its members at that score passed over). Oldest first:
+    the new shard lists a delivery's attempts in the order they are written, and takes
+    the last as its newest (the dead letters, a window's redelivery); a scan's hash order
+    wrote a failure after the success that followed it, and a delivered delivery was a
+    dead letter again, sent again by a window's redelivery (review). By score, not by
+    position: the old shard's retention sweep removes an index's oldest records meanwhile,
+    and a page read by position then began as many records late, records within the
+    retention never copied and removed from the old shard, gone from both (review)."""
+    low: float | str = "-inf"
+    passed: set[bytes] = set()  # the members at `low` already read
+    while True:
+        scored = await redis.zrangebyscore(
+            index, low, "+inf", start=0, num=PAGE + len(passed), withscores=True
+        )
+        fresh = [(member, score) for member, score in scored if member not in passed]
+        if not fresh:
+            return
+        if ids := [int(m) for m, _ in fresh if m.isdigit()]:  # (not the index's mark)
+            yield ids
+        top = fresh[-1][1]
+        passed = {m for m, score in fresh if score == top} | (passed if top == low else set())
+        low = top
 
 
 async def copy_project(

@@ -171,3 +171,33 @@ async def test_a_history_copy_misses_no_record_when_the_retention_sweep_runs_mea
             "mv", URL, "BUILD_END", start_ms=now - 2 * DAY_MS, end_ms=now, page=1, page_size=1
         )
         assert page.count == 980
+
+
+async def test_a_moved_history_keeps_each_deliverys_newest_attempt_newest(
+    shard_servers: list[EmbeddedRedis],
+) -> None:
+    """40 deliveries each failed for good then redelivered with success, in an index of
+    340 records (past Redis's 128-entry listpack: a hash table, which ZSCAN reads in hash
+    order): on the new shard none is a dead letter and each one's newest attempt is its
+    success. Copied in a scan's order, 17 of 40 read FAILED as their newest attempt, were
+    dead letters again, and a window's redelivery sent them again (review)."""
+    async with Router.open(two_empty_shards(shard_servers)) as router:
+        src, dst = router.shards
+        assert isinstance(src.history, RedisHistory) and isinstance(dst.history, RedisHistory)
+        now = now_ms()
+
+        def attempt(ms: int, delivery: str, status: str) -> AttemptRecord:
+            return {**_record(ms), "deliveryId": delivery, "status": status, "final": True,
+                    "callbackId": 1}  # fmt: skip
+
+        for d in range(40):
+            await src.history.add(attempt(now - 60_000 + d, f"mv:e.{d}", "FAILED"), dead=True)
+            await src.history.add(attempt(now - 30_000 + d, f"mv:e.{d}", "SUCCESS"))
+        for n in range(300):
+            await src.history.add(attempt(now - 90_000 + n, f"mv:f.{n}", "SUCCESS"))
+        assert await src.history.dead("mv") == []
+        assert await copy_project(src.history, dst.history, "mv", lambda: None) == 380
+        assert await dst.history.dead("mv", limit=100) == []
+        for d in range(40):
+            [newest] = await dst.history.attempts(f"mv:e.{d}", "mv", limit=1)
+            assert newest.status.value == "SUCCESS", d
