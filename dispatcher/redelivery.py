@@ -31,7 +31,8 @@ after call (review). A batch is at most `BATCH` jobs and `BATCH_BYTES` of bodies
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+import contextlib
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
@@ -64,9 +65,10 @@ class Pace(Protocol):
     def give_back(self, size: int) -> None:
         """Return what a job of `size` body bytes paid (it was not queued)."""
 
-    def owe(self, size: int) -> None:
+    def owe(self, size: int) -> float:
         """Spend `size` bytes whether the share holds them or not (below empty, the next
-        call waits until it is paid back)."""
+        call waits until it is paid back, a burst's worth at most); the seconds it adds to
+        that wait."""
 
     def refused(self, done: RedeliveryResult, wait: float) -> Exception:
         """The error that stops the call, `done` queued so far, `wait` seconds to wait."""
@@ -90,7 +92,9 @@ async def redeliver_window(
     window = _Window(history, registry, producer, project_id)
     batch: list[DeliveryJob] = []
 
-    async def flush() -> None:
+    async def flush() -> float:
+        """Queue the batch (what `pace` pays of it); the seconds until it pays for the
+        rest (0: it paid for all)."""
         if check is not None:
             await check(window.result)
         paid, wait = _pay(pace, batch)
@@ -104,22 +108,36 @@ async def redeliver_window(
         if on_queued is not None:
             on_queued(sent)
         batch.clear()
-        if wait and pace is not None:
-            raise pace.refused(window.result, wait)
+        return wait
 
     if pace is not None and (wait := _ready(pace)):  # nothing to pay with: walk nothing
         raise pace.refused(window.result, wait)
+    stopped, owed_s = 0.0, 0.0
     try:
-        async for job in window.redeliveries(failures):
-            batch.append(job)
-            if len(batch) >= BATCH or sum(len(j.body) for j in batch) >= BATCH_BYTES:
-                await flush()
-        if batch:
-            await flush()
+        stopped = await _walked(window.redeliveries(failures), batch, flush)
     finally:
         if pace is not None and window.left_out:
-            pace.owe(window.left_out * LEFT_OUT_COST)
+            owed_s = pace.owe(window.left_out * LEFT_OUT_COST)
+    if stopped and pace is not None:  # its Retry-After counts the walk's debt (review)
+        raise pace.refused(window.result, stopped + owed_s)
     return window.result
+
+
+async def _walked(
+    jobs: AsyncGenerator[DeliveryJob, None],
+    batch: list[DeliveryJob],
+    flush: Callable[[], Awaitable[float]],
+) -> float:
+    """`jobs` queued by `flush` a batch at a time (`BATCH` jobs, `BATCH_BYTES` of bodies);
+    stopped, its walk too, at the first batch not paid for whole: the seconds until it
+    would be (0: every batch was)."""
+    async with contextlib.aclosing(jobs):
+        async for job in jobs:
+            batch.append(job)
+            if len(batch) >= BATCH or sum(len(j.body) for j in batch) >= BATCH_BYTES:
+                if wait := await flush():
+                    return wait
+    return await flush() if batch else 0.0
 
 
 def _ready(pace: Pace) -> float:
@@ -155,7 +173,7 @@ class _Window:
 
     async def redeliveries(
         self, failures: AsyncIterator[HistoryRecord]
-    ) -> AsyncIterator[DeliveryJob]:
+    ) -> AsyncGenerator[DeliveryJob, None]:
         """The redelivery of each delivery of `failures` that is sent again, once."""
         seen: set[str] = set()  # deliveries looked at (the window's newest failure first)
         cut: set[str] = set()  # with a record not kept whole (an older one may be)

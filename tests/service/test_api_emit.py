@@ -452,7 +452,7 @@ async def test_a_project_emitting_past_its_rate_is_refused_alone(
 def test_a_projects_emit_bucket_refills_at_its_rate_and_forgets_the_least_recent() -> None:
     """The bucket: a burst, then the rate; a refusal spends nothing and says how long to
     wait; the projects seen least recently are forgotten past `most` (a full bucket again);
-    what a request refused after it spent is given back."""
+    what a request refused after it spent is given back; a debt holds a burst at most."""
     pace = EmitPace(rate=1000, burst=4000, most=2)
     assert pace.take("a", 3000, now=0) == 0
     assert pace.take("a", 2000, now=0) == pytest.approx(1.0)  # 1000 left, 1000 short
@@ -464,6 +464,9 @@ def test_a_projects_emit_bucket_refills_at_its_rate_and_forgets_the_least_recent
     pace.give_back("a", 1500)  # a request refused after it spent: its bytes back
     assert pace.take("a", 1500, now=1) == 0
     assert pace.take("a", 1, now=1) > 0
+    # a window's walk owes what it read, a burst's worth at most (review)
+    assert pace.owe("a", 40 * 4000, now=1) == pytest.approx(4.0)
+    assert pace.take("a", 1000, now=5) == pytest.approx(1.0)  # 4 s to pay it back, then 1
 
 
 async def test_a_batch_of_tiny_events_costs_its_events_not_only_its_bytes(
@@ -625,3 +628,33 @@ async def test_a_window_redeliverys_walk_costs_what_it_left_out(
     assert again.status_code == 429 and int(again.headers["Retry-After"]) >= 28  # 60 - 32 KiB
     assert single.status_code == 429
     assert await redis.zcard(settings.queue_name) == 0
+
+
+async def test_a_window_redelivery_refused_mid_walk_says_to_wait_out_its_debt_too(
+    redis_server: EmbeddedRedis, redis: Redis
+) -> None:
+    """30 deliveries redelivered with success since (left out, 1 KiB each owed), then 60
+    that still failed, 1 KiB a job, against a burst of 32 KiB at 1 KiB a second: the call
+    queues what the burst pays for, and its 429's Retry-After counts the 30 KiB its walk
+    owes as well. It said 1 s, and a client that waited that long was refused again for
+    30 more (review)."""
+    settings = paced(redis_server.url, emit_project_burst=32 * 1024)
+    callback_id, _ = await Registry(redis).create("demo", URL, Event.BUILD_END, Region.DEVNET)
+    now, rows = now_ms(), []
+    for n in range(60):  # the oldest: failed for good
+        rows.append({**record(now - 100_000 + n, n=n), "status": "FAILED", "final": True,
+                     "callbackId": callback_id})  # fmt: skip
+    for n in range(60, 90):  # the newest: failed, then redelivered with success
+        rows.append({**record(now - 50_000 + n, n=n), "status": "FAILED", "final": True,
+                     "callbackId": callback_id})  # fmt: skip
+        rows.append({**record(now - 10_000 + n, n=n), "final": True, "callbackId": callback_id})
+    await add_all(redis, settings, cast("list[AttemptRecord]", rows))
+    async with app_client(settings, redis) as api:
+        refused = await api.post(
+            "/apigw/v4/projects/demo/callbacks/history/retry",
+            params={"url": URL, "event": "BUILD_END"},
+            headers=UID,
+        )
+    assert refused.status_code == 429
+    assert int(refused.headers["Retry-After"]) >= 30, refused.headers
+    assert 1 <= await redis.zcard(settings.queue_name) <= 32
