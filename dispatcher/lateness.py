@@ -38,10 +38,12 @@ the next.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from dispatcher import metrics
 from dispatcher.clock import now_ms
+from dispatcher.lua import REDIS_NOW_MS, Key, Script
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
@@ -74,10 +76,11 @@ class Noted:
     def claimed(self, project: str, enqueued_ms: int, claims: int, at_ms: int) -> None:
         """A fan-out of `project` queued at `enqueued_ms` (its job's `et`; 0: unknown) and
         claimed at `at_ms` (Redis's clock; 0: unknown, this host's then), the `claims`-th
-        time: noted on its first claim."""
+        time: noted on its first claim. The latest claim's time is the window's, not the
+        greatest: after a failover to a master whose clock is behind, the greatest kept
+        adding to a window ahead of the one the API reads (review)."""
         if claims == 1 and enqueued_ms > 0:
-            at_ms = at_ms or now_ms()
-            self.at_ms = max(self.at_ms, at_ms)
+            self.at_ms = at_ms = at_ms or now_ms()
             self.note(project, max(0, at_ms - enqueued_ms))
 
     def note(self, project: str, waited_ms: int) -> None:
@@ -127,11 +130,19 @@ async def read(redis: Redis, keys: Keys, at_ms: int) -> dict[str, int]:
     return {kind: int(count) for kind, count in zip(KINDS, counts, strict=True)}
 
 
+@dataclass
+class _Now(Script):
+    """Redis's clock (ms), read on the server that holds `key`: a Redis Cluster sends a
+    bare `TIME` to any node, not to the home shard's master (review)."""
+
+    LUA = REDIS_NOW_MS + "return redis_now_ms()"
+    key: Key
+
+
 async def export(redis: Redis, keys: Keys) -> None:
     """Set the fleet's gauges (the API's, at scrape) from the home shard's counts of the
-    window its clock is in and the one before (a round trip more: its `TIME`)."""
-    seconds, micros = await redis.time()
-    counts = await read(redis, keys, seconds * 1000 + micros // 1000)
+    window its clock is in and the one before (a round trip more: its clock)."""
+    counts = await read(redis, keys, await _Now(keys.projects(SEEN, 0)).run(redis))
     metrics.QUEUE_PROJECTS_SEEN.set(counts[SEEN])
     for over in OVER_S:
         metrics.QUEUE_PROJECTS_LATE.labels(over=str(over)).set(counts[f"late:{over}"])
