@@ -78,7 +78,7 @@ def shards_list() -> None:
             index = services.shard.index
             pinned = sum(p.index == index for p in placement.explicit.values())
             where = f"{slots[index]} ({masters[index]})" if cluster else "-"
-            in_use = "yes" if index < placement.active else "not yet (grow)"
+            in_use = _in_use(placement, index)
             table.add_row(
                 str(index),
                 shown(services.shard.url),
@@ -93,6 +93,16 @@ def shards_list() -> None:
     table, silent = on_fleet(go)
     console.print(table)
     partial_end(silent)
+
+
+def _in_use(placement: Placement, index: int) -> str:
+    """Whether the hash places projects on shard `index`; one a grow puts in use says so:
+    the projects it moves are frozen until it ends (stopped, until it is run again)."""
+    if index < placement.active:
+        return "yes"
+    if placement.growing is not None and index < placement.growing:
+        return "growing (if stopped: grow again)"
+    return "not yet (grow)"
 
 
 def _moving_out(placement: Placement, index: int, most: int = 3) -> str:
@@ -121,7 +131,8 @@ def shards_grow(
         pinned = await mover.grow()
         return await mover.rebalance() if rebalance else len(pinned)
 
-    with _stopped_said(lambda: "`dispatcher shards grow` again"):
+    then = ", then `dispatcher shards rebalance`" if rebalance else ""
+    with _stopped_said(lambda: f"`dispatcher shards grow` again{then}"):
         count = on_router(go)
     console.print(f"{count} project(s) {'moved' if rebalance else 'pinned'}")
 

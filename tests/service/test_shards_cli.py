@@ -4,6 +4,7 @@ runs its own event loop)."""
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator
 
 import pytest
@@ -15,6 +16,7 @@ from dispatcher.clock import now_ms
 from dispatcher.embedded import EmbeddedRedis
 from dispatcher.keys import Keys
 from dispatcher.placement import rendezvous
+from dispatcher.shards.move import Mover
 from dispatcher.tokens import TokenCipher
 
 KEYS = Keys()
@@ -124,3 +126,29 @@ def test_status_names_the_oldest_due_job_of_every_shard(
         if line.count("│") >= 3
     )
     assert rows["queue: jobs due"] == "3" and rows["queue: oldest due project"] == "flood"
+
+
+def test_a_stopped_grow_is_named_by_the_list_and_by_what_ctrl_c_says(
+    cli: CliRunner, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A grow stopped after its first step (the longer count published as growing) freezes
+    the projects it would move; `shards list` says the shard is growing and to run grow
+    again, where it said `not yet (grow)` and named nothing the 503 pointed at. `grow
+    --rebalance` stopped by Ctrl+C in its rebalance names rebalance too: grow alone had
+    nothing to grow and left the move stopped (review)."""
+    home = redis_py.Redis.from_url(json.loads(os.environ["DISPATCHER_REDIS_SHARDS"])[0])
+    home.hset(KEYS.PLACEMENT, mapping={":count": "1", ":growing": "2"})
+    home.incr(KEYS.PLACEMENT_VERSION)
+    listed = cli.invoke(app, ["shards", "list"])
+    assert listed.exit_code == 0 and "growing (if stopped: grow again)" in listed.output
+
+    async def rebalance(self: Mover) -> int:
+        self.say("p1: shard 0 -> 1: freezing its callbacks")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Mover, "rebalance", rebalance)
+    stopped = cli.invoke(app, ["shards", "grow", "--rebalance"])
+    said = " ".join(stopped.output.split())
+    assert stopped.exit_code == 130, stopped.output
+    assert "stopped after: p1: shard 0 -> 1: freezing its callbacks" in said
+    assert "run `dispatcher shards grow` again, then `dispatcher shards rebalance`" in said
