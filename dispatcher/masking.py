@@ -57,11 +57,11 @@ class _Spent(Exception):
 
 class Budget:
     """The CPU time an attempt's masking may still take, spent by each text it masks:
-    this thread's (`time.thread_time`, ~0.2 us a look), so time the worker's process is
-    not running, or runs other threads, is not counted. A garbage collection that an
-    allocation inside masking starts is counted (a full one of a large heap can take tens
-    of ms): a normal answer may then, rarely, be withheld, its body lost and no secret
-    kept."""
+    this thread's (`time.thread_time`, a system call: 1-2 us a look), so time the
+    worker's process is not running, or runs other threads, is not counted. A garbage
+    collection that an allocation inside masking starts is counted (a full one of a large
+    heap can take tens of ms): a normal answer may then, rarely, be withheld, its body
+    lost and no secret kept."""
 
     __slots__ = ("_left", "_since", "_work")
 
@@ -97,7 +97,10 @@ def mask_secrets(text: str, secrets: Sequence[str], budget: Budget | None = None
     one that holds the secret before it (`sent_secrets`) is there only if that one is.
     One shorter than `SHORT_SECRET` is masked only where no letter or digit touches it:
     inside words, masking would garble the text and give the secret away by its gaps.
-    `WITHHELD` instead once masking has taken `budget` (the attempt's; a new one if none)."""
+    `WITHHELD` instead once masking has taken `budget` (the attempt's; a new one if none).
+    When no secret fits in `text` (a receiver's `ok`), none is there: no clock is read."""
+    if all(len(secret) > len(text) for secret in secrets):
+        return text
     budget = Budget() if budget is None else budget
     budget.start()
     try:

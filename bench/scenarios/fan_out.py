@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 
 WIDE = 10_000  # callbacks of the one event
 LEASE_S = 2.0  # the crash run's lease: the second worker takes over within it
-CHUNK: int = Settings.model_fields["fan_out_chunk"].default
+CHUNK: int = Settings().fan_out_chunk  # the environment's (DISPATCHER_FAN_OUT_CHUNK) too
 MAX_GROWTH_MIB = 50
 
 FAN_OUT_WIDE = WorkerSpec("fan_out_wide", callbacks=WIDE, events=1)

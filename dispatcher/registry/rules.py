@@ -18,6 +18,7 @@ from dispatcher.models import (
     Event,
     Level,
 )
+from dispatcher.redaction import redacted
 
 __all__ = [
     "MAX_ID_LENGTH",
@@ -133,13 +134,15 @@ class Destination(NamedTuple):
     attempt): why nothing may be sent to it (`url_problem`, or a URL that cannot be
     parsed), its `host` (the key of its host's share and circuit: the host and port it
     connects to, as the client pools its connections, however the URL spells them; its
-    netloc when it cannot be parsed), and the host name and port the egress policy
-    checks."""
+    netloc when it cannot be parsed), the host name and port the egress policy checks,
+    and the URL as a log line shows it (`redaction.redacted`; '' when it cannot be
+    parsed)."""
 
     problem: str | None
     host: str
     hostname: str
     port: int
+    shown: str = ""
 
 
 def destination(url: str) -> Destination:
@@ -149,14 +152,14 @@ def destination(url: str) -> Destination:
         parts = urlsplit(url)
     except ValueError as exc:
         return Destination(problem or f"url is malformed: {exc}", "", "", 0)
-    netloc, hostname = parts.netloc, parts.hostname or ""
+    netloc, hostname, shown = parts.netloc, parts.hostname or "", redacted(parts)
     try:
         hostname, port = connect_target(url)  # what the policy must check: what aiohttp uses
     except ValueError as exc:
-        return Destination(problem or f"url is malformed: {exc}", netloc, hostname, 0)
+        return Destination(problem or f"url is malformed: {exc}", netloc, hostname, 0, shown)
     if not hostname:
         problem = problem or "url has no host"
-    return Destination(problem, host_port(hostname, port), hostname, port)
+    return Destination(problem, host_port(hostname, port), hostname, port, shown)
 
 
 def _is_id(value: str) -> bool:

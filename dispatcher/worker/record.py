@@ -17,7 +17,6 @@ from dispatcher.clock import now_ms
 from dispatcher.delivery import Outcome
 from dispatcher.history import truncate
 from dispatcher.models import PLATFORM_PROJECT, DeliveryStatus
-from dispatcher.redaction import redacted_url
 
 if TYPE_CHECKING:
     from prometheus_client import Counter
@@ -108,7 +107,7 @@ def _loggable(target: CallbackTarget) -> str:
     """The callback's URL for a log line, as its attempt's span shows it (`redacted_url`:
     query values and credentials replaced); credentials and control characters in a URL
     stored by an older version (parsed or not) cut out or escaped too."""
-    url = redacted_url(target.url) or target.url
+    url = target.destination.shown or target.url
     if target.destination.problem is None:
         return url
     if "@" in url:  # up to its last '@', whatever the URL's shape: too much rather than less

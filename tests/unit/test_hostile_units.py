@@ -285,9 +285,12 @@ def test_urls_without_problems_pass() -> None:
 
 def test_a_destination_is_what_the_attempt_keys_and_checks_on() -> None:
     """One parse of a callback's URL: its share's and circuit's key, the host and port the
-    egress policy checks (the scheme's port when none is given), and its problem."""
-    assert destination("http://H.example:8080/p?q") == (None, "h.example:8080", "h.example", 8080)
-    assert destination("https://[::1]/x") == (None, "[::1]:443", "::1", 443)
+    egress policy checks (the scheme's port when none is given), its problem, and the URL a
+    log line shows (query values redacted, no fragment)."""
+    assert destination("http://H.example:8080/p?q=s") == (
+        None, "h.example:8080", "h.example", 8080, "http://H.example:8080/p?q=REDACTED"
+    )  # fmt: skip
+    assert destination("https://[::1]/x#f") == (None, "[::1]:443", "::1", 443, "https://[::1]/x")
     # one host however it is spelled: one share, one circuit, as one connection pool
     full_width = "".join(chr(ord(c) + 0xFEE0) for c in "hooks")  # NFKC: hooks
     spellings = (
@@ -300,7 +303,7 @@ def test_a_destination_is_what_the_attempt_keys_and_checks_on() -> None:
     assert destination("http://h.example/a%1Bb").problem == url_problem("http://h.example/a%1Bb")
     for url, netloc in (("http://[::1/x", ""), ("http://h.example:99999/", "h.example:99999"),
                         ("http://h.example:port/", "h.example:port")):  # fmt: skip
-        problem, parsed, _, _ = destination(url)
+        problem, parsed, *_ = destination(url)
         assert problem is not None and problem.startswith("url is malformed"), url
         assert parsed == netloc, url  # credentials in it are still seen (and masked)
     assert (destination("http://u:pw@h.example:99999/").problem or "").startswith("url must not")
