@@ -91,7 +91,10 @@ class Options:
 
     @classmethod
     def from_values(cls, values: Sequence[bytes | str | None]) -> Options:
-        """The options from the hash's values of `FIELDS`, in that order."""
+        """The options from the hash's values of `FIELDS`, in that order (`NO_OPTIONS`, one
+        object, when none is set: most callbacks, a new target each on a wide fan-out)."""
+        if not any(values):
+            return NO_OPTIONS
         texts = [v.decode() if isinstance(v, bytes) else (v or "") for v in values]
         per_second, in_flight, expression, order_by = texts
         return cls(
