@@ -153,6 +153,7 @@ that the shards' slots spread evenly over the slot range). Besides:
     dispatcher:left:{job id}                  STRING the token of the mover that removed a
                                               job it held here (TTL: its hold's), so that
                                               the removal sent again answers as it did
+    dispatcher:cb:copied:{project}            HASH id -> updatedTime a move here copied (TTL 1 d)
 """
 
 from __future__ import annotations
@@ -202,15 +203,12 @@ class Keys:
         base = f"{ns}{PREFIX}"
         self.QUEUE, self.CALLBACK_SEQ = f"{ns}{queue_name}", f"{base}:cb:seq"
         # Prefixes for the Lua scripts, which build keys from ids they read inside Redis.
-        self.CALLBACK_PREFIX = f"{base}:cb:"
-        self.CALLBACK_UNIQUE_PREFIX = f"{base}:cb:uniq:"
-        self.PROJECT_CALLBACKS_PREFIX = f"{base}:cb:project:"
-        self.PIPELINE_CALLBACKS_PREFIX = f"{base}:cb:pipeline:"
-        self.MATCH_PREFIX = f"{base}:cb:match:"
-        self.CALLBACKS_LAYOUT = f"{base}:cb:layout"
-        self.FILTER_ERRORS_PREFIX = f"{base}:cb:filter-errors:"
-        self.REGISTRY_VERSION_PREFIX = f"{base}:cb:version:"
-        self.CALLBACKS_FROZEN_PREFIX = f"{base}:cb:frozen:"  # `callbacks_frozen`
+        cb = f"{base}:cb"
+        self.CALLBACK_PREFIX, self.PIPELINE_CALLBACKS_PREFIX = f"{cb}:", f"{cb}:pipeline:"
+        self.CALLBACK_UNIQUE_PREFIX, self.REGISTRY_VERSION_PREFIX = f"{cb}:uniq:", f"{cb}:version:"
+        self.PROJECT_CALLBACKS_PREFIX, self.CALLBACKS_LAYOUT = f"{cb}:project:", f"{cb}:layout"
+        self.FILTER_ERRORS_PREFIX, self.MATCH_PREFIX = f"{cb}:filter-errors:", f"{cb}:match:"
+        self.CALLBACKS_FROZEN_PREFIX = f"{cb}:frozen:"  # `callbacks_frozen`
         self.HEALTH_PREFIX, self.HEALTH_FAILING = f"{base}:health:", f"{base}:health:failing"
         self.HEALTH_FAILING_PREFIX = f"{self.HEALTH_FAILING}{SEP}"  # `failing_of`
         self.HEALTH_FAILING_PROJECTS = f"{self.HEALTH_FAILING}-projects"
@@ -227,7 +225,7 @@ class Keys:
         self.HISTORY_ATTEMPTS_PREFIX, self.HISTORY_STREAM = f"{h}:attempts:", f"{h}:stream"
         self.DELIVERY_PREFIX, self.PUSHED_PREFIX = f"{base}:delivery:", f"{base}:pushed:"
         self.BODY_PREFIX, self.CONSOLE_CSRF_KEY = f"{base}:body:", f"{base}:console:csrf-key"
-        self.REPLICATION_MARK = f"{base}:replication:mark"
+        self.REPLICATION_MARK, self._cron_prefix = f"{base}:replication:mark", f"{base}:cron:"
         self.WORKERS_PREFIX, self.WORKERS_LIVE = f"{base}:workers:", f"{base}:workers"
         self.POISON_JOBS, self.DROPPED = f"{base}:jobs:poison", f"{base}:deliveries:dropped"
         self.DROPPED_PREFIX = f"{self.DROPPED}{SEP}"  # a project's: `dropped`
@@ -242,7 +240,6 @@ class Keys:
         self.ARQ_IN_PROGRESS_PREFIX: str = f"{ns}{in_progress_key_prefix}"
         self.ARQ_RETRY_PREFIX: str = f"{ns}{arq_retry_key_prefix}"
         self._limit_prefix, self._stats_prefix = f"{base}:limit:", f"{base}:stats:"
-        self._cron_prefix = f"{base}:cron:"
 
     @classmethod
     def of_cluster_shard(cls, queue_name: str, index: int) -> Keys:
@@ -300,6 +297,9 @@ class Keys:
     def callbacks_frozen(self, project_id: str) -> str:
         """Set while the project moves off this shard: its callbacks' writes are refused."""
         return f"{self.CALLBACKS_FROZEN_PREFIX}{project_id}"
+
+    def callbacks_copied(self, project_id: str) -> str:
+        return f"{self.CALLBACK_PREFIX}copied{SEP}{project_id}"
 
     def left(self, job_id: str) -> str:
         """The mover's word that it removed a job it held here (`shards.queued.DropHeld`)."""

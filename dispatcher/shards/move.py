@@ -16,7 +16,8 @@ moved.
      old shard too (a mark its registry's writes refuse, kept with the mover's lease:
      `registry.scripts`), so that a change that passed a process's check before the
      freeze (its URL's host slow to resolve) and lands after the copy is refused;
-  2. copy its callbacks (ids kept) and roles to the new shard, and its Redis history;
+  2. copy its callbacks (ids kept) and roles to the new shard, and its Redis history; the
+     new shard keeps a note of each callback's `updatedTime` as copied until the move ends;
   3. flip its placement, and wait again: from now on its events are queued on the new
      shard, where its callbacks are;
   4. drain (`dispatcher.shards.drain`): its jobs still queued on the old shard (retries,
@@ -29,7 +30,8 @@ moved.
      marked there, and read by its re-run); until none is left and none came for a
      settle, and the last push a producer may still make there is past;
   5. disable on the new shard the callbacks a worker disabled on the old one since their
-     copy (`dispatcher.shards.disables`), copy the history written meanwhile and its drops
+     copy, unless changed there since (their `updatedTime` is not the one noted at the
+     copy: `dispatcher.shards.disables`), copy the history written meanwhile and its drops
      (after those made on the new shard since the flip), remove the project from the old
      shard, and let its lanes on the new one go. The freeze mark stays on the old shard
      `FROZEN_AFTER_S` (a change slower still is refused there too); a move back removes it
@@ -59,8 +61,7 @@ from dispatcher.errors import InvalidInput, Unavailable
 from dispatcher.history.redis import RedisHistory
 from dispatcher.models import PLATFORM_PROJECT
 from dispatcher.placement import Placed, rendezvous
-from dispatcher.registry.copies import callback_ids, put_rows, read_rows
-from dispatcher.shards.disables import carry_disables
+from dispatcher.shards.disables import carry_disables, copy_callbacks, forget_copied, keep_copied
 from dispatcher.shards.drain import (
     STOPPED,
     STOPPED_FLIPPED,
@@ -316,6 +317,7 @@ class Mover:
         self.say(f"{project}: undoing its move to shard {index}")
         await lease.fence()
         await forget(self.router.shards[index], project, lease.alive)
+        await forget_copied(self.router.shards[index], project)
         lease.alive()
         await let_go(self.router.shards[index], project)
 
@@ -336,6 +338,7 @@ class Mover:
         each once the new shard's replicas confirmed."""
         late_s = self.late_s or 0.0  # (set by now: see `__post_init__`)
         await lease.mark(src, src.keys.callbacks_frozen(project))  # (a dead move's: again)
+        await keep_copied(dst, project)  # the note of the copy, for `carry_disables`
         drain = self.drain_of(src, dst, project, lease.alive, flipped + late_s, lease.fence)
         moved = await drain.run()
         while left := await to_drain(src, project):  # none may be left where it is cleaned
@@ -343,8 +346,7 @@ class Mover:
             moved += await drain.run()
         self.say(f"{project}: {moved} queued job(s) moved; cleaning shard {source}")
         lease.alive()
-        if carried := await carry_disables(src, dst, project):  # a worker's, since the copy
-            self.say(f"{project}: {carried} callback(s) disabled on shard {source} meanwhile")
+        await carry_disables(src, dst, project, self.say)  # a worker's, since the copy
         await copy_drops(src, dst, project)  # none come there now: its jobs are all gone
         await self._copy_history(src, dst, project, lease.alive)
         await confirmed(dst, f"{project}'s disables, history and drops", STOPPED_FLIPPED)
@@ -356,6 +358,7 @@ class Mover:
                 f"shard {source} is not cleaned (compare them, then move it again)"
             )
         await forget(src, project, lease.alive)
+        await forget_copied(dst, project)
         await lease.unmark(src, FROZEN_AFTER_S)
 
     def drain_of(
@@ -378,9 +381,7 @@ class Mover:
     ) -> None:
         """Copy the project's callbacks, roles and Redis history, `alive` checked before
         each write (it raises to stop: the mover's lease)."""
-        rows = await read_rows(src.registry, await callback_ids(src.registry, project))
-        alive()
-        await put_rows(dst.registry, [row for row in rows if row])
+        await copy_callbacks(src, dst, project, alive)  # and their note (`carry_disables`)
         for user, role in (await src.roles.list(project)).items():
             alive()
             await dst.roles.grant(project, user, role, mover=True)

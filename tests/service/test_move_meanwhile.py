@@ -1,22 +1,25 @@
 """What changes on a moving project's old shard while its move runs, and what the move
 makes of it, on two real shards: a worker disabling a callback the move has copied (the
-worker's writes do not read the move's freeze), the retention sweep removing the oldest
-records of an index the move is copying."""
+worker's writes do not read the move's freeze), whatever its clock says, and by a move
+finished by another mover; the retention sweep removing the oldest records of an index the
+move is copying."""
 
 from __future__ import annotations
 
-import asyncio
 from typing import TYPE_CHECKING, Any
 
+import pytest
+
 from dispatcher.clock import now_ms
+from dispatcher.errors import Unavailable
 from dispatcher.history.moving import copy_project
 from dispatcher.history.redis import RedisHistory
+from dispatcher.lua import run_pipeline
 from dispatcher.models import Region
 from dispatcher.placement import rendezvous
 from dispatcher.producer import Producer
 from dispatcher.registry import Registration
-from dispatcher.registry.copies import put_rows, read_rows
-from dispatcher.shards.disables import carry_disables
+from dispatcher.shards.disables import Carried, carry_disables, copy_callbacks
 from dispatcher.shards.move import Mover
 from dispatcher.shards.router import Router
 from dispatcher.worker.engine import GONE_REASON
@@ -25,8 +28,6 @@ from tests.service.test_shard_growth import LATE_S, PROJECTS, run_burst, two_emp
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
-
-    import pytest
 
     from dispatcher.embedded import EmbeddedRedis
     from dispatcher.history.record import AttemptRecord
@@ -89,31 +90,45 @@ async def test_a_callback_disabled_on_the_old_shard_during_a_move_stays_disabled
         assert len(receiver.requests("/gone")) == 1
 
 
+async def worker_disables(src: Services, callback_id: int) -> None:
+    """What a worker of `src` writes when a receiver answers 410 Gone (it does not read
+    the move's freeze)."""
+    queue = src.registry.queue_set_enabled
+    await run_pipeline(src.redis, lambda pipe: queue(pipe, callback_id, False, GONE_REASON))
+
+
 async def test_a_disable_is_carried_over_unless_the_new_shard_changed_the_callback_since(
-    shard_servers: list[EmbeddedRedis],
+    shard_servers: list[EmbeddedRedis], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Of three callbacks copied to the new shard: one disabled on the old shard after
     the copy is disabled on the new one (its reason and time kept); one disabled there too,
     but enabled on the new shard since (after the flip, by its project's admin), stays
     enabled: the later change stands; one disabled before the copy, copied disabled, is
     left as it is. The match sets follow: only the enabled one is matched on the new
-    shard."""
+    shard. The changes after the registration need no millisecond of their own: what the
+    copy wrote tells them apart, not their times (before, the test slept 2 ms between
+    them)."""
     async with Router.open(two_empty_shards(shard_servers)) as router:
         src, dst = router.shards
         registrations = [
             Registration("mv", f"http://127.0.0.1:9/{n}", DEVNET, "t") for n in range(3)
         ]
+        # registered before the move: a change on the new shard stamped with the copied
+        # `updatedTime` itself is taken for none (a freeze's settle, the copy, the flip and
+        # its settle come between them)
+        earlier = now_ms() - 60_000
+        monkeypatch.setattr("dispatcher.registry.store.now_ms", lambda: earlier)
         ids = [await src.register(registration, "BUILD_END") for registration in registrations]
+        monkeypatch.undo()
         carried, enabled_since, before = ids
         await src.registry.set_enabled(before, False, "before the copy")
-        await asyncio.sleep(0.002)  # (each change in a millisecond of its own)
-        await put_rows(dst.registry, await read_rows(src.registry, ids))  # the move's copy
-        await asyncio.sleep(0.002)
+        await copy_callbacks(src, dst, "mv", lambda: None)  # the move's copy
         for callback_id in (carried, enabled_since):
-            await src.registry.set_enabled(callback_id, False, GONE_REASON)
-        await asyncio.sleep(0.002)
+            await worker_disables(src, callback_id)
         await dst.enable(enabled_since, project_id="mv")
-        assert await carry_disables(src, dst, "mv") == 1
+        said: list[str] = []
+        assert await carry_disables(src, dst, "mv", said.append) == Carried(1, 0)
+        assert said == ["mv: 1 callback(s) disabled on shard 0 meanwhile"]
         old, new = await src.callback(carried, "mv"), await dst.callback(carried, "mv")
         assert (new.enabled, new.disabled_reason) == (False, GONE_REASON)
         assert new.updated_time == old.updated_time
@@ -121,6 +136,89 @@ async def test_a_disable_is_carried_over_unless_the_new_shard_changed_the_callba
         assert (await dst.callback(before, "mv")).disabled_reason == "before the copy"
         matched = await dst.redis.zrange(dst.keys.match("mv", "BUILD_END"), 0, -1)
         assert matched == [str(enabled_since).encode()]
+
+
+@pytest.mark.parametrize("behind_ms", [1_000, 0], ids=["a-second-behind", "same-millisecond"])
+async def test_a_disable_by_a_worker_whose_clock_is_behind_is_carried_over(
+    shard_servers: list[EmbeddedRedis], monkeypatch: pytest.MonkeyPatch, behind_ms: int
+) -> None:
+    """A callback registered by an API host, then copied by the move; a worker of the old
+    shard disables it there (a 410 Gone) at a time its clock gives `behind_ms` before the
+    registration's (or in the registration's very millisecond). The move disables it on
+    the new shard too, at the worker's time. Before, the carry compared the two hosts'
+    clocks (a row on the new shard with an `updatedTime` at or after the disable's time
+    was taken for changed there since): the disable was not carried, and the new shard
+    went on delivering to a receiver that had answered Gone (review)."""
+    async with Router.open(two_empty_shards(shard_servers)) as router:
+        src, dst = router.shards
+        registration = Registration("mv", URL, DEVNET, "t")
+        callback_id = await src.register(registration, "BUILD_END")  # by an API host
+        registered = await src.callback(callback_id, "mv")
+        await copy_callbacks(src, dst, "mv", lambda: None)  # the move's copy
+        worker_ms = registered.updated_time - behind_ms  # the worker's clock
+        monkeypatch.setattr("dispatcher.registry.store.now_ms", lambda: worker_ms)
+        await worker_disables(src, callback_id)
+        monkeypatch.undo()
+        assert await carry_disables(src, dst, "mv", lambda _: None) == Carried(1, 0)
+        moved = await dst.callback(callback_id, "mv")
+        assert (moved.enabled, moved.disabled_reason) == (False, GONE_REASON)
+        assert moved.updated_time == worker_ms
+        assert not await dst.redis.zrange(dst.keys.match("mv", "BUILD_END"), 0, -1)
+
+
+async def test_a_disable_with_no_note_of_its_copy_is_left_and_said(
+    shard_servers: list[EmbeddedRedis],
+) -> None:
+    """A callback copied with no note (by a version before, or a note lapsed: a move
+    finished over a day after its copy) and disabled on the old shard since: the carry
+    cannot tell whether the new shard changed it, leaves it enabled there, and says so."""
+    async with Router.open(two_empty_shards(shard_servers)) as router:
+        src, dst = router.shards
+        callback_id = await src.register(Registration("mv", URL, DEVNET, "t"), "BUILD_END")
+        await copy_callbacks(src, dst, "mv", lambda: None)
+        await dst.redis.delete(dst.keys.callbacks_copied("mv"))
+        await worker_disables(src, callback_id)
+        said: list[str] = []
+        assert await carry_disables(src, dst, "mv", said.append) == Carried(0, 1)
+        assert (await dst.callback(callback_id, "mv")).enabled
+        assert len(said) == 1 and "no note of their copy" in said[0]
+
+
+class DiesAfterItsFlip(Mover):
+    """A mover that dies right after its flip, before its drain: another mover (another
+    process, its own token) finishes the move."""
+
+    async def _finish(self, *args: Any, **kwargs: Any) -> None:
+        raise Unavailable("died after its flip")
+
+
+async def test_a_move_finished_by_another_mover_carries_the_disables_over(
+    shard_servers: list[EmbeddedRedis], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A mover copies a callback, flips the project and dies; a worker of the old shard,
+    its clock a second behind, disables the callback there (a 410 Gone). Another mover
+    finishes the move: it finds the note of the copy on the new shard (in Redis), disables
+    the callback there too, and removes the note once the move is done."""
+    settings = two_empty_shards(shard_servers)
+    project = next(p for p in PROJECTS if rendezvous(p, 2) == 0)
+    async with Router.open(settings) as router:
+        src, dst = router.shards
+        callback_id = await src.register(Registration(project, URL, DEVNET, "t"), "BUILD_END")
+        with pytest.raises(Unavailable, match="died after its flip"):
+            await DiesAfterItsFlip(router, lambda _: None, settle_s=0.1).move(project, 1)
+        note = dst.keys.callbacks_copied(project)
+        noted = await dst.redis.hkeys(note)  # type: ignore[misc]  # sync|async
+        assert noted == [str(callback_id).encode()]
+        worker_ms = now_ms() - 1_000
+        monkeypatch.setattr("dispatcher.registry.store.now_ms", lambda: worker_ms)
+        await worker_disables(src, callback_id)
+        monkeypatch.undo()
+        said: list[str] = []
+        assert await Mover(router, said.append, settle_s=0.1, late_s=LATE_S).move(project, 1)
+        assert f"{project}: 1 callback(s) disabled on shard 0 meanwhile" in said
+        moved = await dst.callback(callback_id, project)
+        assert (moved.enabled, moved.updated_time) == (False, worker_ms)
+        assert not await dst.redis.exists(note)
 
 
 def _record(created_ms: int) -> AttemptRecord:
