@@ -8,14 +8,12 @@ from __future__ import annotations
 import codecs
 import functools
 import heapq
-import html
-import json
 import re
 import time
 from typing import TYPE_CHECKING
-from urllib.parse import quote, quote_plus
 
 from dispatcher.models import MASK
+from dispatcher.secret_forms import ESCAPABLE, by_forms, forms
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -38,13 +36,15 @@ SHORT_SECRET = 8  # shorter secrets are masked only where they stand alone
 # ms past the read limit, every other project's deliveries waiting (review). Past it the
 # text is withheld whole (`WITHHELD`): what is left unmasked might hold a secret. Such an
 # attempt now takes 5.0-5.5 ms: the budget and the step that passes it (a window's scan, up
-# to ~0.6 ms; a forms search, ~0.15 ms; a 4,096-character secret's forms made, ~0.5 ms; a
-# plain search of a text past a window, up to ~2 ms: `_searched`).
+# to ~0.6 ms; a forms search, ~0.15 ms; a 4,096-character secret's forms made, 0.6-1.7 ms
+# with their URL forms, 3-6 ms in a first version of those: review; a plain search of a
+# text past a window, up to ~2 ms: `_searched`).
 # One step is not cut: compiling a secret's pattern, 2.1-2.8 ms for 4,096 characters (new
 # for each secret a project chooses), started with the budget all but spent: 7.65 ms at
 # worst measured. A normal answer takes about what it did (2 KB echoing the secrets, ~20 us;
-# 20 KB with a random 64-character token, masked by its forms, ~0.5 ms): the clock (~0.2
-# us) is read at the start and end, and before a scan or a search of a long text.
+# 20 KB with a random 64-character token, masked by its forms, ~0.5 ms): the clock (a
+# system call, 1-2 us) is read at the start and end, and before a scan or a search of a
+# long text; not at all when no secret fits in the text.
 MASKING_CPU = 0.005
 WITHHELD = f"[withheld: masking the secrets it may hold took over {MASKING_CPU * 1000:g} ms of CPU]"
 WINDOW = 4096  # characters
@@ -132,9 +132,9 @@ def _masked(text: str, found: list[str], budget: Budget) -> str:
     """`text` with each of `found` masked, a look at `budget` before each scan (a secret
     as sent is replaced without: one linear pass)."""
     for secret in sorted(found, key=len, reverse=True):
-        if _by_forms(secret):
+        if by_forms(secret):
             budget.check()
-            text = _mask_forms(text, _forms(secret), budget)  # as sent too: too many mixes
+            text = _mask_forms(text, forms(secret), budget)  # as sent too: too many mixes
             continue
         _searched(len(text), budget)
         if _whole(secret) and secret in text:
@@ -156,54 +156,6 @@ def _searched(size: int, budget: Budget) -> None:
     (~2 ms at worst); a short text's costs no look."""
     if size > WINDOW:
         budget.check()
-
-
-# A secret holding more characters that encoders escape than this (any but an ASCII letter
-# or digit: `_pattern` escapes every non-ASCII one, `é` as `&#233;`), or a backslash (its
-# two forms, `\\` and `\\\\`, make a run of them match in 2^n ways), is masked in the forms
-# common encoders give it (`_forms`), not in every mix of escapes (`_pattern`): the
-# pattern's scan costs the text's length times those characters, and a project chooses its
-# secrets (an auth header value of 4,096 slashes made each attempt take 2.7 s of the
-# worker's loop, every project's deliveries waiting: review). At this many, 20 KB of text
-# made to match almost everywhere costs ~5 ms a secret at worst, and an attempt's masking
-# stops at `MASKING_CPU` (a random token of 64 visible ASCII characters holds ~20 such
-# characters; one of letters, digits and base64's, a few).
-MOST_ESCAPABLE = 12
-_ESCAPABLE = re.compile(r"[^A-Za-z0-9]")
-
-
-@functools.lru_cache(maxsize=1024)
-def _by_forms(secret: str) -> bool:
-    """Whether `secret` is masked in its common forms (`_forms`), not by `_pattern`."""
-    return "\\" in secret or len(_ESCAPABLE.findall(secret)) > MOST_ESCAPABLE
-
-
-@functools.lru_cache(maxsize=256)
-def _forms(secret: str) -> tuple[str, ...]:
-    """`secret` as sent and as JSON (standard, PHP's `\\/`, Go's `\\u0026` for `&<>`,
-    .NET's `\\u002B` for `+&<>'"` and the backtick, Gson's `\\u003d` for `=&<>'`), HTML
-    (`&<>` escaped, each quote as itself or any of its references) and URLs write it (`%2F`
-    or `%2f` for each byte of UTF-8 but a letter, digit or `-._~`; a space as `%20` or `+`:
-    a receiver echoing a query or a form showed it to every member: review)."""
-    standard = json.dumps(secret)[1:-1]
-    go = standard.replace("&", "\\u0026").replace("<", "\\u003c").replace(">", "\\u003e")
-    dotnet, gson = standard.replace('\\"', "\\u0022"), standard
-    for c in "+&<>'`":
-        dotnet = dotnet.replace(c, f"\\u{ord(c):04X}")
-    for c in "=&<>'":
-        gson = gson.replace(c, f"\\u{ord(c):04x}")
-    found = [secret, standard, standard.replace("/", "\\/"), go, dotnet, gson]
-    bare = html.escape(secret, quote=False)  # then each way HTML writes the quotes
-    for single in ("&#x27;", "&#39;", "&#039;", "&apos;", "'"):
-        for double in ("&quot;", "&#34;", '"'):
-            found.append(bare.replace("'", single).replace('"', double))
-    for encode in (quote, quote_plus):
-        url = encode(secret, safe="", errors="surrogatepass")
-        found += url, _HEX_ESCAPE.sub(lambda escape: escape.group().lower(), url)
-    return tuple(form for form in dict.fromkeys(found) if form)
-
-
-_HEX_ESCAPE = re.compile(r"%[0-9A-F]{2}")
 
 
 def _mask_forms(text: str, forms: Sequence[str], budget: Budget) -> str:
@@ -335,7 +287,7 @@ def _reach(secret: str) -> int:
     (`&#x0026;`); else `&#x00`, the hex digits and `;` (`&#x0020ac;`: 10), `&#00`, the
     decimal ones and `;`, or JSON's pair of `\\u` escapes past U+FFFF (`\\ud83d\\ude00`).
     A fixed 8 a character was too short for those at U+1000 and above."""
-    escapable = _ESCAPABLE.findall(secret)
+    escapable = ESCAPABLE.findall(secret)
     if secret.isascii():
         return len(secret) + 7 * len(escapable)
     return len(secret) + sum(_width(c) - 1 for c in escapable)

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from dispatcher import masking
+from dispatcher import masking, secret_forms
 from dispatcher.headers import sent_secrets
 from dispatcher.masking import WITHHELD, Budget, mask_cut, mask_secrets
 from dispatcher.models import MASK
@@ -65,7 +65,7 @@ def secrets(rng: random.Random) -> Iterator[str]:
     for _ in range(300):
         length = rng.choice([1, 2, 3, 5, 7, 8, 9, 12, 20, 40])
         secret = "".join(rng.choices(LETTERS + OTHERS, k=length))
-        if not masking._by_forms(secret):  # else: by forms
+        if not secret_forms.by_forms(secret):  # else: by forms
             yield secret
     yield from ("a&" * 6 + "Zq8Zq8Zq8Zq8", "&a" * 12, "x&y", "😀" * 3, "é&é")
 
@@ -203,7 +203,7 @@ def test_a_forms_search_looks_at_the_budget_by_what_it_checks(
     masked = mask_secrets(text, sent_secrets({}, "", ("X-Auth", secret)))
     assert masked != answer and not masked.strip(MASK), masked[:100]  # masked, all of it
     looks = [(0, 0), *text.looks, (text.searches, text.looked)]
-    widest = max(map(len, masking._forms(secret)))
+    widest = max(map(len, secret_forms.forms(secret)))
     one_search = masking.WINDOW + 2 * widest
     for (searches, looked), (then, before) in zip(looks[1:], looks, strict=False):
         assert looked - before <= masking.SEARCHED + one_search, (looked - before, len(looks))
@@ -243,9 +243,9 @@ def forms_cases(rng: random.Random) -> Iterator[tuple[str, tuple[str, ...]]]:
     for _ in range(150):
         length = rng.choice([1, 2, 5, 13, 14, 20, 40])
         secret = "".join(rng.choices("aZ9\\" + OTHERS, k=length))
-        if not masking._by_forms(secret):
+        if not secret_forms.by_forms(secret):
             secret += "\\"
-        forms = masking._forms(secret)
+        forms = secret_forms.forms(secret)
         pieces = [form[: rng.randrange(1, len(form) + 1)] for form in forms] + list(forms)
         yield "".join(rng.choices([*pieces, "x", " ", "\\", "&"], k=rng.randrange(1, 60))), forms
         yield rng.choice(forms) * rng.randrange(1, 30) + rng.choice(["", "x", "\\"]), forms
@@ -298,7 +298,7 @@ def test_a_secret_of_many_non_ascii_letters_is_masked_by_its_forms(
     monkeypatch.setattr(masking, "_pattern", no_pattern)
     assert mask_secrets(flood, [secret]) == flood
     assert mask_secrets("x" + json.dumps(secret) + "y", [secret]) == f'x"{MASK}"y'
-    assert masking._by_forms("é" * 13) and not masking._by_forms("é" * 12)
+    assert secret_forms.by_forms("é" * 13) and not secret_forms.by_forms("é" * 12)
 
 
 @pytest.mark.parametrize(

@@ -238,8 +238,13 @@ def lower_hex(url: str) -> str:  # `%2f`, as some encoders write it
         lambda s: quote_plus(s, safe=""),
         lambda s: lower_hex(quote(s, safe="")),
         lambda s: lower_hex(quote_plus(s, safe="")),
+        # Java's URLEncoder keeps `*` and escapes `~`; PHP's urlencode escapes both;
+        # JavaScript's encodeURIComponent keeps `!~*'()` (review)
+        lambda s: quote_plus(s, safe="*").replace("~", "%7E"),
+        lambda s: quote_plus(s, safe="").replace("~", "%7E"),
+        lambda s: quote(s, safe="!~*'()"),
     ],
-    ids=["quote", "quote-plus", "quote-lower", "quote-plus-lower"],
+    ids=["quote", "quote-plus", "quote-lower", "quote-plus-lower", "java", "php", "js"],
 )
 @pytest.mark.parametrize(
     "secret",
@@ -249,8 +254,9 @@ def lower_hex(url: str) -> str:  # `%2f`, as some encoders write it
         "pässwörd/0123 €",  # UTF-8 bytes escaped one by one
         "tok/" + "/&<\"'= " * 4 + "end",  # more than MOST_ESCAPABLE: by its forms
         "\\back\\slash%",  # a backslash: by its forms; `%` escaped at its end
+        "Zx9/+Qa!b~c*D/e+" + "/(')*~!" * 3,  # by its forms, what encoders keep or not
     ],
-    ids=["token", "auth-value", "non-ascii", "many-escapable", "backslash"],
+    ids=["token", "auth-value", "non-ascii", "many-escapable", "backslash", "kept-apart"],
 )
 def test_a_secret_is_masked_as_urls_encode_it(encode: Any, secret: str) -> None:
     """A receiver echoing a query or a form it was sent (`token=tok%2Fen%2Bvalue%3D%3D`),
