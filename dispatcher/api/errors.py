@@ -21,7 +21,7 @@ from dispatcher.errors import DispatcherError, TooManyRequests
 if TYPE_CHECKING:
     from fastapi import FastAPI, Request
 
-__all__ = ["REQUEST_ID_KEY", "envelope", "install_error_handlers"]
+__all__ = ["ANSWER_HEADERS", "REQUEST_ID_KEY", "envelope", "install_error_handlers"]
 
 log = structlog.get_logger("dispatcher.api")
 
@@ -30,6 +30,16 @@ REQUEST_ID_KEY = "dispatcher.request_id"
 REDIS_DOWN = "storage (Redis) is unreachable; retry in a few seconds"
 REDIS_FULL = "storage (Redis) is full (maxmemory reached) and refuses writes; retry later"
 REDIS_BUSY = "storage (Redis) answers 'not now' (busy, loading, ...); retry in a few seconds"
+
+
+# What every answer carries unless its route set it (`middleware.RequestId`; a 500 here):
+# no other site may frame a page of ours (Swagger UI at /docs: review), nor a browser sniff
+# an answer's type.
+ANSWER_HEADERS = (
+    (b"content-security-policy", b"frame-ancestors 'none'"),
+    (b"x-frame-options", b"DENY"),
+    (b"x-content-type-options", b"nosniff"),
+)
 
 
 def envelope(status: int, message: str) -> JSONResponse:
@@ -98,10 +108,12 @@ async def _redis_refused(request: Request, exc: Exception) -> JSONResponse:
 
 async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
     """A bug: logged with its traceback; the answer names the request id to look for. It
-    leaves through Starlette's outermost middleware, so the id header is set here."""
+    leaves through Starlette's outermost middleware, so the id header and `ANSWER_HEADERS`
+    are set here (a 500 carried none of the latter: review)."""
     log.exception("api.error", path=request.url.path)
     request_id = request.scope.get(REQUEST_ID_KEY, "")
     response = envelope(500, f"internal error ({type(exc).__name__}); see the service log")
+    response.raw_headers.extend(ANSWER_HEADERS)
     if request_id:
         response.headers["X-Request-ID"] = request_id
     return response

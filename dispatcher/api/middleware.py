@@ -16,7 +16,7 @@ from starlette.datastructures import Headers, MutableHeaders
 from starlette.exceptions import HTTPException
 from starlette.routing import compile_path
 
-from dispatcher.api.errors import REQUEST_ID_KEY, envelope
+from dispatcher.api.errors import ANSWER_HEADERS, REQUEST_ID_KEY, envelope
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
@@ -26,7 +26,6 @@ if TYPE_CHECKING:
     from dispatcher.settings import Settings
 
 __all__ = [
-    "ANSWER_HEADERS",
     "UNGATED",
     "Limits",
     "RequestId",
@@ -58,13 +57,6 @@ REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 # ReDoc at /redoc could be framed under another site's page: review; the policy sets
 # nothing else, so their scripts and styles load as before), and no browser reads it as
 # another type than it says.
-ANSWER_HEADERS = (
-    (b"content-security-policy", b"frame-ancestors 'none'"),
-    (b"x-frame-options", b"DENY"),
-    (b"x-content-type-options", b"nosniff"),
-)
-
-
 class RequestId:
     """Binds the request's id (the caller's `X-Request-ID` when `REQUEST_ID` takes it, else
     a new one) to every log line of the request and names it in the answer, which also
@@ -173,21 +165,27 @@ def host_refusal(scope: Scope, headers: Headers, allowed: frozenset[str]) -> ASG
     as uvicorn gives it) and names another host in its Host: a page whose name its owner
     points at 127.0.0.1 after it loaded (DNS rebinding) is the console's own origin to the
     browser, and read every page and posted the console's forms (as anyone, under the open
-    access of `dispatcher run`: review). `localhost`, the loopback addresses and `allowed`
-    (DISPATCHER_ALLOWED_HOSTS: a proxy on the same host that forwards its public Host) pass,
-    and so does every request on another address, where a rebound name cannot be told from
-    a real one (the gateway token guards those). None when it passes."""
+    access of `dispatcher run`: review). `localhost`, the loopback addresses, `0.0.0.0`,
+    `[::]` and `allowed` (DISPATCHER_ALLOWED_HOSTS: a proxy on the same host that forwards
+    its public Host) pass, and so does every request on another address, where a rebound
+    name cannot be told from a real one (the gateway token guards those). None when it
+    passes."""
     server = scope.get("server")
     if not server or not _loopback(str(server[0])):
         return None
     host = _host_name(headers.get("host", "localhost"))
-    if _loopback(host.strip("[]")) or host in allowed or "*" in allowed:
+    if _loopback(host.strip("[]")) or host in _UNSPECIFIED or host in allowed or "*" in allowed:
         return None
     return envelope(
         400,
         f"Host {host[:64]!r} is not answered on a loopback address (DNS rebinding): use "
         "localhost or 127.0.0.1, or list the name in DISPATCHER_ALLOWED_HOSTS",
     )
+
+
+# `0.0.0.0` and `[::]` (`dispatcher run --host 0.0.0.0` prints its URL so, and Linux sends
+# a connection to them to 127.0.0.1): no page's Host is one, its own name is (review)
+_UNSPECIFIED = frozenset(("0.0.0.0", "[::]"))
 
 
 def _host_name(host: str) -> str:

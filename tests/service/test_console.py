@@ -14,6 +14,7 @@ import pytest
 from itsdangerous import URLSafeTimedSerializer
 from redis.asyncio import Redis
 
+from dispatcher.api import create_app
 from dispatcher.auth import Role, Roles
 from dispatcher.clock import now_ms
 from dispatcher.console.csrf import COOKIE
@@ -284,6 +285,26 @@ async def test_no_other_site_may_frame_the_docs_or_any_answer(api: httpx.AsyncCl
             loaded = await api.get(asset)
             assert loaded.status_code == 200, asset
             assert loaded.headers["content-type"].startswith(types[asset.rpartition(".")[2]])
+
+
+async def test_a_500_carries_the_answer_headers_too(settings: Settings, redis: Redis) -> None:
+    """A bug's 500 leaves through Starlette's outermost middleware, past the one that adds
+    the answer headers: it carried none of them (review), and now carries each, once."""
+    app = create_app(settings, redis)
+
+    async def broken() -> None:
+        raise RuntimeError("a bug")
+
+    app.add_api_route("/broken", broken)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+        async with httpx.AsyncClient(transport=transport, base_url="http://d") as client:
+            answer = await client.get("/broken")
+    assert answer.status_code == 500 and "RuntimeError" in answer.json()["message"]
+    assert answer.headers.get_list("x-frame-options") == ["DENY"]
+    assert answer.headers.get_list("x-content-type-options") == ["nosniff"]
+    assert answer.headers.get_list("content-security-policy") == ["frame-ancestors 'none'"]
+    assert answer.headers["x-request-id"]
 
 
 async def test_history_form_bad_input_and_unknown_records_are_pages(

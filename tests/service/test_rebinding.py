@@ -61,12 +61,14 @@ async def test_a_rebound_name_is_refused_on_a_loopback_address(
 async def test_loopback_names_and_allowed_hosts_are_answered(
     redis_server: EmbeddedRedis, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """`localhost`, 127.0.0.0/8 and [::1] with any port, and the names of
+    """`localhost`, 127.0.0.0/8, [::1] and the unspecified addresses (what `dispatcher run
+    --host 0.0.0.0` prints; no page's Host is one) with any port, and the names of
     DISPATCHER_ALLOWED_HOSTS: a TLS proxy on the same host forwarding its public Host (and
     `X-Forwarded-Proto`, trusted from 127.0.0.1: the CSRF cookie is `Secure`)."""
     monkeypatch.delenv("FORWARDED_ALLOW_IPS", raising=False)
     settings = make_settings(redis_server.url, allowed_hosts=["Dispatcher.Example.com."])
     hosts = ["localhost", "LOCALHOST:80", "127.0.0.1", "127.3.2.1:8443", "[::1]:8080", "[::1]"]
+    hosts += ["0.0.0.0:8080", "[::]"]  # `dispatcher run --host 0.0.0.0`'s own URL (review)
     hosts += ["dispatcher.example.com", "dispatcher.example.com:443", "DISPATCHER.example.COM"]
     proxied = {"X-Forwarded-Proto": "https", "X-Forwarded-For": "203.0.113.9"}
     async with serving_api(settings) as port:
@@ -78,7 +80,7 @@ async def test_loopback_names_and_allowed_hosts_are_answered(
                 "/console/projects/demo", headers={"Host": "dispatcher.example.com", **proxied}
             )
             assert "secure" in secure.headers["set-cookie"].lower()
-            for host in (EVIL, "example.com", "0.0.0.0", "127.0.0.1.nip.io", "[::2]", "[::1"):
+            for host in (EVIL, "example.com", "0.1.0.0", "127.0.0.1.nip.io", "[::2]", "[::1"):
                 answer = await web.get("/console", headers={"Host": host})
                 assert answer.status_code == 400, host
 
