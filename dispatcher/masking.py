@@ -36,7 +36,7 @@ SHORT_SECRET = 8  # shorter secrets are masked only where they stand alone
 # ms past the read limit, every other project's deliveries waiting (review). Past it the
 # text is withheld whole (`WITHHELD`): what is left unmasked might hold a secret. Such an
 # attempt now takes 5.0-5.5 ms: the budget and the step that passes it (a window's scan, up
-# to ~0.6 ms; a forms search, ~0.15 ms; a 4,096-character secret's forms made, 0.6-1.7 ms
+# to ~0.6 ms; a forms search, ~0.15 ms; a 4,096-character secret's forms made, 0.6-1.2 ms
 # with their URL forms, 3-6 ms in a first version of those: review; a plain search of a
 # text past a window, up to ~2 ms: `_searched`).
 # One step is not cut: compiling a secret's pattern, 2.1-2.8 ms for 4,096 characters (new

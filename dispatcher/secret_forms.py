@@ -39,7 +39,7 @@ def forms(secret: str) -> tuple[str, ...]:
     .NET's `\\u002B` for `+&<>'"` and the backtick, Gson's `\\u003d` for `=&<>'`), HTML
     (`&<>` escaped, each quote as itself or any of its references) and URLs write it (`%2F`
     or `%2f` for each byte of UTF-8 but a letter, digit or what the encoder keeps; a space
-    as `%20` or `+`: `_URL_FORMS`; a receiver echoing a query or a form showed it to every
+    as `%20` or `+`: `_url_forms`; a receiver echoing a query or a form showed it to every
     member: review)."""
     standard = json.dumps(secret)[1:-1]
     go = standard.replace("&", "\\u0026").replace("<", "\\u003c").replace(">", "\\u003e")
@@ -53,36 +53,43 @@ def forms(secret: str) -> tuple[str, ...]:
     for single in ("&#x27;", "&#39;", "&#039;", "&apos;", "'"):
         for double in ("&quot;", "&#34;", '"'):
             found.append(bare.replace("'", single).replace('"', double))
-    utf8 = secret.encode(errors="surrogatepass").decode("latin-1")  # a character a byte
-    # what tells the forms apart for this secret: the case of `/`'s escape, and of its
-    # characters those kept by some encoders but not others, and a space if it holds one
-    telling = [ord(c) for c in "/ " + "".join(set(secret) & _KEPT_BY_SOME) if c in "/" + secret]
-    tables = {tuple(table[c] for c in telling): table for table in _URL_FORMS}
-    found += (utf8.translate(table) for table in tables.values())  # alike: made once
+    found += _url_forms(secret)
     return tuple(form for form in dict.fromkeys(found) if form)
 
 
-def _url_form(kept: str, case: str, plus: bool) -> dict[int, str]:
-    """A `str.translate` table from a byte (as a character of latin-1) to its URL form:
-    itself when a letter, a digit or in `kept`, else `%XX` in `case` (`X` or `x`), a space
-    `+` when `plus`. One C-level pass a form: `quote` and a regex to lower its escapes took
-    ~3 ms for a 4,096-character secret, a step the budget does not cut (review)."""
+def _url_forms(secret: str) -> list[str]:
+    """`secret` as each encoder of `_KEPT` writes it, hex in either case, a space as `%20`
+    and as `+` when it holds one: one `str.translate` a case (every byte escaped but a
+    letter, digit or `-._`), then the escapes of what an encoder keeps put back, only of
+    those characters the secret holds (C-level `replace`: a `%` of the secret is `%25`, so
+    each `%XY` found is an escape). A translate a form (16) took 2-3 ms for 4,096 random
+    characters, and a normal echo of such an auth header was withheld (review)."""
+    utf8 = secret.encode(errors="surrogatepass").decode("latin-1")  # a character a byte
+    differ, found = set(secret) & _KEPT_BY_SOME, []
+    for case in "Xx":
+        base = utf8.translate(_ESCAPED[case])
+        for kept in _KEPT:
+            form = base
+            for c in differ & kept:
+                form = form.replace(f"%{ord(c):02{case}}", c)
+            found.append(form)
+            if " " in secret:
+                found.append(form.replace("%20", "+"))
+    return found
+
+
+def _escaped(case: str) -> dict[int, str]:
+    """A `str.translate` table from a byte (as a character of latin-1) to itself when a
+    letter, a digit or one of `-._` (which every encoder keeps), else `%XY` in `case`."""
     table = {byte: f"%{byte:02{case}}" for byte in range(256)}
-    table.update((ord(c), c) for c in string.ascii_letters + string.digits + kept)
-    if plus:
-        table[ord(" ")] = "+"
+    table.update((ord(c), c) for c in string.ascii_letters + string.digits + "-._")
     return table
 
 
-# What the common encoders keep as it is, each in either case of hex and with a space as
-# `%20` or `+` (the latter made only for a secret that holds a space): Python's `quote`,
-# PHP's `rawurlencode` and Go's `QueryEscape` (`-._~`); Java's `URLEncoder` (`-._*`);
-# PHP's `urlencode` (`-._`); JavaScript's `encodeURIComponent` (`-_.!~*'()`). Python's
-# alone missed a token Java, PHP or JavaScript echoed (review).
-_URL_FORMS = tuple(
-    _url_form(kept, case, plus)
-    for case in "Xx"
-    for plus in (False, True)
-    for kept in ("-._~", "-._*", "-._", "-_.!~*'()")
-)
-_KEPT_BY_SOME = frozenset("~*!'()")  # kept by some of those encoders and not by others
+# What the common encoders keep as it is besides letters, digits and `-._`: Python's
+# `quote`, PHP's `rawurlencode` and Go's `QueryEscape` (`~`); Java's `URLEncoder` (`*`);
+# PHP's `urlencode` (none); JavaScript's `encodeURIComponent` (`!~*'()`). Python's alone
+# missed a token Java, PHP or JavaScript echoed (review).
+_KEPT_BY_SOME = frozenset("~*!'()")
+_KEPT = tuple(map(frozenset, ("~", "*", "", "!~*'()")))
+_ESCAPED = {case: _escaped(case) for case in "Xx"}
