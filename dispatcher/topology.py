@@ -14,6 +14,8 @@ import contextlib
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from redis.exceptions import AuthenticationError
+
 from dispatcher.cluster import is_cluster_url
 from dispatcher.connections import REDIS_ERRORS, connect, preflight, require_url, shown
 from dispatcher.errors import InvalidSetting
@@ -128,12 +130,22 @@ async def check_shards(settings: Settings) -> Checked:
 async def _answering(settings: Settings, urls: list[str]) -> list[bool]:
     """Whether each URL's Redis answers a PING, all asked at once, each as any command
     (each step within the timeout: a sentinel that hangs, then one that answers, or a slow
-    server, answer; one deadline for the whole found them silent: review)."""
+    server, answer; one deadline for the whole found them silent: review). InvalidSetting
+    when one refuses the password its URL gives (or asks for one): a worker waited it out
+    as an outage for ever, a line a second, and the CLI said the server did not answer
+    (review)."""
+
+    setting = "DISPATCHER_REDIS_SHARDS" if settings.redis_shards else "DISPATCHER_REDIS_URL"
 
     async def answers(url: str) -> bool:
         redis = connect(settings, url)
         try:
             await redis.ping()
+        except AuthenticationError as exc:  # (a ConnectionError: it was waited out as one)
+            raise InvalidSetting(
+                f"{shown(url)} refused its password ({exc}): give the URL the right one",
+                param=setting,
+            ) from None
         except REDIS_ERRORS:  # (TimeoutError among them: an OSError)
             return False
         finally:

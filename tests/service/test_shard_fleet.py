@@ -10,6 +10,7 @@ import contextlib
 import json
 import socket
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 import redis as redis_py
@@ -390,3 +391,29 @@ def test_status_asks_a_silent_shard_once(
     result = CliRunner().invoke(app, ["status"])
     assert result.exit_code == 3 and "shard(s) 0 did not answer" in result.output
     assert asked == [shard_servers[1].port]
+
+
+def test_a_wrong_redis_password_stops_a_process_at_start_saying_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A Redis that refuses the password its URL gives (or asks for one it does not give):
+    the CLI and a worker stop at start with a configuration error naming the setting, the
+    password masked. The CLI said the server did not answer, and a worker waited it out as
+    an outage for ever, a warning a second (review of the carried items)."""
+    with EmbeddedRedis(tmp_path / "redis", persist=False) as server:
+        redis_py.Redis.from_url(server.url).config_set("requirepass", "right")
+        monkeypatch.delenv("DISPATCHER_REDIS_SHARDS", raising=False)
+        monkeypatch.setenv("DISPATCHER_REDIS_TIMEOUT", "1")
+        for url in (server.url.replace("redis://", "redis://:wrong@"), server.url):
+            monkeypatch.setenv("DISPATCHER_REDIS_URL", url)
+            said = CliRunner().invoke(app, ["status"])
+            text = " ".join(said.output.split())
+            assert said.exit_code == 2, said.output
+            assert "configuration error DISPATCHER_REDIS_URL" in text, text
+            assert "refused its password" in text
+            assert "wrong" not in text
+        settings = make_settings(server.url.replace("redis://", "redis://:wrong@"))
+        with pytest.raises(InvalidSetting, match="refused its password"):
+            asyncio.run(check_shards(settings))
+        ok = make_settings(server.url.replace("redis://", "redis://:right@"))
+        assert asyncio.run(check_shards(ok)).silent == []
