@@ -18,7 +18,7 @@ if TYPE_CHECKING:
 
     from dispatcher.registry.store import Registry
 
-__all__ = ["callback_ids", "put_rows", "queue_put", "read_rows"]
+__all__ = ["callback_ids", "project_rows", "put_rows", "queue_put", "read_rows"]
 
 Row = dict[str, str]
 
@@ -40,6 +40,14 @@ async def callback_ids(registry: Registry, project_id: str) -> list[int]:
     """Every callback id of a project, its pipelines' included."""
     found = await registry.redis.zrange(registry.keys.project_callbacks(project_id), 0, -1)
     return [int(cid) for cid in found]
+
+
+async def project_rows(registry: Registry, project_id: str) -> list[Row]:
+    """The stored hashes of every callback of a project (`callback_ids`), those gone
+    between the two reads left out."""
+    return [
+        row for row in await read_rows(registry, await callback_ids(registry, project_id)) if row
+    ]
 
 
 def queue_put(registry: Registry, pipe: Pipeline, row: Row, *, reset: bool) -> None:

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, NamedTuple
 
 from dispatcher import keys
 from dispatcher.lua import Key, Script, run_pipeline
-from dispatcher.registry.copies import callback_ids, queue_put, read_rows
+from dispatcher.registry.copies import project_rows, queue_put
 from dispatcher.registry.scripts import DISABLE
 
 if TYPE_CHECKING:
@@ -95,8 +95,7 @@ async def copy_callbacks(
     the same round trip, note on `dst` each one's `updatedTime` as copied, the note of an
     earlier copy replaced (`CarryDisable` reads it). `alive` is checked before the write
     (it raises to stop: the mover's lease). Returns how many."""
-    rows = await read_rows(src.registry, await callback_ids(src.registry, project))
-    rows = [row for row in rows if row]
+    rows = await project_rows(src.registry, project)
     copied = dst.keys.callbacks_copied(project)
 
     def write(pipe: Pipeline) -> None:
@@ -131,7 +130,7 @@ async def carry_disables(
     (`CarryDisable`): what a worker of `src` disabled after the move copied it; `say` tells
     the operator what it did, and what it could not judge. Run once the drain is done (no
     delivery of the project is left on `src`), before the project is removed from `src`."""
-    rows = await read_rows(src.registry, await callback_ids(src.registry, project))
+    rows = await project_rows(src.registry, project)
     k = dst.keys
     carried = [
         CarryDisable(
@@ -146,7 +145,7 @@ async def carry_disables(
             version_prefix=k.REGISTRY_VERSION_PREFIX,
         )
         for row in rows
-        if row and row.get("enabled") == "0"
+        if row.get("enabled") == "0"
     ]
 
     def queue(pipe: Pipeline) -> None:
