@@ -44,7 +44,7 @@ OUTAGE: tuple[type[BaseException], ...] = (
 
 class SchemaBehind(Exception):
     """The history database's schema is older than this version's code needs (checked
-    once per pool and at each shipper's start: `schema.require_latest`)."""
+    once per pool and at each shipper's start: `schema.require_needed`)."""
 
 
 # A schema older than the code: found by the version check, or by a statement that names

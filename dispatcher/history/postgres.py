@@ -22,7 +22,7 @@ from dispatcher import clock
 from dispatcher.errors import NotFound
 from dispatcher.history import database, window
 from dispatcher.history.ids import RecordIds
-from dispatcher.history.schema import DAY_MS, drop_expired, ensure_partitions, require_latest
+from dispatcher.history.schema import DAY_MS, drop_expired, ensure_partitions, require_needed
 from dispatcher.history.stream import streamed
 from dispatcher.history.window import Cursor, Recent, unknown_record
 from dispatcher.lua import run_pipeline
@@ -183,7 +183,7 @@ class PostgresHistory:
                     pool = await database.create_pool(self.settings)
                     try:
                         async with pool.acquire() as conn:
-                            await require_latest(conn)
+                            await require_needed(conn)
                     except BaseException:
                         pool.terminate()
                         raise

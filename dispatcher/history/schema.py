@@ -55,10 +55,12 @@ if TYPE_CHECKING:
 __all__ = [
     "DAY_MS",
     "MIGRATIONS",
+    "NEEDS",
     "drop_expired",
     "ensure_partitions",
+    "needed",
     "partitions",
-    "require_latest",
+    "require_needed",
     "schema_version",
     "upgrade",
 ]
@@ -151,6 +153,14 @@ MIGRATIONS: list[tuple[int, str | Callable[[Conn], Awaitable[None]]]] = [
     (6, _SET_ASIDE), (7, _SET_ASIDE_FIELDS), (8, delivery_newest),
 ]  # fmt: skip
 
+# For each version, the lowest version the shipper's inserts and the reads need while it is
+# the latest: itself when it changes tables, columns or functions; the version before's
+# when it only adds indexes (4 and 8, built CONCURRENTLY, for hours on a big history).
+# The processes of a new version check this, not the latest, so that they ship and answer
+# while such a migration runs; `upgrade` (and `heal`) still go on to the latest. A new
+# version adds its row.
+NEEDS: dict[int, int] = {1: 1, 2: 2, 3: 3, 4: 3, 5: 5, 6: 6, 7: 7, 8: 7}
+
 
 class Busy(Exception):
     """Another process holds the migrations' lock: it is upgrading (`upgrade(wait=False)`)."""
@@ -210,13 +220,20 @@ async def schema_version(conn: Conn) -> int:
     return int(await conn.fetchval("SELECT coalesce(max(version), 0) FROM history_schema"))
 
 
-async def require_latest(conn: Conn) -> None:
+def needed() -> int:
+    """The lowest schema version this version's statements work on (`NEEDS`)."""
+    return NEEDS[MIGRATIONS[-1][0]]
+
+
+async def require_needed(conn: Conn) -> None:
     """Raise `SchemaBehind` (a 503 saying to run `dispatcher db upgrade`) when the schema
-    is older than this version's latest migration: its statements would fail one by one
-    (a column not there: a 500)."""
-    version, latest = await schema_version(conn), MIGRATIONS[-1][0]
-    if version < latest:
-        raise SchemaBehind(f"the history schema is version {version}, this version needs {latest}")
+    is older than this version's statements need (`needed`): they would fail one by one (a
+    column not there: a 500). A schema whose latest migration only adds an index, still
+    building, is not behind: the shipper ships and reads are answered meanwhile (they were
+    refused until it ended, and records piled up in Redis up to the backlog limit)."""
+    version, least = await schema_version(conn), needed()
+    if version < least:
+        raise SchemaBehind(f"the history schema is version {version}, this version needs {least}")
 
 
 def day_suffix(day: int) -> str:

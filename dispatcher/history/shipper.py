@@ -55,7 +55,7 @@ from dispatcher.history.entries import (
 )
 from dispatcher.history.ids import SeedIds
 from dispatcher.history.loader import Loader, Pair, Row, parse_row
-from dispatcher.history.schema import DAY_MS, require_latest
+from dispatcher.history.schema import DAY_MS, require_needed
 from dispatcher.history.ship_read import Limit, entry_bytes, read_count, read_more
 from dispatcher.history.ship_session import IDLE_S, Session
 from dispatcher.shard import ID_SPAN, Shard
@@ -119,12 +119,13 @@ class Shipper:
     async def open(self) -> bool:
         """Connect (once), and (electing) take the lock; True when this shipper may ship.
         Reads the watermark, trims what an earlier shipper committed but did not trim, and
-        keeps Redis' id counter above every stored id. A schema older than this version
-        raises `SchemaBehind` (logged with the hint to upgrade)."""
+        keeps Redis' id counter above every stored id. A schema older than this version's
+        statements need raises `SchemaBehind` (logged with the hint to upgrade); one whose
+        latest migration, an index only, still builds does not (`schema.NEEDS`)."""
         if self.conn is None:
             self.conn = await database.connect(self.settings)
             await self.session.bound(self.conn)
-            await require_latest(self.conn)
+            await require_needed(self.conn)
         if self.elect and not await self.conn.fetchval(
             "SELECT pg_try_advisory_lock($1)", self.lock
         ):

@@ -1,7 +1,8 @@
 """Start-up and upgrade under way, on real servers: a cluster with a node down or a replica
 that would evict keys (the start-up check asks every node), and PostgreSQL history's
 version 5 run on a table of 200,000 pairs while an older version reads and writes it.
-They start several servers or load a table: the fault tier's, out of the fast loop."""
+A version 8 build held for seconds while this version ships and reads. They start several
+servers, load a table or hold a migration: the fault tier's, out of the fast loop."""
 
 from __future__ import annotations
 
@@ -12,15 +13,20 @@ from pathlib import Path
 import asyncpg
 import pytest
 import redis as redis_py
+from redis.asyncio import Redis
 
+from dispatcher.clock import now_ms
 from dispatcher.connections import preflight
+from dispatcher.embedded import EmbeddedRedis
 from dispatcher.errors import InvalidSetting
 from dispatcher.history import schema
-from dispatcher.history.schema import upgrade
+from dispatcher.history.postgres import PostgresHistory
+from dispatcher.history.schema import DAY_MS, ensure_partitions, schema_version, upgrade
+from dispatcher.history.shipper import Shipper
 from tests.cluster import LocalCluster
-from tests.helpers import make_settings
+from tests.helpers import make_settings, until
 from tests.service.test_embedded_redis import _evicting
-from tests.service.test_history_postgres import at_version_4, fresh_db
+from tests.service.test_history_postgres import URL, at_version_4, fresh_db, keys, record
 
 __all__ = ["fresh_db"]  # the fixture, imported to be found here
 
@@ -109,3 +115,67 @@ async def test_version_5_never_holds_pair_lookups_or_inserts_for_long(
     finally:
         await reader.close()
         await migrating.close()
+
+
+# A build CONCURRENTLY waiting for the transactions older than it (a snapshot held).
+_BUILD_WAITING = """
+SELECT count(*) FROM pg_stat_progress_create_index
+ WHERE command = 'CREATE INDEX CONCURRENTLY' AND phase LIKE 'waiting for%'
+"""
+
+
+async def test_this_version_ships_and_reads_while_version_8_builds_its_index(
+    fresh_db: str, redis_server: EmbeddedRedis, redis: Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Version 8 only adds an index, built CONCURRENTLY day by day so that inserts go on,
+    and may run for hours. This version's shipper and reads required the latest version,
+    8: while the build ran (here held by a long REPEATABLE READ transaction, as pg_dump or a
+    report holds one) nothing shipped, reads answered 503, and records piled up in Redis up
+    to the backlog limit, where every worker stops claiming (review). Each version states
+    the lowest version its statements need (`schema.NEEDS`: 8 needs 7): the records ship
+    and are read during the build, and the upgrade still ends at version 8."""
+    monkeypatch.setattr(schema, "MIGRATIONS", schema.MIGRATIONS[:7])
+    conn = await asyncpg.connect(fresh_db)
+    assert await upgrade(conn) == [1, 2, 3, 4, 5, 6, 7]
+    monkeypatch.undo()
+    assert schema.needed() == 7
+    now = now_ms()
+    await ensure_partitions(conn, now - DAY_MS, now + DAY_MS)
+    snapshot, watch = await asyncpg.connect(fresh_db), await asyncpg.connect(fresh_db)
+    await snapshot.execute("BEGIN ISOLATION LEVEL REPEATABLE READ")
+    await snapshot.fetchval("SELECT count(*) FROM history_shipped")  # the snapshot taken
+    migrating = asyncio.create_task(upgrade(conn))
+    settings = make_settings(redis_server.url, history_url=fresh_db)
+    history = PostgresHistory(redis, settings, keys)
+    stop = asyncio.Event()
+    shipper = Shipper(redis, settings, elect=False, stop=stop)
+    running = asyncio.create_task(shipper.run(drain_on_stop=False))
+    try:
+
+        async def building() -> bool:
+            return bool(await watch.fetchval(_BUILD_WAITING))
+
+        await until(building, 20, "version 8's build waits for the snapshot")
+        ids = [await history.add(record(now - 1000 + n, n)) for n in range(50)]
+
+        async def stored() -> bool:
+            return int(await watch.fetchval("SELECT count(*) FROM history_attempts")) == 50
+
+        await until(stored, 20, "the records shipped while version 8 builds")
+        page = await history.query("demo", URL, "BUILD_END", start_ms=now - 60_000, end_ms=now)
+        assert page.count == 50 and page.records[0].id == ids[-1]
+        assert await redis.xlen(keys.HISTORY_STREAM) == 0
+        assert not migrating.done() and await building()  # all of it during the build
+        assert await schema_version(watch) == 7
+        await snapshot.execute("ROLLBACK")
+        assert await asyncio.wait_for(migrating, 60) == [8]
+        assert await schema_version(watch) == 8
+    finally:
+        stop.set()
+        await running
+        await history.close()
+        if not migrating.done():
+            await snapshot.execute("ROLLBACK")
+            await asyncio.wait_for(migrating, 60)
+        for c in (snapshot, watch, conn):
+            await c.close()
