@@ -23,6 +23,7 @@ __all__ = [
     "HISTORY_BACKLOG",
     "HISTORY_BACKLOG_AGE",
     "HISTORY_BACKLOG_BYTES",
+    "HISTORY_PAST_RETENTION",
     "HISTORY_RECORDS",
     "HISTORY_SET_ASIDE",
     "HISTORY_SHIPPED",
@@ -151,6 +152,11 @@ HISTORY_SET_ASIDE = Counter(
     "dispatcher_history_set_aside_total",
     "History records the shipper could not store in PostgreSQL (refused alone, or no record), "
     "kept in history_set_aside with why.",
+)
+HISTORY_PAST_RETENTION = Counter(
+    "dispatcher_history_past_retention_total",
+    "History records the shipper dropped, not stored: past the retention by Redis's clock "
+    "(they waited in the stream longer than it).",
 )
 HISTORY_SHIP_FAILURES = Counter(
     "dispatcher_history_ship_failures_total",

@@ -1,8 +1,10 @@
 """The entries the shipper set aside (`entries.py`), for the operator: listed, and shipped
 again once what refused them is fixed (`dispatcher history set-aside list|retry`).
 
-Shipping one again appends its fields, as the worker wrote them, to the stream it came from
-(under a new stream id) and deletes its row, in the transaction that read it: a failed
+Shipping one again appends its fields, as the worker wrote them, and the stream id it had
+first (`o`: the shipper judges it by its `createdTime` alone, not by the time Redis added it
+again: `ship_window.py`) to the stream it came from (under a new stream id) and deletes its
+row, in the transaction that read it: a failed
 append rolls the delete back, and two runs at once never both take a row (it is locked).
 An entry appended twice (a commit whose answer was lost) is stored once, by its record id;
 one refused again is set aside again, under its new stream id. A row set aside before
@@ -68,5 +70,7 @@ async def retry(
         rows = sorted(rows, key=lambda r: (r["stream"], sid_of(r["stream_id"])))
         for row in rows:
             redis, key = streams[row["stream"]]
-            await redis.xadd(key, orjson.loads(row["fields"]))
+            fields = orjson.loads(row["fields"])
+            fields.setdefault("o", row["stream_id"])  # its first stream id: judged as asked
+            await redis.xadd(key, fields)
     return [row["stream_id"] for row in rows]

@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from dispatcher import clock, metrics
+from dispatcher import metrics
 from dispatcher.connections import REDIS_ERRORS
 from dispatcher.history import database
 from dispatcher.history.entries import (
@@ -55,9 +55,10 @@ from dispatcher.history.entries import (
 )
 from dispatcher.history.ids import SeedIds
 from dispatcher.history.loader import Loader, Pair, Row, parse_row
-from dispatcher.history.schema import DAY_MS, require_needed
+from dispatcher.history.schema import require_needed
 from dispatcher.history.ship_read import Limit, entry_bytes, read_count, read_more
 from dispatcher.history.ship_session import IDLE_S, Session
+from dispatcher.history.ship_window import judge, report_past
 from dispatcher.shard import ID_SPAN, Shard
 from dispatcher.stopping import cancel_all
 
@@ -190,7 +191,9 @@ class Shipper:
 
     async def ship_once(self, *, block_ms: int | None = None, now_ms: int | None = None) -> int:
         """Ship one batch (waiting up to `block_ms` for one); returns the records stored.
-        Records past the retention are skipped (their day may be gone; never shown)."""
+        Judged by Redis's clock (`ship_window.py`): an entry whose time is far from the one
+        Redis added it at is set aside, one past the retention dropped and counted (`now_ms`:
+        tests, as though Redis had added every entry then)."""
         assert self.conn is not None and self.loader is not None, "open() first"
         self.last_read = 0
         reply = await self._read(block_ms)
@@ -200,18 +203,12 @@ class Shipper:
         self.each = entry_bytes(entries) or self.each
         if not entries:
             return 0
-        now = clock.now_ms() if now_ms is None else now_ms
-        oldest, newest = now - self.settings.retention_ms, now + DAY_MS
+        last = sid_of(entries[-1][0])
         readable, aside = read_entries(entries)
-        batch = [e for e in readable if oldest <= e.created_ms <= newest]
-        if len(batch) < len(readable):
-            self.skipped += len(readable) - len(batch)
-            log.warning(
-                "history.ship_skipped",
-                records=len(readable) - len(batch),
-                reason="past the retention, or in the future",
-            )
-        stored = await self._commit(batch, sid_of(entries[-1][0]), aside)
+        judged = judge(readable, self.settings.retention_ms, last[0], at=now_ms)
+        stored = await self._commit(judged.batch, last, aside + judged.aside)
+        report_past(self.name, judged.past)
+        self.skipped += len(judged.past)
         await self._trim()
         self.shipped += stored
         metrics.HISTORY_SHIPPED.inc(stored)

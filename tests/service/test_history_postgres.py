@@ -23,6 +23,7 @@ from redis.exceptions import ResponseError
 from structlog.testing import capture_logs
 from typer.testing import CliRunner
 
+from dispatcher import clock
 from dispatcher.cli import app
 from dispatcher.clock import now_ms
 from dispatcher.embedded import FAST, EmbeddedPostgres, EmbeddedRedis
@@ -459,7 +460,7 @@ async def test_retention_drops_a_days_partition_and_nothing_newer(
     try:
         for n, at in enumerate(created):
             await history.add(record(at, n))
-        await ship_all(settings, redis, now_ms=now - 3 * DAY_MS)  # all within retention then
+            await ship_all(settings, redis, now_ms=at + 1000)  # each shipped in its time
         await history.add(record(now - 1000, 9))
         await ship_all(settings, redis)
         cutoff = now - settings.retention_ms
@@ -1180,6 +1181,82 @@ async def test_an_entry_postgresql_refuses_alone_is_set_aside_and_the_others_shi
     await history.sweep()
     await history.close()
     assert [r[0] for r in await set_aside(pg_settings.history_url)] == [str(nul["id"]), str(2**63)]
+
+
+async def test_records_of_a_clock_days_off_are_stored_or_set_aside_never_dropped(
+    pg_settings: Settings, redis: Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The shipper kept the records whose createdTime fell within [its own clock - the
+    retention, its own clock + 1 day] and dropped the others for good, with a warning alone:
+    a worker whose clock ran 2 days ahead lost its records, and a leading shipper whose
+    clock ran 2 days behind dropped every correct worker's (review). Each entry is judged by
+    the time Redis added it (its stream id): one whose createdTime is more than a day from
+    it is set aside with why (counted, alerted on, listed), the others stored whatever the
+    shipper's clock; `retry` ships the ones set aside, judged by their createdTime then."""
+    now = now_ms()
+    history = PostgresHistory(redis, pg_settings, keys)
+    ahead = await history.add(record(now + 2 * DAY_MS, 1))  # a worker 2 days ahead
+    behind = await history.add(record(now - 2 * DAY_MS, 2, projectId="p2"))  # 2 days behind
+    normal = await history.add(record(now - 10, 3))
+    before = REGISTRY.get_sample_value("dispatcher_history_set_aside_total") or 0
+    with capture_logs() as logs:
+        assert await ship_all(pg_settings, redis) == 1
+    assert await redis.xlen(keys.HISTORY_STREAM) == 0
+    kept = await set_aside(pg_settings.history_url)
+    assert [(r[0], r[1]) for r in kept] == [(str(ahead), "demo"), (str(behind), "p2")]
+    assert "48.0 h ahead of the time Redis added its entry" in kept[0][2], kept[0][2]
+    assert "48.0 h behind the time Redis added its entry" in kept[1][2], kept[1][2]
+    assert REGISTRY.get_sample_value("dispatcher_history_set_aside_total") == before + 2
+    said = [e for e in logs if e["event"] == "history.ship_set_aside"]
+    assert [e["record_id"] for e in said] == [str(ahead), str(behind)]
+    # a leader whose own clock runs 2 days behind stores every correct worker's record
+    monkeypatch.setattr(clock, "now_ms", lambda: now - 2 * DAY_MS)
+    late = [await history.add(record(now - 20 + n, 10 + n)) for n in range(10)]
+    assert await ship_all(pg_settings, redis) == 10
+    monkeypatch.undo()
+    page = await history.query("demo", URL, "BUILD_END", start_ms=now - 60_000, end_ms=now)
+    assert {r.id for r in page.records} == {normal, *late}
+    monkeypatch.setenv("DISPATCHER_REDIS_URL", pg_settings.redis_url or "")
+    monkeypatch.setenv("DISPATCHER_HISTORY_URL", pg_settings.history_url or "")
+    listed = await asyncio.to_thread(CliRunner().invoke, app, ["history", "set-aside", "list"])
+    assert listed.exit_code == 0 and "2 entries" in listed.output, listed.output
+    assert str(ahead) in listed.output and str(behind) in listed.output
+    again = await asyncio.to_thread(
+        CliRunner().invoke, app, ["history", "set-aside", "retry", "--all"]
+    )
+    assert again.exit_code == 0 and "appended 2 entries" in again.output, again.output
+    assert await ship_all(pg_settings, redis) == 2  # asked for: stored at their createdTime
+    assert (await history.get(ahead)).created_time == now + 2 * DAY_MS
+    assert (await history.get(behind, "p2")).created_time == now - 2 * DAY_MS
+    assert await set_aside(pg_settings.history_url) == []
+    await history.close()
+
+
+async def test_only_a_record_past_the_retention_by_redis_clock_is_dropped_and_counted(
+    pg_settings: Settings, redis: Redis
+) -> None:
+    """A record that waited in the stream past the retention (Redis added it longer ago
+    than that, by the newest stream id) is dropped, as its day may be gone: now logged with
+    its record id and counted (`dispatcher_history_past_retention_total`); it was a warning
+    alone, counted nowhere (review). The others of its batch are stored."""
+    now = now_ms()
+    history = PostgresHistory(redis, pg_settings, keys)
+    old_at = now - pg_settings.retention_ms - DAY_MS
+    old = record(old_at, 1)
+    await history.assign_ids([old])
+    await redis.xadd(keys.HISTORY_STREAM, stream_fields(old, False), id=f"{old_at}-0")  # type: ignore[arg-type]
+    fresh = await history.add(record(now - 10, 2))
+    before = REGISTRY.get_sample_value("dispatcher_history_past_retention_total") or 0
+    with capture_logs() as logs:
+        assert await ship_all(pg_settings, redis) == 1
+    assert await redis.xlen(keys.HISTORY_STREAM) == 0
+    assert REGISTRY.get_sample_value("dispatcher_history_past_retention_total") == before + 1
+    (said,) = [e for e in logs if e["event"] == "history.ship_past_retention"]
+    assert said["records"] == 1 and said["record_ids"] == [str(old["id"])], said
+    assert said["first_stream_id"] == f"{old_at}-0"
+    assert await set_aside(pg_settings.history_url) == []
+    assert (await history.get(fresh)).id == fresh
+    await history.close()
 
 
 async def test_a_batch_after_an_older_workers_entry_set_aside_is_shipped(
