@@ -17,14 +17,13 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, NamedTuple
 
+import asyncpg
 import orjson
 
 from dispatcher.history.schema import DAY_MS, ensure_partitions
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
-
-    import asyncpg
 
 __all__ = ["Loader", "Row", "parse_row"]
 
@@ -144,6 +143,14 @@ class Loader:
         for day in sorted({ms // DAY_MS for ms in created_ms} - self.days):
             await ensure_partitions(self.conn, day * DAY_MS, day * DAY_MS)
             self.days.add(day)
+
+    def refused(self, exc: BaseException) -> None:
+        """After a batch PostgreSQL refused: when no partition took a row (its day dropped
+        since this loader made it: the retention, by hand), every day is looked up again
+        and made at the next `prepare`. The days stayed cached, and that day's entries were
+        set aside again and again until the leader restarted."""
+        if isinstance(exc, asyncpg.CheckViolationError):  # "no partition ... found for row"
+            self.days.clear()
 
     async def prepare(self, rows: Iterable[Row]) -> None:
         """Outside the batch's transaction: pair ids, partitions, the staging table."""

@@ -251,6 +251,7 @@ class Shipper:
             return await self._transaction(batch, last, parsed=None, aside=aside)
         except ENTRY_ERRORS as exc:
             log.warning("history.ship_entry_by_entry", error=repr(exc), records=len(batch))
+            self.loader.refused(exc)  # a day dropped meanwhile: made again
         return await self._one_by_one(batch, last, aside)
 
     async def _one_by_one(self, batch: list[Entry], last: StreamId, aside: list[Aside]) -> int:

@@ -487,6 +487,37 @@ async def test_retention_drops_a_days_partition_and_nothing_newer(
         await conn.close()
 
 
+async def test_a_day_partition_dropped_under_a_running_leader_is_made_again(
+    fresh_db: str, redis_server: EmbeddedRedis, redis: Redis
+) -> None:
+    """The leader caches the days whose partitions it made. A partition dropped under it
+    (by hand, or by a sweep whose clock runs ahead) stayed cached: every entry of that day
+    was refused ("no partition of relation found for row") and set aside, again and again
+    until the leader restarted. Refused so, the leader looks its days up again and makes
+    the partition anew: the entry is stored, none set aside."""
+    settings = make_settings(redis_server.url, history_url=fresh_db)
+    conn = await asyncpg.connect(fresh_db)
+    await upgrade(conn)
+    now = now_ms()
+    history = PostgresHistory(redis, settings, keys)
+    shipper = Shipper(redis, settings, elect=False)
+    await shipper.open()
+    try:
+        await history.add(record(now - 20, 1))
+        assert await shipper.drain() == 1
+        day = f"history_attempts_{schema.day_suffix(now // DAY_MS)}"
+        await conn.execute(f"DROP TABLE {day}")
+        second = [await history.add(record(now - 10 + n, 2 + n)) for n in range(2)]
+        assert await shipper.drain() == 2
+        assert await set_aside(fresh_db) == []
+        ids = [r[0] for r in await conn.fetch(f"SELECT id FROM {day} ORDER BY id")]
+        assert ids == second
+    finally:
+        await shipper.close()
+        await history.close()
+        await conn.close()
+
+
 async def test_processes_making_the_same_day_partitions_at_once_all_succeed(
     fresh_db: str,
 ) -> None:
