@@ -54,7 +54,7 @@ from dispatcher.history.entries import (
     sid_text,
 )
 from dispatcher.history.ids import SeedIds
-from dispatcher.history.loader import Loader, Pair, Row, parse_row
+from dispatcher.history.loader import Loader, PairIds, Row, parse_row
 from dispatcher.history.schema import require_needed
 from dispatcher.history.ship_read import Limit, entry_bytes, read_count, read_more
 from dispatcher.history.ship_session import IDLE_S, Session
@@ -106,7 +106,7 @@ class Shipper:
         self.conn: asyncpg.Connection | None = None
         self.session = Session(idle_s)  # closed by the server past `idle_s` idle
         self.loader: Loader | None = None
-        self.pairs: dict[Pair, int] = {}
+        self.pairs = PairIds()  # the ids met last, kept across reconnects
         self.watermark: StreamId = (0, 0)
         self.leading = False
         self.shipped = self.skipped = 0

@@ -1290,6 +1290,37 @@ async def test_only_a_record_past_the_retention_by_redis_clock_is_dropped_and_co
     await history.close()
 
 
+async def test_the_shippers_pair_ids_are_bounded_and_those_let_go_ship_right(
+    pg_settings: Settings, redis: Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The leading shipper kept the id of every (project, event, URL) it met for the life
+    of its process: 8.5 KB a pair of a long URL, 32 MiB for 4,000 (review). It keeps the
+    `PAIRS_KEPT` used last (16,384; 8 here). A batch of more pairs than that, and the pairs
+    met again after they were let go, are stored and counted under their own pair."""
+    monkeypatch.setattr("dispatcher.history.loader.PAIRS_KEPT", 8, raising=False)
+    now = now_ms()
+    history = PostgresHistory(redis, pg_settings, keys)
+    shipper = Shipper(redis, pg_settings, elect=False)
+    await shipper.open()
+    urls = [f"{URL}/{n}/" + "\U00020000" * 500 for n in range(20)]  # long: 2 KB a URL
+    try:
+        for again in range(2):
+            for n, url in enumerate(urls):
+                await history.add(record(now - 1000 + n, 100 * again + n, callBackUrl=url))
+            assert await shipper.drain() == 20
+            assert len(shipper.pairs) <= 8
+        for n, url in enumerate(urls):
+            page = await history.query("demo", url, "BUILD_END", start_ms=now - 60_000, end_ms=now)
+            assert page.count == 2 and [r.call_back_url for r in page.records] == [url, url]
+            assert {r.request_body for r in page.records} == {
+                f'{{"n": {n}}}',
+                f'{{"n": {100 + n}}}',
+            }
+    finally:
+        await shipper.close()
+        await history.close()
+
+
 async def test_a_batch_after_an_older_workers_entry_set_aside_is_shipped(
     pg_settings: Settings, redis: Redis
 ) -> None:
