@@ -22,7 +22,7 @@ from dispatcher.cli.common import (
     with_redis_url,
 )
 from dispatcher.history import database, set_aside
-from dispatcher.history.migrate import migrate
+from dispatcher.history.migrate import Migrated, migrate
 from dispatcher.history.schema import MIGRATIONS, Busy, schema_version, upgrade
 from dispatcher.history.shipper import Shipper
 from dispatcher.settings import Settings
@@ -127,24 +127,39 @@ async def _ship(shipper: Shipper, *, drain: bool) -> int:
 
 @history_app.command("migrate")
 def migrate_command() -> None:
-    """Copy the history kept in Redis into PostgreSQL (idempotent: run it again at will)."""
+    """Copy the history kept in Redis into PostgreSQL (idempotent: run it again at will).
+    A record it cannot read is skipped, one PostgreSQL refuses set aside: both logged and
+    counted, the others copied."""
     settings = _postgres_settings()
 
-    async def go() -> tuple[int, int]:
+    async def go() -> list[Migrated]:
         shards = shards_of(settings)
         clients = connect_shards(settings, shards)
-        read = stored = 0
+        done = []
         try:
             with database.unavailable(), counting("copying", "records") as advance:
                 for shard, client in zip(shards, clients, strict=True):
-                    n, new = await migrate(client, shard.keys, settings, on_batch=advance)
-                    read, stored = read + n, stored + new
+                    done.append(
+                        await migrate(
+                            client, shard.keys, settings, shard.stream_name, on_batch=advance
+                        )
+                    )
         finally:
             await close_all(clients)
-        return read, stored
+        return done
 
-    read, stored = run_async(go)
-    console.print(f"copied {stored} records ({read - stored} were there already)")
+    read, stored, unreadable, aside = (sum(column) for column in zip(*run_async(go), strict=True))
+    console.print(f"copied {stored} records ({read - stored - aside} were there already)")
+    if unreadable:
+        console.print(
+            tagged(f"{unreadable} records unreadable", "yellow", ": skipped, left in Redis"
+                   " (logged with their keys: history.migrate_unreadable)")
+        )  # fmt: skip
+    if aside:
+        console.print(
+            tagged(f"{aside} records refused by PostgreSQL", "yellow", ": set aside"
+                   " (`dispatcher history set-aside list`, then `retry` once fixed)")
+        )  # fmt: skip
 
 
 @set_aside_app.command("list")

@@ -708,6 +708,61 @@ def test_history_migrate_copies_the_redis_history(
     assert dead[0].request_body == KEPT
 
 
+def test_history_migrate_skips_what_it_cannot_read_and_sets_aside_what_is_refused(
+    pg_settings: Settings, redis_server: EmbeddedRedis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`dispatcher history migrate` stopped at the first record it could not read (edited
+    by hand, another version's fields) with a bare KeyError, exit 1, and at the same one at
+    every run: nothing after it was copied (review). As the shipper does, it skips a record
+    it cannot read (logged with its key, counted), sets aside one PostgreSQL refuses alone
+    (listed by `set-aside list`, its fields an entry the shipper reads), copies the others
+    and says the counts."""
+    now = now_ms()
+
+    async def seed() -> tuple[list[int], int]:
+        redis = Redis.from_url(redis_server.url)
+        await redis.flushdb()
+        history = RedisHistory(redis, make_settings(redis_server.url), keys)
+        ids = [await history.add(record(now - 3000 + n, n)) for n in range(1500)]
+        no_event = {"id": ids[1234], **record(now - 5, 1234)}
+        del no_event["events"]
+        await redis.set(keys.HISTORY_RECORD_PREFIX + str(ids[1234]), orjson.dumps(no_event))
+        await redis.set(keys.HISTORY_RECORD_PREFIX + str(ids[10]), b"not JSON")
+        nul = record(now - 2, 2000, projectId="p\x009", status="FAILED", final=True)
+        refused = await history.add(nul, dead=True)  # a NUL: PostgreSQL's text refuses it
+        await redis.aclose()
+        return ids, refused
+
+    ids, refused = asyncio.run(seed())
+    monkeypatch.setenv("DISPATCHER_REDIS_URL", redis_server.url)
+    monkeypatch.setenv("DISPATCHER_HISTORY_URL", pg_settings.history_url or "")
+    for run, there in enumerate((0, 1498)):
+        out = CliRunner().invoke(app, ["history", "migrate"])
+        assert out.exit_code == 0, (out.output, out.exception)
+        assert f"copied {1498 - there} records ({there} were there already)" in out.output
+        assert "2 records unreadable" in out.output, out.output
+        assert "1 records refused by PostgreSQL: set aside" in out.output
+        if run == 0:
+            assert "history.migrate_unreadable" in out.output
+            assert keys.HISTORY_RECORD_PREFIX + str(ids[1234]) in out.output
+
+    async def stored() -> tuple[set[int], list[tuple[Any, ...]]]:
+        conn = await asyncpg.connect(pg_settings.history_url or "")
+        rows = {r[0] for r in await conn.fetch("SELECT id FROM history_attempts")}
+        await conn.close()
+        return rows, await set_aside(pg_settings.history_url)
+
+    rows, kept = asyncio.run(stored())
+    assert rows == set(ids) - {ids[10], ids[1234]}
+    ((record_id, project, error, _, fields),) = kept
+    assert (record_id, project, fields["d"]) == (str(refused), "p\ufffd9", "1")
+    assert "CharacterNotInRepertoire" in error or "0x00" in error, error
+    (entry,), aside = read_entries([(b"1-0", {k.encode(): v.encode() for k, v in fields.items()})])
+    assert aside == [] and entry.dead and entry.created_ms == now - 2
+    listed = CliRunner().invoke(app, ["history", "set-aside", "list"])
+    assert str(refused) in listed.output and "1 entries" in listed.output, listed.output
+
+
 async def test_an_unreachable_database_is_a_503_with_a_message(
     redis_server: EmbeddedRedis, redis: Redis
 ) -> None:
