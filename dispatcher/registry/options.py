@@ -143,7 +143,8 @@ _MISSING = object()
 
 def order_key(path: str, data: Mapping[str, Any]) -> str | None:
     """The lane an event with `data` takes under `orderBy` `path`: '' for `*`, the value at
-    the path as text (a string as it is, a number or a boolean as JSON writes it), or None
+    the path as text (a string as it is, a boolean as JSON writes it, a number as `repr`
+    does: `1e+16` where JSON writes `1e16`), or None
     when the event has no such value (a missing field, null, an object or a list)."""
     if path == ORDER_ALL:
         return ""

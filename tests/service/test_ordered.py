@@ -110,6 +110,8 @@ def test_order_key_reads_dotted_paths_and_scalars_only() -> None:
     assert order_key("build.id", data) == "7"
     assert order_key("build.ok", data) == "true"
     assert order_key("*", data) == ""
+    numbers = orjson.loads(b'{"big": 1E16, "float": 2.50}')  # as the README says: repr's
+    assert (order_key("big", numbers), order_key("float", numbers)) == ("1e+16", "2.5")
     for missing in ("none", "build", "nope", "buildId.x", "build.id.x"):
         assert order_key(missing, data) is None
 
