@@ -35,7 +35,7 @@ if TYPE_CHECKING:
     from dispatcher.keys import Keys
     from dispatcher.settings import Settings
 
-__all__ = ["WAIT_CAP_S", "Replication", "confirm", "run_replicated"]
+__all__ = ["WAIT_CAP_S", "Replication", "confirm", "plain_replicas", "run_replicated"]
 
 WAIT_CAP_S = 1.0  # one WAIT's bound; a producer tries again until DISPATCHER_EMIT_WAIT
 SETTING = "DISPATCHER_REDIS_MIN_REPLICAS"
@@ -102,3 +102,18 @@ async def confirm(redis: Redis, replication: Replication | None) -> None:
     connection (the mark and WAIT alone); NotReplicated otherwise. Nothing without one."""
     if replication is not None:
         await run_replicated(redis, lambda _: None, replication)
+
+
+def plain_replicas(info: dict[str, Any], wanted: int) -> list[str]:
+    """What start-up says of a plain URL's Redis (its `INFO replication`), `wanted`
+    replicas asked to confirm every emit: a warning when it is a master with fewer
+    connected (emits refused until they connect: after a managed failover the new primary
+    may have none for minutes, and refusing to start stopped every process, workers too,
+    whose writes wait for no replica)."""
+    connected = int(info.get("connected_slaves", 0))
+    if not wanted or info.get("role") != "master" or connected >= wanted:
+        return []
+    return [
+        f"{SETTING}={wanted}, but the Redis of DISPATCHER_REDIS_URL has {connected} "
+        "replica(s) connected: emits are refused (503) until enough connect"
+    ]

@@ -30,7 +30,8 @@ from dispatcher.models import Event, Region
 from dispatcher.producer import Producer
 from dispatcher.registry import Registry
 from dispatcher.settings import Settings
-from tests.helpers import UID, app_client, free_port, make_settings
+from dispatcher.status import live_workers
+from tests.helpers import UID, app_client, free_port, make_settings, start_process, stop, until
 
 keys = Keys()  # today's key names (one shard)
 
@@ -184,12 +185,13 @@ async def test_without_the_replicas_it_asks_for_an_emit_answers_503(
     redis: Redis, settings: Settings
 ) -> None:
     """The session's Redis has no replica: with DISPATCHER_REDIS_MIN_REPLICAS=1 a process
-    does not start, and an emit (Python, both routes, redelivery) is refused within the
-    bound, saying that emitting again is safe."""
+    starts with a warning, and an emit (Python, both routes, redelivery) is refused within
+    the bound, saying that emitting again is safe."""
     strict = settings.model_copy(update={"redis_min_replicas": 1, "emit_wait": 0.5})
-    with pytest.raises(InvalidSetting, match="has 0 connected") as caught:
-        await preflight(strict)
-    assert caught.value.param == "DISPATCHER_REDIS_MIN_REPLICAS"
+    assert await preflight(strict) == [
+        "DISPATCHER_REDIS_MIN_REPLICAS=1, but the Redis of DISPATCHER_REDIS_URL has 0 "
+        "replica(s) connected: emits are refused (503) until enough connect"
+    ]
     with pytest.raises(Unavailable, match=r"0 of 1 replicas .* same event ids is safe"):
         await Producer(strict, redis).emit("demo", "BUILD_END", {}, event_id="e1")
     now = now_ms()
@@ -228,6 +230,33 @@ async def test_without_the_replicas_it_asks_for_an_emit_answers_503(
     assert retry.status_code == 503 and "the redeliveries are queued on Redis' master" in message
     assert "look at the delivery's attempts first" in message
     assert took < 3 * 1.0  # each within DISPATCHER_EMIT_WAIT (0.5 s) and a round trip
+
+
+async def test_a_plain_urls_master_short_of_replicas_starts_every_process_with_a_warning(
+    tmp_path: Path,
+) -> None:
+    """A plain URL whose master has fewer replicas than DISPATCHER_REDIS_MIN_REPLICAS now (a
+    managed Redis' new primary, minutes after its failover): a worker starts, and takes
+    jobs (its writes wait for no replica), saying why emits are refused meanwhile. It
+    stopped every process (exit 2), workers included: pods restarted then crash-looped
+    (review)."""
+    log = tmp_path / "worker.log"
+    with EmbeddedRedis(tmp_path / "redis", persist=False) as server:
+        worker = start_process(["worker"], server.url, log, DISPATCHER_REDIS_MIN_REPLICAS="1")
+        redis = connect(make_settings(server.url))
+
+        async def up() -> bool:
+            assert worker.poll() is None, f"the worker stopped: {log.read_text()}"
+            return len(await live_workers(redis, keys)) == 1
+
+        try:
+            await until(up, 40, "the worker up")
+        finally:
+            stop(worker)
+            await redis.aclose()
+    said = " ".join(log.read_text().split())  # as the console wrapped it
+    assert "warning: DISPATCHER_REDIS_MIN_REPLICAS=1, but the Redis of" in said, said
+    assert "emits are refused (503) until enough connect" in said, said
 
 
 async def test_record_ids_skip_ahead_on_a_server_that_did_not_hand_out_the_last_block(
