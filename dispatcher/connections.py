@@ -215,9 +215,9 @@ async def preflight(settings: Settings, url: str | None = None) -> list[str]:
     with a sentinel URL, that a sentinel answers and knows the master, and with
     `DISPATCHER_REDIS_MIN_REPLICAS` > 0 that the sentinels list that many replicas; that it
     keeps its keys when full (`_keeps_keys`). InvalidSetting (naming the setting) when
-    not; returns warnings (a replica down, a plain URL's master with fewer connected than
-    asked for: `replication.plain_replicas`). A Redis that does not answer is an outage,
-    waited out as ever, not a wrong setting."""
+    not; returns warnings (a replica down, more replicas listed than confirm an emit, a
+    plain URL's master with fewer connected than asked for: `replication`). A Redis that
+    does not answer is an outage, waited out as ever, not a wrong setting."""
     target = require_url(settings, url)
     warnings = await _replicas(settings, target)
     return warnings + await _keeps_keys(settings, target)

@@ -50,6 +50,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from dispatcher.addresses import host_port
 from dispatcher.errors import InvalidSetting
 from dispatcher.master_switch import FollowingPool, FollowsSwitch
+from dispatcher.replication import sentinel_replicas
 
 __all__ = [
     "SENTINEL_SCHEMES",
@@ -312,24 +313,10 @@ async def check_sentinels(
     target: SentinelUrl, policy: dict[str, Any], password: str | None, min_replicas: int
 ) -> list[str]:
     """Ask every sentinel about the master: InvalidSetting when none answers, none knows
-    it, or it has fewer replicas than `min_replicas`; returns warnings (replicas down)."""
+    it, or it has fewer replicas than `min_replicas`; returns warnings (replicas down, or
+    more replicas than confirm an emit: `replication.sentinel_replicas`)."""
     replicas = await _ask_sentinels(target, policy, password, replicas=min_replicas > 0)
-    if not min_replicas:
-        return []
-    up = [r for r in replicas if not (r["is_sdown"] or r["is_odown"] or r["is_disconnected"])]
-    if len(replicas) < min_replicas:
-        raise InvalidSetting(
-            f"{min_replicas} replica(s) must confirm every emit, but {target.describe()} has "
-            f"{len(replicas)}",
-            param="DISPATCHER_REDIS_MIN_REPLICAS",
-        )
-    if len(up) < min_replicas:
-        return [
-            f"DISPATCHER_REDIS_MIN_REPLICAS={min_replicas}, but only {len(up)} of the "
-            f"{len(replicas)} replicas of {target.describe()} are up: emits are refused (503) "
-            "until enough are back"
-        ]
-    return []
+    return sentinel_replicas(target.describe(), replicas, min_replicas)
 
 
 async def _ask_sentinels(
