@@ -150,6 +150,47 @@ def test_a_setting_that_cannot_work_stops_a_command_with_its_name(
     assert "configuration error DISPATCHER_REDIS_MIN_REPLICAS" in too_few and "has 1" in too_few
 
 
+def test_tls_to_sentinels_that_do_not_take_it_says_tls_was_tried(
+    group: SentinelGroup, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A rediss+sentinel:// URL to plain sentinels times out connecting: the message says
+    TLS was tried (it said "Timeout connecting to server", nothing of TLS: review)."""
+    tls = group.url.replace("redis+sentinel://", "rediss+sentinel://")
+    output = run_cli(monkeypatch, DISPATCHER_REDIS_URL=tls, DISPATCHER_REDIS_TIMEOUT="0.3")
+    assert (
+        "configuration error DISPATCHER_REDIS_URL: no sentinel answered over TLS "
+        "(rediss+sentinel://: do the sentinels take TLS? redis+sentinel:// is without)"
+    ) in output, output
+
+
+def test_the_sentinels_own_password(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Sentinels with a `requirepass`: DISPATCHER_REDIS_SENTINEL_PASSWORD right, a command
+    works; unset or wrong, it stops (exit 2) naming the setting, never showing it."""
+    group = SentinelGroup(tmp_path, sentinel_password="sentinels-pw")
+    group.start()
+    try:
+        monkeypatch.setenv("DISPATCHER_REDIS_URL", group.url)
+        monkeypatch.setenv("DISPATCHER_REDIS_TIMEOUT", "1")
+        monkeypatch.setenv("DISPATCHER_REDIS_SENTINEL_PASSWORD", "sentinels-pw")
+        command = ["emit", "--project", "demo", "--event", "BUILD_END", "--event-id", "evt_pw"]
+        result = CliRunner().invoke(app, command)
+        assert result.exit_code == 0 and "evt_pw" in result.output, result.output
+        monkeypatch.delenv("DISPATCHER_REDIS_SENTINEL_PASSWORD")
+        unset = run_cli(monkeypatch)
+        assert (
+            "configuration error DISPATCHER_REDIS_SENTINEL_PASSWORD: every sentinel asks for a "
+            "password, and DISPATCHER_REDIS_SENTINEL_PASSWORD is not set"
+        ) in unset, unset
+        wrong = run_cli(monkeypatch, DISPATCHER_REDIS_SENTINEL_PASSWORD="not-it")
+        assert (
+            "configuration error DISPATCHER_REDIS_SENTINEL_PASSWORD: every sentinel asks for a "
+            "password, and DISPATCHER_REDIS_SENTINEL_PASSWORD is refused"
+        ) in wrong, wrong
+        assert "not-it" not in wrong and "sentinels-pw" not in unset + wrong
+    finally:
+        group.stop()
+
+
 async def test_an_evicting_replica_stops_a_process_before_a_failover_promotes_it(
     group: SentinelGroup,
 ) -> None:
