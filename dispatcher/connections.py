@@ -43,6 +43,7 @@ from dispatcher.failover import (
     replica_clients,
     sentinel_client,
 )
+from dispatcher.replication import plain_replicas
 
 if TYPE_CHECKING:
     from dispatcher.settings import Settings
@@ -211,11 +212,12 @@ def redis_settings(settings: Settings, url: str | None = None) -> RedisSettings:
 
 async def preflight(settings: Settings, url: str | None = None) -> list[str]:
     """What a process checks when it starts, of `url` (by default `DISPATCHER_REDIS_URL`):
-    with a sentinel URL, that a sentinel answers and knows the master; with
-    `DISPATCHER_REDIS_MIN_REPLICAS` > 0, that the master has that many replicas; that it
+    with a sentinel URL, that a sentinel answers and knows the master, and with
+    `DISPATCHER_REDIS_MIN_REPLICAS` > 0 that the sentinels list that many replicas; that it
     keeps its keys when full (`_keeps_keys`). InvalidSetting (naming the setting) when
-    not; returns warnings (a replica down). A Redis that does not answer is an outage,
-    waited out as ever, not a wrong setting."""
+    not; returns warnings (a replica down, more replicas listed than confirm an emit, a
+    plain URL's master with fewer connected than asked for: `replication`). A Redis that
+    does not answer is an outage, waited out as ever, not a wrong setting."""
     target = require_url(settings, url)
     warnings = await _replicas(settings, target)
     return warnings + await _keeps_keys(settings, target)
@@ -244,14 +246,7 @@ async def _replicas(settings: Settings, target: str) -> list[str]:
         return []
     finally:
         await redis.aclose()
-    replicas = int(info.get("connected_slaves", 0))
-    if info.get("role") == "master" and replicas < wanted:
-        raise InvalidSetting(
-            f"{wanted} replica(s) must confirm every emit, but the Redis of "
-            f"DISPATCHER_REDIS_URL has {replicas} connected",
-            param="DISPATCHER_REDIS_MIN_REPLICAS",
-        )
-    return []
+    return plain_replicas(info, wanted)
 
 
 async def _keeps_keys(settings: Settings, target: str) -> list[str]:

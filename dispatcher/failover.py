@@ -43,13 +43,14 @@ from redis.asyncio.sentinel import (
     SentinelManagedConnection,
     SentinelManagedSSLConnection,
 )
+from redis.exceptions import AuthenticationError, ReadOnlyError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ReadOnlyError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from dispatcher.addresses import host_port
 from dispatcher.errors import InvalidSetting
 from dispatcher.master_switch import FollowingPool, FollowsSwitch
+from dispatcher.replication import sentinel_replicas
 
 __all__ = [
     "SENTINEL_SCHEMES",
@@ -312,24 +313,10 @@ async def check_sentinels(
     target: SentinelUrl, policy: dict[str, Any], password: str | None, min_replicas: int
 ) -> list[str]:
     """Ask every sentinel about the master: InvalidSetting when none answers, none knows
-    it, or it has fewer replicas than `min_replicas`; returns warnings (replicas down)."""
+    it, or it has fewer replicas than `min_replicas`; returns warnings (replicas down, or
+    more replicas than confirm an emit: `replication.sentinel_replicas`)."""
     replicas = await _ask_sentinels(target, policy, password, replicas=min_replicas > 0)
-    if not min_replicas:
-        return []
-    up = [r for r in replicas if not (r["is_sdown"] or r["is_odown"] or r["is_disconnected"])]
-    if len(replicas) < min_replicas:
-        raise InvalidSetting(
-            f"{min_replicas} replica(s) must confirm every emit, but {target.describe()} has "
-            f"{len(replicas)}",
-            param="DISPATCHER_REDIS_MIN_REPLICAS",
-        )
-    if len(up) < min_replicas:
-        return [
-            f"DISPATCHER_REDIS_MIN_REPLICAS={min_replicas}, but only {len(up)} of the "
-            f"{len(replicas)} replicas of {target.describe()} are up: emits are refused (503) "
-            "until enough are back"
-        ]
-    return []
+    return sentinel_replicas(target.describe(), replicas, min_replicas)
 
 
 async def _ask_sentinels(
@@ -339,16 +326,18 @@ async def _ask_sentinels(
     `replicas`, the master's replicas as the first sentinel that knows it sees them."""
     sentinels = sentinels_of(target, policy, password)
     answers: list[tuple[Redis, dict[str, Any]]] = []
-    errors: list[str] = []
+    errors: list[tuple[str, Exception]] = []
     try:
         for client in sentinels.sentinels:
             try:
                 masters = await client.sentinel_masters()  # type: ignore[no-untyped-call]
                 answers.append((client, masters))
             except (RedisConnectionError, RedisTimeoutError, ResponseError) as exc:
-                errors.append(f"{_addresses([_address_of(client)])}: {exc}")
+                errors.append((_addresses([_address_of(client)]), exc))
+        if not answers:
+            raise _unanswered(target, errors, password)
         known = [client for client, masters in answers if target.master in masters]
-        _refuse_unless_known(target, known, answers, errors)
+        _refuse_unless_known(target, known, answers)
         if not replicas:
             return []
         seen = await known[0].sentinel_slaves(target.master)  # type: ignore[no-untyped-call]
@@ -373,18 +362,30 @@ async def replica_clients(
     return found
 
 
-def _refuse_unless_known(
-    target: SentinelUrl,
-    known: list[Redis],
-    answers: list[tuple[Redis, dict[str, Any]]],
-    errors: list[str],
-) -> None:
-    if not answers:
-        raise InvalidSetting(
-            f"no sentinel answered ({'; '.join(errors)}); check the hosts and ports "
-            "(and DISPATCHER_REDIS_SENTINEL_PASSWORD when the sentinels have one)",
-            param="DISPATCHER_REDIS_URL",
+def _unanswered(
+    target: SentinelUrl, errors: list[tuple[str, Exception]], password: str | None
+) -> InvalidSetting:
+    """Why no sentinel answered: their password (each refused it, or asked for one), or,
+    a timeout over TLS: the sentinels may not take TLS (it said "Timeout connecting")."""
+    said = "; ".join(f"{where}: {exc}" for where, exc in errors)
+    if errors and all(isinstance(exc, AuthenticationError) for _, exc in errors):
+        wrong = "is not set" if password is None else "is refused (or they have none: unset it)"
+        return InvalidSetting(
+            f"every sentinel asks for a password, and DISPATCHER_REDIS_SENTINEL_PASSWORD "
+            f"{wrong}: {said}",
+            param="DISPATCHER_REDIS_SENTINEL_PASSWORD",
         )
+    tls = " over TLS (rediss+sentinel://: do the sentinels take TLS? redis+sentinel:// is without)"
+    return InvalidSetting(
+        f"no sentinel answered{tls if target.tls else ''} ({said}); check the hosts and ports "
+        "(and DISPATCHER_REDIS_SENTINEL_PASSWORD when the sentinels have one)",
+        param="DISPATCHER_REDIS_URL",
+    )
+
+
+def _refuse_unless_known(
+    target: SentinelUrl, known: list[Redis], answers: list[tuple[Redis, dict[str, Any]]]
+) -> None:
     if not known:
         names = sorted({str(name) for _, masters in answers for name in masters})
         raise InvalidSetting(

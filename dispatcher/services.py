@@ -28,7 +28,8 @@ from dispatcher.models import DeliveryStatus, Region, parse_event, parse_status
 from dispatcher.producer import Producer
 from dispatcher.queue import Queue
 from dispatcher.redelivery import redeliver_window
-from dispatcher.registry import Registry, validate_url
+from dispatcher.registry import validate_url
+from dispatcher.registry.confirmed import ConfirmedRegistry
 from dispatcher.registry.rules import checked_reason
 from dispatcher.shard import Shard
 from dispatcher.status import read_status
@@ -77,13 +78,8 @@ class Services:
         self.shard = shard = shard or Shard.single(settings.queue_name)
         self.keys = keys = shard.keys
         floor = shard.id_floor
-        self.registry = Registry(
-            redis,
-            settings.token_cipher(),
-            keys,
-            id_floor=floor,
-            limit=settings.max_callbacks_per_project,
-        )
+        # its acknowledged changes confirmed by DISPATCHER_REDIS_MIN_REPLICAS replicas
+        self.registry = ConfirmedRegistry.of(settings, redis, keys, floor)
         self.history = open_history(settings, redis, keys, floor)
         self.health = Health(redis, self.registry, settings)
         self.queue = Queue(redis, keys)

@@ -52,9 +52,13 @@ def _free_port() -> int:
         return port
 
 
-def _ping(port: int) -> bool:
+def _ping(port: int, password: str | None = None) -> bool:
     client = redis_py.Redis(
-        host="127.0.0.1", port=port, socket_connect_timeout=0.2, socket_timeout=0.5
+        host="127.0.0.1",
+        port=port,
+        socket_connect_timeout=0.2,
+        socket_timeout=0.5,
+        password=password,
     )
     try:
         return bool(client.ping())

@@ -27,7 +27,8 @@ HOST = "127.0.0.1"
 
 
 class SentinelGroup:
-    """A master named `name`, `replicas` replicas and three sentinels watching it."""
+    """A master named `name`, `replicas` replicas and three sentinels watching it (with
+    `sentinel_password`, their `requirepass`: DISPATCHER_REDIS_SENTINEL_PASSWORD)."""
 
     def __init__(
         self,
@@ -37,11 +38,13 @@ class SentinelGroup:
         replicas: int = 1,
         down_after_ms: int = 1000,
         failover_timeout_ms: int = 3000,
+        sentinel_password: str | None = None,
     ) -> None:
         self.folder = Path(folder).resolve()
         self.name = name
         self.down_after_ms = down_after_ms
         self.failover_timeout_ms = failover_timeout_ms
+        self.sentinel_password = sentinel_password
         ports = _distinct_ports(4 + replicas)
         self.nodes: dict[int, subprocess.Popen[bytes] | None] = dict.fromkeys(ports[3:])
         self.sentinels: dict[int, subprocess.Popen[bytes] | None] = dict.fromkeys(ports[:3])
@@ -143,15 +146,23 @@ class SentinelGroup:
             f"sentinel failover-timeout {self.name} {self.failover_timeout_ms}\n"
             f"sentinel parallel-syncs {self.name} 1\n"
         )
-        self.sentinels[port] = self._spawn([find_redis_server(), str(config), "--sentinel"], port)
+        if self.sentinel_password:  # (the sentinels' own, which they give one another too)
+            with config.open("a") as out:
+                out.write(f"requirepass {self.sentinel_password}\n")
+                out.write(f"sentinel sentinel-pass {self.sentinel_password}\n")
+        command = [find_redis_server(), str(config), "--sentinel"]
+        self.sentinels[port] = self._spawn(command, port, self.sentinel_password)
 
     @staticmethod
-    def _spawn(command: list[str], port: int) -> subprocess.Popen[bytes]:
+    def _spawn(
+        command: list[str], port: int, password: str | None = None
+    ) -> subprocess.Popen[bytes]:
         process = subprocess.Popen(
             command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
         )
         deadline = time.monotonic() + 10
-        while not _ping(port) or process.poll() is not None:  # ours answers, not another's
+        # ours answers, not another's
+        while not _ping(port, password) or process.poll() is not None:
             if process.poll() is not None:
                 raise _Exited(f"redis-server on port {port} exited at start: {command}")
             if time.monotonic() > deadline:
@@ -178,7 +189,13 @@ class SentinelGroup:
 
     def _ask(self, port: int, *command: str) -> object:
         """A command to the sentinel on `port`; None when it does not answer."""
-        client = redis_py.Redis(host=HOST, port=port, socket_timeout=1, decode_responses=True)
+        client = redis_py.Redis(
+            host=HOST,
+            port=port,
+            socket_timeout=1,
+            decode_responses=True,
+            password=self.sentinel_password,
+        )
         try:
             return client.execute_command(*command)  # type: ignore[no-untyped-call]
         except (RedisConnectionError, RedisTimeoutError, redis_py.ResponseError):

@@ -2,6 +2,8 @@
 
 - `store.py`: `Registry` (register, batch, list, get, delete, enable/disable, secrets at
   rest, the layout upgrade);
+- `confirmed.py`: `ConfirmedRegistry`, the `Registry` of `Services`, whose acknowledged
+  changes the replicas `DISPATCHER_REDIS_MIN_REPLICAS` asks for confirm first;
 - `match.py`: an event's callbacks over the platform, project and pipeline levels, a chunk
   at a time, one delivery per URL;
 - `rules.py`: what a registration must satisfy (URL, ids, token, events per level);

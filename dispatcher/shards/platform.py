@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 import structlog
 
 from dispatcher.connections import REDIS_ERRORS
-from dispatcher.errors import NotFound, Unavailable
+from dispatcher.errors import NotFound, NotReplicated, Unavailable
 from dispatcher.models import PLATFORM_PROJECT
 from dispatcher.registry.copies import callback_ids, put_rows, read_rows
 from dispatcher.services import DEFAULT_OVERLAP_HOURS
@@ -37,6 +37,9 @@ __all__ = ["PlatformCallbacks"]
 
 
 log = structlog.get_logger("dispatcher.shards")
+
+# a shard that did not take a copy: away, or its replicas did not confirm it
+UNCOPIED: tuple[type[Exception], ...] = (*REDIS_ERRORS, NotReplicated)
 
 
 class PlatformCallbacks:
@@ -77,8 +80,14 @@ class PlatformCallbacks:
     async def delete(
         self, callback_id: int, project_id: str, *, pipeline_id: str | None = None
     ) -> None:
-        await self.home.delete(callback_id, project_id, pipeline_id=pipeline_id)
+        unconfirmed = None  # deleted on the home shard's master: deleted everywhere too
+        try:
+            await self.home.delete(callback_id, project_id, pipeline_id=pipeline_id)
+        except NotReplicated as exc:
+            unconfirmed = exc
         await self._each(lambda shard: _delete(shard, callback_id))
+        if unconfirmed is not None:
+            raise unconfirmed
 
     async def enable(self, callback_id: int, *, project_id: str | None = None) -> None:
         """Enable every copy (also one a shard disabled): their failure counts start again."""
@@ -160,13 +169,15 @@ class PlatformCallbacks:
         for shard in self.others:
             try:
                 await write(shard)
-            except REDIS_ERRORS as exc:
+                await shard.registry.confirmed()
+            except UNCOPIED as exc:
                 log.warning("shards.platform_copy_failed", shard=shard.shard.index, error=str(exc))
                 missed.append(str(shard.shard.index))
         if missed:
             raise Unavailable(
                 f"the platform-wide callback was saved, but shard(s) {', '.join(missed)} did "
-                "not answer: their projects' events do not reach it yet; do it again (or run "
+                "not answer, or their replicas did not confirm it (DISPATCHER_REDIS_MIN_REPLICAS):"
+                " their projects' events may not reach it as it is now; do it again (or run "
                 "`dispatcher shards sync`) once they answer"
             )
 

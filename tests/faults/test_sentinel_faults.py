@@ -17,13 +17,14 @@ import pytest
 from redis.asyncio import Redis
 
 from dispatcher.clock import now_ms
-from dispatcher.connections import connect
+from dispatcher.connections import REDIS_ERRORS, connect
 from dispatcher.embedded import SentinelGroup
 from dispatcher.errors import Unavailable
 from dispatcher.keys import Keys, project_scoped
 from dispatcher.models import Event, Region
 from dispatcher.producer import Producer
 from dispatcher.registry import Options, Registry
+from dispatcher.services import Services
 from dispatcher.settings import Settings
 from dispatcher.status import live_workers
 from dispatcher.worker import create_worker
@@ -337,3 +338,58 @@ async def test_with_0_replicas_an_unreplicated_acknowledged_emit_is_lost_with_1_
     finally:
         await old.aclose()
         await redis.aclose()
+
+
+UNACKNOWLEDGED: tuple[type[Exception], ...] = (Unavailable, *REDIS_ERRORS)  # a 503
+
+
+async def test_callbacks_deleted_through_a_planned_failover_stay_deleted(
+    group: SentinelGroup,
+) -> None:
+    """`DISPATCHER_REDIS_MIN_REPLICAS=1`: callbacks deleted one after the other through
+    `Services` (what the API, the console and the CLI call) while an operator runs
+    `SENTINEL FAILOVER`: none whose deletion returned is back on the new master. A deletion
+    made on the old master after the promotion is refused (its replica is now the master:
+    none confirms it); it returned, and came back with the failover (review)."""
+    old = group.master_port()
+    settings = make_settings(group.url, redis_min_replicas=1, redis_timeout=1, emit_wait=1)
+    redis = connect(settings)
+    await redis.flushdb()
+    registry = Registry(redis)
+    ids = [
+        (await registry.create(PROJECT, f"https://e.com/{n}", Event.BUILD_END, Region.DEVNET))[0]
+        for n in range(1500)
+    ]
+    await asyncio.to_thread(group.wait_for_replicas, 1)
+    deleted: list[int] = []
+    refused = 0
+
+    async def deleting(services: Services) -> None:
+        nonlocal refused
+        for callback_id in ids:
+            try:
+                await services.delete(callback_id, PROJECT)
+                deleted.append(callback_id)
+            except UNACKNOWLEDGED:
+                refused += 1
+            await asyncio.sleep(0.003)
+
+    async with Services.open(settings, redis) as services:
+        task = asyncio.create_task(deleting(services))
+        try:
+            await asyncio.sleep(0.5)
+            sentinel = Redis(host="127.0.0.1", port=next(iter(group.sentinels)), socket_timeout=2)
+            try:
+                await sentinel.execute_command("SENTINEL", "FAILOVER", group.name)  # type: ignore[no-untyped-call]
+            finally:
+                await sentinel.aclose()
+            await asyncio.to_thread(group.wait_for_new_master, old)
+            await asyncio.to_thread(group.heal)  # the old master a replica again
+        finally:
+            await task
+    try:
+        held = [c for c in deleted if await redis.exists(keys.callback(c))]
+    finally:
+        await redis.aclose()
+    assert deleted and not held, f"{len(held)} of {len(deleted)} deleted callbacks are back"
+    assert refused < len(ids) // 2, refused

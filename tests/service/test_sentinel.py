@@ -30,7 +30,8 @@ from dispatcher.models import Event, Region
 from dispatcher.producer import Producer
 from dispatcher.registry import Registry
 from dispatcher.settings import Settings
-from tests.helpers import UID, app_client, free_port, make_settings
+from dispatcher.status import live_workers
+from tests.helpers import UID, app_client, free_port, make_settings, start_process, stop, until
 
 keys = Keys()  # today's key names (one shard)
 
@@ -65,6 +66,44 @@ async def test_an_acknowledged_emit_is_on_the_replica_already(group: SentinelGro
         job_ids = [project_scoped("demo", i) for i in [one, *many, routed]]
         held = await replica.mget([keys.arq_job(job_id) for job_id in job_ids])
         assert all(held), f"{held.count(None)} acknowledged jobs missing on the replica"
+    finally:
+        await redis.aclose()
+        await replica.aclose()
+
+
+async def test_a_callback_change_is_acknowledged_once_the_replica_has_it(
+    group: SentinelGroup,
+) -> None:
+    """DISPATCHER_REDIS_MIN_REPLICAS=1: a deletion answered 200 is on the replica already;
+    with the replica paused it is answered 503 (made on the master, not confirmed: it was
+    answered 200, and a failover then brought the callback back: review), and done again
+    once the replica is back, answered 404 (gone)."""
+    settings = make_settings(group.url, redis_min_replicas=1, emit_wait=1)
+    redis, replica = connect(settings), on_replica(group)
+    (port,) = [p for p in group.nodes if p != group.master_port()]
+    base = "/apigw-user/v4/projects/demo/callbacks"
+    try:
+        await redis.flushdb()
+        registry = Registry(redis)
+        first, second = [
+            (await registry.create("demo", f"https://e.com/{n}", Event.BUILD_END, Region.DEVNET))[0]
+            for n in (1, 2)
+        ]
+        async with app_client(settings, redis) as api:
+            deleted = await api.delete(f"{base}/{first}", headers=UID)
+            assert deleted.status_code == 200, deleted.text
+            assert not await replica.exists(keys.callback(first))  # no wait: confirmed
+            group.signal(port, signal.SIGSTOP)
+            try:
+                refused = await api.delete(f"{base}/{second}", headers=UID)
+            finally:
+                group.signal(port, signal.SIGCONT)
+            assert refused.status_code == 503, refused.text
+            assert refused.json()["message"].startswith(
+                "the callback is deleted on Redis' master, but only 0 of 1 replicas"
+            )
+            again = await api.delete(f"{base}/{second}", headers=UID)
+        assert again.status_code == 404, again.text
     finally:
         await redis.aclose()
         await replica.aclose()
@@ -109,6 +148,47 @@ def test_a_setting_that_cannot_work_stops_a_command_with_its_name(
         monkeypatch, DISPATCHER_REDIS_URL=group.url, DISPATCHER_REDIS_MIN_REPLICAS="2"
     )
     assert "configuration error DISPATCHER_REDIS_MIN_REPLICAS" in too_few and "has 1" in too_few
+
+
+def test_tls_to_sentinels_that_do_not_take_it_says_tls_was_tried(
+    group: SentinelGroup, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A rediss+sentinel:// URL to plain sentinels times out connecting: the message says
+    TLS was tried (it said "Timeout connecting to server", nothing of TLS: review)."""
+    tls = group.url.replace("redis+sentinel://", "rediss+sentinel://")
+    output = run_cli(monkeypatch, DISPATCHER_REDIS_URL=tls, DISPATCHER_REDIS_TIMEOUT="0.3")
+    assert (
+        "configuration error DISPATCHER_REDIS_URL: no sentinel answered over TLS "
+        "(rediss+sentinel://: do the sentinels take TLS? redis+sentinel:// is without)"
+    ) in output, output
+
+
+def test_the_sentinels_own_password(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Sentinels with a `requirepass`: DISPATCHER_REDIS_SENTINEL_PASSWORD right, a command
+    works; unset or wrong, it stops (exit 2) naming the setting, never showing it."""
+    group = SentinelGroup(tmp_path, sentinel_password="sentinels-pw")
+    group.start()
+    try:
+        monkeypatch.setenv("DISPATCHER_REDIS_URL", group.url)
+        monkeypatch.setenv("DISPATCHER_REDIS_TIMEOUT", "1")
+        monkeypatch.setenv("DISPATCHER_REDIS_SENTINEL_PASSWORD", "sentinels-pw")
+        command = ["emit", "--project", "demo", "--event", "BUILD_END", "--event-id", "evt_pw"]
+        result = CliRunner().invoke(app, command)
+        assert result.exit_code == 0 and "evt_pw" in result.output, result.output
+        monkeypatch.delenv("DISPATCHER_REDIS_SENTINEL_PASSWORD")
+        unset = run_cli(monkeypatch)
+        assert (
+            "configuration error DISPATCHER_REDIS_SENTINEL_PASSWORD: every sentinel asks for a "
+            "password, and DISPATCHER_REDIS_SENTINEL_PASSWORD is not set"
+        ) in unset, unset
+        wrong = run_cli(monkeypatch, DISPATCHER_REDIS_SENTINEL_PASSWORD="not-it")
+        assert (
+            "configuration error DISPATCHER_REDIS_SENTINEL_PASSWORD: every sentinel asks for a "
+            "password, and DISPATCHER_REDIS_SENTINEL_PASSWORD is refused"
+        ) in wrong, wrong
+        assert "not-it" not in wrong and "sentinels-pw" not in unset + wrong
+    finally:
+        group.stop()
 
 
 async def test_an_evicting_replica_stops_a_process_before_a_failover_promotes_it(
@@ -184,12 +264,13 @@ async def test_without_the_replicas_it_asks_for_an_emit_answers_503(
     redis: Redis, settings: Settings
 ) -> None:
     """The session's Redis has no replica: with DISPATCHER_REDIS_MIN_REPLICAS=1 a process
-    does not start, and an emit (Python, both routes, redelivery) is refused within the
-    bound, saying that emitting again is safe."""
+    starts with a warning, and an emit (Python, both routes, redelivery) is refused within
+    the bound, saying that emitting again is safe."""
     strict = settings.model_copy(update={"redis_min_replicas": 1, "emit_wait": 0.5})
-    with pytest.raises(InvalidSetting, match="has 0 connected") as caught:
-        await preflight(strict)
-    assert caught.value.param == "DISPATCHER_REDIS_MIN_REPLICAS"
+    assert await preflight(strict) == [
+        "DISPATCHER_REDIS_MIN_REPLICAS=1, but the Redis of DISPATCHER_REDIS_URL has 0 "
+        "replica(s) connected: emits are refused (503) until enough connect"
+    ]
     with pytest.raises(Unavailable, match=r"0 of 1 replicas .* same event ids is safe"):
         await Producer(strict, redis).emit("demo", "BUILD_END", {}, event_id="e1")
     now = now_ms()
@@ -228,6 +309,33 @@ async def test_without_the_replicas_it_asks_for_an_emit_answers_503(
     assert retry.status_code == 503 and "the redeliveries are queued on Redis' master" in message
     assert "look at the delivery's attempts first" in message
     assert took < 3 * 1.0  # each within DISPATCHER_EMIT_WAIT (0.5 s) and a round trip
+
+
+async def test_a_plain_urls_master_short_of_replicas_starts_every_process_with_a_warning(
+    tmp_path: Path,
+) -> None:
+    """A plain URL whose master has fewer replicas than DISPATCHER_REDIS_MIN_REPLICAS now (a
+    managed Redis' new primary, minutes after its failover): a worker starts, and takes
+    jobs (its writes wait for no replica), saying why emits are refused meanwhile. It
+    stopped every process (exit 2), workers included: pods restarted then crash-looped
+    (review)."""
+    log = tmp_path / "worker.log"
+    with EmbeddedRedis(tmp_path / "redis", persist=False) as server:
+        worker = start_process(["worker"], server.url, log, DISPATCHER_REDIS_MIN_REPLICAS="1")
+        redis = connect(make_settings(server.url))
+
+        async def up() -> bool:
+            assert worker.poll() is None, f"the worker stopped: {log.read_text()}"
+            return len(await live_workers(redis, keys)) == 1
+
+        try:
+            await until(up, 40, "the worker up")
+        finally:
+            stop(worker)
+            await redis.aclose()
+    said = " ".join(log.read_text().split())  # as the console wrapped it
+    assert "warning: DISPATCHER_REDIS_MIN_REPLICAS=1, but the Redis of" in said, said
+    assert "emits are refused (503) until enough connect" in said, said
 
 
 async def test_record_ids_skip_ahead_on_a_server_that_did_not_hand_out_the_last_block(
