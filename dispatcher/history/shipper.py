@@ -8,7 +8,9 @@ One batch:
   3. one transaction: lock the watermark row, drop the entries at or below it (another
      shipper committed them), COPY the rest, insert those not stored yet and count them,
      move the watermark to the batch's last stream id; COMMIT;
-  4. only then XTRIM the stream up to the watermark.
+  4. only then XTRIM the stream up to the watermark, on the node it was learned on only:
+     another node behind the stream (a failover) makes it read again from its start
+     (`ship_node.py`), as does a shipper that just took the lock.
 
 A batch that fails for one entry's own sake (its data, an integrity rule, a limit such as an
 index entry's size) is stored again entry by entry, in one transaction still, and each
@@ -18,8 +20,9 @@ never holds the others back.
 
 Nothing is lost or stored twice: rows, counts and watermark commit together. Dying before
 the COMMIT leaves everything in the stream; dying after it but before the trim leaves
-entries that the watermark filters. A COMMIT whose answer was lost is settled by reading
-the watermark again from the database, never from memory. A record appended twice (a
+entries that the next shipper reads again and stores once, by their primary key. A COMMIT
+whose answer was lost is settled by reading the watermark again from the database, never
+from memory. A record appended twice (a
 worker's pipeline sent again) is stored once, by its primary key.
 
 Who ships: any number of shippers may run at once (each worker, `dispatcher history ship`);
@@ -56,6 +59,7 @@ from dispatcher.history.entries import (
 from dispatcher.history.ids import SeedIds
 from dispatcher.history.loader import Loader, PairIds, Row, parse_row
 from dispatcher.history.schema import require_needed
+from dispatcher.history.ship_node import TrimOn, node_text
 from dispatcher.history.ship_read import Limit, entry_bytes, read_count, read_more
 from dispatcher.history.ship_session import IDLE_S, Session
 from dispatcher.history.ship_window import judge, report_past
@@ -108,6 +112,7 @@ class Shipper:
         self.loader: Loader | None = None
         self.pairs = PairIds()  # the ids met last, kept across reconnects
         self.watermark: StreamId = (0, 0)
+        self.node: str | None = None  # the Redis the watermark was learned on (its run id)
         self.leading = False
         self.shipped = self.skipped = 0
         self.last_read = 0  # entries the last batch read
@@ -119,10 +124,11 @@ class Shipper:
 
     async def open(self) -> bool:
         """Connect (once), and (electing) take the lock; True when this shipper may ship.
-        Reads the watermark, trims what an earlier shipper committed but did not trim, and
-        keeps Redis' id counter above every stored id. A schema older than this version's
-        statements need raises `SchemaBehind` (logged with the hint to upgrade); one whose
-        latest migration, an index only, still builds does not (`schema.NEEDS`)."""
+        Keeps Redis' id counter above every stored id, and reads the stream from its start
+        (its watermark was learned on a node it does not know: `ship_node.py`). A schema
+        older than this version's statements need raises `SchemaBehind` (logged with the
+        hint to upgrade); one whose latest migration, an index only, still builds does not
+        (`schema.NEEDS`)."""
         if self.conn is None:
             self.conn = await database.connect(self.settings)
             await self.session.bound(self.conn)
@@ -137,11 +143,6 @@ class Shipper:
             " ON CONFLICT DO NOTHING",
             self.name,
         )
-        self.watermark = sid_of(
-            await self.conn.fetchval(
-                "SELECT last_id FROM history_shipped WHERE stream = $1", self.name
-            )
-        )
         floor = self.shard.id_floor
         top = await self.conn.fetchval(
             "SELECT max(id) FROM history_attempts WHERE id >= $1 AND id < $2",
@@ -150,30 +151,10 @@ class Shipper:
         )
         if top is not None:
             await SeedIds(self.shard.keys.HISTORY_SEQ, int(top)).run(self.redis)
-        await self._check_stream()
-        await self._trim()
+        self.node = None
+        await self._follow()
         self.leading = True
         return True
-
-    async def _check_stream(self) -> None:
-        """A stream whose ids stopped below the watermark was made anew (Redis lost its
-        data, and its clock is behind): read it from the start, or its entries would be
-        skipped. What is stored already is not stored again."""
-        if not await self.redis.exists(self.stream):
-            return
-        info = await self.redis.xinfo_stream(self.stream)
-        if sid_of(info["last-generated-id"]) >= self.watermark:
-            return
-        assert self.conn is not None
-        log.error(
-            "history.stream_reset",
-            watermark=sid_text(self.watermark),
-            last_id=str(info["last-generated-id"]),
-        )
-        await self.conn.execute(
-            "UPDATE history_shipped SET last_id = '0-0' WHERE stream = $1", self.name
-        )
-        self.watermark = (0, 0)
 
     async def close(self) -> None:
         """Drop the connection (and with it the lock) without waiting on a hung server."""
@@ -182,10 +163,28 @@ class Shipper:
             conn, self.conn, self.loader = self.conn, None, None
             conn.terminate()
 
-    async def _trim(self) -> None:
+    async def _follow(self) -> None:
+        """Trim the stream up to the watermark, on the node it was learned on only; on
+        another (or none known), read the stream again from its start (`ship_node.py`)."""
         ms, seq = self.watermark
-        if ms or seq:
-            await self.redis.xtrim(self.stream, minid=f"{ms}-{seq + 1}", approximate=False)
+        minid = f"{ms}-{seq + 1}" if ms or seq else ""
+        trim = TrimOn(self.stream, self.node or "", minid)
+        node = node_text(await trim.run(self.redis))
+        if node == self.node:
+            return
+        if self.node is not None:
+            log.warning(
+                "history.ship_node_changed",
+                stream=self.name,
+                was=self.node,
+                now=node,
+                watermark=sid_text(self.watermark),
+            )
+        assert self.conn is not None
+        await self.conn.execute(
+            "UPDATE history_shipped SET last_id = '0-0' WHERE stream = $1", self.name
+        )
+        self.node, self.watermark = node, (0, 0)
 
     # ---- batches -----------------------------------------------------------------------
 
@@ -202,6 +201,7 @@ class Shipper:
         self.last_read = len(entries)  # (what a failure halves)
         self.each = entry_bytes(entries) or self.each
         if not entries:
+            await self._follow()  # a node changed with nothing after the watermark on it
             return 0
         last = sid_of(entries[-1][0])
         readable, aside = read_entries(entries)
@@ -209,7 +209,7 @@ class Shipper:
         stored = await self._commit(judged.batch, last, aside + judged.aside)
         report_past(self.name, judged.past)
         self.skipped += len(judged.past)
-        await self._trim()
+        await self._follow()
         self.shipped += stored
         metrics.HISTORY_SHIPPED.inc(stored)
         return stored
@@ -330,9 +330,9 @@ class Shipper:
         """Ship until nothing is left after the watermark; returns the records stored."""
         total = 0
         while True:
-            before = self.watermark
+            before = (self.watermark, self.node)
             total += await self.ship_once(now_ms=now_ms)
-            if self.watermark == before:
+            if (self.watermark, self.node) == before:
                 return total
 
     # ---- the loop ----------------------------------------------------------------------

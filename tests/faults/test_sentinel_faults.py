@@ -1,8 +1,9 @@
 """Redis without a single point of failure, on a real Sentinel group (a master, a replica,
 three sentinels; down-after-milliseconds 1000): the master SIGKILLed under producers, two
 worker processes and an API process; the replica down; and what
-`DISPATCHER_REDIS_MIN_REPLICAS=0` loses, shown rather than hidden. The tests share one
-group, each starting from a master with its replica in sync."""
+`DISPATCHER_REDIS_MIN_REPLICAS=0` loses, shown rather than hidden; and the PostgreSQL
+history's shipper through a failover its processes follow at different moments. The tests
+share one group, each starting from a master with its replica in sync."""
 
 from __future__ import annotations
 
@@ -12,14 +13,19 @@ import subprocess
 import time
 from pathlib import Path
 
+import asyncpg
 import httpx
 import pytest
 from redis.asyncio import Redis
+from structlog.testing import capture_logs
 
 from dispatcher.clock import now_ms
 from dispatcher.connections import REDIS_ERRORS, connect
 from dispatcher.embedded import SentinelGroup
 from dispatcher.errors import Unavailable
+from dispatcher.history import open_history
+from dispatcher.history.record import AttemptRecord
+from dispatcher.history.shipper import Shipper
 from dispatcher.keys import Keys, project_scoped
 from dispatcher.models import Event, Region
 from dispatcher.producer import Producer
@@ -393,3 +399,64 @@ async def test_callbacks_deleted_through_a_planned_failover_stay_deleted(
         await redis.aclose()
     assert deleted and not held, f"{len(held)} of {len(deleted)} deleted callbacks are back"
     assert refused < len(ids) // 2, refused
+
+
+async def test_a_record_written_on_the_new_master_before_the_shipper_switched_is_shipped(
+    group: SentinelGroup, pg_url: str
+) -> None:
+    """PostgreSQL history through a failover whose old master stays up (an operator's
+    `SENTINEL FAILOVER`; a master cut off from the sentinels, or paused, that resumes):
+    processes follow the switch at different moments. A worker that switched records r1 on
+    the new master; a moment later one that has not yet records r2 on the old; the
+    shipper's process, not switched either, ships r2 (its watermark now past r1's id), then
+    its pool follows the switch (modelled by giving the same Shipper the new master's
+    client). It skipped r1 and trimmed it away unstored: a delivery without its record.
+    Now the node behind the stream changed, so it reads the stream again from its start."""
+    old = group.master_port()
+    settings = make_settings(group.url, history_url=pg_url)
+    on_old = Redis(host="127.0.0.1", port=old, socket_timeout=2)
+    await on_old.flushdb()
+    await asyncio.to_thread(group.wait_for_replicas, 1)
+    shipper = Shipper(on_old, settings, elect=False)
+    hist_old = open_history(settings, on_old, keys)
+    clients: list[Redis] = [on_old]
+    rec = {"projectId": PROJECT, "callBackUrl": "http://127.0.0.1:9/h", "events": "BUILD_END",
+           "status": "SUCCESS", "deliveryId": "evt.1"}  # fmt: skip
+
+    def attempt(n: int) -> AttemptRecord:
+        return {**rec, "createdTime": now_ms(), "deliveryId": f"evt_{n}.1"}  # type: ignore[typeddict-item]
+
+    try:
+        await shipper.open()
+        ids = [await hist_old.add(attempt(0))]
+        assert await shipper.ship_once() == 1
+        await asyncio.to_thread(group.wait_for_replicas, 1)  # r0 on the replica too
+        sentinel = Redis(host="127.0.0.1", port=next(iter(group.sentinels)), socket_timeout=2)
+        await sentinel.execute_command("SENTINEL", "FAILOVER", group.name)  # type: ignore[no-untyped-call]
+        await sentinel.aclose()
+        new = await asyncio.to_thread(group.wait_for_new_master, old)
+        clients.append(on_new := Redis(host="127.0.0.1", port=new, socket_timeout=2))
+        hist_new = open_history(settings, on_new, keys)
+        ids.append(await hist_new.add(attempt(1)))  # a worker that switched
+        await asyncio.sleep(0.01)
+        ids.append(await hist_old.add(attempt(2)))  # one that has not yet
+        with capture_logs() as logs:
+            assert await shipper.ship_once() == 1  # r2, from the old master
+            shipper.redis = on_new  # its pool follows the switch
+            ids.append(await hist_new.add(attempt(3)))
+            assert await shipper.drain() == 2  # r1 and r3
+        assert [e["now"] for e in logs if e["event"] == "history.ship_node_changed"]
+        assert await on_new.xlen(keys.HISTORY_STREAM) == 0  # trimmed once stored
+        await hist_new.close()
+        conn = await asyncpg.connect(pg_url)
+        try:
+            stored = [r["id"] for r in await conn.fetch("SELECT id FROM history_attempts")]
+        finally:
+            await conn.close()
+        assert sorted(stored) == sorted(ids), "every record stored, none twice"
+    finally:
+        await shipper.close()
+        await hist_old.close()
+        for client in clients:
+            await client.aclose()
+        await asyncio.to_thread(group.heal)  # the old master a replica again
