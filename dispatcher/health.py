@@ -63,6 +63,9 @@ class Failed(Script):
     callback is disabled (`registry.scripts.DISABLE`, which finds its match set inside
     Redis, from its hash: hence the match prefix and separator), unless `disables` is 0 (a
     platform-wide callback's: counted and shown, never disabled by one project's failures).
+    A callback disabled already (by its owner, or by an attempt that failed before) is left
+    as it is: its reason, its time, and no second `callback.disabled` line or count (a late
+    failure of an attempt in flight overwrote the owner's reason: review).
     Returns {failures, since ms, the reason when this call disabled the callback}."""
 
     LUA = (
@@ -84,6 +87,7 @@ failing_on(redis.call('HGET', callback, 'projectId'), callback_id, n, since)
 local span = tonumber(now_ms) - since
 if tonumber(disables) == 0 then return {n, since} end
 if n < tonumber(disable_after) or span < tonumber(disable_after_ms) then return {n, since} end
+if redis.call('HGET', callback, 'enabled') == '0' then return {n, since} end  -- already off
 local reason = string.format(
   'disabled after %d consecutive failed deliveries over %.1f h; last error: %s',
   n, span / 3600000, last_error)

@@ -56,8 +56,32 @@ async def test_health_counts_a_record_once_and_disables_past_both_thresholds(
     callback = await registry.get(callback_id)
     assert not callback.enabled and callback.disabled_reason == reason
     assert [e["event"] for e in logs] == ["callback.disabled"]
-    assert await health.failed(callback_id, "HTTP 500", now_ms=1_000_000 + 3 * 3_600_000) is True
+    with capture_logs() as logs:  # an attempt in flight fails late: off already, left so
+        assert await count(4, 1_000_000 + 3 * 3_600_000) is None
+    assert logs == [] and (await registry.get(callback_id)).disabled_reason == reason
     assert await registry.match("demo", "BUILD_END") == []  # out of the match set
+
+
+async def test_a_late_failure_leaves_an_owners_disable_as_it_is(
+    redis_server: EmbeddedRedis, redis: Redis
+) -> None:
+    """The owner disables a failing callback with a reason while an attempt is in flight;
+    its final failure, past the threshold, neither overwrites the owner's reason nor logs or
+    counts a second disable (review: it did all three)."""
+    settings = make_settings(redis_server.url, disable_after_failures=3, disable_after_seconds=0)
+    registry = Registry(redis)
+    callback_id, _ = await registry.create("demo", "https://e.com/h", Event.BUILD_END,
+                                           Region.DEVNET)  # fmt: skip
+    health = Health(redis, registry, settings)
+    assert not await health.failed(callback_id, "HTTP 500")
+    assert not await health.failed(callback_id, "HTTP 500")
+    owners = "paused by its owner: receiver maintenance"
+    await registry.set_enabled(callback_id, False, owners, project_id="demo")
+    with capture_logs() as logs:
+        assert not await health.failed(callback_id, "HTTP 500")  # the third: past it
+    assert logs == []
+    assert (await registry.get(callback_id)).disabled_reason == owners
+    assert await redis.hget(keys.health(callback_id), "failures") == b"3"  # type: ignore[misc]
 
 
 async def test_the_match_knows_failures_on_record_from_the_callbacks_mark(
