@@ -35,7 +35,11 @@ class Release(Script):
     `failing` mark its failures on record; its keys made inside). Those ahead of it whose
     job is gone leave the lane as recorded drops (`lane_lua.FIRST_THERE`): `skipped` of
     them; a release that takes none answers 0, or `[SKIPPED_TAG, skipped]` when it
-    dropped some. Safe to run again."""
+    dropped some. Safe to run again. A release with a `token` while another worker's lease
+    holds the delivery, or the job its attempt ran `under` (this one was paused past it;
+    that one attempts it now), leaves the lane and the jobs alone and answers 0: the
+    holder releases it when its attempt ends (or, killed, its lease lapses and the
+    delivery runs again, then releases)."""
 
     LUA = (
         CLEAR
@@ -43,6 +47,12 @@ class Release(Script):
         + FIRST_THERE
         + """
 local function none() return skipped > 0 and {'lane:skipped', skipped} or 0 end
+for _, id in ipairs({delivery_id, under}) do  -- its job's lease, the attempt's job's
+  local holder = token ~= '' and redis.call('GET', lease_prefix .. id)
+  -- another worker's (this one was paused past its lease): the delivery is still the
+  -- lane's head, in flight there; that worker releases it when its attempt ends
+  if holder and holder ~= token then return 0 end
+end
 redis.call('ZREM', lane, delivery_id)
 redis.call('ZREM', blocked, lane)
 local owner = redis.call('GET', lease)
@@ -92,6 +102,7 @@ return {'lane:next', id, data, redis.call('GET', progress) or '',
     dropped: Key
     delivery_id: str
     job_id: str
+    under: str
     token: str
     lease_ms: int
     now_ms: int
@@ -121,9 +132,11 @@ return {'lane:next', id, data, redis.call('GET', progress) or '',
         progress_ttl: int,
         end: JobEnd | None = None,
         body: str | None = None,
+        under: str | None = None,
     ) -> Release:
         """`delivery_id`'s release from `lane` (of `project_id`'s events), with its job's
-        end, or that of the job `end` names (its fan-out's), and its reference to `body`."""
+        end, or that of the job `end` names (its fan-out's), and its reference to `body`;
+        `under`: the job whose lease its attempt ran under (a fan-out's), if not its own."""
         job_id = delivery_id if end is None else end.job_id
         return cls(
             lane=lane,
@@ -139,6 +152,7 @@ return {'lane:next', id, data, redis.call('GET', progress) or '',
             dropped=keys.DROPPED,
             delivery_id=delivery_id,
             job_id=job_id,
+            under=under or delivery_id,
             token=token,
             lease_ms=lease_ms,
             now_ms=now_ms,

@@ -60,6 +60,7 @@ from dispatcher.keys import SEP
 from dispatcher.lane_ids import lane_id
 from dispatcher.registry.match import TARGET_FIELDS, CallbackTarget, event_scopes
 from dispatcher.registry.options import order_key
+from dispatcher.worker.fence import running
 from dispatcher.worker.lane_release import NEXT_TAG, SKIPPED_TAG, Release
 from dispatcher.worker.lane_scripts import LATE, Enter, Head
 from dispatcher.worker.steps import ChunkEnd, LaneStep
@@ -278,8 +279,9 @@ class Lanes:
         (queued after its record; it ends the delivery's job too, so `then` follows only
         with `then_at_end`: a fan-out's attempt, whose `then` may end the fan-out's job;
         when that is all it does, the release ends the fan-out's job instead: one script),
-        else `then` (a retry, a deferral), which marks the lane blocked."""
-        return LaneStep(self, job, then, then_at_end)
+        else `then` (a retry, a deferral), which marks the lane blocked; run under the
+        lease of the job the task runs (`fence.running`: a fan-out's, or its own)."""
+        return LaneStep(self, job, then, then_at_end, running.get())
 
     def release(
         self, pipe: Pipeline, job: DeliveryJob, *, take: bool, end: JobEnd | None = None
@@ -288,7 +290,9 @@ class Lanes:
         job `end` names); `take`: the next one is this worker's (see `landed`)."""
         self.release_script(job, take=take, end=end).queue_on(pipe)
 
-    def release_script(self, job: DeliveryJob, *, take: bool, end: JobEnd | None = None) -> Release:
+    def release_script(
+        self, job: DeliveryJob, *, take: bool, end: JobEnd | None = None, under: str | None = None
+    ) -> Release:
         """`release`, as the script to run (it counts as released now)."""
         self.released += 1
         stamp = now_ms()
@@ -304,6 +308,7 @@ class Lanes:
             progress_ttl=self.progress_ttl,
             end=end,
             body=None if job.body_of is None or end is not None else body_key(self.keys, job),
+            under=under,
         )
 
     def landed(self, answer: list[Any]) -> None:
@@ -330,7 +335,7 @@ class Lanes:
         target = None
         if fields[0] is not None and fields[1] == b"1":
             target = self._target(job.callback_id, fields, row[b"projectId"])
-        then = self.releasing(job, adopt.step_of(job.job_id))
+        then = LaneStep(self, job, adopt.step_of(job.job_id), False, job.job_id)  # its own lease
 
         async def work() -> None:
             if progress == b"done":  # it ended, its release was lost (a crash mid-write)

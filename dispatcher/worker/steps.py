@@ -151,12 +151,13 @@ class LaneStep(Step):
     job: DeliveryJob
     then: Then
     then_at_end: bool
+    under: str | None = None  # the job whose lease the attempt runs under (its task's)
 
     def __call__(self, pipe: Pipeline, delay: float | None) -> None:
         if delay is None:
-            # (the release checks the job's lease against the adopting worker's token)
+            # (the release checks the leases against the adopting worker's token)
             end = self._end()
-            self.lanes.release(pipe, self.job, take=True, end=end)
+            self.lanes.release_script(self.job, take=True, end=end, under=self.under).queue_on(pipe)
             if self.then_at_end and end is None:
                 self.then(pipe, None)
         else:
@@ -171,7 +172,7 @@ class LaneStep(Step):
         end = self._end()
         if self.then_at_end and end is None:
             return None
-        return self.lanes.release_script(self.job, take=True, end=end)
+        return self.lanes.release_script(self.job, take=True, end=end, under=self.under)
 
     def _end(self) -> JobEnd | None:
         """The job `then` would end, when that is all it does (the release ends it)."""

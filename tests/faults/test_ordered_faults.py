@@ -7,7 +7,10 @@ get the same events: one `orderBy=buildId`, one unordered. On the ordered one, e
 first successful arrivals are in emit order; on the unordered one the same check fails
 (so it can); on both nothing is lost. The events are over 1 KiB, so each one's body is
 kept once for its parked deliveries and retries (`dispatcher.bodies`): every request
-carries its event's whole data, and no body kept for the lanes is left at the end."""
+carries its event's whole data, and no body kept for the lanes is left at the end.
+
+And a worker paused past its lease while a lane's head is in flight there leaves the head's
+lane to the worker that took its job: the next delivery starts after the head's answer."""
 
 from __future__ import annotations
 
@@ -15,6 +18,7 @@ import asyncio
 import contextlib
 import os
 import signal
+import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,12 +26,15 @@ from pathlib import Path
 import orjson
 import pytest
 from aiohttp import web
+from redis.asyncio import Redis
 
 from dispatcher.connections import REDIS_ERRORS, connect
 from dispatcher.keys import Keys
 from dispatcher.models import Event, Region
 from dispatcher.producer import Producer
 from dispatcher.registry import Options, Registry
+from dispatcher.settings import Settings
+from tests import helpers
 from tests.faults.chaos import Answer, FlakyReceiver, all_records, judge, serving
 from tests.faults.test_chaos import PROJECT, fleet, quiesce
 from tests.helpers import make_settings
@@ -156,3 +163,89 @@ async def test_each_build_arrives_in_order_through_kills_a_paused_and_a_restarte
             assert shared > 0, "no body was kept for the lanes"
         finally:
             await redis.aclose()
+
+
+@dataclass
+class SlowHead:
+    """A lane's receiver: the `first` worker's attempt of step 0 is answered (400, final)
+    only once that worker was paused past its lease (`stopped`), the `second`'s after 4 s;
+    keeps each request's (sender, step, monotonic time) as it arrives and as it is answered."""
+
+    stopped: asyncio.Event = field(default_factory=asyncio.Event)
+    at_first: asyncio.Event = field(default_factory=asyncio.Event)
+    at_second: asyncio.Event = field(default_factory=asyncio.Event)
+    arrived: list[tuple[str, int, float]] = field(default_factory=list)
+    answered: list[tuple[str, int, float]] = field(default_factory=list)
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        sender = request.headers["User-Agent"]
+        step = orjson.loads(await request.read())["data"]["step"]
+        self.arrived.append((sender, step, time.monotonic()))
+        status = 200
+        if (sender, step) == ("first", 0):
+            self.at_first.set()
+            await self.stopped.wait()
+            status = 400  # final: FAILED, written by a worker whose lease went to another
+        elif (sender, step) == ("second", 0):
+            self.at_second.set()
+            await asyncio.sleep(4)
+        self.answered.append((sender, step, time.monotonic()))
+        return web.Response(status=status)
+
+    def head_answered(self) -> bool:
+        return any(a[:2] == ("second", 0) for a in self.answered)
+
+
+@pytest.mark.timeout(90)
+async def test_a_worker_paused_past_its_lease_leaves_the_head_to_its_new_holder(
+    settings: Settings, redis: Redis, workers: list[subprocess.Popen[bytes]], tmp_path: Path
+) -> None:
+    """A worker SIGSTOPped while a lane's head is in flight there, past its 2 s lease: a
+    second worker takes the head's job and sends it again; the first, woken, has its final
+    answer and writes its record, but leaves the lane to the second (its release finds the
+    lease the second's), so step 1 starts only after the second's attempt was answered
+    (the README: delivery n+1 of a lane starts only after delivery n has ended). It was
+    sent at once by the first worker, 4 s before the head's answer (review)."""
+    receiver, env = (
+        SlowHead(),
+        {**ENV, "DISPATCHER_TOTAL_TIMEOUT": "10", "DISPATCHER_JOB_TIMEOUT": "120"},
+    )
+    async with helpers.serving(receiver.handle) as base:
+        url = f"{base}/hook"
+        await Registry(redis).create(
+            "demo", url, Event.BUILD_END, Region.DEVNET, "t", options=Options(order_by="buildId")
+        )
+        redis_url, logs = settings.redis_url or "", tmp_path
+        first = helpers.start_worker(
+            redis_url, logs / "1.log", **env, DISPATCHER_USER_AGENT="first"
+        )
+        workers.append(first)
+        await Producer(settings, redis).emit_many(
+            [("demo", "BUILD_END", {"buildId": "b", "step": s}, f"e{s}") for s in range(2)]
+        )
+        await asyncio.wait_for(receiver.at_first.wait(), 30)
+        first.send_signal(signal.SIGSTOP)
+        receiver.stopped.set()
+        second = helpers.start_worker(
+            redis_url, logs / "2.log", **env, DISPATCHER_USER_AGENT="second"
+        )
+        workers.append(second)
+        await asyncio.wait_for(receiver.at_second.wait(), 30)
+        first.send_signal(signal.SIGCONT)
+
+        async def step_1_answered() -> bool:
+            return receiver.head_answered() and any(a[1] == 1 for a in receiver.answered)
+
+        await helpers.until(step_1_answered, 30, "the head answered and step 1 sent")
+        await helpers.until(lambda: _no_lane(redis), 10, "the lane released")
+        records = await helpers.all_records(redis, settings, url)
+    events = sorted({(r.event_id, r.final) for r in records})
+    assert events == [("e0", True), ("e1", True)], events  # the head twice at most: no loss
+    head_answered = next(t for s, n, t in receiver.answered if (s, n) == ("second", 0))
+    step_1 = [(s, t) for s, n, t in receiver.arrived if n == 1]
+    assert len(step_1) == 1, step_1
+    assert step_1[0][1] > head_answered, "step 1 was sent while step 0 was still in flight"
+
+
+async def _no_lane(redis: Redis) -> bool:
+    return not await redis.keys(f"{keys.LANE_PREFIX}*")
