@@ -76,9 +76,7 @@ class Engine:
         self.owner = shared is None  # of the clients (another shard's engine shares them)
         if shared is None:
             self.breaker = CircuitBreaker(settings.circuit_threshold, settings.circuit_cooldown)
-            self.shares = Shares(
-                settings.worker_max_jobs, settings.max_per_host, fair=settings.fair_share
-            )
+            self.shares = Shares.of(settings)
             self.clients = {region: Client(settings, region) for region in Region}
             self.stats = AttemptStats()
         else:  # one process's HTTP pools, breaker, slots and statistics, whatever the shard
