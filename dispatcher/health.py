@@ -62,7 +62,9 @@ class Failed(Script):
     gone. Past `disable_after` failures *and* `disable_after_ms` since the first, the
     callback is disabled (`registry.scripts.DISABLE`, which finds its match set inside
     Redis, from its hash: hence the match prefix and separator), unless `disables` is 0 (a
-    platform-wide callback's: counted and shown, never disabled by one project's failures).
+    platform-wide callback's: counted and shown, never disabled by one project's failures)
+    or it is disabled already (its owner's reason, or the first disable's, is kept: a late
+    failure overwrote it, and was logged and counted as a disable again; review).
     Returns {failures, since ms, the reason when this call disabled the callback}."""
 
     LUA = (
@@ -84,6 +86,7 @@ failing_on(redis.call('HGET', callback, 'projectId'), callback_id, n, since)
 local span = tonumber(now_ms) - since
 if tonumber(disables) == 0 then return {n, since} end
 if n < tonumber(disable_after) or span < tonumber(disable_after_ms) then return {n, since} end
+if redis.call('HGET', callback, 'enabled') == '0' then return {n, since} end  -- its reason kept
 local reason = string.format(
   'disabled after %d consecutive failed deliveries over %.1f h; last error: %s',
   n, span / 3600000, last_error)

@@ -56,8 +56,33 @@ async def test_health_counts_a_record_once_and_disables_past_both_thresholds(
     callback = await registry.get(callback_id)
     assert not callback.enabled and callback.disabled_reason == reason
     assert [e["event"] for e in logs] == ["callback.disabled"]
-    assert await health.failed(callback_id, "HTTP 500", now_ms=1_000_000 + 3 * 3_600_000) is True
+    assert await health.failed(callback_id, "HTTP 500", now_ms=1_000_000 + 3 * 3_600_000) is False
+    assert (await registry.get(callback_id)).disabled_reason == reason  # disabled once
     assert await registry.match("demo", "BUILD_END") == []  # out of the match set
+
+
+async def test_a_late_failure_keeps_an_owners_disable_and_its_reason(
+    redis_server: EmbeddedRedis, redis: Redis
+) -> None:
+    """An attempt in flight when the owner disabled the callback fails for good past the
+    thresholds: the callback stays disabled with the owner's reason, and the failure is
+    not a disable (not logged as one, not counted). It was disabled again: the owner's
+    reason overwritten, `callback.disabled` logged and counted (review)."""
+    settings = make_settings(redis_server.url, disable_after_failures=3, disable_after_seconds=0)
+    registry = Registry(redis)
+    callback_id, _ = await registry.create("demo", "http://127.0.0.1:9/x", Event.BUILD_END,
+                                           Region.DEVNET)  # fmt: skip
+    health = Health(redis, registry, settings)
+    for _ in range(2):
+        assert not await health.failed(callback_id, "HTTP 500")
+    owners = "paused by owner: receiver maintenance"
+    await registry.set_enabled(callback_id, False, owners, project_id="demo")
+    with capture_logs() as logs:
+        assert not await health.failed(callback_id, "HTTP 500")  # the one in flight
+    callback = await registry.get(callback_id)
+    assert not callback.enabled and callback.disabled_reason == owners
+    assert "callback.disabled" not in [e["event"] for e in logs]
+    assert await redis.hget(keys.health(callback_id), "failures") == b"3"  # type: ignore[misc]
 
 
 async def test_the_match_knows_failures_on_record_from_the_callbacks_mark(
