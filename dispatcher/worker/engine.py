@@ -269,9 +269,8 @@ class Engine:
 
     async def _attempt(
         self, job: DeliveryJob, target: CallbackTarget, number: int, then: Then,
-        held: Slot | None = None, waiting: bytes | None = None,
+        held: Slot | None = None, waiting: bytes | None = None,  # held: its share, taken first
     ) -> None:  # fmt: skip
-        """`held`: its share of the worker, taken before its limits admitted it."""
         host, project = target.destination.host, job.emitter or job.project_id
         circuit = (project, host)  # the emitter's own: none trips another project's
         if wait := self.breaker.wait(circuit, target.id):  # after its limits: no place kept
@@ -298,7 +297,8 @@ class Engine:
                 traced.end(result.outcome.value, result.status_code, result.error)
         finally:
             slot.release(time.monotonic() - started if started else 0.0)
-        self.breaker.record(circuit, result.outcome is not Outcome.RETRY, target.id)
+        if result.sent:  # nothing sent (its secrets unreadable here, a bad proxy): not the host's
+            self.breaker.record(circuit, result.outcome is not Outcome.RETRY, target.id)
         await self._settle(job, target, number, done, then)
 
     async def _settle(
