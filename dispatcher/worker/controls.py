@@ -10,12 +10,12 @@ read pipeline as one call):
 - starts: a sorted set of the starts of the last second; a start is admitted while fewer
   than `maxPerSecond` are in it (a sliding window: no second, wherever it begins, holds
   more);
-- in flight: a sorted set of slots scored by when they lapse (its wait for a share of the
-  worker, the attempt's total timeout and a margin), so a worker killed mid-request
-  cannot hold a slot for ever; the attempt's own write gives the slot back (`Release`, in
-  the same pipeline as its record: with the batch's other releases, after their records,
-  when the delivery ends there), whatever its outcome, and a run that raises gives it back
-  through the writer;
+- in flight: a sorted set of slots scored by when they lapse (the attempt's total timeout
+  and a margin: it holds its share of the worker before it is admitted), so a worker
+  killed mid-request cannot hold a slot for ever; the attempt's own write gives the slot
+  back (`Release`, in the same pipeline as its record: with the batch's other releases,
+  after their records, when the delivery ends there), whatever its outcome, and a run that
+  raises gives it back through the writer;
 - a line: deliveries that could not start wait their turn, taken per emitting project
   (start-time fair queueing): a delivery's turn is one past the later of its project's last
   and the turn started last. So a project's own newcomer never overtakes it, and projects
@@ -38,7 +38,6 @@ from typing import TYPE_CHECKING
 import structlog
 
 from dispatcher.lua import REDIS_NOW_MS, Key, Script
-from dispatcher.worker.shares import WAIT_S
 from dispatcher.worker.steps import Step
 
 if TYPE_CHECKING:
@@ -50,6 +49,7 @@ if TYPE_CHECKING:
     from dispatcher.keys import Keys
     from dispatcher.registry import CallbackTarget
     from dispatcher.settings import Settings
+    from dispatcher.worker.shares import Shares, Slot
     from dispatcher.worker.writer import Then, Writer
 
 __all__ = ["Admit", "Controls", "Release", "Releasing"]
@@ -210,20 +210,23 @@ class Release(Script):
 
 
 MIN_WAIT_MS = 50
-# A slot outlives the longest its attempt may take by this much: the wait for its share of
-# the worker after it is admitted (`shares.WAIT_S`), then its request's total timeout.
+# A slot outlives the longest its attempt may take, its request's total timeout, by this
+# much (its share of the worker is waited for before it is admitted).
 SLOT_MARGIN_S = 5.0
 
 
 class Controls:
     """The limits of one worker process, over its shared reads (`reads`) and its writer."""
 
-    def __init__(self, settings: Settings, keys: Keys, reads: Batcher, writer: Writer) -> None:
+    def __init__(
+        self, settings: Settings, keys: Keys, reads: Batcher, writer: Writer, shares: Shares
+    ) -> None:
         self.reads = reads
         self.writer = writer
         self.keys = keys
+        self.shares = shares
         self.queue_name = keys.QUEUE
-        self.slot_ms = int((WAIT_S + settings.total_timeout + SLOT_MARGIN_S) * 1000)
+        self.slot_ms = int((settings.total_timeout + SLOT_MARGIN_S) * 1000)
         self.keep_ms = int((settings.lease_seconds + SLOT_MARGIN_S) * 1000)
         # slot tokens: unique across the fleet (a random prefix per process), cheap to make
         self._prefix = os.urandom(6).hex() + ":"
@@ -234,16 +237,42 @@ class Controls:
         job: DeliveryJob,
         target: CallbackTarget,
         then: Then,
-        attempt: Callable[[Then], Awaitable[None]],
+        attempt: Callable[[Then, Slot], Awaitable[None]],
         put_off: Callable[[float, str], Awaitable[None]],
+        check: Callable[[], Awaitable[None]],
     ) -> None:
         """Run `attempt` once the callback's limits let the delivery start, its slot given
         back with the attempt's write (or after it, if it raised); or `put_off` the
-        delivery: back in the queue, due when its turn should come (no attempt)."""
+        delivery: back in the queue, due when its turn should come (no attempt). The
+        attempt's share of the worker (`shares.py`) comes first, then `check` (its job's
+        lease), then the start: the attempt is sent as soon as it is admitted. Admitted
+        first, it could wait for its share up to `shares.WAIT_S`, and the starts admitted
+        over seconds behind a project's slow requests reached the receiver together (10 in
+        a second at `maxPerSecond` 2; review)."""
+        host = target.destination.host
+        share = await self.shares.admit(job.emitter or job.project_id, host)
+        if share is None:  # its project or host holds its share of the worker: later
+            await put_off(self.shares.defer_s(host), "share")
+            return
+        admit = self._admit(job, target)
+        try:
+            await check()
+            answer = await self.reads.together(admit)
+        except BaseException:
+            share.release(0.0)
+            raise
+        if answer != 0:
+            share.release(0.0)
+            wait_ms, by_slot = answer
+            await self._wait(job, target, put_off, int(wait_ms) / 1000, bool(by_slot))
+            return
+        await self._started(target, then, lambda step: attempt(step, share), admit.token)
+
+    def _admit(self, job: DeliveryJob, target: CallbackTarget) -> Admit:
+        """The script that admits `job`'s delivery, with a new slot token."""
         options = target.options
-        slot = f"{self._prefix}{next(self._count)}"
         starts, running, line, seen, turns = self.keys.limits(target.id)
-        admit = Admit(
+        return Admit(
             starts=starts,
             running=running,
             line=line,
@@ -251,19 +280,20 @@ class Controls:
             turns=turns,
             per_second=options.max_per_second or 0,
             in_flight=options.max_in_flight or 0,
-            token=slot,
+            token=f"{self._prefix}{next(self._count)}",
             job=job.job_id,
             emitter=job.emitter,
             slot_ms=self.slot_ms,
             keep_ms=self.keep_ms,
             min_wait_ms=MIN_WAIT_MS,
         )
-        answer = await self.reads.together(admit)
-        if answer != 0:
-            wait_ms, by_slot = answer
-            await self._wait(job, target, put_off, int(wait_ms) / 1000, bool(by_slot))
-            return
-        if options.max_in_flight is None:
+
+    async def _started(
+        self, target: CallbackTarget, then: Then, attempt: Callable[[Then], Awaitable[None]],
+        slot: str,
+    ) -> None:  # fmt: skip
+        """Run the admitted `attempt`; its `slot` of `maxInFlight` given back with its write."""
+        if target.options.max_in_flight is None:
             await attempt(then)
             return
         releasing = Releasing(self._release_script(target, slot), then)

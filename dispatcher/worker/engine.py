@@ -42,7 +42,7 @@ from dispatcher.worker.lanes import Lanes, Sending
 from dispatcher.worker.marks import read_marks
 from dispatcher.worker.record import attempt_record, disabled, keep_drop, observe
 from dispatcher.worker.sender import Sender
-from dispatcher.worker.shares import Shares
+from dispatcher.worker.shares import Shares, Slot
 from dispatcher.worker.steps import FirstRetry, Step
 
 if TYPE_CHECKING:
@@ -76,15 +76,13 @@ class Engine:
         self.owner = shared is None  # of the clients (another shard's engine shares them)
         if shared is None:
             self.breaker = CircuitBreaker(settings.circuit_threshold, settings.circuit_cooldown)
-            self.shares = Shares(
-                settings.worker_max_jobs, settings.max_per_host, fair=settings.fair_share
-            )
+            self.shares = Shares.of(settings)
             self.clients = {region: Client(settings, region) for region in Region}
             self.stats = AttemptStats()
         else:  # one process's HTTP pools, breaker, slots and statistics, whatever the shard
             self.breaker, self.shares = shared.breaker, shared.shares
             self.clients, self.stats = shared.clients, shared.stats
-        self.controls = Controls(settings, self.keys, self.reads, writer)
+        self.controls = Controls(settings, self.keys, self.reads, writer, self.shares)
         self.filters = Filters(self.keys, writer, self.shares)
         self.sender = Sender(settings, services.policies, self.clients)
         self.progress_ttl, self.body_wait_ms = settings.progress_ttl, body_wait_ms(settings)
@@ -238,22 +236,21 @@ class Engine:
         self, job: DeliveryJob, target: CallbackTarget, number: int, then: Then,
         waiting: bytes | None = None,
     ) -> None:  # fmt: skip
-        """Attempt `number` of `job`, recorded, and what follows it, in one write. A
-        callback with limits is admitted first (`controls.py`): over them, the delivery
-        waits in the queue without spending an attempt. While its circuit is open it is put
-        off (`waiting`: its state, `circuit.py`). A run that gives up (`unending.py`) sends
-        nothing: the delivery ends FAILED."""
+        """Attempt `number` of `job`, recorded, and what follows it, in one write. A callback
+        with limits is admitted first (`controls.py`; its share of the worker held): over
+        them, it waits in the queue without spending an attempt. While its circuit is open
+        it is put off (`waiting`: its state, `circuit.py`). A run that gives up
+        (`unending.py`) sends nothing: the delivery ends FAILED."""
         if (why := unending.giving_up.get()) is not None:
             await self.fence.check()  # its job still ours: not another worker's to end
             done = Attempted(AttemptResult.unsent(why), [])
             await self._settle(job, target, number, done, then, given_up=True)
         elif target.options.limited:  # its lease checked before a fleet-wide start is taken
-            await self.fence.check()
             attempt = functools.partial(self._attempt, job, target, number, waiting=waiting)
             put_off = functools.partial(self._defer, job, then)
-            await self.controls.admitted(job, target, then, attempt, put_off)
+            await self.controls.admitted(job, target, then, attempt, put_off, self.fence.check)
         else:
-            await self._attempt(job, target, number, then, waiting)
+            await self._attempt(job, target, number, then, waiting=waiting)
 
     async def _circuit_open(
         self, job: DeliveryJob, target: CallbackTarget, number: int, then: Then,
@@ -272,16 +269,18 @@ class Engine:
 
     async def _attempt(
         self, job: DeliveryJob, target: CallbackTarget, number: int, then: Then,
-        waiting: bytes | None = None,
+        held: Slot | None = None, waiting: bytes | None = None,  # held: its share, taken first
     ) -> None:  # fmt: skip
         host, project = target.destination.host, job.emitter or job.project_id
         circuit = (project, host)  # the emitter's own: none trips another project's
         if wait := self.breaker.wait(circuit, target.id):  # after its limits: no place kept
+            if held is not None:
+                held.release(0.0)
             failed = self.breaker.failed(circuit, target.id)  # (its own probe failed)
             put_off = circuits.put_off(self.settings, number, wait, waiting, failed)
             await self._circuit_open(job, target, number, then, put_off)
             return
-        slot = await self.shares.admit(project, host)
+        slot = held or await self.shares.admit(project, host)
         if slot is None:  # its project or host holds its share of the worker: later
             await self._defer(job, then, self.shares.defer_s(host), "share")
             return
@@ -298,7 +297,8 @@ class Engine:
                 traced.end(result.outcome.value, result.status_code, result.error)
         finally:
             slot.release(time.monotonic() - started if started else 0.0)
-        self.breaker.record(circuit, result.outcome is not Outcome.RETRY, target.id)
+        if result.sent:  # nothing sent (its secrets unreadable here, a bad proxy): not the host's
+            self.breaker.record(circuit, result.outcome is not Outcome.RETRY, target.id)
         await self._settle(job, target, number, done, then)
 
     async def _settle(

@@ -1,9 +1,12 @@
 """Fair shares of a worker's slots: no project and no host holds them all.
 
-A worker has `DISPATCHER_WORKER_MAX_JOBS` slots, for jobs and for HTTP attempts in flight.
-When `n` projects are busy in a worker, each may hold at most `slots // (n + 1)` of them
-(half while it is alone), so one share is always free for a project that arrives; hosts
-get the same rule, and never more than `DISPATCHER_MAX_PER_HOST` attempts each. The
+A worker has `DISPATCHER_WORKER_MAX_JOBS` slots, for jobs and for HTTP attempts in flight
+(for attempts, no more than its connection pool, `DISPATCHER_MAX_CONNECTIONS`). When `n`
+projects are busy in a worker, each may hold at most `slots // (n + 1)` of them (half while
+it is alone), so one share is always free for a project that arrives; an attempt, besides,
+only while its project holds less than half (rounded up) of the slots the others leave, so
+projects that arrived in turn never hold more than the slots together (`_room`); hosts
+get the share rule, and never more than `DISPATCHER_MAX_PER_HOST` attempts each. The
 projects calling one host split its share, an eighth of it (at least one) kept free for
 the next (`HOST_RESERVE`): with `n` busy on it, each may hold `(share - reserve) // n`, so
 a project's slow endpoint on a host others call too (a shared SaaS host) cannot hold all
@@ -37,6 +40,8 @@ from dispatcher.worker.pace import FilterPace
 if TYPE_CHECKING:
     from collections.abc import Iterable
 
+    from dispatcher.settings import Settings
+
 __all__ = ["Shares", "Slot", "project_of"]
 
 SLOW_S = 1.0  # a host that usually takes this long to answer is waited for in the queue
@@ -59,6 +64,7 @@ class _Counts:
     slots: int
     cap: int | None = None
     held: dict[str, int] = field(default_factory=dict)
+    total: int = 0  # all keys' together
 
     def limit(self, key: str) -> int:
         busy = len(self.held) + (key not in self.held)
@@ -70,8 +76,10 @@ class _Counts:
 
     def take(self, key: str) -> None:
         self.held[key] = self.held.get(key, 0) + 1
+        self.total += 1
 
     def give(self, key: str) -> None:
+        self.total -= 1
         left = self.held[key] - 1
         if left:
             self.held[key] = left
@@ -101,16 +109,21 @@ class Slot:
 
 class Shares:
     """A worker's fair shares, in memory: jobs per project (for its claims), attempts per
-    project and per host. With `fair` off only the per-host cap holds."""
+    project and per host. With `fair` off only the per-host cap and the pool hold."""
 
-    def __init__(self, slots: int, max_per_host: int, *, fair: bool = True) -> None:
+    def __init__(
+        self, slots: int, max_per_host: int, *, fair: bool = True, pool: int | None = None
+    ) -> None:
         self.fair = fair
+        # attempts in flight at most, whatever their project: the connection pool's size
+        self.pool = (1 << 30) if pool is None else pool
+        attempts = min(slots, self.pool)  # so no admitted attempt waits for a connection
         self.jobs = _Counts(slots)
         self.batch = max(1, min(50, slots // 8))  # the room a claim for a full project waits for
         self._full: set[str] = set()  # projects at their share when a claim fell short
         self._asked: tuple[int, dict[str, int]] = (-1, {})  # the last claim's budgets
-        self.projects = _Counts(slots)
-        self.hosts = _Counts(slots if fair else 1 << 30, max_per_host)
+        self.projects = _Counts(attempts)
+        self.hosts = _Counts(attempts if fair else 1 << 30, max_per_host)
         self.on_host: dict[str, _Counts] = {}  # per host, the attempts of each project there
         # project -> host -> its attempts waiting for a slot there, oldest first
         self._waiting: dict[str, dict[str, _Line]] = {}
@@ -121,6 +134,16 @@ class Shares:
         self._answer_s: OrderedDict[str, float] = OrderedDict()  # per host, smoothed
         self.pace = FilterPace()  # costly filters' time on the loop, per project
         self._paced: set[str] = set()  # held back by their filters' pace at the last claim
+
+    @classmethod
+    def of(cls, settings: Settings) -> Shares:
+        """A worker's: its jobs, its attempts within its connection pool (each region's)."""
+        return cls(
+            settings.worker_max_jobs,
+            settings.max_per_host,
+            fair=settings.fair_share,
+            pool=settings.max_connections,
+        )
 
     # ---- jobs ---------------------------------------------------------------------------
 
@@ -185,9 +208,22 @@ class Shares:
     # ---- attempts -----------------------------------------------------------------------
 
     def _admits(self, project: str, host: str) -> bool:
-        if self.hosts.room(host) <= 0:
+        if self.hosts.room(host) <= 0 or self.projects.total >= self.pool:
             return False
-        return not self.fair or (self.projects.room(project) > 0 and self._on_room(project, host))
+        return not self.fair or (self._room(project) > 0 and self._on_room(project, host))
+
+    def _room(self, project: str) -> int:
+        """How many more attempts `project` may have in flight: up to its share, and up to
+        half (rounded up) of the slots the other projects leave. Shares are reckoned as
+        projects arrive, so the ones busy before hold more than a share while their attempts
+        last; the half keeps them all within the slots, and what is free at least as big as
+        any one project's hold, for the next (projects arriving one after another each took
+        their share, 289 attempts on the 200 slots: the rest waited in the connection pool,
+        on their total timeout, behind the others' slow receivers; review)."""
+        counts = self.projects
+        held = counts.held.get(project, 0)
+        halved = (counts.slots - counts.total + held + 1) // 2
+        return min(counts.limit(project), halved) - held
 
     def _on_room(self, project: str, host: str) -> bool:
         """Whether `project` may hold one more of `host`'s share: one when it holds none
@@ -290,11 +326,13 @@ class Shares:
         a release costs the attempts it admits and the full hosts it meets, however many
         hosts a project waits for (each release, of any project, looked at every line: the
         reviews)."""
+        if self.projects.total >= self.pool:
+            return
         ready: list[tuple[int, str]] = []
         for project in self._waiting:
             self._ready(ready, project)
         aside: list[tuple[str, tuple[int, str]]] = []
-        while ready:
+        while ready and self.projects.total < self.pool:
             _, project = heapq.heappop(ready)
             order, host = heapq.heappop(self._heads[project])
             if self._admits(project, host):
@@ -317,7 +355,7 @@ class Shares:
     def _ready(self, ready: list[tuple[int, str]], project: str) -> None:
         """`project` onto `ready` by its oldest head, unless it is at its share (its stale
         entries go on the way)."""
-        if self.fair and self.projects.room(project) <= 0:
+        if self.fair and self._room(project) <= 0:
             return
         heads, lines = self._heads[project], self._waiting[project]
         while heads:

@@ -7,7 +7,7 @@ import asyncio
 import subprocess
 import time
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -166,4 +166,52 @@ async def test_a_slow_neighbour_on_a_host_the_victim_calls_too_leaves_it_a_slot(
     for url in slow_urls:
         [record] = await all_records(redis, settings, url, "projB")
         assert record.status.value == "SUCCESS" and record.attempt == 1, record
+    assert all(w.poll() is None for w in workers), log.read_text()[-3000:]
+
+
+async def test_projects_arriving_in_turn_leave_the_next_one_a_connection(
+    settings: Settings,
+    redis: Redis,
+    receiver: Receiver,
+    workers: list[subprocess.Popen[bytes]],
+    tmp_path: Path,
+) -> None:
+    """Four projects' events go to 20 slow callbacks each (4 s, five hosts of their own),
+    emitted one after another, then projA's 3 events to its fast receiver. Each share is
+    reckoned as its project arrives: before, the four were admitted 10 + 6 + 5 + 4 = 25
+    attempts on the 20 connections, and the last ones, projA's with them, waited in the
+    connection pool (on their own total timeout) for the slow answers. Now each arrival
+    holds at most half of what the others left: all four are in flight within the pool, and
+    projA's arrive before any slow receiver has answered."""
+    registry, crowd = Registry(redis), Held()
+    noisy = ["evil1", "evil2", "evil3", "evil4"]
+    async with AsyncExitStack() as stack:
+        slows = {p: [await stack.enter_async_context(slow_receiver(crowd)) for _ in range(5)]
+                 for p in noisy}  # fmt: skip
+        for project in noisy:
+            for slow in slows[project]:
+                for i in range(4):
+                    await registry.create(project, f"{slow.base}/x{i}", Event.BUILD_END,
+                                          Region.DEVNET)  # fmt: skip
+        await registry.create("projA", receiver.url(), Event.BUILD_END, Region.DEVNET)
+        log = tmp_path / "worker.log"
+        workers.append(start_worker(settings.redis_url or "", log, **SETTINGS))
+        producer = Producer(settings, redis)
+        for project in noisy:
+            await producer.emit(project, "BUILD_END", {}, event_id=f"noisy-{project}")
+            if project == noisy[0]:
+
+                async def crowded() -> bool:
+                    return crowd.now >= 8
+
+                await until(crowded, 20, "evil1's requests in flight")
+            await asyncio.sleep(0.5)  # its attempts admitted (those its share has room for)
+        held = {p: sum(slow.held for slow in slows[p]) for p in noisy}
+        for n in range(3):
+            await producer.emit("projA", "BUILD_END", {"n": n}, event_id=f"victim-{n}")
+        await receiver.wait_for(3, within=SLOW_S * 3)
+        victim_done = max(seen.at for seen in receiver.requests())
+        answered = [at for p in noisy for slow in slows[p] for at in slow.answered]
+        assert victim_done < min(answered, default=float("inf")), "projA waited for a connection"
+        assert all(held.values()) and sum(held.values()) <= 20, held
     assert all(w.poll() is None for w in workers), log.read_text()[-3000:]

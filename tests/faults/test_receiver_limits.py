@@ -18,6 +18,7 @@ from dispatcher.models import Event, Region
 from dispatcher.producer import Producer
 from dispatcher.registry import Options, Registry
 from dispatcher.settings import Settings
+from tests.faults.test_noisy_neighbour import SETTINGS, Held, slow_receiver
 from tests.helpers import Overlap, Receiver, start_worker, until
 
 keys = Keys()  # today's key names (one shard)
@@ -63,6 +64,46 @@ async def test_a_rate_limit_holds_across_two_workers(
     assert min(spans) >= 1.0 - ARRIVAL_SLACK_S, [round(span, 3) for span in spans]
     assert arrivals[-1] - arrivals[0] >= 3.9  # 20 at 4 a second: 5 seconds' worth
     assert len(receiver.requests("/rated")) == 20  # each once: waiting spent no attempt
+
+
+async def test_a_rate_limit_holds_at_the_receiver_while_the_project_holds_its_share(
+    settings: Settings,
+    redis: Redis,
+    receiver: Receiver,
+    workers: list[subprocess.Popen[bytes]],
+    tmp_path: Path,
+) -> None:
+    """The project's 10 slow requests (4 s) hold its share of a worker of 20 slots when its
+    10 deliveries to a callback at `maxPerSecond` 2 come: each waits for a share first,
+    and only then is its start taken, so they reach the receiver 2 a second still. Their
+    starts were taken first, then each waited for a share (up to 5 s): the ones admitted
+    over those seconds left together once the slow requests ended (10 in a second)."""
+    arrivals: list[float] = []
+
+    async def note(request: web.Request) -> web.StreamResponse:
+        arrivals.append(time.time())
+        return web.Response(text="ok")
+
+    registry, crowd = Registry(redis), Held()
+    rated = receiver.script("/rated", *([note] * 10))
+    async with slow_receiver(crowd) as one, slow_receiver(crowd) as two:
+        for slow in (one, two):
+            for i in range(5):
+                await registry.create("demo", f"{slow.base}/s{i}", Event.BUILD_START,
+                                      Region.DEVNET)  # fmt: skip
+        await _register(redis, rated, Options(max_per_second=2))
+        workers.append(start_worker(settings.redis_url or "", tmp_path / "w.log", **SETTINGS))
+        await Producer(settings, redis).emit("demo", "BUILD_START", {}, event_id="slow")
+
+        async def held() -> bool:
+            return crowd.now >= 10  # the project's share: 20 // 2
+
+        await until(held, 20, "the slow requests in flight")
+        await _emit(settings, redis, 10)
+        await receiver.wait_for(10, "/rated", within=30)
+    spans = [later - first for first, later in zip(arrivals, arrivals[2:], strict=False)]
+    assert min(spans) >= 1.0 - ARRIVAL_SLACK_S, [round(at - arrivals[0], 3) for at in arrivals]
+    assert len(receiver.requests("/rated")) == 10  # each once: waiting spent no attempt
 
 
 async def test_max_in_flight_holds_across_two_workers(

@@ -28,8 +28,9 @@ from dispatcher.registry.filters import FilterBudget, FilterFailed, filter_match
 from dispatcher.registry.match import Shadow
 from dispatcher.settings import Settings
 from dispatcher.worker.controls import Controls, Release
+from dispatcher.worker.fence import CONFIRM_WAIT_S
 from dispatcher.worker.filtering import Filters
-from dispatcher.worker.shares import WAIT_S
+from dispatcher.worker.shares import Shares
 from dispatcher.worker.steps import Step
 
 ENVELOPE = {
@@ -387,11 +388,12 @@ async def test_a_slot_is_given_back_once_its_write_lands_or_again_when_it_did_no
     submitted: list[Any] = []
     reads = SimpleNamespace(together=lambda script: asyncio.sleep(0, result=0))
     writer = SimpleNamespace(submit=submitted.append)
-    controls = Controls(Settings(), Keys(), reads, writer)  # type: ignore[arg-type]
+    controls = Controls(Settings(), Keys(), reads, writer, Shares(10, 10))  # type: ignore[arg-type]
     target = CallbackTarget(7, "http://h.example/", Region.OSS, "t",
                             options=Options(max_in_flight=5))  # fmt: skip
 
-    async def attempt(then: Any) -> None:
+    async def attempt(then: Any, held: Any) -> None:
+        held.release(0.0)  # the engine: once its request is over
         if joint:  # the engine: the release with the batch's others, the end in the record
             assert isinstance(then.joint(None), Release) and then.job_end(None) is not None
         elif not raises:  # the engine: the step queued in the write
@@ -404,18 +406,21 @@ async def test_a_slot_is_given_back_once_its_write_lands_or_again_when_it_did_no
     async def put_off(wait: float, reason: str) -> None:
         raise AssertionError("admitted: never put off here")
 
+    async def checked() -> None:  # its lease: still ours
+        pass
+
     job = SimpleNamespace(job_id="demo:1", delivery_id="d", project_id="demo", emitter="demo")
     with contextlib.suppress(ConnectionError):
-        await controls.admitted(job, target, _Ends(), attempt, put_off)  # type: ignore[arg-type]
+        await controls.admitted(job, target, _Ends(), attempt, put_off, checked)  # type: ignore[arg-type]
     assert len(submitted) == given_back
     assert all(isinstance(queue.__self__, Release) for queue in submitted)
 
 
 def test_a_slot_outlives_the_longest_an_admitted_attempt_takes() -> None:
-    """An admitted attempt may wait up to `shares.WAIT_S` for its share of the worker, then
-    its request up to the total timeout: its `maxInFlight` slot lapses only past both, so
-    no other delivery takes it while the request runs (it lapsed at the total timeout + 5 s,
-    the share's wait 5 s: review)."""
+    """An admitted attempt holds its share of the worker already (it waited for it before
+    its start was taken): its lease may be checked (`fence.CONFIRM_WAIT_S`), then its
+    request takes up to the total timeout; its `maxInFlight` slot lapses only past both, so
+    no other delivery takes it while the request runs."""
     settings = Settings()
-    controls = Controls(settings, Keys(), SimpleNamespace(), SimpleNamespace())  # type: ignore[arg-type]
-    assert controls.slot_ms > (WAIT_S + settings.total_timeout) * 1000
+    controls = Controls(settings, Keys(), SimpleNamespace(), SimpleNamespace(), Shares(1, 1))  # type: ignore[arg-type]
+    assert controls.slot_ms > (CONFIRM_WAIT_S + settings.total_timeout) * 1000

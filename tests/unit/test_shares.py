@@ -97,6 +97,36 @@ async def test_without_fair_share_only_the_host_cap_holds() -> None:
     assert shares.claim_budgets() == (-1, {})
 
 
+async def test_projects_arriving_in_turn_hold_no_more_than_the_slots_together() -> None:
+    """Each project's share is reckoned as it arrives (200 // 2, 200 // 3, ...): before, the
+    five took 100 + 66 + 50 + 40 + 33 = 289 attempts on 200 slots. Each takes at most half
+    of what the others leave now, and a sixth still finds a slot free at once."""
+    shares = Shares(slots=200, max_per_host=64)
+    held: list[Slot] = []
+    for p in range(5):
+        for h in range(8):  # its own hosts
+            while (slot := await shares.admit(f"evil{p}", f"h{p}-{h}:80", wait=0)) is not None:
+                held.append(slot)
+    assert len(held) <= 200, len(held)
+    assert sum(slot.project == "evil0" for slot in held) == 100  # alone: its half
+    assert await shares.admit("victim", "fast:80", wait=0) is not None
+
+
+async def test_attempts_in_flight_never_outnumber_the_connection_pool() -> None:
+    """A pool smaller than the slots bounds the attempts, with fair shares (a project alone:
+    half the pool) and without them (no project rule, the pool all the same)."""
+    fair = Shares(slots=200, max_per_host=64, pool=20)
+    alone = [slot for h in range(40) if (slot := await fair.admit("p", f"h{h}:80", wait=0))]
+    assert len(alone) == 10
+    unfair = Shares(slots=200, max_per_host=64, fair=False, pool=20)
+    every = [slot for h in range(40) if (slot := await unfair.admit("p", f"h{h}:80", wait=0))]
+    assert len(every) == 20
+    waiting = asyncio.ensure_future(unfair.admit("p", "h0:80", wait=5))
+    await asyncio.sleep(0)
+    every[0].release(0.01)  # a connection free: the waiting attempt takes it
+    assert await waiting is not None
+
+
 async def test_an_attempt_over_its_share_gets_a_slot_freed_within_its_wait() -> None:
     shares = Shares(slots=100, max_per_host=1)
     first = await shares.admit("p", "h:80")
