@@ -312,9 +312,9 @@ def sentinel_client(target: SentinelUrl, policy: dict[str, Any], password: str |
 async def check_sentinels(
     target: SentinelUrl, policy: dict[str, Any], password: str | None, min_replicas: int
 ) -> list[str]:
-    """Ask every sentinel about the master: InvalidSetting when none answers, none knows
-    it, or it has fewer replicas than `min_replicas`; returns warnings (replicas down, or
-    more replicas than confirm an emit: `replication.sentinel_replicas`)."""
+    """Ask every sentinel about the master: InvalidSetting when none answers or none knows
+    it; returns warnings (fewer replicas up than `min_replicas`, or more:
+    `replication.sentinel_replicas`)."""
     replicas = await _ask_sentinels(target, policy, password, replicas=min_replicas > 0)
     return sentinel_replicas(target.describe(), replicas, min_replicas)
 

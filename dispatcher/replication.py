@@ -34,7 +34,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from dispatcher.errors import InvalidSetting, NotReplicated
+from dispatcher.errors import NotReplicated
 from dispatcher.lua import run_pipeline
 
 if TYPE_CHECKING:
@@ -122,33 +122,32 @@ async def confirm(redis: Redis, replication: Replication | None) -> None:
 
 def sentinel_replicas(master: str, replicas: list[dict[str, Any]], wanted: int) -> list[str]:
     """What start-up says of the `replicas` the sentinels list for `master` (described),
-    `wanted` of them asked to confirm every emit: InvalidSetting when they list fewer;
-    warnings when fewer are up (emits refused meanwhile), or when they list more (a
-    planned failover or a partition may then lose acknowledged emits)."""
+    `wanted` of them asked to confirm every emit: warnings when fewer are up (emits and
+    callback changes refused meanwhile), or when more are up (a planned failover or a
+    partition may then lose acknowledged emits). Only replicas up count: the sentinels keep
+    a replaced node's address, down, until `SENTINEL RESET`, and counting it advised a
+    value no group could meet (review). Fewer listed than wanted was a configuration error
+    (exit 2), which after a replica's loss crash-looped every process, workers too, whose
+    writes wait for no replica (review): a plain URL's check warns the same."""
     if not wanted:
         return []
-    if len(replicas) < wanted:
-        raise InvalidSetting(
-            f"{wanted} replica(s) must confirm every emit, but {master} has {len(replicas)}",
-            param=SETTING,
-        )
     down = ("is_sdown", "is_odown", "is_disconnected")
-    up = [r for r in replicas if not any(r[flag] for flag in down)]
+    up = [r for r in replicas if not any(r.get(flag) for flag in down)]
     warnings = []
     if len(up) < wanted:
         warnings.append(
-            f"{SETTING}={wanted}, but only {len(up)} of the {len(replicas)} replicas of "
-            f"{master} are up: emits are refused (503) until enough are back"
+            f"{SETTING}={wanted}, but only {len(up)} of the {len(replicas)} replicas the "
+            f"sentinels list for {master} are up: emits and callback changes are refused "
+            "(503) until enough are back"
         )
-    if len(replicas) > wanted:
+    if len(up) > wanted:
         warnings.append(
-            f"{SETTING}={wanted}, but the sentinels list {len(replicas)} replicas of {master}: "
-            "a crash of the master loses nothing acknowledged, but a planned failover "
-            "(SENTINEL FAILOVER) or a partition may lose emits acknowledged between the "
-            "promotion and the moment the sentinels repoint the other nodes (the old master "
-            "and a replica not promoted go on confirming them); set it to "
-            f"{len(replicas)} to lose nothing in any failover (emits then answer 503 while a "
-            "replica is down)"
+            f"{SETTING}={wanted}, but {len(up)} replicas of {master} are up: a crash of the "
+            "master loses nothing acknowledged, but a planned failover (SENTINEL FAILOVER) "
+            "or a partition may lose emits acknowledged between the promotion and the "
+            "moment the sentinels repoint the other nodes (the old master and a replica not "
+            f"promoted go on confirming them); set it to {len(up)} to lose nothing in any "
+            "failover (emits then answer 503 while a replica is down)"
         )
     return warnings
 

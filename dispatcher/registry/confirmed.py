@@ -21,7 +21,7 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING
 
-from dispatcher.errors import NotReplicated
+from dispatcher.errors import NotFound, NotReplicated
 from dispatcher.registry.rules import check_token
 from dispatcher.registry.store import Registry
 from dispatcher.replication import Replication, confirm
@@ -121,7 +121,12 @@ class ConfirmedRegistry(Registry):
         pipeline_id: str | None = None,
         mover: bool = False,
     ) -> None:
-        await super().delete(project_id, callback_id, pipeline_id=pipeline_id, mover=mover)
+        try:
+            await super().delete(project_id, callback_id, pipeline_id=pipeline_id, mover=mover)
+        except NotFound:  # gone already: a 404 says so once the replicas hold it too (a
+            if not mover:  # repeat after a 503 answered 404 unconfirmed: review)
+                await self.confirmed(*DELETED)
+            raise
         if not mover:
             await self.confirmed(*DELETED)
 

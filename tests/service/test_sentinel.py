@@ -29,6 +29,7 @@ from dispatcher.keys import Keys, project_scoped
 from dispatcher.models import Event, Region
 from dispatcher.producer import Producer
 from dispatcher.registry import Registry
+from dispatcher.replication import sentinel_replicas
 from dispatcher.settings import Settings
 from dispatcher.status import live_workers
 from tests.helpers import UID, app_client, free_port, make_settings, start_process, stop, until
@@ -144,10 +145,29 @@ def test_a_setting_that_cannot_work_stops_a_command_with_its_name(
     unreachable = run_cli(monkeypatch, DISPATCHER_REDIS_URL=nobody)
     assert "DISPATCHER_REDIS_URL: no sentinel answered" in unreachable
 
-    too_few = run_cli(
-        monkeypatch, DISPATCHER_REDIS_URL=group.url, DISPATCHER_REDIS_MIN_REPLICAS="2"
-    )
-    assert "configuration error DISPATCHER_REDIS_MIN_REPLICAS" in too_few and "has 1" in too_few
+
+def test_sentinels_listing_fewer_replicas_than_wanted_warn_and_the_command_runs(
+    group: SentinelGroup, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One replica, two asked for: the command runs and warns (a configuration error, exit
+    2, crash-looped every process after a replica's loss, workers too: review)."""
+    monkeypatch.setenv("DISPATCHER_REDIS_URL", group.url)
+    monkeypatch.setenv("DISPATCHER_REDIS_MIN_REPLICAS", "2")
+    result = CliRunner().invoke(app, ["callbacks", "list", "--project", "p"])
+    output = " ".join(result.output.split())
+    assert result.exit_code == 0, output
+    assert "DISPATCHER_REDIS_MIN_REPLICAS=2, but only 1 of the 1 replicas" in output, output
+
+
+def test_replicas_down_are_not_counted_in_the_advice() -> None:
+    """A replaced node the sentinels still list, down, is neither advised nor counted:
+    with 2 up and a stale third, MIN_REPLICAS=2 gets no warning (it was told to set 3,
+    which no group could meet: review)."""
+    up = {"is_sdown": False, "is_odown": False, "is_disconnected": False}
+    stale = {**up, "is_sdown": True, "is_disconnected": True}
+    assert sentinel_replicas("master 'm'", [up, up, stale], 2) == []
+    (more,) = sentinel_replicas("master 'm'", [up, up, stale], 1)
+    assert "set it to 2 to lose nothing" in more
 
 
 def test_tls_to_sentinels_that_do_not_take_it_says_tls_was_tried(
