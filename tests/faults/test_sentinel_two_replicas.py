@@ -47,8 +47,9 @@ async def test_start_up_warns_when_fewer_replicas_confirm_than_the_sentinels_lis
 ) -> None:
     (warning,) = await preflight(make_settings(group.url, redis_min_replicas=1))
     assert warning.startswith(
-        "DISPATCHER_REDIS_MIN_REPLICAS=1, but 2 replicas of master 'dispatcher' are up"
+        "DISPATCHER_REDIS_MIN_REPLICAS=1, but 2 replicas of master 'dispatcher' (sentinels "
     ), warning
+    assert ") are up: a crash of the master loses nothing acknowledged" in warning
     assert "a planned failover (SENTINEL FAILOVER) or a partition may lose emits" in warning
     assert "set it to 2 to lose nothing in any failover" in warning
     assert await preflight(make_settings(group.url, redis_min_replicas=2)) == []
