@@ -211,7 +211,7 @@ for _metric, _label, _values in (
     (DROPPED, "reason", ("callback", "body", "job")),
     (CALLBACKS_DISABLED, "reason", ("failing", "gone")),
     (REDIS_FULL, "refused", ("claim", "write", "emit")),
-    (DEFERRED, "reason", ("rate", "in_flight", "circuit", "share")),
+    (DEFERRED, "reason", ("rate", "in_flight", "circuit", "share", "disabled")),
     (FILTERED, "result", ("skipped", "error")),
 ):
     for _value in _values:

@@ -80,6 +80,7 @@ HELD_RECHECK_S = 1.0  # a head whose project is moving here, its old lanes still
 NO_KEY = "unordered: the event's data has no value at orderBy {path!r}"
 NOT_NUMBERED = "unordered: the event was queued before its callback was ordered"
 GONE = "callback deleted or disabled"
+DISABLED_RECHECK_S = 60.0  # a lane's head whose callback is disabled: looked at again
 KEPT_TARGETS = 1024  # the lanes' next deliveries' targets a worker keeps (see `_target`)
 TOGETHER_ENTRIES = 10  # a fan-out chunk's entries at most, to run with others' (50 a call)
 _FIELDS = [name.encode() for name in TARGET_FIELDS]  # what a lane's next delivery needs
@@ -101,12 +102,13 @@ class Adopt:
 
 @dataclass(frozen=True, slots=True)
 class Sending:
-    """What the lanes need of the delivery engine: its attempt, its recorded drop, and how
-    a callback's secrets are read."""
+    """What the lanes need of the delivery engine: its attempt, its recorded drop, how a
+    callback's secrets are read, and its deferral (not an attempt: due again later)."""
 
     attempt: Callable[[DeliveryJob, CallbackTarget, int, Then, bytes | None], Awaitable[None]]
     drop: Callable[[DeliveryJob, str, Then, str], Awaitable[None]]  # (..., the metric's kind)
     decrypt: Decrypt
+    defer: Callable[[DeliveryJob, Then, float, str], Awaitable[None]]  # (..., delay, why)
 
 
 class Lanes:
@@ -339,7 +341,7 @@ class Lanes:
             if progress == b"done":  # it ended, its release was lost (a crash mid-write)
                 self.landed(await self.writer.commit(lambda pipe: then(pipe, None)))
             elif target is None:
-                await self.sending.drop(job, GONE, then, "callback")
+                await self.gone(job, then, there=fields[0] is not None)
             elif (found := await read(self.writer.redis, self.keys, job, 0)) is None:
                 await self.sending.drop(job, BODY_GONE, then, "body")  # never sent empty
             else:
@@ -347,6 +349,18 @@ class Lanes:
                 await self.sending.attempt(found, target, number, then, state)
 
         adopt.spawn(job.job_id, work)
+
+    async def gone(self, job: DeliveryJob, then: Then, *, there: bool | None = None) -> None:
+        """A delivery whose callback is not there to send it (`there`: its hash is; read when
+        None): dropped on record; an ordered one whose callback is disabled, not deleted, is
+        deferred `DISABLED_RECHECK_S`, its lane held, its members parked: sent once the
+        callback is enabled again (its lane going on in order), dropped once it is deleted."""
+        if job.lane is not None and there is None:
+            there = bool(await self.writer.redis.exists(self.keys.callback(job.callback_id)))
+        if job.lane is not None and there:
+            await self.sending.defer(job, then, DISABLED_RECHECK_S, "disabled")
+        else:
+            await self.sending.drop(job, GONE, then, "callback")
 
     def _target(self, callback_id: int, fields: list[bytes | None], owner: bytes) -> CallbackTarget:
         """The target of a lane's next delivery, from its callback's hash: kept while the
