@@ -31,6 +31,7 @@ __all__ = [
     "HISTORY_SWEEP_UNFINISHED",
     "LANES_BLOCKED",
     "LANES_BLOCKED_OLDEST_SECONDS",
+    "LANES_PARKED",
     "MATCHES",
     "PENDING_WRITES",
     "POISON_JOBS",
@@ -197,6 +198,12 @@ LANES_BLOCKED = Gauge(
     "dispatcher_lanes_blocked",
     "Ordered lanes (callbacks with orderBy) whose head delivery was put back (a retry or a "
     "deferral): the deliveries behind it wait (read at scrape).",
+)
+LANES_PARKED = Gauge(
+    "dispatcher_lanes_parked",
+    "Ordered deliveries parked in their lanes behind their lane's head, waiting for it to "
+    "end, every shard's (read at scrape): a lane grows while its receiver answers slower "
+    "than its events come.",
 )
 LANES_BLOCKED_OLDEST_SECONDS = Gauge(
     "dispatcher_lanes_blocked_oldest_seconds",

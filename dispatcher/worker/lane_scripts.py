@@ -79,7 +79,9 @@ for i = 1, #parked / 3 do
     out[#out + 1] = 4  -- never entered, the lanes let go: ordered since
   else
     local before = redis.call('ZRANGE', lane, 0, 0)[1]
-    redis.call('ZADD', lane, 'NX', seq, id)
+    if redis.call('ZADD', lane, 'NX', seq, id) == 1 and before then  -- behind another
+      redis.call('INCR', lanes_parked)  -- (`lane_lua.FIRST_THERE`)
+    end
     local head = redis.call('ZRANGE', lane, 0, 0)[1]
     if before and before ~= head then  -- a head that waited is one no more: parked again
       redis.call('ZREM', queue, before)
@@ -139,6 +141,7 @@ return out
     level1: Key
     level2: Key
     level3: Key
+    lanes_parked: Key
     deliveries: KeyList
     event_id: str
     progress_ttl: int
@@ -170,9 +173,8 @@ return out
         refers: Collection[str] = (),
         beyond: tuple[Sequence[str], int] | None = None,
     ) -> Enter:
-        """`event_job_id`'s deliveries joining their lanes (`parked`: each one's lane, id,
-        job bytes); `end`, its fan-out job's end; `body`, its kept body's key and bytes;
-        `beyond`, of a chunk before the last (`_beyond`)."""
+        """`event_job_id`'s deliveries joining their lanes (`parked`: lane, id, job bytes each);
+        `end`: its fan-out job's end; `body`: its kept body's key and bytes; `beyond`: `_beyond`."""
         end, pending = end or NO_JOB, keys.lanes_pending(project_id)
         kept, shared = body or (pending, b"")
         return cls(
@@ -182,6 +184,7 @@ return out
             waiting=keys.lanes_waiting(project_id),
             hold=keys.lanes_hold(project_id),
             blocked=keys.LANES_BLOCKED,
+            lanes_parked=keys.LANES_PARKED,
             lease=end.lease or pending,  # (no job: keys the script leaves alone)
             job=end.job or pending,
             claims=end.claims or pending,
