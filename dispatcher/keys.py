@@ -231,11 +231,11 @@ class Keys:
         self.DROPPED_PREFIX = f"{self.DROPPED}{SEP}"  # a project's: `dropped`
         self.SHARD, self.PLACEMENT = f"{base}:shard", f"{base}:placement"
         self.PLACEMENT_VERSION, self.LEFT_PREFIX = f"{base}:placement:version", f"{base}:left:"
-        lanes = f"{base}:lanes"
+        lanes, self.LANE_PREFIX = f"{base}:lanes", f"{base}:lane:"
         self.LANES_ORDERED_PREFIX, self.LANES_SEQ_PREFIX = f"{lanes}:ordered:", f"{lanes}:seq:"
         self.LANES_PENDING_PREFIX, self.LANES_READY_PREFIX = f"{lanes}:pending:", f"{lanes}:ready:"
         self.LANES_WAITING_PREFIX, self.LANES_HOLD_PREFIX = f"{lanes}:waiting:", f"{lanes}:hold:"
-        self.LANE_PREFIX, self.LANES_BLOCKED = f"{base}:lane:", f"{lanes}:blocked"
+        self.LANES_BLOCKED, self.LANES_PARKED = f"{lanes}:blocked", f"{lanes}:parked"
         self.ARQ_JOB_PREFIX: str = f"{ns}{job_key_prefix}"
         self.ARQ_IN_PROGRESS_PREFIX: str = f"{ns}{in_progress_key_prefix}"
         self.ARQ_RETRY_PREFIX: str = f"{ns}{arq_retry_key_prefix}"

@@ -31,6 +31,7 @@ __all__ = [
     "HISTORY_SWEEP_UNFINISHED",
     "LANES_BLOCKED",
     "LANES_BLOCKED_OLDEST_SECONDS",
+    "LANES_PARKED",
     "MATCHES",
     "PENDING_WRITES",
     "POISON_JOBS",
@@ -198,6 +199,12 @@ LANES_BLOCKED = Gauge(
     "Ordered lanes (callbacks with orderBy) whose head delivery was put back (a retry or a "
     "deferral): the deliveries behind it wait (read at scrape).",
 )
+LANES_PARKED = Gauge(
+    "dispatcher_lanes_parked",
+    "Ordered deliveries parked in their lanes behind their lane's head, waiting for it to "
+    "end, every shard's (read at scrape): a lane grows while its receiver answers slower "
+    "than its events come.",
+)
 LANES_BLOCKED_OLDEST_SECONDS = Gauge(
     "dispatcher_lanes_blocked_oldest_seconds",
     "How long the longest-blocked ordered lane has waited for its head delivery to end, 0 "
@@ -211,7 +218,7 @@ for _metric, _label, _values in (
     (DROPPED, "reason", ("callback", "body", "job")),
     (CALLBACKS_DISABLED, "reason", ("failing", "gone")),
     (REDIS_FULL, "refused", ("claim", "write", "emit")),
-    (DEFERRED, "reason", ("rate", "in_flight", "circuit", "share")),
+    (DEFERRED, "reason", ("rate", "in_flight", "circuit", "share", "disabled")),
     (FILTERED, "result", ("skipped", "error")),
 ):
     for _value in _values:

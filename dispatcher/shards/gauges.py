@@ -1,6 +1,7 @@
 """The fleet's gauges of `/metrics`, read at scrape from every shard at once: queues,
-history backlogs and Redis memory added up, the fullest Redis, the blocked lanes, the live
-workers and the projects served late (`lateness.py`; from the home shard).
+history backlogs, Redis memory and the deliveries parked in lanes added up, the fullest
+Redis, the blocked lanes, the live workers and the projects served late (`lateness.py`;
+from the home shard).
 
 Every read is asked at once and bounded by `DISPATCHER_REDIS_TIMEOUT` as a whole: a scrape
 with Redis frozen answers within that (it asked each shard, then each server's memory, one
@@ -27,7 +28,7 @@ if TYPE_CHECKING:
 __all__ = ["fleet_gauges"]
 
 T = TypeVar("T")
-_Shard = tuple[Lanes, tuple[int, float], tuple[int, float]]  # lanes, queue, history backlog
+_Shard = tuple[Lanes, tuple[int, float], tuple[int, float], int]  # (+ queue, backlog, parked)
 
 
 async def fleet_gauges(router: Router) -> None:
@@ -45,10 +46,11 @@ async def fleet_gauges(router: Router) -> None:
     away = [found for found in (*shards, *memories) if isinstance(found, BaseException)]
     if not read:  # no shard answered: the gauges keep their last values
         raise away[0]
-    metrics.QUEUE_DEPTH.set(sum(queue[0] for _, queue, _ in read))
-    metrics.QUEUE_OLDEST_SECONDS.set(max(queue[1] for _, queue, _ in read))
-    metrics.HISTORY_BACKLOG.set(sum(backlog[0] for _, _, backlog in read))
-    metrics.HISTORY_BACKLOG_AGE.set(max(backlog[1] for _, _, backlog in read))
+    metrics.QUEUE_DEPTH.set(sum(queue[0] for _, queue, _, _ in read))
+    metrics.QUEUE_OLDEST_SECONDS.set(max(queue[1] for _, queue, _, _ in read))
+    metrics.HISTORY_BACKLOG.set(sum(backlog[0] for _, _, backlog, _ in read))
+    metrics.HISTORY_BACKLOG_AGE.set(max(backlog[1] for _, _, backlog, _ in read))
+    metrics.LANES_PARKED.set(sum(parked for *_, parked in read))
     nodes = [node for found in memories if isinstance(found, list) for node in found]
     used = [int(node.get("used_memory", 0)) for node in nodes]
     limits = [int(node.get("maxmemory", 0)) for node in nodes]
@@ -56,7 +58,7 @@ async def fleet_gauges(router: Router) -> None:
     metrics.REDIS_MAX_MEMORY.set(sum(limits))
     shares = [u / m for u, m in zip(used, limits, strict=True) if m]  # of those with a limit
     metrics.REDIS_FULLEST.set(max(shares, default=0.0))
-    blocked = merged_lanes([lanes for lanes, _, _ in read])
+    blocked = merged_lanes([lanes for lanes, *_ in read])
     metrics.LANES_BLOCKED.set(blocked.blocked)
     metrics.LANES_BLOCKED_OLDEST_SECONDS.set(blocked.oldest_s)
     if away:
@@ -80,7 +82,11 @@ async def _each(bound: float, reads: list[Awaitable[T]]) -> list[T | BaseExcepti
 
 async def _shard(services: Services) -> _Shard:
     lanes = await read_lanes(services.redis, services.keys, limit=1)
-    return lanes, await services.queue.depth(), await services.history.backlog()
+    queue, backlog = await services.queue.depth(), await services.history.backlog()
+    # (counted by the lanes' scripts, `lane_lua.FIRST_THERE`; below 0 after lanes that a
+    # version before filled, which it did not count, were emptied)
+    parked = int(await services.redis.get(services.keys.LANES_PARKED) or 0)
+    return lanes, queue, backlog, max(0, parked)
 
 
 async def _memory(services: Services) -> list[dict[str, Any]]:

@@ -250,6 +250,7 @@ return {taken, skipped}
     blocked: Key
     queue: Key
     dropped: Key
+    lanes_parked: Key
     lanes: KeyList
     count: int
     job_prefix: str
@@ -311,6 +312,7 @@ def unblock_script(keys: Keys, lanes: list[str], count: int, progress_ttl: int) 
         blocked=keys.LANES_BLOCKED,
         queue=keys.QUEUE,
         dropped=keys.DROPPED,
+        lanes_parked=keys.LANES_PARKED,
         lanes=lanes,
         count=count,
         now_ms=now_ms(),

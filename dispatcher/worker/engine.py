@@ -90,7 +90,7 @@ class Engine:
         self.lanes = Lanes(  # ordered callbacks
             self.keys,
             writer,
-            Sending(self.attempt, self.drop, services.registry.decrypt),
+            Sending(self.attempt, self.drop, services.registry.decrypt, self._defer),
             progress_ttl=self.progress_ttl,
             lease_s=settings.lease_seconds,
         )
@@ -202,7 +202,7 @@ class Engine:
         if progress == DONE:  # a run that ended the delivery, then lost its job's end
             self.lanes.landed(await self.writer.commit(lambda pipe: then(pipe, None)))
         elif target is None:
-            await self.drop(job, "callback deleted or disabled", then)
+            await self.lanes.gone(job, then)  # dropped, or (ordered, disabled) deferred
         elif found is None:  # the body it refers to is gone: never sent empty
             await self.drop(job, bodies.GONE, then, "body")
         else:

@@ -85,20 +85,28 @@ end
 # releases it) is alive: its job there, leased (a worker runs it: a claim does not extend
 # a job's data, which may expire while its attempt runs) or in the queue (its claim ends
 # it). Nothing (nil) when the lane is empty, its first member is such a one, or past 100
-# gone in a row. Only a member whose job is gone costs more than the one read. Names the
-# script declares: `queue`, `dropped`, `job_prefix`, `lease_prefix`, `progress_prefix`,
-# `progress_ttl`, `waiting_prefix`, `lane_body`, `dropped_prefix`, `lane_prefix`, `now_ms`.
+# gone in a row. Only a member whose job is gone costs more than the one read. `leave`:
+# a member leaves its lane, counted off `lanes_parked` (the shard's deliveries parked
+# behind a head: one joining a lane that holds one counts one more, `Enter`; one leaving
+# a lane it does not empty, one fewer). Names the script declares: `queue`, `dropped`,
+# `lanes_parked`, `job_prefix`, `lease_prefix`, `progress_prefix`, `progress_ttl`,
+# `waiting_prefix`, `lane_body`, `dropped_prefix`, `lane_prefix`, `now_ms`.
 FIRST_THERE = (
     f"local gone = {json.dumps(GONE)}\n"
     + KEEP_DROP_LUA
     + """
 local skipped = 0
+local function leave(lane, id)  -- one behind its head no more: a lane's parked, one fewer
+  if redis.call('ZREM', lane, id) == 1 and redis.call('EXISTS', lane) == 1 then
+    redis.call('DECR', lanes_parked)
+  end
+end
 local function alive(id)
   return redis.call('EXISTS', job_prefix .. id, lease_prefix .. id) > 0
     or redis.call('ZSCORE', queue, id)
 end
 local function drop(lane, id)
-  redis.call('ZREM', lane, id)
+  leave(lane, id)
   redis.call('ZREM', queue, id)
   redis.call('SET', progress_prefix .. id, 'done', 'EX', progress_ttl)
   redis.call('ZREM', waiting_prefix .. string.match(id, '^[^:]*'), id)

@@ -53,7 +53,7 @@ for _, id in ipairs({delivery_id, under}) do  -- its job's lease, the attempt's 
   -- lane's head, in flight there; that worker releases it when its attempt ends
   if holder and holder ~= token then return 0 end
 end
-redis.call('ZREM', lane, delivery_id)
+leave(lane, delivery_id)
 redis.call('ZREM', blocked, lane)
 local owner = redis.call('GET', lease)
 if owner == token or (not owner and job_id == delivery_id) then
@@ -100,6 +100,7 @@ return {'lane:next', id, data, redis.call('GET', progress) or '',
     hold: Key
     body: Key
     dropped: Key
+    lanes_parked: Key
     delivery_id: str
     job_id: str
     under: str
@@ -150,6 +151,7 @@ return {'lane:next', id, data, redis.call('GET', progress) or '',
             hold=keys.lanes_hold(project_id),
             body=body or lane,
             dropped=keys.DROPPED,
+            lanes_parked=keys.LANES_PARKED,
             delivery_id=delivery_id,
             job_id=job_id,
             under=under or delivery_id,

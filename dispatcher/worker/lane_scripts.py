@@ -19,11 +19,14 @@ from dispatcher.worker.lane_lua import CLEAR, NONE_AFTER
 
 if TYPE_CHECKING:
     from dispatcher.ending import JobEnd
+    from dispatcher.jobs import DeliveryJob
     from dispatcher.keys import Keys
 
-__all__ = ["LATE", "Enter", "Head"]
+__all__ = ["LATE", "RECHECK_MAX_S", "RECHECK_S", "Enter", "Head", "recheck_at"]
 
 LATE = 4  # ENTER's answer for a delivery whose callback was ordered after its event's lanes
+RECHECK_S = 0.05  # a head whose earlier events are still being fanned out: looked at again
+RECHECK_MAX_S = 5.0  # ... after half its event's age, this at most (`recheck_at`)
 
 
 @dataclass
@@ -76,7 +79,9 @@ for i = 1, #parked / 3 do
     out[#out + 1] = 4  -- never entered, the lanes let go: ordered since
   else
     local before = redis.call('ZRANGE', lane, 0, 0)[1]
-    redis.call('ZADD', lane, 'NX', seq, id)
+    if redis.call('ZADD', lane, 'NX', seq, id) == 1 and before then  -- behind another
+      redis.call('INCR', lanes_parked)  -- (`lane_lua.FIRST_THERE`)
+    end
     local head = redis.call('ZRANGE', lane, 0, 0)[1]
     if before and before ~= head then  -- a head that waited is one no more: parked again
       redis.call('ZREM', queue, before)
@@ -136,6 +141,7 @@ return out
     level1: Key
     level2: Key
     level3: Key
+    lanes_parked: Key
     deliveries: KeyList
     event_id: str
     progress_ttl: int
@@ -167,9 +173,8 @@ return out
         refers: Collection[str] = (),
         beyond: tuple[Sequence[str], int] | None = None,
     ) -> Enter:
-        """`event_job_id`'s deliveries joining their lanes (`parked`: each one's lane, id,
-        job bytes); `end`, its fan-out job's end; `body`, its kept body's key and bytes;
-        `beyond`, of a chunk before the last (`_beyond`)."""
+        """`event_job_id`'s deliveries joining their lanes (`parked`: lane, id, job bytes each);
+        `end`: its fan-out job's end; `body`: its kept body's key and bytes; `beyond`: `_beyond`."""
         end, pending = end or NO_JOB, keys.lanes_pending(project_id)
         kept, shared = body or (pending, b"")
         return cls(
@@ -179,6 +184,7 @@ return out
             waiting=keys.lanes_waiting(project_id),
             hold=keys.lanes_hold(project_id),
             blocked=keys.LANES_BLOCKED,
+            lanes_parked=keys.LANES_PARKED,
             lease=end.lease or pending,  # (no job: keys the script leaves alone)
             job=end.job or pending,
             claims=end.claims or pending,
@@ -308,3 +314,15 @@ return 2
             held_ms=held_ms,
             now_ms=clock.now_ms() if now_ms is None else now_ms,
         )
+
+
+def recheck_at(job: DeliveryJob, now: int) -> int:
+    """When a queued head that waits for its earlier events looks again, unless one wakes
+    it first (`Enter` as the event it waits for enters its lanes, `Head` as a head that
+    waited for the same goes on): after half its event's age (its progress id's
+    `@{emittedAt}`), `RECHECK_S` at least, `RECHECK_MAX_S` at most. A backoff without
+    state, for a head nothing wakes (the event it waits for was dropped): a head held 8 s
+    looks 13 times, not 160 (every 50 ms)."""
+    _, at, emitted = job.progress_id.rpartition("@")
+    age = now - int(emitted) if at and emitted.isdigit() else 0
+    return now + min(max(age // 2, int(RECHECK_S * 1000)), int(RECHECK_MAX_S * 1000))

@@ -17,7 +17,7 @@ others wait, their `deliver` jobs parked (stored, out of the queue). Three scrip
   still queued. That event's last chunk, or an earlier one after which none of its
   event's callbacks is ordered, moves it to the *ready* set before its attempts, and
   wakes the heads that waited for it; their jobs look again meanwhile after half their
-  event's age (50 ms to 5 s: `_recheck_at`), for one that never comes (dropped).
+  event's age (50 ms to 5 s: `lane_scripts.recheck_at`), for one that never comes (dropped).
 - head, before a queued `deliver` job's attempt: a job that is no longer its lane's head
   (a lower-numbered delivery joined after it was queued) is parked again; one whose
   earlier events are still being fanned out waits; one that goes on wakes its project's
@@ -62,7 +62,7 @@ from dispatcher.registry.match import TARGET_FIELDS, CallbackTarget, event_scope
 from dispatcher.registry.options import order_key
 from dispatcher.worker.fence import running
 from dispatcher.worker.lane_release import NEXT_TAG, SKIPPED_TAG, Release
-from dispatcher.worker.lane_scripts import LATE, Enter, Head
+from dispatcher.worker.lane_scripts import LATE, RECHECK_S, Enter, Head, recheck_at
 from dispatcher.worker.steps import ChunkEnd, LaneStep
 
 if TYPE_CHECKING:
@@ -76,12 +76,11 @@ if TYPE_CHECKING:
 
 __all__ = ["Adopt", "Lanes", "Sending"]
 
-RECHECK_S = 0.05  # a head whose earlier events are still being fanned out: looked at again
-RECHECK_MAX_S = 5.0  # ... after half its event's age, this at most (`_recheck_at`)
 HELD_RECHECK_S = 1.0  # a head whose project is moving here, its old lanes still busy
 NO_KEY = "unordered: the event's data has no value at orderBy {path!r}"
 NOT_NUMBERED = "unordered: the event was queued before its callback was ordered"
 GONE = "callback deleted or disabled"
+DISABLED_RECHECK_S = 60.0  # a lane's head whose callback is disabled: looked at again
 KEPT_TARGETS = 1024  # the lanes' next deliveries' targets a worker keeps (see `_target`)
 TOGETHER_ENTRIES = 10  # a fan-out chunk's entries at most, to run with others' (50 a call)
 _FIELDS = [name.encode() for name in TARGET_FIELDS]  # what a lane's next delivery needs
@@ -103,12 +102,13 @@ class Adopt:
 
 @dataclass(frozen=True, slots=True)
 class Sending:
-    """What the lanes need of the delivery engine: its attempt, its recorded drop, and how
-    a callback's secrets are read."""
+    """What the lanes need of the delivery engine: its attempt, its recorded drop, how a
+    callback's secrets are read, and its deferral (not an attempt: due again later)."""
 
     attempt: Callable[[DeliveryJob, CallbackTarget, int, Then, bytes | None], Awaitable[None]]
     drop: Callable[[DeliveryJob, str, Then, str], Awaitable[None]]  # (..., the metric's kind)
     decrypt: Decrypt
+    defer: Callable[[DeliveryJob, Then, float, str], Awaitable[None]]  # (..., delay, why)
 
 
 class Lanes:
@@ -264,7 +264,7 @@ class Lanes:
             lane,
             project,
             job_id,
-            recheck_ms=_recheck_at(job, stamp),
+            recheck_ms=recheck_at(job, stamp),
             held_ms=stamp + int(HELD_RECHECK_S * 1000),
             body=None if job.body_of is None else body_key(self.keys, job),
             now_ms=stamp,
@@ -341,7 +341,7 @@ class Lanes:
             if progress == b"done":  # it ended, its release was lost (a crash mid-write)
                 self.landed(await self.writer.commit(lambda pipe: then(pipe, None)))
             elif target is None:
-                await self.sending.drop(job, GONE, then, "callback")
+                await self.gone(job, then, there=fields[0] is not None)
             elif (found := await read(self.writer.redis, self.keys, job, 0)) is None:
                 await self.sending.drop(job, BODY_GONE, then, "body")  # never sent empty
             else:
@@ -349,6 +349,18 @@ class Lanes:
                 await self.sending.attempt(found, target, number, then, state)
 
         adopt.spawn(job.job_id, work)
+
+    async def gone(self, job: DeliveryJob, then: Then, *, there: bool | None = None) -> None:
+        """A delivery whose callback is not there to send it (`there`: its hash is; read when
+        None): dropped on record; an ordered one whose callback is disabled, not deleted, is
+        deferred `DISABLED_RECHECK_S`, its lane held, its members parked: sent once the
+        callback is enabled again (its lane going on in order), dropped once it is deleted."""
+        if job.lane is not None and there is None:
+            there = bool(await self.writer.redis.exists(self.keys.callback(job.callback_id)))
+        if job.lane is not None and there:
+            await self.sending.defer(job, then, DISABLED_RECHECK_S, "disabled")
+        else:
+            await self.sending.drop(job, GONE, then, "callback")
 
     def _target(self, callback_id: int, fields: list[bytes | None], owner: bytes) -> CallbackTarget:
         """The target of a lane's next delivery, from its callback's hash: kept while the
@@ -365,18 +377,6 @@ class Lanes:
                     self._targets.clear()
                 self._targets[key] = target
         return target
-
-
-def _recheck_at(job: DeliveryJob, now: int) -> int:
-    """When a queued head that waits for its earlier events looks again, unless one wakes
-    it first (`Enter` as the event it waits for enters its lanes, `Head` as a head that
-    waited for the same goes on): after half its event's age (its progress id's
-    `@{emittedAt}`), `RECHECK_S` at least, `RECHECK_MAX_S` at most. A backoff without
-    state, for a head nothing wakes (the event it waits for was dropped): a head held 8 s
-    looks 13 times, not 160 (every 50 ms)."""
-    _, at, emitted = job.progress_id.rpartition("@")
-    age = now - int(emitted) if at and emitted.isdigit() else 0
-    return now + min(max(age // 2, int(RECHECK_S * 1000)), int(RECHECK_MAX_S * 1000))
 
 
 def _unused(job: DeliveryJob) -> Then:

@@ -460,7 +460,7 @@ async def test_a_lanes_next_deliveries_reuse_their_callbacks_target_while_it_sta
     async def nothing(*_: Any) -> None:
         return None
 
-    lanes = Lanes(keys, Writer(redis, nothing), Sending(nothing, nothing, decrypt),
+    lanes = Lanes(keys, Writer(redis, nothing), Sending(nothing, nothing, decrypt, nothing),
                   progress_ttl=60, lease_s=10)  # fmt: skip
 
     async def target() -> CallbackTarget:

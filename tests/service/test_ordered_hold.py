@@ -28,10 +28,8 @@ from dispatcher.models import PLATFORM_PROJECT, Event, Region
 from dispatcher.producer import Producer
 from dispatcher.registry import Options, Registry
 from dispatcher.settings import Settings
-from dispatcher.worker import lanes
 from dispatcher.worker.claims import Claims
-from dispatcher.worker.lane_scripts import LATE, Enter, Head
-from dispatcher.worker.lanes import RECHECK_MAX_S, RECHECK_S
+from dispatcher.worker.lane_scripts import LATE, RECHECK_MAX_S, RECHECK_S, Enter, Head, recheck_at
 from tests.helpers import Receiver, RunWorker, hang, make_settings
 
 keys = Keys()
@@ -332,7 +330,7 @@ def test_a_waiting_head_looks_again_less_often_the_longer_it_waits() -> None:
     job = DeliveryJob("demo:e.1", f"demo:e.1@{emitted}", "e", "demo", "BUILD_END", b"", 1)
 
     def delay(waited_ms: int) -> int:
-        return lanes._recheck_at(job, emitted + waited_ms) - (emitted + waited_ms)
+        return recheck_at(job, emitted + waited_ms) - (emitted + waited_ms)
 
     least, most = int(RECHECK_S * 1000), int(RECHECK_MAX_S * 1000)
     assert (delay(0), delay(1000), delay(60_000), delay(-5000)) == (least, 500, most, least)
@@ -341,4 +339,4 @@ def test_a_waiting_head_looks_again_less_often_the_longer_it_waits() -> None:
         waited, looks = waited + delay(waited), looks + 1
     assert looks == 13
     old = DeliveryJob("demo:e.1", "demo:e.1", "e", "demo", "BUILD_END", b"", 1)
-    assert lanes._recheck_at(old, emitted) == emitted + least
+    assert recheck_at(old, emitted) == emitted + least
